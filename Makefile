@@ -1,0 +1,40 @@
+# The two commands a new user needs: `make run` and `make test`. Both start from a clean clone.
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU build of torch is pinned and installed *before* the project so pip never pulls a CUDA
+# build by accident. GPU users: `make setup TORCH_SPEC="torch --index-url <your CUDA wheel index>"`.
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.sparsepilot-installed
+
+export HF_HUB_OFFLINE := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+
+.PHONY: setup run test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+## Set up, run the main job on embedded defaults for the sample use cases, then serve the dashboard.
+run: setup
+	$(BIN)/sparsepilot init
+	$(BIN)/sparsepilot run --serve
+
+## Set up and run the whole test suite (lint + tests).
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) .sparsepilot .pytest_cache .ruff_cache

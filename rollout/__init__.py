@@ -1,0 +1,1 @@
+"""The domain: use cases, state DB, gate statistics, ROI, registry, validation."""

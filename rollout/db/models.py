@@ -1,0 +1,280 @@
+"""Typed models of everything SparsePilot remembers.
+
+Conventions that the flows rely on for safe retries:
+- every row a flow task writes has a natural unique key (``idempotency_key`` or a composite unique
+  constraint), so a retried task finds the existing row instead of writing a second one;
+- JSON columns hold evidence exactly as it was shown to the decider (never recomputed later);
+- ``audit_log`` is append-only: the ORM refuses updates/deletes and the migration adds DB triggers.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    event,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+# Phases a use case moves through; the dashboard shows them and the flows advance them.
+PHASES = (
+    "registered",  # spec stored, nothing run yet
+    "calibrated",  # a challenger plan exists
+    "evaluated",  # quality/speed/ROI measured offline
+    "piloting",  # a pilot is running (shadow or split step)
+    "awaiting_approval",  # the gate said GO (or a rollback is pending) and a person must decide
+    "promoted",  # challenger became champion; monitor runs
+    "rolled_back",  # champion returned to the previous version
+    "stopped",  # NO-GO or rejected
+)
+OUTCOMES = ("GO", "EXTEND", "NO-GO", "INVALID")
+
+
+class UseCase(Base):
+    __tablename__ = "use_cases"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    owner: Mapped[str] = mapped_column(String(200))
+    criticality: Mapped[str] = mapped_column(String(10))
+    phase: Mapped[str] = mapped_column(String(30), default="registered")
+    current_spec_version: Mapped[int] = mapped_column(Integer, default=1)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+    spec_versions: Mapped[list[SpecVersion]] = relationship(
+        back_populates="use_case", order_by="SpecVersion.version"
+    )
+
+
+class SpecVersion(Base):
+    __tablename__ = "spec_versions"
+    __table_args__ = (
+        UniqueConstraint("use_case_id", "version"),
+        UniqueConstraint("use_case_id", "spec_hash"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    use_case_id: Mapped[int] = mapped_column(ForeignKey("use_cases.id"))
+    version: Mapped[int] = mapped_column(Integer)
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)  # validated spec, as a plain dict
+    spec_hash: Mapped[str] = mapped_column(String(64))
+    source_path: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_by: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    use_case: Mapped[UseCase] = relationship(back_populates="spec_versions")
+
+
+class ModelVersion(Base):
+    """A candidate sparse model: base model ref + plan, mirrored in the MLflow registry."""
+
+    __tablename__ = "model_versions"
+    __table_args__ = (UniqueConstraint("use_case_id", "plan_hash"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    use_case_id: Mapped[int] = mapped_column(ForeignKey("use_cases.id"))
+    base_model_ref: Mapped[str] = mapped_column(String(500))
+    plan: Mapped[dict[str, Any]] = mapped_column(JSON)
+    plan_hash: Mapped[str] = mapped_column(String(64))
+    mlflow_model_name: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    mlflow_version: Mapped[str | None] = mapped_column(String(20), nullable=True)
+    mlflow_run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    density: Mapped[float | None] = mapped_column(Float, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class CalibrationRun(Base):
+    __tablename__ = "calibration_runs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    idempotency_key: Mapped[str] = mapped_column(String(128), unique=True)
+    use_case_id: Mapped[int] = mapped_column(ForeignKey("use_cases.id"))
+    spec_version: Mapped[int] = mapped_column(Integer)
+    model_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"), nullable=True)
+    status: Mapped[str] = mapped_column(String(20), default="running")  # running/succeeded/failed
+    mlflow_run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    flow_run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    started_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class EvaluationRun(Base):
+    __tablename__ = "evaluation_runs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    idempotency_key: Mapped[str] = mapped_column(String(128), unique=True)
+    use_case_id: Mapped[int] = mapped_column(ForeignKey("use_cases.id"))
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
+    status: Mapped[str] = mapped_column(String(20), default="running")
+    device: Mapped[str | None] = mapped_column(String(50), nullable=True)
+    mlflow_run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    flow_run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    density: Mapped[float | None] = mapped_column(Float, nullable=True)
+    quality_delta: Mapped[float | None] = mapped_column(Float, nullable=True)
+    speedup: Mapped[float | None] = mapped_column(Float, nullable=True)
+    speedup_low: Mapped[float | None] = mapped_column(Float, nullable=True)
+    speedup_high: Mapped[float | None] = mapped_column(Float, nullable=True)
+    savings_month_usd: Mapped[float | None] = mapped_column(Float, nullable=True)
+    savings_month_low: Mapped[float | None] = mapped_column(Float, nullable=True)
+    savings_month_high: Mapped[float | None] = mapped_column(Float, nullable=True)
+    payback_days: Mapped[float | None] = mapped_column(Float, nullable=True)
+    report: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # EvaluationReport as JSON
+    roi: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # ROI breakdown with inputs
+    artifacts: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # name -> path/URI (PNGs)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Pilot(Base):
+    __tablename__ = "pilots"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    use_case_id: Mapped[int] = mapped_column(ForeignKey("use_cases.id"))
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
+    salt: Mapped[str] = mapped_column(String(64))
+    # running / awaiting_approval / promoted / stopped / rolled_back
+    status: Mapped[str] = mapped_column(String(30), default="running")
+    current_step_index: Mapped[int] = mapped_column(Integer, default=0)
+    started_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    ended_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+    steps: Mapped[list[PilotStep]] = relationship(back_populates="pilot", order_by="PilotStep.index")
+
+
+class PilotStep(Base):
+    __tablename__ = "pilot_steps"
+    __table_args__ = (UniqueConstraint("pilot_id", "index"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    pilot_id: Mapped[int] = mapped_column(ForeignKey("pilots.id"))
+    index: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(20))  # shadow / split / monitor
+    traffic_pct: Mapped[float] = mapped_column(Float)  # share of traffic on the treatment arm
+    min_samples: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(20), default="running")  # running/passed/failed
+    started_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    ended_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+    pilot: Mapped[Pilot] = relationship(back_populates="steps")
+
+
+class Observation(Base):
+    """One request in one arm. (step, request_id, arm) is unique: a retried batch adds nothing."""
+
+    __tablename__ = "observations"
+    __table_args__ = (UniqueConstraint("pilot_step_id", "request_id", "arm"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    pilot_step_id: Mapped[int] = mapped_column(ForeignKey("pilot_steps.id"), index=True)
+    use_case_id: Mapped[int] = mapped_column(ForeignKey("use_cases.id"), index=True)
+    batch_id: Mapped[str] = mapped_column(String(64))
+    request_id: Mapped[str] = mapped_column(String(200))
+    arm: Mapped[str] = mapped_column(String(10))  # control / treatment
+    quality: Mapped[float] = mapped_column(Float)
+    latency_ms: Mapped[float] = mapped_column(Float)
+    tokens: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[bool] = mapped_column(Boolean, default=False)
+    source: Mapped[str] = mapped_column(String(20), default="simulated")  # pilot-flow / imported / monitor
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class GateDecision(Base):
+    __tablename__ = "gate_decisions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    idempotency_key: Mapped[str] = mapped_column(String(128), unique=True)
+    use_case_id: Mapped[int] = mapped_column(ForeignKey("use_cases.id"), index=True)
+    pilot_id: Mapped[int | None] = mapped_column(ForeignKey("pilots.id"), nullable=True)
+    pilot_step_id: Mapped[int | None] = mapped_column(ForeignKey("pilot_steps.id"), nullable=True)
+    kind: Mapped[str] = mapped_column(String(20), default="gate")  # gate / monitor / rollback
+    look_index: Mapped[int] = mapped_column(Integer, default=0)
+    outcome: Mapped[str] = mapped_column(String(10))  # GO / EXTEND / NO-GO / INVALID
+    # what the decision waits for: none / approval / rollback_approval
+    awaiting: Mapped[str] = mapped_column(String(30), default="none")
+    resolution: Mapped[str | None] = mapped_column(String(20), nullable=True)  # approved/rejected/...
+    evidence: Mapped[dict[str, Any]] = mapped_column(JSON)
+    explanation: Mapped[str] = mapped_column(Text)
+    data_fingerprint: Mapped[str] = mapped_column(String(64))
+    flow_run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)  # paused run to resume
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Approval(Base):
+    __tablename__ = "approvals"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    decision_id: Mapped[int] = mapped_column(ForeignKey("gate_decisions.id"), index=True)
+    actor: Mapped[str] = mapped_column(String(200))
+    role: Mapped[str] = mapped_column(String(20))
+    action: Mapped[str] = mapped_column(String(20))  # approve / reject / rollback
+    reason: Mapped[str] = mapped_column(Text)
+    against_recommendation: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class AliasMove(Base):
+    """Alias history MLflow forgets. ``status`` is 'pending' before the MLflow call and becomes
+    'committed' or 'failed' after, so a crash midway is visible instead of silently claimed."""
+
+    __tablename__ = "alias_history"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    idempotency_key: Mapped[str] = mapped_column(String(128), unique=True)
+    use_case_id: Mapped[int] = mapped_column(ForeignKey("use_cases.id"), index=True)
+    alias: Mapped[str] = mapped_column(String(30))  # champion / challenger
+    from_version: Mapped[str | None] = mapped_column(String(20), nullable=True)
+    to_version: Mapped[str | None] = mapped_column(String(20), nullable=True)
+    actor: Mapped[str] = mapped_column(String(200))
+    reason: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(20), default="pending")
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class AuditEntry(Base):
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    ts: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(200))
+    action: Mapped[str] = mapped_column(String(60), index=True)
+    use_case_id: Mapped[int | None] = mapped_column(ForeignKey("use_cases.id"), nullable=True, index=True)
+    entity: Mapped[str | None] = mapped_column(String(60), nullable=True)
+    entity_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class AppendOnlyError(RuntimeError):
+    pass
+
+
+@event.listens_for(AuditEntry, "before_update")
+def _refuse_update(mapper, connection, target) -> None:  # noqa: ANN001
+    raise AppendOnlyError("audit_log is append-only: entries cannot be changed")
+
+
+@event.listens_for(AuditEntry, "before_delete")
+def _refuse_delete(mapper, connection, target) -> None:  # noqa: ANN001
+    raise AppendOnlyError("audit_log is append-only: entries cannot be deleted")

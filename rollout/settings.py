@@ -1,0 +1,57 @@
+"""Where state lives. Everything comes from the environment so the embedded default and the
+multi-service stack run the same code."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    database_url: str
+    mlflow_tracking_uri: str
+    mlflow_artifact_root: Path
+    cache_dir: Path
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+
+def get_settings() -> Settings:
+    """Read settings fresh each call: tests and the CLI change the environment between calls."""
+    home = Path(os.environ.get("SPARSEPILOT_HOME", ".sparsepilot")).expanduser().resolve()
+    db_url = os.environ.get("SPARSEPILOT_DATABASE_URL") or f"sqlite:///{home / 'state.db'}"
+    mlflow_uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}"
+    cache = Path(os.environ.get("SPARSEPILOT_CACHE_DIR", home / "cache")).expanduser().resolve()
+    return Settings(
+        home=home,
+        database_url=db_url,
+        mlflow_tracking_uri=mlflow_uri,
+        mlflow_artifact_root=home / "mlartifacts",
+        cache_dir=cache,
+    )
+
+
+def configure_environment(settings: Settings | None = None) -> Settings:
+    """Set the third-party defaults we rely on (offline hub, no telemetry, Prefect home inside
+    our data dir) without overriding anything the user set explicitly."""
+    s = settings or get_settings()
+    s.home.mkdir(parents=True, exist_ok=True)
+    defaults = {
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DO_NOT_TRACK": "1",
+        "PREFECT_HOME": str(s.home / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+        "GX_ANALYTICS_ENABLED": "false",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+    return s

@@ -1,0 +1,3 @@
+from sparsepilot.cli import main
+
+main()
