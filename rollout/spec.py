@@ -1,0 +1,410 @@
+"""The use-case spec: one YAML file per business use case, validated strictly so that a typo never
+silently becomes a default. Every error names the file and the field path
+(``examples/usecases/x.yaml: rollout.steps[2].traffic_pct: must be greater than step 1 (25)``).
+
+docs/usecase-spec.md documents every field."""
+
+from __future__ import annotations
+
+import datetime as dt
+import difflib
+import hashlib
+import json
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+SPEC_FORMAT = 1
+TASKS = ("exact_match", "contains", "rouge_l", "loglik")
+ESTIMATORS = ("pooled", "antidiagonal", "gate")
+_SLUG = re.compile(r"^[a-z][a-z0-9-]{1,62}[a-z0-9]$")
+_QUANTILE_KEY = re.compile(r"^p(\d{1,2}(?:\.\d+)?)$")
+
+
+class SpecError(ValueError):
+    """A spec that cannot be used. ``problems`` holds (field path, message) pairs, all of them."""
+
+    def __init__(self, source: str, problems: list[tuple[str, str]]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__(
+            "\n".join(f"{source}: {loc}: {msg}" if loc else f"{source}: {msg}" for loc, msg in problems)
+        )
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
+class DatasetSpec(_Strict):
+    path: str = Field(
+        description="JSONL file (id, prompt, optional reference, optional tags), relative to the spec"
+    )
+    task: Literal["exact_match", "contains", "rouge_l", "loglik"]
+    references_required: bool = True
+
+
+class LengthShare(_Strict):
+    tokens: PositiveInt
+    share: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
+
+
+class TokenDistribution(_Strict):
+    """Token lengths, either as quantiles (``{p50: 5000, p90: 7000}``) or as an explicit mix
+    (``[{tokens: 4096, share: 0.6}, ...]``). Both become a mix: see `mix()`."""
+
+    quantiles: dict[str, PositiveInt] | None = None
+    buckets: list[LengthShare] | None = None
+
+    def mix(self) -> list[tuple[int, float]]:
+        """(tokens, share) pairs summing to 1. Quantile q_i stands for the probability mass between
+        the midpoints to its neighbouring quantile levels (0 and 1 at the ends)."""
+        if self.buckets is not None:
+            total = sum(b.share for b in self.buckets)
+            return [(b.tokens, b.share / total) for b in self.buckets]
+        assert self.quantiles is not None
+        points = sorted((_quantile_level(k), v) for k, v in self.quantiles.items())
+        levels = [q for q, _ in points]
+        bounds = [0.0] + [(a + b) / 2 for a, b in zip(levels, levels[1:], strict=False)] + [1.0]
+        return [(v, bounds[i + 1] - bounds[i]) for i, (_, v) in enumerate(points)]
+
+    def mean(self) -> float:
+        return sum(t * s for t, s in self.mix())
+
+    def max(self) -> int:
+        return max(t for t, _ in self.mix())
+
+
+class TrafficSpec(_Strict):
+    requests_per_day: PositiveFloat
+    prompt_tokens: TokenDistribution
+    output_tokens: TokenDistribution
+
+
+class CalibrationSettings(_Strict):
+    max_texts: PositiveInt = 16
+    max_seq_len: PositiveInt = 2048
+    holdout_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.25
+    seed: int = 0
+
+
+class QualityBudget(_Strict):
+    kl: PositiveFloat = 0.01
+    agree: Annotated[float, Field(gt=0, le=1)] = 0.99
+    nll_delta: PositiveFloat = 0.01
+    estimator: Literal["pooled", "antidiagonal", "gate"] = "pooled"
+    calibration: CalibrationSettings = CalibrationSettings()
+
+
+class LatencySLO(_Strict):
+    p95: PositiveFloat
+
+
+class CostSpec(_Strict):
+    gpu_usd_per_hour: PositiveFloat
+    utilisation: Annotated[float, Field(gt=0, le=1)]
+    pilot_one_off_usd: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
+class ShadowSpec(_Strict):
+    min_samples: PositiveInt
+
+
+class RampStep(_Strict):
+    traffic_pct: Annotated[float, Field(gt=0, le=100)]
+    min_samples: PositiveInt
+
+
+class RolloutSpec(_Strict):
+    shadow: ShadowSpec
+    steps: Annotated[list[RampStep], Field(min_length=1)]
+    batch_size: PositiveInt = 10
+
+
+class Guardrails(_Strict):
+    max_error_rate: Annotated[float, Field(ge=0, le=1)] = 0.01
+    p95_latency_ms: PositiveFloat | None = None
+
+
+class GateSpec(_Strict):
+    alpha: Annotated[float, Field(gt=0, lt=0.5)] = 0.05
+    non_inferiority_margin: PositiveFloat
+    planned_effect: Annotated[float, Field(allow_inf_nan=False)] = 0.0
+    guardrails: Guardrails = Guardrails()
+    max_duration_days: PositiveFloat = 14
+    max_looks: PositiveInt = 20
+
+
+class ScheduleSpec(_Strict):
+    cron: str
+    timezone: str = "UTC"
+
+    @field_validator("cron")
+    @classmethod
+    def _valid_cron(cls, v: str) -> str:
+        return validate_cron(v)
+
+    @field_validator("timezone")
+    @classmethod
+    def _valid_tz(cls, v: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(
+                f"unknown time zone {v!r} (use an IANA name such as 'UTC' or 'Europe/Berlin')"
+            ) from exc
+        return v
+
+
+class UseCaseSpec(_Strict):
+    name: str = Field(description="slug: lowercase letters, digits and '-', 3-64 characters")
+    owner: Annotated[str, Field(min_length=1, max_length=200)]
+    criticality: Literal["low", "medium", "high"]
+    description: Annotated[str, Field(max_length=2000)] = ""
+    model: Annotated[str, Field(min_length=1, max_length=500)]
+    dataset: DatasetSpec
+    traffic: TrafficSpec
+    quality_budget: QualityBudget = QualityBudget()
+    latency_slo_ms: LatencySLO
+    cost: CostSpec
+    rollout: RolloutSpec
+    gate: GateSpec
+    rollback: Literal["auto", "manual"] = "manual"
+    schedule: ScheduleSpec | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _slug(cls, v: str) -> str:
+        if not _SLUG.match(v):
+            raise ValueError(
+                f"{v!r} is not a slug: use 3-64 lowercase letters, digits and '-', starting with a letter"
+            )
+        return v
+
+    def dataset_path(self, spec_dir: Path | str) -> Path:
+        """The dataset file, resolved against the directory of the spec that named it."""
+        p = Path(self.dataset.path).expanduser()
+        return p if p.is_absolute() else (Path(spec_dir) / p).resolve()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=False)
+
+    def content_hash(self, extra: str = "") -> str:
+        """sha256 of the canonical JSON (formatting, comments and key order do not matter), plus
+        ``extra`` (the dataset's own sha256 when stored, so a changed dataset is a changed use case)."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256((canonical + "\n" + extra).encode()).hexdigest()
+
+
+def validate_cron(expr: str) -> str:
+    """Five-field cron (minute hour day-of-month month day-of-week), as Prefect schedules accept."""
+    from cronsim import CronSim, CronSimError
+
+    fields = expr.split()
+    if len(fields) != 5:
+        raise ValueError(
+            f"cron {expr!r} must have 5 fields (minute hour day month weekday), got {len(fields)}"
+        )
+    if any(f.upper() in {"R", "H"} for f in fields):
+        raise ValueError(f"cron {expr!r}: random/hashed fields are not supported")
+    try:
+        CronSim(expr, dt.datetime(2026, 1, 1))
+    except CronSimError as exc:
+        raise ValueError(f"cron {expr!r} is invalid: {exc}") from exc
+    return " ".join(fields)
+
+
+def _quantile_level(key: str) -> float:
+    return float(_QUANTILE_KEY.match(key).group(1)) / 100  # type: ignore[union-attr]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading
+
+
+def parse_spec(data: Any, source: str = "<spec>") -> UseCaseSpec:
+    """Validate an already-parsed mapping. Raises SpecError listing every problem."""
+    if not isinstance(data, dict):
+        raise SpecError(source, [("", f"the spec must be a YAML mapping, got {type(data).__name__}")])
+    data = _normalise_distributions(data)
+    try:
+        spec = UseCaseSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(source, [_describe(err) for err in exc.errors()]) from None
+    problems = list(_cross_checks(spec))
+    if problems:
+        raise SpecError(source, problems)
+    return spec
+
+
+def load_spec(path: Path | str) -> UseCaseSpec:
+    """Read and validate a spec file. Raises SpecError naming the file and field."""
+    path = Path(path)
+    source = str(path)
+    if not path.is_file():
+        raise SpecError(source, [("", "file not found")])
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(source, [("", f"not valid UTF-8 at byte {exc.start}")]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SpecError(source, [("", f"{where}YAML syntax error: {problem}")]) from None
+    return parse_spec(data, source)
+
+
+def _normalise_distributions(data: dict[str, Any]) -> dict[str, Any]:
+    """Accept the two short forms of a token distribution (a mapping of quantiles, a list of buckets)."""
+    traffic = data.get("traffic")
+    if not isinstance(traffic, dict):
+        return data
+    traffic = dict(traffic)
+    for key in ("prompt_tokens", "output_tokens"):
+        value = traffic.get(key)
+        if isinstance(value, list):
+            traffic[key] = {"buckets": value}
+        elif (
+            isinstance(value, dict) and value and all(isinstance(k, str) and k.startswith("p") for k in value)
+        ):
+            if not ({"quantiles", "buckets"} & set(value)):
+                traffic[key] = {"quantiles": value}
+    return {**data, "traffic": traffic}
+
+
+def _loc_to_path(loc: Iterable[Any]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in {"quantiles", "buckets"} and out.endswith("_tokens"):
+            continue  # the short forms hide this level from the author
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _describe(err: dict[str, Any]) -> tuple[str, str]:
+    loc = tuple(err["loc"])
+    path = _loc_to_path(loc)
+    kind = err["type"]
+    msg = err["msg"]
+    if kind == "extra_forbidden":
+        known = _known_fields(loc[:-1])
+        guess = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        hint = f" (did you mean '{guess[0]}'?)" if guess else f" (known fields: {', '.join(sorted(known))})"
+        msg = f"unknown field{hint}"
+    elif kind == "missing":
+        msg = "required field is missing"
+    elif msg.startswith("Value error, "):
+        msg = msg.removeprefix("Value error, ")
+    else:
+        msg = msg[:1].lower() + msg[1:]
+        if "input" in err and kind not in {"missing"}:
+            shown = repr(err["input"])
+            if len(shown) <= 60:
+                msg += f" (got {shown})"
+    return path, msg
+
+
+def _known_fields(loc: tuple[Any, ...]) -> list[str]:
+    model: Any = UseCaseSpec
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = (
+            model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        )
+        if field is None:
+            return []
+        model = _inner_model(field.annotation)
+        if model is None:
+            return []
+    return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+
+
+def _inner_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _inner_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _cross_checks(spec: UseCaseSpec) -> Iterable[tuple[str, str]]:
+    """Rules between fields, reported with the path of the field to fix."""
+    for key in ("prompt_tokens", "output_tokens"):
+        dist: TokenDistribution = getattr(spec.traffic, key)
+        path = f"traffic.{key}"
+        if (dist.quantiles is None) == (dist.buckets is None):
+            yield path, "give either quantiles ({p50: 5000, p90: 7000}) or buckets ([{tokens, share}, ...])"
+            continue
+        if dist.quantiles is not None:
+            if not dist.quantiles:
+                yield path, "at least one quantile is needed, e.g. {p50: 5000}"
+                continue
+            bad = [k for k in dist.quantiles if not _QUANTILE_KEY.match(k) or not 0 < _quantile_level(k) < 1]
+            for k in bad:
+                yield f"{path}.{k}", "quantile keys are p1..p99 (e.g. p50, p90, p99.9)"
+            if bad:
+                continue
+            points = sorted((_quantile_level(k), k, v) for k, v in dist.quantiles.items())
+            for (_, k0, v0), (_, k1, v1) in zip(points, points[1:], strict=False):
+                if v1 < v0:
+                    yield f"{path}.{k1}", f"must be at least {k0} ({v0}): quantiles cannot decrease"
+        else:
+            assert dist.buckets is not None
+            if not dist.buckets:
+                yield path, "at least one bucket is needed"
+                continue
+            total = sum(b.share for b in dist.buckets)
+            if abs(total - 1) > 1e-6:
+                yield path, f"bucket shares must sum to 1, they sum to {total:.6g}"
+            seen: set[int] = set()
+            for i, b in enumerate(dist.buckets):
+                if b.tokens in seen:
+                    yield f"{path}[{i}].tokens", f"{b.tokens} appears twice"
+                seen.add(b.tokens)
+
+    steps = spec.rollout.steps
+    for i in range(1, len(steps)):
+        if steps[i].traffic_pct <= steps[i - 1].traffic_pct:
+            yield (
+                f"rollout.steps[{i}].traffic_pct",
+                f"must be greater than step {i - 1} ({steps[i - 1].traffic_pct:g}): ramp steps must increase",
+            )
+    for i, step in enumerate(steps):
+        if step.min_samples < spec.rollout.batch_size:
+            yield (
+                f"rollout.steps[{i}].min_samples",
+                f"{step.min_samples} is smaller than one pilot batch "
+                f"(rollout.batch_size={spec.rollout.batch_size})",
+            )
+    if spec.rollout.shadow.min_samples < spec.rollout.batch_size:
+        yield (
+            "rollout.shadow.min_samples",
+            f"{spec.rollout.shadow.min_samples} is smaller than one pilot batch "
+            f"(rollout.batch_size={spec.rollout.batch_size})",
+        )
+    if spec.gate.max_looks < len(steps) + 1:
+        yield (
+            "gate.max_looks",
+            f"{spec.gate.max_looks} looks cannot cover the shadow phase and {len(steps)} ramp step(s)",
+        )
+    if spec.quality_budget.calibration.max_texts < 2:
+        yield "quality_budget.calibration.max_texts", "at least 2 texts are needed (one is held out)"
