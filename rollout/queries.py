@@ -1,0 +1,442 @@
+"""Read-side SQL for the dashboard. Aggregates are computed by the database (GROUP BY and latest-row
+subqueries), so a page costs a handful of queries however many observations a portfolio holds.
+Every function takes the caller's Session and returns plain dicts, ready for a DataFrame."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import Float, and_, case, cast, func, select
+from sqlalchemy.orm import Session
+
+from rollout.db.models import (
+    AliasMove,
+    Approval,
+    AuditEntry,
+    EvaluationRun,
+    GateDecision,
+    ModelVersion,
+    Observation,
+    Pilot,
+    PilotStep,
+    SpecVersion,
+    UseCase,
+)
+
+# Where a gate decision's evidence keeps the quality estimate and its interval (rollout.gate's
+# Decision.evidence). Read in SQL with the dialect's JSON path operator.
+EVIDENCE_QUALITY_DELTA = ("quality", "delta")
+EVIDENCE_QUALITY_LOW = ("quality", "ci_low")
+EVIDENCE_QUALITY_HIGH = ("quality", "ci_high")
+
+WAITING_LABELS = {"approval": "approval to promote", "rollback_approval": "approval to roll back"}
+
+
+def _latest_id(id_col: Any, key_col: Any, *where: Any) -> Any:
+    """Subquery: the newest row id per key (ids only grow, so max(id) is the latest row)."""
+    stmt = select(key_col.label("key"), func.max(id_col).label("id")).group_by(key_col)
+    if where:
+        stmt = stmt.where(*where)
+    return stmt.subquery()
+
+
+def portfolio(session: Session) -> list[dict[str, Any]]:
+    """One row per use case: phase, current step, latest decision and what it waits for, quality delta
+    with its interval, speed-up and $/month saved with intervals, payback. Numbers come from the latest
+    decision where it measured them, else from the latest successful evaluation."""
+    last_dec = _latest_id(GateDecision.id, GateDecision.use_case_id)
+    last_eval = _latest_id(EvaluationRun.id, EvaluationRun.use_case_id, EvaluationRun.status == "succeeded")
+    last_pilot = _latest_id(Pilot.id, Pilot.use_case_id)
+    obs_per_uc = (
+        select(Observation.use_case_id.label("key"), func.count().label("n"))
+        .group_by(Observation.use_case_id)
+        .subquery()
+    )
+    obs_per_step = (
+        select(Observation.pilot_step_id.label("key"), func.count().label("n"))
+        .group_by(Observation.pilot_step_id)
+        .subquery()
+    )
+    dec_q = GateDecision.evidence[EVIDENCE_QUALITY_DELTA].as_float()
+    dec_lo = GateDecision.evidence[EVIDENCE_QUALITY_LOW].as_float()
+    dec_hi = GateDecision.evidence[EVIDENCE_QUALITY_HIGH].as_float()
+    stmt = (
+        select(
+            UseCase.id,
+            UseCase.name,
+            UseCase.owner,
+            UseCase.criticality,
+            UseCase.phase,
+            UseCase.updated_at,
+            Pilot.status.label("pilot_status"),
+            PilotStep.index.label("step_index"),
+            PilotStep.kind.label("step_kind"),
+            PilotStep.traffic_pct,
+            PilotStep.min_samples,
+            func.coalesce(obs_per_step.c.n, 0).label("step_observations"),
+            func.coalesce(obs_per_uc.c.n, 0).label("observations"),
+            GateDecision.id.label("decision_id"),
+            GateDecision.outcome.label("decision"),
+            GateDecision.kind.label("decision_kind"),
+            GateDecision.awaiting,
+            GateDecision.resolution,
+            GateDecision.created_at.label("decided_at"),
+            func.coalesce(dec_q, EvaluationRun.quality_delta).label("quality_delta"),
+            case((dec_q.is_not(None), dec_lo), else_=None).label("quality_low"),
+            case((dec_q.is_not(None), dec_hi), else_=None).label("quality_high"),
+            EvaluationRun.density,
+            EvaluationRun.speedup,
+            EvaluationRun.speedup_low,
+            EvaluationRun.speedup_high,
+            EvaluationRun.savings_month_usd,
+            EvaluationRun.savings_month_low,
+            EvaluationRun.savings_month_high,
+            EvaluationRun.payback_days,
+            EvaluationRun.mlflow_run_id,
+        )
+        .select_from(UseCase)
+        .outerjoin(last_dec, last_dec.c.key == UseCase.id)
+        .outerjoin(GateDecision, GateDecision.id == last_dec.c.id)
+        .outerjoin(last_eval, last_eval.c.key == UseCase.id)
+        .outerjoin(EvaluationRun, EvaluationRun.id == last_eval.c.id)
+        .outerjoin(last_pilot, last_pilot.c.key == UseCase.id)
+        .outerjoin(Pilot, Pilot.id == last_pilot.c.id)
+        .outerjoin(
+            PilotStep, and_(PilotStep.pilot_id == Pilot.id, PilotStep.index == Pilot.current_step_index)
+        )
+        .outerjoin(obs_per_step, obs_per_step.c.key == PilotStep.id)
+        .outerjoin(obs_per_uc, obs_per_uc.c.key == UseCase.id)
+        .order_by(UseCase.name)
+    )
+    rows = [dict(r._mapping) for r in session.execute(stmt)]
+    for r in rows:
+        r["waits_for"] = waits_for(r)
+    return rows
+
+
+def waits_for(row: dict[str, Any]) -> str:
+    """What a use case needs next, in words, from its latest decision and current step."""
+    awaiting, resolution = row.get("awaiting"), row.get("resolution")
+    if awaiting and awaiting != "none" and resolution is None:
+        return WAITING_LABELS.get(awaiting, awaiting)
+    decision = row.get("decision")
+    if row.get("pilot_status") == "running":
+        n, need = row.get("step_observations") or 0, row.get("min_samples") or 0
+        if decision == "EXTEND" or n < need:
+            return f"more samples ({n}/{need})" if need else "more samples"
+        return "next gate look"
+    if decision is None:
+        return {"registered": "calibration", "calibrated": "evaluation", "evaluated": "a pilot"}.get(
+            row.get("phase") or "", "-"
+        )
+    return "-"
+
+
+def portfolio_totals(session: Session) -> dict[str, Any]:
+    """Totals over the latest successful evaluation per use case, plus counts, in one SQL pass each.
+    The savings interval is the sum of the per-use-case bounds (conservative: it assumes the errors
+    move together)."""
+    last_eval = _latest_id(EvaluationRun.id, EvaluationRun.use_case_id, EvaluationRun.status == "succeeded")
+    money = session.execute(
+        select(
+            func.count(EvaluationRun.id).label("evaluated"),
+            func.sum(EvaluationRun.savings_month_usd).label("savings_month_usd"),
+            func.sum(EvaluationRun.savings_month_low).label("savings_month_low"),
+            func.sum(EvaluationRun.savings_month_high).label("savings_month_high"),
+            func.sum(
+                case((EvaluationRun.savings_month_usd > 0, EvaluationRun.savings_month_usd), else_=0)
+            ).label("positive_savings_usd"),
+        ).join(last_eval, last_eval.c.id == EvaluationRun.id)
+    ).one()
+    last_dec = _latest_id(GateDecision.id, GateDecision.use_case_id)
+    outcomes = dict(
+        session.execute(
+            select(GateDecision.outcome, func.count())
+            .join(last_dec, last_dec.c.id == GateDecision.id)
+            .group_by(GateDecision.outcome)
+        ).all()
+    )
+    pending = session.scalar(
+        select(func.count()).where(GateDecision.awaiting != "none", GateDecision.resolution.is_(None))
+    )
+    phases = dict(session.execute(select(UseCase.phase, func.count()).group_by(UseCase.phase)).all())
+    return {
+        "use_cases": sum(phases.values()),
+        "evaluated": money.evaluated,
+        "savings_month_usd": money.savings_month_usd,
+        "savings_month_low": money.savings_month_low,
+        "savings_month_high": money.savings_month_high,
+        "positive_savings_usd": money.positive_savings_usd,
+        "decisions": outcomes,
+        "pending_approvals": pending or 0,
+        "phases": phases,
+        "observations": session.scalar(select(func.count(Observation.id))) or 0,
+    }
+
+
+# --- one use case ---------------------------------------------------------------------------------
+
+
+def use_case(session: Session, name: str) -> dict[str, Any] | None:
+    uc = session.scalar(select(UseCase).where(UseCase.name == name))
+    if uc is None:
+        return None
+    spec = session.scalar(
+        select(SpecVersion)
+        .where(SpecVersion.use_case_id == uc.id)
+        .order_by(SpecVersion.version.desc())
+        .limit(1)
+    )
+    return {
+        "id": uc.id,
+        "name": uc.name,
+        "owner": uc.owner,
+        "criticality": uc.criticality,
+        "phase": uc.phase,
+        "spec_version": spec.version if spec else None,
+        "spec": spec.spec if spec else {},
+        "created_at": uc.created_at,
+    }
+
+
+def use_case_names(session: Session) -> list[str]:
+    return list(session.scalars(select(UseCase.name).order_by(UseCase.name)))
+
+
+def evaluations(session: Session, use_case_id: int) -> list[dict[str, Any]]:
+    stmt = (
+        select(EvaluationRun, ModelVersion.mlflow_version, ModelVersion.mlflow_model_name)
+        .outerjoin(ModelVersion, ModelVersion.id == EvaluationRun.model_version_id)
+        .where(EvaluationRun.use_case_id == use_case_id)
+        .order_by(EvaluationRun.id)
+    )
+    out = []
+    for ev, mv_version, mv_name in session.execute(stmt):
+        out.append(
+            {
+                "id": ev.id,
+                "status": ev.status,
+                "device": ev.device,
+                "density": ev.density,
+                "quality_delta": ev.quality_delta,
+                "speedup": ev.speedup,
+                "speedup_low": ev.speedup_low,
+                "speedup_high": ev.speedup_high,
+                "savings_month_usd": ev.savings_month_usd,
+                "savings_month_low": ev.savings_month_low,
+                "savings_month_high": ev.savings_month_high,
+                "payback_days": ev.payback_days,
+                "report": ev.report or {},
+                "roi": ev.roi or {},
+                "artifacts": ev.artifacts or {},
+                "mlflow_run_id": ev.mlflow_run_id,
+                "model_version": mv_version,
+                "model_name": mv_name,
+                "error": ev.error,
+                "created_at": ev.created_at,
+            }
+        )
+    return out
+
+
+def step_arm_stats(session: Session, use_case_id: int) -> list[dict[str, Any]]:
+    """Per pilot step and arm: n, mean quality, mean/min/max latency, error rate (SQL GROUP BY)."""
+    stmt = (
+        select(
+            Pilot.id.label("pilot_id"),
+            PilotStep.id.label("step_id"),
+            PilotStep.index.label("step_index"),
+            PilotStep.kind,
+            PilotStep.traffic_pct,
+            PilotStep.min_samples,
+            PilotStep.status,
+            PilotStep.started_at,
+            PilotStep.ended_at,
+            Observation.arm,
+            func.count(Observation.id).label("n"),
+            func.avg(Observation.quality).label("quality_mean"),
+            func.avg(Observation.latency_ms).label("latency_mean"),
+            func.min(Observation.latency_ms).label("latency_min"),
+            func.max(Observation.latency_ms).label("latency_max"),
+            func.avg(cast(Observation.error, Float)).label("error_rate"),
+        )
+        .select_from(PilotStep)
+        .join(Pilot, Pilot.id == PilotStep.pilot_id)
+        .outerjoin(Observation, Observation.pilot_step_id == PilotStep.id)
+        .where(Pilot.use_case_id == use_case_id)
+        .group_by(Pilot.id, PilotStep.id, Observation.arm)
+        .order_by(Pilot.id, PilotStep.index, Observation.arm)
+    )
+    return [dict(r._mapping) for r in session.execute(stmt)]
+
+
+def latency_histogram(session: Session, use_case_id: int, bins: int = 30) -> list[dict[str, Any]]:
+    """Latency distribution per arm, binned in SQL over the use case's observations."""
+    lo, hi = session.execute(
+        select(func.min(Observation.latency_ms), func.max(Observation.latency_ms)).where(
+            Observation.use_case_id == use_case_id
+        )
+    ).one()
+    if lo is None:
+        return []
+    width = max((hi - lo) / bins, 1e-9)
+    bucket = func.min(cast(func.floor((Observation.latency_ms - lo) / width), Float), bins - 1).label("b")
+    stmt = (
+        select(Observation.arm, bucket, func.count().label("n"))
+        .where(Observation.use_case_id == use_case_id)
+        .group_by(Observation.arm, bucket)
+        .order_by(Observation.arm, bucket)
+    )
+    return [
+        {"arm": arm, "latency_ms": lo + (int(b) + 0.5) * width, "count": n, "bin_width": width}
+        for arm, b, n in session.execute(stmt)
+    ]
+
+
+def decisions(session: Session, use_case_id: int) -> list[dict[str, Any]]:
+    stmt = (
+        select(GateDecision, PilotStep.index)
+        .outerjoin(PilotStep, PilotStep.id == GateDecision.pilot_step_id)
+        .where(GateDecision.use_case_id == use_case_id)
+        .order_by(GateDecision.id)
+    )
+    return [_decision_dict(d) | {"step_index": idx} for d, idx in session.execute(stmt)]
+
+
+def _decision_dict(d: GateDecision) -> dict[str, Any]:
+    return {
+        "id": d.id,
+        "use_case_id": d.use_case_id,
+        "pilot_id": d.pilot_id,
+        "pilot_step_id": d.pilot_step_id,
+        "kind": d.kind,
+        "look_index": d.look_index,
+        "outcome": d.outcome,
+        "awaiting": d.awaiting,
+        "resolution": d.resolution,
+        "evidence": d.evidence or {},
+        "explanation": d.explanation,
+        "flow_run_id": d.flow_run_id,
+        "created_at": d.created_at,
+    }
+
+
+def alias_moves(session: Session, use_case_id: int) -> list[dict[str, Any]]:
+    stmt = select(AliasMove).where(AliasMove.use_case_id == use_case_id).order_by(AliasMove.id)
+    return [
+        {
+            "id": m.id,
+            "alias": m.alias,
+            "from_version": m.from_version,
+            "to_version": m.to_version,
+            "actor": m.actor,
+            "reason": m.reason,
+            "status": m.status,
+            "error": m.error,
+            "created_at": m.created_at,
+        }
+        for m in session.scalars(stmt)
+    ]
+
+
+def approvals(session: Session, decision_ids: list[int]) -> list[dict[str, Any]]:
+    if not decision_ids:
+        return []
+    stmt = select(Approval).where(Approval.decision_id.in_(decision_ids)).order_by(Approval.id)
+    return [
+        {
+            "id": a.id,
+            "decision_id": a.decision_id,
+            "actor": a.actor,
+            "role": a.role,
+            "action": a.action,
+            "reason": a.reason,
+            "against_recommendation": a.against_recommendation,
+            "created_at": a.created_at,
+        }
+        for a in session.scalars(stmt)
+    ]
+
+
+# --- approvals ------------------------------------------------------------------------------------
+
+
+def pending_decisions(session: Session) -> list[dict[str, Any]]:
+    """Decisions waiting for a person, oldest first, with their use case and any partial approvals."""
+    stmt = (
+        select(GateDecision, UseCase.name, UseCase.criticality, PilotStep.index, PilotStep.traffic_pct)
+        .join(UseCase, UseCase.id == GateDecision.use_case_id)
+        .outerjoin(PilotStep, PilotStep.id == GateDecision.pilot_step_id)
+        .where(GateDecision.awaiting != "none", GateDecision.resolution.is_(None))
+        .order_by(GateDecision.id)
+    )
+    rows = [
+        _decision_dict(d) | {"use_case": name, "criticality": crit, "step_index": idx, "traffic_pct": pct}
+        for d, name, crit, idx, pct in session.execute(stmt)
+    ]
+    given = approvals(session, [r["id"] for r in rows])
+    for r in rows:
+        r["approvals"] = [a for a in given if a["decision_id"] == r["id"]]
+    return rows
+
+
+def decision(session: Session, decision_id: int) -> dict[str, Any] | None:
+    d = session.get(GateDecision, decision_id)
+    if d is None:
+        return None
+    out = _decision_dict(d)
+    out["use_case"] = session.scalar(select(UseCase.name).where(UseCase.id == d.use_case_id))
+    out["approvals"] = approvals(session, [d.id])
+    return out
+
+
+# --- audit ----------------------------------------------------------------------------------------
+
+
+def audit_facets(session: Session) -> dict[str, list[str]]:
+    actors = session.scalars(select(AuditEntry.actor).distinct().order_by(AuditEntry.actor))
+    actions = session.scalars(select(AuditEntry.action).distinct().order_by(AuditEntry.action))
+    return {"actors": list(actors), "actions": list(actions), "use_cases": use_case_names(session)}
+
+
+def audit_entries(
+    session: Session,
+    *,
+    actors: list[str] | None = None,
+    actions: list[str] | None = None,
+    use_cases: list[str] | None = None,
+    since: dt.datetime | None = None,
+    until: dt.datetime | None = None,
+    limit: int = 5000,
+) -> list[dict[str, Any]]:
+    """Newest first, filtered in SQL."""
+    stmt = (
+        select(AuditEntry, UseCase.name)
+        .outerjoin(UseCase, UseCase.id == AuditEntry.use_case_id)
+        .order_by(AuditEntry.id.desc())
+        .limit(limit)
+    )
+    if actors:
+        stmt = stmt.where(AuditEntry.actor.in_(actors))
+    if actions:
+        stmt = stmt.where(AuditEntry.action.in_(actions))
+    if use_cases:
+        stmt = stmt.where(UseCase.name.in_(use_cases))
+    if since is not None:
+        stmt = stmt.where(AuditEntry.ts >= since)
+    if until is not None:
+        stmt = stmt.where(AuditEntry.ts < until)
+    return [
+        {
+            "id": e.id,
+            "ts": e.ts,
+            "actor": e.actor,
+            "action": e.action,
+            "use_case": name,
+            "entity": e.entity,
+            "entity_id": e.entity_id,
+            "details": e.details or {},
+        }
+        for e, name in session.execute(stmt)
+    ]

@@ -1,0 +1,90 @@
+"""rollout.queries against a seeded SQLite state DB."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from rollout import queries
+from rollout.db.session import session_scope
+from rollout.settings import Settings
+
+
+def test_portfolio_rows(seeded: dict[str, Any]) -> None:
+    with session_scope() as s:
+        rows = {r["name"]: r for r in queries.portfolio(s)}
+    assert list(rows) == ["contract-summarisation", "document-qa", "support-chat"]
+    c = rows["contract-summarisation"]
+    assert c["decision"] == "GO" and c["waits_for"] == "approval to promote"
+    assert c["decision_id"] == seeded["contract-summarisation:decision"]
+    # quality delta and its interval come from the decision's evidence, not the evaluation
+    assert (c["quality_delta"], c["quality_low"], c["quality_high"]) == (-0.005, -0.011, 0.001)
+    assert (c["speedup"], c["speedup_low"], c["speedup_high"]) == (2.4, 2.1, 2.7)
+    assert (c["savings_month_usd"], c["savings_month_low"], c["savings_month_high"]) == (1840, 1500, 2150)
+    assert c["payback_days"] == 12.0 and c["density"] == 0.25  # the latest evaluation
+    assert (c["step_index"], c["step_kind"], c["traffic_pct"]) == (1, "split", 10.0)
+    assert c["observations"] == 480 and c["step_observations"] == 240
+    d = rows["document-qa"]
+    assert d["decision"] == "EXTEND" and d["waits_for"] == "more samples (240/300)"
+    s_ = rows["support-chat"]
+    assert s_["decision"] is None and s_["waits_for"] == "a pilot"
+    # no decision: quality from the evaluation, no interval claimed
+    assert s_["quality_delta"] == 0.0 and s_["quality_low"] is None
+    assert s_["observations"] == 0
+
+
+def test_portfolio_totals(seeded: dict[str, Any]) -> None:
+    with session_scope() as s:
+        t = queries.portfolio_totals(s)
+    assert t["use_cases"] == 3 and t["evaluated"] == 3
+    assert t["savings_month_usd"] == pytest.approx(1840 + 620 - 35)
+    assert t["savings_month_low"] == pytest.approx(1500 + 410 - 80)
+    assert t["positive_savings_usd"] == pytest.approx(1840 + 620)
+    assert t["decisions"] == {"GO": 1, "EXTEND": 1}
+    assert t["pending_approvals"] == 1 and t["observations"] == 960
+
+
+def test_empty_install(sp_home: Settings) -> None:
+    with session_scope() as s:
+        assert queries.portfolio(s) == []
+        t = queries.portfolio_totals(s)
+        assert queries.pending_decisions(s) == []
+    assert t["use_cases"] == 0 and t["savings_month_usd"] is None and t["decisions"] == {}
+
+
+def test_use_case_detail(seeded: dict[str, Any]) -> None:
+    uc_id = seeded["contract-summarisation"]
+    with session_scope() as s:
+        uc = queries.use_case(s, "contract-summarisation")
+        evals = queries.evaluations(s, uc_id)
+        stats = queries.step_arm_stats(s, uc_id)
+        hist = queries.latency_histogram(s, uc_id, bins=10)
+        decs = queries.decisions(s, uc_id)
+        moves = queries.alias_moves(s, uc_id)
+        assert queries.use_case(s, "nope") is None
+    assert uc is not None and uc["spec"]["model"] == "smollm2-135m" and uc["spec_version"] == 1
+    assert [e["density"] for e in evals] == [0.55, 0.25]
+    by = {(r["step_index"], r["arm"]): r for r in stats}
+    assert by[(1, "control")]["n"] == 120
+    expected_latency = 250 + 5 * sum(i % 13 for i in range(120)) / 120
+    assert by[(1, "treatment")]["latency_mean"] == pytest.approx(expected_latency)
+    assert by[(0, "treatment")]["error_rate"] == 0.0
+    assert sum(h["count"] for h in hist if h["arm"] == "treatment") == 240
+    assert {h["arm"] for h in hist} == {"control", "treatment"}
+    assert all(h["count"] > 0 for h in hist)
+    assert decs[0]["outcome"] == "GO" and decs[0]["step_index"] == 1
+    assert moves[0]["to_version"] == "2"
+
+
+def test_pending_and_audit(seeded: dict[str, Any]) -> None:
+    with session_scope() as s:
+        pending = queries.pending_decisions(s)
+        assert [p["use_case"] for p in pending] == ["contract-summarisation"]
+        assert pending[0]["approvals"] == [] and pending[0]["traffic_pct"] == 10.0
+        facets = queries.audit_facets(s)
+        assert facets["actions"] == ["gate.decide", "usecase.add"]
+        only_gate = queries.audit_entries(s, actions=["gate.decide"])
+        assert {e["use_case"] for e in only_gate} == {"contract-summarisation", "document-qa"}
+        assert queries.audit_entries(s, use_cases=["support-chat"])[0]["action"] == "usecase.add"
+        assert queries.audit_entries(s, actors=["nobody"]) == []
