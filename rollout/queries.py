@@ -24,11 +24,11 @@ from rollout.db.models import (
     UseCase,
 )
 
-# Where a gate decision's evidence keeps the quality estimate and its interval (rollout.gate's
-# Decision.evidence). Read in SQL with the dialect's JSON path operator.
-EVIDENCE_QUALITY_DELTA = ("quality", "delta")
-EVIDENCE_QUALITY_LOW = ("quality", "ci_low")
-EVIDENCE_QUALITY_HIGH = ("quality", "ci_high")
+# Where a gate decision's evidence (rollout.gate.Decision.to_dict()) keeps the quality difference
+# (treatment - control) and its anytime-valid interval. Read in SQL with the dialect's JSON path operator.
+EVIDENCE_QUALITY_DELTA = ("quality", "estimate")
+EVIDENCE_QUALITY_LOW = ("quality", "interval_low")
+EVIDENCE_QUALITY_HIGH = ("quality", "interval_high")
 
 WAITING_LABELS = {"approval": "approval to promote", "rollback_approval": "approval to roll back"}
 
