@@ -268,6 +268,7 @@ def _convert_to_safetensors(gguf_path: Path, hf_dir: Path, name: str, progress: 
             del model.config.quantization_config
         model.config._name_or_path = name
         tmp = Path(tempfile.mkdtemp(dir=hf_dir.parent, prefix=".hf-"))
+        tmp.chmod(0o755)
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / "sparsepilot_complete.json").write_text(json.dumps({"source": gguf_path.name, "name": name}))
