@@ -1,0 +1,50 @@
+"""Entry point for `streamlit run dashboard/app.py` (what `sparsepilot dashboard` runs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamlit as st
+
+from dashboard.data import example_specs, schema_ready
+from dashboard.identity import current_identity, sign_out
+from rollout.settings import configure_environment
+
+VIEWS = Path(__file__).resolve().parent / "views"
+
+
+def main() -> None:
+    st.set_page_config(page_title="SparsePilot", page_icon=":material/speed:", layout="wide")
+    configure_environment()
+    ready, url = schema_ready()
+    if not ready:
+        st.title("SparsePilot")
+        st.error(f"The state database at `{url}` has no SparsePilot schema yet.")
+        cmds = ["sparsepilot init"] + [f"sparsepilot usecase add {p}" for p in example_specs()]
+        st.markdown("Create it and add the sample use cases:")
+        st.code("\n".join(cmds), language="bash")
+        st.stop()
+
+    ident = current_identity()
+    with st.sidebar:
+        if ident is None:
+            st.caption("Not signed in: read-only.")
+        else:
+            st.markdown(f"**{ident.name}** · {ident.role}")
+            if st.button("Sign out", key="sign_out"):
+                sign_out()
+                st.rerun()
+
+    pages = [
+        st.Page(str(VIEWS / "portfolio.py"), title="Portfolio", icon=":material/dashboard:", default=True),
+        st.Page(
+            str(VIEWS / "use_case.py"), title="Use case", icon=":material/insights:", url_path="use-case"
+        ),
+        st.Page(str(VIEWS / "approvals.py"), title="Approvals", icon=":material/gavel:"),
+        st.Page(str(VIEWS / "audit.py"), title="Audit", icon=":material/history:"),
+        st.Page(str(VIEWS / "login.py"), title="Sign out" if ident else "Sign in", icon=":material/login:"),
+    ]
+    st.navigation(pages).run()
+
+
+main()

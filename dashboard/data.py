@@ -1,0 +1,38 @@
+"""Page-side reads: one short transaction per call through rollout.queries; nothing here writes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from rollout.db import migrate
+from rollout.db.session import session_scope
+from rollout.settings import get_settings
+
+T = TypeVar("T")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def read(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run a rollout.queries function in its own read transaction."""
+    with session_scope() as session:
+        return fn(session, *args, **kwargs)
+
+
+def schema_ready() -> tuple[bool, str]:
+    """(True, url) when the state DB has been migrated; the dashboard never creates the schema."""
+    url = get_settings().database_url
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+        return False, url  # connecting would create an empty file
+    try:
+        return migrate.current_revision(url) is not None, url
+    except Exception:  # noqa: BLE001 - any connection problem is shown to the user as "not ready"
+        return False, url
+
+
+def example_specs() -> list[str]:
+    """The sample specs that ship with the project, as paths a user can paste."""
+    folder = REPO_ROOT / "examples" / "usecases"
+    return sorted(f"examples/usecases/{p.name}" for p in folder.glob("*.y*ml")) if folder.is_dir() else []

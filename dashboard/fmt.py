@@ -1,0 +1,38 @@
+"""Plain-text formatting of numbers with their intervals, so every page says them the same way."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+def _ok(x: Any) -> bool:
+    return x is not None and not (isinstance(x, float) and math.isnan(x))
+
+
+def money(x: Any) -> str:
+    return f"${x:,.0f}" if _ok(x) else "-"
+
+
+def money_interval(x: Any, lo: Any, hi: Any) -> str:
+    if not _ok(x):
+        return "-"
+    return f"{money(x)} [{money(lo)}, {money(hi)}]" if _ok(lo) and _ok(hi) else money(x)
+
+
+def num_interval(x: Any, lo: Any, hi: Any, fmt: str = "{:+.4f}") -> str:
+    if not _ok(x):
+        return "-"
+    s = fmt.format(x)
+    return f"{s} [{fmt.format(lo)}, {fmt.format(hi)}]" if _ok(lo) and _ok(hi) else s
+
+
+def days(x: Any) -> str:
+    return f"{x:,.0f} d" if _ok(x) else "-"
+
+
+def step_label(row: dict[str, Any]) -> str:
+    if row.get("step_index") is None:
+        return "-"
+    pct = row.get("traffic_pct") or 0.0
+    return f"{row['step_index']}: {row.get('step_kind') or row.get('kind')} {pct:g}%"

@@ -1,0 +1,143 @@
+"""Portfolio: every use case on one screen with its decision, quality, money and what it waits for."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import altair as alt
+import pandas as pd
+import streamlit as st
+
+from dashboard import fmt
+from dashboard.data import example_specs, read
+from rollout import queries
+
+DECISION_COLORS = {
+    "GO": "#2e7d32",
+    "EXTEND": "#f9a825",
+    "NO-GO": "#c62828",
+    "INVALID": "#6a1b9a",
+    "-": "#9e9e9e",
+}
+CRITICALITY_ORDER = ["low", "medium", "high"]
+
+
+def empty_install() -> None:
+    st.info("No use cases yet. Add the first one from a spec file, then run the pipeline:")
+    specs = example_specs() or ["examples/usecases/<your-use-case>.yaml"]
+    cmds = [f"sparsepilot usecase add {p}" for p in specs] + ["sparsepilot run"]
+    st.code("\n".join(cmds), language="bash")
+    st.caption(
+        "Every spec field is documented in docs/usecase-spec.md; copy a sample spec and point "
+        "`dataset:` at your own JSONL to add your use case."
+    )
+
+
+def totals_row(t: dict[str, Any]) -> None:
+    c1, c2, c3, c4 = st.columns(4)
+    c1.metric("Use cases", t["use_cases"], help=f"{t['evaluated']} evaluated")
+    c2.metric(
+        "$/month saved (sum)",
+        fmt.money(t["savings_month_usd"]),
+        help="Sum over use cases of the latest evaluation's projection; the interval sums the bounds.",
+    )
+    c2.caption(f"interval {fmt.money(t['savings_month_low'])} to {fmt.money(t['savings_month_high'])}")
+    c3.metric("Waiting for approval", t["pending_approvals"])
+    d = t["decisions"]
+    c4.metric("Latest decisions", f"{d.get('GO', 0)} GO · {d.get('EXTEND', 0)} EXTEND")
+    c4.caption(
+        f"{d.get('NO-GO', 0)} NO-GO · {d.get('INVALID', 0)} INVALID · {t['observations']:,} observations"
+    )
+
+
+def to_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    df = pd.DataFrame(rows)
+    df["decision"] = df["decision"].fillna("-")
+    df["step"] = [fmt.step_label(r) for r in rows]
+    df["quality Δ [interval]"] = [
+        fmt.num_interval(r["quality_delta"], r["quality_low"], r["quality_high"]) for r in rows
+    ]
+    df["$/month saved [interval]"] = [
+        fmt.money_interval(r["savings_month_usd"], r["savings_month_low"], r["savings_month_high"])
+        for r in rows
+    ]
+    df["open"] = [f"./use-case?name={n}" for n in df["name"]]
+    # the worst plausible quality loss: the interval's lower end where a gate measured one
+    worst = df["quality_low"].where(df["quality_low"].notna(), df["quality_delta"])
+    df["quality risk"] = (-worst).clip(lower=0)
+    return df
+
+
+def filters(df: pd.DataFrame) -> pd.DataFrame:
+    c1, c2, c3, c4 = st.columns([2, 2, 2, 3])
+    crit = c1.multiselect("Criticality", CRITICALITY_ORDER, key="f_crit")
+    phase = c2.multiselect("Phase", sorted(df["phase"].unique()), key="f_phase")
+    dec = c3.multiselect("Decision", sorted(df["decision"].unique()), key="f_decision")
+    text = c4.text_input("Name or owner contains", key="f_text")
+    if crit:
+        df = df[df["criticality"].isin(crit)]
+    if phase:
+        df = df[df["phase"].isin(phase)]
+    if dec:
+        df = df[df["decision"].isin(dec)]
+    if text:
+        t = text.lower()
+        df = df[df["name"].str.lower().str.contains(t, regex=False) | df["owner"].str.lower().str.contains(t)]
+    return df
+
+
+def table(df: pd.DataFrame) -> None:
+    cols = [
+        "name", "owner", "criticality", "phase", "step", "decision", "waits_for",
+        "quality Δ [interval]", "speedup", "savings_month_usd", "$/month saved [interval]",
+        "payback_days", "observations", "open",
+    ]  # fmt: skip
+    st.dataframe(
+        df[cols],
+        hide_index=True,
+        width="stretch",
+        column_config={
+            "name": st.column_config.TextColumn("Use case", pinned=True),
+            "waits_for": "Waits for",
+            "speedup": st.column_config.NumberColumn("Speed-up", format="%.2fx"),
+            "savings_month_usd": st.column_config.NumberColumn("$/month saved", format="dollar"),
+            "payback_days": st.column_config.NumberColumn("Payback (days)", format="%.0f"),
+            "observations": st.column_config.NumberColumn("Observations", format="%d"),
+            "open": st.column_config.LinkColumn("Details", display_text="open"),
+        },
+    )
+
+
+def savings_vs_risk(df: pd.DataFrame) -> alt.Chart:
+    data = df[df["savings_month_usd"].notna()].copy()
+    base = alt.Chart(data).encode(
+        x=alt.X("quality risk:Q", title="Quality risk (worst plausible quality loss)"),
+        tooltip=["name", "decision", "criticality", "$/month saved [interval]", "quality Δ [interval]"],
+    )
+    bars = base.mark_rule(opacity=0.5).encode(y="savings_month_low:Q", y2="savings_month_high:Q")
+    points = base.mark_point(filled=True).encode(
+        y=alt.Y("savings_month_usd:Q", title="Expected $/month saved"),
+        color=alt.Color(
+            "decision:N",
+            scale=alt.Scale(domain=list(DECISION_COLORS), range=list(DECISION_COLORS.values())),
+        ),
+        size=alt.Size("criticality:N", sort=CRITICALITY_ORDER, scale=alt.Scale(range=[60, 260])),
+    )
+    return (bars + points).properties(height=320)
+
+
+def main() -> None:
+    st.title("Portfolio")
+    rows = read(queries.portfolio)
+    if not rows:
+        empty_install()
+        return
+    totals_row(read(queries.portfolio_totals))
+    df = filters(to_frame(rows))
+    st.caption(f"{len(df)} of {len(rows)} use cases · click a column header to sort")
+    table(df)
+    st.subheader("Expected savings against risk")
+    st.altair_chart(savings_vs_risk(df), width="stretch")
+
+
+main()

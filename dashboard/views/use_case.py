@@ -1,0 +1,231 @@
+"""One use case: quality vs density, latency per arm, pilot timeline, ROI breakdown, pictures, the
+decision's explanation and where its MLflow run lives."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import altair as alt
+import pandas as pd
+import streamlit as st
+
+from dashboard import fmt
+from dashboard.data import read
+from rollout import queries
+from rollout.settings import get_settings
+
+ARM_COLORS = alt.Scale(domain=["control", "treatment"], range=["#607d8b", "#1e88e5"])
+
+
+def pick_use_case() -> str | None:
+    names = read(queries.use_case_names)
+    if not names:
+        st.info("No use cases yet: see the Portfolio page for how to add the first one.")
+        return None
+    wanted = st.query_params.get("name")
+    index = names.index(wanted) if wanted in names else 0
+    name = st.selectbox("Use case", names, index=index, key="uc_name")
+    if name != wanted:
+        st.query_params["name"] = name
+    return name
+
+
+def mlflow_link(run_id: str | None) -> None:
+    if not run_id:
+        st.caption("No MLflow run recorded.")
+        return
+    ui = os.environ.get("SPARSEPILOT_MLFLOW_UI_URL") or get_settings().mlflow_tracking_uri
+    if ui.startswith(("http://", "https://")):
+        st.markdown(f"MLflow run: [{run_id}]({ui.rstrip('/')}/#/runs/{run_id})")
+    else:
+        st.markdown(f"MLflow run `{run_id}` in the local store; browse it with:")
+        st.code(f"mlflow ui --backend-store-uri {ui}", language="bash")
+
+
+def decision_block(decs: list[dict[str, Any]]) -> None:
+    st.subheader("Latest decision")
+    if not decs:
+        st.caption("No gate decision yet.")
+        return
+    d = decs[-1]
+    q = d["evidence"].get("quality", {})
+    c1, c2, c3 = st.columns(3)
+    c1.metric("Outcome", d["outcome"], help=f"decision #{d['id']} ({d['kind']}), look {d['look_index']}")
+    c2.metric("Quality Δ", fmt.num_interval(q.get("estimate"), q.get("interval_low"), q.get("interval_high")))
+    c3.metric("Waits for", queries.WAITING_LABELS.get(d["awaiting"], "-") if d["resolution"] is None else "-")
+    st.info(d["explanation"])
+    with st.expander("Full evidence"):
+        st.json(d["evidence"], expanded=False)
+
+
+def quality_vs_density(evals: list[dict[str, Any]]) -> None:
+    st.subheader("Quality against density")
+    df = pd.DataFrame([e for e in evals if e["density"] is not None and e["quality_delta"] is not None])
+    if df.empty:
+        st.caption("No evaluation with a measured density yet.")
+        return
+    chart = (
+        alt.Chart(df)
+        .mark_line(point=True)
+        .encode(
+            x=alt.X("density:Q", title="Attention density kept", scale=alt.Scale(domain=[0, 1])),
+            y=alt.Y("quality_delta:Q", title="Quality Δ vs dense"),
+            tooltip=["id", "density", "quality_delta", "speedup", "device"],
+        )
+        .properties(height=260)
+    )
+    st.altair_chart(chart, width="stretch")
+
+
+def latency(use_case_id: int) -> None:
+    st.subheader("Latency per arm")
+    hist = pd.DataFrame(read(queries.latency_histogram, use_case_id))
+    if hist.empty:
+        st.caption("No pilot observations yet.")
+        return
+    chart = (
+        alt.Chart(hist)
+        .mark_bar(opacity=0.6)
+        .encode(
+            x=alt.X("latency_ms:Q", title="Latency (ms)", bin=False),
+            y=alt.Y("count:Q", stack=None, title="Requests"),
+            color=alt.Color("arm:N", scale=ARM_COLORS),
+            tooltip=["arm", "latency_ms", "count"],
+        )
+        .properties(height=240)
+    )
+    st.altair_chart(chart, width="stretch")
+
+
+def timeline(use_case_id: int, decs: list[dict[str, Any]]) -> None:
+    st.subheader("Pilot timeline")
+    stats = read(queries.step_arm_stats, use_case_id)
+    moves = read(queries.alias_moves, use_case_id)
+    events: list[dict[str, Any]] = []
+    steps_seen: set[int] = set()
+    for r in stats:
+        if r["step_id"] not in steps_seen:
+            steps_seen.add(r["step_id"])
+            label = f"step {r['step_index']} {r['kind']} {r['traffic_pct']:g}%"
+            events.append({"time": r["started_at"], "lane": "steps", "event": label})
+    for d in decs:
+        events.append({"time": d["created_at"], "lane": "decisions", "event": f"#{d['id']} {d['outcome']}"})
+    for m in moves:
+        text = f"{m['alias']}: {m['from_version'] or '-'} → {m['to_version'] or '-'} ({m['status']})"
+        events.append({"time": m["created_at"], "lane": "alias moves", "event": text})
+    if not events:
+        st.caption("No pilot yet.")
+        return
+    ev = pd.DataFrame(events)
+    ev["time"] = pd.to_datetime(ev["time"], utc=True)
+    chart = (
+        alt.Chart(ev)
+        .mark_circle(size=120)
+        .encode(x=alt.X("time:T", title=None), y=alt.Y("lane:N", title=None), tooltip=["time:T", "event"])
+        .properties(height=150)
+    )
+    st.altair_chart(chart, width="stretch")
+    if stats:
+        st.markdown("**Steps and arms**")
+        st.dataframe(
+            pd.DataFrame(stats)[
+                [
+                    "step_index",
+                    "kind",
+                    "traffic_pct",
+                    "min_samples",
+                    "status",
+                    "arm",
+                    "n",
+                    "quality_mean",
+                    "latency_mean",
+                    "error_rate",
+                ]
+            ],  # fmt: skip
+            hide_index=True,
+            width="stretch",
+        )
+    if moves:
+        st.markdown("**Alias history**")
+        st.dataframe(pd.DataFrame(moves).drop(columns=["id"]), hide_index=True, width="stretch")
+
+
+def roi_breakdown(ev: dict[str, Any] | None) -> None:
+    st.subheader("ROI")
+    if ev is None:
+        st.caption("Not evaluated yet.")
+        return
+    c1, c2, c3 = st.columns(3)
+    c1.metric("Speed-up", fmt.num_interval(ev["speedup"], ev["speedup_low"], ev["speedup_high"], "{:.2f}x"))
+    c2.metric(
+        "$/month saved",
+        fmt.money(ev["savings_month_usd"]),
+        help="interval from the measured speed-up's interval",
+    )
+    c2.caption(f"interval {fmt.money(ev['savings_month_low'])} to {fmt.money(ev['savings_month_high'])}")
+    c3.metric("Payback", fmt.days(ev["payback_days"]))
+    roi = dict(ev["roi"])
+    inputs = roi.pop("inputs", None)
+    left, right = st.columns(2)
+    if inputs:
+        left.markdown("**Inputs**")
+        left.dataframe(pd.DataFrame({"input": list(inputs), "value": [str(v) for v in inputs.values()]}),
+                       hide_index=True, width="stretch")  # fmt: skip
+    if roi:
+        right.markdown("**Breakdown**")
+        right.dataframe(pd.DataFrame({"item": list(roi), "value": [str(v) for v in roi.values()]}),
+                        hide_index=True, width="stretch")  # fmt: skip
+    st.caption(f"Evaluation #{ev['id']} on {ev['device'] or 'unknown device'}")
+
+
+def pictures(ev: dict[str, Any] | None) -> None:
+    st.subheader("Density heatmap and block masks")
+    arts = (ev or {}).get("artifacts") or {}
+    shown = 0
+    cols = st.columns(3)
+    for name, ref in sorted(arts.items()):
+        path = Path(str(ref))
+        if path.suffix.lower() == ".png" and path.is_file():
+            cols[shown % 3].image(str(path), caption=name, width="stretch")
+            shown += 1
+        elif str(ref).lower().endswith(".png"):
+            st.caption(f"{name}: {ref} (not readable from this server)")
+    if not shown:
+        st.caption("No pictures recorded for the latest evaluation.")
+
+
+def main() -> None:
+    st.title("Use case")
+    name = pick_use_case()
+    if name is None:
+        return
+    uc = read(queries.use_case, name)
+    if uc is None:
+        st.error(f"Use case {name!r} does not exist.")
+        return
+    st.markdown(
+        f"**{uc['name']}** · owner {uc['owner']} · criticality **{uc['criticality']}** · phase "
+        f"**{uc['phase']}** · spec v{uc['spec_version']}"
+    )
+    evals = read(queries.evaluations, uc["id"])
+    done = [e for e in evals if e["status"] == "succeeded"]
+    latest = done[-1] if done else None
+    decs = read(queries.decisions, uc["id"])
+    decision_block(decs)
+    left, right = st.columns(2)
+    with left:
+        quality_vs_density(done)
+    with right:
+        latency(uc["id"])
+    timeline(uc["id"], decs)
+    roi_breakdown(latest)
+    pictures(latest)
+    st.subheader("MLflow")
+    mlflow_link(latest["mlflow_run_id"] if latest else None)
+    with st.expander("Spec"):
+        st.json(uc["spec"], expanded=False)
+
+
+main()
