@@ -1,0 +1,520 @@
+"""Data contracts, checked with Great Expectations 1.x: a use case's dataset before it is stored or
+used, and every batch of pilot observations before the gate sees it (a failed batch makes a decision
+INVALID, never GO). Failures come back as readable messages that name rows and fields.
+
+Problems a DataFrame cannot hold (invalid UTF-8, a line that is not JSON, a wrong type) are caught
+while reading, with the file's line number; everything else is a GX expectation. GX is imported
+lazily (it costs seconds), once per process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from rollout.spec import UseCaseSpec
+
+# When the model's own tokenizer is not at hand, a prompt's token count is bounded by
+# ceil(chars / 3.0). SmolLM2's tokenizer gives 4.0-4.3 characters per token on English prose and
+# Python docs (3.3 at worst on a single short prompt), so 3.0 over-counts: a prompt that passes
+# this bound fits.
+CONSERVATIVE_CHARS_PER_TOKEN = 3.0
+MAX_ROWS_LISTED = 8
+DATASET_FIELDS = ("id", "prompt", "reference", "tags")
+ARMS = ("control", "treatment")
+MAX_LATENCY_MS = 86_400_000.0  # one day: anything above is a unit error, not a latency
+
+
+class DataValidationError(ValueError):
+    """Raised by `ValidationResult.raise_for_failures`; the message lists every failure."""
+
+    def __init__(self, result: ValidationResult) -> None:
+        self.result = result
+        super().__init__("\n".join(result.messages()))
+
+
+@dataclass(frozen=True)
+class Failure:
+    field: str
+    message: str
+    rows: tuple[int, ...] = ()  # 1-based: line numbers in the file, or row numbers in the batch
+    ids: tuple[str, ...] = ()
+    expectation: str = ""  # the GX expectation type, or "read" for problems found while reading
+
+    def describe(self, source: str = "") -> str:
+        where = ""
+        if self.rows:
+            shown = list(zip(self.rows, self.ids or ("",) * len(self.rows), strict=False))
+            parts = [f"{r} (id {i!r})" if i else str(r) for r, i in shown[:MAX_ROWS_LISTED]]
+            more = f" and {len(self.rows) - MAX_ROWS_LISTED} more" if len(self.rows) > MAX_ROWS_LISTED else ""
+            where = f"row{'s' if len(self.rows) > 1 else ''} {', '.join(parts)}{more}: "
+        prefix = f"{source}: " if source else ""
+        return f"{prefix}{where}{self.field}: {self.message}"
+
+
+@dataclass
+class ValidationResult:
+    suite: str
+    source: str
+    failures: list[Failure] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def messages(self) -> list[str]:
+        return [f.describe(self.source) for f in self.failures]
+
+    def summary(self) -> str:
+        if self.ok:
+            return f"{self.source}: {self.suite} passed ({self.stats.get('rows', 0)} rows)"
+        return "\n".join([f"{self.source}: {self.suite} failed:", *("  " + m for m in self.messages())])
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: stored as decision evidence and shown on the dashboard."""
+        return {
+            "suite": self.suite,
+            "source": self.source,
+            "ok": self.ok,
+            "failures": [asdict(f) | {"text": f.describe()} for f in self.failures],
+            "warnings": list(self.warnings),
+            "stats": dict(self.stats),
+        }
+
+    def raise_for_failures(self) -> ValidationResult:
+        if self.failures:
+            raise DataValidationError(self)
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------
+# Great Expectations plumbing
+
+
+@lru_cache(maxsize=1)
+def _gx_context() -> Any:
+    import os
+
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import (
+        DataContextConfig,
+        InMemoryStoreBackendDefaults,
+        ProgressBarsConfig,
+    )
+
+    config = DataContextConfig(
+        store_backend_defaults=InMemoryStoreBackendDefaults(),
+        progress_bars=ProgressBarsConfig(globally=False, metric_calculations=False),
+        analytics_enabled=False,
+    )
+    return gx.get_context(mode="ephemeral", project_config=config)
+
+
+_counter = iter(range(1, 1 << 62))
+
+
+def _run_suite(suite_name: str, df: pd.DataFrame, expectations: Iterable[Any]) -> list[Any]:
+    """Validate ``df`` against the expectations and return GX's per-expectation results."""
+    import great_expectations as gx
+
+    ctx = _gx_context()
+    n = next(_counter)
+    source = ctx.data_sources.add_pandas(f"sp-{suite_name}-{n}")
+    try:
+        asset = source.add_dataframe_asset(name="rows")
+        batch = asset.add_batch_definition_whole_dataframe("all").get_batch(
+            batch_parameters={"dataframe": df}
+        )
+        suite = gx.ExpectationSuite(name=f"{suite_name}-{n}")
+        for e in expectations:
+            suite.add_expectation(e)
+        result = batch.validate(suite, result_format={"result_format": "COMPLETE"})
+        return list(result.results)
+    finally:
+        ctx.data_sources.delete(source.name)
+
+
+def _failed(results: list[Any]) -> Iterable[tuple[Any, dict[str, Any], list[int]]]:
+    for r in results:
+        if r.success:
+            continue
+        info = r.exception_info or {}
+        if isinstance(info, dict) and info.get("raised_exception"):
+            raise RuntimeError(
+                f"GX expectation {r.expectation_config.type} crashed: {info.get('exception_message')}"
+            )
+        res = r.result or {}
+        yield r.expectation_config, res, list(res.get("unexpected_index_list") or [])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Use-case datasets
+
+
+@dataclass
+class _Rows:
+    line: list[int] = field(default_factory=list)
+    id: list[str] = field(default_factory=list)
+    prompt: list[str] = field(default_factory=list)
+    reference: list[str | None] = field(default_factory=list)
+    tags: list[list[str]] = field(default_factory=list)
+
+
+def read_dataset(path: Path | str) -> tuple[_Rows, list[Failure], list[str]]:
+    """Read a JSONL dataset, catching what a DataFrame cannot hold: invalid UTF-8, bad JSON, wrong
+    types. Returns the readable rows, the read failures (with line numbers) and warnings."""
+    rows, failures, warnings = _Rows(), [], []
+    data = Path(path).read_bytes()
+    unknown: dict[str, list[int]] = {}
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            failures.append(
+                Failure("line", f"invalid UTF-8 at byte {exc.start} of the line", (lineno,), (), "read")
+            )
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            failures.append(
+                Failure("line", f"not valid JSON ({exc.msg}, column {exc.colno})", (lineno,), (), "read")
+            )
+            continue
+        if not isinstance(obj, dict):
+            failures.append(
+                Failure("line", f"must be a JSON object, got {type(obj).__name__}", (lineno,), (), "read")
+            )
+            continue
+        rid = obj.get("id")
+        rid_s = str(rid) if isinstance(rid, str | int) and not isinstance(rid, bool) else ""
+        ids = (rid_s,) if rid_s else ()
+        bad = False
+        if not rid_s:
+            failures.append(Failure("id", "missing, or not a string/integer", (lineno,), (), "read"))
+            bad = True
+        prompt = obj.get("prompt")
+        if not isinstance(prompt, str):
+            failures.append(Failure("prompt", "missing, or not a string", (lineno,), ids, "read"))
+            bad = True
+        reference = obj.get("reference")
+        if reference is not None and not isinstance(reference, str):
+            failures.append(Failure("reference", "must be a string when present", (lineno,), ids, "read"))
+            bad = True
+        tags = obj.get("tags", [])
+        if tags is None:
+            tags = []
+        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+            failures.append(Failure("tags", "must be a list of strings when present", (lineno,), ids, "read"))
+            bad = True
+        for key in ("id", "prompt", "reference"):
+            value = obj.get(key)
+            if isinstance(value, str) and not _is_valid_unicode(value):
+                failures.append(
+                    Failure(key, "contains a lone surrogate escape (not valid UTF-8)", (lineno,), ids, "read")
+                )
+                bad = True
+        for key in obj:
+            if key not in DATASET_FIELDS:
+                unknown.setdefault(key, []).append(lineno)
+        if bad:
+            continue
+        rows.line.append(lineno)
+        rows.id.append(rid_s)
+        rows.prompt.append(prompt)
+        rows.reference.append(reference)
+        rows.tags.append(list(tags))
+    for key, lines in unknown.items():
+        warnings.append(f"field {key!r} is not used by SparsePilot (rows {_fmt_rows(lines)})")
+    return rows, failures, warnings
+
+
+def _is_valid_unicode(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _fmt_rows(rows: Sequence[int]) -> str:
+    shown = ", ".join(str(r) for r in rows[:MAX_ROWS_LISTED])
+    return shown + (f" and {len(rows) - MAX_ROWS_LISTED} more" if len(rows) > MAX_ROWS_LISTED else "")
+
+
+TokenCounter = Callable[[str], int]
+
+
+def conservative_token_count(text: str) -> int:
+    return math.ceil(len(text) / CONSERVATIVE_CHARS_PER_TOKEN)
+
+
+def token_counter_for(model_path: Path | str | None) -> tuple[TokenCounter, str]:
+    """The model's own tokenizer when a ``tokenizer.json`` sits next to its weights (loads in
+    milliseconds), else the conservative characters-per-token bound. Returns (counter, description)."""
+    if model_path is not None:
+        tok_file = Path(model_path) / "tokenizer.json"
+        if tok_file.is_file():
+            try:
+                from tokenizers import Tokenizer
+
+                tok = Tokenizer.from_file(str(tok_file))
+            except Exception:  # noqa: BLE001 - an unreadable tokenizer falls back to the bound
+                pass
+            else:
+                return (lambda text: len(tok.encode(text).ids)), f"tokenizer ({tok_file})"
+    return conservative_token_count, f"bound: ceil(chars / {CONSERVATIVE_CHARS_PER_TOKEN:g})"
+
+
+def validate_dataset(
+    path: Path | str,
+    spec: UseCaseSpec | None = None,
+    *,
+    context_length: int | None = None,
+    count_tokens: TokenCounter | None = None,
+    token_source: str | None = None,
+    references_required: bool | None = None,
+    output_reserve: int | None = None,
+) -> ValidationResult:
+    """Check a use case's JSONL dataset: readable rows (UTF-8, JSON, types), unique ids, non-empty
+    prompts, references present when the task needs them, and prompt + output within the model's
+    context (the prompt may use ``context_length - output_reserve`` tokens; the reserve defaults to
+    the spec's largest output length)."""
+    import pandas as pd
+
+    path = Path(path)
+    source = str(path)
+    result = ValidationResult(suite="usecase-dataset", source=source)
+    if not path.is_file():
+        result.failures.append(Failure("dataset", "file not found", expectation="read"))
+        return result
+    if references_required is None:
+        references_required = spec.dataset.references_required if spec is not None else False
+    if output_reserve is None:
+        output_reserve = spec.traffic.output_tokens.max() if spec is not None else 0
+    if count_tokens is None:
+        count_tokens, token_source = (
+            conservative_token_count,
+            (f"bound: ceil(chars / {CONSERVATIVE_CHARS_PER_TOKEN:g})"),
+        )
+
+    rows, read_failures, warnings = read_dataset(path)
+    result.failures.extend(read_failures)
+    result.warnings.extend(warnings)
+    if not rows.line and not read_failures:
+        result.failures.append(Failure("dataset", "has no rows", expectation="read"))
+        return result
+
+    tokens = [count_tokens(p) for p in rows.prompt]
+    df = pd.DataFrame(
+        {
+            "line": rows.line,
+            "id": rows.id,
+            "prompt_stripped": [p.strip() for p in rows.prompt],
+            "reference_stripped": [r.strip() if isinstance(r, str) else None for r in rows.reference],
+            "prompt_tokens": tokens,
+        }
+    )
+    limit = None if context_length is None else int(context_length) - int(output_reserve)
+    import great_expectations.expectations as gxe
+
+    expectations = [
+        gxe.ExpectColumnValuesToBeUnique(column="id"),
+        gxe.ExpectColumnValueLengthsToBeBetween(column="prompt_stripped", min_value=1),
+    ]
+    if limit is not None:
+        expectations.append(gxe.ExpectColumnValuesToBeBetween(column="prompt_tokens", max_value=limit))
+    else:
+        result.warnings.append("the model's context length is unknown: prompt lengths were not checked")
+    if references_required:
+        expectations.append(gxe.ExpectColumnValuesToNotBeNull(column="reference_stripped"))
+        expectations.append(gxe.ExpectColumnValueLengthsToBeBetween(column="reference_stripped", min_value=1))
+
+    if len(df):
+        for cfg, _res, idx in _failed(_run_suite("usecase-dataset", df, expectations)):
+            column = cfg.kwargs.get("column")
+            lines = tuple(int(df.at[i, "line"]) for i in idx)
+            ids = tuple(str(df.at[i, "id"]) for i in idx)
+            if cfg.type == "expect_column_values_to_be_unique":
+                for rid in dict.fromkeys(ids):
+                    dup_lines = tuple(ln for ln, i in zip(lines, ids, strict=True) if i == rid)
+                    result.failures.append(
+                        Failure(
+                            "id",
+                            f"duplicate id {rid!r} (rows {_fmt_rows(dup_lines)})",
+                            dup_lines,
+                            (),
+                            cfg.type,
+                        )
+                    )
+            elif column == "prompt_stripped":
+                result.failures.append(Failure("prompt", "is empty", lines, ids, cfg.type))
+            elif column == "prompt_tokens":
+                worst = max(int(df.at[i, "prompt_tokens"]) for i in idx)
+                result.failures.append(
+                    Failure(
+                        "prompt",
+                        f"longer than the model's context: up to {worst} tokens, the limit is {limit} "
+                        f"(context {context_length} - {output_reserve} output tokens; "
+                        f"counted by {token_source})",
+                        lines,
+                        ids,
+                        cfg.type,
+                    )
+                )
+            elif column == "reference_stripped":
+                task = spec.dataset.task if spec is not None else "this task"
+                what = "missing" if cfg.type == "expect_column_values_to_not_be_null" else "empty"
+                msg = f"{what}, but the task ({task}) needs references"
+                result.failures.append(Failure("reference", msg, lines, ids, cfg.type))
+            else:  # pragma: no cover - every expectation above is mapped
+                result.failures.append(Failure(str(column), f"failed {cfg.type}", lines, ids, cfg.type))
+
+    result.stats = {
+        "rows": len(df),
+        "prompt_tokens_min": int(min(tokens)) if tokens else 0,
+        "prompt_tokens_max": int(max(tokens)) if tokens else 0,
+        "prompt_tokens_mean": float(sum(tokens) / len(tokens)) if tokens else 0.0,
+        "token_count": token_source,
+        "context_length": context_length,
+        "prompt_token_limit": limit,
+        "with_reference": int(sum(r is not None for r in rows.reference)),
+    }
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pilot observation batches
+
+OBSERVATION_COLUMNS = ("request_id", "arm", "quality", "latency_ms")
+
+
+def validate_observations(
+    df: pd.DataFrame,
+    known_request_ids: Iterable[str],
+    *,
+    quality_range: tuple[float, float] = (0.0, 1.0),
+    arms: Sequence[str] = ARMS,
+    require_both_arms: bool = True,
+    source: str = "observation batch",
+) -> ValidationResult:
+    """Check one batch of pilot observations before it is stored or shown to the gate: no NaN/inf,
+    latency > 0, quality within ``quality_range``, arm values valid, both arms present (when the
+    step runs both), request ids known to the use case's dataset, one row per (request, arm)."""
+    import numpy as np
+    import pandas as pd
+
+    result = ValidationResult(suite="observation-batch", source=source)
+    missing = [c for c in OBSERVATION_COLUMNS if c not in df.columns]
+    if missing:
+        for c in missing:
+            result.failures.append(Failure(c, "column is missing", expectation="read"))
+        return result
+    if len(df) == 0:
+        result.failures.append(Failure("batch", "has no rows", expectation="read"))
+        return result
+
+    work = pd.DataFrame(
+        {
+            "request_id": df["request_id"].astype(str).to_numpy(),
+            "arm": df["arm"].astype(str).to_numpy(),
+            "quality": pd.to_numeric(df["quality"], errors="coerce").astype(float).to_numpy(),
+            "latency_ms": pd.to_numeric(df["latency_ms"], errors="coerce").astype(float).to_numpy(),
+        }
+    )
+    numeric = ["quality", "latency_ms"]
+    if "tokens" in df.columns:
+        work["tokens"] = pd.to_numeric(df["tokens"], errors="coerce").astype(float).to_numpy()
+        numeric.append("tokens")
+    if "error" in df.columns:
+        work["error"] = df["error"].map(lambda v: v if isinstance(v, bool | np.bool_) else str(v)).to_numpy()
+
+    lo, hi = quality_range
+    known = sorted({str(r) for r in known_request_ids})
+    import great_expectations.expectations as gxe
+
+    expectations = [gxe.ExpectColumnValuesToNotBeNull(column=c) for c in numeric]
+    expectations += [
+        gxe.ExpectColumnValuesToBeBetween(column="quality", min_value=lo, max_value=hi),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="latency_ms", min_value=0, max_value=MAX_LATENCY_MS, strict_min=True
+        ),
+        gxe.ExpectColumnValuesToBeInSet(column="arm", value_set=list(arms)),
+        gxe.ExpectColumnValuesToBeInSet(column="request_id", value_set=known),
+        gxe.ExpectCompoundColumnsToBeUnique(column_list=["request_id", "arm"]),
+    ]
+    if "tokens" in work.columns:
+        expectations.append(gxe.ExpectColumnValuesToBeBetween(column="tokens", min_value=0, max_value=10**9))
+    if "error" in work.columns:
+        expectations.append(gxe.ExpectColumnValuesToBeInSet(column="error", value_set=[True, False]))
+    if require_both_arms:
+        expectations.append(gxe.ExpectColumnDistinctValuesToContainSet(column="arm", value_set=list(arms)))
+
+    for cfg, res, idx in _failed(_run_suite("observation-batch", work, expectations)):
+        column = cfg.kwargs.get("column")
+        rows = tuple(int(i) + 1 for i in idx)  # 1-based, like the dataset's line numbers
+        ids = tuple(f"{work.at[i, 'request_id']}/{work.at[i, 'arm']}" for i in idx)
+        if cfg.type == "expect_column_values_to_not_be_null":
+            raw = df[column].iloc[list(idx)].tolist()
+            what = "NaN or missing" if all(_is_nan_like(v) for v in raw) else "NaN, missing or not a number"
+            result.failures.append(Failure(column, f"is {what}", rows, ids, cfg.type))
+        elif cfg.type == "expect_column_values_to_be_between":
+            values = [work.at[i, column] for i in idx]
+            infinite = [v for v in values if isinstance(v, float) and math.isinf(v)]
+            if column == "quality":
+                msg = f"outside the declared range [{lo:g}, {hi:g}]"
+            elif column == "latency_ms":
+                msg = f"must be > 0 and below {MAX_LATENCY_MS:g} ms"
+            else:
+                msg = "must be a non-negative count"
+            if infinite:
+                msg += " (infinite values present)"
+            shown = ", ".join(f"{v:g}" for v in values[:MAX_ROWS_LISTED])
+            result.failures.append(Failure(column, f"{msg}; got {shown}", rows, ids, cfg.type))
+        elif cfg.type == "expect_column_values_to_be_in_set" and column == "arm":
+            bad = sorted({str(work.at[i, "arm"]) for i in idx})
+            result.failures.append(
+                Failure("arm", f"unknown arm {bad}; valid: {list(arms)}", rows, ids, cfg.type)
+            )
+        elif cfg.type == "expect_column_values_to_be_in_set" and column == "request_id":
+            result.failures.append(
+                Failure("request_id", "not a request of this use case's dataset", rows, ids, cfg.type)
+            )
+        elif cfg.type == "expect_column_values_to_be_in_set" and column == "error":
+            result.failures.append(Failure("error", "must be true or false", rows, ids, cfg.type))
+        elif cfg.type == "expect_compound_columns_to_be_unique":
+            result.failures.append(
+                Failure("request_id", "the same (request, arm) appears more than once", rows, ids, cfg.type)
+            )
+        elif cfg.type == "expect_column_distinct_values_to_contain_set":
+            absent = res.get("partial_missing_list") or sorted(set(arms) - set(work["arm"]))
+            result.failures.append(
+                Failure("arm", f"both arms must be present; missing {list(absent)}", (), (), cfg.type)
+            )
+        else:  # pragma: no cover
+            result.failures.append(Failure(str(column), f"failed {cfg.type}", rows, ids, cfg.type))
+
+    finite_q = work["quality"][np.isfinite(work["quality"])]
+    result.stats = {
+        "rows": len(work),
+        "arms": {a: int((work["arm"] == a).sum()) for a in arms},
+        "quality_mean": float(finite_q.mean()) if len(finite_q) else None,
+    }
+    return result
+
+
+def _is_nan_like(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
