@@ -1,0 +1,140 @@
+"""See what each attention layer sees: post-rotary q/k, v and the output, per layer, per forward.
+
+A capture registers an attention function through transformers' `AttentionInterface` (and the same
+mask function as the implementation it wraps) and switches the model to it for the duration of a
+`with` block. The function calls whatever implementation was active before (dense SDPA, or a sparse
+plan's function after `sparsify`) and hands a `LayerCall` to a callback, so the same capture measures
+dense targets and sparse outputs. No forward is patched; leaving the block restores the previous
+implementation and unregisters the function.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+_counter = itertools.count()
+
+
+@dataclass
+class LayerCall:
+    layer_idx: int
+    query: torch.Tensor  # [B, Hq, S, D], rotary applied
+    key: torch.Tensor  # [B, Hkv, S, D], rotary applied
+    value: torch.Tensor  # [B, Hkv, S, D]
+    output: torch.Tensor  # [B, S, Hq, D] as the wrapped implementation returned it
+    attention_mask: torch.Tensor | None
+    scaling: float
+    module: torch.nn.Module
+
+
+def _impl_name(model) -> str:
+    return getattr(model.config, "_attn_implementation", None) or "eager"
+
+
+def _set_impl(model, name: str) -> None:
+    try:
+        model.set_attn_implementation(name)
+    except Exception:  # older/odd models: the config field is what the layers read
+        model.config._attn_implementation = name
+
+
+@contextmanager
+def capture_attention(
+    model,
+    on_layer: Callable[[LayerCall], None],
+    *,
+    layers: set[int] | None = None,
+    prefill_only: bool = True,
+) -> Iterator[None]:
+    """Call `on_layer` for every attention call (prefill only by default: q and k of equal length)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    prev = _impl_name(model)
+    if prev == "eager":
+        from transformers.models.llama.modeling_llama import eager_attention_forward
+
+        prev_fn = eager_attention_forward
+    else:
+        prev_fn = ALL_ATTENTION_FUNCTIONS[prev]
+    prev_mask = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(prev) or ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]
+    name = f"sparsepilot_capture_{next(_counter)}"
+
+    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        out, weights = prev_fn(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+        idx = int(getattr(module, "layer_idx", -1))
+        if (layers is None or idx in layers) and (not prefill_only or query.shape[2] == key.shape[2]):
+            s = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
+            on_layer(LayerCall(idx, query, key, value, out, attention_mask, float(s), module))
+        return out, weights
+
+    if prev_fn is sdpa_attention_forward or prev == "sdpa":
+        prev_mask = ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]
+    ALL_ATTENTION_FUNCTIONS.register(name, attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, prev_mask)
+    _set_impl(model, name)
+    try:
+        yield
+    finally:
+        _set_impl(model, prev)
+        ALL_ATTENTION_FUNCTIONS._global_mapping.pop(name, None)
+        ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.pop(name, None)
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    if n_rep == 1:
+        return x
+    b, h, s, d = x.shape
+    return x[:, :, None].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
+
+
+@torch.no_grad()
+def block_attention_mass(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    block_size: int,
+    scaling: float | None = None,
+    *,
+    chunk_blocks: int = 8,
+) -> torch.Tensor:
+    """Dense causal attention mass per (query block, key block): [B, Hq, nb, nb], rows sum to 1.
+
+    Entry (i, j) is the mean over the queries of block i of the attention probability that falls on
+    the keys of block j -- exactly the quantity a tau-mass selection tries to cover. Computed in query
+    chunks so memory stays at O(chunk * S) per head.
+    """
+    b, hq, s, d = query.shape
+    k = repeat_kv(key, hq // key.shape[1]).float()
+    q = query.float()
+    scale = scaling if scaling is not None else 1.0 / math.sqrt(d)
+    nb = math.ceil(s / block_size)
+    out = torch.zeros(b, hq, nb, nb, dtype=torch.float32, device=query.device)
+    pos = torch.arange(s, device=query.device)
+    for qb0 in range(0, nb, chunk_blocks):
+        qb1 = min(nb, qb0 + chunk_blocks)
+        r0, r1 = qb0 * block_size, min(s, qb1 * block_size)
+        scores = torch.matmul(q[:, :, r0:r1], k[:, :, :r1].transpose(-1, -2)) * scale
+        causal = pos[r0:r1, None] >= pos[None, :r1]
+        scores.masked_fill_(~causal, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)  # [B, H, rows, r1]
+        kpad = qb1 * block_size - r1
+        if kpad:
+            probs = torch.nn.functional.pad(probs, (0, kpad))
+        kb = probs.view(b, hq, r1 - r0, qb1, block_size).sum(-1)  # [B, H, rows, qb1]
+        rpad = (qb1 - qb0) * block_size - (r1 - r0)
+        counts = torch.full((qb1 - qb0,), float(block_size), device=query.device)
+        if rpad:
+            kb = torch.nn.functional.pad(kb, (0, 0, 0, rpad))
+            counts[-1] = block_size - rpad
+        per_block = kb.view(b, hq, qb1 - qb0, block_size, qb1).sum(3) / counts[None, None, :, None]
+        out[:, :, qb0:qb1, :qb1] = per_block
+    return out

@@ -1,0 +1,102 @@
+"""Natural English text that is always on the machine: the Python standard library's documentation
+topics (`pydoc_data.topics`). No hub download, identical on every machine with the same Python.
+
+Documents are split into a calibration part and a held-out part *by topic*, so fidelity measured on
+held-out text is never measured on text the calibration saw.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Document:
+    name: str
+    text: str
+
+
+def natural_documents() -> list[Document]:
+    """All stdlib documentation topics, sorted by name (deterministic)."""
+    from pydoc_data.topics import topics
+
+    docs = [Document(name=k, text=_clean(v)) for k, v in sorted(topics.items())]
+    return [d for d in docs if len(d.text) > 200]
+
+
+def _clean(text: str) -> str:
+    # Drop reST underline rows ("*****", "=====") that carry no language.
+    lines = [ln for ln in text.splitlines() if not (ln.strip() and set(ln.strip()) <= set("*=-~^"))]
+    return "\n".join(lines).strip()
+
+
+def split_documents(
+    docs: Sequence[Document], *, heldout_fraction: float = 0.25, seed: int = 0
+) -> tuple[list[Document], list[Document]]:
+    """Deterministic calibration/held-out split by a hash of (seed, name)."""
+    if not 0.0 < heldout_fraction < 1.0:
+        raise ValueError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")
+    calib, held = [], []
+    for d in docs:
+        h = int.from_bytes(hashlib.sha256(f"{seed}:{d.name}".encode()).digest()[:8], "big") / 2**64
+        (held if h < heldout_fraction else calib).append(d)
+    if not calib or not held:  # tiny inputs: fall back to an alternating split
+        calib = [d for i, d in enumerate(docs) if i % 4 != 3]
+        held = [d for i, d in enumerate(docs) if i % 4 == 3] or list(docs[-1:])
+    return calib, held
+
+
+def corpus_texts(part: str = "heldout", *, seed: int = 0) -> list[str]:
+    """Texts of the stdlib corpus: part is 'calibration', 'heldout' or 'all'."""
+    docs = natural_documents()
+    if part == "all":
+        return [d.text for d in docs]
+    calib, held = split_documents(docs, seed=seed)
+    if part == "calibration":
+        return [d.text for d in calib]
+    if part == "heldout":
+        return [d.text for d in held]
+    raise ValueError(f"unknown corpus part {part!r} (calibration, heldout, all)")
+
+
+def pack_token_windows(
+    tokenizer, texts: Sequence[str], length: int, n: int, *, seed: int = 0, min_length: int = 16
+) -> list[list[int]]:
+    """Cut `n` windows of `length` tokens from the texts joined end to end (order shuffled by seed).
+
+    Texts shorter than a window are packed together (separated by the EOS token), which is how a
+    use case's short prompts become long enough sequences to calibrate long-context attention on.
+    Returns fewer windows (possibly shorter than `length`, never shorter than `min_length`) when the
+    texts run out.
+    """
+    if length < 1 or n < 1:
+        raise ValueError("length and n must be positive")
+    order = list(range(len(texts)))
+    random.Random(seed).shuffle(order)
+    sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    stream: list[int] = []
+    windows: list[list[int]] = []
+    for i in order:
+        stream.extend(tokenizer(texts[i], add_special_tokens=False)["input_ids"])
+        stream.extend(sep)
+        while len(stream) >= length and len(windows) < n:
+            windows.append(stream[:length])
+            stream = stream[length:]
+        if len(windows) >= n:
+            break
+    if len(windows) < n and len(stream) >= min_length:
+        windows.append(stream[:length])
+    return windows
+
+
+def text_fingerprint(texts: Sequence[str]) -> str:
+    """Order-sensitive SHA-256 of the texts (recorded in a plan's metadata)."""
+    h = hashlib.sha256()
+    for t in texts:
+        b = t.encode("utf-8")
+        h.update(len(b).to_bytes(8, "big"))
+        h.update(b)
+    return h.hexdigest()

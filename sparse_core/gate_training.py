@@ -1,0 +1,262 @@
+"""Self-distillation of the learned gate from the dense model's own block-pooled attention maps.
+
+Two phases, both resumable from `checkpoint_dir`:
+
+1. capture: one dense forward per calibration sequence; for every layer the attention function's
+   post-rotary q/k are pooled into gate features and the dense block mass (the target) is computed,
+   then q/k are dropped. Only pooled tensors are kept (~0.5 MB per layer per 4k sequence), one
+   safetensors file per sequence, so an interrupted capture restarts at the first missing sequence.
+2. train: Adam on the gate parameters only (the base model is frozen and never in the graph),
+   loss = KL(target || gate) averaged over heads and query blocks >= 1 (block 0 has one choice).
+   A checkpoint (gate + optimiser + step + losses) is written every `checkpoint_every` steps.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from sparse_core.capture import block_attention_mass, capture_attention
+from sparse_core.estimators.gate import BlockGate, GateShape, pool_features
+
+
+@dataclass
+class GateTrainConfig:
+    block_size: int = 64
+    gate_dim: int | None = None  # default: head_dim (identity init == pooled)
+    steps: int = 300
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 50
+    max_seconds: float | None = None  # wall-clock cap for the training phase (capture always completes)
+
+
+@dataclass
+class GateTrainReport:
+    n_sequences: int
+    seq_lens: list[int]
+    steps: int
+    initial_loss: float  # mean distillation KL over all sequences/layers before training
+    final_loss: float  # same, after training
+    initial_heldout_loss: float | None
+    final_heldout_loss: float | None
+    loss_curve: list[float] = field(default_factory=list)
+    capture_seconds: float = 0.0
+    train_seconds: float = 0.0
+    resumed_from_step: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+Features = list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # per layer (qbar, kpool, target)
+
+
+@torch.no_grad()
+def capture_features(model, input_ids: Sequence[int], block_size: int) -> Features:
+    """One dense forward; per layer (qbar [Hq,nb,D], kpool [Hkv,nb,3D], target block mass [Hq,nb,nb])."""
+    n_layers = int(model.config.num_hidden_layers)
+    feats: list = [None] * n_layers
+
+    def on_layer(call):
+        qbar, kpool = pool_features(call.query[:1], call.key[:1], block_size)
+        target = block_attention_mass(call.query[:1], call.key[:1], block_size, call.scaling)
+        feats[call.layer_idx] = (qbar[0].cpu(), kpool[0].cpu(), target[0].cpu())
+
+    dev = next(model.parameters()).device
+    with capture_attention(model, on_layer):
+        model(input_ids=torch.tensor([list(input_ids)], device=dev), logits_to_keep=1)
+    if any(f is None for f in feats):
+        raise RuntimeError("capture missed some layers (is the model using a custom attention path?)")
+    return feats
+
+
+def distill_loss(gate: BlockGate, layer: int, qbar, kpool, target, seq_len: int) -> torch.Tensor:
+    """KL(target || gate) per query block, mean over heads and query blocks >= 1."""
+    logp = gate.layers[layer].log_probs(qbar[None], kpool[None], seq_len, gate.block_size)[0]
+    nb = target.shape[-1]
+    if nb < 2:
+        return logp.new_zeros(())
+    t = target[:, 1:, :]
+    lp = logp[:, 1:, :]
+    causal = torch.isfinite(lp)
+    t_safe = t.clamp_min(1e-12)
+    kl = torch.where(causal & (t > 0), t * (t_safe.log() - lp.masked_fill(~causal, 0.0)), torch.zeros_like(t))
+    return kl.sum(-1).mean()
+
+
+def _save_features(path: Path, feats: Features, seq_len: int) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for i, (q, k, t) in enumerate(feats):
+        tensors[f"{i}.q"], tensors[f"{i}.k"], tensors[f"{i}.t"] = (
+            q.contiguous(),
+            k.contiguous(),
+            t.contiguous(),
+        )
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"seq_len": str(seq_len)})
+    tmp.replace(path)
+
+
+def _load_features(path: Path) -> tuple[Features, int]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        seq_len = int(fh.metadata()["seq_len"])
+        n = len({k.split(".")[0] for k in fh.keys()})
+        feats = [
+            (fh.get_tensor(f"{i}.q"), fh.get_tensor(f"{i}.k"), fh.get_tensor(f"{i}.t")) for i in range(n)
+        ]
+    return feats, seq_len
+
+
+def _mean_loss(gate: BlockGate, data: list[tuple[Features, int]]) -> float:
+    if not data:
+        return float("nan")
+    with torch.no_grad():
+        tot = [
+            float(distill_loss(gate, li, q, k, t, s))
+            for feats, s in data
+            for li, (q, k, t) in enumerate(feats)
+        ]
+    return sum(tot) / len(tot)
+
+
+def train_gate(
+    model,
+    windows: Sequence[Sequence[int]],
+    config: GateTrainConfig | None = None,
+    *,
+    heldout_windows: Sequence[Sequence[int]] = (),
+    progress: Callable[[str, int, int], None] | None = None,
+) -> tuple[BlockGate, GateTrainReport]:
+    """Distil a gate for `model` from dense attention on `windows` (token id lists).
+
+    `progress(phase, done, total)` is called as work completes (phase: 'capture' or 'train').
+    """
+    cfg = config or GateTrainConfig()
+    if not windows:
+        raise ValueError("gate training needs at least one token window")
+    shape = GateShape.from_config(model.config, cfg.gate_dim)
+    ckdir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+    if ckdir:
+        ckdir.mkdir(parents=True, exist_ok=True)
+        _check_checkpoint_dir(ckdir, shape, cfg, windows)
+
+    t0 = time.perf_counter()
+    data: list[tuple[Features, int]] = []
+    held: list[tuple[Features, int]] = []
+    all_windows = [("train", i, w) for i, w in enumerate(windows)] + [
+        ("heldout", i, w) for i, w in enumerate(heldout_windows)
+    ]
+    for n_done, (part, i, w) in enumerate(all_windows, start=1):
+        fpath = ckdir / f"features_{part}_{i:03d}.safetensors" if ckdir else None
+        if fpath and fpath.is_file():
+            feats, s = _load_features(fpath)
+        else:
+            feats, s = capture_features(model, w, cfg.block_size), len(w)
+            if fpath:
+                _save_features(fpath, feats, s)
+        (data if part == "train" else held).append((feats, s))
+        if progress:
+            progress("capture", n_done, len(all_windows))
+    capture_seconds = time.perf_counter() - t0
+
+    torch.manual_seed(cfg.seed)
+    gate = BlockGate(shape, cfg.block_size)
+    opt = torch.optim.Adam(gate.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start_step, curve = 0, []
+    ckpt = ckdir / "gate_checkpoint.pt" if ckdir else None
+    initial = _mean_loss(gate, data)
+    initial_held = _mean_loss(gate, held) if held else None
+    if ckpt and ckpt.is_file():
+        state = torch.load(ckpt, weights_only=True)
+        gate.load_state_dict(state["gate"])
+        opt.load_state_dict(state["opt"])
+        start_step, curve = int(state["step"]), list(state["curve"])
+        initial = float(state.get("initial", initial))
+
+    rng = random.Random(cfg.seed)
+    order = [rng.randrange(len(data)) for _ in range(cfg.steps)]
+    t1 = time.perf_counter()
+    step = start_step
+    for step in range(start_step, cfg.steps):
+        if cfg.max_seconds is not None and time.perf_counter() - t1 > cfg.max_seconds:
+            break
+        feats, s = data[order[step]]
+        opt.zero_grad(set_to_none=True)
+        loss = sum(distill_loss(gate, li, q, k, t, s) for li, (q, k, t) in enumerate(feats)) / len(feats)
+        loss.backward()
+        opt.step()
+        curve.append(loss.item())
+        done = step + 1
+        if ckpt and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+            tmp = ckpt.with_suffix(".tmp")
+            torch.save(
+                {
+                    "gate": gate.state_dict(),
+                    "opt": opt.state_dict(),
+                    "step": done,
+                    "curve": curve,
+                    "initial": initial,
+                },
+                tmp,
+            )
+            tmp.replace(ckpt)
+        if progress:
+            progress("train", done, cfg.steps)
+    else:
+        step = cfg.steps - 1
+    gate.requires_grad_(False)
+    report = GateTrainReport(
+        n_sequences=len(data),
+        seq_lens=[s for _, s in data],
+        steps=min(cfg.steps, step + 1) if cfg.steps else 0,
+        initial_loss=initial,
+        final_loss=_mean_loss(gate, data),
+        initial_heldout_loss=initial_held,
+        final_heldout_loss=_mean_loss(gate, held) if held else None,
+        loss_curve=curve,
+        capture_seconds=capture_seconds,
+        train_seconds=time.perf_counter() - t1,
+        resumed_from_step=start_step,
+    )
+    return gate, report
+
+
+def _check_checkpoint_dir(ckdir: Path, shape: GateShape, cfg: GateTrainConfig, windows) -> None:
+    """A checkpoint dir belongs to one (model shape, block size, data): refuse to mix runs."""
+    import hashlib
+
+    h = hashlib.sha256(json.dumps([list(map(int, w)) for w in windows]).encode()).hexdigest()
+    ident = {
+        "shape": asdict(shape),
+        "block_size": cfg.block_size,
+        "data": h,
+        "steps": cfg.steps,
+        "seed": cfg.seed,
+    }
+    f = ckdir / "run.json"
+    if f.is_file():
+        prev = json.loads(f.read_text())
+        if prev != ident:
+            raise ValueError(
+                f"checkpoint dir {ckdir} holds a different gate-training run "
+                f"(model shape, block size, data, steps or seed differ); use a fresh directory"
+            )
+    else:
+        f.write_text(json.dumps(ident, indent=2))
+
+
+def gate_tensor_bytes(gate: BlockGate) -> int:
+    return sum(p.numel() * p.element_size() for p in gate.parameters())
