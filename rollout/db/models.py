@@ -79,6 +79,11 @@ class SpecVersion(Base):
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)  # validated spec, as a plain dict
     spec_hash: Mapped[str] = mapped_column(String(64))
     source_path: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # migration 0002: the content-addressed dataset copy this version was validated with
+    dataset_path: Mapped[str | None] = mapped_column(Text, nullable=True)
+    dataset_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    dataset_rows: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    validation: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_by: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
