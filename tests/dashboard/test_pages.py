@@ -1,0 +1,128 @@
+"""Every dashboard page under AppTest: seeded data shown, an empty install, roles."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from rollout import approvals
+from rollout.auth import Identity, PermissionDenied
+from rollout.db.models import Approval, AuditEntry, GateDecision
+from rollout.db.session import session_scope
+from rollout.settings import Settings
+from tests.dashboard.apptest_helpers import button_labels, new_app, open_page, sign_in, texts
+
+SEEDED = ["contract-summarisation", "document-qa", "support-chat"]
+
+
+def test_schema_missing_says_how_to_create_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPARSEPILOT_HOME", str(tmp_path / "fresh"))
+    monkeypatch.delenv("SPARSEPILOT_DATABASE_URL", raising=False)
+    at = new_app()
+    assert not at.exception
+    assert "has no SparsePilot schema yet" in at.error[0].value
+    assert at.code[0].value.startswith("sparsepilot init\nsparsepilot usecase add examples/usecases/")
+    assert not (tmp_path / "fresh" / "state.db").exists()  # the dashboard created nothing
+
+
+def test_empty_install_shows_how_to_add_the_first_use_case(dash_env: Settings) -> None:
+    at = new_app()
+    assert not at.exception and not at.error
+    assert "No use cases yet" in at.info[0].value
+    cmds = at.code[0].value.splitlines()
+    assert "sparsepilot usecase add examples/usecases/support-chat.yaml" in cmds
+    assert cmds[-1] == "sparsepilot run"
+    assert len(at.dataframe) == 0
+    for page in ("use_case", "approvals", "audit"):
+        open_page(at, page)
+        assert not at.error
+    assert "Nothing is waiting" in texts(open_page(at, "approvals"))
+
+
+def test_portfolio_shows_seeded_use_cases(seeded: dict[str, Any]) -> None:
+    at = new_app()
+    assert not at.exception
+    df = at.dataframe[0].value
+    assert list(df["name"]) == SEEDED
+    row = df.set_index("name").loc["contract-summarisation"]
+    assert row["decision"] == "GO" and row["waits_for"] == "approval to promote"
+    assert row["quality Δ [interval]"] == "-0.0050 [-0.0110, +0.0010]"
+    assert row["$/month saved [interval]"] == "$1,840 [$1,500, $2,150]"
+    assert row["step"] == "1: split 10%" and row["payback_days"] == 12.0
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Use cases"] == "3" and metrics["$/month saved (sum)"] == "$2,425"
+    assert metrics["Waiting for approval"] == "1"
+    assert len(at.get("vega_lite_chart")) == 1  # savings vs risk
+    # filtering happens on the page: only the medium-criticality use case is left
+    at.multiselect(key="f_crit").select("medium").run()
+    assert list(at.dataframe[0].value["name"]) == ["document-qa"]
+
+
+def test_use_case_page(seeded: dict[str, Any]) -> None:
+    at = new_app()
+    at.query_params["name"] = "contract-summarisation"
+    open_page(at, "use_case")
+    body = texts(at)
+    assert "contract-summarisation: treatment quality is within the margin; GO." in body
+    assert "owner legal-ops" in body and "MLflow run" in body
+    assert {m.label: m.value for m in at.metric}["Speed-up"] == "2.40x [2.10x, 2.70x]"
+    assert len(at.get("image")) == 2  # density heatmap + block mask PNGs from the evaluation's artifacts
+    assert len(at.get("vega_lite_chart")) == 3  # quality-vs-density, latency, timeline
+    at.selectbox(key="uc_name").select("support-chat").run()
+    assert "No gate decision yet." in texts(at) and "No pilot observations yet." in texts(at)
+
+
+def test_audit_page_filters_and_exports_csv(seeded: dict[str, Any]) -> None:
+    at = open_page(new_app(), "audit")
+    assert len(at.dataframe[0].value) == 5
+    at.multiselect(key="a_action").select("gate.decide").run()
+    df = at.dataframe[0].value
+    assert set(df["action"]) == {"gate.decide"} and len(df) == 2
+    assert len(at.get("download_button")) == 1
+    with session_scope() as s:  # the export carries exactly the filtered rows
+        n_gate = len(s.scalars(select(AuditEntry).where(AuditEntry.action == "gate.decide")).all())
+    csv_rows = list(csv.DictReader(io.StringIO(df.to_csv(index=False))))
+    assert len(csv_rows) == n_gate
+
+
+def test_sign_in_rejects_a_wrong_password(seeded: dict[str, Any]) -> None:
+    at = sign_in(new_app(), "alice", "not-her-password")
+    assert "Unknown user name or wrong password." in [e.value for e in at.error]
+    assert "sp_identity" not in at.session_state
+
+
+def test_anonymous_and_viewer_never_see_an_approve_button(seeded: dict[str, Any]) -> None:
+    at = open_page(new_app(), "approvals")
+    assert "contract-summarisation" in texts(at)  # evidence is visible read-only
+    assert not [b for b in button_labels(at) if "Approve" in b or "Reject" in b]
+    assert "sign in as an approver" in texts(at)
+    sign_in(at, "bob")
+    assert at.session_state["sp_identity"] == Identity("bob", "viewer", "local-account")
+    open_page(at, "approvals")
+    assert not [b for b in button_labels(at) if "Approve" in b or "Reject" in b or "rollback" in b]
+    assert "only approvers can act" in texts(at)
+    # and the server refuses a direct call with the viewer's identity: nothing is written
+    decision_id = seeded["contract-summarisation:decision"]
+    with pytest.raises(PermissionDenied, match="'bob' is a viewer"):
+        approvals.approve(decision_id, Identity("bob", "viewer", "local-account"), "looks fine")
+    with pytest.raises(PermissionDenied, match="nobody is signed in"):
+        approvals.approve(decision_id, None, "looks fine")
+    with session_scope() as s:
+        assert s.scalars(select(Approval)).all() == []
+        assert s.get(GateDecision, decision_id).resolution is None
+
+
+def test_approver_sees_buttons_and_a_reason_is_required(seeded: dict[str, Any]) -> None:
+    at = sign_in(new_app(), "alice")
+    open_page(at, "approvals")
+    assert {"Approve promotion", "Reject"} <= set(button_labels(at))
+    decision_id = seeded["contract-summarisation:decision"]
+    at.button(key=f"approve_{decision_id}").click().run()
+    assert any("a reason is required" in e.value for e in at.error)
+    with session_scope() as s:
+        assert s.scalars(select(Approval)).all() == []
