@@ -1,0 +1,473 @@
+"""Add, list and show use cases. A use case is the unit of work; its spec is versioned.
+
+`add_usecase` validates everything first (spec, model ref, dataset) and writes nothing until all of
+it passed; then the use case, its spec version and the audit row commit in one transaction.
+
+Versioning: a version's hash covers the spec's canonical content and its dataset's sha256.
+- same name, same hash as the current version -> nothing to do ("unchanged"), nothing written;
+- same name, different content -> refused unless the caller asks for a new version
+  (``new_version=True``, ``sparsepilot usecase add FILE --new-version``);
+- same content as an older version, with ``new_version`` -> that version becomes current again.
+Old versions stay readable (`load_spec_version`, `show_usecase(..., version=N)`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+
+from rollout import audit
+from rollout.db.models import AuditEntry, SpecVersion, UseCase
+from rollout.db.session import session_scope
+from rollout.settings import get_settings
+from rollout.spec import SpecError, UseCaseSpec, load_spec
+from rollout.validation import ValidationResult, token_counter_for, validate_dataset
+
+
+class UseCaseError(ValueError):
+    """A use case that cannot be added or found; the message names the file and field."""
+
+
+class UnknownUseCase(UseCaseError):
+    pass
+
+
+@dataclass
+class AddResult:
+    name: str
+    status: str  # created / new_version / reverted / unchanged
+    version: int
+    spec_hash: str
+    use_case_id: int
+    dataset_path: str
+    validation: dict[str, Any] = field(default_factory=dict)
+    changed_fields: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class LoadedSpec:
+    """A stored spec version, ready for the flows."""
+
+    use_case_id: int
+    name: str
+    version: int
+    spec: UseCaseSpec
+    spec_hash: str
+    dataset_path: Path
+    dataset_sha256: str | None
+
+
+@dataclass(frozen=True)
+class DatasetRow:
+    id: str
+    prompt: str
+    reference: str | None
+    tags: tuple[str, ...]
+
+
+# ---------------------------------------------------------------------------------------------------
+# checks that run before anything is written
+
+
+def resolve_model(spec: UseCaseSpec, source: str) -> Any:
+    """``sparse_core.resolve_model_ref`` (cheap: no weights). An unknown ref is an error naming the
+    spec file and the ``model`` field."""
+    try:
+        import sparse_core
+    except ImportError as exc:  # sparse_core is part of this distribution: missing means broken install
+        raise UseCaseError(
+            f"{source}: model: cannot check the model ref, sparse_core is unavailable ({exc})"
+        ) from exc
+    try:
+        return sparse_core.resolve_model_ref(spec.model)
+    except sparse_core.ModelRefError as exc:
+        raise UseCaseError(f"{source}: model: {exc}") from None
+
+
+def check_against_model(spec: UseCaseSpec, info: Any, source: str) -> None:
+    ctx = getattr(info, "context_length", None)
+    if not ctx:
+        return
+    longest = spec.traffic.prompt_tokens.max() + spec.traffic.output_tokens.max()
+    if longest > ctx:
+        raise UseCaseError(
+            f"{source}: traffic.prompt_tokens: the longest prompt ({spec.traffic.prompt_tokens.max()}) plus "
+            f"output ({spec.traffic.output_tokens.max()}) tokens exceed the model's context ({ctx})"
+        )
+    max_seq_len = spec.quality_budget.calibration.max_seq_len
+    if max_seq_len > ctx:
+        raise UseCaseError(
+            f"{source}: quality_budget.calibration.max_seq_len: {max_seq_len} "
+            f"exceeds the model's context ({ctx})"
+        )
+
+
+@dataclass
+class CheckedSpec:
+    spec: UseCaseSpec
+    source_path: Path
+    dataset_source: Path
+    dataset_sha256: str
+    spec_hash: str
+    validation: ValidationResult
+    context_length: int | None
+
+
+def check_spec_file(path: Path | str) -> CheckedSpec:
+    """Everything `add_usecase` checks before it writes: spec, model ref, dataset. Raises
+    SpecError / UseCaseError / DataValidationError with messages naming file, row and field."""
+    path = Path(path)
+    spec = load_spec(path)
+    source = str(path)
+    dataset = spec.dataset_path(path.resolve().parent)
+    if not dataset.is_file():
+        raise UseCaseError(
+            f"{source}: dataset.path: {spec.dataset.path!r} does not exist (looked for {dataset})"
+        )
+    info = resolve_model(spec, source)
+    check_against_model(spec, info, source)
+    counter, counted_by = token_counter_for(getattr(info, "path", None))
+    result = validate_dataset(
+        dataset,
+        spec,
+        context_length=getattr(info, "context_length", None),
+        count_tokens=counter,
+        token_source=counted_by,
+    )
+    result.raise_for_failures()
+    sha = _sha256(dataset)
+    return CheckedSpec(
+        spec=spec,
+        source_path=path.resolve(),
+        dataset_source=dataset,
+        dataset_sha256=sha,
+        spec_hash=spec.content_hash(sha),
+        validation=result,
+        context_length=getattr(info, "context_length", None),
+    )
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _store_dataset(src: Path, sha: str) -> Path:
+    """Content-addressed copy under SPARSEPILOT_HOME/datasets: immutable, so any version stays usable.
+    Written via a temp file + rename, so a crash never leaves a partial file under the final name."""
+    root = get_settings().home / "datasets"
+    root.mkdir(parents=True, exist_ok=True)
+    dst = root / f"{sha}.jsonl"
+    if not dst.is_file() or _sha256(dst) != sha:
+        tmp = root / f".{sha}.tmp"
+        shutil.copyfile(src, tmp)
+        tmp.replace(dst)
+    return dst
+
+
+def _changed_fields(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    out: list[str] = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        path = f"{prefix}.{key}" if prefix else key
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changed_fields(a, b, path)
+        elif a != b:
+            out.append(path)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# writes
+
+
+def add_usecase(
+    path: Path | str, *, actor: str, new_version: bool = False, url: str | None = None
+) -> AddResult:
+    checked = check_spec_file(path)
+    spec = checked.spec
+    source = str(path)
+    spec_dict = spec.to_dict()
+    with session_scope(url) as s:
+        uc = s.scalar(select(UseCase).where(UseCase.name == spec.name))
+        if uc is not None:
+            versions = list(s.scalars(select(SpecVersion).where(SpecVersion.use_case_id == uc.id)))
+            current = next(v for v in versions if v.version == uc.current_spec_version)
+            same = next((v for v in versions if v.spec_hash == checked.spec_hash), None)
+            if same is not None and same.version == current.version:
+                return _result(uc, same, "unchanged", checked)
+            changed = _changed_fields(current.spec, spec_dict)
+            if current.dataset_sha256 != checked.dataset_sha256:
+                changed.append("dataset (file content)")
+            if not new_version:
+                what = f"identical to its version {same.version}" if same else "different"
+                raise UseCaseError(
+                    f"{source}: name: use case {spec.name!r} already exists (current version "
+                    f"{current.version}) and this spec is {what} (changed: {', '.join(changed) or '-'}); "
+                    "re-run with --new-version to make it the current version"
+                )
+            if same is not None:  # back to an older version's content
+                uc.current_spec_version = same.version
+                uc.owner, uc.criticality = spec.owner, spec.criticality
+                audit.record(
+                    s,
+                    actor,
+                    "usecase.revert_version",
+                    use_case_id=uc.id,
+                    entity="spec_version",
+                    entity_id=same.id,
+                    details={"from_version": current.version, "to_version": same.version, "changed": changed},
+                )
+                return _result(uc, same, "reverted", checked, changed)
+            version = max(v.version for v in versions) + 1
+            sv = _new_version(s, uc, version, checked, spec_dict, actor)
+            uc.current_spec_version = version
+            uc.owner, uc.criticality = spec.owner, spec.criticality
+            s.flush()
+            audit.record(
+                s,
+                actor,
+                "usecase.new_version",
+                use_case_id=uc.id,
+                entity="spec_version",
+                entity_id=sv.id,
+                details={
+                    "version": version,
+                    "previous_version": current.version,
+                    "spec_hash": checked.spec_hash,
+                    "changed": changed,
+                    "source_path": str(checked.source_path),
+                },
+            )
+            return _result(uc, sv, "new_version", checked, changed)
+
+        uc = UseCase(name=spec.name, owner=spec.owner, criticality=spec.criticality, current_spec_version=1)
+        s.add(uc)
+        try:
+            s.flush()
+        except IntegrityError:
+            raise UseCaseError(
+                f"{source}: name: use case {spec.name!r} was added concurrently; retry"
+            ) from None
+        sv = _new_version(s, uc, 1, checked, spec_dict, actor)
+        audit.record(
+            s,
+            actor,
+            "usecase.add",
+            use_case_id=uc.id,
+            entity="spec_version",
+            entity_id=sv.id,
+            details={
+                "version": 1,
+                "spec_hash": checked.spec_hash,
+                "source_path": str(checked.source_path),
+                "model": spec.model,
+                "dataset_rows": checked.validation.stats.get("rows"),
+            },
+        )
+        return _result(uc, sv, "created", checked)
+
+
+def _new_version(
+    s: Any, uc: UseCase, version: int, checked: CheckedSpec, spec_dict: dict, actor: str
+) -> SpecVersion:
+    stored = _store_dataset(checked.dataset_source, checked.dataset_sha256)
+    sv = SpecVersion(
+        use_case_id=uc.id,
+        version=version,
+        spec=spec_dict,
+        spec_hash=checked.spec_hash,
+        source_path=str(checked.source_path),
+        dataset_path=str(stored),
+        dataset_sha256=checked.dataset_sha256,
+        dataset_rows=int(checked.validation.stats.get("rows", 0)),
+        validation=checked.validation.to_dict() | {"dataset_source": str(checked.dataset_source)},
+        created_by=actor,
+    )
+    s.add(sv)
+    s.flush()
+    return sv
+
+
+def _result(
+    uc: UseCase, sv: SpecVersion, status: str, checked: CheckedSpec, changed: list[str] | None = None
+) -> AddResult:
+    return AddResult(
+        name=uc.name,
+        status=status,
+        version=sv.version,
+        spec_hash=sv.spec_hash,
+        use_case_id=uc.id,
+        dataset_path=sv.dataset_path or "",
+        validation=checked.validation.to_dict(),
+        changed_fields=changed or [],
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# reads
+
+
+def list_usecases(url: str | None = None) -> list[dict[str, Any]]:
+    with session_scope(url) as s:
+        counts = dict(
+            s.execute(select(SpecVersion.use_case_id, func.count()).group_by(SpecVersion.use_case_id)).all()
+        )
+        rows = s.execute(
+            select(UseCase, SpecVersion)
+            .join(
+                SpecVersion,
+                (SpecVersion.use_case_id == UseCase.id)
+                & (SpecVersion.version == UseCase.current_spec_version),
+            )
+            .order_by(UseCase.name)
+        ).all()
+        return [
+            {
+                "name": uc.name,
+                "owner": uc.owner,
+                "criticality": uc.criticality,
+                "phase": uc.phase,
+                "version": uc.current_spec_version,
+                "versions": int(counts.get(uc.id, 0)),
+                "model": sv.spec.get("model"),
+                "task": (sv.spec.get("dataset") or {}).get("task"),
+                "requests": sv.dataset_rows,
+                "requests_per_day": (sv.spec.get("traffic") or {}).get("requests_per_day"),
+                "spec_hash": sv.spec_hash,
+                "updated_at": uc.updated_at,
+            }
+            for uc, sv in rows
+        ]
+
+
+def show_usecase(name: str, *, version: int | None = None, url: str | None = None) -> dict[str, Any]:
+    with session_scope(url) as s:
+        uc = _get(s, name)
+        versions = list(
+            s.scalars(
+                select(SpecVersion).where(SpecVersion.use_case_id == uc.id).order_by(SpecVersion.version)
+            )
+        )
+        wanted = version or uc.current_spec_version
+        sv = next((v for v in versions if v.version == wanted), None)
+        if sv is None:
+            known = ", ".join(str(v.version) for v in versions)
+            raise UnknownUseCase(f"use case {name!r} has no version {wanted} (versions: {known})")
+        history = s.scalars(
+            select(AuditEntry).where(AuditEntry.use_case_id == uc.id).order_by(AuditEntry.id.desc()).limit(20)
+        ).all()
+        return {
+            "name": uc.name,
+            "owner": uc.owner,
+            "criticality": uc.criticality,
+            "phase": uc.phase,
+            "current_version": uc.current_spec_version,
+            "created_at": uc.created_at,
+            "updated_at": uc.updated_at,
+            "version": sv.version,
+            "spec_hash": sv.spec_hash,
+            "spec": sv.spec,
+            "source_path": sv.source_path,
+            "dataset_path": sv.dataset_path,
+            "dataset_sha256": sv.dataset_sha256,
+            "dataset_rows": sv.dataset_rows,
+            "validation": sv.validation,
+            "versions": [
+                {
+                    "version": v.version,
+                    "spec_hash": v.spec_hash,
+                    "created_by": v.created_by,
+                    "created_at": v.created_at,
+                    "source_path": v.source_path,
+                    "current": v.version == uc.current_spec_version,
+                }
+                for v in versions
+            ],
+            "audit": [
+                {"ts": e.ts, "actor": e.actor, "action": e.action, "details": e.details} for e in history
+            ],
+        }
+
+
+def _get(s: Any, name: str) -> UseCase:
+    uc = s.scalar(select(UseCase).where(UseCase.name == name))
+    if uc is None:
+        known = ", ".join(s.scalars(select(UseCase.name).order_by(UseCase.name))) or "none yet"
+        raise UnknownUseCase(f"no use case named {name!r} (known: {known})")
+    return uc
+
+
+def load_spec_version(name: str, version: int | None = None, *, url: str | None = None) -> LoadedSpec:
+    """The stored spec (current version unless given), re-validated into a UseCaseSpec."""
+    with session_scope(url) as s:
+        uc = _get(s, name)
+        wanted = version or uc.current_spec_version
+        sv = s.scalar(
+            select(SpecVersion).where(SpecVersion.use_case_id == uc.id, SpecVersion.version == wanted)
+        )
+        if sv is None:
+            raise UnknownUseCase(f"use case {name!r} has no version {wanted}")
+        try:
+            spec = UseCaseSpec.model_validate(sv.spec)
+        except Exception as exc:  # noqa: BLE001 - a stored spec that no longer parses is a hard error
+            raise UseCaseError(
+                f"use case {name!r} version {wanted}: stored spec no longer validates: {exc}"
+            ) from exc
+        dataset = (
+            Path(sv.dataset_path)
+            if sv.dataset_path
+            else spec.dataset_path(Path(sv.source_path or ".").parent)
+        )
+        return LoadedSpec(uc.id, uc.name, sv.version, spec, sv.spec_hash, dataset, sv.dataset_sha256)
+
+
+def dataset_rows(loaded: LoadedSpec) -> list[DatasetRow]:
+    """The version's dataset rows; refuses a file whose content changed since it was validated."""
+    from rollout.validation import read_dataset
+
+    if not loaded.dataset_path.is_file():
+        raise UseCaseError(
+            f"use case {loaded.name!r} v{loaded.version}: dataset {loaded.dataset_path} is missing"
+        )
+    if loaded.dataset_sha256 and _sha256(loaded.dataset_path) != loaded.dataset_sha256:
+        raise UseCaseError(
+            f"use case {loaded.name!r} v{loaded.version}: dataset {loaded.dataset_path} changed since it was "
+            "validated (sha256 differs); add the spec again with --new-version"
+        )
+    rows, failures, _ = read_dataset(loaded.dataset_path)
+    if failures:
+        raise UseCaseError("\n".join(f.describe(str(loaded.dataset_path)) for f in failures))
+    return [
+        DatasetRow(i, p, r, tuple(t))
+        for i, p, r, t in zip(rows.id, rows.prompt, rows.reference, rows.tags, strict=True)
+    ]
+
+
+__all__ = [
+    "AddResult",
+    "CheckedSpec",
+    "DatasetRow",
+    "LoadedSpec",
+    "SpecError",
+    "UnknownUseCase",
+    "UseCaseError",
+    "add_usecase",
+    "check_spec_file",
+    "dataset_rows",
+    "list_usecases",
+    "load_spec_version",
+    "show_usecase",
+]
