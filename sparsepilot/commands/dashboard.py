@@ -1,9 +1,95 @@
-"""(filled in by its owner; see docs/architecture.md)"""
+"""`sparsepilot dashboard` (serve the Streamlit app) and `sparsepilot hash-password`."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import typer
+
+APP_PATH = Path(__file__).resolve().parents[2] / "dashboard" / "app.py"
+
+
+def streamlit_command(port: int = 8501, address: str = "127.0.0.1") -> list[str]:
+    """The `streamlit run` command line: headless, no usage statistics, no file watcher."""
+    return [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(APP_PATH),
+        "--server.port",
+        str(port),
+        "--server.address",
+        address,
+        "--server.headless",
+        "true",
+        "--server.fileWatcherType",
+        "none",
+        "--browser.gatherUsageStats",
+        "false",
+        "--global.developmentMode",
+        "false",
+    ]
+
+
+def serve_dashboard(port: int = 8501, address: str = "127.0.0.1") -> int:
+    """Check the accounts configuration, then run Streamlit in the foreground until it stops."""
+    from rollout.auth import AccountsConfigError, load_accounts
+    from sparsepilot.console import console, fail
+
+    try:
+        accounts = load_accounts()
+    except AccountsConfigError as exc:
+        fail(f"accounts configuration: {exc}")
+    approvers = sorted(a.name for a in accounts.values() if a.role == "approver")
+    console.print(
+        f"SparsePilot dashboard on http://{address}:{port} · {len(accounts)} local account(s)"
+        + (f", approvers: {', '.join(approvers)}" if approvers else " (read-only: no approver configured)")
+    )
+    env = dict(os.environ, STREAMLIT_BROWSER_GATHER_USAGE_STATS="false")
+    try:
+        return subprocess.call(streamlit_command(port, address), env=env)
+    except KeyboardInterrupt:
+        return 0
 
 
 def register(app: typer.Typer) -> None:
-    pass
+    @app.command("dashboard")
+    def dashboard(
+        port: int = typer.Option(8501, "--port", help="TCP port to listen on."),
+        address: str = typer.Option(
+            "127.0.0.1", "--address", help="Interface to bind; 0.0.0.0 exposes it to the network."
+        ),
+    ) -> None:
+        """Serve the ROI and go/no-go dashboard (Streamlit, headless, usage statistics off)."""
+        raise typer.Exit(serve_dashboard(port, address))
+
+    @app.command("hash-password")
+    def hash_password_cmd(
+        name: str = typer.Option(
+            "", "--name", help="Print a whole SPARSEPILOT_ACCOUNTS entry for this user."
+        ),
+        role: str = typer.Option("viewer", "--role", help="viewer or approver (with --name)."),
+        password_stdin: bool = typer.Option(
+            False, "--password-stdin", help="Read the password from standard input (for scripts)."
+        ),
+    ) -> None:
+        """Hash a password for a local account (scrypt, random per-user salt)."""
+        from rollout.auth import ROLES, hash_password
+        from sparsepilot.console import fail
+
+        if role not in ROLES:
+            fail(f"--role must be one of {', '.join(ROLES)}, not {role!r}")
+        if name and (":" in name or ";" in name):
+            fail("--name must not contain ':' or ';'")
+        if password_stdin:
+            password = sys.stdin.readline().rstrip("\r\n")
+        else:
+            password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+        if not password:
+            fail("the password is empty")
+        hashed = hash_password(password)
+        typer.echo(f"{name}:{role}:{hashed}" if name else hashed)

@@ -1,0 +1,293 @@
+"""`sparsepilot bench dashboard`: seed a realistic portfolio into a scratch state DB and time every
+page as Streamlit renders it (AppTest runs the real script, queries included).
+
+The seeded rows are synthetic but shaped like the flows' output: per use case a spec, a model version,
+two evaluations, a pilot with a shadow and a split step, per-request observations, gate decisions with
+evidence, alias moves and audit entries. Nothing is written outside the scratch home."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import random
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import insert
+
+from rollout.db.models import (
+    AliasMove,
+    AuditEntry,
+    EvaluationRun,
+    GateDecision,
+    ModelVersion,
+    Observation,
+    Pilot,
+    PilotStep,
+    SpecVersion,
+    UseCase,
+)
+from rollout.db.session import session_scope
+
+PAGES = ("portfolio", "use_case", "approvals", "audit")
+PAGE_FILES = {p: f"views/{p}.py" for p in PAGES}
+TARGETS_S = {"portfolio": 2.0}
+
+
+def _evidence(rng: random.Random, outcome: str, n: int) -> dict[str, Any]:
+    est = rng.gauss(-0.004, 0.006)
+    half = 0.004 + 0.3 / max(n, 1) ** 0.5 * 0.1
+    return {
+        "outcome": outcome,
+        "mode": "split",
+        "n_control": n,
+        "n_treatment": n,
+        "srm_p_value": rng.uniform(0.01, 1.0),
+        "quality": {"estimate": est, "interval_low": est - half, "interval_high": est + half},
+        "p95_latency_treatment_ms": rng.uniform(200, 900),
+        "settings": {"margin": 0.02, "alpha": 0.05},
+    }
+
+
+def seed_portfolio(
+    n_use_cases: int = 200,
+    n_observations: int = 200_000,
+    *,
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, int]:
+    """Write the portfolio through the ORM models, one transaction per use case batch."""
+    rng = random.Random(seed)
+    now = dt.datetime.now(dt.UTC)
+    counts = {"use_cases": 0, "observations": 0, "decisions": 0, "pending": 0, "audit": 0}
+    phases = ["registered", "evaluated", "piloting", "piloting", "awaiting_approval", "promoted", "stopped"]
+    piloted = [i for i in range(n_use_cases) if phases[i % len(phases)] not in ("registered", "evaluated")]
+    # every observation lands in a use case that has a pilot; the remainder goes to the first ones
+    share = {i: n_observations // max(len(piloted), 1) for i in piloted}
+    for i in piloted[: n_observations - sum(share.values())]:
+        share[i] += 1
+    for i in range(n_use_cases):
+        with session_scope() as s:
+            name = f"usecase-{i:03d}"
+            phase = phases[i % len(phases)]
+            uc = UseCase(
+                name=name,
+                owner=f"team-{i % 17}",
+                criticality=("low", "medium", "high")[i % 3],
+                phase=phase,
+                created_at=now - dt.timedelta(days=30),
+            )
+            s.add(uc)
+            s.flush()
+            s.add(
+                SpecVersion(
+                    use_case_id=uc.id, version=1, spec={"name": name}, spec_hash=name, created_by="bench"
+                )
+            )
+            audit_rows = [{"actor": "bench", "action": "usecase.add", "use_case_id": uc.id, "details": {}}]
+            counts["use_cases"] += 1
+            if phase == "registered":
+                s.execute(insert(AuditEntry), audit_rows)
+                counts["audit"] += len(audit_rows)
+                if progress:
+                    progress(1)
+                continue
+            density = rng.uniform(0.15, 0.9)
+            mv = ModelVersion(
+                use_case_id=uc.id,
+                base_model_ref="smollm2-135m",
+                plan={"density": density},
+                plan_hash=f"p{i}",
+                mlflow_model_name=name,
+                mlflow_version="1",
+                density=density,
+            )
+            s.add(mv)
+            s.flush()
+            sp = max(0.8, 1 / density * rng.uniform(0.4, 0.7))
+            saving = (sp - 1) * rng.uniform(200, 2000)
+            for k, d in enumerate((min(1.0, density + 0.25), density)):
+                s.add(
+                    EvaluationRun(
+                        idempotency_key=f"e{i}-{k}",
+                        use_case_id=uc.id,
+                        model_version_id=mv.id,
+                        status="succeeded",
+                        device="cpu",
+                        mlflow_run_id=f"{i:016x}{k:016x}",
+                        density=d,
+                        quality_delta=-0.01 * (1 - d),
+                        speedup=sp,
+                        speedup_low=sp * 0.9,
+                        speedup_high=sp * 1.1,
+                        savings_month_usd=saving,
+                        savings_month_low=saving * 0.8 - 20,
+                        savings_month_high=saving * 1.2 + 20,
+                        payback_days=(3000 / saving * 30) if saving > 0 else None,
+                        roi={"inputs": {"gpu_usd_per_hour": 2.5, "requests_per_day": 10000}},
+                    )
+                )
+            if phase == "evaluated":
+                s.execute(insert(AuditEntry), audit_rows)
+                if progress:
+                    progress(1)
+                continue
+            pilot = Pilot(use_case_id=uc.id, model_version_id=mv.id, salt=name, current_step_index=1)
+            s.add(pilot)
+            s.flush()
+            steps = [
+                PilotStep(pilot_id=pilot.id, index=0, kind="shadow", traffic_pct=0.0, min_samples=100),
+                PilotStep(pilot_id=pilot.id, index=1, kind="split", traffic_pct=10.0, min_samples=400),
+            ]
+            s.add_all(steps)
+            s.flush()
+            rows = []
+            per_uc = share[i]
+            for j in range(per_uc):
+                step = steps[0] if j < per_uc // 3 else steps[1]
+                arm = "control" if j % 2 == 0 else "treatment"
+                rows.append(
+                    {
+                        "pilot_step_id": step.id,
+                        "use_case_id": uc.id,
+                        "batch_id": f"b{j // 100}",
+                        "request_id": f"r{j // 2}",
+                        "arm": arm,
+                        "quality": min(1.0, max(0.0, rng.gauss(0.8, 0.1))),
+                        "latency_ms": rng.lognormvariate(6.0 if arm == "control" else 5.6, 0.3),
+                        "tokens": 200,
+                        "error": rng.random() < 0.002,
+                        "source": "simulated",
+                    }
+                )
+            s.execute(insert(Observation), rows)
+            counts["observations"] += len(rows)
+            outcomes = ["EXTEND", "GO"] if phase != "stopped" else ["EXTEND", "NO-GO"]
+            for look, outcome in enumerate(outcomes):
+                awaiting = "approval" if (phase == "awaiting_approval" and outcome == "GO") else "none"
+                dec = GateDecision(
+                    idempotency_key=f"g{i}-{look}",
+                    use_case_id=uc.id,
+                    pilot_id=pilot.id,
+                    pilot_step_id=steps[1].id,
+                    look_index=look,
+                    outcome=outcome,
+                    awaiting=awaiting,
+                    resolution="approved" if phase == "promoted" and outcome == "GO" else None,
+                    evidence=_evidence(rng, outcome, per_uc // 3),
+                    explanation=f"{name}: look {look} says {outcome}.",
+                    data_fingerprint=f"{i:064d}",
+                    created_at=now - dt.timedelta(days=2 - look),
+                )
+                s.add(dec)
+                s.flush()
+                counts["decisions"] += 1
+                counts["pending"] += awaiting != "none"
+                audit_rows.append(
+                    {
+                        "actor": "gate-flow",
+                        "action": "decision.gate",
+                        "use_case_id": uc.id,
+                        "entity": "gate_decision",
+                        "entity_id": str(dec.id),
+                        "details": {"outcome": outcome},
+                    }
+                )
+            if phase == "promoted":
+                s.add(
+                    AliasMove(
+                        idempotency_key=f"a{i}",
+                        use_case_id=uc.id,
+                        alias="champion",
+                        from_version=None,
+                        to_version="1",
+                        actor="alice",
+                        reason="approved",
+                        status="committed",
+                    )
+                )
+            s.execute(insert(AuditEntry), audit_rows)
+            counts["audit"] += len(audit_rows)
+        if progress:
+            progress(1)
+    return counts
+
+
+def time_pages(*, repeats: int = 3, use_case: str = "usecase-004") -> list[dict[str, Any]]:
+    """Render each page `repeats` times after one cold run; report cold and median warm seconds."""
+    import logging
+
+    from streamlit.testing.v1 import AppTest
+
+    logging.getLogger("streamlit").setLevel(logging.ERROR)
+    app = Path(__file__).resolve().parent / "app.py"
+    results = []
+    for page in PAGES:
+        at = AppTest.from_file(str(app), default_timeout=120)
+        at.query_params["name"] = use_case
+        times = []
+        for _ in range(repeats + 1):
+            t0 = time.perf_counter()
+            at.switch_page(PAGE_FILES[page]).run()
+            times.append(time.perf_counter() - t0)
+            if at.exception:
+                raise RuntimeError(f"page {page} raised: {at.exception[0].value}")
+        warm = statistics.median(times[1:]) if repeats else times[0]
+        target = TARGETS_S.get(page)
+        results.append(
+            {
+                "page": page,
+                "cold_s": round(times[0], 3),
+                "warm_median_s": round(warm, 3),
+                "target_s": target,
+                "within_target": None if target is None else max(times[0], warm) <= target,
+            }
+        )
+    return results
+
+
+def time_portfolio_sql(repeats: int = 3) -> float:
+    """Median seconds of the portfolio page's two SQL aggregates alone (no rendering)."""
+    from rollout import queries
+
+    times = []
+    for _ in range(max(repeats, 1)):
+        t0 = time.perf_counter()
+        with session_scope() as s:
+            queries.portfolio(s)
+            queries.portfolio_totals(s)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def run_bench(
+    home: Path, *, use_cases: int, observations: int, repeats: int, progress: Callable[[int], None] | None
+) -> dict[str, Any]:
+    from rollout.db import migrate
+    from rollout.settings import configure_environment, get_settings
+
+    os.environ["SPARSEPILOT_HOME"] = str(home)
+    os.environ.pop("SPARSEPILOT_DATABASE_URL", None)
+    settings = configure_environment(get_settings())
+    migrate.upgrade(settings.database_url)
+    t0 = time.perf_counter()
+    counts = seed_portfolio(use_cases, observations, progress=progress)
+    seed_s = time.perf_counter() - t0
+    pages = time_pages(repeats=repeats)
+    return {
+        "database": settings.database_url,
+        "seeded": counts,
+        "seed_s": round(seed_s, 2),
+        "portfolio_sql_s": round(time_portfolio_sql(repeats), 4),
+        "pages": pages,
+        "measured_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def write_json(result: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
