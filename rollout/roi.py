@@ -1,0 +1,233 @@
+"""What a speed-up is worth in money. Pure functions; the formula is in docs/roi.md.
+
+For each arm:  seconds per request  t = prompt_tokens / prefill_tps + output_tokens / decode_tps
+               GPU-hours per day    H = requests_per_day * t / 3600 / utilisation
+               $ per month          C = H * gpu_usd_per_hour * DAYS_PER_MONTH
+saved = C_dense - C_sparse;  payback days = pilot_one_off_usd / (saved / DAYS_PER_MONTH).
+The interval on the speed-up carries through (every output is monotone in it). A speed-up <= 1
+gives a zero or negative saving: it is reported as the number it is, with ``pays_off = False``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rollout.spec import UseCaseSpec
+
+DAYS_PER_MONTH = 365.25 / 12  # 30.4375
+
+
+@dataclass(frozen=True)
+class RoiInputs:
+    dense_tps: float  # dense tokens/s at the use case's length mix (prefill, or all tokens)
+    speedup: float  # sparse / dense throughput for the same tokens
+    speedup_low: float
+    speedup_high: float
+    requests_per_day: float
+    prompt_tokens: float  # mean per request
+    output_tokens: float  # mean per request
+    gpu_usd_per_hour: float
+    utilisation: float
+    pilot_one_off_usd: float
+    decode_tps: float | None = None  # output tokens/s, the same in both arms; None: output at *_tps
+
+
+@dataclass(frozen=True)
+class RoiResult:
+    inputs: RoiInputs
+    effective_speedup: float  # per request, after output tokens that sparse prefill does not speed up
+    effective_speedup_low: float
+    effective_speedup_high: float
+    dense_seconds_per_request: float
+    sparse_seconds_per_request: float
+    dense_gpu_hours_day: float
+    sparse_gpu_hours_day: float
+    sparse_gpu_hours_day_low: float  # at the speed-up's upper bound (fewest hours)
+    sparse_gpu_hours_day_high: float
+    dense_usd_month: float
+    sparse_usd_month: float
+    saved_usd_month: float
+    saved_usd_month_low: float
+    saved_usd_month_high: float
+    payback_days: float | None  # None: never pays back (no saving)
+    payback_days_low: float | None  # best case (upper speed-up bound)
+    payback_days_high: float | None  # worst case; None when the low end saves nothing
+    pays_off: bool  # saved_usd_month > 0
+    certain: bool  # even the low end of the interval saves money
+    verdict: str
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["inputs"] = asdict(self.inputs)
+        return out
+
+
+def _check(name: str, value: float, *, positive: bool = True, upper: float | None = None) -> None:
+    if value is None or not math.isfinite(value) or (value <= 0 if positive else value < 0):
+        raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
+    if upper is not None and value > upper:
+        raise ValueError(f"{name} must be <= {upper}, got {value!r}")
+
+
+def seconds_per_request(
+    prompt_tokens: float, output_tokens: float, prefill_tps: float, decode_tps: float | None
+) -> float:
+    return prompt_tokens / prefill_tps + output_tokens / (decode_tps if decode_tps else prefill_tps)
+
+
+def gpu_hours_per_day(requests_per_day: float, seconds_per_req: float, utilisation: float) -> float:
+    """Paid GPU-hours: busy hours divided by the share of paid time the GPUs are busy."""
+    return requests_per_day * seconds_per_req / 3600.0 / utilisation
+
+
+def usd_per_month(gpu_hours_day: float, gpu_usd_per_hour: float) -> float:
+    return gpu_hours_day * gpu_usd_per_hour * DAYS_PER_MONTH
+
+
+def payback_days(one_off_usd: float, saved_usd_month: float) -> float | None:
+    """Days of savings that repay the one-off cost; None when there is no saving to repay it."""
+    if saved_usd_month <= 0:
+        return None
+    return one_off_usd / (saved_usd_month / DAYS_PER_MONTH)
+
+
+def compute_roi(inputs: RoiInputs) -> RoiResult:
+    i = inputs
+    _check("dense_tps", i.dense_tps)
+    for name in ("speedup", "speedup_low", "speedup_high"):
+        _check(name, getattr(i, name))
+    if not i.speedup_low <= i.speedup <= i.speedup_high:
+        raise ValueError(
+            f"speed-up interval must contain the estimate: {i.speedup_low} <= {i.speedup} <= {i.speedup_high}"
+        )
+    _check("requests_per_day", i.requests_per_day, positive=False)
+    _check("prompt_tokens", i.prompt_tokens, positive=False)
+    _check("output_tokens", i.output_tokens, positive=False)
+    if i.prompt_tokens + i.output_tokens <= 0:
+        raise ValueError("a request must have some tokens (prompt_tokens + output_tokens > 0)")
+    _check("gpu_usd_per_hour", i.gpu_usd_per_hour, positive=False)
+    _check("utilisation", i.utilisation, upper=1.0)
+    _check("pilot_one_off_usd", i.pilot_one_off_usd, positive=False)
+    if i.decode_tps is not None:
+        _check("decode_tps", i.decode_tps)
+
+    def arm(speedup: float) -> tuple[float, float, float]:
+        t = seconds_per_request(i.prompt_tokens, i.output_tokens, i.dense_tps * speedup, i.decode_tps)
+        hours = gpu_hours_per_day(i.requests_per_day, t, i.utilisation)
+        return t, hours, usd_per_month(hours, i.gpu_usd_per_hour)
+
+    t_dense, h_dense, c_dense = arm(1.0)
+    t_sparse, h_sparse, c_sparse = arm(i.speedup)
+    _, h_best, c_best = arm(i.speedup_high)
+    _, h_worst, c_worst = arm(i.speedup_low)
+    saved, saved_low, saved_high = c_dense - c_sparse, c_dense - c_worst, c_dense - c_best
+    eff = t_dense / t_sparse
+    eff_low = t_dense / seconds_per_request(
+        i.prompt_tokens, i.output_tokens, i.dense_tps * i.speedup_low, i.decode_tps
+    )
+    eff_high = t_dense / seconds_per_request(
+        i.prompt_tokens, i.output_tokens, i.dense_tps * i.speedup_high, i.decode_tps
+    )
+    pays_off = saved > 0
+    certain = saved_low > 0
+    pb = payback_days(i.pilot_one_off_usd, saved)
+    if not pays_off:
+        verdict = (
+            f"no savings: the speed-up is {i.speedup:.2f}x (<= 1), so sparse attention would cost "
+            f"${-saved:,.0f}/month more; do not roll out for cost"
+        )
+    elif not certain:
+        verdict = (
+            f"saves ${saved:,.0f}/month at the estimate, but the interval reaches ${saved_low:,.0f}/month "
+            f"(speed-up {i.speedup_low:.2f}x): savings are not established"
+        )
+    else:
+        verdict = (
+            f"saves ${saved:,.0f}/month (${saved_low:,.0f}-${saved_high:,.0f}); "
+            f"pays back the ${i.pilot_one_off_usd:,.0f} pilot in {pb:,.0f} days"
+        )
+    return RoiResult(
+        inputs=i,
+        effective_speedup=eff,
+        effective_speedup_low=eff_low,
+        effective_speedup_high=eff_high,
+        dense_seconds_per_request=t_dense,
+        sparse_seconds_per_request=t_sparse,
+        dense_gpu_hours_day=h_dense,
+        sparse_gpu_hours_day=h_sparse,
+        sparse_gpu_hours_day_low=h_best,
+        sparse_gpu_hours_day_high=h_worst,
+        dense_usd_month=c_dense,
+        sparse_usd_month=c_sparse,
+        saved_usd_month=saved,
+        saved_usd_month_low=saved_low,
+        saved_usd_month_high=saved_high,
+        payback_days=pb,
+        payback_days_low=payback_days(i.pilot_one_off_usd, saved_high),
+        payback_days_high=payback_days(i.pilot_one_off_usd, saved_low),
+        pays_off=pays_off,
+        certain=certain,
+        verdict=verdict,
+    )
+
+
+def roi_for_spec(
+    spec: UseCaseSpec,
+    *,
+    dense_tps: float,
+    sparse_tps: float,
+    speedup_interval: tuple[float, float] | None = None,
+    decode_tps: float | None = None,
+) -> RoiResult:
+    """ROI from a use case's traffic and cost inputs and measured throughputs at its length mix.
+    Without an interval the point estimate is used for both ends (say so where it is shown)."""
+    _check("sparse_tps", sparse_tps)
+    _check("dense_tps", dense_tps)
+    s = sparse_tps / dense_tps
+    lo, hi = speedup_interval if speedup_interval is not None else (s, s)
+    return compute_roi(
+        RoiInputs(
+            dense_tps=dense_tps,
+            speedup=s,
+            speedup_low=min(lo, s),
+            speedup_high=max(hi, s),
+            requests_per_day=spec.traffic.requests_per_day,
+            prompt_tokens=spec.traffic.prompt_tokens.mean(),
+            output_tokens=spec.traffic.output_tokens.mean(),
+            gpu_usd_per_hour=spec.cost.gpu_usd_per_hour,
+            utilisation=spec.cost.utilisation,
+            pilot_one_off_usd=spec.cost.pilot_one_off_usd,
+            decode_tps=decode_tps,
+        )
+    )
+
+
+def speedup_interval(
+    dense_seconds: Sequence[float], sparse_seconds: Sequence[float], confidence: float = 0.95
+) -> tuple[float, float, float]:
+    """Speed-up = mean dense time / mean sparse time over repeated timings of the same work, with a
+    confidence interval on the log of the ratio (delta method, Welch degrees of freedom).
+    Returns (estimate, low, high). Needs >= 2 timings per arm."""
+    from scipy import stats
+
+    d = [float(x) for x in dense_seconds]
+    s = [float(x) for x in sparse_seconds]
+    if len(d) < 2 or len(s) < 2:
+        raise ValueError("need at least 2 timings per arm for an interval")
+    if any(not math.isfinite(x) or x <= 0 for x in d + s):
+        raise ValueError("timings must be finite and > 0")
+    md, ms = sum(d) / len(d), sum(s) / len(s)
+    vd = sum((x - md) ** 2 for x in d) / (len(d) - 1)
+    vs = sum((x - ms) ** 2 for x in s) / (len(s) - 1)
+    a, b = vd / (len(d) * md**2), vs / (len(s) * ms**2)  # variances of log means
+    se = math.sqrt(a + b)
+    est = md / ms
+    if se == 0:
+        return est, est, est
+    dof = (a + b) ** 2 / ((a**2 / (len(d) - 1)) + (b**2 / (len(s) - 1)))
+    q = float(stats.t.ppf(0.5 + confidence / 2, dof))
+    return est, est * math.exp(-q * se), est * math.exp(q * se)
