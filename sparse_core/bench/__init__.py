@@ -1,0 +1,1 @@
+"""Benchmarks behind `sparsepilot bench attention|prefill`: side-by-side timings, tables, JSON, PNG."""

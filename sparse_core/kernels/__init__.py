@@ -1,0 +1,213 @@
+"""`sparse_attention`: the functional entry point (estimate -> select -> kernel), used by the model
+retrofit and usable on its own.
+
+Kernels: ``gather`` (plain PyTorch, no compiler), ``flex`` (compiled FlexAttention), ``dense``
+(SDPA; ignores the selection). ``auto`` picks gather on CPU (as fast as compiled flex here, with
+no compile latency; see docs/sparse_core.md) and flex on CUDA."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from sparse_core.estimators import EstimatorContext, get_estimator
+from sparse_core.plan import LayerParams, SparsePlan
+from sparse_core.selection import BlockSelection, group_scores, select_blocks
+
+KERNELS = ("auto", "gather", "flex", "dense")
+
+
+@dataclass
+class AttentionInfo:
+    density: float  # kept / causal blocks actually computed (1.0 when dense)
+    estimator_seconds: float  # estimator + selection wall time
+    kernel: str  # the kernel that ran
+    kernel_seconds: float = 0.0
+    seq_len: int = 0
+    layer_idx: int | None = None
+    head_density: list[float] = field(default_factory=list)  # per selection head
+    selection: BlockSelection | None = field(default=None, repr=False)
+
+
+def available_kernels(device: torch.device | str = "cpu") -> list[str]:
+    from sparse_core.kernels.flex import flex_available
+
+    out = ["gather", "dense"]
+    if flex_available(device):
+        out.insert(1, "flex")
+    return out
+
+
+def resolve_kernel(kernel: str, device: torch.device) -> str:
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; choose one of {KERNELS}")
+    if kernel != "auto":
+        return kernel
+    return "flex" if device.type == "cuda" else "gather"
+
+
+def key_valid_from_mask(attention_mask: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:
+    """Accept a 2D key-padding mask [B, S] (1/True = token) or a 4D mask [B, 1|H, S, S] (bool
+    True = attend, or additive float); return [B, S] bool or None when nothing is padded."""
+    if attention_mask is None:
+        return None
+    m = attention_mask
+    if m.ndim == 2:
+        kv = m.bool() if m.dtype == torch.bool else m != 0
+    elif m.ndim == 4:
+        keep = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
+        kv = keep[:, 0].diagonal(dim1=-2, dim2=-1)
+    else:
+        raise ValueError(f"attention_mask must be 2D [B, S] or 4D [B, H, S, S], got {tuple(m.shape)}")
+    if kv.shape[-1] != seq_len:
+        raise ValueError(f"attention_mask covers {kv.shape[-1]} keys but the sequence has {seq_len}")
+    return None if bool(kv.all()) else kv
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def estimate_and_select(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    plan: SparsePlan,
+    params: LayerParams,
+    *,
+    key_valid: torch.Tensor | None = None,
+    scale: float | None = None,
+    module: Any = None,
+) -> BlockSelection:
+    b, hq, s, _ = q.shape
+    hkv = k.shape[1]
+    estimator = get_estimator(params.estimator)
+    ctx = EstimatorContext(
+        block_size=plan.block_size,
+        layer_idx=params.layer_idx,
+        plan=plan,
+        key_valid=key_valid,
+        scale=scale,
+        module=module,
+    )
+    with torch.no_grad():
+        scores = estimator(q, k, ctx)
+    tau: float | torch.Tensor = params.tau
+    if params.head_tau:
+        t = torch.full((hq,), params.tau)
+        for h, v in params.head_tau.items():
+            t[h] = v
+        tau = t
+    if plan.group_heads and hkv != hq:
+        scores = group_scores(scores, hkv)
+        if isinstance(tau, torch.Tensor):
+            tau = tau.view(hkv, hq // hkv).max(dim=1).values
+    if isinstance(tau, torch.Tensor):
+        tau = tau.to(q.device)
+    return select_blocks(
+        scores,
+        block_size=plan.block_size,
+        seq_len=s,
+        tau=tau,
+        sink_blocks=params.sink_blocks,
+        local_blocks=params.local_blocks,
+        top_k=params.top_k,
+        min_density=params.min_density,
+    )
+
+
+def run_kernel(
+    kernel: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sel: BlockSelection | None,
+    *,
+    key_valid: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    if kernel == "dense" or sel is None:
+        from sparse_core.kernels.dense import dense_attention
+
+        return dense_attention(q, k, v, key_valid=key_valid, scale=scale)
+    if kernel == "gather":
+        from sparse_core.kernels.gather import gather_attention
+
+        return gather_attention(q, k, v, sel, key_valid=key_valid, scale=scale)
+    if kernel == "flex":
+        from sparse_core.kernels.flex import flex_sparse_attention
+
+        return flex_sparse_attention(q, k, v, sel, key_valid=key_valid, scale=scale)
+    raise ValueError(f"unknown kernel {kernel!r}; choose one of {KERNELS}")
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: SparsePlan,
+    *,
+    kernel: str = "auto",
+    attention_mask: torch.Tensor | None = None,
+    layer_idx: int = 0,
+    scale: float | None = None,
+    module: Any = None,
+    keep_selection: bool = False,
+) -> tuple[torch.Tensor, AttentionInfo]:
+    """Causal block-sparse attention. q [B, Hq, S, D], k/v [B, Hkv, S, D] -> (out [B, Hq, S, D], info).
+
+    ``attention_mask``: optional key-padding mask ([B, S], 1 = token) or a 4D causal+padding mask as
+    transformers builds it. Outputs at padded query positions are zeros."""
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError("q, k, v must be 4D [B, H, S, D]")
+    b, hq, s, d = q.shape
+    if k.shape[2] != s or v.shape[2] != s:
+        raise ValueError(
+            f"sparse_attention is for prefill (q and k of equal length); got {s} vs {k.shape[2]}"
+        )
+    if hq % k.shape[1]:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({k.shape[1]})")
+    dev = q.device
+    kname = resolve_kernel(kernel, dev)
+    key_valid = key_valid_from_mask(attention_mask, s)
+    params = plan.layer_params(layer_idx)
+    if kname == "dense" or params.dense or s <= plan.block_size:
+        _sync(dev)
+        t0 = time.perf_counter()
+        out = run_kernel("dense", q, k, v, None, key_valid=key_valid, scale=scale)
+        _sync(dev)
+        return out, AttentionInfo(1.0, 0.0, "dense", time.perf_counter() - t0, s, layer_idx)
+    _sync(dev)
+    t0 = time.perf_counter()
+    sel = estimate_and_select(q, k, plan, params, key_valid=key_valid, scale=scale, module=module)
+    _sync(dev)
+    t1 = time.perf_counter()
+    out = run_kernel(kname, q, k, v, sel, key_valid=key_valid, scale=scale)
+    _sync(dev)
+    t2 = time.perf_counter()
+    info = AttentionInfo(
+        density=sel.density,
+        estimator_seconds=t1 - t0,
+        kernel=kname,
+        kernel_seconds=t2 - t1,
+        seq_len=s,
+        layer_idx=layer_idx,
+        head_density=sel.head_density.tolist(),
+        selection=sel if keep_selection else None,
+    )
+    return out, info
+
+
+__all__ = [
+    "KERNELS",
+    "AttentionInfo",
+    "available_kernels",
+    "estimate_and_select",
+    "key_valid_from_mask",
+    "resolve_kernel",
+    "run_kernel",
+    "sparse_attention",
+]

@@ -1,0 +1,142 @@
+"""Block-gather kernel in plain PyTorch (no compiler).
+
+For each query block the selected off-diagonal key/value blocks are gathered into one contiguous
+sequence and attended with the CPU flash kernel (no mask, so the fast path); the diagonal block is
+attended separately with ``is_causal``; the two partial results are merged exactly by log-sum-exp.
+Rows are grouped by their number of selected blocks so every call is a dense, equal-length batch.
+With grouped heads (selection per KV head) the query heads of a group are stacked as one query
+block against one gathered K/V, which cuts the gather traffic by the group size -- on CPU the copy
+costs about as much as the arithmetic at block 64.
+
+The flash call that also returns the log-sum-exp is ``aten._scaled_dot_product_flash_attention_for_cpu``
+(private; no public op returns the LSE on CPU). On other devices the LSE comes from a plain
+matmul/logsumexp path, which is correct but not fast -- use the flex kernel there."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from sparse_core.selection import BlockSelection
+
+
+def _attend(q, k, v, *, causal: bool, scale: float, mask: torch.Tensor | None):
+    """q [N, 1, Lq, D], k/v [N, 1, Lk, D] -> (out [N, 1, Lq, D], lse float32 [N, 1, Lq])."""
+    if q.device.type == "cpu":
+        op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        if mask is not None:
+            add = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+            return op(q, k, v, 0.0, False, attn_mask=add, scale=scale)
+        return op(q, k, v, 0.0, causal, scale=scale)
+    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if causal:
+        lq, lk = s.shape[-2], s.shape[-1]
+        s = s.masked_fill(~torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril_(), float("-inf"))
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse[..., None]).nan_to_num_(0.0)
+    return torch.matmul(p, v.float()).to(q.dtype), torch.where(torch.isinf(lse), 0.0, lse)
+
+
+def gather_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sel: BlockSelection,
+    *,
+    key_valid: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    b, hq, s, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    hs = sel.heads
+    if hs not in (hq, hkv):
+        raise ValueError(f"selection has {hs} heads; expected {hq} (query) or {hkv} (KV)")
+    gs = hq // hs  # query heads per selection head
+    bs = sel.block_size
+    n = sel.num_blocks
+    sp = n * bs
+    scale = scale if scale is not None else 1.0 / math.sqrt(d)
+    if sp != s:
+        q = F.pad(q, (0, 0, 0, sp - s))
+        k = F.pad(k, (0, 0, 0, sp - s))
+        v = F.pad(v, (0, 0, 0, sp - s))
+        if key_valid is not None:
+            key_valid = F.pad(key_valid, (0, sp - s), value=False)
+    if key_valid is not None and bool(key_valid.all()):
+        key_valid = None
+
+    # kv head of each selection head
+    kv_of = (torch.arange(hs, device=q.device) * gs) // g
+    # Query rows laid out as (b, sel head, block) x (group member, position): [B*Hs*n, gs*bs, D]
+    qr = q.reshape(b, hs, gs, n, bs, d).permute(0, 1, 3, 2, 4, 5).reshape(b * hs * n, gs * bs, d)
+    kb = k.reshape(b, hkv, n, bs, d)
+    vb = v.reshape(b, hkv, n, bs, d)
+
+    # Diagonal blocks, causal, one query head at a time: [(b, hs, i, t), bs, D]
+    kd = kb.index_select(1, kv_of) if hs != hkv else kb
+    vd = vb.index_select(1, kv_of) if hs != hkv else vb
+    kd = kd.unsqueeze(3).expand(b, hs, n, gs, bs, d).reshape(-1, 1, bs, d)
+    vd = vd.unsqueeze(3).expand(b, hs, n, gs, bs, d).reshape(-1, 1, bs, d)
+    qd = qr.view(-1, 1, bs, d)
+    dmask = None
+    if key_valid is not None:
+        kvb = key_valid.view(b, 1, n, 1, 1, bs)
+        tri = torch.ones(bs, bs, dtype=torch.bool, device=q.device).tril_()
+        dmask = (tri & kvb).expand(b, hs, n, gs, bs, bs).reshape(-1, 1, bs, bs)
+    out_d, lse_d = _attend(qd, kd, vd, causal=True, scale=scale, mask=dmask)
+    out = out_d.view(b * hs * n, gs * bs, d)
+    lse = lse_d.view(b * hs * n, gs * bs)
+
+    counts = sel.kv_counts.reshape(-1).long() - 1  # off-diagonal blocks per row
+    if int(counts.max()) <= 0:
+        return _unpack(out, b, hs, n, gs, bs, d, hq, s)
+    out = out.float()
+    idx_rows = sel.kv_indices.reshape(b * hs * n, n).long()
+    row_base = ((torch.arange(b, device=q.device)[:, None] * hkv + kv_of[None, :]) * n).reshape(-1)
+    row_base = row_base.repeat_interleave(n)  # flat (b, kvh) block offset per row
+    kflat = kb.reshape(-1, bs, d)
+    vflat = vb.reshape(-1, bs, d)
+    kvalid_flat = key_valid.view(-1, bs) if key_valid is not None else None
+    kv_batch_base = (torch.arange(b, device=q.device) * n).repeat_interleave(hs * n)
+
+    sorted_counts, order = torch.sort(counts)
+    uniq, sizes = torch.unique_consecutive(sorted_counts, return_counts=True)
+    start = 0
+    for c, size in zip(uniq.tolist(), sizes.tolist(), strict=True):
+        rows = order[start : start + size]
+        start += size
+        if c <= 0:
+            continue
+        blocks = idx_rows[rows, :c]  # [R, c]
+        flat = row_base[rows, None] + blocks
+        kg = kflat.index_select(0, flat.reshape(-1)).view(size, 1, c * bs, d)
+        vg = vflat.index_select(0, flat.reshape(-1)).view(size, 1, c * bs, d)
+        qg = qr.index_select(0, rows).view(size, 1, gs * bs, d)
+        mask = None
+        if kvalid_flat is not None:
+            vm = kvalid_flat.index_select(0, (kv_batch_base[rows, None] + blocks).reshape(-1))
+            mask = vm.view(size, 1, 1, c * bs)
+        o, l1 = _attend(qg, kg, vg, causal=False, scale=scale, mask=mask)
+        o = o.view(size, gs * bs, d).float()
+        l1 = l1.view(size, gs * bs)
+        if mask is not None:  # no visible key in the gathered blocks: contributes nothing
+            l1 = l1.masked_fill(~mask.view(size, -1).any(-1, keepdim=True), float("-inf"))
+        l0 = lse.index_select(0, rows)
+        m = torch.maximum(l0, l1).clamp_min(torch.finfo(torch.float32).min)
+        w0 = torch.exp(l0 - m)
+        w1 = torch.exp(l1 - m)
+        tot = w0 + w1
+        merged = (out.index_select(0, rows) * (w0 / tot)[..., None]) + o * (w1 / tot)[..., None]
+        out.index_copy_(0, rows, merged)
+        lse.index_copy_(0, rows, m + torch.log(tot))
+    return _unpack(out.to(q.dtype), b, hs, n, gs, bs, d, hq, s)
+
+
+def _unpack(out, b, hs, n, gs, bs, d, hq, s):
+    out = out.view(b, hs, n, gs, bs, d).permute(0, 1, 3, 2, 4, 5).reshape(b, hq, n * bs, d)
+    return out[:, :, :s] if n * bs != s else out
