@@ -1,0 +1,536 @@
+"""Calibrate a sparse plan to a use case's quality budget on its own texts.
+
+Search, built to stay cheap on 30 layers:
+
+1. Split the texts (deterministically, by seed) into calibration and held-out parts and pack each into
+   token windows of `max_seq_len`.
+2. (gate only) Distil the learned gate on the calibration windows.
+3. Sensitivity, measured once: one dense forward per calibration window with a capture on every
+   layer; for each tau candidate the layer's selection and sparse output are computed from the
+   captured q/k/v (no extra forwards), giving per layer x selection head x tau the kept density and
+   the relative error of the attention output.
+4. Allocation by one global error level eps: every (layer, head) takes the sparsest tau whose error
+   is <= eps (else it stays dense; a layer whose heads all stay dense is listed in dense_layers).
+   A larger eps means a sparser plan.
+5. Joint check: binary search over eps (a thinned, sorted set of the measured errors) with full
+   sparse forwards on the held-out windows against the dense reference; the largest eps whose plan
+   meets the budget (mean next-token KL, top-1 agreement, relative delta NLL) wins. Each check is one
+   forward per held-out window, so the search costs ~log2(#eps) x held-out forwards.
+
+Deterministic for a seed: the split, the windows, gate training and the search have no other
+randomness.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from sparse_core.capture import capture_attention
+from sparse_core.corpus import pack_token_windows, text_fingerprint
+from sparse_core.fidelity import DenseReference, Fidelity, dense_reference, measure_fidelity
+from sparse_core.plan import SparsePlan, model_shape
+
+Progress = Callable[[str, int, int], None]
+
+
+class BudgetError(ValueError):
+    """A malformed quality budget."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Held-out fidelity a plan must keep. None disables a criterion."""
+
+    kl: float | None = 0.01  # mean next-token KL(dense || sparse), nats
+    agree: float | None = 0.99  # top-1 agreement with dense
+    nll_delta: float | None = 0.01  # relative increase of next-token NLL
+
+    def __post_init__(self) -> None:
+        for name in ("kl", "agree", "nll_delta"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, (int, float)) or math.isnan(v) or v < 0):
+                raise BudgetError(f"budget.{name} must be a number >= 0, got {v!r}")
+        if self.agree is not None and self.agree > 1:
+            raise BudgetError(f"budget.agree must be in [0, 1], got {self.agree}")
+        if self.kl is None and self.agree is None and self.nll_delta is None:
+            raise BudgetError("a budget needs at least one of kl, agree, nll_delta")
+
+    @classmethod
+    def parse(cls, text: str) -> Budget:
+        """'kl=0.01,agree=0.99[,nll=0.01]': criteria not named are off."""
+        vals: dict[str, float | None] = {"kl": None, "agree": None, "nll_delta": None}
+        aliases = {
+            "kl": "kl",
+            "agree": "agree",
+            "agreement": "agree",
+            "nll": "nll_delta",
+            "nll_delta": "nll_delta",
+        }
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            if "=" not in part:
+                raise BudgetError(f"budget item {part!r} is not name=value (e.g. kl=0.01,agree=0.99)")
+            k, v = (x.strip() for x in part.split("=", 1))
+            if k not in aliases:
+                raise BudgetError(f"unknown budget item {k!r}; known: kl, agree, nll")
+            try:
+                vals[aliases[k]] = float(v)
+            except ValueError:
+                raise BudgetError(f"budget item {k!r} has a non-numeric value {v!r}") from None
+        return cls(**vals)
+
+    @classmethod
+    def from_mapping(cls, m: Any) -> Budget:
+        """From a dict or an object with kl/agree/nll_delta attributes (e.g. a use-case spec)."""
+        get = m.get if isinstance(m, dict) else lambda k, d=None: getattr(m, k, d)
+        return cls(kl=get("kl", None), agree=get("agree", None), nll_delta=get("nll_delta", None))
+
+    def violations(self, fid: Fidelity) -> list[str]:
+        out = []
+        if self.kl is not None and not fid.kl <= self.kl:
+            out.append(f"kl {fid.kl:.4g} > {self.kl}")
+        if self.agree is not None and not fid.agree >= self.agree:
+            out.append(f"agree {fid.agree:.4g} < {self.agree}")
+        if self.nll_delta is not None and not fid.nll_delta <= self.nll_delta:
+            out.append(f"nll_delta {fid.nll_delta:.4g} > {self.nll_delta}")
+        return out
+
+    def met_by(self, fid: Fidelity) -> bool:
+        return not self.violations(fid)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class CalibrationLimits:
+    """Knobs that trade calibration time against how thorough the search is."""
+
+    max_texts: int = 16  # token windows in total (calibration + held-out)
+    max_seq_len: int = 2048
+    holdout_fraction: float = 0.25
+    taus: tuple[float, ...] = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
+    per_head: bool = True
+    max_joint_checks: int = 7  # full held-out passes in the eps search
+    fidelity_fraction: float = 0.5  # score the last half of each held-out window
+    max_seconds: float | None = None  # soft cap: stop the search, keep the best plan found so far
+    # plan geometry
+    block_size: int = 64
+    sink_blocks: int = 1
+    local_blocks: int = 1
+    group_heads: bool = True
+    # gate training (estimator="gate")
+    gate_steps: int = 300
+    gate_lr: float = 3e-3
+    gate_max_seconds: float | None = None
+    gate_checkpoint_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_texts < 2:
+            raise ValueError("calibration needs max_texts >= 2 (one window is held out)")
+        if not 0 < self.holdout_fraction < 1:
+            raise ValueError("holdout_fraction must be in (0, 1)")
+        if not self.taus or any(not 0 < t < 1 for t in self.taus):
+            raise ValueError("taus must be a non-empty list of values in (0, 1)")
+        self.taus = tuple(sorted(set(float(t) for t in self.taus)))
+
+    @classmethod
+    def quick(cls, **kw) -> CalibrationLimits:
+        """Cheap settings for the pilot's main job (a few minutes on SmolLM2 on 2 CPU cores)."""
+        base = dict(
+            max_texts=4, max_seq_len=1024, taus=(0.6, 0.8, 0.9, 0.95), max_joint_checks=4, gate_steps=120
+        )
+        base.update(kw)
+        return cls(**base)
+
+
+@dataclass
+class SearchStep:
+    eps: float
+    predicted_density: float
+    density: float | None
+    fidelity: dict
+    passed: bool
+    seconds: float
+
+
+@dataclass
+class CalibrationReport:
+    estimator: str
+    budget: dict
+    met_budget: bool  # a sparse (not all-dense) plan met the budget
+    fidelity: dict  # held-out fidelity of the returned plan
+    density: float  # mean fraction of causal blocks kept over layers (dense layers count 1.0)
+    predicted_density: float
+    layer_density: list[float]
+    head_density: list[list[float]]
+    dense_layers: list[int]
+    eps: float | None
+    search: list[SearchStep] = field(default_factory=list)
+    gate_training: dict | None = None
+    n_calibration_windows: int = 0
+    n_heldout_windows: int = 0
+    seq_len: int = 0
+    data_fingerprint: str = ""
+    seconds: dict = field(default_factory=dict)
+    plan_hash: str = ""
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        return d
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def split_texts(texts: Sequence[str], holdout_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Deterministic split by a hash of (seed, index, text); both parts non-empty."""
+    if len(texts) < 2:
+        raise ValueError("calibration needs at least 2 texts (one is held out)")
+    scored = []
+    for i, t in enumerate(texts):
+        h = hashlib.sha256(f"{seed}:{i}:".encode() + t.encode("utf-8", "replace")).digest()
+        scored.append((int.from_bytes(h[:8], "big"), i))
+    scored.sort()
+    n_held = min(len(texts) - 1, max(1, round(len(texts) * holdout_fraction)))
+    held_idx = {i for _, i in scored[:n_held]}
+    return [t for i, t in enumerate(texts) if i not in held_idx], [
+        t for i, t in enumerate(texts) if i in held_idx
+    ]
+
+
+@dataclass
+class Sensitivity:
+    taus: tuple[float, ...]
+    err: torch.Tensor  # [L, T, H] relative attention-output error per selection head
+    density: torch.Tensor  # [L, T, H] fraction of causal blocks kept
+    heads: int  # selection heads per layer
+    group: int  # query heads per selection head
+
+
+@torch.no_grad()
+def measure_sensitivity(
+    model, windows: Sequence[Sequence[int]], base: SparsePlan, taus: Sequence[float], progress=None
+) -> Sensitivity:
+    """Per layer x tau x selection head: attention-output relative error and density, from one dense
+    forward per window (q/k/v captured; each tau's selection and kernel run on them)."""
+    from sparse_core.kernels import estimate_and_select, run_kernel
+
+    cfg = model.config
+    n_layers = int(cfg.num_hidden_layers)
+    hq = int(cfg.num_attention_heads)
+    hkv = int(getattr(cfg, "num_key_value_heads", None) or hq)
+    heads = hkv if base.group_heads and hkv != hq else hq
+    group = hq // heads
+    T = len(taus)
+    err_num = torch.zeros(n_layers, T, heads, dtype=torch.float64)
+    err_den = torch.zeros(n_layers, T, heads, dtype=torch.float64)
+    dens = torch.zeros(n_layers, T, heads, dtype=torch.float64)
+    count = torch.zeros(n_layers, dtype=torch.float64)
+
+    def on_layer(call):
+        li = call.layer_idx
+        q, k, v = call.query[:1], call.key[:1], call.value[:1]
+        dense_out = call.output[:1].transpose(1, 2).float()  # [1, Hq, S, D]
+        ref = dense_out.view(1, heads, group, *dense_out.shape[2:])
+        ref_sq = ref.pow(2).sum(dim=(0, 2, 3, 4)).double()
+        for ti, tau in enumerate(taus):
+            plan = base.with_(tau=float(tau), dense_layers=(), layer_overrides={}, head_overrides={})
+            params = plan.layer_params(li)
+            sel = estimate_and_select(q, k, plan, params, scale=call.scaling, module=call.module)
+            out = run_kernel("gather", q, k, v, sel, scale=call.scaling).float()
+            diff = (out - dense_out).view_as(ref).pow(2).sum(dim=(0, 2, 3, 4)).double()
+            err_num[li, ti] += diff
+            err_den[li, ti] += ref_sq
+            dens[li, ti] += sel.head_density.double()[:heads]
+        count[li] += 1
+
+    dev = next(model.parameters()).device
+    for i, w in enumerate(windows, start=1):
+        with capture_attention(model, on_layer):
+            model(input_ids=torch.tensor([list(w)], device=dev), logits_to_keep=1)
+        if progress:
+            progress("sensitivity", i, len(windows))
+    err = (err_num / err_den.clamp_min(1e-30)).sqrt().float()
+    density = (dens / count.clamp_min(1)[:, None, None]).float()
+    return Sensitivity(tuple(taus), err, density, heads, group)
+
+
+def allocate(
+    sens: Sensitivity, eps: float, *, per_head: bool
+) -> tuple[dict, dict, tuple, float, torch.Tensor]:
+    """Taus for one error level: (layer_overrides, head_overrides, dense_layers, predicted density,
+    per-layer-head density [L, H])."""
+    L, T, H = sens.err.shape
+    layer_over: dict[int, dict] = {}
+    head_over: dict[int, dict[int, float]] = {}
+    dense: list[int] = []
+    dmat = torch.ones(L, H)
+    for li in range(L):
+        if per_head:
+            chosen: list[float | None] = []
+            for h in range(H):
+                ok = [t for t in range(T) if sens.err[li, t, h] <= eps]
+                if ok:
+                    best = min(ok, key=lambda t: (float(sens.density[li, t, h]), -t))
+                    chosen.append(sens.taus[best])
+                    dmat[li, h] = sens.density[li, best, h]
+                else:
+                    chosen.append(None)
+            if all(c is None for c in chosen):
+                dense.append(li)
+                continue
+            taus = [1.0 if c is None else c for c in chosen]
+            layer_tau = max(taus)
+            layer_over[li] = {"tau": layer_tau}
+            ho = {}
+            for h, t in enumerate(taus):
+                if t != layer_tau:
+                    for qh in range(h * sens.group, (h + 1) * sens.group):
+                        ho[qh] = t
+            if ho:
+                head_over[li] = ho
+        else:
+            ok = [t for t in range(T) if float(sens.err[li, t].max()) <= eps]
+            if not ok:
+                dense.append(li)
+                continue
+            best = min(ok, key=lambda t: (float(sens.density[li, t].mean()), -t))
+            layer_over[li] = {"tau": sens.taus[best]}
+            dmat[li] = sens.density[li, best]
+    return layer_over, head_over, tuple(dense), float(dmat.mean()), dmat
+
+
+def _eps_candidates(sens: Sensitivity, max_checks: int) -> list[float]:
+    vals = sorted({float(x) for x in sens.err.flatten().tolist() if math.isfinite(x)})
+    limit = max(1, 2**max_checks - 1)
+    if len(vals) > limit:
+        vals = (
+            [vals[round(i * (len(vals) - 1) / (limit - 1))] for i in range(limit)] if limit > 1 else vals[:1]
+        )
+    return vals
+
+
+def _measured_density(model) -> float | None:
+    try:
+        from sparse_core.retrofit import sparse_stats
+    except ImportError:
+        return None
+    try:
+        st = sparse_stats(model)
+    except Exception:
+        return None
+    d = getattr(st, "density", None)
+    return float(d) if d is not None else None
+
+
+def calibrate(
+    model,
+    tokenizer,
+    texts: Sequence[str],
+    budget: Budget | dict | str,
+    *,
+    estimator: str = "pooled",
+    seed: int = 0,
+    limits: CalibrationLimits | None = None,
+    progress: Progress | None = None,
+) -> tuple[SparsePlan, CalibrationReport]:
+    """The sparsest plan (per layer / selection head tau) whose held-out fidelity meets `budget`.
+
+    The model is left dense. Layers that cannot meet the budget stay dense; if no sparse plan meets
+    it the returned plan is all-dense and `report.met_budget` is False."""
+    from sparse_core.estimators import get_estimator
+    from sparse_core.retrofit import is_sparsified, sparsify, unsparsify
+
+    lim = limits or CalibrationLimits()
+    if isinstance(budget, str):
+        budget = Budget.parse(budget)
+    elif isinstance(budget, dict):
+        budget = Budget.from_mapping(budget)
+    get_estimator(estimator)  # unknown name -> PlanError before any work
+    if is_sparsified(model):
+        unsparsify(model)
+    t_start = time.perf_counter()
+    secs: dict[str, float] = {}
+    texts = [t for t in texts if isinstance(t, str) and t.strip()]
+    calib_texts, held_texts = split_texts(texts, lim.holdout_fraction, seed)
+    n_held = max(1, round(lim.max_texts * lim.holdout_fraction))
+    n_cal = max(1, lim.max_texts - n_held)
+    min_len = 2 * lim.block_size
+    cal_w = pack_token_windows(tokenizer, calib_texts, lim.max_seq_len, n_cal, seed=seed, min_length=min_len)
+    held_w = pack_token_windows(
+        tokenizer, held_texts, lim.max_seq_len, n_held, seed=seed + 1, min_length=min_len
+    )
+    if not cal_w or not held_w:
+        raise ValueError(
+            f"texts too short to calibrate on: need at least {min_len} tokens in both the calibration "
+            f"and held-out parts (got {len(calib_texts)} / {len(held_texts)} texts)"
+        )
+    fingerprint = text_fingerprint(texts)
+
+    base = SparsePlan(
+        block_size=lim.block_size,
+        estimator=estimator,
+        tau=max(lim.taus),
+        sink_blocks=lim.sink_blocks,
+        local_blocks=lim.local_blocks,
+        group_heads=lim.group_heads,
+    )
+    gate_report = None
+    if estimator == "gate":
+        from sparse_core.gate_training import GateTrainConfig, train_gate
+
+        t0 = time.perf_counter()
+        gate, rep = train_gate(
+            model,
+            cal_w,
+            GateTrainConfig(
+                block_size=lim.block_size,
+                steps=lim.gate_steps,
+                lr=lim.gate_lr,
+                seed=seed,
+                checkpoint_dir=lim.gate_checkpoint_dir,
+                max_seconds=lim.gate_max_seconds,
+            ),
+            heldout_windows=held_w[:1],
+            progress=(lambda ph, d, t: progress(f"gate {ph}", d, t)) if progress else None,
+        )
+        base.tensors = gate.to_tensors()
+        gate_report = rep.to_dict()
+        secs["gate"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    ref = dense_reference(
+        model,
+        held_w,
+        fraction=lim.fidelity_fraction,
+        progress=(lambda n: progress("dense reference", n, len(held_w))) if progress else None,
+    )
+    secs["dense_reference"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    sens = measure_sensitivity(model, cal_w, base, lim.taus, progress)
+    secs["sensitivity"] = time.perf_counter() - t0
+
+    def plan_for(eps: float | None) -> tuple[SparsePlan, float, torch.Tensor]:
+        n_layers = sens.err.shape[0]
+        if eps is None:
+            return base.with_(dense_layers=tuple(range(n_layers))), 1.0, torch.ones(n_layers, sens.heads)
+        lo, ho, dl, pred, dmat = allocate(sens, eps, per_head=lim.per_head)
+        if len(dl) == n_layers:
+            return base.with_(dense_layers=dl), 1.0, dmat
+        return base.with_(layer_overrides=lo, head_overrides=ho, dense_layers=dl), pred, dmat
+
+    search: list[SearchStep] = []
+    cands = _eps_candidates(sens, lim.max_joint_checks)
+    cache: dict[int, tuple[bool, Fidelity, float | None]] = {}
+
+    def check(i: int) -> bool:
+        if i in cache:
+            return cache[i][0]
+        t1 = time.perf_counter()
+        plan, pred, _ = plan_for(cands[i])
+        sparsify(model, plan)
+        try:
+            fid = measure_fidelity(model, ref)
+            dens = _measured_density(model)
+        finally:
+            unsparsify(model)
+        ok = budget.met_by(fid)
+        cache[i] = (ok, fid, dens)
+        search.append(SearchStep(cands[i], pred, dens, fid.to_dict(), ok, time.perf_counter() - t1))
+        if progress:
+            progress("joint check", len(search), min(lim.max_joint_checks, len(cands)))
+        return ok
+
+    t0 = time.perf_counter()
+    lo, hi = -1, len(cands) - 1  # invariant: lo passes (-1 = all dense), everything > hi fails
+    while lo < hi and len(search) < lim.max_joint_checks:
+        if lim.max_seconds is not None and time.perf_counter() - t_start > lim.max_seconds:
+            break
+        mid = (lo + hi + 1) // 2
+        if check(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    secs["search"] = time.perf_counter() - t0
+
+    eps = cands[lo] if lo >= 0 else None
+    plan, predicted, dmat = plan_for(eps)
+    if lo >= 0:
+        _, fid, measured = cache[lo]
+    else:
+        fid, measured = Fidelity.identical(ref), 1.0
+    layer_density = [
+        1.0 if li in plan.dense_layers else float(dmat[li].mean()) for li in range(dmat.shape[0])
+    ]
+    head_density = [
+        [1.0] * dmat.shape[1] if li in plan.dense_layers else dmat[li].tolist() for li in range(dmat.shape[0])
+    ]
+    secs["total"] = time.perf_counter() - t_start
+    density = sum(layer_density) / len(layer_density)
+    plan.metadata.update(
+        {
+            "model_shape": model_shape(model.config),
+            "budget": budget.to_dict(),
+            "estimator": estimator,
+            "seed": seed,
+            "data_fingerprint": fingerprint,
+            "n_texts": len(texts),
+            "calibration": {
+                "n_calibration_windows": len(cal_w),
+                "n_heldout_windows": len(held_w),
+                "seq_len": lim.max_seq_len,
+                "taus": list(lim.taus),
+                "per_head": lim.per_head,
+                "eps": eps,
+            },
+            "fidelity": fid.to_dict(),
+            "met_budget": lo >= 0,
+            "density": density,
+            "measured_density": measured,
+            "layer_density": layer_density,
+            "head_density": head_density,
+        }
+    )
+    from sparse_core.plan_io import stamp_tensors_digest
+
+    stamp_tensors_digest(plan)
+    report = CalibrationReport(
+        estimator=estimator,
+        budget=budget.to_dict(),
+        met_budget=lo >= 0,
+        fidelity=fid.to_dict(),
+        density=density,
+        predicted_density=predicted,
+        layer_density=layer_density,
+        head_density=head_density,
+        dense_layers=list(plan.dense_layers),
+        eps=eps,
+        search=search,
+        gate_training=gate_report,
+        n_calibration_windows=len(cal_w),
+        n_heldout_windows=len(held_w),
+        seq_len=lim.max_seq_len,
+        data_fingerprint=fingerprint,
+        seconds=secs,
+        plan_hash=plan.content_hash(),
+    )
+    return plan, report
+
+
+__all__ = [
+    "Budget",
+    "BudgetError",
+    "CalibrationLimits",
+    "CalibrationReport",
+    "DenseReference",
+    "calibrate",
+    "measure_sensitivity",
+    "split_texts",
+]

@@ -1,0 +1,648 @@
+"""`evaluate(model, tokenizer, plan, suite) -> EvaluationReport`: the evidence a gate, an approver and a
+board read about one sparse plan, always against the same model run dense.
+
+Sections (each can be switched off by the suite, and is then None in the report):
+- fidelity on natural text: next-token KL, top-1 agreement, delta NLL, per-layer attention-output
+  relative error (as it propagates through the sparse model);
+- long-context probes scored by log-likelihood rank (dense accuracy is the reference);
+- use-case task scores on a JSONL dataset (dense vs sparse);
+- speed: prefill seconds and tokens/s dense vs sparse at the dataset's length mix, repeated, with a
+  bootstrap interval on the speed-up; density computed and estimator share;
+- pictures: layer x head density heatmap, one sample's selected blocks over its attention map.
+
+The model is returned dense whatever happens.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import random
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sparse_core.capture import block_attention_mass, capture_attention
+from sparse_core.corpus import corpus_texts, pack_token_windows
+from sparse_core.fidelity import dense_reference, measure_fidelity
+from sparse_core.plan import SparsePlan, model_shape
+from sparse_core.probes import PROBE_KINDS, generate_probes, score_probes
+from sparse_core.tasks import TaskRow, read_dataset, score_dataset
+
+SCHEMA_VERSION = 1
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class EvalSuite:
+    """What to measure and how much of it. `quick()` fits the pilot's main job; `thorough()` is for
+    the closing numbers."""
+
+    # fidelity on natural text (default: the stdlib corpus's held-out part)
+    n_fidelity_texts: int = 4
+    fidelity_seq_len: int = 2048
+    fidelity_texts: Sequence[str] | None = None
+    fidelity_fraction: float = 0.5
+    layer_errors: bool = True
+    # probes
+    probe_lengths: tuple[int, ...] = (2048,)
+    probe_kinds: tuple[str, ...] = PROBE_KINDS
+    probe_depths: tuple[float, ...] = (0.1, 0.5, 0.9)
+    probes_per_depth: int = 1
+    # use-case dataset
+    dataset: str | Path | None = None
+    dataset_rows: Sequence[TaskRow] | None = None
+    task: str | None = None  # default task for rows without one (default: loglik)
+    max_dataset_rows: int | None = 16
+    max_new_tokens: int = 32
+    max_prompt_tokens: int | None = None
+    # speed
+    speed_lengths: tuple[int, ...] | None = None  # None: the dataset's length mix (or 2048); (): off
+    speed_weights: tuple[float, ...] | None = None
+    speed_repeats: int = 3
+    max_speed_buckets: int = 3
+    # pictures
+    pictures_dir: str | Path | None = None
+    picture_layer: int | None = None  # default: the middle layer
+    seed: int = 0
+
+    @classmethod
+    def quick(cls, **kw) -> EvalSuite:
+        base: dict[str, Any] = dict(
+            n_fidelity_texts=2,
+            fidelity_seq_len=1024,
+            probe_lengths=(1024,),
+            probe_kinds=("passkey", "kv"),
+            probe_depths=(0.1, 0.5, 0.9),
+            max_dataset_rows=6,
+            speed_repeats=2,
+            max_speed_buckets=2,
+        )
+        base.update(kw)
+        return cls(**base)
+
+    @classmethod
+    def thorough(cls, **kw) -> EvalSuite:
+        base: dict[str, Any] = dict(
+            n_fidelity_texts=6,
+            probe_lengths=(2048, 4096, 8192),
+            probe_depths=(0.1, 0.3, 0.5, 0.7, 0.9),
+            max_dataset_rows=None,
+            speed_lengths=(2048, 4096, 8192),
+            speed_repeats=3,
+        )
+        base.update(kw)
+        return cls(**base)
+
+
+@dataclass
+class SpeedRow:
+    seq_len: int
+    weight: float
+    dense_seconds: list[float]
+    sparse_seconds: list[float]
+    speedup: float  # median dense / median sparse
+    speedup_min_based: float  # min dense / min sparse (least noisy on a shared machine)
+    speedup_interval: tuple[float, float]  # 90% bootstrap interval of the median ratio
+    dense_tokens_per_s: float
+    sparse_tokens_per_s: float
+    density: float | None
+    estimator_share: float | None  # estimator + selection seconds / dense prefill seconds
+
+
+@dataclass
+class EvaluationReport:
+    schema_version: int
+    model: dict
+    plan_hash: str
+    estimator: str
+    device: str
+    torch_version: str
+    fidelity: dict | None = None
+    layer_errors: list[float] | None = None
+    probes: dict | None = None
+    tasks: dict | None = None
+    speed: list[SpeedRow] | None = None
+    speed_summary: dict | None = None
+    density: float | None = None
+    layer_density: list[float] | None = None
+    head_density: list[list[float]] | None = None
+    artifacts: dict[str, str] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    suite: dict = field(default_factory=dict)
+
+    SECTIONS = (
+        "schema_version",
+        "model",
+        "plan_hash",
+        "estimator",
+        "device",
+        "torch_version",
+        "fidelity",
+        "layer_errors",
+        "probes",
+        "tasks",
+        "speed",
+        "speed_summary",
+        "density",
+        "layer_density",
+        "head_density",
+        "artifacts",
+        "seconds",
+        "suite",
+    )
+
+    def to_dict(self) -> dict:
+        """Stable schema: every key of SECTIONS always present (None when a section did not run)."""
+        d = asdict(self)
+        return {k: _jsonable(d[k]) for k in self.SECTIONS}
+
+    def metrics(self) -> dict[str, float]:
+        """Flat finite floats for MLflow (names use only [a-z0-9_.])."""
+        m: dict[str, float] = {}
+        if self.fidelity:
+            for k in ("kl", "agree", "nll_delta", "nll_dense", "nll_sparse"):
+                m[f"fidelity.{k}"] = self.fidelity[k]
+        if self.layer_errors:
+            m["fidelity.layer_error_max"] = max(self.layer_errors)
+            m["fidelity.layer_error_mean"] = sum(self.layer_errors) / len(self.layer_errors)
+        if self.probes:
+            m["probes.dense_accuracy"] = self.probes["dense"]["accuracy"]
+            m["probes.sparse_accuracy"] = self.probes["sparse"]["accuracy"]
+            m["probes.accuracy_delta"] = self.probes["sparse"]["accuracy"] - self.probes["dense"]["accuracy"]
+            m["probes.dense_margin"] = self.probes["dense"]["mean_margin"]
+            m["probes.sparse_margin"] = self.probes["sparse"]["mean_margin"]
+        if self.tasks:
+            m["tasks.dense_quality"] = self.tasks["dense"]["mean_quality"]
+            m["tasks.sparse_quality"] = self.tasks["sparse"]["mean_quality"]
+            m["tasks.quality_delta"] = self.tasks["quality_delta"]
+        for r in self.speed or []:
+            p = f"speed.{r.seq_len}"
+            m[f"{p}.speedup"] = r.speedup
+            m[f"{p}.speedup_lo"] = r.speedup_interval[0]
+            m[f"{p}.speedup_hi"] = r.speedup_interval[1]
+            m[f"{p}.dense_tokens_per_s"] = r.dense_tokens_per_s
+            m[f"{p}.sparse_tokens_per_s"] = r.sparse_tokens_per_s
+            if r.estimator_share is not None:
+                m[f"{p}.estimator_share"] = r.estimator_share
+        if self.speed_summary:
+            for k, v in self.speed_summary.items():
+                if isinstance(v, (int, float)):
+                    m[f"speed.{k}"] = v
+        if self.density is not None:
+            m["density"] = self.density
+        return {k: float(v) for k, v in m.items() if v is not None and math.isfinite(float(v))}
+
+    def artifact_paths(self) -> list[Path]:
+        return [Path(p) for p in self.artifacts.values()]
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, Path):
+        return str(v)
+    return v
+
+
+# ----------------------------------------------------------------------------------------------------
+# pieces
+
+
+def device_description(model) -> str:
+    dev = next(model.parameters()).device
+    if dev.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(dev)}"
+    return f"cpu:{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+
+
+@torch.no_grad()
+def layer_output_errors(model, plan: SparsePlan, ids: Sequence[int]) -> list[float]:
+    """Relative error of each layer's attention output, sparse model vs dense model, same input."""
+    from sparse_core.retrofit import sparsify, unsparsify
+
+    dev = next(model.parameters()).device
+    x = torch.tensor([list(ids)], device=dev)
+    dense: dict[int, torch.Tensor] = {}
+    errs: dict[int, float] = {}
+
+    def keep(call):
+        dense[call.layer_idx] = call.output.detach().float().clone()
+
+    def compare(call):
+        ref = dense[call.layer_idx]
+        errs[call.layer_idx] = float((call.output.float() - ref).norm() / ref.norm().clamp_min(1e-30))
+
+    with capture_attention(model, keep):
+        model(input_ids=x, logits_to_keep=1)
+    sparsify(model, plan)
+    try:
+        with capture_attention(model, compare):
+            model(input_ids=x, logits_to_keep=1)
+    finally:
+        unsparsify(model)
+    return [errs[i] for i in sorted(errs)]
+
+
+@torch.no_grad()
+def selection_density(
+    model, plan: SparsePlan, windows: Sequence[Sequence[int]]
+) -> tuple[list[list[float]], float]:
+    """Per layer x selection head density of the plan's selection on these windows (the model's own
+    dense q/k; dense layers count 1.0), and the overall mean."""
+    from sparse_core.kernels import estimate_and_select
+
+    n_layers = int(model.config.num_hidden_layers)
+    sums: dict[int, torch.Tensor] = {}
+    counts: dict[int, int] = {}
+
+    def on_layer(call):
+        li = call.layer_idx
+        params = plan.layer_params(li)
+        if params.dense or call.query.shape[2] <= plan.block_size:
+            hd = None
+        else:
+            sel = estimate_and_select(call.query[:1], call.key[:1], plan, params, scale=call.scaling)
+            hd = sel.head_density.double()
+        if hd is not None:
+            sums[li] = sums.get(li, torch.zeros_like(hd)) + hd
+            counts[li] = counts.get(li, 0) + 1
+
+    dev = next(model.parameters()).device
+    for w in windows:
+        with capture_attention(model, on_layer):
+            model(input_ids=torch.tensor([list(w)], device=dev), logits_to_keep=1)
+    width = max((len(v) for v in sums.values()), default=1)
+    table = []
+    for li in range(n_layers):
+        if li in sums:
+            table.append((sums[li] / counts[li]).tolist())
+        else:
+            table.append([1.0] * width)
+    flat = [x for row in table for x in row]
+    return table, sum(flat) / len(flat)
+
+
+def _bootstrap_ratio(
+    dense: Sequence[float], sparse: Sequence[float], seed: int, n: int = 2000
+) -> tuple[float, float]:
+    rng = random.Random(seed)
+    vals = []
+    for _ in range(n):
+        d = statistics.median(rng.choices(dense, k=len(dense)))
+        s = statistics.median(rng.choices(sparse, k=len(sparse)))
+        vals.append(d / s)
+    vals.sort()
+    return vals[int(0.05 * (n - 1))], vals[int(0.95 * (n - 1))]
+
+
+def _time_prefill(model, ids: torch.Tensor) -> float:
+    dev = ids.device
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        model(input_ids=ids, logits_to_keep=1)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return time.perf_counter() - t0
+
+
+def _estimator_seconds(model) -> float | None:
+    try:
+        from sparse_core.retrofit import sparse_stats
+
+        st = sparse_stats(model)
+    except Exception:
+        return None
+    v = getattr(st, "estimator_seconds", None)
+    return float(v) if v is not None else None
+
+
+def _reset_stats(model) -> None:
+    from sparse_core.retrofit import sparse_stats
+
+    sparse_stats(model).reset()
+
+
+def measure_speed(
+    model,
+    tokenizer,
+    plan: SparsePlan,
+    lengths: Sequence[int],
+    weights: Sequence[float] | None = None,
+    *,
+    repeats: int = 3,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> tuple[list[SpeedRow], dict]:
+    """Prefill timings dense vs sparse, interleaved per repeat (so machine-load drift hits both),
+    after one untimed warm-up each."""
+    from sparse_core.retrofit import sparsify, unsparsify
+
+    weights = list(weights) if weights else [1.0] * len(lengths)
+    total_w = sum(weights)
+    texts = corpus_texts("all")
+    dev = next(model.parameters()).device
+    rows: list[SpeedRow] = []
+    done, total = 0, len(lengths) * repeats
+    for L, w in zip(lengths, weights, strict=True):
+        win = pack_token_windows(tokenizer, texts, int(L), 1, seed=seed + 7)[0]
+        ids = torch.tensor([win], device=dev)
+        _time_prefill(model, ids)  # warm-up dense
+        sparsify(model, plan)
+        try:
+            _time_prefill(model, ids)  # warm-up sparse (compiles kernels where they compile)
+        finally:
+            unsparsify(model)
+        d_times, s_times, est = [], [], []
+        for _ in range(repeats):
+            d_times.append(_time_prefill(model, ids))
+            sparsify(model, plan)
+            try:
+                _reset_stats(model)
+                s_times.append(_time_prefill(model, ids))
+                e = _estimator_seconds(model)
+                if e is not None:
+                    est.append(e)
+            finally:
+                unsparsify(model)
+            done += 1
+            if progress:
+                progress("speed", done, total)
+        dm, sm = statistics.median(d_times), statistics.median(s_times)
+        lo, hi = _bootstrap_ratio(d_times, s_times, seed)
+        _, dens = selection_density(model, plan, [win])
+        rows.append(
+            SpeedRow(
+                seq_len=len(win),
+                weight=w / total_w,
+                dense_seconds=d_times,
+                sparse_seconds=s_times,
+                speedup=dm / sm,
+                speedup_min_based=min(d_times) / min(s_times),
+                speedup_interval=(lo, hi),
+                dense_tokens_per_s=len(win) / dm,
+                sparse_tokens_per_s=len(win) / sm,
+                density=dens,
+                estimator_share=(statistics.median(est) / dm) if est else None,
+            )
+        )
+    dense_t = sum(r.weight * statistics.median(r.dense_seconds) for r in rows)
+    sparse_t = sum(r.weight * statistics.median(r.sparse_seconds) for r in rows)
+    summary = {
+        "weighted_speedup": dense_t / sparse_t if sparse_t > 0 else None,
+        "weighted_dense_seconds": dense_t,
+        "weighted_sparse_seconds": sparse_t,
+        "weighted_dense_tokens_per_s": sum(r.weight * r.dense_tokens_per_s for r in rows),
+        "weighted_sparse_tokens_per_s": sum(r.weight * r.sparse_tokens_per_s for r in rows),
+    }
+    return rows, summary
+
+
+def length_mix(tokenizer, rows: Sequence[TaskRow], *, max_buckets: int = 3, cap: int | None = None):
+    """The dataset's prompt-length mix as up to `max_buckets` representative lengths with weights
+    (quantile buckets; each length is the bucket's median rounded to a block multiple)."""
+    lens = sorted(len(tokenizer(r.prompt, add_special_tokens=False)["input_ids"]) for r in rows)
+    if cap:
+        lens = [min(x, cap) for x in lens]
+    k = max(1, min(max_buckets, len(lens)))
+    buckets = [lens[i * len(lens) // k : (i + 1) * len(lens) // k] for i in range(k)]
+    out: dict[int, float] = {}
+    for b in buckets:
+        if not b:
+            continue
+        L = max(128, int(round(statistics.median(b) / 64)) * 64)
+        out[L] = out.get(L, 0.0) + len(b) / len(lens)
+    return tuple(out), tuple(out.values())
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def evaluate(
+    model,
+    tokenizer,
+    plan: SparsePlan,
+    suite: EvalSuite | None = None,
+    *,
+    progress: Progress | None = None,
+) -> EvaluationReport:
+    """Evaluate `plan` on `model` (left dense afterwards)."""
+    from sparse_core.retrofit import is_sparsified, sparsify, unsparsify
+
+    suite = suite or EvalSuite()
+    plan.validate_for(model.config)
+    if is_sparsified(model):
+        unsparsify(model)
+    cap = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
+    t_all = time.perf_counter()
+    secs: dict[str, float] = {}
+    report = EvaluationReport(
+        schema_version=SCHEMA_VERSION,
+        model={**model_shape(model.config), "name": str(getattr(model.config, "_name_or_path", ""))},
+        plan_hash=plan.content_hash(),
+        estimator=plan.estimator,
+        device=device_description(model),
+        torch_version=torch.__version__,
+        suite=_jsonable(
+            {k: v for k, v in asdict(suite).items() if k not in ("fidelity_texts", "dataset_rows")}
+        ),
+    )
+
+    # --- fidelity -------------------------------------------------------------------------------
+    windows: list[list[int]] = []
+    if suite.n_fidelity_texts > 0:
+        t0 = time.perf_counter()
+        texts = (
+            list(suite.fidelity_texts) if suite.fidelity_texts else corpus_texts("heldout", seed=suite.seed)
+        )
+        L = min(suite.fidelity_seq_len, cap) if cap else suite.fidelity_seq_len
+        windows = pack_token_windows(tokenizer, texts, L, suite.n_fidelity_texts, seed=suite.seed)
+        n = len(windows)
+        ref = dense_reference(
+            model, windows, fraction=suite.fidelity_fraction, progress=_stage(progress, "fidelity dense", n)
+        )
+        sparsify(model, plan)
+        try:
+            fid = measure_fidelity(model, ref, progress=_stage(progress, "fidelity sparse", n))
+        finally:
+            unsparsify(model)
+        report.fidelity = fid.to_dict()
+        del ref
+        if suite.layer_errors and windows:
+            report.layer_errors = layer_output_errors(model, plan, windows[0])
+        report.head_density, report.density = selection_density(model, plan, windows)
+        report.layer_density = [sum(r) / len(r) for r in report.head_density]
+        secs["fidelity"] = time.perf_counter() - t0
+
+    # --- probes ---------------------------------------------------------------------------------
+    lengths = tuple(x for x in suite.probe_lengths if not cap or x <= cap)
+    if lengths and suite.probe_kinds:
+        t0 = time.perf_counter()
+        probes = generate_probes(
+            tokenizer,
+            lengths=lengths,
+            kinds=suite.probe_kinds,
+            depths=suite.probe_depths,
+            per_depth=suite.probes_per_depth,
+            seed=suite.seed,
+        )
+        n = len(probes)
+        dense_p = score_probes(model, probes, progress=_stage(progress, "probes dense", n))
+        sparsify(model, plan)
+        try:
+            sparse_p = score_probes(model, probes, progress=_stage(progress, "probes sparse", n))
+        finally:
+            unsparsify(model)
+        dd, sd = dense_p.to_dict(), sparse_p.to_dict()
+        report.probes = {
+            "n": n,
+            "lengths": list(lengths),
+            "dense": {k: dd[k] for k in ("accuracy", "by_kind_length", "mean_margin", "seconds")},
+            "sparse": {k: sd[k] for k in ("accuracy", "by_kind_length", "mean_margin", "seconds")},
+            "agreement": sum(
+                a.correct == b.correct for a, b in zip(dense_p.outcomes, sparse_p.outcomes, strict=True)
+            )
+            / n,
+        }
+        secs["probes"] = time.perf_counter() - t0
+
+    # --- use-case dataset ------------------------------------------------------------------------
+    rows: list[TaskRow] | None = None
+    if suite.dataset_rows is not None:
+        rows = list(suite.dataset_rows)
+    elif suite.dataset is not None:
+        rows = read_dataset(suite.dataset, default_task=suite.task)
+    if rows:
+        t0 = time.perf_counter()
+        used = rows[: suite.max_dataset_rows] if suite.max_dataset_rows else rows
+        kw = dict(
+            task=suite.task or "loglik",
+            max_new_tokens=suite.max_new_tokens,
+            max_prompt_tokens=suite.max_prompt_tokens or cap,
+        )
+        dense_t = score_dataset(
+            model, tokenizer, used, progress=_stage(progress, "tasks dense", len(used)), **kw
+        )
+        sparsify(model, plan)
+        try:
+            sparse_t = score_dataset(
+                model, tokenizer, used, progress=_stage(progress, "tasks sparse", len(used)), **kw
+            )
+        finally:
+            unsparsify(model)
+        report.tasks = {
+            "dense": dense_t.to_dict(),
+            "sparse": sparse_t.to_dict(),
+            "quality_delta": sparse_t.mean_quality - dense_t.mean_quality,
+            "n_rows": len(used),
+        }
+        secs["tasks"] = time.perf_counter() - t0
+
+    # --- speed ----------------------------------------------------------------------------------
+    lengths_w: tuple[tuple[int, ...], tuple[float, ...] | None]
+    if suite.speed_lengths is not None:
+        lengths_w = (tuple(suite.speed_lengths), suite.speed_weights)
+    elif rows:
+        lengths_w = length_mix(tokenizer, rows, max_buckets=suite.max_speed_buckets, cap=cap)
+    else:
+        lengths_w = ((2048,), None)
+    sl = tuple(x for x in lengths_w[0] if not cap or x <= cap)
+    if sl and suite.speed_repeats > 0:
+        t0 = time.perf_counter()
+        w = lengths_w[1] if lengths_w[1] and len(lengths_w[1]) == len(lengths_w[0]) else None
+        if w is not None:
+            w = tuple(wt for x, wt in zip(lengths_w[0], w, strict=True) if not cap or x <= cap)
+        report.speed, report.speed_summary = measure_speed(
+            model, tokenizer, plan, sl, w, repeats=suite.speed_repeats, seed=suite.seed, progress=progress
+        )
+        secs["speed"] = time.perf_counter() - t0
+
+    # --- pictures -------------------------------------------------------------------------------
+    if suite.pictures_dir is not None:
+        t0 = time.perf_counter()
+        report.artifacts = make_pictures(model, plan, report, windows, tokenizer, suite)
+        secs["pictures"] = time.perf_counter() - t0
+    secs["total"] = time.perf_counter() - t_all
+    report.seconds = secs
+    return report
+
+
+def _stage(progress: Progress | None, name: str, total: int):
+    if progress is None:
+        return None
+    state = {"n": 0}
+
+    def step(k: int = 1) -> None:
+        state["n"] += k
+        progress(name, state["n"], total)
+
+    return step
+
+
+@torch.no_grad()
+def make_pictures(
+    model, plan, report: EvaluationReport, windows, tokenizer, suite: EvalSuite
+) -> dict[str, str]:
+    from sparse_core.kernels import estimate_and_select
+    from sparse_core.pictures import block_mask_over_attention, density_heatmap
+
+    out_dir = Path(suite.pictures_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    arts: dict[str, str] = {}
+    if not windows:
+        windows = pack_token_windows(
+            tokenizer, corpus_texts("heldout"), suite.fidelity_seq_len, 1, seed=suite.seed
+        )
+    if report.head_density is None:
+        report.head_density, report.density = selection_density(model, plan, windows[:1])
+    label = (
+        "kv head"
+        if plan.group_heads and model.config.num_key_value_heads != model.config.num_attention_heads
+        else "head"
+    )
+    arts["density_heatmap"] = str(
+        density_heatmap(report.head_density, out_dir / "density_heatmap.png", head_label=label)
+    )
+    n_layers = int(model.config.num_hidden_layers)
+    sparse_layers = [i for i in range(n_layers) if i not in plan.dense_layers]
+    layer = (
+        suite.picture_layer
+        if suite.picture_layer is not None
+        else (sparse_layers[len(sparse_layers) // 2] if sparse_layers else n_layers // 2)
+    )
+    grab: dict = {}
+
+    def on_layer(call):
+        if call.layer_idx == layer:
+            grab["q"], grab["k"], grab["s"] = call.query[:1].clone(), call.key[:1].clone(), call.scaling
+
+    dev = next(model.parameters()).device
+    with capture_attention(model, on_layer, layers={layer}):
+        model(input_ids=torch.tensor([windows[0]], device=dev), logits_to_keep=1)
+    mass = block_attention_mass(grab["q"], grab["k"], plan.block_size, grab["s"])[0, 0]
+    params = plan.layer_params(layer)
+    if params.dense:
+        kept = torch.tril(torch.ones_like(mass, dtype=torch.bool))
+    else:
+        sel = estimate_and_select(grab["q"], grab["k"], plan, params, scale=grab["s"])
+        kept = sel.mask()[0, 0]
+    arts["block_mask"] = str(
+        block_mask_over_attention(
+            mass.cpu().numpy(),
+            kept.cpu().numpy(),
+            out_dir / "block_mask.png",
+            title=f"layer {layer}, head 0, {len(windows[0])} tokens, estimator {params.estimator}",
+        )
+    )
+    return arts

@@ -1,0 +1,104 @@
+"""Fidelity of a (sparsified) model against its own dense outputs on the same token windows.
+
+Measured on the last `fraction` of each window's positions (default: the second half): that is where
+a query sees the most key blocks and a sparse plan drops the most, and it halves the memory the dense
+reference log-probabilities take (positions x vocabulary floats).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+@dataclass
+class Fidelity:
+    kl: float  # mean next-token KL(dense || sparse), nats
+    agree: float  # top-1 agreement with dense
+    nll_dense: float  # mean next-token NLL of the text under the dense model
+    nll_sparse: float
+    nll_delta: float  # (nll_sparse - nll_dense) / nll_dense
+    n_positions: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def identical(cls, ref: DenseReference) -> Fidelity:
+        return cls(0.0, 1.0, ref.nll, ref.nll, 0.0, ref.n_positions)
+
+
+@dataclass
+class DenseReference:
+    windows: list[list[int]]
+    keep: list[int]  # positions scored per window (the last `keep`)
+    logprobs: list[torch.Tensor]  # [keep, V] float32
+    nll: float
+    n_positions: int
+
+
+def _logits(model, ids: Sequence[int], keep: int) -> torch.Tensor:
+    dev = next(model.parameters()).device
+    out = model(input_ids=torch.tensor([list(ids)], device=dev), logits_to_keep=keep)
+    return out.logits[0].float()
+
+
+def _nll(logprobs: torch.Tensor, ids: Sequence[int], keep: int) -> tuple[float, int]:
+    """Summed NLL of the next tokens that fall inside the window, and their count."""
+    targets = torch.tensor(list(ids[len(ids) - keep + 1 :]), device=logprobs.device)
+    if targets.numel() == 0:
+        return 0.0, 0
+    lp = logprobs[:-1].gather(1, targets[:, None])
+    return float(-lp.sum()), int(targets.numel())
+
+
+@torch.inference_mode()
+def dense_reference(
+    model,
+    windows: Sequence[Sequence[int]],
+    *,
+    fraction: float = 0.5,
+    progress: Callable[[int], None] | None = None,
+) -> DenseReference:
+    """Dense log-probabilities on the scored positions of each window (run with the model dense)."""
+    keeps, lps, tot, n = [], [], 0.0, 0
+    for w in windows:
+        keep = max(2, int(math.ceil(len(w) * fraction)))
+        lp = torch.log_softmax(_logits(model, w, keep), dim=-1)
+        s, c = _nll(lp, w, keep)
+        tot, n = tot + s, n + c
+        keeps.append(keep)
+        lps.append(lp)
+        if progress:
+            progress(1)
+    return DenseReference([list(w) for w in windows], keeps, lps, tot / max(n, 1), sum(keeps))
+
+
+@torch.inference_mode()
+def measure_fidelity(
+    model, ref: DenseReference, *, progress: Callable[[int], None] | None = None
+) -> Fidelity:
+    """Run the model as it is now (sparse or not) on the reference windows and compare."""
+    kl_sum, agree_sum, pos, nll_sum, nll_n = 0.0, 0.0, 0, 0.0, 0
+    for w, keep, dlp in zip(ref.windows, ref.keep, ref.logprobs, strict=True):
+        slp = torch.log_softmax(_logits(model, w, keep), dim=-1)
+        kl = (dlp.exp() * (dlp - slp)).sum(-1)
+        kl_sum += float(kl.clamp_min(0).sum())
+        agree_sum += float((dlp.argmax(-1) == slp.argmax(-1)).sum())
+        pos += keep
+        s, c = _nll(slp, w, keep)
+        nll_sum, nll_n = nll_sum + s, nll_n + c
+        if progress:
+            progress(1)
+    nll_sparse = nll_sum / max(nll_n, 1)
+    return Fidelity(
+        kl=kl_sum / max(pos, 1),
+        agree=agree_sum / max(pos, 1),
+        nll_dense=ref.nll,
+        nll_sparse=nll_sparse,
+        nll_delta=(nll_sparse - ref.nll) / ref.nll if ref.nll > 0 else 0.0,
+        n_positions=pos,
+    )
