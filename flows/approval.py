@@ -1,0 +1,314 @@
+"""The approval flow: a flow run that records its id on the pending decision, pauses with
+`pause_flow_run(wait_for_input=ApprovalInput)`, and when a person approves (CLI or dashboard, through
+`rollout.approvals.approve`, which calls `resume_flow_run`) promotes, rejects or rolls back.
+
+Design (so the main job can finish while decisions wait): the gate only *records* a GO decision as awaiting
+approval. The paused approval run is a separate flow run, started in a background thread of whichever
+process stays alive to wait — `sparsepilot run --serve` (for as long as the dashboard is served) and
+`sparsepilot serve`. When that process exits, `release_waiting` cancels its paused runs and clears the
+decision's flow_run_id, so the record never claims that someone waits. `sparsepilot approve` starts a
+fresh approval run when none is waiting and resumes it: an approval always resumes a paused flow run.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.flow_runs import pause_flow_run
+from prefect.input import RunInput
+
+from flows.common import flow_run_id
+
+DEFAULT_TIMEOUT_S = 7 * 24 * 3600
+_WAITERS: dict[int, tuple[threading.Thread, dict[str, Any]]] = {}
+_LOCK = threading.Lock()
+
+
+class ApprovalInput(RunInput):
+    """What the person's decision brings to the paused run (rollout.approvals.ApprovalPayload)."""
+
+    approve: bool
+    actor: str
+    role: str
+    reason: str
+    approval_id: int
+    decision_id: int
+
+
+class ApprovalWaitError(RuntimeError):
+    pass
+
+
+@task(cache_policy=NO_CACHE, name="approval-register-run", retries=2, retry_delay_seconds=1)
+def register_run(decision_id: int, run_id: str) -> dict[str, Any]:
+    from rollout import audit
+    from rollout.db.models import GateDecision
+    from rollout.db.session import session_scope
+
+    with session_scope() as session:
+        d = session.get(GateDecision, decision_id)
+        if d is None:
+            raise ApprovalWaitError(f"decision {decision_id} does not exist")
+        if d.awaiting == "none" or d.resolution is not None:
+            raise ApprovalWaitError(
+                f"decision {decision_id} is not waiting for a person (resolution: {d.resolution})"
+            )
+        if d.flow_run_id != run_id:
+            d.flow_run_id = run_id
+            audit.record(
+                session,
+                "sparsepilot-flow",
+                "approval.waiting",
+                use_case_id=d.use_case_id,
+                entity="gate_decision",
+                entity_id=d.id,
+                details={"flow_run_id": run_id, "awaiting": d.awaiting},
+            )
+        return {"awaiting": d.awaiting, "outcome": d.outcome, "use_case_id": d.use_case_id}
+
+
+@task(cache_policy=NO_CACHE, name="approval-clear-run", retries=2, retry_delay_seconds=1)
+def clear_run(decision_id: int, run_id: str) -> None:
+    from rollout.db.models import GateDecision
+    from rollout.db.session import session_scope
+
+    with session_scope() as session:
+        d = session.get(GateDecision, decision_id)
+        if d is not None and d.flow_run_id == run_id and d.resolution is None:
+            d.flow_run_id = None
+
+
+@flow(name="approval", log_prints=True)
+def approval_flow(
+    decision_id: int, timeout_s: int = DEFAULT_TIMEOUT_S, poll_interval_s: int = 2
+) -> dict[str, Any]:
+    """Wait for a person, then carry out their decision (promotion flow, rejection, or rollback)."""
+    from flows.promote import promote_flow, reject_flow, rollback_flow
+
+    logger = get_run_logger()
+    run_id = flow_run_id()
+    assert run_id is not None
+    info = register_run(decision_id, run_id)
+    logger.info("decision %s (%s) waits for approval in flow run %s", decision_id, info["outcome"], run_id)
+    try:
+        answer = pause_flow_run(
+            wait_for_input=ApprovalInput,
+            timeout=timeout_s,
+            poll_interval=poll_interval_s,
+            key=f"approval-{decision_id}",
+        )
+    except Exception:
+        clear_run(decision_id, run_id)
+        raise
+    logger.info(
+        "decision %s: %s by %s (%s)",
+        decision_id,
+        "approved" if answer.approve else "rejected",
+        answer.actor,
+        answer.reason,
+    )
+    if answer.decision_id != decision_id:
+        raise ApprovalWaitError(
+            f"run input names decision {answer.decision_id}, this run waits for {decision_id}"
+        )
+    kw = {
+        "decision_id": decision_id,
+        "approval_id": answer.approval_id,
+        "reason": answer.reason,
+        "actor": answer.actor,
+    }
+    if info["awaiting"] == "rollback_approval":
+        if answer.approve:
+            return rollback_flow(**kw)
+        return {"action": "kept", "decision_id": decision_id}
+    if answer.approve:
+        return promote_flow(**kw)
+    return reject_flow(**kw)
+
+
+# --- running approval flows in the background ------------------------------------------------------
+
+
+def _run_in_thread(decision_id: int, timeout_s: int, poll_interval_s: int, box: dict[str, Any]) -> None:
+    try:
+        box["result"] = approval_flow(decision_id, timeout_s=timeout_s, poll_interval_s=poll_interval_s)
+    except BaseException as exc:  # noqa: BLE001 - reported to whoever joins the thread
+        box["error"] = exc
+
+
+def _decision_run_id(decision_id: int) -> str | None:
+    from rollout.db.models import GateDecision
+    from rollout.db.session import session_scope
+
+    with session_scope() as session:
+        d = session.get(GateDecision, decision_id)
+        return d.flow_run_id if d else None
+
+
+def start_waiting(
+    decision_id: int, *, timeout_s: int = DEFAULT_TIMEOUT_S, poll_interval_s: int = 2, wait_s: float = 120
+) -> str:
+    """Start the approval flow for this decision in a background thread of this process and return its
+    flow run id once the run is paused (so `resume_flow_run` can reach it)."""
+    from rollout.approvals import flow_is_waiting
+
+    with _LOCK:
+        existing = _WAITERS.get(decision_id)
+        if existing and existing[0].is_alive():
+            rid = _decision_run_id(decision_id)
+            if rid:
+                return rid
+        box: dict[str, Any] = {}
+        t = threading.Thread(
+            target=_run_in_thread,
+            args=(decision_id, timeout_s, poll_interval_s, box),
+            name=f"approval-{decision_id}",
+            daemon=True,
+        )
+        _WAITERS[decision_id] = (t, box)
+        t.start()
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if "error" in box:
+            raise ApprovalWaitError(
+                f"approval flow for decision {decision_id} failed: {box['error']}"
+            ) from box["error"]
+        rid = _decision_run_id(decision_id)
+        if rid and flow_is_waiting(rid):
+            box["flow_run_id"] = rid
+            return rid
+        time.sleep(0.3)
+    raise ApprovalWaitError(f"approval flow for decision {decision_id} did not pause within {wait_s:.0f} s")
+
+
+def join_waiting(decision_id: int, timeout_s: float = 600) -> dict[str, Any] | None:
+    """Wait for this process's approval run of the decision to finish; its result (or raise its error)."""
+    with _LOCK:
+        entry = _WAITERS.get(decision_id)
+    if entry is None:
+        return None
+    t, box = entry
+    t.join(timeout_s)
+    if t.is_alive():
+        raise ApprovalWaitError(
+            f"approval flow for decision {decision_id} still running after {timeout_s:.0f} s"
+        )
+    with _LOCK:
+        _WAITERS.pop(decision_id, None)
+    if "error" in box:
+        raise box["error"]
+    return box.get("result")
+
+
+def waiting_here() -> list[int]:
+    with _LOCK:
+        return [d for d, (t, _) in _WAITERS.items() if t.is_alive()]
+
+
+def release_waiting() -> list[int]:
+    """Cancel this process's paused approval runs and clear their decisions' flow_run_id: called when
+    the waiting process is about to exit, so no decision points at a run nobody will continue."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelled
+
+    released = []
+    with _LOCK:
+        entries = list(_WAITERS.items())
+    for decision_id, (t, box) in entries:
+        if not t.is_alive():
+            continue
+        rid = box.get("flow_run_id") or _decision_run_id(decision_id)
+        if not rid:
+            continue
+        try:
+            with get_client(sync_client=True) as client:
+                client.set_flow_run_state(
+                    uuid.UUID(rid),
+                    Cancelled(
+                        message="the waiting process exited; `sparsepilot approve` starts a new approval run"
+                    ),
+                    force=True,
+                )
+        except Exception:  # noqa: BLE001, S110 - best effort at exit; the DB is cleared below either way
+            pass
+        clear_run.fn(decision_id, rid)
+        released.append(decision_id)
+    return released
+
+
+def approve_decision(
+    decision_id: int, identity: Any, reason: str | None, *, reject: bool = False
+) -> dict[str, Any]:
+    """The CLI's approval: make sure a paused approval run waits for the decision (start one here if
+    not), resume it through rollout.approvals, and wait for what it does (promotion, rejection)."""
+    from rollout import approvals
+    from rollout.auth import require_approver
+
+    require_approver(identity, f"{'reject' if reject else 'approve'} decision {decision_id}")
+    approvals._check_reason(reason)  # fail before starting anything
+    if not _will_take_effect(decision_id, identity.name, reject):
+        # The first signature of an override: recorded, nothing to resume yet.
+        return approvals.approve(decision_id, identity, reason, reject=reject).to_dict()
+    started_here = False
+    rid = _decision_run_id(decision_id)
+    if not approvals.flow_is_waiting(rid):
+        _precheck(decision_id)
+        if rid:  # a run was recorded but nobody waits on it any more
+            clear_run.fn(decision_id, rid)
+        start_waiting(decision_id)
+        started_here = True
+    try:
+        result = approvals.approve(decision_id, identity, reason, reject=reject, apply_if_no_flow=False)
+    except BaseException:
+        if started_here:
+            release_waiting()
+        raise
+    out = result.to_dict()
+    if result.took_effect and result.resumed_flow_run_id and started_here:
+        out["effect"] = join_waiting(decision_id)
+    return out
+
+
+def _will_take_effect(decision_id: int, actor: str, reject: bool) -> bool:
+    """False only for the first signature of an action against the gate's recommendation."""
+    from sqlalchemy import select
+
+    from rollout.approvals import recommended_action
+    from rollout.db.models import Approval, GateDecision
+    from rollout.db.session import session_scope
+
+    action = "reject" if reject else "approve"
+    with session_scope() as session:
+        d = session.get(GateDecision, decision_id)
+        if d is None or d.awaiting == "none" or d.resolution is not None:
+            return True  # let approvals.approve raise its clear error
+        if action == recommended_action(d):
+            return True
+        others = session.scalars(
+            select(Approval.actor).where(
+                Approval.decision_id == decision_id,
+                Approval.action == action,
+                Approval.against_recommendation.is_(True),
+            )
+        ).all()
+        return any(a != actor for a in others)
+
+
+def _precheck(decision_id: int) -> None:
+    from rollout.approvals import ApprovalError
+    from rollout.db.models import GateDecision
+    from rollout.db.session import session_scope
+
+    with session_scope() as session:
+        d = session.get(GateDecision, decision_id)
+        if d is None:
+            raise ApprovalError(f"decision {decision_id} does not exist")
+        if d.awaiting == "none":
+            raise ApprovalError(f"decision {decision_id} ({d.outcome}) is not waiting for a person")
+        if d.resolution is not None:
+            raise ApprovalError(f"decision {decision_id} was already resolved: {d.resolution}")

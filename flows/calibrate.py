@@ -1,0 +1,286 @@
+"""`calibrate(use_case)`: validate the dataset (Great Expectations) -> calibrate a sparse plan to the use
+case's quality budget on its own prompts -> register the model version in MLflow with alias `challenger`.
+
+Idempotent: the CalibrationRun is keyed by (use case, spec hash, settings); a finished run with the same
+key is returned as it is, a failed or interrupted one is redone in the same row. The first calibration also
+registers the dense baseline (every layer dense), which is what a rollback after the first promotion
+returns to."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from flows.common import UseCaseContext, flow_run_id, get_model, load_context, log_run, stable_key
+from rollout import pilots
+
+BASELINE_REASON = "dense baseline: the model as it served before any sparse plan"
+
+
+class CalibrationFailed(RuntimeError):
+    pass
+
+
+@task(cache_policy=NO_CACHE, name="validate-dataset", retries=1, retry_delay_seconds=1)
+def validate_dataset(ctx: UseCaseContext) -> dict[str, Any]:
+    from rollout.validation import validate_dataset as gx_validate
+
+    result = gx_validate(ctx.dataset_path, ctx.spec)
+    if not result.ok:
+        raise CalibrationFailed(result.summary())
+    return result.to_dict()
+
+
+def limits_for(ctx: UseCaseContext, quick: bool, overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """Calibration limits from the spec (quick: the cheap settings of the main job, never looser than
+    the spec's own)."""
+    c = ctx.spec.quality_budget.calibration
+    lim: dict[str, Any] = {
+        "max_texts": c.max_texts,
+        "max_seq_len": c.max_seq_len,
+        "holdout_fraction": c.holdout_fraction,
+    }
+    if quick:
+        lim.update(
+            {
+                "max_texts": min(c.max_texts, 4),
+                "max_seq_len": min(c.max_seq_len, 1024),
+                "taus": (0.6, 0.8, 0.9, 0.95),
+                "max_joint_checks": 4,
+                "gate_steps": 120,
+            }
+        )
+    lim.update(overrides or {})
+    return lim
+
+
+@task(cache_policy=NO_CACHE, name="calibration-run-open", retries=2, retry_delay_seconds=1)
+def open_run(ctx: UseCaseContext, key: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """The CalibrationRun for this key: returned as-is when it succeeded, else (re)marked running."""
+    from sqlalchemy import select
+
+    from rollout import audit
+    from rollout.db.models import CalibrationRun
+    from rollout.db.session import session_scope
+
+    with session_scope() as session:
+        run = session.scalar(select(CalibrationRun).where(CalibrationRun.idempotency_key == key))
+        if run is None:
+            run = CalibrationRun(
+                idempotency_key=key,
+                use_case_id=ctx.use_case_id,
+                spec_version=ctx.spec_version,
+                status="running",
+                flow_run_id=flow_run_id(),
+                metrics={"settings": settings},
+            )
+            session.add(run)
+            session.flush()
+            audit.record(
+                session,
+                "sparsepilot-pipeline",
+                "calibration.started",
+                use_case_id=ctx.use_case_id,
+                entity="calibration_run",
+                entity_id=run.id,
+                details={"settings": settings, "spec_version": ctx.spec_version},
+            )
+        elif run.status != "succeeded":
+            run.status = "running"
+            run.error = None
+            run.flow_run_id = flow_run_id()
+        return {
+            "id": run.id,
+            "status": run.status,
+            "model_version_id": run.model_version_id,
+            "metrics": run.metrics,
+        }
+
+
+@task(cache_policy=NO_CACHE, name="calibrate-plan", retries=0)
+def calibrate_plan(ctx: UseCaseContext, settings: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    from sparse_core.calibration import Budget, CalibrationLimits, calibrate
+
+    logger = get_run_logger()
+    model, tok = get_model(ctx.spec.model)
+    qb = ctx.spec.quality_budget
+    budget = Budget(kl=qb.kl, agree=qb.agree, nll_delta=qb.nll_delta)
+    lim_kw = {k: v for k, v in settings.items() if k not in ("estimator", "seed")}
+    limits = CalibrationLimits(**lim_kw)
+    texts = [r["prompt"] for r in ctx.rows]
+
+    def progress(phase: str, done: int, total: int) -> None:
+        logger.info("%s: calibration %s %d/%d", ctx.name, phase, done, total)
+
+    plan, report = calibrate(
+        model,
+        tok,
+        texts,
+        budget,
+        estimator=settings["estimator"],
+        seed=settings["seed"],
+        limits=limits,
+        progress=progress,
+    )
+    return plan, report.to_dict()
+
+
+@task(cache_policy=NO_CACHE, name="register-challenger", retries=2, retry_delay_seconds=1)
+def register_challenger(
+    ctx: UseCaseContext, run_pk: int, plan: Any, report: dict[str, Any], mlflow_run_id: str
+) -> dict[str, Any]:
+    """Register the plan's model version (+ the dense baseline once) and point `challenger` at it."""
+    from rollout import audit, registry
+    from rollout.db.models import CalibrationRun
+    from rollout.db.session import session_scope
+    from sparse_core import SparsePlan
+
+    mv = registry.register_version(
+        ctx.name,
+        plan,
+        ctx.spec.model,
+        run_id=mlflow_run_id,
+        actor=registry.SYSTEM_PIPELINE,
+        density=report.get("density"),
+    )
+    n_layers = len(report.get("layer_density") or []) or None
+    if n_layers:
+        baseline = SparsePlan(
+            block_size=plan.block_size,
+            estimator="pooled",
+            tau=1.0,
+            dense_layers=tuple(range(n_layers)),
+            metadata={"baseline": "dense", "note": BASELINE_REASON},
+        )
+        if baseline.content_hash() != plan.content_hash():
+            registry.register_version(
+                ctx.name, baseline, ctx.spec.model, actor=registry.SYSTEM_PIPELINE, density=1.0
+            )
+    move = registry.set_alias(
+        ctx.name,
+        "challenger",
+        model_version_id=mv.id,
+        actor=registry.SYSTEM_PIPELINE,
+        reason=f"calibrated to the quality budget (density {report.get('density', float('nan')):.3f})",
+        idempotency_key=f"challenger:{mv.id}:calibration:{run_pk}",
+    )
+    with session_scope() as session:
+        run = session.get(CalibrationRun, run_pk)
+        run.status = "succeeded"
+        run.model_version_id = mv.id
+        run.mlflow_run_id = mlflow_run_id
+        run.finished_at = pilots.now()
+        run.metrics = {
+            **(run.metrics or {}),
+            **_flat_metrics(report),
+            "met_budget": bool(report.get("met_budget")),
+        }
+        uc = pilots.get_use_case(session, ctx.name)
+        audit.record(
+            session,
+            "sparsepilot-pipeline",
+            "calibration.succeeded",
+            use_case_id=uc.id,
+            entity="calibration_run",
+            entity_id=run_pk,
+            details={
+                "model_version_id": mv.id,
+                "mlflow_version": mv.mlflow_version,
+                "density": report.get("density"),
+            },
+        )
+        if uc.phase in ("registered", "calibrated", "evaluated", "stopped", "rolled_back"):
+            pilots.set_phase(
+                session, uc, "calibrated", actor="sparsepilot-pipeline", reason=f"calibration run {run_pk}"
+            )
+    return {"model_version_id": mv.id, "mlflow_version": mv.mlflow_version, "alias_move_id": move.id}
+
+
+@task(cache_policy=NO_CACHE, name="calibration-run-failed", retries=2, retry_delay_seconds=1)
+def mark_failed(ctx: UseCaseContext, run_pk: int, error: str) -> None:
+    from rollout import audit
+    from rollout.db.models import CalibrationRun
+    from rollout.db.session import session_scope
+
+    with session_scope() as session:
+        run = session.get(CalibrationRun, run_pk)
+        run.status = "failed"
+        run.error = error[:4000]
+        run.finished_at = pilots.now()
+        audit.record(
+            session,
+            "sparsepilot-pipeline",
+            "calibration.failed",
+            use_case_id=ctx.use_case_id,
+            entity="calibration_run",
+            entity_id=run_pk,
+            details={"error": error[:1000]},
+        )
+
+
+def _flat_metrics(report: dict[str, Any]) -> dict[str, float]:
+    fid = report.get("fidelity") or {}
+    out = {
+        "density": report.get("density"),
+        "predicted_density": report.get("predicted_density"),
+        "kl": fid.get("kl"),
+        "agree": fid.get("agree"),
+        "nll_delta": fid.get("nll_delta"),
+        "dense_layers": float(len(report.get("dense_layers") or [])),
+        "seconds_total": (report.get("seconds") or {}).get("total"),
+    }
+    return {k: float(v) for k, v in out.items() if isinstance(v, int | float)}
+
+
+@flow(name="calibrate", log_prints=True)
+def calibrate_flow(
+    use_case: str, quick: bool = False, limits: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    logger = get_run_logger()
+    ctx = load_context(use_case)
+    validation = validate_dataset(ctx)
+    settings = limits_for(ctx, quick, limits)
+    settings["estimator"] = ctx.spec.quality_budget.estimator
+    settings["seed"] = ctx.spec.quality_budget.calibration.seed
+    key = "calibrate:" + stable_key(ctx.use_case_id, ctx.spec_hash, ctx.spec.model, settings)
+    run = open_run(ctx, key, settings)
+    if run["status"] == "succeeded":
+        logger.info(
+            "%s: calibration %s already done (model version %s)", use_case, run["id"], run["model_version_id"]
+        )
+        return {
+            "calibration_run_id": run["id"],
+            "model_version_id": run["model_version_id"],
+            "reused": True,
+            **run["metrics"],
+        }
+    try:
+        plan, report = calibrate_plan(ctx, settings)
+        mlflow_run_id = log_run(
+            use_case,
+            run_name="calibrate",
+            params={"settings": settings, "budget": report.get("budget"), "spec_version": ctx.spec_version},
+            metrics=_flat_metrics(report),
+            tags={"sparsepilot.flow": "calibrate", "sparsepilot.plan_hash": report.get("plan_hash", "")},
+            json_artifacts={"calibration_report.json": report, "dataset_validation.json": validation},
+        )
+        reg = register_challenger(ctx, run["id"], plan, report, mlflow_run_id)
+    except Exception as exc:
+        mark_failed(ctx, run["id"], f"{type(exc).__name__}: {exc}")
+        raise
+    logger.info(
+        "%s: plan density %.3f (budget %s), model version %s @challenger",
+        use_case,
+        report.get("density", float("nan")),
+        "met" if report.get("met_budget") else "NOT met: plan stays dense",
+        reg["mlflow_version"],
+    )
+    return {
+        "calibration_run_id": run["id"],
+        "reused": False,
+        "met_budget": bool(report.get("met_budget")),
+        **_flat_metrics(report),
+        **reg,
+    }

@@ -1,0 +1,165 @@
+"""Shared plumbing of the flows: the use case's context (spec, dataset), a per-process model cache, and
+MLflow run helpers. Kept small: the domain lives in rollout, the model work in sparse_core."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rollout.settings import configure_environment, get_settings
+
+_MODEL_LOCK = threading.RLock()
+_MODELS: dict[str, tuple[Any, Any]] = {}
+FLOW_ACTOR = "sparsepilot-flow"
+
+
+@dataclass(frozen=True)
+class UseCaseContext:
+    name: str
+    use_case_id: int
+    spec: Any  # rollout.spec.UseCaseSpec
+    spec_version: int
+    spec_hash: str
+    dataset_path: Path
+    rows: list[dict[str, Any]] = field(repr=False)
+
+    @property
+    def task(self) -> str:
+        return self.spec.dataset.task
+
+
+def load_context(name: str) -> UseCaseContext:
+    """Spec of the current version and the dataset rows (id, prompt, reference?, tags?)."""
+    from rollout import pilots
+    from rollout.db.session import session_scope
+
+    configure_environment()
+    with session_scope() as session:
+        uc = pilots.get_use_case(session, name)
+        spec, sv = pilots.load_current_spec(session, uc)
+        ctx_dir = Path(sv.source_path).parent if sv.source_path else Path.cwd()
+        stored = getattr(sv, "dataset_path", None)  # the validated, content-addressed copy (migration 0002)
+        uc_id, version, spec_hash = uc.id, sv.version, sv.spec_hash
+    path = Path(stored) if stored else spec.dataset_path(ctx_dir)
+    return UseCaseContext(name, uc_id, spec, version, spec_hash, path, read_rows(path))
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset file not found: {path}")
+    rows = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            if not isinstance(obj, dict) or "id" not in obj or "prompt" not in obj:
+                raise ValueError(f"{path}:{lineno}: each row needs 'id' and 'prompt'")
+            obj["id"] = str(obj["id"])
+            rows.append(obj)
+    return rows
+
+
+def get_model(ref: str) -> tuple[Any, Any]:
+    """(model, tokenizer) loaded once per process: the main job reuses it across use cases. Callers
+    that sparsify it must unsparsify before returning (see `dense_model`)."""
+    with _MODEL_LOCK:
+        if ref not in _MODELS:
+            from sparse_core import load_model
+
+            model, tok = load_model(ref)
+            model.eval()
+            _MODELS[ref] = (model, tok)
+        return _MODELS[ref]
+
+
+def clear_model_cache() -> None:
+    with _MODEL_LOCK:
+        _MODELS.clear()
+
+
+@contextmanager
+def model_arm(model: Any, plan: Any | None) -> Iterator[Any]:
+    """The model as one arm: sparsified by `plan` inside the block (treatment) or dense (control);
+    always dense again afterwards, so the cached model is never left sparse."""
+    from sparse_core import sparsify, unsparsify
+
+    with _MODEL_LOCK:
+        if plan is None:
+            yield model
+            return
+        sparsify(model, plan)
+        try:
+            yield model
+        finally:
+            unsparsify(model)
+
+
+def device_of(model: Any) -> str:
+    try:
+        return str(next(model.parameters()).device)
+    except StopIteration:  # pragma: no cover
+        return "cpu"
+
+
+def stable_key(*parts: Any) -> str:
+    """A short deterministic key for idempotency columns (<= 128 chars)."""
+    raw = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(raw.encode()).hexdigest()[:40]
+
+
+def flow_run_id() -> str | None:
+    from prefect.runtime import flow_run
+
+    rid = flow_run.get_id()
+    return str(rid) if rid else None
+
+
+def settings_summary() -> dict[str, str]:
+    s = get_settings()
+    return {"database": s.database_url, "mlflow": s.mlflow_tracking_uri, "home": str(s.home)}
+
+
+def log_run(
+    use_case: str,
+    *,
+    run_name: str,
+    params: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+    tags: dict[str, Any] | None = None,
+    json_artifacts: dict[str, Any] | None = None,
+    files: list[str] | None = None,
+) -> str:
+    """One MLflow run in the use case's experiment (rollout.tracking); returns its run id. Non-finite
+    metrics are dropped from `metrics` with a tag naming them, never logged as NaN."""
+    import math
+
+    import mlflow
+
+    from rollout import tracking
+
+    fr = flow_run_id()
+    all_tags = {**(tags or {}), **({"prefect.flow_run_id": fr} if fr else {})}
+    clean = {k: float(v) for k, v in (metrics or {}).items() if v is not None and math.isfinite(float(v))}
+    dropped = sorted(set(metrics or {}) - set(clean))
+    if dropped:
+        all_tags["sparsepilot.metrics_not_finite"] = ",".join(dropped)
+    with tracking.start_run(use_case, run_name=run_name, tags=all_tags) as run:
+        if params:
+            tracking.log_params(params)
+        if clean:
+            tracking.log_metrics(clean)
+        for name, obj in (json_artifacts or {}).items():
+            tracking.log_json(obj, name)
+        for path in files or []:
+            mlflow.log_artifact(path)
+        return run.info.run_id

@@ -1,0 +1,517 @@
+"""People deciding: approve or reject a pending decision, or roll a use case back.
+
+Rules enforced here (server side, for the CLI and the dashboard alike):
+- an Identity with the approver role and a non-empty reason are required;
+- acting against the gate's recommendation (promoting on EXTEND/NO-GO/INVALID, or keeping a model whose
+  monitor asked for a rollback) needs a second, *different* approver before it takes effect;
+- every signature writes an Approval row and an audit entry in the same transaction;
+- when a Prefect flow run is paused waiting for this decision, it is resumed with the approval as its
+  run input (`resume_flow_run`); a recorded run that is no longer paused is a clear error and nothing is
+  written. When no flow run waits (e.g. the main job finished), the effect is applied here directly, via
+  the same functions the promote/rollback flows call.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
+from sqlalchemy import select
+
+from rollout import audit
+from rollout.auth import Identity, require_approver
+from rollout.db.models import AliasMove, Approval, GateDecision, Pilot, UseCase
+from rollout.db.session import session_scope
+
+
+class ApprovalError(ValueError):
+    """The request cannot be accepted (missing reason, wrong decision state, same approver twice)."""
+
+
+class FlowNotWaiting(RuntimeError):
+    """The decision names a Prefect flow run that is no longer paused: it cannot be resumed."""
+
+
+class ApprovalPayload(BaseModel):
+    """What a paused approval flow receives (its `wait_for_input` model is a RunInput with these fields)."""
+
+    approve: bool
+    actor: str
+    role: str
+    reason: str
+    approval_id: int
+    decision_id: int
+
+
+@dataclass(frozen=True)
+class ApprovalResult:
+    decision_id: int
+    action: str  # approve / reject
+    approval_id: int
+    took_effect: bool
+    needs_second_approver: bool
+    against_recommendation: bool
+    resumed_flow_run_id: str | None
+    applied_directly: bool
+    message: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def recommended_action(decision: GateDecision) -> str:
+    """'approve' when the evidence supports what approving does, else 'reject'."""
+    if decision.awaiting == "rollback_approval":
+        return "approve"  # the monitor recommends the rollback
+    return "approve" if decision.outcome == "GO" else "reject"
+
+
+def _check_reason(reason: str | None) -> str:
+    text = (reason or "").strip()
+    if not text:
+        raise ApprovalError("a reason is required (say why, in a sentence the audit log can keep)")
+    return text
+
+
+def _flow_run_state(flow_run_id: str) -> tuple[bool, str]:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        fr = client.read_flow_run(uuid.UUID(flow_run_id))
+    state = fr.state
+    return bool(state and state.is_paused()), (state.name if state else "unknown")
+
+
+def flow_is_waiting(flow_run_id: str | None) -> bool:
+    if not flow_run_id:
+        return False
+    try:
+        return _flow_run_state(flow_run_id)[0]
+    except Exception:  # noqa: BLE001 - an unknown run is simply not waiting
+        return False
+
+
+def approve(
+    decision_id: int,
+    identity: Identity | None,
+    reason: str | None,
+    *,
+    reject: bool = False,
+    apply_if_no_flow: bool = True,
+    db_url: str | None = None,
+) -> ApprovalResult:
+    """Approve (or reject) a pending decision. See the module docstring for the rules."""
+    action = "reject" if reject else "approve"
+    who = require_approver(identity, f"{action} decision {decision_id}")
+    text = _check_reason(reason)
+    resumed: str | None = None
+    apply_now = False
+    with session_scope(db_url) as session:
+        d = session.get(GateDecision, decision_id)
+        if d is None:
+            raise ApprovalError(f"decision {decision_id} does not exist")
+        if d.awaiting == "none":
+            raise ApprovalError(f"decision {decision_id} ({d.outcome}) is not waiting for a person")
+        if d.resolution is not None:
+            raise ApprovalError(f"decision {decision_id} was already resolved: {d.resolution}")
+        against = action != recommended_action(d)
+        uc = session.get(UseCase, d.use_case_id)
+        assert uc is not None
+        if against:
+            earlier = list(
+                session.scalars(
+                    select(Approval).where(
+                        Approval.decision_id == d.id,
+                        Approval.action == action,
+                        Approval.against_recommendation.is_(True),
+                    )
+                )
+            )
+            if any(a.actor == who.name for a in earlier):
+                raise ApprovalError(
+                    f"{who.name!r} already signed this override of decision {decision_id}; "
+                    "a second, different approver must confirm it"
+                )
+            if not earlier:
+                row = Approval(
+                    decision_id=d.id,
+                    actor=who.name,
+                    role=who.role,
+                    action=action,
+                    reason=text,
+                    against_recommendation=True,
+                )
+                session.add(row)
+                session.flush()
+                audit.record(
+                    session,
+                    who.name,
+                    f"approval.{action}.first_signature",
+                    use_case_id=uc.id,
+                    entity="gate_decision",
+                    entity_id=d.id,
+                    details={"reason": text, "role": who.role, "outcome": d.outcome, "source": who.source},
+                )
+                return ApprovalResult(
+                    decision_id=d.id,
+                    action=action,
+                    approval_id=row.id,
+                    took_effect=False,
+                    needs_second_approver=True,
+                    against_recommendation=True,
+                    resumed_flow_run_id=None,
+                    applied_directly=False,
+                    message=(
+                        f"recorded {who.name}'s signature; to {action} against the gate's recommendation "
+                        f"({d.outcome}) a second, different approver must also {action} decision {d.id}"
+                    ),
+                )
+        row = Approval(
+            decision_id=d.id,
+            actor=who.name,
+            role=who.role,
+            action=action,
+            reason=text,
+            against_recommendation=against,
+        )
+        session.add(row)
+        d.resolution = "approved" if action == "approve" else "rejected"
+        session.flush()
+        audit.record(
+            session,
+            who.name,
+            f"approval.{action}",
+            use_case_id=uc.id,
+            entity="gate_decision",
+            entity_id=d.id,
+            details={
+                "reason": text,
+                "role": who.role,
+                "outcome": d.outcome,
+                "awaiting": d.awaiting,
+                "against_recommendation": against,
+                "flow_run_id": d.flow_run_id,
+                "source": who.source,
+            },
+        )
+        payload = ApprovalPayload(
+            approve=action == "approve",
+            actor=who.name,
+            role=who.role,
+            reason=text,
+            approval_id=row.id,
+            decision_id=d.id,
+        )
+        if d.flow_run_id:
+            waiting, state = _flow_run_state_safe(d.flow_run_id)
+            if not waiting:
+                raise FlowNotWaiting(
+                    f"decision {d.id}: flow run {d.flow_run_id} is no longer paused (state: {state}); "
+                    "nothing was recorded. Start a new approval run (`sparsepilot approve` does) "
+                    "or check the run in Prefect."
+                )
+            _resume(d.flow_run_id, payload)
+            resumed = d.flow_run_id
+        elif apply_if_no_flow:
+            apply_now = True
+        else:
+            raise FlowNotWaiting(
+                f"decision {d.id}: no paused flow run is waiting for it; nothing was recorded"
+            )
+        approval_id, decision_pk, awaiting = row.id, d.id, d.awaiting
+    if apply_now:
+        apply_decision(decision_pk, payload, db_url=db_url)
+    return ApprovalResult(
+        decision_id=decision_pk,
+        action=action,
+        approval_id=approval_id,
+        took_effect=True,
+        needs_second_approver=False,
+        against_recommendation=against,
+        resumed_flow_run_id=resumed,
+        applied_directly=apply_now,
+        message=(
+            f"{action}d decision {decision_pk} ({awaiting})"
+            + (f"; resumed flow run {resumed}" if resumed else "; applied directly (no flow run was waiting)")
+        ),
+    )
+
+
+def _flow_run_state_safe(flow_run_id: str) -> tuple[bool, str]:
+    try:
+        return _flow_run_state(flow_run_id)
+    except Exception as exc:  # noqa: BLE001
+        return False, f"unreadable ({type(exc).__name__}: {exc})"
+
+
+def _resume(flow_run_id: str, payload: ApprovalPayload) -> None:
+    from prefect.exceptions import FlowPauseTimeout, NotPausedError
+    from prefect.flow_runs import resume_flow_run
+
+    try:
+        resume_flow_run(uuid.UUID(flow_run_id), run_input=payload.model_dump())
+    except (NotPausedError, FlowPauseTimeout) as exc:
+        raise FlowNotWaiting(f"flow run {flow_run_id} can no longer be resumed: {exc}") from None
+
+
+# --- effects (called by the resumed flow, or directly when no flow waits) ---------------------------
+#
+# The effects trust the database, not their caller: the acting identity is read back from the Approval
+# row (a forged run input cannot promote anything), and every alias move goes through rollout.registry
+# with an idempotency key derived from the decision, so a retried flow converges on the same move.
+
+
+def approval_identity(
+    approval_id: int, decision_id: int, *, actions: tuple[str, ...], db_url: str | None = None
+) -> Identity:
+    """The Identity that signed `approval_id` for `decision_id` with one of `actions`, re-checked."""
+    with session_scope(db_url) as session:
+        row = session.get(Approval, approval_id)
+        if row is None or row.decision_id != decision_id or row.action not in actions:
+            raise ApprovalError(
+                f"approval {approval_id} is not a {'/'.join(actions)} of decision {decision_id}"
+            )
+        d = session.get(GateDecision, decision_id)
+        if d is None or d.resolution not in ("approved", "rejected"):
+            raise ApprovalError(f"decision {decision_id} is not resolved; nothing to carry out")
+        who = Identity(name=row.actor, role=row.role, source="approval")  # type: ignore[arg-type]
+    return require_approver(who, f"carry out decision {decision_id}")
+
+
+def apply_decision(
+    decision_id: int, payload: ApprovalPayload, *, db_url: str | None = None
+) -> dict[str, Any]:
+    """Carry out a resolved decision: promote, stop the pilot, or roll back."""
+    with session_scope(db_url) as session:
+        d = session.get(GateDecision, decision_id)
+        if d is None:
+            raise ApprovalError(f"decision {decision_id} does not exist")
+        awaiting = d.awaiting
+    if awaiting == "rollback_approval":
+        if payload.approve:
+            return apply_rollback(decision_id, payload.approval_id, reason=payload.reason, db_url=db_url)
+        return {"action": "kept", "decision_id": decision_id}
+    if payload.approve:
+        return apply_promotion(decision_id, payload.approval_id, reason=payload.reason, db_url=db_url)
+    return apply_rejection(decision_id, payload.approval_id, reason=payload.reason, db_url=db_url)
+
+
+def baseline_version_id(use_case_name: str, *, db_url: str | None = None) -> int | None:
+    """The use case's registered dense baseline (plan metadata 'baseline' = 'dense'), if any."""
+    from rollout import pilots
+    from rollout.db.models import ModelVersion
+
+    with session_scope(db_url) as session:
+        uc = pilots.get_use_case(session, use_case_name)
+        for mv in session.scalars(
+            select(ModelVersion).where(ModelVersion.use_case_id == uc.id).order_by(ModelVersion.id)
+        ):
+            if (mv.plan or {}).get("metadata", {}).get("baseline") == "dense" and mv.mlflow_version:
+                return mv.id
+    return None
+
+
+def apply_promotion(
+    decision_id: int, approval_id: int, *, reason: str, db_url: str | None = None
+) -> dict[str, Any]:
+    """challenger -> champion for the decision's pilot. Before a use case's first promotion the dense
+    baseline (what was serving) is recorded as champion, so a rollback has somewhere to return to."""
+    from rollout import pilots, registry
+
+    who = approval_identity(approval_id, decision_id, actions=("approve",), db_url=db_url)
+    with session_scope(db_url) as session:
+        d = session.get(GateDecision, decision_id)
+        assert d is not None
+        if d.resolution != "approved":
+            raise ApprovalError(f"decision {decision_id} is {d.resolution}, not approved")
+        uc = session.get(UseCase, d.use_case_id)
+        pilot = session.get(Pilot, d.pilot_id) if d.pilot_id else None
+        if pilot is None:
+            raise ApprovalError(f"decision {decision_id} has no pilot to promote")
+        name, mv_id = uc.name, pilot.model_version_id
+        has_champion = bool(
+            registry.champion_lineage(
+                list(
+                    session.scalars(
+                        select(AliasMove)
+                        .where(
+                            AliasMove.use_case_id == uc.id,
+                            AliasMove.alias == "champion",
+                            AliasMove.status == "committed",
+                        )
+                        .order_by(AliasMove.id)
+                    )
+                )
+            )
+        )
+    moves = []
+    if not has_champion:
+        base = baseline_version_id(name, db_url=db_url)
+        if base is not None:
+            moves.append(
+                registry.set_alias(
+                    name,
+                    "champion",
+                    model_version_id=base,
+                    actor=who,
+                    reason=(
+                        "record the dense baseline that served before the first promotion "
+                        f"(decision {decision_id})"
+                    ),
+                    idempotency_key=f"baseline:{decision_id}",
+                    db_url=db_url,
+                )
+            )
+    moves.append(
+        registry.promote(
+            name,
+            model_version_id=mv_id,
+            actor=who,
+            reason=reason,
+            idempotency_key=f"promote:{decision_id}",
+            db_url=db_url,
+        )
+    )
+    with session_scope(db_url) as session:
+        d = session.get(GateDecision, decision_id)
+        uc = session.get(UseCase, d.use_case_id)
+        pilot = session.get(Pilot, d.pilot_id)
+        pilots.stop_pilot(session, pilot, status="promoted", actor=who.name, reason=reason)
+        pilots.set_phase(session, uc, "promoted", actor=who.name, reason=f"decision {decision_id} approved")
+    return {"action": "promoted", "decision_id": decision_id, "alias_moves": [_move_dict(m) for m in moves]}
+
+
+def apply_rejection(
+    decision_id: int, approval_id: int, *, reason: str, db_url: str | None = None
+) -> dict[str, Any]:
+    from rollout import pilots
+
+    who = approval_identity(approval_id, decision_id, actions=("reject",), db_url=db_url)
+    with session_scope(db_url) as session:
+        d = session.get(GateDecision, decision_id)
+        assert d is not None
+        uc = session.get(UseCase, d.use_case_id)
+        pilot = session.get(Pilot, d.pilot_id) if d.pilot_id else None
+        if pilot is not None:
+            pilots.stop_pilot(session, pilot, status="stopped", actor=who.name, reason=reason)
+        pilots.set_phase(session, uc, "stopped", actor=who.name, reason=f"decision {decision_id} rejected")
+    return {"action": "stopped", "decision_id": decision_id}
+
+
+def apply_rollback(
+    decision_id: int,
+    approval_id: int | None,
+    *,
+    reason: str,
+    automatic: bool = False,
+    db_url: str | None = None,
+) -> dict[str, Any]:
+    """champion -> the previous champion from our own alias history; idempotent per decision. An
+    automatic rollback acts as the monitor's system identity, which the registry only lets through
+    when the use case's rollback policy is 'auto'."""
+    from rollout import pilots, registry
+
+    if automatic:
+        who = registry.SYSTEM_MONITOR
+    else:
+        if approval_id is None:
+            raise ApprovalError(f"rollback of decision {decision_id} needs a person's approval")
+        who = approval_identity(approval_id, decision_id, actions=("approve", "rollback"), db_url=db_url)
+    with session_scope(db_url) as session:
+        d = session.get(GateDecision, decision_id)
+        if d is None:
+            raise ApprovalError(f"decision {decision_id} does not exist")
+        name = session.get(UseCase, d.use_case_id).name
+    move = registry.rollback(
+        name, actor=who, reason=reason, idempotency_key=f"rollback:{decision_id}", db_url=db_url
+    )
+    with session_scope(db_url) as session:
+        uc = pilots.get_use_case(session, name)
+        d = session.get(GateDecision, decision_id)
+        if d.resolution is None:
+            d.resolution = "auto_rolled_back" if automatic else "approved"
+        promoted = session.scalar(
+            select(Pilot)
+            .where(Pilot.use_case_id == uc.id, Pilot.status == "promoted")
+            .order_by(Pilot.id.desc())
+        )
+        if promoted is not None:
+            pilots.stop_pilot(session, promoted, status="rolled_back", actor=who.name, reason=reason)
+        pilots.set_phase(session, uc, "rolled_back", actor=who.name, reason=reason)
+    return {"action": "rolled_back", "decision_id": decision_id, "alias_move": _move_dict(move)}
+
+
+def _move_dict(move: Any) -> Any:
+    if isinstance(move, AliasMove):
+        return {
+            "id": move.id,
+            "alias": move.alias,
+            "from_version": move.from_version,
+            "to_version": move.to_version,
+            "status": move.status,
+        }
+    return move
+
+
+def request_rollback(
+    use_case_name: str,
+    identity: Identity | None,
+    reason: str | None,
+    *,
+    apply: bool = True,
+    db_url: str | None = None,
+) -> dict[str, Any]:
+    """A person rolls a use case back: records a rollback decision + approval + audit, then (by default)
+    applies it. Returns the decision and approval ids (the rollback flow takes them when `apply` is False)."""
+    from rollout import pilots
+
+    who = require_approver(identity, f"roll back {use_case_name}")
+    text = _check_reason(reason)
+    with session_scope(db_url) as session:
+        uc = pilots.get_use_case(session, use_case_name)
+        if uc.phase != "promoted":
+            raise ApprovalError(
+                f"use case {use_case_name!r} is {uc.phase}, not promoted: "
+                "there is no champion of ours to roll back"
+            )
+        key = f"manual-rollback:{uc.id}:{uuid.uuid4().hex}"
+        d, _ = pilots.record_decision(
+            session,
+            idempotency_key=key,
+            use_case=uc,
+            outcome="NO-GO",
+            kind="rollback",
+            evidence={"requested_by": who.name, "role": who.role, "reason": text},
+            explanation=f"Manual rollback requested by {who.name} ({who.role}): {text}",
+            data_fingerprint="manual",
+            awaiting="none",
+            actor=who.name,
+        )
+        d.resolution = "approved"
+        approval = Approval(
+            decision_id=d.id,
+            actor=who.name,
+            role=who.role,
+            action="rollback",
+            reason=text,
+            against_recommendation=False,
+        )
+        session.add(approval)
+        session.flush()
+        approval_id = approval.id
+        audit.record(
+            session,
+            who.name,
+            "approval.rollback",
+            use_case_id=uc.id,
+            entity="gate_decision",
+            entity_id=d.id,
+            details={"reason": text, "role": who.role, "source": who.source},
+        )
+        decision_id = d.id
+    out: dict[str, Any] = {"decision_id": decision_id, "approval_id": approval_id}
+    if apply:
+        out["effect"] = apply_rollback(decision_id, approval_id, reason=text, db_url=db_url)
+    return out

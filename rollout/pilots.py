@@ -1,0 +1,507 @@
+"""Pilot state transitions: the only place that creates pilots and steps, stores observations and gate
+decisions, and moves a use case between phases. Flows call these inside `session_scope()`; every write is
+keyed so that a retried task finds its earlier row instead of writing a second one."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import secrets
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from rollout import audit
+from rollout.db.models import (
+    PHASES,
+    GateDecision,
+    ModelVersion,
+    Observation,
+    Pilot,
+    PilotStep,
+    SpecVersion,
+    UseCase,
+    utcnow,
+)
+
+ARMS = ("control", "treatment")
+OBSERVATION_FIELDS = ("request_id", "arm", "quality", "latency_ms", "tokens", "error")
+ACTIVE_PILOT = ("running", "awaiting_approval")
+
+
+class PilotStateError(RuntimeError):
+    """The requested transition does not fit the stored state (names the use case and state)."""
+
+
+class UnknownUseCase(LookupError):
+    pass
+
+
+# --- lookups ---------------------------------------------------------------------------------------
+
+
+def get_use_case(session: Session, name: str) -> UseCase:
+    uc = session.scalar(select(UseCase).where(UseCase.name == name))
+    if uc is None:
+        known = ", ".join(session.scalars(select(UseCase.name).order_by(UseCase.name))) or "none yet"
+        raise UnknownUseCase(
+            f"unknown use case {name!r} (known: {known}); add it with `sparsepilot usecase add`"
+        )
+    return uc
+
+
+def current_spec_version(session: Session, use_case: UseCase) -> SpecVersion:
+    sv = session.scalar(
+        select(SpecVersion).where(
+            SpecVersion.use_case_id == use_case.id, SpecVersion.version == use_case.current_spec_version
+        )
+    )
+    if sv is None:
+        raise PilotStateError(
+            f"use case {use_case.name!r} has no spec version {use_case.current_spec_version}"
+        )
+    return sv
+
+
+def load_current_spec(session: Session, use_case: UseCase) -> tuple[Any, SpecVersion]:
+    """The validated spec object of the use case's current version, and its row."""
+    from rollout.spec import parse_spec
+
+    sv = current_spec_version(session, use_case)
+    return parse_spec(sv.spec, source=f"{use_case.name} spec v{sv.version}"), sv
+
+
+def active_pilot(session: Session, use_case: UseCase) -> Pilot | None:
+    return session.scalar(
+        select(Pilot)
+        .where(Pilot.use_case_id == use_case.id, Pilot.status.in_(ACTIVE_PILOT))
+        .order_by(Pilot.id.desc())
+    )
+
+
+def latest_pilot(session: Session, use_case: UseCase) -> Pilot | None:
+    return session.scalar(select(Pilot).where(Pilot.use_case_id == use_case.id).order_by(Pilot.id.desc()))
+
+
+def current_step(session: Session, pilot: Pilot) -> PilotStep:
+    step = session.scalar(
+        select(PilotStep).where(PilotStep.pilot_id == pilot.id, PilotStep.index == pilot.current_step_index)
+    )
+    if step is None:
+        raise PilotStateError(f"pilot {pilot.id} has no step {pilot.current_step_index}")
+    return step
+
+
+# --- phases ----------------------------------------------------------------------------------------
+
+
+def set_phase(session: Session, use_case: UseCase, phase: str, *, actor: str, reason: str = "") -> None:
+    if phase not in PHASES:
+        raise ValueError(f"unknown phase {phase!r}; phases are {', '.join(PHASES)}")
+    if use_case.phase == phase:
+        return
+    before = use_case.phase
+    use_case.phase = phase
+    audit.record(
+        session,
+        actor,
+        "usecase.phase",
+        use_case_id=use_case.id,
+        entity="use_case",
+        entity_id=use_case.id,
+        details={"from": before, "to": phase, "reason": reason},
+    )
+
+
+# --- plan of steps ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    index: int
+    kind: str  # shadow / split
+    traffic_pct: float  # share of live traffic served by the treatment arm (0 in shadow)
+    min_samples: int
+
+    @property
+    def planned_treatment_share(self) -> float:
+        """Expected share of *observations* in the treatment arm: in shadow both arms answer every
+        request, so the observation split is 50/50 even though treatment serves nothing."""
+        return 0.5 if self.kind == "shadow" else self.traffic_pct / 100.0
+
+
+def plan_steps(spec: Any) -> list[StepPlan]:
+    """Shadow first, then the ramp steps, from the spec's rollout plan."""
+    steps = [StepPlan(0, "shadow", 0.0, spec.rollout.shadow.min_samples)]
+    for i, s in enumerate(spec.rollout.steps, start=1):
+        steps.append(StepPlan(i, "split", float(s.traffic_pct), s.min_samples))
+    return steps
+
+
+def step_plan_for(spec: Any, step: PilotStep) -> StepPlan:
+    if step.kind == "monitor":
+        return StepPlan(step.index, "monitor", step.traffic_pct, step.min_samples)
+    return plan_steps(spec)[step.index]
+
+
+def is_last_step(spec: Any, step: PilotStep) -> bool:
+    return step.kind != "monitor" and step.index == len(plan_steps(spec)) - 1
+
+
+# --- arm assignment --------------------------------------------------------------------------------
+
+
+def hash_unit(request_id: str, salt: str) -> float:
+    """A uniform number in [0, 1) from sha256(salt:request_id): stable across processes and machines
+    (Python's hash() is salted per process, so it would reshuffle arms on every retry)."""
+    digest = hashlib.sha256(f"{salt}:{request_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def assign_arm(request_id: str, salt: str, traffic_pct: float) -> str:
+    return "treatment" if hash_unit(request_id, salt) < traffic_pct / 100.0 else "control"
+
+
+# --- pilots and steps ------------------------------------------------------------------------------
+
+
+def start_pilot(
+    session: Session, use_case: UseCase, model_version: ModelVersion, spec: Any, *, actor: str
+) -> Pilot:
+    """The running pilot of this model version, or a new one at its shadow step. A pilot of another
+    (older) model version that is still active is stopped first: one pilot per use case at a time."""
+    current = active_pilot(session, use_case)
+    if current is not None and current.model_version_id == model_version.id:
+        return current
+    if current is not None:
+        stop_pilot(session, current, status="stopped", actor=actor, reason="superseded by a new challenger")
+    first = plan_steps(spec)[0]
+    pilot = Pilot(
+        use_case_id=use_case.id,
+        model_version_id=model_version.id,
+        salt=secrets.token_hex(8),
+        status="running",
+        current_step_index=0,
+    )
+    session.add(pilot)
+    session.flush()
+    session.add(
+        PilotStep(
+            pilot_id=pilot.id,
+            index=0,
+            kind=first.kind,
+            traffic_pct=first.traffic_pct,
+            min_samples=first.min_samples,
+        )
+    )
+    audit.record(
+        session,
+        actor,
+        "pilot.start",
+        use_case_id=use_case.id,
+        entity="pilot",
+        entity_id=pilot.id,
+        details={"model_version_id": model_version.id, "steps": [s.__dict__ for s in plan_steps(spec)]},
+    )
+    set_phase(session, use_case, "piloting", actor=actor, reason=f"pilot {pilot.id} started")
+    session.flush()
+    return pilot
+
+
+def advance(
+    session: Session, pilot: Pilot, spec: Any, *, actor: str, decision_id: int | None = None
+) -> PilotStep:
+    """Close the current step as passed and open the next one. Raises at the last step."""
+    step = current_step(session, pilot)
+    plans = plan_steps(spec)
+    if step.index + 1 >= len(plans):
+        raise PilotStateError(f"pilot {pilot.id} is at its last step ({step.index}); nothing to advance to")
+    nxt = plans[step.index + 1]
+    step.status = "passed"
+    step.ended_at = utcnow()
+    new = PilotStep(
+        pilot_id=pilot.id,
+        index=nxt.index,
+        kind=nxt.kind,
+        traffic_pct=nxt.traffic_pct,
+        min_samples=nxt.min_samples,
+    )
+    session.add(new)
+    pilot.current_step_index = nxt.index
+    audit.record(
+        session,
+        actor,
+        "pilot.advance",
+        use_case_id=pilot.use_case_id,
+        entity="pilot",
+        entity_id=pilot.id,
+        details={
+            "from_step": step.index,
+            "to_step": nxt.index,
+            "traffic_pct": nxt.traffic_pct,
+            "decision_id": decision_id,
+        },
+    )
+    session.flush()
+    return new
+
+
+def stop_pilot(session: Session, pilot: Pilot, *, status: str, actor: str, reason: str) -> None:
+    if status not in ("stopped", "promoted", "rolled_back", "awaiting_approval", "running"):
+        raise ValueError(f"unknown pilot status {status!r}")
+    if pilot.status == status:
+        return
+    before = pilot.status
+    pilot.status = status
+    if status in ("stopped", "promoted", "rolled_back"):
+        pilot.ended_at = pilot.ended_at or utcnow()
+        for step in pilot.steps:
+            if step.status == "running" and step.kind != "monitor":
+                step.status = "passed" if status == "promoted" else "failed"
+                step.ended_at = utcnow()
+    audit.record(
+        session,
+        actor,
+        "pilot.status",
+        use_case_id=pilot.use_case_id,
+        entity="pilot",
+        entity_id=pilot.id,
+        details={"from": before, "to": status, "reason": reason},
+    )
+
+
+def open_monitor_step(session: Session, pilot: Pilot, *, min_samples: int) -> PilotStep:
+    """The step that holds post-promotion traffic samples (index after the ramp steps)."""
+    existing = session.scalar(
+        select(PilotStep).where(PilotStep.pilot_id == pilot.id, PilotStep.kind == "monitor")
+    )
+    if existing is not None:
+        return existing
+    last = session.scalar(select(func.max(PilotStep.index)).where(PilotStep.pilot_id == pilot.id)) or 0
+    step = PilotStep(
+        pilot_id=pilot.id, index=last + 1, kind="monitor", traffic_pct=100.0, min_samples=min_samples
+    )
+    session.add(step)
+    session.flush()
+    return step
+
+
+# --- observations ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InsertResult:
+    inserted: int
+    already_present: int
+
+
+def record_observations(
+    session: Session, step: PilotStep, rows: Iterable[Mapping[str, Any]], *, batch_id: str, source: str
+) -> InsertResult:
+    """Insert observations not already stored for (step, request_id, arm): a retried batch adds nothing.
+    Rows are expected to be validated already (rollout.validation)."""
+    pilot = session.get(Pilot, step.pilot_id)
+    assert pilot is not None
+    rows = list(rows)
+    keys = {(str(r["request_id"]), str(r["arm"])) for r in rows}
+    ids = sorted({k[0] for k in keys})
+    existing: set[tuple[str, str]] = set()
+    for chunk_start in range(0, len(ids), 500):
+        chunk = ids[chunk_start : chunk_start + 500]
+        existing |= set(
+            session.execute(
+                select(Observation.request_id, Observation.arm).where(
+                    Observation.pilot_step_id == step.id, Observation.request_id.in_(chunk)
+                )
+            ).tuples()
+        )
+    inserted = 0
+    seen: set[tuple[str, str]] = set()
+    for r in rows:
+        key = (str(r["request_id"]), str(r["arm"]))
+        if key in existing or key in seen:
+            continue
+        seen.add(key)
+        session.add(
+            Observation(
+                pilot_step_id=step.id,
+                use_case_id=pilot.use_case_id,
+                batch_id=batch_id,
+                request_id=key[0],
+                arm=key[1],
+                quality=float(r["quality"]),
+                latency_ms=float(r["latency_ms"]),
+                tokens=int(r.get("tokens") or 0),
+                error=bool(r.get("error") or False),
+                source=source,
+            )
+        )
+        inserted += 1
+    session.flush()
+    return InsertResult(inserted=inserted, already_present=len(rows) - inserted)
+
+
+def step_observations(session: Session, step: PilotStep) -> list[dict[str, Any]]:
+    """The observations of one step as plain rows (the gate's input table), in a stable order."""
+    result = session.execute(
+        select(
+            Observation.request_id,
+            Observation.arm,
+            Observation.quality,
+            Observation.latency_ms,
+            Observation.tokens,
+            Observation.error,
+        )
+        .where(Observation.pilot_step_id == step.id)
+        .order_by(Observation.request_id, Observation.arm)
+    )
+    return [dict(zip(OBSERVATION_FIELDS, row, strict=True)) for row in result.tuples()]
+
+
+def seen_request_ids(session: Session, pilot: Pilot) -> set[str]:
+    """Request ids already used in any step of this pilot (each request is used once per pilot)."""
+    step_ids = select(PilotStep.id).where(PilotStep.pilot_id == pilot.id)
+    return set(
+        session.scalars(
+            select(Observation.request_id).where(Observation.pilot_step_id.in_(step_ids)).distinct()
+        )
+    )
+
+
+def data_fingerprint(rows: Iterable[Mapping[str, Any]]) -> str:
+    """sha256 over the canonical observation rows: the same data always gives the same fingerprint."""
+    h = hashlib.sha256()
+    for r in sorted(rows, key=lambda r: (str(r["request_id"]), str(r["arm"]))):
+        h.update(
+            f"{r['request_id']}|{r['arm']}|{float(r['quality']):.9g}|{float(r['latency_ms']):.9g}|"
+            f"{int(r.get('tokens') or 0)}|{int(bool(r.get('error')))}\n".encode()
+        )
+    return h.hexdigest()
+
+
+# --- decisions -------------------------------------------------------------------------------------
+
+
+def decisions_for_step(session: Session, step: PilotStep) -> list[GateDecision]:
+    return list(
+        session.scalars(
+            select(GateDecision)
+            .where(GateDecision.pilot_step_id == step.id)
+            .order_by(GateDecision.look_index)
+        )
+    )
+
+
+def record_decision(
+    session: Session,
+    *,
+    idempotency_key: str,
+    use_case: UseCase,
+    outcome: str,
+    evidence: dict[str, Any],
+    explanation: str,
+    data_fingerprint: str,
+    kind: str = "gate",
+    pilot: Pilot | None = None,
+    step: PilotStep | None = None,
+    look_index: int = 0,
+    awaiting: str = "none",
+    actor: str = "flow",
+) -> tuple[GateDecision, bool]:
+    """The decision stored under this key, or a new one. Returns (decision, created)."""
+    found = session.scalar(select(GateDecision).where(GateDecision.idempotency_key == idempotency_key))
+    if found is not None:
+        return found, False
+    d = GateDecision(
+        idempotency_key=idempotency_key,
+        use_case_id=use_case.id,
+        pilot_id=pilot.id if pilot else None,
+        pilot_step_id=step.id if step else None,
+        kind=kind,
+        look_index=look_index,
+        outcome=outcome,
+        awaiting=awaiting,
+        evidence=evidence,
+        explanation=explanation,
+        data_fingerprint=data_fingerprint,
+    )
+    session.add(d)
+    session.flush()
+    audit.record(
+        session,
+        actor,
+        f"decision.{kind}",
+        use_case_id=use_case.id,
+        entity="gate_decision",
+        entity_id=d.id,
+        details={
+            "outcome": outcome,
+            "awaiting": awaiting,
+            "step": step.index if step else None,
+            "look_index": look_index,
+            "fingerprint": data_fingerprint,
+        },
+    )
+    return d, True
+
+
+def pending_decisions(session: Session, use_case: UseCase | None = None) -> list[GateDecision]:
+    q = select(GateDecision).where(GateDecision.awaiting != "none", GateDecision.resolution.is_(None))
+    if use_case is not None:
+        q = q.where(GateDecision.use_case_id == use_case.id)
+    return list(session.scalars(q.order_by(GateDecision.id)))
+
+
+def resolve_decision(session: Session, decision: GateDecision, resolution: str) -> None:
+    decision.resolution = resolution
+    session.flush()
+
+
+def now() -> dt.datetime:
+    return utcnow()
+
+
+# --- gate inputs -----------------------------------------------------------------------------------
+
+
+def gate_settings(spec: Any, step: PilotStep) -> Any:
+    """rollout.gate.GateSettings for one step, from the spec's gate section and the step's minimum."""
+    from rollout.gate import GateSettings
+
+    g = spec.gate
+    slo = g.guardrails.p95_latency_ms
+    if slo is None:
+        slo = spec.latency_slo_ms.p95
+    return GateSettings(
+        alpha=g.alpha,
+        margin=g.non_inferiority_margin,
+        planned_effect=g.planned_effect,
+        min_samples_per_arm=max(2, step.min_samples),
+        max_error_rate=g.guardrails.max_error_rate,
+        latency_slo_ms=slo,
+        guardrail_min_samples=max(1, min(30, step.min_samples)),
+        max_duration_days=g.max_duration_days,
+        max_looks=g.max_looks,
+        planned_samples_per_arm=max(2, step.min_samples),
+    )
+
+
+def gate_history(session: Session, step: PilotStep) -> Any:
+    """Earlier looks at this step, from the evidence stored with their decisions (data-check-only
+    INVALID rows recorded by the pilot flow carry no interval and are skipped)."""
+    from rollout.gate import GateHistory
+
+    evidence = [
+        d.evidence for d in decisions_for_step(session, step) if d.kind == "gate" and "quality" in d.evidence
+    ]
+    return GateHistory.from_evidence(evidence)
+
+
+def elapsed_days(step: PilotStep) -> float:
+    started = step.started_at
+    if started.tzinfo is None:
+        started = started.replace(tzinfo=dt.UTC)
+    return max(0.0, (utcnow() - started).total_seconds() / 86400.0)
