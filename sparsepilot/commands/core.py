@@ -1,9 +1,341 @@
-"""(filled in by its owner; see docs/architecture.md)"""
+"""`sparsepilot calibrate` and `sparsepilot evaluate`: sparse_core outside any use case.
+
+Heavy imports (torch, transformers) happen inside the commands so `sparsepilot --help` stays fast."""
 
 from __future__ import annotations
 
+import json
+import shutil
+import statistics
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
+
+from sparsepilot.console import console, emit_json, err_console, fail, print_table
+
+
+def read_texts(path: str) -> list[str]:
+    """Calibration texts: `stdlib` (the bundled corpus), a .jsonl file (field text, or prompt [+
+    reference]) or a plain text file (paragraphs, grouped into texts of ~4000 characters)."""
+    if path == "stdlib":
+        from sparse_core.corpus import corpus_texts
+
+        return corpus_texts("all")
+    p = Path(path)
+    if not p.is_file():
+        fail(f"texts file not found: {p}")
+    texts: list[str] = []
+    if p.suffix == ".jsonl":
+        for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                fail(f"{p}:{lineno}: not valid JSON ({exc.msg})")
+            if not isinstance(obj, dict):
+                fail(f"{p}:{lineno}: expected a JSON object")
+            text = obj.get("text")
+            if text is None and isinstance(obj.get("prompt"), str):
+                text = obj["prompt"] + (
+                    " " + obj["reference"] if isinstance(obj.get("reference"), str) else ""
+                )
+            if not isinstance(text, str) or not text.strip():
+                fail(f"{p}:{lineno}: needs a non-empty string field 'text' (or 'prompt')")
+            texts.append(text)
+    else:
+        try:
+            raw = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            fail(f"{p}: not UTF-8 text")
+        cur = ""
+        for para in raw.split("\n\n"):
+            cur = f"{cur}\n\n{para}" if cur else para
+            if len(cur) >= 4000:
+                texts.append(cur)
+                cur = ""
+        if cur.strip():
+            texts.append(cur)
+    if len(texts) < 2:
+        fail(f"{p}: at least 2 texts are needed (one part is held out), found {len(texts)}")
+    return texts
+
+
+@contextmanager
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    tasks: dict[str, Any] = {}
+    with Progress(
+        TextColumn("{task.description:<20}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=False,
+    ) as prog:
+
+        def update(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = prog.add_task(stage, total=total)
+            prog.update(tasks[stage], completed=done, total=max(total, done))
+
+        yield update
+
+
+def _load(model_ref: str):
+    from sparse_core import ModelRefError, load_model
+
+    try:
+        return load_model(model_ref)
+    except ModelRefError as exc:
+        fail(str(exc))
+
+
+def _write_plan_dir(plan, out: Path, config, report: dict) -> str:
+    """Everything goes to a temporary sibling first; `out` is replaced only when all is written."""
+    from sparse_core import plan_io
+
+    out = out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        _, digest = plan_io.save(plan, tmp, config=config)
+        report["plan_hash"] = digest
+        (tmp / "calibration_report.json").write_text(json.dumps(report, indent=2, default=str))
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return digest
+
+
+def calibrate_cmd(
+    model: Annotated[str, typer.Option("--model", help="smollm2-135m, a local HF dir or a .gguf file")],
+    texts: Annotated[str, typer.Option("--texts", help="texts FILE (.jsonl/.txt) or 'stdlib'")],
+    out: Annotated[Path, typer.Option("--out", help="plan directory to write")],
+    budget: Annotated[
+        str, typer.Option("--budget", help="kl=0.01[,agree=0.99][,nll=0.01]")
+    ] = "kl=0.01,agree=0.99",
+    estimator: Annotated[str, typer.Option("--estimator", help="pooled | antidiagonal | gate")] = "gate",
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    max_texts: Annotated[int | None, typer.Option("--max-texts", help="token windows in total")] = None,
+    seq_len: Annotated[int | None, typer.Option("--seq-len", help="tokens per window")] = None,
+    gate_steps: Annotated[int | None, typer.Option("--gate-steps")] = None,
+    checkpoint_dir: Annotated[
+        Path | None, typer.Option("--checkpoint-dir", help="resumable gate-training checkpoints")
+    ] = None,
+    max_seconds: Annotated[float | None, typer.Option("--max-seconds", help="soft cap on the search")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="cheap settings (few short windows)")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+) -> None:
+    """Calibrate a sparse plan to a quality budget on your texts; writes PLAN/ (plan.json, gate
+    weights, plan.sha256, calibration_report.json)."""
+    from sparse_core import PlanError
+    from sparse_core.calibration import Budget, BudgetError, CalibrationLimits
+
+    try:
+        b = Budget.parse(budget)
+    except BudgetError as exc:
+        fail(f"--budget: {exc}")
+    from sparse_core.estimators import get_estimator
+
+    try:
+        get_estimator(estimator)
+    except PlanError as exc:
+        fail(f"--estimator: {exc}")
+    kw: dict[str, Any] = {}
+    if max_texts is not None:
+        kw["max_texts"] = max_texts
+    if seq_len is not None:
+        kw["max_seq_len"] = seq_len
+    if gate_steps is not None:
+        kw["gate_steps"] = gate_steps
+    if checkpoint_dir is not None:
+        kw["gate_checkpoint_dir"] = str(checkpoint_dir)
+    if max_seconds is not None:
+        kw["max_seconds"] = max_seconds
+    try:
+        limits = CalibrationLimits.quick(**kw) if quick else CalibrationLimits(**kw)
+    except ValueError as exc:
+        fail(str(exc))
+    corpus = read_texts(texts)
+    m, tok = _load(model)
+    if limits.max_seq_len > int(getattr(m.config, "max_position_embeddings", limits.max_seq_len)):
+        fail(
+            f"--seq-len {limits.max_seq_len} exceeds the model's context ({m.config.max_position_embeddings})"
+        )
+    from sparse_core.calibration import calibrate
+
+    try:
+        with _progress() as progress:
+            plan, report = calibrate(
+                m, tok, corpus, b, estimator=estimator, seed=seed, limits=limits, progress=progress
+            )
+    except (PlanError, ValueError) as exc:
+        fail(str(exc))
+    rep = report.to_dict()
+    rep["model_ref"] = model
+    digest = _write_plan_dir(plan, out, m.config, rep)
+    if json_out:
+        emit_json(rep)
+        return
+    fid = report.fidelity
+    print_table(
+        "Calibration",
+        [
+            {
+                "estimator": estimator,
+                "budget": budget,
+                "met": report.met_budget,
+                "density": report.density,
+                "kl": fid["kl"],
+                "agree": fid["agree"],
+                "nll_delta": fid["nll_delta"],
+                "dense layers": len(report.dense_layers),
+                "seconds": report.seconds.get("total"),
+            }
+        ],
+    )
+    console.print(f"plan written to [bold]{out}[/] (hash {digest[:12]})")
+
+
+def evaluate_cmd(
+    model: Annotated[str, typer.Option("--model", help="smollm2-135m, a local HF dir or a .gguf file")],
+    plan: Annotated[Path, typer.Option("--plan", help="plan directory (or plan.json)")],
+    dataset: Annotated[Path | None, typer.Option("--dataset", help="JSONL with prompt/reference")] = None,
+    task: Annotated[str | None, typer.Option("--task", help="exact_match|contains|rouge_l|loglik")] = None,
+    probe_lengths: Annotated[str | None, typer.Option("--probe-lengths", help="e.g. 2048,4096,8192")] = None,
+    speed_lengths: Annotated[
+        str | None, typer.Option("--speed-lengths", help="e.g. 4096,8192; 0 = off")
+    ] = None,
+    repeats: Annotated[int | None, typer.Option("--repeats", help="timing repeats per length")] = None,
+    pictures: Annotated[Path | None, typer.Option("--pictures", help="directory for PNG pictures")] = None,
+    report_out: Annotated[Path | None, typer.Option("--out", help="write the report JSON here")] = None,
+    quick: Annotated[bool, typer.Option("--quick")] = False,
+    thorough: Annotated[bool, typer.Option("--thorough")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+) -> None:
+    """Evaluate a plan against the dense model: fidelity, probes, task scores, speed."""
+    from sparse_core import PlanError, plan_io
+    from sparse_core.evaluation import EvalSuite, evaluate
+    from sparse_core.tasks import TASKS, DatasetError, read_dataset
+
+    if quick and thorough:
+        fail("--quick and --thorough exclude each other")
+    if task is not None and task not in TASKS:
+        fail(f"--task: {task!r} is not one of {list(TASKS)}")
+    kw: dict[str, Any] = {}
+    try:
+        if probe_lengths is not None:
+            kw["probe_lengths"] = tuple(int(x) for x in probe_lengths.split(",") if x.strip() and int(x) > 0)
+        if speed_lengths is not None:
+            kw["speed_lengths"] = tuple(int(x) for x in speed_lengths.split(",") if x.strip() and int(x) > 0)
+    except ValueError:
+        fail("--probe-lengths / --speed-lengths take comma-separated integers")
+    if repeats is not None:
+        kw["speed_repeats"] = repeats
+    if pictures is not None:
+        kw["pictures_dir"] = str(pictures)
+    if dataset is not None:
+        try:
+            kw["dataset_rows"] = read_dataset(dataset, default_task=task)
+        except DatasetError as exc:
+            fail(str(exc))
+        kw["dataset"] = str(dataset)
+    kw["task"] = task
+    suite = EvalSuite.quick(**kw) if quick else EvalSuite.thorough(**kw) if thorough else EvalSuite(**kw)
+    m, tok = _load(model)
+    try:
+        p = plan_io.load(plan, config=m.config)
+    except PlanError as exc:
+        fail(str(exc))
+    with _progress() as progress:
+        report = evaluate(m, tok, p, suite, progress=progress)
+    d = report.to_dict()
+    if report_out is not None:
+        report_out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = report_out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(d, indent=2))
+        tmp.replace(report_out)
+    if json_out:
+        emit_json(d)
+        return
+    _print_report(report)
+
+
+def _print_report(r) -> None:
+    console.print(f"plan {r.plan_hash[:12]}  estimator {r.estimator}  device {r.device}")
+    if r.fidelity:
+        f = r.fidelity
+        print_table(
+            "Fidelity vs dense (held-out natural text)",
+            [
+                {
+                    "kl": f["kl"],
+                    "top1_agree": f["agree"],
+                    "nll_dense": f["nll_dense"],
+                    "nll_delta": f["nll_delta"],
+                    "density": r.density,
+                    "max layer err": max(r.layer_errors) if r.layer_errors else None,
+                }
+            ],
+        )
+    if r.probes:
+        rows = []
+        for key, acc in r.probes["dense"]["by_kind_length"].items():
+            rows.append({"probe": key, "dense": acc, "sparse": r.probes["sparse"]["by_kind_length"].get(key)})
+        rows.append(
+            {"probe": "all", "dense": r.probes["dense"]["accuracy"], "sparse": r.probes["sparse"]["accuracy"]}
+        )
+        print_table("Long-context probes (accuracy, log-likelihood rank)", rows)
+    if r.tasks:
+        print_table(
+            "Use-case task",
+            [
+                {
+                    "task": r.tasks["dense"]["task"],
+                    "rows": r.tasks["n_rows"],
+                    "dense": r.tasks["dense"]["mean_quality"],
+                    "sparse": r.tasks["sparse"]["mean_quality"],
+                    "delta": r.tasks["quality_delta"],
+                }
+            ],
+        )
+    if r.speed:
+        print_table(
+            "Prefill speed (median of repeats; 90% bootstrap interval)",
+            [
+                {
+                    "seq_len": s.seq_len,
+                    "weight": s.weight,
+                    "dense_s": statistics.median(s.dense_seconds),
+                    "sparse_s": statistics.median(s.sparse_seconds),
+                    "speedup": s.speedup,
+                    "interval": f"{s.speedup_interval[0]:.2f}-{s.speedup_interval[1]:.2f}",
+                    "min-based": s.speedup_min_based,
+                    "density": s.density,
+                    "est_share": s.estimator_share,
+                }
+                for s in r.speed
+            ],
+        )
+        if r.speed_summary and r.speed_summary.get("weighted_speedup"):
+            console.print(f"length-mix weighted speed-up: {r.speed_summary['weighted_speedup']:.3f}")
+    for name, path in r.artifacts.items():
+        console.print(f"{name}: {path}")
 
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("calibrate")(calibrate_cmd)
+    app.command("evaluate")(evaluate_cmd)
