@@ -32,7 +32,12 @@ def _require_schema() -> None:
     from rollout.db import migrate
     from rollout.settings import get_settings
 
-    url = get_settings().database_url
+    settings = get_settings()
+    url = settings.database_url
+    if settings.is_sqlite and url.startswith("sqlite:///"):
+        db_file = Path(url.removeprefix("sqlite:///"))
+        if not db_file.is_file():
+            fail(f"no state DB at {db_file}: run `sparsepilot init` first")
     head = ScriptDirectory.from_config(migrate.alembic_config(url)).get_current_head()
     try:
         current = migrate.current_revision(url)

@@ -1,0 +1,161 @@
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rollout.spec import SpecError, UseCaseSpec, load_spec, parse_spec
+
+from .usecase_helpers import EXAMPLES, example_spec
+
+SRC = "examples/usecases/x.yaml"
+
+
+def _problems(data: dict) -> list[str]:
+    with pytest.raises(SpecError) as info:
+        parse_spec(data, SRC)
+    text = str(info.value)
+    assert all(line.startswith(f"{SRC}: ") for line in text.splitlines())
+    return text.splitlines()
+
+
+def _mutated(fn) -> dict:  # noqa: ANN001
+    data = copy.deepcopy(example_spec("docs-qa"))
+    fn(data)
+    return data
+
+
+@pytest.mark.parametrize("name", ["longdoc-summaries", "docs-qa", "support-chat"])
+def test_examples_are_valid(name: str) -> None:
+    spec = load_spec(EXAMPLES / f"{name}.yaml")
+    assert spec.name == name
+    assert spec.dataset_path(EXAMPLES).is_file()
+    assert abs(sum(s for _, s in spec.traffic.prompt_tokens.mix()) - 1) < 1e-9
+
+
+def test_missing_field_is_named() -> None:
+    assert _problems(_mutated(lambda d: d.pop("owner"))) == [f"{SRC}: owner: required field is missing"]
+
+
+def test_mistyped_field_is_named_with_a_suggestion() -> None:
+    lines = _problems(_mutated(lambda d: d["gate"].update(alpah=d["gate"].pop("alpha"))))
+    assert lines == [f"{SRC}: gate.alpah: unknown field (did you mean 'alpha'?)"]
+
+
+def test_negative_traffic() -> None:
+    lines = _problems(_mutated(lambda d: d["traffic"].update(requests_per_day=-100)))
+    assert lines == [f"{SRC}: traffic.requests_per_day: input should be greater than 0 (got -100)"]
+
+
+def test_ramp_steps_must_increase() -> None:
+    def fn(d: dict) -> None:
+        d["rollout"]["steps"][2]["traffic_pct"] = 25  # step 1 is 25 too
+
+    assert _problems(_mutated(fn)) == [
+        f"{SRC}: rollout.steps[2].traffic_pct: must be greater than step 1 (25): ramp steps must increase"
+    ]
+
+
+def test_wrong_types_are_not_coerced() -> None:
+    lines = _problems(_mutated(lambda d: d["traffic"].update(requests_per_day="120000")))
+    assert lines == [f"{SRC}: traffic.requests_per_day: input should be a valid number (got '120000')"]
+    lines = _problems(_mutated(lambda d: d.update(criticality="urgent")))
+    assert lines[0].startswith(f"{SRC}: criticality: input should be 'low', 'medium' or 'high'")
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (lambda d: d.update(name="Docs QA"), "name: 'Docs QA' is not a slug"),
+        (lambda d: d["schedule"].update(cron="61 * * * *"), "schedule.cron: cron '61 * * * *' is invalid"),
+        (lambda d: d["schedule"].update(cron="0 3 * *"), "schedule.cron: cron '0 3 * *' must have 5 fields"),
+        (lambda d: d["schedule"].update(timezone="Mars/Olympus"), "schedule.timezone: unknown time zone"),
+        (
+            lambda d: d["cost"].update(utilisation=1.5),
+            "cost.utilisation: input should be less than or equal to 1",
+        ),
+        (lambda d: d["gate"].update(alpha=0.7), "gate.alpha: input should be less than 0.5"),
+        (
+            lambda d: d["traffic"].update(requests_per_day=float("nan")),
+            "traffic.requests_per_day: input should be a finite number",
+        ),
+        (
+            lambda d: d["dataset"].update(task="bleu"),
+            "dataset.task: input should be 'exact_match', 'contains', 'rouge_l' or 'loglik'",
+        ),
+        (
+            lambda d: d["traffic"].update(output_tokens={"p50": 64, "p90": 32}),
+            "traffic.output_tokens.p90: must be at least p50 (64)",
+        ),
+        (
+            lambda d: d["traffic"].update(output_tokens={"p150": 64}),
+            "traffic.output_tokens.p150: quantile keys are p1..p99",
+        ),
+        (
+            lambda d: d["traffic"]["prompt_tokens"].pop(),
+            "traffic.prompt_tokens: bucket shares must sum to 1, they sum to 0.75",
+        ),
+        (lambda d: d["rollout"].update(steps=[]), "rollout.steps: list should have at least 1 item"),
+        (
+            lambda d: d["rollout"]["steps"][0].update(min_samples=4),
+            "rollout.steps[0].min_samples: 4 is smaller than one pilot batch",
+        ),
+        (
+            lambda d: d["gate"].update(max_looks=2),
+            "gate.max_looks: 2 looks cannot cover the shadow phase and 3 ramp step(s)",
+        ),
+        (lambda d: d.update(rollback="sometimes"), "rollback: input should be 'auto' or 'manual'"),
+    ],
+)
+def test_bad_fields_are_named(mutate, expected: str) -> None:  # noqa: ANN001
+    lines = _problems(_mutated(mutate))
+    assert any(line.startswith(f"{SRC}: {expected}") for line in lines), lines
+
+
+def test_all_problems_are_reported_at_once() -> None:
+    def fn(d: dict) -> None:
+        d.pop("owner")
+        d["traffic"]["requests_per_day"] = 0
+
+    lines = _problems(_mutated(fn))
+    assert {line.split(": ")[1] for line in lines} == {"owner", "traffic.requests_per_day"}
+
+
+def test_files_yaml_errors_and_missing_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nowner: [unclosed\n")
+    with pytest.raises(SpecError, match=r"bad.yaml: line \d+, column \d+: YAML syntax error"):
+        load_spec(bad)
+    with pytest.raises(SpecError, match="nope.yaml: file not found"):
+        load_spec(tmp_path / "nope.yaml")
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(SpecError, match="must be a YAML mapping"):
+        load_spec(bad)
+
+
+def test_quantiles_become_a_mix_by_midpoints() -> None:
+    spec = load_spec(EXAMPLES / "longdoc-summaries.yaml")
+    # p10, p50, p90, p99 -> masses [0, .30), [.30, .70), [.70, .945), [.945, 1]
+    mix = spec.traffic.prompt_tokens.mix()
+    assert [t for t, _ in mix] == [3900, 4800, 5900, 6400]
+    assert [round(s, 6) for _, s in mix] == [0.3, 0.4, 0.245, 0.055]
+    assert spec.traffic.prompt_tokens.mean() == pytest.approx(
+        3900 * 0.3 + 4800 * 0.4 + 5900 * 0.245 + 6400 * 0.055
+    )
+    assert spec.traffic.prompt_tokens.max() == 6400
+
+
+def test_content_hash_ignores_formatting_and_key_order(tmp_path: Path) -> None:
+    data = example_spec("docs-qa")
+    a = parse_spec(data)
+    reordered = dict(reversed(list(data.items())))
+    (tmp_path / "b.yaml").write_text("# a comment\n" + yaml.safe_dump(reordered, default_flow_style=True))
+    b = load_spec(tmp_path / "b.yaml")
+    assert a.content_hash() == b.content_hash()
+    assert a.content_hash("dataset-1") != a.content_hash("dataset-2")
+    changed = parse_spec(_mutated(lambda d: d["gate"].update(alpha=0.01)))
+    assert changed.content_hash() != a.content_hash()
+    # the stored dict validates back to the same spec (old versions stay readable)
+    assert UseCaseSpec.model_validate(a.to_dict()) == a

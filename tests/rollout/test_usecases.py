@@ -1,0 +1,271 @@
+"""use-case add/list/show on SQLite and PostgreSQL, through the CLI: every bad input from the issue
+exits non-zero, names the file/row/field, and leaves the DB exactly as it was."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from rollout.db import migrate
+from rollout.db.session import get_engine
+from rollout.usecases import dataset_rows, list_usecases, load_spec_version, show_usecase
+from sparsepilot.cli import app
+
+from .usecase_helpers import copy_example, example_spec, snapshot, write_spec, write_tiny_model
+
+runner = CliRunner()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def state_url(request: pytest.FixtureRequest, sp_home, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN001
+    if request.param == "postgres":
+        url = request.getfixturevalue("pg_url")
+        monkeypatch.setenv("SPARSEPILOT_DATABASE_URL", url)
+        migrate.upgrade(url)
+    else:
+        url = sp_home.database_url
+    monkeypatch.delenv("SPARSEPILOT_USER", raising=False)
+    yield url
+    get_engine(url).dispose()
+
+
+def cli(*args: str):  # noqa: ANN201
+    return runner.invoke(app, list(args))
+
+
+def add_ok(path: Path, *extra: str) -> dict:
+    res = cli("usecase", "add", str(path), "--json", *extra)
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout)
+
+
+def test_portfolio_add_list_show(state_url: str, sp_home, tmp_path: Path) -> None:  # noqa: ANN001
+    names = ["longdoc-summaries", "docs-qa", "support-chat"]
+    for name in names:
+        out = add_ok(copy_example(tmp_path / name, name))
+        assert (out["name"], out["status"], out["version"]) == (name, "created", 1)
+    listed = json.loads(cli("usecase", "list", "--json").stdout)
+    assert [r["name"] for r in listed] == sorted(names)
+    assert {r["name"]: r["requests"] for r in listed} == {
+        "docs-qa": 72,
+        "longdoc-summaries": 65,
+        "support-chat": 72,
+    }
+    shown = json.loads(cli("usecase", "show", "docs-qa", "--json").stdout)
+    assert shown["spec"]["dataset"]["task"] == "loglik"
+    assert [a["action"] for a in shown["audit"]] == ["usecase.add"]
+    assert shown["validation"]["ok"] is True
+    # the stored dataset is an immutable copy: the flows read it even if the source changes later
+    loaded = load_spec_version("docs-qa")
+    assert loaded.dataset_path.parent == sp_home.home / "datasets"
+    rows = dataset_rows(loaded)
+    assert len(rows) == 72 and rows[0].reference
+
+
+def test_versioning(state_url: str, sp_home, tmp_path: Path) -> None:  # noqa: ANN001
+    spec = example_spec()
+    path = write_spec(tmp_path / "v", spec)
+    assert add_ok(path)["status"] == "created"
+    before = snapshot(state_url, sp_home.home)
+
+    # identical content (even reformatted) is a no-op that writes nothing
+    path.write_text("# same spec, other formatting\n" + json.dumps(spec))
+    assert add_ok(path)["status"] == "unchanged"
+    assert snapshot(state_url, sp_home.home) == before
+
+    # changed content without --new-version: refused, nothing written
+    spec2 = {**spec, "traffic": {**spec["traffic"], "requests_per_day": 300000}}
+    path2 = write_spec(tmp_path / "v", spec2, filename="usecase-v2.yaml")
+    res = cli("usecase", "add", str(path2))
+    assert res.exit_code == 2
+    assert "usecase-v2.yaml: name: use case 'support-chat' already exists" in res.stderr
+    assert "traffic.requests_per_day" in res.stderr and "--new-version" in res.stderr
+    assert snapshot(state_url, sp_home.home) == before
+
+    out = add_ok(path2, "--new-version")
+    assert (out["status"], out["version"], out["changed_fields"]) == (
+        "new_version",
+        2,
+        ["traffic.requests_per_day"],
+    )
+    # a changed dataset is a changed use case too
+    rows = [json.loads(x) for x in (tmp_path / "v" / "support_chat.jsonl").read_text().splitlines()][:10]
+    path3 = write_spec(tmp_path / "v3", spec2, rows=rows)
+    out3 = add_ok(path3, "--new-version")
+    assert (out3["version"], out3["changed_fields"]) == (3, ["dataset (file content)"])
+    # back to version 1's content: version 1 becomes current again, no duplicate version
+    path.write_text(json.dumps(spec))
+    out4 = add_ok(path, "--new-version")
+    assert (out4["status"], out4["version"]) == ("reverted", 1)
+
+    info = show_usecase("support-chat")
+    assert [v["version"] for v in info["versions"]] == [1, 2, 3]
+    assert info["current_version"] == 1
+    assert [a["action"] for a in reversed(info["audit"])] == [
+        "usecase.add",
+        "usecase.new_version",
+        "usecase.new_version",
+        "usecase.revert_version",
+    ]
+    # old versions stay readable
+    old = show_usecase("support-chat", version=2)
+    assert old["spec"]["traffic"]["requests_per_day"] == 300000
+    assert load_spec_version("support-chat", 3).spec.traffic.requests_per_day == 300000
+    assert len(dataset_rows(load_spec_version("support-chat", 3))) == 10
+    assert [r["version"] for r in list_usecases()] == [1]
+
+
+def _rows(n: int = 6) -> list[dict]:
+    return [{"id": f"r{i}", "prompt": f"Customer question number {i}?", "reference": "abs"} for i in range(n)]
+
+
+def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, list[str]]]:
+    """name -> (spec path, fragments the error message must contain)."""
+    base = example_spec()
+    cases: dict[str, tuple[Path, list[str]]] = {}
+
+    def spec_with(fn) -> dict:  # noqa: ANN001
+        d = json.loads(json.dumps(base))
+        fn(d)
+        return d
+
+    d = tmp / "missing-field"
+    cases["missing field"] = (
+        write_spec(d, spec_with(lambda s: s.pop("owner"))),
+        ["usecase.yaml: owner: required field is missing"],
+    )
+    d = tmp / "mistyped-field"
+    cases["mistyped field"] = (
+        write_spec(d, spec_with(lambda s: s.update(onwer=s.pop("owner")))),
+        ["usecase.yaml: onwer: unknown field (did you mean 'owner'?)"],
+    )
+    d = tmp / "negative-traffic"
+    cases["negative traffic"] = (
+        write_spec(d, spec_with(lambda s: s["traffic"].update(requests_per_day=-1))),
+        ["usecase.yaml: traffic.requests_per_day: input should be greater than 0"],
+    )
+    d = tmp / "steps"
+    cases["steps not increasing"] = (
+        write_spec(d, spec_with(lambda s: s["rollout"]["steps"][1].update(traffic_pct=10))),
+        ["usecase.yaml: rollout.steps[1].traffic_pct: must be greater than step 0 (10)"],
+    )
+    d = tmp / "model"
+    cases["unknown model ref"] = (
+        write_spec(d, spec_with(lambda s: s.update(model="no-such-model-7b"))),
+        ["usecase.yaml: model:", "no-such-model-7b"],
+    )
+    d = tmp / "dataset-path"
+    p = write_spec(
+        d, spec_with(lambda s: s["dataset"].update(path="nowhere/missing.jsonl")), with_dataset=False
+    )
+    cases["dataset path missing"] = (
+        p,
+        ["usecase.yaml: dataset.path: 'nowhere/missing.jsonl' does not exist"],
+    )
+    rows = _rows()
+    rows[4]["id"] = "r1"
+    cases["duplicate id"] = (
+        write_spec(tmp / "dup", rows=rows),
+        ["support_chat.jsonl: rows 2, 5: id: duplicate id 'r1'"],
+    )
+    rows = _rows()
+    rows[2]["prompt"] = "   "
+    cases["empty prompt"] = (
+        write_spec(tmp / "empty", rows=rows),
+        ["support_chat.jsonl: row 3 (id 'r2'): prompt: is empty"],
+    )
+    raw = b"".join(json.dumps(r).encode() + b"\n" for r in _rows(3)) + b'{"id": "r3", "prompt": "caf\xe9"}\n'
+    cases["invalid UTF-8"] = (
+        write_spec(tmp / "utf8", raw_rows=raw),
+        ["support_chat.jsonl: row 4: line: invalid UTF-8"],
+    )
+    rows = _rows()
+    rows[1]["prompt"] = "word " * 9000  # 45k characters: over 8192 tokens even by the bound
+    cases["prompt longer than context"] = (
+        write_spec(tmp / "long", rows=rows),
+        ["support_chat.jsonl: row 2 (id 'r1'): prompt: longer than the model's context"],
+    )
+    rows = _rows()
+    rows[0].pop("reference")
+    cases["reference missing"] = (
+        write_spec(tmp / "ref", rows=rows),
+        ["support_chat.jsonl: row 1 (id 'r0'): reference: missing, but the task (contains) needs references"],
+    )
+    cases["existing name"] = (
+        write_spec(tmp / "exists", spec_with(lambda s: s.update(owner="someone-else@example.com"))),
+        ["usecase.yaml: name: use case 'support-chat' already exists", "owner", "--new-version"],
+    )
+    return cases
+
+
+def test_bad_inputs_are_rejected_and_write_nothing(state_url: str, sp_home, tmp_path: Path) -> None:  # noqa: ANN001
+    add_ok(write_spec(tmp_path / "good"))  # the DB is not empty: an accidental write would show
+    before = snapshot(state_url, sp_home.home)
+    for name, (path, fragments) in _bad_inputs(tmp_path / "bad").items():
+        res = cli("usecase", "add", str(path))
+        assert res.exit_code == 2, (name, res.output)
+        for fragment in fragments:
+            assert fragment in res.stderr, (name, fragment, res.stderr)
+        assert snapshot(state_url, sp_home.home) == before, name
+
+
+def test_prompt_length_uses_the_models_tokenizer(state_url: str, sp_home, tmp_path: Path) -> None:  # noqa: ANN001
+    model = write_tiny_model(tmp_path / "tiny-model", context=256)
+    spec = example_spec()
+    spec["model"] = str(model)
+    spec["traffic"] = {"requests_per_day": 100, "prompt_tokens": {"p50": 100}, "output_tokens": {"p50": 16}}
+    spec["quality_budget"]["calibration"]["max_seq_len"] = 256
+    rows = _rows()
+    rows[3]["prompt"] = "word " * 241  # 241 tokens > 256 - 16; the chars bound would say 402
+    before = snapshot(state_url, sp_home.home)
+    res = cli("usecase", "add", str(write_spec(tmp_path / "a", spec, rows=rows)))
+    assert res.exit_code == 2
+    assert (
+        "row 4 (id 'r3'): prompt: longer than the model's context: up to 241 tokens, the limit is 240"
+        in res.stderr
+    )
+    assert "counted by tokenizer" in res.stderr
+    assert snapshot(state_url, sp_home.home) == before
+    rows[3]["prompt"] = "word " * 240  # fits exactly (the chars bound would have refused it)
+    out = add_ok(write_spec(tmp_path / "b", spec, rows=rows))
+    assert out["validation"]["stats"]["prompt_tokens_max"] == 240
+
+
+def test_traffic_must_fit_the_models_context(state_url: str, tmp_path: Path) -> None:
+    model = write_tiny_model(tmp_path / "tiny-model", context=256)
+    spec = example_spec()
+    spec["model"] = str(model)  # support-chat's traffic reaches 480 + 96 tokens
+    res = cli("usecase", "add", str(write_spec(tmp_path / "a", spec)))
+    assert res.exit_code == 2
+    expected = (
+        "traffic.prompt_tokens: the longest prompt (480) plus output (96) tokens exceed the model's context"
+    )
+    assert f"{expected} (256)" in res.stderr
+
+
+def test_commands_refuse_an_uninitialised_db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPARSEPILOT_HOME", str(tmp_path / "fresh"))
+    monkeypatch.delenv("SPARSEPILOT_DATABASE_URL", raising=False)
+    res = cli("usecase", "list")
+    assert res.exit_code == 2 and "run `sparsepilot init` first" in res.stderr
+    res = cli("init", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["revision"] == migrate.current_revision()
+    assert cli("usecase", "list", "--json").stdout.strip() == "[]"
+    res = cli("usecase", "show", "nope")
+    assert res.exit_code == 2 and "no use case named 'nope'" in res.stderr
+
+
+@pytest.mark.postgres
+def test_init_on_postgres(pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPARSEPILOT_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("SPARSEPILOT_DATABASE_URL", pg_url)
+    res = cli("init", "--json")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["database_url"].startswith("postgresql+psycopg://") and out["revision_before"] is None
+    assert cli("init", "--json").exit_code == 0  # idempotent
+    get_engine(pg_url).dispose()
