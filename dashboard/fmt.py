@@ -36,3 +36,9 @@ def step_label(row: dict[str, Any]) -> str:
         return "-"
     pct = row.get("traffic_pct") or 0.0
     return f"{row['step_index']}: {row.get('step_kind') or row.get('kind')} {pct:g}%"
+
+
+def interval_only(lo: Any, hi: Any, one: Any = None) -> str:
+    """'[lo, hi]' where both ends are known, else '-' (no interval is claimed without one)."""
+    one = one or (lambda v: f"{v:+.4f}")
+    return f"[{one(lo)}, {one(hi)}]" if _ok(lo) and _ok(hi) else "-"

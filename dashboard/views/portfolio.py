@@ -54,12 +54,9 @@ def to_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     df["decision"] = df["decision"].fillna("-")
     df["step"] = [fmt.step_label(r) for r in rows]
-    df["quality Δ [interval]"] = [
-        fmt.num_interval(r["quality_delta"], r["quality_low"], r["quality_high"]) for r in rows
-    ]
-    df["$/month saved [interval]"] = [
-        fmt.money_interval(r["savings_month_usd"], r["savings_month_low"], r["savings_month_high"])
-        for r in rows
+    df["quality interval"] = [fmt.interval_only(r["quality_low"], r["quality_high"]) for r in rows]
+    df["savings interval"] = [
+        fmt.interval_only(r["savings_month_low"], r["savings_month_high"], fmt.money) for r in rows
     ]
     df["open"] = [f"./use-case?name={n}" for n in df["name"]]
     # the worst plausible quality loss: the interval's lower end where a gate measured one
@@ -88,9 +85,9 @@ def filters(df: pd.DataFrame) -> pd.DataFrame:
 
 def table(df: pd.DataFrame) -> None:
     cols = [
-        "name", "owner", "criticality", "phase", "step", "decision", "waits_for",
-        "quality Δ [interval]", "speedup", "savings_month_usd", "$/month saved [interval]",
-        "payback_days", "observations", "open",
+        "name", "criticality", "phase", "step", "decision", "waits_for", "quality_delta",
+        "quality interval", "speedup", "savings_month_usd", "savings interval", "payback_days",
+        "owner", "observations", "open",
     ]  # fmt: skip
     st.dataframe(
         df[cols],
@@ -99,6 +96,7 @@ def table(df: pd.DataFrame) -> None:
         column_config={
             "name": st.column_config.TextColumn("Use case", pinned=True),
             "waits_for": "Waits for",
+            "quality_delta": st.column_config.NumberColumn("Quality Δ", format="%+.4f"),
             "speedup": st.column_config.NumberColumn("Speed-up", format="%.2fx"),
             "savings_month_usd": st.column_config.NumberColumn("$/month saved", format="dollar"),
             "payback_days": st.column_config.NumberColumn("Payback (days)", format="%.0f"),
@@ -112,7 +110,14 @@ def savings_vs_risk(df: pd.DataFrame) -> alt.Chart:
     data = df[df["savings_month_usd"].notna()].copy()
     base = alt.Chart(data).encode(
         x=alt.X("quality risk:Q", title="Quality risk (worst plausible quality loss)"),
-        tooltip=["name", "decision", "criticality", "$/month saved [interval]", "quality Δ [interval]"],
+        tooltip=[
+            "name",
+            "decision",
+            "criticality",
+            "savings_month_usd",
+            "savings interval",
+            "quality interval",
+        ],
     )
     bars = base.mark_rule(opacity=0.5).encode(y="savings_month_low:Q", y2="savings_month_high:Q")
     points = base.mark_point(filled=True).encode(

@@ -32,6 +32,8 @@ def streamlit_command(port: int = 8501, address: str = "127.0.0.1") -> list[str]
         "false",
         "--global.developmentMode",
         "false",
+        "--client.toolbarMode",
+        "viewer",
     ]
 
 

@@ -51,8 +51,9 @@ def test_portfolio_shows_seeded_use_cases(seeded: dict[str, Any]) -> None:
     assert list(df["name"]) == SEEDED
     row = df.set_index("name").loc["contract-summarisation"]
     assert row["decision"] == "GO" and row["waits_for"] == "approval to promote"
-    assert row["quality Δ [interval]"] == "-0.0050 [-0.0110, +0.0010]"
-    assert row["$/month saved [interval]"] == "$1,840 [$1,500, $2,150]"
+    assert row["quality_delta"] == -0.005 and row["quality interval"] == "[-0.0110, +0.0010]"
+    assert row["savings_month_usd"] == 1840 and row["savings interval"] == "[$1,500, $2,150]"
+    assert df.set_index("name").loc["support-chat", "quality interval"] == "-"  # no gate, no interval
     assert row["step"] == "1: split 10%" and row["payback_days"] == 12.0
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Use cases"] == "3" and metrics["$/month saved (sum)"] == "$2,425"
@@ -126,3 +127,24 @@ def test_approver_sees_buttons_and_a_reason_is_required(seeded: dict[str, Any]) 
     assert any("a reason is required" in e.value for e in at.error)
     with session_scope() as s:
         assert s.scalars(select(Approval)).all() == []
+
+
+def test_oidc_user_role_comes_from_the_approver_list(seeded: dict[str, Any], monkeypatch: Any) -> None:
+    from streamlit.testing.v1 import AppTest
+
+    from tests.dashboard.apptest_helpers import APP
+
+    monkeypatch.setenv("SPARSEPILOT_OIDC_APPROVERS", "ann@example.com")
+    at = AppTest.from_file(str(APP), default_timeout=90)
+    at.secrets["auth"] = {"redirect_uri": "http://127.0.0.1:8501/oauth2callback", "cookie_secret": "x"}
+    at.user = {"is_logged_in": False}
+    open_page(at.run(), "login")
+    assert "Sign in with single sign-on" in button_labels(at)
+    at.user = {"is_logged_in": True, "email": "ann@example.com", "sub": "ann"}
+    open_page(at, "approvals")
+    assert "**ann@example.com** · approver" in texts(at)
+    assert "Approve promotion" in button_labels(at)
+    at.user = {"is_logged_in": True, "email": "dan@example.com", "sub": "dan"}
+    open_page(at, "approvals")
+    assert "**dan@example.com** · viewer" in texts(at)
+    assert "Approve promotion" not in button_labels(at)

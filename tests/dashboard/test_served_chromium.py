@@ -1,0 +1,110 @@
+"""The dashboard as users get it: `streamlit run` on 127.0.0.1, opened in headless Chromium (Debian's
+package, driven by Playwright), signed in, portfolio checked, screenshot saved."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rollout.settings import Settings
+from sparsepilot.commands.dashboard import streamlit_command
+from tests.fixtures.dashboard import PASSWORDS
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+pytestmark = [
+    pytest.mark.chromium,
+    pytest.mark.skipif(
+        not os.access(CHROMIUM, os.X_OK),
+        reason=f"Chromium is not installed at {CHROMIUM} (Debian package 'chromium'; .ci/run installs it)",
+    ),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def served(seeded: dict[str, Any], dash_env: Settings, tmp_path: Path) -> Iterator[str]:
+    port = _free_port()
+    log = (tmp_path / "streamlit.log").open("wb")
+    proc = subprocess.Popen(
+        streamlit_command(port, "127.0.0.1"), env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"streamlit did not come up: {(tmp_path / 'streamlit.log').read_text()}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def test_sign_in_and_see_the_portfolio_in_chromium(served: str, tmp_path: Path) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    shot = tmp_path / "portfolio.png"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1500, "height": 1100})
+            page.goto(f"{served}/login", wait_until="domcontentloaded")
+            page.get_by_label("User name").fill("alice")
+            page.get_by_label("Password", exact=True).fill(PASSWORDS["alice"])
+            page.get_by_role("button", name="Sign in").click()
+            sidebar = page.get_by_test_id("stSidebar")
+            expect(sidebar.get_by_text("approver")).to_be_visible(timeout=30_000)
+            # navigate inside the app (a reload would start a new, signed-out session)
+            sidebar.get_by_role("link", name="Portfolio").click()
+            expect(page.get_by_role("heading", name="Portfolio")).to_be_visible(timeout=30_000)
+            grid = page.get_by_test_id("stDataFrame")
+            expect(grid).to_be_visible(timeout=30_000)
+            for name in ("contract-summarisation", "document-qa", "support-chat"):
+                expect(grid.get_by_text(name, exact=True).first).to_be_attached(timeout=30_000)
+            expect(page.get_by_test_id("stMetricValue").first).to_have_text("3")
+            expect(page.locator(".vega-embed").first).to_be_visible(timeout=30_000)
+            page.wait_for_timeout(500)  # let the chart finish drawing before the picture
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    assert shot.stat().st_size > 10_000
+    keep = os.environ.get("SPARSEPILOT_SCREENSHOT_DIR")
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, Path(keep) / shot.name)
