@@ -60,9 +60,38 @@ def decision_block(decs: list[dict[str, Any]]) -> None:
         st.json(d["evidence"], expanded=False)
 
 
+def _num(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def quality_points(evals: list[dict[str, Any]]) -> pd.DataFrame:
+    """Long-form (evaluation, density, measure, value): every quality measure the report carries."""
+    out = []
+    for e in evals:
+        if e["density"] is None:
+            continue
+        rep = e["report"]
+        probes = rep.get("probes") or {}
+        fid = rep.get("fidelity") or {}
+        sparse_acc = (probes.get("sparse") or {}).get("accuracy")
+        dense_acc = (probes.get("dense") or {}).get("accuracy")
+        agree = fid.get("agree")
+        measures = {
+            "task quality Δ": e["quality_delta"],
+            "probe accuracy Δ": sparse_acc - dense_acc if _num(sparse_acc) and _num(dense_acc) else None,
+            "top-1 agreement - 1": agree - 1.0 if _num(agree) else None,
+        }
+        for measure, value in measures.items():
+            if _num(value):
+                out.append(
+                    {"evaluation": e["id"], "density": e["density"], "measure": measure, "value": value}
+                )
+    return pd.DataFrame(out)
+
+
 def quality_vs_density(evals: list[dict[str, Any]]) -> None:
     st.subheader("Quality against density")
-    df = pd.DataFrame([e for e in evals if e["density"] is not None and e["quality_delta"] is not None])
+    df = quality_points(evals)
     if df.empty:
         st.caption("No evaluation with a measured density yet.")
         return
@@ -71,8 +100,9 @@ def quality_vs_density(evals: list[dict[str, Any]]) -> None:
         .mark_line(point=True)
         .encode(
             x=alt.X("density:Q", title="Attention density kept", scale=alt.Scale(domain=[0, 1])),
-            y=alt.Y("quality_delta:Q", title="Quality Δ vs dense"),
-            tooltip=["id", "density", "quality_delta", "speedup", "device"],
+            y=alt.Y("value:Q", title="Sparse minus dense"),
+            color=alt.Color("measure:N", title=None),
+            tooltip=["evaluation", "density", "measure", "value"],
         )
         .properties(height=260)
     )
@@ -152,6 +182,15 @@ def timeline(use_case_id: int, decs: list[dict[str, Any]]) -> None:
         st.dataframe(pd.DataFrame(moves).drop(columns=["id"]), hide_index=True, width="stretch")
 
 
+def _kv(d: dict[str, Any], label: str) -> pd.DataFrame:
+    def show(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:,.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
+        return "-" if v is None else str(v)
+
+    return pd.DataFrame({label: list(d), "value": [show(v) for v in d.values()]})
+
+
 def roi_breakdown(ev: dict[str, Any] | None) -> None:
     st.subheader("ROI")
     if ev is None:
@@ -168,15 +207,15 @@ def roi_breakdown(ev: dict[str, Any] | None) -> None:
     c3.metric("Payback", fmt.days(ev["payback_days"]))
     roi = dict(ev["roi"])
     inputs = roi.pop("inputs", None)
+    if roi.get("verdict"):
+        st.markdown(f"**Verdict:** {roi.pop('verdict')}")
     left, right = st.columns(2)
     if inputs:
         left.markdown("**Inputs**")
-        left.dataframe(pd.DataFrame({"input": list(inputs), "value": [str(v) for v in inputs.values()]}),
-                       hide_index=True, width="stretch")  # fmt: skip
+        left.dataframe(_kv(inputs, "input"), hide_index=True, width="stretch")
     if roi:
         right.markdown("**Breakdown**")
-        right.dataframe(pd.DataFrame({"item": list(roi), "value": [str(v) for v in roi.values()]}),
-                        hide_index=True, width="stretch")  # fmt: skip
+        right.dataframe(_kv(roi, "item"), hide_index=True, width="stretch")
     st.caption(f"Evaluation #{ev['id']} on {ev['device'] or 'unknown device'}")
 
 
@@ -186,7 +225,7 @@ def pictures(ev: dict[str, Any] | None) -> None:
     shown = 0
     cols = st.columns(3)
     for name, ref in sorted(arts.items()):
-        path = Path(str(ref))
+        path = Path(str(ref).removeprefix("file://"))
         if path.suffix.lower() == ".png" and path.is_file():
             cols[shown % 3].image(str(path), caption=name, width="stretch")
             shown += 1
