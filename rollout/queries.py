@@ -7,7 +7,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import Float, and_, case, cast, func, select
+from sqlalchemy import Integer, and_, case, cast, func, select
 from sqlalchemy.orm import Session
 
 from rollout.db.models import (
@@ -259,7 +259,7 @@ def step_arm_stats(session: Session, use_case_id: int) -> list[dict[str, Any]]:
             func.avg(Observation.latency_ms).label("latency_mean"),
             func.min(Observation.latency_ms).label("latency_min"),
             func.max(Observation.latency_ms).label("latency_max"),
-            func.avg(cast(Observation.error, Float)).label("error_rate"),
+            func.avg(case((Observation.error.is_(True), 1.0), else_=0.0)).label("error_rate"),
         )
         .select_from(PilotStep)
         .join(Pilot, Pilot.id == PilotStep.pilot_id)
@@ -281,7 +281,9 @@ def latency_histogram(session: Session, use_case_id: int, bins: int = 30) -> lis
     if lo is None:
         return []
     width = max((hi - lo) / bins, 1e-9)
-    bucket = func.min(cast(func.floor((Observation.latency_ms - lo) / width), Float), bins - 1).label("b")
+    # (latency - lo) / width >= 0, so truncation is floor; the maximum falls into the last bin
+    raw = cast((Observation.latency_ms - lo) / width, Integer)
+    bucket = case((raw > bins - 1, bins - 1), else_=raw).label("b")
     stmt = (
         select(Observation.arm, bucket, func.count().label("n"))
         .where(Observation.use_case_id == use_case_id)

@@ -1,0 +1,39 @@
+"""The dashboard's SQL on a real PostgreSQL 15 (throwaway cluster): same answers as on SQLite."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rollout import queries
+from rollout.db import migrate
+from rollout.db.session import session_scope
+from tests.fixtures.dashboard import seed_small_portfolio
+
+pytestmark = pytest.mark.postgres
+
+
+def test_queries_on_postgres(pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPARSEPILOT_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("SPARSEPILOT_DATABASE_URL", pg_url)
+    migrate.upgrade(pg_url)
+    ids = seed_small_portfolio(tmp_path / "artifacts")
+    uc_id = ids["contract-summarisation"]
+    with session_scope() as s:
+        rows = {r["name"]: r for r in queries.portfolio(s)}
+        totals = queries.portfolio_totals(s)
+        stats = queries.step_arm_stats(s, uc_id)
+        hist = queries.latency_histogram(s, uc_id, bins=10)
+        pending = queries.pending_decisions(s)
+        audit = queries.audit_entries(s, actions=["gate.decide"])
+    c = rows["contract-summarisation"]
+    assert (c["quality_delta"], c["quality_low"], c["quality_high"]) == (-0.005, -0.011, 0.001)
+    assert c["waits_for"] == "approval to promote" and c["step_observations"] == 240
+    assert rows["document-qa"]["waits_for"] == "more samples (240/300)"
+    assert totals["savings_month_usd"] == pytest.approx(2425) and totals["pending_approvals"] == 1
+    assert {(r["step_index"], r["arm"]): r["n"] for r in stats}[(1, "treatment")] == 120
+    assert all(r["error_rate"] == 0.0 for r in stats)
+    assert sum(h["count"] for h in hist) == 480 and max(h["latency_ms"] for h in hist) < 470
+    assert [p["use_case"] for p in pending] == ["contract-summarisation"]
+    assert len(audit) == 2
