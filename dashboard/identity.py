@@ -5,6 +5,7 @@ server-side session state; every action re-checks the role in rollout, never tru
 from __future__ import annotations
 
 import os
+import time
 
 import streamlit as st
 
@@ -38,15 +39,45 @@ def local_accounts_configured() -> bool:
 def current_identity() -> Identity | None:
     ident = st.session_state.get(IDENTITY_KEY)
     if isinstance(ident, Identity):
+        # re-read the accounts on every run: a removed account or a changed role takes effect at
+        # once, not when the browser session ends (no password work here, just the lookup)
+        try:
+            account = auth.load_accounts().get(ident.name)
+        except auth.AccountsConfigError:
+            account = None
+        if account is None:
+            st.session_state.pop(IDENTITY_KEY, None)
+            return None
+        if account.role != ident.role:
+            ident = Identity(account.name, account.role, ident.source)
+            st.session_state[IDENTITY_KEY] = ident
         return ident
     if oidc_configured() and st.user.get("is_logged_in"):
         return auth.identity_from_oidc(st.user.to_dict(), oidc_approvers())
     return None
 
 
+class TooManyAttempts(RuntimeError):
+    pass
+
+
+MAX_FAILURES, LOCKOUT_S = 5, 30.0
+
+
 def sign_in_local(name: str, password: str) -> Identity | None:
+    """Check the password; after MAX_FAILURES wrong ones this session waits LOCKOUT_S seconds."""
+    failures: list[float] = st.session_state.setdefault("sp_login_failures", [])
+    now = time.monotonic()
+    failures[:] = [t for t in failures if now - t < LOCKOUT_S]
+    if len(failures) >= MAX_FAILURES:
+        raise TooManyAttempts(
+            f"too many failed sign-ins; try again in {LOCKOUT_S - (now - failures[0]):.0f} s"
+        )
     ident = auth.authenticate(name, password)
-    if ident is not None:
+    if ident is None:
+        failures.append(now)
+    else:
+        failures.clear()
         st.session_state[IDENTITY_KEY] = ident
     return ident
 

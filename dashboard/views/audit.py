@@ -11,6 +11,8 @@ import streamlit as st
 from dashboard.data import read
 from rollout import queries
 
+LIMIT = 5000
+
 
 def main() -> None:
     st.title("Audit log")
@@ -33,6 +35,7 @@ def main() -> None:
         use_cases=use_cases or None,
         since=since,
         until=until,
+        limit=LIMIT,
     )
     if not rows:
         st.info(
@@ -41,7 +44,8 @@ def main() -> None:
         return
     df = pd.DataFrame(rows)
     df["details"] = [json.dumps(d, sort_keys=True, default=str) for d in df["details"]]
-    st.caption(f"{len(df)} entries, newest first")
+    more = " (the newest only: narrow the filters to see older ones)" if len(df) >= LIMIT else ""
+    st.caption(f"{len(df)} entries, newest first{more}")
     st.dataframe(df, hide_index=True, width="stretch")
     st.download_button(
         "Download CSV",

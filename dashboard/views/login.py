@@ -5,6 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from dashboard.identity import (
+    TooManyAttempts,
     current_identity,
     local_accounts_configured,
     oidc_configured,
@@ -42,6 +43,9 @@ def main() -> None:
             ok = sign_in_local(name, password)
         except AccountsConfigError as exc:
             st.error(f"The accounts configuration is invalid: {exc}")
+            return
+        except TooManyAttempts as exc:
+            st.error(f"Not checked: {exc}.")
             return
         if ok is None:
             st.error("Unknown user name or wrong password.")

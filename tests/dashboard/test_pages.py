@@ -148,3 +148,29 @@ def test_oidc_user_role_comes_from_the_approver_list(seeded: dict[str, Any], mon
     open_page(at, "approvals")
     assert "**dan@example.com** · viewer" in texts(at)
     assert "Approve promotion" not in button_labels(at)
+
+
+def test_removed_account_or_changed_role_takes_effect_at_once(
+    seeded: dict[str, Any], monkeypatch: pytest.MonkeyPatch, dashboard_accounts: str
+) -> None:
+    at = sign_in(new_app(), "alice")
+    assert "Approve promotion" in button_labels(open_page(at, "approvals"))
+    demoted = dashboard_accounts.replace("alice:approver:", "alice:viewer:")
+    monkeypatch.setenv("SPARSEPILOT_ACCOUNTS", demoted)
+    open_page(at, "approvals")
+    assert "Approve promotion" not in button_labels(at) and "**alice** · viewer" in texts(at)
+    monkeypatch.setenv(
+        "SPARSEPILOT_ACCOUNTS", ";".join(e for e in demoted.split(";") if not e.startswith("alice:"))
+    )
+    open_page(at, "approvals")
+    assert "sign in as an approver" in texts(at) and "sp_identity" not in at.session_state
+
+
+def test_repeated_wrong_passwords_lock_the_form(seeded: dict[str, Any]) -> None:
+    at = new_app()
+    for _ in range(5):
+        sign_in(at, "alice", "guess")
+        assert "Unknown user name or wrong password." in [e.value for e in at.error]
+    sign_in(at, "alice")  # even the right password is not checked now
+    assert any("too many failed sign-ins" in e.value for e in at.error)
+    assert "sp_identity" not in at.session_state
