@@ -6,8 +6,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from rollout.db import migrate
-from rollout.db.session import session_scope
+from alembic.runtime.migration import MigrationContext
+
+from rollout.db.session import get_engine, session_scope
 from rollout.settings import get_settings
 
 T = TypeVar("T")
@@ -27,7 +28,8 @@ def schema_ready() -> tuple[bool, str]:
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
         return False, url  # connecting would create an empty file
     try:
-        return migrate.current_revision(url) is not None, url
+        with get_engine(url).connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision() is not None, url
     except Exception:  # noqa: BLE001 - any connection problem is shown to the user as "not ready"
         return False, url
 
