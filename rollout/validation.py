@@ -184,7 +184,7 @@ def read_dataset(path: Path | str) -> tuple[_Rows, list[Failure], list[str]]:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
             failures.append(
-                Failure("line", f"invalid UTF-8 at byte {exc.start} of the line", (lineno,), (), "read")
+                Failure("line", f"invalid UTF-8 at byte offset {exc.start}", (lineno,), (), "read")
             )
             continue
         try:
@@ -354,7 +354,7 @@ def validate_dataset(
                     result.failures.append(
                         Failure(
                             "id",
-                            f"duplicate id {rid!r} (rows {_fmt_rows(dup_lines)})",
+                            f"duplicate id {rid!r}",
                             dup_lines,
                             (),
                             cfg.type,

@@ -79,6 +79,9 @@ def _help_text(module_name: str) -> tuple[str, str]:
     module = importlib.import_module(module_name)
     doc = (module.__doc__ or "").strip()
     synopsis = _first_sentence(doc)
+    # Rendering touches lazily created class attributes (e.g. ``__annotations__``), so the first
+    # rendering in a process can differ from later ones; render once to settle them, keep the second.
+    pydoc.plaintext.document(module)
     rendered = pydoc.plaintext.document(module)
     rendered = re.sub(r".\x08", "", rendered)  # pydoc's overstrike bold
     out: list[str] = []

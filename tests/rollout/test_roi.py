@@ -1,0 +1,140 @@
+"""ROI against numbers worked out by hand (docs/roi.md walks through the first one)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from rollout.roi import (
+    DAYS_PER_MONTH,
+    RoiInputs,
+    compute_roi,
+    payback_days,
+    roi_for_spec,
+    speedup_interval,
+)
+from rollout.spec import load_spec
+
+from .usecase_helpers import EXAMPLES
+
+
+def _inputs(**kw) -> RoiInputs:  # noqa: ANN003
+    base = dict(
+        dense_tps=3100.0,
+        speedup=2.0,
+        speedup_low=1.5,
+        speedup_high=2.5,
+        requests_per_day=10_000,
+        prompt_tokens=3000,
+        output_tokens=100,
+        gpu_usd_per_hour=2.0,
+        utilisation=0.5,
+        pilot_one_off_usd=1000.0,
+    )
+    base.update(kw)
+    return RoiInputs(**base)
+
+
+def test_worked_example() -> None:
+    r = compute_roi(_inputs())
+    # 3100 tokens per request at 3100 tokens/s = 1 s; 10,000 s/day = 2.777.. busy hours; at 50%
+    # utilisation 5.555.. paid GPU-hours/day; x $2 x 30.4375 days = $338.19/month dense.
+    assert DAYS_PER_MONTH == 30.4375
+    assert r.dense_seconds_per_request == pytest.approx(1.0)
+    assert r.dense_gpu_hours_day == pytest.approx(50 / 9)
+    assert r.dense_usd_month == pytest.approx(338.194444, abs=1e-5)
+    # 2x: half the hours and the money
+    assert r.sparse_gpu_hours_day == pytest.approx(25 / 9)
+    assert r.sparse_usd_month == pytest.approx(169.097222, abs=1e-5)
+    assert r.saved_usd_month == pytest.approx(169.097222, abs=1e-5)
+    # 1.5x: sparse costs 338.19/1.5 = 225.46 -> saves 112.73; 2.5x: 135.28 -> saves 202.92
+    assert r.saved_usd_month_low == pytest.approx(112.731481, abs=1e-5)
+    assert r.saved_usd_month_high == pytest.approx(202.916667, abs=1e-5)
+    # $1000 / ($169.10 / 30.4375 = $5.5556 a day) = 180 days; 150 and 270 days at the ends
+    assert r.payback_days == pytest.approx(180.0)
+    assert r.payback_days_low == pytest.approx(150.0)
+    assert r.payback_days_high == pytest.approx(270.0)
+    assert r.pays_off and r.certain
+    assert r.verdict == "saves $169/month ($113-$203); pays back the $1,000 pilot in 180 days"
+
+
+def test_output_tokens_at_dense_decode_speed_dilute_the_speed_up() -> None:
+    # prompt 3000 tokens at 3000 tok/s = 1 s; 100 output tokens at 100 tok/s = 1 s -> 2 s dense.
+    # Sparse prefill at 2x: 0.5 + 1 = 1.5 s -> effective speed-up 4/3, a quarter of the cost saved.
+    r = compute_roi(_inputs(dense_tps=3000.0, decode_tps=100.0))
+    assert r.dense_seconds_per_request == pytest.approx(2.0)
+    assert r.sparse_seconds_per_request == pytest.approx(1.5)
+    assert r.effective_speedup == pytest.approx(4 / 3)
+    assert r.saved_usd_month == pytest.approx(r.dense_usd_month / 4)
+    # dense: 20,000 s/day / 3600 / 0.5 = 11.11 h/day x 2 x 30.4375 = $676.39/month
+    assert r.dense_usd_month == pytest.approx(676.388889, abs=1e-5)
+
+
+def test_speed_up_at_or_below_one_reports_the_loss_and_flags_it() -> None:
+    r = compute_roi(_inputs(speedup=0.8, speedup_low=0.7, speedup_high=0.9))
+    # sparse costs 338.19 / 0.8 = 422.74 -> -84.55 a month, never pays back
+    assert r.saved_usd_month == pytest.approx(-84.548611, abs=1e-5)
+    assert r.saved_usd_month < 0 and not r.pays_off and not r.certain
+    assert r.payback_days is None and r.payback_days_low is None and r.payback_days_high is None
+    assert r.verdict.startswith("no savings: the speed-up is 0.80x (<= 1)")
+    even = compute_roi(_inputs(speedup=1.0, speedup_low=1.0, speedup_high=1.0))
+    assert even.saved_usd_month == 0 and not even.pays_off and even.payback_days is None
+
+
+def test_uncertain_when_the_interval_reaches_no_savings() -> None:
+    r = compute_roi(_inputs(speedup=1.25, speedup_low=0.9, speedup_high=1.6))
+    assert r.pays_off and not r.certain
+    assert r.saved_usd_month_low < 0 < r.saved_usd_month
+    assert r.payback_days_high is None and r.payback_days_low is not None
+    assert "savings are not established" in r.verdict
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("dense_tps", 0.0),
+        ("utilisation", 1.2),
+        ("utilisation", 0.0),
+        ("requests_per_day", -1.0),
+        ("speedup", math.nan),
+    ],
+)
+def test_bad_inputs_raise(field: str, value: float) -> None:
+    with pytest.raises(ValueError, match=field):
+        compute_roi(_inputs(**{field: value}))
+    with pytest.raises(ValueError, match="interval must contain"):
+        compute_roi(_inputs(speedup_low=2.1))
+
+
+def test_payback_days() -> None:
+    assert payback_days(1000, 304.375) == pytest.approx(100.0)
+    assert payback_days(0, 10) == 0
+    assert payback_days(1000, 0) is None
+
+
+def test_roi_for_spec_uses_the_traffic_mix() -> None:
+    spec = load_spec(EXAMPLES / "docs-qa.yaml")
+    # prompt mean 2048*.3 + 3072*.45 + 4096*.25 = 614.4 + 1382.4 + 1024 = 3020.8;
+    # output {p50: 24, p99: 64}: masses .745/.255 -> 17.88 + 16.32 = 34.2
+    r = roi_for_spec(spec, dense_tps=1000.0, sparse_tps=1500.0, speedup_interval=(1.2, 1.8))
+    assert r.inputs.prompt_tokens == pytest.approx(3020.8)
+    assert r.inputs.output_tokens == pytest.approx(24 * 0.745 + 64 * 0.255)
+    t = (3020.8 + 34.2) / 1000.0
+    hours = 120_000 * t / 3600 / 0.55
+    assert r.dense_gpu_hours_day == pytest.approx(hours)
+    assert r.dense_usd_month == pytest.approx(hours * 2.5 * DAYS_PER_MONTH)
+    assert r.saved_usd_month == pytest.approx(r.dense_usd_month / 3)  # 1.5x saves a third
+    assert (r.inputs.speedup_low, r.inputs.speedup_high) == (1.2, 1.8)
+
+
+def test_speedup_interval_from_timings() -> None:
+    est, lo, hi = speedup_interval([1.0, 1.1, 0.9], [0.5, 0.55, 0.45])
+    assert est == pytest.approx(2.0)
+    assert lo < 2.0 < hi
+    # same relative spread in both arms: se = sqrt(2 * 0.01/3) on the log scale, dof 4, t = 2.776
+    se = math.sqrt(2 * (0.01 / 3))
+    assert lo == pytest.approx(2.0 * math.exp(-2.776445 * se), rel=1e-5)
+    assert speedup_interval([1, 1], [0.5, 0.5]) == (2.0, 2.0, 2.0)
+    with pytest.raises(ValueError):
+        speedup_interval([1.0], [0.5, 0.6])
