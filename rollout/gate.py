@@ -89,6 +89,7 @@ class GateSettings:
         "min_samples": "min_samples_per_arm",
         "p95_latency_slo_ms": "latency_slo_ms",
         "latency_slo_p95_ms": "latency_slo_ms",
+        "p95_latency_ms": "latency_slo_ms",
         "max_days": "max_duration_days",
         "srm_alpha": "srm_p_threshold",
     }
@@ -113,6 +114,19 @@ class GateSettings:
                 f"unknown gate setting(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}"
             )
         return cls(**{k: v for k, v in flat.items() if v is not None or k == "latency_slo_ms"})
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any] | Any, **overrides: Any) -> GateSettings:
+        """From a use-case spec (rollout.spec.UseCaseSpec or its dict): its `gate` section, with the
+        spec's p95 latency SLO as the latency guardrail when the gate does not set its own."""
+        data = spec.to_dict() if hasattr(spec, "to_dict") else dict(spec)
+        gate = dict(data.get("gate") or {})
+        guard = dict(gate.get("guardrails") or {})
+        if guard.get("p95_latency_ms") is None:
+            slo = data.get("latency_slo_ms")
+            guard["p95_latency_ms"] = slo.get("p95") if isinstance(slo, Mapping) else slo
+        gate["guardrails"] = guard
+        return replace(cls.from_mapping(gate), **overrides)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

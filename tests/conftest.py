@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.fixtures.env",
     "tests.fixtures.postgres",
     "tests.fixtures.dashboard",
+    "tests.fixtures.mlflow",
 ]

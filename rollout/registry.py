@@ -1,0 +1,608 @@
+"""The model registry: one MLflow registered model per use case, with the alias history MLflow forgets.
+
+* `register_version` logs a light pyfunc (base model ref + plan, no weights) and registers it, once per
+  plan hash: a retry finds the DB row or the MLflow version tagged with the hash and reuses it.
+* Alias moves (`set_alias`, `promote`, `rollback`) are one logical operation over two stores:
+  1. write an AliasMove row `pending` + an audit row and COMMIT;
+  2. call MLflow;
+  3. mark the row `committed` (audit row) — or `failed` with the error (audit row) and raise.
+  A crash between 2 and 3 leaves `pending`: nothing claims success, and a retry with the same
+  idempotency key re-applies the (idempotent) MLflow call and converges on the same row.
+* Who may move aliases: champion moves need an approver (rollout.auth.require_approver); the two system
+  identities below act for the pipeline and may only do what the spec lets automation do — the pipeline
+  sets `challenger` after calibration, the monitor rolls `champion` back when the use case's rollback
+  policy is `auto`. Promotion to champion always needs a person.
+* Rollback targets the previous champion from OUR history (committed champion moves), not MLflow's
+  current state, which has no memory.
+
+Transactions are this module's own (`session_scope(db_url)`), because step 1 must be committed before
+MLflow is called; callers pass use-case names, not sessions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+import warnings
+from collections.abc import Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from rollout import audit, tracking
+from rollout.auth import Identity, PermissionDenied, require_approver
+from rollout.db.models import AliasMove, ModelVersion, SpecVersion, UseCase
+from rollout.db.session import session_scope
+
+ALIASES = ("champion", "challenger")
+MODEL_PREFIX = "sparsepilot-"
+# System identities (source="flow"). Documented in docs/architecture.md "Registry".
+SYSTEM_PIPELINE = Identity(name="sparsepilot-pipeline", role="approver", source="flow")
+SYSTEM_MONITOR = Identity(name="sparsepilot-monitor", role="approver", source="flow")
+_SYSTEM_RIGHTS = {
+    SYSTEM_PIPELINE.name: {("challenger", "set")},
+    SYSTEM_MONITOR.name: {("champion", "rollback")},
+}
+TAG_PLAN_HASH = "sparsepilot.plan_hash"
+TAG_BASE_MODEL = "sparsepilot.base_model_ref"
+TAG_MODEL_VERSION_ID = "sparsepilot.model_version_id"
+
+
+class RegistryError(RuntimeError):
+    """A registry operation could not be completed; the message says which and why."""
+
+
+def model_name(use_case: str) -> str:
+    return MODEL_PREFIX + tracking.check_use_case_name(use_case)
+
+
+def model_uri(use_case: str, alias: str = "champion") -> str:
+    return f"models:/{model_name(use_case)}@{alias}"
+
+
+def _use_case(session, name: str) -> UseCase:  # noqa: ANN001
+    uc = session.scalar(select(UseCase).where(UseCase.name == name))
+    if uc is None:
+        raise RegistryError(f"use case {name!r} does not exist (add it with `sparsepilot usecase add`)")
+    return uc
+
+
+def _actor_name(actor: Identity | str) -> str:
+    return actor.name if isinstance(actor, Identity) else str(actor)
+
+
+# --------------------------------------------------------------------------------------------------
+# Registration
+
+
+def plan_hash_of(plan: Mapping[str, Any] | Any) -> tuple[dict[str, Any], str, Any]:
+    """(plan dict, content hash, SparsePlan); validates the plan through sparse_core's contract."""
+    from sparse_core.plan import SparsePlan
+
+    sp = plan if isinstance(plan, SparsePlan) else SparsePlan.from_dict(dict(plan))
+    return sp.to_dict(), sp.content_hash(), sp
+
+
+def _pip_requirements() -> list[str]:
+    reqs = []
+    for dist in ("mlflow", "torch", "transformers", "safetensors", "gguf", "numpy", "pandas"):
+        try:
+            reqs.append(f"{dist}=={metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            reqs.append(dist)
+    # The pyfunc imports sparse_core from the sparsepilot distribution (installed from this repository).
+    reqs.append(f"sparsepilot=={metadata.version('sparsepilot')}")
+    return reqs
+
+
+def _find_mlflow_version(c, name: str, plan_hash: str):  # noqa: ANN001, ANN202
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = c.search_model_versions(f"name = '{name}' and tags.`{TAG_PLAN_HASH}` = '{plan_hash}'")
+    except MlflowException:
+        return None
+    found = sorted(found, key=lambda v: int(v.version))
+    return found[0] if found else None
+
+
+def _log_and_register(
+    use_case: str,
+    sp: Any,
+    plan_hash: str,
+    base_model_ref: str,
+    mv_id: int,
+    run_id: str | None,
+    plan_dir: Path | None,
+) -> tuple[str, str]:
+    import mlflow
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+    from rollout.pyfunc_model import INFO_ARTIFACT, PLAN_ARTIFACT, SparsePilotModel
+    from sparse_core.plan import save_plan
+
+    name = model_name(use_case)
+    with tempfile.TemporaryDirectory(prefix="sparsepilot-plan-") as tmp:
+        tmp_path = Path(tmp)
+        if plan_dir is None:
+            if sp.metadata.get("gate_weights") and not sp.tensors:
+                raise RegistryError(
+                    "the plan references gate weights (metadata.gate_weights) but carries no tensors: "
+                    "pass plan_dir= the directory save_plan wrote"
+                )
+            plan_dir = tmp_path / "plan"
+            save_plan(sp, plan_dir)
+        info_file = tmp_path / "sparsepilot.json"
+        info_file.write_text(
+            json.dumps(
+                {"use_case": use_case, "base_model_ref": base_model_ref, "plan_hash": plan_hash}, indent=2
+            )
+        )
+        signature = ModelSignature(
+            inputs=Schema([ColSpec("string", "prompt")]),
+            params=ParamSchema(
+                [ParamSpec("mode", "string", "generate"), ParamSpec("max_new_tokens", "long", 32)]
+            ),
+        )
+        tags = {TAG_PLAN_HASH: plan_hash, TAG_BASE_MODEL: base_model_ref, TAG_MODEL_VERSION_ID: str(mv_id)}
+
+        def log() -> Any:
+            with warnings.catch_warnings():
+                # No input example on purpose: MLflow would load the base model to validate it.
+                warnings.filterwarnings("ignore", message=".*input example.*", category=UserWarning)
+                warnings.filterwarnings("ignore", message=".*type hints.*", category=UserWarning)
+                return _log_model()
+
+        def _log_model() -> Any:
+            return mlflow.pyfunc.log_model(
+                name="sparse-model",
+                python_model=SparsePilotModel(),
+                artifacts={PLAN_ARTIFACT: str(plan_dir), INFO_ARTIFACT: str(info_file)},
+                pip_requirements=_pip_requirements(),
+                signature=signature,
+            )
+
+        active = mlflow.active_run()
+        if active is not None and (run_id is None or active.info.run_id == run_id):
+            info = log()
+            used_run = active.info.run_id
+        else:
+            with tracking.start_run(use_case, run_id=run_id, run_name=None if run_id else "register") as run:
+                info = log()
+                used_run = run.info.run_id
+        mv = mlflow.register_model(info.model_uri, name, tags=tags)
+    tracking.client().update_model_version(
+        name, mv.version, description=f"{base_model_ref} + sparse plan {plan_hash[:12]} (SparsePilot)"
+    )
+    return str(mv.version), used_run
+
+
+def register_version(
+    use_case: str,
+    plan: Mapping[str, Any] | Any,
+    base_model_ref: str,
+    *,
+    run_id: str | None = None,
+    actor: Identity | str,
+    plan_dir: str | Path | None = None,
+    density: float | None = None,
+    db_url: str | None = None,
+) -> ModelVersion:
+    """Register (once per plan hash) the use case's model version: DB row + MLflow model version.
+
+    `plan` is a SparsePlan or its dict; `plan_dir` (optional) is the directory `save_plan` wrote, needed
+    when the plan has gate tensors. The pyfunc is logged into `run_id` (or the active run, or a new
+    'register' run in the use case's experiment). Returns the (detached) ModelVersion row."""
+    plan_dict, h, sp = plan_hash_of(plan)
+    name = model_name(use_case)
+    who = _actor_name(actor)
+    with session_scope(db_url) as session:
+        uc = _use_case(session, use_case)
+        row = session.scalar(
+            select(ModelVersion).where(ModelVersion.use_case_id == uc.id, ModelVersion.plan_hash == h)
+        )
+        if row is not None and row.mlflow_version is not None:
+            return row
+        if row is None:
+            row = ModelVersion(
+                use_case_id=uc.id,
+                base_model_ref=base_model_ref,
+                plan=plan_dict,
+                plan_hash=h,
+                mlflow_model_name=name,
+                density=density,
+            )
+            session.add(row)
+            session.flush()
+            audit.record(
+                session,
+                who,
+                "model_version.created",
+                use_case_id=uc.id,
+                entity="model_version",
+                entity_id=row.id,
+                details={"plan_hash": h, "base_model_ref": base_model_ref},
+            )
+        mv_id, uc_id = row.id, uc.id
+    c = tracking.client()
+    existing = _find_mlflow_version(c, name, h)
+    if existing is not None:
+        version, used_run = str(existing.version), existing.run_id
+    else:
+        version, used_run = _log_and_register(
+            use_case, sp, h, base_model_ref, mv_id, run_id, Path(plan_dir) if plan_dir else None
+        )
+    with session_scope(db_url) as session:
+        row = session.get(ModelVersion, mv_id)
+        row.mlflow_model_name = name
+        row.mlflow_version = version
+        row.mlflow_run_id = used_run
+        audit.record(
+            session,
+            who,
+            "model_version.registered",
+            use_case_id=uc_id,
+            entity="model_version",
+            entity_id=mv_id,
+            details={"mlflow_model": name, "mlflow_version": version, "plan_hash": h, "run_id": used_run},
+        )
+        return row
+
+
+# --------------------------------------------------------------------------------------------------
+# Aliases
+
+
+def _check_identity(actor: Identity, alias: str, action: str, use_case: str) -> Identity:
+    if not isinstance(actor, Identity):
+        raise PermissionDenied(
+            f"{action} of {alias!r} for {use_case!r} needs an Identity (rollout.auth.Identity), "
+            f"got {type(actor).__name__} {actor!r}"
+        )
+    who = require_approver(actor, f"{action} {alias} for {use_case}")
+    if who.name in _SYSTEM_RIGHTS and (alias, action) not in _SYSTEM_RIGHTS[who.name]:
+        raise PermissionDenied(
+            f"system identity {who.name!r} may not {action} {alias!r}; a person must approve"
+        )
+    return who
+
+
+def _require_auto_rollback(session, uc: UseCase) -> None:  # noqa: ANN001
+    spec = session.scalar(
+        select(SpecVersion).where(
+            SpecVersion.use_case_id == uc.id, SpecVersion.version == uc.current_spec_version
+        )
+    )
+    policy = (spec.spec or {}).get("rollback", "manual") if spec is not None else "manual"
+    if policy != "auto":
+        raise PermissionDenied(
+            f"use case {uc.name!r} has rollback policy {policy!r}: "
+            "an automatic rollback needs a person's approval"
+        )
+
+
+def _resolve_version(session, uc: UseCase, version: str | int | None, model_version_id: int | None) -> str:  # noqa: ANN001
+    if model_version_id is not None:
+        mv = session.get(ModelVersion, model_version_id)
+        if mv is None or mv.use_case_id != uc.id:
+            raise RegistryError(
+                f"model version id {model_version_id} does not belong to use case {uc.name!r}"
+            )
+        if mv.mlflow_version is None:
+            raise RegistryError(f"model version id {model_version_id} is not registered in MLflow yet")
+        if version is not None and str(version) != mv.mlflow_version:
+            raise RegistryError(f"version {version} and model_version_id {model_version_id} disagree")
+        return mv.mlflow_version
+    if version is None:
+        raise RegistryError("say which version: version= (MLflow version) or model_version_id=")
+    mv = session.scalar(
+        select(ModelVersion).where(
+            ModelVersion.use_case_id == uc.id, ModelVersion.mlflow_version == str(version)
+        )
+    )
+    if mv is None:
+        raise RegistryError(f"version {version} of {model_name(uc.name)} was not registered by SparsePilot")
+    return str(version)
+
+
+def _committed(session, uc_id: int, alias: str) -> list[AliasMove]:  # noqa: ANN001
+    return list(
+        session.scalars(
+            select(AliasMove)
+            .where(AliasMove.use_case_id == uc_id, AliasMove.alias == alias, AliasMove.status == "committed")
+            .order_by(AliasMove.id)
+        )
+    )
+
+
+def champion_lineage(moves: list[AliasMove]) -> list[str]:
+    """Champion versions still 'in force', oldest first, from committed moves: a move back to the version
+    under the top is a rollback (pop), anything else a promotion (push)."""
+    stack: list[str] = []
+    for m in moves:
+        if m.to_version is None:
+            continue
+        if len(stack) >= 2 and stack[-2] == m.to_version and stack[-1] == m.from_version:
+            stack.pop()
+        elif not stack or stack[-1] != m.to_version:
+            stack.append(m.to_version)
+    return stack
+
+
+def _apply_mlflow(name: str, alias: str, version: str | None) -> None:
+    c = tracking.client()
+    if version is None:
+        c.delete_registered_model_alias(name, alias)
+    else:
+        c.set_registered_model_alias(name, alias, version)
+
+
+def _move(
+    use_case: str,
+    alias: str,
+    *,
+    action: str,
+    target: Any,
+    actor: Identity,
+    reason: str,
+    idempotency_key: str,
+    db_url: str | None,
+) -> AliasMove:
+    """The three-step alias move. `target(session, uc)` returns (to_version, from_version)."""
+    if alias not in ALIASES:
+        raise RegistryError(f"alias must be one of {ALIASES}, got {alias!r}")
+    who = _check_identity(actor, alias, action, use_case)
+    text = (reason or "").strip()
+    if not text:
+        raise RegistryError("a reason is required for every alias move")
+    if not idempotency_key:
+        raise RegistryError("an idempotency_key is required for every alias move")
+    name = model_name(use_case)
+
+    # 1. pending row + audit, committed before MLflow is touched (or the existing row for this key)
+    try:
+        with session_scope(db_url) as session:
+            uc = _use_case(session, use_case)
+            if who.name == SYSTEM_MONITOR.name:
+                _require_auto_rollback(session, uc)
+            move = session.scalar(select(AliasMove).where(AliasMove.idempotency_key == idempotency_key))
+            if move is None:
+                to_version, from_version = target(session, uc)
+                move = AliasMove(
+                    idempotency_key=idempotency_key,
+                    use_case_id=uc.id,
+                    alias=alias,
+                    from_version=from_version,
+                    to_version=to_version,
+                    actor=who.name,
+                    reason=text,
+                    status="pending",
+                )
+                session.add(move)
+                session.flush()
+                audit.record(
+                    session,
+                    who.name,
+                    f"alias.{action}.requested",
+                    use_case_id=uc.id,
+                    entity="alias_move",
+                    entity_id=move.id,
+                    details={
+                        "alias": alias,
+                        "from": from_version,
+                        "to": to_version,
+                        "reason": text,
+                        "role": who.role,
+                        "source": who.source,
+                        "idempotency_key": idempotency_key,
+                    },
+                )
+            elif move.use_case_id != uc.id or move.alias != alias:
+                raise RegistryError(
+                    f"idempotency key {idempotency_key!r} already names a move of {move.alias!r} "
+                    "for another request"
+                )
+            elif move.status == "committed":
+                return move
+            else:
+                audit.record(
+                    session,
+                    who.name,
+                    f"alias.{action}.retried",
+                    use_case_id=uc.id,
+                    entity="alias_move",
+                    entity_id=move.id,
+                    details={"previous_status": move.status, "previous_error": move.error},
+                )
+            move_id, uc_id, to_version = move.id, uc.id, move.to_version
+    except IntegrityError:  # the same key inserted concurrently: converge on that row
+        return _move(
+            use_case,
+            alias,
+            action=action,
+            target=target,
+            actor=actor,
+            reason=reason,
+            idempotency_key=idempotency_key,
+            db_url=db_url,
+        )
+
+    # 2. MLflow
+    try:
+        _apply_mlflow(name, alias, to_version)
+    except Exception as exc:
+        message = f"{type(exc).__name__}: {exc}"
+        with session_scope(db_url) as session:
+            move = session.get(AliasMove, move_id)
+            move.status = "failed"
+            move.error = message[:4000]
+            audit.record(
+                session,
+                who.name,
+                f"alias.{action}.failed",
+                use_case_id=uc_id,
+                entity="alias_move",
+                entity_id=move_id,
+                details={"alias": alias, "to": to_version, "error": message[:1000]},
+            )
+        raise RegistryError(
+            f"MLflow did not move {alias!r} of {name} to version {to_version}: {message}. "
+            f"The move is recorded as failed (alias_history id {move_id}); "
+            "retry with the same idempotency key."
+        ) from exc
+
+    # 3. committed (a crash before this commit leaves 'pending', which a retry completes)
+    with session_scope(db_url) as session:
+        move = session.get(AliasMove, move_id)
+        move.status = "committed"
+        move.error = None
+        audit.record(
+            session,
+            who.name,
+            f"alias.{action}.committed",
+            use_case_id=uc_id,
+            entity="alias_move",
+            entity_id=move_id,
+            details={"alias": alias, "from": move.from_version, "to": to_version},
+        )
+    return move
+
+
+def set_alias(
+    use_case: str,
+    alias: str,
+    *,
+    version: str | int | None = None,
+    model_version_id: int | None = None,
+    actor: Identity,
+    reason: str,
+    idempotency_key: str,
+    db_url: str | None = None,
+) -> AliasMove:
+    """Point `alias` at a registered version (by MLflow version or our ModelVersion id)."""
+
+    def target(session, uc):  # noqa: ANN001, ANN202
+        to_version = _resolve_version(session, uc, version, model_version_id)
+        history = _committed(session, uc.id, alias)
+        return to_version, (history[-1].to_version if history else None)
+
+    return _move(
+        use_case,
+        alias,
+        action="set",
+        target=target,
+        actor=actor,
+        reason=reason,
+        idempotency_key=idempotency_key,
+        db_url=db_url,
+    )
+
+
+def promote(
+    use_case: str,
+    *,
+    version: str | int | None = None,
+    model_version_id: int | None = None,
+    actor: Identity,
+    reason: str,
+    idempotency_key: str,
+    db_url: str | None = None,
+) -> AliasMove:
+    """champion -> the given version (default: the current challenger). The previous champion is kept
+    as the move's from_version, which is what `rollback` returns to."""
+
+    def target(session, uc):  # noqa: ANN001, ANN202
+        if version is None and model_version_id is None:
+            challengers = _committed(session, uc.id, "challenger")
+            if not challengers or challengers[-1].to_version is None:
+                raise RegistryError(f"use case {uc.name!r} has no challenger to promote")
+            to_version = challengers[-1].to_version
+        else:
+            to_version = _resolve_version(session, uc, version, model_version_id)
+        lineage = champion_lineage(_committed(session, uc.id, "champion"))
+        current = lineage[-1] if lineage else None
+        if current == to_version:
+            raise RegistryError(f"version {to_version} is already the champion of {uc.name!r}")
+        return to_version, current
+
+    return _move(
+        use_case,
+        "champion",
+        action="promote",
+        target=target,
+        actor=actor,
+        reason=reason,
+        idempotency_key=idempotency_key,
+        db_url=db_url,
+    )
+
+
+def rollback(
+    use_case: str,
+    *,
+    actor: Identity,
+    reason: str,
+    idempotency_key: str,
+    db_url: str | None = None,
+) -> AliasMove:
+    """champion -> the previous champion from our alias history (never from MLflow's state)."""
+
+    def target(session, uc):  # noqa: ANN001, ANN202
+        lineage = champion_lineage(_committed(session, uc.id, "champion"))
+        if len(lineage) < 2:
+            raise RegistryError(f"use case {uc.name!r} has no previous champion to roll back to")
+        return lineage[-2], lineage[-1]
+
+    return _move(
+        use_case,
+        "champion",
+        action="rollback",
+        target=target,
+        actor=actor,
+        reason=reason,
+        idempotency_key=idempotency_key,
+        db_url=db_url,
+    )
+
+
+def current_aliases(use_case: str) -> dict[str, str]:
+    """What MLflow serves right now: alias -> version ({} when the model is not registered yet)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        rm = tracking.client().get_registered_model(model_name(use_case))
+    except MlflowException:
+        return {}
+    return {str(k): str(v) for k, v in (rm.aliases or {}).items()}
+
+
+def alias_history(use_case: str, *, db_url: str | None = None) -> list[dict[str, Any]]:
+    """Every recorded alias move (pending/failed included), oldest first."""
+    with session_scope(db_url) as session:
+        uc = _use_case(session, use_case)
+        rows = session.scalars(select(AliasMove).where(AliasMove.use_case_id == uc.id).order_by(AliasMove.id))
+        return [
+            {
+                "id": m.id,
+                "alias": m.alias,
+                "from_version": m.from_version,
+                "to_version": m.to_version,
+                "actor": m.actor,
+                "reason": m.reason,
+                "status": m.status,
+                "error": m.error,
+                "idempotency_key": m.idempotency_key,
+                "created_at": m.created_at.isoformat() if m.created_at else None,
+            }
+            for m in rows
+        ]
+
+
+def plan_fingerprint(plan_dict: Mapping[str, Any]) -> str:
+    """sha256 of canonical JSON (for callers that need a key without sparse_core)."""
+    return hashlib.sha256(json.dumps(plan_dict, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

@@ -1,0 +1,264 @@
+"""Registry against a real MLflow (SQLite store in the test's SPARSEPILOT_HOME) and the real state DB."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+from sqlalchemy import event, select
+from sqlalchemy.orm import Session
+
+from rollout import registry, tracking
+from rollout.auth import Identity, PermissionDenied
+from rollout.db.models import AliasMove, AuditEntry, ModelVersion, SpecVersion, UseCase
+from rollout.db.session import session_scope
+from rollout.settings import Settings
+from sparse_core.plan import SparsePlan
+
+ALICE = Identity(name="alice", role="approver", source="cli-env")
+BOB = Identity(name="bob", role="approver", source="local-account")
+VIEWER = Identity(name="victor", role="viewer", source="local-account")
+
+
+def add_use_case(name: str = "docs-qa", rollback: str = "manual") -> None:
+    with session_scope() as s:
+        uc = UseCase(name=name, owner="owner@example.com", criticality="medium")
+        s.add(uc)
+        s.flush()
+        s.add(
+            SpecVersion(
+                use_case_id=uc.id,
+                version=1,
+                spec={"name": name, "rollback": rollback},
+                spec_hash="h" * 64,
+                created_by="test",
+            )
+        )
+
+
+def rows(model):  # noqa: ANN001, ANN201
+    with session_scope() as s:
+        return list(s.scalars(select(model).order_by(model.id)))
+
+
+def actions() -> list[str]:
+    return [a.action for a in rows(AuditEntry)]
+
+
+@pytest.fixture
+def two_versions(mlflow_home: Settings):  # noqa: ANN201
+    add_use_case()
+    v1 = registry.register_version(
+        "docs-qa", SparsePlan(tau=0.9).to_dict(), "/models/base", actor="calibrate-flow"
+    )
+    v2 = registry.register_version("docs-qa", SparsePlan(tau=0.8), "/models/base", actor="calibrate-flow")
+    return v1, v2
+
+
+def test_register_is_idempotent_by_plan_hash_and_tags_mlflow(two_versions) -> None:  # noqa: ANN001
+    v1, v2 = two_versions
+    assert (v1.mlflow_model_name, v1.mlflow_version, v2.mlflow_version) == ("sparsepilot-docs-qa", "1", "2")
+    again = registry.register_version("docs-qa", SparsePlan(tau=0.9).to_dict(), "/models/base", actor="x")
+    assert again.id == v1.id and len(rows(ModelVersion)) == 2
+    mv = MlflowClient().get_model_version("sparsepilot-docs-qa", "1")
+    assert mv.tags[registry.TAG_PLAN_HASH] == v1.plan_hash == SparsePlan(tau=0.9).content_hash()
+    assert mv.tags[registry.TAG_BASE_MODEL] == "/models/base"
+    assert MlflowClient().get_run(v1.mlflow_run_id).data.tags[tracking.TAG_USE_CASE] == "docs-qa"
+    assert actions().count("model_version.registered") == 2
+
+
+def test_register_retry_after_crash_reuses_the_mlflow_version(two_versions, monkeypatch) -> None:  # noqa: ANN001
+    """MLflow registered the version but the DB update never happened: the retry finds the version by its
+    plan-hash tag instead of registering a duplicate."""
+    v1, _ = two_versions
+    with session_scope() as s:
+        s.get(ModelVersion, v1.id).mlflow_version = None
+    monkeypatch.setattr(registry, "_log_and_register", lambda *a, **k: pytest.fail("registered twice"))
+    again = registry.register_version("docs-qa", SparsePlan(tau=0.9).to_dict(), "/models/base", actor="x")
+    assert again.id == v1.id and again.mlflow_version == "1"
+    assert len(MlflowClient().search_model_versions("name = 'sparsepilot-docs-qa'")) == 2
+
+
+def test_register_rejects_a_bad_plan_and_unknown_use_case(mlflow_home: Settings) -> None:
+    add_use_case()
+    with pytest.raises(ValueError, match="tau"):
+        registry.register_version("docs-qa", {"tau": 7}, "/models/base", actor="x")
+    with pytest.raises(registry.RegistryError, match="'nope' does not exist"):
+        registry.register_version("nope", SparsePlan().to_dict(), "/models/base", actor="x")
+    assert rows(ModelVersion) == [] and rows(AuditEntry) == []
+
+
+def test_promote_and_rollback_use_our_history(two_versions) -> None:  # noqa: ANN001
+    v1, v2 = two_versions
+    registry.set_alias(
+        "docs-qa",
+        "challenger",
+        model_version_id=v1.id,
+        actor=registry.SYSTEM_PIPELINE,
+        reason="calibrated",
+        idempotency_key="chal-1",
+    )
+    m1 = registry.promote("docs-qa", actor=ALICE, reason="gate GO", idempotency_key="promote-1")
+    assert (m1.from_version, m1.to_version, m1.status) == (None, "1", "committed")
+    registry.set_alias(
+        "docs-qa",
+        "challenger",
+        version="2",
+        actor=registry.SYSTEM_PIPELINE,
+        reason="recalibrated",
+        idempotency_key="chal-2",
+    )
+    m2 = registry.promote("docs-qa", actor=BOB, reason="gate GO again", idempotency_key="promote-2")
+    assert (m2.from_version, m2.to_version) == ("1", "2")
+    assert registry.current_aliases("docs-qa") == {"champion": "2", "challenger": "2"}
+
+    # Someone moves the alias behind our back: rollback still follows OUR history (2 -> 1).
+    MlflowClient().set_registered_model_alias("sparsepilot-docs-qa", "champion", "2")
+    rb = registry.rollback("docs-qa", actor=ALICE, reason="quality complaints", idempotency_key="rb-1")
+    assert (rb.from_version, rb.to_version, rb.status) == ("2", "1", "committed")
+    assert registry.current_aliases("docs-qa")["champion"] == "1"
+    with pytest.raises(registry.RegistryError, match="no previous champion"):
+        registry.rollback("docs-qa", actor=ALICE, reason="again", idempotency_key="rb-2")
+
+    history = registry.alias_history("docs-qa")
+    assert [(h["alias"], h["from_version"], h["to_version"], h["actor"], h["status"]) for h in history] == [
+        ("challenger", None, "1", "sparsepilot-pipeline", "committed"),
+        ("champion", None, "1", "alice", "committed"),
+        ("challenger", "1", "2", "sparsepilot-pipeline", "committed"),
+        ("champion", "1", "2", "bob", "committed"),
+        ("champion", "2", "1", "alice", "committed"),
+    ]
+    acts = actions()
+    for verb in ("set", "promote", "rollback"):
+        assert f"alias.{verb}.requested" in acts and f"alias.{verb}.committed" in acts
+    promote_audit = [a for a in rows(AuditEntry) if a.action == "alias.promote.requested"][0]
+    assert promote_audit.details["reason"] == "gate GO" and promote_audit.details["role"] == "approver"
+
+
+def test_same_idempotency_key_is_a_no_op(two_versions) -> None:  # noqa: ANN001
+    v1, _ = two_versions
+    a = registry.set_alias(
+        "docs-qa", "champion", model_version_id=v1.id, actor=ALICE, reason="r", idempotency_key="k"
+    )
+    b = registry.set_alias(
+        "docs-qa", "champion", model_version_id=v1.id, actor=ALICE, reason="r", idempotency_key="k"
+    )
+    assert a.id == b.id and len(rows(AliasMove)) == 1 and actions().count("alias.set.committed") == 1
+
+
+def test_mlflow_failure_is_recorded_and_a_retry_converges(two_versions, monkeypatch) -> None:  # noqa: ANN001
+    v1, _ = two_versions
+
+    def broken(self, name, alias, version):  # noqa: ANN001, ANN202
+        raise ConnectionError("tracking server unreachable")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(MlflowClient, "set_registered_model_alias", broken)
+        with pytest.raises(registry.RegistryError, match="unreachable.*recorded as failed"):
+            registry.set_alias(
+                "docs-qa",
+                "champion",
+                model_version_id=v1.id,
+                actor=ALICE,
+                reason="go",
+                idempotency_key="move-1",
+            )
+    [move] = rows(AliasMove)
+    assert move.status == "failed" and "unreachable" in move.error
+    assert "alias.set.failed" in actions() and "alias.set.committed" not in actions()
+    assert "champion" not in registry.current_aliases("docs-qa")
+
+    again = registry.set_alias(
+        "docs-qa", "champion", model_version_id=v1.id, actor=ALICE, reason="go", idempotency_key="move-1"
+    )
+    assert again.id == move.id and again.status == "committed" and again.error is None
+    assert len(rows(AliasMove)) == 1
+    assert registry.current_aliases("docs-qa") == {"champion": "1"}
+    assert actions()[-2:] == ["alias.set.retried", "alias.set.committed"]
+
+
+def test_db_failure_after_mlflow_leaves_pending_and_a_retry_converges(two_versions) -> None:  # noqa: ANN001
+    """MLflow moved the alias, then the DB commit that marks the move committed fails (a crash at the worst
+    moment). The row stays 'pending' — nothing claims success — and the retry completes it."""
+    v1, v2 = two_versions
+    registry.set_alias(
+        "docs-qa", "champion", model_version_id=v1.id, actor=ALICE, reason="first", idempotency_key="m1"
+    )
+
+    def crash(session: Session) -> None:
+        if any(isinstance(o, AliasMove) and o.status == "committed" for o in session.identity_map.values()):
+            raise OSError("disk I/O error while committing")
+
+    event.listen(Session, "before_commit", crash)
+    try:
+        with pytest.raises(OSError, match="disk I/O"):
+            registry.promote(
+                "docs-qa", model_version_id=v2.id, actor=ALICE, reason="go", idempotency_key="m2"
+            )
+    finally:
+        event.remove(Session, "before_commit", crash)
+    pending = rows(AliasMove)[-1]
+    assert (pending.status, pending.to_version) == ("pending", "2")
+    assert registry.current_aliases("docs-qa")["champion"] == "2"  # MLflow did move
+    assert "alias.promote.committed" not in actions()
+    # Our history does not count a pending move: a rollback now would have nothing to return to.
+    with pytest.raises(registry.RegistryError, match="no previous champion"):
+        registry.rollback("docs-qa", actor=ALICE, reason="x", idempotency_key="rb")
+
+    done = registry.promote("docs-qa", model_version_id=v2.id, actor=ALICE, reason="go", idempotency_key="m2")
+    assert done.id == pending.id and done.status == "committed"
+    assert len(rows(AliasMove)) == 2
+    assert registry.rollback("docs-qa", actor=ALICE, reason="x", idempotency_key="rb2").to_version == "1"
+
+
+def test_viewer_and_system_identities_are_limited(two_versions) -> None:  # noqa: ANN001
+    v1, v2 = two_versions
+    with pytest.raises(PermissionDenied, match="approver role"):
+        registry.set_alias(
+            "docs-qa", "champion", model_version_id=v1.id, actor=VIEWER, reason="r", idempotency_key="v"
+        )
+    with pytest.raises(PermissionDenied, match="needs an Identity"):
+        registry.promote("docs-qa", model_version_id=v1.id, actor="alice", reason="r", idempotency_key="s")  # type: ignore[arg-type]
+    with pytest.raises(PermissionDenied, match="a person must approve"):
+        registry.promote(
+            "docs-qa", model_version_id=v1.id, actor=registry.SYSTEM_PIPELINE, reason="r", idempotency_key="p"
+        )
+    with pytest.raises(PermissionDenied, match="a person must approve"):
+        registry.promote(
+            "docs-qa", model_version_id=v1.id, actor=registry.SYSTEM_MONITOR, reason="r", idempotency_key="p"
+        )
+    with pytest.raises(registry.RegistryError, match="reason"):
+        registry.promote("docs-qa", model_version_id=v1.id, actor=ALICE, reason="  ", idempotency_key="p")
+    assert rows(AliasMove) == [] and rows(AuditEntry)[-1].action == "model_version.registered"
+    assert registry.current_aliases("docs-qa") == {}
+
+    registry.promote("docs-qa", model_version_id=v1.id, actor=ALICE, reason="go", idempotency_key="p1")
+    registry.promote("docs-qa", model_version_id=v2.id, actor=ALICE, reason="go", idempotency_key="p2")
+    # The monitor may roll back automatically only when the spec's rollback policy is auto (this one: manual).
+    with pytest.raises(PermissionDenied, match="rollback policy 'manual'"):
+        registry.rollback(
+            "docs-qa", actor=registry.SYSTEM_MONITOR, reason="guardrail", idempotency_key="auto"
+        )
+
+
+def test_monitor_rolls_back_when_policy_is_auto(mlflow_home: Settings) -> None:
+    add_use_case("chat", rollback="auto")
+    v1 = registry.register_version("chat", SparsePlan(tau=0.9).to_dict(), "/m", actor="x")
+    v2 = registry.register_version("chat", SparsePlan(tau=0.7).to_dict(), "/m", actor="x")
+    registry.promote("chat", model_version_id=v1.id, actor=ALICE, reason="go", idempotency_key="p1")
+    registry.promote("chat", model_version_id=v2.id, actor=ALICE, reason="go", idempotency_key="p2")
+    rb = registry.rollback(
+        "chat", actor=registry.SYSTEM_MONITOR, reason="p95 latency breach", idempotency_key="a"
+    )
+    assert (rb.actor, rb.to_version) == ("sparsepilot-monitor", "1")
+    assert registry.current_aliases("chat") == {"champion": "1"}
+
+
+def test_experiment_lives_under_home(mlflow_home: Settings) -> None:
+    exp_id = tracking.experiment_for("docs-qa")
+    exp = MlflowClient().get_experiment(exp_id)
+    assert exp.name == "sparsepilot/docs-qa"
+    assert exp.artifact_location == (mlflow_home.mlflow_artifact_root / "docs-qa").as_uri()
+    assert tracking.experiment_for("docs-qa") == exp_id
+    assert Path(mlflow_home.home, "mlflow.db").is_file()
