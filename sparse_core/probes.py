@@ -85,12 +85,24 @@ class ProbeScores:
 # Generation
 
 
+_FILLER: dict[tuple, list[int]] = {}
+
+
+def _filler_ids(tokenizer) -> list[int]:
+    """The held-out stdlib corpus tokenised once per tokenizer."""
+    key = (id(tokenizer), getattr(tokenizer, "name_or_path", ""), len(tokenizer))
+    if key not in _FILLER:
+        text = "\n\n".join(corpus_texts("heldout"))
+        _FILLER.clear()
+        _FILLER[key] = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return _FILLER[key]
+
+
 class _Builder:
     def __init__(self, tokenizer, seed: int):
         self.tok = tokenizer
         self.rng = random.Random(seed)
-        filler = "\n\n".join(corpus_texts("heldout"))
-        self.filler = self.enc(filler)
+        self.filler = _filler_ids(tokenizer)
 
     def enc(self, text: str) -> list[int]:
         return list(self.tok(text, add_special_tokens=False)["input_ids"])
@@ -110,9 +122,14 @@ class _Builder:
         """n_tokens of natural filler starting at a seeded offset (wraps around)."""
         if n_tokens <= 0:
             return []
-        start = self.rng.randrange(len(self.filler))
-        reps = (start + n_tokens) // len(self.filler) + 1
-        return (self.filler * reps)[start : start + n_tokens]
+        f = self.filler
+        pos = self.rng.randrange(len(f))
+        out: list[int] = []
+        while len(out) < n_tokens:
+            take = min(n_tokens - len(out), len(f) - pos)
+            out += f[pos : pos + take]
+            pos = 0
+        return out
 
     def assemble(
         self, length: int, head: str, needles: Sequence[tuple[float, str]], tail: str

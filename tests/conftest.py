@@ -4,5 +4,9 @@ pytest_plugins = [
     "tests.fixtures.env",
     "tests.fixtures.postgres",
     "tests.fixtures.dashboard",
+    "tests.fixtures.sparse_quality",
     "tests.fixtures.mlflow",
+    "tests.fixtures.flows",
+    "tests.fixtures.stack",
+    "tests.fixtures.models",
 ]

@@ -1,0 +1,98 @@
+"""Budget calibration on a tiny model: the returned plan meets the budget on held-out data (checked
+again independently), the search is deterministic for a seed, an unreachable budget yields a dense
+plan that says so, and malformed budgets are refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from sparse_core import sparsify, unsparsify
+from sparse_core.calibration import Budget, BudgetError, CalibrationLimits, calibrate, split_texts
+from sparse_core.corpus import pack_token_windows
+from sparse_core.fidelity import dense_reference, measure_fidelity
+
+LIMITS = CalibrationLimits(max_texts=4, max_seq_len=768, taus=(0.5, 0.7, 0.9), max_joint_checks=4)
+
+
+@pytest.fixture(scope="module")
+def calibrated(quality_tiny, quality_texts):
+    model, tok = quality_tiny
+    budget = Budget(kl=0.002, agree=0.99, nll_delta=0.01)
+    plan, report = calibrate(model, tok, quality_texts, budget, estimator="pooled", seed=3, limits=LIMITS)
+    return budget, plan, report
+
+
+def test_plan_meets_budget_on_heldout(quality_tiny, quality_texts, calibrated):
+    model, tok = quality_tiny
+    budget, plan, report = calibrated
+    assert report.met_budget, report.search
+    assert plan.metadata["met_budget"] is True
+    assert report.fidelity["kl"] <= budget.kl and report.fidelity["agree"] >= budget.agree
+    assert report.density < 1.0, "a tiny random model has sparsity to offer at this budget"
+    # at least one joint check failed, so the budget was binding and the search stopped short of it
+    assert any(not s.passed for s in report.search)
+    # re-measure the held-out fidelity independently of the search code
+    _, held = split_texts(quality_texts, LIMITS.holdout_fraction, 3)
+    n_held = max(1, round(LIMITS.max_texts * LIMITS.holdout_fraction))
+    windows = pack_token_windows(tok, held, LIMITS.max_seq_len, n_held, seed=4, min_length=128)
+    ref = dense_reference(model, windows)
+    sparsify(model, plan)
+    try:
+        fid = measure_fidelity(model, ref)
+    finally:
+        unsparsify(model)
+    assert budget.met_by(fid), fid
+    assert abs(fid.kl - report.fidelity["kl"]) < 1e-6
+
+
+def test_metadata_records_budget_data_and_density(quality_tiny, quality_texts, calibrated):
+    model, _ = quality_tiny
+    budget, plan, report = calibrated
+    md = plan.metadata
+    assert md["budget"] == budget.to_dict()
+    assert len(md["data_fingerprint"]) == 64
+    assert md["model_shape"]["num_hidden_layers"] == model.config.num_hidden_layers
+    assert len(md["layer_density"]) == model.config.num_hidden_layers
+    assert all(0 < d <= 1 for d in md["layer_density"])
+    assert md["fidelity"] == report.fidelity
+    plan.validate_for(model.config)
+
+
+def test_deterministic_for_a_seed(quality_tiny, quality_texts, calibrated):
+    model, tok = quality_tiny
+    budget, plan, report = calibrated
+    plan2, report2 = calibrate(model, tok, quality_texts, budget, estimator="pooled", seed=3, limits=LIMITS)
+    assert plan2.content_hash() == plan.content_hash()
+    assert report2.fidelity == report.fidelity
+
+
+def test_unreachable_budget_gives_a_dense_plan(quality_tiny, quality_texts):
+    model, tok = quality_tiny
+    lim = CalibrationLimits(max_texts=2, max_seq_len=512, taus=(0.5,), max_joint_checks=2)
+    plan, report = calibrate(model, tok, quality_texts, "kl=0.0000001,agree=1.0", seed=0, limits=lim)
+    assert not report.met_budget
+    assert plan.dense_layers == tuple(range(model.config.num_hidden_layers))
+    assert report.density == 1.0
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("kl", "name=value"),
+        ("kl=abc", "non-numeric"),
+        ("foo=1", "unknown budget item"),
+        ("agree=1.5", "agree"),
+    ],
+)
+def test_bad_budget_is_refused(text, match):
+    with pytest.raises(BudgetError, match=match):
+        Budget.parse(text)
+
+
+def test_budget_parse_and_violations():
+    b = Budget.parse("kl=0.01, agree=0.99")
+    assert (b.kl, b.agree, b.nll_delta) == (0.01, 0.99, None)
+    from sparse_core.fidelity import Fidelity
+
+    assert b.violations(Fidelity(0.02, 0.995, 2.0, 2.0, 0.0, 10)) == ["kl 0.02 > 0.01"]
+    assert b.met_by(Fidelity(0.005, 0.995, 2.0, 2.1, 0.05, 10))

@@ -1,0 +1,95 @@
+"""The evaluation report: stable schema, flat finite metrics for MLflow, PNG artifacts, and a model
+left dense afterwards."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from sparse_core import SparsePlan, is_sparsified
+from sparse_core.evaluation import EvalSuite, EvaluationReport, evaluate
+
+EXPECTED_KEYS = [
+    "schema_version",
+    "model",
+    "plan_hash",
+    "estimator",
+    "device",
+    "torch_version",
+    "fidelity",
+    "layer_errors",
+    "probes",
+    "tasks",
+    "speed",
+    "speed_summary",
+    "density",
+    "layer_density",
+    "head_density",
+    "artifacts",
+    "seconds",
+    "suite",
+]
+
+
+def test_report_schema_metrics_and_pictures(quality_tiny, tmp_path):
+    model, tok = quality_tiny
+    ds = tmp_path / "d.jsonl"
+    ds.write_text(
+        "\n".join(
+            json.dumps({"prompt": "Some text about Python. " * 30, "reference": "Python", "task": t})
+            for t in ("loglik", "contains")
+        )
+    )
+    suite = EvalSuite(
+        n_fidelity_texts=1,
+        fidelity_seq_len=512,
+        probe_lengths=(512,),
+        probe_kinds=("passkey",),
+        probe_depths=(0.5,),
+        dataset=ds,
+        max_new_tokens=3,
+        speed_lengths=(512,),
+        speed_repeats=2,
+        pictures_dir=tmp_path / "pics",
+    )
+    plan = SparsePlan(tau=0.7)
+    report = evaluate(model, tok, plan, suite)
+    assert not is_sparsified(model)
+    d = report.to_dict()
+    assert list(d) == EXPECTED_KEYS
+    assert d["schema_version"] == 1
+    json.dumps(d, allow_nan=False)  # strict JSON: no NaN/inf anywhere
+    assert set(d["fidelity"]) == {"kl", "agree", "nll_dense", "nll_sparse", "nll_delta", "n_positions"}
+    assert len(d["layer_errors"]) == model.config.num_hidden_layers
+    assert d["probes"]["n"] == 1 and set(d["probes"]["dense"]) >= {"accuracy", "by_kind_length"}
+    assert d["tasks"]["n_rows"] == 2
+    (row,) = d["speed"]
+    assert row["seq_len"] == 512 and len(row["dense_seconds"]) == 2
+    assert row["speedup_interval"][0] <= row["speedup_interval"][1]
+    assert 0 < d["density"] < 1
+    m = report.metrics()
+    assert {
+        "fidelity.kl",
+        "fidelity.agree",
+        "probes.sparse_accuracy",
+        "tasks.quality_delta",
+        "density",
+    } <= set(m)
+    assert "speed.512.speedup" in m
+    assert all(isinstance(v, float) and math.isfinite(v) for v in m.values())
+    for name in ("density_heatmap", "block_mask"):
+        png = d["artifacts"][name]
+        with open(png, "rb") as fh:
+            assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sections_switched_off_are_none(quality_tiny):
+    model, tok = quality_tiny
+    suite = EvalSuite(
+        n_fidelity_texts=1, fidelity_seq_len=256, probe_lengths=(), speed_lengths=(), layer_errors=False
+    )
+    d = evaluate(model, tok, SparsePlan(tau=0.9), suite).to_dict()
+    assert list(d) == EXPECTED_KEYS
+    assert d["probes"] is None and d["tasks"] is None and d["speed"] is None and d["layer_errors"] is None
+    assert d["artifacts"] == {}
+    assert EvaluationReport.SECTIONS == tuple(EXPECTED_KEYS)
