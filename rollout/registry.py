@@ -144,7 +144,7 @@ def _log_and_register(
             )
         )
         signature = ModelSignature(
-            inputs=Schema([ColSpec("string", "prompt")]),
+            inputs=Schema([ColSpec("string")]),  # a list of prompts (or one unnamed column)
             params=ParamSchema(
                 [ParamSpec("mode", "string", "generate"), ParamSpec("max_new_tokens", "long", 32)]
             ),

@@ -262,3 +262,31 @@ def test_experiment_lives_under_home(mlflow_home: Settings) -> None:
     assert exp.artifact_location == (mlflow_home.mlflow_artifact_root / "docs-qa").as_uri()
     assert tracking.experiment_for("docs-qa") == exp_id
     assert Path(mlflow_home.home, "mlflow.db").is_file()
+
+
+def test_champion_loads_as_a_pyfunc_that_applies_the_plan(mlflow_home: Settings, tmp_path: Path) -> None:
+    """models:/sparsepilot-<use case>@champion -> base model loaded by sparse_core + the plan applied."""
+    import mlflow.pyfunc
+
+    import sparse_core
+    from sparse_core.testing import make_tiny_model_dir, sample_text
+
+    base = make_tiny_model_dir(tmp_path / "tiny")
+    add_use_case()
+    plan = SparsePlan(block_size=16, tau=0.5, sink_blocks=1, local_blocks=1)
+    mv = registry.register_version("docs-qa", plan.to_dict(), str(base), actor="calibrate-flow")
+    registry.promote("docs-qa", model_version_id=mv.id, actor=ALICE, reason="go", idempotency_key="p")
+
+    loaded = mlflow.pyfunc.load_model(registry.model_uri("docs-qa", "champion"))
+    inner = loaded.unwrap_python_model()
+    assert sparse_core.is_sparsified(inner.model) and inner.plan.content_hash() == mv.plan_hash
+    prompt = sample_text(3000)[:1500]
+    texts = loaded.predict(["The contract says", "Hello"], params={"max_new_tokens": 4})
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+    sparse_score = loaded.predict([prompt], params={"mode": "score"})[0]
+    assert sparse_score < 0 and sparse_score == loaded.predict([prompt], params={"mode": "score"})[0]
+    sparse_core.unsparsify(inner.model)
+    dense_score = loaded.predict([prompt], params={"mode": "score"})[0]
+    assert dense_score != pytest.approx(sparse_score, abs=1e-6)  # the plan changes what the model computes
+    with pytest.raises(Exception, match="mode"):
+        loaded.predict(["x"], params={"mode": "bogus"})
