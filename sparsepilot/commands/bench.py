@@ -50,3 +50,52 @@ def bench_dashboard(
         f"(seeded in {result['seed_s']} s; portfolio SQL {result['portfolio_sql_s']} s; JSON: {out})",
         result["pages"],
     )
+
+
+@app.command("quality")
+def bench_quality(
+    quick: bool = typer.Option(False, "--quick", help="1k tokens, few windows, probes at 1k only."),
+    model: str = typer.Option("smollm2-135m", "--model", help="Model ref."),
+    budget: str = typer.Option(
+        "kl=0.01,agree=0.98", "--budget", help="Quality budget for the same-budget run."
+    ),
+    estimators: str = typer.Option("pooled,antidiagonal,gate", "--estimators", help="Comma-separated."),
+    out: str = typer.Option("bench-results/quality.json", "--out", help="Where to write the JSON."),
+    json_out: bool = typer.Option(False, "--json", help="Print the JSON instead of tables."),
+) -> None:
+    """pooled vs antidiagonal vs gate on the same held-out texts: density at the same budget; KL,
+    agreement and probe accuracy at the same density."""
+    import json
+    from pathlib import Path
+
+    from rich.progress import Progress
+
+    from sparse_core.bench.quality import QualityBenchSettings, run_quality_bench
+    from sparsepilot.console import emit_json, fail, print_table
+
+    names = tuple(e.strip() for e in estimators.split(",") if e.strip())
+    bad = [e for e in names if e not in ("pooled", "antidiagonal", "gate")]
+    if bad or not names:
+        fail(f"--estimators: unknown {bad or estimators!r}; choose from pooled, antidiagonal, gate")
+    kw = dict(model=model, budget=budget, estimators=names)
+    settings = QualityBenchSettings.quick(**kw) if quick else QualityBenchSettings(**kw)
+    with Progress(transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done)
+
+        result = run_quality_bench(settings, progress=progress)
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    if json_out:
+        emit_json(result)
+        return
+    print_table(f"Same budget ({budget}): density reached, held-out fidelity, probes", result["same_budget"])
+    print_table("Same density: fidelity and probes", result["same_density"])
+    ratio = result["pooled_over_gate_density"]
+    if ratio is not None:
+        print(f"pooled density / gate density at the same budget: {ratio:.3f}  (JSON: {out})")
