@@ -10,6 +10,15 @@ from typing import Any
 from sparse_core.plan import LayerParams, ModelRefError, PlanError, SparsePlan, load_plan, save_plan
 
 _LAZY: dict[str, str] = {
+    # calibration and evaluation (issue 3)
+    "calibrate": "sparse_core.calibration",
+    "Budget": "sparse_core.calibration",
+    "CalibrationLimits": "sparse_core.calibration",
+    "CalibrationReport": "sparse_core.calibration",
+    "evaluate": "sparse_core.evaluation",
+    "EvalSuite": "sparse_core.evaluation",
+    "EvaluationReport": "sparse_core.evaluation",
+    "score_request": "sparse_core.tasks",
     # loading
     "load_model": "sparse_core.loading",
     "resolve_model_ref": "sparse_core.loading",
