@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -122,27 +123,30 @@ def _gx_context() -> Any:
 
 
 _counter = iter(range(1, 1 << 62))
+# One shared ephemeral context; Prefect runs tasks in threads, so suites run one at a time.
+_gx_lock = threading.Lock()
 
 
 def _run_suite(suite_name: str, df: pd.DataFrame, expectations: Iterable[Any]) -> list[Any]:
     """Validate ``df`` against the expectations and return GX's per-expectation results."""
     import great_expectations as gx
 
-    ctx = _gx_context()
-    n = next(_counter)
-    source = ctx.data_sources.add_pandas(f"sp-{suite_name}-{n}")
-    try:
-        asset = source.add_dataframe_asset(name="rows")
-        batch = asset.add_batch_definition_whole_dataframe("all").get_batch(
-            batch_parameters={"dataframe": df}
-        )
-        suite = gx.ExpectationSuite(name=f"{suite_name}-{n}")
-        for e in expectations:
-            suite.add_expectation(e)
-        result = batch.validate(suite, result_format={"result_format": "COMPLETE"})
-        return list(result.results)
-    finally:
-        ctx.data_sources.delete(source.name)
+    with _gx_lock:
+        ctx = _gx_context()
+        n = next(_counter)
+        source = ctx.data_sources.add_pandas(f"sp-{suite_name}-{n}")
+        try:
+            asset = source.add_dataframe_asset(name="rows")
+            batch = asset.add_batch_definition_whole_dataframe("all").get_batch(
+                batch_parameters={"dataframe": df}
+            )
+            suite = gx.ExpectationSuite(name=f"{suite_name}-{n}")
+            for e in expectations:
+                suite.add_expectation(e)
+            result = batch.validate(suite, result_format={"result_format": "COMPLETE"})
+            return list(result.results)
+        finally:
+            ctx.data_sources.delete(source.name)
 
 
 def _failed(results: list[Any]) -> Iterable[tuple[Any, dict[str, Any], list[int]]]:

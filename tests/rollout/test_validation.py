@@ -192,3 +192,13 @@ def test_sample_datasets_pass_by_the_conservative_bound(name: str) -> None:
     res = validate_dataset(spec.dataset_path(EXAMPLES), spec, context_length=8192)
     assert res.ok, res.messages()
     assert res.stats["rows"] >= 60
+
+
+def test_suites_can_run_from_threads() -> None:
+    """Prefect runs tasks in threads; the shared GX context must not mix batches up."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    good, bad = _batch(), _batch(quality=[0.9, math.nan, 0.7, 0.72])
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda df: validate_observations(df, KNOWN).ok, [good, bad] * 4))
+    assert results == [True, False] * 4
