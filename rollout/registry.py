@@ -40,7 +40,7 @@ from rollout.db.session import session_scope
 
 ALIASES = ("champion", "challenger")
 MODEL_PREFIX = "sparsepilot-"
-# System identities (source="flow"). Documented in docs/architecture.md "Registry".
+# System identities (source="flow"): what automation may do on its own (see the module docstring).
 SYSTEM_PIPELINE = Identity(name="sparsepilot-pipeline", role="approver", source="flow")
 SYSTEM_MONITOR = Identity(name="sparsepilot-monitor", role="approver", source="flow")
 _SYSTEM_RIGHTS = {

@@ -412,3 +412,25 @@ def test_planned_sample_size_reaches_power_and_one_less_does_not() -> None:
     # A smaller treatment share needs more traffic in total.
     assert planned_sample_size(SETTINGS, treatment_share=0.1).n_total > plan.n_total
     assert planned_rho(SETTINGS, treatment_share=0.5, paired=False) > 0
+
+
+def test_worked_example_in_docs() -> None:
+    """docs/gate.md's worked example, from summary statistics through the same functions decide uses."""
+    from rollout.gate import classify_interval, difference_cs, running_intersection
+
+    rho = planned_rho(GateSettings(), treatment_share=0.5, paired=False)
+    assert rho == pytest.approx(2034, abs=1)
+    low, high = -math.inf, math.inf
+    expected = [
+        ((-0.0596, 0.0196), "inconclusive"),
+        ((-0.0395, 0.0175), "inconclusive"),
+        ((-0.0275, 0.0175), "non-inferior"),
+    ]
+    for (n, mc, mt), (interval, verdict) in zip(
+        ((300, 0.810, 0.790), (550, 0.806, 0.795), (800, 0.805, 0.801)), expected, strict=True
+    ):
+        _, se, lo, hi = difference_cs(n, mc, 0.15**2, n, mt, 0.16**2, alpha=0.05, rho=rho, prior_sd=0.15)
+        low, high = running_intersection(lo, hi, low, high)
+        assert (float(low), float(high)) == pytest.approx(interval, abs=5e-5)
+        assert classify_interval(low, high, 0.03) == verdict
+    assert float(se) == pytest.approx(0.007753, abs=1e-6)
