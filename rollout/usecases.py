@@ -196,9 +196,20 @@ def _changed_fields(old: dict[str, Any], new: dict[str, Any], prefix: str = "") 
 def add_usecase(
     path: Path | str, *, actor: str, new_version: bool = False, url: str | None = None
 ) -> AddResult:
+    """Validate ``path`` (spec, model ref, dataset), then store it in one transaction with its audit
+    entry. Raises SpecError / UseCaseError / DataValidationError; on any error nothing is stored."""
     checked = check_spec_file(path)
+    try:
+        return _write(checked, str(path), actor=actor, new_version=new_version, url=url)
+    except IntegrityError:
+        # Two writers raced on the same name/version; the transaction rolled back whole.
+        raise UseCaseError(
+            f"{path}: name: use case {checked.spec.name!r} was changed concurrently; nothing stored, retry"
+        ) from None
+
+
+def _write(checked: CheckedSpec, source: str, *, actor: str, new_version: bool, url: str | None) -> AddResult:
     spec = checked.spec
-    source = str(path)
     spec_dict = spec.to_dict()
     with session_scope(url) as s:
         uc = s.scalar(select(UseCase).where(UseCase.name == spec.name))
@@ -255,12 +266,7 @@ def add_usecase(
 
         uc = UseCase(name=spec.name, owner=spec.owner, criticality=spec.criticality, current_spec_version=1)
         s.add(uc)
-        try:
-            s.flush()
-        except IntegrityError:
-            raise UseCaseError(
-                f"{source}: name: use case {spec.name!r} was added concurrently; retry"
-            ) from None
+        s.flush()
         sv = _new_version(s, uc, 1, checked, spec_dict, actor)
         audit.record(
             s,
