@@ -11,7 +11,9 @@ def _ok(x: Any) -> bool:
 
 
 def money(x: Any) -> str:
-    return f"${x:,.0f}" if _ok(x) else "-"
+    if not _ok(x):
+        return "-"
+    return f"-${-x:,.0f}" if x < 0 else f"${x:,.0f}"
 
 
 def money_interval(x: Any, lo: Any, hi: Any) -> str:

@@ -97,7 +97,9 @@ def table(df: pd.DataFrame) -> None:
             "name": st.column_config.TextColumn("Use case", pinned=True),
             "waits_for": "Waits for",
             "quality_delta": st.column_config.NumberColumn("Quality Δ", format="%+.4f"),
-            "speedup": st.column_config.NumberColumn("Speed-up", format="%.2fx"),
+            "speedup": st.column_config.NumberColumn(
+                "Speed-up", format="%.2fx", help="measured prefill speed-up (ROI uses it per request)"
+            ),
             "savings_month_usd": st.column_config.NumberColumn("$/month saved", format="dollar"),
             "payback_days": st.column_config.NumberColumn("Payback (days)", format="%.0f"),
             "observations": st.column_config.NumberColumn("Observations", format="%d"),
