@@ -277,11 +277,8 @@ def _normalise_distributions(data: dict[str, Any]) -> dict[str, Any]:
         value = traffic.get(key)
         if isinstance(value, list):
             traffic[key] = {"buckets": value}
-        elif (
-            isinstance(value, dict) and value and all(isinstance(k, str) and k.startswith("p") for k in value)
-        ):
-            if not ({"quantiles", "buckets"} & set(value)):
-                traffic[key] = {"quantiles": value}
+        elif isinstance(value, dict) and value and not ({"quantiles", "buckets"} & set(value)):
+            traffic[key] = {"quantiles": value}
     return {**data, "traffic": traffic}
 
 
@@ -309,6 +306,12 @@ def _describe(err: dict[str, Any]) -> tuple[str, str]:
         msg = f"unknown field{hint}"
     elif kind == "missing":
         msg = "required field is missing"
+    elif kind in {"model_type", "dict_type"}:
+        if path.endswith("_tokens"):
+            msg = "give quantiles ({p50: 5000, p90: 7000}) or buckets ([{tokens: 4096, share: 0.6}, ...])"
+        else:
+            msg = "must be a mapping of its fields"
+        msg += f" (got {err.get('input')!r})"[:80]
     elif msg.startswith("Value error, "):
         msg = msg.removeprefix("Value error, ")
     else:

@@ -107,6 +107,12 @@ def test_wrong_types_are_not_coerced() -> None:
             "gate.max_looks: 2 looks cannot cover the shadow phase and 3 ramp step(s)",
         ),
         (lambda d: d.update(rollback="sometimes"), "rollback: input should be 'auto' or 'manual'"),
+        (lambda d: d["traffic"].update(prompt_tokens=500), "traffic.prompt_tokens: give quantiles"),
+        (
+            lambda d: d["traffic"].update(prompt_tokens={"mean": 500}),
+            "traffic.prompt_tokens.mean: quantile keys",
+        ),
+        (lambda d: d.update(rollout=None), "rollout: must be a mapping of its fields (got None)"),
     ],
 )
 def test_bad_fields_are_named(mutate, expected: str) -> None:  # noqa: ANN001
