@@ -99,13 +99,14 @@ def _pip_requirements() -> list[str]:
     return reqs
 
 
-def _find_mlflow_version(c, name: str, plan_hash: str):  # noqa: ANN001, ANN202
+def _find_mlflow_version(c, name: str, plan_hash: str, base_model_ref: str):  # noqa: ANN001, ANN202
     from mlflow.exceptions import MlflowException
 
     try:
         found = c.search_model_versions(f"name = '{name}' and tags.`{TAG_PLAN_HASH}` = '{plan_hash}'")
     except MlflowException:
         return None
+    found = [v for v in found if v.tags.get(TAG_BASE_MODEL) == base_model_ref]
     found = sorted(found, key=lambda v: int(v.version))
     return found[0] if found else None
 
@@ -201,36 +202,15 @@ def register_version(
     plan_dict, h, sp = plan_hash_of(plan)
     name = model_name(use_case)
     who = _actor_name(actor)
-    with session_scope(db_url) as session:
-        uc = _use_case(session, use_case)
-        row = session.scalar(
-            select(ModelVersion).where(ModelVersion.use_case_id == uc.id, ModelVersion.plan_hash == h)
-        )
-        if row is not None and row.mlflow_version is not None:
-            return row
-        if row is None:
-            row = ModelVersion(
-                use_case_id=uc.id,
-                base_model_ref=base_model_ref,
-                plan=plan_dict,
-                plan_hash=h,
-                mlflow_model_name=name,
-                density=density,
-            )
-            session.add(row)
-            session.flush()
-            audit.record(
-                session,
-                who,
-                "model_version.created",
-                use_case_id=uc.id,
-                entity="model_version",
-                entity_id=row.id,
-                details={"plan_hash": h, "base_model_ref": base_model_ref},
-            )
-        mv_id, uc_id = row.id, uc.id
+    try:
+        mv_id, uc_id, complete = _version_row(use_case, plan_dict, h, base_model_ref, density, who, db_url)
+    except IntegrityError:  # registered concurrently by another task: converge on its row
+        mv_id, uc_id, complete = _version_row(use_case, plan_dict, h, base_model_ref, density, who, db_url)
+    if complete:
+        with session_scope(db_url) as session:
+            return session.get(ModelVersion, mv_id)
     c = tracking.client()
-    existing = _find_mlflow_version(c, name, h)
+    existing = _find_mlflow_version(c, name, h, base_model_ref)
     if existing is not None:
         version, used_run = str(existing.version), existing.run_id
     else:
@@ -252,6 +232,52 @@ def register_version(
             details={"mlflow_model": name, "mlflow_version": version, "plan_hash": h, "run_id": used_run},
         )
         return row
+
+
+def _version_row(
+    use_case: str,
+    plan_dict: dict[str, Any],
+    h: str,
+    base_model_ref: str,
+    density: float | None,
+    who: str,
+    db_url: str | None,
+) -> tuple[int, int, bool]:
+    """Find or create the DB row for (use case, plan hash): (row id, use case id, already registered)."""
+    name = model_name(use_case)
+    with session_scope(db_url) as session:
+        uc = _use_case(session, use_case)
+        row = session.scalar(
+            select(ModelVersion).where(ModelVersion.use_case_id == uc.id, ModelVersion.plan_hash == h)
+        )
+        if row is not None and row.base_model_ref != base_model_ref:
+            raise RegistryError(
+                f"plan {h[:12]} of {use_case!r} is already registered for base model {row.base_model_ref!r}, "
+                f"not {base_model_ref!r}; a plan is calibrated for one model — recalibrate for the new one"
+            )
+        if row is not None and row.mlflow_version is not None:
+            return row.id, uc.id, True
+        if row is None:
+            row = ModelVersion(
+                use_case_id=uc.id,
+                base_model_ref=base_model_ref,
+                plan=plan_dict,
+                plan_hash=h,
+                mlflow_model_name=name,
+                density=density,
+            )
+            session.add(row)
+            session.flush()
+            audit.record(
+                session,
+                who,
+                "model_version.created",
+                use_case_id=uc.id,
+                entity="model_version",
+                entity_id=row.id,
+                details={"plan_hash": h, "base_model_ref": base_model_ref},
+            )
+        return row.id, uc.id, False
 
 
 # --------------------------------------------------------------------------------------------------

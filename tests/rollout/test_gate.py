@@ -434,3 +434,16 @@ def test_worked_example_in_docs() -> None:
         assert (float(low), float(high)) == pytest.approx(interval, abs=5e-5)
         assert classify_interval(low, high, 0.03) == verdict
     assert float(se) == pytest.approx(0.007753, abs=1e-6)
+
+
+def test_contradicting_history_resets_to_this_look() -> None:
+    """An empty intersection (probability <= alpha) is flagged and this look's interval is used."""
+    history = GateHistory(looks=2, interval_low=0.20, interval_high=0.30)
+    d = decide(
+        frame(alternating(800, 0.8, 0.1), alternating(800, 0.8, 0.1)),
+        SETTINGS,
+        history,
+        planned_treatment_share=0.5,
+    )
+    assert d.quality.interval_reset and d.interval == (d.quality.look_low, d.quality.look_high)
+    assert d.look_index == 3 and d.previous_looks == 2

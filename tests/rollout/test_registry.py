@@ -290,3 +290,45 @@ def test_champion_loads_as_a_pyfunc_that_applies_the_plan(mlflow_home: Settings,
     assert dense_score != pytest.approx(sparse_score, abs=1e-6)  # the plan changes what the model computes
     with pytest.raises(Exception, match="mode"):
         loaded.predict(["x"], params={"mode": "bogus"})
+
+
+def test_same_plan_for_another_base_model_is_refused(two_versions) -> None:  # noqa: ANN001
+    with pytest.raises(registry.RegistryError, match="already registered for base model '/models/base'"):
+        registry.register_version("docs-qa", SparsePlan(tau=0.9).to_dict(), "/models/other", actor="x")
+    assert len(rows(ModelVersion)) == 2
+
+
+@pytest.mark.postgres
+def test_alias_moves_with_the_state_db_on_postgresql(mlflow_home: Settings, pg_url: str) -> None:
+    """The same two-store protocol with SPARSEPILOT_DATABASE_URL on PostgreSQL (MLflow stays on SQLite)."""
+    from rollout.db import migrate
+
+    migrate.upgrade(pg_url)
+    with session_scope(pg_url) as s:
+        s.add(UseCase(name="docs-qa", owner="o", criticality="low"))
+    v1 = registry.register_version("docs-qa", SparsePlan(tau=0.9), "/m", actor="x", db_url=pg_url)
+    v2 = registry.register_version("docs-qa", SparsePlan(tau=0.8), "/m", actor="x", db_url=pg_url)
+    registry.promote(
+        "docs-qa", model_version_id=v1.id, actor=ALICE, reason="go", idempotency_key="p1", db_url=pg_url
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(
+            MlflowClient, "set_registered_model_alias", lambda *a: (_ for _ in ()).throw(TimeoutError("slow"))
+        )
+        with pytest.raises(registry.RegistryError, match="slow"):
+            registry.promote(
+                "docs-qa",
+                model_version_id=v2.id,
+                actor=ALICE,
+                reason="go",
+                idempotency_key="p2",
+                db_url=pg_url,
+            )
+    assert [h["status"] for h in registry.alias_history("docs-qa", db_url=pg_url)] == ["committed", "failed"]
+    registry.promote(
+        "docs-qa", model_version_id=v2.id, actor=ALICE, reason="go", idempotency_key="p2", db_url=pg_url
+    )
+    rb = registry.rollback("docs-qa", actor=ALICE, reason="r", idempotency_key="r1", db_url=pg_url)
+    assert (rb.from_version, rb.to_version) == ("2", "1")
+    assert [h["status"] for h in registry.alias_history("docs-qa", db_url=pg_url)] == ["committed"] * 3
+    assert registry.current_aliases("docs-qa") == {"champion": "1"}
