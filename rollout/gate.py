@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from functools import lru_cache
 from typing import Any, Literal
 
@@ -364,6 +364,8 @@ class GateHistory:
         low, high = self.interval_low, self.interval_high
         if counts and look_low is not None and look_high is not None:
             low, high = (float(x) for x in running_intersection(look_low, look_high, low, high))
+            if low > high:  # same rule as decide(): an empty intersection restarts from this look
+                low, high = float(look_low), float(look_high)
         return GateHistory(self.looks + 1, low, high, (*self.fingerprints, fingerprint))
 
 
@@ -422,7 +424,6 @@ class Decision:
     settings: GateSettings
     data_fingerprint: str
     previous_looks: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def interval(self) -> tuple[float | None, float | None]:
@@ -697,7 +698,7 @@ def decide(
             run_low, run_high = look_low, look_high
     else:
         run_low, run_high = history.interval_low, history.interval_high
-    verdict = str(classify_interval(run_low, run_high, settings.margin)) if enough else "not-evaluated"
+    verdict = str(classify_interval(run_low, run_high, settings.margin)) if counts else "not-evaluated"
     quality = QualityEvidence(
         control_mean=c_mean,
         treatment_mean=t_mean,

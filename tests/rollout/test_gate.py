@@ -215,7 +215,7 @@ def test_failed_data_check_is_invalid() -> None:
     assert d.outcome == "INVALID" and d.reasons == ("data-check-failed",)
     assert d.data_check_failures == ("row 17: latency_ms must be > 0",)
     assert "row 17" in d.explanation
-    assert not d.quality.counts_toward_interval
+    assert not d.quality.counts_toward_interval and d.quality.verdict == "not-evaluated"
 
 
 @pytest.mark.parametrize(
@@ -447,3 +447,4 @@ def test_contradicting_history_resets_to_this_look() -> None:
     )
     assert d.quality.interval_reset and d.interval == (d.quality.look_low, d.quality.look_high)
     assert d.look_index == 3 and d.previous_looks == 2
+    assert (d.next_history(history).interval_low, d.next_history(history).interval_high) == d.interval
