@@ -1,0 +1,145 @@
+"""Every kernel equals SDPA at full density; sparse kernels equal SDPA restricted to the selected
+blocks; MHA and GQA, padding, lengths not divisible by the block size, fp32 and bf16."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparse_core import SparsePlan, sparse_attention
+from sparse_core.kernels import key_valid_from_mask
+
+FP32_TOL = 1e-4
+BF16_TOL = 2e-2  # bf16 has an 8-bit mantissa; outputs are O(1)
+
+
+def _qkv(b, hq, hkv, s, d=32, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, h, s, d, generator=g).to(dtype) for h in (hq, hkv, hkv)]
+
+
+def _reference(q, k, v, key_valid=None, block_mask=None, block_size=None):
+    """SDPA in fp32 with causal (+ padding) (+ the selected blocks expanded to tokens)."""
+    b, hq, s, _ = q.shape
+    mask = torch.ones(s, s, dtype=torch.bool).tril()[None, None].expand(b, hq, s, s)
+    if key_valid is not None:
+        mask = mask & key_valid[:, None, None, :]
+    if block_mask is not None:
+        bm = block_mask.repeat_interleave(hq // block_mask.shape[1], dim=1)
+        tok = bm.repeat_interleave(block_size, -1).repeat_interleave(block_size, -2)[..., :s, :s]
+        mask = mask & tok
+    g = hq // k.shape[1]
+    out = F.scaled_dot_product_attention(
+        q.float(), k.float().repeat_interleave(g, 1), v.float().repeat_interleave(g, 1), attn_mask=mask
+    )
+    return torch.nan_to_num(out, nan=0.0)
+
+
+def _padding(b, s):
+    am = torch.ones(b, s, dtype=torch.long)
+    am[0, :37] = 0  # left padding
+    if b > 1:
+        am[1, s - 50 :] = 0  # right padding
+    return am
+
+
+def _valid_rows(am):
+    return am.bool()[:, None, :, None]
+
+
+CASES = [  # (batch, q heads, kv heads, seq len, block)
+    pytest.param(1, 4, 4, 256, 32, id="mha-divisible"),
+    pytest.param(2, 6, 2, 300, 32, id="gqa-ragged"),
+    pytest.param(1, 9, 3, 200, 64, id="smollm2-heads-ragged"),
+]
+
+
+@pytest.mark.parametrize("kernel", ["gather", "dense"])
+@pytest.mark.parametrize(("b", "hq", "hkv", "s", "bs"), CASES)
+@pytest.mark.parametrize("group_heads", [True, False])
+def test_full_density_equals_sdpa_fp32(kernel, b, hq, hkv, s, bs, group_heads):
+    q, k, v = _qkv(b, hq, hkv, s)
+    plan = SparsePlan(block_size=bs, tau=1.0, group_heads=group_heads)
+    out, info = sparse_attention(q, k, v, plan, kernel=kernel)
+    assert info.density == 1.0
+    assert (out - _reference(q, k, v)).abs().max().item() <= FP32_TOL
+    am = _padding(b, s)
+    out, _ = sparse_attention(q, k, v, plan, kernel=kernel, attention_mask=am)
+    ref = _reference(q, k, v, key_valid=am.bool())
+    assert not torch.isnan(out).any()
+    assert ((out - ref).abs() * _valid_rows(am)).max().item() <= FP32_TOL
+
+
+@pytest.mark.parametrize("kernel", ["gather", "dense"])
+def test_full_density_equals_sdpa_bf16(kernel):
+    q, k, v = _qkv(2, 6, 2, 300, dtype=torch.bfloat16)
+    out, _ = sparse_attention(q, k, v, SparsePlan(block_size=32, tau=1.0), kernel=kernel)
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - _reference(q, k, v)).abs().max().item() <= BF16_TOL
+
+
+@pytest.mark.parametrize(("b", "hq", "hkv", "s", "bs"), CASES)
+@pytest.mark.parametrize("group_heads", [True, False])
+def test_gather_sparse_equals_masked_sdpa(b, hq, hkv, s, bs, group_heads):
+    q, k, v = _qkv(b, hq, hkv, s, seed=3)
+    plan = SparsePlan(block_size=bs, tau=0.6, top_k=3, group_heads=group_heads)
+    am = _padding(b, s)
+    for mask in (None, am):
+        out, info = sparse_attention(q, k, v, plan, kernel="gather", attention_mask=mask, keep_selection=True)
+        assert info.density < 1.0
+        kv = None if mask is None else mask.bool()
+        ref = _reference(q, k, v, key_valid=kv, block_mask=info.selection.mask(), block_size=bs)
+        rows = torch.ones(b, 1, s, 1, dtype=torch.bool) if mask is None else _valid_rows(mask)
+        assert ((out - ref).abs() * rows).max().item() <= FP32_TOL
+
+
+def test_flex_kernel_compiled(tmp_path, monkeypatch):
+    """One compiled shape (GQA, ragged length): full density == SDPA, a sparse selection == masked
+    SDPA, a new selection of the same shape runs without recompiling, and padding is honoured."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    import torch._dynamo
+
+    q, k, v = _qkv(1, 4, 2, 300, seed=5)
+    out, _ = sparse_attention(q, k, v, SparsePlan(block_size=32, tau=1.0), kernel="flex")
+    assert (out - _reference(q, k, v)).abs().max().item() <= FP32_TOL
+
+    counters = torch._dynamo.utils.counters
+    before = counters["stats"]["unique_graphs"]
+    for top_k in (2, 4):
+        plan = SparsePlan(block_size=32, tau=0.5, top_k=top_k)
+        out, info = sparse_attention(q, k, v, plan, kernel="flex", keep_selection=True)
+        ref = _reference(q, k, v, block_mask=info.selection.mask(), block_size=32)
+        assert info.density < 1.0
+        assert (out - ref).abs().max().item() <= FP32_TOL
+    assert counters["stats"]["unique_graphs"] == before, "a new selection recompiled the kernel"
+
+    am = _padding(1, 300)
+    out, _ = sparse_attention(q, k, v, SparsePlan(block_size=32, tau=1.0), kernel="flex", attention_mask=am)
+    ref = _reference(q, k, v, key_valid=am.bool())
+    assert ((out - ref).abs() * _valid_rows(am)).max().item() <= FP32_TOL
+
+
+def test_key_valid_from_masks():
+    s = 6
+    am = torch.tensor([[0, 0, 1, 1, 1, 1]])
+    assert torch.equal(key_valid_from_mask(am, s), am.bool())
+    assert key_valid_from_mask(torch.ones(1, s), s) is None
+    four_d = torch.ones(s, s, dtype=torch.bool).tril()[None, None] & am.bool()[:, None, None, :]
+    assert torch.equal(key_valid_from_mask(four_d, s), am.bool())
+    additive = torch.zeros(1, 1, s, s).masked_fill(~four_d, torch.finfo(torch.float32).min)
+    assert torch.equal(key_valid_from_mask(additive, s), am.bool())
+    with pytest.raises(ValueError, match="covers 6 keys but the sequence has 7"):
+        key_valid_from_mask(am, 7)
+
+
+def test_bad_inputs():
+    q, k, v = _qkv(1, 3, 2, 128)
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        sparse_attention(q, k, v, SparsePlan())
+    q, k, v = _qkv(1, 2, 2, 128)
+    with pytest.raises(ValueError, match="unknown kernel"):
+        sparse_attention(q, k, v, SparsePlan(), kernel="fast")
+    with pytest.raises(ValueError, match="prefill"):
+        sparse_attention(q[:, :, :1], k, v, SparsePlan())

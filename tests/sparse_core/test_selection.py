@@ -1,0 +1,130 @@
+"""Selection invariants and estimator contracts."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sparse_core import PlanError, SparsePlan, sparse_attention
+from sparse_core.estimators import (
+    EstimatorContext,
+    available_estimators,
+    get_estimator,
+    register_estimator,
+)
+from sparse_core.selection import select_blocks
+
+
+def _random_scores(b=2, h=3, n=12, seed=0, peaky=3.0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(b, h, n, n, generator=g) * peaky
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    return torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
+
+
+@pytest.mark.parametrize("tau", [0.3, 0.7, 0.9, 0.99])
+@pytest.mark.parametrize(("sink", "local"), [(0, 1), (1, 1), (2, 3)])
+def test_selection_invariants(tau, sink, local):
+    scores = _random_scores()
+    b, h, n, _ = scores.shape
+    sel = select_blocks(
+        scores, block_size=64, seq_len=n * 64 - 5, tau=tau, sink_blocks=sink, local_blocks=local
+    )
+    mask = sel.mask()
+    i = torch.arange(n)[:, None]
+    j = torch.arange(n)[None, :]
+    assert not (mask & (j > i)).any(), "a non-causal block was selected"
+    forced = (j <= i) & ((j < sink) | (j > i - local))
+    assert (mask | ~forced).all(), "a sink or local block was dropped"
+    mass = (scores * mask).sum(-1)
+    assert (mass >= tau - 1e-5).all(), "estimated mass below tau"
+    # fewest blocks: dropping the least-scored non-forced kept block falls below tau
+    for bb in range(b):
+        for hh in range(h):
+            for qi in range(n):
+                optional = mask[bb, hh, qi] & ~forced[qi]
+                if optional.any():
+                    smallest = scores[bb, hh, qi][optional].min()
+                    assert mass[bb, hh, qi] - smallest < tau + 1e-6
+    # index structure: ascending, ends on the diagonal, counts consistent with the mask
+    assert torch.equal(sel.kv_counts.long(), mask.sum(-1))
+    for qi in range(n):
+        c = int(sel.kv_counts[0, 0, qi])
+        idx = sel.kv_indices[0, 0, qi, :c]
+        assert torch.all(idx[1:] > idx[:-1]) and int(idx[-1]) == qi
+    assert sel.density == pytest.approx(mask.sum().item() / (b * h * n * (n + 1) / 2))
+
+
+def test_cap_min_density_and_full_tau():
+    scores = _random_scores(peaky=0.1)  # flat: tau=0.95 wants most blocks
+    n = scores.shape[-1]
+    capped = select_blocks(
+        scores, block_size=64, seq_len=n * 64, tau=0.95, sink_blocks=1, local_blocks=2, top_k=4
+    )
+    forced = torch.tensor([min(q + 1, 1 + 2) if q >= 2 else q + 1 for q in range(n)])
+    assert (capped.kv_counts <= torch.clamp(forced, min=4)).all()
+    assert capped.mask()[..., 0].all() and (capped.kv_counts[..., 5:] == 4).all()
+    floor = select_blocks(_random_scores(peaky=8.0), block_size=64, seq_len=n * 64, tau=0.1, min_density=0.5)
+    need = torch.ceil(torch.arange(1, n + 1) * 0.5)
+    assert (floor.kv_counts >= need).all()
+    full = select_blocks(scores, block_size=64, seq_len=n * 64, tau=1.0)
+    assert full.density == 1.0
+
+
+def test_per_head_tau():
+    scores = _random_scores(b=1, h=2, peaky=1.0)
+    sel = select_blocks(scores, block_size=64, seq_len=12 * 64, tau=torch.tensor([0.5, 1.0]))
+    assert sel.head_density[1] == 1.0 and sel.head_density[0] < 1.0
+
+
+@pytest.mark.parametrize("name", ["pooled", "antidiagonal"])
+@pytest.mark.parametrize(("hq", "hkv", "s"), [(4, 4, 256), (6, 2, 200)])
+def test_estimator_contract(name, hq, hkv, s):
+    torch.manual_seed(0)
+    q, k = torch.randn(2, hq, s, 32), torch.randn(2, hkv, s, 32)
+    valid = torch.ones(2, s, dtype=torch.bool)
+    valid[1, :70] = False  # left padding in the second row
+    out = get_estimator(name)(q, k, EstimatorContext(block_size=32, key_valid=valid))
+    n = math.ceil(s / 32)
+    assert out.shape == (2, hq, n, n) and out.dtype == torch.float32
+    assert torch.all(out.triu(1) == 0), "non-causal mass"
+    assert torch.allclose(out[0].sum(-1), torch.ones(hq, n), atol=1e-4)
+    assert torch.all(out[1, :, :, :2] == 0), "fully padded key blocks got mass"
+    assert torch.allclose(out[1, :, 3:].sum(-1), torch.ones(hq, n - 3), atol=1e-4)
+
+
+def test_antidiagonal_finds_a_planted_block():
+    torch.manual_seed(1)
+    s, d = 512, 32
+    q, k = torch.randn(1, 1, s, d) * 0.1, torch.randn(1, 1, s, d) * 0.1
+    direction = torch.randn(d)
+    q[0, 0, 448:] += direction * 2  # the last query block ...
+    k[0, 0, 128:192] += direction * 2  # ... attends strongly to key block 2
+    for name in ("antidiagonal", "pooled"):
+        out = get_estimator(name)(q, k, EstimatorContext(block_size=64))
+        assert int(out[0, 0, 7].argmax()) == 2, name
+
+
+def test_registry_by_name_and_custom_estimator():
+    assert {"pooled", "antidiagonal"} <= set(available_estimators())
+    with pytest.raises(PlanError, match="unknown estimator 'nope'"):
+        get_estimator("nope")
+
+    def diagonal_only(q, k, ctx):  # all mass on block 0: selection keeps sink + diagonal only
+        n = math.ceil(q.shape[2] / ctx.block_size)
+        out = torch.zeros(q.shape[0], q.shape[1], n, n)
+        out[..., 0] = 1.0
+        return out
+
+    register_estimator("test_block0", diagonal_only, overwrite=True)
+    q = torch.randn(1, 2, 512, 16)
+    k = torch.randn(1, 2, 512, 16)
+    _, info = sparse_attention(q, k, k, SparsePlan(estimator="test_block0", tau=0.5), keep_selection=True)
+    n = 8
+    assert info.density == pytest.approx((1 + 2 * (n - 1)) / (n * (n + 1) / 2))
+    assert info.estimator_seconds >= 0
+    assert info.selection.mask()[0, 0].sum().item() == 1 + 2 * (n - 1)
+    with pytest.raises(ValueError, match="already registered"):
+        register_estimator("test_block0", lambda q, k, c: q)
