@@ -84,6 +84,12 @@ def plan_hash_of(plan: Mapping[str, Any] | Any) -> tuple[dict[str, Any], str, An
     from sparse_core.plan import SparsePlan
 
     sp = plan if isinstance(plan, SparsePlan) else SparsePlan.from_dict(dict(plan))
+    if sp.tensors and not sp.metadata.get("gate_weights"):
+        # save_plan records the tensors' sha256 in metadata["gate_weights"], which is part of the hash
+        from sparse_core.plan import save_plan
+
+        with tempfile.TemporaryDirectory(prefix="sparsepilot-plan-") as tmp:
+            save_plan(sp, tmp)
     return sp.to_dict(), sp.content_hash(), sp
 
 

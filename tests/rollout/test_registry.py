@@ -332,3 +332,23 @@ def test_alias_moves_with_the_state_db_on_postgresql(mlflow_home: Settings, pg_u
     assert (rb.from_version, rb.to_version) == ("2", "1")
     assert [h["status"] for h in registry.alias_history("docs-qa", db_url=pg_url)] == ["committed"] * 3
     assert registry.current_aliases("docs-qa") == {"champion": "1"}
+
+
+def test_plan_tensors_travel_with_the_version_and_keep_the_hash(
+    mlflow_home: Settings, tmp_path: Path
+) -> None:
+    import mlflow.artifacts
+    import torch
+
+    from sparse_core.plan import load_plan
+
+    add_use_case()
+    plan = SparsePlan(tau=0.9, tensors={"gate.0.w": torch.arange(6, dtype=torch.float32).reshape(2, 3)})
+    mv = registry.register_version("docs-qa", plan, "/models/base", actor="calibrate-flow")
+    assert mv.plan["metadata"]["gate_weights"]["keys"] == ["gate.0.w"]
+    local = mlflow.artifacts.download_artifacts(
+        f"models:/sparsepilot-docs-qa/{mv.mlflow_version}", dst_path=str(tmp_path)
+    )
+    loaded = load_plan(Path(local) / "artifacts" / "plan")
+    assert loaded.content_hash() == mv.plan_hash
+    assert torch.equal(loaded.tensors["gate.0.w"], plan.tensors["gate.0.w"])
