@@ -165,3 +165,12 @@ def test_content_hash_ignores_formatting_and_key_order(tmp_path: Path) -> None:
     assert changed.content_hash() != a.content_hash()
     # the stored dict validates back to the same spec (old versions stay readable)
     assert UseCaseSpec.model_validate(a.to_dict()) == a
+
+
+def test_a_key_given_twice_is_an_error_not_a_silent_override(tmp_path: Path) -> None:
+    text = (EXAMPLES / "docs-qa.yaml").read_text() + "gate:\n  alpha: 0.2\n"
+    (tmp_path / "dup.yaml").write_text(text)
+    with pytest.raises(
+        SpecError, match=r"dup.yaml: line \d+, column 1: YAML syntax error: key 'gate' appears twice"
+    ):
+        load_spec(tmp_path / "dup.yaml")
