@@ -3,6 +3,8 @@ package, driven by Playwright), signed in, portfolio checked, screenshot saved."
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import shutil
 import socket
@@ -101,9 +103,20 @@ def test_sign_in_and_see_the_portfolio_in_chromium(served: str, tmp_path: Path) 
             expect(page.locator(".vega-embed").first).to_be_visible(timeout=30_000)
             page.wait_for_timeout(500)  # let the chart finish drawing before the picture
             page.screenshot(path=str(shot), full_page=True)
+
+            # the approver sees the approve button; the audit export downloads the log as CSV
+            sidebar.get_by_role("link", name="Approvals").click()
+            expect(page.get_by_role("button", name="Approve promotion")).to_be_visible(timeout=30_000)
+            sidebar.get_by_role("link", name="Audit").click()
+            download_button = page.get_by_role("button", name="Download CSV")
+            expect(download_button).to_be_visible(timeout=30_000)
+            with page.expect_download(timeout=30_000) as download:
+                download_button.click()
+            rows = list(csv.DictReader(io.StringIO(Path(download.value.path()).read_text())))
         finally:
             browser.close()
     assert shot.stat().st_size > 10_000
+    assert len(rows) == 5 and {r["action"] for r in rows} == {"usecase.add", "gate.decide"}
     keep = os.environ.get("SPARSEPILOT_SCREENSHOT_DIR")
     if keep:
         Path(keep).mkdir(parents=True, exist_ok=True)
