@@ -99,3 +99,114 @@ def bench_quality(
     ratio = result["pooled_over_gate_density"]
     if ratio is not None:
         print(f"pooled density / gate density at the same budget: {ratio:.3f}  (JSON: {out})")
+
+
+@app.command("attention")
+def bench_attention(
+    quick: bool = typer.Option(False, "--quick", help="4k and 16k tokens only (full: 4k/8k/16k/32k)."),
+    kernels: str = typer.Option("gather,flex", "--kernels", help="Comma-separated: gather, flex."),
+    dtypes: str = typer.Option("fp32,bf16", "--dtypes", help="Comma-separated: fp32, bf16."),
+    block_size: int = typer.Option(64, "--block-size", help="Block size (power of two)."),
+    repeats: int = typer.Option(2, "--repeats", help="Timed runs per point after a warm-up (best kept)."),
+    out: str = typer.Option(
+        "bench-results/attention.json", "--out", help="JSON path; the PNG goes next to it."
+    ),
+    json_out: bool = typer.Option(False, "--json", help="Print the JSON after the table."),
+) -> None:
+    """One SmolLM2-shaped attention layer: dense SDPA vs sparse kernels at ~5/10/25/50% density."""
+    import json
+    from pathlib import Path
+
+    from rich.progress import Progress
+
+    from sparse_core.bench import attention as bench
+    from sparsepilot.console import emit_json, fail, print_table
+
+    ks = tuple(x.strip() for x in kernels.split(",") if x.strip())
+    ds = tuple(x.strip() for x in dtypes.split(",") if x.strip())
+    if not ks or any(k not in ("gather", "flex") for k in ks):
+        fail(f"--kernels: {kernels!r}; choose from gather, flex")
+    if not ds or any(d not in bench.DTYPES for d in ds):
+        fail(f"--dtypes: {dtypes!r}; choose from {', '.join(bench.DTYPES)}")
+    if block_size < 16 or block_size & (block_size - 1):
+        fail(f"--block-size must be a power of two >= 16, got {block_size}")
+    with Progress(transient=True) as bar:
+        task = bar.add_task("attention benchmark", total=None)
+        result = bench.run(
+            quick=quick,
+            kernels=ks,
+            dtypes=ds,
+            block_size=block_size,
+            repeats=repeats,
+            progress=lambda msg: bar.update(task, description=msg),
+        )
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    png = bench.plot(result, path.with_suffix(".png"))
+    result["plot"] = str(png)
+    path.write_text(json.dumps(result, indent=2))
+    env = result["environment"]
+    print_table(
+        f"Attention layer (9 q / 3 kv heads, d=64), pooled estimator included; "
+        f"load {env['loadavg_before']} -> "
+        f"{env['loadavg_after']} on {env['cpu_count']} CPUs; JSON: {path}, plot: {png}",
+        result["rows"],
+        bench.TABLE_COLUMNS,
+    )
+    if json_out:
+        emit_json(result)
+
+
+@app.command("prefill")
+def bench_prefill(
+    quick: bool = typer.Option(False, "--quick", help="Fewer lengths and plans (see docs/sparse_core.md)."),
+    model: str = typer.Option("smollm2-135m", "--model", help="Model ref."),
+    taus: str = typer.Option("", "--taus", help="Comma-separated tau values (default per mode)."),
+    out: str = typer.Option(
+        "bench-results/prefill.json", "--out", help="JSON path; the PNG goes next to it."
+    ),
+    json_out: bool = typer.Option(False, "--json", help="Print the JSON after the table."),
+) -> None:
+    """End-to-end prefill of a real model on natural English: dense SDPA vs sparse (pooled) at a
+    few tau, speed-up in the same table as next-token KL, top-1 agreement and delta NLL."""
+    import json
+    from pathlib import Path
+
+    from rich.progress import Progress
+
+    from sparse_core.bench import prefill as bench
+    from sparsepilot.console import emit_json, fail, print_table
+
+    try:
+        tau_list = tuple(float(t) for t in taus.split(",") if t.strip()) or None
+    except ValueError:
+        fail(f"--taus: {taus!r} is not a comma-separated list of numbers")
+    if tau_list and any(not 0 < t <= 1 for t in tau_list):
+        fail(f"--taus: every tau must be in (0, 1], got {taus!r}")
+    from sparse_core import ModelRefError
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task("prefill benchmark", total=None)
+        try:
+            result = bench.run(
+                model_ref=model,
+                quick=quick,
+                taus=tau_list,
+                progress=lambda msg: bar.update(task, description=msg),
+            )
+        except ModelRefError as exc:
+            fail(str(exc))
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    png = bench.plot(result, path.with_suffix(".png"))
+    result["plot"] = str(png)
+    path.write_text(json.dumps(result, indent=2))
+    env = result["environment"]
+    print_table(
+        f"Prefill {result['model']} ({result['text_source']}); load {env['loadavg_before']} -> "
+        f"{env['loadavg_after']} on {env['cpu_count']} CPUs; JSON: {path}, plot: {png}",
+        result["rows"],
+        bench.TABLE_COLUMNS,
+    )
+    if json_out:
+        emit_json(result)

@@ -1,0 +1,205 @@
+"""One attention layer of SmolLM2's shape (9 query heads, 3 KV heads, head_dim 64), causal:
+dense SDPA vs each sparse kernel at held densities, estimator time included and shown apart.
+
+Density is held with the top-k cap (tau = 1, so the cap decides): for a cap k over nb blocks the
+kept share of causal blocks is (k*nb - k(k-1)/2) / (nb(nb+1)/2). Dense is timed before and after the
+sparse runs of each (length, dtype) and the faster of the two is used, so a noisy neighbour on a
+shared machine penalises dense rather than flattering sparse."""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sparse_core.kernels import sparse_attention
+from sparse_core.kernels.dense import dense_attention
+from sparse_core.plan import SparsePlan
+
+Q_HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
+FULL_LENGTHS = (4096, 8192, 16384, 32768)
+QUICK_LENGTHS = (4096, 16384)
+DENSITIES = (0.05, 0.10, 0.25, 0.50)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class AttentionRow:
+    seq_len: int
+    dtype: str
+    kernel: str
+    block_size: int
+    target_density: float
+    density: float
+    estimator_seconds: float
+    estimator_share: float
+    seconds: float
+    dense_seconds: float
+    speedup: float
+    ideal_speedup: float  # 1 / (density + estimator_share)
+    fraction_of_ideal: float
+
+
+def top_k_for_density(n_blocks: int, density: float) -> int:
+    causal = n_blocks * (n_blocks + 1) / 2
+    k = n_blocks + 0.5 - math.sqrt((n_blocks + 0.5) ** 2 - 2 * density * causal)
+    return max(2, round(k))
+
+
+def _time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, result
+
+
+def run(
+    *,
+    quick: bool = False,
+    lengths: tuple[int, ...] | None = None,
+    dtypes: tuple[str, ...] = ("fp32", "bf16"),
+    kernels: tuple[str, ...] = ("gather", "flex"),
+    densities: tuple[float, ...] = DENSITIES,
+    block_size: int = 64,
+    repeats: int = 2,
+    progress: Callable[[str], None] | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    lengths = lengths or (QUICK_LENGTHS if quick else FULL_LENGTHS)
+    say = progress or (lambda _msg: None)
+    rows: list[AttentionRow] = []
+    compile_seconds: dict[str, float] = {}
+    gen = torch.Generator().manual_seed(seed)
+    started = time.perf_counter()
+    load_before = _loadavg()
+    for s in lengths:
+        for dname in dtypes:
+            dtype = DTYPES[dname]
+            q = torch.randn(1, Q_HEADS, s, HEAD_DIM, generator=gen).to(dtype)
+            k = torch.randn(1, KV_HEADS, s, HEAD_DIM, generator=gen).to(dtype)
+            v = torch.randn(1, KV_HEADS, s, HEAD_DIM, generator=gen).to(dtype)
+            say(f"{s} tokens {dname}: dense SDPA")
+            with torch.no_grad():
+                dense_attention(q, k, v)  # warm-up
+                d0, _ = _time(lambda q=q, k=k, v=v: dense_attention(q, k, v), 1)
+                pending: list[tuple[str, float, float, float, float]] = []
+                n = math.ceil(s / block_size)
+                for kern in kernels:
+                    for target in densities:
+                        plan = SparsePlan(block_size=block_size, tau=1.0, top_k=top_k_for_density(n, target))
+                        say(f"{s} tokens {dname}: {kern} at ~{target:.0%} density")
+
+                        def call(plan=plan, kern=kern, q=q, k=k, v=v):
+                            return sparse_attention(q, k, v, plan, kernel=kern)
+
+                        t0 = time.perf_counter()
+                        call()  # warm-up (and compile, for flex)
+                        if kern == "flex":
+                            key = f"{s}/{dname}"
+                            compile_seconds.setdefault(key, time.perf_counter() - t0)
+                        secs, (_, info) = _time(call, repeats)
+                        pending.append((kern, target, info.density, info.estimator_seconds, secs))
+                d1, _ = _time(lambda q=q, k=k, v=v: dense_attention(q, k, v), 1)
+            dense_s = min(d0, d1)
+            for kern, target, dens, est, secs in pending:
+                share = est / dense_s
+                speedup = dense_s / secs
+                ideal = 1.0 / (dens + share)
+                rows.append(
+                    AttentionRow(
+                        seq_len=s,
+                        dtype=dname,
+                        kernel=kern,
+                        block_size=block_size,
+                        target_density=target,
+                        density=round(dens, 4),
+                        estimator_seconds=est,
+                        estimator_share=share,
+                        seconds=secs,
+                        dense_seconds=dense_s,
+                        speedup=speedup,
+                        ideal_speedup=ideal,
+                        fraction_of_ideal=speedup * (dens + share),
+                    )
+                )
+    return {
+        "benchmark": "attention",
+        "shape": {"q_heads": Q_HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "batch": 1},
+        "estimator": "pooled",
+        "rows": [asdict(r) for r in rows],
+        "flex_compile_seconds": compile_seconds,
+        "environment": environment(load_before),
+        "wall_seconds": time.perf_counter() - started,
+    }
+
+
+def _loadavg() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def environment(load_before: list[float] | None = None) -> dict[str, Any]:
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "cuda": torch.cuda.is_available(),
+        "loadavg_before": load_before,
+        "loadavg_after": _loadavg(),
+    }
+
+
+TABLE_COLUMNS = [
+    "seq_len",
+    "dtype",
+    "kernel",
+    "density",
+    "estimator_share",
+    "seconds",
+    "dense_seconds",
+    "speedup",
+    "fraction_of_ideal",
+]
+
+
+def plot(result: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    combos = sorted({(r["seq_len"], r["dtype"]) for r in rows})
+    fig, axes = plt.subplots(1, len(combos), figsize=(4.2 * len(combos), 3.6), squeeze=False)
+    for ax, (s, dname) in zip(axes[0], combos, strict=True):
+        sub = [r for r in rows if r["seq_len"] == s and r["dtype"] == dname]
+        for kern in sorted({r["kernel"] for r in sub}):
+            pts = sorted((r["density"], r["speedup"]) for r in sub if r["kernel"] == kern)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=kern)
+        ideal = sorted((r["density"], r["ideal_speedup"]) for r in sub if r["kernel"] == sub[0]["kernel"])
+        ax.plot([p[0] for p in ideal], [p[1] for p in ideal], "k--", lw=1, label="1/(density+est.)")
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(f"{s // 1024}k tokens, {dname}")
+        ax.set_xlabel("density (share of causal blocks)")
+        ax.set_ylabel("speed-up over dense SDPA")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
