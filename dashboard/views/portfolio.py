@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import altair as alt
@@ -20,6 +21,8 @@ DECISION_COLORS = {
     "-": "#9e9e9e",
 }
 CRITICALITY_ORDER = ["low", "medium", "high"]
+USE_CASE_PAGE = Path(__file__).resolve().parent / "use_case.py"
+NAMES_KEY, OPEN_KEY = "sp_portfolio_names", "sp_open_use_case"
 
 
 def empty_install() -> None:
@@ -58,7 +61,6 @@ def to_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     df["savings interval"] = [
         fmt.interval_only(r["savings_month_low"], r["savings_month_high"], fmt.money) for r in rows
     ]
-    df["open"] = [f"./use-case?name={n}" for n in df["name"]]
     # the worst plausible quality loss: the interval's lower end where a gate measured one
     worst = df["quality_low"].where(df["quality_low"].notna(), df["quality_delta"])
     df["quality risk"] = (-worst).clip(lower=0)
@@ -83,16 +85,28 @@ def filters(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
+def _on_select() -> None:
+    rows = st.session_state["portfolio_table"]["selection"]["rows"]
+    names = st.session_state.get(NAMES_KEY) or []
+    if rows and rows[0] < len(names):
+        st.session_state[OPEN_KEY] = names[rows[0]]
+
+
 def table(df: pd.DataFrame) -> None:
+    """Sortable, filterable table; selecting a row opens that use case in this session."""
     cols = [
         "name", "criticality", "phase", "step", "decision", "waits_for", "quality_delta",
         "quality interval", "speedup", "savings_month_usd", "savings interval", "payback_days",
-        "owner", "observations", "open",
+        "owner", "observations",
     ]  # fmt: skip
+    st.session_state[NAMES_KEY] = list(df["name"])
     st.dataframe(
         df[cols],
         hide_index=True,
         width="stretch",
+        key="portfolio_table",
+        on_select=_on_select,
+        selection_mode="single-row",
         column_config={
             "name": st.column_config.TextColumn("Use case", pinned=True),
             "waits_for": "Waits for",
@@ -103,7 +117,6 @@ def table(df: pd.DataFrame) -> None:
             "savings_month_usd": st.column_config.NumberColumn("$/month saved", format="dollar"),
             "payback_days": st.column_config.NumberColumn("Payback (days)", format="%.0f"),
             "observations": st.column_config.NumberColumn("Observations", format="%d"),
-            "open": st.column_config.LinkColumn("Details", display_text="open"),
         },
     )
 
@@ -134,6 +147,9 @@ def savings_vs_risk(df: pd.DataFrame) -> alt.Chart:
 
 
 def main() -> None:
+    wanted = st.session_state.pop(OPEN_KEY, None)
+    if wanted:  # a row was selected in the table: open it in this session (signed-in state kept)
+        st.switch_page(USE_CASE_PAGE, query_params={"name": wanted})
     st.title("Portfolio")
     rows = read(queries.portfolio)
     if not rows:
@@ -141,7 +157,7 @@ def main() -> None:
         return
     totals_row(read(queries.portfolio_totals))
     df = filters(to_frame(rows))
-    st.caption(f"{len(df)} of {len(rows)} use cases · click a column header to sort")
+    st.caption(f"{len(df)} of {len(rows)} use cases · click a column header to sort, select a row to open it")
     table(df)
     st.subheader("Expected savings against risk")
     st.altair_chart(savings_vs_risk(df), width="stretch")

@@ -104,6 +104,14 @@ def test_sign_in_and_see_the_portfolio_in_chromium(served: str, tmp_path: Path) 
             page.wait_for_timeout(500)  # let the chart finish drawing before the picture
             page.screenshot(path=str(shot), full_page=True)
 
+            # selecting a row opens that use case in the same (signed-in) session
+            box = grid.bounding_box()
+            assert box is not None
+            page.mouse.click(box["x"] + 12, box["y"] + 35 * 2.5)  # row marker of the 2nd row
+            expect(page.get_by_role("heading", name="Use case")).to_be_visible(timeout=30_000)
+            expect(page.get_by_text("owner search-team")).to_be_visible(timeout=30_000)
+            expect(sidebar.get_by_text("approver")).to_be_visible()
+
             # the approver sees the approve button; the audit export downloads the log as CSV
             sidebar.get_by_role("link", name="Approvals").click()
             expect(page.get_by_role("button", name="Approve promotion")).to_be_visible(timeout=30_000)
