@@ -174,3 +174,12 @@ def test_repeated_wrong_passwords_lock_the_form(seeded: dict[str, Any]) -> None:
     sign_in(at, "alice")  # even the right password is not checked now
     assert any("too many failed sign-ins" in e.value for e in at.error)
     assert "sp_identity" not in at.session_state
+
+
+def test_mlflow_link_points_at_the_run(seeded: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPARSEPILOT_MLFLOW_UI_URL", "http://mlflow.internal:5000/")
+    at = new_app()
+    at.query_params["name"] = "document-qa"
+    open_page(at, "use_case")
+    run_id = f"{seeded['document-qa']:016x}{1:016x}"  # the latest evaluation's run
+    assert f"MLflow run: [{run_id}](http://mlflow.internal:5000/#/runs/{run_id})" in texts(at)
