@@ -265,13 +265,28 @@ def time_portfolio_sql(repeats: int = 3) -> float:
 
 
 def run_bench(
-    home: Path, *, use_cases: int, observations: int, repeats: int, progress: Callable[[int], None] | None
+    home: Path,
+    *,
+    use_cases: int,
+    observations: int,
+    repeats: int,
+    progress: Callable[[int], None] | None,
+    database_url: str | None = None,
 ) -> dict[str, Any]:
+    """Seed into `database_url` (an EMPTY database; default: SQLite in the scratch home) and time."""
+    from sqlalchemy import inspect
+
     from rollout.db import migrate
+    from rollout.db.session import get_engine
     from rollout.settings import configure_environment, get_settings
 
     os.environ["SPARSEPILOT_HOME"] = str(home)
-    os.environ.pop("SPARSEPILOT_DATABASE_URL", None)
+    if database_url:
+        os.environ["SPARSEPILOT_DATABASE_URL"] = database_url
+        if inspect(get_engine(database_url)).get_table_names():
+            raise ValueError(f"{database_url}: the benchmark needs an empty database (it has tables)")
+    else:
+        os.environ.pop("SPARSEPILOT_DATABASE_URL", None)
     settings = configure_environment(get_settings())
     migrate.upgrade(settings.database_url)
     t0 = time.perf_counter()

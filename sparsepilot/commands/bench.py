@@ -14,6 +14,9 @@ def bench_dashboard(
     observations: int = typer.Option(200_000, "--observations", help="Pilot observations to seed, in all."),
     repeats: int = typer.Option(3, "--repeats", help="Warm renders per page after the cold one."),
     home: str = typer.Option("", "--home", help="Scratch SPARSEPILOT_HOME (default: a new temp dir)."),
+    database_url: str = typer.Option(
+        "", "--database-url", help="An EMPTY database to seed instead (e.g. PostgreSQL); default SQLite."
+    ),
     out: str = typer.Option("bench-results/dashboard.json", "--out", help="Where to write the JSON."),
     json_out: bool = typer.Option(False, "--json", help="Print the JSON instead of a table."),
 ) -> None:
@@ -27,19 +30,23 @@ def bench_dashboard(
     from sparsepilot.console import emit_json, print_table
 
     scratch = Path(home) if home else Path(tempfile.mkdtemp(prefix="sparsepilot-bench-dashboard-"))
-    if (scratch / "state.db").exists():
-        from sparsepilot.console import fail
+    from sparsepilot.console import fail
 
+    if not database_url and (scratch / "state.db").exists():
         fail(f"{scratch / 'state.db'} exists: the benchmark needs an empty scratch home")
     with Progress(transient=True) as bar:
         task = bar.add_task(f"seeding {use_cases} use cases", total=use_cases)
-        result = run_bench(
-            scratch,
-            use_cases=use_cases,
-            observations=observations,
-            repeats=repeats,
-            progress=lambda n: bar.advance(task, n),
-        )
+        try:
+            result = run_bench(
+                scratch,
+                use_cases=use_cases,
+                observations=observations,
+                repeats=repeats,
+                progress=lambda n: bar.advance(task, n),
+                database_url=database_url or None,
+            )
+        except ValueError as exc:
+            fail(str(exc))
     write_json(result, Path(out))
     if json_out:
         emit_json(result)
