@@ -106,12 +106,7 @@ def _pip_requirements() -> list[str]:
 
 
 def _find_mlflow_version(c, name: str, plan_hash: str, base_model_ref: str):  # noqa: ANN001, ANN202
-    from mlflow.exceptions import MlflowException
-
-    try:
-        found = c.search_model_versions(f"name = '{name}' and tags.`{TAG_PLAN_HASH}` = '{plan_hash}'")
-    except MlflowException:
-        return None
+    found = c.search_model_versions(f"name = '{name}' and tags.`{TAG_PLAN_HASH}` = '{plan_hash}'")
     found = [v for v in found if v.tags.get(TAG_BASE_MODEL) == base_model_ref]
     found = sorted(found, key=lambda v: int(v.version))
     return found[0] if found else None
@@ -608,8 +603,10 @@ def current_aliases(use_case: str) -> dict[str, str]:
 
     try:
         rm = tracking.client().get_registered_model(model_name(use_case))
-    except MlflowException:
-        return {}
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return {}
+        raise
     return {str(k): str(v) for k, v in (rm.aliases or {}).items()}
 
 
