@@ -317,6 +317,19 @@ def _eps_candidates(sens: Sensitivity, max_checks: int) -> list[float]:
     return vals
 
 
+def _counter(progress: Progress | None, stage: str, total: int):
+    """Adapt a (stage, done, total) callback to one called with increments."""
+    if progress is None:
+        return None
+    state = {"done": 0}
+
+    def step(k: int = 1) -> None:
+        state["done"] += k
+        progress(stage, state["done"], total)
+
+    return step
+
+
 def _measured_density(model) -> float | None:
     try:
         from sparse_core.retrofit import sparse_stats
@@ -387,9 +400,12 @@ def calibrate(
         from sparse_core.gate_training import GateTrainConfig, train_gate
 
         t0 = time.perf_counter()
+        # The last calibration window is the gate's own early-stopping set, so the held-out windows
+        # that judge the budget never steer training.
+        train_w, stop_w = (cal_w[:-1], cal_w[-1:]) if len(cal_w) > 1 else (cal_w, [])
         gate, rep = train_gate(
             model,
-            cal_w,
+            train_w,
             GateTrainConfig(
                 block_size=lim.block_size,
                 steps=lim.gate_steps,
@@ -398,7 +414,7 @@ def calibrate(
                 checkpoint_dir=lim.gate_checkpoint_dir,
                 max_seconds=lim.gate_max_seconds,
             ),
-            heldout_windows=held_w[:1],
+            heldout_windows=stop_w,
             progress=(lambda ph, d, t: progress(f"gate {ph}", d, t)) if progress else None,
         )
         base.tensors = gate.to_tensors()
@@ -410,7 +426,7 @@ def calibrate(
         model,
         held_w,
         fraction=lim.fidelity_fraction,
-        progress=(lambda n: progress("dense reference", n, len(held_w))) if progress else None,
+        progress=_counter(progress, "dense reference", len(held_w)),
     )
     secs["dense_reference"] = time.perf_counter() - t0
     t0 = time.perf_counter()

@@ -36,6 +36,7 @@ class GateTrainConfig:
     seed: int = 0
     checkpoint_dir: str | None = None
     checkpoint_every: int = 50
+    eval_every: int = 20  # held-out loss evaluation interval (early stopping)
     max_seconds: float | None = None  # wall-clock cap for the training phase (capture always completes)
 
 
@@ -52,6 +53,7 @@ class GateTrainReport:
     capture_seconds: float = 0.0
     train_seconds: float = 0.0
     resumed_from_step: int = 0
+    kept_step: int = 0  # the step whose weights were kept (early stopping on held-out loss)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -189,7 +191,14 @@ def train_gate(
     rng = random.Random(cfg.seed)
     order = [rng.randrange(len(data)) for _ in range(cfg.steps)]
     t1 = time.perf_counter()
-    step = start_step
+    done = start_step
+    # Early stopping on the held-out windows: few sequences and ~70k parameters per layer can
+    # overfit, so the weights with the lowest held-out loss seen at an evaluation point are kept.
+    best = (initial_held, 0, {k: v.clone() for k, v in gate.state_dict().items()}) if held else None
+    if best is not None and start_step and ckpt and ckpt.is_file():
+        st = torch.load(ckpt, weights_only=True)
+        if "best_state" in st:
+            best = (float(st["best_loss"]), int(st["best_step"]), st["best_state"])
     for step in range(start_step, cfg.steps):
         if cfg.max_seconds is not None and time.perf_counter() - t1 > cfg.max_seconds:
             break
@@ -200,28 +209,30 @@ def train_gate(
         opt.step()
         curve.append(loss.item())
         done = step + 1
+        if best is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
+            hl = _mean_loss(gate, held)
+            if hl < best[0]:
+                best = (hl, done, {k: v.clone() for k, v in gate.state_dict().items()})
         if ckpt and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
             tmp = ckpt.with_suffix(".tmp")
-            torch.save(
-                {
-                    "gate": gate.state_dict(),
-                    "opt": opt.state_dict(),
-                    "step": done,
-                    "curve": curve,
-                    "initial": initial,
-                },
-                tmp,
-            )
+            state = {"gate": gate.state_dict(), "opt": opt.state_dict(), "step": done, "curve": curve}
+            state["initial"] = initial
+            if best is not None:
+                state.update(best_loss=best[0], best_step=best[1], best_state=best[2])
+            torch.save(state, tmp)
             tmp.replace(ckpt)
         if progress:
             progress("train", done, cfg.steps)
-    else:
-        step = cfg.steps - 1
+    best_step = done
+    if best is not None and best[0] < _mean_loss(gate, held):
+        gate.load_state_dict(best[2])
+        best_step = best[1]
     gate.requires_grad_(False)
     report = GateTrainReport(
         n_sequences=len(data),
         seq_lens=[s for _, s in data],
-        steps=min(cfg.steps, step + 1) if cfg.steps else 0,
+        steps=done,
+        kept_step=best_step,
         initial_loss=initial,
         final_loss=_mean_loss(gate, data),
         initial_heldout_loss=initial_held,
