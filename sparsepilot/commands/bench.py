@@ -56,6 +56,7 @@ def bench_dashboard(
         f"dashboard render times: {seeded['use_cases']} use cases, {seeded['observations']:,} observations "
         f"(seeded in {result['seed_s']} s; portfolio SQL {result['portfolio_sql_s']} s; JSON: {out})",
         result["pages"],
+        columns=["page", "cold_s", "warm_median_s", "target_s", "within_target"],
     )
 
 
