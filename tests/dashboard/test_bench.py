@@ -1,0 +1,30 @@
+"""`sparsepilot bench dashboard` on a small portfolio: it seeds exactly what it says and renders every
+page (the timings themselves are only printed, never asserted)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from sparsepilot.cli import app
+
+
+def test_bench_dashboard_small(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SPARSEPILOT_DATABASE_URL", raising=False)
+    monkeypatch.setenv("SPARSEPILOT_HOME", str(tmp_path / "scratch"))  # restored after: the bench sets it
+    out = tmp_path / "dashboard.json"
+    args = ["bench", "dashboard", "--use-cases", "14", "--observations", "1000", "--repeats", "1"]
+    r = CliRunner().invoke(app, [*args, "--home", str(tmp_path / "scratch"), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    result = json.loads(out.read_text())
+    assert result["seeded"]["use_cases"] == 14 and result["seeded"]["observations"] == 1000
+    assert result["seeded"]["pending"] == 2  # use cases 4 and 11 wait for approval
+    pages = [p["page"] for p in result["pages"]]
+    assert pages[1:] == ["portfolio", "use_case", "approvals", "audit"]
+    assert all(p["cold_s"] > 0 for p in result["pages"])
+    # a second run into the same scratch home is refused instead of mixing two portfolios
+    r = CliRunner().invoke(app, [*args, "--home", str(tmp_path / "scratch"), "--out", str(out)])
+    assert r.exit_code == 2 and "needs an empty scratch home" in r.output
