@@ -66,6 +66,9 @@ def evidence_summary(d: dict[str, Any]) -> None:
     p95 = ev.get("p95_latency_treatment_ms")
     c4.metric("p95 latency, treatment", f"{p95:.0f} ms" if isinstance(p95, int | float) else "-")
     st.info(d["explanation"])
+    reasons = [str(r) for r in ev.get("reasons") or []]
+    if reasons:
+        st.markdown("\n".join(f"- {r}" for r in reasons))
     with st.expander("Full evidence"):
         st.json(ev, expanded=False)
 
