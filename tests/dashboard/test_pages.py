@@ -100,6 +100,7 @@ def test_sign_in_rejects_a_wrong_password(seeded: dict[str, Any]) -> None:
 def test_anonymous_and_viewer_never_see_an_approve_button(seeded: dict[str, Any]) -> None:
     at = open_page(new_app(), "approvals")
     assert "contract-summarisation" in texts(at)  # evidence is visible read-only
+    assert "- quality interval [-0.011, 0.001] vs margin -0.02" in texts(at)  # the gate's reasons
     assert not [b for b in button_labels(at) if "Approve" in b or "Reject" in b]
     assert "sign in as an approver" in texts(at)
     sign_in(at, "bob")
