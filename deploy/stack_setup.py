@@ -98,7 +98,7 @@ def deploy_flows(pool: str, gpu_pool: str) -> list[str]:
     """The SparsePilot deployments on the pool(s), sourced from this checkout/image (REPO)."""
     from flows import deployments
 
-    return deployments.deploy_to_pool(pool, gpu_pool=gpu_pool, source_dir=REPO)
+    return deployments.deploy_to_work_pool(None, pool)
 
 
 def main() -> int:
