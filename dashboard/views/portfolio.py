@@ -55,6 +55,12 @@ def totals_row(t: dict[str, Any]) -> None:
 
 def to_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     df = pd.DataFrame(rows)
+    numeric = [
+        c
+        for c in df.columns
+        if c.startswith(("quality_", "speedup", "savings_", "payback")) or c == "density"
+    ]
+    df[numeric] = df[numeric].apply(pd.to_numeric, errors="coerce")  # all-None columns stay numeric
     df["decision"] = df["decision"].fillna("-")
     df["step"] = [fmt.step_label(r) for r in rows]
     df["quality interval"] = [fmt.interval_only(r["quality_low"], r["quality_high"]) for r in rows]
@@ -160,7 +166,10 @@ def main() -> None:
     st.caption(f"{len(df)} of {len(rows)} use cases · click a column header to sort, select a row to open it")
     table(df)
     st.subheader("Expected savings against risk")
-    st.altair_chart(savings_vs_risk(df), width="stretch")
+    if df["savings_month_usd"].notna().any():
+        st.altair_chart(savings_vs_risk(df), width="stretch")
+    else:
+        st.caption("No use case in this view has been evaluated yet, so there are no savings to plot.")
 
 
 main()

@@ -184,3 +184,16 @@ def test_mlflow_link_points_at_the_run(seeded: dict[str, Any], monkeypatch: pyte
     open_page(at, "use_case")
     run_id = f"{seeded['document-qa']:016x}{1:016x}"  # the latest evaluation's run
     assert f"MLflow run: [{run_id}](http://mlflow.internal:5000/#/runs/{run_id})" in texts(at)
+
+
+def test_portfolio_of_only_registered_use_cases(dash_env: Settings) -> None:
+    from rollout.db.models import UseCase
+
+    with session_scope() as s:
+        s.add(UseCase(name="just-registered", owner="ops", criticality="medium"))
+    at = new_app()
+    assert not at.exception and not at.error
+    row = at.dataframe[0].value.iloc[0]
+    assert row["name"] == "just-registered" and row["waits_for"] == "calibration"
+    assert row["quality interval"] == "-" and row["savings interval"] == "-"
+    assert {m.label: m.value for m in at.metric}["$/month saved (sum)"] == "-"
