@@ -82,6 +82,11 @@ def portfolio(session: Session) -> list[dict[str, Any]]:
             GateDecision.awaiting,
             GateDecision.resolution,
             GateDecision.created_at.label("decided_at"),
+            select(func.count(Approval.id))
+            .where(Approval.decision_id == GateDecision.id)
+            .correlate(GateDecision)
+            .scalar_subquery()
+            .label("signatures"),
             func.coalesce(dec_q, EvaluationRun.quality_delta).label("quality_delta"),
             case((dec_q.is_not(None), dec_lo), else_=None).label("quality_low"),
             case((dec_q.is_not(None), dec_hi), else_=None).label("quality_high"),
@@ -119,6 +124,8 @@ def waits_for(row: dict[str, Any]) -> str:
     """What a use case needs next, in words, from its latest decision and current step."""
     awaiting, resolution = row.get("awaiting"), row.get("resolution")
     if awaiting and awaiting != "none" and resolution is None:
+        if row.get("signatures"):  # an override signed once waits for a different approver
+            return "a second approver"
         return WAITING_LABELS.get(awaiting, awaiting)
     decision = row.get("decision")
     if row.get("pilot_status") == "running":

@@ -88,3 +88,17 @@ def test_pending_and_audit(seeded: dict[str, Any]) -> None:
         assert {e["use_case"] for e in only_gate} == {"contract-summarisation", "document-qa"}
         assert queries.audit_entries(s, use_cases=["support-chat"])[0]["action"] == "usecase.add"
         assert queries.audit_entries(s, actors=["nobody"]) == []
+
+
+def test_an_override_signed_once_waits_for_a_second_approver(seeded: dict[str, Any]) -> None:
+    from rollout.db.models import Approval, GateDecision
+
+    with session_scope() as s:
+        d = s.get(GateDecision, seeded["document-qa:decision"])
+        d.awaiting = "approval"
+        s.add(Approval(decision_id=d.id, actor="alice", role="approver", action="approve", reason="r",
+                       against_recommendation=True))  # fmt: skip
+    with session_scope() as s:
+        rows = {r["name"]: r for r in queries.portfolio(s)}
+    assert rows["document-qa"]["waits_for"] == "a second approver"
+    assert rows["contract-summarisation"]["waits_for"] == "approval to promote"
