@@ -7,7 +7,8 @@ stack test runs this same file). Safe to run again: every step updates in place.
    seconds, i.e. its worker died with it. Without it such a run stays Running forever and holds its
    use case;
 3. the SparsePilot deployments with one schedule per use case (flows.deployments, the same code
-   `sparsepilot serve` uses).
+   `sparsepilot serve --work-pool` uses), GPU use cases (SPARSEPILOT_GPU_USE_CASES) on the GPU pool, and
+   the approval deployment on its own `approvals` queue (served by the approvals worker).
 
 Needs PREFECT_API_URL (a Prefect server) and the SparsePilot settings (SPARSEPILOT_DATABASE_URL, ...).
 """
@@ -21,6 +22,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CRASH_AUTOMATION = "sparsepilot: crash flow runs whose heartbeats stopped"
+APPROVAL_QUEUE = "approvals"
 # A run stops being watched once any of these arrives; Suspended runs have left their process on purpose.
 _ALIVE_OR_DONE = (
     "prefect.flow-run.heartbeat",
@@ -94,11 +96,51 @@ def ensure_crash_automation(crash_after_s: int) -> str:
     return "created" if existing is None else "replaced"
 
 
-def deploy_flows(pool: str, gpu_pool: str) -> list[str]:
-    """The SparsePilot deployments on the pool(s), sourced from this checkout/image (REPO)."""
+def ensure_queue(pool: str, queue: str) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectAlreadyExists
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_work_queue(name=queue, work_pool_name=pool)
+        except ObjectAlreadyExists:
+            pass
+
+
+def deploy_flows(pool: str, gpu_pool: str, gpu_use_cases: set[str]) -> list[str]:
+    """The SparsePilot deployments (flows.deployments, sourced from this checkout/image): each use case's
+    scheduled cycle on the CPU pool's default queue, or on the GPU pool when named in
+    SPARSEPILOT_GPU_USE_CASES; the approval deployment on the CPU pool's `approvals` queue, because an
+    approval run waits (in its process, up to days) for a person and must not hold a model worker's slot."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import DeploymentUpdate
+
     from flows import deployments
 
-    return deployments.deploy_to_work_pool(None, pool)
+    scheduled = [s["use_case"] for s in deployments.scheduled_use_cases()]
+    unknown = sorted(gpu_use_cases - set(scheduled))
+    if unknown:
+        raise SystemExit(
+            f"SPARSEPILOT_GPU_USE_CASES names {', '.join(unknown)}: not a use case with a schedule "
+            f"(known: {', '.join(scheduled) or 'none'})"
+        )
+    on_gpu = [n for n in scheduled if n in gpu_use_cases]
+    on_cpu = [n for n in scheduled if n not in gpu_use_cases]
+    if on_gpu:
+        deployments.deploy_to_work_pool(on_gpu, gpu_pool)
+    if on_cpu or not on_gpu:  # None: every scheduled use case (there are none left for the GPU)
+        deployments.deploy_to_work_pool(on_cpu or None, pool)
+    ensure_queue(pool, APPROVAL_QUEUE)
+    with get_client(sync_client=True) as client:
+        approval = client.read_deployment_by_name(f"approval/{deployments.APPROVAL_DEPLOYMENT}")
+        client.update_deployment(
+            approval.id, DeploymentUpdate(work_pool_name=pool, work_queue_name=APPROVAL_QUEUE)
+        )
+    return [
+        *(f"{deployments.deployment_name(n)} -> {gpu_pool}" for n in on_gpu),
+        *(f"{deployments.deployment_name(n)} -> {pool}" for n in on_cpu),
+        f"{deployments.APPROVAL_DEPLOYMENT} -> {pool}/{APPROVAL_QUEUE}",
+    ]
 
 
 def main() -> int:
@@ -117,8 +159,9 @@ def main() -> int:
     if _env("SPARSEPILOT_SKIP_DEPLOYMENTS", "") in ("1", "true"):
         print("stack_setup: deployments skipped (SPARSEPILOT_SKIP_DEPLOYMENTS)")
         return 0
-    names = deploy_flows(pool, gpu_pool)
-    print(f"stack_setup: {len(names)} deployment(s): {', '.join(names)}")
+    gpu_use_cases = {n.strip() for n in _env("SPARSEPILOT_GPU_USE_CASES", "").split(",") if n.strip()}
+    names = deploy_flows(pool, gpu_pool, gpu_use_cases)
+    print(f"stack_setup: {len(names)} deployment(s): {'; '.join(names)}")
     return 0
 
 

@@ -22,7 +22,16 @@ COMPOSE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
 OPERATIONS = ROOT / "docs" / "operations.md"
 
-REQUIRED_SERVICES = ("postgres", "migrate", "mlflow", "prefect-server", "prefect-worker", "dashboard")
+REQUIRED_SERVICES = (
+    "postgres",
+    "migrate",
+    "mlflow",
+    "prefect-server",
+    "deploy-flows",
+    "prefect-worker",
+    "prefect-worker-approvals",
+    "dashboard",
+)
 ONE_SHOT = {"migrate", "deploy-flows"}  # run to completion; no healthcheck, restart "no"
 # service -> container path that must be a named volume (the service's durable state)
 STATE_MOUNTS = {

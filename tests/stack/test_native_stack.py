@@ -200,7 +200,9 @@ def test_stack_setup_creates_pools_detector_and_deployments(
         pools = {p.name: p.type for p in client.read_work_pools()}
         assert pools[native_stack.pool] == "process" and pools[native_stack.gpu_pool] == "process"
         dep = client.read_deployment_by_name(CYCLE)
-        assert dep.work_pool_name == native_stack.pool
+        assert (dep.work_pool_name, dep.work_queue_name) == (native_stack.pool, "default")
+        approval = client.read_deployment_by_name("approval/sparsepilot-approval")
+        assert (approval.work_pool_name, approval.work_queue_name) == (native_stack.pool, "approvals")
         assert dep.parameters == {"use_case": USE_CASE}
         assert [s.schedule.cron for s in dep.schedules] == ["15 4 * * *"]
     detector = Automation.read(name="sparsepilot: crash flow runs whose heartbeats stopped")
