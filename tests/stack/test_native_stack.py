@@ -185,6 +185,16 @@ def test_services_healthy_state_db_migrated_and_mlflow_on_postgres(native_stack:
     assert len(stored) == 1 and run.info.run_id in str(stored[0])
 
 
+def test_dashboard_serves_on_the_stack(native_stack: NativeStack) -> None:
+    from rollout.auth import hash_password
+
+    svc, _base = native_stack.start_dashboard(f"ann:approver:{hash_password('pw-for-test')}")
+    assert svc.alive()
+    assert "1 local account(s), approvers: ann" in " ".join(svc.log_tail().split())
+    svc.stop()
+    assert not svc.alive()
+
+
 def test_stack_setup_creates_pools_detector_and_deployments(
     native_stack: NativeStack, use_case_spec: Path
 ) -> None:
