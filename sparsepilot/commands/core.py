@@ -216,6 +216,10 @@ def evaluate_cmd(
     dataset: Annotated[Path | None, typer.Option("--dataset", help="JSONL with prompt/reference")] = None,
     task: Annotated[str | None, typer.Option("--task", help="exact_match|contains|rouge_l|loglik")] = None,
     probe_lengths: Annotated[str | None, typer.Option("--probe-lengths", help="e.g. 2048,4096,8192")] = None,
+    probe_kinds: Annotated[
+        str | None, typer.Option("--probe-kinds", help="passkey,multikey,kv,vartrack (default: all)")
+    ] = None,
+    probe_depths: Annotated[str | None, typer.Option("--probe-depths", help="e.g. 0.1,0.5,0.9")] = None,
     speed_lengths: Annotated[
         str | None, typer.Option("--speed-lengths", help="e.g. 4096,8192; 0 = off")
     ] = None,
@@ -241,8 +245,18 @@ def evaluate_cmd(
             kw["probe_lengths"] = tuple(int(x) for x in probe_lengths.split(",") if x.strip() and int(x) > 0)
         if speed_lengths is not None:
             kw["speed_lengths"] = tuple(int(x) for x in speed_lengths.split(",") if x.strip() and int(x) > 0)
+        if probe_depths is not None:
+            kw["probe_depths"] = tuple(float(x) for x in probe_depths.split(",") if x.strip())
     except ValueError:
-        fail("--probe-lengths / --speed-lengths take comma-separated integers")
+        fail("--probe-lengths, --speed-lengths and --probe-depths take comma-separated numbers")
+    if probe_kinds is not None:
+        from sparse_core.probes import PROBE_KINDS
+
+        kinds = tuple(x.strip() for x in probe_kinds.split(",") if x.strip())
+        bad = [k for k in kinds if k not in PROBE_KINDS]
+        if bad:
+            fail(f"--probe-kinds: unknown {bad}; choose from {list(PROBE_KINDS)}")
+        kw["probe_kinds"] = kinds
     if repeats is not None:
         kw["speed_repeats"] = repeats
     if pictures is not None:
