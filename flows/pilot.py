@@ -84,7 +84,9 @@ def ensure_pilot(use_case: str) -> dict[str, Any]:
 def choose_requests(rows: list[dict[str, Any]], used: set[str], salt: str, n: int) -> list[tuple[str, dict]]:
     """The next n requests of the pilot's traffic: dataset rows in a pilot-specific order, each used
     once per pilot; when the dataset is exhausted it is replayed with new request ids (id~r2, ...)."""
-    order = sorted(rows, key=lambda r: pilots.hash_unit(r["id"], salt))
+    # A separate hash domain from the arm assignment: ordering traffic by the assignment hash itself
+    # would put the lowest hashes (all treatment) first and break the split.
+    order = sorted(rows, key=lambda r: pilots.hash_unit(r["id"], f"{salt}:traffic-order"))
     out: list[tuple[str, dict]] = []
     rnd = 1
     while len(out) < n:

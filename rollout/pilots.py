@@ -505,3 +505,31 @@ def elapsed_days(step: PilotStep) -> float:
     if started.tzinfo is None:
         started = started.replace(tzinfo=dt.UTC)
     return max(0.0, (utcnow() - started).total_seconds() / 86400.0)
+
+
+def monitor_guardrails(rows: list[Mapping[str, Any]], spec: Any) -> dict[str, Any]:
+    """Guardrails on sampled production traffic of the champion (the treatment arm): error rate and
+    p95 latency against the spec's limits. Pure; every value and threshold is returned."""
+    import numpy as np
+
+    trt = [r for r in rows if r["arm"] == "treatment"]
+    g = spec.gate.guardrails
+    slo = g.p95_latency_ms if g.p95_latency_ms is not None else spec.latency_slo_ms.p95
+    out: dict[str, Any] = {"n_treatment": len(trt), "checks": []}
+    if not trt:
+        out["breached"] = []
+        return out
+    err = sum(1 for r in trt if r.get("error")) / len(trt)
+    p95 = float(np.percentile([float(r["latency_ms"]) for r in trt], 95))
+    checks = [
+        {
+            "name": "error_rate",
+            "value": err,
+            "threshold": g.max_error_rate,
+            "breached": err > g.max_error_rate,
+        },
+        {"name": "p95_latency_ms", "value": p95, "threshold": slo, "breached": p95 > slo},
+    ]
+    out["checks"] = checks
+    out["breached"] = [c["name"] for c in checks if c["breached"]]
+    return out

@@ -1,9 +1,443 @@
-"""(filled in by its owner; see docs/architecture.md)"""
+"""The pipeline commands: `calibrate NAME`, `evaluate NAME`, `pilot NAME [--observations FILE]`,
+`gate NAME`, `approve NAME --decision ID --reason TEXT [--reject]`, `promote`, `rollback NAME --reason`,
+`monitor NAME`, `run [--serve]`, `serve`.
+
+`calibrate` and `evaluate` have two forms: with a use-case NAME they run the flows; with `--model ...`
+they are sparse_core's standalone commands (sparsepilot/commands/core.py), which this module dispatches
+to unchanged, so both forms live under one command name."""
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
+from typing import Annotated, Any
+
 import typer
+
+from sparsepilot.console import console, emit_json, err_console, fail, print_table
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON")]
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from flows.approval import ApprovalWaitError
+    from flows.calibrate import CalibrationFailed
+    from flows.evaluate import EvaluationFailed
+    from flows.gate import GateError
+    from flows.monitor import MonitorError
+    from flows.pilot import PilotError
+    from rollout.approvals import ApprovalError, FlowNotWaiting
+    from rollout.auth import PermissionDenied
+    from rollout.observations_io import ObservationImportError
+    from rollout.pilots import PilotStateError, UnknownUseCase
+    from rollout.registry import RegistryError
+    from rollout.spec import SpecError
+    from rollout.validation import DataValidationError
+
+    return (
+        ApprovalError,
+        ApprovalWaitError,
+        CalibrationFailed,
+        DataValidationError,
+        EvaluationFailed,
+        FlowNotWaiting,
+        GateError,
+        MonitorError,
+        ObservationImportError,
+        PermissionDenied,
+        PilotError,
+        PilotStateError,
+        RegistryError,
+        SpecError,
+        UnknownUseCase,
+        FileNotFoundError,
+    )
+
+
+def _run(fn: Callable[[], Any]) -> Any:
+    """Run a flow from the CLI: known errors become a clear message and exit code 2."""
+    _require_db()
+    try:
+        return fn()
+    except _known_errors() as exc:
+        fail(str(exc))
+
+
+def _require_db() -> None:
+    from rollout.db import migrate
+    from rollout.settings import configure_environment
+
+    s = configure_environment()
+    try:
+        current = migrate.current_revision(s.database_url)
+    except Exception as exc:  # noqa: BLE001
+        fail(f"cannot reach the state DB: {exc}")
+    if current is None:
+        fail("the state DB is not initialised: run `sparsepilot init` first")
+
+
+def _identity() -> Any:
+    from rollout.auth import PermissionDenied, cli_identity
+
+    try:
+        who = cli_identity()
+    except PermissionDenied as exc:
+        fail(str(exc))
+    if who is None:
+        fail(
+            "set SPARSEPILOT_USER to an approver account (see `sparsepilot hash-password`); "
+            "nobody is signed in"
+        )
+    return who
+
+
+# --- calibrate / evaluate: use-case form + sparse_core's standalone form ------------------------------
+
+
+def _dual(
+    core_fn: Callable[..., Any], use_case_fn: Callable[..., Any], required: tuple[str, ...]
+) -> Callable:
+    """A command taking an optional use-case NAME plus every option of `core_fn`; with NAME it runs
+    `use_case_fn(name, quick, json_out)`, otherwise `core_fn(**options)` (their required options are
+    checked here)."""
+    import typing
+
+    core_sig = inspect.signature(core_fn)
+    hints = typing.get_type_hints(core_fn, include_extras=True)
+    params = [
+        inspect.Parameter(
+            "use_case",
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            default=None,
+            annotation=Annotated[
+                str | None, typer.Argument(help="use case NAME (omit for the --model form)")
+            ],
+        )
+    ]
+    for p in core_sig.parameters.values():
+        ann = hints.get(p.name, p.annotation)
+        if p.default is inspect.Parameter.empty:  # required in the standalone form only
+            meta = getattr(ann, "__metadata__", ())
+            base = getattr(ann, "__origin__", ann)
+            ann = Annotated[(base | None, *meta)] if meta else base | None
+            p = p.replace(default=None)
+        params.append(p.replace(annotation=ann))
+
+    def command(**kwargs: Any) -> None:
+        name = kwargs.pop("use_case")
+        if name is not None:
+            standalone_only = [k for k in required if kwargs.get(k) is not None]
+            if standalone_only:
+                fail(f"give either a use case NAME or --{standalone_only[0].replace('_', '-')}, not both")
+            use_case_fn(name, bool(kwargs.get("quick")), bool(kwargs.get("json_out")))
+            return
+        missing = [k for k in required if kwargs.get(k) is None]
+        if missing:
+            fail(
+                "give a use case NAME, or "
+                f"--{' --'.join(m.replace('_', '-') for m in missing)} for the standalone form"
+            )
+        core_fn(**kwargs)
+
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__doc__ = (use_case_fn.__doc__ or "") + "\n\n" + (core_fn.__doc__ or "")
+    return command
+
+
+def calibrate_use_case(name: str, quick: bool, json_out: bool) -> None:
+    """Use-case form: validate the dataset, calibrate to the spec's budget, register @challenger."""
+    from flows.calibrate import calibrate_flow
+
+    result = _run(lambda: calibrate_flow(name, quick=quick))
+    if json_out:
+        emit_json(result)
+        return
+    cols = [
+        "calibration_run_id",
+        "model_version_id",
+        "density",
+        "kl",
+        "agree",
+        "nll_delta",
+        "met_budget",
+        "reused",
+    ]
+    print_table(f"calibration of {name}", [result], cols)
+
+
+def evaluate_use_case(name: str, quick: bool, json_out: bool) -> None:
+    """Use-case form: quality and speed vs dense on the use case's data, ROI with its interval."""
+    from flows.evaluate import evaluate_flow
+
+    result = _run(lambda: evaluate_flow(name, quick=quick))
+    if json_out:
+        emit_json(result)
+        return
+    cols = ["evaluation_run_id", "device", "density", "quality_delta", "speedup", "speedup_low", "speedup_high",
+            "savings_month_usd", "payback_days", "reused"]  # fmt: skip
+    print_table(f"evaluation of {name}", [result], cols)
+
+
+# --- pilot / gate / approve / promote / rollback / monitor -----------------------------------------
+
+
+def pilot_cmd(
+    name: Annotated[str, typer.Argument(help="use case NAME")],
+    observations: Annotated[
+        str | None,
+        typer.Option("--observations", help="import observations (JSONL or CSV) instead of running"),
+    ] = None,
+    batches: Annotated[int, typer.Option("--batches", min=1, help="pilot batches to run")] = 1,
+    max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", min=1)] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """One pilot batch (or --batches N) in the current step, or import observations from a file."""
+    from flows.pilot import pilot_flow
+
+    result = _run(
+        lambda: pilot_flow(
+            name, observations_file=observations, batches=batches, max_new_tokens=max_new_tokens
+        )
+    )
+    if json_out:
+        emit_json(result)
+        return
+    rows = [{"step": result["step_index"], "kind": result["step_kind"], **b} for b in result["batches"]]
+    cols = ["step", "kind", "batch_id", "passed", "inserted", "already_present"]
+    print_table(f"pilot {result['pilot_id']} of {name}", rows, cols)
+
+
+def gate_cmd(name: Annotated[str, typer.Argument(help="use case NAME")], json_out: JsonOpt = False) -> None:
+    """Decide the current pilot step (GO / EXTEND / NO-GO / INVALID) and act on it."""
+    from flows.gate import gate_flow
+
+    result = _run(lambda: gate_flow(name))
+    if json_out:
+        emit_json(result)
+        return
+    cols = ["decision_id", "outcome", "awaiting", "step_index", "look_index", "estimate", "interval_low",
+            "interval_high"]  # fmt: skip
+    print_table(f"gate of {name}", [result], cols)
+    console.print(result["explanation"])
+
+
+def _check_decision(name: str, decision_id: int) -> None:
+    from rollout import pilots
+    from rollout.db.models import GateDecision
+    from rollout.db.session import session_scope
+
+    with session_scope() as session:
+        uc = pilots.get_use_case(session, name)
+        d = session.get(GateDecision, decision_id)
+        if d is None or d.use_case_id != uc.id:
+            fail(f"decision {decision_id} does not belong to use case {name!r}")
+
+
+def approve_cmd(
+    name: Annotated[str, typer.Argument(help="use case NAME")],
+    decision: Annotated[
+        int, typer.Option("--decision", help="decision ID (see `sparsepilot gate` or the dashboard)")
+    ],
+    reason: Annotated[str, typer.Option("--reason", help="why (kept in the audit log)")],
+    reject: Annotated[bool, typer.Option("--reject", help="reject instead of approve")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Approve (or reject) a decision waiting for a person; resumes its paused approval flow run."""
+    from flows.approval import approve_decision
+
+    who = _identity()
+
+    def go() -> dict[str, Any]:
+        from rollout.pilots import UnknownUseCase
+
+        try:
+            _check_decision(name, decision)
+        except UnknownUseCase as exc:
+            fail(str(exc))
+        return approve_decision(decision, who, reason, reject=reject)
+
+    result = _run(go)
+    if json_out:
+        emit_json(result)
+        return
+    console.print(result["message"])
+
+
+def promote_cmd(
+    name: Annotated[str, typer.Argument(help="use case NAME")],
+    decision: Annotated[int, typer.Option("--decision", help="the GO decision waiting for promotion")],
+    reason: Annotated[str, typer.Option("--reason", help="why (kept in the audit log)")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Promote the challenger to champion on a decision: approves it (resuming its approval run), or
+    finishes an approved promotion that did not complete (e.g. MLflow was down)."""
+    from flows.approval import approve_decision
+    from flows.promote import promote_flow
+
+    who = _identity()
+
+    def go() -> dict[str, Any]:
+        from sqlalchemy import select
+
+        from rollout.db.models import Approval, GateDecision, UseCase
+        from rollout.db.session import session_scope
+
+        _check_decision(name, decision)
+        with session_scope() as session:
+            d = session.get(GateDecision, decision)
+            uc = session.get(UseCase, d.use_case_id)
+            if d.awaiting == "rollback_approval":
+                fail(
+                    f"decision {decision} asks for a rollback; "
+                    "use `sparsepilot approve` or `sparsepilot rollback`"
+                )
+            approval = session.scalar(
+                select(Approval)
+                .where(Approval.decision_id == d.id, Approval.action == "approve")
+                .order_by(Approval.id.desc())
+            )
+            unfinished = d.resolution == "approved" and uc.phase != "promoted" and approval is not None
+            approval_id = approval.id if approval else None
+        if unfinished:
+            return promote_flow(decision_id=decision, approval_id=approval_id, reason=reason, actor=who.name)
+        return approve_decision(decision, who, reason)
+
+    result = _run(go)
+    if json_out:
+        emit_json(result)
+        return
+    console.print(result.get("message") or result)
+
+
+def rollback_cmd(
+    name: Annotated[str, typer.Argument(help="use case NAME")],
+    reason: Annotated[str, typer.Option("--reason", help="why (kept in the audit log)")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Roll the champion back to the previous one from SparsePilot's own alias history (approvers only)."""
+    from flows.promote import rollback_flow
+    from rollout.approvals import request_rollback
+
+    who = _identity()
+
+    def go() -> dict[str, Any]:
+        ids = request_rollback(name, who, reason, apply=False)
+        return rollback_flow(
+            decision_id=ids["decision_id"], approval_id=ids["approval_id"], reason=reason, actor=who.name
+        )
+
+    result = _run(go)
+    if json_out:
+        emit_json(result)
+        return
+    move = result.get("alias_move") or {}
+    console.print(
+        f"{name}: champion {move.get('from_version')} -> {move.get('to_version')} ({move.get('status')})"
+    )
+
+
+def monitor_cmd(
+    name: Annotated[str, typer.Argument(help="use case NAME")],
+    observations: Annotated[
+        str | None, typer.Option("--observations", help="production observations (JSONL/CSV) to check")
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Sample traffic of a promoted use case; a guardrail breach or failed data check rolls back
+    automatically when the spec allows it, else leaves a rollback waiting for approval."""
+    from flows.monitor import monitor_flow
+
+    result = _run(lambda: monitor_flow(name, observations_file=observations))
+    if json_out:
+        emit_json(result)
+        return
+    console.print(result.get("explanation") or result)
+
+
+# --- main job and schedules ------------------------------------------------------------------------
+
+
+def run_cmd(
+    serve: Annotated[bool, typer.Option("--serve", help="serve the dashboard afterwards")] = False,
+    use_case: Annotated[
+        list[str] | None, typer.Option("--use-case", help="only these use cases (repeatable)")
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="pilot answer length")] = 16,
+    full: Annotated[
+        bool, typer.Option("--full", help="the spec's full calibration/evaluation settings")
+    ] = False,
+    port: Annotated[int, typer.Option("--port", help="dashboard port (with --serve)")] = 8501,
+    json_out: JsonOpt = False,
+) -> None:
+    """The main job: for each sample use case validate -> calibrate -> evaluate -> pilot (shadow + first
+    split step) -> gate, then a summary table; GO decisions wait for approval."""
+    import os
+
+    # Our progress display owns the terminal; Prefect's INFO logs still reach its API (set before import).
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+    from flows.main_job import MainJobSettings, render_table, run_main_job, serve_after
+
+    settings = MainJobSettings(
+        use_cases=use_case or None, quick=not full, pilot_max_new_tokens=max_new_tokens
+    )
+    out_console = err_console if json_out else console
+    try:
+        result = run_main_job(settings, console=out_console)
+    except _known_errors() as exc:
+        fail(str(exc))
+    if json_out:
+        emit_json(result)
+    else:
+        console.print(render_table(result["rows"], result["outcomes"]))
+        console.print(f"pipeline wall time: {result['pipeline_seconds'] / 60:.1f} min")
+        waiting = [r for r in result["rows"] if r["awaiting"] != "none"]
+        for r in waiting:
+            console.print(
+                f"decision {r['decision_id']} ({r['use_case']}) waits for approval: "
+                "SPARSEPILOT_USER=<approver> "
+                f"sparsepilot approve {r['use_case']} --decision {r['decision_id']} "
+                '--reason "..."'
+            )
+    if serve:
+        from sparsepilot.commands.dashboard import serve_dashboard
+
+        code = serve_after(result["rows"], lambda: serve_dashboard(port))
+        raise typer.Exit(code)
+    if not result["ok"]:
+        raise typer.Exit(1)
+
+
+def serve_cmd(
+    use_case: Annotated[
+        list[str] | None, typer.Option("--use-case", help="only these use cases (repeatable)")
+    ] = None,
+    work_pool: Annotated[
+        str | None, typer.Option("--work-pool", help="deploy to this work pool (needs PREFECT_API_URL)")
+    ] = None,
+) -> None:
+    """One cron schedule per use case (from its spec): served here with prefect.serve, or deployed to a
+    work pool for workers when a Prefect server is configured (PREFECT_API_URL)."""
+    from flows.deployments import serve_schedules
+
+    _run(lambda: serve_schedules(use_case or None, work_pool=work_pool, console=console))
 
 
 def register(app: typer.Typer) -> None:
-    pass
+    from sparsepilot.commands import core
+
+    # One command per name: replace sparse_core's standalone calibrate/evaluate with the dual form.
+    app.registered_commands[:] = [
+        c
+        for c in app.registered_commands
+        if (c.name or getattr(c.callback, "__name__", "")) not in ("calibrate", "evaluate")
+    ]
+    app.command("calibrate")(_dual(core.calibrate_cmd, calibrate_use_case, ("model", "texts", "out")))
+    app.command("evaluate")(_dual(core.evaluate_cmd, evaluate_use_case, ("model", "plan")))
+    app.command("pilot")(pilot_cmd)
+    app.command("gate")(gate_cmd)
+    app.command("approve")(approve_cmd)
+    app.command("promote")(promote_cmd)
+    app.command("rollback")(rollback_cmd)
+    app.command("monitor")(monitor_cmd)
+    app.command("run")(run_cmd)
+    app.command("serve")(serve_cmd)

@@ -1,0 +1,292 @@
+"""`evaluate(use_case)`: quality and speed of the challenger vs dense on the use case's own data
+(sparse_core.evaluate: fidelity, long-context probes, task scores, prefill speed at the dataset's length
+mix, pictures), the ROI projection with its interval (rollout.roi), on CUDA when present else CPU — the
+device is recorded. Idempotent per (model version, suite settings)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from flows.common import UseCaseContext, flow_run_id, get_model, load_context, log_run, stable_key
+from rollout import pilots
+
+
+class EvaluationFailed(RuntimeError):
+    pass
+
+
+def suite_settings(ctx: UseCaseContext, quick: bool, overrides: dict[str, Any] | None) -> dict[str, Any]:
+    s: dict[str, Any] = {"task": ctx.task, "max_new_tokens": 32}
+    if quick:
+        s.update(
+            {
+                "n_fidelity_texts": 1,
+                "fidelity_seq_len": 1024,
+                "probe_lengths": [1024],
+                "probe_kinds": ["passkey"],
+                "probe_depths": [0.1, 0.5, 0.9],
+                "max_dataset_rows": 3,
+                "max_new_tokens": 16,
+                "speed_repeats": 2,
+                "max_speed_buckets": 1,
+                "layer_errors": False,
+            }
+        )
+    s.update(overrides or {})
+    return s
+
+
+@task(cache_policy=NO_CACHE, name="evaluation-target", retries=2, retry_delay_seconds=1)
+def target_version(ctx: UseCaseContext) -> dict[str, Any]:
+    from sqlalchemy import select
+
+    from rollout.db.models import CalibrationRun, ModelVersion
+    from rollout.db.session import session_scope
+
+    with session_scope() as session:
+        run = session.scalar(
+            select(CalibrationRun)
+            .where(CalibrationRun.use_case_id == ctx.use_case_id, CalibrationRun.status == "succeeded")
+            .order_by(CalibrationRun.id.desc())
+        )
+        if run is None or run.model_version_id is None:
+            raise EvaluationFailed(
+                f"{ctx.name}: nothing calibrated yet; run `sparsepilot calibrate {ctx.name}`"
+            )
+        mv = session.get(ModelVersion, run.model_version_id)
+        return {
+            "id": mv.id,
+            "plan": mv.plan,
+            "base_model_ref": mv.base_model_ref,
+            "mlflow_version": mv.mlflow_version,
+        }
+
+
+@task(cache_policy=NO_CACHE, name="evaluation-run-open", retries=2, retry_delay_seconds=1)
+def open_run(ctx: UseCaseContext, mv_id: int, key: str) -> dict[str, Any]:
+    from sqlalchemy import select
+
+    from rollout.db.models import EvaluationRun
+    from rollout.db.session import session_scope
+
+    with session_scope() as session:
+        run = session.scalar(select(EvaluationRun).where(EvaluationRun.idempotency_key == key))
+        if run is None:
+            run = EvaluationRun(
+                idempotency_key=key,
+                use_case_id=ctx.use_case_id,
+                model_version_id=mv_id,
+                status="running",
+                flow_run_id=flow_run_id(),
+            )
+            session.add(run)
+            session.flush()
+        elif run.status != "succeeded":
+            run.status = "running"
+            run.error = None
+            run.flow_run_id = flow_run_id()
+        return {"id": run.id, "status": run.status, "summary": _row_summary(run)}
+
+
+def _row_summary(run: Any) -> dict[str, Any]:
+    return {
+        "evaluation_run_id": run.id,
+        "device": run.device,
+        "density": run.density,
+        "quality_delta": run.quality_delta,
+        "speedup": run.speedup,
+        "speedup_low": run.speedup_low,
+        "speedup_high": run.speedup_high,
+        "savings_month_usd": run.savings_month_usd,
+        "savings_month_low": run.savings_month_low,
+        "savings_month_high": run.savings_month_high,
+        "payback_days": run.payback_days,
+    }
+
+
+def measure_decode_tps(model: Any, tok: Any, context_tokens: int = 512, new_tokens: int = 16) -> float:
+    """Greedy decode tokens/s after a short context: output tokens cost the same in both arms (sparse
+    prefill does not speed up decoding), which the ROI must not forget."""
+    import torch
+
+    from sparse_core.corpus import corpus_texts, pack_token_windows
+
+    win = pack_token_windows(tok, corpus_texts("all"), context_tokens, 1, seed=3)[0]
+    dev = next(model.parameters()).device
+    with torch.inference_mode():
+        out = model(input_ids=torch.tensor([win], device=dev), use_cache=True, logits_to_keep=1)
+        cache, nxt = out.past_key_values, int(out.logits[0, -1].argmax())
+        t0 = time.perf_counter()
+        for _ in range(new_tokens):
+            out = model(input_ids=torch.tensor([[nxt]], device=dev), past_key_values=cache, use_cache=True)
+            nxt = int(out.logits[0, -1].argmax())
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+    return new_tokens / (time.perf_counter() - t0)
+
+
+@task(cache_policy=NO_CACHE, name="evaluate-model", retries=0)
+def run_evaluation(
+    ctx: UseCaseContext, target: dict[str, Any], settings: dict[str, Any], pictures_dir: str
+) -> dict:
+    from sparse_core import SparsePlan
+    from sparse_core.evaluation import EvalSuite, evaluate
+    from sparse_core.tasks import TaskRow
+
+    logger = get_run_logger()
+    model, tok = get_model(target["base_model_ref"])
+    plan = SparsePlan.from_dict(target["plan"], source=f"model version {target['id']}")
+    rows = [
+        TaskRow(r["prompt"], r.get("reference") or "", None, r["id"]) for r in ctx.rows if r.get("reference")
+    ]
+    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
+    suite = EvalSuite(dataset_rows=rows or None, pictures_dir=pictures_dir, **kw)
+
+    def progress(stage: str, done: int, total: int) -> None:
+        logger.info("%s: evaluation %s %d/%d", ctx.name, stage, done, total)
+
+    report = evaluate(model, tok, plan, suite, progress=progress)
+    decode_tps = measure_decode_tps(model, tok)
+    return {"report": report.to_dict(), "metrics": report.metrics(), "decode_tps": decode_tps}
+
+
+def roi_from_report(spec: Any, report: dict[str, Any], decode_tps: float | None) -> dict[str, Any]:
+    """ROI at the use case's traffic, from the measured weighted throughputs; the speed-up interval
+    comes from the repeated timings (rollout.roi.speedup_interval on the weighted per-repeat totals)."""
+    from rollout.roi import roi_for_spec, speedup_interval
+
+    rows = report.get("speed") or []
+    summ = report.get("speed_summary") or {}
+    if not rows or not summ.get("weighted_dense_tokens_per_s"):
+        raise EvaluationFailed("the evaluation measured no speed; ROI needs prefill timings")
+    n = min(len(r["dense_seconds"]) for r in rows)
+    dense_t = [sum(r["weight"] * r["dense_seconds"][i] for r in rows) for i in range(n)]
+    sparse_t = [sum(r["weight"] * r["sparse_seconds"][i] for r in rows) for i in range(n)]
+    interval = None
+    if n >= 2:
+        _, lo, hi = speedup_interval(dense_t, sparse_t)
+        interval = (lo, hi)
+    roi = roi_for_spec(
+        spec,
+        dense_tps=summ["weighted_dense_tokens_per_s"],
+        sparse_tps=summ["weighted_sparse_tokens_per_s"],
+        speedup_interval=interval,
+        decode_tps=decode_tps,
+    )
+    out = roi.to_dict()
+    out["speedup_interval_from"] = f"{n} repeated weighted timings" if interval else "point estimate only"
+    return out
+
+
+@task(cache_policy=NO_CACHE, name="evaluation-record", retries=2, retry_delay_seconds=1)
+def record(
+    ctx: UseCaseContext, run_pk: int, result: dict[str, Any], roi: dict[str, Any], mlflow_run_id: str
+) -> dict:
+    from rollout import audit
+    from rollout.db.models import EvaluationRun
+    from rollout.db.session import session_scope
+
+    rep = result["report"]
+    with session_scope() as session:
+        run = session.get(EvaluationRun, run_pk)
+        run.status = "succeeded"
+        run.device = rep.get("device")
+        run.mlflow_run_id = mlflow_run_id
+        run.density = rep.get("density")
+        run.quality_delta = (rep.get("tasks") or {}).get("quality_delta")
+        run.speedup = roi["inputs"]["speedup"]
+        run.speedup_low = roi["inputs"]["speedup_low"]
+        run.speedup_high = roi["inputs"]["speedup_high"]
+        run.savings_month_usd = roi["saved_usd_month"]
+        run.savings_month_low = roi["saved_usd_month_low"]
+        run.savings_month_high = roi["saved_usd_month_high"]
+        run.payback_days = roi["payback_days"]
+        run.report = rep
+        run.roi = roi
+        run.artifacts = dict(rep.get("artifacts") or {})
+        uc = pilots.get_use_case(session, ctx.name)
+        audit.record(
+            session,
+            "sparsepilot-pipeline",
+            "evaluation.succeeded",
+            use_case_id=uc.id,
+            entity="evaluation_run",
+            entity_id=run_pk,
+            details={"device": run.device, "speedup": run.speedup, "saved_usd_month": run.savings_month_usd},
+        )
+        if uc.phase in ("registered", "calibrated"):
+            pilots.set_phase(
+                session, uc, "evaluated", actor="sparsepilot-pipeline", reason=f"evaluation run {run_pk}"
+            )
+        return _row_summary(run)
+
+
+@task(cache_policy=NO_CACHE, name="evaluation-failed", retries=2, retry_delay_seconds=1)
+def mark_failed(run_pk: int, error: str) -> None:
+    from rollout.db.models import EvaluationRun
+    from rollout.db.session import session_scope
+
+    with session_scope() as session:
+        run = session.get(EvaluationRun, run_pk)
+        run.status = "failed"
+        run.error = error[:4000]
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate_flow(use_case: str, quick: bool = False, suite: dict[str, Any] | None = None) -> dict[str, Any]:
+    from rollout.settings import get_settings
+
+    logger = get_run_logger()
+    ctx = load_context(use_case)
+    target = target_version(ctx)
+    settings = suite_settings(ctx, quick, suite)
+    key = "evaluate:" + stable_key(target["id"], settings, ctx.spec_hash)
+    run = open_run(ctx, target["id"], key)
+    if run["status"] == "succeeded":
+        logger.info("%s: evaluation %s already done", use_case, run["id"])
+        return {**run["summary"], "reused": True}
+    pictures = Path(get_settings().home) / "artifacts" / use_case / f"evaluation-{run['id']}"
+    pictures.mkdir(parents=True, exist_ok=True)
+    try:
+        result = run_evaluation(ctx, target, settings, str(pictures))
+        roi = roi_from_report(ctx.spec, result["report"], result["decode_tps"])
+        metrics = {
+            **result["metrics"],
+            "decode_tps": result["decode_tps"],
+            "roi.saved_usd_month": roi["saved_usd_month"],
+            "roi.saved_usd_month_low": roi["saved_usd_month_low"],
+            "roi.saved_usd_month_high": roi["saved_usd_month_high"],
+            "roi.effective_speedup": roi["effective_speedup"],
+        }
+        mlflow_run_id = log_run(
+            use_case,
+            run_name="evaluate",
+            params={
+                "suite": settings,
+                "model_version_id": target["id"],
+                "mlflow_version": target["mlflow_version"],
+            },
+            metrics=metrics,
+            tags={"sparsepilot.flow": "evaluate", "sparsepilot.device": result["report"].get("device", "")},
+            json_artifacts={"evaluation_report.json": result["report"], "roi.json": roi},
+            files=[p for p in (result["report"].get("artifacts") or {}).values() if Path(p).is_file()],
+        )
+        summary = record(ctx, run["id"], result, roi, mlflow_run_id)
+    except Exception as exc:
+        mark_failed(run["id"], f"{type(exc).__name__}: {exc}")
+        raise
+    logger.info(
+        "%s: speed-up %.2fx [%.2f, %.2f] on %s, $%.0f/month saved",
+        use_case,
+        summary["speedup"],
+        summary["speedup_low"],
+        summary["speedup_high"],
+        summary["device"],
+        summary["savings_month_usd"],
+    )
+    return {**summary, "reused": False, "verdict": roi.get("verdict")}

@@ -1,0 +1,275 @@
+"""The main job behind `make run` / `sparsepilot run`: on embedded defaults, add the sample use cases if
+missing, then for each: validate -> calibrate -> evaluate -> pilot (shadow to its minimum sample, then
+the first split step, small batches) -> gate, and print a summary table.
+
+The main job runs a *short pilot*: shadow + the first split step, with promotion asked for after that
+step (`promote_after_step=1`); a GO there is recorded as waiting for approval and the job moves on — it
+never blocks on a person. With `--serve` the job keeps a paused approval flow run per waiting decision
+(flows.approval) for as long as the dashboard is served, so an approval in the dashboard resumes it; on
+exit those runs are released and `sparsepilot approve` starts (and resumes) a fresh one.
+
+The loaded model is cached across use cases (flows.common.get_model); calibration and evaluation use
+their quick settings; pilot batches come from each spec (`rollout.batch_size`)."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples" / "usecases"
+MAIN_JOB_ACTOR = "sparsepilot-run"
+STAGES = (
+    "validate+calibrate",
+    "evaluate",
+    "pilot shadow",
+    "gate shadow",
+    "pilot split",
+    "gate split",
+    "done",
+)
+
+
+@dataclass
+class MainJobSettings:
+    use_cases: list[str] | None = None
+    examples_dir: Path = EXAMPLES_DIR
+    quick: bool = True
+    pilot_max_new_tokens: int = 16
+    pilot_max_prompt_tokens: int | None = None
+    split_batches: int = 1
+    promote_after_step: int = 1
+
+
+@dataclass
+class UseCaseOutcome:
+    name: str
+    ok: bool = True
+    error: str | None = None
+    seconds: float = 0.0
+    calibration: dict[str, Any] = field(default_factory=dict)
+    evaluation: dict[str, Any] = field(default_factory=dict)
+    decisions: list[dict[str, Any]] = field(default_factory=list)
+
+
+def add_sample_use_cases(examples_dir: Path) -> list[dict[str, Any]]:
+    """Add every spec in examples_dir whose use case does not exist yet; existing ones are left alone."""
+    from sqlalchemy import select
+
+    from rollout.db.models import UseCase
+    from rollout.db.session import session_scope
+    from rollout.spec import load_spec
+    from rollout.usecases import add_usecase
+
+    added = []
+    for path in sorted(examples_dir.glob("*.yaml")):
+        name = load_spec(path).name
+        with session_scope() as session:
+            exists = session.scalar(select(UseCase.id).where(UseCase.name == name)) is not None
+        if not exists:
+            added.append(add_usecase(path, actor=MAIN_JOB_ACTOR).to_dict())
+    return added
+
+
+def sample_names(examples_dir: Path) -> list[str]:
+    from rollout.spec import load_spec
+
+    return [load_spec(p).name for p in sorted(examples_dir.glob("*.yaml"))]
+
+
+def _current_step(name: str) -> dict[str, Any] | None:
+    from rollout import pilots
+    from rollout.db.session import session_scope
+
+    with session_scope() as session:
+        uc = pilots.get_use_case(session, name)
+        pilot = pilots.active_pilot(session, uc)
+        if pilot is None:
+            return None
+        step = pilots.current_step(session, pilot)
+        return {
+            "pilot_status": pilot.status,
+            "index": step.index,
+            "kind": step.kind,
+            "min_samples": step.min_samples,
+        }
+
+
+def run_use_case(name: str, s: MainJobSettings, stage: Callable[[str], None]) -> UseCaseOutcome:
+    from flows.calibrate import calibrate_flow
+    from flows.evaluate import evaluate_flow
+    from flows.gate import gate_flow
+    from flows.pilot import pilot_flow
+    from rollout.db.session import session_scope
+    from rollout.pilots import get_use_case, load_current_spec
+
+    out = UseCaseOutcome(name)
+    t0 = time.perf_counter()
+    try:
+        stage("validate+calibrate")
+        out.calibration = calibrate_flow(name, quick=s.quick)
+        stage("evaluate")
+        out.evaluation = evaluate_flow(name, quick=s.quick)
+        with session_scope() as session:
+            spec, _ = load_current_spec(session, get_use_case(session, name))
+        pilot_kw = {"max_new_tokens": s.pilot_max_new_tokens, "max_prompt_tokens": s.pilot_max_prompt_tokens}
+        step = _current_step(name)
+        if step is None or (step["kind"] == "shadow" and step["pilot_status"] == "running"):
+            stage("pilot shadow")
+            batches = math.ceil(spec.rollout.shadow.min_samples / spec.rollout.batch_size)
+            pilot_flow(name, batches=batches, **pilot_kw)
+            stage("gate shadow")
+            out.decisions.append(gate_flow(name, promote_after_step=s.promote_after_step))
+        step = _current_step(name)
+        if step is not None and step["kind"] == "split" and step["pilot_status"] == "running":
+            stage("pilot split")
+            pilot_flow(name, batches=s.split_batches, **pilot_kw)
+            stage("gate split")
+            out.decisions.append(gate_flow(name, promote_after_step=s.promote_after_step))
+        stage("done")
+    except Exception as exc:  # noqa: BLE001 - one use case failing must not hide the others' results
+        out.ok = False
+        out.error = f"{type(exc).__name__}: {exc}"
+        stage("failed")
+    out.seconds = time.perf_counter() - t0
+    return out
+
+
+def summary_rows(names: list[str]) -> list[dict[str, Any]]:
+    """One row per use case from the state DB: latest decision, quality delta with its interval (the
+    gate's anytime-valid interval), speed-up and $/month saved with intervals, payback."""
+    from sqlalchemy import select
+
+    from rollout import pilots
+    from rollout.db.models import EvaluationRun, GateDecision
+    from rollout.db.session import session_scope
+
+    rows = []
+    with session_scope() as session:
+        for name in names:
+            uc = pilots.get_use_case(session, name)
+            d = session.scalar(
+                select(GateDecision)
+                .where(GateDecision.use_case_id == uc.id, GateDecision.kind == "gate")
+                .order_by(GateDecision.id.desc())
+            )
+            ev = session.scalar(
+                select(EvaluationRun)
+                .where(EvaluationRun.use_case_id == uc.id, EvaluationRun.status == "succeeded")
+                .order_by(EvaluationRun.id.desc())
+            )
+            q = ((d.evidence or {}).get("quality") or {}) if d else {}
+            step = (d.evidence or {}).get("step_index") if d else None
+            rows.append(
+                {
+                    "use_case": name,
+                    "phase": uc.phase,
+                    "decision": (f"{d.outcome} (step {step})" if d else "-"),
+                    "decision_id": d.id if d else None,
+                    "awaiting": (d.awaiting if d and d.resolution is None else "none") if d else "none",
+                    "quality_delta": q.get("estimate"),
+                    "quality_low": q.get("interval_low"),
+                    "quality_high": q.get("interval_high"),
+                    "speedup": ev.speedup if ev else None,
+                    "speedup_low": ev.speedup_low if ev else None,
+                    "speedup_high": ev.speedup_high if ev else None,
+                    "saved_usd_month": ev.savings_month_usd if ev else None,
+                    "saved_usd_month_low": ev.savings_month_low if ev else None,
+                    "saved_usd_month_high": ev.savings_month_high if ev else None,
+                    "payback_days": ev.payback_days if ev else None,
+                    "device": ev.device if ev else None,
+                }
+            )
+    return rows
+
+
+def _interval(v: Any, lo: Any, hi: Any, fmt: str) -> str:
+    if v is None:
+        return "-"
+    text = format(v, fmt)
+    if lo is not None and hi is not None:
+        text += f" [{format(lo, fmt)}, {format(hi, fmt)}]"
+    return text
+
+
+def render_table(rows: list[dict[str, Any]], outcomes: dict[str, dict[str, Any]]) -> Any:
+    from rich.table import Table
+
+    table = Table(title="SparsePilot main job")
+    for col in ("use case", "decision", "waits for", "quality delta [interval]", "speed-up [interval]",
+                "$/month saved [interval]", "payback"):  # fmt: skip
+        table.add_column(col)
+    for r in rows:
+        o = outcomes.get(r["use_case"]) or {}
+        decision = r["decision"] if o.get("ok", True) else f"ERROR: {o.get('error')}"
+        payback = "-" if r["payback_days"] is None else f"{r['payback_days']:.0f} days"
+        if r["saved_usd_month"] is not None and r["saved_usd_month"] <= 0:
+            payback = "never (no saving)"
+        table.add_row(
+            r["use_case"],
+            decision,
+            r["awaiting"] if r["awaiting"] != "none" else "-",
+            _interval(r["quality_delta"], r["quality_low"], r["quality_high"], "+.3f"),
+            _interval(r["speedup"], r["speedup_low"], r["speedup_high"], ".2f"),
+            _interval(r["saved_usd_month"], r["saved_usd_month_low"], r["saved_usd_month_high"], ",.0f"),
+            payback,
+        )
+    return table
+
+
+def run_main_job(settings: MainJobSettings | None = None, *, console: Any = None) -> dict[str, Any]:
+    """Run the pipeline for the sample (or given) use cases; returns the summary (rows + timings)."""
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from rollout.db import migrate
+    from rollout.settings import configure_environment
+
+    s = settings or MainJobSettings()
+    cfg = configure_environment()
+    migrate.upgrade(cfg.database_url)
+    t0 = time.perf_counter()
+    added = add_sample_use_cases(s.examples_dir)
+    names = s.use_cases or sample_names(s.examples_dir)
+    outcomes: dict[str, UseCaseOutcome] = {}
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} stages"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        overall = progress.add_task(f"{len(names)} use case(s)", total=len(names))
+        for name in names:
+            tid = progress.add_task(f"{name}: starting", total=len(STAGES) - 1)
+
+            def stage(label: str, _tid: int = tid, _name: str = name) -> None:
+                done = STAGES.index(label) if label in STAGES else progress.tasks[_tid].completed
+                progress.update(_tid, description=f"{_name}: {label}", completed=done)
+
+            outcomes[name] = run_use_case(name, s, stage)
+            progress.advance(overall)
+    rows = summary_rows(names)
+    return {
+        "added": added,
+        "rows": rows,
+        "outcomes": {n: o.__dict__ for n, o in outcomes.items()},
+        "pipeline_seconds": time.perf_counter() - t0,
+        "ok": all(o.ok for o in outcomes.values()),
+    }
+
+
+def serve_after(rows: list[dict[str, Any]], serve_fn: Callable[[], int]) -> int:
+    """Keep a paused approval run per waiting decision while `serve_fn` (the dashboard) runs."""
+    from flows.approval import release_waiting, start_waiting
+
+    try:
+        for r in rows:
+            if r["awaiting"] in ("approval", "rollback_approval") and r["decision_id"]:
+                start_waiting(r["decision_id"])
+        return serve_fn()
+    finally:
+        release_waiting()
