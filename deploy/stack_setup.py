@@ -52,6 +52,25 @@ def ensure_pool(name: str) -> str:
             return "exists"
 
 
+def crash_window(env: dict[str, str] | os._Environ[str] = os.environ) -> int:
+    """SPARSEPILOT_CRASH_AFTER_S, checked against the heartbeat: a window shorter than two heartbeats would
+    crash a healthy run whose heartbeat is merely late."""
+    names = ("SPARSEPILOT_CRASH_AFTER_S", "PREFECT_FLOWS_HEARTBEAT_FREQUENCY")
+    try:
+        crash_after_s = int(env.get(names[0]) or 120)
+        heartbeat_s = int(env.get(names[1]) or 30)
+    except ValueError as exc:
+        raise SystemExit(f"{' / '.join(names)} must be whole seconds: {exc}") from None
+    if heartbeat_s < 30:
+        raise SystemExit(f"PREFECT_FLOWS_HEARTBEAT_FREQUENCY={heartbeat_s}: Prefect's minimum is 30 s")
+    if crash_after_s < 2 * heartbeat_s:
+        raise SystemExit(
+            f"SPARSEPILOT_CRASH_AFTER_S={crash_after_s} must be at least twice "
+            f"PREFECT_FLOWS_HEARTBEAT_FREQUENCY={heartbeat_s}, or one late heartbeat crashes a healthy run"
+        )
+    return crash_after_s
+
+
 def ensure_crash_automation(crash_after_s: int) -> str:
     """The heartbeat watchdog (Prefect's documented zombie-run pattern), replaced when its window changed."""
     from prefect.automations import Automation
@@ -60,12 +79,6 @@ def ensure_crash_automation(crash_after_s: int) -> str:
     from prefect.events.schemas.automations import EventTrigger, Posture
     from prefect.events.schemas.events import ResourceSpecification
 
-    heartbeat_s = int(_env("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30"))
-    if crash_after_s < 2 * heartbeat_s:
-        raise SystemExit(
-            f"SPARSEPILOT_CRASH_AFTER_S={crash_after_s} must be at least twice "
-            f"PREFECT_FLOWS_HEARTBEAT_FREQUENCY={heartbeat_s}, or one late heartbeat crashes a healthy run"
-        )
     try:
         existing = Automation.read(name=CRASH_AUTOMATION)
     except ValueError:
@@ -147,6 +160,7 @@ def main() -> int:
     if not os.environ.get("PREFECT_API_URL"):
         print("stack_setup: PREFECT_API_URL is not set; it needs a Prefect server", file=sys.stderr)
         return 2
+    crash_after = crash_window()  # bad configuration fails before anything is changed on the server
     from rollout.settings import configure_environment
 
     configure_environment()
@@ -154,11 +168,7 @@ def main() -> int:
     gpu_pool = _env("SPARSEPILOT_GPU_WORK_POOL", "sparsepilot-gpu")
     for name in (pool, gpu_pool):
         print(f"stack_setup: work pool {name!r}: {ensure_pool(name)}")
-    crash_after = int(_env("SPARSEPILOT_CRASH_AFTER_S", "120"))
     print(f"stack_setup: crashed-run detector ({crash_after} s): {ensure_crash_automation(crash_after)}")
-    if _env("SPARSEPILOT_SKIP_DEPLOYMENTS", "") in ("1", "true"):
-        print("stack_setup: deployments skipped (SPARSEPILOT_SKIP_DEPLOYMENTS)")
-        return 0
     gpu_use_cases = {n.strip() for n in _env("SPARSEPILOT_GPU_USE_CASES", "").split(",") if n.strip()}
     names = deploy_flows(pool, gpu_pool, gpu_use_cases)
     print(f"stack_setup: {len(names)} deployment(s): {'; '.join(names)}")

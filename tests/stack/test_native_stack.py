@@ -202,8 +202,10 @@ def test_stack_setup_creates_pools_detector_and_deployments(
     from prefect.client.orchestration import get_client
 
     native_stack.sparsepilot("usecase", "add", str(use_case_spec))
-    out = native_stack.run_setup()
-    again = native_stack.run_setup()  # the one-shot may run on every `up`: idempotent
+    out = native_stack.run_setup().stdout
+    again = native_stack.run_setup().stdout  # the one-shot may run on every `up`: idempotent
+    bad = native_stack.run_setup(check=False, SPARSEPILOT_GPU_USE_CASES=f"{USE_CASE},no-such-case")
+    assert bad.returncode != 0 and "SPARSEPILOT_GPU_USE_CASES names no-such-case" in bad.stderr, bad
     assert "crashed-run detector (60 s): created" in out, out
     assert "crashed-run detector (60 s): exists" in again, again
     with get_client(sync_client=True) as client:

@@ -1,0 +1,113 @@
+"""The stack's entry scripts refuse bad configuration with a message naming the variable, before they
+touch anything, and the harness stops what it starts by process group (even children that ignore
+SIGTERM, like MLflow's job consumers). Fast: no servers are started here."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.stack import DEPLOY_BIN, REPO, clean_env, start_service
+
+SCRIPTS_NEEDING = [
+    ("mlflow-server", {}, "MLFLOW_BACKEND_STORE_URI"),
+    ("mlflow-server", {"MLFLOW_BACKEND_STORE_URI": "postgresql+psycopg://x@h/db"}, "MLFLOW_ALLOWED_HOSTS"),
+    ("prefect-server", {}, "PREFECT_API_DATABASE_CONNECTION_URL"),
+    ("prefect-worker", {}, "PREFECT_API_URL"),
+]
+
+
+@pytest.mark.parametrize(("script", "env", "missing"), SCRIPTS_NEEDING)
+def test_service_scripts_name_the_missing_variable(script: str, env: dict[str, str], missing: str) -> None:
+    res = subprocess.run(
+        ["sh", str(DEPLOY_BIN / script)], env=clean_env(**env), capture_output=True, text=True, timeout=30
+    )
+    assert res.returncode != 0
+    assert missing in res.stderr, res.stderr
+
+
+def test_init_databases_needs_every_password_and_runs_nothing_without_them(tmp_path: Path) -> None:
+    # a psql that records being called: the script must stop before reaching it
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    marker = tmp_path / "psql-called"
+    (fake / "psql").write_text(f"#!/bin/sh\ntouch {marker}\n")
+    (fake / "psql").chmod(0o755)
+    env = clean_env(POSTGRES_USER="postgres", SPARSEPILOT_DB_PASSWORD="a", MLFLOW_DB_PASSWORD="b")
+    env["PATH"] = f"{fake}{os.pathsep}{env['PATH']}"
+    res = subprocess.run(
+        ["sh", str(REPO / "deploy" / "postgres" / "init-databases.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert res.returncode != 0
+    assert "PREFECT_DB_PASSWORD is required" in res.stderr, res.stderr
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({}, "PREFECT_API_URL is not set"),
+        (
+            {"PREFECT_API_URL": "http://127.0.0.1:9/api", "SPARSEPILOT_CRASH_AFTER_S": "45"},
+            "SPARSEPILOT_CRASH_AFTER_S=45 must be at least twice PREFECT_FLOWS_HEARTBEAT_FREQUENCY=30",
+        ),
+        (
+            {"PREFECT_API_URL": "http://127.0.0.1:9/api", "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "10"},
+            "Prefect's minimum is 30 s",
+        ),
+        (
+            {"PREFECT_API_URL": "http://127.0.0.1:9/api", "SPARSEPILOT_CRASH_AFTER_S": "two minutes"},
+            "must be whole seconds",
+        ),
+    ],
+)
+def test_stack_setup_rejects_bad_configuration_before_calling_the_server(
+    env: dict[str, str], message: str
+) -> None:
+    # port 9 (discard) on loopback: were the server contacted, the error would be a connection error
+    res = subprocess.run(
+        [sys.executable, str(REPO / "deploy" / "stack_setup.py")],
+        env=clean_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode != 0
+    assert message in res.stderr, res.stderr
+
+
+def test_stop_ends_the_whole_process_group_including_children_that_ignore_sigterm(tmp_path: Path) -> None:
+    pids = tmp_path / "pids"
+    script = f"trap '' TERM; (trap '' TERM; sleep 300) & echo $! > {pids}; sleep 300"
+    svc = start_service("stubborn", ["sh", "-c", script], clean_env(), tmp_path)
+    deadline = time.monotonic() + 10
+    while not (pids.exists() and pids.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child = int(pids.read_text())
+    svc.stop(grace_s=1)
+    assert not svc.alive()
+    assert _gone(child)
+
+
+def _gone(pid: int) -> bool:
+    """Dead: no such process, or a zombie waiting for whoever adopted it to reap it."""
+    import psutil
+
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.05)
+    return False
