@@ -25,7 +25,9 @@ def density_heatmap(
         raise ValueError("head_density must be a non-empty [layers][heads] table")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * data.shape[1], 1.2 + 0.22 * data.shape[0]))
+    fig, ax = plt.subplots(
+        figsize=(max(3.5, 1.6 + 0.45 * data.shape[1]), max(2.6, 1.2 + 0.22 * data.shape[0]))
+    )
     im = ax.imshow(data, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
     ax.set_xlabel(head_label)
     ax.set_ylabel("layer")
