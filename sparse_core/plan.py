@@ -46,7 +46,10 @@ class LayerParams:
 
 @dataclass
 class SparsePlan:
-    """How to sparsify attention. Defaults are the recommended starting point for a 2k-8k context.
+    """How to sparsify attention. Defaults are the recommended starting point for a 2k-8k context:
+    on SmolLM2 at 2k tokens a 4-block (256-token) local window matters more than the estimator
+    (pooled, tau 0.9: top-1 agreement 92.2% with 4 local blocks vs 85.1% with 1 at similar density),
+    and tau 0.97 keeps agreement above 95% (docs/sparse_core.md).
 
     - ``tau``: per query block keep the fewest key blocks whose estimated attention mass reaches tau.
     - ``sink_blocks`` / ``local_blocks``: always kept (first blocks, and the diagonal window; >= 1).
@@ -66,9 +69,9 @@ class SparsePlan:
 
     block_size: int = 64
     estimator: str = "pooled"
-    tau: float = 0.9
+    tau: float = 0.97
     sink_blocks: int = 1
-    local_blocks: int = 1
+    local_blocks: int = 4
     top_k: int | None = None
     min_density: float | None = None
     group_heads: bool = True

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 
 from sparse_core.selection import BlockSelection
 
+GATHER_CHUNK_BYTES = 4 << 20  # gathered K+V per flash call
+
 
 def _attend(q, k, v, *, causal: bool, scale: float, mask: torch.Tensor | None):
     """q [N, 1, Lq, D], k/v [N, 1, Lk, D] -> (out [N, 1, Lq, D], lse float32 [N, 1, Lq])."""
@@ -95,7 +97,6 @@ def gather_attention(
     counts = sel.kv_counts.reshape(-1).long() - 1  # off-diagonal blocks per row
     if int(counts.max()) <= 0:
         return _unpack(out, b, hs, n, gs, bs, d, hq, s)
-    out = out.float()
     idx_rows = sel.kv_indices.reshape(b * hs * n, n).long()
     row_base = ((torch.arange(b, device=q.device)[:, None] * hkv + kv_of[None, :]) * n).reshape(-1)
     row_base = row_base.repeat_interleave(n)  # flat (b, kvh) block offset per row
@@ -104,37 +105,55 @@ def gather_attention(
     kvalid_flat = key_valid.view(-1, bs) if key_valid is not None else None
     kv_batch_base = (torch.arange(b, device=q.device) * n).repeat_interleave(hs * n)
 
+    # Off-diagonal partial results, written in count-sorted row order and merged once at the end:
+    # few large ops rather than many small ones (each parallel region costs a thread barrier,
+    # which is expensive on a busy machine).
     sorted_counts, order = torch.sort(counts)
     uniq, sizes = torch.unique_consecutive(sorted_counts, return_counts=True)
+    rows_total = order.numel()
+    off_out = torch.zeros(rows_total, gs * bs, d, dtype=q.dtype, device=q.device)
+    off_lse = torch.full((rows_total, gs * bs), float("-inf"), dtype=torch.float32, device=q.device)
+    elem = k.element_size()
     start = 0
     for c, size in zip(uniq.tolist(), sizes.tolist(), strict=True):
-        rows = order[start : start + size]
+        g0 = start
         start += size
         if c <= 0:
             continue
-        blocks = idx_rows[rows, :c]  # [R, c]
-        flat = row_base[rows, None] + blocks
-        kg = kflat.index_select(0, flat.reshape(-1)).view(size, 1, c * bs, d)
-        vg = vflat.index_select(0, flat.reshape(-1)).view(size, 1, c * bs, d)
-        qg = qr.index_select(0, rows).view(size, 1, gs * bs, d)
-        mask = None
-        if kvalid_flat is not None:
-            vm = kvalid_flat.index_select(0, (kv_batch_base[rows, None] + blocks).reshape(-1))
-            mask = vm.view(size, 1, 1, c * bs)
-        o, l1 = _attend(qg, kg, vg, causal=False, scale=scale, mask=mask)
-        o = o.view(size, gs * bs, d).float()
-        l1 = l1.view(size, gs * bs)
-        if mask is not None:  # no visible key in the gathered blocks: contributes nothing
-            l1 = l1.masked_fill(~mask.view(size, -1).any(-1, keepdim=True), float("-inf"))
-        l0 = lse.index_select(0, rows)
-        m = torch.maximum(l0, l1).clamp_min(torch.finfo(torch.float32).min)
-        w0 = torch.exp(l0 - m)
-        w1 = torch.exp(l1 - m)
-        tot = w0 + w1
-        merged = (out.index_select(0, rows) * (w0 / tot)[..., None]) + o * (w1 / tot)[..., None]
-        out.index_copy_(0, rows, merged)
-        lse.index_copy_(0, rows, m + torch.log(tot))
-    return _unpack(out.to(q.dtype), b, hs, n, gs, bs, d, hq, s)
+        # Chunk rows so the gathered K/V of one call stays cache-resident for the flash kernel
+        # that reads it right after.
+        per_row = 2 * c * bs * d * elem
+        chunk = max(1, min(size, GATHER_CHUNK_BYTES // per_row))
+        for c0 in range(g0, g0 + size, chunk):
+            c1 = min(g0 + size, c0 + chunk)
+            rows = order[c0:c1]
+            r = c1 - c0
+            blocks = idx_rows[rows, :c]  # [R, c]
+            flat = (row_base[rows, None] + blocks).reshape(-1)
+            kg = kflat.index_select(0, flat).view(r, 1, c * bs, d)
+            vg = vflat.index_select(0, flat).view(r, 1, c * bs, d)
+            qg = qr.index_select(0, rows).view(r, 1, gs * bs, d)
+            mask = None
+            if kvalid_flat is not None:
+                vm = kvalid_flat.index_select(0, (kv_batch_base[rows, None] + blocks).reshape(-1))
+                mask = vm.view(r, 1, 1, c * bs)
+            o, l1 = _attend(qg, kg, vg, causal=False, scale=scale, mask=mask)
+            l1 = l1.view(r, gs * bs)
+            if mask is not None:  # no visible key in the gathered blocks: contributes nothing
+                l1 = l1.masked_fill(~mask.view(r, -1).any(-1, keepdim=True), float("-inf"))
+            off_out[c0:c1] = o.view(r, gs * bs, d)
+            off_lse[c0:c1] = l1
+    # back to row order, then one exact log-sum-exp merge with the diagonal part
+    inv = torch.empty_like(order)
+    inv[order] = torch.arange(rows_total, device=q.device)
+    off_out = off_out.index_select(0, inv)
+    off_lse = off_lse.index_select(0, inv)
+    m = torch.maximum(lse, off_lse)
+    w0 = torch.exp(lse - m)
+    w1 = torch.exp(off_lse - m)
+    tot = w0 + w1
+    merged = torch.addcmul(out.float() * (w0 / tot)[..., None], off_out.float(), (w1 / tot)[..., None])
+    return _unpack(merged.to(q.dtype), b, hs, n, gs, bs, d, hq, s)
 
 
 def _unpack(out, b, hs, n, gs, bs, d, hq, s):

@@ -83,7 +83,7 @@ def test_full_density_equals_sdpa_bf16(kernel):
 @pytest.mark.parametrize("group_heads", [True, False])
 def test_gather_sparse_equals_masked_sdpa(b, hq, hkv, s, bs, group_heads):
     q, k, v = _qkv(b, hq, hkv, s, seed=3)
-    plan = SparsePlan(block_size=bs, tau=0.6, top_k=3, group_heads=group_heads)
+    plan = SparsePlan(block_size=bs, tau=0.6, top_k=3, local_blocks=1, group_heads=group_heads)
     am = _padding(b, s)
     for mask in (None, am):
         out, info = sparse_attention(q, k, v, plan, kernel="gather", attention_mask=mask, keep_selection=True)
@@ -108,7 +108,7 @@ def test_flex_kernel_compiled(tmp_path, monkeypatch):
     counters = torch._dynamo.utils.counters
     before = counters["stats"]["unique_graphs"]
     for top_k in (2, 4):
-        plan = SparsePlan(block_size=32, tau=0.5, top_k=top_k)
+        plan = SparsePlan(block_size=32, tau=0.5, top_k=top_k, local_blocks=1)
         out, info = sparse_attention(q, k, v, plan, kernel="flex", keep_selection=True)
         ref = _reference(q, k, v, block_mask=info.selection.mask(), block_size=32)
         assert info.density < 1.0
