@@ -154,6 +154,7 @@ def bench_attention(
     result["plot"] = str(png)
     path.write_text(json.dumps(result, indent=2))
     env = result["environment"]
+    _wide_console()
     print_table(
         f"Attention layer (9 q / 3 kv heads, d=64), pooled estimator included; "
         f"load {env['loadavg_before']} -> "
@@ -170,6 +171,7 @@ def bench_prefill(
     quick: bool = typer.Option(False, "--quick", help="Fewer lengths and plans (see docs/sparse_core.md)."),
     model: str = typer.Option("smollm2-135m", "--model", help="Model ref."),
     taus: str = typer.Option("", "--taus", help="Comma-separated tau values (default per mode)."),
+    kernels: str = typer.Option("gather,flex", "--kernels", help="Comma-separated: gather, flex."),
     out: str = typer.Option(
         "bench-results/prefill.json", "--out", help="JSON path; the PNG goes next to it."
     ),
@@ -191,6 +193,9 @@ def bench_prefill(
         fail(f"--taus: {taus!r} is not a comma-separated list of numbers")
     if tau_list and any(not 0 < t <= 1 for t in tau_list):
         fail(f"--taus: every tau must be in (0, 1], got {taus!r}")
+    ks = tuple(x.strip() for x in kernels.split(",") if x.strip())
+    if not ks or any(k not in ("gather", "flex") for k in ks):
+        fail(f"--kernels: {kernels!r}; choose from gather, flex")
     from sparse_core import ModelRefError
 
     with Progress(transient=True) as bar:
@@ -200,6 +205,7 @@ def bench_prefill(
                 model_ref=model,
                 quick=quick,
                 taus=tau_list,
+                kernels=ks,
                 progress=lambda msg: bar.update(task, description=msg),
             )
         except ModelRefError as exc:
@@ -210,6 +216,7 @@ def bench_prefill(
     result["plot"] = str(png)
     path.write_text(json.dumps(result, indent=2))
     env = result["environment"]
+    _wide_console()
     print_table(
         f"Prefill {result['model']} ({result['text_source']}); load {env['loadavg_before']} -> "
         f"{env['loadavg_after']} on {env['cpu_count']} CPUs; JSON: {path}, plot: {png}",
@@ -218,3 +225,11 @@ def bench_prefill(
     )
     if json_out:
         emit_json(result)
+
+
+def _wide_console() -> None:
+    """Benchmark tables have many numeric columns: do not squeeze them into 80 columns when the
+    output is piped to a file."""
+    from sparsepilot.console import console
+
+    console.width = max(console.width, 160)
