@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import yaml
 from sqlalchemy import create_engine, text
+from sqlalchemy.exc import OperationalError
 
 from tests.fixtures.stack import NativeStack
 
@@ -160,6 +161,10 @@ def test_services_healthy_state_db_migrated_and_mlflow_on_postgres(native_stack:
         )
     )
     assert owners == {"sparsepilot": "sparsepilot", "mlflow": "mlflow", "prefect": "prefect"}
+    # the roles log in with the passwords from the environment, and only with them
+    wrong = native_stack.state_db_url.replace(native_stack.passwords["sparsepilot"], "wrong-password")
+    with pytest.raises(OperationalError, match="password authentication failed"):
+        _rows(wrong, "SELECT 1")
     # Prefect keeps its state in PostgreSQL (its tables are in the prefect database)
     assert _rows(admin.rsplit("/", 1)[0] + "/prefect", "SELECT count(*) FROM work_pool")[0][0] >= 0
 
