@@ -20,9 +20,25 @@ from sparse_core.selection import BlockSelection
 
 @functools.cache
 def _compiled_flex():
+    import torch._dynamo
     from torch.nn.attention.flex_attention import flex_attention
 
+    # Past the recompile limit dynamo would fall back to eager flex, which silently computes
+    # dense S x S attention; bucketed shapes keep us far below this raised limit.
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    setattr(cfg, name, max(getattr(cfg, name), 64))
     return torch.compile(flex_attention, dynamic=False)
+
+
+def bucket_blocks(n: int) -> int:
+    """Round a block count up to one of 4 sizes per octave (16, 20, 24, 28, 32, 40, ...), so a
+    server seeing many prompt lengths compiles a bounded number of shapes (extra blocks are
+    padding with no work assigned)."""
+    if n <= 16:
+        return n
+    step = 1 << (n.bit_length() - 3)
+    return -(-n // step) * step
 
 
 def _causal(b, h, q_idx, kv_idx):
@@ -54,8 +70,8 @@ def build_block_mask(sel: BlockSelection, num_q_heads: int, key_valid: torch.Ten
     if key_valid is None:
         partial_idx = torch.zeros(b, h, n, n, dtype=torch.int32, device=dev)
         partial_idx[..., :1] = diag
-        partial_cnt = torch.ones(b, h, n, dtype=torch.int32, device=dev)
-        full_cnt = (counts - 1).contiguous()  # the diagonal is the last kept index; drop it
+        partial_cnt = (counts > 0).to(torch.int32)  # padded query blocks (count 0) get no work
+        full_cnt = (counts - 1).clamp_min(0).contiguous()  # the diagonal is the last kept index
         full_idx = idx.contiguous()
         mask_mod = _causal
         return BlockMask.from_kv_blocks(
@@ -83,6 +99,14 @@ def build_block_mask(sel: BlockSelection, num_q_heads: int, key_valid: torch.Ten
     )
 
 
+def _pad_selection(sel: BlockSelection, n: int) -> BlockSelection:
+    """Extend a selection to n blocks: the extra query blocks get no key blocks at all."""
+    extra = n - sel.num_blocks
+    idx = F.pad(sel.kv_indices, (0, extra, 0, extra))
+    counts = F.pad(sel.kv_counts, (0, extra))
+    return BlockSelection(sel.block_size, sel.seq_len, idx, counts, sel.density, sel.head_density)
+
+
 def flex_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -93,9 +117,11 @@ def flex_sparse_attention(
     scale: float | None = None,
 ) -> torch.Tensor:
     b, hq, s, d = q.shape
-    n = sel.num_blocks
+    n = bucket_blocks(sel.num_blocks)
     sp = n * sel.block_size
     scale = scale if scale is not None else 1.0 / math.sqrt(d)
+    if n != sel.num_blocks:
+        sel = _pad_selection(sel, n)
     if sp != s:
         q = F.pad(q, (0, 0, 0, sp - s))
         k = F.pad(k, (0, 0, 0, sp - s))
