@@ -486,7 +486,8 @@ def evaluate(
         secs["fidelity"] = time.perf_counter() - t0
 
     # --- probes ---------------------------------------------------------------------------------
-    lengths = tuple(x for x in suite.probe_lengths if not cap or x <= cap)
+    # A probe's answer tokens follow its prompt: keep prompt + answer inside the trained positions.
+    lengths = tuple(min(x, cap - 16) if cap else x for x in suite.probe_lengths if not cap or x <= cap)
     if lengths and suite.probe_kinds:
         t0 = time.perf_counter()
         probes = generate_probes(
