@@ -40,7 +40,13 @@ STATE_MOUNTS = {
     "prefect-worker": "/data/sparsepilot",
     "dashboard": "/data/sparsepilot",
 }
-SECRET_VARS = ("POSTGRES_PASSWORD", "SPARSEPILOT_DB_PASSWORD", "MLFLOW_DB_PASSWORD", "PREFECT_DB_PASSWORD")
+SECRET_VARS = (
+    "POSTGRES_PASSWORD",
+    "SPARSEPILOT_DB_PASSWORD",
+    "MLFLOW_DB_PASSWORD",
+    "PREFECT_DB_PASSWORD",
+    "PREFECT_API_AUTH_STRING",
+)
 
 _VAR = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)[^}]*\}|([A-Za-z_][A-Za-z0-9_]*))")
 

@@ -10,10 +10,13 @@ Marked `stack` (and `postgres`): `.ci/run` runs it; `pytest -m stack tests/stack
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -165,8 +168,18 @@ def test_services_healthy_state_db_migrated_and_mlflow_on_postgres(native_stack:
     wrong = native_stack.state_db_url.replace(native_stack.passwords["sparsepilot"], "wrong-password")
     with pytest.raises(OperationalError, match="password authentication failed"):
         _rows(wrong, "SELECT 1")
-    # Prefect keeps its state in PostgreSQL (its tables are in the prefect database)
+    # Prefect keeps its state in PostgreSQL (its tables are in the prefect database) and its API wants
+    # the login; the health probe stays open
     assert _rows(admin.rsplit("/", 1)[0] + "/prefect", "SELECT count(*) FROM work_pool")[0][0] >= 0
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{native_stack.prefect_api_url}/admin/version", timeout=10)
+    assert refused.value.code == 401
+    login = urllib.request.Request(
+        f"{native_stack.prefect_api_url}/admin/version",
+        headers={"Authorization": "Basic " + base64.b64encode(native_stack.prefect_auth.encode()).decode()},
+    )
+    with urllib.request.urlopen(login, timeout=10) as resp:
+        assert resp.status == 200
 
     # a run logged through the server lands in PostgreSQL, its artifact in the served artifact store
     import mlflow
