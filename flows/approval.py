@@ -54,10 +54,10 @@ def register_run(decision_id: int, run_id: str) -> dict[str, Any]:
         d = session.get(GateDecision, decision_id)
         if d is None:
             raise ApprovalWaitError(f"decision {decision_id} does not exist")
-        if d.awaiting == "none" or d.resolution is not None:
-            raise ApprovalWaitError(
-                f"decision {decision_id} is not waiting for a person (resolution: {d.resolution})"
-            )
+        from rollout.approvals import check_approvable
+
+        check_approvable(session, d)
+
         if d.flow_run_id != run_id:
             d.flow_run_id = run_id
             audit.record(
@@ -285,7 +285,7 @@ def _will_take_effect(decision_id: int, actor: str, reject: bool) -> bool:
     action = "reject" if reject else "approve"
     with session_scope() as session:
         d = session.get(GateDecision, decision_id)
-        if d is None or d.awaiting == "none" or d.resolution is not None:
+        if d is None or d.resolution is not None:
             return True  # let approvals.approve raise its clear error
         if action == recommended_action(d):
             return True
@@ -300,7 +300,7 @@ def _will_take_effect(decision_id: int, actor: str, reject: bool) -> bool:
 
 
 def _precheck(decision_id: int) -> None:
-    from rollout.approvals import ApprovalError
+    from rollout.approvals import ApprovalError, check_approvable
     from rollout.db.models import GateDecision
     from rollout.db.session import session_scope
 
@@ -308,7 +308,4 @@ def _precheck(decision_id: int) -> None:
         d = session.get(GateDecision, decision_id)
         if d is None:
             raise ApprovalError(f"decision {decision_id} does not exist")
-        if d.awaiting == "none":
-            raise ApprovalError(f"decision {decision_id} ({d.outcome}) is not waiting for a person")
-        if d.resolution is not None:
-            raise ApprovalError(f"decision {decision_id} was already resolved: {d.resolution}")
+        check_approvable(session, d)

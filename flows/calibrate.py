@@ -48,7 +48,7 @@ def limits_for(ctx: UseCaseContext, quick: bool, overrides: dict[str, Any] | Non
                 "max_texts": min(c.max_texts, 4),
                 "max_seq_len": min(c.max_seq_len, 1024),
                 "taus": (0.6, 0.8, 0.9, 0.95),
-                "max_joint_checks": 4,
+                "max_joint_checks": 3,
                 "gate_steps": 120,
             }
         )

@@ -27,6 +27,22 @@ def _waiting_decision(use_case: str) -> int | None:
         return pending[-1].id if pending else None
 
 
+def _latest_plan_met_budget(use_case: str) -> bool:
+    from sqlalchemy import select
+
+    from rollout.db.models import CalibrationRun
+    from rollout.db.session import session_scope
+
+    with session_scope() as session:
+        uc = pilots.get_use_case(session, use_case)
+        run = session.scalar(
+            select(CalibrationRun)
+            .where(CalibrationRun.use_case_id == uc.id, CalibrationRun.status == "succeeded")
+            .order_by(CalibrationRun.id.desc())
+        )
+        return bool(run and (run.metrics or {}).get("met_budget", True))
+
+
 def request_approval_run(decision_id: int) -> str | None:
     """Start the approval flow for a decision as its own flow run: through the `approval` deployment
     when one exists (a runner or worker executes it and it pauses there), else nothing — the CLI's
@@ -65,6 +81,10 @@ def cycle_flow(use_case: str, batches: int = 1) -> dict[str, Any]:
         out["calibration"] = calibrate_flow(use_case)
         out["evaluation"] = evaluate_flow(use_case)
         phase = _phase(use_case)
+    if phase == "evaluated" and not _latest_plan_met_budget(use_case):
+        logger.info("%s: no sparse plan met the quality budget; it stays dense and no pilot runs", use_case)
+        out["phase_after"] = phase
+        return out
     if phase in ("evaluated", "piloting"):
         out["pilot"] = pilot_flow(use_case, batches=batches)
         out["gate"] = gate_flow(use_case)

@@ -29,10 +29,10 @@ def suite_settings(ctx: UseCaseContext, quick: bool, overrides: dict[str, Any] |
                 "fidelity_seq_len": 1024,
                 "probe_lengths": [1024],
                 "probe_kinds": ["passkey"],
-                "probe_depths": [0.1, 0.5, 0.9],
-                "max_dataset_rows": 3,
+                "probe_depths": [0.5],
+                "max_dataset_rows": 2,
                 "max_new_tokens": 16,
-                "speed_repeats": 2,
+                "speed_repeats": 3,
                 "max_speed_buckets": 1,
                 "layer_errors": False,
             }

@@ -10,6 +10,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from sqlalchemy import select
 
 from flows.common import FLOW_ACTOR, log_run
 from rollout import pilots
@@ -39,10 +40,25 @@ def _summary(d: Any, step: Any, created: bool) -> dict[str, Any]:
     }
 
 
+@task(cache_policy=NO_CACHE, name="gate-current-step", retries=2, retry_delay_seconds=1)
+def current_step_id(use_case: str) -> int:
+    """The step this gate run decides, fixed before any write so a retried decide task looks at the
+    same step (and data) even after its first attempt advanced the pilot."""
+    from rollout.db.session import session_scope
+
+    with session_scope() as session:
+        uc = pilots.get_use_case(session, use_case)
+        pilot = pilots.active_pilot(session, uc)
+        if pilot is None:
+            raise GateError(f"{use_case}: no active pilot; run `sparsepilot pilot {use_case}` first")
+        return pilots.current_step(session, pilot).id
+
+
 @task(cache_policy=NO_CACHE, name="gate-decide-and-record", retries=2, retry_delay_seconds=1)
-def decide_and_record(use_case: str, promote_after_step: int | None = None) -> dict[str, Any]:
+def decide_and_record(use_case: str, step_id: int, promote_after_step: int | None = None) -> dict[str, Any]:
     import pandas as pd
 
+    from rollout.db.models import GateDecision, Pilot, PilotStep
     from rollout.db.session import session_scope
     from rollout.gate import decide
     from rollout.observations_io import validate_observation_rows
@@ -50,15 +66,8 @@ def decide_and_record(use_case: str, promote_after_step: int | None = None) -> d
     with session_scope() as session:
         uc = pilots.get_use_case(session, use_case)
         spec, _ = pilots.load_current_spec(session, uc)
-        pilot = pilots.active_pilot(session, uc)
-        if pilot is None:
-            raise GateError(f"{use_case}: no active pilot; run `sparsepilot pilot {use_case}` first")
-        step = pilots.current_step(session, pilot)
-        if pilot.status != "running":
-            last = pilots.decisions_for_step(session, step)
-            if last:
-                return _summary(last[-1], step, False)
-            raise GateError(f"{use_case}: pilot {pilot.id} is {pilot.status}")
+        step = session.get(PilotStep, step_id)
+        pilot = session.get(Pilot, step.pilot_id)
         rows = pilots.step_observations(session, step)
         if not rows:
             raise GateError(
@@ -88,6 +97,13 @@ def decide_and_record(use_case: str, promote_after_step: int | None = None) -> d
             min_samples_per_arm=step.min_samples,
         )
         key = f"gate:{step.id}:{decision.data_fingerprint}"
+        found = session.scalar(select(GateDecision).where(GateDecision.idempotency_key == key))
+        if found is not None:  # a retry, or a re-run on unchanged data
+            return _summary(found, step, False)
+        if pilot.status != "running" or pilot.current_step_index != step.index:
+            raise GateError(
+                f"{use_case}: pilot {pilot.id} is {pilot.status} at step {pilot.current_step_index}"
+            )
         final = pilots.is_last_step(spec, step) or (
             promote_after_step is not None and step.index >= promote_after_step
         )
@@ -181,7 +197,7 @@ def log_decision(use_case: str, summary: dict[str, Any]) -> str | None:
 def gate_flow(use_case: str, promote_after_step: int | None = None) -> dict[str, Any]:
     """Decide the current step. `promote_after_step` ends a short pilot early (the main job runs shadow +
     the first split step and asks for promotion there); None follows the spec's full ramp."""
-    summary = decide_and_record(use_case, promote_after_step)
+    summary = decide_and_record(use_case, current_step_id(use_case), promote_after_step)
     if summary["created"]:
         log_decision(use_case, summary)
     get_run_logger().info(

@@ -53,6 +53,7 @@ class UseCaseOutcome:
     calibration: dict[str, Any] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)
     decisions: list[dict[str, Any]] = field(default_factory=list)
+    note: str | None = None
 
 
 def add_sample_use_cases(examples_dir: Path) -> list[dict[str, Any]]:
@@ -113,6 +114,13 @@ def run_use_case(name: str, s: MainJobSettings, stage: Callable[[str], None]) ->
         out.calibration = calibrate_flow(name, quick=s.quick)
         stage("evaluate")
         out.evaluation = evaluate_flow(name, quick=s.quick)
+        if out.calibration.get("met_budget") is False:
+            # No sparse plan kept quality within the budget: the challenger is the dense model, a pilot
+            # would compare dense with dense. Say so instead of spending the pilot's traffic.
+            out.note = "no sparse plan met the quality budget: stays dense, no pilot"
+            stage("done")
+            out.seconds = time.perf_counter() - t0
+            return out
         with session_scope() as session:
             spec, _ = load_current_spec(session, get_use_case(session, name))
         pilot_kw = {"max_new_tokens": s.pilot_max_new_tokens, "max_prompt_tokens": s.pilot_max_prompt_tokens}
@@ -205,6 +213,8 @@ def render_table(rows: list[dict[str, Any]], outcomes: dict[str, dict[str, Any]]
     for r in rows:
         o = outcomes.get(r["use_case"]) or {}
         decision = r["decision"] if o.get("ok", True) else f"ERROR: {o.get('error')}"
+        if o.get("note") and r["decision"] == "-":
+            decision = o["note"]
         payback = "-" if r["payback_days"] is None else f"{r['payback_days']:.0f} days"
         if r["saved_usd_month"] is not None and r["saved_usd_month"] <= 0:
             payback = "never (no saving)"

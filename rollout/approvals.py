@@ -68,6 +68,30 @@ def recommended_action(decision: GateDecision) -> str:
     return "approve" if decision.outcome == "GO" else "reject"
 
 
+def check_approvable(session: Any, d: GateDecision) -> None:
+    """A person may act on a decision that waits for them, or override the latest gate decision of a
+    pilot that is still running (e.g. promote on EXTEND: against the recommendation, two approvers)."""
+    if d.resolution is not None:
+        raise ApprovalError(f"decision {d.id} was already resolved: {d.resolution}")
+    if d.awaiting != "none":
+        return
+    pilot = session.get(Pilot, d.pilot_id) if d.pilot_id else None
+    latest = (
+        session.scalar(
+            select(GateDecision.id)
+            .where(GateDecision.pilot_id == d.pilot_id, GateDecision.kind == "gate")
+            .order_by(GateDecision.id.desc())
+        )
+        if pilot
+        else None
+    )
+    if d.kind != "gate" or pilot is None or pilot.status != "running" or latest != d.id:
+        raise ApprovalError(
+            f"decision {d.id} ({d.kind} {d.outcome}) is not waiting for a person and is not the latest "
+            "decision of a running pilot"
+        )
+
+
 def _check_reason(reason: str | None) -> str:
     text = (reason or "").strip()
     if not text:
@@ -112,10 +136,7 @@ def approve(
         d = session.get(GateDecision, decision_id)
         if d is None:
             raise ApprovalError(f"decision {decision_id} does not exist")
-        if d.awaiting == "none":
-            raise ApprovalError(f"decision {decision_id} ({d.outcome}) is not waiting for a person")
-        if d.resolution is not None:
-            raise ApprovalError(f"decision {decision_id} was already resolved: {d.resolution}")
+        check_approvable(session, d)
         against = action != recommended_action(d)
         uc = session.get(UseCase, d.use_case_id)
         assert uc is not None
@@ -476,6 +497,20 @@ def request_rollback(
                 f"use case {use_case_name!r} is {uc.phase}, not promoted: "
                 "there is no champion of ours to roll back"
             )
+        from rollout import registry
+
+        lineage = registry.champion_lineage(
+            list(
+                session.scalars(
+                    select(AliasMove)
+                    .where(AliasMove.use_case_id == uc.id, AliasMove.alias == "champion")
+                    .where(AliasMove.status == "committed")
+                    .order_by(AliasMove.id)
+                )
+            )
+        )
+        if len(lineage) < 2:
+            raise ApprovalError(f"use case {use_case_name!r} has no previous champion to roll back to")
         key = f"manual-rollback:{uc.id}:{uuid.uuid4().hex}"
         d, _ = pilots.record_decision(
             session,

@@ -1,0 +1,144 @@
+"""Approval rules (rollout.approvals) on a real state DB, MLflow registry and Prefect API: identity and
+reason required, a second different approver for overrides, a clear error when the recorded flow run is
+no longer paused, and nothing written when a request is refused."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from sqlalchemy import func, select
+
+ALICE = ("alice", "approver", "cli-env")
+BOB = ("bob", "approver", "cli-env")
+VIEWER = ("victor", "viewer", "cli-env")
+
+
+def _pilot_with_decision(name: str, outcome: str, awaiting: str) -> int:
+    """A registered challenger, a running pilot and one gate decision (no model work needed)."""
+    from rollout import pilots, registry
+    from rollout.db.models import ModelVersion
+    from rollout.db.session import session_scope
+    from sparse_core import SparsePlan
+
+    with session_scope() as s:
+        uc = pilots.get_use_case(s, name)
+        spec, _ = pilots.load_current_spec(s, uc)
+        model_ref = spec.model
+    mv = registry.register_version(
+        name, SparsePlan(tau=0.9), model_ref, actor=registry.SYSTEM_PIPELINE, density=0.5
+    )
+    registry.set_alias(
+        name,
+        "challenger",
+        model_version_id=mv.id,
+        actor=registry.SYSTEM_PIPELINE,
+        reason="test",
+        idempotency_key="c1",
+    )
+    with session_scope() as s:
+        uc = pilots.get_use_case(s, name)
+        spec, _ = pilots.load_current_spec(s, uc)
+        pilot = pilots.start_pilot(s, uc, s.get(ModelVersion, mv.id), spec, actor="test")
+        step = pilots.current_step(s, pilot)
+        d, _ = pilots.record_decision(
+            s,
+            idempotency_key=f"test:{outcome}",
+            use_case=uc,
+            pilot=pilot,
+            step=step,
+            outcome=outcome,
+            evidence={"reasons": ["inconclusive"]},
+            explanation=f"Decision: {outcome}.",
+            data_fingerprint="f" * 64,
+            awaiting=awaiting,
+        )
+        if awaiting == "approval":
+            pilots.stop_pilot(s, pilot, status="awaiting_approval", actor="test", reason="GO")
+        return d.id
+
+
+def _count(model) -> int:
+    from rollout.db.session import session_scope
+
+    with session_scope() as s:
+        return s.scalar(select(func.count()).select_from(model))
+
+
+def test_identity_role_and_reason_are_required(flow_use_case) -> None:
+    from rollout import approvals
+    from rollout.auth import Identity, PermissionDenied
+    from rollout.db.models import Approval, AuditEntry
+
+    name = flow_use_case()
+    did = _pilot_with_decision(name, "GO", "approval")
+    audit_before = _count(AuditEntry)
+    with pytest.raises(PermissionDenied, match="nobody is signed in"):
+        approvals.approve(did, None, "looks fine")
+    with pytest.raises(PermissionDenied, match="is a viewer"):
+        approvals.approve(did, Identity(*VIEWER), "looks fine")
+    with pytest.raises(approvals.ApprovalError, match="reason is required"):
+        approvals.approve(did, Identity(*ALICE), "   ")
+    with pytest.raises(PermissionDenied, match="is a viewer"):
+        approvals.request_rollback(name, Identity(*VIEWER), "bad")
+    assert _count(Approval) == 0 and _count(AuditEntry) == audit_before
+
+
+def test_override_needs_a_second_different_approver(flow_use_case) -> None:
+    from rollout import approvals, registry
+    from rollout.auth import Identity
+    from rollout.db.models import Approval, UseCase
+    from rollout.db.session import session_scope
+
+    name = flow_use_case()
+    did = _pilot_with_decision(name, "EXTEND", "none")  # promoting on EXTEND is against the recommendation
+
+    first = approvals.approve(did, Identity(*ALICE), "business needs it now")
+    assert first.needs_second_approver and not first.took_effect and first.against_recommendation
+    assert "champion" not in registry.current_aliases(name)
+    with pytest.raises(approvals.ApprovalError, match="second, different approver"):
+        approvals.approve(did, Identity(*ALICE), "really")
+
+    second = approvals.approve(did, Identity(*BOB), "agreed with alice")
+    assert second.took_effect and second.applied_directly  # no flow run waited: applied here
+    aliases = registry.current_aliases(name)
+    assert aliases["champion"] == aliases["challenger"]
+    with session_scope() as s:
+        rows = s.scalars(select(Approval).order_by(Approval.id)).all()
+        assert [(a.actor, a.against_recommendation) for a in rows] == [("alice", True), ("bob", True)]
+        assert s.scalar(select(UseCase.phase).where(UseCase.name == name)) == "promoted"
+    with pytest.raises(approvals.ApprovalError, match="already resolved"):
+        approvals.approve(did, Identity(*BOB), "again")
+
+    # Nothing to return to (no dense baseline was registered here): refused before anything is written.
+    n_approvals = _count(Approval)
+    with pytest.raises(approvals.ApprovalError, match="no previous champion"):
+        approvals.request_rollback(name, Identity(*ALICE), "quality complaints")
+    assert _count(Approval) == n_approvals
+
+
+def test_a_flow_run_that_is_no_longer_paused_is_a_clear_error(flow_use_case) -> None:
+    from prefect import flow
+
+    from rollout import approvals
+    from rollout.auth import Identity
+    from rollout.db.models import Approval, GateDecision
+    from rollout.db.session import session_scope
+
+    @flow
+    def finished() -> str:
+        from prefect.runtime import flow_run
+
+        return str(flow_run.get_id())
+
+    name = flow_use_case()
+    did = _pilot_with_decision(name, "GO", "approval")
+    run_id = finished()
+    with session_scope() as s:
+        s.get(GateDecision, did).flow_run_id = run_id
+    with pytest.raises(approvals.FlowNotWaiting, match=f"{run_id} is no longer paused .state: Completed"):
+        approvals.approve(did, Identity(*ALICE), "ship it")
+    with session_scope() as s:
+        assert s.get(GateDecision, did).resolution is None
+    assert _count(Approval) == 0
+    assert approvals.flow_is_waiting(str(uuid.uuid4())) is False

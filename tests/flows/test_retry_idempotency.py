@@ -1,0 +1,90 @@
+"""A task that fails right after its write is committed is retried by Prefect and leaves no duplicate:
+alias moves (calibrate's register task), observations (the pilot's store task), gate decisions (the gate
+task, which also advances the pilot: once). The failure is injected from outside with a SQLAlchemy
+after_commit hook, so production code carries no test switches."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import event, func, select
+from sqlalchemy.orm import Session
+
+from tests.fixtures.flows import QUICK_CAL
+
+
+class InjectedFailure(RuntimeError):
+    pass
+
+
+@contextmanager
+def fail_once_after_commit(model_cls: type) -> Iterator[dict[str, Any]]:
+    """Raise once, right after the first commit that inserted a `model_cls` row."""
+    state = {"fired": 0}
+
+    def after_flush(session: Session, _ctx: Any) -> None:
+        if any(isinstance(o, model_cls) for o in session.new):
+            session.info["wrote_target"] = True
+
+    def after_commit(session: Session) -> None:
+        if session.info.pop("wrote_target", False) and state["fired"] == 0:
+            state["fired"] += 1
+            raise InjectedFailure(f"injected failure after committing a {model_cls.__name__}")
+
+    event.listen(Session, "after_flush", after_flush)
+    event.listen(Session, "after_commit", after_commit)
+    try:
+        yield state
+    finally:
+        event.remove(Session, "after_flush", after_flush)
+        event.remove(Session, "after_commit", after_commit)
+
+
+def test_retried_tasks_leave_no_duplicates(flow_use_case) -> None:
+    from flows.calibrate import calibrate_flow
+    from flows.gate import gate_flow
+    from flows.pilot import pilot_flow
+    from rollout import registry
+    from rollout.db.models import AliasMove, GateDecision, ModelVersion, Observation, Pilot, PilotStep
+    from rollout.db.session import session_scope
+
+    name = flow_use_case()
+
+    with fail_once_after_commit(AliasMove) as alias_fail:
+        cal = calibrate_flow(name, limits=QUICK_CAL)
+    assert alias_fail["fired"] == 1
+    moves = registry.alias_history(name)
+    assert [(m["alias"], m["status"]) for m in moves] == [("challenger", "committed")]
+    assert registry.current_aliases(name) == {"challenger": cal["mlflow_version"]}
+
+    with fail_once_after_commit(Observation) as obs_fail:
+        summary = pilot_flow(name, batches=2)
+    assert obs_fail["fired"] == 1
+    with session_scope() as s:
+        n_obs = s.scalar(select(func.count()).select_from(Observation))
+        n_keys = s.scalar(
+            select(func.count()).select_from(
+                select(Observation.request_id, Observation.arm).distinct().subquery()
+            )
+        )
+    assert n_obs == n_keys == 2 * 8 * 2  # 2 batches x 8 requests x both arms (shadow), each once
+    assert [b["passed"] for b in summary["batches"]] == [True, True]
+
+    with fail_once_after_commit(GateDecision) as gate_fail:
+        decision = gate_flow(name)
+    assert gate_fail["fired"] == 1
+    assert decision["created"] is False  # the retry found the decision its first attempt wrote
+    with session_scope() as s:
+        assert s.scalar(select(func.count()).select_from(GateDecision)) == 1
+        pilot = s.scalar(select(Pilot))
+        steps = s.scalar(select(func.count()).select_from(PilotStep).where(PilotStep.pilot_id == pilot.id))
+        assert steps == (2 if decision["outcome"] == "GO" else 1)  # advanced at most once
+        assert pilot.current_step_index == steps - 1
+        assert s.scalar(select(func.count()).select_from(ModelVersion)) == 2  # challenger + dense baseline
+
+    # A plain re-run on unchanged data is a retry too: same decision, nothing new.
+    again = gate_flow(name) if decision["outcome"] != "GO" else None
+    if again is not None:
+        assert again["decision_id"] == decision["decision_id"] and again["created"] is False
