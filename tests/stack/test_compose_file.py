@@ -250,3 +250,45 @@ def test_undocumented_in_docs_and_secret_values_are_reported(files: tuple[dict[s
 def test_interpolation_parser_handles_defaults_errors_and_escapes() -> None:
     doc = {"a": "${A:-x} ${B:?need B} $C $${NOT_ME} $$D", "b": ["pre${E}post", {"c": "${F-y}"}]}
     assert interpolated_vars(doc) == {"A", "B", "C", "E", "F"}
+
+
+def dockerfile_problems(dockerfile: str, compose: dict[str, Any], root: Path = ROOT) -> list[str]:
+    """The app image as compose builds it: every build arg compose passes is an ARG, the base is
+    python:3.11-slim, torch comes from the chosen index before the project, and it runs as a user."""
+    problems: list[str] = []
+    lines = [ln.strip() for ln in dockerfile.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    args = {ln.split()[1].split("=")[0] for ln in lines if ln.startswith("ARG ")}
+    froms = [ln.split()[1] for ln in lines if ln.startswith("FROM ")]
+    if froms != ["python:3.11-slim"]:
+        problems.append(f"Dockerfile must build FROM python:3.11-slim, found {froms}")
+    for name, svc in (compose.get("services") or {}).items():
+        build = (svc or {}).get("build") or {}
+        for arg in (build.get("args") or {}) if isinstance(build, dict) else {}:
+            if arg not in args:
+                problems.append(f"service {name!r} passes build arg {arg}, not an ARG of the Dockerfile")
+    text = "\n".join(lines)
+    torch_at = text.find('pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"')
+    project_at = text.find("pip install --no-deps -e .")
+    if torch_at < 0 or project_at < 0 or torch_at > project_at:
+        problems.append("Dockerfile must install torch from ${TORCH_INDEX_URL} before the project")
+    users = [ln.split()[1] for ln in lines if ln.startswith("USER ")]
+    if not users or users[-1] in ("root", "0"):
+        problems.append("Dockerfile must end as a non-root USER")
+    for ln in lines:
+        if ln.startswith("COPY "):
+            for src in ln.split()[1:-1]:
+                if not src.startswith("--") and not (root / src).exists():
+                    problems.append(f"Dockerfile copies {src}, which does not exist")
+    if "/app/deploy/bin" not in text:
+        problems.append("Dockerfile must put /app/deploy/bin on PATH (the services' commands)")
+    return problems
+
+
+def test_dockerfile_matches_compose(files: tuple[dict[str, Any], str, str]) -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    assert dockerfile_problems(dockerfile, files[0]) == []
+    broken = copy.deepcopy(files[0])
+    broken["services"]["mlflow"]["build"]["args"]["CUDA_ARCH"] = "sm_90"
+    assert any("build arg CUDA_ARCH" in p for p in dockerfile_problems(dockerfile, broken))
+    as_root = dockerfile.replace("USER sparsepilot", "")
+    assert any("non-root" in p for p in dockerfile_problems(as_root, files[0]))
