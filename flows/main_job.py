@@ -272,14 +272,33 @@ def run_main_job(settings: MainJobSettings | None = None, *, console: Any = None
     }
 
 
+def ephemeral_api_url() -> str | None:
+    """The API URL of the Prefect server this process started (embedded default), if any."""
+    try:
+        from prefect.server.api.server import SubprocessASGIServer
+    except ImportError:  # pragma: no cover
+        return None
+    for server in list(SubprocessASGIServer._instances.values()):
+        if getattr(server, "running", False) and server.port:
+            return server.api_url
+    return None
+
+
 def serve_after(rows: list[dict[str, Any]], serve_fn: Callable[[], int]) -> int:
-    """Keep a paused approval run per waiting decision while `serve_fn` (the dashboard) runs."""
+    """Keep a paused approval run per waiting decision while `serve_fn` (the dashboard) runs. The
+    dashboard subprocess is pointed at this process's Prefect server, so its approvals resume these
+    very runs."""
+    import os
+
     from flows.approval import release_waiting, start_waiting
 
     try:
         for r in rows:
             if r["awaiting"] in ("approval", "rollback_approval") and r["decision_id"]:
                 start_waiting(r["decision_id"])
+        url = ephemeral_api_url()
+        if url and not os.environ.get("PREFECT_API_URL"):
+            os.environ["PREFECT_API_URL"] = url
         return serve_fn()
     finally:
         release_waiting()

@@ -142,3 +142,28 @@ def test_a_flow_run_that_is_no_longer_paused_is_a_clear_error(flow_use_case) -> 
         assert s.get(GateDecision, did).resolution is None
     assert _count(Approval) == 0
     assert approvals.flow_is_waiting(str(uuid.uuid4())) is False
+
+
+def test_cli_approval_starts_a_paused_run_and_resumes_it(flow_use_case) -> None:
+    """`sparsepilot approve` when no process waits (e.g. after the main job ended): a fresh approval
+    flow run is started, pauses, and the approval resumes it; the run carries out the promotion."""
+    from prefect.client.orchestration import get_client
+
+    from flows.approval import approve_decision
+    from rollout import registry
+    from rollout.auth import Identity
+    from rollout.db.models import GateDecision, UseCase
+    from rollout.db.session import session_scope
+
+    name = flow_use_case()
+    did = _pilot_with_decision(name, "GO", "approval")
+    out = approve_decision(did, Identity(*ALICE), "reviewed the pilot")
+    assert out["took_effect"] and out["resumed_flow_run_id"] and out["effect"]["action"] == "promoted"
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(uuid.UUID(out["resumed_flow_run_id"]))
+        assert run.state.is_completed()
+    assert registry.current_aliases(name)["champion"] == registry.current_aliases(name)["challenger"]
+    with session_scope() as s:
+        d = s.get(GateDecision, did)
+        assert (d.resolution, d.flow_run_id) == ("approved", out["resumed_flow_run_id"])
+        assert s.scalar(select(UseCase.phase).where(UseCase.name == name)) == "promoted"
