@@ -53,6 +53,11 @@ def ensure_pilot(use_case: str) -> dict[str, Any]:
             raise PilotError(
                 f"{use_case}: no calibrated challenger yet; run `sparsepilot calibrate {use_case}` first"
             )
+        if (run.metrics or {}).get("met_budget") is False:
+            raise PilotError(
+                f"{use_case}: calibration run {run.id} found no sparse plan within the quality budget; "
+                "the challenger is the dense model and there is nothing to pilot"
+            )
         mv = session.get(ModelVersion, run.model_version_id)
         pilot = pilots.active_pilot(session, uc)
         if pilot is None or pilot.model_version_id != mv.id:
@@ -152,18 +157,13 @@ def answer_batch(
             if arms[rid] in ("both", "control") or rid in need_dense_ref:
                 ref = row.get("reference") or ""
                 if not ref.strip():
-                    # No reference: the dense answer is the reference; score it against itself.
-                    gen = _score(
-                        model,
-                        tok,
-                        row["prompt"],
-                        "x",
-                        "rouge_l" if task_name == "loglik" else task_name,
-                        **kw,
-                    )
+                    # No reference: the dense answer becomes the reference (generated greedily; the
+                    # text scorer's value against "" is discarded, only the answer is kept).
+                    gen_task = "rouge_l" if task_name == "loglik" else task_name
+                    gen = _score(model, tok, row["prompt"], "", gen_task, **kw)
                     ref = gen["output"] if not gen["error"] else ""
                     dense_out[rid] = {**gen, "reference": ref}
-                    res = _score(model, tok, row["prompt"], ref, task_name, **kw) if ref else gen
+                    res = _score(model, tok, row["prompt"], ref, task_name, **kw) if ref.strip() else gen
                 else:
                     res = _score(model, tok, row["prompt"], ref, task_name, **kw)
                     dense_out[rid] = {**res, "reference": ref}
