@@ -167,3 +167,47 @@ def test_cli_approval_starts_a_paused_run_and_resumes_it(flow_use_case) -> None:
         d = s.get(GateDecision, did)
         assert (d.resolution, d.flow_run_id) == ("approved", out["resumed_flow_run_id"])
         assert s.scalar(select(UseCase.phase).where(UseCase.name == name)) == "promoted"
+
+
+def test_run_serve_keeps_the_run_paused_for_an_approval_from_another_process(
+    flow_use_case, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`sparsepilot run --serve`: the job keeps a paused approval run while the dashboard (another
+    process, pointed at the job's Prefect server) approves; the job's run resumes and promotes."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from flows.approval import waiting_here
+    from flows.main_job import serve_after
+    from rollout import registry
+    from rollout.db.models import GateDecision
+    from rollout.db.session import session_scope
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    name = flow_use_case()
+    did = _pilot_with_decision(name, "GO", "approval")
+    approve_elsewhere = (
+        "from rollout.approvals import approve; from rollout.auth import Identity; "
+        f"r = approve({did}, Identity('alice', 'approver', 'local-account'), 'approved in the dashboard'); "
+        "print(r.resumed_flow_run_id)"
+    )
+
+    def dashboard() -> int:
+        assert waiting_here() == [did]
+        out = subprocess.run([sys.executable, "-c", approve_elsewhere], env=dict(os.environ),
+                             capture_output=True, text=True, timeout=180)  # fmt: skip
+        assert out.returncode == 0, out.stderr[-3000:]
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and "champion" not in registry.current_aliases(name):
+            time.sleep(0.5)
+        return 0
+
+    try:
+        assert serve_after([{"awaiting": "approval", "decision_id": did}], dashboard) == 0
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+    assert registry.current_aliases(name)["champion"] == registry.current_aliases(name)["challenger"]
+    with session_scope() as s:
+        assert s.get(GateDecision, did).resolution == "approved"
