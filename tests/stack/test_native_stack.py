@@ -129,6 +129,13 @@ def use_case_spec(native_stack: NativeStack) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def deployed(native_stack: NativeStack, use_case_spec: Path) -> str:
+    """The use case added with the CLI and the stack set up (deploy-flows): returns the setup's output."""
+    native_stack.sparsepilot("usecase", "add", str(use_case_spec))
+    return native_stack.run_setup().stdout
+
+
 def _flow_run(flow_run_id: Any) -> Any:
     from prefect.client.orchestration import get_client
 
@@ -213,14 +220,11 @@ def test_dashboard_serves_on_the_stack(native_stack: NativeStack) -> None:
     assert not svc.alive()
 
 
-def test_stack_setup_creates_pools_detector_and_deployments(
-    native_stack: NativeStack, use_case_spec: Path
-) -> None:
+def test_stack_setup_creates_pools_detector_and_deployments(native_stack: NativeStack, deployed: str) -> None:
     from prefect.automations import Automation
     from prefect.client.orchestration import get_client
 
-    native_stack.sparsepilot("usecase", "add", str(use_case_spec))
-    out = native_stack.run_setup().stdout
+    out = deployed
     again = native_stack.run_setup().stdout  # the one-shot may run on every `up`: idempotent
     bad = native_stack.run_setup(check=False, SPARSEPILOT_GPU_USE_CASES=f"{USE_CASE},no-such-case")
     assert bad.returncode != 0 and "SPARSEPILOT_GPU_USE_CASES names no-such-case" in bad.stderr, bad
@@ -260,7 +264,7 @@ def _wait_rows(url: str, sql: str, timeout_s: float, stack: NativeStack, **param
 
 
 def test_worker_killed_mid_run_then_pipeline_completes_on_a_fresh_worker(
-    native_stack: NativeStack, use_case_spec: Path
+    native_stack: NativeStack, deployed: str
 ) -> None:
     """The cycle's calibration (which ends by moving the `challenger` alias) loses its worker half-way:
     the run is marked Crashed by the heartbeat detector, nothing is duplicated and no alias moved. A fresh
