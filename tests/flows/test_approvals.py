@@ -211,3 +211,55 @@ def test_run_serve_keeps_the_run_paused_for_an_approval_from_another_process(
     assert registry.current_aliases(name)["champion"] == registry.current_aliases(name)["challenger"]
     with session_scope() as s:
         assert s.get(GateDecision, did).resolution == "approved"
+
+
+def test_monitor_breach_with_manual_policy_waits_for_a_rollback_approval(flow_use_case, tmp_path) -> None:
+    import json
+
+    from flows.monitor import monitor_flow
+    from rollout import approvals, registry
+    from rollout.auth import Identity
+    from rollout.db.models import GateDecision, UseCase
+    from rollout.db.session import session_scope
+    from sparse_core import SparsePlan
+
+    name = flow_use_case(rollback="manual")
+    did = _pilot_with_decision(name, "GO", "approval")
+    with session_scope() as s:
+        model_ref = _spec_model(s, name)
+    baseline = SparsePlan(tau=1.0, dense_layers=(0, 1), metadata={"baseline": "dense"})
+    registry.register_version(name, baseline, model_ref, actor=registry.SYSTEM_PIPELINE, density=1.0)
+    approvals.approve(did, Identity(*ALICE), "ship it")  # no flow waits: applied directly
+    promoted = registry.current_aliases(name)["champion"]
+
+    prod = tmp_path / "prod.jsonl"
+    rows = [
+        {"request_id": f"p{i}", "arm": "treatment", "quality": 0.9, "latency_ms": 500.0, "error": i < 3}
+        for i in range(10)
+    ]
+    prod.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    mon = monitor_flow(name, observations_file=str(prod))
+    assert (mon["outcome"], mon["awaiting"], mon["automatic_rollback"]) == (
+        "NO-GO",
+        "rollback_approval",
+        False,
+    )
+    assert "error_rate 0.3 > 0.05" in mon["explanation"]
+    assert registry.current_aliases(name)["champion"] == promoted  # nothing moved without a person
+    with session_scope() as s:
+        assert s.scalar(select(UseCase.phase).where(UseCase.name == name)) == "awaiting_approval"
+
+    result = approvals.approve(mon["decision_id"], Identity(*BOB), "error rate too high")
+    assert result.took_effect and not result.against_recommendation
+    assert registry.current_aliases(name)["champion"] != promoted
+    history = registry.alias_history(name)
+    assert (history[-1]["from_version"], history[-1]["actor"]) == (promoted, "bob")
+    with session_scope() as s:
+        assert s.get(GateDecision, mon["decision_id"]).resolution == "approved"
+        assert s.scalar(select(UseCase.phase).where(UseCase.name == name)) == "rolled_back"
+
+
+def _spec_model(session, name: str) -> str:
+    from rollout import pilots
+
+    return pilots.load_current_spec(session, pilots.get_use_case(session, name))[0].model
