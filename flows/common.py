@@ -76,10 +76,22 @@ def get_model(ref: str) -> tuple[Any, Any]:
         if ref not in _MODELS:
             from sparse_core import load_model
 
-            model, tok = load_model(ref)
+            model, tok = load_model(ref, device=pick_device())
             model.eval()
             _MODELS[ref] = (model, tok)
         return _MODELS[ref]
+
+
+def pick_device() -> str:
+    """SPARSEPILOT_DEVICE if set, else CUDA when present, else CPU (evaluations record which)."""
+    import os
+
+    import torch
+
+    wanted = os.environ.get("SPARSEPILOT_DEVICE")
+    if wanted:
+        return wanted
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def clear_model_cache() -> None:
