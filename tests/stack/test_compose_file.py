@@ -46,6 +46,8 @@ SECRET_VARS = (
     "MLFLOW_DB_PASSWORD",
     "PREFECT_DB_PASSWORD",
     "PREFECT_API_AUTH_STRING",
+    "MLFLOW_ADMIN_PASSWORD",
+    "MLFLOW_FLASK_SERVER_SECRET_KEY",
 )
 
 _VAR = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)[^}]*\}|([A-Za-z_][A-Za-z0-9_]*))")
