@@ -13,7 +13,15 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.common import UseCaseContext, flow_run_id, get_model, load_context, log_run, stable_key
+from flows.common import (
+    UseCaseContext,
+    flow_run_id,
+    get_model,
+    load_context,
+    log_run,
+    remember_plan,
+    stable_key,
+)
 from rollout import pilots
 
 BASELINE_REASON = "dense baseline: the model as it served before any sparse plan"
@@ -124,6 +132,7 @@ def calibrate_plan(ctx: UseCaseContext, settings: dict[str, Any]) -> tuple[Any, 
         limits=limits,
         progress=progress,
     )
+    remember_plan(plan)
     return plan, report.to_dict()
 
 

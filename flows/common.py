@@ -175,3 +175,41 @@ def log_run(
         for path in files or []:
             mlflow.log_artifact(path)
         return run.info.run_id
+
+
+_PLANS: dict[str, Any] = {}
+
+
+def remember_plan(plan: Any) -> None:
+    """Keep a freshly calibrated plan (with its tensors, e.g. learned gate weights) for this process."""
+    _PLANS[plan.content_hash()] = plan
+
+
+def version_plan(plan_dict: dict[str, Any], mlflow_model: str | None, mlflow_version: str | None) -> Any:
+    """The SparsePlan of a model version. The DB keeps the plan's JSON; a plan whose estimator needs
+    tensors (learned gate weights) is taken from this process's cache or from the registered MLflow
+    version's `plan` artifact."""
+    from sparse_core import SparsePlan, load_plan
+
+    plan = SparsePlan.from_dict(plan_dict, source="model version plan")
+    if not plan.metadata.get("gate_weights") or plan.tensors:
+        return plan
+    cached = _PLANS.get(plan.content_hash())
+    if cached is not None:
+        return cached
+    if not (mlflow_model and mlflow_version):
+        raise RuntimeError(
+            "the plan needs its gate weights, but the model version is not registered in MLflow"
+        )
+    import mlflow
+
+    from rollout import tracking
+
+    tracking.configure()
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{mlflow_model}/{mlflow_version}"))
+    found = [p.parent for p in local.rglob("plan.json")]
+    if not found:
+        raise RuntimeError(f"models:/{mlflow_model}/{mlflow_version} has no plan artifact")
+    loaded = load_plan(found[0])
+    _PLANS[loaded.content_hash()] = loaded
+    return loaded

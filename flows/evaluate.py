@@ -12,7 +12,15 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.common import UseCaseContext, flow_run_id, get_model, load_context, log_run, stable_key
+from flows.common import (
+    UseCaseContext,
+    flow_run_id,
+    get_model,
+    load_context,
+    log_run,
+    stable_key,
+    version_plan,
+)
 from rollout import pilots
 
 
@@ -63,6 +71,7 @@ def target_version(ctx: UseCaseContext) -> dict[str, Any]:
             "id": mv.id,
             "plan": mv.plan,
             "base_model_ref": mv.base_model_ref,
+            "mlflow_model": mv.mlflow_model_name,
             "mlflow_version": mv.mlflow_version,
         }
 
@@ -134,13 +143,12 @@ def measure_decode_tps(model: Any, tok: Any, context_tokens: int = 512, new_toke
 def run_evaluation(
     ctx: UseCaseContext, target: dict[str, Any], settings: dict[str, Any], pictures_dir: str
 ) -> dict:
-    from sparse_core import SparsePlan
     from sparse_core.evaluation import EvalSuite, evaluate
     from sparse_core.tasks import TaskRow
 
     logger = get_run_logger()
     model, tok = get_model(target["base_model_ref"])
-    plan = SparsePlan.from_dict(target["plan"], source=f"model version {target['id']}")
+    plan = version_plan(target["plan"], target["mlflow_model"], target["mlflow_version"])
     rows = [
         TaskRow(r["prompt"], r.get("reference") or "", None, r["id"]) for r in ctx.rows if r.get("reference")
     ]

@@ -50,6 +50,8 @@ def monitor_target(use_case: str) -> dict[str, Any] | None:
             "model_version_id": mv.id,
             "base_model_ref": mv.base_model_ref,
             "plan": mv.plan,
+            "mlflow_model": mv.mlflow_model_name,
+            "mlflow_version": mv.mlflow_version,
             "rollback_policy": spec.rollback,
             "used_request_ids": sorted(pilots.seen_request_ids(session, pilot)),
         }

@@ -16,7 +16,16 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.common import FLOW_ACTOR, UseCaseContext, get_model, load_context, log_run, model_arm, stable_key
+from flows.common import (
+    FLOW_ACTOR,
+    UseCaseContext,
+    get_model,
+    load_context,
+    log_run,
+    model_arm,
+    stable_key,
+    version_plan,
+)
 from rollout import pilots
 
 
@@ -82,6 +91,8 @@ def ensure_pilot(use_case: str) -> dict[str, Any]:
             "model_version_id": mv.id,
             "base_model_ref": mv.base_model_ref,
             "plan": mv.plan,
+            "mlflow_model": mv.mlflow_model_name,
+            "mlflow_version": mv.mlflow_version,
             "used_request_ids": sorted(pilots.seen_request_ids(session, pilot)),
         }
 
@@ -138,10 +149,8 @@ def answer_batch(
     max_prompt_tokens: int | None,
 ) -> list[dict[str, Any]]:
     """Run the requests through the arms on the real model and score them."""
-    from sparse_core import SparsePlan
-
     model, tok = get_model(info["base_model_ref"])
-    plan = SparsePlan.from_dict(info["plan"], source=f"model version {info['model_version_id']}")
+    plan = version_plan(info["plan"], info.get("mlflow_model"), info.get("mlflow_version"))
     kw = {"max_new_tokens": max_new_tokens, "max_prompt_tokens": max_prompt_tokens}
     task_name = ctx.task
     shadow = info["kind"] == "shadow"
@@ -149,36 +158,34 @@ def answer_batch(
         rid: ("both" if shadow else pilots.assign_arm(rid, info["salt"], info["traffic_pct"]))
         for rid, _ in requests
     }
-    need_dense_ref = {rid for rid, row in requests if not (row.get("reference") or "").strip()}
-    dense_out: dict[str, dict[str, Any]] = {}
     obs: list[dict[str, Any]] = []
-    with model_arm(model, None):
-        for rid, row in requests:
-            if arms[rid] in ("both", "control") or rid in need_dense_ref:
-                ref = row.get("reference") or ""
-                if not ref.strip():
-                    # No reference: the dense answer becomes the reference (generated greedily; the
-                    # text scorer's value against "" is discarded, only the answer is kept).
-                    gen_task = "rouge_l" if task_name == "loglik" else task_name
-                    gen = _score(model, tok, row["prompt"], "", gen_task, **kw)
-                    ref = gen["output"] if not gen["error"] else ""
-                    dense_out[rid] = {**gen, "reference": ref}
-                    res = _score(model, tok, row["prompt"], ref, task_name, **kw) if ref.strip() else gen
-                else:
-                    res = _score(model, tok, row["prompt"], ref, task_name, **kw)
-                    dense_out[rid] = {**res, "reference": ref}
-                if arms[rid] in ("both", "control"):
+    for i, (rid, row) in enumerate(requests):
+        arm = arms[rid]
+        ref = (row.get("reference") or "").strip()
+        # Arms interleaved per request, alternating which goes first, so drifting machine load and
+        # warm caches do not favour one arm. Without a reference the dense answer is the reference,
+        # so the dense model answers first.
+        order = ("control", "treatment") if (i % 2 == 0 or not ref) else ("treatment", "control")
+        for which in order:
+            if which == "control" and (arm in ("both", "control") or not ref):
+                with model_arm(model, None):
+                    if not ref:
+                        # generated greedily; the text scorer's value against "" is discarded
+                        gen_task = "rouge_l" if task_name == "loglik" else task_name
+                        gen = _score(model, tok, row["prompt"], "", gen_task, **kw)
+                        ref = "" if gen["error"] else gen["output"].strip()
+                        res = _score(model, tok, row["prompt"], ref, task_name, **kw) if ref else gen
+                    else:
+                        res = _score(model, tok, row["prompt"], ref, task_name, **kw)
+                if arm in ("both", "control"):
                     obs.append({"request_id": rid, "arm": "control", **_obs_fields(res)})
-    with model_arm(model, plan):
-        for rid, row in requests:
-            if arms[rid] not in ("both", "treatment"):
-                continue
-            ref = (row.get("reference") or "").strip() or dense_out.get(rid, {}).get("reference", "")
-            if not ref:
-                res = {"quality": 0.0, "latency_ms": 0.001, "tokens": 0, "error": True}
-            else:
-                res = _score(model, tok, row["prompt"], ref, task_name, **kw)
-            obs.append({"request_id": rid, "arm": "treatment", **_obs_fields(res)})
+            elif which == "treatment" and arm in ("both", "treatment"):
+                if not ref:  # the dense model gave no usable answer to score against
+                    res = {"quality": 0.0, "latency_ms": 0.001, "tokens": 0, "error": True}
+                else:
+                    with model_arm(model, plan):
+                        res = _score(model, tok, row["prompt"], ref, task_name, **kw)
+                obs.append({"request_id": rid, "arm": "treatment", **_obs_fields(res)})
     return obs
 
 
