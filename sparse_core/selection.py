@@ -57,8 +57,13 @@ def select_blocks(
     local_blocks: int = 1,
     top_k: int | None = None,
     min_density: float | None = None,
+    count_levels: int | None = None,
 ) -> BlockSelection:
-    """scores: float [B, H, nb, nb] estimated mass (0 above the diagonal); tau: float or [H]."""
+    """scores: float [B, H, nb, nb] estimated mass (0 above the diagonal); tau: float or [H].
+
+    ``count_levels``: round each row's block count up to one of this many sizes per octave (the
+    extra blocks are the next best by score; the cap still holds). The gather kernel runs one call
+    per distinct count, so fewer distinct counts mean fewer, larger calls."""
     b, h, n, n2 = scores.shape
     if n != n2:
         raise ValueError(f"scores must be square over blocks, got {tuple(scores.shape)}")
@@ -86,6 +91,10 @@ def select_blocks(
     if min_density is not None and min_density > 0:
         floor = torch.ceil(n_causal.float() * min_density - 1e-6).long()
         count = torch.maximum(count, floor)
+    if count_levels:
+        step = torch.exp2(torch.floor(torch.log2(count.float().clamp_min(1.0)))) / count_levels
+        step = step.clamp_min(1.0)
+        count = (torch.ceil(count.float() / step) * step).long()
     if top_k is not None:
         count = torch.minimum(count, torch.clamp(n_forced, min=top_k))
     count = torch.minimum(count, n_causal).expand(b, h, n).contiguous()

@@ -80,6 +80,7 @@ def run(
     compile_seconds: dict[str, float] = {}
     gen = torch.Generator().manual_seed(seed)
     started = time.perf_counter()
+    cpu_started = time.process_time()
     load_before = _loadavg()
     for s in lengths:
         for dname in dtypes:
@@ -139,6 +140,8 @@ def run(
         "flex_compile_seconds": compile_seconds,
         "environment": environment(load_before),
         "wall_seconds": time.perf_counter() - started,
+        # CPU time of this process (all threads): on a shared machine wall time overstates the cost
+        "cpu_seconds": time.process_time() - cpu_started,
     }
 
 

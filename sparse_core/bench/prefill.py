@@ -103,6 +103,7 @@ def run(
     taus = taus or (QUICK_TAUS if quick else FULL_TAUS)
     base_plan = base_plan or SparsePlan()
     started = time.perf_counter()
+    cpu_started = time.process_time()
     load_before = _loadavg()
     say(f"loading {model_ref}")
     model, tok = load_model(model_ref)
@@ -187,6 +188,8 @@ def run(
         "flex_compile_seconds": compile_seconds,
         "environment": environment(load_before),
         "wall_seconds": time.perf_counter() - started,
+        # CPU time of this process (all threads): on a shared machine wall time overstates the cost
+        "cpu_seconds": time.process_time() - cpu_started,
     }
 
 

@@ -18,6 +18,7 @@ from sparse_core.plan import LayerParams, SparsePlan
 from sparse_core.selection import BlockSelection, group_scores, select_blocks
 
 KERNELS = ("auto", "gather", "flex", "dense")
+GATHER_COUNT_LEVELS = 8
 
 
 @dataclass
@@ -81,6 +82,7 @@ def estimate_and_select(
     key_valid: torch.Tensor | None = None,
     scale: float | None = None,
     module: Any = None,
+    count_levels: int | None = None,
 ) -> BlockSelection:
     b, hq, s, _ = q.shape
     hkv = k.shape[1]
@@ -116,6 +118,7 @@ def estimate_and_select(
         local_blocks=params.local_blocks,
         top_k=params.top_k,
         min_density=params.min_density,
+        count_levels=count_levels,
     )
 
 
@@ -182,7 +185,11 @@ def sparse_attention(
         return out, AttentionInfo(1.0, 0.0, "dense", time.perf_counter() - t0, s, layer_idx)
     _sync(dev)
     t0 = time.perf_counter()
-    sel = estimate_and_select(q, k, plan, params, key_valid=key_valid, scale=scale, module=module)
+    # gather runs one call per distinct block count: round counts up to 8 sizes per octave
+    levels = GATHER_COUNT_LEVELS if kname == "gather" else None
+    sel = estimate_and_select(
+        q, k, plan, params, key_valid=key_valid, scale=scale, module=module, count_levels=levels
+    )
     _sync(dev)
     t1 = time.perf_counter()
     out = run_kernel(kname, q, k, v, sel, key_valid=key_valid, scale=scale)

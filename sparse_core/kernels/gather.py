@@ -95,8 +95,18 @@ def gather_attention(
     lse = lse_d.view(b * hs * n, gs * bs)
 
     counts = sel.kv_counts.reshape(-1).long() - 1  # off-diagonal blocks per row
+    # Leading query blocks that keep every causal block in every head are one dense causal SDPA
+    # over the prefix (exact, and one call instead of one per block count).
+    full = sel.kv_counts.reshape(b * hs, n) == torch.arange(1, n + 1, device=q.device, dtype=torch.int32)
+    prefix = int(full.all(0).int().cumprod(0).sum())
+    if prefix >= 2:
+        counts = counts.view(b * hs, n).clone()
+        counts[:, :prefix] = 0
+        counts = counts.view(-1)
     if int(counts.max()) <= 0:
-        return _unpack(out, b, hs, n, gs, bs, d, hq, s)
+        return _with_dense_prefix(
+            _unpack(out, b, hs, n, gs, bs, d, hq, sp), q, k, v, key_valid, prefix, bs, scale, s
+        )
     idx_rows = sel.kv_indices.reshape(b * hs * n, n).long()
     row_base = ((torch.arange(b, device=q.device)[:, None] * hkv + kv_of[None, :]) * n).reshape(-1)
     row_base = row_base.repeat_interleave(n)  # flat (b, kvh) block offset per row
@@ -153,7 +163,18 @@ def gather_attention(
     w1 = torch.exp(off_lse - m)
     tot = w0 + w1
     merged = torch.addcmul(out.float() * (w0 / tot)[..., None], off_out.float(), (w1 / tot)[..., None])
-    return _unpack(merged.to(q.dtype), b, hs, n, gs, bs, d, hq, s)
+    full_out = _unpack(merged.to(q.dtype), b, hs, n, gs, bs, d, hq, sp)
+    return _with_dense_prefix(full_out, q, k, v, key_valid, prefix, bs, scale, s)
+
+
+def _with_dense_prefix(out, q, k, v, key_valid, prefix, bs, scale, s):
+    if prefix >= 2:
+        from sparse_core.kernels.dense import dense_attention
+
+        p = prefix * bs
+        kv = None if key_valid is None else key_valid[:, :p]
+        out[:, :, :p] = dense_attention(q[:, :, :p], k[:, :, :p], v[:, :, :p], key_valid=kv, scale=scale)
+    return out[:, :, :s] if out.shape[2] != s else out
 
 
 def _unpack(out, b, hs, n, gs, bs, d, hq, s):
