@@ -23,8 +23,8 @@ from sparse_core.retrofit import sparse_stats, sparsify, unsparsify
 from sparse_core.testing import sample_text
 
 FULL_LENGTHS = (2048, 4096, 8192)
-QUICK_LENGTHS = (2048, 8192)
-FULL_TAUS = (0.9, 0.95, 0.98, 0.99)
+QUICK_LENGTHS = (8192,)
+FULL_TAUS = (0.9, 0.95, 0.97, 0.99, 0.995)
 QUICK_TAUS = (0.97, 0.99)
 TEXT_SOURCE = "pydoc_data.topics (Python documentation topics)"
 _CHUNK = 1024
