@@ -101,7 +101,7 @@ def use_case_spec(native_stack: NativeStack) -> Path:
 
     d = native_stack.root / "usecase"
     d.mkdir()
-    model_dir = make_tiny_model_dir(d / "tiny-model", max_positions=512)
+    model_dir = make_tiny_model_dir(d / "tiny-model", max_positions=256)
     spec = yaml.safe_load((REPO / "examples" / "usecases" / "support-chat.yaml").read_text())
     spec["name"] = USE_CASE
     spec["model"] = str(model_dir)
@@ -187,6 +187,11 @@ def test_services_healthy_state_db_migrated_and_mlflow_on_postgres(native_stack:
     )
     with urllib.request.urlopen(login, timeout=10) as resp:
         assert resp.status == 200
+
+    # MLflow wants its login too (an alias move is a promotion: nobody else may make one)
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{native_stack.mlflow_url}/api/2.0/mlflow/experiments/search", timeout=10)
+    assert refused.value.code == 401
 
     # a run logged through the server lands in PostgreSQL, its artifact in the served artifact store
     import mlflow
