@@ -81,6 +81,14 @@ def sample_names(examples_dir: Path) -> list[str]:
     return [load_spec(p).name for p in sorted(examples_dir.glob("*.yaml"))]
 
 
+def _phase(name: str) -> str:
+    from rollout import pilots
+    from rollout.db.session import session_scope
+
+    with session_scope() as session:
+        return pilots.get_use_case(session, name).phase
+
+
 def _current_step(name: str) -> dict[str, Any] | None:
     from rollout import pilots
     from rollout.db.session import session_scope
@@ -124,6 +132,12 @@ def run_use_case(name: str, s: MainJobSettings, stage: Callable[[str], None]) ->
         with session_scope() as session:
             spec, _ = load_current_spec(session, get_use_case(session, name))
         pilot_kw = {"max_new_tokens": s.pilot_max_new_tokens, "max_prompt_tokens": s.pilot_max_prompt_tokens}
+        phase = _phase(name)
+        if phase in ("awaiting_approval", "promoted", "stopped", "rolled_back"):
+            out.note = f"{phase}: no pilot traffic in this run"
+            stage("done")
+            out.seconds = time.perf_counter() - t0
+            return out
         step = _current_step(name)
         if step is None or (step["kind"] == "shadow" and step["pilot_status"] == "running"):
             stage("pilot shadow")
@@ -215,6 +229,8 @@ def render_table(rows: list[dict[str, Any]], outcomes: dict[str, dict[str, Any]]
         decision = r["decision"] if o.get("ok", True) else f"ERROR: {o.get('error')}"
         if o.get("note") and r["decision"] == "-":
             decision = o["note"]
+        elif o.get("note"):
+            decision = f"{r['decision']}; {o['note']}"
         payback = "-" if r["payback_days"] is None else f"{r['payback_days']:.0f} days"
         if r["saved_usd_month"] is not None and r["saved_usd_month"] <= 0:
             payback = "never (no saving)"

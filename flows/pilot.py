@@ -68,6 +68,16 @@ def ensure_pilot(use_case: str) -> dict[str, Any]:
                 "the challenger is the dense model and there is nothing to pilot"
             )
         mv = session.get(ModelVersion, run.model_version_id)
+        last = pilots.latest_pilot(session, uc)
+        if (
+            last is not None
+            and last.model_version_id == mv.id
+            and last.status in ("stopped", "promoted", "rolled_back")
+        ):
+            raise PilotError(
+                f"{use_case}: pilot {last.id} of this challenger has ended ({last.status}); "
+                "calibrate a new challenger (or add a new spec version) to pilot again"
+            )
         pilot = pilots.active_pilot(session, uc)
         if pilot is None or pilot.model_version_id != mv.id:
             if pilot is not None and pilot.status == "awaiting_approval":
