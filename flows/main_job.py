@@ -40,7 +40,7 @@ class MainJobSettings:
     quick: bool = True
     pilot_max_new_tokens: int = 16
     pilot_max_prompt_tokens: int | None = None
-    split_batches: int = 1
+    split_seconds: float = 120.0  # time budget for the first split step's batches, per use case
     promote_after_step: int = 1
 
 
@@ -104,6 +104,7 @@ def _current_step(name: str) -> dict[str, Any] | None:
             "index": step.index,
             "kind": step.kind,
             "min_samples": step.min_samples,
+            "traffic_pct": step.traffic_pct,
         }
 
 
@@ -148,7 +149,16 @@ def run_use_case(name: str, s: MainJobSettings, stage: Callable[[str], None]) ->
         step = _current_step(name)
         if step is not None and step["kind"] == "split" and step["pilot_status"] == "running":
             stage("pilot split")
-            pilot_flow(name, batches=s.split_batches, **pilot_kw)
+            t1 = time.perf_counter()
+            pilot_flow(name, batches=1, **pilot_kw)
+            per_batch = time.perf_counter() - t1
+            # At a small traffic % the treatment arm fills slowly: collect more batches while they fit
+            # the split-step time budget, then look once (every look counts toward gate.max_looks).
+            share = max(step["traffic_pct"] / 100.0, 1e-6)
+            needed = math.ceil(step["min_samples"] / (spec.rollout.batch_size * share))
+            extra = min(needed - 1, int((s.split_seconds - per_batch) // max(per_batch, 1e-6)))
+            if extra > 0:
+                pilot_flow(name, batches=extra, **pilot_kw)
             stage("gate split")
             out.decisions.append(gate_flow(name, promote_after_step=s.promote_after_step))
         stage("done")
