@@ -96,7 +96,13 @@ def run(
                 n = math.ceil(s / block_size)
                 for kern in kernels:
                     for target in densities:
-                        plan = SparsePlan(block_size=block_size, tau=1.0, top_k=top_k_for_density(n, target))
+                        plan = SparsePlan(
+                            block_size=block_size,
+                            tau=1.0,
+                            sink_blocks=1,
+                            local_blocks=1,
+                            top_k=top_k_for_density(n, target),
+                        )
                         say(f"{s} tokens {dname}: {kern} at ~{target:.0%} density")
 
                         def call(plan=plan, kern=kern, q=q, k=k, v=v):
