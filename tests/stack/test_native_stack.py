@@ -295,6 +295,7 @@ def test_worker_killed_mid_run_then_pipeline_completes_on_a_fresh_worker(
             os.killpg(proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+    native_stack.start_worker("worker-2")  # the replacement comes up while the detector waits
     crashed = _wait_state(
         fr.id, lambda s: not s.is_running(), native_stack.crash_after_s + 90, "marked crashed", native_stack
     )
@@ -308,8 +309,7 @@ def test_worker_killed_mid_run_then_pipeline_completes_on_a_fresh_worker(
     assert _mlflow_aliases(client, model_name) == {}
     assert duplicates(url) == dict.fromkeys(duplicates(url), 0)
 
-    # --- 2. a fresh worker runs the whole cycle: calibrate -> evaluate -> pilot -> gate ------------
-    native_stack.start_worker("worker-2")
+    # --- 2. the fresh worker runs the whole cycle: calibrate -> evaluate -> pilot -> gate ------------
     t = time.monotonic()
     fr2 = run_deployment(CYCLE, timeout=0)
     fr2 = _wait_state(fr2.id, lambda s: s.is_final(), 300, "finished", native_stack)
