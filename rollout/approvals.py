@@ -254,7 +254,7 @@ def approve(
         resumed_flow_run_id=resumed,
         applied_directly=apply_now,
         message=(
-            f"{action}d decision {decision_pk} ({awaiting})"
+            f"{'approved' if action == 'approve' else 'rejected'} decision {decision_pk} ({awaiting})"
             + (f"; resumed flow run {resumed}" if resumed else "; applied directly (no flow run was waiting)")
         ),
     )
