@@ -121,7 +121,9 @@ def test_registry_by_name_and_custom_estimator():
     register_estimator("test_block0", diagonal_only, overwrite=True)
     q = torch.randn(1, 2, 512, 16)
     k = torch.randn(1, 2, 512, 16)
-    _, info = sparse_attention(q, k, k, SparsePlan(estimator="test_block0", tau=0.5, local_blocks=1), keep_selection=True)
+    _, info = sparse_attention(
+        q, k, k, SparsePlan(estimator="test_block0", tau=0.5, local_blocks=1), keep_selection=True
+    )
     n = 8
     assert info.density == pytest.approx((1 + 2 * (n - 1)) / (n * (n + 1) / 2))
     assert info.estimator_seconds >= 0
