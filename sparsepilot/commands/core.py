@@ -69,6 +69,17 @@ def _progress():
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     tasks: dict[str, Any] = {}
+    if not err_console.is_terminal:  # logs/CI: one line per finished stage instead of a live bar
+        import time
+
+        t0 = time.perf_counter()
+
+        def line(stage: str, done: int, total: int) -> None:
+            if done >= total:
+                err_console.print(f"{stage}: {done}/{total} done at {time.perf_counter() - t0:.0f} s")
+
+        yield line
+        return
     with Progress(
         TextColumn("{task.description:<20}"),
         BarColumn(),
