@@ -35,38 +35,20 @@ class UseCaseContext:
 
 
 def load_context(name: str) -> UseCaseContext:
-    """Spec of the current version and the dataset rows (id, prompt, reference?, tags?)."""
-    from rollout import pilots
-    from rollout.db.session import session_scope
+    """Spec of the current version and its validated dataset rows (id, prompt, reference, tags).
+    The rows come from the content-addressed copy stored at `usecase add`, re-checked against its
+    sha256, so a flow never runs on a dataset that changed since it was validated."""
+    from rollout.usecases import dataset_rows, load_spec_version
 
     configure_environment()
-    with session_scope() as session:
-        uc = pilots.get_use_case(session, name)
-        spec, sv = pilots.load_current_spec(session, uc)
-        ctx_dir = Path(sv.source_path).parent if sv.source_path else Path.cwd()
-        stored = getattr(sv, "dataset_path", None)  # the validated, content-addressed copy (migration 0002)
-        uc_id, version, spec_hash = uc.id, sv.version, sv.spec_hash
-    path = Path(stored) if stored else spec.dataset_path(ctx_dir)
-    return UseCaseContext(name, uc_id, spec, version, spec_hash, path, read_rows(path))
-
-
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise FileNotFoundError(f"dataset file not found: {path}")
-    rows = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict) or "id" not in obj or "prompt" not in obj:
-                raise ValueError(f"{path}:{lineno}: each row needs 'id' and 'prompt'")
-            obj["id"] = str(obj["id"])
-            rows.append(obj)
-    return rows
+    loaded = load_spec_version(name)
+    rows = [
+        {"id": r.id, "prompt": r.prompt, "reference": r.reference, "tags": list(r.tags)}
+        for r in dataset_rows(loaded)
+    ]
+    return UseCaseContext(
+        name, loaded.use_case_id, loaded.spec, loaded.version, loaded.spec_hash, loaded.dataset_path, rows
+    )
 
 
 def get_model(ref: str) -> tuple[Any, Any]:

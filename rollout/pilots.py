@@ -26,6 +26,7 @@ from rollout.db.models import (
     UseCase,
     utcnow,
 )
+from rollout.usecases import UnknownUseCase
 
 ARMS = ("control", "treatment")
 OBSERVATION_FIELDS = ("request_id", "arm", "quality", "latency_ms", "tokens", "error")
@@ -34,10 +35,6 @@ ACTIVE_PILOT = ("running", "awaiting_approval")
 
 class PilotStateError(RuntimeError):
     """The requested transition does not fit the stored state (names the use case and state)."""
-
-
-class UnknownUseCase(LookupError):
-    pass
 
 
 # --- lookups ---------------------------------------------------------------------------------------

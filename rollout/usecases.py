@@ -34,8 +34,8 @@ class UseCaseError(ValueError):
     """A use case that cannot be added or found; the message names the file and field."""
 
 
-class UnknownUseCase(UseCaseError):
-    pass
+class UnknownUseCase(UseCaseError, LookupError):
+    """No use case of that name; one class for the whole domain (rollout.pilots re-exports it)."""
 
 
 @dataclass

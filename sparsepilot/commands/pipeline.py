@@ -32,6 +32,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from rollout.pilots import PilotStateError, UnknownUseCase
     from rollout.registry import RegistryError
     from rollout.spec import SpecError
+    from rollout.usecases import UseCaseError
     from rollout.validation import DataValidationError
 
     return (
@@ -50,6 +51,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
         RegistryError,
         SpecError,
         UnknownUseCase,
+        UseCaseError,
         FileNotFoundError,
     )
 
