@@ -37,6 +37,8 @@ def _summary(d: Any, step: Any, created: bool) -> dict[str, Any]:
         "reasons": (d.evidence or {}).get("reasons", []),
         "n_control": (d.evidence or {}).get("n_control"),
         "n_treatment": (d.evidence or {}).get("n_treatment"),
+        "n_pairs": (d.evidence or {}).get("n_pairs"),
+        "projected_requests": (d.evidence or {}).get("projected_requests"),
     }
 
 

@@ -40,8 +40,14 @@ class MainJobSettings:
     quick: bool = True
     pilot_max_new_tokens: int = 16
     pilot_max_prompt_tokens: int | None = None
-    split_seconds: float = 120.0  # time budget for the first split step's batches, per use case
+    # time budgets per use case, beyond the first batch of each step: the shadow step collects what the
+    # gate projects it needs (rollout.gate.projected_sample_size) while it fits; the split step fills
+    # its treatment arm while it fits, then looks once
+    shadow_seconds: float = 120.0
+    split_seconds: float = 90.0
+    max_shadow_looks: int = 3
     promote_after_step: int = 1
+    pilot_unprofitable: bool = False  # pilot even where rollout.roi.pilot_skip_reason says it is wasted
 
 
 @dataclass
@@ -108,6 +114,18 @@ def _current_step(name: str) -> dict[str, Any] | None:
         }
 
 
+def extra_requests(decision: dict[str, Any], seconds_per_request: float, seconds_left: float) -> int:
+    """How many more requests to collect before the next look: what the gate projects the decision
+    needs (plus 10%, as the estimate moves), capped by the time left; 0 = stop looking."""
+    projected = decision.get("projected_requests")
+    if decision.get("outcome") != "EXTEND" or not projected:
+        return 0
+    have = decision.get("n_pairs") or (decision.get("n_control") or 0) + (decision.get("n_treatment") or 0)
+    wanted = max(0, -(-projected * 11 // 10) - have)  # ceil(1.1 * projected), in integers
+    affordable = int(seconds_left // max(seconds_per_request, 1e-6)) if seconds_left > 0 else 0
+    return min(wanted, affordable)
+
+
 def run_use_case(name: str, s: MainJobSettings, stage: Callable[[str], None]) -> UseCaseOutcome:
     from flows.calibrate import calibrate_flow
     from flows.evaluate import evaluate_flow
@@ -115,6 +133,7 @@ def run_use_case(name: str, s: MainJobSettings, stage: Callable[[str], None]) ->
     from flows.pilot import pilot_flow
     from rollout.db.session import session_scope
     from rollout.pilots import get_use_case, load_current_spec
+    from rollout.roi import pilot_skip_reason
 
     out = UseCaseOutcome(name)
     t0 = time.perf_counter()
@@ -123,10 +142,16 @@ def run_use_case(name: str, s: MainJobSettings, stage: Callable[[str], None]) ->
         out.calibration = calibrate_flow(name, quick=s.quick)
         stage("evaluate")
         out.evaluation = evaluate_flow(name, quick=s.quick)
-        if out.calibration.get("met_budget") is False:
-            # No sparse plan kept quality within the budget: the challenger is the dense model, a pilot
-            # would compare dense with dense. Say so instead of spending the pilot's traffic.
-            out.note = "no sparse plan met the quality budget: stays dense, no pilot"
+        skip = pilot_skip_reason(
+            met_budget=out.calibration.get("met_budget"),
+            density=out.evaluation.get("density"),
+            saved_usd_month=out.evaluation.get("savings_month_usd"),
+            saved_usd_month_high=out.evaluation.get("savings_month_high"),
+        )
+        if skip and (out.calibration.get("met_budget") is False or not s.pilot_unprofitable):
+            # A pilot would compare dense with dense, or spend traffic where nothing can be saved: say
+            # so instead.
+            out.note = skip
             stage("done")
             out.seconds = time.perf_counter() - t0
             return out
@@ -142,10 +167,23 @@ def run_use_case(name: str, s: MainJobSettings, stage: Callable[[str], None]) ->
         step = _current_step(name)
         if step is None or (step["kind"] == "shadow" and step["pilot_status"] == "running"):
             stage("pilot shadow")
+            t1 = time.perf_counter()
             batches = math.ceil(spec.rollout.shadow.min_samples / spec.rollout.batch_size)
             pilot_flow(name, batches=batches, **pilot_kw)
+            per_request = (time.perf_counter() - t1) / (batches * spec.rollout.batch_size)
             stage("gate shadow")
-            out.decisions.append(gate_flow(name, promote_after_step=s.promote_after_step))
+            decision = gate_flow(name, promote_after_step=s.promote_after_step)
+            out.decisions.append(decision)
+            deadline = time.perf_counter() + s.shadow_seconds
+            for _ in range(s.max_shadow_looks - 1):
+                more = extra_requests(decision, per_request, deadline - time.perf_counter())
+                if more == 0:
+                    break
+                stage("pilot shadow")
+                pilot_flow(name, batches=1, batch_size=more, **pilot_kw)
+                stage("gate shadow")
+                decision = gate_flow(name, promote_after_step=s.promote_after_step)
+                out.decisions.append(decision)
         step = _current_step(name)
         if step is not None and step["kind"] == "split" and step["pilot_status"] == "running":
             stage("pilot split")
@@ -175,12 +213,13 @@ def summary_rows(names: list[str]) -> list[dict[str, Any]]:
     gate's anytime-valid interval), speed-up and $/month saved with intervals, payback."""
     from sqlalchemy import select
 
-    from rollout import pilots
+    from rollout import pilots, queries
     from rollout.db.models import EvaluationRun, GateDecision
     from rollout.db.session import session_scope
 
     rows = []
     with session_scope() as session:
+        waits = {r["name"]: r["waits_for"] for r in queries.portfolio(session)}
         for name in names:
             uc = pilots.get_use_case(session, name)
             d = session.scalar(
@@ -194,6 +233,7 @@ def summary_rows(names: list[str]) -> list[dict[str, Any]]:
                 .order_by(EvaluationRun.id.desc())
             )
             q = ((d.evidence or {}).get("quality") or {}) if d else {}
+            awaiting = d.awaiting if d and d.resolution is None else "none"
             step = (d.evidence or {}).get("step_index") if d else None
             rows.append(
                 {
@@ -201,7 +241,8 @@ def summary_rows(names: list[str]) -> list[dict[str, Any]]:
                     "phase": uc.phase,
                     "decision": (f"{d.outcome} (step {step})" if d else "-"),
                     "decision_id": d.id if d else None,
-                    "awaiting": (d.awaiting if d and d.resolution is None else "none") if d else "none",
+                    "awaiting": awaiting,
+                    "waits_for": waits.get(name) if d else None,
                     "quality_delta": q.get("estimate"),
                     "quality_low": q.get("interval_low"),
                     "quality_high": q.get("interval_high"),
@@ -247,7 +288,7 @@ def render_table(rows: list[dict[str, Any]], outcomes: dict[str, dict[str, Any]]
         table.add_row(
             r["use_case"],
             decision,
-            r["awaiting"] if r["awaiting"] != "none" else "-",
+            r.get("waits_for") or "-",
             _interval(r["quality_delta"], r["quality_low"], r["quality_high"], "+.3f"),
             _interval(r["speedup"], r["speedup_low"], r["speedup_high"], ".2f"),
             _interval(r["saved_usd_month"], r["saved_usd_month_low"], r["saved_usd_month_high"], ",.0f"),

@@ -228,6 +228,50 @@ def classify_interval(low: np.ndarray | float, high: np.ndarray | float, margin:
     return np.where(low > -margin, "non-inferior", np.where(high < -margin, "futile", "inconclusive"))
 
 
+def projected_sample_size(
+    estimate: float,
+    var_c: float,
+    var_t: float,
+    *,
+    mode: Mode,
+    treatment_share: float,
+    margin: float,
+    alpha: float,
+    rho: float,
+    prior_sd: float,
+    at_least: int,
+    max_total: int = 1_000_000,
+) -> int | None:
+    """Requests in all (pairs in paired mode) at which this look's interval would clear -margin if
+    the observed difference and spread held; None when the estimate itself is at or below -margin
+    (more data would not help). What an EXTEND "waits for", and what the main job sizes its batches
+    by. A projection, not a promise: the next look's estimate moves."""
+    if not math.isfinite(estimate) or estimate <= -margin:
+        return None
+
+    def clears(total: int) -> bool:
+        if mode == "paired":
+            se = math.sqrt(float(_shrunk_var(np.asarray(var_t), np.asarray(float(total)), prior_sd)) / total)
+        else:
+            n_t = max(2.0, total * treatment_share)
+            n_c = max(2.0, total - n_t)
+            se = math.sqrt(
+                float(_shrunk_var(np.asarray(var_c), np.asarray(n_c), prior_sd)) / n_c
+                + float(_shrunk_var(np.asarray(var_t), np.asarray(n_t), prior_sd)) / n_t
+            )
+        return estimate - float(mixture_half_width(se, alpha, rho)) > -margin
+
+    lo = hi = max(4, int(at_least))
+    while not clears(hi):
+        lo, hi = hi, hi * 2
+        if hi > max_total:
+            return None
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if clears(mid) else (mid, hi)
+    return hi
+
+
 # --------------------------------------------------------------------------------------------------
 # Planning
 
@@ -424,6 +468,9 @@ class Decision:
     settings: GateSettings
     data_fingerprint: str
     previous_looks: int = 0
+    # EXTEND only: requests in all (pairs when paired) at which the interval would clear -margin if the
+    # observed difference and spread held (rollout.gate.projected_sample_size); None = not projected
+    projected_requests: int | None = None
 
     @property
     def interval(self) -> tuple[float | None, float | None]:
@@ -642,6 +689,7 @@ def decide(
     n_pairs: int | None = None
     unpaired = 0
     est = se = look_low = look_high = None
+    var_c = var_t = math.nan  # sample variances behind the interval (paired: of the differences)
     if mode == "paired":
         wide = df.pivot(index="request_id", columns="arm", values="quality")
         for arm in ARMS:
@@ -653,6 +701,7 @@ def decide(
         enough = n_pairs >= min_n
         if n_pairs >= 2:
             d = (complete["treatment"] - complete["control"]).to_numpy()
+            var_c = var_t = float(d.var(ddof=1))
             e, s, lo, hi = paired_cs(
                 n_pairs, d.mean(), d.var(ddof=1), alpha=settings.alpha, rho=rho, prior_sd=settings.planned_sd
             )
@@ -663,6 +712,7 @@ def decide(
         enough = n_c >= min_n and n_t >= min_n
         if n_c >= 2 and n_t >= 2:
             qc, qt = ctrl["quality"].to_numpy(), trt["quality"].to_numpy()
+            var_c, var_t = float(qc.var(ddof=1)), float(qt.var(ddof=1))
             e, s, lo, hi = difference_cs(
                 n_c,
                 qc.mean(),
@@ -734,6 +784,21 @@ def decide(
     else:
         outcome, reasons = "EXTEND", ("inconclusive",)
 
+    projected = None
+    if outcome == "EXTEND" and est is not None:
+        current = (n_pairs or 0) if mode == "paired" else n_c + n_t
+        projected = projected_sample_size(
+            est,
+            var_c,
+            var_t,
+            mode=mode,
+            treatment_share=share,
+            margin=settings.margin,
+            alpha=settings.alpha,
+            rho=rho,
+            prior_sd=settings.planned_sd,
+            at_least=max(current, 2 * min_n if mode == "split" else min_n),
+        )
     decision = Decision(
         outcome=outcome,
         reasons=reasons,
@@ -762,6 +827,7 @@ def decide(
         settings=settings,
         data_fingerprint=fingerprint,
         previous_looks=history.looks,
+        projected_requests=projected,
     )
     return replace(decision, explanation=explain(decision))
 
@@ -823,7 +889,14 @@ def explain(d: Decision) -> str:
         "GO": "The sparse model is shown to be no worse than the allowed margin, so it may advance "
         "(a person still approves any promotion).",
         "EXTEND": "There is not enough evidence yet either way; the pilot should keep collecting data"
-        + (f" (at least {d.min_samples_per_arm} per arm)." if "min-sample" in d.reasons else "."),
+        + (f" (at least {d.min_samples_per_arm} per arm)" if "min-sample" in d.reasons else "")
+        + (
+            f"; if quality and its spread stay as they are, about {d.projected_requests} "
+            f"{'requests answered by both models' if d.mode == 'paired' else 'requests in all'} "
+            "would settle it."
+            if d.projected_requests is not None
+            else "."
+        ),
         "INVALID": "Fix the data problem and rerun this step; "
         "this look must not be used to promote or reject.",
     }

@@ -29,6 +29,8 @@ from rollout.db.models import (
 EVIDENCE_QUALITY_DELTA = ("quality", "estimate")
 EVIDENCE_QUALITY_LOW = ("quality", "interval_low")
 EVIDENCE_QUALITY_HIGH = ("quality", "interval_high")
+# An EXTEND's projection of the requests (pairs in a shadow step) that would settle it.
+EVIDENCE_PROJECTED = ("projected_requests",)
 
 WAITING_LABELS = {"approval": "approval to promote", "rollback_approval": "approval to roll back"}
 
@@ -90,6 +92,7 @@ def portfolio(session: Session) -> list[dict[str, Any]]:
             func.coalesce(dec_q, EvaluationRun.quality_delta).label("quality_delta"),
             case((dec_q.is_not(None), dec_lo), else_=None).label("quality_low"),
             case((dec_q.is_not(None), dec_hi), else_=None).label("quality_high"),
+            GateDecision.evidence[EVIDENCE_PROJECTED].as_integer().label("projected_requests"),
             EvaluationRun.density,
             EvaluationRun.speedup,
             EvaluationRun.speedup_low,
@@ -130,6 +133,11 @@ def waits_for(row: dict[str, Any]) -> str:
     decision = row.get("decision")
     if row.get("pilot_status") == "running":
         n, need = row.get("step_observations") or 0, row.get("min_samples") or 0
+        if row.get("step_kind") == "shadow":
+            n //= 2  # both arms answer every shadow request: count requests, as the minimum does
+        projected = row.get("projected_requests") if decision == "EXTEND" else None
+        if projected:  # the gate's projection of what would settle it (rollout.gate)
+            return f"more samples ({n}/~{projected})"
         if decision == "EXTEND" or n < need:
             return f"more samples ({n}/{need})" if need else "more samples"
         return "next gate look"

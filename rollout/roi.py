@@ -231,3 +231,29 @@ def speedup_interval(
     dof = (a + b) ** 2 / ((a**2 / (len(d) - 1)) + (b**2 / (len(s) - 1)))
     q = float(stats.t.ppf(0.5 + confidence / 2, dof))
     return est, est * math.exp(-q * se), est * math.exp(q * se)
+
+
+DENSE_PLAN_DENSITY = 0.999  # a plan keeping this share of blocks computes what the dense model does
+
+
+def pilot_skip_reason(
+    *,
+    met_budget: bool | None,
+    density: float | None,
+    saved_usd_month: float | None,
+    saved_usd_month_high: float | None = None,
+) -> str | None:
+    """Why a pilot would be wasted traffic, or None when it is worth running. A pilot costs real
+    requests and the spec's one-off cost; it can only pay off when a sparse plan met the quality
+    budget, actually skips blocks, and the evaluation projects a saving."""
+    if met_budget is False:
+        return "no sparse plan met the quality budget: stays dense, not piloted"
+    if density is not None and density >= DENSE_PLAN_DENSITY:
+        return f"the plan keeps {density:.2%} of blocks (as dense): nothing to pilot"
+    if saved_usd_month is not None and saved_usd_month <= 0:
+        high = "" if saved_usd_month_high is None else f", at best ${saved_usd_month_high:,.0f}"
+        return (
+            f"no saving expected (${saved_usd_month:,.0f}/month{high}): sparse attention does not pay "
+            "off here, stays dense, not piloted"
+        )
+    return None

@@ -115,7 +115,7 @@ class CalibrationLimits:
     max_texts: int = 16  # token windows in total (calibration + held-out)
     max_seq_len: int = 2048
     holdout_fraction: float = 0.25
-    taus: tuple[float, ...] = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
+    taus: tuple[float, ...] = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995)
     per_head: bool = True
     max_joint_checks: int = 7  # full held-out passes in the eps search
     fidelity_fraction: float = 0.5  # score the last half of each held-out window

@@ -369,6 +369,18 @@ def run_cmd(
         bool, typer.Option("--full", help="the spec's full calibration/evaluation settings")
     ] = False,
     port: Annotated[int, typer.Option("--port", help="dashboard port (with --serve)")] = 8501,
+    pilot_all: Annotated[
+        bool,
+        typer.Option("--pilot-all", help="pilot even where the evaluation projects no saving"),
+    ] = False,
+    shadow_seconds: Annotated[
+        float | None,
+        typer.Option("--shadow-seconds", min=0, help="extra shadow time per use case [default: 120]"),
+    ] = None,
+    split_seconds: Annotated[
+        float | None,
+        typer.Option("--split-seconds", min=0, help="split-step time per use case [default: 90]"),
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """The main job: for each sample use case validate -> calibrate -> evaluate -> pilot (shadow + first
@@ -380,8 +392,15 @@ def run_cmd(
     from flows.main_job import MainJobSettings, render_table, run_main_job, serve_after
 
     settings = MainJobSettings(
-        use_cases=use_case or None, quick=not full, pilot_max_new_tokens=max_new_tokens
+        use_cases=use_case or None,
+        quick=not full,
+        pilot_max_new_tokens=max_new_tokens,
+        pilot_unprofitable=pilot_all,
     )
+    if shadow_seconds is not None:
+        settings.shadow_seconds = shadow_seconds
+    if split_seconds is not None:
+        settings.split_seconds = split_seconds
     out_console = err_console if json_out else console
     try:
         result = run_main_job(settings, console=out_console)

@@ -50,3 +50,35 @@ def test_calibrate_has_a_use_case_form_and_a_standalone_form() -> None:
     res = runner.invoke(app, ["evaluate", "--model", "smollm2-135m"])
     assert res.exit_code == 2 and "--plan" in res.output
     assert "--texts" in runner.invoke(app, ["calibrate", "--help"]).output
+
+
+def test_main_job_sizes_extra_shadow_requests_by_the_projection_and_the_clock() -> None:
+    from flows.main_job import extra_requests
+
+    extend = {"outcome": "EXTEND", "projected_requests": 30, "n_pairs": 12}
+    assert extra_requests(extend, seconds_per_request=10.0, seconds_left=1000.0) == 21  # 1.1 * 30 - 12
+    assert extra_requests(extend, seconds_per_request=10.0, seconds_left=55.0) == 5  # what fits
+    assert extra_requests(extend, seconds_per_request=10.0, seconds_left=-1.0) == 0
+    assert extra_requests({**extend, "outcome": "GO"}, 10.0, 1000.0) == 0
+    assert extra_requests({**extend, "projected_requests": None}, 10.0, 1000.0) == 0
+    split = {
+        "outcome": "EXTEND",
+        "projected_requests": 100,
+        "n_pairs": None,
+        "n_control": 40,
+        "n_treatment": 10,
+    }
+    assert extra_requests(split, 1.0, 1000.0) == 60
+
+
+def test_waits_for_quotes_the_gates_projection_in_the_steps_unit() -> None:
+    from rollout.queries import waits_for
+
+    running = {"pilot_status": "running", "decision": "EXTEND", "min_samples": 12}
+    shadow = {**running, "step_kind": "shadow", "step_observations": 24}  # 12 requests, both arms
+    assert waits_for(shadow) == "more samples (12/12)"
+    assert waits_for({**shadow, "projected_requests": 31}) == "more samples (12/~31)"
+    split = {**running, "step_kind": "split", "step_observations": 40, "projected_requests": 400}
+    assert waits_for(split) == "more samples (40/~400)"
+    assert waits_for({**split, "decision": "GO", "awaiting": "approval"}) == "approval to promote"
+    assert waits_for({**split, "decision": "GO"}) == "next gate look"  # the projection belongs to EXTEND

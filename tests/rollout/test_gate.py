@@ -20,6 +20,7 @@ from rollout.gate import (
     planned_rho,
     planned_sample_size,
     power_analysis,
+    projected_sample_size,
     srm_test,
 )
 
@@ -448,3 +449,60 @@ def test_contradicting_history_resets_to_this_look() -> None:
     assert d.quality.interval_reset and d.interval == (d.quality.look_low, d.quality.look_high)
     assert d.look_index == 3 and d.previous_looks == 2
     assert (d.next_history(history).interval_low, d.next_history(history).interval_high) == d.interval
+
+
+# ---------------------------------------------------------------- what an EXTEND waits for
+
+
+def test_projection_is_the_first_size_whose_interval_clears_the_margin() -> None:
+    """At the projected size the same estimate and spread clear -margin; one request fewer does not."""
+    from rollout.gate import difference_cs, paired_cs
+
+    kw = dict(margin=0.03, alpha=0.05, rho=40.0, prior_sd=0.15)
+    n = projected_sample_size(0.0, 0.02, 0.02, mode="paired", treatment_share=0.5, at_least=10, **kw)
+    assert n is not None and n > 10
+    for size, clears in ((n, True), (n - 1, False)):
+        _, _, low, _ = paired_cs(size, 0.0, 0.02, alpha=0.05, rho=40.0, prior_sd=0.15)
+        assert (float(low) > -0.03) is clears
+    m = projected_sample_size(-0.01, 0.04, 0.05, mode="split", treatment_share=0.2, at_least=10, **kw)
+    assert m is not None
+    for size, clears in ((m, True), (m - 1, False)):
+        n_t = max(2.0, size * 0.2)
+        _, _, low, _ = difference_cs(
+            size - n_t, 0.5, 0.04, n_t, 0.49, 0.05, alpha=0.05, rho=40.0, prior_sd=0.15
+        )
+        assert (float(low) > -0.03) is clears
+    # A worse estimate needs more; at or below -margin no amount of data makes it GO.
+    worse = projected_sample_size(-0.02, 0.02, 0.02, mode="paired", treatment_share=0.5, at_least=10, **kw)
+    assert worse is not None and worse > n
+    assert (
+        projected_sample_size(-0.03, 0.02, 0.02, mode="paired", treatment_share=0.5, at_least=10, **kw)
+        is None
+    )
+    assert (
+        projected_sample_size(math.nan, 0.02, 0.02, mode="paired", treatment_share=0.5, at_least=10, **kw)
+        is None
+    )
+
+
+def test_extend_says_how_much_more_data_would_settle_it() -> None:
+    settings = GateSettings(alpha=0.05, margin=0.03, min_samples_per_arm=20)
+    df = frame(alternating(60, 0.8, 0.15), alternating(60, 0.8, 0.15))
+    d = decide(df, settings, planned_treatment_share=0.5)
+    assert d.outcome == "EXTEND" and d.projected_requests is not None and d.projected_requests > 120
+    assert f"about {d.projected_requests} requests in all" in d.explanation
+    ev = json.loads(json.dumps(d.to_dict(), allow_nan=False))
+    assert ev["projected_requests"] == d.projected_requests
+    # Collecting that many with the same mean and spread does give GO.
+    half = d.projected_requests // 2 + 1
+    more = decide(
+        frame(alternating(half, 0.8, 0.15), alternating(half, 0.8, 0.15)),
+        settings,
+        planned_treatment_share=0.5,
+    )
+    assert more.outcome == "GO" and more.projected_requests is None
+    # GO, NO-GO and a quality already past the margin carry no projection.
+    futile = decide(
+        frame(alternating(60, 0.8, 0.15), alternating(60, 0.7, 0.15)), settings, planned_treatment_share=0.5
+    )
+    assert futile.projected_requests is None

@@ -138,3 +138,19 @@ def test_speedup_interval_from_timings() -> None:
     assert speedup_interval([1, 1], [0.5, 0.5]) == (2.0, 2.0, 2.0)
     with pytest.raises(ValueError):
         speedup_interval([1.0], [0.5, 0.6])
+
+
+def test_pilot_skip_reason_says_why_a_pilot_would_be_wasted() -> None:
+    from rollout.roi import pilot_skip_reason
+
+    assert pilot_skip_reason(met_budget=True, density=0.6, saved_usd_month=1200.0) is None
+    assert "met the quality budget" in pilot_skip_reason(met_budget=False, density=0.5, saved_usd_month=900.0)
+    assert "keeps 99.95% of blocks" in pilot_skip_reason(
+        met_budget=True, density=0.9995, saved_usd_month=50.0
+    )
+    no_saving = pilot_skip_reason(
+        met_budget=True, density=0.95, saved_usd_month=-23.0, saved_usd_month_high=187.0
+    )
+    assert "no saving expected ($-23/month, at best $187)" in no_saving
+    # Unknown numbers are not a reason to skip.
+    assert pilot_skip_reason(met_budget=None, density=None, saved_usd_month=None) is None
