@@ -133,7 +133,10 @@ def approve(
     resumed: str | None = None
     apply_now = False
     with session_scope(db_url) as session:
-        d = session.get(GateDecision, decision_id)
+        # Row lock (PostgreSQL): two approvers signing at once are serialised, so the second sees the
+        # first's signature or resolution instead of both acting on the same unresolved decision.
+        # SQLite takes no row locks; its single writer makes the later transaction fail instead.
+        d = session.get(GateDecision, decision_id, with_for_update=True)
         if d is None:
             raise ApprovalError(f"decision {decision_id} does not exist")
         check_approvable(session, d)

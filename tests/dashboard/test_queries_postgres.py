@@ -37,3 +37,47 @@ def test_queries_on_postgres(pg_url: str, tmp_path: Path, monkeypatch: pytest.Mo
     assert sum(h["count"] for h in hist) == 480 and max(h["latency_ms"] for h in hist) < 470
     assert [p["use_case"] for p in pending] == ["contract-summarisation"]
     assert len(audit) == 2
+
+
+def test_simultaneous_signatures_on_postgres_are_serialised(
+    pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """approve() locks the decision row: while another transaction holds it, a signature waits, then
+    sees what that transaction did. Two rejections of a GO (an override, so two different approvers are
+    needed) end as one first signature plus one that takes effect, never two first signatures."""
+    import threading
+
+    from sqlalchemy import create_engine, select
+
+    from rollout import approvals
+    from rollout.auth import Identity
+    from rollout.db.models import GateDecision
+
+    monkeypatch.setenv("SPARSEPILOT_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("SPARSEPILOT_DATABASE_URL", pg_url)
+    migrate.upgrade(pg_url)
+    did = seed_small_portfolio(tmp_path / "artifacts")["contract-summarisation:decision"]
+    results: list = []
+
+    def sign(name: str) -> None:
+        results.append(approvals.approve(did, Identity(name, "approver", "cli-env"), "quality too close", reject=True))
+
+    engine = create_engine(pg_url)
+    try:
+        with engine.connect() as conn:
+            tx = conn.begin()
+            conn.execute(select(GateDecision.id).where(GateDecision.id == did).with_for_update())
+            first = threading.Thread(target=sign, args=("bob",))
+            first.start()
+            first.join(2.0)
+            assert first.is_alive() and results == []  # waits for the lock instead of reading past it
+            tx.rollback()
+        first.join(30)
+        second = threading.Thread(target=sign, args=("carol",))
+        second.start()
+        second.join(30)
+    finally:
+        engine.dispose()
+    assert [(r.needs_second_approver, r.took_effect) for r in results] == [(True, False), (False, True)]
+    with session_scope() as s:
+        assert s.get(GateDecision, did).resolution == "rejected"
