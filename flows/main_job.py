@@ -43,7 +43,7 @@ class MainJobSettings:
     # time budgets per use case, beyond the first batch of each step: the shadow step collects what the
     # gate projects it needs (rollout.gate.projected_sample_size) while it fits; the split step fills
     # its treatment arm while it fits, then looks once
-    shadow_seconds: float = 120.0
+    shadow_seconds: float = 180.0
     split_seconds: float = 90.0
     max_shadow_looks: int = 3
     promote_after_step: int = 1
@@ -116,14 +116,16 @@ def _current_step(name: str) -> dict[str, Any] | None:
 
 def extra_requests(decision: dict[str, Any], seconds_per_request: float, seconds_left: float) -> int:
     """How many more requests to collect before the next look: what the gate projects the decision
-    needs (plus 10%, as the estimate moves), capped by the time left; 0 = stop looking."""
+    needs (plus 10%, as the estimate moves), capped by the time left; 0 = stop looking. Every look
+    counts toward gate.max_looks, so a look on less than half of what is wanted is not spent."""
     projected = decision.get("projected_requests")
     if decision.get("outcome") != "EXTEND" or not projected:
         return 0
     have = decision.get("n_pairs") or (decision.get("n_control") or 0) + (decision.get("n_treatment") or 0)
     wanted = max(0, -(-projected * 11 // 10) - have)  # ceil(1.1 * projected), in integers
     affordable = int(seconds_left // max(seconds_per_request, 1e-6)) if seconds_left > 0 else 0
-    return min(wanted, affordable)
+    more = min(wanted, affordable)
+    return more if more >= max(1, wanted // 2) else 0
 
 
 def run_use_case(name: str, s: MainJobSettings, stage: Callable[[str], None]) -> UseCaseOutcome:

@@ -138,6 +138,8 @@ def waits_for(row: dict[str, Any]) -> str:
         projected = row.get("projected_requests") if decision == "EXTEND" else None
         if projected:  # the gate's projection of what would settle it (rollout.gate)
             return f"more samples ({n}/~{projected})"
+        if decision == "EXTEND" and need and n >= need:  # minimum met, still inconclusive
+            return f"more samples ({n}, inconclusive)"
         if decision == "EXTEND" or n < need:
             return f"more samples ({n}/{need})" if need else "more samples"
         return "next gate look"

@@ -375,7 +375,7 @@ def run_cmd(
     ] = False,
     shadow_seconds: Annotated[
         float | None,
-        typer.Option("--shadow-seconds", min=0, help="extra shadow time per use case [default: 120]"),
+        typer.Option("--shadow-seconds", min=0, help="extra shadow time per use case [default: 180]"),
     ] = None,
     split_seconds: Annotated[
         float | None,

@@ -57,7 +57,8 @@ def test_main_job_sizes_extra_shadow_requests_by_the_projection_and_the_clock() 
 
     extend = {"outcome": "EXTEND", "projected_requests": 30, "n_pairs": 12}
     assert extra_requests(extend, seconds_per_request=10.0, seconds_left=1000.0) == 21  # 1.1 * 30 - 12
-    assert extra_requests(extend, seconds_per_request=10.0, seconds_left=55.0) == 5  # what fits
+    assert extra_requests(extend, seconds_per_request=10.0, seconds_left=105.0) == 10  # what fits
+    assert extra_requests(extend, seconds_per_request=10.0, seconds_left=95.0) == 0  # < half: no look
     assert extra_requests(extend, seconds_per_request=10.0, seconds_left=-1.0) == 0
     assert extra_requests({**extend, "outcome": "GO"}, 10.0, 1000.0) == 0
     assert extra_requests({**extend, "projected_requests": None}, 10.0, 1000.0) == 0
@@ -76,7 +77,8 @@ def test_waits_for_quotes_the_gates_projection_in_the_steps_unit() -> None:
 
     running = {"pilot_status": "running", "decision": "EXTEND", "min_samples": 12}
     shadow = {**running, "step_kind": "shadow", "step_observations": 24}  # 12 requests, both arms
-    assert waits_for(shadow) == "more samples (12/12)"
+    assert waits_for(shadow) == "more samples (12, inconclusive)"
+    assert waits_for({**shadow, "step_observations": 16}) == "more samples (8/12)"
     assert waits_for({**shadow, "projected_requests": 31}) == "more samples (12/~31)"
     split = {**running, "step_kind": "split", "step_observations": 40, "projected_requests": 400}
     assert waits_for(split) == "more samples (40/~400)"
