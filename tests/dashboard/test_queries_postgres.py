@@ -60,7 +60,9 @@ def test_simultaneous_signatures_on_postgres_are_serialised(
     results: list = []
 
     def sign(name: str) -> None:
-        results.append(approvals.approve(did, Identity(name, "approver", "cli-env"), "quality too close", reject=True))
+        results.append(
+            approvals.approve(did, Identity(name, "approver", "cli-env"), "quality too close", reject=True)
+        )
 
     engine = create_engine(pg_url)
     try:
