@@ -58,7 +58,7 @@ def limits_for(ctx: UseCaseContext, quick: bool, overrides: dict[str, Any] | Non
                 "max_texts": min(c.max_texts, 3),
                 "max_seq_len": min(c.max_seq_len, 2048),
                 "holdout_fraction": max(c.holdout_fraction, 0.34),
-                "taus": (0.7, 0.8, 0.9, 0.95),
+                "taus": (0.8, 0.9, 0.95, 0.98, 0.99, 0.995),
                 "max_joint_checks": 3,
                 "gate_steps": 120,
             }
