@@ -31,6 +31,8 @@ EVIDENCE_QUALITY_LOW = ("quality", "interval_low")
 EVIDENCE_QUALITY_HIGH = ("quality", "interval_high")
 # An EXTEND's projection of the requests (pairs in a shadow step) that would settle it.
 EVIDENCE_PROJECTED = ("projected_requests",)
+EVIDENCE_N_CONTROL = ("n_control",)
+EVIDENCE_N_TREATMENT = ("n_treatment",)
 
 WAITING_LABELS = {"approval": "approval to promote", "rollback_approval": "approval to roll back"}
 
@@ -93,6 +95,8 @@ def portfolio(session: Session) -> list[dict[str, Any]]:
             case((dec_q.is_not(None), dec_lo), else_=None).label("quality_low"),
             case((dec_q.is_not(None), dec_hi), else_=None).label("quality_high"),
             GateDecision.evidence[EVIDENCE_PROJECTED].as_integer().label("projected_requests"),
+            GateDecision.evidence[EVIDENCE_N_CONTROL].as_integer().label("decision_n_control"),
+            GateDecision.evidence[EVIDENCE_N_TREATMENT].as_integer().label("decision_n_treatment"),
             EvaluationRun.density,
             EvaluationRun.speedup,
             EvaluationRun.speedup_low,
@@ -138,6 +142,10 @@ def waits_for(row: dict[str, Any]) -> str:
         projected = row.get("projected_requests") if decision == "EXTEND" else None
         if projected:  # the gate's projection of what would settle it (rollout.gate)
             return f"more samples ({n}/~{projected})"
+        n_c, n_t = row.get("decision_n_control"), row.get("decision_n_treatment")
+        if row.get("step_kind") == "split" and decision == "EXTEND" and n_c is not None and n_t is not None:
+            if min(n_c, n_t) < need:  # the minimum is per arm; the small arm fills slowly
+                return f"more samples ({min(n_c, n_t)}/{need} in the smaller arm)"
         if decision == "EXTEND" and need and n >= need:  # minimum met, still inconclusive
             return f"more samples ({n}, inconclusive)"
         if decision == "EXTEND" or n < need:

@@ -144,7 +144,11 @@ class CalibrationLimits:
     def quick(cls, **kw) -> CalibrationLimits:
         """Cheap settings for the pilot's main job (a few minutes on SmolLM2 on 2 CPU cores)."""
         base = dict(
-            max_texts=4, max_seq_len=1024, taus=(0.8, 0.9, 0.95, 0.98, 0.99, 0.995), max_joint_checks=4, gate_steps=120
+            max_texts=4,
+            max_seq_len=1024,
+            taus=(0.8, 0.9, 0.95, 0.98, 0.99, 0.995),
+            max_joint_checks=4,
+            gate_steps=120,
         )
         base.update(kw)
         return cls(**base)

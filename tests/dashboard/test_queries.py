@@ -26,7 +26,7 @@ def test_portfolio_rows(seeded: dict[str, Any]) -> None:
     assert (c["step_index"], c["step_kind"], c["traffic_pct"]) == (1, "split", 10.0)
     assert c["observations"] == 480 and c["step_observations"] == 240
     d = rows["document-qa"]
-    assert d["decision"] == "EXTEND" and d["waits_for"] == "more samples (240/300)"
+    assert d["decision"] == "EXTEND" and d["waits_for"] == "more samples (120/300 in the smaller arm)"
     s_ = rows["support-chat"]
     assert s_["decision"] is None and s_["waits_for"] == "a pilot"
     # no decision: quality from the evaluation, no interval claimed

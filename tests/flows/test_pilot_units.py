@@ -82,5 +82,12 @@ def test_waits_for_quotes_the_gates_projection_in_the_steps_unit() -> None:
     assert waits_for({**shadow, "projected_requests": 31}) == "more samples (12/~31)"
     split = {**running, "step_kind": "split", "step_observations": 40, "projected_requests": 400}
     assert waits_for(split) == "more samples (40/~400)"
+    at_10pct = {**split, "projected_requests": None, "step_observations": 8}
+    assert waits_for({**at_10pct, "decision_n_control": 8, "decision_n_treatment": 0}) == (
+        "more samples (0/12 in the smaller arm)"
+    )
+    assert waits_for(
+        {**at_10pct, "step_observations": 92, "decision_n_control": 80, "decision_n_treatment": 12}
+    ) == ("more samples (92, inconclusive)")
     assert waits_for({**split, "decision": "GO", "awaiting": "approval"}) == "approval to promote"
     assert waits_for({**split, "decision": "GO"}) == "next gate look"  # the projection belongs to EXTEND
