@@ -371,7 +371,7 @@ def run_cmd(
     port: Annotated[int, typer.Option("--port", help="dashboard port (with --serve)")] = 8501,
     pilot_all: Annotated[
         bool,
-        typer.Option("--pilot-all", help="pilot even where the evaluation projects no saving"),
+        typer.Option("--pilot-all", help="pilot even a dense plan or one with no projected saving"),
     ] = False,
     shadow_seconds: Annotated[
         float | None,
