@@ -131,10 +131,6 @@ def extra_requests(decision: dict[str, Any], seconds_per_request: float, seconds
 def run_use_case(name: str, s: MainJobSettings, stage: Callable[[str], None]) -> UseCaseOutcome:
     from flows.calibrate import calibrate_flow
     from flows.evaluate import evaluate_flow
-    from flows.gate import gate_flow
-    from flows.pilot import pilot_flow
-    from rollout.db.session import session_scope
-    from rollout.pilots import get_use_case, load_current_spec
     from rollout.roi import pilot_skip_reason
 
     out = UseCaseOutcome(name)
@@ -144,63 +140,20 @@ def run_use_case(name: str, s: MainJobSettings, stage: Callable[[str], None]) ->
         out.calibration = calibrate_flow(name, quick=s.quick)
         stage("evaluate")
         out.evaluation = evaluate_flow(name, quick=s.quick)
-        skip = pilot_skip_reason(
+        # A pilot would compare dense with dense, or spend traffic where nothing can be saved: say so.
+        out.note = pilot_skip_reason(
             met_budget=out.calibration.get("met_budget"),
             density=out.evaluation.get("density"),
             saved_usd_month=out.evaluation.get("savings_month_usd"),
             saved_usd_month_high=out.evaluation.get("savings_month_high"),
+            pilot_anyway=s.pilot_unprofitable,
         )
-        if skip and (out.calibration.get("met_budget") is False or not s.pilot_unprofitable):
-            # A pilot would compare dense with dense, or spend traffic where nothing can be saved: say
-            # so instead.
-            out.note = skip
-            stage("done")
-            out.seconds = time.perf_counter() - t0
-            return out
-        with session_scope() as session:
-            spec, _ = load_current_spec(session, get_use_case(session, name))
-        pilot_kw = {"max_new_tokens": s.pilot_max_new_tokens, "max_prompt_tokens": s.pilot_max_prompt_tokens}
-        phase = _phase(name)
-        if phase in ("awaiting_approval", "promoted", "stopped", "rolled_back"):
-            out.note = f"{phase}: no pilot traffic in this run"
-            stage("done")
-            out.seconds = time.perf_counter() - t0
-            return out
-        step = _current_step(name)
-        if step is None or (step["kind"] == "shadow" and step["pilot_status"] == "running"):
-            stage("pilot shadow")
-            t1 = time.perf_counter()
-            batches = math.ceil(spec.rollout.shadow.min_samples / spec.rollout.batch_size)
-            pilot_flow(name, batches=batches, **pilot_kw)
-            per_request = (time.perf_counter() - t1) / (batches * spec.rollout.batch_size)
-            stage("gate shadow")
-            decision = gate_flow(name, promote_after_step=s.promote_after_step)
-            out.decisions.append(decision)
-            deadline = time.perf_counter() + s.shadow_seconds
-            for _ in range(s.max_shadow_looks - 1):
-                more = extra_requests(decision, per_request, deadline - time.perf_counter())
-                if more == 0:
-                    break
-                stage("pilot shadow")
-                pilot_flow(name, batches=1, batch_size=more, **pilot_kw)
-                stage("gate shadow")
-                decision = gate_flow(name, promote_after_step=s.promote_after_step)
-                out.decisions.append(decision)
-        step = _current_step(name)
-        if step is not None and step["kind"] == "split" and step["pilot_status"] == "running":
-            stage("pilot split")
-            t1 = time.perf_counter()
-            pilot_flow(name, batches=1, **pilot_kw)
-            per_batch = time.perf_counter() - t1
-            # At a small traffic % the treatment arm fills slowly: collect more batches while they fit
-            # the split-step time budget, then look once (every look counts toward gate.max_looks).
-            share = max(step["traffic_pct"] / 100.0, 1e-6)
-            needed = math.ceil(step["min_samples"] / (spec.rollout.batch_size * share))
-            extra = min(needed - 1, int((s.split_seconds - per_batch) // max(per_batch, 1e-6)))
-            if extra > 0:
-                pilot_flow(name, batches=extra, **pilot_kw)
-            stage("gate split")
-            out.decisions.append(gate_flow(name, promote_after_step=s.promote_after_step))
+        if out.note is None:
+            phase = _phase(name)
+            if phase in ("awaiting_approval", "promoted", "stopped", "rolled_back"):
+                out.note = f"{phase}: no pilot traffic in this run"
+            else:
+                run_short_pilot(name, s, stage, out)
         stage("done")
     except Exception as exc:  # noqa: BLE001 - one use case failing must not hide the others' results
         out.ok = False
@@ -208,6 +161,54 @@ def run_use_case(name: str, s: MainJobSettings, stage: Callable[[str], None]) ->
         stage("failed")
     out.seconds = time.perf_counter() - t0
     return out
+
+
+def run_short_pilot(name: str, s: MainJobSettings, stage: Callable[[str], None], out: UseCaseOutcome) -> None:
+    """Shadow (looking again while the gate's projection fits the time budget), then the first split
+    step; every gate decision is appended to out.decisions."""
+    from flows.gate import gate_flow
+    from flows.pilot import pilot_flow
+    from rollout.db.session import session_scope
+    from rollout.pilots import get_use_case, load_current_spec
+
+    with session_scope() as session:
+        spec, _ = load_current_spec(session, get_use_case(session, name))
+    pilot_kw = {"max_new_tokens": s.pilot_max_new_tokens, "max_prompt_tokens": s.pilot_max_prompt_tokens}
+    step = _current_step(name)
+    if step is None or (step["kind"] == "shadow" and step["pilot_status"] == "running"):
+        stage("pilot shadow")
+        t1 = time.perf_counter()
+        batches = math.ceil(spec.rollout.shadow.min_samples / spec.rollout.batch_size)
+        pilot_flow(name, batches=batches, **pilot_kw)
+        per_request = (time.perf_counter() - t1) / (batches * spec.rollout.batch_size)
+        stage("gate shadow")
+        decision = gate_flow(name, promote_after_step=s.promote_after_step)
+        out.decisions.append(decision)
+        deadline = time.perf_counter() + s.shadow_seconds
+        for _ in range(s.max_shadow_looks - 1):
+            more = extra_requests(decision, per_request, deadline - time.perf_counter())
+            if more == 0:
+                break
+            stage("pilot shadow")
+            pilot_flow(name, batches=1, batch_size=more, **pilot_kw)
+            stage("gate shadow")
+            decision = gate_flow(name, promote_after_step=s.promote_after_step)
+            out.decisions.append(decision)
+    step = _current_step(name)
+    if step is not None and step["kind"] == "split" and step["pilot_status"] == "running":
+        stage("pilot split")
+        t1 = time.perf_counter()
+        pilot_flow(name, batches=1, **pilot_kw)
+        per_batch = time.perf_counter() - t1
+        # At a small traffic % the treatment arm fills slowly: collect more batches while they fit
+        # the split-step time budget, then look once (every look counts toward gate.max_looks).
+        share = max(step["traffic_pct"] / 100.0, 1e-6)
+        needed = math.ceil(step["min_samples"] / (spec.rollout.batch_size * share))
+        extra = min(needed - 1, int((s.split_seconds - per_batch) // max(per_batch, 1e-6)))
+        if extra > 0:
+            pilot_flow(name, batches=extra, **pilot_kw)
+        stage("gate split")
+        out.decisions.append(gate_flow(name, promote_after_step=s.promote_after_step))
 
 
 def summary_rows(names: list[str]) -> list[dict[str, Any]]:

@@ -242,12 +242,16 @@ def pilot_skip_reason(
     density: float | None,
     saved_usd_month: float | None,
     saved_usd_month_high: float | None = None,
+    pilot_anyway: bool = False,
 ) -> str | None:
     """Why a pilot would be wasted traffic, or None when it is worth running. A pilot costs real
     requests and the spec's one-off cost; it can only pay off when a sparse plan met the quality
-    budget, actually skips blocks, and the evaluation projects a saving."""
+    budget, actually skips blocks, and the evaluation projects a saving. `pilot_anyway` (the CLI's
+    --pilot-all) waives the last two; without a plan that met the budget there is nothing to pilot."""
     if met_budget is False:
         return "no sparse plan met the quality budget: stays dense, not piloted"
+    if pilot_anyway:
+        return None
     if density is not None and density >= DENSE_PLAN_DENSITY:
         return f"the plan keeps {density:.2%} of blocks (as dense): nothing to pilot"
     if saved_usd_month is not None and saved_usd_month <= 0:

@@ -152,5 +152,11 @@ def test_pilot_skip_reason_says_why_a_pilot_would_be_wasted() -> None:
         met_budget=True, density=0.95, saved_usd_month=-23.0, saved_usd_month_high=187.0
     )
     assert "no saving expected ($-23/month, at best $187)" in no_saving
+    # --pilot-all waives the dense-plan and no-saving reasons, never the missed budget.
+    assert pilot_skip_reason(met_budget=True, density=0.95, saved_usd_month=-23.0, pilot_anyway=True) is None
+    assert pilot_skip_reason(met_budget=True, density=1.0, saved_usd_month=5.0, pilot_anyway=True) is None
+    assert "budget" in pilot_skip_reason(
+        met_budget=False, density=0.5, saved_usd_month=900.0, pilot_anyway=True
+    )
     # Unknown numbers are not a reason to skip.
     assert pilot_skip_reason(met_budget=None, density=None, saved_usd_month=None) is None
