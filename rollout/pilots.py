@@ -342,7 +342,8 @@ def record_observations(
 
 
 def step_observations(session: Session, step: PilotStep) -> list[dict[str, Any]]:
-    """The observations of one step as plain rows (the gate's input table), in a stable order."""
+    """The observations of one step as plain rows (the gate's input table) in the order they were stored:
+    the gate's confidence sequence runs along arrival order, so each look extends the one before."""
     result = session.execute(
         select(
             Observation.request_id,
@@ -353,7 +354,7 @@ def step_observations(session: Session, step: PilotStep) -> list[dict[str, Any]]
             Observation.error,
         )
         .where(Observation.pilot_step_id == step.id)
-        .order_by(Observation.request_id, Observation.arm)
+        .order_by(Observation.id)
     )
     return [dict(zip(OBSERVATION_FIELDS, row, strict=True)) for row in result.tuples()]
 
@@ -476,13 +477,16 @@ def gate_settings(spec: Any, step: PilotStep) -> Any:
         alpha=g.alpha,
         margin=g.non_inferiority_margin,
         planned_effect=g.planned_effect,
+        score_type=g.score_type,
+        planned_sd=g.planned_sd,
         min_samples_per_arm=max(2, step.min_samples),
         max_error_rate=g.guardrails.max_error_rate,
+        max_error_rate_increase=g.guardrails.max_error_rate_increase,
         latency_slo_ms=slo,
-        guardrail_min_samples=max(1, min(30, step.min_samples)),
+        max_latency_exceedance=g.guardrails.max_latency_exceedance,
+        guardrail_min_samples=max(1, min(g.guardrails.min_samples, step.min_samples)),
         max_duration_days=g.max_duration_days,
         max_looks=g.max_looks,
-        planned_samples_per_arm=max(2, step.min_samples),
     )
 
 
@@ -505,28 +509,42 @@ def elapsed_days(step: PilotStep) -> float:
 
 
 def monitor_guardrails(rows: list[Mapping[str, Any]], spec: Any) -> dict[str, Any]:
-    """Guardrails on sampled production traffic of the champion (the treatment arm): error rate and
-    p95 latency against the spec's limits. Pure; every value and threshold is returned."""
-    import numpy as np
+    """Guardrails on sampled production traffic of the champion (the treatment arm), judged by the same
+    checks and sequential tests as the gate (`rollout.gate.guardrails`): a check is breached only when
+    the evidence shows it. Pure; every value, threshold and bound is returned."""
+    import pandas as pd
 
+    from rollout.gate import GateSettings, check_observations, guardrail_checks, judge_all
+
+    g = spec.gate
+    settings = GateSettings(
+        alpha=g.alpha,
+        margin=g.non_inferiority_margin,
+        max_error_rate=g.guardrails.max_error_rate,
+        latency_slo_ms=g.guardrails.p95_latency_ms or spec.latency_slo_ms.p95,
+        max_latency_exceedance=g.guardrails.max_latency_exceedance,
+        guardrail_min_samples=g.guardrails.min_samples,
+    )
     trt = [r for r in rows if r["arm"] == "treatment"]
-    g = spec.gate.guardrails
-    slo = g.p95_latency_ms if g.p95_latency_ms is not None else spec.latency_slo_ms.p95
-    out: dict[str, Any] = {"n_treatment": len(trt), "checks": []}
-    if not trt:
-        out["breached"] = []
+    checked = check_observations(pd.DataFrame(trt), mode="split") if trt else None
+    out: dict[str, Any] = {"n_treatment": len(trt), "checks": [], "breached": []}
+    if checked is None or checked.frame is None:
+        out["problems"] = list(checked.problems) if checked is not None else []
         return out
-    err = sum(1 for r in trt if r.get("error")) / len(trt)
-    p95 = float(np.percentile([float(r["latency_ms"]) for r in trt], 95))
-    checks = [
+    results = judge_all(
+        guardrail_checks(settings, with_control=False), checked.frame, alpha=settings.alpha, mode="monitor"
+    )
+    out["checks"] = [
         {
-            "name": "error_rate",
-            "value": err,
-            "threshold": g.max_error_rate,
-            "breached": err > g.max_error_rate,
-        },
-        {"name": "p95_latency_ms", "value": p95, "threshold": slo, "breached": p95 > slo},
+            "name": r.name,
+            "value": r.value,
+            "threshold": r.threshold,
+            "breached": r.breached,
+            "evaluated": r.evaluated,
+            "lower_bound": r.lower_bound,
+            "note": r.note,
+        }
+        for r in results
     ]
-    out["checks"] = checks
-    out["breached"] = [c["name"] for c in checks if c["breached"]]
+    out["breached"] = [r.name for r in results if r.breached]
     return out

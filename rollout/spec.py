@@ -10,6 +10,7 @@ import datetime as dt
 import difflib
 import hashlib
 import json
+import math
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -130,17 +131,23 @@ class RolloutSpec(_Strict):
 
 
 class Guardrails(_Strict):
-    max_error_rate: Annotated[float, Field(ge=0, le=1)] = 0.01
+    max_error_rate: Annotated[float, Field(gt=0, lt=1)] = 0.01
+    max_error_rate_increase: Annotated[float, Field(gt=0, lt=1)] = 0.01
     p95_latency_ms: PositiveFloat | None = None
+    # share of sparse-arm requests allowed over the latency SLO (p95 -> 0.05)
+    max_latency_exceedance: Annotated[float, Field(gt=0, lt=1)] = 0.05
+    min_samples: PositiveInt = 30  # sparse-arm rows before a guardrail can be judged (capped by each step's)
 
 
 class GateSpec(_Strict):
     alpha: Annotated[float, Field(gt=0, lt=0.5)] = 0.05
-    non_inferiority_margin: PositiveFloat
+    non_inferiority_margin: Annotated[float, Field(gt=0, lt=1)]
     planned_effect: Annotated[float, Field(allow_inf_nan=False)] = 0.0
+    score_type: Literal["bounded", "binary"] = "bounded"  # planning: 0/1 scores or anywhere in [0, 1]
+    planned_sd: Annotated[float, Field(gt=0, le=1)] | None = None  # planning; None = by score_type
     guardrails: Guardrails = Guardrails()
     max_duration_days: PositiveFloat = 14
-    max_looks: PositiveInt = 20
+    max_looks: PositiveInt = 20  # per pilot step
 
 
 class ScheduleSpec(_Strict):
@@ -423,10 +430,19 @@ def _cross_checks(spec: UseCaseSpec) -> Iterable[tuple[str, str]]:
             f"{spec.rollout.shadow.min_samples} is smaller than one pilot batch "
             f"(rollout.batch_size={spec.rollout.batch_size})",
         )
-    if spec.gate.max_looks < len(steps) + 1:
-        yield (
-            "gate.max_looks",
-            f"{spec.gate.max_looks} looks cannot cover the shadow phase and {len(steps)} ramp step(s)",
-        )
+    # max_looks counts per step (as the gate does): at one look per batch, each step must be able to reach
+    # its minimum sample in its smaller arm within max_looks looks
+    batch = spec.rollout.batch_size
+    needs = [("rollout.shadow", math.ceil(spec.rollout.shadow.min_samples / batch))]
+    for i, step in enumerate(steps):
+        small = min(step.traffic_pct, 100 - step.traffic_pct) / 100 or 1.0
+        needs.append((f"rollout.steps[{i}]", math.ceil(step.min_samples / (batch * small))))
+    for where, looks in needs:
+        if looks > spec.gate.max_looks:
+            yield (
+                "gate.max_looks",
+                f"{spec.gate.max_looks} looks per step cannot reach {where}.min_samples at one look per "
+                f"batch of {batch} (needs {looks})",
+            )
     if spec.quality_budget.calibration.max_texts < 2:
         yield "quality_budget.calibration.max_texts", "at least 2 texts are needed (one is held out)"

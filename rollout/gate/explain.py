@@ -1,0 +1,114 @@
+"""One paragraph a business owner can read: what was decided, why, and how sure we are."""
+
+from __future__ import annotations
+
+import math
+
+from rollout.gate.evidence import Decision
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _bounds(d: Decision) -> str:
+    """The quality bounds in words; a bound at the edge of the scale (-1 / +1) says nothing: left out."""
+    q, s = d.quality, d.settings
+    conf = f"{100 * (1 - s.alpha):.0f}%"
+    low = q.interval_low if q.interval_low is not None and q.interval_low > -1 + 1e-9 else None
+    high = q.interval_high if q.interval_high is not None and q.interval_high < 1 - 1e-9 else None
+    if low is None and high is None:
+        return "the evidence does not yet bound the true difference in either direction"
+    said = []
+    if low is not None:
+        said.append(f"at least {low:+.3f}" if low < 0 else f"at least {low:+.3f} (no loss)")
+    if high is not None:
+        said.append(f"at most {high:+.3f}")
+    return f"we are {conf} confident the true difference is " + " and ".join(said)
+
+
+def explain(d: Decision) -> str:
+    s = d.settings
+    parts = [f"Decision: {d.outcome} (look {d.look_index}, {d.elapsed_days:.1f} days in)."]
+    if d.input_problems:
+        parts.append("The pilot data cannot be judged: " + "; ".join(d.input_problems[:4]) + ".")
+        parts.append("Fix the data and rerun this step; this look must not be used to promote or reject.")
+        return " ".join(parts)
+    if "data-check-failed" in d.reasons:
+        fails = "; ".join(d.data_check_failures[:3]) or "see the data-check report"
+        parts.append(
+            f"The pilot data failed its quality checks ({fails}), so no conclusion can be drawn from it."
+        )
+    if "sample-ratio-mismatch" in d.reasons:
+        parts.append(
+            f"Traffic did not split as planned: {_pct(d.observed_treatment_share)} of requests went to the "
+            f"sparse model instead of {_pct(d.planned_treatment_share)} (chance of this by luck "
+            f"p={d.srm_p_value:.2g}), which usually means a routing or logging bug; "
+            "the results are not trustworthy."
+        )
+    arms = (
+        f"{d.n_pairs} requests answered by both the sparse and the dense model"
+        if d.mode == "paired"
+        else f"{d.n_treatment} requests on the sparse model and {d.n_control} on the dense model"
+    )
+    parts.append(f"We looked at {arms}.")
+    q = d.quality
+    if q.estimate is not None and q.verdict != "not-evaluated":
+        parts.append(
+            f"Average quality was {q.treatment_mean:.3f} for sparse vs {q.control_mean:.3f} for dense "
+            f"(difference {q.estimate:+.3f}); allowing for chance, for the small sample and for having "
+            f"checked {d.look_index} time(s), {_bounds(d)}, against an allowed loss of {s.margin:.3f}."
+        )
+    breached = [g for g in d.guardrails if g.breached]
+    for g in breached:
+        parts.append(
+            f"Safety limit broken: {g.name.replace('_', ' ')} is {g.value:.4g} (at least {g.lower_bound:.4g} "
+            f"with {100 * (1 - s.alpha):.0f}% confidence), above the limit {g.threshold:.4g}."
+        )
+    unjudged = [g for g in d.guardrails if not g.evaluated]
+    if not breached and unjudged:
+        parts.append(
+            "Not yet judged: " + "; ".join(f"{g.name.replace('_', ' ')} ({g.note})" for g in unjudged) + "."
+        )
+    if not breached and any(g.evaluated for g in d.guardrails):
+        lat = (
+            f", p95 latency {d.p95_latency_treatment_ms:.0f} ms"
+            if d.p95_latency_treatment_ms is not None and math.isfinite(d.p95_latency_treatment_ms)
+            else ""
+        )
+        parts.append(
+            f"No safety limit is shown to be broken (sparse error rate {_pct(d.error_rate_treatment)}{lat})."
+        )
+    parts.append(_why(d))
+    return " ".join(parts)
+
+
+def _why(d: Decision) -> str:
+    if d.outcome == "GO":
+        return (
+            "The sparse model is shown to be no worse than the allowed margin, so it may advance "
+            "(a person still approves any promotion)."
+        )
+    if d.outcome == "INVALID":
+        return "Fix the data problem and rerun this step; this look must not be used to promote or reject."
+    if d.outcome == "NO-GO":
+        if any(r.startswith("guardrail:") for r in d.reasons):
+            return "The sparse model must not advance while it breaks a safety limit."
+        if "futility" in d.reasons:
+            return "The sparse model is confidently worse than the allowed margin, so the pilot stops."
+        return (
+            "The pilot reached its maximum duration without proving the sparse model is good enough; "
+            "an unproven model never ships."
+        )
+    tail = "There is not enough evidence yet either way; the pilot should keep collecting data"
+    if "min-sample" in d.reasons:
+        tail += f" (at least {d.min_samples_per_arm} per arm)"
+    if any(r.startswith("guardrail-not-judged") for r in d.reasons):
+        tail += " until every safety limit can be judged"
+    if d.projected_requests is not None:
+        unit = "requests answered by both models" if d.mode == "paired" else "requests in all"
+        tail += (
+            f"; if the requests to come look like those so far, about {d.projected_requests} {unit} "
+            "would settle it"
+        )
+    return tail + "."

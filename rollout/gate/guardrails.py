@@ -1,0 +1,155 @@
+"""Guardrails as data: one list of named checks, judged by sequential tests with the gate's guarantee.
+
+A check says which 0/1 metric of a request it watches (an error, a latency over the SLO), how it is
+compared (`rate`: the treatment arm's rate against a ceiling; `excess`: treatment minus control), the
+threshold and the minimum number of treatment rows before it can be judged. `decide` (pilot steps) and the
+monitor (the champion's production traffic) run the same checks through `judge`.
+
+A check is **breached** only when the evidence says so: its lower confidence bound, anytime-valid by
+betting (`rollout.gate.sequences`), is above the threshold. A check whose rate is truly at or below the
+threshold is breached with probability at most alpha, however often it is looked at. A check with fewer
+rows than its minimum is **not judged**, which keeps a step at EXTEND (never GO). Otherwise it **holds**
+(and where the mirror test rejects "at or above the threshold", it is shown to hold).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+from rollout.gate.sequences import bets, ipw_stream, paired_stream, rate_stream, rejects
+from rollout.gate.sequences import confidence_bound as _bound
+from rollout.gate.settings import GateSettings
+
+Metric = Literal["error", "latency_over_slo"]
+Comparison = Literal["rate", "excess"]
+Status = Literal["breached", "holds", "not-judged"]
+
+
+@dataclass(frozen=True)
+class GuardrailCheck:
+    name: str
+    metric: Metric
+    comparison: Comparison
+    threshold: float
+    min_samples: int
+    slo_ms: float | None = None  # latency_over_slo only
+
+    def indicator(self, frame: pd.DataFrame) -> np.ndarray:
+        if self.metric == "error":
+            return frame["error"].to_numpy(dtype=float)
+        return (frame["latency_ms"].to_numpy(dtype=float) > float(self.slo_ms)).astype(float)
+
+
+@dataclass(frozen=True)
+class Guardrail:
+    """The judgement of one check (stored in the decision's evidence)."""
+
+    name: str
+    value: float | None  # observed rate (or excess)
+    threshold: float
+    breached: bool
+    evaluated: bool  # False = fewer rows than the check's minimum: cannot be judged yet
+    note: str = ""
+    lower_bound: float | None = None  # breached only: anytime-valid (1 - alpha) lower bound of the rate
+    n: int = 0
+    shown_within: bool = False  # the test of "at or above the threshold" rejected: the limit is shown to hold
+
+    @property
+    def status(self) -> Status:
+        return "breached" if self.breached else ("holds" if self.evaluated else "not-judged")
+
+
+def guardrail_checks(settings: GateSettings, *, with_control: bool = True) -> tuple[GuardrailCheck, ...]:
+    """The checks the settings ask for. Without a control arm (the monitor) only the rate checks."""
+    n = settings.guardrail_min_samples
+    checks = [GuardrailCheck("treatment_error_rate", "error", "rate", settings.max_error_rate, n)]
+    if with_control:
+        checks.append(
+            GuardrailCheck("error_rate_increase", "error", "excess", settings.max_error_rate_increase, n)
+        )
+    if settings.latency_slo_ms is not None:
+        checks.append(
+            GuardrailCheck(
+                "treatment_latency_over_slo",
+                "latency_over_slo",
+                "rate",
+                settings.max_latency_exceedance,
+                n,
+                slo_ms=float(settings.latency_slo_ms),
+            )
+        )
+    return tuple(checks)
+
+
+def judge(
+    check: GuardrailCheck,
+    frame: pd.DataFrame,
+    *,
+    alpha: float,
+    mode: Literal["split", "paired", "monitor"],
+    share: float = 0.5,
+    pairs: pd.DataFrame | None = None,
+) -> Guardrail:
+    """Judge one check on validated rows in arrival order. Paired mode compares per request (`pairs`: one
+    row per complete request, columns `<metric>_control` / `<metric>_treatment` are built here)."""
+    treated = frame["treated"].to_numpy()
+    x = check.indicator(frame)
+    n_t = int(treated.sum())
+    if check.comparison == "rate":
+        stream, span, value = rate_stream(x[treated]), (0.0, 1.0), (float(x[treated].mean()) if n_t else None)
+        prior = check.threshold
+    elif mode == "paired":
+        assert pairs is not None
+        d = check.indicator(pairs.rename(columns=_suffix("treatment"))) - check.indicator(
+            pairs.rename(columns=_suffix("control"))
+        )
+        stream, span, value, prior = paired_stream(d), (-1.0, 1.0), (float(d.mean()) if len(d) else None), 0.0
+    else:
+        stream, span, prior = ipw_stream(x, treated, share, prior_centre=0.0), (-1.0, 1.0), 0.0
+        n_c = len(x) - n_t
+        value = float(x[treated].mean() - x[~treated].mean()) if n_t and n_c else None
+    evaluated = n_t >= check.min_samples and stream.n > 0
+    if stream.n == 0:
+        return Guardrail(check.name, None, check.threshold, False, False, _note(check, n_t), n=n_t)
+    kw = {"prior_mean": prior, "prior_var": 0.25}
+    lam = bets(stream, check.threshold, "lower", **kw)
+    breached = bool(rejects(stream, check.threshold, "lower", alpha, lam=lam, **kw)[0])
+    within = bool(rejects(stream, check.threshold, "upper", alpha, **kw)[0])
+    # the bound behind a breach: how bad at least (computed only then: it is what the explanation quotes)
+    low = _bound(stream, check.threshold, "lower", alpha, span=span, lam=lam, **kw) if breached else None
+    return Guardrail(
+        check.name,
+        value,
+        check.threshold,
+        breached,
+        evaluated or breached,  # evidence of a breach counts whatever the sample size
+        "" if evaluated or breached else _note(check, n_t),
+        low,
+        n_t,
+        within,
+    )
+
+
+def judge_all(
+    checks: Sequence[GuardrailCheck],
+    frame: pd.DataFrame,
+    *,
+    alpha: float,
+    mode,
+    share: float = 0.5,
+    pairs=None,
+) -> tuple[Guardrail, ...]:
+    return tuple(judge(c, frame, alpha=alpha, mode=mode, share=share, pairs=pairs) for c in checks)
+
+
+def _suffix(arm: str) -> dict[str, str]:
+    return {f"error_{arm}": "error", f"latency_ms_{arm}": "latency_ms"}
+
+
+def _note(check: GuardrailCheck, n: int) -> str:
+    return f"needs {check.min_samples} treatment rows to be judged ({n} so far)"

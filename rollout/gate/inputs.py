@@ -1,0 +1,158 @@
+"""What the gate accepts: the observation table, checked column by column, and its fingerprint.
+
+`check_observations` never raises on bad data: it returns the cleaned table, or the problems, each naming
+the column, so that `decide` can answer INVALID with the reason instead of crashing the flow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+REQUIRED_COLUMNS = ("request_id", "arm", "quality", "latency_ms", "error")
+ARMS = ("control", "treatment")
+
+
+@dataclass(frozen=True)
+class Checked:
+    frame: pd.DataFrame | None  # cleaned rows in arrival order (+ bool column `treated`); None on problems
+    problems: tuple[str, ...]  # "column 'quality': ..." messages; empty when the table is usable
+
+
+def _rows(mask: np.ndarray | pd.Series, index: pd.Index) -> str:
+    where = index[np.asarray(mask)][:5].tolist()
+    return f"{int(np.asarray(mask).sum())} row(s), e.g. at rows {where}"
+
+
+def check_observations(observations: object, *, mode: str) -> Checked:
+    """Validate the rows of one step (in arrival order). Problems: not a table, an empty table, a missing
+    column, a missing value, NaN/inf, quality outside [0, 1], latency <= 0, an error flag that is not 0/1,
+    an unknown arm, a repeated (request_id, arm), and in a split step a request in both arms."""
+    if not isinstance(observations, pd.DataFrame):
+        return Checked(None, (f"observations must be a pandas DataFrame, got {type(observations).__name__}",))
+    missing = [c for c in REQUIRED_COLUMNS if c not in observations.columns]
+    if missing:
+        return Checked(None, (f"missing column(s): {', '.join(missing)}",))
+    if observations.empty:
+        return Checked(None, ("no observations: the table is empty",))
+    df = observations.loc[:, list(REQUIRED_COLUMNS)].reset_index(drop=True)
+    problems: list[str] = []
+    for col in REQUIRED_COLUMNS:
+        nulls = df[col].isna().to_numpy()
+        if nulls.any():
+            problems.append(f"column {col!r}: missing/NaN value in {_rows(nulls, df.index)}")
+    numeric: dict[str, np.ndarray] = {}
+    for col in ("quality", "latency_ms"):
+        values = pd.to_numeric(df[col], errors="coerce").to_numpy(dtype=float)
+        unparsable = np.isnan(values) & df[col].notna().to_numpy()
+        if unparsable.any():
+            problems.append(f"column {col!r}: not a number in {_rows(unparsable, df.index)}")
+        inf = np.isinf(values)
+        if inf.any():
+            problems.append(f"column {col!r}: infinite value in {_rows(inf, df.index)}")
+        numeric[col] = values
+    with np.errstate(invalid="ignore"):
+        q, lat = numeric["quality"], numeric["latency_ms"]
+        outside = np.isfinite(q) & ((q < 0) | (q > 1))
+        if outside.any():
+            problems.append(f"column 'quality': outside [0, 1] in {_rows(outside, df.index)}")
+        non_positive = np.isfinite(lat) & (lat <= 0)
+        if non_positive.any():
+            problems.append(f"column 'latency_ms': zero or negative in {_rows(non_positive, df.index)}")
+    err = df["error"]
+    if err.dtype != bool:
+        ok = err.isin([0, 1, True, False]).to_numpy() | err.isna().to_numpy()
+        if not ok.all():
+            problems.append(f"column 'error': not 0/1 or true/false in {_rows(~ok, df.index)}")
+    arm_col = df["arm"]
+    treated = (arm_col == "treatment").to_numpy(dtype=bool, na_value=False)
+    unknown = (
+        ~(treated | (arm_col == "control").to_numpy(dtype=bool, na_value=False)) & arm_col.notna().to_numpy()
+    )
+    if unknown.any():
+        names = sorted({str(a) for a in arm_col[unknown]})[:5]
+        problems.append(f"column 'arm': unknown arm(s) {names} in {_rows(unknown, df.index)}")
+    rid = df["request_id"] if pd.api.types.is_string_dtype(df["request_id"]) else df["request_id"].astype(str)
+    rid_code, _ = pd.factorize(rid)
+    dup = pd.Series(rid_code * 2 + treated).duplicated(keep=False).to_numpy()
+    if dup.any():
+        problems.append(
+            f"column 'request_id': repeated within an arm in {_rows(dup, df.index)} "
+            "(every request is evidence once)"
+        )
+    if mode == "split" and len(rid_code):
+        n_req = int(rid_code.max()) + 1
+        has_t = np.bincount(rid_code[treated], minlength=n_req) > 0
+        has_c = np.bincount(rid_code[~treated], minlength=n_req) > 0
+        in_both = (has_t & has_c)[rid_code] & ~treated
+        if in_both.any():
+            problems.append(
+                f"column 'request_id': {int(in_both.sum())} request(s) appear in both arms of a split step, "
+                f"e.g. {rid[in_both].head(3).tolist()}; a split step assigns each request "
+                "to one arm (shadow data belongs to the shadow step)"
+            )
+    if problems:
+        return Checked(None, tuple(problems))
+    clean = pd.DataFrame(
+        {
+            "request_id": rid,
+            "arm": pd.Categorical.from_codes(treated.astype(np.int8), categories=list(ARMS)),
+            "quality": q,
+            "latency_ms": lat,
+            "error": err.astype(bool).to_numpy(),
+            "treated": treated,
+        }
+    )
+    return Checked(clean, ())
+
+
+def data_fingerprint(frame: pd.DataFrame) -> str:
+    """sha256 over the rows in arrival order (the order is part of the evidence: the confidence sequence
+    is computed along it): the request ids and arms as text, the numbers by their exact bits."""
+    h = hashlib.sha256()
+    for col in REQUIRED_COLUMNS:
+        if col not in frame.columns:
+            continue
+        values = frame[col]
+        h.update(f"{col}:{len(values)}\n".encode())
+        if col in ("quality", "latency_ms") and pd.api.types.is_float_dtype(values):
+            h.update(np.ascontiguousarray(values.to_numpy(dtype="<f8")).tobytes())
+        elif col == "error" and pd.api.types.is_bool_dtype(values):
+            h.update(np.ascontiguousarray(values.to_numpy(dtype=bool)).tobytes())
+        elif col == "arm" and isinstance(values.dtype, pd.CategoricalDtype):
+            h.update(np.ascontiguousarray(values.cat.codes.to_numpy(dtype=np.int8)).tobytes())
+        else:
+            _update_text(h, values)
+    return h.hexdigest()
+
+
+def _update_text(h, values: pd.Series) -> None:
+    """Feed a column's text to the hash: Arrow-backed strings by their buffers (no Python objects)."""
+    try:
+        import pyarrow as pa
+
+        arr = pa.chunked_array(values.array.__arrow_array__()).combine_chunks()
+        if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
+            arr = arr.cast(pa.large_string())
+            offsets = np.frombuffer(arr.buffers()[1], dtype="<i8")[arr.offset : arr.offset + len(arr) + 1]
+            h.update((offsets - offsets[0]).tobytes())
+            h.update(arr.buffers()[2].to_pybytes()[offsets[0] : offsets[-1]])
+            return
+    except (AttributeError, TypeError, ImportError):
+        pass
+    h.update("\x1f".join(values.astype(str).tolist()).encode("utf-8", "surrogatepass"))
+
+
+def srm_test(n_control: int, n_treatment: int, planned_treatment_share: float) -> tuple[float, float]:
+    """Pearson chi-square (1 df) of the arm counts against the planned split: (statistic, p-value)."""
+    total = n_control + n_treatment
+    if total == 0:
+        return 0.0, 1.0
+    exp_t = total * planned_treatment_share
+    exp_c = total - exp_t
+    chi2 = (n_control - exp_c) ** 2 / exp_c + (n_treatment - exp_t) ** 2 / exp_t
+    return float(chi2), float(stats.chi2.sf(chi2, df=1))
