@@ -145,11 +145,12 @@ def _quality(arms, settings, history, mode, share, *, counts):
     run_low, run_high = running_intersection(t.low, t.high, history.interval_low, history.interval_high)
     reset = max(t.low, history.interval_low) > min(t.high, history.interval_high)
     if counts:
-        verdict = (
-            "non-inferior"
-            if t.go or run_low > -settings.margin
-            else ("futile" if t.futile or run_high < -settings.margin else "inconclusive")
-        )
+        # The verdict is the exact tests' (the running maximum of the capital already covers every earlier
+        # look of the same rows); the reported bounds are root-finder estimates, kept on the verdict's side.
+        m = -settings.margin
+        verdict = "non-inferior" if t.go else ("futile" if t.futile else "inconclusive")
+        run_low = max(run_low, m) if t.go else min(run_low, m)
+        run_high = min(run_high, m) if t.futile else max(run_high, m)
     else:
         verdict, run_low, run_high, reset = "not-evaluated", t.low, t.high, False
     evidence = QualityEvidence(

@@ -104,7 +104,7 @@ def test_wrong_types_are_not_coerced() -> None:
         ),
         (
             lambda d: d["gate"].update(max_looks=2),
-            "gate.max_looks: 2 looks cannot cover the shadow phase and 3 ramp step(s)",
+            "gate.max_looks: 2 looks per step cannot reach rollout.steps[0].min_samples",
         ),
         (lambda d: d.update(rollback="sometimes"), "rollback: input should be 'auto' or 'manual'"),
         (lambda d: d["traffic"].update(prompt_tokens=500), "traffic.prompt_tokens: give quantiles"),
