@@ -152,20 +152,34 @@ def confidence_bound(
     def excess(m: float) -> float:
         return float(log_capital(stream, lam, m, side).max()) - target
 
+    # Bracket the root near the mean first (a few capital evaluations instead of ~15 over the whole span):
+    # the bound lies on the far side of the mean, within a few standard errors unless the sample is tiny.
     lo, hi = span
-    centre = float(np.clip(np.mean(stream.z), lo, hi))  # the bound lies on the far side of the mean
-    if side == "lower":
-        if excess(lo) < 0:
-            return lo
-        if excess(hi) >= 0:
+    z = stream.z
+    centre = float(np.clip(np.mean(z), lo, hi))
+    reach = 6.0 * float(np.std(z)) / math.sqrt(stream.n) + 0.05
+    if side == "lower":  # excess falls as m rises: rejected below the root
+        near = max(lo, centre - reach)
+        if excess(near) < 0:
+            if excess(lo) < 0:
+                return lo
+            hi = near
+        elif excess(centre) < 0:
+            lo, hi = near, centre
+        elif excess(hi) >= 0:
             return hi
-    else:
-        if excess(hi) < 0:
-            return hi
-        if excess(lo) >= 0:
+        else:
+            lo = centre
+    else:  # excess rises with m: rejected above the root
+        near = min(hi, centre + reach)
+        if excess(near) < 0:
+            if excess(hi) < 0:
+                return hi
+            lo = near
+        elif excess(centre) < 0:
+            lo, hi = centre, near
+        elif excess(lo) >= 0:
             return lo
-    if side == "lower":
-        hi = centre if excess(centre) < 0 else hi
-    else:
-        lo = centre if excess(centre) < 0 else lo
-    return float(optimize.brentq(excess, lo, hi, xtol=1e-4))
+        else:
+            hi = centre
+    return float(optimize.brentq(excess, lo, hi, xtol=2e-4))

@@ -233,3 +233,66 @@ def _wide_console() -> None:
     from sparsepilot.console import console
 
     console.width = max(console.width, 160)
+
+
+@app.command("gate")
+def bench_gate(
+    simulate: bool = typer.Option(
+        False, "--simulate", help="Also simulate false GO, power and requests to GO over the scenario grid."
+    ),
+    replications: int = typer.Option(
+        1000, "--replications", help="Simulated pilots per scenario (--simulate)."
+    ),
+    repeats: int = typer.Option(3, "--repeats", help="Timed decide() calls per size (best and median kept)."),
+    out: str = typer.Option("bench-results/gate.json", "--out", help="Where to write the JSON."),
+    json_out: bool = typer.Option(False, "--json", help="Print the JSON after the tables."),
+) -> None:
+    """Time the gate's decide() at 10k / 100k / 1M rows (target: 1M rows <= 1 s) and, with --simulate,
+    measure its error rates by simulation (the table in docs/gate.md)."""
+    import json
+    from pathlib import Path
+
+    from rich.progress import Progress
+
+    from rollout.gate.bench import simulation_table, time_decide
+    from sparsepilot.console import emit_json, print_table
+
+    _wide_console()
+    result: dict = {"decide": time_decide(repeats=repeats)}
+    env = result["decide"]["environment"]
+    print_table(
+        f"decide() time; load {env['loadavg_before']} -> {env['loadavg_after']} on {env['cpu_count']} CPUs",
+        result["decide"]["rows"],
+        columns=["mode", "rows", "best_s", "median_s", "target_s", "within_target", "outcome"],
+    )
+    if simulate:
+        with Progress(transient=True) as bar:
+            task = bar.add_task("simulating pilots", total=None)
+            result["simulation"] = simulation_table(
+                replications=replications,
+                progress=lambda done, total: bar.update(task, completed=done, total=total),
+            )
+        sim = result["simulation"]
+        env = sim["environment"]
+        print_table(
+            f"simulated pilots ({replications} per scenario, 10 looks, alpha 0.05, margin 0.03); load "
+            f"{env['loadavg_before']} -> {env['loadavg_after']}",
+            sim["rows"],
+            columns=[
+                "design",
+                "scores",
+                "per_look",
+                "false_go_look1",
+                "false_go_look5",
+                "false_go_look10",
+                "false_go_upper95",
+                "false_go_1.2x_margin",
+                "power_look10",
+                "mean_requests_to_go",
+            ],
+        )
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    if json_out:
+        emit_json(result)

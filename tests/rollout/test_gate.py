@@ -294,7 +294,7 @@ def test_monitor_uses_the_same_checks() -> None:
     assert same.breached and out["checks"][0]["lower_bound"] == pytest.approx(same.lower_bound)
 
 
-# ---------------------------------------------------------------- bad input: INVALID with the column, never raises
+# ---------------------------------------------------------------- bad input: INVALID naming the column
 
 
 def _base() -> pd.DataFrame:
