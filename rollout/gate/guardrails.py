@@ -14,6 +14,7 @@ rows than its minimum is **not judged**, which keeps a step at EXTEND (never GO)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -21,13 +22,24 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from rollout.gate.sequences import bets, ipw_stream, paired_stream, rate_stream, rejects
-from rollout.gate.sequences import confidence_bound as _bound
+from rollout.gate.sequences import (
+    Stream,
+    bets,
+    bound_where,
+    confidence_bound,
+    ipw_stream,
+    log_capital,
+    paired_stream,
+    rate_log_capital,
+    rate_stream,
+    rejects,
+)
 from rollout.gate.settings import GateSettings
 
 Metric = Literal["error", "latency_over_slo"]
 Comparison = Literal["rate", "excess"]
 Status = Literal["breached", "holds", "not-judged"]
+_EXCESS_PRIOR_VAR = 0.25
 
 
 @dataclass(frozen=True)
@@ -116,12 +128,7 @@ def judge(
     evaluated = n_t >= check.min_samples and stream.n > 0
     if stream.n == 0:
         return Guardrail(check.name, None, check.threshold, False, False, _note(check, n_t), n=n_t)
-    kw = {"prior_mean": prior, "prior_var": 0.25}
-    lam = bets(stream, check.threshold, "lower", **kw)
-    breached = bool(rejects(stream, check.threshold, "lower", alpha, lam=lam, **kw)[0])
-    within = bool(rejects(stream, check.threshold, "upper", alpha, **kw)[0])
-    # the bound behind a breach: how bad at least (computed only then: it is what the explanation quotes)
-    low = _bound(stream, check.threshold, "lower", alpha, span=span, lam=lam, **kw) if breached else None
+    breached, within, low = _tests(stream, check, alpha, prior, span)
     return Guardrail(
         check.name,
         value,
@@ -133,6 +140,40 @@ def judge(
         n_t,
         within,
     )
+
+
+def breach_log_capital(stream: Stream, check: GuardrailCheck, prior_mean: float = 0.0) -> np.ndarray:
+    """log-capital over time of the test of H0: at or below the threshold (vectorised over leading axes):
+    rate checks by the likelihood-ratio mixture, excess checks by adaptive bets."""
+    if check.comparison == "rate":
+        return rate_log_capital(stream, check.threshold)
+    lam = bets(stream, check.threshold, "lower", prior_mean=prior_mean, prior_var=_EXCESS_PRIOR_VAR)
+    return log_capital(stream, lam, check.threshold, "lower")
+
+
+def _tests(
+    stream: Stream, check: GuardrailCheck, alpha: float, prior: float, span
+) -> tuple[bool, bool, float | None]:
+    """(breached, shown within the threshold, lower bound when breached)."""
+    target = math.log(1 / alpha)
+    breached = bool(breach_log_capital(stream, check, prior).max() >= target)
+    var = check.threshold * (1 - check.threshold) if check.comparison == "rate" else _EXCESS_PRIOR_VAR
+    kw = {"prior_mean": prior, "prior_var": var}
+    within = bool(rejects(stream, check.threshold, "upper", alpha, **kw)[0])
+    low = None
+    if breached:  # the bound behind a breach: how bad at least (what the explanation quotes)
+        if check.comparison == "rate":
+            low = bound_where(
+                lambda m: float(rate_log_capital(stream, check.threshold, m).max()),
+                stream,
+                "lower",
+                alpha,
+                span,
+            )
+        else:
+            lam = bets(stream, check.threshold, "lower", **kw)
+            low = confidence_bound(stream, check.threshold, "lower", alpha, span=span, lam=lam, **kw)
+    return breached, within, low
 
 
 def judge_all(

@@ -52,16 +52,14 @@ def _binary(p: float) -> ScoreModel:
 
 
 def _beta(a: float, b: float, degraded: float = 0.12) -> ScoreModel:
-    """Beta(a, b) scores; on `degraded` of the requests the sparse answer is a fresh, worse draw (same
-    concentration, mean lowered by delta / degraded)."""
+    """Beta(a, b) scores; on `degraded` of the requests the sparse answer is a fresh draw (same
+    concentration, mean shifted by delta / degraded): at delta = 0 the answers differ but no worse."""
     mean = a / (a + b)
 
     def control(rng, shape):
         return rng.beta(a, b, shape)
 
     def degrade(rng, q, delta):
-        if delta == 0:
-            return q
         m = mean + delta / degraded
         worse = rng.beta(m * (a + b), (1 - m) * (a + b), q.shape)
         return np.where(rng.random(q.shape) < degraded, worse, q)
