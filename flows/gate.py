@@ -71,24 +71,24 @@ def decide_and_record(use_case: str, step_id: int, promote_after_step: int | Non
         step = session.get(PilotStep, step_id)
         pilot = session.get(Pilot, step.pilot_id)
         rows = pilots.step_observations(session, step)
-        if not rows:
-            raise GateError(
-                f"{use_case}: step {step.index} ({step.kind}) has no observations yet; "
-                f"run `sparsepilot pilot {use_case}`"
-            )
         plan = pilots.step_plan_for(spec, step)
-        check = validate_observation_rows(
-            rows,
-            known_request_ids={r["request_id"] for r in rows},
-            # a split step at a small traffic % may have no treatment row yet: that is "too few
-            # samples" (EXTEND), judged by decide, not a broken batch
-            require_both_arms=step.kind == "shadow",
-            source=f"{use_case} step {step.index} observations",
+        # no rows, or rows decide() cannot judge, are recorded as INVALID with the reason (never a crash)
+        check = (
+            validate_observation_rows(
+                rows,
+                known_request_ids={r["request_id"] for r in rows},
+                # a split step at a small traffic % may have no treatment row yet: that is "too few
+                # samples" (EXTEND), judged by decide, not a broken batch
+                require_both_arms=step.kind == "shadow",
+                source=f"{use_case} step {step.index} observations",
+            )
+            if rows
+            else {"passed": True, "failures": [], "report": {"rows": 0}}
         )
         settings = pilots.gate_settings(spec, step)
         history = pilots.gate_history(session, step)
         decision = decide(
-            pd.DataFrame(rows),
+            pd.DataFrame(rows, columns=list(pilots.OBSERVATION_FIELDS)),
             settings,
             history,
             mode="paired" if step.kind == "shadow" else "split",

@@ -74,14 +74,15 @@ def decide_monitor(
         elif guard["breached"]:
             outcome = "NO-GO"
             why = "guardrail breached: " + ", ".join(
-                f"{c['name']} {c['value']:.4g} > {c['threshold']:.4g}"
+                f"{c['name']} {c['value']:.4g} > {c['threshold']:.4g} "
+                f"(at least {c['lower_bound']:.4g} with {100 * (1 - spec.gate.alpha):.0f}% confidence)"
                 for c in guard["checks"]
                 if c["breached"]
             )
         else:
             outcome = "GO"
-            why = "guardrails held: " + ", ".join(
-                f"{c['name']} {c['value']:.4g} <= {c['threshold']:.4g}" for c in guard["checks"]
+            why = "no guardrail shown breached: " + ", ".join(
+                f"{c['name']} {c['value']:.4g} (limit {c['threshold']:.4g})" for c in guard["checks"]
             )
         bad = outcome != "GO"
         auto = bad and info["rollback_policy"] == "auto"

@@ -233,9 +233,10 @@ def test_monitor_breach_with_manual_policy_waits_for_a_rollback_approval(flow_us
     promoted = registry.current_aliases(name)["champion"]
 
     prod = tmp_path / "prod.jsonl"
+    # 8 errors in 20 requests against a 5% ceiling: evidence of a breach (3 in 10 would not yet be)
     rows = [
-        {"request_id": f"p{i}", "arm": "treatment", "quality": 0.9, "latency_ms": 500.0, "error": i < 3}
-        for i in range(10)
+        {"request_id": f"p{i}", "arm": "treatment", "quality": 0.9, "latency_ms": 500.0, "error": i < 8}
+        for i in range(20)
     ]
     prod.write_text("".join(json.dumps(r) + "\n" for r in rows))
     mon = monitor_flow(name, observations_file=str(prod))
@@ -244,7 +245,7 @@ def test_monitor_breach_with_manual_policy_waits_for_a_rollback_approval(flow_us
         "rollback_approval",
         False,
     )
-    assert "error_rate 0.3 > 0.05" in mon["explanation"]
+    assert "treatment_error_rate 0.4 > 0.05" in mon["explanation"]
     assert registry.current_aliases(name)["champion"] == promoted  # nothing moved without a person
     with session_scope() as s:
         assert s.scalar(select(UseCase.phase).where(UseCase.name == name)) == "awaiting_approval"
