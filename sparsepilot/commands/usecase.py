@@ -5,13 +5,13 @@ written (the add is one transaction, after every check passed)."""
 
 from __future__ import annotations
 
-import getpass
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from sparsepilot.console import console, emit_json, fail, print_table
+from sparsepilot.commands.auth import PasswordStdin, signed_in
+from sparsepilot.console import console, emit_json, fail, print_table, say
 
 usecase_app = typer.Typer(no_args_is_help=True, help="Register and inspect use cases (versioned specs).")
 
@@ -46,18 +46,6 @@ def _require_schema() -> None:
     if current != head:
         state = "not initialised" if current is None else f"at revision {current}, head is {head}"
         fail(f"the state DB at {_mask(url)} is {state}: run `sparsepilot init` first")
-
-
-def _actor() -> str:
-    from rollout.auth import PermissionDenied, cli_identity
-
-    try:
-        identity = cli_identity()
-    except PermissionDenied as exc:
-        fail(str(exc))
-    if identity is not None:
-        return identity.name
-    return f"{getpass.getuser()} (os user)"
 
 
 def init(json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
@@ -101,6 +89,7 @@ def add(
         bool,
         typer.Option("--new-version", help="store a changed spec of an existing use case as a new version"),
     ] = False,
+    password_stdin: PasswordStdin = False,
     json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """Validate a spec, its model ref and its dataset, then register it (or a new version of it)."""
@@ -109,7 +98,7 @@ def add(
     from rollout.validation import DataValidationError
 
     _require_schema()
-    actor = _actor()
+    actor = signed_in("operator", f"usecase add {file}", password_stdin).name
     try:
         with console.status(f"Validating {file} (spec, model ref, dataset)...", spinner="dots"):
             result = add_usecase(file, actor=actor, new_version=new_version)
@@ -127,15 +116,15 @@ def add(
         "reverted": "switched back to an earlier version",
         "unchanged": "unchanged (identical to the current version); nothing written",
     }[result.status]
-    console.print(f"[bold]{result.name}[/] v{result.version}: {verb}")
+    say(f"{result.name} v{result.version}: {verb}")
     console.print(
         f"  dataset: {stats.get('rows')} requests, prompt tokens {stats.get('prompt_tokens_min')}-"
         f"{stats.get('prompt_tokens_max')} (counted by {stats.get('token_count')})"
     )
     if result.changed_fields:
-        console.print(f"  changed: {', '.join(result.changed_fields)}")
+        say(f"  changed: {', '.join(result.changed_fields)}")
     for w in result.validation.get("warnings", []):
-        console.print(f"  [yellow]warning:[/] {w}")
+        say(f"  warning: {w}")
 
 
 @usecase_app.command("list")
@@ -162,7 +151,8 @@ def list_(json_out: Annotated[bool, typer.Option("--json", help="print JSON")] =
 def show(
     name: Annotated[str, typer.Argument(help="use-case name")],
     version: Annotated[
-        int | None, typer.Option("--version", help="a spec version (default: current)")
+        int | None,
+        typer.Option("--version", min=1, max=2**31 - 1, help="a spec version (default: current)"),
     ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
@@ -183,8 +173,8 @@ def show(
 def _print_usecase(info: dict[str, Any]) -> None:
     import yaml
 
-    console.print(
-        f"[bold]{info['name']}[/]  owner {info['owner']}  criticality {info['criticality']}  "
+    say(
+        f"{info['name']}  owner {info['owner']}  criticality {info['criticality']}  "
         f"phase {info['phase']}  spec v{info['version']} (current v{info['current_version']})"
     )
     console.print(f"dataset: {info['dataset_rows']} requests, sha256 {str(info['dataset_sha256'])[:12]}")
