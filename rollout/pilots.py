@@ -246,7 +246,11 @@ def advance(
     return new
 
 
-def stop_pilot(session: Session, pilot: Pilot, *, status: str, actor: str, reason: str) -> None:
+def stop_pilot(
+    session: Session, pilot: Pilot, *, status: str, actor: str, reason: str, open_steps: str | None = None
+) -> None:
+    """Move the pilot to ``status``; its running steps end as passed (promoted), failed, or
+    ``open_steps`` when given (e.g. "skipped" for a promotion that skips ramp steps, "aborted")."""
     if status not in ("stopped", "promoted", "rolled_back", "awaiting_approval", "running"):
         raise ValueError(f"unknown pilot status {status!r}")
     if pilot.status == status:
@@ -257,7 +261,7 @@ def stop_pilot(session: Session, pilot: Pilot, *, status: str, actor: str, reaso
         pilot.ended_at = pilot.ended_at or utcnow()
         for step in pilot.steps:
             if step.status == "running" and step.kind != "monitor":
-                step.status = "passed" if status == "promoted" else "failed"
+                step.status = open_steps or ("passed" if status == "promoted" else "failed")
                 step.ended_at = utcnow()
     audit.record(
         session,

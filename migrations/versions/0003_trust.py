@@ -44,6 +44,11 @@ _UNIQUE_KEYS = {
     "alias_history": ("id", "idempotency_key"),
 }
 
+_SQLITE_TRIGGERS = (
+    "approvals_no_update", "approvals_no_delete", "gate_decisions_guard", "gate_decisions_no_delete",
+    "alias_history_guard", "alias_history_no_delete",
+)  # fmt: skip
+
 
 def upgrade() -> None:
     with op.batch_alter_table("audit_log", schema=None) as batch_op:
@@ -77,8 +82,7 @@ def downgrade() -> None:
     else:
         for t in _GUARDED:
             op.execute(f"DROP TRIGGER IF EXISTS {t}_no_replace")
-        for name in ("approvals_no_update", "approvals_no_delete", "gate_decisions_guard",
-                     "gate_decisions_no_delete", "alias_history_guard", "alias_history_no_delete"):  # fmt: skip
+        for name in _SQLITE_TRIGGERS:
             op.execute(f"DROP TRIGGER IF EXISTS {name}")
     op.drop_index("uq_audit_log_prev_hash", table_name="audit_log")
     with op.batch_alter_table("pilots", schema=None) as batch_op:
