@@ -31,6 +31,7 @@ from flows.common import flow_run_id
 
 DEFAULT_TIMEOUT_S = 7 * 24 * 3600
 _WAITERS: dict[int, tuple[threading.Thread, dict[str, Any]]] = {}
+_OWN_RUNS: dict[str, str] = {}  # waiter thread name -> the flow run id it runs
 _LOCK = threading.Lock()
 
 
@@ -61,12 +62,13 @@ def register_run(decision_id: int, run_id: str) -> dict[str, Any]:
             raise ApprovalWaitError(f"decision {decision_id} does not exist")
         from rollout.approvals import check_approvable
 
-        check_approvable(session, d)
+        # Lost a race (another approver signed, or another live run is registered): this run ends
+        # without pausing, and the caller signs through the other run or is told who signed.
+        if d.resolution is not None:
+            return {"skip": f"decision {decision_id} was already {d.resolution}"}
         if d.flow_run_id and d.flow_run_id != run_id and _run_is_live(d.flow_run_id):
-            raise ApprovalWaitError(
-                f"decision {decision_id} already has approval run {d.flow_run_id}; "
-                "approve it with `sparsepilot approve` (it resumes that run)"
-            )
+            return {"skip": f"decision {decision_id} already has approval run {d.flow_run_id}"}
+        check_approvable(session, d)
         if d.flow_run_id != run_id:
             d.flow_run_id = run_id
             audit.record(
@@ -125,7 +127,11 @@ def approval_flow(
     logger = get_run_logger()
     run_id = flow_run_id()
     assert run_id is not None
+    _OWN_RUNS[threading.current_thread().name] = run_id
     info = register_run(decision_id, run_id)
+    if "skip" in info:
+        logger.info("%s; this run ends without waiting", info["skip"])
+        return {"action": "none", "decision_id": decision_id, "reason": info["skip"]}
     logger.info("decision %s (%s) waits for approval in flow run %s", decision_id, info["outcome"], run_id)
     try:
         answer = pause_flow_run(
@@ -210,8 +216,11 @@ def start_waiting(
             raise ApprovalWaitError(
                 f"approval flow for decision {decision_id} failed: {box['error']}"
             ) from box["error"]
+        if "result" in box:  # ended without pausing: another approver's run or signature came first
+            raise ApprovalWaitError(box["result"].get("reason") or "the approval run ended without waiting")
         rid = _decision_run_id(decision_id)
-        if rid and flow_is_waiting(rid):
+        # our own run, paused (another process's run may be the one registered on the decision)
+        if rid and rid == _OWN_RUNS.get(t.name) and flow_is_waiting(rid):
             box["flow_run_id"] = rid
             return rid
         time.sleep(0.3)
