@@ -186,17 +186,42 @@ def pilot_cmd(
     ] = None,
     batches: Annotated[int, typer.Option("--batches", min=1, max=10_000, help="pilot batches to run")] = 1,
     max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", min=1, max=4096)] = None,
+    external_assignment: Annotated[
+        bool,
+        typer.Option(
+            "--external-assignment",
+            help="with --observations at a split step: your serving system assigned the arms (not the hash)",
+        ),
+    ] = False,
+    abort: Annotated[bool, typer.Option("--abort", help="stop the active pilot (needs --reason)")] = False,
+    reason: Annotated[
+        str | None, typer.Option("--reason", help="why (with --abort; kept in the audit log)")
+    ] = None,
     password_stdin: PasswordStdin = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """One pilot batch (or --batches N) in the current step, or import observations from a file
-    (operators and approvers)."""
+    """One pilot batch (or --batches N) in the current step, import observations from a file, or
+    --abort the pilot (operators and approvers)."""
+    from flows.pilot import abort as abort_pilot
     from flows.pilot import pilot_flow
 
-    signed_in("operator", f"pilot {name}", password_stdin)
+    if abort and observations:
+        fail("--abort and --observations exclude each other")
+    who = signed_in("operator", f"{'abort the pilot of' if abort else 'pilot'} {name}", password_stdin)
+    if abort:
+        out = _run(lambda: abort_pilot(name, who.name, reason or ""))
+        if json_out:
+            emit_json(out)
+            return
+        say(f"{name}: pilot {out['pilot_id']} aborted; closed decisions: {out['closed_decisions'] or 'none'}")
+        return
     result = _run(
         lambda: pilot_flow(
-            name, observations_file=observations, batches=batches, max_new_tokens=max_new_tokens
+            name,
+            observations_file=observations,
+            batches=batches,
+            max_new_tokens=max_new_tokens,
+            external_assignment=external_assignment,
         )
     )
     if json_out:
