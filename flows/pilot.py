@@ -185,6 +185,24 @@ def abort(use_case: str, actor: str, reason: str) -> dict[str, Any]:
     return out
 
 
+def import_observations(use_case: str, path: str, *, external_assignment: bool = False) -> dict[str, Any]:
+    """`sparsepilot pilot NAME --observations FILE`: a database import (no model work), so the CLI runs
+    it directly rather than as a flow run; `pilot_flow(observations_file=...)` calls it too."""
+    ctx = load_context(use_case)
+    known = sorted({r["id"] for r in ctx.rows})
+    done = import_file(use_case, path, known, external_assignment=external_assignment)
+    info = done["info"]
+    log_batch.fn(ctx, info, done["rows"], done["stored"], done["source"])
+    return {
+        "use_case": use_case,
+        "pilot_id": info["pilot_id"],
+        "step_index": info["step_index"],
+        "step_kind": info["kind"],
+        "traffic_pct": info["traffic_pct"],
+        "batches": [{"batch_id": done["batch_id"], **done["stored"], "passed": True}],
+    }
+
+
 def choose_requests(rows: list[dict[str, Any]], used: set[str], salt: str, n: int) -> list[tuple[str, dict]]:
     """The next n requests of the pilot's traffic: dataset rows in a pilot-specific order, each used
     once per pilot; when the dataset is exhausted it is replayed with new request ids (id~r2, ...)."""
@@ -373,25 +391,10 @@ def pilot_flow(
     external_assignment: bool = False,
 ) -> dict[str, Any]:
     """Collect `batches` batches (or import a file) into the current step. Returns a summary."""
+    if observations_file:
+        return import_observations(use_case, observations_file, external_assignment=external_assignment)
     logger = get_run_logger()
     ctx = load_context(use_case)
-    if observations_file:
-        done = import_file(
-            use_case,
-            observations_file,
-            sorted({r["id"] for r in ctx.rows}),
-            external_assignment=external_assignment,
-        )
-        info = done["info"]
-        log_batch(ctx, info, done["rows"], done["stored"], done["source"])
-        return {
-            "use_case": use_case,
-            "pilot_id": info["pilot_id"],
-            "step_index": info["step_index"],
-            "step_kind": info["kind"],
-            "traffic_pct": info["traffic_pct"],
-            "batches": [{"batch_id": done["batch_id"], **done["stored"], "passed": True}],
-        }
     info = ensure_pilot(use_case)
     summary: dict[str, Any] = {
         "use_case": use_case,

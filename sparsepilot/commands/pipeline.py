@@ -203,7 +203,7 @@ def pilot_cmd(
     """One pilot batch (or --batches N) in the current step, import observations from a file, or
     --abort the pilot (operators and approvers)."""
     from flows.pilot import abort as abort_pilot
-    from flows.pilot import pilot_flow
+    from flows.pilot import import_observations, pilot_flow
 
     if abort and observations:
         fail("--abort and --observations exclude each other")
@@ -215,15 +215,13 @@ def pilot_cmd(
             return
         say(f"{name}: pilot {out['pilot_id']} aborted; closed decisions: {out['closed_decisions'] or 'none'}")
         return
-    result = _run(
-        lambda: pilot_flow(
-            name,
-            observations_file=observations,
-            batches=batches,
-            max_new_tokens=max_new_tokens,
-            external_assignment=external_assignment,
+    if observations:  # a database import, no model work: not a flow run
+        result = _run(
+            lambda: import_observations(name, observations, external_assignment=external_assignment)
         )
-    )
+    else:
+        _require_use_case(name)
+        result = _run(lambda: pilot_flow(name, batches=batches, max_new_tokens=max_new_tokens))
     if json_out:
         emit_json(result)
         return
@@ -236,6 +234,7 @@ def gate_cmd(name: Annotated[str, typer.Argument(help="use case NAME")], json_ou
     """Decide the current pilot step (GO / EXTEND / NO-GO / INVALID) and act on it."""
     from flows.gate import gate_flow
 
+    _require_use_case(name)
     result = _run(lambda: gate_flow(name))
     if json_out:
         emit_json(result)
@@ -244,6 +243,19 @@ def gate_cmd(name: Annotated[str, typer.Argument(help="use case NAME")], json_ou
             "interval_high"]  # fmt: skip
     print_table(f"gate of {name}", [result], cols)
     say(result["explanation"])
+
+
+def _require_use_case(name: str) -> None:
+    """Refuse an unknown use case before a flow run starts (its failure would be a logged traceback)."""
+    from rollout import pilots
+    from rollout.db.session import session_scope
+
+    _require_db()
+    with session_scope() as session:
+        try:
+            pilots.get_use_case(session, name)
+        except pilots.UnknownUseCase as exc:
+            fail(str(exc))
 
 
 def _check_decision(name: str, decision_id: int) -> None:
