@@ -67,7 +67,7 @@ def decide_and_record(use_case: str, step_id: int, promote_after_step: int | Non
 
     with session_scope() as session:
         uc = pilots.get_use_case(session, use_case)
-        spec, _ = pilots.load_current_spec(session, uc)
+        spec, _ = pilots.load_step_spec(session, step_id)
         step = session.get(PilotStep, step_id)
         pilot = session.get(Pilot, step.pilot_id)
         rows = pilots.step_observations(session, step)

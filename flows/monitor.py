@@ -66,7 +66,7 @@ def decide_monitor(
 
     with session_scope() as session:
         uc = pilots.get_use_case(session, use_case)
-        spec, _ = pilots.load_current_spec(session, uc)
+        spec, _ = pilots.load_pilot_spec(session, session.get(Pilot, info["pilot_id"]))
         guard = pilots.monitor_guardrails(rows, spec) if check["passed"] else {"checks": [], "breached": []}
         if not check["passed"]:
             outcome = "INVALID"
