@@ -119,7 +119,11 @@ def extra_requests(decision: dict[str, Any], seconds_per_request: float, seconds
     needs (plus 10%, as the estimate moves), capped by the time left; 0 = stop looking. Every look
     counts toward gate.max_looks, so a look on less than half of what is wanted is not spent."""
     projected = decision.get("projected_requests")
-    if decision.get("outcome") != "EXTEND" or not projected:
+    if (
+        decision.get("outcome") != "EXTEND"
+        or not projected
+        or "traffic-exhausted" in decision.get("reasons", [])
+    ):
         return 0
     have = decision.get("n_pairs") or (decision.get("n_control") or 0) + (decision.get("n_treatment") or 0)
     wanted = max(0, -(-projected * 11 // 10) - have)  # ceil(1.1 * projected), in integers

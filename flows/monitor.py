@@ -136,7 +136,7 @@ def monitor_flow(
     max_new_tokens: int | None = None,
     max_prompt_tokens: int | None = None,
 ) -> dict[str, Any]:
-    from flows.pilot import answer_batch, choose_requests, default_max_new_tokens, store_batch, validate_batch
+    from flows.pilot import answer_batch, default_max_new_tokens, next_requests, store_batch, validate_batch
     from flows.promote import rollback_flow
 
     logger = get_run_logger()
@@ -152,9 +152,15 @@ def monitor_flow(
         check = validate_batch(rows, known, "import")
         source = "imported"
     else:
-        requests = choose_requests(
-            ctx.rows, set(info["used_request_ids"]), info["salt"], batch_size or ctx.spec.rollout.batch_size
+        requests = next_requests(
+            ctx, set(info["used_request_ids"]), info["salt"], batch_size or ctx.spec.rollout.batch_size
         )
+        if not requests:
+            return {
+                "status": "skipped",
+                "explanation": f"{use_case}: traffic exhausted: every request of the source was used once; "
+                "import production observations with --observations to keep monitoring",
+            }
         rows = answer_batch(
             ctx, info, requests, max_new_tokens or default_max_new_tokens(ctx.spec), max_prompt_tokens
         )

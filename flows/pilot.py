@@ -203,24 +203,13 @@ def import_observations(use_case: str, path: str, *, external_assignment: bool =
     }
 
 
-def choose_requests(rows: list[dict[str, Any]], used: set[str], salt: str, n: int) -> list[tuple[str, dict]]:
-    """The next n requests of the pilot's traffic: dataset rows in a pilot-specific order, each used
-    once per pilot; when the dataset is exhausted it is replayed with new request ids (id~r2, ...)."""
-    # A separate hash domain from the arm assignment: ordering traffic by the assignment hash itself
-    # would put the lowest hashes (all treatment) first and break the split.
-    order = sorted(rows, key=lambda r: pilots.hash_unit(r["id"], f"{salt}:traffic-order"))
-    out: list[tuple[str, dict]] = []
-    rnd = 1
-    while len(out) < n:
-        for r in order:
-            rid = r["id"] if rnd == 1 else f"{r['id']}~r{rnd}"
-            if rid not in used:
-                out.append((rid, r))
-                used.add(rid)
-                if len(out) == n:
-                    break
-        rnd += 1
-    return out
+def next_requests(ctx: UseCaseContext, used: set[str], salt: str, n: int) -> list[tuple[str, dict]]:
+    """The next (up to) n requests of the pilot's traffic source, each used once per pilot (the ids are
+    added to `used`). Fewer, or none, when the source is exhausted: a replayed request would be the same
+    evidence counted twice (the gate then says "traffic exhausted")."""
+    requests = ctx.traffic(salt).take(n, used)
+    used.update(r.id for r in requests)
+    return [(r.id, r.as_row()) for r in requests]
 
 
 def _score(model: Any, tok: Any, prompt: str, reference: str, task_name: str, **kw: Any) -> dict[str, Any]:
@@ -408,7 +397,16 @@ def pilot_flow(
     mnt = max_new_tokens or default_max_new_tokens(ctx.spec)
     used = set(info["used_request_ids"])
     for b in range(batches):
-        requests = choose_requests(ctx.rows, used, info["salt"], n)
+        requests = next_requests(ctx, used, info["salt"], n)
+        if not requests:
+            logger.info(
+                "%s: traffic exhausted: %d distinct requests used in pilot %d; no batch",
+                use_case,
+                len(used),
+                info["pilot_id"],
+            )
+            summary["traffic_exhausted"] = True
+            break
         logger.info(
             "%s: batch %d/%d of step %d (%s), %d requests",
             use_case,
@@ -416,7 +414,7 @@ def pilot_flow(
             batches,
             info["step_index"],
             info["kind"],
-            n,
+            len(requests),
         )
         rows = answer_batch(ctx, info, requests, mnt, max_prompt_tokens)
         bid = batch_id_for(info["step_id"], [rid for rid, _ in requests])

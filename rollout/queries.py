@@ -32,6 +32,9 @@ EVIDENCE_QUALITY_HIGH = ("quality", "interval_high")
 # An EXTEND's projection of the requests (pairs in a shadow step) that would settle it.
 EVIDENCE_PROJECTED = ("projected_requests",)
 EVIDENCE_N_CONTROL = ("n_control",)
+# The pilot's traffic source when the gate looked: distinct requests used and how many are left.
+EVIDENCE_TRAFFIC_USED = ("traffic", "distinct_used")
+EVIDENCE_TRAFFIC_REMAINING = ("traffic", "remaining")
 EVIDENCE_N_TREATMENT = ("n_treatment",)
 
 WAITING_LABELS = {"approval": "approval to promote", "rollback_approval": "approval to roll back"}
@@ -97,6 +100,8 @@ def portfolio(session: Session) -> list[dict[str, Any]]:
             GateDecision.evidence[EVIDENCE_PROJECTED].as_integer().label("projected_requests"),
             GateDecision.evidence[EVIDENCE_N_CONTROL].as_integer().label("decision_n_control"),
             GateDecision.evidence[EVIDENCE_N_TREATMENT].as_integer().label("decision_n_treatment"),
+            GateDecision.evidence[EVIDENCE_TRAFFIC_USED].as_integer().label("traffic_used"),
+            GateDecision.evidence[EVIDENCE_TRAFFIC_REMAINING].as_integer().label("traffic_remaining"),
             EvaluationRun.density,
             EvaluationRun.speedup,
             EvaluationRun.speedup_low,
@@ -140,6 +145,9 @@ def waits_for(row: dict[str, Any]) -> str:
         if row.get("step_kind") == "shadow":
             n //= 2  # both arms answer every shadow request: count requests, as the minimum does
         projected = row.get("projected_requests") if decision == "EXTEND" else None
+        if decision == "EXTEND" and row.get("traffic_remaining") == 0:  # rollout.traffic: no unused request
+            need = f"; ~{projected} needed" if projected else ""
+            return f"traffic exhausted ({row.get('traffic_used')} distinct requests used{need})"
         if projected:  # the gate's projection of what would settle it (rollout.gate)
             return f"more samples ({n}/~{projected})"
         n_c, n_t = row.get("decision_n_control"), row.get("decision_n_treatment")

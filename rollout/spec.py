@@ -139,10 +139,18 @@ class RampStep(_Strict):
     min_samples: PositiveInt
 
 
+class TrafficSourceSpec(_Strict):
+    """Where the pilot's requests come from (rollout.traffic): the dataset, or a request log."""
+
+    kind: Literal["dataset", "request-log"] = "dataset"
+    path: Annotated[str, Field(min_length=1, max_length=4096)] | None = None  # request-log: .jsonl / .csv
+
+
 class RolloutSpec(_Strict):
     shadow: ShadowSpec
     steps: Annotated[list[RampStep], Field(min_length=1)]
     batch_size: PositiveInt = 10
+    traffic_source: TrafficSourceSpec = TrafficSourceSpec()
 
 
 class Guardrails(_Strict):
@@ -478,6 +486,14 @@ def _inner_model(annotation: Any) -> type[BaseModel] | None:
 
 def _cross_checks(spec: UseCaseSpec) -> Iterable[tuple[str, str]]:
     """Rules between fields, reported with the path of the field to fix."""
+    src = spec.rollout.traffic_source
+    if (src.kind == "request-log") != (src.path is not None):
+        yield (
+            "rollout.traffic_source.path",
+            "a request-log source needs a path (.jsonl or .csv)"
+            if src.path is None
+            else "only a request log has a path",
+        )
     for key in ("prompt_tokens", "output_tokens"):
         dist: TokenDistribution = getattr(spec.traffic, key)
         path = f"traffic.{key}"
