@@ -136,7 +136,13 @@ def monitor_flow(
     max_new_tokens: int | None = None,
     max_prompt_tokens: int | None = None,
 ) -> dict[str, Any]:
-    from flows.pilot import answer_batch, default_max_new_tokens, next_requests, store_batch, validate_batch
+    from flows.pilot import (
+        answer_measured,
+        default_max_new_tokens,
+        next_requests,
+        store_batch,
+        validate_batch,
+    )
     from flows.promote import rollback_flow
 
     logger = get_run_logger()
@@ -161,7 +167,7 @@ def monitor_flow(
                 "explanation": f"{use_case}: traffic exhausted: every request of the source was used once; "
                 "import production observations with --observations to keep monitoring",
             }
-        rows = answer_batch(
+        rows, _ = answer_measured(
             ctx, info, requests, max_new_tokens or default_max_new_tokens(ctx.spec), max_prompt_tokens
         )
         check = validate_batch(rows, [rid for rid, _ in requests], "monitor")

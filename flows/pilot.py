@@ -284,6 +284,25 @@ def answer_batch(
     return obs
 
 
+def answer_measured(
+    ctx: UseCaseContext,
+    info: dict[str, Any],
+    requests: list[tuple[str, dict]],
+    max_new_tokens: int,
+    max_prompt_tokens: int | None,
+) -> tuple[list[dict[str, Any]], Any]:
+    """answer_batch with torch threads chosen from the CPUs really free (sparse_core.host) and the host's
+    load recorded while it ran; every row is flagged `overloaded` when the CPU was oversubscribed."""
+    from sparse_core.host import HostLoadMeter, apply_thread_policy
+
+    policy = apply_thread_policy()
+    with HostLoadMeter(threads=policy["threads"]) as meter:
+        rows = answer_batch(ctx, info, requests, max_new_tokens, max_prompt_tokens)
+    for r in rows:
+        r["overloaded"] = meter.load.overloaded
+    return rows, meter.load
+
+
 def _obs_fields(res: dict[str, Any]) -> dict[str, Any]:
     return {k: res[k] for k in ("quality", "latency_ms", "tokens", "error")}
 
@@ -416,7 +435,15 @@ def pilot_flow(
             info["kind"],
             len(requests),
         )
-        rows = answer_batch(ctx, info, requests, mnt, max_prompt_tokens)
+        rows, load = answer_measured(ctx, info, requests, mnt, max_prompt_tokens)
+        if load.overloaded:
+            logger.warning(
+                "%s: host overloaded during the batch (others busy on %s of %s CPUs): its rows count for "
+                "quality, not for the latency guardrail",
+                use_case,
+                load.others_busy_cores,
+                load.cpus,
+            )
         bid = batch_id_for(info["step_id"], [rid for rid, _ in requests])
         check = validate_batch(rows, [rid for rid, _ in requests], info["kind"])
         if not check["passed"]:
@@ -427,5 +454,5 @@ def pilot_flow(
             continue
         stored = store_batch(info["step_id"], rows, bid, "pilot-flow")
         log_batch(ctx, info, rows, stored, "pilot-flow")
-        summary["batches"].append({"batch_id": bid, **stored, "passed": True})
+        summary["batches"].append({"batch_id": bid, **stored, "passed": True, "host_load": load.to_dict()})
     return summary

@@ -29,7 +29,7 @@ from rollout.db.models import (
 from rollout.usecases import UnknownUseCase
 
 ARMS = ("control", "treatment")
-OBSERVATION_FIELDS = ("request_id", "arm", "quality", "latency_ms", "tokens", "error")
+OBSERVATION_FIELDS = ("request_id", "arm", "quality", "latency_ms", "tokens", "error", "overloaded")
 ACTIVE_PILOT = ("running", "awaiting_approval")
 
 
@@ -369,6 +369,7 @@ def record_observations(
                 latency_ms=float(r["latency_ms"]),
                 tokens=int(r.get("tokens") or 0),
                 error=bool(r.get("error") or False),
+                overloaded=bool(r.get("overloaded") or False),
                 source=source,
             )
         )
@@ -484,6 +485,7 @@ def step_observations(session: Session, step: PilotStep) -> list[dict[str, Any]]
             Observation.latency_ms,
             Observation.tokens,
             Observation.error,
+            Observation.overloaded,
         )
         .where(Observation.pilot_step_id == step.id)
         .order_by(Observation.id)

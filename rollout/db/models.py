@@ -27,6 +27,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     event,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -207,6 +208,8 @@ class Observation(Base):
     latency_ms: Mapped[float] = mapped_column(Float)
     tokens: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[bool] = mapped_column(Boolean, default=False)
+    # collected while the host's CPU was oversubscribed (sparse_core.host): its latency is not the model's
+    overloaded: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     source: Mapped[str] = mapped_column(String(20), default="simulated")  # pilot-flow / imported / monitor
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
