@@ -39,7 +39,14 @@ def test_threads_are_the_cpus_the_others_leave(cpus: float, others: float, threa
 def test_available_cpus_follow_the_affinity_mask() -> None:
     if not hasattr(os, "sched_setaffinity"):
         pytest.skip("no sched_setaffinity on this platform")
-    code = "import os\nos.sched_setaffinity(0, {0})\nfrom sparse_core import host\nprint(host.available_cpus())"
+    code = "\n".join(
+        [
+            "import os",
+            "os.sched_setaffinity(0, {0})",
+            "from sparse_core import host",
+            "print(host.available_cpus())",
+        ]
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert float(out.stdout) == 1.0
     assert available_cpus() <= (os.cpu_count() or 1)
