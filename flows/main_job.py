@@ -150,6 +150,7 @@ def run_use_case(name: str, s: MainJobSettings, stage: Callable[[str], None]) ->
             density=out.evaluation.get("density"),
             saved_usd_month=out.evaluation.get("savings_month_usd"),
             saved_usd_month_high=out.evaluation.get("savings_month_high"),
+            saved_usd_month_low=out.evaluation.get("savings_month_low"),
             pilot_anyway=s.pilot_unprofitable,
         )
         if out.note is None:
