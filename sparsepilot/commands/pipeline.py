@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -415,6 +416,10 @@ def run_cmd(
         float | None,
         typer.Option("--split-seconds", min=0, help="split-step time per use case [default: 90]"),
     ] = None,
+    specs: Annotated[
+        Path | None,
+        typer.Option("--specs", help="folder of use-case specs to run [default: examples/usecases]"),
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """The main job: for each sample use case validate -> calibrate -> evaluate -> pilot (shadow + first
@@ -426,6 +431,7 @@ def run_cmd(
     from flows.main_job import MainJobSettings, render_table, run_main_job, serve_after
 
     settings = MainJobSettings(
+        **({"examples_dir": specs} if specs is not None else {}),
         use_cases=use_case or None,
         quick=not full,
         pilot_max_new_tokens=max_new_tokens,
@@ -436,6 +442,11 @@ def run_cmd(
     if split_seconds is not None:
         settings.split_seconds = split_seconds
     out_console = err_console if json_out else console
+    from rollout.settings import get_settings
+    from sparsepilot.quiet import to_log_file
+
+    log_path = to_log_file(get_settings().home, "run")
+    out_console.print(f"log file (warnings and library output): {log_path}", highlight=False)
     try:
         result = run_main_job(settings, console=out_console)
     except _known_errors() as exc:
