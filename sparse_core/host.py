@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-# A batch is "overloaded" when other processes used more CPU than our threads left free: our threads then
-# waited for a core, and its latencies say more about the host than about the model.
-OVERLOAD_MARGIN_CORES = 0.25
+# A batch is "overloaded" when it ran with more threads than the CPUs the other processes left free (the
+# choice `choose_threads` would make now is fewer threads): our threads then waited for a core, and its
+# latencies say more about the host than about the model.
+OVERLOAD_MARGIN_CORES = 0.5
 
 
 def available_cpus() -> float:
@@ -126,7 +127,7 @@ class HostLoad:
     others_busy_cores: float | None  # mean cores used by other processes during the work
     cpu_pressure: float | None  # share of the time some task waited for a CPU (PSI "some")
     loadavg: tuple[float, float, float] | None
-    overloaded: bool  # others_busy_cores + threads > cpus + OVERLOAD_MARGIN_CORES
+    overloaded: bool  # others_busy_cores + threads > cpus + OVERLOAD_MARGIN_CORES (0.5)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
