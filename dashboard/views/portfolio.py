@@ -69,7 +69,7 @@ def to_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     df[numeric] = df[numeric].apply(pd.to_numeric, errors="coerce")  # all-None columns stay numeric
     df["decision"] = df["decision"].fillna("-")
     df["step"] = [fmt.step_label(r) for r in rows]
-    df["quality interval"] = [fmt.interval_only(r["quality_low"], r["quality_high"]) for r in rows]
+    df["quality interval"] = [fmt.quality_interval(r["quality_low"], r["quality_high"]) for r in rows]
     df["savings interval"] = [
         fmt.interval_only(r["savings_month_low"], r["savings_month_high"], fmt.money) for r in rows
     ]
