@@ -464,3 +464,13 @@ def test_overloaded_rows_count_for_quality_but_not_for_the_latency_guardrail() -
     assert decide(df, SETTINGS, mode="paired").outcome == "NO-GO"  # the same rows, not flagged
     bad = decide(df.assign(overloaded="yes"), SETTINGS, mode="paired")
     assert bad.outcome == "INVALID" and "column 'overloaded'" in bad.input_problems[0]
+
+
+def test_a_look_from_the_old_asymptotic_gate_counts_as_a_look_but_not_in_the_interval() -> None:
+    old = {
+        "look_index": 1,
+        "data_fingerprint": "x",
+        "quality": {"look_low": -0.029, "look_high": 0.029, "counts_toward_interval": True},  # no method
+    }
+    hist = GateHistory.from_evidence([old])
+    assert hist.looks == 1 and hist.interval_low == -math.inf and hist.interval_high == math.inf
