@@ -14,7 +14,7 @@ from rollout.gate.explain import explain
 from rollout.gate.guardrails import guardrail_checks, judge_all
 from rollout.gate.inputs import check_observations, data_fingerprint, srm_test
 from rollout.gate.planning import projected_sample_size
-from rollout.gate.quality import paired_arms, split_arms, test_quality
+from rollout.gate.quality import judge_quality, paired_arms, split_arms
 from rollout.gate.settings import GateSettings
 
 
@@ -141,7 +141,7 @@ def _quality(arms, settings, history, mode, share, *, counts):
             "not-evaluated",
             False,
         ), None
-    t = test_quality(arms, settings, mode=mode, share=share)
+    t = judge_quality(arms, settings, mode=mode, share=share)
     run_low, run_high = running_intersection(t.low, t.high, history.interval_low, history.interval_high)
     reset = max(t.low, history.interval_low) > min(t.high, history.interval_high)
     if counts:

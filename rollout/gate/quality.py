@@ -102,7 +102,7 @@ def prior(settings: GateSettings, stream_kind: str, share: float) -> dict[str, f
     return {"prior_mean": settings.planned_effect, "prior_var": var}
 
 
-def test_quality(arms: Arms, settings: GateSettings, *, mode: str, share: float) -> QualityTests:
+def judge_quality(arms: Arms, settings: GateSettings, *, mode: str, share: float) -> QualityTests:
     kw = prior(settings, mode, share)
     m0 = -settings.margin
     lam = {side: bets(arms.stream, m0, side, **kw) for side in ("lower", "upper")}
