@@ -77,14 +77,15 @@ def _csv(p: Path, text: str) -> list[tuple[int, dict[str, Any]]]:
         if missing:
             raise ObservationImportError(f"{p}: header is missing column(s) {', '.join(missing)}")
         reader.fieldnames = fields
-        out = []
+        out: list[tuple[int, dict[str, Any]]] = []
         for i, row in enumerate(reader, start=2):
             if None in row:
                 raise ObservationImportError(f"{p}:{i}: more values than header columns")
             out.append((i, dict(row)))
         return out
     except csv.Error as exc:  # e.g. a field over the csv module's 128 KiB limit
-        raise ObservationImportError(f"{p}:{reader.line_num}: not valid CSV ({exc})") from None
+        line = out[-1][0] + 1 if "out" in locals() and out else 2
+        raise ObservationImportError(f"{p}:{line}: not valid CSV ({exc})") from None
 
 
 def _row(p: Path, line: int, obj: dict[str, Any]) -> dict[str, Any]:
