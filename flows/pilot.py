@@ -144,9 +144,13 @@ def import_file(
             else check["failures"]
         )
         if problems:
+            what = (
+                "failed the observation checks"
+                if not check["passed"]
+                else f"does not fit step {info['step_index']} ({info['kind']})"
+            )
             raise ObservationImportError(
-                f"{path}: does not fit step {info['step_index']} ({info['kind']}); nothing was stored:\n  - "
-                + "\n  - ".join(problems)
+                f"{path}: {what}; nothing was stored:\n  - " + "\n  - ".join(problems)
             )
         bid = batch_id_for(info["step_id"], [f"{r['request_id']}|{r['arm']}" for r in rows])
         source = "imported-external" if external_assignment else "imported"
