@@ -389,7 +389,8 @@ def _values(r: Mapping[str, Any]) -> int:
 
 class ImportCheck:
     """Does an observation import fit the step's design? Fed the file in chunks (`add`), it keeps one
-    small entry per (request, arm) seen, so a file of any length is checked in bounded memory.
+    small entry per (request, arm) seen (a hash of its values, not the row), so memory grows with the
+    number of requests, not with the file's bytes.
 
     Shadow: every request has both arms. Split: every request is in exactly one arm, the one the
     pilot's hash assignment gives it (unless the serving system assigned arms itself:
