@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+import uuid
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -96,6 +97,7 @@ def _ensure_pilot(session: Any, use_case: str) -> dict[str, Any]:
     step = pilots.current_step(session, pilot)
     return {
         "pilot_id": pilot.id,
+        "use_case_id": uc.id,
         "salt": pilot.salt,
         "step_id": step.id,
         "step_index": step.index,
@@ -112,54 +114,80 @@ def _ensure_pilot(session: Any, use_case: str) -> dict[str, Any]:
 
 
 def import_file(
-    use_case: str, path: str, known_ids: list[str], *, external_assignment: bool = False
+    use_case: str,
+    path: str,
+    known_ids: list[str],
+    *,
+    external_assignment: bool = False,
+    chunk_rows: int = 50_000,
+    progress: Any = None,
 ) -> dict[str, Any]:
-    """Import a file of observations into the current step, all or nothing: parse, check the rows
-    (GX), check they fit the step's design (rollout.pilots.import_problems), store. The pilot is
-    started in the same transaction, so a refused import starts nothing either."""
-    from rollout.db.models import PilotStep
-    from rollout.db.session import session_scope
-    from rollout.observations_io import ObservationImportError, read_observations, validate_observation_rows
+    """Import a file of observations into the current step, all or nothing, streaming: each chunk is
+    parsed, checked (GX) and checked against the step's design (rollout.pilots.ImportCheck), then
+    bulk-inserted; any problem rolls the whole import back. The pilot is started in the same
+    transaction, so a refused import starts nothing either. ``progress(rows_done)`` after each chunk."""
+    from sqlalchemy import insert
 
-    rows = read_observations(path)
+    from rollout.db.models import Observation, PilotStep
+    from rollout.db.session import session_scope
+    from rollout.observations_io import ObservationImportError, iter_observations, validate_observation_rows
+
+    source = "imported-external" if external_assignment else "imported"
+    rows_seen = inserted = 0
     with session_scope(immediate=True) as session:
         info = _ensure_pilot(session, use_case)
-        check = validate_observation_rows(
-            rows,
-            known_request_ids=known_ids,
-            require_both_arms=info["kind"] == "shadow",
-            source=path,
-        )
         step = session.get(PilotStep, info["step_id"])
-        problems = (
-            pilots.import_problems(
-                rows,
-                pilots.step_observations(session, step),
-                kind=info["kind"],
-                salt=info["salt"],
-                traffic_pct=info["traffic_pct"],
-                external_assignment=external_assignment,
-            )
-            if check["passed"]
-            else check["failures"]
+        check = pilots.ImportCheck(
+            pilots.step_observations(session, step),
+            kind=info["kind"],
+            salt=info["salt"],
+            traffic_pct=info["traffic_pct"],
+            external_assignment=external_assignment,
         )
+        bid = f"b-{step.id}-import-{uuid.uuid4().hex[:16]}"
+        sample: list[dict[str, Any]] = []
+        for chunk in iter_observations(path, chunk_rows):
+            rows = [r for _, r in chunk]
+            gx = validate_observation_rows(
+                rows,
+                known_request_ids=known_ids,
+                require_both_arms=False,
+                source=path,
+                first_row=rows_seen + 1,
+            )
+            if not gx["passed"]:
+                raise ObservationImportError(
+                    f"{path}: failed the observation checks; nothing was stored:\n  - "
+                    + "\n  - ".join(gx["failures"])
+                )
+            new = check.add(rows)
+            if check.conflicts or check.wrong_arm:  # fail early; the full list comes from problems()
+                break
+            if new:
+                session.execute(
+                    insert(Observation),
+                    [{**r, "pilot_step_id": step.id, "use_case_id": info["use_case_id"], "batch_id": bid,
+                      "source": source} for r in new],
+                )  # fmt: skip
+            rows_seen += len(rows)
+            inserted += len(new)
+            if len(sample) < 1000:
+                sample.extend(rows[: 1000 - len(sample)])
+            if progress is not None:
+                progress(rows_seen)
+        problems = check.problems()
         if problems:
             raise ObservationImportError(
                 f"{path}: does not fit step {info['step_index']} ({info['kind']}); nothing was stored:\n  - "
                 + "\n  - ".join(problems)
             )
-        bid = batch_id_for(info["step_id"], [f"{r['request_id']}|{r['arm']}" for r in rows])
-        source = "imported-external" if external_assignment else "imported"
-        res = pilots.record_observations(session, step, rows, batch_id=bid, source=source)
-    return {"info": info, "rows": rows, "batch_id": bid, "source": source,
-            "stored": {"inserted": res.inserted, "already_present": res.already_present}}  # fmt: skip
+    stored = {"inserted": inserted, "already_present": rows_seen - inserted, "rows": rows_seen}
+    return {"info": info, "rows": sample, "batch_id": bid, "source": source, "stored": stored}
 
 
 def abort(use_case: str, actor: str, reason: str) -> dict[str, Any]:
     """Stop the active pilot (rollout.pilots.abort_pilot) and cancel the paused approval runs of the
     decisions it closed, so nothing waits for a decision that can no longer be approved."""
-    import uuid
-
     from prefect.client.orchestration import get_client
     from prefect.states import Cancelled
 
@@ -199,7 +227,14 @@ def import_observations(use_case: str, path: str, *, external_assignment: bool =
         "step_index": info["step_index"],
         "step_kind": info["kind"],
         "traffic_pct": info["traffic_pct"],
-        "batches": [{"batch_id": done["batch_id"], **done["stored"], "passed": True}],
+        "batches": [
+            {
+                "batch_id": done["batch_id"],
+                "inserted": done["stored"]["inserted"],
+                "already_present": done["stored"]["already_present"],
+                "passed": True,
+            }
+        ],
     }
 
 
@@ -359,7 +394,11 @@ def record_failed_check(use_case: str, info: dict[str, Any], batch_id: str, chec
 def log_batch(
     ctx: UseCaseContext, info: dict[str, Any], rows: list[dict[str, Any]], stored: dict[str, int], source: str
 ) -> str | None:
-    metrics: dict[str, float] = {"rows": float(len(rows)), "inserted": float(stored["inserted"])}
+    # an import passes a sample of its rows (the arm metrics below) and its total count in `stored`
+    metrics: dict[str, float] = {
+        "rows": float(stored.get("rows", len(rows))),
+        "inserted": float(stored["inserted"]),
+    }
     for arm in ("control", "treatment"):
         arm_rows = [r for r in rows if r["arm"] == arm]
         if arm_rows:

@@ -9,7 +9,7 @@ import csv
 import json
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,30 +29,50 @@ class ObservationImportError(ValueError):
 
 def read_observations(path: str | Path) -> list[dict[str, Any]]:
     """Parse a JSONL (.jsonl/.ndjson/.json) or CSV (.csv) file into observation rows."""
+    return [row for chunk in iter_observations(path) for _, row in chunk]
+
+
+def iter_observations(
+    path: str | Path, chunk_rows: int = 50_000
+) -> Iterator[list[tuple[int, dict[str, Any]]]]:
+    """The file's rows as (line, row) pairs, ``chunk_rows`` at a time: a file of any size is read in
+    bounded memory. Raises ObservationImportError naming the file, line and field."""
     p = Path(path)
-    if not p.is_file():
-        raise ObservationImportError(f"{p}: file not found")
-    suffix = p.suffix.lower()
     try:
-        text = p.read_bytes().decode("utf-8-sig")  # Excel writes a byte-order mark first
-    except UnicodeDecodeError as exc:
-        raise ObservationImportError(f"{p}: not valid UTF-8 at byte {exc.start}") from None
+        if not p.is_file():
+            raise ObservationImportError(f"{p}: file not found")
     except OSError as exc:
         raise ObservationImportError(f"{p}: cannot read the file ({exc.strerror or exc})") from None
+    suffix = p.suffix.lower()
     if suffix in (".jsonl", ".ndjson", ".json"):
-        raw = _jsonl(p, text)
+        parse = _jsonl
     elif suffix == ".csv":
-        raw = _csv(p, text)
+        parse = _csv
     else:
         raise ObservationImportError(f"{p}: unknown format {suffix!r}; use .jsonl or .csv")
-    if not raw:
+    chunk: list[tuple[int, dict[str, Any]]] = []
+    seen_any = False
+    try:
+        # newline="" keeps CSV's quoted newlines intact; a byte-order mark (Excel writes one) is skipped
+        with p.open(encoding="utf-8-sig", newline="") as f:
+            for line, obj in parse(p, f):
+                chunk.append((line, _row(p, line, obj)))
+                if len(chunk) >= chunk_rows:
+                    seen_any = True
+                    yield chunk
+                    chunk = []
+    except UnicodeDecodeError as exc:
+        raise ObservationImportError(f"{p}: not valid UTF-8 (byte {exc.start} of a read block)") from None
+    except OSError as exc:
+        raise ObservationImportError(f"{p}: cannot read the file ({exc.strerror or exc})") from None
+    if chunk:
+        yield chunk
+    elif not seen_any:
         raise ObservationImportError(f"{p}: no observations in the file")
-    return [_row(p, line, obj) for line, obj in raw]
 
 
-def _jsonl(p: Path, text: str) -> list[tuple[int, dict[str, Any]]]:
-    out = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+def _jsonl(p: Path, f: Iterable[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    for lineno, line in enumerate(f, start=1):
         if not line.strip():
             continue
         if len(line) > MAX_LINE_CHARS:
@@ -65,26 +85,24 @@ def _jsonl(p: Path, text: str) -> list[tuple[int, dict[str, Any]]]:
             raise ObservationImportError(f"{p}:{lineno}: JSON value cannot be read ({exc})"[:300]) from None
         if not isinstance(obj, dict):
             raise ObservationImportError(f"{p}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-        out.append((lineno, obj))
-    return out
+        yield lineno, obj
 
 
-def _csv(p: Path, text: str) -> list[tuple[int, dict[str, Any]]]:
-    reader = csv.DictReader(text.splitlines())
+def _csv(p: Path, f: Iterable[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    reader = csv.DictReader(f)
+    line = 1
     try:
-        fields = [f.strip() for f in reader.fieldnames or []]
+        fields = [c.strip() for c in reader.fieldnames or []]
         missing = [c for c in REQUIRED if c not in fields]
         if missing:
             raise ObservationImportError(f"{p}: header is missing column(s) {', '.join(missing)}")
         reader.fieldnames = fields
-        out = []
-        for i, row in enumerate(reader, start=2):
+        for line, row in enumerate(reader, start=2):
             if None in row:
-                raise ObservationImportError(f"{p}:{i}: more values than header columns")
-            out.append((i, dict(row)))
-        return out
+                raise ObservationImportError(f"{p}:{line}: more values than header columns")
+            yield line, dict(row)
     except csv.Error as exc:  # e.g. a field over the csv module's 128 KiB limit
-        raise ObservationImportError(f"{p}:{reader.line_num}: not valid CSV ({exc})") from None
+        raise ObservationImportError(f"{p}:{line + 1}: not valid CSV ({exc})") from None
 
 
 def _row(p: Path, line: int, obj: dict[str, Any]) -> dict[str, Any]:
@@ -154,6 +172,7 @@ def validate_observation_rows(
     known_request_ids: Iterable[str],
     require_both_arms: bool,
     source: str = "observation batch",
+    first_row: int = 1,
 ) -> dict[str, Any]:
     """Run the GX observation suite; a JSON-ready summary with `passed` and readable `failures`."""
     import pandas as pd
@@ -161,5 +180,7 @@ def validate_observation_rows(
     from rollout.validation import validate_observations
 
     df = pd.DataFrame(rows, columns=list(REQUIRED + OPTIONAL))
-    result = validate_observations(df, known_request_ids, require_both_arms=require_both_arms, source=source)
+    result = validate_observations(
+        df, known_request_ids, require_both_arms=require_both_arms, source=source, first_row=first_row
+    )
     return {"passed": result.ok, "failures": result.messages(), "report": result.to_dict()}

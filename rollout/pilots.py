@@ -378,68 +378,101 @@ def record_observations(
     return InsertResult(inserted=inserted, already_present=len(rows) - inserted)
 
 
-def import_problems(
-    rows: list[Mapping[str, Any]],
-    stored: list[Mapping[str, Any]],
-    *,
-    kind: str,
-    salt: str,
-    traffic_pct: float,
-    external_assignment: bool,
-    max_listed: int = 8,
-) -> list[str]:
-    """Why an observation import does not fit the step's design (empty when it fits). ``stored`` are
-    the step's rows already in the database. Shadow: every request has both arms. Split: every request
-    is in exactly one arm, the one the pilot's hash assignment gives it (unless the serving system
-    assigned arms itself: ``external_assignment``). A re-import may repeat a stored (request, arm) only
-    with the same values."""
+_ARM_BIT = {"control": 1, "treatment": 2}
 
-    def listed(items: list[str]) -> str:
-        more = f" and {len(items) - max_listed} more" if len(items) > max_listed else ""
-        return ", ".join(items[:max_listed]) + more
 
-    problems: list[str] = []
-    old = {(str(r["request_id"]), str(r["arm"])): r for r in stored}
-    conflicts = [
-        f"{rid}/{arm}"
-        for r in rows
-        if (key := (rid := str(r["request_id"]), arm := str(r["arm"]))) in old
-        and data_fingerprint([r]) != data_fingerprint([old[key]])
-    ]
-    if conflicts:
-        problems.append(
-            f"request(s) {listed(conflicts)} are already stored with different values; "
-            "a stored observation is never replaced"
-        )
-    arms: dict[str, set[str]] = {}
-    for r in [*stored, *rows]:
-        arms.setdefault(str(r["request_id"]), set()).add(str(r["arm"]))
-    new_ids = sorted({str(r["request_id"]) for r in rows})
-    if kind == "shadow":
-        half = [rid for rid in new_ids if arms[rid] != set(ARMS)]
-        if half:
-            problems.append(
-                f"shadow step: request(s) {listed(half)} lack one arm; both arms answer every request"
+def _values(r: Mapping[str, Any]) -> int:
+    """What a stored observation says, as a small hash (two imports of one row must agree on it)."""
+    return hash(
+        (float(r["quality"]), float(r["latency_ms"]), int(r.get("tokens") or 0), bool(r.get("error")))
+    )
+
+
+class ImportCheck:
+    """Does an observation import fit the step's design? Fed the file in chunks (`add`), it keeps one
+    small entry per (request, arm) seen (a hash of its values, not the row), so memory grows with the
+    number of requests, not with the file's bytes.
+
+    Shadow: every request has both arms. Split: every request is in exactly one arm, the one the
+    pilot's hash assignment gives it (unless the serving system assigned arms itself:
+    ``external_assignment``). A (request, arm) already stored, or given twice, must carry the same
+    values: a stored observation is never replaced."""
+
+    def __init__(
+        self,
+        stored: Iterable[Mapping[str, Any]],
+        *,
+        kind: str,
+        salt: str,
+        traffic_pct: float,
+        external_assignment: bool,
+        max_listed: int = 8,
+    ) -> None:
+        self.kind, self.salt, self.pct, self.external = kind, salt, traffic_pct, external_assignment
+        self.max_listed = max_listed
+        self.values: dict[tuple[str, str], int] = {}
+        self.arms: dict[str, int] = {}
+        for r in stored:
+            key = (str(r["request_id"]), str(r["arm"]))
+            self.values[key] = _values(r)
+            self.arms[key[0]] = self.arms.get(key[0], 0) | _ARM_BIT.get(key[1], 0)
+        self.touched: set[str] = set()
+        self.conflicts: list[str] = []
+        self.wrong_arm: list[str] = []
+
+    def add(self, rows: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+        """Record a chunk; returns its rows that are new (not stored, not given earlier in the file)."""
+        new = []
+        for r in rows:
+            rid, arm = str(r["request_id"]), str(r["arm"])
+            value = _values(r)
+            known = self.values.get((rid, arm))
+            if known is not None:
+                if known != value:
+                    self.conflicts.append(f"{rid}/{arm}")
+                continue
+            self.values[(rid, arm)] = value
+            self.arms[rid] = self.arms.get(rid, 0) | _ARM_BIT.get(arm, 0)
+            self.touched.add(rid)
+            if self.kind == "split" and not self.external and arm != assign_arm(rid, self.salt, self.pct):
+                self.wrong_arm.append(f"{rid}/{arm}")
+            new.append(r)
+        return new
+
+    def _listed(self, items: list[str]) -> str:
+        more = f" and {len(items) - self.max_listed} more" if len(items) > self.max_listed else ""
+        return ", ".join(items[: self.max_listed]) + more
+
+    def problems(self) -> list[str]:
+        """Everything wrong with the import so far (call after the last chunk)."""
+        out = []
+        if self.conflicts:
+            out.append(
+                f"request(s) {self._listed(self.conflicts)} are already stored with different values; "
+                "a stored observation is never replaced"
             )
-    elif kind == "split":
-        both = [rid for rid in new_ids if len(arms[rid]) > 1]
-        if both:
-            problems.append(
-                f"split step: request(s) {listed(both)} appear in both arms; each request is served by one"
-            )
-        if not external_assignment:
-            wrong = [
-                f"{r['request_id']}/{r['arm']}"
-                for r in rows
-                if str(r["arm"]) != assign_arm(str(r["request_id"]), salt, traffic_pct)
-            ]
-            if wrong:
-                problems.append(
-                    f"split step at {traffic_pct:g}%: request(s) {listed(wrong)} are not in the arm the "
-                    "pilot's hash assignment gives them; if your serving system assigned arms itself, "
-                    "import with --external-assignment"
+        touched = sorted(self.touched)
+        if self.kind == "shadow":
+            half = [rid for rid in touched if self.arms[rid] != 3]
+            if half:
+                out.append(
+                    f"shadow step: request(s) {self._listed(half)} lack one arm; "
+                    "both arms answer every request"
                 )
-    return problems
+        elif self.kind == "split":
+            both = [rid for rid in touched if self.arms[rid] == 3]
+            if both:
+                out.append(
+                    f"split step: request(s) {self._listed(both)} appear in both arms; "
+                    "each request is served by one"
+                )
+            if self.wrong_arm:
+                out.append(
+                    f"split step at {self.pct:g}%: request(s) {self._listed(self.wrong_arm)} are not in "
+                    "the arm the pilot's hash assignment gives them; if your serving system assigned arms "
+                    "itself, import with --external-assignment"
+                )
+        return out
 
 
 def abort_pilot(

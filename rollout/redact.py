@@ -11,7 +11,7 @@ MASK = "***"
 _URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^/\s:@]*:)(?P<secret>[^@\s/]+)(?P<tail>@)")
 # key=value / key: value pairs whose key names a secret (password=..., token: ..., api_key=...)
 _KEY_VALUE = re.compile(
-    r"(?i)(?P<head>\b[\w.\-]*(?:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key)[\w.\-]*"
+    r"(?i)(?P<head>\b[\w.\-]*(?:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key|auth[_-]?string)"
     r"\s*[=:]\s*)(?P<quote>['\"]?)(?P<secret>[^\s'\",;&)]+)"
 )
 _BEARER = re.compile(r"(?i)(?P<head>\bbearer\s+)(?P<secret>[A-Za-z0-9._~+/\-]+=*)")

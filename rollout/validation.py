@@ -414,6 +414,7 @@ def validate_dataset(
 # Pilot observation batches
 
 OBSERVATION_COLUMNS = ("request_id", "arm", "quality", "latency_ms")
+REPLAY_SUFFIX = r"~r\d+$"  # flows.pilot.choose_requests: the n-th replay of dataset request <id>
 
 
 def validate_observations(
@@ -424,10 +425,13 @@ def validate_observations(
     arms: Sequence[str] = ARMS,
     require_both_arms: bool = True,
     source: str = "observation batch",
+    first_row: int = 1,
 ) -> ValidationResult:
     """Check one batch of pilot observations before it is stored or shown to the gate: no NaN/inf,
     latency > 0, quality within ``quality_range``, arm values valid, both arms present (when the
-    step runs both), request ids known to the use case's dataset, one row per (request, arm)."""
+    step runs both), request ids known to the use case's dataset (a replay ``<id>~r<n>`` of a known id
+    counts, as the pilot replays its dataset), one row per (request, arm). Row numbers in failures
+    start at ``first_row`` (a chunk of a streamed file)."""
     import numpy as np
     import pandas as pd
 
@@ -450,6 +454,7 @@ def validate_observations(
         }
     )
     numeric = ["quality", "latency_ms"]
+    work["request_base"] = work["request_id"].str.replace(REPLAY_SUFFIX, "", regex=True)
     if "tokens" in df.columns:
         work["tokens"] = pd.to_numeric(df["tokens"], errors="coerce").astype(float).to_numpy()
         numeric.append("tokens")
@@ -467,7 +472,7 @@ def validate_observations(
             column="latency_ms", min_value=0, max_value=MAX_LATENCY_MS, strict_min=True
         ),
         gxe.ExpectColumnValuesToBeInSet(column="arm", value_set=list(arms)),
-        gxe.ExpectColumnValuesToBeInSet(column="request_id", value_set=known),
+        gxe.ExpectColumnValuesToBeInSet(column="request_base", value_set=known),
         gxe.ExpectCompoundColumnsToBeUnique(column_list=["request_id", "arm"]),
     ]
     if "tokens" in work.columns:
@@ -479,7 +484,7 @@ def validate_observations(
 
     for cfg, res, idx in _failed(_run_suite("observation-batch", work, expectations)):
         column = cfg.kwargs.get("column")
-        rows = tuple(int(i) + 1 for i in idx)  # 1-based, like the dataset's line numbers
+        rows = tuple(int(i) + first_row for i in idx)  # 1-based, like the dataset's line numbers
         ids = tuple(f"{work.at[i, 'request_id']}/{work.at[i, 'arm']}" for i in idx)
         if cfg.type == "expect_column_values_to_not_be_null":
             raw = df[column].iloc[list(idx)].tolist()
@@ -503,7 +508,7 @@ def validate_observations(
             result.failures.append(
                 Failure("arm", f"unknown arm {bad}; valid: {list(arms)}", rows, ids, cfg.type)
             )
-        elif cfg.type == "expect_column_values_to_be_in_set" and column == "request_id":
+        elif cfg.type == "expect_column_values_to_be_in_set" and column == "request_base":
             result.failures.append(
                 Failure("request_id", "not a request of this use case's dataset", rows, ids, cfg.type)
             )

@@ -1,16 +1,20 @@
 #!/bin/sh
-# Creates one role and one database each for SparsePilot's state, MLflow and Prefect.
+# Creates one role and one database each for SparsePilot's state, MLflow and Prefect, plus the state
+# DB's app role (sparsepilot_app: may connect, owns nothing; `sparsepilot init`, run as the owner role
+# sparsepilot, grants it exactly the app's table privileges: docs/operations.md, "Database roles").
 #
 # The postgres image runs this once, on an empty data volume (/docker-entrypoint-initdb.d). It is also
 # safe to run again by hand (every statement checks first), and the native stack test runs this very
 # file against its throwaway cluster. Passwords come from the environment, never from this file.
 #
-# Needs: POSTGRES_USER (a superuser), SPARSEPILOT_DB_PASSWORD, MLFLOW_DB_PASSWORD, PREFECT_DB_PASSWORD.
+# Needs: POSTGRES_USER (a superuser), SPARSEPILOT_DB_PASSWORD, SPARSEPILOT_APP_DB_PASSWORD,
+# MLFLOW_DB_PASSWORD, PREFECT_DB_PASSWORD.
 # Connection: psql's usual PGHOST/PGPORT (the image's init phase uses its local socket).
 set -eu
 
 : "${POSTGRES_USER:?POSTGRES_USER is required}"
 : "${SPARSEPILOT_DB_PASSWORD:?SPARSEPILOT_DB_PASSWORD is required (see .env.example)}"
+: "${SPARSEPILOT_APP_DB_PASSWORD:?SPARSEPILOT_APP_DB_PASSWORD is required (see .env.example)}"
 : "${MLFLOW_DB_PASSWORD:?MLFLOW_DB_PASSWORD is required (see .env.example)}"
 : "${PREFECT_DB_PASSWORD:?PREFECT_DB_PASSWORD is required (see .env.example)}"
 
@@ -29,5 +33,13 @@ SQL
 }
 
 create_role_and_db sparsepilot "$SPARSEPILOT_DB_PASSWORD"
+psql -v ON_ERROR_STOP=1 -q --username "$POSTGRES_USER" --dbname "${POSTGRES_DB:-postgres}" \
+  -v pw="$SPARSEPILOT_APP_DB_PASSWORD" <<'SQL'
+SELECT format('CREATE ROLE sparsepilot_app LOGIN PASSWORD %L', :'pw')
+ WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'sparsepilot_app') \gexec
+SELECT format('ALTER ROLE sparsepilot_app LOGIN PASSWORD %L', :'pw') \gexec
+GRANT CONNECT ON DATABASE sparsepilot TO sparsepilot_app;
+SQL
+echo "init-databases: app role 'sparsepilot_app' ready (table privileges: sparsepilot init)"
 create_role_and_db mlflow "$MLFLOW_DB_PASSWORD"
 create_role_and_db prefect "$PREFECT_DB_PASSWORD"

@@ -60,6 +60,32 @@ def bench_dashboard(
     )
 
 
+@app.command("import")
+def bench_import(
+    rows: list[int] = typer.Option([100_000, 1_000_000], "--rows", help="File sizes to import (repeatable)."),
+    chunk_rows: int = typer.Option(
+        50_000, "--chunk-rows", min=1000, help="Rows parsed and checked at a time."
+    ),
+    out: str = typer.Option("bench-results/import.json", "--out", help="Where to write the JSON."),
+    json_out: bool = typer.Option(False, "--json", help="Print the JSON instead of a table."),
+) -> None:
+    """Import generated observation files (shadow step, JSONL) through the streaming import; rows/s and
+    peak RSS per size, each in a fresh process (targets: 1M rows in <= 60 s, <= 1 GiB)."""
+    from flows.import_bench import run_import_bench
+    from sparsepilot.console import fail, print_table
+
+    if any(r < 2 for r in rows):
+        fail("--rows: each size must be at least 2")
+    result = run_import_bench(rows, chunk_rows=chunk_rows)
+    if _saved_and_emitted(result, out, json_out):
+        return
+    print_table(
+        f"observation import (SQLite, load {' '.join(result['loadavg'])}; JSON: {out})",
+        result["results"],
+        columns=["rows", "inserted", "file_mib", "import_s", "rows_per_s", "peak_rss_mib", "chunk_rows"],
+    )
+
+
 @app.command("quality")
 def bench_quality(
     quick: bool = typer.Option(False, "--quick", help="1k tokens, few windows, probes at 1k only."),
@@ -73,13 +99,11 @@ def bench_quality(
 ) -> None:
     """pooled vs antidiagonal vs gate on the same held-out texts: density at the same budget; KL,
     agreement and probe accuracy at the same density."""
-    import json
-    from pathlib import Path
 
     from rich.progress import Progress
 
     from sparse_core.bench.quality import QualityBenchSettings, run_quality_bench
-    from sparsepilot.console import emit_json, fail, print_table
+    from sparsepilot.console import fail, print_table
 
     names = tuple(e.strip() for e in estimators.split(",") if e.strip())
     bad = [e for e in names if e not in ("pooled", "antidiagonal", "gate")]
@@ -96,11 +120,7 @@ def bench_quality(
             bar.update(tasks[stage], completed=done)
 
         result = run_quality_bench(settings, progress=progress)
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
-    if json_out:
-        emit_json(result)
+    if _saved_and_emitted(result, out, json_out):
         return
     print_table(f"Same budget ({budget}): density reached, held-out fidelity, probes", result["same_budget"])
     print_table("Same density: fidelity and probes", result["same_density"])
@@ -225,6 +245,21 @@ def bench_prefill(
     )
     if json_out:
         emit_json(result)
+
+
+def _saved_and_emitted(result: dict, out: str, json_out: bool) -> bool:
+    """Write the result JSON to ``out``; with --json also print it (and the caller prints no table)."""
+    import json
+    from pathlib import Path
+
+    from sparsepilot.console import emit_json
+
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    if json_out:
+        emit_json(result)
+    return json_out
 
 
 def _wide_console() -> None:

@@ -458,9 +458,9 @@ def run_cmd(
         console.print(f"pipeline wall time: {result['pipeline_seconds'] / 60:.1f} min")
         waiting = [r for r in result["rows"] if r["awaiting"] != "none"]
         for r in waiting:
-            console.print(
+            say(
                 f"decision {r['decision_id']} ({r['use_case']}) waits for approval: "
-                "SPARSEPILOT_USER=<approver> "
+                "SPARSEPILOT_USER=<approver> sparsepilot login, then "
                 f"sparsepilot approve {r['use_case']} --decision {r['decision_id']} "
                 '--reason "..."'
             )

@@ -20,6 +20,7 @@ from rollout import approvals
 from rollout.db.models import Approval, AuditEntry, GateDecision
 from rollout.db.session import session_scope
 from tests.dashboard.apptest_helpers import new_app, open_page, sign_in, texts
+from tests.fixtures.dashboard import later_look_awaiting_approval
 
 
 class ApprovalInput(RunInput):
@@ -128,15 +129,7 @@ def test_override_needs_a_second_approver(
     prefect_server: None, seeded: dict[str, Any], dash_env: Any
 ) -> None:
     with session_scope() as s:  # a later look, EXTEND, waiting for a person: approving overrides the gate
-        old = s.get(GateDecision, seeded["document-qa:decision"])
-        d = GateDecision(idempotency_key="gate-document-qa-look2", use_case_id=old.use_case_id,
-                         pilot_id=old.pilot_id, pilot_step_id=old.pilot_step_id,
-                         look_index=old.look_index + 1, outcome="EXTEND", awaiting="approval",
-                         evidence=old.evidence, explanation=old.explanation,
-                         data_fingerprint="e" * 64)  # fmt: skip
-        s.add(d)
-        s.flush()
-        decision_id = d.id
+        decision_id = later_look_awaiting_approval(s, seeded["document-qa:decision"])
     paused = PausedFlow(decision_id, dash_env.database_url)
     at = sign_in(new_app(), "alice")
     open_page(at, "approvals")

@@ -94,12 +94,12 @@ def test_pending_and_audit(seeded: dict[str, Any]) -> None:
 
 
 def test_an_override_signed_once_waits_for_a_second_approver(seeded: dict[str, Any]) -> None:
-    from rollout.db.models import Approval, GateDecision
+    from rollout.db.models import Approval
+    from tests.fixtures.dashboard import later_look_awaiting_approval
 
     with session_scope() as s:
-        d = s.get(GateDecision, seeded["document-qa:decision"])
-        d.awaiting = "approval"
-        s.add(Approval(decision_id=d.id, actor="alice", role="approver", action="approve", reason="r",
+        did = later_look_awaiting_approval(s, seeded["document-qa:decision"])
+        s.add(Approval(decision_id=did, actor="alice", role="approver", action="approve", reason="r",
                        against_recommendation=True))  # fmt: skip
     with session_scope() as s:
         rows = {r["name"]: r for r in queries.portfolio(s)}

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
+
+from tests.fixtures.trust import run_cli
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -84,7 +84,7 @@ def test_gx_suite_rejects_nan_and_names_the_row() -> None:
     assert any("row 4" in f and "quality" in f for f in check["failures"]), check["failures"]
 
 
-def test_cli_import_validates_then_stores_once(flow_use_case, tmp_path: Path) -> None:
+def test_cli_import_validates_then_stores_once(flow_use_case, trust_accounts: str, tmp_path: Path) -> None:
     from flows.pilot import pilot_flow
     from rollout import registry
     from rollout.db.models import CalibrationRun, Observation
@@ -111,9 +111,8 @@ def test_cli_import_validates_then_stores_once(flow_use_case, tmp_path: Path) ->
     nan_rows[2]["latency_ms"] = float("nan")
     bad = _write_jsonl(tmp_path / "bad.jsonl", nan_rows)
     # the real command line: exit code 2, the file and the field named, nothing stored
-    env = dict(os.environ, PREFECT_API_URL=_api_url(), PREFECT_LOGGING_LEVEL="WARNING")
-    res = subprocess.run([sys.executable, "-m", "sparsepilot", "pilot", name, "--observations", str(bad)],
-                         env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    env = dict(os.environ, PREFECT_API_URL=_api_url(), SPARSEPILOT_ACCOUNTS=trust_accounts)
+    res = run_cli("pilot", name, "--observations", str(bad), user="olga", env=env)
     assert res.returncode == 2, res.stdout + res.stderr
     assert "bad.jsonl: failed the observation checks; nothing was stored" in res.stderr
     assert "latency_ms" in res.stderr and "row 3" in res.stderr

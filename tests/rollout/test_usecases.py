@@ -13,6 +13,7 @@ from rollout.db import migrate
 from rollout.db.session import get_engine
 from rollout.usecases import dataset_rows, list_usecases, load_spec_version, show_usecase
 from sparsepilot.cli import app
+from tests.fixtures.trust import password_of
 
 from .usecase_helpers import copy_example, example_spec, snapshot, write_spec, write_tiny_model
 
@@ -20,19 +21,23 @@ runner = CliRunner()
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def state_url(request: pytest.FixtureRequest, sp_home, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN001
+def state_url(request: pytest.FixtureRequest, sp_home, trust_accounts: str, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN001
     if request.param == "postgres":
         url = request.getfixturevalue("pg_url")
         monkeypatch.setenv("SPARSEPILOT_DATABASE_URL", url)
         migrate.upgrade(url)
     else:
         url = sp_home.database_url
-    monkeypatch.delenv("SPARSEPILOT_USER", raising=False)
+    # `usecase add` needs a signed-in operator: olga, with her password on stdin (see cli())
+    monkeypatch.setenv("SPARSEPILOT_ACCOUNTS", trust_accounts)
+    monkeypatch.setenv("SPARSEPILOT_USER", "olga")
     yield url
     get_engine(url).dispose()
 
 
 def cli(*args: str):  # noqa: ANN201
+    if args[:2] == ("usecase", "add"):
+        return runner.invoke(app, [*args, "--password-stdin"], input=password_of("olga") + "\n")
     return runner.invoke(app, list(args))
 
 

@@ -38,7 +38,12 @@ def test_init_databases_needs_every_password_and_runs_nothing_without_them(tmp_p
     marker = tmp_path / "psql-called"
     (fake / "psql").write_text(f"#!/bin/sh\ntouch {marker}\n")
     (fake / "psql").chmod(0o755)
-    env = clean_env(POSTGRES_USER="postgres", SPARSEPILOT_DB_PASSWORD="a", MLFLOW_DB_PASSWORD="b")
+    env = clean_env(
+        POSTGRES_USER="postgres",
+        SPARSEPILOT_DB_PASSWORD="a",
+        SPARSEPILOT_APP_DB_PASSWORD="c",
+        MLFLOW_DB_PASSWORD="b",
+    )
     env["PATH"] = f"{fake}{os.pathsep}{env['PATH']}"
     res = subprocess.run(
         ["sh", str(REPO / "deploy" / "postgres" / "init-databases.sh")],

@@ -132,7 +132,14 @@ def use_case_spec(native_stack: NativeStack) -> Path:
 @pytest.fixture(scope="module")
 def deployed(native_stack: NativeStack, use_case_spec: Path) -> str:
     """The use case added with the CLI and the stack set up (deploy-flows): returns the setup's output."""
-    native_stack.sparsepilot("usecase", "add", str(use_case_spec))
+    from rollout.auth import hash_password
+
+    operator = {
+        "SPARSEPILOT_ACCOUNTS": f"ops:operator:{hash_password('ops-password')}",
+        "SPARSEPILOT_USER": "ops",
+    }
+    native_stack.sparsepilot("usecase", "add", str(use_case_spec), "--password-stdin", extra_env=operator,
+                             stdin="ops-password\n")  # fmt: skip
     return native_stack.run_setup().stdout
 
 
@@ -172,7 +179,7 @@ def test_services_healthy_state_db_migrated_and_mlflow_on_postgres(native_stack:
     )
     assert owners == {"sparsepilot": "sparsepilot", "mlflow": "mlflow", "prefect": "prefect"}
     # the roles log in with the passwords from the environment, and only with them
-    wrong = native_stack.state_db_url.replace(native_stack.passwords["sparsepilot"], "wrong-password")
+    wrong = native_stack.state_db_url.replace(native_stack.passwords["sparsepilot_app"], "wrong-password")
     with pytest.raises(OperationalError, match="password authentication failed"):
         _rows(wrong, "SELECT 1")
     # Prefect keeps its state in PostgreSQL (its tables are in the prefect database) and its API wants

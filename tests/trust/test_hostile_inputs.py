@@ -431,11 +431,18 @@ def hostile_db(request: pytest.FixtureRequest, trust_env, monkeypatch: pytest.Mo
 
 
 def _use_case_with_challenger(flow_use_case) -> tuple[str, int]:  # noqa: ANN001
-    """A use case, a registered challenger and a GO decision waiting for approval (for the CLI cases)."""
+    """A use case with a calibrated challenger, its pilot running at the shadow step and an open
+    decision (what imports and approvals act on)."""
+    from rollout.db.models import CalibrationRun, Pilot
+    from rollout.db.session import session_scope
     from tests.flows.test_approvals import _pilot_with_decision
 
     name = flow_use_case()
-    did = _pilot_with_decision(name, "GO", "approval")
+    did = _pilot_with_decision(name, "EXTEND", "none")
+    with session_scope() as s:
+        pilot = s.scalar(select(Pilot))
+        s.add(CalibrationRun(idempotency_key="hostile", use_case_id=pilot.use_case_id, spec_version=1,
+                             status="succeeded", model_version_id=pilot.model_version_id))  # fmt: skip
     return name, did
 
 

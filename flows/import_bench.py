@@ -1,0 +1,124 @@
+"""`sparsepilot bench import`: the streaming observation import (flows.pilot.import_file) on generated
+files of N rows, each size in a fresh process (so its peak RSS is its own) with a scratch
+SPARSEPILOT_HOME: a use case on a tiny local model, a challenger, a pilot at its shadow step."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import resource
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+DATASET_ROWS = 200
+
+
+def _write_observations(path: Path, rows: int, ids: list[str]) -> None:
+    """rows/2 requests in both arms (a shadow step): the dataset's ids, replayed as <id>~r<n>."""
+    with path.open("w") as f:
+        for i in range(rows // 2):
+            base = ids[i % len(ids)]
+            rnd = i // len(ids) + 1
+            rid = base if rnd == 1 else f"{base}~r{rnd}"
+            q = 0.5 + (i % 97) / 400
+            f.write(
+                f'{{"request_id": "{rid}", "arm": "control", "quality": {q:.4f}, '
+                f'"latency_ms": {100 + i % 50}, "error": false, "tokens": 120}}\n'
+                f'{{"request_id": "{rid}", "arm": "treatment", "quality": {q - 0.01:.4f}, '
+                f'"latency_ms": {80 + i % 40}, "error": false, "tokens": 120}}\n'
+            )
+
+
+def _setup(home: Path) -> tuple[str, list[str]]:
+    """A use case with a challenger and a calibration run in a fresh home; returns (name, dataset ids)."""
+    import yaml
+
+    from rollout.db import migrate
+    from rollout.db.models import CalibrationRun, ModelVersion
+    from rollout.db.session import session_scope
+    from rollout.pilots import get_use_case
+    from rollout.settings import configure_environment
+    from rollout.usecases import add_usecase
+    from sparse_core.testing import make_tiny_model_dir
+
+    os.environ["SPARSEPILOT_HOME"] = str(home)
+    os.environ.pop("SPARSEPILOT_DATABASE_URL", None)
+    settings = configure_environment()
+    migrate.upgrade(settings.database_url)
+    model = make_tiny_model_dir(home / "tiny-model", layers=1, max_positions=2048)
+    ids = [f"q{i}" for i in range(DATASET_ROWS)]
+    (home / "data.jsonl").write_text(
+        "".join(json.dumps({"id": i, "prompt": f"question {i}?", "reference": "yes"}) + "\n" for i in ids)
+    )
+    spec = {
+        "name": "bench-import", "owner": "bench", "criticality": "low", "model": str(model),
+        "dataset": {"path": str(home / "data.jsonl"), "task": "exact_match"},
+        "traffic": {"requests_per_day": 1000, "prompt_tokens": {"p50": 20}, "output_tokens": {"p50": 8}},
+        "latency_slo_ms": {"p95": 1000},
+        "cost": {"gpu_usd_per_hour": 2.0, "utilisation": 0.5, "pilot_one_off_usd": 0},
+        "rollout": {"shadow": {"min_samples": 10}, "steps": [{"traffic_pct": 50, "min_samples": 10}]},
+        "gate": {"non_inferiority_margin": 0.05},
+    }  # fmt: skip
+    (home / "spec.yaml").write_text(yaml.safe_dump(spec))
+    add_usecase(home / "spec.yaml", actor="bench")
+    with session_scope() as s:
+        uc = get_use_case(s, "bench-import")
+        mv = ModelVersion(use_case_id=uc.id, base_model_ref=str(model), plan={}, plan_hash="0" * 64)
+        s.add(mv)
+        s.flush()
+        s.add(CalibrationRun(idempotency_key="bench", use_case_id=uc.id, spec_version=1, status="succeeded",
+                             model_version_id=mv.id))  # fmt: skip
+    return "bench-import", ids
+
+
+def _one(rows: int, chunk_rows: int, out: Any) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    from flows.pilot import import_file
+
+    home = Path(tempfile.mkdtemp(prefix="sparsepilot-bench-import-"))
+    name, ids = _setup(home)
+    path = home / "observations.jsonl"
+    t = time.perf_counter()
+    _write_observations(path, rows, ids)
+    write_s = time.perf_counter() - t
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t = time.perf_counter()
+    done = import_file(name, str(path), ids, chunk_rows=chunk_rows)
+    seconds = time.perf_counter() - t
+    out.put(
+        {
+            "rows": rows,
+            "inserted": done["stored"]["inserted"],
+            "file_mib": round(path.stat().st_size / 2**20, 1),
+            "write_file_s": round(write_s, 1),
+            "import_s": round(seconds, 1),
+            "rows_per_s": round(rows / seconds),
+            "peak_rss_mib_before_import": round(rss_before / 1024),
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "chunk_rows": chunk_rows,
+            "database": "sqlite",
+        }
+    )
+
+
+def run_import_bench(sizes: list[int], chunk_rows: int = 50_000) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    results = []
+    for rows in sizes:
+        q = ctx.Queue()
+        p = ctx.Process(target=_one, args=(rows, chunk_rows, q))
+        p.start()
+        results.append(q.get())
+        p.join()
+    with open("/proc/loadavg") as f:
+        load = f.read().split()[:3]
+    return {
+        "results": results,
+        "loadavg": load,
+        "targets": {"rows_per_s_at_1m": 1_000_000 / 60, "peak_rss_mib": 1024},
+    }

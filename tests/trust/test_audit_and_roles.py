@@ -1,0 +1,180 @@
+"""The audit log nobody can rewrite (issue 15, item 3): the hash chain and `sparsepilot audit verify`,
+SQLite's triggers (UPDATE, DELETE, INSERT OR REPLACE), and on PostgreSQL an app role that owns nothing
+(UPDATE, DELETE, TRUNCATE, DISABLE TRIGGER, DROP TRIGGER all refused), with `sparsepilot init` run as
+the owner role granting exactly the app's privileges."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import create_engine, pool, text
+from sqlalchemy.exc import DBAPIError
+from typer.testing import CliRunner
+
+from sparsepilot.cli import app
+
+runner = CliRunner()
+
+
+def _seed(url: str | None = None) -> dict[str, int]:
+    """A use case, a decision with an approval and an alias move, each with audit rows (raw inserts of
+    the rows the product writes; the audit rows through rollout.audit)."""
+    from rollout import audit
+    from rollout.db.models import AliasMove, Approval, GateDecision, UseCase
+    from rollout.db.session import session_scope
+
+    with session_scope(url) as s:
+        uc = UseCase(name="audited", owner="o", criticality="low")
+        s.add(uc)
+        s.flush()
+        d = GateDecision(idempotency_key="k", use_case_id=uc.id, outcome="GO", awaiting="approval",
+                         evidence={"x": 1}, explanation="GO", data_fingerprint="f" * 64)  # fmt: skip
+        s.add(d)
+        s.flush()
+        a = Approval(decision_id=d.id, actor="alice", role="approver", action="approve", reason="ok")
+        m = AliasMove(idempotency_key="m", use_case_id=uc.id, alias="champion", to_version="1", actor="alice",
+                      reason="r", status="committed")  # fmt: skip
+        s.add_all([a, m])
+        d.resolution = "approved"
+        for i in range(3):
+            audit.record(s, "alice", f"test.{i}", use_case_id=uc.id, details={"i": i, "nested": {"k": [i]}})
+        return {"decision": d.id, "approval": a.id, "move": m.id, "use_case": uc.id}
+
+
+def _refused(url: str, sql: str) -> str:
+    engine = create_engine(url, poolclass=pool.NullPool)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(sql))
+    except DBAPIError as exc:
+        return str(exc.orig)
+    finally:
+        engine.dispose()
+    raise AssertionError(f"not refused: {sql}")
+
+
+def test_chain_verifies_and_records_where_the_command_ran(sp_home) -> None:  # noqa: ANN001
+    from rollout.audit import GENESIS, origin, verify_chain
+    from rollout.db.models import AuditEntry
+    from rollout.db.session import session_scope
+
+    _seed()
+    with session_scope() as s:
+        rows = s.query(AuditEntry).order_by(AuditEntry.id).all()
+        assert rows[0].prev_hash == GENESIS
+        assert all(b.prev_hash == a.row_hash for a, b in zip(rows, rows[1:], strict=False))
+        assert {(r.os_user, r.host) for r in rows} == {origin()}
+        report = verify_chain(s)
+    assert report.ok and report.rows == 3
+    res = runner.invoke(app, ["audit", "verify"])
+    assert res.exit_code == 0 and "audit chain intact: 3 row(s)" in res.output
+
+
+def test_sqlite_triggers_refuse_rewrites_and_verify_catches_a_dropped_trigger(sp_home) -> None:  # noqa: ANN001
+    url = sp_home.database_url
+    ids = _seed()
+    a, d = ids["approval"], ids["decision"]
+    refusals = {
+        "update": "UPDATE audit_log SET actor = 'mallory' WHERE id = 1",
+        "delete": "DELETE FROM audit_log WHERE id = 2",
+        "replace-by-id": "INSERT OR REPLACE INTO audit_log (id, ts, actor, action, details) "
+        "SELECT id, ts, 'mallory', action, details FROM audit_log WHERE id = 1",
+        "replace-by-prev-hash": "INSERT OR REPLACE INTO audit_log (ts, actor, action, details, prev_hash) "
+        "SELECT ts, 'mallory', action, details, prev_hash FROM audit_log WHERE id = 2",
+        "approval-update": f"UPDATE approvals SET actor = 'mallory' WHERE id = {ids['approval']}",
+        "approval-delete": f"DELETE FROM approvals WHERE id = {ids['approval']}",
+        "approval-replace": f"INSERT OR REPLACE INTO approvals SELECT * FROM approvals WHERE id = {a}",
+        "decision-outcome": f"UPDATE gate_decisions SET outcome = 'NO-GO' WHERE id = {d}",
+        "decision-re-resolve": f"UPDATE gate_decisions SET resolution = 'rejected' WHERE id = {d}",
+        "decision-delete": f"DELETE FROM gate_decisions WHERE id = {d}",
+        "decision-replace": "INSERT OR REPLACE INTO gate_decisions (idempotency_key, use_case_id, kind, "
+        "look_index, outcome, awaiting, evidence, explanation, data_fingerprint, created_at) SELECT "
+        "idempotency_key, use_case_id, kind, look_index, 'NO-GO', awaiting, evidence, explanation, "
+        "data_fingerprint, created_at FROM gate_decisions",
+        "move-rewrite": f"UPDATE alias_history SET to_version = '9' WHERE id = {ids['move']}",
+        "move-uncommit": f"UPDATE alias_history SET status = 'failed' WHERE id = {ids['move']}",
+        "move-delete": f"DELETE FROM alias_history WHERE id = {ids['move']}",
+    }
+    for name, sql in refusals.items():
+        msg = _refused(url, sql)
+        assert any(
+            w in msg for w in ("append-only", "cannot be replaced", "may change", "cannot be deleted")
+        ), (
+            name,
+            msg,
+        )
+    res = runner.invoke(app, ["audit", "verify"])
+    assert res.exit_code == 0
+    # SQLite has no roles: whoever can write the file can drop a trigger. The chain still tells.
+    engine = create_engine(url, poolclass=pool.NullPool)
+    with engine.begin() as conn:
+        conn.execute(text("DROP TRIGGER audit_log_no_update"))
+        conn.execute(text("UPDATE audit_log SET details = '{\"i\": 99}' WHERE id = 2"))
+    engine.dispose()
+    res = runner.invoke(app, ["audit", "verify"])
+    assert res.exit_code == 1
+    assert "audit row 2: its content was changed after it was written" in res.output
+
+
+def test_verify_names_a_deleted_row(sp_home) -> None:  # noqa: ANN001
+    _seed()
+    engine = create_engine(sp_home.database_url, poolclass=pool.NullPool)
+    with engine.begin() as conn:
+        conn.execute(text("DROP TRIGGER audit_log_no_delete"))
+        conn.execute(text("DELETE FROM audit_log WHERE id = 2"))
+    engine.dispose()
+    res = runner.invoke(app, ["audit", "verify", "--json"])
+    assert res.exit_code == 1 and "audit row 3: prev_hash does not match" in res.output
+
+
+@pytest.mark.postgres
+def test_postgres_app_role_cannot_rewrite_history(
+    pg_cluster, sp_home, monkeypatch: pytest.MonkeyPatch
+) -> None:  # noqa: ANN001
+    import psycopg
+
+    with psycopg.connect(host=pg_cluster.host, port=pg_cluster.port, user="sparsepilot", dbname="postgres",
+                         autocommit=True) as conn:  # fmt: skip
+        for role in ("sp_owner", "sp_app"):
+            conn.execute(f"DROP ROLE IF EXISTS {role}")
+        conn.execute("CREATE ROLE sp_owner LOGIN")
+        conn.execute("CREATE ROLE sp_app LOGIN")
+        conn.execute("DROP DATABASE IF EXISTS sp_roles")
+        conn.execute("CREATE DATABASE sp_roles OWNER sp_owner")
+        conn.execute("REVOKE ALL ON DATABASE sp_roles FROM PUBLIC")
+        conn.execute("GRANT CONNECT ON DATABASE sp_roles TO sp_app")
+    owner = f"postgresql+psycopg://sp_owner@{pg_cluster.host}:{pg_cluster.port}/sp_roles"
+    app_url = f"postgresql+psycopg://sp_app@{pg_cluster.host}:{pg_cluster.port}/sp_roles"
+    monkeypatch.setenv("SPARSEPILOT_OWNER_DATABASE_URL", owner)
+    monkeypatch.setenv("SPARSEPILOT_DATABASE_URL", app_url)
+    res = runner.invoke(app, ["init", "--json"])
+    assert res.exit_code == 0, res.output
+    assert '"app_role": "sp_app"' in res.output
+    ids = _seed(app_url)  # the app role can do its work: insert, resolve an open decision, audit
+    attacks = {
+        "update": "UPDATE audit_log SET actor = 'mallory'",
+        "delete": "DELETE FROM audit_log",
+        "truncate": "TRUNCATE audit_log",
+        "disable-trigger": "ALTER TABLE audit_log DISABLE TRIGGER ALL",
+        "drop-trigger": "DROP TRIGGER audit_log_no_update ON audit_log",
+        "drop-table": "DROP TABLE audit_log",
+        "approval-update": "UPDATE approvals SET actor = 'mallory'",
+        "approval-delete": "DELETE FROM approvals",
+        "decision-outcome": f"UPDATE gate_decisions SET outcome = 'NO-GO' WHERE id = {ids['decision']}",
+        "decision-re-resolve": f"UPDATE gate_decisions SET resolution = 'no' WHERE id = {ids['decision']}",
+        "decision-delete": "DELETE FROM gate_decisions",
+        "decision-truncate": "TRUNCATE gate_decisions CASCADE",
+        "move-rewrite": f"UPDATE alias_history SET to_version = '9' WHERE id = {ids['move']}",
+        "drop-guard-function": "DROP FUNCTION gate_decisions_guard() CASCADE",
+        "grant-self-then-delete": "GRANT DELETE ON audit_log TO sp_app; DELETE FROM audit_log",
+    }
+    for name, sql in attacks.items():
+        msg = _refused(app_url, sql)
+        assert any(w in msg for w in ("permission denied", "must be owner", "append-only", "may change")), (
+            name,
+            msg,
+        )
+    res = runner.invoke(app, ["audit", "verify"])
+    assert res.exit_code == 0 and "audit chain intact: 3 row(s)" in res.output
+    from rollout.db.session import get_engine
+
+    get_engine(app_url).dispose()

@@ -1,0 +1,196 @@
+"""A pilot pinned to its spec version, operator abort, and imports checked against the step's design
+(issue 15, items 2 and 5)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from sqlalchemy import func, select
+from typer.testing import CliRunner
+
+from tests.fixtures.flows import tiny_spec
+from tests.fixtures.trust import password_of
+
+runner = CliRunner()
+
+
+def _challenger(name: str) -> int:
+    """A registered challenger with its succeeded calibration run (what `pilot` needs); no model work."""
+    from rollout import registry
+    from rollout.db.models import CalibrationRun
+    from rollout.db.session import session_scope
+    from rollout.pilots import get_use_case, load_current_spec
+    from sparse_core import SparsePlan
+
+    with session_scope() as s:
+        uc = get_use_case(s, name)
+        spec, _ = load_current_spec(s, uc)
+        uc_id, model = uc.id, spec.model
+    mv = registry.register_version(name, SparsePlan(tau=0.9), model, actor=registry.SYSTEM_PIPELINE)
+    with session_scope() as s:
+        s.add(CalibrationRun(idempotency_key=f"cal-{mv.id}", use_case_id=uc_id, spec_version=1,
+                             status="succeeded", model_version_id=mv.id))  # fmt: skip
+    return mv.id
+
+
+def _dataset_ids(n: int) -> list[str]:
+    from tests.fixtures.flows import EXAMPLE
+
+    lines = (EXAMPLE.parent / "support_chat.jsonl").read_text().splitlines()
+    return [json.loads(line)["id"] for line in lines[:n]]
+
+
+def _obs(rid: str, arm: str, quality: float = 0.8) -> dict:
+    return {"request_id": rid, "arm": arm, "quality": quality, "latency_ms": 100.0, "error": False}
+
+
+def _write(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _import(name: str, path: str, *extra: str, user: str = "olga"):  # noqa: ANN202
+    return runner.invoke(
+        app_(), ["pilot", name, "--observations", path, *extra, "--password-stdin"],
+        input=password_of(user) + "\n", env={"SPARSEPILOT_USER": user},
+    )  # fmt: skip
+
+
+def app_():  # noqa: ANN201
+    from sparsepilot.cli import app
+
+    return app
+
+
+def _counts() -> dict[str, int]:
+    from rollout.db.models import AuditEntry, Observation, Pilot
+    from rollout.db.session import session_scope
+
+    with session_scope() as s:
+        return {
+            m.__name__: s.scalar(select(func.count()).select_from(m))
+            for m in (Pilot, Observation, AuditEntry)
+        }
+
+
+def test_a_new_spec_version_applies_to_the_next_pilot_not_the_running_one(
+    trust_env, flow_use_case, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from rollout import pilots
+    from rollout.db.models import Pilot
+    from rollout.db.session import session_scope
+    from rollout.usecases import add_usecase
+    from tests.flows.test_approvals import _pilot_with_decision
+
+    name = flow_use_case()
+    _pilot_with_decision(name, "EXTEND", "none")  # pilot under v1 (margin 0.05, alpha 0.05)
+    loose = tiny_spec(tiny_model_dir, name)
+    loose["gate"]["non_inferiority_margin"] = 0.5
+    loose["gate"]["alpha"] = 0.45
+    path = tmp_path / "v2.yaml"
+    path.write_text(yaml.safe_dump(loose))
+    assert add_usecase(path, actor="olga", new_version=True).version == 2
+    with session_scope() as s:
+        pilot = s.scalar(select(Pilot))
+        step = pilots.current_step(s, pilot)
+        pinned, sv = pilots.load_step_spec(s, step.id)
+        current, _ = pilots.load_current_spec(s, pilots.get_use_case(s, name))
+        assert (pilot.spec_version, sv.version) == (1, 1)
+        assert (pinned.gate.non_inferiority_margin, pinned.gate.alpha) == (0.05, 0.05)
+        assert current.gate.non_inferiority_margin == 0.5
+        # the gate reads the pilot's own rules (flows/gate.py: load_step_spec)
+        assert pilots.gate_settings(pinned, step).margin == 0.05
+
+
+def test_operator_aborts_a_pilot_and_its_open_decision_closes(trust_env, flow_use_case) -> None:
+    from rollout.db.models import AuditEntry, GateDecision, Pilot, PilotStep, UseCase
+    from rollout.db.session import session_scope
+    from tests.flows.test_approvals import _pilot_with_decision
+
+    name = flow_use_case()
+    did = _pilot_with_decision(name, "EXTEND", "none")
+    args = ["pilot", name, "--abort", "--reason", "wrong traffic mix", "--password-stdin"]
+    res = runner.invoke(app_(), args, input=password_of("victor") + "\n", env={"SPARSEPILOT_USER": "victor"})
+    assert res.exit_code == 2 and "needs the operator role" in res.output
+    res = runner.invoke(app_(), args, input=password_of("olga") + "\n", env={"SPARSEPILOT_USER": "olga"})
+    assert res.exit_code == 0, res.output
+    with session_scope() as s:
+        assert s.scalar(select(Pilot.status)) == "stopped"
+        assert s.scalars(select(PilotStep.status)).all() == ["aborted"]
+        assert s.get(GateDecision, did).resolution == "aborted"
+        assert s.scalar(select(UseCase.phase)) == "stopped"
+        row = s.scalar(select(AuditEntry).where(AuditEntry.action == "pilot.abort"))
+        assert row.actor == "olga" and row.details["reason"] == "wrong traffic mix"
+    res = runner.invoke(app_(), args, input=password_of("olga") + "\n", env={"SPARSEPILOT_USER": "olga"})
+    assert res.exit_code == 2 and "has no active pilot to abort" in res.output
+
+
+def test_a_refused_import_starts_no_pilot(trust_env, flow_use_case, tmp_path: Path) -> None:
+    name = flow_use_case()
+    _challenger(name)
+    ids = _dataset_ids(4)
+    before = _counts()
+    one_arm = _write(tmp_path / "one.jsonl", [_obs(r, "control") for r in ids])
+    res = _import(name, one_arm)
+    assert res.exit_code == 2 and "nothing was stored" in res.output and "Traceback" not in res.output
+    assert _counts() == before  # no pilot, no observation, no audit row
+    good = _write(tmp_path / "good.jsonl", [_obs(r, a) for r in ids for a in ("control", "treatment")])
+    res = _import(name, good)
+    assert res.exit_code == 0, res.output
+    assert _counts()["Pilot"] == 1 and _counts()["Observation"] == 8
+
+
+def test_split_step_imports_follow_the_design(trust_env, flow_use_case, tmp_path: Path) -> None:
+    from rollout import pilots
+    from rollout.db.models import Observation, Pilot
+    from rollout.db.session import session_scope
+
+    name = flow_use_case()
+    _challenger(name)
+    ids = _dataset_ids(40)
+    shadow = _write(
+        tmp_path / "shadow.jsonl", [_obs(r, a) for r in ids[:8] for a in ("control", "treatment")]
+    )
+    assert _import(name, shadow).exit_code == 0
+    with session_scope() as s:
+        pilot = s.scalar(select(Pilot))
+        spec, _ = pilots.load_pilot_spec(s, pilot)
+        pilots.advance(s, pilot, spec, actor="test")
+        salt, pct = pilot.salt, pilots.current_step(s, pilot).traffic_pct
+    fresh = ids[8:]
+    assigned = [_obs(r, pilots.assign_arm(r, salt, pct)) for r in fresh]
+    before = _counts()
+
+    both = _write(tmp_path / "both.jsonl", [_obs(fresh[0], "control"), _obs(fresh[0], "treatment")])
+    res = _import(name, both)
+    assert res.exit_code == 2 and f"request(s) {fresh[0]} appear in both arms" in res.output
+    flipped = [{**o, "arm": "treatment" if o["arm"] == "control" else "control"} for o in assigned[:3]]
+    res = _import(name, _write(tmp_path / "flipped.jsonl", flipped))
+    assert res.exit_code == 2 and "not in the arm the pilot's hash assignment gives them" in res.output
+    assert _counts() == before
+
+    res = _import(name, _write(tmp_path / "external.jsonl", flipped), "--external-assignment")
+    assert res.exit_code == 0, res.output
+    res = _import(name, _write(tmp_path / "assigned.jsonl", assigned[3:]))
+    assert res.exit_code == 0, res.output
+    conflicting = [{**assigned[5], "quality": 0.1}]
+    before = _counts()
+    res = _import(name, _write(tmp_path / "conflict.jsonl", conflicting))
+    assert res.exit_code == 2
+    assert f"{fresh[5]}/{assigned[5]['arm']} are already stored with different values" in res.output
+    assert _counts() == before
+    res = _import(name, _write(tmp_path / "again.jsonl", assigned[3:]))  # identical re-import: nothing new
+    assert res.exit_code == 0 and _counts() == {**before, "AuditEntry": before["AuditEntry"]}
+    with session_scope() as s:
+        sources = dict(s.execute(select(Observation.source, func.count()).group_by(Observation.source)).all())
+    assert sources == {"imported": 16 + len(assigned) - 3, "imported-external": 3}
+
+
+@pytest.mark.parametrize("user", ["victor"])
+def test_viewers_cannot_import(trust_env, flow_use_case, tmp_path: Path, user: str) -> None:
+    name = flow_use_case()
+    res = _import(name, _write(tmp_path / "x.jsonl", [_obs("a", "control")]), user=user)
+    assert res.exit_code == 2 and "needs the operator role" in res.output
