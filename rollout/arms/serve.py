@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 LOOPBACK = "127.0.0.1"
 
@@ -103,11 +104,17 @@ def serve_command(
 
 
 def serve_environment() -> dict[str, str]:
-    """This process's environment plus the tracking/registry URI of SparsePilot's MLflow store."""
+    """This process's environment plus the tracking/registry URI of SparsePilot's MLflow store, with this
+    Python's bin directory first on PATH: MLflow starts the scoring server as `uvicorn` by name, which must
+    be this installation's even when the virtual environment is not activated."""
     from rollout import tracking
 
     uri = tracking.configure()
     env = dict(os.environ)
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join(
+        [bin_dir, *(p for p in env.get("PATH", "").split(os.pathsep) if p != bin_dir)]
+    )
     env.setdefault("MLFLOW_TRACKING_URI", uri)
     env.setdefault("MLFLOW_REGISTRY_URI", uri)
     return env
