@@ -4,10 +4,11 @@ server, SGLang, LiteLLM, ...). docs/serving.md shows how to point it at a servin
 * Text tasks (`exact_match`, `contains`, `rouge_l`): a greedy completion (`temperature: 0`,
   `max_tokens` = the pilot's answer length) scored against the reference.
 * `loglik`: the probability of the reference after the prompt from the server's prompt log-probabilities
-  (`echo: true, logprobs: 1, max_tokens: 0` on prompt + " " + reference): the reference's tokens are those
-  whose text offset lies past the prompt. A server that answers without prompt log-probabilities does not
-  support the task: that is an `ArmConfigError` (the pilot stops with that message) rather than a stream of
-  error observations that would blame the challenger. Use a text task for such a server.
+  (`echo: true, logprobs: 1, max_tokens: 0` on prompt + " " + reference; `max_tokens: 1` where a server
+  refuses 0 with HTTP 400): the reference's tokens are those whose text offset lies past the prompt. A
+  server that answers without prompt log-probabilities does not support the task: that is an
+  `ArmConfigError` (the pilot stops with that message) rather than a stream of error observations that
+  would blame the challenger. Use a text task for such a server.
 
 `api_key_env` names the environment variable with the bearer token (LiteLLM, hosted gateways)."""
 
@@ -43,6 +44,7 @@ class OpenAIArm:
         )
         self.max_concurrency = self.http.max_concurrency
         self.label = f"openai {self.http.base_url} (model {model})"
+        self._echo_max_tokens = 0  # prompt log-probabilities without generating (1 where a server needs it)
 
     def check(self) -> None:
         """Before a batch: the server is reachable and, where it lists its models, serves `model`."""
@@ -89,18 +91,21 @@ class OpenAIArm:
         if not ref:
             raise ArmConfigError("loglik needs a reference; the pilot asks for a completion first")
         full = request.prompt + " " + ref
-        reply = self.http.post(
-            "/completions",
-            {
-                "model": self.model,
-                "prompt": full,
-                "max_tokens": 0,
-                "echo": True,
-                "logprobs": 1,
-                "temperature": 0,
-                "stream": False,
-            },
-        )
+        payload = {
+            "model": self.model,
+            "prompt": full,
+            "max_tokens": self._echo_max_tokens,
+            "echo": True,
+            "logprobs": 1,
+            "temperature": 0,
+            "stream": False,
+        }
+        reply = self.http.post("/completions", payload)
+        if reply.status == 400 and self._echo_max_tokens == 0:
+            # Some servers (vLLM versions among them) refuse max_tokens=0; one generated token is then
+            # asked for and ignored (it lies past the reference). Remembered for this arm.
+            self._echo_max_tokens = 1
+            reply = self.http.post("/completions", {**payload, "max_tokens": 1})
         if reply.error:
             return failed("loglik", ref, reply.latency_ms, reply.error)
         try:
@@ -110,12 +115,17 @@ class OpenAIArm:
         lp = choice.get("logprobs") if isinstance(choice, dict) else None
         offsets = lp.get("text_offset") if isinstance(lp, dict) else None
         values = lp.get("token_logprobs") if isinstance(lp, dict) else None
-        if not isinstance(offsets, list) or not isinstance(values, list) or len(offsets) != len(values):
+        echoed = (
+            isinstance(offsets, list)
+            and isinstance(values, list)
+            and len(offsets) == len(values)
+            and any(isinstance(o, int) and o < len(full) for o in offsets)
+        )
+        if not echoed:
             raise ArmConfigError(
                 f"pilot.arms.{self.role}: {self.label} returned no prompt log-probabilities for "
-                "echo=true, logprobs=1, max_tokens=0, which the loglik task needs (vLLM supports them; "
-                "TGI and llama.cpp's server do not): use a text task (rouge_l, contains, exact_match) "
-                "with this server"
+                "echo=true, logprobs=1, which the loglik task needs (vLLM returns them; llama.cpp's server "
+                "does not): use a text task (rouge_l, contains, exact_match) with this server"
             )
         try:
             picked = reference_logprobs(offsets, values, len(request.prompt), len(full))

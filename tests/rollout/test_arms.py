@@ -92,6 +92,26 @@ def test_openai_arm_scores_as_the_same_model_in_process(
     treatment.close()
 
 
+def test_loglik_on_a_server_that_refuses_max_tokens_zero(
+    tiny_model_dir: Path, dense_in_process: InProcessArm
+) -> None:
+    """A server that needs max_tokens >= 1 (HTTP 400 for 0) is asked once more with 1, from then on with 1;
+    the generated token is not part of the reference, so the score is unchanged."""
+    from rollout.arms.base import ArmRequest
+
+    with openai_server("ok", model_dir=tiny_model_dir, refuse_zero_max_tokens=True) as (url, state):
+        arm = openai_arm(url)
+        answers = [
+            arm.answer(ArmRequest(rid, r["prompt"], r["reference"]), "loglik", **KW)
+            for rid, r in REQUESTS[:2]
+        ]
+        arm.close()
+    assert [b["max_tokens"] for b in state.requests] == [0, 1, 1]
+    for (rid, r), a in zip(REQUESTS[:2], answers, strict=True):
+        local = dense_in_process.answer(ArmRequest(rid, r["prompt"], r["reference"]), "loglik", **KW)
+        assert not a.error and a.quality == pytest.approx(local.quality, rel=1e-4)
+
+
 def test_split_step_sends_each_request_to_its_assigned_arm_only(ok_server: str) -> None:
     from rollout.pilots import assign_arm
 
@@ -202,7 +222,9 @@ def test_misconfigured_arms_fail_before_any_request_naming_the_arm(
     with openai_server("no-logprobs") as (url, _):
         arm = openai_arm(url)
         rid, row = REQUESTS[0]
-        with pytest.raises(ArmConfigError, match="no prompt log-probabilities.*use a text task"):
+        with pytest.raises(
+            ArmConfigError, match=r"pilot\.arms\.treatment: .*no prompt log-probabilities.*text task"
+        ):
             arm.answer(ArmRequest(rid, row["prompt"], row["reference"]), "loglik", **KW)
         arm.close()
 
