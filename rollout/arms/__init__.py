@@ -8,6 +8,7 @@ One module per kind, like the metric providers of progressive-delivery tools:
                     answers;
 * `mlflow_server` - a pyfunc scoring server (`mlflow models serve`, POST /invocations);
 * `openai`        - any OpenAI-compatible `/v1/completions` server (vLLM, TGI, llama.cpp, SGLang, LiteLLM);
+* `factory`       - `build_arm`: the arm a spec's `pilot.arms.<role>` describes, checked before use;
 * `step`          - one pilot batch through two arms (shadow: both; split: one arm per request);
 * `serve`         - `mlflow models serve` for a registered version (`sparsepilot serve-model`).
 
