@@ -108,3 +108,34 @@ class HttpEndpoint:
 
 def _ms(t0: float) -> float:
     return max((time.perf_counter() - t0) * 1000.0, 0.001)
+
+
+class HttpArm:
+    """What the endpoint arms share: the pooled endpoint, the arm's role in messages, its concurrency."""
+
+    kind = "http"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_s: float = 60.0,
+        connect_timeout_s: float = 5.0,
+        max_concurrency: int = 4,
+        api_key_env: str | None = None,
+        role: str = "arm",
+    ) -> None:
+        self.role = role
+        self.http = HttpEndpoint(
+            url,
+            timeout_s=timeout_s,
+            connect_timeout_s=connect_timeout_s,
+            max_concurrency=max_concurrency,
+            api_key_env=api_key_env,
+            arm=f"pilot.arms.{role}",
+        )
+        self.max_concurrency = self.http.max_concurrency
+        self.label = f"{self.kind} {self.http.base_url}"
+
+    def close(self) -> None:
+        self.http.close()

@@ -16,31 +16,11 @@ import math
 from typing import Any
 
 from rollout.arms.base import ArmAnswer, ArmConfigError, ArmRequest, failed, score_output
-from rollout.arms.http import HttpEndpoint
+from rollout.arms.http import HttpArm
 
 
-class MlflowServerArm:
-    def __init__(
-        self,
-        url: str,
-        *,
-        timeout_s: float = 60.0,
-        connect_timeout_s: float = 5.0,
-        max_concurrency: int = 4,
-        api_key_env: str | None = None,
-        role: str = "arm",
-    ) -> None:
-        self.role = role
-        self.http = HttpEndpoint(
-            url,
-            timeout_s=timeout_s,
-            connect_timeout_s=connect_timeout_s,
-            max_concurrency=max_concurrency,
-            api_key_env=api_key_env,
-            arm=f"pilot.arms.{role}",
-        )
-        self.max_concurrency = self.http.max_concurrency
-        self.label = f"mlflow {self.http.base_url}"
+class MlflowServerArm(HttpArm):
+    kind = "mlflow"
 
     def check(self) -> None:
         """Before a batch: the scoring server is up (GET /ping answers once the model is loaded)."""
@@ -77,6 +57,3 @@ class MlflowServerArm:
             return failed(task, request.reference, reply.latency_ms, f"completion is not text: {value!r}")
         quality = score_output(task, value, request.reference) if request.reference else 0.0
         return ArmAnswer(quality, reply.latency_ms, 0, False, value)
-
-    def close(self) -> None:
-        self.http.close()

@@ -17,33 +17,16 @@ from __future__ import annotations
 from typing import Any
 
 from rollout.arms.base import ArmAnswer, ArmConfigError, ArmRequest, failed, loglik_quality, score_output
-from rollout.arms.http import HttpEndpoint
+from rollout.arms.http import HttpArm
 
 
-class OpenAIArm:
-    def __init__(
-        self,
-        url: str,
-        model: str,
-        *,
-        timeout_s: float = 60.0,
-        connect_timeout_s: float = 5.0,
-        max_concurrency: int = 4,
-        api_key_env: str | None = None,
-        role: str = "arm",
-    ) -> None:
+class OpenAIArm(HttpArm):
+    kind = "openai"
+
+    def __init__(self, url: str, model: str, **endpoint: Any) -> None:
+        super().__init__(url, **endpoint)
         self.model = model
-        self.role = role
-        self.http = HttpEndpoint(
-            url,
-            timeout_s=timeout_s,
-            connect_timeout_s=connect_timeout_s,
-            max_concurrency=max_concurrency,
-            api_key_env=api_key_env,
-            arm=f"pilot.arms.{role}",
-        )
-        self.max_concurrency = self.http.max_concurrency
-        self.label = f"openai {self.http.base_url} (model {model})"
+        self.label += f" (model {model})"
         self._echo_max_tokens = 0  # prompt log-probabilities without generating (1 where a server needs it)
 
     def check(self) -> None:
@@ -133,9 +116,6 @@ class OpenAIArm:
         except (TypeError, ValueError) as exc:
             return failed("loglik", ref, reply.latency_ms, f"malformed prompt log-probabilities: {exc}")
         return ArmAnswer(quality, reply.latency_ms, _tokens(reply.body), False, "")
-
-    def close(self) -> None:
-        self.http.close()
 
 
 def reference_logprobs(
