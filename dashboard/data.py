@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 from alembic.runtime.migration import MigrationContext
 
 from rollout.db.session import get_engine, session_scope
+from rollout.redact import redact
 from rollout.settings import get_settings
 
 T = TypeVar("T")
@@ -23,15 +24,17 @@ def read(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 
 
 def schema_ready() -> tuple[bool, str]:
-    """(True, url) when the state DB has been migrated; the dashboard never creates the schema."""
+    """(True, url) when the state DB has been migrated; the dashboard never creates the schema. The url
+    comes back with its password redacted: the page shows it to anyone who opens it."""
     url = get_settings().database_url
+    shown = redact(url)
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
-        return False, url  # connecting would create an empty file
+        return False, shown  # connecting would create an empty file
     try:
         with get_engine(url).connect() as conn:
-            return MigrationContext.configure(conn).get_current_revision() is not None, url
+            return MigrationContext.configure(conn).get_current_revision() is not None, shown
     except Exception:  # noqa: BLE001 - any connection problem is shown to the user as "not ready"
-        return False, url
+        return False, shown
 
 
 def example_specs() -> list[str]:

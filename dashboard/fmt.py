@@ -44,3 +44,16 @@ def interval_only(lo: Any, hi: Any, one: Any = None) -> str:
     """'[lo, hi]' where both ends are known, else '-' (no interval is claimed without one)."""
     one = one or (lambda v: f"{v:+.4f}")
     return f"[{one(lo)}, {one(hi)}]" if _ok(lo) and _ok(hi) else "-"
+
+
+def quality_interval(lo: Any, hi: Any) -> str:
+    """The gate's bounds on the quality difference. Each side is a one-sided bound and the scale ends at
+    -1 and +1, so a bound at the edge says nothing: '>= lo' or '<= hi' then, '[lo, hi]' when both bound."""
+    if not (_ok(lo) and _ok(hi)):
+        return "-"
+    low, high = lo > -1 + 1e-9, hi < 1 - 1e-9
+    if low and high:
+        return interval_only(lo, hi)
+    if low:
+        return f">= {lo:+.4f}"
+    return f"<= {hi:+.4f}" if high else "not bounded yet"

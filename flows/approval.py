@@ -8,6 +8,11 @@ process stays alive to wait — `sparsepilot run --serve` (for as long as the da
 `sparsepilot serve`. When that process exits, `release_waiting` cancels its paused runs and clears the
 decision's flow_run_id, so the record never claims that someone waits. `sparsepilot approve` starts a
 fresh approval run when none is waiting and resumes it: an approval always resumes a paused flow run.
+
+One approval run per decision: a run registers itself on the decision under a write lock and refuses
+when another live run is registered; approvers acting at once are serialised in
+rollout.approvals.approve (one signs, the other is told who did). A CLI whose own run was resumed by
+another approver waits for that run to finish its effect instead of cancelling it.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from flows.common import flow_run_id
 
 DEFAULT_TIMEOUT_S = 7 * 24 * 3600
 _WAITERS: dict[int, tuple[threading.Thread, dict[str, Any]]] = {}
+_OWN_RUNS: dict[str, str] = {}  # waiter thread name -> the flow run id it runs
 _LOCK = threading.Lock()
 
 
@@ -50,14 +56,19 @@ def register_run(decision_id: int, run_id: str) -> dict[str, Any]:
     from rollout.db.models import GateDecision
     from rollout.db.session import session_scope
 
-    with session_scope() as session:
-        d = session.get(GateDecision, decision_id)
+    with session_scope(immediate=True) as session:
+        d = session.get(GateDecision, decision_id, with_for_update=True)
         if d is None:
             raise ApprovalWaitError(f"decision {decision_id} does not exist")
         from rollout.approvals import check_approvable
 
+        # Lost a race (another approver signed, or another live run is registered): this run ends
+        # without pausing, and the caller signs through the other run or is told who signed.
+        if d.resolution is not None:
+            return {"skip": f"decision {decision_id} was already {d.resolution}"}
+        if d.flow_run_id and d.flow_run_id != run_id and _run_is_live(d.flow_run_id):
+            return {"skip": f"decision {decision_id} already has approval run {d.flow_run_id}"}
         check_approvable(session, d)
-
         if d.flow_run_id != run_id:
             d.flow_run_id = run_id
             audit.record(
@@ -70,6 +81,29 @@ def register_run(decision_id: int, run_id: str) -> dict[str, Any]:
                 details={"flow_run_id": run_id, "awaiting": d.awaiting},
             )
         return {"awaiting": d.awaiting, "outcome": d.outcome, "use_case_id": d.use_case_id}
+
+
+_STARTING_GRACE_S = 120  # a registered run that has not paused yet is starting, not abandoned
+
+
+def _run_is_live(flow_run_id: str) -> bool:
+    """Paused, or pending/running for less than a grace period (a run killed while starting stays
+    "Running" in Prefect forever; it must not block the decision)."""
+    import datetime as dt
+
+    from prefect.client.orchestration import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(uuid.UUID(flow_run_id)).state
+    except Exception:  # noqa: BLE001 - an unknown run is not live
+        return False
+    if state is None or state.is_final():
+        return False
+    if state.is_paused():
+        return True
+    age = (dt.datetime.now(dt.UTC) - state.timestamp).total_seconds()
+    return age < _STARTING_GRACE_S
 
 
 @task(cache_policy=NO_CACHE, name="approval-clear-run", retries=2, retry_delay_seconds=1)
@@ -93,7 +127,11 @@ def approval_flow(
     logger = get_run_logger()
     run_id = flow_run_id()
     assert run_id is not None
+    _OWN_RUNS[threading.current_thread().name] = run_id
     info = register_run(decision_id, run_id)
+    if "skip" in info:
+        logger.info("%s; this run ends without waiting", info["skip"])
+        return {"action": "none", "decision_id": decision_id, "reason": info["skip"]}
     logger.info("decision %s (%s) waits for approval in flow run %s", decision_id, info["outcome"], run_id)
     try:
         answer = pause_flow_run(
@@ -178,8 +216,11 @@ def start_waiting(
             raise ApprovalWaitError(
                 f"approval flow for decision {decision_id} failed: {box['error']}"
             ) from box["error"]
+        if "result" in box:  # ended without pausing: another approver's run or signature came first
+            raise ApprovalWaitError(box["result"].get("reason") or "the approval run ended without waiting")
         rid = _decision_run_id(decision_id)
-        if rid and flow_is_waiting(rid):
+        # our own run, paused (another process's run may be the one registered on the decision)
+        if rid and rid == _OWN_RUNS.get(t.name) and flow_is_waiting(rid):
             box["flow_run_id"] = rid
             return rid
         time.sleep(0.3)
@@ -219,11 +260,13 @@ def release_waiting() -> list[int]:
     released = []
     with _LOCK:
         entries = list(_WAITERS.items())
+    from rollout.approvals import flow_is_waiting
+
     for decision_id, (t, box) in entries:
         if not t.is_alive():
             continue
         rid = box.get("flow_run_id") or _decision_run_id(decision_id)
-        if not rid:
+        if not rid or not flow_is_waiting(rid):  # resumed: it is carrying out a decision, leave it be
             continue
         try:
             with get_client(sync_client=True) as client:
@@ -258,20 +301,61 @@ def approve_decision(
     rid = _decision_run_id(decision_id)
     if not approvals.flow_is_waiting(rid):
         _precheck(decision_id)
-        if rid:  # a run was recorded but nobody waits on it any more
+        if rid and not _run_is_live(rid):  # a run was recorded but nobody waits on it any more
             clear_run.fn(decision_id, rid)
-        start_waiting(decision_id)
-        started_here = True
+        try:
+            start_waiting(decision_id)
+            started_here = True
+        except ApprovalWaitError:
+            # Another approver's run registered first: sign through it once it pauses (or be told who
+            # already signed); never a second run.
+            _wait_for_other_run(decision_id)
     try:
         result = approvals.approve(decision_id, identity, reason, reject=reject, apply_if_no_flow=False)
     except BaseException:
         if started_here:
-            release_waiting()
+            _settle_own_run(decision_id)
         raise
     out = result.to_dict()
     if result.took_effect and result.resumed_flow_run_id and started_here:
         out["effect"] = join_waiting(decision_id)
     return out
+
+
+def _wait_for_other_run(decision_id: int, wait_s: float = 150) -> None:
+    from rollout.approvals import flow_is_waiting
+    from rollout.db.models import GateDecision
+    from rollout.db.session import session_scope
+
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        with session_scope() as session:
+            d = session.get(GateDecision, decision_id)
+            resolved, rid = d.resolution is not None, d.flow_run_id
+        if resolved or flow_is_waiting(rid):
+            return  # approvals.approve now resumes that run, or says who already signed
+        time.sleep(0.3)
+    raise ApprovalWaitError(
+        f"decision {decision_id}: another approval run is registered but did not pause within {wait_s:.0f} s"
+    )
+
+
+def _settle_own_run(decision_id: int) -> None:
+    """This process's approval run after our signature was refused: still paused -> nobody resumed it,
+    cancel it; resumed by another approver -> it is carrying out their decision here, so wait for it
+    (never cancel a run mid-promotion)."""
+    from rollout.approvals import flow_is_waiting
+
+    with _LOCK:
+        entry = _WAITERS.get(decision_id)
+    rid = entry[1].get("flow_run_id") if entry else None
+    if rid and not flow_is_waiting(rid) and entry[0].is_alive():
+        try:
+            join_waiting(decision_id)
+        except Exception:  # noqa: BLE001, S110 - their run's outcome is theirs to report; ours is the refusal
+            pass
+        return
+    release_waiting()
 
 
 def _will_take_effect(decision_id: int, actor: str, reject: bool) -> bool:

@@ -28,10 +28,17 @@ class UseCaseContext:
     spec_hash: str
     dataset_path: Path
     rows: list[dict[str, Any]] = field(repr=False)
+    spec_dir: Path | None = None
 
     @property
     def task(self) -> str:
         return self.spec.dataset.task
+
+    def traffic(self, salt: str) -> Any:
+        """The pilot's traffic source (rollout.traffic): each request at most once per pilot."""
+        from rollout.traffic import source_for
+
+        return source_for(self.spec, rows=self.rows, salt=salt, spec_dir=self.spec_dir)
 
 
 def load_context(name: str) -> UseCaseContext:
@@ -47,7 +54,14 @@ def load_context(name: str) -> UseCaseContext:
         for r in dataset_rows(loaded)
     ]
     return UseCaseContext(
-        name, loaded.use_case_id, loaded.spec, loaded.version, loaded.spec_hash, loaded.dataset_path, rows
+        name,
+        loaded.use_case_id,
+        loaded.spec,
+        loaded.version,
+        loaded.spec_hash,
+        loaded.dataset_path,
+        rows,
+        loaded.source_dir,
     )
 
 

@@ -188,6 +188,7 @@ def roi_from_report(spec: Any, report: dict[str, Any], decode_tps: float | None)
     )
     out = roi.to_dict()
     out["speedup_interval_from"] = f"{n} repeated weighted timings" if interval else "point estimate only"
+    out["timing_host"] = summ.get("host")  # threads, the host's load, pairs retimed for overload
     return out
 
 

@@ -14,6 +14,7 @@ from sqlalchemy import select
 
 from flows.common import FLOW_ACTOR, log_run
 from rollout import pilots
+from rollout.traffic import exhaustion_note
 
 
 class GateError(RuntimeError):
@@ -56,8 +57,25 @@ def current_step_id(use_case: str) -> int:
         return pilots.current_step(session, pilot).id
 
 
+@task(cache_policy=NO_CACHE, name="gate-traffic-status", retries=2, retry_delay_seconds=1)
+def traffic_status(use_case: str, step_id: int) -> dict[str, Any]:
+    """How much of the pilot's traffic source is used: distinct requests so far and what is left."""
+    from flows.common import load_context
+    from rollout.db.models import Pilot, PilotStep
+    from rollout.db.session import session_scope
+
+    ctx = load_context(use_case)
+    with session_scope() as session:
+        pilot = session.get(Pilot, session.get(PilotStep, step_id).pilot_id)
+        used, salt = pilots.seen_request_ids(session, pilot), pilot.salt
+    source = ctx.traffic(salt)
+    return {"source": source.name, "distinct_used": len(used), "remaining": source.remaining(used)}
+
+
 @task(cache_policy=NO_CACHE, name="gate-decide-and-record", retries=2, retry_delay_seconds=1)
-def decide_and_record(use_case: str, step_id: int, promote_after_step: int | None = None) -> dict[str, Any]:
+def decide_and_record(
+    use_case: str, step_id: int, promote_after_step: int | None = None, traffic: dict[str, Any] | None = None
+) -> dict[str, Any]:
     import pandas as pd
 
     from rollout.db.models import GateDecision, Pilot, PilotStep
@@ -67,7 +85,7 @@ def decide_and_record(use_case: str, step_id: int, promote_after_step: int | Non
 
     with session_scope() as session:
         uc = pilots.get_use_case(session, use_case)
-        spec, _ = pilots.load_current_spec(session, uc)
+        spec, _ = pilots.load_step_spec(session, step_id)
         step = session.get(PilotStep, step_id)
         pilot = session.get(Pilot, step.pilot_id)
         rows = pilots.step_observations(session, step)
@@ -121,8 +139,14 @@ def decide_and_record(use_case: str, step_id: int, promote_after_step: int | Non
                 "final_step": final,
                 "plan_steps": len(pilots.plan_steps(spec)),
                 "promote_after_step": promote_after_step,
+                "traffic": traffic,
             }
         )
+        explanation = decision.explanation
+        exhausted = exhaustion_note(decision.outcome, traffic, decision.projected_requests)
+        if exhausted:
+            evidence["reasons"] = [*evidence["reasons"], "traffic-exhausted"]
+            explanation = f"{explanation} {exhausted}"
         d, created = pilots.record_decision(
             session,
             idempotency_key=key,
@@ -131,7 +155,7 @@ def decide_and_record(use_case: str, step_id: int, promote_after_step: int | Non
             step=step,
             outcome=decision.outcome,
             evidence=evidence,
-            explanation=decision.explanation,
+            explanation=explanation,
             data_fingerprint=decision.data_fingerprint,
             look_index=decision.look_index,
             awaiting=awaiting,
@@ -199,7 +223,8 @@ def log_decision(use_case: str, summary: dict[str, Any]) -> str | None:
 def gate_flow(use_case: str, promote_after_step: int | None = None) -> dict[str, Any]:
     """Decide the current step. `promote_after_step` ends a short pilot early (the main job runs shadow +
     the first split step and asks for promotion there); None follows the spec's full ramp."""
-    summary = decide_and_record(use_case, current_step_id(use_case), promote_after_step)
+    step_id = current_step_id(use_case)
+    summary = decide_and_record(use_case, step_id, promote_after_step, traffic_status(use_case, step_id))
     if summary["created"]:
         log_decision(use_case, summary)
     get_run_logger().info(

@@ -13,6 +13,7 @@ their quick settings; pilot batches come from each spec (`rollout.batch_size`)."
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -119,7 +120,11 @@ def extra_requests(decision: dict[str, Any], seconds_per_request: float, seconds
     needs (plus 10%, as the estimate moves), capped by the time left; 0 = stop looking. Every look
     counts toward gate.max_looks, so a look on less than half of what is wanted is not spent."""
     projected = decision.get("projected_requests")
-    if decision.get("outcome") != "EXTEND" or not projected:
+    if (
+        decision.get("outcome") != "EXTEND"
+        or not projected
+        or "traffic-exhausted" in decision.get("reasons", [])
+    ):
         return 0
     have = decision.get("n_pairs") or (decision.get("n_control") or 0) + (decision.get("n_treatment") or 0)
     wanted = max(0, -(-projected * 11 // 10) - have)  # ceil(1.1 * projected), in integers
@@ -146,6 +151,7 @@ def run_use_case(name: str, s: MainJobSettings, stage: Callable[[str], None]) ->
             density=out.evaluation.get("density"),
             saved_usd_month=out.evaluation.get("savings_month_usd"),
             saved_usd_month_high=out.evaluation.get("savings_month_high"),
+            saved_usd_month_low=out.evaluation.get("savings_month_low"),
             pilot_anyway=s.pilot_unprofitable,
         )
         if out.note is None:
@@ -300,6 +306,32 @@ def render_table(rows: list[dict[str, Any]], outcomes: dict[str, dict[str, Any]]
     return table
 
 
+class StageClock:
+    """One line per finished stage with its time and the time since the job started, printed in a
+    terminal (above the live bars) and in logs or CI alike (where the bars print nothing), and kept in
+    the log file too."""
+
+    def __init__(self, name: str, job_start: float, emit: Callable[[str], None]) -> None:
+        self.name, self.job_start, self.emit = name, job_start, emit
+        self.label: str | None = None
+        self.since = time.perf_counter()
+
+    def start(self, label: str) -> None:
+        now = time.perf_counter()
+        if self.label is not None:
+            line = (
+                f"{self.name}: {self.label} {'failed' if label == 'failed' else 'done'} in "
+                f"{_duration(now - self.since)} ({_duration(now - self.job_start)} into the run)"
+            )
+            self.emit(line)
+            logging.getLogger("sparsepilot.progress").info(line)
+        self.label, self.since = (None if label in ("done", "failed") else label), now
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds // 60:.0f} min {seconds % 60:02.0f} s"
+
+
 def run_main_job(settings: MainJobSettings | None = None, *, console: Any = None) -> dict[str, Any]:
     """Run the pipeline for the sample (or given) use cases; returns the summary (rows + timings)."""
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -325,10 +357,12 @@ def run_main_job(settings: MainJobSettings | None = None, *, console: Any = None
         overall = progress.add_task(f"{len(names)} use case(s)", total=len(names))
         for name in names:
             tid = progress.add_task(f"{name}: starting", total=len(STAGES) - 1)
+            clock = StageClock(name, t0, progress.console.print)
 
-            def stage(label: str, _tid: int = tid, _name: str = name) -> None:
+            def stage(label: str, _tid: int = tid, _name: str = name, _clock: StageClock = clock) -> None:
                 done = STAGES.index(label) if label in STAGES else progress.tasks[_tid].completed
                 progress.update(_tid, description=f"{_name}: {label}", completed=done)
+                _clock.start(label)
 
             outcomes[name] = run_use_case(name, s, stage)
             progress.advance(overall)

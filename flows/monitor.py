@@ -66,7 +66,7 @@ def decide_monitor(
 
     with session_scope() as session:
         uc = pilots.get_use_case(session, use_case)
-        spec, _ = pilots.load_current_spec(session, uc)
+        spec, _ = pilots.load_pilot_spec(session, session.get(Pilot, info["pilot_id"]))
         guard = pilots.monitor_guardrails(rows, spec) if check["passed"] else {"checks": [], "breached": []}
         if not check["passed"]:
             outcome = "INVALID"
@@ -136,7 +136,13 @@ def monitor_flow(
     max_new_tokens: int | None = None,
     max_prompt_tokens: int | None = None,
 ) -> dict[str, Any]:
-    from flows.pilot import answer_batch, choose_requests, default_max_new_tokens, store_batch, validate_batch
+    from flows.pilot import (
+        answer_measured,
+        default_max_new_tokens,
+        next_requests,
+        store_batch,
+        validate_batch,
+    )
     from flows.promote import rollback_flow
 
     logger = get_run_logger()
@@ -152,10 +158,16 @@ def monitor_flow(
         check = validate_batch(rows, known, "import")
         source = "imported"
     else:
-        requests = choose_requests(
-            ctx.rows, set(info["used_request_ids"]), info["salt"], batch_size or ctx.spec.rollout.batch_size
+        requests = next_requests(
+            ctx, set(info["used_request_ids"]), info["salt"], batch_size or ctx.spec.rollout.batch_size
         )
-        rows = answer_batch(
+        if not requests:
+            return {
+                "status": "skipped",
+                "explanation": f"{use_case}: traffic exhausted: every request of the source was used once; "
+                "import production observations with --observations to keep monitoring",
+            }
+        rows, _ = answer_measured(
             ctx, info, requests, max_new_tokens or default_max_new_tokens(ctx.spec), max_prompt_tokens
         )
         check = validate_batch(rows, [rid for rid, _ in requests], "monitor")

@@ -39,90 +39,175 @@ def default_max_new_tokens(spec: Any, cap: int = 64) -> int:
 @task(cache_policy=NO_CACHE, name="pilot-ensure", retries=2, retry_delay_seconds=1)
 def ensure_pilot(use_case: str) -> dict[str, Any]:
     """The active pilot (started at its shadow step for the current challenger if none runs)."""
-    from sqlalchemy import select
-
-    from rollout.db.models import CalibrationRun, ModelVersion
     from rollout.db.session import session_scope
 
     with session_scope() as session:
-        uc = pilots.get_use_case(session, use_case)
-        spec, _ = pilots.load_current_spec(session, uc)
-        run = session.scalar(
-            select(CalibrationRun)
-            .where(
-                CalibrationRun.use_case_id == uc.id,
-                CalibrationRun.status == "succeeded",
-                CalibrationRun.model_version_id.is_not(None),
-            )
-            .order_by(CalibrationRun.id.desc())
+        return _ensure_pilot(session, use_case)
+
+
+def _ensure_pilot(session: Any, use_case: str) -> dict[str, Any]:
+    """ensure_pilot inside the caller's transaction."""
+    from sqlalchemy import select
+
+    from rollout.db.models import CalibrationRun, ModelVersion
+
+    uc = pilots.get_use_case(session, use_case)
+    spec, _ = pilots.load_current_spec(session, uc)
+    run = session.scalar(
+        select(CalibrationRun)
+        .where(
+            CalibrationRun.use_case_id == uc.id,
+            CalibrationRun.status == "succeeded",
+            CalibrationRun.model_version_id.is_not(None),
         )
-        if run is None:
+        .order_by(CalibrationRun.id.desc())
+    )
+    if run is None:
+        raise PilotError(
+            f"{use_case}: no calibrated challenger yet; run `sparsepilot calibrate {use_case}` first"
+        )
+    if (run.metrics or {}).get("met_budget") is False:
+        raise PilotError(
+            f"{use_case}: calibration run {run.id} found no sparse plan within the quality budget; "
+            "the challenger is the dense model and there is nothing to pilot"
+        )
+    mv = session.get(ModelVersion, run.model_version_id)
+    last = pilots.latest_pilot(session, uc)
+    if (
+        last is not None
+        and last.model_version_id == mv.id
+        and last.status in ("stopped", "promoted", "rolled_back")
+    ):
+        raise PilotError(
+            f"{use_case}: pilot {last.id} of this challenger has ended ({last.status}); "
+            "calibrate a new challenger (or add a new spec version) to pilot again"
+        )
+    pilot = pilots.active_pilot(session, uc)
+    if pilot is None or pilot.model_version_id != mv.id:
+        if pilot is not None and pilot.status == "awaiting_approval":
             raise PilotError(
-                f"{use_case}: no calibrated challenger yet; run `sparsepilot calibrate {use_case}` first"
+                f"{use_case}: pilot {pilot.id} is waiting for approval; approve or reject it first"
             )
-        if (run.metrics or {}).get("met_budget") is False:
-            raise PilotError(
-                f"{use_case}: calibration run {run.id} found no sparse plan within the quality budget; "
-                "the challenger is the dense model and there is nothing to pilot"
+        pilot = pilots.start_pilot(session, uc, mv, spec, actor=FLOW_ACTOR)
+    if pilot.status != "running":
+        raise PilotError(f"{use_case}: pilot {pilot.id} is {pilot.status}; no pilot traffic is collected now")
+    step = pilots.current_step(session, pilot)
+    return {
+        "pilot_id": pilot.id,
+        "salt": pilot.salt,
+        "step_id": step.id,
+        "step_index": step.index,
+        "kind": step.kind,
+        "traffic_pct": step.traffic_pct,
+        "min_samples": step.min_samples,
+        "model_version_id": mv.id,
+        "base_model_ref": mv.base_model_ref,
+        "plan": mv.plan,
+        "mlflow_model": mv.mlflow_model_name,
+        "mlflow_version": mv.mlflow_version,
+        "used_request_ids": sorted(pilots.seen_request_ids(session, pilot)),
+    }
+
+
+def import_file(
+    use_case: str, path: str, known_ids: list[str], *, external_assignment: bool = False
+) -> dict[str, Any]:
+    """Import a file of observations into the current step, all or nothing: parse, check the rows
+    (GX), check they fit the step's design (rollout.pilots.import_problems), store. The pilot is
+    started in the same transaction, so a refused import starts nothing either."""
+    from rollout.db.models import PilotStep
+    from rollout.db.session import session_scope
+    from rollout.observations_io import ObservationImportError, read_observations, validate_observation_rows
+
+    rows = read_observations(path)
+    with session_scope(immediate=True) as session:
+        info = _ensure_pilot(session, use_case)
+        check = validate_observation_rows(
+            rows,
+            known_request_ids=known_ids,
+            require_both_arms=info["kind"] == "shadow",
+            source=path,
+        )
+        step = session.get(PilotStep, info["step_id"])
+        problems = (
+            pilots.import_problems(
+                rows,
+                pilots.step_observations(session, step),
+                kind=info["kind"],
+                salt=info["salt"],
+                traffic_pct=info["traffic_pct"],
+                external_assignment=external_assignment,
             )
-        mv = session.get(ModelVersion, run.model_version_id)
-        last = pilots.latest_pilot(session, uc)
-        if (
-            last is not None
-            and last.model_version_id == mv.id
-            and last.status in ("stopped", "promoted", "rolled_back")
-        ):
-            raise PilotError(
-                f"{use_case}: pilot {last.id} of this challenger has ended ({last.status}); "
-                "calibrate a new challenger (or add a new spec version) to pilot again"
+            if check["passed"]
+            else check["failures"]
+        )
+        if problems:
+            raise ObservationImportError(
+                f"{path}: does not fit step {info['step_index']} ({info['kind']}); nothing was stored:\n  - "
+                + "\n  - ".join(problems)
             )
-        pilot = pilots.active_pilot(session, uc)
-        if pilot is None or pilot.model_version_id != mv.id:
-            if pilot is not None and pilot.status == "awaiting_approval":
-                raise PilotError(
-                    f"{use_case}: pilot {pilot.id} is waiting for approval; approve or reject it first"
+        bid = batch_id_for(info["step_id"], [f"{r['request_id']}|{r['arm']}" for r in rows])
+        source = "imported-external" if external_assignment else "imported"
+        res = pilots.record_observations(session, step, rows, batch_id=bid, source=source)
+    return {"info": info, "rows": rows, "batch_id": bid, "source": source,
+            "stored": {"inserted": res.inserted, "already_present": res.already_present}}  # fmt: skip
+
+
+def abort(use_case: str, actor: str, reason: str) -> dict[str, Any]:
+    """Stop the active pilot (rollout.pilots.abort_pilot) and cancel the paused approval runs of the
+    decisions it closed, so nothing waits for a decision that can no longer be approved."""
+    import uuid
+
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelled
+
+    from rollout.db.session import session_scope
+
+    text = (reason or "").strip()
+    if not text:
+        raise PilotError("--abort needs a --reason (kept in the audit log)")
+    with session_scope(immediate=True) as session:
+        uc = pilots.get_use_case(session, use_case)
+        pilot, closed = pilots.abort_pilot(session, uc, actor=actor, reason=text)
+        runs = [(d.id, d.flow_run_id) for d in closed if d.flow_run_id]
+        out = {"pilot_id": pilot.id, "closed_decisions": [d.id for d in closed], "cancelled_runs": []}
+    for _did, rid in runs:
+        try:
+            with get_client(sync_client=True) as client:
+                client.set_flow_run_state(
+                    uuid.UUID(rid), Cancelled(message=f"pilot aborted: {text}"), force=True
                 )
-            pilot = pilots.start_pilot(session, uc, mv, spec, actor=FLOW_ACTOR)
-        if pilot.status != "running":
-            raise PilotError(
-                f"{use_case}: pilot {pilot.id} is {pilot.status}; no pilot traffic is collected now"
-            )
-        step = pilots.current_step(session, pilot)
-        return {
-            "pilot_id": pilot.id,
-            "salt": pilot.salt,
-            "step_id": step.id,
-            "step_index": step.index,
-            "kind": step.kind,
-            "traffic_pct": step.traffic_pct,
-            "min_samples": step.min_samples,
-            "model_version_id": mv.id,
-            "base_model_ref": mv.base_model_ref,
-            "plan": mv.plan,
-            "mlflow_model": mv.mlflow_model_name,
-            "mlflow_version": mv.mlflow_version,
-            "used_request_ids": sorted(pilots.seen_request_ids(session, pilot)),
-        }
-
-
-def choose_requests(rows: list[dict[str, Any]], used: set[str], salt: str, n: int) -> list[tuple[str, dict]]:
-    """The next n requests of the pilot's traffic: dataset rows in a pilot-specific order, each used
-    once per pilot; when the dataset is exhausted it is replayed with new request ids (id~r2, ...)."""
-    # A separate hash domain from the arm assignment: ordering traffic by the assignment hash itself
-    # would put the lowest hashes (all treatment) first and break the split.
-    order = sorted(rows, key=lambda r: pilots.hash_unit(r["id"], f"{salt}:traffic-order"))
-    out: list[tuple[str, dict]] = []
-    rnd = 1
-    while len(out) < n:
-        for r in order:
-            rid = r["id"] if rnd == 1 else f"{r['id']}~r{rnd}"
-            if rid not in used:
-                out.append((rid, r))
-                used.add(rid)
-                if len(out) == n:
-                    break
-        rnd += 1
+            out["cancelled_runs"].append(rid)
+        except Exception:  # noqa: BLE001, S112 - the decision is closed either way; a stale run cannot act
+            continue
     return out
+
+
+def import_observations(use_case: str, path: str, *, external_assignment: bool = False) -> dict[str, Any]:
+    """`sparsepilot pilot NAME --observations FILE`: a database import (no model work), so the CLI runs
+    it directly rather than as a flow run; `pilot_flow(observations_file=...)` calls it too."""
+    ctx = load_context(use_case)
+    known = sorted({r["id"] for r in ctx.rows})
+    done = import_file(use_case, path, known, external_assignment=external_assignment)
+    info = done["info"]
+    log_batch.fn(ctx, info, done["rows"], done["stored"], done["source"])
+    return {
+        "use_case": use_case,
+        "pilot_id": info["pilot_id"],
+        "step_index": info["step_index"],
+        "step_kind": info["kind"],
+        "traffic_pct": info["traffic_pct"],
+        "batches": [{"batch_id": done["batch_id"], **done["stored"], "passed": True}],
+    }
+
+
+def next_requests(ctx: UseCaseContext, used: set[str], salt: str, n: int) -> list[tuple[str, dict]]:
+    """The next (up to) n requests of the pilot's traffic source, each used once per pilot (the ids are
+    added to `used`). Fewer, or none, when the source is exhausted: a replayed request would be the same
+    evidence counted twice (the gate then says "traffic exhausted")."""
+    requests = ctx.traffic(salt).take(n, used)
+    used.update(r.id for r in requests)
+    return [(r.id, r.as_row()) for r in requests]
 
 
 @task(cache_policy=NO_CACHE, name="pilot-answer-batch", retries=1, retry_delay_seconds=1)
@@ -138,6 +223,28 @@ def answer_batch(
     from flows.arms import answer_with_arms
 
     return answer_with_arms(ctx, info, requests, max_new_tokens, max_prompt_tokens)
+
+
+def answer_measured(
+    ctx: UseCaseContext,
+    info: dict[str, Any],
+    requests: list[tuple[str, dict]],
+    max_new_tokens: int,
+    max_prompt_tokens: int | None,
+) -> tuple[list[dict[str, Any]], Any]:
+    """answer_batch with torch threads chosen from the CPUs really free (sparse_core.host) and the host's
+    load recorded while it ran; the rows of in-process arms are flagged `overloaded` when the CPU was
+    oversubscribed."""
+    from sparse_core.host import HostLoadMeter, apply_thread_policy
+
+    policy = apply_thread_policy()
+    with HostLoadMeter(threads=policy["threads"]) as meter:
+        rows = answer_batch(ctx, info, requests, max_new_tokens, max_prompt_tokens)
+    # The pilot host's CPU slows only the arms that run on it; an endpoint's latency is its stack's own.
+    here = {a for a in ("control", "treatment") if getattr(ctx.spec.pilot.arms, a).kind == "in-process"}
+    for r in rows:
+        r["overloaded"] = meter.load.overloaded and r["arm"] in here
+    return rows, meter.load
 
 
 @task(cache_policy=NO_CACHE, name="pilot-validate-batch", retries=2, retry_delay_seconds=1)
@@ -229,8 +336,11 @@ def pilot_flow(
     batch_size: int | None = None,
     max_new_tokens: int | None = None,
     max_prompt_tokens: int | None = None,
+    external_assignment: bool = False,
 ) -> dict[str, Any]:
     """Collect `batches` batches (or import a file) into the current step. Returns a summary."""
+    if observations_file:
+        return import_observations(use_case, observations_file, external_assignment=external_assignment)
     logger = get_run_logger()
     ctx = load_context(use_case)
     info = ensure_pilot(use_case)
@@ -242,28 +352,20 @@ def pilot_flow(
         "traffic_pct": info["traffic_pct"],
         "batches": [],
     }
-    if observations_file:
-        from rollout.observations_io import ObservationImportError, read_observations
-
-        rows = read_observations(observations_file)
-        known = sorted({r["id"] for r in ctx.rows})
-        check = validate_batch(rows, known, "shadow")
-        if not check["passed"]:
-            raise ObservationImportError(
-                f"{observations_file}: failed the observation checks; nothing was stored:\n  - "
-                + "\n  - ".join(check["failures"])
-            )
-        bid = batch_id_for(info["step_id"], [f"{r['request_id']}|{r['arm']}" for r in rows])
-        stored = store_batch(info["step_id"], rows, bid, "imported")
-        log_batch(ctx, info, rows, stored, "imported")
-        summary["batches"].append({"batch_id": bid, **stored, "passed": True})
-        return summary
-
     n = batch_size or ctx.spec.rollout.batch_size
     mnt = max_new_tokens or default_max_new_tokens(ctx.spec)
     used = set(info["used_request_ids"])
     for b in range(batches):
-        requests = choose_requests(ctx.rows, used, info["salt"], n)
+        requests = next_requests(ctx, used, info["salt"], n)
+        if not requests:
+            logger.info(
+                "%s: traffic exhausted: %d distinct requests used in pilot %d; no batch",
+                use_case,
+                len(used),
+                info["pilot_id"],
+            )
+            summary["traffic_exhausted"] = True
+            break
         logger.info(
             "%s: batch %d/%d of step %d (%s), %d requests",
             use_case,
@@ -271,9 +373,17 @@ def pilot_flow(
             batches,
             info["step_index"],
             info["kind"],
-            n,
+            len(requests),
         )
-        rows = answer_batch(ctx, info, requests, mnt, max_prompt_tokens)
+        rows, load = answer_measured(ctx, info, requests, mnt, max_prompt_tokens)
+        if any(r["overloaded"] for r in rows):
+            logger.warning(
+                "%s: host overloaded during the batch (others busy on %s of %s CPUs): its rows count for "
+                "quality, not for the latency guardrail",
+                use_case,
+                load.others_busy_cores,
+                load.cpus,
+            )
         bid = batch_id_for(info["step_id"], [rid for rid, _ in requests])
         check = validate_batch(rows, [rid for rid, _ in requests], info["kind"])
         if not check["passed"]:
@@ -284,5 +394,5 @@ def pilot_flow(
             continue
         stored = store_batch(info["step_id"], rows, bid, "pilot-flow")
         log_batch(ctx, info, rows, stored, "pilot-flow")
-        summary["batches"].append({"batch_id": bid, **stored, "passed": True})
+        summary["batches"].append({"batch_id": bid, **stored, "passed": True, "host_load": load.to_dict()})
     return summary

@@ -2,8 +2,12 @@
 
 Rules enforced here (server side, for the CLI and the dashboard alike):
 - an Identity with the approver role and a non-empty reason are required;
-- acting against the gate's recommendation (promoting on EXTEND/NO-GO/INVALID, or keeping a model whose
-  monitor asked for a rollback) needs a second, *different* approver before it takes effect;
+- acting against the gate's recommendation (promoting on EXTEND/NO-GO/INVALID, promoting on an
+  intermediate step's GO, which skips the remaining ramp steps, or keeping a model whose monitor asked
+  for a rollback) needs a second, *different* approver before it takes effect;
+- signing is atomic: the decision is read and signed under a write lock (SQLite ``BEGIN IMMEDIATE``,
+  PostgreSQL ``SELECT ... FOR UPDATE``), so of two approvers acting at once exactly one signs and the
+  other is told who already did;
 - every signature writes an Approval row and an audit entry in the same transaction;
 - when a Prefect flow run is paused waiting for this decision, it is resumed with the approval as its
   run input (`resume_flow_run`); a recorded run that is no longer paused is a clear error and nothing is
@@ -24,6 +28,8 @@ from rollout import audit
 from rollout.auth import Identity, require_approver
 from rollout.db.models import AliasMove, Approval, GateDecision, Pilot, UseCase
 from rollout.db.session import session_scope
+
+_SKIP_NOTE = " of an intermediate step: promoting now skips the remaining ramp steps"
 
 
 class ApprovalError(ValueError):
@@ -65,14 +71,19 @@ def recommended_action(decision: GateDecision) -> str:
     """'approve' when the evidence supports what approving does, else 'reject'."""
     if decision.awaiting == "rollback_approval":
         return "approve"  # the monitor recommends the rollback
-    return "approve" if decision.outcome == "GO" else "reject"
+    # Only the last step's GO asks for promotion (awaiting "approval"); promoting on an earlier step's
+    # GO skips the remaining ramp steps, which is an override like promoting on EXTEND.
+    return "approve" if decision.outcome == "GO" and decision.awaiting == "approval" else "reject"
 
 
 def check_approvable(session: Any, d: GateDecision) -> None:
     """A person may act on a decision that waits for them, or override the latest gate decision of a
     pilot that is still running (e.g. promote on EXTEND: against the recommendation, two approvers)."""
     if d.resolution is not None:
-        raise ApprovalError(f"decision {d.id} was already resolved: {d.resolution}")
+        by = session.scalar(
+            select(Approval.actor).where(Approval.decision_id == d.id).order_by(Approval.id.desc())
+        )
+        raise ApprovalError(f"decision {d.id} was already {d.resolution}" + (f" by {by}" if by else ""))
     if d.awaiting != "none":
         return
     pilot = session.get(Pilot, d.pilot_id) if d.pilot_id else None
@@ -132,10 +143,10 @@ def approve(
     text = _check_reason(reason)
     resumed: str | None = None
     apply_now = False
-    with session_scope(db_url) as session:
-        # Row lock (PostgreSQL): two approvers signing at once are serialised, so the second sees the
-        # first's signature or resolution instead of both acting on the same unresolved decision.
-        # SQLite takes no row locks; its single writer makes the later transaction fail instead.
+    with session_scope(db_url, immediate=True) as session:
+        # Two approvers signing at once are serialised (PostgreSQL: the row lock; SQLite: BEGIN
+        # IMMEDIATE takes the write lock before this read), so the second sees the first's signature or
+        # resolution instead of both acting on the same open decision.
         d = session.get(GateDecision, decision_id, with_for_update=True)
         if d is None:
             raise ApprovalError(f"decision {decision_id} does not exist")
@@ -189,7 +200,8 @@ def approve(
                     applied_directly=False,
                     message=(
                         f"recorded {who.name}'s signature; to {action} against the gate's recommendation "
-                        f"({d.outcome}) a second, different approver must also {action} decision {d.id}"
+                        f"({d.outcome}{_SKIP_NOTE if d.outcome == 'GO' else ''}) a second, different "
+                        f"approver must also {action} decision {d.id}"
                     ),
                 )
         row = Approval(
@@ -402,7 +414,16 @@ def apply_promotion(
         d = session.get(GateDecision, decision_id)
         uc = session.get(UseCase, d.use_case_id)
         pilot = session.get(Pilot, d.pilot_id)
-        pilots.stop_pilot(session, pilot, status="promoted", actor=who.name, reason=reason)
+        # promoted on an earlier step's GO (two approvers): the steps not run are "skipped", not passed
+        skipped = d.awaiting != "approval"
+        pilots.stop_pilot(
+            session,
+            pilot,
+            status="promoted",
+            actor=who.name,
+            reason=reason,
+            open_steps="skipped" if skipped else None,
+        )
         pilots.set_phase(session, uc, "promoted", actor=who.name, reason=f"decision {decision_id} approved")
     return {"action": "promoted", "decision_id": decision_id, "alias_moves": [_move_dict(m) for m in moves]}
 

@@ -1,13 +1,101 @@
 """The append-only audit log. Writes go through `record` inside the caller's transaction, so the audit
-row and the change it describes commit or roll back together."""
+row and the change it describes commit or roll back together.
+
+Every row carries who acted (``actor``: the authenticated account or a system identity) and where the
+command ran (``os_user``, ``host``), and a hash chain: ``prev_hash`` is the previous row's ``row_hash``
+and ``row_hash`` = sha256 over ``prev_hash`` and the row's content. A unique index on ``prev_hash`` stops
+two writers from extending the chain from the same row; on PostgreSQL writers also take a transaction
+advisory lock first, so they queue instead of failing. `verify_chain` (``sparsepilot audit verify``)
+recomputes every hash: a changed, deleted or inserted row breaks the chain at that row."""
 
 from __future__ import annotations
 
+import datetime as dt
+import getpass
+import hashlib
+import json
+import socket
+from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
-from rollout.db.models import AuditEntry
+from rollout.db.models import AuditEntry, utcnow
+
+GENESIS = "0" * 64
+_PG_LOCK_KEY = 0x5350_4155_4449_54  # "SPAUDIT": serialises audit writers on PostgreSQL
+
+
+@lru_cache(maxsize=1)
+def origin() -> tuple[str, str]:
+    """(OS user, host name) of this process, recorded with every audit row."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (some containers)
+        user = "unknown"
+    return user[:100], socket.gethostname()[:255]
+
+
+def canonical_ts(ts: dt.datetime) -> str:
+    """UTC, microseconds: SQLite hands the timestamp back without its zone, PostgreSQL with it."""
+    if ts.tzinfo is not None:
+        ts = ts.astimezone(dt.UTC).replace(tzinfo=None)
+    return ts.strftime("%Y-%m-%dT%H:%M:%S.%f")
+
+
+def _plain(details: dict[str, Any] | None) -> dict[str, Any]:
+    """Details as JSON gives them back (string keys, lists), so the hash of a re-read row matches."""
+    return json.loads(json.dumps(details or {}, default=str))
+
+
+def entry_hash(
+    *,
+    prev_hash: str,
+    ts: dt.datetime,
+    actor: str,
+    action: str,
+    use_case_id: int | None,
+    entity: str | None,
+    entity_id: str | None,
+    details: dict[str, Any],
+    os_user: str | None,
+    host: str | None,
+) -> str:
+    body = json.dumps(
+        [
+            prev_hash,
+            canonical_ts(ts),
+            actor,
+            action,
+            use_case_id,
+            entity,
+            entity_id,
+            details,
+            os_user or "",
+            host or "",
+        ],
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(body.encode("utf-8")).hexdigest()
+
+
+def row_hash_of(e: AuditEntry) -> str:
+    return entry_hash(
+        prev_hash=e.prev_hash or "",
+        ts=e.ts,
+        actor=e.actor,
+        action=e.action,
+        use_case_id=e.use_case_id,
+        entity=e.entity,
+        entity_id=e.entity_id,
+        details=_plain(e.details),
+        os_user=e.os_user,
+        host=e.host,
+    )
 
 
 def record(
@@ -20,14 +108,51 @@ def record(
     entity_id: str | int | None = None,
     details: dict[str, Any] | None = None,
 ) -> AuditEntry:
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY})
+    prev = session.scalar(select(AuditEntry.row_hash).order_by(AuditEntry.id.desc()).limit(1))
+    os_user, host = origin()
     entry = AuditEntry(
+        ts=utcnow(),
         actor=actor,
         action=action,
         use_case_id=use_case_id,
         entity=entity,
         entity_id=None if entity_id is None else str(entity_id),
-        details=details or {},
+        details=_plain(details),
+        os_user=os_user,
+        host=host,
+        prev_hash=prev or GENESIS,
     )
+    entry.row_hash = row_hash_of(entry)
     session.add(entry)
     session.flush()
     return entry
+
+
+@dataclass(frozen=True)
+class ChainReport:
+    ok: bool
+    rows: int
+    last_hash: str
+    broken_at: int | None = None  # audit_log id of the first row that does not verify
+    problem: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def verify_chain(session: Session) -> ChainReport:
+    """Walk the log in id order and recompute every link; stops at the first broken row."""
+    prev, n = GENESIS, 0
+    for e in session.scalars(select(AuditEntry).order_by(AuditEntry.id).execution_options(yield_per=2000)):
+        n += 1
+        if e.prev_hash != prev:
+            what = "a row before it was changed, deleted or inserted" if n > 1 else "it is not the first row"
+            problem = f"audit row {e.id}: prev_hash does not match ({what})"
+            return ChainReport(False, n, prev, e.id, problem)
+        if e.row_hash != row_hash_of(e):
+            problem = f"audit row {e.id}: its content was changed after it was written"
+            return ChainReport(False, n, prev, e.id, problem)
+        prev = e.row_hash
+    return ChainReport(True, n, prev)

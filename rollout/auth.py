@@ -6,8 +6,10 @@ Where identities come from:
   named by ``SPARSEPILOT_ACCOUNTS_FILE`` (``[accounts.alice] role = "approver"`` /
   ``password_hash = "..."``). Hashes are scrypt with a per-user salt (`hash_password`); the plain
   password is never stored anywhere.
-- the CLI: ``SPARSEPILOT_USER`` names one of those accounts; the role comes from the account, so setting
-  the variable cannot grant more than the account has.
+- the CLI (`cli_authenticate`): every state-changing command proves who runs it, with the account's
+  password (``--password-stdin``, or a prompt on a terminal; ``SPARSEPILOT_USER`` names the account) or
+  with a token from ``sparsepilot login`` (HMAC-signed with the installation's key, stored 0600 in the
+  user's config dir, expiring). The role always comes from the account.
 - OIDC (`identity_from_oidc`): the dashboard's ``st.login``; roles from a configured approver list.
 - anonymous: no identity at all (``None``), which every action refuses.
 """
@@ -20,22 +22,28 @@ import hmac
 import os
 import secrets
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Literal, cast
 
-Role = Literal["viewer", "approver"]
-ROLES: tuple[Role, ...] = ("viewer", "approver")
+Role = Literal["viewer", "operator", "approver"]
+# Ordered: each role may do what the roles before it may. viewer reads; operator adds specs, runs and
+# aborts pilots and imports observations; approver also promotes, rejects and rolls back.
+ROLES: tuple[Role, ...] = ("viewer", "operator", "approver")
 
 ACCOUNTS_ENV = "SPARSEPILOT_ACCOUNTS"
 ACCOUNTS_FILE_ENV = "SPARSEPILOT_ACCOUNTS_FILE"
 USER_ENV = "SPARSEPILOT_USER"
 
-# scrypt cost: n=2**14, r=8 needs 16 MiB and ~50 ms per check; slow enough to hurt guessing, fast
-# enough for a login form. Stored with the hash so it can be raised later without breaking old hashes.
-_SCRYPT_N, _SCRYPT_R, _SCRYPT_P, _DKLEN = 2**14, 8, 1, 32
+# scrypt cost: n=2**17, r=8, p=1 (the OWASP minimum) needs 128 MiB and ~0.3 s per check. Stored with
+# the hash so it can be raised later without breaking old hashes; a stored hash may ask for at most
+# _SCRYPT_MAXMEM (a hash with n=2**30 would otherwise exhaust memory at sign-in).
+_SCRYPT_N, _SCRYPT_R, _SCRYPT_P, _DKLEN = 2**17, 8, 1, 32
+_SCRYPT_MAXMEM = 256 * 1024 * 1024
 _HASH_PREFIX = "scrypt"
+MIN_PASSWORD_CHARS = 10
 
 
 class PermissionDenied(PermissionError):
@@ -50,11 +58,14 @@ class AccountsConfigError(ValueError):
 class Identity:
     name: str
     role: Role
-    source: str  # "cli-env", "local-account", "oidc", "flow"
+    source: str  # "cli-password", "cli-token", "local-account", "oidc", "flow"
 
     @property
     def can_approve(self) -> bool:
         return self.role == "approver"
+
+    def has_role(self, role: Role) -> bool:
+        return self.role in ROLES and ROLES.index(self.role) >= ROLES.index(role)
 
 
 @dataclass(frozen=True)
@@ -68,10 +79,14 @@ class Account:
 
 
 def require_approver(identity: Identity | None, action: str) -> Identity:
+    return require_role(identity, "approver", action)
+
+
+def require_role(identity: Identity | None, role: Role, action: str) -> Identity:
     if identity is None:
-        raise PermissionDenied(f"{action} needs a signed-in approver; nobody is signed in")
-    if not identity.can_approve:
-        raise PermissionDenied(f"{action} needs the approver role; {identity.name!r} is a {identity.role}")
+        raise PermissionDenied(f"{action} needs a signed-in {role}; nobody is signed in")
+    if not identity.has_role(role):
+        raise PermissionDenied(f"{action} needs the {role} role; {identity.name!r} is a {identity.role}")
     return identity
 
 
@@ -92,7 +107,13 @@ def hash_password(password: str, *, salt: bytes | None = None) -> str:
         raise ValueError("password must not be empty")
     salt = salt if salt is not None else secrets.token_bytes(16)
     digest = hashlib.scrypt(
-        password.encode("utf-8"), salt=salt, n=_SCRYPT_N, r=_SCRYPT_R, p=_SCRYPT_P, dklen=_DKLEN
+        password.encode("utf-8"),
+        salt=salt,
+        n=_SCRYPT_N,
+        r=_SCRYPT_R,
+        p=_SCRYPT_P,
+        dklen=_DKLEN,
+        maxmem=_SCRYPT_MAXMEM,
     )
     return f"{_HASH_PREFIX}${_SCRYPT_N}${_SCRYPT_R}${_SCRYPT_P}${_b64(salt)}${_b64(digest)}"
 
@@ -108,6 +129,11 @@ def _parse_hash(stored: str) -> tuple[int, int, int, bytes, bytes]:
         raise AccountsConfigError(f"password hash is malformed: {exc}") from None
     if n < 2 or n & (n - 1) or r < 1 or p < 1 or not salt or not digest:
         raise AccountsConfigError("password hash has invalid scrypt parameters")
+    if 128 * n * r + 128 * r * p > _SCRYPT_MAXMEM or p > 16 or len(digest) > 64:
+        raise AccountsConfigError(
+            f"password hash asks for more than {_SCRYPT_MAXMEM // 2**20} MiB of scrypt memory "
+            "(n, r or p too large); hash it again with `sparsepilot hash-password`"
+        )
     return n, r, p, salt, digest
 
 
@@ -117,15 +143,20 @@ def verify_password(password: str, stored: str) -> bool:
         n, r, p, salt, digest = _parse_hash(stored)
     except AccountsConfigError:
         return False
-    candidate = hashlib.scrypt(
-        password.encode("utf-8"), salt=salt, n=n, r=r, p=p, dklen=len(digest), maxmem=256 * 1024 * 1024
-    )
+    try:
+        candidate = hashlib.scrypt(
+            password.encode("utf-8"), salt=salt, n=n, r=r, p=p, dklen=len(digest), maxmem=_SCRYPT_MAXMEM
+        )
+    except (ValueError, MemoryError):
+        return False
     return hmac.compare_digest(candidate, digest)
 
 
-# A real hash of a random password: unknown user names cost the same scrypt work as known ones, so
-# response time does not reveal which accounts exist.
-_DUMMY_HASH = hash_password(secrets.token_urlsafe(16))
+@lru_cache(maxsize=1)
+def _dummy_hash() -> str:
+    """A real hash of a random password: unknown user names cost the same scrypt work as known ones,
+    so response time does not reveal which accounts exist."""
+    return hash_password(secrets.token_urlsafe(16))
 
 
 # --- local accounts ------------------------------------------------------------------------------
@@ -206,6 +237,8 @@ def load_accounts(env: Mapping[str, str] | None = None) -> dict[str, Account]:
     accounts: dict[str, Account] = {}
     if env.get(ACCOUNTS_FILE_ENV):
         accounts.update(load_accounts_file(env[ACCOUNTS_FILE_ENV]))
+    elif (first_run := _home(env) / FIRST_RUN_FILE).is_file():
+        accounts.update(load_accounts_file(first_run))
     if env.get(ACCOUNTS_ENV):
         accounts.update(parse_accounts(env[ACCOUNTS_ENV]))
     return accounts
@@ -215,28 +248,168 @@ def authenticate(name: str, password: str, accounts: Mapping[str, Account] | Non
     """The Identity for a correct name + password, else None (same work for unknown names)."""
     accounts = load_accounts() if accounts is None else accounts
     account = accounts.get(name.strip())
-    ok = verify_password(password, account.password_hash if account else _DUMMY_HASH)
+    ok = verify_password(password, account.password_hash if account else _dummy_hash())
     if account is None or not ok:
         return None
     return Identity(account.name, account.role, "local-account")
 
 
-def cli_identity(env: Mapping[str, str] | None = None) -> Identity | None:
-    """``SPARSEPILOT_USER`` looked up in the accounts; None when unset. The environment of the
-    process is trusted (like a Unix login), the role is not: it always comes from the account."""
+# --- the CLI: passwords and login tokens ----------------------------------------------------------
+
+FIRST_RUN_FILE = "accounts.toml"
+TOKEN_FILE_ENV = "SPARSEPILOT_TOKEN_FILE"
+AUTH_KEY_ENV = "SPARSEPILOT_AUTH_KEY"
+_TOKEN_PREFIX = "sp1"
+DEFAULT_TOKEN_TTL_S = 8 * 3600
+MAX_TOKEN_TTL_S = 30 * 24 * 3600
+
+
+def _home(env: Mapping[str, str]) -> Path:
+    return Path(env.get("SPARSEPILOT_HOME", ".sparsepilot")).expanduser().resolve()
+
+
+def token_path(env: Mapping[str, str] | None = None) -> Path:
+    """Where `sparsepilot login` keeps the token: $SPARSEPILOT_TOKEN_FILE, else the user's config dir."""
     env = os.environ if env is None else env
-    name = (env.get(USER_ENV) or "").strip()
-    if not name:
+    if env.get(TOKEN_FILE_ENV):
+        return Path(env[TOKEN_FILE_ENV]).expanduser()
+    base = Path(env.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    return base / "sparsepilot" / "token"
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Create/replace ``path`` with mode 0600 from the first byte (never world-readable, not even
+    briefly)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def auth_key(env: Mapping[str, str] | None = None, *, create: bool = False) -> bytes | None:
+    """The installation's token-signing key: $SPARSEPILOT_AUTH_KEY, else SPARSEPILOT_HOME/auth.key
+    (32 random bytes, created 0600 on first login)."""
+    env = os.environ if env is None else env
+    if env.get(AUTH_KEY_ENV):
+        return env[AUTH_KEY_ENV].encode("utf-8")
+    path = _home(env) / "auth.key"
+    if path.is_file():
+        return path.read_bytes()
+    if not create:
         return None
-    accounts = load_accounts(env)
+    write_private(path, secrets.token_bytes(32))
+    return path.read_bytes()
+
+
+def _mac(key: bytes, payload: str) -> str:
+    return _b64(hmac.new(key, payload.encode("ascii"), hashlib.sha256).digest())
+
+
+def issue_token(
+    identity: Identity, key: bytes, *, ttl_s: int = DEFAULT_TOKEN_TTL_S, now: float | None = None
+) -> str:
+    """``sp1.<payload>.<mac>``: the account name and an expiry, signed with the installation's key."""
+    import json
+    import time
+
+    if not 60 <= ttl_s <= MAX_TOKEN_TTL_S:
+        raise ValueError(f"token lifetime must be between 60 s and {MAX_TOKEN_TTL_S // 86400} days")
+    t = time.time() if now is None else now
+    body = {"u": identity.name, "iat": int(t), "exp": int(t) + int(ttl_s), "n": secrets.token_hex(8)}
+    payload = _b64(json.dumps(body, separators=(",", ":")).encode("utf-8"))
+    return f"{_TOKEN_PREFIX}.{payload}.{_mac(key, payload)}"
+
+
+def verify_token(
+    token: str, key: bytes, accounts: Mapping[str, Account], *, now: float | None = None
+) -> Identity:
+    """The Identity a token stands for; PermissionDenied when it is forged, expired or its account is
+    gone (the role is read from the account now, so a demoted user's token carries the new role)."""
+    import json
+    import time
+
+    parts = token.strip().split(".")
+    if len(parts) != 3 or parts[0] != _TOKEN_PREFIX or not hmac.compare_digest(_mac(key, parts[1]), parts[2]):
+        raise PermissionDenied("the login token is not valid for this installation; run `sparsepilot login`")
+    try:
+        body = json.loads(_unb64(parts[1]))
+        name, exp = str(body["u"]), int(body["exp"])
+    except (ValueError, KeyError, TypeError):
+        raise PermissionDenied("the login token is malformed; run `sparsepilot login`") from None
+    if (time.time() if now is None else now) >= exp:
+        raise PermissionDenied("the login token has expired; run `sparsepilot login`")
     account = accounts.get(name)
     if account is None:
-        known = ", ".join(sorted(accounts)) or "none configured"
+        raise PermissionDenied(f"the login token names account {name!r}, which no longer exists")
+    return Identity(account.name, account.role, "cli-token")
+
+
+def cli_authenticate(
+    *,
+    password: str | None = None,
+    prompt: Callable[[str], str] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Identity:
+    """Who runs this CLI command, proven: ``password`` (from --password-stdin) for the account named
+    by SPARSEPILOT_USER; else the token of `sparsepilot login`; else ``prompt`` (a terminal's hidden
+    password prompt) when given. Raises PermissionDenied saying how to sign in."""
+    env = os.environ if env is None else env
+    accounts = load_accounts(env)
+    name = (env.get(USER_ENV) or "").strip()
+    if password is None:
+        tok = token_path(env)
+        if tok.is_file():
+            key = auth_key(env)
+            if key is None:
+                raise PermissionDenied("no signing key for login tokens here; run `sparsepilot login`")
+            who = verify_token(tok.read_text(encoding="utf-8", errors="replace"), key, accounts)
+            if name and name != who.name:
+                raise PermissionDenied(
+                    f"{USER_ENV}={name!r} but the login token belongs to {who.name!r}; "
+                    "run `sparsepilot logout` or unset the variable"
+                )
+            return who
+        if prompt is None or not name:
+            raise PermissionDenied(
+                "nobody is signed in: run `sparsepilot login`, or set "
+                f"{USER_ENV} and give the password (--password-stdin, or type it at the prompt)"
+            )
+        password = prompt(f"Password for {name}: ")
+    if not name:
+        raise PermissionDenied(f"set {USER_ENV} to the account whose password is given")
+    if not accounts:
         raise PermissionDenied(
-            f"{USER_ENV}={name!r} is not a known account (accounts: {known}); "
-            f"set {ACCOUNTS_ENV} or {ACCOUNTS_FILE_ENV}"
+            f"no accounts are configured ({ACCOUNTS_ENV}, {ACCOUNTS_FILE_ENV}); see docs/operations.md"
         )
-    return Identity(account.name, account.role, "cli-env")
+    who = authenticate(name, password, accounts)
+    if who is None:
+        raise PermissionDenied(f"wrong account name or password for {name!r}")
+    return Identity(who.name, who.role, "cli-password")
+
+
+def create_first_run_account(
+    env: Mapping[str, str] | None = None, *, name: str = "admin"
+) -> tuple[str, str] | None:
+    """On embedded defaults (no database URL and no accounts configured), create one approver with a
+    generated password in SPARSEPILOT_HOME/accounts.toml (only its hash is stored) and return
+    (name, password) to print once. None when accounts exist or the installation is configured."""
+    env = os.environ if env is None else env
+    if env.get("SPARSEPILOT_DATABASE_URL") or env.get(ACCOUNTS_ENV) or env.get(ACCOUNTS_FILE_ENV):
+        return None
+    path = _home(env) / FIRST_RUN_FILE
+    if path.exists():
+        return None
+    password = secrets.token_urlsafe(15)
+    text = (
+        "# Created by `sparsepilot init` on first run; add accounts with `sparsepilot hash-password`.\n"
+        f'[accounts.{name}]\nrole = "approver"\npassword_hash = "{hash_password(password)}"\n'
+    )
+    write_private(path, text.encode("utf-8"))
+    return name, password
 
 
 def identity_from_oidc(claims: Mapping[str, object], approvers: Iterable[str] = ()) -> Identity | None:

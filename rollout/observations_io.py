@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,10 @@ REQUIRED = ("request_id", "arm", "quality", "latency_ms", "error")
 OPTIONAL = ("tokens",)
 _TRUE = {"true", "1", "yes", "t", "y"}
 _FALSE = {"false", "0", "no", "f", "n", ""}
+# A number as a person or a CSV writer spells it: no "1_0" (Python's digit separators), no "0x1f".
+_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d{1,4})?|[+-]?(?:nan|inf|infinity)", re.I)
+MAX_ID_CHARS = 200  # the observations table's request_id column
+MAX_LINE_CHARS = 64 * 1024
 
 
 class ObservationImportError(ValueError):
@@ -29,9 +34,11 @@ def read_observations(path: str | Path) -> list[dict[str, Any]]:
         raise ObservationImportError(f"{p}: file not found")
     suffix = p.suffix.lower()
     try:
-        text = p.read_bytes().decode("utf-8")
+        text = p.read_bytes().decode("utf-8-sig")  # Excel writes a byte-order mark first
     except UnicodeDecodeError as exc:
         raise ObservationImportError(f"{p}: not valid UTF-8 at byte {exc.start}") from None
+    except OSError as exc:
+        raise ObservationImportError(f"{p}: cannot read the file ({exc.strerror or exc})") from None
     if suffix in (".jsonl", ".ndjson", ".json"):
         raw = _jsonl(p, text)
     elif suffix == ".csv":
@@ -48,10 +55,14 @@ def _jsonl(p: Path, text: str) -> list[tuple[int, dict[str, Any]]]:
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
+        if len(line) > MAX_LINE_CHARS:
+            raise ObservationImportError(f"{p}:{lineno}: line longer than {MAX_LINE_CHARS} characters")
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             raise ObservationImportError(f"{p}:{lineno}: not valid JSON ({exc.msg})") from None
+        except (ValueError, RecursionError) as exc:  # 5000-digit integers, very deep nesting
+            raise ObservationImportError(f"{p}:{lineno}: JSON value cannot be read ({exc})"[:300]) from None
         if not isinstance(obj, dict):
             raise ObservationImportError(f"{p}:{lineno}: expected a JSON object, got {type(obj).__name__}")
         out.append((lineno, obj))
@@ -60,10 +71,20 @@ def _jsonl(p: Path, text: str) -> list[tuple[int, dict[str, Any]]]:
 
 def _csv(p: Path, text: str) -> list[tuple[int, dict[str, Any]]]:
     reader = csv.DictReader(text.splitlines())
-    missing = [c for c in REQUIRED if c not in (reader.fieldnames or [])]
-    if missing:
-        raise ObservationImportError(f"{p}: header is missing column(s) {', '.join(missing)}")
-    return [(i, dict(row)) for i, row in enumerate(reader, start=2)]
+    try:
+        fields = [f.strip() for f in reader.fieldnames or []]
+        missing = [c for c in REQUIRED if c not in fields]
+        if missing:
+            raise ObservationImportError(f"{p}: header is missing column(s) {', '.join(missing)}")
+        reader.fieldnames = fields
+        out = []
+        for i, row in enumerate(reader, start=2):
+            if None in row:
+                raise ObservationImportError(f"{p}:{i}: more values than header columns")
+            out.append((i, dict(row)))
+        return out
+    except csv.Error as exc:  # e.g. a field over the csv module's 128 KiB limit
+        raise ObservationImportError(f"{p}:{reader.line_num}: not valid CSV ({exc})") from None
 
 
 def _row(p: Path, line: int, obj: dict[str, Any]) -> dict[str, Any]:
@@ -76,17 +97,17 @@ def _row(p: Path, line: int, obj: dict[str, Any]) -> dict[str, Any]:
         raise ObservationImportError(
             f"{where}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(REQUIRED + OPTIONAL)}"
         )
+    for field in ("request_id", "arm"):
+        if not isinstance(obj[field], str | int) or isinstance(obj[field], bool):
+            raise ObservationImportError(f"{where}: field {field!r} must be a string")
     rid = str(obj["request_id"]).strip()
     if not rid:
         raise ObservationImportError(f"{where}: field 'request_id' is empty")
-    row: dict[str, Any] = {"request_id": rid, "arm": str(obj["arm"]).strip()}
+    if len(rid) > MAX_ID_CHARS:
+        raise ObservationImportError(f"{where}: field 'request_id' is longer than {MAX_ID_CHARS} characters")
+    row: dict[str, Any] = {"request_id": rid, "arm": str(obj["arm"]).strip()[:20]}
     for field in ("quality", "latency_ms"):
-        try:
-            row[field] = float(obj[field])
-        except (TypeError, ValueError):
-            raise ObservationImportError(
-                f"{where}: field {field!r} must be a number, got {obj[field]!r}"
-            ) from None
+        row[field] = _number(obj[field], field, where)
     err = obj["error"]
     if isinstance(err, bool):
         row["error"] = err
@@ -95,21 +116,36 @@ def _row(p: Path, line: int, obj: dict[str, Any]) -> dict[str, Any]:
     elif isinstance(err, str) and err.strip().lower() in _TRUE | _FALSE:
         row["error"] = err.strip().lower() in _TRUE
     else:
-        raise ObservationImportError(f"{where}: field 'error' must be true/false (or 1/0), got {err!r}")
+        raise ObservationImportError(f"{where}: field 'error' must be true/false (or 1/0), got {_shown(err)}")
     tokens = obj.get("tokens")
     if tokens in (None, ""):
         row["tokens"] = 0
     else:
-        try:
-            t = float(tokens)
-        except (TypeError, ValueError):
+        t = _number(tokens, "tokens", where)
+        if not math.isfinite(t) or t != int(t) or abs(t) > 2**31:
             raise ObservationImportError(
-                f"{where}: field 'tokens' must be a whole number, got {tokens!r}"
-            ) from None
-        if not math.isfinite(t) or t != int(t):
-            raise ObservationImportError(f"{where}: field 'tokens' must be a whole number, got {tokens!r}")
+                f"{where}: field 'tokens' must be a whole number, got {_shown(tokens)}"
+            )
         row["tokens"] = int(t)
     return row
+
+
+def _number(value: Any, field: str, where: str) -> float:
+    """A JSON number, or a string spelled as a plain decimal number; never a bool ("quality: true")."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ObservationImportError(f"{where}: field {field!r} must be a number, got {_shown(value)}")
+    if isinstance(value, str) and not _NUMBER.fullmatch(value.strip()):
+        raise ObservationImportError(f"{where}: field {field!r} must be a number, got {_shown(value)}")
+    try:
+        return float(value)
+    except (OverflowError, ValueError):
+        raise ObservationImportError(f"{where}: field {field!r} is out of range") from None
+
+
+def _shown(value: Any) -> str:
+    from rollout.spec import short_repr
+
+    return short_repr(value)
 
 
 def validate_observation_rows(

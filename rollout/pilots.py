@@ -29,7 +29,7 @@ from rollout.db.models import (
 from rollout.usecases import UnknownUseCase
 
 ARMS = ("control", "treatment")
-OBSERVATION_FIELDS = ("request_id", "arm", "quality", "latency_ms", "tokens", "error")
+OBSERVATION_FIELDS = ("request_id", "arm", "quality", "latency_ms", "tokens", "error", "overloaded")
 ACTIVE_PILOT = ("running", "awaiting_approval")
 
 
@@ -69,6 +69,33 @@ def load_current_spec(session: Session, use_case: UseCase) -> tuple[Any, SpecVer
 
     sv = current_spec_version(session, use_case)
     return parse_spec(sv.spec, source=f"{use_case.name} spec v{sv.version}"), sv
+
+
+def load_pilot_spec(session: Session, pilot: Pilot) -> tuple[Any, SpecVersion]:
+    """The spec a pilot runs under: the version it started with. A new spec version applies to the
+    next pilot, never to one that is running (its gate would judge old evidence by new rules)."""
+    from rollout.spec import parse_spec
+
+    version = pilot.spec_version
+    if version is None:  # a pilot from before migration 0003 was given its version there; defensive
+        uc = session.get(UseCase, pilot.use_case_id)
+        return load_current_spec(session, uc)
+    sv = session.scalar(
+        select(SpecVersion).where(
+            SpecVersion.use_case_id == pilot.use_case_id, SpecVersion.version == version
+        )
+    )
+    if sv is None:
+        raise PilotStateError(f"pilot {pilot.id} runs under spec version {version}, which does not exist")
+    return parse_spec(sv.spec, source=f"spec v{sv.version} (pilot {pilot.id})"), sv
+
+
+def load_step_spec(session: Session, step_id: int) -> tuple[Any, SpecVersion]:
+    """`load_pilot_spec` for the pilot of a step."""
+    step = session.get(PilotStep, step_id)
+    if step is None:
+        raise PilotStateError(f"pilot step {step_id} does not exist")
+    return load_pilot_spec(session, session.get(Pilot, step.pilot_id))
 
 
 def active_pilot(session: Session, use_case: UseCase) -> Pilot | None:
@@ -182,6 +209,7 @@ def start_pilot(
         salt=secrets.token_hex(8),
         status="running",
         current_step_index=0,
+        spec_version=use_case.current_spec_version,  # pinned: see load_pilot_spec
     )
     session.add(pilot)
     session.flush()
@@ -201,7 +229,11 @@ def start_pilot(
         use_case_id=use_case.id,
         entity="pilot",
         entity_id=pilot.id,
-        details={"model_version_id": model_version.id, "steps": [s.__dict__ for s in plan_steps(spec)]},
+        details={
+            "model_version_id": model_version.id,
+            "spec_version": use_case.current_spec_version,
+            "steps": [s.__dict__ for s in plan_steps(spec)],
+        },
     )
     set_phase(session, use_case, "piloting", actor=actor, reason=f"pilot {pilot.id} started")
     session.flush()
@@ -246,7 +278,11 @@ def advance(
     return new
 
 
-def stop_pilot(session: Session, pilot: Pilot, *, status: str, actor: str, reason: str) -> None:
+def stop_pilot(
+    session: Session, pilot: Pilot, *, status: str, actor: str, reason: str, open_steps: str | None = None
+) -> None:
+    """Move the pilot to ``status``; its running steps end as passed (promoted), failed, or
+    ``open_steps`` when given (e.g. "skipped" for a promotion that skips ramp steps, "aborted")."""
     if status not in ("stopped", "promoted", "rolled_back", "awaiting_approval", "running"):
         raise ValueError(f"unknown pilot status {status!r}")
     if pilot.status == status:
@@ -257,7 +293,7 @@ def stop_pilot(session: Session, pilot: Pilot, *, status: str, actor: str, reaso
         pilot.ended_at = pilot.ended_at or utcnow()
         for step in pilot.steps:
             if step.status == "running" and step.kind != "monitor":
-                step.status = "passed" if status == "promoted" else "failed"
+                step.status = open_steps or ("passed" if status == "promoted" else "failed")
                 step.ended_at = utcnow()
     audit.record(
         session,
@@ -333,12 +369,109 @@ def record_observations(
                 latency_ms=float(r["latency_ms"]),
                 tokens=int(r.get("tokens") or 0),
                 error=bool(r.get("error") or False),
+                overloaded=bool(r.get("overloaded") or False),
                 source=source,
             )
         )
         inserted += 1
     session.flush()
     return InsertResult(inserted=inserted, already_present=len(rows) - inserted)
+
+
+def import_problems(
+    rows: list[Mapping[str, Any]],
+    stored: list[Mapping[str, Any]],
+    *,
+    kind: str,
+    salt: str,
+    traffic_pct: float,
+    external_assignment: bool,
+    max_listed: int = 8,
+) -> list[str]:
+    """Why an observation import does not fit the step's design (empty when it fits). ``stored`` are
+    the step's rows already in the database. Shadow: every request has both arms. Split: every request
+    is in exactly one arm, the one the pilot's hash assignment gives it (unless the serving system
+    assigned arms itself: ``external_assignment``). A re-import may repeat a stored (request, arm) only
+    with the same values."""
+
+    def listed(items: list[str]) -> str:
+        more = f" and {len(items) - max_listed} more" if len(items) > max_listed else ""
+        return ", ".join(items[:max_listed]) + more
+
+    problems: list[str] = []
+    old = {(str(r["request_id"]), str(r["arm"])): r for r in stored}
+    conflicts = [
+        f"{rid}/{arm}"
+        for r in rows
+        if (key := (rid := str(r["request_id"]), arm := str(r["arm"]))) in old
+        and data_fingerprint([r]) != data_fingerprint([old[key]])
+    ]
+    if conflicts:
+        problems.append(
+            f"request(s) {listed(conflicts)} are already stored with different values; "
+            "a stored observation is never replaced"
+        )
+    arms: dict[str, set[str]] = {}
+    for r in [*stored, *rows]:
+        arms.setdefault(str(r["request_id"]), set()).add(str(r["arm"]))
+    new_ids = sorted({str(r["request_id"]) for r in rows})
+    if kind == "shadow":
+        half = [rid for rid in new_ids if arms[rid] != set(ARMS)]
+        if half:
+            problems.append(
+                f"shadow step: request(s) {listed(half)} lack one arm; both arms answer every request"
+            )
+    elif kind == "split":
+        both = [rid for rid in new_ids if len(arms[rid]) > 1]
+        if both:
+            problems.append(
+                f"split step: request(s) {listed(both)} appear in both arms; each request is served by one"
+            )
+        if not external_assignment:
+            wrong = [
+                f"{r['request_id']}/{r['arm']}"
+                for r in rows
+                if str(r["arm"]) != assign_arm(str(r["request_id"]), salt, traffic_pct)
+            ]
+            if wrong:
+                problems.append(
+                    f"split step at {traffic_pct:g}%: request(s) {listed(wrong)} are not in the arm the "
+                    "pilot's hash assignment gives them; if your serving system assigned arms itself, "
+                    "import with --external-assignment"
+                )
+    return problems
+
+
+def abort_pilot(
+    session: Session, use_case: UseCase, *, actor: str, reason: str
+) -> tuple[Pilot, list[GateDecision]]:
+    """An operator stops the active pilot: its open steps end "aborted", its open decisions are
+    resolved "aborted" (no one can approve them any more), the use case is "stopped". Returns the
+    pilot and the decisions closed (their paused approval runs are the caller's to cancel)."""
+    pilot = active_pilot(session, use_case)
+    if pilot is None:
+        raise PilotStateError(
+            f"use case {use_case.name!r} has no active pilot to abort (phase {use_case.phase})"
+        )
+    open_decisions = list(
+        session.scalars(
+            select(GateDecision).where(GateDecision.pilot_id == pilot.id, GateDecision.resolution.is_(None))
+        )
+    )
+    for d in open_decisions:
+        d.resolution = "aborted"
+    stop_pilot(session, pilot, status="stopped", actor=actor, reason=reason, open_steps="aborted")
+    audit.record(
+        session,
+        actor,
+        "pilot.abort",
+        use_case_id=use_case.id,
+        entity="pilot",
+        entity_id=pilot.id,
+        details={"reason": reason, "closed_decisions": [d.id for d in open_decisions]},
+    )
+    set_phase(session, use_case, "stopped", actor=actor, reason=f"pilot {pilot.id} aborted: {reason}")
+    return pilot, open_decisions
 
 
 def step_observations(session: Session, step: PilotStep) -> list[dict[str, Any]]:
@@ -352,6 +485,7 @@ def step_observations(session: Session, step: PilotStep) -> list[dict[str, Any]]
             Observation.latency_ms,
             Observation.tokens,
             Observation.error,
+            Observation.overloaded,
         )
         .where(Observation.pilot_step_id == step.id)
         .order_by(Observation.id)

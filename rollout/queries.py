@@ -32,6 +32,9 @@ EVIDENCE_QUALITY_HIGH = ("quality", "interval_high")
 # An EXTEND's projection of the requests (pairs in a shadow step) that would settle it.
 EVIDENCE_PROJECTED = ("projected_requests",)
 EVIDENCE_N_CONTROL = ("n_control",)
+# The pilot's traffic source when the gate looked: distinct requests used and how many are left.
+EVIDENCE_TRAFFIC_USED = ("traffic", "distinct_used")
+EVIDENCE_TRAFFIC_REMAINING = ("traffic", "remaining")
 EVIDENCE_N_TREATMENT = ("n_treatment",)
 
 WAITING_LABELS = {"approval": "approval to promote", "rollback_approval": "approval to roll back"}
@@ -97,6 +100,8 @@ def portfolio(session: Session) -> list[dict[str, Any]]:
             GateDecision.evidence[EVIDENCE_PROJECTED].as_integer().label("projected_requests"),
             GateDecision.evidence[EVIDENCE_N_CONTROL].as_integer().label("decision_n_control"),
             GateDecision.evidence[EVIDENCE_N_TREATMENT].as_integer().label("decision_n_treatment"),
+            GateDecision.evidence[EVIDENCE_TRAFFIC_USED].as_integer().label("traffic_used"),
+            GateDecision.evidence[EVIDENCE_TRAFFIC_REMAINING].as_integer().label("traffic_remaining"),
             EvaluationRun.density,
             EvaluationRun.speedup,
             EvaluationRun.speedup_low,
@@ -140,6 +145,9 @@ def waits_for(row: dict[str, Any]) -> str:
         if row.get("step_kind") == "shadow":
             n //= 2  # both arms answer every shadow request: count requests, as the minimum does
         projected = row.get("projected_requests") if decision == "EXTEND" else None
+        if decision == "EXTEND" and row.get("traffic_remaining") == 0:  # rollout.traffic: no unused request
+            need = f"; ~{projected} needed" if projected else ""
+            return f"traffic exhausted ({row.get('traffic_used')} distinct requests used{need})"
         if projected:  # the gate's projection of what would settle it (rollout.gate)
             return f"more samples ({n}/~{projected})"
         n_c, n_t = row.get("decision_n_control"), row.get("decision_n_treatment")
@@ -158,21 +166,36 @@ def waits_for(row: dict[str, Any]) -> str:
     return "-"
 
 
+ENDED_PHASES = ("stopped", "rolled_back")
+
+
 def portfolio_totals(session: Session) -> dict[str, Any]:
     """Totals over the latest successful evaluation per use case, plus counts, in one SQL pass each.
-    The savings interval is the sum of the per-use-case bounds (conservative: it assumes the errors
-    move together)."""
+
+    The headline sum counts only **established** savings: use cases still in play (not stopped or rolled
+    back) whose savings interval lies above zero. The interval sums their bounds (conservative: it
+    assumes the errors move together). Everything else is counted apart: use cases whose interval
+    includes no saving (or a loss), and ended ones."""
     last_eval = _latest_id(EvaluationRun.id, EvaluationRun.use_case_id, EvaluationRun.status == "succeeded")
+    ended = UseCase.phase.in_(ENDED_PHASES)
+    established = and_(~ended, EvaluationRun.savings_month_low > 0)
+
+    def when(cond: Any, value: Any) -> Any:
+        return func.sum(case((cond, value), else_=None))
+
     money = session.execute(
         select(
             func.count(EvaluationRun.id).label("evaluated"),
-            func.sum(EvaluationRun.savings_month_usd).label("savings_month_usd"),
-            func.sum(EvaluationRun.savings_month_low).label("savings_month_low"),
-            func.sum(EvaluationRun.savings_month_high).label("savings_month_high"),
-            func.sum(
-                case((EvaluationRun.savings_month_usd > 0, EvaluationRun.savings_month_usd), else_=0)
-            ).label("positive_savings_usd"),
-        ).join(last_eval, last_eval.c.id == EvaluationRun.id)
+            func.count(case((established, 1))).label("established"),
+            when(established, EvaluationRun.savings_month_usd).label("savings_month_usd"),
+            when(established, EvaluationRun.savings_month_low).label("savings_month_low"),
+            when(established, EvaluationRun.savings_month_high).label("savings_month_high"),
+            func.count(case((and_(~ended, ~established), 1))).label("unestablished"),
+            when(and_(~ended, ~established), EvaluationRun.savings_month_usd).label("unestablished_usd"),
+            func.count(case((ended, 1))).label("ended"),
+        )
+        .join(last_eval, last_eval.c.id == EvaluationRun.id)
+        .join(UseCase, UseCase.id == EvaluationRun.use_case_id)
     ).one()
     last_dec = _latest_id(GateDecision.id, GateDecision.use_case_id)
     outcomes = dict(
@@ -192,7 +215,9 @@ def portfolio_totals(session: Session) -> dict[str, Any]:
         "savings_month_usd": money.savings_month_usd,
         "savings_month_low": money.savings_month_low,
         "savings_month_high": money.savings_month_high,
-        "positive_savings_usd": money.positive_savings_usd,
+        "established": money.established,
+        "unestablished": {"use_cases": money.unestablished, "savings_month_usd": money.unestablished_usd},
+        "ended": money.ended,
         "decisions": outcomes,
         "pending_approvals": pending or 0,
         "phases": phases,

@@ -242,12 +242,14 @@ def pilot_skip_reason(
     density: float | None,
     saved_usd_month: float | None,
     saved_usd_month_high: float | None = None,
+    saved_usd_month_low: float | None = None,
     pilot_anyway: bool = False,
 ) -> str | None:
     """Why a pilot would be wasted traffic, or None when it is worth running. A pilot costs real
     requests and the spec's one-off cost; it can only pay off when a sparse plan met the quality
-    budget, actually skips blocks, and the evaluation projects a saving. `pilot_anyway` (the CLI's
-    --pilot-all) waives the last two; without a plan that met the budget there is nothing to pilot."""
+    budget, actually skips blocks, and the evaluation establishes a saving: its interval lies above zero
+    (a wide interval from timings on a busy host is no ground to spend traffic on). `pilot_anyway` (the
+    CLI's --pilot-all) waives the last two; without a plan that met the budget there is nothing to pilot."""
     if met_budget is False:
         return "no sparse plan met the quality budget: stays dense, not piloted"
     if pilot_anyway:
@@ -259,5 +261,12 @@ def pilot_skip_reason(
         return (
             f"no saving expected (${saved_usd_month:,.0f}/month{high}): sparse attention does not pay "
             "off here, stays dense, not piloted"
+        )
+    if saved_usd_month is not None and saved_usd_month_low is not None and saved_usd_month_low <= 0:
+        high = "" if saved_usd_month_high is None else f", ${saved_usd_month_high:,.0f}"
+        return (
+            f"saving not established (${saved_usd_month:,.0f}/month, interval ${saved_usd_month_low:,.0f}"
+            f"{high}): the speed measurement does not support a saving; re-evaluate on a quiet host "
+            "(or pilot anyway with --pilot-all)"
         )
     return None

@@ -15,6 +15,8 @@ class Settings:
     mlflow_tracking_uri: str
     mlflow_artifact_root: Path
     cache_dir: Path
+    # PostgreSQL with two roles: migrations run as the owner (rollout.db.roles); else the same URL
+    owner_database_url: str = ""
 
     @property
     def is_sqlite(self) -> bool:
@@ -30,6 +32,7 @@ def get_settings() -> Settings:
     return Settings(
         home=home,
         database_url=db_url,
+        owner_database_url=os.environ.get("SPARSEPILOT_OWNER_DATABASE_URL") or db_url,
         mlflow_tracking_uri=mlflow_uri,
         mlflow_artifact_root=home / "mlartifacts",
         cache_dir=cache,

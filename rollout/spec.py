@@ -11,8 +11,11 @@ import difflib
 import hashlib
 import json
 import math
+import os
 import re
-from collections.abc import Iterable
+import reprlib
+import unicodedata
+from collections.abc import Hashable, Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -24,6 +27,12 @@ TASKS = ("exact_match", "contains", "rouge_l", "loglik")
 ESTIMATORS = ("pooled", "antidiagonal", "gate")
 _SLUG = re.compile(r"^[a-z][a-z0-9-]{1,62}[a-z0-9]$")
 _QUANTILE_KEY = re.compile(r"^p(\d{1,2}(?:\.\d+)?)$")
+# Input bounds: a spec is a short hand-written file. These stop anchor/alias bombs, deeply nested
+# documents and huge files before they cost memory or time (and before any error message shows them).
+MAX_SPEC_BYTES = 256 * 1024
+MAX_YAML_DEPTH = 50
+MAX_YAML_NODES = 20_000  # after alias expansion
+MAX_AMOUNT = 1e12  # any count, rate, price or duration in a spec stays below this
 
 
 class SpecError(ValueError):
@@ -41,8 +50,14 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
-PositiveInt = Annotated[int, Field(gt=0)]
-PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+PositiveInt = Annotated[int, Field(gt=0, le=int(MAX_AMOUNT))]
+PositiveFloat = Annotated[float, Field(gt=0, le=MAX_AMOUNT, allow_inf_nan=False)]
+
+
+def has_visible_text(text: str) -> bool:
+    """True when ``text`` has a character one can see: whitespace, zero-width and other format
+    characters (U+200B, U+FEFF, ...) alone do not make a name, an owner or a prompt."""
+    return any(not ch.isspace() and unicodedata.category(ch) not in ("Cf", "Cc", "Zs") for ch in text)
 
 
 class DatasetSpec(_Strict):
@@ -94,7 +109,7 @@ class CalibrationSettings(_Strict):
     max_texts: PositiveInt = 16
     max_seq_len: PositiveInt = 2048
     holdout_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.25
-    seed: int = 0
+    seed: Annotated[int, Field(ge=0, lt=2**32)] = 0
 
 
 class QualityBudget(_Strict):
@@ -112,7 +127,7 @@ class LatencySLO(_Strict):
 class CostSpec(_Strict):
     gpu_usd_per_hour: PositiveFloat
     utilisation: Annotated[float, Field(gt=0, le=1)]
-    pilot_one_off_usd: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    pilot_one_off_usd: Annotated[float, Field(ge=0, le=MAX_AMOUNT, allow_inf_nan=False)]
 
 
 class ShadowSpec(_Strict):
@@ -124,10 +139,18 @@ class RampStep(_Strict):
     min_samples: PositiveInt
 
 
+class TrafficSourceSpec(_Strict):
+    """Where the pilot's requests come from (rollout.traffic): the dataset, or a request log."""
+
+    kind: Literal["dataset", "request-log"] = "dataset"
+    path: Annotated[str, Field(min_length=1, max_length=4096)] | None = None  # request-log: .jsonl / .csv
+
+
 class RolloutSpec(_Strict):
     shadow: ShadowSpec
     steps: Annotated[list[RampStep], Field(min_length=1)]
     batch_size: PositiveInt = 10
+    traffic_source: TrafficSourceSpec = TrafficSourceSpec()
 
 
 class Guardrails(_Strict):
@@ -142,7 +165,7 @@ class Guardrails(_Strict):
 class GateSpec(_Strict):
     alpha: Annotated[float, Field(gt=0, lt=0.5)] = 0.05
     non_inferiority_margin: Annotated[float, Field(gt=0, lt=1)]
-    planned_effect: Annotated[float, Field(allow_inf_nan=False)] = 0.0
+    planned_effect: Annotated[float, Field(gt=-1, lt=1, allow_inf_nan=False)] = 0.0
     score_type: Literal["bounded", "binary"] = "bounded"  # planning: 0/1 scores or anywhere in [0, 1]
     planned_sd: Annotated[float, Field(gt=0, le=1)] | None = None  # planning; None = by score_type
     guardrails: Guardrails = Guardrails()
@@ -240,16 +263,24 @@ class UseCaseSpec(_Strict):
     @field_validator("name")
     @classmethod
     def _slug(cls, v: str) -> str:
-        if not _SLUG.match(v):
+        if not _SLUG.fullmatch(v):  # fullmatch: "$" would let a trailing newline through
             raise ValueError(
                 f"{v!r} is not a slug: use 3-64 lowercase letters, digits and '-', starting with a letter"
             )
         return v
 
+    @field_validator("owner", "model")
+    @classmethod
+    def _visible(cls, v: str) -> str:
+        if not has_visible_text(v):
+            raise ValueError("must not be blank (spaces or invisible characters only)")
+        return v
+
     def dataset_path(self, spec_dir: Path | str) -> Path:
-        """The dataset file, resolved against the directory of the spec that named it."""
+        """The dataset file, resolved against the directory of the spec that named it (realpath:
+        a symlink loop gives a path that does not exist instead of an exception)."""
         p = Path(self.dataset.path).expanduser()
-        return p if p.is_absolute() else (Path(spec_dir) / p).resolve()
+        return p if p.is_absolute() else Path(os.path.realpath(Path(spec_dir) / p))
 
     def to_dict(self) -> dict[str, Any]:
         d = self.model_dump(mode="json", exclude_none=False)
@@ -309,30 +340,108 @@ def load_spec(path: Path | str) -> UseCaseSpec:
     """Read and validate a spec file. Raises SpecError naming the file and field."""
     path = Path(path)
     source = str(path)
-    if not path.is_file():
-        raise SpecError(source, [("", "file not found")])
     try:
-        text = path.read_bytes().decode("utf-8")
+        if not path.is_file():
+            raise SpecError(source, [("", "file not found (or not a regular file)")])
+        size = path.stat().st_size
+        if size > MAX_SPEC_BYTES:
+            raise SpecError(source, [("", f"{size} bytes; a spec may have at most {MAX_SPEC_BYTES}")])
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise SpecError(source, [("", f"cannot read the file ({exc.strerror or exc})")]) from None
+    try:
+        text = raw.decode("utf-8-sig")  # a byte-order mark (as some editors write) is not content
     except UnicodeDecodeError as exc:
         raise SpecError(source, [("", f"not valid UTF-8 at byte {exc.start}")]) from None
+    return parse_spec(parse_yaml(text, source), source)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """SafeLoader with duplicate-key, depth and expansion limits; every failure is a SpecError."""
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise SpecError(source, [("", f"{where}YAML syntax error: {problem}")]) from None
-    return parse_spec(data, source)
+    except (ValueError, RecursionError, OverflowError) as exc:  # e.g. an integer of 5000 digits
+        raise SpecError(source, [("", f"YAML value cannot be read: {_short(str(exc))}")]) from None
+
+
+def _short(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict, _REPR.maxlevel = 40, 40, 4, 4, 2
+
+
+def short_repr(value: Any) -> str:
+    """A repr that costs little and stays short, whatever the value (never the whole input)."""
+    return _REPR.repr(value)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently), an
+    unhashable key, nesting deeper than MAX_YAML_DEPTH and a document that expands (through
+    anchors and aliases) to more than MAX_YAML_NODES nodes: the checks run on the composed node
+    graph, before any Python object is built."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None, None, f"nested deeper than {MAX_YAML_DEPTH} levels", self.peek_event().start_mark
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def compose_document(self) -> Any:
+        node = super().compose_document()
+        sizes: dict[int, int] = {}
+
+        def expanded(n: Any) -> int:  # nodes after alias expansion, memoised per node
+            if id(n) in sizes:
+                return sizes[id(n)]
+            sizes[id(n)] = MAX_YAML_NODES + 1  # a cycle counts as too big
+            children: list[Any] = []
+            if isinstance(n, yaml.MappingNode):
+                children = [c for pair in n.value for c in pair]
+            elif isinstance(n, yaml.SequenceNode):
+                children = list(n.value)
+            total = 1
+            for c in children:
+                total += expanded(c)
+                if total > MAX_YAML_NODES:
+                    break
+            sizes[id(n)] = min(total, MAX_YAML_NODES + 1)
+            return sizes[id(n)]
+
+        if node is not None and expanded(node) > MAX_YAML_NODES:
+            raise yaml.composer.ComposerError(
+                None, None, f"expands to more than {MAX_YAML_NODES} values (anchors/aliases)", node.start_mark
+            )
+        return node
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
             line = key_node.start_mark.line + 1
+            if not isinstance(key, Hashable):
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"a key must be a plain value, not a {type(key).__name__}",
+                    key_node.start_mark,
+                )
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None,
@@ -388,13 +497,13 @@ def _describe(err: dict[str, Any]) -> tuple[str, str]:
             msg = "give quantiles ({p50: 5000, p90: 7000}) or buckets ([{tokens: 4096, share: 0.6}, ...])"
         else:
             msg = "must be a mapping of its fields"
-        msg += f" (got {err.get('input')!r})"[:80]
+        msg += f" (got {short_repr(err.get('input'))})"
     elif msg.startswith("Value error, "):
         msg = msg.removeprefix("Value error, ")
     else:
         msg = msg[:1].lower() + msg[1:]
         if "input" in err and kind not in {"missing"}:
-            shown = repr(err["input"])
+            shown = short_repr(err["input"])
             if len(shown) <= 60:
                 msg += f" (got {shown})"
     return path, msg
@@ -428,6 +537,14 @@ def _inner_model(annotation: Any) -> type[BaseModel] | None:
 
 def _cross_checks(spec: UseCaseSpec) -> Iterable[tuple[str, str]]:
     """Rules between fields, reported with the path of the field to fix."""
+    src = spec.rollout.traffic_source
+    if (src.kind == "request-log") != (src.path is not None):
+        yield (
+            "rollout.traffic_source.path",
+            "a request-log source needs a path (.jsonl or .csv)"
+            if src.path is None
+            else "only a request log has a path",
+        )
     for key in ("prompt_tokens", "output_tokens"):
         dist: TokenDistribution = getattr(spec.traffic, key)
         path = f"traffic.{key}"

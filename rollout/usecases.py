@@ -64,6 +64,7 @@ class LoadedSpec:
     spec_hash: str
     dataset_path: Path
     dataset_sha256: str | None
+    source_dir: Path | None = None  # the spec file's folder: relative paths in the spec resolve against it
 
 
 @dataclass(frozen=True)
@@ -437,7 +438,10 @@ def load_spec_version(name: str, version: int | None = None, *, url: str | None 
             if sv.dataset_path
             else spec.dataset_path(Path(sv.source_path or ".").parent)
         )
-        return LoadedSpec(uc.id, uc.name, sv.version, spec, sv.spec_hash, dataset, sv.dataset_sha256)
+        source_dir = Path(sv.source_path).parent if sv.source_path else None
+        return LoadedSpec(
+            uc.id, uc.name, sv.version, spec, sv.spec_hash, dataset, sv.dataset_sha256, source_dir
+        )
 
 
 def dataset_rows(loaded: LoadedSpec) -> list[DatasetRow]:

@@ -191,11 +191,18 @@ def read_dataset(path: Path | str) -> tuple[_Rows, list[Failure], list[str]]:
                 Failure("line", f"invalid UTF-8 at byte offset {exc.start}", (lineno,), (), "read")
             )
             continue
+        if lineno == 1:
+            text = text.removeprefix("\ufeff")  # a byte-order mark is not content
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as exc:
             failures.append(
                 Failure("line", f"not valid JSON ({exc.msg}, column {exc.colno})", (lineno,), (), "read")
+            )
+            continue
+        except (ValueError, RecursionError) as exc:  # 5000-digit integers, very deep nesting
+            failures.append(
+                Failure("line", f"JSON value cannot be read ({str(exc)[:100]})", (lineno,), (), "read")
             )
             continue
         if not isinstance(obj, dict):
@@ -299,6 +306,8 @@ def validate_dataset(
     the spec's largest output length)."""
     import pandas as pd
 
+    from rollout.spec import has_visible_text
+
     path = Path(path)
     source = str(path)
     result = ValidationResult(suite="usecase-dataset", source=source)
@@ -327,7 +336,8 @@ def validate_dataset(
         {
             "line": rows.line,
             "id": rows.id,
-            "prompt_stripped": [p.strip() for p in rows.prompt],
+            # zero-width and other invisible characters alone are an empty prompt
+            "prompt_stripped": [p.strip() if has_visible_text(p) else "" for p in rows.prompt],
             "reference_stripped": [r.strip() if isinstance(r, str) else None for r in rows.reference],
             "prompt_tokens": tokens,
         }

@@ -346,8 +346,15 @@ def measure_speed(
     progress: Progress | None = None,
 ) -> tuple[list[SpeedRow], dict]:
     """Prefill timings dense vs sparse, interleaved per repeat (so machine-load drift hits both),
-    after one untimed warm-up each."""
+    after one untimed warm-up each. Torch's threads are chosen from the CPUs really free
+    (sparse_core.host); a dense/sparse pair timed while the host was overloaded is timed again (at most
+    `repeats` times per length), and the summary records the host's load and what was retimed."""
+    from sparse_core.host import HostLoadMeter, apply_thread_policy
     from sparse_core.retrofit import sparsify, unsparsify
+
+    policy = apply_thread_policy()
+    loads: list[dict] = []
+    retimed = 0
 
     weights = list(weights) if weights else [1.0] * len(lengths)
     total_w = sum(weights)
@@ -365,20 +372,29 @@ def measure_speed(
         finally:
             unsparsify(model)
         d_times, s_times, est = [], [], []
-        for _ in range(repeats):
-            d_times.append(_time_prefill(model, ids))
-            sparsify(model, plan)
-            try:
-                _reset_stats(model)
-                s_times.append(_time_prefill(model, ids))
-                e = _estimator_seconds(model)
-                if e is not None:
-                    est.append(e)
-            finally:
-                unsparsify(model)
+        retries = 0
+        while len(d_times) < repeats:
+            with HostLoadMeter(threads=policy["threads"]) as meter:
+                d_time = _time_prefill(model, ids)
+                sparsify(model, plan)
+                try:
+                    _reset_stats(model)
+                    s_time = _time_prefill(model, ids)
+                    e = _estimator_seconds(model)
+                finally:
+                    unsparsify(model)
+            if meter.load.overloaded and retries < repeats:  # the host, not the model: time the pair again
+                retries += 1
+                continue
+            d_times.append(d_time)
+            s_times.append(s_time)
+            if e is not None:
+                est.append(e)
+            loads.append(meter.load.to_dict())
             done += 1
             if progress:
                 progress("speed", done, total)
+        retimed += retries
         dm, sm = statistics.median(d_times), statistics.median(s_times)
         lo, hi = _bootstrap_ratio(d_times, s_times, seed)
         _, dens = selection_density(model, plan, [win])
@@ -405,6 +421,13 @@ def measure_speed(
         "weighted_sparse_seconds": sparse_t,
         "weighted_dense_tokens_per_s": sum(r.weight * r.dense_tokens_per_s for r in rows),
         "weighted_sparse_tokens_per_s": sum(r.weight * r.sparse_tokens_per_s for r in rows),
+        "host": {
+            **policy,
+            "pairs_timed": len(loads),
+            "pairs_retimed_for_overload": retimed,
+            "pairs_kept_under_overload": sum(1 for x in loads if x["overloaded"]),
+            "max_others_busy_cores": max((x["others_busy_cores"] or 0.0 for x in loads), default=None),
+        },
     }
     return rows, summary
 

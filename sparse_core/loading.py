@@ -84,10 +84,15 @@ def resolve_model_ref(ref: str | os.PathLike[str]) -> ModelRefInfo:
             )
         try:
             cfg = json.loads(cfg_file.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ModelRefError(f"model ref {ref_s!r}: unreadable config.json ({exc})") from None
-        ctx = cfg.get("max_position_embeddings") or cfg.get("n_positions")
-        return ModelRefInfo(ref_s, "hf_dir", path.name, path.resolve(), int(ctx) if ctx else None)
+        except (OSError, ValueError, RecursionError) as exc:
+            raise ModelRefError(f"model ref {ref_s!r}: unreadable config.json ({str(exc)[:200]})") from None
+        ctx = cfg.get("max_position_embeddings") or cfg.get("n_positions") if isinstance(cfg, dict) else None
+        if not isinstance(cfg, dict) or not (ctx is None or (type(ctx) is int and 0 < ctx <= 2**24)):
+            raise ModelRefError(
+                f"model ref {ref_s!r}: config.json: max_position_embeddings must be a positive integer "
+                "up to 16777216 in a JSON object"
+            )
+        return ModelRefInfo(ref_s, "hf_dir", path.name, path.resolve(), ctx)
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelRefError(f"model ref {ref_s!r}: GGUF file not found")

@@ -9,6 +9,9 @@ from typing import Any, NoReturn
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
+
+from rollout.redact import redact
 
 console = Console()
 err_console = Console(stderr=True)
@@ -19,8 +22,16 @@ class UserError(Exception):
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    """Print ``error: message`` (secrets redacted, never read as markup) and exit with ``code``."""
+    err_console.print(
+        Text("error: ", style="bold red") + Text(redact(message)), highlight=False, soft_wrap=True
+    )
     raise typer.Exit(code)
+
+
+def say(message: object) -> None:
+    """Print text that may hold user input (names, reasons, file contents): plain, secrets redacted."""
+    console.print(Text(redact(message)), highlight=False, soft_wrap=True)
 
 
 def emit_json(payload: Any) -> None:
@@ -29,11 +40,11 @@ def emit_json(payload: Any) -> None:
 
 def print_table(title: str, rows: list[dict[str, Any]], columns: list[str] | None = None) -> None:
     cols = columns or (list(rows[0].keys()) if rows else [])
-    table = Table(title=title)
+    table = Table(title=Text(title))
     for c in cols:
         table.add_column(c)
     for r in rows:
-        table.add_row(*(_fmt(r.get(c)) for c in cols))
+        table.add_row(*(Text(redact(_fmt(r.get(c)))) for c in cols))
     console.print(table)
 
 

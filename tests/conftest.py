@@ -9,4 +9,5 @@ pytest_plugins = [
     "tests.fixtures.flows",
     "tests.fixtures.stack",
     "tests.fixtures.models",
+    "tests.fixtures.trust",
 ]

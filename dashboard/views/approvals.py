@@ -58,7 +58,7 @@ def evidence_summary(d: dict[str, Any]) -> None:
     margin = (ev.get("settings") or {}).get("margin")
     c1, c2, c3, c4 = st.columns(4)
     c1.metric("Quality Δ", fmt.num_interval(q.get("estimate"), None, None))
-    interval = fmt.interval_only(q.get("interval_low"), q.get("interval_high"))
+    interval = fmt.quality_interval(q.get("interval_low"), q.get("interval_high"))
     c1.caption(f"interval {interval}" + (f" · allowed loss {margin}" if margin is not None else ""))
     c2.metric("Samples (control / treatment)", f"{ev.get('n_control', '-')} / {ev.get('n_treatment', '-')}")
     srm = ev.get("srm_p_value")

@@ -40,11 +40,17 @@ def totals_row(t: dict[str, Any]) -> None:
     c1, c2, c3, c4 = st.columns(4)
     c1.metric("Use cases", t["use_cases"], help=f"{t['evaluated']} evaluated")
     c2.metric(
-        "$/month saved (sum)",
+        "$/month saved (established)",
         fmt.money(t["savings_month_usd"]),
-        help="Sum over use cases of the latest evaluation's projection; the interval sums the bounds.",
+        help="Sum over the use cases still in play whose savings interval lies above zero (latest "
+        "evaluation); the interval sums their bounds. The others are counted apart below.",
     )
-    c2.caption(f"interval {fmt.money(t['savings_month_low'])} to {fmt.money(t['savings_month_high'])}")
+    apart = t["unestablished"]
+    c2.caption(
+        f"{t['established']} use case(s), interval {fmt.money(t['savings_month_low'])} to "
+        f"{fmt.money(t['savings_month_high'])}; apart: {apart['use_cases']} not established "
+        f"({fmt.money(apart['savings_month_usd'])}), {t['ended']} stopped or rolled back"
+    )
     c3.metric("Waiting for approval", t["pending_approvals"])
     d = t["decisions"]
     c4.metric("Latest decisions", f"{d.get('GO', 0)} GO · {d.get('EXTEND', 0)} EXTEND")
@@ -63,7 +69,7 @@ def to_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     df[numeric] = df[numeric].apply(pd.to_numeric, errors="coerce")  # all-None columns stay numeric
     df["decision"] = df["decision"].fillna("-")
     df["step"] = [fmt.step_label(r) for r in rows]
-    df["quality interval"] = [fmt.interval_only(r["quality_low"], r["quality_high"]) for r in rows]
+    df["quality interval"] = [fmt.quality_interval(r["quality_low"], r["quality_high"]) for r in rows]
     df["savings interval"] = [
         fmt.interval_only(r["savings_month_low"], r["savings_month_high"], fmt.money) for r in rows
     ]

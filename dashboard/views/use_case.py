@@ -54,7 +54,7 @@ def decision_block(decs: list[dict[str, Any]]) -> None:
     c1, c2, c3 = st.columns(3)
     c1.metric("Outcome", d["outcome"], help=f"decision #{d['id']} ({d['kind']}), look {d['look_index']}")
     c2.metric("Quality Δ (sparse - dense)", fmt.num_interval(q.get("estimate"), None, None))
-    c2.caption(f"interval {fmt.interval_only(q.get('interval_low'), q.get('interval_high'))}")
+    c2.caption(f"interval {fmt.quality_interval(q.get('interval_low'), q.get('interval_high'))}")
     c3.metric("Waits for", queries.WAITING_LABELS.get(d["awaiting"], "-") if d["resolution"] is None else "-")
     st.info(d["explanation"])
     with st.expander("Full evidence"):

@@ -27,6 +27,26 @@ def upgrade(url: str | None = None, revision: str = "head") -> None:
     command.upgrade(alembic_config(url), revision)
 
 
+def grant_app_role(owner_url: str, app_url: str) -> str | None:
+    """PostgreSQL with an owner and an app role: give the app role its privileges (rollout.db.roles).
+    Returns the app role's name, or None when there is nothing to grant (SQLite, or one role)."""
+    from sqlalchemy import create_engine, pool
+    from sqlalchemy.engine import make_url
+
+    from rollout.db.roles import grant_app_role as grant
+
+    owner, app = make_url(owner_url), make_url(app_url)
+    if owner.get_backend_name() != "postgresql" or not app.username or owner.username == app.username:
+        return None
+    engine = create_engine(owner_url, poolclass=pool.NullPool)
+    try:
+        with engine.begin() as conn:
+            grant(conn, app.username)
+    finally:
+        engine.dispose()
+    return app.username
+
+
 def downgrade(url: str | None = None, revision: str = "base") -> None:
     command.downgrade(alembic_config(url), revision)
 

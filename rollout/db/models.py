@@ -4,7 +4,10 @@ Conventions that the flows rely on for safe retries:
 - every row a flow task writes has a natural unique key (``idempotency_key`` or a composite unique
   constraint), so a retried task finds the existing row instead of writing a second one;
 - JSON columns hold evidence exactly as it was shown to the decider (never recomputed later);
-- ``audit_log`` is append-only: the ORM refuses updates/deletes and the migration adds DB triggers.
+- ``audit_log`` and ``approvals`` are append-only, ``gate_decisions`` and ``alias_history`` may only
+  move forward (a resolution once, a pending move to its outcome): the ORM refuses audit updates and
+  deletes, and migrations 0001/0003 add database triggers (owned by the owner role on PostgreSQL,
+  where the app role has only INSERT/SELECT on the append-only tables, see rollout.db.roles).
 """
 
 from __future__ import annotations
@@ -18,11 +21,13 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
     UniqueConstraint,
     event,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -162,6 +167,8 @@ class Pilot(Base):
     # running / awaiting_approval / promoted / stopped / rolled_back
     status: Mapped[str] = mapped_column(String(30), default="running")
     current_step_index: Mapped[int] = mapped_column(Integer, default=0)
+    # migration 0003: the spec version the pilot runs under; a newer version applies to the next pilot
+    spec_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
     started_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     ended_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
@@ -178,7 +185,7 @@ class PilotStep(Base):
     kind: Mapped[str] = mapped_column(String(20))  # shadow / split / monitor
     traffic_pct: Mapped[float] = mapped_column(Float)  # share of traffic on the treatment arm
     min_samples: Mapped[int] = mapped_column(Integer)
-    status: Mapped[str] = mapped_column(String(20), default="running")  # running/passed/failed
+    status: Mapped[str] = mapped_column(String(20), default="running")  # running/passed/failed/skipped
     started_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     ended_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
@@ -201,6 +208,8 @@ class Observation(Base):
     latency_ms: Mapped[float] = mapped_column(Float)
     tokens: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[bool] = mapped_column(Boolean, default=False)
+    # collected while the host's CPU was oversubscribed (sparse_core.host): its latency is not the model's
+    overloaded: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     source: Mapped[str] = mapped_column(String(20), default="simulated")  # pilot-flow / imported / monitor
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
@@ -260,6 +269,8 @@ class AliasMove(Base):
 
 class AuditEntry(Base):
     __tablename__ = "audit_log"
+    # one successor per row: two writers cannot both extend the chain from the same row
+    __table_args__ = (Index("uq_audit_log_prev_hash", "prev_hash", unique=True),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     ts: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
@@ -269,6 +280,11 @@ class AuditEntry(Base):
     entity: Mapped[str | None] = mapped_column(String(60), nullable=True)
     entity_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # migration 0003: where the command ran, and the hash chain (rollout.audit)
+    os_user: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    host: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    prev_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    row_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class AppendOnlyError(RuntimeError):

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from rollout.settings import get_settings
@@ -33,11 +33,19 @@ def get_engine(url: str | None = None) -> Engine:
 
 
 @contextmanager
-def session_scope(url: str | None = None) -> Iterator[Session]:
-    """One transaction: commit on success, roll back on any error, so nothing is half-written."""
-    factory = sessionmaker(bind=get_engine(url), expire_on_commit=False)
+def session_scope(url: str | None = None, *, immediate: bool = False) -> Iterator[Session]:
+    """One transaction: commit on success, roll back on any error, so nothing is half-written.
+
+    ``immediate``: on SQLite take the write lock before the first read (``BEGIN IMMEDIATE``), so a
+    read-check-write (e.g. "is this decision still open? then sign it") cannot interleave with another
+    writer's; SQLite's default deferred transaction lets two writers read the same state first. On
+    PostgreSQL callers lock the rows they check (``with_for_update``)."""
+    engine = get_engine(url)
+    factory = sessionmaker(bind=engine, expire_on_commit=False)
     session = factory()
     try:
+        if immediate and engine.dialect.name == "sqlite":
+            session.execute(text("BEGIN IMMEDIATE"))
         yield session
         session.commit()
     except BaseException:

@@ -35,7 +35,9 @@ class GateHistory:
             hist = hist.after(
                 look_low=q.get("look_low"),
                 look_high=q.get("look_high"),
-                counts=bool(q.get("counts_toward_interval")),
+                # a look decided before the betting sequences (no `method`) counts as a look, but its
+                # asymptotic interval is not folded into this one's
+                counts=bool(q.get("counts_toward_interval")) and bool(q.get("method")),
                 fingerprint=ev.get("data_fingerprint") or "",
             )
         return hist

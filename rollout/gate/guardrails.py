@@ -70,6 +70,7 @@ class Guardrail:
     lower_bound: float | None = None  # breached only: anytime-valid (1 - alpha) lower bound of the rate
     n: int = 0
     shown_within: bool = False  # the test of "at or above the threshold" rejected: the limit is shown to hold
+    excluded: int = 0  # sparse-arm rows left out (latency: collected while the host was overloaded)
 
     @property
     def status(self) -> Status:
@@ -111,6 +112,11 @@ def judge(
     row per complete request, columns `<metric>_control` / `<metric>_treatment` are built here)."""
     treated = frame["treated"].to_numpy()
     x = check.indicator(frame)
+    excluded = 0
+    if check.metric == "latency_over_slo" and "overloaded" in frame.columns:
+        # a latency measured while the host was oversubscribed is the host's, not the model's
+        excluded = int((treated & frame["overloaded"].to_numpy()).sum())
+        treated = treated & ~frame["overloaded"].to_numpy()
     n_t = int(treated.sum())
     if check.comparison == "rate":
         stream, span, value = rate_stream(x[treated]), (0.0, 1.0), (float(x[treated].mean()) if n_t else None)
@@ -126,8 +132,10 @@ def judge(
         n_c = len(x) - n_t
         value = float(x[treated].mean() - x[~treated].mean()) if n_t and n_c else None
     evaluated = n_t >= check.min_samples and stream.n > 0
+    left_out = f"{excluded} sparse-arm rows collected under CPU overload left out" if excluded else ""
     if stream.n == 0:
-        return Guardrail(check.name, None, check.threshold, False, False, _note(check, n_t), n=n_t)
+        note = "; ".join(filter(None, [_note(check, n_t), left_out]))
+        return Guardrail(check.name, None, check.threshold, False, False, note, n=n_t, excluded=excluded)
     breached, within, low = _tests(stream, check, alpha, prior, span)
     return Guardrail(
         check.name,
@@ -135,10 +143,11 @@ def judge(
         check.threshold,
         breached,
         evaluated or breached,  # evidence of a breach counts whatever the sample size
-        "" if evaluated or breached else _note(check, n_t),
+        "; ".join(filter(None, ["" if evaluated or breached else _note(check, n_t), left_out])),
         low,
         n_t,
         within,
+        excluded,
     )
 
 

@@ -19,7 +19,9 @@ ARMS = ("control", "treatment")
 
 @dataclass(frozen=True)
 class Checked:
-    frame: pd.DataFrame | None  # cleaned rows in arrival order (+ bool column `treated`); None on problems
+    frame: (
+        pd.DataFrame | None
+    )  # cleaned rows in arrival order (+ bool `treated`, `overloaded`); None on problems
     problems: tuple[str, ...]  # "column 'quality': ..." messages; empty when the table is usable
 
 
@@ -31,7 +33,8 @@ def _rows(mask: np.ndarray | pd.Series, index: pd.Index) -> str:
 def check_observations(observations: object, *, mode: str) -> Checked:
     """Validate the rows of one step (in arrival order). Problems: not a table, an empty table, a missing
     column, a missing value, NaN/inf, quality outside [0, 1], latency <= 0, an error flag that is not 0/1,
-    an unknown arm, a repeated (request_id, arm), and in a split step a request in both arms."""
+    an unknown arm, a repeated (request_id, arm), and in a split step a request in both arms. An optional
+    `overloaded` column (0/1) marks rows collected while the host's CPU was oversubscribed."""
     if not isinstance(observations, pd.DataFrame):
         return Checked(None, (f"observations must be a pandas DataFrame, got {type(observations).__name__}",))
     missing = [c for c in REQUIRED_COLUMNS if c not in observations.columns]
@@ -63,6 +66,14 @@ def check_observations(observations: object, *, mode: str) -> Checked:
         non_positive = np.isfinite(lat) & (lat <= 0)
         if non_positive.any():
             problems.append(f"column 'latency_ms': zero or negative in {_rows(non_positive, df.index)}")
+    overloaded = np.zeros(len(df), bool)
+    if "overloaded" in observations.columns:  # optional: rows collected while the host was overloaded
+        flag = observations["overloaded"].reset_index(drop=True)
+        ok = flag.isin([0, 1, True, False]).to_numpy()
+        if not ok.all():
+            problems.append(f"column 'overloaded': not 0/1 or true/false in {_rows(~ok, df.index)}")
+        else:
+            overloaded = flag.astype(bool).to_numpy()
     err = df["error"]
     if err.dtype != bool:
         ok = err.isin([0, 1, True, False]).to_numpy() | err.isna().to_numpy()
@@ -105,6 +116,7 @@ def check_observations(observations: object, *, mode: str) -> Checked:
             "latency_ms": lat,
             "error": err.astype(bool).to_numpy(),
             "treated": treated,
+            "overloaded": overloaded,
         }
     )
     return Checked(clean, ())

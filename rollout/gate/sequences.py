@@ -160,35 +160,27 @@ def bound_where(peak_log_capital, stream: Stream, side: Side, alpha: float, span
     def excess(m: float) -> float:
         return peak_log_capital(m) - target
 
-    lo, hi = span
+    # On the upper side excess rises with m: mirror it (x = -m) so that it falls as x rises on both sides.
+    sign = 1.0 if side == "lower" else -1.0
+
+    def falling(x: float) -> float:
+        return excess(sign * x)
+
+    lo, hi = sorted((sign * span[0], sign * span[1]))
     z = stream.z
-    centre = float(np.clip(np.mean(z), lo, hi))
-    reach = 6.0 * float(np.std(z)) / math.sqrt(stream.n) + 0.05
-    if side == "lower":  # excess falls as m rises: rejected below the root
-        near = max(lo, centre - reach)
-        if excess(near) < 0:
-            if excess(lo) < 0:
-                return lo
-            hi = near
-        elif excess(centre) < 0:
-            lo, hi = near, centre
-        elif excess(hi) >= 0:
-            return hi
-        else:
-            lo = centre
-    else:  # excess rises with m: rejected above the root
-        near = min(hi, centre + reach)
-        if excess(near) < 0:
-            if excess(hi) < 0:
-                return hi
-            lo = near
-        elif excess(centre) < 0:
-            lo, hi = centre, near
-        elif excess(lo) >= 0:
-            return lo
-        else:
-            hi = centre
-    return float(optimize.brentq(excess, lo, hi, xtol=2e-4))
+    centre = sign * float(np.clip(np.mean(z), min(span), max(span)))
+    near = max(lo, centre - 6.0 * float(np.std(z)) / math.sqrt(stream.n) - 0.05)
+    if falling(near) < 0:  # the root is below `near`
+        if falling(lo) < 0:
+            return sign * lo
+        hi = near
+    elif falling(centre) < 0:
+        lo, hi = near, centre
+    elif falling(hi) >= 0:
+        return sign * hi
+    else:
+        lo = centre
+    return sign * float(optimize.brentq(falling, lo, hi, xtol=2e-4))
 
 
 # Alternatives (multiples of the ceiling) of the likelihood-ratio mixture that tests a rate ceiling.

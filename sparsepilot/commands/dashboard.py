@@ -76,13 +76,13 @@ def register(app: typer.Typer) -> None:
         name: str = typer.Option(
             "", "--name", help="Print a whole SPARSEPILOT_ACCOUNTS entry for this user."
         ),
-        role: str = typer.Option("viewer", "--role", help="viewer or approver (with --name)."),
+        role: str = typer.Option("viewer", "--role", help="viewer, operator or approver (with --name)."),
         password_stdin: bool = typer.Option(
             False, "--password-stdin", help="Read the password from standard input (for scripts)."
         ),
     ) -> None:
         """Hash a password for a local account (scrypt, random per-user salt)."""
-        from rollout.auth import ROLES, hash_password
+        from rollout.auth import MIN_PASSWORD_CHARS, ROLES, hash_password
         from sparsepilot.console import fail
 
         if role not in ROLES:
@@ -93,7 +93,7 @@ def register(app: typer.Typer) -> None:
             password = sys.stdin.readline().rstrip("\r\n")
         else:
             password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
-        if not password:
-            fail("the password is empty")
+        if len(password) < MIN_PASSWORD_CHARS:
+            fail(f"the password must have at least {MIN_PASSWORD_CHARS} characters")
         hashed = hash_password(password)
         typer.echo(f"{name}:{role}:{hashed}" if name else hashed)

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from sparsepilot.console import console, emit_json, err_console, fail, print_table
+from sparsepilot.commands.auth import PasswordStdin, signed_in
+from sparsepilot.console import console, emit_json, err_console, fail, print_table, say
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON")]
 
@@ -78,19 +80,13 @@ def _require_db() -> None:
         fail("the state DB is not initialised: run `sparsepilot init` first")
 
 
-def _identity() -> Any:
-    from rollout.auth import PermissionDenied, cli_identity
-
-    try:
-        who = cli_identity()
-    except PermissionDenied as exc:
-        fail(str(exc))
-    if who is None:
-        fail(
-            "set SPARSEPILOT_USER to an approver account (see `sparsepilot hash-password`); "
-            "nobody is signed in"
-        )
-    return who
+# IDs are stored as 32-bit integers (PostgreSQL INTEGER): anything larger cannot name a row.
+DecisionId = Annotated[
+    int,
+    typer.Option(
+        "--decision", min=1, max=2**31 - 1, help="decision ID (see `sparsepilot gate` or the dashboard)"
+    ),
+]
 
 
 # --- calibrate / evaluate: use-case form + sparse_core's standalone form ------------------------------
@@ -189,18 +185,44 @@ def pilot_cmd(
         str | None,
         typer.Option("--observations", help="import observations (JSONL or CSV) instead of running"),
     ] = None,
-    batches: Annotated[int, typer.Option("--batches", min=1, help="pilot batches to run")] = 1,
-    max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", min=1)] = None,
+    batches: Annotated[int, typer.Option("--batches", min=1, max=10_000, help="pilot batches to run")] = 1,
+    max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", min=1, max=4096)] = None,
+    external_assignment: Annotated[
+        bool,
+        typer.Option(
+            "--external-assignment",
+            help="with --observations at a split step: your serving system assigned the arms (not the hash)",
+        ),
+    ] = False,
+    abort: Annotated[bool, typer.Option("--abort", help="stop the active pilot (needs --reason)")] = False,
+    reason: Annotated[
+        str | None, typer.Option("--reason", help="why (with --abort; kept in the audit log)")
+    ] = None,
+    password_stdin: PasswordStdin = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """One pilot batch (or --batches N) in the current step, or import observations from a file."""
-    from flows.pilot import pilot_flow
+    """One pilot batch (or --batches N) in the current step, import observations from a file, or
+    --abort the pilot (operators and approvers)."""
+    from flows.pilot import abort as abort_pilot
+    from flows.pilot import import_observations, pilot_flow
 
-    result = _run(
-        lambda: pilot_flow(
-            name, observations_file=observations, batches=batches, max_new_tokens=max_new_tokens
+    if abort and observations:
+        fail("--abort and --observations exclude each other")
+    who = signed_in("operator", f"{'abort the pilot of' if abort else 'pilot'} {name}", password_stdin)
+    if abort:
+        out = _run(lambda: abort_pilot(name, who.name, reason or ""))
+        if json_out:
+            emit_json(out)
+            return
+        say(f"{name}: pilot {out['pilot_id']} aborted; closed decisions: {out['closed_decisions'] or 'none'}")
+        return
+    if observations:  # a database import, no model work: not a flow run
+        result = _run(
+            lambda: import_observations(name, observations, external_assignment=external_assignment)
         )
-    )
+    else:
+        _require_use_case(name)
+        result = _run(lambda: pilot_flow(name, batches=batches, max_new_tokens=max_new_tokens))
     if json_out:
         emit_json(result)
         return
@@ -213,6 +235,7 @@ def gate_cmd(name: Annotated[str, typer.Argument(help="use case NAME")], json_ou
     """Decide the current pilot step (GO / EXTEND / NO-GO / INVALID) and act on it."""
     from flows.gate import gate_flow
 
+    _require_use_case(name)
     result = _run(lambda: gate_flow(name))
     if json_out:
         emit_json(result)
@@ -220,7 +243,20 @@ def gate_cmd(name: Annotated[str, typer.Argument(help="use case NAME")], json_ou
     cols = ["decision_id", "outcome", "awaiting", "step_index", "look_index", "estimate", "interval_low",
             "interval_high"]  # fmt: skip
     print_table(f"gate of {name}", [result], cols)
-    console.print(result["explanation"])
+    say(result["explanation"])
+
+
+def _require_use_case(name: str) -> None:
+    """Refuse an unknown use case before a flow run starts (its failure would be a logged traceback)."""
+    from rollout import pilots
+    from rollout.db.session import session_scope
+
+    _require_db()
+    with session_scope() as session:
+        try:
+            pilots.get_use_case(session, name)
+        except pilots.UnknownUseCase as exc:
+            fail(str(exc))
 
 
 def _check_decision(name: str, decision_id: int) -> None:
@@ -237,17 +273,16 @@ def _check_decision(name: str, decision_id: int) -> None:
 
 def approve_cmd(
     name: Annotated[str, typer.Argument(help="use case NAME")],
-    decision: Annotated[
-        int, typer.Option("--decision", help="decision ID (see `sparsepilot gate` or the dashboard)")
-    ],
+    decision: DecisionId,
     reason: Annotated[str, typer.Option("--reason", help="why (kept in the audit log)")],
     reject: Annotated[bool, typer.Option("--reject", help="reject instead of approve")] = False,
+    password_stdin: PasswordStdin = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Approve (or reject) a decision waiting for a person; resumes its paused approval flow run."""
     from flows.approval import approve_decision
 
-    who = _identity()
+    who = signed_in("approver", f"{'reject' if reject else 'approve'} decision {decision}", password_stdin)
 
     def go() -> dict[str, Any]:
         from rollout.pilots import UnknownUseCase
@@ -262,13 +297,14 @@ def approve_cmd(
     if json_out:
         emit_json(result)
         return
-    console.print(result["message"])
+    say(result["message"])
 
 
 def promote_cmd(
     name: Annotated[str, typer.Argument(help="use case NAME")],
-    decision: Annotated[int, typer.Option("--decision", help="the GO decision waiting for promotion")],
+    decision: DecisionId,
     reason: Annotated[str, typer.Option("--reason", help="why (kept in the audit log)")],
+    password_stdin: PasswordStdin = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Promote the challenger to champion on a decision: approves it (resuming its approval run), or
@@ -276,7 +312,7 @@ def promote_cmd(
     from flows.approval import approve_decision
     from flows.promote import promote_flow
 
-    who = _identity()
+    who = signed_in("approver", f"promote on decision {decision}", password_stdin)
 
     def go() -> dict[str, Any]:
         from sqlalchemy import select
@@ -308,19 +344,20 @@ def promote_cmd(
     if json_out:
         emit_json(result)
         return
-    console.print(result.get("message") or result)
+    say(result.get("message") or result)
 
 
 def rollback_cmd(
     name: Annotated[str, typer.Argument(help="use case NAME")],
     reason: Annotated[str, typer.Option("--reason", help="why (kept in the audit log)")],
+    password_stdin: PasswordStdin = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Roll the champion back to the previous one from SparsePilot's own alias history (approvers only)."""
     from flows.promote import rollback_flow
     from rollout.approvals import request_rollback
 
-    who = _identity()
+    who = signed_in("approver", f"roll back {name}", password_stdin)
 
     def go() -> dict[str, Any]:
         ids = request_rollback(name, who, reason, apply=False)
@@ -333,9 +370,7 @@ def rollback_cmd(
         emit_json(result)
         return
     move = result.get("alias_move") or {}
-    console.print(
-        f"{name}: champion {move.get('from_version')} -> {move.get('to_version')} ({move.get('status')})"
-    )
+    say(f"{name}: champion {move.get('from_version')} -> {move.get('to_version')} ({move.get('status')})")
 
 
 def monitor_cmd(
@@ -353,7 +388,7 @@ def monitor_cmd(
     if json_out:
         emit_json(result)
         return
-    console.print(result.get("explanation") or result)
+    say(result.get("explanation") or result)
 
 
 # --- main job and schedules ------------------------------------------------------------------------
@@ -381,6 +416,10 @@ def run_cmd(
         float | None,
         typer.Option("--split-seconds", min=0, help="split-step time per use case [default: 90]"),
     ] = None,
+    specs: Annotated[
+        Path | None,
+        typer.Option("--specs", help="folder of use-case specs to run [default: examples/usecases]"),
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """The main job: for each sample use case validate -> calibrate -> evaluate -> pilot (shadow + first
@@ -392,6 +431,7 @@ def run_cmd(
     from flows.main_job import MainJobSettings, render_table, run_main_job, serve_after
 
     settings = MainJobSettings(
+        **({"examples_dir": specs} if specs is not None else {}),
         use_cases=use_case or None,
         quick=not full,
         pilot_max_new_tokens=max_new_tokens,
@@ -402,6 +442,11 @@ def run_cmd(
     if split_seconds is not None:
         settings.split_seconds = split_seconds
     out_console = err_console if json_out else console
+    from rollout.settings import get_settings
+    from sparsepilot.quiet import to_log_file
+
+    log_path = to_log_file(get_settings().home, "run")
+    out_console.print(f"log file (warnings and library output): {log_path}", highlight=False)
     try:
         result = run_main_job(settings, console=out_console)
     except _known_errors() as exc:

@@ -5,13 +5,13 @@ written (the add is one transaction, after every check passed)."""
 
 from __future__ import annotations
 
-import getpass
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from sparsepilot.console import console, emit_json, fail, print_table
+from sparsepilot.commands.auth import PasswordStdin, signed_in
+from sparsepilot.console import console, emit_json, err_console, fail, print_table, say
 
 usecase_app = typer.Typer(no_args_is_help=True, help="Register and inspect use cases (versioned specs).")
 
@@ -25,7 +25,7 @@ def _mask(url: str) -> str:
         return url.split("@")[-1]
 
 
-def _require_schema() -> None:
+def require_schema() -> None:
     """Refuse to work on a DB that `sparsepilot init` has not brought to the head revision."""
     from alembic.script import ScriptDirectory
 
@@ -48,42 +48,47 @@ def _require_schema() -> None:
         fail(f"the state DB at {_mask(url)} is {state}: run `sparsepilot init` first")
 
 
-def _actor() -> str:
-    from rollout.auth import PermissionDenied, cli_identity
-
-    try:
-        identity = cli_identity()
-    except PermissionDenied as exc:
-        fail(str(exc))
-    if identity is not None:
-        return identity.name
-    return f"{getpass.getuser()} (os user)"
-
-
 def init(json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
     """Create or upgrade the state DB (Alembic migrations) under SPARSEPILOT_HOME or
-    SPARSEPILOT_DATABASE_URL."""
+    SPARSEPILOT_DATABASE_URL. With SPARSEPILOT_OWNER_DATABASE_URL (PostgreSQL) the migrations run as
+    that owner role and the app role of SPARSEPILOT_DATABASE_URL gets only the app's privileges. On
+    embedded defaults with no account configured, creates an approver account and prints its
+    password once."""
+    from rollout.auth import create_first_run_account
     from rollout.db import migrate
     from rollout.settings import configure_environment
 
     settings = configure_environment()
+    owner_url = settings.owner_database_url
     before = None
     try:
-        before = migrate.current_revision(settings.database_url)
+        before = migrate.current_revision(owner_url)
     except Exception:  # noqa: BLE001 - a fresh SQLite file or empty DB has no revision yet
         before = None
     try:
-        migrate.upgrade(settings.database_url)
-        after = migrate.current_revision(settings.database_url)
+        migrate.upgrade(owner_url)
+        after = migrate.current_revision(owner_url)
+        app_role = migrate.grant_app_role(owner_url, settings.database_url)
     except Exception as exc:  # noqa: BLE001
-        fail(f"could not migrate the state DB at {_mask(settings.database_url)}: {exc}")
+        fail(f"could not migrate the state DB at {_mask(owner_url)}: {exc}")
+    first = create_first_run_account()
     payload = {
         "home": str(settings.home),
         "database_url": _mask(settings.database_url),
         "revision_before": before,
         "revision": after,
+        "app_role": app_role,
         "mlflow_tracking_uri": _mask(settings.mlflow_tracking_uri),
+        "first_run_account": first[0] if first else None,
     }
+    if first:  # printed once, to the terminal only (never into JSON output or a log)
+        err_console.print(
+            f"Created the first approver account {first[0]!r} with password: {first[1]}\n"
+            f"  (only its hash is kept, in {settings.home / 'accounts.toml'}; sign in with "
+            f"`SPARSEPILOT_USER={first[0]} sparsepilot login`, or on the dashboard)",
+            highlight=False,
+            markup=False,
+        )
     if json_out:
         emit_json(payload)
         return
@@ -101,6 +106,7 @@ def add(
         bool,
         typer.Option("--new-version", help="store a changed spec of an existing use case as a new version"),
     ] = False,
+    password_stdin: PasswordStdin = False,
     json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """Validate a spec, its model ref and its dataset, then register it (or a new version of it)."""
@@ -108,8 +114,8 @@ def add(
     from rollout.usecases import UseCaseError, add_usecase
     from rollout.validation import DataValidationError
 
-    _require_schema()
-    actor = _actor()
+    require_schema()
+    actor = signed_in("operator", f"usecase add {file}", password_stdin).name
     try:
         with console.status(f"Validating {file} (spec, model ref, dataset)...", spinner="dots"):
             result = add_usecase(file, actor=actor, new_version=new_version)
@@ -127,15 +133,15 @@ def add(
         "reverted": "switched back to an earlier version",
         "unchanged": "unchanged (identical to the current version); nothing written",
     }[result.status]
-    console.print(f"[bold]{result.name}[/] v{result.version}: {verb}")
+    say(f"{result.name} v{result.version}: {verb}")
     console.print(
         f"  dataset: {stats.get('rows')} requests, prompt tokens {stats.get('prompt_tokens_min')}-"
         f"{stats.get('prompt_tokens_max')} (counted by {stats.get('token_count')})"
     )
     if result.changed_fields:
-        console.print(f"  changed: {', '.join(result.changed_fields)}")
+        say(f"  changed: {', '.join(result.changed_fields)}")
     for w in result.validation.get("warnings", []):
-        console.print(f"  [yellow]warning:[/] {w}")
+        say(f"  warning: {w}")
 
 
 @usecase_app.command("list")
@@ -143,7 +149,7 @@ def list_(json_out: Annotated[bool, typer.Option("--json", help="print JSON")] =
     """All use cases with their current version and phase."""
     from rollout.usecases import list_usecases
 
-    _require_schema()
+    require_schema()
     rows = list_usecases()
     if json_out:
         emit_json(rows)
@@ -162,14 +168,15 @@ def list_(json_out: Annotated[bool, typer.Option("--json", help="print JSON")] =
 def show(
     name: Annotated[str, typer.Argument(help="use-case name")],
     version: Annotated[
-        int | None, typer.Option("--version", help="a spec version (default: current)")
+        int | None,
+        typer.Option("--version", min=1, max=2**31 - 1, help="a spec version (default: current)"),
     ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """One use case: its spec (current or a given version), all versions, recent audit entries."""
     from rollout.usecases import UseCaseError, show_usecase
 
-    _require_schema()
+    require_schema()
     try:
         info = show_usecase(name, version=version)
     except UseCaseError as exc:
@@ -183,8 +190,8 @@ def show(
 def _print_usecase(info: dict[str, Any]) -> None:
     import yaml
 
-    console.print(
-        f"[bold]{info['name']}[/]  owner {info['owner']}  criticality {info['criticality']}  "
+    say(
+        f"{info['name']}  owner {info['owner']}  criticality {info['criticality']}  "
         f"phase {info['phase']}  spec v{info['version']} (current v{info['current_version']})"
     )
     console.print(f"dataset: {info['dataset_rows']} requests, sha256 {str(info['dataset_sha256'])[:12]}")

@@ -127,9 +127,16 @@ def test_approval_resumes_the_paused_flow(
 def test_override_needs_a_second_approver(
     prefect_server: None, seeded: dict[str, Any], dash_env: Any
 ) -> None:
-    decision_id = seeded["document-qa:decision"]  # EXTEND: promoting it goes against the gate
-    with session_scope() as s:
-        s.get(GateDecision, decision_id).awaiting = "approval"
+    with session_scope() as s:  # a later look, EXTEND, waiting for a person: approving overrides the gate
+        old = s.get(GateDecision, seeded["document-qa:decision"])
+        d = GateDecision(idempotency_key="gate-document-qa-look2", use_case_id=old.use_case_id,
+                         pilot_id=old.pilot_id, pilot_step_id=old.pilot_step_id,
+                         look_index=old.look_index + 1, outcome="EXTEND", awaiting="approval",
+                         evidence=old.evidence, explanation=old.explanation,
+                         data_fingerprint="e" * 64)  # fmt: skip
+        s.add(d)
+        s.flush()
+        decision_id = d.id
     paused = PausedFlow(decision_id, dash_env.database_url)
     at = sign_in(new_app(), "alice")
     open_page(at, "approvals")

@@ -18,7 +18,7 @@ def hashes() -> dict[str, str]:
 def test_hash_is_salted_and_verifies(hashes: dict[str, str]) -> None:
     h1, h2 = auth.hash_password("same"), auth.hash_password("same")
     assert h1 != h2  # per-user random salt
-    assert h1.startswith("scrypt$16384$8$1$")
+    assert h1.startswith("scrypt$131072$8$1$")  # OWASP's minimum for scrypt
     assert ":" not in h1 and ";" not in h1
     assert auth.verify_password("same", h1) and auth.verify_password("same", h2)
     assert not auth.verify_password("Same", h1)
@@ -73,15 +73,84 @@ def test_accounts_file(tmp_path: Path, hashes: dict[str, str]) -> None:
         auth.load_accounts({"SPARSEPILOT_ACCOUNTS_FILE": str(tmp_path / "nope.toml")})
 
 
-def test_cli_identity_role_comes_from_the_account(hashes: dict[str, str]) -> None:
+def test_cli_needs_the_password_and_the_role_comes_from_the_account(hashes: dict[str, str]) -> None:
     accounts = f"alice:approver:{hashes['alice']};bob:viewer:{hashes['bob']}"
-    assert auth.cli_identity({"SPARSEPILOT_ACCOUNTS": accounts}) is None
-    bob = auth.cli_identity({"SPARSEPILOT_ACCOUNTS": accounts, "SPARSEPILOT_USER": "bob"})
-    assert bob == Identity("bob", "viewer", "cli-env")
+    env = {"SPARSEPILOT_ACCOUNTS": accounts, "SPARSEPILOT_HOME": "/nonexistent-home"}
+    env["SPARSEPILOT_TOKEN_FILE"] = "/nonexistent-home/token"
+    with pytest.raises(PermissionDenied, match="nobody is signed in"):
+        auth.cli_authenticate(env={**env, "SPARSEPILOT_USER": "alice"})  # naming an account is not enough
+    bob = auth.cli_authenticate(password="bob-pw", env={**env, "SPARSEPILOT_USER": "bob"})
+    assert bob == Identity("bob", "viewer", "cli-password")
     with pytest.raises(PermissionDenied, match="bob"):
         auth.require_approver(bob, "promote")
-    with pytest.raises(PermissionDenied, match="'eve' is not a known account"):
-        auth.cli_identity({"SPARSEPILOT_ACCOUNTS": accounts, "SPARSEPILOT_USER": "eve"})
+    with pytest.raises(PermissionDenied, match="wrong account name or password for 'alice'"):
+        auth.cli_authenticate(password="bob-pw", env={**env, "SPARSEPILOT_USER": "alice"})
+    with pytest.raises(PermissionDenied, match="wrong account name or password for 'eve'"):
+        auth.cli_authenticate(password="x", env={**env, "SPARSEPILOT_USER": "eve"})
+    prompted = auth.cli_authenticate(prompt=lambda _: "alice-pw", env={**env, "SPARSEPILOT_USER": "alice"})
+    assert prompted.role == "approver"
+
+
+def test_roles_are_ordered() -> None:
+    op = Identity("olga", "operator", "cli-password")
+    assert auth.require_role(op, "operator", "import") is op
+    assert auth.require_role(Identity("a", "approver", "x"), "operator", "import").name == "a"
+    with pytest.raises(PermissionDenied, match="needs the operator role; 'v' is a viewer"):
+        auth.require_role(Identity("v", "viewer", "x"), "operator", "import")
+    with pytest.raises(PermissionDenied, match="needs the approver role"):
+        auth.require_approver(op, "promote")
+
+
+def test_login_token_expires_is_signed_and_tracks_the_account(tmp_path: Path, hashes: dict[str, str]) -> None:
+    accounts = auth.parse_accounts(f"alice:approver:{hashes['alice']};bob:viewer:{hashes['bob']}")
+    key = b"k" * 32
+    tok = auth.issue_token(Identity("alice", "approver", "cli-password"), key, ttl_s=3600, now=1000.0)
+    assert auth.verify_token(tok, key, accounts, now=2000.0) == Identity("alice", "approver", "cli-token")
+    with pytest.raises(PermissionDenied, match="expired"):
+        auth.verify_token(tok, key, accounts, now=1000.0 + 3600)
+    with pytest.raises(PermissionDenied, match="not valid for this installation"):
+        auth.verify_token(tok, b"other-key", accounts, now=2000.0)
+    head, payload, mac = tok.split(".")
+    forged = payload[:-2] + ("AA" if payload[-2:] != "AA" else "BB")
+    with pytest.raises(PermissionDenied, match="not valid"):
+        auth.verify_token(f"{head}.{forged}.{mac}", key, accounts, now=2000.0)
+    demoted = {"alice": auth.Account("alice", "viewer", hashes["alice"])}
+    assert auth.verify_token(tok, key, demoted, now=2000.0).role == "viewer"
+    with pytest.raises(PermissionDenied, match="no longer exists"):
+        auth.verify_token(tok, key, {}, now=2000.0)
+    # through cli_authenticate: the token file, and a SPARSEPILOT_USER that disagrees with it
+    env = {
+        "SPARSEPILOT_ACCOUNTS": f"alice:approver:{hashes['alice']}",
+        "SPARSEPILOT_HOME": str(tmp_path),
+        "SPARSEPILOT_TOKEN_FILE": str(tmp_path / "cfg" / "token"),
+    }
+    real_key = auth.auth_key(env, create=True)
+    assert (tmp_path / "auth.key").stat().st_mode & 0o777 == 0o600
+    auth.write_private(
+        tmp_path / "cfg" / "token",
+        auth.issue_token(auth.Identity("alice", "approver", "p"), real_key).encode(),
+    )
+    assert (tmp_path / "cfg" / "token").stat().st_mode & 0o777 == 0o600
+    assert auth.cli_authenticate(env=env) == Identity("alice", "approver", "cli-token")
+    with pytest.raises(PermissionDenied, match="login token belongs to 'alice'"):
+        auth.cli_authenticate(env={**env, "SPARSEPILOT_USER": "bob"})
+
+
+def test_hash_parameters_are_bounded() -> None:
+    huge = "scrypt$1073741824$8$1$AAAAAAAAAAAAAAAAAAAAAA$BBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBB"
+    with pytest.raises(AccountsConfigError, match="MiB of scrypt memory"):
+        auth.parse_accounts(f"alice:approver:{huge}")
+    assert auth.verify_password("x", huge) is False  # and sign-in never tries it
+
+
+def test_first_run_account_only_on_embedded_defaults(tmp_path: Path) -> None:
+    env = {"SPARSEPILOT_HOME": str(tmp_path)}
+    assert auth.create_first_run_account({**env, "SPARSEPILOT_DATABASE_URL": "postgresql://x/y"}) is None
+    name, password = auth.create_first_run_account(env)
+    f = tmp_path / "accounts.toml"
+    assert f.stat().st_mode & 0o777 == 0o600 and password not in f.read_text()
+    assert auth.authenticate(name, password, auth.load_accounts(env)).role == "approver"
+    assert auth.create_first_run_account(env) is None  # printed once, never again
 
 
 def test_oidc_roles_from_the_approver_list() -> None:

@@ -12,22 +12,26 @@ from sparsepilot.commands.dashboard import streamlit_command
 
 def test_hash_password_prints_a_usable_account_entry() -> None:
     result = CliRunner().invoke(
-        app, ["hash-password", "--password-stdin", "--name", "alice", "--role", "approver"], input="s3cret\n"
+        app,
+        ["hash-password", "--password-stdin", "--name", "alice", "--role", "approver"],
+        input="s3cret-long\n",
     )
     assert result.exit_code == 0, result.output
     entry = result.output.strip()
     assert "s3cret" not in entry
     accounts = auth.parse_accounts(entry)
-    assert auth.authenticate("alice", "s3cret", accounts) == auth.Identity(
+    assert auth.authenticate("alice", "s3cret-long", accounts) == auth.Identity(
         "alice", "approver", "local-account"
     )
 
 
 def test_hash_password_refuses_bad_input() -> None:
     r = CliRunner().invoke(app, ["hash-password", "--password-stdin", "--role", "admin"], input="x\n")
-    assert r.exit_code == 2 and "--role must be one of viewer, approver" in r.output
+    assert r.exit_code == 2 and "--role must be one of viewer, operator, approver" in r.output
     r = CliRunner().invoke(app, ["hash-password", "--password-stdin"], input="\n")
-    assert r.exit_code == 2 and "the password is empty" in r.output
+    assert r.exit_code == 2 and "at least 10 characters" in r.output
+    r = CliRunner().invoke(app, ["hash-password", "--password-stdin"], input="short-pw\n")
+    assert r.exit_code == 2 and "at least 10 characters" in r.output
 
 
 def test_dashboard_refuses_a_malformed_accounts_variable(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -56,7 +56,9 @@ def test_portfolio_shows_seeded_use_cases(seeded: dict[str, Any]) -> None:
     assert df.set_index("name").loc["support-chat", "quality interval"] == "-"  # no gate, no interval
     assert row["step"] == "1: split 10%" and row["payback_days"] == 12.0
     metrics = {m.label: m.value for m in at.metric}
-    assert metrics["Use cases"] == "3" and metrics["$/month saved (sum)"] == "$2,425"
+    # support-chat's interval [-$80, $10] includes no saving: counted apart, not in the headline
+    assert metrics["Use cases"] == "3" and metrics["$/month saved (established)"] == "$2,460"
+    assert any("apart: 1 not established (-$35)" in c.value for c in at.caption)
     assert metrics["Waiting for approval"] == "1"
     assert len(at.get("vega_lite_chart")) == 1  # savings vs risk
     # filtering happens on the page: only the medium-criticality use case is left
@@ -196,4 +198,4 @@ def test_portfolio_of_only_registered_use_cases(dash_env: Settings) -> None:
     row = at.dataframe[0].value.iloc[0]
     assert row["name"] == "just-registered" and row["waits_for"] == "calibration"
     assert row["quality interval"] == "-" and row["savings interval"] == "-"
-    assert {m.label: m.value for m in at.metric}["$/month saved (sum)"] == "-"
+    assert {m.label: m.value for m in at.metric}["$/month saved (established)"] == "-"

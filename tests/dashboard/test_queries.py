@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from sqlalchemy import update
 
 from rollout import queries
 from rollout.db.session import session_scope
@@ -38,9 +39,11 @@ def test_portfolio_totals(seeded: dict[str, Any]) -> None:
     with session_scope() as s:
         t = queries.portfolio_totals(s)
     assert t["use_cases"] == 3 and t["evaluated"] == 3
-    assert t["savings_month_usd"] == pytest.approx(1840 + 620 - 35)
-    assert t["savings_month_low"] == pytest.approx(1500 + 410 - 80)
-    assert t["positive_savings_usd"] == pytest.approx(1840 + 620)
+    # established: in play and the interval above zero; support-chat ([-80, 10]) is counted apart
+    assert t["established"] == 2 and t["savings_month_usd"] == pytest.approx(1840 + 620)
+    assert t["savings_month_low"] == pytest.approx(1500 + 410)
+    assert t["unestablished"] == {"use_cases": 1, "savings_month_usd": pytest.approx(-35)}
+    assert t["ended"] == 0
     assert t["decisions"] == {"GO": 1, "EXTEND": 1}
     assert t["pending_approvals"] == 1 and t["observations"] == 960
 
@@ -102,3 +105,13 @@ def test_an_override_signed_once_waits_for_a_second_approver(seeded: dict[str, A
         rows = {r["name"]: r for r in queries.portfolio(s)}
     assert rows["document-qa"]["waits_for"] == "a second approver"
     assert rows["contract-summarisation"]["waits_for"] == "approval to promote"
+
+
+def test_a_stopped_use_case_leaves_the_established_total(seeded: dict[str, Any]) -> None:
+    from rollout.db.models import UseCase
+
+    with session_scope() as s:
+        s.execute(update(UseCase).where(UseCase.name == "document-qa").values(phase="stopped"))
+    with session_scope() as s:
+        t = queries.portfolio_totals(s)
+    assert t["savings_month_usd"] == pytest.approx(1840) and t["established"] == 1 and t["ended"] == 1

@@ -31,7 +31,7 @@ def test_queries_on_postgres(pg_url: str, tmp_path: Path, monkeypatch: pytest.Mo
     assert (c["quality_delta"], c["quality_low"], c["quality_high"]) == (-0.005, -0.011, 0.001)
     assert c["waits_for"] == "approval to promote" and c["step_observations"] == 240
     assert rows["document-qa"]["waits_for"] == "more samples (120/300 in the smaller arm)"
-    assert totals["savings_month_usd"] == pytest.approx(2425) and totals["pending_approvals"] == 1
+    assert totals["savings_month_usd"] == pytest.approx(2460) and totals["pending_approvals"] == 1
     assert {(r["step_index"], r["arm"]): r["n"] for r in stats}[(1, "treatment")] == 120
     assert all(r["error_rate"] == 0.0 for r in stats)
     assert sum(h["count"] for h in hist) == 480 and max(h["latency_ms"] for h in hist) < 470

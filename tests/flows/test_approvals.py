@@ -107,7 +107,7 @@ def test_override_needs_a_second_different_approver(flow_use_case) -> None:
         rows = s.scalars(select(Approval).order_by(Approval.id)).all()
         assert [(a.actor, a.against_recommendation) for a in rows] == [("alice", True), ("bob", True)]
         assert s.scalar(select(UseCase.phase).where(UseCase.name == name)) == "promoted"
-    with pytest.raises(approvals.ApprovalError, match="already resolved"):
+    with pytest.raises(approvals.ApprovalError, match="already approved by bob"):
         approvals.approve(did, Identity(*BOB), "again")
 
     # Nothing to return to (no dense baseline was registered here): refused before anything is written.

@@ -21,9 +21,7 @@ def _shadow_rows(n: int) -> list[dict]:
     ("column", "value", "problem"),
     [
         ("quality", 1.5, "column 'quality': outside [0, 1]"),
-        ("quality", -0.2, "column 'quality': outside [0, 1]"),
         ("latency_ms", 0.0, "column 'latency_ms': zero or negative"),
-        ("latency_ms", -4.0, "column 'latency_ms': zero or negative"),
         ("arm", "treatmnt", "column 'arm': unknown arm"),
         (None, None, "no observations"),
     ],

@@ -24,19 +24,23 @@ def test_arm_assignment_is_deterministic_and_follows_the_traffic_share() -> None
     assert all(0.0 <= hash_unit(r, "s") < 1.0 for r in ids[:100])
 
 
-def test_pilot_traffic_order_does_not_bias_the_split() -> None:
-    from flows.pilot import choose_requests
+def test_pilot_traffic_order_does_not_bias_the_split_and_never_replays() -> None:
     from rollout.pilots import assign_arm
+    from rollout.traffic import DatasetSource
 
     rows = [{"id": f"r{i}", "prompt": "p"} for i in range(400)]
+    source = DatasetSource(rows, "salt")
     used: set[str] = set()
-    first = choose_requests(rows, used, "salt", 100)
-    share = sum(assign_arm(rid, "salt", 50.0) == "treatment" for rid, _ in first) / 100
+    first = source.take(100, used)
+    used.update(r.id for r in first)
+    share = sum(assign_arm(r.id, "salt", 50.0) == "treatment" for r in first) / 100
     assert 0.3 < share < 0.7  # ordering by the assignment hash itself would give 1.0
-    second = choose_requests(rows, used, "salt", 350)  # exhausts the dataset, then replays with new ids
-    ids = [rid for rid, _ in first + second]
-    assert len(ids) == len(set(ids)) == 450
-    assert sum(rid.endswith("~r2") for rid in ids) == 50
+    second = source.take(350, used)  # only 300 are left: the dataset is finite, nothing is replayed
+    used.update(r.id for r in second)
+    ids = [r.id for r in first + second]
+    assert len(ids) == len(set(ids)) == 400 and set(ids) == {r["id"] for r in rows}
+    assert source.take(10, used) == [] and source.remaining(used) == 0
+    assert [r.id for r in DatasetSource(rows, "salt").take(5, set())] == ids[:5]  # stable per salt
 
 
 def test_calibrate_has_a_use_case_form_and_a_standalone_form() -> None:

@@ -449,3 +449,28 @@ def test_rate_stream_breach_needs_evidence() -> None:
     assert not judge(check, frame_with(3), alpha=0.05, mode="monitor").breached
     assert judge(check, frame_with(8), alpha=0.05, mode="monitor").breached
     assert rate_stream(np.zeros(3)).truncation == TRUNCATION["rate"]
+
+
+def test_overloaded_rows_count_for_quality_but_not_for_the_latency_guardrail() -> None:
+    n = 400
+    slow = np.where(np.arange(n) % 4 == 0, 2000.0, 100.0)  # 25% over the 800 ms SLO...
+    df = paired_frame(np.ones(n), np.ones(n), lat_t=slow)
+    overloaded = np.zeros(2 * n, bool)
+    overloaded[1::2] = slow > 800  # ...all of them measured while the host was oversubscribed
+    d = decide(df.assign(overloaded=overloaded), SETTINGS, mode="paired")
+    assert d.outcome == "GO" and d.n_pairs == n
+    g = next(g for g in d.guardrails if g.name == "treatment_latency_over_slo")
+    assert g.excluded == 100 and g.n == 300 and "under CPU overload left out" in g.note
+    assert decide(df, SETTINGS, mode="paired").outcome == "NO-GO"  # the same rows, not flagged
+    bad = decide(df.assign(overloaded="yes"), SETTINGS, mode="paired")
+    assert bad.outcome == "INVALID" and "column 'overloaded'" in bad.input_problems[0]
+
+
+def test_a_look_from_the_old_asymptotic_gate_counts_as_a_look_but_not_in_the_interval() -> None:
+    old = {
+        "look_index": 1,
+        "data_fingerprint": "x",
+        "quality": {"look_low": -0.029, "look_high": 0.029, "counts_toward_interval": True},  # no method
+    }
+    hist = GateHistory.from_evidence([old])
+    assert hist.looks == 1 and hist.interval_low == -math.inf and hist.interval_high == math.inf

@@ -158,5 +158,13 @@ def test_pilot_skip_reason_says_why_a_pilot_would_be_wasted() -> None:
     assert "budget" in pilot_skip_reason(
         met_budget=False, density=0.5, saved_usd_month=900.0, pilot_anyway=True
     )
+    # A saving whose interval reaches zero (timings from a busy host: 1.94x [0.05, 14.42]) is not
+    # established: no pilot on it, unless --pilot-all.
+    wide = dict(met_budget=True, density=0.6, saved_usd_month=10_762.0, saved_usd_month_high=25_520.0)
+    assert "saving not established ($10,762/month, interval $-289,022, $25,520)" in pilot_skip_reason(
+        **wide, saved_usd_month_low=-289_022.0
+    )
+    assert pilot_skip_reason(**wide, saved_usd_month_low=-289_022.0, pilot_anyway=True) is None
+    assert pilot_skip_reason(**wide, saved_usd_month_low=1_078.0) is None
     # Unknown numbers are not a reason to skip.
     assert pilot_skip_reason(met_budget=None, density=None, saved_usd_month=None) is None

@@ -66,6 +66,9 @@ def test_report_schema_metrics_and_pictures(quality_tiny, tmp_path):
     (row,) = d["speed"]
     assert row["seq_len"] == 512 and len(row["dense_seconds"]) == 2
     assert row["speedup_interval"][0] <= row["speedup_interval"][1]
+    host = d["speed_summary"]["host"]  # threads from the CPUs really free; the load of every timed pair
+    assert 1 <= host["threads"] <= host["cpus"] and host["pairs_timed"] == 2
+    assert 0 <= host["pairs_kept_under_overload"] <= 2 and 0 <= host["pairs_retimed_for_overload"] <= 2
     assert 0 < d["density"] < 1
     m = report.metrics()
     assert {

@@ -1,0 +1,51 @@
+"""PostgreSQL: the app connects as a role that owns nothing.
+
+Two roles (docs/operations.md, deploy/postgres/init-databases.sh):
+- the owner role owns the database objects and runs the migrations (``sparsepilot init`` with
+  SPARSEPILOT_OWNER_DATABASE_URL); the append-only triggers and their functions belong to it;
+- the app role (the user in SPARSEPILOT_DATABASE_URL, what every other command, flow and the dashboard
+  use) may SELECT and INSERT everywhere, UPDATE only the tables whose rows move through states (the
+  decision and alias-history updates are further limited by the owner's triggers), and never DELETE,
+  TRUNCATE, ALTER or DROP: it owns no table, so it cannot disable or drop a trigger either.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import Connection, text
+
+APPEND_ONLY = ("audit_log", "approvals")
+UPDATABLE = (
+    "use_cases",
+    "spec_versions",
+    "model_versions",
+    "calibration_runs",
+    "evaluation_runs",
+    "pilots",
+    "pilot_steps",
+    "observations",
+    "gate_decisions",  # guarded: gate_decisions_guard
+    "alias_history",  # guarded: alias_history_guard
+)
+
+
+def _ident(conn: Connection, name: str) -> str:
+    return conn.execute(text("SELECT quote_ident(:n)"), {"n": name}).scalar_one()
+
+
+def grant_app_role(conn: Connection, role: str) -> list[str]:
+    """Give ``role`` exactly the app's privileges on the current database (idempotent: everything is
+    revoked first). Run as the owner role. Returns the statements executed."""
+    r = _ident(conn, role)
+    tables = ", ".join((*APPEND_ONLY, *UPDATABLE))
+    statements = [
+        f"REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {r}",
+        f"REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM {r}",
+        f"GRANT USAGE ON SCHEMA public TO {r}",
+        f"GRANT SELECT ON alembic_version TO {r}",
+        f"GRANT SELECT, INSERT ON {tables} TO {r}",
+        f"GRANT UPDATE ON {', '.join(UPDATABLE)} TO {r}",
+        f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {r}",
+    ]
+    for s in statements:
+        conn.execute(text(s))
+    return statements

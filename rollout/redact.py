@@ -1,0 +1,31 @@
+"""Secrets never reach a message: passwords in URLs, bearer tokens, password hashes and our own
+session tokens are replaced before text is printed, logged or shown on the dashboard."""
+
+from __future__ import annotations
+
+import re
+
+MASK = "***"
+
+# scheme://user:password@host -> scheme://user:***@host (any scheme: postgresql+psycopg, redis, https)
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^/\s:@]*:)(?P<secret>[^@\s/]+)(?P<tail>@)")
+# key=value / key: value pairs whose key names a secret (password=..., token: ..., api_key=...)
+_KEY_VALUE = re.compile(
+    r"(?i)(?P<head>\b[\w.\-]*(?:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key)[\w.\-]*"
+    r"\s*[=:]\s*)(?P<quote>['\"]?)(?P<secret>[^\s'\",;&)]+)"
+)
+_BEARER = re.compile(r"(?i)(?P<head>\bbearer\s+)(?P<secret>[A-Za-z0-9._~+/\-]+=*)")
+# scrypt$n$r$p$salt$hash (our password hashes) and sp1.<payload>.<mac> (our CLI session tokens)
+_SCRYPT = re.compile(r"scrypt\$\d+\$\d+\$\d+\$[A-Za-z0-9_\-]+\$[A-Za-z0-9_\-]+")
+_SESSION_TOKEN = re.compile(r"\bsp1\.[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+")
+
+
+def redact(text: object) -> str:
+    """``text`` as a string with every recognisable secret replaced by ``***``."""
+    s = str(text)
+    s = _URL_PASSWORD.sub(lambda m: f"{m['head']}{MASK}{m['tail']}", s)
+    s = _BEARER.sub(lambda m: f"{m['head']}{MASK}", s)
+    s = _SCRYPT.sub(f"scrypt${MASK}", s)
+    s = _SESSION_TOKEN.sub(f"sp1.{MASK}", s)
+    s = _KEY_VALUE.sub(lambda m: f"{m['head']}{m['quote']}{MASK}", s)
+    return s

@@ -1,0 +1,65 @@
+"""The traffic-source interface and the choice of source from a spec."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence, Set
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+
+class TrafficError(ValueError):
+    """A traffic source that cannot be read: the message names the file, line and field."""
+
+
+@dataclass(frozen=True)
+class Request:
+    id: str
+    prompt: str
+    reference: str | None = None
+
+    def as_row(self) -> dict[str, Any]:
+        """The row shape the pilot's answer step reads (id, prompt, reference)."""
+        return {"id": self.id, "prompt": self.prompt, "reference": self.reference}
+
+
+class TrafficSource(Protocol):
+    name: str
+
+    def take(self, n: int, used: Set[str]) -> list[Request]:
+        """Up to n requests whose ids are not in `used` (nor repeated among themselves); fewer, or none,
+        when the source is exhausted."""
+        ...
+
+    def remaining(self, used: Set[str]) -> int:
+        """How many distinct requests the source can still hand out."""
+        ...
+
+
+def source_for(
+    spec: Any, *, rows: Sequence[Mapping[str, Any]], salt: str, spec_dir: Path | None
+) -> TrafficSource:
+    """The pilot's source from the spec's `rollout.traffic_source` (default: the dataset)."""
+    from rollout.traffic.dataset import DatasetSource
+    from rollout.traffic.request_log import RequestLogSource
+
+    cfg = spec.rollout.traffic_source
+    if cfg.kind == "dataset":
+        return DatasetSource(rows, salt)
+    path = Path(cfg.path).expanduser()
+    if not path.is_absolute():
+        path = (spec_dir or Path.cwd()) / path
+    return RequestLogSource(path)
+
+
+def exhaustion_note(outcome: str, status: Mapping[str, Any] | None, projected: int | None) -> str | None:
+    """The sentence an EXTEND carries when the source has no unused request left (None otherwise): the
+    step cannot settle on this traffic, and replaying requests would count the same evidence twice."""
+    if outcome != "EXTEND" or not status or status.get("remaining") != 0:
+        return None
+    need = f"; the gate projects ~{projected} would settle it" if projected else ""
+    return (
+        f"Traffic exhausted: all {status['distinct_used']} distinct requests of the {status['source']} were "
+        f"used{need}. More distinct traffic is needed (a larger dataset or a request log); replaying "
+        "requests would count the same evidence twice."
+    )

@@ -1,0 +1,90 @@
+"""Captured production prompts as pilot traffic: a JSONL or CSV file (by extension) with `id` (or
+`request_id`), `prompt` and optionally `reference`, streamed row by row (never loaded whole), in file order
+(the order the requests arrived). Bad rows stop the read with the file, line and field named."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator, Set
+from pathlib import Path
+
+from rollout.traffic.base import Request, TrafficError
+
+MAX_FIELD = 1_000_000  # characters in one prompt / reference
+csv.field_size_limit(MAX_FIELD + 1)
+
+
+class RequestLogSource:
+    name = "request-log"
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise TrafficError(f"{self.path}: request log not found")
+        suffix = self.path.suffix.lower()
+        if suffix not in (".jsonl", ".csv"):
+            raise TrafficError(
+                f"{self.path}: a request log is .jsonl or .csv, got {suffix or 'no extension'}"
+            )
+        self._csv = suffix == ".csv"
+
+    def requests(self) -> Iterator[Request]:
+        """Every request of the log, in file order; a repeated id is an error (a request is evidence once)."""
+        seen: set[str] = set()
+        for line, record in self._records():
+            req = self._request(line, record)
+            if req.id in seen:
+                raise TrafficError(f"{self.path}:{line}: field 'id': {req.id!r} appears twice in the log")
+            seen.add(req.id)
+            yield req
+
+    def take(self, n: int, used: Set[str]) -> list[Request]:
+        out: list[Request] = []
+        if n <= 0:
+            return out
+        for req in self.requests():
+            if req.id not in used:
+                out.append(req)
+                if len(out) >= n:
+                    break
+        return out
+
+    def remaining(self, used: Set[str]) -> int:
+        return sum(1 for r in self.requests() if r.id not in used)
+
+    def _records(self) -> Iterator[tuple[int, dict]]:
+        with self.path.open(encoding="utf-8-sig", newline="") as fh:
+            if self._csv:
+                try:
+                    reader = csv.DictReader(fh)
+                    for record in reader:
+                        yield reader.line_num, record
+                except csv.Error as exc:
+                    raise TrafficError(f"{self.path}: not valid CSV: {exc}") from exc
+                return
+            for line, text in enumerate(fh, start=1):
+                if not text.strip():
+                    continue
+                try:
+                    record = json.loads(text)
+                except (json.JSONDecodeError, RecursionError) as exc:
+                    raise TrafficError(f"{self.path}:{line}: not valid JSON: {exc}") from exc
+                if not isinstance(record, dict):
+                    raise TrafficError(f"{self.path}:{line}: each line must be a JSON object")
+                yield line, record
+
+    def _request(self, line: int, record: dict) -> Request:
+        rid = record.get("id", record.get("request_id"))
+        if isinstance(rid, bool) or not isinstance(rid, str | int) or not str(rid).strip():
+            raise TrafficError(f"{self.path}:{line}: field 'id': a non-empty string is required")
+        prompt = record.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise TrafficError(f"{self.path}:{line}: field 'prompt': a non-empty string is required")
+        reference = record.get("reference")
+        if reference is not None and not isinstance(reference, str):
+            raise TrafficError(f"{self.path}:{line}: field 'reference': must be a string")
+        for name, value in (("prompt", prompt), ("reference", reference or "")):
+            if len(value) > MAX_FIELD:
+                raise TrafficError(f"{self.path}:{line}: field {name!r}: longer than {MAX_FIELD} characters")
+        return Request(str(rid).strip(), prompt, reference or None)

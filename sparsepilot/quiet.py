@@ -1,0 +1,62 @@
+"""Third-party chatter goes to a log file, not the console.
+
+Long commands (the main job) would otherwise print MLflow's type-hint and CloudPickle warnings,
+transformers' deprecation warnings and weight-loading bars, and Prefect's per-task INFO lines between the
+user's progress lines. `to_log_file` sends Python warnings and the third-party loggers to
+`SPARSEPILOT_HOME/logs/<command>-<time>.log` (everything at INFO and above, with our own progress lines
+too), turns off third-party progress bars, and leaves the console to SparsePilot's own output.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+from pathlib import Path
+
+THIRD_PARTY = (
+    "alembic",
+    "great_expectations",
+    "httpx",
+    "huggingface_hub",
+    "mlflow",
+    "prefect",
+    "py.warnings",
+    "sqlalchemy",
+    "torch",
+    "transformers",
+    "urllib3",
+)
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def to_log_file(home: Path, command: str) -> Path:
+    """Route warnings and third-party logs to a new log file under `home/logs`; returns its path."""
+    logs = home / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    path = logs / f"{command}-{dt.datetime.now(dt.UTC).strftime('%Y%m%dT%H%M%SZ')}.log"
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter(FORMAT))
+    handler.setLevel(logging.INFO)
+    logging.captureWarnings(True)  # warnings.warn -> the "py.warnings" logger
+    for name in (*THIRD_PARTY, "sparsepilot"):
+        lg = logging.getLogger(name)
+        lg.addHandler(handler)
+        if lg.level == logging.NOTSET or lg.level > logging.INFO:
+            lg.setLevel(logging.INFO)
+    logging.getLogger("py.warnings").propagate = False  # never Python's last-resort stderr handler
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.disable_default_handler()  # transformers' own stderr handler; ours writes the file
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+    return path
+
+
+def progress_logger() -> logging.Logger:
+    """Where SparsePilot's own progress lines go besides the console (the same log file)."""
+    return logging.getLogger("sparsepilot.progress")

@@ -1,0 +1,103 @@
+"""Traffic sources: every request at most once per pilot, finite datasets end, request logs stream."""
+
+from __future__ import annotations
+
+import json
+import tracemalloc
+from pathlib import Path
+
+import pytest
+
+from rollout.traffic import RequestLogSource, TrafficError, exhaustion_note
+
+
+def _log(path: Path, n: int, *, start: int = 0) -> Path:
+    with path.open("w") as fh:
+        for i in range(start, start + n):
+            fh.write(json.dumps({"id": f"req-{i}", "prompt": f"question {i} " * 20, "reference": "x"}) + "\n")
+    return path
+
+
+def test_request_log_hands_each_request_out_once_in_file_order(tmp_path: Path) -> None:
+    src = RequestLogSource(_log(tmp_path / "log.jsonl", 30))
+    used: set[str] = set()
+    got = []
+    while batch := src.take(8, used):
+        used.update(r.id for r in batch)
+        got += [r.id for r in batch]
+    assert got == [f"req-{i}" for i in range(30)]
+    assert src.remaining(used) == 0 and src.take(8, used) == []
+
+
+def test_request_log_of_100k_rows_streams_in_bounded_memory(tmp_path: Path) -> None:
+    path = _log(tmp_path / "big.jsonl", 100_000)
+    assert path.stat().st_size > 20_000_000
+    src = RequestLogSource(path)
+    tracemalloc.start()
+    try:
+        batch = src.take(50, set(f"req-{i}" for i in range(99_000)))  # skips most of the file
+        left = src.remaining({r.id for r in batch})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [r.id for r in batch][:2] == ["req-99000", "req-99001"] and left == 100_000 - 50
+    # the 99k used ids are the caller's; what the source holds is one row plus the set of ids it has seen
+    assert peak < 25_000_000, peak
+
+
+def test_request_log_csv_with_excel_bom(tmp_path: Path) -> None:
+    path = tmp_path / "log.csv"
+    path.write_bytes("\ufeffrequest_id,prompt,reference\nA1,hello there,hi\nA2,second,\n".encode())
+    reqs = RequestLogSource(path).take(5, set())
+    assert [(r.id, r.prompt, r.reference) for r in reqs] == [
+        ("A1", "hello there", "hi"),
+        ("A2", "second", None),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ('{"id": "a", "prompt": "p"}\n{"id": "a", "prompt": "q"}\n', "log.jsonl:2: field 'id'"),
+        ('{"id": "a", "prompt": ""}\n', "log.jsonl:1: field 'prompt'"),
+        ('{"prompt": "p"}\n', "log.jsonl:1: field 'id'"),
+        ('{"id": "a", "prompt": "p", "reference": 3}\n', "log.jsonl:1: field 'reference'"),
+        ("not json\n", "log.jsonl:1: not valid JSON"),
+        ("[1, 2]\n", "log.jsonl:1: each line must be a JSON object"),
+    ],
+)
+def test_bad_request_log_rows_name_the_line_and_field(tmp_path: Path, text: str, where: str) -> None:
+    path = tmp_path / "log.jsonl"
+    path.write_text(text)
+    with pytest.raises(TrafficError, match=where.replace(".", r"\.")):
+        RequestLogSource(path).take(10, set())
+
+
+def test_request_log_must_exist_and_be_jsonl_or_csv(tmp_path: Path) -> None:
+    with pytest.raises(TrafficError, match="not found"):
+        RequestLogSource(tmp_path / "missing.jsonl")
+    (tmp_path / "log.txt").write_text("x")
+    with pytest.raises(TrafficError, match=r"\.jsonl or \.csv"):
+        RequestLogSource(tmp_path / "log.txt")
+
+
+def test_exhaustion_note_only_for_an_extend_with_nothing_left() -> None:
+    status = {"source": "dataset", "distinct_used": 72, "remaining": 0}
+    note = exhaustion_note("EXTEND", status, 110)
+    assert note and "all 72 distinct requests" in note and "~110" in note
+    assert exhaustion_note("EXTEND", {**status, "remaining": 3}, 110) is None
+    assert exhaustion_note("GO", status, None) is None
+    assert exhaustion_note("EXTEND", None, 110) is None
+
+
+def test_spec_traffic_source_needs_a_path_only_for_a_log() -> None:
+    from rollout.spec import SpecError, parse_spec
+
+    from .usecase_helpers import example_spec
+
+    data = example_spec("docs-qa")
+    data["rollout"]["traffic_source"] = {"kind": "request-log"}
+    with pytest.raises(SpecError, match="rollout.traffic_source.path"):
+        parse_spec(data, "x.yaml")
+    data["rollout"]["traffic_source"] = {"kind": "request-log", "path": "logs/prod.jsonl"}
+    assert parse_spec(data, "x.yaml").rollout.traffic_source.path == "logs/prod.jsonl"
