@@ -196,7 +196,6 @@ class ScheduleSpec(_Strict):
         return v
 
 
-ARM_KINDS = ("in-process", "mlflow", "openai")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
