@@ -2,15 +2,16 @@
 
 Shadow step: both arms answer every request (dense = control, the sparse challenger = treatment) and only
 the dense answer would be served. Split steps: sha256(salt:request_id) assigns each request to one arm at
-the step's traffic %. Latency is measured on the model itself; quality is the use case's task score
-against the reference, or against the dense answer where a request has none. Each batch is validated
-with Great Expectations before it counts; a failed batch is not stored and leaves an INVALID decision.
+the step's traffic %. The arms run in this process or behind the endpoints of the spec's `pilot.arms`
+(docs/serving.md); latency is the model's own time in-process, the client's for an endpoint. Quality is
+the use case's task score against the reference, or against the dense answer where a request has none.
+Each batch is validated with Great Expectations before it counts; a failed batch is not stored and leaves
+an INVALID decision.
 Observations from a real serving system can be imported instead (`observations_file`)."""
 
 from __future__ import annotations
 
 import math
-import time
 import uuid
 from typing import Any
 
@@ -20,12 +21,9 @@ from prefect.cache_policies import NO_CACHE
 from flows.common import (
     FLOW_ACTOR,
     UseCaseContext,
-    get_model,
     load_context,
     log_run,
-    model_arm,
     stable_key,
-    version_plan,
 )
 from rollout import pilots
 
@@ -247,29 +245,6 @@ def next_requests(ctx: UseCaseContext, used: set[str], salt: str, n: int) -> lis
     return [(r.id, r.as_row()) for r in requests]
 
 
-def _score(model: Any, tok: Any, prompt: str, reference: str, task_name: str, **kw: Any) -> dict[str, Any]:
-    from sparse_core.tasks import score_request
-
-    t0 = time.perf_counter()
-    try:
-        s = score_request(model, tok, prompt, reference, task_name, **kw)
-    except Exception as exc:  # noqa: BLE001 - a failed answer is an observation (error=True), never dropped
-        return {
-            "quality": 0.0,
-            "latency_ms": (time.perf_counter() - t0) * 1000.0,
-            "tokens": 0,
-            "error": True,
-            "output": f"{type(exc).__name__}: {exc}",
-        }
-    return {
-        "quality": float(s.quality),
-        "latency_ms": s.total_seconds * 1000.0,
-        "tokens": int(s.prompt_tokens + s.new_tokens),
-        "error": False,
-        "output": s.output,
-    }
-
-
 @task(cache_policy=NO_CACHE, name="pilot-answer-batch", retries=1, retry_delay_seconds=1)
 def answer_batch(
     ctx: UseCaseContext,
@@ -278,45 +253,11 @@ def answer_batch(
     max_new_tokens: int,
     max_prompt_tokens: int | None,
 ) -> list[dict[str, Any]]:
-    """Run the requests through the arms on the real model and score them."""
-    model, tok = get_model(info["base_model_ref"])
-    plan = version_plan(info["plan"], info.get("mlflow_model"), info.get("mlflow_version"))
-    kw = {"max_new_tokens": max_new_tokens, "max_prompt_tokens": max_prompt_tokens}
-    task_name = ctx.task
-    shadow = info["kind"] == "shadow"
-    arms = {
-        rid: ("both" if shadow else pilots.assign_arm(rid, info["salt"], info["traffic_pct"]))
-        for rid, _ in requests
-    }
-    obs: list[dict[str, Any]] = []
-    for i, (rid, row) in enumerate(requests):
-        arm = arms[rid]
-        ref = (row.get("reference") or "").strip()
-        # Arms interleaved per request, alternating which goes first, so drifting machine load and
-        # warm caches do not favour one arm. Without a reference the dense answer is the reference,
-        # so the dense model answers first.
-        order = ("control", "treatment") if (i % 2 == 0 or not ref) else ("treatment", "control")
-        for which in order:
-            if which == "control" and (arm in ("both", "control") or not ref):
-                with model_arm(model, None):
-                    if not ref:
-                        # generated greedily; the text scorer's value against "" is discarded
-                        gen_task = "rouge_l" if task_name == "loglik" else task_name
-                        gen = _score(model, tok, row["prompt"], "", gen_task, **kw)
-                        ref = "" if gen["error"] else gen["output"].strip()
-                        res = _score(model, tok, row["prompt"], ref, task_name, **kw) if ref else gen
-                    else:
-                        res = _score(model, tok, row["prompt"], ref, task_name, **kw)
-                if arm in ("both", "control"):
-                    obs.append({"request_id": rid, "arm": "control", **_obs_fields(res)})
-            elif which == "treatment" and arm in ("both", "treatment"):
-                if not ref:  # the dense model gave no usable answer to score against
-                    res = {"quality": 0.0, "latency_ms": 0.001, "tokens": 0, "error": True}
-                else:
-                    with model_arm(model, plan):
-                        res = _score(model, tok, row["prompt"], ref, task_name, **kw)
-                obs.append({"request_id": rid, "arm": "treatment", **_obs_fields(res)})
-    return obs
+    """Run the requests through the step's two arms and score them: the model in this process (default)
+    or the endpoints of the spec's `pilot.arms` (flows.arms, rollout.arms)."""
+    from flows.arms import answer_with_arms
+
+    return answer_with_arms(ctx, info, requests, max_new_tokens, max_prompt_tokens)
 
 
 def answer_measured(
@@ -327,19 +268,18 @@ def answer_measured(
     max_prompt_tokens: int | None,
 ) -> tuple[list[dict[str, Any]], Any]:
     """answer_batch with torch threads chosen from the CPUs really free (sparse_core.host) and the host's
-    load recorded while it ran; every row is flagged `overloaded` when the CPU was oversubscribed."""
+    load recorded while it ran; the rows of in-process arms are flagged `overloaded` when the CPU was
+    oversubscribed."""
     from sparse_core.host import HostLoadMeter, apply_thread_policy
 
     policy = apply_thread_policy()
     with HostLoadMeter(threads=policy["threads"]) as meter:
         rows = answer_batch(ctx, info, requests, max_new_tokens, max_prompt_tokens)
+    # The pilot host's CPU slows only the arms that run on it; an endpoint's latency is its stack's own.
+    here = {a for a in ("control", "treatment") if getattr(ctx.spec.pilot.arms, a).kind == "in-process"}
     for r in rows:
-        r["overloaded"] = meter.load.overloaded
+        r["overloaded"] = meter.load.overloaded and r["arm"] in here
     return rows, meter.load
-
-
-def _obs_fields(res: dict[str, Any]) -> dict[str, Any]:
-    return {k: res[k] for k in ("quality", "latency_ms", "tokens", "error")}
 
 
 @task(cache_policy=NO_CACHE, name="pilot-validate-batch", retries=2, retry_delay_seconds=1)
@@ -475,7 +415,7 @@ def pilot_flow(
             len(requests),
         )
         rows, load = answer_measured(ctx, info, requests, mnt, max_prompt_tokens)
-        if load.overloaded:
+        if any(r["overloaded"] for r in rows):
             logger.warning(
                 "%s: host overloaded during the batch (others busy on %s of %s CPUs): its rows count for "
                 "quality, not for the latency guardrail",

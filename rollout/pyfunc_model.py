@@ -17,7 +17,7 @@ import mlflow.pyfunc
 
 PLAN_ARTIFACT = "plan"
 INFO_ARTIFACT = "sparsepilot"  # sparsepilot.json: base model ref, plan hash, use case
-MODES = ("generate", "score")
+MODES = ("generate", "score", "loglik")
 
 
 # MLflow nags at class creation that predict() has no type hints; they would make MLflow coerce inputs.
@@ -25,8 +25,10 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=".*type hints.*", category=UserWarning)
 
     class SparsePilotModel(mlflow.pyfunc.PythonModel):
-        """predict(prompts) -> generated text (mode='generate', greedy, max_new_tokens) or the mean
-        per-token log-likelihood of each prompt under the sparse model (mode='score')."""
+        """predict(prompts) -> generated text (mode='generate', greedy, max_new_tokens), the mean
+        per-token log-likelihood of each prompt under the sparse model (mode='score'), or the mean
+        log-likelihood of `params.reference` after each prompt (mode='loglik': the pilot's `loglik` task over
+        HTTP, computed by the same function as the in-process arm, sparse_core.tasks.score_request)."""
 
         def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
             import sparse_core
@@ -77,6 +79,8 @@ with warnings.catch_warnings():
             if mode not in MODES:
                 raise ValueError(f"params.mode must be one of {MODES}, got {mode!r}")
             max_new = int(params.get("max_new_tokens", 32))
+            if mode == "loglik":
+                return self._loglik(self._prompts(model_input), params.get("reference"))
             out: list[Any] = []
             with torch.inference_mode():
                 for prompt in self._prompts(model_input):
@@ -101,3 +105,20 @@ with warnings.catch_warnings():
                             )
                         )
             return out
+
+        def _loglik(self, prompts: list[str], reference: Any) -> list[float]:
+            import math
+
+            from sparse_core.tasks import score_request
+
+            if not isinstance(reference, str) or not reference.strip():
+                raise ValueError(
+                    "mode='loglik' needs params.reference, a non-empty string (a version registered "
+                    "before this mode existed drops the param: register it again)"
+                )
+            return [
+                math.log(
+                    max(score_request(self.model, self.tokenizer, p, reference, "loglik").quality, 1e-300)
+                )
+                for p in prompts
+            ]

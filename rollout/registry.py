@@ -148,7 +148,11 @@ def _log_and_register(
         signature = ModelSignature(
             inputs=Schema([ColSpec("string")]),  # a list of prompts (or one unnamed column)
             params=ParamSchema(
-                [ParamSpec("mode", "string", "generate"), ParamSpec("max_new_tokens", "long", 32)]
+                [
+                    ParamSpec("mode", "string", "generate"),
+                    ParamSpec("max_new_tokens", "long", 32),
+                    ParamSpec("reference", "string", ""),  # mode='loglik' (rollout/pyfunc_model.py)
+                ]
             ),
         )
         tags = {TAG_PLAN_HASH: plan_hash, TAG_BASE_MODEL: base_model_ref, TAG_MODEL_VERSION_ID: str(mv_id)}

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 SPEC_FORMAT = 1
 TASKS = ("exact_match", "contains", "rouge_l", "loglik")
@@ -196,6 +196,52 @@ class ScheduleSpec(_Strict):
         return v
 
 
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class ArmSpec(_Strict):
+    """One pilot arm (docs/serving.md): the model in the flow's own process, or a served endpoint."""
+
+    kind: Literal["in-process", "mlflow", "openai"] = "in-process"
+    url: Annotated[str, Field(max_length=2000)] | None = None  # mlflow: server root; openai: API base (/v1)
+    model: Annotated[str, Field(min_length=1, max_length=500)] | None = None  # openai: served model name
+    api_key_env: str | None = None  # NAME of the environment variable holding a bearer token, never the token
+    timeout_s: PositiveFloat = 60.0  # per request, read/write/pool
+    connect_timeout_s: PositiveFloat = 5.0
+    max_concurrency: Annotated[int, Field(ge=1, le=256)] = 4  # requests in flight to this arm
+
+    @model_validator(mode="after")
+    def _endpoint(self) -> ArmSpec:
+        if self.kind == "in-process":
+            extra = [f for f in ("url", "model", "api_key_env") if getattr(self, f) is not None]
+            if extra:
+                raise ValueError(
+                    f"an in-process arm takes no {', '.join(extra)} (set kind: mlflow or openai)"
+                )
+            return self
+        if not self.url or not re.match(r"^https?://[^/\s]+", self.url):
+            raise ValueError(f"a {self.kind} arm needs url: http(s)://host:port (got {self.url!r})")
+        if self.kind == "openai" and not self.model:
+            raise ValueError("an openai arm needs model: the name the server serves (its /v1/models id)")
+        if self.kind == "mlflow" and self.model is not None:
+            raise ValueError("an mlflow arm serves one model at its url; remove model")
+        if self.api_key_env is not None and not _ENV_NAME.match(self.api_key_env):
+            raise ValueError(
+                f"api_key_env must be the NAME of an environment variable (got {self.api_key_env!r}); "
+                "never put the key itself in the spec"
+            )
+        return self
+
+
+class PilotArms(_Strict):
+    control: ArmSpec = ArmSpec()  # the model that serves today (dense / champion)
+    treatment: ArmSpec = ArmSpec()  # the sparse challenger
+
+
+class PilotSpec(_Strict):
+    arms: PilotArms = PilotArms()
+
+
 class UseCaseSpec(_Strict):
     name: str = Field(description="slug: lowercase letters, digits and '-', 3-64 characters")
     owner: Annotated[str, Field(min_length=1, max_length=200)]
@@ -211,6 +257,7 @@ class UseCaseSpec(_Strict):
     gate: GateSpec
     rollback: Literal["auto", "manual"] = "manual"
     schedule: ScheduleSpec | None = None
+    pilot: PilotSpec = PilotSpec()  # where the pilot's arms run (docs/serving.md)
 
     @field_validator("name")
     @classmethod
@@ -235,7 +282,10 @@ class UseCaseSpec(_Strict):
         return p if p.is_absolute() else Path(os.path.realpath(Path(spec_dir) / p))
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", exclude_none=False)
+        d = self.model_dump(mode="json", exclude_none=False)
+        if self.pilot == PilotSpec():  # the default (in-process arms) leaves existing specs' hashes unchanged
+            del d["pilot"]
+        return d
 
     def content_hash(self, extra: str = "") -> str:
         """sha256 of the canonical JSON (formatting, comments and key order do not matter), plus

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typer
 
-from sparsepilot.commands import audit, auth, bench, core, dashboard, pipeline, usecase
+from sparsepilot.commands import audit, auth, bench, core, dashboard, pipeline, serving, usecase
 
 app = typer.Typer(
     name="sparsepilot",
@@ -20,6 +20,7 @@ pipeline.register(app)
 dashboard.register(app)
 auth.register(app)
 audit.register(app)
+serving.register(app)
 app.add_typer(bench.app, name="bench", help="Benchmarks: print a table and write JSON.")
 
 

@@ -1,0 +1,86 @@
+"""The arm protocol: one pilot request in, one `ArmAnswer` out.
+
+An arm answers a request the way its model would serve it and scores the answer with the use case's task
+(sparse_core.tasks): a generated text against the reference (`exact_match`, `contains`, `rouge_l`), or the
+probability the model gives the reference after the prompt (`loglik`, no generation). Latency is what the
+arm's caller waited for the answer (for an endpoint: measured at the client, network and queueing
+included). A failure of the model or the endpoint (HTTP status >= 400, timeout, refused connection,
+malformed response) is an answer with ``error=True`` whose quality is that of an empty answer: the gate's
+error guardrails see it; it never raises. Only a misconfigured arm raises (`ArmConfigError`), before any
+request is sent.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+GENERATION_TASKS = ("exact_match", "contains", "rouge_l")
+
+
+class ArmConfigError(ValueError):
+    """An arm that cannot be used as configured (missing credential variable, unsupported task...)."""
+
+
+@dataclass(frozen=True)
+class ArmRequest:
+    request_id: str
+    prompt: str
+    reference: str = ""  # "" = no reference: generate only (the control's answer becomes the reference)
+
+
+@dataclass(frozen=True)
+class ArmAnswer:
+    quality: float  # in [0, 1]
+    latency_ms: float  # > 0
+    tokens: int  # prompt + generated tokens where the arm knows them, else 0
+    error: bool
+    output: str = ""  # the generated text; for an error, what went wrong (kept out of the observation)
+
+    def observation(self, request_id: str, arm: str) -> dict[str, object]:
+        return {
+            "request_id": request_id,
+            "arm": arm,
+            "quality": self.quality,
+            "latency_ms": self.latency_ms,
+            "tokens": self.tokens,
+            "error": self.error,
+        }
+
+
+@runtime_checkable
+class Arm(Protocol):
+    """What the pilot needs from an arm. `answer` must be safe to call from `max_concurrency` threads."""
+
+    label: str  # e.g. "openai http://10.0.0.5:8000/v1 (model sparse-7b)"; logged with each batch
+    max_concurrency: int
+
+    def answer(
+        self, request: ArmRequest, task: str, *, max_new_tokens: int, max_prompt_tokens: int | None
+    ) -> ArmAnswer: ...
+
+    def close(self) -> None: ...
+
+
+def score_output(task: str, output: str, reference: str) -> float:
+    """Quality of a generated text against the reference, by the use case's text task."""
+    from sparse_core.tasks import contains, exact_match, rouge_l
+
+    scorers = {"exact_match": exact_match, "contains": contains, "rouge_l": rouge_l}
+    if task not in scorers:
+        raise ArmConfigError(f"task {task!r} is not a text task; expected one of {list(scorers)}")
+    return float(scorers[task](output, reference))
+
+
+def loglik_quality(logprobs: list[float]) -> float:
+    """`loglik` quality: the geometric-mean per-token probability of the reference (as sparse_core.tasks)."""
+    if not logprobs:
+        raise ValueError("no reference token log-probabilities")
+    return math.exp(sum(logprobs) / len(logprobs))
+
+
+def failed(task: str, reference: str, latency_ms: float, detail: str) -> ArmAnswer:
+    """An error observation: the quality of an empty answer, the client's latency (> 0, as the gate needs)."""
+    quality = 0.0 if task == "loglik" or not reference else score_output(task, "", reference)
+    return ArmAnswer(quality, max(latency_ms, 0.001), 0, True, detail)

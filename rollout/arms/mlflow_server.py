@@ -1,0 +1,59 @@
+"""The `mlflow` arm: a registered SparsePilot version served by MLflow's pyfunc scoring server
+(`sparsepilot serve-model NAME --alias challenger`, i.e. `mlflow models serve -m
+models:/sparsepilot-NAME@challenger --env-manager local`), one version per server.
+
+Requests go to POST {url}/invocations, one prompt each (latency is per request):
+* text tasks: `{"inputs": [prompt], "params": {"mode": "generate", "max_new_tokens": N}}` -> the greedy
+  completion, scored against the reference here;
+* `loglik`: `{"inputs": [prompt], "params": {"mode": "loglik", "reference": reference}}` -> the mean
+  log-probability of the reference's tokens after the prompt (rollout.pyfunc_model), whose exp is the
+  task's quality, computed by the same function as the in-process arm.
+The server's answer is `{"predictions": [...]}`; anything else is an error observation."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from rollout.arms.base import ArmAnswer, ArmConfigError, ArmRequest, failed, score_output
+from rollout.arms.http import HttpArm
+
+
+class MlflowServerArm(HttpArm):
+    kind = "mlflow"
+
+    def check(self) -> None:
+        """Before a batch: the scoring server is up (GET /ping answers once the model is loaded)."""
+        self.http.probe("/ping", "start it with `sparsepilot serve-model NAME --alias ALIAS`")
+
+    def answer(
+        self, request: ArmRequest, task: str, *, max_new_tokens: int, max_prompt_tokens: int | None
+    ) -> ArmAnswer:
+        if task == "loglik":
+            ref = request.reference.strip()
+            if not ref:
+                raise ArmConfigError("loglik needs a reference; the pilot asks for a completion first")
+            payload: dict[str, Any] = {
+                "inputs": [request.prompt],
+                "params": {"mode": "loglik", "reference": ref},
+            }
+        else:
+            payload = {
+                "inputs": [request.prompt],
+                "params": {"mode": "generate", "max_new_tokens": int(max_new_tokens)},
+            }
+        reply = self.http.post("/invocations", payload)
+        if reply.error:
+            return failed(task, request.reference, reply.latency_ms, reply.error)
+        try:
+            value = reply.body["predictions"][0]
+        except (KeyError, IndexError, TypeError) as exc:
+            return failed(task, request.reference, reply.latency_ms, f"malformed predictions: {exc!r}")
+        if task == "loglik":
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                return failed(task, request.reference, reply.latency_ms, f"score is not a number: {value!r}")
+            return ArmAnswer(min(1.0, math.exp(float(value))), reply.latency_ms, 0, False, "")
+        if not isinstance(value, str):
+            return failed(task, request.reference, reply.latency_ms, f"completion is not text: {value!r}")
+        quality = score_output(task, value, request.reference) if request.reference else 0.0
+        return ArmAnswer(quality, reply.latency_ms, 0, False, value)

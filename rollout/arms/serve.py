@@ -1,0 +1,120 @@
+"""Serve a registered SparsePilot version with MLflow's pyfunc scoring server (`sparsepilot serve-model`).
+
+`serve_command` resolves what will be served first, so a missing alias or version is a clear error naming
+the use case and the alias (with what exists instead), never a scoring server that dies at start-up. The
+command is `python -m mlflow models serve -m models:/sparsepilot-NAME@ALIAS --env-manager local -h HOST -p
+PORT`: the environment of this installation (`local`: no conda/virtualenv build), loopback by default.
+The served endpoint is what a `kind: mlflow` arm points at (docs/serving.md)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+LOOPBACK = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class ServeTarget:
+    use_case: str
+    model_uri: str  # models:/sparsepilot-NAME@alias or models:/sparsepilot-NAME/version
+    version: str  # the MLflow version the alias points at now
+    alias: str | None
+
+
+def resolve(use_case: str, *, alias: str | None = "challenger", version: str | None = None) -> ServeTarget:
+    """The registered version to serve. Raises RegistryError naming the use case and alias/version."""
+    from rollout import registry, tracking
+
+    if (alias is None) == (version is None):
+        raise registry.RegistryError("give exactly one of an alias (champion/challenger) or a version")
+    if alias is not None and alias not in registry.ALIASES:
+        raise registry.RegistryError(f"alias must be one of {list(registry.ALIASES)}, got {alias!r}")
+    name = registry.model_name(use_case)
+    versions = sorted(
+        (str(v.version) for v in tracking.client().search_model_versions(f"name = '{name}'")), key=int
+    )
+    if not versions:
+        raise registry.RegistryError(
+            f"use case {use_case!r} has no registered model {name!r} yet: "
+            f"run `sparsepilot calibrate {use_case}` first"
+        )
+    if version is not None:
+        if str(version) not in versions:
+            raise registry.RegistryError(
+                f"{name} has no version {version}; registered versions: {', '.join(versions)}"
+            )
+        return ServeTarget(use_case, f"models:/{name}/{version}", str(version), None)
+    aliases = registry.current_aliases(use_case)
+    if alias not in aliases:
+        have = ", ".join(f"{a} -> version {v}" for a, v in sorted(aliases.items())) or "no aliases"
+        baseline = _baseline_version(use_case) if alias == "champion" else None
+        if alias == "champion":
+            hint = "nothing has been promoted yet; " + (
+                f"the dense baseline (what serves today) is version {baseline}: --version {baseline}"
+                if baseline
+                else "serve the challenger with --alias challenger"
+            )
+        else:
+            hint = f"run `sparsepilot calibrate {use_case}` to register and set one"
+        raise registry.RegistryError(
+            f"use case {use_case!r} has no {alias!r} alias on {name} "
+            f"({have}; versions {', '.join(versions)}): {hint}"
+        )
+    return ServeTarget(use_case, registry.model_uri(use_case, alias), aliases[alias], alias)
+
+
+def _baseline_version(use_case: str) -> str | None:
+    """The MLflow version of the use case's registered dense baseline, if any."""
+    from rollout.approvals import baseline_version_id
+    from rollout.db.models import ModelVersion
+    from rollout.db.session import session_scope
+
+    mv_id = baseline_version_id(use_case)
+    if mv_id is None:
+        return None
+    with session_scope() as session:
+        return session.get(ModelVersion, mv_id).mlflow_version
+
+
+def serve_command(
+    target: ServeTarget, *, host: str = LOOPBACK, port: int = 5001, workers: int = 1, timeout_s: int = 60
+) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "models",
+        "serve",
+        "-m",
+        target.model_uri,
+        "--env-manager",
+        "local",
+        "-h",
+        host,
+        "-p",
+        str(int(port)),
+        "-w",
+        str(int(workers)),
+        "-t",
+        str(int(timeout_s)),
+    ]
+
+
+def serve_environment() -> dict[str, str]:
+    """This process's environment plus the tracking/registry URI of SparsePilot's MLflow store, with this
+    Python's bin directory first on PATH: MLflow starts the scoring server as `uvicorn` by name, which must
+    be this installation's even when the virtual environment is not activated."""
+    from rollout import tracking
+
+    uri = tracking.configure()
+    env = dict(os.environ)
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join(
+        [bin_dir, *(p for p in env.get("PATH", "").split(os.pathsep) if p != bin_dir)]
+    )
+    env.setdefault("MLFLOW_TRACKING_URI", uri)
+    env.setdefault("MLFLOW_REGISTRY_URI", uri)
+    return env

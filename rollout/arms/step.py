@@ -1,0 +1,82 @@
+"""One pilot batch through two arms -> observation rows (request_id, arm, quality, latency_ms, tokens, error).
+
+Shadow step: both arms answer every request. Split step (and the monitor): sha256(salt:request_id) assigns
+each request to one arm at the step's traffic % (`rollout.pilots.assign_arm`). Per request the two arms run
+one after the other, alternating which goes first, so drifting load and warm caches favour neither. Without
+a reference the control's answer is the reference: the control generates first, then both are scored
+against it (for `loglik` the control's completion becomes the text whose probability both arms give).
+
+Requests run `min(control, treatment).max_concurrency` at a time (in-process arms: one at a time, in order;
+endpoints: concurrently, each bounded by its own limit). Rows come back in request order."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from rollout.arms.base import Arm, ArmAnswer, ArmRequest
+
+NO_REFERENCE = "the control arm gave no usable answer to score against"
+
+
+def run_batch(
+    control: Arm,
+    treatment: Arm,
+    requests: Sequence[tuple[str, dict[str, Any]]],
+    *,
+    kind: str,
+    salt: str,
+    traffic_pct: float,
+    task: str,
+    max_new_tokens: int,
+    max_prompt_tokens: int | None,
+    on_error: Callable[[str, str, str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Observation rows of the batch, in request order. `on_error(request_id, arm, detail)` hears what went
+    wrong with each error answer (the detail is not part of the observation)."""
+    from rollout import pilots
+
+    kw = {"max_new_tokens": max_new_tokens, "max_prompt_tokens": max_prompt_tokens}
+    shadow = kind == "shadow"
+
+    def one(i: int, rid: str, row: dict[str, Any]) -> list[dict[str, Any]]:
+        arm = "both" if shadow else pilots.assign_arm(rid, salt, traffic_pct)
+        prompt = row["prompt"]
+        ref = (row.get("reference") or "").strip()
+        order = ("control", "treatment") if (i % 2 == 0 or not ref) else ("treatment", "control")
+        obs: list[dict[str, Any]] = []
+
+        def keep(res: ArmAnswer, which: str) -> None:
+            obs.append(res.observation(rid, which))
+            if res.error and on_error is not None:
+                on_error(rid, which, res.output)
+
+        for which in order:
+            if which == "control" and (arm in ("both", "control") or not ref):
+                if not ref:
+                    # generated greedily; the text scorer's value against "" is discarded
+                    gen_task = "rouge_l" if task == "loglik" else task
+                    gen = control.answer(ArmRequest(rid, prompt, ""), gen_task, **kw)
+                    ref = "" if gen.error else gen.output.strip()
+                    res = control.answer(ArmRequest(rid, prompt, ref), task, **kw) if ref else gen
+                else:
+                    res = control.answer(ArmRequest(rid, prompt, ref), task, **kw)
+                if arm in ("both", "control"):
+                    keep(res, "control")
+            elif which == "treatment" and arm in ("both", "treatment"):
+                if not ref:
+                    res = ArmAnswer(0.0, 0.001, 0, True, NO_REFERENCE)
+                else:
+                    res = treatment.answer(ArmRequest(rid, prompt, ref), task, **kw)
+                keep(res, "treatment")
+        return obs
+
+    workers = max(1, min(control.max_concurrency, treatment.max_concurrency, len(requests)))
+    if workers == 1:
+        per_request = [one(i, rid, row) for i, (rid, row) in enumerate(requests)]
+    else:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pilot-arm") as pool:
+            futures = [pool.submit(one, i, rid, row) for i, (rid, row) in enumerate(requests)]
+            per_request = [f.result() for f in futures]
+    return [o for rows in per_request for o in rows]

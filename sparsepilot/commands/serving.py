@@ -1,0 +1,55 @@
+"""`sparsepilot serve-model NAME [--alias challenger | --version N] [--port 5001] [--host 127.0.0.1]`: a
+registered version behind MLflow's pyfunc scoring server (POST /invocations), for a `kind: mlflow` pilot arm
+(docs/serving.md)."""
+
+from __future__ import annotations
+
+import subprocess
+from typing import Annotated
+
+import typer
+
+from sparsepilot.console import console, fail
+
+
+def serve_model(
+    name: Annotated[str, typer.Argument(help="use case NAME")],
+    alias: Annotated[
+        str | None, typer.Option("--alias", help="champion or challenger (default: challenger)")
+    ] = None,
+    version: Annotated[
+        str | None, typer.Option("--version", help="an MLflow version instead of an alias")
+    ] = None,
+    port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 5001,
+    host: Annotated[
+        str, typer.Option("--host", help="interface to bind; loopback unless you put auth in front")
+    ] = "127.0.0.1",
+    workers: Annotated[int, typer.Option("--workers", min=1, help="uvicorn worker processes")] = 1,
+    timeout_s: Annotated[int, typer.Option("--timeout", min=1, help="seconds per request")] = 60,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the command, do not start it")] = False,
+) -> None:
+    """Serve a registered version of a use case with `mlflow models serve` (env manager: local)."""
+    from rollout.arms.serve import resolve, serve_command, serve_environment
+    from rollout.pilots import UnknownUseCase
+    from rollout.registry import RegistryError
+
+    if alias is not None and version is not None:
+        fail("give --alias or --version, not both")
+    try:
+        target = resolve(name, alias=None if version else (alias or "challenger"), version=version)
+    except (RegistryError, UnknownUseCase) as exc:
+        fail(str(exc))
+    cmd = serve_command(target, host=host, port=port, workers=workers, timeout_s=timeout_s)
+    what = f"alias {target.alias} = version {target.version}" if target.alias else f"version {target.version}"
+    console.print(f"serving {target.model_uri} ({what}) at http://{host}:{port}/invocations", highlight=False)
+    if dry_run:
+        console.print(" ".join(cmd), highlight=False, soft_wrap=True)
+        return
+    try:
+        raise typer.Exit(subprocess.call(cmd, env=serve_environment()))
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve-model")(serve_model)
