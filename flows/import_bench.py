@@ -42,13 +42,17 @@ def _setup(home: Path) -> tuple[str, list[str]]:
     from rollout.pilots import get_use_case
     from rollout.settings import configure_environment
     from rollout.usecases import add_usecase
-    from sparse_core.testing import make_tiny_model_dir
 
     os.environ["SPARSEPILOT_HOME"] = str(home)
     os.environ.pop("SPARSEPILOT_DATABASE_URL", None)
     settings = configure_environment()
     migrate.upgrade(settings.database_url)
-    model = make_tiny_model_dir(home / "tiny-model", layers=1, max_positions=2048)
+    # a model ref needs only its config.json to be checked (no weights are read at `usecase add`, and an
+    # import runs no model): the bench process stays free of torch, as `sparsepilot pilot
+    # --observations` is
+    model = home / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": 2048}))
     ids = [f"q{i}" for i in range(DATASET_ROWS)]
     (home / "data.jsonl").write_text(
         "".join(json.dumps({"id": i, "prompt": f"question {i}?", "reference": "yes"}) + "\n" for i in ids)
@@ -75,9 +79,6 @@ def _setup(home: Path) -> tuple[str, list[str]]:
 
 
 def _one(rows: int, chunk_rows: int, out: Any) -> None:
-    import torch
-
-    torch.set_num_threads(1)
     from flows.pilot import import_file
 
     home = Path(tempfile.mkdtemp(prefix="sparsepilot-bench-import-"))
@@ -102,6 +103,7 @@ def _one(rows: int, chunk_rows: int, out: Any) -> None:
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "chunk_rows": chunk_rows,
             "database": "sqlite",
+            "torch_loaded": "torch" in __import__("sys").modules,
         }
     )
 

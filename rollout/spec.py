@@ -281,6 +281,17 @@ class UseCaseSpec(_Strict):
         p = Path(self.dataset.path).expanduser()
         return p if p.is_absolute() else Path(os.path.realpath(Path(spec_dir) / p))
 
+    def with_model_resolved(self, spec_dir: Path | str) -> UseCaseSpec:
+        """A relative model path (``./models/x``, ``models/x.gguf``) resolved against the spec's
+        directory, as ``dataset.path`` is, so the stored spec works from any working directory. Names
+        without a path separator (``smollm2-135m``) are model names and stay as they are."""
+        ref = self.model.strip()
+        looks_like_path = "/" in ref or os.sep in ref or ref.startswith((".", "~")) or ref.endswith(".gguf")
+        p = Path(ref).expanduser()
+        if not looks_like_path or p.is_absolute():
+            return self
+        return self.model_copy(update={"model": os.path.realpath(Path(spec_dir) / p)})
+
     def to_dict(self) -> dict[str, Any]:
         d = self.model_dump(mode="json", exclude_none=False)
         if self.pilot == PilotSpec():  # the default (in-process arms) leaves existing specs' hashes unchanged

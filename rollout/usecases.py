@@ -127,7 +127,7 @@ def check_spec_file(path: Path | str) -> CheckedSpec:
     """Everything `add_usecase` checks before it writes: spec, model ref, dataset. Raises
     SpecError / UseCaseError / DataValidationError with messages naming file, row and field."""
     path = Path(path)
-    spec = load_spec(path)
+    spec = load_spec(path).with_model_resolved(path.resolve().parent)
     source = str(path)
     dataset = spec.dataset_path(path.resolve().parent)
     if not dataset.is_file():

@@ -54,10 +54,34 @@ def serve_dashboard(port: int = 8501, address: str = "127.0.0.1") -> int:
         + (f", approvers: {', '.join(approvers)}" if approvers else " (read-only: no approver configured)")
     )
     env = dict(os.environ, STREAMLIT_BROWSER_GATHER_USAGE_STATS="false")
+    return run_forwarding_signals(streamlit_command(port, address), env)
+
+
+def run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> int:
+    """Run ``cmd`` in the foreground; SIGTERM, SIGINT and SIGHUP sent to us (a supervisor, `docker
+    stop`, Ctrl-C) go on to it, so stopping `sparsepilot dashboard` never leaves Streamlit serving."""
+    import signal
+
+    proc = subprocess.Popen(cmd, env=env)
+
+    def forward(signum: int, _frame: object) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    previous = {s: signal.signal(s, forward) for s in handled}
     try:
-        return subprocess.call(streamlit_command(port, address), env=env)
-    except KeyboardInterrupt:
-        return 0
+        code = proc.wait()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        if proc.poll() is None:  # we are leaving for another reason: take the child with us
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    return 0 if code in (0, -signal.SIGTERM, -signal.SIGINT) else code
 
 
 def register(app: typer.Typer) -> None:

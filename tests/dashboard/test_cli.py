@@ -47,3 +47,48 @@ def test_streamlit_command_is_headless_and_private() -> None:
     assert cmd[2:4] == ["streamlit", "run"] and cmd[4].endswith("dashboard/app.py")
     assert opts["--server.port"] == "9999" and opts["--server.address"] == "127.0.0.1"
     assert opts["--server.headless"] == "true" and opts["--browser.gatherUsageStats"] == "false"
+
+
+def test_sigterm_to_sparsepilot_dashboard_stops_streamlit_too(tmp_path) -> None:  # noqa: ANN001
+    """A supervisor (or `docker stop`) sends SIGTERM to `sparsepilot dashboard`: its Streamlit child must
+    stop with it, not keep serving (issue 15, item 9)."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    import psutil
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, SPARSEPILOT_HOME=str(tmp_path / "home"))
+    env.pop("SPARSEPILOT_DATABASE_URL", None)
+    argv = [sys.executable, "-m", "sparsepilot", "dashboard", "--port", str(port)]
+    parent = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            raise AssertionError("the dashboard did not come up")
+        children = psutil.Process(parent.pid).children(recursive=True)
+        assert children, "no Streamlit child process"
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(timeout=30) == 0
+        _gone, alive = psutil.wait_procs(children, timeout=15)
+        assert not alive, f"still serving: {alive}"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        for child in children if "children" in locals() else []:  # what the old behaviour left serving
+            if child.is_running():
+                child.kill()

@@ -16,18 +16,6 @@ from tests.flows.test_approvals import _pilot_with_decision
 N_APPROVERS = 3
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def race_db(request: pytest.FixtureRequest, trust_env, monkeypatch: pytest.MonkeyPatch) -> str:  # noqa: ANN001
-    if request.param == "postgres":
-        from rollout.db import migrate
-
-        url = request.getfixturevalue("pg_url")
-        monkeypatch.setenv("SPARSEPILOT_DATABASE_URL", url)
-        migrate.upgrade(url)
-        return url
-    return trust_env.database_url
-
-
 def _outcome(name: str, did: int) -> dict:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
@@ -61,7 +49,7 @@ def _outcome(name: str, did: int) -> dict:
     }
 
 
-def test_concurrent_dashboard_approvals_sign_once(race_db: str, flow_use_case) -> None:
+def test_concurrent_dashboard_approvals_sign_once(trust_db: str, flow_use_case) -> None:
     from rollout import approvals
     from rollout.auth import Identity
 
@@ -91,7 +79,7 @@ def test_concurrent_dashboard_approvals_sign_once(race_db: str, flow_use_case) -
 
 
 @pytest.mark.slow
-def test_concurrent_cli_approvals_sign_once_and_leave_no_paused_run(race_db: str, flow_use_case) -> None:
+def test_concurrent_cli_approvals_sign_once_and_leave_no_paused_run(trust_db: str, flow_use_case) -> None:
     from prefect.settings import PREFECT_API_URL
 
     from tests.fixtures.trust import start_cli

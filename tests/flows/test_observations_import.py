@@ -149,3 +149,20 @@ def _dataset_of(name: str) -> str:
     from flows.common import load_context
 
     return str(load_context(name).dataset_path)
+
+
+def test_a_csv_with_a_byte_order_mark_reads_as_excel_wrote_it(tmp_path: Path) -> None:
+    from rollout.observations_io import read_observations
+
+    f = tmp_path / "excel.csv"
+    f.write_bytes("\ufeffrequest_id,arm,quality,latency_ms,error\nr1,control,0.5,120,FALSE\n".encode())
+    assert read_observations(f) == [
+        {
+            "request_id": "r1",
+            "arm": "control",
+            "quality": 0.5,
+            "latency_ms": 120.0,
+            "error": False,
+            "tokens": 0,
+        }
+    ]

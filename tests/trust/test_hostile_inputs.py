@@ -418,18 +418,6 @@ def _dump(url: str) -> dict[str, list[tuple[str, ...]]]:
         }
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def hostile_db(request: pytest.FixtureRequest, trust_env, monkeypatch: pytest.MonkeyPatch) -> str:  # noqa: ANN001
-    if request.param == "postgres":
-        from rollout.db import migrate
-
-        url = request.getfixturevalue("pg_url")
-        monkeypatch.setenv("SPARSEPILOT_DATABASE_URL", url)
-        migrate.upgrade(url)
-        return url
-    return trust_env.database_url
-
-
 def _use_case_with_challenger(flow_use_case) -> tuple[str, int]:  # noqa: ANN001
     """A use case with a calibrated challenger, its pilot running at the shadow step and an open
     decision (what imports and approvals act on)."""
@@ -448,7 +436,7 @@ def _use_case_with_challenger(flow_use_case) -> tuple[str, int]:  # noqa: ANN001
 
 @pytest.mark.slow
 def test_hostile_inputs_exit_2_name_the_place_and_change_nothing(
-    hostile_db: str, flow_use_case, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    trust_db: str, flow_use_case, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from sparsepilot.cli import app
 
@@ -467,7 +455,7 @@ def test_hostile_inputs_exit_2_name_the_place_and_change_nothing(
             env["SPARSEPILOT_USER"] = case.user
             argv.append("--password-stdin")
             stdin = (case.password if case.password is not None else password_of(case.user)) + "\n"
-        before = _dump(hostile_db)
+        before = _dump(trust_db)
         result = runner.invoke(app, argv, input=stdin, env=env)
         out = result.output
         place = case.place if isinstance(case.place, str) else case.place(work)
@@ -480,7 +468,7 @@ def test_hostile_inputs_exit_2_name_the_place_and_change_nothing(
             problems.append("traceback in the output")
         if place not in out:
             problems.append(f"message does not name {place!r}")
-        if _dump(hostile_db) != before:
+        if _dump(trust_db) != before:
             problems.append("the state DB changed")
         if problems:
             failures.append(f"{case.id}: {'; '.join(problems)}\n    output: {out.strip()[:400]!r}")

@@ -194,3 +194,23 @@ def test_viewers_cannot_import(trust_env, flow_use_case, tmp_path: Path, user: s
     name = flow_use_case()
     res = _import(name, _write(tmp_path / "x.jsonl", [_obs("a", "control")]), user=user)
     assert res.exit_code == 2 and "needs the operator role" in res.output
+
+
+def test_a_relative_model_path_resolves_against_the_spec_file(
+    trust_env, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Like dataset.path: the spec's directory, not the working directory (issue 15, item 9)."""
+    import os
+    import shutil
+
+    from rollout.usecases import add_usecase, load_spec_version
+
+    spec_dir = tmp_path / "specs"
+    shutil.copytree(tiny_model_dir, spec_dir / "models" / "tiny")
+    spec = tiny_spec(tiny_model_dir, "relative-model")
+    spec["model"] = "models/tiny"
+    (spec_dir / "uc.yaml").write_text(yaml.safe_dump(spec))
+    monkeypatch.chdir(tmp_path)  # "models/tiny" does not exist relative to here
+    add_usecase(spec_dir / "uc.yaml", actor="olga")
+    stored = load_spec_version("relative-model").spec.model
+    assert stored == os.path.realpath(spec_dir / "models" / "tiny")
