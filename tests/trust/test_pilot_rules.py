@@ -86,7 +86,7 @@ def test_a_new_spec_version_applies_to_the_next_pilot_not_the_running_one(
     from tests.flows.test_approvals import _pilot_with_decision
 
     name = flow_use_case()
-    _pilot_with_decision(name, "EXTEND", "none")  # pilot under v1 (margin 0.05, alpha 0.05)
+    _pilot_with_decision(name, "EXTEND", "none")  # pilot under v1 (the fixture's margin 0.2, alpha 0.05)
     loose = tiny_spec(tiny_model_dir, name)
     loose["gate"]["non_inferiority_margin"] = 0.5
     loose["gate"]["alpha"] = 0.45
@@ -99,10 +99,10 @@ def test_a_new_spec_version_applies_to_the_next_pilot_not_the_running_one(
         pinned, sv = pilots.load_step_spec(s, step.id)
         current, _ = pilots.load_current_spec(s, pilots.get_use_case(s, name))
         assert (pilot.spec_version, sv.version) == (1, 1)
-        assert (pinned.gate.non_inferiority_margin, pinned.gate.alpha) == (0.05, 0.05)
+        assert (pinned.gate.non_inferiority_margin, pinned.gate.alpha) == (0.2, 0.05)
         assert current.gate.non_inferiority_margin == 0.5
         # the gate reads the pilot's own rules (flows/gate.py: load_step_spec)
-        assert pilots.gate_settings(pinned, step).margin == 0.05
+        assert pilots.gate_settings(pinned, step).margin == 0.2
 
 
 def test_operator_aborts_a_pilot_and_its_open_decision_closes(trust_env, flow_use_case) -> None:
