@@ -463,6 +463,37 @@ def calibrate(
 
     The model is left dense. Layers that cannot meet the budget stay dense; if no sparse plan meets
     it the returned plan is all-dense and `report.met_budget` is False."""
+    out = calibrate_many(
+        model,
+        tokenizer,
+        texts,
+        budget,
+        estimators=(estimator,),
+        seed=seed,
+        limits=limits,
+        progress=progress,
+        task_rows=task_rows,
+        task=task,
+    )
+    return out[estimator]
+
+
+def calibrate_many(
+    model,
+    tokenizer,
+    texts: Sequence[str],
+    budget: Budget | dict | str,
+    *,
+    estimators: Sequence[str],
+    seed: int = 0,
+    limits: CalibrationLimits | None = None,
+    progress: Progress | None = None,
+    task_rows: Sequence[Any] | None = None,
+    task: str | None = None,
+) -> dict[str, tuple[SparsePlan, CalibrationReport]]:
+    """`calibrate` for several estimator specs on the same split, windows, dense reference, gate
+    training and sensitivity forwards (what a fair comparison needs, at a fraction of the cost of
+    separate runs): {spec: (plan, report)}."""
     from sparse_core.estimators import get_estimator
     from sparse_core.retrofit import is_sparsified, sparsify, unsparsify
 
@@ -471,9 +502,10 @@ def calibrate(
         budget = Budget.parse(budget)
     elif isinstance(budget, dict):
         budget = Budget.from_mapping(budget)
-    candidates = [e.strip() for e in str(estimator).split("+") if e.strip()]
-    if not candidates:
-        raise BudgetError(f"estimator must name at least one estimator, got {estimator!r}")
+    specs = {spec: [e.strip() for e in str(spec).split("+") if e.strip()] for spec in estimators}
+    if not specs or any(not c for c in specs.values()):
+        raise BudgetError(f"every estimator spec must name at least one estimator, got {list(estimators)!r}")
+    candidates = list(dict.fromkeys(e for c in specs.values() for e in c))
     for name in candidates:
         get_estimator(name)  # unknown name -> PlanError before any work
     task_rows = list(task_rows or [])[: lim.max_task_rows]
@@ -537,8 +569,6 @@ def calibrate(
         base.tensors.update(gate.to_tensors())
         gate_reports[kind] = rep.to_dict()
         secs[kind] = time.perf_counter() - t0
-    # one learned estimator: its report as before; several: one report per kind
-    gate_report = next(iter(gate_reports.values())) if len(gate_reports) == 1 else (gate_reports or None)
 
     t0 = time.perf_counter()
     ref = dense_reference(
@@ -555,8 +585,80 @@ def calibrate(
         secs["dense_task"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     sens_all = measure_sensitivities(model, cal_w, base, lim.taus, candidates, progress)
-    sens = sens_all[candidates[0]]
     secs["sensitivity"] = time.perf_counter() - t0
+    shared = dict(
+        model=model,
+        tokenizer=tokenizer,
+        budget=budget,
+        lim=lim,
+        ref=ref,
+        dense_task=dense_task,
+        task_rows=task_rows,
+        task=task,
+        progress=progress,
+        sparsify=sparsify,
+        unsparsify=unsparsify,
+        deadline=None if lim.max_seconds is None else t_start + lim.max_seconds,
+    )
+    results = {}
+    for spec, cands_of in specs.items():
+        t_spec = time.perf_counter()
+        spec_base = base.with_(estimator=cands_of[0])
+        plan, report = _search_plan(spec_base, {e: sens_all[e] for e in cands_of}, **shared)
+        kinds = [k for k in ("gate", "gate_v2") if k in cands_of]
+        # one learned estimator: its training report as before; several: one report per kind
+        report.gate_training = (
+            gate_reports[kinds[0]] if len(kinds) == 1 else ({k: gate_reports[k] for k in kinds} or None)
+        )
+        report.estimator = spec
+        report.n_calibration_windows, report.n_heldout_windows = len(cal_w), len(held_w)
+        report.seq_len, report.data_fingerprint = lim.max_seq_len, fingerprint
+        report.seconds = {**secs, "search": time.perf_counter() - t_spec}
+        report.seconds["total"] = time.perf_counter() - t_start
+        plan.metadata.update(
+            {
+                "model_shape": model_shape(model.config),
+                "budget": budget.to_dict(),
+                "estimator": spec,
+                "seed": seed,
+                "data_fingerprint": fingerprint,
+                "n_texts": len(texts),
+            }
+        )
+        plan.metadata["calibration"] = {
+            "n_calibration_windows": len(cal_w),
+            "n_heldout_windows": len(held_w),
+            "seq_len": lim.max_seq_len,
+            **plan.metadata["calibration"],
+        }
+        from sparse_core.plan_io import stamp_tensors_digest
+
+        stamp_tensors_digest(plan)
+        report.plan_hash = plan.content_hash()
+        results[spec] = (plan, report)
+    return results
+
+
+def _search_plan(
+    base: SparsePlan,
+    sens_all: dict[str, Sensitivity],
+    *,
+    model,
+    tokenizer,
+    budget: Budget,
+    lim: CalibrationLimits,
+    ref: DenseReference,
+    dense_task: list[float],
+    task_rows: list,
+    task: str | None,
+    progress: Progress | None,
+    sparsify,
+    unsparsify,
+    deadline: float | None,
+) -> tuple[SparsePlan, CalibrationReport]:
+    """The eps search for one estimator spec (candidates = the keys of `sens_all`, first = base's)."""
+    candidates = list(sens_all)
+    sens = sens_all[candidates[0]]
 
     def plan_for(eps: float | None) -> tuple[SparsePlan, float, torch.Tensor, list[str]]:
         n_layers = sens.err.shape[0]
@@ -596,17 +698,15 @@ def calibrate(
             progress("joint check", len(search), min(lim.max_joint_checks, len(cands)))
         return ok
 
-    t0 = time.perf_counter()
     lo, hi = -1, len(cands) - 1  # invariant: lo passes (-1 = all dense), everything > hi fails
     while lo < hi and len(search) < lim.max_joint_checks:
-        if lim.max_seconds is not None and time.perf_counter() - t_start > lim.max_seconds:
+        if deadline is not None and time.perf_counter() > deadline:
             break
         mid = (lo + hi + 1) // 2
         if check(mid):
             lo = mid
         else:
             hi = mid - 1
-    secs["search"] = time.perf_counter() - t0
 
     eps = cands[lo] if lo >= 0 else None
     plan, predicted, dmat, chosen = plan_for(eps)
@@ -632,20 +732,10 @@ def calibrate(
     head_density = [
         [1.0] * dmat.shape[1] if li in plan.dense_layers else dmat[li].tolist() for li in range(dmat.shape[0])
     ]
-    secs["total"] = time.perf_counter() - t_start
     density = sum(layer_density) / len(layer_density)
     plan.metadata.update(
         {
-            "model_shape": model_shape(model.config),
-            "budget": budget.to_dict(),
-            "estimator": estimator,
-            "seed": seed,
-            "data_fingerprint": fingerprint,
-            "n_texts": len(texts),
             "calibration": {
-                "n_calibration_windows": len(cal_w),
-                "n_heldout_windows": len(held_w),
-                "seq_len": lim.max_seq_len,
                 "taus": list(lim.taus),
                 "per_head": lim.per_head,
                 "eps": eps,
@@ -661,11 +751,8 @@ def calibrate(
     )
     if task_info is not None:
         plan.metadata["task"] = task_info
-    from sparse_core.plan_io import stamp_tensors_digest
-
-    stamp_tensors_digest(plan)
     report = CalibrationReport(
-        estimator=estimator,
+        estimator=base.estimator,
         budget=budget.to_dict(),
         met_budget=lo >= 0,
         fidelity=fid.to_dict(),
@@ -676,13 +763,6 @@ def calibrate(
         dense_layers=list(plan.dense_layers),
         eps=eps,
         search=search,
-        gate_training=gate_report,
-        n_calibration_windows=len(cal_w),
-        n_heldout_windows=len(held_w),
-        seq_len=lim.max_seq_len,
-        data_fingerprint=fingerprint,
-        seconds=secs,
-        plan_hash=plan.content_hash(),
         layer_estimators=layer_estimators,
         task=task_info,
     )
@@ -711,6 +791,7 @@ __all__ = [
     "DenseReference",
     "allocate_choice",
     "calibrate",
+    "calibrate_many",
     "measure_sensitivities",
     "measure_sensitivity",
     "split_texts",
