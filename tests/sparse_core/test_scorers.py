@@ -223,3 +223,14 @@ def test_old_gate_plan_loads_and_runs_unchanged(quality_tiny):
         unsparsify(model)
     assert torch.allclose(logits, ref["logits"], atol=1e-5), "the old plan behaves differently now"
     assert not torch.allclose(logits, ref["dense_logits"], atol=1e-3), "the old plan is sparse"
+
+
+def test_chunked_pre_rope_pooling_equals_the_plain_path():
+    from sparse_core.estimators.gate_v2 import pool_features
+
+    torch.manual_seed(6)
+    q, k = torch.randn(1, 6, 640, 32), torch.randn(1, 2, 640, 32)
+    fast = pool_features(q, k, 64, INV_FREQ, 1.1)  # whole blocks, no padding: chunked path
+    plain = pool_features(q, k, 64, INV_FREQ, 1.1, key_valid=torch.ones(1, 640, dtype=torch.bool))
+    for a, b in zip(fast, plain, strict=True):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5)
