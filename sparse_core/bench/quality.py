@@ -241,3 +241,41 @@ def _gate_seconds(rep) -> float | None:
     reps = [g] if "capture_seconds" in g else list(g.values())
     total = sum(r["capture_seconds"] + r["train_seconds"] for r in reps)
     return total if math.isfinite(total) else None
+
+
+def plot(result: dict[str, Any], path) -> Any:
+    """Density each estimator needs to meet the budget, per length and per use case (lower is
+    better; hatched = did not meet it, plan all but dense)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [(f"{b['seq_len']} tok", b["rows"]) for b in result["by_length"]]
+    groups += [(b["usecase"], b["rows"]) for b in result["usecases"]]
+    specs = list(dict.fromkeys(r["estimator"] for _, rows in groups for r in rows))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(groups) + 2), 3.6))
+    width = 0.8 / max(1, len(specs))
+    for si, spec in enumerate(specs):
+        for gi, (_, rows) in enumerate(groups):
+            r = next((x for x in rows if x["estimator"] == spec), None)
+            if r is None:
+                continue
+            ax.bar(
+                gi + si * width,
+                r["density"],
+                width,
+                color=f"C{si}",
+                hatch=None if r["met_budget"] else "//",
+                label=spec if gi == 0 else None,
+            )
+    ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], [g for g, _ in groups])
+    ax.set_ylabel("density at the budget (share of causal blocks)")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7, ncol=2)
+    budget = result["settings"]["budget"]
+    fig.suptitle(f"{result['settings']['model']}: density each estimator needs for {budget}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -100,7 +100,7 @@ def bench_quality(
 
     from rich.progress import Progress
 
-    from sparse_core.bench.quality import QualityBenchSettings, run_quality_bench
+    from sparse_core.bench.quality import QualityBenchSettings, plot, run_quality_bench
     from sparsepilot.console import emit_json, fail, print_table
 
     names = tuple(e.strip() for e in estimators.split(",") if e.strip())
@@ -142,6 +142,7 @@ def bench_quality(
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
+    plot(result, path.with_suffix(".png"))
     if json_out:
         emit_json(result)
         return

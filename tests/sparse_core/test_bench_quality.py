@@ -5,13 +5,19 @@ from __future__ import annotations
 
 import json
 
-from sparse_core.bench.quality import TRAINING_FREE, QualityBenchSettings, UseCaseData, run_quality_bench
+from sparse_core.bench.quality import (
+    TRAINING_FREE,
+    QualityBenchSettings,
+    UseCaseData,
+    plot,
+    run_quality_bench,
+)
 from sparse_core.tasks import TaskRow
 
 SPECS = ("pooled", "antidiagonal", "quest", "gate", "gate_v2", "gate_v2+pooled", "oracle")
 
 
-def test_quality_bench_compares_every_estimator_at_one_budget(quality_tiny_dir, quality_texts):
+def test_quality_bench_compares_every_estimator_at_one_budget(quality_tiny_dir, quality_texts, tmp_path):
     rows = [TaskRow(prompt=t[:3000], reference=t[3000:3100]) for t in quality_texts if len(t) > 3200][:9]
     settings = QualityBenchSettings(
         model=str(quality_tiny_dir),
@@ -40,3 +46,5 @@ def test_quality_bench_compares_every_estimator_at_one_budget(quality_tiny_dir, 
     assert uc["usecase"] == "tiny-qa" and len(uc["rows"]) == len(SPECS)
     assert all(r["task"] == "loglik" and r["task_rows"] == 2 for r in uc["rows"])
     assert out["settings"]["usecases"] == ["tiny-qa"] and out["loadavg_before"]
+    png = plot(out, tmp_path / "quality.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
