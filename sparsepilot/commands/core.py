@@ -138,7 +138,12 @@ def calibrate_cmd(
     budget: Annotated[
         str, typer.Option("--budget", help="kl=0.01[,agree=0.99][,nll=0.01]")
     ] = "kl=0.01,agree=0.99",
-    estimator: Annotated[str, typer.Option("--estimator", help="pooled | antidiagonal | gate")] = "gate",
+    estimator: Annotated[
+        str,
+        typer.Option(
+            "--estimator", help="pooled | antidiagonal | quest | gate | gate_v2; a+b: per-layer choice"
+        ),
+    ] = "gate",
     seed: Annotated[int, typer.Option("--seed")] = 0,
     max_texts: Annotated[int | None, typer.Option("--max-texts", help="token windows in total")] = None,
     seq_len: Annotated[int | None, typer.Option("--seq-len", help="tokens per window")] = None,
@@ -162,7 +167,8 @@ def calibrate_cmd(
     from sparse_core.estimators import get_estimator
 
     try:
-        get_estimator(estimator)
+        for part in estimator.split("+"):
+            get_estimator(part.strip())
     except PlanError as exc:
         fail(f"--estimator: {exc}")
     kw: dict[str, Any] = {}
