@@ -28,7 +28,7 @@ import math
 import torch
 from torch import nn
 
-from sparse_core.estimators.gate import GateShape, GateShapeError, visible_log_counts
+from sparse_core.estimators.gate import GateShape, GateShapeError, check_call, visible_log_counts
 from sparse_core.estimators.quest import key_block_bounds
 
 TENSOR_PREFIX = "gate_v2"
@@ -299,15 +299,7 @@ def gate_v2_scores(q: torch.Tensor, k: torch.Tensor, ctx) -> torch.Tensor:
     if ctx.layer_idx is None or ctx.plan is None:
         raise GateShapeError("the gate_v2 estimator needs a layer index and a plan with gate_v2 weights")
     gate = gate_for_plan(ctx.plan)
-    if ctx.block_size != gate.block_size:
-        raise GateShapeError(f"gate_v2 trained for block size {gate.block_size}, plan asks {ctx.block_size}")
-    if ctx.layer_idx >= gate.shape.num_layers:
-        raise GateShapeError(f"gate_v2 has {gate.shape.num_layers} layers; asked for layer {ctx.layer_idx}")
-    if q.shape[1] != gate.shape.num_heads or k.shape[1] != gate.shape.num_kv_heads:
-        raise GateShapeError(
-            f"gate_v2 expects {gate.shape.num_heads} query / {gate.shape.num_kv_heads} kv heads, "
-            f"got {q.shape[1]} / {k.shape[1]}"
-        )
+    check_call("gate_v2", gate, ctx, q, k)
     if gate.inv_freq.device != q.device:
         gate.to(q.device)
     with torch.no_grad():
