@@ -581,7 +581,7 @@ def calibrate_many(
     dense_task: list[float] = []
     if budget.task_delta is not None:
         t0 = time.perf_counter()
-        dense_task = _task_scores(model, tokenizer, task_rows, task, lim)
+        dense_task = task_scores(model, tokenizer, task_rows, task, lim)
         secs["dense_task"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     sens_all = measure_sensitivities(model, cal_w, base, lim.taus, candidates, progress)
@@ -686,7 +686,7 @@ def _search_plan(
             dens = _measured_density(model)
             ok = budget.met_by(fid)
             if ok and budget.task_delta is not None:
-                sparse_task = _task_scores(model, tokenizer, task_rows, task, lim)
+                sparse_task = task_scores(model, tokenizer, task_rows, task, lim)
                 task_drop = (sum(dense_task) - sum(sparse_task)) / len(dense_task)
                 ok = budget.task_violation(task_drop) is None
         finally:
@@ -769,7 +769,7 @@ def _search_plan(
     return plan, report
 
 
-def _task_scores(
+def task_scores(
     model, tokenizer, rows: Sequence[Any], task: str | None, lim: CalibrationLimits
 ) -> list[float]:
     """Per-row task quality of the model as it is now (dense or sparse), in [0, 1]."""
@@ -795,4 +795,5 @@ __all__ = [
     "measure_sensitivities",
     "measure_sensitivity",
     "split_texts",
+    "task_scores",
 ]

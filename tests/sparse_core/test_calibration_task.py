@@ -11,10 +11,10 @@ from sparse_core.calibration import (
     BudgetError,
     CalibrationLimits,
     Sensitivity,
-    _task_scores,
     allocate_choice,
     calibrate,
     calibrate_many,
+    task_scores,
 )
 from sparse_core.tasks import TaskRow
 
@@ -40,10 +40,10 @@ def task_rows(quality_tiny, quality_texts):
 
 
 def _delta(model, tok, plan, rows) -> float:
-    dense = _task_scores(model, tok, rows, "loglik", LIMITS)
+    dense = task_scores(model, tok, rows, "loglik", LIMITS)
     sparsify(model, plan)
     try:
-        sparse = _task_scores(model, tok, rows, "loglik", LIMITS)
+        sparse = task_scores(model, tok, rows, "loglik", LIMITS)
     finally:
         unsparsify(model)
     return (sum(dense) - sum(sparse)) / len(rows)
@@ -139,3 +139,51 @@ def plan_estimators(plan) -> list[str]:
         "dense" if i in plan.dense_layers else plan.layer_params(i).estimator
         for i in range(len(plan.metadata["layer_density"]))
     ]
+
+
+def test_cli_calibrate_bounds_the_task_and_reports_the_heldout_split(
+    quality_tiny_dir, quality_texts, task_rows, tmp_path
+):
+    import json
+
+    from typer.testing import CliRunner
+
+    from sparsepilot.cli import app
+
+    cal, held = task_rows
+    data = tmp_path / "rows.jsonl"
+    data.write_text(
+        "".join(json.dumps({"prompt": r.prompt, "reference": r.reference}) + "\n" for r in cal + held)
+    )
+    args = [
+        "calibrate",
+        "--model",
+        str(quality_tiny_dir),
+        "--out",
+        str(tmp_path / "plan"),
+        "--estimator",
+        "pooled",
+    ]
+    args += ["--max-texts", "4", "--seq-len", "768", "--json"]
+    runner = CliRunner()
+    res = runner.invoke(app, [*args, "--texts", "stdlib", "--budget", "kl=1,agree=0.3,task=1e-6"])
+    assert res.exit_code == 2 and "need --dataset" in res.output
+    res = runner.invoke(
+        app,
+        [
+            *args,
+            "--texts",
+            "dataset",
+            "--dataset",
+            str(data),
+            "--task",
+            "loglik",
+            "--budget",
+            "kl=1,task=1e-6",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "plan" / "calibration_report.json").read_text())
+    t = report["task"]
+    assert t["bound"] == 1e-6 and t["task_delta"] <= 1e-6 and t["heldout_rows"] > 0
+    assert t["heldout_task_delta"] <= 1e-6
