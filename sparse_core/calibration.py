@@ -603,7 +603,9 @@ def calibrate_many(
     results = {}
     for spec, cands_of in specs.items():
         t_spec = time.perf_counter()
-        spec_base = base.with_(estimator=cands_of[0])
+        # a plan carries the weights of the learned estimators it names, nothing else
+        own = {k: v for k, v in base.tensors.items() if k.split(".")[0] in cands_of}
+        spec_base = base.with_(estimator=cands_of[0], tensors=own)
         plan, report = _search_plan(spec_base, {e: sens_all[e] for e in cands_of}, **shared)
         kinds = [k for k in ("gate", "gate_v2") if k in cands_of]
         # one learned estimator: its training report as before; several: one report per kind

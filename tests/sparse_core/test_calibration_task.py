@@ -187,3 +187,15 @@ def test_cli_calibrate_bounds_the_task_and_reports_the_heldout_split(
     t = report["task"]
     assert t["bound"] == 1e-6 and t["task_delta"] <= 1e-6 and t["heldout_rows"] > 0
     assert t["heldout_task_delta"] <= 1e-6
+
+
+def test_each_plan_carries_only_the_weights_it_uses(quality_tiny, quality_texts):
+    model, tok = quality_tiny
+    lim = CalibrationLimits(max_texts=4, max_seq_len=512, taus=(0.5, 0.9), max_joint_checks=2, gate_steps=5)
+    out = calibrate_many(
+        model, tok, quality_texts, LOOSE, estimators=("pooled", "gate", "gate_v2+pooled"), limits=lim
+    )
+    assert out["pooled"][0].tensors == {} and "gate_weights" not in out["pooled"][0].metadata
+    assert {k.split(".")[0] for k in out["gate"][0].tensors} == {"gate"}
+    assert {k.split(".")[0] for k in out["gate_v2+pooled"][0].tensors} == {"gate_v2"}
+    assert out["gate"][1].gate_training["steps"] == 5
