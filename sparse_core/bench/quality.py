@@ -43,6 +43,7 @@ class QualityBenchSettings:
     estimators: tuple[str, ...] = ESTIMATORS
     lengths: tuple[int, ...] = (2048, 4096, 8192)
     max_texts: int = 8  # calibration windows per length (25% held out by the calibration itself)
+    max_joint_checks: int = 7  # eps search steps per estimator (each: one forward per held-out window)
     gate_steps: int = 200
     gate_target: str | None = None  # gate_v2: maxpool (default) or mass
     heldout_tokens: int = 4096  # the bench's own held-out text per length (>= 1 window)
@@ -109,6 +110,7 @@ def run_quality_bench(
             gate_steps=settings.gate_steps,
             gate_target=settings.gate_target,
             max_task_rows=settings.max_task_rows,
+            max_joint_checks=settings.max_joint_checks,
         )
 
     def calibrated(texts, seq_len: int, stage: str):

@@ -88,6 +88,7 @@ def bench_quality(
     ),
     max_texts: int = typer.Option(0, "--max-texts", help="Calibration windows per length (0 = by mode)."),
     gate_steps: int = typer.Option(0, "--gate-steps", help="Gate training steps (0 = by mode)."),
+    max_checks: int = typer.Option(0, "--max-checks", help="eps search steps per estimator (0 = 7)."),
     gate_target: str = typer.Option("", "--gate-target", help="gate_v2 distillation target: maxpool | mass."),
     no_speed: bool = typer.Option(False, "--no-speed", help="Skip the prefill timing per plan."),
     out: str = typer.Option("bench-results/quality.json", "--out", help="Where to write the JSON."),
@@ -122,6 +123,8 @@ def bench_quality(
         kw["max_texts"] = max_texts
     if gate_steps:
         kw["gate_steps"] = gate_steps
+    if max_checks:
+        kw["max_joint_checks"] = max_checks
     if gate_target:
         kw["gate_target"] = gate_target
     default_ucs = "docs-qa" if quick else "docs-qa,support-chat,longdoc-summaries"
