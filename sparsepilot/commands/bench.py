@@ -133,16 +133,22 @@ def bench_quality(
     )
     kw["usecases"] = tuple(_usecase_data(u) for u in uc_names)
     settings = QualityBenchSettings.quick(**kw) if quick else QualityBenchSettings(**kw)
-    with Progress(transient=True) as bar:
+    import time
+
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log_path = path.with_suffix(".log")  # progress survives a transient bar and --json
+    with Progress(transient=True) as bar, log_path.open("a", encoding="utf-8") as log:
         tasks: dict[str, int] = {}
 
         def progress(stage: str, done: int, total: int) -> None:
             if stage not in tasks:
                 tasks[stage] = bar.add_task(stage, total=total)
             bar.update(tasks[stage], completed=done)
+            log.write(f"{time.strftime('%H:%M:%S')} {stage} {done}/{total}\n")
+            log.flush()
 
         result = run_quality_bench(settings, progress=progress)
-    path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
     plot(result, path.with_suffix(".png"))
