@@ -176,6 +176,7 @@ class CalibrationLimits:
             taus=(0.8, 0.9, 0.95, 0.98, 0.99, 0.995),
             max_joint_checks=4,
             gate_steps=120,
+            max_task_rows=4,
         )
         base.update(kw)
         return cls(**base)
