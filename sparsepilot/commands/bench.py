@@ -79,7 +79,7 @@ def bench_quality(
         help="Comma-separated; a+b = per-layer choice between a and b.",
     ),
     lengths: str = typer.Option(
-        "", "--lengths", help="Context lengths, e.g. 2048,4096,8192 (default by mode)."
+        "", "--lengths", help="Context lengths, e.g. 2048,4096,8192 (default by mode); 'none' = use cases only."
     ),
     usecases: str = typer.Option(
         "",
@@ -115,8 +115,8 @@ def bench_quality(
         fail(f"--gate-target: {gate_target!r}; choose maxpool or mass")
     kw: dict = dict(model=model, budget=budget, estimators=names, speed=not no_speed)
     try:
-        if lengths:
-            kw["lengths"] = tuple(int(x) for x in lengths.split(",") if x.strip())
+        if lengths:  # 'none': only the use cases
+            kw["lengths"] = () if lengths == "none" else tuple(int(x) for x in lengths.split(",") if x.strip())
     except ValueError:
         fail(f"--lengths: {lengths!r} is not a comma-separated list of integers")
     if max_texts:
