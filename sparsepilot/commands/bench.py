@@ -79,7 +79,7 @@ def bench_quality(
         help="Comma-separated; a+b = per-layer choice between a and b.",
     ),
     lengths: str = typer.Option(
-        "", "--lengths", help="Context lengths, e.g. 2048,4096,8192 (default by mode); 'none' = use cases only."
+        "", "--lengths", help="Context lengths, e.g. 2048,4096 (default by mode); 'none' = use cases only."
     ),
     usecases: str = typer.Option(
         "",
@@ -116,7 +116,8 @@ def bench_quality(
     kw: dict = dict(model=model, budget=budget, estimators=names, speed=not no_speed)
     try:
         if lengths:  # 'none': only the use cases
-            kw["lengths"] = () if lengths == "none" else tuple(int(x) for x in lengths.split(",") if x.strip())
+            parts = [] if lengths == "none" else lengths.split(",")
+            kw["lengths"] = tuple(int(x) for x in parts if x.strip())
     except ValueError:
         fail(f"--lengths: {lengths!r} is not a comma-separated list of integers")
     if max_texts:
