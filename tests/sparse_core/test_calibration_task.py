@@ -14,6 +14,7 @@ from sparse_core.calibration import (
     allocate_choice,
     calibrate,
     calibrate_many,
+    paired_drop,
     task_scores,
 )
 from sparse_core.tasks import TaskRow
@@ -70,12 +71,20 @@ def test_task_bound_holds_on_the_heldout_split(quality_tiny, quality_texts, task
         task="loglik",
     )
     assert rep.task["bound"] == bound and rep.task["n_rows"] == len(cal)
-    assert rep.task["task_delta"] <= bound
+    assert rep.task["task_delta"] <= rep.task["task_delta_upper"] <= bound
     assert plan.metadata["task"] == rep.task
     assert all(s.task_delta is not None for s in rep.search if s.fidelity["agree"] >= 0.3)
     assert rep.density > free_rep.density, "the task bound is what kept the plan denser"
     assert _delta(model, tok, plan, cal) == pytest.approx(rep.task["task_delta"], abs=1e-9)
     assert _delta(model, tok, plan, held) <= bound
+
+
+def test_paired_drop_is_the_mean_and_its_upper_confidence_limit():
+    mean, upper = paired_drop([3.0, 5.0, 7.0], [2.0, 3.0, 4.0])  # drops 1, 2, 3: sd 1, t(2 df) 2.920
+    assert mean == 2.0 and upper == pytest.approx(2.0 + 2.920 / 3**0.5)
+    assert paired_drop([0.5], [0.4]) == pytest.approx((0.1, 0.1))
+    mean, upper = paired_drop([1.0] * 40, [1.0] * 20 + [0.9] * 20)  # beyond the table: normal quantile
+    assert upper == pytest.approx(0.05 + 1.645 * (0.0025 * 40 / 39) ** 0.5 / 40**0.5)
 
 
 def test_task_bound_needs_rows_and_parses():
