@@ -113,6 +113,8 @@ def distill_loss(gate, layer: int, qbar, kpool, target, seq_len: int) -> torch.T
     nb = target.shape[-1]
     if nb < 2:
         return logp.new_zeros(())
+    if torch.isnan(logp).any():  # a diverged gate must not pass for a perfect one (its KL would read 0)
+        raise FloatingPointError(f"gate layer {layer} produced NaN scores (training diverged)")
     t = target[:, 1:, :]
     lp = logp[:, 1:, :]
     causal = torch.isfinite(lp)

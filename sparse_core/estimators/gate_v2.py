@@ -184,9 +184,11 @@ class LayerGateV2(nn.Module):
             kp = kp.repeat_interleave(self.n_rep, dim=1)
         temp = (self.scaling * self.log_temp.exp())[:, None, None]
         prior = visible_log_counts(seq_len, block_size, qbar.device)
-        logits = torch.matmul(qp, kp.transpose(-1, -2)) * temp
-        logits = logits + torch.where(torch.isfinite(prior), prior * self.prior[:, None, None], prior)
-        return torch.log_softmax(logits, dim=-1)
+        causal = torch.isfinite(prior)
+        # the learned weight multiplies only finite entries: -inf * w would put NaN in its gradient
+        weighted = prior.masked_fill(~causal, 0.0) * self.prior[:, None, None]
+        logits = torch.matmul(qp, kp.transpose(-1, -2)) * temp + weighted
+        return torch.log_softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
 
 
 class BlockGateV2(nn.Module):
