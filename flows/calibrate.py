@@ -61,6 +61,7 @@ def limits_for(ctx: UseCaseContext, quick: bool, overrides: dict[str, Any] | Non
                 "taus": (0.8, 0.9, 0.95, 0.98, 0.99, 0.995),
                 "max_joint_checks": 3,
                 "gate_steps": 120,
+                "max_task_rows": 4,  # task bound (quality_budget.task_delta): rows scored per check
             }
         )
     lim.update(overrides or {})
@@ -112,15 +113,25 @@ def open_run(ctx: UseCaseContext, key: str, settings: dict[str, Any]) -> dict[st
 
 @task(cache_policy=NO_CACHE, name="calibrate-plan", retries=0)
 def calibrate_plan(ctx: UseCaseContext, settings: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    from sparse_core.calibration import Budget, CalibrationLimits, calibrate
+    from sparse_core.calibration import Budget, CalibrationLimits, calibrate, split_texts
+    from sparse_core.tasks import TaskRow
 
     logger = get_run_logger()
     model, tok = get_model(ctx.spec.model)
     qb = ctx.spec.quality_budget
-    budget = Budget(kl=qb.kl, agree=qb.agree, nll_delta=qb.nll_delta)
+    budget = Budget(kl=qb.kl, agree=qb.agree, nll_delta=qb.nll_delta, task_delta=qb.task_delta)
     lim_kw = {k: v for k, v in settings.items() if k not in ("estimator", "seed")}
     limits = CalibrationLimits(**lim_kw)
     texts = [r["prompt"] for r in ctx.rows]
+    # the task bound is measured on the same calibration split of the prompts that calibration packs
+    # into windows; the held-out prompts stay unseen (the evaluation and the pilot judge on them)
+    cal_prompts, _ = split_texts(texts, limits.holdout_fraction, settings["seed"])
+    cal_set = set(cal_prompts)
+    task_rows = [
+        TaskRow(prompt=r["prompt"], reference=r.get("reference") or "", task=r.get("task"))
+        for r in ctx.rows
+        if r["prompt"] in cal_set and r.get("reference")
+    ]
 
     def progress(phase: str, done: int, total: int) -> None:
         logger.info("%s: calibration %s %d/%d", ctx.name, phase, done, total)
@@ -134,6 +145,8 @@ def calibrate_plan(ctx: UseCaseContext, settings: dict[str, Any]) -> tuple[Any, 
         seed=settings["seed"],
         limits=limits,
         progress=progress,
+        task_rows=task_rows if qb.task_delta is not None else None,
+        task=ctx.spec.dataset.task,
     )
     remember_plan(plan)
     return plan, report.to_dict()
@@ -241,6 +254,7 @@ def _flat_metrics(report: dict[str, Any]) -> dict[str, float]:
         "agree": fid.get("agree"),
         "nll_delta": fid.get("nll_delta"),
         "dense_layers": float(len(report.get("dense_layers") or [])),
+        "task_delta": (report.get("task") or {}).get("task_delta"),
         "seconds_total": (report.get("seconds") or {}).get("total"),
     }
     return {k: float(v) for k, v in out.items() if isinstance(v, int | float)}

@@ -116,7 +116,9 @@ class QualityBudget(_Strict):
     kl: PositiveFloat = 0.01
     agree: Annotated[float, Field(gt=0, le=1)] = 0.99
     nll_delta: PositiveFloat = 0.01
-    estimator: Literal["pooled", "antidiagonal", "gate"] = "pooled"
+    # largest drop of the task's mean score (dense - sparse) on the calibration split; None = no bound
+    task_delta: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    estimator: Literal["pooled", "antidiagonal", "quest", "gate", "gate_v2", "gate_v2+pooled"] = "pooled"
     calibration: CalibrationSettings = CalibrationSettings()
 
 

@@ -17,6 +17,18 @@ Search, built to stay cheap on 30 layers:
    meets the budget (mean next-token KL, top-1 agreement, relative delta NLL) wins. Each check is one
    forward per held-out window, so the search costs ~log2(#eps) x held-out forwards.
 
+Per-layer estimator choice: `estimator` may name candidates joined by "+" (e.g. "gate_v2+pooled"):
+the sensitivity is measured for each candidate in the same dense forwards, and at every eps each
+layer takes the candidate that keeps the fewest blocks there (ties: the first). The plan's estimator is
+the first candidate; layers that chose another carry it in `layer_overrides[layer]["estimator"]`.
+
+Task bound: a budget with `task_delta` also bounds the drop of the task score on the given task rows
+(the calibration split of the use case's dataset, scored with its task): at every point of the eps
+search that passes the fidelity check, the one-sided 95% upper confidence limit of the mean paired
+drop (dense - sparse per row; Student t over the rows) must be <= `task_delta`. A bound on the limit,
+not on the mean, because a handful of rows is what calibration can afford and the pilot judges other
+rows: on docs-qa the mean drop on 4 calibration rows (0.002) said nothing about 4 held-out rows (0.11).
+
 Deterministic for a seed: the split, the windows, gate training and the search have no other
 randomness.
 """
@@ -51,9 +63,10 @@ class Budget:
     kl: float | None = 0.01  # mean next-token KL(dense || sparse), nats
     agree: float | None = 0.99  # top-1 agreement with dense
     nll_delta: float | None = 0.01  # relative increase of next-token NLL
+    task_delta: float | None = None  # largest drop of the mean task score (dense - sparse), task rows
 
     def __post_init__(self) -> None:
-        for name in ("kl", "agree", "nll_delta"):
+        for name in ("kl", "agree", "nll_delta", "task_delta"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, (int, float)) or math.isnan(v) or v < 0):
                 raise BudgetError(f"budget.{name} must be a number >= 0, got {v!r}")
@@ -64,21 +77,23 @@ class Budget:
 
     @classmethod
     def parse(cls, text: str) -> Budget:
-        """'kl=0.01,agree=0.99[,nll=0.01]': criteria not named are off."""
-        vals: dict[str, float | None] = {"kl": None, "agree": None, "nll_delta": None}
+        """'kl=0.01,agree=0.99[,nll=0.01][,task=0.03]': criteria not named are off."""
+        vals: dict[str, float | None] = {"kl": None, "agree": None, "nll_delta": None, "task_delta": None}
         aliases = {
             "kl": "kl",
             "agree": "agree",
             "agreement": "agree",
             "nll": "nll_delta",
             "nll_delta": "nll_delta",
+            "task": "task_delta",
+            "task_delta": "task_delta",
         }
         for part in filter(None, (p.strip() for p in text.split(","))):
             if "=" not in part:
                 raise BudgetError(f"budget item {part!r} is not name=value (e.g. kl=0.01,agree=0.99)")
             k, v = (x.strip() for x in part.split("=", 1))
             if k not in aliases:
-                raise BudgetError(f"unknown budget item {k!r}; known: kl, agree, nll")
+                raise BudgetError(f"unknown budget item {k!r}; known: kl, agree, nll, task")
             try:
                 vals[aliases[k]] = float(v)
             except ValueError:
@@ -87,9 +102,14 @@ class Budget:
 
     @classmethod
     def from_mapping(cls, m: Any) -> Budget:
-        """From a dict or an object with kl/agree/nll_delta attributes (e.g. a use-case spec)."""
+        """From a dict or an object with kl/agree/nll_delta[/task_delta] attributes (e.g. a spec)."""
         get = m.get if isinstance(m, dict) else lambda k, d=None: getattr(m, k, d)
-        return cls(kl=get("kl", None), agree=get("agree", None), nll_delta=get("nll_delta", None))
+        return cls(
+            kl=get("kl", None),
+            agree=get("agree", None),
+            nll_delta=get("nll_delta", None),
+            task_delta=get("task_delta", None),
+        )
 
     def violations(self, fid: Fidelity) -> list[str]:
         out = []
@@ -103,6 +123,12 @@ class Budget:
 
     def met_by(self, fid: Fidelity) -> bool:
         return not self.violations(fid)
+
+    def task_violation(self, upper: float | None) -> str | None:
+        """The task bound's complaint about the upper confidence limit of the drop, or None."""
+        if self.task_delta is None or upper is None:
+            return None
+        return None if upper <= self.task_delta else f"task_delta upper limit {upper:.4g} > {self.task_delta}"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -130,6 +156,10 @@ class CalibrationLimits:
     gate_lr: float = 3e-3
     gate_max_seconds: float | None = None
     gate_checkpoint_dir: str | None = None
+    gate_target: str | None = None  # gate_v2 distillation target: maxpool (default) or mass
+    # task bound (budget.task_delta): rows of the calibration split scored per search step
+    max_task_rows: int = 8
+    max_new_tokens: int = 16
 
     def __post_init__(self) -> None:
         if self.max_texts < 2:
@@ -149,6 +179,7 @@ class CalibrationLimits:
             taus=(0.8, 0.9, 0.95, 0.98, 0.99, 0.995),
             max_joint_checks=4,
             gate_steps=120,
+            max_task_rows=4,
         )
         base.update(kw)
         return cls(**base)
@@ -162,6 +193,8 @@ class SearchStep:
     fidelity: dict
     passed: bool
     seconds: float
+    task_delta: float | None = None  # dense - sparse mean task score (measured when fidelity passed)
+    task_delta_upper: float | None = None  # its one-sided 95% upper confidence limit (what is bounded)
 
 
 @dataclass
@@ -184,6 +217,8 @@ class CalibrationReport:
     data_fingerprint: str = ""
     seconds: dict = field(default_factory=dict)
     plan_hash: str = ""
+    layer_estimators: list[str] = field(default_factory=list)  # the estimator each layer uses
+    task: dict | None = None  # task bound: rows, dense score, the plan's task_delta
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -218,15 +253,28 @@ class Sensitivity:
     group: int  # query heads per selection head
 
 
-@torch.no_grad()
 def measure_sensitivity(
     model, windows: Sequence[Sequence[int]], base: SparsePlan, taus: Sequence[float], progress=None
 ) -> Sensitivity:
-    """Per layer x tau x selection head: the dense attention mass each tau's selection drops (mean
+    """`measure_sensitivities` for the plan's own estimator."""
+    return measure_sensitivities(model, windows, base, taus, (base.estimator,), progress)[base.estimator]
+
+
+@torch.no_grad()
+def measure_sensitivities(
+    model,
+    windows: Sequence[Sequence[int]],
+    base: SparsePlan,
+    taus: Sequence[float],
+    estimators: Sequence[str],
+    progress=None,
+) -> dict[str, Sensitivity]:
+    """Per estimator x layer x tau x selection head: the dense attention mass each tau's selection drops (mean
     over query blocks and the head's query heads) and the density it keeps, from one dense forward
     per window. The dropped mass m bounds what sparse attention changes (the output moves by at most
     2m times the largest value norm), and it needs one dense block-mass map per layer instead of
-    one sparse kernel run per tau: ~len(taus)x cheaper than measuring the outputs."""
+    one sparse kernel run per tau: ~len(taus)x cheaper than measuring the outputs. Every estimator
+    is measured on the same forwards and the same dense map."""
     from sparse_core.capture import block_attention_mass
     from sparse_core.estimators import EstimatorContext, get_estimator
     from sparse_core.selection import group_scores, select_blocks
@@ -238,8 +286,9 @@ def measure_sensitivity(
     heads = hkv if base.group_heads and hkv != hq else hq
     group = hq // heads
     T = len(taus)
-    err = torch.zeros(n_layers, T, heads, dtype=torch.float64)
-    dens = torch.zeros(n_layers, T, heads, dtype=torch.float64)
+    names = list(dict.fromkeys(estimators))
+    err = {e: torch.zeros(n_layers, T, heads, dtype=torch.float64) for e in names}
+    dens = {e: torch.zeros(n_layers, T, heads, dtype=torch.float64) for e in names}
     count = torch.zeros(n_layers, dtype=torch.float64)
 
     def on_layer(call):
@@ -252,24 +301,25 @@ def measure_sensitivity(
         ctx = EstimatorContext(
             block_size=base.block_size, layer_idx=li, plan=base, scale=call.scaling, module=call.module
         )
-        scores = get_estimator(params.estimator)(q, k, ctx)
-        if heads != hq:
-            scores = group_scores(scores, heads)
-        for ti, tau in enumerate(taus):
-            sel = select_blocks(
-                scores,
-                block_size=base.block_size,
-                seq_len=s,
-                tau=float(tau),
-                sink_blocks=params.sink_blocks,
-                local_blocks=params.local_blocks,
-                top_k=params.top_k,
-                min_density=params.min_density,
-            )
-            keep = sel.mask().repeat_interleave(group, dim=1)  # [1, Hq, nb, nb]
-            dropped = (1.0 - (mass * keep).sum(-1)).clamp_min(0.0)  # [1, Hq, nb]
-            err[li, ti] += dropped.view(heads, group * nb).mean(-1).double().cpu()
-            dens[li, ti] += sel.head_density.double()[:heads]
+        for name in names:
+            scores = get_estimator(name)(q, k, ctx)
+            if heads != hq:
+                scores = group_scores(scores, heads)
+            for ti, tau in enumerate(taus):
+                sel = select_blocks(
+                    scores,
+                    block_size=base.block_size,
+                    seq_len=s,
+                    tau=float(tau),
+                    sink_blocks=params.sink_blocks,
+                    local_blocks=params.local_blocks,
+                    top_k=params.top_k,
+                    min_density=params.min_density,
+                )
+                keep = sel.mask().repeat_interleave(group, dim=1)  # [1, Hq, nb, nb]
+                dropped = (1.0 - (mass * keep).sum(-1)).clamp_min(0.0)  # [1, Hq, nb]
+                err[name][li, ti] += dropped.view(heads, group * nb).mean(-1).double().cpu()
+                dens[name][li, ti] += sel.head_density.double()[:heads]
         count[li] += 1
 
     dev = next(model.parameters()).device
@@ -279,7 +329,9 @@ def measure_sensitivity(
         if progress:
             progress("sensitivity", i, len(windows))
     c = count.clamp_min(1)[:, None, None]
-    return Sensitivity(tuple(taus), (err / c).float(), (dens / c).float(), heads, group)
+    return {
+        e: Sensitivity(tuple(taus), (err[e] / c).float(), (dens[e] / c).float(), heads, group) for e in names
+    }
 
 
 def allocate(
@@ -327,8 +379,40 @@ def allocate(
     return layer_over, head_over, tuple(dense), float(dmat.mean()), dmat
 
 
-def _eps_candidates(sens: Sensitivity, max_checks: int) -> list[float]:
-    vals = sorted({float(x) for x in sens.err.flatten().tolist() if math.isfinite(x)})
+def allocate_choice(
+    sens: dict[str, Sensitivity], eps: float, *, per_head: bool
+) -> tuple[dict, dict, tuple, float, torch.Tensor, list[str]]:
+    """`allocate` with a per-layer choice among estimators: each layer takes the candidate whose
+    allocation keeps the fewest blocks there (a dense layer counts 1.0; ties go to the first
+    candidate, the plan's own estimator). Returns allocate's tuple plus the estimator per layer."""
+    names = list(sens)
+    per = {e: allocate(sens[e], eps, per_head=per_head) for e in names}
+    first = names[0]
+    L, H = per[first][4].shape
+    layer_over: dict[int, dict] = {}
+    head_over: dict[int, dict[int, float]] = {}
+    dense: list[int] = []
+    dmat = torch.ones(L, H)
+    chosen: list[str] = []
+    for li in range(L):
+        best = min(
+            names, key=lambda e: (1.0 if li in per[e][2] else float(per[e][4][li].mean()), names.index(e))
+        )
+        chosen.append(best)
+        lo, ho, dl, _, dm = per[best]
+        if li in dl:
+            dense.append(li)
+            continue
+        dmat[li] = dm[li]
+        layer_over[li] = dict(lo[li]) | ({"estimator": best} if best != first else {})
+        if li in ho:
+            head_over[li] = dict(ho[li])
+    return layer_over, head_over, tuple(dense), float(dmat.mean()), dmat, chosen
+
+
+def _eps_candidates(sens: Sensitivity | dict[str, Sensitivity], max_checks: int) -> list[float]:
+    errs = sens.values() if isinstance(sens, dict) else [sens]
+    vals = sorted({float(x) for se in errs for x in se.err.flatten().tolist() if math.isfinite(x)})
     limit = max(1, 2**max_checks - 1)
     if len(vals) > limit:
         vals = (
@@ -373,11 +457,48 @@ def calibrate(
     seed: int = 0,
     limits: CalibrationLimits | None = None,
     progress: Progress | None = None,
+    task_rows: Sequence[Any] | None = None,
+    task: str | None = None,
 ) -> tuple[SparsePlan, CalibrationReport]:
     """The sparsest plan (per layer / selection head tau) whose held-out fidelity meets `budget`.
 
+    `estimator`: one name, or candidates joined by "+" for a per-layer choice (first = the plan's).
+    `task_rows` / `task`: the rows (`sparse_core.tasks.TaskRow`) and task that `budget.task_delta`
+    is measured on -- the calibration split of the use case's dataset; required with a task bound.
+
     The model is left dense. Layers that cannot meet the budget stay dense; if no sparse plan meets
     it the returned plan is all-dense and `report.met_budget` is False."""
+    out = calibrate_many(
+        model,
+        tokenizer,
+        texts,
+        budget,
+        estimators=(estimator,),
+        seed=seed,
+        limits=limits,
+        progress=progress,
+        task_rows=task_rows,
+        task=task,
+    )
+    return out[estimator]
+
+
+def calibrate_many(
+    model,
+    tokenizer,
+    texts: Sequence[str],
+    budget: Budget | dict | str,
+    *,
+    estimators: Sequence[str],
+    seed: int = 0,
+    limits: CalibrationLimits | None = None,
+    progress: Progress | None = None,
+    task_rows: Sequence[Any] | None = None,
+    task: str | None = None,
+) -> dict[str, tuple[SparsePlan, CalibrationReport]]:
+    """`calibrate` for several estimator specs on the same split, windows, dense reference, gate
+    training and sensitivity forwards (what a fair comparison needs, at a fraction of the cost of
+    separate runs): {spec: (plan, report)}."""
     from sparse_core.estimators import get_estimator
     from sparse_core.retrofit import is_sparsified, sparsify, unsparsify
 
@@ -386,7 +507,15 @@ def calibrate(
         budget = Budget.parse(budget)
     elif isinstance(budget, dict):
         budget = Budget.from_mapping(budget)
-    get_estimator(estimator)  # unknown name -> PlanError before any work
+    specs = {spec: [e.strip() for e in str(spec).split("+") if e.strip()] for spec in estimators}
+    if not specs or any(not c for c in specs.values()):
+        raise BudgetError(f"every estimator spec must name at least one estimator, got {list(estimators)!r}")
+    candidates = list(dict.fromkeys(e for c in specs.values() for e in c))
+    for name in candidates:
+        get_estimator(name)  # unknown name -> PlanError before any work
+    task_rows = list(task_rows or [])[: lim.max_task_rows]
+    if budget.task_delta is not None and not task_rows:
+        raise BudgetError("budget.task_delta needs task rows (the dataset's calibration split) to measure on")
     if is_sparsified(model):
         unsparsify(model)
     t_start = time.perf_counter()
@@ -409,20 +538,23 @@ def calibrate(
 
     base = SparsePlan(
         block_size=lim.block_size,
-        estimator=estimator,
+        estimator=candidates[0],
         tau=max(lim.taus),
         sink_blocks=lim.sink_blocks,
         local_blocks=lim.local_blocks,
         group_heads=lim.group_heads,
     )
-    gate_report = None
-    if estimator == "gate":
+    gate_reports: dict[str, dict] = {}
+    for kind in (k for k in ("gate", "gate_v2") if k in candidates):
         from sparse_core.gate_training import GateTrainConfig, train_gate
 
         t0 = time.perf_counter()
         # The last calibration window is the gate's own early-stopping set, so the held-out windows
         # that judge the budget never steer training.
         train_w, stop_w = (cal_w[:-1], cal_w[-1:]) if len(cal_w) > 1 else (cal_w, [])
+        ckdir = lim.gate_checkpoint_dir
+        if ckdir and kind != "gate":
+            ckdir = f"{ckdir}/{kind}"
         gate, rep = train_gate(
             model,
             train_w,
@@ -431,15 +563,17 @@ def calibrate(
                 steps=lim.gate_steps,
                 lr=lim.gate_lr,
                 seed=seed,
-                checkpoint_dir=lim.gate_checkpoint_dir,
+                checkpoint_dir=ckdir,
                 max_seconds=lim.gate_max_seconds,
+                kind=kind,
+                target=lim.gate_target if kind == "gate_v2" else None,
             ),
             heldout_windows=stop_w,
-            progress=(lambda ph, d, t: progress(f"gate {ph}", d, t)) if progress else None,
+            progress=(lambda ph, d, t, k=kind: progress(f"{k} {ph}", d, t)) if progress else None,
         )
-        base.tensors = gate.to_tensors()
-        gate_report = rep.to_dict()
-        secs["gate"] = time.perf_counter() - t0
+        base.tensors.update(gate.to_tensors())
+        gate_reports[kind] = rep.to_dict()
+        secs[kind] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     ref = dense_reference(
@@ -449,79 +583,169 @@ def calibrate(
         progress=_counter(progress, "dense reference", len(held_w)),
     )
     secs["dense_reference"] = time.perf_counter() - t0
+    dense_task: list[float] = []
+    if budget.task_delta is not None:
+        t0 = time.perf_counter()
+        dense_task = task_scores(model, tokenizer, task_rows, task, lim)
+        secs["dense_task"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    sens = measure_sensitivity(model, cal_w, base, lim.taus, progress)
+    sens_all = measure_sensitivities(model, cal_w, base, lim.taus, candidates, progress)
     secs["sensitivity"] = time.perf_counter() - t0
+    shared = dict(
+        model=model,
+        tokenizer=tokenizer,
+        budget=budget,
+        lim=lim,
+        ref=ref,
+        dense_task=dense_task,
+        task_rows=task_rows,
+        task=task,
+        progress=progress,
+        sparsify=sparsify,
+        unsparsify=unsparsify,
+        deadline=None if lim.max_seconds is None else t_start + lim.max_seconds,
+    )
+    results = {}
+    for spec, cands_of in specs.items():
+        t_spec = time.perf_counter()
+        # a plan carries the weights of the learned estimators it names, nothing else
+        own = {k: v for k, v in base.tensors.items() if k.split(".")[0] in cands_of}
+        spec_base = base.with_(estimator=cands_of[0], tensors=own)
+        plan, report = _search_plan(spec_base, {e: sens_all[e] for e in cands_of}, **shared)
+        kinds = [k for k in ("gate", "gate_v2") if k in cands_of]
+        # one learned estimator: its training report as before; several: one report per kind
+        report.gate_training = (
+            gate_reports[kinds[0]] if len(kinds) == 1 else ({k: gate_reports[k] for k in kinds} or None)
+        )
+        report.estimator = spec
+        report.n_calibration_windows, report.n_heldout_windows = len(cal_w), len(held_w)
+        report.seq_len, report.data_fingerprint = lim.max_seq_len, fingerprint
+        report.seconds = {**secs, "search": time.perf_counter() - t_spec}
+        report.seconds["total"] = time.perf_counter() - t_start
+        plan.metadata.update(
+            {
+                "model_shape": model_shape(model.config),
+                "budget": budget.to_dict(),
+                "estimator": spec,
+                "seed": seed,
+                "data_fingerprint": fingerprint,
+                "n_texts": len(texts),
+            }
+        )
+        plan.metadata["calibration"] = {
+            "n_calibration_windows": len(cal_w),
+            "n_heldout_windows": len(held_w),
+            "seq_len": lim.max_seq_len,
+            **plan.metadata["calibration"],
+        }
+        from sparse_core.plan_io import stamp_tensors_digest
 
-    def plan_for(eps: float | None) -> tuple[SparsePlan, float, torch.Tensor]:
+        stamp_tensors_digest(plan)
+        report.plan_hash = plan.content_hash()
+        results[spec] = (plan, report)
+    return results
+
+
+def _search_plan(
+    base: SparsePlan,
+    sens_all: dict[str, Sensitivity],
+    *,
+    model,
+    tokenizer,
+    budget: Budget,
+    lim: CalibrationLimits,
+    ref: DenseReference,
+    dense_task: list[float],
+    task_rows: list,
+    task: str | None,
+    progress: Progress | None,
+    sparsify,
+    unsparsify,
+    deadline: float | None,
+) -> tuple[SparsePlan, CalibrationReport]:
+    """The eps search for one estimator spec (candidates = the keys of `sens_all`, first = base's)."""
+    candidates = list(sens_all)
+    sens = sens_all[candidates[0]]
+
+    def plan_for(eps: float | None) -> tuple[SparsePlan, float, torch.Tensor, list[str]]:
         n_layers = sens.err.shape[0]
         if eps is None:
-            return base.with_(dense_layers=tuple(range(n_layers))), 1.0, torch.ones(n_layers, sens.heads)
-        lo, ho, dl, pred, dmat = allocate(sens, eps, per_head=lim.per_head)
+            dense_all = base.with_(dense_layers=tuple(range(n_layers)))
+            return dense_all, 1.0, torch.ones(n_layers, sens.heads), [candidates[0]] * n_layers
+        lo, ho, dl, pred, dmat, chosen = allocate_choice(sens_all, eps, per_head=lim.per_head)
         if len(dl) == n_layers:
-            return base.with_(dense_layers=dl), 1.0, dmat
-        return base.with_(layer_overrides=lo, head_overrides=ho, dense_layers=dl), pred, dmat
+            return base.with_(dense_layers=dl), 1.0, dmat, chosen
+        return base.with_(layer_overrides=lo, head_overrides=ho, dense_layers=dl), pred, dmat, chosen
 
     search: list[SearchStep] = []
-    cands = _eps_candidates(sens, lim.max_joint_checks)
-    cache: dict[int, tuple[bool, Fidelity, float | None]] = {}
+    cands = _eps_candidates(sens_all, lim.max_joint_checks)
+    cache: dict[int, tuple[bool, Fidelity, float | None, float | None]] = {}
 
     def check(i: int) -> bool:
         if i in cache:
             return cache[i][0]
         t1 = time.perf_counter()
-        plan, pred, _ = plan_for(cands[i])
+        plan, pred, _, _ = plan_for(cands[i])
+        task_drop = task_upper = None
         sparsify(model, plan)
         try:
             fid = measure_fidelity(model, ref)
             dens = _measured_density(model)
+            ok = budget.met_by(fid)
+            if ok and budget.task_delta is not None:
+                sparse_task = task_scores(model, tokenizer, task_rows, task, lim)
+                task_drop, task_upper = paired_drop(dense_task, sparse_task)
+                ok = budget.task_violation(task_upper) is None
         finally:
             unsparsify(model)
-        ok = budget.met_by(fid)
-        cache[i] = (ok, fid, dens)
-        search.append(SearchStep(cands[i], pred, dens, fid.to_dict(), ok, time.perf_counter() - t1))
+        cache[i] = (ok, fid, dens, (task_drop, task_upper))
+        secs = time.perf_counter() - t1
+        step = SearchStep(cands[i], pred, dens, fid.to_dict(), ok, secs, task_drop, task_upper)
+        search.append(step)
         if progress:
             progress("joint check", len(search), min(lim.max_joint_checks, len(cands)))
         return ok
 
-    t0 = time.perf_counter()
     lo, hi = -1, len(cands) - 1  # invariant: lo passes (-1 = all dense), everything > hi fails
     while lo < hi and len(search) < lim.max_joint_checks:
-        if lim.max_seconds is not None and time.perf_counter() - t_start > lim.max_seconds:
+        if deadline is not None and time.perf_counter() > deadline:
             break
         mid = (lo + hi + 1) // 2
         if check(mid):
             lo = mid
         else:
             hi = mid - 1
-    secs["search"] = time.perf_counter() - t0
 
     eps = cands[lo] if lo >= 0 else None
-    plan, predicted, dmat = plan_for(eps)
+    plan, predicted, dmat, chosen = plan_for(eps)
+    layer_estimators = [
+        "dense" if li in plan.dense_layers else plan.layer_params(li).estimator for li in range(len(chosen))
+    ]
     if lo >= 0:
-        _, fid, measured = cache[lo]
+        _, fid, measured, (task_drop, task_upper) = cache[lo]
     else:
         fid, measured = Fidelity.identical(ref), 1.0
+        task_drop = task_upper = 0.0 if dense_task else None
+    task_info = None
+    if budget.task_delta is not None:
+        task_info = {
+            "task": task,
+            "n_rows": len(task_rows),
+            "dense_score": sum(dense_task) / len(dense_task),
+            "task_delta": task_drop,
+            "task_delta_upper": task_upper,
+            "bound": budget.task_delta,
+        }
     layer_density = [
         1.0 if li in plan.dense_layers else float(dmat[li].mean()) for li in range(dmat.shape[0])
     ]
     head_density = [
         [1.0] * dmat.shape[1] if li in plan.dense_layers else dmat[li].tolist() for li in range(dmat.shape[0])
     ]
-    secs["total"] = time.perf_counter() - t_start
     density = sum(layer_density) / len(layer_density)
     plan.metadata.update(
         {
-            "model_shape": model_shape(model.config),
-            "budget": budget.to_dict(),
-            "estimator": estimator,
-            "seed": seed,
-            "data_fingerprint": fingerprint,
-            "n_texts": len(texts),
             "calibration": {
-                "n_calibration_windows": len(cal_w),
-                "n_heldout_windows": len(held_w),
-                "seq_len": lim.max_seq_len,
                 "taus": list(lim.taus),
                 "per_head": lim.per_head,
                 "eps": eps,
@@ -532,13 +756,13 @@ def calibrate(
             "measured_density": measured,
             "layer_density": layer_density,
             "head_density": head_density,
+            "layer_estimators": layer_estimators,
         }
     )
-    from sparse_core.plan_io import stamp_tensors_digest
-
-    stamp_tensors_digest(plan)
+    if task_info is not None:
+        plan.metadata["task"] = task_info
     report = CalibrationReport(
-        estimator=estimator,
+        estimator=base.estimator,
         budget=budget.to_dict(),
         met_budget=lo >= 0,
         fidelity=fid.to_dict(),
@@ -549,15 +773,43 @@ def calibrate(
         dense_layers=list(plan.dense_layers),
         eps=eps,
         search=search,
-        gate_training=gate_report,
-        n_calibration_windows=len(cal_w),
-        n_heldout_windows=len(held_w),
-        seq_len=lim.max_seq_len,
-        data_fingerprint=fingerprint,
-        seconds=secs,
-        plan_hash=plan.content_hash(),
+        layer_estimators=layer_estimators,
+        task=task_info,
     )
     return plan, report
+
+
+# one-sided 95% Student t quantiles, df 1..30 (beyond: the normal 1.645)
+_T95 = (6.314, 2.920, 2.353, 2.132, 2.015, 1.943, 1.895, 1.860, 1.833, 1.812, 1.796, 1.782, 1.771, 1.761,
+        1.753, 1.746, 1.740, 1.734, 1.729, 1.725, 1.721, 1.717, 1.714, 1.711, 1.708, 1.706, 1.703, 1.701,
+        1.699, 1.697)  # fmt: skip
+
+
+def paired_drop(dense: Sequence[float], sparse: Sequence[float]) -> tuple[float, float]:
+    """(mean, one-sided 95% upper confidence limit) of the per-row drop dense - sparse. One row has
+    no spread to estimate: its limit is the drop itself."""
+    d = [a - b for a, b in zip(dense, sparse, strict=True)]
+    n = len(d)
+    mean = sum(d) / n
+    if n < 2:
+        return mean, mean
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1))
+    t = _T95[n - 2] if n - 1 <= len(_T95) else 1.645
+    return mean, mean + t * sd / math.sqrt(n)
+
+
+def task_scores(
+    model, tokenizer, rows: Sequence[Any], task: str | None, lim: CalibrationLimits
+) -> list[float]:
+    """Per-row task quality of the model as it is now (dense or sparse), in [0, 1]."""
+    from sparse_core.tasks import score_request
+
+    out = []
+    for r in rows:
+        t = getattr(r, "task", None) or task or "loglik"
+        sc = score_request(model, tokenizer, r.prompt, r.reference, t, max_new_tokens=lim.max_new_tokens)
+        out.append(sc.quality)
+    return out
 
 
 __all__ = [
@@ -566,7 +818,12 @@ __all__ = [
     "CalibrationLimits",
     "CalibrationReport",
     "DenseReference",
+    "allocate_choice",
     "calibrate",
+    "calibrate_many",
+    "paired_drop",
+    "measure_sensitivities",
     "measure_sensitivity",
     "split_texts",
+    "task_scores",
 ]

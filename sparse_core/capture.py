@@ -105,13 +105,37 @@ def block_attention_mass(
     scaling: float | None = None,
     *,
     chunk_blocks: int = 8,
+    key_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dense causal attention mass per (query block, key block): [B, Hq, nb, nb], rows sum to 1.
 
     Entry (i, j) is the mean over the queries of block i of the attention probability that falls on
     the keys of block j -- exactly the quantity a tau-mass selection tries to cover. Computed in query
-    chunks so memory stays at O(chunk * S) per head.
-    """
+    chunks so memory stays at O(chunk * S) per head. ``key_valid`` [B, S] (False = padding) leaves
+    padded keys out of every softmax."""
+    return _block_attention_map(query, key, block_size, scaling, chunk_blocks, key_valid, "mass")
+
+
+@torch.no_grad()
+def block_attention_maxpool(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    block_size: int,
+    scaling: float | None = None,
+    *,
+    chunk_blocks: int = 8,
+    key_valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """SeerAttention's distillation target: the dense causal attention map max-pooled over each
+    (query block, key block) tile -- the largest attention probability any query of block i gives
+    any key of block j -- then normalised so each row sums to 1. [B, Hq, nb, nb]. Unlike the block
+    mass it does not grow with the number of keys a block holds: a block with one key that a query
+    needs scores as high as a block full of them."""
+    peak = _block_attention_map(query, key, block_size, scaling, chunk_blocks, key_valid, "max")
+    return peak / peak.sum(-1, keepdim=True).clamp_min(1e-30)
+
+
+def _block_attention_map(query, key, block_size, scaling, chunk_blocks, key_valid, reduce: str):
     b, hq, s, d = query.shape
     k = repeat_kv(key, hq // key.shape[1]).float()
     q = query.float()
@@ -123,18 +147,25 @@ def block_attention_mass(
         qb1 = min(nb, qb0 + chunk_blocks)
         r0, r1 = qb0 * block_size, min(s, qb1 * block_size)
         scores = torch.matmul(q[:, :, r0:r1], k[:, :, :r1].transpose(-1, -2)) * scale
-        causal = pos[r0:r1, None] >= pos[None, :r1]
-        scores.masked_fill_(~causal, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)  # [B, H, rows, r1]
+        allowed = (pos[r0:r1, None] >= pos[None, :r1]).expand(b, 1, r1 - r0, r1)
+        if key_valid is not None:
+            allowed = allowed & key_valid[:, None, None, :r1].bool()
+        scores.masked_fill_(~allowed, float("-inf"))
+        probs = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)  # [B, H, rows, r1]
         kpad = qb1 * block_size - r1
         if kpad:
             probs = torch.nn.functional.pad(probs, (0, kpad))
-        kb = probs.view(b, hq, r1 - r0, qb1, block_size).sum(-1)  # [B, H, rows, qb1]
+        tiles = probs.view(b, hq, r1 - r0, qb1, block_size)
+        kb = tiles.sum(-1) if reduce == "mass" else tiles.amax(-1)  # [B, H, rows, qb1]
         rpad = (qb1 - qb0) * block_size - (r1 - r0)
         counts = torch.full((qb1 - qb0,), float(block_size), device=query.device)
         if rpad:
             kb = torch.nn.functional.pad(kb, (0, 0, 0, rpad))
             counts[-1] = block_size - rpad
-        per_block = kb.view(b, hq, qb1 - qb0, block_size, qb1).sum(3) / counts[None, None, :, None]
+        rows = kb.view(b, hq, qb1 - qb0, block_size, qb1)
+        if reduce == "mass":
+            per_block = rows.sum(3) / counts[None, None, :, None]
+        else:
+            per_block = rows.amax(3)
         out[:, :, qb0:qb1, :qb1] = per_block
     return out

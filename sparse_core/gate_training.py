@@ -3,9 +3,10 @@
 Two phases, both resumable from `checkpoint_dir`:
 
 1. capture: one dense forward per calibration sequence; for every layer the attention function's
-   post-rotary q/k are pooled into gate features and the dense block mass (the target) is computed,
-   then q/k are dropped. Only pooled tensors are kept (~0.5 MB per layer per 4k sequence), one
-   safetensors file per sequence, so an interrupted capture restarts at the first missing sequence.
+   post-rotary q/k are pooled into gate features and the target is computed (the dense block mass,
+   or for `gate_v2` by default the 2D max-pooled attention map), then q/k are dropped. Only pooled
+   tensors are kept (~0.5 MB per layer per 4k sequence), one safetensors file per sequence, so an
+   interrupted capture restarts at the first missing sequence.
 2. train: Adam on the gate parameters only (the base model is frozen and never in the graph),
    loss = KL(target || gate) averaged over heads and query blocks >= 1 (block 0 has one choice).
    A checkpoint (gate + optimiser + step + losses) is written every `checkpoint_every` steps.
@@ -22,8 +23,10 @@ from pathlib import Path
 
 import torch
 
-from sparse_core.capture import block_attention_mass, capture_attention
+from sparse_core.capture import block_attention_mass, block_attention_maxpool, capture_attention
 from sparse_core.estimators.gate import BlockGate, GateShape, pool_features
+
+KINDS = ("gate", "gate_v2")
 
 
 @dataclass
@@ -38,6 +41,16 @@ class GateTrainConfig:
     checkpoint_every: int = 50
     eval_every: int = 20  # held-out loss evaluation interval (early stopping)
     max_seconds: float | None = None  # wall-clock cap for the training phase (capture always completes)
+    kind: str = "gate"  # "gate" (post-rotary pooling) or "gate_v2" (pre-rotary pooling + block RoPE)
+    target: str | None = None  # "mass" | "maxpool"; default: mass for gate, maxpool for gate_v2
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"gate kind must be one of {KINDS}, got {self.kind!r}")
+        if self.target is None:
+            self.target = "mass" if self.kind == "gate" else "maxpool"
+        if self.target not in ("mass", "maxpool"):
+            raise ValueError(f"gate target must be 'mass' or 'maxpool', got {self.target!r}")
 
 
 @dataclass
@@ -63,15 +76,27 @@ Features = list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # per layer (q
 
 
 @torch.no_grad()
-def capture_features(model, input_ids: Sequence[int], block_size: int) -> Features:
-    """One dense forward; per layer (qbar [Hq,nb,D], kpool [Hkv,nb,3D], target block mass [Hq,nb,nb])."""
+def capture_features(
+    model, input_ids: Sequence[int], block_size: int, *, kind: str = "gate", target: str = "mass"
+) -> Features:
+    """One dense forward; per layer (qbar [Hq,nb,D], kpool [Hkv,nb,3D], target [Hq,nb,nb]): the
+    features of the gate `kind` and the dense `target` map (block mass or max-pooled)."""
     n_layers = int(model.config.num_hidden_layers)
     feats: list = [None] * n_layers
+    target_fn = block_attention_mass if target == "mass" else block_attention_maxpool
+    if kind == "gate_v2":
+        from sparse_core.estimators import gate_v2
+
+        inv_freq, rope_scaling = gate_v2.model_rope(model)
 
     def on_layer(call):
-        qbar, kpool = pool_features(call.query[:1], call.key[:1], block_size)
-        target = block_attention_mass(call.query[:1], call.key[:1], block_size, call.scaling)
-        feats[call.layer_idx] = (qbar[0].cpu(), kpool[0].cpu(), target[0].cpu())
+        q, k = call.query[:1], call.key[:1]
+        if kind == "gate_v2":
+            qbar, kpool, _ = gate_v2.pool_features(q, k, block_size, inv_freq.to(q.device), rope_scaling)
+        else:
+            qbar, kpool = pool_features(q, k, block_size)
+        t = target_fn(q, k, block_size, call.scaling)
+        feats[call.layer_idx] = (qbar[0].cpu(), kpool[0].cpu(), t[0].cpu())
 
     dev = next(model.parameters()).device
     with capture_attention(model, on_layer):
@@ -81,12 +106,15 @@ def capture_features(model, input_ids: Sequence[int], block_size: int) -> Featur
     return feats
 
 
-def distill_loss(gate: BlockGate, layer: int, qbar, kpool, target, seq_len: int) -> torch.Tensor:
+def distill_loss(gate, layer: int, qbar, kpool, target, seq_len: int) -> torch.Tensor:
     """KL(target || gate) per query block, mean over heads and query blocks >= 1."""
-    logp = gate.layers[layer].log_probs(qbar[None], kpool[None], seq_len, gate.block_size)[0]
+    extra = (None, gate.inv_freq) if hasattr(gate, "inv_freq") else ()
+    logp = gate.layers[layer].log_probs(qbar[None], kpool[None], seq_len, gate.block_size, *extra)[0]
     nb = target.shape[-1]
     if nb < 2:
         return logp.new_zeros(())
+    if torch.isnan(logp).any():  # a diverged gate must not pass for a perfect one (its KL would read 0)
+        raise FloatingPointError(f"gate layer {layer} produced NaN scores (training diverged)")
     t = target[:, 1:, :]
     lp = logp[:, 1:, :]
     causal = torch.isfinite(lp)
@@ -122,7 +150,7 @@ def _load_features(path: Path) -> tuple[Features, int]:
     return feats, seq_len
 
 
-def _mean_loss(gate: BlockGate, data: list[tuple[Features, int]]) -> float:
+def _mean_loss(gate, data: list[tuple[Features, int]]) -> float:
     if not data:
         return float("nan")
     with torch.no_grad():
@@ -134,6 +162,15 @@ def _mean_loss(gate: BlockGate, data: list[tuple[Features, int]]) -> float:
     return sum(tot) / len(tot)
 
 
+def _new_gate(model, shape: GateShape, cfg: GateTrainConfig):
+    if cfg.kind == "gate_v2":
+        from sparse_core.estimators.gate_v2 import BlockGateV2, model_rope
+
+        inv_freq, rope_scaling = model_rope(model)
+        return BlockGateV2(shape, cfg.block_size, inv_freq, rope_scaling, target=cfg.target)
+    return BlockGate(shape, cfg.block_size)
+
+
 def train_gate(
     model,
     windows: Sequence[Sequence[int]],
@@ -141,8 +178,9 @@ def train_gate(
     *,
     heldout_windows: Sequence[Sequence[int]] = (),
     progress: Callable[[str, int, int], None] | None = None,
-) -> tuple[BlockGate, GateTrainReport]:
-    """Distil a gate for `model` from dense attention on `windows` (token id lists).
+):
+    """Distil a gate (`config.kind`: `BlockGate` or `BlockGateV2`) for `model` from dense attention on
+    `windows` (token id lists); returns (gate, GateTrainReport).
 
     `progress(phase, done, total)` is called as work completes (phase: 'capture' or 'train').
     """
@@ -166,7 +204,8 @@ def train_gate(
         if fpath and fpath.is_file():
             feats, s = _load_features(fpath)
         else:
-            feats, s = capture_features(model, w, cfg.block_size), len(w)
+            feats = capture_features(model, w, cfg.block_size, kind=cfg.kind, target=cfg.target)
+            s = len(w)
             if fpath:
                 _save_features(fpath, feats, s)
         (data if part == "train" else held).append((feats, s))
@@ -175,7 +214,7 @@ def train_gate(
     capture_seconds = time.perf_counter() - t0
 
     torch.manual_seed(cfg.seed)
-    gate = BlockGate(shape, cfg.block_size)
+    gate = _new_gate(model, shape, cfg)
     opt = torch.optim.Adam(gate.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start_step, curve = 0, []
     ckpt = ckdir / "gate_checkpoint.pt" if ckdir else None
@@ -257,6 +296,8 @@ def _check_checkpoint_dir(ckdir: Path, shape: GateShape, cfg: GateTrainConfig, w
         "steps": cfg.steps,
         "seed": cfg.seed,
     }
+    if cfg.kind != "gate" or cfg.target != "mass":  # old checkpoint dirs keep their identity
+        ident.update(kind=cfg.kind, target=cfg.target)
     f = ckdir / "run.json"
     if f.is_file():
         prev = json.loads(f.read_text())
@@ -269,5 +310,5 @@ def _check_checkpoint_dir(ckdir: Path, shape: GateShape, cfg: GateTrainConfig, w
         f.write_text(json.dumps(ident, indent=2))
 
 
-def gate_tensor_bytes(gate: BlockGate) -> int:
+def gate_tensor_bytes(gate) -> int:
     return sum(p.numel() * p.element_size() for p in gate.parameters())

@@ -88,12 +88,27 @@ def load(directory: str | Path, *, config: Any = None) -> SparsePlan:
     return plan
 
 
+def _uses(plan: SparsePlan, name: str) -> bool:
+    return plan.estimator == name or any(ov.get("estimator") == name for ov in plan.layer_overrides.values())
+
+
 def check_tensors_fit(plan: SparsePlan, config: Any) -> None:
-    """A gate plan's tensors must match the model's layers, heads and head dim."""
-    uses_gate = plan.estimator == "gate" or any(
-        ov.get("estimator") == "gate" for ov in plan.layer_overrides.values()
-    )
-    if not uses_gate:
+    """A gate / gate_v2 plan's tensors must match the model's layers, heads and head dim."""
+    if _uses(plan, "gate_v2"):
+        from sparse_core.estimators.gate import GateShape
+        from sparse_core.estimators.gate_v2 import BlockGateV2
+
+        have2 = BlockGateV2.shape_of(plan.tensors or {})
+        if have2 is None:
+            raise PlanError("plan uses the 'gate_v2' estimator but carries no gate_v2 weights")
+        need2 = GateShape.from_config(config, have2.gate_dim)
+        if have2 != need2:
+            raise PlanError(
+                f"plan's gate_v2 weights are for a different model: layers/heads/kv heads/head dim "
+                f"{have2.num_layers}/{have2.num_heads}/{have2.num_kv_heads}/{have2.head_dim} vs model "
+                f"{need2.num_layers}/{need2.num_heads}/{need2.num_kv_heads}/{need2.head_dim}"
+            )
+    if not _uses(plan, "gate"):
         return
     from sparse_core.estimators.gate import BlockGate, GateShape
 

@@ -1,23 +1,39 @@
-"""`sparsepilot bench quality`: pooled vs antidiagonal vs gate on the same held-out texts.
+"""`sparsepilot bench quality`: every block estimator at the same budget, side by side in one run.
 
-Two comparisons, side by side in one run:
-- same budget: each estimator is calibrated to the budget on the stdlib corpus's calibration part;
-  columns: density reached, held-out KL / agreement (as the calibration measured them), probes;
-- same density: each estimator gets the one uniform tau that gives a target density on the held-out
-  windows (bisection on the selection density of captured q/k, no forwards per step); columns: KL,
-  agreement, delta NLL, probe accuracy at that density.
+Estimators: the training-free `pooled`, `antidiagonal` (XAttention-style) and `quest` (min/max key
+bounds), the learned `gate` and `gate_v2`, the per-layer mix `gate_v2+pooled`, and the `oracle`
+(exact block mass, the ceiling). Per context length they are calibrated to the same budget on the
+same windows with `calibrate_many` (one split, one dense reference, one gate training per kind, one
+set of sensitivity forwards), then each plan is measured on the bench's own held-out windows of
+natural text: density (planned and measured), KL, top-1 agreement, delta NLL, whole-model prefill
+speed-up at that density (dense and sparse timed back to back, same window) and the ratio of the best
+training-free estimator's density to the row's (> 1: fewer blocks than the best heuristic).
+
+Use cases: for each given dataset the plans are calibrated on the calibration split of its prompts
+and judged on the held-out split with the dataset's own task (task-score delta, dense - sparse).
 """
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-ESTIMATORS = ("pooled", "antidiagonal", "gate")
+ESTIMATORS = ("pooled", "antidiagonal", "quest", "gate", "gate_v2", "gate_v2+pooled", "oracle")
+TRAINING_FREE = ("pooled", "antidiagonal", "quest")
+
+
+@dataclass(frozen=True)
+class UseCaseData:
+    """A use case's prompts with references and the task that scores them (resolved by the CLI)."""
+
+    name: str
+    rows: Sequence[Any]  # sparse_core.tasks.TaskRow
+    task: str
 
 
 @dataclass
@@ -25,175 +41,243 @@ class QualityBenchSettings:
     model: str = "smollm2-135m"
     budget: str = "kl=0.01,agree=0.98"
     estimators: tuple[str, ...] = ESTIMATORS
-    seq_len: int = 2048
-    max_texts: int = 8
+    lengths: tuple[int, ...] = (2048, 4096, 8192)
+    max_texts: int = 8  # calibration windows per length (25% held out by the calibration itself)
+    max_joint_checks: int = 7  # eps search steps per estimator (each: one forward per held-out window)
     gate_steps: int = 200
-    probe_lengths: tuple[int, ...] = (2048, 4096)
-    probe_kinds: tuple[str, ...] = ("passkey", "multikey", "kv", "vartrack")
-    probe_depths: tuple[float, ...] = (0.1, 0.5, 0.9)
-    target_density: float | None = None  # default: the densest plan any estimator reached at the budget
+    gate_target: str | None = None  # gate_v2: maxpool (default) or mass
+    heldout_tokens: int = 4096  # the bench's own held-out text per length (>= 1 window)
+    speed: bool = True
+    usecases: tuple[UseCaseData, ...] = field(default_factory=tuple)
+    usecase_length: int = 2048
+    max_task_rows: int = 8
     seed: int = 0
 
     @classmethod
     def quick(cls, **kw: Any) -> QualityBenchSettings:
-        base: dict[str, Any] = dict(
-            seq_len=1024, max_texts=4, gate_steps=100, probe_lengths=(1024,), probe_kinds=("passkey", "kv")
-        )
+        base: dict[str, Any] = dict(lengths=(2048, 4096), max_texts=4, gate_steps=120, max_task_rows=4)
         base.update(kw)
         return cls(**base)
 
 
-@torch.no_grad()
-def _capture_qk(model, windows) -> list[dict[int, tuple[torch.Tensor, torch.Tensor, float]]]:
-    from sparse_core.capture import capture_attention
-
-    out = []
-    for w in windows:
-        grab: dict[int, tuple] = {}
-
-        def on_layer(call, grab=grab):
-            grab[call.layer_idx] = (call.query[:1].clone(), call.key[:1].clone(), call.scaling)
-
-        with capture_attention(model, on_layer):
-            model(input_ids=torch.tensor([w], device=next(model.parameters()).device), logits_to_keep=1)
-        out.append(grab)
-    return out
+def _time_prefill(model, ids: Sequence[int]) -> float:
+    dev = next(model.parameters()).device
+    x = torch.tensor([list(ids)], device=dev)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        model(input_ids=x, logits_to_keep=1)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return time.perf_counter() - t0
 
 
-def _density_at(plan, captured) -> float:
-    from sparse_core.kernels import estimate_and_select
-
-    vals = []
-    for grab in captured:
-        for li, (q, k, s) in grab.items():
-            sel = estimate_and_select(q, k, plan, plan.layer_params(li), scale=s)
-            vals.append(sel.density)
-    return sum(vals) / len(vals)
+def _loadavg() -> str | None:
+    try:
+        with open("/proc/loadavg") as fh:
+            return " ".join(fh.read().split()[:3])
+    except OSError:
+        return None
 
 
-def tau_for_density(base_plan, captured, target: float, iters: int = 12) -> tuple[float, float]:
-    """Uniform tau whose mean selection density is closest to `target` (bisection: density rises
-    with tau)."""
-    lo, hi = 0.05, 0.9999
-    best = (hi, _density_at(base_plan.with_(tau=hi), captured))
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        d = _density_at(base_plan.with_(tau=mid), captured)
-        if abs(d - target) < abs(best[1] - target):
-            best = (mid, d)
-        if d < target:
-            lo = mid
-        else:
-            hi = mid
-    return best
+def _ratios(rows: list[dict]) -> None:
+    """best training-free density / row density, among rows that met the budget."""
+    free = [r["density"] for r in rows if r["estimator"] in TRAINING_FREE and r["met_budget"]]
+    best = min(free) if free else None
+    for r in rows:
+        r["best_training_free_density"] = best
+        ok = best is not None and r["met_budget"] and r["density"] > 0
+        r["ratio_vs_best_training_free"] = best / r["density"] if ok else None
 
 
 def run_quality_bench(
     settings: QualityBenchSettings, *, progress: Callable[[str, int, int], None] | None = None
 ) -> dict:
-    from sparse_core import SparsePlan, load_model, sparsify, unsparsify
-    from sparse_core.calibration import CalibrationLimits, calibrate
+    from sparse_core import load_model, sparse_stats, sparsify, unsparsify
+    from sparse_core.calibration import CalibrationLimits, calibrate_many, split_texts
     from sparse_core.corpus import corpus_texts, pack_token_windows
     from sparse_core.fidelity import dense_reference, measure_fidelity
-    from sparse_core.probes import generate_probes, score_probes
 
     t_all = time.perf_counter()
+    load_before = _loadavg()
     model, tok = load_model(settings.model)
     cal_texts = corpus_texts("calibration", seed=settings.seed)
     held_texts = corpus_texts("heldout", seed=settings.seed)
-    probes = generate_probes(
-        tok,
-        lengths=settings.probe_lengths,
-        kinds=settings.probe_kinds,
-        depths=settings.probe_depths,
-        seed=settings.seed,
-    )
-    dense_probes = score_probes(model, probes)
-    held_w = pack_token_windows(tok, held_texts, settings.seq_len, 2, seed=settings.seed + 11)
-    ref = dense_reference(model, held_w)
 
-    def probe_acc(plan) -> float:
-        sparsify(model, plan)
-        try:
-            return score_probes(model, probes).accuracy
-        finally:
-            unsparsify(model)
+    def limits(seq_len: int) -> CalibrationLimits:
+        return CalibrationLimits(
+            max_texts=settings.max_texts,
+            max_seq_len=seq_len,
+            gate_steps=settings.gate_steps,
+            gate_target=settings.gate_target,
+            max_task_rows=settings.max_task_rows,
+            max_joint_checks=settings.max_joint_checks,
+        )
 
-    def fidelity(plan):
-        sparsify(model, plan)
-        try:
-            return measure_fidelity(model, ref)
-        finally:
-            unsparsify(model)
-
-    same_budget, plans = [], {}
-    n = len(settings.estimators)
-    for i, est in enumerate(settings.estimators, start=1):
+    def calibrated(texts, seq_len: int, stage: str):
         t0 = time.perf_counter()
-        lim = CalibrationLimits(
-            max_texts=settings.max_texts, max_seq_len=settings.seq_len, gate_steps=settings.gate_steps
+        out = calibrate_many(
+            model,
+            tok,
+            texts,
+            settings.budget,
+            estimators=settings.estimators,
+            seed=settings.seed,
+            limits=limits(seq_len),
+            progress=(lambda ph, d, t: progress(f"{stage}: {ph}", d, t)) if progress else None,
         )
-        plan, rep = calibrate(
-            model, tok, cal_texts, settings.budget, estimator=est, seed=settings.seed, limits=lim
-        )
-        plans[est] = plan
-        fid = fidelity(plan)  # on the bench's own held-out windows, same for every estimator
-        same_budget.append(
-            {
-                "estimator": est,
-                "met_budget": rep.met_budget,
-                "density": rep.density,
-                "kl": fid.kl,
-                "agree": fid.agree,
-                "nll_delta": fid.nll_delta,
-                "probe_acc": probe_acc(plan),
-                "probe_acc_dense": dense_probes.accuracy,
-                "dense_layers": len(rep.dense_layers),
-                "calib_seconds": time.perf_counter() - t0,
-            }
+        return out, time.perf_counter() - t0
+
+    def base_row(spec: str, plan, rep) -> dict:
+        return {
+            "estimator": spec,
+            "met_budget": rep.met_budget,
+            "density": rep.density,
+            "calib_kl": rep.fidelity["kl"],
+            "calib_agree": rep.fidelity["agree"],
+            "dense_layers": len(rep.dense_layers),
+            "layer_estimators": _summary(rep.layer_estimators),
+            "gate_seconds": _gate_seconds(rep),
+        }
+
+    by_length = []
+    for li, seq_len in enumerate(settings.lengths, start=1):
+        stage = f"{seq_len} tokens"
+        results, calib_seconds = calibrated(cal_texts, seq_len, stage)
+        n_held = max(1, settings.heldout_tokens // seq_len)
+        held_w = pack_token_windows(tok, held_texts, seq_len, n_held, seed=settings.seed + 11)
+        ref = dense_reference(model, held_w)
+        dense_s = _time_prefill(model, held_w[0]) if settings.speed else None
+        rows = []
+        for spec, (plan, rep) in results.items():
+            row = {"seq_len": seq_len, **base_row(spec, plan, rep)}
+            sparsify(model, plan)
+            try:
+                fid = measure_fidelity(model, ref)
+                stats = sparse_stats(model)
+                row["measured_density"] = stats.density
+                if settings.speed:
+                    stats.reset()
+                    sparse_s = _time_prefill(model, held_w[0])
+                    row["estimator_share"] = stats.estimator_seconds / sparse_s if sparse_s > 0 else None
+            finally:
+                unsparsify(model)
+            if settings.speed:
+                dense_s = min(dense_s, _time_prefill(model, held_w[0]))  # dense timed around each row
+                row.update(prefill_seconds=sparse_s, dense_seconds=dense_s, speedup=dense_s / sparse_s)
+            row.update(kl=fid.kl, agree=fid.agree, nll_delta=fid.nll_delta, n_positions=fid.n_positions)
+            rows.append(row)
+        _ratios(rows)
+        by_length.append(
+            {"seq_len": seq_len, "calib_seconds": calib_seconds, "heldout_windows": len(held_w), "rows": rows}
         )
         if progress:
-            progress("same budget", i, n)
+            progress("lengths", li, len(settings.lengths))
 
-    target = settings.target_density
-    if target is None:
-        sparse_ones = [r["density"] for r in same_budget if r["met_budget"] and r["density"] < 1.0]
-        target = max(sparse_ones) if sparse_ones else 0.3
-    captured = _capture_qk(model, held_w[:1])
-    same_density = []
-    for i, est in enumerate(settings.estimators, start=1):
-        base = SparsePlan(estimator=est, tau=0.9)
-        if est == "gate":
-            base.tensors = plans["gate"].tensors
-        tau, dens = tau_for_density(base, captured, target)
-        plan = base.with_(tau=tau)
-        fid = fidelity(plan)
-        same_density.append(
-            {
-                "estimator": est,
-                "target_density": target,
-                "tau": tau,
-                "density": dens,
-                "kl": fid.kl,
-                "agree": fid.agree,
-                "nll_delta": fid.nll_delta,
-                "probe_acc": probe_acc(plan),
-                "probe_acc_dense": dense_probes.accuracy,
-            }
-        )
+    usecases = []
+    for ui, uc in enumerate(settings.usecases, start=1):
+        prompts = [r.prompt for r in uc.rows]
+        cal_p, held_p = split_texts(prompts, 0.34, settings.seed)
+        held_set = set(held_p)
+        held_rows = [r for r in uc.rows if r.prompt in held_set][: settings.max_task_rows]
+        results, calib_seconds = calibrated(cal_p, settings.usecase_length, uc.name)
+        dense_scores = _scores(model, tok, held_rows, uc.task)
+        rows = []
+        for spec, (plan, rep) in results.items():
+            sparsify(model, plan)
+            try:
+                sparse_scores = _scores(model, tok, held_rows, uc.task)
+                measured = sparse_stats(model).density
+            finally:
+                unsparsify(model)
+            delta = (sum(dense_scores) - sum(sparse_scores)) / max(1, len(held_rows))
+            rows.append(
+                {
+                    "usecase": uc.name,
+                    **base_row(spec, plan, rep),
+                    "measured_density": measured,
+                    "task": uc.task,
+                    "task_rows": len(held_rows),
+                    "dense_score": sum(dense_scores) / max(1, len(held_rows)),
+                    "task_delta": delta,
+                }
+            )
+        _ratios(rows)
+        usecases.append({"usecase": uc.name, "calib_seconds": calib_seconds, "rows": rows})
         if progress:
-            progress("same density", i, n)
+            progress("use cases", ui, len(settings.usecases))
 
-    by = {r["estimator"]: r for r in same_budget}
-    ratio = None
-    if "gate" in by and "pooled" in by and by["gate"]["density"] > 0:
-        ratio = by["pooled"]["density"] / by["gate"]["density"]
+    settings_out = {
+        k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.__dict__.items() if k != "usecases"
+    }
+    settings_out["usecases"] = [uc.name for uc in settings.usecases]
     return {
-        "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.__dict__.items()},
+        "settings": settings_out,
         "device": str(next(model.parameters()).device),
-        "same_budget": same_budget,
-        "same_density": same_density,
-        "pooled_over_gate_density": ratio,
-        "probe_accuracy_dense": dense_probes.accuracy,
+        "torch_threads": torch.get_num_threads(),
+        "loadavg_before": load_before,
+        "loadavg_after": _loadavg(),
+        "by_length": by_length,
+        "usecases": usecases,
         "seconds": time.perf_counter() - t_all,
     }
+
+
+def _scores(model, tok, rows, task: str) -> list[float]:
+    from sparse_core.tasks import score_request
+
+    return [score_request(model, tok, r.prompt, r.reference, r.task or task).quality for r in rows]
+
+
+def _summary(layer_estimators: list[str]) -> str:
+    """'pooled x12, gate_v2 x18' -- which estimator the layers use."""
+    counts: dict[str, int] = {}
+    for e in layer_estimators:
+        counts[e] = counts.get(e, 0) + 1
+    return ", ".join(f"{e} x{n}" for e, n in counts.items())
+
+
+def _gate_seconds(rep) -> float | None:
+    g = rep.gate_training
+    if not g:
+        return None
+    reps = [g] if "capture_seconds" in g else list(g.values())
+    total = sum(r["capture_seconds"] + r["train_seconds"] for r in reps)
+    return total if math.isfinite(total) else None
+
+
+def plot(result: dict[str, Any], path) -> Any:
+    """Density each estimator needs to meet the budget, per length and per use case (lower is
+    better; hatched = did not meet it, plan all but dense)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [(f"{b['seq_len']} tok", b["rows"]) for b in result["by_length"]]
+    groups += [(b["usecase"], b["rows"]) for b in result["usecases"]]
+    specs = list(dict.fromkeys(r["estimator"] for _, rows in groups for r in rows))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(groups) + 2), 3.6))
+    width = 0.8 / max(1, len(specs))
+    for si, spec in enumerate(specs):
+        for gi, (_, rows) in enumerate(groups):
+            r = next((x for x in rows if x["estimator"] == spec), None)
+            if r is None:
+                continue
+            ax.bar(
+                gi + si * width,
+                r["density"],
+                width,
+                color=f"C{si}",
+                hatch=None if r["met_budget"] else "//",
+                label=spec if gi == 0 else None,
+            )
+    ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], [g for g, _ in groups])
+    ax.set_ylabel("density at the budget (share of causal blocks)")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7, ncol=2)
+    budget = result["settings"]["budget"]
+    fig.suptitle(f"{result['settings']['model']}: density each estimator needs for {budget}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -9,7 +9,11 @@ Contract of an estimator ``fn(q, k, ctx) -> Tensor``:
 
 Estimators register by name (`register_estimator`); `get_estimator(name)` also imports
 ``sparse_core.estimators.<name>`` on first use, so a module that registers itself on import (the
-learned ``gate``) is found by name from a plan."""
+learned ``gate`` and ``gate_v2``) is found by name from a plan.
+
+Training-free: ``pooled``, ``antidiagonal``, ``quest``; learned: ``gate``, ``gate_v2`` (weights in the
+plan's tensors); ``oracle`` (exact block mass, as costly as dense attention) is the ceiling the
+benchmark compares against."""
 
 from __future__ import annotations
 
@@ -31,12 +35,13 @@ class EstimatorContext:
     key_valid: torch.Tensor | None = None  # [B, S] bool, False = padding; None = all valid
     scale: float | None = None  # softmax scale of the attention (default 1/sqrt(D))
     module: Any = None  # the attention module when called from a model (None in the functional API)
+    positions: torch.Tensor | None = None  # [B, S] token positions (None: 0..S-1, or derived from padding)
 
 
 Estimator = Callable[[torch.Tensor, torch.Tensor, EstimatorContext], torch.Tensor]
 
 _REGISTRY: dict[str, Estimator] = {}
-_BUILTIN_MODULES = ("pooled", "antidiagonal")
+_BUILTIN_MODULES = ("pooled", "antidiagonal", "quest", "gate", "gate_v2", "oracle")
 
 
 def register_estimator(name: str, fn: Estimator, *, overwrite: bool = False) -> Estimator:

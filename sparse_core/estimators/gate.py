@@ -232,19 +232,24 @@ def gate_for_plan(plan, shape: GateShape | None = None) -> BlockGate:
     return gate
 
 
+def check_call(name: str, gate, ctx, q: torch.Tensor, k: torch.Tensor) -> None:
+    """A learned gate fits this call: block size, layer index and head counts (clear errors)."""
+    if ctx.block_size != gate.block_size:
+        raise GateShapeError(f"{name} trained for block size {gate.block_size}, plan asks {ctx.block_size}")
+    if ctx.layer_idx >= gate.shape.num_layers:
+        raise GateShapeError(f"{name} has {gate.shape.num_layers} layers; asked for layer {ctx.layer_idx}")
+    if q.shape[1] != gate.shape.num_heads or k.shape[1] != gate.shape.num_kv_heads:
+        raise GateShapeError(
+            f"{name} expects {gate.shape.num_heads} query / {gate.shape.num_kv_heads} kv heads, "
+            f"got {q.shape[1]} / {k.shape[1]}"
+        )
+
+
 def gate_scores(q: torch.Tensor, k: torch.Tensor, ctx) -> torch.Tensor:
     if ctx.layer_idx is None or ctx.plan is None:
         raise GateShapeError("the gate estimator needs a layer index and a plan with gate weights")
     gate = gate_for_plan(ctx.plan)
-    if ctx.block_size != gate.block_size:
-        raise GateShapeError(f"gate trained for block size {gate.block_size}, plan asks {ctx.block_size}")
-    if ctx.layer_idx >= gate.shape.num_layers:
-        raise GateShapeError(f"gate has {gate.shape.num_layers} layers; asked for layer {ctx.layer_idx}")
-    if q.shape[1] != gate.shape.num_heads or k.shape[1] != gate.shape.num_kv_heads:
-        raise GateShapeError(
-            f"gate expects {gate.shape.num_heads} query / {gate.shape.num_kv_heads} kv heads, "
-            f"got {q.shape[1]} / {k.shape[1]}"
-        )
+    check_call("gate", gate, ctx, q, k)
     layer = gate.layers[ctx.layer_idx]
     if layer.wq.device != q.device:
         gate.to(q.device)

@@ -7,6 +7,10 @@ import typer
 
 app = typer.Typer(no_args_is_help=True)
 
+# bench quality: the estimators it knows, and the specs it compares by default (a+b: per-layer choice)
+KNOWN_ESTIMATORS = ("pooled", "antidiagonal", "quest", "gate", "gate_v2", "oracle")
+ESTIMATOR_SPECS = ("pooled", "antidiagonal", "quest", "gate", "gate_v2", "gate_v2+pooled", "oracle")
+
 
 @app.command("dashboard")
 def bench_dashboard(
@@ -88,45 +92,147 @@ def bench_import(
 
 @app.command("quality")
 def bench_quality(
-    quick: bool = typer.Option(False, "--quick", help="1k tokens, few windows, probes at 1k only."),
+    quick: bool = typer.Option(
+        False, "--quick", help="2k and 4k tokens, 4 windows, 120 gate steps, docs-qa's prompts (4 rows)."
+    ),
     model: str = typer.Option("smollm2-135m", "--model", help="Model ref."),
     budget: str = typer.Option(
-        "kl=0.01,agree=0.98", "--budget", help="Quality budget for the same-budget run."
+        "kl=0.01,agree=0.98", "--budget", help="The one budget every estimator meets."
     ),
-    estimators: str = typer.Option("pooled,antidiagonal,gate", "--estimators", help="Comma-separated."),
+    estimators: str = typer.Option(
+        ",".join(ESTIMATOR_SPECS),
+        "--estimators",
+        help="Comma-separated; a+b = per-layer choice between a and b.",
+    ),
+    lengths: str = typer.Option(
+        "", "--lengths", help="Context lengths, e.g. 2048,4096 (default by mode); 'none' = use cases only."
+    ),
+    usecases: str = typer.Option(
+        "",
+        "--usecases",
+        help="Sample use cases (names in examples/usecases or spec paths), comma-separated; 'none' to skip.",
+    ),
+    max_texts: int = typer.Option(0, "--max-texts", help="Calibration windows per length (0 = by mode)."),
+    gate_steps: int = typer.Option(0, "--gate-steps", help="Gate training steps (0 = by mode)."),
+    max_checks: int = typer.Option(0, "--max-checks", help="eps search steps per estimator (0 = 7)."),
+    gate_target: str = typer.Option("", "--gate-target", help="gate_v2 distillation target: maxpool | mass."),
+    no_speed: bool = typer.Option(False, "--no-speed", help="Skip the prefill timing per plan."),
     out: str = typer.Option("bench-results/quality.json", "--out", help="Where to write the JSON."),
     json_out: bool = typer.Option(False, "--json", help="Print the JSON instead of tables."),
 ) -> None:
-    """pooled vs antidiagonal vs gate on the same held-out texts: density at the same budget; KL,
-    agreement and probe accuracy at the same density."""
+    """Every block estimator at the same budget: density reached, held-out KL / agreement, prefill
+    speed-up, ratio vs the best training-free estimator; per use case the task-score delta."""
+    from pathlib import Path
 
     from rich.progress import Progress
 
-    from sparse_core.bench.quality import QualityBenchSettings, run_quality_bench
+    from sparse_core.bench.quality import QualityBenchSettings, plot, run_quality_bench
     from sparsepilot.console import fail, print_table
 
     names = tuple(e.strip() for e in estimators.split(",") if e.strip())
-    bad = [e for e in names if e not in ("pooled", "antidiagonal", "gate")]
+    bad = [e for e in names if any(p not in KNOWN_ESTIMATORS for p in e.split("+"))]
     if bad or not names:
-        fail(f"--estimators: unknown {bad or estimators!r}; choose from pooled, antidiagonal, gate")
-    kw = dict(model=model, budget=budget, estimators=names)
+        fail(
+            f"--estimators: unknown {bad or estimators!r}; "
+            f"choose from {', '.join(KNOWN_ESTIMATORS)} (a+b mixes)"
+        )
+    if gate_target not in ("", "maxpool", "mass"):
+        fail(f"--gate-target: {gate_target!r}; choose maxpool or mass")
+    kw: dict = dict(model=model, budget=budget, estimators=names, speed=not no_speed)
+    try:
+        if lengths:  # 'none': only the use cases
+            parts = [] if lengths == "none" else lengths.split(",")
+            kw["lengths"] = tuple(int(x) for x in parts if x.strip())
+    except ValueError:
+        fail(f"--lengths: {lengths!r} is not a comma-separated list of integers")
+    if max_texts:
+        kw["max_texts"] = max_texts
+    if gate_steps:
+        kw["gate_steps"] = gate_steps
+    if max_checks:
+        kw["max_joint_checks"] = max_checks
+    if gate_target:
+        kw["gate_target"] = gate_target
+    default_ucs = "docs-qa" if quick else "docs-qa,support-chat,longdoc-summaries"
+    uc_names = (
+        [] if usecases == "none" else [u.strip() for u in (usecases or default_ucs).split(",") if u.strip()]
+    )
+    kw["usecases"] = tuple(_usecase_data(u) for u in uc_names)
     settings = QualityBenchSettings.quick(**kw) if quick else QualityBenchSettings(**kw)
-    with Progress(transient=True) as bar:
+    import time
+
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log_path = path.with_suffix(".log")  # progress survives a transient bar and --json
+    with Progress(transient=True) as bar, log_path.open("a", encoding="utf-8") as log:
         tasks: dict[str, int] = {}
 
         def progress(stage: str, done: int, total: int) -> None:
             if stage not in tasks:
                 tasks[stage] = bar.add_task(stage, total=total)
             bar.update(tasks[stage], completed=done)
+            log.write(f"{time.strftime('%H:%M:%S')} {stage} {done}/{total}\n")
+            log.flush()
 
         result = run_quality_bench(settings, progress=progress)
+    plot(result, path.with_suffix(".png"))
     if _saved_and_emitted(result, out, json_out):
         return
-    print_table(f"Same budget ({budget}): density reached, held-out fidelity, probes", result["same_budget"])
-    print_table("Same density: fidelity and probes", result["same_density"])
-    ratio = result["pooled_over_gate_density"]
-    if ratio is not None:
-        print(f"pooled density / gate density at the same budget: {ratio:.3f}  (JSON: {out})")
+    cols = [
+        "estimator",
+        "met_budget",
+        "density",
+        "measured_density",
+        "kl",
+        "agree",
+        "ratio_vs_best_training_free",
+        "speedup",
+        "dense_layers",
+        "layer_estimators",
+    ]
+    for block in result["by_length"]:
+        print_table(
+            f"{block['seq_len']} tokens, budget {budget}: held-out natural text "
+            f"(load {result['loadavg_before']} -> {result['loadavg_after']})",
+            block["rows"],
+            columns=cols,
+        )
+    for block in result["usecases"]:
+        print_table(
+            f"{block['usecase']}: same budget, task delta on held-out rows",
+            block["rows"],
+            columns=[
+                "estimator",
+                "met_budget",
+                "density",
+                "ratio_vs_best_training_free",
+                "task",
+                "task_delta",
+            ],
+        )
+    print(f"JSON: {out}")
+
+
+def _usecase_data(ref: str):
+    """A sample use case by name (examples/usecases/<name>.yaml) or a spec path -> UseCaseData."""
+    from pathlib import Path
+
+    from rollout.spec import SpecError, load_spec
+    from sparse_core.bench.quality import UseCaseData
+    from sparse_core.tasks import DatasetError, read_dataset
+    from sparsepilot.console import fail
+
+    path = Path(ref)
+    if not path.suffix:
+        path = Path(__file__).resolve().parents[2] / "examples" / "usecases" / f"{ref}.yaml"
+    if not path.is_file():
+        fail(f"--usecases: no spec at {path}")
+    try:
+        spec = load_spec(path)
+        rows = read_dataset(spec.dataset_path(path.parent), default_task=spec.dataset.task)
+    except (SpecError, DatasetError) as exc:
+        fail(f"--usecases: {exc}")
+    return UseCaseData(spec.name, tuple(rows), spec.dataset.task)
 
 
 @app.command("attention")

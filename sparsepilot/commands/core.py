@@ -133,12 +133,22 @@ def _write_plan_dir(plan, out: Path, config, report: dict) -> str:
 
 def calibrate_cmd(
     model: Annotated[str, typer.Option("--model", help="smollm2-135m, a local HF dir or a .gguf file")],
-    texts: Annotated[str, typer.Option("--texts", help="texts FILE (.jsonl/.txt) or 'stdlib'")],
+    texts: Annotated[
+        str,
+        typer.Option(
+            "--texts", help="texts FILE (.jsonl/.txt), 'stdlib', or 'dataset' (--dataset's prompts)"
+        ),
+    ],
     out: Annotated[Path, typer.Option("--out", help="plan directory to write")],
     budget: Annotated[
-        str, typer.Option("--budget", help="kl=0.01[,agree=0.99][,nll=0.01]")
+        str, typer.Option("--budget", help="kl=0.01[,agree=0.99][,nll=0.01][,task=0.02 (needs --dataset)]")
     ] = "kl=0.01,agree=0.99",
-    estimator: Annotated[str, typer.Option("--estimator", help="pooled | antidiagonal | gate")] = "gate",
+    estimator: Annotated[
+        str,
+        typer.Option(
+            "--estimator", help="pooled | antidiagonal | quest | gate | gate_v2; a+b: per-layer choice"
+        ),
+    ] = "gate",
     seed: Annotated[int, typer.Option("--seed")] = 0,
     max_texts: Annotated[int | None, typer.Option("--max-texts", help="token windows in total")] = None,
     seq_len: Annotated[int | None, typer.Option("--seq-len", help="tokens per window")] = None,
@@ -148,10 +158,16 @@ def calibrate_cmd(
     ] = None,
     max_seconds: Annotated[float | None, typer.Option("--max-seconds", help="soft cap on the search")] = None,
     quick: Annotated[bool, typer.Option("--quick", help="cheap settings (few short windows)")] = False,
+    dataset: Annotated[
+        Path | None, typer.Option("--dataset", help="JSONL prompt/reference rows for the task bound")
+    ] = None,
+    task: Annotated[str | None, typer.Option("--task", help="exact_match|contains|rouge_l|loglik")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
 ) -> None:
     """Calibrate a sparse plan to a quality budget on your texts; writes PLAN/ (plan.json, gate
-    weights, plan.sha256, calibration_report.json)."""
+    weights, plan.sha256, calibration_report.json). With --dataset the budget may bound the task
+    score (task=...): measured on the calibration split of the rows, then reported on the held-out
+    split."""
     from sparse_core import PlanError
     from sparse_core.calibration import Budget, BudgetError, CalibrationLimits
 
@@ -162,7 +178,8 @@ def calibrate_cmd(
     from sparse_core.estimators import get_estimator
 
     try:
-        get_estimator(estimator)
+        for part in estimator.split("+"):
+            get_estimator(part.strip())
     except PlanError as exc:
         fail(f"--estimator: {exc}")
     kw: dict[str, Any] = {}
@@ -180,7 +197,20 @@ def calibrate_cmd(
         limits = CalibrationLimits.quick(**kw) if quick else CalibrationLimits(**kw)
     except ValueError as exc:
         fail(str(exc))
-    corpus = read_texts(texts)
+    rows: list = []
+    if dataset is not None:
+        from sparse_core.tasks import TASKS, DatasetError, read_dataset
+
+        if task is not None and task not in TASKS:
+            fail(f"--task: {task!r}; choose one of {', '.join(TASKS)}")
+        try:
+            rows = read_dataset(dataset, default_task=task)
+        except DatasetError as exc:
+            fail(str(exc))
+    elif b.task_delta is not None or texts == "dataset":
+        fail("--budget task=... and --texts dataset need --dataset FILE")
+    corpus = [r.prompt for r in rows] if texts == "dataset" else read_texts(texts)
+    cal_rows, held_rows = _split_rows(rows, limits.holdout_fraction, seed) if rows else ([], [])
     m, tok = _load(model)
     if limits.max_seq_len > int(getattr(m.config, "max_position_embeddings", limits.max_seq_len)):
         fail(
@@ -191,8 +221,22 @@ def calibrate_cmd(
     try:
         with _progress() as progress:
             plan, report = calibrate(
-                m, tok, corpus, b, estimator=estimator, seed=seed, limits=limits, progress=progress
+                m,
+                tok,
+                corpus,
+                b,
+                estimator=estimator,
+                seed=seed,
+                limits=limits,
+                progress=progress,
+                task_rows=cal_rows or None,
+                task=task,
             )
+            if report.task is not None and held_rows:
+                report.task.update(
+                    _heldout_task_delta(m, tok, plan, held_rows[: limits.max_task_rows], task, limits)
+                )
+                plan.metadata["task"] = report.task
     except (PlanError, ValueError) as exc:
         fail(str(exc))
     rep = report.to_dict()
@@ -219,6 +263,33 @@ def calibrate_cmd(
         ],
     )
     console.print(f"plan written to [bold]{out}[/] (hash {digest[:12]})")
+
+
+def _split_rows(rows: list, holdout_fraction: float, seed: int) -> tuple[list, list]:
+    """The dataset's calibration / held-out rows, by the same split calibration applies to prompts."""
+    from sparse_core.calibration import split_texts
+
+    _, held = split_texts([r.prompt for r in rows], holdout_fraction, seed)
+    held_set = set(held)
+    return [r for r in rows if r.prompt not in held_set], [r for r in rows if r.prompt in held_set]
+
+
+def _heldout_task_delta(model, tok, plan, rows: list, task: str | None, limits) -> dict[str, Any]:
+    """The plan's task-score drop (dense - sparse mean) on held-out rows calibration never saw."""
+    from sparse_core import sparsify, unsparsify
+    from sparse_core.calibration import task_scores
+
+    dense = task_scores(model, tok, rows, task, limits)
+    sparsify(model, plan)
+    try:
+        sparse = task_scores(model, tok, rows, task, limits)
+    finally:
+        unsparsify(model)
+    return {
+        "heldout_rows": len(rows),
+        "heldout_dense_score": sum(dense) / len(rows),
+        "heldout_task_delta": (sum(dense) - sum(sparse)) / len(rows),
+    }
 
 
 def evaluate_cmd(

@@ -174,3 +174,16 @@ def test_a_key_given_twice_is_an_error_not_a_silent_override(tmp_path: Path) -> 
         SpecError, match=r"dup.yaml: line \d+, column 1: YAML syntax error: key 'gate' appears twice"
     ):
         load_spec(tmp_path / "dup.yaml")
+
+
+def test_task_delta_is_optional_positive_and_in_the_samples() -> None:
+    spec = example_spec("docs-qa")
+    assert parse_spec(spec).quality_budget.task_delta == 0.02
+    del spec["quality_budget"]["task_delta"]
+    assert parse_spec(spec).quality_budget.task_delta is None
+    spec["quality_budget"]["task_delta"] = -0.01
+    with pytest.raises(SpecError, match="quality_budget.task_delta"):
+        parse_spec(spec)
+    spec["quality_budget"]["task_delta"] = 0.02
+    spec["quality_budget"]["estimator"] = "gate_v2+pooled"
+    assert parse_spec(spec).quality_budget.estimator == "gate_v2+pooled"

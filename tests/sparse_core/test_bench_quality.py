@@ -1,0 +1,50 @@
+"""`bench quality` on a tiny model: every estimator spec gets a row per length and per use case, at
+the same budget, with the ratio to the best training-free estimator and the measured columns."""
+
+from __future__ import annotations
+
+import json
+
+from sparse_core.bench.quality import (
+    TRAINING_FREE,
+    QualityBenchSettings,
+    UseCaseData,
+    plot,
+    run_quality_bench,
+)
+from sparse_core.tasks import TaskRow
+
+SPECS = ("pooled", "antidiagonal", "quest", "gate", "gate_v2", "gate_v2+pooled", "oracle")
+
+
+def test_quality_bench_compares_every_estimator_at_one_budget(quality_tiny_dir, quality_texts, tmp_path):
+    rows = [TaskRow(prompt=t[:3000], reference=t[3000:3100]) for t in quality_texts if len(t) > 3200][:9]
+    settings = QualityBenchSettings(
+        model=str(quality_tiny_dir),
+        budget="kl=0.05,agree=0.5",
+        estimators=SPECS,
+        lengths=(512,),
+        max_texts=4,
+        gate_steps=10,
+        heldout_tokens=512,
+        usecases=(UseCaseData("tiny-qa", tuple(rows), "loglik"),),
+        usecase_length=512,
+        max_task_rows=2,
+    )
+    out = run_quality_bench(settings)
+    json.dumps(out, allow_nan=False)  # strict JSON
+    (block,) = out["by_length"]
+    assert [r["estimator"] for r in block["rows"]] == list(SPECS)
+    best = min(r["density"] for r in block["rows"] if r["estimator"] in TRAINING_FREE and r["met_budget"])
+    for r in block["rows"]:
+        assert r["best_training_free_density"] == best
+        assert 0 < r["measured_density"] <= 1 and r["speedup"] > 0 and r["n_positions"] > 0
+        if r["met_budget"]:
+            assert r["ratio_vs_best_training_free"] == best / r["density"]
+    assert block["rows"][3]["gate_seconds"] > 0 and block["rows"][0]["gate_seconds"] is None
+    (uc,) = out["usecases"]
+    assert uc["usecase"] == "tiny-qa" and len(uc["rows"]) == len(SPECS)
+    assert all(r["task"] == "loglik" and r["task_rows"] == 2 for r in uc["rows"])
+    assert out["settings"]["usecases"] == ["tiny-qa"] and out["loadavg_before"]
+    png = plot(out, tmp_path / "quality.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"

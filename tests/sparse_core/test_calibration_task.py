@@ -1,0 +1,210 @@
+"""Calibration to the use case's task (budget.task_delta) and the per-layer estimator choice."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparse_core import sparsify, unsparsify
+from sparse_core.calibration import (
+    Budget,
+    BudgetError,
+    CalibrationLimits,
+    Sensitivity,
+    allocate_choice,
+    calibrate,
+    calibrate_many,
+    paired_drop,
+    task_scores,
+)
+from sparse_core.tasks import TaskRow
+
+LIMITS = CalibrationLimits(
+    max_texts=4, max_seq_len=768, taus=(0.3, 0.5, 0.7, 0.9), max_joint_checks=4, max_task_rows=6
+)
+LOOSE = "kl=1,agree=0.3"  # fidelity never binds: only the task bound can
+
+
+@pytest.fixture(scope="module")
+def task_rows(quality_tiny, quality_texts):
+    """12 loglik rows (600-token prompt, the next 32 tokens as reference); even rows calibrate, odd
+    rows are the held-out split."""
+    _, tok = quality_tiny
+    rows = []
+    for t in quality_texts:
+        ids = tok(t, add_special_tokens=False)["input_ids"]
+        if len(ids) >= 700:
+            rows.append(TaskRow(prompt=tok.decode(ids[:600]), reference=tok.decode(ids[600:632])))
+        if len(rows) == 12:
+            break
+    return rows[::2], rows[1::2]
+
+
+def _delta(model, tok, plan, rows) -> float:
+    dense = task_scores(model, tok, rows, "loglik", LIMITS)
+    sparsify(model, plan)
+    try:
+        sparse = task_scores(model, tok, rows, "loglik", LIMITS)
+    finally:
+        unsparsify(model)
+    return (sum(dense) - sum(sparse)) / len(rows)
+
+
+def test_task_bound_holds_on_the_heldout_split(quality_tiny, quality_texts, task_rows):
+    model, tok = quality_tiny
+    cal, held = task_rows
+    # A random-weight model puts ~1/500 probability on every token, so task scores are ~0.002 and
+    # what sparsity changes is ~1e-5: the bound is set on that scale.
+    bound = 1e-6
+    free, free_rep = calibrate(model, tok, quality_texts, LOOSE, seed=3, limits=LIMITS)
+    assert free_rep.task is None
+    assert _delta(model, tok, free, held) > bound, "without the bound the plan breaks it on held-out rows"
+
+    plan, rep = calibrate(
+        model,
+        tok,
+        quality_texts,
+        f"{LOOSE},task={bound}",
+        seed=3,
+        limits=LIMITS,
+        task_rows=cal,
+        task="loglik",
+    )
+    assert rep.task["bound"] == bound and rep.task["n_rows"] == len(cal)
+    assert rep.task["task_delta"] <= rep.task["task_delta_upper"] <= bound
+    assert plan.metadata["task"] == rep.task
+    assert all(s.task_delta is not None for s in rep.search if s.fidelity["agree"] >= 0.3)
+    assert rep.density > free_rep.density, "the task bound is what kept the plan denser"
+    assert _delta(model, tok, plan, cal) == pytest.approx(rep.task["task_delta"], abs=1e-9)
+    assert _delta(model, tok, plan, held) <= bound
+
+
+def test_paired_drop_is_the_mean_and_its_upper_confidence_limit():
+    mean, upper = paired_drop([3.0, 5.0, 7.0], [2.0, 3.0, 4.0])  # drops 1, 2, 3: sd 1, t(2 df) 2.920
+    assert mean == 2.0 and upper == pytest.approx(2.0 + 2.920 / 3**0.5)
+    assert paired_drop([0.5], [0.4]) == pytest.approx((0.1, 0.1))
+    mean, upper = paired_drop([1.0] * 40, [1.0] * 20 + [0.9] * 20)  # beyond the table: normal quantile
+    assert upper == pytest.approx(0.05 + 1.645 * (0.0025 * 40 / 39) ** 0.5 / 40**0.5)
+
+
+def test_task_bound_needs_rows_and_parses():
+    assert Budget.parse("kl=0.01,task=0.03").task_delta == 0.03
+    assert Budget.from_mapping({"agree": 0.98, "task_delta": 0.02}).task_delta == 0.02
+    with pytest.raises(BudgetError, match="task_delta"):
+        Budget(task_delta=-1)
+    with pytest.raises(BudgetError, match="needs task rows"):
+        calibrate(None, None, ["a", "b"], "kl=0.01,task=0.01")
+
+
+def _sens(err: list[list[float]], dens: list[list[float]]) -> Sensitivity:
+    """One selection head, taus (0.5, 0.9): err/dens per layer x tau."""
+    e = torch.tensor(err)[:, :, None]
+    d = torch.tensor(dens)[:, :, None]
+    return Sensitivity((0.5, 0.9), e, d, heads=1, group=1)
+
+
+def test_each_layer_takes_the_estimator_that_keeps_fewer_blocks():
+    a = _sens([[0.01, 0.001], [0.2, 0.1]], [[0.3, 0.5], [0.2, 0.4]])  # good on layer 0 only
+    b = _sens([[0.01, 0.001], [0.01, 0.001]], [[0.4, 0.6], [0.3, 0.5]])  # layer 1 only works with b
+    lo, ho, dense, pred, dmat, chosen = allocate_choice({"a": a, "b": b}, 0.02, per_head=True)
+    assert chosen == ["a", "b"]
+    assert lo[0] == {"tau": 0.5} and lo[1] == {"tau": 0.5, "estimator": "b"}
+    assert dense == () and pred == pytest.approx((0.3 + 0.3) / 2)
+    _, _, dense, _, _, chosen = allocate_choice({"a": a}, 0.02, per_head=True)
+    assert dense == (1,), "alone, estimator a keeps layer 1 dense"
+
+
+def test_mixed_plan_records_layer_estimators_and_runs(quality_tiny, quality_texts):
+    model, tok = quality_tiny
+    out = calibrate_many(
+        model,
+        tok,
+        quality_texts,
+        LOOSE,
+        estimators=("quest+pooled", "pooled", "quest"),
+        seed=3,
+        limits=LIMITS,
+    )
+    mixed, rep = out["quest+pooled"]
+    n = model.config.num_hidden_layers
+    assert len(rep.layer_estimators) == n and plan_estimators(mixed) == rep.layer_estimators
+    assert mixed.metadata["layer_estimators"] == rep.layer_estimators
+    assert rep.estimator == "quest+pooled" and mixed.estimator == "quest"
+    # the per-layer choice is never worse than either estimator alone at the same eps grid
+    assert (
+        rep.predicted_density
+        <= min(out["pooled"][1].predicted_density, out["quest"][1].predicted_density) + 1e-6
+    )
+    sparsify(model, mixed)
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.tensor([[1] * 300]))
+    finally:
+        unsparsify(model)
+
+
+def plan_estimators(plan) -> list[str]:
+    return [
+        "dense" if i in plan.dense_layers else plan.layer_params(i).estimator
+        for i in range(len(plan.metadata["layer_density"]))
+    ]
+
+
+def test_cli_calibrate_bounds_the_task_and_reports_the_heldout_split(
+    quality_tiny_dir, quality_texts, task_rows, tmp_path
+):
+    import json
+
+    from typer.testing import CliRunner
+
+    from sparsepilot.cli import app
+
+    cal, held = task_rows
+    data = tmp_path / "rows.jsonl"
+    data.write_text(
+        "".join(json.dumps({"prompt": r.prompt, "reference": r.reference}) + "\n" for r in cal + held)
+    )
+    args = [
+        "calibrate",
+        "--model",
+        str(quality_tiny_dir),
+        "--out",
+        str(tmp_path / "plan"),
+        "--estimator",
+        "pooled",
+    ]
+    args += ["--max-texts", "4", "--seq-len", "768", "--json"]
+    runner = CliRunner()
+    res = runner.invoke(app, [*args, "--texts", "stdlib", "--budget", "kl=1,agree=0.3,task=1e-6"])
+    assert res.exit_code == 2 and "need --dataset" in res.output
+    res = runner.invoke(
+        app,
+        [
+            *args,
+            "--texts",
+            "dataset",
+            "--dataset",
+            str(data),
+            "--task",
+            "loglik",
+            "--budget",
+            "kl=1,task=1e-6",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "plan" / "calibration_report.json").read_text())
+    t = report["task"]
+    assert t["bound"] == 1e-6 and t["task_delta"] <= 1e-6 and t["heldout_rows"] > 0
+    assert t["heldout_task_delta"] <= 1e-6
+
+
+def test_each_plan_carries_only_the_weights_it_uses(quality_tiny, quality_texts):
+    model, tok = quality_tiny
+    lim = CalibrationLimits(max_texts=4, max_seq_len=512, taus=(0.5, 0.9), max_joint_checks=2, gate_steps=5)
+    out = calibrate_many(
+        model, tok, quality_texts, LOOSE, estimators=("pooled", "gate", "gate_v2+pooled"), limits=lim
+    )
+    assert out["pooled"][0].tensors == {} and "gate_weights" not in out["pooled"][0].metadata
+    assert {k.split(".")[0] for k in out["gate"][0].tensors} == {"gate"}
+    assert {k.split(".")[0] for k in out["gate_v2+pooled"][0].tensors} == {"gate_v2"}
+    assert out["gate"][1].gate_training["steps"] == 5
