@@ -11,8 +11,8 @@ from pathlib import Path
 
 from rollout.traffic.base import Request, TrafficError
 
-MAX_FIELD = 1_000_000  # characters in one prompt / reference
-csv.field_size_limit(MAX_FIELD + 1)
+MAX_FIELD = 1_000_000  # characters in one prompt / reference (a CSV field stops at csv's 128 KiB limit:
+# that limit is process-wide and guards the observation import too, so long prompts belong in JSONL)
 
 
 class RequestLogSource:
@@ -61,7 +61,8 @@ class RequestLogSource:
                     for record in reader:
                         yield reader.line_num, record
                 except csv.Error as exc:
-                    raise TrafficError(f"{self.path}: not valid CSV: {exc}") from exc
+                    line = reader.line_num + 1  # the line being read when the parser gave up
+                    raise TrafficError(f"{self.path}:{line}: not valid CSV: {exc}") from exc
                 return
             for line, text in enumerate(fh, start=1):
                 if not text.strip():

@@ -101,3 +101,14 @@ def test_spec_traffic_source_needs_a_path_only_for_a_log() -> None:
         parse_spec(data, "x.yaml")
     data["rollout"]["traffic_source"] = {"kind": "request-log", "path": "logs/prod.jsonl"}
     assert parse_spec(data, "x.yaml").rollout.traffic_source.path == "logs/prod.jsonl"
+
+
+def test_a_csv_field_over_the_csv_limit_names_the_line(tmp_path: Path) -> None:
+    import csv
+
+    limit = csv.field_size_limit()
+    path = tmp_path / "log.csv"
+    path.write_text("id,prompt\nA1,short\nA2," + "x" * (limit + 10) + "\n")
+    with pytest.raises(TrafficError, match=r"log\.csv:3: not valid CSV"):
+        RequestLogSource(path).take(5, set())
+    assert csv.field_size_limit() == limit  # reading a log never widens the process-wide limit
