@@ -384,22 +384,30 @@ def bench_gate(
     replications: int = typer.Option(
         1000, "--replications", help="Simulated pilots per scenario (--simulate)."
     ),
-    repeats: int = typer.Option(3, "--repeats", help="Timed decide() calls per size (best and median kept)."),
+    repeats: int = typer.Option(
+        3, "--repeats", min=1, help="Timed decide() calls per size (best and median kept)."
+    ),
+    rows: str = typer.Option(
+        "10000,100000,1000000", "--rows", help="Comma-separated step sizes (rows) to time."
+    ),
     out: str = typer.Option("bench-results/gate.json", "--out", help="Where to write the JSON."),
     json_out: bool = typer.Option(False, "--json", help="Print the JSON after the tables."),
 ) -> None:
     """Time the gate's decide() at 10k / 100k / 1M rows (target: 1M rows <= 1 s) and, with --simulate,
     measure its error rates by simulation (the table in docs/gate.md)."""
-    import json
-    from pathlib import Path
-
     from rich.progress import Progress
 
     from rollout.gate.bench import simulation_table, time_decide
-    from sparsepilot.console import emit_json, print_table
+    from sparsepilot.console import fail, print_table
 
     _wide_console()
-    result: dict = {"decide": time_decide(repeats=repeats)}
+    try:
+        sizes = tuple(int(x) for x in rows.split(",") if x.strip())
+    except ValueError:
+        fail(f"--rows: {rows!r} is not a comma-separated list of integers")
+    if not sizes or min(sizes) < 4:
+        fail("--rows: give at least one size of 4 rows or more")
+    result: dict = {"decide": time_decide(sizes, repeats=repeats)}
     env = result["decide"]["environment"]
     print_table(
         f"decide() time; load {env['loadavg_before']} -> {env['loadavg_after']} on {env['cpu_count']} CPUs",
@@ -432,8 +440,4 @@ def bench_gate(
                 "mean_requests_to_go",
             ],
         )
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
-    if json_out:
-        emit_json(result)
+    _saved_and_emitted(result, out, json_out)

@@ -474,3 +474,26 @@ def test_a_look_from_the_old_asymptotic_gate_counts_as_a_look_but_not_in_the_int
     }
     hist = GateHistory.from_evidence([old])
     assert hist.looks == 1 and hist.interval_low == -math.inf and hist.interval_high == math.inf
+
+
+def test_bench_gate_prints_a_table_and_writes_json(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from sparsepilot.cli import app
+
+    out = tmp_path / "gate.json"
+    res = CliRunner().invoke(
+        app, ["bench", "gate", "--rows", "400,2000", "--repeats", "1", "--out", str(out)]
+    )
+    assert res.exit_code == 0, res.output
+    assert "decide() time" in res.output
+    rows = json.loads(out.read_text())["decide"]["rows"]
+    assert [(r["mode"], r["rows"]) for r in rows] == [
+        ("split", 400),
+        ("split", 2000),
+        ("paired", 400),
+        ("paired", 2000),
+    ]
+    assert all(r["best_s"] > 0 and r["outcome"] in ("GO", "EXTEND", "NO-GO") for r in rows)
+    bad = CliRunner().invoke(app, ["bench", "gate", "--rows", "ten"])
+    assert bad.exit_code == 2 and "--rows" in bad.output
