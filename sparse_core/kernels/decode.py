@@ -1,0 +1,76 @@
+"""Decode kernel: one query token per sequence attends only to selected pages of the KV cache.
+
+The selected pages (all before the local window) are gathered into one contiguous K/V per
+(batch, KV head) with a single `index_select` over token rows; the local window (the newest pages)
+is read in place. Each part is attended with the CPU flash kernel, the query heads of a GQA group
+stacked as query rows against their KV head (no repeat of K/V), and the two partial results are
+merged exactly by log-sum-exp. With every page selected this is dense attention (tested)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from sparse_core.kernels.gather import _attend
+
+
+def page_token_index(pages: torch.Tensor, page_size: int, length: int) -> torch.Tensor:
+    """[B, H, m] page indices -> flat token rows [B*H*m*page_size] into keys.view(B*H*length, D)."""
+    b, h, m = pages.shape
+    offs = torch.arange(page_size, device=pages.device)
+    tok = (pages * page_size)[..., None] + offs  # [B, H, m, P]
+    rows = (torch.arange(b * h, device=pages.device) * length).view(b, h, 1, 1)
+    return (rows + tok).reshape(-1)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pages: torch.Tensor,
+    page_size: int,
+    local_start: int,
+    *,
+    key_valid: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """q [B, Hq, 1, D]; k/v [B, Hkv, L, D]; pages [B, Hkv, m] ascending, each page wholly before
+    `local_start` (a multiple of page_size); key_valid [B, L] bool (False = padding) or None.
+    Returns [B, Hq, 1, D]: attention over the selected pages plus keys [local_start, L)."""
+    b, hq, lq, d = q.shape
+    if lq != 1:
+        raise ValueError(f"decode_attention takes one query token, got {lq}")
+    hkv, length = k.shape[1], k.shape[2]
+    g = hq // hkv
+    scale = scale if scale is not None else 1.0 / math.sqrt(d)
+    qg = q.reshape(b, hkv, g, d)
+
+    lmask = None
+    if key_valid is not None:
+        lmask = key_valid[:, None, None, local_start:].expand(b, hkv, g, length - local_start)
+    out_l, lse_l = _attend(
+        qg, k[:, :, local_start:], v[:, :, local_start:], causal=False, scale=scale, mask=lmask
+    )
+    m = pages.shape[-1]
+    if m == 0:
+        return out_l.reshape(b, hq, 1, d)
+    kc = k if k.is_contiguous() else k.contiguous()
+    vc = v if v.is_contiguous() else v.contiguous()
+    idx = page_token_index(pages, page_size, length)
+    kg = kc.view(-1, d).index_select(0, idx).view(b, hkv, m * page_size, d)
+    vg = vc.view(-1, d).index_select(0, idx).view(b, hkv, m * page_size, d)
+    gmask = None
+    if key_valid is not None:
+        tok = idx.view(b, hkv, -1) % length
+        gvalid = torch.gather(key_valid[:, None, :].expand(b, hkv, length), 2, tok)
+        gmask = gvalid[:, :, None, :].expand(b, hkv, g, m * page_size)
+    out_g, lse_g = _attend(qg, kg, vg, causal=False, scale=scale, mask=gmask)
+    if gmask is not None:  # pages with no visible key contribute nothing
+        lse_g = lse_g.masked_fill(~gmask.any(-1), float("-inf"))
+    mx = torch.maximum(lse_l, lse_g)
+    w_l = torch.exp(lse_l - mx)
+    w_g = torch.exp(lse_g - mx)
+    tot = w_l + w_g
+    out = torch.addcmul(out_l.float() * (w_l / tot)[..., None], out_g.float(), (w_g / tot)[..., None])
+    return out.to(q.dtype).reshape(b, hq, 1, d)

@@ -1,0 +1,174 @@
+"""Sparse decode: page summaries, page selection, the decode kernel, and the retrofit's decode path
+on tiny random Llama (GQA) and Qwen2 models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparse_core import PlanError, SparsePlan, decode_stats, load_model, sparsify, unsparsify
+from sparse_core.decode.pages import summarize, sync
+from sparse_core.decode.plan import DecodePlan
+from sparse_core.decode.scoring import local_start, quest_upper_bound, select_pages
+from sparse_core.kernels.decode import decode_attention
+from sparse_core.testing import sample_text
+
+
+def _dense(q, k, v, key_valid=None):
+    g = q.shape[1] // k.shape[1]
+    mask = None if key_valid is None else key_valid[:, None, None, :]
+    return F.scaled_dot_product_attention(
+        q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), attn_mask=mask
+    )
+
+
+@pytest.mark.parametrize(("hq", "hkv"), [(4, 4), (6, 2)], ids=["mha", "gqa"])
+@pytest.mark.parametrize("length", [256, 301])
+def test_decode_kernel_equals_dense_with_every_page(hq, hkv, length):
+    torch.manual_seed(0)
+    b, d, ps = 2, 32, 32
+    q, k, v = torch.randn(b, hq, 1, d), torch.randn(b, hkv, length, d), torch.randn(b, hkv, length, d)
+    start = local_start(length, ps, 2)
+    pages = torch.arange(start // ps).expand(b, hkv, -1)
+    out = decode_attention(q, k, v, pages, ps, start)
+    assert (out - _dense(q, k, v)).abs().max().item() <= 1e-4
+    key_valid = torch.ones(b, length, dtype=torch.bool)
+    key_valid[0, :70] = False  # left padding of the first row (covers a whole page and part of one)
+    out = decode_attention(q, k, v, pages, ps, start, key_valid=key_valid)
+    assert (out - _dense(q, k, v, key_valid)).abs().max().item() <= 1e-4
+
+
+def test_decode_kernel_reads_only_the_selected_pages():
+    torch.manual_seed(1)
+    b, hq, hkv, length, d, ps = 1, 4, 2, 320, 16, 32
+    q, k, v = torch.randn(b, hq, 1, d), torch.randn(b, hkv, length, d), torch.randn(b, hkv, length, d)
+    pages = torch.tensor([[[0, 3, 5], [1, 2, 7]]])
+    start = local_start(length, ps, 2)  # pages 8 and 9
+    out = decode_attention(q, k, v, pages, ps, start)
+    for h in range(hkv):
+        keep = torch.zeros(length, dtype=torch.bool)
+        for p in pages[0, h].tolist():
+            keep[p * ps : (p + 1) * ps] = True
+        keep[start:] = True
+        g = hq // hkv
+        ref = F.scaled_dot_product_attention(
+            q[:, h * g : (h + 1) * g], k[:, h : h + 1, keep], v[:, h : h + 1, keep]
+        )
+        assert (out[:, h * g : (h + 1) * g] - ref).abs().max().item() <= 1e-5
+
+
+def test_page_summaries_after_appends_equal_summaries_from_scratch():
+    torch.manual_seed(2)
+    keys = torch.randn(2, 3, 403, 16)
+    s = summarize(keys[:, :, :70], 32)
+    t = 70
+    for step in (1, 1, 5, 31, 1, 64, 100, 1, 129):  # single tokens, page-crossing chunks
+        t += step
+        s = sync(s, keys[:, :, :t], 32)
+    assert t == keys.shape[2] and s.length == t
+    ref = summarize(keys, 32)
+    kmax, kmin, ksum = s.live()
+    rmax, rmin, rsum = ref.live()
+    assert torch.equal(kmax, rmax) and torch.equal(kmin, rmin)
+    torch.testing.assert_close(ksum, rsum, rtol=0, atol=1e-5)
+    assert torch.equal(s.page_counts(), ref.page_counts())
+    # a different sequence of the same length is not mistaken for a continuation
+    other = torch.randn(2, 3, 404, 16)
+    s2 = sync(s, other, 32)
+    assert torch.equal(s2.live()[0], summarize(other, 32).live()[0])
+
+
+def test_quest_bound_is_an_upper_bound_and_tight_per_channel():
+    torch.manual_seed(3)
+    keys = torch.randn(1, 2, 256, 8)
+    q = torch.randn(1, 4, 8)
+    s = summarize(keys, 32)
+    ub = quest_upper_bound(q, s.kmax[:, :, : s.n_pages], s.kmin[:, :, : s.n_pages])  # [1, 4, 8]
+    logits = torch.einsum("bhd,bhsd->bhs", q, keys.repeat_interleave(2, 1))  # [1, 4, 256]
+    true_max = logits.view(1, 4, 8, 32).amax(-1)
+    assert (ub >= true_max - 1e-5).all()
+
+
+def test_select_pages_keeps_sink_and_budget():
+    mass = torch.tensor([[[0.1, 0.0, 0.5, 0.01, 0.3, 0.02, 0.03, 0.04]]])
+    sel = select_pages(mass, sink_pages=1, local_pages=2, keep_pages=4, tau=None)
+    assert sel.tolist() == [[[0, 2]]]  # sink + best page; local pages 6, 7 are read by the kernel
+    sel = select_pages(mass, sink_pages=1, local_pages=2, keep_pages=None, tau=0.9)
+    assert sel.tolist() == [[[0, 2, 4]]]
+    sel = select_pages(mass, sink_pages=1, local_pages=2, keep_pages=None, tau=1.0)
+    assert sel.tolist() == [[[0, 1, 2, 3, 4, 5]]]
+
+
+def test_decode_plan_round_trip_and_old_plans_unchanged():
+    old = SparsePlan(block_size=32, tau=0.9)
+    assert "decode" not in old.to_dict()
+    assert SparsePlan.from_dict(old.to_dict()).content_hash() == old.content_hash()
+    plan = old.with_(decode=DecodePlan(budget_tokens=256, layer_overrides={1: {"budget_tokens": 512}}))
+    again = SparsePlan.from_json(plan.to_json())
+    assert again.decode == plan.decode and again.content_hash() == plan.content_hash() != old.content_hash()
+    with pytest.raises(PlanError, match=r"plan.decode.estimator must be one of"):
+        SparsePlan(decode={"estimator": "magic"})
+    with pytest.raises(PlanError, match=r"plan.decode: unknown field\(s\) \['budget'\]"):
+        SparsePlan(decode={"budget": 3})
+    with pytest.raises(PlanError, match=r"plan.decode.density must be None or in \(0, 1\]"):
+        SparsePlan(decode={"density": 1.5})
+
+
+def _prompt(tok, n):
+    return tok(sample_text(6000), return_tensors="pt").input_ids[:, :n]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_greedy_generation_equals_dense_at_full_decode_budget(tiny_model_factory, arch):
+    model, tok = load_model(tiny_model_factory(arch))
+    ids = _prompt(tok, 300)
+    with torch.no_grad():
+        dense = model.generate(ids, max_new_tokens=40, do_sample=False, pad_token_id=tok.pad_token_id)
+    # tau 1 keeps every page but still runs page scoring, selection and the gather kernel
+    plan = SparsePlan(block_size=32, tau=1.0, decode=DecodePlan(budget_tokens=None, tau=1.0))
+    sparsify(model, plan)
+    with torch.no_grad():
+        sparse = model.generate(ids, max_new_tokens=40, do_sample=False, pad_token_id=tok.pad_token_id)
+    st = decode_stats(model)
+    n_layers = model.config.num_hidden_layers
+    assert torch.equal(sparse, dense)
+    assert st.calls == 39 * n_layers and st.dense_calls == 0 and st.density == 1.0
+    unsparsify(model)
+
+
+def test_sparse_decode_reads_less_and_unsparsify_restores_dense_exactly(tiny_llama_dir):
+    model, tok = load_model(tiny_llama_dir)
+    ids = _prompt(tok, 600)
+    with torch.no_grad():
+        ref = model(ids, use_cache=True)
+        nxt = ref.logits[:, -1:].argmax(-1)
+        dense_step = model(nxt, cache=ref.past_key_values).logits
+    plan = SparsePlan(block_size=32, decode=DecodePlan(budget_tokens=128, local_pages=1))
+    sparsify(model, plan)
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        sparse_step = model(nxt, cache=out.past_key_values).logits
+    st = decode_stats(model)
+    assert st.calls == model.config.num_hidden_layers and 0 < st.density < 0.25
+    assert not torch.allclose(sparse_step, dense_step, atol=1e-4)
+    unsparsify(model)
+    with torch.no_grad():
+        again = model(ids, use_cache=True)
+        assert torch.equal(model(nxt, cache=again.past_key_values).logits, dense_step)
+
+
+def test_left_padded_batch_decode_equals_dense_at_full_budget(tiny_qwen_dir):
+    model, tok = load_model(tiny_qwen_dir)
+    tok.padding_side = "left"
+    text = sample_text(4000)
+    enc = tok([text[:1500], text[200:700]], return_tensors="pt", padding=True)
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        dense = model.generate(**enc, **kw)
+    sparsify(model, SparsePlan(block_size=32, tau=1.0, decode=DecodePlan(budget_tokens=None, tau=1.0)))
+    with torch.no_grad():
+        sparse = model.generate(**enc, **kw)
+    assert decode_stats(model).calls > 0
+    unsparsify(model)
+    assert torch.equal(sparse, dense)
