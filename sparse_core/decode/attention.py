@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from sparse_core.decode.pages import summarize, sync
+from sparse_core.decode.pages import PageSummaries, summarize, sync
+from sparse_core.decode.plan import DecodeLayerParams
 from sparse_core.decode.scoring import (
     gate_page_logits,
     local_start,
@@ -115,25 +116,50 @@ def decode_attention_forward(
         stats.dense_calls += 1
         stats.kept_tokens += kv_len
         return None  # nothing to skip: the caller's dense path is exact and cheaper
-    q = query[:, :, 0]
-    if params.estimator == "gate":
-        from sparse_core.estimators.gate import gate_for_plan
-
-        logits = gate_page_logits(
-            q, pages, gate_for_plan(plan).layers[layer_state.layer_idx], layer_state.layer_idx
-        )
-    else:
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        logits = quest_page_logits(q, pages, scale)
-    pv = _page_valid(key_valid, ps) if key_valid is not None else None
-    mass = page_mass(logits, key.shape[1], pv)
-    sel = select_pages(
-        mass, sink_pages=params.sink_pages, local_pages=params.local_pages, keep_pages=keep, tau=params.tau
+    out, sel, t1 = sparse_decode_step(
+        plan, params, pages, query, key, value, start, key_valid=key_valid, scaling=scaling
     )
-    t1 = time.perf_counter()
-    out = decode_attention(query, key, value, sel, ps, start, key_valid=key_valid, scale=scaling)
     t2 = time.perf_counter()
     stats.kept_tokens += sel.shape[-1] * ps + (kv_len - start)
     stats.estimator_seconds += t1 - t0
     stats.kernel_seconds += t2 - t1
     return out.transpose(1, 2).contiguous(), None
+
+
+def sparse_decode_step(
+    plan: Any,
+    params: DecodeLayerParams,
+    pages: PageSummaries,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    start: int,
+    *,
+    key_valid: torch.Tensor | None = None,
+    scaling: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Score the pages, select per KV head, attend: (out [B, Hq, 1, D], selected pages [B, Hkv, m],
+    the time scoring and selection ended)."""
+    q = query[:, :, 0]
+    if params.estimator == "gate":
+        from sparse_core.estimators.gate import gate_for_plan
+
+        layer_gate = gate_for_plan(plan).layers[params.layer_idx]
+        logits = gate_page_logits(q, pages, layer_gate, params.layer_idx)
+    else:
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        logits = quest_page_logits(q, pages, scale)
+    pv = _page_valid(key_valid, params.page_size) if key_valid is not None else None
+    mass = page_mass(logits, key.shape[1], pv)
+    sel = select_pages(
+        mass,
+        sink_pages=params.sink_pages,
+        local_pages=params.local_pages,
+        keep_pages=params.keep_pages(pages.n_pages),
+        tau=params.tau,
+    )
+    t1 = time.perf_counter()
+    out = decode_attention(
+        query, key, value, sel, params.page_size, start, key_valid=key_valid, scale=scaling
+    )
+    return out, sel, t1
