@@ -172,3 +172,22 @@ def test_left_padded_batch_decode_equals_dense_at_full_budget(tiny_qwen_dir):
     assert decode_stats(model).calls > 0
     unsparsify(model)
     assert torch.equal(sparse, dense)
+
+
+def test_decode_calibration_finds_a_budget_within_a_loose_budget_and_none_within_an_exact_one(tiny_llama_dir):
+    from sparse_core.decode.calibration import DecodeLimits, calibrate_decode
+
+    model, tok = load_model(tiny_llama_dir)
+    texts = [sample_text(8000)[i * 2000 : (i + 1) * 2000] for i in range(4)]
+    lim = DecodeLimits(
+        prompt_tokens=512, n_prompts=1, new_tokens=8, budgets=(64, 128, 256), max_joint_checks=3
+    )
+    dp, rep = calibrate_decode(model, tok, texts, "kl=5", limits=lim)
+    assert rep.met_budget and dp is not None and rep.fidelity["kl"] <= 5
+    assert len(rep.layer_budgets) == model.config.num_hidden_layers and rep.density < 1.0
+    plan = SparsePlan(decode=dp).validate_for(model.config)
+    assert SparsePlan.from_json(plan.to_json()).decode == dp
+    assert [s["passed"] for s in rep.search][-1] in (True, False) and rep.new_tokens == 8
+    dp2, rep2 = calibrate_decode(model, tok, texts, "kl=0,agree=1", limits=lim)
+    assert dp2 is None and not rep2.met_budget and rep2.layer_budgets == [None, None]
+    assert not hasattr(model, "_sparsepilot")  # left dense
