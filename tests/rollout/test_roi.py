@@ -223,3 +223,33 @@ def test_pilot_skip_reason_says_why_a_pilot_would_be_wasted() -> None:
     )
     # Unknown numbers are not a reason to skip.
     assert pilot_skip_reason(met_budget=None, density=None, saved_usd_month=None) is None
+
+
+def test_evaluation_roi_prices_output_tokens_at_the_measured_sparse_decode() -> None:
+    from flows.evaluate import roi_from_report
+
+    spec = load_spec(EXAMPLES / "support-chat.yaml")
+    speed = [{"weight": 1.0, "dense_seconds": [1.0, 1.1], "sparse_seconds": [1.0, 1.1]}]
+    report = {
+        "speed": speed,
+        "speed_summary": {"weighted_dense_tokens_per_s": 500.0, "weighted_sparse_tokens_per_s": 500.0},
+    }
+    flat = roi_from_report(spec, report, decode_tps=20.0)
+    assert flat["decode_from"] == "dense decode in both arms" and flat["saved_usd_month"] == pytest.approx(
+        0.0
+    )
+    report["decode"] = {
+        "rows": [],
+        "summary": {
+            "weighted_dense_tokens_per_s": 20.0,
+            "weighted_sparse_tokens_per_s": 26.0,
+            "weighted_sparse_tokens_per_s_low": 24.0,
+            "weighted_sparse_tokens_per_s_high": 28.0,
+        },
+    }
+    r = roi_from_report(spec, report, decode_tps=99.0)  # the side-by-side dense decode figure wins
+    assert r["inputs"]["decode_tps"] == 20.0 and r["inputs"]["sparse_decode_tps"] == 26.0
+    p, o = spec.traffic.prompt_tokens.mean(), spec.traffic.output_tokens.mean()
+    assert r["effective_speedup"] == pytest.approx((p / 500 + o / 20) / (p / 500 + o / 26))
+    assert 0 < r["saved_usd_month_low"] < r["saved_usd_month"] < r["saved_usd_month_high"]
+    assert r["decode_from"] == "sparse decode measured side by side"
