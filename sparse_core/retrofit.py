@@ -132,6 +132,11 @@ def sparsify(model: torch.nn.Module, plan: SparsePlan, *, kernel: str = "auto") 
         from sparse_core.estimators.gate import gate_for_plan
 
         gate_for_plan(plan)  # no or misfit gate weights: fail now
+        if (plan.decode.page_size or plan.block_size) != plan.block_size:
+            raise PlanError(
+                f"plan.decode.page_size {plan.decode.page_size} with estimator 'gate': the gate's key "
+                f"features are pooled over plan.block_size ({plan.block_size}) tokens; use that page size"
+            )
     mods = _attention_modules(model)
     if not mods:
         raise PlanError(f"{type(model).__name__} has no attention modules with q_proj/k_proj and a layer_idx")

@@ -191,3 +191,33 @@ def test_decode_calibration_finds_a_budget_within_a_loose_budget_and_none_within
     dp2, rep2 = calibrate_decode(model, tok, texts, "kl=0,agree=1", limits=lim)
     assert dp2 is None and not rep2.met_budget and rep2.layer_budgets == [None, None]
     assert not hasattr(model, "_sparsepilot")  # left dense
+
+
+def test_gate_decode_reuses_the_learned_gate_key_features(tiny_llama_dir):
+    from sparse_core.estimators.gate import BlockGate, GateShape
+
+    model, tok = load_model(tiny_llama_dir)
+    gate = BlockGate(GateShape.from_config(model.config), 32)
+    with torch.no_grad():
+        for layer in gate.layers:  # not the pooled-equivalent init: read max/min features too
+            layer.wk.add_(0.05 * torch.randn_like(layer.wk))
+    ids = _prompt(tok, 400)
+    kw = dict(max_new_tokens=16, do_sample=False, pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        dense = model.generate(ids, **kw)
+    full = SparsePlan(block_size=32, decode=DecodePlan(estimator="gate", budget_tokens=None, tau=1.0))
+    full.tensors = gate.to_tensors()
+    sparsify(model, full)
+    with torch.no_grad():
+        assert torch.equal(model.generate(ids, **kw), dense)
+    sparse = full.with_(decode=DecodePlan(estimator="gate", budget_tokens=96, local_pages=1))
+    sparsify(model, sparse)
+    st = decode_stats(model)
+    with torch.no_grad():
+        model.generate(ids, **kw)
+    assert st.calls == 15 * model.config.num_hidden_layers and st.density < 0.4
+    unsparsify(model)
+    with pytest.raises(PlanError, match="gate's key features are pooled over plan.block_size"):
+        sparsify(model, sparse.with_(decode=DecodePlan(estimator="gate", page_size=16)))
+    with pytest.raises(PlanError, match="carries no gate weights"):
+        sparsify(model, SparsePlan(block_size=32, decode=DecodePlan(estimator="gate")))
