@@ -63,6 +63,13 @@ def limits_for(ctx: UseCaseContext, quick: bool, overrides: dict[str, Any] | Non
                 "gate_steps": 120,
             }
         )
+    d = ctx.spec.quality_budget.decode
+    if d is not None:  # sparse decode: a decode budget calibrated on generated continuations
+        lim["decode"] = d.model_dump()
+        if quick:
+            lim["decode"].update(
+                prompt_tokens=min(d.prompt_tokens, 1024), new_tokens=min(d.new_tokens, 32), n_prompts=1
+            )
     lim.update(overrides or {})
     return lim
 

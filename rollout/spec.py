@@ -96,12 +96,24 @@ class CalibrationSettings(_Strict):
     seed: int = 0
 
 
+class DecodeCalibration(_Strict):
+    """Sparse decode (a plan `decode` section), calibrated on continuations the dense model generates
+    after `prompt_tokens`-token prompts from the dataset; absent: decode stays dense."""
+
+    estimator: Literal["quest", "gate"] = "quest"
+    prompt_tokens: Annotated[int, Field(ge=256, le=131072)] = 2048
+    new_tokens: Annotated[int, Field(ge=8, le=512)] = 64
+    n_prompts: Annotated[int, Field(ge=1, le=16)] = 2
+    page_size: Annotated[int, Field(ge=8, le=256)] = 16
+
+
 class QualityBudget(_Strict):
     kl: PositiveFloat = 0.01
     agree: Annotated[float, Field(gt=0, le=1)] = 0.99
     nll_delta: PositiveFloat = 0.01
     estimator: Literal["pooled", "antidiagonal", "gate"] = "pooled"
     calibration: CalibrationSettings = CalibrationSettings()
+    decode: DecodeCalibration | None = None
 
 
 class LatencySLO(_Strict):

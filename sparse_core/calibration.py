@@ -130,6 +130,8 @@ class CalibrationLimits:
     gate_lr: float = 3e-3
     gate_max_seconds: float | None = None
     gate_checkpoint_dir: str | None = None
+    # sparse decode: a DecodeLimits (or its dict) calibrates the plan's decode section after prefill
+    decode: Any = None
 
     def __post_init__(self) -> None:
         if self.max_texts < 2:
@@ -139,6 +141,10 @@ class CalibrationLimits:
         if not self.taus or any(not 0 < t < 1 for t in self.taus):
             raise ValueError("taus must be a non-empty list of values in (0, 1)")
         self.taus = tuple(sorted(set(float(t) for t in self.taus)))
+        if isinstance(self.decode, dict):
+            from sparse_core.decode.calibration import DecodeLimits
+
+            self.decode = DecodeLimits(**self.decode)
 
     @classmethod
     def quick(cls, **kw) -> CalibrationLimits:
@@ -184,6 +190,7 @@ class CalibrationReport:
     data_fingerprint: str = ""
     seconds: dict = field(default_factory=dict)
     plan_hash: str = ""
+    decode: dict | None = None  # sparse_core.decode.calibration report, when decode was calibrated
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -387,6 +394,16 @@ def calibrate(
     elif isinstance(budget, dict):
         budget = Budget.from_mapping(budget)
     get_estimator(estimator)  # unknown name -> PlanError before any work
+    if lim.decode is not None and lim.decode.estimator == "gate":
+        if estimator != "gate":
+            raise ValueError(
+                "decode estimator 'gate' reuses the learned gate: calibrate with estimator='gate'"
+            )
+        if lim.decode.page_size != lim.block_size:
+            raise ValueError(
+                f"decode estimator 'gate' needs page_size == block_size ({lim.block_size}): the gate's key "
+                f"features are pooled over blocks; got page_size {lim.decode.page_size}"
+            )
     if is_sparsified(model):
         unsparsify(model)
     t_start = time.perf_counter()
@@ -534,6 +551,21 @@ def calibrate(
             "head_density": head_density,
         }
     )
+    decode_report = None
+    if lim.decode is not None:  # the decode budget, on continuations generated after long prompts
+        from sparse_core.decode.calibration import calibrate_decode
+
+        t0 = time.perf_counter()
+        plan.decode, rep = calibrate_decode(
+            model, tokenizer, texts, budget, base=plan, limits=lim.decode, seed=seed, progress=progress
+        )
+        decode_report = rep.to_dict()
+        plan.metadata["decode_calibration"] = {
+            k: decode_report[k]
+            for k in ("met_budget", "fidelity", "layer_budgets", "density", "prompt_tokens")
+        }
+        secs["decode"] = time.perf_counter() - t0
+        secs["total"] = time.perf_counter() - t_start
     from sparse_core.plan_io import stamp_tensors_digest
 
     stamp_tensors_digest(plan)
@@ -556,6 +588,7 @@ def calibrate(
         data_fingerprint=fingerprint,
         seconds=secs,
         plan_hash=plan.content_hash(),
+        decode=decode_report,
     )
     return plan, report
 

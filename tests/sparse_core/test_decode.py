@@ -221,3 +221,24 @@ def test_gate_decode_reuses_the_learned_gate_key_features(tiny_llama_dir):
         sparsify(model, sparse.with_(decode=DecodePlan(estimator="gate", page_size=16)))
     with pytest.raises(PlanError, match="carries no gate weights"):
         sparsify(model, SparsePlan(block_size=32, decode=DecodePlan(estimator="gate")))
+
+
+def test_calibrate_adds_a_decode_section_when_asked(quality_tiny, quality_texts):
+    from sparse_core.calibration import CalibrationLimits, calibrate
+
+    model, tok = quality_tiny
+    decode = {
+        "prompt_tokens": 512,
+        "n_prompts": 1,
+        "new_tokens": 8,
+        "budgets": (64, 128),
+        "max_joint_checks": 2,
+    }
+    lim = CalibrationLimits(max_texts=2, max_seq_len=256, taus=(0.9,), max_joint_checks=1, decode=decode)
+    plan, report = calibrate(model, tok, quality_texts, "kl=5", limits=lim)
+    assert plan.decode is not None and report.decode["met_budget"]
+    assert plan.metadata["decode_calibration"]["layer_budgets"] == report.decode["layer_budgets"]
+    assert report.plan_hash == plan.content_hash()
+    assert SparsePlan.from_json(plan.to_json()).decode == plan.decode
+    with pytest.raises(ValueError, match="decode estimator 'gate' reuses the learned gate"):
+        calibrate(model, tok, quality_texts, "kl=5", limits=CalibrationLimits(decode={"estimator": "gate"}))
