@@ -242,3 +242,23 @@ def test_calibrate_adds_a_decode_section_when_asked(quality_tiny, quality_texts)
     assert SparsePlan.from_json(plan.to_json()).decode == plan.decode
     with pytest.raises(ValueError, match="decode estimator 'gate' reuses the learned gate"):
         calibrate(model, tok, quality_texts, "kl=5", limits=CalibrationLimits(decode={"estimator": "gate"}))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_paged_cache_generates_what_the_dynamic_cache_does(tiny_model_factory, arch):
+    from sparse_core.decode.cache import PagedCache, PagedLayer
+
+    model, tok = load_model(tiny_model_factory(arch))
+    ids = _prompt(tok, 300)
+    kw = dict(max_new_tokens=30, do_sample=False, pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        dense = model.generate(ids, **kw)
+        cache = PagedCache()
+        assert torch.equal(model.generate(ids, cache=cache, **kw), dense)
+        assert isinstance(cache.layers[0], PagedLayer) and cache.get_seq_length() == 329
+        assert cache.layers[0].keys.shape[2] == 329 and not cache.layers[0].keys.is_contiguous()
+        sparsify(model, SparsePlan(block_size=32, tau=1.0, decode=DecodePlan(budget_tokens=None, tau=1.0)))
+        assert torch.equal(model.generate(ids, cache=PagedCache(), **kw), dense)
+        unsparsify(model)
+    cache.crop(-29)
+    assert cache.get_seq_length() == 300 and cache.layers[1].values.shape[2] == 300
