@@ -5,8 +5,10 @@ sparse), top-1 agreement with the dense greedy token, relative NLL of the dense 
 free-running sparse greedy continuation gives the share of generated tokens that match dense.
 
 The prompt is prefilled once, densely; after each run the cache is cropped back to the prompt, so the
-arms alternate on the same cache (load drift on a shared machine hits both). The first step of a
-run is not timed in either arm (the sparse arm builds its page summaries there)."""
+arms alternate on the same cache (load drift on a shared machine hits both). Each arm can run on
+transformers' `DynamicCache` ("dynamic", what `generate` uses by default) or on a copy of it in
+`PagedCache` ("paged": appends without re-copying the cache). The first step of a run is not timed
+in either arm (the sparse arm builds its page summaries there)."""
 
 from __future__ import annotations
 
@@ -57,11 +59,24 @@ class DecodeComparison:
         return asdict(self)
 
 
+CACHES = ("dynamic", "paged")
+
+
 @torch.inference_mode()
 def prefill(model, ids: torch.Tensor):
     """Dense prefill of `ids` [1, S] -> (cache, first generated token)."""
     out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
     return out.cache, int(out.logits[0, -1].argmax())
+
+
+def as_paged(cache):
+    """A PagedCache holding the same keys and values as `cache` (a copy)."""
+    from sparse_core.decode.cache import PagedCache
+
+    paged = PagedCache()
+    for i, layer in enumerate(cache.layers):
+        paged.update(layer.keys, layer.values, i)
+    return paged
 
 
 @torch.inference_mode()
@@ -121,6 +136,8 @@ def compare_decode(
     repeats: int = 2,
     free_running: bool = True,
     kernel: str = "auto",
+    dense_cache: str = "dynamic",
+    sparse_cache: str = "dynamic",
     seed: int = 0,
     progress: Progress | None = None,
 ) -> DecodeComparison:
@@ -131,9 +148,15 @@ def compare_decode(
         raise ValueError("the plan has no decode section: nothing sparse to measure in decode")
     if new_tokens < 2:
         raise ValueError("new_tokens must be >= 2 (the first step of a run is not timed)")
+    if dense_cache not in CACHES or sparse_cache not in CACHES:
+        raise ValueError(f"caches must be one of {CACHES}, got {dense_cache!r} / {sparse_cache!r}")
     if is_sparsified(model):
         unsparsify(model)
     cache, first = prefill(model, ids)
+    caches = {"dynamic": cache}
+    if "paged" in (dense_cache, sparse_cache):
+        caches["paged"] = as_paged(cache)
+    d_cache, s_cache = caches[dense_cache], caches[sparse_cache]
     d_steps: list[float] = []
     s_steps: list[float] = []
     d_rep: list[float] = []
@@ -143,7 +166,7 @@ def compare_decode(
     total = repeats * 2 + (1 if free_running else 0)
     done = 0
     for _ in range(repeats):
-        dense_run = run_decode(model, cache, first, new_tokens)
+        dense_run = run_decode(model, d_cache, first, new_tokens)
         d_steps += dense_run.step_seconds[1:]
         d_rep.append(statistics.fmean(dense_run.step_seconds[1:]))
         done += 1
@@ -154,7 +177,7 @@ def compare_decode(
             st = decode_stats(model)
             st.reset()
             forced = dense_run.predicted
-            sparse_run = run_decode(model, cache, first, new_tokens, forced=forced)
+            sparse_run = run_decode(model, s_cache, first, new_tokens, forced=forced)
             est += st.estimator_seconds
             kept += st.kept_tokens
             cached += st.cached_tokens
@@ -171,7 +194,7 @@ def compare_decode(
     if free_running:
         sparsify(model, plan, kernel=kernel)
         try:
-            free = run_decode(model, cache, first, new_tokens)
+            free = run_decode(model, s_cache, first, new_tokens)
         finally:
             unsparsify(model)
         same = [a == b for a, b in zip(dense_run.predicted, free.predicted, strict=True)]
@@ -201,4 +224,5 @@ def compare_decode(
         nll_delta=nll_delta,
         greedy_match=match,
         first_divergence=first_div,
+        extra={"dense_cache": dense_cache, "sparse_cache": sparse_cache},
     )

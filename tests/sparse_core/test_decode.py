@@ -262,3 +262,15 @@ def test_paged_cache_generates_what_the_dynamic_cache_does(tiny_model_factory, a
         unsparsify(model)
     cache.crop(-29)
     assert cache.get_seq_length() == 300 and cache.layers[1].values.shape[2] == 300
+
+
+def test_side_by_side_decode_on_the_paged_cache_is_exact_at_full_budget(tiny_llama_dir):
+    from sparse_core.decode.measure import compare_decode
+
+    model, tok = load_model(tiny_llama_dir)
+    plan = SparsePlan(block_size=32, decode=DecodePlan(budget_tokens=None, tau=1.0))
+    r = compare_decode(model, plan, _prompt(tok, 400), new_tokens=6, repeats=2, sparse_cache="paged")
+    assert r.agree == 1.0 and r.greedy_match == 1.0 and r.first_divergence is None and abs(r.kl) < 1e-6
+    assert r.density == 1.0 and len(r.sparse_seconds_per_token) == 2 and r.extra["sparse_cache"] == "paged"
+    with pytest.raises(ValueError, match="no decode section"):
+        compare_decode(model, SparsePlan(), _prompt(tok, 100))
