@@ -103,11 +103,17 @@ def extend(s: PageSummaries, keys: torch.Tensor) -> PageSummaries:
     rem = pos % p
     if rem:  # fill the partial last page in place
         m = min(p - rem, new.shape[2])
-        head = new[:, :, :m]
         i = pos // p
-        torch.maximum(s.kmax[:, :, i], head.amax(2), out=s.kmax[:, :, i])
-        torch.minimum(s.kmin[:, :, i], head.amin(2), out=s.kmin[:, :, i])
-        s.ksum[:, :, i] += head.sum(2)
+        if m == 1:  # the decode step: one token
+            head = new[:, :, 0]
+            torch.maximum(s.kmax[:, :, i], head, out=s.kmax[:, :, i])
+            torch.minimum(s.kmin[:, :, i], head, out=s.kmin[:, :, i])
+            s.ksum[:, :, i] += head
+        else:
+            head = new[:, :, :m]
+            torch.maximum(s.kmax[:, :, i], head.amax(2), out=s.kmax[:, :, i])
+            torch.minimum(s.kmin[:, :, i], head.amin(2), out=s.kmin[:, :, i])
+            s.ksum[:, :, i] += head.sum(2)
         new = new[:, :, m:]
         pos += m
     if new.shape[2]:

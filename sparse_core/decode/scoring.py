@@ -33,9 +33,17 @@ def quest_upper_bound(q: torch.Tensor, kmax: torch.Tensor, kmin: torch.Tensor) -
     return ub.reshape(b, hq, -1)
 
 
+def _add_log_counts(logits: torch.Tensor, s: PageSummaries) -> torch.Tensor:
+    """+ log(tokens in page), up to a constant: only a partial last page differs (in place)."""
+    rem = s.length - s.n_full_pages * s.page_size
+    if rem:
+        logits[..., -1] += math.log(rem / s.page_size)
+    return logits
+
+
 def quest_page_logits(q: torch.Tensor, s: PageSummaries, scale: float) -> torch.Tensor:
     kmax, kmin, _ = s.live()
-    return quest_upper_bound(q, kmax, kmin) * scale + s.page_counts().log()
+    return _add_log_counts(quest_upper_bound(q, kmax, kmin).mul_(scale), s)
 
 
 def _gate_page_keys(s: PageSummaries, layer_gate, layer_idx: int) -> torch.Tensor:
@@ -69,7 +77,7 @@ def gate_page_logits(q: torch.Tensor, s: PageSummaries, layer_gate, layer_idx: i
     qp = torch.einsum("bhd,hdg->bhg", q.float(), layer_gate.wq)  # [B, Hq, G]
     temp = layer_gate.scaling * layer_gate.log_temp.exp()  # [Hq]
     logits = torch.matmul(qp.view(b, hkv, hq // hkv, -1), kp.transpose(-1, -2)).reshape(b, hq, -1)
-    return logits * temp[None, :, None] + s.page_counts().log()
+    return _add_log_counts(logits * temp[None, :, None], s)
 
 
 def page_mass(
@@ -77,9 +85,12 @@ def page_mass(
 ) -> torch.Tensor:
     """[B, Hq, P] logits -> [B, Hkv, P] estimated mass, averaged over each KV head's query heads."""
     b, hq, p = logits.shape
-    if page_valid is not None:
-        logits = logits.masked_fill(~page_valid[:, None, :], float("-inf"))
-    probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)
+    if page_valid is None:
+        probs = torch.softmax(logits, dim=-1)
+    else:
+        probs = torch.softmax(logits.masked_fill(~page_valid[:, None, :], float("-inf")), -1).nan_to_num_(0.0)
+    if hq == num_kv_heads:
+        return probs
     return probs.view(b, num_kv_heads, hq // num_kv_heads, p).mean(2)
 
 

@@ -82,8 +82,8 @@ def decode_attention(
     out_g, lse_g = _attend(qg, kg, vg, causal=False, scale=scale, mask=gmask)
     if gmask is not None:  # pages with no visible key contribute nothing
         lse_g = lse_g.masked_fill(~gmask.any(-1), float("-inf"))
-    mx = torch.maximum(lse_l, lse_g)
-    w_l, w_g = torch.exp(lse_l - mx), torch.exp(lse_g - mx)
-    tot = w_l + w_g
-    out = torch.addcmul(out_l.float() * (w_l / tot)[..., None], out_g.float(), (w_g / tot)[..., None])
+    # exact merge: the gathered part's share of the softmax mass is sigmoid(lse_g - lse_l)
+    w_g = torch.sigmoid(lse_g - lse_l)[..., None]
+    out_l = out_l.float()
+    out = torch.addcmul(out_l, out_g.float() - out_l, w_g)
     return out.to(q.dtype).reshape(b, hq, 1, d)
