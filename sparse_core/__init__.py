@@ -32,6 +32,7 @@ _LAZY: dict[str, str] = {
     "SparseStats": "sparse_core.retrofit",
     "decode_stats": "sparse_core.retrofit",
     "DecodePlan": "sparse_core.decode.plan",
+    "PagedCache": "sparse_core.decode.cache",
     # functional API
     "sparse_attention": "sparse_core.kernels",
     "AttentionInfo": "sparse_core.kernels",
