@@ -40,6 +40,7 @@ QUICK_MODEL_LENGTHS = (8192,)
 FULL_MODEL_LENGTHS = (1024, 2048, 4096, 8192)
 DEFAULT_PAGE_SIZE = 16
 DEFAULT_BUDGETS = (1024, 2048)
+LOCAL_PAGES = 4  # as sparse_core.decode.calibration.DecodeLimits
 
 LAYER_COLUMNS = [
     "seq_len",
@@ -193,7 +194,9 @@ def model_bench(
         plans += [("given plan, dynamic cache", plan, "dynamic"), ("given plan, paged cache", plan, "paged")]
     else:
         for i, b in enumerate(budgets):
-            dp = DecodePlan(estimator=estimator, page_size=page_size, budget_tokens=b)
+            dp = DecodePlan(
+                estimator=estimator, page_size=page_size, budget_tokens=b, local_pages=LOCAL_PAGES
+            )
             name = f"{estimator} p{page_size} budget {b}"
             if i == 0:
                 plans.append((f"{name}, dynamic cache", SparsePlan(decode=dp), "dynamic"))
