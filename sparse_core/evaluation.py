@@ -4,7 +4,8 @@ board read about one sparse plan, always against the same model run dense.
 Sections (each can be switched off by the suite, and is then None in the report):
 - fidelity on natural text: next-token KL, top-1 agreement, delta NLL, per-layer attention-output
   relative error (as it propagates through the sparse model);
-- long-context probes scored by log-likelihood rank (dense accuracy is the reference);
+- long-context probes scored by log-likelihood rank (dense accuracy is the reference); for a plan
+  with a `decode` section also answered by greedy generation (the answer read by decode steps);
 - use-case task scores on a JSONL dataset (dense vs sparse);
 - speed: prefill seconds and tokens/s dense vs sparse at the dataset's length mix, repeated, with a
   bootstrap interval on the speed-up; density computed and estimator share;
@@ -185,6 +186,9 @@ class EvaluationReport:
             m["probes.accuracy_delta"] = self.probes["sparse"]["accuracy"] - self.probes["dense"]["accuracy"]
             m["probes.dense_margin"] = self.probes["dense"]["mean_margin"]
             m["probes.sparse_margin"] = self.probes["sparse"]["mean_margin"]
+            if self.probes.get("generated"):
+                m["probes.generated_dense_accuracy"] = self.probes["generated"]["dense_accuracy"]
+                m["probes.generated_sparse_accuracy"] = self.probes["generated"]["sparse_accuracy"]
         if self.tasks:
             m["tasks.dense_quality"] = self.tasks["dense"]["mean_quality"]
             m["tasks.sparse_quality"] = self.tasks["sparse"]["mean_quality"]
@@ -576,6 +580,17 @@ def evaluate(
         finally:
             unsparsify(model)
         dd, sd = dense_p.to_dict(), sparse_p.to_dict()
+        generated = None
+        if plan.decode is not None:  # the answer generated, so decode reads the long context
+            from sparse_core.decode.measure import probe_generation_accuracy
+
+            gen_d = probe_generation_accuracy(model, tokenizer, probes)
+            sparsify(model, plan)
+            try:
+                gen_s = probe_generation_accuracy(model, tokenizer, probes)
+            finally:
+                unsparsify(model)
+            generated = {"n": n, "dense_accuracy": gen_d["accuracy"], "sparse_accuracy": gen_s["accuracy"]}
         report.probes = {
             "n": n,
             "lengths": list(lengths),
@@ -586,6 +601,8 @@ def evaluate(
             )
             / n,
         }
+        if generated is not None:
+            report.probes["generated"] = generated
         secs["probes"] = time.perf_counter() - t0
 
     # --- use-case dataset ------------------------------------------------------------------------

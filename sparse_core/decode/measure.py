@@ -226,3 +226,24 @@ def compare_decode(
         first_divergence=first_div,
         extra={"dense_cache": dense_cache, "sparse_cache": sparse_cache},
     )
+
+
+def probe_generation_accuracy(model, tokenizer, probes, *, extra_tokens: int = 2) -> dict[str, Any]:
+    """Long-context probes answered by generation: greedy decode after each probe's prompt (the answer
+    is read out of the KV cache by decode steps, which a sparse decode plan makes sparse); correct when
+    the generated text starts with the answer. -> {"accuracy", "n", "answers"}."""
+    dev = next(model.parameters()).device
+    correct, answers = 0, []
+    for p in probes:
+        n = len(tokenizer(" " + p.answer_text, add_special_tokens=False)["input_ids"]) + extra_tokens
+        cache, first = prefill(model, torch.tensor([list(p.prompt_ids)], device=dev))
+        run = run_decode(model, cache, first, max(1, n - 1))
+        text = tokenizer.decode([first, *run.predicted], skip_special_tokens=True).strip()
+        ok = text.startswith(p.answer_text.strip())
+        correct += ok
+        answers.append(text)
+    return {
+        "accuracy": correct / len(probes) if probes else float("nan"),
+        "n": len(probes),
+        "answers": answers,
+    }

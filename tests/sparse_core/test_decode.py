@@ -274,3 +274,24 @@ def test_side_by_side_decode_on_the_paged_cache_is_exact_at_full_budget(tiny_lla
     assert r.density == 1.0 and len(r.sparse_seconds_per_token) == 2 and r.extra["sparse_cache"] == "paged"
     with pytest.raises(ValueError, match="no decode section"):
         compare_decode(model, SparsePlan(), _prompt(tok, 100))
+
+
+def test_probe_answers_generated_through_decode(tiny_llama_dir):
+    from sparse_core.decode.measure import probe_generation_accuracy
+    from sparse_core.probes import ProbeInstance
+
+    model, tok = load_model(tiny_llama_dir)
+    prompt = _prompt(tok, 200)[0].tolist()
+    with torch.no_grad():
+        gen = model.generate(
+            torch.tensor([prompt]), max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id
+        )
+    said = tok.decode(gen[0, 200:], skip_special_tokens=True).strip()
+    words = said.split()
+    assert words, "the tiny model generated only whitespace"
+
+    def probe(answer):
+        return ProbeInstance("passkey", 200, 0.5, 0, prompt, [[1], [2]], 0, answer)
+
+    r = probe_generation_accuracy(model, tok, [probe(words[0]), probe("zzz-not-said")])
+    assert r["accuracy"] == 0.5 and r["n"] == 2 and r["answers"][0].startswith(words[0])

@@ -103,7 +103,9 @@ def test_decode_section_for_a_plan_that_decodes_sparsely(quality_tiny):
     model, tok = quality_tiny
     suite = EvalSuite(
         n_fidelity_texts=0,
-        probe_lengths=(),
+        probe_lengths=(512,),
+        probe_kinds=("passkey",),
+        probe_depths=(0.5,),
         layer_errors=False,
         speed_lengths=(512, 768),
         speed_weights=(0.75, 0.25),
@@ -126,3 +128,5 @@ def test_decode_section_for_a_plan_that_decodes_sparsely(quality_tiny):
     json.dumps(d, allow_nan=False)
     m = report.metrics()
     assert "decode.512.speedup" in m and "decode.weighted_speedup" in m
+    gen = d["probes"]["generated"]
+    assert gen["n"] == 1 and 0 <= gen["sparse_accuracy"] <= 1 and "probes.generated_sparse_accuracy" in m
