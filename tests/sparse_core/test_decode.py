@@ -39,6 +39,15 @@ def test_decode_kernel_equals_dense_with_every_page(hq, hkv, length):
     assert (out - _dense(q, k, v, key_valid)).abs().max().item() <= 1e-4
 
 
+def test_decode_kernel_bf16_close_to_dense():
+    torch.manual_seed(4)
+    q, k, v = torch.randn(1, 6, 1, 64), torch.randn(1, 2, 333, 64), torch.randn(1, 2, 333, 64)
+    start = local_start(333, 16, 4)
+    pages = torch.arange(start // 16).expand(1, 2, -1)
+    out = decode_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), pages, 16, start)
+    assert out.dtype == torch.bfloat16 and (out.float() - _dense(q, k, v)).abs().max().item() <= 2e-2
+
+
 def test_decode_kernel_reads_only_the_selected_pages():
     torch.manual_seed(1)
     b, hq, hkv, length, d, ps = 1, 4, 2, 320, 16, 32
