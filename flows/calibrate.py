@@ -250,6 +250,15 @@ def _flat_metrics(report: dict[str, Any]) -> dict[str, float]:
         "dense_layers": float(len(report.get("dense_layers") or [])),
         "seconds_total": (report.get("seconds") or {}).get("total"),
     }
+    dec = report.get("decode")
+    if dec:  # the decode budget, calibrated on generated tokens
+        dfid = dec.get("fidelity") or {}
+        out.update(
+            decode_density=dec.get("density"),
+            decode_met_budget=float(bool(dec.get("met_budget"))),
+            decode_kl=dfid.get("kl"),
+            decode_agree=dfid.get("agree"),
+        )
     return {k: float(v) for k, v in out.items() if isinstance(v, int | float)}
 
 
