@@ -129,10 +129,10 @@ def measure_decode_tps(model: Any, tok: Any, context_tokens: int = 512, new_toke
     dev = next(model.parameters()).device
     with torch.inference_mode():
         out = model(input_ids=torch.tensor([win], device=dev), use_cache=True, logits_to_keep=1)
-        cache, nxt = out.past_key_values, int(out.logits[0, -1].argmax())
+        cache, nxt = out.cache, int(out.logits[0, -1].argmax())
         t0 = time.perf_counter()
         for _ in range(new_tokens):
-            out = model(input_ids=torch.tensor([[nxt]], device=dev), past_key_values=cache, use_cache=True)
+            out = model(input_ids=torch.tensor([[nxt]], device=dev), cache=cache, use_cache=True)
             nxt = int(out.logits[0, -1].argmax())
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
