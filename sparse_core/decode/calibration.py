@@ -45,8 +45,19 @@ class DecodeLimits:
     max_joint_checks: int = 5
 
     def __post_init__(self) -> None:
-        if self.n_prompts < 1 or self.new_tokens < 2 or self.prompt_tokens < 4 * self.page_size:
-            raise ValueError("decode calibration needs n_prompts >= 1, new_tokens >= 2 and long prompts")
+        if self.n_prompts < 1:
+            raise ValueError(f"decode.n_prompts must be >= 1, got {self.n_prompts}")
+        if self.new_tokens < 2:
+            raise ValueError(f"decode.new_tokens must be >= 2, got {self.new_tokens}")
+        if self.page_size < 1 or self.prompt_tokens < 4 * self.page_size:
+            raise ValueError(
+                f"decode.prompt_tokens must be >= 4 pages ({4 * self.page_size} tokens), "
+                f"got {self.prompt_tokens}"
+            )
+        if self.estimator not in ("quest", "gate"):
+            raise ValueError(f"decode.estimator must be quest or gate, got {self.estimator!r}")
+        if not self.budgets or any(int(b) < 1 for b in self.budgets):
+            raise ValueError(f"decode.budgets must be token counts >= 1, got {self.budgets!r}")
         self.budgets = tuple(sorted({int(b) for b in self.budgets}))
 
     @classmethod

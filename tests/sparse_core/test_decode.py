@@ -197,6 +197,8 @@ def test_decode_calibration_finds_a_budget_within_a_loose_budget_and_none_within
     plan = SparsePlan(decode=dp).validate_for(model.config)
     assert SparsePlan.from_json(plan.to_json()).decode == dp
     assert [s["passed"] for s in rep.search][-1] in (True, False) and rep.new_tokens == 8
+    with pytest.raises(ValueError, match=r"decode.new_tokens must be >= 2, got 1"):
+        DecodeLimits(new_tokens=1)
     dp2, rep2 = calibrate_decode(model, tok, texts, "kl=0,agree=1", limits=lim)
     assert dp2 is None and not rep2.met_budget and rep2.layer_budgets == [None, None]
     assert not hasattr(model, "_sparsepilot")  # left dense
