@@ -64,6 +64,12 @@ def limits_for(ctx: UseCaseContext, quick: bool, overrides: dict[str, Any] | Non
                 "max_task_rows": 4,  # task bound (quality_budget.task_delta): rows scored per check
             }
         )
+    d = ctx.spec.quality_budget.decode
+    if d is not None:  # sparse decode: a decode budget calibrated on generated continuations
+        lim["decode"] = d.model_dump()
+        if quick:  # fewer, shorter continuations, but after prompts of the use case's own length:
+            # budgets found at 1k tokens were too sparse at docs-qa's 3k (agreement 100% -> 91%)
+            lim["decode"].update(new_tokens=min(d.new_tokens, 32), n_prompts=1)
     lim.update(overrides or {})
     return lim
 
@@ -257,6 +263,15 @@ def _flat_metrics(report: dict[str, Any]) -> dict[str, float]:
         "task_delta": (report.get("task") or {}).get("task_delta"),
         "seconds_total": (report.get("seconds") or {}).get("total"),
     }
+    dec = report.get("decode")
+    if dec:  # the decode budget, calibrated on generated tokens
+        dfid = dec.get("fidelity") or {}
+        out.update(
+            decode_density=dec.get("density"),
+            decode_met_budget=float(bool(dec.get("met_budget"))),
+            decode_kl=dfid.get("kl"),
+            decode_agree=dfid.get("agree"),
+        )
     return {k: float(v) for k, v in out.items() if isinstance(v, int | float)}
 
 

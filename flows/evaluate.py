@@ -129,10 +129,10 @@ def measure_decode_tps(model: Any, tok: Any, context_tokens: int = 512, new_toke
     dev = next(model.parameters()).device
     with torch.inference_mode():
         out = model(input_ids=torch.tensor([win], device=dev), use_cache=True, logits_to_keep=1)
-        cache, nxt = out.past_key_values, int(out.logits[0, -1].argmax())
+        cache, nxt = out.cache, int(out.logits[0, -1].argmax())
         t0 = time.perf_counter()
         for _ in range(new_tokens):
-            out = model(input_ids=torch.tensor([[nxt]], device=dev), past_key_values=cache, use_cache=True)
+            out = model(input_ids=torch.tensor([[nxt]], device=dev), cache=cache, use_cache=True)
             nxt = int(out.logits[0, -1].argmax())
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
@@ -165,7 +165,8 @@ def run_evaluation(
 
 def roi_from_report(spec: Any, report: dict[str, Any], decode_tps: float | None) -> dict[str, Any]:
     """ROI at the use case's traffic, from the measured weighted throughputs; the speed-up interval
-    comes from the repeated timings (rollout.roi.speedup_interval on the weighted per-repeat totals)."""
+    comes from the repeated timings (rollout.roi.speedup_interval on the weighted per-repeat totals).
+    Output tokens are priced at the sparse decode throughput when the plan decodes sparsely."""
     from rollout.roi import roi_for_spec, speedup_interval
 
     rows = report.get("speed") or []
@@ -179,16 +180,27 @@ def roi_from_report(spec: Any, report: dict[str, Any], decode_tps: float | None)
     if n >= 2:
         _, lo, hi = speedup_interval(dense_t, sparse_t)
         interval = (lo, hi)
+    # A plan that decodes sparsely: both arms' output tokens at the decode throughputs measured side
+    # by side at the use case's lengths (report["decode"]), the sparse one with its interval.
+    dec = (report.get("decode") or {}).get("summary")
+    sparse_decode = decode_interval = None
+    if dec:
+        decode_tps = dec["weighted_dense_tokens_per_s"]
+        sparse_decode = dec["weighted_sparse_tokens_per_s"]
+        decode_interval = (dec["weighted_sparse_tokens_per_s_low"], dec["weighted_sparse_tokens_per_s_high"])
     roi = roi_for_spec(
         spec,
         dense_tps=summ["weighted_dense_tokens_per_s"],
         sparse_tps=summ["weighted_sparse_tokens_per_s"],
         speedup_interval=interval,
         decode_tps=decode_tps,
+        sparse_decode_tps=sparse_decode,
+        sparse_decode_interval=decode_interval,
     )
     out = roi.to_dict()
     out["speedup_interval_from"] = f"{n} repeated weighted timings" if interval else "point estimate only"
     out["timing_host"] = summ.get("host")  # threads, the host's load, pairs retimed for overload
+    out["decode_from"] = "sparse decode measured side by side" if dec else "dense decode in both arms"
     return out
 
 

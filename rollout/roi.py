@@ -1,6 +1,8 @@
 """What a speed-up is worth in money. Pure functions; the formula is in docs/roi.md.
 
 For each arm:  seconds per request  t = prompt_tokens / prefill_tps + output_tokens / decode_tps
+               (the sparse arm's decode_tps is the measured sparse decode throughput when the plan
+               decodes sparsely, else the dense one)
                GPU-hours per day    H = requests_per_day * t / 3600 / utilisation
                $ per month          C = H * gpu_usd_per_hour * DAYS_PER_MONTH
 saved = C_dense - C_sparse;  payback days = pilot_one_off_usd / (saved / DAYS_PER_MONTH).
@@ -33,13 +35,17 @@ class RoiInputs:
     gpu_usd_per_hour: float
     utilisation: float
     pilot_one_off_usd: float
-    decode_tps: float | None = None  # output tokens/s, the same in both arms; None: output at *_tps
+    decode_tps: float | None = None  # dense output tokens/s; None: output tokens at *_tps
+    # sparse arm's output tokens/s (sparse decode); None: the same as decode_tps in both arms
+    sparse_decode_tps: float | None = None
+    sparse_decode_tps_low: float | None = None  # interval ends (None: the point estimate)
+    sparse_decode_tps_high: float | None = None
 
 
 @dataclass(frozen=True)
 class RoiResult:
     inputs: RoiInputs
-    effective_speedup: float  # per request, after output tokens that sparse prefill does not speed up
+    effective_speedup: float  # per request: prefill and decode together (t_dense / t_sparse)
     effective_speedup_low: float
     effective_speedup_high: float
     dense_seconds_per_request: float
@@ -114,30 +120,30 @@ def compute_roi(inputs: RoiInputs) -> RoiResult:
     _check("pilot_one_off_usd", i.pilot_one_off_usd, positive=False)
     if i.decode_tps is not None:
         _check("decode_tps", i.decode_tps)
+    sd, sd_low, sd_high = _sparse_decode(i)
 
-    def arm(speedup: float) -> tuple[float, float, float]:
-        t = seconds_per_request(i.prompt_tokens, i.output_tokens, i.dense_tps * speedup, i.decode_tps)
+    def arm(speedup: float, decode_tps: float | None) -> tuple[float, float, float]:
+        t = seconds_per_request(i.prompt_tokens, i.output_tokens, i.dense_tps * speedup, decode_tps)
         hours = gpu_hours_per_day(i.requests_per_day, t, i.utilisation)
         return t, hours, usd_per_month(hours, i.gpu_usd_per_hour)
 
-    t_dense, h_dense, c_dense = arm(1.0)
-    t_sparse, h_sparse, c_sparse = arm(i.speedup)
-    _, h_best, c_best = arm(i.speedup_high)
-    _, h_worst, c_worst = arm(i.speedup_low)
+    t_dense, h_dense, c_dense = arm(1.0, i.decode_tps)
+    t_sparse, h_sparse, c_sparse = arm(i.speedup, sd)
+    t_best, h_best, c_best = arm(i.speedup_high, sd_high)
+    t_worst, h_worst, c_worst = arm(i.speedup_low, sd_low)
     saved, saved_low, saved_high = c_dense - c_sparse, c_dense - c_worst, c_dense - c_best
-    eff = t_dense / t_sparse
-    eff_low = t_dense / seconds_per_request(
-        i.prompt_tokens, i.output_tokens, i.dense_tps * i.speedup_low, i.decode_tps
-    )
-    eff_high = t_dense / seconds_per_request(
-        i.prompt_tokens, i.output_tokens, i.dense_tps * i.speedup_high, i.decode_tps
-    )
+    eff, eff_low, eff_high = t_dense / t_sparse, t_dense / t_worst, t_dense / t_best
     pays_off = saved > 0
     certain = saved_low > 0
     pb = payback_days(i.pilot_one_off_usd, saved)
     if not pays_off:
+        what = (
+            f"the speed-up is {i.speedup:.2f}x (<= 1)"
+            if i.sparse_decode_tps is None
+            else f"the per-request speed-up with sparse decode is {eff:.2f}x (<= 1)"
+        )
         verdict = (
-            f"no savings: the speed-up is {i.speedup:.2f}x (<= 1), so sparse attention would cost "
+            f"no savings: {what}, so sparse attention would cost "
             f"${-saved:,.0f}/month more; do not roll out for cost"
         )
     elif not certain:
@@ -175,6 +181,28 @@ def compute_roi(inputs: RoiInputs) -> RoiResult:
     )
 
 
+def _sparse_decode(i: RoiInputs) -> tuple[float | None, float | None, float | None]:
+    """The sparse arm's decode throughput (estimate, low, high); the dense one when not sparse."""
+    if i.sparse_decode_tps is None:
+        if i.sparse_decode_tps_low is not None or i.sparse_decode_tps_high is not None:
+            raise ValueError("sparse_decode_tps_low/high need sparse_decode_tps")
+        return i.decode_tps, i.decode_tps, i.decode_tps
+    if i.decode_tps is None:
+        raise ValueError(
+            "sparse_decode_tps needs decode_tps (the dense decode throughput it is compared with)"
+        )
+    _check("sparse_decode_tps", i.sparse_decode_tps)
+    lo = i.sparse_decode_tps if i.sparse_decode_tps_low is None else i.sparse_decode_tps_low
+    hi = i.sparse_decode_tps if i.sparse_decode_tps_high is None else i.sparse_decode_tps_high
+    _check("sparse_decode_tps_low", lo)
+    _check("sparse_decode_tps_high", hi)
+    if not lo <= i.sparse_decode_tps <= hi:
+        raise ValueError(
+            f"sparse decode interval must contain the estimate: {lo} <= {i.sparse_decode_tps} <= {hi}"
+        )
+    return i.sparse_decode_tps, lo, hi
+
+
 def roi_for_spec(
     spec: UseCaseSpec,
     *,
@@ -182,9 +210,13 @@ def roi_for_spec(
     sparse_tps: float,
     speedup_interval: tuple[float, float] | None = None,
     decode_tps: float | None = None,
+    sparse_decode_tps: float | None = None,
+    sparse_decode_interval: tuple[float, float] | None = None,
 ) -> RoiResult:
     """ROI from a use case's traffic and cost inputs and measured throughputs at its length mix.
-    Without an interval the point estimate is used for both ends (say so where it is shown)."""
+    Without an interval the point estimate is used for both ends (say so where it is shown).
+    `sparse_decode_tps` (with its interval, tokens/s): output tokens of the sparse arm at the measured
+    sparse decode throughput; None when the plan decodes densely."""
     _check("sparse_tps", sparse_tps)
     _check("dense_tps", dense_tps)
     s = sparse_tps / dense_tps
@@ -202,6 +234,17 @@ def roi_for_spec(
             utilisation=spec.cost.utilisation,
             pilot_one_off_usd=spec.cost.pilot_one_off_usd,
             decode_tps=decode_tps,
+            sparse_decode_tps=sparse_decode_tps,
+            sparse_decode_tps_low=(
+                None
+                if sparse_decode_interval is None or sparse_decode_tps is None
+                else min(sparse_decode_interval[0], sparse_decode_tps)
+            ),
+            sparse_decode_tps_high=(
+                None
+                if sparse_decode_interval is None or sparse_decode_tps is None
+                else max(sparse_decode_interval[1], sparse_decode_tps)
+            ),
         )
     )
 

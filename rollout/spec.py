@@ -112,6 +112,17 @@ class CalibrationSettings(_Strict):
     seed: Annotated[int, Field(ge=0, lt=2**32)] = 0
 
 
+class DecodeCalibration(_Strict):
+    """Sparse decode (a plan `decode` section), calibrated on continuations the dense model generates
+    after `prompt_tokens`-token prompts from the dataset; absent: decode stays dense."""
+
+    estimator: Literal["quest", "gate"] = "quest"
+    prompt_tokens: Annotated[int, Field(ge=256, le=131072)] = 2048
+    new_tokens: Annotated[int, Field(ge=8, le=512)] = 64
+    n_prompts: Annotated[int, Field(ge=1, le=16)] = 2
+    page_size: Annotated[int, Field(ge=8, le=256)] = 16
+
+
 class QualityBudget(_Strict):
     kl: PositiveFloat = 0.01
     agree: Annotated[float, Field(gt=0, le=1)] = 0.99
@@ -120,6 +131,7 @@ class QualityBudget(_Strict):
     task_delta: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
     estimator: Literal["pooled", "antidiagonal", "quest", "gate", "gate_v2", "gate_v2+pooled"] = "pooled"
     calibration: CalibrationSettings = CalibrationSettings()
+    decode: DecodeCalibration | None = None
 
 
 class LatencySLO(_Strict):

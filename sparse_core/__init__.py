@@ -30,6 +30,9 @@ _LAZY: dict[str, str] = {
     "is_sparsified": "sparse_core.retrofit",
     "sparse_stats": "sparse_core.retrofit",
     "SparseStats": "sparse_core.retrofit",
+    "decode_stats": "sparse_core.retrofit",
+    "DecodePlan": "sparse_core.decode.plan",
+    "PagedCache": "sparse_core.decode.cache",
     # functional API
     "sparse_attention": "sparse_core.kernels",
     "AttentionInfo": "sparse_core.kernels",

@@ -160,6 +160,8 @@ class CalibrationLimits:
     # task bound (budget.task_delta): rows of the calibration split scored per search step
     max_task_rows: int = 8
     max_new_tokens: int = 16
+    # sparse decode: a DecodeLimits (or its dict) calibrates the plan's decode section after prefill
+    decode: Any = None
 
     def __post_init__(self) -> None:
         if self.max_texts < 2:
@@ -169,6 +171,10 @@ class CalibrationLimits:
         if not self.taus or any(not 0 < t < 1 for t in self.taus):
             raise ValueError("taus must be a non-empty list of values in (0, 1)")
         self.taus = tuple(sorted(set(float(t) for t in self.taus)))
+        if isinstance(self.decode, dict):
+            from sparse_core.decode.calibration import DecodeLimits
+
+            self.decode = DecodeLimits(**self.decode)
 
     @classmethod
     def quick(cls, **kw) -> CalibrationLimits:
@@ -219,6 +225,7 @@ class CalibrationReport:
     plan_hash: str = ""
     layer_estimators: list[str] = field(default_factory=list)  # the estimator each layer uses
     task: dict | None = None  # task bound: rows, dense score, the plan's task_delta
+    decode: dict | None = None  # sparse_core.decode.calibration report, when decode was calibrated
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -516,6 +523,16 @@ def calibrate_many(
     task_rows = list(task_rows or [])[: lim.max_task_rows]
     if budget.task_delta is not None and not task_rows:
         raise BudgetError("budget.task_delta needs task rows (the dataset's calibration split) to measure on")
+    if lim.decode is not None and lim.decode.estimator == "gate":
+        if "gate" not in candidates:
+            raise ValueError(
+                "decode estimator 'gate' reuses the learned gate: calibrate with estimator='gate'"
+            )
+        if lim.decode.page_size != lim.block_size:
+            raise ValueError(
+                f"decode estimator 'gate' needs page_size == block_size ({lim.block_size}): the gate's key "
+                f"features are pooled over blocks; got page_size {lim.decode.page_size}"
+            )
     if is_sparsified(model):
         unsparsify(model)
     t_start = time.perf_counter()
@@ -638,6 +655,20 @@ def calibrate_many(
             "seq_len": lim.max_seq_len,
             **plan.metadata["calibration"],
         }
+        if lim.decode is not None:  # the decode budget, on continuations generated after long prompts
+            from sparse_core.decode.calibration import calibrate_decode
+
+            t0 = time.perf_counter()
+            plan.decode, rep = calibrate_decode(
+                model, tokenizer, texts, budget, base=plan, limits=lim.decode, seed=seed, progress=progress
+            )
+            report.decode = rep.to_dict()
+            plan.metadata["decode_calibration"] = {
+                k: report.decode[k]
+                for k in ("met_budget", "fidelity", "layer_budgets", "density", "prompt_tokens")
+            }
+            report.seconds["decode"] = time.perf_counter() - t0
+            report.seconds["total"] = time.perf_counter() - t_start
         from sparse_core.plan_io import stamp_tensors_digest
 
         stamp_tensors_digest(plan)

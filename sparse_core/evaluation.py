@@ -4,10 +4,14 @@ board read about one sparse plan, always against the same model run dense.
 Sections (each can be switched off by the suite, and is then None in the report):
 - fidelity on natural text: next-token KL, top-1 agreement, delta NLL, per-layer attention-output
   relative error (as it propagates through the sparse model);
-- long-context probes scored by log-likelihood rank (dense accuracy is the reference);
+- long-context probes scored by log-likelihood rank (dense accuracy is the reference); for a plan
+  with a `decode` section also answered by greedy generation (the answer read by decode steps);
 - use-case task scores on a JSONL dataset (dense vs sparse);
 - speed: prefill seconds and tokens/s dense vs sparse at the dataset's length mix, repeated, with a
   bootstrap interval on the speed-up; density computed and estimator share;
+- decode (plans with a `decode` section): ms per generated token dense vs sparse at the same context
+  lengths as the speed section, side by side on one cache, with a bootstrap interval, the density
+  read and the fidelity of the generated tokens (sparse_core.decode.measure);
 - pictures: layer x head density heatmap, one sample's selected blocks over its attention map.
 
 The model is returned dense whatever happens.
@@ -66,6 +70,9 @@ class EvalSuite:
     speed_weights: tuple[float, ...] | None = None
     speed_repeats: int = 3
     max_speed_buckets: int = 3
+    # decode (only for plans with a decode section): tokens generated per run, 0 = off
+    decode_new_tokens: int = 32
+    decode_repeats: int = 2
     # pictures
     pictures_dir: str | Path | None = None
     picture_layer: int | None = None  # default: the middle layer
@@ -129,6 +136,7 @@ class EvaluationReport:
     tasks: dict | None = None
     speed: list[SpeedRow] | None = None
     speed_summary: dict | None = None
+    decode: dict | None = None  # {"rows": [...], "summary": {...}} when the plan decodes sparsely
     density: float | None = None
     layer_density: list[float] | None = None
     head_density: list[list[float]] | None = None
@@ -149,6 +157,7 @@ class EvaluationReport:
         "tasks",
         "speed",
         "speed_summary",
+        "decode",
         "density",
         "layer_density",
         "head_density",
@@ -177,6 +186,9 @@ class EvaluationReport:
             m["probes.accuracy_delta"] = self.probes["sparse"]["accuracy"] - self.probes["dense"]["accuracy"]
             m["probes.dense_margin"] = self.probes["dense"]["mean_margin"]
             m["probes.sparse_margin"] = self.probes["sparse"]["mean_margin"]
+            if self.probes.get("generated"):
+                m["probes.generated_dense_accuracy"] = self.probes["generated"]["dense_accuracy"]
+                m["probes.generated_sparse_accuracy"] = self.probes["generated"]["sparse_accuracy"]
         if self.tasks:
             m["tasks.dense_quality"] = self.tasks["dense"]["mean_quality"]
             m["tasks.sparse_quality"] = self.tasks["sparse"]["mean_quality"]
@@ -194,6 +206,14 @@ class EvaluationReport:
             for k, v in self.speed_summary.items():
                 if isinstance(v, (int, float)):
                     m[f"speed.{k}"] = v
+        if self.decode:
+            for r in self.decode["rows"]:
+                p = f"decode.{r['seq_len']}"
+                for k in ("speedup", "dense_tokens_per_s", "sparse_tokens_per_s", "density", "kl", "agree"):
+                    m[f"{p}.{k}"] = r[k]
+            for k, v in self.decode["summary"].items():
+                if isinstance(v, (int, float)):
+                    m[f"decode.{k}"] = v
         if self.density is not None:
             m["density"] = self.density
         return {k: float(v) for k, v in m.items() if v is not None and math.isfinite(float(v))}
@@ -432,6 +452,60 @@ def measure_speed(
     return rows, summary
 
 
+def measure_decode_speed(
+    model,
+    tokenizer,
+    plan: SparsePlan,
+    lengths: Sequence[int],
+    weights: Sequence[float] | None,
+    *,
+    suite: EvalSuite,
+    cap: int | None = None,
+    progress: Progress | None = None,
+) -> dict:
+    """Decode tokens/s dense vs sparse after a prompt of each length (sparse_core.decode.measure),
+    weighted like the prefill speed; the summary's interval combines the rows' intervals."""
+    from sparse_core.decode.measure import compare_decode
+
+    texts = corpus_texts("all")
+    dev = next(model.parameters()).device
+    weights = list(weights) if weights else [1.0] * len(lengths)
+    total_w = sum(weights)
+    rows = []
+    for i, (L, w) in enumerate(zip(lengths, weights, strict=True), start=1):
+        n = int(L) if not cap else min(int(L), cap - suite.decode_new_tokens)
+        win = pack_token_windows(tokenizer, texts, n, 1, seed=suite.seed + 7)[0]
+        r = compare_decode(
+            model,
+            plan,
+            torch.tensor([win], device=dev),
+            new_tokens=suite.decode_new_tokens,
+            repeats=suite.decode_repeats,
+            seed=suite.seed,
+        ).to_dict()
+        r["weight"] = w / total_w
+        rows.append(r)
+        if progress:
+            progress("decode speed", i, len(lengths))
+    dense_s = sum(r["weight"] * r["dense_ms_per_token"] for r in rows) / 1000
+    sparse_s = sum(r["weight"] * r["sparse_ms_per_token"] for r in rows) / 1000
+    at_lo = sum(r["weight"] * r["dense_ms_per_token"] / r["speedup_interval"][0] for r in rows) / 1000
+    at_hi = sum(r["weight"] * r["dense_ms_per_token"] / r["speedup_interval"][1] for r in rows) / 1000
+    summary = {
+        "weighted_dense_tokens_per_s": 1.0 / dense_s,
+        "weighted_sparse_tokens_per_s": 1.0 / sparse_s,
+        "weighted_sparse_tokens_per_s_low": 1.0 / at_lo,
+        "weighted_sparse_tokens_per_s_high": 1.0 / at_hi,
+        "weighted_speedup": dense_s / sparse_s,
+        "weighted_speedup_low": dense_s / at_lo,
+        "weighted_speedup_high": dense_s / at_hi,
+        "agree": sum(r["weight"] * r["agree"] for r in rows),
+        "kl": sum(r["weight"] * r["kl"] for r in rows),
+        "new_tokens": suite.decode_new_tokens,
+    }
+    return {"rows": rows, "summary": summary}
+
+
 def length_mix(tokenizer, rows: Sequence[TaskRow], *, max_buckets: int = 3, cap: int | None = None):
     """The dataset's prompt-length mix as up to `max_buckets` representative lengths with weights
     (quantile buckets; each length is the bucket's median rounded to a block multiple)."""
@@ -529,6 +603,17 @@ def evaluate(
         finally:
             unsparsify(model)
         dd, sd = dense_p.to_dict(), sparse_p.to_dict()
+        generated = None
+        if plan.decode is not None:  # the answer generated, so decode reads the long context
+            from sparse_core.decode.measure import probe_generation_accuracy
+
+            gen_d = probe_generation_accuracy(model, tokenizer, probes)
+            sparsify(model, plan)
+            try:
+                gen_s = probe_generation_accuracy(model, tokenizer, probes)
+            finally:
+                unsparsify(model)
+            generated = {"n": n, "dense_accuracy": gen_d["accuracy"], "sparse_accuracy": gen_s["accuracy"]}
         report.probes = {
             "n": n,
             "lengths": list(lengths),
@@ -539,6 +624,8 @@ def evaluate(
             )
             / n,
         }
+        if generated is not None:
+            report.probes["generated"] = generated
         secs["probes"] = time.perf_counter() - t0
 
     # --- use-case dataset ------------------------------------------------------------------------
@@ -591,6 +678,15 @@ def evaluate(
             model, tokenizer, plan, sl, w, repeats=suite.speed_repeats, seed=suite.seed, progress=progress
         )
         secs["speed"] = time.perf_counter() - t0
+
+    # --- decode ---------------------------------------------------------------------------------
+    if plan.decode is not None and suite.decode_new_tokens >= 2 and suite.decode_repeats > 0 and sl:
+        t0 = time.perf_counter()
+        w = report.speed and [r.weight for r in report.speed]
+        report.decode = measure_decode_speed(
+            model, tokenizer, plan, sl, w or None, suite=suite, cap=cap, progress=progress
+        )
+        secs["decode"] = time.perf_counter() - t0
 
     # --- pictures -------------------------------------------------------------------------------
     if suite.pictures_dir is not None:

@@ -61,6 +61,9 @@ class SparsePlan:
     - ``layer_overrides``: {layer: {key: value}} for keys in LAYER_OVERRIDE_KEYS.
     - ``head_overrides``: {layer: {query_head: tau}}.
     - ``dense_layers``: layers that keep dense attention.
+    - ``decode``: optional `sparse_core.decode.DecodePlan` (or its dict): sparse reads of the KV cache
+      in cached decode steps. None (the default, and every plan written before it existed): decode
+      steps stay dense and the plan's dict and content hash are what they always were.
     - ``metadata``: free-form provenance (budget, data fingerprint, fidelity, densities,
       ``gate_weights``). Only ``metadata["gate_weights"]`` takes part in the content hash.
     - ``tensors``: named tensors that travel with the plan (e.g. learned gate weights), saved next to
@@ -78,6 +81,7 @@ class SparsePlan:
     layer_overrides: dict[int, dict[str, Any]] = field(default_factory=dict)
     head_overrides: dict[int, dict[int, float]] = field(default_factory=dict)
     dense_layers: tuple[int, ...] = ()
+    decode: Any = None  # sparse_core.decode.DecodePlan | None
     metadata: dict[str, Any] = field(default_factory=dict)
     tensors: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -89,6 +93,10 @@ class SparsePlan:
         self.dense_layers = tuple(sorted({int(x) for x in (self.dense_layers or ())}))
         self.metadata = dict(self.metadata or {})
         self.tensors = dict(self.tensors or {})
+        if self.decode is not None:
+            from sparse_core.decode.plan import DecodePlan
+
+            self.decode = DecodePlan.from_value(self.decode)
         self._check()
 
     # -- validation -------------------------------------------------------------------------------
@@ -154,6 +162,8 @@ class SparsePlan:
                     f"plan.head_overrides[{layer}] names head(s) {bad} "
                     f"but {name} has {n_heads} attention heads"
                 )
+        if self.decode is not None:
+            self.decode.validate_for(n_layers, name)
         expected = self.metadata.get("model_shape")
         if expected:
             actual = model_shape(config)
@@ -184,7 +194,7 @@ class SparsePlan:
 
     # -- serialisation --------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "format_version": FORMAT_VERSION,
             "block_size": self.block_size,
             "estimator": self.estimator,
@@ -202,6 +212,9 @@ class SparsePlan:
             "dense_layers": list(self.dense_layers),
             "metadata": self.metadata,
         }
+        if self.decode is not None:  # absent otherwise: older plans keep their dict and hash
+            d["decode"] = self.decode.to_dict()
+        return d
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "plan") -> SparsePlan:

@@ -6,8 +6,10 @@ would), selected with ``model.set_attn_implementation``. Each attention module g
 attribute holding its layer's plan; weights and forward methods are untouched, and ``unsparsify``
 restores the previous implementation and removes the attributes.
 
-Prefill (query length == key length, longer than one block) runs the sparse path; decode steps,
-chunked prefill against a cache, sliding-window layers longer than their window, attention dropout
+Prefill (query length == key length, longer than one block) runs the sparse path. Cached decode steps
+run sparse when the plan has a `decode` section (sparse_core.decode: page summaries kept beside the
+cache, page selection per KV head, the decode kernel); without one they run dense, as do chunked
+prefill against a cache, sliding-window layers longer than their window, attention dropout
 in training, and masks that are not causal + key padding run dense SDPA, so results stay correct."""
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 import torch
 
+from sparse_core.decode.attention import DecodeStats, decode_attention_forward
 from sparse_core.kernels import KERNELS, AttentionInfo, key_valid_from_mask, sparse_attention
 from sparse_core.plan import PlanError, SparsePlan
 
@@ -81,12 +84,14 @@ class _ModelState:
     kernel: str
     stats: SparseStats
     mask_cache: tuple[Any, Any] | None = None  # (mask tensor, key_valid or False if unsupported)
+    decode_stats: DecodeStats = field(default_factory=DecodeStats)
 
 
 @dataclass
 class _LayerState:
     model_state: _ModelState
     layer_idx: int
+    pages: Any = None  # sparse_core.decode.pages.PageSummaries of this layer's cached keys
 
 
 def _ensure_registered() -> None:
@@ -123,6 +128,15 @@ def sparsify(model: torch.nn.Module, plan: SparsePlan, *, kernel: str = "auto") 
 
     for layer in range(int(config.num_hidden_layers)):
         get_estimator(plan.layer_params(layer).estimator)  # unknown estimator: fail now, not mid-forward
+    if plan.decode is not None and "gate" in plan.decode.estimators():
+        from sparse_core.estimators.gate import gate_for_plan
+
+        gate_for_plan(plan)  # no or misfit gate weights: fail now
+        if (plan.decode.page_size or plan.block_size) != plan.block_size:
+            raise PlanError(
+                f"plan.decode.page_size {plan.decode.page_size} with estimator 'gate': the gate's key "
+                f"features are pooled over plan.block_size ({plan.block_size}) tokens; use that page size"
+            )
     mods = _attention_modules(model)
     if not mods:
         raise PlanError(f"{type(model).__name__} has no attention modules with q_proj/k_proj and a layer_idx")
@@ -159,6 +173,14 @@ def sparse_stats(model: torch.nn.Module) -> SparseStats:
     if state is None:
         raise ValueError("model is not sparsified")
     return state.stats
+
+
+def decode_stats(model: torch.nn.Module) -> DecodeStats:
+    """What sparse decode did since `sparsify` (or the last `reset()`)."""
+    state: _ModelState | None = getattr(model, _MODEL_ATTR, None)
+    if state is None:
+        raise ValueError("model is not sparsified")
+    return state.decode_stats
 
 
 def _padding_only(state: _ModelState, mask: torch.Tensor, seq_len: int) -> torch.Tensor | None | bool:
@@ -207,6 +229,12 @@ def block_sparse_attention_forward(
     if layer is None:
         return dense()
     state = layer.model_state
+    if state.plan.decode is not None:
+        done = decode_attention_forward(
+            layer, module, query, key, value, attention_mask, scaling, dropout, kwargs
+        )
+        if done is not None:
+            return done
     q_len, kv_len = query.shape[2], key.shape[2]
     window = kwargs.get("sliding_window")
     if (

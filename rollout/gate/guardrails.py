@@ -9,7 +9,7 @@ A check is **breached** only when the evidence says so: its lower confidence bou
 betting (`rollout.gate.sequences`), is above the threshold. A check whose rate is truly at or below the
 threshold is breached with probability at most alpha, however often it is looked at. A check with fewer
 rows than its minimum is **not judged**, which keeps a step at EXTEND (never GO). Otherwise it **holds**
-(and where the mirror test rejects "at or above the threshold", it is shown to hold).
+.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from rollout.gate.sequences import (
     paired_stream,
     rate_log_capital,
     rate_stream,
-    rejects,
 )
 from rollout.gate.settings import GateSettings
 
@@ -69,7 +68,6 @@ class Guardrail:
     note: str = ""
     lower_bound: float | None = None  # breached only: anytime-valid (1 - alpha) lower bound of the rate
     n: int = 0
-    shown_within: bool = False  # the test of "at or above the threshold" rejected: the limit is shown to hold
     excluded: int = 0  # sparse-arm rows left out (latency: collected while the host was overloaded)
 
     @property
@@ -136,7 +134,7 @@ def judge(
     if stream.n == 0:
         note = "; ".join(filter(None, [_note(check, n_t), left_out]))
         return Guardrail(check.name, None, check.threshold, False, False, note, n=n_t, excluded=excluded)
-    breached, within, low = _tests(stream, check, alpha, prior, span)
+    breached, low = _breach(stream, check, alpha, prior, span)
     return Guardrail(
         check.name,
         value,
@@ -146,7 +144,6 @@ def judge(
         "; ".join(filter(None, ["" if evaluated or breached else _note(check, n_t), left_out])),
         low,
         n_t,
-        within,
         excluded,
     )
 
@@ -160,29 +157,17 @@ def breach_log_capital(stream: Stream, check: GuardrailCheck, prior_mean: float 
     return log_capital(stream, lam, check.threshold, "lower")
 
 
-def _tests(
+def _breach(
     stream: Stream, check: GuardrailCheck, alpha: float, prior: float, span
-) -> tuple[bool, bool, float | None]:
-    """(breached, shown within the threshold, lower bound when breached)."""
-    target = math.log(1 / alpha)
-    breached = bool(breach_log_capital(stream, check, prior).max() >= target)
-    var = check.threshold * (1 - check.threshold) if check.comparison == "rate" else _EXCESS_PRIOR_VAR
-    kw = {"prior_mean": prior, "prior_var": var}
-    within = bool(rejects(stream, check.threshold, "upper", alpha, **kw)[0])
-    low = None
-    if breached:  # the bound behind a breach: how bad at least (what the explanation quotes)
-        if check.comparison == "rate":
-            low = bound_where(
-                lambda m: float(rate_log_capital(stream, check.threshold, m).max()),
-                stream,
-                "lower",
-                alpha,
-                span,
-            )
-        else:
-            lam = bets(stream, check.threshold, "lower", **kw)
-            low = confidence_bound(stream, check.threshold, "lower", alpha, span=span, lam=lam, **kw)
-    return breached, within, low
+) -> tuple[bool, float | None]:
+    """(breached, the lower bound behind a breach: how bad at least, which the explanation quotes)."""
+    if breach_log_capital(stream, check, prior).max() < math.log(1 / alpha):
+        return False, None
+    if check.comparison == "rate":
+        peak = lambda m: float(rate_log_capital(stream, check.threshold, m).max())  # noqa: E731
+        return True, bound_where(peak, stream, "lower", alpha, span)
+    kw = {"prior_mean": prior, "prior_var": _EXCESS_PRIOR_VAR}
+    return True, confidence_bound(stream, check.threshold, "lower", alpha, span=span, **kw)
 
 
 def judge_all(

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from scipy import optimize, special
+from scipy import optimize
 
 Side = Literal["lower", "upper"]
 
@@ -200,7 +200,9 @@ def rate_log_capital(stream: Stream, ceiling: float, m: float | None = None) -> 
     alts = [min(k * ceiling, (1 + ceiling) / 2) for k in RATE_ALTERNATIVES]
     lams = np.array([(p - ceiling) / (ceiling * (1 - ceiling)) for p in alts])
     lams = np.minimum(lams, stream.truncation / max(m, 1e-12))
-    z = stream.z[None, ...]
-    shape = (len(lams),) + (1,) * stream.z.ndim
-    logk = np.cumsum(np.log1p(lams.reshape(shape) * (z - m)), axis=-1)
-    return special.logsumexp(logk, axis=0) - math.log(len(lams))
+    # The stream is 0/1, so each component's log-capital is (ones so far) x log(1 + lam (1 - m)) +
+    # (zeros so far) x log(1 - lam m): one cumulative count serves every component.
+    ones = np.cumsum(stream.z, axis=-1)
+    zeros = np.arange(1, stream.n + 1) - ones
+    parts = [ones * math.log1p(lam * (1 - m)) + zeros * math.log1p(-lam * m) for lam in lams]
+    return np.logaddexp.reduce(np.stack(parts), axis=0) - math.log(len(lams))

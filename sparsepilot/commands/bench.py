@@ -368,6 +368,107 @@ def _saved_and_emitted(result: dict, out: str, json_out: bool) -> bool:
     return json_out
 
 
+@app.command("decode")
+def bench_decode(
+    quick: bool = typer.Option(
+        False, "--quick", help="Layer at 16k and SmolLM2 at 8k only (full: 16k/32k, 1k-8k)."
+    ),
+    model: str = typer.Option("smollm2-135m", "--model", help="Model ref."),
+    plan_dir: str = typer.Option(
+        "", "--plan", help="A plan directory with a decode section (default: quest budgets)."
+    ),
+    estimator: str = typer.Option(
+        "quest", "--estimator", help="quest or gate (gate needs --plan with weights)."
+    ),
+    page_size: int = typer.Option(16, "--page-size", help="Tokens per KV-cache page."),
+    budgets: str = typer.Option("1024,2048", "--budgets", help="Comma-separated token budgets per KV head."),
+    new_tokens: int = typer.Option(64, "--new-tokens", help="Generated tokens per run (>= 2)."),
+    threads: int = typer.Option(1, "--threads", help="torch threads (1 on a shared machine)."),
+    out: str = typer.Option("bench-results/decode.json", "--out", help="JSON path; the PNG goes next to it."),
+    json_out: bool = typer.Option(False, "--json", help="Print the JSON after the tables."),
+) -> None:
+    """Sparse decode: one attention layer at 16k/32k cached tokens, and SmolLM2 end to end, dense vs
+    sparse ms per generated token side by side, with density, estimator share and the fidelity of the
+    generated tokens."""
+    import json
+    from pathlib import Path
+
+    import torch
+    from rich.progress import Progress
+
+    from sparse_core import ModelRefError, PlanError
+    from sparse_core.bench import decode as bench
+    from sparsepilot.console import emit_json, fail, print_table
+
+    try:
+        budget_list = tuple(int(b) for b in budgets.split(",") if b.strip())
+    except ValueError:
+        fail(f"--budgets: {budgets!r} is not a comma-separated list of integers")
+    if not budget_list or any(b < 1 for b in budget_list):
+        fail(f"--budgets: every budget must be an integer >= 1, got {budgets!r}")
+    if estimator not in ("quest", "gate"):
+        fail(f"--estimator: {estimator!r}; choose quest or gate")
+    if estimator == "gate" and not plan_dir:
+        fail("--estimator gate needs --plan: a calibrated plan directory that carries gate weights")
+    if page_size < 1:
+        fail(f"--page-size must be >= 1, got {page_size}")
+    if new_tokens < 2:
+        fail(f"--new-tokens must be >= 2, got {new_tokens}")
+    if threads < 1:
+        fail(f"--threads must be >= 1, got {threads}")
+    plan = None
+    if plan_dir:
+        from sparse_core import plan_io
+
+        try:
+            plan = plan_io.load(plan_dir)
+        except (PlanError, OSError) as exc:
+            fail(f"--plan {plan_dir}: {exc}")
+        if plan.decode is None:
+            fail(f"--plan {plan_dir}: the plan has no decode section")
+    torch.set_num_threads(threads)
+    with Progress(transient=True) as bar:
+        task = bar.add_task("decode benchmark", total=None)
+        try:
+            result = bench.run(
+                quick=quick,
+                model_ref=model,
+                page_size=page_size,
+                budgets=budget_list,
+                estimator=estimator,
+                plan=plan,
+                new_tokens=new_tokens,
+                progress=lambda msg: bar.update(task, description=msg),
+            )
+        except (ModelRefError, PlanError) as exc:
+            fail(str(exc))
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    png = bench.plot(result, path.with_suffix(".png"))
+    result["plot"] = str(png)
+    path.write_text(json.dumps(result, indent=2))
+    env = result["environment"]
+    _wide_console()
+    load = (
+        f"load {env['loadavg_before']} -> {env['loadavg_after']} on {env['cpu_count']} CPUs, "
+        f"{env['threads']} thread(s)"
+    )
+    print_table(
+        f"Decode, one attention layer (9 q / 3 kv heads, d=64), {result['estimator']} scoring included; "
+        f"{load}",
+        result["layer_rows"],
+        bench.LAYER_COLUMNS,
+    )
+    print_table(
+        f"Decode end to end, {result['model']}: ms per generated token, fidelity of {new_tokens} generated "
+        f"tokens; JSON: {path}, plot: {png}",
+        result["model_rows"],
+        bench.MODEL_COLUMNS,
+    )
+    if json_out:
+        emit_json(result)
+
+
 def _wide_console() -> None:
     """Benchmark tables have many numeric columns: do not squeeze them into 80 columns when the
     output is piped to a file."""

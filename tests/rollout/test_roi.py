@@ -59,6 +59,69 @@ def test_worked_example() -> None:
     assert r.verdict == "saves $169/month ($113-$203); pays back the $1,000 pilot in 180 days"
 
 
+def test_worked_example_with_sparse_decode() -> None:
+    # docs/roi.md, "Sparse decode": 1,000 prompt tokens at 1,000 tok/s = 1 s, 100 output tokens at
+    # 50 tok/s dense = 2 s -> 3 s dense. Prefill not sped up (S = 1), sparse decode at 100 tok/s [75, 125]:
+    # 1 + 1 = 2 s -> effective speed-up 1.5, a third of the cost saved.
+    r = compute_roi(
+        _inputs(
+            dense_tps=1000.0,
+            speedup=1.0,
+            speedup_low=1.0,
+            speedup_high=1.0,
+            prompt_tokens=1000,
+            output_tokens=100,
+            decode_tps=50.0,
+            sparse_decode_tps=100.0,
+            sparse_decode_tps_low=75.0,
+            sparse_decode_tps_high=125.0,
+        )
+    )
+    assert r.dense_seconds_per_request == pytest.approx(3.0)
+    assert r.sparse_seconds_per_request == pytest.approx(2.0)
+    assert r.effective_speedup == pytest.approx(1.5)
+    # dense: 30,000 s/day / 3600 / 0.5 = 16.67 h/day x $2 x 30.4375 = $1,014.58/month; sparse $676.39
+    assert r.dense_usd_month == pytest.approx(1014.583333, abs=1e-5)
+    assert r.sparse_usd_month == pytest.approx(676.388889, abs=1e-5)
+    assert r.saved_usd_month == pytest.approx(338.194444, abs=1e-5)
+    # 75 tok/s: 1 + 1.333 s -> $789.12 -> saves $225.46; 125 tok/s: 1 + 0.8 s -> $608.75 -> saves $405.83
+    assert r.saved_usd_month_low == pytest.approx(225.462963, abs=1e-5)
+    assert r.saved_usd_month_high == pytest.approx(405.833333, abs=1e-5)
+    assert r.effective_speedup_low == pytest.approx(3 / (1 + 100 / 75))
+    assert r.effective_speedup_high == pytest.approx(3 / 1.8)
+    # $1,000 / ($338.19 / 30.4375 = $11.11 a day) = 90 days; 75 and 135 days at the ends
+    assert r.payback_days == pytest.approx(90.0)
+    assert r.payback_days_low == pytest.approx(75.0)
+    assert r.payback_days_high == pytest.approx(135.0)
+    assert r.pays_off and r.certain
+    # without sparse decode the same use case saves nothing: output tokens cost the same in both arms
+    flat = compute_roi(
+        _inputs(
+            dense_tps=1000.0,
+            speedup=1.0,
+            speedup_low=1.0,
+            speedup_high=1.0,
+            prompt_tokens=1000,
+            decode_tps=50.0,
+        )
+    )
+    assert flat.saved_usd_month == pytest.approx(0.0) and not flat.pays_off
+
+
+def test_sparse_decode_inputs_are_checked() -> None:
+    with pytest.raises(ValueError, match="sparse_decode_tps needs decode_tps"):
+        compute_roi(_inputs(sparse_decode_tps=100.0))
+    with pytest.raises(ValueError, match="sparse decode interval must contain the estimate"):
+        compute_roi(_inputs(decode_tps=50.0, sparse_decode_tps=100.0, sparse_decode_tps_low=120.0))
+    with pytest.raises(ValueError, match="sparse_decode_tps must be a finite number > 0"):
+        compute_roi(_inputs(decode_tps=50.0, sparse_decode_tps=0.0))
+    slower = compute_roi(
+        _inputs(speedup=1.0, speedup_low=1.0, speedup_high=1.0, decode_tps=50.0, sparse_decode_tps=40.0)
+    )
+    assert not slower.pays_off
+    assert slower.verdict.startswith("no savings: the per-request speed-up with sparse decode is 0.")
+
+
 def test_output_tokens_at_dense_decode_speed_dilute_the_speed_up() -> None:
     # prompt 3000 tokens at 3000 tok/s = 1 s; 100 output tokens at 100 tok/s = 1 s -> 2 s dense.
     # Sparse prefill at 2x: 0.5 + 1 = 1.5 s -> effective speed-up 4/3, a quarter of the cost saved.
@@ -168,3 +231,33 @@ def test_pilot_skip_reason_says_why_a_pilot_would_be_wasted() -> None:
     assert pilot_skip_reason(**wide, saved_usd_month_low=1_078.0) is None
     # Unknown numbers are not a reason to skip.
     assert pilot_skip_reason(met_budget=None, density=None, saved_usd_month=None) is None
+
+
+def test_evaluation_roi_prices_output_tokens_at_the_measured_sparse_decode() -> None:
+    from flows.evaluate import roi_from_report
+
+    spec = load_spec(EXAMPLES / "support-chat.yaml")
+    speed = [{"weight": 1.0, "dense_seconds": [1.0, 1.1], "sparse_seconds": [1.0, 1.1]}]
+    report = {
+        "speed": speed,
+        "speed_summary": {"weighted_dense_tokens_per_s": 500.0, "weighted_sparse_tokens_per_s": 500.0},
+    }
+    flat = roi_from_report(spec, report, decode_tps=20.0)
+    assert flat["decode_from"] == "dense decode in both arms" and flat["saved_usd_month"] == pytest.approx(
+        0.0
+    )
+    report["decode"] = {
+        "rows": [],
+        "summary": {
+            "weighted_dense_tokens_per_s": 20.0,
+            "weighted_sparse_tokens_per_s": 26.0,
+            "weighted_sparse_tokens_per_s_low": 24.0,
+            "weighted_sparse_tokens_per_s_high": 28.0,
+        },
+    }
+    r = roi_from_report(spec, report, decode_tps=99.0)  # the side-by-side dense decode figure wins
+    assert r["inputs"]["decode_tps"] == 20.0 and r["inputs"]["sparse_decode_tps"] == 26.0
+    p, o = spec.traffic.prompt_tokens.mean(), spec.traffic.output_tokens.mean()
+    assert r["effective_speedup"] == pytest.approx((p / 500 + o / 20) / (p / 500 + o / 26))
+    assert 0 < r["saved_usd_month_low"] < r["saved_usd_month"] < r["saved_usd_month_high"]
+    assert r["decode_from"] == "sparse decode measured side by side"

@@ -22,6 +22,7 @@ EXPECTED_KEYS = [
     "tasks",
     "speed",
     "speed_summary",
+    "decode",
     "density",
     "layer_density",
     "head_density",
@@ -94,5 +95,41 @@ def test_sections_switched_off_are_none(quality_tiny):
     d = evaluate(model, tok, SparsePlan(tau=0.9), suite).to_dict()
     assert list(d) == EXPECTED_KEYS
     assert d["probes"] is None and d["tasks"] is None and d["speed"] is None and d["layer_errors"] is None
+    assert d["decode"] is None  # the plan has no decode section
     assert d["artifacts"] == {}
     assert EvaluationReport.SECTIONS == tuple(EXPECTED_KEYS)
+
+
+def test_decode_section_for_a_plan_that_decodes_sparsely(quality_tiny):
+    from sparse_core.decode.plan import DecodePlan
+
+    model, tok = quality_tiny
+    suite = EvalSuite(
+        n_fidelity_texts=0,
+        probe_lengths=(512,),
+        probe_kinds=("passkey",),
+        probe_depths=(0.5,),
+        layer_errors=False,
+        speed_lengths=(512, 768),
+        speed_weights=(0.75, 0.25),
+        speed_repeats=1,
+        decode_new_tokens=6,
+        decode_repeats=2,
+    )
+    plan = SparsePlan(tau=0.9, decode=DecodePlan(page_size=16, budget_tokens=128))
+    report = evaluate(model, tok, plan, suite)
+    d = report.to_dict()
+    assert not is_sparsified(model)
+    rows = d["decode"]["rows"]
+    assert [r["seq_len"] for r in rows] == [512, 768] and [r["weight"] for r in rows] == [0.75, 0.25]
+    for r in rows:
+        assert len(r["dense_seconds_per_token"]) == 2 and r["new_tokens"] == 6
+        assert 0 < r["density"] < 0.5 and 0 <= r["agree"] <= 1 and r["kl"] >= 0
+        assert r["speedup_interval"][0] <= r["speedup_interval"][1]
+    summ = d["decode"]["summary"]
+    assert summ["weighted_speedup_low"] <= summ["weighted_speedup"] <= summ["weighted_speedup_high"]
+    json.dumps(d, allow_nan=False)
+    m = report.metrics()
+    assert "decode.512.speedup" in m and "decode.weighted_speedup" in m
+    gen = d["probes"]["generated"]
+    assert gen["n"] == 1 and 0 <= gen["sparse_accuracy"] <= 1 and "probes.generated_sparse_accuracy" in m

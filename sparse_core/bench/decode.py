@@ -1,0 +1,325 @@
+"""`sparsepilot bench decode`: what sparse decode saves per generated token.
+
+1. One attention layer of SmolLM2's shape (9 query heads, 3 KV heads, head_dim 64), one query token
+   against a cache of 16k (and 32k) tokens: dense SDPA as transformers runs a decode step (GQA, no
+   mask) vs the sparse decode step (page-summary append, page scoring, selection, gather kernel) at a
+   few densities. Each step appends one key, so summary maintenance is in the time; dense is timed
+   before and after the sparse runs and the faster is kept.
+2. The real SmolLM2 end to end at a few context lengths: dense greedy decode on transformers'
+   DynamicCache (what `generate` runs) vs the sparsified model on the same prompt and tokens
+   (sparse_core.decode.measure), ms per token side by side, with the fidelity of the generated tokens
+   (KL, teacher-forced top-1 agreement, free-running greedy match). The sparse arm runs on the same
+   DynamicCache (the attention saving alone) and on PagedCache (what sparse decode can use); the row
+   "dense attention, paged cache" separates what the cache alone saves.
+
+Timings are medians over steps; run with one torch thread on a shared machine (the CLI sets it)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from sparse_core.bench.attention import HEAD_DIM, KV_HEADS, Q_HEADS, _loadavg, environment
+from sparse_core.decode.attention import sparse_decode_step
+from sparse_core.decode.pages import sync
+from sparse_core.decode.plan import DecodePlan
+from sparse_core.decode.scoring import local_start
+from sparse_core.plan import SparsePlan
+
+QUICK_LAYER_LENGTHS = (16384,)
+FULL_LAYER_LENGTHS = (16384, 32768)
+LAYER_DENSITIES = (0.05, 0.10, 0.25)
+QUICK_MODEL_LENGTHS = (8192,)
+FULL_MODEL_LENGTHS = (1024, 2048, 4096, 8192)
+DEFAULT_PAGE_SIZE = 16
+DEFAULT_BUDGETS = (1024, 2048)
+LOCAL_PAGES = 4  # as sparse_core.decode.calibration.DecodeLimits
+
+LAYER_COLUMNS = [
+    "seq_len",
+    "page_size",
+    "density",
+    "estimator_share",
+    "ms_per_step",
+    "dense_ms_per_step",
+    "speedup",
+]
+MODEL_COLUMNS = [
+    "seq_len",
+    "plan",
+    "density",
+    "estimator_share",
+    "ms_per_token",
+    "dense_ms_per_token",
+    "speedup",
+    "speedup_lo",
+    "speedup_hi",
+    "kl",
+    "agree",
+    "greedy_match",
+]
+
+
+@dataclass
+class LayerRow:
+    seq_len: int
+    page_size: int
+    target_density: float
+    density: float
+    estimator_ms: float
+    estimator_share: float
+    ms_per_step: float
+    dense_ms_per_step: float
+    speedup: float
+
+
+def _median_ms(times: list[float]) -> float:
+    return statistics.median(times) * 1000
+
+
+@torch.inference_mode()
+def layer_bench(
+    lengths: tuple[int, ...],
+    *,
+    page_size: int = DEFAULT_PAGE_SIZE,
+    densities: tuple[float, ...] = LAYER_DENSITIES,
+    steps: int = 12,
+    estimator: str = "quest",
+    seed: int = 0,
+    say: Callable[[str], None] = lambda _m: None,
+) -> list[LayerRow]:
+    gen = torch.Generator().manual_seed(seed)
+    rows: list[LayerRow] = []
+    for length in lengths:
+        say(f"attention layer, {length} cached tokens: building the cache")
+        base_k = torch.randn(1, KV_HEADS, length, HEAD_DIM, generator=gen)
+        base_v = torch.randn(1, KV_HEADS, length, HEAD_DIM, generator=gen)
+        extra_k = torch.randn(1, KV_HEADS, steps, HEAD_DIM, generator=gen)
+        extra_v = torch.randn(1, KV_HEADS, steps, HEAD_DIM, generator=gen)
+        ks = [torch.cat([base_k, extra_k[:, :, :i]], 2) for i in range(1, steps + 1)]
+        vs = [torch.cat([base_v, extra_v[:, :, :i]], 2) for i in range(1, steps + 1)]
+        qs = [torch.randn(1, Q_HEADS, 1, HEAD_DIM, generator=gen) for _ in range(steps)]
+
+        def dense_pass(qs=qs, ks=ks, vs=vs) -> list[float]:
+            out = []
+            for q, k, v in zip(qs, ks, vs, strict=True):
+                t0 = time.perf_counter()
+                F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+                out.append(time.perf_counter() - t0)
+            return out
+
+        say(f"attention layer, {length} cached tokens: dense")
+        dense_pass()  # warm-up
+        d0 = dense_pass()
+        pending = []
+        for target in densities:
+            say(f"attention layer, {length} cached tokens: sparse at ~{target:.0%}")
+            plan = SparsePlan(
+                decode=DecodePlan(
+                    estimator=estimator, page_size=page_size, budget_tokens=None, density=target
+                )
+            )
+            params = plan.decode.layer_params(0, plan.block_size)
+            for warm in (True, False):
+                pages = sync(None, ks[0][:, :, :-1], page_size)
+                times, est, kept = [], [], []
+                for q, k, v in zip(qs, ks, vs, strict=True):
+                    t0 = time.perf_counter()
+                    pages = sync(pages, k, page_size)
+                    start = local_start(k.shape[2], page_size, params.local_pages)
+                    _, sel, t1 = sparse_decode_step(plan, params, pages, q, k, v, start)
+                    times.append(time.perf_counter() - t0)
+                    est.append(t1 - t0)
+                    kept.append((sel.shape[-1] * page_size + k.shape[2] - start) / k.shape[2])
+                if not warm:
+                    pending.append((target, times, est, kept))
+        d1 = dense_pass()
+        dense_ms = min(_median_ms(d0), _median_ms(d1))
+        for target, times, est, kept in pending:
+            ms = _median_ms(times)
+            rows.append(
+                LayerRow(
+                    seq_len=length,
+                    page_size=page_size,
+                    target_density=target,
+                    density=round(statistics.fmean(kept), 4),
+                    estimator_ms=_median_ms(est),
+                    estimator_share=_median_ms(est) / dense_ms,
+                    ms_per_step=ms,
+                    dense_ms_per_step=dense_ms,
+                    speedup=dense_ms / ms,
+                )
+            )
+    return rows
+
+
+def model_bench(
+    model_ref: str,
+    lengths: tuple[int, ...],
+    *,
+    budgets: tuple[int, ...] = DEFAULT_BUDGETS,
+    page_size: int = DEFAULT_PAGE_SIZE,
+    estimator: str = "quest",
+    plan: SparsePlan | None = None,
+    new_tokens: int = 64,
+    repeats: int = 2,
+    say: Callable[[str], None] = lambda _m: None,
+) -> tuple[list[dict[str, Any]], str]:
+    from sparse_core.corpus import corpus_texts, pack_token_windows
+    from sparse_core.decode.measure import compare_decode
+    from sparse_core.loading import load_model
+
+    say(f"loading {model_ref}")
+    model, tok = load_model(model_ref)
+    model.eval()
+    cap = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+    texts = corpus_texts("all")
+    n_layers = int(model.config.num_hidden_layers)
+    # (name, plan, sparse-arm cache); the dense arm always runs on transformers' DynamicCache
+    plans: list[tuple[str, SparsePlan, str]] = [
+        (
+            "dense attention, paged cache",
+            SparsePlan(decode=DecodePlan(dense_layers=tuple(range(n_layers)))),
+            "paged",
+        )
+    ]
+    if plan is not None:
+        plans += [("given plan, dynamic cache", plan, "dynamic"), ("given plan, paged cache", plan, "paged")]
+    else:
+        for i, b in enumerate(budgets):
+            dp = DecodePlan(
+                estimator=estimator, page_size=page_size, budget_tokens=b, local_pages=LOCAL_PAGES
+            )
+            name = f"{estimator} p{page_size} budget {b}"
+            if i == 0:
+                plans.append((f"{name}, dynamic cache", SparsePlan(decode=dp), "dynamic"))
+            plans.append((f"{name}, paged cache", SparsePlan(decode=dp), "paged"))
+    rows = []
+    for length in lengths:
+        if cap and length + new_tokens > cap:
+            length = cap - new_tokens
+        win = pack_token_windows(tok, texts, length, 1, seed=7)[0]
+        ids = torch.tensor([win])
+        for name, p, kind in plans:
+            say(f"{model_ref}: {length} tokens, {name}")
+            r = compare_decode(
+                model,
+                p,
+                ids,
+                new_tokens=new_tokens,
+                repeats=repeats,
+                sparse_cache=kind,
+                free_running=p.decode.dense_layers != tuple(range(n_layers)),
+                progress=lambda _s, d, t, name=name, length=length: say(
+                    f"{length} tokens, {name}: run {d}/{t}"
+                ),
+            )
+            rows.append(
+                {
+                    "seq_len": r.seq_len,
+                    "plan": name,
+                    "new_tokens": r.new_tokens,
+                    "density": round(r.density, 4),
+                    "estimator_share": r.estimator_share,
+                    "ms_per_token": r.sparse_ms_per_token,
+                    "dense_ms_per_token": r.dense_ms_per_token,
+                    "sparse_tokens_per_s": r.sparse_tokens_per_s,
+                    "dense_tokens_per_s": r.dense_tokens_per_s,
+                    "speedup": r.speedup,
+                    "speedup_lo": r.speedup_interval[0],
+                    "speedup_hi": r.speedup_interval[1],
+                    "kl": r.kl,
+                    "agree": r.agree,
+                    "nll_delta": r.nll_delta,
+                    "greedy_match": r.greedy_match,
+                    "first_divergence": r.first_divergence,
+                    "dense_seconds_per_token": r.dense_seconds_per_token,
+                    "sparse_seconds_per_token": r.sparse_seconds_per_token,
+                }
+            )
+    return rows, str(getattr(model.config, "_name_or_path", model_ref))
+
+
+def run(
+    *,
+    quick: bool = False,
+    model_ref: str = "smollm2-135m",
+    page_size: int = DEFAULT_PAGE_SIZE,
+    budgets: tuple[int, ...] = DEFAULT_BUDGETS,
+    estimator: str = "quest",
+    plan: SparsePlan | None = None,
+    new_tokens: int = 64,
+    layer: bool = True,
+    model: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    say = progress or (lambda _m: None)
+    started, cpu_started = time.perf_counter(), time.process_time()
+    load_before = _loadavg()
+    layer_rows = (
+        layer_bench(QUICK_LAYER_LENGTHS if quick else FULL_LAYER_LENGTHS, page_size=page_size, say=say)
+        if layer
+        else []
+    )
+    model_rows: list[dict[str, Any]] = []
+    name = model_ref
+    if model:
+        model_rows, name = model_bench(
+            model_ref,
+            QUICK_MODEL_LENGTHS if quick else FULL_MODEL_LENGTHS,
+            budgets=budgets,
+            page_size=page_size,
+            estimator=estimator,
+            plan=plan,
+            new_tokens=new_tokens,
+            repeats=2,
+            say=say,
+        )
+    return {
+        "benchmark": "decode",
+        "quick": quick,
+        "layer_shape": {"q_heads": Q_HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "batch": 1},
+        "estimator": estimator if plan is None else "from plan",
+        "model": name,
+        "layer_rows": [asdict(r) for r in layer_rows],
+        "model_rows": model_rows,
+        "environment": environment(load_before),
+        "wall_seconds": time.perf_counter() - started,
+        "cpu_seconds": time.process_time() - cpu_started,
+    }
+
+
+def plot(result: dict[str, Any], path) -> Any:
+    """ms per generated token vs context length, dense and each sparse plan (model rows)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["model_rows"]
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    if rows:
+        dense = sorted({(r["seq_len"], r["dense_ms_per_token"]) for r in rows})
+        by_len: dict[int, float] = {}
+        for s, ms in dense:
+            by_len[s] = min(ms, by_len.get(s, math.inf))
+        ax.plot(list(by_len), list(by_len.values()), "k-o", label="dense")
+        for name in sorted({r["plan"] for r in rows}):
+            pts = sorted((r["seq_len"], r["ms_per_token"]) for r in rows if r["plan"] == name)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("ms per generated token")
+    ax.set_title(f"decode, {result['model']}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,165 @@
+"""Sparse decode inside the retrofit's attention function (sparse_core.retrofit).
+
+Every attention call of a sparsified model whose plan has a `decode` section passes through
+`decode_attention_forward` first: it keeps the layer's page summaries in step with the cache's keys
+(a prefill builds them in one pass; each later call appends only the new tokens), and for a cached
+decode step (one query token against a longer cache) scores the pages, selects per KV head and runs
+the decode kernel. It returns None for everything else, and the caller carries on as before
+(sparse prefill or dense SDPA)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sparse_core.decode.pages import PageSummaries, summarize, sync
+from sparse_core.decode.plan import DecodeLayerParams
+from sparse_core.decode.scoring import (
+    gate_page_logits,
+    local_start,
+    page_mass,
+    quest_page_logits,
+    select_pages,
+)
+from sparse_core.kernels.decode import decode_attention
+
+
+@dataclass
+class DecodeStats:
+    """What sparse decode did: per-layer decode calls, tokens read vs tokens cached, timings."""
+
+    calls: int = 0
+    dense_calls: int = 0  # decode calls that read the whole cache (dense layer or short cache)
+    kept_tokens: int = 0
+    cached_tokens: int = 0
+    estimator_seconds: float = 0.0
+    kernel_seconds: float = 0.0
+
+    def reset(self) -> None:
+        self.calls = self.dense_calls = self.kept_tokens = self.cached_tokens = 0
+        self.estimator_seconds = self.kernel_seconds = 0.0
+
+    @property
+    def density(self) -> float:
+        """Share of cached tokens the decode steps read (NaN before any decode step)."""
+        return self.kept_tokens / self.cached_tokens if self.cached_tokens else float("nan")
+
+
+def _key_valid(attention_mask: torch.Tensor | None, kv_len: int) -> torch.Tensor | None | bool:
+    """[B, L] bool for a decode step's mask (None: no padding; False: a mask we do not handle)."""
+    if attention_mask is None:
+        return None
+    m = attention_mask
+    if m.ndim != 4 or m.shape[-1] != kv_len:
+        return False
+    row = m[:, 0, -1, :]
+    kv = row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
+    return None if bool(kv.all()) else kv
+
+
+def _page_valid(key_valid: torch.Tensor, page_size: int) -> torch.Tensor:
+    b, n = key_valid.shape
+    pages = -(-n // page_size)
+    kv = torch.nn.functional.pad(key_valid, (0, pages * page_size - n), value=False)
+    return kv.view(b, pages, page_size).any(-1)
+
+
+def decode_attention_forward(
+    layer_state: Any,
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None,
+    dropout: float,
+    kwargs: dict,
+) -> tuple[torch.Tensor, None] | None:
+    state = layer_state.model_state
+    plan = state.plan
+    params = plan.decode.layer_params(layer_state.layer_idx, plan.block_size)
+    q_len, kv_len = query.shape[2], key.shape[2]
+    stats: DecodeStats = state.decode_stats
+    if params.dense:
+        if q_len == 1 and kv_len > 1:
+            stats.calls += 1
+            stats.dense_calls += 1
+            stats.kept_tokens += kv_len
+            stats.cached_tokens += kv_len
+        return None
+    ps = params.page_size
+    t0 = time.perf_counter()
+    if q_len == kv_len:
+        layer_state.pages = summarize(key, ps)
+        return None
+    pages = layer_state.pages = sync(layer_state.pages, key, ps)
+    window = kwargs.get("sliding_window")
+    if (
+        q_len != 1
+        or (dropout > 0.0 and module.training)
+        or (window is not None and kv_len > window)
+        or kwargs.get("softcap") is not None
+    ):
+        return None
+    key_valid = _key_valid(attention_mask, kv_len)
+    if key_valid is False:
+        return None
+    stats.calls += 1
+    stats.cached_tokens += kv_len
+    start = local_start(kv_len, ps, params.local_pages)
+    n_pages = pages.n_pages
+    keep = params.keep_pages(n_pages)
+    if start == 0 or (keep is not None and keep >= n_pages and params.tau is None):
+        stats.dense_calls += 1
+        stats.kept_tokens += kv_len
+        return None  # nothing to skip: the caller's dense path is exact and cheaper
+    out, sel, t1 = sparse_decode_step(
+        plan, params, pages, query, key, value, start, key_valid=key_valid, scaling=scaling
+    )
+    t2 = time.perf_counter()
+    stats.kept_tokens += sel.shape[-1] * ps + (kv_len - start)
+    stats.estimator_seconds += t1 - t0
+    stats.kernel_seconds += t2 - t1
+    return out.transpose(1, 2).contiguous(), None
+
+
+def sparse_decode_step(
+    plan: Any,
+    params: DecodeLayerParams,
+    pages: PageSummaries,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    start: int,
+    *,
+    key_valid: torch.Tensor | None = None,
+    scaling: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Score the pages, select per KV head, attend: (out [B, Hq, 1, D], selected pages [B, Hkv, m],
+    the time scoring and selection ended)."""
+    q = query[:, :, 0]
+    if params.estimator == "gate":
+        from sparse_core.estimators.gate import gate_for_plan
+
+        layer_gate = gate_for_plan(plan).layers[params.layer_idx]
+        logits = gate_page_logits(q, pages, layer_gate, params.layer_idx)
+    else:
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        logits = quest_page_logits(q, pages, scale)
+    pv = _page_valid(key_valid, params.page_size) if key_valid is not None else None
+    mass = page_mass(logits, key.shape[1], pv)
+    sel = select_pages(
+        mass,
+        sink_pages=params.sink_pages,
+        local_pages=params.local_pages,
+        keep_pages=params.keep_pages(pages.n_pages),
+        tau=params.tau,
+    )
+    t1 = time.perf_counter()
+    out = decode_attention(
+        query, key, value, sel, params.page_size, start, key_valid=key_valid, scale=scaling
+    )
+    return out, sel, t1

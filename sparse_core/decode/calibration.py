@@ -1,0 +1,340 @@
+"""Calibrate the decode budget: the sparsest per-layer page budget whose generated tokens stay within
+a fidelity budget, measured on continuations the dense model generates after long prompts.
+
+1. Prompts: `n_prompts` windows of `prompt_tokens` tokens from the use case's texts; each is prefilled
+   densely once and the dense model generates `new_tokens` greedy tokens (the reference).
+2. Sensitivity, from one dense pass over those tokens with a capture on every layer: for each layer
+   and candidate budget, the share of the dense attention mass of the decode queries that the
+   estimator's page selection at that budget drops (exact dense page masses vs the selection, no
+   extra forwards per budget).
+3. Allocation by one error level eps: each layer takes the smallest budget whose dropped mass is
+   <= eps, else it reads the whole cache (a dense decode layer).
+4. Joint check: binary search over eps (the measured errors, thinned) with the sparsified model fed
+   the dense continuation (teacher forcing): mean KL(dense || sparse) per generated token, top-1
+   agreement with the dense greedy token, relative NLL change. The largest eps whose plan meets the
+   budget wins; none: no decode section (decode stays dense).
+
+Deterministic for a seed."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from sparse_core.decode.plan import DecodePlan
+from sparse_core.plan import SparsePlan
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class DecodeLimits:
+    prompt_tokens: int = 2048
+    n_prompts: int = 2
+    new_tokens: int = 64
+    page_size: int = 16
+    estimator: str = "quest"
+    budgets: tuple[int, ...] = (128, 256, 512, 1024, 2048, 4096)
+    sink_pages: int = 1
+    local_pages: int = 4
+    max_joint_checks: int = 5
+
+    def __post_init__(self) -> None:
+        if self.n_prompts < 1:
+            raise ValueError(f"decode.n_prompts must be >= 1, got {self.n_prompts}")
+        if self.new_tokens < 2:
+            raise ValueError(f"decode.new_tokens must be >= 2, got {self.new_tokens}")
+        if self.page_size < 1 or self.prompt_tokens < 4 * self.page_size:
+            raise ValueError(
+                f"decode.prompt_tokens must be >= 4 pages ({4 * self.page_size} tokens), "
+                f"got {self.prompt_tokens}"
+            )
+        if self.estimator not in ("quest", "gate"):
+            raise ValueError(f"decode.estimator must be quest or gate, got {self.estimator!r}")
+        if not self.budgets or any(int(b) < 1 for b in self.budgets):
+            raise ValueError(f"decode.budgets must be token counts >= 1, got {self.budgets!r}")
+        self.budgets = tuple(sorted({int(b) for b in self.budgets}))
+
+    @classmethod
+    def quick(cls, **kw) -> DecodeLimits:
+        base: dict[str, Any] = dict(prompt_tokens=1024, n_prompts=1, new_tokens=32, max_joint_checks=3)
+        base.update(kw)
+        return cls(**base)
+
+
+@dataclass
+class DecodeCalibrationReport:
+    met_budget: bool
+    budget: dict
+    fidelity: dict  # of the returned decode plan (identical when none)
+    layer_budgets: list[int | None]  # None: dense decode layer
+    density: float  # mean share of the cache the plan reads at the calibration length
+    eps: float | None
+    search: list[dict] = field(default_factory=list)
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    n_prompts: int = 0
+    seconds: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _layer_errors(
+    model, prompts, refs, lim: DecodeLimits, base: SparsePlan
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[L, n_budgets] mean dense attention mass dropped by the selection, and kept share."""
+    from sparse_core.capture import capture_attention
+    from sparse_core.decode.measure import prefill, run_decode
+    from sparse_core.decode.pages import summarize
+    from sparse_core.decode.scoring import (
+        gate_page_logits,
+        local_start,
+        page_mass,
+        quest_page_logits,
+        select_pages,
+    )
+
+    n_layers = int(model.config.num_hidden_layers)
+    nb = len(lim.budgets)
+    err = torch.zeros(n_layers, nb, dtype=torch.float64)
+    kept = torch.zeros(n_layers, nb, dtype=torch.float64)
+    count = torch.zeros(n_layers, dtype=torch.float64)
+    ps = lim.page_size
+    gate = None
+    if lim.estimator == "gate":
+        from sparse_core.estimators.gate import gate_for_plan
+
+        gate = gate_for_plan(base)
+
+    def on_layer(call) -> None:
+        q, k = call.query, call.key
+        if q.shape[2] != 1 or k.shape[2] <= 1:
+            return
+        li = call.layer_idx
+        b, hq, _, d = q.shape
+        hkv, length = k.shape[1], k.shape[2]
+        qv = q[:, :, 0].float()
+        logits = torch.einsum("bhd,bhld->bhl", qv, k.float().repeat_interleave(hq // hkv, 1)) * call.scaling
+        probs = torch.softmax(logits, -1)
+        n = math.ceil(length / ps)
+        pm = torch.nn.functional.pad(probs, (0, n * ps - length)).view(b, hq, n, ps).sum(-1)  # [B, Hq, n]
+        pages = summarize(k, ps)
+        est = (
+            gate_page_logits(qv, pages, gate.layers[li], li)
+            if gate is not None
+            else quest_page_logits(qv, pages, call.scaling)
+        )
+        mass = page_mass(est, hkv)
+        start = local_start(length, ps, lim.local_pages)
+        for bi, budget in enumerate(lim.budgets):
+            keep_pages = math.ceil(budget / ps)
+            sel = select_pages(
+                mass, sink_pages=lim.sink_pages, local_pages=lim.local_pages, keep_pages=keep_pages, tau=None
+            )
+            keep = torch.zeros(b, hkv, n, dtype=torch.bool)
+            keep[:, :, start // ps :] = True
+            keep.scatter_(2, sel, True)
+            covered = (pm * keep.repeat_interleave(hq // hkv, 1)).sum(-1)  # [B, Hq]
+            err[li, bi] += float((1.0 - covered).clamp_min(0).mean())
+            kept[li, bi] += float(keep.float().mean())
+        count[li] += 1
+
+    for ids, ref in zip(prompts, refs, strict=True):
+        cache, first = prefill(model, ids)
+        with capture_attention(model, on_layer, prefill_only=False):
+            run_decode(model, cache, first, lim.new_tokens, forced=ref.predicted)
+    c = count.clamp_min(1)[:, None]
+    return (err / c).float(), (kept / c).float()
+
+
+def allocate(err: torch.Tensor, kept: torch.Tensor, budgets: Sequence[int], eps: float):
+    """Per layer the smallest budget with dropped mass <= eps (None: dense). -> (budgets, density)."""
+    out: list[int | None] = []
+    dens = []
+    for li in range(err.shape[0]):
+        ok = [bi for bi in range(len(budgets)) if float(err[li, bi]) <= eps]
+        if ok:
+            out.append(int(budgets[ok[0]]))
+            dens.append(float(kept[li, ok[0]]))
+        else:
+            out.append(None)
+            dens.append(1.0)
+    return out, sum(dens) / len(dens)
+
+
+def decode_plan_for(layer_budgets: list[int | None], lim: DecodeLimits) -> DecodePlan | None:
+    sparse = [b for b in layer_budgets if b is not None]
+    if not sparse:
+        return None
+    top = max(sparse)
+    return DecodePlan(
+        estimator=lim.estimator,
+        page_size=lim.page_size,
+        budget_tokens=top,
+        sink_pages=lim.sink_pages,
+        local_pages=lim.local_pages,
+        layer_overrides={
+            li: {"budget_tokens": b} for li, b in enumerate(layer_budgets) if b is not None and b != top
+        },
+        dense_layers=tuple(li for li, b in enumerate(layer_budgets) if b is None),
+    )
+
+
+def calibrate_decode(
+    model,
+    tokenizer,
+    texts: Sequence[str],
+    budget: Any,
+    *,
+    base: SparsePlan | None = None,
+    limits: DecodeLimits | None = None,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> tuple[DecodePlan | None, DecodeCalibrationReport]:
+    """The sparsest per-layer decode budget meeting `budget` (a calibration.Budget, dict or string).
+    `base` supplies gate weights for estimator 'gate'; its prefill part is not used here (prompts are
+    prefilled densely so the search sees decode alone). The model is left dense."""
+    from sparse_core.calibration import Budget
+    from sparse_core.corpus import pack_token_windows
+    from sparse_core.decode.measure import fidelity, prefill, run_decode
+    from sparse_core.fidelity import Fidelity
+    from sparse_core.retrofit import is_sparsified, sparsify, unsparsify
+
+    lim = limits or DecodeLimits()
+    if isinstance(budget, str):
+        budget = Budget.parse(budget)
+    elif isinstance(budget, dict):
+        budget = Budget.from_mapping(budget)
+    if is_sparsified(model):
+        unsparsify(model)
+    base = base or SparsePlan()
+    n_layers = int(model.config.num_hidden_layers)
+    cap = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+    length = min(lim.prompt_tokens, cap - lim.new_tokens) if cap else lim.prompt_tokens
+    budgets = tuple(b for b in lim.budgets if b < length) or (lim.budgets[0],)
+    lim = DecodeLimits(**{**asdict(lim), "budgets": budgets})
+    t_start = time.perf_counter()
+    secs: dict[str, float] = {}
+    texts = [t for t in texts if isinstance(t, str) and t.strip()]
+    windows = pack_token_windows(
+        tokenizer,
+        texts,
+        length,
+        lim.n_prompts,
+        seed=seed + 11,
+        min_length=max(8 * lim.page_size, length // 4),
+    )
+    if not windows:
+        raise ValueError(f"texts too short to calibrate decode on: need windows of {length} tokens")
+    dev = next(model.parameters()).device
+    prompts = [torch.tensor([w], device=dev) for w in windows]
+
+    t0 = time.perf_counter()
+    refs, caches = [], []
+    for i, ids in enumerate(prompts, start=1):
+        cache, first = prefill(model, ids)
+        refs.append(run_decode(model, cache, first, lim.new_tokens))
+        caches.append((cache, first))
+        if progress:
+            progress("decode reference", i, len(prompts))
+    secs["reference"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    err, kept = _layer_errors(model, prompts, refs, lim, base)
+    secs["sensitivity"] = time.perf_counter() - t0
+
+    nll_ref = sum(
+        float(-r.logprobs.gather(1, torch.tensor(r.predicted)[:, None]).mean()) for r in refs
+    ) / len(refs)
+    dense_fid = Fidelity(0.0, 1.0, nll_ref, nll_ref, 0.0, len(prompts) * lim.new_tokens)
+
+    def check(layer_budgets) -> Fidelity:
+        dp = decode_plan_for(layer_budgets, lim)
+        plan = base.with_(dense_layers=tuple(range(n_layers)), decode=dp)
+        kls, agrees, nd, ns = [], [], [], []
+        sparsify(model, plan)
+        try:
+            for (cache, first), ref in zip(caches, refs, strict=True):
+                run = run_decode(model, cache, first, lim.new_tokens, forced=ref.predicted)
+                kl, agree, _ = fidelity(ref, run)
+                tgt = torch.tensor(ref.predicted)[:, None]
+                nd.append(float(-ref.logprobs.gather(1, tgt).mean()))
+                ns.append(float(-run.logprobs.gather(1, tgt).mean()))
+                kls.append(kl)
+                agrees.append(agree)
+        finally:
+            unsparsify(model)
+        nll_d, nll_s = sum(nd) / len(nd), sum(ns) / len(ns)
+        return Fidelity(
+            kl=sum(kls) / len(kls),
+            agree=sum(agrees) / len(agrees),
+            nll_dense=nll_d,
+            nll_sparse=nll_s,
+            nll_delta=(nll_s - nll_d) / max(nll_d, 1e-12),
+            n_positions=len(prompts) * lim.new_tokens,
+        )
+
+    vals = sorted({float(x) for x in err.flatten().tolist() if math.isfinite(x)})
+    limit = max(1, 2**lim.max_joint_checks - 1)
+    if len(vals) > limit:
+        vals = (
+            [vals[round(i * (len(vals) - 1) / (limit - 1))] for i in range(limit)] if limit > 1 else vals[:1]
+        )
+    search: list[dict] = []
+    cache_res: dict[int, tuple[bool, Fidelity, list, float]] = {}
+
+    def passes(i: int) -> bool:
+        if i not in cache_res:
+            t1 = time.perf_counter()
+            lb, dens = allocate(err, kept, budgets, vals[i])
+            fid = check(lb) if any(b is not None for b in lb) else dense_fid
+            ok = budget.met_by(fid)
+            cache_res[i] = (ok, fid, lb, dens)
+            search.append(
+                {
+                    "eps": vals[i],
+                    "density": dens,
+                    "fidelity": fid.to_dict(),
+                    "passed": ok,
+                    "seconds": time.perf_counter() - t1,
+                }
+            )
+            if progress:
+                progress("decode joint check", len(search), min(lim.max_joint_checks, len(vals)))
+        return cache_res[i][0]
+
+    t0 = time.perf_counter()
+    lo, hi = -1, len(vals) - 1
+    while lo < hi and len(search) < lim.max_joint_checks:
+        mid = (lo + hi + 1) // 2
+        if passes(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    secs["search"] = time.perf_counter() - t0
+    secs["total"] = time.perf_counter() - t_start
+    if lo >= 0 and any(b is not None for b in cache_res[lo][2]):
+        _, fid, lb, dens = cache_res[lo]
+        dp = decode_plan_for(lb, lim)
+        met = True
+    else:
+        fid, lb, dens, dp, met = dense_fid, [None] * n_layers, 1.0, None, False
+    report = DecodeCalibrationReport(
+        met_budget=met,
+        budget=budget.to_dict(),
+        fidelity=fid.to_dict(),
+        layer_budgets=lb,
+        density=dens,
+        eps=vals[lo] if lo >= 0 else None,
+        search=search,
+        prompt_tokens=length,
+        new_tokens=lim.new_tokens,
+        n_prompts=len(prompts),
+        seconds=secs,
+    )
+    return dp, report

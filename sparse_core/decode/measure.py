@@ -1,0 +1,249 @@
+"""Decode measured side by side: a dense greedy continuation after a prompt, then the sparsified model
+fed the same tokens (teacher forcing) from the same prefilled cache, so both arms do identical work
+per step. From the two runs: ms per token of each arm, and fidelity per generated token (KL(dense ||
+sparse), top-1 agreement with the dense greedy token, relative NLL of the dense continuation). One
+free-running sparse greedy continuation gives the share of generated tokens that match dense.
+
+The prompt is prefilled once, densely; after each run the cache is cropped back to the prompt, so the
+arms alternate on the same cache (load drift on a shared machine hits both). Each arm can run on
+transformers' `DynamicCache` ("dynamic", what `generate` uses by default) or on a copy of it in
+`PagedCache` ("paged": appends without re-copying the cache). The first step of a run is not timed
+in either arm (the sparse arm builds its page summaries there)."""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from sparse_core.plan import SparsePlan
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class DecodeRun:
+    step_seconds: list[float]
+    predicted: list[int]  # argmax after each fed token
+    logprobs: torch.Tensor  # float32 [n, V]
+
+
+@dataclass
+class DecodeComparison:
+    seq_len: int
+    new_tokens: int
+    repeats: int
+    dense_seconds_per_token: list[float]  # per repeat: mean over timed steps
+    sparse_seconds_per_token: list[float]
+    dense_ms_per_token: float  # median over all timed steps
+    sparse_ms_per_token: float
+    dense_tokens_per_s: float
+    sparse_tokens_per_s: float
+    speedup: float  # median dense step / median sparse step
+    speedup_interval: tuple[float, float]  # 90% bootstrap interval over timed steps
+    density: float  # share of cached tokens the sparse steps read (all layers)
+    estimator_share: float  # scoring + selection time per step / dense step time
+    kl: float
+    agree: float  # teacher-forced top-1 agreement with the dense greedy token
+    nll_delta: float
+    greedy_match: float | None  # free-running sparse greedy tokens equal to dense, position-wise
+    first_divergence: int | None  # index of the first differing generated token (None: none)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+CACHES = ("dynamic", "paged")
+
+
+@torch.inference_mode()
+def prefill(model, ids: torch.Tensor):
+    """Dense prefill of `ids` [1, S] -> (cache, first generated token)."""
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    return out.cache, int(out.logits[0, -1].argmax())
+
+
+def as_paged(cache):
+    """A PagedCache holding the same keys and values as `cache` (a copy)."""
+    from sparse_core.decode.cache import PagedCache
+
+    paged = PagedCache()
+    for i, layer in enumerate(cache.layers):
+        paged.update(layer.keys, layer.values, i)
+    return paged
+
+
+@torch.inference_mode()
+def run_decode(model, cache, first: int, n: int, forced: list[int] | None = None) -> DecodeRun:
+    """n decode steps from `cache`, feeding `first` then the model's own argmax (or `forced[i]`).
+    The cache is cropped back to its starting length afterwards."""
+    dev = next(model.parameters()).device
+    start = cache.get_seq_length()
+    tok, secs, preds, lps = first, [], [], []
+    try:
+        for i in range(n):
+            x = torch.tensor([[tok]], device=dev)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            t0 = time.perf_counter()
+            out = model(input_ids=x, cache=cache, use_cache=True)
+            logits = out.logits[0, -1].float()
+            pred = int(logits.argmax())
+            secs.append(time.perf_counter() - t0)
+            preds.append(pred)
+            lps.append(torch.log_softmax(logits, -1).cpu())
+            tok = forced[i] if forced is not None else pred
+    finally:
+        grown = cache.get_seq_length() - start
+        if grown > 0:
+            cache.crop(-grown)
+    return DecodeRun(secs, preds, torch.stack(lps))
+
+
+def fidelity(dense: DecodeRun, sparse: DecodeRun) -> tuple[float, float, float]:
+    """(mean KL(dense || sparse), top-1 agreement, relative NLL change of the dense tokens)."""
+    lp_d, lp_s = dense.logprobs, sparse.logprobs
+    kl = float((lp_d.exp() * (lp_d - lp_s)).sum(-1).mean())
+    agree = sum(a == b for a, b in zip(dense.predicted, sparse.predicted, strict=True)) / len(dense.predicted)
+    tgt = torch.tensor(dense.predicted)[:, None]
+    nll_d = float(-lp_d.gather(1, tgt).mean())
+    nll_s = float(-lp_s.gather(1, tgt).mean())
+    return kl, agree, (nll_s - nll_d) / max(nll_d, 1e-12)
+
+
+def _bootstrap(dense: list[float], sparse: list[float], seed: int, n: int = 1000) -> tuple[float, float]:
+    rng = random.Random(seed)
+    vals = sorted(
+        statistics.median(rng.choices(dense, k=len(dense)))
+        / statistics.median(rng.choices(sparse, k=len(sparse)))
+        for _ in range(n)
+    )
+    return vals[int(0.05 * (n - 1))], vals[int(0.95 * (n - 1))]
+
+
+def compare_decode(
+    model,
+    plan: SparsePlan,
+    ids: torch.Tensor,
+    *,
+    new_tokens: int = 64,
+    repeats: int = 2,
+    free_running: bool = True,
+    kernel: str = "auto",
+    dense_cache: str = "dynamic",
+    sparse_cache: str = "dynamic",
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> DecodeComparison:
+    """Dense vs `plan`'s sparse decode after the prompt `ids` [1, S]; the model is left dense."""
+    from sparse_core.retrofit import decode_stats, is_sparsified, sparsify, unsparsify
+
+    if plan.decode is None:
+        raise ValueError("the plan has no decode section: nothing sparse to measure in decode")
+    if new_tokens < 2:
+        raise ValueError("new_tokens must be >= 2 (the first step of a run is not timed)")
+    if dense_cache not in CACHES or sparse_cache not in CACHES:
+        raise ValueError(f"caches must be one of {CACHES}, got {dense_cache!r} / {sparse_cache!r}")
+    if is_sparsified(model):
+        unsparsify(model)
+    cache, first = prefill(model, ids)
+    caches = {"dynamic": cache}
+    if "paged" in (dense_cache, sparse_cache):
+        caches["paged"] = as_paged(cache)
+    d_cache, s_cache = caches[dense_cache], caches[sparse_cache]
+    d_steps: list[float] = []
+    s_steps: list[float] = []
+    d_rep: list[float] = []
+    s_rep: list[float] = []
+    est = kept = cached = 0.0
+    dense_run = sparse_run = None
+    total = repeats * 2 + (1 if free_running else 0)
+    done = 0
+    for _ in range(repeats):
+        dense_run = run_decode(model, d_cache, first, new_tokens)
+        d_steps += dense_run.step_seconds[1:]
+        d_rep.append(statistics.fmean(dense_run.step_seconds[1:]))
+        done += 1
+        if progress:
+            progress("decode", done, total)
+        sparsify(model, plan, kernel=kernel)
+        try:
+            st = decode_stats(model)
+            st.reset()
+            forced = dense_run.predicted
+            sparse_run = run_decode(model, s_cache, first, new_tokens, forced=forced)
+            est += st.estimator_seconds
+            kept += st.kept_tokens
+            cached += st.cached_tokens
+        finally:
+            unsparsify(model)
+        s_steps += sparse_run.step_seconds[1:]
+        s_rep.append(statistics.fmean(sparse_run.step_seconds[1:]))
+        done += 1
+        if progress:
+            progress("decode", done, total)
+    assert dense_run is not None and sparse_run is not None
+    kl, agree, nll_delta = fidelity(dense_run, sparse_run)
+    match = first_div = None
+    if free_running:
+        sparsify(model, plan, kernel=kernel)
+        try:
+            free = run_decode(model, s_cache, first, new_tokens)
+        finally:
+            unsparsify(model)
+        same = [a == b for a, b in zip(dense_run.predicted, free.predicted, strict=True)]
+        match = sum(same) / len(same)
+        first_div = next((i for i, s in enumerate(same) if not s), None)
+        if progress:
+            progress("decode", total, total)
+    dm, sm = statistics.median(d_steps), statistics.median(s_steps)
+    lo, hi = _bootstrap(d_steps, s_steps, seed)
+    steps = repeats * new_tokens
+    return DecodeComparison(
+        seq_len=int(ids.shape[1]),
+        new_tokens=new_tokens,
+        repeats=repeats,
+        dense_seconds_per_token=d_rep,
+        sparse_seconds_per_token=s_rep,
+        dense_ms_per_token=dm * 1000,
+        sparse_ms_per_token=sm * 1000,
+        dense_tokens_per_s=1.0 / dm,
+        sparse_tokens_per_s=1.0 / sm,
+        speedup=dm / sm,
+        speedup_interval=(lo, hi),
+        density=kept / cached if cached else 1.0,
+        estimator_share=(est / steps) / dm,
+        kl=kl,
+        agree=agree,
+        nll_delta=nll_delta,
+        greedy_match=match,
+        first_divergence=first_div,
+        extra={"dense_cache": dense_cache, "sparse_cache": sparse_cache},
+    )
+
+
+def probe_generation_accuracy(model, tokenizer, probes, *, extra_tokens: int = 2) -> dict[str, Any]:
+    """Long-context probes answered by generation: greedy decode after each probe's prompt (the answer
+    is read out of the KV cache by decode steps, which a sparse decode plan makes sparse); correct when
+    the generated text starts with the answer. -> {"accuracy", "n", "answers"}."""
+    dev = next(model.parameters()).device
+    correct, answers = 0, []
+    for p in probes:
+        n = len(tokenizer(" " + p.answer_text, add_special_tokens=False)["input_ids"]) + extra_tokens
+        cache, first = prefill(model, torch.tensor([list(p.prompt_ids)], device=dev))
+        run = run_decode(model, cache, first, max(1, n - 1))
+        text = tokenizer.decode([first, *run.predicted], skip_special_tokens=True).strip()
+        ok = text.startswith(p.answer_text.strip())
+        correct += ok
+        answers.append(text)
+    return {
+        "accuracy": correct / len(probes) if probes else float("nan"),
+        "n": len(probes),
+        "answers": answers,
+    }

@@ -1,0 +1,139 @@
+"""Decode page scoring and selection: pure functions from one query and the page summaries to the
+pages a KV head reads.
+
+- `quest_upper_bound`: Quest's bound on the largest q.k in a page, sum_d max(q_d kmax_d, q_d kmin_d)
+  (computed as q+ . kmax + q- . kmin: two small matmuls). Training-free; the estimated page mass is
+  softmax(scale * bound + log(tokens in page)), an upper-bound-flavoured estimate of each page's
+  share of the attention mass.
+- `gate_page_logits`: the learned gate's prefill scoring applied to one query: per-head projection of
+  q, per-KV-head projection of the page's (max, min, mean) keys, temperature, + log(tokens in page).
+  Projected keys of complete pages never change, so they are computed once and kept with the summary.
+- `select_pages`: per (batch, KV head) the query heads' estimated masses are averaged (one choice per
+  GQA group, SeerAttention-R style), the sink and local pages are always kept, and the best of the
+  rest are kept up to the budget, or the fewest reaching tau of the estimated mass. One count per
+  call (the largest any head needs), so the gather is a single equal-length batch."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from sparse_core.decode.pages import PageSummaries
+
+
+def quest_upper_bound(q: torch.Tensor, kmax: torch.Tensor, kmin: torch.Tensor) -> torch.Tensor:
+    """q [B, Hq, D], kmax/kmin [B, Hkv, P, D] -> [B, Hq, P] upper bound of q.k over each page's keys."""
+    b, hq, d = q.shape
+    hkv = kmax.shape[1]
+    qg = q.float().reshape(b, hkv, hq // hkv, d)
+    ub = torch.matmul(qg.clamp_min(0.0), kmax.transpose(-1, -2)) + torch.matmul(
+        qg.clamp_max(0.0), kmin.transpose(-1, -2)
+    )
+    return ub.reshape(b, hq, -1)
+
+
+def _add_log_counts(logits: torch.Tensor, s: PageSummaries) -> torch.Tensor:
+    """+ log(tokens in page), up to a constant: only a partial last page differs (in place)."""
+    rem = s.length - s.n_full_pages * s.page_size
+    if rem:
+        logits[..., -1] += math.log(rem / s.page_size)
+    return logits
+
+
+def quest_page_logits(q: torch.Tensor, s: PageSummaries, scale: float) -> torch.Tensor:
+    kmax, kmin, _ = s.live()
+    return _add_log_counts(quest_upper_bound(q, kmax, kmin).mul_(scale), s)
+
+
+def _gate_page_keys(s: PageSummaries, layer_gate, layer_idx: int) -> torch.Tensor:
+    """Projected page keys [B, Hkv, P, G]; complete pages cached on the summary."""
+    n, full = s.n_pages, s.n_full_pages
+    kmax, kmin, ksum = s.live()
+    counts = s.page_counts()
+    key = ("gate", layer_idx, id(layer_gate))
+    cached = s.cache.get(key)
+    done = 0 if cached is None else cached.shape[2]
+    if done < full:
+        sl = slice(done, full)
+        pool = torch.cat([kmax[:, :, sl], kmin[:, :, sl], ksum[:, :, sl] / counts[sl, None]], dim=-1)
+        fresh = torch.einsum("bhnd,hdg->bhng", pool, layer_gate.wk)
+        cached = fresh if cached is None else torch.cat([cached, fresh], dim=2)
+        s.cache[key] = cached
+        done = full
+    if n > full:  # the partial last page: recomputed every step
+        sl = slice(full, n)
+        pool = torch.cat([kmax[:, :, sl], kmin[:, :, sl], ksum[:, :, sl] / counts[sl, None]], dim=-1)
+        tail = torch.einsum("bhnd,hdg->bhng", pool, layer_gate.wk)
+        return tail if cached is None else torch.cat([cached, tail], dim=2)
+    return cached
+
+
+def gate_page_logits(q: torch.Tensor, s: PageSummaries, layer_gate, layer_idx: int) -> torch.Tensor:
+    """q [B, Hq, D] -> [B, Hq, P] gate logits (log-mass up to a constant) over the live pages."""
+    b, hq, d = q.shape
+    kp = _gate_page_keys(s, layer_gate, layer_idx)  # [B, Hkv, P, G]
+    hkv = kp.shape[1]
+    qp = torch.einsum("bhd,hdg->bhg", q.float(), layer_gate.wq)  # [B, Hq, G]
+    temp = layer_gate.scaling * layer_gate.log_temp.exp()  # [Hq]
+    logits = torch.matmul(qp.view(b, hkv, hq // hkv, -1), kp.transpose(-1, -2)).reshape(b, hq, -1)
+    return _add_log_counts(logits * temp[None, :, None], s)
+
+
+def page_mass(
+    logits: torch.Tensor, num_kv_heads: int, page_valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[B, Hq, P] logits -> [B, Hkv, P] estimated mass, averaged over each KV head's query heads."""
+    b, hq, p = logits.shape
+    if page_valid is None:
+        probs = torch.softmax(logits, dim=-1)
+    else:
+        probs = torch.softmax(logits.masked_fill(~page_valid[:, None, :], float("-inf")), -1).nan_to_num_(0.0)
+    if hq == num_kv_heads:
+        return probs
+    return probs.view(b, num_kv_heads, hq // num_kv_heads, p).mean(2)
+
+
+def select_pages(
+    mass: torch.Tensor,
+    *,
+    sink_pages: int,
+    local_pages: int,
+    keep_pages: int | None,
+    tau: float | None,
+) -> torch.Tensor:
+    """mass [B, H, P] -> ascending page indices [B, H, m] to gather, among the pages before the local
+    window (the last `local_pages` pages are read contiguously by the kernel). Sink pages come first;
+    `keep_pages` (sink and local included) caps the count; `tau` keeps the fewest pages whose mass,
+    with the forced pages', reaches tau of the total."""
+    b, h, p = mass.shape
+    local = min(local_pages, p)
+    n_before = p - local  # pages outside the local window
+    sink = min(sink_pages, n_before)
+    mid = n_before - sink
+    if n_before <= 0:
+        return torch.zeros(b, h, 0, dtype=torch.long, device=mass.device)
+    cap = mid if keep_pages is None else max(0, min(mid, keep_pages - sink - local))
+    want = cap
+    mid_mass = mass[:, :, sink:n_before]
+    if tau is not None and tau < 1.0 and cap > 0:
+        sorted_mass, _ = torch.sort(mid_mass, dim=-1, descending=True)
+        forced = mass[:, :, :sink].sum(-1) + mass[:, :, n_before:].sum(-1)  # [B, H]
+        total = mass.sum(-1).clamp_min(1e-30)
+        before = forced[..., None] + torch.cumsum(sorted_mass, -1) - sorted_mass
+        need = (before < tau * total[..., None]).sum(-1)  # pages of the middle each head needs
+        want = min(cap, int(need.max()))
+    sink_idx = torch.arange(sink, device=mass.device).expand(b, h, sink)
+    if want <= 0:
+        return sink_idx.contiguous()
+    if want >= mid:
+        return torch.arange(n_before, device=mass.device).expand(b, h, n_before).contiguous()
+    top = torch.topk(mid_mass, want, dim=-1, sorted=False).indices + sink
+    top = torch.sort(top, dim=-1).values
+    return torch.cat([sink_idx, top], dim=-1)
+
+
+def local_start(n_tokens: int, page_size: int, local_pages: int) -> int:
+    """First token of the local window: the last `local_pages` pages (the newest may be partial)."""
+    n_pages = math.ceil(n_tokens / page_size)
+    return max(0, (n_pages - local_pages) * page_size)

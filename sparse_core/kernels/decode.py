@@ -1,0 +1,89 @@
+"""Decode kernel: one query token per sequence attends only to selected pages of the KV cache.
+
+The selected pages of each (batch, KV head) are gathered into one contiguous K/V with a single
+`index_select` over token rows; the local window (the newest pages) is read in place. Each part is
+attended with the CPU flash kernel, the query heads of a GQA group stacked as query rows against
+their KV head (no repeat of K/V), and the two partial results are merged exactly by log-sum-exp.
+Keys may be a view into a larger preallocated buffer (sparse_core.decode.cache.PagedCache): rows are
+then addressed in the buffer, so nothing is copied but the gathered pages. With every page selected
+this is dense attention (tested)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from sparse_core.kernels.gather import _attend
+
+
+def _rows(k: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """A [rows, D] view of the storage behind k [B, H, L, D] and the row stride of one (b, h)."""
+    b, h, length, d = k.shape
+    s0, s1, s2, s3 = k.stride()
+    if s3 == 1 and s2 == d and s0 == h * s1 and k.storage_offset() == 0 and s1 >= length * d and s1 % d == 0:
+        row_len = s1 // d
+        return k.as_strided((b * h * row_len, d), (d, 1)), row_len
+    kc = k.contiguous()
+    return kc.view(-1, d), length
+
+
+def page_token_index(pages: torch.Tensor, page_size: int, row_len: int) -> torch.Tensor:
+    """[B, H, m] page indices -> flat token rows [B*H*m*page_size] into storage whose (b, h) rows
+    are `row_len` tokens apart."""
+    b, h, m = pages.shape
+    dev = pages.device
+    tok = (pages * page_size)[..., None] + torch.arange(page_size, device=dev)  # [B, H, m, P]
+    rows = (torch.arange(b * h, device=dev) * row_len).view(b, h, 1, 1)
+    return (rows + tok).reshape(-1)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pages: torch.Tensor,
+    page_size: int,
+    local_start: int,
+    *,
+    key_valid: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """q [B, Hq, 1, D]; k/v [B, Hkv, L, D]; pages [B, Hkv, m] ascending, each page wholly before
+    `local_start` (a multiple of page_size); key_valid [B, L] bool (False = padding) or None.
+    Returns [B, Hq, 1, D]: attention over the selected pages plus keys [local_start, L)."""
+    b, hq, lq, d = q.shape
+    if lq != 1:
+        raise ValueError(f"decode_attention takes one query token, got {lq}")
+    hkv, length = k.shape[1], k.shape[2]
+    g = hq // hkv
+    scale = scale if scale is not None else 1.0 / math.sqrt(d)
+    qg = q.reshape(b, hkv, g, d)
+    lmask = None
+    if key_valid is not None:
+        lmask = key_valid[:, None, None, local_start:].expand(b, hkv, g, length - local_start)
+    kl, vl = k[:, :, local_start:], v[:, :, local_start:]
+    out_l, lse_l = _attend(qg, kl, vl, causal=False, scale=scale, mask=lmask)
+    m = pages.shape[-1]
+    if m == 0:
+        return out_l.reshape(b, hq, 1, d)
+    kr, row_len = _rows(k)
+    vr, v_row_len = _rows(v)
+    idx = page_token_index(pages, page_size, row_len)
+    vidx = idx if v_row_len == row_len else page_token_index(pages, page_size, v_row_len)
+    n = m * page_size
+    kg = kr.index_select(0, idx).view(b, hkv, n, d)
+    vg = vr.index_select(0, vidx).view(b, hkv, n, d)
+    gmask = None
+    if key_valid is not None:
+        tok = ((pages * page_size)[..., None] + torch.arange(page_size, device=q.device)).view(b, hkv, n)
+        gvalid = torch.gather(key_valid[:, None, :].expand(b, hkv, length), 2, tok)
+        gmask = gvalid[:, :, None, :].expand(b, hkv, g, n)
+    out_g, lse_g = _attend(qg, kg, vg, causal=False, scale=scale, mask=gmask)
+    if gmask is not None:  # pages with no visible key contribute nothing
+        lse_g = lse_g.masked_fill(~gmask.any(-1), float("-inf"))
+    # exact merge: the gathered part's share of the softmax mass is sigmoid(lse_g - lse_l)
+    w_g = torch.sigmoid(lse_g - lse_l)[..., None]
+    out_l = out_l.float()
+    out = torch.addcmul(out_l, out_g.float() - out_l, w_g)
+    return out.to(q.dtype).reshape(b, hq, 1, d)

@@ -1,0 +1,48 @@
+"""The spec's optional `quality_budget.decode` section (sparse decode calibration)."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from rollout.spec import SpecError, load_spec
+
+from .usecase_helpers import EXAMPLES
+
+
+def _spec_with(tmp_path, decode):
+    data = yaml.safe_load((EXAMPLES / "docs-qa.yaml").read_text())
+    data["quality_budget"]["decode"] = decode
+    for name in ("docs_qa.jsonl",):
+        (tmp_path / name).write_bytes((EXAMPLES / name).read_bytes())
+    path = tmp_path / "docs-qa.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_decode_section_defaults_and_absence(tmp_path):
+    spec = load_spec(_spec_with(tmp_path, {"prompt_tokens": 4096}))
+    d = spec.quality_budget.decode
+    assert (d.estimator, d.prompt_tokens, d.new_tokens, d.n_prompts, d.page_size) == (
+        "quest",
+        4096,
+        64,
+        2,
+        16,
+    )
+    assert load_spec(EXAMPLES / "support-chat.yaml").quality_budget.decode is None
+    assert load_spec(EXAMPLES / "docs-qa.yaml").quality_budget.decode.prompt_tokens == 3072
+
+
+@pytest.mark.parametrize(
+    ("decode", "field"),
+    [
+        ({"estimator": "magic"}, "quality_budget.decode.estimator"),
+        ({"new_tokens": 4}, "quality_budget.decode.new_tokens"),
+        ({"budget": 3}, "quality_budget.decode.budget"),
+    ],
+)
+def test_bad_decode_section_names_the_field(tmp_path, decode, field):
+    with pytest.raises(SpecError) as err:
+        load_spec(_spec_with(tmp_path, decode))
+    assert field in str(err.value)

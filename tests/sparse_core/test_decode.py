@@ -1,0 +1,308 @@
+"""Sparse decode: page summaries, page selection, the decode kernel, and the retrofit's decode path
+on tiny random Llama (GQA) and Qwen2 models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparse_core import PlanError, SparsePlan, decode_stats, load_model, sparsify, unsparsify
+from sparse_core.decode.pages import summarize, sync
+from sparse_core.decode.plan import DecodePlan
+from sparse_core.decode.scoring import local_start, quest_upper_bound, select_pages
+from sparse_core.kernels.decode import decode_attention
+from sparse_core.testing import sample_text
+
+
+def _dense(q, k, v, key_valid=None):
+    g = q.shape[1] // k.shape[1]
+    mask = None if key_valid is None else key_valid[:, None, None, :]
+    return F.scaled_dot_product_attention(
+        q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), attn_mask=mask
+    )
+
+
+@pytest.mark.parametrize(("hq", "hkv"), [(4, 4), (6, 2)], ids=["mha", "gqa"])
+@pytest.mark.parametrize("length", [256, 301])
+def test_decode_kernel_equals_dense_with_every_page(hq, hkv, length):
+    torch.manual_seed(0)
+    b, d, ps = 2, 32, 32
+    q, k, v = torch.randn(b, hq, 1, d), torch.randn(b, hkv, length, d), torch.randn(b, hkv, length, d)
+    start = local_start(length, ps, 2)
+    pages = torch.arange(start // ps).expand(b, hkv, -1)
+    out = decode_attention(q, k, v, pages, ps, start)
+    assert (out - _dense(q, k, v)).abs().max().item() <= 1e-4
+    key_valid = torch.ones(b, length, dtype=torch.bool)
+    key_valid[0, :70] = False  # left padding of the first row (covers a whole page and part of one)
+    out = decode_attention(q, k, v, pages, ps, start, key_valid=key_valid)
+    assert (out - _dense(q, k, v, key_valid)).abs().max().item() <= 1e-4
+
+
+def test_decode_kernel_bf16_close_to_dense():
+    torch.manual_seed(4)
+    q, k, v = torch.randn(1, 6, 1, 64), torch.randn(1, 2, 333, 64), torch.randn(1, 2, 333, 64)
+    start = local_start(333, 16, 4)
+    pages = torch.arange(start // 16).expand(1, 2, -1)
+    out = decode_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), pages, 16, start)
+    assert out.dtype == torch.bfloat16 and (out.float() - _dense(q, k, v)).abs().max().item() <= 2e-2
+
+
+def test_decode_kernel_reads_only_the_selected_pages():
+    torch.manual_seed(1)
+    b, hq, hkv, length, d, ps = 1, 4, 2, 320, 16, 32
+    q, k, v = torch.randn(b, hq, 1, d), torch.randn(b, hkv, length, d), torch.randn(b, hkv, length, d)
+    pages = torch.tensor([[[0, 3, 5], [1, 2, 7]]])
+    start = local_start(length, ps, 2)  # pages 8 and 9
+    out = decode_attention(q, k, v, pages, ps, start)
+    for h in range(hkv):
+        keep = torch.zeros(length, dtype=torch.bool)
+        for p in pages[0, h].tolist():
+            keep[p * ps : (p + 1) * ps] = True
+        keep[start:] = True
+        g = hq // hkv
+        ref = F.scaled_dot_product_attention(
+            q[:, h * g : (h + 1) * g], k[:, h : h + 1, keep], v[:, h : h + 1, keep]
+        )
+        assert (out[:, h * g : (h + 1) * g] - ref).abs().max().item() <= 1e-5
+
+
+def test_page_summaries_after_appends_equal_summaries_from_scratch():
+    torch.manual_seed(2)
+    keys = torch.randn(2, 3, 403, 16)
+    s = summarize(keys[:, :, :70], 32)
+    t = 70
+    for step in (1, 1, 5, 31, 1, 64, 100, 1, 129):  # single tokens, page-crossing chunks
+        t += step
+        s = sync(s, keys[:, :, :t], 32)
+    assert t == keys.shape[2] and s.length == t
+    ref = summarize(keys, 32)
+    kmax, kmin, ksum = s.live()
+    rmax, rmin, rsum = ref.live()
+    assert torch.equal(kmax, rmax) and torch.equal(kmin, rmin)
+    torch.testing.assert_close(ksum, rsum, rtol=0, atol=1e-5)
+    assert torch.equal(s.page_counts(), ref.page_counts())
+    # a different sequence of the same length is not mistaken for a continuation
+    other = torch.randn(2, 3, 404, 16)
+    s2 = sync(s, other, 32)
+    assert torch.equal(s2.live()[0], summarize(other, 32).live()[0])
+
+
+def test_quest_bound_is_an_upper_bound_and_tight_per_channel():
+    torch.manual_seed(3)
+    keys = torch.randn(1, 2, 256, 8)
+    q = torch.randn(1, 4, 8)
+    s = summarize(keys, 32)
+    ub = quest_upper_bound(q, s.kmax[:, :, : s.n_pages], s.kmin[:, :, : s.n_pages])  # [1, 4, 8]
+    logits = torch.einsum("bhd,bhsd->bhs", q, keys.repeat_interleave(2, 1))  # [1, 4, 256]
+    true_max = logits.view(1, 4, 8, 32).amax(-1)
+    assert (ub >= true_max - 1e-5).all()
+
+
+def test_select_pages_keeps_sink_and_budget():
+    mass = torch.tensor([[[0.1, 0.0, 0.5, 0.01, 0.3, 0.02, 0.03, 0.04]]])
+    sel = select_pages(mass, sink_pages=1, local_pages=2, keep_pages=4, tau=None)
+    assert sel.tolist() == [[[0, 2]]]  # sink + best page; local pages 6, 7 are read by the kernel
+    sel = select_pages(mass, sink_pages=1, local_pages=2, keep_pages=None, tau=0.9)
+    assert sel.tolist() == [[[0, 2, 4]]]
+    sel = select_pages(mass, sink_pages=1, local_pages=2, keep_pages=None, tau=1.0)
+    assert sel.tolist() == [[[0, 1, 2, 3, 4, 5]]]
+
+
+def test_decode_plan_round_trip_and_old_plans_unchanged():
+    old = SparsePlan(block_size=32, tau=0.9)
+    assert "decode" not in old.to_dict()
+    assert SparsePlan.from_dict(old.to_dict()).content_hash() == old.content_hash()
+    plan = old.with_(decode=DecodePlan(budget_tokens=256, layer_overrides={1: {"budget_tokens": 512}}))
+    again = SparsePlan.from_json(plan.to_json())
+    assert again.decode == plan.decode and again.content_hash() == plan.content_hash() != old.content_hash()
+    with pytest.raises(PlanError, match=r"plan.decode.estimator must be one of"):
+        SparsePlan(decode={"estimator": "magic"})
+    with pytest.raises(PlanError, match=r"plan.decode: unknown field\(s\) \['budget'\]"):
+        SparsePlan(decode={"budget": 3})
+    with pytest.raises(PlanError, match=r"plan.decode.density must be None or in \(0, 1\]"):
+        SparsePlan(decode={"density": 1.5})
+
+
+def _prompt(tok, n):
+    return tok(sample_text(6000), return_tensors="pt").input_ids[:, :n]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_greedy_generation_equals_dense_at_full_decode_budget(tiny_model_factory, arch):
+    model, tok = load_model(tiny_model_factory(arch))
+    ids = _prompt(tok, 300)
+    with torch.no_grad():
+        dense = model.generate(ids, max_new_tokens=40, do_sample=False, pad_token_id=tok.pad_token_id)
+    # tau 1 keeps every page but still runs page scoring, selection and the gather kernel
+    plan = SparsePlan(block_size=32, tau=1.0, decode=DecodePlan(budget_tokens=None, tau=1.0))
+    sparsify(model, plan)
+    with torch.no_grad():
+        sparse = model.generate(ids, max_new_tokens=40, do_sample=False, pad_token_id=tok.pad_token_id)
+    st = decode_stats(model)
+    n_layers = model.config.num_hidden_layers
+    assert torch.equal(sparse, dense)
+    assert st.calls == 39 * n_layers and st.dense_calls == 0 and st.density == 1.0
+    unsparsify(model)
+
+
+def test_sparse_decode_reads_less_and_unsparsify_restores_dense_exactly(tiny_llama_dir):
+    model, tok = load_model(tiny_llama_dir)
+    ids = _prompt(tok, 600)
+    with torch.no_grad():
+        ref = model(ids, use_cache=True)
+        nxt = ref.logits[:, -1:].argmax(-1)
+        dense_step = model(nxt, cache=ref.past_key_values).logits
+    plan = SparsePlan(block_size=32, decode=DecodePlan(budget_tokens=128, local_pages=1))
+    sparsify(model, plan)
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        sparse_step = model(nxt, cache=out.past_key_values).logits
+    st = decode_stats(model)
+    assert st.calls == model.config.num_hidden_layers and 0 < st.density < 0.25
+    assert not torch.allclose(sparse_step, dense_step, atol=1e-4)
+    unsparsify(model)
+    with torch.no_grad():
+        again = model(ids, use_cache=True)
+        assert torch.equal(model(nxt, cache=again.past_key_values).logits, dense_step)
+
+
+def test_left_padded_batch_decode_equals_dense_at_full_budget(tiny_qwen_dir):
+    model, tok = load_model(tiny_qwen_dir)
+    tok.padding_side = "left"
+    text = sample_text(4000)
+    enc = tok([text[:1500], text[200:700]], return_tensors="pt", padding=True)
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        dense = model.generate(**enc, **kw)
+    sparsify(model, SparsePlan(block_size=32, tau=1.0, decode=DecodePlan(budget_tokens=None, tau=1.0)))
+    with torch.no_grad():
+        sparse = model.generate(**enc, **kw)
+    assert decode_stats(model).calls > 0
+    unsparsify(model)
+    assert torch.equal(sparse, dense)
+
+
+def test_decode_calibration_finds_a_budget_within_a_loose_budget_and_none_within_an_exact_one(tiny_llama_dir):
+    from sparse_core.decode.calibration import DecodeLimits, calibrate_decode
+
+    model, tok = load_model(tiny_llama_dir)
+    texts = [sample_text(8000)[i * 2000 : (i + 1) * 2000] for i in range(4)]
+    lim = DecodeLimits(
+        prompt_tokens=512, n_prompts=1, new_tokens=8, budgets=(64, 128, 256), max_joint_checks=3
+    )
+    dp, rep = calibrate_decode(model, tok, texts, "kl=5", limits=lim)
+    assert rep.met_budget and dp is not None and rep.fidelity["kl"] <= 5
+    assert len(rep.layer_budgets) == model.config.num_hidden_layers and rep.density < 1.0
+    plan = SparsePlan(decode=dp).validate_for(model.config)
+    assert SparsePlan.from_json(plan.to_json()).decode == dp
+    assert [s["passed"] for s in rep.search][-1] in (True, False) and rep.new_tokens == 8
+    with pytest.raises(ValueError, match=r"decode.new_tokens must be >= 2, got 1"):
+        DecodeLimits(new_tokens=1)
+    dp2, rep2 = calibrate_decode(model, tok, texts, "kl=0,agree=1", limits=lim)
+    assert dp2 is None and not rep2.met_budget and rep2.layer_budgets == [None, None]
+    assert not hasattr(model, "_sparsepilot")  # left dense
+
+
+def test_gate_decode_reuses_the_learned_gate_key_features(tiny_llama_dir):
+    from sparse_core.estimators.gate import BlockGate, GateShape
+
+    model, tok = load_model(tiny_llama_dir)
+    gate = BlockGate(GateShape.from_config(model.config), 32)
+    with torch.no_grad():
+        for layer in gate.layers:  # not the pooled-equivalent init: read max/min features too
+            layer.wk.add_(0.05 * torch.randn_like(layer.wk))
+    ids = _prompt(tok, 400)
+    kw = dict(max_new_tokens=16, do_sample=False, pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        dense = model.generate(ids, **kw)
+    full = SparsePlan(block_size=32, decode=DecodePlan(estimator="gate", budget_tokens=None, tau=1.0))
+    full.tensors = gate.to_tensors()
+    sparsify(model, full)
+    with torch.no_grad():
+        assert torch.equal(model.generate(ids, **kw), dense)
+    sparse = full.with_(decode=DecodePlan(estimator="gate", budget_tokens=96, local_pages=1))
+    sparsify(model, sparse)
+    st = decode_stats(model)
+    with torch.no_grad():
+        model.generate(ids, **kw)
+    assert st.calls == 15 * model.config.num_hidden_layers and st.density < 0.4
+    unsparsify(model)
+    with pytest.raises(PlanError, match="gate's key features are pooled over plan.block_size"):
+        sparsify(model, sparse.with_(decode=DecodePlan(estimator="gate", page_size=16)))
+    with pytest.raises(PlanError, match="carries no gate weights"):
+        sparsify(model, SparsePlan(block_size=32, decode=DecodePlan(estimator="gate")))
+
+
+def test_calibrate_adds_a_decode_section_when_asked(quality_tiny, quality_texts):
+    from sparse_core.calibration import CalibrationLimits, calibrate
+
+    model, tok = quality_tiny
+    decode = {
+        "prompt_tokens": 512,
+        "n_prompts": 1,
+        "new_tokens": 8,
+        "budgets": (64, 128),
+        "max_joint_checks": 2,
+    }
+    lim = CalibrationLimits(max_texts=2, max_seq_len=256, taus=(0.9,), max_joint_checks=1, decode=decode)
+    plan, report = calibrate(model, tok, quality_texts, "kl=5", limits=lim)
+    assert plan.decode is not None and report.decode["met_budget"]
+    assert plan.metadata["decode_calibration"]["layer_budgets"] == report.decode["layer_budgets"]
+    assert report.plan_hash == plan.content_hash()
+    assert SparsePlan.from_json(plan.to_json()).decode == plan.decode
+    with pytest.raises(ValueError, match="decode estimator 'gate' reuses the learned gate"):
+        calibrate(model, tok, quality_texts, "kl=5", limits=CalibrationLimits(decode={"estimator": "gate"}))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_paged_cache_generates_what_the_dynamic_cache_does(tiny_model_factory, arch):
+    from sparse_core.decode.cache import PagedCache, PagedLayer
+
+    model, tok = load_model(tiny_model_factory(arch))
+    ids = _prompt(tok, 300)
+    kw = dict(max_new_tokens=30, do_sample=False, pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        dense = model.generate(ids, **kw)
+        cache = PagedCache()
+        assert torch.equal(model.generate(ids, cache=cache, **kw), dense)
+        assert isinstance(cache.layers[0], PagedLayer) and cache.get_seq_length() == 329
+        assert cache.layers[0].keys.shape[2] == 329 and not cache.layers[0].keys.is_contiguous()
+        sparsify(model, SparsePlan(block_size=32, tau=1.0, decode=DecodePlan(budget_tokens=None, tau=1.0)))
+        assert torch.equal(model.generate(ids, cache=PagedCache(), **kw), dense)
+        unsparsify(model)
+    cache.crop(-29)
+    assert cache.get_seq_length() == 300 and cache.layers[1].values.shape[2] == 300
+
+
+def test_side_by_side_decode_on_the_paged_cache_is_exact_at_full_budget(tiny_llama_dir):
+    from sparse_core.decode.measure import compare_decode
+
+    model, tok = load_model(tiny_llama_dir)
+    plan = SparsePlan(block_size=32, decode=DecodePlan(budget_tokens=None, tau=1.0))
+    r = compare_decode(model, plan, _prompt(tok, 400), new_tokens=6, repeats=2, sparse_cache="paged")
+    assert r.agree == 1.0 and r.greedy_match == 1.0 and r.first_divergence is None and abs(r.kl) < 1e-6
+    assert r.density == 1.0 and len(r.sparse_seconds_per_token) == 2 and r.extra["sparse_cache"] == "paged"
+    with pytest.raises(ValueError, match="no decode section"):
+        compare_decode(model, SparsePlan(), _prompt(tok, 100))
+
+
+def test_probe_answers_generated_through_decode(tiny_llama_dir):
+    from sparse_core.decode.measure import probe_generation_accuracy
+    from sparse_core.probes import ProbeInstance
+
+    model, tok = load_model(tiny_llama_dir)
+    prompt = _prompt(tok, 200)[0].tolist()
+    with torch.no_grad():
+        gen = model.generate(
+            torch.tensor([prompt]), max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id
+        )
+    said = tok.decode(gen[0, 200:], skip_special_tokens=True).strip()
+    words = said.split()
+    assert words, "the tiny model generated only whitespace"
+
+    def probe(answer):
+        return ProbeInstance("passkey", 200, 0.5, 0, prompt, [[1], [2]], 0, answer)
+
+    r = probe_generation_accuracy(model, tok, [probe(words[0]), probe("zzz-not-said")])
+    assert r["accuracy"] == 0.5 and r["n"] == 2 and r["answers"][0].startswith(words[0])
