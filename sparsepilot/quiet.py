@@ -45,6 +45,7 @@ def to_log_file(home: Path, command: str) -> Path:
         if lg.level == logging.NOTSET or lg.level > logging.INFO:
             lg.setLevel(logging.INFO)
     logging.getLogger("py.warnings").propagate = False  # never Python's last-resort stderr handler
+    _mlflow_to(handler)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")
     try:
@@ -55,6 +56,28 @@ def to_log_file(home: Path, command: str) -> Path:
     except ImportError:  # pragma: no cover - transformers is a dependency
         pass
     return path
+
+
+def _mlflow_to(handler: logging.Handler) -> None:
+    """MLflow sets its own stderr handler when imported and prints registry events ("Successfully
+    registered model ...") through its `MLFLOW_LOGGING_STREAM`: both go to the log file instead, through
+    the logging system (a handler that Prefect's logging setup closes reopens its file; a raw stream
+    would not), and never at the cost of an exception inside MLflow."""
+    import mlflow  # noqa: F401 - imported now so that its logger setup happens before ours
+    from mlflow.utils import logging_utils
+
+    logging.getLogger("mlflow").handlers = [handler]
+    events = logging.getLogger("mlflow.events")
+
+    def write(text: str) -> None:
+        if text.strip():
+            try:
+                events.info(text.rstrip())
+            except Exception:  # noqa: BLE001, S110 - a log line must never break a registration
+                pass
+
+    logging_utils.MLFLOW_LOGGING_STREAM.write = write  # type: ignore[method-assign]
+    logging_utils.MLFLOW_LOGGING_STREAM.flush = lambda: None  # type: ignore[method-assign]
 
 
 def progress_logger() -> logging.Logger:

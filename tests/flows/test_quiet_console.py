@@ -14,7 +14,10 @@ import yaml
 
 from tests.fixtures.flows import tiny_spec
 
-NOISE = re.compile(r"Warning|warnings\.warn|Loading (checkpoint|weights)|it/s\]|s/it\]|Traceback")
+NOISE = re.compile(
+    r"Warning:|WARNING|warnings\.warn|Loading (checkpoint|weights)|it/s\]|s/it\]|Traceback"
+    r"|[Rr]egistered model|CloudPickle"
+)
 
 
 def test_run_prints_stage_lines_and_keeps_library_noise_in_the_log(
