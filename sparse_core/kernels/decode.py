@@ -1,7 +1,8 @@
 """Decode kernel: one query token per sequence attends only to selected pages of the KV cache.
 
-The selected pages of each (batch, KV head) are gathered into one contiguous K/V with a single
-`index_select` over token rows; the local window (the newest pages) is read in place. Each part is
+The selected pages of each (batch, KV head) are gathered into one contiguous K/V by `index_select`
+over whole pages (rows of page_size * D values: one index per page, not per token); the local window
+(the newest pages) is read in place. Each part is
 attended with the CPU flash kernel, the query heads of a GQA group stacked as query rows against
 their KV head (no repeat of K/V), and the two partial results are merged exactly by log-sum-exp.
 Keys may be a view into a larger preallocated buffer (sparse_core.decode.cache.PagedCache): rows are
@@ -38,6 +39,35 @@ def page_token_index(pages: torch.Tensor, page_size: int, row_len: int) -> torch
     return (rows + tok).reshape(-1)
 
 
+# above this many (batch, KV head) pairs one token-row index_select beats a per-pair page loop
+MAX_PAGE_LOOP = 16
+
+
+def gather_pages(x: torch.Tensor, pages: torch.Tensor, page_size: int) -> torch.Tensor:
+    """x [B, H, L, D] (possibly a view into a larger buffer), pages [B, H, m] of whole pages
+    -> [B, H, m * page_size, D] contiguous: the pages' keys (or values) in the given order."""
+    b, h, length, d = x.shape
+    m = pages.shape[-1]
+    s0, s1, s2, s3 = x.stride()
+    row = page_size * d
+    if s3 == 1 and s2 == d and s0 == h * s1 and x.storage_offset() == 0 and s1 % row == 0:
+        # whole pages are rows of the storage: one index_select (PagedCache buffers, aligned caches)
+        per = s1 // row
+        flat = x.as_strided((b * h * per, row), (row, 1))
+        base = (torch.arange(b * h, device=x.device) * per).view(b, h, 1)
+        return flat.index_select(0, (pages + base).reshape(-1)).view(b, h, m * page_size, d)
+    if s3 == 1 and s2 == d and b * h <= MAX_PAGE_LOOP:
+        n_full = length // page_size
+        out = torch.empty(b, h, m, row, dtype=x.dtype, device=x.device)
+        for bi in range(b):
+            for hi in range(h):
+                src = x[bi, hi, : n_full * page_size].view(n_full, row)
+                torch.index_select(src, 0, pages[bi, hi], out=out[bi, hi])
+        return out.view(b, h, m * page_size, d)
+    xr, row_len = _rows(x)
+    return xr.index_select(0, page_token_index(pages, page_size, row_len)).view(b, h, m * page_size, d)
+
+
 def decode_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -67,13 +97,9 @@ def decode_attention(
     m = pages.shape[-1]
     if m == 0:
         return out_l.reshape(b, hq, 1, d)
-    kr, row_len = _rows(k)
-    vr, v_row_len = _rows(v)
-    idx = page_token_index(pages, page_size, row_len)
-    vidx = idx if v_row_len == row_len else page_token_index(pages, page_size, v_row_len)
     n = m * page_size
-    kg = kr.index_select(0, idx).view(b, hkv, n, d)
-    vg = vr.index_select(0, vidx).view(b, hkv, n, d)
+    kg = gather_pages(k, pages, page_size)
+    vg = gather_pages(v, pages, page_size)
     gmask = None
     if key_valid is not None:
         tok = ((pages * page_size)[..., None] + torch.arange(page_size, device=q.device)).view(b, hkv, n)

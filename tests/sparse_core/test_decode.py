@@ -306,3 +306,22 @@ def test_probe_answers_generated_through_decode(tiny_llama_dir):
 
     r = probe_generation_accuracy(model, tok, [probe(words[0]), probe("zzz-not-said")])
     assert r["accuracy"] == 0.5 and r["n"] == 2 and r["answers"][0].startswith(words[0])
+
+
+@pytest.mark.parametrize(
+    ("b", "h", "length", "cap"),
+    [(1, 3, 301, None), (2, 2, 256, 512), (3, 8, 300, None)],
+    ids=["page-loop", "aligned-buffer", "token-rows"],
+)
+def test_gather_pages_reads_exactly_the_selected_pages(b, h, length, cap):
+    from sparse_core.kernels.decode import gather_pages
+
+    torch.manual_seed(0)
+    ps, d = 16, 8
+    buf = torch.randn(b, h, cap or length, d)
+    k = buf[:, :, :length]  # with cap: a view into a larger buffer, as PagedCache hands it
+    pages = torch.sort(torch.randint(0, length // ps - 2, (b, h, 5)), -1).values
+    out = gather_pages(k, pages, ps)
+    tok = (pages * ps)[..., None] + torch.arange(ps)  # [b, h, 5, ps]
+    ref = torch.gather(k, 2, tok.reshape(b, h, -1, 1).expand(b, h, 5 * ps, d))
+    assert out.shape == (b, h, 5 * ps, d) and out.is_contiguous() and torch.equal(out, ref)
