@@ -13,6 +13,11 @@ a fidelity budget, measured on continuations the dense model generates after lon
    the dense continuation (teacher forcing): mean KL(dense || sparse) per generated token, top-1
    agreement with the dense greedy token, relative NLL change. The largest eps whose plan meets the
    budget wins; none: no decode section (decode stays dense).
+5. Break-even: on this host, one attention layer of the model's shape at each budget the plan uses,
+   dense vs sparse step at increasing cache lengths (sparse_core.decode.break_even); below the length
+   where sparse starts to win, a layer's decode stays dense (`DecodePlan.break_even_tokens`, a layer's
+   own in `layer_overrides` when its budget breaks even elsewhere). The fidelity
+   checks above run sparse at every length (break-even 0), so the budget is checked where it is used.
 
 Deterministic for a seed."""
 
@@ -43,6 +48,8 @@ class DecodeLimits:
     sink_pages: int = 1
     local_pages: int = 4
     max_joint_checks: int = 5
+    # cache length below which decode stays dense; None: measured on this host (break_even.py)
+    break_even_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.n_prompts < 1:
@@ -59,6 +66,8 @@ class DecodeLimits:
         if not self.budgets or any(int(b) < 1 for b in self.budgets):
             raise ValueError(f"decode.budgets must be token counts >= 1, got {self.budgets!r}")
         self.budgets = tuple(sorted({int(b) for b in self.budgets}))
+        if self.break_even_tokens is not None and self.break_even_tokens < 0:
+            raise ValueError(f"decode.break_even_tokens must be >= 0, got {self.break_even_tokens}")
 
     @classmethod
     def quick(cls, **kw) -> DecodeLimits:
@@ -80,6 +89,8 @@ class DecodeCalibrationReport:
     new_tokens: int = 0
     n_prompts: int = 0
     seconds: dict = field(default_factory=dict)
+    # per budget (str tokens): sparse_core.decode.break_even.BreakEven; None: given, not measured
+    break_even: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -324,6 +335,27 @@ def calibrate_decode(
         met = True
     else:
         fid, lb, dens, dp, met = dense_fid, [None] * n_layers, 1.0, None, False
+    break_even = None
+    if dp is not None:
+        t0 = time.perf_counter()
+        if lim.break_even_tokens is None:
+            from sparse_core.decode.break_even import measure_for_model
+
+            plan = base.with_(decode=dp)
+            measured = {
+                b: measure_for_model(model, plan, budget_tokens=b, seed=seed)
+                for b in sorted({b for b in lb if b is not None})
+            }
+            break_even = {str(b): m.to_dict() for b, m in measured.items()}
+            dp.break_even_tokens = measured[dp.budget_tokens].tokens
+            for ov in dp.layer_overrides.values():
+                own = measured[ov["budget_tokens"]].tokens
+                if own != dp.break_even_tokens:
+                    ov["break_even_tokens"] = own
+        else:
+            dp.break_even_tokens = lim.break_even_tokens
+        secs["break_even"] = time.perf_counter() - t0
+        secs["total"] = time.perf_counter() - t_start
     report = DecodeCalibrationReport(
         met_budget=met,
         budget=budget.to_dict(),
@@ -336,5 +368,6 @@ def calibrate_decode(
         new_tokens=lim.new_tokens,
         n_prompts=len(prompts),
         seconds=secs,
+        break_even=break_even,
     )
     return dp, report
