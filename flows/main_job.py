@@ -262,6 +262,7 @@ def summary_rows(names: list[str]) -> list[dict[str, Any]]:
                     "saved_usd_month_low": ev.savings_month_low if ev else None,
                     "saved_usd_month_high": ev.savings_month_high if ev else None,
                     "payback_days": ev.payback_days if ev else None,
+                    "decode": ((ev.roi or {}).get("decode") or {}).get("short") if ev else None,
                     "device": ev.device if ev else None,
                 }
             )
@@ -282,7 +283,7 @@ def render_table(rows: list[dict[str, Any]], outcomes: dict[str, dict[str, Any]]
 
     table = Table(title="SparsePilot main job")
     for col in ("use case", "decision", "waits for", "quality delta [interval]", "speed-up [interval]",
-                "$/month saved [interval]", "payback"):  # fmt: skip
+                "$/month saved [interval]", "payback", "decode"):  # fmt: skip
         table.add_column(col)
     for r in rows:
         o = outcomes.get(r["use_case"]) or {}
@@ -302,6 +303,7 @@ def render_table(rows: list[dict[str, Any]], outcomes: dict[str, dict[str, Any]]
             _interval(r["speedup"], r["speedup_low"], r["speedup_high"], ".2f"),
             _interval(r["saved_usd_month"], r["saved_usd_month_low"], r["saved_usd_month_high"], ",.0f"),
             payback,
+            r.get("decode") or "-",
         )
     return table
 

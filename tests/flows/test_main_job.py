@@ -54,6 +54,7 @@ def test_main_job_runs_the_short_pilot_and_leaves_go_waiting(
     console.print(render_table(result["rows"], result["outcomes"]))
     text = console.export_text()
     assert "tiny-chat" in text and "quality delta" in text and "$/month saved" in text
+    assert row["decode"] == "dense" and "decode" in text  # the tiny spec has no decode section
 
     settings.split_seconds = 0  # the re-run: one more split batch at most
     again = run_main_job(settings, console=console)

@@ -10,6 +10,7 @@ from rollout.roi import (
     DAYS_PER_MONTH,
     RoiInputs,
     compute_roi,
+    decode_outcome,
     payback_days,
     roi_for_spec,
     speedup_interval,
@@ -261,3 +262,78 @@ def test_evaluation_roi_prices_output_tokens_at_the_measured_sparse_decode() -> 
     assert r["effective_speedup"] == pytest.approx((p / 500 + o / 20) / (p / 500 + o / 26))
     assert 0 < r["saved_usd_month_low"] < r["saved_usd_month"] < r["saved_usd_month_high"]
     assert r["decode_from"] == "sparse decode measured side by side"
+    assert r["decode"]["status"] == "measured" and r["decode"]["speedup"] == pytest.approx(1.3)
+    assert flat["decode"]["status"] == "dense"
+
+
+def _decode_section(rows_below: list[bool], **summary) -> dict:  # noqa: ANN003
+    rows = [{"seq_len": 512, "extra": {"below_break_even": b}} for b in rows_below]
+    return {"rows": rows, "summary": summary}
+
+
+def test_decode_line_for_the_roi_reader() -> None:
+    # the worked example with sparse decode: prefill not sped up, so the whole saving is decode's
+    kw = dict(dense_tps=1000.0, speedup=1.0, speedup_low=1.0, speedup_high=1.0, prompt_tokens=1000)
+    fast = compute_roi(_inputs(**kw, decode_tps=50.0, sparse_decode_tps=100.0, sparse_decode_tps_low=75.0))
+    assert fast.decode_saved_usd_month == pytest.approx(338.194444, abs=1e-5) == fast.saved_usd_month
+    both = compute_roi(_inputs(decode_tps=50.0, sparse_decode_tps=100.0))  # prefill 2x as well
+    prefill_only = compute_roi(_inputs(decode_tps=50.0))
+    assert prefill_only.decode_saved_usd_month == 0.0
+    assert both.decode_saved_usd_month == pytest.approx(prefill_only.sparse_usd_month - both.sparse_usd_month)
+    assert 0 < both.decode_saved_usd_month < both.saved_usd_month
+
+    measured = decode_outcome(
+        _decode_section(
+            [False, False],
+            weighted_speedup=2.0,
+            weighted_speedup_low=1.5,
+            weighted_speedup_high=2.5,
+            density=0.25,
+            break_even_tokens=768,
+            context_tokens=[1000, 1100],
+        ),
+        fast,
+    )
+    assert measured["status"] == "measured" and measured["speedup"] == 2.0
+    assert measured["line"] == (
+        "decode: 2.00x [1.50, 2.50] at 1,000-1,100 tokens of context (25% of the cache read): "
+        "saves $338/month"
+    )
+    assert measured["short"] == "2.00x [1.50, 2.50]"
+    mixed = decode_outcome(
+        _decode_section(
+            [True, False],
+            weighted_speedup=1.2,
+            weighted_speedup_low=1.1,
+            weighted_speedup_high=1.3,
+            density=0.6,
+            break_even_tokens=3072,
+            context_tokens=[2048, 4160],
+        ),
+        fast,
+    )
+    assert mixed["line"].endswith("; 1 of 2 lengths are below the break-even (3,072 tokens): dense there")
+
+    # a short-context use case: every measured context below the break-even -> 1.00x, no money either way
+    flat = compute_roi(_inputs(**kw, decode_tps=50.0, sparse_decode_tps=50.0))
+    short = decode_outcome(
+        _decode_section(
+            [True, True],
+            weighted_speedup=1.0,
+            weighted_speedup_low=1.0,
+            weighted_speedup_high=1.0,
+            density=1.0,
+            break_even_tokens=3072,
+            context_tokens=[96, 544],
+        ),
+        flat,
+    )
+    assert short["status"] == "below_break_even" and short["speedup"] == 1.0
+    assert short["saved_usd_month"] == pytest.approx(0.0)
+    assert short["line"] == (
+        "decode: no decode saving at this context length: 544 tokens < break-even 3,072 tokens, "
+        "so decode stays dense (1.00x) and output tokens cost the same"
+    )
+    assert short["short"] == "1.00x (544 < break-even 3,072 tokens)"
+    dense = decode_outcome(None, flat)
+    assert dense["status"] == "dense" and dense["short"] == "dense" and dense["saved_usd_month"] == 0.0
