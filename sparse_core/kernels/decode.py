@@ -43,19 +43,33 @@ def page_token_index(pages: torch.Tensor, page_size: int, row_len: int) -> torch
 MAX_PAGE_LOOP = 16
 
 
+def _page_rows(x: torch.Tensor, page_size: int) -> tuple[torch.Tensor, int] | None:
+    """x [B, H, L, D] -> (a [rows, page_size * D] view of its storage whose rows are whole pages,
+    pages per (b, h)), or None when pages are not rows of the storage."""
+    b, h, _, d = x.shape
+    s0, s1, s2, s3 = x.stride()
+    row = page_size * d
+    if s3 == 1 and s2 == d and s0 == h * s1 and x.storage_offset() == 0 and s1 % row == 0:
+        return x.as_strided((b * h * (s1 // row), row), (row, 1)), s1 // row
+    return None
+
+
+def _page_index(pages: torch.Tensor, per: int) -> torch.Tensor:
+    b, h, _ = pages.shape
+    return (pages + (torch.arange(b * h, device=pages.device) * per).view(b, h, 1)).reshape(-1)
+
+
 def gather_pages(x: torch.Tensor, pages: torch.Tensor, page_size: int) -> torch.Tensor:
     """x [B, H, L, D] (possibly a view into a larger buffer), pages [B, H, m] of whole pages
     -> [B, H, m * page_size, D] contiguous: the pages' keys (or values) in the given order."""
     b, h, length, d = x.shape
     m = pages.shape[-1]
-    s0, s1, s2, s3 = x.stride()
+    s2, s3 = x.stride()[2:]
     row = page_size * d
-    if s3 == 1 and s2 == d and s0 == h * s1 and x.storage_offset() == 0 and s1 % row == 0:
-        # whole pages are rows of the storage: one index_select (PagedCache buffers, aligned caches)
-        per = s1 // row
-        flat = x.as_strided((b * h * per, row), (row, 1))
-        base = (torch.arange(b * h, device=x.device) * per).view(b, h, 1)
-        return flat.index_select(0, (pages + base).reshape(-1)).view(b, h, m * page_size, d)
+    rows = _page_rows(x, page_size)
+    if rows is not None:  # whole pages are rows of the storage: one index_select (PagedCache, aligned)
+        flat, per = rows
+        return flat.index_select(0, _page_index(pages, per)).view(b, h, m * page_size, d)
     if s3 == 1 and s2 == d and b * h <= MAX_PAGE_LOOP:
         n_full = length // page_size
         out = torch.empty(b, h, m, row, dtype=x.dtype, device=x.device)
@@ -66,6 +80,18 @@ def gather_pages(x: torch.Tensor, pages: torch.Tensor, page_size: int) -> torch.
         return out.view(b, h, m * page_size, d)
     xr, row_len = _rows(x)
     return xr.index_select(0, page_token_index(pages, page_size, row_len)).view(b, h, m * page_size, d)
+
+
+def gather_kv(
+    k: torch.Tensor, v: torch.Tensor, pages: torch.Tensor, page_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`gather_pages` of keys and values; one index for both when their storage is laid out alike."""
+    rk, rv = _page_rows(k, page_size), _page_rows(v, page_size)
+    if rk is not None and rv is not None and rk[1] == rv[1] and k.shape == v.shape:
+        idx = _page_index(pages, rk[1])
+        shape = (*pages.shape[:2], pages.shape[-1] * page_size, k.shape[-1])
+        return rk[0].index_select(0, idx).view(shape), rv[0].index_select(0, idx).view(shape)
+    return gather_pages(k, pages, page_size), gather_pages(v, pages, page_size)
 
 
 def decode_attention(
@@ -98,8 +124,7 @@ def decode_attention(
     if m == 0:
         return out_l.reshape(b, hq, 1, d)
     n = m * page_size
-    kg = gather_pages(k, pages, page_size)
-    vg = gather_pages(v, pages, page_size)
+    kg, vg = gather_kv(k, v, pages, page_size)
     gmask = None
     if key_valid is not None:
         tok = ((pages * page_size)[..., None] + torch.arange(page_size, device=q.device)).view(b, hkv, n)

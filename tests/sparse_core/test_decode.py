@@ -314,7 +314,7 @@ def test_probe_answers_generated_through_decode(tiny_llama_dir):
     ids=["page-loop", "aligned-buffer", "token-rows"],
 )
 def test_gather_pages_reads_exactly_the_selected_pages(b, h, length, cap):
-    from sparse_core.kernels.decode import gather_pages
+    from sparse_core.kernels.decode import gather_kv, gather_pages
 
     torch.manual_seed(0)
     ps, d = 16, 8
@@ -325,3 +325,8 @@ def test_gather_pages_reads_exactly_the_selected_pages(b, h, length, cap):
     tok = (pages * ps)[..., None] + torch.arange(ps)  # [b, h, 5, ps]
     ref = torch.gather(k, 2, tok.reshape(b, h, -1, 1).expand(b, h, 5 * ps, d))
     assert out.shape == (b, h, 5 * ps, d) and out.is_contiguous() and torch.equal(out, ref)
+    v = (buf * 2)[:, :, :length]  # values laid out like the keys: one index for both
+    kg, vg = gather_kv(k, v, pages, ps)
+    assert torch.equal(kg, ref) and torch.equal(vg, 2 * ref)
+    kg, vg = gather_kv(k, v.contiguous() if cap else v[:, :, :-1], pages, ps)  # laid out apart
+    assert torch.equal(kg, ref) and torch.equal(vg, 2 * ref)
