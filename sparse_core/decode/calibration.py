@@ -19,7 +19,12 @@ a fidelity budget, measured on continuations the dense model generates after lon
    own in `layer_overrides` when its budget breaks even elsewhere). The fidelity
    checks above run sparse at every length (break-even 0), so the budget is checked where it is used.
 
-Deterministic for a seed."""
+Before all this, when the break-even is measured: if even the smallest candidate budget does not
+break even within the calibration's cache length (the use case's own), no budget is searched (that
+costs minutes of generation for a budget nothing would use): the decode section keeps every layer
+dense and records the break-even, so the evaluation and the ROI can say why decode saves nothing.
+
+The search is deterministic for a seed."""
 
 from __future__ import annotations
 
@@ -50,6 +55,7 @@ class DecodeLimits:
     max_joint_checks: int = 5
     # cache length below which decode stays dense; None: measured on this host (break_even.py)
     break_even_tokens: int | None = None
+    break_even_lengths: tuple[int, ...] | None = None  # cache lengths measured (None: break_even.LENGTHS)
 
     def __post_init__(self) -> None:
         if self.n_prompts < 1:
@@ -91,6 +97,7 @@ class DecodeCalibrationReport:
     seconds: dict = field(default_factory=dict)
     # per budget (str tokens): sparse_core.decode.break_even.BreakEven; None: given, not measured
     break_even: dict | None = None
+    skipped: str | None = None  # why no budget was searched (the cache never reaches the break-even)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -197,6 +204,50 @@ def decode_plan_for(layer_budgets: list[int | None], lim: DecodeLimits) -> Decod
     )
 
 
+def _lengths(lim: DecodeLimits) -> dict:
+    return {} if lim.break_even_lengths is None else {"lengths": tuple(lim.break_even_lengths)}
+
+
+def _below_smallest_break_even(model, base, lim: DecodeLimits, length: int, n_layers: int, budget, seed: int):
+    """(an all-dense decode plan, its report) when the smallest candidate budget does not break even
+    within `length` + the generated tokens; None otherwise."""
+    from sparse_core.decode.break_even import measure_for_model
+
+    t0 = time.perf_counter()
+    smallest = min(lim.budgets)
+    probe = DecodePlan(
+        estimator=lim.estimator,
+        page_size=lim.page_size,
+        budget_tokens=smallest,
+        sink_pages=lim.sink_pages,
+        local_pages=lim.local_pages,
+    )
+    measured = measure_for_model(
+        model, base.with_(decode=probe), budget_tokens=smallest, seed=seed, **_lengths(lim)
+    )
+    if length + lim.new_tokens >= measured.tokens:
+        return None
+    probe.dense_layers = tuple(range(n_layers))
+    probe.break_even_tokens = measured.tokens
+    report = DecodeCalibrationReport(
+        met_budget=True,
+        budget=budget.to_dict(),
+        fidelity={"kl": 0.0, "agree": 1.0, "nll_delta": 0.0, "n_positions": 0},  # the dense path
+        layer_budgets=[None] * n_layers,
+        density=1.0,
+        eps=None,
+        prompt_tokens=length,
+        new_tokens=lim.new_tokens,
+        seconds={"break_even": time.perf_counter() - t0},
+        break_even={str(smallest): measured.to_dict()},
+        skipped=(
+            f"not searched: a {length + lim.new_tokens:,}-token cache is below the break-even of the "
+            f"smallest budget ({smallest:,} tokens): {measured.tokens:,} tokens; decode stays dense"
+        ),
+    )
+    return probe, report
+
+
 def calibrate_decode(
     model,
     tokenizer,
@@ -245,6 +296,12 @@ def calibrate_decode(
         raise ValueError(f"texts too short to calibrate decode on: need windows of {length} tokens")
     dev = next(model.parameters()).device
     prompts = [torch.tensor([w], device=dev) for w in windows]
+    if lim.break_even_tokens is None:
+        skipped = _below_smallest_break_even(model, base, lim, length, n_layers, budget, seed)
+        if skipped is not None:
+            skipped[1].n_prompts = len(prompts)
+            skipped[1].seconds = {**skipped[1].seconds, "total": time.perf_counter() - t_start}
+            return skipped
 
     t0 = time.perf_counter()
     refs, caches = [], []
@@ -343,7 +400,7 @@ def calibrate_decode(
 
             plan = base.with_(decode=dp)
             measured = {
-                b: measure_for_model(model, plan, budget_tokens=b, seed=seed)
+                b: measure_for_model(model, plan, budget_tokens=b, seed=seed, **_lengths(lim))
                 for b in sorted({b for b in lb if b is not None})
             }
             break_even = {str(b): m.to_dict() for b, m in measured.items()}

@@ -188,8 +188,13 @@ def test_decode_calibration_finds_a_budget_within_a_loose_budget_and_none_within
 
     model, tok = load_model(tiny_llama_dir)
     texts = [sample_text(8000)[i * 2000 : (i + 1) * 2000] for i in range(4)]
-    lim = DecodeLimits(
-        prompt_tokens=512, n_prompts=1, new_tokens=8, budgets=(64, 128, 256), max_joint_checks=3
+    lim = DecodeLimits(  # break-even given: the search itself (tests/.../test_decode_break_even.py)
+        prompt_tokens=512,
+        n_prompts=1,
+        new_tokens=8,
+        budgets=(64, 128, 256),
+        max_joint_checks=3,
+        break_even_tokens=0,
     )
     dp, rep = calibrate_decode(model, tok, texts, "kl=5", limits=lim)
     assert rep.met_budget and dp is not None and rep.fidelity["kl"] <= 5
@@ -244,6 +249,7 @@ def test_calibrate_adds_a_decode_section_when_asked(quality_tiny, quality_texts)
         "new_tokens": 8,
         "budgets": (64, 128),
         "max_joint_checks": 2,
+        "break_even_tokens": 0,
     }
     lim = CalibrationLimits(max_texts=2, max_seq_len=256, taus=(0.9,), max_joint_checks=1, decode=decode)
     plan, report = calibrate(model, tok, quality_texts, "kl=5", limits=lim)

@@ -146,8 +146,18 @@ def test_decode_calibration_sets_the_break_even(tiny_llama_dir):
 
     model, tok = load_model(tiny_llama_dir)
     texts = [sample_text(8000)[i * 2000 : (i + 1) * 2000] for i in range(4)]
-    lim = DecodeLimits(prompt_tokens=512, n_prompts=1, new_tokens=8, budgets=(64, 128), max_joint_checks=2)
+    # measured at short caches only: the break-even (where reached or not) is below the calibration's
+    # 520-token cache, so the budgets are searched
+    lim = DecodeLimits(
+        prompt_tokens=512,
+        n_prompts=1,
+        new_tokens=8,
+        budgets=(64, 128),
+        max_joint_checks=2,
+        break_even_lengths=(64, 128),
+    )
     dp, rep = calibrate_decode(model, tok, texts, "kl=5", limits=lim)
+    assert rep.skipped is None and rep.search
     assert dp is not None and rep.break_even is not None
     # one measurement per budget the plan uses; a layer whose budget breaks even elsewhere says so
     used = sorted({b for b in rep.layer_budgets if b is not None})
@@ -160,6 +170,7 @@ def test_decode_calibration_sets_the_break_even(tiny_llama_dir):
     cap = model.config.max_position_embeddings
     rows = [r for m in rep.break_even.values() for r in m["rows"]]
     assert max(r["tokens"] for r in rows) <= cap and rep.seconds["break_even"] > 0
+    assert all(r["tokens"] in (64, 128) for m in rep.break_even.values() for r in m["rows"])
     given, rep2 = calibrate_decode(
         model, tok, texts, "kl=5", limits=DecodeLimits(**{**vars(lim), "break_even_tokens": 0})
     )
@@ -193,3 +204,27 @@ def test_score_request_decodes_on_the_paged_cache_as_generate_does(tiny_model_fa
     assert not full_attention_only(cfg)
     assert not full_attention_only(SimpleNamespace(use_sliding_window=True, sliding_window=64))
     assert full_attention_only(SimpleNamespace(use_sliding_window=False, sliding_window=None))
+
+
+def test_decode_calibration_skips_the_search_below_the_smallest_budgets_break_even(tiny_llama_dir):
+    from sparse_core.decode.calibration import DecodeLimits, calibrate_decode
+
+    model, tok = load_model(tiny_llama_dir)
+    texts = [sample_text(8000)[i * 2000 : (i + 1) * 2000] for i in range(4)]
+    # at 2,048 cached tokens a 64-token budget on this tiny shape does not pay for its fixed cost
+    # (~10x slower than dense SDPA there), so the break-even is beyond every measured length
+    lim = DecodeLimits(
+        prompt_tokens=512, n_prompts=1, new_tokens=8, budgets=(64, 128), break_even_lengths=(2048,)
+    )
+    dp, rep = calibrate_decode(model, tok, texts, "kl=0,agree=1", limits=lim)
+    n_layers = model.config.num_hidden_layers
+    assert rep.break_even["64"]["reached"] is False and rep.break_even["64"]["rows"][0]["ratio"] < 1.05
+    assert dp.dense_layers == tuple(range(n_layers)) and dp.break_even_tokens == 2049 == dp.first_break_even()
+    assert rep.met_budget and rep.search == [] and rep.layer_budgets == [None] * n_layers
+    assert rep.skipped == (
+        "not searched: a 520-token cache is below the break-even of the smallest budget (64 tokens): "
+        "2,049 tokens; decode stays dense"
+    )
+    assert rep.fidelity["kl"] == 0.0 and rep.fidelity["agree"] == 1.0 and rep.n_prompts == 1
+    plan = SparsePlan(decode=dp).validate_for(model.config)
+    assert SparsePlan.from_json(plan.to_json()).decode == dp
