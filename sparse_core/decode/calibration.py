@@ -208,9 +208,9 @@ def _lengths(lim: DecodeLimits) -> dict:
     return {} if lim.break_even_lengths is None else {"lengths": tuple(lim.break_even_lengths)}
 
 
-def _below_smallest_break_even(model, base, lim: DecodeLimits, length: int, n_layers: int, budget, seed: int):
-    """(an all-dense decode plan, its report) when the smallest candidate budget does not break even
-    within `length` + the generated tokens; None otherwise."""
+def _smallest_break_even(model, base, lim: DecodeLimits, length: int, n_layers: int, budget, seed: int):
+    """(the smallest candidate budget's break-even, and (an all-dense decode plan, its report) when it
+    lies beyond `length` + the generated tokens, else None)."""
     from sparse_core.decode.break_even import measure_for_model
 
     t0 = time.perf_counter()
@@ -226,7 +226,7 @@ def _below_smallest_break_even(model, base, lim: DecodeLimits, length: int, n_la
         model, base.with_(decode=probe), budget_tokens=smallest, seed=seed, **_lengths(lim)
     )
     if length + lim.new_tokens >= measured.tokens:
-        return None
+        return measured, None
     probe.dense_layers = tuple(range(n_layers))
     probe.break_even_tokens = measured.tokens
     report = DecodeCalibrationReport(
@@ -245,7 +245,7 @@ def _below_smallest_break_even(model, base, lim: DecodeLimits, length: int, n_la
             f"smallest budget ({smallest:,} tokens): {measured.tokens:,} tokens; decode stays dense"
         ),
     )
-    return probe, report
+    return measured, (probe, report)
 
 
 def calibrate_decode(
@@ -296,8 +296,9 @@ def calibrate_decode(
         raise ValueError(f"texts too short to calibrate decode on: need windows of {length} tokens")
     dev = next(model.parameters()).device
     prompts = [torch.tensor([w], device=dev) for w in windows]
+    smallest_be = None
     if lim.break_even_tokens is None:
-        skipped = _below_smallest_break_even(model, base, lim, length, n_layers, budget, seed)
+        smallest_be, skipped = _smallest_break_even(model, base, lim, length, n_layers, budget, seed)
         if skipped is not None:
             skipped[1].n_prompts = len(prompts)
             skipped[1].seconds = {**skipped[1].seconds, "total": time.perf_counter() - t_start}
@@ -400,7 +401,11 @@ def calibrate_decode(
 
             plan = base.with_(decode=dp)
             measured = {
-                b: measure_for_model(model, plan, budget_tokens=b, seed=seed, **_lengths(lim))
+                b: (
+                    smallest_be
+                    if smallest_be is not None and b == min(budgets)
+                    else measure_for_model(model, plan, budget_tokens=b, seed=seed, **_lengths(lim))
+                )
                 for b in sorted({b for b in lb if b is not None})
             }
             break_even = {str(b): m.to_dict() for b, m in measured.items()}
