@@ -211,7 +211,9 @@ def _sparse_decode(i: RoiInputs) -> tuple[float | None, float | None, float | No
 def decode_outcome(decode: dict[str, Any] | None, roi: RoiResult) -> dict[str, Any]:
     """What sparse decode does for the use case, for the ROI's reader: `status` ("dense": the plan
     decodes densely; "below_break_even": every measured context is shorter than the plan's break-even,
-    so decode runs the dense path, 1.00x by construction; "measured": a side-by-side speed-up),
+    so decode runs the dense path, 1.00x by construction; "dense_layers": the plan's decode section
+    keeps every layer dense (calibration found no budget that pays within the use case's contexts),
+    1.00x likewise; "measured": a side-by-side speed-up),
     `speedup` [low, high], `saved_usd_month` (decode's part of the saving), `line` (a sentence) and
     `short` (a table cell). `decode` is the evaluation report's decode section ({"rows", "summary"})."""
     s = (decode or {}).get("summary")
@@ -228,6 +230,11 @@ def decode_outcome(decode: dict[str, Any] | None, roi: RoiResult) -> dict[str, A
     rows = (decode or {}).get("rows") or []
     be = int(s.get("break_even_tokens") or 0)
     below = sum(1 for r in rows if (r.get("extra") or {}).get("below_break_even"))
+    same = sum(
+        1
+        for r in rows
+        if (r.get("extra") or {}).get("identical", (r.get("extra") or {}).get("below_break_even"))
+    )
     ctx_lo, ctx_hi = s.get("context_tokens") or (None, None)
     out = {
         "break_even_tokens": be,
@@ -235,6 +242,18 @@ def decode_outcome(decode: dict[str, Any] | None, roi: RoiResult) -> dict[str, A
         "density": s.get("density"),
         "saved_usd_month": roi.decode_saved_usd_month,
     }
+    flat = {"speedup": 1.0, "speedup_low": 1.0, "speedup_high": 1.0}
+    if rows and same == len(rows) and below < len(rows):
+        return {
+            **out,
+            **flat,
+            "status": "dense_layers",
+            "line": (
+                f"decode: no decode saving: every layer decodes densely (break-even {be:,} tokens), "
+                "so decode runs at 1.00x and output tokens cost the same"
+            ),
+            "short": f"1.00x (dense; break-even {be:,} tokens)",
+        }
     if rows and below == len(rows):
         return {
             **out,

@@ -464,11 +464,11 @@ def measure_decode_speed(
     progress: Progress | None = None,
 ) -> dict:
     """Decode tokens/s dense vs sparse after a prompt of each length (sparse_core.decode.measure),
-    weighted like the prefill speed; the summary's interval combines the rows' intervals. A length
-    whose whole run stays below the plan's break-even is timed dense only (the sparse arm runs the
-    same code): its row says `below_break_even`, and the summary counts such rows. Both arms run on
-    the cache the served model uses (PagedCache where every layer reads the whole cache: score_request,
-    the pyfunc), so the cache's own saving is in neither arm's favour."""
+    weighted like the prefill speed; the summary's interval combines the rows' intervals. A length at
+    which no layer decodes sparsely (below the break-even, or every layer dense) is timed dense only
+    (the sparse arm runs the same code): its row says `identical`, and the summary counts such rows.
+    Both arms run on the cache the served model uses (PagedCache where every layer reads the whole
+    cache: score_request, the pyfunc), so the cache's own saving is in neither arm's favour."""
     from sparse_core.decode.cache import full_attention_only
     from sparse_core.decode.measure import compare_decode
 
@@ -514,6 +514,7 @@ def measure_decode_speed(
         "density": sum(r["weight"] * r["density"] for r in rows),
         "break_even_tokens": plan.decode.first_break_even(),
         "rows_below_break_even": sum(1 for r in rows if r["extra"].get("below_break_even")),
+        "rows_identical": sum(1 for r in rows if r["extra"].get("identical")),
         "context_tokens": [
             min(r["seq_len"] for r in rows),
             max(r["seq_len"] for r in rows) + suite.decode_new_tokens,

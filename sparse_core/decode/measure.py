@@ -10,10 +10,11 @@ transformers' `DynamicCache` ("dynamic", what `generate` uses by default) or on 
 `PagedCache` ("paged": appends without re-copying the cache). The first step of a run is not timed
 in either arm (the sparse arm builds its page summaries there).
 
-Below the plan's break-even (`DecodePlan.break_even_tokens`: the whole run's cache shorter than it)
-the sparse arm runs the dense model's code path exactly (tested), so `compare_decode` times the dense
-arm only and reports the sparse arm as identical: speed-up 1.00 with no interval to it, fidelity
-exact; `extra["below_break_even"]` says so."""
+When no layer can decode sparsely during the run (the whole run's cache below the layers' break-even,
+`DecodePlan.break_even_tokens`, or every layer a dense decode layer) the sparse arm runs the dense
+model's code path exactly (tested), so `compare_decode` times the dense arm only and reports the
+sparse arm as identical: speed-up 1.00 with no interval to it, fidelity exact; `extra["identical"]`
+says so, and `extra["below_break_even"]` whether it is the cache length that keeps it dense."""
 
 from __future__ import annotations
 
@@ -157,7 +158,7 @@ def compare_decode(
         raise ValueError(f"caches must be one of {CACHES}, got {dense_cache!r} / {sparse_cache!r}")
     if is_sparsified(model):
         unsparsify(model)
-    if ids.shape[1] + new_tokens < plan.decode.first_break_even():  # the longest cache of the run
+    if not plan.decode.sparse_at(int(model.config.num_hidden_layers), ids.shape[1] + new_tokens):
         return _dense_only(model, plan, ids, new_tokens, repeats, dense_cache, progress)
     cache, first = prefill(model, ids)
     caches = {"dynamic": cache}
@@ -234,6 +235,7 @@ def compare_decode(
         extra={
             "dense_cache": dense_cache,
             "sparse_cache": sparse_cache,
+            "identical": False,
             "below_break_even": False,
             "break_even_tokens": plan.decode.first_break_even(),
         },
@@ -241,7 +243,7 @@ def compare_decode(
 
 
 def _dense_only(model, plan, ids, new_tokens, repeats, cache_kind, progress) -> DecodeComparison:
-    """The comparison for a run wholly below the plan's break-even: the sparse arm is the dense one."""
+    """The comparison for a run in which no layer decodes sparsely: the sparse arm is the dense one."""
     cache, first = prefill(model, ids)
     if cache_kind == "paged":
         cache = as_paged(cache)
@@ -278,7 +280,8 @@ def _dense_only(model, plan, ids, new_tokens, repeats, cache_kind, progress) -> 
         extra={
             "dense_cache": cache_kind,
             "sparse_cache": cache_kind,
-            "below_break_even": True,
+            "identical": True,
+            "below_break_even": ids.shape[1] + new_tokens < plan.decode.first_break_even(),
             "break_even_tokens": plan.decode.first_break_even(),
         },
     )

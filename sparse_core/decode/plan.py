@@ -116,6 +116,13 @@ class DecodePlan:
             break_even_tokens=ov.get("break_even_tokens", self.break_even_tokens),
         )
 
+    def sparse_at(self, n_layers: int, cache_tokens: int) -> bool:
+        """Whether any of `n_layers` layers may decode sparsely with a cache of `cache_tokens`."""
+        return any(
+            i not in self.dense_layers and cache_tokens >= self.layer_params(i, 1).break_even_tokens
+            for i in range(n_layers)
+        )
+
     def first_break_even(self) -> int:
         """The shortest cache at which any layer may decode sparsely (below it every layer is dense)."""
         own = [ov["break_even_tokens"] for ov in self.layer_overrides.values() if "break_even_tokens" in ov]

@@ -335,5 +335,16 @@ def test_decode_line_for_the_roi_reader() -> None:
         "so decode stays dense (1.00x) and output tokens cost the same"
     )
     assert short["short"] == "1.00x (544 < break-even 3,072 tokens)"
+    # a decode section that keeps every layer dense (calibration skipped the search), measured at
+    # contexts past its break-even: identical arms, 1.00x, and the line says why
+    rows = [{"extra": {"identical": True, "below_break_even": False}}]
+    all_dense = decode_outcome(
+        {"rows": rows, "summary": {"break_even_tokens": 4096, "context_tokens": [4200, 4232]}}, flat
+    )
+    assert all_dense["status"] == "dense_layers" and all_dense["speedup"] == 1.0
+    assert all_dense["line"] == (
+        "decode: no decode saving: every layer decodes densely (break-even 4,096 tokens), "
+        "so decode runs at 1.00x and output tokens cost the same"
+    )
     dense = decode_outcome(None, flat)
     assert dense["status"] == "dense" and dense["short"] == "dense" and dense["saved_usd_month"] == 0.0

@@ -129,7 +129,7 @@ def test_side_by_side_below_break_even_times_the_dense_arm_only(tiny_llama_dir):
     plan = SparsePlan(block_size=32, decode=DecodePlan(budget_tokens=64, break_even_tokens=1000))
     r = compare_decode(model, plan, _prompt(tok, 300), new_tokens=6, repeats=2)
     assert r.speedup == 1.0 and r.speedup_interval == (1.0, 1.0) and r.density == 1.0
-    assert r.extra["below_break_even"] and r.extra["break_even_tokens"] == 1000
+    assert r.extra["below_break_even"] and r.extra["identical"] and r.extra["break_even_tokens"] == 1000
     assert r.dense_seconds_per_token == r.sparse_seconds_per_token and len(r.dense_seconds_per_token) == 2
     assert r.dense_ms_per_token > 0 and r.kl == 0.0 and r.greedy_match == 1.0
     # a run that crosses the break-even is measured side by side
@@ -137,7 +137,14 @@ def test_side_by_side_below_break_even_times_the_dense_arm_only(tiny_llama_dir):
         model, plan.with_(decode=DecodePlan(budget_tokens=64, break_even_tokens=303)), _prompt(tok, 300),
         new_tokens=6, repeats=1,
     )  # fmt: skip
-    assert not crossing.extra["below_break_even"] and crossing.density < 1.0
+    assert (
+        not crossing.extra["below_break_even"] and not crossing.extra["identical"] and crossing.density < 1.0
+    )
+    # every layer a dense decode layer: identical arms past the break-even too
+    n_layers = model.config.num_hidden_layers
+    all_dense = DecodePlan(budget_tokens=64, break_even_tokens=100, dense_layers=tuple(range(n_layers)))
+    r = compare_decode(model, plan.with_(decode=all_dense), _prompt(tok, 300), new_tokens=4, repeats=1)
+    assert r.extra["identical"] and not r.extra["below_break_even"] and r.speedup == 1.0
     assert not hasattr(model, "_sparsepilot")
 
 

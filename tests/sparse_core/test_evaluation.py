@@ -132,7 +132,7 @@ def test_decode_section_for_a_plan_that_decodes_sparsely(quality_tiny):
     assert not long["extra"]["below_break_even"] and 0 < long["density"] < 0.5
     summ = d["decode"]["summary"]
     assert summ["weighted_speedup_low"] <= summ["weighted_speedup"] <= summ["weighted_speedup_high"]
-    assert summ["break_even_tokens"] == 600 and summ["rows_below_break_even"] == 1
+    assert summ["break_even_tokens"] == 600 and summ["rows_below_break_even"] == summ["rows_identical"] == 1
     assert summ["context_tokens"] == [512, 774]
     json.dumps(d, allow_nan=False)
     m = report.metrics()
