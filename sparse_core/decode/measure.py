@@ -214,15 +214,7 @@ def compare_decode(
     lo, hi = _bootstrap(d_steps, s_steps, seed)
     steps = repeats * new_tokens
     return DecodeComparison(
-        seq_len=int(ids.shape[1]),
-        new_tokens=new_tokens,
-        repeats=repeats,
-        dense_seconds_per_token=d_rep,
-        sparse_seconds_per_token=s_rep,
-        dense_ms_per_token=dm * 1000,
-        sparse_ms_per_token=sm * 1000,
-        dense_tokens_per_s=1.0 / dm,
-        sparse_tokens_per_s=1.0 / sm,
+        **_timings(ids, new_tokens, repeats, (d_rep, s_rep), (dm, sm)),
         speedup=dm / sm,
         speedup_interval=(lo, hi),
         density=kept / cached if cached else 1.0,
@@ -242,6 +234,22 @@ def compare_decode(
     )
 
 
+def _timings(ids, new_tokens: int, repeats: int, per_rep: tuple, median_s: tuple) -> dict[str, Any]:
+    """The timing fields of a DecodeComparison: per-repeat means and medians (s) of (dense, sparse)."""
+    dm, sm = median_s
+    return {
+        "seq_len": int(ids.shape[1]),
+        "new_tokens": new_tokens,
+        "repeats": repeats,
+        "dense_seconds_per_token": per_rep[0],
+        "sparse_seconds_per_token": per_rep[1],
+        "dense_ms_per_token": dm * 1000,
+        "sparse_ms_per_token": sm * 1000,
+        "dense_tokens_per_s": 1.0 / dm,
+        "sparse_tokens_per_s": 1.0 / sm,
+    }
+
+
 def _dense_only(model, plan, ids, new_tokens, repeats, cache_kind, progress) -> DecodeComparison:
     """The comparison for a run in which no layer decodes sparsely: the sparse arm is the dense one."""
     cache, first = prefill(model, ids)
@@ -259,15 +267,7 @@ def _dense_only(model, plan, ids, new_tokens, repeats, cache_kind, progress) -> 
     assert run is not None
     dm = statistics.median(steps)
     return DecodeComparison(
-        seq_len=int(ids.shape[1]),
-        new_tokens=new_tokens,
-        repeats=repeats,
-        dense_seconds_per_token=per_rep,
-        sparse_seconds_per_token=per_rep,
-        dense_ms_per_token=dm * 1000,
-        sparse_ms_per_token=dm * 1000,
-        dense_tokens_per_s=1.0 / dm,
-        sparse_tokens_per_s=1.0 / dm,
+        **_timings(ids, new_tokens, repeats, (per_rep, per_rep), (dm, dm)),
         speedup=1.0,
         speedup_interval=(1.0, 1.0),
         density=1.0,

@@ -266,8 +266,13 @@ def test_evaluation_roi_prices_output_tokens_at_the_measured_sparse_decode() -> 
     assert flat["decode"]["status"] == "dense"
 
 
-def _decode_section(rows_below: list[bool], **summary) -> dict:  # noqa: ANN003
+def _decode_section(
+    rows_below: list[bool], speedup: tuple, density: float, break_even: int, context: list
+) -> dict:
     rows = [{"seq_len": 512, "extra": {"below_break_even": b}} for b in rows_below]
+    names = ("weighted_speedup", "weighted_speedup_low", "weighted_speedup_high")
+    summary = dict(zip(names, speedup, strict=True))
+    summary.update(density=density, break_even_tokens=break_even, context_tokens=context)
     return {"rows": rows, "summary": summary}
 
 
@@ -282,52 +287,19 @@ def test_decode_line_for_the_roi_reader() -> None:
     assert both.decode_saved_usd_month == pytest.approx(prefill_only.sparse_usd_month - both.sparse_usd_month)
     assert 0 < both.decode_saved_usd_month < both.saved_usd_month
 
-    measured = decode_outcome(
-        _decode_section(
-            [False, False],
-            weighted_speedup=2.0,
-            weighted_speedup_low=1.5,
-            weighted_speedup_high=2.5,
-            density=0.25,
-            break_even_tokens=768,
-            context_tokens=[1000, 1100],
-        ),
-        fast,
-    )
+    measured = decode_outcome(_decode_section([False, False], (2.0, 1.5, 2.5), 0.25, 768, [1000, 1100]), fast)
     assert measured["status"] == "measured" and measured["speedup"] == 2.0
     assert measured["line"] == (
         "decode: 2.00x [1.50, 2.50] at 1,000-1,100 tokens of context (25% of the cache read): "
         "saves $338/month"
     )
     assert measured["short"] == "2.00x [1.50, 2.50]"
-    mixed = decode_outcome(
-        _decode_section(
-            [True, False],
-            weighted_speedup=1.2,
-            weighted_speedup_low=1.1,
-            weighted_speedup_high=1.3,
-            density=0.6,
-            break_even_tokens=3072,
-            context_tokens=[2048, 4160],
-        ),
-        fast,
-    )
+    mixed = decode_outcome(_decode_section([True, False], (1.2, 1.1, 1.3), 0.6, 3072, [2048, 4160]), fast)
     assert mixed["line"].endswith("; 1 of 2 lengths are below the break-even (3,072 tokens): dense there")
 
     # a short-context use case: every measured context below the break-even -> 1.00x, no money either way
     flat = compute_roi(_inputs(**kw, decode_tps=50.0, sparse_decode_tps=50.0))
-    short = decode_outcome(
-        _decode_section(
-            [True, True],
-            weighted_speedup=1.0,
-            weighted_speedup_low=1.0,
-            weighted_speedup_high=1.0,
-            density=1.0,
-            break_even_tokens=3072,
-            context_tokens=[96, 544],
-        ),
-        flat,
-    )
+    short = decode_outcome(_decode_section([True, True], (1.0, 1.0, 1.0), 1.0, 3072, [96, 544]), flat)
     assert short["status"] == "below_break_even" and short["speedup"] == 1.0
     assert short["saved_usd_month"] == pytest.approx(0.0)
     assert short["line"] == (
