@@ -11,10 +11,11 @@ transformers' `DynamicCache` ("dynamic", what `generate` uses by default) or on 
 in either arm (the sparse arm builds its page summaries there).
 
 When no layer can decode sparsely during the run (the whole run's cache below the layers' break-even,
-`DecodePlan.break_even_tokens`, or every layer a dense decode layer) the sparse arm runs the dense
-model's code path exactly (tested), so `compare_decode` times the dense arm only and reports the
-sparse arm as identical: speed-up 1.00 with no interval to it, fidelity exact; `extra["identical"]`
-says so, and `extra["below_break_even"]` whether it is the cache length that keeps it dense."""
+`DecodePlan.break_even_tokens`, or every layer a dense decode layer) and both arms use the same kind
+of cache, the sparse arm runs the dense model's code path exactly (tested), so `compare_decode`
+times the dense arm only and reports the sparse arm as identical: speed-up 1.00 with no interval to
+it, fidelity exact; `extra["identical"]` says so, and `extra["below_break_even"]` whether it is the
+cache length that keeps it dense."""
 
 from __future__ import annotations
 
@@ -158,8 +159,9 @@ def compare_decode(
         raise ValueError(f"caches must be one of {CACHES}, got {dense_cache!r} / {sparse_cache!r}")
     if is_sparsified(model):
         unsparsify(model)
-    if not plan.decode.sparse_at(int(model.config.num_hidden_layers), ids.shape[1] + new_tokens):
-        return _dense_only(model, plan, ids, new_tokens, repeats, dense_cache, progress)
+    n_layers = int(model.config.num_hidden_layers)
+    if dense_cache == sparse_cache and not plan.decode.sparse_at(n_layers, ids.shape[1] + new_tokens):
+        return _dense_only(model, plan, ids, new_tokens, repeats, dense_cache, free_running, progress)
     cache, first = prefill(model, ids)
     caches = {"dynamic": cache}
     if "paged" in (dense_cache, sparse_cache):
@@ -250,7 +252,9 @@ def _timings(ids, new_tokens: int, repeats: int, per_rep: tuple, median_s: tuple
     }
 
 
-def _dense_only(model, plan, ids, new_tokens, repeats, cache_kind, progress) -> DecodeComparison:
+def _dense_only(
+    model, plan, ids, new_tokens, repeats, cache_kind, free_running, progress
+) -> DecodeComparison:
     """The comparison for a run in which no layer decodes sparsely: the sparse arm is the dense one."""
     cache, first = prefill(model, ids)
     if cache_kind == "paged":
@@ -275,7 +279,7 @@ def _dense_only(model, plan, ids, new_tokens, repeats, cache_kind, progress) -> 
         kl=0.0,
         agree=1.0,
         nll_delta=0.0,
-        greedy_match=1.0,
+        greedy_match=1.0 if free_running else None,
         first_divergence=None,
         extra={
             "dense_cache": cache_kind,
