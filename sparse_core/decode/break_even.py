@@ -114,13 +114,13 @@ def measure_break_even(
         k_all = torch.randn(1, kv_heads, length + steps, head_dim, generator=gen).to(dtype)
         v_all = torch.randn(1, kv_heads, length + steps, head_dim, generator=gen).to(dtype)
         qs = [torch.randn(1, q_heads, 1, head_dim, generator=gen).to(dtype) for _ in range(steps)]
-        # contiguous per step, as transformers' DynamicCache hands the layer its keys
-        ks = [k_all[:, :, : length + i + 1].contiguous() for i in range(steps)]
-        vs = [v_all[:, :, : length + i + 1].contiguous() for i in range(steps)]
-        pages = sync(None, ks[0][:, :, :-1], ps)
+        pages = sync(None, k_all[:, :, :length], ps)
         dense_t, sparse_t, read = [], [], []
         for warm in (True, False):
-            for q, k, v in zip(qs, ks, vs, strict=True):
+            for i, q in enumerate(qs):
+                # contiguous, as transformers' DynamicCache hands the layer its keys (one copy at a time)
+                k = k_all[:, :, : length + i + 1].contiguous()
+                v = v_all[:, :, : length + i + 1].contiguous()
                 t0 = time.perf_counter()
                 F.scaled_dot_product_attention(q, k, v, enable_gqa=True).transpose(1, 2).contiguous()
                 t1 = time.perf_counter()
@@ -141,7 +141,7 @@ def measure_break_even(
                     dense_t.append(t1 - t0)
                     sparse_t.append(t2 - t1)
                     read.append(kept / n)
-            pages = sync(None, ks[0][:, :, :-1], ps)
+            pages = sync(None, k_all[:, :, :length], ps)
         d, s = min(dense_t) * 1e6, min(sparse_t) * 1e6
         dm, sm = statistics.median(dense_t) * 1e6, statistics.median(sparse_t) * 1e6
         density = round(statistics.fmean(read), 4)
