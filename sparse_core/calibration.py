@@ -563,7 +563,7 @@ def calibrate_many(
     )
     gate_reports: dict[str, dict] = {}
     for kind in (k for k in ("gate", "gate_v2") if k in candidates):
-        from sparse_core.gate_training import GateTrainConfig, train_gate
+        from sparse_core.scorer_training import GateTrainConfig, train_gate
 
         t0 = time.perf_counter()
         # The last calibration window is the gate's own early-stopping set, so the held-out windows

@@ -95,8 +95,8 @@ def _uses(plan: SparsePlan, name: str) -> bool:
 def check_tensors_fit(plan: SparsePlan, config: Any) -> None:
     """A gate / gate_v2 plan's tensors must match the model's layers, heads and head dim."""
     if _uses(plan, "gate_v2"):
-        from sparse_core.estimators.gate import GateShape
-        from sparse_core.estimators.gate_v2 import BlockGateV2
+        from sparse_core.estimators.learned_gate import GateShape
+        from sparse_core.estimators.learned_gate_v2 import BlockGateV2
 
         have2 = BlockGateV2.shape_of(plan.tensors or {})
         if have2 is None:
@@ -110,7 +110,7 @@ def check_tensors_fit(plan: SparsePlan, config: Any) -> None:
             )
     if not _uses(plan, "gate"):
         return
-    from sparse_core.estimators.gate import BlockGate, GateShape
+    from sparse_core.estimators.learned_gate import BlockGate, GateShape
 
     if not plan.tensors:
         raise PlanError("plan uses the 'gate' estimator but carries no gate weights")

@@ -108,7 +108,7 @@ def _layer_errors(
     ps = lim.page_size
     gate = None
     if lim.estimator == "gate":
-        from sparse_core.estimators.gate import gate_for_plan
+        from sparse_core.estimators.learned_gate import gate_for_plan
 
         gate = gate_for_plan(base)
 

@@ -7,9 +7,9 @@ Contract of an estimator ``fn(q, k, ctx) -> Tensor``:
   query block, an estimate of the share of attention mass on each key block. Entries above the
   diagonal (non-causal) must be 0 and each row should sum to ~1 over the causal key blocks.
 
-Estimators register by name (`register_estimator`); `get_estimator(name)` also imports
-``sparse_core.estimators.<name>`` on first use, so a module that registers itself on import (the
-learned ``gate`` and ``gate_v2``) is found by name from a plan.
+Estimators register by name (`register_estimator`); `get_estimator(name)` imports a built-in's module
+(the `_BUILTIN_MODULES` table) on first use, so a module that registers itself on import is found by
+name from a plan.
 
 Training-free: ``pooled``, ``antidiagonal``, ``quest``; learned: ``gate``, ``gate_v2`` (weights in the
 plan's tensors); ``oracle`` (exact block mass, as costly as dense attention) is the ceiling the
@@ -41,7 +41,16 @@ class EstimatorContext:
 Estimator = Callable[[torch.Tensor, torch.Tensor, EstimatorContext], torch.Tensor]
 
 _REGISTRY: dict[str, Estimator] = {}
-_BUILTIN_MODULES = ("pooled", "antidiagonal", "quest", "gate", "gate_v2", "oracle")
+# name -> the module that registers it on import (the learned scorers' modules are named so they cannot
+# be taken for rollout's statistical gate; their registered names stay, so old plans load)
+_BUILTIN_MODULES = {
+    "pooled": "sparse_core.estimators.pooled",
+    "antidiagonal": "sparse_core.estimators.antidiagonal",
+    "quest": "sparse_core.estimators.quest",
+    "gate": "sparse_core.estimators.learned_gate",
+    "gate_v2": "sparse_core.estimators.learned_gate_v2",
+    "oracle": "sparse_core.estimators.oracle",
+}
 
 
 def register_estimator(name: str, fn: Estimator, *, overwrite: bool = False) -> Estimator:
@@ -54,20 +63,16 @@ def register_estimator(name: str, fn: Estimator, *, overwrite: bool = False) -> 
 
 
 def get_estimator(name: str) -> Estimator:
-    if name not in _REGISTRY:
-        try:
-            importlib.import_module(f"sparse_core.estimators.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"sparse_core.estimators.{name}":
-                raise
+    if name not in _REGISTRY and name in _BUILTIN_MODULES:
+        importlib.import_module(_BUILTIN_MODULES[name])
     if name not in _REGISTRY:
         raise PlanError(f"unknown estimator {name!r}; available: {available_estimators()}")
     return _REGISTRY[name]
 
 
 def available_estimators() -> list[str]:
-    for mod in _BUILTIN_MODULES:
-        importlib.import_module(f"sparse_core.estimators.{mod}")
+    for mod in _BUILTIN_MODULES.values():
+        importlib.import_module(mod)
     return sorted(_REGISTRY)
 
 

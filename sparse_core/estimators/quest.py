@@ -65,7 +65,7 @@ def qk_upper_bound(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> t
 
 
 def quest_scores(q: torch.Tensor, k: torch.Tensor, ctx: EstimatorContext) -> torch.Tensor:
-    from sparse_core.estimators.gate import visible_log_counts
+    from sparse_core.estimators.learned_gate import visible_log_counts
 
     b, hq, s, d = q.shape
     hkv = k.shape[1]

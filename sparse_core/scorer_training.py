@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from sparse_core.capture import block_attention_mass, block_attention_maxpool, capture_attention
-from sparse_core.estimators.gate import BlockGate, GateShape, pool_features
+from sparse_core.estimators.learned_gate import BlockGate, GateShape, pool_features
 
 KINDS = ("gate", "gate_v2")
 
@@ -85,7 +85,7 @@ def capture_features(
     feats: list = [None] * n_layers
     target_fn = block_attention_mass if target == "mass" else block_attention_maxpool
     if kind == "gate_v2":
-        from sparse_core.estimators import gate_v2
+        from sparse_core.estimators import learned_gate_v2 as gate_v2
 
         inv_freq, rope_scaling = gate_v2.model_rope(model)
 
@@ -164,7 +164,7 @@ def _mean_loss(gate, data: list[tuple[Features, int]]) -> float:
 
 def _new_gate(model, shape: GateShape, cfg: GateTrainConfig):
     if cfg.kind == "gate_v2":
-        from sparse_core.estimators.gate_v2 import BlockGateV2, model_rope
+        from sparse_core.estimators.learned_gate_v2 import BlockGateV2, model_rope
 
         inv_freq, rope_scaling = model_rope(model)
         return BlockGateV2(shape, cfg.block_size, inv_freq, rope_scaling, target=cfg.target)

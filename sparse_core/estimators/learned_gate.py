@@ -18,7 +18,7 @@ diagonal block (half visible) and a short last block comparable to full ones. In
 Wq = I and Wk reads only the K mean: before training the gate equals the `pooled` estimator (plus the
 prior), so training can only start from the training-free baseline.
 
-Training (`sparse_core.gate_training`): self-distillation, KL(dense block mass || gate), base model
+Training (`sparse_core.scorer_training`): self-distillation, KL(dense block mass || gate), base model
 frozen.
 """
 

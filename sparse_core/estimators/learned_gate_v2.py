@@ -9,7 +9,7 @@ Differences from `gate` (which stays selectable; its plans load and run unchange
   of each block's first token (as SeerAttention does). Scores then depend on block *offsets* only:
   the same text shifted by a whole number of blocks gets the same scores, and one gate serves every
   length.
-- **Distillation target** (`sparse_core.gate_training`, `target="maxpool"` by default): the dense
+- **Distillation target** (`sparse_core.scorer_training`, `target="maxpool"` by default): the dense
   attention map 2D max-pooled per (query block, key block) tile and row-normalised, instead of the
   block mass; the block mass stays available (`target="mass"`).
 - A learned per-head weight on the log-visible-keys prior (initialised to 1 for the mass target, 0
@@ -28,7 +28,7 @@ import math
 import torch
 from torch import nn
 
-from sparse_core.estimators.gate import GateShape, GateShapeError, check_call, visible_log_counts
+from sparse_core.estimators.learned_gate import GateShape, GateShapeError, check_call, visible_log_counts
 from sparse_core.estimators.quest import key_block_bounds
 
 TENSOR_PREFIX = "gate_v2"
