@@ -310,5 +310,33 @@ def _check_checkpoint_dir(ckdir: Path, shape: GateShape, cfg: GateTrainConfig, w
         f.write_text(json.dumps(ident, indent=2))
 
 
-def gate_tensor_bytes(gate) -> int:
-    return sum(p.numel() * p.element_size() for p in gate.parameters())
+def _calibration_hook(kind: str):
+    """The registry's training hook for the learned estimator `kind` (see sparse_core.estimators)."""
+
+    def train(model, windows, *, heldout_windows, limits, seed, progress):
+        ckdir = limits.gate_checkpoint_dir
+        if ckdir and kind != "gate":
+            ckdir = f"{ckdir}/{kind}"
+        gate, rep = train_gate(
+            model,
+            windows,
+            GateTrainConfig(
+                block_size=limits.block_size,
+                steps=limits.gate_steps,
+                lr=limits.gate_lr,
+                seed=seed,
+                checkpoint_dir=ckdir,
+                max_seconds=limits.gate_max_seconds,
+                kind=kind,
+                target=limits.gate_target if kind == "gate_v2" else None,
+            ),
+            heldout_windows=heldout_windows,
+            progress=progress,
+        )
+        return gate.to_tensors(), rep.to_dict()
+
+    return train
+
+
+train_gate_v1_hook = _calibration_hook("gate")
+train_gate_v2_hook = _calibration_hook("gate_v2")

@@ -17,7 +17,8 @@ from typing import Any
 
 from sparse_core.plan import PlanError
 
-DECODE_ESTIMATORS = ("quest", "gate")
+# decode page scorers -> the prefill estimator whose trained weights the scorer reads (None: training-free)
+DECODE_ESTIMATORS: dict[str, str | None] = {"quest": None, "gate": "gate"}
 DECODE_OVERRIDE_KEYS = ("budget_tokens", "density", "tau", "estimator")
 
 

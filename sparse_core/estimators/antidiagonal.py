@@ -9,7 +9,8 @@ import math
 
 import torch
 
-from sparse_core.estimators import EstimatorContext, num_blocks, register_estimator
+from sparse_core.estimators import EstimatorContext
+from sparse_core.estimators.blocks import num_blocks
 
 DEFAULT_STRIDE = 16
 _ROW_CHUNK = 1024  # strided query rows per chunk; bounds memory at long contexts
@@ -63,6 +64,3 @@ def antidiagonal_scores(
         blocks = probs.view(b, hkv, g, nb_rows, per_block, n, per_block).sum(dim=(4, 6)) / per_block
         out[:, :, r0 // per_block : r0 // per_block + nb_rows] = blocks.reshape(b, hq, nb_rows, n)
     return out
-
-
-register_estimator("antidiagonal", antidiagonal_scores)

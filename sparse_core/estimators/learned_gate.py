@@ -257,18 +257,9 @@ def gate_scores(q: torch.Tensor, k: torch.Tensor, ctx) -> torch.Tensor:
         qbar, kpool = pool_features(q, k, ctx.block_size, ctx.key_valid)
         logp = layer.log_probs(qbar, kpool, q.shape[2], ctx.block_size)
         if ctx.key_valid is not None:
-            from sparse_core.estimators import valid_blocks
+            from sparse_core.estimators.blocks import valid_blocks
 
             vb = valid_blocks(ctx.key_valid, ctx.block_size, q.shape[2])
             logp = logp.masked_fill(~vb[:, None, None, :], float("-inf"))
             logp = torch.log_softmax(logp, dim=-1)
         return torch.nan_to_num(logp.exp(), nan=0.0)
-
-
-def _register() -> None:
-    from sparse_core.estimators import register_estimator
-
-    register_estimator("gate", gate_scores, overwrite=True)
-
-
-_register()

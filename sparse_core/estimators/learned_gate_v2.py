@@ -97,7 +97,7 @@ def pool_features(
     """Post-rotary q [B,Hq,S,D], k [B,Hkv,S,D] -> pre-rotary pooled features: q mean [B,Hq,nb,D],
     k (max, min, mean) [B,Hkv,nb,3D], and each block's first position [B, nb]. Padded positions
     (key_valid False) are left out of every pool."""
-    from sparse_core.estimators import block_pool_mean
+    from sparse_core.estimators.blocks import block_pool_mean
 
     b, _, s, _ = query.shape
     pos = positions_for(b, s, key_valid, query.device, positions)
@@ -296,7 +296,7 @@ def gate_for_plan(plan) -> BlockGateV2:
 
 
 def gate_v2_scores(q: torch.Tensor, k: torch.Tensor, ctx) -> torch.Tensor:
-    from sparse_core.estimators import valid_blocks
+    from sparse_core.estimators.blocks import valid_blocks
 
     if ctx.layer_idx is None or ctx.plan is None:
         raise GateShapeError("the gate_v2 estimator needs a layer index and a plan with gate_v2 weights")
@@ -310,12 +310,3 @@ def gate_v2_scores(q: torch.Tensor, k: torch.Tensor, ctx) -> torch.Tensor:
         if vb is not None:
             logp = torch.log_softmax(logp.masked_fill(~vb[:, None, None, :], float("-inf")), dim=-1)
         return torch.nan_to_num(logp.exp(), nan=0.0)
-
-
-def _register() -> None:
-    from sparse_core.estimators import register_estimator
-
-    register_estimator("gate_v2", gate_v2_scores, overwrite=True)
-
-
-_register()

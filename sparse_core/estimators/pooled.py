@@ -7,13 +7,8 @@ import math
 
 import torch
 
-from sparse_core.estimators import (
-    EstimatorContext,
-    block_pool_mean,
-    causal_block_mask,
-    register_estimator,
-    valid_blocks,
-)
+from sparse_core.estimators import EstimatorContext
+from sparse_core.estimators.blocks import block_pool_mean, causal_block_mask, valid_blocks
 
 
 def pooled_scores(q: torch.Tensor, k: torch.Tensor, ctx: EstimatorContext) -> torch.Tensor:
@@ -33,6 +28,3 @@ def pooled_scores(q: torch.Tensor, k: torch.Tensor, ctx: EstimatorContext) -> to
     logits = logits.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     return torch.nan_to_num(probs, nan=0.0)
-
-
-register_estimator("pooled", pooled_scores)

@@ -21,13 +21,8 @@ import math
 
 import torch
 
-from sparse_core.estimators import (
-    EstimatorContext,
-    block_pool_mean,
-    num_blocks,
-    register_estimator,
-    valid_blocks,
-)
+from sparse_core.estimators import EstimatorContext
+from sparse_core.estimators.blocks import block_pool_mean, num_blocks, valid_blocks
 
 
 def key_block_bounds(
@@ -81,6 +76,3 @@ def quest_scores(q: torch.Tensor, k: torch.Tensor, ctx: EstimatorContext) -> tor
     if vb is not None:
         logits = logits.masked_fill(~vb[:, None, None, :], float("-inf"))
     return torch.nan_to_num(torch.softmax(logits, dim=-1), nan=0.0)
-
-
-register_estimator("quest", quest_scores)
