@@ -144,32 +144,10 @@ class EvaluationReport:
     seconds: dict[str, float] = field(default_factory=dict)
     suite: dict = field(default_factory=dict)
 
-    SECTIONS = (
-        "schema_version",
-        "model",
-        "plan_hash",
-        "estimator",
-        "device",
-        "torch_version",
-        "fidelity",
-        "layer_errors",
-        "probes",
-        "tasks",
-        "speed",
-        "speed_summary",
-        "decode",
-        "density",
-        "layer_density",
-        "head_density",
-        "artifacts",
-        "seconds",
-        "suite",
-    )
-
     def to_dict(self) -> dict:
-        """Stable schema: every key of SECTIONS always present (None when a section did not run)."""
-        d = asdict(self)
-        return {k: _jsonable(d[k]) for k in self.SECTIONS}
+        """Stable schema: every field, in declaration order, always present (None when a section did
+        not run)."""
+        return {k: _jsonable(v) for k, v in asdict(self).items()}
 
     def metrics(self) -> dict[str, float]:
         """Flat finite floats for MLflow (names use only [a-z0-9_.])."""
