@@ -39,7 +39,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -49,8 +49,7 @@ from sparse_core.capture import capture_attention
 from sparse_core.corpus import pack_token_windows, text_fingerprint
 from sparse_core.fidelity import DenseReference, Fidelity, dense_reference, measure_fidelity
 from sparse_core.plan import SparsePlan, model_shape
-
-Progress = Callable[[str, int, int], None]
+from sparse_core.progress import Progress, counter
 
 
 class BudgetError(ValueError):
@@ -429,19 +428,6 @@ def _eps_candidates(sens: Sensitivity | dict[str, Sensitivity], max_checks: int)
     return vals
 
 
-def _counter(progress: Progress | None, stage: str, total: int):
-    """Adapt a (stage, done, total) callback to one called with increments."""
-    if progress is None:
-        return None
-    state = {"done": 0}
-
-    def step(k: int = 1) -> None:
-        state["done"] += k
-        progress(stage, state["done"], total)
-
-    return step
-
-
 def _measured_density(model) -> float | None:
     try:
         from sparse_core.retrofit import sparse_stats
@@ -577,7 +563,7 @@ def calibrate_many(
         model,
         held_w,
         fraction=lim.fidelity_fraction,
-        progress=_counter(progress, "dense reference", len(held_w)),
+        progress=counter(progress, "dense reference", len(held_w)),
     )
     secs["dense_reference"] = time.perf_counter() - t0
     dense_task: list[float] = []

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from sparse_core.bench.common import pyplot, save_figure
 from sparse_core.estimators import KINDS, available_estimators
 
 
@@ -258,10 +259,7 @@ def _gate_seconds(rep) -> float | None:
 def plot(result: dict[str, Any], path) -> Any:
     """Density each estimator needs to meet the budget, per length and per use case (lower is
     better; hatched = did not meet it, plan all but dense)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     groups = [(f"{b['seq_len']} tok", b["rows"]) for b in result["by_length"]]
     groups += [(b["usecase"], b["rows"]) for b in result["usecases"]]
@@ -287,7 +285,4 @@ def plot(result: dict[str, Any], path) -> Any:
     ax.legend(fontsize=7, ncol=2)
     budget = result["settings"]["budget"]
     fig.suptitle(f"{result['settings']['model']}: density each estimator needs for {budget}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

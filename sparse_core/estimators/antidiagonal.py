@@ -5,12 +5,10 @@ over the strided key positions, then sum the probabilities inside each block. Mo
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from sparse_core.estimators import EstimatorContext
-from sparse_core.estimators.blocks import num_blocks
+from sparse_core.estimators.blocks import num_blocks, softmax_scale
 
 DEFAULT_STRIDE = 16
 _ROW_CHUNK = 1024  # strided query rows per chunk; bounds memory at long contexts
@@ -28,7 +26,7 @@ def antidiagonal_scores(
         raise ValueError(f"antidiagonal stride {stride} must divide the block size {bs}")
     n = num_blocks(s, bs)
     sp = n * bs
-    scale = ctx.scale if ctx.scale is not None else 1.0 / math.sqrt(d)
+    scale = softmax_scale(ctx.scale, d)
     qf, kf = q, k
     if sp != s:
         qf = torch.nn.functional.pad(q, (0, 0, 0, sp - s))

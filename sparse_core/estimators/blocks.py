@@ -1,8 +1,9 @@
-"""Block helpers the estimators share: block counts, the causal block mask, per-block mean pooling and
-the valid (non-padding) blocks of a batch."""
+"""Block helpers the estimators share: block counts, the causal block mask, per-block mean pooling, the
+valid (non-padding) blocks of a batch, the softmax scale and the softmax over causal valid blocks."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -44,3 +45,22 @@ def valid_blocks(key_valid: torch.Tensor | None, block_size: int, seq_len: int) 
     pad = n * block_size - seq_len
     kv = torch.nn.functional.pad(key_valid, (0, pad), value=False) if pad else key_valid
     return kv.view(kv.shape[0], n, block_size).any(dim=-1)
+
+
+def softmax_scale(scale: float | None, head_dim: int) -> float:
+    """The attention's softmax scale: the given one, else 1/sqrt(head_dim)."""
+    return scale if scale is not None else 1.0 / math.sqrt(head_dim)
+
+
+def causal_block_softmax(
+    logits: torch.Tensor, key_valid: torch.Tensor | None, block_size: int, seq_len: int
+) -> torch.Tensor:
+    """[B, H, nb, nb] block logits -> their softmax over the causal key blocks that hold a valid key
+    (a row with none comes out as zeros, never NaN)."""
+    n = logits.shape[-1]
+    allowed = causal_block_mask(n, logits.device)[None, None]
+    vb = valid_blocks(key_valid, block_size, seq_len)
+    if vb is not None:
+        allowed = allowed & vb[:, None, None, :]
+    probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
+    return torch.nan_to_num(probs, nan=0.0)

@@ -17,12 +17,15 @@ cached pages the same way (one query token against page bounds)."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from sparse_core.estimators import EstimatorContext
-from sparse_core.estimators.blocks import block_pool_mean, num_blocks, valid_blocks
+from sparse_core.estimators.blocks import (
+    block_pool_mean,
+    causal_block_softmax,
+    num_blocks,
+    softmax_scale,
+)
 
 
 def key_block_bounds(
@@ -66,13 +69,10 @@ def quest_scores(q: torch.Tensor, k: torch.Tensor, ctx: EstimatorContext) -> tor
     hkv = k.shape[1]
     g = hq // hkv
     bs = ctx.block_size
-    scale = ctx.scale if ctx.scale is not None else 1.0 / math.sqrt(d)
+    scale = softmax_scale(ctx.scale, d)
     qbar = block_pool_mean(q, bs, ctx.key_valid)  # [B, Hq, n, D]
     kmin, kmax = key_block_bounds(k, bs, ctx.key_valid)  # [B, Hkv, n, D]
     n = qbar.shape[2]
     ub = qk_upper_bound(qbar.view(b, hkv, g * n, d), kmin, kmax).view(b, hq, n, n)
-    logits = ub * scale + visible_log_counts(s, bs, q.device)  # -inf above the diagonal
-    vb = valid_blocks(ctx.key_valid, bs, s)
-    if vb is not None:
-        logits = logits.masked_fill(~vb[:, None, None, :], float("-inf"))
-    return torch.nan_to_num(torch.softmax(logits, dim=-1), nan=0.0)
+    logits = ub * scale + visible_log_counts(s, bs, q.device)
+    return causal_block_softmax(logits, ctx.key_valid, bs, s)
