@@ -102,7 +102,8 @@ def bench_quality(
         "",
         "--estimators",
         help=f"Comma-separated, of {', '.join(available_estimators())}; a+b = per-layer choice between a "
-        "and b. Default: every registered estimator by kind, and the newest learned one + pooled.",
+        "and b. Default: every registered estimator by kind, and the newest learned one + the first "
+        "training-free one.",
     ),
     lengths: str = typer.Option(
         "", "--lengths", help="Context lengths, e.g. 2048,4096 (default by mode); 'none' = use cases only."
