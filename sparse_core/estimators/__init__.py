@@ -11,7 +11,8 @@ Contract of an estimator ``fn(q, k, ctx) -> Tensor``:
 The registry is the single source of estimator names: the spec validator, the CLI options, the
 benchmark's defaults and the tests' parametrisation all ask `available_estimators()`. An entry carries
 its kind (`KINDS`) and, for a learned estimator, a training hook that calibration calls
-(`get_training_hook`), so nothing outside the estimator's own module names it. The built-ins are the
+(`get_training_hook`) and a check that the plan's weights fit the model, which loading a plan calls
+(`get_weights_check`), so nothing outside the estimator's own module names it. The built-ins are the
 `_BUILTINS` table: their functions are referenced as ``"module:attr"`` and imported on first use, so
 listing names (a spec check, ``--help``) needs no torch. Any other code adds one with
 `register_estimator(name, fn, kind=..., train=...)`.
@@ -55,6 +56,8 @@ Estimator = Callable[["torch.Tensor", "torch.Tensor", EstimatorContext], "torch.
 # `windows` are token-id lists, `heldout_windows` the early-stopping set, `limits` the
 # sparse_core.calibration.CalibrationLimits, `progress(phase, done, total)` or None.
 TrainHook = Callable[..., tuple[dict[str, Any], dict[str, Any]]]
+# check(plan, model_config) -> None, PlanError when the plan's weights for the estimator do not fit
+WeightsCheck = Callable[[Any, Any], None]
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,7 @@ class EstimatorEntry:
     kind: str
     fn: Estimator | str  # a built-in's "module:attr", resolved on first use
     train: TrainHook | str | None = None  # None: nothing to train
+    check: WeightsCheck | str | None = None  # None: no weights to check
 
 
 _BUILTINS = (
@@ -76,12 +80,14 @@ _BUILTINS = (
         "learned",
         "sparse_core.estimators.learned_gate:gate_scores",
         train="sparse_core.scorer_training:train_gate_v1_hook",
+        check="sparse_core.estimators.learned_gate:check_weights_fit",
     ),
     EstimatorEntry(
         "gate_v2",
         "learned",
         "sparse_core.estimators.learned_gate_v2:gate_v2_scores",
         train="sparse_core.scorer_training:train_gate_v2_hook",
+        check="sparse_core.estimators.learned_gate_v2:check_weights_fit",
     ),
     EstimatorEntry("oracle", "exact-ceiling", "sparse_core.estimators.oracle:oracle_scores"),
 )
@@ -94,20 +100,22 @@ def register_estimator(
     *,
     kind: str = "training-free",
     train: TrainHook | None = None,
+    check: WeightsCheck | None = None,
     overwrite: bool = False,
 ) -> Estimator:
     """Add an estimator under `name`; `train`, when given, is called by calibration before the search
-    and returns the plan tensors the estimator reads (see `TrainHook`)."""
+    and returns the plan tensors the estimator reads (see `TrainHook`); `check`, when given, is called
+    when a plan that names the estimator is loaded for a model (see `WeightsCheck`)."""
     if not name or not isinstance(name, str) or "+" in name or "," in name:
         raise ValueError(f"estimator name must be a non-empty string without '+' or ',', got {name!r}")
     if kind not in KINDS:
         raise ValueError(f"estimator {name!r}: kind must be one of {KINDS}, got {kind!r}")
-    if not callable(fn) or (train is not None and not callable(train)):
-        raise ValueError(f"estimator {name!r}: the function and the training hook must be callables")
+    if not all(callable(f) for f in (fn, train, check) if f is not None):
+        raise ValueError(f"estimator {name!r}: the function and the hooks must be callables")
     old = _REGISTRY.get(name)
     if old is not None and old.fn is not fn and not overwrite:
         raise ValueError(f"estimator {name!r} is already registered")
-    _REGISTRY[name] = EstimatorEntry(name, kind, fn, train)
+    _REGISTRY[name] = EstimatorEntry(name, kind, fn, train, check)
     return fn
 
 
@@ -131,19 +139,28 @@ def _entry(name: str) -> EstimatorEntry:
     return entry
 
 
-def get_estimator(name: str) -> Estimator:
+def _resolved(name: str, attr: str) -> Any:
+    """The entry's `attr` (fn, train or check), imported on first use when it is a "module:attr"."""
     entry = _entry(name)
-    if isinstance(entry.fn, str):
-        entry = _REGISTRY[name] = replace(entry, fn=_resolve(entry.fn))
-    return entry.fn
+    value = getattr(entry, attr)
+    if isinstance(value, str):
+        value = _resolve(value)
+        _REGISTRY[name] = replace(entry, **{attr: value})
+    return value
+
+
+def get_estimator(name: str) -> Estimator:
+    return _resolved(name, "fn")
 
 
 def get_training_hook(name: str) -> TrainHook | None:
     """The estimator's training hook, or None when it needs no training."""
-    entry = _entry(name)
-    if isinstance(entry.train, str):
-        entry = _REGISTRY[name] = replace(entry, train=_resolve(entry.train))
-    return entry.train
+    return _resolved(name, "train")
+
+
+def get_weights_check(name: str) -> WeightsCheck | None:
+    """The estimator's check of a plan's weights against a model, or None when it reads none."""
+    return _resolved(name, "check")
 
 
 def estimator_kind(name: str) -> str:
@@ -182,10 +199,12 @@ __all__ = [
     "EstimatorContext",
     "EstimatorEntry",
     "TrainHook",
+    "WeightsCheck",
     "available_estimators",
     "estimator_kind",
     "get_estimator",
     "get_training_hook",
+    "get_weights_check",
     "parse_estimator_spec",
     "register_estimator",
     "unregister_estimator",

@@ -232,6 +232,24 @@ def gate_for_plan(plan, shape: GateShape | None = None) -> BlockGate:
     return gate
 
 
+def check_fit(name: str, have: GateShape, need: GateShape) -> None:
+    """PlanError unless a plan's `name` weights have the model's layers, heads and head dim."""
+    if have != need:
+        raise PlanError(
+            f"plan's {name} weights are for a different model: layers/heads/kv heads/head dim "
+            f"{have.num_layers}/{have.num_heads}/{have.num_kv_heads}/{have.head_dim} vs model "
+            f"{need.num_layers}/{need.num_heads}/{need.num_kv_heads}/{need.head_dim}"
+        )
+
+
+def check_weights_fit(plan, config) -> None:
+    """Registry check: the plan carries `gate` weights for this model (checked when a plan loads)."""
+    if not plan.tensors:
+        raise PlanError("plan uses the 'gate' estimator but carries no gate weights")
+    have = BlockGate.shape_of(plan.tensors)
+    check_fit("gate", have, GateShape.from_config(config, have.gate_dim if have else None))
+
+
 def check_call(name: str, gate, ctx, q: torch.Tensor, k: torch.Tensor) -> None:
     """A learned gate fits this call: block size, layer index and head counts (clear errors)."""
     if ctx.block_size != gate.block_size:

@@ -28,8 +28,15 @@ import math
 import torch
 from torch import nn
 
-from sparse_core.estimators.learned_gate import GateShape, GateShapeError, check_call, visible_log_counts
+from sparse_core.estimators.learned_gate import (
+    GateShape,
+    GateShapeError,
+    check_call,
+    check_fit,
+    visible_log_counts,
+)
 from sparse_core.estimators.quest import key_block_bounds
+from sparse_core.plan import PlanError
 
 TENSOR_PREFIX = "gate_v2"
 ROPE_INV_FREQ = f"{TENSOR_PREFIX}.rope.inv_freq"
@@ -280,6 +287,14 @@ class BlockGateV2(nn.Module):
 
 
 _GATES: dict[int, tuple[dict, BlockGateV2]] = {}
+
+
+def check_weights_fit(plan, config) -> None:
+    """Registry check: the plan carries `gate_v2` weights for this model (checked when a plan loads)."""
+    have = BlockGateV2.shape_of(plan.tensors or {})
+    if have is None:
+        raise PlanError("plan uses the 'gate_v2' estimator but carries no gate_v2 weights")
+    check_fit("gate_v2", have, GateShape.from_config(config, have.gate_dim))
 
 
 def gate_for_plan(plan) -> BlockGateV2:

@@ -148,12 +148,17 @@ def test_the_bench_runs_a_registered_estimator(dummy, quality_tiny_dir, tmp_path
     assert 0 < rows[dummy]["measured_density"] <= 1 and rows[dummy]["n_positions"] > 0
 
 
-def test_calibration_trains_a_learned_estimator_through_its_hook(tiny_llama_dir):
-    from sparse_core import load_model
+def test_calibration_trains_a_learned_estimator_and_loading_checks_its_weights(tiny_llama_dir, tmp_path):
+    from sparse_core import load_model, plan_io
     from sparse_core.calibration import CalibrationLimits, calibrate
     from sparse_core.corpus import corpus_texts
 
-    calls = []
+    calls, checked = [], []
+
+    def check(plan, config):
+        checked.append(config.num_hidden_layers)
+        if "dummy_learned.temperature" not in plan.tensors:
+            raise PlanError("plan uses 'dummy_learned' but carries no dummy_learned weights")
 
     def train(model, windows, *, heldout_windows, limits, seed, progress):
         calls.append((len(windows), len(heldout_windows), limits.block_size, seed))
@@ -163,13 +168,20 @@ def test_calibration_trains_a_learned_estimator_through_its_hook(tiny_llama_dir)
         assert "dummy_learned.temperature" in ctx.plan.tensors  # the weights its hook returned
         return uniform_scores(q, k, ctx)
 
-    register_estimator("dummy_learned", learned_scores, kind="learned", train=train)
+    register_estimator("dummy_learned", learned_scores, kind="learned", train=train, check=check)
     try:
         model, tok = load_model(str(tiny_llama_dir))
         lim = CalibrationLimits.quick(max_texts=4, max_seq_len=256)
         plan, report = calibrate(
             model, tok, corpus_texts("all"), "kl=0.05", estimator="dummy_learned", limits=lim
         )
+        plan_io.save(plan, tmp_path / "plan", config=model.config)
+        loaded = plan_io.load(tmp_path / "plan", config=model.config)
+        assert checked == [2] and torch.equal(
+            loaded.tensors["dummy_learned.temperature"], torch.tensor([2.0])
+        )
+        with pytest.raises(PlanError, match="carries no dummy_learned weights"):
+            plan_io.check_tensors_fit(plan.with_(tensors={}), model.config)
     finally:
         unregister_estimator("dummy_learned")
     assert len(calls) == 1 and calls[0][0] >= 1 and calls[0][1:] == (1, 64, 0)
