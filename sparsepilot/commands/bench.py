@@ -262,8 +262,6 @@ def bench_attention(
 ) -> None:
     """One SmolLM2-shaped attention layer: dense SDPA vs sparse kernels at ~5/10/25/50% density."""
 
-    from rich.progress import Progress
-
     from sparse_core.bench import attention as bench
     from sparsepilot.console import emit_json, fail, print_table
 
@@ -275,16 +273,15 @@ def bench_attention(
         fail(f"--dtypes: {dtypes!r}; choose from {', '.join(bench.DTYPES)}")
     if block_size < 16 or block_size & (block_size - 1):
         fail(f"--block-size must be a power of two >= 16, got {block_size}")
-    with Progress(transient=True) as bar:
-        task = bar.add_task("attention benchmark", total=None)
-        result = bench.run(
-            quick=quick,
-            kernels=ks,
-            dtypes=ds,
-            block_size=block_size,
-            repeats=repeats,
-            progress=lambda msg: bar.update(task, description=msg),
-        )
+    result = _with_spinner(
+        "attention benchmark",
+        bench.run,
+        quick=quick,
+        kernels=ks,
+        dtypes=ds,
+        block_size=block_size,
+        repeats=repeats,
+    )
     path, png = _write_with_plot(result, out, bench.plot)
     env = result["environment"]
     print_table(
@@ -310,8 +307,6 @@ def bench_prefill(
     """End-to-end prefill of a real model on natural English: dense SDPA vs sparse (pooled) at a
     few tau, speed-up in the same table as next-token KL, top-1 agreement and delta NLL."""
 
-    from rich.progress import Progress
-
     from sparse_core.bench import prefill as bench
     from sparsepilot.console import emit_json, fail, print_table
 
@@ -326,18 +321,12 @@ def bench_prefill(
         fail(f"--kernels: {kernels!r}; choose from gather, flex")
     from sparse_core import ModelRefError
 
-    with Progress(transient=True) as bar:
-        task = bar.add_task("prefill benchmark", total=None)
-        try:
-            result = bench.run(
-                model_ref=model,
-                quick=quick,
-                taus=tau_list,
-                kernels=ks,
-                progress=lambda msg: bar.update(task, description=msg),
-            )
-        except ModelRefError as exc:
-            fail(str(exc))
+    try:
+        result = _with_spinner(
+            "prefill benchmark", bench.run, model_ref=model, quick=quick, taus=tau_list, kernels=ks
+        )
+    except ModelRefError as exc:
+        fail(str(exc))
     path, png = _write_with_plot(result, out, bench.plot)
     env = result["environment"]
     print_table(
@@ -402,7 +391,6 @@ def bench_decode(
     generated tokens."""
 
     import torch
-    from rich.progress import Progress
 
     from sparse_core import ModelRefError, PlanError
     from sparse_core.bench import decode as bench
@@ -435,21 +423,20 @@ def bench_decode(
         if plan.decode is None:
             fail(f"--plan {plan_dir}: the plan has no decode section")
     torch.set_num_threads(threads)
-    with Progress(transient=True) as bar:
-        task = bar.add_task("decode benchmark", total=None)
-        try:
-            result = bench.run(
-                quick=quick,
-                model_ref=model,
-                page_size=page_size,
-                budgets=budget_list,
-                estimator=estimator,
-                plan=plan,
-                new_tokens=new_tokens,
-                progress=lambda msg: bar.update(task, description=msg),
-            )
-        except (ModelRefError, PlanError) as exc:
-            fail(str(exc))
+    try:
+        result = _with_spinner(
+            "decode benchmark",
+            bench.run,
+            quick=quick,
+            model_ref=model,
+            page_size=page_size,
+            budgets=budget_list,
+            estimator=estimator,
+            plan=plan,
+            new_tokens=new_tokens,
+        )
+    except (ModelRefError, PlanError) as exc:
+        fail(str(exc))
     path, png = _write_with_plot(result, out, bench.plot)
     env = result["environment"]
     load = (
@@ -470,6 +457,15 @@ def bench_decode(
     )
     if json_out:
         emit_json(result)
+
+
+def _with_spinner(label: str, run: Callable[..., dict], **kwargs: Any) -> dict:
+    """``run(**kwargs, progress=...)`` under a transient spinner that shows its latest progress message."""
+    from rich.progress import Progress
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task(label, total=None)
+        return run(**kwargs, progress=lambda msg: bar.update(task, description=msg))
 
 
 def _wide_console() -> None:
