@@ -22,6 +22,9 @@ from sparsepilot.console import console, emit_json, err_console, fail, print_tab
 app = typer.Typer()
 
 UseCaseName = Annotated[str | None, typer.Argument(help="use case NAME (omit for the --model form)")]
+ModelRef = Annotated[str | None, typer.Option("--model", help="smollm2-135m, a local HF dir or a .gguf file")]
+TaskName = Annotated[str | None, typer.Option("--task", help="exact_match|contains|rouge_l|loglik")]
+ReportJson = Annotated[bool, typer.Option("--json", help="print the report as JSON")]
 
 
 def _use_case_form(use_case: str | None, standalone: dict[str, Any]) -> bool:
@@ -160,9 +163,7 @@ def _write_plan_dir(plan, out: Path, config, report: dict) -> str:
 @app.command("calibrate")
 def calibrate_cmd(
     use_case: UseCaseName = None,
-    model: Annotated[
-        str | None, typer.Option("--model", help="smollm2-135m, a local HF dir or a .gguf file")
-    ] = None,
+    model: ModelRef = None,
     texts: Annotated[
         str | None,
         typer.Option(
@@ -191,8 +192,8 @@ def calibrate_cmd(
     dataset: Annotated[
         Path | None, typer.Option("--dataset", help="JSONL prompt/reference rows for the task bound")
     ] = None,
-    task: Annotated[str | None, typer.Option("--task", help="exact_match|contains|rouge_l|loglik")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+    task: TaskName = None,
+    json_out: ReportJson = False,
 ) -> None:
     """Use-case form (NAME): validate the dataset, calibrate to the spec's budget, register @challenger.
 
@@ -328,12 +329,10 @@ def _heldout_task_delta(model, tok, plan, rows: list, task: str | None, limits) 
 @app.command("evaluate")
 def evaluate_cmd(
     use_case: UseCaseName = None,
-    model: Annotated[
-        str | None, typer.Option("--model", help="smollm2-135m, a local HF dir or a .gguf file")
-    ] = None,
+    model: ModelRef = None,
     plan: Annotated[Path | None, typer.Option("--plan", help="plan directory (or plan.json)")] = None,
     dataset: Annotated[Path | None, typer.Option("--dataset", help="JSONL with prompt/reference")] = None,
-    task: Annotated[str | None, typer.Option("--task", help="exact_match|contains|rouge_l|loglik")] = None,
+    task: TaskName = None,
     probe_lengths: Annotated[str | None, typer.Option("--probe-lengths", help="e.g. 2048,4096,8192")] = None,
     probe_kinds: Annotated[
         str | None, typer.Option("--probe-kinds", help="passkey,multikey,kv,vartrack (default: all)")
@@ -347,7 +346,7 @@ def evaluate_cmd(
     report_out: Annotated[Path | None, typer.Option("--out", help="write the report JSON here")] = None,
     quick: Annotated[bool, typer.Option("--quick")] = False,
     thorough: Annotated[bool, typer.Option("--thorough")] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+    json_out: ReportJson = False,
 ) -> None:
     """Use-case form (NAME): quality and speed vs dense on the use case's data, ROI with its interval.
 
