@@ -9,12 +9,6 @@ from typing import Annotated, Any
 
 import typer
 
-app = typer.Typer(no_args_is_help=True, help="Benchmarks: print a table and write JSON.")
-
-# bench quality: the estimators it knows, and the specs it compares by default (a+b: per-layer choice)
-KNOWN_ESTIMATORS = ("pooled", "antidiagonal", "quest", "gate", "gate_v2", "oracle")
-ESTIMATOR_SPECS = ("pooled", "antidiagonal", "quest", "gate", "gate_v2", "gate_v2+pooled", "oracle")
-
 # Options several benchmarks share (each command gives its own default)
 ModelRef = Annotated[str, typer.Option("--model", help="Model ref.")]
 Kernels = Annotated[str, typer.Option("--kernels", help="Comma-separated: gather, flex.")]
@@ -28,6 +22,13 @@ def _quick(help: str) -> Any:
 
 def _json_flag(help: str) -> Any:
     return typer.Option("--json", help=help)
+
+
+app = typer.Typer(no_args_is_help=True, help="Benchmarks: print a table and write JSON.")
+
+# bench quality: the estimators it knows, and the specs it compares by default (a+b: per-layer choice)
+KNOWN_ESTIMATORS = ("pooled", "antidiagonal", "quest", "gate", "gate_v2", "oracle")
+ESTIMATOR_SPECS = ("pooled", "antidiagonal", "quest", "gate", "gate_v2", "gate_v2+pooled", "oracle")
 
 
 @app.command("dashboard")
