@@ -22,6 +22,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from sparse_core.errors import SparsePilotError
+
 SPEC_FORMAT = 1
 TASKS = ("exact_match", "contains", "rouge_l", "loglik")
 ESTIMATORS = ("pooled", "antidiagonal", "gate")
@@ -35,7 +37,7 @@ MAX_YAML_NODES = 20_000  # after alias expansion
 MAX_AMOUNT = 1e12  # any count, rate, price or duration in a spec stays below this
 
 
-class SpecError(ValueError):
+class SpecError(SparsePilotError, ValueError):
     """A spec that cannot be used. ``problems`` holds (field path, message) pairs, all of them."""
 
     def __init__(self, source: str, problems: list[tuple[str, str]]) -> None:
