@@ -22,6 +22,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from sparse_core.errors import SparsePilotError
+
 TASKS = ("exact_match", "contains", "rouge_l", "loglik")
 _SLUG = re.compile(r"^[a-z][a-z0-9-]{1,62}[a-z0-9]$")
 _QUANTILE_KEY = re.compile(r"^p(\d{1,2}(?:\.\d+)?)$")
@@ -33,7 +35,7 @@ MAX_YAML_NODES = 20_000  # after alias expansion
 MAX_AMOUNT = 1e12  # any count, rate, price or duration in a spec stays below this
 
 
-class SpecError(ValueError):
+class SpecError(SparsePilotError, ValueError):
     """A spec that cannot be used. ``problems`` holds (field path, message) pairs, all of them."""
 
     def __init__(self, source: str, problems: list[tuple[str, str]]) -> None:
