@@ -9,6 +9,9 @@ from typing import Annotated, Any
 
 import typer
 
+from sparse_core.decode.plan import DECODE_ESTIMATORS
+from sparse_core.estimators import available_estimators
+
 # Options several benchmarks share (each command gives its own default)
 ModelRef = Annotated[str, typer.Option("--model", help="Model ref.")]
 Kernels = Annotated[str, typer.Option("--kernels", help="Comma-separated: gather, flex.")]
@@ -25,10 +28,6 @@ def _json_flag(help: str) -> Any:
 
 
 app = typer.Typer(no_args_is_help=True, help="Benchmarks: print a table and write JSON.")
-
-# bench quality: the estimators it knows, and the specs it compares by default (a+b: per-layer choice)
-KNOWN_ESTIMATORS = ("pooled", "antidiagonal", "quest", "gate", "gate_v2", "oracle")
-ESTIMATOR_SPECS = ("pooled", "antidiagonal", "quest", "gate", "gate_v2", "gate_v2+pooled", "oracle")
 
 
 @app.command("dashboard")
@@ -118,9 +117,11 @@ def bench_quality(
         "kl=0.01,agree=0.98", "--budget", help="The one budget every estimator meets."
     ),
     estimators: str = typer.Option(
-        ",".join(ESTIMATOR_SPECS),
+        "",
         "--estimators",
-        help="Comma-separated; a+b = per-layer choice between a and b.",
+        help=f"Comma-separated, of {', '.join(available_estimators())}; a+b = per-layer choice between a "
+        "and b. Default: every registered estimator by kind, and the newest learned one + the first "
+        "training-free one.",
     ),
     lengths: str = typer.Option(
         "", "--lengths", help="Context lengths, e.g. 2048,4096 (default by mode); 'none' = use cases only."
@@ -143,16 +144,17 @@ def bench_quality(
 
     from rich.progress import Progress
 
-    from sparse_core.bench.quality import QualityBenchSettings, plot, run_quality_bench
+    from sparse_core import PlanError
+    from sparse_core.bench.quality import QualityBenchSettings, default_specs, plot, run_quality_bench
+    from sparse_core.estimators import parse_estimator_spec
     from sparsepilot.console import fail, print_table
 
-    names = tuple(e.strip() for e in estimators.split(",") if e.strip())
-    bad = [e for e in names if any(p not in KNOWN_ESTIMATORS for p in e.split("+"))]
-    if bad or not names:
-        fail(
-            f"--estimators: unknown {bad or estimators!r}; "
-            f"choose from {', '.join(KNOWN_ESTIMATORS)} (a+b mixes)"
-        )
+    names = tuple(e.strip() for e in estimators.split(",") if e.strip()) or default_specs()
+    try:
+        for spec in names:
+            parse_estimator_spec(spec)
+    except PlanError as exc:
+        fail(f"--estimators: {exc}")
     if gate_target not in ("", "maxpool", "mass"):
         fail(f"--gate-target: {gate_target!r}; choose maxpool or mass")
     kw: dict = dict(model=model, budget=budget, estimators=names, speed=not no_speed)
@@ -378,7 +380,9 @@ def bench_decode(
         "", "--plan", help="A plan directory with a decode section (default: quest budgets)."
     ),
     estimator: str = typer.Option(
-        "quest", "--estimator", help="quest or gate (gate needs --plan with weights)."
+        "quest",
+        "--estimator",
+        help=f"{' or '.join(DECODE_ESTIMATORS)} (one that reads learned weights needs --plan).",
     ),
     page_size: int = typer.Option(16, "--page-size", help="Tokens per KV-cache page."),
     budgets: str = typer.Option("1024,2048", "--budgets", help="Comma-separated token budgets per KV head."),
@@ -403,10 +407,10 @@ def bench_decode(
         fail(f"--budgets: {budgets!r} is not a comma-separated list of integers")
     if not budget_list or any(b < 1 for b in budget_list):
         fail(f"--budgets: every budget must be an integer >= 1, got {budgets!r}")
-    if estimator not in ("quest", "gate"):
-        fail(f"--estimator: {estimator!r}; choose quest or gate")
-    if estimator == "gate" and not plan_dir:
-        fail("--estimator gate needs --plan: a calibrated plan directory that carries gate weights")
+    if estimator not in DECODE_ESTIMATORS:
+        fail(f"--estimator: {estimator!r}; choose {' or '.join(DECODE_ESTIMATORS)}")
+    if DECODE_ESTIMATORS[estimator] is not None and not plan_dir:
+        fail(f"--estimator {estimator} needs --plan: a calibrated plan directory that carries its weights")
     if page_size < 1:
         fail(f"--page-size must be >= 1, got {page_size}")
     if new_tokens < 2:

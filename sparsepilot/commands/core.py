@@ -17,6 +17,7 @@ from typing import Annotated, Any
 
 import typer
 
+from sparse_core.estimators import available_estimators
 from sparsepilot.console import console, emit_json, err_console, fail, print_table
 
 app = typer.Typer()
@@ -176,9 +177,7 @@ def calibrate_cmd(
     ] = "kl=0.01,agree=0.99",
     estimator: Annotated[
         str,
-        typer.Option(
-            "--estimator", help="pooled | antidiagonal | quest | gate | gate_v2; a+b: per-layer choice"
-        ),
+        typer.Option("--estimator", help=f"{' | '.join(available_estimators())}; a+b: per-layer choice"),
     ] = "gate",
     seed: Annotated[int, typer.Option("--seed")] = 0,
     max_texts: Annotated[int | None, typer.Option("--max-texts", help="token windows in total")] = None,
@@ -213,11 +212,10 @@ def calibrate_cmd(
         b = Budget.parse(budget)
     except BudgetError as exc:
         fail(f"--budget: {exc}")
-    from sparse_core.estimators import get_estimator
+    from sparse_core.estimators import parse_estimator_spec
 
     try:
-        for part in estimator.split("+"):
-            get_estimator(part.strip())
+        parse_estimator_spec(estimator)
     except PlanError as exc:
         fail(f"--estimator: {exc}")
     kw = _given(
