@@ -74,7 +74,7 @@ with warnings.catch_warnings():
         def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201 - MLflow reads hints as schema
             import torch
 
-            from sparse_core.decode.cache import paged_cache_kwargs
+            from sparse_core import paged_cache_kwargs
 
             params = params or {}
             mode = params.get("mode", "generate")
