@@ -16,12 +16,6 @@ def money(x: Any) -> str:
     return f"-${-x:,.0f}" if x < 0 else f"${x:,.0f}"
 
 
-def money_interval(x: Any, lo: Any, hi: Any) -> str:
-    if not _ok(x):
-        return "-"
-    return f"{money(x)} [{money(lo)}, {money(hi)}]" if _ok(lo) and _ok(hi) else money(x)
-
-
 def num_interval(x: Any, lo: Any, hi: Any, fmt: str = "{:+.4f}") -> str:
     if not _ok(x):
         return "-"

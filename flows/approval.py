@@ -28,6 +28,7 @@ from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 
 from flows.common import flow_run_id
+from sparse_core.errors import SparsePilotError
 
 DEFAULT_TIMEOUT_S = 7 * 24 * 3600
 _WAITERS: dict[int, tuple[threading.Thread, dict[str, Any]]] = {}
@@ -46,7 +47,7 @@ class ApprovalInput(RunInput):
     decision_id: int
 
 
-class ApprovalWaitError(RuntimeError):
+class ApprovalWaitError(SparsePilotError, RuntimeError):
     pass
 
 

@@ -23,11 +23,12 @@ from flows.common import (
     stable_key,
 )
 from rollout import pilots
+from sparse_core.errors import SparsePilotError
 
 BASELINE_REASON = "dense baseline: the model as it served before any sparse plan"
 
 
-class CalibrationFailed(RuntimeError):
+class CalibrationFailed(SparsePilotError, RuntimeError):
     pass
 
 

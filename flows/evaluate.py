@@ -22,9 +22,10 @@ from flows.common import (
     version_plan,
 )
 from rollout import pilots
+from sparse_core.errors import SparsePilotError
 
 
-class EvaluationFailed(RuntimeError):
+class EvaluationFailed(SparsePilotError, RuntimeError):
     pass
 
 

@@ -15,9 +15,10 @@ from sqlalchemy import select
 from flows.common import FLOW_ACTOR, log_run
 from rollout import pilots
 from rollout.traffic import exhaustion_note
+from sparse_core.errors import SparsePilotError
 
 
-class GateError(RuntimeError):
+class GateError(SparsePilotError, RuntimeError):
     pass
 
 

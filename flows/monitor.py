@@ -13,9 +13,10 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.common import load_context, log_run, stable_key
 from rollout import pilots
+from sparse_core.errors import SparsePilotError
 
 
-class MonitorError(RuntimeError):
+class MonitorError(SparsePilotError, RuntimeError):
     pass
 
 

@@ -26,9 +26,10 @@ from flows.common import (
     stable_key,
 )
 from rollout import pilots
+from sparse_core.errors import SparsePilotError
 
 
-class PilotError(RuntimeError):
+class PilotError(SparsePilotError, RuntimeError):
     pass
 
 

@@ -28,15 +28,16 @@ from rollout import audit
 from rollout.auth import Identity, require_approver
 from rollout.db.models import AliasMove, Approval, GateDecision, Pilot, UseCase
 from rollout.db.session import session_scope
+from sparse_core.errors import SparsePilotError
 
 _SKIP_NOTE = " of an intermediate step: promoting now skips the remaining ramp steps"
 
 
-class ApprovalError(ValueError):
+class ApprovalError(SparsePilotError, ValueError):
     """The request cannot be accepted (missing reason, wrong decision state, same approver twice)."""
 
 
-class FlowNotWaiting(RuntimeError):
+class FlowNotWaiting(SparsePilotError, RuntimeError):
     """The decision names a Prefect flow run that is no longer paused: it cannot be resumed."""
 
 

@@ -28,6 +28,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal, cast
 
+from sparse_core.errors import SparsePilotError
+
 Role = Literal["viewer", "operator", "approver"]
 # Ordered: each role may do what the roles before it may. viewer reads; operator adds specs, runs and
 # aborts pilots and imports observations; approver also promotes, rejects and rolls back.
@@ -46,7 +48,7 @@ _HASH_PREFIX = "scrypt"
 MIN_PASSWORD_CHARS = 10
 
 
-class PermissionDenied(PermissionError):
+class PermissionDenied(SparsePilotError, PermissionError):
     pass
 
 

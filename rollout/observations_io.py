@@ -13,6 +13,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from sparse_core.errors import SparsePilotError
+
 REQUIRED = ("request_id", "arm", "quality", "latency_ms", "error")
 OPTIONAL = ("tokens",)
 _TRUE = {"true", "1", "yes", "t", "y"}
@@ -23,7 +25,7 @@ MAX_ID_CHARS = 200  # the observations table's request_id column
 MAX_LINE_CHARS = 64 * 1024
 
 
-class ObservationImportError(ValueError):
+class ObservationImportError(SparsePilotError, ValueError):
     """A file that cannot be imported; nothing from it was stored."""
 
 

@@ -27,13 +27,14 @@ from rollout.db.models import (
     utcnow,
 )
 from rollout.usecases import UnknownUseCase
+from sparse_core.errors import SparsePilotError
 
 ARMS = ("control", "treatment")
 OBSERVATION_FIELDS = ("request_id", "arm", "quality", "latency_ms", "tokens", "error", "overloaded")
 ACTIVE_PILOT = ("running", "awaiting_approval")
 
 
-class PilotStateError(RuntimeError):
+class PilotStateError(SparsePilotError, RuntimeError):
     """The requested transition does not fit the stored state (names the use case and state)."""
 
 

@@ -37,6 +37,7 @@ from rollout import audit, tracking
 from rollout.auth import Identity, PermissionDenied, require_approver
 from rollout.db.models import AliasMove, ModelVersion, SpecVersion, UseCase
 from rollout.db.session import session_scope
+from sparse_core.errors import SparsePilotError
 
 ALIASES = ("champion", "challenger")
 MODEL_PREFIX = "sparsepilot-"
@@ -52,7 +53,7 @@ TAG_BASE_MODEL = "sparsepilot.base_model_ref"
 TAG_MODEL_VERSION_ID = "sparsepilot.model_version_id"
 
 
-class RegistryError(RuntimeError):
+class RegistryError(SparsePilotError, RuntimeError):
     """A registry operation could not be completed; the message says which and why."""
 
 

@@ -22,9 +22,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-SPEC_FORMAT = 1
+from sparse_core.errors import SparsePilotError
+
 TASKS = ("exact_match", "contains", "rouge_l", "loglik")
-ESTIMATORS = ("pooled", "antidiagonal", "gate")
 _SLUG = re.compile(r"^[a-z][a-z0-9-]{1,62}[a-z0-9]$")
 _QUANTILE_KEY = re.compile(r"^p(\d{1,2}(?:\.\d+)?)$")
 # Input bounds: a spec is a short hand-written file. These stop anchor/alias bombs, deeply nested
@@ -35,7 +35,7 @@ MAX_YAML_NODES = 20_000  # after alias expansion
 MAX_AMOUNT = 1e12  # any count, rate, price or duration in a spec stays below this
 
 
-class SpecError(ValueError):
+class SpecError(SparsePilotError, ValueError):
     """A spec that cannot be used. ``problems`` holds (field path, message) pairs, all of them."""
 
     def __init__(self, source: str, problems: list[tuple[str, str]]) -> None:
@@ -116,11 +116,20 @@ class DecodeCalibration(_Strict):
     """Sparse decode (a plan `decode` section), calibrated on continuations the dense model generates
     after `prompt_tokens`-token prompts from the dataset; absent: decode stays dense."""
 
-    estimator: Literal["quest", "gate"] = "quest"
+    estimator: Annotated[str, Field(min_length=1, max_length=64)] = "quest"
     prompt_tokens: Annotated[int, Field(ge=256, le=131072)] = 2048
     new_tokens: Annotated[int, Field(ge=8, le=512)] = 64
     n_prompts: Annotated[int, Field(ge=1, le=16)] = 2
     page_size: Annotated[int, Field(ge=8, le=256)] = 16
+
+    @field_validator("estimator")
+    @classmethod
+    def _decode_estimator(cls, v: str) -> str:
+        from sparse_core.decode.plan import DECODE_ESTIMATORS  # torch-free
+
+        if v not in DECODE_ESTIMATORS:
+            raise ValueError(f"unknown decode estimator {v!r}; choose from {list(DECODE_ESTIMATORS)}")
+        return v
 
 
 class QualityBudget(_Strict):
@@ -129,9 +138,20 @@ class QualityBudget(_Strict):
     nll_delta: PositiveFloat = 0.01
     # largest drop of the task's mean score (dense - sparse) on the calibration split; None = no bound
     task_delta: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
-    estimator: Literal["pooled", "antidiagonal", "quest", "gate", "gate_v2", "gate_v2+pooled"] = "pooled"
+    # a registered estimator that can be deployed, or candidates a+b (a per-layer choice)
+    estimator: Annotated[str, Field(min_length=1, max_length=200)] = "pooled"
     calibration: CalibrationSettings = CalibrationSettings()
     decode: DecodeCalibration | None = None
+
+    @field_validator("estimator")
+    @classmethod
+    def _registered_estimator(cls, v: str) -> str:
+        from sparse_core.estimators import DEPLOYABLE_KINDS, parse_estimator_spec  # torch-free
+
+        names = "+".join(parse_estimator_spec(v, DEPLOYABLE_KINDS))
+        if names != v:
+            raise ValueError(f"write the estimator as {names!r}")
+        return v
 
 
 class LatencySLO(_Strict):

@@ -28,9 +28,10 @@ from rollout.db.session import session_scope
 from rollout.settings import get_settings
 from rollout.spec import SpecError, UseCaseSpec, load_spec
 from rollout.validation import ValidationResult, token_counter_for, validate_dataset
+from sparse_core.errors import SparsePilotError
 
 
-class UseCaseError(ValueError):
+class UseCaseError(SparsePilotError, ValueError):
     """A use case that cannot be added or found; the message names the file and field."""
 
 

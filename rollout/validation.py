@@ -18,6 +18,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sparse_core.errors import SparsePilotError
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -34,7 +36,7 @@ ARMS = ("control", "treatment")
 MAX_LATENCY_MS = 86_400_000.0  # one day: anything above is a unit error, not a latency
 
 
-class DataValidationError(ValueError):
+class DataValidationError(SparsePilotError, ValueError):
     """Raised by `ValidationResult.raise_for_failures`; the message lists every failure."""
 
     def __init__(self, result: ValidationResult) -> None:

@@ -4,7 +4,8 @@ Search, built to stay cheap on 30 layers:
 
 1. Split the texts (deterministically, by seed) into calibration and held-out parts and pack each into
    token windows of `max_seq_len`.
-2. (gate only) Distil the learned gate on the calibration windows.
+2. (learned estimators only) Train each on the calibration windows through its registry hook
+   (`sparse_core.estimators.get_training_hook`; the learned gates: `sparse_core.scorer_training`).
 3. Sensitivity, measured once: one dense forward per calibration window with a capture on every
    layer; the layer's dense block-mass map and, for each tau candidate, its selection are computed
    from the captured q/k (no extra forwards), giving per layer x selection head x tau the kept
@@ -41,7 +42,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -51,9 +52,8 @@ from sparse_core.capture import capture_attention
 from sparse_core.corpus import pack_token_windows, text_fingerprint
 from sparse_core.fidelity import DenseReference, Fidelity, dense_reference, measure_fidelity
 from sparse_core.plan import SparsePlan, model_shape
+from sparse_core.progress import Progress, counter
 from sparse_core.task_bound import drop_upper_bound, rows_to_certify
-
-Progress = Callable[[str, int, int], None]
 
 
 class BudgetError(ValueError):
@@ -155,7 +155,7 @@ class CalibrationLimits:
     sink_blocks: int = 1
     local_blocks: int = 1
     group_heads: bool = True
-    # gate training (estimator="gate")
+    # training of the learned estimators (their registry hooks read these)
     gate_steps: int = 300
     gate_lr: float = 3e-3
     gate_max_seconds: float | None = None
@@ -432,19 +432,6 @@ def _eps_candidates(sens: Sensitivity | dict[str, Sensitivity], max_checks: int)
     return vals
 
 
-def _counter(progress: Progress | None, stage: str, total: int):
-    """Adapt a (stage, done, total) callback to one called with increments."""
-    if progress is None:
-        return None
-    state = {"done": 0}
-
-    def step(k: int = 1) -> None:
-        state["done"] += k
-        progress(stage, state["done"], total)
-
-    return step
-
-
 def _measured_density(model) -> float | None:
     try:
         from sparse_core.retrofit import sparse_stats
@@ -510,7 +497,7 @@ def calibrate_many(
     """`calibrate` for several estimator specs on the same split, windows, dense reference, gate
     training and sensitivity forwards (what a fair comparison needs, at a fraction of the cost of
     separate runs): {spec: (plan, report)}."""
-    from sparse_core.estimators import get_estimator
+    from sparse_core.estimators import available_estimators, get_training_hook, parse_estimator_spec
     from sparse_core.retrofit import is_sparsified, sparsify, unsparsify
 
     lim = limits or CalibrationLimits()
@@ -518,25 +505,15 @@ def calibrate_many(
         budget = Budget.parse(budget)
     elif isinstance(budget, dict):
         budget = Budget.from_mapping(budget)
-    specs = {spec: [e.strip() for e in str(spec).split("+") if e.strip()] for spec in estimators}
-    if not specs or any(not c for c in specs.values()):
-        raise BudgetError(f"every estimator spec must name at least one estimator, got {list(estimators)!r}")
+    if not estimators:
+        raise BudgetError("calibrate_many needs at least one estimator spec")
+    specs = {spec: parse_estimator_spec(spec) for spec in estimators}  # unknown -> PlanError before work
     candidates = list(dict.fromkeys(e for c in specs.values() for e in c))
-    for name in candidates:
-        get_estimator(name)  # unknown name -> PlanError before any work
     task_rows = list(task_rows or [])[: lim.max_task_rows]
     if budget.task_delta is not None and not task_rows:
         raise BudgetError("budget.task_delta needs task rows (the dataset's calibration split) to measure on")
-    if lim.decode is not None and lim.decode.estimator == "gate":
-        if "gate" not in candidates:
-            raise ValueError(
-                "decode estimator 'gate' reuses the learned gate: calibrate with estimator='gate'"
-            )
-        if lim.decode.page_size != lim.block_size:
-            raise ValueError(
-                f"decode estimator 'gate' needs page_size == block_size ({lim.block_size}): the gate's key "
-                f"features are pooled over blocks; got page_size {lim.decode.page_size}"
-            )
+    if lim.decode is not None:
+        lim.decode.check_prefill(candidates, lim.block_size)
     if is_sparsified(model):
         unsparsify(model)
     t_start = time.perf_counter()
@@ -565,43 +542,32 @@ def calibrate_many(
         local_blocks=lim.local_blocks,
         group_heads=lim.group_heads,
     )
-    gate_reports: dict[str, dict] = {}
-    for kind in (k for k in ("gate", "gate_v2") if k in candidates):
-        from sparse_core.gate_training import GateTrainConfig, train_gate
-
+    trained: dict[str, tuple[dict, dict]] = {}  # estimator -> (its plan tensors, report), registry order
+    for name in (n for n in available_estimators() if n in candidates):
+        train = get_training_hook(name)
+        if train is None:
+            continue
         t0 = time.perf_counter()
-        # The last calibration window is the gate's own early-stopping set, so the held-out windows
-        # that judge the budget never steer training.
+        # The last calibration window is the estimator's own early-stopping set, so the held-out
+        # windows that judge the budget never steer training.
         train_w, stop_w = (cal_w[:-1], cal_w[-1:]) if len(cal_w) > 1 else (cal_w, [])
-        ckdir = lim.gate_checkpoint_dir
-        if ckdir and kind != "gate":
-            ckdir = f"{ckdir}/{kind}"
-        gate, rep = train_gate(
+        trained[name] = train(
             model,
             train_w,
-            GateTrainConfig(
-                block_size=lim.block_size,
-                steps=lim.gate_steps,
-                lr=lim.gate_lr,
-                seed=seed,
-                checkpoint_dir=ckdir,
-                max_seconds=lim.gate_max_seconds,
-                kind=kind,
-                target=lim.gate_target if kind == "gate_v2" else None,
-            ),
             heldout_windows=stop_w,
-            progress=(lambda ph, d, t, k=kind: progress(f"{k} {ph}", d, t)) if progress else None,
+            limits=lim,
+            seed=seed,
+            progress=(lambda ph, d, t, k=name: progress(f"{k} {ph}", d, t)) if progress else None,
         )
-        base.tensors.update(gate.to_tensors())
-        gate_reports[kind] = rep.to_dict()
-        secs[kind] = time.perf_counter() - t0
+        base.tensors.update(trained[name][0])
+        secs[name] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     ref = dense_reference(
         model,
         held_w,
         fraction=lim.fidelity_fraction,
-        progress=_counter(progress, "dense reference", len(held_w)),
+        progress=counter(progress, "dense reference", len(held_w)),
     )
     secs["dense_reference"] = time.perf_counter() - t0
     dense_task: list[float] = []
@@ -630,13 +596,13 @@ def calibrate_many(
     for spec, cands_of in specs.items():
         t_spec = time.perf_counter()
         # a plan carries the weights of the learned estimators it names, nothing else
-        own = {k: v for k, v in base.tensors.items() if k.split(".")[0] in cands_of}
+        learned = [k for k in trained if k in cands_of]
+        own = {k: v for name in learned for k, v in trained[name][0].items()}
         spec_base = base.with_(estimator=cands_of[0], tensors=own)
         plan, report = _search_plan(spec_base, {e: sens_all[e] for e in cands_of}, **shared)
-        kinds = [k for k in ("gate", "gate_v2") if k in cands_of]
-        # one learned estimator: its training report as before; several: one report per kind
+        # one learned estimator: its training report as before; several: one report per estimator
         report.gate_training = (
-            gate_reports[kinds[0]] if len(kinds) == 1 else ({k: gate_reports[k] for k in kinds} or None)
+            trained[learned[0]][1] if len(learned) == 1 else ({k: trained[k][1] for k in learned} or None)
         )
         report.estimator = spec
         report.n_calibration_windows, report.n_heldout_windows = len(cal_w), len(held_w)

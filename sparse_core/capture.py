@@ -15,6 +15,7 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -113,29 +114,35 @@ def block_attention_mass(
     the keys of block j -- exactly the quantity a tau-mass selection tries to cover. Computed in query
     chunks so memory stays at O(chunk * S) per head. ``key_valid`` [B, S] (False = padding) leaves
     padded keys out of every softmax."""
-    return _block_attention_map(query, key, block_size, scaling, chunk_blocks, key_valid, "mass")
+    return _block_attention_map(
+        query, key, block_size, scaling, "mass", chunk_blocks=chunk_blocks, key_valid=key_valid
+    )
 
 
 @torch.no_grad()
 def block_attention_maxpool(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    block_size: int,
-    scaling: float | None = None,
-    *,
-    chunk_blocks: int = 8,
-    key_valid: torch.Tensor | None = None,
+    query: torch.Tensor, key: torch.Tensor, block_size: int, scaling: float | None = None, **options: Any
 ) -> torch.Tensor:
     """SeerAttention's distillation target: the dense causal attention map max-pooled over each
     (query block, key block) tile -- the largest attention probability any query of block i gives
     any key of block j -- then normalised so each row sums to 1. [B, Hq, nb, nb]. Unlike the block
     mass it does not grow with the number of keys a block holds: a block with one key that a query
-    needs scores as high as a block full of them."""
-    peak = _block_attention_map(query, key, block_size, scaling, chunk_blocks, key_valid, "max")
+    needs scores as high as a block full of them. `options`: `chunk_blocks`, `key_valid`, as for
+    `block_attention_mass`."""
+    peak = _block_attention_map(query, key, block_size, scaling, "max", **options)
     return peak / peak.sum(-1, keepdim=True).clamp_min(1e-30)
 
 
-def _block_attention_map(query, key, block_size, scaling, chunk_blocks, key_valid, reduce: str):
+def _block_attention_map(
+    query,
+    key,
+    block_size,
+    scaling,
+    reduce: str,
+    *,
+    chunk_blocks: int = 8,
+    key_valid: torch.Tensor | None = None,
+):
     b, hq, s, d = query.shape
     k = repeat_kv(key, hq // key.shape[1]).float()
     q = query.float()

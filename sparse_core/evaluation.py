@@ -24,7 +24,7 @@ import platform
 import random
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,10 +36,10 @@ from sparse_core.corpus import corpus_texts, pack_token_windows
 from sparse_core.fidelity import dense_reference, measure_fidelity
 from sparse_core.plan import SparsePlan, model_shape
 from sparse_core.probes import PROBE_KINDS, generate_probes, score_probes
+from sparse_core.progress import Progress, counter
 from sparse_core.tasks import TaskRow, read_dataset, score_dataset
 
 SCHEMA_VERSION = 1
-Progress = Callable[[str, int, int], None]
 
 
 @dataclass
@@ -144,32 +144,10 @@ class EvaluationReport:
     seconds: dict[str, float] = field(default_factory=dict)
     suite: dict = field(default_factory=dict)
 
-    SECTIONS = (
-        "schema_version",
-        "model",
-        "plan_hash",
-        "estimator",
-        "device",
-        "torch_version",
-        "fidelity",
-        "layer_errors",
-        "probes",
-        "tasks",
-        "speed",
-        "speed_summary",
-        "decode",
-        "density",
-        "layer_density",
-        "head_density",
-        "artifacts",
-        "seconds",
-        "suite",
-    )
-
     def to_dict(self) -> dict:
-        """Stable schema: every key of SECTIONS always present (None when a section did not run)."""
-        d = asdict(self)
-        return {k: _jsonable(d[k]) for k in self.SECTIONS}
+        """Stable schema: every field, in declaration order, always present (None when a section did
+        not run)."""
+        return {k: _jsonable(v) for k, v in asdict(self).items()}
 
     def metrics(self) -> dict[str, float]:
         """Flat finite floats for MLflow (names use only [a-z0-9_.])."""
@@ -567,11 +545,11 @@ def evaluate(
         windows = pack_token_windows(tokenizer, texts, L, suite.n_fidelity_texts, seed=suite.seed)
         n = len(windows)
         ref = dense_reference(
-            model, windows, fraction=suite.fidelity_fraction, progress=_stage(progress, "fidelity dense", n)
+            model, windows, fraction=suite.fidelity_fraction, progress=counter(progress, "fidelity dense", n)
         )
         sparsify(model, plan)
         try:
-            fid = measure_fidelity(model, ref, progress=_stage(progress, "fidelity sparse", n))
+            fid = measure_fidelity(model, ref, progress=counter(progress, "fidelity sparse", n))
         finally:
             unsparsify(model)
         report.fidelity = fid.to_dict()
@@ -596,10 +574,10 @@ def evaluate(
             seed=suite.seed,
         )
         n = len(probes)
-        dense_p = score_probes(model, probes, progress=_stage(progress, "probes dense", n))
+        dense_p = score_probes(model, probes, progress=counter(progress, "probes dense", n))
         sparsify(model, plan)
         try:
-            sparse_p = score_probes(model, probes, progress=_stage(progress, "probes sparse", n))
+            sparse_p = score_probes(model, probes, progress=counter(progress, "probes sparse", n))
         finally:
             unsparsify(model)
         dd, sd = dense_p.to_dict(), sparse_p.to_dict()
@@ -643,12 +621,12 @@ def evaluate(
             max_prompt_tokens=suite.max_prompt_tokens or cap,
         )
         dense_t = score_dataset(
-            model, tokenizer, used, progress=_stage(progress, "tasks dense", len(used)), **kw
+            model, tokenizer, used, progress=counter(progress, "tasks dense", len(used)), **kw
         )
         sparsify(model, plan)
         try:
             sparse_t = score_dataset(
-                model, tokenizer, used, progress=_stage(progress, "tasks sparse", len(used)), **kw
+                model, tokenizer, used, progress=counter(progress, "tasks sparse", len(used)), **kw
             )
         finally:
             unsparsify(model)
@@ -696,18 +674,6 @@ def evaluate(
     secs["total"] = time.perf_counter() - t_all
     report.seconds = secs
     return report
-
-
-def _stage(progress: Progress | None, name: str, total: int):
-    if progress is None:
-        return None
-    state = {"n": 0}
-
-    def step(k: int = 1) -> None:
-        state["n"] += k
-        progress(name, state["n"], total)
-
-    return step
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -109,16 +110,7 @@ class SparsePlan:
         if not isinstance(self.estimator, str) or not self.estimator:
             raise PlanError(f"plan.estimator must be a non-empty name, got {self.estimator!r}")
         _check_selection("plan", self.tau, self.sink_blocks, self.local_blocks, self.top_k, self.min_density)
-        for layer, ov in self.layer_overrides.items():
-            if layer < 0:
-                raise PlanError(f"plan.layer_overrides: layer index must be >= 0, got {layer}")
-            unknown = sorted(set(ov) - set(LAYER_OVERRIDE_KEYS))
-            if unknown:
-                raise PlanError(
-                    f"plan.layer_overrides[{layer}]: unknown key(s) {unknown}; "
-                    f"allowed: {list(LAYER_OVERRIDE_KEYS)}"
-                )
-            merged = {k: ov.get(k, getattr(self, k)) for k in LAYER_OVERRIDE_KEYS}
+        for layer, merged in merged_overrides("plan", self.layer_overrides, LAYER_OVERRIDE_KEYS, self):
             if not isinstance(merged["estimator"], str) or not merged["estimator"]:
                 raise PlanError(f"plan.layer_overrides[{layer}].estimator must be a non-empty name")
             _check_selection(
@@ -145,16 +137,16 @@ class SparsePlan:
         n_layers = _cfg(config, "num_hidden_layers")
         n_heads = _cfg(config, "num_attention_heads")
         name = getattr(config, "_name_or_path", None) or getattr(config, "model_type", "model")
-        for what, layers in (
-            ("layer_overrides", self.layer_overrides.keys()),
-            ("head_overrides", self.head_overrides.keys()),
-            ("dense_layers", self.dense_layers),
-        ):
-            bad = sorted(x for x in layers if x >= n_layers)
-            if bad:
-                raise PlanError(
-                    f"plan.{what} names layer(s) {bad} but {name} has {n_layers} layers (0..{n_layers - 1})"
-                )
+        check_layers_exist(
+            "plan",
+            {
+                "layer_overrides": self.layer_overrides.keys(),
+                "head_overrides": self.head_overrides.keys(),
+                "dense_layers": self.dense_layers,
+            },
+            n_layers,
+            name,
+        )
         for layer, heads in self.head_overrides.items():
             bad = sorted(h for h in heads if h >= n_heads)
             if bad:
@@ -320,6 +312,32 @@ def _cfg(config: Any, name: str) -> int:
     if value is None:
         raise PlanError(f"model config has no {name!r}; cannot validate the plan against it")
     return int(value)
+
+
+def merged_overrides(
+    where: str, overrides: dict[int, dict], keys: Sequence[str], base: Any
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Per overridden layer, the effective value of every key (the override's, else `base`'s);
+    PlanError for a negative layer index or a key outside `keys`."""
+    for layer, ov in overrides.items():
+        if layer < 0:
+            raise PlanError(f"{where}.layer_overrides: layer index must be >= 0, got {layer}")
+        unknown = sorted(set(ov) - set(keys))
+        if unknown:
+            raise PlanError(
+                f"{where}.layer_overrides[{layer}]: unknown key(s) {unknown}; allowed: {list(keys)}"
+            )
+        yield layer, {k: ov.get(k, getattr(base, k)) for k in keys}
+
+
+def check_layers_exist(where: str, named: dict[str, Iterable[int]], n_layers: int, model: str) -> None:
+    """PlanError when a field (name -> layer indices) names a layer the model does not have."""
+    for what, layers in named.items():
+        bad = sorted(x for x in layers if x >= n_layers)
+        if bad:
+            raise PlanError(
+                f"{where}.{what} names layer(s) {bad} but {model} has {n_layers} layers (0..{n_layers - 1})"
+            )
 
 
 def _check_tau(where: str, tau: Any) -> None:

@@ -88,40 +88,16 @@ def load(directory: str | Path, *, config: Any = None) -> SparsePlan:
     return plan
 
 
-def _uses(plan: SparsePlan, name: str) -> bool:
-    return plan.estimator == name or any(ov.get("estimator") == name for ov in plan.layer_overrides.values())
-
-
 def check_tensors_fit(plan: SparsePlan, config: Any) -> None:
-    """A gate / gate_v2 plan's tensors must match the model's layers, heads and head dim."""
-    if _uses(plan, "gate_v2"):
-        from sparse_core.estimators.gate import GateShape
-        from sparse_core.estimators.gate_v2 import BlockGateV2
+    """The weights each learned estimator the plan names reads must fit the model (the estimator's
+    registry check: layers, heads, head dim); a name the registry does not know is left to sparsify."""
+    from sparse_core.estimators import available_estimators, get_weights_check
 
-        have2 = BlockGateV2.shape_of(plan.tensors or {})
-        if have2 is None:
-            raise PlanError("plan uses the 'gate_v2' estimator but carries no gate_v2 weights")
-        need2 = GateShape.from_config(config, have2.gate_dim)
-        if have2 != need2:
-            raise PlanError(
-                f"plan's gate_v2 weights are for a different model: layers/heads/kv heads/head dim "
-                f"{have2.num_layers}/{have2.num_heads}/{have2.num_kv_heads}/{have2.head_dim} vs model "
-                f"{need2.num_layers}/{need2.num_heads}/{need2.num_kv_heads}/{need2.head_dim}"
-            )
-    if not _uses(plan, "gate"):
-        return
-    from sparse_core.estimators.gate import BlockGate, GateShape
-
-    if not plan.tensors:
-        raise PlanError("plan uses the 'gate' estimator but carries no gate weights")
-    have = BlockGate.shape_of(plan.tensors)
-    need = GateShape.from_config(config, have.gate_dim if have else None)
-    if have != need:
-        raise PlanError(
-            f"plan's gate weights are for a different model: layers/heads/kv heads/head dim "
-            f"{have.num_layers}/{have.num_heads}/{have.num_kv_heads}/{have.head_dim} vs model "
-            f"{need.num_layers}/{need.num_heads}/{need.num_kv_heads}/{need.head_dim}"
-        )
+    named = {plan.estimator} | {ov["estimator"] for ov in plan.layer_overrides.values() if "estimator" in ov}
+    for name in (n for n in available_estimators() if n in named):
+        check = get_weights_check(name)
+        if check is not None:
+            check(plan, config)
 
 
 __all__ = ["HASH_FILE", "check_tensors_fit", "load", "save", "stamp_model", "stamp_tensors_digest"]

@@ -129,7 +129,7 @@ def sparsify(model: torch.nn.Module, plan: SparsePlan, *, kernel: str = "auto") 
     for layer in range(int(config.num_hidden_layers)):
         get_estimator(plan.layer_params(layer).estimator)  # unknown estimator: fail now, not mid-forward
     if plan.decode is not None and "gate" in plan.decode.estimators():
-        from sparse_core.estimators.gate import gate_for_plan
+        from sparse_core.estimators.learned_gate import gate_for_plan
 
         gate_for_plan(plan)  # no or misfit gate weights: fail now
         if (plan.decode.page_size or plan.block_size) != plan.block_size:

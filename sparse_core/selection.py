@@ -6,7 +6,6 @@ vectorised: one sort over [B, H, nb, nb]."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -118,13 +117,6 @@ def select_blocks(
         density=density,
         head_density=head_density,
     )
-
-
-def full_selection(batch: int, heads: int, seq_len: int, block_size: int, device=None) -> BlockSelection:
-    """Every causal block kept (the dense reference expressed as a selection)."""
-    n = math.ceil(seq_len / block_size)
-    scores = torch.zeros(batch, heads, n, n, device=device)
-    return select_blocks(scores, block_size=block_size, seq_len=seq_len, tau=1.0)
 
 
 def group_scores(scores: torch.Tensor, num_kv_heads: int) -> torch.Tensor:

@@ -100,33 +100,16 @@ def tiny_config(
     return cls(**kwargs)
 
 
-def make_tiny_model_dir(
-    path: str | Path,
-    arch: str = "llama",
-    *,
-    hidden: int = 64,
-    layers: int = 2,
-    heads: int = 4,
-    kv_heads: int = 2,
-    max_positions: int = 2048,
-    seed: int = 0,
-) -> Path:
-    """Write a random-weight model of the given architecture to `path` and return it."""
+def make_tiny_model_dir(path: str | Path, arch: str = "llama", *, seed: int = 0, **shape: int) -> Path:
+    """Write a random-weight model of the given architecture to `path` and return it; `shape` sets
+    `tiny_config`'s hidden, layers, heads, kv_heads and max_positions (its defaults otherwise)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
-    config = tiny_config(
-        arch,
-        vocab_size=len(tokenizer),
-        hidden=hidden,
-        layers=layers,
-        heads=heads,
-        kv_heads=kv_heads,
-        max_positions=max_positions,
-    )
+    config = tiny_config(arch, vocab_size=len(tokenizer), **shape)
     gen = torch.random.fork_rng()
     with gen:
         torch.manual_seed(seed)

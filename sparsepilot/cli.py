@@ -1,27 +1,46 @@
-"""Entry point. Each command group lives in its own module under sparsepilot/commands and imports
-heavy libraries lazily, so `sparsepilot --help` stays fast."""
+"""Entry point. Every module under sparsepilot/commands exposes one `typer.Typer` named `app`, added
+here with `add_typer`: without a name for top-level commands (`sparsepilot init`, `calibrate`, ...),
+with one for a command group (`sparsepilot usecase add`, `audit verify`, `bench quality`). The modules
+import heavy libraries lazily, so `sparsepilot --help` stays fast.
+
+Errors: any `SparsePilotError` (sparse_core/errors.py; rollout's and flows' errors subclass it) that
+a command lets through becomes `error: <message>` and exit code 2 here, in one place."""
 
 from __future__ import annotations
 
-import typer
+from typing import Any
 
-from sparsepilot.commands import audit, auth, bench, core, dashboard, pipeline, serving, usecase
+import typer
+from typer.core import TyperGroup
+
+from sparse_core.errors import SparsePilotError
+from sparsepilot.commands import audit, auth, bench, core, dashboard, init, pipeline, serving, usecase
+from sparsepilot.console import fail
+
+
+class _Commands(TyperGroup):
+    """The root command group: a SparsePilotError from any command is a clear message and exit 2."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except SparsePilotError as exc:
+            fail(str(exc))
+
 
 app = typer.Typer(
     name="sparsepilot",
     help="Adopt block-sparse attention safely, one business use case at a time.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    cls=_Commands,
 )
 
-usecase.register(app)
-core.register(app)
-pipeline.register(app)
-dashboard.register(app)
-auth.register(app)
-audit.register(app)
-serving.register(app)
-app.add_typer(bench.app, name="bench", help="Benchmarks: print a table and write JSON.")
+for _top_level in (init, core, pipeline, dashboard, auth, serving):
+    app.add_typer(_top_level.app)
+app.add_typer(usecase.app, name="usecase")
+app.add_typer(audit.app, name="audit")
+app.add_typer(bench.app, name="bench")
 
 
 def main() -> None:

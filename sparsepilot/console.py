@@ -17,10 +17,6 @@ console = Console()
 err_console = Console(stderr=True)
 
 
-class UserError(Exception):
-    """Bad input from the user: printed without a traceback, exit code 2."""
-
-
 def fail(message: str, code: int = 2) -> NoReturn:
     """Print ``error: message`` (secrets redacted, never read as markup) and exit with ``code``."""
     err_console.print(

@@ -9,8 +9,6 @@ shared machine penalises dense rather than flattering sparse."""
 from __future__ import annotations
 
 import math
-import os
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -19,6 +17,7 @@ from typing import Any
 
 import torch
 
+from sparse_core.bench.common import RunClock, pyplot, save_figure
 from sparse_core.kernels import sparse_attention
 from sparse_core.kernels.dense import dense_attention
 from sparse_core.plan import SparsePlan
@@ -79,9 +78,7 @@ def run(
     rows: list[AttentionRow] = []
     compile_seconds: dict[str, float] = {}
     gen = torch.Generator().manual_seed(seed)
-    started = time.perf_counter()
-    cpu_started = time.process_time()
-    load_before = _loadavg()
+    clock = RunClock()
     for s in lengths:
         for dname in dtypes:
             dtype = DTYPES[dname]
@@ -144,30 +141,7 @@ def run(
         "estimator": "pooled",
         "rows": [asdict(r) for r in rows],
         "flex_compile_seconds": compile_seconds,
-        "environment": environment(load_before),
-        "wall_seconds": time.perf_counter() - started,
-        # CPU time of this process (all threads): on a shared machine wall time overstates the cost
-        "cpu_seconds": time.process_time() - cpu_started,
-    }
-
-
-def _loadavg() -> list[float]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return []
-
-
-def environment(load_before: list[float] | None = None) -> dict[str, Any]:
-    return {
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "machine": platform.machine(),
-        "processor": platform.processor(),
-        "cuda": torch.cuda.is_available(),
-        "loadavg_before": load_before,
-        "loadavg_after": _loadavg(),
+        **clock.summary(),
     }
 
 
@@ -185,10 +159,7 @@ TABLE_COLUMNS = [
 
 
 def plot(result: dict[str, Any], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = result["rows"]
     combos = sorted({(r["seq_len"], r["dtype"]) for r in rows})
@@ -207,8 +178,4 @@ def plot(result: dict[str, Any], path: Path) -> Path:
         ax.set_xlabel("density (share of causal blocks)")
         ax.set_ylabel("speed-up over dense SDPA")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

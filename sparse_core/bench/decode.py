@@ -26,7 +26,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from sparse_core.bench.attention import HEAD_DIM, KV_HEADS, Q_HEADS, _loadavg, environment
+from sparse_core.bench.attention import HEAD_DIM, KV_HEADS, Q_HEADS
+from sparse_core.bench.common import RunClock, pyplot, save_figure
 from sparse_core.decode.attention import sparse_decode_step
 from sparse_core.decode.pages import sync
 from sparse_core.decode.plan import DecodePlan
@@ -261,8 +262,7 @@ def run(
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     say = progress or (lambda _m: None)
-    started, cpu_started = time.perf_counter(), time.process_time()
-    load_before = _loadavg()
+    clock = RunClock()
     layer_rows = (
         layer_bench(QUICK_LAYER_LENGTHS if quick else FULL_LAYER_LENGTHS, page_size=page_size, say=say)
         if layer
@@ -290,18 +290,13 @@ def run(
         "model": name,
         "layer_rows": [asdict(r) for r in layer_rows],
         "model_rows": model_rows,
-        "environment": environment(load_before),
-        "wall_seconds": time.perf_counter() - started,
-        "cpu_seconds": time.process_time() - cpu_started,
+        **clock.summary(),
     }
 
 
 def plot(result: dict[str, Any], path) -> Any:
     """ms per generated token vs context length, dense and each sparse plan (model rows)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = result["model_rows"]
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
@@ -318,8 +313,4 @@ def plot(result: dict[str, Any], path) -> Any:
     ax.set_ylabel("ms per generated token")
     ax.set_title(f"decode, {result['model']}")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

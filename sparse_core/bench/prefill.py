@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from sparse_core.bench.attention import _loadavg, environment
+from sparse_core.bench.common import RunClock, pyplot, save_figure
 from sparse_core.kernels import sparse_attention
 from sparse_core.loading import load_model
 from sparse_core.plan import SparsePlan
@@ -102,9 +102,7 @@ def run(
     lengths = lengths or (QUICK_LENGTHS if quick else FULL_LENGTHS)
     taus = taus or (QUICK_TAUS if quick else FULL_TAUS)
     base_plan = base_plan or SparsePlan()
-    started = time.perf_counter()
-    cpu_started = time.process_time()
-    load_before = _loadavg()
+    clock = RunClock()
     say(f"loading {model_ref}")
     model, tok = load_model(model_ref)
     ctx = getattr(model.config, "max_position_embeddings", None)
@@ -186,18 +184,12 @@ def run(
         "base_plan": base_plan.to_dict(),
         "rows": rows,
         "flex_compile_seconds": compile_seconds,
-        "environment": environment(load_before),
-        "wall_seconds": time.perf_counter() - started,
-        # CPU time of this process (all threads): on a shared machine wall time overstates the cost
-        "cpu_seconds": time.process_time() - cpu_started,
+        **clock.summary(),
     }
 
 
 def plot(result: dict[str, Any], path) -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = [r for r in result["rows"] if r["tau"] is not None]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.6))
@@ -218,8 +210,4 @@ def plot(result: dict[str, Any], path) -> Any:
     for ax in (ax1, ax2):
         ax.legend(fontsize=7)
     fig.suptitle(f"{result['model']} prefill, pooled estimator", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

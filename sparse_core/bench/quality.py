@@ -1,13 +1,14 @@
 """`sparsepilot bench quality`: every block estimator at the same budget, side by side in one run.
 
-Estimators: the training-free `pooled`, `antidiagonal` (XAttention-style) and `quest` (min/max key
-bounds), the learned `gate` and `gate_v2`, the per-layer mix `gate_v2+pooled`, and the `oracle`
-(exact block mass, the ceiling). Per context length they are calibrated to the same budget on the
-same windows with `calibrate_many` (one split, one dense reference, one gate training per kind, one
-set of sensitivity forwards), then each plan is measured on the bench's own held-out windows of
-natural text: density (planned and measured), KL, top-1 agreement, delta NLL, whole-model prefill
-speed-up at that density (dense and sparse timed back to back, same window) and the ratio of the best
-training-free estimator's density to the row's (> 1: fewer blocks than the best heuristic).
+Estimators (by default every registered one, grouped by kind, `default_specs`): the training-free
+`pooled`, `antidiagonal` (XAttention-style) and `quest` (min/max key bounds), the learned `gate` and
+`gate_v2`, the per-layer mix `gate_v2+pooled`, and the `oracle` (exact block mass, the ceiling). Per
+context length they are calibrated to the same budget on the same windows with `calibrate_many` (one
+split, one dense reference, one training per learned estimator, one set of sensitivity forwards),
+then each plan is measured on the bench's own held-out windows of natural text: density (planned and
+measured), KL, top-1 agreement, delta NLL, whole-model prefill speed-up at that density (dense and
+sparse timed back to back, same window) and the ratio of the best training-free estimator's density
+to the row's (> 1: fewer blocks than the best heuristic).
 
 Use cases: for each given dataset the plans are calibrated on the calibration split of its prompts
 and judged on the held-out split with the dataset's own task (task-score delta, dense - sparse).
@@ -23,8 +24,17 @@ from typing import Any
 
 import torch
 
-ESTIMATORS = ("pooled", "antidiagonal", "quest", "gate", "gate_v2", "gate_v2+pooled", "oracle")
-TRAINING_FREE = ("pooled", "antidiagonal", "quest")
+from sparse_core.bench.common import pyplot, save_figure
+from sparse_core.estimators import KINDS, available_estimators
+
+
+def default_specs() -> tuple[str, ...]:
+    """Every registered estimator, grouped by kind (training-free, learned, exact ceiling), plus after
+    the learned ones the newest learned estimator with the first training-free one as a per-layer
+    choice: pooled, antidiagonal, quest, gate, gate_v2, gate_v2+pooled, oracle for the built-ins."""
+    free, learned, ceiling = (available_estimators(kind) for kind in KINDS)
+    mix = (f"{learned[-1]}+{free[0]}",) if learned and free else ()
+    return (*free, *learned, *mix, *ceiling)
 
 
 @dataclass(frozen=True)
@@ -40,7 +50,7 @@ class UseCaseData:
 class QualityBenchSettings:
     model: str = "smollm2-135m"
     budget: str = "kl=0.01,agree=0.98"
-    estimators: tuple[str, ...] = ESTIMATORS
+    estimators: tuple[str, ...] = field(default_factory=default_specs)
     lengths: tuple[int, ...] = (2048, 4096, 8192)
     max_texts: int = 8  # calibration windows per length (25% held out by the calibration itself)
     max_joint_checks: int = 7  # eps search steps per estimator (each: one forward per held-out window)
@@ -82,7 +92,8 @@ def _loadavg() -> str | None:
 
 def _ratios(rows: list[dict]) -> None:
     """best training-free density / row density, among rows that met the budget."""
-    free = [r["density"] for r in rows if r["estimator"] in TRAINING_FREE and r["met_budget"]]
+    training_free = available_estimators("training-free")
+    free = [r["density"] for r in rows if r["estimator"] in training_free and r["met_budget"]]
     best = min(free) if free else None
     for r in rows:
         r["best_training_free_density"] = best
@@ -263,10 +274,7 @@ def _gate_seconds(rep) -> float | None:
 def plot(result: dict[str, Any], path) -> Any:
     """Density each estimator needs to meet the budget, per length and per use case (lower is
     better; hatched = did not meet it, plan all but dense)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     groups = [(f"{b['seq_len']} tok", b["rows"]) for b in result["by_length"]]
     groups += [(b["usecase"], b["rows"]) for b in result["usecases"]]
@@ -292,7 +300,4 @@ def plot(result: dict[str, Any], path) -> Any:
     ax.legend(fontsize=7, ncol=2)
     budget = result["settings"]["budget"]
     fig.suptitle(f"{result['settings']['model']}: density each estimator needs for {budget}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -142,7 +142,7 @@ def sparse_decode_step(
     the time scoring and selection ended)."""
     q = query[:, :, 0]
     if params.estimator == "gate":
-        from sparse_core.estimators.gate import gate_for_plan
+        from sparse_core.estimators.learned_gate import gate_for_plan
 
         layer_gate = gate_for_plan(plan).layers[params.layer_idx]
         logits = gate_page_logits(q, pages, layer_gate, params.layer_idx)

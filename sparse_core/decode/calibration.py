@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from sparse_core.decode.plan import DecodePlan
+from sparse_core.decode.plan import DECODE_ESTIMATORS, DecodePlan
 from sparse_core.plan import SparsePlan
 
 Progress = Callable[[str, int, int], None]
@@ -54,11 +54,30 @@ class DecodeLimits:
                 f"decode.prompt_tokens must be >= 4 pages ({4 * self.page_size} tokens), "
                 f"got {self.prompt_tokens}"
             )
-        if self.estimator not in ("quest", "gate"):
-            raise ValueError(f"decode.estimator must be quest or gate, got {self.estimator!r}")
+        if self.estimator not in DECODE_ESTIMATORS:
+            raise ValueError(
+                f"decode.estimator must be one of {list(DECODE_ESTIMATORS)}, got {self.estimator!r}"
+            )
         if not self.budgets or any(int(b) < 1 for b in self.budgets):
             raise ValueError(f"decode.budgets must be token counts >= 1, got {self.budgets!r}")
         self.budgets = tuple(sorted({int(b) for b in self.budgets}))
+
+    def check_prefill(self, candidates: Sequence[str], block_size: int) -> None:
+        """A page scorer that reads a learned prefill estimator's weights needs that estimator among
+        the calibrated ones, and pages pooled like its blocks (page_size == block_size)."""
+        learned = DECODE_ESTIMATORS[self.estimator]
+        if learned is None:
+            return
+        if learned not in candidates:
+            raise ValueError(
+                f"decode estimator {self.estimator!r} reuses the learned {learned}: "
+                f"calibrate with estimator={learned!r}"
+            )
+        if self.page_size != block_size:
+            raise ValueError(
+                f"decode estimator {self.estimator!r} needs page_size == block_size ({block_size}): the "
+                f"{learned}'s key features are pooled over blocks; got page_size {self.page_size}"
+            )
 
     @classmethod
     def quick(cls, **kw) -> DecodeLimits:
@@ -108,7 +127,7 @@ def _layer_errors(
     ps = lim.page_size
     gate = None
     if lim.estimator == "gate":
-        from sparse_core.estimators.gate import gate_for_plan
+        from sparse_core.estimators.learned_gate import gate_for_plan
 
         gate = gate_for_plan(base)
 

@@ -15,9 +15,10 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from sparse_core.plan import PlanError
+from sparse_core.plan import PlanError, check_layers_exist, merged_overrides
 
-DECODE_ESTIMATORS = ("quest", "gate")
+# decode page scorers -> the prefill estimator whose trained weights the scorer reads (None: training-free)
+DECODE_ESTIMATORS: dict[str, str | None] = {"quest": None, "gate": "gate"}
 DECODE_OVERRIDE_KEYS = ("budget_tokens", "density", "tau", "estimator")
 
 
@@ -67,16 +68,7 @@ class DecodePlan:
             low = 1 if name == "local_pages" else 0
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
                 raise PlanError(f"plan.decode.{name} must be an integer >= {low}, got {v!r}")
-        for layer, ov in self.layer_overrides.items():
-            if layer < 0:
-                raise PlanError(f"plan.decode.layer_overrides: layer index must be >= 0, got {layer}")
-            unknown = sorted(set(ov) - set(DECODE_OVERRIDE_KEYS))
-            if unknown:
-                raise PlanError(
-                    f"plan.decode.layer_overrides[{layer}]: unknown key(s) {unknown}; "
-                    f"allowed: {list(DECODE_OVERRIDE_KEYS)}"
-                )
-            m = {k: ov.get(k, getattr(self, k)) for k in DECODE_OVERRIDE_KEYS}
+        for layer, m in merged_overrides("plan.decode", self.layer_overrides, DECODE_OVERRIDE_KEYS, self):
             _check(
                 f"plan.decode.layer_overrides[{layer}]",
                 m["estimator"],
@@ -109,16 +101,12 @@ class DecodePlan:
         }
 
     def validate_for(self, n_layers: int, name: str) -> None:
-        for what, layers in (
-            ("layer_overrides", self.layer_overrides.keys()),
-            ("dense_layers", self.dense_layers),
-        ):
-            bad = sorted(x for x in layers if x >= n_layers)
-            if bad:
-                raise PlanError(
-                    f"plan.decode.{what} names layer(s) {bad} but {name} has {n_layers} layers "
-                    f"(0..{n_layers - 1})"
-                )
+        check_layers_exist(
+            "plan.decode",
+            {"layer_overrides": self.layer_overrides.keys(), "dense_layers": self.dense_layers},
+            n_layers,
+            name,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

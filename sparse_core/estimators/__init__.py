@@ -1,4 +1,5 @@
-"""Block-importance estimators: pure functions from (q, k) to per-block attention-mass estimates.
+"""Block-importance estimators: pure functions from (q, k) to per-block attention-mass estimates, and
+the one registry of their names.
 
 Contract of an estimator ``fn(q, k, ctx) -> Tensor``:
 - q ``[B, Hq, S, D]`` and k ``[B, Hkv, S, D]`` are the post-RoPE queries/keys of one layer
@@ -7,24 +8,36 @@ Contract of an estimator ``fn(q, k, ctx) -> Tensor``:
   query block, an estimate of the share of attention mass on each key block. Entries above the
   diagonal (non-causal) must be 0 and each row should sum to ~1 over the causal key blocks.
 
-Estimators register by name (`register_estimator`); `get_estimator(name)` also imports
-``sparse_core.estimators.<name>`` on first use, so a module that registers itself on import (the
-learned ``gate`` and ``gate_v2``) is found by name from a plan.
+The registry is the single source of estimator names: the spec validator, the CLI options, the
+benchmark's defaults and the tests' parametrisation all ask `available_estimators()`. An entry carries
+its kind (`KINDS`) and, for a learned estimator, a training hook that calibration calls
+(`get_training_hook`) and a check that the plan's weights fit the model, which loading a plan calls
+(`get_weights_check`), so nothing outside the estimator's own module names it. The built-ins are the
+`_BUILTINS` table: their functions are referenced as ``"module:attr"`` and imported on first use, so
+listing names (a spec check, ``--help``) needs no torch. Any other code adds one with
+`register_estimator(name, fn, kind=..., train=...)`.
 
 Training-free: ``pooled``, ``antidiagonal``, ``quest``; learned: ``gate``, ``gate_v2`` (weights in the
-plan's tensors); ``oracle`` (exact block mass, as costly as dense attention) is the ceiling the
-benchmark compares against."""
+plan's tensors; modules `learned_gate` and `learned_gate_v2`, so the scorer is never taken for
+rollout's statistical gate); exact ceiling: ``oracle`` (exact block mass, as costly as dense
+attention), what the benchmark compares against. The block helpers the estimators share are in
+`sparse_core.estimators.blocks`."""
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
-
-import torch
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 from sparse_core.plan import PlanError
+
+if TYPE_CHECKING:
+    import torch
+
+KINDS = ("training-free", "learned", "exact-ceiling")
+# what a use case may deploy: an exact-ceiling estimator costs as much as dense attention
+DEPLOYABLE_KINDS = ("training-free", "learned")
 
 
 @dataclass(frozen=True)
@@ -38,85 +51,161 @@ class EstimatorContext:
     positions: torch.Tensor | None = None  # [B, S] token positions (None: 0..S-1, or derived from padding)
 
 
-Estimator = Callable[[torch.Tensor, torch.Tensor, EstimatorContext], torch.Tensor]
+Estimator = Callable[["torch.Tensor", "torch.Tensor", EstimatorContext], "torch.Tensor"]
+# train(model, windows, *, heldout_windows, limits, seed, progress) -> (plan tensors, report dict):
+# `windows` are token-id lists, `heldout_windows` the early-stopping set, `limits` the
+# sparse_core.calibration.CalibrationLimits, `progress(phase, done, total)` or None.
+TrainHook = Callable[..., tuple[dict[str, Any], dict[str, Any]]]
+# check(plan, model_config) -> None, PlanError when the plan's weights for the estimator do not fit
+WeightsCheck = Callable[[Any, Any], None]
 
-_REGISTRY: dict[str, Estimator] = {}
-_BUILTIN_MODULES = ("pooled", "antidiagonal", "quest", "gate", "gate_v2", "oracle")
+
+@dataclass(frozen=True)
+class EstimatorEntry:
+    name: str
+    kind: str
+    fn: Estimator | str  # a built-in's "module:attr", resolved on first use
+    train: TrainHook | str | None = None  # None: nothing to train
+    check: WeightsCheck | str | None = None  # None: no weights to check
 
 
-def register_estimator(name: str, fn: Estimator, *, overwrite: bool = False) -> Estimator:
-    if not name or not isinstance(name, str):
-        raise ValueError("estimator name must be a non-empty string")
-    if name in _REGISTRY and _REGISTRY[name] is not fn and not overwrite:
+_BUILTINS = (
+    EstimatorEntry("pooled", "training-free", "sparse_core.estimators.pooled:pooled_scores"),
+    EstimatorEntry(
+        "antidiagonal", "training-free", "sparse_core.estimators.antidiagonal:antidiagonal_scores"
+    ),
+    EstimatorEntry("quest", "training-free", "sparse_core.estimators.quest:quest_scores"),
+    EstimatorEntry(
+        "gate",
+        "learned",
+        "sparse_core.estimators.learned_gate:gate_scores",
+        train="sparse_core.scorer_training:train_gate_v1_hook",
+        check="sparse_core.estimators.learned_gate:check_weights_fit",
+    ),
+    EstimatorEntry(
+        "gate_v2",
+        "learned",
+        "sparse_core.estimators.learned_gate_v2:gate_v2_scores",
+        train="sparse_core.scorer_training:train_gate_v2_hook",
+        check="sparse_core.estimators.learned_gate_v2:check_weights_fit",
+    ),
+    EstimatorEntry("oracle", "exact-ceiling", "sparse_core.estimators.oracle:oracle_scores"),
+)
+_REGISTRY: dict[str, EstimatorEntry] = {e.name: e for e in _BUILTINS}
+
+
+def register_estimator(
+    name: str,
+    fn: Estimator,
+    *,
+    kind: str = "training-free",
+    train: TrainHook | None = None,
+    check: WeightsCheck | None = None,
+    overwrite: bool = False,
+) -> Estimator:
+    """Add an estimator under `name`; `train`, when given, is called by calibration before the search
+    and returns the plan tensors the estimator reads (see `TrainHook`); `check`, when given, is called
+    when a plan that names the estimator is loaded for a model (see `WeightsCheck`)."""
+    if not name or not isinstance(name, str) or "+" in name or "," in name:
+        raise ValueError(f"estimator name must be a non-empty string without '+' or ',', got {name!r}")
+    if kind not in KINDS:
+        raise ValueError(f"estimator {name!r}: kind must be one of {KINDS}, got {kind!r}")
+    if not all(callable(f) for f in (fn, train, check) if f is not None):
+        raise ValueError(f"estimator {name!r}: the function and the hooks must be callables")
+    old = _REGISTRY.get(name)
+    if old is not None and old.fn is not fn and not overwrite:
         raise ValueError(f"estimator {name!r} is already registered")
-    _REGISTRY[name] = fn
+    _REGISTRY[name] = EstimatorEntry(name, kind, fn, train, check)
     return fn
 
 
-def get_estimator(name: str) -> Estimator:
-    if name not in _REGISTRY:
-        try:
-            importlib.import_module(f"sparse_core.estimators.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"sparse_core.estimators.{name}":
-                raise
-    if name not in _REGISTRY:
+def unregister_estimator(name: str) -> None:
+    """Remove an estimator (e.g. one a test registered)."""
+    _entry(name)
+    del _REGISTRY[name]
+
+
+def _resolve(ref: Any) -> Any:
+    if not isinstance(ref, str):
+        return ref
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _entry(name: str) -> EstimatorEntry:
+    entry = _REGISTRY.get(name)
+    if entry is None:
         raise PlanError(f"unknown estimator {name!r}; available: {available_estimators()}")
-    return _REGISTRY[name]
+    return entry
 
 
-def available_estimators() -> list[str]:
-    for mod in _BUILTIN_MODULES:
-        importlib.import_module(f"sparse_core.estimators.{mod}")
-    return sorted(_REGISTRY)
+def _resolved(name: str, attr: str) -> Any:
+    """The entry's `attr` (fn, train or check), imported on first use when it is a "module:attr"."""
+    entry = _entry(name)
+    value = getattr(entry, attr)
+    if isinstance(value, str):
+        value = _resolve(value)
+        _REGISTRY[name] = replace(entry, **{attr: value})
+    return value
 
 
-def num_blocks(seq_len: int, block_size: int) -> int:
-    return -(-seq_len // block_size)
+def get_estimator(name: str) -> Estimator:
+    return _resolved(name, "fn")
 
 
-def causal_block_mask(n: int, device: Any = None) -> torch.Tensor:
-    idx = torch.arange(n, device=device)
-    return idx[None, :] <= idx[:, None]
+def get_training_hook(name: str) -> TrainHook | None:
+    """The estimator's training hook, or None when it needs no training."""
+    return _resolved(name, "train")
 
 
-def block_pool_mean(x: torch.Tensor, block_size: int, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean over each block of the sequence dim: [B, H, S, D] -> float32 [B, H, nb, D]; a partial last
-    block and padded positions (valid False) are excluded from the mean."""
-    b, h, s, d = x.shape
-    n = num_blocks(s, block_size)
-    pad = n * block_size - s
-    xf = x.float()
-    if valid is None and pad == 0:
-        return xf.view(b, h, n, block_size, d).mean(dim=3)
-    w = torch.ones(b, s, device=x.device, dtype=torch.float32) if valid is None else valid.float()
-    if pad:
-        xf = torch.nn.functional.pad(xf, (0, 0, 0, pad))
-        w = torch.nn.functional.pad(w, (0, pad))
-    w = w.view(b, 1, n, block_size, 1)
-    total = (xf.view(b, h, n, block_size, d) * w).sum(dim=3)
-    count = w.sum(dim=3).clamp_min(1.0)
-    return total / count
+def get_weights_check(name: str) -> WeightsCheck | None:
+    """The estimator's check of a plan's weights against a model, or None when it reads none."""
+    return _resolved(name, "check")
 
 
-def valid_blocks(key_valid: torch.Tensor | None, block_size: int, seq_len: int) -> torch.Tensor | None:
-    """[B, S] bool -> [B, nb] bool: a block is valid when any of its positions is."""
-    if key_valid is None:
-        return None
-    n = num_blocks(seq_len, block_size)
-    pad = n * block_size - seq_len
-    kv = torch.nn.functional.pad(key_valid, (0, pad), value=False) if pad else key_valid
-    return kv.view(kv.shape[0], n, block_size).any(dim=-1)
+def estimator_kind(name: str) -> str:
+    return _entry(name).kind
+
+
+def available_estimators(kinds: str | Sequence[str] = KINDS) -> list[str]:
+    """Registered names of the given kind(s), built-ins first, then in registration order."""
+    wanted = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+    return [name for name, e in _REGISTRY.items() if e.kind in wanted]
+
+
+def parse_estimator_spec(spec: str, kinds: str | Sequence[str] = KINDS) -> tuple[str, ...]:
+    """'a' or 'a+b' (a per-layer choice between candidates, the first the plan's own) -> the names,
+    each registered with one of `kinds`; PlanError names the bad part and the choices."""
+    parts = tuple(p.strip() for p in str(spec).split("+"))
+    choices = available_estimators(kinds)
+    if not all(parts):
+        raise PlanError(f"estimator spec {spec!r} has an empty part; choose from {choices} (a+b mixes)")
+    for p in parts:
+        if p not in choices:
+            what = (
+                f"{p!r} ({_REGISTRY[p].kind}) is not allowed"
+                if p in _REGISTRY
+                else f"unknown estimator {p!r}"
+            )
+            where = f" in {spec!r}" if len(parts) > 1 else ""
+            raise PlanError(f"{what}{where}; choose from {choices} (a+b mixes)")
+    return tuple(dict.fromkeys(parts))
 
 
 __all__ = [
+    "DEPLOYABLE_KINDS",
+    "KINDS",
     "Estimator",
     "EstimatorContext",
+    "EstimatorEntry",
+    "TrainHook",
+    "WeightsCheck",
     "available_estimators",
-    "block_pool_mean",
-    "causal_block_mask",
+    "estimator_kind",
     "get_estimator",
-    "num_blocks",
+    "get_training_hook",
+    "get_weights_check",
+    "parse_estimator_spec",
     "register_estimator",
-    "valid_blocks",
+    "unregister_estimator",
 ]

@@ -5,11 +5,10 @@ over the strided key positions, then sum the probabilities inside each block. Mo
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from sparse_core.estimators import EstimatorContext, num_blocks, register_estimator
+from sparse_core.estimators import EstimatorContext
+from sparse_core.estimators.blocks import num_blocks, softmax_scale
 
 DEFAULT_STRIDE = 16
 _ROW_CHUNK = 1024  # strided query rows per chunk; bounds memory at long contexts
@@ -27,7 +26,7 @@ def antidiagonal_scores(
         raise ValueError(f"antidiagonal stride {stride} must divide the block size {bs}")
     n = num_blocks(s, bs)
     sp = n * bs
-    scale = ctx.scale if ctx.scale is not None else 1.0 / math.sqrt(d)
+    scale = softmax_scale(ctx.scale, d)
     qf, kf = q, k
     if sp != s:
         qf = torch.nn.functional.pad(q, (0, 0, 0, sp - s))
@@ -63,6 +62,3 @@ def antidiagonal_scores(
         blocks = probs.view(b, hkv, g, nb_rows, per_block, n, per_block).sum(dim=(4, 6)) / per_block
         out[:, :, r0 // per_block : r0 // per_block + nb_rows] = blocks.reshape(b, hq, nb_rows, n)
     return out
-
-
-register_estimator("antidiagonal", antidiagonal_scores)

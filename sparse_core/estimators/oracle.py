@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from sparse_core.estimators import EstimatorContext, register_estimator, valid_blocks
+from sparse_core.estimators import EstimatorContext
+from sparse_core.estimators.blocks import valid_blocks
 
 
 def oracle_scores(q: torch.Tensor, k: torch.Tensor, ctx: EstimatorContext) -> torch.Tensor:
@@ -21,6 +22,3 @@ def oracle_scores(q: torch.Tensor, k: torch.Tensor, ctx: EstimatorContext) -> to
     vb = valid_blocks(ctx.key_valid, ctx.block_size, q.shape[2])
     mass = mass.masked_fill(~vb[:, None, None, :], 0.0)
     return mass / mass.sum(-1, keepdim=True).clamp_min(1e-30)
-
-
-register_estimator("oracle", oracle_scores)

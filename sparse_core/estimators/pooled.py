@@ -3,17 +3,10 @@ key blocks. Cost is O((S/bs)^2 * D) per head -- well under 1% of dense attention
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from sparse_core.estimators import (
-    EstimatorContext,
-    block_pool_mean,
-    causal_block_mask,
-    register_estimator,
-    valid_blocks,
-)
+from sparse_core.estimators import EstimatorContext
+from sparse_core.estimators.blocks import block_pool_mean, causal_block_softmax, softmax_scale
 
 
 def pooled_scores(q: torch.Tensor, k: torch.Tensor, ctx: EstimatorContext) -> torch.Tensor:
@@ -21,18 +14,9 @@ def pooled_scores(q: torch.Tensor, k: torch.Tensor, ctx: EstimatorContext) -> to
     hkv = k.shape[1]
     g = hq // hkv
     bs = ctx.block_size
-    scale = ctx.scale if ctx.scale is not None else 1.0 / math.sqrt(d)
+    scale = softmax_scale(ctx.scale, d)
     qp = block_pool_mean(q, bs, ctx.key_valid)  # [B, Hq, n, D]
     kp = block_pool_mean(k, bs, ctx.key_valid)  # [B, Hkv, n, D]
     n = qp.shape[2]
     logits = torch.matmul(qp.view(b, hkv, g * n, d), kp.transpose(-1, -2)).view(b, hq, n, n) * scale
-    allowed = causal_block_mask(n, q.device).expand(b, 1, n, n)
-    vb = valid_blocks(ctx.key_valid, bs, s)
-    if vb is not None:
-        allowed = allowed & vb[:, None, None, :]
-    logits = logits.masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return torch.nan_to_num(probs, nan=0.0)
-
-
-register_estimator("pooled", pooled_scores)
+    return causal_block_softmax(logits, ctx.key_valid, bs, s)

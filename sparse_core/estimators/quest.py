@@ -17,16 +17,14 @@ cached pages the same way (one query token against page bounds)."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from sparse_core.estimators import (
-    EstimatorContext,
+from sparse_core.estimators import EstimatorContext
+from sparse_core.estimators.blocks import (
     block_pool_mean,
+    causal_block_softmax,
     num_blocks,
-    register_estimator,
-    valid_blocks,
+    softmax_scale,
 )
 
 
@@ -65,22 +63,16 @@ def qk_upper_bound(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> t
 
 
 def quest_scores(q: torch.Tensor, k: torch.Tensor, ctx: EstimatorContext) -> torch.Tensor:
-    from sparse_core.estimators.gate import visible_log_counts
+    from sparse_core.estimators.learned_gate import visible_log_counts
 
     b, hq, s, d = q.shape
     hkv = k.shape[1]
     g = hq // hkv
     bs = ctx.block_size
-    scale = ctx.scale if ctx.scale is not None else 1.0 / math.sqrt(d)
+    scale = softmax_scale(ctx.scale, d)
     qbar = block_pool_mean(q, bs, ctx.key_valid)  # [B, Hq, n, D]
     kmin, kmax = key_block_bounds(k, bs, ctx.key_valid)  # [B, Hkv, n, D]
     n = qbar.shape[2]
     ub = qk_upper_bound(qbar.view(b, hkv, g * n, d), kmin, kmax).view(b, hq, n, n)
-    logits = ub * scale + visible_log_counts(s, bs, q.device)  # -inf above the diagonal
-    vb = valid_blocks(ctx.key_valid, bs, s)
-    if vb is not None:
-        logits = logits.masked_fill(~vb[:, None, None, :], float("-inf"))
-    return torch.nan_to_num(torch.softmax(logits, dim=-1), nan=0.0)
-
-
-register_estimator("quest", quest_scores)
+    logits = ub * scale + visible_log_counts(s, bs, q.device)
+    return causal_block_softmax(logits, ctx.key_valid, bs, s)

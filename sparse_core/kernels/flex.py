@@ -15,6 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from sparse_core.kernels.padding import pad_to_blocks
 from sparse_core.selection import BlockSelection
 
 
@@ -122,14 +123,7 @@ def flex_sparse_attention(
     scale = scale if scale is not None else 1.0 / math.sqrt(d)
     if n != sel.num_blocks:
         sel = _pad_selection(sel, n)
-    if sp != s:
-        q = F.pad(q, (0, 0, 0, sp - s))
-        k = F.pad(k, (0, 0, 0, sp - s))
-        v = F.pad(v, (0, 0, 0, sp - s))
-        if key_valid is not None:
-            key_valid = F.pad(key_valid, (0, sp - s), value=False)
-    if key_valid is not None and bool(key_valid.all()):
-        key_valid = None
+    q, k, v, key_valid = pad_to_blocks(q, k, v, key_valid, sp)
     mask = build_block_mask(sel, hq, key_valid)
     out = _compiled_flex()(q, k, v, block_mask=mask, scale=scale, enable_gqa=hq != k.shape[1])
     if key_valid is not None:

@@ -17,8 +17,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
+from sparse_core.kernels.padding import pad_to_blocks
 from sparse_core.selection import BlockSelection
 
 GATHER_CHUNK_BYTES = 32 << 20  # gathered K+V per flash call (fewer, larger calls win on a busy machine)
@@ -63,14 +63,7 @@ def gather_attention(
     n = sel.num_blocks
     sp = n * bs
     scale = scale if scale is not None else 1.0 / math.sqrt(d)
-    if sp != s:
-        q = F.pad(q, (0, 0, 0, sp - s))
-        k = F.pad(k, (0, 0, 0, sp - s))
-        v = F.pad(v, (0, 0, 0, sp - s))
-        if key_valid is not None:
-            key_valid = F.pad(key_valid, (0, sp - s), value=False)
-    if key_valid is not None and bool(key_valid.all()):
-        key_valid = None
+    q, k, v, key_valid = pad_to_blocks(q, k, v, key_valid, sp)
 
     # kv head of each selection head
     kv_of = (torch.arange(hs, device=q.device) * gs) // g

@@ -8,17 +8,17 @@ import typer
 
 from sparsepilot.console import emit_json, fail, say
 
-audit_app = typer.Typer(no_args_is_help=True, help="The append-only audit log.")
+app = typer.Typer(no_args_is_help=True, help="The append-only audit log.")
 
 
-@audit_app.command("verify")
+@app.command("verify")
 def verify(json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
     """Check every audit row's hash link; exit 1 naming the first row that was changed, deleted or
     inserted out of order."""
     from rollout.audit import verify_chain
     from rollout.db.session import session_scope
     from rollout.settings import configure_environment
-    from sparsepilot.commands.usecase import require_schema
+    from sparsepilot.commands.init import require_schema
 
     configure_environment()
     require_schema()
@@ -30,7 +30,3 @@ def verify(json_out: Annotated[bool, typer.Option("--json", help="print JSON")] 
         fail(f"audit chain broken after {report.rows - 1} good row(s): {report.problem}", code=1)
     if not json_out:
         say(f"audit chain intact: {report.rows} row(s), last hash {report.last_hash[:16]}")
-
-
-def register(app: typer.Typer) -> None:
-    app.add_typer(audit_app, name="audit")

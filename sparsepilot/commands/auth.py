@@ -19,6 +19,8 @@ PasswordStdin = Annotated[
     ),
 ]
 
+app = typer.Typer()
+
 
 def _read_password(password_stdin: bool) -> str | None:
     if not password_stdin:
@@ -31,7 +33,7 @@ def _read_password(password_stdin: bool) -> str | None:
 
 def signed_in(role: str, action: str, password_stdin: bool = False) -> Any:
     """The authenticated Identity with at least ``role``, or exit 2 saying why not."""
-    from rollout.auth import AccountsConfigError, PermissionDenied, cli_authenticate, require_role
+    from rollout.auth import AccountsConfigError, cli_authenticate, require_role
 
     password = _read_password(password_stdin)
     prompt = getpass.getpass if password is None and sys.stdin.isatty() else None
@@ -40,10 +42,9 @@ def signed_in(role: str, action: str, password_stdin: bool = False) -> Any:
         return require_role(who, role, action)  # type: ignore[arg-type]
     except AccountsConfigError as exc:
         fail(f"accounts configuration: {exc}")
-    except PermissionDenied as exc:
-        fail(str(exc))
 
 
+@app.command("login")
 def login(
     password_stdin: PasswordStdin = False,
     hours: Annotated[float, typer.Option("--hours", min=0.1, max=720, help="token lifetime")] = 8.0,
@@ -54,7 +55,6 @@ def login(
 
     from rollout.auth import (
         AccountsConfigError,
-        PermissionDenied,
         auth_key,
         cli_authenticate,
         issue_token,
@@ -76,14 +76,13 @@ def login(
         who = cli_authenticate(password=password)
     except AccountsConfigError as exc:
         fail(f"accounts configuration: {exc}")
-    except PermissionDenied as exc:
-        fail(str(exc))
     token = issue_token(who, auth_key(create=True), ttl_s=int(hours * 3600))
     path = token_path()
     write_private(path, token.encode("ascii"))
     say(f"signed in as {who.name} ({who.role}) for {hours:g} h; token in {path}")
 
 
+@app.command("logout")
 def logout() -> None:
     """Remove the login token."""
     from rollout.auth import token_path
@@ -96,6 +95,7 @@ def logout() -> None:
         say("nobody was signed in")
 
 
+@app.command("whoami")
 def whoami(password_stdin: PasswordStdin = False) -> None:
     """Who the CLI acts as (checks the token or password) and with which role."""
     from rollout.settings import configure_environment
@@ -103,9 +103,3 @@ def whoami(password_stdin: PasswordStdin = False) -> None:
     configure_environment()
     who = signed_in("viewer", "whoami", password_stdin)
     say(f"{who.name} ({who.role}, via {who.source})")
-
-
-def register(app: typer.Typer) -> None:
-    app.command("login")(login)
-    app.command("logout")(logout)
-    app.command("whoami")(whoami)

@@ -3,13 +3,31 @@ Speed targets live here, never as timed assertions in tests."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
 
-app = typer.Typer(no_args_is_help=True)
+from sparse_core.decode.plan import DECODE_ESTIMATORS
+from sparse_core.estimators import available_estimators
 
-# bench quality: the estimators it knows, and the specs it compares by default (a+b: per-layer choice)
-KNOWN_ESTIMATORS = ("pooled", "antidiagonal", "quest", "gate", "gate_v2", "oracle")
-ESTIMATOR_SPECS = ("pooled", "antidiagonal", "quest", "gate", "gate_v2", "gate_v2+pooled", "oracle")
+# Options several benchmarks share (each command gives its own default)
+ModelRef = Annotated[str, typer.Option("--model", help="Model ref.")]
+Kernels = Annotated[str, typer.Option("--kernels", help="Comma-separated: gather, flex.")]
+JsonOut = Annotated[str, typer.Option("--out", help="Where to write the JSON.")]
+JsonPngOut = Annotated[str, typer.Option("--out", help="JSON path; the PNG goes next to it.")]
+
+
+def _quick(help: str) -> Any:
+    return typer.Option("--quick", help=help)
+
+
+def _json_flag(help: str) -> Any:
+    return typer.Option("--json", help=help)
+
+
+app = typer.Typer(no_args_is_help=True, help="Benchmarks: print a table and write JSON.")
 
 
 @app.command("dashboard")
@@ -21,12 +39,11 @@ def bench_dashboard(
     database_url: str = typer.Option(
         "", "--database-url", help="An EMPTY database to seed instead (e.g. PostgreSQL); default SQLite."
     ),
-    out: str = typer.Option("bench-results/dashboard.json", "--out", help="Where to write the JSON."),
-    json_out: bool = typer.Option(False, "--json", help="Print the JSON instead of a table."),
+    out: JsonOut = "bench-results/dashboard.json",
+    json_out: Annotated[bool, _json_flag("Print the JSON instead of a table.")] = False,
 ) -> None:
     """Seed a portfolio into a scratch state DB and time every dashboard page (AppTest renders)."""
     import tempfile
-    from pathlib import Path
 
     from rich.progress import Progress
 
@@ -70,8 +87,8 @@ def bench_import(
     chunk_rows: int = typer.Option(
         50_000, "--chunk-rows", min=1000, help="Rows parsed and checked at a time."
     ),
-    out: str = typer.Option("bench-results/import.json", "--out", help="Where to write the JSON."),
-    json_out: bool = typer.Option(False, "--json", help="Print the JSON instead of a table."),
+    out: JsonOut = "bench-results/import.json",
+    json_out: Annotated[bool, _json_flag("Print the JSON instead of a table.")] = False,
 ) -> None:
     """Import generated observation files (shadow step, JSONL) through the streaming import; rows/s and
     peak RSS per size, each in a fresh process (targets: 1M rows in <= 60 s, <= 1 GiB)."""
@@ -92,17 +109,19 @@ def bench_import(
 
 @app.command("quality")
 def bench_quality(
-    quick: bool = typer.Option(
-        False, "--quick", help="2k and 4k tokens, 4 windows, 120 gate steps, docs-qa's prompts (4 rows)."
-    ),
-    model: str = typer.Option("smollm2-135m", "--model", help="Model ref."),
+    quick: Annotated[
+        bool, _quick("2k and 4k tokens, 4 windows, 120 gate steps, docs-qa's prompts (4 rows).")
+    ] = False,
+    model: ModelRef = "smollm2-135m",
     budget: str = typer.Option(
         "kl=0.01,agree=0.98", "--budget", help="The one budget every estimator meets."
     ),
     estimators: str = typer.Option(
-        ",".join(ESTIMATOR_SPECS),
+        "",
         "--estimators",
-        help="Comma-separated; a+b = per-layer choice between a and b.",
+        help=f"Comma-separated, of {', '.join(available_estimators())}; a+b = per-layer choice between a "
+        "and b. Default: every registered estimator by kind, and the newest learned one + the first "
+        "training-free one.",
     ),
     lengths: str = typer.Option(
         "", "--lengths", help="Context lengths, e.g. 2048,4096 (default by mode); 'none' = use cases only."
@@ -117,26 +136,26 @@ def bench_quality(
     max_checks: int = typer.Option(0, "--max-checks", help="eps search steps per estimator (0 = 7)."),
     gate_target: str = typer.Option("", "--gate-target", help="gate_v2 distillation target: maxpool | mass."),
     no_speed: bool = typer.Option(False, "--no-speed", help="Skip the prefill timing per plan."),
-    out: str = typer.Option("bench-results/quality.json", "--out", help="Where to write the JSON."),
-    json_out: bool = typer.Option(False, "--json", help="Print the JSON instead of tables."),
+    out: JsonOut = "bench-results/quality.json",
+    json_out: Annotated[bool, _json_flag("Print the JSON instead of tables.")] = False,
     plans: str = typer.Option("", "--plans", help="Save every calibrated plan under DIR/<length>/<spec>."),
 ) -> None:
     """Every block estimator at the same budget: density reached, held-out KL / agreement, prefill
     speed-up, ratio vs the best training-free estimator; per use case the task-score delta."""
-    from pathlib import Path
 
     from rich.progress import Progress
 
-    from sparse_core.bench.quality import QualityBenchSettings, plot, run_quality_bench
+    from sparse_core import PlanError
+    from sparse_core.bench.quality import QualityBenchSettings, default_specs, plot, run_quality_bench
+    from sparse_core.estimators import parse_estimator_spec
     from sparsepilot.console import fail, print_table
 
-    names = tuple(e.strip() for e in estimators.split(",") if e.strip())
-    bad = [e for e in names if any(p not in KNOWN_ESTIMATORS for p in e.split("+"))]
-    if bad or not names:
-        fail(
-            f"--estimators: unknown {bad or estimators!r}; "
-            f"choose from {', '.join(KNOWN_ESTIMATORS)} (a+b mixes)"
-        )
+    names = tuple(e.strip() for e in estimators.split(",") if e.strip()) or default_specs()
+    try:
+        for spec in names:
+            parse_estimator_spec(spec)
+    except PlanError as exc:
+        fail(f"--estimators: {exc}")
     if gate_target not in ("", "maxpool", "mass"):
         fail(f"--gate-target: {gate_target!r}; choose maxpool or mass")
     kw: dict = dict(model=model, budget=budget, estimators=names, speed=not no_speed)
@@ -218,7 +237,6 @@ def bench_quality(
 
 def _usecase_data(ref: str):
     """A sample use case by name (examples/usecases/<name>.yaml) or a spec path -> UseCaseData."""
-    from pathlib import Path
 
     from rollout.spec import SpecError, load_spec
     from sparse_core.bench.quality import UseCaseData
@@ -240,21 +258,15 @@ def _usecase_data(ref: str):
 
 @app.command("attention")
 def bench_attention(
-    quick: bool = typer.Option(False, "--quick", help="4k and 16k tokens only (full: 4k/8k/16k/32k)."),
-    kernels: str = typer.Option("gather,flex", "--kernels", help="Comma-separated: gather, flex."),
+    quick: Annotated[bool, _quick("4k and 16k tokens only (full: 4k/8k/16k/32k).")] = False,
+    kernels: Kernels = "gather,flex",
     dtypes: str = typer.Option("fp32,bf16", "--dtypes", help="Comma-separated: fp32, bf16."),
     block_size: int = typer.Option(64, "--block-size", help="Block size (power of two)."),
     repeats: int = typer.Option(2, "--repeats", help="Timed runs per point after a warm-up (best kept)."),
-    out: str = typer.Option(
-        "bench-results/attention.json", "--out", help="JSON path; the PNG goes next to it."
-    ),
-    json_out: bool = typer.Option(False, "--json", help="Print the JSON after the table."),
+    out: JsonPngOut = "bench-results/attention.json",
+    json_out: Annotated[bool, _json_flag("Print the JSON after the table.")] = False,
 ) -> None:
     """One SmolLM2-shaped attention layer: dense SDPA vs sparse kernels at ~5/10/25/50% density."""
-    import json
-    from pathlib import Path
-
-    from rich.progress import Progress
 
     from sparse_core.bench import attention as bench
     from sparsepilot.console import emit_json, fail, print_table
@@ -267,23 +279,17 @@ def bench_attention(
         fail(f"--dtypes: {dtypes!r}; choose from {', '.join(bench.DTYPES)}")
     if block_size < 16 or block_size & (block_size - 1):
         fail(f"--block-size must be a power of two >= 16, got {block_size}")
-    with Progress(transient=True) as bar:
-        task = bar.add_task("attention benchmark", total=None)
-        result = bench.run(
-            quick=quick,
-            kernels=ks,
-            dtypes=ds,
-            block_size=block_size,
-            repeats=repeats,
-            progress=lambda msg: bar.update(task, description=msg),
-        )
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    png = bench.plot(result, path.with_suffix(".png"))
-    result["plot"] = str(png)
-    path.write_text(json.dumps(result, indent=2))
+    result = _with_spinner(
+        "attention benchmark",
+        bench.run,
+        quick=quick,
+        kernels=ks,
+        dtypes=ds,
+        block_size=block_size,
+        repeats=repeats,
+    )
+    path, png = _write_with_plot(result, out, bench.plot)
     env = result["environment"]
-    _wide_console()
     print_table(
         f"Attention layer (9 q / 3 kv heads, d=64), pooled estimator included; "
         f"load {env['loadavg_before']} -> "
@@ -297,21 +303,15 @@ def bench_attention(
 
 @app.command("prefill")
 def bench_prefill(
-    quick: bool = typer.Option(False, "--quick", help="Fewer lengths and plans (see docs/sparse_core.md)."),
-    model: str = typer.Option("smollm2-135m", "--model", help="Model ref."),
+    quick: Annotated[bool, _quick("Fewer lengths and plans (see docs/sparse_core.md).")] = False,
+    model: ModelRef = "smollm2-135m",
     taus: str = typer.Option("", "--taus", help="Comma-separated tau values (default per mode)."),
-    kernels: str = typer.Option("gather,flex", "--kernels", help="Comma-separated: gather, flex."),
-    out: str = typer.Option(
-        "bench-results/prefill.json", "--out", help="JSON path; the PNG goes next to it."
-    ),
-    json_out: bool = typer.Option(False, "--json", help="Print the JSON after the table."),
+    kernels: Kernels = "gather,flex",
+    out: JsonPngOut = "bench-results/prefill.json",
+    json_out: Annotated[bool, _json_flag("Print the JSON after the table.")] = False,
 ) -> None:
     """End-to-end prefill of a real model on natural English: dense SDPA vs sparse (pooled) at a
     few tau, speed-up in the same table as next-token KL, top-1 agreement and delta NLL."""
-    import json
-    from pathlib import Path
-
-    from rich.progress import Progress
 
     from sparse_core.bench import prefill as bench
     from sparsepilot.console import emit_json, fail, print_table
@@ -327,25 +327,14 @@ def bench_prefill(
         fail(f"--kernels: {kernels!r}; choose from gather, flex")
     from sparse_core import ModelRefError
 
-    with Progress(transient=True) as bar:
-        task = bar.add_task("prefill benchmark", total=None)
-        try:
-            result = bench.run(
-                model_ref=model,
-                quick=quick,
-                taus=tau_list,
-                kernels=ks,
-                progress=lambda msg: bar.update(task, description=msg),
-            )
-        except ModelRefError as exc:
-            fail(str(exc))
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    png = bench.plot(result, path.with_suffix(".png"))
-    result["plot"] = str(png)
-    path.write_text(json.dumps(result, indent=2))
+    try:
+        result = _with_spinner(
+            "prefill benchmark", bench.run, model_ref=model, quick=quick, taus=tau_list, kernels=ks
+        )
+    except ModelRefError as exc:
+        fail(str(exc))
+    path, png = _write_with_plot(result, out, bench.plot)
     env = result["environment"]
-    _wide_console()
     print_table(
         f"Prefill {result['model']} ({result['text_source']}); load {env['loadavg_before']} -> "
         f"{env['loadavg_after']} on {env['cpu_count']} CPUs; JSON: {path}, plot: {png}",
@@ -358,46 +347,58 @@ def bench_prefill(
 
 def _saved_and_emitted(result: dict, out: str, json_out: bool) -> bool:
     """Write the result JSON to ``out``; with --json also print it (and the caller prints no table)."""
-    import json
-    from pathlib import Path
-
     from sparsepilot.console import emit_json
 
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
+    _write_json(result, out)
     if json_out:
         emit_json(result)
     return json_out
 
 
+def _write_json(result: dict, out: str) -> Path:
+    import json
+
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    return path
+
+
+def _write_with_plot(result: dict, out: str, plot: Callable[[dict, Path], Path]) -> tuple[Path, Path]:
+    """Draw the PNG next to ``out``, then write the result JSON (which names the PNG) to ``out``, and
+    widen the console for the tables that follow. Returns the JSON and PNG paths."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    png = plot(result, Path(out).with_suffix(".png"))
+    result["plot"] = str(png)
+    path = _write_json(result, out)
+    _wide_console()
+    return path, png
+
+
 @app.command("decode")
 def bench_decode(
-    quick: bool = typer.Option(
-        False, "--quick", help="Layer at 16k and SmolLM2 at 8k only (full: 16k/32k, 1k-8k)."
-    ),
-    model: str = typer.Option("smollm2-135m", "--model", help="Model ref."),
+    quick: Annotated[bool, _quick("Layer at 16k and SmolLM2 at 8k only (full: 16k/32k, 1k-8k).")] = False,
+    model: ModelRef = "smollm2-135m",
     plan_dir: str = typer.Option(
         "", "--plan", help="A plan directory with a decode section (default: quest budgets)."
     ),
     estimator: str = typer.Option(
-        "quest", "--estimator", help="quest or gate (gate needs --plan with weights)."
+        "quest",
+        "--estimator",
+        help=f"{' or '.join(DECODE_ESTIMATORS)} (one that reads learned weights needs --plan).",
     ),
     page_size: int = typer.Option(16, "--page-size", help="Tokens per KV-cache page."),
     budgets: str = typer.Option("1024,2048", "--budgets", help="Comma-separated token budgets per KV head."),
     new_tokens: int = typer.Option(64, "--new-tokens", help="Generated tokens per run (>= 2)."),
     threads: int = typer.Option(1, "--threads", help="torch threads (1 on a shared machine)."),
-    out: str = typer.Option("bench-results/decode.json", "--out", help="JSON path; the PNG goes next to it."),
-    json_out: bool = typer.Option(False, "--json", help="Print the JSON after the tables."),
+    out: JsonPngOut = "bench-results/decode.json",
+    json_out: Annotated[bool, _json_flag("Print the JSON after the tables.")] = False,
 ) -> None:
     """Sparse decode: one attention layer at 16k/32k cached tokens, and SmolLM2 end to end, dense vs
     sparse ms per generated token side by side, with density, estimator share and the fidelity of the
     generated tokens."""
-    import json
-    from pathlib import Path
 
     import torch
-    from rich.progress import Progress
 
     from sparse_core import ModelRefError, PlanError
     from sparse_core.bench import decode as bench
@@ -409,10 +410,10 @@ def bench_decode(
         fail(f"--budgets: {budgets!r} is not a comma-separated list of integers")
     if not budget_list or any(b < 1 for b in budget_list):
         fail(f"--budgets: every budget must be an integer >= 1, got {budgets!r}")
-    if estimator not in ("quest", "gate"):
-        fail(f"--estimator: {estimator!r}; choose quest or gate")
-    if estimator == "gate" and not plan_dir:
-        fail("--estimator gate needs --plan: a calibrated plan directory that carries gate weights")
+    if estimator not in DECODE_ESTIMATORS:
+        fail(f"--estimator: {estimator!r}; choose {' or '.join(DECODE_ESTIMATORS)}")
+    if DECODE_ESTIMATORS[estimator] is not None and not plan_dir:
+        fail(f"--estimator {estimator} needs --plan: a calibrated plan directory that carries its weights")
     if page_size < 1:
         fail(f"--page-size must be >= 1, got {page_size}")
     if new_tokens < 2:
@@ -430,28 +431,22 @@ def bench_decode(
         if plan.decode is None:
             fail(f"--plan {plan_dir}: the plan has no decode section")
     torch.set_num_threads(threads)
-    with Progress(transient=True) as bar:
-        task = bar.add_task("decode benchmark", total=None)
-        try:
-            result = bench.run(
-                quick=quick,
-                model_ref=model,
-                page_size=page_size,
-                budgets=budget_list,
-                estimator=estimator,
-                plan=plan,
-                new_tokens=new_tokens,
-                progress=lambda msg: bar.update(task, description=msg),
-            )
-        except (ModelRefError, PlanError) as exc:
-            fail(str(exc))
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    png = bench.plot(result, path.with_suffix(".png"))
-    result["plot"] = str(png)
-    path.write_text(json.dumps(result, indent=2))
+    try:
+        result = _with_spinner(
+            "decode benchmark",
+            bench.run,
+            quick=quick,
+            model_ref=model,
+            page_size=page_size,
+            budgets=budget_list,
+            estimator=estimator,
+            plan=plan,
+            new_tokens=new_tokens,
+        )
+    except (ModelRefError, PlanError) as exc:
+        fail(str(exc))
+    path, png = _write_with_plot(result, out, bench.plot)
     env = result["environment"]
-    _wide_console()
     load = (
         f"load {env['loadavg_before']} -> {env['loadavg_after']} on {env['cpu_count']} CPUs, "
         f"{env['threads']} thread(s)"
@@ -470,6 +465,15 @@ def bench_decode(
     )
     if json_out:
         emit_json(result)
+
+
+def _with_spinner(label: str, run: Callable[..., dict], **kwargs: Any) -> dict:
+    """``run(**kwargs, progress=...)`` under a transient spinner that shows its latest progress message."""
+    from rich.progress import Progress
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task(label, total=None)
+        return run(**kwargs, progress=lambda msg: bar.update(task, description=msg))
 
 
 def _wide_console() -> None:
@@ -494,8 +498,8 @@ def bench_gate(
     rows: str = typer.Option(
         "10000,100000,1000000", "--rows", help="Comma-separated step sizes (rows) to time."
     ),
-    out: str = typer.Option("bench-results/gate.json", "--out", help="Where to write the JSON."),
-    json_out: bool = typer.Option(False, "--json", help="Print the JSON after the tables."),
+    out: JsonOut = "bench-results/gate.json",
+    json_out: Annotated[bool, _json_flag("Print the JSON after the tables.")] = False,
 ) -> None:
     """Time the gate's decide() at 10k / 100k / 1M rows (target: 1M rows <= 1 s) and, with --simulate,
     measure its error rates by simulation (the table in docs/gate.md)."""

@@ -1,4 +1,7 @@
-"""`sparsepilot calibrate` and `sparsepilot evaluate`: sparse_core outside any use case.
+"""`sparsepilot calibrate` and `sparsepilot evaluate`, one command each with two forms: with a use-case
+NAME they run the pipeline's flow (sparsepilot/commands/pipeline.py: validate, calibrate or evaluate,
+register in MLflow); with `--model ...` and no NAME they are sparse_core's standalone commands, outside
+any use case (plan directory and report files only).
 
 Heavy imports (torch, transformers) happen inside the commands so `sparsepilot --help` stays fast."""
 
@@ -14,7 +17,34 @@ from typing import Annotated, Any
 
 import typer
 
+from sparse_core.estimators import available_estimators
 from sparsepilot.console import console, emit_json, err_console, fail, print_table
+
+app = typer.Typer()
+
+UseCaseName = Annotated[str | None, typer.Argument(help="use case NAME (omit for the --model form)")]
+ModelRef = Annotated[str | None, typer.Option("--model", help="smollm2-135m, a local HF dir or a .gguf file")]
+TaskName = Annotated[str | None, typer.Option("--task", help="exact_match|contains|rouge_l|loglik")]
+ReportJson = Annotated[bool, typer.Option("--json", help="print the report as JSON")]
+
+
+def _use_case_form(use_case: str | None, standalone: dict[str, Any]) -> bool:
+    """True for the use-case form (a NAME); False for the standalone form, whose required options
+    (``standalone``: option name -> value) must then all be given. Mixing the two forms fails."""
+    if use_case is not None:
+        given = [opt for opt, value in standalone.items() if value is not None]
+        if given:
+            fail(f"give either a use case NAME or {given[0]}, not both")
+        return True
+    missing = [opt for opt, value in standalone.items() if value is None]
+    if missing:
+        fail(f"give a use case NAME, or {' '.join(missing)} for the standalone form")
+    return False
+
+
+def _given(**options: Any) -> dict[str, Any]:
+    """The keyword arguments whose value was given (not None)."""
+    return {k: v for k, v in options.items() if v is not None}
 
 
 def read_texts(path: str) -> list[str]:
@@ -131,23 +161,23 @@ def _write_plan_dir(plan, out: Path, config, report: dict) -> str:
     return digest
 
 
+@app.command("calibrate")
 def calibrate_cmd(
-    model: Annotated[str, typer.Option("--model", help="smollm2-135m, a local HF dir or a .gguf file")],
+    use_case: UseCaseName = None,
+    model: ModelRef = None,
     texts: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--texts", help="texts FILE (.jsonl/.txt), 'stdlib', or 'dataset' (--dataset's prompts)"
         ),
-    ],
-    out: Annotated[Path, typer.Option("--out", help="plan directory to write")],
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="plan directory to write")] = None,
     budget: Annotated[
         str, typer.Option("--budget", help="kl=0.01[,agree=0.99][,nll=0.01][,task=0.02 (needs --dataset)]")
     ] = "kl=0.01,agree=0.99",
     estimator: Annotated[
         str,
-        typer.Option(
-            "--estimator", help="pooled | antidiagonal | quest | gate | gate_v2; a+b: per-layer choice"
-        ),
+        typer.Option("--estimator", help=f"{' | '.join(available_estimators())}; a+b: per-layer choice"),
     ] = "gate",
     seed: Annotated[int, typer.Option("--seed")] = 0,
     max_texts: Annotated[int | None, typer.Option("--max-texts", help="token windows in total")] = None,
@@ -161,13 +191,20 @@ def calibrate_cmd(
     dataset: Annotated[
         Path | None, typer.Option("--dataset", help="JSONL prompt/reference rows for the task bound")
     ] = None,
-    task: Annotated[str | None, typer.Option("--task", help="exact_match|contains|rouge_l|loglik")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+    task: TaskName = None,
+    json_out: ReportJson = False,
 ) -> None:
-    """Calibrate a sparse plan to a quality budget on your texts; writes PLAN/ (plan.json, gate
-    weights, plan.sha256, calibration_report.json). With --dataset the budget may bound the task
-    score (task=...): measured on the calibration split of the rows, then reported on the held-out
-    split."""
+    """Use-case form (NAME): validate the dataset, calibrate to the spec's budget, register @challenger.
+
+    Standalone form (--model --texts --out, no NAME): calibrate a sparse plan to a quality budget on
+    your texts; writes PLAN/ (plan.json, gate weights, plan.sha256, calibration_report.json). With
+    --dataset the budget may bound the task score (task=...): measured on the calibration split of
+    the rows, then reported on the held-out split."""
+    if _use_case_form(use_case, {"--model": model, "--texts": texts, "--out": out}):
+        from sparsepilot.commands.pipeline import calibrate_use_case
+
+        calibrate_use_case(use_case, quick, json_out)
+        return
     from sparse_core import PlanError
     from sparse_core.calibration import Budget, BudgetError, CalibrationLimits
 
@@ -175,24 +212,19 @@ def calibrate_cmd(
         b = Budget.parse(budget)
     except BudgetError as exc:
         fail(f"--budget: {exc}")
-    from sparse_core.estimators import get_estimator
+    from sparse_core.estimators import parse_estimator_spec
 
     try:
-        for part in estimator.split("+"):
-            get_estimator(part.strip())
+        parse_estimator_spec(estimator)
     except PlanError as exc:
         fail(f"--estimator: {exc}")
-    kw: dict[str, Any] = {}
-    if max_texts is not None:
-        kw["max_texts"] = max_texts
-    if seq_len is not None:
-        kw["max_seq_len"] = seq_len
-    if gate_steps is not None:
-        kw["gate_steps"] = gate_steps
-    if checkpoint_dir is not None:
-        kw["gate_checkpoint_dir"] = str(checkpoint_dir)
-    if max_seconds is not None:
-        kw["max_seconds"] = max_seconds
+    kw = _given(
+        max_texts=max_texts,
+        max_seq_len=seq_len,
+        gate_steps=gate_steps,
+        gate_checkpoint_dir=str(checkpoint_dir) if checkpoint_dir is not None else None,
+        max_seconds=max_seconds,
+    )
     try:
         limits = CalibrationLimits.quick(**kw) if quick else CalibrationLimits(**kw)
     except ValueError as exc:
@@ -299,11 +331,13 @@ def _heldout_task_delta(model, tok, plan, rows: list, task: str | None, limits) 
     }
 
 
+@app.command("evaluate")
 def evaluate_cmd(
-    model: Annotated[str, typer.Option("--model", help="smollm2-135m, a local HF dir or a .gguf file")],
-    plan: Annotated[Path, typer.Option("--plan", help="plan directory (or plan.json)")],
+    use_case: UseCaseName = None,
+    model: ModelRef = None,
+    plan: Annotated[Path | None, typer.Option("--plan", help="plan directory (or plan.json)")] = None,
     dataset: Annotated[Path | None, typer.Option("--dataset", help="JSONL with prompt/reference")] = None,
-    task: Annotated[str | None, typer.Option("--task", help="exact_match|contains|rouge_l|loglik")] = None,
+    task: TaskName = None,
     probe_lengths: Annotated[str | None, typer.Option("--probe-lengths", help="e.g. 2048,4096,8192")] = None,
     probe_kinds: Annotated[
         str | None, typer.Option("--probe-kinds", help="passkey,multikey,kv,vartrack (default: all)")
@@ -317,9 +351,17 @@ def evaluate_cmd(
     report_out: Annotated[Path | None, typer.Option("--out", help="write the report JSON here")] = None,
     quick: Annotated[bool, typer.Option("--quick")] = False,
     thorough: Annotated[bool, typer.Option("--thorough")] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+    json_out: ReportJson = False,
 ) -> None:
-    """Evaluate a plan against the dense model: fidelity, probes, task scores, speed."""
+    """Use-case form (NAME): quality and speed vs dense on the use case's data, ROI with its interval.
+
+    Standalone form (--model --plan, no NAME): evaluate a plan against the dense model: fidelity,
+    probes, task scores, speed."""
+    if _use_case_form(use_case, {"--model": model, "--plan": plan}):
+        from sparsepilot.commands.pipeline import evaluate_use_case
+
+        evaluate_use_case(use_case, quick, json_out)
+        return
     from sparse_core import PlanError, plan_io
     from sparse_core.evaluation import EvalSuite, evaluate
     from sparse_core.tasks import TASKS, DatasetError, read_dataset
@@ -328,7 +370,9 @@ def evaluate_cmd(
         fail("--quick and --thorough exclude each other")
     if task is not None and task not in TASKS:
         fail(f"--task: {task!r} is not one of {list(TASKS)}")
-    kw: dict[str, Any] = {}
+    kw: dict[str, Any] = _given(
+        speed_repeats=repeats, pictures_dir=str(pictures) if pictures is not None else None
+    )
     try:
         if probe_lengths is not None:
             kw["probe_lengths"] = tuple(int(x) for x in probe_lengths.split(",") if x.strip() and int(x) > 0)
@@ -346,10 +390,6 @@ def evaluate_cmd(
         if bad:
             fail(f"--probe-kinds: unknown {bad}; choose from {list(PROBE_KINDS)}")
         kw["probe_kinds"] = kinds
-    if repeats is not None:
-        kw["speed_repeats"] = repeats
-    if pictures is not None:
-        kw["pictures_dir"] = str(pictures)
     if dataset is not None:
         try:
             kw["dataset_rows"] = read_dataset(dataset, default_task=task)
@@ -437,8 +477,3 @@ def _print_report(r) -> None:
             console.print(f"length-mix weighted speed-up: {r.speed_summary['weighted_speedup']:.3f}")
     for name, path in r.artifacts.items():
         console.print(f"{name}: {path}")
-
-
-def register(app: typer.Typer) -> None:
-    app.command("calibrate")(calibrate_cmd)
-    app.command("evaluate")(evaluate_cmd)

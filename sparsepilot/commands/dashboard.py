@@ -13,6 +13,8 @@ import dashboard  # the package is only a docstring: a cheap import
 
 APP_PATH = Path(dashboard.__file__).resolve().parent / "app.py"
 
+app = typer.Typer()
+
 
 def streamlit_command(port: int = 8501, address: str = "127.0.0.1") -> list[str]:
     """The `streamlit run` command line: headless, no usage statistics, no file watcher."""
@@ -84,40 +86,38 @@ def run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> int:
     return 0 if code in (0, -signal.SIGTERM, -signal.SIGINT) else code
 
 
-def register(app: typer.Typer) -> None:
-    @app.command("dashboard")
-    def dashboard(
-        port: int = typer.Option(8501, "--port", help="TCP port to listen on."),
-        address: str = typer.Option(
-            "127.0.0.1", "--address", help="Interface to bind; 0.0.0.0 exposes it to the network."
-        ),
-    ) -> None:
-        """Serve the ROI and go/no-go dashboard (Streamlit, headless, usage statistics off)."""
-        raise typer.Exit(serve_dashboard(port, address))
+@app.command("dashboard")
+def dashboard_cmd(
+    port: int = typer.Option(8501, "--port", help="TCP port to listen on."),
+    address: str = typer.Option(
+        "127.0.0.1", "--address", help="Interface to bind; 0.0.0.0 exposes it to the network."
+    ),
+) -> None:
+    """Serve the ROI and go/no-go dashboard (Streamlit, headless, usage statistics off)."""
+    raise typer.Exit(serve_dashboard(port, address))
 
-    @app.command("hash-password")
-    def hash_password_cmd(
-        name: str = typer.Option(
-            "", "--name", help="Print a whole SPARSEPILOT_ACCOUNTS entry for this user."
-        ),
-        role: str = typer.Option("viewer", "--role", help="viewer, operator or approver (with --name)."),
-        password_stdin: bool = typer.Option(
-            False, "--password-stdin", help="Read the password from standard input (for scripts)."
-        ),
-    ) -> None:
-        """Hash a password for a local account (scrypt, random per-user salt)."""
-        from rollout.auth import MIN_PASSWORD_CHARS, ROLES, hash_password
-        from sparsepilot.console import fail
 
-        if role not in ROLES:
-            fail(f"--role must be one of {', '.join(ROLES)}, not {role!r}")
-        if name and (":" in name or ";" in name):
-            fail("--name must not contain ':' or ';'")
-        if password_stdin:
-            password = sys.stdin.readline().rstrip("\r\n")
-        else:
-            password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
-        if len(password) < MIN_PASSWORD_CHARS:
-            fail(f"the password must have at least {MIN_PASSWORD_CHARS} characters")
-        hashed = hash_password(password)
-        typer.echo(f"{name}:{role}:{hashed}" if name else hashed)
+@app.command("hash-password")
+def hash_password_cmd(
+    name: str = typer.Option("", "--name", help="Print a whole SPARSEPILOT_ACCOUNTS entry for this user."),
+    role: str = typer.Option("viewer", "--role", help="viewer, operator or approver (with --name)."),
+    password_stdin: bool = typer.Option(
+        False, "--password-stdin", help="Read the password from standard input (for scripts)."
+    ),
+) -> None:
+    """Hash a password for a local account (scrypt, random per-user salt)."""
+    from rollout.auth import MIN_PASSWORD_CHARS, ROLES, hash_password
+    from sparsepilot.console import fail
+
+    if role not in ROLES:
+        fail(f"--role must be one of {', '.join(ROLES)}, not {role!r}")
+    if name and (":" in name or ";" in name):
+        fail("--name must not contain ':' or ';'")
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+    if len(password) < MIN_PASSWORD_CHARS:
+        fail(f"the password must have at least {MIN_PASSWORD_CHARS} characters")
+    hashed = hash_password(password)
+    typer.echo(f"{name}:{role}:{hashed}" if name else hashed)

@@ -1,14 +1,10 @@
-"""The pipeline commands: `calibrate NAME`, `evaluate NAME`, `pilot NAME [--observations FILE]`,
-`gate NAME`, `approve NAME --decision ID --reason TEXT [--reject]`, `promote`, `rollback NAME --reason`,
-`monitor NAME`, `run [--serve]`, `serve`.
-
-`calibrate` and `evaluate` have two forms: with a use-case NAME they run the flows; with `--model ...`
-they are sparse_core's standalone commands (sparsepilot/commands/core.py), which this module dispatches
-to unchanged, so both forms live under one command name."""
+"""The pipeline commands: `pilot NAME [--observations FILE]`, `gate NAME`, `approve NAME --decision ID
+--reason TEXT [--reject]`, `promote`, `rollback NAME --reason`, `monitor NAME`, `run [--serve]`, `serve`;
+and the use-case form of `calibrate NAME` / `evaluate NAME`, whose commands live in
+sparsepilot/commands/core.py with the standalone `--model` form."""
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -20,50 +16,18 @@ from sparsepilot.console import console, emit_json, err_console, fail, print_tab
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON")]
 
-
-def _known_errors() -> tuple[type[BaseException], ...]:
-    from flows.approval import ApprovalWaitError
-    from flows.calibrate import CalibrationFailed
-    from flows.evaluate import EvaluationFailed
-    from flows.gate import GateError
-    from flows.monitor import MonitorError
-    from flows.pilot import PilotError
-    from rollout.approvals import ApprovalError, FlowNotWaiting
-    from rollout.auth import PermissionDenied
-    from rollout.observations_io import ObservationImportError
-    from rollout.pilots import PilotStateError, UnknownUseCase
-    from rollout.registry import RegistryError
-    from rollout.spec import SpecError
-    from rollout.usecases import UseCaseError
-    from rollout.validation import DataValidationError
-
-    return (
-        ApprovalError,
-        ApprovalWaitError,
-        CalibrationFailed,
-        DataValidationError,
-        EvaluationFailed,
-        FlowNotWaiting,
-        GateError,
-        MonitorError,
-        ObservationImportError,
-        PermissionDenied,
-        PilotError,
-        PilotStateError,
-        RegistryError,
-        SpecError,
-        UnknownUseCase,
-        UseCaseError,
-        FileNotFoundError,
-    )
+app = typer.Typer()
 
 
-def _run(fn: Callable[[], Any]) -> Any:
-    """Run a flow from the CLI: known errors become a clear message and exit code 2."""
-    _require_db()
+def _run(fn: Callable[[], Any], *, needs_db: bool = True) -> Any:
+    """Run a flow from the CLI (after checking the state DB is reachable, unless ``needs_db`` is
+    false). Its SparsePilotErrors reach the one handler in sparsepilot/cli.py; a missing file it was
+    given (FileNotFoundError, a built-in) is a clear message and exit code 2 as well."""
+    if needs_db:
+        _require_db()
     try:
         return fn()
-    except _known_errors() as exc:
+    except FileNotFoundError as exc:
         fail(str(exc))
 
 
@@ -89,57 +53,7 @@ DecisionId = Annotated[
 ]
 
 
-# --- calibrate / evaluate: use-case form + sparse_core's standalone form ------------------------------
-
-
-def _dual(
-    core_fn: Callable[..., Any], use_case_fn: Callable[..., Any], required: tuple[str, ...]
-) -> Callable:
-    """A command taking an optional use-case NAME plus every option of `core_fn`; with NAME it runs
-    `use_case_fn(name, quick, json_out)`, otherwise `core_fn(**options)` (their required options are
-    checked here)."""
-    import typing
-
-    core_sig = inspect.signature(core_fn)
-    hints = typing.get_type_hints(core_fn, include_extras=True)
-    params = [
-        inspect.Parameter(
-            "use_case",
-            inspect.Parameter.POSITIONAL_OR_KEYWORD,
-            default=None,
-            annotation=Annotated[
-                str | None, typer.Argument(help="use case NAME (omit for the --model form)")
-            ],
-        )
-    ]
-    for p in core_sig.parameters.values():
-        ann = hints.get(p.name, p.annotation)
-        if p.default is inspect.Parameter.empty:  # required in the standalone form only
-            meta = getattr(ann, "__metadata__", ())
-            base = getattr(ann, "__origin__", ann)
-            ann = Annotated[(base | None, *meta)] if meta else base | None
-            p = p.replace(default=None)
-        params.append(p.replace(annotation=ann))
-
-    def command(**kwargs: Any) -> None:
-        name = kwargs.pop("use_case")
-        if name is not None:
-            standalone_only = [k for k in required if kwargs.get(k) is not None]
-            if standalone_only:
-                fail(f"give either a use case NAME or --{standalone_only[0].replace('_', '-')}, not both")
-            use_case_fn(name, bool(kwargs.get("quick")), bool(kwargs.get("json_out")))
-            return
-        missing = [k for k in required if kwargs.get(k) is None]
-        if missing:
-            fail(
-                "give a use case NAME, or "
-                f"--{' --'.join(m.replace('_', '-') for m in missing)} for the standalone form"
-            )
-        core_fn(**kwargs)
-
-    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
-    command.__doc__ = (use_case_fn.__doc__ or "") + "\n\n" + (core_fn.__doc__ or "")
-    return command
+# --- calibrate / evaluate: the use-case form (sparsepilot/commands/core.py has the commands) ---------
 
 
 def calibrate_use_case(name: str, quick: bool, json_out: bool) -> None:
@@ -179,6 +93,7 @@ def evaluate_use_case(name: str, quick: bool, json_out: bool) -> None:
 # --- pilot / gate / approve / promote / rollback / monitor -----------------------------------------
 
 
+@app.command("pilot")
 def pilot_cmd(
     name: Annotated[str, typer.Argument(help="use case NAME")],
     observations: Annotated[
@@ -231,6 +146,7 @@ def pilot_cmd(
     print_table(f"pilot {result['pilot_id']} of {name}", rows, cols)
 
 
+@app.command("gate")
 def gate_cmd(name: Annotated[str, typer.Argument(help="use case NAME")], json_out: JsonOpt = False) -> None:
     """Decide the current pilot step (GO / EXTEND / NO-GO / INVALID) and act on it."""
     from flows.gate import gate_flow
@@ -253,10 +169,7 @@ def _require_use_case(name: str) -> None:
 
     _require_db()
     with session_scope() as session:
-        try:
-            pilots.get_use_case(session, name)
-        except pilots.UnknownUseCase as exc:
-            fail(str(exc))
+        pilots.get_use_case(session, name)
 
 
 def _check_decision(name: str, decision_id: int) -> None:
@@ -271,6 +184,7 @@ def _check_decision(name: str, decision_id: int) -> None:
             fail(f"decision {decision_id} does not belong to use case {name!r}")
 
 
+@app.command("approve")
 def approve_cmd(
     name: Annotated[str, typer.Argument(help="use case NAME")],
     decision: DecisionId,
@@ -285,12 +199,7 @@ def approve_cmd(
     who = signed_in("approver", f"{'reject' if reject else 'approve'} decision {decision}", password_stdin)
 
     def go() -> dict[str, Any]:
-        from rollout.pilots import UnknownUseCase
-
-        try:
-            _check_decision(name, decision)
-        except UnknownUseCase as exc:
-            fail(str(exc))
+        _check_decision(name, decision)
         return approve_decision(decision, who, reason, reject=reject)
 
     result = _run(go)
@@ -300,6 +209,7 @@ def approve_cmd(
     say(result["message"])
 
 
+@app.command("promote")
 def promote_cmd(
     name: Annotated[str, typer.Argument(help="use case NAME")],
     decision: DecisionId,
@@ -347,6 +257,7 @@ def promote_cmd(
     say(result.get("message") or result)
 
 
+@app.command("rollback")
 def rollback_cmd(
     name: Annotated[str, typer.Argument(help="use case NAME")],
     reason: Annotated[str, typer.Option("--reason", help="why (kept in the audit log)")],
@@ -373,6 +284,7 @@ def rollback_cmd(
     say(f"{name}: champion {move.get('from_version')} -> {move.get('to_version')} ({move.get('status')})")
 
 
+@app.command("monitor")
 def monitor_cmd(
     name: Annotated[str, typer.Argument(help="use case NAME")],
     observations: Annotated[
@@ -394,6 +306,7 @@ def monitor_cmd(
 # --- main job and schedules ------------------------------------------------------------------------
 
 
+@app.command("run")
 def run_cmd(
     serve: Annotated[bool, typer.Option("--serve", help="serve the dashboard afterwards")] = False,
     use_case: Annotated[
@@ -447,10 +360,7 @@ def run_cmd(
 
     log_path = to_log_file(get_settings().home, "run")
     out_console.print(f"log file (warnings and library output): {log_path}", highlight=False)
-    try:
-        result = run_main_job(settings, console=out_console)
-    except _known_errors() as exc:
-        fail(str(exc))
+    result = _run(lambda: run_main_job(settings, console=out_console), needs_db=False)
     if json_out:
         emit_json(result)
     else:
@@ -473,6 +383,7 @@ def run_cmd(
         raise typer.Exit(1)
 
 
+@app.command("serve")
 def serve_cmd(
     use_case: Annotated[
         list[str] | None, typer.Option("--use-case", help="only these use cases (repeatable)")
@@ -486,24 +397,3 @@ def serve_cmd(
     from flows.deployments import serve_schedules
 
     _run(lambda: serve_schedules(use_case or None, work_pool=work_pool, console=console))
-
-
-def register(app: typer.Typer) -> None:
-    from sparsepilot.commands import core
-
-    # One command per name: replace sparse_core's standalone calibrate/evaluate with the dual form.
-    app.registered_commands[:] = [
-        c
-        for c in app.registered_commands
-        if (c.name or getattr(c.callback, "__name__", "")) not in ("calibrate", "evaluate")
-    ]
-    app.command("calibrate")(_dual(core.calibrate_cmd, calibrate_use_case, ("model", "texts", "out")))
-    app.command("evaluate")(_dual(core.evaluate_cmd, evaluate_use_case, ("model", "plan")))
-    app.command("pilot")(pilot_cmd)
-    app.command("gate")(gate_cmd)
-    app.command("approve")(approve_cmd)
-    app.command("promote")(promote_cmd)
-    app.command("rollback")(rollback_cmd)
-    app.command("monitor")(monitor_cmd)
-    app.command("run")(run_cmd)
-    app.command("serve")(serve_cmd)

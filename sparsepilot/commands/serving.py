@@ -11,7 +11,10 @@ import typer
 
 from sparsepilot.console import console, fail
 
+app = typer.Typer()
 
+
+@app.command("serve-model")
 def serve_model(
     name: Annotated[str, typer.Argument(help="use case NAME")],
     alias: Annotated[
@@ -30,15 +33,10 @@ def serve_model(
 ) -> None:
     """Serve a registered version of a use case with `mlflow models serve` (env manager: local)."""
     from rollout.arms.serve import resolve, serve_command, serve_environment
-    from rollout.pilots import UnknownUseCase
-    from rollout.registry import RegistryError
 
     if alias is not None and version is not None:
         fail("give --alias or --version, not both")
-    try:
-        target = resolve(name, alias=None if version else (alias or "challenger"), version=version)
-    except (RegistryError, UnknownUseCase) as exc:
-        fail(str(exc))
+    target = resolve(name, alias=None if version else (alias or "challenger"), version=version)
     cmd = serve_command(target, host=host, port=port, workers=workers, timeout_s=timeout_s)
     what = f"alias {target.alias} = version {target.version}" if target.alias else f"version {target.version}"
     console.print(f"serving {target.model_uri} ({what}) at http://{host}:{port}/invocations", highlight=False)
@@ -49,7 +47,3 @@ def serve_model(
         raise typer.Exit(subprocess.call(cmd, env=serve_environment()))
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
-
-
-def register(app: typer.Typer) -> None:
-    app.command("serve-model")(serve_model)

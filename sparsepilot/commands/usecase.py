@@ -1,4 +1,4 @@
-"""`sparsepilot init` and `sparsepilot usecase add | list | show`.
+"""`sparsepilot usecase add | list | show`.
 
 Bad input exits with code 2 and one line per problem naming the file, row and field; nothing is
 written (the add is one transaction, after every check passed)."""
@@ -11,95 +11,13 @@ from typing import Annotated, Any
 import typer
 
 from sparsepilot.commands.auth import PasswordStdin, signed_in
-from sparsepilot.console import console, emit_json, err_console, fail, print_table, say
+from sparsepilot.commands.init import require_schema
+from sparsepilot.console import console, emit_json, fail, print_table, say
 
-usecase_app = typer.Typer(no_args_is_help=True, help="Register and inspect use cases (versioned specs).")
-
-
-def _mask(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - an unparsable URL is shown as given minus nothing secret
-        return url.split("@")[-1]
+app = typer.Typer(no_args_is_help=True, help="Register and inspect use cases (versioned specs).")
 
 
-def require_schema() -> None:
-    """Refuse to work on a DB that `sparsepilot init` has not brought to the head revision."""
-    from alembic.script import ScriptDirectory
-
-    from rollout.db import migrate
-    from rollout.settings import get_settings
-
-    settings = get_settings()
-    url = settings.database_url
-    if settings.is_sqlite and url.startswith("sqlite:///"):
-        db_file = Path(url.removeprefix("sqlite:///"))
-        if not db_file.is_file():
-            fail(f"no state DB at {db_file}: run `sparsepilot init` first")
-    head = ScriptDirectory.from_config(migrate.alembic_config(url)).get_current_head()
-    try:
-        current = migrate.current_revision(url)
-    except Exception as exc:  # noqa: BLE001 - unreachable DB: say so plainly
-        fail(f"cannot reach the state DB at {_mask(url)}: {exc}")
-    if current != head:
-        state = "not initialised" if current is None else f"at revision {current}, head is {head}"
-        fail(f"the state DB at {_mask(url)} is {state}: run `sparsepilot init` first")
-
-
-def init(json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
-    """Create or upgrade the state DB (Alembic migrations) under SPARSEPILOT_HOME or
-    SPARSEPILOT_DATABASE_URL. With SPARSEPILOT_OWNER_DATABASE_URL (PostgreSQL) the migrations run as
-    that owner role and the app role of SPARSEPILOT_DATABASE_URL gets only the app's privileges. On
-    embedded defaults with no account configured, creates an approver account and prints its
-    password once."""
-    from rollout.auth import create_first_run_account
-    from rollout.db import migrate
-    from rollout.settings import configure_environment
-
-    settings = configure_environment()
-    owner_url = settings.owner_database_url
-    before = None
-    try:
-        before = migrate.current_revision(owner_url)
-    except Exception:  # noqa: BLE001 - a fresh SQLite file or empty DB has no revision yet
-        before = None
-    try:
-        migrate.upgrade(owner_url)
-        after = migrate.current_revision(owner_url)
-        app_role = migrate.grant_app_role(owner_url, settings.database_url)
-    except Exception as exc:  # noqa: BLE001
-        fail(f"could not migrate the state DB at {_mask(owner_url)}: {exc}")
-    first = create_first_run_account()
-    payload = {
-        "home": str(settings.home),
-        "database_url": _mask(settings.database_url),
-        "revision_before": before,
-        "revision": after,
-        "app_role": app_role,
-        "mlflow_tracking_uri": _mask(settings.mlflow_tracking_uri),
-        "first_run_account": first[0] if first else None,
-    }
-    if first:  # printed once, to the terminal only (never into JSON output or a log)
-        err_console.print(
-            f"Created the first approver account {first[0]!r} with password: {first[1]}\n"
-            f"  (only its hash is kept, in {settings.home / 'accounts.toml'}; sign in with "
-            f"`SPARSEPILOT_USER={first[0]} sparsepilot login`, or on the dashboard)",
-            highlight=False,
-            markup=False,
-        )
-    if json_out:
-        emit_json(payload)
-        return
-    changed = (
-        "created" if before is None else ("up to date" if before == after else f"upgraded from {before}")
-    )
-    console.print(f"State DB {payload['database_url']}: {changed} (revision {after})")
-    console.print(f"SPARSEPILOT_HOME: {payload['home']}")
-
-
-@usecase_app.command("add")
+@app.command("add")
 def add(
     file: Annotated[Path, typer.Argument(help="use-case spec (YAML); see docs/usecase-spec.md")],
     new_version: Annotated[
@@ -110,8 +28,7 @@ def add(
     json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """Validate a spec, its model ref and its dataset, then register it (or a new version of it)."""
-    from rollout.spec import SpecError
-    from rollout.usecases import UseCaseError, add_usecase
+    from rollout.usecases import add_usecase
     from rollout.validation import DataValidationError
 
     require_schema()
@@ -121,8 +38,6 @@ def add(
             result = add_usecase(file, actor=actor, new_version=new_version)
     except DataValidationError as exc:
         fail(f"dataset failed validation:\n{exc}")
-    except (SpecError, UseCaseError) as exc:
-        fail(str(exc))
     if json_out:
         emit_json(result.to_dict())
         return
@@ -144,7 +59,7 @@ def add(
         say(f"  warning: {w}")
 
 
-@usecase_app.command("list")
+@app.command("list")
 def list_(json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
     """All use cases with their current version and phase."""
     from rollout.usecases import list_usecases
@@ -164,7 +79,7 @@ def list_(json_out: Annotated[bool, typer.Option("--json", help="print JSON")] =
     )
 
 
-@usecase_app.command("show")
+@app.command("show")
 def show(
     name: Annotated[str, typer.Argument(help="use-case name")],
     version: Annotated[
@@ -174,13 +89,10 @@ def show(
     json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """One use case: its spec (current or a given version), all versions, recent audit entries."""
-    from rollout.usecases import UseCaseError, show_usecase
+    from rollout.usecases import show_usecase
 
     require_schema()
-    try:
-        info = show_usecase(name, version=version)
-    except UseCaseError as exc:
-        fail(str(exc))
+    info = show_usecase(name, version=version)
     if json_out:
         emit_json(info)
         return
@@ -198,8 +110,3 @@ def _print_usecase(info: dict[str, Any]) -> None:
     console.print(yaml.safe_dump(info["spec"], sort_keys=False).rstrip(), highlight=False, markup=False)
     print_table("Versions", info["versions"], ["version", "current", "spec_hash", "created_by", "created_at"])
     print_table("Recent audit entries", info["audit"], ["ts", "actor", "action"])
-
-
-def register(app: typer.Typer) -> None:
-    app.command("init")(init)
-    app.add_typer(usecase_app, name="usecase")

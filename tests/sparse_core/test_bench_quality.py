@@ -6,16 +6,18 @@ from __future__ import annotations
 import json
 
 from sparse_core.bench.quality import (
-    TRAINING_FREE,
     QualityBenchSettings,
     UseCaseData,
+    default_specs,
     plot,
     run_quality_bench,
 )
+from sparse_core.estimators import available_estimators
 from sparse_core.plan_io import load
 from sparse_core.tasks import TaskRow
 
-SPECS = ("pooled", "antidiagonal", "quest", "gate", "gate_v2", "gate_v2+pooled", "oracle")
+SPECS = default_specs()
+TRAINING_FREE = available_estimators("training-free")
 
 
 def test_quality_bench_compares_every_estimator_at_one_budget(quality_tiny_dir, quality_texts, tmp_path):

@@ -205,7 +205,7 @@ def test_decode_calibration_finds_a_budget_within_a_loose_budget_and_none_within
 
 
 def test_gate_decode_reuses_the_learned_gate_key_features(tiny_llama_dir):
-    from sparse_core.estimators.gate import BlockGate, GateShape
+    from sparse_core.estimators.learned_gate import BlockGate, GateShape
 
     model, tok = load_model(tiny_llama_dir)
     gate = BlockGate(GateShape.from_config(model.config), 32)

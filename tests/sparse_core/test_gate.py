@@ -11,8 +11,8 @@ import torch
 from sparse_core.capture import block_attention_mass, capture_attention
 from sparse_core.corpus import corpus_texts, pack_token_windows
 from sparse_core.estimators import EstimatorContext, get_estimator
-from sparse_core.estimators.gate import BlockGate, GateShape, GateShapeError, pool_features
-from sparse_core.gate_training import GateTrainConfig, train_gate
+from sparse_core.estimators.learned_gate import BlockGate, GateShape, GateShapeError, pool_features
+from sparse_core.scorer_training import GateTrainConfig, train_gate
 
 
 @pytest.fixture(scope="module")

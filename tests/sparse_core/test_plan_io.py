@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sparse_core import PlanError, SparsePlan, plan_io
-from sparse_core.estimators.gate import BlockGate, GateShape
+from sparse_core.estimators.learned_gate import BlockGate, GateShape
 from sparse_core.testing import tiny_config
 
 

@@ -14,8 +14,8 @@ from sparse_core import SparsePlan, plan_io, sparsify, unsparsify
 from sparse_core.capture import block_attention_mass, block_attention_maxpool, capture_attention
 from sparse_core.corpus import corpus_texts, pack_token_windows
 from sparse_core.estimators import EstimatorContext, available_estimators, get_estimator
-from sparse_core.estimators.gate import BlockGate, GateShape
-from sparse_core.estimators.gate_v2 import (
+from sparse_core.estimators.learned_gate import BlockGate, GateShape
+from sparse_core.estimators.learned_gate_v2 import (
     BlockGateV2,
     model_rope,
     rope_cos_sin,
@@ -23,8 +23,8 @@ from sparse_core.estimators.gate_v2 import (
     unrotate,
 )
 from sparse_core.estimators.quest import key_block_bounds, qk_upper_bound
-from sparse_core.gate_training import GateTrainConfig, train_gate
 from sparse_core.plan import PlanError
+from sparse_core.scorer_training import GateTrainConfig, train_gate
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 SHAPE = GateShape(num_layers=2, num_heads=6, num_kv_heads=2, head_dim=32, gate_dim=32)
@@ -230,7 +230,7 @@ def test_old_gate_plan_loads_and_runs_unchanged(quality_tiny):
 
 
 def test_chunked_pre_rope_pooling_equals_the_plain_path():
-    from sparse_core.estimators.gate_v2 import pool_features
+    from sparse_core.estimators.learned_gate_v2 import pool_features
 
     torch.manual_seed(6)
     q, k = torch.randn(1, 6, 640, 32), torch.randn(1, 2, 640, 32)

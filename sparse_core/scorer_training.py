@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from sparse_core.capture import block_attention_mass, block_attention_maxpool, capture_attention
-from sparse_core.estimators.gate import BlockGate, GateShape, pool_features
+from sparse_core.estimators.learned_gate import BlockGate, GateShape, pool_features
 
 KINDS = ("gate", "gate_v2")
 
@@ -85,7 +85,7 @@ def capture_features(
     feats: list = [None] * n_layers
     target_fn = block_attention_mass if target == "mass" else block_attention_maxpool
     if kind == "gate_v2":
-        from sparse_core.estimators import gate_v2
+        from sparse_core.estimators import learned_gate_v2 as gate_v2
 
         inv_freq, rope_scaling = gate_v2.model_rope(model)
 
@@ -164,7 +164,7 @@ def _mean_loss(gate, data: list[tuple[Features, int]]) -> float:
 
 def _new_gate(model, shape: GateShape, cfg: GateTrainConfig):
     if cfg.kind == "gate_v2":
-        from sparse_core.estimators.gate_v2 import BlockGateV2, model_rope
+        from sparse_core.estimators.learned_gate_v2 import BlockGateV2, model_rope
 
         inv_freq, rope_scaling = model_rope(model)
         return BlockGateV2(shape, cfg.block_size, inv_freq, rope_scaling, target=cfg.target)
@@ -310,5 +310,33 @@ def _check_checkpoint_dir(ckdir: Path, shape: GateShape, cfg: GateTrainConfig, w
         f.write_text(json.dumps(ident, indent=2))
 
 
-def gate_tensor_bytes(gate) -> int:
-    return sum(p.numel() * p.element_size() for p in gate.parameters())
+def _calibration_hook(kind: str):
+    """The registry's training hook for the learned estimator `kind` (see sparse_core.estimators)."""
+
+    def train(model, windows, *, heldout_windows, limits, seed, progress):
+        ckdir = limits.gate_checkpoint_dir
+        if ckdir and kind != "gate":
+            ckdir = f"{ckdir}/{kind}"
+        gate, rep = train_gate(
+            model,
+            windows,
+            GateTrainConfig(
+                block_size=limits.block_size,
+                steps=limits.gate_steps,
+                lr=limits.gate_lr,
+                seed=seed,
+                checkpoint_dir=ckdir,
+                max_seconds=limits.gate_max_seconds,
+                kind=kind,
+                target=limits.gate_target if kind == "gate_v2" else None,
+            ),
+            heldout_windows=heldout_windows,
+            progress=progress,
+        )
+        return gate.to_tensors(), rep.to_dict()
+
+    return train
+
+
+train_gate_v1_hook = _calibration_hook("gate")
+train_gate_v2_hook = _calibration_hook("gate_v2")

@@ -18,7 +18,7 @@ diagonal block (half visible) and a short last block comparable to full ones. In
 Wq = I and Wk reads only the K mean: before training the gate equals the `pooled` estimator (plus the
 prior), so training can only start from the training-free baseline.
 
-Training (`sparse_core.gate_training`): self-distillation, KL(dense block mass || gate), base model
+Training (`sparse_core.scorer_training`): self-distillation, KL(dense block mass || gate), base model
 frozen.
 """
 
@@ -232,6 +232,24 @@ def gate_for_plan(plan, shape: GateShape | None = None) -> BlockGate:
     return gate
 
 
+def check_fit(name: str, have: GateShape, need: GateShape) -> None:
+    """PlanError unless a plan's `name` weights have the model's layers, heads and head dim."""
+    if have != need:
+        raise PlanError(
+            f"plan's {name} weights are for a different model: layers/heads/kv heads/head dim "
+            f"{have.num_layers}/{have.num_heads}/{have.num_kv_heads}/{have.head_dim} vs model "
+            f"{need.num_layers}/{need.num_heads}/{need.num_kv_heads}/{need.head_dim}"
+        )
+
+
+def check_weights_fit(plan, config) -> None:
+    """Registry check: the plan carries `gate` weights for this model (checked when a plan loads)."""
+    if not plan.tensors:
+        raise PlanError("plan uses the 'gate' estimator but carries no gate weights")
+    have = BlockGate.shape_of(plan.tensors)
+    check_fit("gate", have, GateShape.from_config(config, have.gate_dim if have else None))
+
+
 def check_call(name: str, gate, ctx, q: torch.Tensor, k: torch.Tensor) -> None:
     """A learned gate fits this call: block size, layer index and head counts (clear errors)."""
     if ctx.block_size != gate.block_size:
@@ -257,18 +275,9 @@ def gate_scores(q: torch.Tensor, k: torch.Tensor, ctx) -> torch.Tensor:
         qbar, kpool = pool_features(q, k, ctx.block_size, ctx.key_valid)
         logp = layer.log_probs(qbar, kpool, q.shape[2], ctx.block_size)
         if ctx.key_valid is not None:
-            from sparse_core.estimators import valid_blocks
+            from sparse_core.estimators.blocks import valid_blocks
 
             vb = valid_blocks(ctx.key_valid, ctx.block_size, q.shape[2])
             logp = logp.masked_fill(~vb[:, None, None, :], float("-inf"))
             logp = torch.log_softmax(logp, dim=-1)
         return torch.nan_to_num(logp.exp(), nan=0.0)
-
-
-def _register() -> None:
-    from sparse_core.estimators import register_estimator
-
-    register_estimator("gate", gate_scores, overwrite=True)
-
-
-_register()

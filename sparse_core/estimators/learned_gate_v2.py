@@ -9,7 +9,7 @@ Differences from `gate` (which stays selectable; its plans load and run unchange
   of each block's first token (as SeerAttention does). Scores then depend on block *offsets* only:
   the same text shifted by a whole number of blocks gets the same scores, and one gate serves every
   length.
-- **Distillation target** (`sparse_core.gate_training`, `target="maxpool"` by default): the dense
+- **Distillation target** (`sparse_core.scorer_training`, `target="maxpool"` by default): the dense
   attention map 2D max-pooled per (query block, key block) tile and row-normalised, instead of the
   block mass; the block mass stays available (`target="mass"`).
 - A learned per-head weight on the log-visible-keys prior (initialised to 1 for the mass target, 0
@@ -28,8 +28,15 @@ import math
 import torch
 from torch import nn
 
-from sparse_core.estimators.gate import GateShape, GateShapeError, check_call, visible_log_counts
+from sparse_core.estimators.learned_gate import (
+    GateShape,
+    GateShapeError,
+    check_call,
+    check_fit,
+    visible_log_counts,
+)
 from sparse_core.estimators.quest import key_block_bounds
+from sparse_core.plan import PlanError
 
 TENSOR_PREFIX = "gate_v2"
 ROPE_INV_FREQ = f"{TENSOR_PREFIX}.rope.inv_freq"
@@ -97,7 +104,7 @@ def pool_features(
     """Post-rotary q [B,Hq,S,D], k [B,Hkv,S,D] -> pre-rotary pooled features: q mean [B,Hq,nb,D],
     k (max, min, mean) [B,Hkv,nb,3D], and each block's first position [B, nb]. Padded positions
     (key_valid False) are left out of every pool."""
-    from sparse_core.estimators import block_pool_mean
+    from sparse_core.estimators.blocks import block_pool_mean
 
     b, _, s, _ = query.shape
     pos = positions_for(b, s, key_valid, query.device, positions)
@@ -282,6 +289,14 @@ class BlockGateV2(nn.Module):
 _GATES: dict[int, tuple[dict, BlockGateV2]] = {}
 
 
+def check_weights_fit(plan, config) -> None:
+    """Registry check: the plan carries `gate_v2` weights for this model (checked when a plan loads)."""
+    have = BlockGateV2.shape_of(plan.tensors or {})
+    if have is None:
+        raise PlanError("plan uses the 'gate_v2' estimator but carries no gate_v2 weights")
+    check_fit("gate_v2", have, GateShape.from_config(config, have.gate_dim))
+
+
 def gate_for_plan(plan) -> BlockGateV2:
     """The BlockGateV2 a plan carries (cached per plan tensors dict)."""
     tensors = getattr(plan, "tensors", None) or {}
@@ -296,7 +311,7 @@ def gate_for_plan(plan) -> BlockGateV2:
 
 
 def gate_v2_scores(q: torch.Tensor, k: torch.Tensor, ctx) -> torch.Tensor:
-    from sparse_core.estimators import valid_blocks
+    from sparse_core.estimators.blocks import valid_blocks
 
     if ctx.layer_idx is None or ctx.plan is None:
         raise GateShapeError("the gate_v2 estimator needs a layer index and a plan with gate_v2 weights")
@@ -310,12 +325,3 @@ def gate_v2_scores(q: torch.Tensor, k: torch.Tensor, ctx) -> torch.Tensor:
         if vb is not None:
             logp = torch.log_softmax(logp.masked_fill(~vb[:, None, None, :], float("-inf")), dim=-1)
         return torch.nan_to_num(logp.exp(), nan=0.0)
-
-
-def _register() -> None:
-    from sparse_core.estimators import register_estimator
-
-    register_estimator("gate_v2", gate_v2_scores, overwrite=True)
-
-
-_register()

@@ -1,0 +1,69 @@
+"""What every benchmark reports the same way: the machine it ran on (with the host load before and
+after, since the machine is shared), its wall and CPU time, and its figures."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def loadavg() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def environment(load_before: list[float] | None = None) -> dict[str, Any]:
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "cuda": torch.cuda.is_available(),
+        "loadavg_before": load_before,
+        "loadavg_after": loadavg(),
+    }
+
+
+@dataclass
+class RunClock:
+    """Started when a benchmark starts; `summary()` is the tail of its result."""
+
+    load_before: list[float] = field(default_factory=loadavg)
+    started: float = field(default_factory=time.perf_counter)
+    cpu_started: float = field(default_factory=time.process_time)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "environment": environment(self.load_before),
+            "wall_seconds": time.perf_counter() - self.started,
+            # CPU time of this process (all threads): on a shared machine wall time overstates the cost
+            "cpu_seconds": time.process_time() - self.cpu_started,
+        }
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the file-only Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, path: str | Path) -> Path:
+    path = Path(path)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+    return path

@@ -1,0 +1,66 @@
+"""Block helpers the estimators share: block counts, the causal block mask, per-block mean pooling, the
+valid (non-padding) blocks of a batch, the softmax scale and the softmax over causal valid blocks."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+
+def num_blocks(seq_len: int, block_size: int) -> int:
+    return -(-seq_len // block_size)
+
+
+def causal_block_mask(n: int, device: Any = None) -> torch.Tensor:
+    idx = torch.arange(n, device=device)
+    return idx[None, :] <= idx[:, None]
+
+
+def block_pool_mean(x: torch.Tensor, block_size: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over each block of the sequence dim: [B, H, S, D] -> float32 [B, H, nb, D]; a partial last
+    block and padded positions (valid False) are excluded from the mean."""
+    b, h, s, d = x.shape
+    n = num_blocks(s, block_size)
+    pad = n * block_size - s
+    xf = x.float()
+    if valid is None and pad == 0:
+        return xf.view(b, h, n, block_size, d).mean(dim=3)
+    w = torch.ones(b, s, device=x.device, dtype=torch.float32) if valid is None else valid.float()
+    if pad:
+        xf = torch.nn.functional.pad(xf, (0, 0, 0, pad))
+        w = torch.nn.functional.pad(w, (0, pad))
+    w = w.view(b, 1, n, block_size, 1)
+    total = (xf.view(b, h, n, block_size, d) * w).sum(dim=3)
+    count = w.sum(dim=3).clamp_min(1.0)
+    return total / count
+
+
+def valid_blocks(key_valid: torch.Tensor | None, block_size: int, seq_len: int) -> torch.Tensor | None:
+    """[B, S] bool -> [B, nb] bool: a block is valid when any of its positions is."""
+    if key_valid is None:
+        return None
+    n = num_blocks(seq_len, block_size)
+    pad = n * block_size - seq_len
+    kv = torch.nn.functional.pad(key_valid, (0, pad), value=False) if pad else key_valid
+    return kv.view(kv.shape[0], n, block_size).any(dim=-1)
+
+
+def softmax_scale(scale: float | None, head_dim: int) -> float:
+    """The attention's softmax scale: the given one, else 1/sqrt(head_dim)."""
+    return scale if scale is not None else 1.0 / math.sqrt(head_dim)
+
+
+def causal_block_softmax(
+    logits: torch.Tensor, key_valid: torch.Tensor | None, block_size: int, seq_len: int
+) -> torch.Tensor:
+    """[B, H, nb, nb] block logits -> their softmax over the causal key blocks that hold a valid key
+    (a row with none comes out as zeros, never NaN)."""
+    n = logits.shape[-1]
+    allowed = causal_block_mask(n, logits.device)[None, None]
+    vb = valid_blocks(key_valid, block_size, seq_len)
+    if vb is not None:
+        allowed = allowed & vb[:, None, None, :]
+    probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
+    return torch.nan_to_num(probs, nan=0.0)

@@ -1,0 +1,97 @@
+"""`sparsepilot init`: create or upgrade the state DB; and `require_schema`, the check the `usecase`
+and `audit` commands run before they touch it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from sparsepilot.console import console, emit_json, err_console, fail
+
+app = typer.Typer()
+
+
+def _mask(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - an unparsable URL is shown as given minus nothing secret
+        return url.split("@")[-1]
+
+
+def require_schema() -> None:
+    """Refuse to work on a DB that `sparsepilot init` has not brought to the head revision."""
+    from alembic.script import ScriptDirectory
+
+    from rollout.db import migrate
+    from rollout.settings import get_settings
+
+    settings = get_settings()
+    url = settings.database_url
+    if settings.is_sqlite and url.startswith("sqlite:///"):
+        db_file = Path(url.removeprefix("sqlite:///"))
+        if not db_file.is_file():
+            fail(f"no state DB at {db_file}: run `sparsepilot init` first")
+    head = ScriptDirectory.from_config(migrate.alembic_config(url)).get_current_head()
+    try:
+        current = migrate.current_revision(url)
+    except Exception as exc:  # noqa: BLE001 - unreachable DB: say so plainly
+        fail(f"cannot reach the state DB at {_mask(url)}: {exc}")
+    if current != head:
+        state = "not initialised" if current is None else f"at revision {current}, head is {head}"
+        fail(f"the state DB at {_mask(url)} is {state}: run `sparsepilot init` first")
+
+
+@app.command("init")
+def init(json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
+    """Create or upgrade the state DB (Alembic migrations) under SPARSEPILOT_HOME or
+    SPARSEPILOT_DATABASE_URL. With SPARSEPILOT_OWNER_DATABASE_URL (PostgreSQL) the migrations run as
+    that owner role and the app role of SPARSEPILOT_DATABASE_URL gets only the app's privileges. On
+    embedded defaults with no account configured, creates an approver account and prints its
+    password once."""
+    from rollout.auth import create_first_run_account
+    from rollout.db import migrate
+    from rollout.settings import configure_environment
+
+    settings = configure_environment()
+    owner_url = settings.owner_database_url
+    before = None
+    try:
+        before = migrate.current_revision(owner_url)
+    except Exception:  # noqa: BLE001 - a fresh SQLite file or empty DB has no revision yet
+        before = None
+    try:
+        migrate.upgrade(owner_url)
+        after = migrate.current_revision(owner_url)
+        app_role = migrate.grant_app_role(owner_url, settings.database_url)
+    except Exception as exc:  # noqa: BLE001
+        fail(f"could not migrate the state DB at {_mask(owner_url)}: {exc}")
+    first = create_first_run_account()
+    payload = {
+        "home": str(settings.home),
+        "database_url": _mask(settings.database_url),
+        "revision_before": before,
+        "revision": after,
+        "app_role": app_role,
+        "mlflow_tracking_uri": _mask(settings.mlflow_tracking_uri),
+        "first_run_account": first[0] if first else None,
+    }
+    if first:  # printed once, to the terminal only (never into JSON output or a log)
+        err_console.print(
+            f"Created the first approver account {first[0]!r} with password: {first[1]}\n"
+            f"  (only its hash is kept, in {settings.home / 'accounts.toml'}; sign in with "
+            f"`SPARSEPILOT_USER={first[0]} sparsepilot login`, or on the dashboard)",
+            highlight=False,
+            markup=False,
+        )
+    if json_out:
+        emit_json(payload)
+        return
+    changed = (
+        "created" if before is None else ("up to date" if before == after else f"upgraded from {before}")
+    )
+    console.print(f"State DB {payload['database_url']}: {changed} (revision {after})")
+    console.print(f"SPARSEPILOT_HOME: {payload['home']}")

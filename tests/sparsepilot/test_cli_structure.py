@@ -1,0 +1,47 @@
+"""The CLI's shape: one Typer per commands module, every command reachable, one error handler."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+import typer
+from typer.testing import CliRunner
+
+import sparsepilot.commands
+from sparsepilot.cli import app
+
+TOP_LEVEL = {
+    "init", "calibrate", "evaluate", "pilot", "gate", "approve", "promote", "rollback", "monitor", "run",
+    "serve", "dashboard", "hash-password", "login", "logout", "whoami", "serve-model",
+}  # fmt: skip
+GROUPS = {"usecase": {"add", "list", "show"}, "audit": {"verify"}}
+BENCHMARKS = {"dashboard", "import", "quality", "attention", "prefill", "decode", "gate"}
+
+
+def test_every_commands_module_exposes_one_typer_and_no_register_hook() -> None:
+    names = [m.name for m in pkgutil.iter_modules(sparsepilot.commands.__path__)]
+    assert names, "no command modules found"
+    for name in names:
+        module = importlib.import_module(f"sparsepilot.commands.{name}")
+        assert isinstance(getattr(module, "app", None), typer.Typer), name
+        assert not hasattr(module, "register"), name
+
+
+def test_every_command_and_group_is_reachable_once() -> None:
+    root = typer.main.get_command(app)
+    assert set(root.commands) == TOP_LEVEL | set(GROUPS) | {"bench"}
+    for group, commands in GROUPS.items():
+        assert set(root.commands[group].commands) == commands
+    assert set(root.commands["bench"].commands) == BENCHMARKS
+
+
+def test_a_sparsepilot_error_from_any_command_is_one_line_and_exit_2(sp_home) -> None:  # noqa: ANN001
+    runner = CliRunner()
+    res = runner.invoke(app, ["usecase", "show", "no-such-case"])  # UseCaseError, from rollout
+    assert res.exit_code == 2, res.output
+    assert res.output.startswith("error: no use case named 'no-such-case'")
+    assert "Traceback" not in res.output
+    res = runner.invoke(app, ["gate", "no-such-case"])  # UnknownUseCase, via the pipeline commands
+    assert res.exit_code == 2, res.output
+    assert res.output.startswith("error: unknown use case 'no-such-case'")
