@@ -25,6 +25,12 @@ from sqlalchemy.orm import Session
 from rollout.db.models import AuditEntry, utcnow
 
 GENESIS = "0" * 64
+# The automation's actor names: the pipeline (flows, the scheduled cycle, the main job) and the monitor
+# (which alone may roll a champion back on its own). Rows written before the pipeline had one name say
+# "sparsepilot-flow" or "sparsepilot-run"; they stay as written (the hash chain covers them) and read
+# like any other actor.
+SYSTEM_ACTOR = "sparsepilot-pipeline"
+MONITOR_ACTOR = "sparsepilot-monitor"
 _PG_LOCK_KEY = 0x5350_4155_4449_54  # "SPAUDIT": serialises audit writers on PostgreSQL
 
 

@@ -21,7 +21,6 @@ MLflow is called; callers pass use-case names, not sessions.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 import warnings
@@ -42,8 +41,8 @@ from sparse_core.errors import SparsePilotError
 ALIASES = ("champion", "challenger")
 MODEL_PREFIX = "sparsepilot-"
 # System identities (source="flow"): what automation may do on its own (see the module docstring).
-SYSTEM_PIPELINE = Identity(name="sparsepilot-pipeline", role="approver", source="flow")
-SYSTEM_MONITOR = Identity(name="sparsepilot-monitor", role="approver", source="flow")
+SYSTEM_PIPELINE = Identity(name=audit.SYSTEM_ACTOR, role="approver", source="flow")
+SYSTEM_MONITOR = Identity(name=audit.MONITOR_ACTOR, role="approver", source="flow")
 _SYSTEM_RIGHTS = {
     SYSTEM_PIPELINE.name: {("challenger", "set")},
     SYSTEM_MONITOR.name: {("champion", "rollback")},
@@ -342,7 +341,8 @@ def _resolve_version(session, uc: UseCase, version: str | int | None, model_vers
     return str(version)
 
 
-def _committed(session, uc_id: int, alias: str) -> list[AliasMove]:  # noqa: ANN001
+def committed_moves(session, uc_id: int, alias: str) -> list[AliasMove]:  # noqa: ANN001
+    """The committed moves of one alias of a use case, oldest first (what champion_lineage reads)."""
     return list(
         session.scalars(
             select(AliasMove)
@@ -520,7 +520,7 @@ def set_alias(
 
     def target(session, uc):  # noqa: ANN001, ANN202
         to_version = _resolve_version(session, uc, version, model_version_id)
-        history = _committed(session, uc.id, alias)
+        history = committed_moves(session, uc.id, alias)
         return to_version, (history[-1].to_version if history else None)
 
     return _move(
@@ -550,13 +550,13 @@ def promote(
 
     def target(session, uc):  # noqa: ANN001, ANN202
         if version is None and model_version_id is None:
-            challengers = _committed(session, uc.id, "challenger")
+            challengers = committed_moves(session, uc.id, "challenger")
             if not challengers or challengers[-1].to_version is None:
                 raise RegistryError(f"use case {uc.name!r} has no challenger to promote")
             to_version = challengers[-1].to_version
         else:
             to_version = _resolve_version(session, uc, version, model_version_id)
-        lineage = champion_lineage(_committed(session, uc.id, "champion"))
+        lineage = champion_lineage(committed_moves(session, uc.id, "champion"))
         current = lineage[-1] if lineage else None
         if current == to_version:
             raise RegistryError(f"version {to_version} is already the champion of {uc.name!r}")
@@ -585,7 +585,7 @@ def rollback(
     """champion -> the previous champion from our alias history (never from MLflow's state)."""
 
     def target(session, uc):  # noqa: ANN001, ANN202
-        lineage = champion_lineage(_committed(session, uc.id, "champion"))
+        lineage = champion_lineage(committed_moves(session, uc.id, "champion"))
         if len(lineage) < 2:
             raise RegistryError(f"use case {uc.name!r} has no previous champion to roll back to")
         return lineage[-2], lineage[-1]
@@ -616,27 +616,9 @@ def current_aliases(use_case: str) -> dict[str, str]:
 
 
 def alias_history(use_case: str, *, db_url: str | None = None) -> list[dict[str, Any]]:
-    """Every recorded alias move (pending/failed included), oldest first."""
+    """`rollout.queries.alias_moves` by use-case name, in its own transaction (times as ISO text)."""
+    from rollout.queries import alias_moves
+
     with session_scope(db_url) as session:
-        uc = _use_case(session, use_case)
-        rows = session.scalars(select(AliasMove).where(AliasMove.use_case_id == uc.id).order_by(AliasMove.id))
-        return [
-            {
-                "id": m.id,
-                "alias": m.alias,
-                "from_version": m.from_version,
-                "to_version": m.to_version,
-                "actor": m.actor,
-                "reason": m.reason,
-                "status": m.status,
-                "error": m.error,
-                "idempotency_key": m.idempotency_key,
-                "created_at": m.created_at.isoformat() if m.created_at else None,
-            }
-            for m in rows
-        ]
-
-
-def plan_fingerprint(plan_dict: Mapping[str, Any]) -> str:
-    """sha256 of canonical JSON (for callers that need a key without sparse_core)."""
-    return hashlib.sha256(json.dumps(plan_dict, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+        moves = alias_moves(session, _use_case(session, use_case).id)
+    return [m | {"created_at": m["created_at"].isoformat() if m["created_at"] else None} for m in moves]

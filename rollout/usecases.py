@@ -26,7 +26,7 @@ from rollout import audit
 from rollout.db.models import AuditEntry, SpecVersion, UseCase
 from rollout.db.session import session_scope
 from rollout.settings import get_settings
-from rollout.spec import SpecError, UseCaseSpec, load_spec
+from rollout.spec import SpecError, UseCaseSpec, load_spec, parse_spec
 from rollout.validation import ValidationResult, token_counter_for, validate_dataset
 from sparse_core.errors import SparsePilotError
 
@@ -408,6 +408,44 @@ def show_usecase(name: str, *, version: int | None = None, url: str | None = Non
                 {"ts": e.ts, "actor": e.actor, "action": e.action, "details": e.details} for e in history
             ],
         }
+
+
+def names(url: str | None = None) -> list[str]:
+    with session_scope(url) as s:
+        return list(s.scalars(select(UseCase.name).order_by(UseCase.name)))
+
+
+def phase_of(name: str, url: str | None = None) -> str:
+    """The use case's phase (rollout.lifecycle)."""
+    with session_scope(url) as s:
+        return _get(s, name).phase
+
+
+def schedules(wanted: list[str] | None = None, url: str | None = None) -> list[dict[str, Any]]:
+    """(use case, cron, timezone) for every use case (or those `wanted`) whose current spec has a
+    schedule; an unknown name in `wanted` is an error naming the known ones."""
+    with session_scope(url) as s:
+        rows = s.execute(
+            select(UseCase.name, SpecVersion.spec, SpecVersion.version)
+            .join(
+                SpecVersion,
+                (SpecVersion.use_case_id == UseCase.id)
+                & (SpecVersion.version == UseCase.current_spec_version),
+            )
+            .order_by(UseCase.name)
+        ).all()
+    known = {name for name, _, _ in rows}
+    for n in wanted or []:
+        if n not in known:
+            raise UnknownUseCase(f"unknown use case {n!r} (known: {', '.join(sorted(known)) or 'none'})")
+    out = []
+    for name, spec_dict, version in rows:
+        if wanted and name not in wanted:
+            continue
+        spec = parse_spec(spec_dict, source=f"{name} spec v{version}")
+        if spec.schedule is not None:
+            out.append({"use_case": name, "cron": spec.schedule.cron, "timezone": spec.schedule.timezone})
+    return out
 
 
 def _get(s: Any, name: str) -> UseCase:
