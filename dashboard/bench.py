@@ -100,7 +100,7 @@ def write_use_case(s: Any, u: SeedUseCase) -> dict[str, Any]:
         s.flush()
         actor, action = u.look_audit
         audit.record(
-            s, actor, action, use_case_id=uc.id, entity="gate_decision", entity_id=d.id,
+            s, actor, action, on=d,
             details={"outcome": d.outcome},
         )  # fmt: skip
         ids["decisions"].append(d.id)

@@ -17,6 +17,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from flows.arms import answer_with_arms
 from flows.common import UseCaseContext, flow_task, load_context, log_run, stable_key
 from rollout import decisions, pilot_batches
 from rollout.validation import ARMS
@@ -95,19 +96,9 @@ def next_requests(ctx: UseCaseContext, used: set[str], salt: str, n: int) -> lis
     return [(r.id, r.as_row()) for r in requests]
 
 
-@flow_task("pilot-answer-batch", retries=1)
-def answer_batch(
-    ctx: UseCaseContext,
-    info: dict[str, Any],
-    requests: list[tuple[str, dict]],
-    max_new_tokens: int,
-    max_prompt_tokens: int | None,
-) -> list[dict[str, Any]]:
-    """Run the requests through the step's two arms and score them: the model in this process (default)
-    or the endpoints of the spec's `pilot.arms` (flows.arms, rollout.arms)."""
-    from flows.arms import answer_with_arms
-
-    return answer_with_arms(ctx, info, requests, max_new_tokens, max_prompt_tokens)
+# Run the requests through the step's two arms and score them: the model in this process (default) or the
+# endpoints of the spec's `pilot.arms` (flows.arms, rollout.arms).
+answer_batch = flow_task("pilot-answer-batch", retries=1)(answer_with_arms)
 
 
 def answer_measured(

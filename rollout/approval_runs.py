@@ -37,9 +37,7 @@ def register(decision_id: int, run_id: str, run_is_live: Callable[[str], bool]) 
                 session,
                 audit.SYSTEM_ACTOR,
                 "approval.waiting",
-                use_case_id=d.use_case_id,
-                entity="gate_decision",
-                entity_id=d.id,
+                on=d,
                 details={"flow_run_id": run_id, "awaiting": d.awaiting},
             )
         return {"awaiting": d.awaiting, "outcome": d.outcome, "use_case_id": d.use_case_id}

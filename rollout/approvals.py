@@ -117,6 +117,33 @@ def override_signatures(session: Any, decision_id: int, action: str) -> list[App
     )
 
 
+def _sign(
+    session: Any,
+    d: GateDecision,
+    who: Identity,
+    action: str,
+    text: str,
+    against: bool,
+    event: str,
+    **about: Any,
+) -> Approval:
+    """A person's signature on the decision: the Approval row and its audit entry (`event`, with the
+    reason, the role, `about` and where the identity came from)."""
+    row = Approval(
+        decision_id=d.id,
+        actor=who.name,
+        role=who.role,
+        action=action,
+        reason=text,
+        against_recommendation=against,
+    )
+    session.add(row)
+    session.flush()
+    details = {"reason": text, "role": who.role, **about, "source": who.source}
+    audit.record(session, who.name, event, on=d, details=details)
+    return row
+
+
 def _check_reason(reason: str | None) -> str:
     text = (reason or "").strip()
     if not text:
@@ -176,24 +203,15 @@ def approve(
                     "a second, different approver must confirm it"
                 )
             if not earlier:
-                row = Approval(
-                    decision_id=d.id,
-                    actor=who.name,
-                    role=who.role,
-                    action=action,
-                    reason=text,
-                    against_recommendation=True,
-                )
-                session.add(row)
-                session.flush()
-                audit.record(
+                row = _sign(
                     session,
-                    who.name,
+                    d,
+                    who,
+                    action,
+                    text,
+                    True,
                     f"approval.{action}.first_signature",
-                    use_case_id=uc.id,
-                    entity="gate_decision",
-                    entity_id=d.id,
-                    details={"reason": text, "role": who.role, "outcome": d.outcome, "source": who.source},
+                    outcome=d.outcome,
                 )
                 return ApprovalResult(
                     decision_id=d.id,
@@ -210,33 +228,19 @@ def approve(
                         f"approver must also {action} decision {d.id}"
                     ),
                 )
-        row = Approval(
-            decision_id=d.id,
-            actor=who.name,
-            role=who.role,
-            action=action,
-            reason=text,
-            against_recommendation=against,
-        )
-        session.add(row)
         d.resolution = "approved" if action == "approve" else "rejected"
-        session.flush()
-        audit.record(
+        row = _sign(
             session,
-            who.name,
+            d,
+            who,
+            action,
+            text,
+            against,
             f"approval.{action}",
-            use_case_id=uc.id,
-            entity="gate_decision",
-            entity_id=d.id,
-            details={
-                "reason": text,
-                "role": who.role,
-                "outcome": d.outcome,
-                "awaiting": d.awaiting,
-                "against_recommendation": against,
-                "flow_run_id": d.flow_run_id,
-                "source": who.source,
-            },
+            outcome=d.outcome,
+            awaiting=d.awaiting,
+            against_recommendation=against,
+            flow_run_id=d.flow_run_id,
         )
         payload = ApprovalPayload(
             approve=action == "approve",
@@ -528,26 +532,7 @@ def request_rollback(
             actor=who.name,
         )
         d.resolution = "approved"
-        approval = Approval(
-            decision_id=d.id,
-            actor=who.name,
-            role=who.role,
-            action="rollback",
-            reason=text,
-            against_recommendation=False,
-        )
-        session.add(approval)
-        session.flush()
-        approval_id = approval.id
-        audit.record(
-            session,
-            who.name,
-            "approval.rollback",
-            use_case_id=uc.id,
-            entity="gate_decision",
-            entity_id=d.id,
-            details={"reason": text, "role": who.role, "source": who.source},
-        )
+        approval_id = _sign(session, d, who, "rollback", text, False, "approval.rollback").id
         decision_id = d.id
     out: dict[str, Any] = {"decision_id": decision_id, "approval_id": approval_id}
     if apply:

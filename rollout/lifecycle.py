@@ -82,9 +82,7 @@ def set_phase(session: Any, use_case: Any, target: str, *, actor: str, reason: s
         session,
         actor,
         "usecase.phase",
-        use_case_id=use_case.id,
-        entity="use_case",
-        entity_id=use_case.id,
+        on=use_case,
         details={"from": before, "to": target, "reason": reason},
     )
 

@@ -215,9 +215,7 @@ def start_pilot(
         session,
         actor,
         "pilot.start",
-        use_case_id=use_case.id,
-        entity="pilot",
-        entity_id=pilot.id,
+        on=pilot,
         details={
             "model_version_id": model_version.id,
             "spec_version": use_case.current_spec_version,
@@ -253,9 +251,7 @@ def advance(
         session,
         actor,
         "pilot.advance",
-        use_case_id=pilot.use_case_id,
-        entity="pilot",
-        entity_id=pilot.id,
+        on=pilot,
         details={
             "from_step": step.index,
             "to_step": nxt.index,
@@ -288,9 +284,7 @@ def stop_pilot(
         session,
         actor,
         "pilot.status",
-        use_case_id=pilot.use_case_id,
-        entity="pilot",
-        entity_id=pilot.id,
+        on=pilot,
         details={"from": before, "to": status, "reason": reason},
     )
 
@@ -487,9 +481,7 @@ def abort_pilot(
         session,
         actor,
         "pilot.abort",
-        use_case_id=use_case.id,
-        entity="pilot",
-        entity_id=pilot.id,
+        on=pilot,
         details={"reason": reason, "closed_decisions": [d.id for d in open_decisions]},
     )
     set_phase(session, use_case, "stopped", actor=actor, reason=f"pilot {pilot.id} aborted: {reason}")
@@ -581,9 +573,7 @@ def record_decision(
         session,
         actor,
         f"decision.{kind}",
-        use_case_id=use_case.id,
-        entity="gate_decision",
-        entity_id=d.id,
+        on=d,
         details={
             "outcome": outcome,
             "awaiting": awaiting,

@@ -231,9 +231,7 @@ def register_version(
             session,
             who,
             "model_version.registered",
-            use_case_id=uc_id,
-            entity="model_version",
-            entity_id=mv_id,
+            on=row,
             details={"mlflow_model": name, "mlflow_version": version, "plan_hash": h, "run_id": used_run},
         )
         return row
@@ -277,9 +275,7 @@ def _version_row(
                 session,
                 who,
                 "model_version.created",
-                use_case_id=uc.id,
-                entity="model_version",
-                entity_id=row.id,
+                on=row,
                 details={"plan_hash": h, "base_model_ref": base_model_ref},
             )
         return row.id, uc.id, False
@@ -421,9 +417,7 @@ def _move(
                     session,
                     who.name,
                     f"alias.{action}.requested",
-                    use_case_id=uc.id,
-                    entity="alias_move",
-                    entity_id=move.id,
+                    on=move,
                     details={
                         "alias": alias,
                         "from": from_version,
@@ -446,12 +440,10 @@ def _move(
                     session,
                     who.name,
                     f"alias.{action}.retried",
-                    use_case_id=uc.id,
-                    entity="alias_move",
-                    entity_id=move.id,
+                    on=move,
                     details={"previous_status": move.status, "previous_error": move.error},
                 )
-            move_id, uc_id, to_version = move.id, uc.id, move.to_version
+            move_id, to_version = move.id, move.to_version
     except IntegrityError:  # the same key inserted concurrently: converge on that row
         return _move(
             use_case,
@@ -477,9 +469,7 @@ def _move(
                 session,
                 who.name,
                 f"alias.{action}.failed",
-                use_case_id=uc_id,
-                entity="alias_move",
-                entity_id=move_id,
+                on=move,
                 details={"alias": alias, "to": to_version, "error": message[:1000]},
             )
         raise RegistryError(
@@ -497,9 +487,7 @@ def _move(
             session,
             who.name,
             f"alias.{action}.committed",
-            use_case_id=uc_id,
-            entity="alias_move",
-            entity_id=move_id,
+            on=move,
             details={"alias": alias, "from": move.from_version, "to": to_version},
         )
     return move

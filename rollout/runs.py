@@ -52,6 +52,13 @@ def _failed(session: Any, model: type, run_pk: int, error: str) -> Any:
     return run
 
 
+def _succeeded(session: Any, use_case: str, run: Any, kind: str, phase: str, details: dict) -> None:
+    """The audit row of a succeeded run, and the use case's move to `phase` where the lifecycle allows."""
+    audit.record(session, audit.SYSTEM_ACTOR, f"{kind}.succeeded", on=run, details=details)
+    uc = get_use_case(session, use_case)
+    lifecycle.advance(session, uc, phase, actor=audit.SYSTEM_ACTOR, reason=f"{kind} run {run.id}")
+
+
 # --- calibration -----------------------------------------------------------------------------------
 
 
@@ -73,9 +80,7 @@ def open_calibration(
                 session,
                 audit.SYSTEM_ACTOR,
                 "calibration.started",
-                use_case_id=use_case_id,
-                entity="calibration_run",
-                entity_id=run.id,
+                on=run,
                 details={"settings": settings, "spec_version": spec_version},
             )
         return {
@@ -104,35 +109,23 @@ def calibration_succeeded(
         run.mlflow_run_id = mlflow_run_id
         run.finished_at = utcnow()
         run.metrics = {**(run.metrics or {}), **metrics}
-        uc = get_use_case(session, use_case)
-        audit.record(
-            session,
-            audit.SYSTEM_ACTOR,
-            "calibration.succeeded",
-            use_case_id=uc.id,
-            entity="calibration_run",
-            entity_id=run_pk,
-            details={
-                "model_version_id": model_version.id,
-                "mlflow_version": model_version.mlflow_version,
-                "density": density,
-            },
-        )
-        lifecycle.advance(
-            session, uc, "calibrated", actor=audit.SYSTEM_ACTOR, reason=f"calibration run {run_pk}"
-        )
+        details = {
+            "model_version_id": model_version.id,
+            "mlflow_version": model_version.mlflow_version,
+            "density": density,
+        }
+        _succeeded(session, use_case, run, "calibration", "calibrated", details)
 
 
 def calibration_failed(use_case_id: int, run_pk: int, error: str) -> None:
     with session_scope() as session:
-        _failed(session, CalibrationRun, run_pk, error).finished_at = utcnow()
+        run = _failed(session, CalibrationRun, run_pk, error)
+        run.finished_at = utcnow()
         audit.record(
             session,
             audit.SYSTEM_ACTOR,
             "calibration.failed",
-            use_case_id=use_case_id,
-            entity="calibration_run",
-            entity_id=run_pk,
+            on=run,
             details={"error": error[:1000]},
         )
 
@@ -240,19 +233,8 @@ def evaluation_succeeded(
         run.report = report
         run.roi = roi
         run.artifacts = dict(report.get("artifacts") or {})
-        uc = get_use_case(session, use_case)
-        audit.record(
-            session,
-            audit.SYSTEM_ACTOR,
-            "evaluation.succeeded",
-            use_case_id=uc.id,
-            entity="evaluation_run",
-            entity_id=run_pk,
-            details={"device": run.device, "speedup": run.speedup, "saved_usd_month": run.savings_month_usd},
-        )
-        lifecycle.advance(
-            session, uc, "evaluated", actor=audit.SYSTEM_ACTOR, reason=f"evaluation run {run_pk}"
-        )
+        details = {"device": run.device, "speedup": run.speedup, "saved_usd_month": run.savings_month_usd}
+        _succeeded(session, use_case, run, "evaluation", "evaluated", details)
         return evaluation_summary(run)
 
 
