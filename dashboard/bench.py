@@ -109,6 +109,36 @@ def write_use_case(s: Any, u: SeedUseCase) -> dict[str, Any]:
     return ids
 
 
+def evaluation(
+    key: str,
+    mlflow_run_id: str,
+    *,
+    density: float,
+    quality_delta: float,
+    speedup: tuple[float, float, float],
+    savings: tuple[float, float, float],
+    payback_days: float | None,
+    **more: Any,
+) -> dict[str, Any]:
+    """A succeeded EvaluationRun's fields: speed-up and $/month saved each as (value, low, high)."""
+    return dict(
+        idempotency_key=key,
+        status="succeeded",
+        device="cpu",
+        mlflow_run_id=mlflow_run_id,
+        density=density,
+        quality_delta=quality_delta,
+        speedup=speedup[0],
+        speedup_low=speedup[1],
+        speedup_high=speedup[2],
+        savings_month_usd=savings[0],
+        savings_month_low=savings[1],
+        savings_month_high=savings[2],
+        payback_days=payback_days,
+        **more,
+    )
+
+
 def _evidence(rng: random.Random, outcome: str, n: int) -> dict[str, Any]:
     est = rng.gauss(-0.004, 0.006)
     half = 0.004 + 0.3 / max(n, 1) ** 0.5 * 0.1
@@ -152,19 +182,13 @@ def random_use_case(i: int, rng: random.Random, n_observations: int, now: dt.dat
     sp = max(0.8, 1 / density * rng.uniform(0.4, 0.7))
     saving = (sp - 1) * rng.uniform(200, 2000)
     u.evaluations = [
-        dict(
-            idempotency_key=f"e{i}-{k}",
-            status="succeeded",
-            device="cpu",
-            mlflow_run_id=f"{i:016x}{k:016x}",
+        evaluation(
+            f"e{i}-{k}",
+            f"{i:016x}{k:016x}",
             density=d,
             quality_delta=-0.01 * (1 - d),
-            speedup=sp,
-            speedup_low=sp * 0.9,
-            speedup_high=sp * 1.1,
-            savings_month_usd=saving,
-            savings_month_low=saving * 0.8 - 20,
-            savings_month_high=saving * 1.2 + 20,
+            speedup=(sp, sp * 0.9, sp * 1.1),
+            savings=(saving, saving * 0.8 - 20, saving * 1.2 + 20),
             payback_days=(3000 / saving * 30) if saving > 0 else None,
             roi={"inputs": {"gpu_usd_per_hour": 2.5, "requests_per_day": 10000}},
         )

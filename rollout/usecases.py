@@ -322,20 +322,18 @@ def _result(
 # reads
 
 
+def _with_current_version(*columns: Any) -> Any:
+    """SELECT columns of each use case joined with its current spec version, by name."""
+    current = (SpecVersion.use_case_id == UseCase.id) & (SpecVersion.version == UseCase.current_spec_version)
+    return select(*columns).select_from(UseCase).join(SpecVersion, current).order_by(UseCase.name)
+
+
 def list_usecases(url: str | None = None) -> list[dict[str, Any]]:
     with session_scope(url) as s:
         counts = dict(
             s.execute(select(SpecVersion.use_case_id, func.count()).group_by(SpecVersion.use_case_id)).all()
         )
-        rows = s.execute(
-            select(UseCase, SpecVersion)
-            .join(
-                SpecVersion,
-                (SpecVersion.use_case_id == UseCase.id)
-                & (SpecVersion.version == UseCase.current_spec_version),
-            )
-            .order_by(UseCase.name)
-        ).all()
+        rows = s.execute(_with_current_version(UseCase, SpecVersion)).all()
         return [
             {
                 "name": uc.name,
@@ -419,15 +417,7 @@ def schedules(wanted: list[str] | None = None, url: str | None = None) -> list[d
     """(use case, cron, timezone) for every use case (or those `wanted`) whose current spec has a
     schedule; an unknown name in `wanted` is an error naming the known ones."""
     with session_scope(url) as s:
-        rows = s.execute(
-            select(UseCase.name, SpecVersion.spec, SpecVersion.version)
-            .join(
-                SpecVersion,
-                (SpecVersion.use_case_id == UseCase.id)
-                & (SpecVersion.version == UseCase.current_spec_version),
-            )
-            .order_by(UseCase.name)
-        ).all()
+        rows = s.execute(_with_current_version(UseCase.name, SpecVersion.spec, SpecVersion.version)).all()
     known = {name for name, _, _ in rows}
     for n in wanted or []:
         if n not in known:
