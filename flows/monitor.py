@@ -12,11 +12,6 @@ from prefect import flow, get_run_logger
 
 from flows.common import flow_task, load_context, log_run, stable_key
 from rollout import audit, decisions, pilot_batches
-from sparse_core.errors import SparsePilotError
-
-
-class MonitorError(SparsePilotError, RuntimeError):
-    pass
 
 
 @flow_task("monitor-target")
