@@ -219,9 +219,6 @@ def job_summary(session: Session, names: list[str]) -> list[dict[str, Any]]:
     return out
 
 
-ENDED_PHASES = lifecycle.ENDED_PHASES
-
-
 def portfolio_totals(session: Session) -> dict[str, Any]:
     """Totals over the latest successful evaluation per use case, plus counts, in one SQL pass each.
 
@@ -230,7 +227,7 @@ def portfolio_totals(session: Session) -> dict[str, Any]:
     assumes the errors move together). Everything else is counted apart: use cases whose interval
     includes no saving (or a loss), and ended ones."""
     last_eval = _latest_id(EvaluationRun.id, EvaluationRun.use_case_id, EvaluationRun.status == "succeeded")
-    ended = UseCase.phase.in_(ENDED_PHASES)
+    ended = UseCase.phase.in_(lifecycle.ENDED_PHASES)
     established = and_(~ended, EvaluationRun.savings_month_low > 0)
 
     def when(cond: Any, value: Any) -> Any:

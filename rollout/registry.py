@@ -208,9 +208,9 @@ def register_version(
     name = model_name(use_case)
     who = _actor_name(actor)
     try:
-        mv_id, uc_id, complete = _version_row(use_case, plan_dict, h, base_model_ref, density, who, db_url)
+        mv_id, complete = _version_row(use_case, plan_dict, h, base_model_ref, density, who, db_url)
     except IntegrityError:  # registered concurrently by another task: converge on its row
-        mv_id, uc_id, complete = _version_row(use_case, plan_dict, h, base_model_ref, density, who, db_url)
+        mv_id, complete = _version_row(use_case, plan_dict, h, base_model_ref, density, who, db_url)
     if complete:
         with session_scope(db_url) as session:
             return session.get(ModelVersion, mv_id)
@@ -245,8 +245,8 @@ def _version_row(
     density: float | None,
     who: str,
     db_url: str | None,
-) -> tuple[int, int, bool]:
-    """Find or create the DB row for (use case, plan hash): (row id, use case id, already registered)."""
+) -> tuple[int, bool]:
+    """Find or create the DB row for (use case, plan hash): (row id, already registered)."""
     name = model_name(use_case)
     with session_scope(db_url) as session:
         uc = _use_case(session, use_case)
@@ -259,7 +259,7 @@ def _version_row(
                 f"not {base_model_ref!r}; a plan is calibrated for one model — recalibrate for the new one"
             )
         if row is not None and row.mlflow_version is not None:
-            return row.id, uc.id, True
+            return row.id, True
         if row is None:
             row = ModelVersion(
                 use_case_id=uc.id,
@@ -278,7 +278,7 @@ def _version_row(
                 on=row,
                 details={"plan_hash": h, "base_model_ref": base_model_ref},
             )
-        return row.id, uc.id, False
+        return row.id, False
 
 
 # --------------------------------------------------------------------------------------------------
