@@ -57,8 +57,9 @@ def phase(name: str) -> Phase:
 
 
 def can(current: str, action: str) -> bool:
-    """May `action` run for a use case in phase `current`?"""
-    return action in phase(current).actions
+    """May `action` run for a use case in phase `current`? (Nothing may in a phase not in the table.)"""
+    known = PHASES.get(current)
+    return known is not None and action in known.actions
 
 
 def may_enter(current: str, target: str) -> bool:

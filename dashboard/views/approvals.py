@@ -13,7 +13,7 @@ import streamlit as st
 from dashboard import fmt
 from dashboard.data import read
 from dashboard.identity import current_identity
-from rollout import approvals, queries
+from rollout import approvals, lifecycle, queries
 from rollout.auth import Identity, PermissionDenied
 
 FLASH_KEY = "sp_approvals_flash"
@@ -52,23 +52,6 @@ def run_action(fn: Any, *args: Any, **kwargs: Any) -> None:
     st.rerun()
 
 
-def guardrail_rows(ev: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every guardrail the decision judged (the gate's list, or the monitor's `checks`), whatever its name:
-    a guardrail added to rollout.gate.guardrails shows here as it is."""
-    found = ev.get("guardrails") or []
-    checks = found.get("checks", []) if isinstance(found, dict) else found
-    return [
-        {
-            "guardrail": str(c.get("name", "")).replace("_", " "),
-            "status": "breached" if c.get("breached") else ("holds" if c.get("evaluated") else "not judged"),
-            "value": c.get("value"),
-            "limit": c.get("threshold"),
-            "note": c.get("note") or "",
-        }
-        for c in checks
-    ]
-
-
 def evidence_summary(d: dict[str, Any]) -> None:
     ev = d["evidence"]
     q = ev.get("quality") or {}
@@ -83,7 +66,7 @@ def evidence_summary(d: dict[str, Any]) -> None:
     p95 = ev.get("p95_latency_treatment_ms")
     c4.metric("p95 latency, treatment", f"{p95:.0f} ms" if isinstance(p95, int | float) else "-")
     st.info(d["explanation"])
-    checks = guardrail_rows(ev)
+    checks = fmt.guardrail_rows(ev)
     if checks:
         st.dataframe(pd.DataFrame(checks), hide_index=True, width="stretch")
     reasons = [str(r) for r in ev.get("reasons") or []]
@@ -133,7 +116,7 @@ def decision_card(d: dict[str, Any], ident: Identity | None) -> None:
 
 
 def rollback_section(ident: Identity | None) -> None:
-    promoted = [r["name"] for r in read(queries.portfolio) if r["phase"] == "promoted"]
+    promoted = [r["name"] for r in read(queries.portfolio) if lifecycle.can(r["phase"], "rollback")]
     st.subheader("Roll back a promoted use case")
     if not promoted:
         st.caption("No use case is promoted right now.")
