@@ -50,13 +50,14 @@ import torch
 
 from sparse_core.capture import capture_attention
 from sparse_core.corpus import pack_token_windows, text_fingerprint
+from sparse_core.errors import SparsePilotError
 from sparse_core.fidelity import DenseReference, Fidelity, dense_reference, measure_fidelity
 from sparse_core.plan import SparsePlan, model_shape
 from sparse_core.progress import Progress, counter
 from sparse_core.task_bound import drop_upper_bound, rows_to_certify
 
 
-class BudgetError(ValueError):
+class BudgetError(SparsePilotError, ValueError):
     """A malformed quality budget."""
 
 
