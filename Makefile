@@ -27,13 +27,15 @@ run: setup
 	$(BIN)/sparsepilot init
 	$(BIN)/sparsepilot run --serve
 
-## Set up and run the whole test suite (lint + tests).
+## Set up and run the whole test suite (lint + import contracts + tests).
 test: setup
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/ruff format --check .
 
 clean:

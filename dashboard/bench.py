@@ -3,7 +3,8 @@ page as Streamlit renders it (AppTest runs the real script, queries included).
 
 The seeded rows are synthetic but shaped like the flows' output: per use case a spec, a model version,
 two evaluations, a pilot with a shadow and a split step, per-request observations, gate decisions with
-evidence, alias moves and audit entries. Nothing is written outside the scratch home."""
+evidence, alias moves and audit entries. Nothing is written outside the scratch home. `write_use_case` is
+also the dashboard tests' seeder (tests/fixtures/dashboard.py), with known numbers."""
 
 from __future__ import annotations
 
@@ -14,14 +15,15 @@ import random
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import insert
 
+from rollout import audit
 from rollout.db.models import (
     AliasMove,
-    AuditEntry,
     EvaluationRun,
     GateDecision,
     ModelVersion,
@@ -36,6 +38,105 @@ from rollout.db.session import session_scope
 PAGES = ("portfolio", "use_case", "approvals", "audit")
 PAGE_FILES = {p: f"views/{p}.py" for p in PAGES}
 TARGETS_S = {"portfolio": 2.0}
+BENCH_PHASES = ("registered", "evaluated", "piloting", "piloting", "awaiting_approval", "promoted", "stopped")
+
+
+@dataclass
+class SeedUseCase:
+    """One use case as the flows leave it in the state DB, written by `write_use_case` for the page
+    benchmark and the dashboard's tests. The row dicts hold the ORM models' fields; a step, observation or
+    look names its step by `step` (the index in `steps`)."""
+
+    name: str
+    owner: str
+    criticality: str
+    phase: str
+    actor: str  # who added it (audit)
+    spec: dict[str, Any]
+    spec_hash: str
+    created_at: dt.datetime | None = None
+    version: dict[str, Any] | None = None  # ModelVersion
+    evaluations: list[dict[str, Any]] = field(default_factory=list)  # EvaluationRun
+    pilot: dict[str, Any] | None = None  # Pilot
+    steps: list[dict[str, Any]] = field(default_factory=list)  # PilotStep
+    observations: list[dict[str, Any]] = field(default_factory=list)  # Observation
+    looks: list[dict[str, Any]] = field(default_factory=list)  # GateDecision
+    look_audit: tuple[str, str] = ("gate-flow", "decision.gate")  # (actor, action) of each look
+    alias_moves: list[dict[str, Any]] = field(default_factory=list)  # AliasMove
+
+
+def write_use_case(s: Any, u: SeedUseCase) -> dict[str, Any]:
+    """Write one seeded use case in the caller's transaction (audit rows through rollout.audit, so the
+    hash chain holds); returns its ids: use_case, pilot, decisions."""
+    uc = UseCase(name=u.name, owner=u.owner, criticality=u.criticality, phase=u.phase)
+    if u.created_at is not None:
+        uc.created_at = u.created_at
+    s.add(uc)
+    s.flush()
+    s.add(SpecVersion(use_case_id=uc.id, version=1, spec=u.spec, spec_hash=u.spec_hash, created_by=u.actor))
+    audit.record(s, u.actor, "usecase.add", use_case_id=uc.id, entity="use_case", entity_id=uc.id)
+    ids: dict[str, Any] = {"use_case": uc.id, "pilot": None, "decisions": []}
+    if u.version is None:
+        return ids
+    mv = ModelVersion(use_case_id=uc.id, **u.version)
+    s.add(mv)
+    s.flush()
+    s.add_all(EvaluationRun(use_case_id=uc.id, model_version_id=mv.id, **e) for e in u.evaluations)
+    if u.pilot is None:
+        return ids
+    pilot = Pilot(use_case_id=uc.id, model_version_id=mv.id, **u.pilot)
+    s.add(pilot)
+    s.flush()
+    steps = [PilotStep(pilot_id=pilot.id, **st) for st in u.steps]
+    s.add_all(steps)
+    s.flush()
+    if u.observations:
+        rows = [{**o, "pilot_step_id": steps[o["step"]].id, "use_case_id": uc.id} for o in u.observations]
+        s.execute(insert(Observation), [{k: v for k, v in r.items() if k != "step"} for r in rows])
+    for look in u.looks:
+        fields = {k: v for k, v in look.items() if k != "step"}
+        d = GateDecision(use_case_id=uc.id, pilot_id=pilot.id, pilot_step_id=steps[look["step"]].id, **fields)
+        s.add(d)
+        s.flush()
+        actor, action = u.look_audit
+        audit.record(
+            s, actor, action, on=d,
+            details={"outcome": d.outcome},
+        )  # fmt: skip
+        ids["decisions"].append(d.id)
+    s.add_all(AliasMove(use_case_id=uc.id, **m) for m in u.alias_moves)
+    ids["pilot"] = pilot.id
+    return ids
+
+
+def evaluation(
+    key: str,
+    mlflow_run_id: str,
+    *,
+    density: float,
+    quality_delta: float,
+    speedup: tuple[float, float, float],
+    savings: tuple[float, float, float],
+    payback_days: float | None,
+    **more: Any,
+) -> dict[str, Any]:
+    """A succeeded EvaluationRun's fields: speed-up and $/month saved each as (value, low, high)."""
+    return dict(
+        idempotency_key=key,
+        status="succeeded",
+        device="cpu",
+        mlflow_run_id=mlflow_run_id,
+        density=density,
+        quality_delta=quality_delta,
+        speedup=speedup[0],
+        speedup_low=speedup[1],
+        speedup_high=speedup[2],
+        savings_month_usd=savings[0],
+        savings_month_low=savings[1],
+        savings_month_high=savings[2],
+        payback_days=payback_days,
+        **more,
+    )
 
 
 def _evidence(rng: random.Random, outcome: str, n: int) -> dict[str, Any]:
@@ -53,6 +154,98 @@ def _evidence(rng: random.Random, outcome: str, n: int) -> dict[str, Any]:
     }
 
 
+def random_use_case(i: int, rng: random.Random, n_observations: int, now: dt.datetime) -> SeedUseCase:
+    """The benchmark's use case number i: its phase by i, its numbers drawn from rng."""
+    name = f"usecase-{i:03d}"
+    phase = BENCH_PHASES[i % len(BENCH_PHASES)]
+    u = SeedUseCase(
+        name=name,
+        owner=f"team-{i % 17}",
+        criticality=("low", "medium", "high")[i % 3],
+        phase=phase,
+        actor="bench",
+        spec={"name": name},
+        spec_hash=name,
+        created_at=now - dt.timedelta(days=30),
+    )
+    if phase == "registered":
+        return u
+    density = rng.uniform(0.15, 0.9)
+    u.version = dict(
+        base_model_ref="smollm2-135m",
+        plan={"density": density},
+        plan_hash=f"p{i}",
+        mlflow_model_name=name,
+        mlflow_version="1",
+        density=density,
+    )
+    sp = max(0.8, 1 / density * rng.uniform(0.4, 0.7))
+    saving = (sp - 1) * rng.uniform(200, 2000)
+    u.evaluations = [
+        evaluation(
+            f"e{i}-{k}",
+            f"{i:016x}{k:016x}",
+            density=d,
+            quality_delta=-0.01 * (1 - d),
+            speedup=(sp, sp * 0.9, sp * 1.1),
+            savings=(saving, saving * 0.8 - 20, saving * 1.2 + 20),
+            payback_days=(3000 / saving * 30) if saving > 0 else None,
+            roi={"inputs": {"gpu_usd_per_hour": 2.5, "requests_per_day": 10000}},
+        )
+        for k, d in enumerate((min(1.0, density + 0.25), density))
+    ]
+    if phase == "evaluated":
+        return u
+    u.pilot = dict(salt=name, current_step_index=1)
+    u.steps = [
+        dict(index=0, kind="shadow", traffic_pct=0.0, min_samples=100),
+        dict(index=1, kind="split", traffic_pct=10.0, min_samples=400),
+    ]
+    for j in range(n_observations):
+        arm = "control" if j % 2 == 0 else "treatment"
+        u.observations.append(
+            {
+                "step": 0 if j < n_observations // 3 else 1,
+                "batch_id": f"b{j // 100}",
+                "request_id": f"r{j // 2}",
+                "arm": arm,
+                "quality": min(1.0, max(0.0, rng.gauss(0.8, 0.1))),
+                "latency_ms": rng.lognormvariate(6.0 if arm == "control" else 5.6, 0.3),
+                "tokens": 200,
+                "error": rng.random() < 0.002,
+                "source": "simulated",
+            }
+        )
+    for look, outcome in enumerate(["EXTEND", "GO"] if phase != "stopped" else ["EXTEND", "NO-GO"]):
+        u.looks.append(
+            dict(
+                step=1,
+                idempotency_key=f"g{i}-{look}",
+                look_index=look,
+                outcome=outcome,
+                awaiting="approval" if (phase == "awaiting_approval" and outcome == "GO") else "none",
+                resolution="approved" if phase == "promoted" and outcome == "GO" else None,
+                evidence=_evidence(rng, outcome, n_observations // 3),
+                explanation=f"{name}: look {look} says {outcome}.",
+                data_fingerprint=f"{i:064d}",
+                created_at=now - dt.timedelta(days=2 - look),
+            )
+        )
+    if phase == "promoted":
+        u.alias_moves.append(
+            dict(
+                idempotency_key=f"a{i}",
+                alias="champion",
+                from_version=None,
+                to_version="1",
+                actor="alice",
+                reason="approved",
+                status="committed",
+            )  # fmt: skip
+        )
+    return u
+
+
 def seed_portfolio(
     n_use_cases: int = 200,
     n_observations: int = 200_000,
@@ -60,158 +253,28 @@ def seed_portfolio(
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, int]:
-    """Write the portfolio through the ORM models, one transaction per use case batch."""
+    """Write the portfolio through the ORM models, one transaction per use case."""
     rng = random.Random(seed)
     now = dt.datetime.now(dt.UTC)
     counts = {"use_cases": 0, "observations": 0, "decisions": 0, "pending": 0, "audit": 0}
-    phases = ["registered", "evaluated", "piloting", "piloting", "awaiting_approval", "promoted", "stopped"]
-    piloted = [i for i in range(n_use_cases) if phases[i % len(phases)] not in ("registered", "evaluated")]
+    piloted = [
+        i
+        for i in range(n_use_cases)
+        if BENCH_PHASES[i % len(BENCH_PHASES)] not in ("registered", "evaluated")
+    ]
     # every observation lands in a use case that has a pilot; the remainder goes to the first ones
-    share = {i: n_observations // max(len(piloted), 1) for i in piloted}
+    share = dict.fromkeys(piloted, n_observations // max(len(piloted), 1))
     for i in piloted[: n_observations - sum(share.values())]:
         share[i] += 1
     for i in range(n_use_cases):
+        u = random_use_case(i, rng, share.get(i, 0), now)
         with session_scope() as s:
-            name = f"usecase-{i:03d}"
-            phase = phases[i % len(phases)]
-            uc = UseCase(
-                name=name,
-                owner=f"team-{i % 17}",
-                criticality=("low", "medium", "high")[i % 3],
-                phase=phase,
-                created_at=now - dt.timedelta(days=30),
-            )
-            s.add(uc)
-            s.flush()
-            s.add(
-                SpecVersion(
-                    use_case_id=uc.id, version=1, spec={"name": name}, spec_hash=name, created_by="bench"
-                )
-            )
-            audit_rows = [{"actor": "bench", "action": "usecase.add", "use_case_id": uc.id, "details": {}}]
-            counts["use_cases"] += 1
-            if phase == "registered":
-                s.execute(insert(AuditEntry), audit_rows)
-                counts["audit"] += len(audit_rows)
-                if progress:
-                    progress(1)
-                continue
-            density = rng.uniform(0.15, 0.9)
-            mv = ModelVersion(
-                use_case_id=uc.id,
-                base_model_ref="smollm2-135m",
-                plan={"density": density},
-                plan_hash=f"p{i}",
-                mlflow_model_name=name,
-                mlflow_version="1",
-                density=density,
-            )
-            s.add(mv)
-            s.flush()
-            sp = max(0.8, 1 / density * rng.uniform(0.4, 0.7))
-            saving = (sp - 1) * rng.uniform(200, 2000)
-            for k, d in enumerate((min(1.0, density + 0.25), density)):
-                s.add(
-                    EvaluationRun(
-                        idempotency_key=f"e{i}-{k}",
-                        use_case_id=uc.id,
-                        model_version_id=mv.id,
-                        status="succeeded",
-                        device="cpu",
-                        mlflow_run_id=f"{i:016x}{k:016x}",
-                        density=d,
-                        quality_delta=-0.01 * (1 - d),
-                        speedup=sp,
-                        speedup_low=sp * 0.9,
-                        speedup_high=sp * 1.1,
-                        savings_month_usd=saving,
-                        savings_month_low=saving * 0.8 - 20,
-                        savings_month_high=saving * 1.2 + 20,
-                        payback_days=(3000 / saving * 30) if saving > 0 else None,
-                        roi={"inputs": {"gpu_usd_per_hour": 2.5, "requests_per_day": 10000}},
-                    )
-                )
-            if phase == "evaluated":
-                s.execute(insert(AuditEntry), audit_rows)
-                if progress:
-                    progress(1)
-                continue
-            pilot = Pilot(use_case_id=uc.id, model_version_id=mv.id, salt=name, current_step_index=1)
-            s.add(pilot)
-            s.flush()
-            steps = [
-                PilotStep(pilot_id=pilot.id, index=0, kind="shadow", traffic_pct=0.0, min_samples=100),
-                PilotStep(pilot_id=pilot.id, index=1, kind="split", traffic_pct=10.0, min_samples=400),
-            ]
-            s.add_all(steps)
-            s.flush()
-            rows = []
-            per_uc = share[i]
-            for j in range(per_uc):
-                step = steps[0] if j < per_uc // 3 else steps[1]
-                arm = "control" if j % 2 == 0 else "treatment"
-                rows.append(
-                    {
-                        "pilot_step_id": step.id,
-                        "use_case_id": uc.id,
-                        "batch_id": f"b{j // 100}",
-                        "request_id": f"r{j // 2}",
-                        "arm": arm,
-                        "quality": min(1.0, max(0.0, rng.gauss(0.8, 0.1))),
-                        "latency_ms": rng.lognormvariate(6.0 if arm == "control" else 5.6, 0.3),
-                        "tokens": 200,
-                        "error": rng.random() < 0.002,
-                        "source": "simulated",
-                    }
-                )
-            s.execute(insert(Observation), rows)
-            counts["observations"] += len(rows)
-            outcomes = ["EXTEND", "GO"] if phase != "stopped" else ["EXTEND", "NO-GO"]
-            for look, outcome in enumerate(outcomes):
-                awaiting = "approval" if (phase == "awaiting_approval" and outcome == "GO") else "none"
-                dec = GateDecision(
-                    idempotency_key=f"g{i}-{look}",
-                    use_case_id=uc.id,
-                    pilot_id=pilot.id,
-                    pilot_step_id=steps[1].id,
-                    look_index=look,
-                    outcome=outcome,
-                    awaiting=awaiting,
-                    resolution="approved" if phase == "promoted" and outcome == "GO" else None,
-                    evidence=_evidence(rng, outcome, per_uc // 3),
-                    explanation=f"{name}: look {look} says {outcome}.",
-                    data_fingerprint=f"{i:064d}",
-                    created_at=now - dt.timedelta(days=2 - look),
-                )
-                s.add(dec)
-                s.flush()
-                counts["decisions"] += 1
-                counts["pending"] += awaiting != "none"
-                audit_rows.append(
-                    {
-                        "actor": "gate-flow",
-                        "action": "decision.gate",
-                        "use_case_id": uc.id,
-                        "entity": "gate_decision",
-                        "entity_id": str(dec.id),
-                        "details": {"outcome": outcome},
-                    }
-                )
-            if phase == "promoted":
-                s.add(
-                    AliasMove(
-                        idempotency_key=f"a{i}",
-                        use_case_id=uc.id,
-                        alias="champion",
-                        from_version=None,
-                        to_version="1",
-                        actor="alice",
-                        reason="approved",
-                        status="committed",
-                    )
-                )
-            s.execute(insert(AuditEntry), audit_rows)
-            counts["audit"] += len(audit_rows)
+            write_use_case(s, u)
+        counts["use_cases"] += 1
+        counts["observations"] += len(u.observations)
+        counts["decisions"] += len(u.looks)
+        counts["pending"] += sum(look["awaiting"] != "none" for look in u.looks)
+        counts["audit"] += 1 + len(u.looks)
         if progress:
             progress(1)
     return counts

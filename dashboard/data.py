@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
 
 from alembic.runtime.migration import MigrationContext
 
-from rollout.db.session import get_engine, session_scope
+from rollout.db.session import get_engine
+from rollout.queries import read  # noqa: F401 - the pages' reads: one short transaction each
 from rollout.redact import redact
 from rollout.settings import get_settings
 
-T = TypeVar("T")
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def read(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run a rollout.queries function in its own read transaction."""
-    with session_scope() as session:
-        return fn(session, *args, **kwargs)
 
 
 def schema_ready() -> tuple[bool, str]:

@@ -51,3 +51,20 @@ def quality_interval(lo: Any, hi: Any) -> str:
     if low:
         return f">= {lo:+.4f}"
     return f"<= {hi:+.4f}" if high else "not bounded yet"
+
+
+def guardrail_rows(ev: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every guardrail the decision judged (the gate's list, or the monitor's `checks`), whatever its name:
+    a guardrail added to rollout.gate.guardrails shows on the approvals page as it is."""
+    found = ev.get("guardrails") or []
+    checks = found.get("checks", []) if isinstance(found, dict) else found
+    return [
+        {
+            "guardrail": str(c.get("name", "")).replace("_", " "),
+            "status": "breached" if c.get("breached") else ("holds" if c.get("evaluated") else "not judged"),
+            "value": c.get("value"),
+            "limit": c.get("threshold"),
+            "note": c.get("note") or "",
+        }
+        for c in checks
+    ]

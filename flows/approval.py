@@ -22,12 +22,13 @@ import time
 import uuid
 from typing import Any
 
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow, get_run_logger
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 
-from flows.common import flow_run_id
+from flows.common import flow_run_id, flow_task
+from rollout import approval_runs
+from rollout.approvals import ApprovalPayload
 from sparse_core.errors import SparsePilotError
 
 DEFAULT_TIMEOUT_S = 7 * 24 * 3600
@@ -36,52 +37,20 @@ _OWN_RUNS: dict[str, str] = {}  # waiter thread name -> the flow run id it runs
 _LOCK = threading.Lock()
 
 
-class ApprovalInput(RunInput):
-    """What the person's decision brings to the paused run (rollout.approvals.ApprovalPayload)."""
-
-    approve: bool
-    actor: str
-    role: str
-    reason: str
-    approval_id: int
-    decision_id: int
+class ApprovalInput(RunInput, ApprovalPayload):
+    """What the person's decision brings to the paused run: rollout.approvals.ApprovalPayload's fields,
+    as Prefect's run input."""
 
 
 class ApprovalWaitError(SparsePilotError, RuntimeError):
     pass
 
 
-@task(cache_policy=NO_CACHE, name="approval-register-run", retries=2, retry_delay_seconds=1)
+@flow_task("approval-register-run")
 def register_run(decision_id: int, run_id: str) -> dict[str, Any]:
-    from rollout import audit
-    from rollout.db.models import GateDecision
-    from rollout.db.session import session_scope
-
-    with session_scope(immediate=True) as session:
-        d = session.get(GateDecision, decision_id, with_for_update=True)
-        if d is None:
-            raise ApprovalWaitError(f"decision {decision_id} does not exist")
-        from rollout.approvals import check_approvable
-
-        # Lost a race (another approver signed, or another live run is registered): this run ends
-        # without pausing, and the caller signs through the other run or is told who signed.
-        if d.resolution is not None:
-            return {"skip": f"decision {decision_id} was already {d.resolution}"}
-        if d.flow_run_id and d.flow_run_id != run_id and _run_is_live(d.flow_run_id):
-            return {"skip": f"decision {decision_id} already has approval run {d.flow_run_id}"}
-        check_approvable(session, d)
-        if d.flow_run_id != run_id:
-            d.flow_run_id = run_id
-            audit.record(
-                session,
-                "sparsepilot-flow",
-                "approval.waiting",
-                use_case_id=d.use_case_id,
-                entity="gate_decision",
-                entity_id=d.id,
-                details={"flow_run_id": run_id, "awaiting": d.awaiting},
-            )
-        return {"awaiting": d.awaiting, "outcome": d.outcome, "use_case_id": d.use_case_id}
+    # Lost a race (another approver signed, or another live run is registered): this run ends without
+    # pausing, and the caller signs through the other run or is told who signed.
+    return approval_runs.register(decision_id, run_id, _run_is_live)
 
 
 _STARTING_GRACE_S = 120  # a registered run that has not paused yet is starting, not abandoned
@@ -107,15 +76,9 @@ def _run_is_live(flow_run_id: str) -> bool:
     return age < _STARTING_GRACE_S
 
 
-@task(cache_policy=NO_CACHE, name="approval-clear-run", retries=2, retry_delay_seconds=1)
+@flow_task("approval-clear-run")
 def clear_run(decision_id: int, run_id: str) -> None:
-    from rollout.db.models import GateDecision
-    from rollout.db.session import session_scope
-
-    with session_scope() as session:
-        d = session.get(GateDecision, decision_id)
-        if d is not None and d.flow_run_id == run_id and d.resolution is None:
-            d.flow_run_id = None
+    approval_runs.clear(decision_id, run_id)
 
 
 @flow(name="approval", log_prints=True)
@@ -180,15 +143,6 @@ def _run_in_thread(decision_id: int, timeout_s: int, poll_interval_s: int, box: 
         box["error"] = exc
 
 
-def _decision_run_id(decision_id: int) -> str | None:
-    from rollout.db.models import GateDecision
-    from rollout.db.session import session_scope
-
-    with session_scope() as session:
-        d = session.get(GateDecision, decision_id)
-        return d.flow_run_id if d else None
-
-
 def start_waiting(
     decision_id: int, *, timeout_s: int = DEFAULT_TIMEOUT_S, poll_interval_s: int = 2, wait_s: float = 120
 ) -> str:
@@ -199,7 +153,7 @@ def start_waiting(
     with _LOCK:
         existing = _WAITERS.get(decision_id)
         if existing and existing[0].is_alive():
-            rid = _decision_run_id(decision_id)
+            rid = approval_runs.run_id_of(decision_id)
             if rid:
                 return rid
         box: dict[str, Any] = {}
@@ -219,7 +173,7 @@ def start_waiting(
             ) from box["error"]
         if "result" in box:  # ended without pausing: another approver's run or signature came first
             raise ApprovalWaitError(box["result"].get("reason") or "the approval run ended without waiting")
-        rid = _decision_run_id(decision_id)
+        rid = approval_runs.run_id_of(decision_id)
         # our own run, paused (another process's run may be the one registered on the decision)
         if rid and rid == _OWN_RUNS.get(t.name) and flow_is_waiting(rid):
             box["flow_run_id"] = rid
@@ -266,7 +220,7 @@ def release_waiting() -> list[int]:
     for decision_id, (t, box) in entries:
         if not t.is_alive():
             continue
-        rid = box.get("flow_run_id") or _decision_run_id(decision_id)
+        rid = box.get("flow_run_id") or approval_runs.run_id_of(decision_id)
         if not rid or not flow_is_waiting(rid):  # resumed: it is carrying out a decision, leave it be
             continue
         try:
@@ -295,13 +249,13 @@ def approve_decision(
 
     require_approver(identity, f"{'reject' if reject else 'approve'} decision {decision_id}")
     approvals._check_reason(reason)  # fail before starting anything
-    if not _will_take_effect(decision_id, identity.name, reject):
+    if not approval_runs.will_take_effect(decision_id, identity.name, reject):
         # The first signature of an override: recorded, nothing to resume yet.
         return approvals.approve(decision_id, identity, reason, reject=reject).to_dict()
     started_here = False
-    rid = _decision_run_id(decision_id)
+    rid = approval_runs.run_id_of(decision_id)
     if not approvals.flow_is_waiting(rid):
-        _precheck(decision_id)
+        approval_runs.check_open(decision_id)
         if rid and not _run_is_live(rid):  # a run was recorded but nobody waits on it any more
             clear_run.fn(decision_id, rid)
         try:
@@ -325,14 +279,10 @@ def approve_decision(
 
 def _wait_for_other_run(decision_id: int, wait_s: float = 150) -> None:
     from rollout.approvals import flow_is_waiting
-    from rollout.db.models import GateDecision
-    from rollout.db.session import session_scope
 
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
-        with session_scope() as session:
-            d = session.get(GateDecision, decision_id)
-            resolved, rid = d.resolution is not None, d.flow_run_id
+        resolved, rid = approval_runs.state(decision_id)
         if resolved or flow_is_waiting(rid):
             return  # approvals.approve now resumes that run, or says who already signed
         time.sleep(0.3)
@@ -357,40 +307,3 @@ def _settle_own_run(decision_id: int) -> None:
             pass
         return
     release_waiting()
-
-
-def _will_take_effect(decision_id: int, actor: str, reject: bool) -> bool:
-    """False only for the first signature of an action against the gate's recommendation."""
-    from sqlalchemy import select
-
-    from rollout.approvals import recommended_action
-    from rollout.db.models import Approval, GateDecision
-    from rollout.db.session import session_scope
-
-    action = "reject" if reject else "approve"
-    with session_scope() as session:
-        d = session.get(GateDecision, decision_id)
-        if d is None or d.resolution is not None:
-            return True  # let approvals.approve raise its clear error
-        if action == recommended_action(d):
-            return True
-        others = session.scalars(
-            select(Approval.actor).where(
-                Approval.decision_id == decision_id,
-                Approval.action == action,
-                Approval.against_recommendation.is_(True),
-            )
-        ).all()
-        return any(a != actor for a in others)
-
-
-def _precheck(decision_id: int) -> None:
-    from rollout.approvals import ApprovalError, check_approvable
-    from rollout.db.models import GateDecision
-    from rollout.db.session import session_scope
-
-    with session_scope() as session:
-        d = session.get(GateDecision, decision_id)
-        if d is None:
-            raise ApprovalError(f"decision {decision_id} does not exist")
-        check_approvable(session, d)

@@ -10,19 +10,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow, get_run_logger
 
 from flows.common import (
     UseCaseContext,
     flow_run_id,
+    flow_task,
     get_model,
     load_context,
     log_run,
     remember_plan,
     stable_key,
 )
-from rollout import pilots
+from rollout import registry, runs
 from sparse_core.errors import SparsePilotError
 
 BASELINE_REASON = "dense baseline: the model as it served before any sparse plan"
@@ -32,7 +32,7 @@ class CalibrationFailed(SparsePilotError, RuntimeError):
     pass
 
 
-@task(cache_policy=NO_CACHE, name="validate-dataset", retries=1, retry_delay_seconds=1)
+@flow_task("validate-dataset", retries=1)
 def validate_dataset(ctx: UseCaseContext) -> dict[str, Any]:
     from rollout.validation import validate_dataset as gx_validate
 
@@ -75,50 +75,13 @@ def limits_for(ctx: UseCaseContext, quick: bool, overrides: dict[str, Any] | Non
     return lim
 
 
-@task(cache_policy=NO_CACHE, name="calibration-run-open", retries=2, retry_delay_seconds=1)
+@flow_task("calibration-run-open")
 def open_run(ctx: UseCaseContext, key: str, settings: dict[str, Any]) -> dict[str, Any]:
     """The CalibrationRun for this key: returned as-is when it succeeded, else (re)marked running."""
-    from sqlalchemy import select
-
-    from rollout import audit
-    from rollout.db.models import CalibrationRun
-    from rollout.db.session import session_scope
-
-    with session_scope() as session:
-        run = session.scalar(select(CalibrationRun).where(CalibrationRun.idempotency_key == key))
-        if run is None:
-            run = CalibrationRun(
-                idempotency_key=key,
-                use_case_id=ctx.use_case_id,
-                spec_version=ctx.spec_version,
-                status="running",
-                flow_run_id=flow_run_id(),
-                metrics={"settings": settings},
-            )
-            session.add(run)
-            session.flush()
-            audit.record(
-                session,
-                "sparsepilot-pipeline",
-                "calibration.started",
-                use_case_id=ctx.use_case_id,
-                entity="calibration_run",
-                entity_id=run.id,
-                details={"settings": settings, "spec_version": ctx.spec_version},
-            )
-        elif run.status != "succeeded":
-            run.status = "running"
-            run.error = None
-            run.flow_run_id = flow_run_id()
-        return {
-            "id": run.id,
-            "status": run.status,
-            "model_version_id": run.model_version_id,
-            "metrics": run.metrics,
-        }
+    return runs.open_calibration(ctx.use_case_id, ctx.spec_version, key, settings, flow_run_id())
 
 
-@task(cache_policy=NO_CACHE, name="calibrate-plan", retries=0)
+@flow_task("calibrate-plan", retries=0)
 def calibrate_plan(ctx: UseCaseContext, settings: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     from sparse_core.calibration import Budget, CalibrationLimits, calibrate, split_texts
     from sparse_core.tasks import TaskRow
@@ -159,14 +122,11 @@ def calibrate_plan(ctx: UseCaseContext, settings: dict[str, Any]) -> tuple[Any, 
     return plan, report.to_dict()
 
 
-@task(cache_policy=NO_CACHE, name="register-challenger", retries=2, retry_delay_seconds=1)
+@flow_task("register-challenger")
 def register_challenger(
     ctx: UseCaseContext, run_pk: int, plan: Any, report: dict[str, Any], mlflow_run_id: str
 ) -> dict[str, Any]:
     """Register the plan's model version (+ the dense baseline once) and point `challenger` at it."""
-    from rollout import audit, registry
-    from rollout.db.models import CalibrationRun
-    from rollout.db.session import session_scope
     from sparse_core import SparsePlan
 
     mv = registry.register_version(
@@ -198,58 +158,20 @@ def register_challenger(
         reason=f"calibrated to the quality budget (density {report.get('density', float('nan')):.3f})",
         idempotency_key=f"challenger:{mv.id}:calibration:{run_pk}",
     )
-    with session_scope() as session:
-        run = session.get(CalibrationRun, run_pk)
-        run.status = "succeeded"
-        run.model_version_id = mv.id
-        run.mlflow_run_id = mlflow_run_id
-        run.finished_at = pilots.now()
-        run.metrics = {
-            **(run.metrics or {}),
-            **_flat_metrics(report),
-            "met_budget": bool(report.get("met_budget")),
-        }
-        uc = pilots.get_use_case(session, ctx.name)
-        audit.record(
-            session,
-            "sparsepilot-pipeline",
-            "calibration.succeeded",
-            use_case_id=uc.id,
-            entity="calibration_run",
-            entity_id=run_pk,
-            details={
-                "model_version_id": mv.id,
-                "mlflow_version": mv.mlflow_version,
-                "density": report.get("density"),
-            },
-        )
-        if uc.phase in ("registered", "calibrated", "evaluated", "stopped", "rolled_back"):
-            pilots.set_phase(
-                session, uc, "calibrated", actor="sparsepilot-pipeline", reason=f"calibration run {run_pk}"
-            )
+    runs.calibration_succeeded(
+        ctx.name,
+        run_pk,
+        model_version=mv,
+        mlflow_run_id=mlflow_run_id,
+        metrics={**_flat_metrics(report), "met_budget": bool(report.get("met_budget"))},
+        density=report.get("density"),
+    )
     return {"model_version_id": mv.id, "mlflow_version": mv.mlflow_version, "alias_move_id": move.id}
 
 
-@task(cache_policy=NO_CACHE, name="calibration-run-failed", retries=2, retry_delay_seconds=1)
+@flow_task("calibration-run-failed")
 def mark_failed(ctx: UseCaseContext, run_pk: int, error: str) -> None:
-    from rollout import audit
-    from rollout.db.models import CalibrationRun
-    from rollout.db.session import session_scope
-
-    with session_scope() as session:
-        run = session.get(CalibrationRun, run_pk)
-        run.status = "failed"
-        run.error = error[:4000]
-        run.finished_at = pilots.now()
-        audit.record(
-            session,
-            "sparsepilot-pipeline",
-            "calibration.failed",
-            use_case_id=ctx.use_case_id,
-            entity="calibration_run",
-            entity_id=run_pk,
-            details={"error": error[:1000]},
-        )
+    runs.calibration_failed(ctx.use_case_id, run_pk, error)
 
 
 def _flat_metrics(report: dict[str, Any]) -> dict[str, float]:

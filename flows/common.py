@@ -1,5 +1,6 @@
-"""Shared plumbing of the flows: the use case's context (spec, dataset), a per-process model cache, and
-MLflow run helpers. Kept small: the domain lives in rollout, the model work in sparse_core."""
+"""Shared plumbing of the flows: the task decorator, the use case's context (spec, dataset), a per-process
+model cache, and MLflow run helpers. Kept small: the domain lives in rollout, the model work in
+sparse_core."""
 
 from __future__ import annotations
 
@@ -12,11 +13,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rollout.settings import configure_environment, get_settings
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from rollout.settings import configure_environment
 
 _MODEL_LOCK = threading.RLock()
 _MODELS: dict[str, tuple[Any, Any]] = {}
-FLOW_ACTOR = "sparsepilot-flow"
+
+
+def flow_task(name: str, *, retries: int = 2) -> Any:
+    """The flows' task decorator: never cached (every task reads or writes state, and its idempotency
+    key, not Prefect's cache, makes a retry safe), retried `retries` times one second apart."""
+    return task(cache_policy=NO_CACHE, name=name, retries=retries, retry_delay_seconds=1)
 
 
 @dataclass(frozen=True)
@@ -90,11 +99,6 @@ def pick_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def clear_model_cache() -> None:
-    with _MODEL_LOCK:
-        _MODELS.clear()
-
-
 @contextmanager
 def model_arm(model: Any, plan: Any | None) -> Iterator[Any]:
     """The model as one arm: sparsified by `plan` inside the block (treatment) or dense (control);
@@ -112,13 +116,6 @@ def model_arm(model: Any, plan: Any | None) -> Iterator[Any]:
             unsparsify(model)
 
 
-def device_of(model: Any) -> str:
-    try:
-        return str(next(model.parameters()).device)
-    except StopIteration:  # pragma: no cover
-        return "cpu"
-
-
 def stable_key(*parts: Any) -> str:
     """A short deterministic key for idempotency columns (<= 128 chars)."""
     raw = json.dumps(parts, sort_keys=True, default=str)
@@ -130,11 +127,6 @@ def flow_run_id() -> str | None:
 
     rid = flow_run.get_id()
     return str(rid) if rid else None
-
-
-def settings_summary() -> dict[str, str]:
-    s = get_settings()
-    return {"database": s.database_url, "mlflow": s.mlflow_tracking_uri, "home": str(s.home)}
 
 
 def log_run(

@@ -9,6 +9,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from rollout import usecases
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 APPROVAL_DEPLOYMENT = "sparsepilot-approval"
 
@@ -19,29 +21,7 @@ def deployment_name(use_case: str) -> str:
 
 def scheduled_use_cases(names: list[str] | None = None) -> list[dict[str, Any]]:
     """(name, cron, timezone) for every use case with a schedule in its current spec."""
-    from sqlalchemy import select
-
-    from rollout import pilots
-    from rollout.db.models import UseCase
-    from rollout.db.session import session_scope
-
-    out = []
-    with session_scope() as session:
-        ucs = list(session.scalars(select(UseCase).order_by(UseCase.name)))
-        known = {u.name for u in ucs}
-        for n in names or []:
-            if n not in known:
-                raise pilots.UnknownUseCase(
-                    f"unknown use case {n!r} (known: {', '.join(sorted(known)) or 'none'})"
-                )
-        for uc in ucs:
-            if names and uc.name not in names:
-                continue
-            spec, _ = pilots.load_current_spec(session, uc)
-            if spec.schedule is None:
-                continue
-            out.append({"use_case": uc.name, "cron": spec.schedule.cron, "timezone": spec.schedule.timezone})
-    return out
+    return usecases.schedules(names)
 
 
 def build_deployments(names: list[str] | None = None) -> list[Any]:
@@ -63,12 +43,6 @@ def build_deployments(names: list[str] | None = None) -> list[Any]:
     ]
     deps.append(approval_flow.to_deployment(name=APPROVAL_DEPLOYMENT, tags=["sparsepilot", "approval"]))
     return deps
-
-
-def apply_deployments(names: list[str] | None = None) -> list[str]:
-    """Create/update the deployments with their schedules on the API (what `serve` registers before
-    it starts polling); returns the deployment ids."""
-    return [str(d.apply()) for d in build_deployments(names)]
 
 
 def deploy_to_work_pool(names: list[str] | None, work_pool: str) -> list[str]:

@@ -9,19 +9,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow, get_run_logger
 
 from flows.common import (
     UseCaseContext,
     flow_run_id,
+    flow_task,
     get_model,
     load_context,
     log_run,
     stable_key,
     version_plan,
 )
-from rollout import pilots
+from rollout import runs
 from sparse_core.errors import SparsePilotError
 
 
@@ -50,73 +50,17 @@ def suite_settings(ctx: UseCaseContext, quick: bool, overrides: dict[str, Any] |
     return s
 
 
-@task(cache_policy=NO_CACHE, name="evaluation-target", retries=2, retry_delay_seconds=1)
+@flow_task("evaluation-target")
 def target_version(ctx: UseCaseContext) -> dict[str, Any]:
-    from sqlalchemy import select
-
-    from rollout.db.models import CalibrationRun, ModelVersion
-    from rollout.db.session import session_scope
-
-    with session_scope() as session:
-        run = session.scalar(
-            select(CalibrationRun)
-            .where(CalibrationRun.use_case_id == ctx.use_case_id, CalibrationRun.status == "succeeded")
-            .order_by(CalibrationRun.id.desc())
-        )
-        if run is None or run.model_version_id is None:
-            raise EvaluationFailed(
-                f"{ctx.name}: nothing calibrated yet; run `sparsepilot calibrate {ctx.name}`"
-            )
-        mv = session.get(ModelVersion, run.model_version_id)
-        return {
-            "id": mv.id,
-            "plan": mv.plan,
-            "base_model_ref": mv.base_model_ref,
-            "mlflow_model": mv.mlflow_model_name,
-            "mlflow_version": mv.mlflow_version,
-        }
+    target = runs.latest_calibrated_version(ctx.use_case_id)
+    if target is None:
+        raise EvaluationFailed(f"{ctx.name}: nothing calibrated yet; run `sparsepilot calibrate {ctx.name}`")
+    return target
 
 
-@task(cache_policy=NO_CACHE, name="evaluation-run-open", retries=2, retry_delay_seconds=1)
+@flow_task("evaluation-run-open")
 def open_run(ctx: UseCaseContext, mv_id: int, key: str) -> dict[str, Any]:
-    from sqlalchemy import select
-
-    from rollout.db.models import EvaluationRun
-    from rollout.db.session import session_scope
-
-    with session_scope() as session:
-        run = session.scalar(select(EvaluationRun).where(EvaluationRun.idempotency_key == key))
-        if run is None:
-            run = EvaluationRun(
-                idempotency_key=key,
-                use_case_id=ctx.use_case_id,
-                model_version_id=mv_id,
-                status="running",
-                flow_run_id=flow_run_id(),
-            )
-            session.add(run)
-            session.flush()
-        elif run.status != "succeeded":
-            run.status = "running"
-            run.error = None
-            run.flow_run_id = flow_run_id()
-        return {"id": run.id, "status": run.status, "summary": _row_summary(run)}
-
-
-def _row_summary(run: Any) -> dict[str, Any]:
-    return {
-        "evaluation_run_id": run.id,
-        "device": run.device,
-        "density": run.density,
-        "quality_delta": run.quality_delta,
-        "speedup": run.speedup,
-        "speedup_low": run.speedup_low,
-        "speedup_high": run.speedup_high,
-        "savings_month_usd": run.savings_month_usd,
-        "savings_month_low": run.savings_month_low,
-        "savings_month_high": run.savings_month_high,
-        "payback_days": run.payback_days,
-    }
+    return runs.open_evaluation(ctx.use_case_id, mv_id, key, flow_run_id())
 
 
 def measure_decode_tps(model: Any, tok: Any, context_tokens: int = 512, new_tokens: int = 16) -> float:
@@ -140,7 +84,7 @@ def measure_decode_tps(model: Any, tok: Any, context_tokens: int = 512, new_toke
     return new_tokens / (time.perf_counter() - t0)
 
 
-@task(cache_policy=NO_CACHE, name="evaluate-model", retries=0)
+@flow_task("evaluate-model", retries=0)
 def run_evaluation(
     ctx: UseCaseContext, target: dict[str, Any], settings: dict[str, Any], pictures_dir: str
 ) -> dict:
@@ -206,58 +150,18 @@ def roi_from_report(spec: Any, report: dict[str, Any], decode_tps: float | None)
     return out
 
 
-@task(cache_policy=NO_CACHE, name="evaluation-record", retries=2, retry_delay_seconds=1)
+@flow_task("evaluation-record")
 def record(
     ctx: UseCaseContext, run_pk: int, result: dict[str, Any], roi: dict[str, Any], mlflow_run_id: str
 ) -> dict:
-    from rollout import audit
-    from rollout.db.models import EvaluationRun
-    from rollout.db.session import session_scope
-
-    rep = result["report"]
-    with session_scope() as session:
-        run = session.get(EvaluationRun, run_pk)
-        run.status = "succeeded"
-        run.device = rep.get("device")
-        run.mlflow_run_id = mlflow_run_id
-        run.density = rep.get("density")
-        run.quality_delta = (rep.get("tasks") or {}).get("quality_delta")
-        run.speedup = roi["inputs"]["speedup"]
-        run.speedup_low = roi["inputs"]["speedup_low"]
-        run.speedup_high = roi["inputs"]["speedup_high"]
-        run.savings_month_usd = roi["saved_usd_month"]
-        run.savings_month_low = roi["saved_usd_month_low"]
-        run.savings_month_high = roi["saved_usd_month_high"]
-        run.payback_days = roi["payback_days"]
-        run.report = rep
-        run.roi = roi
-        run.artifacts = dict(rep.get("artifacts") or {})
-        uc = pilots.get_use_case(session, ctx.name)
-        audit.record(
-            session,
-            "sparsepilot-pipeline",
-            "evaluation.succeeded",
-            use_case_id=uc.id,
-            entity="evaluation_run",
-            entity_id=run_pk,
-            details={"device": run.device, "speedup": run.speedup, "saved_usd_month": run.savings_month_usd},
-        )
-        if uc.phase in ("registered", "calibrated"):
-            pilots.set_phase(
-                session, uc, "evaluated", actor="sparsepilot-pipeline", reason=f"evaluation run {run_pk}"
-            )
-        return _row_summary(run)
+    return runs.evaluation_succeeded(
+        ctx.name, run_pk, report=result["report"], roi=roi, mlflow_run_id=mlflow_run_id
+    )
 
 
-@task(cache_policy=NO_CACHE, name="evaluation-failed", retries=2, retry_delay_seconds=1)
+@flow_task("evaluation-failed")
 def mark_failed(run_pk: int, error: str) -> None:
-    from rollout.db.models import EvaluationRun
-    from rollout.db.session import session_scope
-
-    with session_scope() as session:
-        run = session.get(EvaluationRun, run_pk)
-        run.status = "failed"
-        run.error = error[:4000]
+    runs.evaluation_failed(run_pk, error)
 
 
 @flow(name="evaluate", log_prints=True)
@@ -268,8 +172,8 @@ def evaluate_flow(use_case: str, quick: bool = False, suite: dict[str, Any] | No
     ctx = load_context(use_case)
     target = target_version(ctx)
     settings = suite_settings(ctx, quick, suite)
-    key = "evaluate:" + stable_key(target["id"], settings, ctx.spec_hash)
-    run = open_run(ctx, target["id"], key)
+    key = "evaluate:" + stable_key(target["model_version_id"], settings, ctx.spec_hash)
+    run = open_run(ctx, target["model_version_id"], key)
     if run["status"] == "succeeded":
         logger.info("%s: evaluation %s already done", use_case, run["id"])
         return {**run["summary"], "reused": True}
@@ -291,7 +195,7 @@ def evaluate_flow(use_case: str, quick: bool = False, suite: dict[str, Any] | No
             run_name="evaluate",
             params={
                 "suite": settings,
-                "model_version_id": target["id"],
+                "model_version_id": target["model_version_id"],
                 "mlflow_version": target["mlflow_version"],
             },
             metrics=metrics,

@@ -1,5 +1,5 @@
-"""`sparsepilot bench import`: the streaming observation import (flows.pilot.import_file) on generated
-files of N rows, each size in a fresh process (so its peak RSS is its own) with a scratch
+"""`sparsepilot bench import`: the streaming observation import (rollout.pilot_batches.import_file) on
+generated files of N rows, each size in a fresh process (so its peak RSS is its own) with a scratch
 SPARSEPILOT_HOME: a use case on a tiny local model, a challenger, a pilot at its shadow step."""
 
 from __future__ import annotations
@@ -36,10 +36,8 @@ def _setup(home: Path) -> tuple[str, list[str]]:
     """A use case with a challenger and a calibration run in a fresh home; returns (name, dataset ids)."""
     import yaml
 
+    from rollout import runs
     from rollout.db import migrate
-    from rollout.db.models import CalibrationRun, ModelVersion
-    from rollout.db.session import session_scope
-    from rollout.pilots import get_use_case
     from rollout.settings import configure_environment
     from rollout.usecases import add_usecase
 
@@ -68,18 +66,12 @@ def _setup(home: Path) -> tuple[str, list[str]]:
     }  # fmt: skip
     (home / "spec.yaml").write_text(yaml.safe_dump(spec))
     add_usecase(home / "spec.yaml", actor="bench")
-    with session_scope() as s:
-        uc = get_use_case(s, "bench-import")
-        mv = ModelVersion(use_case_id=uc.id, base_model_ref=str(model), plan={}, plan_hash="0" * 64)
-        s.add(mv)
-        s.flush()
-        s.add(CalibrationRun(idempotency_key="bench", use_case_id=uc.id, spec_version=1, status="succeeded",
-                             model_version_id=mv.id))  # fmt: skip
+    runs.record_unregistered_challenger("bench-import", str(model), key="bench")
     return "bench-import", ids
 
 
 def _one(rows: int, chunk_rows: int, out: Any) -> None:
-    from flows.pilot import import_file
+    from rollout.pilot_batches import import_file
 
     home = Path(tempfile.mkdtemp(prefix="sparsepilot-bench-import-"))
     name, ids = _setup(home)

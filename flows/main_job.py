@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rollout import audit, lifecycle, pilot_batches, queries
+from rollout.usecases import phase_of
+
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples" / "usecases"
-MAIN_JOB_ACTOR = "sparsepilot-run"
 STAGES = (
     "validate+calibrate",
     "evaluate",
@@ -65,20 +67,13 @@ class UseCaseOutcome:
 
 def add_sample_use_cases(examples_dir: Path) -> list[dict[str, Any]]:
     """Add every spec in examples_dir whose use case does not exist yet; existing ones are left alone."""
-    from sqlalchemy import select
-
-    from rollout.db.models import UseCase
-    from rollout.db.session import session_scope
     from rollout.spec import load_spec
-    from rollout.usecases import add_usecase
+    from rollout.usecases import add_usecase, names
 
     added = []
     for path in sorted(examples_dir.glob("*.yaml")):
-        name = load_spec(path).name
-        with session_scope() as session:
-            exists = session.scalar(select(UseCase.id).where(UseCase.name == name)) is not None
-        if not exists:
-            added.append(add_usecase(path, actor=MAIN_JOB_ACTOR).to_dict())
+        if load_spec(path).name not in names():
+            added.append(add_usecase(path, actor=audit.SYSTEM_ACTOR).to_dict())
     return added
 
 
@@ -86,33 +81,6 @@ def sample_names(examples_dir: Path) -> list[str]:
     from rollout.spec import load_spec
 
     return [load_spec(p).name for p in sorted(examples_dir.glob("*.yaml"))]
-
-
-def _phase(name: str) -> str:
-    from rollout import pilots
-    from rollout.db.session import session_scope
-
-    with session_scope() as session:
-        return pilots.get_use_case(session, name).phase
-
-
-def _current_step(name: str) -> dict[str, Any] | None:
-    from rollout import pilots
-    from rollout.db.session import session_scope
-
-    with session_scope() as session:
-        uc = pilots.get_use_case(session, name)
-        pilot = pilots.active_pilot(session, uc)
-        if pilot is None:
-            return None
-        step = pilots.current_step(session, pilot)
-        return {
-            "pilot_status": pilot.status,
-            "index": step.index,
-            "kind": step.kind,
-            "min_samples": step.min_samples,
-            "traffic_pct": step.traffic_pct,
-        }
 
 
 def extra_requests(decision: dict[str, Any], seconds_per_request: float, seconds_left: float) -> int:
@@ -155,8 +123,8 @@ def run_use_case(name: str, s: MainJobSettings, stage: Callable[[str], None]) ->
             pilot_anyway=s.pilot_unprofitable,
         )
         if out.note is None:
-            phase = _phase(name)
-            if phase in ("awaiting_approval", "promoted", "stopped", "rolled_back"):
+            phase = phase_of(name)
+            if not lifecycle.can(phase, "pilot"):
                 out.note = f"{phase}: no pilot traffic in this run"
             else:
                 run_short_pilot(name, s, stage, out)
@@ -174,13 +142,11 @@ def run_short_pilot(name: str, s: MainJobSettings, stage: Callable[[str], None],
     step; every gate decision is appended to out.decisions."""
     from flows.gate import gate_flow
     from flows.pilot import pilot_flow
-    from rollout.db.session import session_scope
-    from rollout.pilots import get_use_case, load_current_spec
+    from rollout.usecases import load_spec_version
 
-    with session_scope() as session:
-        spec, _ = load_current_spec(session, get_use_case(session, name))
+    spec = load_spec_version(name).spec
     pilot_kw = {"max_new_tokens": s.pilot_max_new_tokens, "max_prompt_tokens": s.pilot_max_prompt_tokens}
-    step = _current_step(name)
+    step = pilot_batches.current_step(name)
     if step is None or (step["kind"] == "shadow" and step["pilot_status"] == "running"):
         stage("pilot shadow")
         t1 = time.perf_counter()
@@ -200,7 +166,7 @@ def run_short_pilot(name: str, s: MainJobSettings, stage: Callable[[str], None],
             stage("gate shadow")
             decision = gate_flow(name, promote_after_step=s.promote_after_step)
             out.decisions.append(decision)
-    step = _current_step(name)
+    step = pilot_batches.current_step(name)
     if step is not None and step["kind"] == "split" and step["pilot_status"] == "running":
         stage("pilot split")
         t1 = time.perf_counter()
@@ -218,55 +184,8 @@ def run_short_pilot(name: str, s: MainJobSettings, stage: Callable[[str], None],
 
 
 def summary_rows(names: list[str]) -> list[dict[str, Any]]:
-    """One row per use case from the state DB: latest decision, quality delta with its interval (the
-    gate's anytime-valid interval), speed-up and $/month saved with intervals, payback."""
-    from sqlalchemy import select
-
-    from rollout import pilots, queries
-    from rollout.db.models import EvaluationRun, GateDecision
-    from rollout.db.session import session_scope
-
-    rows = []
-    with session_scope() as session:
-        waits = {r["name"]: r["waits_for"] for r in queries.portfolio(session)}
-        for name in names:
-            uc = pilots.get_use_case(session, name)
-            d = session.scalar(
-                select(GateDecision)
-                .where(GateDecision.use_case_id == uc.id, GateDecision.kind == "gate")
-                .order_by(GateDecision.id.desc())
-            )
-            ev = session.scalar(
-                select(EvaluationRun)
-                .where(EvaluationRun.use_case_id == uc.id, EvaluationRun.status == "succeeded")
-                .order_by(EvaluationRun.id.desc())
-            )
-            q = ((d.evidence or {}).get("quality") or {}) if d else {}
-            awaiting = d.awaiting if d and d.resolution is None else "none"
-            step = (d.evidence or {}).get("step_index") if d else None
-            rows.append(
-                {
-                    "use_case": name,
-                    "phase": uc.phase,
-                    "decision": (f"{d.outcome} (step {step})" if d else "-"),
-                    "decision_id": d.id if d else None,
-                    "awaiting": awaiting,
-                    "waits_for": waits.get(name) if d else None,
-                    "quality_delta": q.get("estimate"),
-                    "quality_low": q.get("interval_low"),
-                    "quality_high": q.get("interval_high"),
-                    "speedup": ev.speedup if ev else None,
-                    "speedup_low": ev.speedup_low if ev else None,
-                    "speedup_high": ev.speedup_high if ev else None,
-                    "saved_usd_month": ev.savings_month_usd if ev else None,
-                    "saved_usd_month_low": ev.savings_month_low if ev else None,
-                    "saved_usd_month_high": ev.savings_month_high if ev else None,
-                    "payback_days": ev.payback_days if ev else None,
-                    "decode": ((ev.roi or {}).get("decode") or {}).get("short") if ev else None,
-                    "device": ev.device if ev else None,
-                }
-            )
-    return rows
+    """One row per use case from the state DB (rollout.queries.job_summary)."""
+    return queries.read(queries.job_summary, names)
 
 
 def _interval(v: Any, lo: Any, hi: Any, fmt: str) -> str:

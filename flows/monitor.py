@@ -8,125 +8,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow, get_run_logger
 
-from flows.common import load_context, log_run, stable_key
-from rollout import pilots
-from sparse_core.errors import SparsePilotError
+from flows.common import flow_task, load_context, log_run, stable_key
+from rollout import audit, decisions, pilot_batches
 
 
-class MonitorError(SparsePilotError, RuntimeError):
-    pass
-
-
-@task(cache_policy=NO_CACHE, name="monitor-target", retries=2, retry_delay_seconds=1)
+@flow_task("monitor-target")
 def monitor_target(use_case: str) -> dict[str, Any] | None:
-    from sqlalchemy import select
-
-    from rollout.db.models import ModelVersion, Pilot
-    from rollout.db.session import session_scope
-
-    with session_scope() as session:
-        uc = pilots.get_use_case(session, use_case)
-        if uc.phase != "promoted":
-            return None
-        spec, _ = pilots.load_current_spec(session, uc)
-        pilot = session.scalar(
-            select(Pilot)
-            .where(Pilot.use_case_id == uc.id, Pilot.status == "promoted")
-            .order_by(Pilot.id.desc())
-        )
-        if pilot is None:
-            return None
-        step = pilots.open_monitor_step(session, pilot, min_samples=spec.rollout.batch_size)
-        mv = session.get(ModelVersion, pilot.model_version_id)
-        return {
-            "pilot_id": pilot.id,
-            "salt": pilot.salt,
-            "step_id": step.id,
-            "step_index": step.index,
-            "kind": "shadow",  # both arms answer each sampled request (dense offline, for quality)
-            "traffic_pct": 100.0,
-            "model_version_id": mv.id,
-            "base_model_ref": mv.base_model_ref,
-            "plan": mv.plan,
-            "mlflow_model": mv.mlflow_model_name,
-            "mlflow_version": mv.mlflow_version,
-            "rollback_policy": spec.rollback,
-            "used_request_ids": sorted(pilots.seen_request_ids(session, pilot)),
-        }
+    return pilot_batches.monitor_target(use_case)
 
 
-@task(cache_policy=NO_CACHE, name="monitor-decide", retries=2, retry_delay_seconds=1)
+@flow_task("monitor-decide")
 def decide_monitor(
     use_case: str, info: dict[str, Any], rows: list[dict], check: dict[str, Any], batch_id: str
 ) -> dict:
-    from rollout.db.models import Pilot, PilotStep
-    from rollout.db.session import session_scope
-
-    with session_scope() as session:
-        uc = pilots.get_use_case(session, use_case)
-        spec, _ = pilots.load_pilot_spec(session, session.get(Pilot, info["pilot_id"]))
-        guard = pilots.monitor_guardrails(rows, spec) if check["passed"] else {"checks": [], "breached": []}
-        if not check["passed"]:
-            outcome = "INVALID"
-            why = "the sampled traffic failed its data checks (" + "; ".join(check["failures"][:3]) + ")"
-        elif guard["breached"]:
-            outcome = "NO-GO"
-            why = "guardrail breached: " + ", ".join(
-                f"{c['name']} {c['value']:.4g} > {c['threshold']:.4g} "
-                f"(at least {c['lower_bound']:.4g} with {100 * (1 - spec.gate.alpha):.0f}% confidence)"
-                for c in guard["checks"]
-                if c["breached"]
-            )
-        else:
-            outcome = "GO"
-            why = "no guardrail shown breached: " + ", ".join(
-                f"{c['name']} {c['value']:.4g} (limit {c['threshold']:.4g})" for c in guard["checks"]
-            )
-        bad = outcome != "GO"
-        auto = bad and info["rollback_policy"] == "auto"
-        awaiting = "rollback_approval" if bad and not auto else "none"
-        action = (
-            "The champion is rolled back automatically (rollback policy: auto)."
-            if auto
-            else "A rollback waits for a person's approval (rollback policy: manual)."
-            if bad
-            else "The champion keeps serving."
-        )
-        explanation = f"Monitor: {outcome}. {why}. {action}"
-        d, created = pilots.record_decision(
-            session,
-            idempotency_key=f"monitor:{info['step_id']}:{batch_id}",
-            use_case=uc,
-            pilot=session.get(Pilot, info["pilot_id"]),
-            step=session.get(PilotStep, info["step_id"]),
-            kind="monitor",
-            outcome=outcome,
-            evidence={
-                "guardrails": guard,
-                "data_check": check["report"],
-                "batch_id": batch_id,
-                "rows": len(rows),
-            },
-            explanation=explanation,
-            data_fingerprint=batch_id[:64],
-            awaiting=awaiting,
-        )
-        if created and awaiting == "rollback_approval":
-            pilots.set_phase(
-                session, uc, "awaiting_approval", actor="sparsepilot-monitor", reason=explanation
-            )
-        return {
-            "decision_id": d.id,
-            "outcome": d.outcome,
-            "awaiting": d.awaiting,
-            "resolution": d.resolution,
-            "automatic_rollback": auto,
-            "explanation": d.explanation,
-            "created": created,
-        }
+    return decisions.monitor_look(use_case, info, rows, check, batch_id)
 
 
 @flow(name="monitor", log_prints=True)
@@ -191,6 +88,6 @@ def monitor_flow(
             decision_id=result["decision_id"],
             reason=result["explanation"],
             automatic=True,
-            actor="sparsepilot-monitor",
+            actor=audit.MONITOR_ACTOR,
         )
     return result

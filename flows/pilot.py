@@ -15,17 +15,12 @@ import math
 import uuid
 from typing import Any
 
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow, get_run_logger
 
-from flows.common import (
-    FLOW_ACTOR,
-    UseCaseContext,
-    load_context,
-    log_run,
-    stable_key,
-)
-from rollout import pilots
+from flows.arms import answer_with_arms
+from flows.common import UseCaseContext, flow_task, load_context, log_run, stable_key
+from rollout import decisions, pilot_batches
+from rollout.validation import ARMS
 from sparse_core.errors import SparsePilotError
 
 
@@ -38,146 +33,10 @@ def default_max_new_tokens(spec: Any, cap: int = 64) -> int:
     return max(1, min(cap, math.ceil(spec.traffic.output_tokens.mean())))
 
 
-@task(cache_policy=NO_CACHE, name="pilot-ensure", retries=2, retry_delay_seconds=1)
+@flow_task("pilot-ensure")
 def ensure_pilot(use_case: str) -> dict[str, Any]:
     """The active pilot (started at its shadow step for the current challenger if none runs)."""
-    from rollout.db.session import session_scope
-
-    with session_scope() as session:
-        return _ensure_pilot(session, use_case)
-
-
-def _ensure_pilot(session: Any, use_case: str) -> dict[str, Any]:
-    """ensure_pilot inside the caller's transaction."""
-    from sqlalchemy import select
-
-    from rollout.db.models import CalibrationRun, ModelVersion
-
-    uc = pilots.get_use_case(session, use_case)
-    spec, _ = pilots.load_current_spec(session, uc)
-    run = session.scalar(
-        select(CalibrationRun)
-        .where(
-            CalibrationRun.use_case_id == uc.id,
-            CalibrationRun.status == "succeeded",
-            CalibrationRun.model_version_id.is_not(None),
-        )
-        .order_by(CalibrationRun.id.desc())
-    )
-    if run is None:
-        raise PilotError(
-            f"{use_case}: no calibrated challenger yet; run `sparsepilot calibrate {use_case}` first"
-        )
-    if (run.metrics or {}).get("met_budget") is False:
-        raise PilotError(
-            f"{use_case}: calibration run {run.id} found no sparse plan within the quality budget; "
-            "the challenger is the dense model and there is nothing to pilot"
-        )
-    mv = session.get(ModelVersion, run.model_version_id)
-    last = pilots.latest_pilot(session, uc)
-    if (
-        last is not None
-        and last.model_version_id == mv.id
-        and last.status in ("stopped", "promoted", "rolled_back")
-    ):
-        raise PilotError(
-            f"{use_case}: pilot {last.id} of this challenger has ended ({last.status}); "
-            "calibrate a new challenger (or add a new spec version) to pilot again"
-        )
-    pilot = pilots.active_pilot(session, uc)
-    if pilot is None or pilot.model_version_id != mv.id:
-        if pilot is not None and pilot.status == "awaiting_approval":
-            raise PilotError(
-                f"{use_case}: pilot {pilot.id} is waiting for approval; approve or reject it first"
-            )
-        pilot = pilots.start_pilot(session, uc, mv, spec, actor=FLOW_ACTOR)
-    if pilot.status != "running":
-        raise PilotError(f"{use_case}: pilot {pilot.id} is {pilot.status}; no pilot traffic is collected now")
-    step = pilots.current_step(session, pilot)
-    return {
-        "pilot_id": pilot.id,
-        "use_case_id": uc.id,
-        "salt": pilot.salt,
-        "step_id": step.id,
-        "step_index": step.index,
-        "kind": step.kind,
-        "traffic_pct": step.traffic_pct,
-        "min_samples": step.min_samples,
-        "model_version_id": mv.id,
-        "base_model_ref": mv.base_model_ref,
-        "plan": mv.plan,
-        "mlflow_model": mv.mlflow_model_name,
-        "mlflow_version": mv.mlflow_version,
-        "used_request_ids": sorted(pilots.seen_request_ids(session, pilot)),
-    }
-
-
-def import_file(
-    use_case: str,
-    path: str,
-    known_ids: list[str],
-    *,
-    external_assignment: bool = False,
-    chunk_rows: int = 50_000,
-    progress: Any = None,
-) -> dict[str, Any]:
-    """Import a file of observations into the current step, all or nothing, streaming: each chunk is
-    parsed, checked (GX) and checked against the step's design (rollout.pilots.ImportCheck), then
-    bulk-inserted; any problem rolls the whole import back. The pilot is started in the same
-    transaction, so a refused import starts nothing either. ``progress(rows_done)`` after each chunk."""
-    from rollout.db.models import Observation, PilotStep, utcnow
-    from rollout.db.session import session_scope
-    from rollout.observations_io import ObservationImportError, iter_observations, validate_observation_rows
-
-    source = "imported-external" if external_assignment else "imported"
-    rows_seen = inserted = 0
-    with session_scope(immediate=True) as session:
-        info = _ensure_pilot(session, use_case)
-        step = session.get(PilotStep, info["step_id"])
-        check = pilots.ImportCheck(
-            pilots.step_observations(session, step),
-            kind=info["kind"],
-            salt=info["salt"],
-            traffic_pct=info["traffic_pct"],
-            external_assignment=external_assignment,
-        )
-        bid = f"b-{step.id}-import-{uuid.uuid4().hex[:16]}"
-        sample: list[dict[str, Any]] = []
-        for chunk in iter_observations(path, chunk_rows):
-            rows = [r for _, r in chunk]
-            gx = validate_observation_rows(
-                rows,
-                known_request_ids=known_ids,
-                require_both_arms=False,
-                source=path,
-                first_row=rows_seen + 1,
-            )
-            if not gx["passed"]:
-                raise ObservationImportError(
-                    f"{path}: failed the observation checks; nothing was stored:\n  - "
-                    + "\n  - ".join(gx["failures"])
-                )
-            new = check.add(rows)
-            if check.conflicts or check.wrong_arm:  # fail early; the full list comes from problems()
-                break
-            if new:  # Core executemany: the ORM's per-row bookkeeping costs more than the insert itself
-                fixed = {"pilot_step_id": step.id, "use_case_id": info["use_case_id"], "batch_id": bid,
-                         "source": source, "created_at": utcnow()}  # fmt: skip
-                session.execute(Observation.__table__.insert(), [{**r, **fixed} for r in new])
-            rows_seen += len(rows)
-            inserted += len(new)
-            if len(sample) < 1000:
-                sample.extend(rows[: 1000 - len(sample)])
-            if progress is not None:
-                progress(rows_seen)
-        problems = check.problems()
-        if problems:
-            raise ObservationImportError(
-                f"{path}: does not fit step {info['step_index']} ({info['kind']}); nothing was stored:\n  - "
-                + "\n  - ".join(problems)
-            )
-    stored = {"inserted": inserted, "already_present": rows_seen - inserted, "rows": rows_seen}
-    return {"info": info, "rows": sample, "batch_id": bid, "source": source, "stored": stored}
+    return pilot_batches.ensure_pilot(use_case)
 
 
 def abort(use_case: str, actor: str, reason: str) -> dict[str, Any]:
@@ -186,17 +45,12 @@ def abort(use_case: str, actor: str, reason: str) -> dict[str, Any]:
     from prefect.client.orchestration import get_client
     from prefect.states import Cancelled
 
-    from rollout.db.session import session_scope
-
     text = (reason or "").strip()
     if not text:
         raise PilotError("--abort needs a --reason (kept in the audit log)")
-    with session_scope(immediate=True) as session:
-        uc = pilots.get_use_case(session, use_case)
-        pilot, closed = pilots.abort_pilot(session, uc, actor=actor, reason=text)
-        runs = [(d.id, d.flow_run_id) for d in closed if d.flow_run_id]
-        out = {"pilot_id": pilot.id, "closed_decisions": [d.id for d in closed], "cancelled_runs": []}
-    for _did, rid in runs:
+    pilot_id, closed, runs = pilot_batches.abort(use_case, actor=actor, reason=text)
+    out = {"pilot_id": pilot_id, "closed_decisions": closed, "cancelled_runs": []}
+    for rid in runs:
         try:
             with get_client(sync_client=True) as client:
                 client.set_flow_run_state(
@@ -213,7 +67,7 @@ def import_observations(use_case: str, path: str, *, external_assignment: bool =
     it directly rather than as a flow run; `pilot_flow(observations_file=...)` calls it too."""
     ctx = load_context(use_case)
     known = sorted({r["id"] for r in ctx.rows})
-    done = import_file(use_case, path, known, external_assignment=external_assignment)
+    done = pilot_batches.import_file(use_case, path, known, external_assignment=external_assignment)
     info = done["info"]
     log_batch.fn(ctx, info, done["rows"], done["stored"], done["source"])
     return {
@@ -242,19 +96,9 @@ def next_requests(ctx: UseCaseContext, used: set[str], salt: str, n: int) -> lis
     return [(r.id, r.as_row()) for r in requests]
 
 
-@task(cache_policy=NO_CACHE, name="pilot-answer-batch", retries=1, retry_delay_seconds=1)
-def answer_batch(
-    ctx: UseCaseContext,
-    info: dict[str, Any],
-    requests: list[tuple[str, dict]],
-    max_new_tokens: int,
-    max_prompt_tokens: int | None,
-) -> list[dict[str, Any]]:
-    """Run the requests through the step's two arms and score them: the model in this process (default)
-    or the endpoints of the spec's `pilot.arms` (flows.arms, rollout.arms)."""
-    from flows.arms import answer_with_arms
-
-    return answer_with_arms(ctx, info, requests, max_new_tokens, max_prompt_tokens)
+# Run the requests through the step's two arms and score them: the model in this process (default) or the
+# endpoints of the spec's `pilot.arms` (flows.arms, rollout.arms).
+answer_batch = flow_task("pilot-answer-batch", retries=1)(answer_with_arms)
 
 
 def answer_measured(
@@ -273,13 +117,13 @@ def answer_measured(
     with HostLoadMeter(threads=policy["threads"]) as meter:
         rows = answer_batch(ctx, info, requests, max_new_tokens, max_prompt_tokens)
     # The pilot host's CPU slows only the arms that run on it; an endpoint's latency is its stack's own.
-    here = {a for a in ("control", "treatment") if getattr(ctx.spec.pilot.arms, a).kind == "in-process"}
+    here = {a for a in ARMS if getattr(ctx.spec.pilot.arms, a).kind == "in-process"}
     for r in rows:
         r["overloaded"] = meter.load.overloaded and r["arm"] in here
     return rows, meter.load
 
 
-@task(cache_policy=NO_CACHE, name="pilot-validate-batch", retries=2, retry_delay_seconds=1)
+@flow_task("pilot-validate-batch")
 def validate_batch(rows: list[dict[str, Any]], known_ids: list[str], kind: str) -> dict[str, Any]:
     from rollout.observations_io import validate_observation_rows
 
@@ -288,46 +132,18 @@ def validate_batch(rows: list[dict[str, Any]], known_ids: list[str], kind: str) 
     )
 
 
-@task(cache_policy=NO_CACHE, name="pilot-store-batch", retries=2, retry_delay_seconds=1)
+@flow_task("pilot-store-batch")
 def store_batch(step_id: int, rows: list[dict[str, Any]], batch_id: str, source: str) -> dict[str, int]:
-    from rollout.db.models import PilotStep
-    from rollout.db.session import session_scope
-
-    with session_scope() as session:
-        step = session.get(PilotStep, step_id)
-        res = pilots.record_observations(session, step, rows, batch_id=batch_id, source=source)
-    return {"inserted": res.inserted, "already_present": res.already_present}
+    return pilot_batches.store_batch(step_id, rows, batch_id, source)
 
 
-@task(cache_policy=NO_CACHE, name="pilot-record-failed-check", retries=2, retry_delay_seconds=1)
+@flow_task("pilot-record-failed-check")
 def record_failed_check(use_case: str, info: dict[str, Any], batch_id: str, check: dict[str, Any]) -> int:
     """A batch that failed its data check does not count; the INVALID decision says why."""
-    from rollout.db.models import Pilot, PilotStep
-    from rollout.db.session import session_scope
-
-    with session_scope() as session:
-        uc = pilots.get_use_case(session, use_case)
-        pilot = session.get(Pilot, info["pilot_id"])
-        step = session.get(PilotStep, info["step_id"])
-        failures = check.get("failures", [])
-        d, _ = pilots.record_decision(
-            session,
-            idempotency_key=f"datacheck:{step.id}:{batch_id}",
-            use_case=uc,
-            pilot=pilot,
-            step=step,
-            outcome="INVALID",
-            evidence={"data_check": check, "batch_id": batch_id, "reasons": ["data-check-failed"]},
-            explanation=(
-                f"Decision: INVALID. Pilot batch {batch_id} of step {step.index} failed its data checks "
-                f"({'; '.join(failures[:3])}); its observations were not stored and do not count."
-            ),
-            data_fingerprint=batch_id[:64],
-        )
-        return d.id
+    return decisions.failed_batch(use_case, info, batch_id, check)
 
 
-@task(cache_policy=NO_CACHE, name="pilot-log-mlflow", retries=2, retry_delay_seconds=1)
+@flow_task("pilot-log-mlflow")
 def log_batch(
     ctx: UseCaseContext, info: dict[str, Any], rows: list[dict[str, Any]], stored: dict[str, int], source: str
 ) -> str | None:
@@ -336,7 +152,7 @@ def log_batch(
         "rows": float(stored.get("rows", len(rows))),
         "inserted": float(stored["inserted"]),
     }
-    for arm in ("control", "treatment"):
+    for arm in ARMS:
         arm_rows = [r for r in rows if r["arm"] == arm]
         if arm_rows:
             lat = sorted(r["latency_ms"] for r in arm_rows)

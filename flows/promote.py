@@ -6,47 +6,38 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow, get_run_logger
 
-from flows.common import log_run
+from flows.common import flow_task, log_run
+from rollout import audit, decisions
 
 
-@task(cache_policy=NO_CACHE, name="promote-move-aliases", retries=2, retry_delay_seconds=1)
+@flow_task("promote-move-aliases")
 def promote_task(decision_id: int, approval_id: int, reason: str) -> dict[str, Any]:
     from rollout.approvals import apply_promotion
 
     return apply_promotion(decision_id, approval_id, reason=reason)
 
 
-@task(cache_policy=NO_CACHE, name="reject-stop-pilot", retries=2, retry_delay_seconds=1)
+@flow_task("reject-stop-pilot")
 def reject_task(decision_id: int, approval_id: int, reason: str) -> dict[str, Any]:
     from rollout.approvals import apply_rejection
 
     return apply_rejection(decision_id, approval_id, reason=reason)
 
 
-@task(cache_policy=NO_CACHE, name="rollback-move-alias", retries=2, retry_delay_seconds=1)
+@flow_task("rollback-move-alias")
 def rollback_task(decision_id: int, approval_id: int | None, reason: str, automatic: bool) -> dict[str, Any]:
     from rollout.approvals import apply_rollback
 
     return apply_rollback(decision_id, approval_id, reason=reason, automatic=automatic)
 
 
-def _use_case_of(decision_id: int) -> str:
-    from rollout.db.models import GateDecision, UseCase
-    from rollout.db.session import session_scope
-
-    with session_scope() as session:
-        d = session.get(GateDecision, decision_id)
-        return session.get(UseCase, d.use_case_id).name
-
-
-@task(cache_policy=NO_CACHE, name="alias-log-mlflow", retries=2, retry_delay_seconds=1)
+@flow_task("alias-log-mlflow")
 def log_alias_event(decision_id: int, result: dict[str, Any], action: str, actor: str) -> str:
     from rollout import registry
 
-    name = _use_case_of(decision_id)
+    name = decisions.use_case_of(decision_id)
     return log_run(
         name,
         run_name=action,
@@ -81,6 +72,6 @@ def rollback_flow(
     actor: str = "",
 ) -> dict[str, Any]:
     result = rollback_task(decision_id, approval_id, reason, automatic)
-    log_alias_event(decision_id, result, "rollback", actor or ("sparsepilot-monitor" if automatic else ""))
+    log_alias_event(decision_id, result, "rollback", actor or (audit.MONITOR_ACTOR if automatic else ""))
     get_run_logger().info("decision %s: rolled back (%s)", decision_id, result.get("alias_move"))
     return result

@@ -24,7 +24,7 @@ from typing import Any
 from pydantic import BaseModel
 from sqlalchemy import select
 
-from rollout import audit
+from rollout import audit, lifecycle
 from rollout.auth import Identity, require_approver
 from rollout.db.models import AliasMove, Approval, GateDecision, Pilot, UseCase
 from rollout.db.session import session_scope
@@ -104,6 +104,46 @@ def check_approvable(session: Any, d: GateDecision) -> None:
         )
 
 
+def override_signatures(session: Any, decision_id: int, action: str) -> list[Approval]:
+    """The signatures already given to `action` the decision against the gate's recommendation."""
+    return list(
+        session.scalars(
+            select(Approval).where(
+                Approval.decision_id == decision_id,
+                Approval.action == action,
+                Approval.against_recommendation.is_(True),
+            )
+        )
+    )
+
+
+def _sign(
+    session: Any,
+    d: GateDecision,
+    who: Identity,
+    action: str,
+    text: str,
+    against: bool,
+    event: str,
+    **about: Any,
+) -> Approval:
+    """A person's signature on the decision: the Approval row and its audit entry (`event`, with the
+    reason, the role, `about` and where the identity came from)."""
+    row = Approval(
+        decision_id=d.id,
+        actor=who.name,
+        role=who.role,
+        action=action,
+        reason=text,
+        against_recommendation=against,
+    )
+    session.add(row)
+    session.flush()
+    details = {"reason": text, "role": who.role, **about, "source": who.source}
+    audit.record(session, who.name, event, on=d, details=details)
+    return row
+
+
 def _check_reason(reason: str | None) -> str:
     text = (reason or "").strip()
     if not text:
@@ -153,42 +193,23 @@ def approve(
             raise ApprovalError(f"decision {decision_id} does not exist")
         check_approvable(session, d)
         against = action != recommended_action(d)
-        uc = session.get(UseCase, d.use_case_id)
-        assert uc is not None
         if against:
-            earlier = list(
-                session.scalars(
-                    select(Approval).where(
-                        Approval.decision_id == d.id,
-                        Approval.action == action,
-                        Approval.against_recommendation.is_(True),
-                    )
-                )
-            )
+            earlier = override_signatures(session, d.id, action)
             if any(a.actor == who.name for a in earlier):
                 raise ApprovalError(
                     f"{who.name!r} already signed this override of decision {decision_id}; "
                     "a second, different approver must confirm it"
                 )
             if not earlier:
-                row = Approval(
-                    decision_id=d.id,
-                    actor=who.name,
-                    role=who.role,
-                    action=action,
-                    reason=text,
-                    against_recommendation=True,
-                )
-                session.add(row)
-                session.flush()
-                audit.record(
+                row = _sign(
                     session,
-                    who.name,
+                    d,
+                    who,
+                    action,
+                    text,
+                    True,
                     f"approval.{action}.first_signature",
-                    use_case_id=uc.id,
-                    entity="gate_decision",
-                    entity_id=d.id,
-                    details={"reason": text, "role": who.role, "outcome": d.outcome, "source": who.source},
+                    outcome=d.outcome,
                 )
                 return ApprovalResult(
                     decision_id=d.id,
@@ -205,33 +226,19 @@ def approve(
                         f"approver must also {action} decision {d.id}"
                     ),
                 )
-        row = Approval(
-            decision_id=d.id,
-            actor=who.name,
-            role=who.role,
-            action=action,
-            reason=text,
-            against_recommendation=against,
-        )
-        session.add(row)
         d.resolution = "approved" if action == "approve" else "rejected"
-        session.flush()
-        audit.record(
+        row = _sign(
             session,
-            who.name,
+            d,
+            who,
+            action,
+            text,
+            against,
             f"approval.{action}",
-            use_case_id=uc.id,
-            entity="gate_decision",
-            entity_id=d.id,
-            details={
-                "reason": text,
-                "role": who.role,
-                "outcome": d.outcome,
-                "awaiting": d.awaiting,
-                "against_recommendation": against,
-                "flow_run_id": d.flow_run_id,
-                "source": who.source,
-            },
+            outcome=d.outcome,
+            awaiting=d.awaiting,
+            against_recommendation=against,
+            flow_run_id=d.flow_run_id,
         )
         payload = ApprovalPayload(
             approve=action == "approve",
@@ -368,21 +375,7 @@ def apply_promotion(
         if pilot is None:
             raise ApprovalError(f"decision {decision_id} has no pilot to promote")
         name, mv_id = uc.name, pilot.model_version_id
-        has_champion = bool(
-            registry.champion_lineage(
-                list(
-                    session.scalars(
-                        select(AliasMove)
-                        .where(
-                            AliasMove.use_case_id == uc.id,
-                            AliasMove.alias == "champion",
-                            AliasMove.status == "committed",
-                        )
-                        .order_by(AliasMove.id)
-                    )
-                )
-            )
-        )
+        has_champion = bool(registry.champion_lineage(registry.committed_moves(session, uc.id, "champion")))
     moves = []
     if not has_champion:
         base = baseline_version_id(name, db_url=db_url)
@@ -425,7 +418,9 @@ def apply_promotion(
             reason=reason,
             open_steps="skipped" if skipped else None,
         )
-        pilots.set_phase(session, uc, "promoted", actor=who.name, reason=f"decision {decision_id} approved")
+        lifecycle.set_phase(
+            session, uc, "promoted", actor=who.name, reason=f"decision {decision_id} approved"
+        )
     return {"action": "promoted", "decision_id": decision_id, "alias_moves": [_move_dict(m) for m in moves]}
 
 
@@ -442,7 +437,7 @@ def apply_rejection(
         pilot = session.get(Pilot, d.pilot_id) if d.pilot_id else None
         if pilot is not None:
             pilots.stop_pilot(session, pilot, status="stopped", actor=who.name, reason=reason)
-        pilots.set_phase(session, uc, "stopped", actor=who.name, reason=f"decision {decision_id} rejected")
+        lifecycle.set_phase(session, uc, "stopped", actor=who.name, reason=f"decision {decision_id} rejected")
     return {"action": "stopped", "decision_id": decision_id}
 
 
@@ -478,14 +473,10 @@ def apply_rollback(
         d = session.get(GateDecision, decision_id)
         if d.resolution is None:
             d.resolution = "auto_rolled_back" if automatic else "approved"
-        promoted = session.scalar(
-            select(Pilot)
-            .where(Pilot.use_case_id == uc.id, Pilot.status == "promoted")
-            .order_by(Pilot.id.desc())
-        )
+        promoted = pilots.promoted_pilot(session, uc)
         if promoted is not None:
             pilots.stop_pilot(session, promoted, status="rolled_back", actor=who.name, reason=reason)
-        pilots.set_phase(session, uc, "rolled_back", actor=who.name, reason=reason)
+        lifecycle.set_phase(session, uc, "rolled_back", actor=who.name, reason=reason)
     return {"action": "rolled_back", "decision_id": decision_id, "alias_move": _move_dict(move)}
 
 
@@ -511,29 +502,18 @@ def request_rollback(
 ) -> dict[str, Any]:
     """A person rolls a use case back: records a rollback decision + approval + audit, then (by default)
     applies it. Returns the decision and approval ids (the rollback flow takes them when `apply` is False)."""
-    from rollout import pilots
+    from rollout import pilots, registry
 
     who = require_approver(identity, f"roll back {use_case_name}")
     text = _check_reason(reason)
     with session_scope(db_url) as session:
         uc = pilots.get_use_case(session, use_case_name)
-        if uc.phase != "promoted":
+        if not lifecycle.can(uc.phase, "rollback"):
             raise ApprovalError(
                 f"use case {use_case_name!r} is {uc.phase}, not promoted: "
                 "there is no champion of ours to roll back"
             )
-        from rollout import registry
-
-        lineage = registry.champion_lineage(
-            list(
-                session.scalars(
-                    select(AliasMove)
-                    .where(AliasMove.use_case_id == uc.id, AliasMove.alias == "champion")
-                    .where(AliasMove.status == "committed")
-                    .order_by(AliasMove.id)
-                )
-            )
-        )
+        lineage = registry.champion_lineage(registry.committed_moves(session, uc.id, "champion"))
         if len(lineage) < 2:
             raise ApprovalError(f"use case {use_case_name!r} has no previous champion to roll back to")
         key = f"manual-rollback:{uc.id}:{uuid.uuid4().hex}"
@@ -550,26 +530,7 @@ def request_rollback(
             actor=who.name,
         )
         d.resolution = "approved"
-        approval = Approval(
-            decision_id=d.id,
-            actor=who.name,
-            role=who.role,
-            action="rollback",
-            reason=text,
-            against_recommendation=False,
-        )
-        session.add(approval)
-        session.flush()
-        approval_id = approval.id
-        audit.record(
-            session,
-            who.name,
-            "approval.rollback",
-            use_case_id=uc.id,
-            entity="gate_decision",
-            entity_id=d.id,
-            details={"reason": text, "role": who.role, "source": who.source},
-        )
+        approval_id = _sign(session, d, who, "rollback", text, False, "approval.rollback").id
         decision_id = d.id
     out: dict[str, Any] = {"decision_id": decision_id, "approval_id": approval_id}
     if apply:

@@ -25,6 +25,12 @@ from sqlalchemy.orm import Session
 from rollout.db.models import AuditEntry, utcnow
 
 GENESIS = "0" * 64
+# The automation's actor names: the pipeline (flows, the scheduled cycle, the main job) and the monitor
+# (which alone may roll a champion back on its own). Rows written before the pipeline had one name say
+# "sparsepilot-flow" or "sparsepilot-run"; they stay as written (the hash chain covers them) and read
+# like any other actor.
+SYSTEM_ACTOR = "sparsepilot-pipeline"
+MONITOR_ACTOR = "sparsepilot-monitor"
 _PG_LOCK_KEY = 0x5350_4155_4449_54  # "SPAUDIT": serialises audit writers on PostgreSQL
 
 
@@ -98,16 +104,35 @@ def row_hash_of(e: AuditEntry) -> str:
     )
 
 
+# The entity an audit row names for a row of each table (`record(..., on=row)`).
+ENTITIES = {
+    "use_cases": "use_case",
+    "spec_versions": "spec_version",
+    "model_versions": "model_version",
+    "calibration_runs": "calibration_run",
+    "evaluation_runs": "evaluation_run",
+    "pilots": "pilot",
+    "gate_decisions": "gate_decision",
+    "alias_history": "alias_move",
+}
+
+
 def record(
     session: Session,
     actor: str,
     action: str,
     *,
+    on: Any = None,
     use_case_id: int | None = None,
     entity: str | None = None,
     entity_id: str | int | None = None,
     details: dict[str, Any] | None = None,
 ) -> AuditEntry:
+    """Append an entry in the caller's transaction. `on`: the row it is about (an ORM row of a table in
+    ENTITIES), which sets entity, entity_id and use_case_id; or give those three yourself."""
+    if on is not None:
+        entity, entity_id = ENTITIES[on.__tablename__], on.id
+        use_case_id = on.id if entity == "use_case" else on.use_case_id
     if session.get_bind().dialect.name == "postgresql":
         session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY})
     prev = session.scalar(select(AuditEntry.row_hash).order_by(AuditEntry.id.desc()).limit(1))

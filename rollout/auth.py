@@ -52,7 +52,7 @@ class PermissionDenied(SparsePilotError, PermissionError):
     pass
 
 
-class AccountsConfigError(ValueError):
+class AccountsConfigError(SparsePilotError, ValueError):
     """The accounts configuration is malformed; the message names the entry or field."""
 
 

@@ -16,7 +16,6 @@ from sqlalchemy.orm import Session
 
 from rollout import audit
 from rollout.db.models import (
-    PHASES,
     GateDecision,
     ModelVersion,
     Observation,
@@ -26,12 +25,13 @@ from rollout.db.models import (
     UseCase,
     utcnow,
 )
+from rollout.lifecycle import set_phase
 from rollout.usecases import UnknownUseCase
 from sparse_core.errors import SparsePilotError
 
-ARMS = ("control", "treatment")
 OBSERVATION_FIELDS = ("request_id", "arm", "quality", "latency_ms", "tokens", "error", "overloaded")
 ACTIVE_PILOT = ("running", "awaiting_approval")
+ENDED_PILOT = ("stopped", "promoted", "rolled_back")
 
 
 class PilotStateError(SparsePilotError, RuntimeError):
@@ -107,6 +107,15 @@ def active_pilot(session: Session, use_case: UseCase) -> Pilot | None:
     )
 
 
+def promoted_pilot(session: Session, use_case: UseCase) -> Pilot | None:
+    """The pilot whose challenger serves as champion now (the monitor samples it, a rollback ends it)."""
+    return session.scalar(
+        select(Pilot)
+        .where(Pilot.use_case_id == use_case.id, Pilot.status == "promoted")
+        .order_by(Pilot.id.desc())
+    )
+
+
 def latest_pilot(session: Session, use_case: UseCase) -> Pilot | None:
     return session.scalar(select(Pilot).where(Pilot.use_case_id == use_case.id).order_by(Pilot.id.desc()))
 
@@ -118,27 +127,6 @@ def current_step(session: Session, pilot: Pilot) -> PilotStep:
     if step is None:
         raise PilotStateError(f"pilot {pilot.id} has no step {pilot.current_step_index}")
     return step
-
-
-# --- phases ----------------------------------------------------------------------------------------
-
-
-def set_phase(session: Session, use_case: UseCase, phase: str, *, actor: str, reason: str = "") -> None:
-    if phase not in PHASES:
-        raise ValueError(f"unknown phase {phase!r}; phases are {', '.join(PHASES)}")
-    if use_case.phase == phase:
-        return
-    before = use_case.phase
-    use_case.phase = phase
-    audit.record(
-        session,
-        actor,
-        "usecase.phase",
-        use_case_id=use_case.id,
-        entity="use_case",
-        entity_id=use_case.id,
-        details={"from": before, "to": phase, "reason": reason},
-    )
 
 
 # --- plan of steps ---------------------------------------------------------------------------------
@@ -227,9 +215,7 @@ def start_pilot(
         session,
         actor,
         "pilot.start",
-        use_case_id=use_case.id,
-        entity="pilot",
-        entity_id=pilot.id,
+        on=pilot,
         details={
             "model_version_id": model_version.id,
             "spec_version": use_case.current_spec_version,
@@ -265,9 +251,7 @@ def advance(
         session,
         actor,
         "pilot.advance",
-        use_case_id=pilot.use_case_id,
-        entity="pilot",
-        entity_id=pilot.id,
+        on=pilot,
         details={
             "from_step": step.index,
             "to_step": nxt.index,
@@ -290,7 +274,7 @@ def stop_pilot(
         return
     before = pilot.status
     pilot.status = status
-    if status in ("stopped", "promoted", "rolled_back"):
+    if status in ENDED_PILOT:
         pilot.ended_at = pilot.ended_at or utcnow()
         for step in pilot.steps:
             if step.status == "running" and step.kind != "monitor":
@@ -300,9 +284,7 @@ def stop_pilot(
         session,
         actor,
         "pilot.status",
-        use_case_id=pilot.use_case_id,
-        entity="pilot",
-        entity_id=pilot.id,
+        on=pilot,
         details={"from": before, "to": status, "reason": reason},
     )
 
@@ -499,9 +481,7 @@ def abort_pilot(
         session,
         actor,
         "pilot.abort",
-        use_case_id=use_case.id,
-        entity="pilot",
-        entity_id=pilot.id,
+        on=pilot,
         details={"reason": reason, "closed_decisions": [d.id for d in open_decisions]},
     )
     set_phase(session, use_case, "stopped", actor=actor, reason=f"pilot {pilot.id} aborted: {reason}")
@@ -537,17 +517,6 @@ def seen_request_ids(session: Session, pilot: Pilot) -> set[str]:
     )
 
 
-def data_fingerprint(rows: Iterable[Mapping[str, Any]]) -> str:
-    """sha256 over the canonical observation rows: the same data always gives the same fingerprint."""
-    h = hashlib.sha256()
-    for r in sorted(rows, key=lambda r: (str(r["request_id"]), str(r["arm"]))):
-        h.update(
-            f"{r['request_id']}|{r['arm']}|{float(r['quality']):.9g}|{float(r['latency_ms']):.9g}|"
-            f"{int(r.get('tokens') or 0)}|{int(bool(r.get('error')))}\n".encode()
-        )
-    return h.hexdigest()
-
-
 # --- decisions -------------------------------------------------------------------------------------
 
 
@@ -559,6 +528,10 @@ def decisions_for_step(session: Session, step: PilotStep) -> list[GateDecision]:
             .order_by(GateDecision.look_index)
         )
     )
+
+
+def decision_by_key(session: Session, idempotency_key: str) -> GateDecision | None:
+    return session.scalar(select(GateDecision).where(GateDecision.idempotency_key == idempotency_key))
 
 
 def record_decision(
@@ -575,10 +548,10 @@ def record_decision(
     step: PilotStep | None = None,
     look_index: int = 0,
     awaiting: str = "none",
-    actor: str = "flow",
+    actor: str = audit.SYSTEM_ACTOR,
 ) -> tuple[GateDecision, bool]:
     """The decision stored under this key, or a new one. Returns (decision, created)."""
-    found = session.scalar(select(GateDecision).where(GateDecision.idempotency_key == idempotency_key))
+    found = decision_by_key(session, idempotency_key)
     if found is not None:
         return found, False
     d = GateDecision(
@@ -600,9 +573,7 @@ def record_decision(
         session,
         actor,
         f"decision.{kind}",
-        use_case_id=use_case.id,
-        entity="gate_decision",
-        entity_id=d.id,
+        on=d,
         details={
             "outcome": outcome,
             "awaiting": awaiting,
@@ -621,11 +592,6 @@ def pending_decisions(session: Session, use_case: UseCase | None = None) -> list
     return list(session.scalars(q.order_by(GateDecision.id)))
 
 
-def resolve_decision(session: Session, decision: GateDecision, resolution: str) -> None:
-    decision.resolution = resolution
-    session.flush()
-
-
 def now() -> dt.datetime:
     return utcnow()
 
@@ -634,27 +600,14 @@ def now() -> dt.datetime:
 
 
 def gate_settings(spec: Any, step: PilotStep) -> Any:
-    """rollout.gate.GateSettings for one step, from the spec's gate section and the step's minimum."""
+    """rollout.gate.GateSettings for one step: the spec's gate section (GateSettings.from_spec), with the
+    step's minimum sample as the quality test's and as a cap on the guardrails' own."""
     from rollout.gate import GateSettings
 
-    g = spec.gate
-    slo = g.guardrails.p95_latency_ms
-    if slo is None:
-        slo = spec.latency_slo_ms.p95
-    return GateSettings(
-        alpha=g.alpha,
-        margin=g.non_inferiority_margin,
-        planned_effect=g.planned_effect,
-        score_type=g.score_type,
-        planned_sd=g.planned_sd,
+    return GateSettings.from_spec(
+        spec,
         min_samples_per_arm=max(2, step.min_samples),
-        max_error_rate=g.guardrails.max_error_rate,
-        max_error_rate_increase=g.guardrails.max_error_rate_increase,
-        latency_slo_ms=slo,
-        max_latency_exceedance=g.guardrails.max_latency_exceedance,
-        guardrail_min_samples=max(1, min(g.guardrails.min_samples, step.min_samples)),
-        max_duration_days=g.max_duration_days,
-        max_looks=g.max_looks,
+        guardrail_min_samples=max(1, min(spec.gate.guardrails.min_samples, step.min_samples)),
     )
 
 
@@ -684,15 +637,7 @@ def monitor_guardrails(rows: list[Mapping[str, Any]], spec: Any) -> dict[str, An
 
     from rollout.gate import GateSettings, check_observations, guardrail_checks, judge_all
 
-    g = spec.gate
-    settings = GateSettings(
-        alpha=g.alpha,
-        margin=g.non_inferiority_margin,
-        max_error_rate=g.guardrails.max_error_rate,
-        latency_slo_ms=g.guardrails.p95_latency_ms or spec.latency_slo_ms.p95,
-        max_latency_exceedance=g.guardrails.max_latency_exceedance,
-        guardrail_min_samples=g.guardrails.min_samples,
-    )
+    settings = GateSettings.from_spec(spec)
     trt = [r for r in rows if r["arm"] == "treatment"]
     checked = check_observations(pd.DataFrame(trt), mode="split") if trt else None
     out: dict[str, Any] = {"n_treatment": len(trt), "checks": [], "breached": []}

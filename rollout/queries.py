@@ -5,11 +5,13 @@ Every function takes the caller's Session and returns plain dicts, ready for a D
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from sqlalchemy import Integer, and_, case, cast, func, select
 from sqlalchemy.orm import Session
 
+from rollout import lifecycle
 from rollout.db.models import (
     AliasMove,
     Approval,
@@ -23,6 +25,7 @@ from rollout.db.models import (
     SpecVersion,
     UseCase,
 )
+from rollout.db.session import session_scope
 
 # Where a gate decision's evidence (rollout.gate.Decision.to_dict()) keeps the quality difference
 # (treatment - control) and its anytime-valid interval. Read in SQL with the dialect's JSON path operator.
@@ -36,7 +39,9 @@ EVIDENCE_N_CONTROL = ("n_control",)
 EVIDENCE_TRAFFIC_USED = ("traffic", "distinct_used")
 EVIDENCE_TRAFFIC_REMAINING = ("traffic", "remaining")
 EVIDENCE_N_TREATMENT = ("n_treatment",)
+EVIDENCE_STEP_INDEX = ("step_index",)
 
+T = TypeVar("T")
 WAITING_LABELS = {"approval": "approval to promote", "rollback_approval": "approval to roll back"}
 
 
@@ -48,11 +53,19 @@ def _latest_id(id_col: Any, key_col: Any, *where: Any) -> Any:
     return stmt.subquery()
 
 
-def portfolio(session: Session) -> list[dict[str, Any]]:
-    """One row per use case: phase, current step, latest decision and what it waits for, quality delta
-    with its interval, speed-up and $/month saved with intervals, payback. Numbers come from the latest
-    decision where it measured them, else from the latest successful evaluation."""
-    last_dec = _latest_id(GateDecision.id, GateDecision.use_case_id)
+def read(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run one of these query functions in its own read transaction."""
+    with session_scope() as session:
+        return fn(session, *args, **kwargs)
+
+
+def portfolio(session: Session, *, decision_kind: str | None = None) -> list[dict[str, Any]]:
+    """One row per use case: phase, current step, latest decision (of `decision_kind`, or any) and what it
+    waits for, quality delta with its interval, speed-up and $/month saved with intervals, payback.
+    Numbers come from the latest decision where it measured them, else from the latest successful
+    evaluation."""
+    kind = () if decision_kind is None else (GateDecision.kind == decision_kind,)
+    last_dec = _latest_id(GateDecision.id, GateDecision.use_case_id, *kind)
     last_eval = _latest_id(EvaluationRun.id, EvaluationRun.use_case_id, EvaluationRun.status == "succeeded")
     last_pilot = _latest_id(Pilot.id, Pilot.use_case_id)
     obs_per_uc = (
@@ -95,6 +108,8 @@ def portfolio(session: Session) -> list[dict[str, Any]]:
             .scalar_subquery()
             .label("signatures"),
             func.coalesce(dec_q, EvaluationRun.quality_delta).label("quality_delta"),
+            dec_q.label("decision_quality_delta"),
+            GateDecision.evidence[EVIDENCE_STEP_INDEX].as_integer().label("decision_step_index"),
             case((dec_q.is_not(None), dec_lo), else_=None).label("quality_low"),
             case((dec_q.is_not(None), dec_hi), else_=None).label("quality_high"),
             GateDecision.evidence[EVIDENCE_PROJECTED].as_integer().label("projected_requests"),
@@ -103,6 +118,7 @@ def portfolio(session: Session) -> list[dict[str, Any]]:
             GateDecision.evidence[EVIDENCE_TRAFFIC_USED].as_integer().label("traffic_used"),
             GateDecision.evidence[EVIDENCE_TRAFFIC_REMAINING].as_integer().label("traffic_remaining"),
             EvaluationRun.density,
+            EvaluationRun.device,
             EvaluationRun.speedup,
             EvaluationRun.speedup_low,
             EvaluationRun.speedup_high,
@@ -159,14 +175,62 @@ def waits_for(row: dict[str, Any]) -> str:
         if decision == "EXTEND" or n < need:
             return f"more samples ({n}/{need})" if need else "more samples"
         return "next gate look"
-    if decision is None:
-        return {"registered": "calibration", "calibrated": "evaluation", "evaluated": "a pilot"}.get(
-            row.get("phase") or "", "-"
-        )
+    if decision is None and row.get("phase") in lifecycle.PHASES:
+        return lifecycle.waits_for(row["phase"])
     return "-"
 
 
-ENDED_PHASES = ("stopped", "rolled_back")
+def job_summary(session: Session, names: list[str]) -> list[dict[str, Any]]:
+    """The main job's table, one row per named use case: its latest *gate* decision (with the step it
+    judged), quality delta with the gate's anytime-valid interval, speed-up and $/month saved with
+    intervals, payback, device and the ROI's decode cell (rollout.roi.decode_outcome) from the latest
+    successful evaluation; `waits_for` as on the portfolio."""
+    waits = {r["name"]: r["waits_for"] for r in portfolio(session)}
+    decode = _decode_cells(session, names)
+    rows = {r["name"]: r for r in portfolio(session, decision_kind="gate")}
+    missing = [n for n in names if n not in rows]
+    if missing:
+        from rollout.pilots import get_use_case
+
+        get_use_case(session, missing[0])  # raises UnknownUseCase naming the known ones
+    out = []
+    for name in names:
+        r = rows[name]
+        decided = r["decision_id"] is not None
+        out.append(
+            {
+                "use_case": name,
+                "phase": r["phase"],
+                "decision": f"{r['decision']} (step {r['decision_step_index']})" if decided else "-",
+                "decision_id": r["decision_id"],
+                "awaiting": r["awaiting"] if decided and r["resolution"] is None else "none",
+                "waits_for": waits.get(name) if decided else None,
+                "quality_delta": r["decision_quality_delta"],
+                "quality_low": r["quality_low"],
+                "quality_high": r["quality_high"],
+                "speedup": r["speedup"],
+                "speedup_low": r["speedup_low"],
+                "speedup_high": r["speedup_high"],
+                "saved_usd_month": r["savings_month_usd"],
+                "saved_usd_month_low": r["savings_month_low"],
+                "saved_usd_month_high": r["savings_month_high"],
+                "payback_days": r["payback_days"],
+                "decode": decode.get(name),
+                "device": r["device"],
+            }
+        )
+    return out
+
+
+def _decode_cells(session: Session, names: list[str]) -> dict[str, str | None]:
+    """Per use case, the `short` decode cell of its latest successful evaluation's ROI."""
+    q = (
+        select(UseCase.name, EvaluationRun.roi)
+        .join(EvaluationRun, EvaluationRun.use_case_id == UseCase.id)
+        .where(UseCase.name.in_(names), EvaluationRun.status == "succeeded")
+        .order_by(EvaluationRun.id)
+    )
+    return {name: ((roi or {}).get("decode") or {}).get("short") for name, roi in session.execute(q)}
 
 
 def portfolio_totals(session: Session) -> dict[str, Any]:
@@ -177,7 +241,7 @@ def portfolio_totals(session: Session) -> dict[str, Any]:
     assumes the errors move together). Everything else is counted apart: use cases whose interval
     includes no saving (or a loss), and ended ones."""
     last_eval = _latest_id(EvaluationRun.id, EvaluationRun.use_case_id, EvaluationRun.status == "succeeded")
-    ended = UseCase.phase.in_(ENDED_PHASES)
+    ended = UseCase.phase.in_(lifecycle.ENDED_PHASES)
     established = and_(~ended, EvaluationRun.savings_month_low > 0)
 
     def when(cond: Any, value: Any) -> Any:
@@ -375,6 +439,7 @@ def _decision_dict(d: GateDecision) -> dict[str, Any]:
 
 
 def alias_moves(session: Session, use_case_id: int) -> list[dict[str, Any]]:
+    """Every recorded alias move of the use case (pending and failed included), oldest first."""
     stmt = select(AliasMove).where(AliasMove.use_case_id == use_case_id).order_by(AliasMove.id)
     return [
         {
@@ -386,6 +451,7 @@ def alias_moves(session: Session, use_case_id: int) -> list[dict[str, Any]]:
             "reason": m.reason,
             "status": m.status,
             "error": m.error,
+            "idempotency_key": m.idempotency_key,
             "created_at": m.created_at,
         }
         for m in session.scalars(stmt)

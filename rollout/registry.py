@@ -21,7 +21,6 @@ MLflow is called; callers pass use-case names, not sessions.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 import warnings
@@ -42,8 +41,8 @@ from sparse_core.errors import SparsePilotError
 ALIASES = ("champion", "challenger")
 MODEL_PREFIX = "sparsepilot-"
 # System identities (source="flow"): what automation may do on its own (see the module docstring).
-SYSTEM_PIPELINE = Identity(name="sparsepilot-pipeline", role="approver", source="flow")
-SYSTEM_MONITOR = Identity(name="sparsepilot-monitor", role="approver", source="flow")
+SYSTEM_PIPELINE = Identity(name=audit.SYSTEM_ACTOR, role="approver", source="flow")
+SYSTEM_MONITOR = Identity(name=audit.MONITOR_ACTOR, role="approver", source="flow")
 _SYSTEM_RIGHTS = {
     SYSTEM_PIPELINE.name: {("challenger", "set")},
     SYSTEM_MONITOR.name: {("champion", "rollback")},
@@ -209,9 +208,9 @@ def register_version(
     name = model_name(use_case)
     who = _actor_name(actor)
     try:
-        mv_id, uc_id, complete = _version_row(use_case, plan_dict, h, base_model_ref, density, who, db_url)
+        mv_id, complete = _version_row(use_case, plan_dict, h, base_model_ref, density, who, db_url)
     except IntegrityError:  # registered concurrently by another task: converge on its row
-        mv_id, uc_id, complete = _version_row(use_case, plan_dict, h, base_model_ref, density, who, db_url)
+        mv_id, complete = _version_row(use_case, plan_dict, h, base_model_ref, density, who, db_url)
     if complete:
         with session_scope(db_url) as session:
             return session.get(ModelVersion, mv_id)
@@ -232,9 +231,7 @@ def register_version(
             session,
             who,
             "model_version.registered",
-            use_case_id=uc_id,
-            entity="model_version",
-            entity_id=mv_id,
+            on=row,
             details={"mlflow_model": name, "mlflow_version": version, "plan_hash": h, "run_id": used_run},
         )
         return row
@@ -248,8 +245,8 @@ def _version_row(
     density: float | None,
     who: str,
     db_url: str | None,
-) -> tuple[int, int, bool]:
-    """Find or create the DB row for (use case, plan hash): (row id, use case id, already registered)."""
+) -> tuple[int, bool]:
+    """Find or create the DB row for (use case, plan hash): (row id, already registered)."""
     name = model_name(use_case)
     with session_scope(db_url) as session:
         uc = _use_case(session, use_case)
@@ -262,7 +259,7 @@ def _version_row(
                 f"not {base_model_ref!r}; a plan is calibrated for one model — recalibrate for the new one"
             )
         if row is not None and row.mlflow_version is not None:
-            return row.id, uc.id, True
+            return row.id, True
         if row is None:
             row = ModelVersion(
                 use_case_id=uc.id,
@@ -278,12 +275,10 @@ def _version_row(
                 session,
                 who,
                 "model_version.created",
-                use_case_id=uc.id,
-                entity="model_version",
-                entity_id=row.id,
+                on=row,
                 details={"plan_hash": h, "base_model_ref": base_model_ref},
             )
-        return row.id, uc.id, False
+        return row.id, False
 
 
 # --------------------------------------------------------------------------------------------------
@@ -342,7 +337,8 @@ def _resolve_version(session, uc: UseCase, version: str | int | None, model_vers
     return str(version)
 
 
-def _committed(session, uc_id: int, alias: str) -> list[AliasMove]:  # noqa: ANN001
+def committed_moves(session, uc_id: int, alias: str) -> list[AliasMove]:  # noqa: ANN001
+    """The committed moves of one alias of a use case, oldest first (what champion_lineage reads)."""
     return list(
         session.scalars(
             select(AliasMove)
@@ -421,9 +417,7 @@ def _move(
                     session,
                     who.name,
                     f"alias.{action}.requested",
-                    use_case_id=uc.id,
-                    entity="alias_move",
-                    entity_id=move.id,
+                    on=move,
                     details={
                         "alias": alias,
                         "from": from_version,
@@ -446,12 +440,10 @@ def _move(
                     session,
                     who.name,
                     f"alias.{action}.retried",
-                    use_case_id=uc.id,
-                    entity="alias_move",
-                    entity_id=move.id,
+                    on=move,
                     details={"previous_status": move.status, "previous_error": move.error},
                 )
-            move_id, uc_id, to_version = move.id, uc.id, move.to_version
+            move_id, to_version = move.id, move.to_version
     except IntegrityError:  # the same key inserted concurrently: converge on that row
         return _move(
             use_case,
@@ -477,9 +469,7 @@ def _move(
                 session,
                 who.name,
                 f"alias.{action}.failed",
-                use_case_id=uc_id,
-                entity="alias_move",
-                entity_id=move_id,
+                on=move,
                 details={"alias": alias, "to": to_version, "error": message[:1000]},
             )
         raise RegistryError(
@@ -497,9 +487,7 @@ def _move(
             session,
             who.name,
             f"alias.{action}.committed",
-            use_case_id=uc_id,
-            entity="alias_move",
-            entity_id=move_id,
+            on=move,
             details={"alias": alias, "from": move.from_version, "to": to_version},
         )
     return move
@@ -520,7 +508,7 @@ def set_alias(
 
     def target(session, uc):  # noqa: ANN001, ANN202
         to_version = _resolve_version(session, uc, version, model_version_id)
-        history = _committed(session, uc.id, alias)
+        history = committed_moves(session, uc.id, alias)
         return to_version, (history[-1].to_version if history else None)
 
     return _move(
@@ -550,13 +538,13 @@ def promote(
 
     def target(session, uc):  # noqa: ANN001, ANN202
         if version is None and model_version_id is None:
-            challengers = _committed(session, uc.id, "challenger")
+            challengers = committed_moves(session, uc.id, "challenger")
             if not challengers or challengers[-1].to_version is None:
                 raise RegistryError(f"use case {uc.name!r} has no challenger to promote")
             to_version = challengers[-1].to_version
         else:
             to_version = _resolve_version(session, uc, version, model_version_id)
-        lineage = champion_lineage(_committed(session, uc.id, "champion"))
+        lineage = champion_lineage(committed_moves(session, uc.id, "champion"))
         current = lineage[-1] if lineage else None
         if current == to_version:
             raise RegistryError(f"version {to_version} is already the champion of {uc.name!r}")
@@ -585,7 +573,7 @@ def rollback(
     """champion -> the previous champion from our alias history (never from MLflow's state)."""
 
     def target(session, uc):  # noqa: ANN001, ANN202
-        lineage = champion_lineage(_committed(session, uc.id, "champion"))
+        lineage = champion_lineage(committed_moves(session, uc.id, "champion"))
         if len(lineage) < 2:
             raise RegistryError(f"use case {uc.name!r} has no previous champion to roll back to")
         return lineage[-2], lineage[-1]
@@ -616,27 +604,9 @@ def current_aliases(use_case: str) -> dict[str, str]:
 
 
 def alias_history(use_case: str, *, db_url: str | None = None) -> list[dict[str, Any]]:
-    """Every recorded alias move (pending/failed included), oldest first."""
+    """`rollout.queries.alias_moves` by use-case name, in its own transaction (times as ISO text)."""
+    from rollout.queries import alias_moves
+
     with session_scope(db_url) as session:
-        uc = _use_case(session, use_case)
-        rows = session.scalars(select(AliasMove).where(AliasMove.use_case_id == uc.id).order_by(AliasMove.id))
-        return [
-            {
-                "id": m.id,
-                "alias": m.alias,
-                "from_version": m.from_version,
-                "to_version": m.to_version,
-                "actor": m.actor,
-                "reason": m.reason,
-                "status": m.status,
-                "error": m.error,
-                "idempotency_key": m.idempotency_key,
-                "created_at": m.created_at.isoformat() if m.created_at else None,
-            }
-            for m in rows
-        ]
-
-
-def plan_fingerprint(plan_dict: Mapping[str, Any]) -> str:
-    """sha256 of canonical JSON (for callers that need a key without sparse_core)."""
-    return hashlib.sha256(json.dumps(plan_dict, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+        moves = alias_moves(session, _use_case(session, use_case).id)
+    return [m | {"created_at": m["created_at"].isoformat() if m["created_at"] else None} for m in moves]

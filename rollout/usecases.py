@@ -26,7 +26,7 @@ from rollout import audit
 from rollout.db.models import AuditEntry, SpecVersion, UseCase
 from rollout.db.session import session_scope
 from rollout.settings import get_settings
-from rollout.spec import SpecError, UseCaseSpec, load_spec
+from rollout.spec import SpecError, UseCaseSpec, load_spec, parse_spec
 from rollout.validation import ValidationResult, token_counter_for, validate_dataset
 from sparse_core.errors import SparsePilotError
 
@@ -238,9 +238,7 @@ def _write(checked: CheckedSpec, source: str, *, actor: str, new_version: bool, 
                     s,
                     actor,
                     "usecase.revert_version",
-                    use_case_id=uc.id,
-                    entity="spec_version",
-                    entity_id=same.id,
+                    on=same,
                     details={"from_version": current.version, "to_version": same.version, "changed": changed},
                 )
                 return _result(uc, same, "reverted", checked, changed)
@@ -253,9 +251,7 @@ def _write(checked: CheckedSpec, source: str, *, actor: str, new_version: bool, 
                 s,
                 actor,
                 "usecase.new_version",
-                use_case_id=uc.id,
-                entity="spec_version",
-                entity_id=sv.id,
+                on=sv,
                 details={
                     "version": version,
                     "previous_version": current.version,
@@ -274,9 +270,7 @@ def _write(checked: CheckedSpec, source: str, *, actor: str, new_version: bool, 
             s,
             actor,
             "usecase.add",
-            use_case_id=uc.id,
-            entity="spec_version",
-            entity_id=sv.id,
+            on=sv,
             details={
                 "version": 1,
                 "spec_hash": checked.spec_hash,
@@ -328,20 +322,18 @@ def _result(
 # reads
 
 
+def _with_current_version(*columns: Any) -> Any:
+    """SELECT columns of each use case joined with its current spec version, by name."""
+    current = (SpecVersion.use_case_id == UseCase.id) & (SpecVersion.version == UseCase.current_spec_version)
+    return select(*columns).select_from(UseCase).join(SpecVersion, current).order_by(UseCase.name)
+
+
 def list_usecases(url: str | None = None) -> list[dict[str, Any]]:
     with session_scope(url) as s:
         counts = dict(
             s.execute(select(SpecVersion.use_case_id, func.count()).group_by(SpecVersion.use_case_id)).all()
         )
-        rows = s.execute(
-            select(UseCase, SpecVersion)
-            .join(
-                SpecVersion,
-                (SpecVersion.use_case_id == UseCase.id)
-                & (SpecVersion.version == UseCase.current_spec_version),
-            )
-            .order_by(UseCase.name)
-        ).all()
+        rows = s.execute(_with_current_version(UseCase, SpecVersion)).all()
         return [
             {
                 "name": uc.name,
@@ -408,6 +400,36 @@ def show_usecase(name: str, *, version: int | None = None, url: str | None = Non
                 {"ts": e.ts, "actor": e.actor, "action": e.action, "details": e.details} for e in history
             ],
         }
+
+
+def names(url: str | None = None) -> list[str]:
+    with session_scope(url) as s:
+        return list(s.scalars(select(UseCase.name).order_by(UseCase.name)))
+
+
+def phase_of(name: str, url: str | None = None) -> str:
+    """The use case's phase (rollout.lifecycle)."""
+    with session_scope(url) as s:
+        return _get(s, name).phase
+
+
+def schedules(wanted: list[str] | None = None, url: str | None = None) -> list[dict[str, Any]]:
+    """(use case, cron, timezone) for every use case (or those `wanted`) whose current spec has a
+    schedule; an unknown name in `wanted` is an error naming the known ones."""
+    with session_scope(url) as s:
+        rows = s.execute(_with_current_version(UseCase.name, SpecVersion.spec, SpecVersion.version)).all()
+    known = {name for name, _, _ in rows}
+    for n in wanted or []:
+        if n not in known:
+            raise UnknownUseCase(f"unknown use case {n!r} (known: {', '.join(sorted(known)) or 'none'})")
+    out = []
+    for name, spec_dict, version in rows:
+        if wanted and name not in wanted:
+            continue
+        spec = parse_spec(spec_dict, source=f"{name} spec v{version}")
+        if spec.schedule is not None:
+            out.append({"use_case": name, "cron": spec.schedule.cron, "timezone": spec.schedule.timezone})
+    return out
 
 
 def _get(s: Any, name: str) -> UseCase:

@@ -32,8 +32,8 @@ if TYPE_CHECKING:
 CONSERVATIVE_CHARS_PER_TOKEN = 3.0
 MAX_ROWS_LISTED = 8
 DATASET_FIELDS = ("id", "prompt", "reference", "tags")
-ARMS = ("control", "treatment")
 MAX_LATENCY_MS = 86_400_000.0  # one day: anything above is a unit error, not a latency
+ARMS = ("control", "treatment")  # an observation's arm: the dense model (control) or the sparse one
 
 
 class DataValidationError(SparsePilotError, ValueError):

@@ -25,10 +25,13 @@ the first candidate; layers that chose another carry it in `layer_overrides[laye
 
 Task bound: a budget with `task_delta` also bounds the drop of the task score on the given task rows
 (the calibration split of the use case's dataset, scored with its task): at every point of the eps
-search that passes the fidelity check, the one-sided 95% upper confidence limit of the mean paired
-drop (dense - sparse per row; Student t over the rows) must be <= `task_delta`. A bound on the limit,
-not on the mean, because a handful of rows is what calibration can afford and the pilot judges other
-rows: on docs-qa the mean drop on 4 calibration rows (0.002) said nothing about 4 held-out rows (0.11).
+search that passes the fidelity check, a valid one-sided 95% upper confidence bound on the mean paired
+drop (dense - sparse per row, in [-1, 1]; `sparse_core.task_bound`, by betting, for any distribution)
+must be < `task_delta`. A Student t limit was used before and was no bound: on docs-qa 4 calibration
+rows gave a mean drop of -0.0002 and a t limit of 0.0064, the held-out rows dropped 0.098. A valid
+bound costs rows: even rows that drop nothing certify `task_delta` only from
+`task_bound.rows_to_certify(task_delta)` rows on (170 for 0.02); with fewer rows the search is skipped
+and the plan stays dense, with `task.rows_needed` in the report saying why.
 
 Deterministic for a seed: the split, the windows, gate training and the search have no other
 randomness.
@@ -47,12 +50,14 @@ import torch
 
 from sparse_core.capture import capture_attention
 from sparse_core.corpus import pack_token_windows, text_fingerprint
+from sparse_core.errors import SparsePilotError
 from sparse_core.fidelity import DenseReference, Fidelity, dense_reference, measure_fidelity
 from sparse_core.plan import SparsePlan, model_shape
 from sparse_core.progress import Progress, counter
+from sparse_core.task_bound import drop_upper_bound, rows_to_certify
 
 
-class BudgetError(ValueError):
+class BudgetError(SparsePilotError, ValueError):
     """A malformed quality budget."""
 
 
@@ -125,10 +130,10 @@ class Budget:
         return not self.violations(fid)
 
     def task_violation(self, upper: float | None) -> str | None:
-        """The task bound's complaint about the upper confidence limit of the drop, or None."""
+        """The task bound's complaint about the upper confidence bound of the drop, or None."""
         if self.task_delta is None or upper is None:
             return None
-        return None if upper <= self.task_delta else f"task_delta upper limit {upper:.4g} > {self.task_delta}"
+        return None if upper < self.task_delta else f"task_delta upper bound {upper:.4g} >= {self.task_delta}"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -200,7 +205,7 @@ class SearchStep:
     passed: bool
     seconds: float
     task_delta: float | None = None  # dense - sparse mean task score (measured when fidelity passed)
-    task_delta_upper: float | None = None  # its one-sided 95% upper confidence limit (what is bounded)
+    task_delta_upper: float | None = None  # its valid one-sided 95% upper bound (what is bounded)
 
 
 @dataclass
@@ -691,7 +696,7 @@ def _search_plan(
             ok = budget.met_by(fid)
             if ok and budget.task_delta is not None:
                 sparse_task = task_scores(model, tokenizer, task_rows, task, lim)
-                task_drop, task_upper = paired_drop(dense_task, sparse_task)
+                task_drop, task_upper = paired_drop(dense_task, sparse_task, budget.task_delta)
                 ok = budget.task_violation(task_upper) is None
         finally:
             unsparsify(model)
@@ -703,8 +708,10 @@ def _search_plan(
             progress("joint check", len(search), min(lim.max_joint_checks, len(cands)))
         return ok
 
+    rows_needed = None if budget.task_delta is None else rows_to_certify(budget.task_delta)
+    certifiable = budget.task_delta is None or (rows_needed is not None and len(task_rows) >= rows_needed)
     lo, hi = -1, len(cands) - 1  # invariant: lo passes (-1 = all dense), everything > hi fails
-    while lo < hi and len(search) < lim.max_joint_checks:
+    while certifiable and lo < hi and len(search) < lim.max_joint_checks:
         if deadline is not None and time.perf_counter() > deadline:
             break
         mid = (lo + hi + 1) // 2
@@ -732,6 +739,8 @@ def _search_plan(
             "task_delta": task_drop,
             "task_delta_upper": task_upper,
             "bound": budget.task_delta,
+            "rows_needed": rows_needed,  # the fewest rows that can certify the bound (all drops 0)
+            "certifiable": certifiable,  # False: too few rows, the search was skipped, the plan is dense
         }
     layer_density = [
         1.0 if li in plan.dense_layers else float(dmat[li].mean()) for li in range(dmat.shape[0])
@@ -776,23 +785,16 @@ def _search_plan(
     return plan, report
 
 
-# one-sided 95% Student t quantiles, df 1..30 (beyond: the normal 1.645)
-_T95 = (6.314, 2.920, 2.353, 2.132, 2.015, 1.943, 1.895, 1.860, 1.833, 1.812, 1.796, 1.782, 1.771, 1.761,
-        1.753, 1.746, 1.740, 1.734, 1.729, 1.725, 1.721, 1.717, 1.714, 1.711, 1.708, 1.706, 1.703, 1.701,
-        1.699, 1.697)  # fmt: skip
-
-
-def paired_drop(dense: Sequence[float], sparse: Sequence[float]) -> tuple[float, float]:
-    """(mean, one-sided 95% upper confidence limit) of the per-row drop dense - sparse. One row has
-    no spread to estimate: its limit is the drop itself."""
+def paired_drop(
+    dense: Sequence[float], sparse: Sequence[float], bound: float | None = None
+) -> tuple[float, float]:
+    """(mean, valid one-sided 95% upper confidence bound) of the per-row drop dense - sparse, for
+    scores in [0, 1] (`task_bound.drop_upper_bound`; its bets are tuned to `bound`, the task_delta
+    being certified, where the bound is tightest)."""
     d = [a - b for a, b in zip(dense, sparse, strict=True)]
-    n = len(d)
-    mean = sum(d) / n
-    if n < 2:
-        return mean, mean
-    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1))
-    t = _T95[n - 2] if n - 1 <= len(_T95) else 1.645
-    return mean, mean + t * sd / math.sqrt(n)
+    if not d:
+        raise BudgetError("paired_drop needs at least one task row")
+    return sum(d) / len(d), drop_upper_bound(d, m0=bound)
 
 
 def task_scores(

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from sparse_core.errors import SparsePilotError
+
 FORMAT_VERSION = 1
 PLAN_FILE = "plan.json"
 TENSORS_FILE = "plan_tensors.safetensors"
@@ -22,11 +24,11 @@ TENSORS_FILE = "plan_tensors.safetensors"
 LAYER_OVERRIDE_KEYS = ("tau", "sink_blocks", "local_blocks", "top_k", "min_density", "estimator")
 
 
-class PlanError(ValueError):
+class PlanError(SparsePilotError, ValueError):
     """An invalid sparse plan (bad field value, or a plan that does not fit the model)."""
 
 
-class ModelRefError(ValueError):
+class ModelRefError(SparsePilotError, ValueError):
     """A model reference that cannot be resolved or loaded; the message names the ref."""
 
 

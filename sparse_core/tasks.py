@@ -25,10 +25,12 @@ from pathlib import Path
 
 import torch
 
+from sparse_core.errors import SparsePilotError
+
 TASKS = ("exact_match", "contains", "rouge_l", "loglik")
 
 
-class DatasetError(ValueError):
+class DatasetError(SparsePilotError, ValueError):
     """A malformed dataset file or row; the message names the file, row and field."""
 
 

@@ -13,7 +13,7 @@ import streamlit as st
 from dashboard import fmt
 from dashboard.data import read
 from dashboard.identity import current_identity
-from rollout import approvals, queries
+from rollout import approvals, lifecycle, queries
 from rollout.auth import Identity, PermissionDenied
 
 FLASH_KEY = "sp_approvals_flash"
@@ -66,6 +66,9 @@ def evidence_summary(d: dict[str, Any]) -> None:
     p95 = ev.get("p95_latency_treatment_ms")
     c4.metric("p95 latency, treatment", f"{p95:.0f} ms" if isinstance(p95, int | float) else "-")
     st.info(d["explanation"])
+    checks = fmt.guardrail_rows(ev)
+    if checks:
+        st.dataframe(pd.DataFrame(checks), hide_index=True, width="stretch")
     reasons = [str(r) for r in ev.get("reasons") or []]
     if reasons:
         st.markdown("\n".join(f"- {r}" for r in reasons))
@@ -113,7 +116,7 @@ def decision_card(d: dict[str, Any], ident: Identity | None) -> None:
 
 
 def rollback_section(ident: Identity | None) -> None:
-    promoted = [r["name"] for r in read(queries.portfolio) if r["phase"] == "promoted"]
+    promoted = [r["name"] for r in read(queries.portfolio) if lifecycle.can(r["phase"], "rollback")]
     st.subheader("Roll back a promoted use case")
     if not promoted:
         st.caption("No use case is promoted right now.")

@@ -23,6 +23,7 @@ DECISION_COLORS = {
 CRITICALITY_ORDER = ["low", "medium", "high"]
 USE_CASE_PAGE = Path(__file__).resolve().parent / "use_case.py"
 NAMES_KEY, OPEN_KEY = "sp_portfolio_names", "sp_open_use_case"
+NUMERIC_PREFIXES = ("quality_", "speedup", "savings_", "payback")  # all-None columns stay numeric
 
 
 def empty_install() -> None:
@@ -61,12 +62,8 @@ def totals_row(t: dict[str, Any]) -> None:
 
 def to_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     df = pd.DataFrame(rows)
-    numeric = [
-        c
-        for c in df.columns
-        if c.startswith(("quality_", "speedup", "savings_", "payback")) or c == "density"
-    ]
-    df[numeric] = df[numeric].apply(pd.to_numeric, errors="coerce")  # all-None columns stay numeric
+    numeric = [c for c in df.columns if c.startswith(NUMERIC_PREFIXES) or c == "density"]
+    df[numeric] = df[numeric].apply(pd.to_numeric, errors="coerce")
     df["decision"] = df["decision"].fillna("-")
     df["step"] = [fmt.step_label(r) for r in rows]
     df["quality interval"] = [fmt.quality_interval(r["quality_low"], r["quality_high"]) for r in rows]
@@ -104,32 +101,39 @@ def _on_select() -> None:
         st.session_state[OPEN_KEY] = names[rows[0]]
 
 
+# The table's columns in order, each with its label and format (None: the column's own name, as text).
+# A new metric is one entry here (and its column in rollout.queries.portfolio).
+COLUMNS: dict[str, Any] = {
+    "name": st.column_config.TextColumn("Use case", pinned=True),
+    "criticality": None,
+    "phase": None,
+    "step": None,
+    "decision": None,
+    "waits_for": "Waits for",
+    "quality_delta": st.column_config.NumberColumn("Quality Δ", format="%+.4f"),
+    "quality interval": None,
+    "speedup": st.column_config.NumberColumn(
+        "Speed-up", format="%.2fx", help="measured prefill speed-up (ROI uses it per request)"
+    ),
+    "savings_month_usd": st.column_config.NumberColumn("$/month saved", format="dollar"),
+    "savings interval": None,
+    "payback_days": st.column_config.NumberColumn("Payback (days)", format="%.0f"),
+    "owner": None,
+    "observations": st.column_config.NumberColumn("Observations", format="%d"),
+}
+
+
 def table(df: pd.DataFrame) -> None:
     """Sortable, filterable table; selecting a row opens that use case in this session."""
-    cols = [
-        "name", "criticality", "phase", "step", "decision", "waits_for", "quality_delta",
-        "quality interval", "speedup", "savings_month_usd", "savings interval", "payback_days",
-        "owner", "observations",
-    ]  # fmt: skip
     st.session_state[NAMES_KEY] = list(df["name"])
     st.dataframe(
-        df[cols],
+        df[list(COLUMNS)],
         hide_index=True,
         width="stretch",
         key="portfolio_table",
         on_select=_on_select,
         selection_mode="single-row",
-        column_config={
-            "name": st.column_config.TextColumn("Use case", pinned=True),
-            "waits_for": "Waits for",
-            "quality_delta": st.column_config.NumberColumn("Quality Δ", format="%+.4f"),
-            "speedup": st.column_config.NumberColumn(
-                "Speed-up", format="%.2fx", help="measured prefill speed-up (ROI uses it per request)"
-            ),
-            "savings_month_usd": st.column_config.NumberColumn("$/month saved", format="dollar"),
-            "payback_days": st.column_config.NumberColumn("Payback (days)", format="%.0f"),
-            "observations": st.column_config.NumberColumn("Observations", format="%d"),
-        },
+        column_config={c: cfg for c, cfg in COLUMNS.items() if cfg is not None},
     )
 
 

@@ -16,10 +16,12 @@ import math
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from sparse_core.errors import SparsePilotError
+
 GENERATION_TASKS = ("exact_match", "contains", "rouge_l")
 
 
-class ArmConfigError(ValueError):
+class ArmConfigError(SparsePilotError, ValueError):
     """An arm that cannot be used as configured (missing credential variable, unsupported task...)."""
 
 

@@ -40,20 +40,6 @@ class Base(DeclarativeBase):
     type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
 
 
-# Phases a use case moves through; the dashboard shows them and the flows advance them.
-PHASES = (
-    "registered",  # spec stored, nothing run yet
-    "calibrated",  # a challenger plan exists
-    "evaluated",  # quality/speed/ROI measured offline
-    "piloting",  # a pilot is running (shadow or split step)
-    "awaiting_approval",  # the gate said GO (or a rollback is pending) and a person must decide
-    "promoted",  # challenger became champion; monitor runs
-    "rolled_back",  # champion returned to the previous version
-    "stopped",  # NO-GO or rejected
-)
-OUTCOMES = ("GO", "EXTEND", "NO-GO", "INVALID")
-
-
 class UseCase(Base):
     __tablename__ = "use_cases"
 
@@ -61,7 +47,7 @@ class UseCase(Base):
     name: Mapped[str] = mapped_column(String(100), unique=True)
     owner: Mapped[str] = mapped_column(String(200))
     criticality: Mapped[str] = mapped_column(String(10))
-    phase: Mapped[str] = mapped_column(String(30), default="registered")
+    phase: Mapped[str] = mapped_column(String(30), default="registered")  # rollout.lifecycle.PHASES
     current_spec_version: Mapped[int] = mapped_column(Integer, default=1)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)

@@ -13,8 +13,9 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from rollout.validation import ARMS
+
 REQUIRED_COLUMNS = ("request_id", "arm", "quality", "latency_ms", "error")
-ARMS = ("control", "treatment")
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,10 @@ class GateSettings:
         "srm_alpha": "srm_p_threshold",
     }
 
+    # The spec's `gate.guardrails` names, where they differ from the settings' (`min_samples` there is the
+    # guardrails' own minimum, not the quality test's).
+    _GUARDRAIL_ALIASES = {"p95_latency_ms": "latency_slo_ms", "min_samples": "guardrail_min_samples"}
+
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any] | Any) -> GateSettings:
         """Build from a dict (or pydantic model); a nested `guardrails` mapping is flattened. Unknown
@@ -82,7 +86,7 @@ class GateSettings:
         for key, value in dict(data).items():
             if key == "guardrails" and isinstance(value, Mapping):
                 for gk, gv in value.items():
-                    flat[cls._ALIASES.get(gk, gk)] = gv
+                    flat[cls._GUARDRAIL_ALIASES.get(gk, gk)] = gv
             else:
                 flat[cls._ALIASES.get(key, key)] = value
         known = {f.name for f in fields(cls)}

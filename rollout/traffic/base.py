@@ -7,8 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from sparse_core.errors import SparsePilotError
 
-class TrafficError(ValueError):
+
+class TrafficError(SparsePilotError, ValueError):
     """A traffic source that cannot be read: the message names the file, line and field."""
 
 

@@ -62,6 +62,7 @@ class QualityBenchSettings:
     usecase_length: int = 2048
     max_task_rows: int = 8
     seed: int = 0
+    plans_dir: str | None = None  # save every calibrated plan under <dir>/<length or use case>/<spec>
 
     @classmethod
     def quick(cls, **kw: Any) -> QualityBenchSettings:
@@ -159,6 +160,7 @@ def run_quality_bench(
         ref = dense_reference(model, held_w)
         dense_s = _time_prefill(model, held_w[0]) if settings.speed else None
         rows = []
+        _save_plans(results, settings.plans_dir, str(seq_len), model.config)
         for spec, (plan, rep) in results.items():
             row = {"seq_len": seq_len, **base_row(spec, plan, rep)}
             sparsify(model, plan)
@@ -191,6 +193,7 @@ def run_quality_bench(
         held_set = set(held_p)
         held_rows = [r for r in uc.rows if r.prompt in held_set][: settings.max_task_rows]
         results, calib_seconds = calibrated(cal_p, settings.usecase_length, uc.name)
+        _save_plans(results, settings.plans_dir, uc.name, model.config)
         dense_scores = _scores(model, tok, held_rows, uc.task)
         rows = []
         for spec, (plan, rep) in results.items():
@@ -231,6 +234,18 @@ def run_quality_bench(
         "usecases": usecases,
         "seconds": time.perf_counter() - t_all,
     }
+
+
+def _save_plans(results: dict, plans_dir: str | None, group: str, config) -> None:
+    """Each plan to <plans_dir>/<group>/<spec> (plan_io format), so a later run can time or judge it."""
+    if not plans_dir:
+        return
+    from pathlib import Path
+
+    from sparse_core.plan_io import save
+
+    for spec, (plan, _) in results.items():
+        save(plan, Path(plans_dir) / group / spec, config=config)
 
 
 def _scores(model, tok, rows, task: str) -> list[float]:

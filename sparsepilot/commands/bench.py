@@ -138,6 +138,7 @@ def bench_quality(
     no_speed: bool = typer.Option(False, "--no-speed", help="Skip the prefill timing per plan."),
     out: JsonOut = "bench-results/quality.json",
     json_out: Annotated[bool, _json_flag("Print the JSON instead of tables.")] = False,
+    plans: str = typer.Option("", "--plans", help="Save every calibrated plan under DIR/<length>/<spec>."),
 ) -> None:
     """Every block estimator at the same budget: density reached, held-out KL / agreement, prefill
     speed-up, ratio vs the best training-free estimator; per use case the task-score delta."""
@@ -172,6 +173,8 @@ def bench_quality(
         kw["max_joint_checks"] = max_checks
     if gate_target:
         kw["gate_target"] = gate_target
+    if plans:
+        kw["plans_dir"] = plans
     default_ucs = "docs-qa" if quick else "docs-qa,support-chat,longdoc-summaries"
     uc_names = (
         [] if usecases == "none" else [u.strip() for u in (usecases or default_ucs).split(",") if u.strip()]

@@ -294,6 +294,13 @@ def calibrate_cmd(
             }
         ],
     )
+    t = report.task or {}
+    if t and not t.get("certifiable", True):
+        need = t.get("rows_needed")
+        console.print(
+            f"task bound {t['bound']} cannot be certified from {t['n_rows']} task rows (a valid 95% bound "
+            f"needs {need or 'more than 100,000'} even when no row drops): the plan stays dense"
+        )
     console.print(f"plan written to [bold]{out}[/] (hash {digest[:12]})")
 
 

@@ -11,25 +11,16 @@ from typing import Any
 import pytest
 from prefect import flow
 from prefect.flow_runs import pause_flow_run
-from prefect.input import RunInput
 from prefect.runtime import flow_run as runtime_flow_run
 from prefect.testing.utilities import prefect_test_harness
 from sqlalchemy import select
 
+from flows.approval import ApprovalInput
 from rollout import approvals
 from rollout.db.models import Approval, AuditEntry, GateDecision
 from rollout.db.session import session_scope
 from tests.dashboard.apptest_helpers import new_app, open_page, sign_in, texts
 from tests.fixtures.dashboard import later_look_awaiting_approval
-
-
-class ApprovalInput(RunInput):
-    approve: bool
-    actor: str
-    role: str
-    reason: str
-    approval_id: int
-    decision_id: int
 
 
 @flow(name="dashboard-test-approval", persist_result=False)

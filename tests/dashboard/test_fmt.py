@@ -11,3 +11,24 @@ def test_quality_interval_leaves_out_a_bound_at_the_edge_of_the_scale() -> None:
     assert fmt.quality_interval(-1.0, -0.06) == "<= -0.0600"  # futility
     assert fmt.quality_interval(-1.0, 1.0) == "not bounded yet"
     assert fmt.quality_interval(None, 0.2) == "-"
+
+
+def test_approvals_page_lists_every_judged_guardrail_by_name() -> None:
+    guardrail_rows = fmt.guardrail_rows
+    gate = {"guardrails": [
+        {"name": "treatment_error_rate", "value": 0.0, "threshold": 0.02, "breached": False,
+         "evaluated": True},
+        {"name": "some_new_check", "value": 0.3, "threshold": 0.1, "breached": True, "evaluated": True},
+        {"name": "treatment_latency_over_slo", "value": None, "threshold": 0.05, "breached": False,
+         "evaluated": False, "note": "needs 30 treatment rows to be judged (3 so far)"},
+    ]}  # fmt: skip
+    monitor = {"guardrails": {"checks": gate["guardrails"][:1], "breached": []}}
+    rows = guardrail_rows(gate)
+    assert [(r["guardrail"], r["status"]) for r in rows] == [
+        ("treatment error rate", "holds"),
+        ("some new check", "breached"),
+        ("treatment latency over slo", "not judged"),
+    ]
+    assert rows[2]["note"].startswith("needs 30") and rows[1]["limit"] == 0.1
+    assert guardrail_rows(monitor) == rows[:1]
+    assert guardrail_rows({"quality": {}}) == []

@@ -176,11 +176,12 @@ def test_a_key_given_twice_is_an_error_not_a_silent_override(tmp_path: Path) -> 
         load_spec(tmp_path / "dup.yaml")
 
 
-def test_task_delta_is_optional_positive_and_in_the_samples() -> None:
+def test_task_delta_is_optional_and_positive() -> None:
     spec = example_spec("docs-qa")
-    assert parse_spec(spec).quality_budget.task_delta == 0.02
-    del spec["quality_budget"]["task_delta"]
+    # the samples hold ~50 calibration rows: too few to certify 0.02-0.03 (docs/calibration.md)
     assert parse_spec(spec).quality_budget.task_delta is None
+    spec["quality_budget"]["task_delta"] = 0.02
+    assert parse_spec(spec).quality_budget.task_delta == 0.02
     spec["quality_budget"]["task_delta"] = -0.01
     with pytest.raises(SpecError, match="quality_budget.task_delta"):
         parse_spec(spec)

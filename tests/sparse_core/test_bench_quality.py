@@ -13,6 +13,7 @@ from sparse_core.bench.quality import (
     run_quality_bench,
 )
 from sparse_core.estimators import available_estimators
+from sparse_core.plan_io import load
 from sparse_core.tasks import TaskRow
 
 SPECS = default_specs()
@@ -32,6 +33,7 @@ def test_quality_bench_compares_every_estimator_at_one_budget(quality_tiny_dir, 
         usecases=(UseCaseData("tiny-qa", tuple(rows), "loglik"),),
         usecase_length=512,
         max_task_rows=2,
+        plans_dir=str(tmp_path / "plans"),
     )
     out = run_quality_bench(settings)
     json.dumps(out, allow_nan=False)  # strict JSON
@@ -48,5 +50,9 @@ def test_quality_bench_compares_every_estimator_at_one_budget(quality_tiny_dir, 
     assert uc["usecase"] == "tiny-qa" and len(uc["rows"]) == len(SPECS)
     assert all(r["task"] == "loglik" and r["task_rows"] == 2 for r in uc["rows"])
     assert out["settings"]["usecases"] == ["tiny-qa"] and out["loadavg_before"]
+    for group, rows_of in (("512", block["rows"]), ("tiny-qa", uc["rows"])):
+        for r in rows_of:  # every plan saved, and it is the one the row measured
+            saved = load(tmp_path / "plans" / group / r["estimator"])
+            assert saved.metadata["estimator"] == r["estimator"] and saved.metadata["density"] == r["density"]
     png = plot(out, tmp_path / "quality.png")
     assert png.read_bytes()[:4] == b"\x89PNG"

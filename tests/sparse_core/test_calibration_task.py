@@ -50,16 +50,26 @@ def _delta(model, tok, plan, rows) -> float:
     return (sum(dense) - sum(sparse)) / len(rows)
 
 
+def test_too_few_rows_to_certify_the_bound_keep_the_plan_dense(quality_tiny, quality_texts, task_rows):
+    model, tok = quality_tiny
+    cal, _ = task_rows
+    # A random-weight model puts ~1/500 probability on every token, so task scores are ~0.002 and
+    # what sparsity changes is ~1e-5; a valid bound of 1e-6 on drops in [-1, 1] needs millions of rows.
+    free, free_rep = calibrate(model, tok, quality_texts, LOOSE, seed=3, limits=LIMITS)
+    assert free_rep.task is None and free_rep.met_budget and free_rep.density < 1.0
+    plan, rep = calibrate(
+        model, tok, quality_texts, f"{LOOSE},task=1e-6", seed=3, limits=LIMITS, task_rows=cal, task="loglik"
+    )
+    assert rep.task["certifiable"] is False and rep.task["rows_needed"] is None
+    assert rep.search == [] and not rep.met_budget and rep.density == 1.0
+    assert len(plan.dense_layers) == model.config.num_hidden_layers
+    assert rep.task["task_delta"] == 0.0 and rep.task["n_rows"] == len(cal)
+
+
 def test_task_bound_holds_on_the_heldout_split(quality_tiny, quality_texts, task_rows):
     model, tok = quality_tiny
     cal, held = task_rows
-    # A random-weight model puts ~1/500 probability on every token, so task scores are ~0.002 and
-    # what sparsity changes is ~1e-5: the bound is set on that scale.
-    bound = 1e-6
-    free, free_rep = calibrate(model, tok, quality_texts, LOOSE, seed=3, limits=LIMITS)
-    assert free_rep.task is None
-    assert _delta(model, tok, free, held) > bound, "without the bound the plan breaks it on held-out rows"
-
+    bound = 0.5  # the loosest bound 6 rows can certify (rows_to_certify(0.5) == 6)
     plan, rep = calibrate(
         model,
         tok,
@@ -70,21 +80,22 @@ def test_task_bound_holds_on_the_heldout_split(quality_tiny, quality_texts, task
         task_rows=cal,
         task="loglik",
     )
-    assert rep.task["bound"] == bound and rep.task["n_rows"] == len(cal)
-    assert rep.task["task_delta"] <= rep.task["task_delta_upper"] <= bound
+    assert rep.task["bound"] == bound and rep.task["n_rows"] == len(cal) == rep.task["rows_needed"]
+    assert rep.task["certifiable"] and rep.met_budget and rep.density < 1.0
+    assert rep.task["task_delta"] <= rep.task["task_delta_upper"] < bound
     assert plan.metadata["task"] == rep.task
     assert all(s.task_delta is not None for s in rep.search if s.fidelity["agree"] >= 0.3)
-    assert rep.density > free_rep.density, "the task bound is what kept the plan denser"
     assert _delta(model, tok, plan, cal) == pytest.approx(rep.task["task_delta"], abs=1e-9)
-    assert _delta(model, tok, plan, held) <= bound
+    assert _delta(model, tok, plan, held) < bound
 
 
-def test_paired_drop_is_the_mean_and_its_upper_confidence_limit():
-    mean, upper = paired_drop([3.0, 5.0, 7.0], [2.0, 3.0, 4.0])  # drops 1, 2, 3: sd 1, t(2 df) 2.920
-    assert mean == 2.0 and upper == pytest.approx(2.0 + 2.920 / 3**0.5)
-    assert paired_drop([0.5], [0.4]) == pytest.approx((0.1, 0.1))
-    mean, upper = paired_drop([1.0] * 40, [1.0] * 20 + [0.9] * 20)  # beyond the table: normal quantile
-    assert upper == pytest.approx(0.05 + 1.645 * (0.0025 * 40 / 39) ** 0.5 / 40**0.5)
+def test_paired_drop_is_the_mean_and_its_valid_upper_bound():
+    mean, upper = paired_drop([0.9] * 200, [0.9] * 200, 0.02)
+    assert mean == 0.0 and 0.0 < upper < 0.02
+    mean, upper = paired_drop([0.5, 0.5, 0.5, 0.5], [0.5, 0.5, 0.5, 0.49], 0.02)
+    assert mean == pytest.approx(0.0025) and upper == 1.0, "4 rows cannot bound anything below 1"
+    with pytest.raises(BudgetError, match="at least one"):
+        paired_drop([], [])
 
 
 def test_task_bound_needs_rows_and_parses():
@@ -188,14 +199,20 @@ def test_cli_calibrate_bounds_the_task_and_reports_the_heldout_split(
             "--task",
             "loglik",
             "--budget",
-            "kl=1,task=1e-6",
+            "kl=1,task=0.5",
         ],
     )
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "plan" / "calibration_report.json").read_text())
     t = report["task"]
-    assert t["bound"] == 1e-6 and t["task_delta"] <= 1e-6 and t["heldout_rows"] > 0
-    assert t["heldout_task_delta"] <= 1e-6
+    assert t["certifiable"] and report["met_budget"] and report["density"] < 1.0
+    assert t["bound"] == 0.5 and t["task_delta"] <= t["task_delta_upper"] < 0.5 and t["heldout_rows"] > 0
+    assert t["heldout_task_delta"] < 0.5
+    res = runner.invoke(
+        app, [*args[:-1], "--texts", "dataset", "--dataset", str(data), "--budget", "kl=1,task=1e-6"]
+    )
+    assert res.exit_code == 0, res.output
+    assert "cannot be certified from" in res.output and "the plan stays dense" in res.output
 
 
 def test_each_plan_carries_only_the_weights_it_uses(quality_tiny, quality_texts):

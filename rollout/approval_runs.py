@@ -1,0 +1,90 @@
+"""The paused approval flow run a decision points at (`GateDecision.flow_run_id`): one per decision,
+registered under a write lock, cleared when its process lets go. The rules for who may sign are in
+rollout.approvals; this module keeps the pointer honest. Each function owns its transaction."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from rollout import audit
+from rollout.approvals import (
+    ApprovalError,
+    check_approvable,
+    flow_is_waiting,
+    override_signatures,
+    recommended_action,
+)
+from rollout.db.models import GateDecision
+from rollout.db.session import session_scope
+
+
+def register(decision_id: int, run_id: str, run_is_live: Callable[[str], bool]) -> dict[str, Any]:
+    """Register `run_id` as the decision's approval run. Returns {"skip": why} when this run lost a race
+    (the decision was resolved, or another live run is registered), else what the run waits for."""
+    with session_scope(immediate=True) as session:
+        d = session.get(GateDecision, decision_id, with_for_update=True)
+        if d is None:
+            raise ApprovalError(f"decision {decision_id} does not exist")
+        if d.resolution is not None:
+            return {"skip": f"decision {decision_id} was already {d.resolution}"}
+        if d.flow_run_id and d.flow_run_id != run_id and run_is_live(d.flow_run_id):
+            return {"skip": f"decision {decision_id} already has approval run {d.flow_run_id}"}
+        check_approvable(session, d)
+        if d.flow_run_id != run_id:
+            d.flow_run_id = run_id
+            audit.record(
+                session,
+                audit.SYSTEM_ACTOR,
+                "approval.waiting",
+                on=d,
+                details={"flow_run_id": run_id, "awaiting": d.awaiting},
+            )
+        return {"awaiting": d.awaiting, "outcome": d.outcome, "use_case_id": d.use_case_id}
+
+
+def clear(decision_id: int, run_id: str) -> None:
+    """Forget `run_id` on an open decision (nobody will continue that run)."""
+    with session_scope() as session:
+        d = session.get(GateDecision, decision_id)
+        if d is not None and d.flow_run_id == run_id and d.resolution is None:
+            d.flow_run_id = None
+
+
+def state(decision_id: int) -> tuple[bool, str | None]:
+    """(resolved, the registered run id); a missing decision reads as resolved with no run."""
+    with session_scope() as session:
+        d = session.get(GateDecision, decision_id)
+        return (True, None) if d is None else (d.resolution is not None, d.flow_run_id)
+
+
+def run_id_of(decision_id: int) -> str | None:
+    return state(decision_id)[1]
+
+
+def needs_run(decision_id: int) -> bool:
+    """Does the decision exist with no paused approval run waiting for it?"""
+    with session_scope() as session:
+        d = session.get(GateDecision, decision_id)
+        return d is not None and not flow_is_waiting(d.flow_run_id)
+
+
+def will_take_effect(decision_id: int, actor: str, reject: bool) -> bool:
+    """False only for the first signature of an action against the gate's recommendation."""
+    action = "reject" if reject else "approve"
+    with session_scope() as session:
+        d = session.get(GateDecision, decision_id)
+        if d is None or d.resolution is not None:
+            return True  # let approvals.approve raise its clear error
+        if action == recommended_action(d):
+            return True
+        return any(a.actor != actor for a in override_signatures(session, decision_id, action))
+
+
+def check_open(decision_id: int) -> None:
+    """Refuse, naming the decision, before any approval run starts for a decision nobody may act on."""
+    with session_scope() as session:
+        d = session.get(GateDecision, decision_id)
+        if d is None:
+            raise ApprovalError(f"decision {decision_id} does not exist")
+        check_approvable(session, d)

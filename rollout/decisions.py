@@ -1,0 +1,268 @@
+"""Decisions and what they change: the gate's look at a pilot step (decide, record, then advance / ask for
+approval / stop), the monitor's look at the champion's traffic, and the INVALID a failed batch leaves.
+Every decision is keyed (a retried or repeated look on unchanged data returns the recorded one) and its
+state changes commit with it. Each function owns its transaction; the flows pass values."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rollout import audit, lifecycle, pilots
+from rollout.db.models import GateDecision, Pilot, PilotStep, UseCase
+from rollout.db.session import session_scope
+
+
+def awaiting_after(outcome: str, final: bool) -> str:
+    """A GO at the pilot's final step waits for a person's approval; nothing else waits."""
+    return "approval" if outcome == "GO" and final else "none"
+
+
+def act_on(
+    session: Any, uc: UseCase, pilot: Pilot, spec: Any, step: PilotStep, d: GateDecision, final: bool
+) -> None:
+    """A new gate decision's effect: GO advances to the next step, or at the final step stops the pilot
+    to wait for approval; NO-GO stops the pilot; EXTEND and INVALID change nothing."""
+    actor = audit.SYSTEM_ACTOR
+    if d.outcome == "GO" and not final:
+        pilots.advance(session, pilot, spec, actor=actor, decision_id=d.id)
+    elif d.outcome == "GO":
+        step.status = "passed"
+        step.ended_at = pilots.now()
+        pilots.stop_pilot(
+            session, pilot, status="awaiting_approval", actor=actor, reason=f"decision {d.id}: GO"
+        )
+        lifecycle.set_phase(
+            session, uc, "awaiting_approval", actor=actor, reason=f"decision {d.id}: GO at step {step.index}"
+        )
+    elif d.outcome == "NO-GO":
+        pilots.stop_pilot(session, pilot, status="stopped", actor=actor, reason=f"decision {d.id}: NO-GO")
+        lifecycle.set_phase(session, uc, "stopped", actor=actor, reason=f"decision {d.id}: NO-GO")
+
+
+def summary(d: GateDecision, step: PilotStep | None, created: bool) -> dict[str, Any]:
+    ev = d.evidence or {}
+    q = ev.get("quality") or {}
+    return {
+        "decision_id": d.id,
+        "outcome": d.outcome,
+        "awaiting": d.awaiting,
+        "created": created,
+        "step_index": step.index if step is not None else None,
+        "step_kind": step.kind if step is not None else None,
+        "look_index": d.look_index,
+        "interval_low": q.get("interval_low"),
+        "interval_high": q.get("interval_high"),
+        "estimate": q.get("estimate"),
+        "explanation": d.explanation,
+        "reasons": ev.get("reasons", []),
+        **{k: ev.get(k) for k in ("n_control", "n_treatment", "n_pairs", "projected_requests")},
+    }
+
+
+def gate_step(
+    use_case: str,
+    step_id: int,
+    *,
+    promote_after_step: int | None = None,
+    traffic: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run `rollout.gate.decide` on all of the step's observations with the earlier looks as history,
+    record the decision (keyed by step + data fingerprint) and act on it. No rows, or rows decide() cannot
+    judge, are recorded as INVALID with the reason (never a crash). `promote_after_step` ends a short
+    pilot early; `traffic` (what the source has left) turns an EXTEND on used-up traffic into a note."""
+    import pandas as pd
+
+    from rollout.gate import decide
+    from rollout.observations_io import validate_observation_rows
+    from rollout.traffic import exhaustion_note
+
+    with session_scope() as session:
+        uc = pilots.get_use_case(session, use_case)
+        spec, _ = pilots.load_step_spec(session, step_id)
+        step = session.get(PilotStep, step_id)
+        pilot = session.get(Pilot, step.pilot_id)
+        rows = pilots.step_observations(session, step)
+        plan = pilots.step_plan_for(spec, step)
+        check = (
+            validate_observation_rows(
+                rows,
+                known_request_ids={r["request_id"] for r in rows},
+                # a split step at a small traffic % may have no treatment row yet: that is "too few
+                # samples" (EXTEND), judged by decide, not a broken batch
+                require_both_arms=step.kind == "shadow",
+                source=f"{use_case} step {step.index} observations",
+            )
+            if rows
+            else {"passed": True, "failures": [], "report": {"rows": 0}}
+        )
+        decision = decide(
+            pd.DataFrame(rows, columns=list(pilots.OBSERVATION_FIELDS)),
+            pilots.gate_settings(spec, step),
+            pilots.gate_history(session, step),
+            mode="paired" if step.kind == "shadow" else "split",
+            planned_treatment_share=plan.planned_treatment_share,
+            data_check_passed=check["passed"],
+            data_check_failures=check["failures"],
+            elapsed_days=pilots.elapsed_days(step),
+            min_samples_per_arm=step.min_samples,
+        )
+        key = f"gate:{step.id}:{decision.data_fingerprint}"
+        found = pilots.decision_by_key(session, key)
+        if found is not None:  # a retry, or a re-run on unchanged data
+            return summary(found, step, False)
+        if pilot.status != "running" or pilot.current_step_index != step.index:
+            raise pilots.PilotStateError(
+                f"{use_case}: pilot {pilot.id} is {pilot.status} at step {pilot.current_step_index}"
+            )
+        final = pilots.is_last_step(spec, step) or (
+            promote_after_step is not None and step.index >= promote_after_step
+        )
+        evidence = decision.to_dict()
+        evidence.update(
+            {
+                "pilot_id": pilot.id,
+                "step_index": step.index,
+                "step_kind": step.kind,
+                "traffic_pct": step.traffic_pct,
+                "data_check": check["report"],
+                "final_step": final,
+                "plan_steps": len(pilots.plan_steps(spec)),
+                "promote_after_step": promote_after_step,
+                "traffic": traffic,
+            }
+        )
+        explanation = decision.explanation
+        exhausted = exhaustion_note(decision.outcome, traffic, decision.projected_requests)
+        if exhausted:
+            evidence["reasons"] = [*evidence["reasons"], "traffic-exhausted"]
+            explanation = f"{explanation} {exhausted}"
+        d, created = pilots.record_decision(
+            session,
+            idempotency_key=key,
+            use_case=uc,
+            pilot=pilot,
+            step=step,
+            outcome=decision.outcome,
+            evidence=evidence,
+            explanation=explanation,
+            data_fingerprint=decision.data_fingerprint,
+            look_index=decision.look_index,
+            awaiting=awaiting_after(decision.outcome, final),
+        )
+        if created:
+            act_on(session, uc, pilot, spec, step, d, final)
+        return summary(d, step, created)
+
+
+def _monitor_verdict(check: dict[str, Any], guard: dict[str, Any], alpha: float) -> tuple[str, str]:
+    """(outcome, why) of a monitor look: INVALID on failed data checks, NO-GO on a breached guardrail."""
+    if not check["passed"]:
+        return "INVALID", "the sampled traffic failed its data checks (" + "; ".join(
+            check["failures"][:3]
+        ) + ")"
+    if guard["breached"]:
+        return "NO-GO", "guardrail breached: " + ", ".join(
+            f"{c['name']} {c['value']:.4g} > {c['threshold']:.4g} "
+            f"(at least {c['lower_bound']:.4g} with {100 * (1 - alpha):.0f}% confidence)"
+            for c in guard["checks"]
+            if c["breached"]
+        )
+    return "GO", "no guardrail shown breached: " + ", ".join(
+        f"{c['name']} {c['value']:.4g} (limit {c['threshold']:.4g})" for c in guard["checks"]
+    )
+
+
+def monitor_look(
+    use_case: str, info: dict[str, Any], rows: list[dict], check: dict[str, Any], batch_id: str
+) -> dict[str, Any]:
+    """Record the monitor's decision on a batch of the champion's traffic. A breach or a failed data
+    check rolls back automatically under the spec's `rollback: auto` (the caller runs the rollback),
+    else leaves a rollback decision waiting for a person (the use case then awaits approval)."""
+    with session_scope() as session:
+        uc = pilots.get_use_case(session, use_case)
+        pilot = session.get(Pilot, info["pilot_id"])
+        spec, _ = pilots.load_pilot_spec(session, pilot)
+        guard = pilots.monitor_guardrails(rows, spec) if check["passed"] else {"checks": [], "breached": []}
+        outcome, why = _monitor_verdict(check, guard, spec.gate.alpha)
+        bad = outcome != "GO"
+        auto = bad and info["rollback_policy"] == "auto"
+        awaiting = "rollback_approval" if bad and not auto else "none"
+        action = (
+            "The champion is rolled back automatically (rollback policy: auto)."
+            if auto
+            else "A rollback waits for a person's approval (rollback policy: manual)."
+            if bad
+            else "The champion keeps serving."
+        )
+        explanation = f"Monitor: {outcome}. {why}. {action}"
+        d, created = pilots.record_decision(
+            session,
+            idempotency_key=f"monitor:{info['step_id']}:{batch_id}",
+            use_case=uc,
+            pilot=pilot,
+            step=session.get(PilotStep, info["step_id"]),
+            kind="monitor",
+            outcome=outcome,
+            evidence={
+                "guardrails": guard,
+                "data_check": check["report"],
+                "batch_id": batch_id,
+                "rows": len(rows),
+            },
+            explanation=explanation,
+            data_fingerprint=batch_id[:64],
+            awaiting=awaiting,
+        )
+        if created and awaiting == "rollback_approval":
+            lifecycle.set_phase(
+                session, uc, "awaiting_approval", actor=audit.MONITOR_ACTOR, reason=explanation
+            )
+        return {
+            "decision_id": d.id,
+            "outcome": d.outcome,
+            "awaiting": d.awaiting,
+            "resolution": d.resolution,
+            "automatic_rollback": auto,
+            "explanation": d.explanation,
+            "created": created,
+        }
+
+
+def failed_batch(use_case: str, info: dict[str, Any], batch_id: str, check: dict[str, Any]) -> int:
+    """A batch that failed its data check does not count; the INVALID decision says why. Returns its id."""
+    with session_scope() as session:
+        step = session.get(PilotStep, info["step_id"])
+        failures = check.get("failures", [])
+        d, _ = pilots.record_decision(
+            session,
+            idempotency_key=f"datacheck:{step.id}:{batch_id}",
+            use_case=pilots.get_use_case(session, use_case),
+            pilot=session.get(Pilot, info["pilot_id"]),
+            step=step,
+            outcome="INVALID",
+            evidence={"data_check": check, "batch_id": batch_id, "reasons": ["data-check-failed"]},
+            explanation=(
+                f"Decision: INVALID. Pilot batch {batch_id} of step {step.index} failed its data checks "
+                f"({'; '.join(failures[:3])}); its observations were not stored and do not count."
+            ),
+            data_fingerprint=batch_id[:64],
+        )
+        return d.id
+
+
+def evidence(decision_id: int) -> dict[str, Any]:
+    with session_scope() as session:
+        return dict(session.get(GateDecision, decision_id).evidence)
+
+
+def use_case_of(decision_id: int) -> str:
+    with session_scope() as session:
+        d = session.get(GateDecision, decision_id)
+        return session.get(UseCase, d.use_case_id).name
+
+
+def latest_waiting(use_case: str) -> int | None:
+    """The newest decision of the use case that waits for a person, if any."""
+    with session_scope() as session:
+        pending = pilots.pending_decisions(session, pilots.get_use_case(session, use_case))
+        return pending[-1].id if pending else None

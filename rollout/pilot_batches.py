@@ -1,0 +1,196 @@
+"""Where a pilot's batches go: the active pilot and its current step (started for the current challenger
+when none runs), the promoted pilot's monitor step, storing a batch, and the streaming import of a
+serving system's observations. Each function owns its transaction; the flows get plain dicts."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from rollout import audit, lifecycle, pilots
+from rollout.db.models import ModelVersion, Observation, Pilot, PilotStep, utcnow
+from rollout.db.session import session_scope
+from rollout.observations_io import ObservationImportError, iter_observations, validate_observation_rows
+from rollout.runs import latest_challenger, version_dict
+
+
+def _step_info(session: Any, pilot: Pilot, step: PilotStep, mv: ModelVersion) -> dict[str, Any]:
+    return {
+        "pilot_id": pilot.id,
+        "use_case_id": pilot.use_case_id,
+        "salt": pilot.salt,
+        "step_id": step.id,
+        "step_index": step.index,
+        "kind": step.kind,
+        "traffic_pct": step.traffic_pct,
+        "min_samples": step.min_samples,
+        **version_dict(mv),
+        "used_request_ids": sorted(pilots.seen_request_ids(session, pilot)),
+    }
+
+
+def ensure_pilot_in(session: Any, use_case: str) -> dict[str, Any]:
+    """The active pilot's current step (a pilot is started at its shadow step for the current challenger
+    if none runs), inside the caller's transaction. Refuses, naming the use case, when there is nothing
+    to pilot or the pilot cannot take traffic now."""
+    uc = pilots.get_use_case(session, use_case)
+    spec, _ = pilots.load_current_spec(session, uc)
+    run = latest_challenger(session, uc.id)
+    if run is None:
+        raise pilots.PilotStateError(
+            f"{use_case}: no calibrated challenger yet; run `sparsepilot calibrate {use_case}` first"
+        )
+    if (run.metrics or {}).get("met_budget") is False:
+        raise pilots.PilotStateError(
+            f"{use_case}: calibration run {run.id} found no sparse plan within the quality budget; "
+            "the challenger is the dense model and there is nothing to pilot"
+        )
+    mv = session.get(ModelVersion, run.model_version_id)
+    last = pilots.latest_pilot(session, uc)
+    if last is not None and last.model_version_id == mv.id and last.status in pilots.ENDED_PILOT:
+        raise pilots.PilotStateError(
+            f"{use_case}: pilot {last.id} of this challenger has ended ({last.status}); "
+            "calibrate a new challenger (or add a new spec version) to pilot again"
+        )
+    pilot = pilots.active_pilot(session, uc)
+    if pilot is None or pilot.model_version_id != mv.id:
+        if pilot is not None and pilot.status == "awaiting_approval":
+            raise pilots.PilotStateError(
+                f"{use_case}: pilot {pilot.id} is waiting for approval; approve or reject it first"
+            )
+        pilot = pilots.start_pilot(session, uc, mv, spec, actor=audit.SYSTEM_ACTOR)
+    if pilot.status != "running":
+        raise pilots.PilotStateError(
+            f"{use_case}: pilot {pilot.id} is {pilot.status}; no pilot traffic is collected now"
+        )
+    return _step_info(session, pilot, pilots.current_step(session, pilot), mv)
+
+
+def ensure_pilot(use_case: str) -> dict[str, Any]:
+    """`ensure_pilot_in` in its own transaction."""
+    with session_scope() as session:
+        return ensure_pilot_in(session, use_case)
+
+
+def monitor_target(use_case: str) -> dict[str, Any] | None:
+    """The promoted pilot's monitor step (opened on first use), or None when nothing is promoted."""
+    with session_scope() as session:
+        uc = pilots.get_use_case(session, use_case)
+        if not lifecycle.can(uc.phase, "monitor"):
+            return None
+        spec, _ = pilots.load_current_spec(session, uc)
+        pilot = pilots.promoted_pilot(session, uc)
+        if pilot is None:
+            return None
+        step = pilots.open_monitor_step(session, pilot, min_samples=spec.rollout.batch_size)
+        return {
+            **_step_info(session, pilot, step, session.get(ModelVersion, pilot.model_version_id)),
+            "kind": "shadow",  # both arms answer each sampled request (dense offline, for quality)
+            "traffic_pct": 100.0,
+            "rollback_policy": spec.rollback,
+        }
+
+
+def current_step(use_case: str) -> dict[str, Any] | None:
+    """The active pilot's status and current step, or None when no pilot is active."""
+    with session_scope() as session:
+        pilot = pilots.active_pilot(session, pilots.get_use_case(session, use_case))
+        if pilot is None:
+            return None
+        step = pilots.current_step(session, pilot)
+        return {
+            "pilot_status": pilot.status,
+            "step_id": step.id,
+            "index": step.index,
+            "kind": step.kind,
+            "min_samples": step.min_samples,
+            "traffic_pct": step.traffic_pct,
+        }
+
+
+def step_traffic_use(step_id: int) -> tuple[str, set[str]]:
+    """(the pilot's salt, the request ids its steps have used so far) for the pilot of a step."""
+    with session_scope() as session:
+        pilot = session.get(Pilot, session.get(PilotStep, step_id).pilot_id)
+        return pilot.salt, pilots.seen_request_ids(session, pilot)
+
+
+def store_batch(step_id: int, rows: list[dict[str, Any]], batch_id: str, source: str) -> dict[str, int]:
+    """Store a validated batch in its step; rows already stored are skipped (a retried batch adds none)."""
+    with session_scope() as session:
+        step = session.get(PilotStep, step_id)
+        res = pilots.record_observations(session, step, rows, batch_id=batch_id, source=source)
+    return {"inserted": res.inserted, "already_present": res.already_present}
+
+
+def import_file(
+    use_case: str,
+    path: str,
+    known_ids: list[str],
+    *,
+    external_assignment: bool = False,
+    chunk_rows: int = 50_000,
+    progress: Any = None,
+) -> dict[str, Any]:
+    """Import a file of observations into the current step, all or nothing, streaming: each chunk is
+    parsed, checked (GX) and checked against the step's design (rollout.pilots.ImportCheck), then
+    bulk-inserted; any problem rolls the whole import back. The pilot is started in the same
+    transaction, so a refused import starts nothing either. ``progress(rows_done)`` after each chunk."""
+    source = "imported-external" if external_assignment else "imported"
+    rows_seen = inserted = 0
+    with session_scope(immediate=True) as session:
+        info = ensure_pilot_in(session, use_case)
+        step = session.get(PilotStep, info["step_id"])
+        check = pilots.ImportCheck(
+            pilots.step_observations(session, step),
+            kind=info["kind"],
+            salt=info["salt"],
+            traffic_pct=info["traffic_pct"],
+            external_assignment=external_assignment,
+        )
+        bid = f"b-{step.id}-import-{uuid.uuid4().hex[:16]}"
+        sample: list[dict[str, Any]] = []
+        for chunk in iter_observations(path, chunk_rows):
+            rows = [r for _, r in chunk]
+            gx = validate_observation_rows(
+                rows,
+                known_request_ids=known_ids,
+                require_both_arms=False,
+                source=path,
+                first_row=rows_seen + 1,
+            )
+            if not gx["passed"]:
+                raise ObservationImportError(
+                    f"{path}: failed the observation checks; nothing was stored:\n  - "
+                    + "\n  - ".join(gx["failures"])
+                )
+            new = check.add(rows)
+            if check.conflicts or check.wrong_arm:  # fail early; the full list comes from problems()
+                break
+            if new:  # Core executemany: the ORM's per-row bookkeeping costs more than the insert itself
+                fixed = {"pilot_step_id": step.id, "use_case_id": info["use_case_id"], "batch_id": bid,
+                         "source": source, "created_at": utcnow()}  # fmt: skip
+                session.execute(Observation.__table__.insert(), [{**r, **fixed} for r in new])
+            rows_seen += len(rows)
+            inserted += len(new)
+            if len(sample) < 1000:
+                sample.extend(rows[: 1000 - len(sample)])
+            if progress is not None:
+                progress(rows_seen)
+        problems = check.problems()
+        if problems:
+            raise ObservationImportError(
+                f"{path}: does not fit step {info['step_index']} ({info['kind']}); nothing was stored:\n  - "
+                + "\n  - ".join(problems)
+            )
+    stored = {"inserted": inserted, "already_present": rows_seen - inserted, "rows": rows_seen}
+    return {"info": info, "rows": sample, "batch_id": bid, "source": source, "stored": stored}
+
+
+def abort(use_case: str, *, actor: str, reason: str) -> tuple[int, list[int], list[str]]:
+    """Stop the active pilot (rollout.pilots.abort_pilot): (pilot id, the decisions it closed, the
+    paused approval runs of those decisions, which the caller cancels)."""
+    with session_scope(immediate=True) as session:
+        uc = pilots.get_use_case(session, use_case)
+        pilot, closed = pilots.abort_pilot(session, uc, actor=actor, reason=reason)
+        return pilot.id, [d.id for d in closed], [d.flow_run_id for d in closed if d.flow_run_id]

@@ -1,0 +1,243 @@
+"""Calibration and evaluation runs: open one under its idempotency key, mark it succeeded or failed, with
+the audit row and the use case's phase move in the same transaction. Each function owns its transaction
+(the flows pass values, never sessions).
+
+A run key names the work (use case, spec, settings): a run that succeeded under the key is returned as it
+is (the flow reuses it), a failed or interrupted one is reopened in the same row."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+
+from rollout import audit, lifecycle
+from rollout.db.models import CalibrationRun, EvaluationRun, ModelVersion, utcnow
+from rollout.db.session import session_scope
+from rollout.pilots import get_use_case
+
+EVALUATION_FIELDS = (
+    "device",
+    "density",
+    "quality_delta",
+    "speedup",
+    "speedup_low",
+    "speedup_high",
+    "savings_month_usd",
+    "savings_month_low",
+    "savings_month_high",
+    "payback_days",
+)
+
+
+def _open(session: Any, model: type, key: str, flow_run_id: str | None, **new: Any) -> tuple[Any, bool]:
+    """The run under `key` (reopened as running unless it succeeded), or a new running one."""
+    run = session.scalar(select(model).where(model.idempotency_key == key))
+    if run is None:
+        run = model(idempotency_key=key, status="running", flow_run_id=flow_run_id, **new)
+        session.add(run)
+        session.flush()
+        return run, True
+    if run.status != "succeeded":
+        run.status = "running"
+        run.error = None
+        run.flow_run_id = flow_run_id
+    return run, False
+
+
+def _failed(session: Any, model: type, run_pk: int, error: str) -> Any:
+    run = session.get(model, run_pk)
+    run.status = "failed"
+    run.error = error[:4000]
+    return run
+
+
+def _succeeded(session: Any, use_case: str, run: Any, kind: str, phase: str, details: dict) -> None:
+    """The audit row of a succeeded run, and the use case's move to `phase` where the lifecycle allows."""
+    audit.record(session, audit.SYSTEM_ACTOR, f"{kind}.succeeded", on=run, details=details)
+    uc = get_use_case(session, use_case)
+    lifecycle.advance(session, uc, phase, actor=audit.SYSTEM_ACTOR, reason=f"{kind} run {run.id}")
+
+
+# --- calibration -----------------------------------------------------------------------------------
+
+
+def open_calibration(
+    use_case_id: int, spec_version: int, key: str, settings: dict[str, Any], flow_run_id: str | None
+) -> dict[str, Any]:
+    with session_scope() as session:
+        run, created = _open(
+            session,
+            CalibrationRun,
+            key,
+            flow_run_id,
+            use_case_id=use_case_id,
+            spec_version=spec_version,
+            metrics={"settings": settings},
+        )
+        if created:
+            audit.record(
+                session,
+                audit.SYSTEM_ACTOR,
+                "calibration.started",
+                on=run,
+                details={"settings": settings, "spec_version": spec_version},
+            )
+        return {
+            "id": run.id,
+            "status": run.status,
+            "model_version_id": run.model_version_id,
+            "metrics": run.metrics,
+        }
+
+
+def calibration_succeeded(
+    use_case: str,
+    run_pk: int,
+    *,
+    model_version: Any,
+    mlflow_run_id: str,
+    metrics: dict[str, Any],
+    density: float | None,
+) -> None:
+    """Record the registered challenger on the run; the use case becomes `calibrated` where the
+    lifecycle allows it."""
+    with session_scope() as session:
+        run = session.get(CalibrationRun, run_pk)
+        run.status = "succeeded"
+        run.model_version_id = model_version.id
+        run.mlflow_run_id = mlflow_run_id
+        run.finished_at = utcnow()
+        run.metrics = {**(run.metrics or {}), **metrics}
+        details = {
+            "model_version_id": model_version.id,
+            "mlflow_version": model_version.mlflow_version,
+            "density": density,
+        }
+        _succeeded(session, use_case, run, "calibration", "calibrated", details)
+
+
+def calibration_failed(use_case_id: int, run_pk: int, error: str) -> None:
+    with session_scope() as session:
+        run = _failed(session, CalibrationRun, run_pk, error)
+        run.finished_at = utcnow()
+        audit.record(
+            session,
+            audit.SYSTEM_ACTOR,
+            "calibration.failed",
+            on=run,
+            details={"error": error[:1000]},
+        )
+
+
+def _latest_calibration(session: Any, use_case_id: int, *, with_version: bool = False) -> Any:
+    q = select(CalibrationRun).where(
+        CalibrationRun.use_case_id == use_case_id, CalibrationRun.status == "succeeded"
+    )
+    if with_version:
+        q = q.where(CalibrationRun.model_version_id.is_not(None))
+    return session.scalar(q.order_by(CalibrationRun.id.desc()))
+
+
+def latest_challenger(session: Any, use_case_id: int) -> Any:
+    """The latest succeeded calibration run that registered a model version (None: nothing yet)."""
+    return _latest_calibration(session, use_case_id, with_version=True)
+
+
+def latest_plan_met_budget(use_case: str) -> bool:
+    """Did the latest calibration find a sparse plan within the quality budget? (True if it did not say.)"""
+    with session_scope() as session:
+        run = _latest_calibration(session, get_use_case(session, use_case).id)
+        return bool(run and (run.metrics or {}).get("met_budget", True))
+
+
+def version_dict(mv: Any) -> dict[str, Any]:
+    """What a flow needs of a model version to load it (base model, plan, MLflow name and version)."""
+    return {
+        "model_version_id": mv.id,
+        "base_model_ref": mv.base_model_ref,
+        "plan": mv.plan,
+        "mlflow_model": mv.mlflow_model_name,
+        "mlflow_version": mv.mlflow_version,
+    }
+
+
+def latest_calibrated_version(use_case_id: int) -> dict[str, Any] | None:
+    """The model version of the latest succeeded calibration (what `evaluate` measures), or None."""
+    with session_scope() as session:
+        run = _latest_calibration(session, use_case_id)
+        if run is None or run.model_version_id is None:
+            return None
+        return version_dict(session.get(ModelVersion, run.model_version_id))
+
+
+def record_unregistered_challenger(use_case: str, base_model_ref: str, *, key: str) -> int:
+    """A succeeded calibration run naming a plan-less model version that is not in MLflow: enough for a
+    pilot to start and take an observation import (`sparsepilot bench import`). Returns the version id."""
+    with session_scope() as session:
+        uc = get_use_case(session, use_case)
+        mv = ModelVersion(use_case_id=uc.id, base_model_ref=base_model_ref, plan={}, plan_hash="0" * 64)
+        session.add(mv)
+        session.flush()
+        session.add(
+            CalibrationRun(
+                idempotency_key=key,
+                use_case_id=uc.id,
+                spec_version=uc.current_spec_version,
+                status="succeeded",
+                model_version_id=mv.id,
+            )
+        )
+        return mv.id
+
+
+# --- evaluation ------------------------------------------------------------------------------------
+
+
+def evaluation_summary(run: Any) -> dict[str, Any]:
+    return {"evaluation_run_id": run.id, **{f: getattr(run, f) for f in EVALUATION_FIELDS}}
+
+
+def open_evaluation(use_case_id: int, model_version_id: int, key: str, flow_run_id: str | None) -> dict:
+    with session_scope() as session:
+        run, _ = _open(
+            session,
+            EvaluationRun,
+            key,
+            flow_run_id,
+            use_case_id=use_case_id,
+            model_version_id=model_version_id,
+        )
+        return {"id": run.id, "status": run.status, "summary": evaluation_summary(run)}
+
+
+def evaluation_succeeded(
+    use_case: str, run_pk: int, *, report: dict[str, Any], roi: dict[str, Any], mlflow_run_id: str
+) -> dict[str, Any]:
+    """Record the evaluation's report and ROI; the use case becomes `evaluated` where the lifecycle
+    allows it. Returns the run's summary."""
+    with session_scope() as session:
+        run = session.get(EvaluationRun, run_pk)
+        run.status = "succeeded"
+        run.device = report.get("device")
+        run.mlflow_run_id = mlflow_run_id
+        run.density = report.get("density")
+        run.quality_delta = (report.get("tasks") or {}).get("quality_delta")
+        run.speedup = roi["inputs"]["speedup"]
+        run.speedup_low = roi["inputs"]["speedup_low"]
+        run.speedup_high = roi["inputs"]["speedup_high"]
+        run.savings_month_usd = roi["saved_usd_month"]
+        run.savings_month_low = roi["saved_usd_month_low"]
+        run.savings_month_high = roi["saved_usd_month_high"]
+        run.payback_days = roi["payback_days"]
+        run.report = report
+        run.roi = roi
+        run.artifacts = dict(report.get("artifacts") or {})
+        details = {"device": run.device, "speedup": run.speedup, "saved_usd_month": run.savings_month_usd}
+        _succeeded(session, use_case, run, "evaluation", "evaluated", details)
+        return evaluation_summary(run)
+
+
+def evaluation_failed(run_pk: int, error: str) -> None:
+    with session_scope() as session:
+        _failed(session, EvaluationRun, run_pk, error)
