@@ -112,7 +112,7 @@ def roi_from_report(spec: Any, report: dict[str, Any], decode_tps: float | None)
     """ROI at the use case's traffic, from the measured weighted throughputs; the speed-up interval
     comes from the repeated timings (rollout.roi.speedup_interval on the weighted per-repeat totals).
     Output tokens are priced at the sparse decode throughput when the plan decodes sparsely."""
-    from rollout.roi import roi_for_spec, speedup_interval
+    from rollout.roi import decode_outcome, roi_for_spec, speedup_interval
 
     rows = report.get("speed") or []
     summ = report.get("speed_summary") or {}
@@ -146,6 +146,7 @@ def roi_from_report(spec: Any, report: dict[str, Any], decode_tps: float | None)
     out["speedup_interval_from"] = f"{n} repeated weighted timings" if interval else "point estimate only"
     out["timing_host"] = summ.get("host")  # threads, the host's load, pairs retimed for overload
     out["decode_from"] = "sparse decode measured side by side" if dec else "dense decode in both arms"
+    out["decode"] = decode_outcome(report.get("decode"), roi)  # the ROI's decode line
     return out
 
 

@@ -202,7 +202,7 @@ def render_table(rows: list[dict[str, Any]], outcomes: dict[str, dict[str, Any]]
 
     table = Table(title="SparsePilot main job")
     for col in ("use case", "decision", "waits for", "quality delta [interval]", "speed-up [interval]",
-                "$/month saved [interval]", "payback"):  # fmt: skip
+                "$/month saved [interval]", "payback", "decode"):  # fmt: skip
         table.add_column(col)
     for r in rows:
         o = outcomes.get(r["use_case"]) or {}
@@ -222,6 +222,7 @@ def render_table(rows: list[dict[str, Any]], outcomes: dict[str, dict[str, Any]]
             _interval(r["speedup"], r["speedup_low"], r["speedup_high"], ".2f"),
             _interval(r["saved_usd_month"], r["saved_usd_month_low"], r["saved_usd_month_high"], ",.0f"),
             payback,
+            r.get("decode") or "-",
         )
     return table
 

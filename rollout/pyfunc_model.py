@@ -74,6 +74,8 @@ with warnings.catch_warnings():
         def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201 - MLflow reads hints as schema
             import torch
 
+            from sparse_core import paged_cache_kwargs
+
             params = params or {}
             mode = params.get("mode", "generate")
             if mode not in MODES:
@@ -95,6 +97,7 @@ with warnings.catch_warnings():
                     else:
                         gen = self.model.generate(
                             **enc,
+                            **paged_cache_kwargs(self.model),  # appends without re-copying the cache
                             max_new_tokens=max_new,
                             do_sample=False,
                             pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,

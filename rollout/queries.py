@@ -183,8 +183,10 @@ def waits_for(row: dict[str, Any]) -> str:
 def job_summary(session: Session, names: list[str]) -> list[dict[str, Any]]:
     """The main job's table, one row per named use case: its latest *gate* decision (with the step it
     judged), quality delta with the gate's anytime-valid interval, speed-up and $/month saved with
-    intervals, payback and device from the latest successful evaluation; `waits_for` as on the portfolio."""
+    intervals, payback, device and the ROI's decode cell (rollout.roi.decode_outcome) from the latest
+    successful evaluation; `waits_for` as on the portfolio."""
     waits = {r["name"]: r["waits_for"] for r in portfolio(session)}
+    decode = _decode_cells(session, names)
     rows = {r["name"]: r for r in portfolio(session, decision_kind="gate")}
     missing = [n for n in names if n not in rows]
     if missing:
@@ -213,10 +215,22 @@ def job_summary(session: Session, names: list[str]) -> list[dict[str, Any]]:
                 "saved_usd_month_low": r["savings_month_low"],
                 "saved_usd_month_high": r["savings_month_high"],
                 "payback_days": r["payback_days"],
+                "decode": decode.get(name),
                 "device": r["device"],
             }
         )
     return out
+
+
+def _decode_cells(session: Session, names: list[str]) -> dict[str, str | None]:
+    """Per use case, the `short` decode cell of its latest successful evaluation's ROI."""
+    q = (
+        select(UseCase.name, EvaluationRun.roi)
+        .join(EvaluationRun, EvaluationRun.use_case_id == UseCase.id)
+        .where(UseCase.name.in_(names), EvaluationRun.status == "succeeded")
+        .order_by(EvaluationRun.id)
+    )
+    return {name: ((roi or {}).get("decode") or {}).get("short") for name, roi in session.execute(q)}
 
 
 def portfolio_totals(session: Session) -> dict[str, Any]:

@@ -6,6 +6,8 @@ For each arm:  seconds per request  t = prompt_tokens / prefill_tps + output_tok
                GPU-hours per day    H = requests_per_day * t / 3600 / utilisation
                $ per month          C = H * gpu_usd_per_hour * DAYS_PER_MONTH
 saved = C_dense - C_sparse;  payback days = pilot_one_off_usd / (saved / DAYS_PER_MONTH).
+Of the saving, sparse decode's share is C_sparse(output tokens at the dense decode throughput) - C_sparse;
+`decode_outcome` puts it, with the measured decode speed-up or the break-even it stays below, in words.
 The interval on the speed-up carries through (every output is monotone in it). A speed-up <= 1
 gives a zero or negative saving: it is reported as the number it is, with ``pays_off = False``.
 """
@@ -65,6 +67,7 @@ class RoiResult:
     pays_off: bool  # saved_usd_month > 0
     certain: bool  # even the low end of the interval saves money
     verdict: str
+    decode_saved_usd_month: float = 0.0  # the part of saved_usd_month that sparse decode brings
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -131,6 +134,7 @@ def compute_roi(inputs: RoiInputs) -> RoiResult:
     t_sparse, h_sparse, c_sparse = arm(i.speedup, sd)
     t_best, h_best, c_best = arm(i.speedup_high, sd_high)
     t_worst, h_worst, c_worst = arm(i.speedup_low, sd_low)
+    c_sparse_dense_decode = arm(i.speedup, i.decode_tps)[2]
     saved, saved_low, saved_high = c_dense - c_sparse, c_dense - c_worst, c_dense - c_best
     eff, eff_low, eff_high = t_dense / t_sparse, t_dense / t_worst, t_dense / t_best
     pays_off = saved > 0
@@ -178,6 +182,7 @@ def compute_roi(inputs: RoiInputs) -> RoiResult:
         pays_off=pays_off,
         certain=certain,
         verdict=verdict,
+        decode_saved_usd_month=c_sparse_dense_decode - c_sparse,
     )
 
 
@@ -201,6 +206,91 @@ def _sparse_decode(i: RoiInputs) -> tuple[float | None, float | None, float | No
             f"sparse decode interval must contain the estimate: {lo} <= {i.sparse_decode_tps} <= {hi}"
         )
     return i.sparse_decode_tps, lo, hi
+
+
+def decode_outcome(decode: dict[str, Any] | None, roi: RoiResult) -> dict[str, Any]:
+    """What sparse decode does for the use case, for the ROI's reader: `status` ("dense": the plan
+    decodes densely; "below_break_even": every measured context is shorter than the plan's break-even,
+    so decode runs the dense path, 1.00x by construction; "dense_layers": the plan's decode section
+    keeps every layer dense (calibration found no budget that pays within the use case's contexts),
+    1.00x likewise; "measured": a side-by-side speed-up),
+    `speedup` [low, high], `saved_usd_month` (decode's part of the saving), `line` (a sentence) and
+    `short` (a table cell). `decode` is the evaluation report's decode section ({"rows", "summary"})."""
+    s = (decode or {}).get("summary")
+    if not s:
+        return {
+            "status": "dense",
+            "speedup": 1.0,
+            "speedup_low": 1.0,
+            "speedup_high": 1.0,
+            "saved_usd_month": 0.0,
+            "line": "decode: dense in both arms (no decode section in the plan): output tokens cost the same",
+            "short": "dense",
+        }
+    rows = (decode or {}).get("rows") or []
+    be = int(s.get("break_even_tokens") or 0)
+    below = sum(1 for r in rows if (r.get("extra") or {}).get("below_break_even"))
+    same = sum(
+        1
+        for r in rows
+        if (r.get("extra") or {}).get("identical", (r.get("extra") or {}).get("below_break_even"))
+    )
+    ctx_lo, ctx_hi = s.get("context_tokens") or (None, None)
+    out = {
+        "break_even_tokens": be,
+        "context_tokens": [ctx_lo, ctx_hi],
+        "density": s.get("density"),
+        "saved_usd_month": roi.decode_saved_usd_month,
+    }
+    flat = {"speedup": 1.0, "speedup_low": 1.0, "speedup_high": 1.0}
+    if rows and same == len(rows) and below < len(rows):
+        return {
+            **out,
+            **flat,
+            "status": "dense_layers",
+            "line": (
+                f"decode: no decode saving: every layer decodes densely (break-even {be:,} tokens), "
+                "so decode runs at 1.00x and output tokens cost the same"
+            ),
+            "short": f"1.00x (dense; break-even {be:,} tokens)",
+        }
+    if rows and below == len(rows):
+        return {
+            **out,
+            "status": "below_break_even",
+            "speedup": 1.0,
+            "speedup_low": 1.0,
+            "speedup_high": 1.0,
+            "line": (
+                f"decode: no decode saving at this context length: {ctx_hi:,} tokens < break-even "
+                f"{be:,} tokens, so decode stays dense (1.00x) and output tokens cost the same"
+            ),
+            "short": f"1.00x ({ctx_hi:,} < break-even {be:,} tokens)",
+        }
+    sp, lo, hi = (s.get(k) for k in ("weighted_speedup", "weighted_speedup_low", "weighted_speedup_high"))
+    if sp is None:  # a summary of throughputs only
+        sp = roi.inputs.sparse_decode_tps / roi.inputs.decode_tps
+        lo = roi.inputs.sparse_decode_tps_low / roi.inputs.decode_tps
+        hi = roi.inputs.sparse_decode_tps_high / roi.inputs.decode_tps
+    saved = roi.decode_saved_usd_month
+    money = f"saves ${saved:,.0f}/month" if saved >= 0 else f"costs ${-saved:,.0f}/month more"
+    where = ""
+    if ctx_hi is not None:
+        span = f"{ctx_lo:,}-{ctx_hi:,}" if ctx_lo != ctx_hi else f"{ctx_hi:,}"
+        where = f" at {span} tokens of context"
+    read = f" ({s['density']:.0%} of the cache read)" if s.get("density") is not None else ""
+    line = f"decode: {sp:.2f}x [{lo:.2f}, {hi:.2f}]{where}{read}: {money}"
+    if below:
+        line += f"; {below} of {len(rows)} lengths are below the break-even ({be:,} tokens): dense there"
+    return {
+        **out,
+        "status": "measured",
+        "speedup": sp,
+        "speedup_low": lo,
+        "speedup_high": hi,
+        "line": line,
+        "short": f"{sp:.2f}x [{lo:.2f}, {hi:.2f}]",
+    }
 
 
 def roi_for_spec(

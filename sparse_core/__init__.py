@@ -33,6 +33,7 @@ _LAZY: dict[str, str] = {
     "decode_stats": "sparse_core.retrofit",
     "DecodePlan": "sparse_core.decode.plan",
     "PagedCache": "sparse_core.decode.cache",
+    "paged_cache_kwargs": "sparse_core.decode.cache",
     # functional API
     "sparse_attention": "sparse_core.kernels",
     "AttentionInfo": "sparse_core.kernels",

@@ -442,8 +442,15 @@ def measure_decode_speed(
     progress: Progress | None = None,
 ) -> dict:
     """Decode tokens/s dense vs sparse after a prompt of each length (sparse_core.decode.measure),
-    weighted like the prefill speed; the summary's interval combines the rows' intervals."""
+    weighted like the prefill speed; the summary's interval combines the rows' intervals. A length at
+    which no layer decodes sparsely (below the break-even, or every layer dense) is timed dense only
+    (the sparse arm runs the same code): its row says `identical`, and the summary counts such rows.
+    Both arms run on the cache the served model uses (PagedCache where every layer reads the whole
+    cache: score_request, the pyfunc), so the cache's own saving is in neither arm's favour."""
+    from sparse_core.decode.cache import full_attention_only
     from sparse_core.decode.measure import compare_decode
+
+    kind = "paged" if full_attention_only(model.config) else "dynamic"
 
     texts = corpus_texts("all")
     dev = next(model.parameters()).device
@@ -460,6 +467,8 @@ def measure_decode_speed(
             new_tokens=suite.decode_new_tokens,
             repeats=suite.decode_repeats,
             seed=suite.seed,
+            dense_cache=kind,
+            sparse_cache=kind,
         ).to_dict()
         r["weight"] = w / total_w
         rows.append(r)
@@ -480,6 +489,14 @@ def measure_decode_speed(
         "agree": sum(r["weight"] * r["agree"] for r in rows),
         "kl": sum(r["weight"] * r["kl"] for r in rows),
         "new_tokens": suite.decode_new_tokens,
+        "density": sum(r["weight"] * r["density"] for r in rows),
+        "break_even_tokens": plan.decode.first_break_even(),
+        "rows_below_break_even": sum(1 for r in rows if r["extra"].get("below_break_even")),
+        "rows_identical": sum(1 for r in rows if r["extra"].get("identical")),
+        "context_tokens": [
+            min(r["seq_len"] for r in rows),
+            max(r["seq_len"] for r in rows) + suite.decode_new_tokens,
+        ],
     }
     return {"rows": rows, "summary": summary}
 

@@ -195,11 +195,14 @@ def score_request(
         quality = math.exp(float(lp.mean()))
         return RequestScore(quality, task, len(p_ids), 0, dt, dt, "")
 
+    from sparse_core.decode.cache import paged_cache_kwargs
+
     ids = torch.tensor([p_ids], device=dev)
     eos = tokenizer.eos_token_id
     _sync(dev)
     t0 = time.perf_counter()
-    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    # PagedCache: appends without re-copying the cache every step (dense or sparse alike)
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **paged_cache_kwargs(model))
     _sync(dev)
     t_prefill = time.perf_counter() - t0
     cache = out.cache

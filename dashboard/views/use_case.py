@@ -210,6 +210,9 @@ def roi_breakdown(ev: dict[str, Any] | None) -> None:
     inputs = roi.pop("inputs", None)
     if roi.get("verdict"):
         st.markdown(f"**Verdict:** {roi.pop('verdict')}")
+    decode = roi.pop("decode", None)  # sparse decode's line (rollout.roi.decode_outcome)
+    if decode:
+        st.markdown(f"**Decode:** {decode['line'].removeprefix('decode: ')}")
     left, right = st.columns(2)
     if inputs:
         left.markdown("**Inputs**")

@@ -5,7 +5,9 @@ Every attention call of a sparsified model whose plan has a `decode` section pas
 (a prefill builds them in one pass; each later call appends only the new tokens), and for a cached
 decode step (one query token against a longer cache) scores the pages, selects per KV head and runs
 the decode kernel. It returns None for everything else, and the caller carries on as before
-(sparse prefill or dense SDPA)."""
+(sparse prefill or dense SDPA). Below the plan's `break_even_tokens` a call does nothing at all (no
+summaries either: they are built in one pass when the cache first reaches it), so a short cache
+decodes exactly as the dense model does, at its cost."""
 
 from __future__ import annotations
 
@@ -33,13 +35,14 @@ class DecodeStats:
 
     calls: int = 0
     dense_calls: int = 0  # decode calls that read the whole cache (dense layer or short cache)
+    short_calls: int = 0  # of those, calls below the plan's break-even cache length
     kept_tokens: int = 0
     cached_tokens: int = 0
     estimator_seconds: float = 0.0
     kernel_seconds: float = 0.0
 
     def reset(self) -> None:
-        self.calls = self.dense_calls = self.kept_tokens = self.cached_tokens = 0
+        self.calls = self.dense_calls = self.short_calls = self.kept_tokens = self.cached_tokens = 0
         self.estimator_seconds = self.kernel_seconds = 0.0
 
     @property
@@ -83,12 +86,16 @@ def decode_attention_forward(
     params = plan.decode.layer_params(layer_state.layer_idx, plan.block_size)
     q_len, kv_len = query.shape[2], key.shape[2]
     stats: DecodeStats = state.decode_stats
-    if params.dense:
+    short = kv_len < params.break_even_tokens
+    if params.dense or short:
         if q_len == 1 and kv_len > 1:
             stats.calls += 1
             stats.dense_calls += 1
+            stats.short_calls += short and not params.dense
             stats.kept_tokens += kv_len
             stats.cached_tokens += kv_len
+        elif short and q_len == kv_len:  # a new sequence: summaries of an old one must not linger
+            layer_state.pages = None
         return None
     ps = params.page_size
     t0 = time.perf_counter()

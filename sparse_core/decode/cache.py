@@ -8,7 +8,9 @@ view of the filled part. Dense SDPA reads the view as it is; the decode kernel a
 buffer (sparse_core.kernels.decode), so a sparse step touches only the pages it selects.
 
 Use: ``model.generate(ids, cache=PagedCache())`` (``cache=`` in a forward too). Works with
-full-attention layers; for models with sliding-window layers keep transformers' own cache."""
+full-attention layers; for models with sliding-window layers keep transformers' own cache:
+`paged_cache_kwargs(model)` is ``{"cache": PagedCache()}`` where it applies and ``{}`` otherwise (what
+`sparse_core.tasks.score_request` and the served pyfunc pass to the model)."""
 
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ class PagedLayer(DynamicLayer):
         if need <= cap:
             return
         new = max(MIN_CAPACITY, 2 * cap, need)
+        new = -(-new // MIN_CAPACITY) * MIN_CAPACITY  # whole pages per row: one gather (kernels.decode)
         b, h, _, d = key_states.shape
         kb = torch.empty(b, h, new, d, dtype=key_states.dtype, device=key_states.device)
         vb = torch.empty(
@@ -102,3 +105,17 @@ class PagedCache(DynamicCache):
     def __init__(self) -> None:
         super().__init__()
         self.layer_class_to_replicate = PagedLayer
+
+
+def full_attention_only(config) -> bool:
+    """True when every attention layer of the model reads the whole cache (no sliding window)."""
+    types = getattr(config, "layer_types", None)
+    if types:
+        return all(t == "full_attention" for t in types)
+    return not getattr(config, "use_sliding_window", False) and not getattr(config, "sliding_window", None)
+
+
+def paged_cache_kwargs(model) -> dict:
+    """``{"cache": PagedCache()}`` for a model whose layers all attend to the whole cache, else ``{}``
+    (transformers' own cache, which knows sliding windows)."""
+    return {"cache": PagedCache()} if full_attention_only(model.config) else {}

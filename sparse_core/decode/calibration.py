@@ -13,8 +13,18 @@ a fidelity budget, measured on continuations the dense model generates after lon
    the dense continuation (teacher forcing): mean KL(dense || sparse) per generated token, top-1
    agreement with the dense greedy token, relative NLL change. The largest eps whose plan meets the
    budget wins; none: no decode section (decode stays dense).
+5. Break-even: on this host, one attention layer of the model's shape at each budget the plan uses,
+   dense vs sparse step at increasing cache lengths (sparse_core.decode.break_even); below the length
+   where sparse starts to win, a layer's decode stays dense (`DecodePlan.break_even_tokens`, a layer's
+   own in `layer_overrides` when its budget breaks even elsewhere). The fidelity
+   checks above run sparse at every length (break-even 0), so the budget is checked where it is used.
 
-Deterministic for a seed."""
+Before all this, when the break-even is measured: if even the smallest candidate budget does not
+break even within the calibration's cache length (the use case's own), no budget is searched (that
+costs minutes of generation for a budget nothing would use): the decode section keeps every layer
+dense and records the break-even, so the evaluation and the ROI can say why decode saves nothing.
+
+The search is deterministic for a seed."""
 
 from __future__ import annotations
 
@@ -43,6 +53,9 @@ class DecodeLimits:
     sink_pages: int = 1
     local_pages: int = 4
     max_joint_checks: int = 5
+    # cache length below which decode stays dense; None: measured on this host (break_even.py)
+    break_even_tokens: int | None = None
+    break_even_lengths: tuple[int, ...] | None = None  # cache lengths measured (None: break_even.LENGTHS)
 
     def __post_init__(self) -> None:
         if self.n_prompts < 1:
@@ -61,6 +74,8 @@ class DecodeLimits:
         if not self.budgets or any(int(b) < 1 for b in self.budgets):
             raise ValueError(f"decode.budgets must be token counts >= 1, got {self.budgets!r}")
         self.budgets = tuple(sorted({int(b) for b in self.budgets}))
+        if self.break_even_tokens is not None and self.break_even_tokens < 0:
+            raise ValueError(f"decode.break_even_tokens must be >= 0, got {self.break_even_tokens}")
 
     def check_prefill(self, candidates: Sequence[str], block_size: int) -> None:
         """A page scorer that reads a learned prefill estimator's weights needs that estimator among
@@ -99,6 +114,9 @@ class DecodeCalibrationReport:
     new_tokens: int = 0
     n_prompts: int = 0
     seconds: dict = field(default_factory=dict)
+    # per budget (str tokens): sparse_core.decode.break_even.BreakEven; None: given, not measured
+    break_even: dict | None = None
+    skipped: str | None = None  # why no budget was searched (the cache never reaches the break-even)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -205,6 +223,50 @@ def decode_plan_for(layer_budgets: list[int | None], lim: DecodeLimits) -> Decod
     )
 
 
+def _lengths(lim: DecodeLimits) -> dict:
+    return {} if lim.break_even_lengths is None else {"lengths": tuple(lim.break_even_lengths)}
+
+
+def _smallest_break_even(model, base, lim: DecodeLimits, length: int, n_layers: int, budget, seed: int):
+    """(the smallest candidate budget's break-even, and (an all-dense decode plan, its report) when it
+    lies beyond `length` + the generated tokens, else None)."""
+    from sparse_core.decode.break_even import measure_for_model
+
+    t0 = time.perf_counter()
+    smallest = min(lim.budgets)
+    probe = DecodePlan(
+        estimator=lim.estimator,
+        page_size=lim.page_size,
+        budget_tokens=smallest,
+        sink_pages=lim.sink_pages,
+        local_pages=lim.local_pages,
+    )
+    measured = measure_for_model(
+        model, base.with_(decode=probe), budget_tokens=smallest, seed=seed, **_lengths(lim)
+    )
+    if length + lim.new_tokens >= measured.tokens:
+        return measured, None
+    probe.dense_layers = tuple(range(n_layers))
+    probe.break_even_tokens = measured.tokens
+    report = DecodeCalibrationReport(
+        met_budget=True,
+        budget=budget.to_dict(),
+        fidelity={"kl": 0.0, "agree": 1.0, "nll_delta": 0.0, "n_positions": 0},  # the dense path
+        layer_budgets=[None] * n_layers,
+        density=1.0,
+        eps=None,
+        prompt_tokens=length,
+        new_tokens=lim.new_tokens,
+        seconds={"break_even": time.perf_counter() - t0},
+        break_even={str(smallest): measured.to_dict()},
+        skipped=(
+            f"not searched: a {length + lim.new_tokens:,}-token cache is below the break-even of the "
+            f"smallest budget ({smallest:,} tokens): {measured.tokens:,} tokens; decode stays dense"
+        ),
+    )
+    return measured, (probe, report)
+
+
 def calibrate_decode(
     model,
     tokenizer,
@@ -253,6 +315,13 @@ def calibrate_decode(
         raise ValueError(f"texts too short to calibrate decode on: need windows of {length} tokens")
     dev = next(model.parameters()).device
     prompts = [torch.tensor([w], device=dev) for w in windows]
+    smallest_be = None
+    if lim.break_even_tokens is None:
+        smallest_be, skipped = _smallest_break_even(model, base, lim, length, n_layers, budget, seed)
+        if skipped is not None:
+            skipped[1].n_prompts = len(prompts)
+            skipped[1].seconds = {**skipped[1].seconds, "total": time.perf_counter() - t_start}
+            return skipped
 
     t0 = time.perf_counter()
     refs, caches = [], []
@@ -343,6 +412,31 @@ def calibrate_decode(
         met = True
     else:
         fid, lb, dens, dp, met = dense_fid, [None] * n_layers, 1.0, None, False
+    break_even = None
+    if dp is not None:
+        t0 = time.perf_counter()
+        if lim.break_even_tokens is None:
+            from sparse_core.decode.break_even import measure_for_model
+
+            plan = base.with_(decode=dp)
+            measured = {
+                b: (
+                    smallest_be
+                    if smallest_be is not None and b == min(budgets)
+                    else measure_for_model(model, plan, budget_tokens=b, seed=seed, **_lengths(lim))
+                )
+                for b in sorted({b for b in lb if b is not None})
+            }
+            break_even = {str(b): m.to_dict() for b, m in measured.items()}
+            dp.break_even_tokens = measured[dp.budget_tokens].tokens
+            for ov in dp.layer_overrides.values():
+                own = measured[ov["budget_tokens"]].tokens
+                if own != dp.break_even_tokens:
+                    ov["break_even_tokens"] = own
+        else:
+            dp.break_even_tokens = lim.break_even_tokens
+        secs["break_even"] = time.perf_counter() - t0
+        secs["total"] = time.perf_counter() - t_start
     report = DecodeCalibrationReport(
         met_budget=met,
         budget=budget.to_dict(),
@@ -355,5 +449,6 @@ def calibrate_decode(
         new_tokens=lim.new_tokens,
         n_prompts=len(prompts),
         seconds=secs,
+        break_even=break_even,
     )
     return dp, report

@@ -8,7 +8,14 @@ The prompt is prefilled once, densely; after each run the cache is cropped back 
 arms alternate on the same cache (load drift on a shared machine hits both). Each arm can run on
 transformers' `DynamicCache` ("dynamic", what `generate` uses by default) or on a copy of it in
 `PagedCache` ("paged": appends without re-copying the cache). The first step of a run is not timed
-in either arm (the sparse arm builds its page summaries there)."""
+in either arm (the sparse arm builds its page summaries there).
+
+When no layer can decode sparsely during the run (the whole run's cache below the layers' break-even,
+`DecodePlan.break_even_tokens`, or every layer a dense decode layer) and both arms use the same kind
+of cache, the sparse arm runs the dense model's code path exactly (tested), so `compare_decode`
+times the dense arm only and reports the sparse arm as identical: speed-up 1.00 with no interval to
+it, fidelity exact; `extra["identical"]` says so, and `extra["below_break_even"]` whether it is the
+cache length that keeps it dense."""
 
 from __future__ import annotations
 
@@ -152,6 +159,9 @@ def compare_decode(
         raise ValueError(f"caches must be one of {CACHES}, got {dense_cache!r} / {sparse_cache!r}")
     if is_sparsified(model):
         unsparsify(model)
+    n_layers = int(model.config.num_hidden_layers)
+    if dense_cache == sparse_cache and not plan.decode.sparse_at(n_layers, ids.shape[1] + new_tokens):
+        return _dense_only(model, plan, ids, new_tokens, repeats, dense_cache, free_running, progress)
     cache, first = prefill(model, ids)
     caches = {"dynamic": cache}
     if "paged" in (dense_cache, sparse_cache):
@@ -206,15 +216,7 @@ def compare_decode(
     lo, hi = _bootstrap(d_steps, s_steps, seed)
     steps = repeats * new_tokens
     return DecodeComparison(
-        seq_len=int(ids.shape[1]),
-        new_tokens=new_tokens,
-        repeats=repeats,
-        dense_seconds_per_token=d_rep,
-        sparse_seconds_per_token=s_rep,
-        dense_ms_per_token=dm * 1000,
-        sparse_ms_per_token=sm * 1000,
-        dense_tokens_per_s=1.0 / dm,
-        sparse_tokens_per_s=1.0 / sm,
+        **_timings(ids, new_tokens, repeats, (d_rep, s_rep), (dm, sm)),
         speedup=dm / sm,
         speedup_interval=(lo, hi),
         density=kept / cached if cached else 1.0,
@@ -224,7 +226,68 @@ def compare_decode(
         nll_delta=nll_delta,
         greedy_match=match,
         first_divergence=first_div,
-        extra={"dense_cache": dense_cache, "sparse_cache": sparse_cache},
+        extra={
+            "dense_cache": dense_cache,
+            "sparse_cache": sparse_cache,
+            "identical": False,
+            "below_break_even": False,
+            "break_even_tokens": plan.decode.first_break_even(),
+        },
+    )
+
+
+def _timings(ids, new_tokens: int, repeats: int, per_rep: tuple, median_s: tuple) -> dict[str, Any]:
+    """The timing fields of a DecodeComparison: per-repeat means and medians (s) of (dense, sparse)."""
+    dm, sm = median_s
+    return {
+        "seq_len": int(ids.shape[1]),
+        "new_tokens": new_tokens,
+        "repeats": repeats,
+        "dense_seconds_per_token": per_rep[0],
+        "sparse_seconds_per_token": per_rep[1],
+        "dense_ms_per_token": dm * 1000,
+        "sparse_ms_per_token": sm * 1000,
+        "dense_tokens_per_s": 1.0 / dm,
+        "sparse_tokens_per_s": 1.0 / sm,
+    }
+
+
+def _dense_only(
+    model, plan, ids, new_tokens, repeats, cache_kind, free_running, progress
+) -> DecodeComparison:
+    """The comparison for a run in which no layer decodes sparsely: the sparse arm is the dense one."""
+    cache, first = prefill(model, ids)
+    if cache_kind == "paged":
+        cache = as_paged(cache)
+    steps: list[float] = []
+    per_rep: list[float] = []
+    run = None
+    for i in range(repeats):
+        run = run_decode(model, cache, first, new_tokens)
+        steps += run.step_seconds[1:]
+        per_rep.append(statistics.fmean(run.step_seconds[1:]))
+        if progress:
+            progress("decode", i + 1, repeats)
+    assert run is not None
+    dm = statistics.median(steps)
+    return DecodeComparison(
+        **_timings(ids, new_tokens, repeats, (per_rep, per_rep), (dm, dm)),
+        speedup=1.0,
+        speedup_interval=(1.0, 1.0),
+        density=1.0,
+        estimator_share=0.0,
+        kl=0.0,
+        agree=1.0,
+        nll_delta=0.0,
+        greedy_match=1.0 if free_running else None,
+        first_divergence=None,
+        extra={
+            "dense_cache": cache_kind,
+            "sparse_cache": cache_kind,
+            "identical": True,
+            "below_break_even": ids.shape[1] + new_tokens < plan.decode.first_break_even(),
+            "break_even_tokens": plan.decode.first_break_even(),
+        },
     )
 
 

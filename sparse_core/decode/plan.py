@@ -7,7 +7,11 @@ always the first `sink_pages` and the last `local_pages` (the newest page, parti
 one), plus the best-scored pages up to the budget. The budget is a token count (`budget_tokens`) or a
 share of the pages (`density`); `tau` instead keeps the fewest pages whose estimated mass reaches tau,
 capped by the budget when one is set. `layer_overrides` carry the per-layer budgets calibration
-finds; `dense_layers` read the whole cache."""
+finds; `dense_layers` read the whole cache. `break_even_tokens`: below this cache length every decode
+step reads the whole cache through the dense path (no page summaries, no scoring): the per-step cost
+of scoring, selection and the gather is fixed, so at short caches sparse decode is slower than dense;
+calibration measures where it stops being so (sparse_core.decode.break_even), per budget: a layer
+with a smaller budget breaks even sooner (its own value in `layer_overrides`). 0: sparse at any length."""
 
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ from sparse_core.plan import PlanError, check_layers_exist, merged_overrides
 
 # decode page scorers -> the prefill estimator whose trained weights the scorer reads (None: training-free)
 DECODE_ESTIMATORS: dict[str, str | None] = {"quest": None, "gate": "gate"}
-DECODE_OVERRIDE_KEYS = ("budget_tokens", "density", "tau", "estimator")
+DECODE_OVERRIDE_KEYS = ("budget_tokens", "density", "tau", "estimator", "break_even_tokens")
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,7 @@ class DecodeLayerParams:
     tau: float | None
     sink_pages: int
     local_pages: int
+    break_even_tokens: int = 0
 
     def keep_pages(self, n_pages: int) -> int | None:
         """Pages the budget allows out of `n_pages` (sink and local included); None: no budget."""
@@ -55,6 +60,7 @@ class DecodePlan:
     local_pages: int = 2
     layer_overrides: dict[int, dict[str, Any]] = field(default_factory=dict)
     dense_layers: tuple[int, ...] = ()
+    break_even_tokens: int = 0  # cache length below which decode stays dense (0: never)
 
     def __post_init__(self) -> None:
         self.layer_overrides = {int(k): dict(v) for k, v in (self.layer_overrides or {}).items()}
@@ -63,12 +69,18 @@ class DecodePlan:
         ps = self.page_size
         if ps is not None and (not isinstance(ps, int) or isinstance(ps, bool) or ps < 1):
             raise PlanError(f"plan.decode.page_size must be None or an integer >= 1, got {ps!r}")
-        for name in ("sink_pages", "local_pages"):
+        for name in ("sink_pages", "local_pages", "break_even_tokens"):
             v = getattr(self, name)
             low = 1 if name == "local_pages" else 0
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
                 raise PlanError(f"plan.decode.{name} must be an integer >= {low}, got {v!r}")
         for layer, m in merged_overrides("plan.decode", self.layer_overrides, DECODE_OVERRIDE_KEYS, self):
+            be = m["break_even_tokens"]
+            if not isinstance(be, int) or isinstance(be, bool) or be < 0:
+                raise PlanError(
+                    f"plan.decode.layer_overrides[{layer}].break_even_tokens must be an integer >= 0, "
+                    f"got {be!r}"
+                )
             _check(
                 f"plan.decode.layer_overrides[{layer}]",
                 m["estimator"],
@@ -93,7 +105,20 @@ class DecodePlan:
             tau=ov.get("tau", self.tau),
             sink_pages=self.sink_pages,
             local_pages=self.local_pages,
+            break_even_tokens=ov.get("break_even_tokens", self.break_even_tokens),
         )
+
+    def sparse_at(self, n_layers: int, cache_tokens: int) -> bool:
+        """Whether any of `n_layers` layers may decode sparsely with a cache of `cache_tokens`."""
+        return any(
+            i not in self.dense_layers and cache_tokens >= self.layer_params(i, 1).break_even_tokens
+            for i in range(n_layers)
+        )
+
+    def first_break_even(self) -> int:
+        """The shortest cache at which any layer may decode sparsely (below it every layer is dense)."""
+        own = [ov["break_even_tokens"] for ov in self.layer_overrides.values() if "break_even_tokens" in ov]
+        return min([self.break_even_tokens, *own])
 
     def estimators(self) -> set[str]:
         return {self.estimator} | {
@@ -112,6 +137,8 @@ class DecodePlan:
         d = asdict(self)
         d["layer_overrides"] = {str(k): dict(v) for k, v in sorted(self.layer_overrides.items())}
         d["dense_layers"] = list(self.dense_layers)
+        if not self.break_even_tokens:  # absent when 0: plans written before it keep their hash
+            del d["break_even_tokens"]
         return d
 
     @classmethod

@@ -1,7 +1,8 @@
 """Decode kernel: one query token per sequence attends only to selected pages of the KV cache.
 
-The selected pages of each (batch, KV head) are gathered into one contiguous K/V with a single
-`index_select` over token rows; the local window (the newest pages) is read in place. Each part is
+The selected pages of each (batch, KV head) are gathered into one contiguous K/V by `index_select`
+over whole pages (rows of page_size * D values: one index per page, not per token); the local window
+(the newest pages) is read in place. Each part is
 attended with the CPU flash kernel, the query heads of a GQA group stacked as query rows against
 their KV head (no repeat of K/V), and the two partial results are merged exactly by log-sum-exp.
 Keys may be a view into a larger preallocated buffer (sparse_core.decode.cache.PagedCache): rows are
@@ -38,6 +39,61 @@ def page_token_index(pages: torch.Tensor, page_size: int, row_len: int) -> torch
     return (rows + tok).reshape(-1)
 
 
+# above this many (batch, KV head) pairs one token-row index_select beats a per-pair page loop
+MAX_PAGE_LOOP = 16
+
+
+def _page_rows(x: torch.Tensor, page_size: int) -> tuple[torch.Tensor, int] | None:
+    """x [B, H, L, D] -> (a [rows, page_size * D] view of its storage whose rows are whole pages,
+    pages per (b, h)), or None when pages are not rows of the storage."""
+    b, h, _, d = x.shape
+    s0, s1, s2, s3 = x.stride()
+    row = page_size * d
+    if s3 == 1 and s2 == d and s0 == h * s1 and x.storage_offset() == 0 and s1 % row == 0:
+        return x.as_strided((b * h * (s1 // row), row), (row, 1)), s1 // row
+    return None
+
+
+def _page_index(pages: torch.Tensor, per: int) -> torch.Tensor:
+    b, h, _ = pages.shape
+    return (pages + (torch.arange(b * h, device=pages.device) * per).view(b, h, 1)).reshape(-1)
+
+
+def gather_pages(x: torch.Tensor, pages: torch.Tensor, page_size: int) -> torch.Tensor:
+    """x [B, H, L, D] (possibly a view into a larger buffer), pages [B, H, m] of whole pages
+    -> [B, H, m * page_size, D] contiguous: the pages' keys (or values) in the given order."""
+    b, h, length, d = x.shape
+    m = pages.shape[-1]
+    s2, s3 = x.stride()[2:]
+    row = page_size * d
+    rows = _page_rows(x, page_size)
+    if rows is not None:  # whole pages are rows of the storage: one index_select (PagedCache, aligned)
+        flat, per = rows
+        return flat.index_select(0, _page_index(pages, per)).view(b, h, m * page_size, d)
+    if s3 == 1 and s2 == d and b * h <= MAX_PAGE_LOOP:
+        n_full = length // page_size
+        out = torch.empty(b, h, m, row, dtype=x.dtype, device=x.device)
+        for bi in range(b):
+            for hi in range(h):
+                src = x[bi, hi, : n_full * page_size].view(n_full, row)
+                torch.index_select(src, 0, pages[bi, hi], out=out[bi, hi])
+        return out.view(b, h, m * page_size, d)
+    xr, row_len = _rows(x)
+    return xr.index_select(0, page_token_index(pages, page_size, row_len)).view(b, h, m * page_size, d)
+
+
+def gather_kv(
+    k: torch.Tensor, v: torch.Tensor, pages: torch.Tensor, page_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`gather_pages` of keys and values; one index for both when their storage is laid out alike."""
+    rk, rv = _page_rows(k, page_size), _page_rows(v, page_size)
+    if rk is not None and rv is not None and rk[1] == rv[1] and k.shape == v.shape:
+        idx = _page_index(pages, rk[1])
+        shape = (*pages.shape[:2], pages.shape[-1] * page_size, k.shape[-1])
+        return rk[0].index_select(0, idx).view(shape), rv[0].index_select(0, idx).view(shape)
+    return gather_pages(k, pages, page_size), gather_pages(v, pages, page_size)
+
+
 def decode_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -67,13 +123,8 @@ def decode_attention(
     m = pages.shape[-1]
     if m == 0:
         return out_l.reshape(b, hq, 1, d)
-    kr, row_len = _rows(k)
-    vr, v_row_len = _rows(v)
-    idx = page_token_index(pages, page_size, row_len)
-    vidx = idx if v_row_len == row_len else page_token_index(pages, page_size, v_row_len)
     n = m * page_size
-    kg = kr.index_select(0, idx).view(b, hkv, n, d)
-    vg = vr.index_select(0, vidx).view(b, hkv, n, d)
+    kg, vg = gather_kv(k, v, pages, page_size)
     gmask = None
     if key_valid is not None:
         tok = ((pages * page_size)[..., None] + torch.arange(page_size, device=q.device)).view(b, hkv, n)

@@ -74,6 +74,7 @@ def test_use_case_page(seeded: dict[str, Any]) -> None:
     assert "contract-summarisation: treatment quality is within the margin; GO." in body
     assert "owner legal-ops" in body and "MLflow run" in body
     assert {m.label: m.value for m in at.metric}["Speed-up"] == "2.40x [2.10x, 2.70x]"
+    assert "**Decode:** no decode saving at this context length: 544 tokens < break-even 3,072" in body
     assert len(at.get("image")) == 2  # density heatmap + block mask PNGs from the evaluation's artifacts
     assert len(at.get("vega_lite_chart")) == 3  # quality-vs-density, latency, timeline
     at.selectbox(key="uc_name").select("support-chat").run()

@@ -10,6 +10,7 @@ from rollout.roi import (
     DAYS_PER_MONTH,
     RoiInputs,
     compute_roi,
+    decode_outcome,
     payback_days,
     roi_for_spec,
     speedup_interval,
@@ -261,3 +262,61 @@ def test_evaluation_roi_prices_output_tokens_at_the_measured_sparse_decode() -> 
     assert r["effective_speedup"] == pytest.approx((p / 500 + o / 20) / (p / 500 + o / 26))
     assert 0 < r["saved_usd_month_low"] < r["saved_usd_month"] < r["saved_usd_month_high"]
     assert r["decode_from"] == "sparse decode measured side by side"
+    assert r["decode"]["status"] == "measured" and r["decode"]["speedup"] == pytest.approx(1.3)
+    assert flat["decode"]["status"] == "dense"
+
+
+def _decode_section(
+    rows_below: list[bool], speedup: tuple, density: float, break_even: int, context: list
+) -> dict:
+    rows = [{"seq_len": 512, "extra": {"below_break_even": b}} for b in rows_below]
+    names = ("weighted_speedup", "weighted_speedup_low", "weighted_speedup_high")
+    summary = dict(zip(names, speedup, strict=True))
+    summary.update(density=density, break_even_tokens=break_even, context_tokens=context)
+    return {"rows": rows, "summary": summary}
+
+
+def test_decode_line_for_the_roi_reader() -> None:
+    # the worked example with sparse decode: prefill not sped up, so the whole saving is decode's
+    kw = dict(dense_tps=1000.0, speedup=1.0, speedup_low=1.0, speedup_high=1.0, prompt_tokens=1000)
+    fast = compute_roi(_inputs(**kw, decode_tps=50.0, sparse_decode_tps=100.0, sparse_decode_tps_low=75.0))
+    assert fast.decode_saved_usd_month == pytest.approx(338.194444, abs=1e-5) == fast.saved_usd_month
+    both = compute_roi(_inputs(decode_tps=50.0, sparse_decode_tps=100.0))  # prefill 2x as well
+    prefill_only = compute_roi(_inputs(decode_tps=50.0))
+    assert prefill_only.decode_saved_usd_month == 0.0
+    assert both.decode_saved_usd_month == pytest.approx(prefill_only.sparse_usd_month - both.sparse_usd_month)
+    assert 0 < both.decode_saved_usd_month < both.saved_usd_month
+
+    measured = decode_outcome(_decode_section([False, False], (2.0, 1.5, 2.5), 0.25, 768, [1000, 1100]), fast)
+    assert measured["status"] == "measured" and measured["speedup"] == 2.0
+    assert measured["line"] == (
+        "decode: 2.00x [1.50, 2.50] at 1,000-1,100 tokens of context (25% of the cache read): "
+        "saves $338/month"
+    )
+    assert measured["short"] == "2.00x [1.50, 2.50]"
+    mixed = decode_outcome(_decode_section([True, False], (1.2, 1.1, 1.3), 0.6, 3072, [2048, 4160]), fast)
+    assert mixed["line"].endswith("; 1 of 2 lengths are below the break-even (3,072 tokens): dense there")
+
+    # a short-context use case: every measured context below the break-even -> 1.00x, no money either way
+    flat = compute_roi(_inputs(**kw, decode_tps=50.0, sparse_decode_tps=50.0))
+    short = decode_outcome(_decode_section([True, True], (1.0, 1.0, 1.0), 1.0, 3072, [96, 544]), flat)
+    assert short["status"] == "below_break_even" and short["speedup"] == 1.0
+    assert short["saved_usd_month"] == pytest.approx(0.0)
+    assert short["line"] == (
+        "decode: no decode saving at this context length: 544 tokens < break-even 3,072 tokens, "
+        "so decode stays dense (1.00x) and output tokens cost the same"
+    )
+    assert short["short"] == "1.00x (544 < break-even 3,072 tokens)"
+    # a decode section that keeps every layer dense (calibration skipped the search), measured at
+    # contexts past its break-even: identical arms, 1.00x, and the line says why
+    rows = [{"extra": {"identical": True, "below_break_even": False}}]
+    all_dense = decode_outcome(
+        {"rows": rows, "summary": {"break_even_tokens": 4096, "context_tokens": [4200, 4232]}}, flat
+    )
+    assert all_dense["status"] == "dense_layers" and all_dense["speedup"] == 1.0
+    assert all_dense["line"] == (
+        "decode: no decode saving: every layer decodes densely (break-even 4,096 tokens), "
+        "so decode runs at 1.00x and output tokens cost the same"
+    )
+    dense = decode_outcome(None, flat)
+    assert dense["status"] == "dense" and dense["short"] == "dense" and dense["saved_usd_month"] == 0.0

@@ -30,7 +30,12 @@ def test_decode_section_defaults_and_absence(tmp_path):
         2,
         16,
     )
-    assert load_spec(EXAMPLES / "support-chat.yaml").quality_budget.decode is None
+    assert load_spec(EXAMPLES / "support-chat.yaml").quality_budget.decode.prompt_tokens == 512
+    data = yaml.safe_load((EXAMPLES / "docs-qa.yaml").read_text())
+    del data["quality_budget"]["decode"]
+    (tmp_path / "plain.yaml").write_text(yaml.safe_dump(data))
+    (tmp_path / "docs_qa.jsonl").write_bytes((EXAMPLES / "docs_qa.jsonl").read_bytes())
+    assert load_spec(tmp_path / "plain.yaml").quality_budget.decode is None
     assert load_spec(EXAMPLES / "docs-qa.yaml").quality_budget.decode.prompt_tokens == 3072
 
 

@@ -188,8 +188,13 @@ def test_decode_calibration_finds_a_budget_within_a_loose_budget_and_none_within
 
     model, tok = load_model(tiny_llama_dir)
     texts = [sample_text(8000)[i * 2000 : (i + 1) * 2000] for i in range(4)]
-    lim = DecodeLimits(
-        prompt_tokens=512, n_prompts=1, new_tokens=8, budgets=(64, 128, 256), max_joint_checks=3
+    lim = DecodeLimits(  # break-even given: the search itself (tests/.../test_decode_break_even.py)
+        prompt_tokens=512,
+        n_prompts=1,
+        new_tokens=8,
+        budgets=(64, 128, 256),
+        max_joint_checks=3,
+        break_even_tokens=0,
     )
     dp, rep = calibrate_decode(model, tok, texts, "kl=5", limits=lim)
     assert rep.met_budget and dp is not None and rep.fidelity["kl"] <= 5
@@ -244,6 +249,7 @@ def test_calibrate_adds_a_decode_section_when_asked(quality_tiny, quality_texts)
         "new_tokens": 8,
         "budgets": (64, 128),
         "max_joint_checks": 2,
+        "break_even_tokens": 0,
     }
     lim = CalibrationLimits(max_texts=2, max_seq_len=256, taus=(0.9,), max_joint_checks=1, decode=decode)
     plan, report = calibrate(model, tok, quality_texts, "kl=5", limits=lim)
@@ -306,3 +312,27 @@ def test_probe_answers_generated_through_decode(tiny_llama_dir):
 
     r = probe_generation_accuracy(model, tok, [probe(words[0]), probe("zzz-not-said")])
     assert r["accuracy"] == 0.5 and r["n"] == 2 and r["answers"][0].startswith(words[0])
+
+
+@pytest.mark.parametrize(
+    ("b", "h", "length", "cap"),
+    [(1, 3, 301, None), (2, 2, 256, 512), (3, 8, 300, None)],
+    ids=["page-loop", "aligned-buffer", "token-rows"],
+)
+def test_gather_pages_reads_exactly_the_selected_pages(b, h, length, cap):
+    from sparse_core.kernels.decode import gather_kv, gather_pages
+
+    torch.manual_seed(0)
+    ps, d = 16, 8
+    buf = torch.randn(b, h, cap or length, d)
+    k = buf[:, :, :length]  # with cap: a view into a larger buffer, as PagedCache hands it
+    pages = torch.sort(torch.randint(0, length // ps - 2, (b, h, 5)), -1).values
+    out = gather_pages(k, pages, ps)
+    tok = (pages * ps)[..., None] + torch.arange(ps)  # [b, h, 5, ps]
+    ref = torch.gather(k, 2, tok.reshape(b, h, -1, 1).expand(b, h, 5 * ps, d))
+    assert out.shape == (b, h, 5 * ps, d) and out.is_contiguous() and torch.equal(out, ref)
+    v = (buf * 2)[:, :, :length]  # values laid out like the keys: one index for both
+    kg, vg = gather_kv(k, v, pages, ps)
+    assert torch.equal(kg, ref) and torch.equal(vg, 2 * ref)
+    kg, vg = gather_kv(k, v.contiguous() if cap else v[:, :, :-1], pages, ps)  # laid out apart
+    assert torch.equal(kg, ref) and torch.equal(vg, 2 * ref)
