@@ -25,6 +25,15 @@ CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 OVERLOAD_MARGIN_CORES = 0.5
 
 
+def loadavg() -> list[float] | None:
+    """The 1/5/15-minute load averages, rounded (None where the platform has none): the load record
+    every benchmark and measurement writes beside its timings."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def available_cpus() -> float:
     """CPUs this process may use: its affinity mask, capped by a cgroup CPU quota (v2 cpu.max or v1
     cfs_quota_us / cfs_period_us) where one is set."""
@@ -163,17 +172,14 @@ def measure(start: CpuSnapshot, end: CpuSnapshot, *, threads: int | None = None)
     pressure = None
     if start.psi_some_us is not None and end.psi_some_us is not None:
         pressure = min(1.0, (end.psi_some_us - start.psi_some_us) / 1e6 / wall)
-    try:
-        loadavg = tuple(round(x, 2) for x in os.getloadavg())
-    except OSError:
-        loadavg = None
-    busy = others if others is not None else (loadavg[0] if loadavg else 0.0)
+    load = loadavg()
+    busy = others if others is not None else (load[0] if load else 0.0)
     return HostLoad(
         cpus=cpus,
         threads=threads,
         seconds=wall,
         others_busy_cores=None if others is None else round(others, 3),
         cpu_pressure=None if pressure is None else round(pressure, 3),
-        loadavg=loadavg,  # type: ignore[arg-type]
+        loadavg=tuple(load) if load else None,  # type: ignore[arg-type]
         overloaded=busy + threads > cpus + OVERLOAD_MARGIN_CORES,
     )

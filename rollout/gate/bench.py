@@ -17,12 +17,9 @@ import pandas as pd
 from rollout.gate.decide import decide
 from rollout.gate.settings import GateSettings
 from rollout.gate.simulation import DESIGNS, SCORE_MODELS, simulate
+from sparse_core.host import loadavg
 
 BENCH_SETTINGS = GateSettings(alpha=0.05, margin=0.03, min_samples_per_arm=100, latency_slo_ms=2000.0)
-
-
-def _loadavg() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
 
 
 def observations(n_rows: int, mode: str, seed: int = 0) -> pd.DataFrame:
@@ -53,7 +50,7 @@ def time_decide(
     repeats: int = 3,
 ) -> dict[str, Any]:
     rows = []
-    load_before = _loadavg()
+    load_before = loadavg()
     for mode in modes:
         for n in sizes:
             df = observations(n, mode)
@@ -78,7 +75,7 @@ def time_decide(
         "rows": rows,
         "environment": {
             "loadavg_before": load_before,
-            "loadavg_after": _loadavg(),
+            "loadavg_after": loadavg(),
             "cpu_count": os.cpu_count(),
         },
     }
@@ -118,7 +115,7 @@ def simulation_table(
         for n in per_look
     ]
     rows: list[dict[str, Any]] = []
-    load_before = _loadavg()
+    load_before = loadavg()
     with ProcessPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
         for row in pool.map(_scenario, jobs):
             rows.append(row)
@@ -129,7 +126,7 @@ def simulation_table(
         "rows": rows,
         "environment": {
             "loadavg_before": load_before,
-            "loadavg_after": _loadavg(),
+            "loadavg_after": loadavg(),
             "cpu_count": os.cpu_count(),
         },
     }

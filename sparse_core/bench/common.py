@@ -12,12 +12,7 @@ from typing import Any
 
 import torch
 
-
-def loadavg() -> list[float]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return []
+from sparse_core.host import loadavg
 
 
 def environment(load_before: list[float] | None = None) -> dict[str, Any]:

@@ -26,6 +26,7 @@ import torch
 
 from sparse_core.bench.common import pyplot, save_figure
 from sparse_core.estimators import KINDS, available_estimators
+from sparse_core.host import loadavg
 
 
 def default_specs() -> tuple[str, ...]:
@@ -82,14 +83,6 @@ def _time_prefill(model, ids: Sequence[int]) -> float:
         return time.perf_counter() - t0
 
 
-def _loadavg() -> str | None:
-    try:
-        with open("/proc/loadavg") as fh:
-            return " ".join(fh.read().split()[:3])
-    except OSError:
-        return None
-
-
 def _ratios(rows: list[dict]) -> None:
     """best training-free density / row density, among rows that met the budget."""
     training_free = available_estimators("training-free")
@@ -110,7 +103,7 @@ def run_quality_bench(
     from sparse_core.fidelity import dense_reference, measure_fidelity
 
     t_all = time.perf_counter()
-    load_before = _loadavg()
+    load_before = loadavg()
     model, tok = load_model(settings.model)
     cal_texts = corpus_texts("calibration", seed=settings.seed)
     held_texts = corpus_texts("heldout", seed=settings.seed)
@@ -229,7 +222,7 @@ def run_quality_bench(
         "device": str(next(model.parameters()).device),
         "torch_threads": torch.get_num_threads(),
         "loadavg_before": load_before,
-        "loadavg_after": _loadavg(),
+        "loadavg_after": loadavg(),
         "by_length": by_length,
         "usecases": usecases,
         "seconds": time.perf_counter() - t_all,

@@ -30,6 +30,7 @@ from sparse_core.decode.attention import sparse_decode_step
 from sparse_core.decode.pages import sync
 from sparse_core.decode.plan import DecodeLayerParams
 from sparse_core.decode.scoring import local_start
+from sparse_core.host import loadavg
 
 LENGTHS = (256, 512, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384)
 MIN_RATIO = 1.05  # a sparse step must be this much faster to count: timing noise is not a saving
@@ -76,15 +77,6 @@ def break_even_from(rows: list[BreakEvenRow], min_ratio: float = MIN_RATIO) -> t
     return at, True
 
 
-def _loadavg() -> list[float] | None:
-    try:
-        import os
-
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
 @torch.inference_mode()
 def measure_break_even(
     plan: Any,
@@ -106,7 +98,7 @@ def measure_break_even(
     params = replace(params, break_even_tokens=0, dense=False)
     gen = torch.Generator().manual_seed(seed)
     ps = params.page_size
-    load = _loadavg()
+    load = loadavg()
     rows: list[BreakEvenRow] = []
     for length in sorted(set(int(x) for x in lengths)):
         if length < 2 * ps:
