@@ -7,7 +7,8 @@ retrieval answer in a dropped passage), and a sample of quiet rows has a tiny sp
 next to the mean (measured on docs-qa: calibration rows -0.0002, t limit 0.0064, held-out rows 0.098).
 
 This module tests H0: E[d] >= m by betting (Waudby-Smith & Ramdas 2023, "Estimating means of bounded
-random variables by betting"): the capital ``K_t(m) = prod_i (1 + lambda_i (m - d_i))`` with
+random variables by betting"; the math is `sparse_core.betting`, the same code as the pilot's gate):
+the capital ``K_t(m) = prod_i (1 + lambda_i (m - d_i))`` with
 predictable bets ``0 <= lambda_i <= trunc / (hi - m)`` is a non-negative supermartingale under H0, so
 by Ville's inequality ``P(max_t K_t(m) >= 1/alpha) <= alpha`` for every distribution on [lo, hi]. The
 upper bound is the smallest m whose H0 is rejected. The bets are the aGRAPA bets tuned to the bound
@@ -23,6 +24,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+
+import numpy as np
+
+from sparse_core import betting
 
 ALPHA = 0.05
 TRUNCATION = 0.9  # largest share of the capital one bet may risk
@@ -41,27 +46,8 @@ def _check(drops: Sequence[float], lo: float, hi: float, alpha: float) -> list[f
     return [min(max(x, lo), hi) for x in out]
 
 
-def bets(drops: Sequence[float], m0: float) -> list[float]:
-    """Predictable aGRAPA bets against H0: E[d] >= m0, one per row (each uses only the rows before it)."""
-    out = []
-    n, s, s2 = 1.0, PRIOR_MEAN, PRIOR_VAR + PRIOR_MEAN**2
-    for x in drops:
-        mean = s / n
-        var = max(s2 / n - mean * mean, 1e-12)
-        edge = m0 - mean
-        out.append(max(edge / (var + edge * edge), 0.0))
-        n, s, s2 = n + 1.0, s + x, s2 + x * x
-    return out
-
-
-def peak_log_capital(drops: Sequence[float], lam: Sequence[float], m: float, hi: float = 1.0) -> float:
-    """max over t of log K_t(m) (0 before any row). Non-decreasing in m for fixed bets."""
-    room = max(hi - m, 1e-12)
-    logk = peak = 0.0
-    for x, b in zip(drops, lam, strict=True):
-        logk += math.log1p(min(b, TRUNCATION / room) * (m - x))
-        peak = max(peak, logk)
-    return peak
+def _stream(drops: list[float], lo: float, hi: float) -> betting.Stream:
+    return betting.Stream(np.asarray(drops, dtype=float), lo, hi, TRUNCATION)
 
 
 def rejects(
@@ -69,7 +55,12 @@ def rejects(
 ) -> bool:
     """True when the rows reject H0: E[drop] >= m0 at level alpha (the mean drop is certified < m0)."""
     d = _check(drops, lo, hi, alpha)
-    return peak_log_capital(d, bets(d, m0), m0, hi) >= math.log(1.0 / alpha)
+    if not d:
+        return False
+    crossed, _ = betting.rejects(
+        _stream(d, lo, hi), m0, "upper", alpha, prior_mean=PRIOR_MEAN, prior_var=PRIOR_VAR
+    )
+    return bool(crossed)
 
 
 def drop_upper_bound(
@@ -83,30 +74,16 @@ def drop_upper_bound(
     """The one-sided (1 - alpha) upper confidence bound on the mean drop, valid for any distribution on
     [lo, hi] and any number of rows (``hi`` when the rows reject nothing below it). ``m0``: the value
     the bets are tuned to (the bound being certified; default: the rows' mean + 0.05), where the bound
-    is tightest. ``drop_upper_bound(d, m0=b) < b`` exactly when ``rejects(d, b)``, up to 1e-4."""
+    is tightest. ``drop_upper_bound(d, m0=b) < b`` exactly when ``rejects(d, b)``, up to the
+    root-finder's tolerance."""
     d = _check(drops, lo, hi, alpha)
     if not d:
         return hi
     if m0 is None:
         m0 = min(hi, sum(d) / len(d) + 0.05)
-    lam = bets(d, m0)
-    target = math.log(1.0 / alpha)
-
-    def rejected(m: float) -> bool:
-        return peak_log_capital(d, lam, m, hi) >= target
-
-    a, b = lo, hi
-    if not rejected(b - 1e-9):
-        return hi
-    if rejected(a):
-        return lo
-    while b - a > 1e-4:  # invariant: a not rejected, b rejected (the capital rises with m)
-        mid = (a + b) / 2
-        if rejected(mid):
-            b = mid
-        else:
-            a = mid
-    return b
+    return betting.confidence_bound(
+        _stream(d, lo, hi), m0, "upper", alpha, prior_mean=PRIOR_MEAN, prior_var=PRIOR_VAR, span=(lo, hi)
+    )
 
 
 def rows_to_certify(
@@ -128,4 +105,4 @@ def rows_to_certify(
     return b
 
 
-__all__ = ["ALPHA", "bets", "drop_upper_bound", "peak_log_capital", "rejects", "rows_to_certify"]
+__all__ = ["ALPHA", "drop_upper_bound", "rejects", "rows_to_certify"]
