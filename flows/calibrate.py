@@ -25,8 +25,6 @@ from flows.common import (
 from rollout import registry, runs
 from sparse_core.errors import SparsePilotError
 
-BASELINE_REASON = "dense baseline: the model as it served before any sparse plan"
-
 
 class CalibrationFailed(SparsePilotError, RuntimeError):
     pass
@@ -127,36 +125,14 @@ def register_challenger(
     ctx: UseCaseContext, run_pk: int, plan: Any, report: dict[str, Any], mlflow_run_id: str
 ) -> dict[str, Any]:
     """Register the plan's model version (+ the dense baseline once) and point `challenger` at it."""
-    from sparse_core import SparsePlan
-
-    mv = registry.register_version(
+    mv, move = registry.register_challenger(
         ctx.name,
         plan,
         ctx.spec.model,
         run_id=mlflow_run_id,
-        actor=registry.SYSTEM_PIPELINE,
+        n_layers=len(report.get("layer_density") or []) or None,
         density=report.get("density"),
-    )
-    n_layers = len(report.get("layer_density") or []) or None
-    if n_layers:
-        baseline = SparsePlan(
-            block_size=plan.block_size,
-            estimator="pooled",
-            tau=1.0,
-            dense_layers=tuple(range(n_layers)),
-            metadata={"baseline": "dense", "note": BASELINE_REASON},
-        )
-        if baseline.content_hash() != plan.content_hash():
-            registry.register_version(
-                ctx.name, baseline, ctx.spec.model, actor=registry.SYSTEM_PIPELINE, density=1.0
-            )
-    move = registry.set_alias(
-        ctx.name,
-        "challenger",
-        model_version_id=mv.id,
-        actor=registry.SYSTEM_PIPELINE,
-        reason=f"calibrated to the quality budget (density {report.get('density', float('nan')):.3f})",
-        idempotency_key=f"challenger:{mv.id}:calibration:{run_pk}",
+        calibration_run=run_pk,
     )
     runs.calibration_succeeded(
         ctx.name,

@@ -237,6 +237,49 @@ def register_version(
         return row
 
 
+BASELINE_REASON = "dense baseline: the model as it served before any sparse plan"
+
+
+def register_challenger(
+    use_case: str,
+    plan: Any,
+    base_model_ref: str,
+    *,
+    run_id: str | None,
+    n_layers: int | None,
+    density: float | None,
+    calibration_run: int,
+) -> tuple[ModelVersion, AliasMove]:
+    """Register a calibrated plan's version and point `challenger` at it. The dense baseline (every
+    layer dense, the model as it served before any sparse plan) is registered beside it once, so a
+    rollback after the first promotion has a version to return to."""
+    from sparse_core import SparsePlan
+
+    mv = register_version(
+        use_case, plan, base_model_ref, run_id=run_id, actor=SYSTEM_PIPELINE, density=density
+    )
+    if n_layers:
+        baseline = SparsePlan(
+            block_size=plan.block_size,
+            estimator="pooled",
+            tau=1.0,
+            dense_layers=tuple(range(n_layers)),
+            metadata={"baseline": "dense", "note": BASELINE_REASON},
+        )
+        if baseline.content_hash() != plan.content_hash():
+            register_version(use_case, baseline, base_model_ref, actor=SYSTEM_PIPELINE, density=1.0)
+    shown = float("nan") if density is None else density
+    move = set_alias(
+        use_case,
+        "challenger",
+        model_version_id=mv.id,
+        actor=SYSTEM_PIPELINE,
+        reason=f"calibrated to the quality budget (density {shown:.3f})",
+        idempotency_key=f"challenger:{mv.id}:calibration:{calibration_run}",
+    )
+    return mv, move
+
+
 def _version_row(
     use_case: str,
     plan_dict: dict[str, Any],
