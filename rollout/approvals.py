@@ -104,6 +104,40 @@ def check_approvable(session: Any, d: GateDecision) -> None:
         )
 
 
+def check_decision_of(use_case: str, decision_id: int, *, db_url: str | None = None) -> None:
+    """Refuse a decision id that is not one of this use case's decisions (ApprovalError; an unknown use
+    case is UnknownUseCase)."""
+    from rollout.pilots import get_use_case
+
+    with session_scope(db_url) as session:
+        uc = get_use_case(session, use_case)
+        d = session.get(GateDecision, decision_id)
+        if d is None or d.use_case_id != uc.id:
+            raise ApprovalError(f"decision {decision_id} does not belong to use case {use_case!r}")
+
+
+def unfinished_promotion(decision_id: int, *, db_url: str | None = None) -> int | None:
+    """The approval behind a promotion that was approved but did not complete (e.g. MLflow was down):
+    its id, so the promotion can be finished, or None when the decision still needs a person's
+    approval. A decision that asks for a rollback is not promoted on (ApprovalError)."""
+    with session_scope(db_url) as session:
+        d = session.get(GateDecision, decision_id)
+        if d is None:
+            raise ApprovalError(f"no decision {decision_id}")
+        if d.awaiting == "rollback_approval":
+            raise ApprovalError(
+                f"decision {decision_id} asks for a rollback; "
+                "use `sparsepilot approve` or `sparsepilot rollback`"
+            )
+        approval = session.scalar(
+            select(Approval.id)
+            .where(Approval.decision_id == d.id, Approval.action == "approve")
+            .order_by(Approval.id.desc())
+        )
+        phase = session.get(UseCase, d.use_case_id).phase
+        return approval if d.resolution == "approved" and phase != "promoted" else None
+
+
 def override_signatures(session: Any, decision_id: int, action: str) -> list[Approval]:
     """The signatures already given to `action` the decision against the gate's recommendation."""
     return list(

@@ -26,7 +26,7 @@ from rollout.db.models import (
     utcnow,
 )
 from rollout.lifecycle import set_phase
-from rollout.usecases import UnknownUseCase
+from rollout.usecases import get_use_case  # noqa: F401 - callers ask pilots for the row; one implementation
 from sparse_core.errors import SparsePilotError
 
 OBSERVATION_FIELDS = ("request_id", "arm", "quality", "latency_ms", "tokens", "error", "overloaded")
@@ -39,16 +39,6 @@ class PilotStateError(SparsePilotError, RuntimeError):
 
 
 # --- lookups ---------------------------------------------------------------------------------------
-
-
-def get_use_case(session: Session, name: str) -> UseCase:
-    uc = session.scalar(select(UseCase).where(UseCase.name == name))
-    if uc is None:
-        known = ", ".join(session.scalars(select(UseCase.name).order_by(UseCase.name))) or "none yet"
-        raise UnknownUseCase(
-            f"unknown use case {name!r} (known: {known}); add it with `sparsepilot usecase add`"
-        )
-    return uc
 
 
 def current_spec_version(session: Session, use_case: UseCase) -> SpecVersion:

@@ -355,7 +355,7 @@ def list_usecases(url: str | None = None) -> list[dict[str, Any]]:
 
 def show_usecase(name: str, *, version: int | None = None, url: str | None = None) -> dict[str, Any]:
     with session_scope(url) as s:
-        uc = _get(s, name)
+        uc = get_use_case(s, name)
         versions = list(
             s.scalars(
                 select(SpecVersion).where(SpecVersion.use_case_id == uc.id).order_by(SpecVersion.version)
@@ -410,7 +410,7 @@ def names(url: str | None = None) -> list[str]:
 def phase_of(name: str, url: str | None = None) -> str:
     """The use case's phase (rollout.lifecycle)."""
     with session_scope(url) as s:
-        return _get(s, name).phase
+        return get_use_case(s, name).phase
 
 
 def schedules(wanted: list[str] | None = None, url: str | None = None) -> list[dict[str, Any]]:
@@ -432,18 +432,27 @@ def schedules(wanted: list[str] | None = None, url: str | None = None) -> list[d
     return out
 
 
-def _get(s: Any, name: str) -> UseCase:
+def get_use_case(s: Any, name: str) -> UseCase:
+    """The use case row by name; UnknownUseCase naming the known ones otherwise."""
     uc = s.scalar(select(UseCase).where(UseCase.name == name))
     if uc is None:
         known = ", ".join(s.scalars(select(UseCase.name).order_by(UseCase.name))) or "none yet"
-        raise UnknownUseCase(f"no use case named {name!r} (known: {known})")
+        raise UnknownUseCase(
+            f"unknown use case {name!r} (known: {known}); add it with `sparsepilot usecase add`"
+        )
     return uc
+
+
+def require_use_case(name: str, *, url: str | None = None) -> None:
+    """UnknownUseCase unless `name` is a use case."""
+    with session_scope(url) as s:
+        get_use_case(s, name)
 
 
 def load_spec_version(name: str, version: int | None = None, *, url: str | None = None) -> LoadedSpec:
     """The stored spec (current version unless given), re-validated into a UseCaseSpec."""
     with session_scope(url) as s:
-        uc = _get(s, name)
+        uc = get_use_case(s, name)
         wanted = version or uc.current_spec_version
         sv = s.scalar(
             select(SpecVersion).where(SpecVersion.use_case_id == uc.id, SpecVersion.version == wanted)

@@ -164,24 +164,16 @@ def gate_cmd(name: Annotated[str, typer.Argument(help="use case NAME")], json_ou
 
 def _require_use_case(name: str) -> None:
     """Refuse an unknown use case before a flow run starts (its failure would be a logged traceback)."""
-    from rollout import pilots
-    from rollout.db.session import session_scope
+    from rollout.usecases import require_use_case
 
     _require_db()
-    with session_scope() as session:
-        pilots.get_use_case(session, name)
+    require_use_case(name)
 
 
 def _check_decision(name: str, decision_id: int) -> None:
-    from rollout import pilots
-    from rollout.db.models import GateDecision
-    from rollout.db.session import session_scope
+    from rollout.approvals import check_decision_of
 
-    with session_scope() as session:
-        uc = pilots.get_use_case(session, name)
-        d = session.get(GateDecision, decision_id)
-        if d is None or d.use_case_id != uc.id:
-            fail(f"decision {decision_id} does not belong to use case {name!r}")
+    check_decision_of(name, decision_id)
 
 
 @app.command("approve")
@@ -225,28 +217,11 @@ def promote_cmd(
     who = signed_in("approver", f"promote on decision {decision}", password_stdin)
 
     def go() -> dict[str, Any]:
-        from sqlalchemy import select
-
-        from rollout.db.models import Approval, GateDecision, UseCase
-        from rollout.db.session import session_scope
+        from rollout.approvals import unfinished_promotion
 
         _check_decision(name, decision)
-        with session_scope() as session:
-            d = session.get(GateDecision, decision)
-            uc = session.get(UseCase, d.use_case_id)
-            if d.awaiting == "rollback_approval":
-                fail(
-                    f"decision {decision} asks for a rollback; "
-                    "use `sparsepilot approve` or `sparsepilot rollback`"
-                )
-            approval = session.scalar(
-                select(Approval)
-                .where(Approval.decision_id == d.id, Approval.action == "approve")
-                .order_by(Approval.id.desc())
-            )
-            unfinished = d.resolution == "approved" and uc.phase != "promoted" and approval is not None
-            approval_id = approval.id if approval else None
-        if unfinished:
+        approval_id = unfinished_promotion(decision)
+        if approval_id is not None:
             return promote_flow(decision_id=decision, approval_id=approval_id, reason=reason, actor=who.name)
         return approve_decision(decision, who, reason)
 

@@ -261,7 +261,7 @@ def test_commands_refuse_an_uninitialised_db(tmp_path: Path, monkeypatch: pytest
     assert json.loads(res.stdout)["revision"] == migrate.current_revision()
     assert cli("usecase", "list", "--json").stdout.strip() == "[]"
     res = cli("usecase", "show", "nope")
-    assert res.exit_code == 2 and "no use case named 'nope'" in res.stderr
+    assert res.exit_code == 2 and "unknown use case 'nope'" in res.stderr
 
 
 @pytest.mark.postgres

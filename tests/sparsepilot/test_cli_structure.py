@@ -40,7 +40,7 @@ def test_a_sparsepilot_error_from_any_command_is_one_line_and_exit_2(sp_home) ->
     runner = CliRunner()
     res = runner.invoke(app, ["usecase", "show", "no-such-case"])  # UseCaseError, from rollout
     assert res.exit_code == 2, res.output
-    assert res.output.startswith("error: no use case named 'no-such-case'")
+    assert res.output.startswith("error: unknown use case 'no-such-case'")
     assert "Traceback" not in res.output
     res = runner.invoke(app, ["gate", "no-such-case"])  # UnknownUseCase, via the pipeline commands
     assert res.exit_code == 2, res.output
