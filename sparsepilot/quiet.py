@@ -30,8 +30,12 @@ THIRD_PARTY = (
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+_installed: list[logging.Handler] = []  # the handler of this process's current log file
+
+
 def to_log_file(home: Path, command: str) -> Path:
-    """Route warnings and third-party logs to a new log file under `home/logs`; returns its path."""
+    """Route warnings and third-party logs to a new log file under `home/logs`; returns its path. A
+    second call in the same process (commands run in-process, e.g. by tests) replaces the first file."""
     logs = home / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     path = logs / f"{command}-{dt.datetime.now(dt.UTC).strftime('%Y%m%dT%H%M%SZ')}.log"
@@ -41,11 +45,18 @@ def to_log_file(home: Path, command: str) -> Path:
     logging.captureWarnings(True)  # warnings.warn -> the "py.warnings" logger
     for name in (*THIRD_PARTY, "sparsepilot"):
         lg = logging.getLogger(name)
+        for old in _installed:
+            lg.removeHandler(old)
         lg.addHandler(handler)
-        if lg.level == logging.NOTSET or lg.level > logging.INFO:
+        # torch keeps its own stderr handler: at INFO its compile/exit statistics would reach the
+        # console (or a closed stream at exit), so torch stays at its WARNING
+        if name != "torch" and (lg.level == logging.NOTSET or lg.level > logging.INFO):
             lg.setLevel(logging.INFO)
     logging.getLogger("py.warnings").propagate = False  # never Python's last-resort stderr handler
     _mlflow_to(handler)
+    for old in _installed:
+        old.close()
+    _installed[:] = [handler]
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")
     try:
@@ -78,6 +89,21 @@ def _mlflow_to(handler: logging.Handler) -> None:
 
     logging_utils.MLFLOW_LOGGING_STREAM.write = write  # type: ignore[method-assign]
     logging_utils.MLFLOW_LOGGING_STREAM.flush = lambda: None  # type: ignore[method-assign]
+
+
+def for_command(command: str, *, say_where: bool = True) -> Path:
+    """`to_log_file` for a command that loads models or runs flows (calibrate, evaluate, pilot, bench):
+    the console keeps the command's own output; the log file's path is said on stderr (not with
+    --json, whose stdout is the JSON)."""
+    from rich.console import Console
+
+    from rollout.settings import get_settings
+
+    path = to_log_file(get_settings().home, command)
+    if say_where:
+        err = Console(stderr=True, soft_wrap=True)
+        err.print(f"log file (warnings and library output): {path}", highlight=False)
+    return path
 
 
 def progress_logger() -> logging.Logger:

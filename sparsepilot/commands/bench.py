@@ -30,6 +30,13 @@ def _json_flag(help: str) -> Any:
 app = typer.Typer(no_args_is_help=True, help="Benchmarks: print a table and write JSON.")
 
 
+def _log_to_file(benchmark: str) -> None:
+    """Model benchmarks: library warnings and weight-loading bars go to a log file, not the tables."""
+    from sparsepilot.quiet import for_command
+
+    for_command(f"bench-{benchmark}")
+
+
 @app.command("dashboard")
 def bench_dashboard(
     use_cases: int = typer.Option(200, "--use-cases", help="Use cases to seed."),
@@ -142,7 +149,7 @@ def bench_quality(
 ) -> None:
     """Every block estimator at the same budget: density reached, held-out KL / agreement, prefill
     speed-up, ratio vs the best training-free estimator; per use case the task-score delta."""
-
+    _log_to_file("quality")
     from rich.progress import Progress
 
     from sparse_core import PlanError
@@ -267,7 +274,7 @@ def bench_attention(
     json_out: Annotated[bool, _json_flag("Print the JSON after the table.")] = False,
 ) -> None:
     """One SmolLM2-shaped attention layer: dense SDPA vs sparse kernels at ~5/10/25/50% density."""
-
+    _log_to_file("attention")
     from sparse_core.bench import attention as bench
     from sparsepilot.console import emit_json, fail, print_table
 
@@ -312,7 +319,7 @@ def bench_prefill(
 ) -> None:
     """End-to-end prefill of a real model on natural English: dense SDPA vs sparse (pooled) at a
     few tau, speed-up in the same table as next-token KL, top-1 agreement and delta NLL."""
-
+    _log_to_file("prefill")
     from sparse_core.bench import prefill as bench
     from sparsepilot.console import emit_json, fail, print_table
 
@@ -397,7 +404,7 @@ def bench_decode(
     """Sparse decode: one attention layer at 16k/32k cached tokens, and SmolLM2 end to end, dense vs
     sparse ms per generated token side by side, with density, estimator share and the fidelity of the
     generated tokens."""
-
+    _log_to_file("decode")
     import torch
 
     from sparse_core import ModelRefError, PlanError

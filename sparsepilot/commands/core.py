@@ -200,6 +200,9 @@ def calibrate_cmd(
     your texts; writes PLAN/ (plan.json, gate weights, plan.sha256, calibration_report.json). With
     --dataset the budget may bound the task score (task=...): measured on the calibration split of
     the rows, then reported on the held-out split."""
+    from sparsepilot.quiet import for_command
+
+    for_command("calibrate", say_where=not json_out)
     if _use_case_form(use_case, {"--model": model, "--texts": texts, "--out": out}):
         from sparsepilot.commands.pipeline import calibrate_use_case
 
@@ -357,6 +360,9 @@ def evaluate_cmd(
 
     Standalone form (--model --plan, no NAME): evaluate a plan against the dense model: fidelity,
     probes, task scores, speed."""
+    from sparsepilot.quiet import for_command
+
+    for_command("evaluate", say_where=not json_out)
     if _use_case_form(use_case, {"--model": model, "--plan": plan}):
         from sparsepilot.commands.pipeline import evaluate_use_case
 

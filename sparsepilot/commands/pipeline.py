@@ -131,6 +131,9 @@ def pilot_cmd(
             return
         say(f"{name}: pilot {out['pilot_id']} aborted; closed decisions: {out['closed_decisions'] or 'none'}")
         return
+    from sparsepilot.quiet import for_command
+
+    for_command("pilot", say_where=not json_out)
     if observations:  # a database import, no model work: not a flow run
         result = _run(
             lambda: import_observations(name, observations, external_assignment=external_assignment)
