@@ -361,6 +361,41 @@ def _quantile_level(key: str) -> float:
     return float(_QUANTILE_KEY.match(key).group(1)) / 100  # type: ignore[union-attr]
 
 
+def spec_warnings(spec: UseCaseSpec) -> list[tuple[str, str]]:
+    """What is valid but will not do what the owner probably expects, as (field, message): a guardrail
+    ceiling whose breach at DETECT_FACTOR x the ceiling the gate cannot stop with DETECT_POWER within the
+    rows the pilot's steps plan (the largest `min_samples` of the shadow step and the ramp steps; the
+    guardrails judge each step's own treatment rows). Exact (`rollout.gate.power`), not simulated."""
+    from rollout.gate.power import DETECT_FACTOR, DETECT_POWER, neyman_pearson_rows, rows_to_detect
+
+    steps = [("rollout.shadow", spec.rollout.shadow.min_samples)]
+    steps += [(f"rollout.steps[{i}]", s.min_samples) for i, s in enumerate(spec.rollout.steps)]
+    where, planned = max(steps, key=lambda s: s[1])
+    guard = spec.gate.guardrails
+    out = []
+    for name, ceiling in (
+        ("max_error_rate", guard.max_error_rate),
+        ("max_latency_exceedance", guard.max_latency_exceedance),
+    ):
+        breach = DETECT_FACTOR * ceiling
+        if breach >= 1:  # no rate can be that far above the ceiling
+            continue
+        need = rows_to_detect(ceiling, DETECT_FACTOR, DETECT_POWER, spec.gate.alpha)
+        if need is not None and need <= planned:
+            continue
+        floor = neyman_pearson_rows(ceiling, DETECT_FACTOR, DETECT_POWER, spec.gate.alpha)
+        after = f"~{need:,}" if need is not None else "more than 1,000,000"
+        out.append(
+            (
+                f"gate.guardrails.{name}",
+                f"{ceiling:g} — a breach at {DETECT_FACTOR:g}x ({100 * breach:.3g}%) is stopped with "
+                f"{DETECT_POWER:.0%} power only after {after} treatment rows (no test can before "
+                f"~{floor:,}); this pilot's steps plan at most {planned} ({where}.min_samples)",
+            )
+        )
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------
 # Loading
 

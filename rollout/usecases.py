@@ -26,7 +26,7 @@ from rollout import audit
 from rollout.db.models import AuditEntry, SpecVersion, UseCase
 from rollout.db.session import session_scope
 from rollout.settings import get_settings
-from rollout.spec import SpecError, UseCaseSpec, load_spec, parse_spec
+from rollout.spec import SpecError, UseCaseSpec, load_spec, parse_spec, spec_warnings
 from rollout.validation import ValidationResult, token_counter_for, validate_dataset
 from sparse_core.errors import SparsePilotError
 
@@ -146,6 +146,7 @@ def check_spec_file(path: Path | str) -> CheckedSpec:
         token_source=counted_by,
     )
     result.raise_for_failures()
+    result.warnings.extend(f"{field}: {message}" for field, message in spec_warnings(spec))
     sha = _sha256(dataset)
     return CheckedSpec(
         spec=spec,

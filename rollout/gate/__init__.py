@@ -5,6 +5,7 @@ One idea per module:
 * `sequences`  - the math: anytime-valid confidence sequences for bounded means, by betting;
 * `quality`    - the step's observations as a bounded stream, and the GO / futility tests on it;
 * `guardrails` - guardrails as data (named checks) judged by the same kind of sequential test;
+* `power`      - the exact power of the guardrails' rate test (what a ceiling can detect);
 * `planning`   - planned (simulated) and projected sample sizes;
 * `inputs`     - what the gate accepts (never raises on bad data), the fingerprint, the SRM test;
 * `evidence`   - GateHistory, QualityEvidence, Decision (stored verbatim as the decision's evidence);

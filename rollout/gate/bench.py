@@ -4,6 +4,7 @@ prints the table and writes the JSON. Timings come with the host's load, measure
 
 from __future__ import annotations
 
+import itertools
 import os
 import statistics
 import time
@@ -15,6 +16,15 @@ import numpy as np
 import pandas as pd
 
 from rollout.gate.decide import decide
+from rollout.gate.power import (
+    Mixture,
+    neyman_pearson_power,
+    neyman_pearson_rows,
+    rows_to_detect,
+    stop_boundary,
+    stop_probability,
+)
+from rollout.gate.sequences import RATE_MIXTURE
 from rollout.gate.settings import GateSettings
 from rollout.gate.simulation import DESIGNS, SCORE_MODELS, simulate
 from sparse_core.host import loadavg
@@ -129,4 +139,116 @@ def simulation_table(
             "loadavg_after": loadavg(),
             "cpu_count": os.cpu_count(),
         },
+    }
+
+
+# ---------------------------------------------------------------- guardrails: exact, no simulation
+
+GUARDRAIL_ROWS = 200  # treatment rows by which a breach at 2.5 x the ceiling should be stopped (issue 10)
+FALSE_STOP_ROWS = 1000  # horizon of the time-uniform false-stop check
+
+
+def guardrail_table(
+    checks: Sequence[tuple[str, float]] = (
+        ("error rate", 0.01),
+        ("error rate", 0.02),
+        ("error rate", 0.05),
+        ("error rate", 0.10),
+        ("latency over SLO (p95)", 0.05),
+    ),
+    alpha: float = 0.05,
+    mixture: Mixture = RATE_MIXTURE,
+) -> list[dict[str, Any]]:
+    """For each rate check and ceiling c, exactly (`rollout.gate.power`): the power at 1.5 c / 2.5 c / 4 c by
+    GUARDRAIL_ROWS rows, the time-uniform false stop at c / 2 and c within FALSE_STOP_ROWS rows, the rows
+    needed for 95% at 2.5 c (this test, and the floor no test can beat), and the Neyman-Pearson bound."""
+    rows = []
+    for name, c in checks:
+        short = stop_boundary(c, GUARDRAIL_ROWS, alpha, mixture)
+        long = stop_boundary(c, FALSE_STOP_ROWS, alpha, mixture)
+        power = stop_probability(short, np.array([1.5 * c, 2.5 * c, 4.0 * c]))[:, -1]
+        false = stop_probability(long, np.array([c / 2, c]))[:, -1]
+        rows.append(
+            {
+                "check": name,
+                "ceiling": c,
+                "power_1.5x": float(power[0]),
+                "power_2.5x": float(power[1]),
+                "power_4x": float(power[2]),
+                "false_stop_half": float(false[0]),
+                "false_stop_at": float(false[1]),
+                "rows_for_95": rows_to_detect(c, 2.5, 0.95, alpha, mixture),
+                "fewest_rows_any_test": neyman_pearson_rows(c, 2.5, 0.95, alpha),
+                "neyman_pearson_2.5x": neyman_pearson_power(c, 2.5 * c, GUARDRAIL_ROWS, alpha),
+            }
+        )
+    return rows
+
+
+# The search behind RATE_MIXTURE: alternatives (multiples of c) and weights in tenths, one to three parts.
+MIXTURE_MULTIPLES = (1.5, 1.75, 2.0, 2.25, 2.5, 2.75, 3.0, 3.5, 4.0, 5.0, 6.0)
+SEARCH_CEILINGS = (0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09, 0.10)  # the latency check is c = 0.05
+TARGET_CEILINGS = (0.05, 0.10)  # 95% at 2.5 c by 200 rows is required here
+SLOW_CEILINGS = (0.03, 0.05, 0.10)  # where 1.5 c over 1,000 rows is compared with the old mixture
+EQUAL_MIXTURE: Mixture = ((1.5, 1 / 3), (2.5, 1 / 3), (4.0, 1 / 3))  # the mixture before the search
+
+
+def candidate_mixtures(multiples: Sequence[float] = MIXTURE_MULTIPLES, parts: int = 10) -> list[Mixture]:
+    """Every mixture of one to three distinct alternatives with weights in multiples of 1/parts."""
+    out: list[Mixture] = [((m, 1.0),) for m in multiples]
+    for a, b in itertools.combinations(multiples, 2):
+        out += [((a, i / parts), (b, (parts - i) / parts)) for i in range(1, parts)]
+    for a, b, c in itertools.combinations(multiples, 3):
+        for i in range(1, parts - 1):
+            for j in range(1, parts - i):
+                out.append(((a, i / parts), (b, j / parts), (c, (parts - i - j) / parts)))
+    return out
+
+
+def rate_mixture_search(alpha: float = 0.05, slow_slack: float = 0.03, gross_power: float = 0.99) -> dict:
+    """The choice of RATE_MIXTURE, by exact power. Among `candidate_mixtures()` keep those that stop
+    >= 95% at 2.5 c by 200 rows for every c in TARGET_CEILINGS, >= `gross_power` at 4 c by 200 rows for
+    every c in SEARCH_CEILINGS, and lose at most `slow_slack` of the old equal mixture's power at 1.5 c
+    by 1,000 rows at SLOW_CEILINGS; return the one with the largest minimum over SEARCH_CEILINGS of the
+    power at 2.5 c by 200 rows (and the runners-up). Levels are alpha whatever the mixture (Ville)."""
+    cands = candidate_mixtures()
+    power = np.empty((len(SEARCH_CEILINGS), 3, len(cands)))
+    for i, c in enumerate(SEARCH_CEILINGS):
+        bounds = np.stack([stop_boundary(c, GUARDRAIL_ROWS, alpha, m) for m in cands])
+        unique, which = np.unique(bounds, axis=0, return_inverse=True)  # many mixtures share a boundary
+        rates = np.array([[1.5 * c], [2.5 * c], [4.0 * c]])
+        power[i] = stop_probability(unique, rates)[..., -1][:, which.ravel()]
+    at = {c: i for i, c in enumerate(SEARCH_CEILINGS)}
+    fast = np.all([power[at[c], 1] >= 0.95 for c in TARGET_CEILINGS], axis=0) & (
+        power[:, 2].min(0) >= gross_power
+    )
+
+    def slow(m: Mixture) -> np.ndarray:
+        return np.array(
+            [
+                stop_probability(stop_boundary(c, FALSE_STOP_ROWS, alpha, m), 1.5 * c)[-1]
+                for c in SLOW_CEILINGS
+            ]
+        )
+
+    floor = slow(EQUAL_MIXTURE) - slow_slack
+    ranked = [int(k) for k in np.argsort(-power[:, 1].min(0)) if fast[k]]
+    chosen = [k for k in ranked if np.all(slow(cands[k]) >= floor)]
+
+    def row(k: int) -> dict[str, Any]:
+        return {
+            "mixture": cands[k],
+            "min_power_2.5x": float(power[:, 1, k].min()),
+            "power_2.5x": dict(zip(SEARCH_CEILINGS, map(float, power[:, 1, k]), strict=True)),
+            "min_power_4x": float(power[:, 2, k].min()),
+            "power_1.5x_1000_rows": dict(zip(SLOW_CEILINGS, map(float, slow(cands[k])), strict=True)),
+        }
+
+    return {
+        "candidates": len(cands),
+        "meet_targets": int(fast.sum()),
+        "slow_floor": dict(zip(SLOW_CEILINGS, map(float, floor), strict=True)),
+        "best_without_slow_constraint": row(ranked[0]),
+        "chosen": row(chosen[0]) if chosen else None,
+        "runners_up": [row(k) for k in chosen[1:4]],
     }

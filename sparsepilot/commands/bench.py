@@ -508,11 +508,12 @@ def bench_gate(
     out: JsonOut = "bench-results/gate.json",
     json_out: Annotated[bool, _json_flag("Print the JSON after the tables.")] = False,
 ) -> None:
-    """Time the gate's decide() at 10k / 100k / 1M rows (target: 1M rows <= 1 s) and, with --simulate,
-    measure its error rates by simulation (the table in docs/gate.md)."""
+    """Time the gate's decide() at 10k / 100k / 1M rows (target: 1M rows <= 1 s), print the guardrails'
+    exact power and false-stop table and, with --simulate, measure the quality test's error rates by
+    simulation (the tables in docs/gate.md)."""
     from rich.progress import Progress
 
-    from rollout.gate.bench import simulation_table, time_decide
+    from rollout.gate.bench import guardrail_table, simulation_table, time_decide
     from sparsepilot.console import fail, print_table
 
     _wide_console()
@@ -528,6 +529,24 @@ def bench_gate(
         f"decide() time; load {env['loadavg_before']} -> {env['loadavg_after']} on {env['cpu_count']} CPUs",
         result["decide"]["rows"],
         columns=["mode", "rows", "best_s", "median_s", "target_s", "within_target", "outcome"],
+    )
+    result["guardrails"] = guardrail_table()
+    print_table(
+        "guardrail rate checks, exact (alpha 0.05): power by 200 rows at 1.5 / 2.5 / 4 x the ceiling c, "
+        "false stop within 1,000 rows at c / 2 and c, rows for 95% at 2.5 c (this test; fewest for any test)",
+        result["guardrails"],
+        columns=[
+            "check",
+            "ceiling",
+            "power_1.5x",
+            "power_2.5x",
+            "power_4x",
+            "false_stop_half",
+            "false_stop_at",
+            "rows_for_95",
+            "fewest_rows_any_test",
+            "neyman_pearson_2.5x",
+        ],
     )
     if simulate:
         with Progress(transient=True) as bar:

@@ -495,5 +495,9 @@ def test_bench_gate_prints_a_table_and_writes_json(tmp_path) -> None:
         ("paired", 2000),
     ]
     assert all(r["best_s"] > 0 and r["outcome"] in ("GO", "EXTEND", "NO-GO") for r in rows)
+    assert "guardrail rate checks, exact" in res.output
+    guard = {(r["check"], r["ceiling"]): r for r in json.loads(out.read_text())["guardrails"]}
+    assert guard[("latency over SLO (p95)", 0.05)]["power_2.5x"] >= 0.95
+    assert guard[("error rate", 0.01)]["rows_for_95"] > guard[("error rate", 0.01)]["fewest_rows_any_test"]
     bad = CliRunner().invoke(app, ["bench", "gate", "--rows", "ten"])
     assert bad.exit_code == 2 and "--rows" in bad.output

@@ -17,12 +17,13 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 import pandas as pd
 import pytest
-from scipy import stats
 
-from rollout.gate import GateHistory, GateSettings, GuardrailCheck, decide, guardrail_checks
-from rollout.gate.guardrails import breach_log_capital
-from rollout.gate.sequences import rate_stream
-from rollout.gate.simulation import DESIGNS, SCORE_MODELS, Result, clopper_pearson_upper, draw_pilot, simulate
+from rollout.gate import GateHistory, GateSettings, decide, guardrail_checks
+from rollout.gate.power import neyman_pearson_power, neyman_pearson_rows, power_by, rows_to_detect
+from rollout.gate.simulation import DESIGNS, SCORE_MODELS, Result, draw_pilot, simulate
+from rollout.spec import parse_spec, spec_warnings
+
+from .usecase_helpers import example_spec
 
 SETTINGS = GateSettings(alpha=0.05, margin=0.03, min_samples_per_arm=2, guardrail_min_samples=1)
 PER_LOOK = (8, 12, 20, 50, 200)
@@ -190,47 +191,46 @@ def test_decide_agrees_with_the_simulation(design: str, scores: str, per_look: i
 # ---------------------------------------------------------------- guardrails
 
 
-def stop_rates(check: GuardrailCheck, x: np.ndarray, rows: int) -> float:
-    """Share of simulated treatment arms (rows of x) whose breach test has fired by `rows` rows."""
-    logk = breach_log_capital(rate_stream(x[:, :rows]), check)
-    return float((logk.max(axis=-1) >= np.log(1 / SETTINGS.alpha)).mean())
-
-
 @pytest.mark.parametrize(
-    ("metric", "ceiling"), [("error", 0.02), ("error", 0.05), ("error", 0.10), ("latency", 0.05)]
+    ("metric", "ceiling"),
+    [("error", 0.01), ("error", 0.02), ("error", 0.05), ("error", 0.10), ("latency", 0.05)],
 )
 def test_guardrail_stops_breaches_and_spares_healthy_arms(metric: str, ceiling: float) -> None:
-    """False stop <= alpha at half the ceiling and at the ceiling itself, over 1,000 rows (time-uniform);
-    stopping power at 2.5 x the ceiling by 200 rows, against the most powerful fixed-sample test at
-    level alpha (Neyman-Pearson), which no sequential test can beat. 95% by 200 rows is reachable only
-    from ceilings of about 0.1; below that the bound itself is lower (docs/gate.md)."""
+    """Exact (`rollout.gate.power`, checked against simulation in test_gate_power.py), for the test the
+    settings' check runs: false stop <= alpha at half the ceiling and at the ceiling itself over 1,000 rows
+    (time-uniform); a true rate at 2.5 x the ceiling stopped >= 95% by 200 rows wherever the most powerful
+    fixed-sample test at level alpha (Neyman-Pearson) can reach 95% at all. Below that (ceilings 0.01,
+    0.02) no test can, and the spec validator says so instead."""
     settings = GateSettings(max_error_rate=ceiling, max_latency_exceedance=ceiling, latency_slo_ms=1000.0)
     checks = {c.metric: c for c in guardrail_checks(settings, with_control=False)}
     check = checks["error" if metric == "error" else "latency_over_slo"]
-    rng = np.random.default_rng(int(ceiling * 1000))
-    reps = 2000
-
-    def arm(rate: float, rows: int) -> np.ndarray:
-        if metric == "error":
-            return (rng.random((reps, rows)) < rate).astype(float)
-        # log-normal latencies whose share over the 1,000 ms SLO is `rate`, through the check's own metric
-        z = stats.norm.ppf(1 - rate)
-        latency = np.exp(np.log(1000.0) + (rng.standard_normal((reps, rows)) - z) * 0.5)
-        frame = pd.DataFrame({"latency_ms": latency.ravel(), "error": False})
-        return check.indicator(frame).reshape(reps, rows)
-
-    for rate in (ceiling / 2, ceiling):
-        stopped = stop_rates(check, arm(rate, 1000), 1000)
-        upper = clopper_pearson_upper(round(stopped * reps), reps)
-        print(
-            f"{metric} ceiling {ceiling}: true {rate:.3f}, stopped in 1k rows {stopped:.2%} (<={upper:.1%})"
-        )
-        assert stopped <= SETTINGS.alpha + 0.01 and upper <= SETTINGS.alpha + 0.02
-    power = stop_rates(check, arm(2.5 * ceiling, 200), 200)
-    crit = stats.binom.ppf(1 - SETTINGS.alpha, 200, ceiling) + 1
-    bound = float(stats.binom.sf(crit - 1, 200, 2.5 * ceiling))
+    assert check.comparison == "rate" and check.threshold == ceiling
+    alpha = settings.alpha
+    false_stop = power_by(ceiling, np.array([ceiling / 2, ceiling]), 1000, alpha)
+    power = power_by(ceiling, 2.5 * ceiling, 200, alpha)
+    bound = neyman_pearson_power(ceiling, 2.5 * ceiling, 200, alpha)
     print(
-        f"{metric} ceiling {ceiling}: 2.5x stopped by 200 rows {power:.1%} (Neyman-Pearson bound {bound:.1%})"
+        f"{metric} ceiling {ceiling}: false stop in 1k rows at c/2 {false_stop[0]:.3%}, at c "
+        f"{false_stop[1]:.2%}; 2.5x stopped by 200 rows {power:.1%} (Neyman-Pearson bound {bound:.1%})"
     )
-    assert power <= bound + 0.02  # sanity: no test beats the bound
-    assert power >= {0.02: 0.5, 0.05: 0.9, 0.10: 0.95}[ceiling]
+    assert np.all(false_stop <= alpha)
+    assert false_stop[0] <= 0.01  # half the ceiling is stopped almost never
+    assert power <= bound
+    if bound >= 0.95:
+        assert power >= 0.95
+    else:
+        # 20-30 points below the fixed-n bound at 200 rows (the price of a test valid at every row), but
+        # within 40% of the fewest rows any level-alpha test needs for 95%
+        assert rows_to_detect(ceiling) <= 1.4 * neyman_pearson_rows(ceiling)
+        # the validator warns, naming the field, for a pilot whose steps plan 200 treatment rows
+        field = "max_error_rate" if metric == "error" else "max_latency_exceedance"
+        data = example_spec("docs-qa")
+        data["rollout"] = {
+            "shadow": {"min_samples": 200},
+            "steps": [{"traffic_pct": 50, "min_samples": 200}],
+            "batch_size": 20,
+        }
+        data["gate"]["guardrails"][field] = ceiling
+        warned = dict(spec_warnings(parse_spec(data)))
+        assert f"gate.guardrails.{field}" in warned, warned
+        assert warned[f"gate.guardrails.{field}"].endswith("plan at most 200 (rollout.shadow.min_samples)")

@@ -70,6 +70,23 @@ def test_portfolio_add_list_show(state_url: str, sp_home, tmp_path: Path) -> Non
     assert len(rows) == 72 and rows[0].reference
 
 
+def test_add_warns_when_a_guardrail_cannot_catch_a_breach_in_the_planned_rows(
+    state_url: str, tmp_path: Path
+) -> None:
+    """support-chat: error ceiling 0.01 and latency exceedance 0.05, steps of at most 24 treatment rows.
+    The spec is valid (registered), and `usecase add` says what its ceilings can detect."""
+    res = cli("usecase", "add", str(copy_example(tmp_path / "w", "support-chat")))
+    assert res.exit_code == 0, res.output
+    out = " ".join(res.stdout.split())
+    assert (
+        "warning: gate.guardrails.max_error_rate: 0.01 — a breach at 2.5x (2.5%) is stopped with 95% power "
+        "only after ~1,083 treatment rows (no test can before ~793); this pilot's steps plan at most 24 "
+        "(rollout.steps[1].min_samples)"
+    ) in out
+    assert "warning: gate.guardrails.max_latency_exceedance: 0.05 — a breach at 2.5x (12.5%)" in out
+    assert json.loads(cli("usecase", "show", "support-chat", "--json").stdout)["validation"]["warnings"]
+
+
 def test_versioning(state_url: str, sp_home, tmp_path: Path) -> None:  # noqa: ANN001
     spec = example_spec()
     path = write_spec(tmp_path / "v", spec)
