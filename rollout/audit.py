@@ -155,6 +155,13 @@ def record(
     return entry
 
 
+def record_change(
+    session: Session, actor: str, action: str, *, on: Any, before: str, after: str, reason: str
+) -> AuditEntry:
+    """A row's state change (a use case's phase, a pilot's status): details {from, to, reason}."""
+    return record(session, actor, action, on=on, details={"from": before, "to": after, "reason": reason})
+
+
 @dataclass(frozen=True)
 class ChainReport:
     ok: bool

@@ -79,12 +79,8 @@ def set_phase(session: Any, use_case: Any, target: str, *, actor: str, reason: s
         return
     before = use_case.phase
     use_case.phase = target
-    audit.record(
-        session,
-        actor,
-        "usecase.phase",
-        on=use_case,
-        details={"from": before, "to": target, "reason": reason},
+    audit.record_change(
+        session, actor, "usecase.phase", on=use_case, before=before, after=target, reason=reason
     )
 
 

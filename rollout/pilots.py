@@ -189,18 +189,12 @@ def start_pilot(
         status="running",
         current_step_index=0,
         spec_version=use_case.current_spec_version,  # pinned: see load_pilot_spec
+        steps=[
+            PilotStep(index=0, kind=first.kind, traffic_pct=first.traffic_pct, min_samples=first.min_samples)
+        ],
     )
     session.add(pilot)
     session.flush()
-    session.add(
-        PilotStep(
-            pilot_id=pilot.id,
-            index=0,
-            kind=first.kind,
-            traffic_pct=first.traffic_pct,
-            min_samples=first.min_samples,
-        )
-    )
     audit.record(
         session,
         actor,
@@ -270,13 +264,7 @@ def stop_pilot(
             if step.status == "running" and step.kind != "monitor":
                 step.status = open_steps or ("passed" if status == "promoted" else "failed")
                 step.ended_at = utcnow()
-    audit.record(
-        session,
-        actor,
-        "pilot.status",
-        on=pilot,
-        details={"from": before, "to": status, "reason": reason},
-    )
+    audit.record_change(session, actor, "pilot.status", on=pilot, before=before, after=status, reason=reason)
 
 
 def open_monitor_step(session: Session, pilot: Pilot, *, min_samples: int) -> PilotStep:

@@ -34,6 +34,14 @@ def emit_json(payload: Any) -> None:
     sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
 
 
+def emit_or_say(payload: Any, json_out: bool, message: object) -> None:
+    """A command's answer: the payload as JSON with --json, else the one-line message (`say`)."""
+    if json_out:
+        emit_json(payload)
+    else:
+        say(message)
+
+
 def print_table(title: str, rows: list[dict[str, Any]], columns: list[str] | None = None) -> None:
     cols = columns or (list(rows[0].keys()) if rows else [])
     table = Table(title=Text(title))

@@ -37,6 +37,17 @@ def block_pool_mean(x: torch.Tensor, block_size: int, valid: torch.Tensor | None
     return total / count
 
 
+def grouped_block_queries(
+    q: torch.Tensor, kv_heads: int, block_size: int, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """q [B, Hq, S, D] -> the mean query of each block, grouped under its KV head: float32
+    [B, Hkv, G * nb, D] (G = Hq / Hkv query heads share a KV head), so one matmul scores every query
+    block against the key blocks of its KV head."""
+    b, hq, _, d = q.shape
+    qp = block_pool_mean(q, block_size, valid)  # [B, Hq, nb, D]
+    return qp.view(b, kv_heads, (hq // kv_heads) * qp.shape[2], d)
+
+
 def valid_blocks(key_valid: torch.Tensor | None, block_size: int, seq_len: int) -> torch.Tensor | None:
     """[B, S] bool -> [B, nb] bool: a block is valid when any of its positions is."""
     if key_valid is None:

@@ -6,17 +6,19 @@ from __future__ import annotations
 import torch
 
 from sparse_core.estimators import EstimatorContext
-from sparse_core.estimators.blocks import block_pool_mean, causal_block_softmax, softmax_scale
+from sparse_core.estimators.blocks import (
+    block_pool_mean,
+    causal_block_softmax,
+    grouped_block_queries,
+    softmax_scale,
+)
 
 
 def pooled_scores(q: torch.Tensor, k: torch.Tensor, ctx: EstimatorContext) -> torch.Tensor:
     b, hq, s, d = q.shape
-    hkv = k.shape[1]
-    g = hq // hkv
     bs = ctx.block_size
-    scale = softmax_scale(ctx.scale, d)
-    qp = block_pool_mean(q, bs, ctx.key_valid)  # [B, Hq, n, D]
+    qg = grouped_block_queries(q, k.shape[1], bs, ctx.key_valid)  # [B, Hkv, G*n, D]
     kp = block_pool_mean(k, bs, ctx.key_valid)  # [B, Hkv, n, D]
-    n = qp.shape[2]
-    logits = torch.matmul(qp.view(b, hkv, g * n, d), kp.transpose(-1, -2)).view(b, hq, n, n) * scale
+    n = kp.shape[2]
+    logits = torch.matmul(qg, kp.transpose(-1, -2)).view(b, hq, n, n) * softmax_scale(ctx.scale, d)
     return causal_block_softmax(logits, ctx.key_valid, bs, s)

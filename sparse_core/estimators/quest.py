@@ -21,8 +21,8 @@ import torch
 
 from sparse_core.estimators import EstimatorContext
 from sparse_core.estimators.blocks import (
-    block_pool_mean,
     causal_block_softmax,
+    grouped_block_queries,
     num_blocks,
     softmax_scale,
 )
@@ -66,13 +66,10 @@ def quest_scores(q: torch.Tensor, k: torch.Tensor, ctx: EstimatorContext) -> tor
     from sparse_core.estimators.learned_gate import visible_log_counts
 
     b, hq, s, d = q.shape
-    hkv = k.shape[1]
-    g = hq // hkv
     bs = ctx.block_size
-    scale = softmax_scale(ctx.scale, d)
-    qbar = block_pool_mean(q, bs, ctx.key_valid)  # [B, Hq, n, D]
+    qbar = grouped_block_queries(q, k.shape[1], bs, ctx.key_valid)  # [B, Hkv, G*n, D]
     kmin, kmax = key_block_bounds(k, bs, ctx.key_valid)  # [B, Hkv, n, D]
-    n = qbar.shape[2]
-    ub = qk_upper_bound(qbar.view(b, hkv, g * n, d), kmin, kmax).view(b, hq, n, n)
-    logits = ub * scale + visible_log_counts(s, bs, q.device)
+    n = kmin.shape[2]
+    ub = qk_upper_bound(qbar, kmin, kmax).view(b, hq, n, n)
+    logits = ub * softmax_scale(ctx.scale, d) + visible_log_counts(s, bs, q.device)
     return causal_block_softmax(logits, ctx.key_valid, bs, s)

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
 import typer
 
 from sparsepilot.console import emit_json, fail, say
+from sparsepilot.options import JsonOpt
 
 app = typer.Typer(no_args_is_help=True, help="The append-only audit log.")
 
 
 @app.command("verify")
-def verify(json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
+def verify(json_out: JsonOpt = False) -> None:
     """Check every audit row's hash link; exit 1 naming the first row that was changed, deleted or
     inserted out of order."""
     from rollout.audit import verify_chain

@@ -4,11 +4,11 @@ and `audit` commands run before they touch it."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
 
 import typer
 
 from sparsepilot.console import console, emit_json, err_console, fail
+from sparsepilot.options import JsonOpt
 
 app = typer.Typer()
 
@@ -46,7 +46,7 @@ def require_schema() -> None:
 
 
 @app.command("init")
-def init(json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
+def init(json_out: JsonOpt = False) -> None:
     """Create or upgrade the state DB (Alembic migrations) under SPARSEPILOT_HOME or
     SPARSEPILOT_DATABASE_URL. With SPARSEPILOT_OWNER_DATABASE_URL (PostgreSQL) the migrations run as
     that owner role and the app role of SPARSEPILOT_DATABASE_URL gets only the app's privileges. On

@@ -12,9 +12,8 @@ from typing import Annotated, Any
 import typer
 
 from sparsepilot.commands.auth import PasswordStdin, signed_in
-from sparsepilot.console import console, emit_json, err_console, fail, print_table, say
-
-JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON")]
+from sparsepilot.console import console, emit_json, emit_or_say, err_console, fail, print_table, say
+from sparsepilot.options import JsonOpt, ReasonOpt, UseCaseArg
 
 app = typer.Typer()
 
@@ -95,7 +94,7 @@ def evaluate_use_case(name: str, quick: bool, json_out: bool) -> None:
 
 @app.command("pilot")
 def pilot_cmd(
-    name: Annotated[str, typer.Argument(help="use case NAME")],
+    name: UseCaseArg,
     observations: Annotated[
         str | None,
         typer.Option("--observations", help="import observations (JSONL or CSV) instead of running"),
@@ -126,10 +125,8 @@ def pilot_cmd(
     who = signed_in("operator", f"{'abort the pilot of' if abort else 'pilot'} {name}", password_stdin)
     if abort:
         out = _run(lambda: abort_pilot(name, who.name, reason or ""))
-        if json_out:
-            emit_json(out)
-            return
-        say(f"{name}: pilot {out['pilot_id']} aborted; closed decisions: {out['closed_decisions'] or 'none'}")
+        closed = out["closed_decisions"] or "none"
+        emit_or_say(out, json_out, f"{name}: pilot {out['pilot_id']} aborted; closed decisions: {closed}")
         return
     from sparsepilot.quiet import for_command
 
@@ -150,7 +147,7 @@ def pilot_cmd(
 
 
 @app.command("gate")
-def gate_cmd(name: Annotated[str, typer.Argument(help="use case NAME")], json_out: JsonOpt = False) -> None:
+def gate_cmd(name: UseCaseArg, json_out: JsonOpt = False) -> None:
     """Decide the current pilot step (GO / EXTEND / NO-GO / INVALID) and act on it."""
     from flows.gate import gate_flow
 
@@ -181,9 +178,9 @@ def _check_decision(name: str, decision_id: int) -> None:
 
 @app.command("approve")
 def approve_cmd(
-    name: Annotated[str, typer.Argument(help="use case NAME")],
+    name: UseCaseArg,
     decision: DecisionId,
-    reason: Annotated[str, typer.Option("--reason", help="why (kept in the audit log)")],
+    reason: ReasonOpt,
     reject: Annotated[bool, typer.Option("--reject", help="reject instead of approve")] = False,
     password_stdin: PasswordStdin = False,
     json_out: JsonOpt = False,
@@ -198,17 +195,14 @@ def approve_cmd(
         return approve_decision(decision, who, reason, reject=reject)
 
     result = _run(go)
-    if json_out:
-        emit_json(result)
-        return
-    say(result["message"])
+    emit_or_say(result, json_out, result["message"])
 
 
 @app.command("promote")
 def promote_cmd(
-    name: Annotated[str, typer.Argument(help="use case NAME")],
+    name: UseCaseArg,
     decision: DecisionId,
-    reason: Annotated[str, typer.Option("--reason", help="why (kept in the audit log)")],
+    reason: ReasonOpt,
     password_stdin: PasswordStdin = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -229,16 +223,13 @@ def promote_cmd(
         return approve_decision(decision, who, reason)
 
     result = _run(go)
-    if json_out:
-        emit_json(result)
-        return
-    say(result.get("message") or result)
+    emit_or_say(result, json_out, result.get("message") or result)
 
 
 @app.command("rollback")
 def rollback_cmd(
-    name: Annotated[str, typer.Argument(help="use case NAME")],
-    reason: Annotated[str, typer.Option("--reason", help="why (kept in the audit log)")],
+    name: UseCaseArg,
+    reason: ReasonOpt,
     password_stdin: PasswordStdin = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -255,16 +246,14 @@ def rollback_cmd(
         )
 
     result = _run(go)
-    if json_out:
-        emit_json(result)
-        return
     move = result.get("alias_move") or {}
-    say(f"{name}: champion {move.get('from_version')} -> {move.get('to_version')} ({move.get('status')})")
+    moved = f"{move.get('from_version')} -> {move.get('to_version')} ({move.get('status')})"
+    emit_or_say(result, json_out, f"{name}: champion {moved}")
 
 
 @app.command("monitor")
 def monitor_cmd(
-    name: Annotated[str, typer.Argument(help="use case NAME")],
+    name: UseCaseArg,
     observations: Annotated[
         str | None, typer.Option("--observations", help="production observations (JSONL/CSV) to check")
     ] = None,
@@ -275,10 +264,7 @@ def monitor_cmd(
     from flows.monitor import monitor_flow
 
     result = _run(lambda: monitor_flow(name, observations_file=observations))
-    if json_out:
-        emit_json(result)
-        return
-    say(result.get("explanation") or result)
+    emit_or_say(result, json_out, result.get("explanation") or result)
 
 
 # --- main job and schedules ------------------------------------------------------------------------

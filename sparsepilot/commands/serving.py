@@ -10,13 +10,14 @@ from typing import Annotated
 import typer
 
 from sparsepilot.console import console, fail
+from sparsepilot.options import UseCaseArg
 
 app = typer.Typer()
 
 
 @app.command("serve-model")
 def serve_model(
-    name: Annotated[str, typer.Argument(help="use case NAME")],
+    name: UseCaseArg,
     alias: Annotated[
         str | None, typer.Option("--alias", help="champion or challenger (default: challenger)")
     ] = None,

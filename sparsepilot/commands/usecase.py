@@ -13,6 +13,7 @@ import typer
 from sparsepilot.commands.auth import PasswordStdin, signed_in
 from sparsepilot.commands.init import require_schema
 from sparsepilot.console import console, emit_json, fail, print_table, say
+from sparsepilot.options import JsonOpt
 
 app = typer.Typer(no_args_is_help=True, help="Register and inspect use cases (versioned specs).")
 
@@ -25,7 +26,7 @@ def add(
         typer.Option("--new-version", help="store a changed spec of an existing use case as a new version"),
     ] = False,
     password_stdin: PasswordStdin = False,
-    json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    json_out: JsonOpt = False,
 ) -> None:
     """Validate a spec, its model ref and its dataset, then register it (or a new version of it)."""
     from rollout.usecases import add_usecase
@@ -60,7 +61,7 @@ def add(
 
 
 @app.command("list")
-def list_(json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
+def list_(json_out: JsonOpt = False) -> None:
     """All use cases with their current version and phase."""
     from rollout.usecases import list_usecases
 
@@ -86,7 +87,7 @@ def show(
         int | None,
         typer.Option("--version", min=1, max=2**31 - 1, help="a spec version (default: current)"),
     ] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    json_out: JsonOpt = False,
 ) -> None:
     """One use case: its spec (current or a given version), all versions, recent audit entries."""
     from rollout.usecases import show_usecase

@@ -25,6 +25,7 @@ import yaml
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import OperationalError
 
+from rollout.db.roles import UPDATABLE
 from tests.fixtures.stack import NativeStack
 
 pytestmark = [pytest.mark.stack, pytest.mark.postgres, pytest.mark.slow, pytest.mark.timeout(420)]
@@ -32,19 +33,8 @@ pytestmark = [pytest.mark.stack, pytest.mark.postgres, pytest.mark.slow, pytest.
 REPO = Path(__file__).resolve().parents[2]
 USE_CASE = "stack-chat"
 CYCLE = f"use-case-cycle/sparsepilot-{USE_CASE}"
-STATE_TABLES = (
-    "use_cases",
-    "spec_versions",
-    "model_versions",
-    "calibration_runs",
-    "evaluation_runs",
-    "pilots",
-    "pilot_steps",
-    "observations",
-    "gate_decisions",
-    "alias_history",
-    "approvals",
-)
+# Every table the pipeline writes except the audit log (rollout.db.roles names them all)
+STATE_TABLES = (*UPDATABLE, "approvals")
 
 
 def _rows(url: str, sql: str, **params: Any) -> list[Any]:
