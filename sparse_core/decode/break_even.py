@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from sparse_core.decode.attention import sparse_decode_step
+from sparse_core.decode.cache import full_attention_only, paged_buffer
 from sparse_core.decode.pages import sync
 from sparse_core.decode.plan import DecodeLayerParams
 from sparse_core.decode.scoring import local_start
@@ -56,6 +57,7 @@ class BreakEven:
     shape: dict[str, Any] = field(default_factory=dict)
     threads: int = 1
     load: list[float] | None = None  # host load average (1, 5, 15 min) before the measurement
+    paged: bool = True  # keys read from a PagedCache layer's buffer (else contiguous, DynamicCache)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -90,9 +92,12 @@ def measure_break_even(
     steps: int = 24,
     min_ratio: float = MIN_RATIO,
     seed: int = 0,
+    paged: bool = True,
 ) -> BreakEven:
     """Time one attention layer's decode step dense vs sparse (`params` of `plan`, whose gate weights
-    the 'gate' estimator reads) at each cache length on random keys; -> the break-even."""
+    the 'gate' estimator reads) at each cache length on random keys; -> the break-even. `paged`: the
+    keys are a view of a PagedCache layer's buffer (the cache the served model decodes on when all
+    its layers read the whole cache); else contiguous, as transformers' DynamicCache hands them."""
     if q_heads % kv_heads:
         raise ValueError(f"q_heads {q_heads} is not a multiple of kv_heads {kv_heads}")
     params = replace(params, break_even_tokens=0, dense=False)
@@ -105,14 +110,16 @@ def measure_break_even(
             continue
         k_all = torch.randn(1, kv_heads, length + steps, head_dim, generator=gen).to(dtype)
         v_all = torch.randn(1, kv_heads, length + steps, head_dim, generator=gen).to(dtype)
+        if paged:  # both arms read a PagedCache layer's buffer, as the served model's decode does
+            k_all, v_all = paged_buffer(k_all), paged_buffer(v_all)
         qs = [torch.randn(1, q_heads, 1, head_dim, generator=gen).to(dtype) for _ in range(steps)]
         pages = sync(None, k_all[:, :, :length], ps)
         dense_t, sparse_t, read = [], [], []
         for warm in (True, False):
             for i, q in enumerate(qs):
-                # contiguous, as transformers' DynamicCache hands the layer its keys (one copy at a time)
-                k = k_all[:, :, : length + i + 1].contiguous()
-                v = v_all[:, :, : length + i + 1].contiguous()
+                k, v = k_all[:, :, : length + i + 1], v_all[:, :, : length + i + 1]
+                if not paged:  # contiguous, as transformers' DynamicCache hands the layer its keys
+                    k, v = k.contiguous(), v.contiguous()
                 t0 = time.perf_counter()
                 F.scaled_dot_product_attention(q, k, v, enable_gqa=True).transpose(1, 2).contiguous()
                 t1 = time.perf_counter()
@@ -125,9 +132,8 @@ def measure_break_even(
                     F.scaled_dot_product_attention(q, k, v, enable_gqa=True).transpose(1, 2).contiguous()
                     kept = n
                 else:
-                    out, sel, _ = sparse_decode_step(plan, params, pages, q, k, v, start)
+                    out, kept, _ = sparse_decode_step(plan, params, pages, q, k, v, start)
                     out.transpose(1, 2).contiguous()
-                    kept = sel.shape[-1] * ps + (n - start)
                 t2 = time.perf_counter()
                 if not warm:
                     dense_t.append(t1 - t0)
@@ -148,6 +154,7 @@ def measure_break_even(
         shape={"q_heads": q_heads, "kv_heads": kv_heads, "head_dim": head_dim, "dtype": str(dtype)},
         threads=torch.get_num_threads(),
         load=load,
+        paged=paged,
     )
 
 
@@ -172,4 +179,5 @@ def measure_for_model(model: Any, plan: Any, budget_tokens: int | None = None, *
     if cap:
         lengths = tuple(x for x in lengths if x <= cap) or (cap,)
     shape = {"q_heads": q_heads, "kv_heads": kv_heads, "head_dim": head_dim}
+    kw.setdefault("paged", full_attention_only(cfg))
     return measure_break_even(plan, params, **shape, dtype=dtype, lengths=lengths, **kw)

@@ -42,8 +42,14 @@ def _add_log_counts(logits: torch.Tensor, s: PageSummaries) -> torch.Tensor:
 
 
 def quest_page_logits(q: torch.Tensor, s: PageSummaries, scale: float) -> torch.Tensor:
-    kmax, kmin, _ = s.live()
-    return _add_log_counts(quest_upper_bound(q, kmax, kmin).mul_(scale), s)
+    """q [B, Hq, D] -> [B, Hq, P]: scale * Quest's bound + log(tokens in page), as one matmul of
+    [scale q+ | scale q-] against the summary's [kmax | kmin] pages."""
+    b, hq, d = q.shape
+    hkv = s.bounds.shape[1]
+    qs = q.float().reshape(b, hkv, hq // hkv, d) * scale
+    qq = torch.cat([qs.clamp_min(0.0), qs.clamp_max(0.0)], dim=-1)  # [B, Hkv, g, 2D]
+    ub = torch.matmul(qq, s.bounds[:, :, : s.n_pages].transpose(-1, -2))  # [B, Hkv, g, P]
+    return _add_log_counts(ub.view(b, hq, -1), s)
 
 
 def _gate_page_keys(s: PageSummaries, layer_gate, layer_idx: int) -> torch.Tensor:
@@ -131,6 +137,23 @@ def select_pages(
     top = torch.topk(mid_mass, want, dim=-1, sorted=False).indices + sink
     top = torch.sort(top, dim=-1).values
     return torch.cat([sink_idx, top], dim=-1)
+
+
+def select_pages_forced(
+    mass: torch.Tensor, *, sink_pages: int, local_pages: int, keep_pages: int
+) -> torch.Tensor:
+    """mass [B, H, P] -> page indices [B, H, k] to gather, the local window included: the newest
+    page (the only one that may be partial) first, then the other forced pages (sink, local), then
+    the best-scored rest, k = max(keep_pages, forced pages) capped at P. One topk: forced pages get
+    mass above any estimate (masses are <= 1). `mass` is overwritten."""
+    p = mass.shape[-1]
+    local = min(local_pages, p)
+    sink = min(sink_pages, p - local)
+    k = min(p, max(keep_pages, sink + local))
+    mass[..., :sink] = 2.0
+    mass[..., p - local :] = 2.0
+    mass[..., p - 1] = 3.0
+    return torch.topk(mass, k, dim=-1, sorted=True).indices
 
 
 def local_start(n_tokens: int, page_size: int, local_pages: int) -> int:
