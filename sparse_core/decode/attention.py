@@ -21,6 +21,7 @@ from sparse_core.decode.pages import PageSummaries, summarize, sync
 from sparse_core.decode.plan import DecodeLayerParams
 from sparse_core.decode.scoring import (
     gate_page_logits,
+    group_page_scores,
     local_start,
     page_mass,
     quest_page_logits,
@@ -166,9 +167,11 @@ def sparse_decode_step(
     keep = params.keep_pages(pages.n_pages)
     rows = paged_rows(key, value, ps) if key_valid is None and params.tau is None else None
     if rows is not None and keep is not None:
-        mass = page_mass(logits, key.shape[1])
         sel = select_pages_forced(
-            mass, sink_pages=params.sink_pages, local_pages=params.local_pages, keep_pages=keep
+            group_page_scores(logits, key.shape[1]),
+            sink_pages=params.sink_pages,
+            local_pages=params.local_pages,
+            keep_pages=keep,
         )
         t1 = time.perf_counter()
         out = decode_attention_pages(query, rows, sel, ps, length, scale=scaling)

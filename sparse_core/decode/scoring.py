@@ -142,18 +142,27 @@ def select_pages(
 def select_pages_forced(
     mass: torch.Tensor, *, sink_pages: int, local_pages: int, keep_pages: int
 ) -> torch.Tensor:
-    """mass [B, H, P] -> page indices [B, H, k] to gather, the local window included: the newest
-    page (the only one that may be partial) first, then the other forced pages (sink, local), then
-    the best-scored rest, k = max(keep_pages, forced pages) capped at P. One topk: forced pages get
-    mass above any estimate (masses are <= 1). `mass` is overwritten."""
+    """mass [B, H, P] (any finite scores ranking the pages, e.g. `group_page_scores`) -> page
+    indices [B, H, k] to gather, the local window included: the newest page (the only one that may
+    be partial) first, then the other forced pages (sink, local), then the best-scored rest,
+    k = max(keep_pages, forced pages) capped at P. One topk: forced pages score above any estimate.
+    `mass` is overwritten."""
     p = mass.shape[-1]
     local = min(local_pages, p)
     sink = min(sink_pages, p - local)
     k = min(p, max(keep_pages, sink + local))
-    mass[..., :sink] = 2.0
-    mass[..., p - local :] = 2.0
-    mass[..., p - 1] = 3.0
+    forced = torch.finfo(mass.dtype).max
+    mass[..., :sink] = forced
+    mass[..., p - local :] = forced
+    mass[..., p - 1] = float("inf")
     return torch.topk(mass, k, dim=-1, sorted=True).indices
+
+
+def group_page_scores(logits: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """[B, Hq, P] logits -> [B, Hkv, P]: the query heads' softmax masses summed per KV head -- the
+    ranking of `page_mass` (its mean, without padding) in one op fewer."""
+    b, hq, p = logits.shape
+    return torch.softmax(logits.view(b, num_kv_heads, hq // num_kv_heads, p), -1).sum(2)
 
 
 def local_start(n_tokens: int, page_size: int, local_pages: int) -> int:
