@@ -154,7 +154,7 @@ def sparse_decode_step(
     topk over the pages with the sink and local pages forced, one gather of whole pages for K and V
     each, and one attention call over them. Otherwise (tau, padding, transformers' DynamicCache)
     the selected pages and the local window are attended apart and merged by log-sum-exp."""
-    q = query[:, :, 0]
+    q = query.select(2, 0)
     if params.estimator == "gate":
         from sparse_core.estimators.learned_gate import gate_for_plan
 

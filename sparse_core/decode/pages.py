@@ -106,22 +106,27 @@ def extend(s: PageSummaries, keys: torch.Tensor) -> PageSummaries:
     if total <= s.length:
         return s
     p = s.page_size
+    if total == s.length + 1 and s.length % p:  # the decode step: one token into the partial page
+        # select/narrow, not indexing: this runs per layer and token, and Python indexing costs more
+        head, i, d = keys.select(2, s.length), s.length // p, keys.shape[-1]
+        row = s.bounds.select(2, i)
+        kmax, kmin = row.narrow(-1, 0, d), row.narrow(-1, d, d)
+        torch.maximum(kmax, head, out=kmax)
+        torch.minimum(kmin, head, out=kmin)
+        s.ksum.select(2, i).add_(head)
+        s.last_key.copy_(head)
+        s.length = total
+        return s
     new = keys[:, :, s.length :].float()
     pos = s.length
     rem = pos % p
     if rem:  # fill the partial last page in place
         m = min(p - rem, new.shape[2])
         i = pos // p
-        if m == 1:  # the decode step: one token
-            head = new[:, :, 0]
-            torch.maximum(s.kmax[:, :, i], head, out=s.kmax[:, :, i])
-            torch.minimum(s.kmin[:, :, i], head, out=s.kmin[:, :, i])
-            s.ksum[:, :, i] += head
-        else:
-            head = new[:, :, :m]
-            torch.maximum(s.kmax[:, :, i], head.amax(2), out=s.kmax[:, :, i])
-            torch.minimum(s.kmin[:, :, i], head.amin(2), out=s.kmin[:, :, i])
-            s.ksum[:, :, i] += head.sum(2)
+        head = new[:, :, :m]
+        torch.maximum(s.kmax[:, :, i], head.amax(2), out=s.kmax[:, :, i])
+        torch.minimum(s.kmin[:, :, i], head.amin(2), out=s.kmin[:, :, i])
+        s.ksum[:, :, i] += head.sum(2)
         new = new[:, :, m:]
         pos += m
     if new.shape[2]:
@@ -144,7 +149,7 @@ def is_continuation(s: PageSummaries | None, keys: torch.Tensor, page_size: int)
         return False
     if total < s.length:
         return False
-    return bool(torch.equal(keys[:, :, s.length - 1], s.last_key))
+    return bool(torch.equal(keys.select(2, s.length - 1), s.last_key))
 
 
 def sync(s: PageSummaries | None, keys: torch.Tensor, page_size: int) -> PageSummaries:

@@ -37,7 +37,7 @@ def _add_log_counts(logits: torch.Tensor, s: PageSummaries) -> torch.Tensor:
     """+ log(tokens in page), up to a constant: only a partial last page differs (in place)."""
     rem = s.length - s.n_full_pages * s.page_size
     if rem:
-        logits[..., -1] += math.log(rem / s.page_size)
+        logits.select(-1, -1).add_(math.log(rem / s.page_size))
     return logits
 
 
@@ -45,11 +45,11 @@ def quest_page_logits(q: torch.Tensor, s: PageSummaries, scale: float) -> torch.
     """q [B, Hq, D] -> [B, Hq, P]: scale * Quest's bound + log(tokens in page), as one matmul of
     [scale q+ | scale q-] against the summary's [kmax | kmin] pages."""
     b, hq, d = q.shape
-    hkv = s.bounds.shape[1]
-    qs = q.float().reshape(b, hkv, hq // hkv, d) * scale
-    qq = torch.cat([qs.clamp_min(0.0), qs.clamp_max(0.0)], dim=-1)  # [B, Hkv, g, 2D]
-    ub = torch.matmul(qq, s.bounds[:, :, : s.n_pages].transpose(-1, -2))  # [B, Hkv, g, P]
-    return _add_log_counts(ub.view(b, hq, -1), s)
+    hkv, cap = s.bounds.shape[1], s.bounds.shape[2]
+    qs = q.float().reshape(b * hkv, hq // hkv, d) * scale
+    qq = torch.cat([qs.clamp_min(0.0), qs.clamp_max(0.0)], dim=-1)  # [B*Hkv, g, 2D]
+    pages = s.bounds.view(b * hkv, cap, 2 * d).narrow(1, 0, s.n_pages)
+    return _add_log_counts(torch.bmm(qq, pages.transpose(1, 2)).view(b, hq, -1), s)
 
 
 def _gate_page_keys(s: PageSummaries, layer_gate, layer_idx: int) -> torch.Tensor:
@@ -152,9 +152,10 @@ def select_pages_forced(
     sink = min(sink_pages, p - local)
     k = min(p, max(keep_pages, sink + local))
     forced = torch.finfo(mass.dtype).max
-    mass[..., :sink] = forced
-    mass[..., p - local :] = forced
-    mass[..., p - 1] = float("inf")
+    if sink:
+        mass.narrow(-1, 0, sink).fill_(forced)
+    mass.narrow(-1, p - local, local).fill_(forced)
+    mass.select(-1, p - 1).fill_(float("inf"))
     return torch.topk(mass, k, dim=-1, sorted=True).indices
 
 

@@ -11,6 +11,7 @@ this is dense attention (tested)."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -54,9 +55,26 @@ def _page_rows(x: torch.Tensor, page_size: int) -> tuple[torch.Tensor, int] | No
     return None
 
 
+_CPU_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # returns the LSE too
+
+
+@functools.lru_cache(maxsize=64)
+def _row_base(b: int, h: int, per: int, device: torch.device) -> torch.Tensor:
+    """[B, H, 1]: the first page row of each (b, h) in storage of `per` pages per (b, h)."""
+    return (torch.arange(b * h, device=device) * per).view(b, h, 1)
+
+
 def _page_index(pages: torch.Tensor, per: int) -> torch.Tensor:
     b, h, _ = pages.shape
-    return (pages + (torch.arange(b * h, device=pages.device) * per).view(b, h, 1)).reshape(-1)
+    return (pages + _row_base(b, h, per, pages.device)).reshape(-1)
+
+
+@functools.lru_cache(maxsize=256)
+def _tail_mask(n: int, page_size: int, tail: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[1, 1, 1, n] additive mask hiding the first page's last `tail` rows (read-only, shared)."""
+    mask = torch.zeros(1, 1, 1, n, dtype=dtype, device=device)
+    mask[..., page_size - tail : page_size] = float("-inf")
+    return mask
 
 
 def gather_pages(x: torch.Tensor, pages: torch.Tensor, page_size: int) -> torch.Tensor:
@@ -130,14 +148,9 @@ def decode_attention_pages(
     qg = q.reshape(b, hkv, hq // hkv, d)
     scale = scale if scale is not None else 1.0 / math.sqrt(d)
     tail = -length % page_size  # rows of the newest page past the cache's end
-    mask = None
-    if tail:
-        mask = torch.zeros(1, 1, 1, m * page_size, dtype=q.dtype, device=q.device)
-        mask[..., page_size - tail : page_size] = float("-inf")
+    mask = _tail_mask(m * page_size, page_size, tail, q.dtype, q.device) if tail else None
     if q.device.type == "cpu":
-        out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            qg, kg, vg, 0.0, False, attn_mask=mask, scale=scale
-        )[0]
+        out = _CPU_FLASH(qg, kg, vg, 0.0, False, attn_mask=mask, scale=scale)[0]
     else:
         out = torch.nn.functional.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale)
     return out.reshape(b, hq, 1, d)
