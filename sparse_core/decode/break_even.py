@@ -31,7 +31,7 @@ from sparse_core.decode.cache import full_attention_only, paged_buffer
 from sparse_core.decode.pages import sync
 from sparse_core.decode.plan import DecodeLayerParams
 from sparse_core.decode.scoring import local_start
-from sparse_core.host import loadavg
+from sparse_core.host import apply_thread_policy, loadavg
 
 LENGTHS = (256, 512, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384)
 MIN_RATIO = 1.05  # a sparse step must be this much faster to count: timing noise is not a saving
@@ -93,11 +93,53 @@ def measure_break_even(
     min_ratio: float = MIN_RATIO,
     seed: int = 0,
     paged: bool = True,
+    threads: int | None = None,
 ) -> BreakEven:
     """Time one attention layer's decode step dense vs sparse (`params` of `plan`, whose gate weights
     the 'gate' estimator reads) at each cache length on random keys; -> the break-even. `paged`: the
     keys are a view of a PagedCache layer's buffer (the cache the served model decodes on when all
-    its layers read the whole cache); else contiguous, as transformers' DynamicCache hands them."""
+    its layers read the whole cache); else contiguous, as transformers' DynamicCache hands them.
+    `threads`: torch threads for the measurement (restored after); None: the evaluation's policy,
+    the CPUs really free (sparse_core.host.apply_thread_policy). Two threads on a busy two-core host
+    stall on every small op: a calibration at load 3.5 timed a 256-token dense step at 3.7 ms (50 us
+    alone) and found no break-even up to 8k."""
+    prev = torch.get_num_threads()
+    if threads is None:
+        apply_thread_policy()
+    else:
+        torch.set_num_threads(threads)
+    try:
+        return _measure(
+            plan,
+            params,
+            q_heads=q_heads,
+            kv_heads=kv_heads,
+            head_dim=head_dim,
+            dtype=dtype,
+            lengths=lengths,
+            steps=steps,
+            min_ratio=min_ratio,
+            seed=seed,
+            paged=paged,
+        )
+    finally:
+        torch.set_num_threads(prev)
+
+
+def _measure(
+    plan: Any,
+    params: DecodeLayerParams,
+    *,
+    q_heads: int,
+    kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    lengths: tuple[int, ...],
+    steps: int,
+    min_ratio: float,
+    seed: int,
+    paged: bool,
+) -> BreakEven:
     if q_heads % kv_heads:
         raise ValueError(f"q_heads {q_heads} is not a multiple of kv_heads {kv_heads}")
     params = replace(params, break_even_tokens=0, dense=False)
