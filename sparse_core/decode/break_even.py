@@ -33,7 +33,7 @@ from sparse_core.decode.plan import DecodeLayerParams
 from sparse_core.decode.scoring import local_start
 from sparse_core.host import apply_thread_policy, loadavg
 
-LENGTHS = (256, 512, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384)
+LENGTHS = (256, 512, 1024, 1536, 2048, 2560, 3072, 3584, 4096, 5120, 6144, 8192, 12288, 16384)
 MIN_RATIO = 1.05  # a sparse step must be this much faster to count: timing noise is not a saving
 
 
