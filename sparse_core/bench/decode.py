@@ -3,8 +3,9 @@
 1. One attention layer of SmolLM2's shape (9 query heads, 3 KV heads, head_dim 64), one query token
    against a cache of 16k (and 32k) tokens: dense SDPA as transformers runs a decode step (GQA, no
    mask) vs the sparse decode step (page-summary append, page scoring, selection, gather kernel) at a
-   few densities. Each step appends one key, so summary maintenance is in the time; dense is timed
-   before and after the sparse runs and the faster is kept.
+   few densities, both arms reading views of a PagedCache layer's buffer (as the served model decodes).
+   Each step appends one key, so summary maintenance is in the time; dense is timed before and after
+   the sparse runs and the faster is kept.
 2. The real SmolLM2 end to end at a few context lengths: dense greedy decode on transformers'
    DynamicCache (what `generate` runs) vs the sparsified model on the same prompt and tokens
    (sparse_core.decode.measure), ms per token side by side, with the fidelity of the generated tokens

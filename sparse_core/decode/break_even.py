@@ -2,15 +2,16 @@
 dense one, so the plan's decode path stays dense there (`DecodePlan.break_even_tokens`).
 
 A sparse step pays a fixed cost whatever the cache length (appending the page summaries, scoring the
-pages, selecting, gathering, two attention calls and their merge: tens of small ops) and saves the
-reads of the pages it skips. At short caches the fixed cost wins and sparse decode is a loss;
-measured here, on this host, for one attention layer of the model's shape: dense SDPA as transformers
-runs a decode step (GQA, no mask) against the sparse step as the retrofit runs it, interleaved step by
-step so load drift hits both arms, at increasing cache lengths. Each arm's cost is its best step: on
-a shared host other processes preempt the tens of small ops of a sparse step far more often than the
-one SDPA call of a dense step (with two threads a descheduled thread stalls every op), so medians
-measure the neighbours; the best of 24 steps measures the code, and the break-even stays the same
-from one calibration to the next (docs/sparse_core.md has both on this host).
+pages, selecting, gathering, attending: ~15 small ops on a PagedCache, more with the two-part kernel
+on transformers' DynamicCache) and saves the reads of the pages it skips. At short caches the fixed
+cost wins and sparse decode is a loss; measured here, on this host, for one attention layer of the
+model's shape: dense SDPA as transformers runs a decode step (GQA, no mask) against the sparse step
+as the retrofit runs it, interleaved step by step so load drift hits both arms, at increasing cache
+lengths. Each arm's cost is its best step: on a shared host other processes preempt the tens of
+small ops of a sparse step far more often than the one SDPA call of a dense step (with two threads a
+descheduled thread stalls every op), so medians measure the neighbours; the best of 24 steps
+measures the code, and the break-even stays the same from one calibration to the next
+(docs/sparse_core.md has both on this host).
 
 `break_even_from(rows)` is the decision, a pure function: the smallest measured length from which on
 every longer measured length is at least `min_ratio` faster sparse. "Never slower than dense" is the
