@@ -5,7 +5,6 @@ device is recorded. Idempotent per (model version, suite settings)."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -63,27 +62,6 @@ def open_run(ctx: UseCaseContext, mv_id: int, key: str) -> dict[str, Any]:
     return runs.open_evaluation(ctx.use_case_id, mv_id, key, flow_run_id())
 
 
-def measure_decode_tps(model: Any, tok: Any, context_tokens: int = 512, new_tokens: int = 16) -> float:
-    """Greedy decode tokens/s after a short context: output tokens cost the same in both arms (sparse
-    prefill does not speed up decoding), which the ROI must not forget."""
-    import torch
-
-    from sparse_core.corpus import corpus_texts, pack_token_windows
-
-    win = pack_token_windows(tok, corpus_texts("all"), context_tokens, 1, seed=3)[0]
-    dev = next(model.parameters()).device
-    with torch.inference_mode():
-        out = model(input_ids=torch.tensor([win], device=dev), use_cache=True, logits_to_keep=1)
-        cache, nxt = out.cache, int(out.logits[0, -1].argmax())
-        t0 = time.perf_counter()
-        for _ in range(new_tokens):
-            out = model(input_ids=torch.tensor([[nxt]], device=dev), cache=cache, use_cache=True)
-            nxt = int(out.logits[0, -1].argmax())
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-    return new_tokens / (time.perf_counter() - t0)
-
-
 @flow_task("evaluate-model", retries=0)
 def run_evaluation(
     ctx: UseCaseContext, target: dict[str, Any], settings: dict[str, Any], pictures_dir: str
@@ -104,7 +82,9 @@ def run_evaluation(
         logger.info("%s: evaluation %s %d/%d", ctx.name, stage, done, total)
 
     report = evaluate(model, tok, plan, suite, progress=progress)
-    decode_tps = measure_decode_tps(model, tok)
+    # dense decode tokens/s, timed by the evaluation at the use case's lengths on the served cache
+    dec = (report.decode or {}).get("summary") or {}
+    decode_tps = dec.get("weighted_dense_tokens_per_s")
     return {"report": report.to_dict(), "metrics": report.metrics(), "decode_tps": decode_tps}
 
 
@@ -125,12 +105,14 @@ def roi_from_report(spec: Any, report: dict[str, Any], decode_tps: float | None)
     if n >= 2:
         _, lo, hi = speedup_interval(dense_t, sparse_t)
         interval = (lo, hi)
-    # A plan that decodes sparsely: both arms' output tokens at the decode throughputs measured side
-    # by side at the use case's lengths (report["decode"]), the sparse one with its interval.
+    # Output tokens at the decode throughputs the evaluation measured at the use case's lengths
+    # (report["decode"]); for a plan that decodes sparsely, the sparse arm's side by side, with its
+    # interval; for one without a decode section, the dense figure in both arms.
     dec = (report.get("decode") or {}).get("summary")
     sparse_decode = decode_interval = None
     if dec:
         decode_tps = dec["weighted_dense_tokens_per_s"]
+    if dec and dec.get("sparse_decode", True):
         sparse_decode = dec["weighted_sparse_tokens_per_s"]
         decode_interval = (dec["weighted_sparse_tokens_per_s_low"], dec["weighted_sparse_tokens_per_s_high"])
     roi = roi_for_spec(
@@ -145,7 +127,8 @@ def roi_from_report(spec: Any, report: dict[str, Any], decode_tps: float | None)
     out = roi.to_dict()
     out["speedup_interval_from"] = f"{n} repeated weighted timings" if interval else "point estimate only"
     out["timing_host"] = summ.get("host")  # threads, the host's load, pairs retimed for overload
-    out["decode_from"] = "sparse decode measured side by side" if dec else "dense decode in both arms"
+    sparse = bool(dec) and dec.get("sparse_decode", True)
+    out["decode_from"] = "sparse decode measured side by side" if sparse else "dense decode in both arms"
     out["decode"] = decode_outcome(report.get("decode"), roi)  # the ROI's decode line
     return out
 

@@ -217,7 +217,7 @@ def decode_outcome(decode: dict[str, Any] | None, roi: RoiResult) -> dict[str, A
     `speedup` [low, high], `saved_usd_month` (decode's part of the saving), `line` (a sentence) and
     `short` (a table cell). `decode` is the evaluation report's decode section ({"rows", "summary"})."""
     s = (decode or {}).get("summary")
-    if not s:
+    if not s or s.get("sparse_decode") is False:  # dense decode timed in both arms, or not at all
         return {
             "status": "dense",
             "speedup": 1.0,

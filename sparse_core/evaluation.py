@@ -9,9 +9,10 @@ Sections (each can be switched off by the suite, and is then None in the report)
 - use-case task scores on a JSONL dataset (dense vs sparse);
 - speed: prefill seconds and tokens/s dense vs sparse at the dataset's length mix, repeated, with a
   bootstrap interval on the speed-up; density computed and estimator share;
-- decode (plans with a `decode` section): ms per generated token dense vs sparse at the same context
-  lengths as the speed section, side by side on one cache, with a bootstrap interval, the density
-  read and the fidelity of the generated tokens (sparse_core.decode.measure);
+- decode: ms per generated token dense vs sparse at the same context lengths as the speed section,
+  side by side on one cache, with a bootstrap interval, the density read and the fidelity of the
+  generated tokens (sparse_core.decode.measure); for a plan without a `decode` section, dense decode
+  timed the same way (the output tokens' price in both arms);
 - pictures: layer x head density heatmap, one sample's selected blocks over its attention map.
 
 The model is returned dense whatever happens.
@@ -136,7 +137,7 @@ class EvaluationReport:
     tasks: dict | None = None
     speed: list[SpeedRow] | None = None
     speed_summary: dict | None = None
-    decode: dict | None = None  # {"rows": [...], "summary": {...}} when the plan decodes sparsely
+    decode: dict | None = None  # {"rows": [...], "summary": {...}}; summary["sparse_decode"]: plan's section
     density: float | None = None
     layer_density: list[float] | None = None
     head_density: list[list[float]] | None = None
@@ -445,12 +446,18 @@ def measure_decode_speed(
     weighted like the prefill speed; the summary's interval combines the rows' intervals. A length at
     which no layer decodes sparsely (below the break-even, or every layer dense) is timed dense only
     (the sparse arm runs the same code): its row says `identical`, and the summary counts such rows.
-    Both arms run on the cache the served model uses (PagedCache where every layer reads the whole
-    cache: score_request, the pyfunc), so the cache's own saving is in neither arm's favour."""
+    A plan without a decode section is timed dense only at every length (`summary["sparse_decode"]`
+    False): the price of output tokens in both arms. Both arms run on the cache the served model
+    uses (PagedCache where every layer reads the whole cache: score_request, the pyfunc), under the
+    prefill timing's thread policy (sparse_core.host.apply_thread_policy), dense and sparse
+    interleaved per repeat, so neither the cache nor the threads favour an arm."""
     from sparse_core.decode.cache import full_attention_only
-    from sparse_core.decode.measure import compare_decode
+    from sparse_core.decode.measure import compare_decode, dense_decode
+    from sparse_core.host import apply_thread_policy, loadavg
 
     kind = "paged" if full_attention_only(model.config) else "dynamic"
+    policy = apply_thread_policy()
+    load_before = loadavg()
 
     texts = corpus_texts("all")
     dev = next(model.parameters()).device
@@ -460,16 +467,22 @@ def measure_decode_speed(
     for i, (L, w) in enumerate(zip(lengths, weights, strict=True), start=1):
         n = int(L) if not cap else min(int(L), cap - suite.decode_new_tokens)
         win = pack_token_windows(tokenizer, texts, n, 1, seed=suite.seed + 7)[0]
-        r = compare_decode(
-            model,
-            plan,
-            torch.tensor([win], device=dev),
-            new_tokens=suite.decode_new_tokens,
-            repeats=suite.decode_repeats,
-            seed=suite.seed,
-            dense_cache=kind,
-            sparse_cache=kind,
-        ).to_dict()
+        ids = torch.tensor([win], device=dev)
+        if plan.decode is None:
+            r = dense_decode(
+                model, ids, new_tokens=suite.decode_new_tokens, repeats=suite.decode_repeats, cache=kind
+            ).to_dict()
+        else:
+            r = compare_decode(
+                model,
+                plan,
+                ids,
+                new_tokens=suite.decode_new_tokens,
+                repeats=suite.decode_repeats,
+                seed=suite.seed,
+                dense_cache=kind,
+                sparse_cache=kind,
+            ).to_dict()
         r["weight"] = w / total_w
         rows.append(r)
         if progress:
@@ -490,13 +503,15 @@ def measure_decode_speed(
         "kl": sum(r["weight"] * r["kl"] for r in rows),
         "new_tokens": suite.decode_new_tokens,
         "density": sum(r["weight"] * r["density"] for r in rows),
-        "break_even_tokens": plan.decode.first_break_even(),
+        "sparse_decode": plan.decode is not None,
+        "break_even_tokens": plan.decode.first_break_even() if plan.decode is not None else None,
         "rows_below_break_even": sum(1 for r in rows if r["extra"].get("below_break_even")),
         "rows_identical": sum(1 for r in rows if r["extra"].get("identical")),
         "context_tokens": [
             min(r["seq_len"] for r in rows),
             max(r["seq_len"] for r in rows) + suite.decode_new_tokens,
         ],
+        "host": {**policy, "cache": kind, "loadavg_before": load_before, "loadavg_after": loadavg()},
     }
     return {"rows": rows, "summary": summary}
 
@@ -674,8 +689,8 @@ def evaluate(
         )
         secs["speed"] = time.perf_counter() - t0
 
-    # --- decode ---------------------------------------------------------------------------------
-    if plan.decode is not None and suite.decode_new_tokens >= 2 and suite.decode_repeats > 0 and sl:
+    # --- decode (every plan: without a decode section it prices output tokens in both arms) -----
+    if suite.decode_new_tokens >= 2 and suite.decode_repeats > 0 and sl:
         t0 = time.perf_counter()
         w = report.speed and [r.weight for r in report.speed]
         report.decode = measure_decode_speed(

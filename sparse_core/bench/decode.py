@@ -3,8 +3,9 @@
 1. One attention layer of SmolLM2's shape (9 query heads, 3 KV heads, head_dim 64), one query token
    against a cache of 16k (and 32k) tokens: dense SDPA as transformers runs a decode step (GQA, no
    mask) vs the sparse decode step (page-summary append, page scoring, selection, gather kernel) at a
-   few densities. Each step appends one key, so summary maintenance is in the time; dense is timed
-   before and after the sparse runs and the faster is kept.
+   few densities, both arms reading views of a PagedCache layer's buffer (as the served model decodes).
+   Each step appends one key, so summary maintenance is in the time; dense is timed before and after
+   the sparse runs and the faster is kept.
 2. The real SmolLM2 end to end at a few context lengths: dense greedy decode on transformers'
    DynamicCache (what `generate` runs) vs the sparsified model on the same prompt and tokens
    (sparse_core.decode.measure), ms per token side by side, with the fidelity of the generated tokens
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from sparse_core.bench.attention import HEAD_DIM, KV_HEADS, Q_HEADS
 from sparse_core.bench.common import RunClock, pyplot, save_figure
 from sparse_core.decode.attention import sparse_decode_step
+from sparse_core.decode.cache import paged_buffer
 from sparse_core.decode.pages import sync
 from sparse_core.decode.plan import DecodePlan
 from sparse_core.decode.scoring import local_start
@@ -104,8 +106,11 @@ def layer_bench(
         base_v = torch.randn(1, KV_HEADS, length, HEAD_DIM, generator=gen)
         extra_k = torch.randn(1, KV_HEADS, steps, HEAD_DIM, generator=gen)
         extra_v = torch.randn(1, KV_HEADS, steps, HEAD_DIM, generator=gen)
-        ks = [torch.cat([base_k, extra_k[:, :, :i]], 2) for i in range(1, steps + 1)]
-        vs = [torch.cat([base_v, extra_v[:, :, :i]], 2) for i in range(1, steps + 1)]
+        # both arms read views of a PagedCache layer's buffer, as the served model's decode does
+        kbuf = paged_buffer(torch.cat([base_k, extra_k], 2))
+        vbuf = paged_buffer(torch.cat([base_v, extra_v], 2))
+        ks = [kbuf[:, :, : length + i] for i in range(1, steps + 1)]
+        vs = [vbuf[:, :, : length + i] for i in range(1, steps + 1)]
         qs = [torch.randn(1, Q_HEADS, 1, HEAD_DIM, generator=gen) for _ in range(steps)]
 
         def dense_pass(qs=qs, ks=ks, vs=vs) -> list[float]:
@@ -135,10 +140,10 @@ def layer_bench(
                     t0 = time.perf_counter()
                     pages = sync(pages, k, page_size)
                     start = local_start(k.shape[2], page_size, params.local_pages)
-                    _, sel, t1 = sparse_decode_step(plan, params, pages, q, k, v, start)
+                    _, read, t1 = sparse_decode_step(plan, params, pages, q, k, v, start)
                     times.append(time.perf_counter() - t0)
                     est.append(t1 - t0)
-                    kept.append((sel.shape[-1] * page_size + k.shape[2] - start) / k.shape[2])
+                    kept.append(read / k.shape[2])
                 if not warm:
                     pending.append((target, times, est, kept))
         d1 = dense_pass()

@@ -21,12 +21,14 @@ from sparse_core.decode.pages import PageSummaries, summarize, sync
 from sparse_core.decode.plan import DecodeLayerParams
 from sparse_core.decode.scoring import (
     gate_page_logits,
+    group_page_scores,
     local_start,
     page_mass,
     quest_page_logits,
     select_pages,
+    select_pages_forced,
 )
-from sparse_core.kernels.decode import decode_attention
+from sparse_core.kernels.decode import decode_attention, decode_attention_pages, paged_rows
 
 
 @dataclass
@@ -123,11 +125,11 @@ def decode_attention_forward(
         stats.dense_calls += 1
         stats.kept_tokens += kv_len
         return None  # nothing to skip: the caller's dense path is exact and cheaper
-    out, sel, t1 = sparse_decode_step(
+    out, kept, t1 = sparse_decode_step(
         plan, params, pages, query, key, value, start, key_valid=key_valid, scaling=scaling
     )
     t2 = time.perf_counter()
-    stats.kept_tokens += sel.shape[-1] * ps + (kv_len - start)
+    stats.kept_tokens += kept
     stats.estimator_seconds += t1 - t0
     stats.kernel_seconds += t2 - t1
     return out.transpose(1, 2).contiguous(), None
@@ -144,10 +146,15 @@ def sparse_decode_step(
     *,
     key_valid: torch.Tensor | None = None,
     scaling: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Score the pages, select per KV head, attend: (out [B, Hq, 1, D], selected pages [B, Hkv, m],
-    the time scoring and selection ended)."""
-    q = query[:, :, 0]
+) -> tuple[torch.Tensor, int, float]:
+    """Score the pages, select per KV head, attend: (out [B, Hq, 1, D], cached tokens read per
+    (batch, KV head), the time scoring and selection ended).
+
+    The fast path -- a page budget, no key padding, K/V pages laid out as rows (PagedCache) -- is one
+    topk over the pages with the sink and local pages forced, one gather of whole pages for K and V
+    each, and one attention call over them. Otherwise (tau, padding, transformers' DynamicCache)
+    the selected pages and the local window are attended apart and merged by log-sum-exp."""
+    q = query.select(2, 0)
     if params.estimator == "gate":
         from sparse_core.estimators.learned_gate import gate_for_plan
 
@@ -156,17 +163,28 @@ def sparse_decode_step(
     else:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         logits = quest_page_logits(q, pages, scale)
-    pv = _page_valid(key_valid, params.page_size) if key_valid is not None else None
+    ps, length = params.page_size, key.shape[2]
+    keep = params.keep_pages(pages.n_pages)
+    rows = paged_rows(key, value, ps) if key_valid is None and params.tau is None else None
+    if rows is not None and keep is not None:
+        sel = select_pages_forced(
+            group_page_scores(logits, key.shape[1]),
+            sink_pages=params.sink_pages,
+            local_pages=params.local_pages,
+            keep_pages=keep,
+        )
+        t1 = time.perf_counter()
+        out = decode_attention_pages(query, rows, sel, ps, length, scale=scaling)
+        return out, sel.shape[-1] * ps - (-length % ps), t1
+    pv = _page_valid(key_valid, ps) if key_valid is not None else None
     mass = page_mass(logits, key.shape[1], pv)
     sel = select_pages(
         mass,
         sink_pages=params.sink_pages,
         local_pages=params.local_pages,
-        keep_pages=params.keep_pages(pages.n_pages),
+        keep_pages=keep,
         tau=params.tau,
     )
     t1 = time.perf_counter()
-    out = decode_attention(
-        query, key, value, sel, params.page_size, start, key_valid=key_valid, scale=scaling
-    )
-    return out, sel, t1
+    out = decode_attention(query, key, value, sel, ps, start, key_valid=key_valid, scale=scaling)
+    return out, sel.shape[-1] * ps + (length - start), t1

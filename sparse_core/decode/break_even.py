@@ -2,15 +2,16 @@
 dense one, so the plan's decode path stays dense there (`DecodePlan.break_even_tokens`).
 
 A sparse step pays a fixed cost whatever the cache length (appending the page summaries, scoring the
-pages, selecting, gathering, two attention calls and their merge: tens of small ops) and saves the
-reads of the pages it skips. At short caches the fixed cost wins and sparse decode is a loss;
-measured here, on this host, for one attention layer of the model's shape: dense SDPA as transformers
-runs a decode step (GQA, no mask) against the sparse step as the retrofit runs it, interleaved step by
-step so load drift hits both arms, at increasing cache lengths. Each arm's cost is its best step: on
-a shared host other processes preempt the tens of small ops of a sparse step far more often than the
-one SDPA call of a dense step (with two threads a descheduled thread stalls every op), so medians
-measure the neighbours; the best of 24 steps measures the code, and the break-even stays the same
-from one calibration to the next (docs/sparse_core.md has both on this host).
+pages, selecting, gathering, attending: ~15 small ops on a PagedCache, more with the two-part kernel
+on transformers' DynamicCache) and saves the reads of the pages it skips. At short caches the fixed
+cost wins and sparse decode is a loss; measured here, on this host, for one attention layer of the
+model's shape: dense SDPA as transformers runs a decode step (GQA, no mask) against the sparse step
+as the retrofit runs it, interleaved step by step so load drift hits both arms, at increasing cache
+lengths. Each arm's cost is its best step: on a shared host other processes preempt the tens of
+small ops of a sparse step far more often than the one SDPA call of a dense step (with two threads a
+descheduled thread stalls every op), so medians measure the neighbours; the best of 24 steps
+measures the code, and the break-even stays the same from one calibration to the next
+(docs/sparse_core.md has both on this host).
 
 `break_even_from(rows)` is the decision, a pure function: the smallest measured length from which on
 every longer measured length is at least `min_ratio` faster sparse. "Never slower than dense" is the
@@ -27,12 +28,13 @@ import torch
 import torch.nn.functional as F
 
 from sparse_core.decode.attention import sparse_decode_step
+from sparse_core.decode.cache import full_attention_only, paged_buffer
 from sparse_core.decode.pages import sync
 from sparse_core.decode.plan import DecodeLayerParams
 from sparse_core.decode.scoring import local_start
-from sparse_core.host import loadavg
+from sparse_core.host import apply_thread_policy, loadavg
 
-LENGTHS = (256, 512, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384)
+LENGTHS = (256, 512, 1024, 1536, 2048, 2560, 3072, 3584, 4096, 5120, 6144, 8192, 12288, 16384)
 MIN_RATIO = 1.05  # a sparse step must be this much faster to count: timing noise is not a saving
 
 
@@ -56,6 +58,7 @@ class BreakEven:
     shape: dict[str, Any] = field(default_factory=dict)
     threads: int = 1
     load: list[float] | None = None  # host load average (1, 5, 15 min) before the measurement
+    paged: bool = True  # keys read from a PagedCache layer's buffer (else contiguous, DynamicCache)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -90,9 +93,54 @@ def measure_break_even(
     steps: int = 24,
     min_ratio: float = MIN_RATIO,
     seed: int = 0,
+    paged: bool = True,
+    threads: int | None = None,
 ) -> BreakEven:
     """Time one attention layer's decode step dense vs sparse (`params` of `plan`, whose gate weights
-    the 'gate' estimator reads) at each cache length on random keys; -> the break-even."""
+    the 'gate' estimator reads) at each cache length on random keys; -> the break-even. `paged`: the
+    keys are a view of a PagedCache layer's buffer (the cache the served model decodes on when all
+    its layers read the whole cache); else contiguous, as transformers' DynamicCache hands them.
+    `threads`: torch threads for the measurement (restored after); None: the evaluation's policy,
+    the CPUs really free (sparse_core.host.apply_thread_policy). Two threads on a busy two-core host
+    stall on every small op: a calibration at load 3.5 timed a 256-token dense step at 3.7 ms (50 us
+    alone) and found no break-even up to 8k."""
+    prev = torch.get_num_threads()
+    if threads is None:
+        apply_thread_policy()
+    else:
+        torch.set_num_threads(threads)
+    try:
+        return _measure(
+            plan,
+            params,
+            q_heads=q_heads,
+            kv_heads=kv_heads,
+            head_dim=head_dim,
+            dtype=dtype,
+            lengths=lengths,
+            steps=steps,
+            min_ratio=min_ratio,
+            seed=seed,
+            paged=paged,
+        )
+    finally:
+        torch.set_num_threads(prev)
+
+
+def _measure(
+    plan: Any,
+    params: DecodeLayerParams,
+    *,
+    q_heads: int,
+    kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    lengths: tuple[int, ...],
+    steps: int,
+    min_ratio: float,
+    seed: int,
+    paged: bool,
+) -> BreakEven:
     if q_heads % kv_heads:
         raise ValueError(f"q_heads {q_heads} is not a multiple of kv_heads {kv_heads}")
     params = replace(params, break_even_tokens=0, dense=False)
@@ -105,14 +153,16 @@ def measure_break_even(
             continue
         k_all = torch.randn(1, kv_heads, length + steps, head_dim, generator=gen).to(dtype)
         v_all = torch.randn(1, kv_heads, length + steps, head_dim, generator=gen).to(dtype)
+        if paged:  # both arms read a PagedCache layer's buffer, as the served model's decode does
+            k_all, v_all = paged_buffer(k_all), paged_buffer(v_all)
         qs = [torch.randn(1, q_heads, 1, head_dim, generator=gen).to(dtype) for _ in range(steps)]
         pages = sync(None, k_all[:, :, :length], ps)
         dense_t, sparse_t, read = [], [], []
         for warm in (True, False):
             for i, q in enumerate(qs):
-                # contiguous, as transformers' DynamicCache hands the layer its keys (one copy at a time)
-                k = k_all[:, :, : length + i + 1].contiguous()
-                v = v_all[:, :, : length + i + 1].contiguous()
+                k, v = k_all[:, :, : length + i + 1], v_all[:, :, : length + i + 1]
+                if not paged:  # contiguous, as transformers' DynamicCache hands the layer its keys
+                    k, v = k.contiguous(), v.contiguous()
                 t0 = time.perf_counter()
                 F.scaled_dot_product_attention(q, k, v, enable_gqa=True).transpose(1, 2).contiguous()
                 t1 = time.perf_counter()
@@ -125,9 +175,8 @@ def measure_break_even(
                     F.scaled_dot_product_attention(q, k, v, enable_gqa=True).transpose(1, 2).contiguous()
                     kept = n
                 else:
-                    out, sel, _ = sparse_decode_step(plan, params, pages, q, k, v, start)
+                    out, kept, _ = sparse_decode_step(plan, params, pages, q, k, v, start)
                     out.transpose(1, 2).contiguous()
-                    kept = sel.shape[-1] * ps + (n - start)
                 t2 = time.perf_counter()
                 if not warm:
                     dense_t.append(t1 - t0)
@@ -148,6 +197,7 @@ def measure_break_even(
         shape={"q_heads": q_heads, "kv_heads": kv_heads, "head_dim": head_dim, "dtype": str(dtype)},
         threads=torch.get_num_threads(),
         load=load,
+        paged=paged,
     )
 
 
@@ -172,4 +222,5 @@ def measure_for_model(model: Any, plan: Any, budget_tokens: int | None = None, *
     if cap:
         lengths = tuple(x for x in lengths if x <= cap) or (cap,)
     shape = {"q_heads": q_heads, "kv_heads": kv_heads, "head_dim": head_dim}
+    kw.setdefault("paged", full_attention_only(cfg))
     return measure_break_even(plan, params, **shape, dtype=dtype, lengths=lengths, **kw)

@@ -36,8 +36,10 @@ class PagedLayer(DynamicLayer):
         new = max(MIN_CAPACITY, 2 * cap, need)
         new = -(-new // MIN_CAPACITY) * MIN_CAPACITY  # whole pages per row: one gather (kernels.decode)
         b, h, _, d = key_states.shape
-        kb = torch.empty(b, h, new, d, dtype=key_states.dtype, device=key_states.device)
-        vb = torch.empty(
+        # zero-filled: the decode kernel reads the newest page whole and masks the rows past the end,
+        # which must be finite (0 * NaN is NaN)
+        kb = torch.zeros(b, h, new, d, dtype=key_states.dtype, device=key_states.device)
+        vb = torch.zeros(
             b, h, new, value_states.shape[-1], dtype=value_states.dtype, device=value_states.device
         )
         if self._len:
@@ -97,6 +99,17 @@ class PagedLayer(DynamicLayer):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.get_seq_length() > 0:
             self._rebuild(self.keys[indices], self.values[indices])
+
+
+def paged_buffer(x: torch.Tensor, capacity: int | None = None) -> torch.Tensor:
+    """A zero-filled buffer laid out as a `PagedLayer`'s ([B, H, capacity, D], capacity a multiple of
+    MIN_CAPACITY) holding `x` [B, H, L, D] at its start: `buf[:, :, :n]` is what the layer hands
+    attention at n cached tokens (benchmarks time decode steps on it)."""
+    b, h, length, d = x.shape
+    cap = -(-max(capacity or 0, length, 1) // MIN_CAPACITY) * MIN_CAPACITY
+    buf = torch.zeros(b, h, cap, d, dtype=x.dtype, device=x.device)
+    buf[:, :, :length] = x
+    return buf
 
 
 class PagedCache(DynamicCache):

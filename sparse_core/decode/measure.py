@@ -161,7 +161,16 @@ def compare_decode(
         unsparsify(model)
     n_layers = int(model.config.num_hidden_layers)
     if dense_cache == sparse_cache and not plan.decode.sparse_at(n_layers, ids.shape[1] + new_tokens):
-        return _dense_only(model, plan, ids, new_tokens, repeats, dense_cache, free_running, progress)
+        return dense_decode(
+            model,
+            ids,
+            new_tokens=new_tokens,
+            repeats=repeats,
+            cache=dense_cache,
+            free_running=free_running,
+            plan=plan,
+            progress=progress,
+        )
     cache, first = prefill(model, ids)
     caches = {"dynamic": cache}
     if "paged" in (dense_cache, sparse_cache):
@@ -230,6 +239,7 @@ def compare_decode(
             "dense_cache": dense_cache,
             "sparse_cache": sparse_cache,
             "identical": False,
+            "decode_section": True,
             "below_break_even": False,
             "break_even_tokens": plan.decode.first_break_even(),
         },
@@ -252,10 +262,27 @@ def _timings(ids, new_tokens: int, repeats: int, per_rep: tuple, median_s: tuple
     }
 
 
-def _dense_only(
-    model, plan, ids, new_tokens, repeats, cache_kind, free_running, progress
+def dense_decode(
+    model,
+    ids: torch.Tensor,
+    *,
+    new_tokens: int = 64,
+    repeats: int = 2,
+    cache: str = "dynamic",
+    free_running: bool = False,
+    plan: SparsePlan | None = None,
+    progress: Progress | None = None,
 ) -> DecodeComparison:
-    """The comparison for a run in which no layer decodes sparsely: the sparse arm is the dense one."""
+    """Decode timed densely only, as a comparison whose sparse arm is the dense one (speed-up 1.00,
+    fidelity exact): a plan without a decode section (`plan` None or decode-less: the evaluation's
+    decode price for both arms), or a run in which no layer of `plan` decodes sparsely (below its
+    break-even, or every layer dense). `extra["decode_section"]` says which."""
+    if cache not in CACHES:
+        raise ValueError(f"cache must be one of {CACHES}, got {cache!r}")
+    if new_tokens < 2:
+        raise ValueError("new_tokens must be >= 2 (the first step of a run is not timed)")
+    cache_kind = cache
+    dec = plan.decode if plan is not None else None
     cache, first = prefill(model, ids)
     if cache_kind == "paged":
         cache = as_paged(cache)
@@ -285,8 +312,9 @@ def _dense_only(
             "dense_cache": cache_kind,
             "sparse_cache": cache_kind,
             "identical": True,
-            "below_break_even": ids.shape[1] + new_tokens < plan.decode.first_break_even(),
-            "break_even_tokens": plan.decode.first_break_even(),
+            "decode_section": dec is not None,
+            "below_break_even": dec is not None and ids.shape[1] + new_tokens < dec.first_break_even(),
+            "break_even_tokens": dec.first_break_even() if dec is not None else None,
         },
     )
 

@@ -1,7 +1,8 @@
 """Page summaries of a layer's key cache, maintained as tokens are appended.
 
 Per (batch, KV head, page of `page_size` tokens): the channel-wise max and min of the keys (Quest's
-bound) and their sum (the mean is the learned gate's third key feature). `sync(summary, keys)` brings
+bound), side by side in one buffer [.., page, 2D] (so Quest's bound is one matmul), and their sum
+(the mean is the learned gate's third key feature). `sync(summary, keys)` brings
 a summary up to date with the cache's keys: it appends only the new tokens (the partial last page is
 updated in place), and rebuilds from scratch when the keys are not a continuation of what it saw (a
 new sequence, a cropped or reordered cache: checked by the length and the last summarised key).
@@ -18,12 +19,19 @@ import torch
 @dataclass
 class PageSummaries:
     page_size: int
-    kmax: torch.Tensor  # float32 [B, H, capacity, D]; pages [:n_pages] are live
-    kmin: torch.Tensor
-    ksum: torch.Tensor
+    bounds: torch.Tensor  # float32 [B, H, capacity, 2D]: [kmax | kmin]; pages [:n_pages] are live
+    ksum: torch.Tensor  # float32 [B, H, capacity, D]
     length: int  # tokens summarised
     last_key: torch.Tensor  # [B, H, D]: the key at position length - 1, as given
     cache: dict = field(default_factory=dict)  # per-estimator derived page features (e.g. gate keys)
+
+    @property
+    def kmax(self) -> torch.Tensor:
+        return self.bounds[..., : self.ksum.shape[-1]]
+
+    @property
+    def kmin(self) -> torch.Tensor:
+        return self.bounds[..., self.ksum.shape[-1] :]
 
     @property
     def n_pages(self) -> int:
@@ -63,9 +71,9 @@ def _page_stats(keys: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch
     return mx, mn, sm
 
 
-def _alloc(like: torch.Tensor, capacity: int) -> torch.Tensor:
+def _alloc(like: torch.Tensor, capacity: int, width: int = 1) -> torch.Tensor:
     b, h, _, d = like.shape
-    return torch.empty(b, h, capacity, d, dtype=torch.float32, device=like.device)
+    return torch.empty(b, h, capacity, width * d, dtype=torch.float32, device=like.device)
 
 
 def summarize(keys: torch.Tensor, page_size: int) -> PageSummaries:
@@ -75,19 +83,19 @@ def summarize(keys: torch.Tensor, page_size: int) -> PageSummaries:
     mx, mn, sm = _page_stats(keys, page_size)
     n = mx.shape[2]
     cap = max(16, 2 * n)
-    kmax, kmin, ksum = _alloc(mx, cap), _alloc(mx, cap), _alloc(mx, cap)
-    kmax[:, :, :n], kmin[:, :, :n], ksum[:, :, :n] = mx, mn, sm
-    return PageSummaries(page_size, kmax, kmin, ksum, keys.shape[2], keys[:, :, -1].clone())
+    s = PageSummaries(page_size, _alloc(mx, cap, 2), _alloc(mx, cap), keys.shape[2], keys[:, :, -1].clone())
+    s.kmax[:, :, :n], s.kmin[:, :, :n], s.ksum[:, :, :n] = mx, mn, sm
+    return s
 
 
 def _grow(s: PageSummaries, pages: int) -> None:
-    cap = s.kmax.shape[2]
+    cap = s.ksum.shape[2]
     if pages <= cap:
         return
     new = max(2 * cap, pages)
-    for name in ("kmax", "kmin", "ksum"):
+    for name in ("bounds", "ksum"):
         old = getattr(s, name)
-        buf = _alloc(old, new)
+        buf = torch.empty(*old.shape[:2], new, old.shape[3], dtype=old.dtype, device=old.device)
         buf[:, :, :cap] = old
         setattr(s, name, buf)
 
@@ -98,22 +106,27 @@ def extend(s: PageSummaries, keys: torch.Tensor) -> PageSummaries:
     if total <= s.length:
         return s
     p = s.page_size
+    if total == s.length + 1 and s.length % p:  # the decode step: one token into the partial page
+        # select/narrow, not indexing: this runs per layer and token, and Python indexing costs more
+        head, i, d = keys.select(2, s.length), s.length // p, keys.shape[-1]
+        row = s.bounds.select(2, i)
+        kmax, kmin = row.narrow(-1, 0, d), row.narrow(-1, d, d)
+        torch.maximum(kmax, head, out=kmax)
+        torch.minimum(kmin, head, out=kmin)
+        s.ksum.select(2, i).add_(head)
+        s.last_key.copy_(head)
+        s.length = total
+        return s
     new = keys[:, :, s.length :].float()
     pos = s.length
     rem = pos % p
     if rem:  # fill the partial last page in place
         m = min(p - rem, new.shape[2])
         i = pos // p
-        if m == 1:  # the decode step: one token
-            head = new[:, :, 0]
-            torch.maximum(s.kmax[:, :, i], head, out=s.kmax[:, :, i])
-            torch.minimum(s.kmin[:, :, i], head, out=s.kmin[:, :, i])
-            s.ksum[:, :, i] += head
-        else:
-            head = new[:, :, :m]
-            torch.maximum(s.kmax[:, :, i], head.amax(2), out=s.kmax[:, :, i])
-            torch.minimum(s.kmin[:, :, i], head.amin(2), out=s.kmin[:, :, i])
-            s.ksum[:, :, i] += head.sum(2)
+        head = new[:, :, :m]
+        torch.maximum(s.kmax[:, :, i], head.amax(2), out=s.kmax[:, :, i])
+        torch.minimum(s.kmin[:, :, i], head.amin(2), out=s.kmin[:, :, i])
+        s.ksum[:, :, i] += head.sum(2)
         new = new[:, :, m:]
         pos += m
     if new.shape[2]:
@@ -132,11 +145,11 @@ def is_continuation(s: PageSummaries | None, keys: torch.Tensor, page_size: int)
     if s is None or s.page_size != page_size:
         return False
     b, h, total, d = keys.shape
-    if s.kmax.shape[0] != b or s.kmax.shape[1] != h or s.kmax.shape[3] != d or s.kmax.device != keys.device:
+    if s.ksum.shape[0] != b or s.ksum.shape[1] != h or s.ksum.shape[3] != d or s.ksum.device != keys.device:
         return False
     if total < s.length:
         return False
-    return bool(torch.equal(keys[:, :, s.length - 1], s.last_key))
+    return bool(torch.equal(keys.select(2, s.length - 1), s.last_key))
 
 
 def sync(s: PageSummaries | None, keys: torch.Tensor, page_size: int) -> PageSummaries:

@@ -37,13 +37,19 @@ def _add_log_counts(logits: torch.Tensor, s: PageSummaries) -> torch.Tensor:
     """+ log(tokens in page), up to a constant: only a partial last page differs (in place)."""
     rem = s.length - s.n_full_pages * s.page_size
     if rem:
-        logits[..., -1] += math.log(rem / s.page_size)
+        logits.select(-1, -1).add_(math.log(rem / s.page_size))
     return logits
 
 
 def quest_page_logits(q: torch.Tensor, s: PageSummaries, scale: float) -> torch.Tensor:
-    kmax, kmin, _ = s.live()
-    return _add_log_counts(quest_upper_bound(q, kmax, kmin).mul_(scale), s)
+    """q [B, Hq, D] -> [B, Hq, P]: scale * Quest's bound + log(tokens in page), as one matmul of
+    [scale q+ | scale q-] against the summary's [kmax | kmin] pages."""
+    b, hq, d = q.shape
+    hkv, cap = s.bounds.shape[1], s.bounds.shape[2]
+    qs = q.float().reshape(b * hkv, hq // hkv, d) * scale
+    qq = torch.cat([qs.clamp_min(0.0), qs.clamp_max(0.0)], dim=-1)  # [B*Hkv, g, 2D]
+    pages = s.bounds.view(b * hkv, cap, 2 * d).narrow(1, 0, s.n_pages)
+    return _add_log_counts(torch.bmm(qq, pages.transpose(1, 2)).view(b, hq, -1), s)
 
 
 def _gate_page_keys(s: PageSummaries, layer_gate, layer_idx: int) -> torch.Tensor:
@@ -131,6 +137,33 @@ def select_pages(
     top = torch.topk(mid_mass, want, dim=-1, sorted=False).indices + sink
     top = torch.sort(top, dim=-1).values
     return torch.cat([sink_idx, top], dim=-1)
+
+
+def select_pages_forced(
+    mass: torch.Tensor, *, sink_pages: int, local_pages: int, keep_pages: int
+) -> torch.Tensor:
+    """mass [B, H, P] (any finite scores ranking the pages, e.g. `group_page_scores`) -> page
+    indices [B, H, k] to gather, the local window included: the newest page (the only one that may
+    be partial) first, then the other forced pages (sink, local), then the best-scored rest,
+    k = max(keep_pages, forced pages) capped at P. One topk: forced pages score above any estimate.
+    `mass` is overwritten."""
+    p = mass.shape[-1]
+    local = min(local_pages, p)
+    sink = min(sink_pages, p - local)
+    k = min(p, max(keep_pages, sink + local))
+    forced = torch.finfo(mass.dtype).max
+    if sink:
+        mass.narrow(-1, 0, sink).fill_(forced)
+    mass.narrow(-1, p - local, local).fill_(forced)
+    mass.select(-1, p - 1).fill_(float("inf"))
+    return torch.topk(mass, k, dim=-1, sorted=True).indices
+
+
+def group_page_scores(logits: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """[B, Hq, P] logits -> [B, Hkv, P]: the query heads' softmax masses summed per KV head -- the
+    ranking of `page_mass` (its mean, without padding) in one op fewer."""
+    b, hq, p = logits.shape
+    return torch.softmax(logits.view(b, num_kv_heads, hq // num_kv_heads, p), -1).sum(2)
 
 
 def local_start(n_tokens: int, page_size: int, local_pages: int) -> int:

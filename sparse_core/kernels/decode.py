@@ -11,6 +11,7 @@ this is dense attention (tested)."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -54,9 +55,26 @@ def _page_rows(x: torch.Tensor, page_size: int) -> tuple[torch.Tensor, int] | No
     return None
 
 
+_CPU_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # returns the LSE too
+
+
+@functools.lru_cache(maxsize=64)
+def _row_base(b: int, h: int, per: int, device: torch.device) -> torch.Tensor:
+    """[B, H, 1]: the first page row of each (b, h) in storage of `per` pages per (b, h)."""
+    return (torch.arange(b * h, device=device) * per).view(b, h, 1)
+
+
 def _page_index(pages: torch.Tensor, per: int) -> torch.Tensor:
     b, h, _ = pages.shape
-    return (pages + (torch.arange(b * h, device=pages.device) * per).view(b, h, 1)).reshape(-1)
+    return (pages + _row_base(b, h, per, pages.device)).reshape(-1)
+
+
+@functools.lru_cache(maxsize=256)
+def _tail_mask(n: int, page_size: int, tail: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[1, 1, 1, n] additive mask hiding the first page's last `tail` rows (read-only, shared)."""
+    mask = torch.zeros(1, 1, 1, n, dtype=dtype, device=device)
+    mask[..., page_size - tail : page_size] = float("-inf")
+    return mask
 
 
 def gather_pages(x: torch.Tensor, pages: torch.Tensor, page_size: int) -> torch.Tensor:
@@ -86,12 +104,56 @@ def gather_kv(
     k: torch.Tensor, v: torch.Tensor, pages: torch.Tensor, page_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`gather_pages` of keys and values; one index for both when their storage is laid out alike."""
-    rk, rv = _page_rows(k, page_size), _page_rows(v, page_size)
-    if rk is not None and rv is not None and rk[1] == rv[1] and k.shape == v.shape:
-        idx = _page_index(pages, rk[1])
+    rows = paged_rows(k, v, page_size)
+    if rows is not None:
+        idx = _page_index(pages, rows[2])
         shape = (*pages.shape[:2], pages.shape[-1] * page_size, k.shape[-1])
-        return rk[0].index_select(0, idx).view(shape), rv[0].index_select(0, idx).view(shape)
+        return rows[0].index_select(0, idx).view(shape), rows[1].index_select(0, idx).view(shape)
     return gather_pages(k, pages, page_size), gather_pages(v, pages, page_size)
+
+
+def paged_rows(
+    k: torch.Tensor, v: torch.Tensor, page_size: int
+) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """(K rows, V rows, pages per (b, h)) when whole pages of k and v are rows of their storage laid
+    out alike (PagedCache buffers); None otherwise."""
+    rk, rv = _page_rows(k, page_size), _page_rows(v, page_size)
+    if rk is None or rv is None or rk[1] != rv[1] or k.shape != v.shape:
+        return None
+    return rk[0], rv[0], rk[1]
+
+
+def decode_attention_pages(
+    q: torch.Tensor,
+    rows: tuple[torch.Tensor, torch.Tensor, int],
+    pages: torch.Tensor,
+    page_size: int,
+    length: int,
+    *,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """One flash call over whole gathered pages, the local window among them: q [B, Hq, 1, D]; `rows`
+    from `paged_rows` of the cache's K/V [B, Hkv, length, D]; pages [B, Hkv, m] with the newest page
+    (index ceil(length / page_size) - 1, possibly partial) first. The partial page's rows past
+    `length` are masked (PagedCache zero-fills its buffers, so they are finite). Returns
+    [B, Hq, 1, D]. With every page given this is dense attention in another key order."""
+    b, hq, lq, d = q.shape
+    if lq != 1:
+        raise ValueError(f"decode attention takes one query token, got {lq}")
+    kr, vr, per = rows
+    hkv, m = pages.shape[1], pages.shape[2]
+    idx = _page_index(pages, per)
+    shape = (b, hkv, m * page_size, d)
+    kg, vg = kr.index_select(0, idx).view(shape), vr.index_select(0, idx).view(shape)
+    qg = q.reshape(b, hkv, hq // hkv, d)
+    scale = scale if scale is not None else 1.0 / math.sqrt(d)
+    tail = -length % page_size  # rows of the newest page past the cache's end
+    mask = _tail_mask(m * page_size, page_size, tail, q.dtype, q.device) if tail else None
+    if q.device.type == "cpu":
+        out = _CPU_FLASH(qg, kg, vg, 0.0, False, attn_mask=mask, scale=scale)[0]
+    else:
+        out = torch.nn.functional.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale)
+    return out.reshape(b, hq, 1, d)
 
 
 def decode_attention(

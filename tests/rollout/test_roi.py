@@ -264,6 +264,21 @@ def test_evaluation_roi_prices_output_tokens_at_the_measured_sparse_decode() -> 
     assert r["decode_from"] == "sparse decode measured side by side"
     assert r["decode"]["status"] == "measured" and r["decode"]["speedup"] == pytest.approx(1.3)
     assert flat["decode"]["status"] == "dense"
+    # a plan without a decode section: the evaluation's dense decode timing prices both arms' output
+    report["decode"] = {
+        "rows": [],
+        "summary": {
+            "sparse_decode": False,
+            "weighted_dense_tokens_per_s": 20.0,
+            "weighted_sparse_tokens_per_s": 20.0,
+            "weighted_sparse_tokens_per_s_low": 20.0,
+            "weighted_sparse_tokens_per_s_high": 20.0,
+        },
+    }
+    dense = roi_from_report(spec, report, decode_tps=99.0)
+    assert dense["inputs"]["decode_tps"] == 20.0 and dense["inputs"]["sparse_decode_tps"] is None
+    assert dense["decode_from"] == "dense decode in both arms" and dense["decode"]["status"] == "dense"
+    assert dense["saved_usd_month"] == pytest.approx(0.0)
 
 
 def _decode_section(

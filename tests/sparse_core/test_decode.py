@@ -336,3 +336,70 @@ def test_gather_pages_reads_exactly_the_selected_pages(b, h, length, cap):
     assert torch.equal(kg, ref) and torch.equal(vg, 2 * ref)
     kg, vg = gather_kv(k, v.contiguous() if cap else v[:, :, :-1], pages, ps)  # laid out apart
     assert torch.equal(kg, ref) and torch.equal(vg, 2 * ref)
+
+
+@pytest.mark.parametrize(("hq", "hkv"), [(4, 4), (6, 2)], ids=["mha", "gqa"])
+@pytest.mark.parametrize("length", [256, 301])
+def test_one_call_page_kernel_on_a_paged_buffer_equals_dense(hq, hkv, length):
+    from sparse_core.decode.cache import paged_buffer
+    from sparse_core.decode.scoring import select_pages_forced
+    from sparse_core.kernels.decode import decode_attention_pages, paged_rows
+
+    torch.manual_seed(0)
+    b, d, ps = 2, 32, 32
+    q = torch.randn(b, hq, 1, d)
+    kb, vb = paged_buffer(torch.randn(b, hkv, length, d)), paged_buffer(torch.randn(b, hkv, length, d))
+    k, v = kb[:, :, :length], vb[:, :, :length]  # views, as PagedCache hands them
+    rows = paged_rows(k, v, ps)
+    assert rows is not None
+    if length % ps:  # a contiguous cache's pages are rows only when it ends on a page boundary
+        assert paged_rows(k.contiguous(), v.contiguous(), ps) is None
+    n = -(-length // ps)
+    every = select_pages_forced(torch.rand(b, hkv, n), sink_pages=1, local_pages=2, keep_pages=n)
+    assert every[..., 0].eq(n - 1).all() and every.sort(-1).values.eq(torch.arange(n)).all()
+    out = decode_attention_pages(q, rows, every, ps, length)
+    assert (out - _dense(q, k, v)).abs().max().item() <= 1e-4
+    # a subset: exactly attention over the chosen pages' tokens (the newest page up to the end)
+    mass = torch.rand(b, hkv, n)
+    sel = select_pages_forced(mass.clone(), sink_pages=1, local_pages=2, keep_pages=5)
+    assert sel.shape[-1] == 5 and sel[..., 0].eq(n - 1).all()
+    out = decode_attention_pages(q, rows, sel, ps, length)
+    g = hq // hkv
+    for bi in range(b):
+        for h in range(hkv):
+            keep = torch.zeros(length, dtype=torch.bool)
+            for p in sel[bi, h].tolist():
+                keep[p * ps : (p + 1) * ps] = True
+            assert keep[:ps].all() and keep[(n - 2) * ps :].all()  # sink and both local pages
+            ref = F.scaled_dot_product_attention(
+                q[bi : bi + 1, h * g : (h + 1) * g],
+                k[bi : bi + 1, h : h + 1, keep],
+                v[bi : bi + 1, h : h + 1, keep],
+            )
+            assert (out[bi : bi + 1, h * g : (h + 1) * g] - ref).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_sparse_decode_on_the_paged_cache_equals_the_merged_kernel_at_a_partial_budget(
+    tiny_model_factory, arch
+):
+    """PagedCache runs the one-call path (forced topk, one gather, one attention), transformers'
+    DynamicCache the two attentions merged by log-sum-exp: same pages, same tokens and logits."""
+    from sparse_core.decode.cache import PagedCache
+
+    model, tok = load_model(tiny_model_factory(arch))
+    ids = _prompt(tok, 300)
+    plan = SparsePlan(block_size=32, decode=DecodePlan(budget_tokens=128, page_size=32, local_pages=2))
+    sparsify(model, plan)
+    kw = dict(max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_token_id)
+    kw_scores = dict(**kw, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        merged = model.generate(ids, **kw_scores)
+        d_merged = decode_stats(model).density
+        decode_stats(model).reset()
+        paged = model.generate(ids, cache=PagedCache(), **kw_scores)
+        d_paged = decode_stats(model).density
+    unsparsify(model)
+    assert torch.equal(paged.sequences, merged.sequences)
+    gap = max((a - b).abs().max().item() for a, b in zip(paged.logits, merged.logits, strict=True))
+    assert gap <= 1e-4 and d_paged == d_merged and 0 < d_paged < 0.6

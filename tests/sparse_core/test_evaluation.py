@@ -71,6 +71,17 @@ def test_report_schema_metrics_and_pictures(quality_tiny, tmp_path):
     assert 1 <= host["threads"] <= host["cpus"] and host["pairs_timed"] == 2
     assert 0 <= host["pairs_kept_under_overload"] <= 2 and 0 <= host["pairs_retimed_for_overload"] <= 2
     assert 0 < d["density"] < 1
+    # no decode section: dense decode timed at the same length, on the served cache, as both arms' price
+    (dec,) = d["decode"]["rows"]
+    summ = d["decode"]["summary"]
+    assert dec["seq_len"] == 512 and dec["extra"]["identical"] and not dec["extra"]["decode_section"]
+    assert (
+        summ["sparse_decode"] is False
+        and summ["weighted_speedup"] == 1.0
+        and summ["break_even_tokens"] is None
+    )
+    assert summ["weighted_dense_tokens_per_s"] == summ["weighted_sparse_tokens_per_s"] > 0
+    assert summ["host"]["cache"] == "paged" and 1 <= summ["host"]["threads"] <= summ["host"]["cpus"]
     m = report.metrics()
     assert {
         "fidelity.kl",
@@ -95,7 +106,7 @@ def test_sections_switched_off_are_none(quality_tiny):
     d = evaluate(model, tok, SparsePlan(tau=0.9), suite).to_dict()
     assert list(d) == EXPECTED_KEYS
     assert d["probes"] is None and d["tasks"] is None and d["speed"] is None and d["layer_errors"] is None
-    assert d["decode"] is None  # the plan has no decode section
+    assert d["decode"] is None  # no lengths to time decode at
     assert d["artifacts"] == {}
 
 
