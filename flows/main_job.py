@@ -18,6 +18,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -278,7 +279,8 @@ def run_main_job(settings: MainJobSettings | None = None, *, console: Any = None
         overall = progress.add_task(f"{len(names)} use case(s)", total=len(names))
         for name in names:
             tid = progress.add_task(f"{name}: starting", total=len(STAGES) - 1)
-            clock = StageClock(name, t0, progress.console.print)
+            # one stage, one line: never wrapped at a narrow (or, off a terminal, the default 80-column) width
+            clock = StageClock(name, t0, partial(progress.console.print, soft_wrap=True, highlight=False))
 
             def stage(label: str, _tid: int = tid, _name: str = name, _clock: StageClock = clock) -> None:
                 done = STAGES.index(label) if label in STAGES else progress.tasks[_tid].completed

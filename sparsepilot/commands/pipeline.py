@@ -323,12 +323,14 @@ def run_cmd(
     from sparsepilot.quiet import to_log_file
 
     log_path = to_log_file(get_settings().home, "run")
-    out_console.print(f"log file (warnings and library output): {log_path}", highlight=False)
+    out_console.print(f"log file (warnings and library output): {log_path}", highlight=False, soft_wrap=True)
     result = _run(lambda: run_main_job(settings, console=out_console), needs_db=False)
     if json_out:
         emit_json(result)
     else:
-        console.print(render_table(result["rows"], result["outcomes"]))
+        # off a terminal (CI, `make run | tee`) rich would squeeze the table into 80 columns
+        width = None if console.is_terminal else 220
+        console.print(render_table(result["rows"], result["outcomes"]), width=width)
         console.print(f"pipeline wall time: {result['pipeline_seconds'] / 60:.1f} min")
         waiting = [r for r in result["rows"] if r["awaiting"] != "none"]
         for r in waiting:
