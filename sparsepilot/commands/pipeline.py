@@ -319,6 +319,8 @@ def run_cmd(
     if split_seconds is not None:
         settings.split_seconds = split_seconds
     out_console = err_console if json_out else console
+    from rich.console import Console
+
     from rollout.settings import get_settings
     from sparsepilot.quiet import to_log_file
 
@@ -329,8 +331,8 @@ def run_cmd(
         emit_json(result)
     else:
         # off a terminal (CI, `make run | tee`) rich would squeeze the table into 80 columns
-        width = None if console.is_terminal else 220
-        console.print(render_table(result["rows"], result["outcomes"]), width=width)
+        wide = console if console.is_terminal else Console(width=220)
+        wide.print(render_table(result["rows"], result["outcomes"]))
         console.print(f"pipeline wall time: {result['pipeline_seconds'] / 60:.1f} min")
         waiting = [r for r in result["rows"] if r["awaiting"] != "none"]
         for r in waiting:
