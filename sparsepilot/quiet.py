@@ -95,14 +95,12 @@ def for_command(command: str, *, say_where: bool = True) -> Path:
     """`to_log_file` for a command that loads models or runs flows (calibrate, evaluate, pilot, bench):
     the console keeps the command's own output; the log file's path is said on stderr (not with
     --json, whose stdout is the JSON)."""
-    from rich.console import Console
-
     from rollout.settings import get_settings
+    from sparsepilot.console import err_console
 
     path = to_log_file(get_settings().home, command)
     if say_where:
-        err = Console(stderr=True, soft_wrap=True)
-        err.print(f"log file (warnings and library output): {path}", highlight=False)
+        err_console.print(f"log file (warnings and library output): {path}", highlight=False, soft_wrap=True)
     return path
 
 

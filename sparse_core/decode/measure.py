@@ -281,16 +281,15 @@ def dense_decode(
         raise ValueError(f"cache must be one of {CACHES}, got {cache!r}")
     if new_tokens < 2:
         raise ValueError("new_tokens must be >= 2 (the first step of a run is not timed)")
-    cache_kind = cache
     dec = plan.decode if plan is not None else None
-    cache, first = prefill(model, ids)
-    if cache_kind == "paged":
-        cache = as_paged(cache)
+    kv, first = prefill(model, ids)
+    if cache == "paged":
+        kv = as_paged(kv)
     steps: list[float] = []
     per_rep: list[float] = []
     run = None
     for i in range(repeats):
-        run = run_decode(model, cache, first, new_tokens)
+        run = run_decode(model, kv, first, new_tokens)
         steps += run.step_seconds[1:]
         per_rep.append(statistics.fmean(run.step_seconds[1:]))
         if progress:
@@ -309,8 +308,8 @@ def dense_decode(
         greedy_match=1.0 if free_running else None,
         first_divergence=None,
         extra={
-            "dense_cache": cache_kind,
-            "sparse_cache": cache_kind,
+            "dense_cache": cache,
+            "sparse_cache": cache,
             "identical": True,
             "decode_section": dec is not None,
             "below_break_even": dec is not None and ids.shape[1] + new_tokens < dec.first_break_even(),

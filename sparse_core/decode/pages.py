@@ -95,7 +95,7 @@ def _grow(s: PageSummaries, pages: int) -> None:
     new = max(2 * cap, pages)
     for name in ("bounds", "ksum"):
         old = getattr(s, name)
-        buf = torch.empty(*old.shape[:2], new, old.shape[3], dtype=old.dtype, device=old.device)
+        buf = _alloc(old, new)  # same width as `old` ([kmax | kmin] or ksum)
         buf[:, :, :cap] = old
         setattr(s, name, buf)
 

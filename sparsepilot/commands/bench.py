@@ -11,6 +11,7 @@ import typer
 
 from sparse_core.decode.plan import DECODE_ESTIMATORS
 from sparse_core.estimators import available_estimators
+from sparsepilot.quiet import for_command
 
 # Options several benchmarks share (each command gives its own default)
 ModelRef = Annotated[str, typer.Option("--model", help="Model ref.")]
@@ -28,13 +29,6 @@ def _json_flag(help: str) -> Any:
 
 
 app = typer.Typer(no_args_is_help=True, help="Benchmarks: print a table and write JSON.")
-
-
-def _log_to_file(benchmark: str) -> None:
-    """Model benchmarks: library warnings and weight-loading bars go to a log file, not the tables."""
-    from sparsepilot.quiet import for_command
-
-    for_command(f"bench-{benchmark}")
 
 
 @app.command("dashboard")
@@ -149,7 +143,7 @@ def bench_quality(
 ) -> None:
     """Every block estimator at the same budget: density reached, held-out KL / agreement, prefill
     speed-up, ratio vs the best training-free estimator; per use case the task-score delta."""
-    _log_to_file("quality")
+    for_command("bench-quality")  # model benchmarks: library output to a log file
     from rich.progress import Progress
 
     from sparse_core import PlanError
@@ -274,7 +268,7 @@ def bench_attention(
     json_out: Annotated[bool, _json_flag("Print the JSON after the table.")] = False,
 ) -> None:
     """One SmolLM2-shaped attention layer: dense SDPA vs sparse kernels at ~5/10/25/50% density."""
-    _log_to_file("attention")
+    for_command("bench-attention")  # model benchmarks: library output to a log file
     from sparse_core.bench import attention as bench
     from sparsepilot.console import emit_json, fail, print_table
 
@@ -319,7 +313,7 @@ def bench_prefill(
 ) -> None:
     """End-to-end prefill of a real model on natural English: dense SDPA vs sparse (pooled) at a
     few tau, speed-up in the same table as next-token KL, top-1 agreement and delta NLL."""
-    _log_to_file("prefill")
+    for_command("bench-prefill")  # model benchmarks: library output to a log file
     from sparse_core.bench import prefill as bench
     from sparsepilot.console import emit_json, fail, print_table
 
@@ -404,7 +398,7 @@ def bench_decode(
     """Sparse decode: one attention layer at 16k/32k cached tokens, and SmolLM2 end to end, dense vs
     sparse ms per generated token side by side, with density, estimator share and the fidelity of the
     generated tokens."""
-    _log_to_file("decode")
+    for_command("bench-decode")  # model benchmarks: library output to a log file
     import torch
 
     from sparse_core import ModelRefError, PlanError
