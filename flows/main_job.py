@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from rollout import audit, lifecycle, pilot_batches, queries
-from rollout.usecases import phase_of
+from rollout.usecases import phase_of, pilot_plan_of
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples" / "usecases"
 STAGES = (
@@ -290,9 +290,12 @@ def run_main_job(settings: MainJobSettings | None = None, *, console: Any = None
             outcomes[name] = run_use_case(name, s, stage)
             progress.advance(overall)
     rows = summary_rows(names)
+    # what the approval would take on production traffic (the job asks after promote_after_step)
+    plans = {n: pilot_plan_of(n, approval_after=s.promote_after_step + 1) for n in names}
     return {
         "added": added,
         "rows": rows,
+        "plans": plans,
         "outcomes": {n: o.__dict__ for n, o in outcomes.items()},
         "pipeline_seconds": time.perf_counter() - t0,
         "ok": all(o.ok for o in outcomes.values()),

@@ -310,6 +310,7 @@ def use_case(session: Session, name: str) -> dict[str, Any] | None:
         "phase": uc.phase,
         "spec_version": spec.version if spec else None,
         "spec": spec.spec if spec else {},
+        "dataset_rows": spec.dataset_rows if spec else None,
         "created_at": uc.created_at,
     }
 

@@ -25,6 +25,7 @@ from sqlalchemy.exc import IntegrityError
 from rollout import audit
 from rollout.db.models import AuditEntry, SpecVersion, UseCase
 from rollout.db.session import session_scope
+from rollout.pilot_plan import plan_summary
 from rollout.settings import get_settings
 from rollout.spec import SpecError, UseCaseSpec, load_spec, parse_spec, spec_warnings
 from rollout.validation import ValidationResult, token_counter_for, validate_dataset
@@ -147,6 +148,7 @@ def check_spec_file(path: Path | str) -> CheckedSpec:
     )
     result.raise_for_failures()
     result.warnings.extend(f"{field}: {message}" for field, message in spec_warnings(spec))
+    result.warnings.extend(plan_summary(spec, dataset_rows=result.stats.get("rows"))["warnings"])
     sha = _sha256(dataset)
     return CheckedSpec(
         spec=spec,
@@ -386,6 +388,7 @@ def show_usecase(name: str, *, version: int | None = None, url: str | None = Non
             "dataset_sha256": sv.dataset_sha256,
             "dataset_rows": sv.dataset_rows,
             "validation": sv.validation,
+            "pilot_plan": _plan_of_stored(sv),
             "versions": [
                 {
                     "version": v.version,
@@ -475,6 +478,32 @@ def load_spec_version(name: str, version: int | None = None, *, url: str | None 
         return LoadedSpec(
             uc.id, uc.name, sv.version, spec, sv.spec_hash, dataset, sv.dataset_sha256, source_dir
         )
+
+
+def _plan_of_stored(sv: SpecVersion, approval_after: int | None = None) -> dict[str, Any] | None:
+    """The pilot plan of a stored spec version; None for a stored spec that no longer validates (the
+    flows refuse it with the reason, see load_spec_version)."""
+    try:
+        spec = UseCaseSpec.model_validate(sv.spec)
+    except ValueError:  # pydantic's ValidationError
+        return None
+    return plan_summary(spec, dataset_rows=sv.dataset_rows, approval_after=approval_after)
+
+
+def pilot_plan_of(
+    name: str, *, approval_after: int | None = None, url: str | None = None
+) -> dict[str, Any] | None:
+    """What a pilot of the current spec version takes before its approval (rollout.pilot_plan), with
+    the dataset's distinct requests where the dataset is the traffic source."""
+    with session_scope(url) as s:
+        uc = get_use_case(s, name)
+        sv = s.scalar(
+            select(SpecVersion).where(
+                SpecVersion.use_case_id == uc.id, SpecVersion.version == uc.current_spec_version
+            )
+        )
+        plan = _plan_of_stored(sv, approval_after)
+    return None if plan is None else {"use_case": name, **plan}
 
 
 def dataset_rows(loaded: LoadedSpec) -> list[DatasetRow]:

@@ -3,6 +3,7 @@ decision's explanation and where its MLflow run lives."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -10,11 +11,14 @@ from typing import Any
 import altair as alt
 import pandas as pd
 import streamlit as st
+from pydantic import ValidationError
 
 from dashboard import fmt
 from dashboard.data import read
 from rollout import queries
+from rollout.pilot_plan import plan_summary, traffic_time
 from rollout.settings import get_settings
+from rollout.spec import UseCaseSpec
 
 ARM_COLORS = alt.Scale(domain=["control", "treatment"], range=["#607d8b", "#1e88e5"])
 
@@ -183,6 +187,50 @@ def timeline(use_case_id: int, decs: list[dict[str, Any]]) -> None:
         st.dataframe(pd.DataFrame(moves).drop(columns=["id"]), hide_index=True, width="stretch")
 
 
+@st.cache_data(show_spinner="Simulating what each step needs...")
+def _plan(spec_json: str, dataset_rows: int | None) -> dict[str, Any]:
+    return plan_summary(UseCaseSpec.model_validate(json.loads(spec_json)), dataset_rows=dataset_rows)
+
+
+def decision_needs(uc: dict[str, Any]) -> None:
+    """Per step, the requests its GO needs (rollout.pilot_plan) beside what the latest pilot collected."""
+    st.subheader("What a decision takes")
+    try:
+        plan = _plan(json.dumps(uc["spec"], sort_keys=True), uc["dataset_rows"])
+    except ValidationError as exc:  # a stored spec validated when it was added; say so if it no longer does
+        st.caption(
+            f"No plan: the stored spec v{uc['spec_version']} does not validate "
+            f"({exc.error_count()} problems)."
+        )
+        return
+    stats = read(queries.step_arm_stats, uc["id"])
+    latest = max((r["pilot_id"] for r in stats), default=None)
+    have: dict[int, int] = {}
+    for r in stats:
+        if r["pilot_id"] != latest or r["arm"] is None:
+            continue
+        i, n = r["step_index"], int(r["n"])
+        # shadow: pairs (the smaller arm's count); split: every row counts
+        have[i] = min(have.get(i, n), n) if r["kind"] == "shadow" else have.get(i, 0) + n
+    rows = [
+        {
+            "step": s["label"],
+            f"requests to GO ({plan['power']:.0%} power)": s["requests"],
+            "mean requests to GO": round(s["expected"]),
+            "collected (latest pilot)": have.get(i, 0),
+            "at the spec's traffic": traffic_time(s["days"]),
+        }
+        for i, s in enumerate(plan["steps"])
+    ]
+    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+    st.caption(
+        f"Simulated with the gate's own test at a true difference of {plan['planned_effect']:+g} (margin "
+        f"{plan['margin']:g}); shadow counts pairs. Each request is evidence once per pilot."
+    )
+    for w in plan["warnings"]:
+        st.warning(w)
+
+
 def _kv(d: dict[str, Any], label: str) -> pd.DataFrame:
     def show(v: Any) -> str:
         if isinstance(v, float):
@@ -263,6 +311,7 @@ def main() -> None:
     with right:
         latency(uc["id"])
     timeline(uc["id"], decs)
+    decision_needs(uc)
     roi_breakdown(latest)
     pictures(latest)
     st.subheader("MLflow")

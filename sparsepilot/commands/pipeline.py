@@ -306,6 +306,7 @@ def run_cmd(
     # Our progress display owns the terminal; Prefect's INFO logs still reach its API (set before import).
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
     from flows.main_job import MainJobSettings, render_table, run_main_job, serve_after
+    from rollout.pilot_plan import describe_to_approval
 
     settings = MainJobSettings(
         **({"examples_dir": specs} if specs is not None else {}),
@@ -342,6 +343,10 @@ def run_cmd(
                 f"sparsepilot approve {r['use_case']} --decision {r['decision_id']} "
                 '--reason "..."'
             )
+        waits = {r["use_case"] for r in waiting}
+        for name, plan in result.get("plans", {}).items():
+            if name not in waits and plan is not None:
+                say(f"{name}: {describe_to_approval(plan)}")
     if serve:
         from sparsepilot.commands.dashboard import serve_dashboard
 

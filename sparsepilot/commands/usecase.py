@@ -109,5 +109,32 @@ def _print_usecase(info: dict[str, Any]) -> None:
     )
     console.print(f"dataset: {info['dataset_rows']} requests, sha256 {str(info['dataset_sha256'])[:12]}")
     console.print(yaml.safe_dump(info["spec"], sort_keys=False).rstrip(), highlight=False, markup=False)
+    _print_plan(info["pilot_plan"])
     print_table("Versions", info["versions"], ["version", "current", "spec_hash", "created_by", "created_at"])
     print_table("Recent audit entries", info["audit"], ["ts", "actor", "action"])
+
+
+def _print_plan(plan: dict[str, Any] | None) -> None:
+    """What the pilot of this version takes before its approval (rollout.pilot_plan)."""
+    from rollout.pilot_plan import traffic_time
+
+    if plan is None:
+        say("no pilot plan: the stored spec no longer validates")
+        return
+    rows = [
+        {
+            "step": f"{s['label']} ({s['where']})",
+            f"GO by ({plan['power']:.0%})": "-" if s["requests"] is None else f"{s['requests']:,}",
+            "mean": f"{s['expected']:,.0f}",
+            "looks": s["looks"],
+            "at its traffic": traffic_time(s["days"]),
+        }
+        for s in plan["steps"]
+    ]
+    print_table(
+        f"What a decision takes (requests; shadow: pairs; at a true difference of "
+        f"{plan['planned_effect']:+g}, margin {plan['margin']:g}; one batch per look)",
+        rows,
+    )
+    for w in plan["warnings"]:
+        say(f"  warning: {w}")

@@ -14,8 +14,11 @@ from rollout import approvals
 from rollout.auth import Identity, PermissionDenied
 from rollout.db.models import Approval, AuditEntry, GateDecision
 from rollout.db.session import session_scope
+from rollout.pilot_plan import plan_summary
 from rollout.settings import Settings
+from rollout.spec import UseCaseSpec
 from tests.dashboard.apptest_helpers import button_labels, new_app, open_page, sign_in, texts
+from tests.fixtures.dashboard import seeded_spec
 
 SEEDED = ["contract-summarisation", "document-qa", "support-chat"]
 
@@ -77,8 +80,17 @@ def test_use_case_page(seeded: dict[str, Any]) -> None:
     assert "**Decode:** no decode saving at this context length: 544 tokens < break-even 3,072" in body
     assert len(at.get("image")) == 2  # density heatmap + block mask PNGs from the evaluation's artifacts
     assert len(at.get("vega_lite_chart")) == 3  # quality-vs-density, latency, timeline
+    # what each step's GO needs (the gate's planner) beside what the pilot collected: 120 shadow pairs,
+    # 240 rows of the split step
+    assert "What a decision takes" in [h.value for h in at.subheader]
+    needs = next(d.value for d in at.dataframe if "collected (latest pilot)" in d.value.columns)
+    assert list(needs["step"]) == ["shadow", "split 10%", "split 50%"]
+    assert list(needs["collected (latest pilot)"]) == [120, 240, 0]
+    planned = plan_summary(UseCaseSpec.model_validate(seeded_spec("contract-summarisation")))
+    assert list(needs["requests to GO (80% power)"]) == [s["requests"] for s in planned["steps"]]
     at.selectbox(key="uc_name").select("support-chat").run()
     assert "No gate decision yet." in texts(at) and "No pilot observations yet." in texts(at)
+    assert "No plan: the stored spec v1 does not validate" in texts(at)
 
 
 def test_audit_page_filters_and_exports_csv(seeded: dict[str, Any]) -> None:

@@ -102,6 +102,10 @@ def test_main_job_does_not_pilot_where_nothing_can_be_saved(
         ev["density"] < 0.999 and outcome["calibration"]["met_budget"]
     )
     assert result["rows"][0]["decision"] == "-"
+    # what the approval (asked after the first split step) would take, from the gate's planner
+    plan = result["plans"]["tiny-chat"]
+    assert plan["approval_after"] == 2 and plan["distinct_requests"] > 0
+    assert plan["requests_to_approval"] == sum(s["requests"] for s in plan["steps"][:2])
     with session_scope() as s:
         assert s.scalar(select(func.count()).select_from(Pilot)) == 0
         assert s.scalar(select(func.count()).select_from(Observation)) == 0

@@ -1,0 +1,223 @@
+"""What a pilot of a use case takes before a person is asked to approve it, known before it starts.
+
+Per step of the spec's rollout (the shadow step, then each ramp step): the requests (pairs in the shadow
+step) by which the GO test says GO in `gate.power` of pilots whose true difference is the planned effect
+(`rollout.gate.planning.planned_sample_size`, simulated with the functions `decide` runs), how many looks
+that takes at one batch (`rollout.batch_size`) per look — the scheduled cycle collects one batch and looks
+once — and how many days of the spec's traffic it is. Then the problems a team should know before the
+first request: a step that cannot reach its GO within `gate.max_looks` looks ends NO-GO at its last look
+(inconclusive never ships), and a dataset source, where each request is used once per pilot, that has
+fewer distinct requests than the pilot needs ends in "traffic exhausted".
+
+Pure: spec in, plan out (the simulation is seeded and cached per gate settings)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from rollout.gate.planning import planned_sample_size
+from rollout.gate.settings import GateSettings
+
+
+@dataclass(frozen=True)
+class StepNeed:
+    where: str  # the spec field of the step: "rollout.shadow" or "rollout.steps[i]"
+    traffic_pct: float | None  # None: the shadow step (every request to both arms)
+    requests: int | None  # requests (pairs) by which `power` of pilots say GO; None: beyond `horizon`
+    expected: float  # mean requests (pairs) to a GO, capped at `horizon`
+    horizon: int  # requests (pairs) simulated
+    looks: int | None  # looks that takes at one batch per look
+    days: float | None  # days of the spec's traffic (shadow: with every request mirrored)
+    model: str  # the score model the simulation drew from
+
+    @property
+    def label(self) -> str:
+        return "shadow" if self.traffic_pct is None else f"split {self.traffic_pct:g}%"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "label": self.label}
+
+
+@dataclass(frozen=True)
+class PilotPlan:
+    steps: tuple[StepNeed, ...]
+    approval_after: int  # steps run before the approval (the shadow step counts as one)
+    power: float
+    planned_effect: float
+    margin: float
+    batch_size: int
+    max_looks: int
+    max_duration_days: float
+    requests_per_day: float
+
+    @property
+    def to_approval(self) -> tuple[StepNeed, ...]:
+        return self.steps[: self.approval_after]
+
+    @property
+    def requests(self) -> int | None:
+        """Distinct requests until the approval is asked (each request is evidence once per pilot)."""
+        needs = [s.requests for s in self.to_approval]
+        return None if None in needs else sum(needs)  # type: ignore[arg-type]
+
+    @property
+    def days(self) -> float | None:
+        days = [s.days for s in self.to_approval]
+        return None if None in days else sum(days)  # type: ignore[arg-type]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "steps": [s.to_dict() for s in self.steps],
+            "approval_after": self.approval_after,
+            "requests_to_approval": self.requests,
+            "days_to_approval": self.days,
+            "power": self.power,
+            "planned_effect": self.planned_effect,
+            "margin": self.margin,
+            "batch_size": self.batch_size,
+            "max_looks": self.max_looks,
+            "max_duration_days": self.max_duration_days,
+            "requests_per_day": self.requests_per_day,
+        }
+
+
+def plan_pilot(spec: Any, *, approval_after: int | None = None) -> PilotPlan:
+    """The plan of `spec` (a UseCaseSpec). `approval_after`: how many steps run before the approval is
+    asked (default: all of them, the shadow step included); the main job asks after the first split step
+    (2)."""
+    settings = GateSettings.from_spec(spec)
+    rollout = spec.rollout
+    batch = rollout.batch_size
+    per_day = spec.traffic.requests_per_day
+    steps = [("rollout.shadow", None)] + [
+        (f"rollout.steps[{i}]", s.traffic_pct) for i, s in enumerate(rollout.steps)
+    ]
+    needs = []
+    for where, pct in steps:
+        p = planned_sample_size(
+            settings, paired=pct is None, treatment_share=0.5 if pct is None else pct / 100
+        )
+        n = p.n_total
+        needs.append(
+            StepNeed(
+                where=where,
+                traffic_pct=pct,
+                requests=n,
+                expected=p.expected_requests,
+                horizon=p.horizon,
+                looks=None if n is None else math.ceil(n / batch),
+                days=None if n is None else n / per_day,
+                model=p.model,
+            )
+        )
+    after = len(needs) if approval_after is None else max(1, min(approval_after, len(needs)))
+    return PilotPlan(
+        steps=tuple(needs),
+        approval_after=after,
+        power=settings.power,
+        planned_effect=settings.planned_effect,
+        margin=settings.margin,
+        batch_size=batch,
+        max_looks=spec.gate.max_looks,
+        max_duration_days=spec.gate.max_duration_days,
+        requests_per_day=per_day,
+    )
+
+
+def plan_warnings(plan: PilotPlan, *, distinct_requests: int | None = None) -> list[tuple[str, str]]:
+    """(field, message) for what will stop this pilot short of a decision: a step whose GO needs more
+    looks than gate.max_looks allows at one batch per look, a step no simulated size reaches, a pilot
+    longer than gate.max_duration_days at the spec's traffic, and (`distinct_requests`: the dataset
+    source's size) fewer distinct requests than the approval needs."""
+    out = []
+    power = f"{plan.power:.0%} power at a true difference of {plan.planned_effect:+g}"
+    for s in plan.steps:
+        if s.requests is None:
+            out.append(
+                (
+                    s.where,
+                    f"{s.label}: no pilot of up to {s.horizon:,} requests reaches GO with {power} (margin "
+                    f"{plan.margin:g}): this step would end NO-GO at its last look",
+                )
+            )
+    short = [s for s in plan.steps if s.looks is not None and s.looks > plan.max_looks]
+    if short:
+        needs = ", ".join(f"{s.label} ~{s.requests:,}" for s in short)
+        look = max(math.ceil(s.requests / plan.max_looks) for s in short)  # type: ignore[operator]
+        out.append(
+            (
+                "gate.max_looks",
+                f"{plan.max_looks} looks per step at one batch of {plan.batch_size} per look reach "
+                f"{plan.max_looks * plan.batch_size:,} requests, but GO with {power} needs {needs}: those "
+                f"steps would end NO-GO at their last look. Looks of >= {look:,} requests reach them "
+                "(rollout.batch_size and the steps' min_samples, or imported production observations)",
+            )
+        )
+    if plan.days is not None and plan.days > plan.max_duration_days:
+        out.append(
+            (
+                "gate.max_duration_days",
+                f"{plan.max_duration_days:g} days, but the approval needs ~{plan.requests:,} requests, "
+                f"{plan.days:.1f} days of traffic at {plan.requests_per_day:,.0f} requests/day",
+            )
+        )
+    if distinct_requests is not None and plan.requests is not None and plan.requests > distinct_requests:
+        parts = ", ".join(f"{s.label} {s.requests:,}" for s in plan.to_approval)
+        out.append(
+            (
+                "dataset.path",
+                f"{distinct_requests:,} distinct requests, but the pilot needs ~{plan.requests:,} before "
+                f"the approval ({parts}); each request is evidence once, so it would stop at "
+                f"'traffic exhausted'. Pilot it on a request log or imported production observations",
+            )
+        )
+    return out
+
+
+def plan_summary(
+    spec: Any, *, dataset_rows: int | None = None, approval_after: int | None = None
+) -> dict[str, Any]:
+    """JSON-ready: the plan, the distinct requests the pilot can draw on (the dataset's rows where the
+    dataset is the traffic source; None for a request log, whose size is not known in advance) and the
+    plan's warnings as "field: message"."""
+    plan = plan_pilot(spec, approval_after=approval_after)
+    distinct = dataset_rows if spec.rollout.traffic_source.kind == "dataset" else None
+    problems = plan_warnings(plan, distinct_requests=distinct)
+    return {
+        **plan.to_dict(),
+        "distinct_requests": distinct,
+        "warnings": [f"{field}: {message}" for field, message in problems],
+    }
+
+
+def traffic_time(days: float | None) -> str:
+    """A span of traffic for people: minutes, hours or days."""
+    if days is None:
+        return "-"
+    if days * 24 < 1:
+        return f"{days * 1440:.0f} min"
+    return f"{days * 24:.1f} h" if days < 1 else f"{days:,.1f} days"
+
+
+def describe_to_approval(summary: dict[str, Any]) -> str:
+    """One line from `plan_summary`: what reaching the approval takes, against what the source holds."""
+    steps = summary["steps"][: summary["approval_after"]]
+    total = summary["requests_to_approval"]
+    if total is None:
+        return "no simulated pilot size reaches GO at the planned effect: " + "; ".join(summary["warnings"])
+    parts = ", ".join(
+        f"{s['label']} {s['requests']:,}{' pairs' if s['traffic_pct'] is None else ''}" for s in steps
+    )
+    text = (
+        f"the approval (after {' + '.join(s['label'] for s in steps)}) needs ~{total:,} distinct requests "
+        f"for {summary['power']:.0%} power ({parts}): {traffic_time(summary['days_to_approval'])} of its "
+        f"{summary['requests_per_day']:,.0f} requests/day"
+    )
+    if summary["distinct_requests"] is not None and summary["distinct_requests"] < total:
+        text += (
+            f"; its dataset holds {summary['distinct_requests']:,}, so this pilot ends at 'traffic "
+            "exhausted': a team pilots it on production traffic (request-log source or imported observations)"
+        )
+    return text

@@ -1,0 +1,111 @@
+"""rollout.pilot_plan: what a pilot takes before its approval, per step, from the gate's own planner —
+and the warnings a team gets before the first request when its rollout cannot reach a decision."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from rollout.gate import GateSettings, planned_sample_size
+from rollout.pilot_plan import (
+    PilotPlan,
+    StepNeed,
+    describe_to_approval,
+    plan_pilot,
+    plan_summary,
+    plan_warnings,
+    traffic_time,
+)
+from rollout.spec import TrafficSourceSpec, load_spec
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "usecases"
+
+
+@pytest.fixture(scope="module")
+def longdoc():
+    return load_spec(EXAMPLES / "longdoc-summaries.yaml")
+
+
+def test_each_step_needs_what_the_gates_planner_says(longdoc) -> None:
+    plan = plan_pilot(longdoc)
+    settings = GateSettings.from_spec(longdoc)
+    assert [s.where for s in plan.steps] == ["rollout.shadow", "rollout.steps[0]", "rollout.steps[1]"]
+    assert [s.label for s in plan.steps] == ["shadow", "split 10%", "split 50%"]
+    expected = [
+        planned_sample_size(settings, paired=True),
+        planned_sample_size(settings, treatment_share=0.10),
+        planned_sample_size(settings, treatment_share=0.50),
+    ]
+    for s, p in zip(plan.steps, expected, strict=True):
+        assert s.requests == p.n_total and s.requests is not None
+        assert s.expected == p.expected_requests <= s.requests  # the mean stop comes before the 80% one
+        assert s.looks == math.ceil(s.requests / longdoc.rollout.batch_size)
+        assert s.days == pytest.approx(s.requests / longdoc.traffic.requests_per_day)
+    # a split step at 10% needs many more rows than one at 50% (a tenth of them are sparse)
+    assert plan.steps[1].requests > 2 * plan.steps[2].requests
+    assert plan.approval_after == 3 and plan.requests == sum(s.requests for s in plan.steps)
+    short = plan_pilot(longdoc, approval_after=2)  # the main job asks after the first split step
+    assert short.requests == plan.steps[0].requests + plan.steps[1].requests
+    assert short.days == pytest.approx(short.requests / longdoc.traffic.requests_per_day)
+
+
+def test_a_sample_too_small_for_its_pilot_is_told_so(longdoc) -> None:
+    plan = plan_pilot(longdoc)
+    warned = dict(plan_warnings(plan, distinct_requests=65))
+    # 10 looks x one batch of 8 reach 80 requests; every step needs more
+    looks = warned["gate.max_looks"]
+    assert "reach 80 requests" in looks and f"split 10% ~{plan.steps[1].requests:,}" in looks
+    assert f">= {math.ceil(plan.steps[1].requests / 10):,} requests" in looks
+    data = warned["dataset.path"]
+    assert data.startswith("65 distinct requests") and f"~{plan.requests:,}" in data
+    assert "traffic exhausted" in data
+    # a request log's size is not known in advance: no dataset warning without a count
+    assert "dataset.path" not in dict(plan_warnings(plan))
+    # enough distinct requests and looks: nothing to warn about
+    roomy = replace(plan, max_looks=1000)
+    assert plan_warnings(roomy, distinct_requests=10**6) == []
+
+
+def test_duration_and_unreachable_steps_are_warned() -> None:
+    fast = StepNeed("rollout.shadow", None, 200, 150.0, 512, 20, 2.0, "m")
+    never = StepNeed("rollout.steps[0]", 5.0, None, 8192.0, 8192, None, None, "m")
+    plan = PilotPlan((fast,), 1, 0.8, 0.0, 0.03, 10, 20, 1.0, 100.0)
+    warned = dict(plan_warnings(plan))
+    assert warned == {"gate.max_duration_days": warned["gate.max_duration_days"]}
+    assert "2.0 days of traffic at 100 requests/day" in warned["gate.max_duration_days"]
+    stuck = PilotPlan((fast, never), 2, 0.8, 0.0, 0.03, 10, 20, 30.0, 100.0)
+    warned = dict(plan_warnings(stuck))
+    assert "no pilot of up to 8,192 requests reaches GO" in warned["rollout.steps[0]"]
+    assert stuck.requests is None and stuck.days is None
+    assert describe_to_approval(plan_summary_of(stuck)).startswith("no simulated pilot size reaches GO")
+
+
+def plan_summary_of(plan: PilotPlan) -> dict:
+    return {**plan.to_dict(), "distinct_requests": None, "warnings": [m for _, m in plan_warnings(plan)]}
+
+
+def test_the_summary_line_and_the_request_log_source(longdoc) -> None:
+    summary = plan_summary(longdoc, dataset_rows=65, approval_after=2)
+    line = describe_to_approval(summary)
+    total = summary["requests_to_approval"]
+    assert line.startswith(f"the approval (after shadow + split 10%) needs ~{total:,} distinct requests")
+    assert "its dataset holds 65" in line and "40,000 requests/day" in line
+    source = TrafficSourceSpec(kind="request-log", path="captured.jsonl")
+    logged = longdoc.model_copy(
+        update={"rollout": longdoc.rollout.model_copy(update={"traffic_source": source})}
+    )
+    # from a request log the count of distinct requests is not known in advance
+    assert plan_summary(logged, dataset_rows=65)["distinct_requests"] is None
+
+
+def test_traffic_time_reads_as_people_say_it() -> None:
+    assert [traffic_time(d) for d in (None, 0.0005, 0.04, 0.5, 3.25)] == [
+        "-",
+        "1 min",
+        "58 min",
+        "12.0 h",
+        "3.2 days",
+    ]
