@@ -36,6 +36,11 @@ _installed: list[logging.Handler] = []  # the handler of this process's current 
 def to_log_file(home: Path, command: str) -> Path:
     """Route warnings and third-party logs to a new log file under `home/logs`; returns its path. A
     second call in the same process (commands run in-process, e.g. by tests) replaces the first file."""
+    # tqdm reads TQDM_* when it is first imported (MLflow imports it, below): set before anything does,
+    # or a library's own bar (transformers' "Converting and de-quantizing GGUF tensors" on a fresh
+    # model cache) reaches the console
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
     logs = home / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     path = logs / f"{command}-{dt.datetime.now(dt.UTC).strftime('%Y%m%dT%H%M%SZ')}.log"
@@ -57,8 +62,6 @@ def to_log_file(home: Path, command: str) -> Path:
     for old in _installed:
         old.close()
     _installed[:] = [handler]
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TQDM_DISABLE", "1")
     try:
         from transformers.utils import logging as hf_logging
 

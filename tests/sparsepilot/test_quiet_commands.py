@@ -41,3 +41,20 @@ def test_standalone_calibrate_keeps_library_output_in_its_log_file(
     log = Path(re.search(r"log file \(warnings and library output\): (\S+)", out).group(1))
     assert log.parent == tmp_path / "home" / "logs" and log.name.startswith("calibrate-")
     assert log.exists()
+
+
+def test_a_librarys_own_tqdm_bar_stays_off_the_console(tmp_path: Path) -> None:
+    """transformers converts a GGUF checkpoint under a bare `tqdm` bar (a fresh model cache, i.e. every
+    first `make run`); tqdm reads TQDM_DISABLE when it is first imported, and MLflow imports it inside
+    to_log_file. A real process, as a command runs it: log file first, then the library's bar."""
+    code = (
+        "from pathlib import Path; import sys\n"
+        "from sparsepilot.quiet import to_log_file\n"
+        f"to_log_file(Path({str(tmp_path)!r}), 'run')\n"
+        "from tqdm.auto import tqdm\n"
+        "for _ in tqdm(range(3), desc='Converting and de-quantizing GGUF tensors...'): pass\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TQDM_")}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "de-quantizing" not in proc.stdout + proc.stderr, proc.stderr
