@@ -217,7 +217,7 @@ def describe_to_approval(summary: dict[str, Any]) -> str:
     )
     if summary["distinct_requests"] is not None and summary["distinct_requests"] < total:
         text += (
-            f"; its dataset holds {summary['distinct_requests']:,}, so this pilot ends at 'traffic "
+            f"; its dataset holds {summary['distinct_requests']:,}, so a pilot on it ends at 'traffic "
             "exhausted': a team pilots it on production traffic (request-log source or imported observations)"
         )
     return text
