@@ -126,18 +126,7 @@ def _chain_existing_rows() -> None:
         op.execute("DROP TRIGGER audit_log_no_update")
     prev = GENESIS
     for r in rows:
-        h = entry_hash(
-            prev_hash=prev,
-            ts=r["ts"],
-            actor=r["actor"],
-            action=r["action"],
-            use_case_id=r["use_case_id"],
-            entity=r["entity"],
-            entity_id=r["entity_id"],
-            details=r["details"] or {},
-            os_user=None,
-            host=None,
-        )
+        h = entry_hash({**r, "prev_hash": prev, "os_user": None, "host": None})
         bind.execute(sa.update(log).where(log.c.id == r["id"]).values(prev_hash=prev, row_hash=h))
         prev = h
     if _pg():
