@@ -15,6 +15,7 @@ import getpass
 import hashlib
 import json
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -56,32 +57,24 @@ def _plain(details: dict[str, Any] | None) -> dict[str, Any]:
     return json.loads(json.dumps(details or {}, default=str))
 
 
-def entry_hash(
-    *,
-    prev_hash: str,
-    ts: dt.datetime,
-    actor: str,
-    action: str,
-    use_case_id: int | None,
-    entity: str | None,
-    entity_id: str | None,
-    details: dict[str, Any],
-    os_user: str | None,
-    host: str | None,
-) -> str:
+# What a row's hash covers, in this order (rows chained by migration 0003 have no os_user or host).
+HASHED_FIELDS = (
+    "prev_hash", "ts", "actor", "action", "use_case_id", "entity", "entity_id", "details", "os_user", "host",
+)  # fmt: skip
+
+
+def entry_hash(fields: Mapping[str, Any]) -> str:
+    """sha256 over an audit row's HASHED_FIELDS (a mapping of at least those names): ts canonical,
+    details as JSON gives them back, a missing prev_hash, os_user or host as ""."""
+    plain = dict(fields) | {
+        "prev_hash": fields["prev_hash"] or "",
+        "ts": canonical_ts(fields["ts"]),
+        "details": _plain(fields["details"]),
+        "os_user": fields["os_user"] or "",
+        "host": fields["host"] or "",
+    }
     body = json.dumps(
-        [
-            prev_hash,
-            canonical_ts(ts),
-            actor,
-            action,
-            use_case_id,
-            entity,
-            entity_id,
-            details,
-            os_user or "",
-            host or "",
-        ],
+        [plain[f] for f in HASHED_FIELDS],
         sort_keys=True,
         separators=(",", ":"),
         ensure_ascii=False,
@@ -90,18 +83,7 @@ def entry_hash(
 
 
 def row_hash_of(e: AuditEntry) -> str:
-    return entry_hash(
-        prev_hash=e.prev_hash or "",
-        ts=e.ts,
-        actor=e.actor,
-        action=e.action,
-        use_case_id=e.use_case_id,
-        entity=e.entity,
-        entity_id=e.entity_id,
-        details=_plain(e.details),
-        os_user=e.os_user,
-        host=e.host,
-    )
+    return entry_hash({f: getattr(e, f) for f in HASHED_FIELDS})
 
 
 # The entity an audit row names for a row of each table (`record(..., on=row)`).

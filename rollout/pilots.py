@@ -144,6 +144,13 @@ def plan_steps(spec: Any) -> list[StepPlan]:
     return steps
 
 
+def _step_row(plan: StepPlan, **row: Any) -> PilotStep:
+    """A new PilotStep row for the planned step (`row`: its pilot_id, unless it goes into Pilot.steps)."""
+    return PilotStep(
+        index=plan.index, kind=plan.kind, traffic_pct=plan.traffic_pct, min_samples=plan.min_samples, **row
+    )
+
+
 def step_plan_for(spec: Any, step: PilotStep) -> StepPlan:
     if step.kind == "monitor":
         return StepPlan(step.index, "monitor", step.traffic_pct, step.min_samples)
@@ -189,9 +196,7 @@ def start_pilot(
         status="running",
         current_step_index=0,
         spec_version=use_case.current_spec_version,  # pinned: see load_pilot_spec
-        steps=[
-            PilotStep(index=0, kind=first.kind, traffic_pct=first.traffic_pct, min_samples=first.min_samples)
-        ],
+        steps=[_step_row(first)],
     )
     session.add(pilot)
     session.flush()
@@ -222,13 +227,7 @@ def advance(
     nxt = plans[step.index + 1]
     step.status = "passed"
     step.ended_at = utcnow()
-    new = PilotStep(
-        pilot_id=pilot.id,
-        index=nxt.index,
-        kind=nxt.kind,
-        traffic_pct=nxt.traffic_pct,
-        min_samples=nxt.min_samples,
-    )
+    new = _step_row(nxt, pilot_id=pilot.id)
     session.add(new)
     pilot.current_step_index = nxt.index
     audit.record(
@@ -275,9 +274,7 @@ def open_monitor_step(session: Session, pilot: Pilot, *, min_samples: int) -> Pi
     if existing is not None:
         return existing
     last = session.scalar(select(func.max(PilotStep.index)).where(PilotStep.pilot_id == pilot.id)) or 0
-    step = PilotStep(
-        pilot_id=pilot.id, index=last + 1, kind="monitor", traffic_pct=100.0, min_samples=min_samples
-    )
+    step = _step_row(StepPlan(last + 1, "monitor", 100.0, min_samples), pilot_id=pilot.id)
     session.add(step)
     session.flush()
     return step

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from sparse_core.estimators.blocks import softmax_scale
+
 _counter = itertools.count()
 
 
@@ -74,7 +76,7 @@ def capture_attention(
         )
         idx = int(getattr(module, "layer_idx", -1))
         if (layers is None or idx in layers) and (not prefill_only or query.shape[2] == key.shape[2]):
-            s = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
+            s = softmax_scale(scaling, query.shape[-1])
             on_layer(LayerCall(idx, query, key, value, out, attention_mask, float(s), module))
         return out, weights
 
@@ -146,7 +148,7 @@ def _block_attention_map(
     b, hq, s, d = query.shape
     k = repeat_kv(key, hq // key.shape[1]).float()
     q = query.float()
-    scale = scaling if scaling is not None else 1.0 / math.sqrt(d)
+    scale = softmax_scale(scaling, d)
     nb = math.ceil(s / block_size)
     out = torch.zeros(b, hq, nb, nb, dtype=torch.float32, device=query.device)
     pos = torch.arange(s, device=query.device)

@@ -126,18 +126,7 @@ def _chain_existing_rows() -> None:
         op.execute("DROP TRIGGER audit_log_no_update")
     prev = GENESIS
     for r in rows:
-        h = entry_hash(
-            prev_hash=prev,
-            ts=r["ts"],
-            actor=r["actor"],
-            action=r["action"],
-            use_case_id=r["use_case_id"],
-            entity=r["entity"],
-            entity_id=r["entity_id"],
-            details=r["details"] or {},
-            os_user=None,
-            host=None,
-        )
+        h = entry_hash({**r, "prev_hash": prev, "os_user": None, "host": None})
         bind.execute(sa.update(log).where(log.c.id == r["id"]).values(prev_hash=prev, row_hash=h))
         prev = h
     if _pg():
@@ -206,17 +195,35 @@ def _create_pg_guards() -> None:
         "CREATE TRIGGER approvals_append_only BEFORE UPDATE OR DELETE ON approvals "
         "FOR EACH ROW EXECUTE FUNCTION sp_refuse_change()"
     )
-    fixed = _changed(_DECISION_FIXED, distinct="IS DISTINCT FROM", cast={"evidence": "::text"})
+    # The line break inside gate_decisions' condition stays where 0003 was released with it: a function's
+    # stored body is part of the schema.
+    _create_pg_guard(
+        "gate_decisions",
+        _changed(_DECISION_FIXED, distinct="IS DISTINCT FROM", cast={"evidence": "::text"}),
+        "OLD.resolution IS NOT NULL AND (NEW.resolution IS DISTINCT FROM OLD.resolution\n"
+        "              OR NEW.flow_run_id IS DISTINCT FROM OLD.flow_run_id)",
+        "only an open decision''s resolution and flow run may change",
+    )
+    _create_pg_guard(
+        "alias_history",
+        _changed(_MOVE_FIXED, distinct="IS DISTINCT FROM", cast={}),
+        "OLD.status = 'committed' AND NEW.status IS DISTINCT FROM OLD.status",
+        "only an uncommitted move''s outcome may change",
+    )
+
+
+def _create_pg_guard(table: str, fixed: str, settled: str, refusal: str) -> None:
+    """`table`_guard(): rows cannot be deleted; an update that changes a `fixed` column, or any update
+    once `settled` holds, is refused with `refusal`."""
     op.execute(
         f"""
-        CREATE FUNCTION gate_decisions_guard() RETURNS trigger AS $$
+        CREATE FUNCTION {table}_guard() RETURNS trigger AS $$
         BEGIN
           IF TG_OP = 'DELETE' THEN
-            RAISE EXCEPTION 'gate_decisions rows cannot be deleted';
+            RAISE EXCEPTION '{table} rows cannot be deleted';
           END IF;
-          IF {fixed} OR (OLD.resolution IS NOT NULL AND (NEW.resolution IS DISTINCT FROM OLD.resolution
-              OR NEW.flow_run_id IS DISTINCT FROM OLD.flow_run_id)) THEN
-            RAISE EXCEPTION 'gate_decisions: only an open decision''s resolution and flow run may change';
+          IF {fixed} OR ({settled}) THEN
+            RAISE EXCEPTION '{table}: {refusal}';
           END IF;
           RETURN NEW;
         END;
@@ -224,26 +231,6 @@ def _create_pg_guards() -> None:
         """
     )
     op.execute(
-        "CREATE TRIGGER gate_decisions_guard BEFORE UPDATE OR DELETE ON gate_decisions "
-        "FOR EACH ROW EXECUTE FUNCTION gate_decisions_guard()"
-    )
-    fixed = _changed(_MOVE_FIXED, distinct="IS DISTINCT FROM", cast={})
-    op.execute(
-        f"""
-        CREATE FUNCTION alias_history_guard() RETURNS trigger AS $$
-        BEGIN
-          IF TG_OP = 'DELETE' THEN
-            RAISE EXCEPTION 'alias_history rows cannot be deleted';
-          END IF;
-          IF {fixed} OR (OLD.status = 'committed' AND NEW.status IS DISTINCT FROM OLD.status) THEN
-            RAISE EXCEPTION 'alias_history: only an uncommitted move''s outcome may change';
-          END IF;
-          RETURN NEW;
-        END;
-        $$ LANGUAGE plpgsql
-        """
-    )
-    op.execute(
-        "CREATE TRIGGER alias_history_guard BEFORE UPDATE OR DELETE ON alias_history "
-        "FOR EACH ROW EXECUTE FUNCTION alias_history_guard()"
+        f"CREATE TRIGGER {table}_guard BEFORE UPDATE OR DELETE ON {table} "
+        f"FOR EACH ROW EXECUTE FUNCTION {table}_guard()"
     )

@@ -12,10 +12,10 @@ this is dense attention (tested)."""
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 
+from sparse_core.estimators.blocks import softmax_scale
 from sparse_core.kernels.gather import _attend
 
 
@@ -146,7 +146,7 @@ def decode_attention_pages(
     shape = (b, hkv, m * page_size, d)
     kg, vg = kr.index_select(0, idx).view(shape), vr.index_select(0, idx).view(shape)
     qg = q.reshape(b, hkv, hq // hkv, d)
-    scale = scale if scale is not None else 1.0 / math.sqrt(d)
+    scale = softmax_scale(scale, d)
     tail = -length % page_size  # rows of the newest page past the cache's end
     mask = _tail_mask(m * page_size, page_size, tail, q.dtype, q.device) if tail else None
     if q.device.type == "cpu":
@@ -175,7 +175,7 @@ def decode_attention(
         raise ValueError(f"decode_attention takes one query token, got {lq}")
     hkv, length = k.shape[1], k.shape[2]
     g = hq // hkv
-    scale = scale if scale is not None else 1.0 / math.sqrt(d)
+    scale = softmax_scale(scale, d)
     qg = q.reshape(b, hkv, g, d)
     lmask = None
     if key_valid is not None:

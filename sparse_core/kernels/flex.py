@@ -10,11 +10,11 @@ indices and materialises S x S scores."""
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import torch.nn.functional as F
 
+from sparse_core.estimators.blocks import softmax_scale
 from sparse_core.kernels.padding import pad_to_blocks
 from sparse_core.selection import BlockSelection
 
@@ -120,7 +120,7 @@ def flex_sparse_attention(
     b, hq, s, d = q.shape
     n = bucket_blocks(sel.num_blocks)
     sp = n * sel.block_size
-    scale = scale if scale is not None else 1.0 / math.sqrt(d)
+    scale = softmax_scale(scale, d)
     if n != sel.num_blocks:
         sel = _pad_selection(sel, n)
     q, k, v, key_valid = pad_to_blocks(q, k, v, key_valid, sp)

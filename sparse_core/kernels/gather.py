@@ -14,10 +14,9 @@ matmul/logsumexp path, which is correct but not fast -- use the flex kernel ther
 
 from __future__ import annotations
 
-import math
-
 import torch
 
+from sparse_core.estimators.blocks import softmax_scale
 from sparse_core.kernels.padding import pad_to_blocks
 from sparse_core.selection import BlockSelection
 
@@ -62,7 +61,7 @@ def gather_attention(
     bs = sel.block_size
     n = sel.num_blocks
     sp = n * bs
-    scale = scale if scale is not None else 1.0 / math.sqrt(d)
+    scale = softmax_scale(scale, d)
     q, k, v, key_valid = pad_to_blocks(q, k, v, key_valid, sp)
 
     # kv head of each selection head
