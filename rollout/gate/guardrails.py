@@ -39,6 +39,7 @@ Metric = Literal["error", "latency_over_slo"]
 Comparison = Literal["rate", "excess"]
 Status = Literal["breached", "holds", "not-judged"]
 _EXCESS_PRIOR_VAR = 0.25
+EXCESS_PRIOR_MEAN = 0.0  # the bets' pseudo-observation: no excess
 
 
 @dataclass(frozen=True)
@@ -121,12 +122,14 @@ def judge(
         prior = check.threshold
     elif mode == "paired":
         assert pairs is not None
-        d = check.indicator(pairs.rename(columns=_suffix("treatment"))) - check.indicator(
-            pairs.rename(columns=_suffix("control"))
+        stream = paired_excess_stream(
+            check.indicator(pairs.rename(columns=_suffix("treatment"))),
+            check.indicator(pairs.rename(columns=_suffix("control"))),
         )
-        stream, span, value, prior = paired_stream(d), (-1.0, 1.0), (float(d.mean()) if len(d) else None), 0.0
+        span, prior = (-1.0, 1.0), EXCESS_PRIOR_MEAN
+        value = float(stream.z.mean()) if stream.n else None
     else:
-        stream, span, prior = ipw_stream(x, treated, share, prior_centre=0.0), (-1.0, 1.0), 0.0
+        stream, span, prior = split_excess_stream(x, treated, share), (-1.0, 1.0), EXCESS_PRIOR_MEAN
         n_c = len(x) - n_t
         value = float(x[treated].mean() - x[~treated].mean()) if n_t and n_c else None
     evaluated = n_t >= check.min_samples and stream.n > 0
@@ -148,7 +151,21 @@ def judge(
     )
 
 
-def breach_log_capital(stream: Stream, check: GuardrailCheck, prior_mean: float = 0.0) -> np.ndarray:
+def paired_excess_stream(treatment: np.ndarray, control: np.ndarray) -> Stream:
+    """The excess check's stream in a shadow step: per request, the sparse arm's 0/1 metric minus the
+    dense arm's (in [-1, 1]; its mean is the excess). Vectorised over leading axes."""
+    return paired_stream(np.asarray(treatment, dtype=float) - np.asarray(control, dtype=float))
+
+
+def split_excess_stream(indicator: np.ndarray, treated: np.ndarray, share: float) -> Stream:
+    """The excess check's stream in a split step: every request's 0/1 metric, inverse-propensity weighted
+    by its known assignment probability, centred on the running rate (starting at 0: errors are rare)."""
+    return ipw_stream(indicator, treated, share, prior_centre=0.0)
+
+
+def breach_log_capital(
+    stream: Stream, check: GuardrailCheck, prior_mean: float = EXCESS_PRIOR_MEAN
+) -> np.ndarray:
     """log-capital over time of the test of H0: at or below the threshold (vectorised over leading axes):
     rate checks by the likelihood-ratio mixture, excess checks by adaptive bets."""
     if check.comparison == "rate":

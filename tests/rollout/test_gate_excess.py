@@ -1,0 +1,200 @@
+"""The excess-over-control guardrail (`error_rate_increase`: sparse-arm error rate minus dense-arm error rate
+<= max_error_rate_increase) at the sample sizes pilots really have, by simulation through the very test
+`decide` runs (`rollout.gate.simulation.simulate_excess`), with a replay of simulated pilots through `decide`
+itself to prove both paths stop at the same look.
+
+docs/gate.md promises: a true excess at or below its ceiling is stopped with probability <= alpha, however
+often it is looked at. Checked here with rare errors (dense-arm rate 0.5% / 1% / 2%), true excess at the
+ceiling (the least favourable null) and at half of it, in shadow steps (the arms failing independently
+given the request, and positively correlated) and split steps at 50% / 10% / 5% treatment share, 8 / 12 /
+20 / 50 / 200 treatment rows per look, stopped by look 1, 5 and 10. Requirement (as for the quality test):
+false stop <= alpha + 1 pp and the upper end of its 95% Clopper-Pearson interval <= alpha + 2 pp.
+
+CI runs a REPRESENTATIVE SUBSET of that grid (every design and dense-arm rate; the long split horizons at
+5% / 10% share, 20,000-40,000 requests per pilot, only where the rate is highest); `sparsepilot bench gate
+--excess` runs the full grid (docs/gate.md carries its table)."""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from rollout.gate import GateHistory, GateSettings, decide
+from rollout.gate.simulation import EXCESS_DESIGNS, ExcessResult, draw_errors, requests, simulate_excess
+
+SETTINGS = GateSettings(alpha=0.05, margin=0.03, min_samples_per_arm=2, guardrail_min_samples=1)
+CEILING = SETTINGS.max_error_rate_increase  # 0.01, the spec default
+CONTROL_RATES = (0.005, 0.01, 0.02)
+REPORT_LOOKS = (1, 5, 10)
+REPLICATIONS = 2000  # the upper 95% end is <= alpha + 2 pp whenever the observed rate is <= ~5.9%
+
+
+def subset(excess: float) -> list[tuple[str, float, int]]:
+    """(design, dense-arm rate, treatment rows per look) in CI."""
+    cells = []
+    for design, (share, _) in EXCESS_DESIGNS.items():
+        for rate in CONTROL_RATES:
+            cheap = share is None or share >= 0.5
+            per_look = (8, 12, 20, 50, 200) if cheap else (8, 20, 50) + ((200,) if rate == 0.02 else ())
+            if excess < CEILING:  # half the ceiling: far from the edge, a lighter sample of the grid
+                per_look = tuple(n for n in per_look if n in (20, 200 if cheap else 50))
+            cells += [(design, rate, n) for n in per_look]
+    return cells
+
+
+def table(results: list[ExcessResult]) -> str:
+    lines = ["design             dense  per-look  stopped by look 1 / 5 / 10 (upper 95%)"]
+    for r in results:
+        cells = " / ".join(
+            f"{100 * r.stop_by_look[k - 1]:.2f}% ({100 * r.upper95[k - 1]:.2f}%)" for k in REPORT_LOOKS
+        )
+        lines.append(f"{r.design:18} {r.control_rate:.3f} {r.per_look:8}  {cells}")
+    return "\n".join(lines)
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.5])
+def test_false_stop_of_the_excess_check_at_pilot_sizes(fraction: float) -> None:
+    """Time-uniform false stop at a true excess of `fraction` x the ceiling, every cell of the subset."""
+    a = SETTINGS.alpha
+    results = [
+        simulate_excess(
+            SETTINGS,
+            design=design,
+            control_rate=rate,
+            excess=fraction * CEILING,
+            per_look=n,
+            looks=10,
+            replications=REPLICATIONS,
+            seed=zlib.crc32(repr((design, rate, n, fraction)).encode()),
+        )
+        for design, rate, n in subset(fraction * CEILING)
+    ]
+    print(table(results))
+    bad = [
+        r
+        for r in results
+        if any(r.stop_by_look[k - 1] > a + 0.01 or r.upper95[k - 1] > a + 0.02 for k in REPORT_LOOKS)
+    ]
+    assert not bad, "false stop above alpha + 1 pp (or its interval above alpha + 2 pp):\n" + table(bad)
+    # the stop probability can only grow with more looks at more rows
+    assert all(np.all(np.diff(r.stop_by_look) >= 0) for r in results)
+
+
+def test_power_of_the_excess_check_is_reported() -> None:
+    """Power, reported (docs/gate.md carries the full table): stopped by 200 and by 1,000 treatment rows
+    at a true excess of 2.5x and 4x the ceiling. What must hold: a larger breach is stopped more often,
+    more rows never stop less, and a gross breach (4x) is stopped in most pilots by 1,000 rows."""
+    power = {}
+    for design in EXCESS_DESIGNS:
+        for factor in (2.5, 4.0):
+            r = simulate_excess(
+                SETTINGS,
+                design=design,
+                control_rate=0.01,
+                excess=factor * CEILING,
+                per_look=200,
+                looks=5,
+                replications=400,
+                seed=11,
+            )
+            power[(design, factor)] = (r.stop_by_look[0], r.stop_by_look[4])
+            print(
+                f"{design:18} dense 1%, excess {factor}x ceiling: stopped by 200 rows "
+                f"{100 * r.stop_by_look[0]:.1f}%, by 1,000 rows {100 * r.stop_by_look[4]:.1f}%"
+            )
+    for design in EXCESS_DESIGNS:
+        (s200, s1000), (g200, g1000) = power[(design, 2.5)], power[(design, 4.0)]
+        assert s200 <= s1000 and g200 <= g1000
+        assert g1000 > s1000 and g1000 >= 0.8, (design, power)
+
+
+def pilot_frame(a: np.ndarray, b: np.ndarray, paired: bool, upto: int) -> pd.DataFrame:
+    """The first `upto` requests of a simulated pilot (`draw_errors`' arrays), as the flows store them."""
+    rows = []
+    for i in range(upto):
+        if paired:
+            rows += [(f"r{i}", "control", bool(b[i])), (f"r{i}", "treatment", bool(a[i]))]
+        else:
+            rows.append((f"r{i}", "treatment" if b[i] else "control", bool(a[i])))
+    df = pd.DataFrame(rows, columns=["request_id", "arm", "error"])
+    return df.assign(quality=0.9, latency_ms=100.0)
+
+
+@pytest.mark.parametrize(
+    ("design", "control_rate", "per_look"),
+    [("paired", 0.01, 100), ("paired_correlated", 0.02, 100), ("split50", 0.01, 100), ("split10", 0.005, 80)],
+)
+def test_decide_stops_where_the_simulation_does(design: str, control_rate: float, per_look: int) -> None:
+    """Replay simulated pilots (a true excess of 4x the ceiling, so some stop and some do not) look by look
+    through `decide` (history carried, as the gate flow does): the look of the first breach of
+    `error_rate_increase` equals the simulation's, pilot by pilot."""
+    looks, excess = 5, 4 * CEILING
+    share = EXCESS_DESIGNS[design][0]
+    settings = GateSettings(
+        alpha=0.05, margin=0.03, min_samples_per_arm=2, guardrail_min_samples=1, max_looks=50
+    )
+    firsts = []
+    for seed in range(8):
+        sim = simulate_excess(
+            settings,
+            design=design,
+            control_rate=control_rate,
+            excess=excess,
+            per_look=per_look,
+            looks=looks,
+            replications=1,
+            seed=seed,
+            keep_runs=True,
+        )
+        units = requests(share, per_look, looks)
+        a, b = draw_errors(
+            np.random.default_rng(seed),
+            design=design,
+            control_rate=control_rate,
+            excess=excess,
+            shape=(1, units),
+        )
+        history, first = GateHistory(), 0
+        for k in range(1, looks + 1):
+            d = decide(
+                pilot_frame(a[0], b[0], share is None, units * k // looks),
+                settings,
+                history,
+                mode="paired" if share is None else "split",
+                planned_treatment_share=share,
+            )
+            history = d.next_history(history)
+            guard = next(g for g in d.guardrails if g.name == "error_rate_increase")
+            if guard.breached and not first:
+                first = k
+                assert "guardrail:error_rate_increase" in d.reasons and d.outcome == "NO-GO"
+                assert guard.lower_bound is not None and guard.lower_bound >= CEILING - 2e-4  # brentq's xtol
+        assert first == sim.first_stop_look[0], (seed, first, sim.first_stop_look[0])
+        firsts.append(first)
+    assert any(firsts) and not all(firsts), f"every or no pilot stopped: the replay proves little {firsts}"
+
+
+def test_draw_errors_has_the_asked_rates() -> None:
+    """The simulated arms' error rates (and the correlated shadow design's shared failures) are the asked
+    ones, within a 99.9% normal interval."""
+    rng = np.random.default_rng(3)
+    n = 400_000
+    for design, (share, joint) in EXCESS_DESIGNS.items():
+        a, b = draw_errors(rng, design=design, control_rate=0.02, excess=0.01, shape=(1, n))
+        if share is None:
+            sparse, dense = a[0], b[0]
+            both = float((sparse * dense).mean())
+            want = 0.02 * (0.03 if joint is None else joint)
+            assert abs(both - want) <= 3.3 * math.sqrt(want / n), (design, both, want)
+        else:
+            treated = b[0]
+            sparse, dense = a[0][treated], a[0][~treated]
+            assert abs(treated.mean() - share) <= 3.3 * math.sqrt(share * (1 - share) / n)
+        for got, want in ((sparse.mean(), 0.03), (dense.mean(), 0.02)):
+            assert abs(got - want) <= 3.3 * math.sqrt(want / min(len(sparse), len(dense))), (design, got)
+    with pytest.raises(ValueError, match="below the failures it shares"):
+        draw_errors(rng, design="paired_correlated", control_rate=0.2, excess=-0.15, shape=(1, 4))
