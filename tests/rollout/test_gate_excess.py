@@ -198,3 +198,30 @@ def test_draw_errors_has_the_asked_rates() -> None:
             assert abs(got - want) <= 3.3 * math.sqrt(want / min(len(sparse), len(dense))), (design, got)
     with pytest.raises(ValueError, match="below the failures it shares"):
         draw_errors(rng, design="paired_correlated", control_rate=0.2, excess=-0.15, shape=(1, 4))
+
+
+def test_the_full_grid_table_of_bench_gate_excess() -> None:
+    """`sparsepilot bench gate --excess` (rollout.gate.bench.excess_table) covers the whole grid, here
+    with a handful of pilots per cell: every design x dense rate x {c, c/2} x rows per look, and the power
+    at 2.5c and 4c, each a share that can only grow with the looks."""
+    from rollout.gate.bench import EXCESS_CONTROL_RATES, EXCESS_PER_LOOK, excess_table
+
+    table = excess_table(replications=20, power_replications=20)
+    cells = {
+        (r["design"], r["control_rate"], round(r["excess"], 6), r["per_look"]) for r in table["false_stop"]
+    }
+    assert cells == {
+        (d, rate, round(f * CEILING, 6), n)
+        for d in EXCESS_DESIGNS
+        for rate in EXCESS_CONTROL_RATES
+        for f in (1.0, 0.5)
+        for n in EXCESS_PER_LOOK
+    }
+    for r in table["false_stop"]:
+        assert 0 <= r["false_stop_look1"] <= r["false_stop_look5"] <= r["false_stop_look10"] <= 1
+        assert r["false_stop_look10"] <= r["upper95_look10"] and r["replications"] == 20
+    assert {(r["design"], r["control_rate"], r["factor"]) for r in table["power"]} == {
+        (d, rate, f) for d in EXCESS_DESIGNS for rate in EXCESS_CONTROL_RATES for f in (2.5, 4.0)
+    }
+    assert all(0 <= r["stopped_by_200_rows"] <= r["stopped_by_1000_rows"] <= 1 for r in table["power"])
+    assert table["environment"]["cpu_count"] >= 1
