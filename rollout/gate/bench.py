@@ -1,6 +1,7 @@
 """`sparsepilot bench gate`: how long `decide` takes at 10k / 100k / 1M rows, and (with --simulate) the
-table of false GO, power and sample size to GO that docs/gate.md carries. Returns plain rows; the CLI
-prints the table and writes the JSON. Timings come with the host's load, measured before and after."""
+table of false GO, power and sample size to GO that docs/gate.md carries; with --excess the excess
+guardrail's simulated false stop and power. Returns plain rows; the CLI prints the table and writes the
+JSON. Timings come with the host's load, measured before and after."""
 
 from __future__ import annotations
 

@@ -7,6 +7,10 @@ difference of the means. Every score distribution comes with a way to make the s
 amount, so the truth is known: false GO is measured at truth = -margin and below; power at truth = 0.
 `tests/rollout/test_gate_simulation.py` asserts the error rates; `sparsepilot bench gate --simulate` prints
 the full table that docs/gate.md carries.
+
+The excess-over-control guardrail (`simulate_excess`) is simulated the same way: rare 0/1 errors with a
+known excess of the sparse arm's rate over the dense arm's, judged by the guardrail's own breach test
+(`tests/rollout/test_gate_excess.py`, `sparsepilot bench gate --excess`).
 """
 
 from __future__ import annotations

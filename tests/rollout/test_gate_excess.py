@@ -23,13 +23,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rollout.gate import GateHistory, GateSettings, decide
+from rollout.gate import GateSettings
+from rollout.gate.evidence import Decision
+from rollout.gate.guardrails import Guardrail
 from rollout.gate.simulation import EXCESS_DESIGNS, ExcessResult, draw_errors, requests, simulate_excess
+
+from .gate_helpers import REPLAY_SETTINGS, by_look, first_look, too_high
 
 SETTINGS = GateSettings(alpha=0.05, margin=0.03, min_samples_per_arm=2, guardrail_min_samples=1)
 CEILING = SETTINGS.max_error_rate_increase  # 0.01, the spec default
 CONTROL_RATES = (0.005, 0.01, 0.02)
-REPORT_LOOKS = (1, 5, 10)
 REPLICATIONS = 2000  # the upper 95% end is <= alpha + 2 pp whenever the observed rate is <= ~5.9%
 
 
@@ -47,13 +50,12 @@ def subset(excess: float) -> list[tuple[str, float, int]]:
 
 
 def table(results: list[ExcessResult]) -> str:
-    lines = ["design             dense  per-look  stopped by look 1 / 5 / 10 (upper 95%)"]
-    for r in results:
-        cells = " / ".join(
-            f"{100 * r.stop_by_look[k - 1]:.2f}% ({100 * r.upper95[k - 1]:.2f}%)" for k in REPORT_LOOKS
-        )
-        lines.append(f"{r.design:18} {r.control_rate:.3f} {r.per_look:8}  {cells}")
-    return "\n".join(lines)
+    head = "design             dense  per-look  stopped by look 1 / 5 / 10 (upper 95%)"
+    rows = [
+        f"{r.design:18} {r.control_rate:.3f} {r.per_look:8}  {by_look(r.stop_by_look, r.upper95, 2)}"
+        for r in results
+    ]
+    return "\n".join([head, *rows])
 
 
 @pytest.mark.parametrize("fraction", [1.0, 0.5])
@@ -74,11 +76,7 @@ def test_false_stop_of_the_excess_check_at_pilot_sizes(fraction: float) -> None:
         for design, rate, n in subset(fraction * CEILING)
     ]
     print(table(results))
-    bad = [
-        r
-        for r in results
-        if any(r.stop_by_look[k - 1] > a + 0.01 or r.upper95[k - 1] > a + 0.02 for k in REPORT_LOOKS)
-    ]
+    bad = [r for r in results if too_high(r.stop_by_look, r.upper95, a)]
     assert not bad, "false stop above alpha + 1 pp (or its interval above alpha + 2 pp):\n" + table(bad)
     # the stop probability can only grow with more looks at more rows
     assert all(np.all(np.diff(r.stop_by_look) >= 0) for r in results)
@@ -112,6 +110,10 @@ def test_power_of_the_excess_check_is_reported() -> None:
         assert g1000 > s1000 and g1000 >= 0.8, (design, power)
 
 
+def guard_of(d: Decision) -> Guardrail:
+    return next(g for g in d.guardrails if g.name == "error_rate_increase")
+
+
 def pilot_frame(a: np.ndarray, b: np.ndarray, paired: bool, upto: int) -> pd.DataFrame:
     """The first `upto` requests of a simulated pilot (`draw_errors`' arrays), as the flows store them."""
     rows = []
@@ -134,16 +136,12 @@ def test_decide_stops_where_the_simulation_does(design: str, control_rate: float
     `error_rate_increase` equals the simulation's, pilot by pilot."""
     looks, excess = 5, 4 * CEILING
     share = EXCESS_DESIGNS[design][0]
-    settings = GateSettings(
-        alpha=0.05, margin=0.03, min_samples_per_arm=2, guardrail_min_samples=1, max_looks=50
-    )
+    rates = {"design": design, "control_rate": control_rate, "excess": excess}
     firsts = []
     for seed in range(8):
         sim = simulate_excess(
-            settings,
-            design=design,
-            control_rate=control_rate,
-            excess=excess,
+            REPLAY_SETTINGS,
+            **rates,
             per_look=per_look,
             looks=looks,
             replications=1,
@@ -151,28 +149,14 @@ def test_decide_stops_where_the_simulation_does(design: str, control_rate: float
             keep_runs=True,
         )
         units = requests(share, per_look, looks)
-        a, b = draw_errors(
-            np.random.default_rng(seed),
-            design=design,
-            control_rate=control_rate,
-            excess=excess,
-            shape=(1, units),
-        )
-        history, first = GateHistory(), 0
-        for k in range(1, looks + 1):
-            d = decide(
-                pilot_frame(a[0], b[0], share is None, units * k // looks),
-                settings,
-                history,
-                mode="paired" if share is None else "split",
-                planned_treatment_share=share,
-            )
-            history = d.next_history(history)
-            guard = next(g for g in d.guardrails if g.name == "error_rate_increase")
-            if guard.breached and not first:
-                first = k
-                assert "guardrail:error_rate_increase" in d.reasons and d.outcome == "NO-GO"
-                assert guard.lower_bound is not None and guard.lower_bound >= CEILING - 2e-4  # brentq's xtol
+        # the one pilot simulate_excess drew from this seed
+        a, b = draw_errors(np.random.default_rng(seed), **rates, shape=(1, units))
+        frames = (pilot_frame(a[0], b[0], share is None, units * k // looks) for k in range(1, looks + 1))
+        first, d = first_look(frames, share, lambda d: guard_of(d).breached)
+        if first:
+            assert "guardrail:error_rate_increase" in d.reasons and d.outcome == "NO-GO"
+            low = guard_of(d).lower_bound
+            assert low is not None and low >= CEILING - 2e-4  # the breach's lower bound (brentq's xtol)
         assert first == sim.first_stop_look[0], (seed, first, sim.first_stop_look[0])
         firsts.append(first)
     assert any(firsts) and not all(firsts), f"every or no pilot stopped: the replay proves little {firsts}"
