@@ -125,10 +125,11 @@ def rate_log_capital(stream: Stream, ceiling: float, m: float | None = None) -> 
     return rate_count_log_capital(ones, rows, ceiling, m, truncation=stream.truncation)
 
 
-# The mixture of constant bets that tests an excess ceiling (sparse minus dense rate <= c): (the share of the
-# largest possible gain a component bets, weight). Chosen by simulated power (docs/gate.md "The excess over
-# control, measured"): against the adaptive bets it stops more breaches at 2.5c and 4c by 200 and by 1,000
-# treatment rows in every design (shadow, split 50% / 10% / 5%) and dense-arm rate (0.5-2%) measured.
+# The mixture of constant bets that tests an excess ceiling (sparse minus dense rate <= c): (gain g, weight),
+# a component's capital growing by the factor 1 + g on an error in the sparse arm only. Chosen by simulated
+# power (docs/gate.md "The excess over control, measured"): against the adaptive bets it stops more breaches
+# at 2.5c and 4c by 200 and by 1,000 treatment rows in every design (shadow, split 50% / 10% / 5%) and
+# dense-arm rate (0.5-2%) measured.
 EXCESS_MIXTURE: tuple[tuple[float, float], ...] = ((0.45, 0.5), (0.8, 0.5))
 
 
@@ -151,8 +152,12 @@ def excess_log_capital(
     the capital falls as m rises, so the lower bound is the edge of the rejected set."""
     m = ceiling if m is None else m
     room = np.maximum(stream.hi - ceiling, 1e-12)
-    parts = [
-        math.log(weight) + log_capital(stream, np.broadcast_to(gain / room, stream.z.shape), m, "lower")
-        for gain, weight in mixture
-    ]
-    return np.logaddexp.reduce(np.stack(parts), axis=0)
+    # `log_capital`'s lower-side factor, with the truncation and Z - m computed once for all components
+    # (1M-row steps: half the time of one log_capital call per component)
+    cap = stream.truncation / np.maximum(m - stream.lo, 1e-12)
+    diff = stream.z - m
+    total = None
+    for gain, weight in mixture:
+        part = np.cumsum(np.log1p(np.minimum(gain / room, cap) * diff), axis=-1) + math.log(weight)
+        total = part if total is None else np.logaddexp(total, part)
+    return total
