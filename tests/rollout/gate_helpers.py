@@ -21,7 +21,7 @@ def too_high(rates: tuple[float, ...], upper95: tuple[float, ...], alpha: float)
 
 
 def by_look(rates: tuple[float, ...], upper95: tuple[float, ...], digits: int = 1) -> str:
-    """ "r1% (u1%) / r5% (u5%) / r10% (u10%)" at the reported looks."""
+    """The rates at the reported looks with their upper ends: r1% (u1%) / r5% (u5%) / r10% (u10%)."""
     return " / ".join(
         f"{100 * rates[k - 1]:.{digits}f}% ({100 * upper95[k - 1]:.{digits}f}%)" for k in REPORT_LOOKS
     )
