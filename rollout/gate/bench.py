@@ -1,6 +1,7 @@
 """`sparsepilot bench gate`: how long `decide` takes at 10k / 100k / 1M rows, and (with --simulate) the
-table of false GO, power and sample size to GO that docs/gate.md carries. Returns plain rows; the CLI
-prints the table and writes the JSON. Timings come with the host's load, measured before and after."""
+table of false GO, power and sample size to GO that docs/gate.md carries; with --excess the excess
+guardrail's simulated false stop and power. Returns plain rows; the CLI prints the table and writes the
+JSON. Timings come with the host's load, measured before and after."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from rollout.gate.power import (
 )
 from rollout.gate.sequences import RATE_MIXTURE
 from rollout.gate.settings import GateSettings
-from rollout.gate.simulation import DESIGNS, SCORE_MODELS, simulate
+from rollout.gate.simulation import DESIGNS, EXCESS_DESIGNS, SCORE_MODELS, simulate, simulate_excess
 from sparse_core.host import loadavg
 
 BENCH_SETTINGS = GateSettings(alpha=0.05, margin=0.03, min_samples_per_arm=100, latency_slo_ms=2000.0)
@@ -134,6 +135,95 @@ def simulation_table(
     return {
         "settings": BENCH_SETTINGS.to_dict(),
         "rows": rows,
+        "environment": {
+            "loadavg_before": load_before,
+            "loadavg_after": loadavg(),
+            "cpu_count": os.cpu_count(),
+        },
+    }
+
+
+# ---------------------------------------------------------------- the excess guardrail, simulated
+
+EXCESS_CONTROL_RATES = (0.005, 0.01, 0.02)  # rare errors: the dense arm's rate
+EXCESS_PER_LOOK = (8, 12, 20, 50, 200)
+EXCESS_SETTINGS = GateSettings(alpha=0.05, min_samples_per_arm=2, guardrail_min_samples=1)
+
+
+def _excess_cell(args: tuple[str, float, float, int, int, int, int]) -> dict[str, Any]:
+    design, rate, excess, per_look, looks, reps, seed = args
+    r = simulate_excess(
+        EXCESS_SETTINGS,
+        design=design,
+        control_rate=rate,
+        excess=excess,
+        per_look=per_look,
+        looks=looks,
+        replications=reps,
+        seed=seed,
+    )
+    return r.to_dict() | {"factor": excess / EXCESS_SETTINGS.max_error_rate_increase}
+
+
+def excess_table(
+    replications: int = 4000,
+    power_replications: int = 2000,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """The `error_rate_increase` check (ceiling 0.01) by simulation through the test `decide` runs: the
+    time-uniform false stop by look 1 / 5 / 10 at a true excess of the ceiling and half of it, for every
+    design, dense-arm rate and rows per look; and the power (stopped by 200 and by 1,000 treatment rows)
+    at 2.5x and 4x the ceiling."""
+    c = EXCESS_SETTINGS.max_error_rate_increase
+    null_jobs = [
+        (d, rate, f * c, n, 10, replications, seed)
+        for seed, (d, rate, f, n) in enumerate(
+            itertools.product(EXCESS_DESIGNS, EXCESS_CONTROL_RATES, (1.0, 0.5), EXCESS_PER_LOOK)
+        )
+    ]
+    power_jobs = [
+        (d, rate, f * c, 200, 5, power_replications, 10_000 + seed)
+        for seed, (d, rate, f) in enumerate(
+            itertools.product(EXCESS_DESIGNS, EXCESS_CONTROL_RATES, (2.5, 4.0))
+        )
+    ]
+    jobs = null_jobs + power_jobs
+    load_before = loadavg()
+    cells: list[dict[str, Any]] = []
+    with ProcessPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
+        for cell in pool.map(_excess_cell, jobs):
+            cells.append(cell)
+            if progress:
+                progress(len(cells), len(jobs))
+    null = [
+        {
+            "design": x["design"],
+            "control_rate": x["control_rate"],
+            "excess": x["excess"],
+            "per_look": x["per_look"],
+            "false_stop_look1": x["stop_by_look"][0],
+            "false_stop_look5": x["stop_by_look"][4],
+            "false_stop_look10": x["stop_by_look"][9],
+            "upper95_look10": x["upper95"][9],
+            "replications": x["replications"],
+        }
+        for x in cells[: len(null_jobs)]
+    ]
+    power = [
+        {
+            "design": x["design"],
+            "control_rate": x["control_rate"],
+            "factor": x["factor"],
+            "stopped_by_200_rows": x["stop_by_look"][0],
+            "stopped_by_1000_rows": x["stop_by_look"][4],
+            "replications": x["replications"],
+        }
+        for x in cells[len(null_jobs) :]
+    ]
+    return {
+        "settings": EXCESS_SETTINGS.to_dict(),
+        "false_stop": null,
+        "power": power,
         "environment": {
             "loadavg_before": load_before,
             "loadavg_after": loadavg(),

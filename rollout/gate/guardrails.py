@@ -24,11 +24,9 @@ import pandas as pd
 
 from rollout.gate.sequences import (
     Stream,
-    bets,
     bound_where,
-    confidence_bound,
+    excess_log_capital,
     ipw_stream,
-    log_capital,
     paired_stream,
     rate_log_capital,
     rate_stream,
@@ -38,7 +36,6 @@ from rollout.gate.settings import GateSettings
 Metric = Literal["error", "latency_over_slo"]
 Comparison = Literal["rate", "excess"]
 Status = Literal["breached", "holds", "not-judged"]
-_EXCESS_PRIOR_VAR = 0.25
 
 
 @dataclass(frozen=True)
@@ -118,15 +115,15 @@ def judge(
     n_t = int(treated.sum())
     if check.comparison == "rate":
         stream, span, value = rate_stream(x[treated]), (0.0, 1.0), (float(x[treated].mean()) if n_t else None)
-        prior = check.threshold
     elif mode == "paired":
         assert pairs is not None
-        d = check.indicator(pairs.rename(columns=_suffix("treatment"))) - check.indicator(
-            pairs.rename(columns=_suffix("control"))
+        stream = paired_excess_stream(
+            check.indicator(pairs.rename(columns=_suffix("treatment"))),
+            check.indicator(pairs.rename(columns=_suffix("control"))),
         )
-        stream, span, value, prior = paired_stream(d), (-1.0, 1.0), (float(d.mean()) if len(d) else None), 0.0
+        span, value = (-1.0, 1.0), (float(stream.z.mean()) if stream.n else None)
     else:
-        stream, span, prior = ipw_stream(x, treated, share, prior_centre=0.0), (-1.0, 1.0), 0.0
+        stream, span = split_excess_stream(x, treated, share), (-1.0, 1.0)
         n_c = len(x) - n_t
         value = float(x[treated].mean() - x[~treated].mean()) if n_t and n_c else None
     evaluated = n_t >= check.min_samples and stream.n > 0
@@ -134,7 +131,7 @@ def judge(
     if stream.n == 0:
         note = "; ".join(filter(None, [_note(check, n_t), left_out]))
         return Guardrail(check.name, None, check.threshold, False, False, note, n=n_t, excluded=excluded)
-    breached, low = _breach(stream, check, alpha, prior, span)
+    breached, low = _breach(stream, check, alpha, span)
     return Guardrail(
         check.name,
         value,
@@ -148,26 +145,33 @@ def judge(
     )
 
 
-def breach_log_capital(stream: Stream, check: GuardrailCheck, prior_mean: float = 0.0) -> np.ndarray:
-    """log-capital over time of the test of H0: at or below the threshold (vectorised over leading axes):
-    rate checks by the likelihood-ratio mixture, excess checks by adaptive bets."""
+def paired_excess_stream(treatment: np.ndarray, control: np.ndarray) -> Stream:
+    """The excess check's stream in a shadow step: per request, the sparse arm's 0/1 metric minus the
+    dense arm's (in [-1, 1]; its mean is the excess). Vectorised over leading axes."""
+    return paired_stream(np.asarray(treatment, dtype=float) - np.asarray(control, dtype=float))
+
+
+def split_excess_stream(indicator: np.ndarray, treated: np.ndarray, share: float) -> Stream:
+    """The excess check's stream in a split step: every request's 0/1 metric, inverse-propensity weighted
+    by its known assignment probability, centred on the running rate (starting at 0: errors are rare)."""
+    return ipw_stream(indicator, treated, share, prior_centre=0.0)
+
+
+def breach_log_capital(stream: Stream, check: GuardrailCheck, m: float | None = None) -> np.ndarray:
+    """log-capital over time of the test of H0: at or below m (default: the threshold), vectorised over
+    leading axes: rate checks by the likelihood-ratio mixture, excess checks by the mixture of constant
+    bets (`sequences.excess_log_capital`)."""
     if check.comparison == "rate":
-        return rate_log_capital(stream, check.threshold)
-    lam = bets(stream, check.threshold, "lower", prior_mean=prior_mean, prior_var=_EXCESS_PRIOR_VAR)
-    return log_capital(stream, lam, check.threshold, "lower")
+        return rate_log_capital(stream, check.threshold, m)
+    return excess_log_capital(stream, check.threshold, m)
 
 
-def _breach(
-    stream: Stream, check: GuardrailCheck, alpha: float, prior: float, span
-) -> tuple[bool, float | None]:
+def _breach(stream: Stream, check: GuardrailCheck, alpha: float, span) -> tuple[bool, float | None]:
     """(breached, the lower bound behind a breach: how bad at least, which the explanation quotes)."""
-    if breach_log_capital(stream, check, prior).max() < math.log(1 / alpha):
+    if breach_log_capital(stream, check).max() < math.log(1 / alpha):
         return False, None
-    if check.comparison == "rate":
-        peak = lambda m: float(rate_log_capital(stream, check.threshold, m).max())  # noqa: E731
-        return True, bound_where(peak, stream, "lower", alpha, span)
-    kw = {"prior_mean": prior, "prior_var": _EXCESS_PRIOR_VAR}
-    return True, confidence_bound(stream, check.threshold, "lower", alpha, span=span, **kw)
+    peak = lambda m: float(breach_log_capital(stream, check, m).max())  # noqa: E731
+    return True, bound_where(peak, stream, "lower", alpha, span)
 
 
 def judge_all(

@@ -7,6 +7,10 @@ difference of the means. Every score distribution comes with a way to make the s
 amount, so the truth is known: false GO is measured at truth = -margin and below; power at truth = 0.
 `tests/rollout/test_gate_simulation.py` asserts the error rates; `sparsepilot bench gate --simulate` prints
 the full table that docs/gate.md carries.
+
+The excess-over-control guardrail (`simulate_excess`) is simulated the same way: rare 0/1 errors with a
+known excess of the sparse arm's rate over the dense arm's, judged by the guardrail's own breach test
+(`tests/rollout/test_gate_excess.py`, `sparsepilot bench gate --excess`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,12 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from rollout.gate.guardrails import (
+    breach_log_capital,
+    guardrail_checks,
+    paired_excess_stream,
+    split_excess_stream,
+)
 from rollout.gate.quality import prior
 from rollout.gate.sequences import ipw_stream, paired_stream, rejects
 from rollout.gate.settings import GateSettings
@@ -126,7 +136,7 @@ def simulate(
     keep_runs: also return, per pilot, the look of its first GO (0 = none)."""
     model = SCORE_MODELS[scores]
     share = DESIGNS[design]
-    units = per_look * looks if share is None else int(math.ceil(per_look * looks / share))
+    units = requests(share, per_look, looks)
     look_at = np.array([units * k // looks - 1 for k in range(1, looks + 1)])
     rng = np.random.default_rng(seed)
     kw = prior(settings, "paired" if share is None else "split", 0.5 if share is None else share)
@@ -168,6 +178,12 @@ def simulate(
     )
 
 
+def requests(share: float | None, per_look: int, looks: int) -> int:
+    """Requests a simulated pilot draws: `per_look` pairs per look in a shadow step (share None), or as
+    many requests as give `per_look` treatment rows per look in expectation in a split step."""
+    return per_look * looks if share is None else int(math.ceil(per_look * looks / share))
+
+
 def clopper_pearson_upper(successes: int, trials: int, level: float = 0.95) -> float:
     """Upper end of the two-sided Clopper-Pearson interval of a binomial proportion."""
     if successes >= trials:
@@ -183,7 +199,7 @@ def draw_pilot(
     the treatment flags, in arrival order. Lets a test replay a simulated pilot through `decide`."""
     model = SCORE_MODELS[scores]
     share = DESIGNS[design]
-    units = per_look * looks if share is None else int(math.ceil(per_look * looks / share))
+    units = requests(share, per_look, looks)
     rng = np.random.default_rng(seed)
     q = model.control(rng, (1, units))
     if share is None:
@@ -192,3 +208,110 @@ def draw_pilot(
     sparse = q.copy()
     sparse[treated] = model.degrade(rng, q[treated], truth)
     return np.where(treated, np.nan, q)[0], np.where(treated, sparse, np.nan)[0], treated[0]
+
+
+# ---------------------------------------------------------------- the excess-over-control guardrail
+
+# Designs of the excess check: (treatment share, None for a shadow step; in a shadow step, P(the sparse arm
+# fails | the dense arm failed on the same request) - None: the arms fail independently).
+EXCESS_DESIGNS: dict[str, tuple[float | None, float | None]] = {
+    "paired": (None, None),
+    "paired_correlated": (None, 0.5),
+    "split50": (0.5, None),
+    "split10": (0.10, None),
+    "split5": (0.05, None),
+}
+
+
+@dataclass(frozen=True)
+class ExcessResult:
+    design: str
+    control_rate: float
+    excess: float  # true sparse-arm error rate minus the dense arm's
+    per_look: int  # treatment rows per look (pairs in a shadow step; expected rows in a split step)
+    looks: int
+    replications: int
+    stop_by_look: tuple[float, ...]  # share of pilots with the check breached at or before look k
+    upper95: tuple[float, ...]  # upper end of the 95% Clopper-Pearson interval of stop_by_look
+    first_stop_look: tuple[int, ...] = ()  # per pilot (keep_runs only): look of the first breach, 0 = none
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def draw_errors(
+    rng: np.random.Generator,
+    *,
+    design: str,
+    control_rate: float,
+    excess: float,
+    shape: tuple[int, int],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Error flags of `shape` (replications, requests) in arrival order. Shadow step: (sparse, dense) per
+    request; split step: (flag of the arm the request went to, treated). The sparse arm's rate is
+    control_rate + excess; a correlated shadow design makes a request the dense arm fails on fail in the
+    sparse arm with the design's probability."""
+    share, joint = EXCESS_DESIGNS[design]
+    p_t = control_rate + excess
+    if not 0 <= control_rate <= 1 or not 0 <= p_t <= 1:
+        raise ValueError(f"error rates must be in [0, 1]: control {control_rate!r}, sparse {p_t!r}")
+    u = rng.random(shape)
+    if share is not None:
+        treated = rng.random(shape) < share
+        return (u < np.where(treated, p_t, control_rate)).astype(float), treated
+    both = control_rate * (p_t if joint is None else joint)
+    if both > p_t:
+        raise ValueError(f"{design}: the sparse arm's rate {p_t!r} is below the failures it shares")
+    dense_only, sparse_only = control_rate - both, p_t - both
+    sparse = (u < both) | ((u >= both + dense_only) & (u < both + dense_only + sparse_only))
+    return sparse.astype(float), (u < both + dense_only).astype(float)
+
+
+def simulate_excess(
+    settings: GateSettings,
+    *,
+    design: str,
+    control_rate: float,
+    excess: float,
+    per_look: int,
+    looks: int,
+    replications: int,
+    seed: int = 0,
+    chunk_elements: int = 1 << 20,
+    keep_runs: bool = False,
+) -> ExcessResult:
+    """Share of `replications` simulated pilots whose `error_rate_increase` check is breached by each look,
+    judged by the very test `decide` runs (`guardrails.breach_log_capital` on the stream `judge` builds).
+    A breach counts at any sample size (a breach shown is a breach: `decide` returns NO-GO whatever the
+    check's minimum rows), and the capital's running maximum covers every row, so looks only set the
+    horizon: the share stopped by look k of a 10-look pilot is the false stop of a k-look pilot."""
+    check = next(c for c in guardrail_checks(settings) if c.comparison == "excess")
+    share = EXCESS_DESIGNS[design][0]
+    units = requests(share, per_look, looks)
+    look_at = np.array([units * k // looks - 1 for k in range(1, looks + 1)])
+    rng = np.random.default_rng(seed)
+    target = math.log(1 / settings.alpha)
+    stops = np.zeros(looks)
+    first: list[np.ndarray] = []
+    per_chunk = max(1, chunk_elements // units)
+    done = 0
+    while done < replications:
+        r = min(per_chunk, replications - done)
+        a, b = draw_errors(rng, design=design, control_rate=control_rate, excess=excess, shape=(r, units))
+        stream = paired_excess_stream(a, b) if share is None else split_excess_stream(a, b, share)
+        peak = np.maximum.accumulate(breach_log_capital(stream, check), axis=-1)[:, look_at]
+        stopped = peak >= target
+        stops += stopped.sum(axis=0)
+        first.append(np.where(stopped.any(axis=1), stopped.argmax(axis=1) + 1, 0))
+        done += r
+    return ExcessResult(
+        design,
+        control_rate,
+        excess,
+        per_look,
+        looks,
+        replications,
+        tuple(float(x) for x in stops / replications),
+        tuple(clopper_pearson_upper(int(c), replications) for c in stops),
+        tuple(int(x) for x in np.concatenate(first)) if keep_runs else (),
+    )

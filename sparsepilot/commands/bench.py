@@ -493,6 +493,11 @@ def bench_gate(
     replications: int = typer.Option(
         1000, "--replications", help="Simulated pilots per scenario (--simulate)."
     ),
+    excess: bool = typer.Option(
+        False,
+        "--excess",
+        help="Also simulate the excess guardrail's false stop and power (full grid, ~5 min on one core).",
+    ),
     repeats: int = typer.Option(
         3, "--repeats", min=1, help="Timed decide() calls per size (best and median kept)."
     ),
@@ -504,10 +509,10 @@ def bench_gate(
 ) -> None:
     """Time the gate's decide() at 10k / 100k / 1M rows (target: 1M rows <= 1 s), print the guardrails'
     exact power and false-stop table and, with --simulate, measure the quality test's error rates by
-    simulation (the tables in docs/gate.md)."""
+    simulation, with --excess the excess-over-control guardrail's (the tables in docs/gate.md)."""
     from rich.progress import Progress
 
-    from rollout.gate.bench import guardrail_table, simulation_table, time_decide
+    from rollout.gate.bench import excess_table, guardrail_table, simulation_table, time_decide
     from sparsepilot.console import fail, print_table
 
     _wide_console()
@@ -567,5 +572,23 @@ def bench_gate(
                 "power_look10",
                 "mean_requests_to_go",
             ],
+        )
+    if excess:
+        with Progress(transient=True) as bar:
+            task = bar.add_task("simulating the excess guardrail", total=None)
+            result["excess"] = excess_table(
+                progress=lambda done, total: bar.update(task, completed=done, total=total)
+            )
+        ex = result["excess"]
+        load = f"load {ex['environment']['loadavg_before']} -> {ex['environment']['loadavg_after']}"
+        print_table(
+            f"error_rate_increase (ceiling 0.01), simulated: false stop by look 1 / 5 / 10; {load}",
+            ex["false_stop"],
+            columns=list(ex["false_stop"][0]),
+        )
+        print_table(
+            "error_rate_increase: stopped by 200 / 1,000 treatment rows at 2.5x and 4x the ceiling",
+            ex["power"],
+            columns=list(ex["power"][0]),
         )
     _saved_and_emitted(result, out, json_out)

@@ -18,17 +18,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rollout.gate import GateHistory, GateSettings, decide, guardrail_checks
+from rollout.gate import GateSettings, guardrail_checks
 from rollout.gate.power import neyman_pearson_power, neyman_pearson_rows, power_by, rows_to_detect
 from rollout.gate.simulation import DESIGNS, SCORE_MODELS, Result, draw_pilot, simulate
 from rollout.spec import parse_spec, spec_warnings
 
+from .gate_helpers import REPLAY_SETTINGS, REPORT_LOOKS, by_look, first_look, too_high
 from .usecase_helpers import example_spec
 
 SETTINGS = GateSettings(alpha=0.05, margin=0.03, min_samples_per_arm=2, guardrail_min_samples=1)
 PER_LOOK = (8, 12, 20, 50, 200)
 LOOKS = 10
-REPORT_LOOKS = (1, 5, 10)
 GRID = [(d, s, n) for d in DESIGNS for s in SCORE_MODELS for n in PER_LOOK]
 
 
@@ -68,20 +68,15 @@ def run_grid(truth: float, reps: int) -> list[Result]:
 def table(results: list[Result]) -> str:
     lines = ["design   scores    per-look  reps   GO by look 1 / 5 / 10 (upper 95%)"]
     for r in results:
-        cells = " / ".join(
-            f"{100 * r.go_by_look[k - 1]:.1f}% ({100 * r.upper95[k - 1]:.1f}%)" for k in REPORT_LOOKS
+        lines.append(
+            f"{r.design:8} {r.scores:9} {r.per_look:8} {r.replications:5}  {by_look(r.go_by_look, r.upper95)}"
         )
-        lines.append(f"{r.design:8} {r.scores:9} {r.per_look:8} {r.replications:5}  {cells}")
     return "\n".join(lines)
 
 
 def assert_valid(results: list[Result]) -> None:
     a = SETTINGS.alpha
-    bad = [
-        r
-        for r in results
-        if any(r.go_by_look[k - 1] > a + 0.01 or r.upper95[k - 1] > a + 0.02 for k in REPORT_LOOKS)
-    ]
+    bad = [r for r in results if too_high(r.go_by_look, r.upper95, a)]
     print(table(results))
     assert not bad, "false GO above alpha + 1 pp (or its interval above alpha + 2 pp):\n" + table(bad)
 
@@ -150,13 +145,10 @@ def test_decide_agrees_with_the_simulation(design: str, scores: str, per_look: i
     pilots reach GO and some do not)."""
     looks = 6
     share = DESIGNS[design]
-    settings = GateSettings(
-        alpha=0.05, margin=0.03, min_samples_per_arm=2, guardrail_min_samples=1, max_looks=50
-    )
     firsts = []
     for seed in range(8):
         sim = simulate(
-            settings,
+            REPLAY_SETTINGS,
             design=design,
             scores=scores,
             per_look=per_look,
@@ -170,19 +162,10 @@ def test_decide_agrees_with_the_simulation(design: str, scores: str, per_look: i
             design=design, scores=scores, per_look=per_look, looks=looks, truth=truth, seed=seed
         )
         units = len(control)
-        history, first = GateHistory(), 0
-        for k in range(1, looks + 1):
-            df = frame_of(control, sparse, treated, share is None, units * k // looks)
-            d = decide(
-                df,
-                settings,
-                history,
-                mode="paired" if share is None else "split",
-                planned_treatment_share=share,
-            )
-            history = d.next_history(history)
-            if d.outcome == "GO" and not first:
-                first = k
+        frames = (
+            frame_of(control, sparse, treated, share is None, units * k // looks) for k in range(1, looks + 1)
+        )
+        first, _ = first_look(frames, share, lambda d: d.outcome == "GO")
         assert first == sim.first_go_look[0], (seed, first, sim.first_go_look[0])
         firsts.append(first)
     assert any(firsts), "no simulated pilot reached GO: the replay proves nothing"

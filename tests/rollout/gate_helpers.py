@@ -1,0 +1,53 @@
+"""Shared by the gate's simulation tests: the requirement on a simulated error rate, its one-line report,
+and the replay of a simulated pilot through `decide` look by look, history carried as the gate flow does
+(the check that the vectorised simulations of `rollout.gate.simulation` judge exactly what `decide` does)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import pandas as pd
+
+from rollout.gate import GateHistory, GateSettings, decide
+from rollout.gate.evidence import Decision
+
+REPORT_LOOKS = (1, 5, 10)  # error rates by look 1, 5 and 10 of a 10-look pilot
+
+
+def too_high(rates: tuple[float, ...], upper95: tuple[float, ...], alpha: float) -> bool:
+    """The issue's requirement broken at a reported look: the rate above alpha + 1 pp, or the upper end
+    of its 95% interval above alpha + 2 pp."""
+    return any(rates[k - 1] > alpha + 0.01 or upper95[k - 1] > alpha + 0.02 for k in REPORT_LOOKS)
+
+
+def by_look(rates: tuple[float, ...], upper95: tuple[float, ...], digits: int = 1) -> str:
+    """The rates at the reported looks with their upper ends: r1% (u1%) / r5% (u5%) / r10% (u10%)."""
+    return " / ".join(
+        f"{100 * rates[k - 1]:.{digits}f}% ({100 * upper95[k - 1]:.{digits}f}%)" for k in REPORT_LOOKS
+    )
+
+
+# Looks are never cut short by max_looks, and the minimum samples never hold a look back.
+REPLAY_SETTINGS = GateSettings(
+    alpha=0.05, margin=0.03, min_samples_per_arm=2, guardrail_min_samples=1, max_looks=50
+)
+
+
+def first_look(
+    frames: Iterable[pd.DataFrame], share: float | None, hit: Callable[[Decision], bool]
+) -> tuple[int, Decision | None]:
+    """(look, decision) of the first look (1-based) whose decision satisfies `hit`; (0, None) if none.
+    `frames`: all the step's rows up to each look, in arrival order; `share` None for a shadow step."""
+    history = GateHistory()
+    for k, frame in enumerate(frames, start=1):
+        d = decide(
+            frame,
+            REPLAY_SETTINGS,
+            history,
+            mode="paired" if share is None else "split",
+            planned_treatment_share=share,
+        )
+        if hit(d):
+            return k, d
+        history = d.next_history(history)
+    return 0, None
