@@ -125,22 +125,24 @@ def simulation_table(
         for s in SCORE_MODELS
         for n in per_look
     ]
-    rows: list[dict[str, Any]] = []
+    rows, environment = _in_pool(_scenario, jobs, progress)
+    return {"settings": BENCH_SETTINGS.to_dict(), "rows": rows, "environment": environment}
+
+
+def _in_pool(
+    fn: Callable[[Any], dict[str, Any]], jobs: list[Any], progress: Callable[[int, int], None] | None
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """fn over the jobs on up to two worker processes, in order, with progress; and the host's load
+    before and after."""
+    out: list[dict[str, Any]] = []
     load_before = loadavg()
     with ProcessPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
-        for row in pool.map(_scenario, jobs):
-            rows.append(row)
+        for row in pool.map(fn, jobs):
+            out.append(row)
             if progress:
-                progress(len(rows), len(jobs))
-    return {
-        "settings": BENCH_SETTINGS.to_dict(),
-        "rows": rows,
-        "environment": {
-            "loadavg_before": load_before,
-            "loadavg_after": loadavg(),
-            "cpu_count": os.cpu_count(),
-        },
-    }
+                progress(len(out), len(jobs))
+    environment = {"loadavg_before": load_before, "loadavg_after": loadavg(), "cpu_count": os.cpu_count()}
+    return out, environment
 
 
 # ---------------------------------------------------------------- the excess guardrail, simulated
@@ -187,14 +189,7 @@ def excess_table(
             itertools.product(EXCESS_DESIGNS, EXCESS_CONTROL_RATES, (2.5, 4.0))
         )
     ]
-    jobs = null_jobs + power_jobs
-    load_before = loadavg()
-    cells: list[dict[str, Any]] = []
-    with ProcessPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
-        for cell in pool.map(_excess_cell, jobs):
-            cells.append(cell)
-            if progress:
-                progress(len(cells), len(jobs))
+    cells, environment = _in_pool(_excess_cell, null_jobs + power_jobs, progress)
     null = [
         {
             "design": x["design"],
@@ -224,11 +219,7 @@ def excess_table(
         "settings": EXCESS_SETTINGS.to_dict(),
         "false_stop": null,
         "power": power,
-        "environment": {
-            "loadavg_before": load_before,
-            "loadavg_after": loadavg(),
-            "cpu_count": os.cpu_count(),
-        },
+        "environment": environment,
     }
 
 
