@@ -21,6 +21,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from rollout import audit
 from rollout.db.models import AuditEntry, SpecVersion, UseCase
@@ -457,12 +458,8 @@ def load_spec_version(name: str, version: int | None = None, *, url: str | None 
     """The stored spec (current version unless given), re-validated into a UseCaseSpec."""
     with session_scope(url) as s:
         uc = get_use_case(s, name)
-        wanted = version or uc.current_spec_version
-        sv = s.scalar(
-            select(SpecVersion).where(SpecVersion.use_case_id == uc.id, SpecVersion.version == wanted)
-        )
-        if sv is None:
-            raise UnknownUseCase(f"use case {name!r} has no version {wanted}")
+        sv = _version_of(s, uc, version)
+        wanted = sv.version
         try:
             spec = UseCaseSpec.model_validate(sv.spec)
         except Exception as exc:  # noqa: BLE001 - a stored spec that no longer parses is a hard error
@@ -478,6 +475,15 @@ def load_spec_version(name: str, version: int | None = None, *, url: str | None 
         return LoadedSpec(
             uc.id, uc.name, sv.version, spec, sv.spec_hash, dataset, sv.dataset_sha256, source_dir
         )
+
+
+def _version_of(s: Session, uc: UseCase, version: int | None = None) -> SpecVersion:
+    """A stored spec version of the use case (default: the current one); UnknownUseCase if none."""
+    wanted = version or uc.current_spec_version
+    sv = s.scalar(select(SpecVersion).where(SpecVersion.use_case_id == uc.id, SpecVersion.version == wanted))
+    if sv is None:
+        raise UnknownUseCase(f"use case {uc.name!r} has no version {wanted}")
+    return sv
 
 
 def _plan_of_stored(sv: SpecVersion, approval_after: int | None = None) -> dict[str, Any] | None:
@@ -497,12 +503,7 @@ def pilot_plan_of(
     the dataset's distinct requests where the dataset is the traffic source."""
     with session_scope(url) as s:
         uc = get_use_case(s, name)
-        sv = s.scalar(
-            select(SpecVersion).where(
-                SpecVersion.use_case_id == uc.id, SpecVersion.version == uc.current_spec_version
-            )
-        )
-        plan = _plan_of_stored(sv, approval_after)
+        plan = _plan_of_stored(_version_of(s, uc), approval_after)
     return None if plan is None else {"use_case": name, **plan}
 
 
