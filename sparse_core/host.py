@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -34,13 +35,18 @@ def loadavg() -> list[float] | None:
         return None
 
 
+def _affinity() -> set[int] | None:
+    try:
+        return os.sched_getaffinity(0)
+    except (AttributeError, OSError):
+        return None
+
+
 def available_cpus() -> float:
     """CPUs this process may use: its affinity mask, capped by a cgroup CPU quota (v2 cpu.max or v1
     cfs_quota_us / cfs_period_us) where one is set."""
-    try:
-        cpus = float(len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        cpus = float(os.cpu_count() or 1)
+    mask = _affinity()
+    cpus = float(len(mask)) if mask else float(os.cpu_count() or 1)
     quota = _cgroup_quota()
     return max(1.0, min(cpus, quota)) if quota else cpus
 
@@ -65,17 +71,31 @@ def _cgroup_quota() -> float | None:
 @dataclass(frozen=True)
 class CpuSnapshot:
     wall: float  # time.monotonic()
-    busy_ticks: int | None  # all CPUs, /proc/stat (user + nice + system + irq + softirq + steal)
+    busy_ticks: int | None  # the CPUs this process may run on (busy_ticks of /proc/stat)
     own_ticks: int | None  # this process, all threads (/proc/self/stat utime + stime)
     psi_some_us: int | None  # /proc/pressure/cpu "some" total: time some task waited for a CPU
+
+
+def busy_ticks(proc_stat: str, cpus: Collection[int] | None = None) -> int:
+    """Busy clock ticks (user + nice + system + irq + softirq + steal: all but idle and iowait) summed over
+    the per-CPU lines of a /proc/stat text, only those of `cpus` where given. A process pinned to some
+    CPUs competes only with what runs on those: a neighbour busy on another CPU is not its load."""
+    total = 0
+    for line in proc_stat.splitlines()[1:]:
+        name, _, rest = line.partition(" ")
+        if not name.startswith("cpu"):
+            break
+        if cpus is not None and int(name[3:]) not in cpus:
+            continue
+        values = [int(x) for x in rest.split()]
+        total += sum(values) - values[3] - (values[4] if len(values) > 4 else 0)
+    return total
 
 
 def snapshot() -> CpuSnapshot:
     busy = own = psi = None
     try:
-        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-        values = [int(x) for x in fields]
-        busy = sum(values) - values[3] - (values[4] if len(values) > 4 else 0)  # minus idle and iowait
+        busy = busy_ticks(Path("/proc/stat").read_text(), _affinity())
     except (OSError, ValueError, IndexError):
         pass
     try:
@@ -94,7 +114,8 @@ def snapshot() -> CpuSnapshot:
 
 
 def others_busy_cores(a: CpuSnapshot, b: CpuSnapshot) -> float | None:
-    """Cores the other processes kept busy between two snapshots (None where /proc is not available)."""
+    """Cores of ours (the affinity mask) the other processes kept busy between two snapshots (None where
+    /proc is not available)."""
     wall = b.wall - a.wall
     if wall <= 0 or None in (a.busy_ticks, b.busy_ticks, a.own_ticks, b.own_ticks):
         return None
