@@ -27,7 +27,7 @@ import warnings
 from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, NotRequired, TypedDict, Unpack
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -413,16 +413,26 @@ def _apply_mlflow(name: str, alias: str, version: str | None) -> None:
         c.set_registered_model_alias(name, alias, version)
 
 
+class MoveRequest(TypedDict):
+    """The keywords every alias move takes (set_alias, promote, rollback): who moves it, why (kept in the
+    audit log), the idempotency key a retry repeats, and the state DB (default: the settings')."""
+
+    actor: Identity
+    reason: str
+    idempotency_key: str
+    db_url: NotRequired[str | None]
+
+
 def _move(
     use_case: str,
     alias: str,
-    *,
     action: str,
     target: Any,
+    *,
     actor: Identity,
     reason: str,
     idempotency_key: str,
-    db_url: str | None,
+    db_url: str | None = None,
 ) -> AliasMove:
     """The three-step alias move. `target(session, uc)` returns (to_version, from_version)."""
     if alias not in ALIASES:
@@ -542,10 +552,7 @@ def set_alias(
     *,
     version: str | int | None = None,
     model_version_id: int | None = None,
-    actor: Identity,
-    reason: str,
-    idempotency_key: str,
-    db_url: str | None = None,
+    **move: Unpack[MoveRequest],
 ) -> AliasMove:
     """Point `alias` at a registered version (by MLflow version or our ModelVersion id)."""
 
@@ -554,16 +561,7 @@ def set_alias(
         history = committed_moves(session, uc.id, alias)
         return to_version, (history[-1].to_version if history else None)
 
-    return _move(
-        use_case,
-        alias,
-        action="set",
-        target=target,
-        actor=actor,
-        reason=reason,
-        idempotency_key=idempotency_key,
-        db_url=db_url,
-    )
+    return _move(use_case, alias, "set", target, **move)
 
 
 def promote(
@@ -571,10 +569,7 @@ def promote(
     *,
     version: str | int | None = None,
     model_version_id: int | None = None,
-    actor: Identity,
-    reason: str,
-    idempotency_key: str,
-    db_url: str | None = None,
+    **move: Unpack[MoveRequest],
 ) -> AliasMove:
     """champion -> the given version (default: the current challenger). The previous champion is kept
     as the move's from_version, which is what `rollback` returns to."""
@@ -593,25 +588,12 @@ def promote(
             raise RegistryError(f"version {to_version} is already the champion of {uc.name!r}")
         return to_version, current
 
-    return _move(
-        use_case,
-        "champion",
-        action="promote",
-        target=target,
-        actor=actor,
-        reason=reason,
-        idempotency_key=idempotency_key,
-        db_url=db_url,
-    )
+    return _move(use_case, "champion", "promote", target, **move)
 
 
 def rollback(
     use_case: str,
-    *,
-    actor: Identity,
-    reason: str,
-    idempotency_key: str,
-    db_url: str | None = None,
+    **move: Unpack[MoveRequest],
 ) -> AliasMove:
     """champion -> the previous champion from our alias history (never from MLflow's state)."""
 
@@ -621,16 +603,7 @@ def rollback(
             raise RegistryError(f"use case {uc.name!r} has no previous champion to roll back to")
         return lineage[-2], lineage[-1]
 
-    return _move(
-        use_case,
-        "champion",
-        action="rollback",
-        target=target,
-        actor=actor,
-        reason=reason,
-        idempotency_key=idempotency_key,
-        db_url=db_url,
-    )
+    return _move(use_case, "champion", "rollback", target, **move)
 
 
 def current_aliases(use_case: str) -> dict[str, str]:

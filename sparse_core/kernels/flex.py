@@ -14,8 +14,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from sparse_core.estimators.blocks import softmax_scale
-from sparse_core.kernels.padding import pad_to_blocks
+from sparse_core.kernels.padding import on_whole_blocks
 from sparse_core.selection import BlockSelection
 
 
@@ -108,24 +107,21 @@ def _pad_selection(sel: BlockSelection, n: int) -> BlockSelection:
     return BlockSelection(sel.block_size, sel.seq_len, idx, counts, sel.density, sel.head_density)
 
 
+@on_whole_blocks(bucket_blocks)
 def flex_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     sel: BlockSelection,
-    *,
-    key_valid: torch.Tensor | None = None,
-    scale: float | None = None,
+    key_valid: torch.Tensor | None,
+    scale: float,
 ) -> torch.Tensor:
-    b, hq, s, d = q.shape
-    n = bucket_blocks(sel.num_blocks)
-    sp = n * sel.block_size
-    scale = softmax_scale(scale, d)
+    """The selection padded to the bucketed block count (its extra query blocks do no work), run through
+    the compiled flex_attention; rows with no visible key come out as zeros."""
+    hq = q.shape[1]
+    n = q.shape[2] // sel.block_size
     if n != sel.num_blocks:
         sel = _pad_selection(sel, n)
-    q, k, v, key_valid = pad_to_blocks(q, k, v, key_valid, sp)
     mask = build_block_mask(sel, hq, key_valid)
     out = _compiled_flex()(q, k, v, block_mask=mask, scale=scale, enable_gqa=hq != k.shape[1])
-    if key_valid is not None:
-        out = torch.nan_to_num(out, nan=0.0)
-    return out[:, :, :s] if sp != s else out
+    return torch.nan_to_num(out, nan=0.0) if key_valid is not None else out

@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from sparse_core.estimators.blocks import softmax_scale
-from sparse_core.kernels.padding import pad_to_blocks
+from sparse_core.kernels.padding import on_whole_blocks
 from sparse_core.selection import BlockSelection
 
 GATHER_CHUNK_BYTES = 32 << 20  # gathered K+V per flash call (fewer, larger calls win on a busy machine)
@@ -42,16 +41,16 @@ def _attend(q, k, v, *, causal: bool, scale: float, mask: torch.Tensor | None):
     return torch.matmul(p, v.float()).to(q.dtype), torch.where(torch.isinf(lse), 0.0, lse)
 
 
+@on_whole_blocks()
 def gather_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     sel: BlockSelection,
-    *,
-    key_valid: torch.Tensor | None = None,
-    scale: float | None = None,
+    key_valid: torch.Tensor | None,
+    scale: float,
 ) -> torch.Tensor:
-    b, hq, s, d = q.shape
+    b, hq, _, d = q.shape
     hkv = k.shape[1]
     g = hq // hkv
     hs = sel.heads
@@ -60,9 +59,6 @@ def gather_attention(
     gs = hq // hs  # query heads per selection head
     bs = sel.block_size
     n = sel.num_blocks
-    sp = n * bs
-    scale = softmax_scale(scale, d)
-    q, k, v, key_valid = pad_to_blocks(q, k, v, key_valid, sp)
 
     # kv head of each selection head
     kv_of = (torch.arange(hs, device=q.device) * gs) // g
@@ -97,7 +93,7 @@ def gather_attention(
         counts = counts.view(-1)
     if int(counts.max()) <= 0:
         return _with_dense_prefix(
-            _unpack(out, b, hs, n, gs, bs, d, hq, sp), q, k, v, key_valid, prefix, bs, scale, s
+            _unpack(out, b, hs, n, gs, bs, d, hq), q, k, v, key_valid, prefix, bs, scale
         )
     idx_rows = sel.kv_indices.reshape(b * hs * n, n).long()
     row_base = ((torch.arange(b, device=q.device)[:, None] * hkv + kv_of[None, :]) * n).reshape(-1)
@@ -155,20 +151,19 @@ def gather_attention(
     w1 = torch.exp(off_lse - m)
     tot = w0 + w1
     merged = torch.addcmul(out.float() * (w0 / tot)[..., None], off_out.float(), (w1 / tot)[..., None])
-    full_out = _unpack(merged.to(q.dtype), b, hs, n, gs, bs, d, hq, sp)
-    return _with_dense_prefix(full_out, q, k, v, key_valid, prefix, bs, scale, s)
+    full_out = _unpack(merged.to(q.dtype), b, hs, n, gs, bs, d, hq)
+    return _with_dense_prefix(full_out, q, k, v, key_valid, prefix, bs, scale)
 
 
-def _with_dense_prefix(out, q, k, v, key_valid, prefix, bs, scale, s):
+def _with_dense_prefix(out, q, k, v, key_valid, prefix, bs, scale):
     if prefix >= 2:
         from sparse_core.kernels.dense import dense_attention
 
         p = prefix * bs
         kv = None if key_valid is None else key_valid[:, :p]
         out[:, :, :p] = dense_attention(q[:, :, :p], k[:, :, :p], v[:, :, :p], key_valid=kv, scale=scale)
-    return out[:, :, :s] if out.shape[2] != s else out
+    return out
 
 
-def _unpack(out, b, hs, n, gs, bs, d, hq, s):
-    out = out.view(b, hs, n, gs, bs, d).permute(0, 1, 3, 2, 4, 5).reshape(b, hq, n * bs, d)
-    return out[:, :, :s] if n * bs != s else out
+def _unpack(out, b, hs, n, gs, bs, d, hq):
+    return out.view(b, hs, n, gs, bs, d).permute(0, 1, 3, 2, 4, 5).reshape(b, hq, n * bs, d)

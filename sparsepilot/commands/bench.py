@@ -534,18 +534,6 @@ def bench_gate(
         "guardrail rate checks, exact (alpha 0.05): power by 200 rows at 1.5 / 2.5 / 4 x the ceiling c, "
         "false stop within 1,000 rows at c / 2 and c, rows for 95% at 2.5 c (this test; fewest for any test)",
         result["guardrails"],
-        columns=[
-            "check",
-            "ceiling",
-            "power_1.5x",
-            "power_2.5x",
-            "power_4x",
-            "false_stop_half",
-            "false_stop_at",
-            "rows_for_95",
-            "fewest_rows_any_test",
-            "neyman_pearson_2.5x",
-        ],
     )
     if simulate:
         with Progress(transient=True) as bar:
@@ -560,18 +548,7 @@ def bench_gate(
             f"simulated pilots ({replications} per scenario, 10 looks, alpha 0.05, margin 0.03); load "
             f"{env['loadavg_before']} -> {env['loadavg_after']}",
             sim["rows"],
-            columns=[
-                "design",
-                "scores",
-                "per_look",
-                "false_go_look1",
-                "false_go_look5",
-                "false_go_look10",
-                "false_go_upper95",
-                "false_go_1.2x_margin",
-                "power_look10",
-                "mean_requests_to_go",
-            ],
+            columns=[c for c in sim["rows"][0] if c not in ("looks", "replications")],
         )
     if excess:
         with Progress(transient=True) as bar:
