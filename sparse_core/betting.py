@@ -45,32 +45,65 @@ class Stream:
 
 def bets(stream: Stream, m0: float, side: Side, *, prior_mean: float, prior_var: float) -> np.ndarray:
     """Predictable aGRAPA bets tuned to the null m0 (lambda~ >= 0), one per observation."""
-    z = stream.z
+    return two_sided_bets(stream, m0, prior_mean=prior_mean, prior_var=prior_var, sides=(side,))[side]
+
+
+def two_sided_bets(
+    stream: Stream,
+    m0: float,
+    *,
+    prior_mean: float,
+    prior_var: float,
+    sides: tuple[Side, ...] = ("lower", "upper"),
+) -> dict[Side, np.ndarray]:
+    """`bets` for each side, from one pass over the running mean and variance (which the sides share)."""
+    z = np.asarray(stream.z, dtype=float)
     n = z.shape[-1]
-    k = np.arange(1, n, dtype=float)
-    mean = np.empty_like(z)
-    second = np.empty_like(z)
+    # In place where it can be; the plain expressions are in the comments (the same numbers to the last bit)
+    mean = np.empty_like(z)  # (prior_mean + cumsum(z[:-1])) / (1 + k), k = 1, 2, ...
+    var = np.empty_like(z)  # max((prior_var + prior_mean^2 + cumsum(z[:-1]^2)) / (1 + k) - mean^2, 1e-12)
     mean[..., 0] = prior_mean
-    second[..., 0] = prior_var + prior_mean**2
+    var[..., 0] = prior_var + prior_mean**2
     if n > 1:
-        mean[..., 1:] = (prior_mean + np.cumsum(z[..., :-1], axis=-1)) / (1.0 + k)
-        second[..., 1:] = (prior_var + prior_mean**2 + np.cumsum(z[..., :-1] ** 2, axis=-1)) / (1.0 + k)
-    var = np.maximum(second - mean**2, 1e-12)
-    edge = mean - m0 if side == "lower" else m0 - mean
-    return np.maximum(edge / (var + edge * edge), 0.0)
+        count = 1.0 + np.arange(1, n, dtype=float)
+        np.cumsum(z[..., :-1], axis=-1, out=mean[..., 1:])
+        mean[..., 1:] += prior_mean
+        mean[..., 1:] /= count
+        np.cumsum(z[..., :-1] ** 2, axis=-1, out=var[..., 1:])
+        var[..., 1:] += prior_var + prior_mean**2
+        var[..., 1:] /= count
+    var -= mean**2
+    np.maximum(var, 1e-12, out=var)
+    out = {}
+    for side in sides:
+        edge = mean - m0 if side == "lower" else m0 - mean  # max(edge / (var + edge^2), 0)
+        room = edge * edge
+        room += var
+        edge /= room
+        out[side] = np.maximum(edge, 0.0, out=edge)
+    return out
 
 
 def log_capital(stream: Stream, lam: np.ndarray, m: float | np.ndarray, side: Side) -> np.ndarray:
     """log K_t(m) at every time t (last axis). m may broadcast against the leading axes (e.g. one m per
     replication)."""
     m = np.asarray(m, dtype=float)[..., None] if np.ndim(m) else float(m)
-    if side == "lower":
-        room = np.maximum(m - stream.lo, 1e-12)
-        step = np.minimum(lam, stream.truncation / room) * (stream.z - m)
+    room = np.subtract(m, stream.lo) if side == "lower" else np.subtract(stream.hi, m)
+    if np.shape(room) == np.shape(lam):  # a bound per row (a split step): work in place on `room`
+        np.maximum(room, 1e-12, out=room)
+        np.divide(stream.truncation, room, out=room)
+        bet = np.minimum(lam, room, out=room)
     else:
-        room = np.maximum(stream.hi - m, 1e-12)
-        step = -np.minimum(lam, stream.truncation / room) * (stream.z - m)
-    return np.cumsum(np.log1p(step), axis=-1)
+        bet = np.minimum(lam, stream.truncation / np.maximum(room, 1e-12))
+    # lower: bet x (Z - m); upper: bet x (m - Z), which is -(bet x (Z - m)) to the last bit. In place on
+    # the fresh `step` array where the shapes allow (the bound's root-finder calls this ~10 times a look).
+    step = np.subtract(stream.z, m, dtype=float) if side == "lower" else np.subtract(m, stream.z, dtype=float)
+    if np.broadcast_shapes(step.shape, np.shape(bet)) == step.shape:
+        step *= bet
+    else:
+        step = step * bet
+    np.log1p(step, out=step)
+    return np.cumsum(step, axis=-1, out=step)
 
 
 def rejects(
@@ -113,9 +146,12 @@ def bound_where(peak_log_capital, stream: Stream, side: Side, alpha: float, span
     capital evaluations instead of ~15 over the whole span): the bound lies on the far side of the mean,
     within a few standard errors unless the sample is tiny."""
     target = math.log(1.0 / alpha)
+    seen: dict[float, float] = {}  # the bracket's ends are evaluated again by brentq: once is enough
 
     def excess(m: float) -> float:
-        return peak_log_capital(m) - target
+        if m not in seen:
+            seen[m] = peak_log_capital(m) - target
+        return seen[m]
 
     # On the upper side excess rises with m: mirror it (x = -m) so that it falls as x rises on both sides.
     sign = 1.0 if side == "lower" else -1.0

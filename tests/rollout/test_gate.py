@@ -340,6 +340,14 @@ def test_bad_input_is_invalid_naming_the_column(mutate, column: str, mode: str) 
     json.dumps(d.to_dict(), allow_nan=False)  # still storable evidence
 
 
+def test_a_missing_request_id_in_a_split_step_is_invalid_not_a_crash() -> None:
+    df = split_frame(np.ones(40), alternate(40))
+    df["request_id"] = df["request_id"].where(df.index != 3)
+    d = decide(df, SETTINGS, planned_treatment_share=0.5)
+    assert d.outcome == "INVALID"
+    assert d.input_problems == ("column 'request_id': missing/NaN value in 1 row(s), e.g. at rows [3]",)
+
+
 def test_a_quality_of_minus_one_cannot_turn_no_go_into_go() -> None:
     """The issue's case: control scores of -1 used to make a clear NO-GO look like GO."""
     t = alternate(400)
