@@ -36,8 +36,13 @@ from rollout.gate.sequences import (
     rejects,
 )
 
-SETTINGS = GateSettings(
-    alpha=0.05, margin=0.03, min_samples_per_arm=20, guardrail_min_samples=20, latency_slo_ms=800.0
+SETTINGS = GateSettings(  # a 2% error-rate ceiling, as the cases below say
+    alpha=0.05,
+    margin=0.03,
+    min_samples_per_arm=20,
+    max_error_rate=0.02,
+    guardrail_min_samples=20,
+    latency_slo_ms=800.0,
 )
 
 
