@@ -450,6 +450,21 @@ def test_settings_reject_unknown_keys_and_bad_values() -> None:
     assert GateSettings(score_type="binary").sd == pytest.approx(0.4)
 
 
+def test_the_guardrails_defaults_are_the_specs() -> None:
+    """One default per ceiling: settings made in code judge as a spec that leaves the guardrails out."""
+    from rollout.spec import Guardrails
+
+    spec, made = Guardrails(), GateSettings()
+    assert made.max_error_rate == spec.max_error_rate == 0.01
+    assert (made.max_error_rate_increase, made.max_latency_exceedance, made.guardrail_min_samples) == (
+        spec.max_error_rate_increase,
+        spec.max_latency_exceedance,
+        spec.min_samples,
+    )
+    from_spec = GateSettings.from_mapping({"guardrails": spec.model_dump()})
+    assert from_spec.max_error_rate == made.max_error_rate
+
+
 def test_rate_stream_breach_needs_evidence() -> None:
     """3 errors in 30 rows against a 2% ceiling is not yet proof; 8 in 30 is."""
     check = guardrail_checks(GateSettings(max_error_rate=0.02, guardrail_min_samples=1))[0]
