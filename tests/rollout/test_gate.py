@@ -151,6 +151,24 @@ def test_bounds_cover_the_truth_at_every_look_in_most_runs() -> None:
 # ---------------------------------------------------------------- outcomes
 
 
+@pytest.mark.parametrize("block", [1, 7, 4096])
+def test_the_peak_by_blocks_is_the_peak_of_the_whole_path(block: int, monkeypatch) -> None:
+    """`peak_log_capital` (what the bounds' root-finder evaluates) is max(log_capital) to the last bit."""
+    from sparse_core import betting
+
+    monkeypatch.setattr(betting, "PEAK_BLOCK", block)
+    rng = np.random.default_rng(7)
+    t = rng.random(5000) < 0.3
+    split = ipw_stream(rng.random(5000), t, 0.3)
+    paired = paired_stream(rng.random(5000) - rng.random(5000))
+    for stream in (split, paired):
+        for side in ("lower", "upper"):
+            lam = bets(stream, -0.03, side, prior_mean=0.0, prior_var=0.05)
+            for m in (-0.2, -0.03, 0.0, 0.1):
+                whole = log_capital(stream, lam, m, side).max()
+                assert betting.peak_log_capital(stream, lam, m, side) == whole
+
+
 def test_all_identical_pairs_need_about_a_hundred_to_prove_a_small_margin() -> None:
     """The issue's case: 24 shadow pairs all scoring 1.0 used to give GO at margin 0.03. Nothing bounds a
     loss that has not happened yet, so that is EXTEND; about 109 identical pairs are needed
