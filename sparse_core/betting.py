@@ -173,17 +173,17 @@ def confidence_bound(
     return bound_where(lambda m: peak_log_capital(stream, lam, m, side), stream, side, alpha, span)
 
 
-def bound_where(peak_log_capital, stream: Stream, side: Side, alpha: float, span=(-1.0, 1.0)) -> float:
-    """The edge of the rejected set {m : max_t log K_t(m) >= log(1/alpha)} of a capital that falls as m
-    rises (lower side) or rises with m (upper side). The root is bracketed near the mean first (a few
-    capital evaluations instead of ~15 over the whole span): the bound lies on the far side of the mean,
-    within a few standard errors unless the sample is tiny."""
+def bound_where(peak, stream: Stream, side: Side, alpha: float, span=(-1.0, 1.0)) -> float:
+    """The edge of the rejected set {m : peak(m) >= log(1/alpha)}, peak(m) = max_t log K_t(m), of a
+    capital that falls as m rises (lower side) or rises with m (upper side). The root is bracketed near
+    the mean first (a few capital evaluations instead of ~15 over the whole span): the bound lies on the
+    far side of the mean, within a few standard errors unless the sample is tiny."""
     target = math.log(1.0 / alpha)
     seen: dict[float, float] = {}  # the bracket's ends are evaluated again by brentq: once is enough
 
     def excess(m: float) -> float:
         if m not in seen:
-            seen[m] = peak_log_capital(m) - target
+            seen[m] = peak(m) - target
         return seen[m]
 
     # On the upper side excess rises with m: mirror it (x = -m) so that it falls as x rises on both sides.
