@@ -89,9 +89,13 @@ def check_observations(observations: object, *, mode: str) -> Checked:
         names = sorted({str(a) for a in arm_col[unknown]})[:5]
         problems.append(f"column 'arm': unknown arm(s) {names} in {_rows(unknown, df.index)}")
     rid = df["request_id"] if pd.api.types.is_string_dtype(df["request_id"]) else df["request_id"].astype(str)
-    rid_code, uniques = pd.factorize(rid)
-    # In a split step a request is in one arm once, so every id is unique and neither check can fail.
-    if not (mode == "split" and len(uniques) == len(rid_code)):
+    all_new = mode == "split" and rid.is_unique
+    if all_new:
+        # A split step's requests are each in one arm once: every id new, numbered as factorize would (and
+        # hashing for uniqueness alone is cheaper than numbering); neither check below can fail.
+        rid_code = np.arange(len(rid))
+    else:
+        rid_code, uniques = pd.factorize(rid)
         key = (rid_code + 1) * 2 + treated  # a missing id (code -1, reported above) is its own value
         dup = np.bincount(key)[key] > 1
         if dup.any():
@@ -99,7 +103,7 @@ def check_observations(observations: object, *, mode: str) -> Checked:
                 f"column 'request_id': repeated within an arm in {_rows(dup, df.index)} "
                 "(every request is evidence once)"
             )
-    if mode == "split" and len(uniques) < len(rid_code):
+    if mode == "split" and not all_new:
         n_req, known = len(uniques), rid_code >= 0  # missing ids are reported above
         has_t = np.bincount(rid_code[treated & known], minlength=n_req) > 0
         has_c = np.bincount(rid_code[~treated & known], minlength=n_req) > 0
