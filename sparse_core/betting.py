@@ -45,32 +45,98 @@ class Stream:
 
 def bets(stream: Stream, m0: float, side: Side, *, prior_mean: float, prior_var: float) -> np.ndarray:
     """Predictable aGRAPA bets tuned to the null m0 (lambda~ >= 0), one per observation."""
-    z = stream.z
+    return two_sided_bets(stream, m0, prior_mean=prior_mean, prior_var=prior_var, sides=(side,))[side]
+
+
+def two_sided_bets(
+    stream: Stream,
+    m0: float,
+    *,
+    prior_mean: float,
+    prior_var: float,
+    sides: tuple[Side, ...] = ("lower", "upper"),
+) -> dict[Side, np.ndarray]:
+    """`bets` for each side, from one pass over the running mean and variance (which the sides share)."""
+    z = np.asarray(stream.z, dtype=float)
     n = z.shape[-1]
-    k = np.arange(1, n, dtype=float)
-    mean = np.empty_like(z)
-    second = np.empty_like(z)
+    # In place where it can be; the plain expressions are in the comments (the same numbers to the last bit)
+    mean = np.empty_like(z)  # (prior_mean + cumsum(z[:-1])) / (1 + k), k = 1, 2, ...
+    var = np.empty_like(z)  # max((prior_var + prior_mean^2 + cumsum(z[:-1]^2)) / (1 + k) - mean^2, 1e-12)
     mean[..., 0] = prior_mean
-    second[..., 0] = prior_var + prior_mean**2
+    var[..., 0] = prior_var + prior_mean**2
     if n > 1:
-        mean[..., 1:] = (prior_mean + np.cumsum(z[..., :-1], axis=-1)) / (1.0 + k)
-        second[..., 1:] = (prior_var + prior_mean**2 + np.cumsum(z[..., :-1] ** 2, axis=-1)) / (1.0 + k)
-    var = np.maximum(second - mean**2, 1e-12)
-    edge = mean - m0 if side == "lower" else m0 - mean
-    return np.maximum(edge / (var + edge * edge), 0.0)
+        count = 1.0 + np.arange(1, n, dtype=float)
+        np.cumsum(z[..., :-1], axis=-1, out=mean[..., 1:])
+        mean[..., 1:] += prior_mean
+        mean[..., 1:] /= count
+        np.cumsum(z[..., :-1] ** 2, axis=-1, out=var[..., 1:])
+        var[..., 1:] += prior_var + prior_mean**2
+        var[..., 1:] /= count
+    var -= mean**2
+    np.maximum(var, 1e-12, out=var)
+    out = {}
+    for side in sides:
+        edge = mean - m0 if side == "lower" else m0 - mean  # max(edge / (var + edge^2), 0)
+        room = edge * edge
+        room += var
+        edge /= room
+        out[side] = np.maximum(edge, 0.0, out=edge)
+    return out
 
 
 def log_capital(stream: Stream, lam: np.ndarray, m: float | np.ndarray, side: Side) -> np.ndarray:
     """log K_t(m) at every time t (last axis). m may broadcast against the leading axes (e.g. one m per
     replication)."""
     m = np.asarray(m, dtype=float)[..., None] if np.ndim(m) else float(m)
-    if side == "lower":
-        room = np.maximum(m - stream.lo, 1e-12)
-        step = np.minimum(lam, stream.truncation / room) * (stream.z - m)
+    step = _log_factors(stream, lam, m, side, slice(None))
+    return np.cumsum(step, axis=-1, out=step)
+
+
+# Observations per block of `peak_log_capital` (a few 256 KiB arrays: they stay in a core's cache)
+PEAK_BLOCK = 1 << 15
+
+
+def peak_log_capital(stream: Stream, lam: np.ndarray, m: float, side: Side) -> float:
+    """max over time of `log_capital` for one (1-D) stream, a block of observations at a time (what the
+    bound's root-finder asks ~10 times a look; on 1M rows the arrays stay in cache). The same number: each
+    block's running sum starts from the last one's (its first factor plus the sum so far, as `cumsum` adds
+    them), and the peak is the largest of the blocks' peaks."""
+    m = float(m)
+    best, carry = -math.inf, None
+    for start in range(0, stream.n, PEAK_BLOCK):
+        step = _log_factors(stream, lam, m, side, slice(start, start + PEAK_BLOCK))
+        if carry is not None:
+            step[0] += carry
+        np.cumsum(step, out=step)
+        carry = step[-1]
+        best = max(best, float(step.max()))
+    return best
+
+
+def _log_factors(stream: Stream, lam: np.ndarray, m, side: Side, rows: slice) -> np.ndarray:
+    """log(1 + lambda_t (Z_t - m)) (lower side; the upper side bets against it) for the observations
+    `rows` (last axis), each bet truncated at trunc / (m - lo_t) (upper: trunc / (hi_t - m)); a new array."""
+
+    def part(x):
+        return x if np.ndim(x) == 0 else x[..., rows]
+
+    lam = part(lam)
+    room = np.subtract(m, part(stream.lo)) if side == "lower" else np.subtract(part(stream.hi), m)
+    if np.shape(room) == np.shape(lam):  # a bound per row (a split step): work in place on `room`
+        np.maximum(room, 1e-12, out=room)
+        np.divide(stream.truncation, room, out=room)
+        bet = np.minimum(lam, room, out=room)
     else:
-        room = np.maximum(stream.hi - m, 1e-12)
-        step = -np.minimum(lam, stream.truncation / room) * (stream.z - m)
-    return np.cumsum(np.log1p(step), axis=-1)
+        bet = np.minimum(lam, stream.truncation / np.maximum(room, 1e-12))
+    # lower: bet x (Z - m); upper: bet x (m - Z), which is -(bet x (Z - m)) to the last bit. In place on
+    # the fresh `step` array where the shapes allow.
+    z = part(stream.z)
+    step = np.subtract(z, m, dtype=float) if side == "lower" else np.subtract(m, z, dtype=float)
+    if np.broadcast_shapes(step.shape, np.shape(bet)) == step.shape:
+        step *= bet
+    else:
+        step = step * bet
+    return np.log1p(step, out=step)
 
 
 def rejects(
@@ -104,18 +170,21 @@ def confidence_bound(
         return span[0] if side == "lower" else span[1]
     if lam is None:
         lam = bets(stream, m0, side, prior_mean=prior_mean, prior_var=prior_var)
-    return bound_where(lambda m: float(log_capital(stream, lam, m, side).max()), stream, side, alpha, span)
+    return bound_where(lambda m: peak_log_capital(stream, lam, m, side), stream, side, alpha, span)
 
 
-def bound_where(peak_log_capital, stream: Stream, side: Side, alpha: float, span=(-1.0, 1.0)) -> float:
-    """The edge of the rejected set {m : max_t log K_t(m) >= log(1/alpha)} of a capital that falls as m
-    rises (lower side) or rises with m (upper side). The root is bracketed near the mean first (a few
-    capital evaluations instead of ~15 over the whole span): the bound lies on the far side of the mean,
-    within a few standard errors unless the sample is tiny."""
+def bound_where(peak, stream: Stream, side: Side, alpha: float, span=(-1.0, 1.0)) -> float:
+    """The edge of the rejected set {m : peak(m) >= log(1/alpha)}, peak(m) = max_t log K_t(m), of a
+    capital that falls as m rises (lower side) or rises with m (upper side). The root is bracketed near
+    the mean first (a few capital evaluations instead of ~15 over the whole span): the bound lies on the
+    far side of the mean, within a few standard errors unless the sample is tiny."""
     target = math.log(1.0 / alpha)
+    seen: dict[float, float] = {}  # the bracket's ends are evaluated again by brentq: once is enough
 
     def excess(m: float) -> float:
-        return peak_log_capital(m) - target
+        if m not in seen:
+            seen[m] = peak(m) - target
+        return seen[m]
 
     # On the upper side excess rises with m: mirror it (x = -m) so that it falls as x rises on both sides.
     sign = 1.0 if side == "lower" else -1.0

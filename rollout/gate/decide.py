@@ -127,24 +127,13 @@ def _share(mode: str, planned: float | None) -> float:
 def _quality(arms, settings, history, mode, share, *, counts):
     """(QualityEvidence, QualityTests or None). Bounds are valid at any sample size, so every look with
     usable data counts toward the running interval; the minimum sample is a rule of `_outcome`."""
-    if arms.stream.n < 2:
-        low, high = history.interval_low, history.interval_high
-        return QualityEvidence(
-            arms.control_mean,
-            arms.treatment_mean,
-            arms.estimate,
-            arms.std_error,
-            None,
-            None,
-            low,
-            high,
-            "not-evaluated",
-            False,
-        ), None
-    t = judge_quality(arms, settings, mode=mode, share=share)
-    run_low, run_high = running_intersection(t.low, t.high, history.interval_low, history.interval_high)
-    reset = max(t.low, history.interval_low) > min(t.high, history.interval_high)
-    if counts:
+    t = judge_quality(arms, settings, mode=mode, share=share) if arms.stream.n >= 2 else None
+    if t is None:  # nothing to test yet: the running interval stands
+        verdict, reset = "not-evaluated", False
+        run_low, run_high = history.interval_low, history.interval_high
+    elif counts:
+        run_low, run_high = running_intersection(t.low, t.high, history.interval_low, history.interval_high)
+        reset = max(t.low, history.interval_low) > min(t.high, history.interval_high)
         # The verdict is the exact tests' (the running maximum of the capital already covers every earlier
         # look of the same rows); the reported bounds are root-finder estimates, kept on the verdict's side.
         m = -settings.margin
@@ -158,15 +147,15 @@ def _quality(arms, settings, history, mode, share, *, counts):
         treatment_mean=arms.treatment_mean,
         estimate=arms.estimate,
         std_error=arms.std_error,
-        look_low=t.low,
-        look_high=t.high,
+        look_low=None if t is None else t.low,
+        look_high=None if t is None else t.high,
         interval_low=run_low,
         interval_high=run_high,
         verdict=verdict,
-        counts_toward_interval=counts,
-        log_capital_go=t.log_capital_go,
-        log_capital_futility=t.log_capital_futility,
-        threshold=math.log(1 / settings.alpha),
+        counts_toward_interval=counts and t is not None,
+        log_capital_go=None if t is None else t.log_capital_go,
+        log_capital_futility=None if t is None else t.log_capital_futility,
+        threshold=None if t is None else math.log(1 / settings.alpha),
         interval_reset=bool(reset and counts),
     )
     return evidence, t

@@ -25,10 +25,12 @@ import pandas as pd
 from rollout.gate.sequences import (
     Stream,
     bound_where,
+    excess_crosses,
     excess_log_capital,
     ipw_stream,
     paired_stream,
     rate_log_capital,
+    rate_peak_log_capital,
     rate_stream,
 )
 from rollout.gate.settings import GateSettings
@@ -166,12 +168,24 @@ def breach_log_capital(stream: Stream, check: GuardrailCheck, m: float | None = 
     return excess_log_capital(stream, check.threshold, m)
 
 
+def breach_peak(stream: Stream, check: GuardrailCheck, m: float | None = None) -> float:
+    """max over time of `breach_log_capital` for one (1-D) stream; a rate check's from the rows where its
+    capital can peak only (`sequences.rate_peak_log_capital`)."""
+    if check.comparison == "rate":
+        return rate_peak_log_capital(stream, check.threshold, m)
+    return float(excess_log_capital(stream, check.threshold, m).max())
+
+
 def _breach(stream: Stream, check: GuardrailCheck, alpha: float, span) -> tuple[bool, float | None]:
     """(breached, the lower bound behind a breach: how bad at least, which the explanation quotes)."""
-    if breach_log_capital(stream, check).max() < math.log(1 / alpha):
+    target = math.log(1 / alpha)
+    if check.comparison == "rate":
+        crossed = breach_peak(stream, check) >= target
+    else:
+        crossed = excess_crosses(stream, check.threshold, target)
+    if not crossed:
         return False, None
-    peak = lambda m: float(breach_log_capital(stream, check, m).max())  # noqa: E731
-    return True, bound_where(peak, stream, "lower", alpha, span)
+    return True, bound_where(lambda m: breach_peak(stream, check, m), stream, "lower", alpha, span)
 
 
 def judge_all(

@@ -20,9 +20,9 @@ REQUIRED_COLUMNS = ("request_id", "arm", "quality", "latency_ms", "error")
 
 @dataclass(frozen=True)
 class Checked:
-    frame: (
-        pd.DataFrame | None
-    )  # cleaned rows in arrival order (+ bool `treated`, `overloaded`); None on problems
+    # cleaned rows in arrival order (+ bool `treated`, `overloaded`; `request_code`: the request's number
+    # in order of first appearance); None on problems
+    frame: pd.DataFrame | None
     problems: tuple[str, ...]  # "column 'quality': ..." messages; empty when the table is usable
 
 
@@ -89,18 +89,25 @@ def check_observations(observations: object, *, mode: str) -> Checked:
         names = sorted({str(a) for a in arm_col[unknown]})[:5]
         problems.append(f"column 'arm': unknown arm(s) {names} in {_rows(unknown, df.index)}")
     rid = df["request_id"] if pd.api.types.is_string_dtype(df["request_id"]) else df["request_id"].astype(str)
-    rid_code, _ = pd.factorize(rid)
-    dup = pd.Series(rid_code * 2 + treated).duplicated(keep=False).to_numpy()
-    if dup.any():
-        problems.append(
-            f"column 'request_id': repeated within an arm in {_rows(dup, df.index)} "
-            "(every request is evidence once)"
-        )
-    if mode == "split" and len(rid_code):
-        n_req = int(rid_code.max()) + 1
-        has_t = np.bincount(rid_code[treated], minlength=n_req) > 0
-        has_c = np.bincount(rid_code[~treated], minlength=n_req) > 0
-        in_both = (has_t & has_c)[rid_code] & ~treated
+    all_new = mode == "split" and rid.is_unique
+    if all_new:
+        # A split step's requests are each in one arm once: every id new, numbered as factorize would (and
+        # hashing for uniqueness alone is cheaper than numbering); neither check below can fail.
+        rid_code = np.arange(len(rid))
+    else:
+        rid_code, uniques = pd.factorize(rid)
+        key = (rid_code + 1) * 2 + treated  # a missing id (code -1, reported above) is its own value
+        dup = np.bincount(key)[key] > 1
+        if dup.any():
+            problems.append(
+                f"column 'request_id': repeated within an arm in {_rows(dup, df.index)} "
+                "(every request is evidence once)"
+            )
+    if mode == "split" and not all_new:
+        n_req, known = len(uniques), rid_code >= 0  # missing ids are reported above
+        has_t = np.bincount(rid_code[treated & known], minlength=n_req) > 0
+        has_c = np.bincount(rid_code[~treated & known], minlength=n_req) > 0
+        in_both = (has_t & has_c)[rid_code] & ~treated & known
         if in_both.any():
             problems.append(
                 f"column 'request_id': {int(in_both.sum())} request(s) appear in both arms of a split step, "
@@ -118,6 +125,7 @@ def check_observations(observations: object, *, mode: str) -> Checked:
             "error": err.astype(bool).to_numpy(),
             "treated": treated,
             "overloaded": overloaded,
+            "request_code": rid_code,
         }
     )
     return Checked(clean, ())
@@ -153,7 +161,7 @@ def _update_text(h, values: pd.Series) -> None:
             arr = arr.cast(pa.large_string())
             offsets = np.frombuffer(arr.buffers()[1], dtype="<i8")[arr.offset : arr.offset + len(arr) + 1]
             h.update((offsets - offsets[0]).tobytes())
-            h.update(arr.buffers()[2].to_pybytes()[offsets[0] : offsets[-1]])
+            h.update(memoryview(arr.buffers()[2])[offsets[0] : offsets[-1]])  # the bytes, not a copy
             return
     except (AttributeError, TypeError, ImportError):
         pass

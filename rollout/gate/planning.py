@@ -17,6 +17,7 @@ from rollout.gate.settings import GateSettings
 
 PLANNING_REPLICATIONS = 400
 PLANNING_SEED = 20261201
+CHUNK_ELEMENTS = 1 << 16  # observations tested at once by `first_go` (its arrays stay in a core's cache)
 
 
 @dataclass(frozen=True)
@@ -47,10 +48,26 @@ def _beta(rng: np.random.Generator, mean: float, sd: float, size: tuple[int, int
     return rng.beta(mean * k, (1 - mean) * k, size=size)
 
 
+@dataclass(frozen=True)
+class PlanningDraws:
+    """Simulated pilots (rows) before they become the GO test's streams: the paired differences, or the
+    split step's scores (0/1 kept as bool) with the treatment flags."""
+
+    values: np.ndarray
+    treated: np.ndarray | None  # split only
+    share: float
+
+    def stream(self, rows: slice) -> Stream:
+        """The quality stream of some of the pilots, as `decide` builds it (each row on its own)."""
+        if self.treated is None:
+            return paired_stream(self.values[rows])
+        return ipw_stream(self.values[rows], self.treated[rows], self.share)
+
+
 def planning_draws(
     settings: GateSettings, rng: np.random.Generator, *, paired: bool, share: float, reps: int, n: int
-) -> tuple[Stream, str]:
-    """Simulated quality streams of `reps` pilots of n requests (pairs), at the planned effect.
+) -> tuple[PlanningDraws, str]:
+    """`reps` simulated pilots of n requests (pairs), at the planned effect.
     binary: 0/1 scores; split: Bernoulli arms with variance sd^2; paired: differences in {-1, 0, +1} with
     sd^2 + effect^2 of the requests disagreeing. bounded: split, Beta arms (mean 0.8 where the sd allows);
     paired: a scaled Beta difference with the planned mean and sd."""
@@ -60,17 +77,35 @@ def planning_draws(
             r = min(1.0, sd**2 + eff**2)
             u = rng.random((reps, n))
             d = np.where(u < (r + eff) / 2, 1.0, np.where(u < r, -1.0, 0.0))
-            return paired_stream(d), f"paired 0/1: {r:.1%} of requests disagree, mean {eff:+.3f}"
+            return PlanningDraws(d, None, share), f"paired 0/1: {r:.1%} of requests disagree, mean {eff:+.3f}"
         d = 2 * _beta(rng, (1 + eff) / 2, sd / 2, (reps, n)) - 1
-        return paired_stream(d), f"paired bounded: difference mean {eff:+.3f}, sd {sd:.3f}"
+        return PlanningDraws(d, None, share), f"paired bounded: difference mean {eff:+.3f}, sd {sd:.3f}"
     treated = rng.random((reps, n)) < share
     if settings.score_type == "binary":
         mean_c = (1 + math.sqrt(max(0.0, 1 - 4 * min(sd, 0.5) ** 2))) / 2
         q = rng.random((reps, n)) < np.where(treated, mean_c + eff, mean_c)
-        return ipw_stream(q.astype(float), treated, share), f"split 0/1: control {mean_c:.3f} correct"
+        return PlanningDraws(q, treated, share), f"split 0/1: control {mean_c:.3f} correct"
     mean_c = 0.8 if sd**2 < 0.8 * 0.2 else 0.5
     q = np.where(treated, _beta(rng, mean_c + eff, sd, (reps, n)), _beta(rng, mean_c, sd, (reps, n)))
-    return ipw_stream(q, treated, share), f"split bounded: control mean {mean_c}, sd {sd:.3f}"
+    return PlanningDraws(q, treated, share), f"split bounded: control mean {mean_c}, sd {sd:.3f}"
+
+
+def first_go(draws: PlanningDraws, settings: GateSettings, *, kind: str) -> np.ndarray:
+    """Per simulated pilot, the request (pair) at which the GO test first rejects (inf: never), looking
+    after every request. Pilots are tested a few at a time (~CHUNK_ELEMENTS observations), so that the
+    test's working arrays stay in the CPU's cache; each pilot's stream and capital are the same numbers
+    as on all pilots at once."""
+    reps, n = draws.values.shape
+    kw = prior(settings, kind, draws.share)
+    target = math.log(1 / settings.alpha)
+    first = np.full(reps, np.inf)
+    per_chunk = max(1, CHUNK_ELEMENTS // n)
+    for start in range(0, reps, per_chunk):
+        rows = slice(start, start + per_chunk)
+        _, logk = rejects(draws.stream(rows), -settings.margin, "lower", settings.alpha, **kw)
+        crossed = logk >= target  # the first crossing of log(1/alpha) is the first GO
+        first[rows] = np.where(crossed.any(-1), crossed.argmax(-1) + 1, np.inf)
+    return first
 
 
 @lru_cache(maxsize=128)
@@ -88,16 +123,8 @@ def planned_sample_size(
     n = 512
     while True:
         reps = max(100, min(PLANNING_REPLICATIONS, 20_000_000 // n))
-        stream, model = planning_draws(settings, rng, paired=paired, share=share, reps=reps, n=n)
-        _, logk = rejects(
-            stream,
-            -settings.margin,
-            "lower",
-            settings.alpha,
-            **prior(settings, "paired" if paired else "split", share),
-        )
-        crossed = np.maximum.accumulate(logk, axis=-1) >= math.log(1 / settings.alpha)
-        first = np.where(crossed.any(-1), crossed.argmax(-1) + 1, np.inf)
+        draws, model = planning_draws(settings, rng, paired=paired, share=share, reps=reps, n=n)
+        first = first_go(draws, settings, kind="paired" if paired else "split")
         ranked = np.sort(first)
         need = float(ranked[min(len(ranked) - 1, math.ceil(settings.power * len(ranked)) - 1)])
         if math.isfinite(need) or n >= max_total:

@@ -12,7 +12,14 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from rollout.gate.sequences import Stream, bets, confidence_bound, ipw_stream, paired_stream, rejects
+from rollout.gate.sequences import (
+    Stream,
+    confidence_bound,
+    ipw_stream,
+    paired_stream,
+    rejects,
+    two_sided_bets,
+)
 from rollout.gate.settings import GateSettings
 
 
@@ -32,8 +39,9 @@ class Arms:
 
 def paired_arms(frame: pd.DataFrame) -> Arms:
     """Pairs in the order they became complete (the later of their two rows), so the look before is
-    always a prefix of this one; a request missing one arm is left out."""
-    codes, _ = pd.factorize(frame["request_id"])
+    always a prefix of this one; a request missing one arm is left out. `frame`: checked rows
+    (`inputs.check_observations`), whose `request_code` numbers the requests."""
+    codes = frame["request_code"].to_numpy()
     n_req = int(codes.max()) + 1 if len(codes) else 0
     pos = np.arange(len(frame))
     treated = frame["treated"].to_numpy()
@@ -42,15 +50,13 @@ def paired_arms(frame: pd.DataFrame) -> Arms:
     where["treatment"][codes[treated]] = pos[treated]
     complete = (where["control"] >= 0) & (where["treatment"] >= 0)
     order = np.argsort(np.maximum(where["control"], where["treatment"])[complete], kind="stable")
-    rows_c = where["control"][complete][order]
-    rows_t = where["treatment"][complete][order]
-    cols = ["quality", "error", "latency_ms"]
-    pairs = pd.concat(
-        [
-            frame.iloc[rows_c][cols].add_suffix("_control").reset_index(drop=True),
-            frame.iloc[rows_t][cols].add_suffix("_treatment").reset_index(drop=True),
-        ],
-        axis=1,
+    rows = {arm: where[arm][complete][order] for arm in ("control", "treatment")}
+    pairs = pd.DataFrame(
+        {
+            f"{col}_{arm}": frame[col].to_numpy()[rows[arm]]
+            for arm in ("control", "treatment")
+            for col in ("quality", "error", "latency_ms")
+        }
     )
     d = pairs["quality_treatment"].to_numpy() - pairs["quality_control"].to_numpy()
     n = len(d)
@@ -105,7 +111,7 @@ def prior(settings: GateSettings, stream_kind: str, share: float) -> dict[str, f
 def judge_quality(arms: Arms, settings: GateSettings, *, mode: str, share: float) -> QualityTests:
     kw = prior(settings, mode, share)
     m0 = -settings.margin
-    lam = {side: bets(arms.stream, m0, side, **kw) for side in ("lower", "upper")}
+    lam = two_sided_bets(arms.stream, m0, **kw)
     go, logk_go = rejects(arms.stream, m0, "lower", settings.alpha, lam=lam["lower"], **kw)
     futile, logk_fut = rejects(arms.stream, m0, "upper", settings.alpha, lam=lam["upper"], **kw)
     return QualityTests(

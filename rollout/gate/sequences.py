@@ -23,7 +23,16 @@ import math
 
 import numpy as np
 
-from sparse_core.betting import Side, Stream, bets, bound_where, confidence_bound, log_capital, rejects
+from sparse_core.betting import (
+    Side,
+    Stream,
+    bets,
+    bound_where,
+    confidence_bound,
+    log_capital,
+    rejects,
+    two_sided_bets,
+)
 
 __all__ = [
     "EXCESS_MIXTURE",
@@ -34,14 +43,17 @@ __all__ = [
     "bets",
     "bound_where",
     "confidence_bound",
+    "excess_crosses",
     "excess_log_capital",
     "ipw_stream",
     "log_capital",
     "paired_stream",
     "rate_count_log_capital",
     "rate_log_capital",
+    "rate_peak_log_capital",
     "rate_stream",
     "rejects",
+    "two_sided_bets",
 ]
 
 # Largest share of the capital a bet may risk (trunc in lambda <= trunc / (m - lo)). Chosen by measured power
@@ -68,14 +80,23 @@ def ipw_stream(score: np.ndarray, treated: np.ndarray, share: float, prior_centr
     q = np.asarray(score, dtype=float)
     t = np.asarray(treated, dtype=bool)
     n = q.shape[-1]
+    # in place where it can be (the same numbers as the plain expressions in the comments, to the last bit:
+    # a 1M-row split step builds two of these streams per look)
     centre = np.empty_like(q)
     centre[..., 0] = prior_centre
-    if n > 1:
-        centre[..., 1:] = (prior_centre + np.cumsum(q[..., :-1], axis=-1)) / np.arange(2, n + 1)
-    weight = np.where(t, 1.0 / share, -1.0 / (1.0 - share))
-    z = (q - centre) * weight
-    lo = np.minimum(-centre / share, -(1.0 - centre) / (1.0 - share))
-    hi = np.maximum((1.0 - centre) / share, centre / (1.0 - share))
+    if n > 1:  # (prior_centre + cumsum(q[:-1])) / (2, 3, ..., n)
+        rest = centre[..., 1:]
+        np.cumsum(q[..., :-1], axis=-1, out=rest)
+        rest += prior_centre
+        rest /= np.arange(2.0, n + 1)
+    z = q - centre  # (q - centre) * (1/share if treated else -1/(1 - share))
+    z *= np.where(t, 1.0 / share, -1.0 / (1.0 - share))
+    above = 1.0 - centre
+    lo = np.divide(centre, -share)  # min(-centre / share, -(1 - centre) / (1 - share))
+    np.minimum(lo, np.divide(above, -(1.0 - share)), out=lo)
+    hi = np.divide(centre, 1.0 - share)  # max((1 - centre) / share, centre / (1 - share))
+    above /= share
+    np.maximum(above, hi, out=hi)
     return Stream(z, lo, hi, TRUNCATION["split"])
 
 
@@ -125,6 +146,19 @@ def rate_log_capital(stream: Stream, ceiling: float, m: float | None = None) -> 
     return rate_count_log_capital(ones, rows, ceiling, m, truncation=stream.truncation)
 
 
+def rate_peak_log_capital(stream: Stream, ceiling: float, m: float | None = None) -> float:
+    """max over time of `rate_log_capital` for one (1-D) 0/1 stream, from its first row and the rows where
+    a one arrived only: every component bets lambda > 0, so at m >= 0 a zero row never raises its capital
+    and the peak is on one of those rows. The capital there is the same number as on the full path (the
+    count of ones is exact), computed on ~(ones + 1) rows instead of all of them."""
+    if (ceiling if m is None else m) < 0 or stream.z.ndim != 1:
+        return float(rate_log_capital(stream, ceiling, m).max())
+    at = np.flatnonzero(stream.z)
+    ones = np.concatenate((stream.z[:1], np.arange(1, at.size + 1, dtype=float)))
+    rows = np.concatenate(([1.0], at + 1.0))
+    return float(rate_count_log_capital(ones, rows, ceiling, m, truncation=stream.truncation).max())
+
+
 # The mixture of constant bets that tests an excess ceiling (sparse minus dense rate <= c): (gain g, weight),
 # a component's capital growing by the factor 1 + g on an error in the sparse arm only. Chosen by simulated
 # power (docs/gate.md "The excess over control, measured"): against the adaptive bets it stops more breaches
@@ -150,14 +184,60 @@ def excess_log_capital(
     H0, for every pair of arm rates: each component is a non-negative supermartingale, so is any fixed
     mixture, and Ville's inequality bounds the time-uniform false stop by alpha. As for the adaptive bets,
     the capital falls as m rises, so the lower bound is the edge of the rejected set."""
+    return _excess_mixed(_excess_components(stream, ceiling, m, mixture))
+
+
+def excess_crosses(
+    stream: Stream,
+    ceiling: float,
+    target: float,
+    *,
+    mixture: tuple[tuple[float, float], ...] = EXCESS_MIXTURE,
+) -> bool:
+    """Whether `excess_log_capital` of one (1-D) stream at the ceiling reaches `target` at some time. The
+    mixture lies between its best weighted component and its best component plus log(sum of weights), so
+    it is formed over time (a logaddexp per row, most of the cost on 1M rows) only when those bounds do
+    not settle it."""
+    parts = _excess_components(stream, ceiling, None, mixture)
+    peaks = [float(part.max(axis=None)) for part, _ in parts]
+    spread = math.log(sum(weight for _, weight in mixture))
+    if max(peaks) + spread < target - 1e-9:
+        return False
+    if max(peak + log_w for peak, (_, log_w) in zip(peaks, parts, strict=True)) >= target + 1e-9:
+        return True
+    return bool(_excess_mixed(parts).max() >= target)
+
+
+def _excess_components(
+    stream: Stream, ceiling: float, m: float | None, mixture: tuple[tuple[float, float], ...]
+) -> list[tuple[np.ndarray, float]]:
+    """Each component's log-capital over time (without its weight) and the log of its weight."""
     m = ceiling if m is None else m
-    room = np.maximum(stream.hi - ceiling, 1e-12)
     # `log_capital`'s lower-side factor, with the truncation and Z - m computed once for all components
-    # (1M-row steps: half the time of one log_capital call per component)
-    cap = stream.truncation / np.maximum(m - stream.lo, 1e-12)
+    # (1M-row steps: half the time of one log_capital call per component); arrays are worked in place
+    room = _at_least(np.subtract(stream.hi, ceiling), 1e-12)
+    cap = np.divide(stream.truncation, _at_least(np.subtract(m, stream.lo), 1e-12))
     diff = stream.z - m
-    total = None
+    parts = []
     for gain, weight in mixture:
-        part = np.cumsum(np.log1p(np.minimum(gain / room, cap) * diff), axis=-1) + math.log(weight)
-        total = part if total is None else np.logaddexp(total, part)
+        step = np.minimum(np.divide(gain, room), cap)  # cumsum(log1p(min(gain / room, cap) * diff))
+        if np.shape(step) == diff.shape:
+            step *= diff
+        else:
+            step = step * diff
+        np.log1p(step, out=step)
+        parts.append((np.cumsum(step, axis=-1, out=step), math.log(weight)))
+    return parts
+
+
+def _at_least(x: np.ndarray | float, floor: float) -> np.ndarray | float:
+    """np.maximum(x, floor), in place for an array."""
+    return np.maximum(x, floor, out=x) if isinstance(x, np.ndarray) and x.ndim else np.maximum(x, floor)
+
+
+def _excess_mixed(parts: list[tuple[np.ndarray, float]]) -> np.ndarray:
+    total = None
+    for part, log_w in parts:
+        weighted = part + log_w
+        total = weighted if total is None else np.logaddexp(total, weighted)
     return total

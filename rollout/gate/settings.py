@@ -7,6 +7,12 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal
 
+from rollout.spec import Guardrails
+
+# The guardrails' defaults are the use-case spec's (`gate.guardrails`), from which every pilot's settings are
+# built: one source, so settings made in code judge against the same ceilings as a spec that omits them.
+_SPEC_GUARDRAILS = Guardrails()
+
 ScoreType = Literal["bounded", "binary"]
 # Planned spread of the score when the spec does not give one: a 0/1 score at 80% correct, or a bounded score
 # with sd 0.15 (the per-request difference in a shadow step uses the same number).
@@ -20,11 +26,13 @@ class GateSettings:
     alpha: float = 0.05  # false GO <= alpha at any number of looks; each guardrail's false stop <= alpha
     margin: float = 0.03  # non-inferiority margin on mean quality
     min_samples_per_arm: int = 100  # per arm (pairs in a shadow step) before quality may decide
-    max_error_rate: float = 0.02  # treatment error-rate ceiling
-    max_error_rate_increase: float = 0.01  # ceiling on treatment minus control error rate
+    max_error_rate: float = _SPEC_GUARDRAILS.max_error_rate  # treatment error-rate ceiling (0.01)
+    # ceiling on treatment minus control error rate (0.01)
+    max_error_rate_increase: float = _SPEC_GUARDRAILS.max_error_rate_increase
     latency_slo_ms: float | None = None  # None = no latency guardrail
-    max_latency_exceedance: float = 0.05  # share of treatment requests slower than the SLO (p95 -> 5%)
-    guardrail_min_samples: int = 30  # treatment rows before a guardrail can be judged
+    # share of treatment requests slower than the SLO (p95 -> 0.05)
+    max_latency_exceedance: float = _SPEC_GUARDRAILS.max_latency_exceedance
+    guardrail_min_samples: int = _SPEC_GUARDRAILS.min_samples  # treatment rows before a guardrail is judged
     max_duration_days: float = 14.0
     max_looks: int = 10  # per pilot step
     srm_p_threshold: float = 0.001

@@ -36,8 +36,13 @@ from rollout.gate.sequences import (
     rejects,
 )
 
-SETTINGS = GateSettings(
-    alpha=0.05, margin=0.03, min_samples_per_arm=20, guardrail_min_samples=20, latency_slo_ms=800.0
+SETTINGS = GateSettings(  # a 2% error-rate ceiling, as the cases below say
+    alpha=0.05,
+    margin=0.03,
+    min_samples_per_arm=20,
+    max_error_rate=0.02,
+    guardrail_min_samples=20,
+    latency_slo_ms=800.0,
 )
 
 
@@ -144,6 +149,24 @@ def test_bounds_cover_the_truth_at_every_look_in_most_runs() -> None:
 
 
 # ---------------------------------------------------------------- outcomes
+
+
+@pytest.mark.parametrize("block", [1, 7, 4096])
+def test_the_peak_by_blocks_is_the_peak_of_the_whole_path(block: int, monkeypatch) -> None:
+    """`peak_log_capital` (what the bounds' root-finder evaluates) is max(log_capital) to the last bit."""
+    from sparse_core import betting
+
+    monkeypatch.setattr(betting, "PEAK_BLOCK", block)
+    rng = np.random.default_rng(7)
+    t = rng.random(5000) < 0.3
+    split = ipw_stream(rng.random(5000), t, 0.3)
+    paired = paired_stream(rng.random(5000) - rng.random(5000))
+    for stream in (split, paired):
+        for side in ("lower", "upper"):
+            lam = bets(stream, -0.03, side, prior_mean=0.0, prior_var=0.05)
+            for m in (-0.2, -0.03, 0.0, 0.1):
+                whole = log_capital(stream, lam, m, side).max()
+                assert betting.peak_log_capital(stream, lam, m, side) == whole
 
 
 def test_all_identical_pairs_need_about_a_hundred_to_prove_a_small_margin() -> None:
@@ -340,6 +363,14 @@ def test_bad_input_is_invalid_naming_the_column(mutate, column: str, mode: str) 
     json.dumps(d.to_dict(), allow_nan=False)  # still storable evidence
 
 
+def test_a_missing_request_id_in_a_split_step_is_invalid_not_a_crash() -> None:
+    df = split_frame(np.ones(40), alternate(40))
+    df["request_id"] = df["request_id"].where(df.index != 3)
+    d = decide(df, SETTINGS, planned_treatment_share=0.5)
+    assert d.outcome == "INVALID"
+    assert d.input_problems == ("column 'request_id': missing/NaN value in 1 row(s), e.g. at rows [3]",)
+
+
 def test_a_quality_of_minus_one_cannot_turn_no_go_into_go() -> None:
     """The issue's case: control scores of -1 used to make a clear NO-GO look like GO."""
     t = alternate(400)
@@ -435,6 +466,21 @@ def test_settings_reject_unknown_keys_and_bad_values() -> None:
     )
     assert (s.alpha, s.margin, s.max_error_rate, s.latency_slo_ms) == (0.1, 0.04, 0.05, 900)
     assert GateSettings(score_type="binary").sd == pytest.approx(0.4)
+
+
+def test_the_guardrails_defaults_are_the_specs() -> None:
+    """One default per ceiling: settings made in code judge as a spec that leaves the guardrails out."""
+    from rollout.spec import Guardrails
+
+    spec, made = Guardrails(), GateSettings()
+    assert made.max_error_rate == spec.max_error_rate == 0.01
+    assert (made.max_error_rate_increase, made.max_latency_exceedance, made.guardrail_min_samples) == (
+        spec.max_error_rate_increase,
+        spec.max_latency_exceedance,
+        spec.min_samples,
+    )
+    from_spec = GateSettings.from_mapping({"guardrails": spec.model_dump()})
+    assert from_spec.max_error_rate == made.max_error_rate
 
 
 def test_rate_stream_breach_needs_evidence() -> None:

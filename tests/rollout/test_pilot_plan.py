@@ -52,6 +52,25 @@ def test_each_step_needs_what_the_gates_planner_says(longdoc) -> None:
     assert short.days == pytest.approx(short.requests / longdoc.traffic.requests_per_day)
 
 
+@pytest.mark.parametrize(
+    ("sample", "step", "pinned"),
+    [
+        # (requests (pairs), mean requests to GO, horizon), from the planner before it tested the simulated
+        # pilots a few at a time (main 74d5858): the same draws and the same test give the same numbers
+        ("longdoc-summaries", None, (118, 90.655, 512)),
+        ("longdoc-summaries", 10, (1399, 996.1425, 2048)),
+        ("longdoc-summaries", 50, (451, 276.585, 512)),
+        ("support-chat", None, (1123, 709.86, 2048)),
+        ("support-chat", 50, (3998, 2662.2575, 8192)),
+    ],
+)
+def test_the_planned_sizes_are_the_pinned_ones(sample: str, step: int | None, pinned) -> None:
+    settings = GateSettings.from_spec(load_spec(EXAMPLES / f"{sample}.yaml"))
+    kw = {"paired": True} if step is None else {"treatment_share": step / 100}
+    plan = planned_sample_size(settings, **kw)
+    assert (plan.n_total, plan.expected_requests, plan.horizon) == pinned
+
+
 def test_a_sample_too_small_for_its_pilot_is_told_so(longdoc) -> None:
     plan = plan_pilot(longdoc)
     warned = dict(plan_warnings(plan, distinct_requests=65))
