@@ -52,6 +52,7 @@ from sparse_core.capture import capture_attention
 from sparse_core.corpus import pack_token_windows, text_fingerprint
 from sparse_core.errors import SparsePilotError
 from sparse_core.fidelity import DenseReference, Fidelity, dense_reference, measure_fidelity
+from sparse_core.fidelity_bound import fidelity_bound
 from sparse_core.plan import SparsePlan, model_shape
 from sparse_core.progress import Progress, counter
 from sparse_core.task_bound import drop_upper_bound, rows_to_certify
@@ -151,6 +152,10 @@ class CalibrationLimits:
     max_joint_checks: int = 7  # full held-out passes in the eps search
     fidelity_fraction: float = 0.5  # score the last half of each held-out window
     max_seconds: float | None = None  # soft cap: stop the search, keep the best plan found so far
+    # judge the budget on one-sided bounds at this confidence (agree's lower, kl's and nll_delta's
+    # upper; `sparse_core.fidelity_bound`, by blocks of positions) instead of the held-out point
+    # estimates; None (default): the point estimates, as before
+    confidence: float | None = None
     # plan geometry
     block_size: int = 64
     sink_blocks: int = 1
@@ -175,6 +180,8 @@ class CalibrationLimits:
             raise ValueError("holdout_fraction must be in (0, 1)")
         if not self.taus or any(not 0 < t < 1 for t in self.taus):
             raise ValueError("taus must be a non-empty list of values in (0, 1)")
+        if self.confidence is not None and not 0 < self.confidence < 1:
+            raise ValueError(f"confidence must be in (0, 1) or None, got {self.confidence}")
         self.taus = tuple(sorted(set(float(t) for t in self.taus)))
         if isinstance(self.decode, dict):
             from sparse_core.decode.calibration import DecodeLimits
@@ -685,6 +692,19 @@ def _search_plan(
             return base.with_(dense_layers=dl), 1.0, dmat, chosen
         return base.with_(layer_overrides=lo, head_overrides=ho, dense_layers=dl), pred, dmat, chosen
 
+    def judged(fid: Fidelity) -> Fidelity:
+        """What the budget is judged on: the point estimates, or their bounds at lim.confidence."""
+        return fid if lim.confidence is None else fidelity_bound(fid, lim.confidence)
+
+    def fidelity_dict(fid: Fidelity) -> dict:
+        d = fid.to_dict()
+        if lim.confidence is not None and fid.blocks:
+            b = judged(fid)
+            d.update(
+                confidence=lim.confidence, kl_upper=b.kl, agree_lower=b.agree, nll_delta_upper=b.nll_delta
+            )
+        return d
+
     search: list[SearchStep] = []
     cands = _eps_candidates(sens_all, lim.max_joint_checks)
     cache: dict[int, tuple[bool, Fidelity, float | None, float | None]] = {}
@@ -699,7 +719,7 @@ def _search_plan(
         try:
             fid = measure_fidelity(model, ref)
             dens = _measured_density(model)
-            ok = budget.met_by(fid)
+            ok = budget.met_by(judged(fid))
             if ok and budget.task_delta is not None:
                 sparse_task = task_scores(model, tokenizer, task_rows, task, lim)
                 task_drop, task_upper = paired_drop(dense_task, sparse_task, budget.task_delta)
@@ -708,7 +728,7 @@ def _search_plan(
             unsparsify(model)
         cache[i] = (ok, fid, dens, (task_drop, task_upper))
         secs = time.perf_counter() - t1
-        step = SearchStep(cands[i], pred, dens, fid.to_dict(), ok, secs, task_drop, task_upper)
+        step = SearchStep(cands[i], pred, dens, fidelity_dict(fid), ok, secs, task_drop, task_upper)
         search.append(step)
         if progress:
             progress("joint check", len(search), min(lim.max_joint_checks, len(cands)))
@@ -762,7 +782,7 @@ def _search_plan(
                 "per_head": lim.per_head,
                 "eps": eps,
             },
-            "fidelity": fid.to_dict(),
+            "fidelity": fidelity_dict(fid),
             "met_budget": lo >= 0,
             "density": density,
             "measured_density": measured,
@@ -777,7 +797,7 @@ def _search_plan(
         estimator=base.estimator,
         budget=budget.to_dict(),
         met_budget=lo >= 0,
-        fidelity=fid.to_dict(),
+        fidelity=fidelity_dict(fid),
         density=density,
         predicted_density=predicted,
         layer_density=layer_density,
