@@ -53,9 +53,14 @@ def _logits(model, ids: Sequence[int], keep: int) -> torch.Tensor:
     return out.logits[0].float()
 
 
+def _targets(ids: Sequence[int], keep: int, device) -> torch.Tensor:
+    """The next tokens of the scored positions that fall inside the window (keep - 1 of them)."""
+    return torch.tensor(list(ids[len(ids) - keep + 1 :]), device=device, dtype=torch.long)
+
+
 def _nll(logprobs: torch.Tensor, ids: Sequence[int], keep: int) -> tuple[float, int]:
     """Summed NLL of the next tokens that fall inside the window, and their count."""
-    targets = torch.tensor(list(ids[len(ids) - keep + 1 :]), device=logprobs.device)
+    targets = _targets(ids, keep, logprobs.device)
     if targets.numel() == 0:
         return 0.0, 0
     lp = logprobs[:-1].gather(1, targets[:, None])
@@ -117,10 +122,7 @@ def measure_fidelity(
 
 def _nll_diff(dlp: torch.Tensor, slp: torch.Tensor, ids: Sequence[int], keep: int) -> torch.Tensor:
     """Per scored position with a next token inside the window: NLL(sparse) - NLL(dense)."""
-    targets = torch.tensor(list(ids[len(ids) - keep + 1 :]), device=dlp.device)
-    if targets.numel() == 0:
-        return torch.zeros(0, dtype=torch.float64)
-    t = targets[:, None]
+    t = _targets(ids, keep, dlp.device)[:, None]
     return (dlp[:-1].gather(1, t) - slp[:-1].gather(1, t))[:, 0].double()
 
 
