@@ -16,7 +16,10 @@ Search, built to stay cheap on 30 layers:
 5. Joint check: binary search over eps (a thinned, sorted set of the measured errors) with full
    sparse forwards on the held-out windows against the dense reference; the largest eps whose plan
    meets the budget (mean next-token KL, top-1 agreement, relative delta NLL) wins. Each check is one
-   forward per held-out window, so the search costs ~log2(#eps) x held-out forwards.
+   forward per held-out window, so the search costs ~log2(#eps) x held-out forwards. With
+   `limits.confidence` the budget is judged on one-sided bounds of those means, by blocks of
+   positions (`sparse_core.fidelity_bound`), so the plan picked does not sit at the budget's edge
+   on the held-out windows only because their noise favoured it.
 
 Per-layer estimator choice: `estimator` may name candidates joined by "+" (e.g. "gate_v2+pooled"):
 the sensitivity is measured for each candidate in the same dense forwards, and at every eps each
