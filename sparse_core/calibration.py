@@ -16,7 +16,10 @@ Search, built to stay cheap on 30 layers:
 5. Joint check: binary search over eps (a thinned, sorted set of the measured errors) with full
    sparse forwards on the held-out windows against the dense reference; the largest eps whose plan
    meets the budget (mean next-token KL, top-1 agreement, relative delta NLL) wins. Each check is one
-   forward per held-out window, so the search costs ~log2(#eps) x held-out forwards.
+   forward per held-out window, so the search costs ~log2(#eps) x held-out forwards. With
+   `limits.confidence` the budget is judged on one-sided bounds of those means, by blocks of
+   positions (`sparse_core.fidelity_bound`), so the plan picked does not sit at the budget's edge
+   on the held-out windows only because their noise favoured it.
 
 Per-layer estimator choice: `estimator` may name candidates joined by "+" (e.g. "gate_v2+pooled"):
 the sensitivity is measured for each candidate in the same dense forwards, and at every eps each
@@ -52,6 +55,7 @@ from sparse_core.capture import capture_attention
 from sparse_core.corpus import pack_token_windows, text_fingerprint
 from sparse_core.errors import SparsePilotError
 from sparse_core.fidelity import DenseReference, Fidelity, dense_reference, measure_fidelity
+from sparse_core.fidelity_bound import fidelity_bound
 from sparse_core.plan import SparsePlan, model_shape
 from sparse_core.progress import Progress, counter
 from sparse_core.task_bound import drop_upper_bound, rows_to_certify
@@ -151,6 +155,10 @@ class CalibrationLimits:
     max_joint_checks: int = 7  # full held-out passes in the eps search
     fidelity_fraction: float = 0.5  # score the last half of each held-out window
     max_seconds: float | None = None  # soft cap: stop the search, keep the best plan found so far
+    # judge the budget on one-sided bounds at this confidence (agree's lower, kl's and nll_delta's
+    # upper; `sparse_core.fidelity_bound`, by blocks of positions) instead of the held-out point
+    # estimates; None (default): the point estimates, as before
+    confidence: float | None = None
     # plan geometry
     block_size: int = 64
     sink_blocks: int = 1
@@ -175,6 +183,8 @@ class CalibrationLimits:
             raise ValueError("holdout_fraction must be in (0, 1)")
         if not self.taus or any(not 0 < t < 1 for t in self.taus):
             raise ValueError("taus must be a non-empty list of values in (0, 1)")
+        if self.confidence is not None and not 0 < self.confidence < 1:
+            raise ValueError(f"confidence must be in (0, 1) or None, got {self.confidence}")
         self.taus = tuple(sorted(set(float(t) for t in self.taus)))
         if isinstance(self.decode, dict):
             from sparse_core.decode.calibration import DecodeLimits
@@ -685,6 +695,19 @@ def _search_plan(
             return base.with_(dense_layers=dl), 1.0, dmat, chosen
         return base.with_(layer_overrides=lo, head_overrides=ho, dense_layers=dl), pred, dmat, chosen
 
+    def judged(fid: Fidelity) -> Fidelity:
+        """What the budget is judged on: the point estimates, or their bounds at lim.confidence."""
+        return fid if lim.confidence is None else fidelity_bound(fid, lim.confidence)
+
+    def fidelity_dict(fid: Fidelity) -> dict:
+        d = fid.to_dict()
+        if lim.confidence is not None and fid.blocks:
+            b = judged(fid)
+            d.update(
+                confidence=lim.confidence, kl_upper=b.kl, agree_lower=b.agree, nll_delta_upper=b.nll_delta
+            )
+        return d
+
     search: list[SearchStep] = []
     cands = _eps_candidates(sens_all, lim.max_joint_checks)
     cache: dict[int, tuple[bool, Fidelity, float | None, float | None]] = {}
@@ -699,7 +722,7 @@ def _search_plan(
         try:
             fid = measure_fidelity(model, ref)
             dens = _measured_density(model)
-            ok = budget.met_by(fid)
+            ok = budget.met_by(judged(fid))
             if ok and budget.task_delta is not None:
                 sparse_task = task_scores(model, tokenizer, task_rows, task, lim)
                 task_drop, task_upper = paired_drop(dense_task, sparse_task, budget.task_delta)
@@ -708,7 +731,7 @@ def _search_plan(
             unsparsify(model)
         cache[i] = (ok, fid, dens, (task_drop, task_upper))
         secs = time.perf_counter() - t1
-        step = SearchStep(cands[i], pred, dens, fid.to_dict(), ok, secs, task_drop, task_upper)
+        step = SearchStep(cands[i], pred, dens, fidelity_dict(fid), ok, secs, task_drop, task_upper)
         search.append(step)
         if progress:
             progress("joint check", len(search), min(lim.max_joint_checks, len(cands)))
@@ -762,7 +785,7 @@ def _search_plan(
                 "per_head": lim.per_head,
                 "eps": eps,
             },
-            "fidelity": fid.to_dict(),
+            "fidelity": fidelity_dict(fid),
             "met_budget": lo >= 0,
             "density": density,
             "measured_density": measured,
@@ -777,7 +800,7 @@ def _search_plan(
         estimator=base.estimator,
         budget=budget.to_dict(),
         met_budget=lo >= 0,
-        fidelity=fid.to_dict(),
+        fidelity=fidelity_dict(fid),
         density=density,
         predicted_density=predicted,
         layer_density=layer_density,

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
+
+BLOCK_POSITIONS = 256  # scored positions per block of `Fidelity.blocks` (neighbouring tokens correlate)
 
 
 @dataclass
@@ -22,9 +24,14 @@ class Fidelity:
     nll_sparse: float
     nll_delta: float  # (nll_sparse - nll_dense) / nll_dense
     n_positions: int
+    # per block of BLOCK_POSITIONS consecutive scored positions of one window: (positions, KL sum,
+    # agreements, next tokens, NLL(sparse) - NLL(dense) sum), what `fidelity_bound` needs; not in to_dict
+    blocks: list[tuple[int, float, float, int, float]] | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d.pop("blocks")
+        return d
 
     @classmethod
     def identical(cls, ref: DenseReference) -> Fidelity:
@@ -46,9 +53,14 @@ def _logits(model, ids: Sequence[int], keep: int) -> torch.Tensor:
     return out.logits[0].float()
 
 
+def _targets(ids: Sequence[int], keep: int, device) -> torch.Tensor:
+    """The next tokens of the scored positions that fall inside the window (keep - 1 of them)."""
+    return torch.tensor(list(ids[len(ids) - keep + 1 :]), device=device, dtype=torch.long)
+
+
 def _nll(logprobs: torch.Tensor, ids: Sequence[int], keep: int) -> tuple[float, int]:
     """Summed NLL of the next tokens that fall inside the window, and their count."""
-    targets = torch.tensor(list(ids[len(ids) - keep + 1 :]), device=logprobs.device)
+    targets = _targets(ids, keep, logprobs.device)
     if targets.numel() == 0:
         return 0.0, 0
     lp = logprobs[:-1].gather(1, targets[:, None])
@@ -83,14 +95,17 @@ def measure_fidelity(
 ) -> Fidelity:
     """Run the model as it is now (sparse or not) on the reference windows and compare."""
     kl_sum, agree_sum, pos, nll_sum, nll_n = 0.0, 0.0, 0, 0.0, 0
+    blocks: list[tuple[int, float, float, int, float]] = []
     for w, keep, dlp in zip(ref.windows, ref.keep, ref.logprobs, strict=True):
         slp = torch.log_softmax(_logits(model, w, keep), dim=-1)
-        kl = (dlp.exp() * (dlp - slp)).sum(-1)
-        kl_sum += float(kl.clamp_min(0).sum())
-        agree_sum += float((dlp.argmax(-1) == slp.argmax(-1)).sum())
+        kl = (dlp.exp() * (dlp - slp)).sum(-1).clamp_min(0)
+        agree = (dlp.argmax(-1) == slp.argmax(-1)).double()
+        kl_sum += float(kl.sum())
+        agree_sum += float(agree.sum())
         pos += keep
         s, c = _nll(slp, w, keep)
         nll_sum, nll_n = nll_sum + s, nll_n + c
+        blocks += _block_sums(kl, agree, _nll_diff(dlp, slp, w, keep))
         if progress:
             progress(1)
     nll_sparse = nll_sum / max(nll_n, 1)
@@ -101,4 +116,24 @@ def measure_fidelity(
         nll_sparse=nll_sparse,
         nll_delta=(nll_sparse - ref.nll) / ref.nll if ref.nll > 0 else 0.0,
         n_positions=pos,
+        blocks=blocks,
     )
+
+
+def _nll_diff(dlp: torch.Tensor, slp: torch.Tensor, ids: Sequence[int], keep: int) -> torch.Tensor:
+    """Per scored position with a next token inside the window: NLL(sparse) - NLL(dense)."""
+    t = _targets(ids, keep, dlp.device)[:, None]
+    return (dlp[:-1].gather(1, t) - slp[:-1].gather(1, t))[:, 0].double()
+
+
+def _block_sums(
+    kl: torch.Tensor, agree: torch.Tensor, nll_diff: torch.Tensor
+) -> list[tuple[int, float, float, int, float]]:
+    out = []
+    for b0 in range(0, kl.numel(), BLOCK_POSITIONS):
+        b1 = b0 + BLOCK_POSITIONS
+        d = nll_diff[b0:b1]
+        out.append(
+            (kl[b0:b1].numel(), float(kl[b0:b1].sum()), float(agree[b0:b1].sum()), d.numel(), float(d.sum()))
+        )
+    return out

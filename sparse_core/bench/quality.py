@@ -55,6 +55,7 @@ class QualityBenchSettings:
     lengths: tuple[int, ...] = (2048, 4096, 8192)
     max_texts: int = 8  # calibration windows per length (25% held out by the calibration itself)
     max_joint_checks: int = 7  # eps search steps per estimator (each: one forward per held-out window)
+    confidence: float | None = None  # CalibrationLimits.confidence: judge the budget on bounds
     gate_steps: int = 200
     gate_target: str | None = None  # gate_v2: maxpool (default) or mass
     heldout_tokens: int = 4096  # the bench's own held-out text per length (>= 1 window)
@@ -101,6 +102,7 @@ def run_quality_bench(
     from sparse_core.calibration import CalibrationLimits, calibrate_many, split_texts
     from sparse_core.corpus import corpus_texts, pack_token_windows
     from sparse_core.fidelity import dense_reference, measure_fidelity
+    from sparse_core.fidelity_bound import fidelity_bound
 
     t_all = time.perf_counter()
     load_before = loadavg()
@@ -116,6 +118,7 @@ def run_quality_bench(
             gate_target=settings.gate_target,
             max_task_rows=settings.max_task_rows,
             max_joint_checks=settings.max_joint_checks,
+            confidence=settings.confidence,
         )
 
     def calibrated(texts, seq_len: int, stage: str):
@@ -139,6 +142,8 @@ def run_quality_bench(
             "density": rep.density,
             "calib_kl": rep.fidelity["kl"],
             "calib_agree": rep.fidelity["agree"],
+            "calib_kl_upper": rep.fidelity.get("kl_upper"),  # with settings.confidence
+            "calib_agree_lower": rep.fidelity.get("agree_lower"),
             "dense_layers": len(rep.dense_layers),
             "layer_estimators": _summary(rep.layer_estimators),
             "gate_seconds": _gate_seconds(rep),
@@ -171,6 +176,9 @@ def run_quality_bench(
                 dense_s = min(dense_s, _time_prefill(model, held_w[0]))  # dense timed around each row
                 row.update(prefill_seconds=sparse_s, dense_seconds=dense_s, speedup=dense_s / sparse_s)
             row.update(kl=fid.kl, agree=fid.agree, nll_delta=fid.nll_delta, n_positions=fid.n_positions)
+            if settings.confidence is not None:  # the same bounds on the bench's own held-out text
+                bound = fidelity_bound(fid, settings.confidence)
+                row.update(kl_upper=bound.kl, agree_lower=bound.agree)
             rows.append(row)
         _ratios(rows)
         by_length.append(

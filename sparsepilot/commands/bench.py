@@ -135,6 +135,12 @@ def bench_quality(
     max_texts: int = typer.Option(0, "--max-texts", help="Calibration windows per length (0 = by mode)."),
     gate_steps: int = typer.Option(0, "--gate-steps", help="Gate training steps (0 = by mode)."),
     max_checks: int = typer.Option(0, "--max-checks", help="eps search steps per estimator (0 = 7)."),
+    confidence: float = typer.Option(
+        0.0,
+        "--confidence",
+        help="Judge the budget on one-sided bounds at this confidence (e.g. 0.95: agreement's lower, "
+        "KL's upper bound, by blocks of positions) instead of the held-out means (0 = the means).",
+    ),
     gate_target: str = typer.Option("", "--gate-target", help="gate_v2 distillation target: maxpool | mass."),
     no_speed: bool = typer.Option(False, "--no-speed", help="Skip the prefill timing per plan."),
     out: JsonOut = "bench-results/quality.json",
@@ -172,6 +178,10 @@ def bench_quality(
         kw["gate_steps"] = gate_steps
     if max_checks:
         kw["max_joint_checks"] = max_checks
+    if confidence:
+        if not 0 < confidence < 1:
+            fail(f"--confidence: {confidence} is not in (0, 1)")
+        kw["confidence"] = confidence
     if gate_target:
         kw["gate_target"] = gate_target
     if plans:

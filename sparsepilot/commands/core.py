@@ -187,6 +187,13 @@ def calibrate_cmd(
         Path | None, typer.Option("--checkpoint-dir", help="resumable gate-training checkpoints")
     ] = None,
     max_seconds: Annotated[float | None, typer.Option("--max-seconds", help="soft cap on the search")] = None,
+    confidence: Annotated[
+        float | None,
+        typer.Option(
+            "--confidence",
+            help="judge the budget on one-sided bounds at this confidence (e.g. 0.95), not the means",
+        ),
+    ] = None,
     quick: Annotated[bool, typer.Option("--quick", help="cheap settings (few short windows)")] = False,
     dataset: Annotated[
         Path | None, typer.Option("--dataset", help="JSONL prompt/reference rows for the task bound")
@@ -227,6 +234,7 @@ def calibrate_cmd(
         gate_steps=gate_steps,
         gate_checkpoint_dir=str(checkpoint_dir) if checkpoint_dir is not None else None,
         max_seconds=max_seconds,
+        confidence=confidence,
     )
     try:
         limits = CalibrationLimits.quick(**kw) if quick else CalibrationLimits(**kw)

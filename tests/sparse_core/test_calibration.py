@@ -96,3 +96,29 @@ def test_budget_parse_and_violations():
 
     assert b.violations(Fidelity(0.02, 0.995, 2.0, 2.0, 0.0, 10)) == ["kl 0.02 > 0.01"]
     assert b.met_by(Fidelity(0.005, 0.995, 2.0, 2.1, 0.05, 10))
+
+
+def test_confidence_judges_the_budget_on_bounds(quality_tiny, quality_texts):
+    """With `confidence` a search step passes only if the bounds (agreement's lower, KL's upper) meet
+    the budget: a plan whose held-out means meet it can fail, and the plan keeps at least as many
+    blocks as the search on the means finds."""
+    model, tok = quality_tiny
+    budget = Budget(kl=0.004, agree=0.98, nll_delta=None)
+    lim = dict(max_texts=8, max_seq_len=1024, taus=(0.5, 0.7, 0.9), max_joint_checks=4)
+    _, on_means = calibrate(model, tok, quality_texts, budget, seed=3, limits=CalibrationLimits(**lim))
+    plan, bounded = calibrate(
+        model, tok, quality_texts, budget, seed=3, limits=CalibrationLimits(**lim, confidence=0.95)
+    )
+    assert bounded.met_budget and bounded.n_heldout_windows == 2
+    assert bounded.density >= on_means.density
+    for s in bounded.search:
+        f = s.fidelity
+        assert f["confidence"] == 0.95 and f["agree_lower"] <= f["agree"] and f["kl_upper"] >= f["kl"]
+        assert s.passed == (f["agree_lower"] >= budget.agree and f["kl_upper"] <= budget.kl)
+    assert any(
+        not s.passed and s.fidelity["agree"] >= budget.agree and s.fidelity["kl"] <= budget.kl
+        for s in bounded.search
+    ), "the margin never bound: the test budget is too loose to show it"
+    assert plan.metadata["fidelity"]["agree_lower"] >= budget.agree
+    with pytest.raises(ValueError, match="confidence"):
+        CalibrationLimits(confidence=1.0)
