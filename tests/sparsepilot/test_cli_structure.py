@@ -45,3 +45,32 @@ def test_a_sparsepilot_error_from_any_command_is_one_line_and_exit_2(sp_home) ->
     res = runner.invoke(app, ["gate", "no-such-case"])  # UnknownUseCase, via the pipeline commands
     assert res.exit_code == 2, res.output
     assert res.output.startswith("error: unknown use case 'no-such-case'")
+
+
+def test_a_confidence_outside_0_1_is_refused_before_any_work(sp_home, tmp_path) -> None:  # noqa: ANN001
+    """calibrate --confidence / bench quality --confidence (the budget judged on one-sided bounds): a
+    value outside (0, 1) is a one-line error naming it, exit 2, and nothing is written."""
+    runner = CliRunner()
+    out = tmp_path / "plan"
+    res = runner.invoke(
+        app,
+        [
+            "calibrate",
+            "--model",
+            "smollm2-135m",
+            "--texts",
+            "stdlib",
+            "--out",
+            str(out),
+            "--confidence",
+            "1.5",
+        ],
+    )
+    assert res.exit_code == 2, res.output
+    assert "confidence must be in (0, 1)" in res.output and "1.5" in res.output
+    assert not out.exists()
+    bench_out = tmp_path / "quality.json"
+    res = runner.invoke(app, ["bench", "quality", "--quick", "--confidence", "1.5", "--out", str(bench_out)])
+    assert res.exit_code == 2, res.output
+    assert "--confidence: 1.5 is not in (0, 1)" in res.output
+    assert not bench_out.exists()
