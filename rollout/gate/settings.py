@@ -7,11 +7,12 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal
 
-from rollout.spec import Guardrails
+from rollout.spec import GateSpec, Guardrails
 
 # The guardrails' defaults are the use-case spec's (`gate.guardrails`), from which every pilot's settings are
 # built: one source, so settings made in code judge against the same ceilings as a spec that omits them.
 _SPEC_GUARDRAILS = Guardrails()
+_SPEC_MAX_LOOKS: int = GateSpec.model_fields["max_looks"].default
 
 ScoreType = Literal["bounded", "binary"]
 # Planned spread of the score when the spec does not give one: a 0/1 score at 80% correct, or a bounded score
@@ -34,7 +35,7 @@ class GateSettings:
     max_latency_exceedance: float = _SPEC_GUARDRAILS.max_latency_exceedance
     guardrail_min_samples: int = _SPEC_GUARDRAILS.min_samples  # treatment rows before a guardrail is judged
     max_duration_days: float = 14.0
-    max_looks: int = 10  # per pilot step
+    max_looks: int = _SPEC_MAX_LOOKS  # per pilot step (20)
     srm_p_threshold: float = 0.001
     score_type: ScoreType = "bounded"  # planning only: 0/1 scores or scores anywhere in [0, 1]
     planned_sd: float | None = None  # planning only; None = DEFAULT_PLANNED_SD[score_type]

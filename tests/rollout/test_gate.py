@@ -483,6 +483,14 @@ def test_the_guardrails_defaults_are_the_specs() -> None:
     assert from_spec.max_error_rate == made.max_error_rate
 
 
+def test_the_looks_default_is_the_specs() -> None:
+    """Settings made in code allow as many looks per step as a spec that leaves gate.max_looks out (it
+    was 10 in code and 20 in the spec)."""
+    from rollout.spec import GateSpec
+
+    assert GateSettings().max_looks == GateSpec(non_inferiority_margin=0.05).max_looks == 20
+
+
 def test_rate_stream_breach_needs_evidence() -> None:
     """3 errors in 30 rows against a 2% ceiling is not yet proof; 8 in 30 is."""
     check = guardrail_checks(GateSettings(max_error_rate=0.02, guardrail_min_samples=1))[0]
