@@ -53,18 +53,11 @@ def _logits(model, ids: Sequence[int], keep: int) -> torch.Tensor:
     return out.logits[0].float()
 
 
-def _targets(ids: Sequence[int], keep: int, device) -> torch.Tensor:
-    """The next tokens of the scored positions that fall inside the window (keep - 1 of them)."""
-    return torch.tensor(list(ids[len(ids) - keep + 1 :]), device=device, dtype=torch.long)
-
-
-def _nll(logprobs: torch.Tensor, ids: Sequence[int], keep: int) -> tuple[float, int]:
-    """Summed NLL of the next tokens that fall inside the window, and their count."""
-    targets = _targets(ids, keep, logprobs.device)
-    if targets.numel() == 0:
-        return 0.0, 0
-    lp = logprobs[:-1].gather(1, targets[:, None])
-    return float(-lp.sum()), int(targets.numel())
+def _next_token_logprobs(logprobs: torch.Tensor, ids: Sequence[int], keep: int) -> torch.Tensor:
+    """Log-probabilities of the next tokens of the scored positions that fall inside the window (keep - 1
+    of them; the last scored position's next token is outside)."""
+    targets = torch.tensor(list(ids[len(ids) - keep + 1 :]), device=logprobs.device, dtype=torch.long)
+    return logprobs[:-1].gather(1, targets[:, None])[:, 0]
 
 
 @torch.inference_mode()
@@ -80,8 +73,8 @@ def dense_reference(
     for w in windows:
         keep = max(2, int(math.ceil(len(w) * fraction)))
         lp = torch.log_softmax(_logits(model, w, keep), dim=-1)
-        s, c = _nll(lp, w, keep)
-        tot, n = tot + s, n + c
+        t = _next_token_logprobs(lp, w, keep)
+        tot, n = tot - float(t.sum()), n + t.numel()
         keeps.append(keep)
         lps.append(lp)
         if progress:
@@ -103,9 +96,10 @@ def measure_fidelity(
         kl_sum += float(kl.sum())
         agree_sum += float(agree.sum())
         pos += keep
-        s, c = _nll(slp, w, keep)
-        nll_sum, nll_n = nll_sum + s, nll_n + c
-        blocks += _block_sums(kl, agree, _nll_diff(dlp, slp, w, keep))
+        s_t = _next_token_logprobs(slp, w, keep)
+        nll_sum, nll_n = nll_sum - float(s_t.sum()), nll_n + s_t.numel()
+        nll_diff = (_next_token_logprobs(dlp, w, keep) - s_t).double()  # NLL(sparse) - NLL(dense)
+        blocks += _block_sums(kl, agree, nll_diff)
         if progress:
             progress(1)
     nll_sparse = nll_sum / max(nll_n, 1)
@@ -118,12 +112,6 @@ def measure_fidelity(
         n_positions=pos,
         blocks=blocks,
     )
-
-
-def _nll_diff(dlp: torch.Tensor, slp: torch.Tensor, ids: Sequence[int], keep: int) -> torch.Tensor:
-    """Per scored position with a next token inside the window: NLL(sparse) - NLL(dense)."""
-    t = _targets(ids, keep, dlp.device)[:, None]
-    return (dlp[:-1].gather(1, t) - slp[:-1].gather(1, t))[:, 0].double()
 
 
 def _block_sums(
