@@ -19,7 +19,9 @@ Search, built to stay cheap on 30 layers:
    forward per held-out window, so the search costs ~log2(#eps) x held-out forwards. With
    `limits.confidence` the budget is judged on one-sided bounds of those means, by blocks of
    positions (`sparse_core.fidelity_bound`), so the plan picked does not sit at the budget's edge
-   on the held-out windows only because their noise favoured it.
+   on the held-out windows only because their noise favoured it. Every bound a step is judged on
+   (this margin, the task bound) is taken at `eps_search.step_alpha`'s per-step level, so that the
+   plan the search returns holds it, not only each step.
 
 Per-layer estimator choice: `estimator` may name candidates joined by "+" (e.g. "gate_v2+pooled"):
 the sensitivity is measured for each candidate in the same dense forwards, and at every eps each
@@ -28,13 +30,14 @@ the first candidate; layers that chose another carry it in `layer_overrides[laye
 
 Task bound: a budget with `task_delta` also bounds the drop of the task score on the given task rows
 (the calibration split of the use case's dataset, scored with its task): at every point of the eps
-search that passes the fidelity check, a valid one-sided 95% upper confidence bound on the mean paired
+search that passes the fidelity check, a valid one-sided upper confidence bound on the mean paired
 drop (dense - sparse per row, in [-1, 1]; `sparse_core.task_bound`, by betting, for any distribution)
-must be < `task_delta`. A Student t limit was used before and was no bound: on docs-qa 4 calibration
-rows gave a mean drop of -0.0002 and a t limit of 0.0064, the held-out rows dropped 0.098. A valid
-bound costs rows: even rows that drop nothing certify `task_delta` only from
-`task_bound.rows_to_certify(task_delta)` rows on (170 for 0.02); with fewer rows the search is skipped
-and the plan stays dense, with `task.rows_needed` in the report saying why.
+must be < `task_delta`, at level 0.05 / steps, so the plan returned is bounded at 95%. A Student t
+limit was used before and was no bound: on docs-qa 4 calibration rows gave a mean drop of -0.0002 and
+a t limit of 0.0064, the held-out rows dropped 0.098. A valid bound costs rows: even rows that drop
+nothing certify `task_delta` only from `task_bound.rows_to_certify(task_delta, alpha=0.05 / steps)`
+rows on (277 for 0.02 with 7 steps); with fewer rows the search is skipped and the plan stays dense,
+with `task.rows_needed` in the report saying why.
 
 Deterministic for a seed: the split, the windows, gate training and the search have no other
 randomness.
@@ -53,11 +56,13 @@ import torch
 
 from sparse_core.capture import capture_attention
 from sparse_core.corpus import pack_token_windows, text_fingerprint
+from sparse_core.eps_search import largest_passing, search_steps, step_alpha
 from sparse_core.errors import SparsePilotError
 from sparse_core.fidelity import DenseReference, Fidelity, dense_reference, measure_fidelity
 from sparse_core.fidelity_bound import fidelity_bound
 from sparse_core.plan import SparsePlan, model_shape
 from sparse_core.progress import Progress, counter
+from sparse_core.task_bound import ALPHA as TASK_ALPHA
 from sparse_core.task_bound import drop_upper_bound, rows_to_certify
 
 
@@ -695,21 +700,30 @@ def _search_plan(
             return base.with_(dense_layers=dl), 1.0, dmat, chosen
         return base.with_(layer_overrides=lo, head_overrides=ho, dense_layers=dl), pred, dmat, chosen
 
+    search: list[SearchStep] = []
+    cands = _eps_candidates(sens_all, lim.max_joint_checks)
+    # Each step is judged at the level that makes the *returned* plan's bounds hold (eps_search).
+    steps = search_steps(len(cands), lim.max_joint_checks)
+    step_confidence = None if lim.confidence is None else 1 - step_alpha(1 - lim.confidence, steps)
+    task_alpha = step_alpha(TASK_ALPHA, steps)
+
     def judged(fid: Fidelity) -> Fidelity:
-        """What the budget is judged on: the point estimates, or their bounds at lim.confidence."""
-        return fid if lim.confidence is None else fidelity_bound(fid, lim.confidence)
+        """What the budget is judged on: the point estimates, or their bounds at the step's level."""
+        return fid if step_confidence is None else fidelity_bound(fid, step_confidence)
 
     def fidelity_dict(fid: Fidelity) -> dict:
         d = fid.to_dict()
-        if lim.confidence is not None and fid.blocks:
+        if step_confidence is not None and fid.blocks:
             b = judged(fid)
             d.update(
-                confidence=lim.confidence, kl_upper=b.kl, agree_lower=b.agree, nll_delta_upper=b.nll_delta
+                confidence=lim.confidence,
+                step_confidence=step_confidence,
+                kl_upper=b.kl,
+                agree_lower=b.agree,
+                nll_delta_upper=b.nll_delta,
             )
         return d
 
-    search: list[SearchStep] = []
-    cands = _eps_candidates(sens_all, lim.max_joint_checks)
     cache: dict[int, tuple[bool, Fidelity, float | None, float | None]] = {}
 
     def check(i: int) -> bool:
@@ -725,7 +739,9 @@ def _search_plan(
             ok = budget.met_by(judged(fid))
             if ok and budget.task_delta is not None:
                 sparse_task = task_scores(model, tokenizer, task_rows, task, lim)
-                task_drop, task_upper = paired_drop(dense_task, sparse_task, budget.task_delta)
+                task_drop, task_upper = paired_drop(
+                    dense_task, sparse_task, budget.task_delta, alpha=task_alpha
+                )
                 ok = budget.task_violation(task_upper) is None
         finally:
             unsparsify(model)
@@ -737,17 +753,16 @@ def _search_plan(
             progress("joint check", len(search), min(lim.max_joint_checks, len(cands)))
         return ok
 
-    rows_needed = None if budget.task_delta is None else rows_to_certify(budget.task_delta)
+    rows_needed = None if budget.task_delta is None else rows_to_certify(budget.task_delta, alpha=task_alpha)
     certifiable = budget.task_delta is None or (rows_needed is not None and len(task_rows) >= rows_needed)
-    lo, hi = -1, len(cands) - 1  # invariant: lo passes (-1 = all dense), everything > hi fails
-    while certifiable and lo < hi and len(search) < lim.max_joint_checks:
-        if deadline is not None and time.perf_counter() > deadline:
-            break
-        mid = (lo + hi + 1) // 2
-        if check(mid):
-            lo = mid
-        else:
-            hi = mid - 1
+    lo = -1  # the all-dense plan
+    if certifiable:
+        lo = largest_passing(
+            len(cands),
+            check,
+            max_checks=lim.max_joint_checks,
+            out_of_time=None if deadline is None else lambda: time.perf_counter() > deadline,
+        )
 
     eps = cands[lo] if lo >= 0 else None
     plan, predicted, dmat, chosen = plan_for(eps)
@@ -768,6 +783,8 @@ def _search_plan(
             "task_delta": task_drop,
             "task_delta_upper": task_upper,
             "bound": budget.task_delta,
+            "alpha": TASK_ALPHA,  # the returned plan's; each search step was judged at step_alpha
+            "step_alpha": task_alpha,
             "rows_needed": rows_needed,  # the fewest rows that can certify the bound (all drops 0)
             "certifiable": certifiable,  # False: too few rows, the search was skipped, the plan is dense
         }
@@ -815,15 +832,15 @@ def _search_plan(
 
 
 def paired_drop(
-    dense: Sequence[float], sparse: Sequence[float], bound: float | None = None
+    dense: Sequence[float], sparse: Sequence[float], bound: float | None = None, *, alpha: float = TASK_ALPHA
 ) -> tuple[float, float]:
-    """(mean, valid one-sided 95% upper confidence bound) of the per-row drop dense - sparse, for
+    """(mean, valid one-sided 1 - alpha upper confidence bound) of the per-row drop dense - sparse, for
     scores in [0, 1] (`task_bound.drop_upper_bound`; its bets are tuned to `bound`, the task_delta
     being certified, where the bound is tightest)."""
     d = [a - b for a, b in zip(dense, sparse, strict=True)]
     if not d:
         raise BudgetError("paired_drop needs at least one task row")
-    return sum(d) / len(d), drop_upper_bound(d, m0=bound)
+    return sum(d) / len(d), drop_upper_bound(d, m0=bound, alpha=alpha)
 
 
 def task_scores(

@@ -11,15 +11,24 @@ confidence.
 Neighbouring next-token predictions are not independent (a passage the plan drops moves many of them
 at once), so the unit of the bound is a block of consecutive scored positions of one window
 (`fidelity.BLOCK_POSITIONS`), not a position. The mean over positions is a ratio of block totals;
-its standard error is the cluster-robust one, from the residuals S_b - mean * n_b of the B blocks
-(with the B / (B - 1) correction), and the bound is mean -/+ t(confidence, B - 1) * se. That is an
-asymptotic bound (block means are near normal at 256 positions), not a guarantee for any
-distribution like `task_bound`'s betting bound, and it does not correct for the search trying
-several eps on the same windows; with few blocks the Student t quantile makes it wide.
+its standard error is the cluster-robust one from the residuals of the B blocks (with the
+B / (B - 1) correction). The bound is the score (Wilson-type) one: the value m at which
+|mean - m| = t(confidence, B - 1) * se(m), with se(m) from the residuals S_b - m * n_b *at m*, not at
+the mean. The plain (Wald) form mean -/+ t * se(mean) understates the spread exactly when the
+held-out text happened to go well: agreement's disagreements and KL's rare large values are skewed,
+so a sample with few of them has both a better mean and a smaller se. Judged at the search's
+per-step level (1 - 0.05 / 7), the Wald lower bound on agreement passed a plan of true agreement
+0.9799 against 0.98 in 1.0-1.3% of draws instead of 0.71%, the score bound in 0.52-0.65% (200,000
+draws of 32 blocks of 256 positions; at 95%: 0.051-0.054). That is an asymptotic bound (block means
+are near normal at 256 positions), not a guarantee for any distribution like `task_bound`'s betting
+bound; with few blocks the Student t quantile makes it wide, and with t^2 >= B - 1 it bounds nothing.
+The search tries several eps on the same windows: calibration judges each step at
+`eps_search.step_alpha`'s level so that the plan it returns holds the bound at `confidence`.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import replace
@@ -29,20 +38,35 @@ from scipy import stats
 from sparse_core.fidelity import Fidelity
 
 
+@functools.lru_cache(maxsize=256)
+def _t_quantile(confidence: float, dof: int) -> float:
+    return float(stats.t.ppf(confidence, dof))
+
+
 def block_mean_bound(blocks: Sequence[tuple[int, float]], confidence: float, *, upper: bool) -> float:
-    """One-sided bound on the per-position mean of (count, sum) blocks at `confidence`: the upper
-    bound if `upper`, else the lower. One block (or none) gives no spread to bound with: +-inf."""
+    """One-sided score bound on the per-position mean of (count, sum) blocks at `confidence`: the
+    upper bound if `upper`, else the lower. The bound m solves (sum S - m N)^2 = k * sum (S_b - m n_b)^2
+    with k = t^2 B / (B - 1), a quadratic in m; its root on the asked side of the mean. One block (or
+    none), or blocks too few for the quantile (the quadratic opens downwards), bound nothing: +-inf."""
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     blocks = [(n, s) for n, s in blocks if n > 0]
-    total = sum(n for n, _ in blocks)
+    unbounded = math.inf if upper else -math.inf
     if len(blocks) < 2:
-        return math.inf if upper else -math.inf
+        return unbounded
     b = len(blocks)
-    mean = sum(s for _, s in blocks) / total
-    var = b / (b - 1) * sum((s - mean * n) ** 2 for n, s in blocks) / total**2
-    half = float(stats.t.ppf(confidence, b - 1)) * math.sqrt(var)
-    return mean + half if upper else mean - half
+    k = _t_quantile(confidence, b - 1) ** 2 * b / (b - 1)
+    total = sum(n for n, _ in blocks)
+    s_sum = sum(s for _, s in blocks)
+    mean = s_sum / total
+    # a m^2 - 2 h m + c = 0 (h the half linear coefficient)
+    a = total**2 - k * sum(n * n for n, _ in blocks)
+    h = total * s_sum - k * sum(n * s for n, s in blocks)
+    c = s_sum**2 - k * sum(s * s for _, s in blocks)
+    if a <= 0:
+        return unbounded
+    root = math.sqrt(max(h * h - a * c, 0.0))  # >= 0 here: the quadratic is <= 0 at the mean
+    return max((h + root) / a, mean) if upper else min((h - root) / a, mean)
 
 
 def fidelity_bound(fid: Fidelity, confidence: float) -> Fidelity:

@@ -104,16 +104,21 @@ def test_confidence_judges_the_budget_on_bounds(quality_tiny, quality_texts):
     blocks as the search on the means finds."""
     model, tok = quality_tiny
     budget = Budget(kl=0.004, agree=0.98, nll_delta=None)
-    lim = dict(max_texts=8, max_seq_len=1024, taus=(0.5, 0.7, 0.9), max_joint_checks=4)
+    # 3 held-out windows scored whole: 12 blocks, enough for the per-step level (1 - 0.05 / 4)
+    lim = dict(
+        max_texts=12, max_seq_len=1024, fidelity_fraction=1.0, taus=(0.5, 0.7, 0.9), max_joint_checks=4
+    )
     _, on_means = calibrate(model, tok, quality_texts, budget, seed=3, limits=CalibrationLimits(**lim))
     plan, bounded = calibrate(
         model, tok, quality_texts, budget, seed=3, limits=CalibrationLimits(**lim, confidence=0.95)
     )
-    assert bounded.met_budget and bounded.n_heldout_windows == 2
+    assert bounded.met_budget and bounded.n_heldout_windows == 3
     assert bounded.density >= on_means.density
     for s in bounded.search:
         f = s.fidelity
         assert f["confidence"] == 0.95 and f["agree_lower"] <= f["agree"] and f["kl_upper"] >= f["kl"]
+        # each step at the level that makes the returned plan's bound hold (eps_search.step_alpha)
+        assert f["step_confidence"] == pytest.approx(1 - 0.05 / 4)
         assert s.passed == (f["agree_lower"] >= budget.agree and f["kl_upper"] <= budget.kl)
     assert any(
         not s.passed and s.fidelity["agree"] >= budget.agree and s.fidelity["kl"] <= budget.kl

@@ -17,17 +17,18 @@ from sparse_core.calibration import (
     paired_drop,
     task_scores,
 )
+from sparse_core.task_bound import rows_to_certify
 from sparse_core.tasks import TaskRow
 
 LIMITS = CalibrationLimits(
-    max_texts=4, max_seq_len=768, taus=(0.3, 0.5, 0.7, 0.9), max_joint_checks=4, max_task_rows=6
+    max_texts=4, max_seq_len=768, taus=(0.3, 0.5, 0.7, 0.9), max_joint_checks=4, max_task_rows=8
 )
 LOOSE = "kl=1,agree=0.3"  # fidelity never binds: only the task bound can
 
 
 @pytest.fixture(scope="module")
 def task_rows(quality_tiny, quality_texts):
-    """12 loglik rows (600-token prompt, the next 32 tokens as reference); even rows calibrate, odd
+    """16 loglik rows (600-token prompt, the next 32 tokens as reference); even rows calibrate, odd
     rows are the held-out split."""
     _, tok = quality_tiny
     rows = []
@@ -35,7 +36,7 @@ def task_rows(quality_tiny, quality_texts):
         ids = tok(t, add_special_tokens=False)["input_ids"]
         if len(ids) >= 700:
             rows.append(TaskRow(prompt=tok.decode(ids[:600]), reference=tok.decode(ids[600:632])))
-        if len(rows) == 12:
+        if len(rows) == 16:
             break
     return rows[::2], rows[1::2]
 
@@ -69,7 +70,9 @@ def test_too_few_rows_to_certify_the_bound_keep_the_plan_dense(quality_tiny, qua
 def test_task_bound_holds_on_the_heldout_split(quality_tiny, quality_texts, task_rows):
     model, tok = quality_tiny
     cal, held = task_rows
-    bound = 0.5  # the loosest bound 6 rows can certify (rows_to_certify(0.5) == 6)
+    # the loosest bound 8 rows can certify at the search's per-step level (4 steps: alpha 0.05 / 4)
+    bound = 0.5
+    assert rows_to_certify(bound, alpha=0.05 / 4) == 8 > rows_to_certify(bound)
     plan, rep = calibrate(
         model,
         tok,
@@ -81,6 +84,7 @@ def test_task_bound_holds_on_the_heldout_split(quality_tiny, quality_texts, task
         task="loglik",
     )
     assert rep.task["bound"] == bound and rep.task["n_rows"] == len(cal) == rep.task["rows_needed"]
+    assert rep.task["alpha"] == 0.05 and rep.task["step_alpha"] == pytest.approx(0.05 / 4)
     assert rep.task["certifiable"] and rep.met_budget and rep.density < 1.0
     assert rep.task["task_delta"] <= rep.task["task_delta_upper"] < bound
     assert plan.metadata["task"] == rep.task
@@ -199,15 +203,15 @@ def test_cli_calibrate_bounds_the_task_and_reports_the_heldout_split(
             "--task",
             "loglik",
             "--budget",
-            "kl=1,task=0.5",
+            "kl=1,task=0.8",  # 8 rows (max_task_rows) certify 0.8 at the 7-step search's level
         ],
     )
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "plan" / "calibration_report.json").read_text())
     t = report["task"]
     assert t["certifiable"] and report["met_budget"] and report["density"] < 1.0
-    assert t["bound"] == 0.5 and t["task_delta"] <= t["task_delta_upper"] < 0.5 and t["heldout_rows"] > 0
-    assert t["heldout_task_delta"] < 0.5
+    assert t["bound"] == 0.8 and t["task_delta"] <= t["task_delta_upper"] < 0.8 and t["heldout_rows"] > 0
+    assert t["heldout_task_delta"] < 0.8 and t["step_alpha"] >= 0.05 / 7
     res = runner.invoke(
         app, [*args[:-1], "--texts", "dataset", "--dataset", str(data), "--budget", "kl=1,task=1e-6"]
     )

@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 import pytest
-from scipy import stats
+from scipy import optimize, stats
 
 from sparse_core import sparsify, unsparsify
 from sparse_core.corpus import pack_token_windows
@@ -17,16 +17,31 @@ from sparse_core.fidelity_bound import block_mean_bound, fidelity_bound
 from sparse_core.plan import SparsePlan
 
 
+def _score_gap(blocks, m, confidence):
+    """(mean - m) / se(m) - t: zero at the score bound (se from the residuals at m)."""
+    b, total = len(blocks), sum(n for n, _ in blocks)
+    mean = sum(s for _, s in blocks) / total
+    se = math.sqrt(b / (b - 1) * sum((s - m * n) ** 2 for n, s in blocks) / total**2)
+    return abs(mean - m) / se - stats.t.ppf(confidence, b - 1)
+
+
 def test_bound_by_hand():
-    blocks = [(4, 4.0), (4, 3.0), (2, 1.0)]  # means 1.0, 0.75, 0.5; overall 8 / 10 = 0.8
-    resid = [4 - 0.8 * 4, 3 - 0.8 * 4, 1 - 0.8 * 2]
-    se = math.sqrt(3 / 2 * sum(r * r for r in resid) / 10**2)
-    t = stats.t.ppf(0.9, 2)
-    assert block_mean_bound(blocks, 0.9, upper=False) == pytest.approx(0.8 - t * se)
-    assert block_mean_bound(blocks, 0.9, upper=True) == pytest.approx(0.8 + t * se)
+    blocks = [(4, 4.0), (4, 3.0), (2, 1.0), (4, 3.0), (6, 5.0)]  # overall 16 / 20 = 0.8
+    lo = block_mean_bound(blocks, 0.9, upper=False)
+    hi = block_mean_bound(blocks, 0.9, upper=True)
+    assert lo < 0.8 < hi
+    assert _score_gap(blocks, lo, 0.9) == pytest.approx(0.0, abs=1e-9)
+    assert _score_gap(blocks, hi, 0.9) == pytest.approx(0.0, abs=1e-9)
+    # the score bound is where the test at m stops rejecting: a root finder agrees
+    assert lo == pytest.approx(optimize.brentq(lambda m: _score_gap(blocks, m, 0.9), 0.0, 0.8 - 1e-9))
+    # wider than the plain (Wald) bound here: the blocks' spread is larger measured at lo than at the mean
+    wald_se = math.sqrt(5 / 4 * sum((s - 0.8 * n) ** 2 for n, s in blocks) / 20**2)
+    assert lo < 0.8 - stats.t.ppf(0.9, 4) * wald_se
     # more confidence, a wider bound; blocks with the same mean: no spread, the mean itself
-    assert block_mean_bound(blocks, 0.99, upper=False) < block_mean_bound(blocks, 0.9, upper=False)
-    assert block_mean_bound([(5, 4.0), (10, 8.0)], 0.95, upper=False) == pytest.approx(0.8)
+    assert block_mean_bound(blocks, 0.99, upper=False) < lo
+    assert block_mean_bound([(5, 4.0), (10, 8.0)] * 4, 0.95, upper=False) == pytest.approx(0.8)
+    # too few blocks for the quantile (t^2 >= B - 1): nothing bounded
+    assert block_mean_bound([(5, 4.0), (10, 8.0)], 0.95, upper=False) == -math.inf
 
 
 def test_one_block_bounds_nothing_and_confidence_is_checked():
