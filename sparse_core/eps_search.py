@@ -20,7 +20,9 @@ that has probability at most steps x (alpha / steps) = alpha, whatever the depen
 (they share the held-out windows). Without monotonicity (e.g. a per-layer mix whose layers switch
 estimator as eps grows) the argument needs the prefix property and is an approximation.
 
-Pure functions, no model: `calibration._search_plan` runs them with its forwards as the check.
+Pure functions, no model: `calibration._search_plan` runs them with its forwards as the check, and
+`decode.calibration` runs `largest_passing` for the decode budget (judged on point estimates there,
+so no level to correct).
 """
 
 from __future__ import annotations

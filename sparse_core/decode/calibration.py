@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from sparse_core.decode.plan import DECODE_ESTIMATORS, DecodePlan
+from sparse_core.eps_search import largest_passing
 from sparse_core.plan import SparsePlan
 
 Progress = Callable[[str, int, int], None]
@@ -397,13 +398,7 @@ def calibrate_decode(
         return cache_res[i][0]
 
     t0 = time.perf_counter()
-    lo, hi = -1, len(vals) - 1
-    while lo < hi and len(search) < lim.max_joint_checks:
-        mid = (lo + hi + 1) // 2
-        if passes(mid):
-            lo = mid
-        else:
-            hi = mid - 1
+    lo = largest_passing(len(vals), passes, max_checks=lim.max_joint_checks)
     secs["search"] = time.perf_counter() - t0
     secs["total"] = time.perf_counter() - t_start
     if lo >= 0 and any(b is not None for b in cache_res[lo][2]):
