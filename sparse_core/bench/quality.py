@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -147,6 +147,8 @@ def run_quality_bench(
             "dense_layers": len(rep.dense_layers),
             "layer_estimators": _summary(rep.layer_estimators),
             "gate_seconds": _gate_seconds(rep),
+            # every eps the search tried: its fidelity (and bounds), density and pass/fail, in order
+            "search": [asdict(step) for step in rep.search],
         }
 
     by_length = []

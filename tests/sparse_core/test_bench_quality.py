@@ -45,6 +45,11 @@ def test_quality_bench_compares_every_estimator_at_one_budget(quality_tiny_dir, 
         assert 0 < r["measured_density"] <= 1 and r["speedup"] > 0 and r["n_positions"] > 0
         if r["met_budget"]:
             assert r["ratio_vs_best_training_free"] == best / r["density"]
+        # the search's record: the step the plan came from is the sparsest that passed
+        passed = [st for st in r["search"] if st["passed"]]
+        assert r["search"] and (not passed) == (not r["met_budget"])
+        if passed:
+            assert max(passed, key=lambda st: st["eps"])["fidelity"]["agree"] == r["calib_agree"]
     assert block["rows"][3]["gate_seconds"] > 0 and block["rows"][0]["gate_seconds"] is None
     (uc,) = out["usecases"]
     assert uc["usecase"] == "tiny-qa" and len(uc["rows"]) == len(SPECS)
