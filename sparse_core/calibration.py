@@ -220,7 +220,7 @@ class SearchStep:
     passed: bool
     seconds: float
     task_delta: float | None = None  # dense - sparse mean task score (measured when fidelity passed)
-    task_delta_upper: float | None = None  # its valid one-sided 95% upper bound (what is bounded)
+    task_delta_upper: float | None = None  # its valid one-sided upper bound at 1 - task.step_alpha
 
 
 @dataclass

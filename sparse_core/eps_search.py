@@ -20,6 +20,15 @@ that has probability at most steps x (alpha / steps) = alpha, whatever the depen
 (they share the held-out windows). Without monotonicity (e.g. a per-layer mix whose layers switch
 estimator as eps grows) the argument needs the prefix property and is an approximation.
 
+Two checks at one step (the fidelity check, then the task bound when fidelity passed): each bound's
+claim ("fidelity at `confidence`", "task drop at 95%") follows from the same argument when the other
+check, which then only steers the path, is independent of its data; calibration's held-out windows
+and its task rows come from disjoint parts of the split, so that holds approximately. Without it the
+argument still gives P(the returned plan misses any part of the budget) <= max of the two alphas.
+The candidates themselves come from sensitivities measured on the calibration windows, which may be
+packed from the same prompts as the task rows: the candidate set is fixed with respect to the
+held-out windows, not to the task rows.
+
 Pure functions, no model: `calibration._search_plan` runs them with its forwards as the check, and
 `decode.calibration` runs `largest_passing` for the decode budget (judged on point estimates there,
 so no level to correct).

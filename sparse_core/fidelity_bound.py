@@ -19,7 +19,9 @@ held-out text happened to go well: agreement's disagreements and KL's rare large
 so a sample with few of them has both a better mean and a smaller se. Judged at the search's
 per-step level (1 - 0.05 / 7), the Wald lower bound on agreement passed a plan of true agreement
 0.9799 against 0.98 in 1.0-1.3% of draws instead of 0.71%, the score bound in 0.52-0.65% (200,000
-draws of 32 blocks of 256 positions; at 95%: 0.051-0.054). That is an asymptotic bound (block means
+draws of 32 blocks of 256 positions, binomial counts around a block-level shift of up to +-0.01; at
+95% the score bound 0.051-0.054, the Wald bound 0.059-0.062; an independent review with shifts of
++-0.01 and +-0.02 found 0.44-0.60% and 0.045-0.050). That is an asymptotic bound (block means
 are near normal at 256 positions), not a guarantee for any distribution like `task_bound`'s betting
 bound; with few blocks the Student t quantile makes it wide, and with t^2 >= B - 1 it bounds nothing.
 The search tries several eps on the same windows: calibration judges each step at

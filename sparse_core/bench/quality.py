@@ -142,8 +142,11 @@ def run_quality_bench(
             "density": rep.density,
             "calib_kl": rep.fidelity["kl"],
             "calib_agree": rep.fidelity["agree"],
-            "calib_kl_upper": rep.fidelity.get("kl_upper"),  # with settings.confidence
+            # with settings.confidence: the search's bounds, at its per-step level (calib_step_confidence);
+            # the row's own kl_upper / agree_lower on the bench's held-out text are at settings.confidence
+            "calib_kl_upper": rep.fidelity.get("kl_upper"),
             "calib_agree_lower": rep.fidelity.get("agree_lower"),
+            "calib_step_confidence": rep.fidelity.get("step_confidence"),
             "dense_layers": len(rep.dense_layers),
             "layer_estimators": _summary(rep.layer_estimators),
             "gate_seconds": _gate_seconds(rep),
