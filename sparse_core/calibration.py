@@ -58,8 +58,15 @@ from sparse_core.capture import capture_attention
 from sparse_core.corpus import pack_token_windows, text_fingerprint
 from sparse_core.eps_search import largest_passing, search_steps, step_alpha
 from sparse_core.errors import SparsePilotError
-from sparse_core.fidelity import DenseReference, Fidelity, dense_reference, measure_fidelity
-from sparse_core.fidelity_bound import fidelity_bound
+from sparse_core.fidelity import (
+    BLOCK_POSITIONS,
+    DenseReference,
+    Fidelity,
+    block_count,
+    dense_reference,
+    measure_fidelity,
+)
+from sparse_core.fidelity_bound import fidelity_bound, min_blocks
 from sparse_core.plan import SparsePlan, model_shape
 from sparse_core.progress import Progress, counter
 from sparse_core.task_bound import ALPHA as TASK_ALPHA
@@ -554,6 +561,8 @@ def calibrate_many(
             f"texts too short to calibrate on: need at least {min_len} tokens in both the calibration "
             f"and held-out parts (got {len(calib_texts)} / {len(held_texts)} texts)"
         )
+    if lim.confidence is not None:  # before any training: even a one-step search needs this many blocks
+        check_margin_blocks([len(w) for w in held_w], lim, steps=1)
     fingerprint = text_fingerprint(texts)
 
     base = SparsePlan(
@@ -706,6 +715,8 @@ def _search_plan(
     steps = search_steps(len(cands), lim.max_joint_checks)
     step_confidence = None if lim.confidence is None else 1 - step_alpha(1 - lim.confidence, steps)
     task_alpha = step_alpha(TASK_ALPHA, steps)
+    if lim.confidence is not None:
+        check_margin_blocks([len(w) for w in ref.windows], lim, steps)
 
     def judged(fid: Fidelity) -> Fidelity:
         """What the budget is judged on: the point estimates, or their bounds at the step's level."""
@@ -831,6 +842,21 @@ def _search_plan(
     return plan, report
 
 
+def check_margin_blocks(window_lens: list[int], lim: CalibrationLimits, steps: int) -> None:
+    """A margin too few held-out blocks can give is infinite: every step would fail and the plan stay
+    dense. Raise BudgetError saying so, with what would do, instead of searching."""
+    level = 1 - step_alpha(1 - lim.confidence, steps)
+    need, have = min_blocks(level), block_count(window_lens, lim.fidelity_fraction)
+    if have < need:
+        raise BudgetError(
+            f"confidence {lim.confidence}: judged at {level:.4g} on each of the search's {steps} step(s), "
+            f"the bound needs at least {need} blocks of {BLOCK_POSITIONS} scored positions on the held-out "
+            f"windows; {len(window_lens)} window(s) of up to {max(window_lens)} tokens (the last "
+            f"{lim.fidelity_fraction:g} scored) give {have}. Use more or longer held-out windows "
+            "(max_texts, max_seq_len, holdout_fraction) or no confidence"
+        )
+
+
 def paired_drop(
     dense: Sequence[float], sparse: Sequence[float], bound: float | None = None, *, alpha: float = TASK_ALPHA
 ) -> tuple[float, float]:
@@ -866,6 +892,7 @@ __all__ = [
     "allocate_choice",
     "calibrate",
     "calibrate_many",
+    "check_margin_blocks",
     "paired_drop",
     "measure_sensitivities",
     "measure_sensitivity",

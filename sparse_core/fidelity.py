@@ -60,6 +60,16 @@ def _next_token_logprobs(logprobs: torch.Tensor, ids: Sequence[int], keep: int) 
     return logprobs[:-1].gather(1, targets[:, None])[:, 0]
 
 
+def scored_positions(window_len: int, fraction: float) -> int:
+    """How many of a window's last positions the fidelity metrics score (`keep`)."""
+    return max(2, int(math.ceil(window_len * fraction)))
+
+
+def block_count(window_lens: Sequence[int], fraction: float) -> int:
+    """How many blocks of `BLOCK_POSITIONS` scored positions windows of these lengths give."""
+    return sum(math.ceil(scored_positions(n, fraction) / BLOCK_POSITIONS) for n in window_lens)
+
+
 @torch.inference_mode()
 def dense_reference(
     model,
@@ -71,7 +81,7 @@ def dense_reference(
     """Dense log-probabilities on the scored positions of each window (run with the model dense)."""
     keeps, lps, tot, n = [], [], 0.0, 0
     for w in windows:
-        keep = max(2, int(math.ceil(len(w) * fraction)))
+        keep = scored_positions(len(w), fraction)
         lp = torch.log_softmax(_logits(model, w, keep), dim=-1)
         t = _next_token_logprobs(lp, w, keep)
         tot, n = tot - float(t.sum()), n + t.numel()

@@ -71,6 +71,14 @@ def block_mean_bound(blocks: Sequence[tuple[int, float]], confidence: float, *, 
     return max((h + root) / a, mean) if upper else min((h - root) / a, mean)
 
 
+def min_blocks(confidence: float) -> int:
+    """The fewest blocks for which `block_mean_bound` at `confidence` is finite (t^2 < B - 1)."""
+    b = 2
+    while _t_quantile(confidence, b - 1) ** 2 * b / (b - 1) >= b:  # a <= 0 for equal blocks
+        b += 1
+    return b
+
+
 def fidelity_bound(fid: Fidelity, confidence: float) -> Fidelity:
     """`fid` with kl and nll_delta at their upper bounds and agree at its lower bound (from
     `fid.blocks`), what a budget is judged on when it asks for `confidence`."""
@@ -83,4 +91,4 @@ def fidelity_bound(fid: Fidelity, confidence: float) -> Fidelity:
     return replace(fid, kl=max(kl, 0.0), agree=min(agree, 1.0), nll_delta=nll_delta)
 
 
-__all__ = ["block_mean_bound", "fidelity_bound"]
+__all__ = ["block_mean_bound", "fidelity_bound", "min_blocks"]

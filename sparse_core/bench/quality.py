@@ -99,16 +99,10 @@ def run_quality_bench(
     settings: QualityBenchSettings, *, progress: Callable[[str, int, int], None] | None = None
 ) -> dict:
     from sparse_core import load_model, sparse_stats, sparsify, unsparsify
-    from sparse_core.calibration import CalibrationLimits, calibrate_many, split_texts
+    from sparse_core.calibration import CalibrationLimits, calibrate_many, check_margin_blocks, split_texts
     from sparse_core.corpus import corpus_texts, pack_token_windows
     from sparse_core.fidelity import dense_reference, measure_fidelity
     from sparse_core.fidelity_bound import fidelity_bound
-
-    t_all = time.perf_counter()
-    load_before = loadavg()
-    model, tok = load_model(settings.model)
-    cal_texts = corpus_texts("calibration", seed=settings.seed)
-    held_texts = corpus_texts("heldout", seed=settings.seed)
 
     def limits(seq_len: int) -> CalibrationLimits:
         return CalibrationLimits(
@@ -120,6 +114,18 @@ def run_quality_bench(
             max_joint_checks=settings.max_joint_checks,
             confidence=settings.confidence,
         )
+
+    if settings.confidence is not None:  # a margin the held-out windows cannot give: say so before the hours
+        for seq_len in [*settings.lengths, *([settings.usecase_length] if settings.usecases else [])]:
+            lim = limits(seq_len)
+            n_held = max(1, round(lim.max_texts * lim.holdout_fraction))
+            check_margin_blocks([seq_len] * n_held, lim, steps=lim.max_joint_checks)
+
+    t_all = time.perf_counter()
+    load_before = loadavg()
+    model, tok = load_model(settings.model)
+    cal_texts = corpus_texts("calibration", seed=settings.seed)
+    held_texts = corpus_texts("heldout", seed=settings.seed)
 
     def calibrated(texts, seq_len: int, stage: str):
         t0 = time.perf_counter()

@@ -10,6 +10,7 @@ from sparse_core import sparsify, unsparsify
 from sparse_core.calibration import Budget, BudgetError, CalibrationLimits, calibrate, split_texts
 from sparse_core.corpus import pack_token_windows
 from sparse_core.fidelity import dense_reference, measure_fidelity
+from sparse_core.fidelity_bound import min_blocks
 
 LIMITS = CalibrationLimits(max_texts=4, max_seq_len=768, taus=(0.5, 0.7, 0.9), max_joint_checks=4)
 
@@ -127,3 +128,15 @@ def test_confidence_judges_the_budget_on_bounds(quality_tiny, quality_texts):
     assert plan.metadata["fidelity"]["agree_lower"] >= budget.agree
     with pytest.raises(ValueError, match="confidence"):
         CalibrationLimits(confidence=1.0)
+
+
+def test_a_margin_too_few_blocks_can_give_is_refused_before_any_work(quality_tiny, quality_texts):
+    """2 held-out windows of 512 tokens, the last half scored: 2 blocks of 256 positions, where a 95%
+    bound needs 6 (t^2 < B - 1): every step would fail, so calibration says why instead of searching."""
+    model, tok = quality_tiny
+    lim = CalibrationLimits(max_texts=8, max_seq_len=512, taus=(0.5,), max_joint_checks=2, confidence=0.95)
+    calls = []
+    with pytest.raises(BudgetError, match=r"at least 6 blocks of 256 .* give 2\. Use more or longer"):
+        calibrate(model, tok, quality_texts, "kl=1", seed=3, limits=lim, progress=lambda *a: calls.append(a))
+    assert calls == [], "it refused before any forward"
+    assert min_blocks(0.95) == 6 and min_blocks(1 - 0.05 / 7) == 11

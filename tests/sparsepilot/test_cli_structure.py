@@ -74,3 +74,8 @@ def test_a_confidence_outside_0_1_is_refused_before_any_work(sp_home, tmp_path) 
     assert res.exit_code == 2, res.output
     assert "--confidence: 1.5 is not in (0, 1)" in res.output
     assert not bench_out.exists()
+    # a margin the quick run's held-out windows cannot give (1 window of 2k at the 7-step level: 4 of the
+    # 11 blocks needed) is refused before the model loads
+    res = runner.invoke(app, ["bench", "quality", "--quick", "--confidence", "0.95", "--out", str(bench_out)])
+    assert res.exit_code == 2, res.output
+    assert "needs at least 11 blocks" in " ".join(res.output.split()) and not bench_out.exists()
