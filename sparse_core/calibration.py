@@ -203,6 +203,11 @@ class CalibrationLimits:
 
             self.decode = DecodeLimits(**self.decode)
 
+    @property
+    def heldout_windows(self) -> int:
+        """How many of the `max_texts` windows are held out (the rest calibrate), when the texts suffice."""
+        return max(1, round(self.max_texts * self.holdout_fraction))
+
     @classmethod
     def quick(cls, **kw) -> CalibrationLimits:
         """Cheap settings for the pilot's main job (a few minutes on SmolLM2 on 2 CPU cores)."""
@@ -549,7 +554,7 @@ def calibrate_many(
     secs: dict[str, float] = {}
     texts = [t for t in texts if isinstance(t, str) and t.strip()]
     calib_texts, held_texts = split_texts(texts, lim.holdout_fraction, seed)
-    n_held = max(1, round(lim.max_texts * lim.holdout_fraction))
+    n_held = lim.heldout_windows
     n_cal = max(1, lim.max_texts - n_held)
     min_len = 2 * lim.block_size
     cal_w = pack_token_windows(tokenizer, calib_texts, lim.max_seq_len, n_cal, seed=seed, min_length=min_len)

@@ -118,8 +118,7 @@ def run_quality_bench(
     if settings.confidence is not None:  # a margin the held-out windows cannot give: say so before the hours
         for seq_len in [*settings.lengths, *([settings.usecase_length] if settings.usecases else [])]:
             lim = limits(seq_len)
-            n_held = max(1, round(lim.max_texts * lim.holdout_fraction))
-            check_margin_blocks([seq_len] * n_held, lim, steps=lim.max_joint_checks)
+            check_margin_blocks([seq_len] * lim.heldout_windows, lim, steps=lim.max_joint_checks)
 
     t_all = time.perf_counter()
     load_before = loadavg()
