@@ -25,8 +25,9 @@ class Fidelity:
     nll_delta: float  # (nll_sparse - nll_dense) / nll_dense
     n_positions: int
     # per block of BLOCK_POSITIONS consecutive scored positions of one window: (positions, KL sum,
-    # agreements, next tokens, NLL(sparse) - NLL(dense) sum), what `fidelity_bound` needs; not in to_dict
-    blocks: list[tuple[int, float, float, int, float]] | None = field(default=None, repr=False)
+    # agreements, next tokens, NLL(sparse) - NLL(dense) sum, NLL(dense) sum), what `fidelity_bound`
+    # needs; not in to_dict
+    blocks: list[tuple[int, float, float, int, float, float]] | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -98,7 +99,7 @@ def measure_fidelity(
 ) -> Fidelity:
     """Run the model as it is now (sparse or not) on the reference windows and compare."""
     kl_sum, agree_sum, pos, nll_sum, nll_n = 0.0, 0.0, 0, 0.0, 0
-    blocks: list[tuple[int, float, float, int, float]] = []
+    blocks: list[tuple[int, float, float, int, float, float]] = []
     for w, keep, dlp in zip(ref.windows, ref.keep, ref.logprobs, strict=True):
         slp = torch.log_softmax(_logits(model, w, keep), dim=-1)
         kl = (dlp.exp() * (dlp - slp)).sum(-1).clamp_min(0)
@@ -108,8 +109,8 @@ def measure_fidelity(
         pos += keep
         s_t = _next_token_logprobs(slp, w, keep)
         nll_sum, nll_n = nll_sum - float(s_t.sum()), nll_n + s_t.numel()
-        nll_diff = (_next_token_logprobs(dlp, w, keep) - s_t).double()  # NLL(sparse) - NLL(dense)
-        blocks += _block_sums(kl, agree, nll_diff)
+        d_t = _next_token_logprobs(dlp, w, keep).double()
+        blocks += _block_sums(kl, agree, d_t - s_t.double(), -d_t)  # NLL(sparse) - NLL(dense), NLL(dense)
         if progress:
             progress(1)
     nll_sparse = nll_sum / max(nll_n, 1)
@@ -125,13 +126,20 @@ def measure_fidelity(
 
 
 def _block_sums(
-    kl: torch.Tensor, agree: torch.Tensor, nll_diff: torch.Tensor
-) -> list[tuple[int, float, float, int, float]]:
+    kl: torch.Tensor, agree: torch.Tensor, nll_diff: torch.Tensor, nll_dense: torch.Tensor
+) -> list[tuple[int, float, float, int, float, float]]:
     out = []
     for b0 in range(0, kl.numel(), BLOCK_POSITIONS):
         b1 = b0 + BLOCK_POSITIONS
         d = nll_diff[b0:b1]
         out.append(
-            (kl[b0:b1].numel(), float(kl[b0:b1].sum()), float(agree[b0:b1].sum()), d.numel(), float(d.sum()))
+            (
+                kl[b0:b1].numel(),
+                float(kl[b0:b1].sum()),
+                float(agree[b0:b1].sum()),
+                d.numel(),
+                float(d.sum()),
+                float(nll_dense[b0:b1].sum()),
+            )
         )
     return out

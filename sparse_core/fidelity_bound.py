@@ -21,7 +21,9 @@ per-step level (1 - 0.05 / 7), the Wald lower bound on agreement passed a plan o
 0.9799 against 0.98 in 1.0-1.3% of draws instead of 0.71%, the score bound in 0.52-0.65% (200,000
 draws of 32 blocks of 256 positions, binomial counts around a block-level shift of up to +-0.01; at
 95% the score bound 0.051-0.054, the Wald bound 0.059-0.062; an independent review with shifts of
-+-0.01 and +-0.02 found 0.44-0.60% and 0.045-0.050). That is an asymptotic bound (block means
++-0.01 and +-0.02 found 0.44-0.60% and 0.045-0.050). Delta NLL, a ratio of two sums over the same
+positions, gets the same bound with the blocks' dense NLL in place of their counts (Fieller's bound),
+so the dense NLL's own noise counts. That is an asymptotic bound (block means
 are near normal at 256 positions), not a guarantee for any distribution like `task_bound`'s betting
 bound; with few blocks the Student t quantile makes it wide, and with t^2 >= B - 1 it bounds nothing.
 The search tries several eps on the same windows: calibration judges each step at
@@ -45,14 +47,16 @@ def _t_quantile(confidence: float, dof: int) -> float:
     return float(stats.t.ppf(confidence, dof))
 
 
-def block_mean_bound(blocks: Sequence[tuple[int, float]], confidence: float, *, upper: bool) -> float:
-    """One-sided score bound on the per-position mean of (count, sum) blocks at `confidence`: the
-    upper bound if `upper`, else the lower. The bound m solves (sum S - m N)^2 = k * sum (S_b - m n_b)^2
-    with k = t^2 B / (B - 1), a quadratic in m; its root on the asked side of the mean. One block (or
-    none), or blocks too few for the quantile (the quadratic opens downwards), bound nothing: +-inf."""
+def block_mean_bound(blocks: Sequence[tuple[float, float]], confidence: float, *, upper: bool) -> float:
+    """One-sided score bound on the mean sum S / sum n of (n, S) blocks at `confidence`: the upper
+    bound if `upper`, else the lower. n is a block's count of positions for a per-position mean, or
+    any positive per-block quantity for a ratio of two sums (then it is Fieller's bound). The bound m
+    solves (sum S - m N)^2 = k * sum (S_b - m n_b)^2 with k = t^2 B / (B - 1), a quadratic in m; its
+    root on the asked side of the mean. One block (or none), or blocks too few for the quantile (the
+    quadratic opens downwards), bound nothing: +-inf."""
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    blocks = [(n, s) for n, s in blocks if n > 0]
+    blocks = [(n, s) for n, s in blocks if n > 0 or s != 0]  # drop empty blocks only
     unbounded = math.inf if upper else -math.inf
     if len(blocks) < 2:
         return unbounded
@@ -86,8 +90,14 @@ def fidelity_bound(fid: Fidelity, confidence: float) -> Fidelity:
         raise ValueError("fidelity_bound needs the per-block sums of measure_fidelity (fid.blocks)")
     kl = block_mean_bound([(b[0], b[1]) for b in fid.blocks], confidence, upper=True)
     agree = block_mean_bound([(b[0], b[2]) for b in fid.blocks], confidence, upper=False)
-    nll_diff = block_mean_bound([(b[3], b[4]) for b in fid.blocks], confidence, upper=True)
-    nll_delta = nll_diff / fid.nll_dense if fid.nll_dense > 0 else math.inf
+    # delta NLL is a ratio, sum (NLL sparse - NLL dense) / sum NLL dense, and its denominator is
+    # measured on the same text: the same score bound with the blocks' dense NLL as the weights
+    # (Fieller's bound on a ratio of means) carries both sums' noise and their correlation
+    nll_delta = (
+        block_mean_bound([(b[5], b[4]) for b in fid.blocks], confidence, upper=True)
+        if fid.nll_dense > 0
+        else math.inf
+    )
     return replace(fid, kl=max(kl, 0.0), agree=min(agree, 1.0), nll_delta=nll_delta)
 
 

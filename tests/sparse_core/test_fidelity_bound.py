@@ -12,7 +12,7 @@ from scipy import optimize, stats
 
 from sparse_core import sparsify, unsparsify
 from sparse_core.corpus import pack_token_windows
-from sparse_core.fidelity import BLOCK_POSITIONS, dense_reference, measure_fidelity
+from sparse_core.fidelity import BLOCK_POSITIONS, Fidelity, dense_reference, measure_fidelity
 from sparse_core.fidelity_bound import block_mean_bound, fidelity_bound
 from sparse_core.plan import SparsePlan
 
@@ -70,6 +70,28 @@ def test_coverage_on_correlated_positions():
     assert naive_cover / trials < 0.85
 
 
+def test_delta_nll_bound_covers_the_ratio():
+    """delta NLL = sum(NLL sparse - NLL dense) / sum(NLL dense), both sums from the same text. A plan
+    whose penalty per token does not scale with a passage's difficulty: an upper bound on the mean
+    difference divided by the measured dense NLL (the bound until the ninth session) misses the true
+    ratio whenever the text happens to be hard; the ratio's own score (Fieller) bound holds ~95%."""
+    rng = np.random.default_rng(1)
+    n_blocks, per_block, trials, true_ratio = 32, 256, 4000, 0.01
+    ratio_cover = plug_in_cover = 0
+    for _ in range(trials):
+        nll_per_token = 3.0 * rng.uniform(0.4, 1.6, n_blocks)  # passages of unequal difficulty, mean 3
+        dense = rng.gamma(per_block * 4, nll_per_token / 4)  # a block's dense NLL sum
+        diff = rng.normal(per_block * 3.0 * true_ratio, math.sqrt(per_block) * 0.05, n_blocks)
+        fid = Fidelity(0.0, 1.0, float(dense.sum() / (n_blocks * per_block)), 0.0, 0.0, 0)
+        fid.blocks = [(per_block, 0.0, per_block, per_block, d, e) for d, e in zip(diff, dense, strict=True)]
+        ratio_cover += fidelity_bound(fid, 0.95).nll_delta >= true_ratio
+        plug_in = block_mean_bound([(per_block, d) for d in diff], 0.95, upper=True) / fid.nll_dense
+        plug_in_cover += plug_in >= true_ratio
+    # 4000 trials: the binomial sd of a 95% coverage is 0.0034
+    assert 0.935 <= ratio_cover / trials <= 0.965
+    assert plug_in_cover / trials < 0.8  # measured 0.69
+
+
 def test_block_sums_match_the_point_estimates(quality_tiny, quality_texts):
     model, tok = quality_tiny
     windows = pack_token_windows(tok, quality_texts, 1024, 2, seed=5)
@@ -87,6 +109,9 @@ def test_block_sums_match_the_point_estimates(quality_tiny, quality_texts):
     assert sum(b[2] for b in fid.blocks) / n == pytest.approx(fid.agree)
     diff = sum(b[4] for b in fid.blocks) / sum(b[3] for b in fid.blocks)
     assert diff / fid.nll_dense == pytest.approx(fid.nll_delta, rel=1e-4, abs=1e-7)
+    dense = sum(b[5] for b in fid.blocks)
+    assert dense / sum(b[3] for b in fid.blocks) == pytest.approx(fid.nll_dense, rel=1e-5)
+    assert sum(b[4] for b in fid.blocks) / dense == pytest.approx(fid.nll_delta, rel=1e-4, abs=1e-7)
     bound = fidelity_bound(fid, 0.95)
     assert bound.kl >= fid.kl and bound.agree <= fid.agree and bound.nll_delta >= fid.nll_delta
     assert bound.n_positions == fid.n_positions
