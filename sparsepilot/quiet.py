@@ -43,7 +43,8 @@ def to_log_file(home: Path, command: str) -> Path:
     os.environ.setdefault("TQDM_DISABLE", "1")
     logs = home / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    path = logs / f"{command}-{dt.datetime.now(dt.UTC).strftime('%Y%m%dT%H%M%SZ')}.log"
+    # the process id keeps two commands started in the same second (two benches side by side) apart
+    path = logs / f"{command}-{dt.datetime.now(dt.UTC).strftime('%Y%m%dT%H%M%SZ')}-{os.getpid()}.log"
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter(FORMAT))
     handler.setLevel(logging.INFO)

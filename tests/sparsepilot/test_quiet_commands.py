@@ -58,3 +58,18 @@ def test_a_librarys_own_tqdm_bar_stays_off_the_console(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "de-quantizing" not in proc.stdout + proc.stderr, proc.stderr
+
+
+def test_two_processes_in_the_same_second_get_two_log_files(tmp_path: Path) -> None:
+    """Two benches started side by side used to write one log file (its name had the second only)."""
+    code = (
+        "from pathlib import Path\n"
+        "from sparsepilot.quiet import to_log_file\n"
+        f"print(to_log_file(Path({str(tmp_path)!r}), 'bench-quality'))\n"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(2)
+    ]
+    paths = {Path(p.communicate(timeout=300)[0].strip()) for p in procs}
+    assert all(p.returncode == 0 for p in procs)
+    assert len(paths) == 2 and all(p.exists() and p.name.startswith("bench-quality-") for p in paths)
