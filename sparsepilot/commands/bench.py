@@ -3,7 +3,8 @@ Speed targets live here, never as timed assertions in tests."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -192,23 +193,17 @@ def bench_quality(
     )
     kw["usecases"] = tuple(_usecase_data(u) for u in uc_names)
     settings = QualityBenchSettings.quick(**kw) if quick else QualityBenchSettings(**kw)
-    import time
-
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    log_path = path.with_suffix(".log")  # progress survives a transient bar and --json
-    with Progress(transient=True) as bar, log_path.open("a", encoding="utf-8") as log:
+    with Progress(transient=True) as bar, _progress_log(out) as log:
         tasks: dict[str, int] = {}
 
         def progress(stage: str, done: int, total: int) -> None:
             if stage not in tasks:
                 tasks[stage] = bar.add_task(stage, total=total)
             bar.update(tasks[stage], completed=done)
-            log.write(f"{time.strftime('%H:%M:%S')} {stage} {done}/{total}\n")
-            log.flush()
+            log(f"{stage} {done}/{total}")
 
         result = run_quality_bench(settings, progress=progress)
-    plot(result, path.with_suffix(".png"))
+    plot(result, Path(out).with_suffix(".png"))
     if _saved_and_emitted(result, out, json_out):
         return
     cols = [
@@ -293,6 +288,7 @@ def bench_attention(
     result = _with_spinner(
         "attention benchmark",
         bench.run,
+        out,
         quick=quick,
         kernels=ks,
         dtypes=ds,
@@ -340,7 +336,7 @@ def bench_prefill(
 
     try:
         result = _with_spinner(
-            "prefill benchmark", bench.run, model_ref=model, quick=quick, taus=tau_list, kernels=ks
+            "prefill benchmark", bench.run, out, model_ref=model, quick=quick, taus=tau_list, kernels=ks
         )
     except ModelRefError as exc:
         fail(str(exc))
@@ -446,6 +442,7 @@ def bench_decode(
         result = _with_spinner(
             "decode benchmark",
             bench.run,
+            out,
             quick=quick,
             model_ref=model,
             page_size=page_size,
@@ -478,13 +475,39 @@ def bench_decode(
         emit_json(result)
 
 
-def _with_spinner(label: str, run: Callable[..., dict], **kwargs: Any) -> dict:
-    """``run(**kwargs, progress=...)`` under a transient spinner that shows its latest progress message."""
+@contextmanager
+def _progress_log(out: str) -> Iterator[Callable[[str], None]]:
+    """A writer of timestamped progress lines to the .log next to the JSON: the console's bar is
+    transient and shows nothing when the output is piped, the log keeps every step of a long run."""
+    import time
+
+    path = Path(out).with_suffix(".log")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as log:
+
+        def write(msg: str) -> None:
+            log.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
+            log.flush()
+
+        yield write
+
+
+def _with_spinner(label: str, run: Callable[..., dict], out: str, **kwargs: Any) -> dict:
+    """``run(**kwargs, progress=...)`` under a transient spinner that shows its latest progress message,
+    each message also a line of the progress log next to `out`."""
     from rich.progress import Progress
 
-    with Progress(transient=True) as bar:
+    with Progress(transient=True) as bar, _progress_log(out) as log:
         task = bar.add_task(label, total=None)
-        return run(**kwargs, progress=lambda msg: bar.update(task, description=msg))
+        log(f"{label}: started")
+
+        def progress(msg: str) -> None:
+            bar.update(task, description=msg)
+            log(msg)
+
+        result = run(**kwargs, progress=progress)
+        log(f"{label}: done")
+        return result
 
 
 def _wide_console() -> None:

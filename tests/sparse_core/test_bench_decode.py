@@ -31,6 +31,11 @@ def test_bench_decode_on_a_tiny_model(tiny_llama_dir, tmp_path):
     )
     assert sparse["density"] < 0.2 and sparse["seq_len"] == 2048 - 4 and 0 <= sparse["agree"] <= 1
     assert result["environment"]["threads"] == 1 and (tmp_path / "decode.png").is_file()
+    # the console's spinner is transient: every progress message is a timestamped line of the log
+    log = (tmp_path / "decode.log").read_text().splitlines()
+    assert log[0].endswith("decode benchmark: started") and log[-1].endswith("decode benchmark: done")
+    assert any("16384 cached tokens: sparse at ~10%" in line for line in log)
+    assert any("2044 tokens, quest p16 budget 128, paged cache" in line for line in log), log
 
 
 @pytest.mark.parametrize(
