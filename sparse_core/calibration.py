@@ -9,7 +9,8 @@ Search, built to stay cheap on 30 layers:
 3. Sensitivity, measured once: one dense forward per calibration window with a capture on every
    layer; the layer's dense block-mass map and, for each tau candidate, its selection are computed
    from the captured q/k (no extra forwards), giving per layer x selection head x tau the kept
-   density and the dense attention mass the selection drops.
+   density and the dense attention mass the selection drops (`limits.drop_measure="output"`: the
+   relative error of the attention output itself, from one more per-block P.V product per layer).
 4. Allocation by one global error level eps: every (layer, head) takes the sparsest tau whose
    dropped mass is <= eps (else it stays dense; a layer whose heads all stay dense is listed in dense_layers).
    A larger eps means a sparser plan.
@@ -71,6 +72,9 @@ from sparse_core.plan import SparsePlan, model_shape
 from sparse_core.progress import Progress, counter
 from sparse_core.task_bound import ALPHA as TASK_ALPHA
 from sparse_core.task_bound import drop_upper_bound, rows_to_certify
+
+# what the allocation's error level bounds (`measure_sensitivities`)
+DROP_MEASURES = ("mass", "output")
 
 
 class BudgetError(SparsePilotError, ValueError):
@@ -182,6 +186,9 @@ class CalibrationLimits:
     gate_max_seconds: float | None = None
     gate_checkpoint_dir: str | None = None
     gate_target: str | None = None  # gate_v2 distillation target: maxpool (default) or mass
+    # what the allocation's eps bounds per head: "mass" (dense attention mass dropped, default) or
+    # "output" (relative attention output error; `measure_sensitivities`)
+    drop_measure: str = "mass"
     # task bound (budget.task_delta): rows of the calibration split scored per search step
     max_task_rows: int = 8
     max_new_tokens: int = 16
@@ -195,6 +202,8 @@ class CalibrationLimits:
             raise ValueError("holdout_fraction must be in (0, 1)")
         if not self.taus or any(not 0 < t < 1 for t in self.taus):
             raise ValueError("taus must be a non-empty list of values in (0, 1)")
+        if self.drop_measure not in DROP_MEASURES:
+            raise ValueError(f"drop_measure must be one of {DROP_MEASURES}, got {self.drop_measure!r}")
         if self.confidence is not None and not 0 < self.confidence < 1:
             raise ValueError(f"confidence must be in (0, 1) or None, got {self.confidence}")
         self.taus = tuple(sorted(set(float(t) for t in self.taus)))
@@ -287,7 +296,7 @@ def split_texts(texts: Sequence[str], holdout_fraction: float, seed: int) -> tup
 @dataclass
 class Sensitivity:
     taus: tuple[float, ...]
-    err: torch.Tensor  # [L, T, H] mean dense attention mass dropped, per selection head
+    err: torch.Tensor  # [L, T, H] mean error per selection head: mass dropped or relative output error
     density: torch.Tensor  # [L, T, H] fraction of causal blocks kept
     heads: int  # selection heads per layer
     group: int  # query heads per selection head
@@ -308,14 +317,22 @@ def measure_sensitivities(
     taus: Sequence[float],
     estimators: Sequence[str],
     progress=None,
+    *,
+    measure: str = "mass",
 ) -> dict[str, Sensitivity]:
-    """Per estimator x layer x tau x selection head: the dense attention mass each tau's selection drops (mean
-    over query blocks and the head's query heads) and the density it keeps, from one dense forward
-    per window. The dropped mass m bounds what sparse attention changes (the output moves by at most
-    2m times the largest value norm), and it needs one dense block-mass map per layer instead of
-    one sparse kernel run per tau: ~len(taus)x cheaper than measuring the outputs. Every estimator
-    is measured on the same forwards and the same dense map."""
-    from sparse_core.capture import block_attention_mass
+    """Per estimator x layer x tau x selection head: the error each tau's selection causes (mean over
+    query blocks and the head's query heads) and the density it keeps, from one dense forward per
+    window. Every estimator is measured on the same forwards and the same dense map.
+
+    `measure="mass"`: the dense attention mass dropped. It bounds what sparse attention changes (the
+    output moves by at most 2m times the largest value norm) and needs one block-mass map per layer.
+    `measure="output"`: the attention output's error itself, |o' - o| relative to the head's RMS
+    output (`capture.selection_drop`, exact): a block whose values are close to the output costs
+    little to drop even when it holds mass. One per-block P.V product per layer more."""
+    from sparse_core.capture import block_attention_mass, selection_drop
+
+    if measure not in DROP_MEASURES:
+        raise ValueError(f"measure must be one of {DROP_MEASURES}, got {measure!r}")
     from sparse_core.estimators import EstimatorContext, get_estimator
     from sparse_core.selection import group_scores, select_blocks
 
@@ -336,11 +353,12 @@ def measure_sensitivities(
         q, k = call.query[:1], call.key[:1]
         s = q.shape[2]
         params = base.layer_params(li)
-        mass = block_attention_mass(q, k, base.block_size, call.scaling)  # [1, Hq, nb, nb]
-        nb = mass.shape[-1]
+        mass = None if measure == "output" else block_attention_mass(q, k, base.block_size, call.scaling)
+        nb = math.ceil(s / base.block_size)
         ctx = EstimatorContext(
             block_size=base.block_size, layer_idx=li, plan=base, scale=call.scaling, module=call.module
         )
+        keeps: list[tuple[str, int, torch.Tensor]] = []
         for name in names:
             scores = get_estimator(name)(q, k, ctx)
             if heads != hq:
@@ -357,9 +375,18 @@ def measure_sensitivities(
                     min_density=params.min_density,
                 )
                 keep = sel.mask().repeat_interleave(group, dim=1)  # [1, Hq, nb, nb]
-                dropped = (1.0 - (mass * keep).sum(-1)).clamp_min(0.0)  # [1, Hq, nb]
-                err[name][li, ti] += dropped.view(heads, group * nb).mean(-1).double().cpu()
+                if mass is None:
+                    keeps.append((name, ti, keep[0]))
+                else:
+                    dropped = (1.0 - (mass * keep).sum(-1)).clamp_min(0.0)  # [1, Hq, nb]
+                    err[name][li, ti] += dropped.view(heads, group * nb).mean(-1).double().cpu()
                 dens[name][li, ti] += sel.head_density.double()[:heads]
+        if keeps:
+            _, out_err = selection_drop(
+                q, k, call.value[:1], base.block_size, [m for *_, m in keeps], call.scaling
+            )
+            for (name, ti, _), e in zip(keeps, out_err, strict=True):
+                err[name][li, ti] += e.reshape(heads, group * nb).mean(-1).double().cpu()
         count[li] += 1
 
     dev = next(model.parameters()).device
@@ -612,7 +639,9 @@ def calibrate_many(
         dense_task = task_scores(model, tokenizer, task_rows, task, lim)
         secs["dense_task"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    sens_all = measure_sensitivities(model, cal_w, base, lim.taus, candidates, progress)
+    sens_all = measure_sensitivities(
+        model, cal_w, base, lim.taus, candidates, progress, measure=lim.drop_measure
+    )
     secs["sensitivity"] = time.perf_counter() - t0
     shared = dict(
         model=model,
@@ -816,6 +845,7 @@ def _search_plan(
             "calibration": {
                 "taus": list(lim.taus),
                 "per_head": lim.per_head,
+                "drop_measure": lim.drop_measure,
                 "eps": eps,
             },
             "fidelity": fidelity_dict(fid),

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -178,3 +178,67 @@ def _block_attention_map(
             per_block = rows.amax(3)
         out[:, :, qb0:qb1, :qb1] = per_block
     return out
+
+
+@torch.no_grad()
+def selection_drop(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    block_size: int,
+    keeps: Sequence[torch.Tensor],
+    scaling: float | None = None,
+    *,
+    chunk_blocks: int = 8,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What each block selection changes in one layer's causal attention, from one pass over the
+    dense map: (dropped mass, relative output error), each [K, Hq, nb] (batch 1; K = len(keeps)).
+
+    `keeps[m]` is a [Hq, nb, nb] boolean block mask (True = computed). Per query row r the sparse
+    kernel's output is the softmax over the kept keys only, o'_r = sum_kept p_rk v_k / m_r with m_r the
+    kept dense mass; entry (m, h, i) is the mean over the rows of query block i of 1 - m_r (the mass
+    dropped) and of |o'_r - o_r|, divided by the head's root-mean-square |o_r| over the whole sequence
+    (the output error, exact: no bound, the same numbers as running the kernel). Cost: one dense
+    map plus a per-block P.V product per layer, then O(S * nb * D) per mask."""
+    _, hq, s, d = query.shape
+    q = query[0].float()
+    k = repeat_kv(key[:1], hq // key.shape[1])[0].float()
+    v = repeat_kv(value[:1], hq // value.shape[1])[0].float()
+    scale = softmax_scale(scaling, d)
+    nb = math.ceil(s / block_size)
+    pad = nb * block_size - s
+    if pad:
+        k = torch.nn.functional.pad(k, (0, 0, 0, pad))
+        v = torch.nn.functional.pad(v, (0, 0, 0, pad))
+    vb = v.view(hq, nb, block_size, v.shape[-1])
+    K = len(keeps)
+    masks = torch.stack([m.to(torch.bool) for m in keeps]).float() if K else torch.zeros(0, hq, nb, nb)
+    dropped = torch.zeros(K, hq, nb)
+    err = torch.zeros(K, hq, nb)
+    out_sq = torch.zeros(hq)
+    pos = torch.arange(nb * block_size, device=query.device)
+    for qb0 in range(0, nb, chunk_blocks):
+        qb1 = min(nb, qb0 + chunk_blocks)
+        r0, r1 = qb0 * block_size, min(s, qb1 * block_size)
+        n_k = qb1 * block_size
+        scores = torch.matmul(q[:, r0:r1], k[:, :n_k].transpose(-1, -2)) * scale  # [H, R, n_k]
+        allowed = (pos[r0:r1, None] >= pos[None, :n_k]) & (pos[None, :n_k] < s)
+        scores.masked_fill_(~allowed, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).view(hq, r1 - r0, qb1, block_size)
+        tile_mass = probs.sum(-1)  # [H, R, qb1]
+        # per (row, key block): sum over the block's keys of p_rk v_k
+        tile_out = torch.matmul(probs.transpose(1, 2), vb[:, :qb1]).transpose(1, 2)  # [H, R, qb1, D]
+        full = tile_out.sum(2)  # [H, R, D]: the dense output
+        out_sq += full.pow(2).sum(-1).sum(-1)
+        row_block = torch.div(torch.arange(r0, r1), block_size, rounding_mode="floor")
+        counts = torch.bincount(row_block - qb0, minlength=qb1 - qb0).float()
+        for m in range(K):
+            keep = masks[m][:, row_block, :qb1]  # [H, R, qb1]
+            kept = (tile_mass * keep).sum(-1)  # [H, R]
+            sparse = torch.matmul(keep.unsqueeze(-2), tile_out).squeeze(-2) / kept.clamp_min(1e-30)[..., None]
+            e = (sparse - full).norm(dim=-1)  # [H, R]
+            for val, acc in (((1.0 - kept).clamp_min(0.0), dropped), (e, err)):
+                sums = torch.zeros(hq, qb1 - qb0).index_add_(1, row_block - qb0, val)
+                acc[m, :, qb0:qb1] = sums / counts
+    rms = (out_sq / s).sqrt().clamp_min(1e-30)
+    return dropped, err / rms[None, :, None]

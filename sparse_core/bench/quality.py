@@ -58,6 +58,7 @@ class QualityBenchSettings:
     confidence: float | None = None  # CalibrationLimits.confidence: judge the budget on bounds
     gate_steps: int = 200
     gate_target: str | None = None  # gate_v2: maxpool (default) or mass
+    drop_measure: str = "mass"  # CalibrationLimits.drop_measure: what the allocation's eps bounds
     heldout_tokens: int = 4096  # the bench's own held-out text per length (>= 1 window)
     speed: bool = True
     usecases: tuple[UseCaseData, ...] = field(default_factory=tuple)
@@ -110,6 +111,7 @@ def run_quality_bench(
             max_seq_len=seq_len,
             gate_steps=settings.gate_steps,
             gate_target=settings.gate_target,
+            drop_measure=settings.drop_measure,
             max_task_rows=settings.max_task_rows,
             max_joint_checks=settings.max_joint_checks,
             confidence=settings.confidence,

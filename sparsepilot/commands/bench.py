@@ -143,6 +143,12 @@ def bench_quality(
         "KL's upper bound, by blocks of positions) instead of the held-out means (0 = the means).",
     ),
     gate_target: str = typer.Option("", "--gate-target", help="gate_v2 distillation target: maxpool | mass."),
+    drop_measure: str = typer.Option(
+        "mass",
+        "--drop-measure",
+        help="What the allocation's error level bounds per head: mass (dense attention mass dropped) | "
+        "output (relative attention output error).",
+    ),
     no_speed: bool = typer.Option(False, "--no-speed", help="Skip the prefill timing per plan."),
     out: JsonOut = "bench-results/quality.json",
     json_out: Annotated[bool, _json_flag("Print the JSON instead of tables.")] = False,
@@ -155,6 +161,7 @@ def bench_quality(
 
     from sparse_core import PlanError
     from sparse_core.bench.quality import QualityBenchSettings, default_specs, plot, run_quality_bench
+    from sparse_core.calibration import DROP_MEASURES
     from sparse_core.estimators import parse_estimator_spec
     from sparsepilot.console import fail, print_table
 
@@ -166,7 +173,11 @@ def bench_quality(
         fail(f"--estimators: {exc}")
     if gate_target not in ("", "maxpool", "mass"):
         fail(f"--gate-target: {gate_target!r}; choose maxpool or mass")
-    kw: dict = dict(model=model, budget=budget, estimators=names, speed=not no_speed)
+    if drop_measure not in DROP_MEASURES:
+        fail(f"--drop-measure: {drop_measure!r}; choose {' or '.join(DROP_MEASURES)}")
+    kw: dict = dict(
+        model=model, budget=budget, estimators=names, speed=not no_speed, drop_measure=drop_measure
+    )
     try:
         if lengths:  # 'none': only the use cases
             parts = [] if lengths == "none" else lengths.split(",")

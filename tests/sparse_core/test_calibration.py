@@ -140,3 +140,59 @@ def test_a_margin_too_few_blocks_can_give_is_refused_before_any_work(quality_tin
         calibrate(model, tok, quality_texts, "kl=1", seed=3, limits=lim, progress=lambda *a: calls.append(a))
     assert calls == [], "it refused before any forward"
     assert min_blocks(0.95) == 6 and min_blocks(1 - 0.05 / 7) == 11
+
+
+def test_output_measure_is_the_sparse_kernels_own_error(quality_tiny, quality_texts):
+    """`measure="output"`: layer 0's sensitivity at a tau equals the relative error of the attention
+    output the sparsified model computes there (layer 0 sees the same input in both forwards)."""
+    import math
+
+    import torch
+
+    from sparse_core.calibration import measure_sensitivities
+    from sparse_core.capture import capture_attention
+    from sparse_core.plan import SparsePlan
+
+    model, tok = quality_tiny
+    window = pack_token_windows(tok, quality_texts, 640, 1, seed=1, min_length=640)[0]
+    taus = (0.5, 0.9)
+    base = SparsePlan(estimator="pooled", block_size=64, group_heads=True)
+    sens = measure_sensitivities(model, [window], base, taus, ("pooled",), measure="output")["pooled"]
+    mass = measure_sensitivities(model, [window], base, taus, ("pooled",))["pooled"]
+    assert sens.err.shape == mass.err.shape and bool((sens.err[:, 0] >= sens.err[:, 1]).all())
+
+    def layer0_output():
+        got = {}
+
+        def on_layer(call):
+            got["out"] = call.output[0].float().clone()  # [S, Hq, D]
+
+        with torch.no_grad(), capture_attention(model, on_layer, layers={0}):
+            model(input_ids=torch.tensor([window]))
+        return got["out"]
+
+    dense = layer0_output()
+    rms = dense.pow(2).sum(-1).mean(0).sqrt()  # [Hq]
+    nb = math.ceil(len(window) / 64)
+    rows = torch.arange(len(window)) // 64
+    for ti, tau in enumerate(taus):
+        sparsify(model, base.with_(tau=tau))
+        try:
+            sparse = layer0_output()
+        finally:
+            unsparsify(model)
+        e = (sparse - dense).norm(dim=-1) / rms  # [S, Hq]
+        per_block = torch.stack([e[rows == i].mean(0) for i in range(nb)])  # [nb, Hq]
+        want = per_block.mean(0).view(sens.heads, sens.group).mean(-1)
+        torch.testing.assert_close(sens.err[0, ti], want, atol=2e-4, rtol=2e-3)
+
+
+def test_calibration_by_output_error_meets_the_budget_and_says_so(quality_tiny, quality_texts):
+    model, tok = quality_tiny
+    budget = Budget(kl=0.002, agree=0.99, nll_delta=0.01)
+    lim = CalibrationLimits(**{**LIMITS.__dict__, "drop_measure": "output"})
+    plan, report = calibrate(model, tok, quality_texts, budget, estimator="pooled", seed=3, limits=lim)
+    assert report.met_budget and report.density < 1.0, report.search
+    assert plan.metadata["calibration"]["drop_measure"] == "output"
+    with pytest.raises(ValueError, match="drop_measure"):
+        CalibrationLimits(drop_measure="entropy")
