@@ -185,7 +185,7 @@ class CalibrationLimits:
     gate_lr: float = 3e-3
     gate_max_seconds: float | None = None
     gate_checkpoint_dir: str | None = None
-    gate_target: str | None = None  # gate_v2 distillation target: maxpool (default) or mass
+    gate_target: str | None = None  # gate_v2 distillation target: maxpool (default), mass, output
     # what the allocation's eps bounds per head: "mass" (dense attention mass dropped, default) or
     # "output" (relative attention output error; `measure_sensitivities`)
     drop_measure: str = "mass"

@@ -135,6 +135,27 @@ def block_attention_maxpool(
     return peak / peak.sum(-1, keepdim=True).clamp_min(1e-30)
 
 
+@torch.no_grad()
+def block_attention_contribution(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    block_size: int,
+    scaling: float | None = None,
+    **options: Any,
+) -> torch.Tensor:
+    """What each key block contributes to the attention output's error when dropped: per (query
+    block i, key block j) the mean over the queries r of block i of sum over the keys k of block j of
+    p_rk |v_k - o_r|, with o_r the dense output; rows normalised to sum to 1. [B, Hq, nb, nb].
+
+    Dropping a set D of key blocks moves o_r by exactly |sum_{k in D} p_rk (v_k - o_r)| / (1 - m_D)
+    (m_D the dropped mass; `selection_drop`), so this map bounds the first-order output error per
+    block, where the block mass counts probability alone: a block whose values sit near the output
+    costs little to drop even when it holds mass. `options`: `chunk_blocks`, `key_valid`."""
+    part = _block_attention_map(query, key, block_size, scaling, "contribution", value=value, **options)
+    return part / part.sum(-1, keepdim=True).clamp_min(1e-30)
+
+
 def _block_attention_map(
     query,
     key,
@@ -142,12 +163,17 @@ def _block_attention_map(
     scaling,
     reduce: str,
     *,
+    value: torch.Tensor | None = None,
     chunk_blocks: int = 8,
     key_valid: torch.Tensor | None = None,
 ):
     b, hq, s, d = query.shape
     k = repeat_kv(key, hq // key.shape[1]).float()
     q = query.float()
+    if reduce == "contribution":
+        v = repeat_kv(value, hq // value.shape[1]).float()
+        v = v - v.mean(2, keepdim=True)  # |v_k - o_r| is shift-invariant; centring avoids cancellation
+        v_sq = v.pow(2).sum(-1)  # [B, H, S]
     scale = softmax_scale(scaling, d)
     nb = math.ceil(s / block_size)
     out = torch.zeros(b, hq, nb, nb, dtype=torch.float32, device=query.device)
@@ -161,21 +187,25 @@ def _block_attention_map(
             allowed = allowed & key_valid[:, None, None, :r1].bool()
         scores.masked_fill_(~allowed, float("-inf"))
         probs = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)  # [B, H, rows, r1]
+        if reduce == "contribution":  # weight each probability by |v_k - o_r|
+            o = torch.matmul(probs, v[:, :, :r1])  # [B, H, rows, D]
+            dist = v_sq[:, :, None, :r1] - 2 * torch.matmul(o, v[:, :, :r1].transpose(-1, -2))
+            probs = probs * (dist + o.pow(2).sum(-1, keepdim=True)).clamp_min(0.0).sqrt()
         kpad = qb1 * block_size - r1
         if kpad:
             probs = torch.nn.functional.pad(probs, (0, kpad))
         tiles = probs.view(b, hq, r1 - r0, qb1, block_size)
-        kb = tiles.sum(-1) if reduce == "mass" else tiles.amax(-1)  # [B, H, rows, qb1]
+        kb = tiles.amax(-1) if reduce == "max" else tiles.sum(-1)  # [B, H, rows, qb1]
         rpad = (qb1 - qb0) * block_size - (r1 - r0)
         counts = torch.full((qb1 - qb0,), float(block_size), device=query.device)
         if rpad:
             kb = torch.nn.functional.pad(kb, (0, 0, 0, rpad))
             counts[-1] = block_size - rpad
         rows = kb.view(b, hq, qb1 - qb0, block_size, qb1)
-        if reduce == "mass":
-            per_block = rows.sum(3) / counts[None, None, :, None]
-        else:
+        if reduce == "max":
             per_block = rows.amax(3)
+        else:
+            per_block = rows.sum(3) / counts[None, None, :, None]
         out[:, :, qb0:qb1, :qb1] = per_block
     return out
 

@@ -4,9 +4,10 @@ Two phases, both resumable from `checkpoint_dir`:
 
 1. capture: one dense forward per calibration sequence; for every layer the attention function's
    post-rotary q/k are pooled into gate features and the target is computed (the dense block mass,
-   or for `gate_v2` by default the 2D max-pooled attention map), then q/k are dropped. Only pooled
-   tensors are kept (~0.5 MB per layer per 4k sequence), one safetensors file per sequence, so an
-   interrupted capture restarts at the first missing sequence.
+   or for `gate_v2` by default the 2D max-pooled attention map, or with `target="output"` each
+   block's contribution to the output error, `capture.block_attention_contribution`), then q/k/v
+   are dropped. Only pooled tensors are kept (~0.5 MB per layer per 4k sequence), one safetensors
+   file per sequence, so an interrupted capture restarts at the first missing sequence.
 2. train: Adam on the gate parameters only (the base model is frozen and never in the graph),
    loss = KL(target || gate) averaged over heads and query blocks >= 1 (block 0 has one choice).
    A checkpoint (gate + optimiser + step + losses) is written every `checkpoint_every` steps.
@@ -23,8 +24,14 @@ from pathlib import Path
 
 import torch
 
-from sparse_core.capture import block_attention_mass, block_attention_maxpool, capture_attention
+from sparse_core.capture import (
+    block_attention_contribution,
+    block_attention_mass,
+    block_attention_maxpool,
+    capture_attention,
+)
 from sparse_core.estimators.learned_gate import BlockGate, GateShape, pool_features
+from sparse_core.estimators.learned_gate_v2 import TARGETS as GATE_V2_TARGETS
 
 KINDS = ("gate", "gate_v2")
 
@@ -42,15 +49,18 @@ class GateTrainConfig:
     eval_every: int = 20  # held-out loss evaluation interval (early stopping)
     max_seconds: float | None = None  # wall-clock cap for the training phase (capture always completes)
     kind: str = "gate"  # "gate" (post-rotary pooling) or "gate_v2" (pre-rotary pooling + block RoPE)
-    target: str | None = None  # "mass" | "maxpool"; default: mass for gate, maxpool for gate_v2
+    target: str | None = (
+        None  # "mass" | "maxpool" | "output" (gate_v2); default: mass for gate, maxpool for gate_v2
+    )
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"gate kind must be one of {KINDS}, got {self.kind!r}")
         if self.target is None:
             self.target = "mass" if self.kind == "gate" else "maxpool"
-        if self.target not in ("mass", "maxpool"):
-            raise ValueError(f"gate target must be 'mass' or 'maxpool', got {self.target!r}")
+        allowed = ("mass", "maxpool") if self.kind == "gate" else GATE_V2_TARGETS
+        if self.target not in allowed:
+            raise ValueError(f"{self.kind} target must be one of {allowed}, got {self.target!r}")
 
 
 @dataclass
@@ -80,10 +90,10 @@ def capture_features(
     model, input_ids: Sequence[int], block_size: int, *, kind: str = "gate", target: str = "mass"
 ) -> Features:
     """One dense forward; per layer (qbar [Hq,nb,D], kpool [Hkv,nb,3D], target [Hq,nb,nb]): the
-    features of the gate `kind` and the dense `target` map (block mass or max-pooled)."""
+    features of the gate `kind` and the dense `target` map (`target_map`: block mass, max-pooled,
+    or each block's contribution to the output error)."""
     n_layers = int(model.config.num_hidden_layers)
     feats: list = [None] * n_layers
-    target_fn = block_attention_mass if target == "mass" else block_attention_maxpool
     if kind == "gate_v2":
         from sparse_core.estimators import learned_gate_v2 as gate_v2
 
@@ -95,7 +105,7 @@ def capture_features(
             qbar, kpool, _ = gate_v2.pool_features(q, k, block_size, inv_freq.to(q.device), rope_scaling)
         else:
             qbar, kpool = pool_features(q, k, block_size)
-        t = target_fn(q, k, block_size, call.scaling)
+        t = target_map(target, call, block_size)
         feats[call.layer_idx] = (qbar[0].cpu(), kpool[0].cpu(), t[0].cpu())
 
     dev = next(model.parameters()).device
@@ -104,6 +114,15 @@ def capture_features(
     if any(f is None for f in feats):
         raise RuntimeError("capture missed some layers (is the model using a custom attention path?)")
     return feats
+
+
+def target_map(target: str, call, block_size: int) -> torch.Tensor:
+    """The dense distillation target of one captured layer call, [1, Hq, nb, nb]."""
+    q, k = call.query[:1], call.key[:1]
+    if target == "output":
+        return block_attention_contribution(q, k, call.value[:1], block_size, call.scaling)
+    fn = block_attention_mass if target == "mass" else block_attention_maxpool
+    return fn(q, k, block_size, call.scaling)
 
 
 def distill_loss(gate, layer: int, qbar, kpool, target, seq_len: int) -> torch.Tensor:

@@ -57,7 +57,7 @@ class QualityBenchSettings:
     max_joint_checks: int = 7  # eps search steps per estimator (each: one forward per held-out window)
     confidence: float | None = None  # CalibrationLimits.confidence: judge the budget on bounds
     gate_steps: int = 200
-    gate_target: str | None = None  # gate_v2: maxpool (default) or mass
+    gate_target: str | None = None  # gate_v2: maxpool (default), mass or output
     drop_measure: str = "mass"  # CalibrationLimits.drop_measure: what the allocation's eps bounds
     heldout_tokens: int = 4096  # the bench's own held-out text per length (>= 1 window)
     speed: bool = True

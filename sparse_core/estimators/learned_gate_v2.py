@@ -41,7 +41,7 @@ from sparse_core.plan import PlanError
 TENSOR_PREFIX = "gate_v2"
 ROPE_INV_FREQ = f"{TENSOR_PREFIX}.rope.inv_freq"
 ROPE_SCALING = f"{TENSOR_PREFIX}.rope.attention_scaling"
-TARGETS = ("maxpool", "mass")
+TARGETS = ("maxpool", "mass", "output")
 
 
 # -- rotary helpers (pure) ------------------------------------------------------------------------
@@ -165,7 +165,7 @@ class LayerGateV2(nn.Module):
         self.wq = nn.Parameter(wq)
         self.wk = nn.Parameter(wk)
         self.log_temp = nn.Parameter(torch.zeros(shape.num_heads))
-        self.prior = nn.Parameter(torch.full((shape.num_heads,), 1.0 if target == "mass" else 0.0))
+        self.prior = nn.Parameter(torch.full((shape.num_heads,), 0.0 if target == "maxpool" else 1.0))
 
     def log_probs(
         self,

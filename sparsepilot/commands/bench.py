@@ -142,7 +142,9 @@ def bench_quality(
         help="Judge the budget on one-sided bounds at this confidence (e.g. 0.95: agreement's lower, "
         "KL's upper bound, by blocks of positions) instead of the held-out means (0 = the means).",
     ),
-    gate_target: str = typer.Option("", "--gate-target", help="gate_v2 distillation target: maxpool | mass."),
+    gate_target: str = typer.Option(
+        "", "--gate-target", help="gate_v2 distillation target: maxpool | mass | output."
+    ),
     drop_measure: str = typer.Option(
         "mass",
         "--drop-measure",
@@ -163,6 +165,7 @@ def bench_quality(
     from sparse_core.bench.quality import QualityBenchSettings, default_specs, plot, run_quality_bench
     from sparse_core.calibration import DROP_MEASURES
     from sparse_core.estimators import parse_estimator_spec
+    from sparse_core.estimators.learned_gate_v2 import TARGETS as GATE_V2_TARGETS
     from sparsepilot.console import fail, print_table
 
     names = tuple(e.strip() for e in estimators.split(",") if e.strip()) or default_specs()
@@ -171,8 +174,8 @@ def bench_quality(
             parse_estimator_spec(spec)
     except PlanError as exc:
         fail(f"--estimators: {exc}")
-    if gate_target not in ("", "maxpool", "mass"):
-        fail(f"--gate-target: {gate_target!r}; choose maxpool or mass")
+    if gate_target and gate_target not in GATE_V2_TARGETS:
+        fail(f"--gate-target: {gate_target!r}; choose {', '.join(GATE_V2_TARGETS)}")
     if drop_measure not in DROP_MEASURES:
         fail(f"--drop-measure: {drop_measure!r}; choose {' or '.join(DROP_MEASURES)}")
     kw: dict = dict(

@@ -11,7 +11,12 @@ import pytest
 import torch
 
 from sparse_core import SparsePlan, plan_io, sparsify, unsparsify
-from sparse_core.capture import block_attention_mass, block_attention_maxpool, capture_attention
+from sparse_core.capture import (
+    block_attention_contribution,
+    block_attention_mass,
+    block_attention_maxpool,
+    capture_attention,
+)
 from sparse_core.corpus import corpus_texts, pack_token_windows
 from sparse_core.estimators import EstimatorContext, available_estimators, get_estimator
 from sparse_core.estimators.learned_gate import BlockGate, GateShape
@@ -109,6 +114,28 @@ def test_maxpool_target_matches_brute_force():
     assert torch.allclose(mass.sum(-1), torch.ones(1, 2, 4), atol=1e-5)
 
 
+def test_output_contribution_target_matches_brute_force():
+    """Per (query block, key block): mean over the block's queries of sum_k p_rk |v_k - o_r|, rows
+    normalised; GQA values repeated per query head."""
+    torch.manual_seed(4)
+    q, k, v = torch.randn(1, 2, 100, 8), torch.randn(1, 1, 100, 8), torch.randn(1, 1, 100, 8)
+    scores = (q @ k.expand(1, 2, 100, 8).transpose(-1, -2)) / math.sqrt(8)
+    causal = torch.ones(100, 100, dtype=torch.bool).tril()
+    probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), -1)  # [1, 2, 100, 100]
+    out = probs @ v.expand(1, 2, 100, 8)
+    dist = (v.expand(1, 2, 100, 8)[:, :, None, :, :] - out[:, :, :, None, :]).norm(dim=-1)
+    part = torch.nn.functional.pad(probs * dist, (0, 28))  # 100 -> 4 key blocks of 32
+    tiles = part.view(1, 2, 100, 4, 32).sum(-1)  # [1, 2, rows, key blocks]
+    rows = torch.arange(100) // 32
+    want = torch.stack([tiles[:, :, rows == i].mean(2) for i in range(4)], 2)
+    want = want / want.sum(-1, keepdim=True)
+    got = block_attention_contribution(q, k, v, 32, chunk_blocks=3)
+    assert torch.allclose(got, want, atol=1e-5)
+    # values all equal: nothing to lose by dropping, every block contributes 0 (normalised rows of 0)
+    flat = block_attention_contribution(q, k, torch.ones(1, 1, 100, 8), 32)
+    assert float(flat.abs().max()) < 1e-3
+
+
 def test_rotate_matches_transformers_and_unrotate_inverts_it():
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
@@ -172,6 +199,16 @@ def test_block_rope_scores_do_not_move_when_the_sequence_shifts_by_whole_blocks(
 def windows(quality_tiny):
     _, tok = quality_tiny
     return pack_token_windows(tok, corpus_texts("calibration"), 512, 3)
+
+
+def test_gate_v2_distils_the_output_contribution_target(quality_tiny, windows):
+    model, _ = quality_tiny
+    cfg = GateTrainConfig(kind="gate_v2", target="output", steps=40, seed=0)
+    gate, rep = train_gate(model, windows[:2], cfg)
+    assert 0 < rep.final_loss < 0.9 * rep.initial_loss
+    assert all(torch.isfinite(t).all() for t in gate.to_tensors().values()), "training diverged"
+    with pytest.raises(ValueError, match="target"):
+        GateTrainConfig(kind="gate", target="output")  # the v1 gate distils mass or maxpool only
 
 
 def test_gate_v2_distils_and_round_trips_through_a_plan(quality_tiny, windows, tmp_path):
