@@ -194,6 +194,13 @@ def calibrate_cmd(
             help="judge the budget on one-sided bounds at this confidence (e.g. 0.95), not the means",
         ),
     ] = None,
+    drop_measure: Annotated[
+        str | None,
+        typer.Option(
+            "--drop-measure",
+            help="what the allocation bounds per head: mass (default) | output (attention output error)",
+        ),
+    ] = None,
     quick: Annotated[bool, typer.Option("--quick", help="cheap settings (few short windows)")] = False,
     dataset: Annotated[
         Path | None, typer.Option("--dataset", help="JSONL prompt/reference rows for the task bound")
@@ -235,11 +242,12 @@ def calibrate_cmd(
         gate_checkpoint_dir=str(checkpoint_dir) if checkpoint_dir is not None else None,
         max_seconds=max_seconds,
         confidence=confidence,
+        drop_measure=drop_measure,
     )
     try:
         limits = CalibrationLimits.quick(**kw) if quick else CalibrationLimits(**kw)
     except ValueError as exc:
-        fail(str(exc))
+        fail(f"--drop-measure: {exc}" if "drop_measure" in str(exc) else str(exc))
     rows: list = []
     if dataset is not None:
         from sparse_core.tasks import TASKS, DatasetError, read_dataset

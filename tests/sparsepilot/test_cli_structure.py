@@ -79,3 +79,20 @@ def test_a_confidence_outside_0_1_is_refused_before_any_work(sp_home, tmp_path) 
     res = runner.invoke(app, ["bench", "quality", "--quick", "--confidence", "0.95", "--out", str(bench_out)])
     assert res.exit_code == 2, res.output
     assert "needs at least 11 blocks" in " ".join(res.output.split()) and not bench_out.exists()
+
+
+def test_an_unknown_drop_measure_or_gate_target_is_refused_before_any_work(sp_home, tmp_path) -> None:  # noqa: ANN001
+    """calibrate --drop-measure / bench quality --drop-measure and --gate-target: an unknown name is a
+    one-line error naming the option and the choices, exit 2, nothing written."""
+    runner = CliRunner()
+    out = tmp_path / "plan"
+    args = ["calibrate", "--model", "smollm2-135m", "--texts", "stdlib", "--out", str(out)]
+    res = runner.invoke(app, [*args, "--drop-measure", "entropy"])
+    assert res.exit_code == 2, res.output
+    assert "--drop-measure" in res.output and "'mass', 'output'" in res.output and not out.exists()
+    bench_out = tmp_path / "quality.json"
+    for option, choices in (("--drop-measure", "mass or output"), ("--gate-target", "maxpool, mass, output")):
+        res = runner.invoke(app, ["bench", "quality", "--quick", option, "entropy", "--out", str(bench_out)])
+        assert res.exit_code == 2, res.output
+        assert f"{option}: 'entropy'" in res.output and choices in res.output, res.output
+        assert not bench_out.exists()
