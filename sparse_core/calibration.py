@@ -330,11 +330,11 @@ def measure_sensitivities(
     output (`capture.selection_drop`, exact): a block whose values are close to the output costs
     little to drop even when it holds mass. One per-block P.V product per layer more."""
     from sparse_core.capture import block_attention_mass, selection_drop
+    from sparse_core.estimators import EstimatorContext, get_estimator
+    from sparse_core.selection import group_scores, select_blocks
 
     if measure not in DROP_MEASURES:
         raise ValueError(f"measure must be one of {DROP_MEASURES}, got {measure!r}")
-    from sparse_core.estimators import EstimatorContext, get_estimator
-    from sparse_core.selection import group_scores, select_blocks
 
     cfg = model.config
     n_layers = int(cfg.num_hidden_layers)

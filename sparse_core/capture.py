@@ -241,12 +241,12 @@ def selection_drop(
         k = torch.nn.functional.pad(k, (0, 0, 0, pad))
         v = torch.nn.functional.pad(v, (0, 0, 0, pad))
     vb = v.view(hq, nb, block_size, v.shape[-1])
-    K = len(keeps)
-    masks = torch.stack([m.to(torch.bool) for m in keeps]).float() if K else torch.zeros(0, hq, nb, nb)
-    dropped = torch.zeros(K, hq, nb)
-    err = torch.zeros(K, hq, nb)
-    out_sq = torch.zeros(hq)
-    pos = torch.arange(nb * block_size, device=query.device)
+    dev, K = query.device, len(keeps)
+    masks = torch.stack([m.to(dev, torch.bool) for m in keeps]).float() if K else torch.zeros(0, hq, nb, nb)
+    dropped = torch.zeros(K, hq, nb, device=dev)
+    err = torch.zeros(K, hq, nb, device=dev)
+    out_sq = torch.zeros(hq, device=dev)
+    pos = torch.arange(nb * block_size, device=dev)
     for qb0 in range(0, nb, chunk_blocks):
         qb1 = min(nb, qb0 + chunk_blocks)
         r0, r1 = qb0 * block_size, min(s, qb1 * block_size)
@@ -260,7 +260,7 @@ def selection_drop(
         tile_out = torch.matmul(probs.transpose(1, 2), vb[:, :qb1]).transpose(1, 2)  # [H, R, qb1, D]
         full = tile_out.sum(2)  # [H, R, D]: the dense output
         out_sq += full.pow(2).sum(-1).sum(-1)
-        row_block = torch.div(torch.arange(r0, r1), block_size, rounding_mode="floor")
+        row_block = torch.div(torch.arange(r0, r1, device=dev), block_size, rounding_mode="floor")
         counts = torch.bincount(row_block - qb0, minlength=qb1 - qb0).float()
         for m in range(K):
             keep = masks[m][:, row_block, :qb1]  # [H, R, qb1]
@@ -268,7 +268,7 @@ def selection_drop(
             sparse = torch.matmul(keep.unsqueeze(-2), tile_out).squeeze(-2) / kept.clamp_min(1e-30)[..., None]
             e = (sparse - full).norm(dim=-1)  # [H, R]
             for val, acc in (((1.0 - kept).clamp_min(0.0), dropped), (e, err)):
-                sums = torch.zeros(hq, qb1 - qb0).index_add_(1, row_block - qb0, val)
+                sums = torch.zeros(hq, qb1 - qb0, device=dev).index_add_(1, row_block - qb0, val)
                 acc[m, :, qb0:qb1] = sums / counts
     rms = (out_sq / s).sqrt().clamp_min(1e-30)
     return dropped, err / rms[None, :, None]

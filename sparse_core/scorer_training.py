@@ -49,9 +49,8 @@ class GateTrainConfig:
     eval_every: int = 20  # held-out loss evaluation interval (early stopping)
     max_seconds: float | None = None  # wall-clock cap for the training phase (capture always completes)
     kind: str = "gate"  # "gate" (post-rotary pooling) or "gate_v2" (pre-rotary pooling + block RoPE)
-    target: str | None = (
-        None  # "mass" | "maxpool" | "output" (gate_v2); default: mass for gate, maxpool for gate_v2
-    )
+    # "mass" | "maxpool" | "output" (gate_v2 only); default: mass for gate, maxpool for gate_v2
+    target: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
