@@ -49,6 +49,8 @@ def limits_for(ctx: UseCaseContext, quick: bool, overrides: dict[str, Any] | Non
         "max_seq_len": c.max_seq_len,
         "holdout_fraction": c.holdout_fraction,
     }
+    if c.drop_measure != "mass":  # the default stays out of the settings, so earlier runs' keys hold
+        lim["drop_measure"] = c.drop_measure
     if quick:
         lim.update(
             {

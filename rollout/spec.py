@@ -110,6 +110,9 @@ class CalibrationSettings(_Strict):
     max_seq_len: PositiveInt = 2048
     holdout_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.25
     seed: Annotated[int, Field(ge=0, lt=2**32)] = 0
+    # what the allocation's eps bounds per head (sparse_core CalibrationLimits.drop_measure): the dense
+    # attention mass a selection drops, or the relative attention-output error it causes
+    drop_measure: Literal["mass", "output"] = "mass"
 
 
 class DecodeCalibration(_Strict):
@@ -327,9 +330,14 @@ class UseCaseSpec(_Strict):
         return self.model_copy(update={"model": os.path.realpath(Path(spec_dir) / p)})
 
     def to_dict(self) -> dict[str, Any]:
+        """The spec as JSON data. Fields added after specs were first stored are left out while they
+        hold their default, so an existing spec keeps its content hash (and its spec version)."""
         d = self.model_dump(mode="json", exclude_none=False)
-        if self.pilot == PilotSpec():  # the default (in-process arms) leaves existing specs' hashes unchanged
+        if self.pilot == PilotSpec():  # in-process arms
             del d["pilot"]
+        calibration = d["quality_budget"]["calibration"]
+        if calibration["drop_measure"] == "mass":
+            del calibration["drop_measure"]
         return d
 
     def content_hash(self, extra: str = "") -> str:

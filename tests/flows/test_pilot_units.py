@@ -1,5 +1,6 @@
 """Pure pieces of the pilot: deterministic arm assignment at the step's traffic %, the pilot's traffic
-order (independent of the assignment hash), and the CLI's two forms of calibrate/evaluate."""
+order (independent of the assignment hash), the CLI's two forms of calibrate/evaluate, and the
+calibrate flow's limits from the spec."""
 
 from __future__ import annotations
 
@@ -95,3 +96,27 @@ def test_waits_for_quotes_the_gates_projection_in_the_steps_unit() -> None:
     ) == ("more samples (92, inconclusive)")
     assert waits_for({**split, "decision": "GO", "awaiting": "approval"}) == "approval to promote"
     assert waits_for({**split, "decision": "GO"}) == "next gate look"  # the projection belongs to EXTEND
+
+
+def test_calibrate_flow_takes_the_specs_drop_measure_and_keeps_old_run_keys() -> None:
+    from pathlib import Path
+
+    from flows.calibrate import limits_for
+    from flows.common import UseCaseContext
+    from rollout.spec import parse_spec
+    from sparse_core.calibration import CalibrationLimits
+    from tests.rollout.usecase_helpers import example_spec
+
+    def limits(drop_measure: str | None, quick: bool) -> dict:
+        data = example_spec("docs-qa")
+        if drop_measure is not None:
+            data["quality_budget"].setdefault("calibration", {})["drop_measure"] = drop_measure
+        spec = parse_spec(data)
+        ctx = UseCaseContext("docs-qa", 1, spec, 1, spec.content_hash(), Path("x.jsonl"), [])
+        return limits_for(ctx, quick, None)
+
+    for quick in (False, True):
+        # the default stays out of the settings (the run's idempotency key) and means "mass"
+        assert "drop_measure" not in limits(None, quick) and limits("mass", quick) == limits(None, quick)
+        assert CalibrationLimits(**limits(None, quick)).drop_measure == "mass"
+        assert CalibrationLimits(**limits("output", quick)).drop_measure == "output"

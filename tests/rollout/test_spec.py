@@ -188,3 +188,25 @@ def test_task_delta_is_optional_and_positive() -> None:
     spec["quality_budget"]["task_delta"] = 0.02
     spec["quality_budget"]["estimator"] = "gate_v2+pooled"
     assert parse_spec(spec).quality_budget.estimator == "gate_v2+pooled"
+
+
+def test_drop_measure_is_a_calibration_setting_that_keeps_old_hashes() -> None:
+    data = example_spec("docs-qa")
+    default = parse_spec(data)
+    assert default.quality_budget.calibration.drop_measure == "mass"
+    # the default is left out of the stored dict: specs stored before the field keep their hash
+    assert "drop_measure" not in default.to_dict()["quality_budget"]["calibration"]
+    explicit = parse_spec(
+        _mutated(lambda d: d["quality_budget"].setdefault("calibration", {}).update(drop_measure="mass"))
+    )
+    assert explicit.content_hash() == default.content_hash()
+    output = parse_spec(
+        _mutated(lambda d: d["quality_budget"].setdefault("calibration", {}).update(drop_measure="output"))
+    )
+    assert output.content_hash() != default.content_hash()
+    assert output.to_dict()["quality_budget"]["calibration"]["drop_measure"] == "output"
+    assert UseCaseSpec.model_validate(output.to_dict()) == output
+    problems = _problems(
+        _mutated(lambda d: d["quality_budget"].setdefault("calibration", {}).update(drop_measure="entropy"))
+    )
+    assert len(problems) == 1 and "quality_budget.calibration.drop_measure" in problems[0]
