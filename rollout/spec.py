@@ -330,14 +330,15 @@ class UseCaseSpec(_Strict):
         return self.model_copy(update={"model": os.path.realpath(Path(spec_dir) / p)})
 
     def to_dict(self) -> dict[str, Any]:
-        """The spec as JSON data. Fields added after specs were first stored are left out while they
-        hold their default, so an existing spec keeps its content hash (and its spec version)."""
+        """The spec as JSON data. Fields added after specs were first stored (`_ADDED_LATER`) are left
+        out while they hold their default, so an existing spec keeps its content hash (and version)."""
         d = self.model_dump(mode="json", exclude_none=False)
-        if self.pilot == PilotSpec():  # in-process arms
-            del d["pilot"]
-        calibration = d["quality_budget"]["calibration"]
-        if calibration["drop_measure"] == "mass":
-            del calibration["drop_measure"]
+        for (*parents, name), default in _ADDED_LATER.items():
+            holder = d
+            for key in parents:
+                holder = holder[key]
+            if holder[name] == default:
+                del holder[name]
         return d
 
     def content_hash(self, extra: str = "") -> str:
@@ -345,6 +346,13 @@ class UseCaseSpec(_Strict):
         ``extra`` (the dataset's own sha256 when stored, so a changed dataset is a changed use case)."""
         canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256((canonical + "\n" + extra).encode()).hexdigest()
+
+
+# Fields added after specs were first stored, by path, with the JSON form of their default.
+_ADDED_LATER: dict[tuple[str, ...], Any] = {
+    ("pilot",): PilotSpec().model_dump(mode="json"),  # in-process arms
+    ("quality_budget", "calibration", "drop_measure"): "mass",
+}
 
 
 def validate_cron(expr: str) -> str:
