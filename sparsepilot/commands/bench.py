@@ -21,6 +21,11 @@ JsonOut = Annotated[str, typer.Option("--out", help="Where to write the JSON.")]
 JsonPngOut = Annotated[str, typer.Option("--out", help="JSON path; the PNG goes next to it.")]
 
 
+def _untrained() -> list[str]:
+    """Estimators that score without a plan's weights (training-free, and the exact ceiling)."""
+    return available_estimators(("training-free", "exact-ceiling"))
+
+
 def _quick(help: str) -> Any:
     return typer.Option("--quick", help=help)
 
@@ -283,6 +288,11 @@ def bench_attention(
     dtypes: str = typer.Option("fp32,bf16", "--dtypes", help="Comma-separated: fp32, bf16."),
     block_size: int = typer.Option(64, "--block-size", help="Block size (power of two)."),
     repeats: int = typer.Option(2, "--repeats", help="Timed runs per point after a warm-up (best kept)."),
+    estimator: str = typer.Option(
+        "pooled",
+        "--estimator",
+        help=f"The scorer timed with each kernel: {', '.join(_untrained())} (learned ones need a plan).",
+    ),
     out: JsonPngOut = "bench-results/attention.json",
     json_out: Annotated[bool, _json_flag("Print the JSON after the table.")] = False,
 ) -> None:
@@ -299,6 +309,8 @@ def bench_attention(
         fail(f"--dtypes: {dtypes!r}; choose from {', '.join(bench.DTYPES)}")
     if block_size < 16 or block_size & (block_size - 1):
         fail(f"--block-size must be a power of two >= 16, got {block_size}")
+    if estimator not in _untrained():
+        fail(f"--estimator: {estimator!r}; choose from {', '.join(_untrained())}")
     result = _with_spinner(
         "attention benchmark",
         bench.run,
@@ -308,11 +320,12 @@ def bench_attention(
         dtypes=ds,
         block_size=block_size,
         repeats=repeats,
+        estimator=estimator,
     )
     path, png = _write_with_plot(result, out, bench.plot)
     env = result["environment"]
     print_table(
-        f"Attention layer (9 q / 3 kv heads, d=64), pooled estimator included; "
+        f"Attention layer (9 q / 3 kv heads, d=64), {estimator} estimator included; "
         f"load {env['loadavg_before']} -> "
         f"{env['loadavg_after']} on {env['cpu_count']} CPUs; JSON: {path}, plot: {png}",
         result["rows"],

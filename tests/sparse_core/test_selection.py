@@ -13,6 +13,7 @@ from sparse_core.estimators import (
     available_estimators,
     get_estimator,
     register_estimator,
+    unregister_estimator,
 )
 from sparse_core.selection import select_blocks
 
@@ -95,6 +96,34 @@ def test_estimator_contract(name, hq, hkv, s):
     assert torch.allclose(out[1, :, 3:].sum(-1), torch.ones(hq, n - 3), atol=1e-4)
 
 
+def _antidiagonal_by_definition(q, k, block_size, stride, key_valid):
+    """XAttention's score written out: the logit of strided query row i and key column j is the sum
+    over the antidiagonal of their stride x stride tile, softmax over the causal valid columns, then
+    each block's probabilities summed (divided by the rows per block)."""
+    b, hq, s, d = q.shape
+    g = hq // k.shape[1]
+    m = s // stride
+    k = k.repeat_interleave(g, dim=1)
+    tile = torch.einsum("bhisd,bhjtd->bhijst", q.view(b, hq, m, stride, d), k.view(b, hq, m, stride, d))
+    logits = tile.flip(-2).diagonal(dim1=-2, dim2=-1).sum(-1) / (stride * math.sqrt(d))
+    ok = torch.ones(m, m, dtype=torch.bool).tril().view(1, 1, m, m)
+    ok = ok & key_valid.view(b, m, stride).any(-1).view(b, 1, 1, m)
+    probs = torch.softmax(logits.masked_fill(~ok, float("-inf")), -1).nan_to_num(0.0)
+    per, n = block_size // stride, s // block_size
+    return probs.view(b, hq, n, per, n, per).sum(dim=(3, 5)) / per
+
+
+@pytest.mark.parametrize("s", [256, 2048])  # one row chunk; eight causal chunks
+def test_antidiagonal_matches_its_definition(s):
+    torch.manual_seed(2)
+    q, k = torch.randn(2, 6, s, 16), torch.randn(2, 2, s, 16)
+    valid = torch.ones(2, s, dtype=torch.bool)
+    valid[1, :100] = False
+    out = get_estimator("antidiagonal")(q, k, EstimatorContext(block_size=64, key_valid=valid))
+    want = _antidiagonal_by_definition(q, k, 64, 16, valid)
+    assert torch.allclose(out, want, atol=1e-5)
+
+
 def test_antidiagonal_finds_a_planted_block():
     torch.manual_seed(1)
     s, d = 512, 32
@@ -119,14 +148,17 @@ def test_registry_by_name_and_custom_estimator():
         return out
 
     register_estimator("test_block0", diagonal_only, overwrite=True)
-    q = torch.randn(1, 2, 512, 16)
-    k = torch.randn(1, 2, 512, 16)
-    _, info = sparse_attention(
-        q, k, k, SparsePlan(estimator="test_block0", tau=0.5, local_blocks=1), keep_selection=True
-    )
-    n = 8
-    assert info.density == pytest.approx((1 + 2 * (n - 1)) / (n * (n + 1) / 2))
-    assert info.estimator_seconds >= 0
-    assert info.selection.mask()[0, 0].sum().item() == 1 + 2 * (n - 1)
-    with pytest.raises(ValueError, match="already registered"):
-        register_estimator("test_block0", lambda q, k, c: q)
+    try:
+        q = torch.randn(1, 2, 512, 16)
+        k = torch.randn(1, 2, 512, 16)
+        _, info = sparse_attention(
+            q, k, k, SparsePlan(estimator="test_block0", tau=0.5, local_blocks=1), keep_selection=True
+        )
+        n = 8
+        assert info.density == pytest.approx((1 + 2 * (n - 1)) / (n * (n + 1) / 2))
+        assert info.estimator_seconds >= 0
+        assert info.selection.mask()[0, 0].sum().item() == 1 + 2 * (n - 1)
+        with pytest.raises(ValueError, match="already registered"):
+            register_estimator("test_block0", lambda q, k, c: q)
+    finally:  # the registry is process-wide: later tests list the built-ins only
+        unregister_estimator("test_block0")
