@@ -137,6 +137,14 @@ def record(
     return entry
 
 
+def record_new(session: Session, row: Any, actor: str, action: str, details: dict[str, Any]) -> AuditEntry:
+    """A new row and its entry in one step: the row is added and flushed (so it has its id), then
+    recorded with `on=row`."""
+    session.add(row)
+    session.flush()
+    return record(session, actor, action, on=row, details=details)
+
+
 def record_change(
     session: Session, actor: str, action: str, *, on: Any, before: str, after: str, reason: str
 ) -> AuditEntry:

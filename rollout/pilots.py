@@ -198,14 +198,12 @@ def start_pilot(
         spec_version=use_case.current_spec_version,  # pinned: see load_pilot_spec
         steps=[_step_row(first)],
     )
-    session.add(pilot)
-    session.flush()
-    audit.record(
+    audit.record_new(
         session,
+        pilot,
         actor,
         "pilot.start",
-        on=pilot,
-        details={
+        {
             "model_version_id": model_version.id,
             "spec_version": use_case.current_spec_version,
             "steps": [s.__dict__ for s in plan_steps(spec)],
@@ -542,14 +540,12 @@ def record_decision(
         explanation=explanation,
         data_fingerprint=data_fingerprint,
     )
-    session.add(d)
-    session.flush()
-    audit.record(
+    audit.record_new(
         session,
+        d,
         actor,
         f"decision.{kind}",
-        on=d,
-        details={
+        {
             "outcome": outcome,
             "awaiting": awaiting,
             "step": step.index if step else None,

@@ -312,14 +312,12 @@ def _version_row(
                 mlflow_model_name=name,
                 density=density,
             )
-            session.add(row)
-            session.flush()
-            audit.record(
+            audit.record_new(
                 session,
+                row,
                 who,
                 "model_version.created",
-                on=row,
-                details={"plan_hash": h, "base_model_ref": base_model_ref},
+                {"plan_hash": h, "base_model_ref": base_model_ref},
             )
         return row.id, False
 
@@ -464,14 +462,12 @@ def _move(
                     reason=text,
                     status="pending",
                 )
-                session.add(move)
-                session.flush()
-                audit.record(
+                audit.record_new(
                     session,
+                    move,
                     who.name,
                     f"alias.{action}.requested",
-                    on=move,
-                    details={
+                    {
                         "alias": alias,
                         "from": from_version,
                         "to": to_version,
