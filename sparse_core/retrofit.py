@@ -115,6 +115,21 @@ def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     return mods
 
 
+def _check_decode_weights(plan: SparsePlan) -> None:
+    """A learned decode scorer needs the plan's weights for its estimator (checked like a prefill
+    layer's: no or misfit weights fail now) and pages pooled like its blocks."""
+    from sparse_core.decode.scoring import decode_gate
+
+    for name in sorted(plan.decode.estimators()):
+        if decode_gate(plan, name) is None:
+            continue
+        if (plan.decode.page_size or plan.block_size) != plan.block_size:
+            raise PlanError(
+                f"plan.decode.page_size {plan.decode.page_size} with estimator {name!r}: the gate's key "
+                f"features are pooled over plan.block_size ({plan.block_size}) tokens; use that page size"
+            )
+
+
 def sparsify(model: torch.nn.Module, plan: SparsePlan, *, kernel: str = "auto") -> torch.nn.Module:
     """Switch `model` to block-sparse prefill attention following `plan`. Reversible with
     `unsparsify`; calling it again replaces the plan. Returns the model."""
@@ -128,15 +143,8 @@ def sparsify(model: torch.nn.Module, plan: SparsePlan, *, kernel: str = "auto") 
 
     for layer in range(int(config.num_hidden_layers)):
         get_estimator(plan.layer_params(layer).estimator)  # unknown estimator: fail now, not mid-forward
-    if plan.decode is not None and "gate" in plan.decode.estimators():
-        from sparse_core.estimators.learned_gate import gate_for_plan
-
-        gate_for_plan(plan)  # no or misfit gate weights: fail now
-        if (plan.decode.page_size or plan.block_size) != plan.block_size:
-            raise PlanError(
-                f"plan.decode.page_size {plan.decode.page_size} with estimator 'gate': the gate's key "
-                f"features are pooled over plan.block_size ({plan.block_size}) tokens; use that page size"
-            )
+    if plan.decode is not None:
+        _check_decode_weights(plan)
     mods = _attention_modules(model)
     if not mods:
         raise PlanError(f"{type(model).__name__} has no attention modules with q_proj/k_proj and a layer_idx")

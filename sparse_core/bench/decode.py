@@ -196,17 +196,20 @@ def model_bench(
             "paged",
         )
     ]
-    if plan is not None:
+    if plan is not None and plan.decode is not None:
         plans += [("given plan, dynamic cache", plan, "dynamic"), ("given plan, paged cache", plan, "paged")]
     else:
+        # a plan without a decode section lends its learned weights to the budget rows
+        weights = plan or SparsePlan()
         for i, b in enumerate(budgets):
             dp = DecodePlan(
                 estimator=estimator, page_size=page_size, budget_tokens=b, local_pages=LOCAL_PAGES
             )
             name = f"{estimator} p{page_size} budget {b}"
+            budget_plan = weights.with_(decode=dp)
             if i == 0:
-                plans.append((f"{name}, dynamic cache", SparsePlan(decode=dp), "dynamic"))
-            plans.append((f"{name}, paged cache", SparsePlan(decode=dp), "paged"))
+                plans.append((f"{name}, dynamic cache", budget_plan, "dynamic"))
+            plans.append((f"{name}, paged cache", budget_plan, "paged"))
     rows = []
     for length in lengths:
         if cap and length + new_tokens > cap:
@@ -291,7 +294,8 @@ def run(
         "benchmark": "decode",
         "quick": quick,
         "layer_shape": {"q_heads": Q_HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "batch": 1},
-        "estimator": estimator if plan is None else "from plan",
+        "estimator": estimator if plan is None or plan.decode is None else "from plan",
+        "layer_estimator": "quest",  # the one-layer rows score with Quest (random keys: no learned weights)
         "model": name,
         "layer_rows": [asdict(r) for r in layer_rows],
         "model_rows": model_rows,

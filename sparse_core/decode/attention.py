@@ -20,11 +20,10 @@ import torch
 from sparse_core.decode.pages import PageSummaries, summarize, sync
 from sparse_core.decode.plan import DecodeLayerParams
 from sparse_core.decode.scoring import (
-    gate_page_logits,
     group_page_scores,
     local_start,
+    page_logits,
     page_mass,
-    quest_page_logits,
     select_pages,
     select_pages_forced,
 )
@@ -154,15 +153,10 @@ def sparse_decode_step(
     topk over the pages with the sink and local pages forced, one gather of whole pages for K and V
     each, and one attention call over them. Otherwise (tau, padding, transformers' DynamicCache)
     the selected pages and the local window are attended apart and merged by log-sum-exp."""
-    q = query.select(2, 0)
-    if params.estimator == "gate":
-        from sparse_core.estimators.learned_gate import gate_for_plan
-
-        layer_gate = gate_for_plan(plan).layers[params.layer_idx]
-        logits = gate_page_logits(q, pages, layer_gate, params.layer_idx)
-    else:
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        logits = quest_page_logits(q, pages, scale)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    logits = page_logits(
+        params.estimator, plan, params.layer_idx, query.select(2, 0), key, pages, scale, key_valid
+    )
     ps, length = params.page_size, key.shape[2]
     keep = params.keep_pages(pages.n_pages)
     rows = paged_rows(key, value, ps) if key_valid is None and params.tau is None else None

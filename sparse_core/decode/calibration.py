@@ -130,13 +130,7 @@ def _layer_errors(
     from sparse_core.capture import capture_attention
     from sparse_core.decode.measure import prefill, run_decode
     from sparse_core.decode.pages import summarize
-    from sparse_core.decode.scoring import (
-        gate_page_logits,
-        local_start,
-        page_mass,
-        quest_page_logits,
-        select_pages,
-    )
+    from sparse_core.decode.scoring import local_start, page_logits, page_mass, select_pages
 
     n_layers = int(model.config.num_hidden_layers)
     nb = len(lim.budgets)
@@ -144,11 +138,6 @@ def _layer_errors(
     kept = torch.zeros(n_layers, nb, dtype=torch.float64)
     count = torch.zeros(n_layers, dtype=torch.float64)
     ps = lim.page_size
-    gate = None
-    if lim.estimator == "gate":
-        from sparse_core.estimators.learned_gate import gate_for_plan
-
-        gate = gate_for_plan(base)
 
     def on_layer(call) -> None:
         q, k = call.query, call.key
@@ -163,11 +152,7 @@ def _layer_errors(
         n = math.ceil(length / ps)
         pm = torch.nn.functional.pad(probs, (0, n * ps - length)).view(b, hq, n, ps).sum(-1)  # [B, Hq, n]
         pages = summarize(k, ps)
-        est = (
-            gate_page_logits(qv, pages, gate.layers[li], li)
-            if gate is not None
-            else quest_page_logits(qv, pages, call.scaling)
-        )
+        est = page_logits(lim.estimator, base, li, qv, k, pages, call.scaling)
         mass = page_mass(est, hkv)
         start = local_start(length, ps, lim.local_pages)
         for bi, budget in enumerate(lim.budgets):

@@ -1,8 +1,9 @@
 """`DecodePlan`: the `decode` section of a `SparsePlan` -- how cached decode steps read the KV cache.
 
 Per decode step and KV head (its query heads share one choice), the pages of the cache are scored by
-an estimator (`quest`: per-page channel-wise min/max key bound, training-free; `gate`: the plan's
-learned gate on the same page features its prefill scoring uses) and only the kept pages are read:
+an estimator (`quest`: per-page channel-wise min/max key bound, training-free; `gate` / `gate_v2`:
+the plan's learned gate on the same page features its prefill scoring uses) and only the kept pages
+are read:
 always the first `sink_pages` and the last `local_pages` (the newest page, partial or not, counts as
 one), plus the best-scored pages up to the budget. The budget is a token count (`budget_tokens`) or a
 share of the pages (`density`); `tau` instead keeps the fewest pages whose estimated mass reaches tau,
@@ -22,7 +23,7 @@ from typing import Any
 from sparse_core.plan import PlanError, check_layers_exist, merged_overrides
 
 # decode page scorers -> the prefill estimator whose trained weights the scorer reads (None: training-free)
-DECODE_ESTIMATORS: dict[str, str | None] = {"quest": None, "gate": "gate"}
+DECODE_ESTIMATORS: dict[str, str | None] = {"quest": None, "gate": "gate", "gate_v2": "gate_v2"}
 DECODE_OVERRIDE_KEYS = ("budget_tokens", "density", "tau", "estimator", "break_even_tokens")
 
 

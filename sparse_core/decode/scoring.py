@@ -8,6 +8,10 @@ pages a KV head reads.
 - `gate_page_logits`: the learned gate's prefill scoring applied to one query: per-head projection of
   q, per-KV-head projection of the page's (max, min, mean) keys, temperature, + log(tokens in page).
   Projected keys of complete pages never change, so they are computed once and kept with the summary.
+- `gate_v2_page_logits`: gate_v2's prefill scoring of a one-token query block: pre-rotary (max, min,
+  mean) keys per page, projected and rotated at the page's first position, the query un-rotated and
+  rotated at its page's; learned prior times log(tokens in page). Complete pages' projected keys are
+  kept with the summary. `page_logits` dispatches on the decode estimator's name.
 - `select_pages`: per (batch, KV head) the query heads' estimated masses are averaged (one choice per
   GQA group, SeerAttention-R style), the sink and local pages are always kept, and the best of the
   rest are kept up to the budget, or the fewest reaching tau of the estimated mass. One count per
@@ -84,6 +88,100 @@ def gate_page_logits(q: torch.Tensor, s: PageSummaries, layer_gate, layer_idx: i
     temp = layer_gate.scaling * layer_gate.log_temp.exp()  # [Hq]
     logits = torch.matmul(qp.view(b, hkv, hq // hkv, -1), kp.transpose(-1, -2)).reshape(b, hq, -1)
     return _add_log_counts(logits * temp[None, :, None], s)
+
+
+def gate_v2_page_logits(
+    q: torch.Tensor,
+    key: torch.Tensor,
+    s: PageSummaries,
+    gate,
+    layer_idx: int,
+    key_valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """q [B, Hq, D] (post-rotary, the newest token's query) and the layer's cached keys [B, Hkv, L, D]
+    -> [B, Hq, P] gate_v2 logits over the live pages: gate_v2's prefill scoring of a query block that
+    holds this one token. Pages pool the pre-rotary keys (un-rotated at their positions: 0..L-1, or
+    with left padding the valid tokens before each), are projected and rotated at their first
+    position, and get the learned prior times log(valid tokens in page); the query is un-rotated at
+    its position and rotated at its page's first one. Projected keys of complete pages never change,
+    so they are computed once (from the raw keys: the Quest bounds are of post-rotary keys) and kept
+    on the summary."""
+    from sparse_core.estimators.learned_gate_v2 import pool_keys, positions_for, rope_cos_sin, unrotate
+
+    b, hq, d = q.shape
+    length, ps = key.shape[2], s.page_size
+    n, full = s.n_pages, s.n_full_pages
+    layer = gate.layers[layer_idx]
+    pos = positions_for(b, length, key_valid, key.device)  # [B, L]
+    page_pos = pos[:, ::ps]  # [B, P]: each page's first position
+
+    def project(p0: int, p1: int) -> torch.Tensor:  # pages [p0, p1) -> [B, Hkv, p1 - p0, G]
+        t0, t1 = p0 * ps, min(length, p1 * ps)
+        cos, sin = rope_cos_sin(pos[:, t0:t1], gate.inv_freq)
+        kv = key_valid[:, t0:t1] if key_valid is not None else None
+        pooled = pool_keys(key[:, :, t0:t1], ps, cos[:, None], sin[:, None], gate.rope_scaling, kv)
+        return layer.project_keys(pooled, page_pos[:, p0:p1], gate.inv_freq)
+
+    cache_key = ("gate_v2", layer_idx, id(layer))
+    cached = s.cache.get(cache_key)
+    done = 0 if cached is None else cached.shape[2]
+    if done < full:
+        fresh = project(done, full)
+        cached = fresh if cached is None else torch.cat([cached, fresh], dim=2)
+        s.cache[cache_key] = cached
+    kp = cached
+    if n > full:  # the partial last page: recomputed every step
+        tail = project(full, n)
+        kp = tail if kp is None else torch.cat([kp, tail], dim=2)
+    cos, sin = rope_cos_sin(pos[:, -1:], gate.inv_freq)  # the query's own position
+    qbar = unrotate(q.float()[:, :, None], cos[:, None], sin[:, None], gate.rope_scaling)  # [B, Hq, 1, D]
+    qp = layer.project_queries(qbar, page_pos[:, -1:], gate.inv_freq)  # [B, Hq, 1, G]
+    hkv = kp.shape[1]
+    logits = torch.matmul(qp.view(b, hkv, hq // hkv, -1), kp.transpose(-1, -2)).reshape(b, hq, n)
+    if key_valid is None:
+        counts = s.page_counts()[None].expand(b, n)
+    else:
+        kv = torch.nn.functional.pad(key_valid, (0, n * ps - length), value=False)
+        counts = kv.view(b, n, ps).sum(-1).float()
+    prior = counts.clamp_min(1.0).log()[:, None, :] * layer.prior.float()[None, :, None]  # [B, Hq, P]
+    logits = logits * layer.temperature()[None, :, None] + prior
+    return logits.masked_fill((counts == 0)[:, None, :], float("-inf")) if key_valid is not None else logits
+
+
+def page_logits(
+    estimator: str,
+    plan,
+    layer_idx: int,
+    q: torch.Tensor,
+    key: torch.Tensor,
+    s: PageSummaries,
+    scale: float,
+    key_valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The decode estimator's page logits [B, Hq, P] for query q [B, Hq, D] (`plan` carries a learned
+    estimator's weights)."""
+    gate = decode_gate(plan, estimator)
+    if estimator == "gate":
+        return gate_page_logits(q, s, gate.layers[layer_idx], layer_idx)
+    if estimator == "gate_v2":
+        if gate.inv_freq.device != q.device:
+            gate.to(q.device)
+        return gate_v2_page_logits(q, key, s, gate, layer_idx, key_valid)
+    return quest_page_logits(q, s, scale)
+
+
+def decode_gate(plan, estimator: str):
+    """The learned gate a decode estimator reads from `plan` (PlanError: no or misfit weights);
+    None for a training-free one."""
+    if estimator == "gate":
+        from sparse_core.estimators.learned_gate import gate_for_plan
+
+        return gate_for_plan(plan)
+    if estimator == "gate_v2":
+        from sparse_core.estimators.learned_gate_v2 import gate_for_plan
+
+        return gate_for_plan(plan)
+    return None
 
 
 def page_mass(

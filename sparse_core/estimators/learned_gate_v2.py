@@ -113,12 +113,25 @@ def pool_features(
     if key_valid is None and s % block_size == 0:
         qbar, kpool = _pool_in_chunks(query, key, block_size, cos, sin, scaling)
         return qbar, kpool, pos[:, ::block_size]
-    q = unrotate(query.float(), cos, sin, scaling)
+    qbar = block_pool_mean(unrotate(query.float(), cos, sin, scaling), block_size, key_valid)
+    return qbar, pool_keys(key, block_size, cos, sin, scaling, key_valid), pos[:, ::block_size]
+
+
+def pool_keys(
+    key: torch.Tensor,
+    block_size: int,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    scaling: float = 1.0,
+    key_valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Post-rotary k [B,Hkv,S,D] and its rotary tables [B,1,S,R/2] -> the pre-rotary (max, min, mean)
+    of each block [B,Hkv,nb,3D], padded positions left out (what sparse decode pools a page by)."""
+    from sparse_core.estimators.blocks import block_pool_mean
+
     k = unrotate(key.float(), cos, sin, scaling)
-    qbar = block_pool_mean(q, block_size, key_valid)
     kmin, kmax = key_block_bounds(k, block_size, key_valid)
-    kmean = block_pool_mean(k, block_size, key_valid)
-    return qbar, torch.cat([kmax, kmin, kmean], dim=-1), pos[:, ::block_size]
+    return torch.cat([kmax, kmin, block_pool_mean(k, block_size, key_valid)], dim=-1)
 
 
 _CHUNK_TOKENS = 256  # rows per chunk: the temporaries stay in cache (8x faster than whole-tensor ops)
@@ -149,6 +162,16 @@ def _pool_in_chunks(query, key, block_size: int, cos, sin, scaling: float):
     return torch.cat(q_parts, dim=2), torch.cat(k_parts, dim=2)
 
 
+def _rotate_at(
+    x: torch.Tensor, block_pos: torch.Tensor | None, inv_freq: torch.Tensor | None
+) -> torch.Tensor:
+    """x [B,H,n,G] rotated at positions [B, n] (as is without rotary frequencies)."""
+    if inv_freq is None:
+        return x
+    cos, sin = rope_cos_sin(block_pos, inv_freq)
+    return rotate(x, cos[:, None], sin[:, None])
+
+
 class LayerGateV2(nn.Module):
     """Per-head Q projection, per-KV-head K projection, block RoPE, per-head temperature and prior."""
 
@@ -167,6 +190,22 @@ class LayerGateV2(nn.Module):
         self.log_temp = nn.Parameter(torch.zeros(shape.num_heads))
         self.prior = nn.Parameter(torch.full((shape.num_heads,), 0.0 if target == "maxpool" else 1.0))
 
+    def project_queries(
+        self, qbar: torch.Tensor, block_pos: torch.Tensor | None, inv_freq: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Pre-rotary block queries [B,Hq,n,D] -> projected, rotated at `block_pos` [B, n] [B,Hq,n,G]."""
+        return _rotate_at(torch.einsum("bhnd,hdg->bhng", qbar, self.wq), block_pos, inv_freq)
+
+    def project_keys(
+        self, kpool: torch.Tensor, block_pos: torch.Tensor | None, inv_freq: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Pooled keys [B,Hkv,n,3D] -> projected, rotated at `block_pos` [B, n] [B,Hkv,n,G]."""
+        return _rotate_at(torch.einsum("bhnd,hdg->bhng", kpool, self.wk), block_pos, inv_freq)
+
+    def temperature(self) -> torch.Tensor:
+        """[Hq]: what the block logits q.k are multiplied by."""
+        return self.scaling * self.log_temp.exp()
+
     def log_probs(
         self,
         qbar: torch.Tensor,
@@ -178,18 +217,14 @@ class LayerGateV2(nn.Module):
     ) -> torch.Tensor:
         """[B,Hq,nb,D], [B,Hkv,nb,3D] -> log block scores [B,Hq,nb,nb] (-inf above the diagonal).
         `block_pos` [B, nb] defaults to each block's first position in a sequence starting at 0."""
-        qp = torch.einsum("bhnd,hdg->bhng", qbar, self.wq)
-        kp = torch.einsum("bhnd,hdg->bhng", kpool, self.wk)
-        if inv_freq is not None:
+        if inv_freq is not None and block_pos is None:
             nb = qbar.shape[2]
-            if block_pos is None:
-                block_pos = (torch.arange(nb, device=qbar.device) * block_size).expand(qbar.shape[0], nb)
-            cos, sin = rope_cos_sin(block_pos, inv_freq)
-            qp = rotate(qp, cos[:, None], sin[:, None])
-            kp = rotate(kp, cos[:, None], sin[:, None])
+            block_pos = (torch.arange(nb, device=qbar.device) * block_size).expand(qbar.shape[0], nb)
+        qp = self.project_queries(qbar, block_pos, inv_freq)
+        kp = self.project_keys(kpool, block_pos, inv_freq)
         if self.n_rep > 1:
             kp = kp.repeat_interleave(self.n_rep, dim=1)
-        temp = (self.scaling * self.log_temp.exp())[:, None, None]
+        temp = self.temperature()[:, None, None]
         prior = visible_log_counts(seq_len, block_size, qbar.device)
         causal = torch.isfinite(prior)
         # the learned weight multiplies only finite entries: -inf * w would put NaN in its gradient

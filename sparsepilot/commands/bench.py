@@ -414,7 +414,10 @@ def bench_decode(
     quick: Annotated[bool, _quick("Layer at 16k and SmolLM2 at 8k only (full: 16k/32k, 1k-8k).")] = False,
     model: ModelRef = "smollm2-135m",
     plan_dir: str = typer.Option(
-        "", "--plan", help="A plan directory with a decode section (default: quest budgets)."
+        "",
+        "--plan",
+        help="A plan directory: its decode section is timed; without one, the --budgets rows score pages "
+        "with the plan's learned weights (--estimator gate / gate_v2). Default: quest budgets.",
     ),
     estimator: str = typer.Option(
         "quest",
@@ -462,8 +465,13 @@ def bench_decode(
             plan = plan_io.load(plan_dir)
         except (PlanError, OSError) as exc:
             fail(f"--plan {plan_dir}: {exc}")
-        if plan.decode is None:
-            fail(f"--plan {plan_dir}: the plan has no decode section")
+        if plan.decode is None and DECODE_ESTIMATORS[estimator] is None:
+            fail(f"--plan {plan_dir}: the plan has no decode section (or give a learned --estimator)")
+        if plan.decode is None and page_size != plan.block_size:
+            fail(
+                f"--page-size {page_size}: --estimator {estimator} pools pages like the plan's blocks; "
+                f"pass --page-size {plan.block_size}"
+            )
     torch.set_num_threads(threads)
     try:
         result = _with_spinner(
@@ -487,8 +495,8 @@ def bench_decode(
         f"{env['threads']} thread(s)"
     )
     print_table(
-        f"Decode, one attention layer (9 q / 3 kv heads, d=64), {result['estimator']} scoring included; "
-        f"{load}",
+        f"Decode, one attention layer (9 q / 3 kv heads, d=64), {result['layer_estimator']} scoring "
+        f"included; {load}",
         result["layer_rows"],
         bench.LAYER_COLUMNS,
     )

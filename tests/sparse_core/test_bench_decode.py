@@ -53,3 +53,44 @@ def test_bench_decode_refuses_bad_options(option, message, tmp_path):
     r = CliRunner().invoke(app, ["bench", "decode", "--quick", *option, "--out", str(tmp_path / "d.json")])
     assert r.exit_code == 2 and message in r.output, r.output
     assert not (tmp_path / "d.json").exists()
+
+
+def _gate_v2_plan_dir(model_dir, path):
+    """A saved plan with gate_v2 weights for the tiny model and no decode section."""
+    from sparse_core import SparsePlan, load_model, plan_io
+    from sparse_core.estimators.learned_gate import GateShape
+    from sparse_core.estimators.learned_gate_v2 import BlockGateV2, model_rope
+
+    model, _ = load_model(model_dir)
+    gate = BlockGateV2(GateShape.from_config(model.config), 32, *model_rope(model))
+    plan = SparsePlan(block_size=32, estimator="gate_v2", tensors=gate.to_tensors())
+    plan_io.save(plan, path, config=model.config)
+    return path
+
+
+def test_bench_decode_scores_budget_rows_with_a_plans_learned_weights(tiny_llama_dir, tmp_path):
+    from sparse_core import plan_io
+    from sparse_core.bench.decode import model_bench
+
+    plan = plan_io.load(_gate_v2_plan_dir(tiny_llama_dir, tmp_path / "plan"))
+    rows, _ = model_bench(
+        str(tiny_llama_dir),
+        (600,),
+        budgets=(128,),
+        page_size=32,
+        estimator="gate_v2",
+        plan=plan,
+        new_tokens=4,
+    )
+    assert [r["plan"] for r in rows] == [
+        "dense attention, paged cache",
+        "gate_v2 p32 budget 128, dynamic cache",
+        "gate_v2 p32 budget 128, paged cache",
+    ]
+    assert all(r["density"] < 0.5 for r in rows[1:]) and rows[0]["density"] == 1
+    base = ["bench", "decode", "--quick", "--plan", str(tmp_path / "plan"), "--out", str(tmp_path / "d.json")]
+    r = CliRunner().invoke(app, base)  # quest scores no learned weights: the plan needs a decode section
+    assert r.exit_code == 2 and "has no decode section" in r.output, r.output
+    r = CliRunner().invoke(app, [*base, "--estimator", "gate_v2"])  # pages pooled like the plan's blocks
+    assert r.exit_code == 2 and "pass --page-size 32" in r.output, r.output
+    assert not (tmp_path / "d.json").exists()

@@ -275,3 +275,55 @@ def test_chunked_pre_rope_pooling_equals_the_plain_path():
     plain = pool_features(q, k, 64, INV_FREQ, 1.1, key_valid=torch.ones(1, 640, dtype=torch.bool))
     for a, b in zip(fast, plain, strict=True):
         assert torch.allclose(a.float(), b.float(), atol=1e-5)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_gate_v2_decode_page_scores_are_its_prefill_scores_of_a_one_token_block(padded):
+    """A decode step's query opening a new page is a one-token query block: the pages' estimated
+    masses must be gate_v2's prefill row for that block (pre-RoPE pooling, block RoPE, prior),
+    including after more pages complete (the cached projected keys) and with whole padded pages."""
+    from sparse_core.decode.pages import summarize, sync
+    from sparse_core.decode.scoring import page_logits
+
+    torch.manual_seed(3)
+    bs, hq, hkv = 32, SHAPE.num_heads, SHAPE.num_kv_heads
+    plan = _plan_with_weights(bs, perturb=0.05).with_(estimator="gate_v2")
+    q, k = torch.randn(2, hq, 8 * bs + 1, 32), torch.randn(2, hkv, 8 * bs + 1, 32)
+    valid = None
+    if padded:
+        valid = torch.ones(2, 8 * bs + 1, dtype=torch.bool)
+        valid[1, : 2 * bs] = False  # two whole pages of left padding in the second row
+    pages = None
+    for length in (5 * bs + 1, 8 * bs + 1):  # the second call appends to the first's summary
+        kv = None if valid is None else valid[:, :length]
+        pages = summarize(k[:, :, :length], bs) if pages is None else sync(pages, k[:, :, :length], bs)
+        logits = page_logits("gate_v2", plan, 1, q[:, :, length - 1], k[:, :, :length], pages, 0.0, kv)
+        ctx = EstimatorContext(block_size=bs, layer_idx=1, plan=plan, key_valid=kv)
+        want = get_estimator("gate_v2")(q[:, :, :length], k[:, :, :length], ctx)[:, :, -1]  # [B, Hq, P]
+        got = torch.softmax(logits, -1)
+        assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5), (length, padded)
+    if padded:
+        assert torch.all(got[1, :, :2] == 0)
+
+
+def test_gate_v2_decode_rotates_a_mid_page_query_at_its_page_start():
+    """A query inside a page: prefill pools its block's pre-RoPE queries and rotates the block at its
+    first position. With every query of the last block sharing one pre-RoPE vector, the prefill row
+    and the decode step must rank the complete pages alike (masses renormalised over them; the
+    partial page's prior differs by design: decode counts the tokens this query sees)."""
+    from sparse_core.decode.pages import summarize
+    from sparse_core.decode.scoring import page_logits
+
+    torch.manual_seed(4)
+    bs, hq, hkv, length = 32, SHAPE.num_heads, SHAPE.num_kv_heads, 5 * 32 + 7
+    plan = _plan_with_weights(bs, perturb=0.05).with_(estimator="gate_v2")
+    q, k = torch.randn(1, hq, length, 32), torch.randn(1, hkv, length, 32)
+    u = torch.randn(1, hq, 1, 32)
+    pos = torch.arange(5 * bs, length)
+    cos, sin = rope_cos_sin(pos, INV_FREQ)
+    q[:, :, 5 * bs :] = rotate(u.expand(1, hq, len(pos), 32), cos, sin)
+    logits = page_logits("gate_v2", plan, 0, q[:, :, -1], k, summarize(k, bs), 0.0)
+    want = get_estimator("gate_v2")(q, k, EstimatorContext(block_size=bs, layer_idx=0, plan=plan))[:, :, -1]
+    got = torch.softmax(logits, -1)[..., :5]
+    want = want[..., :5]
+    assert torch.allclose(got / got.sum(-1, keepdim=True), want / want.sum(-1, keepdim=True), atol=1e-5)
