@@ -298,6 +298,36 @@ def test_calibrate_adds_a_decode_section_when_asked(quality_tiny, quality_texts)
         calibrate(model, tok, quality_texts, "kl=5", limits=CalibrationLimits(decode={"estimator": "gate"}))
 
 
+def test_calibrate_finds_a_gate_v2_decode_section(quality_tiny, quality_texts):
+    from sparse_core.calibration import CalibrationLimits, calibrate
+
+    model, tok = quality_tiny
+    decode = {
+        "estimator": "gate_v2",
+        "page_size": 64,  # the plan's block size: gate_v2 pools pages like its blocks
+        "prompt_tokens": 768,
+        "n_prompts": 1,
+        "new_tokens": 8,
+        "budgets": (256, 512),
+        "max_joint_checks": 2,
+        "break_even_tokens": 0,
+    }
+    lim = CalibrationLimits(
+        max_texts=3, max_seq_len=256, taus=(0.9,), max_joint_checks=1, gate_steps=4, decode=decode
+    )
+    plan, report = calibrate(model, tok, quality_texts, "kl=5", estimator="gate_v2", limits=lim)
+    assert plan.decode is not None and plan.decode.estimator == "gate_v2" and report.decode["met_budget"]
+    ids = _prompt(tok, 700)
+    sparsify(model, plan)
+    try:
+        st = decode_stats(model)
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+        assert st.calls > 0 and st.density < 1.0  # the decode steps read a share of the pages
+    finally:
+        unsparsify(model)
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_paged_cache_generates_what_the_dynamic_cache_does(tiny_model_factory, arch):
     from sparse_core.decode.cache import PagedCache, PagedLayer
