@@ -209,61 +209,35 @@ def test_decode_calibration_finds_a_budget_within_a_loose_budget_and_none_within
     assert not hasattr(model, "_sparsepilot")  # left dense
 
 
-def test_gate_decode_reuses_the_learned_gate_key_features(tiny_llama_dir):
+def _perturbed_gate_tensors(name: str, model) -> dict:
+    """Initial `gate` / `gate_v2` weights for the model at block size 32, perturbed so the max/min key
+    features (and gate_v2's prior) count."""
     from sparse_core.estimators.learned_gate import BlockGate, GateShape
-
-    model, tok = load_model(tiny_llama_dir)
-    gate = BlockGate(GateShape.from_config(model.config), 32)
-    with torch.no_grad():
-        for layer in gate.layers:  # not the pooled-equivalent init: read max/min features too
-            layer.wk.add_(0.05 * torch.randn_like(layer.wk))
-    ids = _prompt(tok, 400)
-    kw = dict(max_new_tokens=16, do_sample=False, pad_token_id=tok.pad_token_id)
-    with torch.no_grad():
-        dense = model.generate(ids, **kw)
-    full = SparsePlan(block_size=32, decode=DecodePlan(estimator="gate", budget_tokens=None, tau=1.0))
-    full.tensors = gate.to_tensors()
-    sparsify(model, full)
-    with torch.no_grad():
-        assert torch.equal(model.generate(ids, **kw), dense)
-    sparse = full.with_(decode=DecodePlan(estimator="gate", budget_tokens=96, local_pages=1))
-    sparsify(model, sparse)
-    st = decode_stats(model)
-    with torch.no_grad():
-        model.generate(ids, **kw)
-    assert st.calls == 15 * model.config.num_hidden_layers and st.density < 0.4
-    unsparsify(model)
-    with pytest.raises(PlanError, match="gate's key features are pooled over plan.block_size"):
-        sparsify(model, sparse.with_(decode=DecodePlan(estimator="gate", page_size=16)))
-    with pytest.raises(PlanError, match="carries no gate weights"):
-        sparsify(model, SparsePlan(block_size=32, decode=DecodePlan(estimator="gate")))
-
-
-def test_gate_v2_decode_runs_the_learned_gate_v2_on_pages(tiny_llama_dir):
-    from sparse_core.estimators.learned_gate import GateShape
     from sparse_core.estimators.learned_gate_v2 import BlockGateV2, model_rope
 
-    model, tok = load_model(tiny_llama_dir)
-    inv_freq, scaling = model_rope(model)
-    gate = BlockGateV2(GateShape.from_config(model.config), 32, inv_freq, scaling)
+    shape = GateShape.from_config(model.config)
+    gate = BlockGate(shape, 32) if name == "gate" else BlockGateV2(shape, 32, *model_rope(model))
     with torch.no_grad():
-        for layer in gate.layers:  # read the max/min features and the prior too
+        for layer in gate.layers:
             layer.wk.add_(0.05 * torch.randn_like(layer.wk))
-            layer.prior.add_(0.5)
+            if name == "gate_v2":
+                layer.prior.add_(0.5)
+    return gate.to_tensors()
+
+
+@pytest.mark.parametrize("name", ["gate", "gate_v2"])
+def test_learned_decode_scores_pages_with_the_plans_gate(tiny_llama_dir, name):
+    model, tok = load_model(tiny_llama_dir)
     ids = _prompt(tok, 400)
     kw = dict(max_new_tokens=16, do_sample=False, pad_token_id=tok.pad_token_id)
     with torch.no_grad():
         dense = model.generate(ids, **kw)
-    full = SparsePlan(
-        block_size=32,
-        estimator="gate_v2",
-        decode=DecodePlan(estimator="gate_v2", budget_tokens=None, tau=1.0),
-    )
-    full.tensors = gate.to_tensors()
+    full = SparsePlan(block_size=32, decode=DecodePlan(estimator=name, budget_tokens=None, tau=1.0))
+    full.tensors = _perturbed_gate_tensors(name, model)
     sparsify(model, full)
     with torch.no_grad():
         assert torch.equal(model.generate(ids, **kw), dense)  # every page kept: exactly dense
-    sparse = full.with_(decode=DecodePlan(estimator="gate_v2", budget_tokens=96, local_pages=1))
+    sparse = full.with_(decode=DecodePlan(estimator=name, budget_tokens=96, local_pages=1))
     sparsify(model, sparse)
     st = decode_stats(model)
     with torch.no_grad():
@@ -271,9 +245,9 @@ def test_gate_v2_decode_runs_the_learned_gate_v2_on_pages(tiny_llama_dir):
     assert st.calls == 15 * model.config.num_hidden_layers and st.density < 0.4
     unsparsify(model)
     with pytest.raises(PlanError, match="gate's key features are pooled over plan.block_size"):
-        sparsify(model, sparse.with_(decode=DecodePlan(estimator="gate_v2", page_size=16)))
-    with pytest.raises(PlanError, match="carries no gate_v2 weights"):
-        sparsify(model, SparsePlan(block_size=32, decode=DecodePlan(estimator="gate_v2")))
+        sparsify(model, sparse.with_(decode=DecodePlan(estimator=name, page_size=16)))
+    with pytest.raises(PlanError, match=f"carries no {name} weights"):
+        sparsify(model, SparsePlan(block_size=32, decode=DecodePlan(estimator=name)))
 
 
 def test_calibrate_adds_a_decode_section_when_asked(quality_tiny, quality_texts):
