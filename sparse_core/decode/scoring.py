@@ -105,47 +105,53 @@ def gate_v2_page_logits(
     position, and get the learned prior times log(valid tokens in page); the query is un-rotated at
     its position and rotated at its page's first one. Projected keys of complete pages never change,
     so they are computed once (from the raw keys: the Quest bounds are of post-rotary keys) and kept
-    on the summary."""
+    on the summary; a step recomputes only the newest, partial page."""
     from sparse_core.estimators.learned_gate_v2 import pool_keys, positions_for, rope_cos_sin, unrotate
 
     b, hq, d = q.shape
     length, ps = key.shape[2], s.page_size
     n, full = s.n_pages, s.n_full_pages
     layer = gate.layers[layer_idx]
-    pos = positions_for(b, length, key_valid, key.device)  # [B, L]
-    page_pos = pos[:, ::ps]  # [B, P]: each page's first position
+    pos = None if key_valid is None else positions_for(b, length, key_valid, key.device)  # [B, L]
 
-    def project(p0: int, p1: int) -> torch.Tensor:  # pages [p0, p1) -> [B, Hkv, p1 - p0, G]
+    def positions(t0: int, t1: int, step: int = 1) -> torch.Tensor:  # [B, m]: tokens t0, t0+step, .. < t1
+        if pos is None:
+            return torch.arange(t0, t1, step, device=key.device).expand(b, -1)
+        return pos[:, t0:t1:step]
+
+    def project(p0: int, p1: int, rot: tuple | None = None) -> torch.Tensor:  # pages [p0, p1) -> [B,Hkv,m,G]
         t0, t1 = p0 * ps, min(length, p1 * ps)
-        cos, sin = rope_cos_sin(pos[:, t0:t1], gate.inv_freq)
+        cos, sin = rope_cos_sin(positions(t0, t1), gate.inv_freq)
         kv = key_valid[:, t0:t1] if key_valid is not None else None
         pooled = pool_keys(key[:, :, t0:t1], ps, cos[:, None], sin[:, None], gate.rope_scaling, kv)
-        return layer.project_keys(pooled, page_pos[:, p0:p1], gate.inv_freq)
+        return layer.project_keys(pooled, positions(t0, t1, ps), gate.inv_freq)
 
     cache_key = ("gate_v2", layer_idx, id(layer))
-    cached = s.cache.get(cache_key)
-    done = 0 if cached is None else cached.shape[2]
+    kp = s.cache.get(cache_key)
+    done = 0 if kp is None else kp.shape[2]
     if done < full:
         fresh = project(done, full)
-        cached = fresh if cached is None else torch.cat([cached, fresh], dim=2)
-        s.cache[cache_key] = cached
-    kp = cached
-    if n > full:  # the partial last page: recomputed every step
+        kp = fresh if kp is None else torch.cat([kp, fresh], dim=2)
+        s.cache[cache_key] = kp
+    if n > full:  # the partial newest page: recomputed every step
         tail = project(full, n)
         kp = tail if kp is None else torch.cat([kp, tail], dim=2)
-    cos, sin = rope_cos_sin(pos[:, -1:], gate.inv_freq)  # the query's own position
+    cos, sin = rope_cos_sin(positions(length - 1, length), gate.inv_freq)  # the query's own position
     qbar = unrotate(q.float()[:, :, None], cos[:, None], sin[:, None], gate.rope_scaling)  # [B, Hq, 1, D]
-    qp = layer.project_queries(qbar, page_pos[:, -1:], gate.inv_freq)  # [B, Hq, 1, G]
+    qp = layer.project_queries(qbar, positions((n - 1) * ps, (n - 1) * ps + 1), gate.inv_freq)
     hkv = kp.shape[1]
     logits = torch.matmul(qp.view(b, hkv, hq // hkv, -1), kp.transpose(-1, -2)).reshape(b, hq, n)
-    if key_valid is None:
-        counts = s.page_counts()[None].expand(b, n)
-    else:
-        kv = torch.nn.functional.pad(key_valid, (0, n * ps - length), value=False)
-        counts = kv.view(b, n, ps).sum(-1).float()
-    prior = counts.clamp_min(1.0).log()[:, None, :] * layer.prior.float()[None, :, None]  # [B, Hq, P]
-    logits = logits * layer.temperature()[None, :, None] + prior
-    return logits.masked_fill((counts == 0)[:, None, :], float("-inf")) if key_valid is not None else logits
+    logits = logits * layer.temperature()[None, :, None]
+    weight = layer.prior.float()[None, :, None]  # [1, Hq, 1]
+    if key_valid is None:  # log(tokens in page): a constant per head but for a partial newest page
+        rem = length - full * ps
+        if rem:
+            logits[..., -1:].add_(weight[..., 0:1] * math.log(rem / ps))
+        return logits
+    kv = torch.nn.functional.pad(key_valid, (0, n * ps - length), value=False)
+    counts = kv.view(b, n, ps).sum(-1).float()  # [B, P]
+    logits = logits + counts.clamp_min(1.0).log()[:, None, :] * weight
+    return logits.masked_fill((counts == 0)[:, None, :], float("-inf"))
 
 
 def page_logits(

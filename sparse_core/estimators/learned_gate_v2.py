@@ -130,6 +130,17 @@ def pool_keys(
     from sparse_core.estimators.blocks import block_pool_mean
 
     k = unrotate(key.float(), cos, sin, scaling)
+    if key_valid is None:  # whole blocks as a view, a short last block over its own keys: few ops
+        b, h, s, d = k.shape
+        full = s // block_size * block_size
+        parts = []
+        if full:
+            kb = k[:, :, :full].view(b, h, full // block_size, block_size, d)
+            parts.append(torch.cat([kb.amax(3), kb.amin(3), kb.mean(3)], dim=-1))
+        if full < s:
+            t = k[:, :, full:]
+            parts.append(torch.cat([t.amax(2, True), t.amin(2, True), t.mean(2, True)], dim=-1))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
     kmin, kmax = key_block_bounds(k, block_size, key_valid)
     return torch.cat([kmax, kmin, block_pool_mean(k, block_size, key_valid)], dim=-1)
 
@@ -194,13 +205,13 @@ class LayerGateV2(nn.Module):
         self, qbar: torch.Tensor, block_pos: torch.Tensor | None, inv_freq: torch.Tensor | None
     ) -> torch.Tensor:
         """Pre-rotary block queries [B,Hq,n,D] -> projected, rotated at `block_pos` [B, n] [B,Hq,n,G]."""
-        return _rotate_at(torch.einsum("bhnd,hdg->bhng", qbar, self.wq), block_pos, inv_freq)
+        return _rotate_at(torch.matmul(qbar, self.wq), block_pos, inv_freq)
 
     def project_keys(
         self, kpool: torch.Tensor, block_pos: torch.Tensor | None, inv_freq: torch.Tensor | None
     ) -> torch.Tensor:
         """Pooled keys [B,Hkv,n,3D] -> projected, rotated at `block_pos` [B, n] [B,Hkv,n,G]."""
-        return _rotate_at(torch.einsum("bhnd,hdg->bhng", kpool, self.wk), block_pos, inv_freq)
+        return _rotate_at(torch.matmul(kpool, self.wk), block_pos, inv_freq)
 
     def temperature(self) -> torch.Tensor:
         """[Hq]: what the block logits q.k are multiplied by."""
