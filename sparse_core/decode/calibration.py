@@ -265,8 +265,8 @@ def calibrate_decode(
     progress: Progress | None = None,
 ) -> tuple[DecodePlan | None, DecodeCalibrationReport]:
     """The sparsest per-layer decode budget meeting `budget` (a calibration.Budget, dict or string).
-    `base` supplies gate weights for estimator 'gate'; its prefill part is not used here (prompts are
-    prefilled densely so the search sees decode alone). The model is left dense."""
+    `base` supplies a learned page scorer's weights (gate, gate_v2); its prefill part is not used here
+    (prompts are prefilled densely so the search sees decode alone). The model is left dense."""
     from sparse_core.calibration import Budget
     from sparse_core.corpus import pack_token_windows
     from sparse_core.decode.measure import fidelity, prefill, run_decode
