@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sparse_core.estimators.blocks import block_max_min_sum
+
 
 @dataclass
 class PageSummaries:
@@ -54,23 +56,6 @@ class PageSummaries:
         return counts
 
 
-def _page_stats(keys: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """keys [B, H, S, D] -> max, min, sum per page (a short last page over its own tokens)."""
-    b, h, s, d = keys.shape
-    n = math.ceil(s / page_size)
-    k = keys.float()
-    full = (s // page_size) * page_size
-    kf = k[:, :, :full].reshape(b, h, full // page_size, page_size, d)
-    mx, mn, sm = kf.amax(3), kf.amin(3), kf.sum(3)
-    if full < s:
-        tail = k[:, :, full:]
-        mx = torch.cat([mx, tail.amax(2, keepdim=True)], 2)
-        mn = torch.cat([mn, tail.amin(2, keepdim=True)], 2)
-        sm = torch.cat([sm, tail.sum(2, keepdim=True)], 2)
-    assert mx.shape[2] == n
-    return mx, mn, sm
-
-
 def _alloc(like: torch.Tensor, capacity: int, width: int = 1) -> torch.Tensor:
     b, h, _, d = like.shape
     return torch.empty(b, h, capacity, width * d, dtype=torch.float32, device=like.device)
@@ -80,7 +65,7 @@ def summarize(keys: torch.Tensor, page_size: int) -> PageSummaries:
     """Summaries of all of `keys` [B, H, S, D] in one pass."""
     if keys.ndim != 4 or keys.shape[2] < 1:
         raise ValueError(f"keys must be [B, H, S>=1, D], got {tuple(keys.shape)}")
-    mx, mn, sm = _page_stats(keys, page_size)
+    mx, mn, sm = block_max_min_sum(keys, page_size)
     n = mx.shape[2]
     cap = max(16, 2 * n)
     s = PageSummaries(page_size, _alloc(mx, cap, 2), _alloc(mx, cap), keys.shape[2], keys[:, :, -1].clone())
@@ -130,7 +115,7 @@ def extend(s: PageSummaries, keys: torch.Tensor) -> PageSummaries:
         new = new[:, :, m:]
         pos += m
     if new.shape[2]:
-        mx, mn, sm = _page_stats(new, p)
+        mx, mn, sm = block_max_min_sum(new, p)
         first = pos // p
         _grow(s, first + mx.shape[2])
         s.kmax[:, :, first : first + mx.shape[2]] = mx

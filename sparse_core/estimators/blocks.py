@@ -1,5 +1,6 @@
-"""Block helpers the estimators share: block counts, the causal block mask, per-block mean pooling, the
-valid (non-padding) blocks of a batch, the softmax scale and the softmax over causal valid blocks."""
+"""Block helpers the estimators share: block counts, per-block max / min / sum (also sparse decode's page
+summaries), the causal block mask, per-block mean pooling, the valid (non-padding) blocks of a batch,
+the softmax scale and the softmax over causal valid blocks."""
 
 from __future__ import annotations
 
@@ -11,6 +12,25 @@ import torch
 
 def num_blocks(seq_len: int, block_size: int) -> int:
     return -(-seq_len // block_size)
+
+
+def block_max_min_sum(x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[B, H, S>=1, D] -> float32 channel-wise max, min and sum per block [B, H, nb, D]; a short last
+    block over its own rows. Whole blocks are one view (a few ops: sparse decode calls this per step)."""
+    b, h, s, d = x.shape
+    xf = x.float()
+    full = s // block_size * block_size
+    parts = []
+    if full:
+        xb = xf[:, :, :full].reshape(b, h, full // block_size, block_size, d)
+        parts.append((xb.amax(3), xb.amin(3), xb.sum(3)))
+    if full < s:
+        t = xf[:, :, full:]
+        parts.append((t.amax(2, keepdim=True), t.amin(2, keepdim=True), t.sum(2, keepdim=True)))
+    if len(parts) == 1:
+        return parts[0]
+    mx, mn, sm = (torch.cat(z, dim=2) for z in zip(*parts, strict=True))
+    return mx, mn, sm
 
 
 def causal_block_mask(n: int, device: Any = None) -> torch.Tensor:

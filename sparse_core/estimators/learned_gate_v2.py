@@ -127,20 +127,14 @@ def pool_keys(
 ) -> torch.Tensor:
     """Post-rotary k [B,Hkv,S,D] and its rotary tables [B,1,S,R/2] -> the pre-rotary (max, min, mean)
     of each block [B,Hkv,nb,3D], padded positions left out (what sparse decode pools a page by)."""
-    from sparse_core.estimators.blocks import block_pool_mean
+    from sparse_core.estimators.blocks import block_max_min_sum, block_pool_mean
 
     k = unrotate(key.float(), cos, sin, scaling)
     if key_valid is None:  # whole blocks as a view, a short last block over its own keys: few ops
-        b, h, s, d = k.shape
-        full = s // block_size * block_size
-        parts = []
-        if full:
-            kb = k[:, :, :full].view(b, h, full // block_size, block_size, d)
-            parts.append(torch.cat([kb.amax(3), kb.amin(3), kb.mean(3)], dim=-1))
-        if full < s:
-            t = k[:, :, full:]
-            parts.append(torch.cat([t.amax(2, True), t.amin(2, True), t.mean(2, True)], dim=-1))
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+        kmax, kmin, ksum = block_max_min_sum(k, block_size)
+        counts = torch.full((kmax.shape[2], 1), float(block_size), device=k.device)
+        counts[-1] = float(k.shape[2] - (kmax.shape[2] - 1) * block_size)
+        return torch.cat([kmax, kmin, ksum / counts], dim=-1)
     kmin, kmax = key_block_bounds(k, block_size, key_valid)
     return torch.cat([kmax, kmin, block_pool_mean(k, block_size, key_valid)], dim=-1)
 
