@@ -6,6 +6,7 @@ pilot flow with a PilotError naming it, before any request is sent."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -49,7 +50,11 @@ def test_openai_arms_complete_a_step_and_a_failing_endpoint_is_a_guardrail_no_go
         treated.behaviour = "error500"
         split = _pilot_until_decided(name, "split")
         assert split["outcome"] == "NO-GO", split["explanation"]
-        assert "Safety limit broken: treatment error rate is 1" in split["explanation"], split["explanation"]
+        # which error check breaches first depends on the random split (3 sparse rows of 8 can breach the
+        # excess over the dense arm before the sparse arm's own rate has enough rows): either is this NO-GO
+        assert re.search(
+            r"Safety limit broken: (treatment error rate|error rate increase) is 1 ", split["explanation"]
+        ), split["explanation"]
         assert len(treated.requests) > served
 
     with session_scope() as s:
