@@ -121,12 +121,18 @@ def _check_decode_weights(plan: SparsePlan) -> None:
     from sparse_core.decode.scoring import decode_gate
 
     for name in sorted(plan.decode.estimators()):
-        if decode_gate(plan, name) is None:
+        gate = decode_gate(plan, name)
+        if gate is None:
             continue
-        if (plan.decode.page_size or plan.block_size) != plan.block_size:
+        pooled_over, what = (
+            (gate.page_size, "the page size it was trained at")
+            if name == "page_gate"
+            else (plan.block_size, "plan.block_size")
+        )
+        if (plan.decode.page_size or plan.block_size) != pooled_over:
             raise PlanError(
                 f"plan.decode.page_size {plan.decode.page_size} with estimator {name!r}: the gate's key "
-                f"features are pooled over plan.block_size ({plan.block_size}) tokens; use that page size"
+                f"features are pooled over {what} ({pooled_over} tokens); use that page size"
             )
 
 

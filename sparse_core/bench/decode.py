@@ -31,8 +31,9 @@ from sparse_core.bench.attention import HEAD_DIM, KV_HEADS, Q_HEADS
 from sparse_core.bench.common import RunClock, pyplot, save_figure
 from sparse_core.decode.attention import sparse_decode_step
 from sparse_core.decode.cache import paged_buffer
+from sparse_core.decode.page_gate import PAGE_SIZE_KEY
 from sparse_core.decode.pages import sync
-from sparse_core.decode.plan import DecodePlan
+from sparse_core.decode.plan import TRAINED_BY_DECODE_CALIBRATION, DecodePlan
 from sparse_core.decode.scoring import local_start
 from sparse_core.plan import SparsePlan
 
@@ -196,11 +197,16 @@ def model_bench(
             "paged",
         )
     ]
+    gate_report = None
     if plan is not None and plan.decode is not None:
         plans += [("given plan, dynamic cache", plan, "dynamic"), ("given plan, paged cache", plan, "paged")]
     else:
         # a plan without a decode section lends its learned weights to the budget rows
         weights = plan or SparsePlan()
+        if estimator in TRAINED_BY_DECODE_CALIBRATION and PAGE_SIZE_KEY not in weights.tensors:
+            weights, gate_report = _trained_page_gate(
+                model, tok, texts, weights, max(lengths), page_size, say
+            )
         for i, b in enumerate(budgets):
             dp = DecodePlan(
                 estimator=estimator, page_size=page_size, budget_tokens=b, local_pages=LOCAL_PAGES
@@ -253,7 +259,33 @@ def model_bench(
                     "sparse_seconds_per_token": r.sparse_seconds_per_token,
                 }
             )
-    return rows, str(getattr(model.config, "_name_or_path", model_ref))
+    return rows, str(getattr(model.config, "_name_or_path", model_ref)), gate_report
+
+
+def _trained_page_gate(model, tok, texts, weights: SparsePlan, length: int, page_size: int, say):
+    """`weights` + a page gate trained as decode calibration trains it, on the windows that follow the
+    benchmark's own in the same packing (text no timed run reads). -> (plan, training report dict)."""
+    from sparse_core.corpus import pack_token_windows
+    from sparse_core.decode.calibration import DecodeLimits
+    from sparse_core.decode.page_gate import train_page_gate
+
+    lim = DecodeLimits()
+    cap = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+    length = min(length, cap) if cap else length
+    windows = pack_token_windows(tok, texts, length, 1 + lim.page_gate_windows, seed=7)[1:]
+    if not windows:
+        raise ValueError(
+            f"the corpus holds no {length}-token window beyond the benchmark's to train page_gate on"
+        )
+    gate, rep = train_page_gate(
+        model,
+        windows,
+        page_size=page_size,
+        rows_per_window=lim.page_gate_rows,
+        steps=lim.page_gate_steps,
+        progress=lambda what, done, total: say(f"{what} {done}/{total}"),
+    )
+    return weights.with_(tensors={**weights.tensors, **gate.to_tensors()}), rep.to_dict()
 
 
 def run(
@@ -277,9 +309,9 @@ def run(
         else []
     )
     model_rows: list[dict[str, Any]] = []
-    name = model_ref
+    name, gate_report = model_ref, None
     if model:
-        model_rows, name = model_bench(
+        model_rows, name, gate_report = model_bench(
             model_ref,
             QUICK_MODEL_LENGTHS if quick else FULL_MODEL_LENGTHS,
             budgets=budgets,
@@ -299,6 +331,7 @@ def run(
         "model": name,
         "layer_rows": [asdict(r) for r in layer_rows],
         "model_rows": model_rows,
+        "page_gate_training": gate_report,  # --estimator page_gate without weights: trained here
         **clock.summary(),
     }
 

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from sparse_core.decode.plan import DECODE_ESTIMATORS, DecodePlan
+from sparse_core.decode.plan import DECODE_ESTIMATORS, TRAINED_BY_DECODE_CALIBRATION, DecodePlan
 from sparse_core.eps_search import largest_passing
 from sparse_core.plan import SparsePlan
 
@@ -57,6 +57,10 @@ class DecodeLimits:
     # cache length below which decode stays dense; None: measured on this host (break_even.py)
     break_even_tokens: int | None = None
     break_even_lengths: tuple[int, ...] | None = None  # cache lengths measured (None: break_even.LENGTHS)
+    # estimator page_gate: trained first on this many more windows of the texts (beyond the prompts)
+    page_gate_windows: int = 2
+    page_gate_rows: int = 256  # decode rows sampled per window
+    page_gate_steps: int = 150  # Adam steps per layer
 
     def __post_init__(self) -> None:
         if self.n_prompts < 1:
@@ -77,6 +81,9 @@ class DecodeLimits:
         self.budgets = tuple(sorted({int(b) for b in self.budgets}))
         if self.break_even_tokens is not None and self.break_even_tokens < 0:
             raise ValueError(f"decode.break_even_tokens must be >= 0, got {self.break_even_tokens}")
+        for name in ("page_gate_windows", "page_gate_rows", "page_gate_steps"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"decode.{name} must be >= 1, got {getattr(self, name)}")
 
     def check_prefill(self, candidates: Sequence[str], block_size: int) -> None:
         """A page scorer that reads a learned prefill estimator's weights needs that estimator among
@@ -97,7 +104,9 @@ class DecodeLimits:
 
     @classmethod
     def quick(cls, **kw) -> DecodeLimits:
-        base: dict[str, Any] = dict(prompt_tokens=1024, n_prompts=1, new_tokens=32, max_joint_checks=3)
+        base: dict[str, Any] = dict(
+            prompt_tokens=1024, n_prompts=1, new_tokens=32, max_joint_checks=3, page_gate_windows=1
+        )
         base.update(kw)
         return cls(**base)
 
@@ -118,6 +127,7 @@ class DecodeCalibrationReport:
     # per budget (str tokens): sparse_core.decode.break_even.BreakEven; None: given, not measured
     break_even: dict | None = None
     skipped: str | None = None  # why no budget was searched (the cache never reaches the break-even)
+    page_gate: dict | None = None  # estimator page_gate: its training (decode.page_gate.PageGateReport)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -213,6 +223,16 @@ def _lengths(lim: DecodeLimits) -> dict:
     return {} if lim.break_even_lengths is None else {"lengths": tuple(lim.break_even_lengths)}
 
 
+def _with_page_gate(base: SparsePlan, model, page_size: int) -> SparsePlan:
+    """`base` with an untrained page gate's tensors (for timing the scoring path: same ops)."""
+    from sparse_core.decode.page_gate import PageGate
+    from sparse_core.estimators.learned_gate import GateShape
+    from sparse_core.estimators.learned_gate_v2 import model_rope
+
+    gate = PageGate(GateShape.from_config(model.config), page_size, *model_rope(model))
+    return base.with_(tensors={**base.tensors, **gate.to_tensors()})
+
+
 def _smallest_break_even(model, base, lim: DecodeLimits, length: int, n_layers: int, budget, seed: int):
     """(the smallest candidate budget's break-even, and (an all-dense decode plan, its report) when it
     lies beyond `length` + the generated tokens, else None)."""
@@ -266,7 +286,9 @@ def calibrate_decode(
 ) -> tuple[DecodePlan | None, DecodeCalibrationReport]:
     """The sparsest per-layer decode budget meeting `budget` (a calibration.Budget, dict or string).
     `base` supplies a learned page scorer's weights (gate, gate_v2); its prefill part is not used here
-    (prompts are prefilled densely so the search sees decode alone). The model is left dense."""
+    (prompts are prefilled densely so the search sees decode alone). With estimator `page_gate` the
+    scorer is trained first, on windows of the texts after the prompts', and its weights are added to
+    `base.tensors` (removed again when no budget passes). The model is left dense."""
     from sparse_core.calibration import Budget
     from sparse_core.corpus import pack_token_windows
     from sparse_core.decode.measure import fidelity, prefill, run_decode
@@ -280,6 +302,8 @@ def calibrate_decode(
         budget = Budget.from_mapping(budget)
     if is_sparsified(model):
         unsparsify(model)
+    if lim.estimator in TRAINED_BY_DECODE_CALIBRATION and base is None:
+        raise ValueError(f"decode estimator {lim.estimator!r} trains weights into the plan: pass base=")
     base = base or SparsePlan()
     n_layers = int(model.config.num_hidden_layers)
     cap = int(getattr(model.config, "max_position_embeddings", 0) or 0)
@@ -289,25 +313,52 @@ def calibrate_decode(
     t_start = time.perf_counter()
     secs: dict[str, float] = {}
     texts = [t for t in texts if isinstance(t, str) and t.strip()]
+    trained = lim.estimator in TRAINED_BY_DECODE_CALIBRATION
+    # one packing: the prompts first, then (page_gate) its training windows, on text the prompts do not hold
     windows = pack_token_windows(
         tokenizer,
         texts,
         length,
-        lim.n_prompts,
+        lim.n_prompts + (lim.page_gate_windows if trained else 0),
         seed=seed + 11,
         min_length=max(8 * lim.page_size, length // 4),
     )
     if not windows:
         raise ValueError(f"texts too short to calibrate decode on: need windows of {length} tokens")
+    windows, gate_windows = windows[: lim.n_prompts], windows[lim.n_prompts :]
+    if trained and not gate_windows:
+        raise ValueError(
+            f"texts too short to train the decode page_gate: they fill {len(windows)} window(s) of "
+            f"{length} tokens, all taken by the calibration prompts; page_gate trains on "
+            f"{lim.page_gate_windows} more (give more text, or fewer decode.n_prompts)"
+        )
     dev = next(model.parameters()).device
     prompts = [torch.tensor([w], device=dev) for w in windows]
     smallest_be = None
     if lim.break_even_tokens is None:
-        smallest_be, skipped = _smallest_break_even(model, base, lim, length, n_layers, budget, seed)
+        # the break-even times the scoring ops, not the weights: an untrained page gate times the same
+        probe = _with_page_gate(base, model, lim.page_size) if trained else base
+        smallest_be, skipped = _smallest_break_even(model, probe, lim, length, n_layers, budget, seed)
         if skipped is not None:
             skipped[1].n_prompts = len(prompts)
             skipped[1].seconds = {**skipped[1].seconds, "total": time.perf_counter() - t_start}
             return skipped
+    gate_report = None
+    if trained:
+        from sparse_core.decode.page_gate import train_page_gate
+
+        gate, rep = train_page_gate(
+            model,
+            gate_windows,
+            page_size=lim.page_size,
+            rows_per_window=lim.page_gate_rows,
+            steps=lim.page_gate_steps,
+            seed=seed,
+            progress=progress,
+        )
+        base.tensors.update(gate.to_tensors())  # the caller's plan carries the weights it was judged with
+        gate_report = rep.to_dict()
+        secs["page_gate"] = rep.seconds
 
     t0 = time.perf_counter()
     refs, caches = [], []
@@ -430,5 +481,9 @@ def calibrate_decode(
         n_prompts=len(prompts),
         seconds=secs,
         break_even=break_even,
+        page_gate=gate_report,
     )
+    if trained and dp is None:  # decode stays dense: the plan does not carry weights nothing reads
+        for name in gate.to_tensors():
+            base.tensors.pop(name, None)
     return dp, report

@@ -2,8 +2,9 @@
 
 Per decode step and KV head (its query heads share one choice), the pages of the cache are scored by
 an estimator (`quest`: per-page channel-wise min/max key bound, training-free; `gate` / `gate_v2`:
-the plan's learned gate on the same page features its prefill scoring uses) and only the kept pages
-are read:
+the plan's learned gate on the same page features its prefill scoring uses; `page_gate`: gate_v2's
+geometry with weights decode calibration trains on single decode queries at the page size) and only
+the kept pages are read:
 always the first `sink_pages` and the last `local_pages` (the newest page, partial or not, counts as
 one), plus the best-scored pages up to the budget. The budget is a token count (`budget_tokens`) or a
 share of the pages (`density`); `tau` instead keeps the fewest pages whose estimated mass reaches tau,
@@ -22,8 +23,15 @@ from typing import Any
 
 from sparse_core.plan import PlanError, check_layers_exist, merged_overrides
 
-# decode page scorers -> the prefill estimator whose trained weights the scorer reads (None: training-free)
-DECODE_ESTIMATORS: dict[str, str | None] = {"quest": None, "gate": "gate", "gate_v2": "gate_v2"}
+# decode page scorers -> the prefill estimator whose trained weights the scorer reads (None: none;
+# quest is training-free, page_gate is trained by decode calibration itself: sparse_core.decode.page_gate)
+DECODE_ESTIMATORS: dict[str, str | None] = {
+    "quest": None,
+    "gate": "gate",
+    "gate_v2": "gate_v2",
+    "page_gate": None,
+}
+TRAINED_BY_DECODE_CALIBRATION = ("page_gate",)
 DECODE_OVERRIDE_KEYS = ("budget_tokens", "density", "tau", "estimator", "break_even_tokens")
 
 

@@ -11,7 +11,8 @@ pages a KV head reads.
 - `gate_v2_page_logits`: gate_v2's prefill scoring of a one-token query block: pre-rotary (max, min,
   mean) keys per page, projected and rotated at the page's first position, the query un-rotated and
   rotated at its page's; learned prior times log(tokens in page). Complete pages' projected keys are
-  kept with the summary. `page_logits` dispatches on the decode estimator's name.
+  kept with the summary. `page_gate` (sparse_core.decode.page_gate) scores the same way with weights
+  trained on single decode queries at the page size. `page_logits` dispatches on the estimator's name.
 - `select_pages`: per (batch, KV head) the query heads' estimated masses are averaged (one choice per
   GQA group, SeerAttention-R style), the sink and local pages are always kept, and the best of the
   rest are kept up to the budget, or the fewest reaching tau of the estimated mass. One count per
@@ -169,7 +170,7 @@ def page_logits(
     gate = decode_gate(plan, estimator)
     if estimator == "gate":
         return gate_page_logits(q, s, gate.layers[layer_idx], layer_idx)
-    if estimator == "gate_v2":
+    if estimator in ("gate_v2", "page_gate"):  # same geometry; page_gate's weights are decode-trained
         if gate.inv_freq.device != q.device:
             gate.to(q.device)
         return gate_v2_page_logits(q, key, s, gate, layer_idx, key_valid)
@@ -187,6 +188,10 @@ def decode_gate(plan, estimator: str):
         from sparse_core.estimators.learned_gate_v2 import gate_for_plan
 
         return gate_for_plan(plan)
+    if estimator == "page_gate":
+        from sparse_core.decode.page_gate import page_gate_for_plan
+
+        return page_gate_for_plan(plan)
     return None
 
 

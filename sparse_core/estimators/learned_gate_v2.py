@@ -39,8 +39,6 @@ from sparse_core.estimators.quest import key_block_bounds
 from sparse_core.plan import PlanError
 
 TENSOR_PREFIX = "gate_v2"
-ROPE_INV_FREQ = f"{TENSOR_PREFIX}.rope.inv_freq"
-ROPE_SCALING = f"{TENSOR_PREFIX}.rope.attention_scaling"
 TARGETS = ("maxpool", "mass", "output")
 
 
@@ -240,7 +238,10 @@ class LayerGateV2(nn.Module):
 
 class BlockGateV2(nn.Module):
     """All layers' gates plus the model's rotary frequencies; serialised into a plan's tensors as
-    `gate_v2.{layer}.{wq,wk,log_temp,prior}` and `gate_v2.rope.{inv_freq,attention_scaling}`."""
+    `gate_v2.{layer}.{wq,wk,log_temp,prior}` and `gate_v2.rope.{inv_freq,attention_scaling}` (a
+    subclass with another `prefix` keeps its own weights beside these in the same plan)."""
+
+    prefix = TENSOR_PREFIX
 
     def __init__(
         self,
@@ -280,50 +281,55 @@ class BlockGateV2(nn.Module):
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         out = {
-            ROPE_INV_FREQ: self.inv_freq.detach().cpu().clone(),
-            ROPE_SCALING: torch.tensor([self.rope_scaling]),
+            f"{self.prefix}.rope.inv_freq": self.inv_freq.detach().cpu().clone(),
+            f"{self.prefix}.rope.attention_scaling": torch.tensor([self.rope_scaling]),
         }
         for i, layer in enumerate(self.layers):
             for name, p in layer.named_parameters():
-                out[f"{TENSOR_PREFIX}.{i}.{name}"] = p.detach().cpu().clone().contiguous()
+                out[f"{self.prefix}.{i}.{name}"] = p.detach().cpu().clone().contiguous()
         return out
 
-    @staticmethod
-    def shape_of(tensors: dict[str, torch.Tensor]) -> GateShape | None:
-        parts = [k.split(".") for k in tensors if k.startswith(TENSOR_PREFIX + ".")]
+    @classmethod
+    def shape_of(cls, tensors: dict[str, torch.Tensor]) -> GateShape | None:
+        parts = [k.split(".") for k in tensors if k.startswith(cls.prefix + ".")]
         layers = sorted({int(p[1]) for p in parts if p[1].isdigit()})
         if not layers:
             return None
-        wq, wk = tensors[f"{TENSOR_PREFIX}.0.wq"], tensors[f"{TENSOR_PREFIX}.0.wk"]
+        wq, wk = tensors[f"{cls.prefix}.0.wq"], tensors[f"{cls.prefix}.0.wk"]
         return GateShape(layers[-1] + 1, wq.shape[0], wk.shape[0], wq.shape[1], wq.shape[2])
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], block_size: int) -> BlockGateV2:
         shape = cls.shape_of(tensors)
-        if shape is None or ROPE_INV_FREQ not in tensors:
-            raise GateShapeError(
-                "plan uses estimator 'gate_v2' but carries no gate_v2 weights; calibrate with "
-                "estimator='gate_v2' or load the plan with its plan_tensors.safetensors"
-            )
-        gate = cls(shape, block_size, tensors[ROPE_INV_FREQ], float(tensors[ROPE_SCALING].reshape(-1)[0]))
+        inv_key, scaling_key = f"{cls.prefix}.rope.inv_freq", f"{cls.prefix}.rope.attention_scaling"
+        if shape is None or inv_key not in tensors:
+            raise GateShapeError(cls.missing_weights_message())
+        gate = cls(shape, block_size, tensors[inv_key], float(tensors[scaling_key].reshape(-1)[0]))
         missing = []
         for i, layer in enumerate(gate.layers):
             for name, p in layer.named_parameters():
-                t = tensors.get(f"{TENSOR_PREFIX}.{i}.{name}")
+                t = tensors.get(f"{cls.prefix}.{i}.{name}")
                 if t is None:
-                    missing.append(f"{TENSOR_PREFIX}.{i}.{name}")
+                    missing.append(f"{cls.prefix}.{i}.{name}")
                 elif tuple(t.shape) != tuple(p.shape):
                     raise GateShapeError(
-                        f"gate tensor {TENSOR_PREFIX}.{i}.{name} has shape {tuple(t.shape)}, "
+                        f"gate tensor {cls.prefix}.{i}.{name} has shape {tuple(t.shape)}, "
                         f"expected {tuple(p.shape)}"
                     )
                 else:
                     with torch.no_grad():
                         p.copy_(t.float())
         if missing:
-            raise GateShapeError(f"plan lacks {len(missing)} gate_v2 tensors (e.g. {missing[0]})")
+            raise GateShapeError(f"plan lacks {len(missing)} {cls.prefix} tensors (e.g. {missing[0]})")
         gate.requires_grad_(False)
         return gate
+
+    @classmethod
+    def missing_weights_message(cls) -> str:
+        return (
+            "plan uses estimator 'gate_v2' but carries no gate_v2 weights; calibrate with "
+            "estimator='gate_v2' or load the plan with its plan_tensors.safetensors"
+        )
 
 
 _GATES: dict[int, tuple[dict, BlockGateV2]] = {}

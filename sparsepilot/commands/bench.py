@@ -422,7 +422,8 @@ def bench_decode(
     estimator: str = typer.Option(
         "quest",
         "--estimator",
-        help=f"{' or '.join(DECODE_ESTIMATORS)} (one that reads learned weights needs --plan).",
+        help=f"{' or '.join(DECODE_ESTIMATORS)} (gate / gate_v2 read a --plan's weights; page_gate "
+        "is trained here on text after the benchmark's window unless the --plan carries its weights).",
     ),
     page_size: int = typer.Option(16, "--page-size", help="Tokens per KV-cache page."),
     budgets: str = typer.Option("1024,2048", "--budgets", help="Comma-separated token budgets per KV head."),
@@ -465,9 +466,9 @@ def bench_decode(
             plan = plan_io.load(plan_dir)
         except (PlanError, OSError) as exc:
             fail(f"--plan {plan_dir}: {exc}")
-        if plan.decode is None and DECODE_ESTIMATORS[estimator] is None:
+        if plan.decode is None and estimator == "quest":
             fail(f"--plan {plan_dir}: the plan has no decode section (or give a learned --estimator)")
-        if plan.decode is None and page_size != plan.block_size:
+        if plan.decode is None and DECODE_ESTIMATORS[estimator] is not None and page_size != plan.block_size:
             fail(
                 f"--page-size {page_size}: --estimator {estimator} pools pages like the plan's blocks; "
                 f"pass --page-size {plan.block_size}"

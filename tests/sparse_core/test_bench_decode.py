@@ -73,7 +73,7 @@ def test_bench_decode_scores_budget_rows_with_a_plans_learned_weights(tiny_llama
     from sparse_core.bench.decode import model_bench
 
     plan = plan_io.load(_gate_v2_plan_dir(tiny_llama_dir, tmp_path / "plan"))
-    rows, _ = model_bench(
+    rows, _, _ = model_bench(
         str(tiny_llama_dir),
         (600,),
         budgets=(128,),
@@ -94,3 +94,22 @@ def test_bench_decode_scores_budget_rows_with_a_plans_learned_weights(tiny_llama
     r = CliRunner().invoke(app, [*base, "--estimator", "gate_v2"])  # pages pooled like the plan's blocks
     assert r.exit_code == 2 and "pass --page-size 32" in r.output, r.output
     assert not (tmp_path / "d.json").exists()
+
+
+def test_bench_decode_trains_page_gate_on_text_after_its_own_window(tiny_llama_dir):
+    from sparse_core.bench.decode import model_bench
+
+    rows, _, trained = model_bench(
+        str(tiny_llama_dir), (600,), budgets=(128,), page_size=16, estimator="page_gate", new_tokens=4
+    )
+    assert [r["plan"] for r in rows] == [
+        "dense attention, paged cache",
+        "page_gate p16 budget 128, dynamic cache",
+        "page_gate p16 budget 128, paged cache",
+    ]
+    assert all(r["density"] < 0.5 for r in rows[1:])
+    assert (
+        trained["page_size"] == 16
+        and trained["windows"] == 2
+        and trained["loss_after"] < trained["loss_before"]
+    )

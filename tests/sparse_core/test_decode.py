@@ -302,6 +302,69 @@ def test_calibrate_finds_a_gate_v2_decode_section(quality_tiny, quality_texts):
         unsparsify(model)
 
 
+def test_calibrate_trains_a_page_gate_into_the_plan(quality_tiny, quality_texts, tmp_path):
+    """Decode estimator `page_gate`: calibration trains it on text after the prompts', the plan carries
+    its weights (hashed) whatever the prefill estimator, and the served decode scores pages with it."""
+    from sparse_core import plan_io
+    from sparse_core.calibration import CalibrationLimits, calibrate
+
+    model, tok = quality_tiny
+    decode = {
+        "estimator": "page_gate",
+        "page_size": 16,
+        "prompt_tokens": 768,
+        "n_prompts": 1,
+        "new_tokens": 8,
+        "budgets": (256, 512),
+        "max_joint_checks": 2,
+        "break_even_tokens": 0,
+        "page_gate_rows": 64,
+        "page_gate_steps": 10,
+    }
+    lim = CalibrationLimits(max_texts=2, max_seq_len=256, taus=(0.9,), max_joint_checks=1, decode=decode)
+    plan, report = calibrate(model, tok, quality_texts, "kl=5", limits=lim)
+    assert plan.decode is not None and plan.decode.estimator == "page_gate" and report.decode["met_budget"]
+    trained = report.decode["page_gate"]
+    assert (
+        trained["windows"] == 2 and trained["rows"] == 128 and trained["loss_after"] < trained["loss_before"]
+    )
+    assert any(k.startswith("page_gate.") for k in plan.tensors) and plan.estimator != "page_gate"
+    plan_io.save(plan, tmp_path / "plan", config=model.config)
+    loaded = plan_io.load(tmp_path / "plan")
+    assert loaded.content_hash() == report.plan_hash == plan.content_hash()
+    sparsify(model, loaded)
+    try:
+        st = decode_stats(model)
+        with torch.no_grad():
+            model.generate(
+                _prompt(tok, 700), max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id
+            )
+        assert st.calls > 0 and st.density < 1.0
+    finally:
+        unsparsify(model)
+
+
+def test_page_gate_calibration_needs_its_own_text_and_a_plan_to_train_into(tiny_llama_dir):
+    from sparse_core.decode.calibration import DecodeLimits, calibrate_decode
+
+    model, tok = load_model(tiny_llama_dir)
+    lim = DecodeLimits(
+        estimator="page_gate",
+        prompt_tokens=512,
+        n_prompts=1,
+        new_tokens=4,
+        budgets=(64,),
+        break_even_tokens=0,
+    )
+    one_window = [sample_text(8000)[:1300]]  # ~570 tokens: one 512-token window, the prompt's
+    with pytest.raises(ValueError, match="texts too short to train the decode page_gate: .* 2 more"):
+        calibrate_decode(model, tok, one_window, "kl=5", base=SparsePlan(), limits=lim)
+    with pytest.raises(ValueError, match="'page_gate' trains weights into the plan: pass base="):
+        calibrate_decode(model, tok, one_window, "kl=5", limits=lim)
+    with pytest.raises(ValueError, match="decode.page_gate_steps must be >= 1, got 0"):
+        DecodeLimits(page_gate_steps=0)
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_paged_cache_generates_what_the_dynamic_cache_does(tiny_model_factory, arch):
     from sparse_core.decode.cache import PagedCache, PagedLayer
