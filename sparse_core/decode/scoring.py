@@ -134,6 +134,9 @@ def gate_v2_page_logits(
         fresh = project(done, full)
         kp = fresh if kp is None else torch.cat([kp, fresh], dim=2)
         s.cache[cache_key] = kp
+    temp, weight = _gate_constants(gate, layer_idx)  # [1, Hq, 1] each
+    if key_valid is None:  # positions 0..L-1: rotary tables by slicing, the newest page scored apart
+        return _unpadded_gate_v2_logits(q, key, kp, gate, layer, temp, weight, ps, full, n)
     if n > full:  # the partial newest page: recomputed every step
         tail = project(full, n)
         kp = tail if kp is None else torch.cat([kp, tail], dim=2)
@@ -142,17 +145,75 @@ def gate_v2_page_logits(
     qp = layer.project_queries(qbar, positions((n - 1) * ps, (n - 1) * ps + 1), gate.inv_freq)
     hkv = kp.shape[1]
     logits = torch.matmul(qp.view(b, hkv, hq // hkv, -1), kp.transpose(-1, -2)).reshape(b, hq, n)
-    logits = logits * layer.temperature()[None, :, None]
-    weight = layer.prior.float()[None, :, None]  # [1, Hq, 1]
-    if key_valid is None:  # log(tokens in page): a constant per head but for a partial newest page
-        rem = length - full * ps
-        if rem:
-            logits[..., -1:].add_(weight[..., 0:1] * math.log(rem / ps))
-        return logits
+    logits = logits * temp
     kv = torch.nn.functional.pad(key_valid, (0, n * ps - length), value=False)
     counts = kv.view(b, n, ps).sum(-1).float()  # [B, P]
     logits = logits + counts.clamp_min(1.0).log()[:, None, :] * weight
     return logits.masked_fill((counts == 0)[:, None, :], float("-inf"))
+
+
+def _gate_constants(gate, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(temperature, prior weight) [1, Hq, 1] of a layer, computed once per gate (inference weights)."""
+    consts = gate.__dict__.setdefault("_decode_constants", {})
+    hit = consts.get(layer_idx)
+    if hit is None:
+        layer = gate.layers[layer_idx]
+        with torch.no_grad():
+            hit = (layer.temperature()[None, :, None].float(), layer.prior.float()[None, :, None])
+        consts[layer_idx] = hit
+    return hit
+
+
+def _rope_table(gate, length: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rotary tables [N, D] of positions 0..N-1 >= length, kept on the gate (grown by doubling), in
+    the form `_turn` uses: (cos, sin) of the plain rotation the gate applies to its projections,
+    (cos, sin) / attention scaling of the inverse the model's q/k need; 1 / 0 on unrotated channels."""
+    from sparse_core.estimators.learned_gate_v2 import rope_cos_sin
+
+    table = gate.__dict__.get("_rope_table")
+    if table is None or table[0].shape[0] < length or table[0].device != torch.device(device):
+        n = max(length, 2 * table[0].shape[0] if table is not None else 4096)
+        cos, sin = rope_cos_sin(torch.arange(n, device=device), gate.inv_freq.to(device))
+        pad = gate.shape.head_dim - 2 * cos.shape[-1]
+        c = torch.nn.functional.pad(torch.cat([cos, cos], -1), (0, pad), value=1.0)
+        sn = torch.nn.functional.pad(torch.cat([sin, sin], -1), (0, pad), value=0.0)
+        inv = 1.0 / gate.rope_scaling
+        c_inv = torch.cat([c[:, : 2 * cos.shape[-1]] * inv, c[:, 2 * cos.shape[-1] :]], -1)
+        table = (c, sn, c_inv, -sn * inv)
+        gate.__dict__["_rope_table"] = table
+    return table
+
+
+def _turn(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, half: int) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin over [.., D] with `_rope_table`'s full-width tables (`half`:
+    rotated channel pairs): transformers' rotation, or its inverse, in 7 ops instead of ~12."""
+    turned = torch.cat([-x[..., half : 2 * half], x[..., :half], x[..., 2 * half :]], dim=-1)
+    return torch.addcmul(x * cos, turned, sin)
+
+
+def _unpadded_gate_v2_logits(q, key, kp, gate, layer, temp, weight, ps: int, full: int, n: int):
+    """`gate_v2_page_logits` without padding (positions 0..L-1), in fewer ops: rotations from one
+    table per gate, the newest page pooled and projected apart from the cached complete pages (no
+    copy of those), the layer's temperature and prior computed once."""
+    b, hq, _ = q.shape
+    hkv, length = key.shape[1], key.shape[2]
+    cos, sin, cos_inv, sin_inv = _rope_table(gate, length, key.device)
+    half = gate.inv_freq.numel()
+    own = (n - 1) * ps  # the query's page: rotated at its first position
+    qbar = _turn(q.float()[:, :, None], cos_inv[length - 1], sin_inv[length - 1], half)  # pre-rotary
+    qp = _turn(torch.matmul(qbar, layer.wq), cos[own], sin[own], half)  # [B, Hq, 1, G]
+    qg = qp.view(b, hkv, hq // hkv, -1)
+    parts = [] if kp is None else [torch.matmul(qg, kp.transpose(-1, -2))]
+    if n > full:  # the partial newest page: pooled over its keys so far, every step
+        t0 = full * ps
+        k = _turn(key[:, :, t0:length].float(), cos_inv[t0:length], sin_inv[t0:length], half)
+        pooled = torch.cat([k.amax(2, keepdim=True), k.amin(2, keepdim=True), k.mean(2, keepdim=True)], -1)
+        tail = _turn(torch.matmul(pooled, layer.wk), cos[t0], sin[t0], half)
+        parts.append(torch.matmul(qg, tail.transpose(-1, -2)))
+    logits = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)).reshape(b, hq, n) * temp
+    if n > full:  # log(tokens in page): a constant per head but for the partial newest page
+        logits[..., -1:].add_(weight * math.log((length - full * ps) / ps))
+    return logits
 
 
 def page_logits(

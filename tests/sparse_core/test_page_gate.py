@@ -106,3 +106,20 @@ def test_weights_round_trip_through_a_saved_plan_and_misfits_are_refused(tiny_ll
     from sparse_core import unsparsify
 
     unsparsify(model)
+
+
+@pytest.mark.parametrize("length", [61, 64, 65])
+def test_unpadded_decode_scoring_equals_the_general_path_with_partial_rotary_and_scaling(length):
+    """The fast path for a cache without padding (rotations from one table per gate) ranks pages as
+    the general path does, with rotary on 8 of 16 channels and an attention scaling of 1.3."""
+    gen = torch.Generator().manual_seed(length)
+    gate = PageGate(GateShape(2, 4, 2, 16, 16), 8, torch.rand(4, generator=gen), rope_scaling=1.3)
+    with torch.no_grad():
+        for p in gate.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    k = torch.randn(1, 2, length, 16, generator=gen)
+    q = torch.randn(1, 4, 16, generator=gen)
+    s = summarize(k, 8)
+    fast = gate_v2_page_logits(q, k, s, gate, 1)
+    general = gate_v2_page_logits(q, k, summarize(k, 8), gate, 1, torch.ones(1, length, dtype=torch.bool))
+    assert torch.allclose(torch.log_softmax(fast, -1), torch.log_softmax(general, -1), atol=1e-5)
