@@ -1,5 +1,7 @@
 """`page_gate`: a learned decode page scorer, trained on what decode asks -- one query token against
-the pages of the cache before it (SeerAttention-R's decode gate, arXiv 2506.08889).
+the pages of the cache before it. SeerAttention-R (Gao et al., June 2025) trains its decode gate the
+same way, with no query pooling; it projects a GQA group's queries down to one per KV head, where
+this gate keeps gate_v2's per-head query projection and selection averages the heads' page masses.
 
 gate_v2 scores decode pages with weights trained on 64-row query blocks; a decode query is a single
 token, and its pages are Quest's 16-token ones, not the prefill blocks. `page_gate` has gate_v2's

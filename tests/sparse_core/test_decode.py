@@ -272,20 +272,18 @@ def test_calibrate_adds_a_decode_section_when_asked(quality_tiny, quality_texts)
         calibrate(model, tok, quality_texts, "kl=5", limits=CalibrationLimits(decode={"estimator": "gate"}))
 
 
+def _tiny_decode_limits(**kw) -> dict:
+    """DecodeLimits fields for a quick decode calibration of the quality_tiny model after 768 tokens."""
+    base = dict(prompt_tokens=768, n_prompts=1, new_tokens=8, budgets=(256, 512), max_joint_checks=2)
+    return {**base, "break_even_tokens": 0, **kw}
+
+
 def test_calibrate_finds_a_gate_v2_decode_section(quality_tiny, quality_texts):
     from sparse_core.calibration import CalibrationLimits, calibrate
 
     model, tok = quality_tiny
-    decode = {
-        "estimator": "gate_v2",
-        "page_size": 64,  # the plan's block size: gate_v2 pools pages like its blocks
-        "prompt_tokens": 768,
-        "n_prompts": 1,
-        "new_tokens": 8,
-        "budgets": (256, 512),
-        "max_joint_checks": 2,
-        "break_even_tokens": 0,
-    }
+    # page_size: the plan's block size: gate_v2 pools pages like its blocks
+    decode = _tiny_decode_limits(estimator="gate_v2", page_size=64)
     lim = CalibrationLimits(
         max_texts=3, max_seq_len=256, taus=(0.9,), max_joint_checks=1, gate_steps=4, decode=decode
     )
@@ -309,18 +307,7 @@ def test_calibrate_trains_a_page_gate_into_the_plan(quality_tiny, quality_texts,
     from sparse_core.calibration import CalibrationLimits, calibrate
 
     model, tok = quality_tiny
-    decode = {
-        "estimator": "page_gate",
-        "page_size": 16,
-        "prompt_tokens": 768,
-        "n_prompts": 1,
-        "new_tokens": 8,
-        "budgets": (256, 512),
-        "max_joint_checks": 2,
-        "break_even_tokens": 0,
-        "page_gate_rows": 64,
-        "page_gate_steps": 10,
-    }
+    decode = _tiny_decode_limits(estimator="page_gate", page_size=16, page_gate_rows=64, page_gate_steps=10)
     lim = CalibrationLimits(max_texts=2, max_seq_len=256, taus=(0.9,), max_joint_checks=1, decode=decode)
     plan, report = calibrate(model, tok, quality_texts, "kl=5", limits=lim)
     assert plan.decode is not None and plan.decode.estimator == "page_gate" and report.decode["met_budget"]
