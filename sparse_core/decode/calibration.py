@@ -288,7 +288,7 @@ def calibrate_decode(
     `base` supplies a learned page scorer's weights (gate, gate_v2); its prefill part is not used here
     (prompts are prefilled densely so the search sees decode alone). With estimator `page_gate` the
     scorer is trained first, on windows of the texts after the prompts', and its weights are added to
-    `base.tensors` (removed again when no budget passes). The model is left dense."""
+    `base.tensors` when a budget passes. The model is left dense."""
     from sparse_core.calibration import Budget
     from sparse_core.corpus import pack_token_windows
     from sparse_core.decode.measure import fidelity, prefill, run_decode
@@ -356,7 +356,7 @@ def calibrate_decode(
             seed=seed,
             progress=progress,
         )
-        base.tensors.update(gate.to_tensors())  # the caller's plan carries the weights it was judged with
+        caller, base = base, base.with_(tensors={**base.tensors, **gate.to_tensors()})
         gate_report = rep.to_dict()
         secs["page_gate"] = rep.seconds
 
@@ -483,7 +483,6 @@ def calibrate_decode(
         break_even=break_even,
         page_gate=gate_report,
     )
-    if trained and dp is None:  # decode stays dense: the plan does not carry weights nothing reads
-        for name in gate.to_tensors():
-            base.tensors.pop(name, None)
+    if trained and dp is not None:  # the caller's plan carries the weights its decode was judged with
+        caller.tensors.update(gate.to_tensors())
     return dp, report

@@ -22,6 +22,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -62,19 +63,21 @@ class PageGate(BlockGateV2):
         )
 
 
-_GATES: dict[int, tuple[dict, PageGate]] = {}
+_GATES: dict[int, tuple[dict, Any, PageGate]] = {}
+_SENTINEL = f"{TENSOR_PREFIX}.0.wq"  # replaced whenever the weights are: a dict updated in place misses
 
 
 def page_gate_for_plan(plan) -> PageGate:
-    """The PageGate a plan carries (cached per plan tensors dict); a PlanError when it has none."""
+    """The PageGate a plan carries (cached per plan tensors dict and weights); a PlanError when it has
+    none."""
     tensors = getattr(plan, "tensors", None) or {}
     hit = _GATES.get(id(tensors))
-    if hit is not None and hit[0] is tensors:
-        return hit[1]
+    if hit is not None and hit[0] is tensors and hit[1] is tensors.get(_SENTINEL):
+        return hit[2]
     gate = PageGate.from_plan_tensors(tensors)  # GateShapeError is a PlanError
     if len(_GATES) > 8:
         _GATES.clear()
-    _GATES[id(tensors)] = (tensors, gate)
+    _GATES[id(tensors)] = (tensors, tensors.get(_SENTINEL), gate)
     return gate
 
 

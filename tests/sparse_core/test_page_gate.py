@@ -98,6 +98,11 @@ def test_weights_round_trip_through_a_saved_plan_and_misfits_are_refused(tiny_ll
     assert back.page_size == 16
     for a, b in zip(gate.parameters(), back.parameters(), strict=True):
         assert torch.equal(a, b)
+    retrained = PageGate(GateShape.from_config(model.config), 16, *model_rope(model))
+    loaded.tensors.update(retrained.to_tensors())  # new weights in the same dict: not the cached gate
+    for a, b in zip(retrained.parameters(), page_gate_for_plan(loaded).parameters(), strict=True):
+        assert torch.equal(a, b)
+    loaded = plan_io.load(tmp_path / "p")
     sparsify(model, loaded)  # fits: page size 16 as trained
     with pytest.raises(PlanError, match=r"pooled over the page size it was trained at \(16 tokens\)"):
         sparsify(model, loaded.with_(decode=DecodePlan(estimator="page_gate", page_size=32)))
