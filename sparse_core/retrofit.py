@@ -124,15 +124,10 @@ def _check_decode_weights(plan: SparsePlan) -> None:
         gate = decode_gate(plan, name)
         if gate is None:
             continue
-        pooled_over, what = (
-            (gate.page_size, "the page size it was trained at")
-            if name == "page_gate"
-            else (plan.block_size, "plan.block_size")
-        )
-        if (plan.decode.page_size or plan.block_size) != pooled_over:
+        if (plan.decode.page_size or plan.block_size) != gate.block_size:
             raise PlanError(
                 f"plan.decode.page_size {plan.decode.page_size} with estimator {name!r}: the gate's key "
-                f"features are pooled over {what} ({pooled_over} tokens); use that page size"
+                f"features are pooled over {gate.pooled_over} ({gate.block_size} tokens); use that page size"
             )
 
 

@@ -266,25 +266,20 @@ def _trained_page_gate(model, tok, texts, weights: SparsePlan, length: int, page
     """`weights` + a page gate trained as decode calibration trains it, on the windows that follow the
     benchmark's own in the same packing (text no timed run reads). -> (plan, training report dict)."""
     from sparse_core.corpus import pack_token_windows
-    from sparse_core.decode.calibration import DecodeLimits
-    from sparse_core.decode.page_gate import train_page_gate
+    from sparse_core.decode.page_gate import WINDOWS, train_page_gate
 
-    lim = DecodeLimits()
     cap = int(getattr(model.config, "max_position_embeddings", 0) or 0)
     length = min(length, cap) if cap else length
-    windows = pack_token_windows(tok, texts, length, 1 + lim.page_gate_windows, seed=7)[1:]
+    windows = pack_token_windows(tok, texts, length, 1 + WINDOWS, seed=7)[1:]
     if not windows:
         raise ValueError(
             f"the corpus holds no {length}-token window beyond the benchmark's to train page_gate on"
         )
-    gate, rep = train_page_gate(
-        model,
-        windows,
-        page_size=page_size,
-        rows_per_window=lim.page_gate_rows,
-        steps=lim.page_gate_steps,
-        progress=lambda what, done, total: say(f"{what} {done}/{total}"),
-    )
+
+    def progress(what: str, done: int, total: int) -> None:
+        say(f"{what} {done}/{total}")
+
+    gate, rep = train_page_gate(model, windows, page_size=page_size, progress=progress)
     return weights.with_(tensors={**weights.tensors, **gate.to_tensors()}), rep.to_dict()
 
 

@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from sparse_core.decode import page_gate
 from sparse_core.decode.plan import DECODE_ESTIMATORS, TRAINED_BY_DECODE_CALIBRATION, DecodePlan
 from sparse_core.eps_search import largest_passing
 from sparse_core.plan import SparsePlan
@@ -58,9 +59,9 @@ class DecodeLimits:
     break_even_tokens: int | None = None
     break_even_lengths: tuple[int, ...] | None = None  # cache lengths measured (None: break_even.LENGTHS)
     # estimator page_gate: trained first on this many more windows of the texts (beyond the prompts)
-    page_gate_windows: int = 2
-    page_gate_rows: int = 256  # decode rows sampled per window
-    page_gate_steps: int = 150  # Adam steps per layer
+    page_gate_windows: int = page_gate.WINDOWS
+    page_gate_rows: int = page_gate.ROWS_PER_WINDOW  # decode rows sampled per window
+    page_gate_steps: int = page_gate.STEPS  # Adam steps per layer
 
     def __post_init__(self) -> None:
         if self.n_prompts < 1:
@@ -225,11 +226,10 @@ def _lengths(lim: DecodeLimits) -> dict:
 
 def _with_page_gate(base: SparsePlan, model, page_size: int) -> SparsePlan:
     """`base` with an untrained page gate's tensors (for timing the scoring path: same ops)."""
-    from sparse_core.decode.page_gate import PageGate
     from sparse_core.estimators.learned_gate import GateShape
     from sparse_core.estimators.learned_gate_v2 import model_rope
 
-    gate = PageGate(GateShape.from_config(model.config), page_size, *model_rope(model))
+    gate = page_gate.PageGate(GateShape.from_config(model.config), page_size, *model_rope(model))
     return base.with_(tensors={**base.tensors, **gate.to_tensors()})
 
 
@@ -345,9 +345,7 @@ def calibrate_decode(
             return skipped
     gate_report = None
     if trained:
-        from sparse_core.decode.page_gate import train_page_gate
-
-        gate, rep = train_page_gate(
+        gate, rep = page_gate.train_page_gate(
             model,
             gate_windows,
             page_size=lim.page_size,

@@ -26,17 +26,21 @@ from typing import Any
 
 import torch
 
+from sparse_core.estimators.blocks import block_max_min_mean
 from sparse_core.estimators.learned_gate import GateShape, GateShapeError
 from sparse_core.estimators.learned_gate_v2 import BlockGateV2, LayerGateV2, rope_cos_sin, unrotate
 
 TENSOR_PREFIX = "page_gate"
 PAGE_SIZE_KEY = f"{TENSOR_PREFIX}.page_size"
+# training defaults, decode calibration's (DecodeLimits.page_gate_*) and the decode benchmark's
+WINDOWS, ROWS_PER_WINDOW, STEPS = 2, 256, 150
 
 
 class PageGate(BlockGateV2):
     """All layers' page gates; `block_size` is the page size it was trained at (kept in the tensors)."""
 
     prefix = TENSOR_PREFIX
+    pooled_over = "the page size it was trained at"
 
     def __init__(self, shape: GateShape, page_size: int, inv_freq: torch.Tensor, rope_scaling: float = 1.0):
         super().__init__(shape, page_size, inv_freq, rope_scaling, target="mass")
@@ -129,8 +133,7 @@ def page_rows(
     run_sum = padded.cumsum(2).view(hkv, -1, d)
     within = (rows % ps).float() + 1.0  # keys of the row's page up to the row
     newest = torch.cat([run_max[:, rows], run_min[:, rows], run_sum[:, rows] / within[None, :, None]], -1)
-    full = padded[:, :n_full]
-    pages = torch.cat([full.amax(2), full.amin(2), full.mean(2)], dim=-1)
+    pages = block_max_min_mean(ku[None, :, : n_full * ps], ps)[0]
     qu = unrotate(query.float()[:, rows], cos[rows], sin[rows], rope_scaling)
     # exact per-head page mass of each row over keys 0..t
     g = hq // hkv
@@ -198,8 +201,8 @@ def train_page_gate(
     windows: Sequence[Sequence[int]],
     *,
     page_size: int,
-    rows_per_window: int = 256,
-    steps: int = 150,
+    rows_per_window: int = ROWS_PER_WINDOW,
+    steps: int = STEPS,
     lr: float = 3e-3,
     seed: int = 0,
     progress: Callable[[str, int, int], None] | None = None,

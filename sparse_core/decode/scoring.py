@@ -207,6 +207,7 @@ def _unpadded_gate_v2_logits(q, key, kp, gate, layer, temp, weight, ps: int, ful
     if n > full:  # the partial newest page: pooled over its keys so far, every step
         t0 = full * ps
         k = _turn(key[:, :, t0:length].float(), cos_inv[t0:length], sin_inv[t0:length], half)
+        # the one page's (max, min, mean) directly: blocks.block_max_min_mean costs 4 more ops per step
         pooled = torch.cat([k.amax(2, keepdim=True), k.amin(2, keepdim=True), k.mean(2, keepdim=True)], -1)
         tail = _turn(torch.matmul(pooled, layer.wk), cos[t0], sin[t0], half)
         parts.append(torch.matmul(qg, tail.transpose(-1, -2)))

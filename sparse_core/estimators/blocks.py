@@ -33,6 +33,18 @@ def block_max_min_sum(x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, t
     return mx, mn, sm
 
 
+def block_max_min_mean(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[B, H, S>=1, D] -> float32 (max, min, mean) per block side by side [B, H, nb, 3D]; a short last
+    block over its own rows (the pooled keys of gate_v2 and of sparse decode's learned page scorers)."""
+    mx, mn, sm = block_max_min_sum(x, block_size)
+    s = x.shape[2]
+    if s % block_size == 0:
+        return torch.cat([mx, mn, sm / block_size], dim=-1)
+    counts = torch.full((mx.shape[2], 1), float(block_size), device=x.device)
+    counts[-1] = float(s - (mx.shape[2] - 1) * block_size)
+    return torch.cat([mx, mn, sm / counts], dim=-1)
+
+
 def causal_block_mask(n: int, device: Any = None) -> torch.Tensor:
     idx = torch.arange(n, device=device)
     return idx[None, :] <= idx[:, None]

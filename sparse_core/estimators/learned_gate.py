@@ -129,6 +129,8 @@ class LayerGate(nn.Module):
 class BlockGate(nn.Module):
     """All layers' gates; serialised into a plan's tensors as `gate.{layer}.{wq,wk,log_temp}`."""
 
+    pooled_over = "plan.block_size"  # what `block_size` is, for errors: the plan's, when loaded from one
+
     def __init__(self, shape: GateShape, block_size: int):
         super().__init__()
         self.shape = shape

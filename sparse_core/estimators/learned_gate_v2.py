@@ -125,14 +125,11 @@ def pool_keys(
 ) -> torch.Tensor:
     """Post-rotary k [B,Hkv,S,D] and its rotary tables [B,1,S,R/2] -> the pre-rotary (max, min, mean)
     of each block [B,Hkv,nb,3D], padded positions left out (what sparse decode pools a page by)."""
-    from sparse_core.estimators.blocks import block_max_min_sum, block_pool_mean
+    from sparse_core.estimators.blocks import block_max_min_mean, block_pool_mean
 
     k = unrotate(key.float(), cos, sin, scaling)
     if key_valid is None:  # whole blocks as a view, a short last block over its own keys: few ops
-        kmax, kmin, ksum = block_max_min_sum(k, block_size)
-        counts = torch.full((kmax.shape[2], 1), float(block_size), device=k.device)
-        counts[-1] = float(k.shape[2] - (kmax.shape[2] - 1) * block_size)
-        return torch.cat([kmax, kmin, ksum / counts], dim=-1)
+        return block_max_min_mean(k, block_size)
     kmin, kmax = key_block_bounds(k, block_size, key_valid)
     return torch.cat([kmax, kmin, block_pool_mean(k, block_size, key_valid)], dim=-1)
 
@@ -242,6 +239,7 @@ class BlockGateV2(nn.Module):
     subclass with another `prefix` keeps its own weights beside these in the same plan)."""
 
     prefix = TENSOR_PREFIX
+    pooled_over = "plan.block_size"  # what `block_size` is, for errors: the plan's, when loaded from one
 
     def __init__(
         self,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparse_core import PlanError, SparsePlan, load_model, plan_io, sparsify
+from sparse_core import PlanError, SparsePlan, load_model, plan_io, sparsify, unsparsify
 from sparse_core.capture import capture_attention
 from sparse_core.decode.page_gate import (
     PageGate,
@@ -108,8 +108,6 @@ def test_weights_round_trip_through_a_saved_plan_and_misfits_are_refused(tiny_ll
         sparsify(model, loaded.with_(decode=DecodePlan(estimator="page_gate", page_size=32)))
     with pytest.raises(PlanError, match="carries no page_gate weights"):
         sparsify(model, SparsePlan(block_size=32, decode=DecodePlan(estimator="page_gate", page_size=16)))
-    from sparse_core import unsparsify
-
     unsparsify(model)
 
 
