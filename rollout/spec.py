@@ -124,6 +124,8 @@ class DecodeCalibration(_Strict):
     new_tokens: Annotated[int, Field(ge=8, le=512)] = 64
     n_prompts: Annotated[int, Field(ge=1, le=16)] = 2
     page_size: Annotated[int, Field(ge=8, le=256)] = 16
+    # judge the decode budget on one-sided bounds at this confidence, not the means; None: the means
+    confidence: Annotated[float, Field(gt=0, lt=1)] | None = None
 
     @field_validator("estimator")
     @classmethod
@@ -336,8 +338,8 @@ class UseCaseSpec(_Strict):
         for (*parents, name), default in _ADDED_LATER.items():
             holder = d
             for key in parents:
-                holder = holder[key]
-            if holder[name] == default:
+                holder = holder[key] if holder is not None else None
+            if holder is not None and holder[name] == default:  # an absent optional section: nothing
                 del holder[name]
         return d
 
@@ -352,6 +354,7 @@ class UseCaseSpec(_Strict):
 _ADDED_LATER: dict[tuple[str, ...], Any] = {
     ("pilot",): PilotSpec().model_dump(mode="json"),  # in-process arms
     ("quality_budget", "calibration", "drop_measure"): "mass",
+    ("quality_budget", "decode", "confidence"): None,
 }
 
 

@@ -30,8 +30,8 @@ packed from the same prompts as the task rows: the candidate set is fixed with r
 held-out windows, not to the task rows.
 
 Pure functions, no model: `calibration._search_plan` runs them with its forwards as the check, and
-`decode.calibration` runs `largest_passing` for the decode budget (judged on point estimates there,
-so no level to correct).
+`decode.calibration` runs `largest_passing` for the decode budget (on point estimates, or with
+`DecodeLimits.confidence` on bounds at `step_alpha`'s level, as here).
 """
 
 from __future__ import annotations

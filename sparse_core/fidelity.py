@@ -38,6 +38,24 @@ class Fidelity:
     def identical(cls, ref: DenseReference) -> Fidelity:
         return cls(0.0, 1.0, ref.nll, ref.nll, 0.0, ref.n_positions)
 
+    @classmethod
+    def from_blocks(cls, blocks: list[tuple[int, float, float, int, float, float]]) -> Fidelity:
+        """The point estimates of these blocks' positions together (means over positions; NLL over
+        the positions with a next token), the blocks kept for `fidelity_bound`."""
+        n = sum(b[0] for b in blocks)
+        n_next = sum(b[3] for b in blocks)
+        diff, dense = sum(b[4] for b in blocks), sum(b[5] for b in blocks)
+        nll_dense = dense / max(n_next, 1)
+        return cls(
+            kl=sum(b[1] for b in blocks) / max(n, 1),
+            agree=sum(b[2] for b in blocks) / max(n, 1),
+            nll_dense=nll_dense,
+            nll_sparse=nll_dense + diff / max(n_next, 1),
+            nll_delta=diff / dense if dense > 0 else 0.0,
+            n_positions=n,
+            blocks=list(blocks),
+        )
+
 
 @dataclass
 class DenseReference:
@@ -110,7 +128,7 @@ def measure_fidelity(
         s_t = _next_token_logprobs(slp, w, keep)
         nll_sum, nll_n = nll_sum - float(s_t.sum()), nll_n + s_t.numel()
         d_t = _next_token_logprobs(dlp, w, keep).double()
-        blocks += _block_sums(kl, agree, d_t - s_t.double(), -d_t)  # NLL(sparse) - NLL(dense), NLL(dense)
+        blocks += block_sums(kl, agree, d_t - s_t.double(), -d_t)  # NLL(sparse) - NLL(dense), NLL(dense)
         if progress:
             progress(1)
     nll_sparse = nll_sum / max(nll_n, 1)
@@ -125,12 +143,18 @@ def measure_fidelity(
     )
 
 
-def _block_sums(
-    kl: torch.Tensor, agree: torch.Tensor, nll_diff: torch.Tensor, nll_dense: torch.Tensor
+def block_sums(
+    kl: torch.Tensor,
+    agree: torch.Tensor,
+    nll_diff: torch.Tensor,
+    nll_dense: torch.Tensor,
+    size: int = BLOCK_POSITIONS,
 ) -> list[tuple[int, float, float, int, float, float]]:
+    """`Fidelity.blocks` of one window's per-position values: KL, agreement (1/0), and for the
+    positions whose next token is known NLL(sparse) - NLL(dense) and NLL(dense), by `size` positions."""
     out = []
-    for b0 in range(0, kl.numel(), BLOCK_POSITIONS):
-        b1 = b0 + BLOCK_POSITIONS
+    for b0 in range(0, kl.numel(), size):
+        b1 = b0 + size
         d = nll_diff[b0:b1]
         out.append(
             (

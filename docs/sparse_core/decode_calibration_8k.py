@@ -1,13 +1,20 @@
 """Decode calibration at 8k, one decode page scorer: `python docs/sparse_core/decode_calibration_8k.py
-ESTIMATOR OUT.json [BUDGET]` (1 torch thread; pin it with taskset on a shared machine).
+ESTIMATOR OUT.json [BUDGET [CONFIDENCE [HELDOUT_TOKENS [N_PROMPTS]]]]` (1 torch thread; pin it with
+taskset on a shared machine).
 
 Calibrates a decode section (sparse_core.decode.calibration.calibrate_decode, 16-token pages) on the
-stdlib corpus's calibration part: 2 prompts of 8,128 tokens, 64 generated tokens each, the fidelity
-budget BUDGET (default kl=0.01,agree=0.95); page_gate trains on 2 more windows of that part. The
+stdlib corpus's calibration part: N_PROMPTS (default 2) prompts of 8,128 tokens, 64 generated tokens
+each, the fidelity budget BUDGET (default kl=0.01,agree=0.95), judged on the means or, with CONFIDENCE (e.g. 0.95), on
+one-sided bounds (DecodeLimits.confidence); page_gate trains on 2 more windows of that part. The
 break-even is not measured (given as 0): this compares what share of the cache each scorer's plan
 reads at the budget, not this host's timing. Then the plan decodes after the held-out part's one
-window (6,880 tokens, text no calibration step read) beside dense: density, KL, top-1 agreement,
-greedy match, ms per token (interleaved, PagedCache). Writes OUT.json and the plan to OUT-plan/."""
+window (6,880 tokens, text no calibration step read) beside dense, HELDOUT_TOKENS (default 64)
+generated tokens: density, KL, top-1 agreement, greedy match, ms per token (interleaved,
+PagedCache). Writes OUT.json and the plan to OUT-plan/.
+
+`python docs/sparse_core/decode_calibration_8k.py --heldout PLAN_DIR OUT.json [HELDOUT_TOKENS]`: only
+the held-out part, for a plan saved before (e.g. one calibrated on the means, measured beside one
+calibrated on bounds on the same continuation)."""
 
 from __future__ import annotations
 
@@ -25,7 +32,14 @@ from sparse_core.decode.measure import compare_decode
 from sparse_core.host import loadavg
 
 
-def main(estimator: str, out: str, budget: str = "kl=0.01,agree=0.95") -> None:
+def main(
+    estimator: str,
+    out: str,
+    budget: str = "kl=0.01,agree=0.95",
+    confidence: str = "",
+    heldout_tokens: str = "64",
+    n_prompts: str = "2",
+) -> None:
     torch.set_num_threads(1)
     load_before = loadavg()
     t0 = time.perf_counter()
@@ -33,11 +47,12 @@ def main(estimator: str, out: str, budget: str = "kl=0.01,agree=0.95") -> None:
     lim = DecodeLimits(
         estimator=estimator,
         prompt_tokens=8128,
-        n_prompts=2,
+        n_prompts=int(n_prompts),
         new_tokens=64,
         page_size=16,
         budgets=(256, 512, 1024, 1536, 2048, 3072, 4096),
         break_even_tokens=0,
+        confidence=float(confidence) if confidence else None,
     )
 
     def say(what: str, done: int, total: int) -> None:
@@ -47,38 +62,66 @@ def main(estimator: str, out: str, budget: str = "kl=0.01,agree=0.95") -> None:
     dp, rep = calibrate_decode(
         model, tok, corpus_texts("calibration"), budget, base=base, limits=lim, progress=say
     )
-    result = {"estimator": estimator, "budget": budget, "calibration": rep.to_dict()}
+    result = {
+        "estimator": estimator,
+        "budget": budget,
+        "confidence": lim.confidence,
+        "calibration": rep.to_dict(),
+    }
     if dp is not None:
-        (held,) = pack_token_windows(tok, corpus_texts("heldout"), 6880, 1)
         plan = base.with_(decode=dp)
         plan_io.save(plan, out.removesuffix(".json") + "-plan", config=model.config)
-        r = compare_decode(
-            model,
-            plan,
-            torch.tensor([held]),
-            new_tokens=64,
-            repeats=2,
-            sparse_cache="paged",
-            dense_cache="paged",
-        )
-        result["heldout"] = {
-            "seq_len": r.seq_len,
-            "density": r.density,
-            "kl": r.kl,
-            "agree": r.agree,
-            "greedy_match": r.greedy_match,
-            "ms_per_token": r.sparse_ms_per_token,
-            "dense_ms_per_token": r.dense_ms_per_token,
-            "speedup": r.speedup,
-            "speedup_interval": list(r.speedup_interval),
-            "estimator_share": r.estimator_share,
-        }
+        result["heldout"] = heldout(model, tok, plan, int(heldout_tokens))
+    _write(out, result, t0, load_before)
+
+
+def heldout(model, tok, plan: SparsePlan, new_tokens: int) -> dict:
+    """The plan's decode after the held-out part's window, beside dense."""
+    (held,) = pack_token_windows(tok, corpus_texts("heldout"), 6880, 1)
+    r = compare_decode(
+        model,
+        plan,
+        torch.tensor([held]),
+        new_tokens=new_tokens,
+        repeats=2,
+        sparse_cache="paged",
+        dense_cache="paged",
+    )
+    return {
+        "seq_len": r.seq_len,
+        "new_tokens": new_tokens,
+        "density": r.density,
+        "kl": r.kl,
+        "agree": r.agree,
+        "greedy_match": r.greedy_match,
+        "ms_per_token": r.sparse_ms_per_token,
+        "dense_ms_per_token": r.dense_ms_per_token,
+        "speedup": r.speedup,
+        "speedup_interval": list(r.speedup_interval),
+        "estimator_share": r.estimator_share,
+    }
+
+
+def heldout_only(plan_dir: str, out: str, heldout_tokens: str = "64") -> None:
+    torch.set_num_threads(1)
+    load_before = loadavg()
+    t0 = time.perf_counter()
+    model, tok = load_model("smollm2-135m", progress=False)
+    plan = plan_io.load(plan_dir, config=model.config)
+    result = {"plan": plan_dir, "heldout": heldout(model, tok, plan, int(heldout_tokens))}
+    _write(out, result, t0, load_before)
+
+
+def _write(out: str, result: dict, t0: float, load_before) -> None:
     result["seconds"] = time.perf_counter() - t0
     result["environment"] = environment(load_before)
     with open(out, "w") as fh:
         json.dump(result, fh, indent=1)
-    print(json.dumps({k: result[k] for k in ("estimator", "heldout") if k in result}, indent=1))
+    print(json.dumps({k: result[k] for k in ("estimator", "plan", "heldout") if k in result}, indent=1))
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    if sys.argv[1:2] == ["--heldout"]:
+        heldout_only(*sys.argv[2:])
+    else:
+        main(*sys.argv[1:])

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from sparse_core.fidelity import Fidelity, block_sums
 from sparse_core.plan import SparsePlan
 
 Progress = Callable[[str, int, int], None]
@@ -115,13 +116,22 @@ def run_decode(model, cache, first: int, n: int, forced: list[int] | None = None
 
 def fidelity(dense: DecodeRun, sparse: DecodeRun) -> tuple[float, float, float]:
     """(mean KL(dense || sparse), top-1 agreement, relative NLL change of the dense tokens)."""
-    lp_d, lp_s = dense.logprobs, sparse.logprobs
-    kl = float((lp_d.exp() * (lp_d - lp_s)).sum(-1).mean())
-    agree = sum(a == b for a, b in zip(dense.predicted, sparse.predicted, strict=True)) / len(dense.predicted)
-    tgt = torch.tensor(dense.predicted)[:, None]
-    nll_d = float(-lp_d.gather(1, tgt).mean())
-    nll_s = float(-lp_s.gather(1, tgt).mean())
-    return kl, agree, (nll_s - nll_d) / max(nll_d, 1e-12)
+    f = Fidelity.from_blocks(fidelity_blocks(dense, sparse, size=len(dense.predicted)))
+    return f.kl, f.agree, f.nll_delta
+
+
+def fidelity_blocks(
+    dense: DecodeRun, sparse: DecodeRun, size: int
+) -> list[tuple[int, float, float, int, float, float]]:
+    """`Fidelity.blocks` of one continuation, by `size` consecutive generated tokens: KL(dense ||
+    sparse), agreement with the dense greedy token, and the NLL of that token (the next one the
+    dense model generates) under both."""
+    lp_d, lp_s = dense.logprobs.double(), sparse.logprobs.double()
+    kl = (lp_d.exp() * (lp_d - lp_s)).sum(-1).clamp_min(0)
+    pred = torch.tensor(dense.predicted)
+    agree = (pred == torch.tensor(sparse.predicted)).double()
+    nll_d, nll_s = -lp_d.gather(1, pred[:, None])[:, 0], -lp_s.gather(1, pred[:, None])[:, 0]
+    return block_sums(kl, agree, nll_s - nll_d, nll_d, size=size)
 
 
 def _bootstrap(dense: list[float], sparse: list[float], seed: int, n: int = 1000) -> tuple[float, float]:

@@ -120,3 +120,28 @@ def test_calibrate_flow_takes_the_specs_drop_measure_and_keeps_old_run_keys() ->
         assert "drop_measure" not in limits(None, quick) and limits("mass", quick) == limits(None, quick)
         assert CalibrationLimits(**limits(None, quick)).drop_measure == "mass"
         assert CalibrationLimits(**limits("output", quick)).drop_measure == "output"
+
+
+def test_calibrate_flow_takes_the_specs_decode_confidence_and_keeps_old_run_keys() -> None:
+    from pathlib import Path
+
+    from flows.calibrate import limits_for
+    from flows.common import UseCaseContext
+    from rollout.spec import parse_spec
+    from sparse_core.calibration import CalibrationLimits
+    from tests.rollout.usecase_helpers import example_spec
+
+    def limits(confidence: float | None, quick: bool) -> dict:
+        data = example_spec("docs-qa")
+        if confidence is not None:
+            data["quality_budget"]["decode"]["confidence"] = confidence
+        spec = parse_spec(data)
+        ctx = UseCaseContext("docs-qa", 1, spec, 1, spec.content_hash(), Path("x.jsonl"), [])
+        return limits_for(ctx, quick, None)
+
+    for quick in (False, True):
+        assert "confidence" not in limits(None, quick)["decode"]  # earlier runs' settings keys hold
+        lim = CalibrationLimits(**limits(0.95, quick))
+        # a bound needs its tokens: quick mode keeps the spec's prompts and generated tokens then
+        assert lim.decode.confidence == 0.95 and (lim.decode.n_prompts, lim.decode.new_tokens) == (2, 64)
+    assert CalibrationLimits(**limits(None, True)).decode.new_tokens == 32

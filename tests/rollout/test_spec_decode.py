@@ -51,3 +51,17 @@ def test_bad_decode_section_names_the_field(tmp_path, decode, field):
     with pytest.raises(SpecError) as err:
         load_spec(_spec_with(tmp_path, decode))
     assert field in str(err.value)
+
+
+def test_decode_confidence_is_optional_and_keeps_old_hashes(tmp_path):
+    plain = load_spec(EXAMPLES / "docs-qa.yaml")
+    assert plain.quality_budget.decode.confidence is None
+    # unset, it is left out of the stored dict: specs stored before the field keep their hash
+    assert "confidence" not in plain.to_dict()["quality_budget"]["decode"]
+    data = yaml.safe_load((EXAMPLES / "docs-qa.yaml").read_text())
+    bounded = load_spec(_spec_with(tmp_path, {**data["quality_budget"]["decode"], "confidence": 0.95}))
+    assert bounded.quality_budget.decode.confidence == 0.95
+    assert bounded.content_hash() != plain.content_hash()
+    assert bounded.to_dict()["quality_budget"]["decode"]["confidence"] == 0.95
+    with pytest.raises(SpecError, match="quality_budget.decode.confidence"):
+        load_spec(_spec_with(tmp_path, {"confidence": 1.5}))

@@ -209,6 +209,40 @@ def test_decode_calibration_finds_a_budget_within_a_loose_budget_and_none_within
     assert not hasattr(model, "_sparsepilot")  # left dense
 
 
+def test_decode_calibration_with_confidence_judges_bounds_and_keeps_a_plan_no_sparser(tiny_llama_dir):
+    from sparse_core.decode.calibration import BLOCK_TOKENS, DecodeLimits, calibrate_decode
+
+    model, tok = load_model(tiny_llama_dir)
+    texts = [sample_text(12000)[i * 2000 : (i + 1) * 2000] for i in range(6)]
+    kw = dict(prompt_tokens=512, n_prompts=2, new_tokens=32, budgets=(64, 128, 256), max_joint_checks=3)
+    lim = DecodeLimits(**kw, break_even_tokens=0)
+    assert lim.n_blocks == 2 * 32 // BLOCK_TOKENS
+    dp, rep = calibrate_decode(model, tok, texts, "kl=5", limits=lim)
+    assert rep.met_budget and dp is not None
+    # a budget the means' plan just meets on its KL: judged on the upper bound, that plan fails
+    kl = rep.fidelity["kl"] * 1.0001
+    tight = f"kl={kl:.8g},agree=0.01,nll_delta=100"
+    _, point = calibrate_decode(model, tok, texts, tight, limits=lim)
+    lim_c = DecodeLimits(**kw, break_even_tokens=0, confidence=0.95)
+    dp_c, bounded = calibrate_decode(model, tok, texts, tight, limits=lim_c)
+    sparse_steps = [s for s in bounded.search if s["fidelity"]["kl"] > 0]
+    assert sparse_steps
+    for s in sparse_steps:  # each sparse candidate: its bounds beside its means, judged at 0.05 / 3
+        f = s["fidelity"]
+        assert f["confidence"] == 0.95 and f["step_confidence"] == pytest.approx(1 - 0.05 / 3)
+        assert f["kl_upper"] > f["kl"] and f["agree_lower"] <= f["agree"]
+        assert f["nll_delta_upper"] >= f["nll_delta"]
+        assert s["passed"] == (f["kl_upper"] <= kl)
+    # the plan at the budget's edge on the means is refused on its bound: a denser one (or dense) stays
+    assert point.met_budget and bounded.density > point.density
+    if dp_c is not None:
+        assert bounded.fidelity["kl_upper"] <= kl
+    with pytest.raises(ValueError, match=r"needs at least \d+ blocks of 8 generated tokens; 1 prompt"):
+        DecodeLimits(n_prompts=1, new_tokens=16, confidence=0.95)
+    with pytest.raises(ValueError, match=r"decode.confidence must be in \(0, 1\)"):
+        DecodeLimits(confidence=1.0)
+
+
 def _perturbed_gate_tensors(name: str, model) -> dict:
     """Initial `gate` / `gate_v2` weights for the model at block size 32, perturbed so the max/min key
     features (and gate_v2's prior) count."""

@@ -13,7 +13,7 @@ from scipy import optimize, stats
 from sparse_core import sparsify, unsparsify
 from sparse_core.corpus import pack_token_windows
 from sparse_core.fidelity import BLOCK_POSITIONS, Fidelity, dense_reference, measure_fidelity
-from sparse_core.fidelity_bound import block_mean_bound, fidelity_bound
+from sparse_core.fidelity_bound import agreement_lower_bound, block_mean_bound, fidelity_bound
 from sparse_core.plan import SparsePlan
 
 
@@ -92,6 +92,45 @@ def test_delta_nll_bound_covers_the_ratio():
     assert plug_in_cover / trials < 0.8  # measured 0.69
 
 
+def _markov_agreements(rng, p: float, rho: float, trials: int, n: int) -> np.ndarray:
+    """[trials, n] agreements (0/1) of a stationary Markov chain with mean p and lag-1 correlation
+    rho (SmolLM2's decode tokens: 0.12)."""
+    x = np.empty((trials, n), dtype=bool)
+    x[:, 0] = rng.random(trials) < p
+    stay, enter = p + rho * (1 - p), p * (1 - rho)  # P(agree | agreed), P(agree | disagreed)
+    for j in range(1, n):
+        x[:, j] = rng.random(trials) < np.where(x[:, j - 1], stay, enter)
+    return x
+
+
+def _agree_fid(hits: np.ndarray, per_block: int) -> Fidelity:
+    fid = Fidelity(0.0, 1.0, 1.0, 1.0, 0.0, 0)
+    fid.blocks = [(per_block, 0.0, float(h), per_block, 0.0, float(per_block)) for h in hits]
+    return fid
+
+
+def test_agreement_bound_on_decode_sized_samples_holds_when_no_disagreement_is_seen():
+    """Decode calibration's size: 16 blocks of 8 generated tokens, judged at 0.99 (95% over a 5-step
+    search). Blocks that all agree show no spread, so the block bound alone says 1.0 whatever the
+    truth (a plan of true agreement 0.99 does so in 28% of samples); the exact floor keeps the level
+    at the lag-1 correlation SmolLM2's decode tokens show (0.12). 4000 samples per case: the binomial
+    sd of a 1% miss rate is 0.0016."""
+    assert agreement_lower_bound(128, 128, 0.99) == pytest.approx(0.01 ** (1 / 128))
+    assert agreement_lower_bound(127, 128, 0.99) == pytest.approx(stats.beta.ppf(0.01, 127, 2))
+    assert agreement_lower_bound(0, 128, 0.99) == 0.0
+    assert fidelity_bound(_agree_fid(np.full(16, 8), 8), 0.99).agree == pytest.approx(0.01 ** (1 / 128))
+    assert block_mean_bound([(8, 8.0)] * 16, 0.99, upper=False) == 1.0  # the collapse the floor stops
+    rng = np.random.default_rng(3)
+    trials = 4000
+    for p in (0.9, 0.95, 0.99):
+        hits = _markov_agreements(rng, p, 0.12, trials, 128).reshape(trials, 16, 8).sum(-1)
+        floored = sum(fidelity_bound(_agree_fid(h, 8), 0.99).agree > p for h in hits)
+        alone = sum(block_mean_bound([(8, float(x)) for x in h], 0.99, upper=False) > p for h in hits)
+        assert floored / trials <= 0.01 + 2 * 0.0016, (p, floored / trials)
+        if p == 0.99:  # the block bound alone passes such a plan in about a third of the samples
+            assert alone / trials > 0.2, alone / trials
+
+
 def test_block_sums_match_the_point_estimates(quality_tiny, quality_texts):
     model, tok = quality_tiny
     windows = pack_token_windows(tok, quality_texts, 1024, 2, seed=5)
@@ -112,6 +151,10 @@ def test_block_sums_match_the_point_estimates(quality_tiny, quality_texts):
     dense = sum(b[5] for b in fid.blocks)
     assert dense / sum(b[3] for b in fid.blocks) == pytest.approx(fid.nll_dense, rel=1e-5)
     assert sum(b[4] for b in fid.blocks) / dense == pytest.approx(fid.nll_delta, rel=1e-4, abs=1e-7)
+    again = Fidelity.from_blocks(fid.blocks)  # what decode calibration builds its fidelity from
+    for name in ("kl", "agree", "nll_sparse", "nll_delta"):
+        assert getattr(again, name) == pytest.approx(getattr(fid, name), rel=1e-4, abs=1e-7), name
+    assert again.nll_dense == pytest.approx(fid.nll_dense, rel=1e-5) and again.n_positions == n
     bound = fidelity_bound(fid, 0.95)
     assert bound.kl >= fid.kl and bound.agree <= fid.agree and bound.nll_delta >= fid.nll_delta
     assert bound.n_positions == fid.n_positions
