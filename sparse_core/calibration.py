@@ -67,7 +67,7 @@ from sparse_core.fidelity import (
     dense_reference,
     measure_fidelity,
 )
-from sparse_core.fidelity_bound import fidelity_bound, min_blocks
+from sparse_core.fidelity_bound import judged, judged_dict, min_blocks
 from sparse_core.plan import SparsePlan, model_shape
 from sparse_core.progress import Progress, counter
 from sparse_core.task_bound import ALPHA as TASK_ALPHA
@@ -752,23 +752,6 @@ def _search_plan(
     if lim.confidence is not None:
         check_margin_blocks([len(w) for w in ref.windows], lim, steps)
 
-    def judged(fid: Fidelity) -> Fidelity:
-        """What the budget is judged on: the point estimates, or their bounds at the step's level."""
-        return fid if step_confidence is None else fidelity_bound(fid, step_confidence)
-
-    def fidelity_dict(fid: Fidelity) -> dict:
-        d = fid.to_dict()
-        if step_confidence is not None and fid.blocks:
-            b = judged(fid)
-            d.update(
-                confidence=lim.confidence,
-                step_confidence=step_confidence,
-                kl_upper=b.kl,
-                agree_lower=b.agree,
-                nll_delta_upper=b.nll_delta,
-            )
-        return d
-
     cache: dict[int, tuple[bool, Fidelity, float | None, float | None]] = {}
 
     def check(i: int) -> bool:
@@ -781,7 +764,7 @@ def _search_plan(
         try:
             fid = measure_fidelity(model, ref)
             dens = _measured_density(model)
-            ok = budget.met_by(judged(fid))
+            ok = budget.met_by(judged(fid, step_confidence))
             if ok and budget.task_delta is not None:
                 sparse_task = task_scores(model, tokenizer, task_rows, task, lim)
                 task_drop, task_upper = paired_drop(
@@ -792,7 +775,16 @@ def _search_plan(
             unsparsify(model)
         cache[i] = (ok, fid, dens, (task_drop, task_upper))
         secs = time.perf_counter() - t1
-        step = SearchStep(cands[i], pred, dens, fidelity_dict(fid), ok, secs, task_drop, task_upper)
+        step = SearchStep(
+            cands[i],
+            pred,
+            dens,
+            judged_dict(fid, lim.confidence, step_confidence),
+            ok,
+            secs,
+            task_drop,
+            task_upper,
+        )
         search.append(step)
         if progress:
             progress("joint check", len(search), min(lim.max_joint_checks, len(cands)))
@@ -848,7 +840,7 @@ def _search_plan(
                 "drop_measure": lim.drop_measure,
                 "eps": eps,
             },
-            "fidelity": fidelity_dict(fid),
+            "fidelity": judged_dict(fid, lim.confidence, step_confidence),
             "met_budget": lo >= 0,
             "density": density,
             "measured_density": measured,
@@ -863,7 +855,7 @@ def _search_plan(
         estimator=base.estimator,
         budget=budget.to_dict(),
         met_budget=lo >= 0,
-        fidelity=fidelity_dict(fid),
+        fidelity=judged_dict(fid, lim.confidence, step_confidence),
         density=density,
         predicted_density=predicted,
         layer_density=layer_density,

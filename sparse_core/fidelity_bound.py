@@ -130,4 +130,33 @@ def fidelity_bound(fid: Fidelity, confidence: float) -> Fidelity:
     return replace(fid, kl=max(kl, 0.0), agree=min(agree, 1.0), nll_delta=nll_delta)
 
 
-__all__ = ["agreement_lower_bound", "block_mean_bound", "fidelity_bound", "min_blocks"]
+def judged(fid: Fidelity, step_confidence: float | None) -> Fidelity:
+    """What a calibration step's budget is judged on: `fid`'s means (no confidence asked, or no
+    blocks: a plan identical to dense), or their bounds at the step's level."""
+    return fid if step_confidence is None or not fid.blocks else fidelity_bound(fid, step_confidence)
+
+
+def judged_dict(fid: Fidelity, confidence: float | None, step_confidence: float | None) -> dict:
+    """`fid.to_dict()`, with the bounds the step was judged on beside the means when it asked for
+    `confidence` (at `step_confidence`)."""
+    d = fid.to_dict()
+    if step_confidence is not None and fid.blocks:
+        b = fidelity_bound(fid, step_confidence)
+        d.update(
+            confidence=confidence,
+            step_confidence=step_confidence,
+            kl_upper=b.kl,
+            agree_lower=b.agree,
+            nll_delta_upper=b.nll_delta,
+        )
+    return d
+
+
+__all__ = [
+    "agreement_lower_bound",
+    "block_mean_bound",
+    "fidelity_bound",
+    "judged",
+    "judged_dict",
+    "min_blocks",
+]

@@ -47,7 +47,7 @@ import torch
 from sparse_core.decode import page_gate
 from sparse_core.decode.plan import DECODE_ESTIMATORS, TRAINED_BY_DECODE_CALIBRATION, DecodePlan
 from sparse_core.eps_search import largest_passing, search_steps, step_alpha
-from sparse_core.fidelity_bound import fidelity_bound, min_blocks
+from sparse_core.fidelity_bound import judged, judged_dict, min_blocks
 from sparse_core.plan import SparsePlan
 
 Progress = Callable[[str, int, int], None]
@@ -439,23 +439,6 @@ def calibrate_decode(
         None if lim.confidence is None else lim.step_confidence(search_steps(len(vals), lim.max_joint_checks))
     )
 
-    def judged(fid: Fidelity) -> Fidelity:
-        """What the budget is judged on: the means, or their bounds at the step's level."""
-        return fid if step_conf is None or not fid.blocks else fidelity_bound(fid, step_conf)
-
-    def fidelity_dict(fid: Fidelity) -> dict:
-        d = fid.to_dict()
-        if step_conf is not None and fid.blocks:
-            b = judged(fid)
-            d.update(
-                confidence=lim.confidence,
-                step_confidence=step_conf,
-                kl_upper=b.kl,
-                agree_lower=b.agree,
-                nll_delta_upper=b.nll_delta,
-            )
-        return d
-
     search: list[dict] = []
     cache_res: dict[int, tuple[bool, Fidelity, list, float]] = {}
 
@@ -464,13 +447,13 @@ def calibrate_decode(
             t1 = time.perf_counter()
             lb, dens = allocate(err, kept, budgets, vals[i])
             fid = check(lb) if any(b is not None for b in lb) else dense_fid
-            ok = budget.met_by(judged(fid))
+            ok = budget.met_by(judged(fid, step_conf))
             cache_res[i] = (ok, fid, lb, dens)
             search.append(
                 {
                     "eps": vals[i],
                     "density": dens,
-                    "fidelity": fidelity_dict(fid),
+                    "fidelity": judged_dict(fid, lim.confidence, step_conf),
                     "passed": ok,
                     "seconds": time.perf_counter() - t1,
                 }
@@ -517,7 +500,7 @@ def calibrate_decode(
     report = DecodeCalibrationReport(
         met_budget=met,
         budget=budget.to_dict(),
-        fidelity=fidelity_dict(fid),
+        fidelity=judged_dict(fid, lim.confidence, step_conf),
         layer_budgets=lb,
         density=dens,
         eps=vals[lo] if lo >= 0 else None,
