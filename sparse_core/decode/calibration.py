@@ -16,11 +16,11 @@ a fidelity budget, measured on continuations the dense model generates after lon
    when one-sided bounds meet the budget (KL's and delta NLL's upper, agreement's lower;
    `sparse_core.fidelity_bound`, by blocks of BLOCK_TOKENS consecutive generated tokens of one
    continuation), each step judged at `eps_search.step_alpha`'s level so that the plan returned
-   holds them at `confidence`: the largest eps whose 128 tokens happened to go well is otherwise what
-   the search returns, and on SmolLM2 at 8k such a plan missed its KL budget on new text by half
-   again (docs/sparse_core.md). The candidates come from the sensitivities of the same prompts, so
-   the bound is over those prompts' generated tokens, not over prompts: it cannot see a use case
-   whose next prompt is harder than both.
+   holds them at `confidence`: the largest eps whose tokens happened to go well is otherwise what the
+   search returns. It costs density (SmolLM2 at 8k: 0.27 of the cache instead of 0.14, the agreement
+   bound binding; docs/sparse_core.md, "A margin for the decode budget"). The candidates come from
+   the sensitivities of the same prompts, so the bound is over those prompts' generated tokens, not
+   over prompts: it cannot see a use case whose next prompt is harder than all of them.
 5. Break-even: on this host, one attention layer of the model's shape at each budget the plan uses,
    dense vs sparse step at increasing cache lengths (sparse_core.decode.break_even); below the length
    where sparse starts to win, a layer's decode stays dense (`DecodePlan.break_even_tokens`, a layer's

@@ -209,7 +209,7 @@ def test_decode_calibration_finds_a_budget_within_a_loose_budget_and_none_within
     assert not hasattr(model, "_sparsepilot")  # left dense
 
 
-def test_decode_calibration_with_confidence_judges_bounds_and_keeps_a_plan_no_sparser(tiny_llama_dir):
+def test_decode_calibration_with_confidence_refuses_the_plan_at_the_budgets_edge(tiny_llama_dir):
     from sparse_core.decode.calibration import BLOCK_TOKENS, DecodeLimits, calibrate_decode
 
     model, tok = load_model(tiny_llama_dir)
