@@ -22,12 +22,11 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from sparse_core.estimators.blocks import block_max_min_mean
-from sparse_core.estimators.learned_gate import GateShape, GateShapeError
+from sparse_core.estimators.learned_gate import GateCache, GateShape, GateShapeError
 from sparse_core.estimators.learned_gate_v2 import BlockGateV2, LayerGateV2, rope_cos_sin, unrotate
 
 TENSOR_PREFIX = "page_gate"
@@ -67,22 +66,14 @@ class PageGate(BlockGateV2):
         )
 
 
-_GATES: dict[int, tuple[dict, Any, PageGate]] = {}
-_SENTINEL = f"{TENSOR_PREFIX}.0.wq"  # replaced whenever the weights are: a dict updated in place misses
+_GATES = GateCache(f"{TENSOR_PREFIX}.0.wq")
 
 
 def page_gate_for_plan(plan) -> PageGate:
     """The PageGate a plan carries (cached per plan tensors dict and weights); a PlanError when it has
     none."""
     tensors = getattr(plan, "tensors", None) or {}
-    hit = _GATES.get(id(tensors))
-    if hit is not None and hit[0] is tensors and hit[1] is tensors.get(_SENTINEL):
-        return hit[2]
-    gate = PageGate.from_plan_tensors(tensors)  # GateShapeError is a PlanError
-    if len(_GATES) > 8:
-        _GATES.clear()
-    _GATES[id(tensors)] = (tensors, tensors.get(_SENTINEL), gate)
-    return gate
+    return _GATES.get(tensors, lambda: PageGate.from_plan_tensors(tensors))  # GateShapeError: a PlanError
 
 
 # -- training rows (pure) ---------------------------------------------------------------------------

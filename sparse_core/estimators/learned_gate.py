@@ -209,29 +209,47 @@ class GateShapeError(PlanError):
 # ----------------------------------------------------------------------------------------------------
 # Registry entry: `gate` reads its weights from the plan's tensors (ctx.plan.tensors) by layer.
 
-_GATES: dict[int, tuple[dict, BlockGate]] = {}
+
+class GateCache:
+    """Gates built from plans' tensors, kept per tensors dict (a plan's scoring asks every layer and
+    step) and rebuilt when the dict's weights are replaced: one of them (`sentinel`) is checked by
+    identity, so a dict updated in place with retrained weights is not served the old gate. At most
+    8 kept."""
+
+    def __init__(self, sentinel: str):
+        self.sentinel = sentinel
+        self._gates: dict[int, tuple[dict, object, nn.Module]] = {}
+
+    def get(self, tensors: dict, build):
+        hit = self._gates.get(id(tensors))
+        if hit is not None and hit[0] is tensors and hit[1] is tensors.get(self.sentinel):
+            return hit[2]
+        gate = build()
+        if len(self._gates) > 8:
+            self._gates.clear()
+        self._gates[id(tensors)] = (tensors, tensors.get(self.sentinel), gate)
+        return gate
+
+
+_GATES = GateCache(f"{TENSOR_PREFIX}.0.wq")
 
 
 def gate_for_plan(plan, shape: GateShape | None = None) -> BlockGate:
-    """The BlockGate a plan carries (cached per plan tensors dict)."""
+    """The BlockGate a plan carries (cached per plan tensors dict and weights)."""
     tensors = getattr(plan, "tensors", None) or {}
-    key = id(tensors)
-    hit = _GATES.get(key)
-    if hit is not None and hit[0] is tensors:
-        return hit[1]
-    inferred = BlockGate.shape_of(tensors)
-    if inferred is None:
-        raise GateShapeError(
-            "plan uses estimator 'gate' but carries no gate weights; calibrate with estimator='gate' "
-            "or load the plan with its plan_tensors.safetensors"
-        )
-    if shape is not None and shape != inferred:
-        raise GateShapeError(f"gate weights have shape {inferred} but this model needs {shape}")
-    gate = BlockGate.from_tensors(tensors, inferred, plan.block_size)
-    if len(_GATES) > 8:
-        _GATES.clear()
-    _GATES[key] = (tensors, gate)
-    return gate
+
+    def build() -> BlockGate:
+        inferred = BlockGate.shape_of(tensors)
+        if inferred is None:
+            raise GateShapeError(
+                "plan uses estimator 'gate' but carries no gate weights; calibrate with estimator='gate' "
+                "or load the plan with its plan_tensors.safetensors"
+            )
+        if shape is not None and shape != inferred:
+            raise GateShapeError(f"gate weights have shape {inferred} but this model needs {shape}")
+        return BlockGate.from_tensors(tensors, inferred, plan.block_size)
+
+    return _GATES.get(tensors, build)
 
 
 def check_fit(name: str, have: GateShape, need: GateShape) -> None:

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from sparse_core.estimators.learned_gate import (
+    GateCache,
     GateShape,
     GateShapeError,
     check_call,
@@ -330,7 +331,7 @@ class BlockGateV2(nn.Module):
         )
 
 
-_GATES: dict[int, tuple[dict, BlockGateV2]] = {}
+_GATES = GateCache(f"{TENSOR_PREFIX}.0.wq")
 
 
 def check_weights_fit(plan, config) -> None:
@@ -342,16 +343,9 @@ def check_weights_fit(plan, config) -> None:
 
 
 def gate_for_plan(plan) -> BlockGateV2:
-    """The BlockGateV2 a plan carries (cached per plan tensors dict)."""
+    """The BlockGateV2 a plan carries (cached per plan tensors dict and weights)."""
     tensors = getattr(plan, "tensors", None) or {}
-    hit = _GATES.get(id(tensors))
-    if hit is not None and hit[0] is tensors:
-        return hit[1]
-    gate = BlockGateV2.from_tensors(tensors, plan.block_size)
-    if len(_GATES) > 8:
-        _GATES.clear()
-    _GATES[id(tensors)] = (tensors, gate)
-    return gate
+    return _GATES.get(tensors, lambda: BlockGateV2.from_tensors(tensors, plan.block_size))
 
 
 def gate_v2_scores(q: torch.Tensor, k: torch.Tensor, ctx) -> torch.Tensor:

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from sparse_core.decode.plan import DECODE_ESTIMATORS
+from sparse_core.decode.plan import DECODE_ESTIMATORS, TRAINED_BY_DECODE_CALIBRATION
 from sparse_core.estimators import available_estimators
 from sparsepilot.quiet import for_command
 
@@ -466,7 +466,8 @@ def bench_decode(
             plan = plan_io.load(plan_dir)
         except (PlanError, OSError) as exc:
             fail(f"--plan {plan_dir}: {exc}")
-        if plan.decode is None and estimator == "quest":
+        learned = DECODE_ESTIMATORS[estimator] is not None or estimator in TRAINED_BY_DECODE_CALIBRATION
+        if plan.decode is None and not learned:  # a training-free scorer reads nothing of the plan
             fail(f"--plan {plan_dir}: the plan has no decode section (or give a learned --estimator)")
         if plan.decode is None and DECODE_ESTIMATORS[estimator] is not None and page_size != plan.block_size:
             fail(
