@@ -71,7 +71,7 @@ def limits_for(ctx: UseCaseContext, quick: bool, overrides: dict[str, Any] | Non
         lim["decode"] = d.model_dump(exclude={"confidence"} if d.confidence is None else None)
         if quick and d.confidence is None:  # fewer, shorter continuations, but after prompts of the
             # use case's own length: budgets found at 1k tokens were too sparse at docs-qa's 3k
-            # (agreement 100% -> 91%); a bound (confidence) needs the spec's generated tokens
+            # (agreement 100% -> 91%); a bound (confidence) needs the spec's prompts (its unit)
             lim["decode"].update(new_tokens=min(d.new_tokens, 32), n_prompts=1)
     lim.update(overrides or {})
     return lim

@@ -122,7 +122,7 @@ class DecodeCalibration(_Strict):
     estimator: Annotated[str, Field(min_length=1, max_length=64)] = "quest"
     prompt_tokens: Annotated[int, Field(ge=256, le=131072)] = 2048
     new_tokens: Annotated[int, Field(ge=8, le=512)] = 64
-    n_prompts: Annotated[int, Field(ge=1, le=16)] = 2
+    n_prompts: Annotated[int, Field(ge=1, le=64)] = 2
     page_size: Annotated[int, Field(ge=8, le=256)] = 16
     # judge the decode budget on one-sided bounds at this confidence, not the means; None: the means
     confidence: Annotated[float, Field(gt=0, lt=1)] | None = None
@@ -135,6 +135,15 @@ class DecodeCalibration(_Strict):
         if v not in DECODE_ESTIMATORS:
             raise ValueError(f"unknown decode estimator {v!r}; choose from {list(DECODE_ESTIMATORS)}")
         return v
+
+    @model_validator(mode="after")
+    def _enough_prompts_for_the_bound(self) -> DecodeCalibration:
+        # refused here, at `usecase add`, not minutes into a calibration
+        if self.confidence is not None:
+            from sparse_core.decode.bound import check_prompts  # torch-free
+
+            check_prompts(self.confidence, self.n_prompts)
+        return self
 
 
 class QualityBudget(_Strict):

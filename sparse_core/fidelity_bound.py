@@ -30,22 +30,29 @@ bound; with few blocks the Student t quantile makes it wide, and with t^2 >= B -
 Agreement's bound is never above the exact (Clopper-Pearson) lower bound of the agreements counted
 over all positions. The block bound estimates the spread from the blocks themselves, so blocks that
 all agree fully (no spread seen) give a lower bound of 1.0: harmless at 256 positions a block, where
-that is rare, but decode calibration judges a few hundred generated tokens in blocks of 8, where a
-plan of true agreement 0.99 agrees on all 128 in 28% of draws. Measured at decode's size (4000
-draws of 16 blocks of 8 tokens, agreements a Markov chain with lag-1 correlation 0.12, as SmolLM2's
-decode tokens show; tests/sparse_core/test_fidelity_bound.py): judged at 0.99 (95% over a 5-step
-search), the block bound alone passed a plan of true agreement p above p in 1.1% / 2.4% / 32% of
-draws at p = 0.9 / 0.95 / 0.99; with the floor 1.1% / 0.45% / 0. The floor is exact for independent
-positions only: at 0.95 it missed 6.2% at p = 0.95, and with correlation 0.3 2.4% at 0.99 and
-7-10% at 0.95; the block bound carries correlation only when the spread shows it. It costs what it
-should: 128 tokens certify agreement >= 0.95 at 0.99 only with no disagreement (0.9647; one gives
-0.9493).
+that is rare, but decode calibration's blocks are prompts of a few dozen generated tokens, which
+often all agree (16 blocks of 8 tokens of true agreement 0.99: all 128 agree in 28% of draws).
+Measured with 16 blocks of 8 tokens (4000 draws, agreements a Markov chain with lag-1 correlation
+0.12, as SmolLM2's decode tokens show; tests/sparse_core/test_fidelity_bound.py): judged at 0.99
+(95% over a 5-step search), the block bound alone passed a plan of true agreement p above p in
+1.1% / 2.4% / 32% of draws at p = 0.9 / 0.95 / 0.99; with the floor 1.1% / 0.45% / 0. The floor is
+exact for independent positions only: at 0.95 it missed 6.2% at p = 0.95, and with correlation 0.3
+2.4% at 0.99 and 7-10% at 0.95; the block bound carries correlation only when the spread shows it.
+It costs what it should: 128 tokens certify agreement >= 0.95 at 0.99 only with no disagreement
+(0.9647; one gives 0.9493).
 
-KL at decode's size is skewed (on a Quest plan's 512 generated tokens at 8k, 5% of the tokens carry
-48% of the KL), and the score bound undercovers there: resampling 16 blocks of 8 of those tokens,
-the upper bound fell below the mean in 8.2% of draws at 0.95 and 1.8% at 0.99 (0.3-3.3% per
-window). It is an asymptotic bound and is reported as one; judged on the mean instead, a plan whose
-true KL is at the budget passes in 52% of those draws.
+The unit must be what was sampled. Decode calibration's prompts differ from each other (a Quest
+plan's mean KL on four 8k prompts: 0.015-0.036), so its unit is a prompt, one block its whole
+continuation. Over 8-token blocks of 2-4 prompts the bound took those prompts' luck for 16-32 draws
+and, in a simulation fitted to those four prompts (docs/sparse_core/decode_bound_unit.py, 10,000
+draws a row), KL's upper bound fell below the prompts' mean in 25-27% of draws at 0.95 and 14-15% at
+0.99. Over 10-16 prompts: KL 7-9% at 0.95 and 0-1.5% at 0.99, agreement (prompts' sd 0.012 as
+measured, or 0.03) 2-8% at 0.95 and 0.3-1.7% at 0.99. KL is skewed (5% of the tokens carry 48% of
+it) and unbounded, so no bound from a dozen prompts is exact for it: the score bound is asymptotic
+and reported as one; judged on the mean instead, a plan whose true KL is at the budget passes about
+half the time. Prefill calibration keeps blocks of 256 positions of its held-out windows as the
+unit: packed text, many passages a window, and the bound covers those windows' positions; how much
+windows differ as prompts do has not been measured.
 """
 
 from __future__ import annotations
@@ -54,10 +61,12 @@ import functools
 import math
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from scipy import stats
 
-from sparse_core.fidelity import Fidelity
+if TYPE_CHECKING:  # torch-free at run time: a spec's decode bound is checked without a model
+    from sparse_core.fidelity import Fidelity
 
 
 @functools.lru_cache(maxsize=256)

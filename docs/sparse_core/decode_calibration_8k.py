@@ -1,13 +1,13 @@
 """Decode calibration at 8k, one decode page scorer: `python docs/sparse_core/decode_calibration_8k.py
-ESTIMATOR OUT.json [BUDGET [CONFIDENCE [HELDOUT_TOKENS [N_PROMPTS]]]]` (1 torch thread; pin it with
-taskset on a shared machine).
+ESTIMATOR OUT.json [BUDGET [CONFIDENCE [HELDOUT_TOKENS [N_PROMPTS [NEW_TOKENS]]]]]` (1 torch thread;
+pin it with taskset on a shared machine).
 
 Calibrates a decode section (sparse_core.decode.calibration.calibrate_decode, 16-token pages) on the
-stdlib corpus's calibration part: N_PROMPTS (default 2) prompts of 8,128 tokens, 64 generated tokens
-each, the fidelity budget BUDGET (default kl=0.01,agree=0.95), judged on the means or, with
-CONFIDENCE (e.g. 0.95), on one-sided bounds (DecodeLimits.confidence); page_gate trains on 2 more
-windows of that part. The
-break-even is not measured (given as 0): this compares what share of the cache each scorer's plan
+stdlib corpus's calibration part: N_PROMPTS (default 2) prompts of 8,128 tokens, NEW_TOKENS (default
+64) generated tokens each, the fidelity budget BUDGET (default kl=0.01,agree=0.95), judged on the
+means or, with CONFIDENCE (e.g. 0.95), on one-sided bounds over the prompts (DecodeLimits.confidence;
+at least 10 prompts); page_gate trains on 2 more windows of that part (13 windows of 8,128 tokens in
+all). The break-even is not measured (given as 0): this compares what share of the cache each scorer's plan
 reads at the budget, not this host's timing. Then the plan decodes after the held-out part's one
 window (6,880 tokens, text no calibration step read) beside dense, HELDOUT_TOKENS (default 64)
 generated tokens: density, KL, top-1 agreement, greedy match, ms per token (interleaved,
@@ -40,6 +40,7 @@ def main(
     confidence: str = "",
     heldout_tokens: str = "64",
     n_prompts: str = "2",
+    new_tokens: str = "64",
 ) -> None:
     torch.set_num_threads(1)
     load_before = loadavg()
@@ -49,7 +50,7 @@ def main(
         estimator=estimator,
         prompt_tokens=8128,
         n_prompts=int(n_prompts),
-        new_tokens=64,
+        new_tokens=int(new_tokens),
         page_size=16,
         budgets=(256, 512, 1024, 1536, 2048, 3072, 4096),
         break_even_tokens=0,

@@ -1,5 +1,5 @@
-"""How the errors of neighbouring generated tokens correlate, what sizes the blocks of decode
-calibration's fidelity bound (sparse_core.decode.calibration.BLOCK_TOKENS):
+"""How the errors of neighbouring generated tokens correlate, what sized the 8-token blocks of decode
+calibration's first fidelity bound (session 15; its unit is now a prompt, decode_bound_unit.py):
 `python docs/sparse_core/decode_token_correlation_8k.py PLAN_DIR OUT.json` (1 torch thread).
 
 PLAN_DIR is a decode plan, e.g. the Quest plan `decode_calibration_8k.py quest OUT.json` saves. Four

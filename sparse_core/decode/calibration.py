@@ -14,13 +14,16 @@ a fidelity budget, measured on continuations the dense model generates after lon
    agreement with the dense greedy token, relative NLL change. The largest eps whose plan meets the
    budget wins; none: no decode section (decode stays dense). With `confidence` a step passes only
    when one-sided bounds meet the budget (KL's and delta NLL's upper, agreement's lower;
-   `sparse_core.fidelity_bound`, by blocks of BLOCK_TOKENS consecutive generated tokens of one
-   continuation), each step judged at `eps_search.step_alpha`'s level so that the plan returned
-   holds them at `confidence`: the largest eps whose tokens happened to go well is otherwise what the
-   search returns. It costs density (SmolLM2 at 8k: 0.27 of the cache instead of 0.14, the agreement
-   bound binding; docs/sparse_core.md, "A margin for the decode budget"). The candidates come from
-   the sensitivities of the same prompts, so the bound is over those prompts' generated tokens, not
-   over prompts: it cannot see a use case whose next prompt is harder than all of them.
+   `sparse_core.fidelity_bound`), each step judged at `eps_search.step_alpha`'s level so that the
+   plan returned holds them at `confidence`: the largest eps whose tokens happened to go well is
+   otherwise what the search returns. The unit of the bound is a prompt (its whole continuation),
+   not a token or a run of tokens: prompts differ (on SmolLM2 at 8k one Quest plan's mean KL per
+   continuation ran from 0.015 to 0.036 over four prompts), and a bound whose unit is the token of a
+   few prompts says nothing of the next prompt (simulated with that spread, bounds over 8-token
+   blocks of 2-4 prompts missed the prompts' mean 25-27% of the time at 95%). So it needs
+   `decode.bound.prompts_needed` prompts (10 at 95% over 5 steps) and is cheapest with many
+   short continuations. It costs density (docs/sparse_core.md, "A margin for the decode budget").
+   The candidates come from the sensitivities of the same prompts.
 5. Break-even: on this host, one attention layer of the model's shape at each budget the plan uses,
    dense vs sparse step at increasing cache lengths (sparse_core.decode.break_even); below the length
    where sparse starts to win, a layer's decode stays dense (`DecodePlan.break_even_tokens`, a layer's
@@ -44,16 +47,13 @@ from typing import Any
 
 import torch
 
-from sparse_core.decode import page_gate
+from sparse_core.decode import bound, page_gate
 from sparse_core.decode.plan import DECODE_ESTIMATORS, TRAINED_BY_DECODE_CALIBRATION, DecodePlan
-from sparse_core.eps_search import largest_passing, search_steps, step_alpha
-from sparse_core.fidelity_bound import judged, judged_dict, min_blocks
+from sparse_core.eps_search import largest_passing, search_steps
+from sparse_core.fidelity_bound import judged, judged_dict
 from sparse_core.plan import SparsePlan
 
 Progress = Callable[[str, int, int], None]
-# generated tokens per block of the fidelity bound (`DecodeLimits.confidence`): consecutive tokens of one
-# continuation, whose errors correlate (a page the plan drops misleads several steps in a row)
-BLOCK_TOKENS = 8
 
 
 @dataclass
@@ -66,7 +66,7 @@ class DecodeLimits:
     budgets: tuple[int, ...] = (128, 256, 512, 1024, 2048, 4096)
     sink_pages: int = 1
     local_pages: int = 4
-    max_joint_checks: int = 5
+    max_joint_checks: int = bound.SEARCH_STEPS
     # cache length below which decode stays dense; None: measured on this host (break_even.py)
     break_even_tokens: int | None = None
     break_even_lengths: tuple[int, ...] | None = None  # cache lengths measured (None: break_even.LENGTHS)
@@ -75,8 +75,8 @@ class DecodeLimits:
     page_gate_rows: int = page_gate.ROWS_PER_WINDOW  # decode rows sampled per window
     page_gate_steps: int = page_gate.STEPS  # Adam steps per layer
     # judge the budget on one-sided bounds at this confidence (agree's lower, kl's and nll_delta's
-    # upper; `sparse_core.fidelity_bound`, by blocks of BLOCK_TOKENS generated tokens) instead of the
-    # means of the generated tokens; None: the means
+    # upper; `sparse_core.fidelity_bound`, over prompts: one block a prompt's continuation) instead
+    # of the means of the generated tokens; None: the means
     confidence: float | None = None
 
     def __post_init__(self) -> None:
@@ -104,26 +104,13 @@ class DecodeLimits:
         if self.confidence is not None:
             if not 0 < self.confidence < 1:
                 raise ValueError(f"decode.confidence must be in (0, 1) or None, got {self.confidence}")
-            need, have = min_blocks(self.step_confidence()), self.n_blocks
-            if have < need:
-                raise ValueError(
-                    f"decode.confidence {self.confidence}: judged at {self.step_confidence():.4g} on each "
-                    f"of the search's up to {self.max_joint_checks} steps, the bound needs at least {need} "
-                    f"blocks of {BLOCK_TOKENS} generated tokens; {self.n_prompts} prompt(s) x "
-                    f"{self.new_tokens} new tokens give {have}. Generate more (decode.n_prompts, "
-                    "decode.new_tokens) or no confidence"
-                )
-
-    @property
-    def n_blocks(self) -> int:
-        """Blocks of BLOCK_TOKENS generated tokens the joint check's fidelity bound is taken over."""
-        return self.n_prompts * math.ceil(self.new_tokens / BLOCK_TOKENS)
+            bound.check_prompts(self.confidence, self.n_prompts, self.max_joint_checks)
 
     def step_confidence(self, steps: int | None = None) -> float:
         """The level each of the search's `steps` checks (default: at most max_joint_checks) is judged
         at, so that the plan it returns holds its bound at `confidence` (sparse_core.eps_search)."""
         assert self.confidence is not None
-        return 1 - step_alpha(1 - self.confidence, self.max_joint_checks if steps is None else steps)
+        return bound.step_confidence(self.confidence, self.max_joint_checks if steps is None else steps)
 
     def check_prefill(self, candidates: Sequence[str], block_size: int) -> None:
         """A page scorer that reads a learned prefill estimator's weights needs that estimator among
@@ -423,7 +410,7 @@ def calibrate_decode(
         try:
             for (cache, first), ref in zip(caches, refs, strict=True):
                 run = run_decode(model, cache, first, lim.new_tokens, forced=ref.predicted)
-                blocks += fidelity_blocks(ref, run, size=BLOCK_TOKENS)
+                blocks += fidelity_blocks(ref, run, size=lim.new_tokens)  # a prompt
         finally:
             unsparsify(model)
         return Fidelity.from_blocks(blocks)

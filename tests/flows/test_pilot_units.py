@@ -133,8 +133,8 @@ def test_calibrate_flow_takes_the_specs_decode_confidence_and_keeps_old_run_keys
 
     def limits(confidence: float | None, quick: bool) -> dict:
         data = example_spec("docs-qa")
-        if confidence is not None:
-            data["quality_budget"]["decode"]["confidence"] = confidence
+        if confidence is not None:  # over prompts: at least 10 at 0.95
+            data["quality_budget"]["decode"].update(confidence=confidence, n_prompts=12, new_tokens=16)
         spec = parse_spec(data)
         ctx = UseCaseContext("docs-qa", 1, spec, 1, spec.content_hash(), Path("x.jsonl"), [])
         return limits_for(ctx, quick, None)
@@ -142,6 +142,6 @@ def test_calibrate_flow_takes_the_specs_decode_confidence_and_keeps_old_run_keys
     for quick in (False, True):
         assert "confidence" not in limits(None, quick)["decode"]  # earlier runs' settings keys hold
         lim = CalibrationLimits(**limits(0.95, quick))
-        # a bound needs its tokens: quick mode keeps the spec's prompts and generated tokens then
-        assert lim.decode.confidence == 0.95 and (lim.decode.n_prompts, lim.decode.new_tokens) == (2, 64)
+        # a bound needs its prompts: quick mode keeps the spec's prompts and generated tokens then
+        assert lim.decode.confidence == 0.95 and (lim.decode.n_prompts, lim.decode.new_tokens) == (12, 16)
     assert CalibrationLimits(**limits(None, True)).decode.new_tokens == 32

@@ -59,9 +59,14 @@ def test_decode_confidence_is_optional_and_keeps_old_hashes(tmp_path):
     # unset, it is left out of the stored dict: specs stored before the field keep their hash
     assert "confidence" not in plain.to_dict()["quality_budget"]["decode"]
     data = yaml.safe_load((EXAMPLES / "docs-qa.yaml").read_text())
-    bounded = load_spec(_spec_with(tmp_path, {**data["quality_budget"]["decode"], "confidence": 0.95}))
+    decode = {**data["quality_budget"]["decode"], "confidence": 0.95, "n_prompts": 10, "new_tokens": 16}
+    bounded = load_spec(_spec_with(tmp_path, decode))
     assert bounded.quality_budget.decode.confidence == 0.95
     assert bounded.content_hash() != plain.content_hash()
     assert bounded.to_dict()["quality_budget"]["decode"]["confidence"] == 0.95
     with pytest.raises(SpecError, match="quality_budget.decode.confidence"):
         load_spec(_spec_with(tmp_path, {"confidence": 1.5}))
+    # the bound's unit is a prompt: too few prompts is refused when the spec is read, not minutes
+    # into a calibration (the defaults' 2 prompts; 10 at 0.95 over the search's 5 steps)
+    with pytest.raises(SpecError, match=r"quality_budget.decode.*needs decode.n_prompts >= 10, got 2"):
+        load_spec(_spec_with(tmp_path, {**decode, "n_prompts": 2}))

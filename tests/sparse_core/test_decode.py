@@ -210,13 +210,13 @@ def test_decode_calibration_finds_a_budget_within_a_loose_budget_and_none_within
 
 
 def test_decode_calibration_with_confidence_refuses_the_plan_at_the_budgets_edge(tiny_llama_dir):
-    from sparse_core.decode.calibration import BLOCK_TOKENS, DecodeLimits, calibrate_decode
+    from sparse_core.decode.calibration import DecodeLimits, calibrate_decode
 
     model, tok = load_model(tiny_llama_dir)
-    texts = [sample_text(12000)[i * 2000 : (i + 1) * 2000] for i in range(6)]
-    kw = dict(prompt_tokens=512, n_prompts=2, new_tokens=32, budgets=(64, 128, 256), max_joint_checks=3)
+    texts = [sample_text(24000)[i * 2000 : (i + 1) * 2000] for i in range(12)]
+    # 8 prompts: the fewest the bound (its unit a prompt) takes at 1 - 0.05 / 3
+    kw = dict(prompt_tokens=512, n_prompts=8, new_tokens=8, budgets=(64, 128, 256), max_joint_checks=3)
     lim = DecodeLimits(**kw, break_even_tokens=0)
-    assert lim.n_blocks == 2 * 32 // BLOCK_TOKENS
     dp, rep = calibrate_decode(model, tok, texts, "kl=5", limits=lim)
     assert rep.met_budget and dp is not None
     # a budget the means' plan just meets on its KL: judged on the upper bound, that plan fails
@@ -237,8 +237,10 @@ def test_decode_calibration_with_confidence_refuses_the_plan_at_the_budgets_edge
     assert point.met_budget and bounded.density > point.density
     if dp_c is not None:
         assert bounded.fidelity["kl_upper"] <= kl
-    with pytest.raises(ValueError, match=r"needs at least \d+ blocks of 8 generated tokens; 1 prompt"):
-        DecodeLimits(n_prompts=1, new_tokens=16, confidence=0.95)
+    # the unit is a prompt: 9 prompts of 512 tokens do not make 0.99's 10, however long they are
+    with pytest.raises(ValueError, match=r"unit\) needs decode.n_prompts >= 10, got 9"):
+        DecodeLimits(n_prompts=9, new_tokens=512, confidence=0.95)
+    assert DecodeLimits(n_prompts=10, new_tokens=8, confidence=0.95).step_confidence() == pytest.approx(0.99)
     with pytest.raises(ValueError, match=r"decode.confidence must be in \(0, 1\)"):
         DecodeLimits(confidence=1.0)
 

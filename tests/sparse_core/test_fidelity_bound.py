@@ -110,11 +110,11 @@ def _agree_fid(hits: np.ndarray, per_block: int) -> Fidelity:
 
 
 def test_agreement_bound_on_decode_sized_samples_holds_when_no_disagreement_is_seen():
-    """Decode calibration's size: 16 blocks of 8 generated tokens, judged at 0.99 (95% over a 5-step
-    search). Blocks that all agree show no spread, so the block bound alone says 1.0 whatever the
-    truth (a plan of true agreement 0.99 does so in 28% of samples); the exact floor keeps the level
-    at the lag-1 correlation SmolLM2's decode tokens show (0.12). 4000 samples per case: the binomial
-    sd of a 1% miss rate is 0.0016."""
+    """Blocks of a few generated tokens (decode calibration's prompts of 8-32; here 16 blocks of 8),
+    judged at 0.99 (95% over a 5-step search). Blocks that all agree show no spread, so the block
+    bound alone says 1.0 whatever the truth (a plan of true agreement 0.99 does so in 28% of
+    samples); the exact floor keeps the level at the lag-1 correlation SmolLM2's decode tokens show
+    (0.12). 4000 samples per case: the binomial sd of a 1% miss rate is 0.0016."""
     assert agreement_lower_bound(128, 128, 0.99) == pytest.approx(0.01 ** (1 / 128))
     assert agreement_lower_bound(127, 128, 0.99) == pytest.approx(stats.beta.ppf(0.01, 127, 2))
     assert agreement_lower_bound(0, 128, 0.99) == 0.0
@@ -129,6 +129,28 @@ def test_agreement_bound_on_decode_sized_samples_holds_when_no_disagreement_is_s
         assert floored / trials <= 0.01 + 2 * 0.0016, (p, floored / trials)
         if p == 0.99:  # the block bound alone passes such a plan in about a third of the samples
             assert alone / trials > 0.2, alone / trials
+
+
+def test_a_bound_over_prompts_covers_the_prompts_mean_where_one_over_token_blocks_does_not():
+    """Decode calibration's unit is a prompt. Prompts differ: here each prompt's true agreement is
+    drawn around 0.97 (Beta, sd 0.03; SmolLM2's Quest plan at 8k agreed 0.96-1.0 on four prompts) and
+    the plan must be bounded below 0.97 at 95%. Over the 16 blocks of 8 tokens of 2 prompts of 128
+    tokens (token blocks as the unit) the bound sees two prompts' luck as if it were 16 draws and
+    passes above the truth in ~20% of samples; over 16 prompts of 16 tokens (one block a prompt) it
+    stays under 5%. 2000 samples each: the binomial interval decides (sd of a 5% rate: 0.005)."""
+    rng = np.random.default_rng(11)
+    trials, mean, sd = 2000, 0.97, 0.03
+    k = mean * (1 - mean) / sd**2 - 1
+
+    def misses(prompts: int, tokens: int, per_block: int) -> float:
+        p = rng.beta(mean * k, (1 - mean) * k, (trials, prompts, 1))
+        hits = (rng.random((trials, prompts, tokens)) < p).reshape(trials, -1, per_block).sum(-1)
+        return float(np.mean([fidelity_bound(_agree_fid(h, per_block), 0.95).agree > mean for h in hits]))
+
+    by_prompt, by_token_block = misses(16, 16, 16), misses(2, 128, 8)
+    assert stats.binomtest(round(by_prompt * trials), trials).proportion_ci(0.99).high <= 0.05, by_prompt
+    token_block_ci = stats.binomtest(round(by_token_block * trials), trials).proportion_ci(0.99)
+    assert token_block_ci.low > 0.10, by_token_block
 
 
 def test_block_sums_match_the_point_estimates(quality_tiny, quality_texts):
