@@ -1,5 +1,5 @@
 """Why decode calibration's bound takes a prompt as its unit: `python docs/sparse_core/decode_bound_unit.py
-OUT.json` (numpy and scipy, about a minute on one core; writes OUT.json and prints a table).
+OUT.json` (numpy and scipy, about 35 s on one core; writes OUT.json and prints a table).
 
 Decode calibration judges a plan on the continuations of a few prompts. Its first bound
 (session 15) took blocks of 8 consecutive generated tokens as the unit: right for the tokens of those
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 from scipy import optimize, stats
@@ -28,15 +29,15 @@ from scipy import optimize, stats
 from sparse_core.fidelity import Fidelity
 from sparse_core.fidelity_bound import fidelity_bound
 
-HERE = "docs/sparse_core/decode_token_correlation_8k.json"
+DATA = Path("docs/sparse_core/decode_token_correlation_8k.json")
 TRIALS = 10000
 # (prompts, generated tokens each, tokens a block): the first two as session 15 judged, the rest over prompts
 DESIGNS = [(2, 64, 8), (4, 64, 8), (10, 16, 16), (12, 32, 32), (16, 16, 16)]
 LEVELS = (0.95, 0.99)
 
 
-def fitted(path: str = HERE) -> dict:
-    windows = json.load(open(path))["windows"]
+def fitted(path: Path = DATA) -> dict:
+    windows = json.loads(path.read_text())["windows"]
     kl = np.array([w["kl"] for w in windows])
     agree = np.array([w["agree"] for w in windows], dtype=float)
     tok = kl.ravel()

@@ -19,7 +19,7 @@ a fidelity budget, measured on continuations the dense model generates after lon
    otherwise what the search returns. The unit of the bound is a prompt (its whole continuation),
    not a token or a run of tokens: prompts differ (on SmolLM2 at 8k one Quest plan's mean KL per
    continuation ran from 0.015 to 0.036 over four prompts), and a bound whose unit is the token of a
-   few prompts says nothing of the next prompt (simulated with that spread, bounds over 8-token
+   few prompts says nothing of the next prompt (simulated with that spread, KL's bound over 8-token
    blocks of 2-4 prompts missed the prompts' mean 25-27% of the time at 95%). So it needs
    `decode.bound.prompts_needed` prompts (10 at 95% over 5 steps) and is cheapest with many
    short continuations. It costs density (docs/sparse_core.md, "A margin for the decode budget").
