@@ -59,7 +59,7 @@ windows do not differ (docs-qa: 0.2-1.4% at the per-step 0.99286) and too narrow
 (longdoc-summaries, 11-25% of the variance between windows: up to 3.3%); with a window as the unit it
 held (at most 0.3%), but that needs 11 held-out windows at 95% over 7 steps. KL's and delta NLL's
 bounds are no confidence statement whatever the unit: they missed those prompts' mean in 11-54% and
-12-30% of draws at 0.95, because a few passages carry much of it (one block of 104 held 18-30% of
+8-30% of draws at 0.95, because a few passages carry much of it (one block of 104 held 18-30% of
 docs-qa's KL) and no finite sample bounds the mean of an unbounded quantity for every distribution.
 For them the bound is a margin that grows with the spread seen.
 """

@@ -7,13 +7,13 @@ the prefill margin hold on unseen prompts?"):
         [ESTIMATOR] [BUDGET] [CONFIDENCE]
     python docs/sparse_core/prefill_bound_unit.py analyse RESULT.json MEASURED.json [MEASURED.json ...]
 
-`measure` (~17-21 min at 2k) calibrates a plan as the calibrate flow would on the dataset's prompts
+`measure` (~17-23 min at 2k) calibrates a plan as the calibrate flow would on the dataset's prompts
 (calibration's own split, 16 windows of SEQ_LEN of which 4 are held out; judged on the means, or on
 bounds at CONFIDENCE), then runs it beside dense on every window the held-out prompts pack into
 (calibration's held-out windows are the first of them) and keeps each window's `Fidelity.blocks` and
 which prompts it holds. That pool stands for the use case's prompts the plan has not seen.
 
-`analyse` (~3 min for four files) draws w windows from each pool 10,000 times and judges each draw with
+`analyse` (about a minute a file) draws w windows from each pool 10,000 times and judges each draw with
 `fidelity_bound` itself, as a calibration step is judged: how often KL's and delta NLL's upper bound
 falls below the pool's mean, and agreement's lower bound above it. Two draws: "random" (windows with
 replacement) and "packed" (the windows of prompts drawn with replacement, in packing order, as
@@ -206,31 +206,9 @@ def analyse(out: str, paths: list[str]) -> None:
         json.dump({"analysis": summary, "measured": measured}, fh, indent=1)
 
 
-def _add_sources(path: str) -> None:
-    """Add the texts of each window to a `measure` JSON written before it recorded them."""
-    from transformers import AutoTokenizer
-
-    from sparse_core.calibration import split_texts
-    from sparse_core.loading import resolve_model_ref
-
-    with open(path, encoding="utf-8") as fh:
-        d = json.load(fh)
-    with open(d["dataset"], encoding="utf-8") as fh:
-        texts = [json.loads(line)["prompt"] for line in fh if line.strip()]
-    tok = AutoTokenizer.from_pretrained(str(resolve_model_ref("smollm2-135m").path))
-    _, held = split_texts(texts, 0.25, 0)
-    src = window_sources(tok, held, d["seq_len"], len(d["windows"]), seed=1)
-    for r, t in zip(d["windows"], src, strict=True):
-        r["texts"] = t
-    with open(path, "w", encoding="utf-8") as fh:
-        json.dump(d, fh, indent=1)
-
-
 if __name__ == "__main__":
     if sys.argv[1] == "measure":
         measure(*sys.argv[2:])
-    elif sys.argv[1] == "sources":
-        _add_sources(sys.argv[2])
     elif sys.argv[1] == "analyse":
         analyse(sys.argv[2], sys.argv[3:])
     else:
