@@ -54,14 +54,14 @@ half the time.
 
 Prefill calibration keeps blocks of 256 positions of its held-out windows as the unit. Measured on
 the sample use cases' prompts the plan had not seen (docs/sparse_core/prefill_bound_unit.py; all 2k
-windows of their held-out prompts as the population): agreement's bound is near its level where
-windows do not differ (docs-qa: 0.2-1.4% at the per-step 0.99286) and too narrow where they do
-(longdoc-summaries, 11-25% of the variance between windows: up to 3.3%); with a window as the unit it
-held (at most 0.3%), but that needs 11 held-out windows at 95% over 7 steps. KL's and delta NLL's
+windows of their held-out prompts as the population): agreement's bound missed at the per-step
+0.99286 in 0.1-1.8% of draws where windows do not differ (docs-qa; nominal 0.71%) and up to 4.0%
+where they do (longdoc-summaries, 11-25% of the variance between windows); with a window as the unit
+it held (at most 0.3%), but that needs 11 held-out windows at 95% over 7 steps. KL's and delta NLL's
 bounds are no confidence statement whatever the unit: they missed those prompts' mean in 11-54% and
-8-30% of draws at 0.95, because a few passages carry much of it (one block of 104 held 18-30% of
-docs-qa's KL) and no finite sample bounds the mean of an unbounded quantity for every distribution.
-For them the bound is a margin that grows with the spread seen.
+8-30% of draws at 0.95, because a few passages carry much of it (one block of 104 held 18-30% of a
+pooled plan's KL on docs-qa) and no finite sample bounds the mean of an unbounded quantity for every
+distribution. For them the bound is a margin that grows with the spread seen.
 """
 
 from __future__ import annotations

@@ -32,7 +32,10 @@ import time
 
 import numpy as np
 
-BOUND_LEVELS = (0.95, 1 - 0.05 / 7)  # nominal 95%, and the level each of a 7-step search is judged at
+from sparse_core.eps_search import step_alpha
+
+# nominal 95%, and the level each step of a 95% search with the default 7 checks is judged at
+BOUND_LEVELS = (0.95, 1 - step_alpha(0.05, 7))
 DRAWS = 10_000
 
 
@@ -65,7 +68,7 @@ def measure(
     plan, rep = calibrate(model, tok, texts, budget, estimator=estimator, limits=lim, progress=say)
     _, held = split_texts(texts, lim.holdout_fraction, 0)
     windows = pack_token_windows(tok, held, lim.max_seq_len, 10_000, seed=1, min_length=lim.max_seq_len)
-    sources = window_sources(tok, held, lim.max_seq_len, len(windows), seed=1)
+    sources = window_sources(tok, held, windows, seed=1)
     rows = []
     for i, w in enumerate(windows):
         ref = dense_reference(model, [w], fraction=lim.fidelity_fraction)
@@ -92,17 +95,26 @@ def measure(
         json.dump(result, fh, indent=1)
 
 
-def window_sources(tok, texts: list[str], length: int, n: int, *, seed: int) -> list[list[int]]:
-    """Which texts (their indices) each of `pack_token_windows`'s first `n` full windows holds,
-    packed the same way (the same shuffle, one EOS after each text)."""
+def window_sources(tok, texts: list[str], windows: list[list[int]], *, seed: int) -> list[list[int]]:
+    """Which texts (their indices) each of these full windows of `pack_token_windows(tok, texts, ...,
+    seed=seed)` holds. The packing is replayed (the same shuffle, one EOS after each text) and checked
+    against `windows`, so a change to the packing fails here instead of mislabelling windows."""
     import random
 
     order = list(range(len(texts)))
     random.Random(seed).shuffle(order)
+    sep = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    stream: list[int] = []
     owner: list[int] = []
     for i in order:
-        owner += [i] * (len(tok(texts[i], add_special_tokens=False)["input_ids"]) + 1)
-    return [sorted(set(owner[j * length : (j + 1) * length])) for j in range(n)]
+        ids = tok(texts[i], add_special_tokens=False)["input_ids"] + sep
+        stream += ids
+        owner += [i] * len(ids)
+    length = len(windows[0])
+    spans = [(j * length, (j + 1) * length) for j in range(len(windows))]
+    if any(stream[a:b] != w for (a, b), w in zip(spans, windows, strict=True)):
+        raise ValueError("window_sources: the replayed packing differs from pack_token_windows'")
+    return [sorted(set(owner[a:b])) for a, b in spans]
 
 
 def _draws(groups: list[list[int]], w: int, design: str, rng: np.random.Generator) -> np.ndarray:
@@ -176,13 +188,19 @@ def analyse(out: str, paths: list[str]) -> None:
             drawn = arr[idx].sum(2, keepdims=True) if unit == "window" else arr[idx]
             drawn = drawn.reshape(len(idx), -1, arr.shape[-1])
             keys = ("kl", "agree", "nll_delta")
-            miss = {}
+            miss, finite = {}, {}
             for lvl in BOUND_LEVELS:
                 bound = _bounds(drawn, lvl)
+                # too few units for the level: the bound is infinite and can never miss, nor say anything
+                finite[f"{lvl:.4g}"] = float(np.mean(np.isfinite(bound[:, 0])))
                 for j, key in enumerate(keys):
                     wrong = bound[:, j] > mean[key] if key == "agree" else bound[:, j] < mean[key]
                     miss[f"{key}@{lvl:.4g}"] = float(np.mean(wrong))
-            cells = [f"{100 * miss[f'{m}@{lvl:.4g}']:.1f}%" for m in keys for lvl in BOUND_LEVELS]
+            cells = [
+                f"{100 * miss[f'{m}@{lvl:.4g}']:.1f}%" if finite[f"{lvl:.4g}"] else "no bound"
+                for m in keys
+                for lvl in BOUND_LEVELS
+            ]
             print(
                 f"| {name} | {len(rows)} ({len(groups)}) | {mean['kl']:.4f}, {share['kl']:.2f} "
                 f"| {mean['agree']:.4f}, {share['agree']:.2f} | {design} | {w} | {unit} "
@@ -200,6 +218,7 @@ def analyse(out: str, paths: list[str]) -> None:
                     "mean": mean,
                     "between_share": share,
                     "miss": miss,
+                    "finite": finite,  # share of draws whose bound is finite, by level
                 }
             )
     with open(out, "w", encoding="utf-8") as fh:
