@@ -42,7 +42,7 @@ def validate_dataset(ctx: UseCaseContext) -> dict[str, Any]:
 
 def limits_for(ctx: UseCaseContext, quick: bool, overrides: dict[str, Any] | None) -> dict[str, Any]:
     """Calibration limits from the spec (quick: the cheap settings of the main job, never looser than
-    the spec's own)."""
+    the spec's own; with a `confidence` quick keeps the spec's windows, which its bound was checked on)."""
     c = ctx.spec.quality_budget.calibration
     lim: dict[str, Any] = {
         "max_texts": c.max_texts,
@@ -51,14 +51,21 @@ def limits_for(ctx: UseCaseContext, quick: bool, overrides: dict[str, Any] | Non
     }
     if c.drop_measure != "mass":  # the default stays out of the settings, so earlier runs' keys hold
         lim["drop_measure"] = c.drop_measure
+    if c.confidence is not None:  # likewise an unset confidence
+        lim.update(confidence=c.confidence, bound_unit=c.bound_unit)
     if quick:
+        if c.confidence is None:  # a bound keeps the spec's windows: the held-out ones are its units
+            lim.update(
+                {
+                    # 2 calibration windows + 1 held out; windows up to 2k tokens: at 1k the plans come
+                    # out all but dense (little attention to skip), at the specs' 3-4k it costs minutes
+                    "max_texts": min(c.max_texts, 3),
+                    "max_seq_len": min(c.max_seq_len, 2048),
+                    "holdout_fraction": max(c.holdout_fraction, 0.34),
+                }
+            )
         lim.update(
             {
-                # 2 calibration windows + 1 held out; windows up to 2k tokens: at 1k the plans come
-                # out all but dense (little attention to skip), at the specs' 3-4k it costs minutes
-                "max_texts": min(c.max_texts, 3),
-                "max_seq_len": min(c.max_seq_len, 2048),
-                "holdout_fraction": max(c.holdout_fraction, 0.34),
                 "taus": (0.8, 0.9, 0.95, 0.98, 0.99, 0.995),
                 "max_joint_checks": 3,
                 "gate_steps": 120,

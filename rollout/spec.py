@@ -113,6 +113,34 @@ class CalibrationSettings(_Strict):
     # what the allocation's eps bounds per head (sparse_core CalibrationLimits.drop_measure): the dense
     # attention mass a selection drops, or the relative attention-output error it causes
     drop_measure: Literal["mass", "output"] = "mass"
+    # judge the budget on one-sided bounds at this confidence, not the held-out means; None: the means
+    confidence: Annotated[float, Field(gt=0, lt=1)] | None = None
+    # the bound's unit (sparse_core.prefill_bound): a block of 256 scored positions, or a held-out window
+    bound_unit: Literal["block", "window"] = "block"
+
+    @model_validator(mode="after")
+    def _enough_heldout_for_the_bound(self) -> CalibrationSettings:
+        # refused here, at `usecase add`, not minutes into a calibration; the windows' real count and
+        # length are checked again when calibration has packed them (prompts may give fewer)
+        if self.confidence is None:
+            if self.bound_unit != "block":
+                raise ValueError(
+                    "calibration.bound_unit needs calibration.confidence (the bound it is the unit of)"
+                )
+            return self
+        from sparse_core import prefill_bound as pb  # torch-free
+
+        held = pb.heldout_windows(self.max_texts, self.holdout_fraction)
+        lens = [self.max_seq_len] * held
+        why = pb.heldout_shortfall(
+            self.confidence, lens, pb.FIDELITY_FRACTION, self.bound_unit, pb.SEARCH_STEPS
+        )
+        if why is not None:
+            raise ValueError(
+                f"calibration.{why} (max_texts {self.max_texts} x holdout_fraction "
+                f"{self.holdout_fraction:g} holds out {held} window(s) of up to {self.max_seq_len} tokens)"
+            )
+        return self
 
 
 class DecodeCalibration(_Strict):
@@ -364,6 +392,8 @@ _ADDED_LATER: dict[tuple[str, ...], Any] = {
     ("pilot",): PilotSpec().model_dump(mode="json"),  # in-process arms
     ("quality_budget", "calibration", "drop_measure"): "mass",
     ("quality_budget", "decode", "confidence"): None,
+    ("quality_budget", "calibration", "confidence"): None,
+    ("quality_budget", "calibration", "bound_unit"): "block",
 }
 
 

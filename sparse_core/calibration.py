@@ -18,9 +18,10 @@ Search, built to stay cheap on 30 layers:
    sparse forwards on the held-out windows against the dense reference; the largest eps whose plan
    meets the budget (mean next-token KL, top-1 agreement, relative delta NLL) wins. Each check is one
    forward per held-out window, so the search costs ~log2(#eps) x held-out forwards. With
-   `limits.confidence` the budget is judged on one-sided bounds of those means, by blocks of
-   positions (`sparse_core.fidelity_bound`), so the plan picked does not sit at the budget's edge
-   on the held-out windows only because their noise favoured it. Every bound a step is judged on
+   `limits.confidence` the budget is judged on one-sided bounds of those means (`sparse_core.fidelity_bound`),
+   by blocks of positions or, with `limits.bound_unit="window"`, by held-out windows
+   (`sparse_core.prefill_bound`), so the plan picked does not sit at the budget's edge on the
+   held-out windows only because their noise favoured it. Every bound a step is judged on
    (this margin, the task bound) is taken at `eps_search.step_alpha`'s per-step level, so that the
    plan the search returns holds it, not only each step.
 
@@ -59,16 +60,17 @@ from sparse_core.capture import capture_attention
 from sparse_core.corpus import pack_token_windows, text_fingerprint
 from sparse_core.eps_search import largest_passing, search_steps, step_alpha
 from sparse_core.errors import SparsePilotError
-from sparse_core.fidelity import (
-    BLOCK_POSITIONS,
-    DenseReference,
-    Fidelity,
-    block_count,
-    dense_reference,
-    measure_fidelity,
-)
-from sparse_core.fidelity_bound import judged, judged_dict, min_blocks
+from sparse_core.fidelity import DenseReference, Fidelity, dense_reference, measure_fidelity
+from sparse_core.fidelity_bound import by_window, judged, judged_dict
 from sparse_core.plan import SparsePlan, model_shape
+from sparse_core.prefill_bound import (
+    FIDELITY_FRACTION,
+    SEARCH_STEPS,
+    blocks_per_window,
+    check_unit,
+    heldout_shortfall,
+    heldout_windows,
+)
 from sparse_core.progress import Progress, counter
 from sparse_core.task_bound import ALPHA as TASK_ALPHA
 from sparse_core.task_bound import drop_upper_bound, rows_to_certify
@@ -168,13 +170,16 @@ class CalibrationLimits:
     holdout_fraction: float = 0.25
     taus: tuple[float, ...] = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995)
     per_head: bool = True
-    max_joint_checks: int = 7  # full held-out passes in the eps search
-    fidelity_fraction: float = 0.5  # score the last half of each held-out window
+    max_joint_checks: int = SEARCH_STEPS  # full held-out passes in the eps search
+    fidelity_fraction: float = FIDELITY_FRACTION  # score the last half of each held-out window
     max_seconds: float | None = None  # soft cap: stop the search, keep the best plan found so far
     # judge the budget on one-sided bounds at this confidence (agree's lower, kl's and nll_delta's
-    # upper; `sparse_core.fidelity_bound`, by blocks of positions) instead of the held-out point
-    # estimates; None (default): the point estimates, as before
+    # upper; `sparse_core.fidelity_bound`) instead of the held-out point estimates; None (default):
+    # the point estimates, as before
     confidence: float | None = None
+    # the bound's unit (`sparse_core.prefill_bound`): "block" (256 scored positions; a margin) or
+    # "window" (a held-out window; agreement's level held on unseen prompts, needs more windows)
+    bound_unit: str = "block"
     # plan geometry
     block_size: int = 64
     sink_blocks: int = 1
@@ -206,6 +211,7 @@ class CalibrationLimits:
             raise ValueError(f"drop_measure must be one of {DROP_MEASURES}, got {self.drop_measure!r}")
         if self.confidence is not None and not 0 < self.confidence < 1:
             raise ValueError(f"confidence must be in (0, 1) or None, got {self.confidence}")
+        check_unit(self.bound_unit)
         self.taus = tuple(sorted(set(float(t) for t in self.taus)))
         if isinstance(self.decode, dict):
             from sparse_core.decode.calibration import DecodeLimits
@@ -215,7 +221,7 @@ class CalibrationLimits:
     @property
     def heldout_windows(self) -> int:
         """How many of the `max_texts` windows are held out (the rest calibrate), when the texts suffice."""
-        return max(1, round(self.max_texts * self.holdout_fraction))
+        return heldout_windows(self.max_texts, self.holdout_fraction)
 
     @classmethod
     def quick(cls, **kw) -> CalibrationLimits:
@@ -594,7 +600,7 @@ def calibrate_many(
             f"and held-out parts (got {len(calib_texts)} / {len(held_texts)} texts)"
         )
     if lim.confidence is not None:  # before any training: even a one-step search needs this many blocks
-        check_margin_blocks([len(w) for w in held_w], lim, steps=1)
+        check_margin_units([len(w) for w in held_w], lim, steps=1)
     fingerprint = text_fingerprint(texts)
 
     base = SparsePlan(
@@ -750,7 +756,13 @@ def _search_plan(
     step_confidence = None if lim.confidence is None else 1 - step_alpha(1 - lim.confidence, steps)
     task_alpha = step_alpha(TASK_ALPHA, steps)
     if lim.confidence is not None:
-        check_margin_blocks([len(w) for w in ref.windows], lim, steps)
+        check_margin_units([len(w) for w in ref.windows], lim, steps)
+    # the bound's draws: blocks as measured, or each window's blocks summed into one
+    per_window = blocks_per_window([len(w) for w in ref.windows], lim.fidelity_fraction)
+    unit = lim.bound_unit if lim.confidence is not None else None
+
+    def as_unit(fid: Fidelity) -> Fidelity:
+        return by_window(fid, per_window) if unit == "window" else fid
 
     cache: dict[int, tuple[bool, Fidelity, float | None, float | None]] = {}
 
@@ -762,7 +774,7 @@ def _search_plan(
         task_drop = task_upper = None
         sparsify(model, plan)
         try:
-            fid = measure_fidelity(model, ref)
+            fid = as_unit(measure_fidelity(model, ref))
             dens = _measured_density(model)
             ok = budget.met_by(judged(fid, step_confidence))
             if ok and budget.task_delta is not None:
@@ -779,7 +791,7 @@ def _search_plan(
             cands[i],
             pred,
             dens,
-            judged_dict(fid, lim.confidence, step_confidence),
+            judged_dict(fid, lim.confidence, step_confidence, unit),
             ok,
             secs,
             task_drop,
@@ -840,7 +852,7 @@ def _search_plan(
                 "drop_measure": lim.drop_measure,
                 "eps": eps,
             },
-            "fidelity": judged_dict(fid, lim.confidence, step_confidence),
+            "fidelity": judged_dict(fid, lim.confidence, step_confidence, unit),
             "met_budget": lo >= 0,
             "density": density,
             "measured_density": measured,
@@ -855,7 +867,7 @@ def _search_plan(
         estimator=base.estimator,
         budget=budget.to_dict(),
         met_budget=lo >= 0,
-        fidelity=judged_dict(fid, lim.confidence, step_confidence),
+        fidelity=judged_dict(fid, lim.confidence, step_confidence, unit),
         density=density,
         predicted_density=predicted,
         layer_density=layer_density,
@@ -869,19 +881,13 @@ def _search_plan(
     return plan, report
 
 
-def check_margin_blocks(window_lens: list[int], lim: CalibrationLimits, steps: int) -> None:
-    """A margin too few held-out blocks can give is infinite: every step would fail and the plan stay
-    dense. Raise BudgetError saying so, with what would do, instead of searching."""
-    level = 1 - step_alpha(1 - lim.confidence, steps)
-    need, have = min_blocks(level), block_count(window_lens, lim.fidelity_fraction)
-    if have < need:
-        raise BudgetError(
-            f"confidence {lim.confidence}: judged at {level:.4g} on each of the search's {steps} step(s), "
-            f"the bound needs at least {need} blocks of {BLOCK_POSITIONS} scored positions on the held-out "
-            f"windows; {len(window_lens)} window(s) of up to {max(window_lens)} tokens (the last "
-            f"{lim.fidelity_fraction:g} scored) give {have}. Use more or longer held-out windows "
-            "(max_texts, max_seq_len, holdout_fraction) or no confidence"
-        )
+def check_margin_units(window_lens: list[int], lim: CalibrationLimits, steps: int) -> None:
+    """A bound too few held-out units (blocks or windows: `lim.bound_unit`) can give is infinite: every
+    step would fail and the plan stay dense. Raise BudgetError saying so, with what would do, instead
+    of searching."""
+    why = heldout_shortfall(lim.confidence, window_lens, lim.fidelity_fraction, lim.bound_unit, steps)
+    if why is not None:
+        raise BudgetError(why)
 
 
 def paired_drop(
@@ -919,7 +925,7 @@ __all__ = [
     "allocate_choice",
     "calibrate",
     "calibrate_many",
-    "check_margin_blocks",
+    "check_margin_units",
     "paired_drop",
     "measure_sensitivities",
     "measure_sensitivity",

@@ -7,13 +7,12 @@ reference log-probabilities take (positions x vocabulary floats).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-BLOCK_POSITIONS = 256  # scored positions per block of `Fidelity.blocks` (neighbouring tokens correlate)
+from sparse_core.prefill_bound import BLOCK_POSITIONS, blocks_per_window, scored_positions  # torch-free
 
 
 @dataclass
@@ -79,14 +78,9 @@ def _next_token_logprobs(logprobs: torch.Tensor, ids: Sequence[int], keep: int) 
     return logprobs[:-1].gather(1, targets[:, None])[:, 0]
 
 
-def scored_positions(window_len: int, fraction: float) -> int:
-    """How many of a window's last positions the fidelity metrics score (`keep`)."""
-    return max(2, int(math.ceil(window_len * fraction)))
-
-
 def block_count(window_lens: Sequence[int], fraction: float) -> int:
     """How many blocks of `BLOCK_POSITIONS` scored positions windows of these lengths give."""
-    return sum(math.ceil(scored_positions(n, fraction) / BLOCK_POSITIONS) for n in window_lens)
+    return sum(blocks_per_window(window_lens, fraction))
 
 
 @torch.inference_mode()

@@ -52,16 +52,17 @@ it) and unbounded, so no bound from a dozen prompts is exact for it: the score b
 and reported as one; judged on the mean instead, a plan whose true KL is at the budget passes about
 half the time.
 
-Prefill calibration keeps blocks of 256 positions of its held-out windows as the unit. Measured on
+Prefill calibration takes blocks of 256 positions of its held-out windows as the unit by default, or
+with `CalibrationLimits.bound_unit="window"` a whole window (`by_window`; `prefill_bound`). Measured on
 the sample use cases' prompts the plan had not seen (docs/sparse_core/prefill_bound_unit.py; all 2k
 windows of their held-out prompts as the population): agreement's bound missed at the per-step
 0.99286 in 0.1-1.8% of draws where windows do not differ (docs-qa; nominal 0.71%) and up to 4.0%
 where they do (longdoc-summaries, 11-25% of the variance between windows); with a window as the unit
-it held (at most 0.3%), but that needs 11 held-out windows at 95% over 7 steps. KL's and delta NLL's
-bounds are no confidence statement whatever the unit: they missed those prompts' mean in 11-54% and
-8-30% of draws at 0.95, because a few passages carry much of it (one block of 104 held 18-30% of a
-pooled plan's KL on docs-qa) and no finite sample bounds the mean of an unbounded quantity for every
-distribution. For them the bound is a margin that grows with the spread seen.
+it held (at most 0.3%), but that needs 11 held-out windows at 95% over 7 steps (the "window" unit).
+KL's and delta NLL's bounds are no confidence statement whatever the unit: they missed those
+prompts' mean in 11-54% and 8-30% of draws at 0.95, because a few passages carry much of it (one
+block of 104 held 18-30% of a pooled plan's KL on docs-qa) and no finite sample bounds the mean of an
+unbounded quantity for every distribution. For them the bound is a margin that grows with the spread seen.
 """
 
 from __future__ import annotations
@@ -148,15 +149,35 @@ def fidelity_bound(fid: Fidelity, confidence: float) -> Fidelity:
     return replace(fid, kl=max(kl, 0.0), agree=min(agree, 1.0), nll_delta=nll_delta)
 
 
+def by_window(fid: Fidelity, blocks_per_window: Sequence[int]) -> Fidelity:
+    """`fid` with each window's blocks summed into one block (`prefill_bound`'s "window" unit): the
+    same means, the bound's draws now the windows. `blocks_per_window` lists each window's block count
+    in `fid.blocks`' order (`prefill_bound.blocks_per_window`)."""
+    if not fid.blocks:
+        return fid
+    if any(c < 1 for c in blocks_per_window) or sum(blocks_per_window) != len(fid.blocks):
+        raise ValueError(
+            f"blocks_per_window {list(blocks_per_window)} does not partition the {len(fid.blocks)} blocks"
+        )
+    merged, start = [], 0
+    for count in blocks_per_window:
+        part = fid.blocks[start : start + count]
+        merged.append(tuple(sum(column) for column in zip(*part, strict=True)))
+        start += count
+    return replace(fid, blocks=merged)
+
+
 def judged(fid: Fidelity, step_confidence: float | None) -> Fidelity:
     """What a calibration step's budget is judged on: `fid`'s means (no confidence asked, or no
     blocks: a plan identical to dense), or their bounds at the step's level."""
     return fid if step_confidence is None or not fid.blocks else fidelity_bound(fid, step_confidence)
 
 
-def judged_dict(fid: Fidelity, confidence: float | None, step_confidence: float | None) -> dict:
+def judged_dict(
+    fid: Fidelity, confidence: float | None, step_confidence: float | None, unit: str | None = None
+) -> dict:
     """`fid.to_dict()`, with the bounds the step was judged on beside the means when it asked for
-    `confidence` (at `step_confidence`)."""
+    `confidence` (at `step_confidence`; `unit`, when given, names what `fid.blocks` are)."""
     d = fid.to_dict()
     if step_confidence is not None and fid.blocks:
         b = fidelity_bound(fid, step_confidence)
@@ -166,13 +187,17 @@ def judged_dict(fid: Fidelity, confidence: float | None, step_confidence: float 
             kl_upper=b.kl,
             agree_lower=b.agree,
             nll_delta_upper=b.nll_delta,
+            bound_units=len(fid.blocks),
         )
+        if unit is not None:
+            d["bound_unit"] = unit
     return d
 
 
 __all__ = [
     "agreement_lower_bound",
     "block_mean_bound",
+    "by_window",
     "fidelity_bound",
     "judged",
     "judged_dict",

@@ -4,14 +4,15 @@ of 256 scored positions of the held-out windows; decode's unit turned out to nee
 the prefill margin hold on unseen prompts?"):
 
     python docs/sparse_core/prefill_bound_unit.py measure DATASET.jsonl SEQ_LEN OUT.json \
-        [ESTIMATOR] [BUDGET] [CONFIDENCE]
+        [ESTIMATOR] [BUDGET] [CONFIDENCE] [BOUND_UNIT] [MAX_TEXTS]
     python docs/sparse_core/prefill_bound_unit.py analyse RESULT.json MEASURED.json [MEASURED.json ...]
 
 `measure` (~17-23 min at 2k) calibrates a plan as the calibrate flow would on the dataset's prompts
-(calibration's own split, 16 windows of SEQ_LEN of which 4 are held out; judged on the means, or on
-bounds at CONFIDENCE), then runs it beside dense on every window the held-out prompts pack into
-(calibration's held-out windows are the first of them) and keeps each window's `Fidelity.blocks` and
-which prompts it holds. That pool stands for the use case's prompts the plan has not seen.
+(calibration's own split, MAX_TEXTS windows of SEQ_LEN, default 16, of which a quarter are held out;
+judged on the means, or on bounds at CONFIDENCE by BOUND_UNIT, block or window), then runs it beside
+dense on every window the held-out prompts pack into (calibration's held-out windows are the first
+of them) and keeps each window's `Fidelity.blocks` and which prompts it holds. That pool stands for
+the use case's prompts the plan has not seen.
 
 `analyse` (about a minute a file) draws w windows from each pool 10,000 times and judges each draw with
 `fidelity_bound` itself, as a calibration step is judged: how often KL's and delta NLL's upper bound
@@ -40,7 +41,14 @@ DRAWS = 10_000
 
 
 def measure(
-    dataset: str, seq_len: str, out: str, estimator: str = "pooled", budget: str = "", confidence: str = ""
+    dataset: str,
+    seq_len: str,
+    out: str,
+    estimator: str = "pooled",
+    budget: str = "",
+    confidence: str = "",
+    bound_unit: str = "block",
+    max_texts: str = "16",
 ) -> None:
     import torch
 
@@ -59,7 +67,10 @@ def measure(
     with open(dataset, encoding="utf-8") as fh:
         texts = [json.loads(line)["prompt"] for line in fh if line.strip()]
     lim = CalibrationLimits(
-        max_texts=16, max_seq_len=int(seq_len), confidence=float(confidence) if confidence else None
+        max_texts=int(max_texts),
+        max_seq_len=int(seq_len),
+        confidence=float(confidence) if confidence else None,
+        bound_unit=bound_unit,
     )
 
     def say(what: str, done: int, total: int) -> None:
@@ -85,6 +96,7 @@ def measure(
         "estimator": estimator,
         "budget": budget,
         "confidence": lim.confidence,
+        "bound_unit": lim.bound_unit,
         "calibration": {k: rep.to_dict()[k] for k in ("met_budget", "fidelity", "density", "eps")},
         "heldout_windows_in_calibration": lim.heldout_windows,
         "windows": rows,

@@ -56,6 +56,7 @@ class QualityBenchSettings:
     max_texts: int = 8  # calibration windows per length (25% held out by the calibration itself)
     max_joint_checks: int = 7  # eps search steps per estimator (each: one forward per held-out window)
     confidence: float | None = None  # CalibrationLimits.confidence: judge the budget on bounds
+    bound_unit: str = "block"  # CalibrationLimits.bound_unit: the bound's unit, a block or a held-out window
     gate_steps: int = 200
     gate_target: str | None = None  # gate_v2: maxpool (default), mass or output
     drop_measure: str = "mass"  # CalibrationLimits.drop_measure: what the allocation's eps bounds
@@ -100,7 +101,7 @@ def run_quality_bench(
     settings: QualityBenchSettings, *, progress: Callable[[str, int, int], None] | None = None
 ) -> dict:
     from sparse_core import load_model, sparse_stats, sparsify, unsparsify
-    from sparse_core.calibration import CalibrationLimits, calibrate_many, check_margin_blocks, split_texts
+    from sparse_core.calibration import CalibrationLimits, calibrate_many, check_margin_units, split_texts
     from sparse_core.corpus import corpus_texts, pack_token_windows
     from sparse_core.fidelity import dense_reference, measure_fidelity
     from sparse_core.fidelity_bound import fidelity_bound
@@ -115,12 +116,13 @@ def run_quality_bench(
             max_task_rows=settings.max_task_rows,
             max_joint_checks=settings.max_joint_checks,
             confidence=settings.confidence,
+            bound_unit=settings.bound_unit,
         )
 
     if settings.confidence is not None:  # a margin the held-out windows cannot give: say so before the hours
         for seq_len in [*settings.lengths, *([settings.usecase_length] if settings.usecases else [])]:
             lim = limits(seq_len)
-            check_margin_blocks([seq_len] * lim.heldout_windows, lim, steps=lim.max_joint_checks)
+            check_margin_units([seq_len] * lim.heldout_windows, lim, steps=lim.max_joint_checks)
 
     t_all = time.perf_counter()
     load_before = loadavg()

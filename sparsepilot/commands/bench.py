@@ -145,7 +145,13 @@ def bench_quality(
         0.0,
         "--confidence",
         help="Judge the budget on one-sided bounds at this confidence (e.g. 0.95: agreement's lower, "
-        "KL's upper bound, by blocks of positions) instead of the held-out means (0 = the means).",
+        "KL's upper bound) instead of the held-out means (0 = the means).",
+    ),
+    bound_unit: str = typer.Option(
+        "block",
+        "--bound-unit",
+        help="With --confidence, the bound's unit: block (256 scored positions) | window (a held-out "
+        "window; needs more of them, e.g. 11 at 0.95).",
     ),
     gate_target: str = typer.Option(
         "", "--gate-target", help="gate_v2 distillation target: maxpool | mass | output."
@@ -171,6 +177,7 @@ def bench_quality(
     from sparse_core.calibration import DROP_MEASURES
     from sparse_core.estimators import parse_estimator_spec
     from sparse_core.estimators.learned_gate_v2 import TARGETS as GATE_V2_TARGETS
+    from sparse_core.prefill_bound import BOUND_UNITS
     from sparsepilot.console import fail, print_table
 
     names = tuple(e.strip() for e in estimators.split(",") if e.strip()) or default_specs()
@@ -198,10 +205,14 @@ def bench_quality(
         kw["gate_steps"] = gate_steps
     if max_checks:
         kw["max_joint_checks"] = max_checks
+    if bound_unit not in BOUND_UNITS:
+        fail(f"--bound-unit: {bound_unit!r}; choose {' or '.join(BOUND_UNITS)}")
     if confidence:
         if not 0 < confidence < 1:
             fail(f"--confidence: {confidence} is not in (0, 1)")
-        kw["confidence"] = confidence
+        kw.update(confidence=confidence, bound_unit=bound_unit)
+    elif bound_unit != "block":
+        fail("--bound-unit: needs --confidence (the bound it is the unit of)")
     if gate_target:
         kw["gate_target"] = gate_target
     if plans:

@@ -194,6 +194,14 @@ def calibrate_cmd(
             help="judge the budget on one-sided bounds at this confidence (e.g. 0.95), not the means",
         ),
     ] = None,
+    bound_unit: Annotated[
+        str | None,
+        typer.Option(
+            "--bound-unit",
+            help="with --confidence, the bound's unit: block (256 scored positions, default) | window "
+            "(a held-out window: needs more of them, e.g. 11 at 0.95)",
+        ),
+    ] = None,
     drop_measure: Annotated[
         str | None,
         typer.Option(
@@ -243,11 +251,15 @@ def calibrate_cmd(
         max_seconds=max_seconds,
         confidence=confidence,
         drop_measure=drop_measure,
+        bound_unit=bound_unit,
     )
+    if bound_unit is not None and confidence is None:
+        fail("--bound-unit: needs --confidence (the bound it is the unit of)")
     try:
         limits = CalibrationLimits.quick(**kw) if quick else CalibrationLimits(**kw)
     except ValueError as exc:
-        fail(f"--drop-measure: {exc}" if "drop_measure" in str(exc) else str(exc))
+        flag = next((f for f in ("drop_measure", "bound_unit") if f in str(exc)), None)
+        fail(f"--{flag.replace('_', '-')}: {exc}" if flag else str(exc))
     rows: list = []
     if dataset is not None:
         from sparse_core.tasks import TASKS, DatasetError, read_dataset
@@ -313,6 +325,13 @@ def calibrate_cmd(
             }
         ],
     )
+    if "agree_lower" in fid:  # --confidence: what the budget was judged on, beside the means above
+        console.print(
+            f"judged on {100 * fid['confidence']:g}% bounds over {fid['bound_units']} "
+            f"{fid.get('bound_unit', 'block')}s (each step at {fid['step_confidence']:.4g}): "
+            f"agree >= {fid['agree_lower']:.4f}, kl <= {fid['kl_upper']:.4g}, "
+            f"nll_delta <= {fid['nll_delta_upper']:.4g}"
+        )
     t = report.task or {}
     if t and not t.get("certifiable", True):
         need = t.get("rows_needed")

@@ -145,3 +145,33 @@ def test_calibrate_flow_takes_the_specs_decode_confidence_and_keeps_old_run_keys
         # a bound needs its prompts: quick mode keeps the spec's prompts and generated tokens then
         assert lim.decode.confidence == 0.95 and (lim.decode.n_prompts, lim.decode.new_tokens) == (12, 16)
     assert CalibrationLimits(**limits(None, True)).decode.new_tokens == 32
+
+
+def test_calibrate_flow_takes_the_specs_calibration_confidence_and_keeps_its_windows() -> None:
+    """quality_budget.calibration.confidence reaches CalibrationLimits with its unit; unset, the run's
+    settings (its idempotency key) are as before; quick mode keeps the spec's windows then, since the
+    spec was checked to hold out enough of them for the bound (quick's 1 held-out window would not)."""
+    from pathlib import Path
+
+    from flows.calibrate import limits_for
+    from flows.common import UseCaseContext
+    from rollout.spec import parse_spec
+    from sparse_core.calibration import CalibrationLimits
+    from tests.rollout.usecase_helpers import example_spec
+
+    def limits(quick: bool, **cal: object) -> dict:
+        data = example_spec("docs-qa")
+        data["quality_budget"].setdefault("calibration", {}).update(cal)
+        spec = parse_spec(data)
+        ctx = UseCaseContext("docs-qa", 1, spec, 1, spec.content_hash(), Path("x.jsonl"), [])
+        return limits_for(ctx, quick, None)
+
+    for quick in (False, True):
+        plain = limits(quick)
+        assert "confidence" not in plain and "bound_unit" not in plain
+        lim = CalibrationLimits(**limits(quick, confidence=0.95, bound_unit="window", max_texts=44))
+        assert (lim.confidence, lim.bound_unit) == (0.95, "window")
+        assert (lim.max_texts, lim.max_seq_len, lim.heldout_windows) == (44, 3072, 11)
+        assert CalibrationLimits(**limits(quick, confidence=0.9)).bound_unit == "block"
+    assert (limits(True)["max_texts"], limits(True)["max_seq_len"]) == (3, 2048)  # quick as before
+    assert limits(True, confidence=0.95)["max_joint_checks"] == 3  # the rest of quick still applies

@@ -210,3 +210,35 @@ def test_drop_measure_is_a_calibration_setting_that_keeps_old_hashes() -> None:
         _mutated(lambda d: d["quality_budget"].setdefault("calibration", {}).update(drop_measure="entropy"))
     )
     assert len(problems) == 1 and "quality_budget.calibration.drop_measure" in problems[0]
+
+
+def test_a_calibration_confidence_keeps_old_hashes_and_is_refused_without_the_held_out_units() -> None:
+    """quality_budget.calibration.confidence / bound_unit: unset, the stored spec (and its hash) is as
+    before; set, a geometry whose held-out windows cannot give a finite bound is refused when the spec
+    is read, naming the setting and what it holds out (docs-qa holds out 2 windows of 3,072 tokens:
+    12 blocks, enough for the block unit; the window unit needs 11 windows at 95% over 7 steps)."""
+
+    def cal(**kw) -> dict:  # noqa: ANN003
+        return _mutated(lambda d: d["quality_budget"].setdefault("calibration", {}).update(**kw))
+
+    default = parse_spec(example_spec("docs-qa"))
+    assert default.quality_budget.calibration.confidence is None
+    stored = default.to_dict()["quality_budget"]["calibration"]
+    assert "confidence" not in stored and "bound_unit" not in stored
+    assert parse_spec(cal(bound_unit="block")).content_hash() == default.content_hash()
+    blocks = parse_spec(cal(confidence=0.95))
+    assert blocks.content_hash() != default.content_hash()
+    assert blocks.to_dict()["quality_budget"]["calibration"]["confidence"] == 0.95
+    windows = parse_spec(cal(confidence=0.95, bound_unit="window", max_texts=44))
+    assert windows.to_dict()["quality_budget"]["calibration"]["bound_unit"] == "window"
+    assert UseCaseSpec.model_validate(windows.to_dict()) == windows
+    (problem,) = _problems(cal(confidence=0.95, bound_unit="window"))
+    assert "quality_budget.calibration" in problem
+    assert "needs at least 11 held-out windows (its unit is a window), got 2" in problem
+    assert "max_texts 8 x holdout_fraction 0.25 holds out 2 window(s) of up to 3072 tokens" in problem
+    (problem,) = _problems(cal(confidence=0.95, max_seq_len=512))
+    assert "needs at least 11 blocks of 256 scored positions" in problem and "give 2" in problem
+    (problem,) = _problems(cal(bound_unit="window"))
+    assert "calibration.bound_unit needs calibration.confidence" in problem
+    (problem,) = _problems(cal(confidence=1.5))
+    assert "quality_budget.calibration.confidence" in problem

@@ -130,6 +130,59 @@ def test_confidence_judges_the_budget_on_bounds(quality_tiny, quality_texts):
         CalibrationLimits(confidence=1.0)
 
 
+def test_a_window_unit_judges_the_budget_on_the_held_out_windows(quality_tiny, quality_texts):
+    """`bound_unit="window"`: each step's bound is taken over the held-out windows (their blocks summed),
+    as recomputed here from an independent measurement: a bound over 8 draws instead of their 16
+    blocks. Too few windows for the window unit is refused before any work, while the
+    same windows' blocks would do."""
+    from sparse_core.fidelity_bound import by_window, fidelity_bound
+
+    model, tok = quality_tiny
+    budget = Budget(kl=0.004, agree=0.98, nll_delta=None)
+    # 8 held-out windows of 512 tokens scored whole: 2 blocks each; 2 steps judged at 0.975 need 7
+    lim = dict(
+        max_texts=16,
+        max_seq_len=512,
+        holdout_fraction=0.5,
+        fidelity_fraction=1.0,
+        taus=(0.5, 0.7, 0.9),
+        max_joint_checks=2,
+        confidence=0.95,
+    )
+    plan, rep = calibrate(
+        model, tok, quality_texts, budget, seed=3, limits=CalibrationLimits(**lim, bound_unit="window")
+    )
+    assert rep.met_budget and rep.n_heldout_windows == 8 and rep.density < 1.0, rep.search
+    for s in rep.search:
+        f = s.fidelity
+        assert f["bound_unit"] == "window" and f["bound_units"] == 8
+        assert f["step_confidence"] == pytest.approx(0.975)
+        assert s.passed == (f["agree_lower"] >= budget.agree and f["kl_upper"] <= budget.kl)
+    # re-measure the returned plan on the held-out windows, independently of the search code: its
+    # bound is the one over the 8 windows (2 blocks each), not over their 16 blocks
+    _, held = split_texts(quality_texts, 0.5, 3)
+    windows = pack_token_windows(tok, held, 512, 8, seed=4, min_length=128)
+    ref = dense_reference(model, windows, fraction=1.0)
+    sparsify(model, plan)
+    try:
+        fid = measure_fidelity(model, ref)
+    finally:
+        unsparsify(model)
+    f = plan.metadata["fidelity"]
+    assert (f["kl"], f["agree"]) == pytest.approx((fid.kl, fid.agree), rel=1e-5)
+    win, blocks = fidelity_bound(by_window(fid, [2] * 8), 0.975), fidelity_bound(fid, 0.975)
+    assert (f["agree_lower"], f["kl_upper"]) == pytest.approx((win.agree, win.kl), rel=1e-5)
+    assert (win.agree, win.kl) != pytest.approx((blocks.agree, blocks.kl), rel=1e-5)
+    # 4 held-out windows: even a one-step search (0.95) needs 6; their 8 blocks would do for blocks
+    calls: list = []
+    few = CalibrationLimits(**{**lim, "holdout_fraction": 0.25}, bound_unit="window")
+    with pytest.raises(
+        BudgetError, match=r"needs at least 6 held-out windows \(its unit is a window\), got 4"
+    ):
+        calibrate(model, tok, quality_texts, budget, seed=3, limits=few, progress=lambda *a: calls.append(a))
+    assert calls == [], "it refused before any forward"
+
+
 def test_a_margin_too_few_blocks_can_give_is_refused_before_any_work(quality_tiny, quality_texts):
     """2 held-out windows of 512 tokens, the last half scored: 2 blocks of 256 positions, where a 95%
     bound needs 6 (t^2 < B - 1): every step would fail, so calibration says why instead of searching."""

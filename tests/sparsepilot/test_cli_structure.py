@@ -90,9 +90,47 @@ def test_an_unknown_drop_measure_or_gate_target_is_refused_before_any_work(sp_ho
     res = runner.invoke(app, [*args, "--drop-measure", "entropy"])
     assert res.exit_code == 2, res.output
     assert "--drop-measure" in res.output and "'mass', 'output'" in res.output and not out.exists()
+    # the bound's unit: a name of prefill_bound's, and only with a confidence (the bound it is the unit of)
+    res = runner.invoke(app, [*args, "--confidence", "0.95", "--bound-unit", "prompt"])
+    assert res.exit_code == 2 and "--bound-unit" in res.output and "'block', 'window'" in res.output
+    res = runner.invoke(app, [*args, "--bound-unit", "window"])
+    assert res.exit_code == 2 and "--bound-unit: needs --confidence" in res.output and not out.exists()
     bench_out = tmp_path / "quality.json"
     for option, choices in (("--drop-measure", "mass or output"), ("--gate-target", "maxpool, mass, output")):
         res = runner.invoke(app, ["bench", "quality", "--quick", option, "entropy", "--out", str(bench_out)])
         assert res.exit_code == 2, res.output
         assert f"{option}: 'entropy'" in res.output and choices in res.output, res.output
         assert not bench_out.exists()
+    res = runner.invoke(
+        app, ["bench", "quality", "--quick", "--bound-unit", "prompt", "--out", str(bench_out)]
+    )
+    assert res.exit_code == 2 and "--bound-unit: 'prompt'; choose block or window" in res.output
+    res = runner.invoke(
+        app, ["bench", "quality", "--quick", "--bound-unit", "window", "--out", str(bench_out)]
+    )
+    assert res.exit_code == 2 and "--bound-unit: needs --confidence" in res.output and not bench_out.exists()
+
+
+def test_calibrate_with_a_window_unit_shows_what_the_budget_was_judged_on(
+    sp_home, tiny_llama_dir, tmp_path
+) -> None:  # noqa: ANN001
+    """calibrate --confidence 0.95 --bound-unit window on the tiny model: the bounds the budget was
+    judged on and their unit are shown below the means, and the plan records them (quick: 36 windows of
+    256 tokens, 9 held out, one block each: a search of up to 4 steps needs 9)."""
+    import json
+    import re
+
+    runner = CliRunner()
+    out = tmp_path / "plan"
+    args = ["calibrate", "--model", str(tiny_llama_dir), "--texts", "stdlib", "--quick", "--seq-len", "256"]
+    args += ["--max-texts", "36", "--estimator", "pooled", "--budget", "kl=0.05,agree=0.9", "--out", str(out)]
+    res = runner.invoke(app, [*args, "--confidence", "0.95", "--bound-unit", "window"])
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    # each step at 1 - 0.05 / steps, the search's 3-4 steps (quick's 4 checks over its candidates)
+    assert re.search(r"judged on 95% bounds over 9 windows \(each step at 0\.98(33|75)\): agree >= ", text), (
+        text
+    )
+    fid = json.loads((out / "plan.json").read_text())["metadata"]["fidelity"]
+    assert (fid["bound_unit"], fid["bound_units"], fid["confidence"]) == ("window", 9, 0.95)
+    assert fid["agree_lower"] <= fid["agree"] and fid["kl_upper"] >= fid["kl"]
