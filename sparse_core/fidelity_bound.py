@@ -10,7 +10,7 @@ confidence.
 
 Neighbouring next-token predictions are not independent (a passage the plan drops moves many of them
 at once), so the unit of the bound is a block of consecutive scored positions of one window
-(`fidelity.BLOCK_POSITIONS`), not a position. The mean over positions is a ratio of block totals;
+(`prefill_bound.BLOCK_POSITIONS`), not a position. The mean over positions is a ratio of block totals;
 its standard error is the cluster-robust one from the residuals of the B blocks (with the
 B / (B - 1) correction). The bound is the score (Wilson-type) one: the value m at which
 |mean - m| = t(confidence, B - 1) * se(m), with se(m) from the residuals S_b - m * n_b *at m*, not at
