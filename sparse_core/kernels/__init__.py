@@ -1,10 +1,9 @@
 """`sparse_attention`: the functional entry point (estimate -> select -> kernel), used by the model
 retrofit and usable on its own.
 
-Kernels: ``gather`` (plain PyTorch, no compiler; query blocks four at a time), ``gather-rows`` (the
-same, one query block at a time: the kernel before grouping, kept for comparison), ``flex`` (compiled
-FlexAttention), ``dense`` (SDPA; ignores the selection). ``auto`` picks gather on CPU (as fast as
-compiled flex here, with no compile latency; see docs/sparse_core.md) and flex on CUDA."""
+Kernels: ``gather`` (plain PyTorch, no compiler), ``flex`` (compiled FlexAttention), ``dense``
+(SDPA; ignores the selection). ``auto`` picks gather on CPU (as fast as compiled flex here, with
+no compile latency; see docs/sparse_core.md) and flex on CUDA."""
 
 from __future__ import annotations
 
@@ -18,8 +17,7 @@ from sparse_core.estimators import EstimatorContext, get_estimator
 from sparse_core.plan import LayerParams, SparsePlan
 from sparse_core.selection import BlockSelection, group_scores, select_blocks
 
-KERNELS = ("auto", "gather", "gather-rows", "flex", "dense")
-SPARSE_KERNELS = ("gather", "gather-rows", "flex")  # the ones that read the selection
+KERNELS = ("auto", "gather", "flex", "dense")
 GATHER_COUNT_LEVELS = 8
 
 
@@ -38,9 +36,9 @@ class AttentionInfo:
 def available_kernels(device: torch.device | str = "cpu") -> list[str]:
     from sparse_core.kernels.flex import flex_available
 
-    out = ["gather", "gather-rows", "dense"]
+    out = ["gather", "dense"]
     if flex_available(device):
-        out.insert(2, "flex")
+        out.insert(1, "flex")
     return out
 
 
@@ -138,11 +136,10 @@ def run_kernel(
         from sparse_core.kernels.dense import dense_attention
 
         return dense_attention(q, k, v, key_valid=key_valid, scale=scale)
-    if kernel in ("gather", "gather-rows"):
-        from sparse_core.kernels.gather import gather_attention, gather_rows_attention
+    if kernel == "gather":
+        from sparse_core.kernels.gather import gather_attention
 
-        run = gather_attention if kernel == "gather" else gather_rows_attention
-        return run(q, k, v, sel, key_valid=key_valid, scale=scale)
+        return gather_attention(q, k, v, sel, key_valid=key_valid, scale=scale)
     if kernel == "flex":
         from sparse_core.kernels.flex import flex_sparse_attention
 
@@ -189,7 +186,7 @@ def sparse_attention(
     _sync(dev)
     t0 = time.perf_counter()
     # gather runs one call per distinct block count: round counts up to 8 sizes per octave
-    levels = GATHER_COUNT_LEVELS if kname in ("gather", "gather-rows") else None
+    levels = GATHER_COUNT_LEVELS if kname == "gather" else None
     sel = estimate_and_select(
         q, k, plan, params, key_valid=key_valid, scale=scale, module=module, count_levels=levels
     )
@@ -213,7 +210,6 @@ def sparse_attention(
 
 __all__ = [
     "KERNELS",
-    "SPARSE_KERNELS",
     "AttentionInfo",
     "available_kernels",
     "estimate_and_select",

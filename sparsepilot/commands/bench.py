@@ -16,10 +16,7 @@ from sparsepilot.quiet import for_command
 
 # Options several benchmarks share (each command gives its own default)
 ModelRef = Annotated[str, typer.Option("--model", help="Model ref.")]
-Kernels = Annotated[
-    str,
-    typer.Option("--kernels", help="Comma-separated: gather, gather-rows (one query block a call), flex."),
-]
+Kernels = Annotated[str, typer.Option("--kernels", help="Comma-separated: gather, flex.")]
 JsonOut = Annotated[str, typer.Option("--out", help="Where to write the JSON.")]
 JsonPngOut = Annotated[str, typer.Option("--out", help="JSON path; the PNG goes next to it.")]
 
@@ -313,13 +310,12 @@ def bench_attention(
     """One SmolLM2-shaped attention layer: dense SDPA vs sparse kernels at ~5/10/25/50% density."""
     for_command("bench-attention")  # model benchmarks: library output to a log file
     from sparse_core.bench import attention as bench
-    from sparse_core.kernels import SPARSE_KERNELS
     from sparsepilot.console import emit_json, fail, print_table
 
     ks = tuple(x.strip() for x in kernels.split(",") if x.strip())
     ds = tuple(x.strip() for x in dtypes.split(",") if x.strip())
-    if not ks or any(k not in SPARSE_KERNELS for k in ks):
-        fail(f"--kernels: {kernels!r}; choose from {', '.join(SPARSE_KERNELS)}")
+    if not ks or any(k not in ("gather", "flex") for k in ks):
+        fail(f"--kernels: {kernels!r}; choose from gather, flex")
     if not ds or any(d not in bench.DTYPES for d in ds):
         fail(f"--dtypes: {dtypes!r}; choose from {', '.join(bench.DTYPES)}")
     if block_size < 16 or block_size & (block_size - 1):
@@ -363,7 +359,6 @@ def bench_prefill(
     few tau, speed-up in the same table as next-token KL, top-1 agreement and delta NLL."""
     for_command("bench-prefill")  # model benchmarks: library output to a log file
     from sparse_core.bench import prefill as bench
-    from sparse_core.kernels import SPARSE_KERNELS
     from sparsepilot.console import emit_json, fail, print_table
 
     try:
@@ -373,8 +368,8 @@ def bench_prefill(
     if tau_list and any(not 0 < t <= 1 for t in tau_list):
         fail(f"--taus: every tau must be in (0, 1], got {taus!r}")
     ks = tuple(x.strip() for x in kernels.split(",") if x.strip())
-    if not ks or any(k not in SPARSE_KERNELS for k in ks):
-        fail(f"--kernels: {kernels!r}; choose from {', '.join(SPARSE_KERNELS)}")
+    if not ks or any(k not in ("gather", "flex") for k in ks):
+        fail(f"--kernels: {kernels!r}; choose from gather, flex")
     from sparse_core import ModelRefError
 
     try:
