@@ -74,8 +74,10 @@ def limits_for(ctx: UseCaseContext, quick: bool, overrides: dict[str, Any] | Non
         )
     d = ctx.spec.quality_budget.decode
     if d is not None:  # sparse decode: a decode budget calibrated on generated continuations
-        # an unset confidence stays out of the settings, so earlier runs' keys hold
-        lim["decode"] = d.model_dump(exclude={"confidence"} if d.confidence is None else None)
+        # an unset confidence (and the sensitivity windows only it reads) stays out of the settings, so
+        # earlier runs' keys hold
+        unset = {"confidence", "sensitivity_prompts"} if d.confidence is None else None
+        lim["decode"] = d.model_dump(exclude=unset)
         if quick and d.confidence is None:  # fewer, shorter continuations, but after prompts of the
             # use case's own length: budgets found at 1k tokens were too sparse at docs-qa's 3k
             # (agreement 100% -> 91%); a bound (confidence) needs the spec's prompts (its unit)

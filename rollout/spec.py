@@ -154,6 +154,8 @@ class DecodeCalibration(_Strict):
     page_size: Annotated[int, Field(ge=8, le=256)] = 16
     # judge the decode budget on one-sided bounds at this confidence, not the means; None: the means
     confidence: Annotated[float, Field(gt=0, lt=1)] | None = None
+    # with confidence: windows beyond the judged prompts the candidates' sensitivities come from
+    sensitivity_prompts: Annotated[int, Field(ge=1, le=16)] = 2
 
     @field_validator("estimator")
     @classmethod
@@ -392,6 +394,7 @@ _ADDED_LATER: dict[tuple[str, ...], Any] = {
     ("pilot",): PilotSpec().model_dump(mode="json"),  # in-process arms
     ("quality_budget", "calibration", "drop_measure"): "mass",
     ("quality_budget", "decode", "confidence"): None,
+    ("quality_budget", "decode", "sensitivity_prompts"): 2,
     ("quality_budget", "calibration", "confidence"): None,
     ("quality_budget", "calibration", "bound_unit"): "block",
 }

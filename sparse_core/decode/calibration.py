@@ -23,7 +23,14 @@ a fidelity budget, measured on continuations the dense model generates after lon
    blocks of 2-4 prompts missed the prompts' mean 25-27% of the time at 95%). So it needs
    `decode.bound.prompts_needed` prompts (10 at 95% over 5 steps) and is cheapest with many
    short continuations. It costs density (docs/sparse_core.md, "A margin for the decode budget").
-   The candidates come from the sensitivities of the same prompts.
+   With `confidence` the candidates' sensitivities (step 2) come from `sensitivity_prompts` more
+   windows of the texts, packed after the judged prompts, never from the prompts that judge them:
+   the search's guarantee (sparse_core.eps_search) holds for a candidate set fixed before the
+   judging data is read, as prefill calibration's calibration / held-out split gives it. They are
+   page_gate's training windows where it trains (no more text needed; its sensitivities there may
+   flatter it, which costs density at worst, since the judged prompts decide). Without `confidence`
+   the sensitivities come from the judged prompts themselves (their means are what is judged, and
+   no level is claimed).
 5. Break-even: on this host, one attention layer of the model's shape at each budget the plan uses,
    dense vs sparse step at increasing cache lengths (sparse_core.decode.break_even); below the length
    where sparse starts to win, a layer's decode stays dense (`DecodePlan.break_even_tokens`, a layer's
@@ -78,6 +85,8 @@ class DecodeLimits:
     # upper; `sparse_core.fidelity_bound`, over prompts: one block a prompt's continuation) instead
     # of the means of the generated tokens; None: the means
     confidence: float | None = None
+    # with confidence: the windows (beyond the judged prompts) the candidates' sensitivities come from
+    sensitivity_prompts: int = 2
 
     def __post_init__(self) -> None:
         if self.n_prompts < 1:
@@ -98,7 +107,7 @@ class DecodeLimits:
         self.budgets = tuple(sorted({int(b) for b in self.budgets}))
         if self.break_even_tokens is not None and self.break_even_tokens < 0:
             raise ValueError(f"decode.break_even_tokens must be >= 0, got {self.break_even_tokens}")
-        for name in ("page_gate_windows", "page_gate_rows", "page_gate_steps"):
+        for name in ("page_gate_windows", "page_gate_rows", "page_gate_steps", "sensitivity_prompts"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"decode.{name} must be >= 1, got {getattr(self, name)}")
         if self.confidence is not None:
@@ -150,6 +159,8 @@ class DecodeCalibrationReport:
     prompt_tokens: int = 0
     new_tokens: int = 0
     n_prompts: int = 0
+    # windows the candidates' sensitivities came from beyond the judged prompts (0: the prompts)
+    sensitivity_prompts: int = 0
     seconds: dict = field(default_factory=dict)
     # per budget (str tokens): sparse_core.decode.break_even.BreakEven; None: given, not measured
     break_even: dict | None = None
@@ -340,23 +351,35 @@ def calibrate_decode(
     secs: dict[str, float] = {}
     texts = [t for t in texts if isinstance(t, str) and t.strip()]
     trained = lim.estimator in TRAINED_BY_DECODE_CALIBRATION
-    # one packing: the prompts first, then (page_gate) its training windows, on text the prompts do not hold
+    n_gate = lim.page_gate_windows if trained else 0
+    n_sens = lim.sensitivity_prompts if lim.confidence is not None else 0
+    # one packing: the prompts first, then the windows beyond them: page_gate's training windows and
+    # (with confidence) the sensitivity windows, the same text where both are asked for (neither is
+    # judged: what matters is that the judged prompts are not read before they judge)
     windows = pack_token_windows(
         tokenizer,
         texts,
         length,
-        lim.n_prompts + (lim.page_gate_windows if trained else 0),
+        lim.n_prompts + max(n_gate, n_sens),
         seed=seed + 11,
         min_length=max(8 * lim.page_size, length // 4),
     )
     if not windows:
         raise ValueError(f"texts too short to calibrate decode on: need windows of {length} tokens")
-    windows, gate_windows = windows[: lim.n_prompts], windows[lim.n_prompts :]
+    windows, beyond = windows[: lim.n_prompts], windows[lim.n_prompts :]
+    gate_windows, sens_windows = beyond[:n_gate], beyond[:n_sens]
     if trained and not gate_windows:
         raise ValueError(
             f"texts too short to train the decode page_gate: they fill {len(windows)} window(s) of "
             f"{length} tokens, all taken by the calibration prompts; page_gate trains on "
             f"{lim.page_gate_windows} more (give more text, or fewer decode.n_prompts)"
+        )
+    if len(sens_windows) < n_sens:
+        raise ValueError(
+            f"texts too short for decode.confidence: they fill {len(windows) + len(beyond)} window(s) "
+            f"of {length} tokens; the {lim.n_prompts} judged prompts come first, and the candidates' "
+            f"sensitivities need {n_sens} more (decode.sensitivity_prompts), read before the prompts "
+            "judge (give more text, fewer decode.n_prompts, or a shorter decode.prompt_tokens)"
         )
     dev = next(model.parameters()).device
     prompts = [torch.tensor([w], device=dev) for w in windows]
@@ -385,16 +408,24 @@ def calibrate_decode(
         secs["page_gate"] = rep.seconds
 
     t0 = time.perf_counter()
-    refs, caches = [], []
-    for i, ids in enumerate(prompts, start=1):
+    sens_prompts = [torch.tensor([w], device=dev) for w in sens_windows]
+    refs, caches, sens_refs = [], [], []
+    for i, ids in enumerate(prompts + sens_prompts, start=1):
         cache, first = prefill(model, ids)
-        refs.append(run_decode(model, cache, first, lim.new_tokens))
-        caches.append((cache, first))
+        ref = run_decode(model, cache, first, lim.new_tokens)
+        if i <= len(prompts):
+            refs.append(ref)
+            caches.append((cache, first))
+        else:
+            sens_refs.append(ref)
         if progress:
-            progress("decode reference", i, len(prompts))
+            progress("decode reference", i, len(prompts) + len(sens_prompts))
     secs["reference"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    err, kept = _layer_errors(model, prompts, refs, lim, base)
+    if sens_prompts:  # candidates fixed before the judged prompts are read
+        err, kept = _layer_errors(model, sens_prompts, sens_refs, lim, base)
+    else:
+        err, kept = _layer_errors(model, prompts, refs, lim, base)
     secs["sensitivity"] = time.perf_counter() - t0
 
     nll_ref = sum(
@@ -495,6 +526,7 @@ def calibrate_decode(
         prompt_tokens=length,
         new_tokens=lim.new_tokens,
         n_prompts=len(prompts),
+        sensitivity_prompts=len(sens_prompts),
         seconds=secs,
         break_even=break_even,
         page_gate=gate_report,

@@ -140,10 +140,13 @@ def test_calibrate_flow_takes_the_specs_decode_confidence_and_keeps_old_run_keys
         return limits_for(ctx, quick, None)
 
     for quick in (False, True):
-        assert "confidence" not in limits(None, quick)["decode"]  # earlier runs' settings keys hold
+        unset = limits(None, quick)["decode"]  # earlier runs' settings keys hold
+        assert "confidence" not in unset and "sensitivity_prompts" not in unset
         lim = CalibrationLimits(**limits(0.95, quick))
-        # a bound needs its prompts: quick mode keeps the spec's prompts and generated tokens then
+        # a bound needs its prompts: quick mode keeps the spec's prompts and generated tokens then,
+        # and the candidates come from the spec's sensitivity windows beyond them
         assert lim.decode.confidence == 0.95 and (lim.decode.n_prompts, lim.decode.new_tokens) == (12, 16)
+        assert lim.decode.sensitivity_prompts == 2
     assert CalibrationLimits(**limits(None, True)).decode.new_tokens == 32
 
 

@@ -58,12 +58,20 @@ def test_decode_confidence_is_optional_and_keeps_old_hashes(tmp_path):
     assert plain.quality_budget.decode.confidence is None
     # unset, it is left out of the stored dict: specs stored before the field keep their hash
     assert "confidence" not in plain.to_dict()["quality_budget"]["decode"]
+    assert "sensitivity_prompts" not in plain.to_dict()["quality_budget"]["decode"]  # its default, 2
     data = yaml.safe_load((EXAMPLES / "docs-qa.yaml").read_text())
     decode = {**data["quality_budget"]["decode"], "confidence": 0.95, "n_prompts": 10, "new_tokens": 16}
     bounded = load_spec(_spec_with(tmp_path, decode))
     assert bounded.quality_budget.decode.confidence == 0.95
     assert bounded.content_hash() != plain.content_hash()
     assert bounded.to_dict()["quality_budget"]["decode"]["confidence"] == 0.95
+    # the windows the bounded search's candidates come from (beyond the prompts): 2 unless set
+    assert bounded.quality_budget.decode.sensitivity_prompts == 2
+    one = load_spec(_spec_with(tmp_path, {**decode, "sensitivity_prompts": 1}))
+    assert one.to_dict()["quality_budget"]["decode"]["sensitivity_prompts"] == 1
+    assert one.content_hash() != bounded.content_hash()
+    with pytest.raises(SpecError, match="quality_budget.decode.sensitivity_prompts"):
+        load_spec(_spec_with(tmp_path, {**decode, "sensitivity_prompts": 0}))
     with pytest.raises(SpecError, match="quality_budget.decode.confidence"):
         load_spec(_spec_with(tmp_path, {"confidence": 1.5}))
     # the bound's unit is a prompt: too few prompts is refused when the spec is read, not minutes

@@ -3,11 +3,14 @@ on tiny random Llama (GQA) and Qwen2 models."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from sparse_core import PlanError, SparsePlan, decode_stats, load_model, sparsify, unsparsify
+from sparse_core.corpus import pack_token_windows
 from sparse_core.decode.pages import summarize, sync
 from sparse_core.decode.plan import DecodePlan
 from sparse_core.decode.scoring import local_start, quest_upper_bound, select_pages
@@ -237,6 +240,17 @@ def test_decode_calibration_with_confidence_refuses_the_plan_at_the_budgets_edge
     assert point.met_budget and bounded.density > point.density
     if dp_c is not None:
         assert bounded.fidelity["kl_upper"] <= kl
+    # the bounded search's candidates came from 2 windows beyond the 8 judged prompts; the means' from them
+    assert (bounded.n_prompts, bounded.sensitivity_prompts) == (8, 2)
+    assert (point.n_prompts, point.sensitivity_prompts) == (8, 0)
+    # text for the judged prompts but not for the sensitivity windows: refused, naming what is missing
+    few = texts[:4]
+    filled = len(pack_token_windows(tok, few, 512, 99, seed=11, min_length=128))
+    all_prompts = {**kw, "n_prompts": filled, "break_even_tokens": 0}
+    _, fits = calibrate_decode(model, tok, few, "kl=5", limits=DecodeLimits(**all_prompts))
+    assert fits.n_prompts == filled  # every window a prompt: enough without a confidence
+    with pytest.raises(ValueError, match=rf"too short for decode.confidence: they fill {filled} window"):
+        calibrate_decode(model, tok, few, "kl=5", limits=DecodeLimits(**all_prompts, confidence=0.5))
     # the unit is a prompt: 9 prompts of 512 tokens do not make 0.99's 10, however long they are
     with pytest.raises(ValueError, match=r"unit\) needs decode.n_prompts >= 10, got 9"):
         DecodeLimits(n_prompts=9, new_tokens=512, confidence=0.95)
@@ -386,6 +400,12 @@ def test_page_gate_calibration_needs_its_own_text_and_a_plan_to_train_into(tiny_
         calibrate_decode(model, tok, one_window, "kl=5", limits=lim)
     with pytest.raises(ValueError, match="decode.page_gate_steps must be >= 1, got 0"):
         DecodeLimits(page_gate_steps=0)
+    # with a confidence, page_gate's 2 windows are also the sensitivity windows: 2 prompts + 2 fit
+    four_windows = [sample_text(8000)[:4500]]
+    more = dict(n_prompts=2, confidence=0.5, max_joint_checks=1, page_gate_rows=16, page_gate_steps=2)
+    bounded = DecodeLimits(**{**asdict(lim), **more})
+    _, rep = calibrate_decode(model, tok, four_windows, "kl=5", base=SparsePlan(), limits=bounded)
+    assert (rep.n_prompts, rep.sensitivity_prompts, rep.page_gate["windows"]) == (2, 2, 2)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
