@@ -6,7 +6,8 @@ Calibrates a decode section (sparse_core.decode.calibration.calibrate_decode, 16
 stdlib corpus's calibration part: N_PROMPTS (default 2) prompts of 8,128 tokens, NEW_TOKENS (default
 64) generated tokens each, the fidelity budget BUDGET (default kl=0.01,agree=0.95), judged on the
 means or, with CONFIDENCE (e.g. 0.95), on one-sided bounds over the prompts (DecodeLimits.confidence;
-at least 10 prompts); page_gate trains on 2 more windows of that part (13 windows of 8,128 tokens in
+at least 10 prompts; the candidates' sensitivities then come from 2 more windows, page_gate's own
+where it trains); page_gate trains on 2 more windows of that part (13 windows of 8,128 tokens in
 all). The break-even is not measured (given as 0): this compares what share of the cache each scorer's plan
 reads at the budget, not this host's timing. Then the plan decodes after the held-out part's one
 window (6,880 tokens, text no calibration step read) beside dense, HELDOUT_TOKENS (default 64)
