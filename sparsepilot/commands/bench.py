@@ -453,12 +453,7 @@ def bench_decode(
     from sparse_core.bench import decode as bench
     from sparsepilot.console import emit_json, fail, print_table
 
-    try:
-        budget_list = tuple(int(b) for b in budgets.split(",") if b.strip())
-    except ValueError:
-        fail(f"--budgets: {budgets!r} is not a comma-separated list of integers")
-    if not budget_list or any(b < 1 for b in budget_list):
-        fail(f"--budgets: every budget must be an integer >= 1, got {budgets!r}")
+    budget_list = _int_list("--budgets", budgets)
     if estimator not in DECODE_ESTIMATORS:
         fail(f"--estimator: {estimator!r}; choose {' or '.join(DECODE_ESTIMATORS)}")
     if DECODE_ESTIMATORS[estimator] is not None and not plan_dir:
@@ -518,6 +513,122 @@ def bench_decode(
         f"tokens; JSON: {path}, plot: {png}",
         result["model_rows"],
         bench.MODEL_COLUMNS,
+    )
+    if json_out:
+        emit_json(result)
+
+
+def _int_list(option: str, text: str, *, least: int = 1) -> tuple[int, ...]:
+    """A comma-separated list of integers >= 1 with at least `least` entries, or exit 2 naming `option`."""
+    from sparsepilot.console import fail
+
+    try:
+        values = tuple(int(b) for b in text.split(",") if b.strip())
+    except ValueError:
+        fail(f"{option}: {text!r} is not a comma-separated list of integers")
+    if len(values) < least or any(b < 1 for b in values):
+        fail(f"{option}: give at least {least} integer(s), each >= 1, got {text!r}")
+    return values
+
+
+@app.command("decode-scorers")
+def bench_decode_scorers(
+    model: ModelRef = "smollm2-135m",
+    scorers: str = typer.Option(
+        "quest,page_gate",
+        "--scorers",
+        help=f"Comma-separated, of {', '.join(DECODE_ESTIMATORS)}; the first is the reference the others "
+        "are paired against (page_gate is trained here on text after the prompts unless --plan carries it; "
+        "gate / gate_v2 read --plan's weights).",
+    ),
+    budgets: str = typer.Option(
+        "512,1024,2048", "--budgets", help="Comma-separated token budgets per KV head and layer (>= 2)."
+    ),
+    prompts: int = typer.Option(12, "--prompts", help="Prompts (the unit of every interval; >= 2)."),
+    prompt_tokens: int = typer.Option(
+        8192, "--prompt-tokens", help="Tokens per prompt (capped by the model)."
+    ),
+    new_tokens: int = typer.Option(32, "--new-tokens", help="Generated tokens per prompt."),
+    page_size: int = typer.Option(16, "--page-size", help="Tokens per KV-cache page."),
+    plan_dir: str = typer.Option(
+        "", "--plan", help="A plan directory whose learned weights the scorers read."
+    ),
+    threads: int = typer.Option(1, "--threads", help="torch threads (1 on a shared machine)."),
+    out: JsonPngOut = "bench-results/decode_scorers.json",
+    json_out: Annotated[bool, _json_flag("Print the JSON after the tables.")] = False,
+) -> None:
+    """Decode page scorers side by side at equal pages read, on many prompts: KL and agreement per
+    scorer and budget with intervals over prompts, each scorer's KL paired against the first's (ratio,
+    sign test), and the pages it needs for the first's KL. Fidelity only: nothing is timed."""
+    for_command("bench-decode-scorers")  # model benchmarks: library output to a log file
+    import torch
+
+    from sparse_core import ModelRefError, PlanError
+    from sparse_core.bench import decode_scorers as bench
+    from sparsepilot.console import emit_json, fail, print_table
+
+    names = [s.strip() for s in scorers.split(",") if s.strip()]
+    unknown = [s for s in names if s not in DECODE_ESTIMATORS]
+    if unknown or len(set(names)) != len(names) or len(names) < 2:
+        fail(f"--scorers: give two or more distinct names of {', '.join(DECODE_ESTIMATORS)}, got {scorers!r}")
+    budget_list = _int_list("--budgets", budgets, least=2)
+    for option, value, least in (
+        ("--prompts", prompts, 2),
+        ("--prompt-tokens", prompt_tokens, 2),
+        ("--new-tokens", new_tokens, 1),
+        ("--page-size", page_size, 1),
+        ("--threads", threads, 1),
+    ):
+        if value < least:
+            fail(f"{option} must be >= {least}, got {value}")
+    needs_plan = [s for s in names if DECODE_ESTIMATORS[s] is not None]
+    if needs_plan and not plan_dir:
+        fail(f"--scorers {','.join(needs_plan)}: these read a plan's learned weights; give --plan")
+    plan = None
+    if plan_dir:
+        from sparse_core import plan_io
+
+        try:
+            plan = plan_io.load(plan_dir)
+        except (PlanError, OSError) as exc:
+            fail(f"--plan {plan_dir}: {exc}")
+        if needs_plan and page_size != plan.block_size:
+            fail(
+                f"--page-size {page_size}: --scorers {','.join(needs_plan)} pool pages like the plan's "
+                f"blocks; pass --page-size {plan.block_size}"
+            )
+    torch.set_num_threads(threads)
+    try:
+        result = _with_spinner(
+            "decode scorers benchmark",
+            bench.run,
+            out,
+            model_ref=model,
+            scorers=names,
+            budgets=budget_list,
+            prompts=prompts,
+            prompt_tokens=prompt_tokens,
+            new_tokens=new_tokens,
+            page_size=page_size,
+            plan=plan,
+        )
+    except (ModelRefError, PlanError, ValueError) as exc:
+        fail(str(exc))
+    path, png = _write_with_plot(result, out, bench.plot)
+    env = result["environment"]
+    print_table(
+        f"{result['model']}: {result['prompts']} prompts of {result['prompt_tokens']} tokens, "
+        f"{new_tokens} generated tokens each, pages of {page_size}; mean over prompts with 95% t intervals; "
+        f"load {env['loadavg_before']} -> {env['loadavg_after']}",
+        result["plan_rows"],
+        bench.PLAN_COLUMNS,
+    )
+    print_table(
+        f"against {result['reference']} at the same budget: KL ratio (geometric mean, t interval over "
+        "prompts), prompts with lower / higher KL and the sign test's p, agreement difference, and "
+        f"pages at equal KL (budget / the budget needed, bootstrap interval); JSON: {path}, plot: {png}",
+        result["pair_rows"],
+        bench.PAIR_COLUMNS,
     )
     if json_out:
         emit_json(result)
