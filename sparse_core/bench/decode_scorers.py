@@ -247,7 +247,7 @@ def summarize(
 # -- the measurement (I/O: model, corpus) -----------------------------------------------------------
 
 
-def _scorer_plans(model, tok, windows, base, scorers, budgets, page_size, say):
+def _scorer_plans(model, windows, base, scorers, budgets, page_size, say):
     """{scorer: {budget: plan}} and page_gate's training report (trained on `windows` when the base
     plan carries no page gate at this page size)."""
     from sparse_core.decode.page_gate import PAGE_SIZE_KEY, page_gate_for_plan, train_page_gate
@@ -312,7 +312,7 @@ def measure(
             "(give fewer prompts or a shorter --prompt-tokens)"
         )
     plans, gate_report = _scorer_plans(
-        model, tok, windows[prompts:], base or SparsePlan(), scorers, budgets, page_size, say
+        model, windows[prompts:], base or SparsePlan(), scorers, budgets, page_size, say
     )
     dev = next(model.parameters()).device
     per_prompt = {
@@ -382,6 +382,7 @@ def run(
     return {
         "benchmark": "decode-scorers",
         "model": str(getattr(model.config, "_name_or_path", model_ref)),
+        "model_ref": model_ref,
         "scorers": list(scorers),
         "reference": scorers[0],
         "budgets": budgets,
@@ -411,12 +412,14 @@ def plot(result: dict[str, Any], path) -> Any:
         hi = [r["kl_hi"] - r["kl"] if math.isfinite(r["kl_hi"]) else 0 for r in rows]
         ax.errorbar(x, y, yerr=[lo, hi], marker="o", capsize=3, label=s)
     ax.set_xscale("log", base=2)
+    ax.set_xticks(result["budgets"], [str(b) for b in result["budgets"]])
+    ax.minorticks_off()
     ax.set_yscale("log")
     ax.set_xlabel("page budget (tokens per KV head and layer)")
     ax.set_ylabel("KL(dense || sparse), mean over prompts")
     ax.set_title(
-        f"{result['model']}: {result['prompts']} prompts x {result['new_tokens']} tokens at "
-        f"{result['prompt_tokens']}",
+        f"{result.get('model_ref', result['model'])}: {result['prompts']} prompts of "
+        f"{result['prompt_tokens']} tokens, {result['new_tokens']} generated each",
         fontsize=9,
     )
     ax.legend(fontsize=8)
