@@ -151,11 +151,11 @@ def equal_kl_pages(
     seed: int = 0,
 ) -> list[dict[str, Any]]:
     """Per budget j of the reference: the budget `other` needs for the reference's mean KL there, the
-    ratio budgets[j] / that (> 1: other reads fewer pages at equal KL), and a percentile bootstrap
-    interval over prompts (both scorers resampled by the same prompts). `reference`, `other`:
-    [prompts, budgets] per-prompt KL; the interval is the expanded percentile one (`expanded_tail`). A ratio or bound outside what the measured budgets resolve is
-    None, with `beyond` saying which side ("fewer": other meets the KL below its smallest budget,
-    "more": not even at its largest)."""
+    ratio budgets[j] / that (> 1: other reads fewer pages at equal KL), and an expanded percentile
+    bootstrap interval over prompts (`expanded_tail`; both scorers resampled by the same prompts).
+    `reference`, `other`: [prompts, budgets] per-prompt KL. A ratio or bound outside what the
+    measured budgets resolve is None, with `beyond` saying which side of the point it leaves
+    ("fewer": other meets the KL below its smallest budget, "more": not even at its largest)."""
     ref, oth = np.asarray(reference, dtype=float), np.asarray(other, dtype=float)
     if ref.shape != oth.shape or ref.ndim != 2 or ref.shape[1] != len(budgets):
         raise ValueError(f"need [prompts, {len(budgets)}] KL on both sides, got {ref.shape} and {oth.shape}")
