@@ -173,12 +173,14 @@ def model_bench(
     *,
     budgets: tuple[int, ...] = DEFAULT_BUDGETS,
     page_size: int = DEFAULT_PAGE_SIZE,
-    estimator: str = "quest",
+    estimator: str | tuple[str, ...] = "quest",
     plan: SparsePlan | None = None,
     new_tokens: int = 64,
     repeats: int = 2,
     say: Callable[[str], None] = lambda _m: None,
 ) -> tuple[list[dict[str, Any]], str]:
+    """Rows per context length: dense attention on the paged cache, then the given plan's decode or,
+    without one, each estimator's budget rows (several estimators: side by side in this one run)."""
     from sparse_core.corpus import corpus_texts, pack_token_windows
     from sparse_core.decode.measure import compare_decode
     from sparse_core.loading import load_model
@@ -203,19 +205,20 @@ def model_bench(
     else:
         # a plan without a decode section lends its learned weights to the budget rows
         weights = plan or SparsePlan()
-        if estimator in TRAINED_BY_DECODE_CALIBRATION and PAGE_SIZE_KEY not in weights.tensors:
+        names = (estimator,) if isinstance(estimator, str) else tuple(estimator)
+        trained = any(e in TRAINED_BY_DECODE_CALIBRATION for e in names)
+        if trained and PAGE_SIZE_KEY not in weights.tensors:
             weights, gate_report = _trained_page_gate(
                 model, tok, texts, weights, max(lengths), page_size, say
             )
-        for i, b in enumerate(budgets):
-            dp = DecodePlan(
-                estimator=estimator, page_size=page_size, budget_tokens=b, local_pages=LOCAL_PAGES
-            )
-            name = f"{estimator} p{page_size} budget {b}"
-            budget_plan = weights.with_(decode=dp)
-            if i == 0:
-                plans.append((f"{name}, dynamic cache", budget_plan, "dynamic"))
-            plans.append((f"{name}, paged cache", budget_plan, "paged"))
+        for est in names:
+            for i, b in enumerate(budgets):
+                dp = DecodePlan(estimator=est, page_size=page_size, budget_tokens=b, local_pages=LOCAL_PAGES)
+                name = f"{est} p{page_size} budget {b}"
+                budget_plan = weights.with_(decode=dp)
+                if i == 0:
+                    plans.append((f"{name}, dynamic cache", budget_plan, "dynamic"))
+                plans.append((f"{name}, paged cache", budget_plan, "paged"))
     rows = []
     for length in lengths:
         if cap and length + new_tokens > cap:
@@ -289,7 +292,7 @@ def run(
     model_ref: str = "smollm2-135m",
     page_size: int = DEFAULT_PAGE_SIZE,
     budgets: tuple[int, ...] = DEFAULT_BUDGETS,
-    estimator: str = "quest",
+    estimator: str | tuple[str, ...] = "quest",
     plan: SparsePlan | None = None,
     new_tokens: int = 64,
     layer: bool = True,
@@ -321,7 +324,9 @@ def run(
         "benchmark": "decode",
         "quick": quick,
         "layer_shape": {"q_heads": Q_HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "batch": 1},
-        "estimator": estimator if plan is None or plan.decode is None else "from plan",
+        "estimator": (estimator if isinstance(estimator, str) else ",".join(estimator))
+        if plan is None or plan.decode is None
+        else "from plan",
         "layer_estimator": "quest",  # the one-layer rows score with Quest (random keys: no learned weights)
         "model": name,
         "layer_rows": [asdict(r) for r in layer_rows],

@@ -433,8 +433,9 @@ def bench_decode(
     estimator: str = typer.Option(
         "quest",
         "--estimator",
-        help=f"{' or '.join(DECODE_ESTIMATORS)} (gate / gate_v2 read a --plan's weights; page_gate "
-        "is trained here on text after the benchmark's window unless the --plan carries its weights).",
+        help=f"{' or '.join(DECODE_ESTIMATORS)}, or several comma-separated (their budget rows side by "
+        "side in one run; gate / gate_v2 read a --plan's weights; page_gate is trained here on text "
+        "after the benchmark's window unless the --plan carries its weights).",
     ),
     page_size: int = typer.Option(16, "--page-size", help="Tokens per KV-cache page."),
     budgets: str = typer.Option("1024,2048", "--budgets", help="Comma-separated token budgets per KV head."),
@@ -454,10 +455,15 @@ def bench_decode(
     from sparsepilot.console import emit_json, fail, print_table
 
     budget_list = _int_list("--budgets", budgets)
-    if estimator not in DECODE_ESTIMATORS:
-        fail(f"--estimator: {estimator!r}; choose {' or '.join(DECODE_ESTIMATORS)}")
-    if DECODE_ESTIMATORS[estimator] is not None and not plan_dir:
-        fail(f"--estimator {estimator} needs --plan: a calibrated plan directory that carries its weights")
+    names = tuple(dict.fromkeys(e.strip() for e in estimator.split(",") if e.strip()))
+    if not names or any(e not in DECODE_ESTIMATORS for e in names):
+        fail(f"--estimator: {estimator!r}; choose {' or '.join(DECODE_ESTIMATORS)} (comma-separated)")
+    reads_plan = [e for e in names if DECODE_ESTIMATORS[e] is not None]
+    if reads_plan and not plan_dir:
+        fail(
+            f"--estimator {','.join(reads_plan)} needs --plan: a calibrated plan directory that "
+            "carries its weights"
+        )
     if page_size < 1:
         fail(f"--page-size must be >= 1, got {page_size}")
     if new_tokens < 2:
@@ -472,13 +478,13 @@ def bench_decode(
             plan = plan_io.load(plan_dir)
         except (PlanError, OSError) as exc:
             fail(f"--plan {plan_dir}: {exc}")
-        learned = DECODE_ESTIMATORS[estimator] is not None or estimator in TRAINED_BY_DECODE_CALIBRATION
+        learned = bool(reads_plan) or any(e in TRAINED_BY_DECODE_CALIBRATION for e in names)
         if plan.decode is None and not learned:  # a training-free scorer reads nothing of the plan
             fail(f"--plan {plan_dir}: the plan has no decode section (or give a learned --estimator)")
-        if plan.decode is None and DECODE_ESTIMATORS[estimator] is not None and page_size != plan.block_size:
+        if plan.decode is None and reads_plan and page_size != plan.block_size:
             fail(
-                f"--page-size {page_size}: --estimator {estimator} pools pages like the plan's blocks; "
-                f"pass --page-size {plan.block_size}"
+                f"--page-size {page_size}: --estimator {','.join(reads_plan)} pools pages like the plan's "
+                f"blocks; pass --page-size {plan.block_size}"
             )
     torch.set_num_threads(threads)
     try:
@@ -490,7 +496,7 @@ def bench_decode(
             model_ref=model,
             page_size=page_size,
             budgets=budget_list,
-            estimator=estimator,
+            estimator=names[0] if len(names) == 1 else names,
             plan=plan,
             new_tokens=new_tokens,
         )

@@ -45,6 +45,8 @@ def test_bench_decode_on_a_tiny_model(tiny_llama_dir, tmp_path):
         (["--budgets", "0"], "--budgets"),
         (["--estimator", "magic"], "--estimator"),
         (["--estimator", "gate"], "--estimator gate needs --plan"),
+        (["--estimator", "quest,gate_v2"], "--estimator gate_v2 needs --plan"),
+        (["--estimator", "quest,magic"], "--estimator"),
         (["--new-tokens", "1"], "--new-tokens"),
         (["--plan", "/nonexistent/plan"], "--plan /nonexistent/plan"),
     ],
@@ -100,10 +102,17 @@ def test_bench_decode_trains_page_gate_on_text_after_its_own_window(tiny_llama_d
     from sparse_core.bench.decode import model_bench
 
     rows, _, trained = model_bench(
-        str(tiny_llama_dir), (600,), budgets=(128,), page_size=16, estimator="page_gate", new_tokens=4
+        str(tiny_llama_dir),
+        (600,),
+        budgets=(128,),
+        page_size=16,
+        estimator=("quest", "page_gate"),  # side by side in one run, one page gate trained for it
+        new_tokens=4,
     )
     assert [r["plan"] for r in rows] == [
         "dense attention, paged cache",
+        "quest p16 budget 128, dynamic cache",
+        "quest p16 budget 128, paged cache",
         "page_gate p16 budget 128, dynamic cache",
         "page_gate p16 budget 128, paged cache",
     ]
