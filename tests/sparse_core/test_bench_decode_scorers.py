@@ -163,3 +163,20 @@ def test_bench_decode_scorers_names_the_option_when_the_corpus_is_too_short(tiny
     r = CliRunner().invoke(app, ["bench", "decode-scorers", *args])
     assert r.exit_code == 2 and "--prompts 500" in r.output, r.output
     assert not out.exists()
+
+
+def test_bench_decode_scorers_reads_a_plans_learned_weights(tiny_llama_dir, tmp_path):
+    from tests.sparse_core.test_bench_decode import _gate_v2_plan_dir
+
+    plan = _gate_v2_plan_dir(tiny_llama_dir, tmp_path / "plan")
+    out = tmp_path / "s.json"
+    base = ["bench", "decode-scorers", "--model", str(tiny_llama_dir), "--scorers", "quest,gate_v2"]
+    base += ["--plan", str(plan), "--budgets", "64,128", "--prompts", "2", "--prompt-tokens", "512"]
+    r = CliRunner().invoke(app, [*base, "--out", str(out)])  # gate_v2 pools pages like the plan's blocks
+    assert r.exit_code == 2 and "pass --page-size 32" in r.output, r.output
+    assert not out.exists()
+    r = CliRunner().invoke(app, [*base, "--page-size", "32", "--new-tokens", "3", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    assert res["page_gate_training"] is None and res["page_size"] == 32
+    assert [(p["scorer"], p["budget"]) for p in res["pair_rows"]] == [("gate_v2", 64), ("gate_v2", 128)]
