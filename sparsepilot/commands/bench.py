@@ -470,14 +470,8 @@ def bench_decode(
         fail(f"--new-tokens must be >= 2, got {new_tokens}")
     if threads < 1:
         fail(f"--threads must be >= 1, got {threads}")
-    plan = None
-    if plan_dir:
-        from sparse_core import plan_io
-
-        try:
-            plan = plan_io.load(plan_dir)
-        except (PlanError, OSError) as exc:
-            fail(f"--plan {plan_dir}: {exc}")
+    plan = _plan_or_fail(plan_dir)
+    if plan is not None:
         learned = bool(reads_plan) or any(e in TRAINED_BY_DECODE_CALIBRATION for e in names)
         if plan.decode is None and not learned:  # a training-free scorer reads nothing of the plan
             fail(f"--plan {plan_dir}: the plan has no decode section (or give a learned --estimator)")
@@ -522,6 +516,19 @@ def bench_decode(
     )
     if json_out:
         emit_json(result)
+
+
+def _plan_or_fail(plan_dir: str) -> Any:
+    """The plan saved in `plan_dir` (None when no --plan was given), or exit 2 naming it."""
+    if not plan_dir:
+        return None
+    from sparse_core import PlanError, plan_io
+    from sparsepilot.console import fail
+
+    try:
+        return plan_io.load(plan_dir)
+    except (PlanError, OSError) as exc:
+        fail(f"--plan {plan_dir}: {exc}")
 
 
 def _int_list(option: str, text: str, *, least: int = 1) -> tuple[int, ...]:
@@ -590,14 +597,8 @@ def bench_decode_scorers(
     needs_plan = [s for s in names if DECODE_ESTIMATORS[s] is not None]
     if needs_plan and not plan_dir:
         fail(f"--scorers {','.join(needs_plan)}: these read a plan's learned weights; give --plan")
-    plan = None
-    if plan_dir:
-        from sparse_core import plan_io
-
-        try:
-            plan = plan_io.load(plan_dir)
-        except (PlanError, OSError) as exc:
-            fail(f"--plan {plan_dir}: {exc}")
+    plan = _plan_or_fail(plan_dir)
+    if plan is not None:
         if needs_plan and page_size != plan.block_size:
             fail(
                 f"--page-size {page_size}: --scorers {','.join(needs_plan)} pool pages like the plan's "
