@@ -78,7 +78,10 @@ def _mlflow_to(handler: logging.Handler) -> None:
     registered model ...") through its `MLFLOW_LOGGING_STREAM`: both go to the log file instead, through
     the logging system (a handler that Prefect's logging setup closes reopens its file; a raw stream
     would not), and never at the cost of an exception inside MLflow."""
-    import mlflow  # noqa: F401 - imported now so that its logger setup happens before ours
+    try:
+        import mlflow  # noqa: F401 - imported now so that its logger setup happens before ours
+    except ImportError:  # a machine with only the model stack (a GPU box for `bench`): nothing to quiet
+        return
     from mlflow.utils import logging_utils
 
     logging.getLogger("mlflow").handlers = [handler]

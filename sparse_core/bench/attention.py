@@ -3,9 +3,10 @@ dense SDPA vs each sparse kernel at held densities, the estimator's time (a trai
 oracle: learned ones need a plan's weights) included and shown apart as its share of dense.
 
 Density is held with the top-k cap (tau = 1, so the cap decides): for a cap k over nb blocks the
-kept share of causal blocks is (k*nb - k(k-1)/2) / (nb(nb+1)/2). Dense is timed before and after the
-sparse runs of each (length, dtype) and the faster of the two is used, so a noisy neighbour on a
-shared machine penalises dense rather than flattering sparse."""
+kept share of causal blocks is (k*nb - k(k-1)/2) / (nb(nb+1)/2). Dense is timed (best of the same
+repeats) before and after the sparse runs of each (length, dtype) and the faster of the two is used,
+so a noisy neighbour on a shared machine penalises dense rather than flattering sparse. On CUDA every
+timed call is bracketed by a device synchronisation."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from typing import Any
 
 import torch
 
-from sparse_core.bench.common import RunClock, pyplot, save_figure
+from sparse_core.bench.common import RunClock, bench_device, pyplot, save_figure, synchronize
 from sparse_core.kernels import sparse_attention
 from sparse_core.kernels.dense import dense_attention
 from sparse_core.plan import SparsePlan
@@ -53,11 +54,13 @@ def top_k_for_density(n_blocks: int, density: float) -> int:
     return max(2, round(k))
 
 
-def _time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+def _time(fn: Callable[[], Any], repeats: int, device: torch.device) -> tuple[float, Any]:
     best, result = float("inf"), None
     for _ in range(repeats):
+        synchronize(device)
         t0 = time.perf_counter()
         result = fn()
+        synchronize(device)
         best = min(best, time.perf_counter() - t0)
     return best, result
 
@@ -72,9 +75,11 @@ def run(
     block_size: int = 64,
     repeats: int = 2,
     estimator: str = "pooled",
+    device: str | torch.device = "cpu",
     progress: Callable[[str], None] | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
+    dev = bench_device(device)
     lengths = lengths or (QUICK_LENGTHS if quick else FULL_LENGTHS)
     say = progress or (lambda _msg: None)
     rows: list[AttentionRow] = []
@@ -84,13 +89,13 @@ def run(
     for s in lengths:
         for dname in dtypes:
             dtype = DTYPES[dname]
-            q = torch.randn(1, Q_HEADS, s, HEAD_DIM, generator=gen).to(dtype)
-            k = torch.randn(1, KV_HEADS, s, HEAD_DIM, generator=gen).to(dtype)
-            v = torch.randn(1, KV_HEADS, s, HEAD_DIM, generator=gen).to(dtype)
+            q = torch.randn(1, Q_HEADS, s, HEAD_DIM, generator=gen).to(dev, dtype)
+            k = torch.randn(1, KV_HEADS, s, HEAD_DIM, generator=gen).to(dev, dtype)
+            v = torch.randn(1, KV_HEADS, s, HEAD_DIM, generator=gen).to(dev, dtype)
             say(f"{s} tokens {dname}: dense SDPA")
             with torch.no_grad():
                 dense_attention(q, k, v)  # warm-up
-                d0, _ = _time(lambda q=q, k=k, v=v: dense_attention(q, k, v), 1)
+                d0, _ = _time(lambda q=q, k=k, v=v: dense_attention(q, k, v), repeats, dev)
                 pending: list[tuple[str, float, float, float, float]] = []
                 n = math.ceil(s / block_size)
                 for kern in kernels:
@@ -110,12 +115,13 @@ def run(
 
                         t0 = time.perf_counter()
                         call()  # warm-up (and compile, for flex)
+                        synchronize(dev)
                         if kern == "flex":
                             key = f"{s}/{dname}"
                             compile_seconds.setdefault(key, time.perf_counter() - t0)
-                        secs, (_, info) = _time(call, repeats)
+                        secs, (_, info) = _time(call, repeats, dev)
                         pending.append((kern, target, info.density, info.estimator_seconds, secs))
-                d1, _ = _time(lambda q=q, k=k, v=v: dense_attention(q, k, v), 1)
+                d1, _ = _time(lambda q=q, k=k, v=v: dense_attention(q, k, v), repeats, dev)
             dense_s = min(d0, d1)
             for kern, target, dens, est, secs in pending:
                 share = est / dense_s
@@ -142,6 +148,7 @@ def run(
         "benchmark": "attention",
         "shape": {"q_heads": Q_HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "batch": 1},
         "estimator": estimator,
+        "device": str(dev),
         "rows": [asdict(r) for r in rows],
         "flex_compile_seconds": compile_seconds,
         **clock.summary(),

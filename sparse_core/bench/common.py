@@ -14,15 +14,40 @@ import torch
 
 from sparse_core.host import loadavg
 
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def bench_device(name: str | torch.device = "auto") -> torch.device:
+    """Where a benchmark runs: ``auto`` is the CUDA device when torch sees one, else the CPU; asking
+    for ``cuda`` without one is an error rather than a silent CPU run."""
+    if isinstance(name, torch.device):
+        return name
+    if name not in DEVICES:
+        raise ValueError(f"device {name!r}: choose one of {', '.join(DEVICES)}")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda': torch sees no CUDA device (torch.cuda.is_available() is False)")
+    return torch.device(name)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued device work, so a host clock read after it times the work (CUDA is async)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
 
 def environment(load_before: list[float] | None = None) -> dict[str, Any]:
+    cuda = torch.cuda.is_available()
     return {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
         "processor": platform.processor(),
-        "cuda": torch.cuda.is_available(),
+        "cuda": cuda,
+        "gpu": torch.cuda.get_device_name(0) if cuda else None,
+        "cuda_version": torch.version.cuda,
         "loadavg_before": load_before,
         "loadavg_after": loadavg(),
     }

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from sparse_core.bench.common import pyplot, save_figure
+from sparse_core.bench.common import bench_device, pyplot, save_figure, synchronize
 from sparse_core.estimators import KINDS, available_estimators
 from sparse_core.host import loadavg
 
@@ -66,6 +66,7 @@ class QualityBenchSettings:
     usecase_length: int = 2048
     max_task_rows: int = 8
     seed: int = 0
+    device: str = "cpu"  # auto | cpu | cuda (sparse_core.bench.common.bench_device)
     plans_dir: str | None = None  # save every calibrated plan under <dir>/<length or use case>/<spec>
 
     @classmethod
@@ -79,10 +80,10 @@ def _time_prefill(model, ids: Sequence[int]) -> float:
     dev = next(model.parameters()).device
     x = torch.tensor([list(ids)], device=dev)
     with torch.inference_mode():
+        synchronize(dev)
         t0 = time.perf_counter()
         model(input_ids=x, logits_to_keep=1)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
+        synchronize(dev)
         return time.perf_counter() - t0
 
 
@@ -126,7 +127,7 @@ def run_quality_bench(
 
     t_all = time.perf_counter()
     load_before = loadavg()
-    model, tok = load_model(settings.model)
+    model, tok = load_model(settings.model, device=bench_device(settings.device))
     cal_texts = corpus_texts("calibration", seed=settings.seed)
     held_texts = corpus_texts("heldout", seed=settings.seed)
 

@@ -99,6 +99,18 @@ def build_block_mask(sel: BlockSelection, num_q_heads: int, key_valid: torch.Ten
     )
 
 
+def triton_tiles(device: torch.device, dtype: torch.dtype, block_size: int) -> dict[str, int] | None:
+    """Tile sizes for the Triton kernel when the default does not fit the selection's blocks.
+
+    Inductor's one default tile on Hopper (and A100) is 128 query rows, and it refuses a BlockMask
+    whose blocks that tile does not divide ("Q and KV block size must be divisible by BLOCK_M and
+    BLOCK_N"): with smaller blocks, tile each block exactly (keys in 32-wide tiles for fp32, whose
+    registers run out sooner, 64 for 16-bit types). None (the defaults) on the CPU and from 128 up."""
+    if device.type != "cuda" or block_size >= 128:
+        return None
+    return {"BLOCK_M": block_size, "BLOCK_N": min(block_size, 32 if dtype == torch.float32 else 64)}
+
+
 def _pad_selection(sel: BlockSelection, n: int) -> BlockSelection:
     """Extend a selection to n blocks: the extra query blocks get no key blocks at all."""
     extra = n - sel.num_blocks
@@ -123,5 +135,13 @@ def flex_sparse_attention(
     if n != sel.num_blocks:
         sel = _pad_selection(sel, n)
     mask = build_block_mask(sel, hq, key_valid)
-    out = _compiled_flex()(q, k, v, block_mask=mask, scale=scale, enable_gqa=hq != k.shape[1])
+    out = _compiled_flex()(
+        q,
+        k,
+        v,
+        block_mask=mask,
+        scale=scale,
+        enable_gqa=hq != k.shape[1],
+        kernel_options=triton_tiles(q.device, q.dtype, sel.block_size),
+    )
     return torch.nan_to_num(out, nan=0.0) if key_valid is not None else out

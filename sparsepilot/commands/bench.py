@@ -19,6 +19,9 @@ ModelRef = Annotated[str, typer.Option("--model", help="Model ref.")]
 Kernels = Annotated[str, typer.Option("--kernels", help="Comma-separated: gather, flex.")]
 JsonOut = Annotated[str, typer.Option("--out", help="Where to write the JSON.")]
 JsonPngOut = Annotated[str, typer.Option("--out", help="JSON path; the PNG goes next to it.")]
+Device = Annotated[
+    str, typer.Option("--device", help="auto (CUDA when torch sees a device, else the CPU) | cpu | cuda.")
+]
 
 
 def _untrained() -> list[str]:
@@ -166,6 +169,7 @@ def bench_quality(
     out: JsonOut = "bench-results/quality.json",
     json_out: Annotated[bool, _json_flag("Print the JSON instead of tables.")] = False,
     plans: str = typer.Option("", "--plans", help="Save every calibrated plan under DIR/<length>/<spec>."),
+    device: Device = "auto",
 ) -> None:
     """Every block estimator at the same budget: density reached, held-out KL / agreement, prefill
     speed-up, ratio vs the best training-free estimator; per use case the task-score delta."""
@@ -191,7 +195,12 @@ def bench_quality(
     if drop_measure not in DROP_MEASURES:
         fail(f"--drop-measure: {drop_measure!r}; choose {' or '.join(DROP_MEASURES)}")
     kw: dict = dict(
-        model=model, budget=budget, estimators=names, speed=not no_speed, drop_measure=drop_measure
+        model=model,
+        budget=budget,
+        estimators=names,
+        speed=not no_speed,
+        drop_measure=drop_measure,
+        device=str(_device_or_fail(device)),
     )
     try:
         if lengths:  # 'none': only the use cases
@@ -306,6 +315,7 @@ def bench_attention(
     ),
     out: JsonPngOut = "bench-results/attention.json",
     json_out: Annotated[bool, _json_flag("Print the JSON after the table.")] = False,
+    device: Device = "auto",
 ) -> None:
     """One SmolLM2-shaped attention layer: dense SDPA vs sparse kernels at ~5/10/25/50% density."""
     for_command("bench-attention")  # model benchmarks: library output to a log file
@@ -322,6 +332,7 @@ def bench_attention(
         fail(f"--block-size must be a power of two >= 16, got {block_size}")
     if estimator not in _untrained():
         fail(f"--estimator: {estimator!r}; choose from {', '.join(_untrained())}")
+    dev = _device_or_fail(device)
     result = _with_spinner(
         "attention benchmark",
         bench.run,
@@ -332,11 +343,12 @@ def bench_attention(
         block_size=block_size,
         repeats=repeats,
         estimator=estimator,
+        device=dev,
     )
     path, png = _write_with_plot(result, out, bench.plot)
     env = result["environment"]
     print_table(
-        f"Attention layer (9 q / 3 kv heads, d=64), {estimator} estimator included; "
+        f"Attention layer (9 q / 3 kv heads, d=64) on {_where(env, dev)}, {estimator} estimator included; "
         f"load {env['loadavg_before']} -> "
         f"{env['loadavg_after']} on {env['cpu_count']} CPUs; JSON: {path}, plot: {png}",
         result["rows"],
@@ -354,6 +366,10 @@ def bench_prefill(
     kernels: Kernels = "gather,flex",
     out: JsonPngOut = "bench-results/prefill.json",
     json_out: Annotated[bool, _json_flag("Print the JSON after the table.")] = False,
+    device: Device = "auto",
+    repeats: int = typer.Option(
+        0, "--repeats", help="Timed prefills per point, the best kept (0 = 1 on the CPU, 5 on CUDA)."
+    ),
 ) -> None:
     """End-to-end prefill of a real model on natural English: dense SDPA vs sparse (pooled) at a
     few tau, speed-up in the same table as next-token KL, top-1 agreement and delta NLL."""
@@ -370,24 +386,51 @@ def bench_prefill(
     ks = tuple(x.strip() for x in kernels.split(",") if x.strip())
     if not ks or any(k not in ("gather", "flex") for k in ks):
         fail(f"--kernels: {kernels!r}; choose from gather, flex")
+    if repeats < 0:
+        fail(f"--repeats must be >= 0, got {repeats}")
+    dev = _device_or_fail(device)
     from sparse_core import ModelRefError
 
     try:
         result = _with_spinner(
-            "prefill benchmark", bench.run, out, model_ref=model, quick=quick, taus=tau_list, kernels=ks
+            "prefill benchmark",
+            bench.run,
+            out,
+            model_ref=model,
+            quick=quick,
+            taus=tau_list,
+            kernels=ks,
+            device=dev,
+            repeats=repeats or None,
         )
     except ModelRefError as exc:
         fail(str(exc))
     path, png = _write_with_plot(result, out, bench.plot)
     env = result["environment"]
     print_table(
-        f"Prefill {result['model']} ({result['text_source']}); load {env['loadavg_before']} -> "
+        f"Prefill {result['model']} ({result['text_source']}) on {_where(env, dev)}, best of "
+        f"{result['repeats']}; load {env['loadavg_before']} -> "
         f"{env['loadavg_after']} on {env['cpu_count']} CPUs; JSON: {path}, plot: {png}",
         result["rows"],
         bench.TABLE_COLUMNS,
     )
     if json_out:
         emit_json(result)
+
+
+def _device_or_fail(name: str) -> Any:
+    """--device -> torch.device, or exit 2 naming the option."""
+    from sparse_core.bench.common import bench_device
+    from sparsepilot.console import fail
+
+    try:
+        return bench_device(name)
+    except ValueError as exc:
+        fail(f"--device: {exc}")
+
+
+def _where(env: dict, dev: Any) -> str:
+    return f"{env['gpu']} (CUDA {env['cuda_version']})" if dev.type == "cuda" else "the CPU"
 
 
 def _saved_and_emitted(result: dict, out: str, json_out: bool) -> bool:

@@ -127,6 +127,49 @@ def test_flex_kernel_compiled():
     assert ((out - ref).abs() * _valid_rows(am)).max().item() <= FP32_TOL
 
 
+@pytest.mark.parametrize("bs", [16, 32, 64, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_tiles_divide_the_blocks(bs, dtype):
+    """On CUDA, blocks under Inductor's 128-row default tile get tiles that divide them (Inductor
+    refuses a BlockMask its tile does not divide); the CPU and big blocks keep the defaults."""
+    from sparse_core.kernels.flex import triton_tiles
+
+    tiles = triton_tiles(torch.device("cuda"), dtype, bs)
+    if bs >= 128:
+        assert tiles is None
+    else:
+        assert bs % tiles["BLOCK_M"] == 0 and bs % tiles["BLOCK_N"] == 0
+        assert tiles["BLOCK_M"] >= 16 and tiles["BLOCK_N"] >= 16  # Triton's smallest dot
+    assert triton_tiles(torch.device("cpu"), dtype, bs) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kernel", ["flex", "gather"])
+@pytest.mark.parametrize("bs", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse_kernels_on_cuda(kernel, bs, dtype):
+    """On a GPU (the device check; CI has none): the SmolLM2 head layout at a ragged length, full
+    density == SDPA and a sparse selection == masked SDPA, for the compiled Triton flex kernel and
+    gather, with and without padding, against a float32 reference on the CPU."""
+    tol = 2e-3 if dtype == torch.float32 else BF16_TOL  # fp32 dots may run as tf32 in Triton
+    q, k, v = _qkv(1, 9, 3, 1000, d=64, dtype=dtype, seed=7)
+    qc, kc, vc = (t.cuda() for t in (q, k, v))
+    out, info = sparse_attention(qc, kc, vc, SparsePlan(block_size=bs, tau=1.0), kernel=kernel)
+    assert info.kernel == kernel
+    assert (out.float().cpu() - _reference(q, k, v)).abs().max().item() <= tol
+    plan = SparsePlan(block_size=bs, tau=0.5, top_k=3, local_blocks=1)
+    out, info = sparse_attention(qc, kc, vc, plan, kernel=kernel, keep_selection=True)
+    assert info.density < 1.0
+    ref = _reference(q, k, v, block_mask=info.selection.mask().cpu(), block_size=bs)
+    assert (out.float().cpu() - ref).abs().max().item() <= tol
+    am = _padding(1, 1000)
+    out, info = sparse_attention(
+        qc, kc, vc, plan, kernel=kernel, attention_mask=am.cuda(), keep_selection=True
+    )
+    ref = _reference(q, k, v, key_valid=am.bool(), block_mask=info.selection.mask().cpu(), block_size=bs)
+    assert ((out.float().cpu() - ref).abs() * _valid_rows(am)).max().item() <= tol
+
+
 def test_key_valid_from_masks():
     s = 6
     am = torch.tensor([[0, 0, 1, 1, 1, 1]])

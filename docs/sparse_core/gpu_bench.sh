@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The GPU check (issue #12, item 6) as it was run on a lent CUDA machine; its tables are in
+# docs/sparse_core.md, "On a GPU". Two phases, because such a machine cannot download the model and
+# takes at most 64 MiB per call, less than the 98 MB GGUF:
+#   layer OUT            the CUDA kernel tests, then `bench attention` (random q/k/v: no model)
+#   model OUT GGUF       `bench prefill` and `bench quality --quick` on SmolLM2 from the GGUF file
+# Each command's console output goes to OUT/<name>.txt (its tail also to stdout), its JSON/PNG/log
+# next to it, and all of it to OUT/<phase>.tgz. PYTHON picks the interpreter; LIMIT caps each
+# command in seconds (default 420).
+set -uo pipefail
+phase=${1:?layer or model} out=${2:?output directory}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+py=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 MLFLOW_DISABLE_TELEMETRY=true TOKENIZERS_PARALLELISM=false
+export SPARSEPILOT_HOME=${SPARSEPILOT_HOME:-/tmp/sparsepilot-gpu}
+
+step() {  # step NAME COMMAND...: run it under the limit, keep its output, say how it ended
+    local name=$1 t0=$SECONDS rc
+    shift
+    echo "== $name: $*"
+    timeout "${LIMIT:-420}" "$@" >"$out/$name.txt" 2>&1
+    rc=$?
+    tail -n 45 "$out/$name.txt"
+    echo "== $name: exit $rc after $((SECONDS - t0)) s"
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,utilization.gpu \
+    --format=csv | tee "$out/gpu.txt"
+"$py" -c 'import torch, transformers, triton; print("torch", torch.__version__, "CUDA", torch.version.cuda,
+"transformers", transformers.__version__, "triton", triton.__version__, torch.cuda.get_device_name(0))' \
+    | tee -a "$out/gpu.txt"
+
+case $phase in
+layer)
+    step kernel_tests "$py" -m pytest -q --noconftest -p no:cacheprovider tests/sparse_core/test_kernels.py
+    step attention "$py" -m sparsepilot bench attention --device cuda --repeats 10 --out "$out/attention.json"
+    ;;
+model)
+    gguf=${3:?the SmolLM2 GGUF file}
+    dir=$SPARSEPILOT_HOME/cache/models/smollm2-135m
+    mkdir -p "$dir" && cp "$gguf" "$dir/" # the built-in model's cache: converted on first load
+    step prefill "$py" -m sparsepilot bench prefill --device cuda --out "$out/prefill.json"
+    step quality "$py" -m sparsepilot bench quality --quick --device cuda --out "$out/quality.json"
+    ;;
+*)
+    echo "unknown phase $phase (layer or model)" >&2
+    exit 2
+    ;;
+esac
+cp "$SPARSEPILOT_HOME"/logs/*.log "$out/" 2>/dev/null
+tar czf "/tmp/$phase.tgz" -C "$out" . && mv "/tmp/$phase.tgz" "$out/"
