@@ -3,10 +3,13 @@
 # docs/sparse_core.md, "On a GPU". Two phases, because such a machine cannot download the model and
 # takes at most 64 MiB per call, less than the 98 MB GGUF:
 #   layer OUT            the CUDA kernel tests, then `bench attention` (random q/k/v: no model)
-#   model OUT GGUF       `bench prefill` and `bench quality --quick` on SmolLM2 from the GGUF file
+#   model OUT GGUF       `bench prefill` (fp32 both kernels, then bf16 flex) and `bench quality
+#                        --quick` on SmolLM2 from the GGUF file
 # Each command's console output goes to OUT/<name>.txt (its tail also to stdout), its JSON/PNG/log
 # next to it, and all of it to OUT/<phase>.tgz. PYTHON picks the interpreter; LIMIT caps each
-# command in seconds (default 420).
+# command in seconds (default 420). These benchmarks need none of MLflow, Prefect, Great
+# Expectations, SQLAlchemy, Alembic, psycopg or Streamlit: they ran on a GPU image that had none of
+# them, with pydantic, cronsim and gguf carried as wheels on PYTHONPATH.
 set -uo pipefail
 phase=${1:?layer or model} out=${2:?output directory}
 mkdir -p "$out"
@@ -41,6 +44,8 @@ model)
     dir=$SPARSEPILOT_HOME/cache/models/smollm2-135m
     mkdir -p "$dir" && cp "$gguf" "$dir/" # the built-in model's cache: converted on first load
     step prefill "$py" -m sparsepilot bench prefill --device cuda --out "$out/prefill.json"
+    step prefill_bf16 "$py" -m sparsepilot bench prefill --device cuda --dtype bf16 --kernels flex \
+        --out "$out/prefill_bf16.json"
     step quality "$py" -m sparsepilot bench quality --quick --device cuda --out "$out/quality.json"
     ;;
 *)

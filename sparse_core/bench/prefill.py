@@ -28,6 +28,7 @@ FULL_TAUS = (0.9, 0.95, 0.97, 0.99, 0.995)
 QUICK_TAUS = (0.97, 0.99)
 TEXT_SOURCE = "pydoc_data.topics (Python documentation topics)"
 _CHUNK = 1024
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 TABLE_COLUMNS = [
     "seq_len",
@@ -103,11 +104,14 @@ def run(
     base_plan: SparsePlan | None = None,
     kernels: tuple[str, ...] = ("gather", "flex"),
     device: str | torch.device = "cpu",
+    dtype: str = "fp32",
     repeats: int | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """``repeats``: timed prefills per point, the best kept (default: 1 on the CPU, where one 8k
-    prefill takes seconds; 5 on CUDA, where it takes milliseconds and one run is noise)."""
+    prefill takes seconds; 5 on CUDA, where it takes milliseconds and one run is noise). ``dtype``:
+    the model's weights and activations (fp32 or bf16; a GPU serves in bf16, where dense SDPA runs
+    the flash kernel), dense and sparse alike."""
     dev = bench_device(device)
     repeats = repeats or (1 if dev.type == "cpu" else 5)
     say = progress or (lambda _msg: None)
@@ -116,7 +120,7 @@ def run(
     base_plan = base_plan or SparsePlan()
     clock = RunClock()
     say(f"loading {model_ref}")
-    model, tok = load_model(model_ref, device=dev)
+    model, tok = load_model(model_ref, device=dev, dtype=DTYPES[dtype])
     ctx = getattr(model.config, "max_position_embeddings", None)
     rows: list[dict[str, Any]] = []
     cfg = model.config
@@ -196,6 +200,7 @@ def run(
         "text_source": TEXT_SOURCE,
         "base_plan": base_plan.to_dict(),
         "device": str(dev),
+        "dtype": dtype,
         "repeats": repeats,
         "rows": rows,
         "flex_compile_seconds": compile_seconds,

@@ -370,6 +370,7 @@ def bench_prefill(
     repeats: int = typer.Option(
         0, "--repeats", help="Timed prefills per point, the best kept (0 = 1 on the CPU, 5 on CUDA)."
     ),
+    dtype: str = typer.Option("fp32", "--dtype", help="The model's dtype: fp32 | bf16."),
 ) -> None:
     """End-to-end prefill of a real model on natural English: dense SDPA vs sparse (pooled) at a
     few tau, speed-up in the same table as next-token KL, top-1 agreement and delta NLL."""
@@ -388,6 +389,8 @@ def bench_prefill(
         fail(f"--kernels: {kernels!r}; choose from gather, flex")
     if repeats < 0:
         fail(f"--repeats must be >= 0, got {repeats}")
+    if dtype not in bench.DTYPES:
+        fail(f"--dtype: {dtype!r}; choose from {', '.join(bench.DTYPES)}")
     dev = _device_or_fail(device)
     from sparse_core import ModelRefError
 
@@ -401,6 +404,7 @@ def bench_prefill(
             taus=tau_list,
             kernels=ks,
             device=dev,
+            dtype=dtype,
             repeats=repeats or None,
         )
     except ModelRefError as exc:
@@ -408,7 +412,7 @@ def bench_prefill(
     path, png = _write_with_plot(result, out, bench.plot)
     env = result["environment"]
     print_table(
-        f"Prefill {result['model']} ({result['text_source']}) on {_where(env, dev)}, best of "
+        f"Prefill {result['model']} {dtype} ({result['text_source']}) on {_where(env, dev)}, best of "
         f"{result['repeats']}; load {env['loadavg_before']} -> "
         f"{env['loadavg_after']} on {env['cpu_count']} CPUs; JSON: {path}, plot: {png}",
         result["rows"],

@@ -111,6 +111,26 @@ def test_an_unknown_drop_measure_or_gate_target_is_refused_before_any_work(sp_ho
     assert res.exit_code == 2 and "--bound-unit: needs --confidence" in res.output and not bench_out.exists()
 
 
+def test_a_device_or_dtype_the_benchmarks_cannot_use_is_refused_before_any_work(sp_home, tmp_path) -> None:  # noqa: ANN001
+    """bench attention / prefill / quality --device: an unknown name, or cuda where torch sees no CUDA
+    device, is a one-line error naming the option (never a silent CPU run), exit 2, nothing written;
+    bench prefill --dtype likewise."""
+    import torch
+
+    runner = CliRunner()
+    out = tmp_path / "bench.json"
+    for bench in ("attention", "prefill", "quality"):
+        res = runner.invoke(app, ["bench", bench, "--quick", "--device", "tpu", "--out", str(out)])
+        assert res.exit_code == 2, res.output
+        assert "--device: device 'tpu': choose one of auto, cpu, cuda" in " ".join(res.output.split())
+        if not torch.cuda.is_available():
+            res = runner.invoke(app, ["bench", bench, "--quick", "--device", "cuda", "--out", str(out)])
+            assert res.exit_code == 2 and "torch sees no CUDA device" in res.output, res.output
+    res = runner.invoke(app, ["bench", "prefill", "--quick", "--dtype", "fp16", "--out", str(out)])
+    assert res.exit_code == 2 and "--dtype: 'fp16'; choose from fp32, bf16" in res.output, res.output
+    assert not out.exists()
+
+
 def test_calibrate_with_a_window_unit_shows_what_the_budget_was_judged_on(
     sp_home, tiny_llama_dir, tmp_path
 ) -> None:  # noqa: ANN001

@@ -73,3 +73,20 @@ def test_two_processes_in_the_same_second_get_two_log_files(tmp_path: Path) -> N
     paths = {Path(p.communicate(timeout=300)[0].strip()) for p in procs}
     assert all(p.returncode == 0 for p in procs)
     assert len(paths) == 2 and all(p.exists() and p.name.startswith("bench-quality-") for p in paths)
+
+
+def test_the_log_file_needs_no_mlflow(tmp_path: Path) -> None:
+    """A machine with only the model stack (a GPU box running `bench`, docs/sparse_core/gpu_bench.sh)
+    has no MLflow: the log file is still made and still takes the warnings, in a real process."""
+    code = (
+        "import sys; sys.modules['mlflow'] = None  # import mlflow now raises ImportError\n"
+        "import warnings; from pathlib import Path\n"
+        "from sparsepilot.quiet import to_log_file\n"
+        f"path = to_log_file(Path({str(tmp_path)!r}), 'bench-prefill')\n"
+        "warnings.warn('a library warning')\n"
+        "print(path)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "a library warning" not in proc.stderr
+    assert "a library warning" in Path(proc.stdout.strip()).read_text()
