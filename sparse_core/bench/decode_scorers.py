@@ -260,7 +260,7 @@ def _scorer_plans(model, windows, base, scorers, budgets, page_size, say):
         have = PAGE_SIZE_KEY in weights.tensors and page_gate_for_plan(weights).page_size == page_size
         if not have:
             if not windows:
-                raise ValueError("the corpus holds no window beyond the prompts to train page_gate on")
+                raise ValueError("the texts hold no window beyond the prompts to train page_gate on")
             gate, rep = train_page_gate(
                 model, windows, page_size=page_size, progress=lambda what, d, t: say(f"{what} {d}/{t}")
             )
@@ -289,11 +289,14 @@ def measure(
     new_tokens: int = 32,
     page_size: int = DEFAULT_PAGE_SIZE,
     base=None,
+    texts: Sequence[str] | None = None,
+    texts_source: str = "stdlib",
     say: Callable[[str], None] = lambda _m: None,
 ) -> dict[str, Any]:
-    """Per-prompt fidelity of every (scorer, budget) plan on `prompts` windows of the corpus (the
-    packing `bench decode` cuts its window from); page_gate, when it is not in `base`, trains on the
-    windows after them."""
+    """Per-prompt fidelity of every (scorer, budget) plan on `prompts` windows packed from `texts`
+    (default: the bundled corpus, the packing `bench decode` cuts its window from; or a use case's own
+    text); page_gate, when it is not in `base`, trains on the windows after them. `texts_source` names
+    the texts in errors."""
     from sparse_core.corpus import corpus_texts, pack_token_windows
     from sparse_core.decode.measure import as_paged, fidelity, prefill, run_decode
     from sparse_core.decode.page_gate import WINDOWS
@@ -304,12 +307,13 @@ def measure(
         unsparsify(model)
     cap = int(getattr(model.config, "max_position_embeddings", 0) or 0)
     length = min(prompt_tokens, cap - new_tokens) if cap else prompt_tokens
-    windows = pack_token_windows(tok, corpus_texts("all"), length, prompts + WINDOWS, seed=CORPUS_SEED)
+    corpus = list(texts) if texts is not None else corpus_texts("all")
+    windows = pack_token_windows(tok, corpus, length, prompts + WINDOWS, seed=CORPUS_SEED)
     full = [w for w in windows[:prompts] if len(w) == length]
     if len(full) < prompts:
         raise ValueError(
-            f"--prompts {prompts}: the corpus holds {len(full)} window(s) of {length} tokens "
-            "(give fewer prompts or a shorter --prompt-tokens)"
+            f"--prompts {prompts}: {texts_source} holds {len(full)} window(s) of {length} tokens "
+            "(give fewer prompts, a shorter --prompt-tokens or more text)"
         )
     plans, gate_report = _scorer_plans(
         model, windows[prompts:], base or SparsePlan(), scorers, budgets, page_size, say
@@ -355,6 +359,8 @@ def run(
     page_size: int = DEFAULT_PAGE_SIZE,
     plan=None,
     confidence: float = CONFIDENCE,
+    texts: Sequence[str] | None = None,
+    texts_source: str = "stdlib",
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     from sparse_core.loading import load_model
@@ -375,6 +381,8 @@ def run(
         new_tokens=new_tokens,
         page_size=page_size,
         base=plan,
+        texts=texts,
+        texts_source=texts_source,
         say=say,
     )
     plan_rows, pair_rows = summarize(measured["per_prompt"], budgets, confidence=confidence)
@@ -389,6 +397,7 @@ def run(
         "page_size": page_size,
         "local_pages": LOCAL_PAGES,
         "prompts": prompts,
+        "texts": texts_source,
         "prompt_tokens": measured["prompt_tokens"],
         "new_tokens": new_tokens,
         "confidence": confidence,

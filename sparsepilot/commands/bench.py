@@ -614,6 +614,12 @@ def bench_decode_scorers(
         "", "--plan", help="A plan directory whose learned weights the scorers read."
     ),
     threads: int = typer.Option(1, "--threads", help="torch threads (1 on a shared machine)."),
+    texts: str = typer.Option(
+        "stdlib",
+        "--texts",
+        help="Where the prompts are cut from: 'stdlib' (the bundled corpus) or a FILE (.jsonl with text, "
+        "or prompt [+ reference], e.g. a use case's dataset; or .txt).",
+    ),
     out: JsonPngOut = "bench-results/decode_scorers.json",
     json_out: Annotated[bool, _json_flag("Print the JSON after the tables.")] = False,
 ) -> None:
@@ -651,6 +657,9 @@ def bench_decode_scorers(
                 f"--page-size {page_size}: --scorers {','.join(needs_plan)} pool pages like the plan's "
                 f"blocks; pass --page-size {plan.block_size}"
             )
+    from sparsepilot.commands.core import read_texts
+
+    corpus = None if texts == "stdlib" else read_texts(texts)
     torch.set_num_threads(threads)
     try:
         result = _with_spinner(
@@ -665,13 +674,16 @@ def bench_decode_scorers(
             new_tokens=new_tokens,
             page_size=page_size,
             plan=plan,
+            texts=corpus,
+            texts_source="the bundled corpus" if corpus is None else texts,
         )
     except (ModelRefError, PlanError, ValueError) as exc:
         fail(str(exc))
     path, png = _write_with_plot(result, out, bench.plot)
     env = result["environment"]
     print_table(
-        f"{result['model']}: {result['prompts']} prompts of {result['prompt_tokens']} tokens, "
+        f"{result['model']}: {result['prompts']} prompts of {result['prompt_tokens']} tokens from "
+        f"{result['texts']}, "
         f"{new_tokens} generated tokens each, pages of {page_size}; mean over prompts with 95% t intervals; "
         f"load {env['loadavg_before']} -> {env['loadavg_after']}",
         result["plan_rows"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -162,6 +163,32 @@ def test_bench_decode_scorers_names_the_option_when_the_corpus_is_too_short(tiny
     args = ["--model", str(tiny_llama_dir), "--prompts", "500", "--prompt-tokens", "4096", "--out", str(out)]
     r = CliRunner().invoke(app, ["bench", "decode-scorers", *args])
     assert r.exit_code == 2 and "--prompts 500" in r.output, r.output
+    assert not out.exists()
+
+
+def test_bench_decode_scorers_cuts_its_prompts_from_a_use_cases_own_text(tiny_llama_dir, tmp_path):
+    """--texts FILE: the prompts (and page_gate's training windows) come from that file, here a sample
+    use case's dataset (its prompts and references), and the result says so; a file too short for the
+    prompts asked, or no file, is a one-line error naming it, exit 2, nothing written."""
+    dataset = Path(__file__).resolve().parents[2] / "examples" / "usecases" / "docs_qa.jsonl"
+    out = tmp_path / "s.json"
+    base = ["bench", "decode-scorers", "--model", str(tiny_llama_dir), "--budgets", "64,128"]
+    base += ["--prompt-tokens", "256", "--new-tokens", "3", "--out", str(out)]
+    r = CliRunner().invoke(app, [*base, "--prompts", "2", "--texts", str(dataset)])
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    assert res["texts"] == str(dataset) and res["prompt_tokens"] == 256
+    assert res["page_gate_training"]["windows"] == 2
+    assert all(len(res["per_prompt"][s]["64"]["kl"]) == 2 for s in ("quest", "page_gate"))
+    out.unlink()
+    short = tmp_path / "short.jsonl"
+    short.write_text(
+        "".join(json.dumps({"text": f"Question {i}: where is the manual?"}) + "\n" for i in range(3))
+    )
+    r = CliRunner().invoke(app, [*base, "--prompts", "2", "--texts", str(short)])
+    assert r.exit_code == 2 and f"{short} holds 0 window(s) of 256 tokens" in " ".join(r.output.split())
+    r = CliRunner().invoke(app, [*base, "--prompts", "2", "--texts", str(tmp_path / "none.jsonl")])
+    assert r.exit_code == 2 and "texts file not found" in r.output, r.output
     assert not out.exists()
 
 
