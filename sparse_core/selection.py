@@ -6,6 +6,7 @@ vectorised: one sort over [B, H, nb, nb]."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -57,15 +58,55 @@ def select_blocks(
     top_k: int | None = None,
     min_density: float | None = None,
     count_levels: int | None = None,
+    core: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> BlockSelection:
     """scores: float [B, H, nb, nb] estimated mass (0 above the diagonal); tau: float or [H].
 
     ``count_levels``: round each row's block count up to one of this many sizes per octave (the
     extra blocks are the next best by score; the cap still holds). The gather kernel runs one call
-    per distinct count, so fewer distinct counts mean fewer, larger calls."""
+    per distinct count, so fewer distinct counts mean fewer, larger calls. ``core``: what computes
+    the index tensors, `selection_tensors` or a compiled copy of it (the same function)."""
     b, h, n, n2 = scores.shape
     if n != n2:
         raise ValueError(f"scores must be square over blocks, got {tuple(scores.shape)}")
+    tau_t = torch.as_tensor(tau, dtype=torch.float32, device=scores.device)
+    kv_indices, count = (core or selection_tensors)(
+        scores,
+        tau_t,
+        sink_blocks=sink_blocks,
+        local_blocks=local_blocks,
+        top_k=top_k,
+        min_density=min_density,
+        count_levels=count_levels,
+    )
+    kept_total = count.sum(dim=(0, 2)).cpu()  # [H], the one host synchronisation
+    causal_total = float(n * (n + 1) // 2)
+    head_density = kept_total.float() / (b * causal_total)
+    density = float(kept_total.sum().item()) / (b * h * causal_total)
+    return BlockSelection(
+        block_size=block_size,
+        seq_len=seq_len,
+        kv_indices=kv_indices,
+        kv_counts=count,
+        density=density,
+        head_density=head_density,
+    )
+
+
+def selection_tensors(
+    scores: torch.Tensor,
+    tau: torch.Tensor,
+    *,
+    sink_blocks: int,
+    local_blocks: int,
+    top_k: int | None,
+    min_density: float | None,
+    count_levels: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rule itself, static-shaped tensor code with no host synchronisation (so it compiles to a few
+    fused kernels): scores [B, H, nb, nb] and tau (a 0-d or [H] tensor) -> (kv_indices int32
+    [B, H, nb, nb], kv_counts int32 [B, H, nb])."""
+    b, h, n, _ = scores.shape
     dev = scores.device
     i = torch.arange(n, device=dev)[:, None]
     j = torch.arange(n, device=dev)[None, :]
@@ -75,8 +116,7 @@ def select_blocks(
     n_causal = (i[:, 0] + 1).view(1, 1, n)
     n_forced = forced.sum(-1).view(1, 1, n)
 
-    tau_t = torch.as_tensor(tau, dtype=torch.float32, device=dev)
-    tau_t = tau_t.view(1, h, 1) if tau_t.ndim == 1 else tau_t.view(1, 1, 1)
+    tau_t = tau.view(1, h, 1) if tau.ndim == 1 else tau.view(1, 1, 1)
     # Forced blocks sort first (key >= 2), then causal blocks by mass, then non-causal (key -1).
     key = torch.where(forced, 2.0 + p, torch.where(causal, p, torch.full((), -1.0, device=dev)))
     order = torch.argsort(key, dim=-1, descending=True, stable=True)
@@ -104,19 +144,7 @@ def select_blocks(
     # Ascending block indices of the kept set: push dropped blocks past n, sort, cut.
     asc = torch.sort(torch.where(kept, j.expand(n, n), j + n), dim=-1).values
     kv_indices = torch.where(slots < count[..., None], asc, torch.zeros((), dtype=asc.dtype, device=dev))
-
-    kept_total = count.sum(dim=(0, 2)).float()  # [H]
-    causal_total = float(n * (n + 1) // 2)
-    head_density = (kept_total / (b * causal_total)).cpu()
-    density = float(count.sum().item()) / (b * h * causal_total)
-    return BlockSelection(
-        block_size=block_size,
-        seq_len=seq_len,
-        kv_indices=kv_indices.to(torch.int32),
-        kv_counts=count.to(torch.int32),
-        density=density,
-        head_density=head_density,
-    )
+    return kv_indices.to(torch.int32), count.to(torch.int32)
 
 
 def group_scores(scores: torch.Tensor, num_kv_heads: int) -> torch.Tensor:

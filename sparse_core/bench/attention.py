@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from sparse_core.bench.common import RunClock, bench_device, pyplot, save_figure, synchronize
-from sparse_core.kernels import sparse_attention
+from sparse_core.kernels import compiles_selection, sparse_attention
 from sparse_core.kernels.dense import dense_attention
 from sparse_core.plan import SparsePlan
 
@@ -36,6 +36,7 @@ class AttentionRow:
     seq_len: int
     dtype: str
     kernel: str
+    selection: str  # eager | compiled: how the estimator and the selection rule ran
     block_size: int
     target_density: float
     density: float
@@ -75,6 +76,7 @@ def run(
     block_size: int = 64,
     repeats: int = 2,
     estimator: str = "pooled",
+    selections: tuple[str, ...] = ("auto",),
     device: str | torch.device = "cpu",
     progress: Callable[[str], None] | None = None,
     seed: int = 0,
@@ -96,9 +98,11 @@ def run(
             with torch.no_grad():
                 dense_attention(q, k, v)  # warm-up
                 d0, _ = _time(lambda q=q, k=k, v=v: dense_attention(q, k, v), repeats, dev)
-                pending: list[tuple[str, float, float, float, float]] = []
+                pending: list[tuple[str, str, float, float, float, float]] = []
                 n = math.ceil(s / block_size)
-                for kern in kernels:
+                for kern, how in ((kern, how) for kern in kernels for how in selections):
+                    compiled = compiles_selection(dev, estimator) if how == "auto" else how == "compiled"
+                    how = "compiled" if compiled else "eager"
                     for target in densities:
                         plan = SparsePlan(
                             block_size=block_size,
@@ -108,10 +112,10 @@ def run(
                             top_k=top_k_for_density(n, target),
                             estimator=estimator,
                         )
-                        say(f"{s} tokens {dname}: {kern} at ~{target:.0%} density")
+                        say(f"{s} tokens {dname}: {kern} ({how} selection) at ~{target:.0%} density")
 
-                        def call(plan=plan, kern=kern, q=q, k=k, v=v):
-                            return sparse_attention(q, k, v, plan, kernel=kern)
+                        def call(plan=plan, kern=kern, compiled=compiled, q=q, k=k, v=v):
+                            return sparse_attention(q, k, v, plan, kernel=kern, compiled_selection=compiled)
 
                         t0 = time.perf_counter()
                         call()  # warm-up (and compile, for flex)
@@ -120,10 +124,10 @@ def run(
                             key = f"{s}/{dname}"
                             compile_seconds.setdefault(key, time.perf_counter() - t0)
                         secs, (_, info) = _time(call, repeats, dev)
-                        pending.append((kern, target, info.density, info.estimator_seconds, secs))
+                        pending.append((kern, how, target, info.density, info.estimator_seconds, secs))
                 d1, _ = _time(lambda q=q, k=k, v=v: dense_attention(q, k, v), repeats, dev)
             dense_s = min(d0, d1)
-            for kern, target, dens, est, secs in pending:
+            for kern, how, target, dens, est, secs in pending:
                 share = est / dense_s
                 speedup = dense_s / secs
                 ideal = 1.0 / (dens + share)
@@ -132,6 +136,7 @@ def run(
                         seq_len=s,
                         dtype=dname,
                         kernel=kern,
+                        selection=how,
                         block_size=block_size,
                         target_density=target,
                         density=round(dens, 4),
@@ -159,6 +164,7 @@ TABLE_COLUMNS = [
     "seq_len",
     "dtype",
     "kernel",
+    "selection",
     "density",
     "estimator_share",
     "seconds",
@@ -176,10 +182,21 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     fig, axes = plt.subplots(1, len(combos), figsize=(4.2 * len(combos), 3.6), squeeze=False)
     for ax, (s, dname) in zip(axes[0], combos, strict=True):
         sub = [r for r in rows if r["seq_len"] == s and r["dtype"] == dname]
-        for kern in sorted({r["kernel"] for r in sub}):
-            pts = sorted((r["density"], r["speedup"]) for r in sub if r["kernel"] == kern)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=kern)
-        ideal = sorted((r["density"], r["ideal_speedup"]) for r in sub if r["kernel"] == sub[0]["kernel"])
+        variants = sorted({(r["kernel"], r.get("selection", "eager")) for r in sub})
+        for kern, how in variants:
+            pts = sorted(
+                (r["density"], r["speedup"])
+                for r in sub
+                if (r["kernel"], r.get("selection", "eager")) == (kern, how)
+            )
+            label = kern if len({v[1] for v in variants}) == 1 else f"{kern}, {how} selection"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        first = (sub[0]["kernel"], sub[0].get("selection", "eager"))
+        ideal = sorted(
+            (r["density"], r["ideal_speedup"])
+            for r in sub
+            if (r["kernel"], r.get("selection", "eager")) == first
+        )
         ax.plot([p[0] for p in ideal], [p[1] for p in ideal], "k--", lw=1, label="1/(density+est.)")
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_xscale("log")

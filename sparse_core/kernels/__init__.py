@@ -7,15 +7,16 @@ no compile latency; see docs/sparse_core.md) and flex on CUDA."""
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from sparse_core.estimators import EstimatorContext, get_estimator
+from sparse_core.estimators import EstimatorContext, available_estimators, get_estimator
 from sparse_core.plan import LayerParams, SparsePlan
-from sparse_core.selection import BlockSelection, group_scores, select_blocks
+from sparse_core.selection import BlockSelection, group_scores, select_blocks, selection_tensors
 
 KERNELS = ("auto", "gather", "flex", "dense")
 GATHER_COUNT_LEVELS = 8
@@ -73,6 +74,31 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@functools.cache
+def _compiled_scores(name: str, groups_to: int | None):
+    """A training-free estimator (and the head grouping) as one compiled function per estimator."""
+    estimator = get_estimator(name)
+
+    def scores(q: torch.Tensor, k: torch.Tensor, ctx: EstimatorContext) -> torch.Tensor:
+        out = estimator(q, k, ctx)
+        return group_scores(out, groups_to) if groups_to else out
+
+    return torch.compile(scores)  # shapes specialised first, made dynamic on a second length
+
+
+@functools.cache
+def _compiled_selection():
+    return torch.compile(selection_tensors)
+
+
+def compiles_selection(device: torch.device, estimator: str) -> bool:
+    """Whether `estimate_and_select` runs compiled by default: on CUDA, for training-free estimators.
+    There the eager path is launch-bound (pooled's is 89 small ATen calls at any length, ~1.2 ms on an
+    H200, more than dense bf16 attention up to 16k: docs/sparse_core.md, "On a GPU"); on the CPU the
+    calls are not the cost, and learned estimators keep their own caches."""
+    return device.type == "cuda" and estimator in available_estimators("training-free")
+
+
 def estimate_and_select(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -83,9 +109,14 @@ def estimate_and_select(
     scale: float | None = None,
     module: Any = None,
     count_levels: int | None = None,
+    compiled: bool | None = None,
 ) -> BlockSelection:
+    """The layer's selection. ``compiled``: run the estimator and the selection rule through
+    torch.compile (the same functions, fused; None = `compiles_selection`'s default)."""
     b, hq, s, _ = q.shape
     hkv = k.shape[1]
+    if compiled is None:
+        compiled = compiles_selection(q.device, params.estimator)
     estimator = get_estimator(params.estimator)
     ctx = EstimatorContext(
         block_size=plan.block_size,
@@ -95,18 +126,22 @@ def estimate_and_select(
         scale=scale,
         module=module,
     )
+    grouped = plan.group_heads and hkv != hq
     with torch.no_grad():
-        scores = estimator(q, k, ctx)
+        if compiled:
+            scores = _compiled_scores(params.estimator, hkv if grouped else None)(q, k, ctx)
+        else:
+            scores = estimator(q, k, ctx)
+            if grouped:
+                scores = group_scores(scores, hkv)
     tau: float | torch.Tensor = params.tau
     if params.head_tau:
         t = torch.full((hq,), params.tau)
         for h, v in params.head_tau.items():
             t[h] = v
         tau = t
-    if plan.group_heads and hkv != hq:
-        scores = group_scores(scores, hkv)
-        if isinstance(tau, torch.Tensor):
-            tau = tau.view(hkv, hq // hkv).max(dim=1).values
+    if grouped and isinstance(tau, torch.Tensor):
+        tau = tau.view(hkv, hq // hkv).max(dim=1).values
     if isinstance(tau, torch.Tensor):
         tau = tau.to(q.device)
     return select_blocks(
@@ -119,6 +154,7 @@ def estimate_and_select(
         top_k=params.top_k,
         min_density=params.min_density,
         count_levels=count_levels,
+        core=_compiled_selection() if compiled else None,
     )
 
 
@@ -159,11 +195,13 @@ def sparse_attention(
     scale: float | None = None,
     module: Any = None,
     keep_selection: bool = False,
+    compiled_selection: bool | None = None,
 ) -> tuple[torch.Tensor, AttentionInfo]:
     """Causal block-sparse attention. q [B, Hq, S, D], k/v [B, Hkv, S, D] -> (out [B, Hq, S, D], info).
 
     ``attention_mask``: optional key-padding mask ([B, S], 1 = token) or a 4D causal+padding mask as
-    transformers builds it. Outputs at padded query positions are zeros."""
+    transformers builds it. Outputs at padded query positions are zeros. ``compiled_selection``: see
+    `estimate_and_select`'s ``compiled`` (None: compiled on CUDA for training-free estimators)."""
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError("q, k, v must be 4D [B, H, S, D]")
     b, hq, s, d = q.shape
@@ -188,7 +226,15 @@ def sparse_attention(
     # gather runs one call per distinct block count: round counts up to 8 sizes per octave
     levels = GATHER_COUNT_LEVELS if kname == "gather" else None
     sel = estimate_and_select(
-        q, k, plan, params, key_valid=key_valid, scale=scale, module=module, count_levels=levels
+        q,
+        k,
+        plan,
+        params,
+        key_valid=key_valid,
+        scale=scale,
+        module=module,
+        count_levels=levels,
+        compiled=compiled_selection,
     )
     _sync(dev)
     t1 = time.perf_counter()
@@ -212,6 +258,7 @@ __all__ = [
     "KERNELS",
     "AttentionInfo",
     "available_kernels",
+    "compiles_selection",
     "estimate_and_select",
     "key_valid_from_mask",
     "resolve_kernel",

@@ -316,6 +316,13 @@ def bench_attention(
     out: JsonPngOut = "bench-results/attention.json",
     json_out: Annotated[bool, _json_flag("Print the JSON after the table.")] = False,
     device: Device = "auto",
+    selection: str = typer.Option(
+        "auto",
+        "--selection",
+        help="How the estimator and selection run, comma-separated for side-by-side rows: eager, compiled "
+        "(torch.compile), auto (compiled on CUDA for training-free estimators, else eager).",
+    ),
+    lengths: str = typer.Option("", "--lengths", help="Sequence lengths, e.g. 8192,32768 (default by mode)."),
 ) -> None:
     """One SmolLM2-shaped attention layer: dense SDPA vs sparse kernels at ~5/10/25/50% density."""
     for_command("bench-attention")  # model benchmarks: library output to a log file
@@ -332,6 +339,12 @@ def bench_attention(
         fail(f"--block-size must be a power of two >= 16, got {block_size}")
     if estimator not in _untrained():
         fail(f"--estimator: {estimator!r}; choose from {', '.join(_untrained())}")
+    hows = tuple(x.strip() for x in selection.split(",") if x.strip())
+    if not hows or any(h not in ("auto", "eager", "compiled") for h in hows) or len(set(hows)) != len(hows):
+        fail(f"--selection: {selection!r}; choose distinct ones of auto, eager, compiled")
+    length_list = _int_list("--lengths", lengths) if lengths else None
+    if length_list and min(length_list) <= block_size:
+        fail(f"--lengths: each must exceed --block-size {block_size} (one block is dense), got {lengths!r}")
     dev = _device_or_fail(device)
     result = _with_spinner(
         "attention benchmark",
@@ -343,6 +356,8 @@ def bench_attention(
         block_size=block_size,
         repeats=repeats,
         estimator=estimator,
+        selections=hows,
+        lengths=length_list,
         device=dev,
     )
     path, png = _write_with_plot(result, out, bench.plot)

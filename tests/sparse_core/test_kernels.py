@@ -192,3 +192,23 @@ def test_bad_inputs():
         sparse_attention(q, k, v, SparsePlan(), kernel="fast")
     with pytest.raises(ValueError, match="prefill"):
         sparse_attention(q[:, :, :1], k, v, SparsePlan())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("estimator", ["pooled", "antidiagonal", "quest"])
+def test_compiled_selection_on_cuda(estimator):
+    """On a GPU the training-free estimators select through torch.compile by default: the same blocks
+    as the eager path, at two lengths (the second compiled with dynamic shapes) and a per-head tau, up
+    to rounding (fused reductions may flip a block at the tau boundary: at most 0.5% of them)."""
+    from sparse_core.kernels import compiles_selection, estimate_and_select
+
+    assert compiles_selection(torch.device("cuda"), estimator)
+    plan = SparsePlan(block_size=64, tau=0.9, estimator=estimator, head_overrides={0: {1: 0.6}})
+    for s in (4096, 3000):
+        q, k, _ = (t.cuda() for t in _qkv(1, 9, 3, s, d=64, dtype=torch.bfloat16, seed=s))
+        params = plan.layer_params(0)
+        a = estimate_and_select(q, k, plan, params, compiled=False)
+        b = estimate_and_select(q, k, plan, params)
+        differ = (a.mask() != b.mask()).sum().item()
+        assert differ <= 0.005 * a.mask().sum().item(), (estimator, s, differ)
+        assert abs(a.density - b.density) <= 0.005 * a.density

@@ -162,3 +162,49 @@ def test_registry_by_name_and_custom_estimator():
             register_estimator("test_block0", lambda q, k, c: q)
     finally:  # the registry is process-wide: later tests list the built-ins only
         unregister_estimator("test_block0")
+
+
+def test_the_compiled_selection_is_the_same_selection():
+    """`estimate_and_select(compiled=True)` (the default on CUDA for training-free estimators) runs the
+    same estimator and rule through torch.compile: on the CPU here, every training-free estimator at a
+    plain and at a per-head-tau plan with padding and the gather kernel's count levels, and pooled at a
+    second length (dynamic shapes) and with ungrouped heads and a top-k cap, keep the same blocks."""
+    import torch._dynamo
+
+    from sparse_core.estimators import available_estimators
+    from sparse_core.kernels import compiles_selection, estimate_and_select
+
+    g = torch.Generator().manual_seed(3)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    cases = [
+        (name, 600, SparsePlan(block_size=32, tau=0.9, estimator=name), 0, None, False)
+        for name in available_estimators("training-free")
+    ]
+    cases += [
+        (
+            name,
+            600,
+            SparsePlan(block_size=32, tau=0.95, estimator=name, head_overrides={1: {0: 0.6, 4: 0.99}}),
+            1,
+            8,
+            True,
+        )
+        for name in available_estimators("training-free")
+    ]
+    cases += [("pooled", 384, SparsePlan(block_size=32, tau=0.8, group_heads=False, top_k=5), 0, None, True)]
+    for name, s, plan, layer, levels, padded in cases:
+        assert compiles_selection(torch.device("cuda"), name) and not compiles_selection(
+            torch.device("cpu"), name
+        )
+        q = torch.randn(1, 6, s, 32, generator=g)
+        k = torch.randn(1, 2, s, 32, generator=g)
+        kv = torch.ones(1, s, dtype=torch.bool)
+        kv[0, :21] = False
+        kv = kv if padded else None
+        params = plan.layer_params(layer)
+        a = estimate_and_select(q, k, plan, params, key_valid=kv, count_levels=levels, compiled=False)
+        b = estimate_and_select(q, k, plan, params, key_valid=kv, count_levels=levels, compiled=True)
+        assert torch.equal(a.kv_counts, b.kv_counts) and torch.equal(a.kv_indices, b.kv_indices), (name, s)
+        assert a.density == b.density and torch.equal(a.head_density, b.head_density)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs  # it did compile
+    assert not compiles_selection(torch.device("cuda"), "oracle")
