@@ -37,6 +37,12 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def prefill_repeats(device: torch.device) -> int:
+    """Timed prefills per point, the best kept: one on the CPU (seconds each), five on CUDA
+    (milliseconds each, where one run is noise)."""
+    return 1 if device.type == "cpu" else 5
+
+
 def environment(load_before: list[float] | None = None) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     return {

@@ -15,7 +15,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from sparse_core.bench.common import RunClock, bench_device, pyplot, save_figure, synchronize
+from sparse_core.bench.common import (
+    RunClock,
+    bench_device,
+    prefill_repeats,
+    pyplot,
+    save_figure,
+    synchronize,
+)
 from sparse_core.kernels import sparse_attention
 from sparse_core.loading import load_model
 from sparse_core.plan import SparsePlan
@@ -113,7 +120,7 @@ def run(
     the model's weights and activations (fp32 or bf16; a GPU serves in bf16, where dense SDPA runs
     the flash kernel), dense and sparse alike."""
     dev = bench_device(device)
-    repeats = repeats or (1 if dev.type == "cpu" else 5)
+    repeats = repeats or prefill_repeats(dev)
     say = progress or (lambda _msg: None)
     lengths = lengths or (QUICK_LENGTHS if quick else FULL_LENGTHS)
     taus = taus or (QUICK_TAUS if quick else FULL_TAUS)
