@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from sparse_core.bench.common import RunClock, bench_device, pyplot, save_figure, synchronize
+from sparse_core.bench.common import DTYPES, RunClock, bench_device, pyplot, save_figure, synchronize
 from sparse_core.kernels import compiles_selection, sparse_attention
 from sparse_core.kernels.dense import dense_attention
 from sparse_core.plan import SparsePlan
@@ -28,7 +28,6 @@ Q_HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
 FULL_LENGTHS = (4096, 8192, 16384, 32768)
 QUICK_LENGTHS = (4096, 16384)
 DENSITIES = (0.05, 0.10, 0.25, 0.50)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass

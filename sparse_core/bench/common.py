@@ -13,8 +13,10 @@ from typing import Any
 import torch
 
 from sparse_core.host import loadavg
+from sparse_core.kernels import synchronize
 
 DEVICES = ("auto", "cpu", "cuda")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # the benchmarks' --dtype(s) names
 
 
 def bench_device(name: str | torch.device = "auto") -> torch.device:
@@ -31,16 +33,23 @@ def bench_device(name: str | torch.device = "auto") -> torch.device:
     return torch.device(name)
 
 
-def synchronize(device: torch.device) -> None:
-    """Wait for queued device work, so a host clock read after it times the work (CUDA is async)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def prefill_repeats(device: torch.device) -> int:
     """Timed prefills per point, the best kept: one on the CPU (seconds each), five on CUDA
     (milliseconds each, where one run is noise)."""
     return 1 if device.type == "cpu" else 5
+
+
+__all__ = [
+    "DEVICES",
+    "DTYPES",
+    "RunClock",
+    "bench_device",
+    "environment",
+    "prefill_repeats",
+    "pyplot",
+    "save_figure",
+    "synchronize",
+]
 
 
 def environment(load_before: list[float] | None = None) -> dict[str, Any]:

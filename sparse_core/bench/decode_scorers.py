@@ -290,7 +290,7 @@ def measure(
     page_size: int = DEFAULT_PAGE_SIZE,
     base=None,
     texts: Sequence[str] | None = None,
-    texts_source: str = "stdlib",
+    texts_source: str = "the bundled corpus",
     say: Callable[[str], None] = lambda _m: None,
 ) -> dict[str, Any]:
     """Per-prompt fidelity of every (scorer, budget) plan on `prompts` windows packed from `texts`
@@ -360,7 +360,7 @@ def run(
     plan=None,
     confidence: float = CONFIDENCE,
     texts: Sequence[str] | None = None,
-    texts_source: str = "stdlib",
+    texts_source: str = "the bundled corpus",
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     from sparse_core.loading import load_model

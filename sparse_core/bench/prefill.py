@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from sparse_core.bench.common import (
+    DTYPES,
     RunClock,
     bench_device,
     prefill_repeats,
@@ -35,7 +36,6 @@ FULL_TAUS = (0.9, 0.95, 0.97, 0.99, 0.995)
 QUICK_TAUS = (0.97, 0.99)
 TEXT_SOURCE = "pydoc_data.topics (Python documentation topics)"
 _CHUNK = 1024
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 TABLE_COLUMNS = [
     "seq_len",

@@ -69,7 +69,8 @@ def key_valid_from_mask(attention_mask: torch.Tensor | None, seq_len: int) -> to
     return None if bool(kv.all()) else kv
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for queued device work, so a host clock read after it times the work (CUDA is async)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -117,7 +118,6 @@ def estimate_and_select(
     hkv = k.shape[1]
     if compiled is None:
         compiled = compiles_selection(q.device, params.estimator)
-    estimator = get_estimator(params.estimator)
     ctx = EstimatorContext(
         block_size=plan.block_size,
         layer_idx=params.layer_idx,
@@ -131,7 +131,7 @@ def estimate_and_select(
         if compiled:
             scores = _compiled_scores(params.estimator, hkv if grouped else None)(q, k, ctx)
         else:
-            scores = estimator(q, k, ctx)
+            scores = get_estimator(params.estimator)(q, k, ctx)
             if grouped:
                 scores = group_scores(scores, hkv)
     tau: float | torch.Tensor = params.tau
@@ -216,12 +216,12 @@ def sparse_attention(
     key_valid = key_valid_from_mask(attention_mask, s)
     params = plan.layer_params(layer_idx)
     if kname == "dense" or params.dense or s <= plan.block_size:
-        _sync(dev)
+        synchronize(dev)
         t0 = time.perf_counter()
         out = run_kernel("dense", q, k, v, None, key_valid=key_valid, scale=scale)
-        _sync(dev)
+        synchronize(dev)
         return out, AttentionInfo(1.0, 0.0, "dense", time.perf_counter() - t0, s, layer_idx)
-    _sync(dev)
+    synchronize(dev)
     t0 = time.perf_counter()
     # gather runs one call per distinct block count: round counts up to 8 sizes per octave
     levels = GATHER_COUNT_LEVELS if kname == "gather" else None
@@ -236,10 +236,10 @@ def sparse_attention(
         count_levels=levels,
         compiled=compiled_selection,
     )
-    _sync(dev)
+    synchronize(dev)
     t1 = time.perf_counter()
     out = run_kernel(kname, q, k, v, sel, key_valid=key_valid, scale=scale)
-    _sync(dev)
+    synchronize(dev)
     t2 = time.perf_counter()
     info = AttentionInfo(
         density=sel.density,
@@ -262,6 +262,7 @@ __all__ = [
     "estimate_and_select",
     "key_valid_from_mask",
     "resolve_kernel",
+    "synchronize",
     "run_kernel",
     "sparse_attention",
 ]
