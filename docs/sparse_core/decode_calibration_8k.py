@@ -1,18 +1,19 @@
 """Decode calibration at 8k, one decode page scorer: `python docs/sparse_core/decode_calibration_8k.py
-ESTIMATOR OUT.json [BUDGET [CONFIDENCE [HELDOUT_TOKENS [N_PROMPTS [NEW_TOKENS]]]]]` (1 torch thread;
-pin it with taskset on a shared machine).
+ESTIMATOR OUT.json [BUDGET [CONFIDENCE [HELDOUT_TOKENS [N_PROMPTS [NEW_TOKENS [SENS_PROMPTS [apart]]]]]]]`
+(1 torch thread; pin it with taskset on a shared machine).
 
 Calibrates a decode section (sparse_core.decode.calibration.calibrate_decode, 16-token pages) on the
 stdlib corpus's calibration part: N_PROMPTS (default 2) prompts of 8,128 tokens, NEW_TOKENS (default
 64) generated tokens each, the fidelity budget BUDGET (default kl=0.01,agree=0.95), judged on the
 means or, with CONFIDENCE (e.g. 0.95), on one-sided bounds over the prompts (DecodeLimits.confidence;
-at least 10 prompts; the candidates' sensitivities then come from 2 more windows, page_gate's own
-where it trains); page_gate trains on 2 more windows of that part (13 windows of 8,128 tokens in
-all). The break-even is not measured (given as 0): this compares what share of the cache each scorer's plan
-reads at the budget, not this host's timing. Then the plan decodes after the held-out part's one
-window (6,880 tokens, text no calibration step read) beside dense, HELDOUT_TOKENS (default 64)
-generated tokens: density, KL, top-1 agreement, greedy match, ms per token (interleaved,
-PagedCache). Writes OUT.json and the plan to OUT-plan/.
+at least 10 prompts; the candidates' sensitivities then come from SENS_PROMPTS (default 2) more
+windows, page_gate's own training windows where it trains, or with `apart` the windows after them);
+page_gate trains on 2 more windows of that part (the part holds 13 windows of 8,128 tokens, the last
+7,846 tokens long). The break-even is not measured (given as 0): this compares what share of the
+cache each scorer's plan reads at the budget, not this host's timing. Then the plan decodes after
+the held-out part's one window (6,880 tokens, text no calibration step read) beside dense,
+HELDOUT_TOKENS (default 64) generated tokens: density, KL, top-1 agreement, greedy match, ms per
+token (interleaved, PagedCache). Writes OUT.json and the plan to OUT-plan/.
 
 `python docs/sparse_core/decode_calibration_8k.py --heldout PLAN_DIR OUT.json [HELDOUT_TOKENS]`: only
 the held-out part, for a plan saved before (e.g. one calibrated on the means, measured beside one
@@ -42,6 +43,8 @@ def main(
     heldout_tokens: str = "64",
     n_prompts: str = "2",
     new_tokens: str = "64",
+    sensitivity_prompts: str = "2",
+    apart: str = "",
 ) -> None:
     torch.set_num_threads(1)
     load_before = loadavg()
@@ -56,6 +59,8 @@ def main(
         budgets=(256, 512, 1024, 1536, 2048, 3072, 4096),
         break_even_tokens=0,
         confidence=float(confidence) if confidence else None,
+        sensitivity_prompts=int(sensitivity_prompts),
+        sensitivity_apart=apart == "apart",
     )
 
     def say(what: str, done: int, total: int) -> None:
@@ -69,6 +74,7 @@ def main(
         "estimator": estimator,
         "budget": budget,
         "confidence": lim.confidence,
+        "sensitivity_apart": lim.sensitivity_apart,
         "calibration": rep.to_dict(),
     }
     if dp is not None:

@@ -87,6 +87,9 @@ class DecodeLimits:
     confidence: float | None = None
     # with confidence: the windows (beyond the judged prompts) the candidates' sensitivities come from
     sensitivity_prompts: int = 2
+    # with confidence and a trained estimator: those windows come after page_gate's training windows
+    # (more text) instead of being them
+    sensitivity_apart: bool = False
 
     def __post_init__(self) -> None:
         if self.n_prompts < 1:
@@ -161,6 +164,7 @@ class DecodeCalibrationReport:
     n_prompts: int = 0
     # windows the candidates' sensitivities came from beyond the judged prompts (0: the prompts)
     sensitivity_prompts: int = 0
+    sensitivity_apart: bool = False  # those windows were not page_gate's training windows
     seconds: dict = field(default_factory=dict)
     # per budget (str tokens): sparse_core.decode.break_even.BreakEven; None: given, not measured
     break_even: dict | None = None
@@ -257,6 +261,45 @@ def decode_plan_for(layer_budgets: list[int | None], lim: DecodeLimits) -> Decod
     )
 
 
+def _window_counts(lim: DecodeLimits) -> tuple[int, int, bool]:
+    """(page_gate's training windows, sensitivity windows, whether those are apart) beyond the prompts."""
+    n_gate = lim.page_gate_windows if lim.estimator in TRAINED_BY_DECODE_CALIBRATION else 0
+    n_sens = lim.sensitivity_prompts if lim.confidence is not None else 0
+    return n_gate, n_sens, lim.sensitivity_apart and n_gate > 0
+
+
+def split_windows(
+    packed: list[list[int]], lim: DecodeLimits, length: int
+) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
+    """The packed windows -> (judged prompts, page_gate's training windows, sensitivity windows).
+
+    The prompts come first; the windows beyond them are page_gate's training windows (where it
+    trains) and, with a confidence, the windows the candidates' sensitivities come from: the same
+    windows where both are asked for, or with `sensitivity_apart` the windows after the training
+    ones. Neither is judged: what matters is that the judged prompts are not read before they judge.
+    Raises ValueError naming the setting when the text runs out."""
+    n_gate, n_sens, apart = _window_counts(lim)
+    prompts, beyond = packed[: lim.n_prompts], packed[lim.n_prompts :]
+    gate = beyond[:n_gate]
+    sens = beyond[n_gate : n_gate + n_sens] if apart else beyond[:n_sens]
+    filled = f"they fill {len(packed)} window(s) of {length} tokens"
+    if n_gate and not gate:
+        raise ValueError(
+            f"texts too short to train the decode page_gate: {filled}, all taken by the calibration "
+            f"prompts; page_gate trains on {lim.page_gate_windows} more (give more text, or fewer "
+            "decode.n_prompts)"
+        )
+    if len(sens) < n_sens:
+        after = f" and page_gate's {n_gate} training windows (decode.sensitivity_apart)" if apart else ""
+        raise ValueError(
+            f"texts too short for decode.confidence: {filled}; the {lim.n_prompts} judged prompts"
+            f"{after} come first, and the candidates' sensitivities need {n_sens} more "
+            "(decode.sensitivity_prompts), read before the prompts judge (give more text, fewer "
+            "decode.n_prompts, or a shorter decode.prompt_tokens)"
+        )
+    return prompts, gate, sens
+
+
 def _lengths(lim: DecodeLimits) -> dict:
     return {} if lim.break_even_lengths is None else {"lengths": tuple(lim.break_even_lengths)}
 
@@ -351,36 +394,19 @@ def calibrate_decode(
     secs: dict[str, float] = {}
     texts = [t for t in texts if isinstance(t, str) and t.strip()]
     trained = lim.estimator in TRAINED_BY_DECODE_CALIBRATION
-    n_gate = lim.page_gate_windows if trained else 0
-    n_sens = lim.sensitivity_prompts if lim.confidence is not None else 0
-    # one packing: the prompts first, then the windows beyond them: page_gate's training windows and
-    # (with confidence) the sensitivity windows, the same text where both are asked for (neither is
-    # judged: what matters is that the judged prompts are not read before they judge)
-    windows = pack_token_windows(
+    n_gate, n_sens, apart = _window_counts(lim)
+    # one packing: the prompts first, then the windows beyond them (`split_windows`)
+    packed = pack_token_windows(
         tokenizer,
         texts,
         length,
-        lim.n_prompts + max(n_gate, n_sens),
+        lim.n_prompts + (n_gate + n_sens if apart else max(n_gate, n_sens)),
         seed=seed + 11,
         min_length=max(8 * lim.page_size, length // 4),
     )
-    if not windows:
+    if not packed:
         raise ValueError(f"texts too short to calibrate decode on: need windows of {length} tokens")
-    windows, beyond = windows[: lim.n_prompts], windows[lim.n_prompts :]
-    gate_windows, sens_windows = beyond[:n_gate], beyond[:n_sens]
-    if trained and not gate_windows:
-        raise ValueError(
-            f"texts too short to train the decode page_gate: they fill {len(windows)} window(s) of "
-            f"{length} tokens, all taken by the calibration prompts; page_gate trains on "
-            f"{lim.page_gate_windows} more (give more text, or fewer decode.n_prompts)"
-        )
-    if len(sens_windows) < n_sens:
-        raise ValueError(
-            f"texts too short for decode.confidence: they fill {len(windows) + len(beyond)} window(s) "
-            f"of {length} tokens; the {lim.n_prompts} judged prompts come first, and the candidates' "
-            f"sensitivities need {n_sens} more (decode.sensitivity_prompts), read before the prompts "
-            "judge (give more text, fewer decode.n_prompts, or a shorter decode.prompt_tokens)"
-        )
+    windows, gate_windows, sens_windows = split_windows(packed, lim, length)
     dev = next(model.parameters()).device
     prompts = [torch.tensor([w], device=dev) for w in windows]
     smallest_be = None
@@ -527,6 +553,7 @@ def calibrate_decode(
         new_tokens=lim.new_tokens,
         n_prompts=len(prompts),
         sensitivity_prompts=len(sens_prompts),
+        sensitivity_apart=apart and bool(sens_prompts),
         seconds=secs,
         break_even=break_even,
         page_gate=gate_report,

@@ -406,6 +406,38 @@ def test_page_gate_calibration_needs_its_own_text_and_a_plan_to_train_into(tiny_
     bounded = DecodeLimits(**{**asdict(lim), **more})
     _, rep = calibrate_decode(model, tok, four_windows, "kl=5", base=SparsePlan(), limits=bounded)
     assert (rep.n_prompts, rep.sensitivity_prompts, rep.page_gate["windows"]) == (2, 2, 2)
+    assert not rep.sensitivity_apart
+    # apart from them, the sensitivities need 2 windows more than that text holds
+    apart = DecodeLimits(**{**asdict(bounded), "sensitivity_apart": True})
+    with pytest.raises(ValueError, match="judged prompts and page_gate's 2 training windows"):
+        calibrate_decode(model, tok, four_windows, "kl=5", base=SparsePlan(), limits=apart)
+    six_windows = [sample_text(8000)[:6700]]
+    _, rep = calibrate_decode(model, tok, six_windows, "kl=5", base=SparsePlan(), limits=apart)
+    assert (rep.n_prompts, rep.sensitivity_prompts, rep.page_gate["windows"]) == (2, 2, 2)
+    assert rep.sensitivity_apart
+
+
+def test_sensitivity_windows_are_the_gates_or_apart_from_them_never_the_prompts():
+    from sparse_core.decode.calibration import DecodeLimits, split_windows
+
+    packed = [[i] * 8 for i in range(7)]  # window i is all i
+
+    def firsts(windows):
+        return [w[0] for w in windows]
+
+    gate = dict(estimator="page_gate", prompt_tokens=64, n_prompts=3, page_gate_windows=2)
+    shared = DecodeLimits(**gate, confidence=0.5, max_joint_checks=1, sensitivity_prompts=2)
+    assert [firsts(x) for x in split_windows(packed, shared, 8)] == [[0, 1, 2], [3, 4], [3, 4]]
+    apart = DecodeLimits(**{**asdict(shared), "sensitivity_apart": True})
+    assert [firsts(x) for x in split_windows(packed, apart, 8)] == [[0, 1, 2], [3, 4], [5, 6]]
+    # a training-free scorer trains nothing: its sensitivity windows follow the prompts either way
+    quest = DecodeLimits(**{**asdict(apart), "estimator": "quest"})
+    assert [firsts(x) for x in split_windows(packed, quest, 8)] == [[0, 1, 2], [], [3, 4]]
+    # without a confidence the sensitivities come from the judged prompts themselves (no windows)
+    means = DecodeLimits(**{**asdict(apart), "confidence": None})
+    assert [firsts(x) for x in split_windows(packed, means, 8)] == [[0, 1, 2], [3, 4], []]
+    with pytest.raises(ValueError, match=r"fill 6 window\(s\) of 8 tokens; the 3 judged prompts and"):
+        split_windows(packed[:6], apart, 8)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
