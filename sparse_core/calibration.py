@@ -194,6 +194,10 @@ class CalibrationLimits:
     # what the allocation's eps bounds per head: "mass" (dense attention mass dropped, default) or
     # "output" (relative attention output error; `measure_sensitivities`)
     drop_measure: str = "mass"
+    # with a learned estimator among the candidates: the last N calibration windows are kept apart
+    # from its training (and early stopping), and every candidate's sensitivities come from them
+    # alone; 0: from every calibration window, the learned estimator's training windows included
+    sensitivity_windows: int = 0
     # task bound (budget.task_delta): rows of the calibration split scored per search step
     max_task_rows: int = 8
     max_new_tokens: int = 16
@@ -207,6 +211,8 @@ class CalibrationLimits:
             raise ValueError("holdout_fraction must be in (0, 1)")
         if not self.taus or any(not 0 < t < 1 for t in self.taus):
             raise ValueError("taus must be a non-empty list of values in (0, 1)")
+        if self.sensitivity_windows < 0:
+            raise ValueError(f"sensitivity_windows must be >= 0, got {self.sensitivity_windows}")
         if self.drop_measure not in DROP_MEASURES:
             raise ValueError(f"drop_measure must be one of {DROP_MEASURES}, got {self.drop_measure!r}")
         if self.confidence is not None and not 0 < self.confidence < 1:
@@ -266,6 +272,7 @@ class CalibrationReport:
     gate_training: dict | None = None
     n_calibration_windows: int = 0
     n_heldout_windows: int = 0
+    n_sensitivity_windows: int = 0  # of the calibration windows, those the sensitivities came from
     seq_len: int = 0
     data_fingerprint: str = ""
     seconds: dict = field(default_factory=dict)
@@ -611,15 +618,15 @@ def calibrate_many(
         local_blocks=lim.local_blocks,
         group_heads=lim.group_heads,
     )
+    learned = [n for n in available_estimators() if n in candidates and get_training_hook(n)]
+    fit_w, sens_w = _sensitivity_split(cal_w, lim.sensitivity_windows if learned else 0)
     trained: dict[str, tuple[dict, dict]] = {}  # estimator -> (its plan tensors, report), registry order
-    for name in (n for n in available_estimators() if n in candidates):
+    for name in learned:
         train = get_training_hook(name)
-        if train is None:
-            continue
         t0 = time.perf_counter()
-        # The last calibration window is the estimator's own early-stopping set, so the held-out
+        # The last window it may read is the estimator's own early-stopping set, so the held-out
         # windows that judge the budget never steer training.
-        train_w, stop_w = (cal_w[:-1], cal_w[-1:]) if len(cal_w) > 1 else (cal_w, [])
+        train_w, stop_w = (fit_w[:-1], fit_w[-1:]) if len(fit_w) > 1 else (fit_w, [])
         trained[name] = train(
             model,
             train_w,
@@ -646,7 +653,7 @@ def calibrate_many(
         secs["dense_task"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     sens_all = measure_sensitivities(
-        model, cal_w, base, lim.taus, candidates, progress, measure=lim.drop_measure
+        model, sens_w, base, lim.taus, candidates, progress, measure=lim.drop_measure
     )
     secs["sensitivity"] = time.perf_counter() - t0
     shared = dict(
@@ -677,6 +684,7 @@ def calibrate_many(
         )
         report.estimator, report.host = spec, host
         report.n_calibration_windows, report.n_heldout_windows = len(cal_w), len(held_w)
+        report.n_sensitivity_windows = len(sens_w)
         report.seq_len, report.data_fingerprint = lim.max_seq_len, fingerprint
         report.seconds = {**secs, "search": time.perf_counter() - t_spec}
         report.seconds["total"] = time.perf_counter() - t_start
@@ -716,6 +724,24 @@ def calibrate_many(
         report.plan_hash = plan.content_hash()
         results[spec] = (plan, report)
     return results
+
+
+def _sensitivity_split(cal_w: list, apart: int) -> tuple[list, list]:
+    """(the windows a learned estimator may train on, the windows the sensitivities come from).
+
+    `apart` > 0: the last `apart` calibration windows are the sensitivities' alone, so the error each
+    candidate's tau causes is measured on text no estimator was fitted to (a learned estimator fits
+    its own training windows best, and sensitivities read there would flatter it); 0: every window
+    serves both."""
+    if not apart:
+        return cal_w, cal_w
+    if len(cal_w) <= apart:
+        raise ValueError(
+            f"sensitivity_windows={apart}: the calibration texts fill {len(cal_w)} window(s), and the "
+            f"learned estimator needs at least one of its own beyond the {apart} kept apart for the "
+            "sensitivities (raise max_texts, give more text, or lower sensitivity_windows)"
+        )
+    return cal_w[:-apart], cal_w[-apart:]
 
 
 def _search_plan(

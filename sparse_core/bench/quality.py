@@ -60,6 +60,7 @@ class QualityBenchSettings:
     gate_steps: int = 200
     gate_target: str | None = None  # gate_v2: maxpool (default), mass or output
     drop_measure: str = "mass"  # CalibrationLimits.drop_measure: what the allocation's eps bounds
+    sensitivity_windows: int = 0  # CalibrationLimits.sensitivity_windows: kept apart from gate training
     heldout_tokens: int = 4096  # the bench's own held-out text per length (>= 1 window)
     speed: bool = True
     usecases: tuple[UseCaseData, ...] = field(default_factory=tuple)
@@ -118,6 +119,7 @@ def run_quality_bench(
             gate_steps=settings.gate_steps,
             gate_target=settings.gate_target,
             drop_measure=settings.drop_measure,
+            sensitivity_windows=settings.sensitivity_windows,
             max_task_rows=settings.max_task_rows,
             max_joint_checks=settings.max_joint_checks,
             confidence=settings.confidence,

@@ -165,6 +165,12 @@ def bench_quality(
         help="What the allocation's error level bounds per head: mass (dense attention mass dropped) | "
         "output (relative attention output error).",
     ),
+    sensitivity_windows: int = typer.Option(
+        0,
+        "--sensitivity-windows",
+        help="With a learned estimator: the last N calibration windows are kept apart from its training "
+        "and every estimator's sensitivities come from them (0 = all calibration windows).",
+    ),
     no_speed: bool = typer.Option(False, "--no-speed", help="Skip the prefill timing per plan."),
     out: JsonOut = "bench-results/quality.json",
     json_out: Annotated[bool, _json_flag("Print the JSON instead of tables.")] = False,
@@ -214,6 +220,9 @@ def bench_quality(
         kw["gate_steps"] = gate_steps
     if max_checks:
         kw["max_joint_checks"] = max_checks
+    if sensitivity_windows < 0:
+        fail(f"--sensitivity-windows: {sensitivity_windows} is negative")
+    kw["sensitivity_windows"] = sensitivity_windows
     if bound_unit not in BOUND_UNITS:
         fail(f"--bound-unit: {bound_unit!r}; choose {' or '.join(BOUND_UNITS)}")
     if confidence:

@@ -229,3 +229,26 @@ def test_each_plan_carries_only_the_weights_it_uses(quality_tiny, quality_texts)
     assert {k.split(".")[0] for k in out["gate"][0].tensors} == {"gate"}
     assert {k.split(".")[0] for k in out["gate_v2+pooled"][0].tensors} == {"gate_v2"}
     assert out["gate"][1].gate_training["steps"] == 5
+
+
+def test_sensitivities_can_come_from_windows_kept_apart_from_gate_training(quality_tiny, quality_texts):
+    model, tok = quality_tiny
+    lim = CalibrationLimits(
+        max_texts=5, max_seq_len=512, taus=(0.5, 0.9), max_joint_checks=2, gate_steps=3, sensitivity_windows=1
+    )
+    out = calibrate_many(model, tok, quality_texts, LOOSE, estimators=("pooled", "gate_v2"), limits=lim)
+    for spec in ("pooled", "gate_v2"):  # one call: every spec's sensitivities from the same window
+        rep = out[spec][1]
+        assert (rep.n_calibration_windows, rep.n_sensitivity_windows) == (4, 1)
+    # of the 3 windows left it trains on 2 and stops early on the third
+    assert out["gate_v2"][1].gate_training["n_sequences"] == 2
+    # nothing learned: every calibration window serves the sensitivities
+    ((_, free),) = calibrate_many(
+        model, tok, quality_texts, LOOSE, estimators=("pooled",), limits=lim
+    ).values()
+    assert (free.n_calibration_windows, free.n_sensitivity_windows) == (4, 4)
+    few = CalibrationLimits(**{**lim.__dict__, "sensitivity_windows": 4})
+    with pytest.raises(ValueError, match=r"sensitivity_windows=4: the calibration texts fill 4 window"):
+        calibrate_many(model, tok, quality_texts, LOOSE, estimators=("gate_v2",), limits=few)
+    with pytest.raises(ValueError, match="sensitivity_windows must be >= 0"):
+        CalibrationLimits(sensitivity_windows=-1)
