@@ -5,8 +5,11 @@ Search, built to stay cheap on 30 layers:
 1. Split the texts (deterministically, by seed) into calibration and held-out parts and pack each into
    token windows of `max_seq_len`.
 2. (learned estimators only) Train each on the calibration windows through its registry hook
-   (`sparse_core.estimators.get_training_hook`; the learned gates: `sparse_core.scorer_training`).
-3. Sensitivity, measured once: one dense forward per calibration window with a capture on every
+   (`sparse_core.estimators.get_training_hook`; the learned gates: `sparse_core.scorer_training`),
+   the last window it reads being its early-stopping set. With `limits.sensitivity_windows` = N the
+   last N calibration windows are kept apart from training, for step 3 alone.
+3. Sensitivity, measured once: one dense forward per calibration window (with
+   `limits.sensitivity_windows` and a learned candidate: per window kept apart) with a capture on every
    layer; the layer's dense block-mass map and, for each tau candidate, its selection are computed
    from the captured q/k (no extra forwards), giving per layer x selection head x tau the kept
    density and the dense attention mass the selection drops (`limits.drop_measure="output"`: the
@@ -701,6 +704,7 @@ def calibrate_many(
         plan.metadata["calibration"] = {
             "n_calibration_windows": len(cal_w),
             "n_heldout_windows": len(held_w),
+            "n_sensitivity_windows": len(sens_w),
             "seq_len": lim.max_seq_len,
             **plan.metadata["calibration"],
         }

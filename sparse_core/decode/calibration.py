@@ -28,7 +28,8 @@ a fidelity budget, measured on continuations the dense model generates after lon
    the search's guarantee (sparse_core.eps_search) holds for a candidate set fixed before the
    judging data is read, as prefill calibration's calibration / held-out split gives it. They are
    page_gate's training windows where it trains (no more text needed; its sensitivities there may
-   flatter it, which costs density at worst, since the judged prompts decide). Without `confidence`
+   flatter it, which costs density at worst, since the judged prompts decide), or with
+   `sensitivity_apart` the windows after them (more text). Without `confidence`
    the sensitivities come from the judged prompts themselves (their means are what is judged, and
    no level is claimed).
 5. Break-even: on this host, one attention layer of the model's shape at each budget the plan uses,

@@ -240,6 +240,7 @@ def test_sensitivities_can_come_from_windows_kept_apart_from_gate_training(quali
     for spec in ("pooled", "gate_v2"):  # one call: every spec's sensitivities from the same window
         rep = out[spec][1]
         assert (rep.n_calibration_windows, rep.n_sensitivity_windows) == (4, 1)
+        assert out[spec][0].metadata["calibration"]["n_sensitivity_windows"] == 1
     # of the 3 windows left it trains on 2 and stops early on the third
     assert out["gate_v2"][1].gate_training["n_sequences"] == 2
     # nothing learned: every calibration window serves the sensitivities
