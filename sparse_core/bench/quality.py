@@ -93,14 +93,23 @@ def _time_prefill(model, ids: Sequence[int]) -> float:
 
 
 def _ratios(rows: list[dict]) -> None:
-    """best training-free density / row density, among rows that met the budget."""
+    """best training-free density / row density, among rows that met the budget: planned (`density`,
+    what calibration predicts from its sensitivity windows) and measured (`measured_density`, on the
+    bench's held-out text, which no calibration step read). A learned estimator's planned density is
+    predicted on windows it was trained on unless `sensitivity_windows` keeps them apart, and reads
+    lower there than on new text (gate_v2 at 8k: 0.457 planned, 0.502 on calibration's own held-out
+    windows); the measured ratio is the one that does not flatter it."""
     training_free = available_estimators("training-free")
-    free = [r["density"] for r in rows if r["estimator"] in training_free and r["met_budget"]]
-    best = min(free) if free else None
-    for r in rows:
-        r["best_training_free_density"] = best
-        ok = best is not None and r["met_budget"] and r["density"] > 0
-        r["ratio_vs_best_training_free"] = best / r["density"] if ok else None
+    for key, best_key, ratio_key in (
+        ("density", "best_training_free_density", "ratio_vs_best_training_free"),
+        ("measured_density", "best_training_free_measured_density", "measured_ratio_vs_best_training_free"),
+    ):
+        free = [r[key] for r in rows if r["estimator"] in training_free and r["met_budget"]]
+        best = min(free) if free else None
+        for r in rows:
+            r[best_key] = best
+            ok = best is not None and r["met_budget"] and r[key] > 0
+            r[ratio_key] = best / r[key] if ok else None
 
 
 def run_quality_bench(

@@ -262,6 +262,7 @@ def bench_quality(
         "kl",
         "agree",
         "ratio_vs_best_training_free",
+        "measured_ratio_vs_best_training_free",
         "speedup",
         "dense_layers",
         "layer_estimators",
