@@ -736,11 +736,11 @@ def _sensitivity_split(cal_w: list, apart: int) -> tuple[list, list]:
     `apart` > 0: the last `apart` calibration windows are the sensitivities' alone, so the error each
     candidate's tau causes is measured on text no estimator was fitted to (a learned estimator fits
     its own training windows best, and sensitivities read there would flatter it); 0: every window
-    serves both."""
+    serves both. Raises BudgetError (a clear CLI error) when no window would be left to train on."""
     if not apart:
         return cal_w, cal_w
     if len(cal_w) <= apart:
-        raise ValueError(
+        raise BudgetError(
             f"sensitivity_windows={apart}: the calibration texts fill {len(cal_w)} window(s), and the "
             f"learned estimator needs at least one of its own beyond the {apart} kept apart for the "
             "sensitivities (raise max_texts, give more text, or lower sensitivity_windows)"
