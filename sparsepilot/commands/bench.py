@@ -168,6 +168,7 @@ def bench_quality(
     sensitivity_windows: int = typer.Option(
         0,
         "--sensitivity-windows",
+        min=0,
         help="With a learned estimator: the last N calibration windows are kept apart from its training "
         "and every estimator's sensitivities come from them (0 = all calibration windows).",
     ),
@@ -220,8 +221,6 @@ def bench_quality(
         kw["gate_steps"] = gate_steps
     if max_checks:
         kw["max_joint_checks"] = max_checks
-    if sensitivity_windows < 0:
-        fail(f"--sensitivity-windows: {sensitivity_windows} is negative")
     kw["sensitivity_windows"] = sensitivity_windows
     if bound_unit not in BOUND_UNITS:
         fail(f"--bound-unit: {bound_unit!r}; choose {' or '.join(BOUND_UNITS)}")

@@ -109,6 +109,10 @@ def test_an_unknown_drop_measure_or_gate_target_is_refused_before_any_work(sp_ho
         app, ["bench", "quality", "--quick", "--bound-unit", "window", "--out", str(bench_out)]
     )
     assert res.exit_code == 2 and "--bound-unit: needs --confidence" in res.output and not bench_out.exists()
+    res = runner.invoke(
+        app, ["bench", "quality", "--quick", "--sensitivity-windows", "-1", "--out", str(bench_out)]
+    )
+    assert res.exit_code == 2 and "--sensitivity-windows" in res.output and not bench_out.exists()
 
 
 def test_a_device_or_dtype_the_benchmarks_cannot_use_is_refused_before_any_work(sp_home, tmp_path) -> None:  # noqa: ANN001
