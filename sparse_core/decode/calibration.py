@@ -269,6 +269,13 @@ def _window_counts(lim: DecodeLimits) -> tuple[int, int, bool]:
     return n_gate, n_sens, lim.sensitivity_apart and n_gate > 0
 
 
+def windows_needed(lim: DecodeLimits) -> int:
+    """How many packed windows `split_windows` reads: the prompts, then page_gate's training windows
+    and the sensitivity windows, the same ones unless `sensitivity_apart`."""
+    n_gate, n_sens, apart = _window_counts(lim)
+    return lim.n_prompts + (n_gate + n_sens if apart else max(n_gate, n_sens))
+
+
 def split_windows(
     packed: list[list[int]], lim: DecodeLimits, length: int
 ) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
@@ -395,13 +402,12 @@ def calibrate_decode(
     secs: dict[str, float] = {}
     texts = [t for t in texts if isinstance(t, str) and t.strip()]
     trained = lim.estimator in TRAINED_BY_DECODE_CALIBRATION
-    n_gate, n_sens, apart = _window_counts(lim)
     # one packing: the prompts first, then the windows beyond them (`split_windows`)
     packed = pack_token_windows(
         tokenizer,
         texts,
         length,
-        lim.n_prompts + (n_gate + n_sens if apart else max(n_gate, n_sens)),
+        windows_needed(lim),
         seed=seed + 11,
         min_length=max(8 * lim.page_size, length // 4),
     )
@@ -554,7 +560,7 @@ def calibrate_decode(
         new_tokens=lim.new_tokens,
         n_prompts=len(prompts),
         sensitivity_prompts=len(sens_prompts),
-        sensitivity_apart=apart and bool(sens_prompts),
+        sensitivity_apart=lim.sensitivity_apart and trained and bool(sens_prompts),
         seconds=secs,
         break_even=break_even,
         page_gate=gate_report,

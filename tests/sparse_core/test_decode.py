@@ -418,7 +418,7 @@ def test_page_gate_calibration_needs_its_own_text_and_a_plan_to_train_into(tiny_
 
 
 def test_sensitivity_windows_are_the_gates_or_apart_from_them_never_the_prompts():
-    from sparse_core.decode.calibration import DecodeLimits, split_windows
+    from sparse_core.decode.calibration import DecodeLimits, split_windows, windows_needed
 
     packed = [[i] * 8 for i in range(7)]  # window i is all i
 
@@ -438,6 +438,8 @@ def test_sensitivity_windows_are_the_gates_or_apart_from_them_never_the_prompts(
     assert [firsts(x) for x in split_windows(packed, means, 8)] == [[0, 1, 2], [3, 4], []]
     with pytest.raises(ValueError, match=r"fill 6 window\(s\) of 8 tokens; the 3 judged prompts and"):
         split_windows(packed[:6], apart, 8)
+    # what calibration packs is what the split reads
+    assert [windows_needed(lim) for lim in (shared, apart, quest, means)] == [5, 7, 5, 5]
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
