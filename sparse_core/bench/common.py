@@ -39,19 +39,6 @@ def prefill_repeats(device: torch.device) -> int:
     return 1 if device.type == "cpu" else 5
 
 
-__all__ = [
-    "DEVICES",
-    "DTYPES",
-    "RunClock",
-    "bench_device",
-    "environment",
-    "prefill_repeats",
-    "pyplot",
-    "save_figure",
-    "synchronize",
-]
-
-
 def environment(load_before: list[float] | None = None) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     return {
@@ -102,3 +89,16 @@ def save_figure(fig: Any, path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     pyplot().close(fig)
     return path
+
+
+__all__ = [
+    "DEVICES",
+    "DTYPES",
+    "RunClock",
+    "bench_device",
+    "environment",
+    "prefill_repeats",
+    "pyplot",
+    "save_figure",
+    "synchronize",
+]
