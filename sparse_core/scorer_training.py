@@ -8,8 +8,9 @@ Two phases, both resumable from `checkpoint_dir`:
    block's contribution to the output error, `capture.block_attention_contribution`), then q/k/v
    are dropped. Only pooled tensors are kept (~0.5 MB per layer per 4k sequence), one safetensors
    file per sequence, so an interrupted capture restarts at the first missing sequence.
-2. train: Adam on the gate parameters only (the base model is frozen and never in the graph),
-   loss = KL(target || gate) averaged over heads and query blocks >= 1 (block 0 has one choice).
+2. train: Adam on the gate parameters only (the base model is frozen and never in the graph), on
+   the model's device (the pooled features are kept on the CPU between the phases), loss =
+   KL(target || gate) averaged over heads and query blocks >= 1 (block 0 has one choice).
    A checkpoint (gate + optimiser + step + losses) is written every `checkpoint_every` steps.
 """
 
@@ -76,6 +77,7 @@ class GateTrainReport:
     train_seconds: float = 0.0
     resumed_from_step: int = 0
     kept_step: int = 0  # the step whose weights were kept (early stopping on held-out loss)
+    device: str = "cpu"  # where the training phase ran: the model's device
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -168,6 +170,10 @@ def _load_features(path: Path) -> tuple[Features, int]:
     return feats, seq_len
 
 
+def _on_device(data: list[tuple[Features, int]], dev: torch.device) -> list[tuple[Features, int]]:
+    return [([tuple(x.to(dev) for x in layer) for layer in feats], s) for feats, s in data]
+
+
 def _mean_loss(gate, data: list[tuple[Features, int]]) -> float:
     if not data:
         return float("nan")
@@ -231,15 +237,17 @@ def train_gate(
             progress("capture", n_done, len(all_windows))
     capture_seconds = time.perf_counter() - t0
 
+    dev = next(model.parameters()).device
+    data, held = _on_device(data, dev), _on_device(held, dev)
     torch.manual_seed(cfg.seed)
-    gate = _new_gate(model, shape, cfg)
+    gate = _new_gate(model, shape, cfg).to(dev)  # initialised on the CPU: the same start on any device
     opt = torch.optim.Adam(gate.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start_step, curve = 0, []
     ckpt = ckdir / "gate_checkpoint.pt" if ckdir else None
     initial = _mean_loss(gate, data)
     initial_held = _mean_loss(gate, held) if held else None
     if ckpt and ckpt.is_file():
-        state = torch.load(ckpt, weights_only=True)
+        state = torch.load(ckpt, weights_only=True, map_location=dev)
         gate.load_state_dict(state["gate"])
         opt.load_state_dict(state["opt"])
         start_step, curve = int(state["step"]), list(state["curve"])
@@ -253,7 +261,7 @@ def train_gate(
     # overfit, so the weights with the lowest held-out loss seen at an evaluation point are kept.
     best = (initial_held, 0, {k: v.clone() for k, v in gate.state_dict().items()}) if held else None
     if best is not None and start_step and ckpt and ckpt.is_file():
-        st = torch.load(ckpt, weights_only=True)
+        st = torch.load(ckpt, weights_only=True, map_location=dev)
         if "best_state" in st:
             best = (float(st["best_loss"]), int(st["best_step"]), st["best_state"])
     for step in range(start_step, cfg.steps):
@@ -298,6 +306,7 @@ def train_gate(
         capture_seconds=capture_seconds,
         train_seconds=time.perf_counter() - t1,
         resumed_from_step=start_step,
+        device=str(dev),
     )
     return gate, report
 

@@ -5,13 +5,17 @@
 #   layer OUT            the CUDA kernel tests, then `bench attention` (random q/k/v: no model)
 #   model OUT GGUF       `bench prefill` (fp32 both kernels, then bf16 flex) and `bench quality
 #                        --quick` on SmolLM2 from the GGUF file
+#   apart OUT GGUF       (twenty-third session, docs/calibration.md) four `bench quality` runs at
+#                        once, densities only: 4k and 8k, each with 4 sensitivity windows kept
+#                        apart from the gate's training (10 windows) and with the same 4 shared
+#                        (6 windows); the gate trains on the GPU
 # Each command's console output goes to OUT/<name>.txt (its tail also to stdout), its JSON/PNG/log
 # next to it, and all of it to OUT/<phase>.tgz. PYTHON picks the interpreter; LIMIT caps each
 # command in seconds (default 420). These benchmarks need none of MLflow, Prefect, Great
 # Expectations, SQLAlchemy, Alembic, psycopg or Streamlit: they ran on a GPU image that had none of
 # them, with pydantic, cronsim and gguf carried as wheels on PYTHONPATH.
 set -uo pipefail
-phase=${1:?layer or model} out=${2:?output directory}
+phase=${1:?layer, model or apart} out=${2:?output directory}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 py=${PYTHON:-python3}
@@ -48,8 +52,26 @@ model)
         --out "$out/prefill_bf16.json"
     step quality "$py" -m sparsepilot bench quality --quick --device cuda --out "$out/quality.json"
     ;;
+apart)
+    gguf=${3:?the SmolLM2 GGUF file}
+    dir=$SPARSEPILOT_HOME/cache/models/smollm2-135m
+    mkdir -p "$dir" && cp "$gguf" "$dir/"
+    # convert the GGUF once, before four runs share the cache
+    "$py" -c "from sparse_core.loading import ensure_builtin; ensure_builtin('smollm2-135m')" || exit 1
+    export OMP_NUM_THREADS=4
+    for len in 8192 4096; do
+        for split in apart4:10:4 shared4:6:0; do
+            IFS=: read -r name texts sens <<<"$split"
+            step "${name}_$len" "$py" -m sparsepilot bench quality --quick --lengths "$len" --usecases none \
+                --no-speed --confidence 0.95 --drop-measure output --estimators antidiagonal,gate_v2,oracle \
+                --max-texts "$texts" --sensitivity-windows "$sens" --device cuda \
+                --plans "$out/plans_${name}_$len" --out "$out/${name}_$len.json" &
+        done
+    done
+    wait
+    ;;
 *)
-    echo "unknown phase $phase (layer or model)" >&2
+    echo "unknown phase $phase (layer, model or apart)" >&2
     exit 2
     ;;
 esac

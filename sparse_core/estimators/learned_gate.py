@@ -145,7 +145,7 @@ class BlockGate(nn.Module):
         out = {}
         for i, layer in enumerate(self.layers):
             for name, p in layer.named_parameters():
-                out[f"{TENSOR_PREFIX}.{i}.{name}"] = p.detach().clone().contiguous()
+                out[f"{TENSOR_PREFIX}.{i}.{name}"] = p.detach().cpu().clone().contiguous()
         return out
 
     @classmethod

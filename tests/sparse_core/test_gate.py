@@ -25,7 +25,7 @@ def test_distillation_lowers_loss(quality_tiny, windows):
     model, _ = quality_tiny
     before = [p.detach().clone() for p in model.parameters()]
     gate, rep = train_gate(model, windows, GateTrainConfig(steps=60, seed=0))
-    assert rep.n_sequences == 3 and rep.steps == 60
+    assert rep.n_sequences == 3 and rep.steps == 60 and rep.device == "cpu"
     assert rep.final_loss < 0.8 * rep.initial_loss
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True)), (
         "base weights changed"
@@ -50,6 +50,26 @@ def test_training_resumes_from_checkpoint(quality_tiny, windows, tmp_path):
         train_gate(model, windows[1:], cfg)  # other data, same dir: refused
     meta = json.loads((ck / "run.json").read_text())
     assert meta["steps"] == 20
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", ["gate", "gate_v2"])
+def test_training_runs_on_the_models_device(quality_tiny, windows, kind):
+    """On a GPU (the device check; CI has none) a gate trains where the model is, from the same
+    initial weights as on the CPU, to about the same loss; its plan tensors come back on the CPU."""
+    import copy
+
+    model, _ = quality_tiny
+    cfg = GateTrainConfig(steps=30, seed=0, kind=kind)
+    g_cpu, r_cpu = train_gate(model, windows, cfg)
+    g_gpu, r_gpu = train_gate(copy.deepcopy(model).cuda(), windows, cfg)
+    assert r_gpu.device.startswith("cuda") and r_cpu.device == "cpu"
+    assert all(p.is_cuda for p in g_gpu.parameters())
+    assert r_gpu.initial_loss == pytest.approx(r_cpu.initial_loss, rel=1e-3)
+    assert r_gpu.final_loss < 0.5 * r_gpu.initial_loss
+    assert r_gpu.final_loss == pytest.approx(r_cpu.final_loss, rel=0.05)
+    tensors = g_gpu.to_tensors()
+    assert tensors and all(t.device.type == "cpu" for t in tensors.values())
 
 
 def test_gate_estimator_is_a_valid_block_distribution(quality_tiny, windows):
