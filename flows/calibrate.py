@@ -42,7 +42,8 @@ def validate_dataset(ctx: UseCaseContext) -> dict[str, Any]:
 
 def limits_for(ctx: UseCaseContext, quick: bool, overrides: dict[str, Any] | None) -> dict[str, Any]:
     """Calibration limits from the spec (quick: the cheap settings of the main job, never looser than
-    the spec's own; with a `confidence` quick keeps the spec's windows, which its bound was checked on)."""
+    the spec's own; with a `confidence` or `sensitivity_windows` quick keeps the spec's windows, which
+    the spec was checked to have enough of for the bound and for the windows kept apart)."""
     c = ctx.spec.quality_budget.calibration
     lim: dict[str, Any] = {
         "max_texts": c.max_texts,
@@ -53,8 +54,12 @@ def limits_for(ctx: UseCaseContext, quick: bool, overrides: dict[str, Any] | Non
         lim["drop_measure"] = c.drop_measure
     if c.confidence is not None:  # likewise an unset confidence
         lim.update(confidence=c.confidence, bound_unit=c.bound_unit)
+    if c.sensitivity_windows:  # and no windows kept apart
+        lim["sensitivity_windows"] = c.sensitivity_windows
     if quick:
-        if c.confidence is None:  # a bound keeps the spec's windows: the held-out ones are its units
+        # a bound keeps the spec's windows (the held-out ones are its units), and so do windows kept
+        # apart (quick's 2 calibration windows would leave the learned estimator none of its own)
+        if c.confidence is None and not c.sensitivity_windows:
             lim.update(
                 {
                     # 2 calibration windows + 1 held out; windows up to 2k tokens: at 1k the plans come

@@ -117,6 +117,27 @@ class CalibrationSettings(_Strict):
     confidence: Annotated[float, Field(gt=0, lt=1)] | None = None
     # the bound's unit (sparse_core.prefill_bound): a block of 256 scored positions, or a held-out window
     bound_unit: Literal["block", "window"] = "block"
+    # with a learned estimator: the last N calibration windows are kept apart from its training and
+    # every candidate's sensitivities come from them (sparse_core CalibrationLimits.sensitivity_windows);
+    # 0: every calibration window serves both
+    sensitivity_windows: Annotated[int, Field(ge=0, le=64)] = 0
+
+    @model_validator(mode="after")
+    def _windows_left_to_train_on(self) -> CalibrationSettings:
+        if not self.sensitivity_windows:
+            return self
+        from sparse_core import prefill_bound as pb  # torch-free
+
+        held = pb.heldout_windows(self.max_texts, self.holdout_fraction)
+        calib = self.max_texts - held
+        if calib <= self.sensitivity_windows:
+            raise ValueError(
+                f"calibration.sensitivity_windows {self.sensitivity_windows}: max_texts {self.max_texts} "
+                f"less the {held} held out (holdout_fraction {self.holdout_fraction:g}) leaves {calib} "
+                "calibration window(s), and a learned estimator needs at least one of its own beyond "
+                "those kept apart (raise max_texts or lower sensitivity_windows)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _enough_heldout_for_the_bound(self) -> CalibrationSettings:
@@ -397,6 +418,7 @@ _ADDED_LATER: dict[tuple[str, ...], Any] = {
     ("quality_budget", "decode", "sensitivity_prompts"): 2,
     ("quality_budget", "calibration", "confidence"): None,
     ("quality_budget", "calibration", "bound_unit"): "block",
+    ("quality_budget", "calibration", "sensitivity_windows"): 0,
 }
 
 

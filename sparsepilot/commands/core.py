@@ -209,6 +209,15 @@ def calibrate_cmd(
             help="what the allocation bounds per head: mass (default) | output (attention output error)",
         ),
     ] = None,
+    sensitivity_windows: Annotated[
+        int | None,
+        typer.Option(
+            "--sensitivity-windows",
+            min=0,
+            help="with a learned estimator: the last N calibration windows are kept apart from its "
+            "training and every candidate's sensitivities come from them (default 0: all windows)",
+        ),
+    ] = None,
     quick: Annotated[bool, typer.Option("--quick", help="cheap settings (few short windows)")] = False,
     dataset: Annotated[
         Path | None, typer.Option("--dataset", help="JSONL prompt/reference rows for the task bound")
@@ -252,6 +261,7 @@ def calibrate_cmd(
         confidence=confidence,
         drop_measure=drop_measure,
         bound_unit=bound_unit,
+        sensitivity_windows=sensitivity_windows,
     )
     if bound_unit is not None and confidence is None:
         fail("--bound-unit: needs --confidence (the bound it is the unit of)")

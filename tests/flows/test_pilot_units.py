@@ -122,6 +122,34 @@ def test_calibrate_flow_takes_the_specs_drop_measure_and_keeps_old_run_keys() ->
         assert CalibrationLimits(**limits("output", quick)).drop_measure == "output"
 
 
+def test_calibrate_flow_takes_the_specs_sensitivity_windows_and_keeps_its_windows() -> None:
+    """quality_budget.calibration.sensitivity_windows reaches CalibrationLimits; unset, the run's
+    settings (its idempotency key) are as before; quick mode keeps the spec's windows then, since
+    quick's 2 calibration windows would leave the learned estimator none of its own."""
+    from pathlib import Path
+
+    from flows.calibrate import limits_for
+    from flows.common import UseCaseContext
+    from rollout.spec import parse_spec
+    from sparse_core.calibration import CalibrationLimits
+    from tests.rollout.usecase_helpers import example_spec
+
+    def limits(quick: bool, **cal: object) -> dict:
+        data = example_spec("docs-qa")
+        data["quality_budget"].setdefault("calibration", {}).update(cal)
+        spec = parse_spec(data)
+        ctx = UseCaseContext("docs-qa", 1, spec, 1, spec.content_hash(), Path("x.jsonl"), [])
+        return limits_for(ctx, quick, None)
+
+    for quick in (False, True):
+        assert "sensitivity_windows" not in limits(quick)
+        assert limits(quick, sensitivity_windows=0) == limits(quick)
+        lim = CalibrationLimits(**limits(quick, sensitivity_windows=4))
+        assert lim.sensitivity_windows == 4
+        assert (lim.max_texts, lim.max_seq_len, lim.heldout_windows) == (8, 3072, 2)
+    assert limits(True, sensitivity_windows=4)["max_joint_checks"] == 3  # the rest of quick still applies
+
+
 def test_calibrate_flow_takes_the_specs_decode_confidence_and_keeps_old_run_keys() -> None:
     from pathlib import Path
 

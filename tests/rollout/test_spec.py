@@ -212,6 +212,31 @@ def test_drop_measure_is_a_calibration_setting_that_keeps_old_hashes() -> None:
     assert len(problems) == 1 and "quality_budget.calibration.drop_measure" in problems[0]
 
 
+def test_sensitivity_windows_keep_old_hashes_and_are_refused_when_the_gate_would_have_none() -> None:
+    """quality_budget.calibration.sensitivity_windows: unset or 0, the stored spec (and its hash) is as
+    before; set, it is stored; a number that leaves a learned estimator no calibration window of its
+    own is refused when the spec is read, naming the setting and the windows (docs-qa: 8 texts, 2 held
+    out, 6 calibrate)."""
+
+    def cal(**kw) -> dict:  # noqa: ANN003
+        return _mutated(lambda d: d["quality_budget"].setdefault("calibration", {}).update(**kw))
+
+    default = parse_spec(example_spec("docs-qa"))
+    assert default.quality_budget.calibration.sensitivity_windows == 0
+    assert "sensitivity_windows" not in default.to_dict()["quality_budget"]["calibration"]
+    assert parse_spec(cal(sensitivity_windows=0)).content_hash() == default.content_hash()
+    apart = parse_spec(cal(sensitivity_windows=4))
+    assert apart.content_hash() != default.content_hash()
+    assert apart.to_dict()["quality_budget"]["calibration"]["sensitivity_windows"] == 4
+    assert UseCaseSpec.model_validate(apart.to_dict()) == apart
+    assert parse_spec(cal(sensitivity_windows=5)).quality_budget.calibration.sensitivity_windows == 5
+    (problem,) = _problems(cal(sensitivity_windows=6))
+    assert "calibration.sensitivity_windows 6: max_texts 8 less the 2 held out" in problem
+    assert "leaves 6 calibration window(s)" in problem and "raise max_texts" in problem
+    (problem,) = _problems(cal(sensitivity_windows=-1))
+    assert "quality_budget.calibration.sensitivity_windows" in problem
+
+
 def test_a_calibration_confidence_keeps_old_hashes_and_is_refused_without_the_held_out_units() -> None:
     """quality_budget.calibration.confidence / bound_unit: unset, the stored spec (and its hash) is as
     before; set, a geometry whose held-out windows cannot give a finite bound is refused when the spec

@@ -95,6 +95,8 @@ def test_an_unknown_drop_measure_or_gate_target_is_refused_before_any_work(sp_ho
     assert res.exit_code == 2 and "--bound-unit" in res.output and "'block', 'window'" in res.output
     res = runner.invoke(app, [*args, "--bound-unit", "window"])
     assert res.exit_code == 2 and "--bound-unit: needs --confidence" in res.output and not out.exists()
+    res = runner.invoke(app, [*args, "--sensitivity-windows", "-1"])
+    assert res.exit_code == 2 and "--sensitivity-windows" in res.output and not out.exists()
     bench_out = tmp_path / "quality.json"
     for option, choices in (("--drop-measure", "mass or output"), ("--gate-target", "maxpool, mass, output")):
         res = runner.invoke(app, ["bench", "quality", "--quick", option, "entropy", "--out", str(bench_out)])
@@ -158,3 +160,28 @@ def test_calibrate_with_a_window_unit_shows_what_the_budget_was_judged_on(
     fid = json.loads((out / "plan.json").read_text())["metadata"]["fidelity"]
     assert (fid["bound_unit"], fid["bound_units"], fid["confidence"]) == ("window", 9, 0.95)
     assert fid["agree_lower"] <= fid["agree"] and fid["kl_upper"] >= fid["kl"]
+
+
+def test_calibrate_keeps_the_sensitivity_windows_apart_from_the_gates_training(
+    sp_home, tiny_llama_dir, tmp_path
+) -> None:  # noqa: ANN001
+    """calibrate --sensitivity-windows N on the tiny model: the plan records that its sensitivities
+    came from N windows of the calibration's (quick, 6 windows of 256 tokens: 2 held out, 4 calibrate:
+    the gate trains on 2 + stops early on 1 and the sensitivities read the last 1); N leaving the gate
+    no window of its own is a one-line error before any training, exit 2, nothing written."""
+    import json
+
+    runner = CliRunner()
+    out = tmp_path / "plan"
+    args = ["calibrate", "--model", str(tiny_llama_dir), "--texts", "stdlib", "--quick", "--seq-len", "256"]
+    args += ["--max-texts", "6", "--estimator", "gate_v2", "--gate-steps", "3"]
+    args += ["--budget", "kl=0.05,agree=0.9", "--out", str(out)]
+    res = runner.invoke(app, [*args, "--sensitivity-windows", "1"])
+    assert res.exit_code == 0, res.output
+    cal = json.loads((out / "plan.json").read_text())["metadata"]["calibration"]
+    assert (cal["n_calibration_windows"], cal["n_sensitivity_windows"]) == (4, 1)
+    other = tmp_path / "other"
+    res = runner.invoke(app, [*args[:-1], str(other), "--sensitivity-windows", "4"])
+    assert res.exit_code == 2, res.output
+    assert "sensitivity_windows=4: the calibration texts fill 4 window(s)" in " ".join(res.output.split())
+    assert not other.exists()
