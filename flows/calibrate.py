@@ -173,6 +173,7 @@ def _flat_metrics(report: dict[str, Any]) -> dict[str, float]:
     out = {
         "density": report.get("density"),
         "predicted_density": report.get("predicted_density"),
+        "measured_density": report.get("measured_density"),  # on the held-out windows
         "kl": fid.get("kl"),
         "agree": fid.get("agree"),
         "nll_delta": fid.get("nll_delta"),

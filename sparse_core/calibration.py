@@ -265,7 +265,7 @@ class CalibrationReport:
     budget: dict
     met_budget: bool  # a sparse (not all-dense) plan met the budget
     fidelity: dict  # held-out fidelity of the returned plan
-    density: float  # mean fraction of causal blocks kept over layers (dense layers count 1.0)
+    density: float  # mean fraction of causal blocks kept over layers (dense layers count 1.0): planned
     predicted_density: float
     layer_density: list[float]
     head_density: list[list[float]]
@@ -284,6 +284,10 @@ class CalibrationReport:
     task: dict | None = None  # task bound: rows, dense score, the plan's task_delta
     decode: dict | None = None  # sparse_core.decode.calibration report, when decode was calibrated
     host: dict | None = None  # the thread policy calibration ran under (sparse_core.host)
+    # what the plan kept on the held-out windows (its search step's; 1.0 all-dense), beside the planned
+    # `density` from the sensitivity windows: new text moves it a few percent, a learned estimator's
+    # more when the sensitivities came from its own training windows (docs/calibration.md)
+    measured_density: float | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -900,6 +904,7 @@ def _search_plan(
         fidelity=judged_dict(fid, lim.confidence, step_confidence, unit),
         density=density,
         predicted_density=predicted,
+        measured_density=measured,
         layer_density=layer_density,
         head_density=head_density,
         dense_layers=list(plan.dense_layers),

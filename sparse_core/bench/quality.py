@@ -165,6 +165,7 @@ def run_quality_bench(
             "estimator": spec,
             "met_budget": rep.met_budget,
             "density": rep.density,
+            "calib_measured_density": rep.measured_density,  # on calibration's own held-out windows
             "calib_kl": rep.fidelity["kl"],
             "calib_agree": rep.fidelity["agree"],
             # with settings.confidence: the search's bounds, at its per-step level (calib_step_confidence);

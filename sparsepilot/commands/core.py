@@ -327,6 +327,7 @@ def calibrate_cmd(
                 "budget": budget,
                 "met": report.met_budget,
                 "density": report.density,
+                "held-out density": report.measured_density,
                 "kl": fid["kl"],
                 "agree": fid["agree"],
                 "nll_delta": fid["nll_delta"],

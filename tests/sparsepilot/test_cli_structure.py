@@ -178,8 +178,12 @@ def test_calibrate_keeps_the_sensitivity_windows_apart_from_the_gates_training(
     args += ["--budget", "kl=0.05,agree=0.9", "--out", str(out)]
     res = runner.invoke(app, [*args, "--sensitivity-windows", "1"])
     assert res.exit_code == 0, res.output
-    cal = json.loads((out / "plan.json").read_text())["metadata"]["calibration"]
+    meta = json.loads((out / "plan.json").read_text())["metadata"]
+    cal = meta["calibration"]
     assert (cal["n_calibration_windows"], cal["n_sensitivity_windows"]) == (4, 1)
+    # the report gives what the plan kept on the held-out windows beside the planned density
+    rep = json.loads((out / "calibration_report.json").read_text())
+    assert rep["measured_density"] == meta["measured_density"] and 0 < rep["measured_density"] <= 1
     other = tmp_path / "other"
     res = runner.invoke(app, [*args[:-1], str(other), "--sensitivity-windows", "4"])
     assert res.exit_code == 2, res.output
