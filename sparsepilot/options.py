@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON")]
 UseCaseArg = Annotated[str, typer.Argument(help="use case NAME")]
 ReasonOpt = Annotated[str, typer.Option("--reason", help="why (kept in the audit log)")]
+DeviceOpt = Annotated[
+    str, typer.Option("--device", help="auto (CUDA when torch sees a device, else the CPU) | cpu | cuda.")
+]
+
+
+def device_or_fail(name: str) -> Any:
+    """--device -> torch.device, or exit 2 naming the option (cuda without a CUDA device is refused,
+    never a silent CPU run)."""
+    from sparse_core.bench.common import bench_device
+    from sparsepilot.console import fail
+
+    try:
+        return bench_device(name)
+    except ValueError as exc:
+        fail(f"--device: {exc}")

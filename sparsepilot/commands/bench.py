@@ -12,6 +12,7 @@ import typer
 
 from sparse_core.decode.plan import DECODE_ESTIMATORS, TRAINED_BY_DECODE_CALIBRATION
 from sparse_core.estimators import available_estimators
+from sparsepilot.options import DeviceOpt, device_or_fail
 from sparsepilot.quiet import for_command
 
 # Options several benchmarks share (each command gives its own default)
@@ -19,9 +20,6 @@ ModelRef = Annotated[str, typer.Option("--model", help="Model ref.")]
 Kernels = Annotated[str, typer.Option("--kernels", help="Comma-separated: gather, flex.")]
 JsonOut = Annotated[str, typer.Option("--out", help="Where to write the JSON.")]
 JsonPngOut = Annotated[str, typer.Option("--out", help="JSON path; the PNG goes next to it.")]
-Device = Annotated[
-    str, typer.Option("--device", help="auto (CUDA when torch sees a device, else the CPU) | cpu | cuda.")
-]
 
 
 def _untrained() -> list[str]:
@@ -176,7 +174,7 @@ def bench_quality(
     out: JsonOut = "bench-results/quality.json",
     json_out: Annotated[bool, _json_flag("Print the JSON instead of tables.")] = False,
     plans: str = typer.Option("", "--plans", help="Save every calibrated plan under DIR/<length>/<spec>."),
-    device: Device = "auto",
+    device: DeviceOpt = "auto",
 ) -> None:
     """Every block estimator at the same budget: density reached, held-out KL / agreement, prefill
     speed-up, ratio vs the best training-free estimator; per use case the task-score delta."""
@@ -207,7 +205,7 @@ def bench_quality(
         estimators=names,
         speed=not no_speed,
         drop_measure=drop_measure,
-        device=str(_device_or_fail(device)),
+        device=str(device_or_fail(device)),
     )
     try:
         if lengths:  # 'none': only the use cases
@@ -324,7 +322,7 @@ def bench_attention(
     ),
     out: JsonPngOut = "bench-results/attention.json",
     json_out: Annotated[bool, _json_flag("Print the JSON after the table.")] = False,
-    device: Device = "auto",
+    device: DeviceOpt = "auto",
     selection: str = typer.Option(
         "auto",
         "--selection",
@@ -354,7 +352,7 @@ def bench_attention(
     length_list = _int_list("--lengths", lengths) if lengths else None
     if length_list and min(length_list) <= block_size:
         fail(f"--lengths: each must exceed --block-size {block_size} (one block is dense), got {lengths!r}")
-    dev = _device_or_fail(device)
+    dev = device_or_fail(device)
     result = _with_spinner(
         "attention benchmark",
         bench.run,
@@ -390,7 +388,7 @@ def bench_prefill(
     kernels: Kernels = "gather,flex",
     out: JsonPngOut = "bench-results/prefill.json",
     json_out: Annotated[bool, _json_flag("Print the JSON after the table.")] = False,
-    device: Device = "auto",
+    device: DeviceOpt = "auto",
     repeats: int = typer.Option(
         0, "--repeats", help="Timed prefills per point, the best kept (0 = 1 on the CPU, 5 on CUDA)."
     ),
@@ -415,7 +413,7 @@ def bench_prefill(
         fail(f"--repeats must be >= 0, got {repeats}")
     if dtype not in bench.DTYPES:
         fail(f"--dtype: {dtype!r}; choose from {', '.join(bench.DTYPES)}")
-    dev = _device_or_fail(device)
+    dev = device_or_fail(device)
     from sparse_core import ModelRefError
 
     try:
@@ -444,17 +442,6 @@ def bench_prefill(
     )
     if json_out:
         emit_json(result)
-
-
-def _device_or_fail(name: str) -> Any:
-    """--device -> torch.device, or exit 2 naming the option."""
-    from sparse_core.bench.common import bench_device
-    from sparsepilot.console import fail
-
-    try:
-        return bench_device(name)
-    except ValueError as exc:
-        fail(f"--device: {exc}")
 
 
 def _where(env: dict, dev: Any) -> str:

@@ -19,6 +19,7 @@ import typer
 
 from sparse_core.estimators import available_estimators
 from sparsepilot.console import console, emit_json, err_console, fail, print_table
+from sparsepilot.options import DeviceOpt, device_or_fail
 
 app = typer.Typer()
 
@@ -127,11 +128,11 @@ def _progress():
         yield update
 
 
-def _load(model_ref: str):
+def _load(model_ref: str, device: Any = None):
     from sparse_core import ModelRefError, load_model
 
     try:
-        return load_model(model_ref)
+        return load_model(model_ref, device=device)
     except ModelRefError as exc:
         fail(str(exc))
 
@@ -219,6 +220,7 @@ def calibrate_cmd(
         ),
     ] = None,
     quick: Annotated[bool, typer.Option("--quick", help="cheap settings (few short windows)")] = False,
+    device: DeviceOpt = "auto",
     dataset: Annotated[
         Path | None, typer.Option("--dataset", help="JSONL prompt/reference rows for the task bound")
     ] = None,
@@ -284,7 +286,7 @@ def calibrate_cmd(
         fail("--budget task=... and --texts dataset need --dataset FILE")
     corpus = [r.prompt for r in rows] if texts == "dataset" else read_texts(texts)
     cal_rows, held_rows = _split_rows(rows, limits.holdout_fraction, seed) if rows else ([], [])
-    m, tok = _load(model)
+    m, tok = _load(model, device_or_fail(device))
     if limits.max_seq_len > int(getattr(m.config, "max_position_embeddings", limits.max_seq_len)):
         fail(
             f"--seq-len {limits.max_seq_len} exceeds the model's context ({m.config.max_position_embeddings})"
@@ -314,6 +316,7 @@ def calibrate_cmd(
         fail(str(exc))
     rep = report.to_dict()
     rep["model_ref"] = model
+    rep["device"] = str(next(m.parameters()).device)
     digest = _write_plan_dir(plan, out, m.config, rep)
     if json_out:
         emit_json(rep)
@@ -400,6 +403,7 @@ def evaluate_cmd(
     report_out: Annotated[Path | None, typer.Option("--out", help="write the report JSON here")] = None,
     quick: Annotated[bool, typer.Option("--quick")] = False,
     thorough: Annotated[bool, typer.Option("--thorough")] = False,
+    device: DeviceOpt = "auto",
     json_out: ReportJson = False,
 ) -> None:
     """Use-case form (NAME): quality and speed vs dense on the use case's data, ROI with its interval.
@@ -450,7 +454,7 @@ def evaluate_cmd(
         kw["dataset"] = str(dataset)
     kw["task"] = task
     suite = EvalSuite.quick(**kw) if quick else EvalSuite.thorough(**kw) if thorough else EvalSuite(**kw)
-    m, tok = _load(model)
+    m, tok = _load(model, device_or_fail(device))
     try:
         p = plan_io.load(plan, config=m.config)
     except PlanError as exc:

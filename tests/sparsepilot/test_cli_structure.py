@@ -135,6 +135,20 @@ def test_a_device_or_dtype_the_benchmarks_cannot_use_is_refused_before_any_work(
     res = runner.invoke(app, ["bench", "prefill", "--quick", "--dtype", "fp16", "--out", str(out)])
     assert res.exit_code == 2 and "--dtype: 'fp16'; choose from fp32, bf16" in res.output, res.output
     assert not out.exists()
+    # the standalone calibrate and evaluate load the model where --device says, checked likewise
+    plan = tmp_path / "plan"
+    standalone = (
+        ["calibrate", "--model", "smollm2-135m", "--texts", "stdlib", "--out", str(plan)],
+        ["evaluate", "--model", "smollm2-135m", "--plan", str(plan), "--out", str(out)],
+    )
+    for args in standalone:
+        res = runner.invoke(app, [*args, "--device", "tpu"])
+        assert res.exit_code == 2, res.output
+        assert "--device: device 'tpu': choose one of auto, cpu, cuda" in " ".join(res.output.split())
+        if not torch.cuda.is_available():
+            res = runner.invoke(app, [*args, "--device", "cuda"])
+            assert res.exit_code == 2 and "torch sees no CUDA device" in res.output, res.output
+    assert not plan.exists() and not out.exists()
 
 
 def test_calibrate_with_a_window_unit_shows_what_the_budget_was_judged_on(
@@ -171,6 +185,8 @@ def test_calibrate_keeps_the_sensitivity_windows_apart_from_the_gates_training(
     no window of its own is a one-line error before any training, exit 2, nothing written."""
     import json
 
+    import torch
+
     runner = CliRunner()
     out = tmp_path / "plan"
     args = ["calibrate", "--model", str(tiny_llama_dir), "--texts", "stdlib", "--quick", "--seq-len", "256"]
@@ -184,6 +200,7 @@ def test_calibrate_keeps_the_sensitivity_windows_apart_from_the_gates_training(
     # the report gives what the plan kept on the held-out windows beside the planned density
     rep = json.loads((out / "calibration_report.json").read_text())
     assert rep["measured_density"] == meta["measured_density"] and 0 < rep["measured_density"] <= 1
+    assert rep["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")  # --device auto
     other = tmp_path / "other"
     res = runner.invoke(app, [*args[:-1], str(other), "--sensitivity-windows", "4"])
     assert res.exit_code == 2, res.output
