@@ -79,9 +79,11 @@ def limits_for(ctx: UseCaseContext, quick: bool, overrides: dict[str, Any] | Non
         )
     d = ctx.spec.quality_budget.decode
     if d is not None:  # sparse decode: a decode budget calibrated on generated continuations
-        # an unset confidence (and the sensitivity windows only it reads) stays out of the settings, so
-        # earlier runs' keys hold
-        unset = {"confidence", "sensitivity_prompts"} if d.confidence is None else None
+        # an unset confidence (and the sensitivity windows only it reads) stays out of the settings, and
+        # so does windows apart left off, so earlier runs' keys hold
+        unset = {"confidence", "sensitivity_prompts"} if d.confidence is None else set()
+        if not d.sensitivity_apart:
+            unset.add("sensitivity_apart")
         lim["decode"] = d.model_dump(exclude=unset)
         if quick and d.confidence is None:  # fewer, shorter continuations, but after prompts of the
             # use case's own length: budgets found at 1k tokens were too sparse at docs-qa's 3k

@@ -177,6 +177,9 @@ class DecodeCalibration(_Strict):
     confidence: Annotated[float, Field(gt=0, lt=1)] | None = None
     # with confidence: windows beyond the judged prompts the candidates' sensitivities come from
     sensitivity_prompts: Annotated[int, Field(ge=1, le=16)] = 2
+    # with confidence and a scorer decode calibration trains (page_gate): those windows come after its
+    # training windows instead of being them (sparse_core DecodeLimits.sensitivity_apart)
+    sensitivity_apart: bool = False
 
     @field_validator("estimator")
     @classmethod
@@ -194,6 +197,24 @@ class DecodeCalibration(_Strict):
             from sparse_core.decode.bound import check_prompts  # torch-free
 
             check_prompts(self.confidence, self.n_prompts)
+        return self
+
+    @model_validator(mode="after")
+    def _apart_from_a_trained_scorer(self) -> DecodeCalibration:
+        if not self.sensitivity_apart:
+            return self
+        from sparse_core.decode.plan import TRAINED_BY_DECODE_CALIBRATION  # torch-free
+
+        if self.confidence is None:
+            raise ValueError(
+                "decode.sensitivity_apart needs decode.confidence (only a bound reads sensitivity windows)"
+            )
+        if self.estimator not in TRAINED_BY_DECODE_CALIBRATION:
+            raise ValueError(
+                f"decode.sensitivity_apart keeps the sensitivity windows apart from the training of a "
+                f"scorer decode calibration trains ({', '.join(TRAINED_BY_DECODE_CALIBRATION)}); "
+                f"{self.estimator!r} trains on none"
+            )
         return self
 
 
@@ -419,6 +440,7 @@ _ADDED_LATER: dict[tuple[str, ...], Any] = {
     ("quality_budget", "calibration", "confidence"): None,
     ("quality_budget", "calibration", "bound_unit"): "block",
     ("quality_budget", "calibration", "sensitivity_windows"): 0,
+    ("quality_budget", "decode", "sensitivity_apart"): False,
 }
 
 

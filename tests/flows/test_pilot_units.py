@@ -175,7 +175,15 @@ def test_calibrate_flow_takes_the_specs_decode_confidence_and_keeps_old_run_keys
         # and the candidates come from the spec's sensitivity windows beyond them
         assert lim.decode.confidence == 0.95 and (lim.decode.n_prompts, lim.decode.new_tokens) == (12, 16)
         assert lim.decode.sensitivity_prompts == 2
+        assert "sensitivity_apart" not in limits(0.95, quick)["decode"] and not lim.decode.sensitivity_apart
     assert CalibrationLimits(**limits(None, True)).decode.new_tokens == 32
+    data = example_spec("docs-qa")  # page_gate's sensitivity windows apart from its training reach the limits
+    data["quality_budget"]["decode"].update(
+        confidence=0.95, n_prompts=12, new_tokens=16, estimator="page_gate", sensitivity_apart=True
+    )
+    spec = parse_spec(data)
+    ctx = UseCaseContext("docs-qa", 1, spec, 1, spec.content_hash(), Path("x.jsonl"), [])
+    assert CalibrationLimits(**limits_for(ctx, False, None)).decode.sensitivity_apart is True
 
 
 def test_calibrate_flow_takes_the_specs_calibration_confidence_and_keeps_its_windows() -> None:

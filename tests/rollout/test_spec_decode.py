@@ -78,3 +78,26 @@ def test_decode_confidence_is_optional_and_keeps_old_hashes(tmp_path):
     # into a calibration (the defaults' 2 prompts; 10 at 0.95 over the search's 5 steps)
     with pytest.raises(SpecError, match=r"quality_budget.decode.*needs decode.n_prompts >= 10, got 2"):
         load_spec(_spec_with(tmp_path, {**decode, "n_prompts": 2}))
+
+
+def test_decode_sensitivity_apart_keeps_old_hashes_and_needs_a_bound_and_a_trained_scorer(tmp_path):
+    """quality_budget.decode.sensitivity_apart: off, the stored spec (and its hash) is as before; on,
+    it is stored; it needs decode.confidence (only a bound reads sensitivity windows) and a scorer decode
+    calibration trains (page_gate), each refused naming the setting when the spec is read."""
+    plain = load_spec(EXAMPLES / "docs-qa.yaml")
+    assert plain.quality_budget.decode.sensitivity_apart is False
+    assert "sensitivity_apart" not in plain.to_dict()["quality_budget"]["decode"]
+    data = yaml.safe_load((EXAMPLES / "docs-qa.yaml").read_text())
+    decode = {**data["quality_budget"]["decode"], "confidence": 0.95, "n_prompts": 10, "new_tokens": 16}
+    decode["estimator"] = "page_gate"
+    shared = load_spec(_spec_with(tmp_path, decode))
+    assert load_spec(_spec_with(tmp_path, {**decode, "sensitivity_apart": False})).content_hash() == (
+        shared.content_hash()
+    )
+    apart = load_spec(_spec_with(tmp_path, {**decode, "sensitivity_apart": True}))
+    assert apart.to_dict()["quality_budget"]["decode"]["sensitivity_apart"] is True
+    assert apart.content_hash() != shared.content_hash()
+    with pytest.raises(SpecError, match=r"quality_budget.decode.*sensitivity_apart needs decode.confidence"):
+        load_spec(_spec_with(tmp_path, {"estimator": "page_gate", "sensitivity_apart": True}))
+    with pytest.raises(SpecError, match=r"quality_budget.decode.*'quest' trains on none"):
+        load_spec(_spec_with(tmp_path, {**decode, "estimator": "quest", "sensitivity_apart": True}))
