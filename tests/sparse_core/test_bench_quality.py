@@ -53,7 +53,12 @@ def test_quality_bench_compares_every_estimator_at_one_budget(quality_tiny_dir, 
         passed = [st for st in r["search"] if st["passed"]]
         assert r["search"] and (not passed) == (not r["met_budget"])
         if passed:
-            assert max(passed, key=lambda st: st["eps"])["fidelity"]["agree"] == r["calib_agree"]
+            chosen = max(passed, key=lambda st: st["eps"])
+            assert chosen["fidelity"]["agree"] == r["calib_agree"]
+            # what it kept on calibration's held-out windows, beside the planned density
+            assert r["calib_measured_density"] == chosen["density"]
+        else:
+            assert r["calib_measured_density"] == 1.0  # the all-dense plan
     assert block["rows"][3]["gate_seconds"] > 0 and block["rows"][0]["gate_seconds"] is None
     (uc,) = out["usecases"]
     assert uc["usecase"] == "tiny-qa" and len(uc["rows"]) == len(SPECS)
