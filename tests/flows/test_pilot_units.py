@@ -4,6 +4,8 @@ calibrate flow's limits from the spec."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from typer.testing import CliRunner
 
 
@@ -98,119 +100,96 @@ def test_waits_for_quotes_the_gates_projection_in_the_steps_unit() -> None:
     assert waits_for({**split, "decision": "GO"}) == "next gate look"  # the projection belongs to EXTEND
 
 
-def test_calibrate_flow_takes_the_specs_drop_measure_and_keeps_old_run_keys() -> None:
+def _flow_limits(quick: bool, edit: Callable[[dict], None] | None = None) -> dict:
+    """flows.calibrate.limits_for on docs-qa's example spec, after `edit` changed the spec's dict."""
     from pathlib import Path
 
     from flows.calibrate import limits_for
     from flows.common import UseCaseContext
     from rollout.spec import parse_spec
-    from sparse_core.calibration import CalibrationLimits
     from tests.rollout.usecase_helpers import example_spec
 
-    def limits(drop_measure: str | None, quick: bool) -> dict:
-        data = example_spec("docs-qa")
-        if drop_measure is not None:
-            data["quality_budget"].setdefault("calibration", {})["drop_measure"] = drop_measure
-        spec = parse_spec(data)
-        ctx = UseCaseContext("docs-qa", 1, spec, 1, spec.content_hash(), Path("x.jsonl"), [])
-        return limits_for(ctx, quick, None)
+    data = example_spec("docs-qa")
+    if edit is not None:
+        edit(data)
+    spec = parse_spec(data)
+    ctx = UseCaseContext("docs-qa", 1, spec, 1, spec.content_hash(), Path("x.jsonl"), [])
+    return limits_for(ctx, quick, None)
+
+
+def _calibration(**settings: object) -> Callable[[dict], None]:
+    return lambda d: d["quality_budget"].setdefault("calibration", {}).update(settings)
+
+
+def _decode(**settings: object) -> Callable[[dict], None]:
+    return lambda d: d["quality_budget"]["decode"].update(settings)
+
+
+def test_calibrate_flow_takes_the_specs_drop_measure_and_keeps_old_run_keys() -> None:
+    from sparse_core.calibration import CalibrationLimits
 
     for quick in (False, True):
         # the default stays out of the settings (the run's idempotency key) and means "mass"
-        assert "drop_measure" not in limits(None, quick) and limits("mass", quick) == limits(None, quick)
-        assert CalibrationLimits(**limits(None, quick)).drop_measure == "mass"
-        assert CalibrationLimits(**limits("output", quick)).drop_measure == "output"
+        plain = _flow_limits(quick)
+        assert "drop_measure" not in plain and _flow_limits(quick, _calibration(drop_measure="mass")) == plain
+        assert CalibrationLimits(**plain).drop_measure == "mass"
+        assert CalibrationLimits(**_flow_limits(quick, _calibration(drop_measure="output"))).drop_measure == (
+            "output"
+        )
 
 
 def test_calibrate_flow_takes_the_specs_sensitivity_windows_and_keeps_its_windows() -> None:
     """quality_budget.calibration.sensitivity_windows reaches CalibrationLimits; unset, the run's
     settings (its idempotency key) are as before; quick mode keeps the spec's windows then, since
     quick's 2 calibration windows would leave the learned estimator none of its own."""
-    from pathlib import Path
-
-    from flows.calibrate import limits_for
-    from flows.common import UseCaseContext
-    from rollout.spec import parse_spec
     from sparse_core.calibration import CalibrationLimits
-    from tests.rollout.usecase_helpers import example_spec
-
-    def limits(quick: bool, **cal: object) -> dict:
-        data = example_spec("docs-qa")
-        data["quality_budget"].setdefault("calibration", {}).update(cal)
-        spec = parse_spec(data)
-        ctx = UseCaseContext("docs-qa", 1, spec, 1, spec.content_hash(), Path("x.jsonl"), [])
-        return limits_for(ctx, quick, None)
 
     for quick in (False, True):
-        assert "sensitivity_windows" not in limits(quick)
-        assert limits(quick, sensitivity_windows=0) == limits(quick)
-        lim = CalibrationLimits(**limits(quick, sensitivity_windows=4))
+        assert "sensitivity_windows" not in _flow_limits(quick)
+        assert _flow_limits(quick, _calibration(sensitivity_windows=0)) == _flow_limits(quick)
+        apart = _flow_limits(quick, _calibration(sensitivity_windows=4))
+        lim = CalibrationLimits(**apart)
         assert lim.sensitivity_windows == 4
         assert (lim.max_texts, lim.max_seq_len, lim.heldout_windows) == (8, 3072, 2)
-    assert limits(True, sensitivity_windows=4)["max_joint_checks"] == 3  # the rest of quick still applies
+    assert apart["max_joint_checks"] == 3  # the rest of quick still applies
 
 
 def test_calibrate_flow_takes_the_specs_decode_confidence_and_keeps_old_run_keys() -> None:
-    from pathlib import Path
-
-    from flows.calibrate import limits_for
-    from flows.common import UseCaseContext
-    from rollout.spec import parse_spec
     from sparse_core.calibration import CalibrationLimits
-    from tests.rollout.usecase_helpers import example_spec
 
-    def limits(confidence: float | None, quick: bool) -> dict:
-        data = example_spec("docs-qa")
-        if confidence is not None:  # over prompts: at least 10 at 0.95
-            data["quality_budget"]["decode"].update(confidence=confidence, n_prompts=12, new_tokens=16)
-        spec = parse_spec(data)
-        ctx = UseCaseContext("docs-qa", 1, spec, 1, spec.content_hash(), Path("x.jsonl"), [])
-        return limits_for(ctx, quick, None)
-
+    bounded = _decode(confidence=0.95, n_prompts=12, new_tokens=16)  # over prompts: at least 10 at 0.95
     for quick in (False, True):
-        unset = limits(None, quick)["decode"]  # earlier runs' settings keys hold
+        unset = _flow_limits(quick)["decode"]  # earlier runs' settings keys hold
         assert "confidence" not in unset and "sensitivity_prompts" not in unset
-        lim = CalibrationLimits(**limits(0.95, quick))
+        settings = _flow_limits(quick, bounded)
+        lim = CalibrationLimits(**settings)
         # a bound needs its prompts: quick mode keeps the spec's prompts and generated tokens then,
         # and the candidates come from the spec's sensitivity windows beyond them
         assert lim.decode.confidence == 0.95 and (lim.decode.n_prompts, lim.decode.new_tokens) == (12, 16)
         assert lim.decode.sensitivity_prompts == 2
-        assert "sensitivity_apart" not in limits(0.95, quick)["decode"] and not lim.decode.sensitivity_apart
-    assert CalibrationLimits(**limits(None, True)).decode.new_tokens == 32
-    data = example_spec("docs-qa")  # page_gate's sensitivity windows apart from its training reach the limits
-    data["quality_budget"]["decode"].update(
+        assert "sensitivity_apart" not in settings["decode"] and not lim.decode.sensitivity_apart
+    assert CalibrationLimits(**_flow_limits(True)).decode.new_tokens == 32
+    # page_gate's sensitivity windows apart from its training windows reach the limits
+    apart = _decode(
         confidence=0.95, n_prompts=12, new_tokens=16, estimator="page_gate", sensitivity_apart=True
     )
-    spec = parse_spec(data)
-    ctx = UseCaseContext("docs-qa", 1, spec, 1, spec.content_hash(), Path("x.jsonl"), [])
-    assert CalibrationLimits(**limits_for(ctx, False, None)).decode.sensitivity_apart is True
+    assert CalibrationLimits(**_flow_limits(False, apart)).decode.sensitivity_apart is True
 
 
 def test_calibrate_flow_takes_the_specs_calibration_confidence_and_keeps_its_windows() -> None:
     """quality_budget.calibration.confidence reaches CalibrationLimits with its unit; unset, the run's
     settings (its idempotency key) are as before; quick mode keeps the spec's windows then, since the
     spec was checked to hold out enough of them for the bound (quick's 1 held-out window would not)."""
-    from pathlib import Path
-
-    from flows.calibrate import limits_for
-    from flows.common import UseCaseContext
-    from rollout.spec import parse_spec
     from sparse_core.calibration import CalibrationLimits
-    from tests.rollout.usecase_helpers import example_spec
-
-    def limits(quick: bool, **cal: object) -> dict:
-        data = example_spec("docs-qa")
-        data["quality_budget"].setdefault("calibration", {}).update(cal)
-        spec = parse_spec(data)
-        ctx = UseCaseContext("docs-qa", 1, spec, 1, spec.content_hash(), Path("x.jsonl"), [])
-        return limits_for(ctx, quick, None)
 
     for quick in (False, True):
-        plain = limits(quick)
+        plain = _flow_limits(quick)
         assert "confidence" not in plain and "bound_unit" not in plain
-        lim = CalibrationLimits(**limits(quick, confidence=0.95, bound_unit="window", max_texts=44))
+        windows = _calibration(confidence=0.95, bound_unit="window", max_texts=44)
+        lim = CalibrationLimits(**_flow_limits(quick, windows))
         assert (lim.confidence, lim.bound_unit) == (0.95, "window")
         assert (lim.max_texts, lim.max_seq_len, lim.heldout_windows) == (44, 3072, 11)
-        assert CalibrationLimits(**limits(quick, confidence=0.9)).bound_unit == "block"
-    assert (limits(True)["max_texts"], limits(True)["max_seq_len"]) == (3, 2048)  # quick as before
-    assert limits(True, confidence=0.95)["max_joint_checks"] == 3  # the rest of quick still applies
+        assert CalibrationLimits(**_flow_limits(quick, _calibration(confidence=0.9))).bound_unit == "block"
+    cheap = _flow_limits(True)
+    assert (cheap["max_texts"], cheap["max_seq_len"]) == (3, 2048)  # quick as before
+    assert _flow_limits(True, _calibration(confidence=0.95))["max_joint_checks"] == 3  # the rest of quick
