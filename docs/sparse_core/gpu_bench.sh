@@ -10,9 +10,11 @@
 #   apart OUT GGUF       (twenty-third session, docs/calibration.md "Four windows apart") `bench
 #                        quality` at 8k, then at 4k, densities only, two runs at once: 4
 #                        sensitivity windows kept apart from the gate's training (10 windows)
-#                        and the same 4 shared (6 windows); the gate trains on the GPU. Run as
-#                        four at once, the 8k pair outran a 400-s LIMIT on a cold machine; as a
-#                        pair each took ~160 s with inductor's cache warm
+#                        and the same 4 shared (6 windows); the gate trains on the GPU. Not run
+#                        in exactly this form: the session ran all four at once (4 threads
+#                        each), where the 8k pair outran a 400-s LIMIT on a cold machine, then
+#                        the 8k pair alone by hand (8 threads each), 159-164 s per run with
+#                        inductor's cache warm
 # Each command's console output goes to OUT/<name>.txt (its tail also to stdout), its JSON/PNG/log
 # next to it, and all of it but gate weights to OUT/<phase>.tgz (a device call returns files of at
 # most 16 MB). PYTHON picks the interpreter; LIMIT caps each
