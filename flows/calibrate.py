@@ -231,10 +231,12 @@ def calibrate_flow(
     except Exception as exc:
         mark_failed(ctx, run["id"], f"{type(exc).__name__}: {exc}")
         raise
+    measured = report.get("measured_density")
     logger.info(
-        "%s: plan density %.3f (budget %s), model version %s @challenger",
+        "%s: plan density %.3f (%s; budget %s), model version %s @challenger",
         use_case,
         report.get("density", float("nan")),
+        "not measured on held-out windows" if measured is None else f"{measured:.3f} on held-out windows",
         "met" if report.get("met_budget") else "NOT met: plan stays dense",
         reg["mlflow_version"],
     )

@@ -32,6 +32,9 @@ Per-layer estimator choice: `estimator` may name candidates joined by "+" (e.g. 
 the sensitivity is measured for each candidate in the same dense forwards, and at every eps each
 layer takes the candidate that keeps the fewest blocks there (ties: the first). The plan's estimator is
 the first candidate; layers that chose another carry it in `layer_overrides[layer]["estimator"]`.
+With `limits.sharpen` (powers besides 1.0), every candidate is also measured with its estimate raised
+to each power (`selection.sharpen`) and a layer may take a power as it takes an estimator
+(`layer_overrides[layer]["sharpen"]`).
 
 Task bound: a budget with `task_delta` also bounds the drop of the task score on the given task rows
 (the calibration split of the use case's dataset, scored with its task): at every point of the eps
@@ -201,6 +204,10 @@ class CalibrationLimits:
     # from its training (and early stopping), and every candidate's sensitivities come from them
     # alone; 0: from every calibration window, the learned estimator's training windows included
     sensitivity_windows: int = 0
+    # the powers each candidate's estimate is also measured at before selection (`selection.sharpen`);
+    # a layer takes the one that keeps the fewest blocks. 1.0 (the estimate as it is) is always among
+    # them and comes first; (1.0,), the default, measures nothing more
+    sharpen: tuple[float, ...] = (1.0,)
     # task bound (budget.task_delta): rows of the calibration split scored per search step
     max_task_rows: int = 8
     max_new_tokens: int = 16
@@ -222,6 +229,7 @@ class CalibrationLimits:
             raise ValueError(f"confidence must be in (0, 1) or None, got {self.confidence}")
         check_unit(self.bound_unit)
         self.taus = tuple(sorted(set(float(t) for t in self.taus)))
+        self.sharpen = sharpen_powers(self.sharpen)
         if isinstance(self.decode, dict):
             from sparse_core.decode.calibration import DecodeLimits
 
@@ -245,6 +253,32 @@ class CalibrationLimits:
         )
         base.update(kw)
         return cls(**base)
+
+
+def sharpen_powers(powers: Sequence[float]) -> tuple[float, ...]:
+    """The selection powers to measure: 1.0 first, then the others ascending, each in (0, 8];
+    ValueError names a bad one."""
+    from sparse_core.plan import SHARPEN_MAX
+
+    out = []
+    for p in powers:
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p):
+            raise ValueError(f"sharpen powers must be numbers, got {p!r}")
+        if not 0 < p <= SHARPEN_MAX:
+            raise ValueError(f"sharpen powers must be in (0, {SHARPEN_MAX:g}], got {p!r}")
+        out.append(float(p))
+    return (1.0, *sorted(set(out) - {1.0}))
+
+
+def variant_key(estimator: str, power: float) -> str:
+    """How a candidate measured at a selection power is named: 'gate_v2', or 'gate_v2^1.4'."""
+    return estimator if power == 1.0 else f"{estimator}^{power:g}"
+
+
+def variant_of(key: str) -> tuple[str, float]:
+    """`variant_key`'s inverse: 'gate_v2^1.4' -> ('gate_v2', 1.4)."""
+    name, _, power = key.partition("^")
+    return name, float(power) if power else 1.0
 
 
 @dataclass
@@ -339,10 +373,13 @@ def measure_sensitivities(
     progress=None,
     *,
     measure: str = "mass",
+    sharpen: Sequence[float] = (1.0,),
 ) -> dict[str, Sensitivity]:
     """Per estimator x layer x tau x selection head: the error each tau's selection causes (mean over
     query blocks and the head's query heads) and the density it keeps, from one dense forward per
-    window. Every estimator is measured on the same forwards and the same dense map.
+    window. Every estimator is measured on the same forwards and the same dense map. With `sharpen`
+    powers besides 1.0, each estimator's estimate is also measured raised to each of them, under
+    `variant_key` names ('gate_v2^1.4'), from the same scores.
 
     `measure="mass"`: the dense attention mass dropped. It bounds what sparse attention changes (the
     output moves by at most 2m times the largest value norm) and needs one block-mass map per layer.
@@ -352,6 +389,7 @@ def measure_sensitivities(
     from sparse_core.capture import block_attention_mass, selection_drop
     from sparse_core.estimators import EstimatorContext, get_estimator
     from sparse_core.selection import group_scores, select_blocks
+    from sparse_core.selection import sharpen as sharpen_scores
 
     if measure not in DROP_MEASURES:
         raise ValueError(f"measure must be one of {DROP_MEASURES}, got {measure!r}")
@@ -364,8 +402,10 @@ def measure_sensitivities(
     group = hq // heads
     T = len(taus)
     names = list(dict.fromkeys(estimators))
-    err = {e: torch.zeros(n_layers, T, heads, dtype=torch.float64) for e in names}
-    dens = {e: torch.zeros(n_layers, T, heads, dtype=torch.float64) for e in names}
+    powers = sharpen_powers(sharpen)
+    keys = [variant_key(e, p) for e in names for p in powers]
+    err = {e: torch.zeros(n_layers, T, heads, dtype=torch.float64) for e in keys}
+    dens = {e: torch.zeros(n_layers, T, heads, dtype=torch.float64) for e in keys}
     count = torch.zeros(n_layers, dtype=torch.float64)
 
     def on_layer(call):
@@ -379,10 +419,13 @@ def measure_sensitivities(
             block_size=base.block_size, layer_idx=li, plan=base, scale=call.scaling, module=call.module
         )
         keeps: list[tuple[str, int, torch.Tensor]] = []
-        for name in names:
-            scores = get_estimator(name)(q, k, ctx)
-            if heads != hq:
-                scores = group_scores(scores, heads)
+        for name, power in ((e, p) for e in names for p in powers):
+            if power == powers[0]:
+                raw = get_estimator(name)(q, k, ctx)
+                if heads != hq:
+                    raw = group_scores(raw, heads)
+            scores = sharpen_scores(raw, power)
+            key = variant_key(name, power)
             for ti, tau in enumerate(taus):
                 sel = select_blocks(
                     scores,
@@ -396,17 +439,17 @@ def measure_sensitivities(
                 )
                 keep = sel.mask().repeat_interleave(group, dim=1)  # [1, Hq, nb, nb]
                 if mass is None:
-                    keeps.append((name, ti, keep[0]))
+                    keeps.append((key, ti, keep[0]))
                 else:
                     dropped = (1.0 - (mass * keep).sum(-1)).clamp_min(0.0)  # [1, Hq, nb]
-                    err[name][li, ti] += dropped.view(heads, group * nb).mean(-1).double().cpu()
-                dens[name][li, ti] += sel.head_density.double()[:heads]
+                    err[key][li, ti] += dropped.view(heads, group * nb).mean(-1).double().cpu()
+                dens[key][li, ti] += sel.head_density.double()[:heads]
         if keeps:
             _, out_err = selection_drop(
                 q, k, call.value[:1], base.block_size, [m for *_, m in keeps], call.scaling
             )
-            for (name, ti, _), e in zip(keeps, out_err, strict=True):
-                err[name][li, ti] += e.reshape(heads, group * nb).mean(-1).double().cpu()
+            for (key, ti, _), e in zip(keeps, out_err, strict=True):
+                err[key][li, ti] += e.reshape(heads, group * nb).mean(-1).double().cpu()
         count[li] += 1
 
     dev = next(model.parameters()).device
@@ -417,7 +460,7 @@ def measure_sensitivities(
             progress("sensitivity", i, len(windows))
     c = count.clamp_min(1)[:, None, None]
     return {
-        e: Sensitivity(tuple(taus), (err[e] / c).float(), (dens[e] / c).float(), heads, group) for e in names
+        e: Sensitivity(tuple(taus), (err[e] / c).float(), (dens[e] / c).float(), heads, group) for e in keys
     }
 
 
@@ -471,7 +514,9 @@ def allocate_choice(
 ) -> tuple[dict, dict, tuple, float, torch.Tensor, list[str]]:
     """`allocate` with a per-layer choice among estimators: each layer takes the candidate whose
     allocation keeps the fewest blocks there (a dense layer counts 1.0; ties go to the first
-    candidate, the plan's own estimator). Returns allocate's tuple plus the estimator per layer."""
+    candidate, the plan's own estimator). Returns allocate's tuple plus the estimator per layer.
+    A candidate may be an estimator at a selection power (`variant_key`); a layer that takes one
+    carries the power as `sharpen`."""
     names = list(sens)
     per = {e: allocate(sens[e], eps, per_head=per_head) for e in names}
     first = names[0]
@@ -491,7 +536,12 @@ def allocate_choice(
             dense.append(li)
             continue
         dmat[li] = dm[li]
-        layer_over[li] = dict(lo[li]) | ({"estimator": best} if best != first else {})
+        name, power = variant_of(best)
+        layer_over[li] = (
+            dict(lo[li])
+            | ({"estimator": name} if name != variant_of(first)[0] else {})
+            | ({"sharpen": power} if power != 1.0 else {})
+        )
         if li in ho:
             head_over[li] = dict(ho[li])
     return layer_over, head_over, tuple(dense), float(dmat.mean()), dmat, chosen
@@ -660,7 +710,7 @@ def calibrate_many(
         secs["dense_task"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     sens_all = measure_sensitivities(
-        model, sens_w, base, lim.taus, candidates, progress, measure=lim.drop_measure
+        model, sens_w, base, lim.taus, candidates, progress, measure=lim.drop_measure, sharpen=lim.sharpen
     )
     secs["sensitivity"] = time.perf_counter() - t0
     shared = dict(
@@ -684,7 +734,8 @@ def calibrate_many(
         learned = [k for k in trained if k in cands_of]
         own = {k: v for name in learned for k, v in trained[name][0].items()}
         spec_base = base.with_(estimator=cands_of[0], tensors=own)
-        plan, report = _search_plan(spec_base, {e: sens_all[e] for e in cands_of}, **shared)
+        variants = [variant_key(e, p) for e in cands_of for p in lim.sharpen]
+        plan, report = _search_plan(spec_base, {k: sens_all[k] for k in variants}, **shared)
         # one learned estimator: its training report as before; several: one report per estimator
         report.gate_training = (
             trained[learned[0]][1] if len(learned) == 1 else ({k: trained[k][1] for k in learned} or None)
@@ -732,6 +783,10 @@ def calibrate_many(
         report.plan_hash = plan.content_hash()
         results[spec] = (plan, report)
     return results
+
+
+def _layer_estimator(params) -> str:
+    return variant_key(params.estimator, params.sharpen)
 
 
 def _sensitivity_split(cal_w: list, apart: int) -> tuple[list, list]:
@@ -850,7 +905,8 @@ def _search_plan(
     eps = cands[lo] if lo >= 0 else None
     plan, predicted, dmat, chosen = plan_for(eps)
     layer_estimators = [
-        "dense" if li in plan.dense_layers else plan.layer_params(li).estimator for li in range(len(chosen))
+        "dense" if li in plan.dense_layers else _layer_estimator(plan.layer_params(li))
+        for li in range(len(chosen))
     ]
     if lo >= 0:
         _, fid, measured, (task_drop, task_upper) = cache[lo]
@@ -885,7 +941,8 @@ def _search_plan(
                 "per_head": lim.per_head,
                 "drop_measure": lim.drop_measure,
                 "eps": eps,
-            },
+            }
+            | ({"sharpen": list(lim.sharpen)} if lim.sharpen != (1.0,) else {}),
             "fidelity": judged_dict(fid, lim.confidence, step_confidence, unit),
             "met_budget": lo >= 0,
             "density": density,

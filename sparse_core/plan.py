@@ -21,7 +21,8 @@ PLAN_FILE = "plan.json"
 TENSORS_FILE = "plan_tensors.safetensors"
 
 # Keys a per-layer override may set; per-head overrides set only tau.
-LAYER_OVERRIDE_KEYS = ("tau", "sink_blocks", "local_blocks", "top_k", "min_density", "estimator")
+LAYER_OVERRIDE_KEYS = ("tau", "sink_blocks", "local_blocks", "top_k", "min_density", "estimator", "sharpen")
+SHARPEN_MAX = 8.0
 
 
 class PlanError(SparsePilotError, ValueError):
@@ -45,6 +46,7 @@ class LayerParams:
     top_k: int | None
     min_density: float | None
     head_tau: dict[int, float]  # query-head index -> tau, for heads that differ from `tau`
+    sharpen: float = 1.0  # the estimate's power before selection (`selection.sharpen`)
 
 
 @dataclass
@@ -58,6 +60,8 @@ class SparsePlan:
     - ``sink_blocks`` / ``local_blocks``: always kept (first blocks, and the diagonal window; >= 1).
     - ``top_k``: cap on key blocks per query block (sink and local blocks always kept even above it).
     - ``min_density``: floor on the fraction of causal blocks kept per query block.
+    - ``sharpen``: raise the estimated mass to this power before selecting (`selection.sharpen`; 1.0,
+      the default, leaves it as it is and is left out of the dict, so older plans keep their hash).
     - ``group_heads``: select once per KV head (mean of its query heads' scores; a per-head tau
       override applies as the max over the group). The kernels then share gathered K/V across the
       group, which matters on CPU where copying K/V costs as much as the arithmetic.
@@ -81,6 +85,7 @@ class SparsePlan:
     top_k: int | None = None
     min_density: float | None = None
     group_heads: bool = True
+    sharpen: float = 1.0
     layer_overrides: dict[int, dict[str, Any]] = field(default_factory=dict)
     head_overrides: dict[int, dict[int, float]] = field(default_factory=dict)
     dense_layers: tuple[int, ...] = ()
@@ -112,9 +117,11 @@ class SparsePlan:
         if not isinstance(self.estimator, str) or not self.estimator:
             raise PlanError(f"plan.estimator must be a non-empty name, got {self.estimator!r}")
         _check_selection("plan", self.tau, self.sink_blocks, self.local_blocks, self.top_k, self.min_density)
+        _check_sharpen("plan", self.sharpen)
         for layer, merged in merged_overrides("plan", self.layer_overrides, LAYER_OVERRIDE_KEYS, self):
             if not isinstance(merged["estimator"], str) or not merged["estimator"]:
                 raise PlanError(f"plan.layer_overrides[{layer}].estimator must be a non-empty name")
+            _check_sharpen(f"plan.layer_overrides[{layer}]", merged["sharpen"])
             _check_selection(
                 f"plan.layer_overrides[{layer}]",
                 merged["tau"],
@@ -180,6 +187,7 @@ class SparsePlan:
             top_k=ov.get("top_k", self.top_k),
             min_density=ov.get("min_density", self.min_density),
             head_tau=dict(self.head_overrides.get(layer_idx, {})),
+            sharpen=float(ov.get("sharpen", self.sharpen)),
         )
 
     def with_(self, **changes: Any) -> SparsePlan:
@@ -206,6 +214,8 @@ class SparsePlan:
             "dense_layers": list(self.dense_layers),
             "metadata": self.metadata,
         }
+        if self.sharpen != 1.0:  # absent otherwise: older plans keep their dict and hash
+            d["sharpen"] = self.sharpen
         if self.decode is not None:  # absent otherwise: older plans keep their dict and hash
             d["decode"] = self.decode.to_dict()
         return d
@@ -345,6 +355,16 @@ def check_layers_exist(where: str, named: dict[str, Iterable[int]], n_layers: in
 def _check_tau(where: str, tau: Any) -> None:
     if isinstance(tau, bool) or not isinstance(tau, (int, float)) or math.isnan(tau) or not 0.0 < tau <= 1.0:
         raise PlanError(f"{where}.tau must be in (0, 1], got {tau!r}")
+
+
+def _check_sharpen(where: str, power: Any) -> None:
+    if (
+        isinstance(power, bool)
+        or not isinstance(power, (int, float))
+        or not math.isfinite(power)
+        or not 0.0 < power <= SHARPEN_MAX
+    ):
+        raise PlanError(f"{where}.sharpen must be a number in (0, {SHARPEN_MAX:g}], got {power!r}")
 
 
 def _check_selection(where: str, tau: Any, sink: Any, local: Any, top_k: Any, min_density: Any) -> None:

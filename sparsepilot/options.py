@@ -24,3 +24,15 @@ def device_or_fail(name: str) -> Any:
         return bench_device(name)
     except ValueError as exc:
         fail(f"--device: {exc}")
+
+
+def sharpen_option(text: str) -> tuple[float, ...]:
+    """--sharpen '1.4,2' -> the selection powers calibration measures (1.0 always among them), or exit
+    2 naming the option."""
+    from sparse_core.calibration import sharpen_powers
+    from sparsepilot.console import fail
+
+    try:
+        return sharpen_powers([float(x) for x in text.split(",") if x.strip()])
+    except ValueError as exc:
+        fail(f"--sharpen: {text!r}: {exc}")

@@ -61,6 +61,7 @@ class QualityBenchSettings:
     gate_target: str | None = None  # gate_v2: maxpool (default), mass or output
     drop_measure: str = "mass"  # CalibrationLimits.drop_measure: what the allocation's eps bounds
     sensitivity_windows: int = 0  # CalibrationLimits.sensitivity_windows: kept apart from gate training
+    sharpen: tuple[float, ...] = (1.0,)  # CalibrationLimits.sharpen: selection powers a layer may take
     heldout_tokens: int = 4096  # the bench's own held-out text per length (>= 1 window)
     speed: bool = True
     usecases: tuple[UseCaseData, ...] = field(default_factory=tuple)
@@ -129,6 +130,7 @@ def run_quality_bench(
             gate_target=settings.gate_target,
             drop_measure=settings.drop_measure,
             sensitivity_windows=settings.sensitivity_windows,
+            sharpen=settings.sharpen,
             max_task_rows=settings.max_task_rows,
             max_joint_checks=settings.max_joint_checks,
             confidence=settings.confidence,

@@ -16,7 +16,7 @@ import torch
 
 from sparse_core.estimators import EstimatorContext, available_estimators, get_estimator
 from sparse_core.plan import LayerParams, SparsePlan
-from sparse_core.selection import BlockSelection, group_scores, select_blocks, selection_tensors
+from sparse_core.selection import BlockSelection, group_scores, select_blocks, selection_tensors, sharpen
 
 KERNELS = ("auto", "gather", "flex", "dense")
 GATHER_COUNT_LEVELS = 8
@@ -134,6 +134,7 @@ def estimate_and_select(
             scores = get_estimator(params.estimator)(q, k, ctx)
             if grouped:
                 scores = group_scores(scores, hkv)
+        scores = sharpen(scores, params.sharpen)
     tau: float | torch.Tensor = params.tau
     if params.head_tau:
         t = torch.full((hq,), params.tau)
