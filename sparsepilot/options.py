@@ -12,6 +12,15 @@ ReasonOpt = Annotated[str, typer.Option("--reason", help="why (kept in the audit
 DeviceOpt = Annotated[
     str, typer.Option("--device", help="auto (CUDA when torch sees a device, else the CPU) | cpu | cuda.")
 ]
+SharpenOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--sharpen",
+        help="selection powers, e.g. 1.4,2: every estimator is also measured with its estimate raised to "
+        "each, and a layer takes the one that keeps the fewest blocks (default: 1 only, the estimate as "
+        "it is)",
+    ),
+]
 
 
 def device_or_fail(name: str) -> Any:

@@ -12,7 +12,7 @@ import typer
 
 from sparse_core.decode.plan import DECODE_ESTIMATORS, TRAINED_BY_DECODE_CALIBRATION
 from sparse_core.estimators import available_estimators
-from sparsepilot.options import DeviceOpt, device_or_fail, sharpen_option
+from sparsepilot.options import DeviceOpt, SharpenOpt, device_or_fail, sharpen_option
 from sparsepilot.quiet import for_command
 
 # Options several benchmarks share (each command gives its own default)
@@ -170,12 +170,7 @@ def bench_quality(
         help="With a learned estimator: the last N calibration windows are kept apart from its training "
         "and every estimator's sensitivities come from them (0 = all calibration windows).",
     ),
-    sharpen: str = typer.Option(
-        "",
-        "--sharpen",
-        help="Selection powers, e.g. 1.4,2: every estimator is also measured with its estimate raised "
-        "to each, and a layer takes the one that keeps the fewest blocks (default: 1 only).",
-    ),
+    sharpen: SharpenOpt = None,
     no_speed: bool = typer.Option(False, "--no-speed", help="Skip the prefill timing per plan."),
     out: JsonOut = "bench-results/quality.json",
     json_out: Annotated[bool, _json_flag("Print the JSON instead of tables.")] = False,
@@ -226,7 +221,7 @@ def bench_quality(
     if max_checks:
         kw["max_joint_checks"] = max_checks
     kw["sensitivity_windows"] = sensitivity_windows
-    if sharpen:
+    if sharpen is not None:
         kw["sharpen"] = sharpen_option(sharpen)
     if bound_unit not in BOUND_UNITS:
         fail(f"--bound-unit: {bound_unit!r}; choose {' or '.join(BOUND_UNITS)}")

@@ -19,7 +19,7 @@ import typer
 
 from sparse_core.estimators import available_estimators
 from sparsepilot.console import console, emit_json, err_console, fail, print_table
-from sparsepilot.options import DeviceOpt, device_or_fail
+from sparsepilot.options import DeviceOpt, SharpenOpt, device_or_fail, sharpen_option
 
 app = typer.Typer()
 
@@ -219,6 +219,7 @@ def calibrate_cmd(
             "training and every candidate's sensitivities come from them (default 0: all windows)",
         ),
     ] = None,
+    sharpen: SharpenOpt = None,
     quick: Annotated[bool, typer.Option("--quick", help="cheap settings (few short windows)")] = False,
     device: DeviceOpt = "auto",
     dataset: Annotated[
@@ -264,6 +265,7 @@ def calibrate_cmd(
         drop_measure=drop_measure,
         bound_unit=bound_unit,
         sensitivity_windows=sensitivity_windows,
+        sharpen=None if sharpen is None else sharpen_option(sharpen),
     )
     if bound_unit is not None and confidence is None:
         fail("--bound-unit: needs --confidence (the bound it is the unit of)")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from sparse_core import sparsify, unsparsify
 from sparse_core.calibration import (
@@ -161,12 +160,3 @@ def test_calibration_with_powers_is_never_sparser_on_paper_without_them_and_its_
         assert torch.isfinite(out.logits).all()
     finally:
         unsparsify(model)
-
-
-def test_cli_bench_quality_refuses_a_bad_power():
-    from sparsepilot.cli import app
-
-    res = CliRunner().invoke(app, ["bench", "quality", "--sharpen", "1.4,x"])
-    assert res.exit_code == 2 and "--sharpen" in res.output
-    res = CliRunner().invoke(app, ["bench", "quality", "--sharpen", "0"])
-    assert res.exit_code == 2 and "--sharpen" in res.output and "(0, 8]" in res.output

@@ -97,6 +97,10 @@ def test_an_unknown_drop_measure_or_gate_target_is_refused_before_any_work(sp_ho
     assert res.exit_code == 2 and "--bound-unit: needs --confidence" in res.output and not out.exists()
     res = runner.invoke(app, [*args, "--sensitivity-windows", "-1"])
     assert res.exit_code == 2 and "--sensitivity-windows" in res.output and not out.exists()
+    for bad, why in (("1.4,x", "could not convert"), ("0", "(0, 8]"), ("9", "(0, 8]")):
+        res = runner.invoke(app, [*args, "--sharpen", bad])
+        assert res.exit_code == 2 and f"--sharpen: '{bad}'" in res.output and why in res.output
+        assert not out.exists()
     bench_out = tmp_path / "quality.json"
     for option, choices in (("--drop-measure", "mass or output"), ("--gate-target", "maxpool, mass, output")):
         res = runner.invoke(app, ["bench", "quality", "--quick", option, "entropy", "--out", str(bench_out)])
@@ -115,6 +119,8 @@ def test_an_unknown_drop_measure_or_gate_target_is_refused_before_any_work(sp_ho
         app, ["bench", "quality", "--quick", "--sensitivity-windows", "-1", "--out", str(bench_out)]
     )
     assert res.exit_code == 2 and "--sensitivity-windows" in res.output and not bench_out.exists()
+    res = runner.invoke(app, ["bench", "quality", "--quick", "--sharpen", "-2", "--out", str(bench_out)])
+    assert res.exit_code == 2 and "--sharpen: '-2'" in res.output and not bench_out.exists()
 
 
 def test_a_device_or_dtype_the_benchmarks_cannot_use_is_refused_before_any_work(sp_home, tmp_path) -> None:  # noqa: ANN001
@@ -192,11 +198,12 @@ def test_calibrate_keeps_the_sensitivity_windows_apart_from_the_gates_training(
     args = ["calibrate", "--model", str(tiny_llama_dir), "--texts", "stdlib", "--quick", "--seq-len", "256"]
     args += ["--max-texts", "6", "--estimator", "gate_v2", "--gate-steps", "3"]
     args += ["--budget", "kl=0.05,agree=0.9", "--out", str(out)]
-    res = runner.invoke(app, [*args, "--sensitivity-windows", "1"])
+    res = runner.invoke(app, [*args, "--sensitivity-windows", "1", "--sharpen", "2"])
     assert res.exit_code == 0, res.output
     meta = json.loads((out / "plan.json").read_text())["metadata"]
     cal = meta["calibration"]
     assert (cal["n_calibration_windows"], cal["n_sensitivity_windows"]) == (4, 1)
+    assert cal["sharpen"] == [1.0, 2.0]  # --sharpen 2: each layer chose between the powers 1 and 2
     # the report gives what the plan kept on the held-out windows beside the planned density
     rep = json.loads((out / "calibration_report.json").read_text())
     assert rep["measured_density"] == meta["measured_density"] and 0 < rep["measured_density"] <= 1
