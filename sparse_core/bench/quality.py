@@ -62,6 +62,7 @@ class QualityBenchSettings:
     drop_measure: str = "mass"  # CalibrationLimits.drop_measure: what the allocation's eps bounds
     sensitivity_windows: int = 0  # CalibrationLimits.sensitivity_windows: kept apart from gate training
     sharpen: tuple[float, ...] = (1.0,)  # CalibrationLimits.sharpen: selection powers a layer may take
+    taus: tuple[float, ...] | None = None  # CalibrationLimits.taus (None: its default grid)
     heldout_tokens: int = 4096  # the bench's own held-out text per length (>= 1 window)
     speed: bool = True
     usecases: tuple[UseCaseData, ...] = field(default_factory=tuple)
@@ -131,6 +132,7 @@ def run_quality_bench(
             drop_measure=settings.drop_measure,
             sensitivity_windows=settings.sensitivity_windows,
             sharpen=settings.sharpen,
+            **({"taus": settings.taus} if settings.taus else {}),
             max_task_rows=settings.max_task_rows,
             max_joint_checks=settings.max_joint_checks,
             confidence=settings.confidence,

@@ -171,6 +171,12 @@ def bench_quality(
         "and every estimator's sensitivities come from them (0 = all calibration windows).",
     ),
     sharpen: SharpenOpt = None,
+    taus: str = typer.Option(
+        "",
+        "--taus",
+        help="The tau grid every estimator's allocation picks from, e.g. 0.5,0.8,0.9,0.95,0.98,0.99,"
+        "0.995,0.998,0.999 (default: calibration's, up to 0.995).",
+    ),
     no_speed: bool = typer.Option(False, "--no-speed", help="Skip the prefill timing per plan."),
     out: JsonOut = "bench-results/quality.json",
     json_out: Annotated[bool, _json_flag("Print the JSON instead of tables.")] = False,
@@ -223,6 +229,14 @@ def bench_quality(
     kw["sensitivity_windows"] = sensitivity_windows
     if sharpen is not None:
         kw["sharpen"] = sharpen_option(sharpen)
+    if taus:
+        try:
+            grid = tuple(float(x) for x in taus.split(",") if x.strip())
+        except ValueError:
+            fail(f"--taus: {taus!r} is not a comma-separated list of numbers")
+        if not grid or not all(0 < t < 1 for t in grid):
+            fail(f"--taus: {taus!r}; every tau must be in (0, 1)")
+        kw["taus"] = grid
     if bound_unit not in BOUND_UNITS:
         fail(f"--bound-unit: {bound_unit!r}; choose {' or '.join(BOUND_UNITS)}")
     if confidence:

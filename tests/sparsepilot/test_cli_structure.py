@@ -121,6 +121,10 @@ def test_an_unknown_drop_measure_or_gate_target_is_refused_before_any_work(sp_ho
     assert res.exit_code == 2 and "--sensitivity-windows" in res.output and not bench_out.exists()
     res = runner.invoke(app, ["bench", "quality", "--quick", "--sharpen", "-2", "--out", str(bench_out)])
     assert res.exit_code == 2 and "--sharpen: '-2'" in res.output and not bench_out.exists()
+    for bad, why in (("0.9,x", "not a comma-separated list"), ("0.9,1.0", "every tau must be in (0, 1)")):
+        res = runner.invoke(app, ["bench", "quality", "--quick", "--taus", bad, "--out", str(bench_out)])
+        assert res.exit_code == 2 and f"--taus: '{bad}'" in res.output and why in res.output
+        assert not bench_out.exists()
 
 
 def test_a_device_or_dtype_the_benchmarks_cannot_use_is_refused_before_any_work(sp_home, tmp_path) -> None:  # noqa: ANN001
