@@ -70,3 +70,22 @@ def test_quality_bench_compares_every_estimator_at_one_budget(quality_tiny_dir, 
             assert saved.metadata["estimator"] == r["estimator"] and saved.metadata["density"] == r["density"]
     png = plot(out, tmp_path / "quality.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_quality_bench_passes_its_tau_grid_and_powers_to_calibration(quality_tiny_dir, tmp_path):
+    settings = QualityBenchSettings(
+        model=str(quality_tiny_dir),
+        budget="kl=0.05,agree=0.5",
+        estimators=("pooled",),
+        lengths=(512,),
+        max_texts=4,
+        heldout_tokens=512,
+        speed=False,
+        taus=(0.6, 0.9, 0.999),
+        sharpen=(1.0, 2.0),
+        plans_dir=str(tmp_path / "plans"),
+    )
+    out = run_quality_bench(settings)
+    assert out["settings"]["taus"] == [0.6, 0.9, 0.999] and out["settings"]["sharpen"] == [1.0, 2.0]
+    cal = load(tmp_path / "plans" / "512" / "pooled").metadata["calibration"]
+    assert cal["taus"] == [0.6, 0.9, 0.999] and cal["sharpen"] == [1.0, 2.0]
