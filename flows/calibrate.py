@@ -56,8 +56,6 @@ def limits_for(ctx: UseCaseContext, quick: bool, overrides: dict[str, Any] | Non
         lim.update(confidence=c.confidence, bound_unit=c.bound_unit)
     if c.sensitivity_windows:  # and no windows kept apart
         lim["sensitivity_windows"] = c.sensitivity_windows
-    if c.sharpen:  # and no selection powers
-        lim["sharpen"] = tuple(c.sharpen)
     if quick:
         # a bound keeps the spec's windows (the held-out ones are its units), and so do windows kept
         # apart (quick's 2 calibration windows would leave the learned estimator none of its own)

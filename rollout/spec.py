@@ -121,9 +121,6 @@ class CalibrationSettings(_Strict):
     # every candidate's sensitivities come from them (sparse_core CalibrationLimits.sensitivity_windows);
     # 0: every calibration window serves both
     sensitivity_windows: Annotated[int, Field(ge=0, le=64)] = 0
-    # selection powers each candidate is also measured at; a layer takes the one that keeps the fewest
-    # blocks (sparse_core CalibrationLimits.sharpen; 1.0, the estimate as it is, is always among them)
-    sharpen: Annotated[list[Annotated[float, Field(gt=0, le=8)]], Field(max_length=4)] = []
 
     @model_validator(mode="after")
     def _windows_left_to_train_on(self) -> CalibrationSettings:
@@ -444,7 +441,6 @@ _ADDED_LATER: dict[tuple[str, ...], Any] = {
     ("quality_budget", "calibration", "bound_unit"): "block",
     ("quality_budget", "calibration", "sensitivity_windows"): 0,
     ("quality_budget", "decode", "sensitivity_apart"): False,
-    ("quality_budget", "calibration", "sharpen"): [],
 }
 
 

@@ -154,17 +154,6 @@ def test_calibrate_flow_takes_the_specs_sensitivity_windows_and_keeps_its_window
     assert apart["max_joint_checks"] == 3  # the rest of quick still applies
 
 
-def test_calibrate_flow_takes_the_specs_selection_powers_and_keeps_old_run_keys() -> None:
-    from sparse_core.calibration import CalibrationLimits
-
-    for quick in (False, True):
-        plain = _flow_limits(quick)
-        assert "sharpen" not in plain and _flow_limits(quick, _calibration(sharpen=[])) == plain
-        assert CalibrationLimits(**plain).sharpen == (1.0,)
-        powered = _flow_limits(quick, _calibration(sharpen=[2, 1.4]))
-        assert CalibrationLimits(**powered).sharpen == (1.0, 1.4, 2.0)
-
-
 def test_calibrate_flow_takes_the_specs_decode_confidence_and_keeps_old_run_keys() -> None:
     from sparse_core.calibration import CalibrationLimits
 

@@ -237,26 +237,6 @@ def test_sensitivity_windows_keep_old_hashes_and_are_refused_when_the_gate_would
     assert "quality_budget.calibration.sensitivity_windows" in problem
 
 
-def test_selection_powers_keep_old_hashes_and_a_bad_power_names_the_field() -> None:
-    """quality_budget.calibration.sharpen: unset or empty, the stored spec (and its hash) is as before;
-    set, it is stored; a power outside (0, 8], or more than four, is refused naming the field."""
-
-    def cal(**kw) -> dict:  # noqa: ANN003
-        return _mutated(lambda d: d["quality_budget"].setdefault("calibration", {}).update(**kw))
-
-    default = parse_spec(example_spec("docs-qa"))
-    assert default.quality_budget.calibration.sharpen == []
-    assert "sharpen" not in default.to_dict()["quality_budget"]["calibration"]
-    assert parse_spec(cal(sharpen=[])).content_hash() == default.content_hash()
-    powered = parse_spec(cal(sharpen=[1.4, 2]))
-    assert powered.content_hash() != default.content_hash()
-    assert powered.to_dict()["quality_budget"]["calibration"]["sharpen"] == [1.4, 2.0]
-    assert UseCaseSpec.model_validate(powered.to_dict()) == powered
-    for bad in ([0], [-1.5], [9], [1.2, 1.4, 1.6, 1.8, 2.0], ["x"]):
-        (problem,) = _problems(cal(sharpen=bad))
-        assert "quality_budget.calibration.sharpen" in problem, problem
-
-
 def test_a_calibration_confidence_keeps_old_hashes_and_is_refused_without_the_held_out_units() -> None:
     """quality_budget.calibration.confidence / bound_unit: unset, the stored spec (and its hash) is as
     before; set, a geometry whose held-out windows cannot give a finite bound is refused when the spec
