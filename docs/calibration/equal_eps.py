@@ -10,8 +10,12 @@ per-layer choice "a+b" takes per layer the lower of a's and b's. This is calibra
 level (what the eps search allocates from), not a fidelity-checked plan: it needs one forward instead
 of one per search step, which is what made 8k affordable on a loaded 2-core CPU.
 Run from the worktree root:
-    PYTHONPATH=$PWD OMP_NUM_THREADS=1 python docs/calibration/equal_eps.py SEQ_LEN [PLAN_DIR]
+    PYTHONPATH=$PWD OMP_NUM_THREADS=1 python docs/calibration/equal_eps.py SEQ_LEN [PLAN_DIR] [POWERS [GRID]]
 PLAN_DIR: a saved plan whose gate_v2 weights to include (e.g. bench quality --plans DIR/4096/gate_v2).
+POWERS (e.g. 0.7,1.4,2): also every estimator with its estimate raised to each power before selection
+(`selection.sharpen`, tau-mass only), and "name^T*" (per head the best power, 1 included) and
+"name^T*/layer" (one power per layer, calibration's choice). GRID: "fine" (default, 23 taus to
+0.9999), "product" (calibration's default 8, to 0.995) or "product+" (those and 0.998-0.9999).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from sparse_core.capture import block_attention_mass, capture_attention
 from sparse_core.corpus import corpus_texts, pack_token_windows
 from sparse_core.estimators import EstimatorContext, get_estimator
 from sparse_core.plan import SparsePlan
-from sparse_core.selection import group_scores, select_blocks
+from sparse_core.selection import group_scores, select_blocks, sharpen
 
 torch.set_num_threads(1)
 seq_len = int(sys.argv[1])
@@ -36,6 +40,12 @@ BS = 64
 TAUS = [1 - 10 ** (-x / 6) for x in range(2, 25)]  # 0.54 ... 0.9999, 23 values (as fine as THS)
 THS = [10 ** (-x / 4) for x in range(2, 25)]  # 0.32 ... 1e-6, 23 values
 EPS = (0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05)
+POWERS = [float(x) for x in sys.argv[3].split(",")] if len(sys.argv) > 3 else []
+GRID = sys.argv[4] if len(sys.argv) > 4 else "fine"
+if GRID != "fine":
+    TAUS = [0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995] + (
+        [0.998, 0.999, 0.9995, 0.9999] if GRID == "product+" else []
+    )
 
 t0 = time.time()
 model, tok = load_model("smollm2-135m")
@@ -46,6 +56,8 @@ if plan_dir:
 
     base = load(plan_dir, config=model.config)
     names.append("gate_v2")
+plain = list(names)
+names += [f"{n}^{p:g}" for n in plain for p in POWERS]
 (window,) = pack_token_windows(tok, corpus_texts("heldout", seed=0), seq_len, 1, seed=11)
 hq, hkv = model.config.num_attention_heads, model.config.num_key_value_heads
 group = hq // hkv
@@ -71,10 +83,15 @@ def on_layer(call):
     ctx = EstimatorContext(
         block_size=BS, layer_idx=call.layer_idx, plan=base, scale=call.scaling, module=call.module
     )
+    grouped = {}
     for name in names:
-        raw = mass if name == "oracle" else get_estimator(name)(q, k, ctx)  # oracle = the exact mass
-        sc = group_scores(raw, hkv)
-        for rule, grid in (("tau", TAUS), ("threshold", THS)):
+        est, _, power = name.partition("^")
+        if not power:
+            raw = mass if name == "oracle" else get_estimator(name)(q, k, ctx)  # oracle = the exact mass
+            grouped[name] = group_scores(raw, hkv)
+        sc = sharpen(grouped[est], float(power or 1))
+        rules = (("tau", TAUS), ("threshold", THS)) if not power else (("tau", TAUS),)
+        for rule, grid in rules:
             err, dens = [], []
             for g in grid:
                 if rule == "tau":
@@ -96,6 +113,8 @@ layer_density = {}  # (name, rule) -> [eps][L]
 for name in names:
     out["density"][name] = {}
     for rule in ("tau", "threshold"):
+        if not res[name][rule]:
+            continue
         err = torch.stack([e for e, _ in res[name][rule]])  # [L, H, G]
         dens = torch.stack([d for _, d in res[name][rule]])
         per_layer = [
@@ -103,6 +122,22 @@ for name in names:
         ]
         layer_density[name, rule] = per_layer
         out["density"][name][rule] = [round(float(x.mean()), 4) for x in per_layer]
+for name in plain if POWERS else []:  # the best power per head, and one power per layer
+    parts = [name] + [f"{name}^{p:g}" for p in POWERS]
+    errs = [torch.stack([e for e, _ in res[p]["tau"]]) for p in parts]  # each [L, H, G]
+    denss = [torch.stack([d for _, d in res[p]["tau"]]) for p in parts]
+    err, dens = torch.cat(errs, -1), torch.cat(denss, -1)
+    per_head = [torch.where(err <= eps, dens, torch.ones_like(dens)).min(-1).values.mean(-1) for eps in EPS]
+    per_layer = []
+    for eps in EPS:
+        each = [
+            torch.where(e <= eps, d, torch.ones_like(d)).min(-1).values.mean(-1)
+            for e, d in zip(errs, denss, strict=True)
+        ]
+        per_layer.append(torch.stack(each).min(0).values)
+    out["density"][f"{name}^T*"] = {"tau": [round(float(x.mean()), 4) for x in per_head]}
+    out["density"][f"{name}^T*/layer"] = {"tau": [round(float(x.mean()), 4) for x in per_layer]}
+out["powers"], out["grid"] = POWERS, GRID
 for a, b in (("gate_v2", "pooled"), ("gate_v2", "antidiagonal"), ("oracle", "pooled")):
     if a in names:
         out["density"][f"{a}+{b}"] = {
