@@ -68,7 +68,7 @@ from sparse_core.eps_search import largest_passing, search_steps, step_alpha
 from sparse_core.errors import SparsePilotError
 from sparse_core.fidelity import DenseReference, Fidelity, dense_reference, measure_fidelity
 from sparse_core.fidelity_bound import by_window, judged, judged_dict
-from sparse_core.plan import SparsePlan, model_shape
+from sparse_core.plan import SparsePlan, check_sharpen, model_shape
 from sparse_core.prefill_bound import (
     FIDELITY_FRACTION,
     SEARCH_STEPS,
@@ -256,18 +256,11 @@ class CalibrationLimits:
 
 
 def sharpen_powers(powers: Sequence[float]) -> tuple[float, ...]:
-    """The selection powers to measure: 1.0 first, then the others ascending, each in (0, 8];
-    ValueError names a bad one."""
-    from sparse_core.plan import SHARPEN_MAX
-
-    out = []
+    """The selection powers to measure: 1.0 first, then the others ascending; a bad one is a
+    ValueError (PlanError) naming it."""
     for p in powers:
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p):
-            raise ValueError(f"sharpen powers must be numbers, got {p!r}")
-        if not 0 < p <= SHARPEN_MAX:
-            raise ValueError(f"sharpen powers must be in (0, {SHARPEN_MAX:g}], got {p!r}")
-        out.append(float(p))
-    return (1.0, *sorted(set(out) - {1.0}))
+        check_sharpen("calibration", p)
+    return (1.0, *sorted({float(p) for p in powers} - {1.0}))
 
 
 def variant_key(estimator: str, power: float) -> str:
@@ -785,10 +778,6 @@ def calibrate_many(
     return results
 
 
-def _layer_estimator(params) -> str:
-    return variant_key(params.estimator, params.sharpen)
-
-
 def _sensitivity_split(cal_w: list, apart: int) -> tuple[list, list]:
     """(the windows a learned estimator may train on, the windows the sensitivities come from).
 
@@ -904,10 +893,8 @@ def _search_plan(
 
     eps = cands[lo] if lo >= 0 else None
     plan, predicted, dmat, chosen = plan_for(eps)
-    layer_estimators = [
-        "dense" if li in plan.dense_layers else _layer_estimator(plan.layer_params(li))
-        for li in range(len(chosen))
-    ]
+    params = [plan.layer_params(li) for li in range(len(chosen))]
+    layer_estimators = ["dense" if p.dense else variant_key(p.estimator, p.sharpen) for p in params]
     if lo >= 0:
         _, fid, measured, (task_drop, task_upper) = cache[lo]
     else:

@@ -117,11 +117,11 @@ class SparsePlan:
         if not isinstance(self.estimator, str) or not self.estimator:
             raise PlanError(f"plan.estimator must be a non-empty name, got {self.estimator!r}")
         _check_selection("plan", self.tau, self.sink_blocks, self.local_blocks, self.top_k, self.min_density)
-        _check_sharpen("plan", self.sharpen)
+        check_sharpen("plan", self.sharpen)
         for layer, merged in merged_overrides("plan", self.layer_overrides, LAYER_OVERRIDE_KEYS, self):
             if not isinstance(merged["estimator"], str) or not merged["estimator"]:
                 raise PlanError(f"plan.layer_overrides[{layer}].estimator must be a non-empty name")
-            _check_sharpen(f"plan.layer_overrides[{layer}]", merged["sharpen"])
+            check_sharpen(f"plan.layer_overrides[{layer}]", merged["sharpen"])
             _check_selection(
                 f"plan.layer_overrides[{layer}]",
                 merged["tau"],
@@ -357,7 +357,8 @@ def _check_tau(where: str, tau: Any) -> None:
         raise PlanError(f"{where}.tau must be in (0, 1], got {tau!r}")
 
 
-def _check_sharpen(where: str, power: Any) -> None:
+def check_sharpen(where: str, power: Any) -> None:
+    """PlanError naming `where` unless `power` is a number in (0, SHARPEN_MAX]."""
     if (
         isinstance(power, bool)
         or not isinstance(power, (int, float))
