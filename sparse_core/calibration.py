@@ -219,8 +219,7 @@ class CalibrationLimits:
             raise ValueError("calibration needs max_texts >= 2 (one window is held out)")
         if not 0 < self.holdout_fraction < 1:
             raise ValueError("holdout_fraction must be in (0, 1)")
-        if not self.taus or any(not 0 < t < 1 for t in self.taus):
-            raise ValueError("taus must be a non-empty list of values in (0, 1)")
+        self.taus = tau_grid(self.taus)
         if self.sensitivity_windows < 0:
             raise ValueError(f"sensitivity_windows must be >= 0, got {self.sensitivity_windows}")
         if self.drop_measure not in DROP_MEASURES:
@@ -228,7 +227,6 @@ class CalibrationLimits:
         if self.confidence is not None and not 0 < self.confidence < 1:
             raise ValueError(f"confidence must be in (0, 1) or None, got {self.confidence}")
         check_unit(self.bound_unit)
-        self.taus = tuple(sorted(set(float(t) for t in self.taus)))
         self.sharpen = sharpen_powers(self.sharpen)
         if isinstance(self.decode, dict):
             from sparse_core.decode.calibration import DecodeLimits
@@ -253,6 +251,14 @@ class CalibrationLimits:
         )
         base.update(kw)
         return cls(**base)
+
+
+def tau_grid(taus: Sequence[float]) -> tuple[float, ...]:
+    """The taus an allocation picks from, ascending and distinct; ValueError unless there is one and
+    each is in (0, 1)."""
+    if not taus or any(not 0 < t < 1 for t in taus):
+        raise ValueError(f"taus must be a non-empty list and every tau must be in (0, 1), got {list(taus)}")
+    return tuple(sorted({float(t) for t in taus}))
 
 
 def sharpen_powers(powers: Sequence[float]) -> tuple[float, ...]:

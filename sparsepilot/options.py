@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
 
 import typer
 
@@ -35,13 +36,27 @@ def device_or_fail(name: str) -> Any:
         fail(f"--device: {exc}")
 
 
+T = TypeVar("T")
+
+
+def number_list_option(option: str, text: str, check: Callable[[list[float]], T]) -> T:
+    """'1.4,2' -> check([1.4, 2.0]), or exit 2 naming the option and what is wrong (not numbers, or
+    the ValueError `check` raises)."""
+    from sparsepilot.console import fail
+
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        fail(f"{option}: {text!r} is not a comma-separated list of numbers ({exc})")
+    try:
+        return check(values)
+    except ValueError as exc:
+        fail(f"{option}: {text!r}: {exc}")
+
+
 def sharpen_option(text: str) -> tuple[float, ...]:
     """--sharpen '1.4,2' -> the selection powers calibration measures (1.0 always among them), or exit
     2 naming the option."""
     from sparse_core.calibration import sharpen_powers
-    from sparsepilot.console import fail
 
-    try:
-        return sharpen_powers([float(x) for x in text.split(",") if x.strip()])
-    except ValueError as exc:
-        fail(f"--sharpen: {text!r}: {exc}")
+    return number_list_option("--sharpen", text, sharpen_powers)

@@ -12,7 +12,7 @@ import typer
 
 from sparse_core.decode.plan import DECODE_ESTIMATORS, TRAINED_BY_DECODE_CALIBRATION
 from sparse_core.estimators import available_estimators
-from sparsepilot.options import DeviceOpt, SharpenOpt, device_or_fail, sharpen_option
+from sparsepilot.options import DeviceOpt, SharpenOpt, device_or_fail, number_list_option, sharpen_option
 from sparsepilot.quiet import for_command
 
 # Options several benchmarks share (each command gives its own default)
@@ -190,7 +190,7 @@ def bench_quality(
 
     from sparse_core import PlanError
     from sparse_core.bench.quality import QualityBenchSettings, default_specs, plot, run_quality_bench
-    from sparse_core.calibration import DROP_MEASURES
+    from sparse_core.calibration import DROP_MEASURES, tau_grid
     from sparse_core.estimators import parse_estimator_spec
     from sparse_core.estimators.learned_gate_v2 import TARGETS as GATE_V2_TARGETS
     from sparse_core.prefill_bound import BOUND_UNITS
@@ -230,13 +230,7 @@ def bench_quality(
     if sharpen is not None:
         kw["sharpen"] = sharpen_option(sharpen)
     if taus:
-        try:
-            grid = tuple(float(x) for x in taus.split(",") if x.strip())
-        except ValueError:
-            fail(f"--taus: {taus!r} is not a comma-separated list of numbers")
-        if not grid or not all(0 < t < 1 for t in grid):
-            fail(f"--taus: {taus!r}; every tau must be in (0, 1)")
-        kw["taus"] = grid
+        kw["taus"] = number_list_option("--taus", taus, tau_grid)
     if bound_unit not in BOUND_UNITS:
         fail(f"--bound-unit: {bound_unit!r}; choose {' or '.join(BOUND_UNITS)}")
     if confidence:
