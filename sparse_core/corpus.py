@@ -92,6 +92,22 @@ def pack_token_windows(
     return windows
 
 
+def timing_window(tokenizer, length: int, *, seed: int = 7) -> list[int]:
+    """Exactly `length` tokens of the whole corpus (both parts) to time a prefill or a decode on.
+
+    A timing needs text of the length it is labelled with, not text no calibration saw (what a plan
+    keeps there is recorded beside the timing); the held-out part alone holds ~7k SmolLM2 tokens, so
+    an "8k" window packed from it is ~7k tokens long. Raises ValueError when the corpus cannot fill
+    `length` tokens, rather than timing a shorter window under the longer label."""
+    (win,) = pack_token_windows(tokenizer, corpus_texts("all"), length, 1, seed=seed) or [[]]
+    if len(win) < length:
+        raise ValueError(
+            f"the stdlib corpus holds {len(win)} tokens with this tokenizer, fewer than the {length} "
+            "asked for a timing window"
+        )
+    return win
+
+
 def text_fingerprint(texts: Sequence[str]) -> str:
     """Order-sensitive SHA-256 of the texts (recorded in a plan's metadata)."""
     h = hashlib.sha256()

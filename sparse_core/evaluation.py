@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from sparse_core.capture import block_attention_mass, capture_attention
-from sparse_core.corpus import corpus_texts, pack_token_windows
+from sparse_core.corpus import corpus_texts, pack_token_windows, timing_window
 from sparse_core.fidelity import dense_reference, measure_fidelity
 from sparse_core.plan import SparsePlan, model_shape
 from sparse_core.probes import PROBE_KINDS, generate_probes, score_probes
@@ -357,12 +357,11 @@ def measure_speed(
 
     weights = list(weights) if weights else [1.0] * len(lengths)
     total_w = sum(weights)
-    texts = corpus_texts("all")
     dev = next(model.parameters()).device
     rows: list[SpeedRow] = []
     done, total = 0, len(lengths) * repeats
     for L, w in zip(lengths, weights, strict=True):
-        win = pack_token_windows(tokenizer, texts, int(L), 1, seed=seed + 7)[0]
+        win = timing_window(tokenizer, int(L), seed=seed + 7)
         ids = torch.tensor([win], device=dev)
         _time_prefill(model, ids)  # warm-up dense
         sparsify(model, plan)
@@ -459,14 +458,13 @@ def measure_decode_speed(
     policy = apply_thread_policy()
     load_before = loadavg()
 
-    texts = corpus_texts("all")
     dev = next(model.parameters()).device
     weights = list(weights) if weights else [1.0] * len(lengths)
     total_w = sum(weights)
     rows = []
     for i, (L, w) in enumerate(zip(lengths, weights, strict=True), start=1):
         n = int(L) if not cap else min(int(L), cap - suite.decode_new_tokens)
-        win = pack_token_windows(tokenizer, texts, n, 1, seed=suite.seed + 7)[0]
+        win = timing_window(tokenizer, n, seed=suite.seed + 7)
         ids = torch.tensor([win], device=dev)
         if plan.decode is None:
             r = dense_decode(

@@ -181,7 +181,7 @@ def model_bench(
 ) -> tuple[list[dict[str, Any]], str]:
     """Rows per context length: dense attention on the paged cache, then the given plan's decode or,
     without one, each estimator's budget rows (several estimators: side by side in this one run)."""
-    from sparse_core.corpus import corpus_texts, pack_token_windows
+    from sparse_core.corpus import corpus_texts, timing_window
     from sparse_core.decode.measure import compare_decode
     from sparse_core.loading import load_model
 
@@ -223,7 +223,7 @@ def model_bench(
     for length in lengths:
         if cap and length + new_tokens > cap:
             length = cap - new_tokens
-        win = pack_token_windows(tok, texts, length, 1, seed=7)[0]
+        win = timing_window(tok, length, seed=7)
         ids = torch.tensor([win])
         for name, p, kind in plans:
             say(f"{model_ref}: {length} tokens, {name}")

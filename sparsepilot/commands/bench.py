@@ -277,7 +277,7 @@ def bench_quality(
     ]
     for block in result["by_length"]:
         print_table(
-            f"{block['seq_len']} tokens, budget {budget}: held-out natural text "
+            f"{block['seq_len']} tokens, budget {budget}: {heldout_label(block)} "
             f"(load {result['loadavg_before']} -> {result['loadavg_after']})",
             block["rows"],
             columns=cols,
@@ -296,6 +296,15 @@ def bench_quality(
             ],
         )
     print(f"JSON: {out}")
+
+
+def heldout_label(block: dict) -> str:
+    """What a length's quality rows were measured on, with the true window lengths where the held-out
+    text ran out before the labelled length (SmolLM2's held-out corpus holds ~7k tokens)."""
+    held = block["heldout_window_tokens"]
+    if min(held) >= block["seq_len"]:
+        return "held-out natural text"
+    return f"held-out natural text, {len(held)} window(s) of {'/'.join(map(str, held))} tokens"
 
 
 def _usecase_data(ref: str):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from sparse_core.bench.quality import (
     QualityBenchSettings,
     UseCaseData,
@@ -12,6 +14,7 @@ from sparse_core.bench.quality import (
     plot,
     run_quality_bench,
 )
+from sparse_core.corpus import corpus_texts, pack_token_windows, timing_window
 from sparse_core.estimators import available_estimators
 from sparse_core.plan_io import load
 from sparse_core.tasks import TaskRow
@@ -39,6 +42,9 @@ def test_quality_bench_compares_every_estimator_at_one_budget(quality_tiny_dir, 
     json.dumps(out, allow_nan=False)  # strict JSON
     (block,) = out["by_length"]
     assert [r["estimator"] for r in block["rows"]] == list(SPECS)
+    # timed on a window of the labelled length; the held-out windows' true lengths are recorded
+    assert block["speed_tokens"] == 512 and block["heldout_window_tokens"] == [512]
+    assert all(0 < r["speed_density"] <= 1 for r in block["rows"])
     free = [r for r in block["rows"] if r["estimator"] in TRAINING_FREE and r["met_budget"]]
     best = min(r["density"] for r in free)
     best_measured = min(r["measured_density"] for r in free)
@@ -89,3 +95,14 @@ def test_quality_bench_passes_its_tau_grid_and_powers_to_calibration(quality_tin
     assert out["settings"]["taus"] == [0.6, 0.9, 0.999] and out["settings"]["sharpen"] == [1.0, 2.0]
     cal = load(tmp_path / "plans" / "512" / "pooled").metadata["calibration"]
     assert cal["taus"] == [0.6, 0.9, 0.999] and cal["sharpen"] == [1.0, 2.0]
+
+
+def test_a_timing_window_has_the_length_it_is_labelled_with(quality_tiny):
+    _, tok = quality_tiny
+    assert len(timing_window(tok, 700)) == 700
+    assert timing_window(tok, 700, seed=3) != timing_window(tok, 700)
+    # the held-out part alone runs out before a long window: packing it silently gives fewer tokens
+    held = pack_token_windows(tok, corpus_texts("heldout"), 10**7, 1)
+    assert 0 < len(held[0]) < 10**7
+    with pytest.raises(ValueError, match="fewer than the 10000000 asked"):
+        timing_window(tok, 10**7)
