@@ -88,15 +88,18 @@ def get_model(ref: str) -> tuple[Any, Any]:
 
 
 def pick_device() -> str:
-    """SPARSEPILOT_DEVICE if set, else CUDA when present, else CPU (evaluations record which)."""
+    """Where the flows load the model: SPARSEPILOT_DEVICE (auto, cpu or cuda) if set, else auto, by the
+    benchmarks' rule (CUDA when torch sees it, else the CPU; `cuda` without one is refused). A value
+    it cannot use is an error that names the variable, not a failure deep inside a model load."""
     import os
 
-    import torch
+    from sparse_core.bench.common import bench_device
 
-    wanted = os.environ.get("SPARSEPILOT_DEVICE")
-    if wanted:
-        return wanted
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    wanted = os.environ.get("SPARSEPILOT_DEVICE") or "auto"
+    try:
+        return bench_device(wanted).type
+    except ValueError as exc:
+        raise ValueError(f"SPARSEPILOT_DEVICE={wanted!r}: {exc}") from None
 
 
 @contextmanager

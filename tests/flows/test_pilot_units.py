@@ -193,3 +193,22 @@ def test_calibrate_flow_takes_the_specs_calibration_confidence_and_keeps_its_win
     cheap = _flow_limits(True)
     assert (cheap["max_texts"], cheap["max_seq_len"]) == (3, 2048)  # quick as before
     assert _flow_limits(True, _calibration(confidence=0.95))["max_joint_checks"] == 3  # the rest of quick
+
+
+def test_the_flows_device_follows_sparsepilot_device_and_refuses_what_it_cannot_use(monkeypatch) -> None:  # noqa: ANN001
+    import pytest
+    import torch
+
+    from flows.common import pick_device
+
+    monkeypatch.delenv("SPARSEPILOT_DEVICE", raising=False)
+    assert pick_device() == ("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setenv("SPARSEPILOT_DEVICE", "cpu")
+    assert pick_device() == "cpu"
+    monkeypatch.setenv("SPARSEPILOT_DEVICE", "gpu")
+    with pytest.raises(ValueError, match="SPARSEPILOT_DEVICE='gpu': device 'gpu': choose one of auto"):
+        pick_device()
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("SPARSEPILOT_DEVICE", "cuda")
+        with pytest.raises(ValueError, match="SPARSEPILOT_DEVICE='cuda'.*torch sees no CUDA device"):
+            pick_device()
