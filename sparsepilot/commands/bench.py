@@ -178,6 +178,13 @@ def bench_quality(
         "0.995,0.998,0.999 (default: calibration's, up to 0.995).",
     ),
     no_speed: bool = typer.Option(False, "--no-speed", help="Skip the prefill timing per plan."),
+    seed: int = typer.Option(
+        0,
+        "--seed",
+        min=0,
+        help="Seeds the corpus's calibration/held-out split, the windows and gate training: the same "
+        "run with another seed is an independent repeat.",
+    ),
     out: JsonOut = "bench-results/quality.json",
     json_out: Annotated[bool, _json_flag("Print the JSON instead of tables.")] = False,
     plans: str = typer.Option("", "--plans", help="Save every calibrated plan under DIR/<length>/<spec>."),
@@ -213,6 +220,7 @@ def bench_quality(
         speed=not no_speed,
         drop_measure=drop_measure,
         device=str(device_or_fail(device)),
+        seed=seed,
     )
     try:
         if lengths:  # 'none': only the use cases

@@ -220,21 +220,23 @@ def test_calibrate_keeps_the_sensitivity_windows_apart_from_the_gates_training(
 
 
 def test_bench_quality_names_the_text_it_measured_on(sp_home, tiny_llama_dir, tmp_path) -> None:  # noqa: ANN001
-    """bench quality on the tiny model prints each length's table under what its rows were measured on,
-    and the JSON records the held-out windows' true lengths and the timed window's; where the held-out
-    text runs out before the label (SmolLM2's ~7k tokens at 8k) the title gives the true lengths."""
+    """bench quality on the tiny model (seed 1) prints each length's table under what its rows were
+    measured on, and the JSON records the held-out windows' true lengths and the timed window's; where
+    the held-out text runs out before the label (SmolLM2's ~7k tokens at 8k) the title gives them."""
     import json
 
     from sparsepilot.commands.bench import heldout_label
 
     out = tmp_path / "quality.json"
     args = ["bench", "quality", "--model", str(tiny_llama_dir), "--lengths", "256", "--estimators", "pooled"]
-    args += ["--max-texts", "4", "--max-checks", "2", "--usecases", "none", "--out", str(out)]
+    args += ["--max-texts", "4", "--max-checks", "2", "--usecases", "none", "--seed", "1", "--out", str(out)]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     text = " ".join(res.output.split())
     assert "256 tokens, budget kl=0.01,agree=0.98: held-out natural text (load" in text
-    (block,) = json.loads(out.read_text())["by_length"]
+    result = json.loads(out.read_text())
+    assert result["settings"]["seed"] == 1  # --seed: an independent repeat (split, windows, training)
+    (block,) = result["by_length"]
     assert block["speed_tokens"] == 256 and block["heldout_window_tokens"] == [256] * 16
     assert 0 < block["rows"][0]["speed_density"] <= 1
     short = {"seq_len": 8192, "heldout_window_tokens": [6958]}
