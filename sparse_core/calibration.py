@@ -57,7 +57,7 @@ import hashlib
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -68,6 +68,8 @@ from sparse_core.eps_search import largest_passing, search_steps, step_alpha
 from sparse_core.errors import SparsePilotError
 from sparse_core.fidelity import DenseReference, Fidelity, dense_reference, measure_fidelity
 from sparse_core.fidelity_bound import by_window, judged, judged_dict
+from sparse_core.layer_weights import check_mode as check_layer_weights
+from sparse_core.layer_weights import layer_scales, reference_eps
 from sparse_core.plan import SparsePlan, check_sharpen, model_shape
 from sparse_core.prefill_bound import (
     FIDELITY_FRACTION,
@@ -208,6 +210,10 @@ class CalibrationLimits:
     # a layer takes the one that keeps the fewest blocks. 1.0 (the estimate as it is) is always among
     # them and comes first; (1.0,), the default, measures nothing more
     sharpen: tuple[float, ...] = (1.0,)
+    # "kl": scale each layer's errors by what its error does to the output (next-token KL of the layer
+    # sparsified alone at a reference plan, on one sensitivity window; `sparse_core.layer_weights`),
+    # so one eps bounds every layer's share of the KL; "none" (default): the same eps in every layer
+    layer_weights: str = "none"
     # task bound (budget.task_delta): rows of the calibration split scored per search step
     max_task_rows: int = 8
     max_new_tokens: int = 16
@@ -228,6 +234,7 @@ class CalibrationLimits:
             raise ValueError(f"confidence must be in (0, 1) or None, got {self.confidence}")
         check_unit(self.bound_unit)
         self.sharpen = sharpen_powers(self.sharpen)
+        check_layer_weights(self.layer_weights)
         if isinstance(self.decode, dict):
             from sparse_core.decode.calibration import DecodeLimits
 
@@ -321,6 +328,8 @@ class CalibrationReport:
     # `density` from the sensitivity windows: new text moves it a few percent, a learned estimator's
     # more when the sensitivities came from its own training windows (docs/calibration.md)
     measured_density: float | None = None
+    # layer_weights="kl": each layer's KL alone at the reference plan and the scale on its errors
+    layer_weights: dict | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -546,6 +555,48 @@ def allocate_choice(
     return layer_over, head_over, tuple(dense), float(dmat.mean()), dmat, chosen
 
 
+def scale_errors(sens: Sensitivity, scales: Sequence[float]) -> Sensitivity:
+    """The sensitivity with layer l's errors multiplied by scales[l] (`layer_weights.layer_scales`)."""
+    w = torch.tensor(list(scales), dtype=sens.err.dtype)
+    if w.numel() != sens.err.shape[0]:
+        raise ValueError(f"{w.numel()} layer scales for {sens.err.shape[0]} layers")
+    return replace(sens, err=sens.err * w[:, None, None])
+
+
+@torch.no_grad()
+def measure_layer_kl(
+    model,
+    windows: Sequence[Sequence[int]],
+    base: SparsePlan,
+    sens: dict[str, Sensitivity],
+    lim: CalibrationLimits,
+    progress: Progress | None = None,
+) -> list[float | None]:
+    """Per layer the next-token KL against dense on `windows` with that layer alone sparsified as the
+    reference plan has it (`layer_weights.reference_eps`); None for a layer dense there."""
+    from sparse_core.retrofit import sparsify, unsparsify
+
+    cands = _eps_candidates(sens, 6)  # 63 levels: enough to land near the reference density
+    preds = [allocate_choice(sens, e, per_head=lim.per_head)[3] for e in cands]
+    lo, ho, dl, _, _, _ = allocate_choice(sens, reference_eps(cands, preds), per_head=lim.per_head)
+    ref_plan = base.with_(layer_overrides=lo, head_overrides=ho, dense_layers=dl)
+    n_layers = next(iter(sens.values())).err.shape[0]
+    wref = dense_reference(model, windows, fraction=lim.fidelity_fraction)
+    out: list[float | None] = []
+    for li in range(n_layers):
+        if li in dl:
+            out.append(None)
+        else:
+            sparsify(model, ref_plan.with_(dense_layers=tuple(x for x in range(n_layers) if x != li)))
+            try:
+                out.append(measure_fidelity(model, wref).kl)
+            finally:
+                unsparsify(model)
+        if progress:
+            progress("layer weights", li + 1, n_layers)
+    return out
+
+
 def _eps_candidates(sens: Sensitivity | dict[str, Sensitivity], max_checks: int) -> list[float]:
     errs = sens.values() if isinstance(sens, dict) else [sens]
     vals = sorted({float(x) for se in errs for x in se.err.flatten().tolist() if math.isfinite(x)})
@@ -712,6 +763,23 @@ def calibrate_many(
         model, sens_w, base, lim.taus, candidates, progress, measure=lim.drop_measure, sharpen=lim.sharpen
     )
     secs["sensitivity"] = time.perf_counter() - t0
+    layer_kl: list[float | None] | None = None
+    scales: list[float] | None = None
+    if lim.layer_weights == "kl":  # one weighting for every spec, from the first spec's reference plan
+        t0 = time.perf_counter()
+        first = specs[next(iter(specs))]
+        own = {k: v for name in trained if name in first for k, v in trained[name][0].items()}
+        layer_kl = measure_layer_kl(
+            model,
+            sens_w[-1:],
+            base.with_(estimator=first[0], tensors=own),
+            {k: sens_all[k] for k in (variant_key(e, p) for e in first for p in lim.sharpen)},
+            lim,
+            progress,
+        )
+        scales = layer_scales(layer_kl)
+        sens_all = {k: scale_errors(v, scales) for k, v in sens_all.items()}
+        secs["layer_weights"] = time.perf_counter() - t0
     shared = dict(
         model=model,
         tokenizer=tokenizer,
@@ -761,7 +829,8 @@ def calibrate_many(
             "n_sensitivity_windows": len(sens_w),
             "seq_len": lim.max_seq_len,
             **plan.metadata["calibration"],
-        }
+        } | ({"layer_weights": {"layer_kl": layer_kl, "scales": scales}} if scales is not None else {})
+        report.layer_weights = plan.metadata["calibration"].get("layer_weights")
         if lim.decode is not None:  # the decode budget, on continuations generated after long prompts
             from sparse_core.decode.calibration import calibrate_decode
 

@@ -65,6 +65,7 @@ class QualityBenchSettings:
     sensitivity_windows: int = 0  # CalibrationLimits.sensitivity_windows: kept apart from gate training
     sharpen: tuple[float, ...] = (1.0,)  # CalibrationLimits.sharpen: selection powers a layer may take
     taus: tuple[float, ...] | None = None  # CalibrationLimits.taus (None: its default grid)
+    layer_weights: str = "none"  # CalibrationLimits.layer_weights: "kl" weighs each layer's error
     heldout_tokens: int = 4096  # the bench's own held-out text per length (>= 1 window)
     speed: bool = True
     usecases: tuple[UseCaseData, ...] = field(default_factory=tuple)
@@ -134,6 +135,7 @@ def run_quality_bench(
             drop_measure=settings.drop_measure,
             sensitivity_windows=settings.sensitivity_windows,
             sharpen=settings.sharpen,
+            layer_weights=settings.layer_weights,
             **({"taus": settings.taus} if settings.taus else {}),
             max_task_rows=settings.max_task_rows,
             max_joint_checks=settings.max_joint_checks,

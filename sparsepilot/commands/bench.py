@@ -177,6 +177,12 @@ def bench_quality(
         help="The tau grid every estimator's allocation picks from, e.g. 0.5,0.8,0.9,0.95,0.98,0.99,"
         "0.995,0.998,0.999 (default: calibration's, up to 0.995).",
     ),
+    layer_weights: str = typer.Option(
+        "none",
+        "--layer-weights",
+        help="none | kl: scale each layer's errors by the next-token KL its error causes alone (measured "
+        "on a sensitivity window), so one eps bounds every layer's share of the output error.",
+    ),
     no_speed: bool = typer.Option(False, "--no-speed", help="Skip the prefill timing per plan."),
     seed: int = typer.Option(
         0,
@@ -200,6 +206,7 @@ def bench_quality(
     from sparse_core.calibration import DROP_MEASURES, tau_grid
     from sparse_core.estimators import parse_estimator_spec
     from sparse_core.estimators.learned_gate_v2 import TARGETS as GATE_V2_TARGETS
+    from sparse_core.layer_weights import MODES as LAYER_WEIGHTS
     from sparse_core.prefill_bound import BOUND_UNITS
     from sparsepilot.console import fail, print_table
 
@@ -213,6 +220,8 @@ def bench_quality(
         fail(f"--gate-target: {gate_target!r}; choose {', '.join(GATE_V2_TARGETS)}")
     if drop_measure not in DROP_MEASURES:
         fail(f"--drop-measure: {drop_measure!r}; choose {' or '.join(DROP_MEASURES)}")
+    if layer_weights not in LAYER_WEIGHTS:
+        fail(f"--layer-weights: {layer_weights!r}; choose {' or '.join(LAYER_WEIGHTS)}")
     kw: dict = dict(
         model=model,
         budget=budget,
@@ -221,6 +230,7 @@ def bench_quality(
         drop_measure=drop_measure,
         device=str(device_or_fail(device)),
         seed=seed,
+        layer_weights=layer_weights,
     )
     try:
         if lengths:  # 'none': only the use cases

@@ -102,7 +102,11 @@ def test_an_unknown_drop_measure_or_gate_target_is_refused_before_any_work(sp_ho
         assert res.exit_code == 2 and f"--sharpen: '{bad}'" in res.output and why in res.output
         assert not out.exists()
     bench_out = tmp_path / "quality.json"
-    for option, choices in (("--drop-measure", "mass or output"), ("--gate-target", "maxpool, mass, output")):
+    for option, choices in (
+        ("--drop-measure", "mass or output"),
+        ("--gate-target", "maxpool, mass, output"),
+        ("--layer-weights", "none or kl"),
+    ):
         res = runner.invoke(app, ["bench", "quality", "--quick", option, "entropy", "--out", str(bench_out)])
         assert res.exit_code == 2, res.output
         assert f"{option}: 'entropy'" in res.output and choices in res.output, res.output
