@@ -16,7 +16,9 @@ Search, built to stay cheap on 30 layers:
    relative error of the attention output itself, from one more per-block P.V product per layer).
 4. Allocation by one global error level eps: every (layer, head) takes the sparsest tau whose
    dropped mass is <= eps (else it stays dense; a layer whose heads all stay dense is listed in dense_layers).
-   A larger eps means a sparser plan.
+   A larger eps means a sparser plan. With `limits.layer_weights="kl"` each layer's errors are first
+   scaled by what its error does to the output (its KL alone at a reference plan, measured on one
+   sensitivity window; `sparse_core.layer_weights`), so eps bounds every layer's share of the KL.
 5. Joint check: binary search over eps (a thinned, sorted set of the measured errors) with full
    sparse forwards on the held-out windows against the dense reference; the largest eps whose plan
    meets the budget (mean next-token KL, top-1 agreement, relative delta NLL) wins. Each check is one
