@@ -12,6 +12,12 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from sparse_core.errors import SparsePilotError
+
+
+class CorpusError(SparsePilotError, ValueError):
+    """The corpus cannot give what was asked of it (the CLI shows the message, exit 2)."""
+
 
 @dataclass(frozen=True)
 class Document:
@@ -98,10 +104,10 @@ def timing_window(tokenizer, length: int, *, seed: int = 7) -> list[int]:
     A timing needs text of the length it is labelled with, not text no calibration saw (what a plan
     keeps there is recorded beside the timing); the held-out part alone holds ~7k SmolLM2 tokens, so
     an "8k" window packed from it is ~7k tokens long. Raises ValueError when the corpus cannot fill
-    `length` tokens, rather than timing a shorter window under the longer label."""
+    `length` tokens (`CorpusError`), rather than timing a shorter window under the longer label."""
     (win,) = pack_token_windows(tokenizer, corpus_texts("all"), length, 1, seed=seed) or [[]]
     if len(win) < length:
-        raise ValueError(
+        raise CorpusError(
             f"the stdlib corpus holds {len(win)} tokens with this tokenizer, fewer than the {length} "
             "asked for a timing window"
         )

@@ -14,7 +14,8 @@ from sparse_core.bench.quality import (
     plot,
     run_quality_bench,
 )
-from sparse_core.corpus import corpus_texts, pack_token_windows, timing_window
+from sparse_core.corpus import CorpusError, corpus_texts, pack_token_windows, timing_window
+from sparse_core.errors import SparsePilotError
 from sparse_core.estimators import available_estimators
 from sparse_core.plan_io import load
 from sparse_core.tasks import TaskRow
@@ -104,5 +105,6 @@ def test_a_timing_window_has_the_length_it_is_labelled_with(quality_tiny):
     # the held-out part alone runs out before a long window: packing it silently gives fewer tokens
     held = pack_token_windows(tok, corpus_texts("heldout"), 10**7, 1)
     assert 0 < len(held[0]) < 10**7
-    with pytest.raises(ValueError, match="fewer than the 10000000 asked"):
+    with pytest.raises(CorpusError, match="fewer than the 10000000 asked"):  # the CLI: one line, exit 2
         timing_window(tok, 10**7)
+    assert issubclass(CorpusError, SparsePilotError) and issubclass(CorpusError, ValueError)
