@@ -41,8 +41,9 @@ def interval_only(lo: Any, hi: Any, one: Any = None) -> str:
 
 
 def quality_interval(lo: Any, hi: Any) -> str:
-    """The gate's bounds on the quality difference. Each side is a one-sided bound and the scale ends at
-    -1 and +1, so a bound at the edge says nothing: '>= lo' or '<= hi' then, '[lo, hi]' when both bound."""
+    """Bounds on the quality difference (the gate's, or an evaluation's). Each side is a one-sided bound
+    and the scale ends at -1 and +1, so a bound at the edge says nothing: '>= lo' or '<= hi' then,
+    '[lo, hi]' when both bound."""
     if not (_ok(lo) and _ok(hi)):
         return "-"
     low, high = lo > -1 + 1e-9, hi < 1 - 1e-9
@@ -51,6 +52,16 @@ def quality_interval(lo: Any, hi: Any) -> str:
     if low:
         return f">= {lo:+.4f}"
     return f"<= {hi:+.4f}" if high else "not bounded yet"
+
+
+def quality_source(row: dict[str, Any]) -> str:
+    """Where a use case's quality numbers come from: the pilot gate's latest look, or (before any look
+    measured it) the offline evaluation, with the task rows it scored."""
+    source = row.get("quality_source")
+    if source == "evaluation":
+        n = row.get("evaluation_rows")
+        return f"evaluation, {n} rows" if _ok(n) else "evaluation"
+    return "pilot gate" if source == "gate" else "-"
 
 
 def guardrail_rows(ev: dict[str, Any]) -> list[dict[str, Any]]:

@@ -40,6 +40,8 @@ EVIDENCE_TRAFFIC_USED = ("traffic", "distinct_used")
 EVIDENCE_TRAFFIC_REMAINING = ("traffic", "remaining")
 EVIDENCE_N_TREATMENT = ("n_treatment",)
 EVIDENCE_STEP_INDEX = ("step_index",)
+# Where an evaluation's report (sparse_core.evaluation) keeps how many task rows its quality came from.
+EVALUATION_TASK_ROWS = ("tasks", "n_rows")
 
 T = TypeVar("T")
 WAITING_LABELS = {"approval": "approval to promote", "rollback_approval": "approval to roll back"}
@@ -63,7 +65,8 @@ def portfolio(session: Session, *, decision_kind: str | None = None) -> list[dic
     """One row per use case: phase, current step, latest decision (of `decision_kind`, or any) and what it
     waits for, quality delta with its interval, speed-up and $/month saved with intervals, payback.
     Numbers come from the latest decision where it measured them, else from the latest successful
-    evaluation."""
+    evaluation (`quality_source`: "gate" or "evaluation"; the evaluation's bounds, valid at any number
+    of rows, are on its `evaluation_rows` task rows)."""
     kind = () if decision_kind is None else (GateDecision.kind == decision_kind,)
     last_dec = _latest_id(GateDecision.id, GateDecision.use_case_id, *kind)
     last_eval = _latest_id(EvaluationRun.id, EvaluationRun.use_case_id, EvaluationRun.status == "succeeded")
@@ -110,8 +113,14 @@ def portfolio(session: Session, *, decision_kind: str | None = None) -> list[dic
             func.coalesce(dec_q, EvaluationRun.quality_delta).label("quality_delta"),
             dec_q.label("decision_quality_delta"),
             GateDecision.evidence[EVIDENCE_STEP_INDEX].as_integer().label("decision_step_index"),
-            case((dec_q.is_not(None), dec_lo), else_=None).label("quality_low"),
-            case((dec_q.is_not(None), dec_hi), else_=None).label("quality_high"),
+            case((dec_q.is_not(None), dec_lo), else_=EvaluationRun.quality_low).label("quality_low"),
+            case((dec_q.is_not(None), dec_hi), else_=EvaluationRun.quality_high).label("quality_high"),
+            case(
+                (dec_q.is_not(None), "gate"),
+                (EvaluationRun.quality_delta.is_not(None), "evaluation"),
+                else_=None,
+            ).label("quality_source"),
+            EvaluationRun.report[EVALUATION_TASK_ROWS].as_integer().label("evaluation_rows"),
             GateDecision.evidence[EVIDENCE_PROJECTED].as_integer().label("projected_requests"),
             GateDecision.evidence[EVIDENCE_N_CONTROL].as_integer().label("decision_n_control"),
             GateDecision.evidence[EVIDENCE_N_TREATMENT].as_integer().label("decision_n_treatment"),
@@ -206,8 +215,8 @@ def job_summary(session: Session, names: list[str]) -> list[dict[str, Any]]:
                 "awaiting": r["awaiting"] if decided and r["resolution"] is None else "none",
                 "waits_for": waits.get(name) if decided else None,
                 "quality_delta": r["decision_quality_delta"],
-                "quality_low": r["quality_low"],
-                "quality_high": r["quality_high"],
+                "quality_low": r["quality_low"] if r["quality_source"] == "gate" else None,
+                "quality_high": r["quality_high"] if r["quality_source"] == "gate" else None,
                 "speedup": r["speedup"],
                 "speedup_low": r["speedup_low"],
                 "speedup_high": r["speedup_high"],
@@ -335,6 +344,8 @@ def evaluations(session: Session, use_case_id: int) -> list[dict[str, Any]]:
                 "device": ev.device,
                 "density": ev.density,
                 "quality_delta": ev.quality_delta,
+                "quality_low": ev.quality_low,
+                "quality_high": ev.quality_high,
                 "speedup": ev.speedup,
                 "speedup_low": ev.speedup_low,
                 "speedup_high": ev.speedup_high,

@@ -20,6 +20,8 @@ EVALUATION_FIELDS = (
     "device",
     "density",
     "quality_delta",
+    "quality_low",
+    "quality_high",
     "speedup",
     "speedup_low",
     "speedup_high",
@@ -222,7 +224,9 @@ def evaluation_succeeded(
         run.device = report.get("device")
         run.mlflow_run_id = mlflow_run_id
         run.density = report.get("density")
-        run.quality_delta = (report.get("tasks") or {}).get("quality_delta")
+        tasks = report.get("tasks") or {}
+        run.quality_delta = tasks.get("quality_delta")
+        run.quality_low, run.quality_high = tasks.get("quality_low"), tasks.get("quality_high")
         run.speedup = roi["inputs"]["speedup"]
         run.speedup_low = roi["inputs"]["speedup_low"]
         run.speedup_high = roi["inputs"]["speedup_high"]

@@ -13,8 +13,10 @@ rejected values form an interval and a root-finder finds its end. The upper side
 
 The bets are the approximate growth-rate-adaptive ("aGRAPA") bets, tuned to the decision's own null m0:
 lambda~_t = (mu_t - m0) / (var_t + (mu_t - m0)^2), clipped at 0, from the running mean and variance of the
-earlier observations (with one pseudo-observation of a prior). Vectorised over leading axes (the gate's
-simulation tests run the very same code as its decisions). Pure numpy/scipy.
+earlier observations (with one pseudo-observation of a prior). Where no m0 is being decided (an
+evaluation's bounds on its task-score change), `plug_in_bets` gives the fixed-n predictable plug-in bets,
+which do not depend on m. Vectorised over leading axes (the gate's simulation tests run the very same code
+as its decisions). Pure numpy/scipy.
 """
 
 from __future__ import annotations
@@ -57,6 +59,31 @@ def two_sided_bets(
     sides: tuple[Side, ...] = ("lower", "upper"),
 ) -> dict[Side, np.ndarray]:
     """`bets` for each side, from one pass over the running mean and variance (which the sides share)."""
+    mean, var = running_moments(stream, prior_mean=prior_mean, prior_var=prior_var)
+    out = {}
+    for side in sides:
+        edge = mean - m0 if side == "lower" else m0 - mean  # max(edge / (var + edge^2), 0)
+        room = edge * edge
+        room += var
+        edge /= room
+        out[side] = np.maximum(edge, 0.0, out=edge)
+    return out
+
+
+def plug_in_bets(stream: Stream, alpha: float, *, prior_mean: float, prior_var: float) -> np.ndarray:
+    """Predictable plug-in bets for a confidence bound at a fixed number of observations n (Waudby-Smith &
+    Ramdas 2023, section 3, the fixed-n form of their PrPl bets): lambda~_t = sqrt(2 log(1/alpha) / (n
+    var_t)), var_t the running variance of the earlier observations with one prior pseudo-observation.
+    They do not depend on the null m, so they suit a bound wherever the mean lies, where aGRAPA bets tuned
+    to one m0 bound sharply near m0 only (and not at all on the far side of it). One-sided: `alpha` is
+    each side's own level. The truncation at trunc / (m - lo) is applied by the capital, as for any bets."""
+    _, var = running_moments(stream, prior_mean=prior_mean, prior_var=prior_var)
+    return np.sqrt(2.0 * math.log(1.0 / alpha) / (max(stream.n, 1) * var))
+
+
+def running_moments(stream: Stream, *, prior_mean: float, prior_var: float) -> tuple[np.ndarray, np.ndarray]:
+    """The mean and variance of the observations before each one (predictable), with one pseudo-observation
+    of the prior (mean `prior_mean`, variance `prior_var`); the variance floored at 1e-12."""
     z = np.asarray(stream.z, dtype=float)
     n = z.shape[-1]
     # In place where it can be; the plain expressions are in the comments (the same numbers to the last bit)
@@ -74,14 +101,7 @@ def two_sided_bets(
         var[..., 1:] /= count
     var -= mean**2
     np.maximum(var, 1e-12, out=var)
-    out = {}
-    for side in sides:
-        edge = mean - m0 if side == "lower" else m0 - mean  # max(edge / (var + edge^2), 0)
-        room = edge * edge
-        room += var
-        edge /= room
-        out[side] = np.maximum(edge, 0.0, out=edge)
-    return out
+    return mean, var
 
 
 def log_capital(stream: Stream, lam: np.ndarray, m: float | np.ndarray, side: Side) -> np.ndarray:

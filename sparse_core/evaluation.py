@@ -35,12 +35,16 @@ import torch
 from sparse_core.capture import block_attention_mass, capture_attention
 from sparse_core.corpus import corpus_texts, pack_token_windows, timing_window
 from sparse_core.fidelity import dense_reference, measure_fidelity
+from sparse_core.fidelity_bound import fidelity_bound
 from sparse_core.plan import SparsePlan, model_shape
 from sparse_core.probes import PROBE_KINDS, generate_probes, score_probes
 from sparse_core.progress import Progress, counter
+from sparse_core.task_bound import delta_bounds
 from sparse_core.tasks import TaskRow, read_dataset, score_dataset
 
 SCHEMA_VERSION = 1
+# One-sided confidence of every bound the report gives beside a mean (task-score change, fidelity)
+CONFIDENCE = 0.95
 
 
 @dataclass
@@ -154,8 +158,8 @@ class EvaluationReport:
         """Flat finite floats for MLflow (names use only [a-z0-9_.])."""
         m: dict[str, float] = {}
         if self.fidelity:
-            for k in ("kl", "agree", "nll_delta", "nll_dense", "nll_sparse"):
-                m[f"fidelity.{k}"] = self.fidelity[k]
+            for k in ("kl", "agree", "nll_delta", "nll_dense", "nll_sparse", "kl_upper", "agree_lower"):
+                m[f"fidelity.{k}"] = self.fidelity.get(k)
         if self.layer_errors:
             m["fidelity.layer_error_max"] = max(self.layer_errors)
             m["fidelity.layer_error_mean"] = sum(self.layer_errors) / len(self.layer_errors)
@@ -172,6 +176,8 @@ class EvaluationReport:
             m["tasks.dense_quality"] = self.tasks["dense"]["mean_quality"]
             m["tasks.sparse_quality"] = self.tasks["sparse"]["mean_quality"]
             m["tasks.quality_delta"] = self.tasks["quality_delta"]
+            m["tasks.quality_low"] = self.tasks.get("quality_low")
+            m["tasks.quality_high"] = self.tasks.get("quality_high")
         for r in self.speed or []:
             p = f"speed.{r.seq_len}"
             m[f"{p}.speedup"] = r.speedup
@@ -289,6 +295,23 @@ def selection_density(
             table.append([1.0] * width)
     flat = [x for row in table for x in row]
     return table, sum(flat) / len(flat)
+
+
+def fidelity_bounds(fid) -> dict[str, Any]:
+    """One-sided `CONFIDENCE` bounds on the fidelity means, blocks of `prefill_bound.BLOCK_POSITIONS`
+    scored positions as the unit (`fidelity_bound`: asymptotic; infinite, i.e. None in the report, with
+    fewer blocks than `fidelity_bound.min_blocks`, 6 at 95%, so the quick suite's one 1k window of 2
+    blocks bounds nothing); none for a plan identical to dense."""
+    if not fid.blocks:
+        return {}
+    b = fidelity_bound(fid, CONFIDENCE)
+    return {
+        "confidence": CONFIDENCE,
+        "kl_upper": b.kl,
+        "agree_lower": b.agree,
+        "nll_delta_upper": b.nll_delta,
+        "bound_units": len(fid.blocks),
+    }
 
 
 def _bootstrap_ratio(
@@ -582,7 +605,7 @@ def evaluate(
             fid = measure_fidelity(model, ref, progress=counter(progress, "fidelity sparse", n))
         finally:
             unsparsify(model)
-        report.fidelity = fid.to_dict()
+        report.fidelity = {**fid.to_dict(), **fidelity_bounds(fid), "windows": [len(w) for w in windows]}
         del ref
         if suite.layer_errors and windows:
             report.layer_errors = layer_output_errors(model, plan, windows[0])
@@ -660,10 +683,16 @@ def evaluate(
             )
         finally:
             unsparsify(model)
+        low, high = delta_bounds(
+            [r.quality for r in dense_t.per_row], [r.quality for r in sparse_t.per_row], alpha=1 - CONFIDENCE
+        )
         report.tasks = {
             "dense": dense_t.to_dict(),
             "sparse": sparse_t.to_dict(),
             "quality_delta": sparse_t.mean_quality - dense_t.mean_quality,
+            "quality_low": low,
+            "quality_high": high,
+            "confidence": CONFIDENCE,
             "n_rows": len(used),
         }
         secs["tasks"] = time.perf_counter() - t0

@@ -67,10 +67,12 @@ def to_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     df["decision"] = df["decision"].fillna("-")
     df["step"] = [fmt.step_label(r) for r in rows]
     df["quality interval"] = [fmt.quality_interval(r["quality_low"], r["quality_high"]) for r in rows]
+    df["quality from"] = [fmt.quality_source(r) for r in rows]
     df["savings interval"] = [
         fmt.interval_only(r["savings_month_low"], r["savings_month_high"], fmt.money) for r in rows
     ]
-    # the worst plausible quality loss: the interval's lower end where a gate measured one
+    # the worst plausible quality loss: the lower bound where a gate or an evaluation gave one (an
+    # evaluation's few rows may bound nothing: -1, a risk of 1), the mean only for rows recorded without
     worst = df["quality_low"].where(df["quality_low"].notna(), df["quality_delta"])
     df["quality risk"] = (-worst).clip(lower=0)
     return df
@@ -112,6 +114,7 @@ COLUMNS: dict[str, Any] = {
     "waits_for": "Waits for",
     "quality_delta": st.column_config.NumberColumn("Quality Δ", format="%+.4f"),
     "quality interval": None,
+    "quality from": None,
     "speedup": st.column_config.NumberColumn(
         "Speed-up", format="%.2fx", help="measured prefill speed-up (ROI uses it per request)"
     ),
@@ -148,6 +151,7 @@ def savings_vs_risk(df: pd.DataFrame) -> alt.Chart:
             "savings_month_usd",
             "savings interval",
             "quality interval",
+            "quality from",
         ],
     )
     bars = base.mark_rule(opacity=0.5).encode(y="savings_month_low:Q", y2="savings_month_high:Q")

@@ -70,7 +70,9 @@ def _num(x: Any) -> bool:
 
 
 def quality_points(evals: list[dict[str, Any]]) -> pd.DataFrame:
-    """Long-form (evaluation, density, measure, value): every quality measure the report carries."""
+    """Long-form (evaluation, density, measure, value, low, high): every quality measure the report
+    carries, with the one-sided 95% bounds it gives beside the mean (None where it gives none, or where
+    a bound sits at the scale's end, -1 or +1, and so bounds nothing)."""
     out = []
     for e in evals:
         if e["density"] is None:
@@ -80,17 +82,27 @@ def quality_points(evals: list[dict[str, Any]]) -> pd.DataFrame:
         fid = rep.get("fidelity") or {}
         sparse_acc = (probes.get("sparse") or {}).get("accuracy")
         dense_acc = (probes.get("dense") or {}).get("accuracy")
-        agree = fid.get("agree")
+        agree, agree_low = fid.get("agree"), fid.get("agree_lower")
+        q_low, q_high = e.get("quality_low"), e.get("quality_high")
+        if not (_num(q_low) and _num(q_high) and -1 < q_low and q_high < 1):  # the scale's ends: no bound
+            q_low = q_high = None
         measures = {
-            "task quality Δ": e["quality_delta"],
-            "probe accuracy Δ": sparse_acc - dense_acc if _num(sparse_acc) and _num(dense_acc) else None,
-            "top-1 agreement - 1": agree - 1.0 if _num(agree) else None,
+            "task quality Δ": (e["quality_delta"], q_low, q_high),
+            "probe accuracy Δ": (
+                sparse_acc - dense_acc if _num(sparse_acc) and _num(dense_acc) else None,
+                None,
+                None,
+            ),
+            "top-1 agreement - 1": (
+                agree - 1.0 if _num(agree) else None,
+                agree_low - 1.0 if _num(agree_low) else None,
+                0.0 if _num(agree_low) else None,
+            ),
         }
-        for measure, value in measures.items():
+        for measure, (value, low, high) in measures.items():
             if _num(value):
-                out.append(
-                    {"evaluation": e["id"], "density": e["density"], "measure": measure, "value": value}
-                )
+                row = {"evaluation": e["id"], "density": e["density"], "measure": measure, "value": value}
+                out.append({**row, "low": low if _num(low) else None, "high": high if _num(high) else None})
     return pd.DataFrame(out)
 
 
@@ -100,18 +112,20 @@ def quality_vs_density(evals: list[dict[str, Any]]) -> None:
     if df.empty:
         st.caption("No evaluation with a measured density yet.")
         return
-    chart = (
-        alt.Chart(df)
-        .mark_line(point=True)
-        .encode(
-            x=alt.X("density:Q", title="Attention density kept", scale=alt.Scale(domain=[0, 1])),
-            y=alt.Y("value:Q", title="Sparse minus dense"),
-            color=alt.Color("measure:N", title=None),
-            tooltip=["evaluation", "density", "measure", "value"],
-        )
-        .properties(height=260)
+    base = alt.Chart(df).encode(
+        x=alt.X("density:Q", title="Attention density kept", scale=alt.Scale(domain=[0, 1])),
+        color=alt.Color("measure:N", title=None),
+        tooltip=["evaluation", "density", "measure", "value", "low", "high"],
     )
+    lines = base.mark_line(point=True).encode(y=alt.Y("value:Q", title="Sparse minus dense"))
+    bounds = base.transform_filter("isValid(datum.low) && isValid(datum.high)").mark_rule(opacity=0.5)
+    chart = (lines + bounds.encode(y="low:Q", y2="high:Q")).properties(height=260)
     st.altair_chart(chart, width="stretch")
+    st.caption(
+        "Bars: one-sided 95% bounds where the evaluation gives them (task quality: valid at any number of "
+        "rows; agreement: the lower bound, from enough held-out text). A mean without a bar vouches for "
+        "nothing beyond its own rows."
+    )
 
 
 def latency(use_case_id: int) -> None:

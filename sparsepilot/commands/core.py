@@ -476,6 +476,8 @@ def evaluate_cmd(
 
 
 def _print_report(r) -> None:
+    from dashboard.fmt import quality_interval as quality_bounds  # the dashboard's wording of them
+
     console.print(f"plan {r.plan_hash[:12]}  estimator {r.estimator}  device {r.device}")
     if r.fidelity:
         f = r.fidelity
@@ -492,6 +494,15 @@ def _print_report(r) -> None:
                 }
             ],
         )
+        windows = f.get("windows") or []
+        text = f"{len(windows)} window(s) of {', '.join(map(str, windows))} tokens" if windows else ""
+        if f.get("agree_lower") is not None:
+            console.print(
+                f"{text}; one-sided 95% bounds over {f['bound_units']} blocks: top1_agree >= "
+                f"{f['agree_lower']:.4f}, kl <= {f['kl_upper']:.4g}"
+            )
+        elif text:
+            console.print(f"{text}: too few blocks of scored positions for a 95% bound on the means above")
     if r.probes:
         rows = []
         for key, acc in r.probes["dense"]["by_kind_length"].items():
@@ -510,6 +521,7 @@ def _print_report(r) -> None:
                     "dense": r.tasks["dense"]["mean_quality"],
                     "sparse": r.tasks["sparse"]["mean_quality"],
                     "delta": r.tasks["quality_delta"],
+                    "95% bounds": quality_bounds(r.tasks.get("quality_low"), r.tasks.get("quality_high")),
                 }
             ],
         )

@@ -84,8 +84,9 @@ def evaluate_use_case(name: str, quick: bool, json_out: bool) -> None:
     if json_out:
         emit_json(result)
         return
-    cols = ["evaluation_run_id", "device", "density", "quality_delta", "speedup", "speedup_low",
-            "speedup_high", "savings_month_usd", "payback_days", "reused"]  # fmt: skip
+    cols = ["evaluation_run_id", "device", "density", "quality_delta", "quality_low", "quality_high",
+            "speedup", "speedup_low", "speedup_high", "savings_month_usd", "payback_days",
+            "reused"]  # fmt: skip
     print_table(f"evaluation of {name}", [result], cols)
 
 

@@ -56,7 +56,9 @@ def test_portfolio_shows_seeded_use_cases(seeded: dict[str, Any]) -> None:
     assert row["decision"] == "GO" and row["waits_for"] == "approval to promote"
     assert row["quality_delta"] == -0.005 and row["quality interval"] == "[-0.0110, +0.0010]"
     assert row["savings_month_usd"] == 1840 and row["savings interval"] == "[$1,500, $2,150]"
-    assert df.set_index("name").loc["support-chat", "quality interval"] == "-"  # no gate, no interval
+    support = df.set_index("name").loc["support-chat"]  # no gate decision: the evaluation's bounds
+    assert support["quality interval"] == "[-0.0600, +0.0500]"
+    assert (support["quality from"], row["quality from"]) == ("evaluation, 60 rows", "pilot gate")
     assert row["step"] == "1: split 10%" and row["payback_days"] == 12.0
     metrics = {m.label: m.value for m in at.metric}
     # support-chat's interval [-$80, $10] includes no saving: counted apart, not in the headline

@@ -30,8 +30,10 @@ def test_portfolio_rows(seeded: dict[str, Any]) -> None:
     assert d["decision"] == "EXTEND" and d["waits_for"] == "more samples (120/300 in the smaller arm)"
     s_ = rows["support-chat"]
     assert s_["decision"] is None and s_["waits_for"] == "a pilot"
-    # no decision: quality from the evaluation, no interval claimed
-    assert s_["quality_delta"] == 0.0 and s_["quality_low"] is None
+    # no decision: quality and its bounds from the latest evaluation, which says so and on how many rows
+    assert (s_["quality_delta"], s_["quality_low"], s_["quality_high"]) == (0.0, -0.06, 0.05)
+    assert (s_["quality_source"], s_["evaluation_rows"]) == ("evaluation", 60)
+    assert c["quality_source"] == "gate"
     assert s_["observations"] == 0
 
 

@@ -29,6 +29,8 @@ def test_queries_on_postgres(pg_url: str, tmp_path: Path, monkeypatch: pytest.Mo
         audit = queries.audit_entries(s, actions=["gate.decide"])
     c = rows["contract-summarisation"]
     assert (c["quality_delta"], c["quality_low"], c["quality_high"]) == (-0.005, -0.011, 0.001)
+    s_ = rows["support-chat"]  # no decision: the evaluation's bounds, its rows read from the report's JSON
+    assert (s_["quality_source"], s_["evaluation_rows"], s_["quality_low"]) == ("evaluation", 60, -0.06)
     assert c["waits_for"] == "approval to promote" and c["step_observations"] == 240
     assert rows["document-qa"]["waits_for"] == "more samples (120/300 in the smaller arm)"
     assert totals["savings_month_usd"] == pytest.approx(2460) and totals["pending_approvals"] == 1

@@ -70,6 +70,7 @@ def test_pipeline_promote_monitor_breach_rolls_back(flow_use_case, tmp_path: Pat
     assert ev["device"].startswith("cpu") and ev["speedup"] > 0
     assert ev["speedup_low"] <= ev["speedup"] <= ev["speedup_high"]
     assert ev["savings_month_low"] <= ev["savings_month_usd"] <= ev["savings_month_high"]
+    assert -1 <= ev["quality_low"] <= ev["quality_delta"] <= ev["quality_high"] <= 1  # recorded bounds
 
     shadow = _pilot_until_decided(name, "shadow")
     assert shadow["outcome"] == "GO" and shadow["awaiting"] == "none"  # advances to the split step

@@ -8,6 +8,7 @@ import math
 
 from sparse_core import SparsePlan, is_sparsified
 from sparse_core.evaluation import EvalSuite, evaluate
+from sparse_core.prefill_bound import scored_positions
 
 EXPECTED_KEYS = [
     "schema_version",
@@ -60,10 +61,19 @@ def test_report_schema_metrics_and_pictures(quality_tiny, tmp_path):
     assert list(d) == EXPECTED_KEYS
     assert d["schema_version"] == 1
     json.dumps(d, allow_nan=False)  # strict JSON: no NaN/inf anywhere
-    assert set(d["fidelity"]) == {"kl", "agree", "nll_dense", "nll_sparse", "nll_delta", "n_positions"}
+    means = {"kl", "agree", "nll_dense", "nll_sparse", "nll_delta", "n_positions"}
+    bounds = {"confidence", "kl_upper", "agree_lower", "nll_delta_upper", "bound_units"}
+    assert set(d["fidelity"]) == means | bounds | {"windows"}
+    # one 512-token window scores 256 positions: one block, which bounds nothing (None, not a number)
+    assert d["fidelity"]["windows"] == [512] and d["fidelity"]["bound_units"] == 1
+    assert d["fidelity"]["agree_lower"] is None and d["fidelity"]["kl_upper"] is None
     assert len(d["layer_errors"]) == model.config.num_hidden_layers
     assert d["probes"]["n"] == 1 and set(d["probes"]["dense"]) >= {"accuracy", "by_kind_length"}
     assert d["tasks"]["n_rows"] == 2
+    # bounds valid at any number of rows: two rows vouch for little, whatever they scored
+    t = d["tasks"]
+    assert -1 <= t["quality_low"] <= t["quality_delta"] <= t["quality_high"] <= 1
+    assert t["quality_high"] - t["quality_low"] > 1.2 and t["confidence"] == 0.95
     (row,) = d["speed"]
     assert row["seq_len"] == 512 and len(row["dense_seconds"]) == 2
     assert row["speedup_interval"][0] <= row["speedup_interval"][1]
@@ -88,14 +98,32 @@ def test_report_schema_metrics_and_pictures(quality_tiny, tmp_path):
         "fidelity.agree",
         "probes.sparse_accuracy",
         "tasks.quality_delta",
+        "tasks.quality_low",
+        "tasks.quality_high",
         "density",
     } <= set(m)
+    assert "fidelity.agree_lower" not in m  # unbounded: left out of MLflow rather than sent as inf
     assert "speed.512.speedup" in m
     assert all(isinstance(v, float) and math.isfinite(v) for v in m.values())
     for name in ("density_heatmap", "block_mask"):
         png = d["artifacts"][name]
         with open(png, "rb") as fh:
             assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fidelity_bounds_where_the_text_allows_and_windows_at_their_true_length(quality_tiny):
+    model, tok = quality_tiny
+    suite = EvalSuite(
+        n_fidelity_texts=12, fidelity_seq_len=2048, probe_lengths=(), speed_lengths=(), layer_errors=False
+    )
+    fid = evaluate(model, tok, SparsePlan(tau=0.7), suite).to_dict()["fidelity"]
+    # the held-out text runs out: fewer windows than asked, the last one short, and the report says so
+    windows = fid["windows"]
+    assert 1 < len(windows) < 12 and windows[:-1] == [2048] * (len(windows) - 1) and windows[-1] < 2048
+    assert fid["n_positions"] == sum(scored_positions(w, suite.fidelity_fraction) for w in windows)
+    assert fid["bound_units"] >= 6  # enough blocks of 256 scored positions for a 95% bound
+    assert 0 <= fid["agree_lower"] <= fid["agree"] and fid["kl_upper"] >= fid["kl"]
+    assert fid["nll_delta_upper"] >= fid["nll_delta"]
 
 
 def test_sections_switched_off_are_none(quality_tiny):

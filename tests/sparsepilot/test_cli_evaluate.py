@@ -1,0 +1,38 @@
+"""`sparsepilot evaluate --model --plan` (the standalone form) on the tiny model: the printed report says
+what its means are worth — the task-score change with its bounds, the fidelity windows' true lengths and
+whether they were enough for a bound."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from sparsepilot.cli import app
+
+
+def test_evaluate_prints_bounds_beside_the_means(sp_home, tiny_llama_dir: Path, tmp_path: Path) -> None:  # noqa: ANN001
+    from sparse_core import SparsePlan, load_model, plan_io
+
+    model, _ = load_model(str(tiny_llama_dir))
+    plan = tmp_path / "plan"
+    plan_io.save(SparsePlan(tau=0.7), plan, config=model.config)
+    ds = tmp_path / "rows.jsonl"
+    rows = [{"prompt": f"Row {i} is about Python. " * 12, "reference": "Python"} for i in range(8)]
+    ds.write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "report.json"
+    args = ["evaluate", "--model", str(tiny_llama_dir), "--plan", str(plan), "--dataset", str(ds)]
+    args += ["--task", "loglik", "--probe-lengths", "0", "--speed-lengths", "0", "--out", str(out)]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    report = json.loads(out.read_text())
+    tasks, fid = report["tasks"], report["fidelity"]
+    assert tasks["n_rows"] == 8 and -1 < tasks["quality_low"] <= tasks["quality_high"] < 1
+    assert f"[{tasks['quality_low']:+.4f}, {tasks['quality_high']:+.4f}]" in text  # the table's bounds
+    windows = ", ".join(map(str, fid["windows"]))
+    if fid["agree_lower"] is None:
+        assert f"window(s) of {windows} tokens: too few blocks of scored positions for a 95% bound" in text
+    else:
+        assert f"window(s) of {windows} tokens; one-sided 95% bounds over {fid['bound_units']} blocks" in text
