@@ -23,6 +23,7 @@ from flows.common import (
     stable_key,
 )
 from rollout import registry, runs
+from rollout.dataset_split import EVALUATION_SHARE
 from sparse_core.errors import SparsePilotError
 
 
@@ -108,16 +109,17 @@ def calibrate_plan(ctx: UseCaseContext, settings: dict[str, Any]) -> tuple[Any, 
     model, tok = get_model(ctx.spec.model)
     qb = ctx.spec.quality_budget
     budget = Budget(kl=qb.kl, agree=qb.agree, nll_delta=qb.nll_delta, task_delta=qb.task_delta)
-    lim_kw = {k: v for k, v in settings.items() if k not in ("estimator", "seed")}
+    lim_kw = {k: v for k, v in settings.items() if k not in ("estimator", "seed", "evaluation_share")}
     limits = CalibrationLimits(**lim_kw)
-    texts = [r["prompt"] for r in ctx.rows]
-    # the task bound is measured on the same calibration split of the prompts that calibration packs
-    # into windows; the held-out prompts stay unseen (the evaluation and the pilot judge on them)
+    rows, _ = ctx.split()  # the evaluation's rows are never read here (rollout.dataset_split)
+    texts = [r["prompt"] for r in rows]
+    # the task bound is measured on the calibration part of these prompts (what calibration packs into
+    # its calibration windows); the held-out part judges the fidelity of the eps search's candidates
     cal_prompts, _ = split_texts(texts, limits.holdout_fraction, settings["seed"])
     cal_set = set(cal_prompts)
     task_rows = [
         TaskRow(prompt=r["prompt"], reference=r.get("reference") or "", task=r.get("task"))
-        for r in ctx.rows
+        for r in rows
         if r["prompt"] in cal_set and r.get("reference")
     ]
 
@@ -205,6 +207,9 @@ def calibrate_flow(
     settings = limits_for(ctx, quick, limits)
     settings["estimator"] = ctx.spec.quality_budget.estimator
     settings["seed"] = ctx.spec.quality_budget.calibration.seed
+    # the rows kept apart for the evaluation (rollout.dataset_split) are in the key: a plan calibrated
+    # before they were kept apart read them, and is calibrated again rather than reused
+    settings["evaluation_share"] = EVALUATION_SHARE
     key = "calibrate:" + stable_key(ctx.use_case_id, ctx.spec_hash, ctx.spec.model, settings)
     run = open_run(ctx, key, settings)
     if run["status"] == "succeeded":

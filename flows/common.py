@@ -43,6 +43,13 @@ class UseCaseContext:
     def task(self) -> str:
         return self.spec.dataset.task
 
+    def split(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(calibration rows, evaluation rows): the evaluation's rows are never read by calibration
+        (rollout.dataset_split)."""
+        from rollout.dataset_split import split_rows
+
+        return split_rows(self.rows)
+
     def traffic(self, salt: str) -> Any:
         """The pilot's traffic source (rollout.traffic): each request at most once per pilot."""
         from rollout.traffic import source_for

@@ -72,9 +72,8 @@ def run_evaluation(
     logger = get_run_logger()
     model, tok = get_model(target["base_model_ref"])
     plan = version_plan(target["plan"], target["mlflow_model"], target["mlflow_version"])
-    rows = [
-        TaskRow(r["prompt"], r.get("reference") or "", None, r["id"]) for r in ctx.rows if r.get("reference")
-    ]
+    _, held = ctx.split()  # rows calibration never read (rollout.dataset_split)
+    rows = [TaskRow(r["prompt"], r.get("reference") or "", None, r["id"]) for r in held if r.get("reference")]
     kw = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
     suite = EvalSuite(dataset_rows=rows or None, pictures_dir=pictures_dir, **kw)
 
@@ -82,6 +81,8 @@ def run_evaluation(
         logger.info("%s: evaluation %s %d/%d", ctx.name, stage, done, total)
 
     report = evaluate(model, tok, plan, suite, progress=progress)
+    if report.tasks is not None:  # which rows: the evaluation's own, out of how many
+        report.tasks["rows_from"] = {"split": "evaluation", "rows": len(held), "dataset_rows": len(ctx.rows)}
     # dense decode tokens/s, timed by the evaluation at the use case's lengths on the served cache
     dec = (report.decode or {}).get("summary") or {}
     decode_tps = dec.get("weighted_dense_tokens_per_s")

@@ -75,8 +75,9 @@ def plug_in_bets(stream: Stream, alpha: float, *, prior_mean: float, prior_var: 
     Ramdas 2023, section 3, the fixed-n form of their PrPl bets): lambda~_t = sqrt(2 log(1/alpha) / (n
     var_t)), var_t the running variance of the earlier observations with one prior pseudo-observation.
     They do not depend on the null m, so they suit a bound wherever the mean lies, where aGRAPA bets tuned
-    to one m0 bound sharply near m0 only (and not at all on the far side of it). One-sided: `alpha` is
-    each side's own level. The truncation at trunc / (m - lo) is applied by the capital, as for any bets."""
+    to one m0 bound sharply near m0 only (`task_bound.delta_bounds` says what that cost). One-sided:
+    `alpha` is each side's own level. The capital applies the truncation at trunc / (m - lo), as for
+    any bets."""
     _, var = running_moments(stream, prior_mean=prior_mean, prior_var=prior_var)
     return np.sqrt(2.0 * math.log(1.0 / alpha) / (max(stream.n, 1) * var))
 

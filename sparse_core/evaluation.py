@@ -300,8 +300,9 @@ def selection_density(
 def fidelity_bounds(fid) -> dict[str, Any]:
     """One-sided `CONFIDENCE` bounds on the fidelity means, blocks of `prefill_bound.BLOCK_POSITIONS`
     scored positions as the unit (`fidelity_bound`: asymptotic; infinite, i.e. None in the report, with
-    fewer blocks than `fidelity_bound.min_blocks`, 6 at 95%, so the quick suite's one 1k window of 2
-    blocks bounds nothing); none for a plan identical to dense."""
+    fewer blocks than `fidelity_bound.min_blocks`, 6 at 95%: the evaluate flow's quick setting, one 1k
+    window, has 2 blocks and `EvalSuite.quick()` 4, and they bound nothing); none for a plan identical
+    to dense."""
     if not fid.blocks:
         return {}
     b = fidelity_bound(fid, CONFIDENCE)

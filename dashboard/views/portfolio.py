@@ -72,7 +72,8 @@ def to_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
         fmt.interval_only(r["savings_month_low"], r["savings_month_high"], fmt.money) for r in rows
     ]
     # the worst plausible quality loss: the lower bound where a gate or an evaluation gave one (an
-    # evaluation's few rows may bound nothing: -1, a risk of 1), the mean only for rows recorded without
+    # evaluation's few rows bound little: 2 rows allow a loss of 0.84 at least), else the mean (an
+    # evaluation recorded before its bounds were)
     worst = df["quality_low"].where(df["quality_low"].notna(), df["quality_delta"])
     df["quality risk"] = (-worst).clip(lower=0)
     return df

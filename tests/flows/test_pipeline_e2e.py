@@ -42,6 +42,7 @@ def test_pipeline_promote_monitor_breach_rolls_back(flow_use_case, tmp_path: Pat
 
     from flows.approval import join_waiting, start_waiting
     from flows.calibrate import calibrate_flow
+    from flows.common import load_context
     from flows.evaluate import evaluate_flow
     from flows.monitor import monitor_flow
     from rollout import approvals, registry
@@ -52,12 +53,14 @@ def test_pipeline_promote_monitor_breach_rolls_back(flow_use_case, tmp_path: Pat
         CalibrationRun,
         EvaluationRun,
         GateDecision,
+        ModelVersion,
         Observation,
         Pilot,
         PilotStep,
         UseCase,
     )
     from rollout.db.session import session_scope
+    from sparse_core.corpus import text_fingerprint
 
     name = flow_use_case()
 
@@ -155,6 +158,14 @@ def test_pipeline_promote_monitor_breach_rolls_back(flow_use_case, tmp_path: Pat
         assert s.scalar(select(Pilot.status).where(Pilot.use_case_id == uc.id)) == "rolled_back"
         assert s.scalar(select(func.count()).select_from(CalibrationRun)) == 1
         assert s.scalar(select(EvaluationRun.status)) == "succeeded"
+        # calibration read the calibration rows' prompts only; the evaluation scored the rows kept apart
+        ctx = load_context(name)
+        cal_rows, eval_rows = ctx.split()
+        plan_meta = s.scalar(select(ModelVersion.plan))["metadata"]
+        assert plan_meta["data_fingerprint"] == text_fingerprint([r["prompt"] for r in cal_rows])
+        tasks = s.scalar(select(EvaluationRun.report))["tasks"]
+        expected = {"split": "evaluation", "rows": len(eval_rows), "dataset_rows": len(ctx.rows)}
+        assert tasks["rows_from"] == expected and 0 < len(eval_rows) < len(ctx.rows)
         approvals_rows = s.scalars(select(Approval)).all()
         assert [(a.actor, a.role, a.action, a.reason) for a in approvals_rows] == [
             ("alice", "approver", "approve", "pilot evidence reviewed")

@@ -1,0 +1,45 @@
+"""Which of a use case's dataset rows the offline evaluation judges on: rows calibration never sees.
+
+Calibration reads every prompt it is given (its sensitivities on one part, its eps search's fidelity
+checks on the other, its task bound on the first), so an evaluation scored on those prompts judges the
+plan on text it was fitted to. Until the twenty-sixth session the evaluate flow scored the first rows of
+the dataset file, which calibration had read as well. Now a fixed share of the rows, those whose ids
+hash lowest, is kept apart: the calibrate flow never reads them and the evaluate flow scores only them.
+The sides depend on the ids, not on the rows' order in the file; a new dataset version is calibrated
+and evaluated anew, on its own split. Pure functions; the flows call them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
+
+Row = TypeVar("Row", bound=Mapping[str, Any])
+
+EVALUATION_SHARE = 0.25  # of the rows: the sample datasets' 72, 65 and 72 rows keep 18, 16 and 18 apart
+MIN_CALIBRATION_ROWS = 2  # calibration holds one prompt out at least, so it needs two
+
+
+def row_hash(row_id: str) -> float:
+    """A row id's place in [0, 1): uniform over ids, the same on every machine and run."""
+    digest = hashlib.sha256(b"sparsepilot-evaluation-split:" + str(row_id).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def split_rows(rows: Sequence[Row], share: float = EVALUATION_SHARE) -> tuple[list[Row], list[Row]]:
+    """(calibration rows, evaluation rows), each in the rows' own order: the round(share x n) rows whose
+    ids hash lowest are kept for evaluation. With three rows or more neither side is empty (at least one
+    row evaluates, at least `MIN_CALIBRATION_ROWS` calibrate); with fewer, every row calibrates and none
+    is left to evaluate on. Ids are unique (the dataset validator refuses duplicates)."""
+    if not 0 < share < 1:
+        raise ValueError(f"share must be in (0, 1), got {share}")
+    if len(rows) <= MIN_CALIBRATION_ROWS:
+        return list(rows), []
+    ranked = sorted(range(len(rows)), key=lambda i: row_hash(rows[i]["id"]))
+    n_eval = min(max(round(share * len(rows)), 1), len(rows) - MIN_CALIBRATION_ROWS)
+    held = set(ranked[:n_eval])
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+__all__ = ["EVALUATION_SHARE", "MIN_CALIBRATION_ROWS", "row_hash", "split_rows"]
