@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,11 @@ def test_use_case_page(seeded: dict[str, Any]) -> None:
     assert "**Decode:** no decode saving at this context length: 544 tokens < break-even 3,072" in body
     assert len(at.get("image")) == 2  # density heatmap + block mask PNGs from the evaluation's artifacts
     assert len(at.get("vega_lite_chart")) == 3  # quality-vs-density, latency, timeline
+    # quality vs density: the means as lines, the evaluation's bounds as bars where it gives them
+    layers = json.loads(at.get("vega_lite_chart")[0].proto.spec)["layer"]
+    assert [x["mark"]["type"] for x in layers] == ["line", "rule"]
+    assert (layers[1]["encoding"]["y"]["field"], layers[1]["encoding"]["y2"]["field"]) == ("low", "high")
+    assert any(c.value.startswith("Bars: one-sided 95% bounds") for c in at.caption)
     # what each step's GO needs (the gate's planner) beside what the pilot collected: 120 shadow pairs,
     # 240 rows of the split step
     assert "What a decision takes" in [h.value for h in at.subheader]
