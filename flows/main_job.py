@@ -198,6 +198,16 @@ def _interval(v: Any, lo: Any, hi: Any, fmt: str) -> str:
     return text
 
 
+def _quality_cell(r: dict[str, Any]) -> str:
+    """The quality delta with its interval and where both come from: the gate's look, or (before one)
+    the evaluation's rows kept apart from calibration."""
+    text = _interval(r["quality_delta"], r["quality_low"], r["quality_high"], "+.3f")
+    if r.get("quality_source") == "evaluation":
+        rows = r.get("evaluation_rows")
+        return f"{text} (evaluation, {rows} rows)" if rows is not None else f"{text} (evaluation)"
+    return f"{text} (gate)" if r.get("quality_source") == "gate" else text
+
+
 def render_table(rows: list[dict[str, Any]], outcomes: dict[str, dict[str, Any]]) -> Any:
     from rich.table import Table
 
@@ -219,7 +229,7 @@ def render_table(rows: list[dict[str, Any]], outcomes: dict[str, dict[str, Any]]
             r["use_case"],
             decision,
             r.get("waits_for") or "-",
-            _interval(r["quality_delta"], r["quality_low"], r["quality_high"], "+.3f"),
+            _quality_cell(r),
             _interval(r["speedup"], r["speedup_low"], r["speedup_high"], ".2f"),
             _interval(r["saved_usd_month"], r["saved_usd_month_low"], r["saved_usd_month_high"], ",.0f"),
             payback,

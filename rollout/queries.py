@@ -191,9 +191,11 @@ def waits_for(row: dict[str, Any]) -> str:
 
 def job_summary(session: Session, names: list[str]) -> list[dict[str, Any]]:
     """The main job's table, one row per named use case: its latest *gate* decision (with the step it
-    judged), quality delta with the gate's anytime-valid interval, speed-up and $/month saved with
-    intervals, payback, device and the ROI's decode cell (rollout.roi.decode_outcome) from the latest
-    successful evaluation; `waits_for` as on the portfolio."""
+    judged), quality delta with the gate's anytime-valid interval (before any gate look, the latest
+    evaluation's, with its bounds valid at any number of rows: `quality_source` says which), speed-up
+    and $/month saved with intervals, payback, device and the ROI's decode cell
+    (rollout.roi.decode_outcome) from the latest successful evaluation; `waits_for` as on the
+    portfolio."""
     waits = {r["name"]: r["waits_for"] for r in portfolio(session)}
     decode = _decode_cells(session, names)
     rows = {r["name"]: r for r in portfolio(session, decision_kind="gate")}
@@ -214,9 +216,11 @@ def job_summary(session: Session, names: list[str]) -> list[dict[str, Any]]:
                 "decision_id": r["decision_id"],
                 "awaiting": r["awaiting"] if decided and r["resolution"] is None else "none",
                 "waits_for": waits.get(name) if decided else None,
-                "quality_delta": r["decision_quality_delta"],
-                "quality_low": r["quality_low"] if r["quality_source"] == "gate" else None,
-                "quality_high": r["quality_high"] if r["quality_source"] == "gate" else None,
+                "quality_delta": r["quality_delta"],
+                "quality_low": r["quality_low"],
+                "quality_high": r["quality_high"],
+                "quality_source": r["quality_source"],
+                "evaluation_rows": r["evaluation_rows"],
                 "speedup": r["speedup"],
                 "speedup_low": r["speedup_low"],
                 "speedup_high": r["speedup_high"],

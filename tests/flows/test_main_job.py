@@ -52,6 +52,7 @@ def test_main_job_runs_the_short_pilot_and_leaves_go_waiting(
         assert row["decision"] == "EXTEND (step 1)" and row["waits_for"].startswith("more samples")
     assert row["speedup_low"] <= row["speedup"] <= row["speedup_high"]
     assert row["quality_low"] <= row["quality_delta"] <= row["quality_high"]
+    assert row["quality_source"] == "gate"  # a gate looked: its interval, not the evaluation's
     console.print(render_table(result["rows"], result["outcomes"]))
     text = console.export_text()
     assert "tiny-chat" in text and "quality delta" in text and "$/month saved" in text
@@ -102,7 +103,11 @@ def test_main_job_does_not_pilot_where_nothing_can_be_saved(
     assert ("no saving expected" in reason or "saving not established" in reason) == (
         ev["density"] < 0.999 and outcome["calibration"]["met_budget"]
     )
-    assert result["rows"][0]["decision"] == "-"
+    row = result["rows"][0]
+    assert row["decision"] == "-"
+    # no gate look: the quality is the evaluation's, on the rows kept apart, with its bounds
+    assert row["quality_source"] == "evaluation" and row["evaluation_rows"] == 2
+    assert -1 <= row["quality_low"] <= row["quality_delta"] <= row["quality_high"] <= 1
     # what the approval (asked after the first split step) would take, from the gate's planner
     plan = result["plans"]["tiny-chat"]
     assert plan["approval_after"] == 2 and plan["distinct_requests"] > 0
