@@ -52,6 +52,17 @@ def print_table(title: str, rows: list[dict[str, Any]], columns: list[str] | Non
     console.print(table)
 
 
+def print_record(title: str, row: dict[str, Any], fields: list[str]) -> None:
+    """One result as a two-column table, a field a line: readable in an 80-column terminal or log
+    where a one-row table of a dozen columns is cut to three letters a cell."""
+    table = Table(title=Text(title))
+    table.add_column("field")
+    table.add_column("value")
+    for f in fields:
+        table.add_row(Text(f), Text(redact(_fmt(row.get(f)))))
+    console.print(table)
+
+
 def _fmt(v: Any) -> str:
     if v is None:
         return "-"

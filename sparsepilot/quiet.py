@@ -58,7 +58,12 @@ def to_log_file(home: Path, command: str) -> Path:
         # console (or a closed stream at exit), so torch stays at its WARNING
         if name != "torch" and (lg.level == logging.NOTSET or lg.level > logging.INFO):
             lg.setLevel(logging.INFO)
-    logging.getLogger("py.warnings").propagate = False  # never Python's last-resort stderr handler
+        # A library's records go to the file only: raised to INFO above, they would otherwise reach the
+        # root logger's console handler, which a flow command's Prefect logging installs at level 0 (a
+        # use-case `evaluate` printed ~880 lines of SQLAlchemy mapper and httpx request INFO). Prefect's
+        # own records keep propagating: its flow- and task-run lines are the flow's progress. (Python's
+        # warnings, "py.warnings", so never reach the last-resort stderr handler either.)
+        lg.propagate = name in ("prefect", "sparsepilot")
     _mlflow_to(handler)
     for old in _installed:
         old.close()

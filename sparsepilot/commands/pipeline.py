@@ -12,7 +12,16 @@ from typing import Annotated, Any
 import typer
 
 from sparsepilot.commands.auth import PasswordStdin, signed_in
-from sparsepilot.console import console, emit_json, emit_or_say, err_console, fail, print_table, say
+from sparsepilot.console import (
+    console,
+    emit_json,
+    emit_or_say,
+    err_console,
+    fail,
+    print_record,
+    print_table,
+    say,
+)
 from sparsepilot.options import JsonOpt, ReasonOpt, UseCaseArg
 
 app = typer.Typer()
@@ -73,7 +82,7 @@ def calibrate_use_case(name: str, quick: bool, json_out: bool) -> None:
         "met_budget",
         "reused",
     ]
-    print_table(f"calibration of {name}", [result], cols)
+    print_record(f"calibration of {name}", result, cols)
 
 
 def evaluate_use_case(name: str, quick: bool, json_out: bool) -> None:
@@ -87,7 +96,7 @@ def evaluate_use_case(name: str, quick: bool, json_out: bool) -> None:
     cols = ["evaluation_run_id", "device", "density", "quality_delta", "quality_low", "quality_high",
             "speedup", "speedup_low", "speedup_high", "savings_month_usd", "payback_days",
             "reused"]  # fmt: skip
-    print_table(f"evaluation of {name}", [result], cols)
+    print_record(f"evaluation of {name}", result, cols)
 
 
 # --- pilot / gate / approve / promote / rollback / monitor -----------------------------------------
@@ -159,7 +168,7 @@ def gate_cmd(name: UseCaseArg, json_out: JsonOpt = False) -> None:
         return
     cols = ["decision_id", "outcome", "awaiting", "step_index", "look_index", "estimate", "interval_low",
             "interval_high"]  # fmt: skip
-    print_table(f"gate of {name}", [result], cols)
+    print_record(f"gate of {name}", result, cols)
     say(result["explanation"])
 
 

@@ -55,3 +55,21 @@ def test_run_prints_stage_lines_and_keeps_library_noise_in_the_log(
     assert re.search(r"WARNING (py\.warnings|transformers|mlflow)", text), (
         "no library warning reached the log"
     )
+
+    # A use-case flow command after it (here the evaluation the job made, found again by its key): its
+    # console is Prefect's flow-run lines and the result, never the libraries' INFO records (SQLAlchemy's
+    # mapper set-up and httpx's requests to the Prefect API printed ~860 lines here before)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sparsepilot", "evaluate", "tiny-chat", "--quick"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "evaluation of tiny-chat" in out and re.search(r"quality_low\s+│", out), out
+    library = re.search(
+        r"\| (INFO|WARNING)\s+\| (sqlalchemy|httpx|alembic|mlflow|urllib3|great_expectations)", out
+    )
+    assert library is None and not NOISE.search(out), out
