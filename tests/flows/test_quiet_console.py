@@ -20,6 +20,14 @@ NOISE = re.compile(
 )
 
 
+def sparsepilot_cli(args: list[str], env: dict[str, str], timeout: int = 600) -> tuple[int, str]:
+    """`python -m sparsepilot ARGS` in a real process, stdout not a terminal: (exit code, stdout + stderr)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "sparsepilot", *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
+    return proc.returncode, proc.stdout + proc.stderr
+
+
 def test_run_prints_stage_lines_and_keeps_library_noise_in_the_log(
     prefect_harness: str, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -59,15 +67,8 @@ def test_run_prints_stage_lines_and_keeps_library_noise_in_the_log(
     # A use-case flow command after it (here the evaluation the job made, found again by its key): its
     # console is Prefect's flow-run lines and the result, never the libraries' INFO records (SQLAlchemy's
     # mapper set-up and httpx's requests to the Prefect API printed ~860 lines here before)
-    proc = subprocess.run(
-        [sys.executable, "-m", "sparsepilot", "evaluate", "tiny-chat", "--quick"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out
+    rc, out = sparsepilot_cli(["evaluate", "tiny-chat", "--quick"], env)
+    assert rc == 0, out
     assert "evaluation of tiny-chat" in out and re.search(r"quality_low\s+│", out), out
     library = re.search(
         r"\| (INFO|WARNING)\s+\| (sqlalchemy|httpx|alembic|mlflow|urllib3|great_expectations)", out

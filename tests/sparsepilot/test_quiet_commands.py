@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.flows.test_quiet_console import NOISE
+from tests.flows.test_quiet_console import NOISE, sparsepilot_cli
 
 
 def test_standalone_calibrate_keeps_library_output_in_its_log_file(
@@ -18,24 +18,8 @@ def test_standalone_calibrate_keeps_library_output_in_its_log_file(
 ) -> None:
     env = {**os.environ, "SPARSEPILOT_HOME": str(tmp_path / "home"), "PYTHONWARNINGS": "default"}
     args = ["calibrate", "--model", str(tiny_llama_dir), "--texts", "stdlib", "--quick", "--seq-len", "256"]
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sparsepilot",
-            *args,
-            "--estimator",
-            "pooled",
-            "--out",
-            str(tmp_path / "plan"),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out
+    rc, out = sparsepilot_cli([*args, "--estimator", "pooled", "--out", str(tmp_path / "plan")], env)
+    assert rc == 0, out
     assert (tmp_path / "plan" / "plan.json").exists()
     assert not NOISE.search(out), NOISE.search(out).group(0) + "\n" + out
     log = Path(re.search(r"log file \(warnings and library output\): (\S+)", out).group(1))
