@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Integer, and_, case, cast, func, select
 from sqlalchemy.orm import Session
 
-from rollout import lifecycle
+from rollout import lifecycle, roi
 from rollout.db.models import (
     AliasMove,
     Approval,
@@ -184,6 +184,18 @@ def waits_for(row: dict[str, Any]) -> str:
         if decision == "EXTEND" or n < need:
             return f"more samples ({n}/{need})" if need else "more samples"
         return "next gate look"
+    if decision is None and row.get("phase") == "evaluated":
+        # the main job pilots nothing where no saving is established (rollout.roi.pilot_skip_reason):
+        # such a use case waits for no pilot, and the reason's first clause says why
+        skip = roi.pilot_skip_reason(
+            met_budget=None,
+            density=row.get("density"),
+            saved_usd_month=row.get("savings_month_usd"),
+            saved_usd_month_high=row.get("savings_month_high"),
+            saved_usd_month_low=row.get("savings_month_low"),
+        )
+        if skip is not None:
+            return "no pilot: " + skip.split(": ")[0]
     if decision is None and row.get("phase") in lifecycle.PHASES:
         return lifecycle.waits_for(row["phase"])
     return "-"
