@@ -77,7 +77,9 @@ def run_evaluation(
     _, held = ctx.split()  # rows calibration never read (rollout.dataset_split)
     rows = [TaskRow(r["prompt"], r.get("reference") or "", None, r["id"]) for r in held if r.get("reference")]
     kw = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
-    suite = EvalSuite(dataset_rows=rows or None, pictures_dir=pictures_dir, **kw)
+    # the speed's length mix comes from every row (the use case's traffic sample): lengths fit nothing
+    speed_rows = [TaskRow(r["prompt"], r.get("reference") or "", None, r["id"]) for r in ctx.rows]
+    suite = EvalSuite(dataset_rows=rows or None, speed_rows=speed_rows, pictures_dir=pictures_dir, **kw)
 
     def progress(stage: str, done: int, total: int) -> None:
         logger.info("%s: evaluation %s %d/%d", ctx.name, stage, done, total)

@@ -72,6 +72,9 @@ class EvalSuite:
     max_prompt_tokens: int | None = None
     # speed
     speed_lengths: tuple[int, ...] | None = None  # None: the dataset's length mix (or 2048); (): off
+    # prompts whose lengths make that mix (default: the dataset rows): a use case's whole traffic sample
+    # where the task rows are only the part kept apart from calibration
+    speed_rows: Sequence[TaskRow] | None = None
     speed_weights: tuple[float, ...] | None = None
     speed_repeats: int = 3
     max_speed_buckets: int = 3
@@ -584,7 +587,11 @@ def evaluate(
         device=device_description(model),
         torch_version=torch.__version__,
         suite=_jsonable(
-            {k: v for k, v in asdict(suite).items() if k not in ("fidelity_texts", "dataset_rows")}
+            {
+                k: v
+                for k, v in asdict(suite).items()
+                if k not in ("fidelity_texts", "dataset_rows", "speed_rows")
+            }
         ),
     )
 
@@ -702,8 +709,9 @@ def evaluate(
     lengths_w: tuple[tuple[int, ...], tuple[float, ...] | None]
     if suite.speed_lengths is not None:
         lengths_w = (tuple(suite.speed_lengths), suite.speed_weights)
-    elif rows:
-        lengths_w = length_mix(tokenizer, rows, max_buckets=suite.max_speed_buckets, cap=cap)
+    elif suite.speed_rows or rows:
+        mix_rows = list(suite.speed_rows or rows or [])
+        lengths_w = length_mix(tokenizer, mix_rows, max_buckets=suite.max_speed_buckets, cap=cap)
     else:
         lengths_w = ((2048,), None)
     sl = tuple(x for x in lengths_w[0] if not cap or x <= cap)

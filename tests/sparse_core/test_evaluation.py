@@ -126,6 +126,26 @@ def test_fidelity_bounds_where_the_text_allows_and_windows_at_their_true_length(
     assert fid["nll_delta_upper"] >= fid["nll_delta"]
 
 
+def test_the_speed_mix_comes_from_the_speed_rows_when_given(quality_tiny):
+    """The evaluate flow scores the task on the rows kept apart from calibration but times prefill at
+    the whole dataset's length mix: `speed_rows` sets the mix, the task rows stay the task's."""
+    from sparse_core.evaluation import length_mix
+    from sparse_core.tasks import TaskRow
+
+    model, tok = quality_tiny
+    short = [TaskRow("A short prompt about Python. " * 4, "Python")] * 2
+    long = [TaskRow("Some longer text about the Python language. " * 60, "Python")] * 3
+    suite = EvalSuite(
+        n_fidelity_texts=0, probe_lengths=(), layer_errors=False, dataset_rows=short, speed_rows=long,
+        max_new_tokens=2, speed_repeats=1, decode_new_tokens=0, max_speed_buckets=1,
+    )  # fmt: skip
+    d = evaluate(model, tok, SparsePlan(tau=0.9), suite).to_dict()
+    assert d["tasks"]["n_rows"] == 2
+    (want,), _ = length_mix(tok, long, max_buckets=1)
+    assert [r["seq_len"] for r in d["speed"]] == [want] and want > length_mix(tok, short, max_buckets=1)[0][0]
+    assert "speed_rows" not in d["suite"]  # rows are data, not a setting
+
+
 def test_sections_switched_off_are_none(quality_tiny):
     model, tok = quality_tiny
     suite = EvalSuite(
