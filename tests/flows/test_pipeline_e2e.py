@@ -45,7 +45,7 @@ def test_pipeline_promote_monitor_breach_rolls_back(flow_use_case, tmp_path: Pat
     from flows.common import load_context
     from flows.evaluate import evaluate_flow
     from flows.monitor import monitor_flow
-    from rollout import approvals, registry
+    from rollout import approvals, registry, runs
     from rollout.auth import Identity
     from rollout.db.models import (
         Approval,
@@ -53,7 +53,6 @@ def test_pipeline_promote_monitor_breach_rolls_back(flow_use_case, tmp_path: Pat
         CalibrationRun,
         EvaluationRun,
         GateDecision,
-        ModelVersion,
         Observation,
         Pilot,
         PilotStep,
@@ -161,7 +160,7 @@ def test_pipeline_promote_monitor_breach_rolls_back(flow_use_case, tmp_path: Pat
         # calibration read the calibration rows' prompts only; the evaluation scored the rows kept apart
         ctx = load_context(name)
         cal_rows, eval_rows = ctx.split()
-        plan_meta = s.scalar(select(ModelVersion.plan))["metadata"]
+        plan_meta = runs.latest_calibrated_version(ctx.use_case_id)["plan"]["metadata"]
         assert plan_meta["data_fingerprint"] == text_fingerprint([r["prompt"] for r in cal_rows])
         tasks = s.scalar(select(EvaluationRun.report))["tasks"]
         expected = {"split": "evaluation", "rows": len(eval_rows), "dataset_rows": len(ctx.rows)}
