@@ -46,12 +46,18 @@ def quality_interval(lo: Any, hi: Any) -> str:
     '[lo, hi]' when both bound."""
     if not (_ok(lo) and _ok(hi)):
         return "-"
-    low, high = lo > -1 + 1e-9, hi < 1 - 1e-9
+    low, high = bounding_sides(lo, hi)
     if low and high:
         return interval_only(lo, hi)
     if low:
         return f">= {lo:+.4f}"
     return f"<= {hi:+.4f}" if high else "not bounded yet"
+
+
+def bounding_sides(lo: Any, hi: Any) -> tuple[bool, bool]:
+    """Which of two bounds on a quality difference say something: a bound at the scale's end (-1 or
+    +1) rules nothing out."""
+    return (_ok(lo) and lo > -1 + 1e-9), (_ok(hi) and hi < 1 - 1e-9)
 
 
 def quality_source(row: dict[str, Any]) -> str:

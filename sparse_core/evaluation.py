@@ -35,7 +35,7 @@ import torch
 from sparse_core.capture import block_attention_mass, capture_attention
 from sparse_core.corpus import corpus_texts, pack_token_windows, timing_window
 from sparse_core.fidelity import dense_reference, measure_fidelity
-from sparse_core.fidelity_bound import fidelity_bound
+from sparse_core.fidelity_bound import bound_fields
 from sparse_core.plan import SparsePlan, model_shape
 from sparse_core.probes import PROBE_KINDS, generate_probes, score_probes
 from sparse_core.progress import Progress, counter
@@ -306,16 +306,7 @@ def fidelity_bounds(fid) -> dict[str, Any]:
     fewer blocks than `fidelity_bound.min_blocks`, 6 at 95%: the evaluate flow's quick setting, one 1k
     window, has 2 blocks and `EvalSuite.quick()` 4, and they bound nothing); none for a plan identical
     to dense."""
-    if not fid.blocks:
-        return {}
-    b = fidelity_bound(fid, CONFIDENCE)
-    return {
-        "confidence": CONFIDENCE,
-        "kl_upper": b.kl,
-        "agree_lower": b.agree,
-        "nll_delta_upper": b.nll_delta,
-        "bound_units": len(fid.blocks),
-    }
+    return {"confidence": CONFIDENCE, **bound_fields(fid, CONFIDENCE)} if fid.blocks else {}
 
 
 def _bootstrap_ratio(
@@ -710,7 +701,7 @@ def evaluate(
     if suite.speed_lengths is not None:
         lengths_w = (tuple(suite.speed_lengths), suite.speed_weights)
     elif suite.speed_rows or rows:
-        mix_rows = list(suite.speed_rows or rows or [])
+        mix_rows = list(suite.speed_rows or rows)
         lengths_w = length_mix(tokenizer, mix_rows, max_buckets=suite.max_speed_buckets, cap=cap)
     else:
         lengths_w = ((2048,), None)

@@ -180,23 +180,29 @@ def judged_dict(
     `confidence` (at `step_confidence`; `unit`, when given, names what `fid.blocks` are)."""
     d = fid.to_dict()
     if step_confidence is not None and fid.blocks:
-        b = fidelity_bound(fid, step_confidence)
-        d.update(
-            confidence=confidence,
-            step_confidence=step_confidence,
-            kl_upper=b.kl,
-            agree_lower=b.agree,
-            nll_delta_upper=b.nll_delta,
-            bound_units=len(fid.blocks),
-        )
+        d.update(confidence=confidence, step_confidence=step_confidence)
+        d.update(bound_fields(fid, step_confidence))
         if unit is not None:
             d["bound_unit"] = unit
     return d
 
 
+def bound_fields(fid: Fidelity, confidence: float) -> dict:
+    """The bounds at `confidence` as a report gives them beside the means: `kl_upper`, `agree_lower`,
+    `nll_delta_upper` (infinite where the blocks are too few) and `bound_units` (how many blocks)."""
+    b = fidelity_bound(fid, confidence)
+    return {
+        "kl_upper": b.kl,
+        "agree_lower": b.agree,
+        "nll_delta_upper": b.nll_delta,
+        "bound_units": len(fid.blocks or ()),
+    }
+
+
 __all__ = [
     "agreement_lower_bound",
     "block_mean_bound",
+    "bound_fields",
     "by_window",
     "fidelity_bound",
     "judged",

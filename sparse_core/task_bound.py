@@ -37,7 +37,7 @@ TRUNCATION = 0.9  # largest share of the capital one bet may risk
 PRIOR_MEAN, PRIOR_VAR = 0.0, 0.25  # one pseudo-row: no drop expected, spread of a coin on [0, 1]
 
 
-def _check(drops: Sequence[float], lo: float, hi: float, alpha: float) -> list[float]:
+def _check(drops: Sequence[float], lo: float, hi: float, alpha: float, what: str = "drop") -> list[float]:
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     if not lo < hi:
@@ -45,7 +45,7 @@ def _check(drops: Sequence[float], lo: float, hi: float, alpha: float) -> list[f
     out = [float(x) for x in drops]
     for i, x in enumerate(out):
         if not (math.isfinite(x) and lo - 1e-9 <= x <= hi + 1e-9):
-            raise ValueError(f"row {i}: drop {x!r} is outside [{lo}, {hi}]")
+            raise ValueError(f"row {i}: {what} {x!r} is outside [{lo}, {hi}]")
     return [min(max(x, lo), hi) for x in out]
 
 
@@ -109,11 +109,8 @@ def delta_bounds(
     came, and the losses then every change above -0.019."""
     if len(dense) != len(sparse):
         raise ValueError(f"{len(dense)} dense scores against {len(sparse)} sparse ones: the rows must pair")
-    for arm, scores in (("dense", dense), ("sparse", sparse)):
-        for i, x in enumerate(scores):
-            if not (math.isfinite(x) and 0.0 <= x <= 1.0):
-                raise ValueError(f"row {i}: {arm} score {x!r} is outside [0, 1]")
-    pairs = list(zip(dense, sparse, strict=True))
+    checked = (_check(dense, 0.0, 1.0, alpha, "dense score"), _check(sparse, 0.0, 1.0, alpha, "sparse score"))
+    pairs = list(zip(*checked, strict=True))
     order = np.random.default_rng(seed).permutation(len(pairs))
     stream = _stream([pairs[i][1] - pairs[i][0] for i in order], -1.0, 1.0)
     if stream.n == 0:

@@ -84,7 +84,7 @@ def quality_points(evals: list[dict[str, Any]]) -> pd.DataFrame:
         dense_acc = (probes.get("dense") or {}).get("accuracy")
         agree, agree_low = fid.get("agree"), fid.get("agree_lower")
         q_low, q_high = e.get("quality_low"), e.get("quality_high")
-        if not (_num(q_low) and _num(q_high) and -1 < q_low and q_high < 1):  # the scale's ends: no bound
+        if not all(fmt.bounding_sides(q_low, q_high)):  # a bar needs both ends inside the scale
             q_low = q_high = None
         measures = {
             "task quality Δ": (e["quality_delta"], q_low, q_high),
