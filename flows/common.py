@@ -51,7 +51,8 @@ class UseCaseContext:
         return split_rows(self.rows)
 
     def traffic(self, salt: str) -> Any:
-        """The pilot's traffic source (rollout.traffic): each request at most once per pilot."""
+        """The pilot's traffic source (rollout.traffic): each request at most once per pilot, none of them
+        a prompt calibration read."""
         from rollout.traffic import source_for
 
         return source_for(self.spec, rows=self.rows, salt=salt, spec_dir=self.spec_dir)

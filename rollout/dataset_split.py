@@ -1,12 +1,14 @@
-"""Which of a use case's dataset rows the offline evaluation judges on: rows calibration never sees.
+"""Which of a use case's dataset rows judge the plan: rows calibration never sees.
 
 Calibration reads every prompt it is given (its sensitivities on one part, its eps search's fidelity
-checks on the other, its task bound on the first), so an evaluation scored on those prompts judges the
-plan on text it was fitted to. Until the twenty-sixth session the evaluate flow scored the first rows of
-the dataset file, which calibration had read as well. Now a fixed share of the rows, those whose ids
-hash lowest, is kept apart: the calibrate flow never reads them and the evaluate flow scores only them.
-The sides depend on the ids, not on the rows' order in the file; a new dataset version is calibrated
-and evaluated anew, on its own split. Pure functions; the flows call them.
+checks on the other, its task bound on the first), so an evaluation or a pilot scored on those prompts
+judges the plan on text it was fitted to. Until the twenty-sixth session the evaluate flow scored the
+first rows of the dataset file, and until the twenty-seventh a pilot on dataset traffic replayed every
+row, both reading rows calibration had read as well. Now a fixed share of the rows, those whose ids hash
+lowest, is kept apart: the calibrate flow never reads them; the evaluate flow scores only them and a
+pilot on dataset traffic draws only them (rollout.traffic). The sides depend on the ids, not on the rows'
+order in the file; a new dataset version is calibrated and evaluated anew, on its own split. Pure
+functions; the flows call them.
 """
 
 from __future__ import annotations
@@ -27,19 +29,25 @@ def row_hash(row_id: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def split_rows(rows: Sequence[Row], share: float = EVALUATION_SHARE) -> tuple[list[Row], list[Row]]:
-    """(calibration rows, evaluation rows), each in the rows' own order: the round(share x n) rows whose
-    ids hash lowest are kept for evaluation. With three rows or more neither side is empty (at least one
-    row evaluates, at least `MIN_CALIBRATION_ROWS` calibrate); with fewer, every row calibrates and none
-    is left to evaluate on. Ids are unique (the dataset validator refuses duplicates)."""
+def held_apart_count(n_rows: int, share: float = EVALUATION_SHARE) -> int:
+    """How many of n rows are kept apart: round(share x n), at least one where there are three rows or
+    more, and never so many that fewer than `MIN_CALIBRATION_ROWS` are left to calibrate (0 below that)."""
     if not 0 < share < 1:
         raise ValueError(f"share must be in (0, 1), got {share}")
-    if len(rows) <= MIN_CALIBRATION_ROWS:
-        return list(rows), []
+    if n_rows <= MIN_CALIBRATION_ROWS:
+        return 0
+    return min(max(round(share * n_rows), 1), n_rows - MIN_CALIBRATION_ROWS)
+
+
+def split_rows(rows: Sequence[Row], share: float = EVALUATION_SHARE) -> tuple[list[Row], list[Row]]:
+    """(calibration rows, held-apart rows), each in the rows' own order: the `held_apart_count` rows
+    whose ids hash lowest are kept apart. With three rows or more neither side is empty; with fewer,
+    every row calibrates and none is left to judge on. Ids are unique (the dataset validator refuses
+    duplicates)."""
+    n_held = held_apart_count(len(rows), share)
     ranked = sorted(range(len(rows)), key=lambda i: row_hash(rows[i]["id"]))
-    n_eval = min(max(round(share * len(rows)), 1), len(rows) - MIN_CALIBRATION_ROWS)
-    held = set(ranked[:n_eval])
+    held = set(ranked[:n_held])
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
 
 
-__all__ = ["EVALUATION_SHARE", "MIN_CALIBRATION_ROWS", "row_hash", "split_rows"]
+__all__ = ["EVALUATION_SHARE", "MIN_CALIBRATION_ROWS", "held_apart_count", "row_hash", "split_rows"]

@@ -17,6 +17,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from rollout.dataset_split import held_apart_count
 from rollout.gate.planning import planned_sample_size
 from rollout.gate.settings import GateSettings
 
@@ -129,8 +130,8 @@ def plan_pilot(spec: Any, *, approval_after: int | None = None) -> PilotPlan:
 def plan_warnings(plan: PilotPlan, *, distinct_requests: int | None = None) -> list[tuple[str, str]]:
     """(field, message) for what will stop this pilot short of a decision: a step whose GO needs more
     looks than gate.max_looks allows at one batch per look, a step no simulated size reaches, a pilot
-    longer than gate.max_duration_days at the spec's traffic, and (`distinct_requests`: the dataset
-    source's size) fewer distinct requests than the approval needs."""
+    longer than gate.max_duration_days at the spec's traffic, and (`distinct_requests`: the rows the
+    dataset source can hand out, those kept apart from calibration) fewer than the approval needs."""
     out = []
     power = f"{plan.power:.0%} power at a true difference of {plan.planned_effect:+g}"
     for s in plan.steps:
@@ -168,9 +169,10 @@ def plan_warnings(plan: PilotPlan, *, distinct_requests: int | None = None) -> l
         out.append(
             (
                 "dataset.path",
-                f"{distinct_requests:,} distinct requests, but the pilot needs ~{plan.requests:,} before "
-                f"the approval ({parts}); each request is evidence once, so it would stop at "
-                f"'traffic exhausted'. Pilot it on a request log or imported production observations",
+                f"{distinct_requests:,} distinct requests kept apart from calibration, but the pilot needs "
+                f"~{plan.requests:,} before the approval ({parts}); each request is evidence once, so it "
+                "would stop at 'traffic exhausted'. Pilot it on a request log or imported production "
+                "observations",
             )
         )
     return out
@@ -179,15 +181,17 @@ def plan_warnings(plan: PilotPlan, *, distinct_requests: int | None = None) -> l
 def plan_summary(
     spec: Any, *, dataset_rows: int | None = None, approval_after: int | None = None
 ) -> dict[str, Any]:
-    """JSON-ready: the plan, the distinct requests the pilot can draw on (the dataset's rows where the
-    dataset is the traffic source; None for a request log, whose size is not known in advance) and the
-    plan's warnings as "field: message"."""
+    """JSON-ready: the plan, the distinct requests the pilot can draw on (where the dataset is the traffic
+    source, its rows kept apart from calibration, rollout.dataset_split; None for a request log, whose
+    size is not known in advance), the dataset's rows, and the plan's warnings as "field: message"."""
     plan = plan_pilot(spec, approval_after=approval_after)
-    distinct = dataset_rows if spec.rollout.traffic_source.kind == "dataset" else None
+    on_dataset = spec.rollout.traffic_source.kind == "dataset" and dataset_rows is not None
+    distinct = held_apart_count(dataset_rows) if on_dataset else None
     problems = plan_warnings(plan, distinct_requests=distinct)
     return {
         **plan.to_dict(),
         "distinct_requests": distinct,
+        "dataset_rows": dataset_rows,
         "warnings": [f"{field}: {message}" for field, message in problems],
     }
 
@@ -217,7 +221,8 @@ def describe_to_approval(summary: dict[str, Any]) -> str:
     )
     if summary["distinct_requests"] is not None and summary["distinct_requests"] < total:
         text += (
-            f"; its dataset holds {summary['distinct_requests']:,}, so a pilot on it ends at 'traffic "
-            "exhausted': a team pilots it on production traffic (request-log source or imported observations)"
+            f"; its dataset keeps {summary['distinct_requests']:,} of its {summary['dataset_rows']:,} rows "
+            "apart from calibration for the pilot, so a pilot on it ends at 'traffic exhausted': a team "
+            "pilots it on production traffic (request-log source or imported observations)"
         )
     return text

@@ -41,17 +41,29 @@ class TrafficSource(Protocol):
 def source_for(
     spec: Any, *, rows: Sequence[Mapping[str, Any]], salt: str, spec_dir: Path | None
 ) -> TrafficSource:
-    """The pilot's source from the spec's `rollout.traffic_source` (default: the dataset)."""
+    """The pilot's source from the spec's `rollout.traffic_source` (default: the dataset). `rows` are the
+    use case's dataset rows, all of them: the pilot is judged only on prompts calibration never read
+    (rollout.dataset_split), so the dataset source draws the rows kept apart from calibration and a
+    request log skips any request whose prompt is one calibration read."""
+    from rollout.dataset_split import split_rows
     from rollout.traffic.dataset import DatasetSource
     from rollout.traffic.request_log import RequestLogSource
 
+    calibration, held_apart = split_rows(rows)
     cfg = spec.rollout.traffic_source
     if cfg.kind == "dataset":
-        return DatasetSource(rows, salt)
+        return DatasetSource(held_apart, salt)
     path = Path(cfg.path).expanduser()
     if not path.is_absolute():
         path = (spec_dir or Path.cwd()) / path
-    return RequestLogSource(path)
+    return RequestLogSource(path, exclude_prompts=[str(r["prompt"]) for r in calibration])
+
+
+# What a source hands out, for the exhaustion note: never a prompt calibration read (source_for).
+_SOURCE_TEXT = {
+    "dataset": "the dataset's rows kept apart from calibration",
+    "request-log": "the request log (less the prompts calibration read)",
+}
 
 
 def exhaustion_note(outcome: str, status: Mapping[str, Any] | None, projected: int | None) -> str | None:
@@ -60,8 +72,9 @@ def exhaustion_note(outcome: str, status: Mapping[str, Any] | None, projected: i
     if outcome != "EXTEND" or not status or status.get("remaining") != 0:
         return None
     need = f"; the gate projects ~{projected} would settle it" if projected else ""
+    source = _SOURCE_TEXT.get(status["source"], f"the {status['source']}")
     return (
-        f"Traffic exhausted: all {status['distinct_used']} distinct requests of the {status['source']} were "
-        f"used{need}. More distinct traffic is needed (a larger dataset or a request log); replaying "
-        "requests would count the same evidence twice."
+        f"Traffic exhausted: all {status['distinct_used']} distinct requests of {source} were used{need}. "
+        "More distinct traffic is needed (a larger dataset or a request log); replaying requests would "
+        "count the same evidence twice."
     )

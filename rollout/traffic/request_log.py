@@ -1,12 +1,14 @@
 """Captured production prompts as pilot traffic: a JSONL or CSV file (by extension) with `id` (or
 `request_id`), `prompt` and optionally `reference`, streamed row by row (never loaded whole), in file order
-(the order the requests arrived). Bad rows stop the read with the file, line and field named."""
+(the order the requests arrived). Bad rows stop the read with the file, line and field named. A request
+whose prompt is one of `exclude_prompts` (the prompts calibration read, rollout.traffic.source_for) is
+passed over: the plan was fitted to it, so its answer is no evidence of how the plan does on new traffic."""
 
 from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator, Set
+from collections.abc import Iterable, Iterator, Set
 from pathlib import Path
 
 from rollout.traffic.base import Request, TrafficError
@@ -18,8 +20,9 @@ MAX_FIELD = 1_000_000  # characters in one prompt / reference (a CSV field stops
 class RequestLogSource:
     name = "request-log"
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, exclude_prompts: Iterable[str] = ()) -> None:
         self.path = Path(path)
+        self._excluded = frozenset(exclude_prompts)
         if not self.path.is_file():
             raise TrafficError(f"{self.path}: request log not found")
         suffix = self.path.suffix.lower()
@@ -43,15 +46,18 @@ class RequestLogSource:
         out: list[Request] = []
         if n <= 0:
             return out
-        for req in self.requests():
-            if req.id not in used:
-                out.append(req)
-                if len(out) >= n:
-                    break
+        for req in self._usable(used):
+            out.append(req)
+            if len(out) >= n:
+                break
         return out
 
     def remaining(self, used: Set[str]) -> int:
-        return sum(1 for r in self.requests() if r.id not in used)
+        return sum(1 for _ in self._usable(used))
+
+    def _usable(self, used: Set[str]) -> Iterator[Request]:
+        """The log's requests not used yet and not read by calibration, in file order."""
+        return (r for r in self.requests() if r.id not in used and r.prompt not in self._excluded)
 
     def _records(self) -> Iterator[tuple[int, dict]]:
         with self.path.open(encoding="utf-8-sig", newline="") as fh:

@@ -73,13 +73,15 @@ def test_the_planned_sizes_are_the_pinned_ones(sample: str, step: int | None, pi
 
 def test_a_sample_too_small_for_its_pilot_is_told_so(longdoc) -> None:
     plan = plan_pilot(longdoc)
-    warned = dict(plan_warnings(plan, distinct_requests=65))
+    warned = dict(plan_warnings(plan, distinct_requests=16))
     # 10 looks x one batch of 8 reach 80 requests; every step needs more
     looks = warned["gate.max_looks"]
     assert "reach 80 requests" in looks and f"split 10% ~{plan.steps[1].requests:,}" in looks
     assert f">= {math.ceil(plan.steps[1].requests / 10):,} requests" in looks
     data = warned["dataset.path"]
-    assert data.startswith("65 distinct requests") and f"~{plan.requests:,}" in data
+    assert (
+        data.startswith("16 distinct requests kept apart from calibration") and f"~{plan.requests:,}" in data
+    )
     assert "traffic exhausted" in data
     # a request log's size is not known in advance: no dataset warning without a count
     assert "dataset.path" not in dict(plan_warnings(plan))
@@ -111,7 +113,11 @@ def test_the_summary_line_and_the_request_log_source(longdoc) -> None:
     line = describe_to_approval(summary)
     total = summary["requests_to_approval"]
     assert line.startswith(f"the approval (after shadow + split 10%) needs ~{total:,} distinct requests")
-    assert "its dataset holds 65" in line and "40,000 requests/day" in line
+    # the pilot draws only the 16 of the 65 rows that calibration never reads (rollout.dataset_split)
+    assert summary["distinct_requests"] == 16 and summary["dataset_rows"] == 65
+    assert (
+        "its dataset keeps 16 of its 65 rows apart from calibration" in line and "40,000 requests/day" in line
+    )
     source = TrafficSourceSpec(kind="request-log", path="captured.jsonl")
     logged = longdoc.model_copy(
         update={"rollout": longdoc.rollout.model_copy(update={"traffic_source": source})}

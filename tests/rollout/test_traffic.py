@@ -112,3 +112,42 @@ def test_a_csv_field_over_the_csv_limit_names_the_line(tmp_path: Path) -> None:
     with pytest.raises(TrafficError, match=r"log\.csv:3: not valid CSV"):
         RequestLogSource(path).take(5, set())
     assert csv.field_size_limit() == limit  # reading a log never widens the process-wide limit
+
+
+def _spec_with_source(kind: str, path: str | None = None):
+    from rollout.spec import parse_spec
+
+    from .usecase_helpers import example_spec
+
+    data = example_spec("docs-qa")
+    data["rollout"]["traffic_source"] = {"kind": kind, **({"path": path} if path else {})}
+    return parse_spec(data, "x.yaml")
+
+
+def test_dataset_traffic_is_the_rows_calibration_never_reads(tmp_path: Path) -> None:
+    from rollout.dataset_split import split_rows
+    from rollout.traffic import source_for
+
+    rows = [{"id": f"row-{i}", "prompt": f"question {i}", "reference": "x"} for i in range(40)]
+    calibration, held_apart = split_rows(rows)
+    src = source_for(_spec_with_source("dataset"), rows=rows, salt="pilot-1", spec_dir=tmp_path)
+    got = src.take(100, set())
+    assert sorted(r.id for r in got) == sorted(r["id"] for r in held_apart) and len(got) == 10
+    assert not {r.id for r in got} & {r["id"] for r in calibration}
+    assert src.remaining({r.id for r in got}) == 0
+
+
+def test_a_request_log_passes_over_the_prompts_calibration_read(tmp_path: Path) -> None:
+    from rollout.dataset_split import split_rows
+    from rollout.traffic import source_for
+
+    rows = [{"id": f"row-{i}", "prompt": f"question {i} " * 20, "reference": "x"} for i in range(40)]
+    calibration, _ = split_rows(rows)
+    seen_by_calibration = {r["prompt"] for r in calibration}
+    log = _log(tmp_path / "log.jsonl", 40)  # the same 40 prompts, under the log's own ids
+    src = source_for(_spec_with_source("request-log", str(log)), rows=rows, salt="s", spec_dir=tmp_path)
+    got = src.take(100, set())
+    assert len(got) == 10 and not {r.prompt for r in got} & seen_by_calibration
+    in_file_order = sorted((r.id for r in got), key=lambda i: int(i.split("-")[1]))
+    assert [r.id for r in got] == in_file_order
+    assert src.remaining(set()) == 10 and src.remaining({r.id for r in got}) == 0

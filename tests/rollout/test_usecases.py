@@ -88,18 +88,21 @@ def test_add_warns_when_a_guardrail_cannot_catch_a_breach_in_the_planned_rows(
 
 
 def test_add_and_show_say_what_a_decision_takes(state_url: str, tmp_path: Path) -> None:
-    """longdoc-summaries: 65 distinct requests and looks of one batch of 8 cannot reach any step's GO;
-    `usecase add` warns before the first request, `usecase show` has the plan per step."""
+    """longdoc-summaries: 16 distinct requests kept apart from calibration (of 65 rows) and looks of one
+    batch of 8 cannot reach any step's GO; `usecase add` warns before the first request, `usecase show`
+    has the plan per step."""
     res = cli("usecase", "add", str(copy_example(tmp_path / "w", "longdoc-summaries")))
     assert res.exit_code == 0, res.output
     out = " ".join(res.stdout.split())
     shown = json.loads(cli("usecase", "show", "longdoc-summaries", "--json").stdout)
     plan = shown["pilot_plan"]
     assert [s["label"] for s in plan["steps"]] == ["shadow", "split 10%", "split 50%"]
-    assert plan["distinct_requests"] == 65 and plan["requests_to_approval"] > 65
     assert (
-        f"warning: dataset.path: 65 distinct requests, but the pilot needs ~{plan['requests_to_approval']:,}"
-        in out
+        plan["distinct_requests"] == 16 and plan["dataset_rows"] == 65 and plan["requests_to_approval"] > 65
+    )
+    assert (
+        "warning: dataset.path: 16 distinct requests kept apart from calibration, but the pilot needs "
+        f"~{plan['requests_to_approval']:,}" in out
     )
     assert "warning: gate.max_looks: 10 looks per step at one batch of 8 per look reach 80 requests" in out
     assert shown["validation"]["warnings"][-2:] == plan["warnings"]
