@@ -12,14 +12,15 @@ from tests.fixtures.flows import skip_if_host_overloaded, tiny_spec
 
 
 def test_main_job_runs_the_short_pilot_and_leaves_go_waiting(
-    mlflow_home, prefect_harness, tiny_model_dir: Path, tmp_path: Path
+    mlflow_home, prefect_harness, tiny_model_dir: Path, pilot_dataset: Path, tmp_path: Path
 ) -> None:
     from flows.main_job import MainJobSettings, render_table, run_main_job
     from rollout.usecases import list_usecases
 
     examples = tmp_path / "examples"
     examples.mkdir()
-    (examples / "tiny-chat.yaml").write_text(yaml.safe_dump(tiny_spec(tiny_model_dir, "tiny-chat")))
+    spec = tiny_spec(tiny_model_dir, "tiny-chat", dataset_file=pilot_dataset)
+    (examples / "tiny-chat.yaml").write_text(yaml.safe_dump(spec))
     console = Console(record=True, width=200)
     # On the tiny model the plan is dense or slower than dense (no saving): --pilot-all pilots it anyway.
     settings = MainJobSettings(

@@ -77,7 +77,7 @@ def _counts() -> dict[str, int]:
 
 
 def test_a_new_spec_version_applies_to_the_next_pilot_not_the_running_one(
-    trust_env, flow_use_case, tiny_model_dir: Path, tmp_path: Path
+    trust_env, flow_use_case, tiny_model_dir: Path, pilot_dataset: Path, tmp_path: Path
 ) -> None:
     from rollout import pilots
     from rollout.db.models import Pilot
@@ -87,7 +87,7 @@ def test_a_new_spec_version_applies_to_the_next_pilot_not_the_running_one(
 
     name = flow_use_case()
     _pilot_with_decision(name, "EXTEND", "none")  # pilot under v1 (the fixture's margin 0.2, alpha 0.05)
-    loose = tiny_spec(tiny_model_dir, name)
+    loose = tiny_spec(tiny_model_dir, name, dataset_file=pilot_dataset)  # the same rows as version 1
     loose["gate"]["non_inferiority_margin"] = 0.5
     loose["gate"]["alpha"] = 0.45
     path = tmp_path / "v2.yaml"
