@@ -55,6 +55,7 @@ def _wait_until_serving(proc: subprocess.Popen, url: str, log: Path) -> None:
 def served(
     prefect_harness: str,
     tiny_model_dir: Path,
+    pilot_dataset: Path,
     mlflow_template_db: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[dict[str, Any]]:
@@ -84,7 +85,9 @@ def served(
             for arm, url in urls.items()
         }
         spec_file = root / f"{NAME}.yaml"
-        spec_file.write_text(yaml.safe_dump(tiny_spec(tiny_model_dir, NAME, pilot={"arms": arms})))
+        spec_file.write_text(
+            yaml.safe_dump(tiny_spec(tiny_model_dir, NAME, dataset_file=pilot_dataset, pilot={"arms": arms}))
+        )
         add_usecase(spec_file, actor="test-owner")
         cal = calibrate_flow(NAME, limits=QUICK_CAL)
         base = baseline_version_id(NAME)
