@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from rollout import queries
+
 
 def _ok(x: Any) -> bool:
     return x is not None and not (isinstance(x, float) and math.isnan(x))
@@ -61,13 +63,10 @@ def bounding_sides(lo: Any, hi: Any) -> tuple[bool, bool]:
 
 
 def quality_source(row: dict[str, Any]) -> str:
-    """Where a use case's quality numbers come from: the pilot gate's latest look, or (before any look
-    measured it) the offline evaluation, with the task rows it scored."""
-    source = row.get("quality_source")
-    if source == "evaluation":
-        n = row.get("evaluation_rows")
-        return f"evaluation, {n} rows" if _ok(n) else "evaluation"
-    return "pilot gate" if source == "gate" else "-"
+    """Where a use case's quality numbers come from (rollout.queries.quality_from), "pilot gate" for the
+    gate's look on a page that shows the offline evaluation beside it."""
+    source = queries.quality_from(row)
+    return "pilot gate" if source == "gate" else (source or "-")
 
 
 def guardrail_rows(ev: dict[str, Any]) -> list[dict[str, Any]]:

@@ -44,8 +44,8 @@ class UseCaseContext:
         return self.spec.dataset.task
 
     def split(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """(calibration rows, evaluation rows): the evaluation's rows are never read by calibration
-        (rollout.dataset_split)."""
+        """(calibration rows, held-apart rows): calibration never reads the held-apart rows; the
+        evaluation scores them and a pilot on dataset traffic draws them (rollout.dataset_split)."""
         from rollout.dataset_split import split_rows
 
         return split_rows(self.rows)

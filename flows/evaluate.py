@@ -74,11 +74,15 @@ def run_evaluation(
     logger = get_run_logger()
     model, tok = get_model(target["base_model_ref"])
     plan = version_plan(target["plan"], target["mlflow_model"], target["mlflow_version"])
+
+    def task_row(r: dict[str, Any]) -> TaskRow:
+        return TaskRow(r["prompt"], r.get("reference") or "", None, r["id"])
+
     _, held = ctx.split()  # rows calibration never read (rollout.dataset_split)
-    rows = [TaskRow(r["prompt"], r.get("reference") or "", None, r["id"]) for r in held if r.get("reference")]
+    rows = [task_row(r) for r in held if r.get("reference")]
     kw = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
     # the speed's length mix comes from every row (the use case's traffic sample): lengths fit nothing
-    speed_rows = [TaskRow(r["prompt"], r.get("reference") or "", None, r["id"]) for r in ctx.rows]
+    speed_rows = [task_row(r) for r in ctx.rows]
     suite = EvalSuite(dataset_rows=rows or None, speed_rows=speed_rows, pictures_dir=pictures_dir, **kw)
 
     def progress(stage: str, done: int, total: int) -> None:

@@ -199,13 +199,10 @@ def _interval(v: Any, lo: Any, hi: Any, fmt: str) -> str:
 
 
 def _quality_cell(r: dict[str, Any]) -> str:
-    """The quality delta with its interval and where both come from: the gate's look, or (before one)
-    the evaluation's rows kept apart from calibration."""
+    """The quality delta with its interval and where both come from (rollout.queries.quality_from)."""
     text = _interval(r["quality_delta"], r["quality_low"], r["quality_high"], "+.3f")
-    if r.get("quality_source") == "evaluation":
-        rows = r.get("evaluation_rows")
-        return f"{text} (evaluation, {rows} rows)" if rows is not None else f"{text} (evaluation)"
-    return f"{text} (gate)" if r.get("quality_source") == "gate" else text
+    source = queries.quality_from(r)
+    return f"{text} ({source})" if source else text
 
 
 def render_table(rows: list[dict[str, Any]], outcomes: dict[str, dict[str, Any]]) -> Any:

@@ -201,6 +201,17 @@ def waits_for(row: dict[str, Any]) -> str:
     return "-"
 
 
+def quality_from(row: dict[str, Any]) -> str | None:
+    """Where a portfolio row's quality numbers come from, in words: "gate" (the pilot gate's latest look),
+    "evaluation, N rows" (before any look measured it: the evaluation's rows kept apart from
+    calibration), or None (no quality measured yet)."""
+    source = row.get("quality_source")
+    if source == "evaluation":
+        n = row.get("evaluation_rows")
+        return f"evaluation, {n} rows" if n is not None else "evaluation"
+    return source
+
+
 def job_summary(session: Session, names: list[str]) -> list[dict[str, Any]]:
     """The main job's table, one row per named use case: its latest *gate* decision (with the step it
     judged), quality delta with the gate's anytime-valid interval (before any gate look, the latest

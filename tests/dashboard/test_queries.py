@@ -120,3 +120,12 @@ def test_a_stopped_use_case_leaves_the_established_total(seeded: dict[str, Any])
     with session_scope() as s:
         t = queries.portfolio_totals(s)
     assert t["savings_month_usd"] == pytest.approx(1840) and t["established"] == 1 and t["ended"] == 1
+
+
+def test_quality_from_says_which_measurement_the_quality_numbers_are() -> None:
+    """One rule for the main job's summary and the portfolio page alike."""
+    assert queries.quality_from({"quality_source": "gate", "evaluation_rows": 18}) == "gate"
+    evaluated = {"quality_source": "evaluation", "evaluation_rows": 18}
+    assert queries.quality_from(evaluated) == "evaluation, 18 rows"
+    assert queries.quality_from({"quality_source": "evaluation", "evaluation_rows": None}) == "evaluation"
+    assert queries.quality_from({"quality_source": None}) is None
