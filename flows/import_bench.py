@@ -72,6 +72,7 @@ def _setup(home: Path) -> tuple[str, list[str]]:
 
 def _one(rows: int, chunk_rows: int, out: Any) -> None:
     from rollout.pilot_batches import import_file
+    from sparse_core.host import HostLoadMeter
 
     home = Path(tempfile.mkdtemp(prefix="sparsepilot-bench-import-"))
     name, ids = _setup(home)
@@ -81,7 +82,8 @@ def _one(rows: int, chunk_rows: int, out: Any) -> None:
     write_s = time.perf_counter() - t
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t = time.perf_counter()
-    done = import_file(name, str(path), ids, chunk_rows=chunk_rows)
+    with HostLoadMeter(threads=1) as meter:  # the import is one thread of this process
+        done = import_file(name, str(path), ids, chunk_rows=chunk_rows)
     seconds = time.perf_counter() - t
     out.put(
         {
@@ -96,6 +98,8 @@ def _one(rows: int, chunk_rows: int, out: Any) -> None:
             "chunk_rows": chunk_rows,
             "database": "sqlite",
             "torch_loaded": "torch" in __import__("sys").modules,
+            "others_busy_cores": meter.load.others_busy_cores,
+            "overloaded": meter.load.overloaded,
         }
     )
 

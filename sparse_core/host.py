@@ -138,13 +138,42 @@ def apply_thread_policy(sample_seconds: float = 0.2) -> dict[str, Any]:
     """Measure the other processes for a moment, then set torch's intra-op threads accordingly."""
     import torch
 
-    a = snapshot()
-    time.sleep(sample_seconds)
-    others = others_busy_cores(a, snapshot())
+    others = _others_now(sample_seconds)
     cpus = available_cpus()
     threads = choose_threads(cpus, others)
     torch.set_num_threads(threads)
-    return {"cpus": cpus, "threads": threads, "others_busy_cores": others}
+    return {"cpus": cpus, "threads": threads, "others_busy_cores": _rounded(others)}
+
+
+def set_threads(requested: int | None, sample_seconds: float = 0.2) -> dict[str, Any]:
+    """torch's intra-op threads for a benchmark: `requested` as given (a `--threads N`), or None for the
+    policy above. Either way the other processes are measured first, so the record says what the host
+    was doing when the count was set: `{"requested": "auto" | N, "cpus", "threads", "others_busy_cores"}`."""
+    if requested is None:
+        return {"requested": "auto", **apply_thread_policy(sample_seconds)}
+    if requested < 1:
+        raise ValueError(f"threads must be >= 1, got {requested}")
+    import torch
+
+    others = _others_now(sample_seconds)
+    torch.set_num_threads(requested)
+    return {
+        "requested": requested,
+        "cpus": available_cpus(),
+        "threads": requested,
+        "others_busy_cores": _rounded(others),
+    }
+
+
+def _others_now(sample_seconds: float) -> float | None:
+    """Cores of ours the other processes keep busy, over the next `sample_seconds`."""
+    a = snapshot()
+    time.sleep(sample_seconds)
+    return others_busy_cores(a, snapshot())
+
+
+def _rounded(x: float | None) -> float | None:
+    return None if x is None else round(x, 3)
 
 
 @dataclass(frozen=True)
@@ -199,7 +228,7 @@ def measure(start: CpuSnapshot, end: CpuSnapshot, *, threads: int | None = None)
         cpus=cpus,
         threads=threads,
         seconds=wall,
-        others_busy_cores=None if others is None else round(others, 3),
+        others_busy_cores=_rounded(others),
         cpu_pressure=None if pressure is None else round(pressure, 3),
         loadavg=tuple(load) if load else None,  # type: ignore[arg-type]
         overloaded=busy + threads > cpus + OVERLOAD_MARGIN_CORES,

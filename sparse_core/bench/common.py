@@ -1,5 +1,6 @@
 """What every benchmark reports the same way: the machine it ran on (with the host load before and
-after, since the machine is shared), its wall and CPU time, and its figures."""
+after, and what the other processes did while it ran, since the machine is shared), its wall and CPU
+time, and its figures."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 
 import torch
 
-from sparse_core.host import loadavg
+from sparse_core.host import CpuSnapshot, loadavg, measure, snapshot
 from sparse_core.kernels import synchronize
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -39,7 +40,13 @@ def prefill_repeats(device: torch.device) -> int:
     return 1 if device.type == "cpu" else 5
 
 
-def environment(load_before: list[float] | None = None) -> dict[str, Any]:
+def environment(
+    load_before: list[float] | None = None, host_load: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The machine and the load around a benchmark; `host_load` (`sparse_core.host.HostLoad` as a dict)
+    is what the other processes did during it: the mean cores they kept busy on this process's CPUs,
+    the share of time some task waited for a CPU, and whether the threads used then outnumbered the
+    CPUs left free (`overloaded`)."""
     cuda = torch.cuda.is_available()
     return {
         "torch": torch.__version__,
@@ -52,20 +59,24 @@ def environment(load_before: list[float] | None = None) -> dict[str, Any]:
         "cuda_version": torch.version.cuda,
         "loadavg_before": load_before,
         "loadavg_after": loadavg(),
+        "host_load": host_load,
     }
 
 
 @dataclass
 class RunClock:
-    """Started when a benchmark starts; `summary()` is the tail of its result."""
+    """Started when a benchmark starts; `summary()` is the tail of its result, with the host's load over
+    the whole run."""
 
     load_before: list[float] = field(default_factory=loadavg)
     started: float = field(default_factory=time.perf_counter)
     cpu_started: float = field(default_factory=time.process_time)
+    host_started: CpuSnapshot = field(default_factory=snapshot)
 
     def summary(self) -> dict[str, Any]:
+        host_load = measure(self.host_started, snapshot()).to_dict()
         return {
-            "environment": environment(self.load_before),
+            "environment": environment(self.load_before, host_load),
             "wall_seconds": time.perf_counter() - self.started,
             # CPU time of this process (all threads): on a shared machine wall time overstates the cost
             "cpu_seconds": time.process_time() - self.cpu_started,

@@ -26,9 +26,15 @@ from typing import Any
 
 import torch
 
-from sparse_core.bench.common import bench_device, prefill_repeats, pyplot, save_figure, synchronize
+from sparse_core.bench.common import (
+    RunClock,
+    bench_device,
+    prefill_repeats,
+    pyplot,
+    save_figure,
+    synchronize,
+)
 from sparse_core.estimators import KINDS, available_estimators
-from sparse_core.host import loadavg
 
 
 def default_specs() -> tuple[str, ...]:
@@ -149,7 +155,7 @@ def run_quality_bench(
             check_margin_units([seq_len] * lim.heldout_windows, lim, steps=lim.max_joint_checks)
 
     t_all = time.perf_counter()
-    load_before = loadavg()
+    clock = RunClock()
     model, tok = load_model(settings.model, device=bench_device(settings.device))
     cal_texts = corpus_texts("calibration", seed=settings.seed)
     held_texts = corpus_texts("heldout", seed=settings.seed)
@@ -280,12 +286,10 @@ def run_quality_bench(
     return {
         "settings": settings_out,
         "device": str(next(model.parameters()).device),
-        "torch_threads": torch.get_num_threads(),
-        "loadavg_before": load_before,
-        "loadavg_after": loadavg(),
         "by_length": by_length,
         "usecases": usecases,
         "seconds": time.perf_counter() - t_all,
+        **clock.summary(),
     }
 
 

@@ -20,6 +20,14 @@ ModelRef = Annotated[str, typer.Option("--model", help="Model ref.")]
 Kernels = Annotated[str, typer.Option("--kernels", help="Comma-separated: gather, flex.")]
 JsonOut = Annotated[str, typer.Option("--out", help="Where to write the JSON.")]
 JsonPngOut = Annotated[str, typer.Option("--out", help="JSON path; the PNG goes next to it.")]
+Threads = Annotated[
+    str,
+    typer.Option(
+        "--threads",
+        help="torch threads: auto (the CPUs this process may use minus what other processes keep busy, "
+        "measured at the start: 1 on a two-core host with a busy neighbour) or a number.",
+    ),
+]
 
 
 def _untrained() -> list[str]:
@@ -51,11 +59,13 @@ def bench_dashboard(
     json_out: Annotated[bool, _json_flag("Print the JSON instead of a table.")] = False,
 ) -> None:
     """Seed a portfolio into a scratch state DB and time every dashboard page (AppTest renders)."""
+    import os
     import tempfile
 
     from rich.progress import Progress
 
     from dashboard.bench import run_bench, write_json
+    from sparse_core.host import HostLoadMeter, loadavg
     from sparsepilot.console import emit_json, print_table
 
     scratch = Path(home) if home else Path(tempfile.mkdtemp(prefix="sparsepilot-bench-dashboard-"))
@@ -63,7 +73,9 @@ def bench_dashboard(
 
     if not database_url and (scratch / "state.db").exists():
         fail(f"{scratch / 'state.db'} exists: the benchmark needs an empty scratch home")
-    with Progress(transient=True) as bar:
+    load_before = loadavg()
+    # the seeding and the renders run in this process; a PostgreSQL server's work counts among the others
+    with Progress(transient=True) as bar, HostLoadMeter(threads=1) as meter:
         task = bar.add_task(f"seeding {use_cases} use cases", total=use_cases)
         try:
             result = run_bench(
@@ -76,6 +88,12 @@ def bench_dashboard(
             )
         except ValueError as exc:
             fail(str(exc))
+    result["environment"] = {
+        "loadavg_before": load_before,
+        "loadavg_after": loadavg(),
+        "cpu_count": os.cpu_count(),
+        "host_load": meter.load.to_dict(),
+    }
     write_json(result, Path(out))
     if json_out:
         emit_json(result)
@@ -83,10 +101,12 @@ def bench_dashboard(
     seeded = result["seeded"]
     print_table(
         f"dashboard render times: {seeded['use_cases']} use cases, {seeded['observations']:,} observations "
-        f"(seeded in {result['seed_s']} s; portfolio SQL {result['portfolio_sql_s']} s; JSON: {out})",
+        f"(seeded in {result['seed_s']} s; portfolio SQL {result['portfolio_sql_s']} s; "
+        f"{_others_line(meter.load.to_dict())}; JSON: {out})",
         result["pages"],
         columns=["page", "cold_s", "warm_median_s", "target_s", "within_target"],
     )
+    _overload_warning(result["environment"])
 
 
 @app.command("import")
@@ -111,7 +131,16 @@ def bench_import(
     print_table(
         f"observation import (SQLite, load {' '.join(result['loadavg'])}; JSON: {out})",
         result["results"],
-        columns=["rows", "inserted", "file_mib", "import_s", "rows_per_s", "peak_rss_mib", "chunk_rows"],
+        columns=[
+            "rows",
+            "inserted",
+            "file_mib",
+            "import_s",
+            "rows_per_s",
+            "peak_rss_mib",
+            "chunk_rows",
+            "others_busy_cores",
+        ],
     )
 
 
@@ -195,6 +224,7 @@ def bench_quality(
     json_out: Annotated[bool, _json_flag("Print the JSON instead of tables.")] = False,
     plans: str = typer.Option("", "--plans", help="Save every calibrated plan under DIR/<length>/<spec>."),
     device: DeviceOpt = "auto",
+    threads: Threads = "auto",
 ) -> None:
     """Every block estimator at the same budget: density reached, held-out KL / agreement, prefill
     speed-up, ratio vs the best training-free estimator; per use case the task-score delta."""
@@ -216,6 +246,7 @@ def bench_quality(
             parse_estimator_spec(spec)
     except PlanError as exc:
         fail(f"--estimators: {exc}")
+    n_threads = _threads_or_fail(threads)
     if gate_target and gate_target not in GATE_V2_TARGETS:
         fail(f"--gate-target: {gate_target!r}; choose {', '.join(GATE_V2_TARGETS)}")
     if drop_measure not in DROP_MEASURES:
@@ -268,6 +299,7 @@ def bench_quality(
     kw["usecases"] = tuple(_usecase_data(u) for u in uc_names)
     settings = QualityBenchSettings.quick(**kw) if quick else QualityBenchSettings(**kw)
     with Progress(transient=True) as bar, _progress_log(out) as log:
+        policy = _apply_threads(n_threads, log)
         tasks: dict[str, int] = {}
 
         def progress(stage: str, done: int, total: int) -> None:
@@ -277,6 +309,7 @@ def bench_quality(
             log(f"{stage} {done}/{total}")
 
         result = run_quality_bench(settings, progress=progress)
+        _record_host(result, policy, log)
     plot(result, Path(out).with_suffix(".png"))
     if _saved_and_emitted(result, out, json_out):
         return
@@ -296,7 +329,7 @@ def bench_quality(
     for block in result["by_length"]:
         print_table(
             f"{block['seq_len']} tokens, budget {budget}: {heldout_label(block)} "
-            f"(load {result['loadavg_before']} -> {result['loadavg_after']})",
+            f"({_host_line(result['environment'])})",
             block["rows"],
             columns=cols,
         )
@@ -314,6 +347,7 @@ def bench_quality(
             ],
         )
     print(f"JSON: {out}")
+    _overload_warning(result["environment"])
 
 
 def heldout_label(block: dict) -> str:
@@ -368,6 +402,7 @@ def bench_attention(
         "(torch.compile), auto (compiled on CUDA for training-free estimators, else eager).",
     ),
     lengths: str = typer.Option("", "--lengths", help="Sequence lengths, e.g. 8192,32768 (default by mode)."),
+    threads: Threads = "auto",
 ) -> None:
     """One SmolLM2-shaped attention layer: dense SDPA vs sparse kernels at ~5/10/25/50% density."""
     for_command("bench-attention")  # model benchmarks: library output to a log file
@@ -395,6 +430,7 @@ def bench_attention(
         "attention benchmark",
         bench.run,
         out,
+        _threads_or_fail(threads),
         quick=quick,
         kernels=ks,
         dtypes=ds,
@@ -409,11 +445,11 @@ def bench_attention(
     env = result["environment"]
     print_table(
         f"Attention layer (9 q / 3 kv heads, d=64) on {_where(env, dev)}, {estimator} estimator included; "
-        f"load {env['loadavg_before']} -> "
-        f"{env['loadavg_after']} on {env['cpu_count']} CPUs; JSON: {path}, plot: {png}",
+        f"{_host_line(env)}; JSON: {path}, plot: {png}",
         result["rows"],
         bench.TABLE_COLUMNS,
     )
+    _overload_warning(env)
     if json_out:
         emit_json(result)
 
@@ -431,6 +467,7 @@ def bench_prefill(
         0, "--repeats", help="Timed prefills per point, the best kept (0 = 1 on the CPU, 5 on CUDA)."
     ),
     dtype: str = typer.Option("fp32", "--dtype", help="The model's dtype: fp32 | bf16."),
+    threads: Threads = "auto",
 ) -> None:
     """End-to-end prefill of a real model on natural English: dense SDPA vs sparse (pooled) at a
     few tau, speed-up in the same table as next-token KL, top-1 agreement and delta NLL."""
@@ -459,6 +496,7 @@ def bench_prefill(
             "prefill benchmark",
             bench.run,
             out,
+            _threads_or_fail(threads),
             model_ref=model,
             quick=quick,
             taus=tau_list,
@@ -473,11 +511,11 @@ def bench_prefill(
     env = result["environment"]
     print_table(
         f"Prefill {result['model']} {dtype} ({result['text_source']}) on {_where(env, dev)}, best of "
-        f"{result['repeats']}; load {env['loadavg_before']} -> "
-        f"{env['loadavg_after']} on {env['cpu_count']} CPUs; JSON: {path}, plot: {png}",
+        f"{result['repeats']}; {_host_line(env)}; JSON: {path}, plot: {png}",
         result["rows"],
         bench.TABLE_COLUMNS,
     )
+    _overload_warning(env)
     if json_out:
         emit_json(result)
 
@@ -536,7 +574,7 @@ def bench_decode(
     page_size: int = typer.Option(16, "--page-size", help="Tokens per KV-cache page."),
     budgets: str = typer.Option("1024,2048", "--budgets", help="Comma-separated token budgets per KV head."),
     new_tokens: int = typer.Option(64, "--new-tokens", help="Generated tokens per run (>= 2)."),
-    threads: int = typer.Option(1, "--threads", help="torch threads (1 on a shared machine)."),
+    threads: Threads = "auto",
     out: JsonPngOut = "bench-results/decode.json",
     json_out: Annotated[bool, _json_flag("Print the JSON after the tables.")] = False,
 ) -> None:
@@ -544,8 +582,6 @@ def bench_decode(
     sparse ms per generated token side by side, with density, estimator share and the fidelity of the
     generated tokens."""
     for_command("bench-decode")  # model benchmarks: library output to a log file
-    import torch
-
     from sparse_core import ModelRefError, PlanError
     from sparse_core.bench import decode as bench
     from sparsepilot.console import emit_json, fail, print_table
@@ -564,8 +600,7 @@ def bench_decode(
         fail(f"--page-size must be >= 1, got {page_size}")
     if new_tokens < 2:
         fail(f"--new-tokens must be >= 2, got {new_tokens}")
-    if threads < 1:
-        fail(f"--threads must be >= 1, got {threads}")
+    n_threads = _threads_or_fail(threads)
     plan = _plan_or_fail(plan_dir)
     if plan is not None:
         learned = bool(reads_plan) or any(e in TRAINED_BY_DECODE_CALIBRATION for e in names)
@@ -576,12 +611,12 @@ def bench_decode(
                 f"--page-size {page_size}: --estimator {','.join(reads_plan)} pools pages like the plan's "
                 f"blocks; pass --page-size {plan.block_size}"
             )
-    torch.set_num_threads(threads)
     try:
         result = _with_spinner(
             "decode benchmark",
             bench.run,
             out,
+            n_threads,
             quick=quick,
             model_ref=model,
             page_size=page_size,
@@ -594,13 +629,9 @@ def bench_decode(
         fail(str(exc))
     path, png = _write_with_plot(result, out, bench.plot)
     env = result["environment"]
-    load = (
-        f"load {env['loadavg_before']} -> {env['loadavg_after']} on {env['cpu_count']} CPUs, "
-        f"{env['threads']} thread(s)"
-    )
     print_table(
         f"Decode, one attention layer (9 q / 3 kv heads, d=64), {result['layer_estimator']} scoring "
-        f"included; {load}",
+        f"included; {_host_line(env)}",
         result["layer_rows"],
         bench.LAYER_COLUMNS,
     )
@@ -610,6 +641,7 @@ def bench_decode(
         result["model_rows"],
         bench.MODEL_COLUMNS,
     )
+    _overload_warning(env)
     if json_out:
         emit_json(result)
 
@@ -662,7 +694,7 @@ def bench_decode_scorers(
     plan_dir: str = typer.Option(
         "", "--plan", help="A plan directory whose learned weights the scorers read."
     ),
-    threads: int = typer.Option(1, "--threads", help="torch threads (1 on a shared machine)."),
+    threads: Threads = "auto",
     texts: str = typer.Option(
         "stdlib",
         "--texts",
@@ -676,8 +708,6 @@ def bench_decode_scorers(
     scorer and budget with intervals over prompts, each scorer's KL paired against the first's (ratio,
     sign test), and the pages it needs for the first's KL. Fidelity only: nothing is timed."""
     for_command("bench-decode-scorers")  # model benchmarks: library output to a log file
-    import torch
-
     from sparse_core import ModelRefError, PlanError
     from sparse_core.bench import decode_scorers as bench
     from sparsepilot.console import emit_json, fail, print_table
@@ -692,10 +722,10 @@ def bench_decode_scorers(
         ("--prompt-tokens", prompt_tokens, 2),
         ("--new-tokens", new_tokens, 1),
         ("--page-size", page_size, 1),
-        ("--threads", threads, 1),
     ):
         if value < least:
             fail(f"{option} must be >= {least}, got {value}")
+    n_threads = _threads_or_fail(threads)
     needs_plan = [s for s in names if DECODE_ESTIMATORS[s] is not None]
     if needs_plan and not plan_dir:
         fail(f"--scorers {','.join(needs_plan)}: these read a plan's learned weights; give --plan")
@@ -709,12 +739,12 @@ def bench_decode_scorers(
     from sparsepilot.commands.core import read_texts
 
     corpus = None if texts == "stdlib" else read_texts(texts)
-    torch.set_num_threads(threads)
     try:
         result = _with_spinner(
             "decode scorers benchmark",
             bench.run,
             out,
+            n_threads,
             model_ref=model,
             scorers=names,
             budgets=budget_list,
@@ -734,7 +764,7 @@ def bench_decode_scorers(
         f"{result['model']}: {result['prompts']} prompts of {result['prompt_tokens']} tokens from "
         f"{result['texts']}, "
         f"{new_tokens} generated tokens each, pages of {page_size}; mean over prompts with 95% t intervals; "
-        f"load {env['loadavg_before']} -> {env['loadavg_after']}",
+        f"{_host_line(env)}",
         result["plan_rows"],
         bench.PLAN_COLUMNS,
     )
@@ -745,6 +775,7 @@ def bench_decode_scorers(
         result["pair_rows"],
         bench.PAIR_COLUMNS,
     )
+    _overload_warning(env)
     if json_out:
         emit_json(result)
 
@@ -766,22 +797,99 @@ def _progress_log(out: str) -> Iterator[Callable[[str], None]]:
         yield write
 
 
-def _with_spinner(label: str, run: Callable[..., dict], out: str, **kwargs: Any) -> dict:
-    """``run(**kwargs, progress=...)`` under a transient spinner that shows its latest progress message,
-    each message also a line of the progress log next to `out`."""
+def _with_spinner(label: str, run: Callable[..., dict], out: str, threads: int | None, **kwargs: Any) -> dict:
+    """``run(**kwargs, progress=...)`` with torch's threads set from `threads` (None: the CPUs the other
+    processes leave free) under a transient spinner that shows its latest progress message, each message
+    also a line of the progress log next to `out`. The result's environment records the thread choice."""
     from rich.progress import Progress
 
     with Progress(transient=True) as bar, _progress_log(out) as log:
         task = bar.add_task(label, total=None)
         log(f"{label}: started")
+        policy = _apply_threads(threads, log)
 
         def progress(msg: str) -> None:
             bar.update(task, description=msg)
             log(msg)
 
         result = run(**kwargs, progress=progress)
+        _record_host(result, policy, log)
         log(f"{label}: done")
         return result
+
+
+def _threads_or_fail(text: str) -> int | None:
+    """--threads: None for auto, else a whole number >= 1; exit 2 naming the option otherwise."""
+    from sparsepilot.console import fail
+
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        fail(f"--threads: {text!r}; give auto or a whole number >= 1")
+    return n
+
+
+def _apply_threads(threads: int | None, log: Callable[[str], None]) -> dict[str, Any]:
+    """Set torch's threads (sparse_core.host.set_threads) and log what the host was doing then."""
+    from sparse_core.host import set_threads
+
+    policy = set_threads(threads)
+    others = policy["others_busy_cores"]
+    busy = "" if others is None else f", other processes using {others:.2f} cores"
+    log(f"threads: {policy['threads']} ({policy['requested']}; {policy['cpus']:g} CPUs{busy})")
+    return policy
+
+
+def _record_host(result: dict, policy: dict[str, Any], log: Callable[[str], None]) -> None:
+    """The thread choice into the result's environment, and the run's host load into the log."""
+    env = result["environment"]
+    env["thread_policy"] = policy
+    log(f"host during the run: {_host_line(env)}")
+
+
+def _host_line(env: dict) -> str:
+    """Threads, why that many, and what the other processes did while the benchmark ran: the load part
+    of every timing table's title."""
+    policy, load = env.get("thread_policy") or {}, env.get("host_load") or {}
+    threads, cpus = policy.get("threads", env["threads"]), load.get("cpus", env["cpu_count"])
+    how = "auto" if policy.get("requested") == "auto" else "--threads"
+    return (
+        f"{threads} thread(s) ({how}) on {cpus:g} CPUs, {_others_line(load)}, "
+        f"load {env['loadavg_before']} -> {env['loadavg_after']}"
+    )
+
+
+def _others_line(load: dict) -> str:
+    """What the other processes did during a timing, from its HostLoad record."""
+    if load.get("others_busy_cores") is None:
+        return "other processes not measured"
+    pressure = load.get("cpu_pressure")
+    waited = "" if pressure is None else f", CPU pressure {pressure:.2f}"
+    return f"other processes kept {load['others_busy_cores']:.2f} cores busy{waited}"
+
+
+def _overload_warning(env: dict) -> None:
+    """A warning line after the tables when the run's threads outnumbered the CPUs the others left."""
+    from sparsepilot.console import say
+
+    load = env.get("host_load") or {}
+    if load.get("overloaded"):
+        others = load.get("others_busy_cores")
+        busy = (
+            f"kept {others:.2f} of {load['cpus']:g} CPUs busy on average"
+            if others is not None
+            else (f"held the load average at {(load.get('loadavg') or ['?'])[0]} on {load['cpus']:g} CPUs")
+        )
+        say(
+            f"warning: the host was overloaded during this run (other processes {busy} while it ran "
+            f"{load['threads']} thread(s)): its times measure the host as much as the code, and waiting "
+            "threads cost a sparse step's small ops more than a dense one, so speed-ups come out low; "
+            "rerun on a quieter host, or with --threads auto or 1 pinned to a free core (taskset)."
+        )
 
 
 def _wide_console() -> None:
@@ -832,10 +940,12 @@ def bench_gate(
     result: dict = {"decide": time_decide(sizes, repeats=repeats)}
     env = result["decide"]["environment"]
     print_table(
-        f"decide() time; load {env['loadavg_before']} -> {env['loadavg_after']} on {env['cpu_count']} CPUs",
+        f"decide() time; {_others_line(env['host_load'])}, load {env['loadavg_before']} -> "
+        f"{env['loadavg_after']} on {env['cpu_count']} CPUs",
         result["decide"]["rows"],
         columns=["mode", "rows", "best_s", "median_s", "target_s", "within_target", "outcome"],
     )
+    _overload_warning(env)
     result["guardrails"] = guardrail_table()
     print_table(
         "guardrail rate checks, exact (alpha 0.05): power by 200 rows at 1.5 / 2.5 / 4 x the ceiling c, "

@@ -25,6 +25,8 @@ def test_bench_dashboard_small(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     pages = [p["page"] for p in result["pages"]]
     assert pages[1:] == ["portfolio", "use_case", "approvals", "audit"]
     assert all(p["cold_s"] > 0 for p in result["pages"])
+    load = result["environment"]["host_load"]  # what the other processes did while it ran
+    assert load["seconds"] > 0 and load["threads"] == 1 and isinstance(load["overloaded"], bool)
     # a second run into the same scratch home is refused instead of mixing two portfolios
     r = CliRunner().invoke(app, [*args, "--home", str(tmp_path / "scratch"), "--out", str(out)])
     assert r.exit_code == 2 and "needs an empty scratch home" in r.output

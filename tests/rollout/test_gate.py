@@ -549,6 +549,8 @@ def test_bench_gate_prints_a_table_and_writes_json(tmp_path) -> None:
         ("paired", 2000),
     ]
     assert all(r["best_s"] > 0 and r["outcome"] in ("GO", "EXTEND", "NO-GO") for r in rows)
+    load = json.loads(out.read_text())["decide"]["environment"]["host_load"]  # the others during the timing
+    assert load["threads"] == 1 and load["seconds"] > 0 and isinstance(load["overloaded"], bool)
     assert "guardrail rate checks, exact" in res.output
     guard = {(r["check"], r["ceiling"]): r for r in json.loads(out.read_text())["guardrails"]}
     assert guard[("latency over SLO (p95)", 0.05)]["power_2.5x"] >= 0.95

@@ -14,7 +14,8 @@ from sparsepilot.cli import app
 def test_bench_decode_on_a_tiny_model(tiny_llama_dir, tmp_path):
     out = tmp_path / "decode.json"
     args = ["bench", "decode", "--quick", "--model", str(tiny_llama_dir), "--budgets", "128"]
-    r = CliRunner().invoke(app, [*args, "--page-size", "16", "--new-tokens", "4", "--out", str(out)])
+    more = ["--page-size", "16", "--new-tokens", "4", "--threads", "1", "--out", str(out)]
+    r = CliRunner().invoke(app, [*args, *more])
     assert r.exit_code == 0, r.output
     result = json.loads(out.read_text())
     assert [row["target_density"] for row in result["layer_rows"]] == [0.05, 0.1, 0.25]
@@ -31,6 +32,7 @@ def test_bench_decode_on_a_tiny_model(tiny_llama_dir, tmp_path):
     )
     assert sparse["density"] < 0.2 and sparse["seq_len"] == 2048 - 4 and 0 <= sparse["agree"] <= 1
     assert result["environment"]["threads"] == 1 and (tmp_path / "decode.png").is_file()
+    assert result["environment"]["thread_policy"]["requested"] == 1
     # the console's spinner is transient: every progress message is a timestamped line of the log
     log = (tmp_path / "decode.log").read_text().splitlines()
     assert log[0].endswith("decode benchmark: started") and log[-1].endswith("decode benchmark: done")
@@ -48,6 +50,8 @@ def test_bench_decode_on_a_tiny_model(tiny_llama_dir, tmp_path):
         (["--estimator", "quest,gate_v2"], "--estimator gate_v2 needs --plan"),
         (["--estimator", "quest,magic"], "--estimator"),
         (["--new-tokens", "1"], "--new-tokens"),
+        (["--threads", "0"], "--threads: '0'; give auto or a whole number >= 1"),
+        (["--threads", "all"], "--threads: 'all'"),
         (["--plan", "/nonexistent/plan"], "--plan /nonexistent/plan"),
     ],
 )

@@ -70,7 +70,8 @@ def test_quality_bench_compares_every_estimator_at_one_budget(quality_tiny_dir, 
     (uc,) = out["usecases"]
     assert uc["usecase"] == "tiny-qa" and len(uc["rows"]) == len(SPECS)
     assert all(r["task"] == "loglik" and r["task_rows"] == 2 for r in uc["rows"])
-    assert out["settings"]["usecases"] == ["tiny-qa"] and out["loadavg_before"]
+    assert out["settings"]["usecases"] == ["tiny-qa"] and out["environment"]["loadavg_before"]
+    assert out["environment"]["host_load"]["seconds"] > 0  # what the other processes did during the run
     for group, rows_of in (("512", block["rows"]), ("tiny-qa", uc["rows"])):
         for r in rows_of:  # every plan saved, and it is the one the row measured
             saved = load(tmp_path / "plans" / group / r["estimator"])

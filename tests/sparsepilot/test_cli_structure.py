@@ -237,7 +237,8 @@ def test_bench_quality_names_the_text_it_measured_on(sp_home, tiny_llama_dir, tm
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     text = " ".join(res.output.split())
-    assert "256 tokens, budget kl=0.01,agree=0.98: held-out natural text (load" in text
+    assert "256 tokens, budget kl=0.01,agree=0.98: held-out natural text (" in text
+    assert "thread(s) (auto) on" in text and "other processes kept" in text  # the host's load beside it
     result = json.loads(out.read_text())
     assert result["settings"]["seed"] == 1  # --seed: an independent repeat (split, windows, training)
     (block,) = result["by_length"]
