@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from sparse_core.host import CpuSnapshot, loadavg, measure, snapshot
+from sparse_core.host import CpuSnapshot, HostLoad, loadavg, measure, snapshot
 from sparse_core.kernels import synchronize
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -63,6 +63,13 @@ def environment(
     }
 
 
+def load_fields(*loads: HostLoad) -> dict[str, Any]:
+    """A result row's host record: the most cores the other processes kept busy during its timings, and
+    whether any of them ran overloaded (`sparse_core.host.HostLoadMeter` around each timing)."""
+    busy = [x.others_busy_cores for x in loads if x.others_busy_cores is not None]
+    return {"others_busy_cores": max(busy) if busy else None, "overloaded": any(x.overloaded for x in loads)}
+
+
 @dataclass
 class RunClock:
     """Started when a benchmark starts; `summary()` is the tail of its result, with the host's load over
@@ -108,6 +115,7 @@ __all__ = [
     "RunClock",
     "bench_device",
     "environment",
+    "load_fields",
     "prefill_repeats",
     "pyplot",
     "save_figure",

@@ -19,11 +19,13 @@ from sparse_core.bench.common import (
     DTYPES,
     RunClock,
     bench_device,
+    load_fields,
     prefill_repeats,
     pyplot,
     save_figure,
     synchronize,
 )
+from sparse_core.host import HostLoad, HostLoadMeter
 from sparse_core.kernels import sparse_attention
 from sparse_core.loading import load_model
 from sparse_core.plan import SparsePlan
@@ -48,6 +50,8 @@ TABLE_COLUMNS = [
     "kl",
     "top1_agreement",
     "delta_nll",
+    "others_busy_cores",
+    "overloaded",
 ]
 
 
@@ -60,17 +64,19 @@ def natural_text_ids(tokenizer, n_tokens: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _prefill(model, ids: torch.Tensor, repeats: int = 1) -> tuple[float, torch.Tensor]:
-    """Best wall time of ``repeats`` prefills (device-synchronised), and the last one's hidden states."""
+def _prefill(model, ids: torch.Tensor, repeats: int = 1) -> tuple[float, torch.Tensor, HostLoad]:
+    """Best wall time of ``repeats`` prefills (device-synchronised), the last one's hidden states, and
+    what the other processes did meanwhile."""
     best, hidden = float("inf"), None
-    for _ in range(repeats):
-        synchronize(ids.device)
-        t0 = time.perf_counter()
-        hidden = model.model(input_ids=ids).last_hidden_state
-        model.lm_head(hidden[:, -1:])  # what a prefill for generation computes
-        synchronize(ids.device)
-        best = min(best, time.perf_counter() - t0)
-    return best, hidden
+    with HostLoadMeter() as meter:
+        for _ in range(repeats):
+            synchronize(ids.device)
+            t0 = time.perf_counter()
+            hidden = model.model(input_ids=ids).last_hidden_state
+            model.lm_head(hidden[:, -1:])  # what a prefill for generation computes
+            synchronize(ids.device)
+            best = min(best, time.perf_counter() - t0)
+    return best, hidden, meter.load
 
 
 @torch.no_grad()
@@ -141,7 +147,7 @@ def run(
         say(f"{s} tokens: dense SDPA (warm-up)")
         _prefill(model, ids[:, : min(s, 512)])
         say(f"{s} tokens: dense SDPA")
-        d0, dense_hidden = _prefill(model, ids, repeats)
+        d0, dense_hidden, load0 = _prefill(model, ids, repeats)
         sparse_rows = []
         if "flex" in kernels:  # compile for this shape outside the timed runs (one layer's call)
             say(f"{s} tokens: compiling the flex kernel for this shape")
@@ -157,15 +163,15 @@ def run(
                 say(f"{s} tokens: sparse ({kern}), tau={tau}")
                 sparsify(model, plan, kernel=kern)
                 try:
-                    secs, hidden = _prefill(model, ids, repeats)
+                    secs, hidden, load = _prefill(model, ids, repeats)
                     stats = sparse_stats(model)  # every call of the repeats: the mean prefill's share
                     density, est = stats.density, stats.estimator_seconds / repeats
                 finally:
                     unsparsify(model)
                 fid = fidelity(model, ids, dense_hidden, hidden)
-                sparse_rows.append((kern, tau, secs, density, est, fid))
+                sparse_rows.append((kern, tau, secs, density, est, fid, load))
         say(f"{s} tokens: dense SDPA (again)")
-        d1, _ = _prefill(model, ids, repeats)
+        d1, _, load1 = _prefill(model, ids, repeats)
         dense_s = min(d0, d1)
         rows.append(
             {
@@ -183,9 +189,10 @@ def run(
                 "top1_agreement": 1.0,
                 "delta_nll": 0.0,
                 "tokens_per_second": s / dense_s,
+                **load_fields(load0, load1),
             }
         )
-        for kern, tau, secs, density, est, fid in sparse_rows:
+        for kern, tau, secs, density, est, fid, load in sparse_rows:
             rows.append(
                 {
                     "seq_len": s,
@@ -199,6 +206,7 @@ def run(
                     "speedup": dense_s / secs,
                     **fid,
                     "tokens_per_second": s / secs,
+                    **load_fields(load),
                 }
             )
     return {

@@ -29,12 +29,14 @@ import torch
 from sparse_core.bench.common import (
     RunClock,
     bench_device,
+    load_fields,
     prefill_repeats,
     pyplot,
     save_figure,
     synchronize,
 )
 from sparse_core.estimators import KINDS, available_estimators
+from sparse_core.host import HostLoadMeter
 
 
 def default_specs() -> tuple[str, ...]:
@@ -216,15 +218,18 @@ def run_quality_bench(
                 row["measured_density"] = stats.density
                 if settings.speed:
                     stats.reset()
-                    sparse_s = _time_prefill(model, speed_w)
+                    with HostLoadMeter() as sparse_load:
+                        sparse_s = _time_prefill(model, speed_w)
                     est_s = stats.estimator_seconds / prefill_repeats(next(model.parameters()).device)
                     row["estimator_share"] = est_s / sparse_s if sparse_s > 0 else None
                     row["speed_density"] = stats.density
             finally:
                 unsparsify(model)
             if settings.speed:
-                dense_s = min(dense_s, _time_prefill(model, speed_w))  # dense timed around each row
+                with HostLoadMeter() as dense_load:
+                    dense_s = min(dense_s, _time_prefill(model, speed_w))  # dense timed around each row
                 row.update(prefill_seconds=sparse_s, dense_seconds=dense_s, speedup=dense_s / sparse_s)
+                row.update(load_fields(sparse_load.load, dense_load.load))
             row.update(kl=fid.kl, agree=fid.agree, nll_delta=fid.nll_delta, n_positions=fid.n_positions)
             if settings.confidence is not None:  # the same bounds on the bench's own held-out text
                 bound = fidelity_bound(fid, settings.confidence)

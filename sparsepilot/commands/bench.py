@@ -325,6 +325,7 @@ def bench_quality(
         "speedup",
         "dense_layers",
         "layer_estimators",
+        "overloaded",
     ]
     for block in result["by_length"]:
         print_table(

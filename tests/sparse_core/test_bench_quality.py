@@ -53,6 +53,7 @@ def test_quality_bench_compares_every_estimator_at_one_budget(quality_tiny_dir, 
         assert r["best_training_free_density"] == best
         assert r["best_training_free_measured_density"] == best_measured
         assert 0 < r["measured_density"] <= 1 and r["speedup"] > 0 and r["n_positions"] > 0
+        assert isinstance(r["overloaded"], bool)  # the host's load around the row's two timings
         if r["met_budget"]:
             assert r["ratio_vs_best_training_free"] == best / r["density"]
             assert r["measured_ratio_vs_best_training_free"] == best_measured / r["measured_density"]
