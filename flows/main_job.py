@@ -115,7 +115,7 @@ def run_use_case(name: str, s: MainJobSettings, stage: Callable[[str], None]) ->
         stage("evaluate")
         out.evaluation = evaluate_flow(name, quick=s.quick)
         # A pilot would compare dense with dense, or spend traffic where nothing can be saved: say so.
-        out.note = pilot_skip_reason(
+        skip = pilot_skip_reason(
             met_budget=out.calibration.get("met_budget"),
             density=out.evaluation.get("density"),
             saved_usd_month=out.evaluation.get("savings_month_usd"),
@@ -123,6 +123,7 @@ def run_use_case(name: str, s: MainJobSettings, stage: Callable[[str], None]) ->
             saved_usd_month_low=out.evaluation.get("savings_month_low"),
             pilot_anyway=s.pilot_unprofitable,
         )
+        out.note = None if skip is None else str(skip)
         if out.note is None:
             phase = phase_of(name)
             if not lifecycle.can(phase, "pilot"):

@@ -186,7 +186,7 @@ def waits_for(row: dict[str, Any]) -> str:
         return "next gate look"
     if decision is None and row.get("phase") == "evaluated":
         # the main job pilots nothing where no saving is established (rollout.roi.pilot_skip_reason):
-        # such a use case waits for no pilot, and the reason's first clause says why
+        # such a use case waits for no pilot, and the finding says why
         skip = roi.pilot_skip_reason(
             met_budget=None,
             density=row.get("density"),
@@ -195,7 +195,7 @@ def waits_for(row: dict[str, Any]) -> str:
             saved_usd_month_low=row.get("savings_month_low"),
         )
         if skip is not None:
-            return "no pilot: " + skip.split(": ")[0]
+            return f"no pilot: {skip.why}"
     if decision is None and row.get("phase") in lifecycle.PHASES:
         return lifecycle.waits_for(row["phase"])
     return "-"

@@ -369,6 +369,18 @@ def speedup_interval(
 DENSE_PLAN_DENSITY = 0.999  # a plan keeping this share of blocks computes what the dense model does
 
 
+@dataclass(frozen=True)
+class PilotSkip:
+    """Why a pilot would be wasted traffic: `why` (the finding, e.g. "no saving expected ($-23/month, at
+    best $187)") and `then` (what follows from it); `str()` is the sentence the main job prints."""
+
+    why: str
+    then: str
+
+    def __str__(self) -> str:
+        return f"{self.why}: {self.then}"
+
+
 def pilot_skip_reason(
     *,
     met_budget: bool | None,
@@ -377,29 +389,30 @@ def pilot_skip_reason(
     saved_usd_month_high: float | None = None,
     saved_usd_month_low: float | None = None,
     pilot_anyway: bool = False,
-) -> str | None:
+) -> PilotSkip | None:
     """Why a pilot would be wasted traffic, or None when it is worth running. A pilot costs real
     requests and the spec's one-off cost; it can only pay off when a sparse plan met the quality
     budget, actually skips blocks, and the evaluation establishes a saving: its interval lies above zero
     (a wide interval from timings on a busy host is no ground to spend traffic on). `pilot_anyway` (the
     CLI's --pilot-all) waives the last two; without a plan that met the budget there is nothing to pilot."""
     if met_budget is False:
-        return "no sparse plan met the quality budget: stays dense, not piloted"
+        return PilotSkip("no sparse plan met the quality budget", "stays dense, not piloted")
     if pilot_anyway:
         return None
     if density is not None and density >= DENSE_PLAN_DENSITY:
-        return f"the plan keeps {density:.2%} of blocks (as dense): nothing to pilot"
+        return PilotSkip(f"the plan keeps {density:.2%} of blocks (as dense)", "nothing to pilot")
     if saved_usd_month is not None and saved_usd_month <= 0:
         high = "" if saved_usd_month_high is None else f", at best ${saved_usd_month_high:,.0f}"
-        return (
-            f"no saving expected (${saved_usd_month:,.0f}/month{high}): sparse attention does not pay "
-            "off here, stays dense, not piloted"
+        return PilotSkip(
+            f"no saving expected (${saved_usd_month:,.0f}/month{high})",
+            "sparse attention does not pay off here, stays dense, not piloted",
         )
     if saved_usd_month is not None and saved_usd_month_low is not None and saved_usd_month_low <= 0:
         high = "" if saved_usd_month_high is None else f", ${saved_usd_month_high:,.0f}"
-        return (
-            f"saving not established (${saved_usd_month:,.0f}/month, interval ${saved_usd_month_low:,.0f}"
-            f"{high}): the speed measurement does not support a saving; re-evaluate on a quiet host "
-            "(or pilot anyway with --pilot-all)"
+        return PilotSkip(
+            f"saving not established (${saved_usd_month:,.0f}/month, interval "
+            f"${saved_usd_month_low:,.0f}{high})",
+            "the speed measurement does not support a saving; re-evaluate on a quiet host (or pilot anyway "
+            "with --pilot-all)",
         )
     return None

@@ -205,7 +205,11 @@ def test_speedup_interval_from_timings() -> None:
 
 
 def test_pilot_skip_reason_says_why_a_pilot_would_be_wasted() -> None:
-    from rollout.roi import pilot_skip_reason
+    from rollout.roi import pilot_skip_reason as skip
+
+    def pilot_skip_reason(**kw) -> str | None:
+        found = skip(**kw)
+        return None if found is None else str(found)
 
     assert pilot_skip_reason(met_budget=True, density=0.6, saved_usd_month=1200.0) is None
     assert "met the quality budget" in pilot_skip_reason(met_budget=False, density=0.5, saved_usd_month=900.0)
@@ -232,6 +236,10 @@ def test_pilot_skip_reason_says_why_a_pilot_would_be_wasted() -> None:
     assert pilot_skip_reason(**wide, saved_usd_month_low=1_078.0) is None
     # Unknown numbers are not a reason to skip.
     assert pilot_skip_reason(met_budget=None, density=None, saved_usd_month=None) is None
+    # the finding apart from what follows from it (the portfolio's "no pilot: ..." says the finding)
+    found = skip(met_budget=True, density=0.95, saved_usd_month=-23.0, saved_usd_month_high=187.0)
+    assert found.why == "no saving expected ($-23/month, at best $187)"
+    assert str(found) == f"{found.why}: sparse attention does not pay off here, stays dense, not piloted"
 
 
 def test_evaluation_roi_prices_output_tokens_at_the_measured_sparse_decode() -> None:
