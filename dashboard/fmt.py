@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 from rollout import queries
+from rollout.queries import bounding_sides, quality_interval  # noqa: F401 (the pages' spelling of the rule)
 
 
 def _ok(x: Any) -> bool:
@@ -40,26 +41,6 @@ def interval_only(lo: Any, hi: Any, one: Any = None) -> str:
     """'[lo, hi]' where both ends are known, else '-' (no interval is claimed without one)."""
     one = one or (lambda v: f"{v:+.4f}")
     return f"[{one(lo)}, {one(hi)}]" if _ok(lo) and _ok(hi) else "-"
-
-
-def quality_interval(lo: Any, hi: Any) -> str:
-    """Bounds on the quality difference (the gate's, or an evaluation's). Each side is a one-sided bound
-    and the scale ends at -1 and +1, so a bound at the edge says nothing: '>= lo' or '<= hi' then,
-    '[lo, hi]' when both bound."""
-    if not (_ok(lo) and _ok(hi)):
-        return "-"
-    low, high = bounding_sides(lo, hi)
-    if low and high:
-        return interval_only(lo, hi)
-    if low:
-        return f">= {lo:+.4f}"
-    return f"<= {hi:+.4f}" if high else "not bounded yet"
-
-
-def bounding_sides(lo: Any, hi: Any) -> tuple[bool, bool]:
-    """Which of two bounds on a quality difference say something: a bound at the scale's end (-1 or
-    +1) rules nothing out."""
-    return (_ok(lo) and lo > -1 + 1e-9), (_ok(hi) and hi < 1 - 1e-9)
 
 
 def quality_source(row: dict[str, Any]) -> str:

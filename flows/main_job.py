@@ -200,8 +200,14 @@ def _interval(v: Any, lo: Any, hi: Any, fmt: str) -> str:
 
 
 def _quality_cell(r: dict[str, Any]) -> str:
-    """The quality delta with its interval and where both come from (rollout.queries.quality_from)."""
-    text = _interval(r["quality_delta"], r["quality_low"], r["quality_high"], "+.3f")
+    """The quality delta with the bounds that say something (rollout.queries.quality_interval: a bound at
+    the scale's end is left out, as on the dashboard) and where both come from (queries.quality_from)."""
+    if r["quality_delta"] is None:
+        return "-"
+    text = format(r["quality_delta"], "+.3f")
+    bounds = queries.quality_interval(r["quality_low"], r["quality_high"], "+.3f")
+    if bounds != "-":
+        text += f" {bounds}" if bounds.startswith("[") else f" [{bounds}]"
     source = queries.quality_from(r)
     return f"{text} ({source})" if source else text
 

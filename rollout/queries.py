@@ -5,6 +5,7 @@ Every function takes the caller's Session and returns plain dicts, ready for a D
 from __future__ import annotations
 
 import datetime as dt
+import math
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -199,6 +200,30 @@ def waits_for(row: dict[str, Any]) -> str:
     if decision is None and row.get("phase") in lifecycle.PHASES:
         return lifecycle.waits_for(row["phase"])
     return "-"
+
+
+def quality_interval(lo: Any, hi: Any, spec: str = "+.4f") -> str:
+    """Bounds on the quality difference (the gate's, or an evaluation's), in words. Each side is a
+    one-sided bound and the scale ends at -1 and +1, so a bound at the edge says nothing: '>= lo' or
+    '<= hi' then, '[lo, hi]' when both bound, '-' without bounds."""
+    if not (_known(lo) and _known(hi)):
+        return "-"
+    low, high = bounding_sides(lo, hi)
+    if low and high:
+        return f"[{lo:{spec}}, {hi:{spec}}]"
+    if low:
+        return f">= {lo:{spec}}"
+    return f"<= {hi:{spec}}" if high else "not bounded yet"
+
+
+def bounding_sides(lo: Any, hi: Any) -> tuple[bool, bool]:
+    """Which of two bounds on a quality difference say something: a bound at the scale's end (-1 or
+    +1) rules nothing out."""
+    return (_known(lo) and lo > -1 + 1e-9), (_known(hi) and hi < 1 - 1e-9)
+
+
+def _known(x: Any) -> bool:
+    return x is not None and not (isinstance(x, float) and math.isnan(x))
 
 
 def quality_from(row: dict[str, Any]) -> str | None:

@@ -129,3 +129,24 @@ def test_quality_from_says_which_measurement_the_quality_numbers_are() -> None:
     assert queries.quality_from(evaluated) == "evaluation, 18 rows"
     assert queries.quality_from({"quality_source": "evaluation", "evaluation_rows": None}) == "evaluation"
     assert queries.quality_from({"quality_source": None}) is None
+
+
+def test_the_main_job_and_the_pages_leave_out_a_bound_at_the_edge_of_the_scale() -> None:
+    """One rule for reading bounds on the quality difference (rollout.queries.quality_interval): the
+    console's summary says what the dashboard says, e.g. a shadow step's usual '>= lo' before any loss."""
+    from dashboard import fmt
+    from flows.main_job import _quality_cell
+
+    assert fmt.quality_interval is queries.quality_interval
+    gate = {"quality_delta": 0.02, "quality_low": -0.322, "quality_high": 1.0, "quality_source": "gate"}
+    assert _quality_cell(gate) == "+0.020 [>= -0.322] (gate)"
+    evaluated = {"quality_delta": 0.022, "quality_low": -0.82, "quality_high": 0.863}
+    evaluated |= {"quality_source": "evaluation", "evaluation_rows": 2}
+    assert _quality_cell(evaluated) == "+0.022 [-0.820, +0.863] (evaluation, 2 rows)"
+    futile = {"quality_delta": -0.1, "quality_low": -1.0, "quality_high": -0.06, "quality_source": "gate"}
+    assert _quality_cell(futile) == "-0.100 [<= -0.060] (gate)"
+    unbounded = {"quality_delta": 0.0, "quality_low": -1.0, "quality_high": 1.0, "quality_source": "gate"}
+    assert _quality_cell(unbounded) == "+0.000 [not bounded yet] (gate)"
+    none = {"quality_delta": None, "quality_low": None, "quality_high": None, "quality_source": None}
+    assert _quality_cell(none) == "-"
+    assert queries.quality_interval(-0.0123, 0.5, "+.2f") == "[-0.01, +0.50]"
