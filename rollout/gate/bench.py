@@ -65,10 +65,9 @@ def time_decide(
     modes: Sequence[str] = ("split", "paired"),
     repeats: int = 3,
 ) -> dict[str, Any]:
-    rows = []
     load_before = loadavg()
     with HostLoadMeter(threads=1) as meter:  # decide() is numpy on one thread
-        _time_rows(rows, sizes, modes, repeats)
+        rows = _time_rows(sizes, modes, repeats)
     return {
         "rows": rows,
         "environment": {
@@ -80,7 +79,8 @@ def time_decide(
     }
 
 
-def _time_rows(rows: list, sizes: Sequence[int], modes: Sequence[str], repeats: int) -> None:
+def _time_rows(sizes: Sequence[int], modes: Sequence[str], repeats: int) -> list[dict[str, Any]]:
+    rows = []
     for mode in modes:
         for n in sizes:
             df = observations(n, mode)
@@ -101,6 +101,7 @@ def _time_rows(rows: list, sizes: Sequence[int], modes: Sequence[str], repeats: 
                     "within_target": (min(times) <= 1.0) if n >= 1_000_000 else None,
                 }
             )
+    return rows
 
 
 def _scenario(args: tuple[str, str, int, int, int]) -> dict[str, Any]:
