@@ -135,6 +135,12 @@ def distill_loss(gate, layer: int, qbar, kpool, target, seq_len: int) -> torch.T
         return logp.new_zeros(())
     if torch.isnan(logp).any():  # a diverged gate must not pass for a perfect one (its KL would read 0)
         raise FloatingPointError(f"gate layer {layer} produced NaN scores (training diverged)")
+    return block_kl(target, logp)
+
+
+def block_kl(target: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """KL(target || exp(logp)) per query block over the causal key blocks, mean over heads and query
+    blocks >= 1 (block 0 has one key block: nothing to learn). target, logp [Hq, nb, nb]."""
     t = target[:, 1:, :]
     lp = logp[:, 1:, :]
     causal = torch.isfinite(lp)

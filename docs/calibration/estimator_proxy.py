@@ -34,6 +34,7 @@ from sparse_core.estimators import EstimatorContext
 from sparse_core.estimators.antidiagonal import antidiagonal_scores
 from sparse_core.estimators.learned_gate import GateShape
 from sparse_core.estimators.learned_gate_v2 import LayerGateV2, _rotate_at, model_rope, pool_features
+from sparse_core.scorer_training import block_kl
 
 BS = 64
 SUB = 16
@@ -108,14 +109,6 @@ def target_of(f, variant):
     return t
 
 
-def kl(t, lp):
-    t, lp = t[:, 1:], lp[:, 1:]
-    causal = torch.isfinite(lp)
-    ts = t.clamp_min(1e-12)
-    v = torch.where(causal & (t > 0), t * (ts.log() - lp.masked_fill(~causal, 0.0)), torch.zeros_like(t))
-    return v.sum(-1).mean()
-
-
 def train(shape, data, held, seq_len, inv_freq, variant, steps, seed=0):
     torch.manual_seed(seed)
     layers = torch.nn.ModuleList(LayerGateV2(shape, variant["target"]) for _ in range(shape.num_layers))
@@ -124,7 +117,7 @@ def train(shape, data, held, seq_len, inv_freq, variant, steps, seed=0):
 
     def loss_on(feats):
         return sum(
-            kl(target_of(f, variant), block_log_probs(layers[i], f, seq_len, inv_freq, variant))
+            block_kl(target_of(f, variant), block_log_probs(layers[i], f, seq_len, inv_freq, variant))
             for i, f in enumerate(feats)
         ) / len(feats)
 
