@@ -34,6 +34,7 @@ from rollout.db.models import (
     UseCase,
 )
 from rollout.db.session import session_scope
+from rollout.gate.spending import pilot_alpha
 
 PAGES = ("portfolio", "use_case", "approvals", "audit")
 PAGE_FILES = {p: f"views/{p}.py" for p in PAGES}
@@ -196,7 +197,7 @@ def random_use_case(i: int, rng: random.Random, n_observations: int, now: dt.dat
     ]
     if phase == "evaluated":
         return u
-    u.pilot = dict(salt=name, current_step_index=1)
+    u.pilot = dict(salt=name, current_step_index=1, pilot_number=1, go_alpha=pilot_alpha(0.05, 1))
     u.steps = [
         dict(index=0, kind="shadow", traffic_pct=0.0, min_samples=100),
         dict(index=1, kind="split", traffic_pct=10.0, min_samples=400),

@@ -52,6 +52,8 @@ class PilotPlan:
     max_looks: int
     max_duration_days: float
     requests_per_day: float
+    pilot_number: int | None = 1  # the use case's pilot planned (None: one started before alpha spending)
+    go_alpha: float = 0.05  # the GO level of that pilot
 
     @property
     def to_approval(self) -> tuple[StepNeed, ...]:
@@ -81,14 +83,17 @@ class PilotPlan:
             "max_looks": self.max_looks,
             "max_duration_days": self.max_duration_days,
             "requests_per_day": self.requests_per_day,
+            "pilot_number": self.pilot_number,
+            "go_alpha": self.go_alpha,
         }
 
 
-def plan_pilot(spec: Any, *, approval_after: int | None = None) -> PilotPlan:
+def plan_pilot(spec: Any, *, approval_after: int | None = None, pilot_number: int | None = 1) -> PilotPlan:
     """The plan of `spec` (a UseCaseSpec). `approval_after`: how many steps run before the approval is
     asked (default: all of them, the shadow step included); the main job asks after the first split step
-    (2)."""
-    settings = GateSettings.from_spec(spec)
+    (2). `pilot_number`: which of the use case's pilots it plans (1 = its first), whose GO level the
+    spec's alpha spending sets (rollout.gate.spending); None = a pilot whose GO runs at the spec's alpha."""
+    settings = GateSettings.from_spec(spec, pilot_number=pilot_number)
     rollout = spec.rollout
     batch = rollout.batch_size
     per_day = spec.traffic.requests_per_day
@@ -124,6 +129,8 @@ def plan_pilot(spec: Any, *, approval_after: int | None = None) -> PilotPlan:
         max_looks=spec.gate.max_looks,
         max_duration_days=spec.gate.max_duration_days,
         requests_per_day=per_day,
+        pilot_number=pilot_number,
+        go_alpha=settings.alpha_go,
     )
 
 
@@ -179,12 +186,16 @@ def plan_warnings(plan: PilotPlan, *, distinct_requests: int | None = None) -> l
 
 
 def plan_summary(
-    spec: Any, *, dataset_rows: int | None = None, approval_after: int | None = None
+    spec: Any,
+    *,
+    dataset_rows: int | None = None,
+    approval_after: int | None = None,
+    pilot_number: int | None = 1,
 ) -> dict[str, Any]:
     """JSON-ready: the plan, the distinct requests the pilot can draw on (where the dataset is the traffic
     source, its rows kept apart from calibration, rollout.dataset_split; None for a request log, whose
     size is not known in advance), the dataset's rows, and the plan's warnings as "field: message"."""
-    plan = plan_pilot(spec, approval_after=approval_after)
+    plan = plan_pilot(spec, approval_after=approval_after, pilot_number=pilot_number)
     on_dataset = spec.rollout.traffic_source.kind == "dataset" and dataset_rows is not None
     distinct = held_apart_count(dataset_rows) if on_dataset else None
     problems = plan_warnings(plan, distinct_requests=distinct)
@@ -214,10 +225,11 @@ def describe_to_approval(summary: dict[str, Any]) -> str:
     parts = ", ".join(
         f"{s['label']} {s['requests']:,}{' pairs' if s['traffic_pct'] is None else ''}" for s in steps
     )
+    which = "" if summary["pilot_number"] is None else f"pilot {summary['pilot_number']}'s "
     text = (
         f"the approval (after {' + '.join(s['label'] for s in steps)}) needs ~{total:,} distinct requests "
-        f"for {summary['power']:.0%} power ({parts}): {traffic_time(summary['days_to_approval'])} of its "
-        f"{summary['requests_per_day']:,.0f} requests/day"
+        f"for {summary['power']:.0%} power ({parts}; {which}GO held to alpha {summary['go_alpha']:.3g}): "
+        f"{traffic_time(summary['days_to_approval'])} of its {summary['requests_per_day']:,.0f} requests/day"
     )
     if summary["distinct_requests"] is not None and summary["distinct_requests"] < total:
         text += (

@@ -25,6 +25,7 @@ from rollout.db.models import (
     UseCase,
     utcnow,
 )
+from rollout.gate.spending import pilot_alpha
 from rollout.lifecycle import set_phase
 from rollout.usecases import get_use_case  # noqa: F401 - callers ask pilots for the row; one implementation
 from sparse_core.errors import SparsePilotError
@@ -110,6 +111,20 @@ def latest_pilot(session: Session, use_case: UseCase) -> Pilot | None:
     return session.scalar(select(Pilot).where(Pilot.use_case_id == use_case.id).order_by(Pilot.id.desc()))
 
 
+def next_pilot_number(session: Session, use_case: UseCase) -> int:
+    """The place the use case's next pilot takes among its pilots (1 = its first): every pilot it ever
+    started counts, whatever became of it (each could have said GO)."""
+    started = session.scalar(select(func.count()).select_from(Pilot).where(Pilot.use_case_id == use_case.id))
+    return int(started or 0) + 1
+
+
+def planned_pilot_number(session: Session, use_case: UseCase) -> int | None:
+    """The pilot a plan is for: the active one's number (None for a pilot started before alpha was spent
+    across pilots: its GO test runs at the spec's alpha), else the next pilot's."""
+    pilot = active_pilot(session, use_case)
+    return next_pilot_number(session, use_case) if pilot is None else pilot.pilot_number
+
+
 def current_step(session: Session, pilot: Pilot) -> PilotStep:
     step = session.scalar(
         select(PilotStep).where(PilotStep.pilot_id == pilot.id, PilotStep.index == pilot.current_step_index)
@@ -189,6 +204,7 @@ def start_pilot(
     if current is not None:
         stop_pilot(session, current, status="stopped", actor=actor, reason="superseded by a new challenger")
     first = plan_steps(spec)[0]
+    number = next_pilot_number(session, use_case)
     pilot = Pilot(
         use_case_id=use_case.id,
         model_version_id=model_version.id,
@@ -196,6 +212,8 @@ def start_pilot(
         status="running",
         current_step_index=0,
         spec_version=use_case.current_spec_version,  # pinned: see load_pilot_spec
+        pilot_number=number,
+        go_alpha=pilot_alpha(spec.gate.alpha, number, spec.gate.alpha_spending),  # fixed for its life
         steps=[_step_row(first)],
     )
     audit.record_new(
@@ -206,6 +224,9 @@ def start_pilot(
         {
             "model_version_id": model_version.id,
             "spec_version": use_case.current_spec_version,
+            "pilot_number": number,
+            "go_alpha": pilot.go_alpha,
+            "alpha_spending": spec.gate.alpha_spending,
             "steps": [s.__dict__ for s in plan_steps(spec)],
         },
     )
@@ -572,11 +593,13 @@ def now() -> dt.datetime:
 
 def gate_settings(spec: Any, step: PilotStep) -> Any:
     """rollout.gate.GateSettings for one step: the spec's gate section (GateSettings.from_spec), with the
-    step's minimum sample as the quality test's and as a cap on the guardrails' own."""
+    pilot's own GO level (fixed when it started) and the step's minimum sample as the quality test's and
+    as a cap on the guardrails' own."""
     from rollout.gate import GateSettings
 
     return GateSettings.from_spec(
         spec,
+        go_alpha=step.pilot.go_alpha,  # NULL on pilots started before spending: the spec's alpha
         min_samples_per_arm=max(2, step.min_samples),
         guardrail_min_samples=max(1, min(spec.gate.guardrails.min_samples, step.min_samples)),
     )

@@ -27,6 +27,7 @@ from rollout.db.models import (
     UseCase,
 )
 from rollout.db.session import session_scope
+from rollout.pilots import planned_pilot_number
 
 # Where a gate decision's evidence (rollout.gate.Decision.to_dict()) keeps the quality difference
 # (treatment - control) and its anytime-valid interval. Read in SQL with the dialect's JSON path operator.
@@ -372,6 +373,7 @@ def use_case(session: Session, name: str) -> dict[str, Any] | None:
         "spec_version": spec.version if spec else None,
         "spec": spec.spec if spec else {},
         "dataset_rows": spec.dataset_rows if spec else None,
+        "planned_pilot": planned_pilot_number(session, uc),
         "created_at": uc.created_at,
     }
 

@@ -284,6 +284,9 @@ class Guardrails(_Strict):
 
 class GateSpec(_Strict):
     alpha: Annotated[float, Field(gt=0, lt=0.5)] = 0.05
+    # use_case: the use case's pilots share alpha (pilot k's GO at alpha 6/(pi^2 k^2), rollout.gate.spending);
+    # pilot: each pilot's GO at alpha on its own
+    alpha_spending: Literal["use_case", "pilot"] = "use_case"
     non_inferiority_margin: Annotated[float, Field(gt=0, lt=1)]
     planned_effect: Annotated[float, Field(gt=-1, lt=1, allow_inf_nan=False)] = 0.0
     score_type: Literal["bounded", "binary"] = "bounded"  # planning: 0/1 scores or anywhere in [0, 1]
@@ -441,6 +444,7 @@ _ADDED_LATER: dict[tuple[str, ...], Any] = {
     ("quality_budget", "calibration", "bound_unit"): "block",
     ("quality_budget", "calibration", "sensitivity_windows"): 0,
     ("quality_budget", "decode", "sensitivity_apart"): False,
+    ("gate", "alpha_spending"): "use_case",
 }
 
 

@@ -389,7 +389,7 @@ def show_usecase(name: str, *, version: int | None = None, url: str | None = Non
             "dataset_sha256": sv.dataset_sha256,
             "dataset_rows": sv.dataset_rows,
             "validation": sv.validation,
-            "pilot_plan": _plan_of_stored(sv),
+            "pilot_plan": _plan_of_stored(sv, pilot_number=_planned_pilot(s, uc)),
             "versions": [
                 {
                     "version": v.version,
@@ -486,24 +486,34 @@ def _version_of(s: Session, uc: UseCase, version: int | None = None) -> SpecVers
     return sv
 
 
-def _plan_of_stored(sv: SpecVersion, approval_after: int | None = None) -> dict[str, Any] | None:
-    """The pilot plan of a stored spec version; None for a stored spec that no longer validates (the
-    flows refuse it with the reason, see load_spec_version)."""
+def _planned_pilot(s: Session, uc: UseCase) -> int | None:
+    from rollout.pilots import planned_pilot_number  # rollout.pilots builds on this module
+
+    return planned_pilot_number(s, uc)
+
+
+def _plan_of_stored(
+    sv: SpecVersion, approval_after: int | None = None, *, pilot_number: int | None = 1
+) -> dict[str, Any] | None:
+    """The pilot plan of a stored spec version, for the use case's pilot `pilot_number`; None for a stored
+    spec that no longer validates (the flows refuse it with the reason, see load_spec_version)."""
     try:
         spec = UseCaseSpec.model_validate(sv.spec)
     except ValueError:  # pydantic's ValidationError
         return None
-    return plan_summary(spec, dataset_rows=sv.dataset_rows, approval_after=approval_after)
+    return plan_summary(
+        spec, dataset_rows=sv.dataset_rows, approval_after=approval_after, pilot_number=pilot_number
+    )
 
 
 def pilot_plan_of(
     name: str, *, approval_after: int | None = None, url: str | None = None
 ) -> dict[str, Any] | None:
-    """What a pilot of the current spec version takes before its approval (rollout.pilot_plan), with
-    the dataset's distinct requests where the dataset is the traffic source."""
+    """What the use case's active (else next) pilot of the current spec version takes before its approval
+    (rollout.pilot_plan), with the dataset's distinct requests where the dataset is the traffic source."""
     with session_scope(url) as s:
         uc = get_use_case(s, name)
-        plan = _plan_of_stored(_version_of(s, uc), approval_after)
+        plan = _plan_of_stored(_version_of(s, uc), approval_after, pilot_number=_planned_pilot(s, uc))
     return None if plan is None else {"use_case": name, **plan}
 
 

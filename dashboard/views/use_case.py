@@ -202,15 +202,16 @@ def timeline(use_case_id: int, decs: list[dict[str, Any]]) -> None:
 
 
 @st.cache_data(show_spinner="Simulating what each step needs...")
-def _plan(spec_json: str, dataset_rows: int | None) -> dict[str, Any]:
-    return plan_summary(UseCaseSpec.model_validate(json.loads(spec_json)), dataset_rows=dataset_rows)
+def _plan(spec_json: str, dataset_rows: int | None, pilot_number: int | None) -> dict[str, Any]:
+    spec = UseCaseSpec.model_validate(json.loads(spec_json))
+    return plan_summary(spec, dataset_rows=dataset_rows, pilot_number=pilot_number)
 
 
 def decision_needs(uc: dict[str, Any]) -> None:
     """Per step, the requests its GO needs (rollout.pilot_plan) beside what the latest pilot collected."""
     st.subheader("What a decision takes")
     try:
-        plan = _plan(json.dumps(uc["spec"], sort_keys=True), uc["dataset_rows"])
+        plan = _plan(json.dumps(uc["spec"], sort_keys=True), uc["dataset_rows"], uc["planned_pilot"])
     except ValidationError as exc:  # a stored spec validated when it was added; say so if it no longer does
         st.caption(
             f"No plan: the stored spec v{uc['spec_version']} does not validate "
@@ -237,9 +238,11 @@ def decision_needs(uc: dict[str, Any]) -> None:
         for i, s in enumerate(plan["steps"])
     ]
     st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+    which = "a pilot" if plan["pilot_number"] is None else f"pilot {plan['pilot_number']} of this use case"
     st.caption(
         f"Simulated with the gate's own test at a true difference of {plan['planned_effect']:+g} (margin "
-        f"{plan['margin']:g}); shadow counts pairs. Each request is evidence once per pilot."
+        f"{plan['margin']:g}) for {which}, whose GO is held to alpha {plan['go_alpha']:.4g}; shadow counts "
+        "pairs. Each request is evidence once per pilot."
     )
     for w in plan["warnings"]:
         st.warning(w)

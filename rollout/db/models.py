@@ -158,6 +158,10 @@ class Pilot(Base):
     current_step_index: Mapped[int] = mapped_column(Integer, default=0)
     # migration 0003: the spec version the pilot runs under; a newer version applies to the next pilot
     spec_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # migration 0006: the pilot's place among its use case's pilots (1 = first) and the level its GO test
+    # runs at (rollout.gate.spending); NULL on pilots started before: their GO test runs at the spec's alpha
+    pilot_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    go_alpha: Mapped[float | None] = mapped_column(Float, nullable=True)
     started_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     ended_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 

@@ -7,6 +7,7 @@ One idea per module:
 * `guardrails` - guardrails as data (named checks) judged by the same kind of sequential test;
 * `power`      - the exact power of the guardrails' rate test (what a ceiling can detect);
 * `planning`   - planned (simulated) and projected sample sizes;
+* `spending`   - the GO level of a use case's k-th pilot (alpha spent across its pilots);
 * `inputs`     - what the gate accepts (never raises on bad data), the fingerprint, the SRM test;
 * `evidence`   - GateHistory, QualityEvidence, Decision (stored verbatim as the decision's evidence);
 * `decide`     - one look at one step -> GO / EXTEND / NO-GO / INVALID;

@@ -83,7 +83,10 @@ def decide(
     projected = None
     if outcome == "EXTEND" and tests is not None:
         projected = projected_sample_size(
-            arms.stream, m0=-settings.margin, log_capital_now=tests.log_capital_go_now, alpha=settings.alpha
+            arms.stream,
+            m0=-settings.margin,
+            log_capital_now=tests.log_capital_go_now,
+            alpha=settings.alpha_go,
         )
     lat, err = frame["latency_ms"].to_numpy(), frame["error"].to_numpy()
     decision = Decision(
@@ -155,7 +158,7 @@ def _quality(arms, settings, history, mode, share, *, counts):
         counts_toward_interval=counts and t is not None,
         log_capital_go=None if t is None else t.log_capital_go,
         log_capital_futility=None if t is None else t.log_capital_futility,
-        threshold=None if t is None else math.log(1 / settings.alpha),
+        threshold=None if t is None else math.log(1 / settings.alpha_go),
         interval_reset=bool(reset and counts),
     )
     return evidence, t

@@ -11,20 +11,40 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
+def _confidence(alpha: float) -> str:
+    return f"{100 * (1 - alpha):.1f}".rstrip("0").rstrip(".") + "%"
+
+
 def _bounds(d: Decision) -> str:
-    """The quality bounds in words; a bound at the edge of the scale (-1 / +1) says nothing: left out."""
+    """The quality bounds in words; a bound at the edge of the scale (-1 / +1) says nothing: left out. The
+    lower bound is at the GO test's level, the upper at futility's (they differ when alpha is spent across
+    the use case's pilots)."""
     q, s = d.quality, d.settings
-    conf = f"{100 * (1 - s.alpha):.0f}%"
     low = q.interval_low if q.interval_low is not None and q.interval_low > -1 + 1e-9 else None
     high = q.interval_high if q.interval_high is not None and q.interval_high < 1 - 1e-9 else None
     if low is None and high is None:
         return "the evidence does not yet bound the true difference in either direction"
-    said = []
-    if low is not None:
-        said.append(f"at least {low:+.3f}" if low < 0 else f"at least {low:+.3f} (no loss)")
-    if high is not None:
-        said.append(f"at most {high:+.3f}")
-    return f"we are {conf} confident the true difference is " + " and ".join(said)
+    low_conf, high_conf = _confidence(s.alpha_go), _confidence(s.alpha)
+    low_said = None if low is None else f"at least {low:+.3f}" + (" (no loss)" if low >= 0 else "")
+    high_said = None if high is None else f"at most {high:+.3f}"
+    if low_said and high_said and low_conf != high_conf:
+        return (
+            f"we are {low_conf} confident the true difference is {low_said}, "
+            f"and {high_conf} confident it is {high_said}"
+        )
+    conf = low_conf if low_said else high_conf
+    return f"we are {conf} confident the true difference is " + " and ".join(
+        x for x in (low_said, high_said) if x
+    )
+
+
+def _spending(s) -> str | None:
+    if s.alpha_go >= s.alpha:
+        return None
+    return (
+        f"This use case shares its {s.alpha:g} risk of a false GO across all its pilots, so this pilot's GO "
+        f"is held to {s.alpha_go:.4f}."
+    )
 
 
 def explain(d: Decision) -> str:
@@ -59,11 +79,14 @@ def explain(d: Decision) -> str:
             f"(difference {q.estimate:+.3f}); allowing for chance, for the small sample and for having "
             f"checked {d.look_index} time(s), {_bounds(d)}, against an allowed loss of {s.margin:.3f}."
         )
+        spent = _spending(s)
+        if spent:
+            parts.append(spent)
     breached = [g for g in d.guardrails if g.breached]
     for g in breached:
         parts.append(
             f"Safety limit broken: {g.name.replace('_', ' ')} is {g.value:.4g} (at least {g.lower_bound:.4g} "
-            f"with {100 * (1 - s.alpha):.0f}% confidence), above the limit {g.threshold:.4g}."
+            f"with {_confidence(s.alpha)} confidence), above the limit {g.threshold:.4g}."
         )
     unjudged = [g for g in d.guardrails if not g.evaluated]
     if not breached and unjudged:

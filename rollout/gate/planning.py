@@ -97,12 +97,12 @@ def first_go(draws: PlanningDraws, settings: GateSettings, *, kind: str) -> np.n
     as on all pilots at once."""
     reps, n = draws.values.shape
     kw = prior(settings, kind, draws.share)
-    target = math.log(1 / settings.alpha)
+    target = math.log(1 / settings.alpha_go)
     first = np.full(reps, np.inf)
     per_chunk = max(1, CHUNK_ELEMENTS // n)
     for start in range(0, reps, per_chunk):
         rows = slice(start, start + per_chunk)
-        _, logk = rejects(draws.stream(rows), -settings.margin, "lower", settings.alpha, **kw)
+        _, logk = rejects(draws.stream(rows), -settings.margin, "lower", settings.alpha_go, **kw)
         crossed = logk >= target  # the first crossing of log(1/alpha) is the first GO
         first[rows] = np.where(crossed.any(-1), crossed.argmax(-1) + 1, np.inf)
     return first

@@ -112,7 +112,7 @@ def judge_quality(arms: Arms, settings: GateSettings, *, mode: str, share: float
     kw = prior(settings, mode, share)
     m0 = -settings.margin
     lam = two_sided_bets(arms.stream, m0, **kw)
-    go, logk_go = rejects(arms.stream, m0, "lower", settings.alpha, lam=lam["lower"], **kw)
+    go, logk_go = rejects(arms.stream, m0, "lower", settings.alpha_go, lam=lam["lower"], **kw)
     futile, logk_fut = rejects(arms.stream, m0, "upper", settings.alpha, lam=lam["upper"], **kw)
     return QualityTests(
         go=bool(go),
@@ -120,6 +120,6 @@ def judge_quality(arms: Arms, settings: GateSettings, *, mode: str, share: float
         log_capital_go=float(logk_go.max()),
         log_capital_futility=float(logk_fut.max()),
         log_capital_go_now=float(logk_go[-1]),
-        low=confidence_bound(arms.stream, m0, "lower", settings.alpha, lam=lam["lower"], **kw),
+        low=confidence_bound(arms.stream, m0, "lower", settings.alpha_go, lam=lam["lower"], **kw),
         high=confidence_bound(arms.stream, m0, "upper", settings.alpha, lam=lam["upper"], **kw),
     )

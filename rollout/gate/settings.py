@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal
 
+from rollout.gate.spending import pilot_alpha
 from rollout.spec import GateSpec, Guardrails
 
 # The guardrails' defaults are the use-case spec's (`gate.guardrails`), from which every pilot's settings are
@@ -25,6 +26,9 @@ class GateSettings:
     """Thresholds of the gate. Quality scores are in [0, 1] (higher is better)."""
 
     alpha: float = 0.05  # false GO <= alpha at any number of looks; each guardrail's false stop <= alpha
+    # The GO level of this pilot when the use case spends alpha across its pilots (rollout.gate.spending):
+    # the GO test and the interval's lower end use it; futility and the guardrails keep alpha. None = alpha.
+    go_alpha: float | None = None
     margin: float = 0.03  # non-inferiority margin on mean quality
     min_samples_per_arm: int = 100  # per arm (pairs in a shadow step) before quality may decide
     max_error_rate: float = _SPEC_GUARDRAILS.max_error_rate  # treatment error-rate ceiling (0.01)
@@ -45,6 +49,7 @@ class GateSettings:
     def __post_init__(self) -> None:
         checks = {
             "alpha": 0 < self.alpha < 0.5,
+            "go_alpha": self.go_alpha is None or 0 < self.go_alpha <= self.alpha,
             "margin": 0 < self.margin < 1,
             "min_samples_per_arm": self.min_samples_per_arm >= 2,
             "max_error_rate": 0 < self.max_error_rate < 1,
@@ -64,6 +69,11 @@ class GateSettings:
         if bad:
             values = ", ".join(f"{n}={getattr(self, n)!r}" for n in bad)
             raise ValueError(f"invalid gate settings: {values}")
+
+    @property
+    def alpha_go(self) -> float:
+        """The level of the GO test (false GO <= it at any number of looks)."""
+        return self.alpha if self.go_alpha is None else self.go_alpha
 
     @property
     def sd(self) -> float:
@@ -104,21 +114,29 @@ class GateSettings:
             raise ValueError(
                 f"unknown gate setting(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}"
             )
-        keep_none = {"latency_slo_ms", "planned_sd"}
+        keep_none = {"latency_slo_ms", "planned_sd", "go_alpha"}
         return cls(**{k: v for k, v in flat.items() if v is not None or k in keep_none})
 
     @classmethod
-    def from_spec(cls, spec: Mapping[str, Any] | Any, **overrides: Any) -> GateSettings:
+    def from_spec(
+        cls, spec: Mapping[str, Any] | Any, *, pilot_number: int | None = None, **overrides: Any
+    ) -> GateSettings:
         """From a use-case spec (rollout.spec.UseCaseSpec or its dict): its `gate` section, with the
-        spec's p95 latency SLO as the latency guardrail when the gate does not set its own."""
+        spec's p95 latency SLO as the latency guardrail when the gate does not set its own.
+        `pilot_number` (1 = the use case's first pilot): the GO level that pilot spends under the spec's
+        `gate.alpha_spending` (rollout.gate.spending); None leaves the GO test at alpha."""
         data = spec.to_dict() if hasattr(spec, "to_dict") else dict(spec)
         gate = dict(data.get("gate") or {})
+        spending = gate.pop("alpha_spending", "use_case")
         guard = dict(gate.get("guardrails") or {})
         if guard.get("p95_latency_ms") is None:
             slo = data.get("latency_slo_ms")
             guard["p95_latency_ms"] = slo.get("p95") if isinstance(slo, Mapping) else slo
         gate["guardrails"] = guard
-        return replace(cls.from_mapping(gate), **overrides)
+        settings = cls.from_mapping(gate)
+        if pilot_number is not None:
+            settings = replace(settings, go_alpha=pilot_alpha(settings.alpha, pilot_number, spending))
+        return replace(settings, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

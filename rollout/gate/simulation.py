@@ -154,8 +154,8 @@ def simulate(
             treated = rng.random((r, units)) < share
             q[treated] = model.degrade(rng, q[treated], truth)
             stream = ipw_stream(q, treated, share)
-        _, logk = rejects(stream, -settings.margin, "lower", settings.alpha, **kw)
-        crossed = np.maximum.accumulate(logk, axis=-1)[:, look_at] >= math.log(1 / settings.alpha)
+        _, logk = rejects(stream, -settings.margin, "lower", settings.alpha_go, **kw)
+        crossed = np.maximum.accumulate(logk, axis=-1)[:, look_at] >= math.log(1 / settings.alpha_go)
         go = np.logical_or.accumulate(crossed, axis=1)
         go_counts += go.sum(axis=0)
         first_go.append(np.where(go.any(axis=1), go.argmax(axis=1) + 1, 0))

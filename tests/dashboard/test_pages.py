@@ -96,6 +96,8 @@ def test_use_case_page(seeded: dict[str, Any]) -> None:
     assert list(needs["collected (latest pilot)"]) == [120, 240, 0]
     planned = plan_summary(UseCaseSpec.model_validate(seeded_spec("contract-summarisation")))
     assert list(needs["requests to GO (80% power)"]) == [s["requests"] for s in planned["steps"]]
+    spent = "for pilot 1 of this use case, whose GO is held to alpha 0.0304"  # rollout.gate.spending
+    assert any(spent in c.value for c in at.caption)
     at.selectbox(key="uc_name").select("support-chat").run()
     assert "No gate decision yet." in texts(at) and "No pilot observations yet." in texts(at)
     assert "No plan: the stored spec v1 does not validate" in texts(at)

@@ -18,8 +18,8 @@ APPROVER = ("alice", "approver")
 
 def _pilot_until_decided(name: str, kind: str, max_rounds: int = 10) -> dict:
     """Pilot batches + gate looks at the current step until the gate leaves EXTEND. At the fixture's 0.2
-    margin the shadow step needs ~15 identical pairs and the 50% split step ~40 requests (the betting
-    sequence's cap for a split stream, docs/gate.md); the spec allows 10 looks of 8."""
+    margin a first pilot's shadow step needs ~18 identical pairs and the 50% split step ~55 requests
+    (the betting sequence's cap for a split stream, docs/gate.md); the spec allows 10 looks of 8."""
     from flows.gate import gate_flow
     from flows.pilot import pilot_flow
 

@@ -73,9 +73,9 @@ def test_guardrail_minimum_is_the_guardrails_own_not_the_quality_tests() -> None
     spec = _spec(min_samples=12, max_error_rate=0.03)
     s = GateSettings.from_spec(spec)
     assert (s.guardrail_min_samples, s.min_samples_per_arm, s.max_error_rate) == (12, 100, 0.03)
-    step = SimpleNamespace(min_samples=40)
+    step = SimpleNamespace(min_samples=40, pilot=SimpleNamespace(go_alpha=None))
     at_step = pilots.gate_settings(spec, step)
     assert (at_step.min_samples_per_arm, at_step.guardrail_min_samples) == (40, 12)
-    small = pilots.gate_settings(spec, SimpleNamespace(min_samples=5))  # capped by the step's minimum
+    small = pilots.gate_settings(spec, SimpleNamespace(min_samples=5, pilot=step.pilot))  # capped by the step
     assert (small.min_samples_per_arm, small.guardrail_min_samples) == (5, 5)
     assert at_step.latency_slo_ms == (spec.gate.guardrails.p95_latency_ms or spec.latency_slo_ms.p95)

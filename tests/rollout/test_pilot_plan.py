@@ -31,7 +31,10 @@ def longdoc():
 
 def test_each_step_needs_what_the_gates_planner_says(longdoc) -> None:
     plan = plan_pilot(longdoc)
-    settings = GateSettings.from_spec(longdoc)
+    settings = GateSettings.from_spec(longdoc, pilot_number=1)  # a plan is for the use case's first pilot
+    assert plan.pilot_number == 1 and plan.go_alpha == settings.alpha_go == pytest.approx(
+        0.05 * 6 / math.pi**2
+    )
     assert [s.where for s in plan.steps] == ["rollout.shadow", "rollout.steps[0]", "rollout.steps[1]"]
     assert [s.label for s in plan.steps] == ["shadow", "split 10%", "split 50%"]
     expected = [
@@ -50,6 +53,24 @@ def test_each_step_needs_what_the_gates_planner_says(longdoc) -> None:
     short = plan_pilot(longdoc, approval_after=2)  # the main job asks after the first split step
     assert short.requests == plan.steps[0].requests + plan.steps[1].requests
     assert short.days == pytest.approx(short.requests / longdoc.traffic.requests_per_day)
+
+
+def test_a_later_pilot_of_the_use_case_needs_more_requests(longdoc) -> None:
+    """alpha is spent across the use case's pilots: pilot 2's GO runs at a quarter of pilot 1's level, so
+    it needs more requests; a pilot started before spending (None) runs at the spec's alpha and needs
+    fewer; a spec that keeps alpha per pilot plans every pilot alike."""
+    first, second, legacy = (plan_pilot(longdoc, pilot_number=n) for n in (1, 2, None))
+    assert second.go_alpha == pytest.approx(first.go_alpha / 4) and legacy.go_alpha == longdoc.gate.alpha
+    for a, b, c in zip(legacy.steps, first.steps, second.steps, strict=True):
+        assert a.requests < b.requests < c.requests
+    per_pilot = longdoc.model_copy(
+        update={"gate": longdoc.gate.model_copy(update={"alpha_spending": "pilot"})}
+    )
+    assert [s.requests for s in plan_pilot(per_pilot, pilot_number=2).steps] == [
+        s.requests for s in legacy.steps
+    ]
+    summary = plan_summary(longdoc, pilot_number=2)
+    assert (summary["pilot_number"], summary["go_alpha"]) == (2, second.go_alpha)
 
 
 @pytest.mark.parametrize(
@@ -113,6 +134,7 @@ def test_the_summary_line_and_the_request_log_source(longdoc) -> None:
     line = describe_to_approval(summary)
     total = summary["requests_to_approval"]
     assert line.startswith(f"the approval (after shadow + split 10%) needs ~{total:,} distinct requests")
+    assert "split 10% 1,564; pilot 1's GO held to alpha 0.0304): 1.0 h of its" in line
     # the pilot draws only the 16 of the 65 rows that calibration never reads (rollout.dataset_split)
     assert summary["distinct_requests"] == 16 and summary["dataset_rows"] == 65
     assert (

@@ -1,0 +1,46 @@
+"""Spending alpha across a use case's pilots: the GO level of its k-th pilot.
+
+Each pilot's GO test keeps its own false GO <= its level at any number of looks (Ville's inequality). A use
+case can be piloted again, though: a pilot that ends NO-GO (or is superseded) is followed by a new
+calibration and a new pilot on the same held-apart requests. If every pilot ran at the spec's alpha,
+trying plan after plan until one says GO would ship an inferior plan with probability up to
+1 - (1 - alpha)^k after k tries. Spending the spec's alpha as a convergent series over the pilots bounds
+that for the use case's whole life: pilot k runs at
+
+    alpha_k = alpha * 6 / (pi^2 k^2),  so  sum over k >= 1 of alpha_k = alpha  (Basel: sum 1/k^2 = pi^2/6),
+
+and by the union bound P(some pilot of the use case gives a false GO) <= sum_k alpha_k <= alpha, whatever
+the pilots' dependence (they draw the same held-apart rows) and however the owner chose to try again.
+The first pilot runs at 0.61 alpha: log(1/alpha_1) / log(1/alpha) = 1.17 at alpha 0.05, about a sixth
+more requests to a GO; the second at 0.15 alpha (1.63x); the cost of a retry rises with each one.
+
+`spending="pilot"` keeps the older promise, per pilot only (alpha_k = alpha): the owner's choice, written in
+the spec (`gate.alpha_spending`) and in docs/gate.md. Futility and the guardrails stop (NO-GO) at the spec's
+alpha either way: a false stop ships nothing, so it needs no spending.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+Spending = Literal["use_case", "pilot"]
+SPENDING: tuple[Spending, ...] = ("use_case", "pilot")
+
+
+def pilot_alpha(alpha: float, number: int, spending: Spending = "use_case") -> float:
+    """The GO level of the use case's pilot `number` (1 = its first pilot) under `spending`."""
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
+    if isinstance(number, bool) or not isinstance(number, int) or number < 1:
+        raise ValueError(f"pilot number must be a whole number >= 1, got {number!r}")
+    if spending == "pilot":
+        return alpha
+    if spending != "use_case":
+        raise ValueError(f"alpha spending must be one of {', '.join(SPENDING)}, got {spending!r}")
+    return alpha * 6.0 / (math.pi**2 * number**2)
+
+
+def spent_alpha(alpha: float, pilots: int, spending: Spending = "use_case") -> float:
+    """What the use case's first `pilots` pilots spend together (<= alpha under "use_case")."""
+    return math.fsum(pilot_alpha(alpha, k, spending) for k in range(1, pilots + 1))
