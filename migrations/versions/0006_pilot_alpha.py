@@ -15,18 +15,15 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0006"
-down_revision = "0005"
-branch_labels = None
-depends_on = None
+down_revision = "0005"  # no branch labels, no dependencies (alembic's defaults)
 
 
-def upgrade() -> None:
-    with op.batch_alter_table("pilots", schema=None) as batch_op:
-        batch_op.add_column(sa.Column("pilot_number", sa.Integer(), nullable=True))
-        batch_op.add_column(sa.Column("go_alpha", sa.Float(), nullable=True))
+def upgrade() -> None:  # nullable columns: a plain ALTER TABLE ADD on SQLite and PostgreSQL alike
+    op.add_column("pilots", sa.Column("pilot_number", sa.Integer(), nullable=True))
+    op.add_column("pilots", sa.Column("go_alpha", sa.Float(), nullable=True))
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("pilots", schema=None) as batch_op:
+    with op.batch_alter_table("pilots", schema=None) as batch_op:  # SQLite drops columns in batch mode
         batch_op.drop_column("go_alpha")
         batch_op.drop_column("pilot_number")
