@@ -131,9 +131,11 @@ def _print_plan(plan: dict[str, Any] | None) -> None:
         }
         for s in plan["steps"]
     ]
+    which = "a pilot" if plan["pilot_number"] is None else f"pilot {plan['pilot_number']}"
     print_table(
         f"What a decision takes (requests; shadow: pairs; at a true difference of "
-        f"{plan['planned_effect']:+g}, margin {plan['margin']:g}; one batch per look)",
+        f"{plan['planned_effect']:+g}, margin {plan['margin']:g}; one batch per look; {which}, its GO "
+        f"held to alpha {plan['go_alpha']:.3g})",
         rows,
     )
     for w in plan["warnings"]:
