@@ -10,7 +10,9 @@ that for the use case's whole life: pilot k runs at
     alpha_k = alpha * 6 / (pi^2 k^2),  so  sum over k >= 1 of alpha_k = alpha  (Basel: sum 1/k^2 = pi^2/6),
 
 and by the union bound P(some pilot of the use case gives a false GO) <= sum_k alpha_k <= alpha, whatever
-the pilots' dependence (they draw the same held-apart rows) and however the owner chose to try again.
+the pilots' dependence (they draw the same held-apart rows) and however the owner chose to try again, as
+long as each pilot's own level holds: its plan is fixed before it answers the pilot's requests (calibration
+reads none of the held-apart rows).
 The first pilot runs at 0.61 alpha: log(1/alpha_1) / log(1/alpha) = 1.17 at alpha 0.05, about a sixth
 more requests to a GO; the second at 0.15 alpha (1.63x); the cost of a retry rises with each one.
 
