@@ -148,6 +148,9 @@ class EvaluationRun(Base):
 
 class Pilot(Base):
     __tablename__ = "pilots"
+    # one pilot per place: two pilots started at once cannot both spend pilot k's alpha (NULLs, on pilots
+    # started before migration 0006, never collide)
+    __table_args__ = (UniqueConstraint("use_case_id", "pilot_number", name="uq_pilots_use_case_number"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     use_case_id: Mapped[int] = mapped_column(ForeignKey("use_cases.id"))

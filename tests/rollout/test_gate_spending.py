@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from scipy import stats
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
 from rollout import pilots
-from rollout.db.models import AuditEntry, ModelVersion, UseCase
+from rollout.db.models import AuditEntry, ModelVersion, Pilot, UseCase
 from rollout.db.session import session_scope
 from rollout.gate import GateSettings, decide
 from rollout.gate.sequences import TRUNCATION
@@ -164,6 +165,12 @@ def test_each_pilot_fixes_its_go_level_when_it_starts(sp_home) -> None:  # noqa:
         uc = s.scalar(select(UseCase))
         third = pilots.start_pilot(s, uc, s.get(ModelVersion, 3), per_pilot, actor="test")
         assert (third.pilot_number, third.go_alpha) == (3, per_pilot.gate.alpha)
+    # one pilot per place: a second pilot 3 (two started at once) is refused by the database; pilots
+    # without a number (started before migration 0006) never collide
+    with pytest.raises(IntegrityError), session_scope() as s:
+        s.add(Pilot(use_case_id=1, model_version_id=3, salt="x", pilot_number=3, go_alpha=0.001))
+    with session_scope() as s:
+        s.add_all(Pilot(use_case_id=1, model_version_id=3, salt=f"s{i}", status="stopped") for i in range(2))
 
 
 def test_the_spec_names_a_bad_spending_rule_and_keeps_old_hashes() -> None:
