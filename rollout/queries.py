@@ -476,6 +476,41 @@ def latency_histogram(session: Session, use_case_id: int, bins: int = 30) -> lis
     ]
 
 
+def pilot_history(session: Session, use_case_id: int) -> list[dict[str, Any]]:
+    """The use case's pilots, oldest first: place, challenger, status, GO level (None: started before
+    alpha was spent across pilots), dates, and the outcome and count of their gate looks."""
+    looks = (
+        select(
+            GateDecision.pilot_id,
+            func.count().label("looks"),
+            func.max(GateDecision.id).label("last_id"),
+        )
+        .where(GateDecision.use_case_id == use_case_id, GateDecision.kind == "gate")
+        .group_by(GateDecision.pilot_id)
+        .subquery()
+    )
+    last = GateDecision.__table__.alias("last")
+    stmt = (
+        select(
+            Pilot.id,
+            Pilot.pilot_number,
+            ModelVersion.mlflow_version,
+            Pilot.status,
+            Pilot.go_alpha,
+            Pilot.started_at,
+            Pilot.ended_at,
+            func.coalesce(looks.c.looks, 0).label("looks"),
+            last.c.outcome.label("last_outcome"),
+        )
+        .join(ModelVersion, ModelVersion.id == Pilot.model_version_id)
+        .outerjoin(looks, looks.c.pilot_id == Pilot.id)
+        .outerjoin(last, last.c.id == looks.c.last_id)
+        .where(Pilot.use_case_id == use_case_id)
+        .order_by(Pilot.id)
+    )
+    return [dict(r._mapping) for r in session.execute(stmt)]
+
+
 def decisions(session: Session, use_case_id: int) -> list[dict[str, Any]]:
     stmt = (
         select(GateDecision, PilotStep.index)

@@ -24,6 +24,7 @@ alpha either way: a false stop ships nothing, so it needs no spending.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Literal
 
 Spending = Literal["use_case", "pilot"]
@@ -43,6 +44,7 @@ def pilot_alpha(alpha: float, number: int, spending: Spending = "use_case") -> f
     return alpha * 6.0 / (math.pi**2 * number**2)
 
 
-def spent_alpha(alpha: float, pilots: int, spending: Spending = "use_case") -> float:
-    """What the use case's first `pilots` pilots spend together (<= alpha under "use_case")."""
-    return math.fsum(pilot_alpha(alpha, k, spending) for k in range(1, pilots + 1))
+def spent(alpha: float, levels: Iterable[float | None]) -> float:
+    """What pilots with these GO levels have spent together; None is a pilot started before alpha was
+    spent across pilots, whose GO test runs at alpha itself."""
+    return math.fsum(alpha if a is None else a for a in levels)

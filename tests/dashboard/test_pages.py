@@ -98,9 +98,21 @@ def test_use_case_page(seeded: dict[str, Any]) -> None:
     assert list(needs["requests to GO (80% power)"]) == [s["requests"] for s in planned["steps"]]
     spent = "for pilot 1 of this use case, whose GO is held to alpha 0.0304"  # rollout.gate.spending
     assert any(spent in c.value for c in at.caption)
+    # its pilots and the alpha they spent: one pilot, awaiting approval after its GO
+    pilots = next(d.value for d in at.dataframe if "GO level" in d.value.columns)
+    assert pilots[["pilot", "challenger", "looks", "last_outcome"]].to_dict("records") == [
+        {"pilot": 1, "challenger": "2", "looks": 1, "last_outcome": "GO"}
+    ]
+    assert list(pilots["GO level"].round(4)) == [0.0304]
+    assert any(
+        "The pilots share the use case's alpha 0.05 for a false GO: 0.0304 spent over 1 pilot(s); a next "
+        "pilot's GO would be held to 0.0076." in c.value
+        for c in at.caption
+    )
     at.selectbox(key="uc_name").select("support-chat").run()
     assert "No gate decision yet." in texts(at) and "No pilot observations yet." in texts(at)
     assert "No plan: the stored spec v1 does not validate" in texts(at)
+    assert "No pilot yet; the first pilot's GO will be held to 0.0304." in texts(at)
 
 
 def test_audit_page_filters_and_exports_csv(seeded: dict[str, Any]) -> None:

@@ -19,7 +19,7 @@ from rollout.db.session import session_scope
 from rollout.gate import GateSettings, decide
 from rollout.gate.sequences import TRUNCATION
 from rollout.gate.simulation import simulate
-from rollout.gate.spending import pilot_alpha, spent_alpha
+from rollout.gate.spending import pilot_alpha, spent
 from rollout.spec import parse_spec
 
 from .test_gate import paired_frame
@@ -34,10 +34,12 @@ def test_the_use_case_spends_at_most_alpha_over_all_its_pilots() -> None:
     assert (second, third) == (pytest.approx(first / 4), pytest.approx(first / 9))
     # partial sums stay below alpha and tend to it (the tail after k pilots is < 6 alpha / (pi^2 k))
     for k in (1, 10, 1000, 100_000):
-        spent = spent_alpha(ALPHA, k)
-        assert ALPHA - 6 * ALPHA / (math.pi**2 * k) < spent < ALPHA
-    # per pilot: every pilot at the spec's alpha, so k pilots may spend k alpha
-    assert pilot_alpha(ALPHA, 7, "pilot") == ALPHA and spent_alpha(ALPHA, 3, "pilot") == pytest.approx(0.15)
+        total = spent(ALPHA, (pilot_alpha(ALPHA, j) for j in range(1, k + 1)))
+        assert ALPHA - 6 * ALPHA / (math.pi**2 * k) < total < ALPHA
+    # per pilot: every pilot at the spec's alpha, so k pilots may spend k alpha; so does a pilot started
+    # before spending (no stored level)
+    assert pilot_alpha(ALPHA, 7, "pilot") == ALPHA
+    assert spent(ALPHA, [pilot_alpha(ALPHA, k, "pilot") for k in (1, 2)] + [None]) == pytest.approx(0.15)
 
 
 @pytest.mark.parametrize(
