@@ -390,6 +390,7 @@ def show_usecase(name: str, *, version: int | None = None, url: str | None = Non
             "dataset_rows": sv.dataset_rows,
             "validation": sv.validation,
             "pilot_plan": _plan_of_stored(sv, pilot_number=_planned_pilot(s, uc)),
+            **_pilots_and_budget(s, uc, next(v for v in versions if v.version == uc.current_spec_version)),
             "versions": [
                 {
                     "version": v.version,
@@ -490,6 +491,20 @@ def _planned_pilot(s: Session, uc: UseCase) -> int | None:
     from rollout.pilots import planned_pilot_number  # rollout.pilots builds on this module
 
     return planned_pilot_number(s, uc)
+
+
+def _pilots_and_budget(s: Session, uc: UseCase, current: SpecVersion) -> dict[str, Any]:
+    """The use case's pilots and its false-GO budget under the current spec (rollout.gate.spending)."""
+    from rollout.gate.spending import account
+    from rollout.queries import (
+        pilot_history,
+    )  # rollout.queries builds on rollout.pilots, which builds on this
+
+    pilots = pilot_history(s, uc.id)
+    gate = current.spec.get("gate") or {}
+    levels = (p["go_alpha"] for p in pilots)
+    budget = account(gate.get("alpha", 0.05), gate.get("alpha_spending", "use_case"), levels)
+    return {"pilots": pilots, "alpha_budget": budget}
 
 
 def _plan_of_stored(

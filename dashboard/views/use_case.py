@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from dashboard import fmt
 from dashboard.data import read
 from rollout import queries
-from rollout.gate.spending import pilot_alpha, spent
+from rollout.gate.spending import account, describe
 from rollout.pilot_plan import plan_summary, traffic_time
 from rollout.settings import get_settings
 from rollout.spec import UseCaseSpec
@@ -214,21 +214,15 @@ def pilots_block(uc: dict[str, Any]) -> None:
     st.subheader("Pilots")
     rows = read(queries.pilot_history, uc["id"])
     gate = (uc["spec"] or {}).get("gate") or {}
-    alpha, spending = gate.get("alpha", 0.05), gate.get("alpha_spending", "use_case")
+    alpha = gate.get("alpha", 0.05)
+    budget = account(alpha, gate.get("alpha_spending", "use_case"), (r["go_alpha"] for r in rows))
     if not rows:
-        first = pilot_alpha(alpha, 1, spending)
-        st.caption(f"No pilot yet; the first pilot's GO will be held to {first:.3g}.")
+        st.caption(describe(budget))
         return
     table = pd.DataFrame(rows).rename(columns={"pilot_number": "pilot", "mlflow_version": "challenger"})
     table["GO level"] = [alpha if a is None else a for a in table.pop("go_alpha")]
     st.dataframe(table.drop(columns=["id"]), hide_index=True, width="stretch")
-    used = spent(alpha, (r["go_alpha"] for r in rows))
-    later = pilot_alpha(alpha, len(rows) + 1, spending)
-    if spending == "pilot":
-        share = f"Each pilot's GO is held to alpha {alpha:g} on its own (gate.alpha_spending: pilot)"
-    else:
-        share = f"The pilots share the use case's alpha {alpha:g} for a false GO: {used:.3g} spent"
-    st.caption(f"{share} over {len(rows)} pilot(s); a next pilot's GO would be held to {later:.3g}.")
+    st.caption(describe(budget))
 
 
 def decision_needs(uc: dict[str, Any]) -> None:

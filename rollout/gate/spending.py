@@ -48,3 +48,29 @@ def spent(alpha: float, levels: Iterable[float | None]) -> float:
     """What pilots with these GO levels have spent together; None is a pilot started before alpha was
     spent across pilots, whose GO test runs at alpha itself."""
     return math.fsum(alpha if a is None else a for a in levels)
+
+
+def account(alpha: float, spending: Spending, levels: Iterable[float | None]) -> dict[str, float | int | str]:
+    """A use case's false-GO budget for people: the pilots it started (their GO levels), what they spent,
+    and the level its next pilot's GO would be held to."""
+    levels = list(levels)
+    return {
+        "alpha": alpha,
+        "alpha_spending": spending,
+        "pilots": len(levels),
+        "spent": spent(alpha, levels),
+        "next_go_alpha": pilot_alpha(alpha, len(levels) + 1, spending),
+    }
+
+
+def describe(budget: dict[str, float | int | str]) -> str:
+    """One line from `account`, for the use-case page and `usecase show`."""
+    alpha, nxt = f"{budget['alpha']:g}", f"{budget['next_go_alpha']:.3g}"
+    if not budget["pilots"]:
+        return f"No pilot yet; the first pilot's GO will be held to {nxt}."
+    share = (
+        f"Each pilot's GO is held to alpha {alpha} on its own (gate.alpha_spending: pilot)"
+        if budget["alpha_spending"] == "pilot"
+        else f"The pilots share the use case's alpha {alpha} for a false GO: {budget['spent']:.3g} spent"
+    )
+    return f"{share} over {budget['pilots']} pilot(s); a next pilot's GO would be held to {nxt}."

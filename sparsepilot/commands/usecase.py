@@ -110,8 +110,29 @@ def _print_usecase(info: dict[str, Any]) -> None:
     console.print(f"dataset: {info['dataset_rows']} requests, sha256 {str(info['dataset_sha256'])[:12]}")
     console.print(yaml.safe_dump(info["spec"], sort_keys=False).rstrip(), highlight=False, markup=False)
     _print_plan(info["pilot_plan"])
+    _print_pilots(info)
     print_table("Versions", info["versions"], ["version", "current", "spec_hash", "created_by", "created_at"])
     print_table("Recent audit entries", info["audit"], ["ts", "actor", "action"])
+
+
+def _print_pilots(info: dict[str, Any]) -> None:
+    """The use case's pilots and the share of its false-GO alpha they spent (rollout.gate.spending)."""
+    from rollout.gate.spending import describe
+
+    if info["pilots"]:
+        alpha = info["alpha_budget"]["alpha"]
+        rows = [{**p, "go_alpha": alpha if p["go_alpha"] is None else p["go_alpha"]} for p in info["pilots"]]
+        columns = [
+            "pilot_number",
+            "mlflow_version",
+            "status",
+            "go_alpha",
+            "looks",
+            "last_outcome",
+            "started_at",
+        ]
+        print_table("Pilots", rows, columns)
+    say(describe(info["alpha_budget"]))
 
 
 def _print_plan(plan: dict[str, Any] | None) -> None:

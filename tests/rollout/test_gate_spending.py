@@ -12,15 +12,18 @@ import pytest
 from scipy import stats
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
+from typer.testing import CliRunner
 
 from rollout import pilots
-from rollout.db.models import AuditEntry, ModelVersion, Pilot, UseCase
+from rollout.db.models import AuditEntry, ModelVersion, Pilot, SpecVersion, UseCase
 from rollout.db.session import session_scope
 from rollout.gate import GateSettings, decide
 from rollout.gate.sequences import TRUNCATION
 from rollout.gate.simulation import simulate
-from rollout.gate.spending import pilot_alpha, spent
+from rollout.gate.spending import account, describe, pilot_alpha, spent
 from rollout.spec import parse_spec
+from rollout.usecases import show_usecase
+from sparsepilot.cli import app
 
 from .test_gate import paired_frame
 from .usecase_helpers import example_spec
@@ -40,6 +43,25 @@ def test_the_use_case_spends_at_most_alpha_over_all_its_pilots() -> None:
     # before spending (no stored level)
     assert pilot_alpha(ALPHA, 7, "pilot") == ALPHA
     assert spent(ALPHA, [pilot_alpha(ALPHA, k, "pilot") for k in (1, 2)] + [None]) == pytest.approx(0.15)
+
+
+def test_the_budget_in_words() -> None:
+    """What the use-case page and `usecase show` say: spent so far (a pilot started before spending counts
+    at alpha), and the next pilot's level."""
+    assert (
+        describe(account(ALPHA, "use_case", []))
+        == "No pilot yet; the first pilot's GO will be held to 0.0304."
+    )
+    two = account(ALPHA, "use_case", [pilot_alpha(ALPHA, 1), pilot_alpha(ALPHA, 2)])
+    assert (two["pilots"], round(two["spent"], 4), round(two["next_go_alpha"], 5)) == (2, 0.038, 0.00338)
+    assert describe(two) == (
+        "The pilots share the use case's alpha 0.05 for a false GO: 0.038 spent over 2 pilot(s); a next "
+        "pilot's GO would be held to 0.00338."
+    )
+    assert account(ALPHA, "use_case", [None])["spent"] == ALPHA  # before spending: the whole alpha
+    assert describe(account(ALPHA, "pilot", [ALPHA])).startswith(
+        "Each pilot's GO is held to alpha 0.05 on its own"
+    )
 
 
 @pytest.mark.parametrize(
@@ -129,6 +151,11 @@ def _use_case(s) -> tuple[UseCase, list[ModelVersion]]:
     uc = UseCase(name="docs-qa", owner="o", criticality="low", phase="evaluated")
     s.add(uc)
     s.flush()
+    s.add(
+        SpecVersion(
+            use_case_id=uc.id, version=1, spec=example_spec("docs-qa"), spec_hash="h" * 64, created_by="o"
+        )
+    )
     mvs = [
         ModelVersion(use_case_id=uc.id, base_model_ref="tiny", plan={}, plan_hash=f"{i}" * 64)
         for i in range(3)
@@ -173,6 +200,18 @@ def test_each_pilot_fixes_its_go_level_when_it_starts(sp_home) -> None:  # noqa:
         s.add(Pilot(use_case_id=1, model_version_id=3, salt="x", pilot_number=3, go_alpha=0.001))
     with session_scope() as s:
         s.add_all(Pilot(use_case_id=1, model_version_id=3, salt=f"s{i}", status="stopped") for i in range(2))
+    # what `usecase show` says of them: five pilots, and pilot 6's level
+    shown = show_usecase("docs-qa")
+    assert [(p["pilot_number"], p["status"]) for p in shown["pilots"]] == [
+        (1, "stopped"), (2, "stopped"), (3, "running"), (None, "stopped"), (None, "stopped")
+    ]  # fmt: skip
+    # pilot 1 at its level; pilot 2 (its level cleared above), the per-pilot spec's pilot 3 and the two
+    # without a number at alpha each
+    spent_so_far = pilot_alpha(0.05, 1) + 0.05 + 0.05 + 2 * 0.05
+    assert shown["alpha_budget"]["spent"] == pytest.approx(spent_so_far)
+    text = " ".join(CliRunner().invoke(app, ["usecase", "show", "docs-qa"]).stdout.split())
+    assert "Pilots" in text and "running" in text
+    assert f"{spent_so_far:.3g} spent over 5 pilot(s); a next pilot's GO would be held to 0.000844." in text
 
 
 def test_the_spec_names_a_bad_spending_rule_and_keeps_old_hashes() -> None:

@@ -114,6 +114,8 @@ def test_add_and_show_say_what_a_decision_takes(state_url: str, tmp_path: Path) 
     # no pilot yet: the plan is for the use case's first, its GO at 0.61 alpha (rollout.gate.spending)
     assert (plan["pilot_number"], round(plan["go_alpha"], 4)) == (1, 0.0304)
     assert "pilot 1, its GO held to alpha 0.0304" in text
+    assert shown["pilots"] == [] and shown["alpha_budget"]["spent"] == 0.0
+    assert "No pilot yet; the first pilot's GO will be held to 0.0304." in text
 
 
 def test_versioning(state_url: str, sp_home, tmp_path: Path) -> None:  # noqa: ANN001
