@@ -496,15 +496,15 @@ def _planned_pilot(s: Session, uc: UseCase) -> int | None:
 def _pilots_and_budget(s: Session, uc: UseCase, current: SpecVersion) -> dict[str, Any]:
     """The use case's pilots and its false-GO budget under the current spec (rollout.gate.spending)."""
     from rollout.gate.spending import account
-    from rollout.queries import (
-        pilot_history,
-    )  # rollout.queries builds on rollout.pilots, which builds on this
+
+    # rollout.queries builds on rollout.pilots, which builds on this module
+    from rollout.queries import pilot_history
 
     pilots = pilot_history(s, uc.id)
-    gate = current.spec.get("gate") or {}
-    levels = (p["go_alpha"] for p in pilots)
-    budget = account(gate.get("alpha", 0.05), gate.get("alpha_spending", "use_case"), levels)
-    return {"pilots": pilots, "alpha_budget": budget}
+    return {
+        "pilots": pilots,
+        "alpha_budget": account(current.spec.get("gate") or {}, (p["go_alpha"] for p in pilots)),
+    }
 
 
 def _plan_of_stored(

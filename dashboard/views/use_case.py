@@ -213,15 +213,11 @@ def pilots_block(uc: dict[str, Any]) -> None:
     (rollout.gate.spending)."""
     st.subheader("Pilots")
     rows = read(queries.pilot_history, uc["id"])
-    gate = (uc["spec"] or {}).get("gate") or {}
-    alpha = gate.get("alpha", 0.05)
-    budget = account(alpha, gate.get("alpha_spending", "use_case"), (r["go_alpha"] for r in rows))
-    if not rows:
-        st.caption(describe(budget))
-        return
-    table = pd.DataFrame(rows).rename(columns={"pilot_number": "pilot", "mlflow_version": "challenger"})
-    table["GO level"] = [alpha if a is None else a for a in table.pop("go_alpha")]
-    st.dataframe(table.drop(columns=["id"]), hide_index=True, width="stretch")
+    budget = account((uc["spec"] or {}).get("gate") or {}, (r["go_alpha"] for r in rows))
+    if rows:
+        table = pd.DataFrame(rows).rename(columns={"pilot_number": "pilot", "mlflow_version": "challenger"})
+        table["GO level"] = [budget["alpha"] if a is None else a for a in table.pop("go_alpha")]
+        st.dataframe(table.drop(columns=["id"]), hide_index=True, width="stretch")
     st.caption(describe(budget))
 
 
@@ -259,7 +255,7 @@ def decision_needs(uc: dict[str, Any]) -> None:
     which = "a pilot" if plan["pilot_number"] is None else f"pilot {plan['pilot_number']} of this use case"
     st.caption(
         f"Simulated with the gate's own test at a true difference of {plan['planned_effect']:+g} (margin "
-        f"{plan['margin']:g}) for {which}, whose GO is held to alpha {plan['go_alpha']:.4g}; shadow counts "
+        f"{plan['margin']:g}) for {which}, whose GO is held to alpha {plan['go_alpha']:.3g}; shadow counts "
         "pairs. Each request is evidence once per pilot."
     )
     for w in plan["warnings"]:

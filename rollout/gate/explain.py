@@ -43,7 +43,7 @@ def _spending(s) -> str | None:
         return None
     return (
         f"This use case shares its {s.alpha:g} risk of a false GO across all its pilots, so this pilot's GO "
-        f"is held to {s.alpha_go:.4f}."
+        f"is held to {s.alpha_go:.3g}."
     )
 
 

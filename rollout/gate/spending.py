@@ -24,8 +24,8 @@ alpha either way: a false stop ships nothing, so it needs no spending.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
-from typing import Literal
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
 
 Spending = Literal["use_case", "pilot"]
 SPENDING: tuple[Spending, ...] = ("use_case", "pilot")
@@ -50,9 +50,11 @@ def spent(alpha: float, levels: Iterable[float | None]) -> float:
     return math.fsum(alpha if a is None else a for a in levels)
 
 
-def account(alpha: float, spending: Spending, levels: Iterable[float | None]) -> dict[str, float | int | str]:
+def account(gate: Mapping[str, Any], levels: Iterable[float | None]) -> dict[str, Any]:
     """A use case's false-GO budget for people: the pilots it started (their GO levels), what they spent,
-    and the level its next pilot's GO would be held to."""
+    and the level its next pilot's GO would be held to. `gate`: the `gate` section of its stored spec
+    (a spec stored without `alpha_spending` had the default, use_case)."""
+    alpha, spending = gate.get("alpha", 0.05), gate.get("alpha_spending", "use_case")
     levels = list(levels)
     return {
         "alpha": alpha,
@@ -63,7 +65,7 @@ def account(alpha: float, spending: Spending, levels: Iterable[float | None]) ->
     }
 
 
-def describe(budget: dict[str, float | int | str]) -> str:
+def describe(budget: Mapping[str, Any]) -> str:
     """One line from `account`, for the use-case page and `usecase show`."""
     alpha, nxt = f"{budget['alpha']:g}", f"{budget['next_go_alpha']:.3g}"
     if not budget["pilots"]:

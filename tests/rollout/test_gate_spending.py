@@ -48,18 +48,17 @@ def test_the_use_case_spends_at_most_alpha_over_all_its_pilots() -> None:
 def test_the_budget_in_words() -> None:
     """What the use-case page and `usecase show` say: spent so far (a pilot started before spending counts
     at alpha), and the next pilot's level."""
-    assert (
-        describe(account(ALPHA, "use_case", []))
-        == "No pilot yet; the first pilot's GO will be held to 0.0304."
-    )
-    two = account(ALPHA, "use_case", [pilot_alpha(ALPHA, 1), pilot_alpha(ALPHA, 2)])
+    assert describe(account({}, [])) == "No pilot yet; the first pilot's GO will be held to 0.0304."
+    two = account({"alpha": ALPHA}, [pilot_alpha(ALPHA, 1), pilot_alpha(ALPHA, 2)])
     assert (two["pilots"], round(two["spent"], 4), round(two["next_go_alpha"], 5)) == (2, 0.038, 0.00338)
     assert describe(two) == (
         "The pilots share the use case's alpha 0.05 for a false GO: 0.038 spent over 2 pilot(s); a next "
         "pilot's GO would be held to 0.00338."
     )
-    assert account(ALPHA, "use_case", [None])["spent"] == ALPHA  # before spending: the whole alpha
-    assert describe(account(ALPHA, "pilot", [ALPHA])).startswith(
+    assert (
+        account({"alpha": ALPHA, "alpha_spending": "use_case"}, [None])["spent"] == ALPHA
+    )  # before spending: the whole alpha
+    assert describe(account({"alpha": ALPHA, "alpha_spending": "pilot"}, [ALPHA])).startswith(
         "Each pilot's GO is held to alpha 0.05 on its own"
     )
 
