@@ -55,9 +55,8 @@ def test_the_budget_in_words() -> None:
         "The pilots share the use case's alpha 0.05 for a false GO: 0.038 spent over 2 pilot(s); a next "
         "pilot's GO would be held to 0.00338."
     )
-    assert (
-        account({"alpha": ALPHA, "alpha_spending": "use_case"}, [None])["spent"] == ALPHA
-    )  # before spending: the whole alpha
+    # a pilot started before spending (no level) spent the whole alpha
+    assert account({"alpha": ALPHA, "alpha_spending": "use_case"}, [None])["spent"] == ALPHA
     assert describe(account({"alpha": ALPHA, "alpha_spending": "pilot"}, [ALPHA])).startswith(
         "Each pilot's GO is held to alpha 0.05 on its own"
     )
