@@ -2,32 +2,27 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from rollout import queries
-from rollout.queries import bounding_sides, quality_interval  # noqa: F401 (the pages' spelling of the rule)
-
-
-def _ok(x: Any) -> bool:
-    return x is not None and not (isinstance(x, float) and math.isnan(x))
+from rollout.queries import bounding_sides, known, quality_interval  # noqa: F401 (the pages' spelling of the rule)
 
 
 def money(x: Any) -> str:
-    if not _ok(x):
+    if not known(x):
         return "-"
     return f"-${-x:,.0f}" if x < 0 else f"${x:,.0f}"
 
 
 def num_interval(x: Any, lo: Any, hi: Any, fmt: str = "{:+.4f}") -> str:
-    if not _ok(x):
+    if not known(x):
         return "-"
     s = fmt.format(x)
-    return f"{s} [{fmt.format(lo)}, {fmt.format(hi)}]" if _ok(lo) and _ok(hi) else s
+    return f"{s} [{fmt.format(lo)}, {fmt.format(hi)}]" if known(lo) and known(hi) else s
 
 
 def days(x: Any) -> str:
-    return f"{x:,.0f} d" if _ok(x) else "-"
+    return f"{x:,.0f} d" if known(x) else "-"
 
 
 def step_label(row: dict[str, Any]) -> str:
@@ -40,7 +35,7 @@ def step_label(row: dict[str, Any]) -> str:
 def interval_only(lo: Any, hi: Any, one: Any = None) -> str:
     """'[lo, hi]' where both ends are known, else '-' (no interval is claimed without one)."""
     one = one or (lambda v: f"{v:+.4f}")
-    return f"[{one(lo)}, {one(hi)}]" if _ok(lo) and _ok(hi) else "-"
+    return f"[{one(lo)}, {one(hi)}]" if known(lo) and known(hi) else "-"
 
 
 def quality_source(row: dict[str, Any]) -> str:

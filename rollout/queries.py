@@ -207,7 +207,7 @@ def quality_interval(lo: Any, hi: Any, spec: str = "+.4f") -> str:
     """Bounds on the quality difference (the gate's, or an evaluation's), in words. Each side is a
     one-sided bound and the scale ends at -1 and +1, so a bound at the edge says nothing: '>= lo' or
     '<= hi' then, '[lo, hi]' when both bound, '-' without bounds."""
-    if not (_known(lo) and _known(hi)):
+    if not (known(lo) and known(hi)):
         return "-"
     low, high = bounding_sides(lo, hi)
     if low and high:
@@ -220,10 +220,11 @@ def quality_interval(lo: Any, hi: Any, spec: str = "+.4f") -> str:
 def bounding_sides(lo: Any, hi: Any) -> tuple[bool, bool]:
     """Which of two bounds on a quality difference say something: a bound at the scale's end (-1 or
     +1) rules nothing out."""
-    return (_known(lo) and lo > -1 + 1e-9), (_known(hi) and hi < 1 - 1e-9)
+    return (known(lo) and lo > -1 + 1e-9), (known(hi) and hi < 1 - 1e-9)
 
 
-def _known(x: Any) -> bool:
+def known(x: Any) -> bool:
+    """A value the row has: not None, not NaN (what SQL gives for a missing number)."""
     return x is not None and not (isinstance(x, float) and math.isnan(x))
 
 
