@@ -3,8 +3,8 @@
 Each pilot's GO test keeps its own false GO <= its level at any number of looks (Ville's inequality). A use
 case can be piloted again, though: a pilot that ends NO-GO (or is superseded) is followed by a new
 calibration and a new pilot on the same held-apart requests. If every pilot ran at the spec's alpha,
-trying plan after plan until one says GO would ship an inferior plan with probability up to
-1 - (1 - alpha)^k after k tries. Spending the spec's alpha as a convergent series over the pilots bounds
+trying plan after plan until one says GO would ship an inferior plan with probability up to k alpha
+after k tries. Spending the spec's alpha as a convergent series over the pilots bounds
 that for the use case's whole life: pilot k runs at
 
     alpha_k = alpha * 6 / (pi^2 k^2),  so  sum over k >= 1 of alpha_k = alpha  (Basel: sum 1/k^2 = pi^2/6),
