@@ -216,8 +216,8 @@ def pilots_block(uc: dict[str, Any]) -> None:
     budget = account((uc["spec"] or {}).get("gate") or {}, (r["go_alpha"] for r in rows))
     if rows:
         table = pd.DataFrame(rows).rename(columns={"pilot_number": "pilot", "mlflow_version": "challenger"})
-        table["GO level"] = [budget["alpha"] if a is None else a for a in table.pop("go_alpha")]
-        st.dataframe(table.drop(columns=["id"]), hide_index=True, width="stretch")
+        table["GO level"] = budget["levels"]
+        st.dataframe(table.drop(columns=["id", "go_alpha"]), hide_index=True, width="stretch")
     st.caption(describe(budget))
 
 

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal
 
-from rollout.gate.spending import pilot_alpha
+from rollout.gate.spending import DEFAULT_SPENDING, pilot_alpha
 from rollout.spec import GateSpec, Guardrails
 
 # The guardrails' defaults are the use-case spec's (`gate.guardrails`), from which every pilot's settings are
@@ -127,7 +127,7 @@ class GateSettings:
         `gate.alpha_spending` (rollout.gate.spending); None leaves the GO test at alpha."""
         data = spec.to_dict() if hasattr(spec, "to_dict") else dict(spec)
         gate = dict(data.get("gate") or {})
-        spending = gate.pop("alpha_spending", "use_case")
+        spending = gate.pop("alpha_spending", DEFAULT_SPENDING)
         guard = dict(gate.get("guardrails") or {})
         if guard.get("p95_latency_ms") is None:
             slo = data.get("latency_slo_ms")

@@ -25,13 +25,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from typing import Any, Literal
+from typing import Any, get_args
 
-Spending = Literal["use_case", "pilot"]
-SPENDING: tuple[Spending, ...] = ("use_case", "pilot")
+from rollout.spec import GateSpec
+
+# The spec's choices and defaults, read from its one definition (rollout.spec.GateSpec).
+SPENDING: tuple[str, ...] = get_args(GateSpec.model_fields["alpha_spending"].annotation)
+DEFAULT_SPENDING: str = GateSpec.model_fields["alpha_spending"].default
+DEFAULT_ALPHA: float = GateSpec.model_fields["alpha"].default
 
 
-def pilot_alpha(alpha: float, number: int, spending: Spending = "use_case") -> float:
+def pilot_alpha(alpha: float, number: int, spending: str = DEFAULT_SPENDING) -> float:
     """The GO level of the use case's pilot `number` (1 = its first pilot) under `spending`."""
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
@@ -51,14 +55,17 @@ def spent(alpha: float, levels: Iterable[float | None]) -> float:
 
 
 def account(gate: Mapping[str, Any], levels: Iterable[float | None]) -> dict[str, Any]:
-    """A use case's false-GO budget for people: the pilots it started (their GO levels), what they spent,
-    and the level its next pilot's GO would be held to. `gate`: the `gate` section of its stored spec
-    (a spec stored without `alpha_spending` had the default, use_case)."""
-    alpha, spending = gate.get("alpha", 0.05), gate.get("alpha_spending", "use_case")
-    levels = list(levels)
+    """A use case's false-GO budget for people: the GO level each pilot it started runs at (a pilot
+    without a stored level at alpha), what they spent together, and the level its next pilot's GO would
+    be held to. `gate`: the `gate` section of its stored spec (a spec stored without `alpha_spending`
+    had the default)."""
+    alpha = gate.get("alpha", DEFAULT_ALPHA)
+    spending = gate.get("alpha_spending", DEFAULT_SPENDING)
+    levels = [alpha if a is None else a for a in levels]
     return {
         "alpha": alpha,
         "alpha_spending": spending,
+        "levels": levels,
         "pilots": len(levels),
         "spent": spent(alpha, levels),
         "next_go_alpha": pilot_alpha(alpha, len(levels) + 1, spending),

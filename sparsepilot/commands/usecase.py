@@ -120,8 +120,8 @@ def _print_pilots(info: dict[str, Any]) -> None:
     from rollout.gate.spending import describe
 
     if info["pilots"]:
-        alpha = info["alpha_budget"]["alpha"]
-        rows = [{**p, "go_alpha": alpha if p["go_alpha"] is None else p["go_alpha"]} for p in info["pilots"]]
+        levels = info["alpha_budget"]["levels"]  # a pilot without a stored level runs at alpha
+        rows = [{**p, "go_alpha": a} for p, a in zip(info["pilots"], levels, strict=True)]
         columns = [
             "pilot_number",
             "mlflow_version",
