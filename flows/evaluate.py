@@ -98,22 +98,24 @@ def run_evaluation(
 
 
 def roi_from_report(spec: Any, report: dict[str, Any], decode_tps: float | None) -> dict[str, Any]:
-    """ROI at the use case's traffic, from the measured weighted throughputs; the speed-up interval
-    comes from the repeated timings (rollout.roi.speedup_interval on the weighted per-repeat totals).
+    """ROI at the use case's traffic, from the measured weighted throughputs; the speed-up and its
+    interval come from the paired timings (rollout.roi.speedup_interval on the rounds' weighted totals).
     Output tokens are priced at the sparse decode throughput when the plan decodes sparsely."""
     from rollout.roi import decode_outcome, roi_for_spec, speedup_interval
+    from sparse_core.speedup import weighted_pairs
 
     rows = report.get("speed") or []
     summ = report.get("speed_summary") or {}
     if not rows or not summ.get("weighted_dense_tokens_per_s"):
         raise EvaluationFailed("the evaluation measured no speed; ROI needs prefill timings")
-    n = min(len(r["dense_seconds"]) for r in rows)
-    dense_t = [sum(r["weight"] * r["dense_seconds"][i] for r in rows) for i in range(n)]
-    sparse_t = [sum(r["weight"] * r["sparse_seconds"][i] for r in rows) for i in range(n)]
+    dense_t, sparse_t = weighted_pairs([(r["weight"], r["dense_seconds"], r["sparse_seconds"]) for r in rows])
+    n = len(dense_t)
     interval = None
-    if n >= 2:
-        _, lo, hi = speedup_interval(dense_t, sparse_t)
+    sparse_tps = summ["weighted_sparse_tokens_per_s"]
+    if n >= 2:  # the estimate from the same pairs as its interval, so it lies inside it
+        est, lo, hi = speedup_interval(dense_t, sparse_t)
         interval = (lo, hi)
+        sparse_tps = summ["weighted_dense_tokens_per_s"] * est
     # Output tokens at the decode throughputs the evaluation measured at the use case's lengths
     # (report["decode"]); for a plan that decodes sparsely, the sparse arm's side by side, with its
     # interval; for one without a decode section, the dense figure in both arms.
@@ -127,7 +129,7 @@ def roi_from_report(spec: Any, report: dict[str, Any], decode_tps: float | None)
     roi = roi_for_spec(
         spec,
         dense_tps=summ["weighted_dense_tokens_per_s"],
-        sparse_tps=summ["weighted_sparse_tokens_per_s"],
+        sparse_tps=sparse_tps,
         speedup_interval=interval,
         decode_tps=decode_tps,
         sparse_decode_tps=sparse_decode,

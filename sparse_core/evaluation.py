@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import platform
-import random
 import statistics
 import time
 from collections.abc import Sequence
@@ -39,6 +38,7 @@ from sparse_core.fidelity_bound import bound_fields
 from sparse_core.plan import SparsePlan, model_shape
 from sparse_core.probes import PROBE_KINDS, generate_probes, score_probes
 from sparse_core.progress import Progress, counter
+from sparse_core.speedup import pair_order, paired_speedup, weighted_pairs
 from sparse_core.task_bound import delta_bounds
 from sparse_core.tasks import TaskRow, read_dataset, score_dataset
 
@@ -121,9 +121,9 @@ class SpeedRow:
     weight: float
     dense_seconds: list[float]
     sparse_seconds: list[float]
-    speedup: float  # median dense / median sparse
-    speedup_min_based: float  # min dense / min sparse (least noisy on a shared machine)
-    speedup_interval: tuple[float, float]  # 90% bootstrap interval of the median ratio
+    speedup: float  # geometric mean of the pairs' dense / sparse ratios (sparse_core.speedup)
+    speedup_min_based: float  # min dense / min sparse
+    speedup_interval: tuple[float, float]  # 90% t interval over the pairs' log ratios
     dense_tokens_per_s: float
     sparse_tokens_per_s: float
     density: float | None
@@ -309,19 +309,6 @@ def fidelity_bounds(fid) -> dict[str, Any]:
     return {"confidence": CONFIDENCE, **bound_fields(fid, CONFIDENCE)} if fid.blocks else {}
 
 
-def _bootstrap_ratio(
-    dense: Sequence[float], sparse: Sequence[float], seed: int, n: int = 2000
-) -> tuple[float, float]:
-    rng = random.Random(seed)
-    vals = []
-    for _ in range(n):
-        d = statistics.median(rng.choices(dense, k=len(dense)))
-        s = statistics.median(rng.choices(sparse, k=len(sparse)))
-        vals.append(d / s)
-    vals.sort()
-    return vals[int(0.05 * (n - 1))], vals[int(0.95 * (n - 1))]
-
-
 def _time_prefill(model, ids: torch.Tensor) -> float:
     dev = ids.device
     if dev.type == "cuda":
@@ -362,8 +349,10 @@ def measure_speed(
     seed: int = 0,
     progress: Progress | None = None,
 ) -> tuple[list[SpeedRow], dict]:
-    """Prefill timings dense vs sparse, interleaved per repeat (so machine-load drift hits both),
-    after one untimed warm-up each. Torch's threads are chosen from the CPUs really free
+    """Prefill timings dense vs sparse, one back-to-back pair per repeat in alternating order (so the
+    host's drift hits both arms of a pair, and neither arm always runs second), after one untimed
+    warm-up each; each row's speed-up and interval, and the mix's, come from the pairs
+    (sparse_core.speedup). Torch's threads are chosen from the CPUs really free
     (sparse_core.host); a dense/sparse pair timed while the host was overloaded is timed again (at most
     `repeats` times per length), and the summary records the host's load and what was retimed."""
     from sparse_core.host import HostLoadMeter, apply_thread_policy
@@ -390,20 +379,26 @@ def measure_speed(
         d_times, s_times, est = [], [], []
         retries = 0
         while len(d_times) < repeats:
+            timed: dict[str, float] = {}
+            e = None
             with HostLoadMeter(threads=policy["threads"]) as meter:
-                d_time = _time_prefill(model, ids)
-                sparsify(model, plan)
-                try:
-                    _reset_stats(model)
-                    s_time = _time_prefill(model, ids)
-                    e = _estimator_seconds(model)
-                finally:
-                    unsparsify(model)
+                # alternating order: a warm-cache or load-ramp effect cancels over the pairs
+                for arm in pair_order(len(d_times)):
+                    if arm == "dense":
+                        timed[arm] = _time_prefill(model, ids)
+                        continue
+                    sparsify(model, plan)
+                    try:
+                        _reset_stats(model)
+                        timed[arm] = _time_prefill(model, ids)
+                        e = _estimator_seconds(model)
+                    finally:
+                        unsparsify(model)
             if meter.load.overloaded and retries < repeats:  # the host, not the model: time the pair again
                 retries += 1
                 continue
-            d_times.append(d_time)
-            s_times.append(s_time)
+            d_times.append(timed["dense"])
+            s_times.append(timed["sparse"])
             if e is not None:
                 est.append(e)
             loads.append(meter.load.to_dict())
@@ -412,7 +407,7 @@ def measure_speed(
                 progress("speed", done, total)
         retimed += retries
         dm, sm = statistics.median(d_times), statistics.median(s_times)
-        lo, hi = _bootstrap_ratio(d_times, s_times, seed)
+        paired = paired_speedup(d_times, s_times)
         _, dens = selection_density(model, plan, [win])
         rows.append(
             SpeedRow(
@@ -420,9 +415,9 @@ def measure_speed(
                 weight=w / total_w,
                 dense_seconds=d_times,
                 sparse_seconds=s_times,
-                speedup=dm / sm,
+                speedup=paired.estimate,
                 speedup_min_based=min(d_times) / min(s_times),
-                speedup_interval=(lo, hi),
+                speedup_interval=paired.interval,
                 dense_tokens_per_s=len(win) / dm,
                 sparse_tokens_per_s=len(win) / sm,
                 density=dens,
@@ -431,8 +426,14 @@ def measure_speed(
         )
     dense_t = sum(r.weight * statistics.median(r.dense_seconds) for r in rows)
     sparse_t = sum(r.weight * statistics.median(r.sparse_seconds) for r in rows)
+    # the mix's speed-up from its pairs: round i's weighted dense and sparse totals (sparse_core.speedup)
+    mix = paired_speedup(*weighted_pairs([(r.weight, r.dense_seconds, r.sparse_seconds) for r in rows]))
     summary = {
-        "weighted_speedup": dense_t / sparse_t if sparse_t > 0 else None,
+        "weighted_speedup": mix.estimate,
+        "weighted_speedup_low": mix.low,
+        "weighted_speedup_high": mix.high,
+        "speedup_confidence": mix.confidence,
+        "speedup_pairs": mix.pairs,
         "weighted_dense_seconds": dense_t,
         "weighted_sparse_seconds": sparse_t,
         "weighted_dense_tokens_per_s": sum(r.weight * r.dense_tokens_per_s for r in rows),
@@ -495,7 +496,6 @@ def measure_decode_speed(
                 ids,
                 new_tokens=suite.decode_new_tokens,
                 repeats=suite.decode_repeats,
-                seed=suite.seed,
                 dense_cache=kind,
                 sparse_cache=kind,
             ).to_dict()
@@ -504,7 +504,8 @@ def measure_decode_speed(
         if progress:
             progress("decode speed", i, len(lengths))
     dense_s = sum(r["weight"] * r["dense_ms_per_token"] for r in rows) / 1000
-    sparse_s = sum(r["weight"] * r["sparse_ms_per_token"] for r in rows) / 1000
+    # each row's sparse time from its paired speed-up, so the estimate lies inside its interval
+    sparse_s = sum(r["weight"] * r["dense_ms_per_token"] / r["speedup"] for r in rows) / 1000
     at_lo = sum(r["weight"] * r["dense_ms_per_token"] / r["speedup_interval"][0] for r in rows) / 1000
     at_hi = sum(r["weight"] * r["dense_ms_per_token"] / r["speedup_interval"][1] for r in rows) / 1000
     summary = {

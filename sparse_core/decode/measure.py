@@ -5,7 +5,10 @@ sparse), top-1 agreement with the dense greedy token, relative NLL of the dense 
 free-running sparse greedy continuation gives the share of generated tokens that match dense.
 
 The prompt is prefilled once, densely; after each run the cache is cropped back to the prompt, so the
-arms alternate on the same cache (load drift on a shared machine hits both). Each arm can run on
+arms alternate on the same cache (load drift on a shared machine hits both), in alternating order
+(dense first on even repeats). A repeat's dense run and sparse run are one pair: the speed-up and its
+interval come from the runs' mean step times (`sparse_core.speedup`), never from the steps as if they
+were independent, since a run's steps share whatever the host did during it. Each arm can run on
 transformers' `DynamicCache` ("dynamic", what `generate` uses by default) or on a copy of it in
 `PagedCache` ("paged": appends without re-copying the cache). The first step of a run is not timed
 in either arm (the sparse arm builds its page summaries there).
@@ -19,7 +22,6 @@ cache length that keeps it dense."""
 
 from __future__ import annotations
 
-import random
 import statistics
 import time
 from collections.abc import Callable
@@ -30,6 +32,7 @@ import torch
 
 from sparse_core.fidelity import Fidelity, block_sums
 from sparse_core.plan import SparsePlan
+from sparse_core.speedup import pair_order, paired_speedup
 
 Progress = Callable[[str, int, int], None]
 
@@ -52,8 +55,8 @@ class DecodeComparison:
     sparse_ms_per_token: float
     dense_tokens_per_s: float
     sparse_tokens_per_s: float
-    speedup: float  # median dense step / median sparse step
-    speedup_interval: tuple[float, float]  # 90% bootstrap interval over timed steps
+    speedup: float  # geometric mean of the runs' dense / sparse mean-step ratios (sparse_core.speedup)
+    speedup_interval: tuple[float, float]  # 90% t interval over the runs' log ratios (a run is the unit)
     density: float  # share of cached tokens the sparse steps read (all layers)
     estimator_share: float  # scoring + selection time per step / dense step time
     kl: float
@@ -134,16 +137,6 @@ def fidelity_blocks(
     return block_sums(kl, agree, nll_s - nll_d, nll_d, size=size)
 
 
-def _bootstrap(dense: list[float], sparse: list[float], seed: int, n: int = 1000) -> tuple[float, float]:
-    rng = random.Random(seed)
-    vals = sorted(
-        statistics.median(rng.choices(dense, k=len(dense)))
-        / statistics.median(rng.choices(sparse, k=len(sparse)))
-        for _ in range(n)
-    )
-    return vals[int(0.05 * (n - 1))], vals[int(0.95 * (n - 1))]
-
-
 def compare_decode(
     model,
     plan: SparsePlan,
@@ -155,7 +148,6 @@ def compare_decode(
     kernel: str = "auto",
     dense_cache: str = "dynamic",
     sparse_cache: str = "dynamic",
-    seed: int = 0,
     progress: Progress | None = None,
 ) -> DecodeComparison:
     """Dense vs `plan`'s sparse decode after the prompt `ids` [1, S]; the model is left dense."""
@@ -194,29 +186,31 @@ def compare_decode(
     dense_run = sparse_run = None
     total = repeats * 2 + (1 if free_running else 0)
     done = 0
-    for _ in range(repeats):
-        dense_run = run_decode(model, d_cache, first, new_tokens)
-        d_steps += dense_run.step_seconds[1:]
-        d_rep.append(statistics.fmean(dense_run.step_seconds[1:]))
-        done += 1
-        if progress:
-            progress("decode", done, total)
-        sparsify(model, plan, kernel=kernel)
-        try:
-            st = decode_stats(model)
-            st.reset()
-            forced = dense_run.predicted
-            sparse_run = run_decode(model, s_cache, first, new_tokens, forced=forced)
-            est += st.estimator_seconds
-            kept += st.kept_tokens
-            cached += st.cached_tokens
-        finally:
-            unsparsify(model)
-        s_steps += sparse_run.step_seconds[1:]
-        s_rep.append(statistics.fmean(sparse_run.step_seconds[1:]))
-        done += 1
-        if progress:
-            progress("decode", done, total)
+    for rep in range(repeats):
+        # alternating order (sparse_core.speedup.pair_order); the sparse run is fed the dense greedy
+        # tokens, so the first pair times dense first and later ones reuse its (deterministic) tokens
+        for arm in pair_order(rep):
+            if arm == "dense":
+                dense_run = run_decode(model, d_cache, first, new_tokens)
+                d_steps += dense_run.step_seconds[1:]
+                d_rep.append(statistics.fmean(dense_run.step_seconds[1:]))
+            else:
+                assert dense_run is not None
+                sparsify(model, plan, kernel=kernel)
+                try:
+                    st = decode_stats(model)
+                    st.reset()
+                    sparse_run = run_decode(model, s_cache, first, new_tokens, forced=dense_run.predicted)
+                    est += st.estimator_seconds
+                    kept += st.kept_tokens
+                    cached += st.cached_tokens
+                finally:
+                    unsparsify(model)
+                s_steps += sparse_run.step_seconds[1:]
+                s_rep.append(statistics.fmean(sparse_run.step_seconds[1:]))
+            done += 1
+            if progress:
+                progress("decode", done, total)
     assert dense_run is not None and sparse_run is not None
     kl, agree, nll_delta = fidelity(dense_run, sparse_run)
     match = first_div = None
@@ -232,12 +226,13 @@ def compare_decode(
         if progress:
             progress("decode", total, total)
     dm, sm = statistics.median(d_steps), statistics.median(s_steps)
-    lo, hi = _bootstrap(d_steps, s_steps, seed)
+    # a run is the unit: its steps share the run's load (sparse_core.speedup), so the pairs are runs
+    paired = paired_speedup(d_rep, s_rep)
     steps = repeats * new_tokens
     return DecodeComparison(
         **_timings(ids, new_tokens, repeats, (d_rep, s_rep), (dm, sm)),
-        speedup=dm / sm,
-        speedup_interval=(lo, hi),
+        speedup=paired.estimate,
+        speedup_interval=paired.interval,
         density=kept / cached if cached else 1.0,
         estimator_share=(est / steps) / dm,
         kl=kl,

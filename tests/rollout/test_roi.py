@@ -193,15 +193,21 @@ def test_roi_for_spec_uses_the_traffic_mix() -> None:
 
 
 def test_speedup_interval_from_timings() -> None:
-    est, lo, hi = speedup_interval([1.0, 1.1, 0.9], [0.5, 0.55, 0.45])
-    assert est == pytest.approx(2.0)
-    assert lo < 2.0 < hi
-    # same relative spread in both arms: se = sqrt(2 * 0.01/3) on the log scale, dof 4, t = 2.776
-    se = math.sqrt(2 * (0.01 / 3))
-    assert lo == pytest.approx(2.0 * math.exp(-2.776445 * se), rel=1e-5)
-    assert speedup_interval([1, 1], [0.5, 0.5]) == (2.0, 2.0, 2.0)
+    # the host slowed both arms of the second pair alike and sped up the third: pairs cancel it exactly
+    assert speedup_interval([1.0, 1.1, 0.9], [0.5, 0.55, 0.45]) == pytest.approx((2.0, 2.0, 2.0))
+    # the pairs' ratios 2.0, 2.2, 1.8: t over their logs, 2 dof, t(0.975, 2) = 4.302653
+    est, lo, hi = speedup_interval([2.0, 2.2, 1.8], [1.0, 1.0, 1.0])
+    r = [math.log(2.0), math.log(2.2), math.log(1.8)]
+    mean = sum(r) / 3
+    sd = math.sqrt(sum((x - mean) ** 2 for x in r) / 2)
+    assert est == pytest.approx(math.exp(mean))
+    assert lo == pytest.approx(math.exp(mean - 4.302653 * sd / math.sqrt(3)), rel=1e-6)
+    assert hi == pytest.approx(math.exp(mean + 4.302653 * sd / math.sqrt(3)), rel=1e-6)
+    assert lo < est < hi
     with pytest.raises(ValueError):
         speedup_interval([1.0], [0.5, 0.6])
+    with pytest.raises(ValueError, match="as many dense as sparse"):
+        speedup_interval([1.0, 1.1, 1.2], [0.5, 0.6])
 
 
 def test_pilot_skip_reason_says_why_a_pilot_would_be_wasted() -> None:
