@@ -80,7 +80,7 @@ class EvalSuite:
     max_speed_buckets: int = 3
     # decode (only for plans with a decode section): tokens generated per run, 0 = off
     decode_new_tokens: int = 32
-    decode_repeats: int = 2
+    decode_repeats: int = 4  # runs per arm: a run is the unit of the decode speed-up's interval
     # pictures
     pictures_dir: str | Path | None = None
     picture_layer: int | None = None  # default: the middle layer
