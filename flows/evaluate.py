@@ -97,28 +97,39 @@ def run_evaluation(
     return {"report": report.to_dict(), "metrics": report.metrics(), "decode_tps": decode_tps}
 
 
-def roi_from_report(spec: Any, report: dict[str, Any], decode_tps: float | None) -> dict[str, Any]:
-    """ROI at the use case's traffic, from the measured weighted throughputs; the speed-up and its
-    interval come from the paired timings (rollout.roi.speedup_interval on the rounds' weighted totals).
-    Output tokens are priced at the sparse decode throughput when the plan decodes sparsely."""
-    from rollout.roi import decode_outcome, roi_for_spec, speedup_interval
+def _rounds(
+    rows: list[dict[str, Any]], dense: str, sparse: str
+) -> tuple[int, tuple[float, float, float] | None]:
+    """A length mix's rounds as pairs (round i's weighted dense and sparse totals) and the ROI's
+    (estimate, low, high) over them (rollout.roi.speedup_interval); None below 2 rounds."""
+    from rollout.roi import speedup_interval
     from sparse_core.speedup import weighted_pairs
+
+    d, s = weighted_pairs([(r["weight"], r[dense], r[sparse]) for r in rows])
+    return len(d), speedup_interval(d, s) if len(d) >= 2 else None
+
+
+def roi_from_report(spec: Any, report: dict[str, Any], decode_tps: float | None) -> dict[str, Any]:
+    """ROI at the use case's traffic, from the measured weighted throughputs. The prefill speed-up and
+    the sparse decode throughput, with their intervals, come from the paired rounds (prefills back to
+    back; decode runs), at the ROI's confidence; the estimate from the same pairs, so it lies inside.
+    Output tokens are priced at the sparse decode throughput when the plan decodes sparsely."""
+    from rollout.roi import decode_outcome, roi_for_spec
 
     rows = report.get("speed") or []
     summ = report.get("speed_summary") or {}
     if not rows or not summ.get("weighted_dense_tokens_per_s"):
         raise EvaluationFailed("the evaluation measured no speed; ROI needs prefill timings")
-    dense_t, sparse_t = weighted_pairs([(r["weight"], r["dense_seconds"], r["sparse_seconds"]) for r in rows])
-    n = len(dense_t)
+    n, paired = _rounds(rows, "dense_seconds", "sparse_seconds")
     interval = None
     sparse_tps = summ["weighted_sparse_tokens_per_s"]
-    if n >= 2:  # the estimate from the same pairs as its interval, so it lies inside it
-        est, lo, hi = speedup_interval(dense_t, sparse_t)
+    if paired:
+        est, lo, hi = paired
         interval = (lo, hi)
         sparse_tps = summ["weighted_dense_tokens_per_s"] * est
     # Output tokens at the decode throughputs the evaluation measured at the use case's lengths
     # (report["decode"]); for a plan that decodes sparsely, the sparse arm's side by side, with its
-    # interval; for one without a decode section, the dense figure in both arms.
+    # interval over the runs; for one without a decode section, the dense figure in both arms.
     dec = (report.get("decode") or {}).get("summary")
     sparse_decode = decode_interval = None
     if dec:
@@ -126,6 +137,10 @@ def roi_from_report(spec: Any, report: dict[str, Any], decode_tps: float | None)
     if dec and dec.get("sparse_decode", True):
         sparse_decode = dec["weighted_sparse_tokens_per_s"]
         decode_interval = (dec["weighted_sparse_tokens_per_s_low"], dec["weighted_sparse_tokens_per_s_high"])
+        _, runs = _rounds(report["decode"]["rows"], "dense_seconds_per_token", "sparse_seconds_per_token")
+        if runs and decode_tps:
+            sparse_decode = decode_tps * runs[0]
+            decode_interval = (decode_tps * runs[1], decode_tps * runs[2])
     roi = roi_for_spec(
         spec,
         dense_tps=summ["weighted_dense_tokens_per_s"],
@@ -136,7 +151,7 @@ def roi_from_report(spec: Any, report: dict[str, Any], decode_tps: float | None)
         sparse_decode_interval=decode_interval,
     )
     out = roi.to_dict()
-    out["speedup_interval_from"] = f"{n} repeated weighted timings" if interval else "point estimate only"
+    out["speedup_interval_from"] = f"{n} paired rounds" if interval else "point estimate only"
     out["timing_host"] = summ.get("host")  # threads, the host's load, pairs retimed for overload
     sparse = bool(dec) and dec.get("sparse_decode", True)
     out["decode_from"] = "sparse decode measured side by side" if sparse else "dense decode in both arms"

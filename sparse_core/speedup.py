@@ -107,7 +107,7 @@ def weighted_pairs(
     rows (weight, dense timings, sparse timings) of a length mix: what one request of the mix costs in
     each arm. Each total is made of back-to-back pairs, one per length, so the totals are pairs too,
     independent across i. Uses the pairs every row has."""
-    n = min(len(d) for _, d, _ in rows)
+    n = min((len(d) for _, d, _ in rows), default=0)
     dense = [sum(w * d[i] for w, d, _ in rows) for i in range(n)]
     sparse = [sum(w * s[i] for w, _, s in rows) for i in range(n)]
     return dense, sparse

@@ -278,6 +278,19 @@ def test_evaluation_roi_prices_output_tokens_at_the_measured_sparse_decode() -> 
     assert r["decode_from"] == "sparse decode measured side by side"
     assert r["decode"]["status"] == "measured" and r["decode"]["speedup"] == pytest.approx(1.3)
     assert flat["decode"]["status"] == "dense"
+    # with the runs' timings, the ROI's sparse decode figure and interval come from them, paired: here
+    # the host slowed both runs of a repeat alike and every run pair says 1.25x
+    report["decode"]["rows"] = [
+        {
+            "weight": 1.0,
+            "dense_seconds_per_token": [0.050, 0.060, 0.050, 0.045],
+            "sparse_seconds_per_token": [0.040, 0.048, 0.040, 0.036],
+        }
+    ]
+    runs = roi_from_report(spec, report, decode_tps=99.0)
+    assert runs["inputs"]["sparse_decode_tps"] == pytest.approx(25.0)
+    assert runs["inputs"]["sparse_decode_tps_low"] == pytest.approx(25.0)
+    assert runs["inputs"]["sparse_decode_tps_high"] == pytest.approx(25.0)
     # a plan without a decode section: the evaluation's dense decode timing prices both arms' output
     report["decode"] = {
         "rows": [],
