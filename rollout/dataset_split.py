@@ -6,9 +6,10 @@ judges the plan on text it was fitted to. Until the twenty-sixth session the eva
 first rows of the dataset file, and until the twenty-seventh a pilot on dataset traffic replayed every
 row, both reading rows calibration had read as well. Now a fixed share of the rows, those whose ids hash
 lowest, is kept apart: the calibrate flow never reads them; the evaluate flow scores only them and a
-pilot on dataset traffic draws only them (rollout.traffic). The sides depend on the ids, not on the rows'
-order in the file; a new dataset version is calibrated and evaluated anew, on its own split. Pure
-functions; the flows call them.
+pilot on dataset traffic draws only them (rollout.traffic), each prompt once. The sides depend on the
+ids, not on the rows' order in the file (of two held-apart rows with one prompt, the first in the file is
+judged); a new dataset version is calibrated and evaluated anew, on its own split. Pure functions; the
+flows call them.
 """
 
 from __future__ import annotations
@@ -41,13 +42,25 @@ def held_apart_count(n_rows: int, share: float = EVALUATION_SHARE) -> int:
 
 def split_rows(rows: Sequence[Row], share: float = EVALUATION_SHARE) -> tuple[list[Row], list[Row]]:
     """(calibration rows, held-apart rows), each in the rows' own order: the `held_apart_count` rows
-    whose ids hash lowest are kept apart. With three rows or more neither side is empty; with fewer,
-    every row calibrates and none is left to judge on. Ids are unique (the dataset validator refuses
-    duplicates)."""
+    whose ids hash lowest are kept apart, less any whose prompt calibration reads or an earlier held-apart
+    row has (`rollout.traffic.prompt_key`: a repeated prompt is judged once, and never on text the plan
+    was fitted to; the dataset validator warns about repeats). With three rows or more calibration is
+    never empty and, without repeated prompts, neither side is; with fewer, every row calibrates and
+    none is left to judge on. Ids are unique (the dataset validator refuses duplicates)."""
+    from rollout.traffic.base import prompt_key
+
     n_held = held_apart_count(len(rows), share)
     ranked = sorted(range(len(rows)), key=lambda i: row_hash(rows[i]["id"]))
     held = set(ranked[:n_held])
-    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+    calibration = [r for i, r in enumerate(rows) if i not in held]
+    seen = {prompt_key(str(r["prompt"])) for r in calibration}
+    judged = []
+    for i, r in enumerate(rows):
+        key = prompt_key(str(r["prompt"])) if i in held else None
+        if key is not None and key not in seen:
+            judged.append(r)
+            seen.add(key)
+    return calibration, judged
 
 
 __all__ = ["EVALUATION_SHARE", "MIN_CALIBRATION_ROWS", "held_apart_count", "row_hash", "split_rows"]

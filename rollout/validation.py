@@ -399,8 +399,19 @@ def validate_dataset(
             else:  # pragma: no cover - every expectation above is mapped
                 result.failures.append(Failure(str(column), f"failed {cfg.type}", lines, ids, cfg.type))
 
+    repeats = repeated_prompts(rows.line, rows.prompt)
+    if repeats:
+        shown = ", ".join(f"line {ln} repeats line {first}" for ln, first in repeats[:5])
+        more = f" and {len(repeats) - 5} more" if len(repeats) > 5 else ""
+        result.warnings.append(
+            f"prompt: {len(repeats)} row(s) repeat an earlier row's prompt ({shown}{more}): the evaluation "
+            "and the pilot judge each prompt once (a repeat adds a copy of the same answers, not evidence), "
+            "so fewer rows are kept apart for them"
+        )
+
     result.stats = {
         "rows": len(df),
+        "distinct_prompts": len(df) - len(repeats),
         "prompt_tokens_min": int(min(tokens)) if tokens else 0,
         "prompt_tokens_max": int(max(tokens)) if tokens else 0,
         "prompt_tokens_mean": float(sum(tokens) / len(tokens)) if tokens else 0.0,
@@ -410,6 +421,22 @@ def validate_dataset(
         "with_reference": int(sum(r is not None for r in rows.reference)),
     }
     return result
+
+
+def repeated_prompts(lines: list[int], prompts: list[str]) -> list[tuple[int, int]]:
+    """(line, line of the prompt's first row) for every row whose prompt an earlier row has, by
+    `rollout.traffic.prompt_key` (the same text up to whitespace and Unicode normalisation)."""
+    from rollout.traffic.base import prompt_key
+
+    first: dict[bytes, int] = {}
+    out = []
+    for line, prompt in zip(lines, prompts, strict=True):
+        key = prompt_key(prompt)
+        if key in first:
+            out.append((line, first[key]))
+        else:
+            first[key] = line
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------

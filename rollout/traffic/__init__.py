@@ -1,9 +1,10 @@
 """Where a pilot's requests come from. One module per source (like metric providers in progressive-delivery
 tools): `dataset` (the use case's validated dataset, finite) and `request_log` (captured production
-prompts, streamed). Every source hands out each request id at most once per pilot and never invents ids:
-a pilot can never know more than its distinct requests tell it (docs/flows.md, "Traffic")."""
+prompts, streamed). Every source hands out each request id at most once per pilot, never invents ids and
+never hands out a prompt twice (`prompt_key`): a pilot can never know more than its distinct requests tell
+it (docs/flows.md, "Traffic")."""
 
-from rollout.traffic.base import Request, TrafficError, TrafficSource, exhaustion_note, source_for
+from rollout.traffic.base import Request, TrafficError, TrafficSource, exhaustion_note, prompt_key, source_for
 from rollout.traffic.dataset import DatasetSource
 from rollout.traffic.request_log import RequestLogSource
 
@@ -14,5 +15,6 @@ __all__ = [
     "TrafficError",
     "TrafficSource",
     "exhaustion_note",
+    "prompt_key",
     "source_for",
 ]

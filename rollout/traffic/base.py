@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import unicodedata
 from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +14,16 @@ from sparse_core.errors import SparsePilotError
 
 class TrafficError(SparsePilotError, ValueError):
     """A traffic source that cannot be read: the message names the file, line and field."""
+
+
+def prompt_key(prompt: str) -> bytes:
+    """What makes two prompts one for evidence: the same text after Unicode NFC normalisation, with every
+    run of whitespace one space and the ends stripped (a client's retry, a copy with a trailing newline).
+    Greedy decoding answers one prompt the same way every time, in both arms, so a repeated prompt adds
+    a copy of its paired difference, not evidence (docs/flows.md, "Traffic"). A 16-byte digest, so the
+    keys of a long log stay small."""
+    text = " ".join(unicodedata.normalize("NFC", prompt).split())
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
 
 
 @dataclass(frozen=True)
@@ -44,7 +56,8 @@ def source_for(
     """The pilot's source from the spec's `rollout.traffic_source` (default: the dataset). `rows` are the
     use case's dataset rows, all of them: the pilot is judged only on prompts calibration never read
     (rollout.dataset_split), so the dataset source draws the rows kept apart from calibration and a
-    request log skips any request whose prompt is one calibration read."""
+    request log skips any request whose prompt is one calibration read. Neither hands out a prompt twice
+    (`prompt_key`)."""
     from rollout.dataset_split import split_rows
     from rollout.traffic.dataset import DatasetSource
     from rollout.traffic.request_log import RequestLogSource
@@ -59,10 +72,11 @@ def source_for(
     return RequestLogSource(path, exclude_prompts=[str(r["prompt"]) for r in calibration])
 
 
-# What a source hands out, for the exhaustion note: never a prompt calibration read (source_for).
+# What a source hands out, for the exhaustion note: never a prompt calibration read (source_for), never
+# a prompt twice.
 _SOURCE_TEXT = {
     "dataset": "the dataset's rows kept apart from calibration",
-    "request-log": "the request log (less the prompts calibration read)",
+    "request-log": "the request log (less repeated prompts and the prompts calibration read)",
 }
 
 

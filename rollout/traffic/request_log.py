@@ -2,7 +2,10 @@
 `request_id`), `prompt` and optionally `reference`, streamed row by row (never loaded whole), in file order
 (the order the requests arrived). Bad rows stop the read with the file, line and field named. A request
 whose prompt is one of `exclude_prompts` (the prompts calibration read, rollout.traffic.source_for) is
-passed over: the plan was fitted to it, so its answer is no evidence of how the plan does on new traffic."""
+passed over: the plan was fitted to it, so its answer is no evidence of how the plan does on new traffic.
+So is a request whose prompt an earlier line of the log already had (`prompt_key`: the same text up to
+whitespace and Unicode normalisation): production logs repeat popular prompts, and each repeat would add
+a copy of the same paired difference to the gate's stream, not evidence."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import json
 from collections.abc import Iterable, Iterator, Set
 from pathlib import Path
 
-from rollout.traffic.base import Request, TrafficError
+from rollout.traffic.base import Request, TrafficError, prompt_key
 
 MAX_FIELD = 1_000_000  # characters in one prompt / reference (a CSV field stops at csv's 128 KiB limit:
 # that limit is process-wide and guards the observation import too, so long prompts belong in JSONL)
@@ -22,7 +25,7 @@ class RequestLogSource:
 
     def __init__(self, path: Path | str, exclude_prompts: Iterable[str] = ()) -> None:
         self.path = Path(path)
-        self._excluded = frozenset(exclude_prompts)
+        self._excluded = frozenset(prompt_key(p) for p in exclude_prompts)
         if not self.path.is_file():
             raise TrafficError(f"{self.path}: request log not found")
         suffix = self.path.suffix.lower()
@@ -56,8 +59,16 @@ class RequestLogSource:
         return sum(1 for _ in self._usable(used))
 
     def _usable(self, used: Set[str]) -> Iterator[Request]:
-        """The log's requests not used yet and not read by calibration, in file order."""
-        return (r for r in self.requests() if r.id not in used and r.prompt not in self._excluded)
+        """The log's requests not used yet, in file order: each prompt's first line only, and none that
+        calibration read."""
+        seen = set(self._excluded)
+        for r in self.requests():
+            key = prompt_key(r.prompt)
+            if key in seen:
+                continue
+            seen.add(key)
+            if r.id not in used:
+                yield r
 
     def _records(self) -> Iterator[tuple[int, dict]]:
         with self.path.open(encoding="utf-8-sig", newline="") as fh:

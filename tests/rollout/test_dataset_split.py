@@ -47,3 +47,18 @@ def test_the_samples_evaluate_on_rows_with_references():
         rows = [json.loads(line) for line in (SAMPLES / f"{name}.jsonl").read_text().splitlines() if line]
         cal, held = split_rows(rows)
         assert len(held) == round(EVALUATION_SHARE * len(rows)) and all(r.get("reference") for r in held)
+
+
+def test_a_repeated_prompt_is_judged_once_and_never_when_calibration_reads_it():
+    rows = _rows(40)
+    cal, held = split_rows(rows)
+    # copies of a calibration prompt and of a held-apart prompt, under new ids that land apart
+    extra = [
+        {"id": f"copy-{i}", "prompt": p} for i, p in enumerate([cal[0]["prompt"], held[0]["prompt"]] * 40)
+    ]
+    cal2, held2 = split_rows(rows + extra)
+    judged = [r["prompt"] for r in held2]
+    assert len(judged) == len(set(judged))  # each prompt once
+    assert not set(judged) & {r["prompt"] for r in cal2}  # never one calibration reads
+    dropped = [r for r in extra if r not in cal2 and r not in held2]
+    assert dropped and all(r["prompt"] in {cal[0]["prompt"], held[0]["prompt"]} for r in dropped)

@@ -11,10 +11,11 @@ import pytest
 from rollout.traffic import RequestLogSource, TrafficError, exhaustion_note
 
 
-def _log(path: Path, n: int, *, start: int = 0) -> Path:
+def _log(path: Path, n: int, *, start: int = 0, words: int = 20) -> Path:
     with path.open("w") as fh:
         for i in range(start, start + n):
-            fh.write(json.dumps({"id": f"req-{i}", "prompt": f"question {i} " * 20, "reference": "x"}) + "\n")
+            row = {"id": f"req-{i}", "prompt": f"question {i} " * words, "reference": "x"}
+            fh.write(json.dumps(row) + "\n")
     return path
 
 
@@ -30,8 +31,8 @@ def test_request_log_hands_each_request_out_once_in_file_order(tmp_path: Path) -
 
 
 def test_request_log_of_100k_rows_streams_in_bounded_memory(tmp_path: Path) -> None:
-    path = _log(tmp_path / "big.jsonl", 100_000)
-    assert path.stat().st_size > 20_000_000
+    path = _log(tmp_path / "big.jsonl", 100_000, words=40)
+    assert path.stat().st_size > 50_000_000
     src = RequestLogSource(path)
     tracemalloc.start()
     try:
@@ -41,8 +42,32 @@ def test_request_log_of_100k_rows_streams_in_bounded_memory(tmp_path: Path) -> N
     finally:
         tracemalloc.stop()
     assert [r.id for r in batch][:2] == ["req-99000", "req-99001"] and left == 100_000 - 50
-    # the 99k used ids are the caller's; what the source holds is one row plus the set of ids it has seen
-    assert peak < 25_000_000, peak
+    # the 99k used ids are the caller's; what the source holds is one row, the set of ids it has seen
+    # and a 16-byte key per distinct prompt (rollout.traffic.prompt_key): well under the file
+    assert peak < 35_000_000, peak
+
+
+def test_a_request_log_hands_out_each_prompt_once(tmp_path: Path) -> None:
+    """Production logs repeat popular prompts; greedy answers repeat with them, so only a prompt's first
+    line is evidence: later copies (up to whitespace and Unicode normalisation) are passed over."""
+    prompts = [
+        "reset password",
+        "invoice?",
+        "reset  password\n",
+        "caf\u00e9",
+        "cafe\u0301",
+        "invoice?",
+        "new",
+    ]
+    path = tmp_path / "log.jsonl"
+    path.write_text("".join(json.dumps({"id": f"r{i}", "prompt": p}) + "\n" for i, p in enumerate(prompts)))
+    src = RequestLogSource(path)
+    assert [r.id for r in src.take(10, set())] == ["r0", "r1", "r3", "r6"]
+    assert src.remaining(set()) == 4 and src.remaining({"r0", "r1"}) == 2
+    assert [r.id for r in src.take(10, {"r0"})] == ["r1", "r3", "r6"]  # a used prompt's copies stay out
+    # calibration's prompts are matched the same way
+    src = RequestLogSource(path, exclude_prompts=["reset password ", "new"])
+    assert [r.id for r in src.take(10, set())] == ["r1", "r3"]
 
 
 def test_request_log_csv_with_excel_bom(tmp_path: Path) -> None:

@@ -168,6 +168,23 @@ def test_references_optional_when_the_task_does_not_need_them(tmp_path: Path) ->
     assert [f.rows for f in res.failures] == [(1, 2)]
 
 
+def test_repeated_prompts_are_a_warning_naming_the_lines(tmp_path: Path) -> None:
+    rows = [
+        {"id": "a", "prompt": "How do I reset my password?"},
+        {"id": "b", "prompt": "Where is the invoice?"},
+        {"id": "c", "prompt": "How do I reset  my password?\n"},  # the same prompt up to whitespace
+        {"id": "d", "prompt": "Where is the invoice?"},
+        {"id": "e", "prompt": "how do I reset my password?"},  # another prompt: case is text
+    ]
+    res = validate_dataset(_write(tmp_path / "d.jsonl", rows), references_required=False, context_length=100)
+    assert res.ok and res.stats["rows"] == 5 and res.stats["distinct_prompts"] == 3
+    (warning,) = [w for w in res.warnings if w.startswith("prompt:")]
+    assert warning.startswith(
+        "prompt: 2 row(s) repeat an earlier row's prompt (line 3 repeats line 1, line 4 "
+    )
+    assert "judge each prompt once" in warning
+
+
 def test_empty_and_missing_files(tmp_path: Path) -> None:
     (tmp_path / "empty.jsonl").write_text("\n\n")
     assert validate_dataset(tmp_path / "empty.jsonl").messages() == [
