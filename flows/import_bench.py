@@ -16,13 +16,16 @@ from typing import Any
 DATASET_ROWS = 200
 
 
-def _write_observations(path: Path, rows: int, ids: list[str]) -> None:
-    """rows/2 requests in both arms (a shadow step): the dataset's ids, replayed as <id>~r<n>."""
+def _request_ids(rows: int) -> list[str]:
+    """rows/2 distinct requests: what a pilot's traffic source would hand out for such an import (a request
+    is evidence once, so a large import is many distinct requests, never one request replayed)."""
+    return [f"req-{i}" for i in range(rows // 2)]
+
+
+def _write_observations(path: Path, ids: list[str]) -> None:
+    """Every request in both arms (a shadow step)."""
     with path.open("w") as f:
-        for i in range(rows // 2):
-            base = ids[i % len(ids)]
-            rnd = i // len(ids) + 1
-            rid = base if rnd == 1 else f"{base}~r{rnd}"
+        for i, rid in enumerate(ids):
             q = 0.5 + (i % 97) / 400
             f.write(
                 f'{{"request_id": "{rid}", "arm": "control", "quality": {q:.4f}, '
@@ -32,8 +35,8 @@ def _write_observations(path: Path, rows: int, ids: list[str]) -> None:
             )
 
 
-def _setup(home: Path) -> tuple[str, list[str]]:
-    """A use case with a challenger and a calibration run in a fresh home; returns (name, dataset ids)."""
+def _setup(home: Path) -> str:
+    """A use case with a challenger and a calibration run in a fresh home; returns its name."""
     import yaml
 
     from rollout import runs
@@ -67,7 +70,7 @@ def _setup(home: Path) -> tuple[str, list[str]]:
     (home / "spec.yaml").write_text(yaml.safe_dump(spec))
     add_usecase(home / "spec.yaml", actor="bench")
     runs.record_unregistered_challenger("bench-import", str(model), key="bench")
-    return "bench-import", ids
+    return "bench-import"
 
 
 def _one(rows: int, chunk_rows: int, out: Any) -> None:
@@ -75,15 +78,16 @@ def _one(rows: int, chunk_rows: int, out: Any) -> None:
     from sparse_core.host import HostLoadMeter
 
     home = Path(tempfile.mkdtemp(prefix="sparsepilot-bench-import-"))
-    name, ids = _setup(home)
+    name = _setup(home)
+    ids = _request_ids(rows)
     path = home / "observations.jsonl"
     t = time.perf_counter()
-    _write_observations(path, rows, ids)
+    _write_observations(path, ids)
     write_s = time.perf_counter() - t
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t = time.perf_counter()
     with HostLoadMeter(threads=1) as meter:  # the import is one thread of this process
-        done = import_file(name, str(path), ids, chunk_rows=chunk_rows)
+        done = import_file(name, str(path), set(ids), chunk_rows=chunk_rows)
     seconds = time.perf_counter() - t
     out.put(
         {

@@ -65,9 +65,14 @@ def abort(use_case: str, actor: str, reason: str) -> dict[str, Any]:
 def import_observations(use_case: str, path: str, *, external_assignment: bool = False) -> dict[str, Any]:
     """`sparsepilot pilot NAME --observations FILE`: a database import (no model work), so the CLI runs
     it directly rather than as a flow run; `pilot_flow(observations_file=...)` calls it too."""
+    from rollout.traffic import importable
+
     ctx = load_context(use_case)
-    known = sorted({r["id"] for r in ctx.rows})
-    done = pilot_batches.import_file(use_case, path, known, external_assignment=external_assignment)
+    # the requests the pilot's own traffic would be: never one calibration read, nor a prompt twice
+    known, refused = importable(ctx.traffic("import"), ctx.rows)
+    done = pilot_batches.import_file(
+        use_case, path, known, refused_ids=refused, external_assignment=external_assignment
+    )
     info = done["info"]
     log_batch.fn(ctx, info, done["rows"], done["stored"], done["source"])
     return {

@@ -9,7 +9,7 @@ import csv
 import json
 import math
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +175,7 @@ def validate_observation_rows(
     require_both_arms: bool,
     source: str = "observation batch",
     first_row: int = 1,
+    refused_request_ids: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Run the GX observation suite; a JSON-ready summary with `passed` and readable `failures`."""
     import pandas as pd
@@ -183,6 +184,11 @@ def validate_observation_rows(
 
     df = pd.DataFrame(rows, columns=list(REQUIRED + OPTIONAL))
     result = validate_observations(
-        df, known_request_ids, require_both_arms=require_both_arms, source=source, first_row=first_row
+        df,
+        known_request_ids,
+        require_both_arms=require_both_arms,
+        source=source,
+        first_row=first_row,
+        refused_request_ids=refused_request_ids,
     )
     return {"passed": result.ok, "failures": result.messages(), "report": result.to_dict()}

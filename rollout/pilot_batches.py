@@ -5,6 +5,7 @@ serving system's observations. Each function owns its transaction; the flows get
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from rollout import audit, lifecycle, pilots
@@ -126,8 +127,9 @@ def store_batch(step_id: int, rows: list[dict[str, Any]], batch_id: str, source:
 def import_file(
     use_case: str,
     path: str,
-    known_ids: list[str],
+    known_ids: Iterable[str],
     *,
+    refused_ids: Mapping[str, str] | None = None,
     external_assignment: bool = False,
     chunk_rows: int = 50_000,
     progress: Any = None,
@@ -135,7 +137,9 @@ def import_file(
     """Import a file of observations into the current step, all or nothing, streaming: each chunk is
     parsed, checked (GX) and checked against the step's design (rollout.pilots.ImportCheck), then
     bulk-inserted; any problem rolls the whole import back. The pilot is started in the same
-    transaction, so a refused import starts nothing either. ``progress(rows_done)`` after each chunk."""
+    transaction, so a refused import starts nothing either. Its request ids must be among `known_ids`
+    (what the pilot's traffic source may hand out: rollout.traffic.importable); `refused_ids` says why
+    another id is not. ``progress(rows_done)`` after each chunk."""
     source = "imported-external" if external_assignment else "imported"
     rows_seen = inserted = 0
     with session_scope(immediate=True) as session:
@@ -158,6 +162,7 @@ def import_file(
                 require_both_arms=False,
                 source=path,
                 first_row=rows_seen + 1,
+                refused_request_ids=refused_ids,
             )
             if not gx["passed"]:
                 raise ObservationImportError(

@@ -178,8 +178,8 @@ def plan_warnings(plan: PilotPlan, *, distinct_requests: int | None = None) -> l
                 "dataset.path",
                 f"{distinct_requests:,} distinct requests kept apart from calibration, but the pilot needs "
                 f"~{plan.requests:,} before the approval ({parts}); each request is evidence once, so it "
-                "would stop at 'traffic exhausted'. Pilot it on a request log or imported production "
-                "observations",
+                "would stop at 'traffic exhausted'. Pilot it on a request log (rollout.traffic_source; "
+                "imported observations may carry only the requests of the pilot's traffic source)",
             )
         )
     return out
@@ -235,6 +235,6 @@ def describe_to_approval(summary: dict[str, Any]) -> str:
         text += (
             f"; its dataset keeps {summary['distinct_requests']:,} of its {summary['dataset_rows']:,} rows "
             "apart from calibration for the pilot, so a pilot on it ends at 'traffic exhausted': a team "
-            "pilots it on production traffic (request-log source or imported observations)"
+            "pilots it on production traffic (a request-log source, answered by the pilot or imported)"
         )
     return text

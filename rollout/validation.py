@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -443,7 +443,6 @@ def repeated_prompts(lines: list[int], prompts: list[str]) -> list[tuple[int, in
 # Pilot observation batches
 
 OBSERVATION_COLUMNS = ("request_id", "arm", "quality", "latency_ms")
-REPLAY_SUFFIX = r"~r\d+$"  # flows.pilot.choose_requests: the n-th replay of dataset request <id>
 
 
 def validate_observations(
@@ -455,12 +454,13 @@ def validate_observations(
     require_both_arms: bool = True,
     source: str = "observation batch",
     first_row: int = 1,
+    refused_request_ids: Mapping[str, str] | None = None,
 ) -> ValidationResult:
     """Check one batch of pilot observations before it is stored or shown to the gate: no NaN/inf,
     latency > 0, quality within ``quality_range``, arm values valid, both arms present (when the
-    step runs both), request ids known to the use case's dataset (a replay ``<id>~r<n>`` of a known id
-    counts, as the pilot replays its dataset), one row per (request, arm). Row numbers in failures
-    start at ``first_row`` (a chunk of a streamed file)."""
+    step runs both), request ids among ``known_request_ids`` (a request id outside them is named with
+    its reason from ``refused_request_ids`` where it has one), one row per (request, arm). Row numbers
+    in failures start at ``first_row`` (a chunk of a streamed file)."""
     import numpy as np
     import pandas as pd
 
@@ -483,7 +483,6 @@ def validate_observations(
         }
     )
     numeric = ["quality", "latency_ms"]
-    work["request_base"] = work["request_id"].str.replace(REPLAY_SUFFIX, "", regex=True)
     if "tokens" in df.columns:
         work["tokens"] = pd.to_numeric(df["tokens"], errors="coerce").astype(float).to_numpy()
         numeric.append("tokens")
@@ -501,7 +500,7 @@ def validate_observations(
             column="latency_ms", min_value=0, max_value=MAX_LATENCY_MS, strict_min=True
         ),
         gxe.ExpectColumnValuesToBeInSet(column="arm", value_set=list(arms)),
-        gxe.ExpectColumnValuesToBeInSet(column="request_base", value_set=known),
+        gxe.ExpectColumnValuesToBeInSet(column="request_id", value_set=known),
         gxe.ExpectCompoundColumnsToBeUnique(column_list=["request_id", "arm"]),
     ]
     if "tokens" in work.columns:
@@ -537,10 +536,24 @@ def validate_observations(
             result.failures.append(
                 Failure("arm", f"unknown arm {bad}; valid: {list(arms)}", rows, ids, cfg.type)
             )
-        elif cfg.type == "expect_column_values_to_be_in_set" and column == "request_base":
-            result.failures.append(
-                Failure("request_id", "not a request of this use case's dataset", rows, ids, cfg.type)
-            )
+        elif cfg.type == "expect_column_values_to_be_in_set" and column == "request_id":
+            refused = refused_request_ids or {}
+            reasons: dict[str, list[int]] = {}
+            for i in idx:
+                reason = refused.get(
+                    str(work.at[i, "request_id"]), "not a request of this use case's dataset"
+                )
+                reasons.setdefault(reason, []).append(i)
+            for reason, where in reasons.items():
+                result.failures.append(
+                    Failure(
+                        "request_id",
+                        reason,
+                        tuple(int(i) + first_row for i in where),
+                        tuple(f"{work.at[i, 'request_id']}/{work.at[i, 'arm']}" for i in where),
+                        cfg.type,
+                    )
+                )
         elif cfg.type == "expect_column_values_to_be_in_set" and column == "error":
             result.failures.append(Failure("error", "must be true or false", rows, ids, cfg.type))
         elif cfg.type == "expect_compound_columns_to_be_unique":

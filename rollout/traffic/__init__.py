@@ -4,7 +4,15 @@ prompts, streamed). Every source hands out each request id at most once per pilo
 never hands out a prompt twice (`prompt_key`): a pilot can never know more than its distinct requests tell
 it (docs/flows.md, "Traffic")."""
 
-from rollout.traffic.base import Request, TrafficError, TrafficSource, exhaustion_note, prompt_key, source_for
+from rollout.traffic.base import (
+    Request,
+    TrafficError,
+    TrafficSource,
+    exhaustion_note,
+    importable,
+    prompt_key,
+    source_for,
+)
 from rollout.traffic.dataset import DatasetSource
 from rollout.traffic.request_log import RequestLogSource
 
@@ -15,6 +23,7 @@ __all__ = [
     "TrafficError",
     "TrafficSource",
     "exhaustion_note",
+    "importable",
     "prompt_key",
     "source_for",
 ]

@@ -49,6 +49,11 @@ class TrafficSource(Protocol):
         """How many distinct requests the source can still hand out."""
         ...
 
+    def request_ids(self) -> set[str]:
+        """Every request id the source may hand out, used or not: the requests an imported observation may
+        be about (`importable`)."""
+        ...
+
 
 def source_for(
     spec: Any, *, rows: Sequence[Mapping[str, Any]], salt: str, spec_dir: Path | None
@@ -70,6 +75,32 @@ def source_for(
     if not path.is_absolute():
         path = (spec_dir or Path.cwd()) / path
     return RequestLogSource(path, exclude_prompts=[str(r["prompt"]) for r in calibration])
+
+
+def importable(source: TrafficSource, rows: Sequence[Mapping[str, Any]]) -> tuple[set[str], dict[str, str]]:
+    """Which request ids a pilot's imported observations may carry: those its traffic source may hand out
+    (`source.request_ids()`), so an import is held to what the pilot's own traffic is held to. And, for
+    the use case's other dataset ids, why not (the import's refusal names it): a row calibration read, or
+    a kept-apart row that repeats another's prompt (`prompt_key`)."""
+    from rollout.dataset_split import split_rows
+
+    allowed = source.request_ids()
+    calibration, _ = split_rows(rows)
+    why = {str(r["id"]): "a request calibration read: the plan was fitted to its prompt" for r in calibration}
+    fitted = {prompt_key(str(r["prompt"])) for r in calibration}
+    for r in rows:
+        rid = str(r["id"])
+        if rid in allowed or rid in why:
+            continue
+        if source.name != "dataset":
+            why[rid] = "a dataset request, not one of the request log's: the pilot's traffic is the log"
+        elif prompt_key(str(r["prompt"])) in fitted:
+            why[rid] = "a request whose prompt calibration read: the plan was fitted to it"
+        else:
+            why[rid] = (
+                "a dataset request whose prompt another kept-apart request has: a prompt is evidence once"
+            )
+    return allowed, {k: v for k, v in why.items() if k not in allowed}
 
 
 # What a source hands out, for the exhaustion note: never a prompt calibration read (source_for), never

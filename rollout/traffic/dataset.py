@@ -41,5 +41,8 @@ class DatasetSource:
     def remaining(self, used: Set[str]) -> int:
         return sum(1 for r in self._requests if r.id not in used)
 
+    def request_ids(self) -> set[str]:
+        return {r.id for r in self._requests}
+
     def __len__(self) -> int:
         return len(self._requests)

@@ -58,6 +58,9 @@ class RequestLogSource:
     def remaining(self, used: Set[str]) -> int:
         return sum(1 for _ in self._usable(used))
 
+    def request_ids(self) -> set[str]:
+        return {r.id for r in self._usable(frozenset())}
+
     def _usable(self, used: Set[str]) -> Iterator[Request]:
         """The log's requests not used yet, in file order: each prompt's first line only, and none that
         calibration read."""

@@ -101,7 +101,10 @@ def test_cli_import_validates_then_stores_once(flow_use_case, trust_accounts: st
     with session_scope() as s:
         s.add(CalibrationRun(idempotency_key="k", use_case_id=uc_id, spec_version=1, status="succeeded",
                              model_version_id=mv.id))  # fmt: skip
-    dataset_ids = [json.loads(line)["id"] for line in Path(_dataset_of(name)).read_text().splitlines()[:5]]
+    from flows.common import load_context
+
+    calibration, kept_apart = load_context(name).split()
+    dataset_ids = [r["id"] for r in kept_apart[:5]]  # what the pilot's own traffic would be
 
     def count() -> int:
         with session_scope() as s:
@@ -119,6 +122,13 @@ def test_cli_import_validates_then_stores_once(flow_use_case, trust_accounts: st
     unknown = _write_jsonl(tmp_path / "unknown.jsonl", _rows(["not-in-dataset"]))
     with pytest.raises(ObservationImportError, match="request_id: not a request of this use case"):
         pilot_flow(name, observations_file=str(unknown))
+    # held to what the pilot's own traffic is held to: never a request calibration read, never a replay
+    fitted = _write_jsonl(tmp_path / "fitted.jsonl", _rows([calibration[0]["id"], dataset_ids[0]]))
+    with pytest.raises(ObservationImportError, match="rows 1 .*: request_id: a request calibration read"):
+        pilot_flow(name, observations_file=str(fitted))
+    replay = _write_jsonl(tmp_path / "replay.jsonl", _rows([dataset_ids[0], f"{dataset_ids[0]}~r2"]))
+    with pytest.raises(ObservationImportError, match="rows 3 .*: request_id: not a request of this use case"):
+        pilot_flow(name, observations_file=str(replay))
     assert count() == 0
 
     good = _write_jsonl(tmp_path / "good.jsonl", _rows(dataset_ids))
@@ -143,12 +153,6 @@ def _model_of(name: str) -> str:
 
     with session_scope() as s:
         return load_current_spec(s, get_use_case(s, name))[0].model
-
-
-def _dataset_of(name: str) -> str:
-    from flows.common import load_context
-
-    return str(load_context(name).dataset_path)
 
 
 def test_a_csv_with_a_byte_order_mark_reads_as_excel_wrote_it(tmp_path: Path) -> None:

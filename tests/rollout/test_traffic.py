@@ -176,3 +176,37 @@ def test_a_request_log_passes_over_the_prompts_calibration_read(tmp_path: Path) 
     in_file_order = sorted((r.id for r in got), key=lambda i: int(i.split("-")[1]))
     assert [r.id for r in got] == in_file_order
     assert src.remaining(set()) == 10 and src.remaining({r.id for r in got}) == 0
+
+
+def test_an_import_may_carry_only_what_the_pilots_traffic_would_be(tmp_path: Path) -> None:
+    from rollout.dataset_split import split_rows
+    from rollout.traffic import importable, source_for
+
+    rows = [{"id": f"row-{i}", "prompt": f"question {i}", "reference": "x"} for i in range(40)]
+    # rows that repeat another's prompt (up to whitespace), later in the file: twin-a's id lands on the
+    # calibration side, twin-b's and twin-c0's apart (ids hash to fixed sides); row-0 and row-1
+    # calibrate, row-6 is kept apart
+    rows += [
+        {"id": "twin-a", "prompt": "question 0 ", "reference": "x"},
+        {"id": "twin-b", "prompt": " question 6", "reference": "x"},
+        {"id": "twin-c0", "prompt": "question  1", "reference": "x"},
+    ]
+    calibration, kept_apart = split_rows(rows)
+    assert {"twin-a", "row-0", "row-1"} <= {r["id"] for r in calibration}
+    src = source_for(_spec_with_source("dataset"), rows=rows, salt="s", spec_dir=tmp_path)
+    allowed, why = importable(src, rows)
+    assert (
+        allowed == {r["id"] for r in kept_apart} == {f"row-{i}" for i in (6, 9, 15, 20, 21, 22, 36, 37, 38)}
+    )
+    assert {k for k, v in why.items() if v.startswith("a request calibration read")} == {
+        r["id"] for r in calibration
+    }
+    assert why["twin-b"].endswith("another kept-apart request has: a prompt is evidence once")
+    assert why["twin-c0"] == "a request whose prompt calibration read: the plan was fitted to it"
+    assert set(why) | allowed == {r["id"] for r in rows} and not set(why) & allowed
+    # a request log: its own first-seen prompts, none calibration read; dataset ids are not its requests
+    log = _log(tmp_path / "log.jsonl", 40)
+    src = source_for(_spec_with_source("request-log", str(log)), rows=rows, salt="s", spec_dir=tmp_path)
+    allowed, why = importable(src, rows)
+    assert allowed == {r.id for r in src.take(100, set())} and len(allowed) == 40
+    assert why[kept_apart[0]["id"]].endswith("the pilot's traffic is the log")

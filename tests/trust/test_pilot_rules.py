@@ -36,11 +36,11 @@ def _challenger(name: str) -> int:
     return mv.id
 
 
-def _dataset_ids(n: int) -> list[str]:
-    from tests.fixtures.flows import EXAMPLE
+def _dataset_ids(name: str, n: int) -> list[str]:
+    """n of the rows the use case keeps apart from calibration: the requests an import may carry."""
+    from flows.common import load_context
 
-    lines = (EXAMPLE.parent / "support_chat.jsonl").read_text().splitlines()
-    return [json.loads(line)["id"] for line in lines[:n]]
+    return [r["id"] for r in load_context(name).split()[1][:n]]
 
 
 def _obs(rid: str, arm: str, quality: float = 0.8) -> dict:
@@ -131,7 +131,7 @@ def test_operator_aborts_a_pilot_and_its_open_decision_closes(trust_env, flow_us
 def test_a_refused_import_starts_no_pilot(trust_env, flow_use_case, tmp_path: Path) -> None:
     name = flow_use_case()
     _challenger(name)
-    ids = _dataset_ids(4)
+    ids = _dataset_ids(name, 4)
     before = _counts()
     one_arm = _write(tmp_path / "one.jsonl", [_obs(r, "control") for r in ids])
     res = _import(name, one_arm)
@@ -150,7 +150,7 @@ def test_split_step_imports_follow_the_design(trust_env, flow_use_case, tmp_path
 
     name = flow_use_case()
     _challenger(name)
-    ids = _dataset_ids(40)
+    ids = _dataset_ids(name, 40)
     shadow = _write(
         tmp_path / "shadow.jsonl", [_obs(r, a) for r in ids[:8] for a in ("control", "treatment")]
     )
