@@ -80,8 +80,9 @@ def source_for(
 def importable(source: TrafficSource, rows: Sequence[Mapping[str, Any]]) -> tuple[set[str], dict[str, str]]:
     """Which request ids a pilot's imported observations may carry: those its traffic source may hand out
     (`source.request_ids()`), so an import is held to what the pilot's own traffic is held to. And, for
-    the use case's other dataset ids, why not (the import's refusal names it): a row calibration read, or
-    a kept-apart row that repeats another's prompt (`prompt_key`)."""
+    the use case's other dataset ids, why not (the import's refusal names it): a row calibration read, a
+    kept-apart row whose prompt calibration read or an earlier kept-apart row has (`prompt_key`), or, on
+    request-log traffic, any dataset row that is not one of the log's requests."""
     from rollout.dataset_split import split_rows
 
     allowed = source.request_ids()
