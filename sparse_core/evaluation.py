@@ -7,10 +7,12 @@ Sections (each can be switched off by the suite, and is then None in the report)
 - long-context probes scored by log-likelihood rank (dense accuracy is the reference); for a plan
   with a `decode` section also answered by greedy generation (the answer read by decode steps);
 - use-case task scores on a JSONL dataset (dense vs sparse);
-- speed: prefill seconds and tokens/s dense vs sparse at the dataset's length mix, repeated, with a
-  bootstrap interval on the speed-up; density computed and estimator share;
+- speed: prefill seconds and tokens/s dense vs sparse at the dataset's length mix, a dense and a sparse
+  prefill back to back per repeat (alternating order), the speed-up with a t interval over those pairs
+  (sparse_core.speedup); density computed and estimator share;
 - decode: ms per generated token dense vs sparse at the same context lengths as the speed section,
-  side by side on one cache, with a bootstrap interval, the density read and the fidelity of the
+  side by side on one cache, a dense and a sparse run per repeat, the speed-up with a t interval over
+  the runs (a run is the unit, not a step), the density read and the fidelity of the
   generated tokens (sparse_core.decode.measure); for a plan without a `decode` section, dense decode
   timed the same way (the output tokens' price in both arms);
 - pictures: layer x head density heatmap, one sample's selected blocks over its attention map.

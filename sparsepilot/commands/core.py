@@ -527,7 +527,7 @@ def _print_report(r) -> None:
         )
     if r.speed:
         print_table(
-            "Prefill speed (median of repeats; 90% bootstrap interval)",
+            "Prefill speed (medians of the repeats; speed-up: geometric mean of the pairs, 90% t interval)",
             [
                 {
                     "seq_len": s.seq_len,
