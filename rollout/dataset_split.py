@@ -63,4 +63,18 @@ def split_rows(rows: Sequence[Row], share: float = EVALUATION_SHARE) -> tuple[li
     return calibration, judged
 
 
-__all__ = ["EVALUATION_SHARE", "MIN_CALIBRATION_ROWS", "held_apart_count", "row_hash", "split_rows"]
+def kept_apart_of(validation: Mapping[str, Any] | None) -> int | None:
+    """The dataset's kept-apart distinct requests as its stored validation counted them (None for a spec
+    version validated before the count existed)."""
+    value = ((validation or {}).get("stats") or {}).get("kept_apart")
+    return int(value) if value is not None else None
+
+
+__all__ = [
+    "EVALUATION_SHARE",
+    "MIN_CALIBRATION_ROWS",
+    "held_apart_count",
+    "kept_apart_of",
+    "row_hash",
+    "split_rows",
+]

@@ -189,15 +189,20 @@ def plan_summary(
     spec: Any,
     *,
     dataset_rows: int | None = None,
+    kept_apart: int | None = None,
     approval_after: int | None = None,
     pilot_number: int | None = 1,
 ) -> dict[str, Any]:
     """JSON-ready: the plan, the distinct requests the pilot can draw on (where the dataset is the traffic
     source, its rows kept apart from calibration, rollout.dataset_split; None for a request log, whose
-    size is not known in advance), the dataset's rows, and the plan's warnings as "field: message"."""
+    size is not known in advance), the dataset's rows, and the plan's warnings as "field: message".
+    `kept_apart` is that count as the dataset validator found it (each prompt once); without it (a spec
+    version stored before the validator counted it) it is the share of `dataset_rows` kept apart."""
     plan = plan_pilot(spec, approval_after=approval_after, pilot_number=pilot_number)
     on_dataset = spec.rollout.traffic_source.kind == "dataset" and dataset_rows is not None
-    distinct = held_apart_count(dataset_rows) if on_dataset else None
+    distinct = None
+    if on_dataset:
+        distinct = kept_apart if kept_apart is not None else held_apart_count(dataset_rows)
     problems = plan_warnings(plan, distinct_requests=distinct)
     return {
         **plan.to_dict(),

@@ -13,6 +13,7 @@ from sqlalchemy import Integer, and_, case, cast, func, select
 from sqlalchemy.orm import Session
 
 from rollout import lifecycle, roi
+from rollout.dataset_split import kept_apart_of
 from rollout.db.models import (
     AliasMove,
     Approval,
@@ -374,6 +375,7 @@ def use_case(session: Session, name: str) -> dict[str, Any] | None:
         "spec_version": spec.version if spec else None,
         "spec": spec.spec if spec else {},
         "dataset_rows": spec.dataset_rows if spec else None,
+        "kept_apart": kept_apart_of(spec.validation) if spec else None,
         "planned_pilot": planned_pilot_number(session, uc),
         "created_at": uc.created_at,
     }

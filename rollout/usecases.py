@@ -24,6 +24,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from rollout import audit
+from rollout.dataset_split import kept_apart_of
 from rollout.db.models import AuditEntry, SpecVersion, UseCase
 from rollout.db.session import session_scope
 from rollout.pilot_plan import plan_summary
@@ -149,7 +150,10 @@ def check_spec_file(path: Path | str) -> CheckedSpec:
     )
     result.raise_for_failures()
     result.warnings.extend(f"{field}: {message}" for field, message in spec_warnings(spec))
-    result.warnings.extend(plan_summary(spec, dataset_rows=result.stats.get("rows"))["warnings"])
+    stats = result.stats
+    result.warnings.extend(
+        plan_summary(spec, dataset_rows=stats.get("rows"), kept_apart=stats.get("kept_apart"))["warnings"]
+    )
     sha = _sha256(dataset)
     return CheckedSpec(
         spec=spec,
@@ -517,7 +521,11 @@ def _plan_of_stored(
     except ValueError:  # pydantic's ValidationError
         return None
     return plan_summary(
-        spec, dataset_rows=sv.dataset_rows, approval_after=approval_after, pilot_number=pilot_number
+        spec,
+        dataset_rows=sv.dataset_rows,
+        kept_apart=kept_apart_of(sv.validation),
+        approval_after=approval_after,
+        pilot_number=pilot_number,
     )
 
 

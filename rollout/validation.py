@@ -409,9 +409,15 @@ def validate_dataset(
             "so fewer rows are kept apart for them"
         )
 
+    from rollout.dataset_split import split_rows
+
     result.stats = {
         "rows": len(df),
         "distinct_prompts": len(df) - len(repeats),
+        # the distinct requests a pilot on the dataset may draw: its rows kept apart, each prompt once
+        "kept_apart": len(
+            split_rows([{"id": i, "prompt": p} for i, p in zip(rows.id, rows.prompt, strict=True)])[1]
+        ),
         "prompt_tokens_min": int(min(tokens)) if tokens else 0,
         "prompt_tokens_max": int(max(tokens)) if tokens else 0,
         "prompt_tokens_mean": float(sum(tokens) / len(tokens)) if tokens else 0.0,

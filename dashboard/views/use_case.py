@@ -203,9 +203,11 @@ def timeline(use_case_id: int, decs: list[dict[str, Any]]) -> None:
 
 
 @st.cache_data(show_spinner="Simulating what each step needs...")
-def _plan(spec_json: str, dataset_rows: int | None, pilot_number: int | None) -> dict[str, Any]:
+def _plan(
+    spec_json: str, dataset_rows: int | None, kept_apart: int | None, pilot_number: int | None
+) -> dict[str, Any]:
     spec = UseCaseSpec.model_validate(json.loads(spec_json))
-    return plan_summary(spec, dataset_rows=dataset_rows, pilot_number=pilot_number)
+    return plan_summary(spec, dataset_rows=dataset_rows, kept_apart=kept_apart, pilot_number=pilot_number)
 
 
 def pilots_block(uc: dict[str, Any]) -> None:
@@ -225,7 +227,8 @@ def decision_needs(uc: dict[str, Any]) -> None:
     """Per step, the requests its GO needs (rollout.pilot_plan) beside what the latest pilot collected."""
     st.subheader("What a decision takes")
     try:
-        plan = _plan(json.dumps(uc["spec"], sort_keys=True), uc["dataset_rows"], uc["planned_pilot"])
+        spec_json = json.dumps(uc["spec"], sort_keys=True)
+        plan = _plan(spec_json, uc["dataset_rows"], uc.get("kept_apart"), uc["planned_pilot"])
     except ValidationError as exc:  # a stored spec validated when it was added; say so if it no longer does
         st.caption(
             f"No plan: the stored spec v{uc['spec_version']} does not validate "

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from rollout.dataset_split import kept_apart_of
 from rollout.gate import GateSettings, planned_sample_size
 from rollout.pilot_plan import (
     PilotPlan,
@@ -146,6 +147,10 @@ def test_the_summary_line_and_the_request_log_source(longdoc) -> None:
     )
     # from a request log the count of distinct requests is not known in advance
     assert plan_summary(logged, dataset_rows=65)["distinct_requests"] is None
+    # the validator's count, each prompt once, where the dataset repeats prompts
+    assert plan_summary(longdoc, dataset_rows=65, kept_apart=11)["distinct_requests"] == 11
+    assert kept_apart_of({"stats": {"rows": 65, "kept_apart": 11}}) == 11
+    assert kept_apart_of({"stats": {"rows": 65}}) is None and kept_apart_of(None) is None
 
 
 def test_traffic_time_reads_as_people_say_it() -> None:

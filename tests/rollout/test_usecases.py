@@ -118,6 +118,27 @@ def test_add_and_show_say_what_a_decision_takes(state_url: str, tmp_path: Path) 
     assert "No pilot yet; the first pilot's GO will be held to 0.0304." in text
 
 
+def test_a_dataset_that_repeats_prompts_plans_on_its_distinct_ones(state_url: str, tmp_path: Path) -> None:
+    """Rows repeating a prompt (under new ids) are a warning naming the lines, and the plan counts the
+    kept-apart requests each prompt once, as the pilot will draw them (rollout.dataset_split)."""
+    from rollout.dataset_split import split_rows
+
+    spec = copy_example(tmp_path / "w", "longdoc-summaries")
+    data = spec.parent / example_spec("longdoc-summaries")["dataset"]["path"]
+    rows = [json.loads(line) for line in data.read_text().splitlines() if line.strip()]
+    rows += [{**r, "id": f"again-{i}"} for i, r in enumerate(rows[:40])]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    distinct = len(split_rows(rows)[1])
+    assert distinct < round(0.25 * len(rows))  # some repeats landed among the kept-apart rows
+    res = cli("usecase", "add", str(spec))
+    assert res.exit_code == 0, res.output
+    out = " ".join(res.stdout.split())
+    assert "prompt: 40 row(s) repeat an earlier row's prompt (line 66 repeats line 1," in out
+    assert f"warning: dataset.path: {distinct} distinct requests kept apart from calibration" in out
+    shown = json.loads(cli("usecase", "show", "longdoc-summaries", "--json").stdout)
+    assert shown["pilot_plan"]["distinct_requests"] == distinct and shown["pilot_plan"]["dataset_rows"] == 105
+
+
 def test_versioning(state_url: str, sp_home, tmp_path: Path) -> None:  # noqa: ANN001
     spec = example_spec()
     path = write_spec(tmp_path / "v", spec)

@@ -178,6 +178,7 @@ def test_repeated_prompts_are_a_warning_naming_the_lines(tmp_path: Path) -> None
     ]
     res = validate_dataset(_write(tmp_path / "d.jsonl", rows), references_required=False, context_length=100)
     assert res.ok and res.stats["rows"] == 5 and res.stats["distinct_prompts"] == 3
+    assert res.stats["kept_apart"] <= 1  # one of five rows kept apart, none if its prompt repeats
     (warning,) = [w for w in res.warnings if w.startswith("prompt:")]
     assert warning.startswith(
         "prompt: 2 row(s) repeat an earlier row's prompt (line 3 repeats line 1, line 4 "
@@ -209,6 +210,9 @@ def test_sample_datasets_pass_by_the_conservative_bound(name: str) -> None:
     res = validate_dataset(spec.dataset_path(EXAMPLES), spec, context_length=8192)
     assert res.ok, res.messages()
     assert res.stats["rows"] >= 60
+    # no sample repeats a prompt: a quarter of its rows is kept apart, each a distinct request
+    assert res.stats["distinct_prompts"] == res.stats["rows"]
+    assert res.stats["kept_apart"] == round(0.25 * res.stats["rows"])
 
 
 def test_suites_can_run_from_threads() -> None:
