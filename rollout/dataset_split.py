@@ -47,20 +47,15 @@ def split_rows(rows: Sequence[Row], share: float = EVALUATION_SHARE) -> tuple[li
     was fitted to; the dataset validator warns about repeats). With three rows or more calibration is
     never empty and, without repeated prompts, neither side is; with fewer, every row calibrates and
     none is left to judge on. Ids are unique (the dataset validator refuses duplicates)."""
-    from rollout.traffic.base import prompt_key
+    from rollout.traffic.base import first_of_each_prompt, prompt_key
 
     n_held = held_apart_count(len(rows), share)
     ranked = sorted(range(len(rows)), key=lambda i: row_hash(rows[i]["id"]))
     held = set(ranked[:n_held])
     calibration = [r for i, r in enumerate(rows) if i not in held]
-    seen = {prompt_key(str(r["prompt"])) for r in calibration}
-    judged = []
-    for i, r in enumerate(rows):
-        key = prompt_key(str(r["prompt"])) if i in held else None
-        if key is not None and key not in seen:
-            judged.append(r)
-            seen.add(key)
-    return calibration, judged
+    fitted = (prompt_key(str(r["prompt"])) for r in calibration)
+    kept = (r for i, r in enumerate(rows) if i in held)
+    return calibration, list(first_of_each_prompt(kept, lambda r: str(r["prompt"]), seen=fitted))
 
 
 def kept_apart_of(validation: Mapping[str, Any] | None) -> int | None:

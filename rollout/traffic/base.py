@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import unicodedata
-from collections.abc import Mapping, Sequence, Set
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from sparse_core.errors import SparsePilotError
+
+T = TypeVar("T")
 
 
 class TrafficError(SparsePilotError, ValueError):
@@ -24,6 +26,20 @@ def prompt_key(prompt: str) -> bytes:
     keys of a long log stay small."""
     text = " ".join(unicodedata.normalize("NFC", prompt).split())
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+
+
+def first_of_each_prompt(
+    items: Iterable[T], prompt_of: Callable[[T], str], seen: Iterable[bytes] = ()
+) -> Iterator[T]:
+    """The items in order, each prompt's first only (`prompt_key`), none whose prompt is in `seen` (keys
+    of prompts already judged or fitted to): the one rule a dataset's kept-apart rows and a request log
+    hand out their requests by."""
+    keys = set(seen)
+    for item in items:
+        key = prompt_key(prompt_of(item))
+        if key not in keys:
+            keys.add(key)
+            yield item
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import json
 from collections.abc import Iterable, Iterator, Set
 from pathlib import Path
 
-from rollout.traffic.base import Request, TrafficError, prompt_key
+from rollout.traffic.base import Request, TrafficError, first_of_each_prompt, prompt_key
 
 MAX_FIELD = 1_000_000  # characters in one prompt / reference (a CSV field stops at csv's 128 KiB limit:
 # that limit is process-wide and guards the observation import too, so long prompts belong in JSONL)
@@ -64,12 +64,7 @@ class RequestLogSource:
     def _usable(self, used: Set[str]) -> Iterator[Request]:
         """The log's requests not used yet, in file order: each prompt's first line only, and none that
         calibration read."""
-        seen = set(self._excluded)
-        for r in self.requests():
-            key = prompt_key(r.prompt)
-            if key in seen:
-                continue
-            seen.add(key)
+        for r in first_of_each_prompt(self.requests(), lambda r: r.prompt, seen=self._excluded):
             if r.id not in used:
                 yield r
 
