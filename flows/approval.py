@@ -86,7 +86,7 @@ def approval_flow(
     decision_id: int, timeout_s: int = DEFAULT_TIMEOUT_S, poll_interval_s: int = 2
 ) -> dict[str, Any]:
     """Wait for a person, then carry out their decision (promotion flow, rejection, or rollback)."""
-    from flows.promote import promote_flow, reject_flow, rollback_flow
+    from flows.promote import keep_flow, promote_flow, reject_flow, rollback_flow
 
     logger = get_run_logger()
     run_id = flow_run_id()
@@ -127,7 +127,7 @@ def approval_flow(
     if info["awaiting"] == "rollback_approval":
         if answer.approve:
             return rollback_flow(**kw)
-        return {"action": "kept", "decision_id": decision_id}
+        return keep_flow(**kw)
     if answer.approve:
         return promote_flow(**kw)
     return reject_flow(**kw)

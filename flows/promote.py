@@ -1,4 +1,4 @@
-"""Promotion, rejection and rollback flows: thin wrappers over rollout.approvals' effects, which move
+"""Promotion, rejection, keep and rollback flows: thin wrappers over rollout.approvals' effects, which move
 aliases through rollout.registry (pending -> committed alias history + audit, idempotent per decision)
 and update the pilot and the use case's phase. The acting person is read back from the Approval row."""
 
@@ -24,6 +24,13 @@ def reject_task(decision_id: int, approval_id: int, reason: str) -> dict[str, An
     from rollout.approvals import apply_rejection
 
     return apply_rejection(decision_id, approval_id, reason=reason)
+
+
+@flow_task("keep-champion")
+def keep_task(decision_id: int, approval_id: int, reason: str) -> dict[str, Any]:
+    from rollout.approvals import apply_keep
+
+    return apply_keep(decision_id, approval_id, reason=reason)
 
 
 @flow_task("rollback-move-alias")
@@ -61,6 +68,12 @@ def promote_flow(decision_id: int, approval_id: int, reason: str, actor: str = "
 @flow(name="reject", log_prints=True)
 def reject_flow(decision_id: int, approval_id: int, reason: str, actor: str = "") -> dict[str, Any]:
     return reject_task(decision_id, approval_id, reason)
+
+
+@flow(name="keep", log_prints=True)
+def keep_flow(decision_id: int, approval_id: int, reason: str, actor: str = "") -> dict[str, Any]:
+    """A person kept the champion through the monitor's alarm: promoted again, the monitor resumes."""
+    return keep_task(decision_id, approval_id, reason)
 
 
 @flow(name="rollback", log_prints=True)

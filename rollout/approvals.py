@@ -370,7 +370,7 @@ def apply_decision(
     if awaiting == "rollback_approval":
         if payload.approve:
             return apply_rollback(decision_id, payload.approval_id, reason=payload.reason, db_url=db_url)
-        return {"action": "kept", "decision_id": decision_id}
+        return apply_keep(decision_id, payload.approval_id, reason=payload.reason, db_url=db_url)
     if payload.approve:
         return apply_promotion(decision_id, payload.approval_id, reason=payload.reason, db_url=db_url)
     return apply_rejection(decision_id, payload.approval_id, reason=payload.reason, db_url=db_url)
@@ -473,6 +473,28 @@ def apply_rejection(
             pilots.stop_pilot(session, pilot, status="stopped", actor=who.name, reason=reason)
         lifecycle.set_phase(session, uc, "stopped", actor=who.name, reason=f"decision {decision_id} rejected")
     return {"action": "stopped", "decision_id": decision_id}
+
+
+def apply_keep(
+    decision_id: int, approval_id: int, *, reason: str, db_url: str | None = None
+) -> dict[str, Any]:
+    """A person kept the champion through the monitor's alarm: the use case is promoted again, so the
+    monitor resumes, and its detector starts afresh after the kept alarm (`pilots.monitor_observations`).
+    Safe to repeat: only a use case still awaiting this approval moves."""
+    who = approval_identity(approval_id, decision_id, actions=("reject",), db_url=db_url)
+    with session_scope(db_url) as session:
+        d = session.get(GateDecision, decision_id)
+        assert d is not None
+        uc = session.get(UseCase, d.use_case_id)
+        if uc.phase == "awaiting_approval":
+            lifecycle.set_phase(
+                session,
+                uc,
+                "promoted",
+                actor=who.name,
+                reason=f"decision {decision_id}: champion kept ({reason})",
+            )
+    return {"action": "kept", "decision_id": decision_id}
 
 
 def apply_rollback(

@@ -163,11 +163,12 @@ def _monitor_verdict(check: dict[str, Any], guard: dict[str, Any], alpha: float)
     if guard["breached"]:
         return "NO-GO", "guardrail breached: " + ", ".join(
             f"{c['name']} {c['value']:.4g} > {c['threshold']:.4g} "
-            f"(at least {c['lower_bound']:.4g} with {100 * (1 - alpha):.0f}% confidence)"
+            f"(at least {c['lower_bound']:.4g} with {100 * (1 - alpha):.0f}% confidence; {c['note']})"
             for c in guard["checks"]
             if c["breached"]
         )
-    return "GO", "no guardrail shown breached: " + ", ".join(
+    looks = guard.get("looks", 1)
+    return "GO", f"no guardrail shown breached over {looks} look{'s' if looks != 1 else ''}: " + ", ".join(
         f"{c['name']} {c['value']:.4g} (limit {c['threshold']:.4g})" for c in guard["checks"]
     )
 
@@ -182,7 +183,10 @@ def monitor_look(
         uc = pilots.get_use_case(session, use_case)
         pilot = session.get(Pilot, info["pilot_id"])
         spec, _ = pilots.load_pilot_spec(session, pilot)
-        guard = pilots.monitor_guardrails(rows, spec) if check["passed"] else {"checks": [], "breached": []}
+        step = session.get(PilotStep, info["step_id"])
+        # the detector judges every look since the monitor began (or since a kept alarm), this batch last
+        judged = pilots.monitor_observations(session, step) if check["passed"] else []
+        guard = pilots.monitor_guardrails(judged, spec) if check["passed"] else {"checks": [], "breached": []}
         outcome, why = _monitor_verdict(check, guard, spec.gate.alpha)
         bad = outcome != "GO"
         auto = bad and info["rollback_policy"] == "auto"
@@ -200,7 +204,7 @@ def monitor_look(
             idempotency_key=f"monitor:{info['step_id']}:{batch_id}",
             use_case=uc,
             pilot=pilot,
-            step=session.get(PilotStep, info["step_id"]),
+            step=step,
             kind="monitor",
             outcome=outcome,
             evidence={
@@ -208,6 +212,8 @@ def monitor_look(
                 "data_check": check["report"],
                 "batch_id": batch_id,
                 "rows": len(rows),
+                # a kept alarm settles the rows up to here (`pilots.monitor_observations`)
+                "judged_through": pilots.last_observation_id(session, step),
             },
             explanation=explanation,
             data_fingerprint=batch_id[:64],

@@ -501,6 +501,34 @@ def step_observations(session: Session, step: PilotStep) -> list[dict[str, Any]]
     return [dict(zip(OBSERVATION_FIELDS, row, strict=True)) for row in result.tuples()]
 
 
+def monitor_observations(session: Session, step: PilotStep) -> list[dict[str, Any]]:
+    """The monitor step's rows that its change detector judges, in the order they were stored, each with
+    its look (`look`: the batch id): every row since the monitor began, or since the last alarm a person
+    kept the champion through (that alarm is settled; detection starts again, with its own alpha)."""
+    kept = session.scalar(
+        select(GateDecision)
+        .where(
+            GateDecision.pilot_step_id == step.id,
+            GateDecision.kind == "monitor",
+            GateDecision.resolution == "rejected",
+        )
+        .order_by(GateDecision.id.desc())
+        .limit(1)
+    )
+    after = int((kept.evidence or {}).get("judged_through") or 0) if kept is not None else 0
+    result = session.execute(
+        select(*(getattr(Observation, f) for f in OBSERVATION_FIELDS), Observation.batch_id)
+        .where(Observation.pilot_step_id == step.id, Observation.id > after)
+        .order_by(Observation.id)
+    )
+    return [dict(zip((*OBSERVATION_FIELDS, "look"), row, strict=True)) for row in result.tuples()]
+
+
+def last_observation_id(session: Session, step: PilotStep) -> int:
+    """The id of the step's last stored row (0 for none): where a monitor look's judgement ends."""
+    return session.scalar(select(func.max(Observation.id)).where(Observation.pilot_step_id == step.id)) or 0
+
+
 def seen_request_ids(session: Session, pilot: Pilot) -> set[str]:
     """Request ids already used in any step of this pilot (each request is used once per pilot)."""
     step_ids = select(PilotStep.id).where(PilotStep.pilot_id == pilot.id)
@@ -624,12 +652,14 @@ def elapsed_days(step: PilotStep) -> float:
 
 
 def monitor_guardrails(rows: list[Mapping[str, Any]], spec: Any) -> dict[str, Any]:
-    """Guardrails on sampled production traffic of the champion (the treatment arm), judged by the same
-    checks and sequential tests as the gate (`rollout.gate.guardrails`): a check is breached only when
-    the evidence shows it. Pure; every value, threshold and bound is returned."""
+    """Guardrails on sampled production traffic of the champion (the treatment arm): the gate's rate checks
+    (`rollout.gate.guardrails`), judged over all the monitor's looks by its change detector
+    (`judge_monitor`; a row's look is its `look`, the batch id, else all rows are one look), so a check is
+    breached only when the evidence shows it and false alarms stay <= alpha however many looks are taken.
+    Pure; every value, threshold and bound is returned."""
     import pandas as pd
 
-    from rollout.gate import GateSettings, check_observations, guardrail_checks, judge_all
+    from rollout.gate import GateSettings, check_observations, guardrail_checks, judge_monitor
 
     settings = GateSettings.from_spec(spec)
     trt = [r for r in rows if r["arm"] == "treatment"]
@@ -638,9 +668,13 @@ def monitor_guardrails(rows: list[Mapping[str, Any]], spec: Any) -> dict[str, An
     if checked is None or checked.frame is None:
         out["problems"] = list(checked.problems) if checked is not None else []
         return out
-    results = judge_all(
-        guardrail_checks(settings, with_control=False), checked.frame, alpha=settings.alpha, mode="monitor"
-    )
+    looks = [r.get("look", "") for r in trt]
+    out["looks"] = len(dict.fromkeys(looks))
+    out["method"] = "change-detector"
+    results = [
+        judge_monitor(c, checked.frame, looks, alpha=settings.alpha)
+        for c in guardrail_checks(settings, with_control=False)
+    ]
     out["checks"] = [
         {
             "name": r.name,

@@ -5,6 +5,7 @@ One idea per module:
 * `sequences`  - the math: anytime-valid confidence sequences for bounded means, by betting;
 * `quality`    - the step's observations as a bounded stream, and the GO / futility tests on it;
 * `guardrails` - guardrails as data (named checks) judged by the same kind of sequential test;
+* `detection`  - the monitor's change detector: a rate check over any number of looks;
 * `power`      - the exact power of the guardrails' rate test (what a ceiling can detect);
 * `planning`   - planned (simulated) and projected sample sizes;
 * `spending`   - the GO level of a use case's k-th pilot (alpha spent across its pilots);
@@ -17,7 +18,14 @@ One idea per module:
 from rollout.gate.decide import decide
 from rollout.gate.evidence import Decision, GateHistory, Mode, Outcome, QualityEvidence, running_intersection
 from rollout.gate.explain import explain
-from rollout.gate.guardrails import Guardrail, GuardrailCheck, guardrail_checks, judge, judge_all
+from rollout.gate.guardrails import (
+    Guardrail,
+    GuardrailCheck,
+    guardrail_checks,
+    judge,
+    judge_all,
+    judge_monitor,
+)
 from rollout.gate.inputs import ARMS, REQUIRED_COLUMNS, check_observations, data_fingerprint, srm_test
 from rollout.gate.planning import SamplePlan, planned_sample_size, projected_sample_size
 from rollout.gate.settings import GateSettings
@@ -41,6 +49,7 @@ __all__ = [
     "guardrail_checks",
     "judge",
     "judge_all",
+    "judge_monitor",
     "planned_sample_size",
     "projected_sample_size",
     "running_intersection",

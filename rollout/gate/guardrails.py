@@ -2,14 +2,15 @@
 
 A check says which 0/1 metric of a request it watches (an error, a latency over the SLO), how it is
 compared (`rate`: the treatment arm's rate against a ceiling; `excess`: treatment minus control), the
-threshold and the minimum number of treatment rows before it can be judged. `decide` (pilot steps) and the
-monitor (the champion's production traffic) run the same checks through `judge`.
+threshold and the minimum number of treatment rows before it can be judged. `decide` (pilot steps) runs
+them through `judge`; the monitor (the champion's production traffic, no control arm) runs the rate checks
+through `judge_monitor`, a change detector over all its looks (`rollout.gate.detection`), so that its false
+alarm, too, is bounded however many looks it takes.
 
 A check is **breached** only when the evidence says so: its lower confidence bound, anytime-valid by
 betting (`rollout.gate.sequences`), is above the threshold. A check whose rate is truly at or below the
 threshold is breached with probability at most alpha, however often it is looked at. A check with fewer
-rows than its minimum is **not judged**, which keeps a step at EXTEND (never GO). Otherwise it **holds**
-.
+rows than its minimum is **not judged**, which keeps a step at EXTEND (never GO). Otherwise it **holds**.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
+from rollout.gate import detection
 from rollout.gate.sequences import (
     Stream,
     bound_where,
@@ -101,19 +103,14 @@ def judge(
     frame: pd.DataFrame,
     *,
     alpha: float,
-    mode: Literal["split", "paired", "monitor"],
+    mode: Literal["split", "paired"],
     share: float = 0.5,
     pairs: pd.DataFrame | None = None,
 ) -> Guardrail:
     """Judge one check on validated rows in arrival order. Paired mode compares per request (`pairs`: one
     row per complete request, columns `<metric>_control` / `<metric>_treatment` are built here)."""
-    treated = frame["treated"].to_numpy()
+    treated, excluded = _judged_rows(check, frame)
     x = check.indicator(frame)
-    excluded = 0
-    if check.metric == "latency_over_slo" and "overloaded" in frame.columns:
-        # a latency measured while the host was oversubscribed is the host's, not the model's
-        excluded = int((treated & frame["overloaded"].to_numpy()).sum())
-        treated = treated & ~frame["overloaded"].to_numpy()
     n_t = int(treated.sum())
     if check.comparison == "rate":
         stream, span, value = rate_stream(x[treated]), (0.0, 1.0), (float(x[treated].mean()) if n_t else None)
@@ -143,6 +140,49 @@ def judge(
         "; ".join(filter(None, ["" if evaluated or breached else _note(check, n_t), left_out])),
         low,
         n_t,
+        excluded,
+    )
+
+
+def judge_monitor(
+    check: GuardrailCheck, frame: pd.DataFrame, looks: Sequence[object], *, alpha: float
+) -> Guardrail:
+    """Judge one rate check on the champion's traffic over the monitor's looks (`looks`: the look, e.g.
+    the batch id, of each row of `frame`, in arrival order) by the change detector
+    (`rollout.gate.detection`): breached when some stretch since a look began shows the rate above the
+    threshold, with false alarm <= alpha over every look the monitor will ever take. A breach's value is
+    the rate since the look where its evidence begins (the note says which); otherwise the rate overall."""
+    if check.comparison != "rate":
+        raise ValueError(f"{check.name}: the monitor judges rate checks only (no control arm)")
+    looks = np.asarray(looks, dtype=object)
+    if looks.shape != (len(frame),):
+        raise ValueError(f"{check.name}: {looks.size} look labels for {len(frame)} rows")
+    keep, excluded = _judged_rows(check, frame)
+    x, labels = check.indicator(frame)[keep], looks[keep]
+    n = int(x.size)
+    left_out = f"{excluded} sparse-arm rows collected under CPU overload left out" if excluded else ""
+    if n == 0:
+        note = "; ".join(filter(None, [_note(check, 0), left_out]))
+        return Guardrail(check.name, None, check.threshold, False, False, note, n=0, excluded=excluded)
+    starts = detection.look_starts(labels)
+    evaluated = n >= check.min_samples
+    if not detection.detected(x, starts, check.threshold, alpha):
+        note = "; ".join(filter(None, ["" if evaluated else _note(check, n), left_out]))
+        return Guardrail(
+            check.name, float(x.mean()), check.threshold, False, evaluated, note, n=n, excluded=excluded
+        )
+    k = detection.evidence_start(x, starts, check.threshold)
+    since = x[starts[k] :]
+    note = f"the evidence begins with look {k + 1} of {starts.size} ({since.size} rows since)"
+    return Guardrail(
+        check.name,
+        float(since.mean()),
+        check.threshold,
+        True,
+        True,  # evidence of a breach counts whatever the sample size
+        "; ".join(filter(None, [note, left_out])),
+        detection.lower_bound(x, starts, check.threshold, alpha),
+        n,
         excluded,
     )
 
@@ -198,6 +238,16 @@ def judge_all(
     pairs=None,
 ) -> tuple[Guardrail, ...]:
     return tuple(judge(c, frame, alpha=alpha, mode=mode, share=share, pairs=pairs) for c in checks)
+
+
+def _judged_rows(check: GuardrailCheck, frame: pd.DataFrame) -> tuple[np.ndarray, int]:
+    """The sparse-arm rows a check judges, and how many it leaves out: a latency measured while the host
+    was oversubscribed is the host's, not the model's."""
+    treated = frame["treated"].to_numpy()
+    if check.metric != "latency_over_slo" or "overloaded" not in frame.columns:
+        return treated, 0
+    overloaded = frame["overloaded"].to_numpy()
+    return treated & ~overloaded, int((treated & overloaded).sum())
 
 
 def _suffix(arm: str) -> dict[str, str]:

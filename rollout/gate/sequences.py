@@ -49,6 +49,7 @@ __all__ = [
     "log_capital",
     "paired_stream",
     "rate_count_log_capital",
+    "rate_factors",
     "rate_log_capital",
     "rate_peak_log_capital",
     "rate_stream",
@@ -126,15 +127,32 @@ def rate_count_log_capital(
     whatever the weights are: the weights and alternatives only move power between breach sizes. For
     m != c the same bets are truncated to trunc / m, so the capital still falls as m rises and the lower
     bound is the edge of the rejected set."""
-    m = ceiling if m is None else m
     ones = np.asarray(ones, dtype=float)
     zeros = np.asarray(rows, dtype=float) - ones
-    parts = []
+    parts = [
+        log_w + ones * on_one + zeros * on_zero
+        for log_w, on_one, on_zero in rate_factors(ceiling, m, mixture=mixture, truncation=truncation)
+    ]
+    return np.logaddexp.reduce(np.stack(np.broadcast_arrays(*parts)), axis=0)
+
+
+def rate_factors(
+    ceiling: float,
+    m: float | None = None,
+    *,
+    mixture: tuple[tuple[float, float], ...] = RATE_MIXTURE,
+    truncation: float = TRUNCATION["rate"],
+) -> list[tuple[float, float, float]]:
+    """Per component of the rate mixture: (log weight, log of its capital's factor on a one, on a zero)
+    when testing H0: rate <= m (default: the ceiling) -- the constant bets `rate_count_log_capital`
+    describes. The monitor's change detector (`rollout.gate.detection`) restarts these same components."""
+    m = ceiling if m is None else m
+    out = []
     for multiple, weight in mixture:
         p = min(multiple * ceiling, (1 + ceiling) / 2)
         lam = min((p - ceiling) / (ceiling * (1 - ceiling)), truncation / max(m, 1e-12))
-        parts.append(math.log(weight) + ones * math.log1p(lam * (1 - m)) + zeros * math.log1p(-lam * m))
-    return np.logaddexp.reduce(np.stack(np.broadcast_arrays(*parts)), axis=0)
+        out.append((math.log(weight), math.log1p(lam * (1 - m)), math.log1p(-lam * m)))
+    return out
 
 
 def rate_log_capital(stream: Stream, ceiling: float, m: float | None = None) -> np.ndarray:

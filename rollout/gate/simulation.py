@@ -315,3 +315,95 @@ def simulate_excess(
         tuple(clopper_pearson_upper(int(c), replications) for c in stops),
         tuple(int(x) for x in np.concatenate(first)) if keep_runs else (),
     )
+
+
+# ---------------------------------------------------------------- the monitor's change detector
+
+MONITOR_METHODS = ("detector", "per_look", "since_promotion")
+
+
+@dataclass(frozen=True)
+class MonitorResult:
+    """Simulated monitors of one rate check: `looks` batches of `batch` rows of the champion's traffic,
+    0/1 outcomes at `before` up to look `change_look` - 1 and at `after` from it on (change_look 1: the
+    whole life at `after`). Per method, the share of monitors that had raised an alarm by each look."""
+
+    ceiling: float
+    batch: int
+    looks: int
+    before: float
+    after: float
+    change_look: int
+    replications: int
+    alarm_by_look: dict[str, tuple[float, ...]]  # method -> share alarmed at or before look k
+    upper95: dict[str, tuple[float, ...]]  # upper end of the 95% Clopper-Pearson interval of the above
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def looks_to_detect(self, method: str, share: float = 0.5) -> int | None:
+        """Looks after the change by which `share` of the monitors had raised an alarm (None: not within
+        the simulated looks)."""
+        by = np.asarray(self.alarm_by_look[method])
+        hit = np.flatnonzero(by >= share)
+        return None if hit.size == 0 else int(hit[0]) + 1 - (self.change_look - 1)
+
+
+def simulate_monitor(
+    ceiling: float,
+    *,
+    batch: int,
+    looks: int,
+    before: float,
+    after: float,
+    change_look: int = 1,
+    replications: int,
+    alpha: float = 0.05,
+    seed: int = 0,
+    methods: tuple[str, ...] = MONITOR_METHODS,
+    chunk_elements: int = 1 << 21,
+) -> MonitorResult:
+    """Share of simulated monitors alarmed by each look, for the detector the monitor runs
+    (`detection.change_log_capital`, candidates at every look's first row) and, for comparison, the two
+    ways of reusing the step's rate test that it replaced: a fresh test on each look's batch (`per_look`)
+    and one test over every row since the promotion (`since_promotion`)."""
+    from rollout.gate.detection import change_log_capital
+    from rollout.gate.sequences import rate_log_capital, rate_stream
+
+    if not 1 <= change_look <= looks:
+        raise ValueError(f"change_look must be in 1..{looks}, got {change_look}")
+    n = batch * looks
+    starts = np.arange(0, n, batch)
+    ends = starts + batch - 1
+    target = math.log(1 / alpha)
+    rate = np.where(np.arange(n) < (change_look - 1) * batch, before, after)
+    rng = np.random.default_rng(seed)
+    counts = {m: np.zeros(looks) for m in methods}
+    per_chunk = max(1, chunk_elements // n)
+    done = 0
+    while done < replications:
+        r = min(per_chunk, replications - done)
+        x = (rng.random((r, n)) < rate).astype(float)
+        for method in methods:
+            if method == "detector":
+                peak = np.maximum.accumulate(change_log_capital(x, starts, ceiling), axis=-1)[:, ends]
+            elif method == "since_promotion":
+                peak = np.maximum.accumulate(rate_log_capital(rate_stream(x), ceiling), axis=-1)[:, ends]
+            elif method == "per_look":
+                each = rate_log_capital(rate_stream(x.reshape(r, looks, batch)), ceiling).max(axis=-1)
+                peak = np.maximum.accumulate(each, axis=-1)
+            else:
+                raise ValueError(f"unknown method {method!r}; known: {', '.join(MONITOR_METHODS)}")
+            counts[method] += (peak >= target).sum(axis=0)
+        done += r
+    return MonitorResult(
+        ceiling,
+        batch,
+        looks,
+        before,
+        after,
+        change_look,
+        replications,
+        {m: tuple(float(c) for c in counts[m] / replications) for m in methods},
+        {m: tuple(clopper_pearson_upper(int(c), replications) for c in counts[m]) for m in methods},
+    )

@@ -260,6 +260,74 @@ def test_monitor_breach_with_manual_policy_waits_for_a_rollback_approval(flow_us
         assert s.scalar(select(UseCase.phase).where(UseCase.name == name)) == "rolled_back"
 
 
+def test_the_monitor_accumulates_evidence_over_its_looks_and_a_kept_alarm_resumes_it(
+    flow_use_case, tmp_path
+) -> None:
+    """Batches of 12 production rows with 2 errors each (17% against a 5% ceiling): no batch alone shows a
+    breach, their looks together do, and the alarm says where its evidence begins. A person who keeps the
+    champion (two approvers: it goes against the monitor) returns the use case to `promoted`, and the
+    detector starts again after the kept alarm."""
+    import json
+
+    from flows.monitor import monitor_flow
+    from flows.promote import keep_flow
+    from rollout import approvals, registry
+    from rollout.auth import Identity
+    from rollout.db.models import UseCase
+    from rollout.db.session import session_scope
+    from sparse_core import SparsePlan
+
+    name = flow_use_case(rollback="manual")
+    did = _pilot_with_decision(name, "GO", "approval")
+    with session_scope() as s:
+        model_ref = _spec_model(s, name)
+    baseline = SparsePlan(tau=1.0, dense_layers=(0, 1), metadata={"baseline": "dense"})
+    registry.register_version(name, baseline, model_ref, actor=registry.SYSTEM_PIPELINE, density=1.0)
+    approvals.approve(did, Identity(*ALICE), "ship it")
+    promoted = registry.current_aliases(name)["champion"]
+
+    def look(i: int, errors: int) -> dict:
+        path = tmp_path / f"prod{i}.jsonl"
+        rows = [
+            {
+                "request_id": f"b{i}-{j}",
+                "arm": "treatment",
+                "quality": 0.9,
+                "latency_ms": 500.0,
+                "error": j < errors,
+            }
+            for j in range(12)
+        ]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return monitor_flow(name, observations_file=str(path))
+
+    looks = []
+    for i in range(1, 13):
+        mon = look(i, 2)
+        looks.append(mon)
+        if mon["outcome"] != "GO":
+            break
+    assert looks[0]["outcome"] == "GO" and "over 1 look:" in looks[0]["explanation"]
+    assert "over 2 looks:" in looks[1]["explanation"]
+    assert mon["outcome"] == "NO-GO" and 3 <= len(looks) <= 12, [m["outcome"] for m in looks]
+    assert (
+        mon["awaiting"] == "rollback_approval" and "the evidence begins with look 1 of" in mon["explanation"]
+    )
+    with session_scope() as s:
+        assert s.scalar(select(UseCase.phase).where(UseCase.name == name)) == "awaiting_approval"
+
+    first = approvals.approve(mon["decision_id"], Identity(*ALICE), "a known upstream outage", reject=True)
+    assert first.needs_second_approver and not first.took_effect
+    kept = approvals.approve(mon["decision_id"], Identity(*BOB), "the outage is fixed", reject=True)
+    assert kept.took_effect and registry.current_aliases(name)["champion"] == promoted
+    with session_scope() as s:
+        assert s.scalar(select(UseCase.phase).where(UseCase.name == name)) == "promoted"
+    # what a paused approval run does on this answer: safe to repeat, the use case stays promoted
+    assert keep_flow(mon["decision_id"], kept.approval_id, "the outage is fixed")["action"] == "kept"
+    healthy = look(99, 0)
+    assert healthy["outcome"] == "GO" and "over 1 look:" in healthy["explanation"], healthy["explanation"]
+
+
 def _spec_model(session, name: str) -> str:
     from rollout import pilots
 

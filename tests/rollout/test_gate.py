@@ -313,8 +313,11 @@ def test_monitor_uses_the_same_checks() -> None:
     assert names[0] == "treatment_error_rate" and out["breached"] == ["treatment_error_rate"]
     settings = GateSettings(max_error_rate=spec.gate.guardrails.max_error_rate, guardrail_min_samples=1)
     frame = check_observations(pd.DataFrame(rows), mode="split").frame
-    same = judge(guardrail_checks(settings)[0], frame, alpha=spec.gate.alpha, mode="monitor")
-    assert same.breached and out["checks"][0]["lower_bound"] == pytest.approx(same.lower_bound)
+    # rows without a look are one look, whose candidate carries weight 1/2 in the monitor's change
+    # detector: the step's own rate test at alpha / 2, bound for bound
+    same = judge(guardrail_checks(settings)[0], frame, alpha=spec.gate.alpha / 2, mode="split")
+    assert same.breached and out["checks"][0]["lower_bound"] == pytest.approx(same.lower_bound, abs=1e-3)
+    assert out["looks"] == 1 and out["checks"][0]["value"] == pytest.approx(1 / 3)
 
 
 # ---------------------------------------------------------------- bad input: INVALID naming the column
