@@ -169,7 +169,10 @@ def _monitor_verdict(check: dict[str, Any], guard: dict[str, Any], alpha: float)
         )
     looks = guard.get("looks", 1)
     return "GO", f"no guardrail shown breached over {looks} look{'s' if looks != 1 else ''}: " + ", ".join(
-        f"{c['name']} {c['value']:.4g} (limit {c['threshold']:.4g})" for c in guard["checks"]
+        f"{c['name']} {c['value']:.4g} (limit {c['threshold']:.4g})"
+        if c["value"] is not None
+        else f"{c['name']} not judged ({c['note']})"
+        for c in guard["checks"]
     )
 
 

@@ -652,14 +652,19 @@ def elapsed_days(step: PilotStep) -> float:
 
 
 def monitor_guardrails(rows: list[Mapping[str, Any]], spec: Any) -> dict[str, Any]:
-    """Guardrails on sampled production traffic of the champion (the treatment arm): the gate's rate checks
-    (`rollout.gate.guardrails`), judged over all the monitor's looks by its change detector
-    (`judge_monitor`; a row's look is its `look`, the batch id, else all rows are one look), so a check is
-    breached only when the evidence shows it and false alarms stay <= alpha however many looks are taken.
-    Pure; every value, threshold and bound is returned."""
+    """The monitor's checks on the champion's traffic, judged over all its looks by the change detector
+    (`rollout.gate.guardrails.judge_monitor`; a row's look is its `look`, the batch id, else all rows are
+    one look), so a check is breached only when the evidence shows it and its false alarms stay <= alpha
+    however many looks are taken: the gate's rate checks on the sparse arm's rows, and on the requests
+    both arms answered (the dense model answers the sampled requests offline) the excess error over
+    dense and the quality loss beyond the margin (`judge_monitor_quality`). Pure; every value, threshold
+    and bound is returned."""
+    import numpy as np
     import pandas as pd
 
     from rollout.gate import GateSettings, check_observations, guardrail_checks, judge_monitor
+    from rollout.gate.guardrails import judge_monitor_quality
+    from rollout.gate.quality import paired_arms
 
     settings = GateSettings.from_spec(spec)
     trt = [r for r in rows if r["arm"] == "treatment"]
@@ -668,13 +673,26 @@ def monitor_guardrails(rows: list[Mapping[str, Any]], spec: Any) -> dict[str, An
     if checked is None or checked.frame is None:
         out["problems"] = list(checked.problems) if checked is not None else []
         return out
-    looks = [r.get("look", "") for r in trt]
-    out["looks"] = len(dict.fromkeys(looks))
+    both = check_observations(pd.DataFrame(rows), mode="paired")
+    if both.frame is None:
+        out["problems"] = list(both.problems)
+        return out
+    looks = np.asarray([r.get("look", "") for r in rows], dtype=object)
+    trt_looks = np.asarray([r.get("look", "") for r in trt], dtype=object)
+    pairs = paired_arms(both.frame).pairs
+    pairs = pairs.assign(look=looks[pairs["row"].to_numpy()])
+    out["looks"] = len(dict.fromkeys(trt_looks))
+    out["pairs"] = len(pairs)
     out["method"] = "change-detector"
     results = [
-        judge_monitor(c, checked.frame, looks, alpha=settings.alpha)
-        for c in guardrail_checks(settings, with_control=False)
+        judge_monitor(c, checked.frame, trt_looks, alpha=settings.alpha, pairs=pairs)
+        for c in guardrail_checks(settings)
     ]
+    results.append(
+        judge_monitor_quality(
+            pairs, settings.margin, alpha=settings.alpha, min_samples=settings.guardrail_min_samples
+        )
+    )
     out["checks"] = [
         {
             "name": r.name,

@@ -12,6 +12,11 @@ false); a breach at 2.5c from the first look (a champion bad from the start); he
 then 2.5c (a breach that starts late). Printed: the share alarmed by look 30 and 200 (with the upper end of
 its 95% Clopper-Pearson interval) and the looks after the change by which half (and 90%) had an alarm.
 
+Then the quality check (`simulate_monitor_quality`, margin 0.03): the paired loss q_dense - q_sparse of
+the gate's score models and two noisier ones, at the margin for the whole life (every alarm false),
+2x and 3x the margin from look 1, and 3x from look 101 after no loss; for the chosen mixture of bets
+(`detection.LOSS_MIXTURE`) and two bolder ones, looks to 50% / 90% alarmed.
+
     python docs/gate/monitor_detection.py OUT.json [REPLICATIONS]
 """
 
@@ -22,10 +27,19 @@ import os
 import sys
 import time
 
-from rollout.gate.simulation import MONITOR_METHODS, simulate_monitor
+from rollout.gate.detection import LOSS_MIXTURE
+from rollout.gate.simulation import MONITOR_METHODS, simulate_monitor, simulate_monitor_quality
 
 LOOKS = 200
 CELLS = [(0.01, 12), (0.01, 200), (0.05, 12), (0.05, 200)]
+QUALITY_CELLS = [
+    ("beta8_2", 12),
+    ("binary80", 12),
+    ("losses", 12),
+    ("noisy20", 12),
+    ("noisy40", 12),
+    ("binary80", 200),
+]
 
 
 def main(out: str, replications: int = 2000) -> None:
@@ -52,6 +66,41 @@ def main(out: str, replications: int = 2000) -> None:
                 for m in MONITOR_METHODS
             )
             print(f"| {ceiling} | {batch} | {name} | {cells} |", flush=True)
+    quality = []
+    mixtures = {"chosen": LOSS_MIXTURE, "g 0.45/0.8": ((0.45, 0.5), (0.8, 0.5)), "g 0.8": ((0.8, 1.0),)}
+    margin = 0.03
+    for scores, batch in QUALITY_CELLS:
+        scenarios = {
+            "at the margin": (margin, margin, 1),
+            "2x margin from look 1": (2 * margin, 2 * margin, 1),
+            "3x margin from look 1": (3 * margin, 3 * margin, 1),
+            "none, then 3x margin from look 101": (0.0, 3 * margin, 101),
+        }
+        for name, (before, after, change) in scenarios.items():
+            r = simulate_monitor_quality(
+                scores,
+                margin=margin,
+                batch=batch,
+                looks=LOOKS,
+                before=before,
+                after=after,
+                change_look=change,
+                replications=replications,
+                mixtures=mixtures,
+                seed=11,
+            )
+            row = {"scenario": name, **r.to_dict()}
+            row["looks_to_detect"] = {
+                m: [r.looks_to_detect(m, 0.5), r.looks_to_detect(m, 0.9)] for m in mixtures
+            }
+            quality.append(row)
+            cells = " | ".join(
+                f"{100 * r.alarm_by_look[m][-1]:.1f}% ({100 * r.upper95[m][-1]:.1f}%)"
+                if name == "at the margin"
+                else f"{row['looks_to_detect'][m][0]} / {row['looks_to_detect'][m][1]}"
+                for m in mixtures
+            )
+            print(f"| {scores} | {batch} | {name} | {cells} |", flush=True)
     meta = {
         "replications": replications,
         "looks": LOOKS,
@@ -60,7 +109,7 @@ def main(out: str, replications: int = 2000) -> None:
         "methods": MONITOR_METHODS,
     }
     with open(out, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        json.dump({"meta": meta, "rows": rows, "quality": quality}, f, indent=1)
     print(f"{meta['seconds']} s, load {meta['load_average']}")
 
 

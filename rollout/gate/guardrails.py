@@ -3,9 +3,10 @@
 A check says which 0/1 metric of a request it watches (an error, a latency over the SLO), how it is
 compared (`rate`: the treatment arm's rate against a ceiling; `excess`: treatment minus control), the
 threshold and the minimum number of treatment rows before it can be judged. `decide` (pilot steps) runs
-them through `judge`; the monitor (the champion's production traffic, no control arm) runs the rate checks
-through `judge_monitor`, a change detector over all its looks (`rollout.gate.detection`), so that its false
-alarm, too, is bounded however many looks it takes.
+them through `judge`; the monitor (the champion's sampled traffic, which the dense model also answers)
+runs them through `judge_monitor`, a change detector over all its looks (`rollout.gate.detection`), so
+that its false alarm, too, is bounded however many looks it takes, and adds the quality loss beyond the
+margin (`judge_monitor_quality`).
 
 A check is **breached** only when the evidence says so: its lower confidence bound, anytime-valid by
 betting (`rollout.gate.sequences`), is above the threshold. A check whose rate is truly at or below the
@@ -25,6 +26,7 @@ import pandas as pd
 
 from rollout.gate import detection
 from rollout.gate.sequences import (
+    EXCESS_MIXTURE,
     Stream,
     bound_where,
     excess_crosses,
@@ -77,7 +79,7 @@ class Guardrail:
 
 
 def guardrail_checks(settings: GateSettings, *, with_control: bool = True) -> tuple[GuardrailCheck, ...]:
-    """The checks the settings ask for. Without a control arm (the monitor) only the rate checks."""
+    """The checks the settings ask for; `with_control=False`: the rate checks only (no control arm)."""
     n = settings.guardrail_min_samples
     checks = [GuardrailCheck("treatment_error_rate", "error", "rate", settings.max_error_rate, n)]
     if with_control:
@@ -145,43 +147,103 @@ def judge(
 
 
 def judge_monitor(
-    check: GuardrailCheck, frame: pd.DataFrame, looks: Sequence[object], *, alpha: float
+    check: GuardrailCheck,
+    frame: pd.DataFrame,
+    looks: Sequence[object],
+    *,
+    alpha: float,
+    pairs: pd.DataFrame | None = None,
 ) -> Guardrail:
-    """Judge one rate check on the champion's traffic over the monitor's looks (`looks`: the look, e.g.
-    the batch id, of each row of `frame`, in arrival order) by the change detector
-    (`rollout.gate.detection`): breached when some stretch since a look began shows the rate above the
-    threshold, with false alarm <= alpha over every look the monitor will ever take. A breach's value is
-    the rate since the look where its evidence begins (the note says which); otherwise the rate overall."""
-    if check.comparison != "rate":
-        raise ValueError(f"{check.name}: the monitor judges rate checks only (no control arm)")
-    looks = np.asarray(looks, dtype=object)
-    if looks.shape != (len(frame),):
-        raise ValueError(f"{check.name}: {looks.size} look labels for {len(frame)} rows")
-    keep, excluded = _judged_rows(check, frame)
-    x, labels = check.indicator(frame)[keep], looks[keep]
-    n = int(x.size)
-    left_out = f"{excluded} sparse-arm rows collected under CPU overload left out" if excluded else ""
-    if n == 0:
-        note = "; ".join(filter(None, [_note(check, 0), left_out]))
-        return Guardrail(check.name, None, check.threshold, False, False, note, n=0, excluded=excluded)
-    starts = detection.look_starts(labels)
-    evaluated = n >= check.min_samples
-    if not detection.detected(x, starts, check.threshold, alpha):
-        note = "; ".join(filter(None, ["" if evaluated else _note(check, n), left_out]))
-        return Guardrail(
-            check.name, float(x.mean()), check.threshold, False, evaluated, note, n=n, excluded=excluded
+    """Judge one check on the champion's traffic over the monitor's looks by the change detector
+    (`rollout.gate.detection`): breached when some stretch since a look began shows it above the
+    threshold, with false alarm <= alpha over every look the monitor will ever take. A rate check judges
+    the sparse arm's rows of `frame` (`looks`: each row's look, e.g. its batch id, in arrival order); an
+    excess check the requests both arms answered (`pairs`, `quality.paired_arms`, with a `look` column),
+    not judged without them. A breach's value is the rate (excess) since the look where its evidence
+    begins (the note says which); otherwise over all the rows judged."""
+    if check.comparison == "rate":
+        looks = np.asarray(looks, dtype=object)
+        if looks.shape != (len(frame),):
+            raise ValueError(f"{check.name}: {looks.size} look labels for {len(frame)} rows")
+        keep, excluded = _judged_rows(check, frame)
+        x = check.indicator(frame)[keep]
+        return _detect(
+            check.name,
+            check.threshold,
+            check.min_samples,
+            rate_stream(x),
+            looks[keep],
+            detection.rate_factors_of(x, check.threshold),
+            alpha,
+            (0.0, 1.0),
+            excluded,
         )
-    k = detection.evidence_start(x, starts, check.threshold)
-    since = x[starts[k] :]
-    note = f"the evidence begins with look {k + 1} of {starts.size} ({since.size} rows since)"
+    if pairs is None or pairs.empty:
+        note = "not judged: no request has both arms' answers to compare"
+        return Guardrail(check.name, None, check.threshold, False, False, note)
+    z = check.indicator(pairs.rename(columns=_suffix("treatment"))) - check.indicator(
+        pairs.rename(columns=_suffix("control"))
+    )
+    factors = detection.mean_factors_of(z, check.threshold, mixture=EXCESS_MIXTURE)
+    stream = paired_stream(z)
+    return _detect(
+        check.name, check.threshold, check.min_samples, stream, pairs["look"].to_numpy(), factors, alpha
+    )
+
+
+def judge_monitor_quality(pairs: pd.DataFrame, margin: float, *, alpha: float, min_samples: int) -> Guardrail:
+    """`quality_loss`: does the champion now lose more than the margin to dense on the requests both
+    answered (`pairs` as for `judge_monitor`)? The change detector on the paired loss q_dense - q_sparse
+    in [-1, 1] (`detection.LOSS_MIXTURE`): the step's futility question, asked after promotion."""
+    name = "quality_loss"
+    if pairs is None or pairs.empty:
+        return Guardrail(name, None, margin, False, False, "not judged: no request has both arms' answers")
+    z = pairs["quality_control"].to_numpy(dtype=float) - pairs["quality_treatment"].to_numpy(dtype=float)
+    return _detect(
+        name,
+        margin,
+        min_samples,
+        paired_stream(z),
+        pairs["look"].to_numpy(),
+        detection.mean_factors_of(z, margin),
+        alpha,
+    )
+
+
+def _detect(
+    name: str,
+    threshold: float,
+    min_samples: int,
+    stream: Stream,
+    labels: np.ndarray,
+    factors: detection.Factors,
+    alpha: float,
+    span: tuple[float, float] = (-1.0, 1.0),
+    excluded: int = 0,
+) -> Guardrail:
+    n = stream.n
+    left_out = f"{excluded} sparse-arm rows collected under CPU overload left out" if excluded else ""
+    short = f"needs {min_samples} rows to be judged ({n} so far)" if n < min_samples else ""
+    if n == 0:
+        note = "; ".join(filter(None, [short, left_out]))
+        return Guardrail(name, None, threshold, False, False, note, n=0, excluded=excluded)
+    starts = detection.look_starts(labels)
+    if not detection.detected(factors, starts, alpha):
+        note = "; ".join(filter(None, [short, left_out]))
+        return Guardrail(
+            name, float(stream.z.mean()), threshold, False, not short, note, n=n, excluded=excluded
+        )
+    k = detection.evidence_start(factors, starts)
+    since = Stream(stream.z[starts[k] :], stream.lo, stream.hi, stream.truncation)
+    note = f"the evidence begins with look {k + 1} of {starts.size} ({since.n} rows since)"
     return Guardrail(
-        check.name,
-        float(since.mean()),
-        check.threshold,
+        name,
+        float(since.z.mean()),
+        threshold,
         True,
         True,  # evidence of a breach counts whatever the sample size
         "; ".join(filter(None, [note, left_out])),
-        detection.lower_bound(x, starts, check.threshold, alpha),
+        detection.lower_bound(factors, starts, alpha, since, span),
         n,
         excluded,
     )

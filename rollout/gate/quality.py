@@ -34,7 +34,7 @@ class Arms:
     std_error: float | None
     n_pairs: int | None  # paired only
     unpaired_rows: int
-    pairs: pd.DataFrame | None  # paired only: one row per complete request, in completion order
+    pairs: pd.DataFrame | None  # paired only: one row per complete request, in completion order (`row`)
 
 
 def paired_arms(frame: pd.DataFrame) -> Arms:
@@ -58,6 +58,7 @@ def paired_arms(frame: pd.DataFrame) -> Arms:
             for col in ("quality", "error", "latency_ms")
         }
     )
+    pairs["row"] = np.maximum(rows["control"], rows["treatment"])  # the row that completed the pair
     d = pairs["quality_treatment"].to_numpy() - pairs["quality_control"].to_numpy()
     n = len(d)
     return Arms(

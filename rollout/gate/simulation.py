@@ -44,10 +44,10 @@ class ScoreModel:
     score_type: str
 
 
-def _binary(p: float) -> ScoreModel:
-    """0/1 scores, p correct. The sparse answer differs on 7% of requests (as measured on pilots): it loses
-    on a share of the correct ones and wins on a share of the wrong ones, so E[sparse - dense] = delta."""
-    disagree = 0.07
+def _binary(p: float, disagree: float = 0.07) -> ScoreModel:
+    """0/1 scores, p correct. The sparse answer differs on `disagree` of the requests (7% as measured on
+    pilots): it loses on a share of the correct ones and wins on a share of the wrong ones, so
+    E[sparse - dense] = delta."""
 
     def control(rng, shape):
         return (rng.random(shape) < p).astype(float)
@@ -58,7 +58,8 @@ def _binary(p: float) -> ScoreModel:
         u = rng.random(q.shape)
         return np.where(q == 1, (u >= lose).astype(float), (u < win).astype(float))
 
-    return ScoreModel(f"0/1 at {p:.0%} correct", control, degrade, "binary")
+    differ = "" if disagree == 0.07 else f", {disagree:.0%} of answers differ"
+    return ScoreModel(f"0/1 at {p:.0%} correct{differ}", control, degrade, "binary")
 
 
 def _beta(a: float, b: float, degraded: float = 0.12) -> ScoreModel:
@@ -406,4 +407,94 @@ def simulate_monitor(
         replications,
         {m: tuple(float(c) for c in counts[m] / replications) for m in methods},
         {m: tuple(clopper_pearson_upper(int(c), replications) for c in counts[m]) for m in methods},
+    )
+
+
+# Noisier scores than the gate's grid (half the answers right, the arms disagreeing on 20% / 40% of the
+# requests), where bold constant bets lose: the monitor's quality mixture is chosen against these too.
+NOISY_SCORE_MODELS = {"noisy20": _binary(0.5, 0.20), "noisy40": _binary(0.5, 0.40)}
+
+
+@dataclass(frozen=True)
+class MonitorQualityResult:
+    """Simulated monitors of the quality check: `looks` batches of `batch` requests both arms answered,
+    the champion losing `before` (mean of q_dense - q_sparse) up to look `change_look` - 1 and `after`
+    from it on. Per mixture of bets, the share of monitors alarmed by each look."""
+
+    scores: str
+    margin: float
+    batch: int
+    looks: int
+    before: float
+    after: float
+    change_look: int
+    replications: int
+    alarm_by_look: dict[str, tuple[float, ...]]
+    upper95: dict[str, tuple[float, ...]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def looks_to_detect(self, mixture: str, share: float = 0.5) -> int | None:
+        by = np.asarray(self.alarm_by_look[mixture])
+        hit = np.flatnonzero(by >= share)
+        return None if hit.size == 0 else int(hit[0]) + 1 - (self.change_look - 1)
+
+
+def simulate_monitor_quality(
+    scores: str,
+    *,
+    margin: float,
+    batch: int,
+    looks: int,
+    before: float,
+    after: float,
+    change_look: int = 1,
+    replications: int,
+    mixtures: dict[str, tuple[tuple[float, float], ...]] | None = None,
+    alpha: float = 0.05,
+    seed: int = 0,
+    chunk_elements: int = 1 << 21,
+) -> MonitorQualityResult:
+    """The monitor's quality check (`detection.mean_factors_of` on the paired loss, candidates at every
+    look's first row), simulated with the gate's score models (`SCORE_MODELS`, `NOISY_SCORE_MODELS`: the
+    sparse answer made worse by an exact mean loss), for one or more mixtures of bets (default:
+    `detection.LOSS_MIXTURE`)."""
+    from rollout.gate.detection import LOSS_MIXTURE, log_capital, mean_factors_of
+
+    if not 1 <= change_look <= looks:
+        raise ValueError(f"change_look must be in 1..{looks}, got {change_look}")
+    mixtures = mixtures or {"loss": LOSS_MIXTURE}
+    model = {**SCORE_MODELS, **NOISY_SCORE_MODELS}[scores]
+    n = batch * looks
+    cut = (change_look - 1) * batch
+    starts = np.arange(0, n, batch)
+    ends = starts + batch - 1
+    target = math.log(1 / alpha)
+    rng = np.random.default_rng(seed)
+    counts = {name: np.zeros(looks) for name in mixtures}
+    per_chunk = max(1, chunk_elements // n)
+    done = 0
+    while done < replications:
+        r = min(per_chunk, replications - done)
+        q = model.control(rng, (r, n))
+        sparse = np.concatenate(
+            (model.degrade(rng, q[:, :cut], -before), model.degrade(rng, q[:, cut:], -after)), axis=1
+        )
+        loss = q - sparse
+        for name, mixture in mixtures.items():
+            cap = log_capital(mean_factors_of(loss, margin, mixture=mixture)(None), starts)
+            counts[name] += (np.maximum.accumulate(cap, axis=-1)[:, ends] >= target).sum(axis=0)
+        done += r
+    return MonitorQualityResult(
+        scores,
+        margin,
+        batch,
+        looks,
+        before,
+        after,
+        change_look,
+        replications,
+        {k: tuple(float(c) for c in v / replications) for k, v in counts.items()},
+        {k: tuple(clopper_pearson_upper(int(c), replications) for c in v) for k, v in counts.items()},
     )

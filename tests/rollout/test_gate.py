@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -318,6 +319,63 @@ def test_monitor_uses_the_same_checks() -> None:
     same = judge(guardrail_checks(settings)[0], frame, alpha=spec.gate.alpha / 2, mode="split")
     assert same.breached and out["checks"][0]["lower_bound"] == pytest.approx(same.lower_bound, abs=1e-3)
     assert out["looks"] == 1 and out["checks"][0]["value"] == pytest.approx(1 / 3)
+
+
+def test_the_monitor_compares_the_arms_where_dense_answered_too() -> None:
+    """The monitor's sampled requests are answered by both arms: the quality loss beyond the margin and
+    the excess error over dense are judged on those pairs, look by look; imported production rows of
+    the champion alone leave both not judged (and say so) while the rate checks still run."""
+    from rollout.decisions import _monitor_verdict
+    from rollout.pilots import monitor_guardrails
+    from rollout.spec import parse_spec
+
+    from .usecase_helpers import example_spec
+
+    spec = parse_spec(example_spec("docs-qa"))  # margin 0.03
+    rng = np.random.default_rng(8)
+    rows = []
+    for i in range(600):  # 50 looks of 12; from look 21 the champion misses 20% of what dense gets right
+        lost = i >= 240 and rng.random() < 0.2
+        look = f"m-{i // 12}"
+        rows.append(
+            {
+                "request_id": f"r{i}",
+                "arm": "control",
+                "quality": 1.0,
+                "latency_ms": 90.0,
+                "error": False,
+                "look": look,
+            }
+        )
+        rows.append(
+            {
+                "request_id": f"r{i}",
+                "arm": "treatment",
+                "quality": 0.0 if lost else 1.0,
+                "latency_ms": 80.0,
+                "error": False,
+                "look": look,
+            }
+        )
+    out = monitor_guardrails(rows, spec)
+    checks = {c["name"]: c for c in out["checks"]}
+    assert out["looks"] == 50 and out["pairs"] == 600
+    assert out["breached"] == ["quality_loss"], out
+    loss = checks["quality_loss"]
+    assert loss["threshold"] == 0.03 and loss["lower_bound"] > 0.03 and loss["value"] > 0.1
+    begins = int(re.search(r"the evidence begins with look (\d+) of 50", loss["note"]).group(1))
+    assert 18 <= begins <= 24, loss["note"]  # the loss began with look 21
+    assert checks["error_rate_increase"]["evaluated"] and not checks["error_rate_increase"]["breached"]
+
+    healthy = [r if r["arm"] == "control" else {**r, "quality": 1.0} for r in rows]
+    assert monitor_guardrails(healthy, spec)["breached"] == []
+
+    alone = monitor_guardrails([r for r in rows if r["arm"] == "treatment"], spec)
+    by_name = {c["name"]: c for c in alone["checks"]}
+    assert not by_name["quality_loss"]["evaluated"] and "both arms" in by_name["quality_loss"]["note"]
+    assert by_name["treatment_error_rate"]["evaluated"] and alone["breached"] == []
+    outcome, why = _monitor_verdict({"passed": True}, alone, 0.05)
+    assert outcome == "GO" and "quality_loss not judged" in why
 
 
 # ---------------------------------------------------------------- bad input: INVALID naming the column

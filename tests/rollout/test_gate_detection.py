@@ -74,17 +74,30 @@ def test_the_evidence_begins_where_the_change_began() -> None:
     x = np.zeros(looks.size)
     x[50 * 20 :: 4] = 1.0  # 25% errors from look 51 on, against a 5% ceiling
     starts = detection.look_starts(looks)
-    assert detection.detected(x, starts, 0.05, ALPHA)
-    assert detection.evidence_start(x, starts, 0.05) == 50
-    low = detection.lower_bound(x, starts, 0.05, ALPHA)
+    factors = detection.rate_factors_of(x, 0.05)
+    assert detection.detected(factors, starts, ALPHA)
+    assert detection.evidence_start(factors, starts) == 50
+    low = detection.lower_bound(factors, starts, ALPHA, rate_stream(x[1000:]), (0.0, 1.0))
     assert 0.05 < low < 0.25
     # the bound is the edge of what the detector rejects
     target = math.log(1 / ALPHA)
-    assert (
-        detection.change_peak(x, starts, 0.05, low - 2e-3)
-        >= target
-        > detection.change_peak(x, starts, 0.05, low + 2e-3)
-    )
+    assert detection.peak(factors, starts, low - 2e-3) >= target > detection.peak(factors, starts, low + 2e-3)
+
+
+def test_a_quality_loss_is_detected_where_it_begins_and_a_small_one_is_not() -> None:
+    """Paired losses q_dense - q_sparse: 0.005 for 30 looks (margin 0.03), then 0.15 on average (a 0/1 task
+    where the champion now misses 15% of what dense gets right); the alarm points at look 31. The same
+    stream shifted to a mean loss of half the margin raises none."""
+    rng = np.random.default_rng(5)
+    looks = np.repeat(np.arange(60), 12)
+    z = np.where(rng.random(looks.size) < 0.15, 1.0, 0.0)
+    z[: 30 * 12] = np.where(rng.random(30 * 12) < 0.005, 1.0, 0.0)
+    starts = detection.look_starts(looks)
+    factors = detection.mean_factors_of(z, 0.03)
+    assert detection.detected(factors, starts, ALPHA)
+    assert abs(detection.evidence_start(factors, starts) - 30) <= 2
+    quiet = detection.mean_factors_of(np.where(rng.random(4000) < 0.015, 1.0, 0.0), 0.03)
+    assert not detection.detected(quiet, np.arange(0, 4000, 12), ALPHA)
 
 
 def _decided(cell, run) -> tuple[float, float, int]:
