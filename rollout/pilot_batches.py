@@ -175,7 +175,11 @@ def import_file(
             if new:  # Core executemany: the ORM's per-row bookkeeping costs more than the insert itself
                 fixed = {"pilot_step_id": step.id, "use_case_id": info["use_case_id"], "batch_id": bid,
                          "source": source, "created_at": utcnow()}  # fmt: skip
-                session.execute(Observation.__table__.insert(), [{**r, **fixed} for r in new])
+                salt = info["salt"]  # the file's order carries no weight: pilots.stream_key places each row
+                session.execute(
+                    Observation.__table__.insert(),
+                    [{**r, **fixed, "stream_key": pilots.stream_key(r["request_id"], salt)} for r in new],
+                )
             rows_seen += len(rows)
             inserted += len(new)
             if len(sample) < 1000:

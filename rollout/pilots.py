@@ -190,6 +190,39 @@ def assign_arm(request_id: str, salt: str, traffic_pct: float) -> str:
     return "treatment" if hash_unit(request_id, salt) < traffic_pct / 100.0 else "control"
 
 
+# --- the order of the evidence ---------------------------------------------------------------------
+
+IMPORTED_SOURCES = ("imported", "imported-external")
+
+
+def stream_key(request_id: str, salt: str) -> int:
+    """Where an imported row enters its step's evidence stream, within its import: a salted hash of the
+    request id (a hash domain of its own, apart from the arm assignment), in [0, 2^63). The gate's
+    sequences need an order that carries no information about the outcomes; a file's may (an export
+    sorted by latency, when the sparse model loses more on long requests), a salted hash cannot. Both
+    arms of a request share the key, so a shadow pair is complete where its key places it."""
+    digest = hashlib.sha256(f"{salt}:evidence-order:{request_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def in_evidence_order(records: list[tuple], *, batch: int = -2, key: int = -1) -> list[tuple]:
+    """Stored rows (in id order) as the evidence stream takes them: batches in the order they were
+    stored, an imported batch's rows by their stream key, every other row where it arrived. `batch` and
+    `key` index each record's batch id and stream key."""
+    from operator import itemgetter
+
+    keys = list(map(itemgetter(key), records))
+    if keys.count(None) == len(keys):  # no imported row: arrival order (the common case, C speed)
+        return records
+    import numpy as np
+    import pandas as pd
+
+    rank = pd.factorize(np.array(list(map(itemgetter(batch), records)), dtype=object))[0]  # first appearance
+    stream = np.array([0 if k is None else k for k in keys], dtype=np.int64)
+    order = np.lexsort((np.arange(len(records)), stream, rank))
+    return list(map(records.__getitem__, order.tolist()))
+
+
 # --- pilots and steps ------------------------------------------------------------------------------
 
 
@@ -348,6 +381,7 @@ def record_observations(
                 error=bool(r.get("error") or False),
                 overloaded=bool(r.get("overloaded") or False),
                 source=source,
+                stream_key=stream_key(key[0], pilot.salt) if source in IMPORTED_SOURCES else None,
             )
         )
         inserted += 1
@@ -483,22 +517,21 @@ def abort_pilot(
 
 
 def step_observations(session: Session, step: PilotStep) -> list[dict[str, Any]]:
-    """The observations of one step as plain rows (the gate's input table) in the order they were stored:
-    the gate's confidence sequence runs along arrival order, so each look extends the one before."""
+    """The observations of one step as plain rows (the gate's input table) in evidence order: batches in
+    the order they were stored, each import's rows by their stream key, other rows as they arrived
+    (`in_evidence_order`). The gate's confidence sequence runs along this order, and each look's stream
+    extends the one before (a batch is stored whole, after the earlier ones)."""
     result = session.execute(
         select(
-            Observation.request_id,
-            Observation.arm,
-            Observation.quality,
-            Observation.latency_ms,
-            Observation.tokens,
-            Observation.error,
-            Observation.overloaded,
+            *(getattr(Observation, f) for f in OBSERVATION_FIELDS),
+            Observation.batch_id,
+            Observation.stream_key,
         )
         .where(Observation.pilot_step_id == step.id)
         .order_by(Observation.id)
     )
-    return [dict(zip(OBSERVATION_FIELDS, row, strict=True)) for row in result.tuples()]
+    n = len(OBSERVATION_FIELDS)
+    return [dict(zip(OBSERVATION_FIELDS, row[:n], strict=True)) for row in in_evidence_order(result.all())]
 
 
 def monitor_observations(session: Session, step: PilotStep) -> list[dict[str, Any]]:
@@ -517,11 +550,16 @@ def monitor_observations(session: Session, step: PilotStep) -> list[dict[str, An
     )
     after = int((kept.evidence or {}).get("judged_through") or 0) if kept is not None else 0
     result = session.execute(
-        select(*(getattr(Observation, f) for f in OBSERVATION_FIELDS), Observation.batch_id)
+        select(
+            *(getattr(Observation, f) for f in OBSERVATION_FIELDS),
+            Observation.batch_id,
+            Observation.stream_key,
+        )
         .where(Observation.pilot_step_id == step.id, Observation.id > after)
         .order_by(Observation.id)
     )
-    return [dict(zip((*OBSERVATION_FIELDS, "look"), row, strict=True)) for row in result.tuples()]
+    fields = (*OBSERVATION_FIELDS, "look")
+    return [dict(zip(fields, row[:-1], strict=True)) for row in in_evidence_order(result.all())]
 
 
 def last_observation_id(session: Session, step: PilotStep) -> int:

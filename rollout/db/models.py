@@ -17,6 +17,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Float,
@@ -206,6 +207,9 @@ class Observation(Base):
     error: Mapped[bool] = mapped_column(Boolean, default=False)
     # collected while the host's CPU was oversubscribed (sparse_core.host): its latency is not the model's
     overloaded: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # imported rows: their place in the step's evidence stream within their import (rollout.pilots.stream_key,
+    # a salted hash of the request id: a file's order must carry no information); NULL = arrival order
+    stream_key: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     source: Mapped[str] = mapped_column(String(20), default="simulated")  # pilot-flow / imported / monitor
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 

@@ -271,9 +271,9 @@ def test_the_monitor_accumulates_evidence_over_its_looks_and_a_kept_alarm_resume
 
     from flows.monitor import monitor_flow
     from flows.promote import keep_flow
-    from rollout import approvals, registry
+    from rollout import approvals, pilots, registry
     from rollout.auth import Identity
-    from rollout.db.models import UseCase
+    from rollout.db.models import Pilot, PilotStep, UseCase
     from rollout.db.session import session_scope
     from sparse_core import SparsePlan
 
@@ -315,6 +315,15 @@ def test_the_monitor_accumulates_evidence_over_its_looks_and_a_kept_alarm_resume
     )
     with session_scope() as s:
         assert s.scalar(select(UseCase.phase).where(UseCase.name == name)) == "awaiting_approval"
+        step = s.scalar(select(PilotStep).where(PilotStep.kind == "monitor"))
+        judged = pilots.monitor_observations(s, step)
+        salt = s.get(Pilot, step.pilot_id).salt
+    # imported rows enter the evidence by their salted stream key, not in the file's order
+    first_look = [r["request_id"] for r in judged if r["look"] == judged[0]["look"]]
+    assert first_look == sorted(first_look, key=lambda rid: pilots.stream_key(rid, salt))
+    assert sorted(first_look) == sorted(f"b1-{j}" for j in range(12)) and first_look != [
+        f"b1-{j}" for j in range(12)
+    ]
 
     first = approvals.approve(mon["decision_id"], Identity(*ALICE), "a known upstream outage", reject=True)
     assert first.needs_second_approver and not first.took_effect

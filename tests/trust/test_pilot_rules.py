@@ -214,3 +214,50 @@ def test_a_relative_model_path_resolves_against_the_spec_file(
     add_usecase(spec_dir / "uc.yaml", actor="olga")
     stored = load_spec_version("relative-model").spec.model
     assert stored == os.path.realpath(spec_dir / "models" / "tiny")
+
+
+def test_an_imports_file_order_carries_no_weight(trust_env, flow_use_case, tmp_path: Path) -> None:
+    """A shadow export sorted by latency, where the sparse model loses only on the slowest fifth of the
+    requests (a mean loss of exactly the margin): in file order the identical pairs come first and the
+    GO test fires on them; stored, the rows enter the evidence stream by their salted stream key, and the
+    same rows give no GO. Both arms of a request stay together, and a second import comes after the first."""
+    import numpy as np
+    import pandas as pd
+
+    from rollout import pilot_batches, pilots
+    from rollout.db.models import Pilot
+    from rollout.db.session import session_scope
+    from rollout.gate import GateSettings, decide
+
+    name = flow_use_case()
+    _challenger(name)
+    n = 600
+    ids = [f"exp-{i:04d}" for i in range(n + 100)]
+    slow = np.random.default_rng(3).random(n) < 0.15
+    rows = []
+    for i, rid in enumerate(ids[:n]):  # file order: by latency; the last 120 are the slow ones
+        lost = i >= n - 120 and slow[i]
+        rows.append({**_obs(rid, "control", 1.0), "latency_ms": 100.0 + i})
+        rows.append({**_obs(rid, "treatment", 0.0 if lost else 1.0), "latency_ms": 90.0 + i})
+    settings = GateSettings(margin=0.03, min_samples_per_arm=20)
+    in_file = decide(pd.DataFrame(rows), settings, mode="paired")
+    assert in_file.outcome == "GO"  # what storing the file's order would have shipped
+
+    pilot_batches.import_file(name, _write(tmp_path / "sorted.jsonl", rows), known_ids=ids)
+    with session_scope() as s:
+        pilot = s.scalar(select(Pilot))
+        stored = pilots.step_observations(s, pilots.current_step(s, pilot))
+        salt = pilot.salt
+    keys = [pilots.stream_key(r["request_id"], salt) for r in stored]
+    assert keys == sorted(keys) and {r["request_id"] for r in stored} == set(ids[:n])
+    assert all(stored[i]["request_id"] == stored[i + 1]["request_id"] for i in range(0, len(stored), 2))
+    as_stored = decide(pd.DataFrame(stored), settings, mode="paired")
+    assert as_stored.outcome != "GO", as_stored.explanation
+
+    more = [_obs(rid, arm, 1.0) for rid in ids[n:] for arm in ("control", "treatment")]
+    pilot_batches.import_file(name, _write(tmp_path / "more.jsonl", more), known_ids=ids)
+    with session_scope() as s:
+        pilot = s.scalar(select(Pilot))
+        after = pilots.step_observations(s, pilots.current_step(s, pilot))
+    assert after[: len(stored)] == stored  # each look's stream extends the one before
+    assert {r["request_id"] for r in after[len(stored) :]} == set(ids[n:])
