@@ -132,6 +132,18 @@ def gate_step(
             }
         )
         explanation = decision.explanation
+        external = (
+            pilots.rows_by_source(session, step).get("imported-external", 0) if step.kind != "shadow" else 0
+        )
+        if external:
+            # the split's guarantee needs arms assigned at random with the known share; the serving system's
+            # own assignment is its assumption, which the SRM test checks only in total
+            evidence["externally_assigned_rows"] = external
+            explanation = (
+                f"{explanation} Note: {external} of this step's rows were assigned to arms by the serving "
+                f"system (--external-assignment), not by the pilot's hash: the result assumes that "
+                f"assignment is random, independent of the requests, at {step.traffic_pct:g}% sparse."
+            )
         exhausted = exhaustion_note(decision.outcome, traffic, decision.projected_requests)
         if exhausted:
             evidence["reasons"] = [*evidence["reasons"], "traffic-exhausted"]

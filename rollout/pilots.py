@@ -562,6 +562,16 @@ def monitor_observations(session: Session, step: PilotStep) -> list[dict[str, An
     return [dict(zip(fields, row[:-1], strict=True)) for row in in_evidence_order(result.all())]
 
 
+def rows_by_source(session: Session, step: PilotStep) -> dict[str, int]:
+    """How many of the step's rows each source stored (pilot-flow, imported, imported-external, ...)."""
+    result = session.execute(
+        select(Observation.source, func.count())
+        .where(Observation.pilot_step_id == step.id)
+        .group_by(Observation.source)
+    )
+    return {str(source): int(n) for source, n in result.tuples()}
+
+
 def last_observation_id(session: Session, step: PilotStep) -> int:
     """The id of the step's last stored row (0 for none): where a monitor look's judgement ends."""
     return session.scalar(select(func.max(Observation.id)).where(Observation.pilot_step_id == step.id)) or 0

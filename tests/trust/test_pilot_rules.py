@@ -187,6 +187,16 @@ def test_split_step_imports_follow_the_design(trust_env, flow_use_case, tmp_path
     with session_scope() as s:
         sources = dict(s.execute(select(Observation.source, func.count()).group_by(Observation.source)).all())
     assert sources == {"imported": 16 + len(assigned) - 3, "imported-external": 3}
+    # the gate's look says which rows rest on the serving system's own assignment
+    from rollout import decisions
+    from rollout.db.models import GateDecision
+
+    with session_scope() as s:
+        step_id = pilots.current_step(s, s.scalar(select(Pilot))).id
+    look = decisions.gate_step(name, step_id)
+    assert "3 of this step's rows were assigned to arms by the serving system" in look["explanation"]
+    with session_scope() as s:
+        assert s.get(GateDecision, look["decision_id"]).evidence["externally_assigned_rows"] == 3
 
 
 @pytest.mark.parametrize("user", ["victor"])
