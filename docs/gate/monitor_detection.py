@@ -89,7 +89,7 @@ def main(out: str, replications: int = 2000) -> None:
                 mixtures=mixtures,
                 seed=11,
             )
-            row = {"scenario": name, **r.to_dict()}
+            row = {"scores": scores, "scenario": name, **r.to_dict()}
             row["looks_to_detect"] = {
                 m: [r.looks_to_detect(m, 0.5), r.looks_to_detect(m, 0.9)] for m in mixtures
             }

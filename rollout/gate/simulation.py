@@ -325,11 +325,13 @@ MONITOR_METHODS = ("detector", "per_look", "since_promotion")
 
 @dataclass(frozen=True)
 class MonitorResult:
-    """Simulated monitors of one rate check: `looks` batches of `batch` rows of the champion's traffic,
-    0/1 outcomes at `before` up to look `change_look` - 1 and at `after` from it on (change_look 1: the
-    whole life at `after`). Per method, the share of monitors that had raised an alarm by each look."""
+    """Simulated monitors of one check: `looks` batches of `batch` rows (pairs for the quality check) of
+    the champion's traffic, at `before` up to look `change_look` - 1 and at `after` from it on
+    (change_look 1: the whole life at `after`). Per method (or mixture of bets), the share of monitors
+    that had raised an alarm by each look."""
 
-    ceiling: float
+    check: str  # what was simulated: the rate check's ceiling, or the quality check's scores and margin
+    threshold: float
     batch: int
     looks: int
     before: float
@@ -362,83 +364,51 @@ def simulate_monitor(
     alpha: float = 0.05,
     seed: int = 0,
     methods: tuple[str, ...] = MONITOR_METHODS,
-    chunk_elements: int = 1 << 21,
 ) -> MonitorResult:
-    """Share of simulated monitors alarmed by each look, for the detector the monitor runs
+    """Share of simulated monitors of a rate check alarmed by each look, for the detector the monitor runs
     (`detection.change_log_capital`, candidates at every look's first row) and, for comparison, the two
     ways of reusing the step's rate test that it replaced: a fresh test on each look's batch (`per_look`)
     and one test over every row since the promotion (`since_promotion`)."""
     from rollout.gate.detection import change_log_capital
     from rollout.gate.sequences import rate_log_capital, rate_stream
 
-    if not 1 <= change_look <= looks:
-        raise ValueError(f"change_look must be in 1..{looks}, got {change_look}")
-    n = batch * looks
-    starts = np.arange(0, n, batch)
-    ends = starts + batch - 1
-    target = math.log(1 / alpha)
-    rate = np.where(np.arange(n) < (change_look - 1) * batch, before, after)
-    rng = np.random.default_rng(seed)
-    counts = {m: np.zeros(looks) for m in methods}
-    per_chunk = max(1, chunk_elements // n)
-    done = 0
-    while done < replications:
-        r = min(per_chunk, replications - done)
-        x = (rng.random((r, n)) < rate).astype(float)
-        for method in methods:
-            if method == "detector":
-                peak = np.maximum.accumulate(change_log_capital(x, starts, ceiling), axis=-1)[:, ends]
-            elif method == "since_promotion":
-                peak = np.maximum.accumulate(rate_log_capital(rate_stream(x), ceiling), axis=-1)[:, ends]
-            elif method == "per_look":
-                each = rate_log_capital(rate_stream(x.reshape(r, looks, batch)), ceiling).max(axis=-1)
-                peak = np.maximum.accumulate(each, axis=-1)
-            else:
-                raise ValueError(f"unknown method {method!r}; known: {', '.join(MONITOR_METHODS)}")
-            counts[method] += (peak >= target).sum(axis=0)
-        done += r
-    return MonitorResult(
+    unknown = [m for m in methods if m not in MONITOR_METHODS]
+    if unknown:
+        raise ValueError(f"unknown method {unknown[0]!r}; known: {', '.join(MONITOR_METHODS)}")
+    starts = np.arange(0, batch * looks, batch)
+
+    def draw(rng: np.random.Generator, shape: tuple[int, int], rate: float) -> np.ndarray:
+        return (rng.random(shape) < rate).astype(float)
+
+    judges = {
+        "detector": lambda x: change_log_capital(x, starts, ceiling),
+        "since_promotion": lambda x: rate_log_capital(rate_stream(x), ceiling),
+        # a fresh test per batch: its peak within the look, carried as the look's value
+        "per_look": lambda x: np.repeat(
+            rate_log_capital(rate_stream(x.reshape(len(x), looks, batch)), ceiling).max(axis=-1),
+            batch,
+            axis=-1,
+        ),
+    }
+    return _simulate_looks(
+        f"rate, ceiling {ceiling:g}",
         ceiling,
-        batch,
-        looks,
-        before,
-        after,
-        change_look,
-        replications,
-        {m: tuple(float(c) for c in counts[m] / replications) for m in methods},
-        {m: tuple(clopper_pearson_upper(int(c), replications) for c in counts[m]) for m in methods},
+        draw,
+        {m: judges[m] for m in methods},
+        batch=batch,
+        looks=looks,
+        before=before,
+        after=after,
+        change_look=change_look,
+        replications=replications,
+        alpha=alpha,
+        seed=seed,
     )
 
 
 # Noisier scores than the gate's grid (half the answers right, the arms disagreeing on 20% / 40% of the
 # requests), where bold constant bets lose: the monitor's quality mixture is chosen against these too.
 NOISY_SCORE_MODELS = {"noisy20": _binary(0.5, 0.20), "noisy40": _binary(0.5, 0.40)}
-
-
-@dataclass(frozen=True)
-class MonitorQualityResult:
-    """Simulated monitors of the quality check: `looks` batches of `batch` requests both arms answered,
-    the champion losing `before` (mean of q_dense - q_sparse) up to look `change_look` - 1 and `after`
-    from it on. Per mixture of bets, the share of monitors alarmed by each look."""
-
-    scores: str
-    margin: float
-    batch: int
-    looks: int
-    before: float
-    after: float
-    change_look: int
-    replications: int
-    alarm_by_look: dict[str, tuple[float, ...]]
-    upper95: dict[str, tuple[float, ...]]
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def looks_to_detect(self, mixture: str, share: float = 0.5) -> int | None:
-        by = np.asarray(self.alarm_by_look[mixture])
-        hit = np.flatnonzero(by >= share)
-        return None if hit.size == 0 else int(hit[0]) + 1 - (self.change_look - 1)
 
 
 def simulate_monitor_quality(
@@ -454,41 +424,80 @@ def simulate_monitor_quality(
     mixtures: dict[str, tuple[tuple[float, float], ...]] | None = None,
     alpha: float = 0.05,
     seed: int = 0,
-    chunk_elements: int = 1 << 21,
-) -> MonitorQualityResult:
-    """The monitor's quality check (`detection.mean_factors_of` on the paired loss, candidates at every
-    look's first row), simulated with the gate's score models (`SCORE_MODELS`, `NOISY_SCORE_MODELS`: the
-    sparse answer made worse by an exact mean loss), for one or more mixtures of bets (default:
-    `detection.LOSS_MIXTURE`)."""
+) -> MonitorResult:
+    """The monitor's quality check (`detection.mean_factors_of` on the paired loss q_dense - q_sparse,
+    candidates at every look's first row), the champion losing `before` / `after` on average, simulated
+    with the gate's score models (`SCORE_MODELS`, `NOISY_SCORE_MODELS`: the sparse answer made worse by
+    an exact mean loss), for one or more mixtures of bets (default: `detection.LOSS_MIXTURE`)."""
     from rollout.gate.detection import LOSS_MIXTURE, log_capital, mean_factors_of
 
+    model = {**SCORE_MODELS, **NOISY_SCORE_MODELS}[scores]
+    starts = np.arange(0, batch * looks, batch)
+
+    def draw(rng: np.random.Generator, shape: tuple[int, int], loss: float) -> np.ndarray:
+        q = model.control(rng, shape)
+        return q - model.degrade(rng, q, -loss)
+
+    judges = {
+        name: (
+            lambda z, mixture=mixture: log_capital(mean_factors_of(z, margin, mixture=mixture)(None), starts)
+        )
+        for name, mixture in (mixtures or {"loss": LOSS_MIXTURE}).items()
+    }
+    return _simulate_looks(
+        f"quality_loss, {model.name}, margin {margin:g}",
+        margin,
+        draw,
+        judges,
+        batch=batch,
+        looks=looks,
+        before=before,
+        after=after,
+        change_look=change_look,
+        replications=replications,
+        alpha=alpha,
+        seed=seed,
+    )
+
+
+def _simulate_looks(
+    check: str,
+    threshold: float,
+    draw: Callable[[np.random.Generator, tuple[int, int], float], np.ndarray],
+    judges: dict[str, Callable[[np.ndarray], np.ndarray]],
+    *,
+    batch: int,
+    looks: int,
+    before: float,
+    after: float,
+    change_look: int,
+    replications: int,
+    alpha: float,
+    seed: int,
+    chunk_elements: int = 1 << 21,
+) -> MonitorResult:
+    """Draw the monitors' streams (`draw(rng, shape, level)`: rows before the change at `before`, after it
+    at `after`), let each judge turn them into log-capital over the rows, and count the monitors whose
+    running peak has crossed log(1/alpha) by the end of each look."""
     if not 1 <= change_look <= looks:
         raise ValueError(f"change_look must be in 1..{looks}, got {change_look}")
-    mixtures = mixtures or {"loss": LOSS_MIXTURE}
-    model = {**SCORE_MODELS, **NOISY_SCORE_MODELS}[scores]
     n = batch * looks
     cut = (change_look - 1) * batch
-    starts = np.arange(0, n, batch)
-    ends = starts + batch - 1
+    ends = np.arange(batch - 1, n, batch)
     target = math.log(1 / alpha)
     rng = np.random.default_rng(seed)
-    counts = {name: np.zeros(looks) for name in mixtures}
+    counts = {name: np.zeros(looks) for name in judges}
     per_chunk = max(1, chunk_elements // n)
     done = 0
     while done < replications:
         r = min(per_chunk, replications - done)
-        q = model.control(rng, (r, n))
-        sparse = np.concatenate(
-            (model.degrade(rng, q[:, :cut], -before), model.degrade(rng, q[:, cut:], -after)), axis=1
-        )
-        loss = q - sparse
-        for name, mixture in mixtures.items():
-            cap = log_capital(mean_factors_of(loss, margin, mixture=mixture)(None), starts)
-            counts[name] += (np.maximum.accumulate(cap, axis=-1)[:, ends] >= target).sum(axis=0)
+        x = np.concatenate((draw(rng, (r, cut), before), draw(rng, (r, n - cut), after)), axis=1)
+        for name, judge in judges.items():
+            counts[name] += (np.maximum.accumulate(judge(x), axis=-1)[:, ends] >= target).sum(axis=0)
         done += r
-    return MonitorQualityResult(
-        scores,
-        margin,
+    return MonitorResult(
+        check,
+        threshold,
         batch,
         looks,
         before,

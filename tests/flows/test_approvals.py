@@ -221,16 +221,9 @@ def test_monitor_breach_with_manual_policy_waits_for_a_rollback_approval(flow_us
     from rollout.auth import Identity
     from rollout.db.models import GateDecision, UseCase
     from rollout.db.session import session_scope
-    from sparse_core import SparsePlan
 
     name = flow_use_case(rollback="manual")
-    did = _pilot_with_decision(name, "GO", "approval")
-    with session_scope() as s:
-        model_ref = _spec_model(s, name)
-    baseline = SparsePlan(tau=1.0, dense_layers=(0, 1), metadata={"baseline": "dense"})
-    registry.register_version(name, baseline, model_ref, actor=registry.SYSTEM_PIPELINE, density=1.0)
-    approvals.approve(did, Identity(*ALICE), "ship it")  # no flow waits: applied directly
-    promoted = registry.current_aliases(name)["champion"]
+    promoted = _promoted(name)
 
     prod = tmp_path / "prod.jsonl"
     # 8 errors in 20 requests against a 5% ceiling: evidence of a breach (3 in 10 would not yet be)
@@ -275,16 +268,9 @@ def test_the_monitor_accumulates_evidence_over_its_looks_and_a_kept_alarm_resume
     from rollout.auth import Identity
     from rollout.db.models import Pilot, PilotStep, UseCase
     from rollout.db.session import session_scope
-    from sparse_core import SparsePlan
 
     name = flow_use_case(rollback="manual")
-    did = _pilot_with_decision(name, "GO", "approval")
-    with session_scope() as s:
-        model_ref = _spec_model(s, name)
-    baseline = SparsePlan(tau=1.0, dense_layers=(0, 1), metadata={"baseline": "dense"})
-    registry.register_version(name, baseline, model_ref, actor=registry.SYSTEM_PIPELINE, density=1.0)
-    approvals.approve(did, Identity(*ALICE), "ship it")
-    promoted = registry.current_aliases(name)["champion"]
+    promoted = _promoted(name)
 
     def look(i: int, errors: int) -> dict:
         path = tmp_path / f"prod{i}.jsonl"
@@ -335,6 +321,23 @@ def test_the_monitor_accumulates_evidence_over_its_looks_and_a_kept_alarm_resume
     assert keep_flow(mon["decision_id"], kept.approval_id, "the outage is fixed")["action"] == "kept"
     healthy = look(99, 0)
     assert healthy["outcome"] == "GO" and "over 1 look:" in healthy["explanation"], healthy["explanation"]
+
+
+def _promoted(name: str) -> str:
+    """A pilot's GO approved (no flow waits: applied directly) over a registered dense baseline; the new
+    champion's version."""
+    from rollout import approvals, registry
+    from rollout.auth import Identity
+    from rollout.db.session import session_scope
+    from sparse_core import SparsePlan
+
+    did = _pilot_with_decision(name, "GO", "approval")
+    with session_scope() as s:
+        model_ref = _spec_model(s, name)
+    baseline = SparsePlan(tau=1.0, dense_layers=(0, 1), metadata={"baseline": "dense"})
+    registry.register_version(name, baseline, model_ref, actor=registry.SYSTEM_PIPELINE, density=1.0)
+    approvals.approve(did, Identity(*ALICE), "ship it")
+    return registry.current_aliases(name)["champion"]
 
 
 def _spec_model(session, name: str) -> str:
