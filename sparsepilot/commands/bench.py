@@ -575,6 +575,12 @@ def bench_decode(
     page_size: int = typer.Option(16, "--page-size", help="Tokens per KV-cache page."),
     budgets: str = typer.Option("1024,2048", "--budgets", help="Comma-separated token budgets per KV head."),
     new_tokens: int = typer.Option(64, "--new-tokens", help="Generated tokens per run (>= 2)."),
+    runs: int = typer.Option(
+        3,
+        "--runs",
+        help="Paired dense/sparse runs per model row (>= 2): the speed-up interval is Student t over their "
+        "log ratios with runs - 1 degrees of freedom.",
+    ),
     threads: Threads = "auto",
     out: JsonPngOut = "bench-results/decode.json",
     json_out: Annotated[bool, _json_flag("Print the JSON after the tables.")] = False,
@@ -601,6 +607,8 @@ def bench_decode(
         fail(f"--page-size must be >= 1, got {page_size}")
     if new_tokens < 2:
         fail(f"--new-tokens must be >= 2, got {new_tokens}")
+    if runs < 2:
+        fail(f"--runs must be >= 2 (a speed-up interval needs two paired runs), got {runs}")
     n_threads = _threads_or_fail(threads)
     plan = _plan_or_fail(plan_dir)
     if plan is not None:
@@ -625,6 +633,7 @@ def bench_decode(
             estimator=names[0] if len(names) == 1 else names,
             plan=plan,
             new_tokens=new_tokens,
+            runs=runs,
         )
     except (ModelRefError, PlanError) as exc:
         fail(str(exc))
@@ -638,7 +647,7 @@ def bench_decode(
     )
     print_table(
         f"Decode end to end, {result['model']}: ms per generated token, fidelity of {new_tokens} generated "
-        f"tokens; JSON: {path}, plot: {png}",
+        f"tokens; speed-up: geometric mean of {runs} paired runs, 90% interval; JSON: {path}, plot: {png}",
         result["model_rows"],
         bench.MODEL_COLUMNS,
     )

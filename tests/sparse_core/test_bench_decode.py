@@ -14,10 +14,11 @@ from sparsepilot.cli import app
 def test_bench_decode_on_a_tiny_model(tiny_llama_dir, tmp_path):
     out = tmp_path / "decode.json"
     args = ["bench", "decode", "--quick", "--model", str(tiny_llama_dir), "--budgets", "128"]
-    more = ["--page-size", "16", "--new-tokens", "4", "--threads", "1", "--out", str(out)]
+    more = ["--page-size", "16", "--new-tokens", "4", "--threads", "1", "--runs", "2", "--out", str(out)]
     r = CliRunner().invoke(app, [*args, *more])
     assert r.exit_code == 0, r.output
     result = json.loads(out.read_text())
+    assert result["runs"] == 2 and "geometric mean of 2 paired runs" in r.output
     assert [row["target_density"] for row in result["layer_rows"]] == [0.05, 0.1, 0.25]
     assert all(row["seq_len"] == 16384 and row["speedup"] > 0 for row in result["layer_rows"])
     plans = [row["plan"] for row in result["model_rows"]]
@@ -50,6 +51,7 @@ def test_bench_decode_on_a_tiny_model(tiny_llama_dir, tmp_path):
         (["--estimator", "quest,gate_v2"], "--estimator gate_v2 needs --plan"),
         (["--estimator", "quest,magic"], "--estimator"),
         (["--new-tokens", "1"], "--new-tokens"),
+        (["--runs", "1"], "--runs must be >= 2"),
         (["--threads", "0"], "--threads: '0'; give auto or a whole number >= 1"),
         (["--threads", "all"], "--threads: 'all'"),
         (["--plan", "/nonexistent/plan"], "--plan /nonexistent/plan"),
