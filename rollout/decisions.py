@@ -172,6 +172,8 @@ def _monitor_verdict(check: dict[str, Any], guard: dict[str, Any], alpha: float)
         return "INVALID", "the sampled traffic failed its data checks (" + "; ".join(
             check["failures"][:3]
         ) + ")"
+    if guard.get("problems") and not guard["breached"]:
+        return "INVALID", "the monitored rows cannot be judged (" + "; ".join(guard["problems"][:3]) + ")"
     if guard["breached"]:
         return "NO-GO", "guardrail breached: " + ", ".join(
             f"{c['name']} {c['value']:.4g} > {c['threshold']:.4g} "

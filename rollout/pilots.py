@@ -721,16 +721,17 @@ def monitor_guardrails(rows: list[Mapping[str, Any]], spec: Any) -> dict[str, An
     if checked is None or checked.frame is None:
         out["problems"] = list(checked.problems) if checked is not None else []
         return out
+    trt_looks = np.asarray([r.get("look", "") for r in trt], dtype=object)
     both = check_observations(pd.DataFrame(rows), mode="paired")
+    pairs = None  # the paired checks are not judged when the two arms' rows cannot be paired
     if both.frame is None:
         out["problems"] = list(both.problems)
-        return out
-    looks = np.asarray([r.get("look", "") for r in rows], dtype=object)
-    trt_looks = np.asarray([r.get("look", "") for r in trt], dtype=object)
-    pairs = paired_arms(both.frame).pairs
-    pairs = pairs.assign(look=looks[pairs["row"].to_numpy()])
+    else:
+        looks = np.asarray([r.get("look", "") for r in rows], dtype=object)
+        pairs = paired_arms(both.frame).pairs
+        pairs = pairs.assign(look=looks[pairs["row"].to_numpy()])
     out["looks"] = len(dict.fromkeys(trt_looks))
-    out["pairs"] = len(pairs)
+    out["pairs"] = 0 if pairs is None else len(pairs)
     out["method"] = "change-detector"
     results = [
         judge_monitor(c, checked.frame, trt_looks, alpha=settings.alpha, pairs=pairs)

@@ -377,6 +377,12 @@ def test_the_monitor_compares_the_arms_where_dense_answered_too() -> None:
     outcome, why = _monitor_verdict({"passed": True}, alone, 0.05)
     assert outcome == "GO" and "quality_loss not judged" in why
 
+    broken = [dict(r) for r in healthy]
+    broken[0]["quality"] = float("nan")  # a dense answer's score: the pairs cannot be judged
+    out = monitor_guardrails(broken, spec)
+    assert out["problems"] and {c["name"]: c["evaluated"] for c in out["checks"]}["treatment_error_rate"]
+    assert _monitor_verdict({"passed": True}, out, 0.05)[0] == "INVALID"
+
 
 # ---------------------------------------------------------------- bad input: INVALID naming the column
 
