@@ -9,17 +9,31 @@ first request: a step that cannot reach its GO within `gate.max_looks` looks end
 (inconclusive never ships), and a dataset source, where each request is used once per pilot, that has
 fewer distinct requests than the pilot needs ends in "traffic exhausted".
 
-Pure: spec in, plan out (the simulation is seeded and cached per gate settings)."""
+After the approval, the monitor (`plan_monitor`): per check it runs on the champion's traffic, the looks
+by which half and 90% of simulated monitors raise an alarm when the champion breaches it from its first
+look (a rate at 2.5x its ceiling, a quality loss of twice the margin), judged by the monitor's own
+change detector (`rollout.gate.detection`) at one batch per look: how fast the fail-safe reacts.
+
+Pure: spec in, plan out (the simulations are seeded and cached per gate settings)."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from typing import Any
 
 from rollout.dataset_split import held_apart_count
 from rollout.gate.planning import planned_sample_size
+from rollout.gate.power import DETECT_FACTOR
 from rollout.gate.settings import GateSettings
+
+MONITOR_LOOKS = 300  # looks simulated per monitor check
+MONITOR_REPLICATIONS = 400
+MONITOR_LOSS_FACTOR = 2.0  # the quality loss the plan shows the monitor catching: twice the margin
+# the score model the monitor's quality check is simulated with, per the spec's score type: 0/1 scores at
+# 80% correct with 20% of the answers differing, Beta(8, 2) scores with 30% redrawn (rollout.gate.simulation)
+MONITOR_SCORE_MODEL = {"binary": "binary80_20", "bounded": "beta8_2_30"}
 
 
 @dataclass(frozen=True)
@@ -134,6 +148,107 @@ def plan_pilot(spec: Any, *, approval_after: int | None = None, pilot_number: in
     )
 
 
+@dataclass(frozen=True)
+class MonitorReach:
+    """How fast the monitor raises an alarm on a champion that breaches one check from its first look."""
+
+    check: str
+    threshold: float
+    breach: float  # the true rate (or mean quality loss) simulated
+    looks_half: int | None  # looks by which half of the simulated monitors had raised an alarm
+    looks_most: int | None  # ... 90% of them; None: not within `horizon` looks
+    horizon: int
+    batch: int  # rows (pairs for quality_loss) per look
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def plan_monitor(spec: Any) -> tuple[MonitorReach, ...]:
+    """Per monitor check of `spec`: the error rate and, with a latency SLO, the share over it, at 2.5x their
+    ceilings (`gate.power.DETECT_FACTOR`), and the quality loss at twice the margin, simulated with the
+    spec's score type. (The excess error over dense depends on the dense model's own rate: not planned.)"""
+    settings = GateSettings.from_spec(spec)
+    batch, alpha = spec.rollout.batch_size, settings.alpha
+    out = [_rate_reach("treatment_error_rate", settings.max_error_rate, batch, alpha)]
+    if settings.latency_slo_ms is not None:
+        out.append(_rate_reach("treatment_latency_over_slo", settings.max_latency_exceedance, batch, alpha))
+    out.append(_loss_reach(settings.margin, settings.score_type, batch, alpha))
+    return tuple(out)
+
+
+@lru_cache(maxsize=64)
+def _rate_reach(check: str, ceiling: float, batch: int, alpha: float) -> MonitorReach:
+    from rollout.gate.simulation import simulate_monitor
+
+    breach = min(DETECT_FACTOR * ceiling, 1.0)
+    r = simulate_monitor(
+        ceiling,
+        batch=batch,
+        looks=MONITOR_LOOKS,
+        before=breach,
+        after=breach,
+        replications=MONITOR_REPLICATIONS,
+        alpha=alpha,
+        methods=("detector",),
+    )
+    return MonitorReach(
+        check,
+        ceiling,
+        breach,
+        r.looks_to_detect("detector"),
+        r.looks_to_detect("detector", 0.9),
+        MONITOR_LOOKS,
+        batch,
+    )
+
+
+@lru_cache(maxsize=64)
+def _loss_reach(margin: float, score_type: str, batch: int, alpha: float) -> MonitorReach:
+    from rollout.gate.simulation import simulate_monitor_quality
+
+    loss = MONITOR_LOSS_FACTOR * margin
+    r = simulate_monitor_quality(
+        MONITOR_SCORE_MODEL[score_type],
+        margin=margin,
+        batch=batch,
+        looks=MONITOR_LOOKS,
+        before=loss,
+        after=loss,
+        replications=MONITOR_REPLICATIONS,
+        alpha=alpha,
+    )
+    return MonitorReach(
+        "quality_loss",
+        margin,
+        loss,
+        r.looks_to_detect("loss"),
+        r.looks_to_detect("loss", 0.9),
+        MONITOR_LOOKS,
+        batch,
+    )
+
+
+def describe_monitor(reach: dict[str, Any]) -> str:
+    """One check of `plan_monitor` (as a dict) for people."""
+    what = "a quality loss of" if reach["check"] == "quality_loss" else "a rate of"
+    if reach["looks_half"] is None:
+        return (
+            f"{reach['check']}: {what} {reach['breach']:.3g} (limit {reach['threshold']:g}) is not caught "
+            f"within {reach['horizon']} looks of {reach['batch']} in half the simulated monitors"
+        )
+    most = (
+        f"90% by {reach['looks_most']} ({reach['looks_most'] * reach['batch']:,} rows)"
+        if reach["looks_most"] is not None
+        else f"90% not within {reach['horizon']}"
+    )
+    return (
+        f"{reach['check']}: {what} {reach['breach']:.3g} (limit {reach['threshold']:g}) raises an alarm "
+        f"in half the simulated monitors by look {reach['looks_half']} "
+        f"({reach['looks_half'] * reach['batch']:,} rows), {most}"
+    )
+
+
 def plan_warnings(plan: PilotPlan, *, distinct_requests: int | None = None) -> list[tuple[str, str]]:
     """(field, message) for what will stop this pilot short of a decision: a step whose GO needs more
     looks than gate.max_looks allows at one batch per look, a step no simulated size reaches, a pilot
@@ -209,6 +324,7 @@ def plan_summary(
         "distinct_requests": distinct,
         "dataset_rows": dataset_rows,
         "warnings": [f"{field}: {message}" for field, message in problems],
+        "monitor": [m.to_dict() for m in plan_monitor(spec)],
     }
 
 

@@ -263,6 +263,33 @@ def decision_needs(uc: dict[str, Any]) -> None:
     )
     for w in plan["warnings"]:
         st.warning(w)
+    if plan.get("monitor"):
+        st.markdown("**After promotion: how fast the monitor reacts**")
+        st.dataframe(
+            pd.DataFrame(
+                [
+                    {
+                        "check": m["check"],
+                        "limit": m["threshold"],
+                        "breach simulated": m["breach"],
+                        "looks to alarm (half)": m["looks_half"],
+                        "looks to alarm (90%)": m["looks_most"],
+                        "rows to alarm (90%)": None
+                        if m["looks_most"] is None
+                        else m["looks_most"] * m["batch"],
+                    }
+                    for m in plan["monitor"]
+                ]
+            ),
+            hide_index=True,
+            width="stretch",
+        )
+        st.caption(
+            f"Simulated monitors of a champion that breaches from its first look, one batch of "
+            f"{plan['batch_size']} per look, judged by the monitor's change detector: each check's false "
+            f"alarm stays within alpha however long it runs. Empty: not within "
+            f"{plan['monitor'][0]['horizon']} looks."
+        )
 
 
 def _kv(d: dict[str, Any], label: str) -> pd.DataFrame:

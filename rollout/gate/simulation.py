@@ -53,8 +53,12 @@ def _binary(p: float, disagree: float = 0.07) -> ScoreModel:
         return (rng.random(shape) < p).astype(float)
 
     def degrade(rng, q, delta):
-        lose = max(0.0, (disagree - delta) / 2) / p  # P(lose | correct)
-        win = max(0.0, (disagree + delta) / 2) / (1 - p)  # P(win | wrong)
+        lose = (disagree - delta) / 2 / p  # P(lose | correct)
+        win = (disagree + delta) / 2 / (1 - p)  # P(win | wrong)
+        if not (0 <= lose <= 1 and 0 <= win <= 1):
+            raise ValueError(
+                f"0/1 at {p:.0%} with {disagree:.0%} differing cannot shift the mean by {delta:+g}"
+            )
         u = rng.random(q.shape)
         return np.where(q == 1, (u >= lose).astype(float), (u < win).astype(float))
 
@@ -72,6 +76,10 @@ def _beta(a: float, b: float, degraded: float = 0.12) -> ScoreModel:
 
     def degrade(rng, q, delta):
         m = mean + delta / degraded
+        if not 0 < m < 1:
+            raise ValueError(
+                f"Beta({a:g}, {b:g}) with {degraded:.0%} redrawn cannot shift the mean by {delta:+g}"
+            )
         worse = rng.beta(m * (a + b), (1 - m) * (a + b), q.shape)
         return np.where(rng.random(q.shape) < degraded, worse, q)
 
@@ -406,9 +414,16 @@ def simulate_monitor(
     )
 
 
-# Noisier scores than the gate's grid (half the answers right, the arms disagreeing on 20% / 40% of the
-# requests), where bold constant bets lose: the monitor's quality mixture is chosen against these too.
-NOISY_SCORE_MODELS = {"noisy20": _binary(0.5, 0.20), "noisy40": _binary(0.5, 0.40)}
+# Noisier scores than the gate's grid, for the monitor: half the answers right and the arms disagreeing on
+# 20% / 40% of the requests, where bold constant bets lose (the quality mixture is chosen against these
+# too); and the models its plan is simulated with (`rollout.pilot_plan.plan_monitor`), noisier than the
+# grid's so that the looks it shows are on the safe side and a loss of twice a 0.05 margin is expressible.
+NOISY_SCORE_MODELS = {
+    "noisy20": _binary(0.5, 0.20),
+    "noisy40": _binary(0.5, 0.40),
+    "binary80_20": _binary(0.80, 0.20),
+    "beta8_2_30": _beta(8.0, 2.0, 0.30),
+}
 
 
 def simulate_monitor_quality(

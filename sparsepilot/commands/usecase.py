@@ -137,7 +137,7 @@ def _print_pilots(info: dict[str, Any]) -> None:
 
 def _print_plan(plan: dict[str, Any] | None) -> None:
     """What the pilot of this version takes before its approval (rollout.pilot_plan)."""
-    from rollout.pilot_plan import traffic_time
+    from rollout.pilot_plan import describe_monitor, traffic_time
 
     if plan is None:
         say("no pilot plan: the stored spec no longer validates")
@@ -161,3 +161,11 @@ def _print_plan(plan: dict[str, Any] | None) -> None:
     )
     for w in plan["warnings"]:
         say(f"  warning: {w}")
+    if plan.get("monitor"):
+        say(
+            f"After promotion, the monitor (one batch of {plan['batch_size']} per look; its change detector "
+            "keeps each check's false alarm within alpha however long it runs) on a champion that breaches "
+            "from its first look:"
+        )
+        for reach in plan["monitor"]:
+            say(f"  {describe_monitor(reach)}")

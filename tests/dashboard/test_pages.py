@@ -96,6 +96,10 @@ def test_use_case_page(seeded: dict[str, Any]) -> None:
     assert list(needs["collected (latest pilot)"]) == [120, 240, 0]
     planned = plan_summary(UseCaseSpec.model_validate(seeded_spec("contract-summarisation")))
     assert list(needs["requests to GO (80% power)"]) == [s["requests"] for s in planned["steps"]]
+    # after promotion: how fast the monitor reacts (rollout.pilot_plan.plan_monitor)
+    reacts = next(d.value for d in at.dataframe if "looks to alarm (90%)" in d.value.columns)
+    assert list(reacts["check"]) == [m["check"] for m in planned["monitor"]]
+    assert list(reacts["looks to alarm (90%)"]) == [m["looks_most"] for m in planned["monitor"]]
     spent = "for pilot 1 of this use case, whose GO is held to alpha 0.0304"  # rollout.gate.spending
     assert any(spent in c.value for c in at.caption)
     # its pilots and the alpha they spent: one pilot, awaiting approval after its GO

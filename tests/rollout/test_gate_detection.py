@@ -180,3 +180,17 @@ def test_weights_sum_to_one() -> None:
     w = np.exp(detection.start_log_weights(100_000))
     assert w.sum() == pytest.approx(1 - 1 / 100_001, rel=1e-9)
     assert all(a > b for a, b in itertools.pairwise(w[:50]))
+
+
+def test_score_models_refuse_a_shift_they_cannot_express() -> None:
+    """0/1 answers differing on 7% of requests cannot lose 0.1 on average: said, not silently capped."""
+    from rollout.gate.simulation import simulate_monitor_quality
+
+    with pytest.raises(ValueError, match="cannot shift the mean by -0.1"):
+        simulate_monitor_quality(
+            "binary80", margin=0.05, batch=10, looks=2, before=0.1, after=0.1, replications=5
+        )
+    with pytest.raises(ValueError, match="cannot shift the mean by -0.1"):
+        simulate_monitor_quality(
+            "beta8_2", margin=0.05, batch=10, looks=2, before=0.1, after=0.1, replications=5
+        )

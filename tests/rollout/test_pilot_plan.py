@@ -161,3 +161,31 @@ def test_traffic_time_reads_as_people_say_it() -> None:
         "12.0 h",
         "3.2 days",
     ]
+
+
+def test_the_plan_says_how_fast_the_monitor_reacts(longdoc) -> None:
+    """After promotion: per monitor check, the looks by which simulated monitors of a champion that
+    breaches from its first look raise an alarm (the monitor's own change detector), one batch per look;
+    a bigger batch reacts in fewer looks, and the plan's summary carries it."""
+    from rollout.pilot_plan import describe_monitor, plan_monitor
+
+    reach = plan_monitor(longdoc)  # batch 8, error ceiling 0.02, a latency SLO, margin 0.05, bounded scores
+    assert [(r.check, r.threshold, r.breach) for r in reach] == [
+        ("treatment_error_rate", 0.02, 0.05),
+        ("treatment_latency_over_slo", 0.05, 0.125),
+        ("quality_loss", 0.05, 0.1),
+    ]
+    assert all(r.batch == 8 and 0 < r.looks_half <= r.looks_most < r.horizon for r in reach)
+    # seeded and cached: the same numbers on every run
+    assert [(r.looks_half, r.looks_most) for r in reach] == [(23, 56), (9, 19), (18, 26)]
+    bigger = plan_monitor(
+        longdoc.model_copy(update={"rollout": longdoc.rollout.model_copy(update={"batch_size": 200})})
+    )
+    assert all(b.looks_most < r.looks_most for b, r in zip(bigger, reach, strict=True))
+    assert plan_summary(longdoc)["monitor"] == [r.to_dict() for r in reach]
+    assert describe_monitor(reach[0].to_dict()) == (
+        "treatment_error_rate: a rate of 0.05 (limit 0.02) raises an alarm in half the simulated monitors "
+        "by look 23 (184 rows), 90% by 56 (448 rows)"
+    )
+    slow = {**reach[0].to_dict(), "looks_half": None, "looks_most": None}
+    assert "is not caught within 300 looks of 8" in describe_monitor(slow)

@@ -116,6 +116,14 @@ def test_add_and_show_say_what_a_decision_takes(state_url: str, tmp_path: Path) 
     assert "pilot 1, its GO held to alpha 0.0304" in text
     assert shown["pilots"] == [] and shown["alpha_budget"]["spent"] == 0.0
     assert "No pilot yet; the first pilot's GO will be held to 0.0304." in text
+    # after promotion: how fast the monitor reacts, per check (rollout.pilot_plan.plan_monitor)
+    assert [m["check"] for m in plan["monitor"]] == [
+        "treatment_error_rate",
+        "treatment_latency_over_slo",
+        "quality_loss",
+    ]
+    assert "After promotion, the monitor (one batch of 8 per look;" in text
+    assert "treatment_error_rate: a rate of 0.05 (limit 0.02) raises an alarm in half the simulated" in text
 
 
 def test_a_dataset_that_repeats_prompts_plans_on_its_distinct_ones(state_url: str, tmp_path: Path) -> None:
