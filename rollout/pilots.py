@@ -535,9 +535,10 @@ def step_observations(session: Session, step: PilotStep) -> list[dict[str, Any]]
 
 
 def monitor_observations(session: Session, step: PilotStep) -> list[dict[str, Any]]:
-    """The monitor step's rows that its change detector judges, in the order they were stored, each with
-    its look (`look`: the batch id): every row since the monitor began, or since the last alarm a person
-    kept the champion through (that alarm is settled; detection starts again, with its own alpha)."""
+    """The monitor step's rows that its change detector judges, in evidence order (`in_evidence_order`),
+    each with its look (`look`: the batch id): every row since the monitor began, or since the last alarm
+    a person kept the champion through (that alarm is settled; detection starts again, with its own
+    alpha)."""
     kept = session.scalar(
         select(GateDecision)
         .where(
