@@ -31,9 +31,6 @@ from rollout.gate.settings import GateSettings
 MONITOR_LOOKS = 300  # looks simulated per monitor check
 MONITOR_REPLICATIONS = 400
 MONITOR_LOSS_FACTOR = 2.0  # the quality loss the plan shows the monitor catching: twice the margin
-# the score model the monitor's quality check is simulated with, per the spec's score type: 0/1 scores at
-# 80% correct with 20% of the answers differing, Beta(8, 2) scores with 30% redrawn (rollout.gate.simulation)
-MONITOR_SCORE_MODEL = {"binary": "binary80_20", "bounded": "beta8_2_30"}
 
 
 @dataclass(frozen=True)
@@ -167,13 +164,16 @@ class MonitorReach:
 def plan_monitor(spec: Any) -> tuple[MonitorReach, ...]:
     """Per monitor check of `spec`: the error rate and, with a latency SLO, the share over it, at 2.5x their
     ceilings (`gate.power.DETECT_FACTOR`), and the quality loss at twice the margin, simulated with the
-    spec's score type. (The excess error over dense depends on the dense model's own rate: not planned.)"""
+    spec's score type (`simulation.monitor_score_model`; a margin of 0.4 or more, whose double no score
+    model can lose, is not planned). (The excess error over dense depends on the dense model's own rate:
+    not planned.)"""
     settings = GateSettings.from_spec(spec)
     batch, alpha = spec.rollout.batch_size, settings.alpha
     out = [_rate_reach("treatment_error_rate", settings.max_error_rate, batch, alpha)]
     if settings.latency_slo_ms is not None:
         out.append(_rate_reach("treatment_latency_over_slo", settings.max_latency_exceedance, batch, alpha))
-    out.append(_loss_reach(settings.margin, settings.score_type, batch, alpha))
+    if MONITOR_LOSS_FACTOR * settings.margin < 0.8:  # beyond that no score model can lose it: not planned
+        out.append(_loss_reach(settings.margin, settings.score_type, batch, alpha))
     return tuple(out)
 
 
@@ -205,11 +205,11 @@ def _rate_reach(check: str, ceiling: float, batch: int, alpha: float) -> Monitor
 
 @lru_cache(maxsize=64)
 def _loss_reach(margin: float, score_type: str, batch: int, alpha: float) -> MonitorReach:
-    from rollout.gate.simulation import simulate_monitor_quality
+    from rollout.gate.simulation import monitor_score_model, simulate_monitor_quality
 
     loss = MONITOR_LOSS_FACTOR * margin
     r = simulate_monitor_quality(
-        MONITOR_SCORE_MODEL[score_type],
+        monitor_score_model(score_type, loss),
         margin=margin,
         batch=batch,
         looks=MONITOR_LOOKS,

@@ -415,19 +415,25 @@ def simulate_monitor(
 
 
 # Noisier scores than the gate's grid, for the monitor: half the answers right and the arms disagreeing on
-# 20% / 40% of the requests, where bold constant bets lose (the quality mixture is chosen against these
-# too); and the models its plan is simulated with (`rollout.pilot_plan.plan_monitor`), noisier than the
-# grid's so that the looks it shows are on the safe side and a loss of twice a 0.05 margin is expressible.
-NOISY_SCORE_MODELS = {
-    "noisy20": _binary(0.5, 0.20),
-    "noisy40": _binary(0.5, 0.40),
-    "binary80_20": _binary(0.80, 0.20),
-    "beta8_2_30": _beta(8.0, 2.0, 0.30),
-}
+# 20% / 40% of the requests, where bold constant bets lose (the quality mixture is chosen against these too).
+NOISY_SCORE_MODELS = {"noisy20": _binary(0.5, 0.20), "noisy40": _binary(0.5, 0.40)}
+
+
+def monitor_score_model(score_type: str, loss: float) -> ScoreModel:
+    """The score model the monitor's plan simulates a mean quality loss `loss` with
+    (`rollout.pilot_plan.plan_monitor`): 0/1 scores at 80% right with at least 20% of the answers
+    differing, or Beta(8, 2) scores with at least 30% redrawn -- noisier than the gate's grid, so the looks
+    the plan shows are on the safe side -- and more where the loss needs it. A loss of 0.8 or more (the
+    whole mean score) cannot be expressed: ValueError."""
+    if not 0 <= loss < 0.8:
+        raise ValueError(f"a mean quality loss of {loss:g} is beyond what scores averaging 0.8 can lose")
+    if score_type == "binary":
+        return _binary(0.80, max(0.20, loss))
+    return _beta(8.0, 2.0, max(0.30, loss / 0.7))
 
 
 def simulate_monitor_quality(
-    scores: str,
+    scores: str | ScoreModel,
     *,
     margin: float,
     batch: int,
@@ -446,7 +452,7 @@ def simulate_monitor_quality(
     an exact mean loss), for one or more mixtures of bets (default: `detection.LOSS_MIXTURE`)."""
     from rollout.gate.detection import LOSS_MIXTURE, log_capital, mean_factors_of
 
-    model = {**SCORE_MODELS, **NOISY_SCORE_MODELS}[scores]
+    model = scores if isinstance(scores, ScoreModel) else {**SCORE_MODELS, **NOISY_SCORE_MODELS}[scores]
     starts = np.arange(0, batch * looks, batch)
 
     def draw(rng: np.random.Generator, shape: tuple[int, int], loss: float) -> np.ndarray:

@@ -189,3 +189,29 @@ def test_the_plan_says_how_fast_the_monitor_reacts(longdoc) -> None:
     )
     slow = {**reach[0].to_dict(), "looks_half": None, "looks_most": None}
     assert "is not caught within 300 looks of 8" in describe_monitor(slow)
+
+
+def test_the_monitor_plan_simulates_any_loss_a_score_can_express(longdoc) -> None:
+    """A wide margin's doubled loss gets a noisier model that can lose it; one no score averaging 0.8 can
+    lose (a margin of 0.4 or more) is not planned rather than simulated wrongly."""
+    import numpy as np
+
+    from rollout.gate.simulation import monitor_score_model
+    from rollout.pilot_plan import plan_monitor
+
+    for score_type in ("binary", "bounded"):
+        for loss in (0.06, 0.4, 0.7):
+            model = monitor_score_model(score_type, loss)
+            rng = np.random.default_rng(1)
+            q = model.control(rng, (200_000,))
+            assert (q - model.degrade(rng, q, -loss)).mean() == pytest.approx(loss, abs=0.01)
+        with pytest.raises(ValueError, match="beyond what scores averaging 0.8 can lose"):
+            monitor_score_model(score_type, 0.8)
+    wide = longdoc.model_copy(
+        update={"gate": longdoc.gate.model_copy(update={"non_inferiority_margin": 0.2})}
+    )
+    assert [(r.check, r.breach) for r in plan_monitor(wide)][-1] == ("quality_loss", 0.4)
+    too_wide = longdoc.model_copy(
+        update={"gate": longdoc.gate.model_copy(update={"non_inferiority_margin": 0.45})}
+    )
+    assert "quality_loss" not in [r.check for r in plan_monitor(too_wide)]
