@@ -11,6 +11,11 @@ the full table that docs/gate.md carries.
 The excess-over-control guardrail (`simulate_excess`) is simulated the same way: rare 0/1 errors with a
 known excess of the sparse arm's rate over the dense arm's, judged by the guardrail's own breach test
 (`tests/rollout/test_gate_excess.py`, `sparsepilot bench gate --excess`).
+
+The monitor's change detector (`simulate_monitor`, `simulate_monitor_quality`): look after look of the
+champion's traffic, a breach from some look on, judged by the detector the monitor runs and, for the rate
+checks, by the two tests it replaced (`tests/rollout/test_gate_detection.py`,
+`docs/gate/monitor_detection.py`; `rollout.pilot_plan.plan_monitor` uses them to say how fast it reacts).
 """
 
 from __future__ import annotations
