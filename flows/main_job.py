@@ -265,7 +265,8 @@ class StageClock:
 
 
 def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds // 60:.0f} min {seconds % 60:02.0f} s"
+    whole = round(seconds)  # rounded once: 1199.6 s is "20 min 00 s", never "19 min 60 s"
+    return f"{whole} s" if whole < 90 else f"{whole // 60} min {whole % 60:02d} s"
 
 
 def run_main_job(settings: MainJobSettings | None = None, *, console: Any = None) -> dict[str, Any]:

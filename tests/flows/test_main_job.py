@@ -117,3 +117,18 @@ def test_main_job_does_not_pilot_where_nothing_can_be_saved(
     with session_scope() as s:
         assert s.scalar(select(func.count()).select_from(Pilot)) == 0
         assert s.scalar(select(func.count()).select_from(Observation)) == 0
+
+
+def test_stage_durations_round_once() -> None:
+    """The stage lines' durations: seconds below 90, else minutes and seconds, rounded once (a stage of
+    1,199.6 s read "19 min 60 s")."""
+    from flows.main_job import _duration
+
+    assert [_duration(s) for s in (0.4, 59.6, 89.4, 89.6, 1199.6, 1260.2)] == [
+        "0 s",
+        "60 s",
+        "89 s",
+        "1 min 30 s",
+        "20 min 00 s",
+        "21 min 00 s",
+    ]
