@@ -201,9 +201,9 @@ def monitor_look(
         pilot = session.get(Pilot, info["pilot_id"])
         spec, _ = pilots.load_pilot_spec(session, pilot)
         step = session.get(PilotStep, info["step_id"])
-        # the detector judges every look since the monitor began (or since a kept alarm), this batch last
-        judged = pilots.monitor_observations(session, step) if check["passed"] else []
-        guard = pilots.monitor_guardrails(judged, spec) if check["passed"] else {"checks": [], "breached": []}
+        guard: dict[str, Any] = {"checks": [], "breached": []}
+        if check["passed"]:  # every look since the monitor began (or since a kept alarm), this batch last
+            guard = pilots.monitor_guardrails(pilots.monitor_observations(session, step), spec)
         outcome, why = _monitor_verdict(check, guard, spec.gate.alpha)
         bad = outcome != "GO"
         auto = bad and info["rollback_policy"] == "auto"

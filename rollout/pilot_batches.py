@@ -153,6 +153,7 @@ def import_file(
             external_assignment=external_assignment,
         )
         bid = f"b-{step.id}-import-{uuid.uuid4().hex[:16]}"
+        salt = info["salt"]  # the file's order carries no weight: pilots.stream_key places each row
         sample: list[dict[str, Any]] = []
         for chunk in iter_observations(path, chunk_rows):
             rows = [r for _, r in chunk]
@@ -175,7 +176,6 @@ def import_file(
             if new:  # Core executemany: the ORM's per-row bookkeeping costs more than the insert itself
                 fixed = {"pilot_step_id": step.id, "use_case_id": info["use_case_id"], "batch_id": bid,
                          "source": source, "created_at": utcnow()}  # fmt: skip
-                salt = info["salt"]  # the file's order carries no weight: pilots.stream_key places each row
                 session.execute(
                     Observation.__table__.insert(),
                     [{**r, **fixed, "stream_key": pilots.stream_key(r["request_id"], salt)} for r in new],

@@ -307,12 +307,15 @@ def plan_summary(
     kept_apart: int | None = None,
     approval_after: int | None = None,
     pilot_number: int | None = 1,
+    with_monitor: bool = False,
 ) -> dict[str, Any]:
     """JSON-ready: the plan, the distinct requests the pilot can draw on (where the dataset is the traffic
     source, its rows kept apart from calibration, rollout.dataset_split; None for a request log, whose
     size is not known in advance), the dataset's rows, and the plan's warnings as "field: message".
     `kept_apart` is that count as the dataset validator found it (each prompt once); without it (a spec
-    version stored before the validator counted it) it is the share of `dataset_rows` kept apart."""
+    version stored before the validator counted it) it is the share of `dataset_rows` kept apart.
+    `with_monitor`: also `monitor`, how fast the monitor reacts (`plan_monitor`, simulated: ~0.4-0.8 s
+    per new setting, so only where it is shown); else None."""
     plan = plan_pilot(spec, approval_after=approval_after, pilot_number=pilot_number)
     on_dataset = spec.rollout.traffic_source.kind == "dataset" and dataset_rows is not None
     distinct = None
@@ -324,7 +327,8 @@ def plan_summary(
         "distinct_requests": distinct,
         "dataset_rows": dataset_rows,
         "warnings": [f"{field}: {message}" for field, message in problems],
-        "monitor": [m.to_dict() for m in plan_monitor(spec)],
+        # how fast the monitor reacts: simulated, so only where it is shown (usecase show, the dashboard)
+        "monitor": [m.to_dict() for m in plan_monitor(spec)] if with_monitor else None,
     }
 
 

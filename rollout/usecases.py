@@ -393,7 +393,7 @@ def show_usecase(name: str, *, version: int | None = None, url: str | None = Non
             "dataset_sha256": sv.dataset_sha256,
             "dataset_rows": sv.dataset_rows,
             "validation": sv.validation,
-            "pilot_plan": _plan_of_stored(sv, pilot_number=_planned_pilot(s, uc)),
+            "pilot_plan": _plan_of_stored(sv, pilot_number=_planned_pilot(s, uc), with_monitor=True),
             **_pilots_and_budget(s, uc, next(v for v in versions if v.version == uc.current_spec_version)),
             "versions": [
                 {
@@ -512,10 +512,15 @@ def _pilots_and_budget(s: Session, uc: UseCase, current: SpecVersion) -> dict[st
 
 
 def _plan_of_stored(
-    sv: SpecVersion, approval_after: int | None = None, *, pilot_number: int | None = 1
+    sv: SpecVersion,
+    approval_after: int | None = None,
+    *,
+    pilot_number: int | None = 1,
+    with_monitor: bool = False,
 ) -> dict[str, Any] | None:
-    """The pilot plan of a stored spec version, for the use case's pilot `pilot_number`; None for a stored
-    spec that no longer validates (the flows refuse it with the reason, see load_spec_version)."""
+    """The pilot plan of a stored spec version, for the use case's pilot `pilot_number` (`with_monitor`:
+    and how fast the monitor reacts after promotion); None for a stored spec that no longer validates
+    (the flows refuse it with the reason, see load_spec_version)."""
     try:
         spec = UseCaseSpec.model_validate(sv.spec)
     except ValueError:  # pydantic's ValidationError
@@ -526,6 +531,7 @@ def _plan_of_stored(
         kept_apart=kept_apart_of(sv.validation),
         approval_after=approval_after,
         pilot_number=pilot_number,
+        with_monitor=with_monitor,
     )
 
 

@@ -207,7 +207,9 @@ def _plan(
     spec_json: str, dataset_rows: int | None, kept_apart: int | None, pilot_number: int | None
 ) -> dict[str, Any]:
     spec = UseCaseSpec.model_validate(json.loads(spec_json))
-    return plan_summary(spec, dataset_rows=dataset_rows, kept_apart=kept_apart, pilot_number=pilot_number)
+    return plan_summary(
+        spec, dataset_rows=dataset_rows, kept_apart=kept_apart, pilot_number=pilot_number, with_monitor=True
+    )
 
 
 def pilots_block(uc: dict[str, Any]) -> None:

@@ -5,7 +5,7 @@ One idea per module:
 * `sequences`  - the math: anytime-valid confidence sequences for bounded means, by betting;
 * `quality`    - the step's observations as a bounded stream, and the GO / futility tests on it;
 * `guardrails` - guardrails as data (named checks) judged by the same kind of sequential test;
-* `detection`  - the monitor's change detector: a rate check over any number of looks;
+* `detection`  - the monitor's change detector: its checks over any number of looks;
 * `power`      - the exact power of the guardrails' rate test (what a ceiling can detect);
 * `planning`   - planned (simulated) and projected sample sizes;
 * `spending`   - the GO level of a use case's k-th pilot (alpha spent across its pilots);

@@ -94,7 +94,9 @@ def test_use_case_page(seeded: dict[str, Any]) -> None:
     needs = next(d.value for d in at.dataframe if "collected (latest pilot)" in d.value.columns)
     assert list(needs["step"]) == ["shadow", "split 10%", "split 50%"]
     assert list(needs["collected (latest pilot)"]) == [120, 240, 0]
-    planned = plan_summary(UseCaseSpec.model_validate(seeded_spec("contract-summarisation")))
+    planned = plan_summary(
+        UseCaseSpec.model_validate(seeded_spec("contract-summarisation")), with_monitor=True
+    )
     assert list(needs["requests to GO (80% power)"]) == [s["requests"] for s in planned["steps"]]
     # after promotion: how fast the monitor reacts (rollout.pilot_plan.plan_monitor)
     reacts = next(d.value for d in at.dataframe if "looks to alarm (90%)" in d.value.columns)

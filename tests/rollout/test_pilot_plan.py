@@ -182,7 +182,7 @@ def test_the_plan_says_how_fast_the_monitor_reacts(longdoc) -> None:
         longdoc.model_copy(update={"rollout": longdoc.rollout.model_copy(update={"batch_size": 200})})
     )
     assert all(b.looks_most < r.looks_most for b, r in zip(bigger, reach, strict=True))
-    assert plan_summary(longdoc)["monitor"] == [r.to_dict() for r in reach]
+    assert plan_summary(longdoc, with_monitor=True)["monitor"] == [r.to_dict() for r in reach]
     assert describe_monitor(reach[0].to_dict()) == (
         "treatment_error_rate: a rate of 0.05 (limit 0.02) raises an alarm in half the simulated monitors "
         "by look 23 (184 rows), 90% by 56 (448 rows)"
