@@ -1,4 +1,5 @@
-"""What an imported file's row order does to the gate's false GO (docs/gate.md, "The order of the evidence").
+"""What a file's row order does to the gate's false GO (docs/gate.md, "The order of the evidence"): an
+imported export's, and a captured request log's.
 
 A shadow export of N pairs at a true difference of exactly -margin (margin 0.03, alpha 0.05, the bets'
 prior as `decide` sets it): every dense answer right; the sparse model loses a request (score 1 -> 0)
@@ -7,10 +8,12 @@ is the margin:
 - `flat`: the same on every request;
 - `grows with length`: in proportion to the length's rank;
 - `long prompts only`: only on the longest fifth.
-The GO test (`rollout.gate.sequences.rejects`, the test `decide` runs) is run on the pairs in three
-orders: random (arrival), sorted by latency (= prompt length: the export's order), and the order the
-import stores now (`rollout.pilots.stream_key`, a salted hash of the request id; a fresh salt per
-replication). False GO with the upper end of its 95% Clopper-Pearson interval, over REPLICATIONS exports.
+The GO test (`rollout.gate.sequences.rejects`, the test `decide` runs) is run on the pairs in four
+orders: random (arrival), sorted by latency (= prompt length: the export's or the log's order, which both
+kept until they were fixed), the order the import stores now (`rollout.pilots.stream_key`, a salted hash
+of the request id) and the order a request log hands its requests out in now
+(`rollout.traffic.traffic_order_key`, another salted hash); a fresh salt per replication. False GO with
+the upper end of its 95% Clopper-Pearson interval, over REPLICATIONS files.
 
     python docs/gate/import_order.py OUT.json [REPLICATIONS]
 """
@@ -29,6 +32,7 @@ from rollout.gate.sequences import paired_stream, rejects
 from rollout.gate.settings import GateSettings
 from rollout.gate.simulation import clopper_pearson_upper
 from rollout.pilots import stream_key
+from rollout.traffic import traffic_order_key
 
 PAIRS = 1000
 MARGIN, ALPHA = 0.03, 0.05
@@ -44,8 +48,9 @@ def main(out: str, replications: int = 2000) -> None:
     kw = prior(GateSettings(margin=MARGIN), "paired", 0.5)
     rng = np.random.default_rng(0)
     ids = [f"req-{i:05d}" for i in range(PAIRS)]
-    stored = np.stack(
-        [np.argsort([stream_key(rid, f"pilot-{r}") for rid in ids]) for r in range(replications)]
+    stored, logged = (
+        np.stack([np.argsort([key(rid, f"pilot-{r}") for rid in ids]) for r in range(replications)])
+        for key in (stream_key, traffic_order_key)
     )
     length = rng.lognormal(7.5, 0.8, (replications, PAIRS))
     by_length = length.argsort(axis=1)
@@ -59,6 +64,7 @@ def main(out: str, replications: int = 2000) -> None:
             ("random (arrival)", None),
             ("sorted by latency", by_length),
             ("as stored now", stored),
+            ("a request log, handed out now", logged),
         ):
             zz = z if index is None else np.take_along_axis(z, index, axis=1)
             go, _ = rejects(paired_stream(zz), -MARGIN, "lower", ALPHA, **kw)

@@ -12,6 +12,7 @@ from rollout.traffic.base import (
     importable,
     prompt_key,
     source_for,
+    traffic_order_key,
 )
 from rollout.traffic.dataset import DatasetSource
 from rollout.traffic.request_log import RequestLogSource
@@ -26,4 +27,5 @@ __all__ = [
     "importable",
     "prompt_key",
     "source_for",
+    "traffic_order_key",
 ]

@@ -42,6 +42,16 @@ def first_of_each_prompt(
             yield item
 
 
+def traffic_order_key(request_id: str, salt: str) -> str:
+    """Where a request stands in a pilot's order of traffic: a salted hash of its id (the pilot's secret
+    salt), so two pilots see different sequences, a retried batch the same one, and the order carries
+    nothing of the source's own (a log sorted by prompt length hands out its short prompts first, and the
+    gate's sequences may reject at any row of the stream: docs/gate.md, "The order of the evidence"). A
+    hash domain apart from the arm assignment (rollout.pilots.hash_unit): ordering by the assignment hash
+    itself would put the lowest hashes, all treatment, first and break the split."""
+    return hashlib.sha256(f"{salt}:traffic-order:{request_id}".encode()).hexdigest()
+
+
 @dataclass(frozen=True)
 class Request:
     id: str
@@ -90,7 +100,7 @@ def source_for(
     path = Path(cfg.path).expanduser()
     if not path.is_absolute():
         path = (spec_dir or Path.cwd()) / path
-    return RequestLogSource(path, exclude_prompts=[str(r["prompt"]) for r in calibration])
+    return RequestLogSource(path, salt, exclude_prompts=[str(r["prompt"]) for r in calibration])
 
 
 def importable(source: TrafficSource, rows: Sequence[Mapping[str, Any]]) -> tuple[set[str], dict[str, str]]:

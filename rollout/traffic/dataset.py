@@ -2,27 +2,19 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence, Set
 from typing import Any
 
-from rollout.traffic.base import Request
-
-
-def _order_key(request_id: str, salt: str) -> str:
-    # A separate hash domain from the arm assignment (rollout.pilots.hash_unit): ordering traffic by the
-    # assignment hash itself would put the lowest hashes (all treatment) first and break the split.
-    return hashlib.sha256(f"{salt}:traffic-order:{request_id}".encode()).hexdigest()
+from rollout.traffic.base import Request, traffic_order_key
 
 
 class DatasetSource:
-    """Rows in a pilot-specific order (salted hash of the id), so two pilots see different sequences and
-    a retried batch sees the same one."""
+    """Rows in the pilot's order (`traffic_order_key`, a salted hash of the id)."""
 
     name = "dataset"
 
     def __init__(self, rows: Sequence[Mapping[str, Any]], salt: str) -> None:
-        ordered = sorted(rows, key=lambda r: _order_key(str(r["id"]), salt))
+        ordered = sorted(rows, key=lambda r: traffic_order_key(str(r["id"]), salt))
         self._requests = [
             Request(str(r["id"]), str(r["prompt"]), (r.get("reference") or None)) for r in ordered
         ]

@@ -1,20 +1,31 @@
 """Captured production prompts as pilot traffic: a JSONL or CSV file (by extension) with `id` (or
-`request_id`), `prompt` and optionally `reference`, streamed row by row (never loaded whole), in file order
-(the order the requests arrived). Bad rows stop the read with the file, line and field named. A request
-whose prompt is one of `exclude_prompts` (the prompts calibration read, rollout.traffic.source_for) is
-passed over: the plan was fitted to it, so its answer is no evidence of how the plan does on new traffic.
-So is a request whose prompt an earlier line of the log already had (`prompt_key`: the same text up to
-whitespace and Unicode normalisation): production logs repeat popular prompts, and each repeat would add
-a copy of the same paired difference to the gate's stream, not evidence."""
+`request_id`), `prompt` and optionally `reference`, streamed row by row (never loaded whole). Handed out in
+the pilot's order (`traffic_order_key`, a salted hash of the id), not the file's: the gate's sequences may
+reject at any row of the stream, so the order must carry nothing about the outcomes, and a file's may (a
+log exported sorted by prompt length hands out the short prompts first, where a sparse plan loses least).
+Each `take` is one pass over the file keeping the n smallest keys. Bad rows stop the read with the file,
+line and field named. A request whose prompt is one of `exclude_prompts` (the prompts calibration read,
+rollout.traffic.source_for) is passed over: the plan was fitted to it, so its answer is no evidence of how
+the plan does on new traffic. So is a request whose prompt an earlier line of the log already had
+(`prompt_key`: the same text up to whitespace and Unicode normalisation): production logs repeat popular
+prompts, and each repeat would add a copy of the same paired difference to the gate's stream, not
+evidence."""
 
 from __future__ import annotations
 
 import csv
+import heapq
 import json
 from collections.abc import Iterable, Iterator, Set
 from pathlib import Path
 
-from rollout.traffic.base import Request, TrafficError, first_of_each_prompt, prompt_key
+from rollout.traffic.base import (
+    Request,
+    TrafficError,
+    first_of_each_prompt,
+    prompt_key,
+    traffic_order_key,
+)
 
 MAX_FIELD = 1_000_000  # characters in one prompt / reference (a CSV field stops at csv's 128 KiB limit:
 # that limit is process-wide and guards the observation import too, so long prompts belong in JSONL)
@@ -23,8 +34,9 @@ MAX_FIELD = 1_000_000  # characters in one prompt / reference (a CSV field stops
 class RequestLogSource:
     name = "request-log"
 
-    def __init__(self, path: Path | str, exclude_prompts: Iterable[str] = ()) -> None:
+    def __init__(self, path: Path | str, salt: str, exclude_prompts: Iterable[str] = ()) -> None:
         self.path = Path(path)
+        self._salt = salt
         self._excluded = frozenset(prompt_key(p) for p in exclude_prompts)
         if not self.path.is_file():
             raise TrafficError(f"{self.path}: request log not found")
@@ -46,14 +58,11 @@ class RequestLogSource:
             yield req
 
     def take(self, n: int, used: Set[str]) -> list[Request]:
-        out: list[Request] = []
+        """The n unused requests first in the pilot's order (`traffic_order_key`), in that order: one pass
+        over the file, holding n requests at a time."""
         if n <= 0:
-            return out
-        for req in self._usable(used):
-            out.append(req)
-            if len(out) >= n:
-                break
-        return out
+            return []
+        return heapq.nsmallest(n, self._usable(used), key=lambda r: traffic_order_key(r.id, self._salt))
 
     def remaining(self, used: Set[str]) -> int:
         return sum(1 for _ in self._usable(used))
@@ -63,7 +72,7 @@ class RequestLogSource:
 
     def _usable(self, used: Set[str]) -> Iterator[Request]:
         """The log's requests not used yet, in file order: each prompt's first line only, and none that
-        calibration read."""
+        calibration read (`take` puts them in the pilot's order)."""
         for r in first_of_each_prompt(self.requests(), lambda r: r.prompt, seen=self._excluded):
             if r.id not in used:
                 yield r

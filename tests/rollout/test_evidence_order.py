@@ -1,49 +1,62 @@
 """The order of the evidence: an import's rows enter their step's stream by a salted hash of the request id
-(`rollout.pilots.stream_key`), so a file's order carries no weight. Simulated through the GO test `decide`
-runs: a shadow export sorted by latency, the sparse model losing only on the slowest fifth of the requests
-(mean loss exactly the margin). Requirement as for the gate: false GO <= alpha + 1 pp, upper end of the
-95% Clopper-Pearson interval <= alpha + 2 pp, replications doubled until the interval decides."""
+(`rollout.pilots.stream_key`), and a request log hands its requests out by another
+(`rollout.traffic.traffic_order_key`), so a file's order carries no weight. Simulated through the GO test
+`decide` runs: a shadow export (or a captured log) sorted by latency, the sparse model losing only on the
+slowest fifth of the requests (mean loss exactly the margin). Requirement as for the gate: false GO <=
+alpha + 1 pp, upper end of the 95% Clopper-Pearson interval <= alpha + 2 pp, replications doubled until
+the interval decides."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from rollout.gate.quality import prior
 from rollout.gate.sequences import paired_stream, rejects
 from rollout.gate.settings import GateSettings
 from rollout.gate.simulation import clopper_pearson_upper
 from rollout.pilots import in_evidence_order, stream_key
+from rollout.traffic import traffic_order_key
 
 ALPHA, MARGIN, PAIRS = 0.05, 0.03, 600
 
 
-def _false_go(replications: int, *, stored: bool, seed: int = 0) -> tuple[int, float]:
+KEYS = {"import": stream_key, "request log": traffic_order_key}
+
+
+def _false_go(replications: int, *, order: str | None, seed: int = 0) -> tuple[int, float]:
+    """False GO over `replications` files of PAIRS shadow pairs sorted by latency, judged in the file's
+    order (`order` None) or as an import stores them / a request log hands them out (a fresh pilot salt
+    per file)."""
     rng = np.random.default_rng(seed)
     kw = prior(GateSettings(margin=MARGIN), "paired", 0.5)
     slowest = np.arange(PAIRS) >= 0.8 * PAIRS  # the file is sorted by latency: the slow fifth comes last
     z = -((rng.random((replications, PAIRS)) < 5 * MARGIN) & slowest).astype(float)
-    if stored:
+    if order is not None:
+        key = KEYS[order]
         ids = [f"req-{i:05d}" for i in range(PAIRS)]
-        order = np.stack(
-            [np.argsort([stream_key(rid, f"{seed}-{r}") for rid in ids]) for r in range(replications)]
-        )
-        z = np.take_along_axis(z, order, axis=1)
+        perm = np.stack([np.argsort([key(rid, f"{seed}-{r}") for rid in ids]) for r in range(replications)])
+        z = np.take_along_axis(z, perm, axis=1)
     go, _ = rejects(paired_stream(z), -MARGIN, "lower", ALPHA, **kw)
     return int(go.sum()), clopper_pearson_upper(int(go.sum()), replications)
 
 
-def test_a_sorted_export_no_longer_ships_an_inferior_plan() -> None:
+@pytest.mark.parametrize("order", sorted(KEYS))
+def test_a_sorted_file_no_longer_ships_an_inferior_plan(order: str) -> None:
     reps = 1000
     while True:
-        k, upper = _false_go(reps, stored=True)
+        k, upper = _false_go(reps, order=order)
         if upper <= ALPHA + 0.02 or k / reps > ALPHA + 0.01 or reps >= 8000:
             break
         reps *= 2
-    print(f"as stored: false GO {k / reps:.4f} (upper {upper:.4f}, {reps} exports)")
+    print(f"{order}: false GO {k / reps:.4f} (upper {upper:.4f}, {reps} files)")
     assert k / reps <= ALPHA + 0.01 and upper <= ALPHA + 2 * 0.01
-    k_file, _ = _false_go(400, stored=False)
+
+
+def test_the_files_own_order_ships_it() -> None:
+    k_file, _ = _false_go(400, order=None)
     print(f"in file order: false GO {k_file / 400:.4f}")
-    assert k_file / 400 > 0.9  # what storing the file's order did
+    assert k_file / 400 > 0.9  # what storing an import's, or handing out a log's, file order did
 
 
 def test_evidence_order_groups_batches_and_keeps_arrival_where_there_is_no_key() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from rollout.traffic import RequestLogSource, TrafficError, exhaustion_note
+from rollout.traffic import RequestLogSource, TrafficError, exhaustion_note, traffic_order_key
 
 
 def _log(path: Path, n: int, *, start: int = 0, words: int = 20) -> Path:
@@ -19,31 +19,47 @@ def _log(path: Path, n: int, *, start: int = 0, words: int = 20) -> Path:
     return path
 
 
-def test_request_log_hands_each_request_out_once_in_file_order(tmp_path: Path) -> None:
-    src = RequestLogSource(_log(tmp_path / "log.jsonl", 30))
+def _handed_out(src: RequestLogSource, batch: int) -> list[str]:
     used: set[str] = set()
-    got = []
-    while batch := src.take(8, used):
-        used.update(r.id for r in batch)
-        got += [r.id for r in batch]
-    assert got == [f"req-{i}" for i in range(30)]
-    assert src.remaining(used) == 0 and src.take(8, used) == []
+    got: list[str] = []
+    while out := src.take(batch, used):
+        assert len(out) <= batch and src.take(batch, used) == out  # a retried batch gets the same requests
+        used.update(r.id for r in out)
+        got += [r.id for r in out]
+    assert src.remaining(used) == 0
+    return got
+
+
+def test_request_log_hands_each_request_out_once_in_the_pilots_order(tmp_path: Path) -> None:
+    """Batch after batch, the log's requests in the order of their salted keys, not the file's: the gate's
+    sequences may reject at any row, and a file's order may carry the outcomes (a log sorted by prompt
+    length). Another pilot (salt) gets another order."""
+    path = _log(tmp_path / "log.jsonl", 30)
+    ids = [f"req-{i}" for i in range(30)]
+    got = _handed_out(RequestLogSource(path, "pilot-1"), 8)
+    assert got == sorted(ids, key=lambda i: traffic_order_key(i, "pilot-1")) != ids
+    assert _handed_out(RequestLogSource(path, "pilot-1"), 7) == got  # the batch size does not matter
+    other = _handed_out(RequestLogSource(path, "pilot-2"), 8)
+    assert sorted(other) == sorted(ids) and other != got
 
 
 def test_request_log_of_100k_rows_streams_in_bounded_memory(tmp_path: Path) -> None:
     path = _log(tmp_path / "big.jsonl", 100_000, words=40)
     assert path.stat().st_size > 50_000_000
-    src = RequestLogSource(path)
+    src = RequestLogSource(path, "s")
     tracemalloc.start()
     try:
-        batch = src.take(50, set(f"req-{i}" for i in range(99_000)))  # skips most of the file
+        batch = src.take(50, set(f"req-{i}" for i in range(99_000)))  # passes over most of the file
         left = src.remaining({r.id for r in batch})
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert [r.id for r in batch][:2] == ["req-99000", "req-99001"] and left == 100_000 - 50
-    # the 99k used ids are the caller's; what the source holds is one row, the set of ids it has seen
-    # and a 16-byte key per distinct prompt (rollout.traffic.prompt_key): well under the file
+    unused = [f"req-{i}" for i in range(99_000, 100_000)]
+    assert [r.id for r in batch] == sorted(unused, key=lambda i: traffic_order_key(i, "s"))[:50]
+    assert left == 100_000 - 50
+    # the 99k used ids are the caller's; what the source holds is the n requests it keeps, one row, the
+    # set of ids it has seen and a 16-byte key per distinct prompt (rollout.traffic.prompt_key): well
+    # under the file
     assert peak < 35_000_000, peak
 
 
@@ -61,20 +77,20 @@ def test_a_request_log_hands_out_each_prompt_once(tmp_path: Path) -> None:
     ]
     path = tmp_path / "log.jsonl"
     path.write_text("".join(json.dumps({"id": f"r{i}", "prompt": p}) + "\n" for i, p in enumerate(prompts)))
-    src = RequestLogSource(path)
-    assert [r.id for r in src.take(10, set())] == ["r0", "r1", "r3", "r6"]
+    src = RequestLogSource(path, "s")
+    assert sorted(r.id for r in src.take(10, set())) == ["r0", "r1", "r3", "r6"]
     assert src.remaining(set()) == 4 and src.remaining({"r0", "r1"}) == 2
-    assert [r.id for r in src.take(10, {"r0"})] == ["r1", "r3", "r6"]  # a used prompt's copies stay out
+    assert sorted(r.id for r in src.take(10, {"r0"})) == ["r1", "r3", "r6"]  # a used prompt's copies stay out
     # calibration's prompts are matched the same way
-    src = RequestLogSource(path, exclude_prompts=["reset password ", "new"])
-    assert [r.id for r in src.take(10, set())] == ["r1", "r3"]
+    src = RequestLogSource(path, "s", exclude_prompts=["reset password ", "new"])
+    assert sorted(r.id for r in src.take(10, set())) == ["r1", "r3"]
 
 
 def test_request_log_csv_with_excel_bom(tmp_path: Path) -> None:
     path = tmp_path / "log.csv"
     path.write_bytes("\ufeffrequest_id,prompt,reference\nA1,hello there,hi\nA2,second,\n".encode())
-    reqs = RequestLogSource(path).take(5, set())
-    assert [(r.id, r.prompt, r.reference) for r in reqs] == [
+    reqs = RequestLogSource(path, "s").take(5, set())
+    assert sorted((r.id, r.prompt, r.reference) for r in reqs) == [
         ("A1", "hello there", "hi"),
         ("A2", "second", None),
     ]
@@ -95,15 +111,15 @@ def test_bad_request_log_rows_name_the_line_and_field(tmp_path: Path, text: str,
     path = tmp_path / "log.jsonl"
     path.write_text(text)
     with pytest.raises(TrafficError, match=where.replace(".", r"\.")):
-        RequestLogSource(path).take(10, set())
+        RequestLogSource(path, "s").take(10, set())
 
 
 def test_request_log_must_exist_and_be_jsonl_or_csv(tmp_path: Path) -> None:
     with pytest.raises(TrafficError, match="not found"):
-        RequestLogSource(tmp_path / "missing.jsonl")
+        RequestLogSource(tmp_path / "missing.jsonl", "s")
     (tmp_path / "log.txt").write_text("x")
     with pytest.raises(TrafficError, match=r"\.jsonl or \.csv"):
-        RequestLogSource(tmp_path / "log.txt")
+        RequestLogSource(tmp_path / "log.txt", "s")
 
 
 def test_exhaustion_note_only_for_an_extend_with_nothing_left() -> None:
@@ -135,7 +151,7 @@ def test_a_csv_field_over_the_csv_limit_names_the_line(tmp_path: Path) -> None:
     path = tmp_path / "log.csv"
     path.write_text("id,prompt\nA1,short\nA2," + "x" * (limit + 10) + "\n")
     with pytest.raises(TrafficError, match=r"log\.csv:3: not valid CSV"):
-        RequestLogSource(path).take(5, set())
+        RequestLogSource(path, "s").take(5, set())
     assert csv.field_size_limit() == limit  # reading a log never widens the process-wide limit
 
 
@@ -173,8 +189,7 @@ def test_a_request_log_passes_over_the_prompts_calibration_read(tmp_path: Path) 
     src = source_for(_spec_with_source("request-log", str(log)), rows=rows, salt="s", spec_dir=tmp_path)
     got = src.take(100, set())
     assert len(got) == 10 and not {r.prompt for r in got} & seen_by_calibration
-    in_file_order = sorted((r.id for r in got), key=lambda i: int(i.split("-")[1]))
-    assert [r.id for r in got] == in_file_order
+    assert [r.id for r in got] == sorted((r.id for r in got), key=lambda i: traffic_order_key(i, "s"))
     assert src.remaining(set()) == 10 and src.remaining({r.id for r in got}) == 0
 
 
