@@ -5,9 +5,9 @@ An arm answers a request the way its model would serve it and scores the answer 
 probability the model gives the reference after the prompt (`loglik`, no generation). Latency is what the
 arm's caller waited for the answer (for an endpoint: measured at the client, network and queueing
 included). A failure of the model or the endpoint (HTTP status >= 400, timeout, refused connection,
-malformed response) is an answer with ``error=True`` whose quality is that of an empty answer: the gate's
-error guardrails see it; it never raises. Only a misconfigured arm raises (`ArmConfigError`), before any
-request is sent.
+malformed response, a score that is not a number in [0, 1]) is an answer with ``error=True`` whose quality
+is that of an empty answer: the gate's error guardrails see it; it never raises. Only a misconfigured arm
+raises (`ArmConfigError`), before any request is sent.
 """
 
 from __future__ import annotations
@@ -86,3 +86,16 @@ def failed(task: str, reference: str, latency_ms: float, detail: str) -> ArmAnsw
     """An error observation: the quality of an empty answer, the client's latency (> 0, as the gate needs)."""
     quality = 0.0 if task == "loglik" or not reference else score_output(task, "", reference)
     return ArmAnswer(quality, max(latency_ms, 0.001), 0, True, detail)
+
+
+def usable(answer: ArmAnswer, task: str, reference: str) -> ArmAnswer:
+    """The answer, or, when its score is not a number in [0, 1], a failed answer (`failed`): a model's
+    numerical failure (NaN logits give a NaN `loglik`; a server may send NaN log-probabilities) is the arm
+    failing that request, as an HTTP error is. Kept as NaN it failed the batch's data check, and the pilot
+    dropped the whole batch, the evidence against the arm with it: selection on the outcome, which let a
+    plan that broke on a few % of requests reach GO on the batches it had not broken
+    (docs/gate.md, "What is checked")."""
+    q = answer.quality
+    if isinstance(q, int | float) and not isinstance(q, bool) and math.isfinite(q) and 0.0 <= q <= 1.0:
+        return answer
+    return failed(task, reference, answer.latency_ms, f"score is not a number in [0, 1]: {q!r}")

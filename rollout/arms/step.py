@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from rollout.arms.base import Arm, ArmAnswer, ArmRequest
+from rollout.arms.base import Arm, ArmAnswer, ArmRequest, usable
 
 NO_REFERENCE = "the control arm gave no usable answer to score against"
 
@@ -48,6 +48,7 @@ def run_batch(
         obs: list[dict[str, Any]] = []
 
         def keep(res: ArmAnswer, which: str) -> None:
+            res = usable(res, task, ref)  # a NaN score is this arm failing the request, never a lost batch
             obs.append(res.observation(rid, which))
             if res.error and on_error is not None:
                 on_error(rid, which, res.output)

@@ -310,3 +310,58 @@ def test_spec_pilot_arms_are_validated_and_default_in_process() -> None:
         parse_spec({**base, "pilot": {"arms": {"control": {"timeout_s": 0}}}})
     with pytest.raises(SpecError, match=r"pilot\.arms\.control\.kind"):
         parse_spec({**base, "pilot": {"arms": {"control": {"kind": "grpc"}}}})
+
+
+def test_a_nan_score_is_the_arm_failing_the_request_not_a_lost_batch(
+    tiny_model_dir: Path, dense_in_process: InProcessArm
+) -> None:
+    """A treatment model that breaks numerically on some requests (here: the input embedding of the token
+    " of" is NaN, so every prompt holding it gets NaN logits and a NaN loglik) gives error observations
+    with quality 0 on exactly those requests. Before, the NaN scores failed the batch's data check and the
+    pilot dropped the whole batch: the evidence against the broken arm never reached the gate."""
+    import copy
+
+    import torch
+
+    from flows.common import model_arm
+    from rollout.gate import GateSettings, decide
+    from rollout.observations_io import validate_observation_rows
+
+    tok = dense_in_process.tokenizer
+    broken = copy.deepcopy(dense_in_process.model)
+    emb = broken.get_input_embeddings()
+    weight = emb.weight.detach().clone()
+    of = tok(" of", add_special_tokens=False)["input_ids"]
+    assert len(of) == 1
+    weight[of[0]] = float("nan")
+    emb.weight = torch.nn.Parameter(weight)  # the input side only (the tiny model ties its embeddings)
+    treatment = InProcessArm(broken, tok, None, model_arm)
+
+    requests = REQUESTS[:24]
+    rows = run_batch(
+        dense_in_process, treatment, requests, kind="shadow", salt="s", traffic_pct=50, task="loglik", **KW
+    )
+    breaks = {rid for rid, r in requests if of[0] in tok(r["prompt"], add_special_tokens=False)["input_ids"]}
+    assert 0 < len(breaks) < len(requests)
+    treated = {r["request_id"]: r for r in rows if r["arm"] == "treatment"}
+    assert {rid for rid, r in treated.items() if r["error"]} == breaks
+    assert all(treated[rid]["quality"] == 0.0 for rid in breaks)
+    assert not any(r["error"] for r in rows if r["arm"] == "control")
+    check = validate_observation_rows(
+        rows, known_request_ids=[rid for rid, _ in requests], require_both_arms=True
+    )
+    assert check["passed"], check["failures"]
+    spec = parse_spec(tiny_spec(Path("/models/tiny")))
+    decision = decide(pd.DataFrame(rows), GateSettings.from_spec(spec), mode="paired", min_samples_per_arm=8)
+    assert decision.outcome == "NO-GO", decision.explanation
+
+
+@pytest.mark.parametrize("score", [float("nan"), float("inf"), -0.25, 1.5, None, True])
+def test_only_a_score_in_0_1_is_an_answer(score: object) -> None:
+    from rollout.arms.base import ArmAnswer, usable
+
+    kept = ArmAnswer(0.4, 12.0, 7, False, "text")
+    assert usable(kept, "rouge_l", "ref") is kept
+    out = usable(ArmAnswer(score, 12.0, 7, False, "text"), "loglik", "ref")  # type: ignore[arg-type]
+    assert out.error and out.quality == 0.0 and out.latency_ms == 12.0 and out.tokens == 0
+    assert "not a number in [0, 1]" in out.output
