@@ -843,7 +843,14 @@ def calibrate_many(
             report.decode = rep.to_dict()
             plan.metadata["decode_calibration"] = {
                 k: report.decode[k]
-                for k in ("met_budget", "fidelity", "layer_budgets", "density", "prompt_tokens")
+                for k in (
+                    "met_budget",
+                    "fidelity",
+                    "layer_budgets",
+                    "density",
+                    "prompt_tokens",
+                    "whole_model",
+                )
             }
             report.seconds["decode"] = time.perf_counter() - t0
             report.seconds["total"] = time.perf_counter() - t_start

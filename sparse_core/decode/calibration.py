@@ -37,6 +37,13 @@ a fidelity budget, measured on continuations the dense model generates after lon
    where sparse starts to win, a layer's decode stays dense (`DecodePlan.break_even_tokens`, a layer's
    own in `layer_overrides` when its budget breaks even elsewhere). The fidelity
    checks above run sparse at every length (break-even 0), so the budget is checked where it is used.
+6. The whole model, where the plan decodes sparsely at the calibration length: `whole_model_repeats`
+   paired runs of the model's decode, dense and with the plan, on the cache the served model uses
+   (`decode.measure.compare_decode`). One layer's best step at 1.05x does not make the model faster: a
+   step of the whole model pays the sparse path's fixed cost in every layer, and a plan that reads most
+   of the cache saves little (docs-qa's read 89% of it at 3k tokens and decoded at 0.98x [0.97, 1.00]
+   end to end). Unless the runs' 95% interval lies above 1 the break-even moves past the calibration
+   length, so decode stays dense there: "never slower than dense", measured where it is used.
 
 Before all this, when the break-even is measured: if even the smallest candidate budget does not
 break even within the calibration's cache length (the use case's own), no budget is searched (that
@@ -91,6 +98,9 @@ class DecodeLimits:
     # with confidence and a trained estimator: those windows come after page_gate's training windows
     # (more text) instead of being them
     sensitivity_apart: bool = False
+    # with a measured break-even: paired runs of the whole model's decode, dense and with the plan, at
+    # the calibration length (step 6); 0: none (the per-layer break-even alone)
+    whole_model_repeats: int = 4
 
     def __post_init__(self) -> None:
         if self.n_prompts < 1:
@@ -111,6 +121,11 @@ class DecodeLimits:
         self.budgets = tuple(sorted({int(b) for b in self.budgets}))
         if self.break_even_tokens is not None and self.break_even_tokens < 0:
             raise ValueError(f"decode.break_even_tokens must be >= 0, got {self.break_even_tokens}")
+        if self.whole_model_repeats != 0 and self.whole_model_repeats < 2:
+            raise ValueError(
+                f"decode.whole_model_repeats must be 0 or >= 2 (an interval needs 2 runs), "
+                f"got {self.whole_model_repeats}"
+            )
         for name in ("page_gate_windows", "page_gate_rows", "page_gate_steps", "sensitivity_prompts"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"decode.{name} must be >= 1, got {getattr(self, name)}")
@@ -171,9 +186,68 @@ class DecodeCalibrationReport:
     break_even: dict | None = None
     skipped: str | None = None  # why no budget was searched (the cache never reaches the break-even)
     page_gate: dict | None = None  # estimator page_gate: its training (decode.page_gate.PageGateReport)
+    # step 6: the whole model's decode at the calibration length (`whole_model_check`); None: not run
+    whole_model: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def whole_model_check(
+    model, plan: SparsePlan, ids: torch.Tensor, new_tokens: int, repeats: int
+) -> dict | None:
+    """Step 6: the whole model's decode after `ids` [1, S], dense against `plan`, `repeats` paired runs on
+    the cache the served model uses, under the evaluation's thread policy. Returns the measurement and
+    `faster` (the runs' 95% interval lies above 1: `sparse_core.speedup`, a run is the unit), or None
+    when the plan decodes no layer sparsely there (nothing to time: the sparse arm is the dense code)."""
+    from sparse_core.decode.cache import full_attention_only
+    from sparse_core.decode.measure import compare_decode
+    from sparse_core.host import apply_thread_policy, loadavg
+    from sparse_core.speedup import paired_speedup
+
+    end = int(ids.shape[1]) + new_tokens
+    if plan.decode is None or not plan.decode.sparse_at(int(model.config.num_hidden_layers), end):
+        return None
+    kind = "paged" if full_attention_only(model.config) else "dynamic"
+    prev = torch.get_num_threads()
+    policy = apply_thread_policy()
+    load_before = loadavg()
+    try:
+        r = compare_decode(
+            model,
+            plan,
+            ids,
+            new_tokens=new_tokens,
+            repeats=repeats,
+            free_running=False,
+            dense_cache=kind,
+            sparse_cache=kind,
+        )
+    finally:
+        torch.set_num_threads(prev)
+    s = paired_speedup(r.dense_seconds_per_token, r.sparse_seconds_per_token, 0.95)
+    return {
+        "cache_tokens": [int(ids.shape[1]), end],
+        "repeats": repeats,
+        "speedup": s.estimate,
+        "speedup_low": s.low,
+        "speedup_high": s.high,
+        "dense_ms_per_token": r.dense_ms_per_token,
+        "sparse_ms_per_token": r.sparse_ms_per_token,
+        "density": r.density,
+        "faster": s.low > 1.0,
+        "cache": kind,
+        "host": {**policy, "loadavg_before": load_before, "loadavg_after": loadavg()},
+    }
+
+
+def past_break_even(dp: DecodePlan, tokens: int) -> None:
+    """Move every break-even of `dp` (the plan's and the layers' own) to at least `tokens`: decode stays
+    dense below it."""
+    dp.break_even_tokens = max(dp.break_even_tokens, tokens)
+    for ov in dp.layer_overrides.values():
+        if "break_even_tokens" in ov:
+            ov["break_even_tokens"] = max(int(ov["break_even_tokens"]), tokens)
 
 
 def _layer_errors(
@@ -523,7 +597,7 @@ def calibrate_decode(
         met = True
     else:
         fid, lb, dens, dp, met = dense_fid, [None] * n_layers, 1.0, None, False
-    break_even = None
+    break_even = whole = None
     if dp is not None:
         t0 = time.perf_counter()
         if lim.break_even_tokens is None:
@@ -547,6 +621,19 @@ def calibrate_decode(
         else:
             dp.break_even_tokens = lim.break_even_tokens
         secs["break_even"] = time.perf_counter() - t0
+        if lim.break_even_tokens is None and lim.whole_model_repeats:
+            t0 = time.perf_counter()
+            # the judged continuations reach length + new_tokens; 32 timed tokens a run are enough
+            reach = int(prompts[0].shape[1]) + lim.new_tokens
+            whole = whole_model_check(
+                model, base.with_(decode=dp), prompts[0], min(lim.new_tokens, 32), lim.whole_model_repeats
+            )
+            if whole is not None:
+                whole["break_even_before"] = dp.first_break_even()
+                if not whole["faster"]:
+                    past_break_even(dp, reach + 1)
+                whole["break_even_after"] = dp.first_break_even()
+            secs["whole_model"] = time.perf_counter() - t0
         secs["total"] = time.perf_counter() - t_start
     report = DecodeCalibrationReport(
         met_budget=met,
@@ -564,6 +651,7 @@ def calibrate_decode(
         seconds=secs,
         break_even=break_even,
         page_gate=gate_report,
+        whole_model=whole,
     )
     if trained and dp is not None:  # the caller's plan carries the weights its decode was judged with
         caller.tensors.update(gate.to_tensors())

@@ -162,9 +162,10 @@ def test_decode_calibration_sets_the_break_even(tiny_llama_dir):
         budgets=(64, 128),
         max_joint_checks=2,
         break_even_lengths=(64, 128),
+        whole_model_repeats=0,  # the per-layer measurement alone (the whole model's: the test below)
     )
     dp, rep = calibrate_decode(model, tok, texts, "kl=5", limits=lim)
-    assert rep.skipped is None and rep.search
+    assert rep.skipped is None and rep.search and rep.whole_model is None
     assert dp is not None and rep.break_even is not None
     # one measurement per budget the plan uses; a layer whose budget breaks even elsewhere says so
     used = sorted({b for b in rep.layer_budgets if b is not None})
@@ -184,6 +185,55 @@ def test_decode_calibration_sets_the_break_even(tiny_llama_dir):
     assert given.break_even_tokens == 0 and rep2.break_even is None
     with pytest.raises(ValueError, match="decode.break_even_tokens must be >= 0"):
         DecodeLimits(break_even_tokens=-5)
+
+
+def test_decode_calibration_times_the_whole_model_and_keeps_decode_dense_where_it_is_not_faster(
+    tiny_llama_dir,
+):
+    """Step 6: where the plan decodes sparsely at the calibration length, paired runs of the whole model
+    (dense, then with the plan) decide whether it stays sparse there: only when the runs' 95% interval
+    lies above 1; otherwise every break-even moves past the judged continuations, and decode there is
+    the dense code. The record says which, with the timings and the host's load."""
+    from sparse_core.decode.calibration import DecodeLimits, calibrate_decode
+
+    model, tok = load_model(tiny_llama_dir)
+    n_layers = model.config.num_hidden_layers
+    texts = [sample_text(8000)[i * 2000 : (i + 1) * 2000] for i in range(4)]
+    lim = DecodeLimits(
+        prompt_tokens=512,
+        n_prompts=1,
+        new_tokens=8,
+        budgets=(64, 128),
+        max_joint_checks=2,
+        break_even_lengths=(64, 128),
+        whole_model_repeats=3,
+    )
+    dp, rep = calibrate_decode(model, tok, texts, "kl=5", limits=lim)
+    wm = rep.whole_model
+    assert dp is not None and wm is not None and rep.seconds["whole_model"] > 0
+    assert wm["repeats"] == 3 and wm["cache_tokens"] == [512, 520] and wm["host"]["threads"] >= 1
+    assert wm["speedup_low"] <= wm["speedup"] <= wm["speedup_high"]
+    assert wm["faster"] == (wm["speedup_low"] > 1.0)
+    measured = min(m["tokens"] for m in rep.break_even.values())
+    assert wm["break_even_before"] == measured
+    if wm["faster"]:
+        assert dp.first_break_even() == wm["break_even_after"] == measured
+    else:
+        assert dp.first_break_even() == wm["break_even_after"] == 512 + 8 + 1
+        assert not dp.sparse_at(n_layers, 520) and dp.sparse_at(n_layers, 521)
+    with pytest.raises(ValueError, match="whole_model_repeats must be 0 or >= 2"):
+        DecodeLimits(whole_model_repeats=1)
+
+
+def test_past_break_even_moves_every_break_even_and_never_lowers_one() -> None:
+    from sparse_core.decode.calibration import past_break_even
+
+    dp = DecodePlan(budget_tokens=64, break_even_tokens=300)
+    dp.layer_overrides = {1: {"budget_tokens": 128, "break_even_tokens": 900}, 2: {"budget_tokens": 32}}
+    past_break_even(dp, 521)
+    assert dp.break_even_tokens == 521 and dp.layer_overrides[1]["break_even_tokens"] == 900
+    assert "break_even_tokens" not in dp.layer_overrides[2]  # it follows the plan's
+    assert dp.first_break_even() == 521
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
