@@ -180,6 +180,16 @@ class DecodeCalibration(_Strict):
     # with confidence and a scorer decode calibration trains (page_gate): those windows come after its
     # training windows instead of being them (sparse_core DecodeLimits.sensitivity_apart)
     sensitivity_apart: bool = False
+    # paired runs of the whole model's decode at prompt_tokens, dense and with the plan: decode stays
+    # dense there unless they show it faster (sparse_core DecodeLimits.whole_model_repeats); 0: none
+    whole_model_repeats: Annotated[int, Field(ge=0, le=64)] = 4
+
+    @field_validator("whole_model_repeats")
+    @classmethod
+    def _an_interval_needs_two_runs(cls, v: int) -> int:
+        if v == 1:
+            raise ValueError("one run gives no interval: 0 (no whole-model check) or at least 2")
+        return v
 
     @field_validator("estimator")
     @classmethod

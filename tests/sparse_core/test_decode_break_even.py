@@ -285,3 +285,16 @@ def test_decode_calibration_skips_the_search_below_the_smallest_budgets_break_ev
     assert rep.fidelity["kl"] == 0.0 and rep.fidelity["agree"] == 1.0 and rep.n_prompts == 1
     plan = SparsePlan(decode=dp).validate_for(model.config)
     assert SparsePlan.from_json(plan.to_json()).decode == dp
+
+
+def test_the_spec_carries_the_whole_model_runs_to_decode_calibration() -> None:
+    from pydantic import ValidationError
+
+    from rollout.spec import DecodeCalibration
+    from sparse_core.decode.calibration import DecodeLimits
+
+    assert DecodeCalibration().whole_model_repeats == 4 == DecodeLimits().whole_model_repeats
+    spec = DecodeCalibration(whole_model_repeats=8)
+    assert DecodeLimits(**spec.model_dump()).whole_model_repeats == 8
+    with pytest.raises(ValidationError, match="one run gives no interval"):
+        DecodeCalibration(whole_model_repeats=1)
