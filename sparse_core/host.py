@@ -14,7 +14,8 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -163,6 +164,19 @@ def set_threads(requested: int | None, sample_seconds: float = 0.2) -> dict[str,
         "threads": requested,
         "others_busy_cores": _rounded(others),
     }
+
+
+@contextmanager
+def threads_for(requested: int | None = None) -> Iterator[dict[str, Any]]:
+    """torch's intra-op threads for the block (`set_threads`: `requested`, or None for the CPUs really
+    free), the previous count restored after; yields `set_threads`'s record."""
+    import torch
+
+    prev = torch.get_num_threads()
+    try:
+        yield set_threads(requested)
+    finally:
+        torch.set_num_threads(prev)
 
 
 def _others_now(sample_seconds: float) -> float | None:

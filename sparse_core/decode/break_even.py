@@ -32,7 +32,7 @@ from sparse_core.decode.cache import full_attention_only, paged_buffer
 from sparse_core.decode.pages import sync
 from sparse_core.decode.plan import DecodeLayerParams
 from sparse_core.decode.scoring import local_start
-from sparse_core.host import apply_thread_policy, loadavg
+from sparse_core.host import loadavg, threads_for
 
 LENGTHS = (256, 512, 1024, 1536, 2048, 2560, 3072, 3584, 4096, 5120, 6144, 8192, 12288, 16384)
 MIN_RATIO = 1.05  # a sparse step must be this much faster to count: timing noise is not a saving
@@ -104,12 +104,7 @@ def measure_break_even(
     the CPUs really free (sparse_core.host.apply_thread_policy). Two threads on a busy two-core host
     stall on every small op: a calibration at load 3.5 timed a 256-token dense step at 3.7 ms (50 us
     alone) and found no break-even up to 8k."""
-    prev = torch.get_num_threads()
-    if threads is None:
-        apply_thread_policy()
-    else:
-        torch.set_num_threads(threads)
-    try:
+    with threads_for(threads):
         return _measure(
             plan,
             params,
@@ -123,8 +118,6 @@ def measure_break_even(
             seed=seed,
             paged=paged,
         )
-    finally:
-        torch.set_num_threads(prev)
 
 
 def _measure(

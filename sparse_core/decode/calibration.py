@@ -202,17 +202,15 @@ def whole_model_check(
     when the plan decodes no layer sparsely there (nothing to time: the sparse arm is the dense code)."""
     from sparse_core.decode.cache import full_attention_only
     from sparse_core.decode.measure import compare_decode
-    from sparse_core.host import apply_thread_policy, loadavg
+    from sparse_core.host import loadavg, threads_for
     from sparse_core.speedup import paired_speedup
 
     end = int(ids.shape[1]) + new_tokens
     if plan.decode is None or not plan.decode.sparse_at(int(model.config.num_hidden_layers), end):
         return None
     kind = "paged" if full_attention_only(model.config) else "dynamic"
-    prev = torch.get_num_threads()
-    policy = apply_thread_policy()
-    load_before = loadavg()
-    try:
+    with threads_for() as policy:
+        load_before = loadavg()
         r = compare_decode(
             model,
             plan,
@@ -223,8 +221,6 @@ def whole_model_check(
             dense_cache=kind,
             sparse_cache=kind,
         )
-    finally:
-        torch.set_num_threads(prev)
     s = paired_speedup(r.dense_seconds_per_token, r.sparse_seconds_per_token, 0.95)
     return {
         "cache_tokens": [int(ids.shape[1]), end],

@@ -135,6 +135,19 @@ def test_split_step_sends_each_request_to_its_assigned_arm_only(ok_server: str) 
     treatment.close()
 
 
+def _a_valid_batch_judged(rows: list[dict], requests: list) -> object:
+    """The shadow batch passes its data check (so the pilot stores it) and `decide`'s verdict on it."""
+    from rollout.gate import GateSettings, decide
+    from rollout.observations_io import validate_observation_rows
+
+    check = validate_observation_rows(
+        rows, known_request_ids=[rid for rid, _ in requests], require_both_arms=True
+    )
+    assert check["passed"], check["failures"]
+    spec = parse_spec(tiny_spec(Path("/models/tiny")))
+    return decide(pd.DataFrame(rows), GateSettings.from_spec(spec), mode="paired", min_samples_per_arm=8)
+
+
 @pytest.mark.parametrize("behaviour", ["error500", "hang"])
 def test_failing_treatment_endpoint_is_error_evidence_and_a_guardrail_no_go(
     ok_server: str, behaviour: str
@@ -142,8 +155,6 @@ def test_failing_treatment_endpoint_is_error_evidence_and_a_guardrail_no_go(
     """Every treatment request fails (HTTP 500, or no answer within the 0.25 s timeout): 36 error
     observations (quality of an empty answer), a valid batch, and the gate stops the pilot on the error
     guardrail, with no crash anywhere."""
-    from rollout.gate import GateSettings, decide
-    from rollout.observations_io import validate_observation_rows
 
     requests = REQUESTS[:36]
     control = openai_arm(ok_server, "control", max_concurrency=4)
@@ -160,13 +171,7 @@ def test_failing_treatment_endpoint_is_error_evidence_and_a_guardrail_no_go(
     assert not any(r["error"] for r in rows if r["arm"] == "control")
     if behaviour == "hang":
         assert min(r["latency_ms"] for r in treated) >= 250  # the client waited its timeout
-    check = validate_observation_rows(
-        rows, known_request_ids=[rid for rid, _ in requests], require_both_arms=True
-    )
-    assert check["passed"], check["failures"]
-
-    spec = parse_spec(tiny_spec(Path("/models/tiny")))
-    decision = decide(pd.DataFrame(rows), GateSettings.from_spec(spec), mode="paired", min_samples_per_arm=8)
+    decision = _a_valid_batch_judged(rows, requests)
     assert decision.outcome == "NO-GO", decision.explanation
     breached = {g.name for g in decision.guardrails if g.breached}
     assert "treatment_error_rate" in breached, decision.guardrails
@@ -324,8 +329,6 @@ def test_a_nan_score_is_the_arm_failing_the_request_not_a_lost_batch(
     import torch
 
     from flows.common import model_arm
-    from rollout.gate import GateSettings, decide
-    from rollout.observations_io import validate_observation_rows
 
     tok = dense_in_process.tokenizer
     broken = copy.deepcopy(dense_in_process.model)
@@ -347,13 +350,7 @@ def test_a_nan_score_is_the_arm_failing_the_request_not_a_lost_batch(
     assert {rid for rid, r in treated.items() if r["error"]} == breaks
     assert all(treated[rid]["quality"] == 0.0 for rid in breaks)
     assert not any(r["error"] for r in rows if r["arm"] == "control")
-    check = validate_observation_rows(
-        rows, known_request_ids=[rid for rid, _ in requests], require_both_arms=True
-    )
-    assert check["passed"], check["failures"]
-    spec = parse_spec(tiny_spec(Path("/models/tiny")))
-    decision = decide(pd.DataFrame(rows), GateSettings.from_spec(spec), mode="paired", min_samples_per_arm=8)
-    assert decision.outcome == "NO-GO", decision.explanation
+    assert _a_valid_batch_judged(rows, requests).outcome == "NO-GO"
 
 
 @pytest.mark.parametrize("score", [float("nan"), float("inf"), -0.25, 1.5, None, True])

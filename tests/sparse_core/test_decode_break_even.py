@@ -148,22 +148,27 @@ def test_side_by_side_below_break_even_times_the_dense_arm_only(tiny_llama_dir):
     assert not hasattr(model, "_sparsepilot")
 
 
+def _texts() -> list[str]:
+    return [sample_text(8000)[i * 2000 : (i + 1) * 2000] for i in range(4)]
+
+
+def _measured_limits(**kw):  # noqa: ANN202
+    """Decode calibration with the break-even measured at short caches only: it lies (reached or not)
+    below the calibration's 520-token cache, so the budgets are searched."""
+    from sparse_core.decode.calibration import DecodeLimits
+
+    base = dict(prompt_tokens=512, n_prompts=1, new_tokens=8, budgets=(64, 128), max_joint_checks=2)
+    return DecodeLimits(**base, break_even_lengths=(64, 128), **kw)
+
+
 def test_decode_calibration_sets_the_break_even(tiny_llama_dir):
     from sparse_core.decode.calibration import DecodeLimits, calibrate_decode
 
     model, tok = load_model(tiny_llama_dir)
-    texts = [sample_text(8000)[i * 2000 : (i + 1) * 2000] for i in range(4)]
-    # measured at short caches only: the break-even (where reached or not) is below the calibration's
-    # 520-token cache, so the budgets are searched
-    lim = DecodeLimits(
-        prompt_tokens=512,
-        n_prompts=1,
-        new_tokens=8,
-        budgets=(64, 128),
-        max_joint_checks=2,
-        break_even_lengths=(64, 128),
-        whole_model_repeats=0,  # the per-layer measurement alone (the whole model's: the test below)
-    )
+    texts = _texts()
+    lim = _measured_limits(
+        whole_model_repeats=0
+    )  # the per-layer measurement alone (the whole model's: below)
     dp, rep = calibrate_decode(model, tok, texts, "kl=5", limits=lim)
     assert rep.skipped is None and rep.search and rep.whole_model is None
     assert dp is not None and rep.break_even is not None
@@ -198,17 +203,7 @@ def test_decode_calibration_times_the_whole_model_and_keeps_decode_dense_where_i
 
     model, tok = load_model(tiny_llama_dir)
     n_layers = model.config.num_hidden_layers
-    texts = [sample_text(8000)[i * 2000 : (i + 1) * 2000] for i in range(4)]
-    lim = DecodeLimits(
-        prompt_tokens=512,
-        n_prompts=1,
-        new_tokens=8,
-        budgets=(64, 128),
-        max_joint_checks=2,
-        break_even_lengths=(64, 128),
-        whole_model_repeats=3,
-    )
-    dp, rep = calibrate_decode(model, tok, texts, "kl=5", limits=lim)
+    dp, rep = calibrate_decode(model, tok, _texts(), "kl=5", limits=_measured_limits(whole_model_repeats=3))
     wm = rep.whole_model
     assert dp is not None and wm is not None and rep.seconds["whole_model"] > 0
     assert wm["repeats"] == 3 and wm["cache_tokens"] == [512, 520] and wm["host"]["threads"] >= 1

@@ -138,3 +138,18 @@ def test_a_neighbour_on_another_cpu_is_not_our_load() -> None:
     cpus, ours, everywhere = (float(x) for x in out.stdout.split())
     assert cpus == 1.0
     assert everywhere - ours >= 0.7  # the spinner's core is busy, and it is not counted as ours
+
+
+def test_threads_for_sets_the_count_for_the_block_and_restores_it() -> None:
+    import torch
+
+    from sparse_core.host import threads_for
+
+    before = torch.get_num_threads()
+    with threads_for(1) as record:
+        assert torch.get_num_threads() == 1 and record["threads"] == 1 and record["requested"] == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError), threads_for(None) as record:
+        assert record["requested"] == "auto" and torch.get_num_threads() == record["threads"]
+        raise RuntimeError("the count comes back after an error too")
+    assert torch.get_num_threads() == before
