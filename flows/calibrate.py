@@ -21,6 +21,7 @@ from flows.common import (
     log_run,
     remember_plan,
     stable_key,
+    under_lease,
 )
 from rollout import registry, runs
 from rollout.dataset_split import EVALUATION_SHARE
@@ -198,6 +199,7 @@ def _flat_metrics(report: dict[str, Any]) -> dict[str, float]:
 
 
 @flow(name="calibrate", log_prints=True)
+@under_lease("calibrate")
 def calibrate_flow(
     use_case: str, quick: bool = False, limits: dict[str, Any] | None = None
 ) -> dict[str, Any]:

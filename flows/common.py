@@ -4,10 +4,11 @@ sparse_core."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,34 @@ def flow_task(name: str, *, retries: int = 2) -> Any:
     """The flows' task decorator: never cached (every task reads or writes state, and its idempotency
     key, not Prefect's cache, makes a retry safe), retried `retries` times one second apart."""
     return task(cache_policy=NO_CACHE, name=name, retries=retries, retry_delay_seconds=1)
+
+
+def this_run() -> str | None:
+    """This flow run, as a lease's holder names it ("flow run <id>"), or None outside a flow run."""
+    from prefect.runtime import flow_run
+
+    run = flow_run.get_id()
+    return f"flow run {run}" if run else None
+
+
+def under_lease(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A flow that changes a use case's state works under its lease (rollout.leases): one run at a time
+    per use case, re-entrant for a cycle's subflows; another run meanwhile is refused with
+    rollout.leases.UseCaseBusy, naming the holder. Put it under ``@flow``; the flow's first parameter
+    (or ``use_case=``) names the use case."""
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def run_under_lease(*args: Any, **kwargs: Any) -> Any:
+            from rollout import leases
+
+            use_case = kwargs["use_case"] if "use_case" in kwargs else args[0]
+            with leases.holding(use_case, what, run=this_run()):
+                return fn(*args, **kwargs)
+
+        return run_under_lease
+
+    return wrap
 
 
 @dataclass(frozen=True)

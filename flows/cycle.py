@@ -8,7 +8,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from rollout import approval_runs, decisions, lifecycle, runs
+from rollout import approval_runs, decisions, leases, lifecycle, runs
 from rollout.usecases import phase_of
 
 
@@ -31,6 +31,20 @@ def request_approval_run(decision_id: int) -> str | None:
 
 @flow(name="use-case-cycle", log_prints=True)
 def cycle_flow(use_case: str, batches: int = 1) -> dict[str, Any]:
+    """One tick of the use case's schedule, under its lease (rollout.leases): a tick that finds the use
+    case busy (the previous cycle still running, or someone's manual run) does nothing and says who
+    holds it."""
+    from flows.common import this_run
+
+    with leases.holding(use_case, "use-case cycle", run=this_run(), skip_if_busy=True) as token:
+        if token is None:
+            busy = f"{use_case} is busy: {leases.busy_with(use_case)}"
+            get_run_logger().warning("%s; this cycle does nothing", busy)
+            return {"use_case": use_case, "skipped": busy}
+        return _cycle(use_case, batches)
+
+
+def _cycle(use_case: str, batches: int) -> dict[str, Any]:
     from flows.calibrate import calibrate_flow
     from flows.evaluate import evaluate_flow
     from flows.gate import gate_flow

@@ -18,6 +18,7 @@ from flows.common import (
     load_context,
     log_run,
     stable_key,
+    under_lease,
     version_plan,
 )
 from rollout import runs
@@ -174,6 +175,7 @@ def mark_failed(run_pk: int, error: str) -> None:
 
 
 @flow(name="evaluate", log_prints=True)
+@under_lease("evaluate")
 def evaluate_flow(use_case: str, quick: bool = False, suite: dict[str, Any] | None = None) -> dict[str, Any]:
     from rollout.settings import get_settings
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows.common import flow_task, load_context, log_run
+from flows.common import flow_task, load_context, log_run, under_lease
 from rollout import decisions, pilot_batches
 from sparse_core.errors import SparsePilotError
 
@@ -72,6 +72,7 @@ def log_decision(use_case: str, summary: dict[str, Any]) -> str | None:
 
 
 @flow(name="gate", log_prints=True)
+@under_lease("gate")
 def gate_flow(use_case: str, promote_after_step: int | None = None) -> dict[str, Any]:
     """Decide the current step. `promote_after_step` ends a short pilot early (the main job runs shadow +
     the first split step and asks for promotion there); None follows the spec's full ramp."""

@@ -10,7 +10,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows.common import flow_task, load_context, log_run, stable_key
+from flows.common import flow_task, load_context, log_run, stable_key, under_lease
 from rollout import audit, decisions, pilot_batches
 
 
@@ -27,6 +27,7 @@ def decide_monitor(
 
 
 @flow(name="monitor", log_prints=True)
+@under_lease("monitor")
 def monitor_flow(
     use_case: str,
     observations_file: str | None = None,

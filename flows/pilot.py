@@ -18,8 +18,8 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows.arms import answer_with_arms
-from flows.common import UseCaseContext, flow_task, load_context, log_run, stable_key
-from rollout import decisions, pilot_batches
+from flows.common import UseCaseContext, flow_task, load_context, log_run, stable_key, under_lease
+from rollout import decisions, leases, pilot_batches
 from rollout.validation import ARMS
 from sparse_core.errors import SparsePilotError
 
@@ -64,7 +64,13 @@ def abort(use_case: str, actor: str, reason: str) -> dict[str, Any]:
 
 def import_observations(use_case: str, path: str, *, external_assignment: bool = False) -> dict[str, Any]:
     """`sparsepilot pilot NAME --observations FILE`: a database import (no model work), so the CLI runs
-    it directly rather than as a flow run; `pilot_flow(observations_file=...)` calls it too."""
+    it directly rather than as a flow run; `pilot_flow(observations_file=...)` calls it too. Under the use
+    case's lease, as a pilot run is (rollout.leases)."""
+    with leases.holding(use_case, "observations import"):
+        return _import_observations(use_case, path, external_assignment=external_assignment)
+
+
+def _import_observations(use_case: str, path: str, *, external_assignment: bool) -> dict[str, Any]:
     from rollout.traffic import importable
 
     ctx = load_context(use_case)
@@ -186,6 +192,7 @@ def batch_id_for(step_id: int, rows_or_ids: list[str]) -> str:
 
 
 @flow(name="pilot", log_prints=True)
+@under_lease("pilot")
 def pilot_flow(
     use_case: str,
     observations_file: str | None = None,

@@ -14,4 +14,5 @@ from rollout.db.models import (  # noqa: F401
     PilotStep,
     SpecVersion,
     UseCase,
+    UseCaseLease,
 )

@@ -267,6 +267,19 @@ class AliasMove(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class UseCaseLease(Base):
+    """Who works on a use case now (rollout.leases): one row per use case, held by one run at a time until
+    `expires_at` unless renewed; released by clearing `holder` (the app role never deletes)."""
+
+    __tablename__ = "use_case_leases"
+
+    use_case_id: Mapped[int] = mapped_column(ForeignKey("use_cases.id"), primary_key=True)
+    holder: Mapped[str | None] = mapped_column(String(64), nullable=True)  # a token; NULL when free
+    work: Mapped[str | None] = mapped_column(String(300), nullable=True)  # what and where, for the message
+    acquired_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
 class AuditEntry(Base):
     __tablename__ = "audit_log"
     # one successor per row: two writers cannot both extend the chain from the same row

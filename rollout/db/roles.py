@@ -25,6 +25,7 @@ UPDATABLE = (
     "observations",
     "gate_decisions",  # guarded: gate_decisions_guard
     "alias_history",  # guarded: alias_history_guard
+    "use_case_leases",  # released by clearing the holder, never deleted
 )
 
 

@@ -108,6 +108,8 @@ def _print_usecase(info: dict[str, Any]) -> None:
         f"phase {info['phase']}  spec v{info['version']} (current v{info['current_version']})"
     )
     console.print(f"dataset: {info['dataset_rows']} requests, sha256 {str(info['dataset_sha256'])[:12]}")
+    if info["working_now"]:
+        console.print(f"working now: {info['working_now']}", highlight=False, markup=False)
     console.print(yaml.safe_dump(info["spec"], sort_keys=False).rstrip(), highlight=False, markup=False)
     _print_plan(info["pilot_plan"])
     _print_pilots(info)

@@ -1,0 +1,196 @@
+"""One run at a time works on a use case: a lease in the state DB.
+
+A use case's cycle runs on a schedule, and a cycle can outlast its interval or meet a manual `sparsepilot
+pilot`, `gate` or `calibrate` of the same use case. Two runs at once calibrated the same plan twice, drew
+the same next requests (the second run's answers were lost to the observations' unique key and its flow
+failed on it) and timed their measurements on a host the other run was loading. A flow that changes a use
+case's state therefore holds its lease while it works (`holding`): the second run is refused at once,
+told who holds the use case, doing what, where and since when (`UseCaseBusy`); a scheduled cycle that
+finds its use case busy skips that tick instead (flows/cycle.py).
+
+The lease is a row per use case (`use_case_leases`) with the holder's token and an expiry. A thread of
+the holder renews it every `RENEW_SECONDS` while the work goes on, so a lease outlives any long
+calibration; a holder that dies (killed, its machine gone) stops renewing, and its lease lapses within
+`LEASE_SECONDS`, after which the next run takes it over. The times are the hosts' clocks: hosts that share
+a state DB must keep time within a few seconds of each other (NTP), far below the lease.
+
+Re-entrant within one run: the subflows a cycle calls (calibrate, evaluate, pilot, gate, monitor) find the
+use case held by their own run (a context variable carries the token) and go on under the same lease.
+Acquiring is atomic: SQLite takes its write lock first (``BEGIN IMMEDIATE``), PostgreSQL locks the use
+case's row, so of two runs that start at once exactly one gets the lease. Each function owns its
+transaction."""
+
+from __future__ import annotations
+
+import contextvars
+import datetime as dt
+import logging
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from rollout.db.models import UseCase, UseCaseLease
+from rollout.db.session import session_scope
+from rollout.usecases import get_use_case
+from sparse_core.errors import SparsePilotError
+
+LEASE_SECONDS = 120.0  # a holder that stops renewing loses the use case after this long
+RENEW_SECONDS = 30.0  # how often a live holder renews
+
+log = logging.getLogger(__name__)
+
+# use case name -> the token of the lease this run (context) holds on it
+_HELD: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("leases", default=None)
+
+
+class UseCaseBusy(SparsePilotError, RuntimeError):
+    """Another run holds the use case."""
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Who holds a use case's lease, as the refusal names it."""
+
+    work: str  # what and where: "pilot (flow run 3f2a...) pid 123 on host-a"
+    acquired_at: dt.datetime  # UTC
+    expires_at: dt.datetime  # UTC
+
+    def describe(self, now: dt.datetime) -> str:
+        since = self.acquired_at.strftime("%Y-%m-%d %H:%M:%S UTC")
+        left = max((self.expires_at - now).total_seconds(), 0.0)
+        return f"{self.work}, since {since} (its lease lapses in {left:.0f} s unless renewed)"
+
+
+def _utc(t: dt.datetime) -> dt.datetime:
+    """SQLite returns naive datetimes: they were written in UTC."""
+    return t.replace(tzinfo=dt.UTC) if t.tzinfo is None else t.astimezone(dt.UTC)
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def work_description(what: str, run: str | None = None) -> str:
+    """What the holder does and where, for the refusal another run gets."""
+    where = f"pid {os.getpid()} on {socket.gethostname()}"
+    return f"{what} ({run}) {where}" if run else f"{what}, {where}"
+
+
+def holder(use_case: str, *, now: dt.datetime | None = None) -> Holder | None:
+    """Who holds the use case now, or None when it is free (never leased, released, or lapsed)."""
+    now = now or _now()
+    with session_scope() as session:
+        uc = get_use_case(session, use_case)
+        lease = session.get(UseCaseLease, uc.id)
+        if lease is None or lease.holder is None or _utc(lease.expires_at) <= now:
+            return None
+        return Holder(lease.work or "another run", _utc(lease.acquired_at), _utc(lease.expires_at))
+
+
+def busy_with(use_case: str) -> str:
+    """Who holds the use case, as a refusal names it ("free" when nobody does)."""
+    now = _now()
+    held = holder(use_case, now=now)
+    return held.describe(now) if held else "free"
+
+
+def acquire(use_case: str, token: str, work: str, *, seconds: float = LEASE_SECONDS) -> None:
+    """Take the use case's lease for `token` (or extend it, when `token` holds it already). Raises
+    UseCaseBusy, naming the holder, when another token holds a lease that has not lapsed."""
+    now = _now()
+    with session_scope(immediate=True) as session:
+        uc = get_use_case(session, use_case)
+        session.get(UseCase, uc.id, with_for_update=True)  # PostgreSQL: one acquirer at a time
+        lease = session.get(UseCaseLease, uc.id)
+        if lease is None:
+            lease = UseCaseLease(use_case_id=uc.id)
+            session.add(lease)
+        elif lease.holder not in (None, token) and _utc(lease.expires_at) > now:
+            held = Holder(lease.work or "another run", _utc(lease.acquired_at), _utc(lease.expires_at))
+            raise UseCaseBusy(f"{use_case} is busy: {held.describe(now)}; try again when it has finished")
+        elif lease.holder not in (None, token):
+            log.warning(
+                "%s: the lease of %s lapsed at %s without a release (its run died?); taking it over",
+                use_case,
+                lease.work,
+                _utc(lease.expires_at).isoformat(timespec="seconds"),
+            )
+        if lease.holder != token:
+            lease.acquired_at = now
+        lease.holder, lease.work = token, work[:300]
+        lease.expires_at = now + dt.timedelta(seconds=seconds)
+
+
+def renew(use_case: str, token: str, *, seconds: float = LEASE_SECONDS) -> bool:
+    """Push the lease's expiry `seconds` ahead; False when `token` no longer holds it (it lapsed and
+    another run took it over, or it was released)."""
+    with session_scope() as session:
+        uc = get_use_case(session, use_case)
+        lease = session.get(UseCaseLease, uc.id, with_for_update=True)
+        if lease is None or lease.holder != token:
+            return False
+        lease.expires_at = _now() + dt.timedelta(seconds=seconds)
+        return True
+
+
+def release(use_case: str, token: str) -> None:
+    """Free the use case if `token` holds it (a lease another run took over stays theirs)."""
+    with session_scope() as session:
+        uc = get_use_case(session, use_case)
+        lease = session.get(UseCaseLease, uc.id, with_for_update=True)
+        if lease is not None and lease.holder == token:
+            lease.holder, lease.work, lease.acquired_at, lease.expires_at = None, None, None, None
+
+
+@contextmanager
+def holding(
+    use_case: str,
+    what: str,
+    *,
+    run: str | None = None,
+    seconds: float = LEASE_SECONDS,
+    renew_every: float = RENEW_SECONDS,
+    skip_if_busy: bool = False,
+) -> Iterator[str | None]:
+    """Work on `use_case` under its lease: acquired on entry, renewed by a thread every `renew_every`
+    seconds, released on exit however the work ends. Within a run that holds the use case already (a
+    cycle's subflow) it just goes on under that lease. Yields the lease's token; when another run holds
+    the use case, raises UseCaseBusy, or with `skip_if_busy` logs who holds it and yields None."""
+    held = _HELD.get() or {}
+    if use_case in held:
+        yield held[use_case]
+        return
+    token = uuid.uuid4().hex
+    try:
+        acquire(use_case, token, work_description(what, run), seconds=seconds)
+    except UseCaseBusy as busy:
+        if not skip_if_busy:
+            raise
+        log.debug("%s; this %s does nothing", busy, what)
+        yield None
+        return
+    stop = threading.Event()
+
+    def keep_alive() -> None:
+        while not stop.wait(renew_every):
+            try:
+                if not renew(use_case, token, seconds=seconds):
+                    log.warning("%s: another run took its lease over; this %s lost it", use_case, what)
+                    return
+            except Exception as exc:  # a busy DB: try again at the next tick, well inside the lease
+                log.warning("%s: could not renew its lease (%s); retrying", use_case, exc)
+
+    renewer = threading.Thread(target=keep_alive, name=f"lease-{use_case}", daemon=True)
+    renewer.start()
+    reset = _HELD.set({**held, use_case: token})
+    try:
+        yield token
+    finally:
+        _HELD.reset(reset)
+        stop.set()
+        renewer.join()
+        release(use_case, token)

@@ -1,0 +1,113 @@
+"""One run at a time per use case, through the real flows (rollout.leases): while a calibration runs, a
+manual pilot or gate of the same use case is refused naming it (exit 2 on the CLI) and a scheduled cycle
+skips its tick, writing nothing; the cycle's own subflows (pilot, gate) run under the cycle's lease; every
+flow lets go of the use case when it ends."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from sqlalchemy import func, select
+
+from tests.fixtures.flows import QUICK_CAL, QUICK_EVAL
+from tests.fixtures.trust import run_cli
+
+
+def _counts(name: str) -> tuple[int, int, int]:
+    from rollout.db.models import CalibrationRun, GateDecision, Observation, UseCase
+    from rollout.db.session import session_scope
+
+    with session_scope() as s:
+        uc = s.scalar(select(UseCase).where(UseCase.name == name))
+        return tuple(
+            int(s.scalar(select(func.count()).select_from(m).where(m.use_case_id == uc.id)))
+            for m in (CalibrationRun, Observation, GateDecision)
+        )  # type: ignore[return-value]
+
+
+_GO_ON = threading.Event()
+
+
+def _long_work_flow():  # noqa: ANN202
+    """A flow that works on a use case until the test lets it finish: a long calibration, as another run
+    sees it."""
+    from prefect import flow
+
+    from flows.common import under_lease
+
+    @flow(name="long-work")
+    @under_lease("calibrate")
+    def long_work(use_case: str) -> str:
+        assert _GO_ON.wait(timeout=300)
+        return use_case
+
+    return long_work
+
+
+def test_a_run_in_progress_holds_its_use_case_against_every_other_run(flow_use_case) -> None:
+    from flows.calibrate import calibrate_flow
+    from flows.cycle import cycle_flow
+    from flows.gate import gate_flow
+    from flows.pilot import pilot_flow
+    from rollout import leases
+
+    name = flow_use_case()
+    long_work = _long_work_flow()
+    _GO_ON.clear()
+    done: dict[str, object] = {}
+    worker = threading.Thread(target=lambda: done.setdefault("result", long_work(name)))
+    worker.start()
+    deadline = time.monotonic() + 60
+    while not leases.busy_with(name).startswith("calibrate (flow run ") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert leases.busy_with(name).startswith("calibrate (flow run "), leases.busy_with(name)
+    try:
+        busy = rf"^{name} is busy: calibrate \(flow run [0-9a-f-]+\) pid \d+ on .+, since .+ UTC"
+        for other in (pilot_flow, gate_flow, calibrate_flow):
+            with pytest.raises(leases.UseCaseBusy, match=busy):
+                other(name)
+        skipped = cycle_flow(name)
+        assert skipped["skipped"].startswith(f"{name} is busy: calibrate (flow run ")
+        cli = run_cli("gate", name)
+        assert cli.returncode == 2, cli.stdout + cli.stderr
+        assert f"{name} is busy: calibrate (flow run " in cli.stdout + cli.stderr
+        assert _counts(name) == (0, 0, 0)  # the refused and skipped runs wrote nothing
+        shown = run_cli("usecase", "show", name)
+        assert shown.returncode == 0 and "working now: calibrate (flow run " in shown.stdout, shown.stderr
+    finally:
+        _GO_ON.set()
+        worker.join(timeout=300)
+    assert done["result"] == name and leases.busy_with(name) == "free"
+    assert "working now" not in run_cli("usecase", "show", name).stdout
+    calibrate_flow(name, limits=QUICK_CAL)  # free again: the next run works, and lets go when it ends
+    assert _counts(name)[0] == 1 and leases.busy_with(name) == "free"
+
+
+def test_a_cycle_runs_its_subflows_under_its_own_lease_and_a_dead_holder_blocks_only_until_it_lapses(
+    flow_use_case,
+) -> None:
+    from flows.calibrate import calibrate_flow
+    from flows.cycle import cycle_flow
+    from flows.evaluate import evaluate_flow
+    from rollout import leases
+
+    name = flow_use_case()
+    calibrate_flow(name, limits=QUICK_CAL)
+    evaluate_flow(name, suite=QUICK_EVAL)
+
+    # a cycle whose process died a moment ago: its lease has not lapsed, so this tick does nothing
+    leases.acquire(name, "dead-run", "use-case cycle (flow run r-0), pid 1 on gone", seconds=10)
+    lapses = leases.holder(name).expires_at.timestamp()
+    skipped = cycle_flow(name)["skipped"]
+    assert skipped.startswith(f"{name} is busy: use-case cycle (flow run r-0), pid 1 on gone"), skipped
+    assert _counts(name)[1:] == (0, 0)
+    time.sleep(max(lapses - time.time(), 0) + 0.1)
+
+    out = cycle_flow(name)  # the lease lapsed: this tick takes it over; pilot and gate run inside it
+    assert "skipped" not in out, out
+    assert out["pilot"]["batches"] and out["pilot"]["batches"][0]["passed"] is True
+    assert out["gate"]["outcome"] in {"EXTEND", "NO-GO", "GO"}
+    assert _counts(name)[1] > 0 and _counts(name)[2] == 1
+    assert leases.busy_with(name) == "free"
