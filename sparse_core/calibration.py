@@ -299,6 +299,7 @@ class SearchStep:
     seconds: float
     task_delta: float | None = None  # dense - sparse mean task score (measured when fidelity passed)
     task_delta_upper: float | None = None  # its valid one-sided upper bound at 1 - task.step_alpha
+    task_failed_rows: int | None = None  # task rows the plan gave no score on (scored as failed answers)
 
 
 @dataclass
@@ -758,7 +759,7 @@ def calibrate_many(
     dense_task: list[float] = []
     if budget.task_delta is not None:
         t0 = time.perf_counter()
-        dense_task = task_scores(model, tokenizer, task_rows, task, lim)
+        dense_task, _ = task_scores(model, tokenizer, task_rows, task, lim, dense=True)
         secs["dense_task"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     sens_all = measure_sensitivities(
@@ -933,14 +934,14 @@ def _search_plan(
             return cache[i][0]
         t1 = time.perf_counter()
         plan, pred, _, _ = plan_for(cands[i])
-        task_drop = task_upper = None
+        task_drop = task_upper = task_failed = None
         sparsify(model, plan)
         try:
             fid = as_unit(measure_fidelity(model, ref))
             dens = _measured_density(model)
             ok = budget.met_by(judged(fid, step_confidence))
             if ok and budget.task_delta is not None:
-                sparse_task = task_scores(model, tokenizer, task_rows, task, lim)
+                sparse_task, task_failed = task_scores(model, tokenizer, task_rows, task, lim, dense=False)
                 task_drop, task_upper = paired_drop(
                     dense_task, sparse_task, budget.task_delta, alpha=task_alpha
                 )
@@ -958,6 +959,7 @@ def _search_plan(
             secs,
             task_drop,
             task_upper,
+            task_failed,
         )
         search.append(step)
         if progress:
@@ -1066,17 +1068,22 @@ def paired_drop(
 
 
 def task_scores(
-    model, tokenizer, rows: Sequence[Any], task: str | None, lim: CalibrationLimits
-) -> list[float]:
-    """Per-row task quality of the model as it is now (dense or sparse), in [0, 1]."""
-    from sparse_core.tasks import score_request
+    model, tokenizer, rows: Sequence[Any], task: str | None, lim: CalibrationLimits, *, dense: bool
+) -> tuple[list[float], int]:
+    """Per-row task quality of the model as it is now (dense, or a candidate plan), in [0, 1], and how
+    many rows the candidate failed: a score that is not a number in [0, 1] is the candidate failing that
+    row (scored as a failed answer, evidence against it), and from the dense model a ScoreError naming
+    the row (`sparse_core.tasks.checked`)."""
+    from sparse_core.tasks import checked, row_label, score_request
 
-    out = []
-    for r in rows:
+    out, failed = [], 0
+    for i, r in enumerate(rows):
         t = getattr(r, "task", None) or task or "loglik"
         sc = score_request(model, tokenizer, r.prompt, r.reference, t, max_new_tokens=lim.max_new_tokens)
+        sc = checked(sc, r.reference, row=row_label(i, r), reference_model=dense)
         out.append(sc.quality)
-    return out
+        failed += sc.failed
+    return out, failed
 
 
 __all__ = [

@@ -675,14 +675,14 @@ def evaluate(
             max_new_tokens=suite.max_new_tokens,
             max_prompt_tokens=suite.max_prompt_tokens or cap,
         )
-        dense_t = score_dataset(
-            model, tokenizer, used, progress=counter(progress, "tasks dense", len(used)), **kw
-        )
+        # a score that is not a number in [0, 1] is the plan failing that row (scored as a failed
+        # answer), or an error naming the row from the dense model (sparse_core.tasks.checked)
+        tick = counter(progress, "tasks dense", len(used))
+        dense_t = score_dataset(model, tokenizer, used, progress=tick, reference_model=True, **kw)
         sparsify(model, plan)
         try:
-            sparse_t = score_dataset(
-                model, tokenizer, used, progress=counter(progress, "tasks sparse", len(used)), **kw
-            )
+            tick = counter(progress, "tasks sparse", len(used))
+            sparse_t = score_dataset(model, tokenizer, used, progress=tick, reference_model=False, **kw)
         finally:
             unsparsify(model)
         low, high = delta_bounds(
@@ -696,6 +696,7 @@ def evaluate(
             "quality_high": high,
             "confidence": CONFIDENCE,
             "n_rows": len(used),
+            "sparse_failed_rows": sum(r.failed for r in sparse_t.per_row),
         }
         secs["tasks"] = time.perf_counter() - t0
 

@@ -20,7 +20,7 @@ import math
 import string
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -42,6 +42,10 @@ class TaskRow:
     id: str | None = None
 
 
+class ScoreError(SparsePilotError, ValueError):
+    """A reference model's score that is no score: the model or the task is broken, not a plan."""
+
+
 @dataclass
 class RequestScore:
     quality: float  # in [0, 1]
@@ -51,6 +55,7 @@ class RequestScore:
     prefill_seconds: float
     total_seconds: float
     output: str = ""
+    failed: bool = False  # the model gave no score (see `checked`): quality is a failed answer's
 
     @property
     def tokens_per_second(self) -> float:
@@ -232,21 +237,24 @@ def score_dataset(
     max_new_tokens: int = 32,
     max_prompt_tokens: int | None = None,
     progress: Callable[[int], None] | None = None,
+    reference_model: bool | None = None,
 ) -> TaskScores:
-    """Score every row (row.task overrides `task`)."""
+    """Score every row (row.task overrides `task`). With `reference_model` set, a quality that is not a
+    score is the tested model failing the row, or an error for the reference model (`checked`)."""
     scores: list[RequestScore] = []
-    for r in rows:
-        scores.append(
-            score_request(
-                model,
-                tokenizer,
-                r.prompt,
-                r.reference,
-                r.task or task,
-                max_new_tokens=max_new_tokens,
-                max_prompt_tokens=max_prompt_tokens,
-            )
+    for i, r in enumerate(rows):
+        sc = score_request(
+            model,
+            tokenizer,
+            r.prompt,
+            r.reference,
+            r.task or task,
+            max_new_tokens=max_new_tokens,
+            max_prompt_tokens=max_prompt_tokens,
         )
+        if reference_model is not None:
+            sc = checked(sc, r.reference, row=row_label(i, r), reference_model=reference_model)
+        scores.append(sc)
         if progress:
             progress(1)
     tasks = {s.task for s in scores}
@@ -254,3 +262,35 @@ def score_dataset(
     return TaskScores(
         task=tasks.pop() if len(tasks) == 1 else "mixed", n=len(scores), mean_quality=mean, per_row=scores
     )
+
+
+def row_label(i: int, row: TaskRow) -> str:
+    """How an error names a task row: its place (from 1) and its id."""
+    return f"task row {i + 1}" + (f" (id {row.id!r})" if row.id else "")
+
+
+def is_score(q: object) -> bool:
+    """A task score is a number in [0, 1]. Anything else (NaN from NaN logits, inf) is no answer."""
+    return isinstance(q, int | float) and not isinstance(q, bool) and math.isfinite(q) and 0.0 <= q <= 1.0
+
+
+def failed_quality(task: str, reference: str) -> float:
+    """What an answer the model failed to give scores: an empty answer's quality (0 for `loglik`)."""
+    if task == "loglik" or not reference:
+        return 0.0
+    return float(_TEXT_SCORERS[task]("", reference))
+
+
+def checked(score: RequestScore, reference: str, *, row: str, reference_model: bool) -> RequestScore:
+    """`score` when its quality is a score. Otherwise, for the model under test (a sparse plan), the
+    model failing that request: a failed answer's quality, `failed` set (a plan that breaks numerically
+    on a row is evidence against the plan, as the pilot counts it: rollout.arms.base.usable); for the
+    reference (dense) model, a ScoreError naming the row: a broken reference judges nothing."""
+    if is_score(score.quality):
+        return score
+    if reference_model:
+        raise ScoreError(
+            f"{row}: the dense model's {score.task} score is {score.quality!r}, not a number in [0, 1]; "
+            "the model or the task is broken, and no plan can be judged against it"
+        )
+    return replace(score, quality=failed_quality(score.task, reference), output="", failed=True)

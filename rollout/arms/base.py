@@ -95,7 +95,9 @@ def usable(answer: ArmAnswer, task: str, reference: str) -> ArmAnswer:
     dropped the whole batch, the evidence against the arm with it: selection on the outcome, which let a
     plan that broke on a few % of requests reach GO on the batches it had not broken
     (docs/gate.md, "What is checked")."""
-    q = answer.quality
-    if isinstance(q, int | float) and not isinstance(q, bool) and math.isfinite(q) and 0.0 <= q <= 1.0:
+    from sparse_core.tasks import is_score
+
+    if is_score(answer.quality):
         return answer
+    q = answer.quality
     return failed(task, reference, answer.latency_ms, f"score is not a number in [0, 1]: {q!r}")

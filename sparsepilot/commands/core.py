@@ -372,16 +372,17 @@ def _heldout_task_delta(model, tok, plan, rows: list, task: str | None, limits) 
     from sparse_core import sparsify, unsparsify
     from sparse_core.calibration import task_scores
 
-    dense = task_scores(model, tok, rows, task, limits)
+    dense, _ = task_scores(model, tok, rows, task, limits, dense=True)
     sparsify(model, plan)
     try:
-        sparse = task_scores(model, tok, rows, task, limits)
+        sparse, failed = task_scores(model, tok, rows, task, limits, dense=False)
     finally:
         unsparsify(model)
     return {
         "heldout_rows": len(rows),
         "heldout_dense_score": sum(dense) / len(rows),
         "heldout_task_delta": (sum(dense) - sum(sparse)) / len(rows),
+        "heldout_failed_rows": failed,
     }
 
 

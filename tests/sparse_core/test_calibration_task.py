@@ -42,10 +42,10 @@ def task_rows(quality_tiny, quality_texts):
 
 
 def _delta(model, tok, plan, rows) -> float:
-    dense = task_scores(model, tok, rows, "loglik", LIMITS)
+    dense, _ = task_scores(model, tok, rows, "loglik", LIMITS, dense=True)
     sparsify(model, plan)
     try:
-        sparse = task_scores(model, tok, rows, "loglik", LIMITS)
+        sparse, _ = task_scores(model, tok, rows, "loglik", LIMITS, dense=False)
     finally:
         unsparsify(model)
     return (sum(dense) - sum(sparse)) / len(rows)
@@ -253,3 +253,50 @@ def test_sensitivities_can_come_from_windows_kept_apart_from_gate_training(quali
         calibrate_many(model, tok, quality_texts, LOOSE, estimators=("gate_v2",), limits=few)
     with pytest.raises(ValueError, match="sensitivity_windows must be >= 0"):
         CalibrationLimits(sensitivity_windows=-1)
+
+
+def test_a_plan_that_gives_no_score_on_a_row_fails_that_row_and_a_broken_dense_model_is_an_error(
+    quality_tiny, task_rows
+) -> None:
+    """A model under test whose logits turn NaN on some rows (here the input embedding of one token, so
+    every row holding it) scores those rows as failed answers (0 for loglik), counted, and the drop's
+    bound is then computed on them, where before a NaN drop stopped the calibration with an error; the
+    same model as the dense reference is an error naming the first row it broke on. The evaluation's
+    scoring (`score_dataset`) follows the same rule."""
+    import copy
+
+    from sparse_core.tasks import ScoreError, score_dataset
+
+    model, tok = quality_tiny
+    rows = task_rows[0] + task_rows[1]
+    ids = [set(tok(r.prompt + " " + r.reference, add_special_tokens=False)["input_ids"]) for r in rows]
+    counts: dict[int, int] = {}
+    for row_ids in ids:
+        for t in row_ids:
+            counts[t] = counts.get(t, 0) + 1
+    token = max((t for t, c in counts.items() if c <= len(rows) // 2), key=lambda t: counts[t])
+    breaks = [i for i, row_ids in enumerate(ids) if token in row_ids]
+    assert 0 < len(breaks) < len(rows)
+
+    broken = copy.deepcopy(model)
+    weight = broken.get_input_embeddings().weight.detach().clone()
+    weight[token] = float("nan")
+    broken.get_input_embeddings().weight = torch.nn.Parameter(weight)
+
+    dense, none_failed = task_scores(model, tok, rows, "loglik", LIMITS, dense=True)
+    sparse, failed = task_scores(broken, tok, rows, "loglik", LIMITS, dense=False)
+    assert none_failed == 0 and failed == len(breaks)
+    assert [i for i, q in enumerate(sparse) if q == 0.0] == breaks
+    assert all(sparse[i] == pytest.approx(dense[i]) for i in range(len(rows)) if i not in breaks)
+    mean, upper = paired_drop(dense, sparse, 0.5)
+    assert mean == pytest.approx(sum(dense[i] for i in breaks) / len(rows)) and upper >= mean
+
+    first = breaks[0] + 1
+    with pytest.raises(ScoreError, match=rf"^task row {first}: the dense model's loglik score is nan"):
+        task_scores(broken, tok, rows, "loglik", LIMITS, dense=True)
+
+    scored = score_dataset(broken, tok, rows, max_new_tokens=4, reference_model=False)
+    assert [i for i, r in enumerate(scored.per_row) if r.failed] == breaks
+    assert all(r.quality == 0.0 for r in scored.per_row if r.failed)
+    with pytest.raises(ScoreError, match=r"the model or the task is broken"):
+        score_dataset(broken, tok, rows, max_new_tokens=4, reference_model=True)
