@@ -30,11 +30,23 @@ def flow_task(name: str, *, retries: int = 2) -> Any:
 
 
 def this_run() -> str | None:
-    """This flow run, as a lease's holder names it ("flow run <id>"), or None outside a flow run."""
+    """This flow run's id, or None outside a flow run."""
     from prefect.runtime import flow_run
 
-    run = flow_run.get_id()
-    return f"flow run {run}" if run else None
+    return flow_run.get_id() or None
+
+
+def flow_run_is_live(flow_run_id: str) -> bool:
+    """False once Prefect has the run in a final state (completed, failed, crashed, cancelled): a lease
+    it held is free. True while it runs, and whenever Prefect cannot say (then the lease lapses)."""
+    from prefect.client.orchestration import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(flow_run_id).state
+    except Exception:  # noqa: BLE001 - an unknown run, or no API: wait for the lease to lapse instead
+        return True
+    return state is None or not state.is_final()
 
 
 def under_lease(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -49,7 +61,7 @@ def under_lease(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]
             from rollout import leases
 
             use_case = kwargs["use_case"] if "use_case" in kwargs else args[0]
-            with leases.holding(use_case, what, run=this_run()):
+            with leases.holding(use_case, what, flow_run_id=this_run(), run_is_live=flow_run_is_live):
                 return fn(*args, **kwargs)
 
         return run_under_lease

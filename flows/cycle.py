@@ -34,9 +34,11 @@ def cycle_flow(use_case: str, batches: int = 1) -> dict[str, Any]:
     """One tick of the use case's schedule, under its lease (rollout.leases): a tick that finds the use
     case busy (the previous cycle still running, or someone's manual run) does nothing and says who
     holds it."""
-    from flows.common import this_run
+    from flows.common import flow_run_is_live, this_run
 
-    with leases.holding(use_case, "use-case cycle", run=this_run(), skip_if_busy=True) as token:
+    with leases.holding(
+        use_case, "use-case cycle", flow_run_id=this_run(), run_is_live=flow_run_is_live, skip_if_busy=True
+    ) as token:
         if token is None:
             busy = f"{use_case} is busy: {leases.busy_with(use_case)}"
             get_run_logger().warning("%s; this cycle does nothing", busy)

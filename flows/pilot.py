@@ -66,7 +66,9 @@ def import_observations(use_case: str, path: str, *, external_assignment: bool =
     """`sparsepilot pilot NAME --observations FILE`: a database import (no model work), so the CLI runs
     it directly rather than as a flow run; `pilot_flow(observations_file=...)` calls it too. Under the use
     case's lease, as a pilot run is (rollout.leases)."""
-    with leases.holding(use_case, "observations import"):
+    from flows.common import flow_run_is_live
+
+    with leases.holding(use_case, "observations import", run_is_live=flow_run_is_live):
         return _import_observations(use_case, path, external_assignment=external_assignment)
 
 

@@ -8,17 +8,20 @@ case's state therefore holds its lease while it works (`holding`): the second ru
 told who holds the use case, doing what, where and since when (`UseCaseBusy`); a scheduled cycle that
 finds its use case busy skips that tick instead (flows/cycle.py).
 
-The lease is a row per use case (`use_case_leases`) with the holder's token and an expiry. A thread of
-the holder renews it every `RENEW_SECONDS` while the work goes on, so a lease outlives any long
-calibration; a holder that dies (killed, its machine gone) stops renewing, and its lease lapses within
-`LEASE_SECONDS`, after which the next run takes it over. The times are the hosts' clocks: hosts that share
-a state DB must keep time within a few seconds of each other (NTP), far below the lease.
+The lease is a row per use case (`use_case_leases`, made with the use case) with the holder's token, its
+flow run, host and process, and an expiry. A thread of the holder renews it every `RENEW_SECONDS` while
+the work goes on, so a lease outlives any long calibration. A holder that dies stops renewing, and the
+next run takes its use case over at once when it can tell the holder is gone (a process of this host
+that no longer exists; a flow run that Prefect has marked finished, crashed included, asked through the
+`run_is_live` the flows pass in), else when its lease lapses, `LEASE_SECONDS` after the last renewal. The
+times are the hosts' clocks: hosts that share a state DB must keep time within a few seconds of each other
+(NTP), far below the lease.
 
 Re-entrant within one run: the subflows a cycle calls (calibrate, evaluate, pilot, gate, monitor) find the
 use case held by their own run (a context variable carries the token) and go on under the same lease.
 Acquiring is atomic: SQLite takes its write lock first (``BEGIN IMMEDIATE``), PostgreSQL locks the use
-case's row, so of two runs that start at once exactly one gets the lease. Each function owns its
-transaction."""
+case's row, so of two runs that start at once exactly one gets the lease. A run that takes and releases
+the lease leaves its row as it found it. Each function owns its transaction."""
 
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ import os
 import socket
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -74,21 +77,25 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def work_description(what: str, run: str | None = None) -> str:
+def work_description(what: str, flow_run_id: str | None = None) -> str:
     """What the holder does and where, for the refusal another run gets."""
     where = f"pid {os.getpid()} on {socket.gethostname()}"
-    return f"{what} ({run}) {where}" if run else f"{what}, {where}"
+    return f"{what} (flow run {flow_run_id}) {where}" if flow_run_id else f"{what}, {where}"
+
+
+def _held_by(lease: UseCaseLease) -> Holder:
+    return Holder(lease.work or "another run", _utc(lease.acquired_at), _utc(lease.expires_at))
 
 
 def holder(use_case: str, *, now: dt.datetime | None = None) -> Holder | None:
-    """Who holds the use case now, or None when it is free (never leased, released, or lapsed)."""
+    """Who holds the use case now, or None when it is free (released, or lapsed)."""
     now = now or _now()
     with session_scope() as session:
         uc = get_use_case(session, use_case)
         lease = session.get(UseCaseLease, uc.id)
         if lease is None or lease.holder is None or _utc(lease.expires_at) <= now:
             return None
-        return Holder(lease.work or "another run", _utc(lease.acquired_at), _utc(lease.expires_at))
+        return _held_by(lease)
 
 
 def busy_with(use_case: str) -> str:
@@ -98,30 +105,72 @@ def busy_with(use_case: str) -> str:
     return held.describe(now) if held else "free"
 
 
-def acquire(use_case: str, token: str, work: str, *, seconds: float = LEASE_SECONDS) -> None:
+def _process_gone(host: str | None, pid: int | None) -> bool:
+    """True only for a process of this host that no longer exists (another host's cannot be seen)."""
+    if pid is None or host != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # it exists, as another user
+        return False
+    return False
+
+
+def _ended_run(use_case: str, token: str, run_is_live: Callable[[str], bool] | None) -> str | None:
+    """The flow run of another holder whose run has ended (asked outside any lock: it may be an HTTP
+    call), or None."""
+    if run_is_live is None:
+        return None
+    with session_scope() as session:
+        lease = session.get(UseCaseLease, get_use_case(session, use_case).id)
+        run = None if lease is None or lease.holder in (None, token) else lease.flow_run_id
+    return run if run and not run_is_live(run) else None
+
+
+def _gone(lease: UseCaseLease, now: dt.datetime, ended_run: str | None) -> str | None:
+    """Why another holder's lease no longer holds, or None while it does."""
+    if _utc(lease.expires_at) <= now:
+        return f"lapsed at {_utc(lease.expires_at).isoformat(timespec='seconds')} without a release"
+    if _process_gone(lease.host, lease.pid):
+        return f"its process {lease.pid} on {lease.host} is gone"
+    if ended_run is not None and lease.flow_run_id == ended_run:
+        return f"its flow run {ended_run} has ended"
+    return None
+
+
+def acquire(
+    use_case: str,
+    token: str,
+    work: str,
+    *,
+    seconds: float = LEASE_SECONDS,
+    flow_run_id: str | None = None,
+    run_is_live: Callable[[str], bool] | None = None,
+) -> None:
     """Take the use case's lease for `token` (or extend it, when `token` holds it already). Raises
-    UseCaseBusy, naming the holder, when another token holds a lease that has not lapsed."""
+    UseCaseBusy, naming the holder, while another token holds it: until its lease lapses, unless its
+    process (on this host) is gone or `run_is_live` says its flow run has ended."""
+    ended_run = _ended_run(use_case, token, run_is_live)
     now = _now()
     with session_scope(immediate=True) as session:
         uc = get_use_case(session, use_case)
         session.get(UseCase, uc.id, with_for_update=True)  # PostgreSQL: one acquirer at a time
         lease = session.get(UseCaseLease, uc.id)
-        if lease is None:
+        if lease is None:  # a use case older than its lease row cannot be: migration 0008 made them
             lease = UseCaseLease(use_case_id=uc.id)
             session.add(lease)
-        elif lease.holder not in (None, token) and _utc(lease.expires_at) > now:
-            held = Holder(lease.work or "another run", _utc(lease.acquired_at), _utc(lease.expires_at))
-            raise UseCaseBusy(f"{use_case} is busy: {held.describe(now)}; try again when it has finished")
         elif lease.holder not in (None, token):
-            log.warning(
-                "%s: the lease of %s lapsed at %s without a release (its run died?); taking it over",
-                use_case,
-                lease.work,
-                _utc(lease.expires_at).isoformat(timespec="seconds"),
-            )
+            why = _gone(lease, now, ended_run)
+            if why is None:
+                held = _held_by(lease)
+                raise UseCaseBusy(f"{use_case} is busy: {held.describe(now)}; try again when it has finished")
+            log.warning("%s: the lease of %s %s; taking it over", use_case, lease.work, why)
         if lease.holder != token:
             lease.acquired_at = now
-        lease.holder, lease.work = token, work[:300]
+        lease.holder, lease.work, lease.flow_run_id = token, work[:300], flow_run_id
+        lease.host, lease.pid = socket.gethostname(), os.getpid()
         lease.expires_at = now + dt.timedelta(seconds=seconds)
 
 
@@ -138,12 +187,14 @@ def renew(use_case: str, token: str, *, seconds: float = LEASE_SECONDS) -> bool:
 
 
 def release(use_case: str, token: str) -> None:
-    """Free the use case if `token` holds it (a lease another run took over stays theirs)."""
+    """Free the use case if `token` holds it (a lease another run took over stays theirs); the row is
+    left as a free one is made."""
     with session_scope() as session:
         uc = get_use_case(session, use_case)
         lease = session.get(UseCaseLease, uc.id, with_for_update=True)
         if lease is not None and lease.holder == token:
-            lease.holder, lease.work, lease.acquired_at, lease.expires_at = None, None, None, None
+            lease.holder = lease.work = lease.flow_run_id = lease.host = None
+            lease.pid = lease.acquired_at = lease.expires_at = None
 
 
 @contextmanager
@@ -151,7 +202,8 @@ def holding(
     use_case: str,
     what: str,
     *,
-    run: str | None = None,
+    flow_run_id: str | None = None,
+    run_is_live: Callable[[str], bool] | None = None,
     seconds: float = LEASE_SECONDS,
     renew_every: float = RENEW_SECONDS,
     skip_if_busy: bool = False,
@@ -166,7 +218,14 @@ def holding(
         return
     token = uuid.uuid4().hex
     try:
-        acquire(use_case, token, work_description(what, run), seconds=seconds)
+        acquire(
+            use_case,
+            token,
+            work_description(what, flow_run_id),
+            seconds=seconds,
+            flow_run_id=flow_run_id,
+            run_is_live=run_is_live,
+        )
     except UseCaseBusy as busy:
         if not skip_if_busy:
             raise

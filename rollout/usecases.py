@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from rollout import audit
 from rollout.dataset_split import kept_apart_of
-from rollout.db.models import AuditEntry, SpecVersion, UseCase
+from rollout.db.models import AuditEntry, SpecVersion, UseCase, UseCaseLease
 from rollout.db.session import session_scope
 from rollout.pilot_plan import plan_summary
 from rollout.settings import get_settings
@@ -273,6 +273,7 @@ def _write(checked: CheckedSpec, source: str, *, actor: str, new_version: bool, 
         uc = UseCase(name=spec.name, owner=spec.owner, criticality=spec.criticality, current_spec_version=1)
         s.add(uc)
         s.flush()
+        s.add(UseCaseLease(use_case_id=uc.id))  # free; a run takes it by updating (rollout.leases)
         sv = _new_version(s, uc, 1, checked, spec_dict, actor)
         audit.record(
             s,

@@ -268,14 +268,18 @@ class AliasMove(Base):
 
 
 class UseCaseLease(Base):
-    """Who works on a use case now (rollout.leases): one row per use case, held by one run at a time until
-    `expires_at` unless renewed; released by clearing `holder` (the app role never deletes)."""
+    """Who works on a use case now (rollout.leases): one row per use case (made with it), held by one run
+    at a time until `expires_at` unless renewed; released by clearing every field but the use case, so a
+    run that took and released it leaves the row as it found it (the app role never deletes)."""
 
     __tablename__ = "use_case_leases"
 
     use_case_id: Mapped[int] = mapped_column(ForeignKey("use_cases.id"), primary_key=True)
     holder: Mapped[str | None] = mapped_column(String(64), nullable=True)  # a token; NULL when free
     work: Mapped[str | None] = mapped_column(String(300), nullable=True)  # what and where, for the message
+    flow_run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)  # the holder's, if a flow run
+    host: Mapped[str | None] = mapped_column(String(255), nullable=True)  # the holder's host and process
+    pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
     acquired_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 

@@ -39,9 +39,11 @@ def _long_work_flow():  # noqa: ANN202
 
     @flow(name="long-work")
     @under_lease("calibrate")
-    def long_work(use_case: str) -> str:
+    def long_work(use_case: str) -> tuple[str, str]:
+        from flows.common import this_run
+
         assert _GO_ON.wait(timeout=300)
-        return use_case
+        return use_case, this_run()
 
     return long_work
 
@@ -57,7 +59,9 @@ def test_a_run_in_progress_holds_its_use_case_against_every_other_run(flow_use_c
     long_work = _long_work_flow()
     _GO_ON.clear()
     done: dict[str, object] = {}
-    worker = threading.Thread(target=lambda: done.setdefault("result", long_work(name)))
+    worker = threading.Thread(
+        target=lambda: done.update(zip(("result", "run"), long_work(name), strict=True))
+    )
     worker.start()
     deadline = time.monotonic() + 60
     while not leases.busy_with(name).startswith("calibrate (flow run ") and time.monotonic() < deadline:
@@ -79,9 +83,14 @@ def test_a_run_in_progress_holds_its_use_case_against_every_other_run(flow_use_c
     finally:
         _GO_ON.set()
         worker.join(timeout=300)
-    assert done["result"] == name and leases.busy_with(name) == "free"
+    assert done["result"] == name and done["run"] and leases.busy_with(name) == "free"
     assert "working now" not in run_cli("usecase", "show", name).stdout
-    calibrate_flow(name, limits=QUICK_CAL)  # free again: the next run works, and lets go when it ends
+
+    # a holder whose flow run has ended (here: completed; a worker killed mid-run ends Crashed) holds
+    # nothing, though its lease has minutes left: the next run goes ahead at once
+    leases.acquire(name, "ended", "calibrate (flow run of the past)", flow_run_id=done["run"], seconds=300)
+    assert leases.busy_with(name).startswith("calibrate (flow run of the past)")
+    calibrate_flow(name, limits=QUICK_CAL)  # the next run works, and lets go when it ends
     assert _counts(name)[0] == 1 and leases.busy_with(name) == "free"
 
 

@@ -1,13 +1,19 @@
 """One run at a time works on a use case (rollout.leases), on SQLite and on PostgreSQL: a second run is
 refused naming the holder, a lease that is renewed outlives its term, a holder that dies loses the use case
-when its lease lapses, a release frees it however the work ends, a run's own subflows go on under its
-lease, and of runs that start at once exactly one gets it."""
+at once when it can be seen gone (its process on this host, its flow run ended) and otherwise when its lease
+lapses, a release frees it however the work ends and leaves the row as it was, a run's own subflows go on
+under its lease, and of runs that start at once exactly one gets it."""
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -16,11 +22,14 @@ NAME = "leased"
 
 @pytest.fixture
 def use_case(trust_db: str) -> str:
-    from rollout.db.models import UseCase
+    from rollout.db.models import UseCase, UseCaseLease
     from rollout.db.session import session_scope
 
-    with session_scope() as s:
-        s.add(UseCase(name=NAME, owner="o", criticality="low"))
+    with session_scope() as s:  # as `usecase add` makes one: with its free lease row
+        uc = UseCase(name=NAME, owner="o", criticality="low")
+        s.add(uc)
+        s.flush()
+        s.add(UseCaseLease(use_case_id=uc.id))
     return NAME
 
 
@@ -33,7 +42,10 @@ def _lease_row(name: str) -> tuple:
     with session_scope() as s:
         uc = s.scalar(select(UseCase).where(UseCase.name == name))
         row = s.get(UseCaseLease, uc.id)
-        return (row.holder, row.work, row.expires_at) if row is not None else (None, None, None)
+        return (row.holder, row.work, row.flow_run_id, row.host, row.pid, row.acquired_at, row.expires_at)
+
+
+FREE = (None,) * 7
 
 
 def test_a_second_run_is_refused_naming_the_holder_until_the_first_releases(use_case: str) -> None:
@@ -52,7 +64,7 @@ def test_a_second_run_is_refused_naming_the_holder_until_the_first_releases(use_
     leases.release(use_case, "b" * 32)  # not b's to release
     assert _lease_row(use_case)[0] == "a" * 32
     leases.release(use_case, "a" * 32)
-    assert _lease_row(use_case)[:2] == (None, None) and leases.busy_with(use_case) == "free"
+    assert _lease_row(use_case) == FREE and leases.busy_with(use_case) == "free"  # as it was made
     leases.acquire(use_case, "b" * 32, "gate, pid 2 on host-b")
     assert _lease_row(use_case)[0] == "b" * 32
 
@@ -75,10 +87,47 @@ def test_a_lapsed_lease_is_taken_over_and_its_holder_cannot_renew_or_release_it(
     assert _lease_row(use_case)[0] == "next"
 
 
+def test_a_holder_seen_gone_loses_the_use_case_at_once(
+    use_case: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A process of this host that took the lease and died (killed before it could release), and a
+    holder whose flow run has ended (Prefect marked it crashed, say): the next run need not wait for
+    the lease to lapse."""
+    from rollout import leases
+
+    code = (
+        "import os; from rollout import leases; "
+        f"leases.acquire({use_case!r}, 'dead', 'calibrate, a process that dies', seconds=300); os._exit(0)"
+    )
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, cwd=repo, timeout=120)
+    dead_pid = _lease_row(use_case)[4]
+    assert _lease_row(use_case)[0] == "dead" and dead_pid != os.getpid()
+    assert leases.busy_with(use_case).startswith("calibrate, a process that dies")  # not lapsed
+    with caplog.at_level(logging.WARNING, logger="rollout.leases"):
+        leases.acquire(use_case, "next", "gate")
+    assert f"its process {dead_pid} on {socket.gethostname()} is gone; taking it over" in caplog.text
+
+    leases.acquire(use_case, "next", "gate", flow_run_id="run-1", seconds=300)  # this process: alive
+    with pytest.raises(leases.UseCaseBusy):
+        leases.acquire(use_case, "other", "pilot", run_is_live=lambda run: True)
+    asked: list[str] = []
+
+    def ended(run: str) -> bool:
+        asked.append(run)
+        return False
+
+    with caplog.at_level(logging.WARNING, logger="rollout.leases"):
+        leases.acquire(use_case, "other", "pilot", run_is_live=ended)
+    assert asked == ["run-1"] and "its flow run run-1 has ended; taking it over" in caplog.text
+    assert _lease_row(use_case)[0] == "other"
+
+
 def test_holding_renews_while_the_work_goes_on_and_releases_however_it_ends(use_case: str) -> None:
     from rollout import leases
 
-    with leases.holding(use_case, "pilot", run="flow run r-7", seconds=0.6, renew_every=0.1) as token:
+    with leases.holding(use_case, "pilot", flow_run_id="r-7", seconds=0.6, renew_every=0.1) as token:
         assert token is not None
         time.sleep(1.5)  # 2.5 terms: only the renewals keep it
         with pytest.raises(leases.UseCaseBusy, match=r"pilot \(flow run r-7\) pid \d+ on "):
@@ -86,11 +135,12 @@ def test_holding_renews_while_the_work_goes_on_and_releases_however_it_ends(use_
         with leases.holding(use_case, "gate") as inner:  # a subflow of the same run: the same lease
             assert inner == token
         assert _lease_row(use_case)[0] == token  # the subflow did not release its run's lease
-    assert _lease_row(use_case)[0] is None
+        assert _lease_row(use_case)[2:5] == ("r-7", socket.gethostname(), os.getpid())
+    assert _lease_row(use_case) == FREE
 
     with pytest.raises(RuntimeError, match="broke"), leases.holding(use_case, "evaluate"):
         raise RuntimeError("broke")
-    assert _lease_row(use_case)[0] is None
+    assert _lease_row(use_case) == FREE
 
 
 def test_a_busy_use_case_can_be_skipped_instead_of_refused(use_case: str) -> None:
@@ -132,3 +182,25 @@ def test_of_runs_that_start_at_once_exactly_one_gets_the_use_case(use_case: str)
     assert not errors
     assert len(won) == 1 and len(refused) == n - 1
     assert _lease_row(use_case)[0] == won[0]
+
+
+def test_migration_0008_gives_every_existing_use_case_its_free_lease_row(tmp_path: Path) -> None:
+    from sqlalchemy import text
+
+    from rollout.db import migrate
+    from rollout.db.session import get_engine
+
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    migrate.upgrade(url, revision="0007")
+    insert = text(
+        "INSERT INTO use_cases (name, owner, criticality, phase, current_spec_version, created_at,"
+        " updated_at) VALUES (:n, 'o', 'low', 'registered', 1, '2026-01-01', '2026-01-01')"
+    )
+    with get_engine(url).begin() as conn:
+        for name in ("a", "b"):
+            conn.execute(insert, {"n": name})
+    migrate.upgrade(url)
+    with get_engine(url).connect() as conn:
+        rows = conn.execute(text("SELECT use_case_id, holder, expires_at FROM use_case_leases")).all()
+        ids = conn.execute(text("SELECT id FROM use_cases ORDER BY id")).scalars().all()
+    assert sorted(rows) == [(i, None, None) for i in ids] and len(ids) == 2
