@@ -36,14 +36,12 @@ def cycle_flow(use_case: str, batches: int = 1) -> dict[str, Any]:
     holds it."""
     from flows.common import flow_run_is_live, this_run
 
-    with leases.holding(
-        use_case, "use-case cycle", flow_run_id=this_run(), run_is_live=flow_run_is_live, skip_if_busy=True
-    ) as token:
-        if token is None:
-            busy = f"{use_case} is busy: {leases.busy_with(use_case)}"
-            get_run_logger().warning("%s; this cycle does nothing", busy)
-            return {"use_case": use_case, "skipped": busy}
-        return _cycle(use_case, batches)
+    try:
+        with leases.holding(use_case, "use-case cycle", flow_run_id=this_run(), run_is_live=flow_run_is_live):
+            return _cycle(use_case, batches)
+    except leases.UseCaseBusy as busy:  # raised on entry only: the subflows run under this lease
+        get_run_logger().warning("%s; this cycle does nothing", busy)
+        return {"use_case": use_case, "skipped": str(busy)}
 
 
 def _cycle(use_case: str, batches: int) -> dict[str, Any]:

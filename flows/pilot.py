@@ -18,7 +18,15 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows.arms import answer_with_arms
-from flows.common import UseCaseContext, flow_task, load_context, log_run, stable_key, under_lease
+from flows.common import (
+    UseCaseContext,
+    flow_run_is_live,
+    flow_task,
+    load_context,
+    log_run,
+    stable_key,
+    under_lease,
+)
 from rollout import decisions, leases, pilot_batches
 from rollout.validation import ARMS
 from sparse_core.errors import SparsePilotError
@@ -66,8 +74,6 @@ def import_observations(use_case: str, path: str, *, external_assignment: bool =
     """`sparsepilot pilot NAME --observations FILE`: a database import (no model work), so the CLI runs
     it directly rather than as a flow run; `pilot_flow(observations_file=...)` calls it too. Under the use
     case's lease, as a pilot run is (rollout.leases)."""
-    from flows.common import flow_run_is_live
-
     with leases.holding(use_case, "observations import", run_is_live=flow_run_is_live):
         return _import_observations(use_case, path, external_assignment=external_assignment)
 

@@ -6,7 +6,7 @@ the same next requests (the second run's answers were lost to the observations' 
 failed on it) and timed their measurements on a host the other run was loading. A flow that changes a use
 case's state therefore holds its lease while it works (`holding`): the second run is refused at once,
 told who holds the use case, doing what, where and since when (`UseCaseBusy`); a scheduled cycle that
-finds its use case busy skips that tick instead (flows/cycle.py).
+finds its use case busy skips that tick instead (flows/cycle.py catches the refusal).
 
 The lease is a row per use case (`use_case_leases`, made with the use case) with the holder's token, its
 flow run, host and process, and an expiry. A thread of the holder renews it every `RENEW_SECONDS` while
@@ -206,32 +206,18 @@ def holding(
     run_is_live: Callable[[str], bool] | None = None,
     seconds: float = LEASE_SECONDS,
     renew_every: float = RENEW_SECONDS,
-    skip_if_busy: bool = False,
-) -> Iterator[str | None]:
-    """Work on `use_case` under its lease: acquired on entry, renewed by a thread every `renew_every`
-    seconds, released on exit however the work ends. Within a run that holds the use case already (a
-    cycle's subflow) it just goes on under that lease. Yields the lease's token; when another run holds
-    the use case, raises UseCaseBusy, or with `skip_if_busy` logs who holds it and yields None."""
+) -> Iterator[str]:
+    """Work on `use_case` under its lease: acquired on entry (UseCaseBusy, naming the holder, when
+    another run holds it), renewed by a thread every `renew_every` seconds, released on exit however the
+    work ends. Within a run that holds the use case already (a cycle's subflow) it just goes on under
+    that lease. Yields the lease's token."""
     held = _HELD.get() or {}
     if use_case in held:
         yield held[use_case]
         return
     token = uuid.uuid4().hex
-    try:
-        acquire(
-            use_case,
-            token,
-            work_description(what, flow_run_id),
-            seconds=seconds,
-            flow_run_id=flow_run_id,
-            run_is_live=run_is_live,
-        )
-    except UseCaseBusy as busy:
-        if not skip_if_busy:
-            raise
-        log.debug("%s; this %s does nothing", busy, what)
-        yield None
-        return
+    work = work_description(what, flow_run_id)
+    acquire(use_case, token, work, seconds=seconds, flow_run_id=flow_run_id, run_is_live=run_is_live)
     stop = threading.Event()
 
     def keep_alive() -> None:

@@ -143,18 +143,6 @@ def test_holding_renews_while_the_work_goes_on_and_releases_however_it_ends(use_
     assert _lease_row(use_case) == FREE
 
 
-def test_a_busy_use_case_can_be_skipped_instead_of_refused(use_case: str) -> None:
-    from rollout import leases
-
-    leases.acquire(use_case, "first", "use-case cycle (flow run r-1), pid 1 on a")
-    with pytest.raises(leases.UseCaseBusy):
-        with leases.holding(use_case, "use-case cycle"):
-            pass
-    with leases.holding(use_case, "use-case cycle", skip_if_busy=True) as token:
-        assert token is None
-    assert _lease_row(use_case)[0] == "first"  # the skipped run took and released nothing
-
-
 def test_of_runs_that_start_at_once_exactly_one_gets_the_use_case(use_case: str) -> None:
     from rollout import leases
 
