@@ -35,6 +35,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from rollout.db.models import UseCase, UseCaseLease
 from rollout.db.session import session_scope
@@ -87,15 +88,27 @@ def _held_by(lease: UseCaseLease) -> Holder:
     return Holder(lease.work or "another run", _utc(lease.acquired_at), _utc(lease.expires_at))
 
 
+def held_in(session: Any, use_case_id: int, now: dt.datetime | None = None) -> Holder | None:
+    """Inside the caller's transaction: who holds the use case now, or None when it is free (released,
+    or lapsed)."""
+    lease = session.get(UseCaseLease, use_case_id)
+    if lease is None or lease.holder is None or _utc(lease.expires_at) <= (now or _now()):
+        return None
+    return _held_by(lease)
+
+
+def working_now(session: Any, use_case_id: int) -> str | None:
+    """Inside the caller's transaction: the run that holds the use case, as a refusal names it, or None
+    when it is free (what `usecase show` and the dashboard's use-case page show)."""
+    now = _now()
+    held = held_in(session, use_case_id, now)
+    return held.describe(now) if held else None
+
+
 def holder(use_case: str, *, now: dt.datetime | None = None) -> Holder | None:
-    """Who holds the use case now, or None when it is free (released, or lapsed)."""
-    now = now or _now()
+    """`held_in` in its own transaction, by the use case's name."""
     with session_scope() as session:
-        uc = get_use_case(session, use_case)
-        lease = session.get(UseCaseLease, uc.id)
-        if lease is None or lease.holder is None or _utc(lease.expires_at) <= now:
-            return None
-        return _held_by(lease)
+        return held_in(session, get_use_case(session, use_case).id, now)
 
 
 def busy_with(use_case: str) -> str:
@@ -158,7 +171,7 @@ def acquire(
         uc = get_use_case(session, use_case)
         session.get(UseCase, uc.id, with_for_update=True)  # PostgreSQL: one acquirer at a time
         lease = session.get(UseCaseLease, uc.id)
-        if lease is None:  # a use case older than its lease row cannot be: migration 0008 made them
+        if lease is None:  # a use case row written without its lease row (not by `usecase add`)
             lease = UseCaseLease(use_case_id=uc.id)
             session.add(lease)
         elif lease.holder not in (None, token):

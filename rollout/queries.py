@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Integer, and_, case, cast, func, select
 from sqlalchemy.orm import Session
 
-from rollout import lifecycle, roi
+from rollout import leases, lifecycle, roi
 from rollout.dataset_split import kept_apart_of
 from rollout.db.models import (
     AliasMove,
@@ -378,6 +378,7 @@ def use_case(session: Session, name: str) -> dict[str, Any] | None:
         "kept_apart": kept_apart_of(spec.validation) if spec else None,
         "planned_pilot": planned_pilot_number(session, uc),
         "created_at": uc.created_at,
+        "working_now": leases.working_now(session, uc.id),
     }
 
 

@@ -362,15 +362,9 @@ def list_usecases(url: str | None = None) -> list[dict[str, Any]]:
         ]
 
 
-def _working_now(name: str) -> str | None:
-    """The run that holds the use case now (rollout.leases), as a refusal would name it; None when free."""
-    from rollout.leases import busy_with
-
-    held = busy_with(name)
-    return None if held == "free" else held
-
-
 def show_usecase(name: str, *, version: int | None = None, url: str | None = None) -> dict[str, Any]:
+    from rollout.leases import working_now  # leases reads use cases through this module
+
     with session_scope(url) as s:
         uc = get_use_case(s, name)
         versions = list(
@@ -402,7 +396,7 @@ def show_usecase(name: str, *, version: int | None = None, url: str | None = Non
             "dataset_sha256": sv.dataset_sha256,
             "dataset_rows": sv.dataset_rows,
             "validation": sv.validation,
-            "working_now": _working_now(uc.name),
+            "working_now": working_now(s, uc.id),
             "pilot_plan": _plan_of_stored(sv, pilot_number=_planned_pilot(s, uc), with_monitor=True),
             **_pilots_and_budget(s, uc, next(v for v in versions if v.version == uc.current_spec_version)),
             "versions": [

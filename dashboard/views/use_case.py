@@ -363,6 +363,8 @@ def main() -> None:
         f"**{uc['name']}** · owner {uc['owner']} · criticality **{uc['criticality']}** · phase "
         f"**{uc['phase']}** · spec v{uc['spec_version']}"
     )
+    if uc["working_now"]:  # a run holds the use case's lease (rollout.leases): it is changing it now
+        st.info(f"Working now: {uc['working_now']}")
     evals = read(queries.evaluations, uc["id"])
     done = [e for e in evals if e["status"] == "succeeded"]
     latest = done[-1] if done else None

@@ -229,6 +229,26 @@ def test_mlflow_link_points_at_the_run(seeded: dict[str, Any], monkeypatch: pyte
     assert f"MLflow run: [{run_id}](http://mlflow.internal:5000/#/runs/{run_id})" in texts(at)
 
 
+def test_the_use_case_page_says_which_run_is_changing_it_now(seeded: dict[str, Any]) -> None:
+    """A run holding the use case's lease (rollout.leases) is named on its page, and only while it does."""
+    from rollout import leases
+
+    at = new_app()
+    at.query_params["name"] = "contract-summarisation"
+    open_page(at, "use_case")
+    assert not [i for i in at.info if i.value.startswith("Working now")]
+    leases.acquire("contract-summarisation", "t-1", "pilot (flow run r-9) pid 4 on host-a", seconds=300)
+    try:
+        at.run()
+        shown = [i.value for i in at.info if i.value.startswith("Working now")]
+        assert len(shown) == 1
+        assert shown[0].startswith("Working now: pilot (flow run r-9) pid 4 on host-a, since ")
+    finally:
+        leases.release("contract-summarisation", "t-1")
+    at.run()
+    assert not [i for i in at.info if i.value.startswith("Working now")]
+
+
 def test_portfolio_of_only_registered_use_cases(dash_env: Settings) -> None:
     from rollout.db.models import UseCase
 
