@@ -112,10 +112,9 @@ def holder(use_case: str, *, now: dt.datetime | None = None) -> Holder | None:
 
 
 def busy_with(use_case: str) -> str:
-    """Who holds the use case, as a refusal names it ("free" when nobody does)."""
-    now = _now()
-    held = holder(use_case, now=now)
-    return held.describe(now) if held else "free"
+    """`working_now` in its own transaction, by the use case's name ("free" when nobody holds it)."""
+    with session_scope() as session:
+        return working_now(session, get_use_case(session, use_case).id) or "free"
 
 
 def _process_gone(host: str | None, pid: int | None) -> bool:

@@ -1074,16 +1074,11 @@ def task_scores(
     many rows the candidate failed: a score that is not a number in [0, 1] is the candidate failing that
     row (scored as a failed answer, evidence against it), and from the dense model a ScoreError naming
     the row (`sparse_core.tasks.checked`)."""
-    from sparse_core.tasks import checked, row_label, score_request
+    from sparse_core.tasks import score_dataset
 
-    out, failed = [], 0
-    for i, r in enumerate(rows):
-        t = getattr(r, "task", None) or task or "loglik"
-        sc = score_request(model, tokenizer, r.prompt, r.reference, t, max_new_tokens=lim.max_new_tokens)
-        sc = checked(sc, r.reference, row=row_label(i, r), reference_model=dense)
-        out.append(sc.quality)
-        failed += sc.failed
-    return out, failed
+    kw = dict(task=task or "loglik", max_new_tokens=lim.max_new_tokens, reference_model=dense)
+    scored = score_dataset(model, tokenizer, rows, **kw).per_row
+    return [r.quality for r in scored], sum(r.failed for r in scored)
 
 
 __all__ = [

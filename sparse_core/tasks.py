@@ -253,7 +253,7 @@ def score_dataset(
             max_prompt_tokens=max_prompt_tokens,
         )
         if reference_model is not None:
-            sc = checked(sc, r.reference, row=row_label(i, r), reference_model=reference_model)
+            sc = checked(sc, r.reference, row=_row_label(i, r), reference_model=reference_model)
         scores.append(sc)
         if progress:
             progress(1)
@@ -264,7 +264,7 @@ def score_dataset(
     )
 
 
-def row_label(i: int, row: TaskRow) -> str:
+def _row_label(i: int, row: TaskRow) -> str:
     """How an error names a task row: its place (from 1) and its id."""
     return f"task row {i + 1}" + (f" (id {row.id!r})" if row.id else "")
 

@@ -99,5 +99,4 @@ def usable(answer: ArmAnswer, task: str, reference: str) -> ArmAnswer:
 
     if is_score(answer.quality):
         return answer
-    q = answer.quality
-    return failed(task, reference, answer.latency_ms, f"score is not a number in [0, 1]: {q!r}")
+    return failed(task, reference, answer.latency_ms, f"score is not a number in [0, 1]: {answer.quality!r}")
