@@ -23,7 +23,7 @@ from flows.common import (
     stable_key,
     under_lease,
 )
-from rollout import registry, runs
+from rollout import leases, registry, runs
 from rollout.dataset_split import EVALUATION_SHARE
 from sparse_core.errors import SparsePilotError
 
@@ -126,6 +126,7 @@ def calibrate_plan(ctx: UseCaseContext, settings: dict[str, Any]) -> tuple[Any, 
 
     def progress(phase: str, done: int, total: int) -> None:
         logger.info("%s: calibration %s %d/%d", ctx.name, phase, done, total)
+        leases.check_held()  # a run that lost its use case stops here, not after the whole calibration
 
     plan, report = calibrate(
         model,

@@ -21,7 +21,7 @@ from flows.common import (
     under_lease,
     version_plan,
 )
-from rollout import runs
+from rollout import leases, runs
 from sparse_core.errors import SparsePilotError
 
 
@@ -88,6 +88,7 @@ def run_evaluation(
 
     def progress(stage: str, done: int, total: int) -> None:
         logger.info("%s: evaluation %s %d/%d", ctx.name, stage, done, total)
+        leases.check_held()  # a run that lost its use case stops here, not after the whole evaluation
 
     report = evaluate(model, tok, plan, suite, progress=progress)
     if report.tasks is not None:  # which rows: the evaluation's own, out of how many

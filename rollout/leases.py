@@ -17,6 +17,17 @@ that no longer exists; a flow run that Prefect has marked finished, crashed incl
 times are the hosts' clocks: hosts that share a state DB must keep time within a few seconds of each other
 (NTP), far below the lease.
 
+A holder can lose its lease without dying: a state DB it cannot reach for longer than the lease, a process
+stopped for that long. Its work goes on, but its writes may not: while a run holds leases, every flush of a
+state-DB session in its context first checks that its token still holds each of them, and refuses the
+transaction with `LeaseLost` when another run has taken one over or it was freed (`_fence`): the run that
+holds the use case now owns its state, and the old holder's late writes (a step's observations, a
+decision, marking a reopened run failed) never reach it. Long work also asks `check_held` between its
+steps (what the renewer saw), so it stops computing what it could not write. A lease that lapsed but that
+no one took over is still its holder's. MLflow is not fenced itself, but the registry writes its state-DB
+row before each MLflow call, so a refused holder stops before it, or leaves what a crash between the two
+stores leaves.
+
 Re-entrant within one run: the subflows a cycle calls (calibrate, evaluate, pilot, gate, monitor) find the
 use case held by their own run (a context variable carries the token) and go on under the same lease.
 Acquiring is atomic: SQLite takes its write lock first (``BEGIN IMMEDIATE``), PostgreSQL locks the use
@@ -37,8 +48,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy import event, select
+
 from rollout.db.models import UseCase, UseCaseLease
-from rollout.db.session import session_scope
+from rollout.db.session import StateSession, session_scope
 from rollout.usecases import get_use_case
 from sparse_core.errors import SparsePilotError
 
@@ -49,10 +62,17 @@ log = logging.getLogger(__name__)
 
 # use case name -> the token of the lease this run (context) holds on it
 _HELD: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("leases", default=None)
+# token of a lease its renewer found taken over or freed -> who holds the use case now, as `_lost` says it
+_LOST: dict[str, str] = {}
 
 
 class UseCaseBusy(SparsePilotError, RuntimeError):
     """Another run holds the use case."""
+
+
+class LeaseLost(SparsePilotError, RuntimeError):
+    """This run's lease was taken over (or freed) while it worked: its writes to the use case's state are
+    refused."""
 
 
 @dataclass(frozen=True)
@@ -84,7 +104,8 @@ def work_description(what: str, flow_run_id: str | None = None) -> str:
     return f"{what} (flow run {flow_run_id}) {where}" if flow_run_id else f"{what}, {where}"
 
 
-def _held_by(lease: UseCaseLease) -> Holder:
+def _held_by(lease: Any) -> Holder:
+    """`lease`: the ORM row or a row of its columns."""
     return Holder(lease.work or "another run", _utc(lease.acquired_at), _utc(lease.expires_at))
 
 
@@ -103,6 +124,56 @@ def working_now(session: Any, use_case_id: int) -> str | None:
     now = _now()
     held = held_in(session, use_case_id, now)
     return held.describe(now) if held else None
+
+
+def _lost(use_case: str, now_held: str) -> LeaseLost:
+    return LeaseLost(
+        f"{use_case}: this run lost its lease while it worked ({now_held}); its writes are refused, "
+        "the run that holds the use case owns its state"
+    )
+
+
+def _now_held(holder_now: Holder | None) -> str:
+    return f"{holder_now.describe(_now())} holds it now" if holder_now is not None else "it was freed"
+
+
+def check_held() -> None:
+    """Raise LeaseLost when the renewer of a lease this run holds found it taken over or freed (no DB
+    call: what the renewer saw). Long work calls it between its steps, so a run that lost its use case
+    stops computing results it could not write anyway, and leaves the host to the run that holds it."""
+    for use_case, token in (_HELD.get() or {}).items():
+        if token in _LOST:
+            raise _lost(use_case, _LOST[token])
+
+
+@event.listens_for(StateSession, "before_flush")
+def _fence(session: StateSession, _flush_context: Any, _instances: Any) -> None:
+    """Before a session in a leased context writes: the run must still hold every lease it entered with.
+    Checked once per transaction, at its first flush with changes. On PostgreSQL the check takes a share
+    lock on the lease row (a takeover, a renewal or a release updates that row, so each waits for this
+    transaction to end, and nothing else is locked, so ordinary writers never wait on it); on SQLite a
+    takeover committed after the check makes this transaction's write fail (WAL: its read snapshot is
+    stale), so no takeover slips in between the check and the commit either way. Raises LeaseLost,
+    naming the holder now; the session's transaction then rolls back."""
+    held = _HELD.get()
+    if not held or not (session.new or session.dirty or session.deleted):
+        return
+    tx = session.get_transaction()
+    if session.info.get("lease_fenced") is tx:
+        return
+    with session.no_autoflush:
+        for use_case, token in held.items():
+            # columns, not the ORM row: a pending change of this session to the lease must stay pending
+            lease = UseCaseLease
+            row = session.execute(
+                select(lease.holder, lease.work, lease.acquired_at, lease.expires_at)
+                .join(UseCase, UseCase.id == UseCaseLease.use_case_id)
+                .where(UseCase.name == use_case)
+                .with_for_update(read=True, of=UseCaseLease)
+            ).one_or_none()
+            if row is None or row.holder != token:
+                raise _lost(use_case, _now_held(_held_by(row) if row is not None and row.holder else None))
+    session.info["lease_fenced"] = tx
 
 
 def holder(use_case: str, *, now: dt.datetime | None = None) -> Holder | None:
@@ -236,7 +307,8 @@ def holding(
         while not stop.wait(renew_every):
             try:
                 if not renew(use_case, token, seconds=seconds):
-                    log.warning("%s: another run took its lease over; this %s lost it", use_case, what)
+                    _LOST[token] = _now_held(holder(use_case))
+                    log.warning("%s: this %s lost its lease (%s)", use_case, what, _LOST[token])
                     return
             except Exception as exc:  # a busy DB: try again at the next tick, well inside the lease
                 log.warning("%s: could not renew its lease (%s); retrying", use_case, exc)
@@ -250,4 +322,5 @@ def holding(
         _HELD.reset(reset)
         stop.set()
         renewer.join()
+        _LOST.pop(token, None)
         release(use_case, token)

@@ -28,6 +28,11 @@ def _engine_for(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
+class StateSession(Session):
+    """A session of the state DB (every `session_scope`): the class its rules hook into (e.g. the lease
+    fence, `rollout.leases`), apart from other libraries' sessions in the process (MLflow's stores)."""
+
+
 def get_engine(url: str | None = None) -> Engine:
     return _engine_for(url or get_settings().database_url)
 
@@ -41,7 +46,7 @@ def session_scope(url: str | None = None, *, immediate: bool = False) -> Iterato
     writer's; SQLite's default deferred transaction lets two writers read the same state first. On
     PostgreSQL callers lock the rows they check (``with_for_update``)."""
     engine = get_engine(url)
-    factory = sessionmaker(bind=engine, expire_on_commit=False)
+    factory = sessionmaker(bind=engine, class_=StateSession, expire_on_commit=False)
     session = factory()
     try:
         if immediate and engine.dialect.name == "sqlite":

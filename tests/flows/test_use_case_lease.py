@@ -5,6 +5,7 @@ flow lets go of the use case when it ends."""
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 import time
 
@@ -120,3 +121,56 @@ def test_a_cycle_runs_its_subflows_under_its_own_lease_and_a_dead_holder_blocks_
     assert out["gate"]["outcome"] in {"EXTEND", "NO-GO", "GO"}
     assert _counts(name)[1] > 0 and _counts(name)[2] == 1
     assert leases.busy_with(name) == "free"
+
+
+_LOSE = threading.Event()
+
+
+def test_a_run_that_lost_its_lease_writes_nothing_more(flow_use_case) -> None:
+    """A cycle stopped longer than its lease (a host paused, a state DB out of reach): another run takes
+    the use case over, and when the cycle goes on, its calibration subflow is refused at its first write."""
+    from prefect import flow
+
+    from flows.calibrate import calibrate_flow
+    from flows.common import under_lease
+    from rollout import leases
+    from rollout.db.models import UseCase, UseCaseLease, utcnow
+    from rollout.db.session import session_scope
+    from rollout.settings import get_settings
+    from tests.rollout.usecase_helpers import snapshot
+
+    @flow(name="paused-cycle")
+    @under_lease("use-case cycle")
+    def paused_cycle(use_case: str) -> None:
+        assert _LOSE.wait(timeout=300)
+        calibrate_flow(use_case, limits=QUICK_CAL)
+
+    name = flow_use_case()
+    _LOSE.clear()
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            paused_cycle(name)
+        except BaseException as exc:  # noqa: BLE001 - what the flow raised is the test's to judge
+            failed.append(exc)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not leases.busy_with(name).startswith("use-case cycle") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with session_scope() as s:  # the paused holder's renewals stopped: its lease lapsed
+            uc = s.scalar(select(UseCase).where(UseCase.name == name))
+            s.get(UseCaseLease, uc.id).expires_at = utcnow() - dt.timedelta(hours=1)
+        leases.acquire(name, "next-run", "gate (flow run r-9) pid 9 on host-b", seconds=300)
+        before = snapshot(get_settings().database_url)
+    finally:
+        _LOSE.set()
+        worker.join(timeout=300)
+    assert len(failed) == 1 and isinstance(failed[0], leases.LeaseLost), failed
+    assert str(failed[0]).startswith(f"{name}: this run lost its lease while it worked (gate (flow run r-9)")
+    assert snapshot(get_settings().database_url) == before  # its calibration wrote nothing: no run, no audit
+    assert _counts(name) == (0, 0, 0)
+    assert leases.busy_with(name).startswith("gate (flow run r-9) pid 9 on host-b")  # the new holder's still

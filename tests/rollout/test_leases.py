@@ -6,6 +6,7 @@ under its lease, and of runs that start at once exactly one gets it."""
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import socket
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
 NAME = "leased"
 
@@ -127,9 +129,11 @@ def test_a_holder_seen_gone_loses_the_use_case_at_once(
 def test_holding_renews_while_the_work_goes_on_and_releases_however_it_ends(use_case: str) -> None:
     from rollout import leases
 
-    with leases.holding(use_case, "pilot", flow_run_id="r-7", seconds=0.6, renew_every=0.1) as token:
+    # a term of 2 s renewed every 0.1 s: a renewer starved by a loaded host for a whole term (seen with a
+    # 0.6 s term beside two benchmarks) would lose it, which is the lease working, not this test's subject
+    with leases.holding(use_case, "pilot", flow_run_id="r-7", seconds=2.0, renew_every=0.1) as token:
         assert token is not None
-        time.sleep(1.5)  # 2.5 terms: only the renewals keep it
+        time.sleep(5.0)  # 2.5 terms: only the renewals keep it
         with pytest.raises(leases.UseCaseBusy, match=r"pilot \(flow run r-7\) pid \d+ on "):
             leases.acquire(use_case, "other", "gate")
         with leases.holding(use_case, "gate") as inner:  # a subflow of the same run: the same lease
@@ -141,6 +145,109 @@ def test_holding_renews_while_the_work_goes_on_and_releases_however_it_ends(use_
     with pytest.raises(RuntimeError, match="broke"), leases.holding(use_case, "evaluate"):
         raise RuntimeError("broke")
     assert _lease_row(use_case) == FREE
+
+
+def _audit(action: str) -> None:
+    from rollout import audit
+    from rollout.db.session import session_scope
+
+    with session_scope() as s:
+        audit.record(s, audit.SYSTEM_ACTOR, action, entity="use_case", entity_id=NAME, details={})
+
+
+def test_a_holder_that_lost_its_lease_cannot_write_to_the_state_db(use_case: str, trust_db: str) -> None:
+    from rollout import leases
+    from rollout.db.models import UseCase
+    from rollout.db.session import session_scope
+    from tests.rollout.usecase_helpers import snapshot
+
+    _audit("before any lease")  # outside a lease nothing is fenced
+    with leases.holding(use_case, "pilot", flow_run_id="r-1", seconds=0.3, renew_every=3600) as token:
+        _audit("while held")
+        time.sleep(0.5)  # lapsed (its renewer never came), but no one took it over: still this run's
+        _audit("lapsed, not taken")
+        with session_scope() as s:  # reads are never refused
+            assert s.scalar(select(UseCase.owner).where(UseCase.name == use_case)) == "o"
+        leases.acquire(use_case, "next", "gate (flow run r-2) pid 2 on host-b", seconds=60)
+        before = snapshot(trust_db)
+        with pytest.raises(leases.LeaseLost) as lost:
+            _audit("after the takeover")
+        text = str(lost.value)
+        assert text.startswith(f"{use_case}: this run lost its lease while it worked (gate (flow run r-2)")
+        assert "holds it now); its writes are refused" in text
+        with pytest.raises(leases.LeaseLost):  # any write: a change to the use case row as well
+            with session_scope() as s:
+                s.scalar(select(UseCase).where(UseCase.name == use_case)).owner = "late"
+        assert snapshot(trust_db) == before  # the refused transactions left nothing
+        assert token != "next"
+    assert _lease_row(use_case)[0] == "next"  # its exit did not free the new holder's lease
+    _audit("after the run")  # outside the lease again
+    leases.release(use_case, "next")
+
+    with leases.holding(use_case, "gate"):  # freed under it: refused as well
+        leases.release(use_case, _lease_row(use_case)[0])
+        with pytest.raises(leases.LeaseLost, match="it was freed"):
+            _audit("after a release")
+
+
+def test_a_holder_learns_from_its_renewer_that_it_lost_the_use_case(use_case: str) -> None:
+    """`check_held`, which long work calls between its steps: silent while the lease holds, LeaseLost
+    naming the new holder once the renewer has found it taken over."""
+    from rollout import leases
+    from rollout.db.models import UseCase, UseCaseLease, utcnow
+    from rollout.db.session import session_scope
+
+    def take_over() -> None:  # another run, in its own context (a thread starts with an empty one)
+        with session_scope() as s:
+            uc = s.scalar(select(UseCase).where(UseCase.name == use_case))
+            lease = s.get(UseCaseLease, uc.id)
+            lease.holder, lease.work = "next", "gate (flow run r-3) pid 3 on host-c"
+            lease.acquired_at, lease.expires_at = utcnow(), utcnow() + dt.timedelta(seconds=60)
+
+    with leases.holding(use_case, "calibrate", seconds=5, renew_every=0.05):
+        time.sleep(0.2)
+        leases.check_held()  # renewed several times: still held
+        taker = threading.Thread(target=take_over)
+        taker.start()
+        taker.join()
+        deadline = time.monotonic() + 10
+        with pytest.raises(leases.LeaseLost, match=r"lost its lease while it worked \(gate \(flow run r-3\)"):
+            while time.monotonic() < deadline:
+                leases.check_held()
+                time.sleep(0.02)
+    leases.check_held()  # outside any lease: nothing to lose
+    assert _lease_row(use_case)[0] == "next"
+
+
+def test_a_takeover_waits_for_the_holders_write_in_progress(use_case: str) -> None:
+    """The check and the commit are one: a takeover that comes while the holder's checked transaction is
+    open waits for it to end (PostgreSQL: the check's share lock on the lease row; SQLite: the write lock),
+    and the holder's next transaction is refused."""
+    from rollout import audit, leases
+    from rollout.db.session import session_scope
+
+    order: list[str] = []
+    checked = threading.Event()
+
+    def take_over() -> None:
+        assert checked.wait(timeout=30)
+        leases.acquire(use_case, "next", "gate", seconds=60)
+        order.append("taken")
+
+    with leases.holding(use_case, "pilot", seconds=0.2, renew_every=3600):
+        time.sleep(0.3)  # lapsed, not yet taken
+        taker = threading.Thread(target=take_over)
+        taker.start()
+        with session_scope() as s:
+            audit.record(s, audit.SYSTEM_ACTOR, "checked write", entity="use_case", entity_id=NAME)
+            checked.set()
+            time.sleep(1.0)  # the taker is blocked meanwhile (unblocked, it would be done by now)
+            order.append("holder's transaction ends")
+        taker.join(timeout=60)
+        assert order == ["holder's transaction ends", "taken"]
+        with pytest.raises(leases.LeaseLost):
+            _audit("too late")
+    assert _lease_row(use_case)[0] == "next"
 
 
 def test_of_runs_that_start_at_once_exactly_one_gets_the_use_case(use_case: str) -> None:
