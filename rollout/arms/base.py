@@ -83,9 +83,12 @@ def loglik_quality(logprobs: list[float]) -> float:
 
 
 def failed(task: str, reference: str, latency_ms: float, detail: str) -> ArmAnswer:
-    """An error observation: the quality of an empty answer, the client's latency (> 0, as the gate needs)."""
-    quality = 0.0 if task == "loglik" or not reference else score_output(task, "", reference)
-    return ArmAnswer(quality, max(latency_ms, 0.001), 0, True, detail)
+    """An error observation: the quality of an empty answer (`sparse_core.tasks.failed_quality`, as
+    calibration and the evaluation score a plan's failed row), the client's latency (> 0, as the gate
+    needs)."""
+    from sparse_core.tasks import failed_quality
+
+    return ArmAnswer(failed_quality(task, reference), max(latency_ms, 0.001), 0, True, detail)
 
 
 def usable(answer: ArmAnswer, task: str, reference: str) -> ArmAnswer:
