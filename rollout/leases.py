@@ -149,27 +149,32 @@ def check_held() -> None:
 @event.listens_for(StateSession, "before_flush")
 def _fence(session: StateSession, _flush_context: Any, _instances: Any) -> None:
     """Before a session in a leased context writes: the run must still hold every lease it entered with.
-    Checked once per transaction, at its first flush with changes. On PostgreSQL the check takes a share
-    lock on the lease row (a takeover, a renewal or a release updates that row, so each waits for this
-    transaction to end, and nothing else is locked, so ordinary writers never wait on it); on SQLite a
-    takeover committed after the check makes this transaction's write fail (WAL: its read snapshot is
-    stale), so no takeover slips in between the check and the commit either way. Raises LeaseLost,
-    naming the holder now; the session's transaction then rolls back."""
+    Checked once per transaction, at its first flush with changes, inside the transaction that writes:
+    on PostgreSQL the check takes a share lock on the lease row (a takeover, a renewal or a release
+    updates that row, so each waits for this transaction to end; nothing else is locked, so ordinary
+    writers never wait on it); on SQLite it takes the write lock first. So no takeover slips in between
+    the check and the commit. Raises LeaseLost, naming the holder now; the session's transaction then
+    rolls back."""
     held = _HELD.get()
     if not held or not (session.new or session.dirty or session.deleted):
         return
     tx = session.get_transaction()
     if session.info.get("lease_fenced") is tx:
         return
+    conn = session.connection()
+    if conn.dialect.name == "sqlite" and not conn.connection.dbapi_connection.in_transaction:
+        # the driver begins a transaction only at the first write, so this check would read outside it
+        # and a takeover could commit between the check and the write: take the write lock first
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
     with session.no_autoflush:
         for use_case, token in held.items():
             # columns, not the ORM row: a pending change of this session to the lease must stay pending
             lease = UseCaseLease
             row = session.execute(
                 select(lease.holder, lease.work, lease.acquired_at, lease.expires_at)
-                .join(UseCase, UseCase.id == UseCaseLease.use_case_id)
+                .join(UseCase, UseCase.id == lease.use_case_id)
                 .where(UseCase.name == use_case)
-                .with_for_update(read=True, of=UseCaseLease)
+                .with_for_update(read=True, of=lease)
             ).one_or_none()
             if row is None or row.holder != token:
                 raise _lost(use_case, _now_held(_held_by(row) if row is not None and row.holder else None))

@@ -219,32 +219,39 @@ def test_a_holder_learns_from_its_renewer_that_it_lost_the_use_case(use_case: st
     assert _lease_row(use_case)[0] == "next"
 
 
-def test_a_takeover_waits_for_the_holders_write_in_progress(use_case: str) -> None:
-    """The check and the commit are one: a takeover that comes while the holder's checked transaction is
-    open waits for it to end (PostgreSQL: the check's share lock on the lease row; SQLite: the write lock),
-    and the holder's next transaction is refused."""
-    from rollout import audit, leases
-    from rollout.db.session import session_scope
+def test_a_takeover_cannot_slip_in_between_the_holders_check_and_its_write(use_case: str) -> None:
+    """The check and the write are one: a takeover started the moment the holder's check has read its
+    lease (hooked right after that statement) waits until the holder's transaction ends (PostgreSQL: the
+    check's share lock on the lease row; SQLite: the write lock the check takes first), and the holder's
+    next transaction is refused."""
+    from sqlalchemy import event
 
-    order: list[str] = []
-    checked = threading.Event()
+    from rollout import audit, leases
+    from rollout.db.session import get_engine, session_scope
+
+    taken = threading.Event()
+    slipped: list[bool] = []
 
     def take_over() -> None:
-        assert checked.wait(timeout=30)
         leases.acquire(use_case, "next", "gate", seconds=60)
-        order.append("taken")
+        taken.set()
+
+    def after_check(_conn, _cursor, statement: str, *_rest) -> None:  # noqa: ANN001
+        if "use_case_leases.holder" in statement and "JOIN use_cases" in statement and not slipped:
+            threading.Thread(target=take_over).start()
+            slipped.append(taken.wait(timeout=2.0))  # unblocked, a takeover commits well inside 2 s
 
     with leases.holding(use_case, "pilot", seconds=0.2, renew_every=3600):
         time.sleep(0.3)  # lapsed, not yet taken
-        taker = threading.Thread(target=take_over)
-        taker.start()
-        with session_scope() as s:
-            audit.record(s, audit.SYSTEM_ACTOR, "checked write", entity="use_case", entity_id=NAME)
-            checked.set()
-            time.sleep(1.0)  # the taker is blocked meanwhile (unblocked, it would be done by now)
-            order.append("holder's transaction ends")
-        taker.join(timeout=60)
-        assert order == ["holder's transaction ends", "taken"]
+        engine = get_engine()
+        event.listen(engine, "after_cursor_execute", after_check)
+        try:
+            with session_scope() as s:
+                audit.record(s, audit.SYSTEM_ACTOR, "checked write", entity="use_case", entity_id=NAME)
+        finally:
+            event.remove(engine, "after_cursor_execute", after_check)
+        assert slipped == [False]  # the takeover waited for the holder's transaction to end
+        assert taken.wait(timeout=30)  # and then went ahead
         with pytest.raises(leases.LeaseLost):
             _audit("too late")
     assert _lease_row(use_case)[0] == "next"
