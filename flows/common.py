@@ -25,8 +25,23 @@ _MODELS: dict[str, tuple[Any, Any]] = {}
 
 def flow_task(name: str, *, retries: int = 2) -> Any:
     """The flows' task decorator: never cached (every task reads or writes state, and its idempotency
-    key, not Prefect's cache, makes a retry safe), retried `retries` times one second apart."""
-    return task(cache_policy=NO_CACHE, name=name, retries=retries, retry_delay_seconds=1)
+    key, not Prefect's cache, makes a retry safe), retried `retries` times one second apart, except
+    where a retry cannot help (`_worth_retrying`)."""
+    return task(
+        cache_policy=NO_CACHE,
+        name=name,
+        retries=retries,
+        retry_delay_seconds=1,
+        retry_condition_fn=_worth_retrying,
+    )
+
+
+def _worth_retrying(_task: Any, _task_run: Any, state: Any) -> bool:
+    """Not when the use case belongs to another run (rollout.leases: a lease another run took over, or
+    holds): a retry would be refused the same way, and a calibration task would start computing again."""
+    from rollout.leases import LeaseLost, UseCaseBusy
+
+    return not isinstance(getattr(state, "data", None), LeaseLost | UseCaseBusy)
 
 
 def this_run() -> str | None:

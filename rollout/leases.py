@@ -292,13 +292,16 @@ def holding(
     *,
     flow_run_id: str | None = None,
     run_is_live: Callable[[str], bool] | None = None,
-    seconds: float = LEASE_SECONDS,
-    renew_every: float = RENEW_SECONDS,
+    seconds: float | None = None,
+    renew_every: float | None = None,
 ) -> Iterator[str]:
     """Work on `use_case` under its lease: acquired on entry (UseCaseBusy, naming the holder, when
-    another run holds it), renewed by a thread every `renew_every` seconds, released on exit however the
-    work ends. Within a run that holds the use case already (a cycle's subflow) it just goes on under
-    that lease. Yields the lease's token."""
+    another run holds it), renewed by a thread every `renew_every` seconds (default `RENEW_SECONDS`) for
+    `seconds` more (default `LEASE_SECONDS`; both read when called), released on exit however the work
+    ends. Within a run that holds the use case already (a cycle's subflow) it just goes on under that
+    lease. Yields the lease's token."""
+    seconds = LEASE_SECONDS if seconds is None else seconds
+    renew_every = RENEW_SECONDS if renew_every is None else renew_every
     held = _HELD.get() or {}
     if use_case in held:
         yield held[use_case]

@@ -174,3 +174,64 @@ def test_a_run_that_lost_its_lease_writes_nothing_more(flow_use_case) -> None:
     assert snapshot(get_settings().database_url) == before  # its calibration wrote nothing: no run, no audit
     assert _counts(name) == (0, 0, 0)
     assert leases.busy_with(name).startswith("gate (flow run r-9) pid 9 on host-b")  # the new holder's still
+
+
+def test_a_calibration_that_lost_its_lease_stops_at_its_next_step(flow_use_case, monkeypatch) -> None:
+    """Taken over right after the calibration opened its run: the renewer sees it, and the calibration
+    stops at its next progress step (`leases.check_held`), before it logs or registers anything; its
+    run's failure cannot be recorded either (fenced), so the row stays as the new holder will find it."""
+    import mlflow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+    from sqlalchemy import event
+
+    from flows.calibrate import calibrate_flow
+    from rollout import leases, tracking
+    from rollout.db.models import CalibrationRun, ModelVersion, UseCase, UseCaseLease, utcnow
+    from rollout.db.session import StateSession, session_scope
+
+    monkeypatch.setattr(leases, "RENEW_SECONDS", 0.05)
+    name = flow_use_case()
+    taken: list[str] = []
+
+    def take_over() -> None:  # another run, as a direct write from a thread with no lease of its own
+        with session_scope() as s:
+            uc = s.scalar(select(UseCase).where(UseCase.name == name))
+            if taken or not s.scalar(select(CalibrationRun.id).where(CalibrationRun.use_case_id == uc.id)):
+                return
+            lease = s.get(UseCaseLease, uc.id)
+            lease.holder, lease.work = "next", "gate (flow run r-5) pid 5 on host-d"
+            lease.acquired_at, lease.expires_at = utcnow(), utcnow() + dt.timedelta(seconds=300)
+            taken.append(lease.work)
+
+    def after_commit(_session) -> None:  # noqa: ANN001
+        held = leases._HELD.get()  # noqa: SLF001 - the flow's own commits only
+        if taken or not held or name not in held:
+            return
+        worker = threading.Thread(target=take_over)
+        worker.start()
+        worker.join()
+        deadline = time.monotonic() + 30
+        while taken and held[name] not in leases._LOST and time.monotonic() < deadline:  # noqa: SLF001
+            time.sleep(0.01)
+
+    event.listen(StateSession, "after_commit", after_commit)
+    try:
+        with pytest.raises(leases.LeaseLost, match=r"gate \(flow run r-5\)"):
+            calibrate_flow(name, limits=QUICK_CAL)
+    finally:
+        event.remove(StateSession, "after_commit", after_commit)
+    assert taken, "the calibration never opened its run"
+    with session_scope() as s:
+        (run,) = s.scalars(select(CalibrationRun)).all()
+        assert run.status == "running"  # its failure was not recorded over the new holder's use case
+        assert s.scalar(select(func.count()).select_from(ModelVersion)) == 0
+    logged = mlflow.search_runs(experiment_names=[tracking.experiment_name(name)], output_format="list")
+    assert logged == []  # stopped before its MLflow run: at a progress step, not at the registry's write
+    assert leases.busy_with(name).startswith("gate (flow run r-5) pid 5 on host-d")
+    # and no task of it was retried: a retry cannot win the use case back (flows.common._worth_retrying)
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="calibration-run-failed"))
+        )
+    assert runs and all(r.run_count == 1 for r in runs), [(r.name, r.run_count) for r in runs]
