@@ -161,10 +161,14 @@ def test_a_run_that_lost_its_lease_writes_nothing_more(flow_use_case) -> None:
         deadline = time.monotonic() + 60
         while not leases.busy_with(name).startswith("use-case cycle") and time.monotonic() < deadline:
             time.sleep(0.02)
-        with session_scope() as s:  # the paused holder's renewals stopped: its lease lapsed
+        # the paused holder's lease lapsed and another run took it over (written in one transaction: a
+        # lapse written apart from the takeover could meet a renewal of the paused run's renewer between
+        # the two; rollout's own takeover is tests/rollout/test_leases.py's)
+        with session_scope() as s:
             uc = s.scalar(select(UseCase).where(UseCase.name == name))
-            s.get(UseCaseLease, uc.id).expires_at = utcnow() - dt.timedelta(hours=1)
-        leases.acquire(name, "next-run", "gate (flow run r-9) pid 9 on host-b", seconds=300)
+            lease = s.get(UseCaseLease, uc.id)
+            lease.holder, lease.work = "next-run", "gate (flow run r-9) pid 9 on host-b"
+            lease.acquired_at, lease.expires_at = utcnow(), utcnow() + dt.timedelta(seconds=300)
         before = snapshot(get_settings().database_url)
     finally:
         _LOSE.set()
