@@ -24,7 +24,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from sparse_core.errors import SparsePilotError
 
-TASKS = ("exact_match", "contains", "rouge_l", "loglik")
 _SLUG = re.compile(r"^[a-z][a-z0-9-]{1,62}[a-z0-9]$")
 _QUANTILE_KEY = re.compile(r"^p(\d{1,2}(?:\.\d+)?)$")
 # Input bounds: a spec is a short hand-written file. These stop anchor/alias bombs, deeply nested

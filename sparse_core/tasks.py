@@ -152,6 +152,14 @@ _TEXT_SCORERS: dict[str, Callable[[str, str], float]] = {
     "contains": contains,
     "rouge_l": rouge_l,
 }
+TEXT_TASKS = tuple(_TEXT_SCORERS)  # the tasks that score a generated text; `loglik` scores no text
+
+
+def score_text(task: str, output: str, reference: str) -> float:
+    """Quality of a generated text against the reference by a text task (ValueError for any other task)."""
+    if task not in _TEXT_SCORERS:
+        raise ValueError(f"task {task!r} is not a text task; expected one of {list(TEXT_TASKS)}")
+    return float(_TEXT_SCORERS[task](output, reference))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -18,8 +18,6 @@ from typing import Protocol, runtime_checkable
 
 from sparse_core.errors import SparsePilotError
 
-GENERATION_TASKS = ("exact_match", "contains", "rouge_l")
-
 
 class ArmConfigError(SparsePilotError, ValueError):
     """An arm that cannot be used as configured (missing credential variable, unsupported task...)."""
@@ -67,12 +65,12 @@ class Arm(Protocol):
 
 def score_output(task: str, output: str, reference: str) -> float:
     """Quality of a generated text against the reference, by the use case's text task."""
-    from sparse_core.tasks import contains, exact_match, rouge_l
+    from sparse_core.tasks import score_text
 
-    scorers = {"exact_match": exact_match, "contains": contains, "rouge_l": rouge_l}
-    if task not in scorers:
-        raise ArmConfigError(f"task {task!r} is not a text task; expected one of {list(scorers)}")
-    return float(scorers[task](output, reference))
+    try:
+        return score_text(task, output, reference)
+    except ValueError as exc:
+        raise ArmConfigError(str(exc)) from None
 
 
 def loglik_quality(logprobs: list[float]) -> float:

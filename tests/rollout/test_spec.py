@@ -267,3 +267,13 @@ def test_a_calibration_confidence_keeps_old_hashes_and_is_refused_without_the_he
     assert "calibration.bound_unit needs calibration.confidence" in problem
     (problem,) = _problems(cal(confidence=1.5))
     assert "quality_budget.calibration.confidence" in problem
+
+
+def test_the_spec_accepts_exactly_the_tasks_sparse_core_scores():
+    from typing import get_args
+
+    from rollout.spec import DatasetSpec
+    from sparse_core.tasks import TASKS, TEXT_TASKS
+
+    assert get_args(DatasetSpec.model_fields["task"].annotation) == TASKS
+    assert set(TEXT_TASKS) == set(TASKS) - {"loglik"}
