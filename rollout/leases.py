@@ -13,9 +13,10 @@ flow run, host and process, and an expiry. A thread of the holder renews it ever
 the work goes on, so a lease outlives any long calibration. A holder that dies stops renewing, and the
 next run takes its use case over at once when it can tell the holder is gone (a process of this host
 that no longer exists; a flow run that Prefect has marked finished, crashed included, asked through the
-`run_is_live` the flows pass in), else when its lease lapses, `LEASE_SECONDS` after the last renewal. The
-times are the hosts' clocks: hosts that share a state DB must keep time within a few seconds of each other
-(NTP), far below the lease.
+`run_is_live` the flows pass in), else when its lease lapses, `LEASE_SECONDS` after the last renewal.
+Expiries are set and read on one clock, the state DB's (`_clock`): on PostgreSQL the server's, so hosts
+whose own clocks disagree (by more than a lease, even) neither take over a live holder nor keep a dead
+one's use case; on SQLite this host's, which every holder of its file shares.
 
 A holder can lose its lease without dying: a state DB it cannot reach for longer than the lease, a process
 stopped for that long. Its work goes on, but its writes may not: while a run holds leases, every flush of a
@@ -48,7 +49,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import event, select
+from sqlalchemy import event, func, select
 
 from rollout.db.models import UseCase, UseCaseLease
 from rollout.db.session import StateSession, session_scope
@@ -95,7 +96,16 @@ def _utc(t: dt.datetime) -> dt.datetime:
 
 
 def _now() -> dt.datetime:
+    """This host's clock (UTC)."""
     return dt.datetime.now(dt.UTC)
+
+
+def _clock(session: Any) -> dt.datetime:
+    """Now by the clock every holder of the state DB shares: the PostgreSQL server's (the hosts that
+    share it may disagree with each other), this host's for SQLite (its file is on this host)."""
+    if session.get_bind().dialect.name == "postgresql":
+        return _utc(session.execute(select(func.clock_timestamp())).scalar_one())
+    return _now()
 
 
 def work_description(what: str, flow_run_id: str | None = None) -> str:
@@ -113,7 +123,7 @@ def held_in(session: Any, use_case_id: int, now: dt.datetime | None = None) -> H
     """Inside the caller's transaction: who holds the use case now, or None when it is free (released,
     or lapsed)."""
     lease = session.get(UseCaseLease, use_case_id)
-    if lease is None or lease.holder is None or _utc(lease.expires_at) <= (now or _now()):
+    if lease is None or lease.holder is None or _utc(lease.expires_at) <= (now or _clock(session)):
         return None
     return _held_by(lease)
 
@@ -121,7 +131,7 @@ def held_in(session: Any, use_case_id: int, now: dt.datetime | None = None) -> H
 def working_now(session: Any, use_case_id: int) -> str | None:
     """Inside the caller's transaction: the run that holds the use case, as a refusal names it, or None
     when it is free (what `usecase show` and the dashboard's use-case page show)."""
-    now = _now()
+    now = _clock(session)
     held = held_in(session, use_case_id, now)
     return held.describe(now) if held else None
 
@@ -133,8 +143,15 @@ def _lost(use_case: str, now_held: str) -> LeaseLost:
     )
 
 
-def _now_held(holder_now: Holder | None) -> str:
-    return f"{holder_now.describe(_now())} holds it now" if holder_now is not None else "it was freed"
+def _now_held(holder_now: Holder | None, now: dt.datetime) -> str:
+    return f"{holder_now.describe(now)} holds it now" if holder_now is not None else "it was freed"
+
+
+def _who_holds(use_case: str) -> str:
+    """Who holds the use case now, as LeaseLost says it, in its own transaction."""
+    with session_scope() as session:
+        now = _clock(session)
+        return _now_held(held_in(session, get_use_case(session, use_case).id, now), now)
 
 
 def check_held() -> None:
@@ -177,7 +194,8 @@ def _fence(session: StateSession, _flush_context: Any, _instances: Any) -> None:
                 .with_for_update(read=True, of=lease)
             ).one_or_none()
             if row is None or row.holder != token:
-                raise _lost(use_case, _now_held(_held_by(row) if row is not None and row.holder else None))
+                now_held = _held_by(row) if row is not None and row.holder else None
+                raise _lost(use_case, _now_held(now_held, _clock(session)))
     session.info["lease_fenced"] = tx
 
 
@@ -241,10 +259,10 @@ def acquire(
     UseCaseBusy, naming the holder, while another token holds it: until its lease lapses, unless its
     process (on this host) is gone or `run_is_live` says its flow run has ended."""
     ended_run = _ended_run(use_case, token, run_is_live)
-    now = _now()
     with session_scope(immediate=True) as session:
         uc = get_use_case(session, use_case)
         session.get(UseCase, uc.id, with_for_update=True)  # PostgreSQL: one acquirer at a time
+        now = _clock(session)
         lease = session.get(UseCaseLease, uc.id)
         if lease is None:  # a use case row written without its lease row (not by `usecase add`)
             lease = UseCaseLease(use_case_id=uc.id)
@@ -270,7 +288,7 @@ def renew(use_case: str, token: str, *, seconds: float = LEASE_SECONDS) -> bool:
         lease = session.get(UseCaseLease, uc.id, with_for_update=True)
         if lease is None or lease.holder != token:
             return False
-        lease.expires_at = _now() + dt.timedelta(seconds=seconds)
+        lease.expires_at = _clock(session) + dt.timedelta(seconds=seconds)
         return True
 
 
@@ -315,7 +333,7 @@ def holding(
         while not stop.wait(renew_every):
             try:
                 if not renew(use_case, token, seconds=seconds):
-                    _LOST[token] = _now_held(holder(use_case))
+                    _LOST[token] = _who_holds(use_case)
                     log.warning("%s: this %s lost its lease (%s)", use_case, what, _LOST[token])
                     return
             except Exception as exc:  # a busy DB: try again at the next tick, well inside the lease

@@ -126,6 +126,38 @@ def test_a_holder_seen_gone_loses_the_use_case_at_once(
     assert _lease_row(use_case)[0] == "other"
 
 
+@pytest.mark.postgres
+@pytest.mark.parametrize("trust_db", ["postgres"], indirect=True)
+def test_on_postgresql_hosts_whose_clocks_disagree_share_the_servers_clock(
+    use_case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hosts that share a PostgreSQL state DB may disagree about the time by more than a lease. A host
+    whose clock runs 10 minutes fast must not take over a live holder (it would read the lease as long
+    lapsed), and a holder whose clock runs 10 minutes slow must not renew its lease into the past (every
+    other host would read it as lapsed): expiries are set and read on the server's clock."""
+    from rollout import leases
+
+    host_clock = leases._now
+
+    def skewed(minutes: float) -> None:
+        monkeypatch.setattr(leases, "_now", lambda: host_clock() + dt.timedelta(minutes=minutes))
+
+    leases.acquire(use_case, "a" * 32, "pilot, pid 1 on host-a", seconds=120)
+    skewed(+10)  # host b runs fast
+    with pytest.raises(leases.UseCaseBusy, match=r"lapses in 1[12]\d s unless renewed"):
+        leases.acquire(use_case, "b" * 32, "gate, pid 2 on host-b")
+    assert leases.busy_with(use_case).startswith("pilot, pid 1 on host-a")
+
+    skewed(-10)  # the holder runs slow: its renewal still reaches 120 s past the server's now
+    assert leases.renew(use_case, "a" * 32, seconds=120)
+    monkeypatch.setattr(leases, "_now", host_clock)
+    with pytest.raises(leases.UseCaseBusy):
+        leases.acquire(use_case, "b" * 32, "gate, pid 2 on host-b")
+    expires = _lease_row(use_case)[6]
+    expires = expires.replace(tzinfo=dt.UTC) if expires.tzinfo is None else expires
+    assert 100 < (expires - dt.datetime.now(dt.UTC)).total_seconds() <= 120
+
+
 def test_holding_renews_while_the_work_goes_on_and_releases_however_it_ends(use_case: str) -> None:
     from rollout import leases
 
