@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import copy_context
 from typing import Any
 
 from rollout.arms.base import Arm, ArmAnswer, ArmRequest, usable
@@ -34,13 +35,16 @@ def run_batch(
     on_error: Callable[[str, str, str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Observation rows of the batch, in request order. `on_error(request_id, arm, detail)` hears what went
-    wrong with each error answer (the detail is not part of the observation)."""
-    from rollout import pilots
+    wrong with each error answer (the detail is not part of the observation). A run that lost its use
+    case's lease stops before its next request (`leases.check_held`: LeaseLost): its answers could not
+    be stored, and the requests would load the arms for nothing."""
+    from rollout import leases, pilots
 
     kw = {"max_new_tokens": max_new_tokens, "max_prompt_tokens": max_prompt_tokens}
     shadow = kind == "shadow"
 
     def one(i: int, rid: str, row: dict[str, Any]) -> list[dict[str, Any]]:
+        leases.check_held()
         arm = "both" if shadow else pilots.assign_arm(rid, salt, traffic_pct)
         prompt = row["prompt"]
         ref = (row.get("reference") or "").strip()
@@ -78,6 +82,14 @@ def run_batch(
         per_request = [one(i, rid, row) for i, (rid, row) in enumerate(requests)]
     else:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pilot-arm") as pool:
-            futures = [pool.submit(one, i, rid, row) for i, (rid, row) in enumerate(requests)]
-            per_request = [f.result() for f in futures]
+            # each request in a copy of this context: it carries the leases the run holds
+            futures = [
+                pool.submit(copy_context().run, one, i, rid, row) for i, (rid, row) in enumerate(requests)
+            ]
+            try:
+                per_request = [f.result() for f in futures]
+            except BaseException:
+                for f in futures:  # the requests not yet started are not sent
+                    f.cancel()
+                raise
     return [o for rows in per_request for o in rows]

@@ -362,3 +362,76 @@ def test_only_a_score_in_0_1_is_an_answer(score: object) -> None:
     out = usable(ArmAnswer(score, 12.0, 7, False, "text"), "loglik", "ref")  # type: ignore[arg-type]
     assert out.error and out.quality == 0.0 and out.latency_ms == 12.0 and out.tokens == 0
     assert "not a number in [0, 1]" in out.output
+
+
+@pytest.mark.parametrize("trust_db", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_a_batch_whose_run_lost_its_use_case_stops_before_its_next_request(
+    ok_server: str, trust_db: str, concurrency: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run that is taken over while it answers a batch (paused past its lease, say) stops before its
+    next request, on one thread or several (each request carries the run's lease), instead of loading
+    the arms for answers it could not store."""
+    import datetime as dt
+    import threading
+    import time
+
+    from sqlalchemy import select
+
+    from rollout import leases
+    from rollout.db.models import UseCase, UseCaseLease, utcnow
+    from rollout.db.session import session_scope
+
+    with session_scope() as s:
+        uc = UseCase(name="answering", owner="o", criticality="low")
+        s.add(uc)
+        s.flush()
+        s.add(UseCaseLease(use_case_id=uc.id))
+
+    def take_over() -> None:  # another run, from a thread with no lease of its own
+        with session_scope() as s:
+            uc = s.scalar(select(UseCase).where(UseCase.name == "answering"))
+            lease = s.get(UseCaseLease, uc.id)
+            lease.holder, lease.work = "next", "cycle (flow run r-7) pid 7 on host-e"
+            lease.acquired_at, lease.expires_at = utcnow(), utcnow() + dt.timedelta(seconds=300)
+
+    class TakenOverOnThirdCall:  # the real treatment arm; its third request is when the run is taken over
+        def __init__(self, arm, token: list[str]) -> None:  # noqa: ANN001
+            self.arm, self.token, self.calls = arm, token, 0
+            self.label, self.max_concurrency = arm.label, arm.max_concurrency
+            self.lock = threading.Lock()
+
+        def answer(self, request, task, **kw):  # noqa: ANN001, ANN003, ANN201
+            with self.lock:
+                self.calls += 1
+                if self.calls == 3:
+                    worker = threading.Thread(target=take_over)
+                    worker.start()
+                    worker.join()
+                    deadline = time.monotonic() + 30
+                    while self.token[0] not in leases._LOST and time.monotonic() < deadline:  # noqa: SLF001
+                        time.sleep(0.01)
+            return self.arm.answer(request, task, **kw)
+
+        def close(self) -> None:
+            self.arm.close()
+
+    control = openai_arm(ok_server, "control", max_concurrency=concurrency)
+    token: list[str] = []
+    treatment = TakenOverOnThirdCall(openai_arm(ok_server, max_concurrency=concurrency), token)
+    with leases.holding("answering", "pilot", renew_every=0.05) as held:
+        token.append(held)
+        with pytest.raises(leases.LeaseLost, match=r"cycle \(flow run r-7\)"):
+            run_batch(
+                control,
+                treatment,
+                REQUESTS[:24],
+                kind="shadow",
+                salt="s",
+                traffic_pct=100,
+                task="loglik",
+                **KW,
+            )
+    assert treatment.calls <= 3 + concurrency  # the requests in flight when it was lost, and no more
+    control.close()
+    treatment.close()
