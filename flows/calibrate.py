@@ -19,6 +19,7 @@ from flows.common import (
     get_model,
     load_context,
     log_run,
+    mark_not_recorded,
     remember_plan,
     stable_key,
     under_lease,
@@ -225,8 +226,10 @@ def calibrate_flow(
             "reused": True,
             **run["metrics"],
         }
+    mlflow_run_id = None
     try:
         plan, report = calibrate_plan(ctx, settings)
+        leases.check_held()  # lost while its last step ran: log nothing the state DB would then refuse
         mlflow_run_id = log_run(
             use_case,
             run_name="calibrate",
@@ -237,6 +240,7 @@ def calibrate_flow(
         )
         reg = register_challenger(ctx, run["id"], plan, report, mlflow_run_id)
     except Exception as exc:
+        mark_not_recorded(mlflow_run_id, exc)
         mark_failed(ctx, run["id"], f"{type(exc).__name__}: {exc}")
         raise
     measured = report.get("measured_density")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -230,6 +231,23 @@ def log_run(
         for path in files or []:
             mlflow.log_artifact(path)
         return run.info.run_id
+
+
+def mark_not_recorded(mlflow_run_id: str | None, exc: BaseException) -> None:
+    """Tag an MLflow run whose results the state DB then refused or failed to record (a run that lost
+    its use case's lease, say): the experiment keeps it, and says why no model version or evaluation
+    refers to it (tag `sparsepilot.not_recorded`). Best effort: the flow fails with `exc` either way."""
+    if mlflow_run_id is None:
+        return
+    from rollout import tracking
+
+    try:
+        why = f"the state DB did not record this run: {type(exc).__name__}: {exc}"
+        tracking.client().set_tag(mlflow_run_id, "sparsepilot.not_recorded", why[:5000])
+    except Exception as tag_exc:  # MLflow out of reach too: the flow's own error says what happened
+        logging.getLogger("sparsepilot.flows").warning(
+            "could not tag MLflow run %s: %s", mlflow_run_id, tag_exc
+        )
 
 
 _PLANS: dict[str, Any] = {}

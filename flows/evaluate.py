@@ -17,6 +17,7 @@ from flows.common import (
     get_model,
     load_context,
     log_run,
+    mark_not_recorded,
     stable_key,
     under_lease,
     version_plan,
@@ -191,6 +192,7 @@ def evaluate_flow(use_case: str, quick: bool = False, suite: dict[str, Any] | No
         return {**run["summary"], "reused": True}
     pictures = Path(get_settings().home) / "artifacts" / use_case / f"evaluation-{run['id']}"
     pictures.mkdir(parents=True, exist_ok=True)
+    mlflow_run_id = None
     try:
         result = run_evaluation(ctx, target, settings, str(pictures))
         roi = roi_from_report(ctx.spec, result["report"], result["decode_tps"])
@@ -202,6 +204,7 @@ def evaluate_flow(use_case: str, quick: bool = False, suite: dict[str, Any] | No
             "roi.saved_usd_month_high": roi["saved_usd_month_high"],
             "roi.effective_speedup": roi["effective_speedup"],
         }
+        leases.check_held()  # lost while its last step ran: log nothing the state DB would then refuse
         mlflow_run_id = log_run(
             use_case,
             run_name="evaluate",
@@ -217,6 +220,7 @@ def evaluate_flow(use_case: str, quick: bool = False, suite: dict[str, Any] | No
         )
         summary = record(ctx, run["id"], result, roi, mlflow_run_id)
     except Exception as exc:
+        mark_not_recorded(mlflow_run_id, exc)
         mark_failed(run["id"], f"{type(exc).__name__}: {exc}")
         raise
     logger.info(

@@ -239,3 +239,46 @@ def test_a_calibration_that_lost_its_lease_stops_at_its_next_step(flow_use_case,
             task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="calibration-run-failed"))
         )
     assert runs and all(r.run_count == 1 for r in runs), [(r.name, r.run_count) for r in runs]
+
+
+def test_a_calibration_taken_over_after_it_logged_to_mlflow_leaves_its_run_tagged(
+    flow_use_case, monkeypatch
+) -> None:
+    """Taken over between its MLflow run and the registration (the one window that progress checks
+    cannot close): the registration is refused, nothing is registered, and the MLflow run, which no
+    model version will ever refer to, says why (`sparsepilot.not_recorded`)."""
+    import mlflow
+
+    import flows.calibrate as calibrate_module
+    from flows.calibrate import calibrate_flow
+    from rollout import leases, tracking
+    from rollout.db.models import CalibrationRun, ModelVersion, UseCase, UseCaseLease, utcnow
+    from rollout.db.session import session_scope
+
+    name = flow_use_case()
+    real_log_run = calibrate_module.log_run
+
+    def take_over() -> None:  # another run, as a direct write from a thread with no lease of its own
+        with session_scope() as s:
+            uc = s.scalar(select(UseCase).where(UseCase.name == name))
+            lease = s.get(UseCaseLease, uc.id)
+            lease.holder, lease.work = "next", "cycle (flow run r-8) pid 8 on host-f"
+            lease.acquired_at, lease.expires_at = utcnow(), utcnow() + dt.timedelta(seconds=300)
+
+    def log_run_then_lose(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        run_id = real_log_run(*args, **kwargs)
+        worker = threading.Thread(target=take_over)
+        worker.start()
+        worker.join()
+        return run_id
+
+    monkeypatch.setattr(calibrate_module, "log_run", log_run_then_lose)
+    with pytest.raises(leases.LeaseLost, match=r"cycle \(flow run r-8\)"):
+        calibrate_flow(name, limits=QUICK_CAL)
+    with session_scope() as s:
+        assert s.scalar(select(func.count()).select_from(ModelVersion)) == 0
+        (run,) = s.scalars(select(CalibrationRun)).all()
+        assert run.status == "running"  # the new holder's to settle
+    (logged,) = mlflow.search_runs(experiment_names=[tracking.experiment_name(name)], output_format="list")
+    why = logged.data.tags["sparsepilot.not_recorded"]
+    assert why.startswith(f"the state DB did not record this run: LeaseLost: {name}: this run lost its lease")
