@@ -792,6 +792,7 @@ def calibrate_many(
         dense_task=dense_task,
         task_rows=task_rows,
         task=task,
+        seed=seed,
         progress=progress,
         sparsify=sparsify,
         unsparsify=unsparsify,
@@ -893,6 +894,7 @@ def _search_plan(
     dense_task: list[float],
     task_rows: list,
     task: str | None,
+    seed: int,
     progress: Progress | None,
     sparsify,
     unsparsify,
@@ -943,7 +945,7 @@ def _search_plan(
             if ok and budget.task_delta is not None:
                 sparse_task, task_failed = task_scores(model, tokenizer, task_rows, task, lim, dense=False)
                 task_drop, task_upper = paired_drop(
-                    dense_task, sparse_task, budget.task_delta, alpha=task_alpha
+                    dense_task, sparse_task, budget.task_delta, alpha=task_alpha, seed=seed
                 )
                 ok = budget.task_violation(task_upper) is None
         finally:
@@ -1056,15 +1058,21 @@ def check_margin_units(window_lens: list[int], lim: CalibrationLimits, steps: in
 
 
 def paired_drop(
-    dense: Sequence[float], sparse: Sequence[float], bound: float | None = None, *, alpha: float = TASK_ALPHA
+    dense: Sequence[float],
+    sparse: Sequence[float],
+    bound: float | None = None,
+    *,
+    alpha: float = TASK_ALPHA,
+    seed: int = 0,
 ) -> tuple[float, float]:
     """(mean, valid one-sided 1 - alpha upper confidence bound) of the per-row drop dense - sparse, for
     scores in [0, 1] (`task_bound.drop_upper_bound`; its bets are tuned to `bound`, the task_delta
-    being certified, where the bound is tightest)."""
+    being certified, where the bound is tightest, and taken in a random order drawn from `seed`: the
+    rows' own order, a dataset file's, may be sorted)."""
     d = [a - b for a, b in zip(dense, sparse, strict=True)]
     if not d:
         raise BudgetError("paired_drop needs at least one task row")
-    return sum(d) / len(d), drop_upper_bound(d, m0=bound, alpha=alpha)
+    return sum(d) / len(d), drop_upper_bound(d, m0=bound, alpha=alpha, seed=seed)
 
 
 def task_scores(

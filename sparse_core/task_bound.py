@@ -13,7 +13,17 @@ predictable bets ``0 <= lambda_i <= trunc / (hi - m)`` is a non-negative superma
 by Ville's inequality ``P(max_t K_t(m) >= 1/alpha) <= alpha`` for every distribution on [lo, hi]. The
 upper bound is the smallest m whose H0 is rejected. The bets are the aGRAPA bets tuned to the bound
 being certified (``m0``), from the running mean and variance of the earlier rows plus one prior
-pseudo-row (mean 0, variance 0.25). The rows are taken in their given order (the calibration split's).
+pseudo-row (mean 0, variance 0.25).
+
+**The rows are bet on in a random order** (a permutation drawn from ``seed``), never in the order given.
+The guarantee is for rows that arrive in an order carrying no information (an iid sample, or any sample
+shuffled). A dataset file is often sorted (by topic, by source, by prompt length, and sparse attention
+loses most on the longest prompts), and with adaptive bets and "rejected at any time" the early rows can
+certify before the late ones are seen. Measured before the shuffle (thirty-fifth session): 190 rows
+that lose nothing followed by 10 that lose everything (mean drop 0.05) certified "drop < 0.05" at
+0.05 / 7 with an upper bound of 0.029, and for 200 / 300 / 120 rows whose drops are 1 with probability
+0.05 / 0.03 / 0.1 (the truth at the bound) sorted ascending, 400 of 400 samples certified; shuffled,
+0.75% / 0% / 0.75% (at a level of 0.71%).
 
 The price of validity is rows: with no drop at all on any row the bound still needs about
 ``log(1/alpha) / (trunc * m0)`` rows to fall below ``m0`` (`rows_to_certify`): ~170 rows for 0.02 at
@@ -53,15 +63,27 @@ def _stream(drops: list[float], lo: float, hi: float) -> betting.Stream:
     return betting.Stream(np.asarray(drops, dtype=float), lo, hi, TRUNCATION)
 
 
+def _shuffled(drops: list[float], seed: int) -> list[float]:
+    """The rows in the random order the test bets in (see the module docstring)."""
+    return [drops[i] for i in np.random.default_rng(seed).permutation(len(drops))]
+
+
 def rejects(
-    drops: Sequence[float], m0: float, *, alpha: float = ALPHA, lo: float = -1.0, hi: float = 1.0
+    drops: Sequence[float],
+    m0: float,
+    *,
+    alpha: float = ALPHA,
+    lo: float = -1.0,
+    hi: float = 1.0,
+    seed: int = 0,
 ) -> bool:
-    """True when the rows reject H0: E[drop] >= m0 at level alpha (the mean drop is certified < m0)."""
+    """True when the rows reject H0: E[drop] >= m0 at level alpha (the mean drop is certified < m0). The
+    rows are bet on in the order a permutation drawn from `seed` gives them."""
     d = _check(drops, lo, hi, alpha)
     if not d:
         return False
     crossed, _ = betting.rejects(
-        _stream(d, lo, hi), m0, "upper", alpha, prior_mean=PRIOR_MEAN, prior_var=PRIOR_VAR
+        _stream(_shuffled(d, seed), lo, hi), m0, "upper", alpha, prior_mean=PRIOR_MEAN, prior_var=PRIOR_VAR
     )
     return bool(crossed)
 
@@ -73,9 +95,11 @@ def drop_upper_bound(
     alpha: float = ALPHA,
     lo: float = -1.0,
     hi: float = 1.0,
+    seed: int = 0,
 ) -> float:
     """The one-sided (1 - alpha) upper confidence bound on the mean drop, valid for any distribution on
-    [lo, hi] and any number of rows (``hi`` when the rows reject nothing below it). ``m0``: the value
+    [lo, hi] and any number of rows (``hi`` when the rows reject nothing below it), the rows bet on in
+    the order a permutation drawn from `seed` gives them. ``m0``: the value
     the bets are tuned to (the bound being certified), where the bound is tightest. It must be chosen
     before the rows are seen: a tuning taken from the rows themselves (their mean + 0.05, this
     function's default until the twenty-sixth session, used by no caller) lets every bet depend on rows
@@ -85,7 +109,13 @@ def drop_upper_bound(
     if not d:
         return hi
     return betting.confidence_bound(
-        _stream(d, lo, hi), m0, "upper", alpha, prior_mean=PRIOR_MEAN, prior_var=PRIOR_VAR, span=(lo, hi)
+        _stream(_shuffled(d, seed), lo, hi),
+        m0,
+        "upper",
+        alpha,
+        prior_mean=PRIOR_MEAN,
+        prior_var=PRIOR_VAR,
+        span=(lo, hi),
     )
 
 

@@ -110,3 +110,39 @@ def test_evaluation_bounds_tighten_with_rows_and_refuse_bad_scores():
         delta_bounds([float("nan")], [0.5])
     with pytest.raises(ValueError, match="must pair"):
         delta_bounds([0.5], [0.5, 0.5])
+
+
+@pytest.mark.parametrize(
+    "n, bound, order",
+    [
+        (60, 0.2, "losses last"),
+        (120, 0.1, "losses last"),
+        (200, 0.05, "losses last"),
+        (300, 0.03, "losses last"),
+        (200, 0.05, "drops growing down the file"),
+    ],
+)
+def test_a_sorted_file_cannot_certify_a_bound_its_rows_do_not_meet(n: int, bound: float, order: str) -> None:
+    """The truth at the bound, the rows in the worst order a dataset file can hold them: the rows that
+    lose last (0/1 losses with probability `bound`), or drops that grow down the file (a file sorted by
+    prompt length: Beta drops with mean `bound`, sorted). Taken in that order, adaptive bets certified
+    "drop < bound" in every sample (checked here too); bet in a random order (each sample its own
+    seed, as each use case's spec has), at most alpha of them, the 95% binomial interval deciding."""
+    rng = np.random.default_rng(n)
+    reps, alpha = 8000, 0.05
+    if order == "losses last":
+        samples = np.sort((rng.random((reps, n)) < bound).astype(float), axis=1)
+    else:
+        samples = np.sort(rng.beta(0.5, 0.5 * (1 - bound) / bound, (reps, n)), axis=1)
+    hits = sum(rejects(s.tolist(), bound, alpha=alpha, seed=r) for r, s in enumerate(samples))
+    high = stats.binomtest(hits, reps).proportion_ci(0.95).high
+    assert high <= alpha + 0.01, f"{hits}/{reps} certified (upper 95% end {high:.3f})"
+
+    from sparse_core import betting
+    from sparse_core.task_bound import PRIOR_MEAN, PRIOR_VAR, TRUNCATION
+
+    in_file_order = betting.Stream(samples[:200], -1.0, 1.0, TRUNCATION)
+    crossed, _ = betting.rejects(
+        in_file_order, bound, "upper", alpha, prior_mean=PRIOR_MEAN, prior_var=PRIOR_VAR
+    )
+    assert crossed.mean() > 0.5  # what the file's own order did: the shuffle is what holds the level
