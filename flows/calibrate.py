@@ -80,6 +80,10 @@ def limits_for(ctx: UseCaseContext, quick: bool, overrides: dict[str, Any] | Non
                 "max_task_rows": 4,  # task bound (quality_budget.task_delta): rows scored per check
             }
         )
+    if ctx.spec.quality_budget.task_delta is not None and not quick:
+        # a valid task bound needs rows (~5 / task_delta of them even when none drops): every row of the
+        # calibration split with a reference, or the spec's cap; quick keeps its 4 (and cannot certify)
+        lim["max_task_rows"] = c.task_rows
     d = ctx.spec.quality_budget.decode
     if d is not None:  # sparse decode: a decode budget calibrated on generated continuations
         # an unset confidence (and the sensitivity windows only it reads) stays out of the settings, and
@@ -102,10 +106,25 @@ def open_run(ctx: UseCaseContext, key: str, settings: dict[str, Any]) -> dict[st
     return runs.open_calibration(ctx.use_case_id, ctx.spec_version, key, settings, flow_run_id())
 
 
+def task_rows_of(rows: list[dict[str, Any]], holdout_fraction: float, seed: int) -> list[Any]:
+    """The rows a task bound is measured on: the calibration part of the calibration split's prompts
+    (what calibration packs into its calibration windows; the held-out part judges the fidelity of the
+    eps search's candidates), those with a reference. `rollout.task_budget` counts them from the
+    dataset validator's figures when a use case is added."""
+    from sparse_core.calibration import split_texts
+    from sparse_core.tasks import TaskRow
+
+    cal_set = set(split_texts([r["prompt"] for r in rows], holdout_fraction, seed)[0])
+    return [
+        TaskRow(prompt=r["prompt"], reference=r.get("reference") or "", task=r.get("task"))
+        for r in rows
+        if r["prompt"] in cal_set and r.get("reference")
+    ]
+
+
 @flow_task("calibrate-plan", retries=0)
 def calibrate_plan(ctx: UseCaseContext, settings: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    from sparse_core.calibration import Budget, CalibrationLimits, calibrate, split_texts
-    from sparse_core.tasks import TaskRow
+    from sparse_core.calibration import Budget, CalibrationLimits, calibrate
 
     logger = get_run_logger()
     model, tok = get_model(ctx.spec.model)
@@ -115,15 +134,7 @@ def calibrate_plan(ctx: UseCaseContext, settings: dict[str, Any]) -> tuple[Any, 
     limits = CalibrationLimits(**lim_kw)
     rows, _ = ctx.split()  # the evaluation's rows are never read here (rollout.dataset_split)
     texts = [r["prompt"] for r in rows]
-    # the task bound is measured on the calibration part of these prompts (what calibration packs into
-    # its calibration windows); the held-out part judges the fidelity of the eps search's candidates
-    cal_prompts, _ = split_texts(texts, limits.holdout_fraction, settings["seed"])
-    cal_set = set(cal_prompts)
-    task_rows = [
-        TaskRow(prompt=r["prompt"], reference=r.get("reference") or "", task=r.get("task"))
-        for r in rows
-        if r["prompt"] in cal_set and r.get("reference")
-    ]
+    task_rows = task_rows_of(rows, limits.holdout_fraction, settings["seed"])
 
     def progress(phase: str, done: int, total: int) -> None:
         logger.info("%s: calibration %s %d/%d", ctx.name, phase, done, total)

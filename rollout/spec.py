@@ -120,6 +120,9 @@ class CalibrationSettings(_Strict):
     # every candidate's sensitivities come from them (sparse_core CalibrationLimits.sensitivity_windows);
     # 0: every calibration window serves both
     sensitivity_windows: Annotated[int, Field(ge=0, le=64)] = 0
+    # with quality_budget.task_delta: how many of the calibration split's rows (with a reference) the task
+    # bound scores per search step, at most; None: all of them (a valid bound needs ~5 / task_delta rows)
+    task_rows: PositiveInt | None = None
 
     @model_validator(mode="after")
     def _windows_left_to_train_on(self) -> CalibrationSettings:
@@ -452,6 +455,7 @@ _ADDED_LATER: dict[tuple[str, ...], Any] = {
     ("quality_budget", "calibration", "confidence"): None,
     ("quality_budget", "calibration", "bound_unit"): "block",
     ("quality_budget", "calibration", "sensitivity_windows"): 0,
+    ("quality_budget", "calibration", "task_rows"): None,
     ("quality_budget", "decode", "sensitivity_apart"): False,
     ("gate", "alpha_spending"): "use_case",
 }

@@ -30,6 +30,7 @@ from rollout.db.session import session_scope
 from rollout.pilot_plan import plan_summary
 from rollout.settings import get_settings
 from rollout.spec import SpecError, UseCaseSpec, load_spec, parse_spec, spec_warnings
+from rollout.task_budget import task_bound_warnings
 from rollout.validation import ValidationResult, token_counter_for, validate_dataset
 from sparse_core.errors import SparsePilotError
 
@@ -151,6 +152,7 @@ def check_spec_file(path: Path | str) -> CheckedSpec:
     result.raise_for_failures()
     result.warnings.extend(f"{field}: {message}" for field, message in spec_warnings(spec))
     stats = result.stats
+    result.warnings.extend(f"{field}: {message}" for field, message in task_bound_warnings(spec, stats))
     result.warnings.extend(
         plan_summary(spec, dataset_rows=stats.get("rows"), kept_apart=stats.get("kept_apart"))["warnings"]
     )

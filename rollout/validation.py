@@ -411,12 +411,21 @@ def validate_dataset(
 
     from rollout.dataset_split import split_rows
 
+    calibration, apart = split_rows(
+        [
+            {"id": i, "prompt": p, "ref": r}
+            for i, p, r in zip(rows.id, rows.prompt, rows.reference, strict=True)
+        ]
+    )
     result.stats = {
         "rows": len(df),
         "distinct_prompts": len(df) - len(repeats),
         # the distinct requests a pilot on the dataset may draw: its rows kept apart, each prompt once
-        "kept_apart": len(
-            split_rows([{"id": i, "prompt": p} for i, p in zip(rows.id, rows.prompt, strict=True)])[1]
+        "kept_apart": len(apart),
+        # the rows the calibrate flow reads, and those a task bound can score (rollout.task_budget)
+        "calibration_rows": len(calibration),
+        "calibration_with_reference": sum(
+            isinstance(r["ref"], str) and bool(r["ref"].strip()) for r in calibration
         ),
         "prompt_tokens_min": int(min(tokens)) if tokens else 0,
         "prompt_tokens_max": int(max(tokens)) if tokens else 0,

@@ -216,8 +216,9 @@ class CalibrationLimits:
     # sparsified alone at a reference plan, on one sensitivity window; `sparse_core.layer_weights`),
     # so one eps bounds every layer's share of the KL; "none" (default): the same eps in every layer
     layer_weights: str = "none"
-    # task bound (budget.task_delta): rows of the calibration split scored per search step
-    max_task_rows: int = 8
+    # task bound (budget.task_delta): rows of the calibration split scored per search step, at most (None:
+    # every row given; a valid bound needs ~5 / task_delta rows even when none drops, `rows_to_certify`)
+    max_task_rows: int | None = None
     max_new_tokens: int = 16
     # sparse decode: a DecodeLimits (or its dict) calibrates the plan's decode section after prefill
     decode: Any = None

@@ -172,4 +172,23 @@ def rows_to_certify(
     return b
 
 
-__all__ = ["ALPHA", "delta_bounds", "drop_upper_bound", "rejects", "rows_to_certify"]
+def certifiable_bound(
+    n_rows: int, *, alpha: float = ALPHA, lo: float = -1.0, hi: float = 1.0
+) -> float | None:
+    """The least bound ``n_rows`` rows can certify at all: rows that all drop exactly 0 (any real drop
+    needs more), to 3 significant digits, rounded up. None when they certify nothing below ``hi``."""
+    zeros = [0.0] * n_rows
+    if n_rows <= 0 or not rejects(zeros, hi, alpha=alpha, lo=lo, hi=hi):
+        return None
+    low, high = 0.0, hi  # low certifies nothing (no bound <= 0 can be), high is certified
+    while high - low > 1e-4 * high:
+        mid = (low + high) / 2
+        if rejects(zeros, mid, alpha=alpha, lo=lo, hi=hi):
+            high = mid
+        else:
+            low = mid
+    digits = 2 - math.floor(math.log10(high))
+    return math.ceil(high * 10**digits) / 10**digits
+
+
+__all__ = ["ALPHA", "certifiable_bound", "delta_bounds", "drop_upper_bound", "rejects", "rows_to_certify"]

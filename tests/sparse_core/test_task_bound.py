@@ -146,3 +146,16 @@ def test_a_sorted_file_cannot_certify_a_bound_its_rows_do_not_meet(n: int, bound
         in_file_order, bound, "upper", alpha, prior_mean=PRIOR_MEAN, prior_var=PRIOR_VAR
     )
     assert crossed.mean() > 0.5  # what the file's own order did: the shuffle is what holds the level
+
+
+def test_certifiable_bound_is_the_least_bound_n_rows_certify():
+    from sparse_core.task_bound import certifiable_bound
+
+    alpha = 0.05 / 7
+    for n in (9, 40, 109, 277, 1000):
+        b = certifiable_bound(n, alpha=alpha)
+        unit = 10.0 ** (np.floor(np.log10(b)) - 2)  # 3 significant digits, rounded up
+        assert rejects([0.0] * n, b, alpha=alpha) and not rejects([0.0] * n, b - unit, alpha=alpha)
+        assert rows_to_certify(b, alpha=alpha) <= n
+    assert certifiable_bound(277, alpha=alpha) == 0.02 and certifiable_bound(40, alpha=alpha) == 0.13
+    assert certifiable_bound(4, alpha=alpha) is None and certifiable_bound(0) is None

@@ -1,0 +1,78 @@
+"""What a use case's task bound (`quality_budget.task_delta`) needs from its dataset, known at `usecase add`.
+
+Calibration certifies `task_delta` with a valid upper confidence bound on the mean task-score drop over the
+rows of its calibration split (sparse_core.task_bound): rows that all drop exactly 0 still certify a bound
+only from `rows_to_certify` rows on (277 for 0.02 with the calibrate flow's 7-step search), and with fewer
+rows calibration skips its search and returns the all-dense plan. A dataset too small for its spec's bound
+used to be found out only after a calibration had run for minutes; `task_bound_warnings` says so when the
+use case is added, with what would do: more rows, or the least bound the rows can certify.
+
+The rows the calibrate flow scores: the dataset's rows less those kept apart for the evaluation and the
+pilot (rollout.dataset_split), less the texts calibration holds out (its `holdout_fraction`), those with a
+reference, at most `calibration.task_rows`. Pure functions of the spec and the dataset validator's counts.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from rollout.dataset_split import EVALUATION_SHARE
+from sparse_core.prefill_bound import SEARCH_STEPS
+from sparse_core.task_bound import ALPHA, certifiable_bound, rows_to_certify
+
+
+def held_out_texts(n_texts: int, holdout_fraction: float) -> int:
+    """How many of n calibration texts calibration holds out (as `sparse_core.calibration.split_texts`)."""
+    return min(n_texts - 1, max(1, round(n_texts * holdout_fraction)))
+
+
+def task_rows_at_most(spec: Any, stats: dict[str, Any], *, capped: bool = True) -> int:
+    """The most rows the calibrate flow's task bound can score: the calibration split's rows with a
+    reference, less the texts calibration holds out (exact when every row has a reference), capped by
+    `quality_budget.calibration.task_rows` (unless `capped` is False)."""
+    n_cal = int(stats.get("calibration_rows") or 0)
+    if n_cal < 2:
+        return 0
+    cal = spec.quality_budget.calibration
+    with_ref = int(stats.get("calibration_with_reference") or 0)
+    rows = min(with_ref, n_cal - held_out_texts(n_cal, cal.holdout_fraction))
+    return min(rows, cal.task_rows) if cal.task_rows and capped else rows
+
+
+def task_bound_warnings(spec: Any, stats: dict[str, Any]) -> list[tuple[str, str]]:
+    """(field, message) when the spec's `task_delta` cannot be certified from its dataset's rows by the
+    calibrate flow's full search (7 steps, each plan tested at 0.05 / 7): the plan would stay dense."""
+    delta = spec.quality_budget.task_delta
+    if delta is None:
+        return []
+    alpha = ALPHA / SEARCH_STEPS
+    have, need = task_rows_at_most(spec, stats), rows_to_certify(delta, alpha=alpha)
+    if need is not None and have >= need:
+        return []
+    cal = spec.quality_budget.calibration
+    in_data = task_rows_at_most(spec, stats, capped=False)
+    capped = have < in_data
+    if need is None:
+        needs, fix = f"not even 100,000 rows that drop nothing certify {delta:g}", ""
+    else:
+        needs = f"a valid bound of {delta:g} needs {need:,} even when no row drops"
+        if in_data >= need:
+            fix = f"; raise calibration.task_rows to {need:,} or more"
+        else:
+            in_all = math.ceil(need / ((1 - EVALUATION_SHARE) * (1 - cal.holdout_fraction)))
+            also = ", and raise calibration.task_rows" if cal.task_rows and cal.task_rows < need else ""
+            fix = f"; add rows (~{in_all:,} in all{also})"
+        least = certifiable_bound(have, alpha=alpha)
+        if least is not None:
+            fix += f", or raise task_delta to {least:g}, the least these rows can certify"
+    source = "calibration.task_rows caps them" if capped else "the calibration split's rows with a reference"
+    return [
+        (
+            "quality_budget.task_delta",
+            f"{delta:g} cannot be certified from this dataset: the calibrate flow scores at most {have:,} "
+            f"rows ({source}), and {needs} (its {SEARCH_STEPS}-step search tests each plan at "
+            f"{ALPHA:g} / {SEARCH_STEPS}): every plan will stay dense{fix}. The flow's quick mode scores "
+            "4 rows and certifies no task bound",
+        )
+    ]

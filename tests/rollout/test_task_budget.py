@@ -1,0 +1,65 @@
+"""What a spec's task bound needs from its dataset (rollout.task_budget): the rows the calibrate flow's task
+bound can score, and the warning `usecase add` gives when they cannot certify `task_delta`. The flow test
+(tests/flows/test_calibrate_task_bound.py) checks the count against the rows the flow really scores."""
+
+from __future__ import annotations
+
+import pytest
+
+from rollout.spec import parse_spec
+from rollout.task_budget import held_out_texts, task_bound_warnings, task_rows_at_most
+from tests.rollout.usecase_helpers import example_spec
+
+
+def _spec(task_delta: float | None, **calibration: object):  # noqa: ANN202
+    data = example_spec("docs-qa")
+    data["quality_budget"]["task_delta"] = task_delta
+    data["quality_budget"]["calibration"].update(calibration)
+    return parse_spec(data)
+
+
+def test_the_rows_are_the_calibration_split_with_a_reference_less_the_held_out_texts() -> None:
+    assert held_out_texts(54, 0.25) == 14 and held_out_texts(2, 0.25) == 1
+    docs_qa = {"calibration_rows": 54, "calibration_with_reference": 54}  # its 72 rows less 18 kept apart
+    assert task_rows_at_most(_spec(0.02), docs_qa) == 40
+    assert task_rows_at_most(_spec(0.02), {**docs_qa, "calibration_with_reference": 30}) == 30
+    assert task_rows_at_most(_spec(0.02, task_rows=12), docs_qa) == 12
+    assert task_rows_at_most(_spec(0.02), {"calibration_rows": 1, "calibration_with_reference": 1}) == 0
+
+
+@pytest.mark.parametrize(
+    ("task_delta", "rows", "cap", "says"),
+    [
+        (None, 54, None, None),
+        (0.2, 54, None, None),  # 40 rows certify 0.13 and up
+        (
+            0.02,
+            54,
+            None,
+            "at most 40 rows (the calibration split's rows with a reference), and a valid bound "
+            "of 0.02 needs 277 even when no row drops (its 7-step search tests each plan at 0.05 / 7): every "
+            "plan will stay dense; add rows (~493 in all), or raise task_delta to 0.13, the least these rows "
+            "can certify",
+        ),
+        (
+            0.02,
+            540,
+            20,
+            "at most 20 rows (calibration.task_rows caps them), and a valid bound of 0.02 needs 277 "
+            "even when no row drops (its 7-step search tests each plan at 0.05 / 7): every plan will "
+            "stay dense; raise calibration.task_rows to 277 or more, or raise task_delta to 0.241",
+        ),
+        (0.02, 54, 20, "dense; add rows (~493 in all, and raise calibration.task_rows), or raise task_delta"),
+        (1e-9, 54, None, "and not even 100,000 rows that drop nothing certify 1e-09 (its 7-step"),
+    ],
+)
+def test_usecase_add_is_told_when_the_rows_cannot_certify_the_bound(task_delta, rows, cap, says) -> None:
+    stats = {"calibration_rows": rows, "calibration_with_reference": rows}
+    spec = _spec(task_delta, **({"task_rows": cap} if cap else {}))
+    warnings = task_bound_warnings(spec, stats)
+    if says is None:
+        assert warnings == []
+        return
+    ((field, message),) = warnings
+    assert field == "quality_budget.task_delta" and says in message
+    assert message.endswith("The flow's quick mode scores 4 rows and certifies no task bound")
