@@ -41,6 +41,10 @@ def to_log_file(home: Path, command: str) -> Path:
     # model cache) reaches the console
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")
+    # Prefect's logging set-up (a dictConfig, when its main module is first imported) replaces the
+    # handlers of the `prefect` logger: done first, so the file's handler below stays on it and the
+    # flow- and task-run records (a failed run's traceback with them) reach the file
+    _known_errors_in_one_line()
     logs = home / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     # the process id keeps two commands started in the same second (two benches side by side) apart
@@ -76,6 +80,35 @@ def to_log_file(home: Path, command: str) -> Path:
     except ImportError:  # pragma: no cover - transformers is a dependency
         pass
     return path
+
+
+class _KnownErrorTraceback(logging.Filter):
+    """Drops, from the console only, Prefect's record of a flow or task that raised one of SparsePilot's
+    own errors ("Encountered exception during execution", with its traceback): a refusal, bad input or a
+    lost lease, which the command itself reports in one line ("error: ...", exit 2) and Prefect's
+    "Finished in state Failed(...)" line names too. The record, traceback included, still reaches the log
+    file, whose handler sits on the `prefect` logger that the record passes before the root's console."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from sparse_core.errors import SparsePilotError
+
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, SparsePilotError)
+
+
+def _known_errors_in_one_line() -> None:
+    """Give Prefect's console handler (on the root logger, set up when Prefect's main module is first
+    imported) the `_KnownErrorTraceback` filter, once."""
+    try:
+        import prefect.main  # noqa: F401 - sets up Prefect's logging, its console handler with it
+        from prefect.logging.handlers import PrefectConsoleHandler
+    except ImportError:  # a machine with only the model stack (a GPU box for `bench`): no flows
+        return
+    for h in logging.getLogger().handlers:
+        if isinstance(h, PrefectConsoleHandler) and not any(
+            isinstance(f, _KnownErrorTraceback) for f in h.filters
+        ):
+            h.addFilter(_KnownErrorTraceback())
 
 
 def _mlflow_to(handler: logging.Handler) -> None:

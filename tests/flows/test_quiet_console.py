@@ -74,3 +74,24 @@ def test_run_prints_stage_lines_and_keeps_library_noise_in_the_log(
         r"\| (INFO|WARNING)\s+\| (sqlalchemy|httpx|alembic|mlflow|urllib3|great_expectations)", out
     )
     assert library is None and not NOISE.search(out), out
+
+
+def test_a_flow_command_refused_by_a_known_error_says_it_in_one_line(
+    prefect_harness: str, tmp_path: Path
+) -> None:
+    """A SparsePilot error raised inside a flow (here an unknown use case; a busy use case, bad input
+    and a lost lease alike): the console has the flow run's state line and the command's `error:` line,
+    exit 2, not Prefect's traceback (~30 lines before); the traceback is in the log file, with the flow
+    run's other records (which a Prefect logging set-up after the file's had kept out of it)."""
+    home = tmp_path / "home"
+    env = {**os.environ, "SPARSEPILOT_HOME": str(home), "PREFECT_API_URL": prefect_harness, "COLUMNS": "160"}
+    for key in ("SPARSEPILOT_DATABASE_URL", "MLFLOW_TRACKING_URI"):
+        env.pop(key, None)
+    subprocess.run([sys.executable, "-m", "sparsepilot", "init"], env=env, check=True, capture_output=True)
+    rc, out = sparsepilot_cli(["calibrate", "no-such-use-case"], env)
+    assert rc == 2, out
+    assert "error: unknown use case 'no-such-use-case' (known: none yet)" in out
+    assert "Traceback" not in out and "Encountered exception" not in out, out
+    log = Path(re.search(r"log file \(warnings and library output\): (\S+)", out).group(1)).read_text()
+    assert "ERROR prefect.flow_runs: Encountered exception during execution: UnknownUseCase" in log
+    assert "Traceback" in log and "INFO prefect.flow_runs: Beginning flow run" in log
