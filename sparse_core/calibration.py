@@ -58,7 +58,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -760,7 +760,15 @@ def calibrate_many(
     dense_task: list[float] = []
     if budget.task_delta is not None:
         t0 = time.perf_counter()
-        dense_task, _ = task_scores(model, tokenizer, task_rows, task, lim, dense=True)
+        dense_task, _ = task_scores(
+            model,
+            tokenizer,
+            task_rows,
+            task,
+            lim,
+            dense=True,
+            progress=counter(progress, "task rows", len(task_rows)),
+        )
         secs["dense_task"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     sens_all = measure_sensitivities(
@@ -944,7 +952,10 @@ def _search_plan(
             dens = _measured_density(model)
             ok = budget.met_by(judged(fid, step_confidence))
             if ok and budget.task_delta is not None:
-                sparse_task, task_failed = task_scores(model, tokenizer, task_rows, task, lim, dense=False)
+                scored = counter(progress, f"task rows, check {len(search) + 1}", len(task_rows))
+                sparse_task, task_failed = task_scores(
+                    model, tokenizer, task_rows, task, lim, dense=False, progress=scored
+                )
                 task_drop, task_upper = paired_drop(
                     dense_task, sparse_task, budget.task_delta, alpha=task_alpha, seed=seed
                 )
@@ -1077,7 +1088,14 @@ def paired_drop(
 
 
 def task_scores(
-    model, tokenizer, rows: Sequence[Any], task: str | None, lim: CalibrationLimits, *, dense: bool
+    model,
+    tokenizer,
+    rows: Sequence[Any],
+    task: str | None,
+    lim: CalibrationLimits,
+    *,
+    dense: bool,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[list[float], int]:
     """Per-row task quality of the model as it is now (dense, or a candidate plan), in [0, 1], and how
     many rows the candidate failed: a score that is not a number in [0, 1] is the candidate failing that
@@ -1085,7 +1103,9 @@ def task_scores(
     the row (`sparse_core.tasks.checked`)."""
     from sparse_core.tasks import score_dataset
 
-    kw = dict(task=task or "loglik", max_new_tokens=lim.max_new_tokens, reference_model=dense)
+    kw = dict(
+        task=task or "loglik", max_new_tokens=lim.max_new_tokens, reference_model=dense, progress=progress
+    )
     scored = score_dataset(model, tokenizer, rows, **kw).per_row
     return [r.quality for r in scored], sum(r.failed for r in scored)
 
