@@ -83,7 +83,7 @@ from sparse_core.prefill_bound import (
 )
 from sparse_core.progress import Progress, counter
 from sparse_core.task_bound import ALPHA as TASK_ALPHA
-from sparse_core.task_bound import drop_upper_bound, rows_to_certify
+from sparse_core.task_bound import certify_in_order, drop_upper_bound, rows_to_certify
 
 # what the allocation's error level bounds (`measure_sensitivities`)
 DROP_MEASURES = ("mass", "output")
@@ -301,6 +301,7 @@ class SearchStep:
     task_delta: float | None = None  # dense - sparse mean task score (measured when fidelity passed)
     task_delta_upper: float | None = None  # its valid one-sided upper bound at 1 - task.step_alpha
     task_failed_rows: int | None = None  # task rows the plan gave no score on (scored as failed answers)
+    task_rows_scored: int | None = None  # rows scored before the bound was certified (all when it was not)
 
 
 @dataclass
@@ -945,24 +946,29 @@ def _search_plan(
             return cache[i][0]
         t1 = time.perf_counter()
         plan, pred, _, _ = plan_for(cands[i])
-        task_drop = task_upper = task_failed = None
+        task_drop = task_upper = task_failed = task_scored = None
         sparsify(model, plan)
         try:
             fid = as_unit(measure_fidelity(model, ref))
             dens = _measured_density(model)
             ok = budget.met_by(judged(fid, step_confidence))
             if ok and budget.task_delta is not None:
-                scored = counter(progress, f"task rows, check {len(search) + 1}", len(task_rows))
-                sparse_task, task_failed = task_scores(
-                    model, tokenizer, task_rows, task, lim, dense=False, progress=scored
+                drops, ok, task_upper, task_failed = task_check(
+                    model,
+                    tokenizer,
+                    task_rows,
+                    dense_task,
+                    task,
+                    lim,
+                    bound=budget.task_delta,
+                    alpha=task_alpha,
+                    seed=seed,
+                    progress=counter(progress, f"task rows, check {len(search) + 1}", len(task_rows)),
                 )
-                task_drop, task_upper = paired_drop(
-                    dense_task, sparse_task, budget.task_delta, alpha=task_alpha, seed=seed
-                )
-                ok = budget.task_violation(task_upper) is None
+                task_drop, task_scored = sum(drops) / len(drops), len(drops)
         finally:
             unsparsify(model)
-        cache[i] = (ok, fid, dens, (task_drop, task_upper))
+        cache[i] = (ok, fid, dens, (task_drop, task_upper, task_scored))
         secs = time.perf_counter() - t1
         step = SearchStep(
             cands[i],
@@ -974,6 +980,7 @@ def _search_plan(
             task_drop,
             task_upper,
             task_failed,
+            task_scored,
         )
         search.append(step)
         if progress:
@@ -996,15 +1003,18 @@ def _search_plan(
     params = [plan.layer_params(li) for li in range(len(chosen))]
     layer_estimators = ["dense" if p.dense else variant_key(p.estimator, p.sharpen) for p in params]
     if lo >= 0:
-        _, fid, measured, (task_drop, task_upper) = cache[lo]
+        _, fid, measured, (task_drop, task_upper, task_scored) = cache[lo]
     else:
         fid, measured = Fidelity.identical(ref), 1.0
         task_drop = task_upper = 0.0 if dense_task else None
+        task_scored = None
     task_info = None
     if budget.task_delta is not None:
         task_info = {
             "task": task,
             "n_rows": len(task_rows),
+            # the returned plan's check stopped once its bound was certified (None: the dense plan)
+            "rows_scored": task_scored,
             "dense_score": sum(dense_task) / len(dense_task),
             "task_delta": task_drop,
             "task_delta_upper": task_upper,
@@ -1087,6 +1097,38 @@ def paired_drop(
     return sum(d) / len(d), drop_upper_bound(d, m0=bound, alpha=alpha, seed=seed)
 
 
+def task_check(
+    model,
+    tokenizer,
+    rows: Sequence[Any],
+    dense: Sequence[float],
+    task: str | None,
+    lim: CalibrationLimits,
+    *,
+    bound: float,
+    alpha: float,
+    seed: int,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[list[float], bool, float, int]:
+    """Whether the model as it is now (a candidate plan) keeps its mean task-score drop below `bound`:
+    (the drops scored, certified, their valid upper bound, rows the plan failed). The rows are scored
+    one by one in the test's betting order and the scoring stops once the bound is certified
+    (`task_bound.certify_in_order`): the verdict all rows would give, at the cost of the rows it took
+    (about `rows_to_certify(bound)` for a plan that loses nothing, every row for one that fails)."""
+    failed = 0
+
+    def drop_of(i: int) -> float:
+        nonlocal failed
+        (q,), f = task_scores(model, tokenizer, [rows[i]], task, lim, dense=False)
+        failed += f
+        if progress:
+            progress(1)
+        return dense[i] - q
+
+    drops, certified, upper = certify_in_order(drop_of, len(rows), bound, alpha=alpha, seed=seed)
+    return drops, certified, upper, failed
+
+
 def task_scores(
     model,
     tokenizer,
@@ -1124,5 +1166,6 @@ __all__ = [
     "measure_sensitivities",
     "measure_sensitivity",
     "split_texts",
+    "task_check",
     "task_scores",
 ]

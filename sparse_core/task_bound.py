@@ -36,7 +36,7 @@ uses `delta_bounds` for the bounds an evaluation reports beside its mean task-sc
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -63,9 +63,17 @@ def _stream(drops: list[float], lo: float, hi: float) -> betting.Stream:
     return betting.Stream(np.asarray(drops, dtype=float), lo, hi, TRUNCATION)
 
 
-def _shuffled(drops: list[float], seed: int) -> list[float]:
-    """The rows in the random order the test bets in (see the module docstring)."""
-    return [drops[i] for i in np.random.default_rng(seed).permutation(len(drops))]
+def betting_order(n_rows: int, seed: int) -> list[int]:
+    """The order the test bets on n rows in: a permutation drawn from `seed` (see the module docstring).
+    A caller that scores rows one by one in this order may stop as soon as `rejects(..., seed=None)`
+    holds on the rows so far: a test that rejects at some time rejects (`certify_in_order`)."""
+    return [int(i) for i in np.random.default_rng(seed).permutation(n_rows)]
+
+
+def _shuffled(drops: list[float], seed: int | None) -> list[float]:
+    """The rows in the order the test bets in: `seed`'s permutation, or as given (None: the caller
+    already put them in a `betting_order`)."""
+    return drops if seed is None else [drops[i] for i in betting_order(len(drops), seed)]
 
 
 def rejects(
@@ -75,10 +83,11 @@ def rejects(
     alpha: float = ALPHA,
     lo: float = -1.0,
     hi: float = 1.0,
-    seed: int = 0,
+    seed: int | None = 0,
 ) -> bool:
     """True when the rows reject H0: E[drop] >= m0 at level alpha (the mean drop is certified < m0). The
-    rows are bet on in the order a permutation drawn from `seed` gives them."""
+    rows are bet on in the order a permutation drawn from `seed` gives them (None: in the given order,
+    which must be a `betting_order` the rows were drawn in)."""
     d = _check(drops, lo, hi, alpha)
     if not d:
         return False
@@ -95,11 +104,11 @@ def drop_upper_bound(
     alpha: float = ALPHA,
     lo: float = -1.0,
     hi: float = 1.0,
-    seed: int = 0,
+    seed: int | None = 0,
 ) -> float:
     """The one-sided (1 - alpha) upper confidence bound on the mean drop, valid for any distribution on
     [lo, hi] and any number of rows (``hi`` when the rows reject nothing below it), the rows bet on in
-    the order a permutation drawn from `seed` gives them. ``m0``: the value
+    the order a permutation drawn from `seed` gives them (None: as given). ``m0``: the value
     the bets are tuned to (the bound being certified), where the bound is tightest. It must be chosen
     before the rows are seen: a tuning taken from the rows themselves (their mean + 0.05, this
     function's default until the twenty-sixth session, used by no caller) lets every bet depend on rows
@@ -172,6 +181,32 @@ def rows_to_certify(
     return b
 
 
+def certify_in_order(
+    drop_of: Callable[[int], float],
+    n_rows: int,
+    m0: float,
+    *,
+    alpha: float = ALPHA,
+    seed: int = 0,
+    lo: float = -1.0,
+    hi: float = 1.0,
+) -> tuple[list[float], bool, float]:
+    """Score rows one at a time, in `betting_order(n_rows, seed)`, until the test certifies "mean drop <
+    m0" or the rows run out: (the drops scored, in that order; certified; the upper bound on them).
+    `drop_of(i)` scores row i. The verdict is the one all n rows would give (a test that rejects at some
+    time rejects, whatever rows come after), and the bound, taken at that stopping time, is as valid as
+    at the end; a row that is never scored is never paid for (each one is a model forward or a
+    generation per plan tried)."""
+    drops: list[float] = []
+    certified = False
+    for i in betting_order(n_rows, seed):
+        drops.append(float(drop_of(i)))
+        if rejects(drops, m0, alpha=alpha, lo=lo, hi=hi, seed=None):
+            certified = True
+            break
+    return drops, certified, drop_upper_bound(drops, m0=m0, alpha=alpha, lo=lo, hi=hi, seed=None)
+
+
 def certifiable_bound(
     n_rows: int, *, alpha: float = ALPHA, lo: float = -1.0, hi: float = 1.0
 ) -> float | None:
@@ -191,4 +226,13 @@ def certifiable_bound(
     return math.ceil(high * 10**digits) / 10**digits
 
 
-__all__ = ["ALPHA", "certifiable_bound", "delta_bounds", "drop_upper_bound", "rejects", "rows_to_certify"]
+__all__ = [
+    "ALPHA",
+    "betting_order",
+    "certifiable_bound",
+    "certify_in_order",
+    "delta_bounds",
+    "drop_upper_bound",
+    "rejects",
+    "rows_to_certify",
+]

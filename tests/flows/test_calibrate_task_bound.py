@@ -58,6 +58,9 @@ def test_the_flow_scores_every_calibration_row_and_certifies_the_bound(
     assert task["n_rows"] == len(scored) > 8 and len(scored) >= need == 12
     assert task["certifiable"] is True and task["rows_needed"] == need
     assert result["met_budget"] and task["task_delta_upper"] < 0.3
+    # the returned plan's check stopped once its bound was certified: about the rows a plan that loses
+    # nothing needs, not all 243
+    assert need <= task["rows_scored"] < 3 * need
     assert task["dense_layers"] < 2  # the tiny model's two layers: not the all-dense plan
 
 

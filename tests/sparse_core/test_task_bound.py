@@ -159,3 +159,27 @@ def test_certifiable_bound_is_the_least_bound_n_rows_certify():
         assert rows_to_certify(b, alpha=alpha) <= n
     assert certifiable_bound(277, alpha=alpha) == 0.02 and certifiable_bound(40, alpha=alpha) == 0.13
     assert certifiable_bound(4, alpha=alpha) is None and certifiable_bound(0) is None
+
+
+def test_scoring_in_betting_order_stops_at_certification_with_the_verdict_all_rows_give():
+    """`certify_in_order` scores rows one by one and stops once the bound is certified: its verdict is
+    the one every row would give (`rejects` on all of them, same seed), and rows that lose nothing
+    cost about `rows_to_certify` scored rows, not all of them."""
+    from sparse_core.task_bound import betting_order, certify_in_order
+
+    rng = np.random.default_rng(5)
+    for trial in range(300):
+        n = int(rng.integers(5, 120))
+        drops = np.where(rng.random(n) < rng.uniform(0, 0.3), rng.uniform(-0.2, 1.0, n), 0.0).tolist()
+        asked: list[int] = []
+
+        def drop_of(i: int, asked: list[int] = asked, drops: list[float] = drops) -> float:
+            asked.append(i)
+            return drops[i]
+
+        scored, certified, upper = certify_in_order(drop_of, n, 0.1, alpha=0.05, seed=trial)
+        assert certified == rejects(drops, 0.1, alpha=0.05, seed=trial)
+        assert asked == betting_order(n, trial)[: len(scored)] and len(set(asked)) == len(asked)
+        assert (upper < 0.1 if certified else upper > 0.1 - 1e-3) and (certified or len(scored) == n)
+    quiet, certified, upper = certify_in_order(lambda i: 0.0, 500, 0.1, alpha=0.05)
+    assert certified and len(quiet) == rows_to_certify(0.1, alpha=0.05) and upper < 0.1
