@@ -83,7 +83,7 @@ from sparse_core.prefill_bound import (
 )
 from sparse_core.progress import Progress, counter
 from sparse_core.task_bound import ALPHA as TASK_ALPHA
-from sparse_core.task_bound import certify_in_order, drop_upper_bound, rows_to_certify
+from sparse_core.task_bound import certify_in_order, rows_to_certify
 
 # what the allocation's error level bounds (`measure_sensitivities`)
 DROP_MEASURES = ("mass", "output")
@@ -1079,24 +1079,6 @@ def check_margin_units(window_lens: list[int], lim: CalibrationLimits, steps: in
         raise BudgetError(why)
 
 
-def paired_drop(
-    dense: Sequence[float],
-    sparse: Sequence[float],
-    bound: float | None = None,
-    *,
-    alpha: float = TASK_ALPHA,
-    seed: int = 0,
-) -> tuple[float, float]:
-    """(mean, valid one-sided 1 - alpha upper confidence bound) of the per-row drop dense - sparse, for
-    scores in [0, 1] (`task_bound.drop_upper_bound`; its bets are tuned to `bound`, the task_delta
-    being certified, where the bound is tightest, and taken in a random order drawn from `seed`: the
-    rows' own order, a dataset file's, may be sorted)."""
-    d = [a - b for a, b in zip(dense, sparse, strict=True)]
-    if not d:
-        raise BudgetError("paired_drop needs at least one task row")
-    return sum(d) / len(d), drop_upper_bound(d, m0=bound, alpha=alpha, seed=seed)
-
-
 def task_check(
     model,
     tokenizer,
@@ -1162,7 +1144,6 @@ __all__ = [
     "calibrate",
     "calibrate_many",
     "check_margin_units",
-    "paired_drop",
     "measure_sensitivities",
     "measure_sensitivity",
     "split_texts",

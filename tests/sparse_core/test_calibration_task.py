@@ -14,10 +14,9 @@ from sparse_core.calibration import (
     allocate_choice,
     calibrate,
     calibrate_many,
-    paired_drop,
     task_scores,
 )
-from sparse_core.task_bound import rows_to_certify
+from sparse_core.task_bound import drop_upper_bound, rows_to_certify
 from sparse_core.tasks import TaskRow
 
 LIMITS = CalibrationLimits(
@@ -91,15 +90,6 @@ def test_task_bound_holds_on_the_heldout_split(quality_tiny, quality_texts, task
     assert all(s.task_delta is not None for s in rep.search if s.fidelity["agree"] >= 0.3)
     assert _delta(model, tok, plan, cal) == pytest.approx(rep.task["task_delta"], abs=1e-9)
     assert _delta(model, tok, plan, held) < bound
-
-
-def test_paired_drop_is_the_mean_and_its_valid_upper_bound():
-    mean, upper = paired_drop([0.9] * 200, [0.9] * 200, 0.02)
-    assert mean == 0.0 and 0.0 < upper < 0.02
-    mean, upper = paired_drop([0.5, 0.5, 0.5, 0.5], [0.5, 0.5, 0.5, 0.49], 0.02)
-    assert mean == pytest.approx(0.0025) and upper == 1.0, "4 rows cannot bound anything below 1"
-    with pytest.raises(BudgetError, match="at least one"):
-        paired_drop([], [])
 
 
 def test_task_bound_needs_rows_and_parses():
@@ -288,7 +278,8 @@ def test_a_plan_that_gives_no_score_on_a_row_fails_that_row_and_a_broken_dense_m
     assert none_failed == 0 and failed == len(breaks)
     assert [i for i, q in enumerate(sparse) if q == 0.0] == breaks
     assert all(sparse[i] == pytest.approx(dense[i]) for i in range(len(rows)) if i not in breaks)
-    mean, upper = paired_drop(dense, sparse, 0.5)
+    drops = [d - q for d, q in zip(dense, sparse, strict=True)]
+    mean, upper = sum(drops) / len(drops), drop_upper_bound(drops, m0=0.5)
     assert mean == pytest.approx(sum(dense[i] for i in breaks) / len(rows)) and upper >= mean
 
     first = breaks[0] + 1
