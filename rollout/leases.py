@@ -149,9 +149,8 @@ def _now_held(holder_now: Holder | None, now: dt.datetime) -> str:
 
 def _who_holds(use_case: str) -> str:
     """Who holds the use case now, as LeaseLost says it, in its own transaction."""
-    with session_scope() as session:
-        now = _clock(session)
-        return _now_held(held_in(session, get_use_case(session, use_case).id, now), now)
+    held = busy_with(use_case)
+    return "it was freed" if held == "free" else f"{held} holds it now"
 
 
 def check_held() -> None:
