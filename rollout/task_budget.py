@@ -18,13 +18,8 @@ import math
 from typing import Any
 
 from rollout.dataset_split import EVALUATION_SHARE
-from sparse_core.prefill_bound import SEARCH_STEPS
+from sparse_core.prefill_bound import SEARCH_STEPS, heldout_texts
 from sparse_core.task_bound import ALPHA, certifiable_bound, rows_to_certify
-
-
-def held_out_texts(n_texts: int, holdout_fraction: float) -> int:
-    """How many of n calibration texts calibration holds out (as `sparse_core.calibration.split_texts`)."""
-    return min(n_texts - 1, max(1, round(n_texts * holdout_fraction)))
 
 
 def task_rows_at_most(spec: Any, stats: dict[str, Any], *, capped: bool = True) -> int:
@@ -36,7 +31,7 @@ def task_rows_at_most(spec: Any, stats: dict[str, Any], *, capped: bool = True) 
         return 0
     cal = spec.quality_budget.calibration
     with_ref = int(stats.get("calibration_with_reference") or 0)
-    rows = min(with_ref, n_cal - held_out_texts(n_cal, cal.holdout_fraction))
+    rows = min(with_ref, n_cal - heldout_texts(n_cal, cal.holdout_fraction))
     return min(rows, cal.task_rows) if cal.task_rows and capped else rows
 
 

@@ -79,6 +79,7 @@ from sparse_core.prefill_bound import (
     blocks_per_window,
     check_unit,
     heldout_shortfall,
+    heldout_texts,
     heldout_windows,
 )
 from sparse_core.progress import Progress, counter
@@ -353,7 +354,7 @@ def split_texts(texts: Sequence[str], holdout_fraction: float, seed: int) -> tup
         h = hashlib.sha256(f"{seed}:{i}:".encode() + t.encode("utf-8", "replace")).digest()
         scored.append((int.from_bytes(h[:8], "big"), i))
     scored.sort()
-    n_held = min(len(texts) - 1, max(1, round(len(texts) * holdout_fraction)))
+    n_held = heldout_texts(len(texts), holdout_fraction)
     held_idx = {i for _, i in scored[:n_held]}
     return [t for i, t in enumerate(texts) if i not in held_idx], [
         t for i, t in enumerate(texts) if i in held_idx

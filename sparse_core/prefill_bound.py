@@ -96,6 +96,12 @@ def heldout_shortfall(
     )
 
 
+def heldout_texts(n_texts: int, holdout_fraction: float) -> int:
+    """How many of n texts calibration holds out (`calibration.split_texts`; at least one, and one is
+    left to calibrate on)."""
+    return min(n_texts - 1, max(1, round(n_texts * holdout_fraction)))
+
+
 def heldout_windows(max_texts: int, holdout_fraction: float) -> int:
     """How many of `max_texts` windows calibration holds out (the rest calibrate), when the texts suffice."""
     return max(1, round(max_texts * holdout_fraction))
@@ -110,6 +116,7 @@ __all__ = [
     "bound_units",
     "check_unit",
     "heldout_shortfall",
+    "heldout_texts",
     "heldout_windows",
     "scored_positions",
 ]

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 
 from rollout.spec import parse_spec
-from rollout.task_budget import held_out_texts, task_bound_warnings, task_rows_at_most
+from rollout.task_budget import task_bound_warnings, task_rows_at_most
+from sparse_core.prefill_bound import heldout_texts
 from tests.rollout.usecase_helpers import example_spec
 
 
@@ -19,7 +20,7 @@ def _spec(task_delta: float | None, **calibration: object):  # noqa: ANN202
 
 
 def test_the_rows_are_the_calibration_split_with_a_reference_less_the_held_out_texts() -> None:
-    assert held_out_texts(54, 0.25) == 14 and held_out_texts(2, 0.25) == 1
+    assert heldout_texts(54, 0.25) == 14 and heldout_texts(2, 0.25) == 1
     docs_qa = {"calibration_rows": 54, "calibration_with_reference": 54}  # its 72 rows less 18 kept apart
     assert task_rows_at_most(_spec(0.02), docs_qa) == 40
     assert task_rows_at_most(_spec(0.02), {**docs_qa, "calibration_with_reference": 30}) == 30
