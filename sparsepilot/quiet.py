@@ -33,9 +33,10 @@ FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _installed: list[logging.Handler] = []  # the handler of this process's current log file
 
 
-def to_log_file(home: Path, command: str) -> Path:
+def to_log_file(home: Path, command: str, *, flows: bool = True) -> Path:
     """Route warnings and third-party logs to a new log file under `home/logs`; returns its path. A
-    second call in the same process (commands run in-process, e.g. by tests) replaces the first file."""
+    second call in the same process (commands run in-process, e.g. by tests) replaces the first file.
+    `flows`: the command may run Prefect flows (not the model benchmarks, which skip Prefect's set-up)."""
     # tqdm reads TQDM_* when it is first imported (MLflow imports it, below): set before anything does,
     # or a library's own bar (transformers' "Converting and de-quantizing GGUF tensors" on a fresh
     # model cache) reaches the console
@@ -44,7 +45,8 @@ def to_log_file(home: Path, command: str) -> Path:
     # Prefect's logging set-up (a dictConfig, when its main module is first imported) replaces the
     # handlers of the `prefect` logger: done first, so the file's handler below stays on it and the
     # flow- and task-run records (a failed run's traceback with them) reach the file
-    _known_errors_in_one_line()
+    if flows:
+        _known_errors_in_one_line()
     logs = home / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     # the process id keeps two commands started in the same second (two benches side by side) apart
@@ -136,14 +138,14 @@ def _mlflow_to(handler: logging.Handler) -> None:
     logging_utils.MLFLOW_LOGGING_STREAM.flush = lambda: None  # type: ignore[method-assign]
 
 
-def for_command(command: str, *, say_where: bool = True) -> Path:
+def for_command(command: str, *, say_where: bool = True, flows: bool = True) -> Path:
     """`to_log_file` for a command that loads models or runs flows (calibrate, evaluate, pilot, bench):
     the console keeps the command's own output; the log file's path is said on stderr (not with
     --json, whose stdout is the JSON)."""
     from rollout.settings import get_settings
     from sparsepilot.console import err_console
 
-    path = to_log_file(get_settings().home, command)
+    path = to_log_file(get_settings().home, command, flows=flows)
     if say_where:
         err_console.print(f"log file (warnings and library output): {path}", highlight=False, soft_wrap=True)
     return path

@@ -228,7 +228,7 @@ def bench_quality(
 ) -> None:
     """Every block estimator at the same budget: density reached, held-out KL / agreement, prefill
     speed-up, ratio vs the best training-free estimator; per use case the task-score delta."""
-    for_command("bench-quality")  # model benchmarks: library output to a log file
+    for_command("bench-quality", flows=False)  # model benchmarks: library output to a log file
     from rich.progress import Progress
 
     from sparse_core import PlanError
@@ -406,7 +406,7 @@ def bench_attention(
     threads: Threads = "auto",
 ) -> None:
     """One SmolLM2-shaped attention layer: dense SDPA vs sparse kernels at ~5/10/25/50% density."""
-    for_command("bench-attention")  # model benchmarks: library output to a log file
+    for_command("bench-attention", flows=False)  # model benchmarks: library output to a log file
     from sparse_core.bench import attention as bench
     from sparsepilot.console import emit_json, fail, print_table
 
@@ -472,7 +472,7 @@ def bench_prefill(
 ) -> None:
     """End-to-end prefill of a real model on natural English: dense SDPA vs sparse (pooled) at a
     few tau, speed-up in the same table as next-token KL, top-1 agreement and delta NLL."""
-    for_command("bench-prefill")  # model benchmarks: library output to a log file
+    for_command("bench-prefill", flows=False)  # model benchmarks: library output to a log file
     from sparse_core.bench import prefill as bench
     from sparsepilot.console import emit_json, fail, print_table
 
@@ -588,7 +588,7 @@ def bench_decode(
     """Sparse decode: one attention layer at 16k/32k cached tokens, and SmolLM2 end to end, dense vs
     sparse ms per generated token side by side, with density, estimator share and the fidelity of the
     generated tokens."""
-    for_command("bench-decode")  # model benchmarks: library output to a log file
+    for_command("bench-decode", flows=False)  # model benchmarks: library output to a log file
     from sparse_core import ModelRefError, PlanError
     from sparse_core.bench import decode as bench
     from sparsepilot.console import emit_json, fail, print_table
@@ -717,7 +717,7 @@ def bench_decode_scorers(
     """Decode page scorers side by side at equal pages read, on many prompts: KL and agreement per
     scorer and budget with intervals over prompts, each scorer's KL paired against the first's (ratio,
     sign test), and the pages it needs for the first's KL. Fidelity only: nothing is timed."""
-    for_command("bench-decode-scorers")  # model benchmarks: library output to a log file
+    for_command("bench-decode-scorers", flows=False)  # model benchmarks: library output to a log file
     from sparse_core import ModelRefError, PlanError
     from sparse_core.bench import decode_scorers as bench
     from sparsepilot.console import emit_json, fail, print_table
