@@ -55,7 +55,7 @@ def to_log_file(home: Path, command: str, *, flows: bool = True) -> Path:
     handler.setFormatter(logging.Formatter(FORMAT))
     handler.setLevel(logging.INFO)
     logging.captureWarnings(True)  # warnings.warn -> the "py.warnings" logger
-    for name in (*THIRD_PARTY, "sparsepilot"):
+    for name in (*THIRD_PARTY, *(_prefect_services() if flows else ()), "sparsepilot"):
         lg = logging.getLogger(name)
         for old in _installed:
             lg.removeHandler(old)
@@ -96,6 +96,21 @@ class _KnownErrorTraceback(logging.Filter):
 
         exc = record.exc_info[1] if record.exc_info else None
         return not isinstance(exc, SparsePilotError)
+
+
+def _prefect_services() -> list[str]:
+    """The loggers of Prefect's background services (events, API logs), which are named after their
+    class, outside the `prefect` tree: at exit a flow command waits for them to drain and they warn
+    "Still processing items: N items remaining..." at the console. Their records go to the log file."""
+    try:
+        from prefect._internal.concurrency.services import _QueueServiceBase
+    except ImportError:  # a machine with only the model stack, or a Prefect that moved them
+        return []
+
+    def below(cls: type) -> list[type]:
+        return [c for sub in cls.__subclasses__() for c in (sub, *below(sub))]
+
+    return sorted({c.__name__ for c in below(_QueueServiceBase)})
 
 
 def _known_errors_in_one_line() -> None:

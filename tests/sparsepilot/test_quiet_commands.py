@@ -74,3 +74,25 @@ def test_the_log_file_needs_no_mlflow(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "a library warning" not in proc.stderr
     assert "a library warning" in Path(proc.stdout.strip()).read_text()
+
+
+def test_prefects_service_drain_warning_goes_to_the_log_file(tmp_path: Path) -> None:
+    """A flow command that ends while Prefect's events worker still drains its queue printed "WARNING |
+    EventsWorker - Still processing items: N items remaining..." at the console: the service loggers are
+    named after their class, outside the `prefect` tree. A real process, the worker's own logger."""
+    code = (
+        "import logging; from pathlib import Path\n"
+        "from sparsepilot.quiet import to_log_file\n"
+        f"path = to_log_file(Path({str(tmp_path)!r}), 'pilot')\n"
+        "from prefect.events.worker import EventsWorker\n"
+        "from prefect.logging.handlers import APILogWorker\n"
+        "for worker in (EventsWorker, APILogWorker):\n"
+        "    logging.getLogger(worker.__name__).warning('Still processing items: 3 items remaining...')\n"
+        "print(path)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Still processing items" not in proc.stderr, proc.stderr
+    log = Path(proc.stdout.strip().splitlines()[-1]).read_text()
+    assert log.count("Still processing items") == 2, log
+    assert "EventsWorker" in log and "APILogWorker" in log
