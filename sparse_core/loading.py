@@ -13,6 +13,8 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -179,9 +181,40 @@ def ensure_builtin(name: str, *, progress: bool = True) -> Path:
     if (hf_dir / "sparsepilot_complete.json").is_file():
         return hf_dir
     root.mkdir(parents=True, exist_ok=True)
-    gguf_path = _fetch_gguf(BUILTIN_MODELS[name], root, progress)
-    _convert_to_safetensors(gguf_path, hf_dir, name, progress)
+    # Two processes on a fresh cache (two flow runs on one worker, a calibration beside a benchmark) would
+    # write the same .part file and replace (or rmtree) each other's converted directory: one fills the
+    # cache, the others wait and then find it complete.
+    with _cache_lock(root, name, progress):
+        if (hf_dir / "sparsepilot_complete.json").is_file():
+            return hf_dir
+        gguf_path = _fetch_gguf(BUILTIN_MODELS[name], root, progress)
+        _convert_to_safetensors(gguf_path, hf_dir, name, progress)
     return hf_dir
+
+
+@contextmanager
+def _cache_lock(root: Path, name: str, progress: bool) -> Iterator[None]:
+    """An exclusive lock on `root/.lock` for filling one built-in model's cache (an advisory flock, freed
+    by the kernel when its holder dies); where the platform has no fcntl, no lock."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not Linux / macOS
+        yield
+        return
+    with open(root / ".lock", "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if progress:
+                from rich.console import Console
+
+                say = f"waiting for another process to fill the cache of {name} ({root})"
+                Console(stderr=True).print(say, highlight=False)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _fetch_gguf(b: BuiltinModel, root: Path, progress: bool) -> Path:

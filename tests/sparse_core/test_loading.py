@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,3 +91,26 @@ def test_smollm2_from_wheel_sparsified_forward_keeps_top1():
     assert len(stats.calls) == 30 and stats.density < 0.9
     assert agreement >= 0.95, f"top-1 agreement {agreement:.4f} at density {stats.density:.3f}"
     assert kl.sum(-1).mean().item() < 0.1
+
+
+@pytest.mark.smollm2
+def test_two_processes_on_a_fresh_cache_fill_it_once(tmp_path):
+    """Two flow runs on one worker with a fresh cache both fetched and converted the model: the same .part
+    file written twice, and each replacing (or removing) the other's converted directory. One fills it
+    now; the other waits, says so, and finds it complete. Real processes, the real wheel."""
+    code = "from sparse_core.loading import ensure_builtin; print(ensure_builtin('smollm2-135m'))"
+    env = {**os.environ, "SPARSEPILOT_CACHE_DIR": str(tmp_path / "cache")}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    (hf,) = {Path(out.strip().splitlines()[-1]) for out, _ in outs}
+    err = "".join(e for _, e in outs)
+    assert err.count("done: cached smollm2-135m") == 1, err
+    assert "waiting for another process to fill the cache of smollm2-135m" in err
+    assert (hf / "sparsepilot_complete.json").is_file() and (hf / "model.safetensors").is_file()
+    assert not list(hf.parent.glob(".hf-*")) and not list(hf.parent.glob("*.part"))
