@@ -1,5 +1,13 @@
 """Shared fixtures. Each area keeps its fixtures in tests/fixtures/<area>.py, loaded here."""
 
+import os
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs a worker process per core: each worker's torch (and the commands it starts) on one
+    # intra-op thread, since two workers each spinning torch's default one-thread-per-core OpenMP pool
+    # on a 2-core host wait on descheduled partners (a SmolLM2 one-token forward: 627 ms vs 96 ms)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 pytest_plugins = [
     "tests.fixtures.env",
     "tests.fixtures.postgres",
