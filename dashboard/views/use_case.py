@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from dashboard import fmt
 from dashboard.data import read
+from dashboard.timeline import timeline_chart
 from rollout import queries
 from rollout.gate.spending import account, describe
 from rollout.pilot_plan import plan_summary, traffic_time
@@ -168,15 +169,7 @@ def timeline(use_case_id: int, decs: list[dict[str, Any]]) -> None:
     if not events:
         st.caption("No pilot yet.")
         return
-    ev = pd.DataFrame(events)
-    ev["time"] = pd.to_datetime(ev["time"], utc=True)
-    chart = (
-        alt.Chart(ev)
-        .mark_circle(size=120)
-        .encode(x=alt.X("time:T", title=None), y=alt.Y("lane:N", title=None), tooltip=["time:T", "event"])
-        .properties(height=150)
-    )
-    st.altair_chart(chart, width="stretch")
+    st.altair_chart(timeline_chart(pd.DataFrame(events)), width="stretch")
     if stats:
         st.markdown("**Steps and arms**")
         st.dataframe(
