@@ -6,12 +6,13 @@ from typing import Any
 
 from rollout import queries
 from rollout.queries import bounding_sides, known, quality_interval  # noqa: F401 (the pages' spelling of the rule)
+from rollout.roi import usd
 
 
 def money(x: Any) -> str:
     if not known(x):
         return "-"
-    return f"-${-x:,.0f}" if x < 0 else f"${x:,.0f}"
+    return usd(x)
 
 
 def num_interval(x: Any, lo: Any, hi: Any, fmt: str = "{:+.4f}") -> str:

@@ -98,6 +98,11 @@ def usd_per_month(gpu_hours_day: float, gpu_usd_per_hour: float) -> float:
     return gpu_hours_day * gpu_usd_per_hour * DAYS_PER_MONTH
 
 
+def usd(x: float) -> str:
+    """Dollars as a board reads them: "$1,234", "-$466" (not "$-466")."""
+    return f"-${-x:,.0f}" if x < 0 else f"${x:,.0f}"
+
+
 def payback_days(one_off_usd: float, saved_usd_month: float) -> float | None:
     """Days of savings that repay the one-off cost; None when there is no saving to repay it."""
     if saved_usd_month <= 0:
@@ -153,12 +158,12 @@ def compute_roi(inputs: RoiInputs) -> RoiResult:
         )
     elif not certain:
         verdict = (
-            f"saves ${saved:,.0f}/month at the estimate, but the interval reaches ${saved_low:,.0f}/month "
+            f"saves {usd(saved)}/month at the estimate, but the interval reaches {usd(saved_low)}/month "
             f"(speed-up {i.speedup_low:.2f}x): savings are not established"
         )
     else:
         verdict = (
-            f"saves ${saved:,.0f}/month (${saved_low:,.0f}-${saved_high:,.0f}); "
+            f"saves {usd(saved)}/month ({usd(saved_low)}-{usd(saved_high)}); "
             f"pays back the ${i.pilot_one_off_usd:,.0f} pilot in {pb:,.0f} days"
         )
     return RoiResult(
@@ -360,7 +365,7 @@ DENSE_PLAN_DENSITY = 0.999  # a plan keeping this share of blocks computes what 
 
 @dataclass(frozen=True)
 class PilotSkip:
-    """Why a pilot would be wasted traffic: `why` (the finding, e.g. "no saving expected ($-23/month, at
+    """Why a pilot would be wasted traffic: `why` (the finding, e.g. "no saving expected (-$23/month, at
     best $187)") and `then` (what follows from it); `str()` is the sentence the main job prints."""
 
     why: str
@@ -391,16 +396,16 @@ def pilot_skip_reason(
     if density is not None and density >= DENSE_PLAN_DENSITY:
         return PilotSkip(f"the plan keeps {density:.2%} of blocks (as dense)", "nothing to pilot")
     if saved_usd_month is not None and saved_usd_month <= 0:
-        high = "" if saved_usd_month_high is None else f", at best ${saved_usd_month_high:,.0f}"
+        high = "" if saved_usd_month_high is None else f", at best {usd(saved_usd_month_high)}"
         return PilotSkip(
-            f"no saving expected (${saved_usd_month:,.0f}/month{high})",
+            f"no saving expected ({usd(saved_usd_month)}/month{high})",
             "sparse attention does not pay off here, stays dense, not piloted",
         )
     if saved_usd_month is not None and saved_usd_month_low is not None and saved_usd_month_low <= 0:
-        high = "" if saved_usd_month_high is None else f", ${saved_usd_month_high:,.0f}"
+        high = "" if saved_usd_month_high is None else f", {usd(saved_usd_month_high)}"
         return PilotSkip(
-            f"saving not established (${saved_usd_month:,.0f}/month, interval "
-            f"${saved_usd_month_low:,.0f}{high})",
+            f"saving not established ({usd(saved_usd_month)}/month, interval "
+            f"{usd(saved_usd_month_low)}{high})",
             "the speed measurement does not support a saving; re-evaluate on a quiet host (or pilot anyway "
             "with --pilot-all)",
         )

@@ -29,9 +29,9 @@ def test_portfolio_rows(seeded: dict[str, Any]) -> None:
     d = rows["document-qa"]
     assert d["decision"] == "EXTEND" and d["waits_for"] == "more samples (120/300 in the smaller arm)"
     s_ = rows["support-chat"]
-    # evaluated, no saving expected ($-35/month): the main job pilots nothing, so it waits for no pilot
+    # evaluated, no saving expected (-$35/month): the main job pilots nothing, so it waits for no pilot
     assert (
-        s_["decision"] is None and s_["waits_for"] == "no pilot: no saving expected ($-35/month, at best $10)"
+        s_["decision"] is None and s_["waits_for"] == "no pilot: no saving expected (-$35/month, at best $10)"
     )
     # no decision: quality and its bounds from the latest evaluation, which says so and on how many rows
     assert (s_["quality_delta"], s_["quality_low"], s_["quality_high"]) == (0.0, -0.06, 0.05)

@@ -225,7 +225,7 @@ def test_pilot_skip_reason_says_why_a_pilot_would_be_wasted() -> None:
     no_saving = pilot_skip_reason(
         met_budget=True, density=0.95, saved_usd_month=-23.0, saved_usd_month_high=187.0
     )
-    assert "no saving expected ($-23/month, at best $187)" in no_saving
+    assert "no saving expected (-$23/month, at best $187)" in no_saving
     # --pilot-all waives the dense-plan and no-saving reasons, never the missed budget.
     assert pilot_skip_reason(met_budget=True, density=0.95, saved_usd_month=-23.0, pilot_anyway=True) is None
     assert pilot_skip_reason(met_budget=True, density=1.0, saved_usd_month=5.0, pilot_anyway=True) is None
@@ -235,7 +235,7 @@ def test_pilot_skip_reason_says_why_a_pilot_would_be_wasted() -> None:
     # A saving whose interval reaches zero (timings from a busy host: 1.94x [0.05, 14.42]) is not
     # established: no pilot on it, unless --pilot-all.
     wide = dict(met_budget=True, density=0.6, saved_usd_month=10_762.0, saved_usd_month_high=25_520.0)
-    assert "saving not established ($10,762/month, interval $-289,022, $25,520)" in pilot_skip_reason(
+    assert "saving not established ($10,762/month, interval -$289,022, $25,520)" in pilot_skip_reason(
         **wide, saved_usd_month_low=-289_022.0
     )
     assert pilot_skip_reason(**wide, saved_usd_month_low=-289_022.0, pilot_anyway=True) is None
@@ -244,7 +244,7 @@ def test_pilot_skip_reason_says_why_a_pilot_would_be_wasted() -> None:
     assert pilot_skip_reason(met_budget=None, density=None, saved_usd_month=None) is None
     # the finding apart from what follows from it (the portfolio's "no pilot: ..." says the finding)
     found = skip(met_budget=True, density=0.95, saved_usd_month=-23.0, saved_usd_month_high=187.0)
-    assert found.why == "no saving expected ($-23/month, at best $187)"
+    assert found.why == "no saving expected (-$23/month, at best $187)"
     assert str(found) == f"{found.why}: sparse attention does not pay off here, stays dense, not piloted"
 
 
