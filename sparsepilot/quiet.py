@@ -98,6 +98,17 @@ class _KnownErrorTraceback(logging.Filter):
         return not isinstance(exc, SparsePilotError)
 
 
+class _PrefectChatter(logging.Filter):
+    """Drops, from the console only, the INFO records of the `prefect` logger itself (not its flow- and
+    task-run children, which are the flow's progress): "Starting temporary server on http://127.0.0.1:8444 /
+    See https://www.prefect.io/docs/v3/concepts/server#how-to-guides for more information on running a
+    dedicated Prefect server." and "Stopping temporary server" around every flow command. They still
+    reach the log file; Prefect's warnings still reach the console."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name == "prefect" and record.levelno < logging.WARNING)
+
+
 def _prefect_services() -> list[str]:
     """The loggers of Prefect's background services (events, API logs), which are named after their
     class, outside the `prefect` tree: at exit a flow command waits for them to drain and they warn
@@ -115,17 +126,17 @@ def _prefect_services() -> list[str]:
 
 def _known_errors_in_one_line() -> None:
     """Give Prefect's console handler (on the root logger, set up when Prefect's main module is first
-    imported) the `_KnownErrorTraceback` filter, once."""
+    imported) the `_KnownErrorTraceback` and `_PrefectChatter` filters, once."""
     try:
         import prefect.main  # noqa: F401 - sets up Prefect's logging, its console handler with it
         from prefect.logging.handlers import PrefectConsoleHandler
     except ImportError:  # a machine with only the model stack (a GPU box for `bench`): no flows
         return
     for h in logging.getLogger().handlers:
-        if isinstance(h, PrefectConsoleHandler) and not any(
-            isinstance(f, _KnownErrorTraceback) for f in h.filters
-        ):
-            h.addFilter(_KnownErrorTraceback())
+        if isinstance(h, PrefectConsoleHandler):
+            for kind in (_KnownErrorTraceback, _PrefectChatter):
+                if not any(isinstance(f, kind) for f in h.filters):
+                    h.addFilter(kind())
 
 
 def _mlflow_to(handler: logging.Handler) -> None:

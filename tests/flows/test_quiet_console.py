@@ -95,3 +95,23 @@ def test_a_flow_command_refused_by_a_known_error_says_it_in_one_line(
     log = Path(re.search(r"log file \(warnings and library output\): (\S+)", out).group(1)).read_text()
     assert "ERROR prefect.flow_runs: Encountered exception during execution: UnknownUseCase" in log
     assert "Traceback" in log and "INFO prefect.flow_runs: Beginning flow run" in log
+
+
+def test_a_flow_commands_own_prefect_server_is_told_in_the_log_not_on_the_console(tmp_path: Path) -> None:
+    """On embedded defaults (no Prefect API configured) a flow command starts a temporary Prefect server,
+    and Prefect said so at the console: "Starting temporary server on http://127.0.0.1:8444 / See
+    https://www.prefect.io/docs/v3/concepts/server#how-to-guides for more information on running a
+    dedicated Prefect server." and "Stopping temporary server". Those lines go to the log file now; the
+    flow run's own lines stay on the console. A real process, as a user runs it."""
+    home = tmp_path / "home"
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "SPARSEPILOT_", "MLFLOW_T"))
+    }
+    env.update(SPARSEPILOT_HOME=str(home), COLUMNS="160")
+    subprocess.run([sys.executable, "-m", "sparsepilot", "init"], env=env, check=True, capture_output=True)
+    rc, out = sparsepilot_cli(["calibrate", "no-such-use-case"], env)
+    assert rc == 2 and "error: unknown use case 'no-such-use-case'" in out, out
+    assert "Flow run" in out and "Finished in state Failed" in out, out
+    assert "temporary server" not in out and "prefect.io/docs" not in out, out
+    log = Path(re.search(r"log file \(warnings and library output\): (\S+)", out).group(1)).read_text()
+    assert "INFO prefect: Starting temporary server on http://127.0.0.1:" in log, log
