@@ -7,7 +7,6 @@ import csv
 import io
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -20,6 +19,7 @@ import pytest
 from rollout.settings import Settings
 from sparsepilot.commands.dashboard import streamlit_command
 from tests.fixtures.dashboard import PASSWORDS
+from tests.fixtures.ports import free_port
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -42,15 +42,9 @@ pytestmark = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def served(seeded: dict[str, Any], dash_env: Settings, tmp_path: Path) -> Iterator[str]:
-    port = _free_port()
+    port = free_port()
     log = (tmp_path / "streamlit.log").open("wb")
     proc = subprocess.Popen(
         streamlit_command(port, "127.0.0.1"), env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT

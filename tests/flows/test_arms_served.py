@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,16 +24,11 @@ import yaml
 from typer.testing import CliRunner
 
 from tests.fixtures.flows import QUICK_CAL, tiny_spec
+from tests.fixtures.ports import free_port
 from tests.flows.test_pipeline_e2e import _pilot_until_decided
 
 NAME = "served-chat"
 START_TIMEOUT_S = 420
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_until_serving(proc: subprocess.Popen, url: str, log: Path) -> None:
@@ -69,7 +63,7 @@ def served(
     from sparsepilot.cli import app
 
     root = tmp_path_factory.mktemp("served")
-    urls = {arm: f"http://127.0.0.1:{_free_port()}" for arm in ("control", "treatment")}
+    urls = {arm: f"http://127.0.0.1:{free_port()}" for arm in ("control", "treatment")}
     procs: list[subprocess.Popen] = []
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SPARSEPILOT_HOME", str(root / "sp-home"))
