@@ -614,19 +614,6 @@ def _eps_candidates(sens: Sensitivity | dict[str, Sensitivity], max_checks: int)
     return vals
 
 
-def _measured_density(model) -> float | None:
-    try:
-        from sparse_core.retrofit import sparse_stats
-    except ImportError:
-        return None
-    try:
-        st = sparse_stats(model)
-    except Exception:
-        return None
-    d = getattr(st, "density", None)
-    return float(d) if d is not None else None
-
-
 def calibrate(
     model,
     tokenizer,
@@ -912,6 +899,8 @@ def _search_plan(
     deadline: float | None,
 ) -> tuple[SparsePlan, CalibrationReport]:
     """The eps search for one estimator spec (candidates = the keys of `sens_all`, first = base's)."""
+    from sparse_core.retrofit import sparse_stats
+
     candidates = list(sens_all)
     sens = sens_all[candidates[0]]
 
@@ -951,7 +940,7 @@ def _search_plan(
         sparsify(model, plan)
         try:
             fid = as_unit(measure_fidelity(model, ref))
-            dens = _measured_density(model)
+            dens = sparse_stats(model).density  # the plan just applied (an error here is a bug, not None)
             ok = budget.met_by(judged(fid, step_confidence))
             if ok and budget.task_delta is not None:
                 drops, ok, task_upper, task_failed = task_check(

@@ -323,17 +323,6 @@ def _time_prefill(model, ids: torch.Tensor) -> float:
     return time.perf_counter() - t0
 
 
-def _estimator_seconds(model) -> float | None:
-    try:
-        from sparse_core.retrofit import sparse_stats
-
-        st = sparse_stats(model)
-    except Exception:
-        return None
-    v = getattr(st, "estimator_seconds", None)
-    return float(v) if v is not None else None
-
-
 def _reset_stats(model) -> None:
     from sparse_core.retrofit import sparse_stats
 
@@ -358,7 +347,7 @@ def measure_speed(
     (sparse_core.host); a dense/sparse pair timed while the host was overloaded is timed again (at most
     `repeats` times per length), and the summary records the host's load and what was retimed."""
     from sparse_core.host import HostLoadMeter, apply_thread_policy
-    from sparse_core.retrofit import sparsify, unsparsify
+    from sparse_core.retrofit import sparse_stats, sparsify, unsparsify
 
     policy = apply_thread_policy()
     loads: list[dict] = []
@@ -393,7 +382,7 @@ def measure_speed(
                     try:
                         _reset_stats(model)
                         timed[arm] = _time_prefill(model, ids)
-                        e = _estimator_seconds(model)
+                        e = sparse_stats(model).estimator_seconds
                     finally:
                         unsparsify(model)
             if meter.load.overloaded and retries < repeats:  # the host, not the model: time the pair again
