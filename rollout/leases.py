@@ -143,14 +143,15 @@ def _lost(use_case: str, now_held: str) -> LeaseLost:
     )
 
 
-def _now_held(holder_now: Holder | None, now: dt.datetime) -> str:
-    return f"{holder_now.describe(now)} holds it now" if holder_now is not None else "it was freed"
+def _now_held(held: str | None) -> str:
+    """Who holds the use case now, as LeaseLost says it: `held` is the holder's description, None if free."""
+    return f"{held} holds it now" if held is not None else "it was freed"
 
 
 def _who_holds(use_case: str) -> str:
-    """Who holds the use case now, as LeaseLost says it, in its own transaction."""
+    """`_now_held`, looked up in its own transaction."""
     held = busy_with(use_case)
-    return "it was freed" if held == "free" else f"{held} holds it now"
+    return _now_held(None if held == "free" else held)
 
 
 def check_held() -> None:
@@ -194,7 +195,7 @@ def _fence(session: StateSession, _flush_context: Any, _instances: Any) -> None:
             ).one_or_none()
             if row is None or row.holder != token:
                 now_held = _held_by(row) if row is not None and row.holder else None
-                raise _lost(use_case, _now_held(now_held, _clock(session)))
+                raise _lost(use_case, _now_held(now_held and now_held.describe(_clock(session))))
     session.info["lease_fenced"] = tx
 
 

@@ -46,7 +46,7 @@ def to_log_file(home: Path, command: str, *, flows: bool = True) -> Path:
     # handlers of the `prefect` logger: done first, so the file's handler below stays on it and the
     # flow- and task-run records (a failed run's traceback with them) reach the file
     if flows:
-        _known_errors_in_one_line()
+        _quiet_prefect_console()
     logs = home / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     # the process id keeps two commands started in the same second (two benches side by side) apart
@@ -124,7 +124,7 @@ def _prefect_services() -> list[str]:
     return sorted({c.__name__ for c in below(_QueueServiceBase)})
 
 
-def _known_errors_in_one_line() -> None:
+def _quiet_prefect_console() -> None:
     """Give Prefect's console handler (on the root logger, set up when Prefect's main module is first
     imported) the `_KnownErrorTraceback` and `_PrefectChatter` filters, once."""
     try:
