@@ -34,6 +34,7 @@ from sparse_core.estimators import EstimatorContext
 from sparse_core.estimators.antidiagonal import antidiagonal_scores
 from sparse_core.estimators.learned_gate import GateShape
 from sparse_core.estimators.learned_gate_v2 import LayerGateV2, _rotate_at, model_rope, pool_features
+from sparse_core.estimators.quest import quest_scores
 from sparse_core.scorer_training import block_kl
 
 BS = 64
@@ -46,19 +47,23 @@ def capture(model, ids, inv_freq, rope_scaling, want_anti: bool):
     def on_layer(call):
         q, k = call.query[:1], call.key[:1]
         qbar, kpool, _ = pool_features(q, k, BS, inv_freq, rope_scaling)
-        qsub, _, _ = pool_features(q, k, SUB, inv_freq, rope_scaling)
+        qsub, ksub, _ = pool_features(q, k, SUB, inv_freq, rope_scaling)
         mass = block_attention_mass(q, k, BS, call.scaling)[0]
         maxp = block_attention_maxpool(q, k, BS, call.scaling)[0]
-        anti = None
+        anti = quest = None
         if want_anti:
-            anti = antidiagonal_scores(q, k, EstimatorContext(block_size=BS, scale=call.scaling))[0]
+            ctx = EstimatorContext(block_size=BS, scale=call.scaling)
+            anti = antidiagonal_scores(q, k, ctx)[0]
+            quest = quest_scores(q, k, ctx)[0]
         feats[call.layer_idx] = dict(
             qbar=qbar[0].cpu(),
             qsub=qsub[0].cpu(),
+            ksub=ksub[0].cpu(),
             kpool=kpool[0].cpu(),
             mass=mass.cpu(),
             maxp=maxp.cpu(),
             anti=None if anti is None else anti.cpu(),
+            quest=None if quest is None else quest.cpu(),
         )
 
     with capture_attention(model, on_layer), torch.no_grad():
@@ -96,6 +101,8 @@ def sub_log_probs(layer: LayerGateV2, qsub, kpool, seq_len, inv_freq, sub=SUB):
 
 
 def block_log_probs(layer, f, seq_len, inv_freq, variant):
+    if variant.get("ksub"):
+        return layer.log_probs_sub(f["qbar"][None], f["ksub"][None], seq_len, BS, inv_freq)[0]
     if variant.get("sub"):
         return sub_log_probs(layer, f["qsub"], f["kpool"], seq_len, inv_freq, variant["sub"])
     return layer.log_probs(f["qbar"][None], f["kpool"][None], seq_len, BS, None, inv_freq)[0]
@@ -111,7 +118,8 @@ def target_of(f, variant):
 
 def train(shape, data, held, seq_len, inv_freq, variant, steps, seed=0):
     torch.manual_seed(seed)
-    layers = torch.nn.ModuleList(LayerGateV2(shape, variant["target"]) for _ in range(shape.num_layers))
+    make = variant.get("cls", LayerGateV2)
+    layers = torch.nn.ModuleList(make(shape, variant["target"]) for _ in range(shape.num_layers))
     opt = torch.optim.Adam(layers.parameters(), lr=3e-3)
     rng = torch.Generator().manual_seed(seed)
 
