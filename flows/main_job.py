@@ -24,6 +24,7 @@ from typing import Any
 
 from rollout import audit, lifecycle, pilot_batches, queries
 from rollout.usecases import phase_of, pilot_plan_of
+from rollout.words import counted
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples" / "usecases"
 STAGES = (
@@ -291,7 +292,7 @@ def run_main_job(settings: MainJobSettings | None = None, *, console: Any = None
         TimeElapsedColumn(),
         console=console,
     ) as progress:
-        overall = progress.add_task(f"{len(names)} use case(s)", total=len(names))
+        overall = progress.add_task(counted(len(names), "use case"), total=len(names))
         for name in names:
             tid = progress.add_task(f"{name}: starting", total=len(STAGES) - 1)
             # one stage, one line: never wrapped at a narrow (or, off a terminal, the default 80-column) width

@@ -12,6 +12,7 @@ import streamlit as st
 from dashboard import fmt
 from dashboard.data import example_specs, read
 from rollout import queries
+from rollout.words import counted
 
 DECISION_COLORS = {
     "GO": "#2e7d32",
@@ -48,7 +49,7 @@ def totals_row(t: dict[str, Any]) -> None:
     )
     apart = t["unestablished"]
     c2.caption(
-        f"{t['established']} use case(s), interval {fmt.money(t['savings_month_low'])} to "
+        f"{counted(t['established'], 'use case')}, interval {fmt.money(t['savings_month_low'])} to "
         f"{fmt.money(t['savings_month_high'])}; apart: {apart['use_cases']} not established "
         f"({fmt.money(apart['savings_month_usd'])}), {t['ended']} stopped or rolled back"
     )

@@ -172,27 +172,60 @@ def timeline(use_case_id: int, decs: list[dict[str, Any]]) -> None:
     st.altair_chart(timeline_chart(pd.DataFrame(events)), width="stretch")
     if stats:
         st.markdown("**Steps and arms**")
-        st.dataframe(
-            pd.DataFrame(stats)[
-                [
-                    "step_index",
-                    "kind",
-                    "traffic_pct",
-                    "min_samples",
-                    "status",
-                    "arm",
-                    "n",
-                    "quality_mean",
-                    "latency_mean",
-                    "error_rate",
-                ]
-            ],  # fmt: skip
-            hide_index=True,
-            width="stretch",
-        )
+        columned(pd.DataFrame(stats), STEP_COLUMNS)
     if moves:
         st.markdown("**Alias history**")
-        st.dataframe(pd.DataFrame(moves).drop(columns=["id"]), hide_index=True, width="stretch")
+        columned(pd.DataFrame(moves), MOVE_COLUMNS)
+
+
+# Each table's columns in order, with its label and format (None: the column's own name, as text); as the
+# portfolio's COLUMNS. Times are stored in UTC.
+WHEN = "D MMM YYYY, HH:mm:ss"
+STEP_COLUMNS: dict[str, Any] = {
+    "step_index": st.column_config.NumberColumn("Step", format="%d"),
+    "kind": "Kind",
+    "traffic_pct": st.column_config.NumberColumn("Traffic", format="%g%%"),
+    "min_samples": st.column_config.NumberColumn("Min. requests", format="%d"),
+    "status": "Status",
+    "arm": "Arm",
+    "n": st.column_config.NumberColumn("Requests", format="%d"),
+    "quality_mean": st.column_config.NumberColumn("Mean quality", format="%.3f"),
+    "latency_mean": st.column_config.NumberColumn("Mean latency (ms)", format="%,.0f"),
+    "error_rate": st.column_config.NumberColumn("Error rate", format="percent"),
+    "started_at": st.column_config.DatetimeColumn("Started (UTC)", format=WHEN),
+}
+MOVE_COLUMNS: dict[str, Any] = {
+    "created_at": st.column_config.DatetimeColumn("When (UTC)", format=WHEN),
+    "alias": "Alias",
+    "from_version": "From version",
+    "to_version": "To version",
+    "actor": "By",
+    "reason": "Reason",
+    "status": "Status",
+    "error": "Error",
+}
+PILOT_COLUMNS: dict[str, Any] = {
+    "pilot_number": st.column_config.NumberColumn("Pilot", format="%d"),
+    "mlflow_version": "Challenger version",
+    "status": "Status",
+    "started_at": st.column_config.DatetimeColumn("Started (UTC)", format=WHEN),
+    "ended_at": st.column_config.DatetimeColumn("Ended (UTC)", format=WHEN),
+    "looks": st.column_config.NumberColumn("Gate looks", format="%d"),
+    "last_outcome": "Last outcome",
+    "GO level": st.column_config.NumberColumn(
+        "GO level", format="%.4f", help="the alpha this pilot's GO is held to (its share of the use case's)"
+    ),
+}
+
+
+def columned(df: pd.DataFrame, columns: dict[str, Any]) -> None:
+    """`df`'s columns named in `columns`, in that order, labelled and formatted by it."""
+    st.dataframe(
+        df[list(columns)],
+        hide_index=True,
+        width="stretch",
+        column_config={c: cfg for c, cfg in columns.items() if cfg is not None},
+    )
 
 
 @st.cache_data(show_spinner="Simulating what each step needs...")
@@ -212,9 +245,9 @@ def pilots_block(uc: dict[str, Any]) -> None:
     rows = read(queries.pilot_history, uc["id"])
     budget = account((uc["spec"] or {}).get("gate") or {}, (r["go_alpha"] for r in rows))
     if rows:
-        table = pd.DataFrame(rows).rename(columns={"pilot_number": "pilot", "mlflow_version": "challenger"})
+        table = pd.DataFrame(rows)
         table["GO level"] = budget["levels"]
-        st.dataframe(table.drop(columns=["id", "go_alpha"]), hide_index=True, width="stretch")
+        columned(table, PILOT_COLUMNS)
     st.caption(describe(budget))
 
 

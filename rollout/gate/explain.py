@@ -11,6 +11,10 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
+def _times(n: int) -> str:
+    return "once" if n == 1 else f"{n} times"
+
+
 def _confidence(alpha: float) -> str:
     return f"{100 * (1 - alpha):.1f}".rstrip("0").rstrip(".") + "%"
 
@@ -77,7 +81,7 @@ def explain(d: Decision) -> str:
         parts.append(
             f"Average quality was {q.treatment_mean:.3f} for sparse vs {q.control_mean:.3f} for dense "
             f"(difference {q.estimate:+.3f}); allowing for chance, for the small sample and for having "
-            f"checked {d.look_index} time(s), {_bounds(d)}, against an allowed loss of {s.margin:.3f}."
+            f"checked {_times(d.look_index)}, {_bounds(d)}, against an allowed loss of {s.margin:.3f}."
         )
         spent = _spending(s)
         if spent:

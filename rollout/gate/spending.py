@@ -28,6 +28,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, get_args
 
 from rollout.spec import GateSpec
+from rollout.words import counted
 
 # The spec's choices and defaults, read from its one definition (rollout.spec.GateSpec).
 SPENDING: tuple[str, ...] = get_args(GateSpec.model_fields["alpha_spending"].annotation)
@@ -82,4 +83,4 @@ def describe(budget: Mapping[str, Any]) -> str:
         if budget["alpha_spending"] == "pilot"
         else f"The pilots share the use case's alpha {alpha} for a false GO: {budget['spent']:.3g} spent"
     )
-    return f"{share} over {budget['pilots']} pilot(s); a next pilot's GO would be held to {nxt}."
+    return f"{share} over {counted(budget['pilots'], 'pilot')}; a next pilot's GO would be held to {nxt}."

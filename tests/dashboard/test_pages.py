@@ -106,12 +106,17 @@ def test_use_case_page(seeded: dict[str, Any]) -> None:
     assert any(spent in c.value for c in at.caption)
     # its pilots and the alpha they spent: one pilot, awaiting approval after its GO
     pilots = next(d.value for d in at.dataframe if "GO level" in d.value.columns)
-    assert pilots[["pilot", "challenger", "looks", "last_outcome"]].to_dict("records") == [
-        {"pilot": 1, "challenger": "2", "looks": 1, "last_outcome": "GO"}
+    assert pilots[["pilot_number", "mlflow_version", "looks", "last_outcome"]].to_dict("records") == [
+        {"pilot_number": 1, "mlflow_version": "2", "looks": 1, "last_outcome": "GO"}
     ]
     assert list(pilots["GO level"].round(4)) == [0.0304]
+    # the tables speak the reader's words: each column labelled and formatted (use_case.STEP_COLUMNS, ...)
+    configs = [json.loads(d.proto.columns or "{}") for d in at.dataframe]
+    shown = {c.get("label") for cfg in configs for c in cfg.values()}
+    assert {"Mean latency (ms)", "Error rate", "Started (UTC)", "Challenger version", "When (UTC)"} <= shown
+    assert not {"id", "idempotency_key", "go_alpha"} & {c for d in at.dataframe for c in d.value.columns}
     assert any(
-        "The pilots share the use case's alpha 0.05 for a false GO: 0.0304 spent over 1 pilot(s); a next "
+        "The pilots share the use case's alpha 0.05 for a false GO: 0.0304 spent over 1 pilot; a next "
         "pilot's GO would be held to 0.0076." in c.value
         for c in at.caption
     )

@@ -52,7 +52,7 @@ def test_the_budget_in_words() -> None:
     two = account({"alpha": ALPHA}, [pilot_alpha(ALPHA, 1), pilot_alpha(ALPHA, 2)])
     assert (two["pilots"], round(two["spent"], 4), round(two["next_go_alpha"], 5)) == (2, 0.038, 0.00338)
     assert describe(two) == (
-        "The pilots share the use case's alpha 0.05 for a false GO: 0.038 spent over 2 pilot(s); a next "
+        "The pilots share the use case's alpha 0.05 for a false GO: 0.038 spent over 2 pilots; a next "
         "pilot's GO would be held to 0.00338."
     )
     # a pilot started before spending (no level) runs at, and spent, the whole alpha
@@ -209,7 +209,7 @@ def test_each_pilot_fixes_its_go_level_when_it_starts(sp_home) -> None:  # noqa:
     assert shown["alpha_budget"]["spent"] == pytest.approx(spent_so_far)
     text = " ".join(CliRunner().invoke(app, ["usecase", "show", "docs-qa"]).stdout.split())
     assert "Pilots" in text and "running" in text
-    assert f"{spent_so_far:.3g} spent over 5 pilot(s); a next pilot's GO would be held to 0.000844." in text
+    assert f"{spent_so_far:.3g} spent over 5 pilots; a next pilot's GO would be held to 0.000844." in text
 
 
 def test_the_spec_names_a_bad_spending_rule_and_keeps_old_hashes() -> None:
