@@ -178,8 +178,8 @@ def timeline(use_case_id: int, decs: list[dict[str, Any]]) -> None:
         columned(pd.DataFrame(moves), MOVE_COLUMNS)
 
 
-# Each table's columns in order, with its label and format (None: the column's own name, as text); as the
-# portfolio's COLUMNS. Times are stored in UTC.
+# Each table's columns in order, each with its label (a string: the label alone) and format, as the
+# portfolio's COLUMNS; columns left out are not shown. Times are stored in UTC.
 WHEN = "D MMM YYYY, HH:mm:ss"
 STEP_COLUMNS: dict[str, Any] = {
     "step_index": st.column_config.NumberColumn("Step", format="%d"),

@@ -41,6 +41,24 @@ BS = 64
 SUB = 16
 
 
+SAMPLED = (1, 2, 4)
+
+
+def sampled_mass(q, k, s: int, scaling: float):
+    """The block mass from s evenly spaced query rows of each block (the last of each 64/s): exact
+    attention for those rows against every key they see, summed per key block, averaged over the s rows.
+    [B, Hq, nb, nb]; costs s/64 of the dense QK^T."""
+    b, hq, n, d = q.shape
+    nb = n // BS
+    step = BS // s
+    rows = torch.arange(step - 1, n, step)  # [nb * s]
+    kv = k.repeat_interleave(hq // k.shape[1], dim=1)
+    logits = torch.matmul(q[:, :, rows].float(), kv.float().transpose(-1, -2)) * scaling
+    logits = logits.masked_fill(torch.arange(n)[None, :] > rows[:, None], float("-inf"))
+    p = torch.softmax(logits, dim=-1).view(b, hq, nb * s, nb, BS).sum(-1)
+    return p.view(b, hq, nb, s, nb).mean(3)
+
+
 def capture(model, ids, inv_freq, rope_scaling, want_anti: bool):
     feats = [None] * model.config.num_hidden_layers
 
@@ -55,6 +73,7 @@ def capture(model, ids, inv_freq, rope_scaling, want_anti: bool):
             ctx = EstimatorContext(block_size=BS, scale=call.scaling)
             anti = antidiagonal_scores(q, k, ctx)[0]
             quest = quest_scores(q, k, ctx)[0]
+        samp = {s: sampled_mass(q, k, s, call.scaling)[0].cpu() for s in SAMPLED} if want_anti else {}
         feats[call.layer_idx] = dict(
             qbar=qbar[0].cpu(),
             qsub=qsub[0].cpu(),
@@ -64,6 +83,7 @@ def capture(model, ids, inv_freq, rope_scaling, want_anti: bool):
             maxp=maxp.cpu(),
             anti=None if anti is None else anti.cpu(),
             quest=None if quest is None else quest.cpu(),
+            **{f"samp{s}": v for s, v in samp.items()},
         )
 
     with capture_attention(model, on_layer), torch.no_grad():

@@ -33,7 +33,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from estimator_proxy import LEVELS, TAUS, block_log_probs, capture, train  # noqa: E402
+from estimator_proxy import LEVELS, SAMPLED, TAUS, block_log_probs, capture, train  # noqa: E402
 
 from sparse_core import load_model  # noqa: E402
 from sparse_core.corpus import corpus_texts, pack_token_windows  # noqa: E402
@@ -261,6 +261,8 @@ def main():
     for h in ("antidiagonal", "quest"):
         key = "anti" if h == "antidiagonal" else "quest"
         report(h, judge(lambda wi, li, key=key: evals[wi][li][key], None, evals))
+    for n in SAMPLED if "samp1" in evals[0][0] else ():
+        report(f"sampled {n}", judge(lambda wi, li, n=n: evals[wi][li][f"samp{n}"], None, evals))
     variants = {
         "maxpool": {"target": "maxpool"},
         "mass": {"target": "mass"},
@@ -295,6 +297,17 @@ def main():
                     judge(
                         lambda wi, li, probs=probs: probs[wi][li],
                         lambda wi, li, h=h, m=m: top_m(evals[wi][li][h], m),
+                        evals,
+                    ),
+                )
+        for n in SAMPLED if "samp1" in evals[0][0] else ():  # average with the sampled rows' mass
+            for w in (0.25, 0.5):
+                report(
+                    f"{name} avg sampled {n} w{w}",
+                    judge(
+                        lambda wi, li, probs=probs, n=n, w=w: (1 - w) * probs[wi][li]
+                        + w * evals[wi][li][f"samp{n}"],
+                        None,
                         evals,
                     ),
                 )
