@@ -15,7 +15,9 @@ Estimators: the exact block mass (`oracle`), antidiagonal, quest, gate_v2 on the
 targets, gate_v2 variants (a per-head bias by block distance, a per-KV-head key-block salience, sub-block
 keys: four 16-token pooled keys per block, the block's logit their log-mean-exp), **unions** (the gate's
 selection with each row's top-m blocks of quest, antidiagonal or the exact mass forced in, as the sink and
-diagonal blocks are) and **log-linear mixes** (p_gate * p_h^b, renormalised). Run from the worktree root:
+diagonal blocks are), **log-linear mixes** (p_gate * p_h^b, renormalised) and, where the captures hold
+them (`estimator_proxy.SAMPLED`), `sampled s` (the exact attention of s evenly spaced rows per query
+block, summed per key block) alone and averaged with the gate. Run from the worktree root:
     PYTHONPATH=$PWD OMP_NUM_THREADS=1 python docs/calibration/estimator_tails.py \
         SEQ_LEN N_TRAIN N_EVAL STEPS OUT.json [FEATURES.pt]
 FEATURES.pt caches the captures (written on the first run, read after). `VARIANTS=a,b` trains only
@@ -305,8 +307,9 @@ def main():
                 report(
                     f"{name} avg sampled {n} w{w}",
                     judge(
-                        lambda wi, li, probs=probs, n=n, w=w: (1 - w) * probs[wi][li]
-                        + w * evals[wi][li][f"samp{n}"],
+                        lambda wi, li, probs=probs, n=n, w=w: (
+                            (1 - w) * probs[wi][li] + w * evals[wi][li][f"samp{n}"]
+                        ),
                         None,
                         evals,
                     ),
