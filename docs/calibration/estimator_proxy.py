@@ -91,6 +91,19 @@ def capture(model, ids, inv_freq, rope_scaling, want_anti: bool):
     return feats
 
 
+def capture_windows(model, tok, seq_len: int, n_train: int, n_eval: int, t0: float):
+    """Captures of n_train + 1 + n_eval windows of the corpus's calibration part (seed 0): the training
+    windows, the early-stopping one, then the judged ones (with the training-free scores)."""
+    inv_freq, rope_scaling = model_rope(model)
+    texts = corpus_texts("calibration", seed=0)
+    wins = pack_token_windows(tok, texts, seq_len, n_train + 1 + n_eval, seed=5)
+    feats = []
+    for i, w in enumerate(wins):
+        feats.append(capture(model, w, inv_freq, rope_scaling, want_anti=i > n_train))
+        print(f"captured {i + 1}/{len(wins)} at {time.time() - t0:.0f}s", flush=True)
+    return feats
+
+
 def sub_log_probs(layer: LayerGateV2, qsub, kpool, seq_len, inv_freq, sub=SUB):
     """Sub-block queries (sub tokens each), each a softmax over key blocks; the block's distribution is
     the mean of its sub-queries' distributions. -> log probs [Hq, nb, nb]."""
@@ -250,13 +263,8 @@ def main():
     out = sys.argv[5]
     t0 = time.time()
     model, tok = load_model("smollm2-135m")
-    inv_freq, rope_scaling = model_rope(model)
-    texts = corpus_texts("calibration", seed=0)
-    wins = pack_token_windows(tok, texts, seq_len, n_train + 1 + n_eval, seed=5)
-    feats = []
-    for i, w in enumerate(wins):
-        feats.append(capture(model, w, inv_freq, rope_scaling, want_anti=i > n_train))
-        print(f"captured {i + 1}/{len(wins)} at {time.time() - t0:.0f}s", flush=True)
+    inv_freq, _ = model_rope(model)
+    feats = capture_windows(model, tok, seq_len, n_train, n_eval, t0)
     data, held, evals = feats[:n_train], feats[n_train], feats[n_train + 1 :]
     shape = GateShape.from_config(model.config, None)
     results = {}

@@ -35,10 +35,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from estimator_proxy import LEVELS, SAMPLED, TAUS, block_log_probs, capture, train  # noqa: E402
+from estimator_proxy import LEVELS, SAMPLED, TAUS, block_log_probs, capture_windows, train  # noqa: E402
 
 from sparse_core import load_model  # noqa: E402
-from sparse_core.corpus import corpus_texts, pack_token_windows  # noqa: E402
 from sparse_core.estimators.learned_gate import GateShape, visible_log_counts  # noqa: E402
 from sparse_core.estimators.learned_gate_v2 import LayerGateV2, model_rope  # noqa: E402
 
@@ -237,16 +236,11 @@ def main():
     cache = sys.argv[6] if len(sys.argv) > 6 else None
     t0 = time.time()
     model, tok = load_model("smollm2-135m")
-    inv_freq, rope_scaling = model_rope(model)
+    inv_freq, _ = model_rope(model)
     if cache and os.path.exists(cache):
         feats = torch.load(cache)
     else:
-        texts = corpus_texts("calibration", seed=0)
-        wins = pack_token_windows(tok, texts, seq_len, n_train + 1 + n_eval, seed=5)
-        feats = []
-        for i, w in enumerate(wins):
-            feats.append(capture(model, w, inv_freq, rope_scaling, want_anti=i > n_train))
-            print(f"captured {i + 1}/{len(wins)} at {time.time() - t0:.0f}s", flush=True)
+        feats = capture_windows(model, tok, seq_len, n_train, n_eval, t0)
         if cache:
             torch.save(feats, cache)
     data, held, evals = feats[:n_train], feats[n_train], feats[n_train + 1 :]
