@@ -42,6 +42,7 @@ from sparse_core.estimators.learned_gate import GateShape, visible_log_counts  #
 from sparse_core.estimators.learned_gate_v2 import LayerGateV2, model_rope  # noqa: E402
 
 TAIL_LEVELS = (0.05, 0.1, 0.2)
+N_BUCKETS = 20  # block-distance buckets of LayerGateV2Bias
 TAUS = torch.cat([TAUS, torch.tensor([0.99995, 0.99999, 0.999999])])  # flat heuristics need these per head
 
 
@@ -50,9 +51,6 @@ def distance_buckets(nb: int) -> torch.Tensor:
     d = (torch.arange(nb)[:, None] - torch.arange(nb)[None, :]).clamp_min(0).float()
     far = 4 + torch.floor(2 * torch.log2(d.clamp_min(4) / 4)).long()
     return torch.where(d < 4, d.long(), far).clamp(max=N_BUCKETS - 1)
-
-
-N_BUCKETS = 20
 
 
 class LayerGateV2Bias(LayerGateV2):
