@@ -10,6 +10,7 @@ from typing import Any
 from rollout import audit, lifecycle, pilots
 from rollout.db.models import GateDecision, Pilot, PilotStep, UseCase
 from rollout.db.session import session_scope
+from rollout.words import counted
 
 
 def awaiting_after(outcome: str, final: bool) -> str:
@@ -182,7 +183,7 @@ def _monitor_verdict(check: dict[str, Any], guard: dict[str, Any], alpha: float)
             if c["breached"]
         )
     looks = guard.get("looks", 1)
-    return "GO", f"no guardrail shown breached over {looks} look{'s' if looks != 1 else ''}: " + ", ".join(
+    return "GO", f"no guardrail shown breached over {counted(looks, 'look')}: " + ", ".join(
         f"{c['name']} {c['value']:.4g} (limit {c['threshold']:.4g})"
         if c["value"] is not None
         else f"{c['name']} not judged ({c['note']})"
