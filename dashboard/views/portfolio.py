@@ -10,6 +10,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import fmt
+from dashboard.columns import columned
 from dashboard.data import example_specs, read
 from rollout import queries
 from rollout.words import counted
@@ -105,8 +106,8 @@ def _on_select() -> None:
         st.session_state[OPEN_KEY] = names[rows[0]]
 
 
-# The table's columns in order, each with its label and format (None: the column's own name, as text).
-# A new metric is one entry here (and its column in rollout.queries.portfolio).
+# The table's columns, labels and formats (dashboard.columns). A new metric is one entry here (and its
+# column in rollout.queries.portfolio).
 COLUMNS: dict[str, Any] = {
     "name": st.column_config.TextColumn("Use case", pinned=True),
     "criticality": None,
@@ -131,15 +132,7 @@ COLUMNS: dict[str, Any] = {
 def table(df: pd.DataFrame) -> None:
     """Sortable, filterable table; selecting a row opens that use case in this session."""
     st.session_state[NAMES_KEY] = list(df["name"])
-    st.dataframe(
-        df[list(COLUMNS)],
-        hide_index=True,
-        width="stretch",
-        key="portfolio_table",
-        on_select=_on_select,
-        selection_mode="single-row",
-        column_config={c: cfg for c, cfg in COLUMNS.items() if cfg is not None},
-    )
+    columned(df, COLUMNS, key="portfolio_table", on_select=_on_select, selection_mode="single-row")
 
 
 def savings_vs_risk(df: pd.DataFrame) -> alt.Chart:

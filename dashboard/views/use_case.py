@@ -14,6 +14,7 @@ import streamlit as st
 from pydantic import ValidationError
 
 from dashboard import fmt
+from dashboard.columns import columned
 from dashboard.data import read
 from dashboard.timeline import timeline_chart
 from rollout import queries
@@ -178,8 +179,7 @@ def timeline(use_case_id: int, decs: list[dict[str, Any]]) -> None:
         columned(pd.DataFrame(moves), MOVE_COLUMNS)
 
 
-# Each table's columns in order, each with its label (a string: the label alone) and format, as the
-# portfolio's COLUMNS; columns left out are not shown. Times are stored in UTC.
+# Each table's columns, labels and formats (dashboard.columns). Times are stored in UTC.
 WHEN = "D MMM YYYY, HH:mm:ss"
 STEP_COLUMNS: dict[str, Any] = {
     "step_index": st.column_config.NumberColumn("Step", format="%d"),
@@ -216,16 +216,6 @@ PILOT_COLUMNS: dict[str, Any] = {
         "GO level", format="%.4f", help="the alpha this pilot's GO is held to (its share of the use case's)"
     ),
 }
-
-
-def columned(df: pd.DataFrame, columns: dict[str, Any]) -> None:
-    """`df`'s columns named in `columns`, in that order, labelled and formatted by it."""
-    st.dataframe(
-        df[list(columns)],
-        hide_index=True,
-        width="stretch",
-        column_config={c: cfg for c, cfg in columns.items() if cfg is not None},
-    )
 
 
 @st.cache_data(show_spinner="Simulating what each step needs...")
