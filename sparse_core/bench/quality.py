@@ -1,16 +1,16 @@
 """`sparsepilot bench quality`: every block estimator at the same budget, side by side in one run.
 
 Estimators (by default every registered one, grouped by kind, `default_specs`): the training-free
-`pooled`, `antidiagonal` (XAttention-style) and `quest` (min/max key bounds), the learned `gate` and
-`gate_v2`, the per-layer mix `gate_v2+pooled`, and the `oracle` (exact block mass, the ceiling). Per
-context length they are calibrated to the same budget on the same windows with `calibrate_many` (one
-split, one dense reference, one training per learned estimator, one set of sensitivity forwards),
-then each plan is measured on the bench's own held-out windows of natural text: density (planned and
-measured), KL, top-1 agreement, delta NLL, whole-model prefill speed-up (dense and sparse timed back
-to back on one window of exactly the length, from the whole corpus: the held-out part holds ~7k
-SmolLM2 tokens, so at 8k its window is shorter, which the JSON's `heldout_window_tokens` and the
-rows' `n_positions` say; the density kept on the timed window is `speed_density`) and the ratio of
-the best training-free estimator's density to the row's (> 1: fewer blocks than the best heuristic).
+`pooled`, `antidiagonal` (XAttention-style), `quest` (min/max key bounds) and `sampled` (exact rows of
+each block), the learned `gate` and `gate_v2`, the per-layer mix `gate_v2+pooled`, and the `oracle` (exact
+block mass, the ceiling). Per context length they are calibrated to the same budget on the same windows
+with `calibrate_many` (one split, one dense reference, one training per learned estimator, one set of
+sensitivity forwards), then each plan is measured on the bench's own held-out windows of natural text:
+density (planned and measured), KL, top-1 agreement, delta NLL, whole-model prefill speed-up (dense and
+sparse timed back to back on one window of exactly the length, from the whole corpus: the held-out part
+holds ~7k SmolLM2 tokens, so at 8k its window is shorter, which the JSON's `heldout_window_tokens` and the
+rows' `n_positions` say; the density kept on the timed window is `speed_density`) and the ratio of the
+best training-free estimator's density to the row's (> 1: fewer blocks than the best heuristic).
 
 Use cases: for each given dataset the plans are calibrated on the calibration split of its prompts
 and judged on the held-out split with the dataset's own task (task-score delta, dense - sparse).
@@ -42,7 +42,7 @@ from sparse_core.host import HostLoadMeter
 def default_specs() -> tuple[str, ...]:
     """Every registered estimator, grouped by kind (training-free, learned, exact ceiling), plus after
     the learned ones the newest learned estimator with the first training-free one as a per-layer
-    choice: pooled, antidiagonal, quest, gate, gate_v2, gate_v2+pooled, oracle for the built-ins."""
+    choice: pooled, antidiagonal, quest, sampled, gate, gate_v2, gate_v2+pooled, oracle for the built-ins."""
     free, learned, ceiling = (available_estimators(kind) for kind in KINDS)
     mix = (f"{learned[-1]}+{free[0]}",) if learned and free else ()
     return (*free, *learned, *mix, *ceiling)

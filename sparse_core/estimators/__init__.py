@@ -17,9 +17,9 @@ its kind (`KINDS`) and, for a learned estimator, a training hook that calibratio
 listing names (a spec check, ``--help``) needs no torch. Any other code adds one with
 `register_estimator(name, fn, kind=..., train=...)`.
 
-Training-free: ``pooled``, ``antidiagonal``, ``quest``; learned: ``gate``, ``gate_v2`` (weights in the
-plan's tensors; modules `learned_gate` and `learned_gate_v2`, so the scorer is never taken for
-rollout's statistical gate); exact ceiling: ``oracle`` (exact block mass, as costly as dense
+Training-free: ``pooled``, ``antidiagonal``, ``quest``, ``sampled``; learned: ``gate``, ``gate_v2``
+(weights in the plan's tensors; modules `learned_gate` and `learned_gate_v2`, so the scorer is never
+taken for rollout's statistical gate); exact ceiling: ``oracle`` (exact block mass, as costly as dense
 attention), what the benchmark compares against. The block helpers the estimators share are in
 `sparse_core.estimators.blocks`."""
 
@@ -75,6 +75,7 @@ _BUILTINS = (
         "antidiagonal", "training-free", "sparse_core.estimators.antidiagonal:antidiagonal_scores"
     ),
     EstimatorEntry("quest", "training-free", "sparse_core.estimators.quest:quest_scores"),
+    EstimatorEntry("sampled", "training-free", "sparse_core.estimators.sampled:sampled_scores"),
     EstimatorEntry(
         "gate",
         "learned",

@@ -54,7 +54,7 @@ def dummy():
 
 
 def test_builtins_by_kind_and_the_bench_default():
-    assert available_estimators("training-free") == ["pooled", "antidiagonal", "quest"]
+    assert available_estimators("training-free") == ["pooled", "antidiagonal", "quest", "sampled"]
     assert available_estimators("learned") == ["gate", "gate_v2"]
     assert available_estimators("exact-ceiling") == ["oracle"]
     assert available_estimators() == available_estimators(KINDS)
@@ -62,6 +62,7 @@ def test_builtins_by_kind_and_the_bench_default():
         "pooled",
         "antidiagonal",
         "quest",
+        "sampled",
         "gate",
         "gate_v2",
         "gate_v2+pooled",
@@ -82,7 +83,7 @@ def test_parse_estimator_spec_names_the_bad_part():
 
 def test_registration_is_checked_and_undone(dummy):
     assert dummy in available_estimators("training-free") and estimator_kind(dummy) == "training-free"
-    assert default_specs().index(dummy) == default_specs().index("quest") + 1
+    assert default_specs().index(dummy) == default_specs().index("sampled") + 1
     with pytest.raises(ValueError, match="already registered"):
         register_estimator(dummy, lambda q, k, c: q)
     with pytest.raises(ValueError, match="kind must be one of"):

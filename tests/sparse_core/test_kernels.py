@@ -195,7 +195,7 @@ def test_bad_inputs():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("estimator", ["pooled", "antidiagonal", "quest"])
+@pytest.mark.parametrize("estimator", ["pooled", "antidiagonal", "quest", "sampled"])
 def test_compiled_selection_on_cuda(estimator):
     """On a GPU the training-free estimators select through torch.compile by default: the same blocks
     as the eager path, at two lengths (the second compiled with dynamic shapes) and a per-head tau, up

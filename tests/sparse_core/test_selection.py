@@ -80,7 +80,7 @@ def test_per_head_tau():
     assert sel.head_density[1] == 1.0 and sel.head_density[0] < 1.0
 
 
-@pytest.mark.parametrize("name", ["pooled", "antidiagonal"])
+@pytest.mark.parametrize("name", ["pooled", "antidiagonal", "sampled"])
 @pytest.mark.parametrize(("hq", "hkv", "s"), [(4, 4, 256), (6, 2, 200)])
 def test_estimator_contract(name, hq, hkv, s):
     torch.manual_seed(0)
@@ -124,6 +124,49 @@ def test_antidiagonal_matches_its_definition(s):
     assert torch.allclose(out, want, atol=1e-5)
 
 
+def _sampled_by_definition(q, k, block_size, stride, key_valid):
+    """The dense causal attention of every query row written out, then only the rows `stride - 1,
+    2 * stride - 1, ...` of each block kept (the short last block's last row for its short group), each
+    row's probabilities summed per key block and averaged over the block's kept rows that see a key."""
+    b, hq, s, d = q.shape
+    k = k.repeat_interleave(hq // k.shape[1], dim=1)
+    ok = torch.ones(s, s, dtype=torch.bool).tril().view(1, 1, s, s) & key_valid.view(b, 1, 1, s)
+    probs = torch.softmax((q @ k.transpose(-1, -2) / math.sqrt(d)).masked_fill(~ok, float("-inf")), -1)
+    probs = probs.nan_to_num(0.0)
+    n = math.ceil(s / block_size)
+    out = torch.zeros(b, hq, n, n)
+    for i in range(n):
+        rows = [
+            min(r, s - 1)
+            for r in range(i * block_size + stride - 1, (i + 1) * block_size, stride)
+            if r - stride + 1 < s
+        ]
+        for r in rows:
+            for j in range(i + 1):
+                out[:, :, i, j] += probs[:, :, r, j * block_size : (j + 1) * block_size].sum(-1)
+    return out / out.sum(-1, keepdim=True).clamp_min(1e-30)
+
+
+@pytest.mark.parametrize("s", [200, 256, 1000])  # a short last block; one chunk; eight causal chunks
+def test_sampled_matches_its_definition_and_is_the_oracle_at_stride_one(s):
+    from sparse_core.estimators.sampled import sampled_scores
+
+    torch.manual_seed(3)
+    q, k = torch.randn(2, 6, s, 16), torch.randn(2, 2, s, 16)
+    valid = torch.ones(2, s, dtype=torch.bool)
+    valid[1, :100] = False  # left padding: the second row's first sampled rows see no key
+    ctx = EstimatorContext(block_size=64, key_valid=valid)
+    out = get_estimator("sampled")(q, k, ctx)
+    assert torch.allclose(out, _sampled_by_definition(q, k, 64, 16, valid), atol=1e-5)
+    assert torch.allclose(
+        sampled_scores(q, k, ctx, stride=8), _sampled_by_definition(q, k, 64, 8, valid), atol=1e-5
+    )
+    # every row sampled: exactly the dense block mass the oracle computes
+    assert torch.allclose(sampled_scores(q, k, ctx, stride=1), get_estimator("oracle")(q, k, ctx), atol=1e-5)
+    with pytest.raises(ValueError, match="stride 24 must divide the block size 64"):
+        sampled_scores(q, k, ctx, stride=24)
+
+
 def test_antidiagonal_finds_a_planted_block():
     torch.manual_seed(1)
     s, d = 512, 32
@@ -131,7 +174,7 @@ def test_antidiagonal_finds_a_planted_block():
     direction = torch.randn(d)
     q[0, 0, 448:] += direction * 2  # the last query block ...
     k[0, 0, 128:192] += direction * 2  # ... attends strongly to key block 2
-    for name in ("antidiagonal", "pooled"):
+    for name in ("antidiagonal", "pooled", "sampled"):
         out = get_estimator(name)(q, k, EstimatorContext(block_size=64))
         assert int(out[0, 0, 7].argmax()) == 2, name
 
