@@ -161,7 +161,6 @@ def _log_and_register(
             with warnings.catch_warnings():
                 # No input example on purpose: MLflow would load the base model to validate it.
                 warnings.filterwarnings("ignore", message=".*input example.*", category=UserWarning)
-                warnings.filterwarnings("ignore", message=".*type hints.*", category=UserWarning)
                 return _log_model()
 
         def _log_model() -> Any:
