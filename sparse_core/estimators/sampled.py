@@ -5,10 +5,11 @@ block's estimate is the mean over its sampled rows. No pooling stands between th
 model's own attention, so a peaky head's few heavy keys are seen where pooled keys blur them; what it
 misses is a key block that only the unsampled rows attend to.
 
-Cost: 1/stride of a dense causal QK^T and its softmax, the same share as `antidiagonal` at the same
-stride (row chunks skip the key columns right of their last row, as antidiagonal's do); nothing of
-P.V. The docs/calibration.md section "Four exact rows a block" gives where it stands against the
-learned gate."""
+Cost: 1/stride of a dense causal QK^T and its softmax, as many FLOPs as `antidiagonal` at the same
+stride (row chunks skip the key columns right of their last row, as antidiagonal's do), but a score and
+an exp per key where antidiagonal has one per `stride` keys; nothing of P.V. docs/sparse_core.md ("What each
+training-free scorer costs") has it timed, docs/calibration.md ("Four exact rows a block") where it
+stands against the learned gate."""
 
 from __future__ import annotations
 
@@ -60,7 +61,9 @@ def sampled_scores(
     blocks_per_chunk = max(1, min(_ROW_CHUNK // per_block, -(-n // _CAUSAL_CHUNKS)))
     # One logits buffer for every chunk, worked in place: a fresh large buffer per chunk costs its
     # page faults on the CPU (as much as the matmul at 8k).
-    buf = torch.empty(b * hkv * g * blocks_per_chunk * per_block * n * bs, device=q.device)
+    buf = torch.empty(
+        b * hkv * g * blocks_per_chunk * per_block * n * bs, dtype=torch.float32, device=q.device
+    )
     for c0 in range(0, n, blocks_per_chunk):
         c1 = min(n, c0 + blocks_per_chunk)
         kend, r0, r1 = c1 * bs, c0 * per_block, c1 * per_block
