@@ -13,7 +13,8 @@ flow run, host and process, and an expiry. A thread of the holder renews it ever
 the work goes on, so a lease outlives any long calibration. A holder that dies stops renewing, and the
 next run takes its use case over at once when it can tell the holder is gone (a process of this host
 that no longer exists; a flow run that Prefect has marked finished, crashed included, asked through the
-`run_is_live` the flows pass in), else when its lease lapses, `LEASE_SECONDS` after the last renewal.
+`run_is_live` the flows pass in), else when its lease lapses, `LEASE_SECONDS` after the last renewal
+(`SPARSEPILOT_LEASE_SECONDS` sets another length: `lease_seconds`).
 Expiries are set and read on one clock, the state DB's (`_clock`): on PostgreSQL the server's, so hosts
 whose own clocks disagree (by more than a lease, even) neither take over a live holder nor keep a dead
 one's use case; on SQLite this host's, which every holder of its file shares.
@@ -56,8 +57,10 @@ from rollout.db.session import StateSession, session_scope
 from rollout.usecases import get_use_case
 from sparse_core.errors import SparsePilotError
 
-LEASE_SECONDS = 120.0  # a holder that stops renewing loses the use case after this long
-RENEW_SECONDS = 30.0  # how often a live holder renews
+LEASE_SECONDS = 120.0  # a holder that stops renewing loses the use case after this long (default)
+RENEW_SECONDS = 30.0  # how often a live holder renews, at most (a shorter lease: a quarter of it)
+LEASE_ENV = "SPARSEPILOT_LEASE_SECONDS"  # the operator's lease length, read when a run takes its lease
+MIN_LEASE_SECONDS = 20.0  # renewed every quarter of it at least, a lease shorter than this would lapse
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +68,29 @@ log = logging.getLogger(__name__)
 _HELD: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("leases", default=None)
 # token of a lease its renewer found taken over or freed -> who holds the use case now, as `_lost` says it
 _LOST: dict[str, str] = {}
+
+
+class LeaseSettingError(SparsePilotError, ValueError):
+    """SPARSEPILOT_LEASE_SECONDS is not a lease length this module can keep."""
+
+
+def lease_seconds() -> float:
+    """The lease length a run takes: SPARSEPILOT_LEASE_SECONDS when set, else `LEASE_SECONDS`. A longer
+    lease keeps a holder that stalls (a loaded host, a long pause) from being taken over, and keeps a dead
+    holder's use case (on another host, its flow run not yet marked ended) that much longer."""
+    raw = os.environ.get(LEASE_ENV, "").strip()
+    if not raw:
+        return LEASE_SECONDS
+    try:
+        value = float(raw)
+    except ValueError:
+        raise LeaseSettingError(f"{LEASE_ENV}={raw!r} is not a number of seconds") from None
+    if not value >= MIN_LEASE_SECONDS or value == float("inf"):
+        raise LeaseSettingError(
+            f"{LEASE_ENV}={raw!r}: a lease lasts {MIN_LEASE_SECONDS:g} s at least (it is renewed every "
+            "quarter of it, at most every 30 s) and is finite"
+        )
+    return value
 
 
 class UseCaseBusy(SparsePilotError, RuntimeError):
@@ -314,12 +340,13 @@ def holding(
     renew_every: float | None = None,
 ) -> Iterator[str]:
     """Work on `use_case` under its lease: acquired on entry (UseCaseBusy, naming the holder, when
-    another run holds it), renewed by a thread every `renew_every` seconds (default `RENEW_SECONDS`) for
-    `seconds` more (default `LEASE_SECONDS`; both read when called), released on exit however the work
-    ends. Within a run that holds the use case already (a cycle's subflow) it just goes on under that
+    another run holds it), renewed by a thread every `renew_every` seconds (default `RENEW_SECONDS` or a
+    quarter of the lease, the shorter) for `seconds` more (default `lease_seconds()`: the operator's
+    SPARSEPILOT_LEASE_SECONDS, else `LEASE_SECONDS`; all read when called), released on exit however the
+    work ends. Within a run that holds the use case already (a cycle's subflow) it just goes on under that
     lease. Yields the lease's token."""
-    seconds = LEASE_SECONDS if seconds is None else seconds
-    renew_every = RENEW_SECONDS if renew_every is None else renew_every
+    seconds = lease_seconds() if seconds is None else seconds
+    renew_every = min(RENEW_SECONDS, seconds / 4) if renew_every is None else renew_every
     held = _HELD.get() or {}
     if use_case in held:
         yield held[use_case]

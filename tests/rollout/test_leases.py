@@ -179,6 +179,28 @@ def test_holding_renews_while_the_work_goes_on_and_releases_however_it_ends(use_
     assert _lease_row(use_case) == FREE
 
 
+def test_the_operator_sets_the_lease_length_and_a_bad_one_is_refused_by_name(
+    use_case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rollout import leases
+
+    monkeypatch.setenv("SPARSEPILOT_LEASE_SECONDS", "600")
+    with leases.holding(use_case, "calibrate"):
+        _, _, _, _, _, acquired, expires = _lease_row(use_case)
+        assert (expires - acquired).total_seconds() == pytest.approx(600, abs=1)
+    monkeypatch.delenv("SPARSEPILOT_LEASE_SECONDS")
+    with leases.holding(use_case, "calibrate"):
+        _, _, _, _, _, acquired, expires = _lease_row(use_case)
+        assert (expires - acquired).total_seconds() == pytest.approx(leases.LEASE_SECONDS, abs=1)
+    bad_values = (("2m", "is not a number of seconds"), ("5", "lasts 20 s at least"), ("inf", "is finite"))
+    for bad, why in bad_values:
+        monkeypatch.setenv("SPARSEPILOT_LEASE_SECONDS", bad)
+        with pytest.raises(leases.LeaseSettingError, match=f"SPARSEPILOT_LEASE_SECONDS='{bad}'.*{why}"):
+            with leases.holding(use_case, "calibrate"):
+                pytest.fail("worked without a valid lease length")
+        assert _lease_row(use_case) == FREE  # refused before it took anything
+
+
 def _audit(action: str) -> None:
     from rollout import audit
     from rollout.db.session import session_scope
