@@ -60,7 +60,7 @@ from sparse_core.errors import SparsePilotError
 LEASE_SECONDS = 120.0  # a holder that stops renewing loses the use case after this long (default)
 RENEW_SECONDS = 30.0  # how often a live holder renews, at most (a shorter lease: a quarter of it)
 LEASE_ENV = "SPARSEPILOT_LEASE_SECONDS"  # the operator's lease length, read when a run takes its lease
-MIN_LEASE_SECONDS = 20.0  # renewed every quarter of it at least, a lease shorter than this would lapse
+MIN_LEASE_SECONDS = 20.0  # shorter, a renewal a loaded host delays by a few seconds would let it lapse
 
 log = logging.getLogger(__name__)
 
