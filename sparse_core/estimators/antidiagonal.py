@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from sparse_core.estimators import EstimatorContext
-from sparse_core.estimators.blocks import num_blocks, softmax_scale
+from sparse_core.estimators.blocks import block_stride, num_blocks, softmax_scale
 
 DEFAULT_STRIDE = 16
 _ROW_CHUNK = 1024  # strided query rows per chunk at most; bounds memory at long contexts
@@ -30,9 +30,7 @@ def antidiagonal_scores(
     hkv = k.shape[1]
     g = hq // hkv
     bs = ctx.block_size
-    stride = stride or min(DEFAULT_STRIDE, bs)
-    if bs % stride:
-        raise ValueError(f"antidiagonal stride {stride} must divide the block size {bs}")
+    stride = block_stride("antidiagonal", stride, bs, DEFAULT_STRIDE)
     n = num_blocks(s, bs)
     sp = n * bs
     scale = softmax_scale(ctx.scale, d)

@@ -45,6 +45,16 @@ def block_max_min_mean(x: torch.Tensor, block_size: int) -> torch.Tensor:
     return torch.cat([mx, mn, sm / counts], dim=-1)
 
 
+def block_stride(name: str, stride: int | None, block_size: int, default: int = 16) -> int:
+    """The stride of an estimator that reads one row (or tile) in `stride` of each block (antidiagonal,
+    sampled): the given one, else `default` capped at the block size; ValueError naming the estimator
+    when it does not divide the block size."""
+    stride = stride or min(default, block_size)
+    if block_size % stride:
+        raise ValueError(f"{name} stride {stride} must divide the block size {block_size}")
+    return stride
+
+
 def causal_block_mask(n: int, device: Any = None) -> torch.Tensor:
     idx = torch.arange(n, device=device)
     return idx[None, :] <= idx[:, None]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from sparse_core.estimators import EstimatorContext
-from sparse_core.estimators.blocks import num_blocks, softmax_scale
+from sparse_core.estimators.blocks import block_stride, num_blocks, softmax_scale
 
 DEFAULT_STRIDE = 16
 _CAUSAL_CHUNKS = 8  # at least this many query-block chunks, so ~(1 + 1/8) / 2 of the sampled QK^T is computed
@@ -39,9 +39,7 @@ def sampled_scores(
     hkv = k.shape[1]
     g = hq // hkv
     bs = ctx.block_size
-    stride = stride or min(DEFAULT_STRIDE, bs)
-    if bs % stride:
-        raise ValueError(f"sampled stride {stride} must divide the block size {bs}")
+    stride = block_stride("sampled", stride, bs, DEFAULT_STRIDE)
     n = num_blocks(s, bs)
     per_block = bs // stride
     scale = softmax_scale(ctx.scale, d)
