@@ -9,6 +9,7 @@ import re
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 from scipy import stats
 
@@ -475,6 +476,13 @@ def test_fingerprint_sees_order_and_any_change() -> None:
     changed = df.copy()
     changed.loc[0, "quality"] = np.nextafter(0.9, 1.0)
     assert fp != data_fingerprint(changed)
+    # the same text in any storage pandas may pick (pandas 2's object columns, pandas 3's Arrow `str`,
+    # Python-backed strings) gives the same fingerprint; a changed or moved character does not
+    ids = df["request_id"].astype(str).tolist()
+    for storage in (object, "string[python]", "string[pyarrow]", pd.ArrowDtype(pa.large_string())):
+        assert data_fingerprint(df.assign(request_id=pd.Series(ids, dtype=storage))) == fp, storage
+    assert fp != data_fingerprint(df.assign(request_id=[ids[0] + ids[1], "", *ids[2:]]))
+    assert fp != data_fingerprint(df.assign(request_id=[ids[0] + "\u00e9", *ids[1:]]))
 
 
 def test_evidence_is_complete_and_json_safe() -> None:

@@ -5,7 +5,7 @@ pinned from the code before them (`gate_reference.json`), numbers to 1e-12.
 The cases span split (50% / 10%) and shadow (paired) steps, 0/1 and continuous scores, GO / EXTEND /
 NO-GO (futility, guardrail breaches: error rate, excess over control, latency) and INVALID (bad input,
 SRM, a failed data check), carried history and rows collected under overload. Inputs are built from
-uniform draws only, so they are the same on any numpy.
+uniform draws, their transforms rounded to 1e-9 (`_grid`), so they are the same on any numpy and CPU.
 
 Regenerate the references only for a deliberate change of the gate's decisions:
     PYTHONPATH=$PWD python -m tests.rollout.test_gate_reference --write
@@ -42,6 +42,13 @@ SETTINGS = GateSettings(
 )
 
 
+def _grid(x: np.ndarray) -> np.ndarray:
+    """x rounded to 1e-9. numpy's power and log1p may differ in the last bit from one CPU to another (a
+    SIMD path on one, libm on another), and the decision's data fingerprint hashes the exact bits: rounded,
+    the inputs are the same on every machine (one on an exact tie in 1e7 could still flip)."""
+    return np.round(x, 9)
+
+
 def _rows(
     seed: int,
     n: int,
@@ -62,9 +69,10 @@ def _rows(
     u = rng.random((8, n))
 
     def score(v: np.ndarray, shift: float) -> np.ndarray:
-        return (v < 0.8 - shift).astype(float) if binary else np.clip(v**0.3 - shift, 0.0, 1.0)
+        return (v < 0.8 - shift).astype(float) if binary else _grid(np.clip(v**0.3 - shift, 0.0, 1.0))
 
-    lat_c, lat_t = -200.0 * np.log1p(-u[2]), np.where(u[5] < slow_t, 2000.0, -200.0 * np.log1p(-u[3]))
+    lat_c = _grid(-200.0 * np.log1p(-u[2]))
+    lat_t = np.where(u[5] < slow_t, 2000.0, _grid(-200.0 * np.log1p(-u[3])))
     if mode == "split":
         t = u[0] < share
         return pd.DataFrame(
