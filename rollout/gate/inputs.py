@@ -169,7 +169,8 @@ def _update_text(h, values: pd.Series) -> None:
             return
     except (AttributeError, TypeError, ImportError):
         pass
-    h.update("\x1f".join(values.astype(str).tolist()).encode("utf-8", "surrogatepass"))
+    # str() of each value, as pandas 2's astype(str) of an object column gave (a missing one: "nan", "None")
+    h.update("\x1f".join(map(str, values.astype(object).tolist())).encode("utf-8", "surrogatepass"))
 
 
 def srm_test(n_control: int, n_treatment: int, planned_treatment_share: float) -> tuple[float, float]:
