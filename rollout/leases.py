@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextvars
 import datetime as dt
 import logging
+import math
 import os
 import socket
 import threading
@@ -85,7 +86,7 @@ def lease_seconds() -> float:
         value = float(raw)
     except ValueError:
         raise LeaseSettingError(f"{LEASE_ENV}={raw!r} is not a number of seconds") from None
-    if not value >= MIN_LEASE_SECONDS or value == float("inf"):
+    if not value >= MIN_LEASE_SECONDS or math.isinf(value):
         raise LeaseSettingError(
             f"{LEASE_ENV}={raw!r}: a lease lasts {MIN_LEASE_SECONDS:g} s at least (it is renewed every "
             "quarter of it, at most every 30 s) and is finite"

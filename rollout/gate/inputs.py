@@ -152,10 +152,10 @@ def data_fingerprint(frame: pd.DataFrame) -> str:
 
 
 def _update_text(h, values: pd.Series) -> None:
-    """Feed a column's text to the hash: the values as text joined by \x1f, UTF-8. Arrow-backed strings
-    (pandas 3's default `str`) give those bytes from their buffers, without Python objects; any other
-    storage joins them in Python. Both give the same bytes, so a fingerprint does not depend on how
-    pandas stores the column (under pandas 2, object columns took the second way)."""
+    """Feed a column's text to the hash: the values as text joined by the unit separator (0x1F), UTF-8.
+    Arrow-backed strings (pandas 3's default `str`) give those bytes from their buffers, without Python
+    objects; any other storage joins them in Python. Both give the same bytes, so a fingerprint does not
+    depend on how pandas stores the column (under pandas 2, object columns took the second way)."""
     try:
         import pyarrow as pa
 
