@@ -8,6 +8,7 @@ from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
@@ -43,24 +44,38 @@ def emit_or_say(payload: Any, json_out: bool, message: object) -> None:
 
 
 def print_table(title: str, rows: list[dict[str, Any]], columns: list[str] | None = None) -> None:
+    """Rows as a table; where the table is wider than the console (an 80-column terminal, or a log, which
+    rich gives 80 columns), each row as a record instead, so that no value is ever cut to "0.9…"."""
     cols = columns or (list(rows[0].keys()) if rows else [])
     table = Table(title=Text(title))
     for c in cols:
-        table.add_column(c)
+        table.add_column(c, overflow="fold")
     for r in rows:
         table.add_row(*(Text(redact(_fmt(r.get(c)))) for c in cols))
-    console.print(table)
+    natural = Measurement.get(console, console.options.update_width(_UNBOUNDED), table).maximum
+    console.print(table if natural <= console.width else _records(title, rows, cols))
 
 
 def print_record(title: str, row: dict[str, Any], fields: list[str]) -> None:
     """One result as a two-column table, a field a line: readable in an 80-column terminal or log
     where a one-row table of a dozen columns is cut to three letters a cell."""
+    console.print(_records(title, [row], fields))
+
+
+_UNBOUNDED = 1_000_000  # a width no table reaches: measures a table's natural width
+
+
+def _records(title: str, rows: list[dict[str, Any]], fields: list[str]) -> Table:
+    """Rows as field / value pairs, a section per row."""
     table = Table(title=Text(title))
-    table.add_column("field")
-    table.add_column("value")
-    for f in fields:
-        table.add_row(Text(f), Text(redact(_fmt(row.get(f)))))
-    console.print(table)
+    table.add_column("field", overflow="fold")
+    table.add_column("value", overflow="fold")
+    for i, row in enumerate(rows):
+        if i:
+            table.add_section()
+        for f in fields:
+            table.add_row(Text(f), Text(redact(_fmt(row.get(f)))))
+    return table
 
 
 def _fmt(v: Any) -> str:

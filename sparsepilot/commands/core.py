@@ -8,6 +8,7 @@ Heavy imports (torch, transformers) happen inside the commands so `sparsepilot -
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import statistics
 import tempfile
@@ -497,13 +498,15 @@ def _print_report(r) -> None:
         )
         windows = f.get("windows") or []
         text = f"{len(windows)} window(s) of {', '.join(map(str, windows))} tokens" if windows else ""
-        if f.get("agree_lower") is not None:
+        bounds = [f.get("agree_lower"), f.get("kl_upper")]
+        if all(b is not None and math.isfinite(b) for b in bounds):  # too few blocks bound nothing: +-inf
             console.print(
                 f"{text}; one-sided 95% bounds over {f['bound_units']} blocks: top1_agree >= "
                 f"{f['agree_lower']:.4f}, kl <= {f['kl_upper']:.4g}"
             )
         elif text:
-            console.print(f"{text}: too few blocks of scored positions for a 95% bound on the means above")
+            units = f" ({f['bound_units']})" if f.get("bound_units") is not None else ""
+            console.print(f"{text}: too few blocks of scored positions{units} for a 95% bound on the means")
     if r.probes:
         rows = []
         for key, acc in r.probes["dense"]["by_kind_length"].items():

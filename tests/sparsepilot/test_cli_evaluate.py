@@ -5,14 +5,17 @@ whether they were enough for a bound."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from sparsepilot.cli import app
 
 
-def test_evaluate_prints_bounds_beside_the_means(sp_home, tiny_llama_dir: Path, tmp_path: Path) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("size", ["default", "quick"])  # --quick's 2 short windows: too few blocks to bound
+def test_evaluate_prints_bounds_beside_the_means(sp_home, tiny_llama_dir, tmp_path: Path, size: str) -> None:  # noqa: ANN001
     from sparse_core import SparsePlan, load_model, plan_io
 
     model, _ = load_model(str(tiny_llama_dir))
@@ -24,15 +27,24 @@ def test_evaluate_prints_bounds_beside_the_means(sp_home, tiny_llama_dir: Path, 
     out = tmp_path / "report.json"
     args = ["evaluate", "--model", str(tiny_llama_dir), "--plan", str(plan), "--dataset", str(ds)]
     args += ["--task", "loglik", "--probe-lengths", "0", "--speed-lengths", "0", "--out", str(out)]
+    args += ["--quick"] if size == "quick" else []
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     text = " ".join(res.output.split())
     report = json.loads(out.read_text())
     tasks, fid = report["tasks"], report["fidelity"]
-    assert tasks["n_rows"] == 8 and -1 < tasks["quality_low"] <= tasks["quality_high"] < 1
+    assert tasks["n_rows"] == (8 if size == "default" else 6)
+    assert -1 < tasks["quality_low"] <= tasks["quality_high"] < 1
     assert f"[{tasks['quality_low']:+.4f}, {tasks['quality_high']:+.4f}]" in text  # the table's bounds
     windows = ", ".join(map(str, fid["windows"]))
-    if fid["agree_lower"] is None:
-        assert f"window(s) of {windows} tokens: too few blocks of scored positions for a 95% bound" in text
+    bounded = all(fid[k] is not None and math.isfinite(fid[k]) for k in ("agree_lower", "kl_upper"))
+    assert bounded == (size == "default")
+    if not bounded:  # never printed as "top1_agree >= -inf"
+        units = f" ({fid['bound_units']})" if fid.get("bound_units") is not None else ""
+        assert (
+            f"window(s) of {windows} tokens: too few blocks of scored positions{units} for a 95% bound"
+            in text
+        )
+        assert ">= -inf" not in text and "<= inf" not in text
     else:
         assert f"window(s) of {windows} tokens; one-sided 95% bounds over {fid['bound_units']} blocks" in text
