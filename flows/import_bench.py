@@ -4,16 +4,14 @@ SPARSEPILOT_HOME: a use case on a tiny local model, a challenger, a pilot at its
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
-import os
 import resource
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-DATASET_ROWS = 200
+from rollout.bench_home import setup_home
 
 
 def _request_ids(rows: int) -> list[str]:
@@ -35,50 +33,12 @@ def _write_observations(path: Path, ids: list[str]) -> None:
             )
 
 
-def _setup(home: Path) -> str:
-    """A use case with a challenger and a calibration run in a fresh home; returns its name."""
-    import yaml
-
-    from rollout import runs
-    from rollout.db import migrate
-    from rollout.settings import configure_environment
-    from rollout.usecases import add_usecase
-
-    os.environ["SPARSEPILOT_HOME"] = str(home)
-    os.environ.pop("SPARSEPILOT_DATABASE_URL", None)
-    settings = configure_environment()
-    migrate.upgrade(settings.database_url)
-    # a model ref needs only its config.json to be checked (no weights are read at `usecase add`, and an
-    # import runs no model): the bench process stays free of torch, as `sparsepilot pilot
-    # --observations` is
-    model = home / "model"
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": 2048}))
-    ids = [f"q{i}" for i in range(DATASET_ROWS)]
-    (home / "data.jsonl").write_text(
-        "".join(json.dumps({"id": i, "prompt": f"question {i}?", "reference": "yes"}) + "\n" for i in ids)
-    )
-    spec = {
-        "name": "bench-import", "owner": "bench", "criticality": "low", "model": str(model),
-        "dataset": {"path": str(home / "data.jsonl"), "task": "exact_match"},
-        "traffic": {"requests_per_day": 1000, "prompt_tokens": {"p50": 20}, "output_tokens": {"p50": 8}},
-        "latency_slo_ms": {"p95": 1000},
-        "cost": {"gpu_usd_per_hour": 2.0, "utilisation": 0.5, "pilot_one_off_usd": 0},
-        "rollout": {"shadow": {"min_samples": 10}, "steps": [{"traffic_pct": 50, "min_samples": 10}]},
-        "gate": {"non_inferiority_margin": 0.05},
-    }  # fmt: skip
-    (home / "spec.yaml").write_text(yaml.safe_dump(spec))
-    add_usecase(home / "spec.yaml", actor="bench")
-    runs.record_unregistered_challenger("bench-import", str(model), key="bench")
-    return "bench-import"
-
-
 def _one(rows: int, chunk_rows: int, out: Any) -> None:
     from rollout.pilot_batches import import_file
     from sparse_core.host import HostLoadMeter
 
     home = Path(tempfile.mkdtemp(prefix="sparsepilot-bench-import-"))
-    name = _setup(home)
+    name = setup_home(home)
     ids = _request_ids(rows)
     path = home / "observations.jsonl"
     t = time.perf_counter()

@@ -7,7 +7,7 @@ import sys
 from typing import Any, NoReturn
 
 import typer
-from rich.console import Console
+from rich.console import Console, Group
 from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
@@ -65,9 +65,10 @@ def print_record(title: str, row: dict[str, Any], fields: list[str]) -> None:
 _UNBOUNDED = 1_000_000  # a width no table reaches: measures a table's natural width
 
 
-def _records(title: str, rows: list[dict[str, Any]], fields: list[str]) -> Table:
-    """Rows as field / value pairs, a section per row."""
-    table = Table(title=Text(title))
+def _records(title: str, rows: list[dict[str, Any]], fields: list[str]) -> Group:
+    """Rows as field / value pairs, a section per row, under the title on a line of its own (a table's
+    title wraps at the table's width, a narrow one here)."""
+    table = Table()
     table.add_column("field", overflow="fold")
     table.add_column("value", overflow="fold")
     for i, row in enumerate(rows):
@@ -75,7 +76,7 @@ def _records(title: str, rows: list[dict[str, Any]], fields: list[str]) -> Table
             table.add_section()
         for f in fields:
             table.add_row(Text(f), Text(redact(_fmt(row.get(f)))))
-    return table
+    return Group(Text(title, style="italic", justify="left"), table)
 
 
 def _fmt(v: Any) -> str:

@@ -144,6 +144,49 @@ def bench_import(
     )
 
 
+@app.command("monitor")
+def bench_monitor(
+    rows: list[int] = typer.Option(
+        [10_000, 100_000, 1_000_000],
+        "--rows",
+        help="Rows the monitor step holds before the timed looks (repeatable).",
+    ),
+    batch: int = typer.Option(
+        100, "--batch", min=1, help="Requests a look samples (each answered by both arms)."
+    ),
+    looks: int = typer.Option(3, "--looks", min=1, help="Timed looks per size (medians kept)."),
+    out: JsonOut = "bench-results/monitor.json",
+    json_out: Annotated[bool, _json_flag("Print the JSON instead of a table.")] = False,
+) -> None:
+    """Time one monitor look once the champion's monitor holds N rows (SQLite, each size in a fresh process
+    with a scratch home): the promoted pilot's used request ids, storing the batch, reading every row since
+    promotion, the change detector's judgement, and the whole recorded look; peak RSS per size."""
+    from rollout.monitor_bench import run_monitor_bench
+    from sparsepilot.console import fail, print_table
+
+    if any(r < 2 * batch for r in rows):
+        fail(f"--rows: each size must hold at least one look of --batch {batch} requests ({2 * batch} rows)")
+    result = run_monitor_bench(rows, batch=batch, looks=looks)
+    if _saved_and_emitted(result, out, json_out):
+        return
+    print_table(
+        f"one monitor look, medians of {looks} (SQLite, load {' '.join(result['loadavg'])}; JSON: {out})",
+        result["results"],
+        columns=[
+            "rows",
+            "target_s",
+            "store_s",
+            "read_s",
+            "judge_s",
+            "look_s",
+            "looks_judged",
+            "outcome",
+            "peak_rss_mib",
+            "others_busy_cores",
+        ],
+    )
+
+
 @app.command("quality")
 def bench_quality(
     quick: Annotated[

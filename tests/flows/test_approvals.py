@@ -305,7 +305,7 @@ def test_the_monitor_accumulates_evidence_over_its_looks_and_a_kept_alarm_resume
         judged = pilots.monitor_observations(s, step)
         salt = s.get(Pilot, step.pilot_id).salt
     # imported rows enter the evidence by their salted stream key, not in the file's order
-    first_look = [r["request_id"] for r in judged if r["look"] == judged[0]["look"]]
+    first_look = judged.loc[judged["look"] == judged["look"].iloc[0], "request_id"].tolist()
     assert first_look == sorted(first_look, key=lambda rid: pilots.stream_key(rid, salt))
     assert sorted(first_look) == sorted(f"b1-{j}" for j in range(12)) and first_look != [
         f"b1-{j}" for j in range(12)

@@ -359,6 +359,9 @@ def test_the_monitor_compares_the_arms_where_dense_answered_too() -> None:
             }
         )
     out = monitor_guardrails(rows, spec)
+    # the table the monitor reads from the state DB (`pilots.monitor_observations`), shuffled index and all,
+    # is judged as the same rows one dict each
+    assert monitor_guardrails(pd.DataFrame(rows, index=np.arange(len(rows))[::-1]), spec) == out
     checks = {c["name"]: c for c in out["checks"]}
     assert out["looks"] == 50 and out["pairs"] == 600
     assert out["breached"] == ["quality_loss"], out
@@ -383,6 +386,9 @@ def test_the_monitor_compares_the_arms_where_dense_answered_too() -> None:
     out = monitor_guardrails(broken, spec)
     assert out["problems"] and {c["name"]: c["evaluated"] for c in out["checks"]}["treatment_error_rate"]
     assert _monitor_verdict({"passed": True}, out, 0.05)[0] == "INVALID"
+    assert monitor_guardrails(pd.DataFrame(broken), spec) == out
+    nothing = monitor_guardrails(pd.DataFrame(columns=[*rows[0]]), spec)
+    assert nothing == monitor_guardrails([], spec) and nothing["n_treatment"] == 0 and not nothing["checks"]
 
 
 # ---------------------------------------------------------------- bad input: INVALID naming the column

@@ -1,0 +1,171 @@
+"""`sparsepilot bench monitor`: what one monitor look costs once the champion has served N sampled
+requests. Each look of the monitor flow reads back every row since promotion (the change detector judges
+all the looks, `rollout.pilots.monitor_observations`) and every request id the pilot used (so no request is
+evidence twice, `pilot_batches.monitor_target`), so a look's cost grows with the monitor's age. Each size
+runs in a fresh process (its peak RSS is its own) with a scratch SPARSEPILOT_HOME on SQLite: the bench
+use case of `bench import`, its pilot promoted, N rows seeded into the monitor step in looks of `batch`
+rows, then `looks` more looks through the monitor's own domain calls, each part timed. Not timed: the
+models answering the batch and the batch's data check (both per batch, not per row stored)."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from rollout.bench_home import setup_home
+
+NAME = "bench-monitor"
+PARTS = ("target_s", "store_s", "read_s", "judge_s", "look_s")
+
+
+def _rows(first: int, requests: int) -> list[dict[str, Any]]:
+    """`requests` distinct requests from number `first` on, each answered by both arms (the monitor samples
+    the champion and has dense answer the same request offline): a healthy champion, 1% errors."""
+    rows = []
+    for i in range(first, first + requests):
+        q = 0.5 + (i % 97) / 400
+        for arm, delta, latency in (("control", 0.0, 100 + i % 50), ("treatment", -0.01, 80 + i % 40)):
+            rows.append(
+                {
+                    "request_id": f"req-{i}",
+                    "arm": arm,
+                    "quality": round(q + delta, 4),
+                    "latency_ms": float(latency),
+                    "tokens": 120,
+                    "error": i % 100 == 0,
+                    "overloaded": False,
+                }
+            )
+    return rows
+
+
+def _promoted_monitor_step(name: str) -> int:
+    """Start the bench use case's pilot and promote it as an approval would; returns the monitor step id."""
+    from rollout import audit, lifecycle, pilot_batches, pilots
+    from rollout.db.session import session_scope
+
+    with session_scope() as session:
+        info = pilot_batches.ensure_pilot_in(session, name)
+        uc = pilots.get_use_case(session, name)
+        pilot = pilots.active_pilot(session, uc)
+        pilots.stop_pilot(session, pilot, status="promoted", actor=audit.SYSTEM_ACTOR, reason="bench seed")
+        lifecycle.set_phase(session, uc, "promoted", actor=audit.SYSTEM_ACTOR, reason="bench seed")
+        assert info["pilot_id"] == pilot.id
+    target = pilot_batches.monitor_target(name)
+    assert target is not None
+    return int(target["step_id"])
+
+
+def _seed(step_id: int, rows: int, batch: int) -> None:
+    """`rows` observations in the monitor step, `batch` requests (2 rows each) a look, bulk-inserted (the
+    seeding is not what is timed)."""
+    from sqlalchemy import insert
+
+    from rollout.db.models import Observation, Pilot, PilotStep
+    from rollout.db.session import session_scope
+
+    with session_scope() as session:
+        step = session.get(PilotStep, step_id)
+        use_case_id = session.get(Pilot, step.pilot_id).use_case_id
+        for look, first in enumerate(range(0, rows // 2, batch)):
+            chunk = _rows(first, min(batch, rows // 2 - first))
+            session.execute(
+                insert(Observation),
+                [
+                    {**r, "pilot_step_id": step_id, "use_case_id": use_case_id, "batch_id": f"seed-{look}",
+                     "source": "monitor"}
+                    for r in chunk
+                ],
+            )  # fmt: skip
+
+
+def _look(name: str, step_id: int, first: int, batch: int, look: int) -> dict[str, Any]:
+    """One monitor look on a new batch through the monitor flow's domain calls, each part timed."""
+    from rollout import decisions, pilot_batches, pilots
+    from rollout.db.models import PilotStep
+    from rollout.db.session import session_scope
+
+    rows = _rows(first, batch)
+    batch_id = f"m-{step_id}-bench-{look}"
+    out: dict[str, Any] = {}
+    t = time.perf_counter()
+    info = pilot_batches.monitor_target(name)  # the promoted pilot, with every request id it used
+    out["target_s"] = time.perf_counter() - t
+    assert info is not None and len(info["used_request_ids"]) >= first
+    t = time.perf_counter()
+    stored = pilot_batches.store_batch(step_id, rows, batch_id, "monitor")
+    out["store_s"] = time.perf_counter() - t
+    assert stored["inserted"] == len(rows)
+    # the read and the judgement alone (monitor_look does both, then records the decision)
+    t = time.perf_counter()
+    with session_scope() as session:
+        judged = pilots.monitor_observations(session, session.get(PilotStep, step_id))
+    out["read_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    guard = pilots.monitor_guardrails(judged, _spec(name))
+    out["judge_s"] = time.perf_counter() - t
+    check = {"passed": True, "report": {"success": True, "note": "bench batch: not checked"}}
+    t = time.perf_counter()
+    decision = decisions.monitor_look(name, info, rows, check, batch_id)
+    out["look_s"] = time.perf_counter() - t
+    out.update(rows_judged=len(judged), looks=guard.get("looks"), outcome=decision["outcome"])
+    out["breached"] = ",".join(guard["breached"])
+    return out
+
+
+def _spec(name: str) -> Any:
+    from rollout import pilots
+    from rollout.db.session import session_scope
+
+    with session_scope() as session:
+        return pilots.load_current_spec(session, pilots.get_use_case(session, name))[0]
+
+
+def _one(rows: int, batch: int, looks: int, out: Any) -> None:
+    from sparse_core.host import HostLoadMeter
+
+    home = Path(tempfile.mkdtemp(prefix="sparsepilot-bench-monitor-"))
+    name = setup_home(home, NAME)
+    step_id = _promoted_monitor_step(name)
+    t = time.perf_counter()
+    _seed(step_id, rows, batch)
+    seed_s = time.perf_counter() - t
+    with HostLoadMeter(threads=1) as meter:  # the look is one thread of this process
+        timed = [_look(name, step_id, rows // 2 + i * batch, batch, i) for i in range(looks)]
+    out.put(
+        {
+            "rows": rows,
+            "batch_requests": batch,
+            "seed_s": round(seed_s, 1),
+            **{part: round(statistics.median(t[part] for t in timed), 3) for part in PARTS},
+            "rows_judged": timed[-1]["rows_judged"],
+            "looks_judged": timed[-1]["looks"],
+            "outcome": timed[-1]["outcome"],
+            "breached": timed[-1]["breached"],
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "database": "sqlite",
+            "others_busy_cores": meter.load.others_busy_cores,
+            "overloaded": meter.load.overloaded,
+        }
+    )
+
+
+def run_monitor_bench(sizes: list[int], *, batch: int = 100, looks: int = 3) -> dict[str, Any]:
+    """One fresh process per size; the parts' medians over `looks` looks."""
+    ctx = mp.get_context("spawn")
+    results = []
+    for rows in sizes:
+        q = ctx.Queue()
+        p = ctx.Process(target=_one, args=(rows, batch, looks, q))
+        p.start()
+        results.append(q.get())
+        p.join()
+    with open("/proc/loadavg") as f:
+        load = f.read().split()[:3]
+    return {"results": results, "loadavg": load, "cpu_count": os.cpu_count(), "looks": looks}

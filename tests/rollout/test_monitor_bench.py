@@ -1,0 +1,33 @@
+"""`sparsepilot bench monitor`: a monitor look timed on a scratch state DB holding N rows, through the
+monitor's own domain calls, in a fresh process per size."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from sparsepilot.cli import app
+
+
+def test_a_look_judges_every_row_since_promotion(tmp_path) -> None:  # noqa: ANN001
+    out = tmp_path / "monitor.json"
+    args = ["bench", "monitor", "--rows", "400", "--rows", "1000", "--batch", "50", "--looks", "2"]
+    res = CliRunner().invoke(app, [*args, "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    result = json.loads(out.read_text())
+    assert [r["rows"] for r in result["results"]] == [400, 1000]
+    for r in result["results"]:
+        # the seeded rows, then two looks of 50 requests in both arms; the detector sees every look
+        assert r["rows_judged"] == r["rows"] + 2 * 100
+        assert r["looks_judged"] == r["rows"] // 100 + 2
+        assert r["outcome"] == "GO" and r["breached"] == ""  # a healthy champion: 1% errors
+        assert all(r[p] > 0 for p in ("target_s", "store_s", "read_s", "judge_s", "look_s"))
+        assert r["peak_rss_mib"] > 0 and r["database"] == "sqlite"
+    assert "one monitor look" in " ".join(res.output.split())
+
+
+def test_a_size_below_one_look_is_refused(tmp_path) -> None:  # noqa: ANN001
+    out = tmp_path / "monitor.json"
+    res = CliRunner().invoke(app, ["bench", "monitor", "--rows", "99", "--batch", "50", "--out", str(out)])
+    assert res.exit_code != 0 and "--rows" in res.output and not out.exists()
