@@ -542,8 +542,10 @@ def monitor_observations(session: Session, step: PilotStep) -> pd.DataFrame:
     each with its look (`look`: the batch id): every row since the monitor began, or since the last alarm
     a person kept the champion through (that alarm is settled; detection starts again, with its own
     alpha). A table (columns `OBSERVATION_FIELDS` and `look`), read through the connection: a look reads
-    every row since promotion, and a dict, or an ORM row, per stored row tripled a look's time and memory
-    (`sparsepilot bench monitor`)."""
+    every row since promotion, and an ORM row and a dict per stored row made a look over a million rows
+    take 1.5x the time and memory (`sparsepilot bench monitor`, docs/gate.md "What a look costs")."""
+    import pandas as pd
+
     kept = session.scalar(
         select(GateDecision)
         .where(
@@ -555,8 +557,6 @@ def monitor_observations(session: Session, step: PilotStep) -> pd.DataFrame:
         .limit(1)
     )
     after = int((kept.evidence or {}).get("judged_through") or 0) if kept is not None else 0
-    import pandas as pd
-
     result = session.connection().execute(
         select(
             *(getattr(Observation, f) for f in OBSERVATION_FIELDS),
