@@ -219,7 +219,7 @@ def render_table(rows: list[dict[str, Any]], outcomes: dict[str, dict[str, Any]]
     table = Table(title="SparsePilot main job")
     for col in ("use case", "decision", "waits for", "quality delta [interval]", "speed-up [interval]",
                 "$/month saved [interval]", "payback", "decode"):  # fmt: skip
-        table.add_column(col)
+        table.add_column(col, overflow="fold")  # a narrow column wraps a long number, never cuts it to "…"
     for r in rows:
         o = outcomes.get(r["use_case"]) or {}
         decision = r["decision"] if o.get("ok", True) else f"ERROR: {o.get('error')}"
