@@ -4,14 +4,13 @@ SPARSEPILOT_HOME: a use case on a tiny local model, a challenger, a pilot at its
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import resource
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from rollout.bench_home import setup_home
+from rollout.bench_home import in_fresh_processes, load_average, setup_home
 
 
 def _request_ids(rows: int) -> list[str]:
@@ -69,18 +68,9 @@ def _one(rows: int, chunk_rows: int, out: Any) -> None:
 
 
 def run_import_bench(sizes: list[int], chunk_rows: int = 50_000) -> dict[str, Any]:
-    ctx = mp.get_context("spawn")
-    results = []
-    for rows in sizes:
-        q = ctx.Queue()
-        p = ctx.Process(target=_one, args=(rows, chunk_rows, q))
-        p.start()
-        results.append(q.get())
-        p.join()
-    with open("/proc/loadavg") as f:
-        load = f.read().split()[:3]
+    results = in_fresh_processes(_one, [(rows, chunk_rows) for rows in sizes])
     return {
         "results": results,
-        "loadavg": load,
+        "loadavg": load_average(),
         "targets": {"rows_per_s_at_1m": 1_000_000 / 60, "peak_rss_mib": 1024},
     }

@@ -5,8 +5,11 @@ a plan-less challenger and its calibration run."""
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 DATASET_ROWS = 200
 
@@ -47,3 +50,23 @@ def setup_home(home: Path, name: str = "bench-import") -> str:
     add_usecase(home / "spec.yaml", actor="bench")
     runs.record_unregistered_challenger(name, str(model), key="bench")
     return name
+
+
+def in_fresh_processes(target: Callable[..., None], calls: Iterable[tuple]) -> list[dict[str, Any]]:
+    """`target(*args, queue)` for each `args` of `calls`, each in a process of its own (spawned, one after
+    another: a size's peak RSS and its scratch home are its own); what each put on the queue, in order."""
+    ctx = mp.get_context("spawn")
+    results = []
+    for args in calls:
+        queue = ctx.Queue()
+        process = ctx.Process(target=target, args=(*args, queue))
+        process.start()
+        results.append(queue.get())
+        process.join()
+    return results
+
+
+def load_average() -> list[str]:
+    """The 1/5/15-minute load averages as /proc/loadavg gives them (the benches' JSON has them so)."""
+    with open("/proc/loadavg") as f:
+        return f.read().split()[:3]

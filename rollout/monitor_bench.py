@@ -9,7 +9,6 @@ models answering the batch and the batch's data check (both per batch, not per r
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import resource
 import statistics
@@ -18,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rollout.bench_home import setup_home
+from rollout.bench_home import in_fresh_processes, load_average, setup_home
 
 NAME = "bench-monitor"
 PARTS = ("target_s", "store_s", "read_s", "judge_s", "look_s")
@@ -158,14 +157,5 @@ def _one(rows: int, batch: int, looks: int, out: Any) -> None:
 
 def run_monitor_bench(sizes: list[int], *, batch: int = 100, looks: int = 3) -> dict[str, Any]:
     """One fresh process per size; the parts' medians over `looks` looks."""
-    ctx = mp.get_context("spawn")
-    results = []
-    for rows in sizes:
-        q = ctx.Queue()
-        p = ctx.Process(target=_one, args=(rows, batch, looks, q))
-        p.start()
-        results.append(q.get())
-        p.join()
-    with open("/proc/loadavg") as f:
-        load = f.read().split()[:3]
-    return {"results": results, "loadavg": load, "cpu_count": os.cpu_count(), "looks": looks}
+    results = in_fresh_processes(_one, [(rows, batch, looks) for rows in sizes])
+    return {"results": results, "loadavg": load_average(), "cpu_count": os.cpu_count(), "looks": looks}

@@ -1,5 +1,5 @@
 """`sparsepilot bench monitor`: a monitor look timed on a scratch state DB holding N rows, through the
-monitor's own domain calls, in a fresh process per size."""
+monitor's own domain calls, in a fresh process per size; and `bench import`, which shares its runner."""
 
 from __future__ import annotations
 
@@ -31,3 +31,12 @@ def test_a_size_below_one_look_is_refused(tmp_path) -> None:  # noqa: ANN001
     out = tmp_path / "monitor.json"
     res = CliRunner().invoke(app, ["bench", "monitor", "--rows", "99", "--batch", "50", "--out", str(out)])
     assert res.exit_code != 0 and "--rows" in res.output and not out.exists()
+
+
+def test_bench_import_imports_every_row_in_a_fresh_process(tmp_path) -> None:  # noqa: ANN001
+    """`bench import` shares the scratch home and the process-per-size runner (`rollout.bench_home`)."""
+    out = tmp_path / "import.json"
+    res = CliRunner().invoke(app, ["bench", "import", "--rows", "2000", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    (r,) = json.loads(out.read_text())["results"]
+    assert r["rows"] == r["inserted"] == 2000 and r["torch_loaded"] is False and r["peak_rss_mib"] > 0
