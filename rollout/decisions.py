@@ -71,8 +71,6 @@ def gate_step(
     record the decision (keyed by step + data fingerprint) and act on it. No rows, or rows decide() cannot
     judge, are recorded as INVALID with the reason (never a crash). `promote_after_step` ends a short
     pilot early; `traffic` (what the source has left) turns an EXTEND on used-up traffic into a note."""
-    import pandas as pd
-
     from rollout.gate import decide
     from rollout.observations_io import validate_observation_rows
     from rollout.traffic import exhaustion_note
@@ -87,17 +85,17 @@ def gate_step(
         check = (
             validate_observation_rows(
                 rows,
-                known_request_ids={r["request_id"] for r in rows},
+                known_request_ids=set(rows["request_id"]),
                 # a split step at a small traffic % may have no treatment row yet: that is "too few
                 # samples" (EXTEND), judged by decide, not a broken batch
                 require_both_arms=step.kind == "shadow",
                 source=f"{use_case} step {step.index} observations",
             )
-            if rows
+            if len(rows)
             else {"passed": True, "failures": [], "report": {"rows": 0}}
         )
         decision = decide(
-            pd.DataFrame(rows, columns=list(pilots.OBSERVATION_FIELDS)),
+            rows,
             pilots.gate_settings(spec, step),
             pilots.gate_history(session, step),
             mode="paired" if step.kind == "shadow" else "split",

@@ -11,9 +11,12 @@ import math
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sparse_core.errors import SparsePilotError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 REQUIRED = ("request_id", "arm", "quality", "latency_ms", "error")
 OPTIONAL = ("tokens",)
@@ -169,7 +172,7 @@ def _shown(value: Any) -> str:
 
 
 def validate_observation_rows(
-    rows: list[dict[str, Any]],
+    rows: pd.DataFrame | list[dict[str, Any]],
     *,
     known_request_ids: Iterable[str],
     require_both_arms: bool,

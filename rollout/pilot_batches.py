@@ -146,7 +146,7 @@ def import_file(
         info = ensure_pilot_in(session, use_case)
         step = session.get(PilotStep, info["step_id"])
         check = pilots.ImportCheck(
-            pilots.step_observations(session, step),
+            pilots.step_observations(session, step).to_dict("records"),
             kind=info["kind"],
             salt=info["salt"],
             traffic_pct=info["traffic_pct"],

@@ -519,33 +519,19 @@ def abort_pilot(
     return pilot, open_decisions
 
 
-def step_observations(session: Session, step: PilotStep) -> list[dict[str, Any]]:
-    """The observations of one step as plain rows (the gate's input table) in evidence order: batches in
-    the order they were stored, each import's rows by their stream key, other rows as they arrived
-    (`in_evidence_order`). The gate's confidence sequence runs along this order, and each look's stream
-    extends the one before (a batch is stored whole, after the earlier ones)."""
-    result = session.execute(
-        select(
-            *(getattr(Observation, f) for f in OBSERVATION_FIELDS),
-            Observation.batch_id,
-            Observation.stream_key,
-        )
-        .where(Observation.pilot_step_id == step.id)
-        .order_by(Observation.id)
-    )
-    n = len(OBSERVATION_FIELDS)
-    return [dict(zip(OBSERVATION_FIELDS, row[:n], strict=True)) for row in in_evidence_order(result.all())]
+def step_observations(session: Session, step: PilotStep) -> pd.DataFrame:
+    """The observations of one step (the gate's input table, columns `OBSERVATION_FIELDS`) in evidence
+    order: batches in the order they were stored, each import's rows by their stream key, other rows as
+    they arrived (`in_evidence_order`). The gate's confidence sequence runs along this order, and each
+    look's stream extends the one before (a batch is stored whole, after the earlier ones)."""
+    return _evidence_table(session, Observation.pilot_step_id == step.id).drop(columns="look")
 
 
 def monitor_observations(session: Session, step: PilotStep) -> pd.DataFrame:
     """The monitor step's rows that its change detector judges, in evidence order (`in_evidence_order`),
     each with its look (`look`: the batch id): every row since the monitor began, or since the last alarm
     a person kept the champion through (that alarm is settled; detection starts again, with its own
-    alpha). A table (columns `OBSERVATION_FIELDS` and `look`), read through the connection: a look reads
-    every row since promotion, and an ORM row and a dict per stored row made a look over a million rows
-    take 1.5x the time and memory (`sparsepilot bench monitor`, docs/gate.md "What a look costs")."""
-    import pandas as pd
-
+    alpha). A table of columns `OBSERVATION_FIELDS` and `look`."""
     kept = session.scalar(
         select(GateDecision)
         .where(
@@ -557,17 +543,28 @@ def monitor_observations(session: Session, step: PilotStep) -> pd.DataFrame:
         .limit(1)
     )
     after = int((kept.evidence or {}).get("judged_through") or 0) if kept is not None else 0
+    return _evidence_table(session, Observation.pilot_step_id == step.id, Observation.id > after)
+
+
+def _evidence_table(session: Session, *where: Any) -> pd.DataFrame:
+    """The stored rows that match `where`, in evidence order, as one table (`OBSERVATION_FIELDS` and `look`,
+    the batch id), read through the connection: every look reads all of its step's rows, and an ORM row
+    and a dict per stored row made a look over a million rows take 1.5x the time and memory
+    (`sparsepilot bench monitor`, docs/gate.md "What a look costs")."""
+    import pandas as pd
+
     result = session.connection().execute(
         select(
             *(getattr(Observation, f) for f in OBSERVATION_FIELDS),
             Observation.batch_id,
             Observation.stream_key,
         )
-        .where(Observation.pilot_step_id == step.id, Observation.id > after)
+        .where(*where)
         .order_by(Observation.id)
     )
-    columns = list(zip(*in_evidence_order(result.all()), strict=True)) or [()] * (len(OBSERVATION_FIELDS) + 2)
-    return pd.DataFrame(dict(zip((*OBSERVATION_FIELDS, "look"), columns[:-1], strict=True)))
+    fields = (*OBSERVATION_FIELDS, "look")
+    columns = list(zip(*in_evidence_order(result.all()), strict=True)) or [()] * (len(fields) + 1)
+    return pd.DataFrame(dict(zip(fields, columns[:-1], strict=True)))
 
 
 def rows_by_source(session: Session, step: PilotStep) -> dict[str, int]:
