@@ -9,6 +9,7 @@ import multiprocessing as mp
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from queue import Empty
 from typing import Any
 
 DATASET_ROWS = 200
@@ -54,14 +55,25 @@ def setup_home(home: Path, name: str = "bench-import") -> str:
 
 def in_fresh_processes(target: Callable[..., None], calls: Iterable[tuple]) -> list[dict[str, Any]]:
     """`target(*args, queue)` for each `args` of `calls`, each in a process of its own (spawned, one after
-    another: a size's peak RSS and its scratch home are its own); what each put on the queue, in order."""
+    another: a size's peak RSS and its scratch home are its own); what each put on the queue, in order. A
+    process that dies before it answers is a RuntimeError naming its arguments and exit code (its traceback
+    is on stderr), not a wait for ever."""
     ctx = mp.get_context("spawn")
     results = []
     for args in calls:
         queue = ctx.Queue()
         process = ctx.Process(target=target, args=(*args, queue))
         process.start()
-        results.append(queue.get())
+        while True:
+            try:
+                results.append(queue.get(timeout=1.0))
+                break
+            except Empty:
+                if not process.is_alive() and queue.empty():
+                    raise RuntimeError(
+                        f"the bench's process for {args} exited with code {process.exitcode} "
+                        "before it answered"
+                    ) from None
         process.join()
     return results
 

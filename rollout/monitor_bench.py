@@ -4,8 +4,9 @@ all the looks, `rollout.pilots.monitor_observations`) and every request id the p
 evidence twice, `pilot_batches.monitor_target`), so a look's cost grows with the monitor's age. Each size
 runs in a fresh process (its peak RSS is its own) with a scratch SPARSEPILOT_HOME on SQLite: the bench
 use case of `bench import`, its pilot promoted, N rows seeded into the monitor step in looks of `batch`
-rows, then `looks` more looks through the monitor's own domain calls, each part timed. Not timed: the
-models answering the batch and the batch's data check (both per batch, not per row stored)."""
+requests (both arms), then `looks` more looks through the monitor's own domain calls, each part timed.
+Not timed: the models answering the batch and the batch's data check (both per batch, not per row
+stored)."""
 
 from __future__ import annotations
 

@@ -4,9 +4,12 @@ monitor's own domain calls, in a fresh process per size; and `bench import`, whi
 from __future__ import annotations
 
 import json
+import os
 
+import pytest
 from typer.testing import CliRunner
 
+from rollout.bench_home import in_fresh_processes
 from sparsepilot.cli import app
 
 
@@ -40,3 +43,12 @@ def test_bench_import_imports_every_row_in_a_fresh_process(tmp_path) -> None:  #
     assert res.exit_code == 0, res.output
     (r,) = json.loads(out.read_text())["results"]
     assert r["rows"] == r["inserted"] == 2000 and r["torch_loaded"] is False and r["peak_rss_mib"] > 0
+
+
+def _dies(code: int, queue) -> None:  # noqa: ANN001 - a bench size whose process dies before it answers
+    os._exit(code)
+
+
+def test_a_bench_process_that_dies_is_an_error_not_a_hang() -> None:
+    with pytest.raises(RuntimeError, match=r"\(3,\) exited with code 3 before it answered"):
+        in_fresh_processes(_dies, [(3,)])
