@@ -16,7 +16,9 @@ TOP_LEVEL = {
     "serve", "dashboard", "hash-password", "login", "logout", "whoami", "serve-model",
 }  # fmt: skip
 GROUPS = {"usecase": {"add", "list", "show"}, "audit": {"verify"}}
-BENCHMARKS = {"dashboard", "import", "monitor", "quality", "attention", "prefill", "decode", "decode-scorers", "gate"}
+BENCHMARKS = {
+    "dashboard", "import", "monitor", "quality", "attention", "prefill", "decode", "decode-scorers", "gate"
+}  # fmt: skip
 
 
 def test_every_commands_module_exposes_one_typer_and_no_register_hook() -> None:
