@@ -256,18 +256,19 @@ def test_an_imports_file_order_carries_no_weight(trust_env, flow_use_case, tmp_p
     pilot_batches.import_file(name, _write(tmp_path / "sorted.jsonl", rows), known_ids=ids)
     with session_scope() as s:
         pilot = s.scalar(select(Pilot))
-        stored = pilots.step_observations(s, pilots.current_step(s, pilot))
+        table = pilots.step_observations(s, pilots.current_step(s, pilot))  # as the gate reads it
         salt = pilot.salt
+    stored = table.to_dict("records")
     keys = [pilots.stream_key(r["request_id"], salt) for r in stored]
     assert keys == sorted(keys) and {r["request_id"] for r in stored} == set(ids[:n])
     assert all(stored[i]["request_id"] == stored[i + 1]["request_id"] for i in range(0, len(stored), 2))
-    as_stored = decide(pd.DataFrame(stored), settings, mode="paired")
+    as_stored = decide(table, settings, mode="paired")
     assert as_stored.outcome != "GO", as_stored.explanation
 
     more = [_obs(rid, arm, 1.0) for rid in ids[n:] for arm in ("control", "treatment")]
     pilot_batches.import_file(name, _write(tmp_path / "more.jsonl", more), known_ids=ids)
     with session_scope() as s:
         pilot = s.scalar(select(Pilot))
-        after = pilots.step_observations(s, pilots.current_step(s, pilot))
+        after = pilots.step_observations(s, pilots.current_step(s, pilot)).to_dict("records")
     assert after[: len(stored)] == stored  # each look's stream extends the one before
     assert {r["request_id"] for r in after[len(stored) :]} == set(ids[n:])
