@@ -85,7 +85,7 @@ def _seed(step_id: int, rows: int, batch: int) -> None:
             )  # fmt: skip
 
 
-def _look(name: str, step_id: int, first: int, batch: int, look: int) -> dict[str, Any]:
+def _look(name: str, spec: Any, step_id: int, first: int, batch: int, look: int) -> dict[str, Any]:
     """One monitor look on a new batch through the monitor flow's domain calls, each part timed."""
     from rollout import decisions, pilot_batches, pilots
     from rollout.db.models import PilotStep
@@ -108,7 +108,7 @@ def _look(name: str, step_id: int, first: int, batch: int, look: int) -> dict[st
         judged = pilots.monitor_observations(session, session.get(PilotStep, step_id))
     out["read_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    guard = pilots.monitor_guardrails(judged, _spec(name))
+    guard = pilots.monitor_guardrails(judged, spec)
     out["judge_s"] = time.perf_counter() - t
     check = {"passed": True, "report": {"success": True, "note": "bench batch: not checked"}}
     t = time.perf_counter()
@@ -136,8 +136,9 @@ def _one(rows: int, batch: int, looks: int, out: Any) -> None:
     t = time.perf_counter()
     _seed(step_id, rows, batch)
     seed_s = time.perf_counter() - t
+    spec = _spec(name)  # read once: the judgement alone is timed
     with HostLoadMeter(threads=1) as meter:  # the look is one thread of this process
-        timed = [_look(name, step_id, rows // 2 + i * batch, batch, i) for i in range(looks)]
+        timed = [_look(name, spec, step_id, rows // 2 + i * batch, batch, i) for i in range(looks)]
     out.put(
         {
             "rows": rows,

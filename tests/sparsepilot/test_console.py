@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import re
 
 import pytest
@@ -13,10 +14,9 @@ from sparsepilot import console as cli_console
 @pytest.fixture
 def narrow(monkeypatch):
     """The CLI's console at 80 columns, as rich gives a log file or a pipe, recording what it prints."""
-    c = Console(width=80, record=True, file=open("/dev/null", "w"))  # noqa: SIM115 - closed with the console
+    c = Console(width=80, record=True, file=io.StringIO())
     monkeypatch.setattr(cli_console, "console", c)
-    yield c
-    c.file.close()
+    return c
 
 
 def _cells(text: str) -> list[list[str]]:
