@@ -9,7 +9,9 @@ Sections (each can be switched off by the suite, and is then None in the report)
 - use-case task scores on a JSONL dataset (dense vs sparse);
 - speed: prefill seconds and tokens/s dense vs sparse at the dataset's length mix, a dense and a sparse
   prefill back to back per repeat (alternating order), the speed-up with a t interval over those pairs
-  (sparse_core.speedup); density computed and estimator share;
+  (sparse_core.speedup); density computed and estimator share; where the sparse prefill's time goes
+  (scoring, kernel, the rest) and the speed-up a perfect kernel would give at the density
+  (sparse_core.time_split);
 - decode: ms per generated token dense vs sparse at the same context lengths as the speed section,
   side by side on one cache, a dense and a sparse run per repeat, the speed-up with a t interval over
   the runs (a run is the unit, not a step), the density read and the fidelity of the
@@ -130,6 +132,10 @@ class SpeedRow:
     sparse_tokens_per_s: float
     density: float | None
     estimator_share: float | None  # estimator + selection seconds / dense prefill seconds
+    # where the time goes (sparse_core.time_split.TimeSplit.to_dict): scoring, kernel, the rest;
+    # attention's inferred share of the dense prefill, its own speed-up, the speed-up a perfect kernel
+    # would give at this density. None in reports written before it was measured.
+    time_split: dict | None = None
 
 
 @dataclass
@@ -192,6 +198,9 @@ class EvaluationReport:
             m[f"{p}.sparse_tokens_per_s"] = r.sparse_tokens_per_s
             if r.estimator_share is not None:
                 m[f"{p}.estimator_share"] = r.estimator_share
+            for k in ("attention_share", "attention_speedup", "ideal_speedup"):
+                if r.time_split and r.time_split.get(k) is not None:
+                    m[f"{p}.{k}"] = r.time_split[k]
         if self.speed_summary:
             for k, v in self.speed_summary.items():
                 if isinstance(v, (int, float)):
@@ -348,6 +357,7 @@ def measure_speed(
     `repeats` times per length), and the summary records the host's load and what was retimed."""
     from sparse_core.host import HostLoadMeter, apply_thread_policy
     from sparse_core.retrofit import sparse_stats, sparsify, unsparsify
+    from sparse_core.time_split import split_prefill
 
     policy = apply_thread_policy()
     loads: list[dict] = []
@@ -367,11 +377,11 @@ def measure_speed(
             _time_prefill(model, ids)  # warm-up sparse (compiles kernels where they compile)
         finally:
             unsparsify(model)
-        d_times, s_times, est = [], [], []
+        d_times, s_times, est, ker = [], [], [], []
         retries = 0
         while len(d_times) < repeats:
             timed: dict[str, float] = {}
-            e = None
+            e = kt = None
             with HostLoadMeter(threads=policy["threads"]) as meter:
                 # alternating order: a warm-cache or load-ramp effect cancels over the pairs
                 for arm in pair_order(len(d_times)):
@@ -383,6 +393,7 @@ def measure_speed(
                         _reset_stats(model)
                         timed[arm] = _time_prefill(model, ids)
                         e = sparse_stats(model).estimator_seconds
+                        kt = sparse_stats(model).kernel_seconds
                     finally:
                         unsparsify(model)
             if meter.load.overloaded and retries < repeats:  # the host, not the model: time the pair again
@@ -392,6 +403,7 @@ def measure_speed(
             s_times.append(timed["sparse"])
             if e is not None:
                 est.append(e)
+                ker.append(kt)
             loads.append(meter.load.to_dict())
             done += 1
             if progress:
@@ -413,6 +425,7 @@ def measure_speed(
                 sparse_tokens_per_s=len(win) / sm,
                 density=dens,
                 estimator_share=(statistics.median(est) / dm) if est else None,
+                time_split=split_prefill(d_times, s_times, est, ker, dens).to_dict() if est else None,
             )
         )
     dense_t = sum(r.weight * statistics.median(r.dense_seconds) for r in rows)

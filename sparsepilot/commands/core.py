@@ -477,6 +477,18 @@ def evaluate_cmd(
     _print_report(report)
 
 
+def _time_split_cells(split: dict | None) -> dict:
+    """The speed table's columns from a row's time split (sparse_core.time_split); none for a report
+    written before it was measured, a blank where the timings' noise left a part unknown."""
+    if not split:
+        return {}
+    return {
+        "attn_share": split["attention_share"],
+        "attn_x": split["attention_speedup"],
+        "ideal_x": split["ideal_speedup"],
+    }
+
+
 def _print_report(r) -> None:
     from dashboard.fmt import quality_interval as quality_bounds  # the dashboard's wording of them
 
@@ -543,10 +555,17 @@ def _print_report(r) -> None:
                     "min-based": s.speedup_min_based,
                     "density": s.density,
                     "est_share": s.estimator_share,
+                    **_time_split_cells(s.time_split),
                 }
                 for s in r.speed
             ],
         )
+        if any(s.time_split for s in r.speed):
+            console.print(
+                "attn_share: attention's share of the dense prefill (dense less the sparse run's "
+                "non-attention time); attn_x: attention's own speed-up, scoring included; ideal_x: the "
+                "speed-up of a perfect kernel at this density, scoring free"
+            )
         if r.speed_summary and r.speed_summary.get("weighted_speedup"):
             console.print(f"length-mix weighted speed-up: {r.speed_summary['weighted_speedup']:.3f}")
     for name, path in r.artifacts.items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 
 from sparse_core import SparsePlan, is_sparsified
 from sparse_core.evaluation import EvalSuite, evaluate
@@ -77,6 +78,14 @@ def test_report_schema_metrics_and_pictures(quality_tiny, tmp_path):
     (row,) = d["speed"]
     assert row["seq_len"] == 512 and len(row["dense_seconds"]) == 2
     assert row["speedup_interval"][0] <= row["speedup_interval"][1]
+    # where the sparse prefill's time went: the retrofit's scoring and kernel times, the rest inferred
+    split = row["time_split"]
+    assert split["dense_seconds"] == statistics.median(row["dense_seconds"])
+    assert split["scoring_seconds"] > 0 and split["kernel_seconds"] > 0
+    assert split["rest_seconds"] < max(row["sparse_seconds"])
+    if split["attention_share"] is not None:  # a tiny model's timings may hide attention in the noise
+        assert 0 < split["attention_share"] < 1 and split["attention_speedup"] > 0
+        assert split["ideal_speedup"] > 1  # a density below 1 with a perfect kernel saves time
     host = d["speed_summary"]["host"]  # threads from the CPUs really free; the load of every timed pair
     assert 1 <= host["threads"] <= host["cpus"] and host["pairs_timed"] == 2
     assert 0 <= host["pairs_kept_under_overload"] <= 2 and 0 <= host["pairs_retimed_for_overload"] <= 2

@@ -48,3 +48,25 @@ def test_evaluate_prints_bounds_beside_the_means(sp_home, tiny_llama_dir, tmp_pa
         assert ">= -inf" not in text and "<= inf" not in text
     else:
         assert f"window(s) of {windows} tokens; one-sided 95% bounds over {fid['bound_units']} blocks" in text
+
+
+def test_evaluate_prints_where_the_prefill_time_went(sp_home, tiny_llama_dir, tmp_path: Path) -> None:  # noqa: ANN001
+    from sparse_core import SparsePlan, load_model, plan_io
+
+    model, _ = load_model(str(tiny_llama_dir))
+    plan = tmp_path / "plan"
+    plan_io.save(SparsePlan(tau=0.7), plan, config=model.config)
+    out = tmp_path / "report.json"
+    args = ["evaluate", "--model", str(tiny_llama_dir), "--plan", str(plan), "--quick"]
+    args += ["--probe-lengths", "0", "--speed-lengths", "512", "--repeats", "2", "--out", str(out)]
+    res = CliRunner(env={"COLUMNS": "200"}).invoke(app, args)
+    assert res.exit_code == 0, res.output
+    (row,) = json.loads(out.read_text())["speed"]
+    split = row["time_split"]
+    assert split["scoring_seconds"] > 0 and split["kernel_seconds"] > 0
+    text = " ".join(res.output.split())
+    assert "attn_share" in text and "attn_x" in text and "ideal_x" in text
+    assert "ideal_x: the speed-up of a perfect kernel at this density" in text
+    for key in ("attention_share", "attention_speedup", "ideal_speedup"):  # each cell as the table formats it
+        v = split[key]
+        assert (f"{v:.4g}" if v is not None else "-") in text
