@@ -15,8 +15,8 @@ from rollout import audit, decisions, pilot_batches
 
 
 @flow_task("monitor-target")
-def monitor_target(use_case: str) -> dict[str, Any] | None:
-    return pilot_batches.monitor_target(use_case)
+def monitor_target(use_case: str, used_request_ids: bool) -> dict[str, Any] | None:
+    return pilot_batches.monitor_target(use_case, used_request_ids=used_request_ids)
 
 
 @flow_task("monitor-decide")
@@ -46,7 +46,7 @@ def monitor_flow(
 
     logger = get_run_logger()
     ctx = load_context(use_case)
-    info = monitor_target(use_case)
+    info = monitor_target(use_case, used_request_ids=observations_file is None)  # ids to draw fresh requests
     if info is None:
         return {"status": "skipped", "explanation": f"{use_case}: nothing promoted, nothing to monitor"}
     if observations_file:

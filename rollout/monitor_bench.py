@@ -1,7 +1,8 @@
 """`sparsepilot bench monitor`: what one monitor look costs once the champion has served N sampled
 requests. Each look of the monitor flow reads back every row since promotion (the change detector judges
 all the looks, `rollout.pilots.monitor_observations`) and every request id the pilot used (so no request is
-evidence twice, `pilot_batches.monitor_target`), so a look's cost grows with the monitor's age. Each size
+evidence twice, `pilot_batches.monitor_target`; `target_import_s` times it for a look that imports its
+rows instead, which needs no ids), so a look's cost grows with the monitor's age. Each size
 runs in a fresh process (its peak RSS is its own) with a scratch SPARSEPILOT_HOME on SQLite: the bench
 use case of `bench import`, its pilot promoted, N rows seeded into the monitor step in looks of `batch`
 requests (both arms), then `looks` more looks through the monitor's own domain calls, each part timed.
@@ -21,7 +22,7 @@ from typing import Any
 from rollout.bench_home import in_fresh_processes, load_average, setup_home
 
 NAME = "bench-monitor"
-PARTS = ("target_s", "store_s", "read_s", "judge_s", "look_s")
+PARTS = ("target_s", "target_import_s", "store_s", "read_s", "judge_s", "look_s")
 
 
 def _rows(first: int, requests: int) -> list[dict[str, Any]]:
@@ -98,6 +99,10 @@ def _look(name: str, spec: Any, step_id: int, first: int, batch: int, look: int)
     info = pilot_batches.monitor_target(name)  # the promoted pilot, with every request id it used
     out["target_s"] = time.perf_counter() - t
     assert info is not None and len(info["used_request_ids"]) >= first
+    t = time.perf_counter()
+    imported = pilot_batches.monitor_target(name, used_request_ids=False)  # a look that imports its rows
+    out["target_import_s"] = time.perf_counter() - t
+    assert imported is not None and imported["used_request_ids"] == []
     t = time.perf_counter()
     stored = pilot_batches.store_batch(step_id, rows, batch_id, "monitor")
     out["store_s"] = time.perf_counter() - t

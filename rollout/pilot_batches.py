@@ -15,7 +15,12 @@ from rollout.observations_io import ObservationImportError, iter_observations, v
 from rollout.runs import latest_challenger, version_dict
 
 
-def _step_info(session: Any, pilot: Pilot, step: PilotStep, mv: ModelVersion) -> dict[str, Any]:
+def _step_info(
+    session: Any, pilot: Pilot, step: PilotStep, mv: ModelVersion, *, used_request_ids: bool = True
+) -> dict[str, Any]:
+    """The step as the flows see it; `used_request_ids`: every request id the pilot has used, sorted
+    (what drawing fresh requests from the use case's own traffic needs), else an empty list (an import
+    brings its own rows: reading a promoted pilot's million ids costs a second a look for nothing)."""
     return {
         "pilot_id": pilot.id,
         "use_case_id": pilot.use_case_id,
@@ -26,7 +31,7 @@ def _step_info(session: Any, pilot: Pilot, step: PilotStep, mv: ModelVersion) ->
         "traffic_pct": step.traffic_pct,
         "min_samples": step.min_samples,
         **version_dict(mv),
-        "used_request_ids": sorted(pilots.seen_request_ids(session, pilot)),
+        "used_request_ids": sorted(pilots.seen_request_ids(session, pilot)) if used_request_ids else [],
     }
 
 
@@ -73,8 +78,10 @@ def ensure_pilot(use_case: str) -> dict[str, Any]:
         return ensure_pilot_in(session, use_case)
 
 
-def monitor_target(use_case: str) -> dict[str, Any] | None:
-    """The promoted pilot's monitor step (opened on first use), or None when nothing is promoted."""
+def monitor_target(use_case: str, *, used_request_ids: bool = True) -> dict[str, Any] | None:
+    """The promoted pilot's monitor step (opened on first use), or None when nothing is promoted.
+    `used_request_ids=False` when the look imports observations rather than sampling the use case's
+    traffic (the list is then empty)."""
     with session_scope() as session:
         uc = pilots.get_use_case(session, use_case)
         if not lifecycle.can(uc.phase, "monitor"):
@@ -85,7 +92,13 @@ def monitor_target(use_case: str) -> dict[str, Any] | None:
             return None
         step = pilots.open_monitor_step(session, pilot, min_samples=spec.rollout.batch_size)
         return {
-            **_step_info(session, pilot, step, session.get(ModelVersion, pilot.model_version_id)),
+            **_step_info(
+                session,
+                pilot,
+                step,
+                session.get(ModelVersion, pilot.model_version_id),
+                used_request_ids=used_request_ids,
+            ),
             "kind": "shadow",  # both arms answer each sampled request (dense offline, for quality)
             "traffic_pct": 100.0,
             "rollback_policy": spec.rollback,

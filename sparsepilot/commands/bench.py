@@ -175,6 +175,7 @@ def bench_monitor(
         columns=[
             "rows",
             "target_s",
+            "target_import_s",
             "store_s",
             "read_s",
             "judge_s",
