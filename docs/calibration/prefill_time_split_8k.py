@@ -5,7 +5,8 @@ per arm; the dense arm timed first and last. Run from the repository root:
     HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 taskset -c 1 .venv/bin/python \\
         docs/calibration/prefill_time_split_8k.py PLANS/8192/sampled PLANS/8192/gate_v2 ...
 
-(docs/calibration.md, "Where the 8k prefill's time goes"). Writes prefill_time_split_8k.json beside it."""
+(docs/calibration.md, "Where the 8k prefill's time goes"). Writes prefill_time_split_8k.json beside it; the
+JSON there was written by this script's first form (the same loop, with this machine's paths written in)."""
 
 from __future__ import annotations
 
