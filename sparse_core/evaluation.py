@@ -392,8 +392,8 @@ def measure_speed(
                     try:
                         _reset_stats(model)
                         timed[arm] = _time_prefill(model, ids)
-                        e = sparse_stats(model).estimator_seconds
-                        kt = sparse_stats(model).kernel_seconds
+                        stats = sparse_stats(model)
+                        e, kt = stats.estimator_seconds, stats.kernel_seconds
                     finally:
                         unsparsify(model)
             if meter.load.overloaded and retries < repeats:  # the host, not the model: time the pair again

@@ -121,17 +121,18 @@ def bench_import(
     """Import generated observation files (shadow step, JSONL) through the streaming import; rows/s and
     peak RSS per size, each in a fresh process (targets: 1M rows in <= 60 s, <= 1 GiB)."""
     from flows.import_bench import run_import_bench
-    from sparsepilot.console import fail, print_table
+    from sparsepilot.console import fail
 
     if any(r < 2 for r in rows):
         fail("--rows: each size must be at least 2")
     result = run_import_bench(rows, chunk_rows=chunk_rows)
     if _saved_and_emitted(result, out, json_out):
         return
-    print_table(
-        f"observation import (SQLite, load {' '.join(result['loadavg'])}; JSON: {out})",
-        result["results"],
-        columns=[
+    _state_db_table(
+        "observation import",
+        result,
+        out,
+        [
             "rows",
             "inserted",
             "file_mib",
@@ -159,20 +160,22 @@ def bench_monitor(
     json_out: Annotated[bool, _json_flag("Print the JSON instead of a table.")] = False,
 ) -> None:
     """Time one monitor look once the champion's monitor holds N rows (SQLite, each size in a fresh process
-    with a scratch home): the promoted pilot's used request ids, storing the batch, reading every row since
-    promotion, the change detector's judgement, and the whole recorded look; peak RSS per size."""
+    with a scratch home): the promoted pilot's used request ids (and its step without them, as a look that
+    imports its rows asks), storing the batch, reading every row since promotion, the change detector's
+    judgement, and the whole recorded look; peak RSS per size."""
     from rollout.monitor_bench import run_monitor_bench
-    from sparsepilot.console import fail, print_table
+    from sparsepilot.console import fail
 
     if any(r < 2 * batch for r in rows):
         fail(f"--rows: each size must hold at least one look of --batch {batch} requests ({2 * batch} rows)")
     result = run_monitor_bench(rows, batch=batch, looks=looks)
     if _saved_and_emitted(result, out, json_out):
         return
-    print_table(
-        f"one monitor look, medians of {looks} (SQLite, load {' '.join(result['loadavg'])}; JSON: {out})",
-        result["results"],
-        columns=[
+    _state_db_table(
+        f"one monitor look, medians of {looks}",
+        result,
+        out,
+        [
             "rows",
             "target_s",
             "target_import_s",
@@ -567,6 +570,18 @@ def bench_prefill(
 
 def _where(env: dict, dev: Any) -> str:
     return f"{env['gpu']} (CUDA {env['cuda_version']})" if dev.type == "cuda" else "the CPU"
+
+
+def _state_db_table(title: str, result: dict, out: str, columns: list[str]) -> None:
+    """A state-DB bench's rows (`bench import`, `bench monitor`: one per size) under its title, the host's
+    load and where the JSON went."""
+    from sparsepilot.console import print_table
+
+    print_table(
+        f"{title} (SQLite, load {' '.join(result['loadavg'])}; JSON: {out})",
+        result["results"],
+        columns=columns,
+    )
 
 
 def _saved_and_emitted(result: dict, out: str, json_out: bool) -> bool:
