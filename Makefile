@@ -29,8 +29,9 @@ run: setup
 
 ## Set up and run the whole test suite (lint + import contracts + tests). The tests run in one worker
 ## process per core (pytest-xdist, at most 4; TEST_WORKERS=0 runs them in this process), each worker's
-## torch on one thread (tests/conftest.py). On 2 cores, idle: pytest 8.8-10.1 min instead of 15.7; the
-## whole `make test` from a clean clone 10.6-11.6 min instead of 18.2.
+## torch on one thread (tests/conftest.py). On 2 idle cores, 995 tests (December 2026): pytest 13-14.5
+## min, the whole `make test` from a clean clone 15.5-17 min (setup included). When the suite was
+## smaller, one process took 1.6-1.8x as long as two workers.
 TEST_WORKERS ?= auto
 test: setup
 	$(BIN)/ruff check .
