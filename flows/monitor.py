@@ -52,7 +52,7 @@ def monitor_flow(
     if observations_file:
         from rollout.observations_io import read_observations
 
-        rows = read_observations(observations_file)
+        rows = read_observations(observations_file, require_arm="treatment")
         known = sorted({r["id"] for r in ctx.rows} | {r["request_id"] for r in rows})
         check = validate_batch(rows, known, "import")
         source = "imported"

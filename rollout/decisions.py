@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rollout import audit, lifecycle, pilots
+from rollout import audit, lifecycle, pilots, registry
 from rollout.db.models import GateDecision, Pilot, PilotStep, UseCase
 from rollout.db.session import session_scope
 from rollout.words import counted
@@ -206,10 +206,19 @@ def monitor_look(
         outcome, why = _monitor_verdict(check, guard, spec.gate.alpha)
         bad = outcome != "GO"
         auto = bad and info["rollback_policy"] == "auto"
+        # an automatic rollback needs a version to return to; without one (the dense baseline was never
+        # recorded as champion) the alarm must not end as a NO-GO nobody acts on: a person decides
+        stranded = (
+            auto and len(registry.champion_lineage(registry.committed_moves(session, uc.id, "champion"))) < 2
+        )
+        auto = auto and not stranded
         awaiting = "rollback_approval" if bad and not auto else "none"
         action = (
             "The champion is rolled back automatically (rollback policy: auto)."
             if auto
+            else "No earlier champion is recorded to roll back to, so a person must decide (rollback policy: "
+            "auto)."
+            if stranded
             else "A rollback waits for a person's approval (rollback policy: manual)."
             if bad
             else "The champion keeps serving."

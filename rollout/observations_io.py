@@ -32,9 +32,17 @@ class ObservationImportError(SparsePilotError, ValueError):
     """A file that cannot be imported; nothing from it was stored."""
 
 
-def read_observations(path: str | Path) -> list[dict[str, Any]]:
-    """Parse a JSONL (.jsonl/.ndjson/.json) or CSV (.csv) file into observation rows."""
-    return [row for chunk in iter_observations(path) for _, row in chunk]
+def read_observations(path: str | Path, *, require_arm: str | None = None) -> list[dict[str, Any]]:
+    """Parse a JSONL (.jsonl/.ndjson/.json) or CSV (.csv) file into observation rows. `require_arm`: a
+    file without a row of that arm is refused (the monitor judges the champion's rows, 'treatment')."""
+    rows = [row for chunk in iter_observations(path) for _, row in chunk]
+    if require_arm is not None and not any(r["arm"] == require_arm for r in rows):
+        arms = ", ".join(sorted({str(r["arm"]) for r in rows})) or "none"
+        raise ObservationImportError(
+            f"{path}: no row with arm {require_arm!r} (arms in the file: {arms}); the monitor judges the "
+            "champion's own answers, the dense model's rows only pair with them"
+        )
+    return rows
 
 
 def iter_observations(

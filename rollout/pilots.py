@@ -25,9 +25,10 @@ from rollout.db.models import (
     UseCase,
     utcnow,
 )
-from rollout.gate.spending import pilot_alpha
+from rollout.gate.spending import pilot_alpha, spent
 from rollout.lifecycle import set_phase
 from rollout.usecases import get_use_case  # noqa: F401 - callers ask pilots for the row; one implementation
+from rollout.words import counted
 from sparse_core.errors import SparsePilotError
 
 if TYPE_CHECKING:
@@ -237,10 +238,21 @@ def start_pilot(
     current = active_pilot(session, use_case)
     if current is not None and current.model_version_id == model_version.id:
         return current
+    number = next_pilot_number(session, use_case)
+    earlier = session.scalars(select(Pilot.go_alpha).where(Pilot.use_case_id == use_case.id)).all()
+    used = spent(spec.gate.alpha, earlier)
+    go_alpha = pilot_alpha(spec.gate.alpha, number, spec.gate.alpha_spending, spent_before=used)
+    if go_alpha <= 0:
+        raise PilotStateError(
+            f"use case {use_case.name!r} has spent its false-GO budget: alpha {spec.gate.alpha:g}, "
+            f"{used:.3g} spent over {counted(number - 1, 'pilot')} (a pilot started before alpha was "
+            "spent across pilots, or under gate.alpha_spending: pilot, ran at alpha itself), so a new "
+            "pilot could never say GO; a new spec version with gate.alpha_spending: pilot holds each "
+            'pilot to alpha on its own (docs/gate.md, "Across a use case\'s pilots")'
+        )
     if current is not None:
         stop_pilot(session, current, status="stopped", actor=actor, reason="superseded by a new challenger")
     first = plan_steps(spec)[0]
-    number = next_pilot_number(session, use_case)
     pilot = Pilot(
         use_case_id=use_case.id,
         model_version_id=model_version.id,
@@ -249,7 +261,7 @@ def start_pilot(
         current_step_index=0,
         spec_version=use_case.current_spec_version,  # pinned: see load_pilot_spec
         pilot_number=number,
-        go_alpha=pilot_alpha(spec.gate.alpha, number, spec.gate.alpha_spending),  # fixed for its life
+        go_alpha=go_alpha,  # fixed for its life
         steps=[_step_row(first)],
     )
     audit.record_new(
@@ -727,7 +739,11 @@ def monitor_guardrails(rows: pd.DataFrame | list[Mapping[str, Any]], spec: Any) 
     checked = check_observations(trt, mode="split") if len(trt) else None
     out: dict[str, Any] = {"n_treatment": len(trt), "checks": [], "breached": []}
     if checked is None or checked.frame is None:
-        out["problems"] = list(checked.problems) if checked is not None else []
+        out["problems"] = (
+            list(checked.problems)
+            if checked is not None
+            else ["no row of the champion (arm 'treatment'): the monitor judges the champion's own answers"]
+        )
         return out
     trt_looks = trt["look"].to_numpy(dtype=object)
     both = check_observations(frame, mode="paired")

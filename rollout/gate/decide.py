@@ -88,6 +88,9 @@ def decide(
             log_capital_now=tests.log_capital_go_now,
             alpha=settings.alpha_go,
         )
+        if projected is not None:  # a GO also needs the step's minimum and every guardrail judged
+            unjudged = any(not g.evaluated for g in guards)
+            projected = max(projected, _requests_for_minimums(mode, share, min_n, settings, unjudged))
     lat, err = frame["latency_ms"].to_numpy(), frame["error"].to_numpy()
     decision = Decision(
         outcome=outcome,
@@ -111,6 +114,16 @@ def decide(
         **base,
     )
     return replace(decision, explanation=explain(decision))
+
+
+def _requests_for_minimums(mode: str, share: float, min_n: int, settings, unjudged: bool) -> int:
+    """Requests in all (pairs when paired) by which a step holds its minimum per arm and, where a guardrail
+    is not judged yet, the guardrails' minimum of sparse-arm rows: in a split step each arm gets its share
+    of the requests."""
+    guard = settings.guardrail_min_samples if unjudged else 0
+    if mode == "paired":
+        return max(min_n, guard)
+    return math.ceil(max(min_n / min(share, 1 - share), guard / share) - 1e-9)
 
 
 def _share(mode: str, planned: float | None) -> float:
@@ -188,6 +201,7 @@ def _outcome(invalid, guards, enough, verdict, at_max) -> tuple[Outcome, tuple[s
 def _invalid_input(observations, problems, history, base) -> Decision:
     """INVALID for a table that cannot be judged: the reasons name the columns; nothing else is computed."""
     frame = observations if isinstance(observations, pd.DataFrame) else pd.DataFrame()
+    frame = frame.loc[:, ~frame.columns.duplicated()]  # a column named twice: its first, for the counts
     n = len(frame)
     arm = frame["arm"].astype(str) if "arm" in frame.columns else pd.Series([], dtype=str)
     quality = QualityEvidence(

@@ -31,15 +31,14 @@ def _bounds(d: Decision) -> str:
     low_conf, high_conf = _confidence(s.alpha_go), _confidence(s.alpha)
     low_said = None if low is None else f"at least {low:+.3f}" + (" (no loss)" if low >= 0 else "")
     high_said = None if high is None else f"at most {high:+.3f}"
-    if low_said and high_said and low_conf != high_conf:
+    if low_said and high_said:  # each bound holds at its own level; both at once only at 1 - both alphas
         return (
             f"we are {low_conf} confident the true difference is {low_said}, "
-            f"and {high_conf} confident it is {high_said}"
+            f"and {high_conf} confident it is {high_said} ({_confidence(s.alpha_go + s.alpha)} confident "
+            "of both at once)"
         )
     conf = low_conf if low_said else high_conf
-    return f"we are {conf} confident the true difference is " + " and ".join(
-        x for x in (low_said, high_said) if x
-    )
+    return f"we are {conf} confident the true difference is {low_said or high_said}"
 
 
 def _spending(s) -> str | None:
@@ -88,10 +87,7 @@ def explain(d: Decision) -> str:
             parts.append(spent)
     breached = [g for g in d.guardrails if g.breached]
     for g in breached:
-        parts.append(
-            f"Safety limit broken: {g.name.replace('_', ' ')} is {g.value:.4g} (at least {g.lower_bound:.4g} "
-            f"with {_confidence(s.alpha)} confidence), above the limit {g.threshold:.4g}."
-        )
+        parts.append(_breach(g, _confidence(s.alpha)))
     unjudged = [g for g in d.guardrails if not g.evaluated]
     if not breached and unjudged:
         parts.append(
@@ -110,6 +106,29 @@ def explain(d: Decision) -> str:
     return " ".join(parts)
 
 
+def _breach(g, confidence: str) -> str:
+    """A breached check in words. The test rejects "at or below the limit on every row" as soon as the
+    evidence shows it, so the rows that showed it may be a stretch (an outage) that later rows dilute: then
+    the rate over all rows is below the bound, and the sentence says where the bound applies."""
+    name, bound = g.name.replace("_", " "), g.lower_bound
+    if g.value is None or bound is None or g.value >= bound:
+        at_least = "" if bound is None else f" (at least {bound:.4g} with {confidence} confidence)"
+        value = "" if g.value is None else f" is {g.value:.4g}{at_least},"
+        return f"Safety limit broken: {name}{value} above the limit {g.threshold:.4g}."
+    return (
+        f"Safety limit broken: {name} was above the limit {g.threshold:.4g} over a stretch of this step's "
+        f"rows (at least {bound:.4g} there, with {confidence} confidence), though over all of them it is "
+        f"{g.value:.4g}."
+    )
+
+
+def _limit_reached(d: Decision) -> str:
+    s = d.settings
+    if d.elapsed_days >= s.max_duration_days:
+        return f"its maximum duration ({d.elapsed_days:.1f} of {s.max_duration_days:g} days)"
+    return f"its maximum number of looks ({d.look_index} of {s.max_looks})"
+
+
 def _why(d: Decision) -> str:
     if d.outcome == "GO":
         return (
@@ -123,15 +142,28 @@ def _why(d: Decision) -> str:
             return "The sparse model must not advance while it breaks a safety limit."
         if "futility" in d.reasons:
             return "The sparse model is confidently worse than the allowed margin, so the pilot stops."
+        if d.quality.verdict == "non-inferior":
+            return (
+                f"The pilot reached {_limit_reached(d)}: quality was shown within the allowed margin, but "
+                "not every safety limit could be judged in time; an unproven model never ships."
+            )
         return (
-            "The pilot reached its maximum duration without proving the sparse model is good enough; "
+            f"The pilot reached {_limit_reached(d)} without proving the sparse model is good enough; "
             "an unproven model never ships."
         )
-    tail = "There is not enough evidence yet either way; the pilot should keep collecting data"
-    if "min-sample" in d.reasons:
-        tail += f" (at least {d.min_samples_per_arm} per arm)"
-    if any(r.startswith("guardrail-not-judged") for r in d.reasons):
-        tail += " until every safety limit can be judged"
+    per = "pairs" if d.mode == "paired" else "per arm"
+    minimum = "min-sample" in d.reasons
+    unjudged = any(r.startswith("guardrail-not-judged") for r in d.reasons)
+    if d.quality.verdict == "non-inferior":  # EXTEND only for the minimum sample or a guardrail's rows
+        waits = [f"its minimum sample ({d.min_samples_per_arm} {per})"] if minimum else []
+        waits += ["enough rows to judge every safety limit"] if unjudged else []
+        tail = "Quality is already shown within the allowed margin; the step waits for " + " and ".join(waits)
+    else:
+        tail = "There is not enough evidence yet either way; the pilot should keep collecting data"
+        if minimum:
+            tail += f" (at least {d.min_samples_per_arm} {per})"
+        if unjudged:
+            tail += " until every safety limit can be judged"
     if d.projected_requests is not None:
         unit = "requests answered by both models" if d.mode == "paired" else "requests in all"
         tail += (

@@ -35,12 +35,17 @@ def check_observations(observations: object, *, mode: str) -> Checked:
     """Validate the rows of one step (in arrival order). Problems: not a table, an empty table, a missing
     column, a missing value, NaN/inf, quality outside [0, 1], latency <= 0, an error flag that is not 0/1,
     an unknown arm, a repeated (request_id, arm), and in a split step a request in both arms. An optional
-    `overloaded` column (0/1) marks rows collected while the host's CPU was oversubscribed."""
+    `overloaded` column (0/1) marks rows collected while the host's CPU was oversubscribed. A column named
+    twice is a problem too: which of the two counts is not known."""
     if not isinstance(observations, pd.DataFrame):
         return Checked(None, (f"observations must be a pandas DataFrame, got {type(observations).__name__}",))
     missing = [c for c in REQUIRED_COLUMNS if c not in observations.columns]
     if missing:
         return Checked(None, (f"missing column(s): {', '.join(missing)}",))
+    named = [str(c) for c in observations.columns]
+    twice = sorted({c for c in named if named.count(c) > 1})
+    if twice:
+        return Checked(None, (f"column(s) named twice: {', '.join(twice)}; which one counts is not known",))
     if observations.empty:
         return Checked(None, ("no observations: the table is empty",))
     df = observations.loc[:, list(REQUIRED_COLUMNS)].reset_index(drop=True)

@@ -16,6 +16,14 @@ reads none of the held-apart rows).
 The first pilot runs at 0.61 alpha: log(1/alpha_1) / log(1/alpha) = 1.17 at alpha 0.05, about a sixth
 more requests to a GO; the second at 0.15 alpha (1.63x); the cost of a retry rises with each one.
 
+**What was spent comes first.** A use case may have pilots that ran at alpha itself: started before
+alpha was spent across pilots (no stored level), or under `spending="pilot"` before the spec chose
+`use_case`. The series alone would then give later pilots alpha * (1 - 6/pi^2) more, up to 1.39 alpha in
+all, so a pilot's level is the series' term capped by what its use case has left, alpha less the levels
+of every pilot it started before (`pilot_alpha(..., spent_before=)`): the levels still sum to at most
+alpha. Where nothing is left, no new pilot can say GO and none is started (`pilots.start_pilot` names
+the way out: `gate.alpha_spending: pilot` in a new spec version, the owner's choice).
+
 `spending="pilot"` keeps the older promise, per pilot only (alpha_k = alpha): the owner's choice, written in
 the spec (`gate.alpha_spending`) and in docs/gate.md. Futility and the guardrails stop (NO-GO) at the spec's
 alpha either way: a false stop ships nothing, so it needs no spending.
@@ -36,8 +44,12 @@ DEFAULT_SPENDING: str = GateSpec.model_fields["alpha_spending"].default
 DEFAULT_ALPHA: float = GateSpec.model_fields["alpha"].default
 
 
-def pilot_alpha(alpha: float, number: int, spending: str = DEFAULT_SPENDING) -> float:
-    """The GO level of the use case's pilot `number` (1 = its first pilot) under `spending`."""
+def pilot_alpha(
+    alpha: float, number: int, spending: str = DEFAULT_SPENDING, *, spent_before: float = 0.0
+) -> float:
+    """The GO level of the use case's pilot `number` (1 = its first pilot) under `spending`: the series'
+    term, capped by what the use case has left (`spent_before`: the levels of the pilots it started
+    before, `spent`); 0.0 when nothing is left."""
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
     if isinstance(number, bool) or not isinstance(number, int) or number < 1:
@@ -46,7 +58,7 @@ def pilot_alpha(alpha: float, number: int, spending: str = DEFAULT_SPENDING) -> 
         return alpha
     if spending != "use_case":
         raise ValueError(f"alpha spending must be one of {', '.join(SPENDING)}, got {spending!r}")
-    return alpha * 6.0 / (math.pi**2 * number**2)
+    return max(0.0, min(alpha * 6.0 / (math.pi**2 * number**2), alpha - spent_before))
 
 
 def spent(alpha: float, levels: Iterable[float | None]) -> float:
@@ -63,13 +75,14 @@ def account(gate: Mapping[str, Any], levels: Iterable[float | None]) -> dict[str
     alpha = gate.get("alpha", DEFAULT_ALPHA)
     spending = gate.get("alpha_spending", DEFAULT_SPENDING)
     levels = [alpha if a is None else a for a in levels]
+    used = spent(alpha, levels)
     return {
         "alpha": alpha,
         "alpha_spending": spending,
         "levels": levels,
         "pilots": len(levels),
-        "spent": spent(alpha, levels),
-        "next_go_alpha": pilot_alpha(alpha, len(levels) + 1, spending),
+        "spent": used,
+        "next_go_alpha": pilot_alpha(alpha, len(levels) + 1, spending, spent_before=used),
     }
 
 
@@ -83,4 +96,9 @@ def describe(budget: Mapping[str, Any]) -> str:
         if budget["alpha_spending"] == "pilot"
         else f"The pilots share the use case's alpha {alpha} for a false GO: {budget['spent']:.3g} spent"
     )
+    if budget["next_go_alpha"] <= 0:
+        return (
+            f"{share} over {counted(budget['pilots'], 'pilot')}; nothing is left for a next pilot's GO "
+            "(a new spec version with gate.alpha_spending: pilot holds each pilot to alpha on its own)."
+        )
     return f"{share} over {counted(budget['pilots'], 'pilot')}; a next pilot's GO would be held to {nxt}."

@@ -157,11 +157,13 @@ def pilot_cmd(
 
 
 @app.command("gate")
-def gate_cmd(name: UseCaseArg, json_out: JsonOpt = False) -> None:
-    """Decide the current pilot step (GO / EXTEND / NO-GO / INVALID) and act on it."""
+def gate_cmd(name: UseCaseArg, password_stdin: PasswordStdin = False, json_out: JsonOpt = False) -> None:
+    """Decide the current pilot step (GO / EXTEND / NO-GO / INVALID) and act on it (operators and
+    approvers: a GO moves the pilot to its next traffic step)."""
     from flows.gate import gate_flow
 
     _require_use_case(name)
+    signed_in("operator", f"gate {name}", password_stdin)
     result = _run(lambda: gate_flow(name))
     if json_out:
         emit_json(result)
@@ -267,12 +269,16 @@ def monitor_cmd(
     observations: Annotated[
         str | None, typer.Option("--observations", help="production observations (JSONL/CSV) to check")
     ] = None,
+    password_stdin: PasswordStdin = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Sample traffic of a promoted use case; a guardrail breach or failed data check rolls back
-    automatically when the spec allows it, else leaves a rollback waiting for approval."""
+    automatically when the spec allows it, else leaves a rollback waiting for approval (operators and
+    approvers)."""
     from flows.monitor import monitor_flow
 
+    _require_use_case(name)
+    signed_in("operator", f"monitor {name}", password_stdin)
     result = _run(lambda: monitor_flow(name, observations_file=observations))
     emit_or_say(result, json_out, result.get("explanation") or result)
 

@@ -253,6 +253,39 @@ def test_monitor_breach_with_manual_policy_waits_for_a_rollback_approval(flow_us
         assert s.scalar(select(UseCase.phase).where(UseCase.name == name)) == "rolled_back"
 
 
+def test_a_breach_with_nothing_to_roll_back_to_waits_for_a_person(flow_use_case, tmp_path) -> None:
+    """`rollback: auto`, but no earlier champion is recorded (no dense baseline was registered before the
+    first promotion): the alarm used to be recorded NO-GO with nobody asked, and the rollback then failed
+    with a traceback. Now it waits for a person, and says why."""
+    import json
+
+    from flows.monitor import monitor_flow
+    from rollout import approvals, registry
+    from rollout.auth import Identity
+    from rollout.db.models import UseCase
+    from rollout.db.session import session_scope
+
+    name = flow_use_case(rollback="auto")
+    approvals.approve(_pilot_with_decision(name, "GO", "approval"), Identity(*ALICE), "ship it")
+    promoted = registry.current_aliases(name)["champion"]
+    prod = tmp_path / "prod.jsonl"
+    rows = [
+        {"request_id": f"p{i}", "arm": "treatment", "quality": 0.9, "latency_ms": 500.0, "error": i < 8}
+        for i in range(20)
+    ]
+    prod.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    mon = monitor_flow(name, observations_file=str(prod))
+    assert (mon["outcome"], mon["awaiting"], mon["automatic_rollback"]) == (
+        "NO-GO",
+        "rollback_approval",
+        False,
+    )
+    assert "No earlier champion is recorded to roll back to, so a person must decide" in mon["explanation"]
+    assert registry.current_aliases(name)["champion"] == promoted
+    with session_scope() as s:
+        assert s.scalar(select(UseCase.phase).where(UseCase.name == name)) == "awaiting_approval"
+
+
 def test_the_monitor_accumulates_evidence_over_its_looks_and_a_kept_alarm_resumes_it(
     flow_use_case, tmp_path
 ) -> None:

@@ -27,6 +27,23 @@ def _rows(ids: list[str], quality: float = 0.8) -> list[dict]:
     return out
 
 
+def test_a_monitor_file_without_a_row_of_the_champion_is_refused(tmp_path: Path) -> None:
+    """The monitor judges the champion's answers ('treatment'); a file of dense rows alone (a mislabelled
+    export) used to pass and be judged GO on nothing."""
+    from rollout.observations_io import ObservationImportError, read_observations
+
+    rows = [
+        {"request_id": f"r{i}", "arm": "control", "quality": 1, "latency_ms": 5, "error": False}
+        for i in range(3)
+    ]
+    dense_only = _write_jsonl(tmp_path / "dense.jsonl", rows)
+    assert len(read_observations(dense_only)) == 3  # a pilot step's import may be one arm at a time
+    with pytest.raises(ObservationImportError, match=r"dense\.jsonl: no row with arm 'treatment' \(arms in"):
+        read_observations(dense_only, require_arm="treatment")
+    both = _write_jsonl(tmp_path / "both.jsonl", [*rows, {**rows[0], "arm": "treatment"}])
+    assert len(read_observations(both, require_arm="treatment")) == 4
+
+
 def test_parse_errors_name_file_line_and_field(tmp_path: Path) -> None:
     from rollout.observations_io import ObservationImportError, read_observations
 

@@ -49,7 +49,7 @@ def _long_work_flow():  # noqa: ANN202
     return long_work
 
 
-def test_a_run_in_progress_holds_its_use_case_against_every_other_run(flow_use_case) -> None:
+def test_a_run_in_progress_holds_its_use_case_against_every_other_run(flow_use_case, trust_env) -> None:  # noqa: ANN001
     from flows.calibrate import calibrate_flow
     from flows.cycle import cycle_flow
     from flows.gate import gate_flow
@@ -75,7 +75,7 @@ def test_a_run_in_progress_holds_its_use_case_against_every_other_run(flow_use_c
                 other(name)
         skipped = cycle_flow(name)
         assert skipped["skipped"].startswith(f"{name} is busy: calibrate (flow run ")
-        cli = run_cli("gate", name)
+        cli = run_cli("gate", name, user="olga")
         assert cli.returncode == 2, cli.stdout + cli.stderr
         assert f"{name} is busy: calibrate (flow run " in cli.stdout + cli.stderr
         assert _counts(name) == (0, 0, 0)  # the refused and skipped runs wrote nothing

@@ -426,6 +426,7 @@ def _base() -> pd.DataFrame:
         (lambda df: df, "request_id", "split"),  # shadow rows (both arms per request) judged as a split step
         (lambda df: df.drop(columns=["latency_ms"]), "latency_ms", "paired"),
         (lambda df: df.iloc[0:0], "empty", "paired"),
+        (lambda df: pd.concat([df, df[["quality"]]], axis=1), "quality", "paired"),  # a column named twice
     ],
 )
 def test_bad_input_is_invalid_naming_the_column(mutate, column: str, mode: str) -> None:
@@ -520,6 +521,67 @@ def test_projection_of_identical_pairs_by_hand() -> None:
 def test_no_projection_when_the_estimate_is_below_the_margin() -> None:
     arms = paired_arms(check_observations(paired_frame(np.ones(40), np.full(40, 0.9)), mode="paired").frame)
     assert projected_sample_size(arms.stream, m0=-0.03, log_capital_now=0.0, alpha=0.05) is None
+
+
+def test_quality_shown_but_the_minimum_not_reached_projects_the_minimum_and_says_so() -> None:
+    """Identical pairs at margin 0.05 prove non-inferiority after ~65-76 pairs, before a step minimum of
+    100: the projection is what the step needs (the minimum), not the pairs in hand, so the main job asks
+    for them at once instead of creeping up 10% a look; the text says quality is already shown."""
+    s = GateSettings(margin=0.05, guardrail_min_samples=30)
+    d = decide(paired_frame(np.ones(80), np.ones(80)), s, mode="paired", min_samples_per_arm=100)
+    assert (d.outcome, d.reasons, d.quality.verdict) == ("EXTEND", ("min-sample",), "non-inferior")
+    assert d.projected_requests == 100
+    assert "Quality is already shown within the allowed margin; the step waits for its minimum sample " in (
+        d.explanation
+    )
+    assert "(100 pairs)" in d.explanation and "either way" not in d.explanation
+    # a split step's minimum is per arm: at a 10% share, 100 sparse-arm rows take 1,000 requests
+    t = np.arange(400) % 10 == 0
+    d = decide(split_frame(np.ones(400), t), s, planned_treatment_share=0.1, min_samples_per_arm=100)
+    assert d.outcome == "EXTEND" and "min-sample" in d.reasons
+    assert d.projected_requests is not None and d.projected_requests >= 1000
+    assert "(at least 100 per arm)" in d.explanation or "(100 per arm)" in d.explanation
+
+
+def test_a_breach_diluted_by_later_rows_says_where_its_bound_applies() -> None:
+    """Four errors in the first 40 of 3,000 shadow requests breach a 1% ceiling (the evidence showed it
+    then), though the rate over all rows is 0.13%: the text must not call 0.13% "above the limit"."""
+    err = np.zeros(3000, bool)
+    err[:4] = True
+    s = GateSettings(margin=0.03, min_samples_per_arm=100, guardrail_min_samples=30, max_error_rate=0.01)
+    d = decide(paired_frame(np.full(3000, 0.8), np.full(3000, 0.8), err_t=err), s, mode="paired")
+    g = next(g for g in d.guardrails if g.name == "treatment_error_rate")
+    assert d.outcome == "NO-GO" and g.breached and g.value < g.threshold < g.lower_bound
+    assert "was above the limit 0.01 over a stretch of this step's rows" in d.explanation
+    assert "though over all of them it is 0.001333" in d.explanation
+
+
+def test_the_texts_name_the_limit_reached_and_each_bound_its_own_level() -> None:
+    s = GateSettings(margin=0.03, min_samples_per_arm=10, max_looks=3, max_duration_days=14.0)
+    rng = np.random.default_rng(3)
+    qc = (rng.random(60) < 0.8).astype(float)
+    d = decide(paired_frame(qc, qc), s, mode="paired", history=GateHistory(looks=2))
+    assert d.outcome == "NO-GO" and "max-duration-inconclusive" in d.reasons
+    assert "reached its maximum number of looks (3 of 3)" in d.explanation
+    d = decide(paired_frame(qc, qc), s, mode="paired", elapsed_days=15.0)
+    assert "reached its maximum duration (15.0 of 14 days)" in d.explanation
+    # both bounds: each at its level, and the pair only at 1 - both alphas
+    rng = np.random.default_rng(3)
+    qc = rng.beta(8, 2, 400)
+    d = decide(paired_frame(qc, np.clip(qc + rng.normal(0, 0.1, 400), 0, 1)), s, mode="paired")
+    assert (
+        "95% confident it is at most" in d.explanation and "(90% confident of both at once)" in d.explanation
+    )
+
+
+def test_the_monitor_with_no_row_of_the_champion_cannot_judge() -> None:
+    from rollout.pilots import monitor_guardrails
+
+    rows = [dict(request_id=f"r{i}", arm="control", quality=0.8, latency_ms=10.0, error=0) for i in range(12)]
+    g = monitor_guardrails(rows, {"gate": {}})
+    assert g["problems"] == [
+        "no row of the champion (arm 'treatment'): the monitor judges the champion's own answers"
+    ]
 
 
 def test_planned_sample_size_is_a_simulated_power_quantile() -> None:

@@ -10,7 +10,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 from scipy import stats
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from typer.testing import CliRunner
 
@@ -209,7 +209,34 @@ def test_each_pilot_fixes_its_go_level_when_it_starts(sp_home) -> None:  # noqa:
     assert shown["alpha_budget"]["spent"] == pytest.approx(spent_so_far)
     text = " ".join(CliRunner().invoke(app, ["usecase", "show", "docs-qa"]).stdout.split())
     assert "Pilots" in text and "running" in text
-    assert f"{spent_so_far:.3g} spent over 5 pilots; a next pilot's GO would be held to 0.000844." in text
+    # more than alpha is spent (pilots that ran at alpha itself), so nothing is left: the series' next
+    # term (0.000844) would have taken the use case past alpha, and no pilot that could never GO starts
+    assert shown["alpha_budget"]["next_go_alpha"] == 0.0
+    assert f"{spent_so_far:.3g} spent over 5 pilots; nothing is left for a next pilot's GO" in text
+    with pytest.raises(pilots.PilotStateError, match="spent its false-GO budget.*alpha_spending: pilot"):
+        with session_scope() as s:
+            uc = s.scalar(select(UseCase))
+            pilots.start_pilot(s, uc, s.get(ModelVersion, 1), spec, actor="test")
+    with session_scope() as s:  # refused whole: no pilot, no audit entry
+        assert s.scalar(select(func.count()).select_from(Pilot)) == 5
+
+
+def test_a_pilot_that_ran_at_alpha_leaves_later_pilots_only_what_is_left() -> None:
+    """Levels are the series' terms capped by what is left, so they never sum past alpha: untouched
+    where every pilot followed the series; after one pilot at alpha itself (before spending, or under
+    `alpha_spending: pilot`) nothing is left; after a pilot at half of alpha, the rest of alpha."""
+    a = 0.05
+    levels = []
+    for k in range(1, 200):
+        levels.append(pilot_alpha(a, k, spent_before=math.fsum(levels)))
+        assert levels[-1] == pytest.approx(a * 6 / (math.pi**2 * k**2), rel=1e-12)
+    assert math.fsum(levels) <= a
+    assert pilot_alpha(a, 2, spent_before=a) == 0.0
+    assert account({"alpha": a}, [None])["next_go_alpha"] == 0.0
+    assert "nothing is left" in describe(account({"alpha": a}, [None]))
+    assert pilot_alpha(a, 2, spent_before=a / 2) == pytest.approx(min(a * 6 / (4 * math.pi**2), a / 2))
+    assert pilot_alpha(a, 2, spent_before=0.045) == pytest.approx(0.005)
+    assert pilot_alpha(a, 3, "pilot", spent_before=1.0) == a  # per pilot: the owner's choice
 
 
 def test_the_spec_names_a_bad_spending_rule_and_keeps_old_hashes() -> None:

@@ -199,6 +199,26 @@ def test_split_step_imports_follow_the_design(trust_env, flow_use_case, tmp_path
         assert s.get(GateDecision, look["decision_id"]).evidence["externally_assigned_rows"] == 3
 
 
+def test_gate_and_monitor_need_an_operator_who_signs_in(trust_env, flow_use_case, tmp_path: Path) -> None:
+    """A gate look moves a pilot to its next traffic step on GO, and a monitor look can roll the champion
+    back: neither runs for nobody or for a viewer, and a refused one records nothing."""
+    from rollout.db.models import GateDecision
+    from rollout.db.session import session_scope
+
+    name = flow_use_case()
+    breach = _write(tmp_path / "breach.jsonl", [_obs("a", "treatment")])
+    for args in (["gate", name], ["monitor", name, "--observations", str(breach)]):
+        res = runner.invoke(app_(), args, env={"SPARSEPILOT_USER": ""})
+        assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+        res = runner.invoke(
+            app_(), [*args, "--password-stdin"], input=password_of("victor") + "\n",
+            env={"SPARSEPILOT_USER": "victor"},
+        )  # fmt: skip
+        assert res.exit_code == 2 and "needs the operator role" in res.output, res.output
+    with session_scope() as s:
+        assert s.scalar(select(func.count()).select_from(GateDecision)) == 0
+
+
 @pytest.mark.parametrize("user", ["victor"])
 def test_viewers_cannot_import(trust_env, flow_use_case, tmp_path: Path, user: str) -> None:
     name = flow_use_case()
