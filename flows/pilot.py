@@ -28,6 +28,7 @@ from flows.common import (
     under_lease,
 )
 from rollout import decisions, leases, pilot_batches
+from rollout.spec import has_visible_text
 from rollout.validation import ARMS
 from sparse_core.errors import SparsePilotError
 
@@ -54,7 +55,7 @@ def abort(use_case: str, actor: str, reason: str) -> dict[str, Any]:
     from prefect.states import Cancelled
 
     text = (reason or "").strip()
-    if not text:
+    if not has_visible_text(text):  # zero-width and other invisible characters alone say nothing
         raise PilotError("--abort needs a --reason (kept in the audit log)")
     pilot_id, closed, runs = pilot_batches.abort(use_case, actor=actor, reason=text)
     out = {"pilot_id": pilot_id, "closed_decisions": closed, "cancelled_runs": []}
@@ -70,22 +71,31 @@ def abort(use_case: str, actor: str, reason: str) -> dict[str, Any]:
     return out
 
 
-def import_observations(use_case: str, path: str, *, external_assignment: bool = False) -> dict[str, Any]:
+def import_observations(
+    use_case: str, path: str, *, external_assignment: bool = False, actor: str | None = None
+) -> dict[str, Any]:
     """`sparsepilot pilot NAME --observations FILE`: a database import (no model work), so the CLI runs
     it directly rather than as a flow run; `pilot_flow(observations_file=...)` calls it too. Under the use
     case's lease, as a pilot run is (rollout.leases)."""
     with leases.holding(use_case, "observations import", run_is_live=flow_run_is_live):
-        return _import_observations(use_case, path, external_assignment=external_assignment)
+        return _import_observations(use_case, path, external_assignment=external_assignment, actor=actor)
 
 
-def _import_observations(use_case: str, path: str, *, external_assignment: bool) -> dict[str, Any]:
+def _import_observations(
+    use_case: str, path: str, *, external_assignment: bool, actor: str | None
+) -> dict[str, Any]:
     from rollout.traffic import importable
 
     ctx = load_context(use_case)
     # the requests the pilot's own traffic would be: never one calibration read, nor a prompt twice
     known, refused = importable(ctx.traffic("import"), ctx.rows)
     done = pilot_batches.import_file(
-        use_case, path, known, refused_ids=refused, external_assignment=external_assignment
+        use_case,
+        path,
+        known,
+        refused_ids=refused,
+        external_assignment=external_assignment,
+        actor=actor,
     )
     info = done["info"]
     log_batch.fn(ctx, info, done["rows"], done["stored"], done["source"])

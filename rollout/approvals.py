@@ -28,6 +28,7 @@ from rollout import audit, lifecycle
 from rollout.auth import Identity, require_approver
 from rollout.db.models import AliasMove, Approval, GateDecision, Pilot, UseCase
 from rollout.db.session import session_scope
+from rollout.spec import has_visible_text
 from sparse_core.errors import SparsePilotError
 
 _SKIP_NOTE = " of an intermediate step: promoting now skips the remaining ramp steps"
@@ -180,7 +181,7 @@ def _sign(
 
 def _check_reason(reason: str | None) -> str:
     text = (reason or "").strip()
-    if not text:
+    if not has_visible_text(text):  # zero-width and other invisible characters alone say nothing
         raise ApprovalError("a reason is required (say why, in a sentence the audit log can keep)")
     return text
 

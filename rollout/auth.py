@@ -212,6 +212,8 @@ def load_accounts_file(path: str | Path) -> dict[str, Account]:
         data = tomllib.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise AccountsConfigError(f"{p}: accounts file does not exist") from None
+    except OSError as exc:  # a directory, no permission, ...
+        raise AccountsConfigError(f"{p}: cannot read the accounts file ({exc.strerror or exc})") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise AccountsConfigError(f"{p}: not valid TOML: {exc}") from None
     table = data.get("accounts")
@@ -261,6 +263,7 @@ def authenticate(name: str, password: str, accounts: Mapping[str, Account] | Non
 FIRST_RUN_FILE = "accounts.toml"
 TOKEN_FILE_ENV = "SPARSEPILOT_TOKEN_FILE"
 AUTH_KEY_ENV = "SPARSEPILOT_AUTH_KEY"
+MIN_AUTH_KEY_BYTES = 32
 _TOKEN_PREFIX = "sp1"
 DEFAULT_TOKEN_TTL_S = 8 * 3600
 MAX_TOKEN_TTL_S = 30 * 24 * 3600
@@ -297,7 +300,13 @@ def auth_key(env: Mapping[str, str] | None = None, *, create: bool = False) -> b
     (32 random bytes, created 0600 on first login)."""
     env = os.environ if env is None else env
     if env.get(AUTH_KEY_ENV):
-        return env[AUTH_KEY_ENV].encode("utf-8")
+        key = env[AUTH_KEY_ENV].encode("utf-8")
+        if len(key) < MIN_AUTH_KEY_BYTES:  # a short key lets anyone forge a token offline
+            raise AccountsConfigError(
+                f"{AUTH_KEY_ENV} is {len(key)} bytes; a token-signing key needs at least "
+                f"{MIN_AUTH_KEY_BYTES} (e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+            )
+        return key
     path = _home(env) / "auth.key"
     if path.is_file():
         return path.read_bytes()

@@ -243,6 +243,7 @@ def monitor_look(
             explanation=explanation,
             data_fingerprint=batch_id[:64],
             awaiting=awaiting,
+            actor=audit.MONITOR_ACTOR,  # the monitor's decisions are its own (docs/operations.md)
         )
         if created and awaiting == "rollback_approval":
             lifecycle.set_phase(

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 REQUIRED = ("request_id", "arm", "quality", "latency_ms", "error")
 OPTIONAL = ("tokens",)
 _TRUE = {"true", "1", "yes", "t", "y"}
-_FALSE = {"false", "0", "no", "f", "n", ""}
+_FALSE = {"false", "0", "no", "f", "n"}  # an empty cell is refused: it is not "no error"
 # A number as a person or a CSV writer spells it: no "1_0" (Python's digit separators), no "0x1f".
 _NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d{1,4})?|[+-]?(?:nan|inf|infinity)", re.I)
 MAX_ID_CHARS = 200  # the observations table's request_id column
@@ -109,6 +109,9 @@ def _csv(p: Path, f: Iterable[str]) -> Iterator[tuple[int, dict[str, Any]]]:
         missing = [c for c in REQUIRED if c not in fields]
         if missing:
             raise ObservationImportError(f"{p}: header is missing column(s) {', '.join(missing)}")
+        twice = sorted({c for c in fields if fields.count(c) > 1})
+        if twice:  # csv.DictReader would keep the last one silently
+            raise ObservationImportError(f"{p}: header names column(s) {', '.join(twice)} more than once")
         reader.fieldnames = fields
         for line, row in enumerate(reader, start=2):
             if None in row:
@@ -146,6 +149,10 @@ def _row(p: Path, line: int, obj: dict[str, Any]) -> dict[str, Any]:
         row["error"] = bool(err)
     elif isinstance(err, str) and err.strip().lower() in _TRUE | _FALSE:
         row["error"] = err.strip().lower() in _TRUE
+    elif isinstance(err, str) and not err.strip():
+        raise ObservationImportError(
+            f"{where}: field 'error' is empty; write false (or 0) for a request answered without an error"
+        )
     else:
         raise ObservationImportError(f"{where}: field 'error' must be true/false (or 1/0), got {_shown(err)}")
     tokens = obj.get("tokens")

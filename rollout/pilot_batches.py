@@ -146,17 +146,25 @@ def import_file(
     external_assignment: bool = False,
     chunk_rows: int = 50_000,
     progress: Any = None,
+    actor: str | None = None,
 ) -> dict[str, Any]:
     """Import a file of observations into the current step, all or nothing, streaming: each chunk is
     parsed, checked (GX) and checked against the step's design (rollout.pilots.ImportCheck), then
     bulk-inserted; any problem rolls the whole import back. The pilot is started in the same
     transaction, so a refused import starts nothing either. Its request ids must be among `known_ids`
     (what the pilot's traffic source may hand out: rollout.traffic.importable); `refused_ids` says why
-    another id is not. ``progress(rows_done)`` after each chunk."""
+    another id is not. ``progress(rows_done)`` after each chunk. `actor`: who imports (the signed-in
+    account; None: the automation), kept in the audit log with the file, so the evidence behind a
+    decision names who brought it."""
     source = "imported-external" if external_assignment else "imported"
     rows_seen = inserted = 0
     with session_scope(immediate=True) as session:
         info = ensure_pilot_in(session, use_case)
+        if external_assignment and info["kind"] != "split":  # rolled back with the pilot it may have started
+            raise ObservationImportError(
+                f"{path}: --external-assignment is for a split step (the serving system chose each "
+                f"request's arm); the current step is {info['kind']}, where both arms answer every request"
+            )
         step = session.get(PilotStep, info["step_id"])
         check = pilots.ImportCheck(
             pilots.step_observations(session, step).to_dict("records"),
@@ -205,6 +213,15 @@ def import_file(
                 f"{path}: does not fit step {info['step_index']} ({info['kind']}); nothing was stored:\n  - "
                 + "\n  - ".join(problems)
             )
+        if inserted:  # an identical re-import (a retry) adds nothing, not even an entry
+            audit.record(
+                session,
+                actor or audit.SYSTEM_ACTOR,
+                "observations.import",
+                on=session.get(Pilot, info["pilot_id"]),
+                details={"file": str(path), "step_index": info["step_index"], "batch_id": bid,
+                         "source": source, "rows": rows_seen, "inserted": inserted},
+            )  # fmt: skip
     stored = {"inserted": inserted, "already_present": rows_seen - inserted, "rows": rows_seen}
     return {"info": info, "rows": sample, "batch_id": bid, "source": source, "stored": stored}
 

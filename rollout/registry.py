@@ -36,6 +36,7 @@ from rollout import audit, tracking
 from rollout.auth import Identity, PermissionDenied, require_approver
 from rollout.db.models import AliasMove, ModelVersion, SpecVersion, UseCase
 from rollout.db.session import session_scope
+from rollout.spec import has_visible_text
 from sparse_core.errors import SparsePilotError
 
 ALIASES = ("champion", "challenger")
@@ -436,7 +437,7 @@ def _move(
         raise RegistryError(f"alias must be one of {ALIASES}, got {alias!r}")
     who = _check_identity(actor, alias, action, use_case)
     text = (reason or "").strip()
-    if not text:
+    if not has_visible_text(text):
         raise RegistryError("a reason is required for every alias move")
     if not idempotency_key:
         raise RegistryError("an idempotency_key is required for every alias move")

@@ -7,6 +7,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from sparse_core.errors import SparsePilotError
+
+
+class SettingsError(SparsePilotError, ValueError):
+    """An environment setting SparsePilot cannot use, named with its value."""
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -43,7 +49,12 @@ def configure_environment(settings: Settings | None = None) -> Settings:
     """Set the third-party defaults we rely on (offline hub, no telemetry, Prefect home inside
     our data dir) without overriding anything the user set explicitly."""
     s = settings or get_settings()
-    s.home.mkdir(parents=True, exist_ok=True)
+    try:
+        s.home.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file of that name, a read-only place, ...
+        raise SettingsError(
+            f"SPARSEPILOT_HOME={s.home}: cannot be used as the data directory ({exc.strerror or exc})"
+        ) from None
     defaults = {
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",

@@ -368,6 +368,27 @@ class ArmSpec(_Strict):
         return self
 
 
+_SECRET_QUERY_KEY = re.compile(r"key|token|secret|passw|pwd|auth|signature|sig$|credential", re.IGNORECASE)
+
+
+def url_credentials(url: str) -> str | None:
+    """What in an endpoint url looks like a credential (user info, a secret-looking query parameter), or
+    None. A spec version is stored for good and shown to every viewer, so a key belongs in the
+    environment variable `api_key_env` names, never in the url."""
+    from urllib.parse import parse_qsl, urlsplit
+
+    try:
+        parts = urlsplit(url)
+        if parts.username is not None or parts.password is not None:
+            return "user info (user:password@host)"
+    except ValueError:  # a malformed port or bracket: not a credential question
+        return None
+    for key, _ in parse_qsl(parts.query, keep_blank_values=True):
+        if _SECRET_QUERY_KEY.search(key):
+            return f"the query parameter {key!r}"
+    return None
+
+
 class PilotArms(_Strict):
     control: ArmSpec = ArmSpec()  # the model that serves today (dense / champion)
     treatment: ArmSpec = ArmSpec()  # the sparse challenger

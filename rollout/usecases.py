@@ -29,7 +29,7 @@ from rollout.db.models import AuditEntry, SpecVersion, UseCase, UseCaseLease
 from rollout.db.session import session_scope
 from rollout.pilot_plan import plan_summary
 from rollout.settings import get_settings
-from rollout.spec import SpecError, UseCaseSpec, load_spec, parse_spec, spec_warnings
+from rollout.spec import SpecError, UseCaseSpec, load_spec, parse_spec, spec_warnings, url_credentials
 from rollout.task_budget import task_bound_warnings
 from rollout.validation import ValidationResult, token_counter_for, validate_dataset
 from sparse_core.errors import SparsePilotError
@@ -134,6 +134,14 @@ def check_spec_file(path: Path | str) -> CheckedSpec:
     path = Path(path)
     spec = load_spec(path).with_model_resolved(path.resolve().parent)
     source = str(path)
+    secrets_in_urls = [  # checked when a spec is added, never when a stored one is read
+        (f"pilot.arms.{arm}.url", f"holds {secret}, which looks like a credential; a spec is stored for "
+         "good and shown to every viewer: put the key in an environment variable and name it in api_key_env")
+        for arm in ("control", "treatment")
+        if (secret := url_credentials(getattr(spec.pilot.arms, arm).url or ""))
+    ]  # fmt: skip
+    if secrets_in_urls:
+        raise SpecError(source, secrets_in_urls)
     dataset = spec.dataset_path(path.resolve().parent)
     if not dataset.is_file():
         raise UseCaseError(

@@ -44,9 +44,15 @@ app.add_typer(bench.app, name="bench")
 
 
 def main() -> None:
-    from rollout.settings import configure_environment
+    from rollout.settings import SettingsError, configure_environment
 
-    configure_environment()
+    try:
+        configure_environment()
+    except SettingsError as exc:  # before any command runs: the one handler is not reached yet
+        try:
+            fail(str(exc))
+        except typer.Exit as stop:
+            raise SystemExit(stop.exit_code) from None
     app()
 
 

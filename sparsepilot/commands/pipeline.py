@@ -143,7 +143,9 @@ def pilot_cmd(
     for_command("pilot", say_where=not json_out)
     if observations:  # a database import, no model work: not a flow run
         result = _run(
-            lambda: import_observations(name, observations, external_assignment=external_assignment)
+            lambda: import_observations(
+                name, observations, external_assignment=external_assignment, actor=who.name
+            )
         )
     else:
         _require_use_case(name)

@@ -165,3 +165,15 @@ def test_oidc_roles_from_the_approver_list() -> None:
 def test_anonymous_is_refused() -> None:
     with pytest.raises(PermissionDenied, match="nobody is signed in"):
         auth.require_approver(None, "approve")
+
+
+def test_a_short_signing_key_or_an_unreadable_accounts_file_is_refused_by_name(tmp_path) -> None:  # noqa: ANN001
+    """With SPARSEPILOT_AUTH_KEY=a anyone could forge a token offline; an accounts file that is a directory
+    used to end in a traceback."""
+    from rollout.auth import MIN_AUTH_KEY_BYTES, AccountsConfigError, auth_key, load_accounts_file
+
+    with pytest.raises(AccountsConfigError, match=r"SPARSEPILOT_AUTH_KEY is 1 bytes; .* at least 32"):
+        auth_key({"SPARSEPILOT_AUTH_KEY": "a"})
+    assert auth_key({"SPARSEPILOT_AUTH_KEY": "k" * MIN_AUTH_KEY_BYTES}) == b"k" * MIN_AUTH_KEY_BYTES
+    with pytest.raises(AccountsConfigError, match="cannot read the accounts file"):
+        load_accounts_file(tmp_path)

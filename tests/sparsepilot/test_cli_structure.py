@@ -248,3 +248,21 @@ def test_bench_quality_names_the_text_it_measured_on(sp_home, tiny_llama_dir, tm
     assert 0 < block["rows"][0]["speed_density"] <= 1
     short = {"seq_len": 8192, "heldout_window_tokens": [6958]}
     assert heldout_label(short) == "held-out natural text, 1 window(s) of 6958 tokens"
+
+
+def test_a_data_directory_that_is_a_file_is_one_line_and_exit_2(tmp_path) -> None:  # noqa: ANN001
+    """configure_environment runs before any command, outside the one error handler: a SPARSEPILOT_HOME
+    that names a file used to end in a FileExistsError traceback."""
+    import os
+    import subprocess
+    import sys
+
+    home = tmp_path / "not-a-dir"
+    home.write_text("")
+    env = dict(os.environ, SPARSEPILOT_HOME=str(home))
+    out = subprocess.run(
+        [sys.executable, "-m", "sparsepilot", "usecase", "list"], env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 2, out.stderr
+    assert f"error: SPARSEPILOT_HOME={home}: cannot be used as the data directory" in out.stdout + out.stderr
+    assert "Traceback" not in out.stdout + out.stderr

@@ -159,6 +159,23 @@ SPEC_CASES = [
     Case("yaml-invalid-utf8", _raw("utf8", b"name: \xff\xfe\n"), "not valid UTF-8 at byte"),
     Case("yaml-over-size-limit", _big, "at most 262144"),
     Case("spec-symlink-loop", _loop, "loop.yaml"),
+    Case(
+        "spec-credential-in-arm-url",
+        _add("urlkey", **{"pilot": {"arms": {"treatment": {"kind": "mlflow", "url": "http://u:pw@h:5001"}}}}),
+        "pilot.arms.treatment.url: holds user info",
+    ),
+    Case(
+        "spec-key-in-arm-query",
+        _add(
+            "urlquery",
+            **{
+                "pilot": {
+                    "arms": {"treatment": {"kind": "openai", "url": "http://h/v1?api_key=s", "model": "m"}}
+                }
+            },
+        ),
+        "the query parameter 'api_key', which looks like a credential",
+    ),
     Case("spec-is-a-directory", _dir, "adir.yaml"),
     Case(
         "spec-missing-file",
@@ -372,6 +389,12 @@ ARG_CASES = [
     Case("decision-not-a-number", _approve("abc"), "--decision", user="alice"),
     Case("decision-of-another-use-case", _approve("999999"), "decision 999999 does not belong", user="alice"),
     Case("approve-blank-reason", _approve("@decision", "   "), "a reason is required", user="alice"),
+    Case(
+        "approve-invisible-reason",
+        _approve("@decision", "\u200b\u200b"),
+        "a reason is required",
+        user="alice",
+    ),
     Case(
         "show-version-zero",
         lambda tmp, ctx: ["usecase", "show", ctx["name"], "--version", "0"],

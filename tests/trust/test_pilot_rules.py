@@ -145,7 +145,7 @@ def test_a_refused_import_starts_no_pilot(trust_env, flow_use_case, tmp_path: Pa
 
 def test_split_step_imports_follow_the_design(trust_env, flow_use_case, tmp_path: Path) -> None:
     from rollout import pilots
-    from rollout.db.models import Observation, Pilot
+    from rollout.db.models import AuditEntry, Observation, Pilot
     from rollout.db.session import session_scope
 
     name = flow_use_case()
@@ -154,7 +154,13 @@ def test_split_step_imports_follow_the_design(trust_env, flow_use_case, tmp_path
     shadow = _write(
         tmp_path / "shadow.jsonl", [_obs(r, a) for r in ids[:8] for a in ("control", "treatment")]
     )
+    res = _import(name, shadow, "--external-assignment")  # a shadow step has no arms to assign
+    assert res.exit_code == 2 and "--external-assignment is for a split step" in res.output
     assert _import(name, shadow).exit_code == 0
+    with session_scope() as s:  # the evidence names who brought it
+        entry = s.scalar(select(AuditEntry).where(AuditEntry.action == "observations.import"))
+        assert (entry.actor, entry.details["rows"], entry.details["inserted"]) == ("olga", 16, 16)
+        assert entry.details["file"] == shadow
     with session_scope() as s:
         pilot = s.scalar(select(Pilot))
         spec, _ = pilots.load_pilot_spec(s, pilot)
