@@ -172,6 +172,7 @@ def import_file(
             salt=info["salt"],
             traffic_pct=info["traffic_pct"],
             external_assignment=external_assignment,
+            used_elsewhere=pilots.request_ids_of_earlier_steps(session, step),
         )
         bid = f"b-{step.id}-import-{uuid.uuid4().hex[:16]}"
         salt = info["salt"]  # the file's order carries no weight: pilots.stream_key places each row
@@ -192,7 +193,7 @@ def import_file(
                     + "\n  - ".join(gx["failures"])
                 )
             new = check.add(rows)
-            if check.conflicts or check.wrong_arm:  # fail early; the full list comes from problems()
+            if check.conflicts or check.wrong_arm or check.reused:  # fail early; problems() lists them
                 break
             if new:  # Core executemany: the ORM's per-row bookkeeping costs more than the insert itself
                 fixed = {"pilot_step_id": step.id, "use_case_id": info["use_case_id"], "batch_id": bid,

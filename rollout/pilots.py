@@ -7,7 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -422,7 +422,9 @@ class ImportCheck:
     Shadow: every request has both arms. Split: every request is in exactly one arm, the one the
     pilot's hash assignment gives it (unless the serving system assigned arms itself:
     ``external_assignment``). A (request, arm) already stored, or given twice, must carry the same
-    values: a stored observation is never replaced."""
+    values: a stored observation is never replaced. A request an earlier step of the pilot judged
+    (``used_elsewhere``) is refused: a request is evidence once, and one chosen again after its answers
+    were seen could be chosen for them."""
 
     def __init__(
         self,
@@ -432,9 +434,12 @@ class ImportCheck:
         salt: str,
         traffic_pct: float,
         external_assignment: bool,
+        used_elsewhere: Collection[str] = frozenset(),
         max_listed: int = 8,
     ) -> None:
         self.kind, self.salt, self.pct, self.external = kind, salt, traffic_pct, external_assignment
+        self.used_elsewhere = used_elsewhere
+        self.reused: list[str] = []
         self.max_listed = max_listed
         self.values: dict[tuple[str, str], int] = {}
         self.arms: dict[str, int] = {}
@@ -451,6 +456,9 @@ class ImportCheck:
         new = []
         for r in rows:
             rid, arm = str(r["request_id"]), str(r["arm"])
+            if rid in self.used_elsewhere:
+                self.reused.append(f"{rid}/{arm}")
+                continue
             value = _values(r)
             known = self.values.get((rid, arm))
             if known is not None:
@@ -472,6 +480,11 @@ class ImportCheck:
     def problems(self) -> list[str]:
         """Everything wrong with the import so far (call after the last chunk)."""
         out = []
+        if self.reused:
+            out.append(
+                f"request(s) {self._listed(self.reused)} were judged in an earlier step of this pilot; a "
+                "request is evidence once"
+            )
         if self.conflicts:
             out.append(
                 f"request(s) {self._listed(self.conflicts)} are already stored with different values; "
@@ -592,6 +605,16 @@ def rows_by_source(session: Session, step: PilotStep) -> dict[str, int]:
 def last_observation_id(session: Session, step: PilotStep) -> int:
     """The id of the step's last stored row (0 for none): where a monitor look's judgement ends."""
     return session.scalar(select(func.max(Observation.id)).where(Observation.pilot_step_id == step.id)) or 0
+
+
+def request_ids_of_earlier_steps(session: Session, step: PilotStep) -> set[str]:
+    """Request ids the pilot's other steps stored (an import into `step` may not bring them again)."""
+    others = select(PilotStep.id).where(PilotStep.pilot_id == step.pilot_id, PilotStep.id != step.id)
+    return set(
+        session.scalars(
+            select(Observation.request_id).where(Observation.pilot_step_id.in_(others)).distinct()
+        )
+    )
 
 
 def seen_request_ids(session: Session, pilot: Pilot) -> set[str]:

@@ -170,6 +170,11 @@ def test_split_step_imports_follow_the_design(trust_env, flow_use_case, tmp_path
     assigned = [_obs(r, pilots.assign_arm(r, salt, pct)) for r in fresh]
     before = _counts()
 
+    again = [_obs(ids[0], pilots.assign_arm(ids[0], salt, pct))]  # the shadow step judged it
+    res = _import(name, _write(tmp_path / "again-shadow.jsonl", again))
+    assert res.exit_code == 2 and f"request(s) {ids[0]}/" in res.output, res.output
+    assert "were judged in an earlier step of this pilot; a request is evidence once" in res.output
+    assert _counts() == before
     both = _write(tmp_path / "both.jsonl", [_obs(fresh[0], "control"), _obs(fresh[0], "treatment")])
     res = _import(name, both)
     assert res.exit_code == 2 and f"request(s) {fresh[0]} appear in both arms" in res.output
