@@ -84,8 +84,17 @@ def iter_observations(
         raise ObservationImportError(f"{p}: no observations in the file")
 
 
-def _jsonl(p: Path, f: Iterable[str]) -> Iterator[tuple[int, dict[str, Any]]]:
-    for lineno, line in enumerate(f, start=1):
+def _bounded_lines(f: Any, limit: int) -> Iterator[str]:
+    """The file's lines, none read past `limit` + 1 characters: a line of gigabytes is refused from its
+    first `limit` + 1 characters, never held whole."""
+    while line := f.readline(limit + 1):
+        yield line
+        if len(line) > limit:
+            return  # the caller refuses it; the rest of the line is not read
+
+
+def _jsonl(p: Path, f: Any) -> Iterator[tuple[int, dict[str, Any]]]:
+    for lineno, line in enumerate(_bounded_lines(f, MAX_LINE_CHARS), start=1):
         if not line.strip():
             continue
         if len(line) > MAX_LINE_CHARS:
