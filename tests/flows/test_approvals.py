@@ -214,9 +214,6 @@ def test_run_serve_keeps_the_run_paused_for_an_approval_from_another_process(
 
 
 def test_monitor_breach_with_manual_policy_waits_for_a_rollback_approval(flow_use_case, tmp_path) -> None:
-    import json
-
-    from flows.monitor import monitor_flow
     from rollout import approvals, registry
     from rollout.auth import Identity
     from rollout.db.models import GateDecision, UseCase
@@ -225,23 +222,8 @@ def test_monitor_breach_with_manual_policy_waits_for_a_rollback_approval(flow_us
     name = flow_use_case(rollback="manual")
     promoted = _promoted(name)
 
-    prod = tmp_path / "prod.jsonl"
-    # 8 errors in 20 requests against a 5% ceiling: evidence of a breach (3 in 10 would not yet be)
-    rows = [
-        {"request_id": f"p{i}", "arm": "treatment", "quality": 0.9, "latency_ms": 500.0, "error": i < 8}
-        for i in range(20)
-    ]
-    prod.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    mon = monitor_flow(name, observations_file=str(prod))
-    assert (mon["outcome"], mon["awaiting"], mon["automatic_rollback"]) == (
-        "NO-GO",
-        "rollback_approval",
-        False,
-    )
+    mon = _breach_waits_for_a_person(name, tmp_path, promoted)
     assert "treatment_error_rate 0.4 > 0.05" in mon["explanation"]
-    assert registry.current_aliases(name)["champion"] == promoted  # nothing moved without a person
-    with session_scope() as s:
-        assert s.scalar(select(UseCase.phase).where(UseCase.name == name)) == "awaiting_approval"
 
     result = approvals.approve(mon["decision_id"], Identity(*BOB), "error rate too high")
     assert result.took_effect and not result.against_recommendation
@@ -257,17 +239,25 @@ def test_a_breach_with_nothing_to_roll_back_to_waits_for_a_person(flow_use_case,
     """`rollback: auto`, but no earlier champion is recorded (no dense baseline was registered before the
     first promotion): the alarm used to be recorded NO-GO with nobody asked, and the rollback then failed
     with a traceback. Now it waits for a person, and says why."""
-    import json
-
-    from flows.monitor import monitor_flow
     from rollout import approvals, registry
     from rollout.auth import Identity
-    from rollout.db.models import UseCase
-    from rollout.db.session import session_scope
 
     name = flow_use_case(rollback="auto")
     approvals.approve(_pilot_with_decision(name, "GO", "approval"), Identity(*ALICE), "ship it")
-    promoted = registry.current_aliases(name)["champion"]
+    mon = _breach_waits_for_a_person(name, tmp_path, registry.current_aliases(name)["champion"])
+    assert "No earlier champion is recorded to roll back to, so a person must decide" in mon["explanation"]
+
+
+def _breach_waits_for_a_person(name: str, tmp_path, promoted: str) -> dict:  # noqa: ANN001
+    """A monitor look on 8 errors in 20 production requests against a 5% ceiling (evidence of a breach; 3
+    in 10 would not yet be): NO-GO, the rollback waits for a person, nothing moved without one."""
+    import json
+
+    from flows.monitor import monitor_flow
+    from rollout import registry
+    from rollout.db.models import UseCase
+    from rollout.db.session import session_scope
+
     prod = tmp_path / "prod.jsonl"
     rows = [
         {"request_id": f"p{i}", "arm": "treatment", "quality": 0.9, "latency_ms": 500.0, "error": i < 8}
@@ -280,10 +270,10 @@ def test_a_breach_with_nothing_to_roll_back_to_waits_for_a_person(flow_use_case,
         "rollback_approval",
         False,
     )
-    assert "No earlier champion is recorded to roll back to, so a person must decide" in mon["explanation"]
-    assert registry.current_aliases(name)["champion"] == promoted
+    assert registry.current_aliases(name)["champion"] == promoted  # nothing moved without a person
     with session_scope() as s:
         assert s.scalar(select(UseCase.phase).where(UseCase.name == name)) == "awaiting_approval"
+    return mon
 
 
 def test_the_monitor_accumulates_evidence_over_its_looks_and_a_kept_alarm_resumes_it(

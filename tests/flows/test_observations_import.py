@@ -44,27 +44,37 @@ def test_a_monitor_file_without_a_row_of_the_champion_is_refused(tmp_path: Path)
     assert len(read_observations(both, require_arm="treatment")) == 4
 
 
-def test_a_column_named_twice_or_an_empty_error_cell_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("name", "text", "match"),
+    [
+        (
+            "twice.csv",
+            "request_id,arm,quality,latency_ms,error,quality\nr1,control,0.0,100,false,0.9\n",
+            r"twice\.csv: header names column\(s\) quality more than once",
+        ),
+        (
+            "blank.csv",
+            "request_id,arm,quality,latency_ms,error\nr1,control,0.5,100,\n",
+            r"blank\.csv:2: field 'error' is empty; write false",
+        ),
+        (
+            "blank.jsonl",
+            '{"request_id": "r1", "arm": "control", "quality": 1, "latency_ms": 5, "error": " "}\n',
+            r"blank\.jsonl:1: field 'error' is empty",
+        ),
+    ],
+)
+def test_a_column_named_twice_or_an_empty_error_cell_is_refused(
+    tmp_path: Path, name: str, text: str, match: str
+) -> None:
     """A second 'quality' column used to win silently (csv.DictReader keeps the last), and an empty
     'error' cell was read as "no error", a success for the error guardrails."""
     from rollout.observations_io import ObservationImportError, read_observations
 
-    twice = tmp_path / "twice.csv"
-    twice.write_text("request_id,arm,quality,latency_ms,error,quality\nr1,control,0.0,100,false,0.9\n")
-    with pytest.raises(
-        ObservationImportError, match=r"twice\.csv: header names column\(s\) quality more than once"
-    ):
-        read_observations(twice)
-    blank = tmp_path / "blank.csv"
-    blank.write_text("request_id,arm,quality,latency_ms,error\nr1,control,0.5,100,\n")
-    with pytest.raises(ObservationImportError, match=r"blank\.csv:2: field 'error' is empty; write false"):
-        read_observations(blank)
-    blank_json = _write_jsonl(
-        tmp_path / "blank.jsonl",
-        [{"request_id": "r1", "arm": "control", "quality": 1, "latency_ms": 5, "error": " "}],
-    )
-    with pytest.raises(ObservationImportError, match=r"blank\.jsonl:1: field 'error' is empty"):
-        read_observations(blank_json)
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ObservationImportError, match=match):
+        read_observations(path)
 
 
 def test_parse_errors_name_file_line_and_field(tmp_path: Path) -> None:
