@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from rollout.redact import redact
 from sparse_core.errors import SparsePilotError
 
 _SLUG = re.compile(r"^[a-z][a-z0-9-]{1,62}[a-z0-9]$")
@@ -355,7 +356,9 @@ class ArmSpec(_Strict):
                 )
             return self
         if not self.url or not re.match(r"^https?://[^/\s]+", self.url):
-            raise ValueError(f"a {self.kind} arm needs url: http(s)://host:port (got {self.url!r})")
+            raise ValueError(
+                f"a {self.kind} arm needs url: http(s)://host:port (got {redact(self.url or '')!r})"
+            )
         if self.kind == "openai" and not self.model:
             raise ValueError("an openai arm needs model: the name the server serves (its /v1/models id)")
         if self.kind == "mlflow" and self.model is not None:
