@@ -136,7 +136,20 @@ def unfinished_promotion(decision_id: int, *, db_url: str | None = None) -> int 
             .order_by(Approval.id.desc())
         )
         phase = session.get(UseCase, d.use_case_id).phase
-        return approval if d.resolution == "approved" and phase != "promoted" else None
+        if d.resolution != "approved" or phase == "promoted":
+            return None
+        return None if _superseded(session, d) else approval
+
+
+def _superseded(session: Any, d: GateDecision) -> bool:
+    """Whether the champion moved on after this decision's promotion committed (a rollback, a later
+    promotion): finishing it again would re-promote on old evidence. A promotion that committed in
+    MLflow but crashed before the use case was marked promoted is the last champion move: unfinished."""
+    from rollout import registry
+
+    moves = registry.committed_moves(session, d.use_case_id, "champion")
+    mine = [i for i, m in enumerate(moves) if m.idempotency_key == f"promote:{d.id}"]
+    return bool(mine) and mine[-1] < len(moves) - 1
 
 
 def override_signatures(session: Any, decision_id: int, action: str) -> list[Approval]:
@@ -227,6 +240,8 @@ def approve(
         if d is None:
             raise ApprovalError(f"decision {decision_id} does not exist")
         check_approvable(session, d)
+        if action == "approve" and d.awaiting == "rollback_approval":
+            _require_an_earlier_champion(session, d)
         against = action != recommended_action(d)
         if against:
             earlier = override_signatures(session, d.id, action)
@@ -316,6 +331,19 @@ def approve(
             + (f"; resumed flow run {resumed}" if resumed else "; applied directly (no flow run was waiting)")
         ),
     )
+
+
+def _require_an_earlier_champion(session: Any, d: GateDecision) -> None:
+    """A rollback needs a version to return to. Approving one that has none used to commit the approval,
+    then fail to move the alias, and leave the use case waiting for a decision nobody could make."""
+    from rollout import registry
+
+    if len(registry.champion_lineage(registry.committed_moves(session, d.use_case_id, "champion"))) < 2:
+        raise ApprovalError(
+            f"decision {d.id}: there is no earlier champion to roll back to; nothing was recorded. Keep "
+            "the champion (reject the rollback: two approvers, as it goes against the monitor) and take it "
+            "out of serving by hand if it must go"
+        )
 
 
 def _flow_run_state_safe(flow_run_id: str) -> tuple[bool, str]:
@@ -563,33 +591,61 @@ def request_rollback(
 
     who = require_approver(identity, f"roll back {use_case_name}")
     text = _check_reason(reason)
-    with session_scope(db_url) as session:
+    # one writer at a time (SQLite: BEGIN IMMEDIATE; PostgreSQL: the use case's row lock below), so two
+    # approvers asking at once see one request, not two
+    with session_scope(db_url, immediate=True) as session:
         uc = pilots.get_use_case(session, use_case_name)
+        session.execute(select(UseCase.id).where(UseCase.id == uc.id).with_for_update())
         if not lifecycle.can(uc.phase, "rollback"):
             raise ApprovalError(
                 f"use case {use_case_name!r} is {uc.phase}, not promoted: "
                 "there is no champion of ours to roll back"
             )
-        lineage = registry.champion_lineage(registry.committed_moves(session, uc.id, "champion"))
-        if len(lineage) < 2:
-            raise ApprovalError(f"use case {use_case_name!r} has no previous champion to roll back to")
-        key = f"manual-rollback:{uc.id}:{uuid.uuid4().hex}"
-        d, _ = pilots.record_decision(
-            session,
-            idempotency_key=key,
-            use_case=uc,
-            outcome="NO-GO",
-            kind="rollback",
-            evidence={"requested_by": who.name, "role": who.role, "reason": text},
-            explanation=f"Manual rollback requested by {who.name} ({who.role}): {text}",
-            data_fingerprint="manual",
-            awaiting="none",
-            actor=who.name,
-        )
-        d.resolution = "approved"
-        approval_id = _sign(session, d, who, "rollback", text, False, "approval.rollback").id
-        decision_id = d.id
+        moves = registry.committed_moves(session, uc.id, "champion")
+        if moves and moves[-1].idempotency_key.startswith("rollback:"):
+            # the last champion move was a rollback whose use case was never marked rolled back (the run
+            # died after MLflow moved): finish that one instead of rolling back a second version
+            unfinished = int(moves[-1].idempotency_key.split(":", 1)[1])
+            approval_id = session.scalar(
+                select(Approval.id).where(Approval.decision_id == unfinished).order_by(Approval.id.desc())
+            )
+            decision_id, text = unfinished, f"finishing rollback {unfinished}: {text}"
+        else:
+            decision_id, approval_id = _record_rollback(session, uc, who, text, moves)
     out: dict[str, Any] = {"decision_id": decision_id, "approval_id": approval_id}
     if apply:
-        out["effect"] = apply_rollback(decision_id, approval_id, reason=text, db_url=db_url)
+        out["effect"] = apply_rollback(
+            decision_id, approval_id, reason=text, automatic=approval_id is None, db_url=db_url
+        )
     return out
+
+
+def _record_rollback(
+    session: Any, uc: UseCase, who: Identity, text: str, moves: list
+) -> tuple[int, int | None]:
+    """The manual rollback decision and its signature. Its key is the intent: the champion in force and
+    the moves that led to it, so a person retrying, or a second approver at the same moment, gets the same
+    decision (and its one alias move), never a second rollback."""
+    from rollout import pilots, registry
+
+    lineage = registry.champion_lineage(moves)
+    if len(lineage) < 2:
+        raise ApprovalError(f"use case {uc.name!r} has no previous champion to roll back to")
+    key = f"manual-rollback:{uc.id}:{lineage[-1]}:{len(moves)}"
+    d, created = pilots.record_decision(
+        session,
+        idempotency_key=key,
+        use_case=uc,
+        outcome="NO-GO",
+        kind="rollback",
+        evidence={"requested_by": who.name, "role": who.role, "reason": text},
+        explanation=f"Manual rollback requested by {who.name} ({who.role}): {text}",
+        data_fingerprint="manual",
+        awaiting="none",
+        actor=who.name,
+    )
+    if not created:  # the same intent, asked again: its first signature stands
+        first = session.scalar(select(Approval.id).where(Approval.decision_id == d.id).order_by(Approval.id))
+        return d.id, first
+    d.resolution = "approved"
+    return d.id, _sign(session, d, who, "rollback", text, False, "approval.rollback").id

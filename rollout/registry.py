@@ -36,6 +36,7 @@ from rollout import audit, tracking
 from rollout.auth import Identity, PermissionDenied, require_approver
 from rollout.db.models import AliasMove, ModelVersion, SpecVersion, UseCase
 from rollout.db.session import session_scope
+from rollout.redact import redact
 from rollout.spec import has_visible_text
 from sparse_core.errors import SparsePilotError
 
@@ -509,7 +510,9 @@ def _move(
     try:
         _apply_mlflow(name, alias, to_version)
     except Exception as exc:
-        message = f"{type(exc).__name__}: {exc}"
+        # kept for good (alias history, the append-only audit log) and shown to every viewer: an MLflow
+        # error names its URL, password and all
+        message = redact(f"{type(exc).__name__}: {exc}")
         with session_scope(db_url) as session:
             move = session.get(AliasMove, move_id)
             move.status = "failed"

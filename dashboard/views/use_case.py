@@ -20,6 +20,7 @@ from dashboard.timeline import timeline_chart
 from rollout import queries
 from rollout.gate.spending import account, describe
 from rollout.pilot_plan import plan_summary, traffic_time
+from rollout.redact import redact
 from rollout.settings import get_settings
 from rollout.spec import UseCaseSpec
 
@@ -43,7 +44,8 @@ def mlflow_link(run_id: str | None) -> None:
     if not run_id:
         st.caption("No MLflow run recorded.")
         return
-    ui = os.environ.get("SPARSEPILOT_MLFLOW_UI_URL") or get_settings().mlflow_tracking_uri
+    # a page anyone may open: the store's password never shows (the reader supplies their own)
+    ui = redact(os.environ.get("SPARSEPILOT_MLFLOW_UI_URL") or get_settings().mlflow_tracking_uri)
     if ui.startswith(("http://", "https://")):
         st.markdown(f"MLflow run: [{run_id}]({ui.rstrip('/')}/#/runs/{run_id})")
     else:

@@ -241,11 +241,24 @@ def test_a_breach_with_nothing_to_roll_back_to_waits_for_a_person(flow_use_case,
     with a traceback. Now it waits for a person, and says why."""
     from rollout import approvals, registry
     from rollout.auth import Identity
+    from rollout.db.models import UseCase
+    from rollout.db.session import session_scope
 
     name = flow_use_case(rollback="auto")
     approvals.approve(_pilot_with_decision(name, "GO", "approval"), Identity(*ALICE), "ship it")
-    mon = _breach_waits_for_a_person(name, tmp_path, registry.current_aliases(name)["champion"])
+    champion = registry.current_aliases(name)["champion"]
+    mon = _breach_waits_for_a_person(name, tmp_path, champion)
     assert "No earlier champion is recorded to roll back to, so a person must decide" in mon["explanation"]
+    # approving a rollback with nothing to return to is refused before anything is recorded (it used to
+    # commit the approval, fail the alias move and leave the use case stuck); keeping the champion works
+    with pytest.raises(approvals.ApprovalError, match="no earlier champion to roll back to; nothing was"):
+        approvals.approve(mon["decision_id"], Identity(*BOB), "roll it back")
+    first = approvals.approve(mon["decision_id"], Identity(*BOB), "keep it", reject=True)
+    assert first.needs_second_approver and not first.took_effect
+    kept = approvals.approve(mon["decision_id"], Identity(*ALICE), "keep it", reject=True)
+    assert kept.took_effect and registry.current_aliases(name)["champion"] == champion
+    with session_scope() as s:
+        assert s.scalar(select(UseCase.phase).where(UseCase.name == name)) == "promoted"
 
 
 def _breach_waits_for_a_person(name: str, tmp_path, promoted: str) -> dict:  # noqa: ANN001
@@ -367,3 +380,51 @@ def _spec_model(session, name: str) -> str:
     from rollout import pilots
 
     return pilots.load_current_spec(session, pilots.get_use_case(session, name))[0].model
+
+
+def test_a_manual_rollback_moves_the_champion_once_however_often_it_is_asked(flow_use_case) -> None:
+    """Two approvers asking at once, or a person retrying after the run died between MLflow's move and
+    the use case's: one rollback, one alias move. Each request used to take a fresh key, and the
+    champion went 3 -> 2 -> 1. And a promotion a rollback undid is not "unfinished": `promote` used to
+    re-promote it on the old evidence without moving the alias."""
+    from rollout import approvals, registry
+    from rollout.auth import Identity
+    from rollout.db.models import AliasMove, UseCase
+    from rollout.db.session import session_scope
+    from sparse_core import SparsePlan
+
+    name = flow_use_case()
+    did = _pilot_with_decision(name, "GO", "approval")
+    with session_scope() as s:
+        model_ref = _spec_model(s, name)
+    baseline = SparsePlan(tau=1.0, dense_layers=(0, 1), metadata={"baseline": "dense"})
+    registry.register_version(name, baseline, model_ref, actor=registry.SYSTEM_PIPELINE, density=1.0)
+    approvals.approve(did, Identity(*ALICE), "ship it")
+    second = registry.register_version(name, SparsePlan(tau=0.95), model_ref, actor=registry.SYSTEM_PIPELINE)
+    registry.promote(
+        name, model_version_id=second.id, actor=Identity(*ALICE), reason="v3", idempotency_key="p3"
+    )
+    top = registry.current_aliases(name)["champion"]
+
+    def moves() -> int:
+        with session_scope() as s:
+            return len(s.scalars(select(AliasMove).where(AliasMove.alias == "champion")).all())
+
+    before = moves()
+    asked = [
+        approvals.request_rollback(name, Identity(*who), "p95 regressed", apply=False) for who in (BOB, ALICE)
+    ]
+    assert asked[0] == asked[1]  # the same intent: one decision, its first signature
+    # the run dies after MLflow moved the alias and before the use case was marked rolled back ...
+    registry.rollback(
+        name, actor=Identity(*BOB), reason="p95", idempotency_key=f"rollback:{asked[0]['decision_id']}"
+    )
+    back = registry.current_aliases(name)["champion"]
+    assert back != top and moves() == before + 1
+    # ... and a person asks again: that rollback is finished, no second version is rolled back
+    again = approvals.request_rollback(name, Identity(*ALICE), "retry")
+    assert again["decision_id"] == asked[0]["decision_id"]
+    assert registry.current_aliases(name)["champion"] == back and moves() == before + 1
+    with session_scope() as s:
+        assert s.scalar(select(UseCase.phase).where(UseCase.name == name)) == "rolled_back"
+    assert approvals.unfinished_promotion(did) is None  # the rollback undid it: nothing to finish

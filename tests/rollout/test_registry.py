@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -151,7 +152,7 @@ def test_mlflow_failure_is_recorded_and_a_retry_converges(two_versions, monkeypa
     v1, _ = two_versions
 
     def broken(self, name, alias, version):  # noqa: ANN001, ANN202
-        raise ConnectionError("tracking server unreachable")
+        raise ConnectionError("tracking server http://ml:s3cret@mlflow:5000 unreachable")
 
     with monkeypatch.context() as mp:
         mp.setattr(MlflowClient, "set_registered_model_alias", broken)
@@ -167,6 +168,9 @@ def test_mlflow_failure_is_recorded_and_a_retry_converges(two_versions, monkeypa
     [move] = rows(AliasMove)
     assert move.status == "failed" and "unreachable" in move.error
     assert "alias.set.failed" in actions() and "alias.set.committed" not in actions()
+    # kept for good and shown to every viewer: never the password the error names
+    assert "s3cret" not in move.error and "http://ml:***@mlflow" in move.error
+    assert not any("s3cret" in json.dumps(e.details) for e in rows(AuditEntry))
     assert "champion" not in registry.current_aliases("docs-qa")
 
     again = registry.set_alias(

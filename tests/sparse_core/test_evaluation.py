@@ -7,6 +7,8 @@ import json
 import math
 import statistics
 
+import pytest
+
 from sparse_core import SparsePlan, is_sparsified
 from sparse_core.evaluation import EvalSuite, evaluate
 from sparse_core.prefill_bound import scored_positions
@@ -153,6 +155,23 @@ def test_the_speed_mix_comes_from_the_speed_rows_when_given(quality_tiny):
     (want,), _ = length_mix(tok, long, max_buckets=1)
     assert [r["seq_len"] for r in d["speed"]] == [want] and want > length_mix(tok, short, max_buckets=1)[0][0]
     assert "speed_rows" not in d["suite"]  # rows are data, not a setting
+
+
+def test_the_mix_throughput_is_its_tokens_over_its_seconds(quality_tiny):
+    """Two lengths: the mix's tokens/s is sum(w L) / sum(w t), not the weighted mean of each length's
+    tokens/s (which overstates it, and every dollar figure scales with it)."""
+    model, tok = quality_tiny
+    suite = EvalSuite(
+        n_fidelity_texts=0, probe_lengths=(), layer_errors=False, speed_lengths=(128, 512),
+        speed_repeats=1, decode_new_tokens=0,
+    )  # fmt: skip
+    d = evaluate(model, tok, SparsePlan(tau=0.9), suite).to_dict()
+    rows, summ = d["speed"], d["speed_summary"]
+    assert [r["seq_len"] for r in rows] == [128, 512]
+    tokens = sum(r["weight"] * r["seq_len"] for r in rows)
+    for arm in ("dense", "sparse"):
+        seconds = sum(r["weight"] * statistics.median(r[f"{arm}_seconds"]) for r in rows)
+        assert summ[f"weighted_{arm}_tokens_per_s"] == pytest.approx(tokens / seconds, rel=1e-12)
 
 
 def test_sections_switched_off_are_none(quality_tiny):
