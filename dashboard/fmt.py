@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from rollout import queries
 from rollout.queries import bounding_sides, known, quality_interval  # noqa: F401 (the pages' spelling of the rule)
 from rollout.roi import usd
+
+# what Streamlit's markdown reads as markup inside a line: links and images ([..](..)), emphasis, code,
+# headings, tables, and $...$ (LaTeX: "$1,200 ... $3,400" in an ROI verdict rendered as a formula); HTML
+# is escaped by Streamlit itself
+_MARKUP = re.compile(r"([\\`*_{}\[\]()#!|~$])")
+
+
+def plain(text: Any) -> str:
+    """`text` shown as written by st.markdown / st.info: an owner, a reason or an explanation is data a
+    person typed, never markup (a link or a remote image in an owner's name rendered as one)."""
+    return _MARKUP.sub(r"\\\1", str(text))
 
 
 def money(x: Any) -> str:

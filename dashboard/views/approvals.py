@@ -27,7 +27,7 @@ def show_flash() -> None:
     item = st.session_state.pop(FLASH_KEY, None)
     if item:
         kind, text = item
-        {"success": st.success, "warning": st.warning, "error": st.error}[kind](text)
+        {"success": st.success, "warning": st.warning, "error": st.error}[kind](fmt.plain(text))
 
 
 def run_action(fn: Any, *args: Any, **kwargs: Any) -> None:
@@ -65,7 +65,7 @@ def evidence_summary(d: dict[str, Any]) -> None:
     c3.metric("SRM p-value", f"{srm:.3g}" if isinstance(srm, int | float) else "-")
     p95 = ev.get("p95_latency_treatment_ms")
     c4.metric("p95 latency, treatment", f"{p95:.0f} ms" if isinstance(p95, int | float) else "-")
-    st.info(d["explanation"])
+    st.info(fmt.plain(d["explanation"]))
     checks = fmt.guardrail_rows(ev)
     if checks:
         st.dataframe(pd.DataFrame(checks), hide_index=True, width="stretch")

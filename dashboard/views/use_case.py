@@ -65,7 +65,7 @@ def decision_block(decs: list[dict[str, Any]]) -> None:
     c2.metric("Quality Δ (sparse - dense)", fmt.num_interval(q.get("estimate"), None, None))
     c2.caption(f"interval {fmt.quality_interval(q.get('interval_low'), q.get('interval_high'))}")
     c3.metric("Waits for", queries.WAITING_LABELS.get(d["awaiting"], "-") if d["resolution"] is None else "-")
-    st.info(d["explanation"])
+    st.info(fmt.plain(d["explanation"]))
     with st.expander("Full evidence"):
         st.json(d["evidence"], expanded=False)
 
@@ -338,10 +338,10 @@ def roi_breakdown(ev: dict[str, Any] | None) -> None:
     roi = dict(ev["roi"])
     inputs = roi.pop("inputs", None)
     if roi.get("verdict"):
-        st.markdown(f"**Verdict:** {roi.pop('verdict')}")
+        st.markdown(f"**Verdict:** {fmt.plain(roi.pop('verdict'))}")
     decode = roi.pop("decode", None)  # sparse decode's line (rollout.roi.decode_outcome)
     if decode:
-        st.markdown(f"**Decode:** {decode['line'].removeprefix('decode: ')}")
+        st.markdown(f"**Decode:** {fmt.plain(decode['line'].removeprefix('decode: '))}")
     left, right = st.columns(2)
     if inputs:
         left.markdown("**Inputs**")
@@ -378,7 +378,7 @@ def main() -> None:
         st.error(f"Use case {name!r} does not exist.")
         return
     st.markdown(
-        f"**{uc['name']}** · owner {uc['owner']} · criticality **{uc['criticality']}** · phase "
+        f"**{uc['name']}** · owner {fmt.plain(uc['owner'])} · criticality **{uc['criticality']}** · phase "
         f"**{uc['phase']}** · spec v{uc['spec_version']}"
     )
     if uc["working_now"]:  # a run holds the use case's lease (rollout.leases): it is changing it now

@@ -265,3 +265,24 @@ def test_portfolio_of_only_registered_use_cases(dash_env: Settings) -> None:
     assert row["name"] == "just-registered" and row["waits_for"] == "calibration"
     assert row["quality interval"] == "-" and row["savings interval"] == "-"
     assert {m.label: m.value for m in at.metric}["$/month saved (established)"] == "-"
+
+
+def test_what_people_typed_is_shown_as_text_not_markup(dash_env: Settings) -> None:
+    """An operator sets a use case's owner; a markdown link or a remote image in it rendered as one on a
+    page approvers read. Reasons and explanations are shown the same way; "$" pairs in an ROI verdict
+    are not a formula."""
+    from dashboard.fmt import plain
+    from rollout.db.models import UseCase
+
+    bait = "[Approve here](https://evil.example) ![x](https://evil.example/pixel.png)"
+    assert (
+        plain(bait) == r"\[Approve here\]\(https://evil.example\) \!\[x\]\(https://evil.example/pixel.png\)"
+    )
+    assert plain("saves $1,200 ($900-$1,500)") == r"saves \$1,200 \(\$900-\$1,500\)"
+    with session_scope() as s:
+        s.add(UseCase(name="typed-owner", owner=bait, criticality="medium"))
+    at = new_app()
+    at.query_params["name"] = "typed-owner"
+    open_page(at, "use_case")
+    assert not at.exception
+    assert f"owner {plain(bait)}" in texts(at)
