@@ -43,6 +43,8 @@ class RoiInputs:
     sparse_decode_tps: float | None = None
     sparse_decode_tps_low: float | None = None  # interval ends (None: the point estimate)
     sparse_decode_tps_high: float | None = None
+    # False: no interval was measured (one timing pair), the ends are the estimate: nothing is established
+    interval_measured: bool = True
 
 
 @dataclass(frozen=True)
@@ -144,8 +146,9 @@ def compute_roi(inputs: RoiInputs) -> RoiResult:
     saved, saved_low, saved_high = c_dense - c_sparse, c_dense - c_worst, c_dense - c_best
     eff, eff_low, eff_high = t_dense / t_sparse, t_dense / t_worst, t_dense / t_best
     pays_off = saved > 0
-    certain = saved_low > 0
+    certain = saved_low > 0 and i.interval_measured
     pb = payback_days(i.pilot_one_off_usd, saved)
+    cost = usd(max(0.0, -saved))  # never "$-0"
     if not pays_off:
         what = (
             f"the speed-up is {i.speedup:.2f}x (<= 1)"
@@ -153,8 +156,16 @@ def compute_roi(inputs: RoiInputs) -> RoiResult:
             else f"the per-request speed-up with sparse decode is {eff:.2f}x (<= 1)"
         )
         verdict = (
-            f"no savings: {what}, so sparse attention would cost "
-            f"${-saved:,.0f}/month more; do not roll out for cost"
+            f"not shown to save: {what}; at the estimate sparse attention would cost {cost}/month more, "
+            f"though the interval reaches {usd(saved_high)}/month saved; do not roll out for cost"
+            if saved_high > 0
+            else f"no savings: {what}, so sparse attention would cost {cost}/month more; "
+            "do not roll out for cost"
+        )
+    elif not i.interval_measured:
+        verdict = (
+            f"saves {usd(saved)}/month at the estimate, but no interval was measured (one timing pair): "
+            "savings are not established"
         )
     elif not certain:
         verdict = (
@@ -323,6 +334,7 @@ def roi_for_spec(
             speedup=s,
             speedup_low=min(lo, s),
             speedup_high=max(hi, s),
+            interval_measured=speedup_interval is not None,
             requests_per_day=spec.traffic.requests_per_day,
             prompt_tokens=spec.traffic.prompt_tokens.mean(),
             output_tokens=spec.traffic.output_tokens.mean(),
@@ -387,8 +399,9 @@ def pilot_skip_reason(
     """Why a pilot would be wasted traffic, or None when it is worth running. A pilot costs real
     requests and the spec's one-off cost; it can only pay off when a sparse plan met the quality
     budget, actually skips blocks, and the evaluation establishes a saving: its interval lies above zero
-    (a wide interval from timings on a busy host is no ground to spend traffic on). `pilot_anyway` (the
-    CLI's --pilot-all) waives the last two; without a plan that met the budget there is nothing to pilot."""
+    (a wide interval from timings on a busy host is no ground to spend traffic on; no interval at all,
+    one timing pair, is none either). `pilot_anyway` (the CLI's --pilot-all) waives every case but the
+    first; without a plan that met the budget there is nothing to pilot."""
     if met_budget is False:
         return PilotSkip("no sparse plan met the quality budget", "stays dense, not piloted")
     if pilot_anyway:
@@ -400,6 +413,12 @@ def pilot_skip_reason(
         return PilotSkip(
             f"no saving expected ({usd(saved_usd_month)}/month{high})",
             "sparse attention does not pay off here, stays dense, not piloted",
+        )
+    if saved_usd_month is not None and saved_usd_month_low is None and saved_usd_month_high is None:
+        return PilotSkip(
+            f"saving not established ({usd(saved_usd_month)}/month, no interval measured)",
+            "one timing pair supports no saving; re-evaluate with more repeats (or pilot anyway with "
+            "--pilot-all)",
         )
     if saved_usd_month is not None and saved_usd_month_low is not None and saved_usd_month_low <= 0:
         high = "" if saved_usd_month_high is None else f", {usd(saved_usd_month_high)}"

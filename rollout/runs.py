@@ -231,9 +231,12 @@ def evaluation_succeeded(
         run.speedup_low = roi["inputs"]["speedup_low"]
         run.speedup_high = roi["inputs"]["speedup_high"]
         run.savings_month_usd = roi["saved_usd_month"]
-        run.savings_month_low = roi["saved_usd_month_low"]
-        run.savings_month_high = roi["saved_usd_month_high"]
-        run.payback_days = roi["payback_days"]
+        # one timing pair measures no interval: its "ends" are the estimate and establish nothing
+        measured = roi["inputs"].get("interval_measured", True)
+        run.savings_month_low = roi["saved_usd_month_low"] if measured else None
+        run.savings_month_high = roi["saved_usd_month_high"] if measured else None
+        # a payback is a promise only where the saving is established (its interval's low end > 0)
+        run.payback_days = roi["payback_days"] if roi["certain"] else None
         run.report = report
         run.roi = roi
         run.artifacts = dict(report.get("artifacts") or {})

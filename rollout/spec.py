@@ -54,10 +54,21 @@ PositiveInt = Annotated[int, Field(gt=0, le=int(MAX_AMOUNT))]
 PositiveFloat = Annotated[float, Field(gt=0, le=MAX_AMOUNT, allow_inf_nan=False)]
 
 
+# letters and symbols that draw nothing: Hangul fillers, the blank Braille pattern, halfwidth filler
+_BLANK = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+
+
 def has_visible_text(text: str) -> bool:
     """True when ``text`` has a character one can see: whitespace, zero-width and other format
-    characters (U+200B, U+FEFF, ...) alone do not make a name, an owner or a prompt."""
-    return any(not ch.isspace() and unicodedata.category(ch) not in ("Cf", "Cc", "Zs") for ch in text)
+    characters (U+200B, U+FEFF, ...), combining marks on nothing (U+034F) and blank letters (U+3164
+    HANGUL FILLER, U+2800 BRAILLE PATTERN BLANK, ...) alone do not make a name, an owner, a reason or a
+    prompt."""
+    return any(
+        not ch.isspace()
+        and ch not in _BLANK
+        and unicodedata.category(ch) not in ("Cf", "Cc", "Zs", "Mn", "Me")
+        for ch in text
+    )
 
 
 class DatasetSpec(_Strict):

@@ -14,6 +14,7 @@ from rollout.roi import (
     payback_days,
     roi_for_spec,
     speedup_interval,
+    usd,
 )
 from rollout.spec import load_spec
 
@@ -146,6 +147,25 @@ def test_speed_up_at_or_below_one_reports_the_loss_and_flags_it() -> None:
     assert even.saved_usd_month == 0 and not even.pays_off and even.payback_days is None
 
 
+def test_a_loss_at_the_estimate_whose_interval_reaches_a_saving_is_not_called_a_loss() -> None:
+    r = compute_roi(_inputs(speedup=0.98, speedup_low=0.7, speedup_high=1.6))
+    assert r.saved_usd_month < 0 < r.saved_usd_month_high and not r.pays_off
+    assert r.verdict.startswith("not shown to save: the speed-up is 0.98x (<= 1); at the estimate")
+    assert f"the interval reaches {usd(r.saved_usd_month_high)}/month saved" in r.verdict
+    even = compute_roi(_inputs(speedup=1.0, speedup_low=1.0, speedup_high=1.0))
+    assert "would cost $0/month more" in even.verdict  # never "$-0"
+
+
+def test_one_timing_pair_establishes_nothing() -> None:
+    """Without an interval (one pair) the ends are the estimate: a zero-width "interval" used to make
+    the saving certain, counted as established in the portfolio and piloted by the main job."""
+    spec = load_spec(EXAMPLES / "docs-qa.yaml")
+    r = roi_for_spec(spec, dense_tps=1000.0, sparse_tps=1500.0)
+    assert r.pays_off and not r.certain and r.saved_usd_month_low == r.saved_usd_month
+    assert "no interval was measured (one timing pair): savings are not established" in r.verdict
+    assert roi_for_spec(spec, dense_tps=1000.0, sparse_tps=1500.0, speedup_interval=(1.4, 1.6)).certain
+
+
 def test_uncertain_when_the_interval_reaches_no_savings() -> None:
     r = compute_roi(_inputs(speedup=1.25, speedup_low=0.9, speedup_high=1.6))
     assert r.pays_off and not r.certain
@@ -217,7 +237,10 @@ def test_pilot_skip_reason_says_why_a_pilot_would_be_wasted() -> None:
         found = skip(**kw)
         return None if found is None else str(found)
 
-    assert pilot_skip_reason(met_budget=True, density=0.6, saved_usd_month=1200.0) is None
+    ok = dict(met_budget=True, density=0.6, saved_usd_month=1200.0)
+    assert pilot_skip_reason(**ok, saved_usd_month_low=800.0, saved_usd_month_high=1600.0) is None
+    # no interval (one timing pair) establishes nothing
+    assert "saving not established ($1,200/month, no interval measured)" in pilot_skip_reason(**ok)
     assert "met the quality budget" in pilot_skip_reason(met_budget=False, density=0.5, saved_usd_month=900.0)
     assert "keeps 99.95% of blocks" in pilot_skip_reason(
         met_budget=True, density=0.9995, saved_usd_month=50.0

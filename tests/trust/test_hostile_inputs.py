@@ -396,6 +396,12 @@ ARG_CASES = [
         user="alice",
     ),
     Case(
+        "approve-blank-letter-reason",
+        _approve("@decision", "\u3164\u2800\u034f"),
+        "a reason is required",
+        user="alice",
+    ),
+    Case(
         "show-version-zero",
         lambda tmp, ctx: ["usecase", "show", ctx["name"], "--version", "0"],
         "--version",
