@@ -604,6 +604,31 @@ def pending_decisions(session: Session) -> list[dict[str, Any]]:
     return rows
 
 
+def approved_not_applied(session: Session) -> list[dict[str, Any]]:
+    """Promotions a person approved whose effect did not complete (MLflow was down, the run died): the
+    decision is resolved, so it waits for no one, yet its use case still awaits the approval's effect.
+    Oldest first, with the signatures; `sparsepilot promote NAME --decision ID` finishes one."""
+    latest_pilot = (
+        select(func.max(Pilot.id)).where(Pilot.use_case_id == GateDecision.use_case_id).scalar_subquery()
+    )
+    stmt = (
+        select(GateDecision, UseCase.name)
+        .join(UseCase, UseCase.id == GateDecision.use_case_id)
+        .where(
+            GateDecision.awaiting == "approval",
+            GateDecision.resolution == "approved",
+            UseCase.phase.not_in(("promoted", "rolled_back")),  # in effect, or undone since
+            GateDecision.pilot_id == latest_pilot,  # a later pilot (a new plan) moved the use case on
+        )
+        .order_by(GateDecision.id)
+    )
+    rows = [_decision_dict(d) | {"use_case": name} for d, name in session.execute(stmt)]
+    given = approvals(session, [r["id"] for r in rows])
+    for r in rows:
+        r["approvals"] = [a for a in given if a["decision_id"] == r["id"]]
+    return rows
+
+
 def decision(session: Session, decision_id: int) -> dict[str, Any] | None:
     d = session.get(GateDecision, decision_id)
     if d is None:

@@ -139,11 +139,21 @@ def main() -> None:
     elif not ident.can_approve:
         st.info(f"Signed in as {ident.name} ({ident.role}): only approvers can act on decisions.")
     pending = read(queries.pending_decisions)
-    if not pending:
+    unapplied = read(queries.approved_not_applied)
+    if not pending and not unapplied:
         st.success("Nothing is waiting for a decision.")
     for d in pending:
         with st.container(border=True):
             decision_card(d, ident)
+    for d in unapplied:  # approved, but the promotion did not complete: it must not vanish from view
+        who = ", ".join(a["actor"] for a in d["approvals"]) or "an approver"
+        st.warning(
+            fmt.plain(
+                f"Decision #{d['id']} of {d['use_case']} was approved by {who}, but the promotion did not "
+                "complete (MLflow unreachable, or the run died), so it is not in effect. An approver "
+                f"finishes it with: sparsepilot promote {d['use_case']} --decision {d['id']} --reason ..."
+            )
+        )
     rollback_section(ident)
 
 

@@ -428,3 +428,35 @@ def test_a_manual_rollback_moves_the_champion_once_however_often_it_is_asked(flo
     with session_scope() as s:
         assert s.scalar(select(UseCase.phase).where(UseCase.name == name)) == "rolled_back"
     assert approvals.unfinished_promotion(did) is None  # the rollback undid it: nothing to finish
+
+
+def test_an_approved_promotion_that_did_not_complete_stays_in_view(flow_use_case, monkeypatch) -> None:
+    """MLflow down while the approval's promotion runs: the decision is resolved (it waits for no one),
+    yet nothing is in effect. The approvals page said "Nothing is waiting" and gave no way on; it now
+    names the decision and the command that finishes it, and the command does."""
+    from mlflow import MlflowClient
+
+    from rollout import approvals, queries, registry
+    from rollout.auth import Identity
+    from tests.dashboard.apptest_helpers import new_app, open_page
+
+    name = flow_use_case()
+    did = _pilot_with_decision(name, "GO", "approval")
+
+    def down(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        raise ConnectionError("tracking server unreachable")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(MlflowClient, "set_registered_model_alias", down)
+        with pytest.raises(registry.RegistryError, match="unreachable"):
+            approvals.approve(did, Identity(*ALICE), "ship it")
+    [row] = queries.read(queries.approved_not_applied)
+    assert (row["id"], row["use_case"], [a["actor"] for a in row["approvals"]]) == (did, name, ["alice"])
+    at = open_page(new_app(), "approvals")
+    shown = " ".join(w.value for w in at.warning)
+    assert f"Decision \\#{did} of {name} was approved by alice, but the promotion did not complete" in shown
+    assert f"sparsepilot promote {name} --decision {did}" in shown
+    assert not any("Nothing is waiting" in s.value for s in at.success)
+    # what the page says finishes it: the approval's own promotion, then nothing is left in view
+    approvals.apply_promotion(did, approvals.unfinished_promotion(did), reason="finish")
+    assert registry.current_aliases(name)["champion"] and queries.read(queries.approved_not_applied) == []
