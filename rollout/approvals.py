@@ -272,7 +272,8 @@ def approve(
                     applied_directly=False,
                     message=(
                         f"recorded {who.name}'s signature; to {action} against the gate's recommendation "
-                        f"({d.outcome}{_SKIP_NOTE if d.outcome == 'GO' else ''}) a second, different "
+                        f"({d.outcome}{_SKIP_NOTE if d.outcome == 'GO' and action == 'approve' else ''}) "
+                        "a second, different "
                         f"approver must also {action} decision {d.id}"
                     ),
                 )

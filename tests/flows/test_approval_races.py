@@ -105,6 +105,18 @@ def test_concurrent_cli_approvals_sign_once_and_leave_no_paused_run(trust_db: st
     assert out["phase"] == "promoted" and out["champion_is_challenger"] and not out["paused"], out
 
 
+def test_rejecting_a_final_go_says_what_it_does(trust_env, flow_use_case) -> None:
+    """Rejecting the last step's GO goes against the gate too, but skips no ramp step: the message used to
+    say "promoting now skips the remaining ramp steps"."""
+    from rollout import approvals
+    from rollout.auth import Identity
+
+    did = _pilot_with_decision(flow_use_case(), "GO", "approval")
+    first = approvals.approve(did, Identity("alice", "approver", "local-account"), "not yet", reject=True)
+    assert first.needs_second_approver and "against the gate's recommendation (GO)" in first.message
+    assert "ramp" not in first.message
+
+
 def test_an_intermediate_go_promotes_only_with_two_approvers(trust_env, flow_use_case) -> None:
     from rollout import approvals, pilots
     from rollout.auth import Identity
