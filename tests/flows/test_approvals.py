@@ -241,8 +241,6 @@ def test_a_breach_with_nothing_to_roll_back_to_waits_for_a_person(flow_use_case,
     with a traceback. Now it waits for a person, and says why."""
     from rollout import approvals, registry
     from rollout.auth import Identity
-    from rollout.db.models import UseCase
-    from rollout.db.session import session_scope
 
     name = flow_use_case(rollback="auto")
     approvals.approve(_pilot_with_decision(name, "GO", "approval"), Identity(*ALICE), "ship it")
@@ -253,12 +251,24 @@ def test_a_breach_with_nothing_to_roll_back_to_waits_for_a_person(flow_use_case,
     # commit the approval, fail the alias move and leave the use case stuck); keeping the champion works
     with pytest.raises(approvals.ApprovalError, match="no earlier champion to roll back to; nothing was"):
         approvals.approve(mon["decision_id"], Identity(*BOB), "roll it back")
-    first = approvals.approve(mon["decision_id"], Identity(*BOB), "keep it", reject=True)
+    _kept_by_two(name, mon["decision_id"], champion, ("keep it", "keep it"))
+
+
+def _kept_by_two(name: str, decision_id: int, champion: str, reasons: tuple[str, str]):  # noqa: ANN202
+    """Keeping the champion against the monitor's alarm: a first signature, then a second approver's,
+    which takes effect; the champion stays and the use case is promoted again."""
+    from rollout import approvals, registry
+    from rollout.auth import Identity
+    from rollout.db.models import UseCase
+    from rollout.db.session import session_scope
+
+    first = approvals.approve(decision_id, Identity(*ALICE), reasons[0], reject=True)
     assert first.needs_second_approver and not first.took_effect
-    kept = approvals.approve(mon["decision_id"], Identity(*ALICE), "keep it", reject=True)
+    kept = approvals.approve(decision_id, Identity(*BOB), reasons[1], reject=True)
     assert kept.took_effect and registry.current_aliases(name)["champion"] == champion
     with session_scope() as s:
         assert s.scalar(select(UseCase.phase).where(UseCase.name == name)) == "promoted"
+    return kept
 
 
 def _breach_waits_for_a_person(name: str, tmp_path, promoted: str) -> dict:  # noqa: ANN001
@@ -300,8 +310,7 @@ def test_the_monitor_accumulates_evidence_over_its_looks_and_a_kept_alarm_resume
 
     from flows.monitor import monitor_flow
     from flows.promote import keep_flow
-    from rollout import approvals, pilots, registry
-    from rollout.auth import Identity
+    from rollout import pilots
     from rollout.db.models import Pilot, PilotStep, UseCase
     from rollout.db.session import session_scope
 
@@ -347,12 +356,9 @@ def test_the_monitor_accumulates_evidence_over_its_looks_and_a_kept_alarm_resume
         f"b1-{j}" for j in range(12)
     ]
 
-    first = approvals.approve(mon["decision_id"], Identity(*ALICE), "a known upstream outage", reject=True)
-    assert first.needs_second_approver and not first.took_effect
-    kept = approvals.approve(mon["decision_id"], Identity(*BOB), "the outage is fixed", reject=True)
-    assert kept.took_effect and registry.current_aliases(name)["champion"] == promoted
-    with session_scope() as s:
-        assert s.scalar(select(UseCase.phase).where(UseCase.name == name)) == "promoted"
+    kept = _kept_by_two(
+        name, mon["decision_id"], promoted, ("a known upstream outage", "the outage is fixed")
+    )
     # what a paused approval run does on this answer: safe to repeat, the use case stays promoted
     assert keep_flow(mon["decision_id"], kept.approval_id, "the outage is fixed")["action"] == "kept"
     healthy = look(99, 0)
@@ -362,6 +368,14 @@ def test_the_monitor_accumulates_evidence_over_its_looks_and_a_kept_alarm_resume
 def _promoted(name: str) -> str:
     """A pilot's GO approved (no flow waits: applied directly) over a registered dense baseline; the new
     champion's version."""
+    from rollout import registry
+
+    _promote_on_a_go(name)
+    return registry.current_aliases(name)["champion"]
+
+
+def _promote_on_a_go(name: str) -> int:
+    """The GO decision a person approved, over a registered dense baseline."""
     from rollout import approvals, registry
     from rollout.auth import Identity
     from rollout.db.session import session_scope
@@ -373,7 +387,7 @@ def _promoted(name: str) -> str:
     baseline = SparsePlan(tau=1.0, dense_layers=(0, 1), metadata={"baseline": "dense"})
     registry.register_version(name, baseline, model_ref, actor=registry.SYSTEM_PIPELINE, density=1.0)
     approvals.approve(did, Identity(*ALICE), "ship it")
-    return registry.current_aliases(name)["champion"]
+    return did
 
 
 def _spec_model(session, name: str) -> str:
@@ -394,12 +408,9 @@ def test_a_manual_rollback_moves_the_champion_once_however_often_it_is_asked(flo
     from sparse_core import SparsePlan
 
     name = flow_use_case()
-    did = _pilot_with_decision(name, "GO", "approval")
+    did = _promote_on_a_go(name)
     with session_scope() as s:
         model_ref = _spec_model(s, name)
-    baseline = SparsePlan(tau=1.0, dense_layers=(0, 1), metadata={"baseline": "dense"})
-    registry.register_version(name, baseline, model_ref, actor=registry.SYSTEM_PIPELINE, density=1.0)
-    approvals.approve(did, Identity(*ALICE), "ship it")
     second = registry.register_version(name, SparsePlan(tau=0.95), model_ref, actor=registry.SYSTEM_PIPELINE)
     registry.promote(
         name, model_version_id=second.id, actor=Identity(*ALICE), reason="v3", idempotency_key="p3"
