@@ -9,7 +9,7 @@ import math
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from sqlalchemy import Integer, and_, case, cast, func, select
+from sqlalchemy import Integer, String, and_, case, cast, func, literal, select
 from sqlalchemy.orm import Session
 
 from rollout import leases, lifecycle, roi
@@ -605,11 +605,26 @@ def pending_decisions(session: Session) -> list[dict[str, Any]]:
 
 
 def approved_not_applied(session: Session) -> list[dict[str, Any]]:
-    """Promotions a person approved whose effect did not complete (MLflow was down, the run died): the
-    decision is resolved, so it waits for no one, yet its use case still awaits the approval's effect.
-    Oldest first, with the signatures; `sparsepilot promote NAME --decision ID` finishes one."""
+    """Promotions a person approved whose alias move failed (MLflow was down): the decision is resolved,
+    so it waits for no one, yet nothing is in effect. Oldest first, with the signatures; `sparsepilot
+    promote NAME --decision ID` finishes one. (A promotion still running, its approval run resumed a
+    moment ago, has no failed move and is not listed; nor is one whose run died before it moved any.)"""
     latest_pilot = (
         select(func.max(Pilot.id)).where(Pilot.use_case_id == GateDecision.use_case_id).scalar_subquery()
+    )
+    failed_move = (
+        select(AliasMove.id)
+        .where(
+            AliasMove.use_case_id == GateDecision.use_case_id,
+            AliasMove.status == "failed",
+            AliasMove.idempotency_key.in_(
+                [
+                    literal("promote:") + cast(GateDecision.id, String),
+                    literal("baseline:") + cast(GateDecision.id, String),
+                ]
+            ),
+        )
+        .exists()
     )
     stmt = (
         select(GateDecision, UseCase.name)
@@ -619,6 +634,7 @@ def approved_not_applied(session: Session) -> list[dict[str, Any]]:
             GateDecision.resolution == "approved",
             UseCase.phase.not_in(("promoted", "rolled_back")),  # in effect, or undone since
             GateDecision.pilot_id == latest_pilot,  # a later pilot (a new plan) moved the use case on
+            failed_move,
         )
         .order_by(GateDecision.id)
     )

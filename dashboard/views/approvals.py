@@ -150,7 +150,7 @@ def main() -> None:
         st.warning(
             fmt.plain(
                 f"Decision #{d['id']} of {d['use_case']} was approved by {who}, but the promotion did not "
-                "complete (MLflow unreachable, or the run died), so it is not in effect. An approver "
+                "complete (its alias move failed: MLflow unreachable?), so it is not in effect. An approver "
                 f"finishes it with: sparsepilot promote {d['use_case']} --decision {d['id']} --reason ..."
             )
         )
