@@ -286,3 +286,17 @@ def test_what_people_typed_is_shown_as_text_not_markup(dash_env: Settings) -> No
     open_page(at, "use_case")
     assert not at.exception
     assert f"owner {plain(bait)}" in texts(at)
+
+
+def test_the_mlflow_link_never_shows_the_tracking_servers_password(
+    seeded: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The use-case page is open to anyone signed in or not: a tracking URL with a password (the compose
+    stack's MLflow behind basic auth) is shown with the password as ***."""
+    monkeypatch.setenv("SPARSEPILOT_MLFLOW_UI_URL", "http://ml:s3cret@mlflow.internal:5000")
+    at = new_app()
+    at.query_params["name"] = "contract-summarisation"
+    open_page(at, "use_case")
+    body = texts(at)
+    assert "MLflow run: [" in body and "http://ml:***@mlflow.internal:5000/#/runs/" in body
+    assert "s3cret" not in body

@@ -278,7 +278,7 @@ def _breach_waits_for_a_person(name: str, tmp_path, promoted: str) -> dict:  # n
 
     from flows.monitor import monitor_flow
     from rollout import registry
-    from rollout.db.models import UseCase
+    from rollout.db.models import AuditEntry, UseCase
     from rollout.db.session import session_scope
 
     prod = tmp_path / "prod.jsonl"
@@ -296,6 +296,12 @@ def _breach_waits_for_a_person(name: str, tmp_path, promoted: str) -> dict:  # n
     assert registry.current_aliases(name)["champion"] == promoted  # nothing moved without a person
     with session_scope() as s:
         assert s.scalar(select(UseCase.phase).where(UseCase.name == name)) == "awaiting_approval"
+        recorded = s.scalar(
+            select(AuditEntry.actor).where(
+                AuditEntry.action == "decision.monitor", AuditEntry.entity_id == str(mon["decision_id"])
+            )
+        )
+        assert recorded == "sparsepilot-monitor"  # the monitor's decision is its own (docs/operations.md)
     return mon
 
 
