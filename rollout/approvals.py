@@ -339,7 +339,7 @@ def _require_an_earlier_champion(session: Any, d: GateDecision) -> None:
     then fail to move the alias, and leave the use case waiting for a decision nobody could make."""
     from rollout import registry
 
-    if len(registry.champion_lineage(registry.committed_moves(session, d.use_case_id, "champion"))) < 2:
+    if len(registry.champions(session, d.use_case_id)) < 2:
         raise ApprovalError(
             f"decision {d.id}: there is no earlier champion to roll back to; nothing was recorded. Keep "
             "the champion (reject the rollback: two approvers, as it goes against the monitor) and take it "
@@ -439,7 +439,7 @@ def apply_promotion(
         if pilot is None:
             raise ApprovalError(f"decision {decision_id} has no pilot to promote")
         name, mv_id = uc.name, pilot.model_version_id
-        has_champion = bool(registry.champion_lineage(registry.committed_moves(session, uc.id, "champion")))
+        has_champion = bool(registry.champions(session, uc.id))
     moves = []
     if not has_champion:
         base = baseline_version_id(name, db_url=db_url)

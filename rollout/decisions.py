@@ -208,9 +208,7 @@ def monitor_look(
         auto = bad and info["rollback_policy"] == "auto"
         # an automatic rollback needs a version to return to; without one (the dense baseline was never
         # recorded as champion) the alarm must not end as a NO-GO nobody acts on: a person decides
-        stranded = (
-            auto and len(registry.champion_lineage(registry.committed_moves(session, uc.id, "champion"))) < 2
-        )
+        stranded = auto and len(registry.champions(session, uc.id)) < 2
         auto = auto and not stranded
         awaiting = "rollback_approval" if bad and not auto else "none"
         action = (

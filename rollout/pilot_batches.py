@@ -172,7 +172,7 @@ def import_file(
             salt=info["salt"],
             traffic_pct=info["traffic_pct"],
             external_assignment=external_assignment,
-            used_elsewhere=pilots.request_ids_of_earlier_steps(session, step),
+            used_elsewhere=pilots.seen_request_ids(session, step.pilot, but=step),
         )
         bid = f"b-{step.id}-import-{uuid.uuid4().hex[:16]}"
         salt = info["salt"]  # the file's order carries no weight: pilots.stream_key places each row

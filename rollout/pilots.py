@@ -607,19 +607,12 @@ def last_observation_id(session: Session, step: PilotStep) -> int:
     return session.scalar(select(func.max(Observation.id)).where(Observation.pilot_step_id == step.id)) or 0
 
 
-def request_ids_of_earlier_steps(session: Session, step: PilotStep) -> set[str]:
-    """Request ids the pilot's other steps stored (an import into `step` may not bring them again)."""
-    others = select(PilotStep.id).where(PilotStep.pilot_id == step.pilot_id, PilotStep.id != step.id)
-    return set(
-        session.scalars(
-            select(Observation.request_id).where(Observation.pilot_step_id.in_(others)).distinct()
-        )
-    )
-
-
-def seen_request_ids(session: Session, pilot: Pilot) -> set[str]:
-    """Request ids already used in any step of this pilot (each request is used once per pilot)."""
+def seen_request_ids(session: Session, pilot: Pilot, *, but: PilotStep | None = None) -> set[str]:
+    """Request ids already used in any step of this pilot (each request is used once per pilot); `but`:
+    in any step other than that one (what an import into it may not bring again)."""
     step_ids = select(PilotStep.id).where(PilotStep.pilot_id == pilot.id)
+    if but is not None:
+        step_ids = step_ids.where(PilotStep.id != but.id)
     return set(
         session.scalars(
             select(Observation.request_id).where(Observation.pilot_step_id.in_(step_ids)).distinct()

@@ -598,6 +598,11 @@ def pending_decisions(session: Session) -> list[dict[str, Any]]:
         _decision_dict(d) | {"use_case": name, "criticality": crit, "step_index": idx, "traffic_pct": pct}
         for d, name, crit, idx, pct in session.execute(stmt)
     ]
+    return _with_approvals(session, rows)
+
+
+def _with_approvals(session: Session, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each decision row with the signatures given to it (one query for all of them)."""
     given = approvals(session, [r["id"] for r in rows])
     for r in rows:
         r["approvals"] = [a for a in given if a["decision_id"] == r["id"]]
@@ -638,11 +643,9 @@ def approved_not_applied(session: Session) -> list[dict[str, Any]]:
         )
         .order_by(GateDecision.id)
     )
-    rows = [_decision_dict(d) | {"use_case": name} for d, name in session.execute(stmt)]
-    given = approvals(session, [r["id"] for r in rows])
-    for r in rows:
-        r["approvals"] = [a for a in given if a["decision_id"] == r["id"]]
-    return rows
+    return _with_approvals(
+        session, [_decision_dict(d) | {"use_case": name} for d, name in session.execute(stmt)]
+    )
 
 
 def decision(session: Session, decision_id: int) -> dict[str, Any] | None:

@@ -390,6 +390,12 @@ def committed_moves(session, uc_id: int, alias: str) -> list[AliasMove]:  # noqa
     )
 
 
+def champions(session, uc_id: int) -> list[str]:  # noqa: ANN001
+    """The use case's champion versions in force, oldest first: the last serves now, the one before it
+    is what a rollback returns to (none before it: nothing to roll back to)."""
+    return champion_lineage(committed_moves(session, uc_id, "champion"))
+
+
 def champion_lineage(moves: list[AliasMove]) -> list[str]:
     """Champion versions still 'in force', oldest first, from committed moves: a move back to the version
     under the top is a rollback (pop), anything else a promotion (push)."""
@@ -581,7 +587,7 @@ def promote(
             to_version = challengers[-1].to_version
         else:
             to_version = _resolve_version(session, uc, version, model_version_id)
-        lineage = champion_lineage(committed_moves(session, uc.id, "champion"))
+        lineage = champions(session, uc.id)
         current = lineage[-1] if lineage else None
         if current == to_version:
             raise RegistryError(f"version {to_version} is already the champion of {uc.name!r}")
@@ -597,7 +603,7 @@ def rollback(
     """champion -> the previous champion from our alias history (never from MLflow's state)."""
 
     def target(session, uc):  # noqa: ANN001, ANN202
-        lineage = champion_lineage(committed_moves(session, uc.id, "champion"))
+        lineage = champions(session, uc.id)
         if len(lineage) < 2:
             raise RegistryError(f"use case {uc.name!r} has no previous champion to roll back to")
         return lineage[-2], lineage[-1]
