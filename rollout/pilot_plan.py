@@ -19,7 +19,7 @@ Pure: spec in, plan out (the simulations are seeded and cached per gate settings
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from typing import Any
 
@@ -99,12 +99,24 @@ class PilotPlan:
         }
 
 
-def plan_pilot(spec: Any, *, approval_after: int | None = None, pilot_number: int | None = 1) -> PilotPlan:
+def plan_pilot(
+    spec: Any,
+    *,
+    approval_after: int | None = None,
+    pilot_number: int | None = 1,
+    go_alpha: float | None = None,
+) -> PilotPlan:
     """The plan of `spec` (a UseCaseSpec). `approval_after`: how many steps run before the approval is
     asked (default: all of them, the shadow step included); the main job asks after the first split step
     (2). `pilot_number`: which of the use case's pilots it plans (1 = its first), whose GO level the
-    spec's alpha spending sets (rollout.gate.spending); None = a pilot whose GO runs at the spec's alpha."""
+    spec's alpha spending sets (rollout.gate.spending); None = a pilot whose GO runs at the spec's alpha.
+    `go_alpha`: that pilot's level where the use case's earlier pilots fix it (rollout.pilots.
+    planned_pilot: the level an active pilot started at, or the series' term capped by what is left);
+    0 plans nothing (no step can reach GO, `plan_warnings` says why)."""
     settings = GateSettings.from_spec(spec, pilot_number=pilot_number)
+    none_left = go_alpha is not None and go_alpha <= 0
+    if go_alpha is not None and not none_left:
+        settings = replace(settings, go_alpha=go_alpha)
     rollout = spec.rollout
     batch = rollout.batch_size
     per_day = spec.traffic.requests_per_day
@@ -113,6 +125,9 @@ def plan_pilot(spec: Any, *, approval_after: int | None = None, pilot_number: in
     ]
     needs = []
     for where, pct in steps:
+        if none_left:  # nothing is left of the use case's alpha: no pilot starts (pilots.start_pilot)
+            needs.append(StepNeed(where, pct, None, 0.0, 0, None, None, "none"))
+            continue
         p = planned_sample_size(
             settings, paired=pct is None, treatment_share=0.5 if pct is None else pct / 100
         )
@@ -141,7 +156,7 @@ def plan_pilot(spec: Any, *, approval_after: int | None = None, pilot_number: in
         max_duration_days=spec.gate.max_duration_days,
         requests_per_day=per_day,
         pilot_number=pilot_number,
-        go_alpha=settings.alpha_go,
+        go_alpha=0.0 if none_left else settings.alpha_go,
     )
 
 
@@ -254,6 +269,15 @@ def plan_warnings(plan: PilotPlan, *, distinct_requests: int | None = None) -> l
     looks than gate.max_looks allows at one batch per look, a step no simulated size reaches, a pilot
     longer than gate.max_duration_days at the spec's traffic, and (`distinct_requests`: the rows the
     dataset source can hand out, those kept apart from calibration) fewer than the approval needs."""
+    if plan.go_alpha <= 0:
+        return [
+            (
+                "gate.alpha_spending",
+                f"pilot {plan.pilot_number}: the use case's earlier pilots spent its whole alpha for a "
+                "false GO, so no pilot can start (docs/gate.md, \"Across a use case's pilots\"); a new "
+                "spec version with gate.alpha_spending: pilot holds each pilot to alpha on its own",
+            )
+        ]
     out = []
     power = f"{plan.power:.0%} power at a true difference of {plan.planned_effect:+g}"
     for s in plan.steps:
@@ -307,6 +331,7 @@ def plan_summary(
     kept_apart: int | None = None,
     approval_after: int | None = None,
     pilot_number: int | None = 1,
+    go_alpha: float | None = None,
     with_monitor: bool = False,
 ) -> dict[str, Any]:
     """JSON-ready: the plan, the distinct requests the pilot can draw on (where the dataset is the traffic
@@ -316,7 +341,7 @@ def plan_summary(
     version stored before the validator counted it) it is the share of `dataset_rows` kept apart.
     `with_monitor`: also `monitor`, how fast the monitor reacts (`plan_monitor`, simulated: ~0.4-0.8 s
     per new setting, so only where it is shown); else None."""
-    plan = plan_pilot(spec, approval_after=approval_after, pilot_number=pilot_number)
+    plan = plan_pilot(spec, approval_after=approval_after, pilot_number=pilot_number, go_alpha=go_alpha)
     on_dataset = spec.rollout.traffic_source.kind == "dataset" and dataset_rows is not None
     distinct = None
     if on_dataset:
@@ -345,6 +370,8 @@ def describe_to_approval(summary: dict[str, Any]) -> str:
     """One line from `plan_summary`: what reaching the approval takes, against what the source holds."""
     steps = summary["steps"][: summary["approval_after"]]
     total = summary["requests_to_approval"]
+    if summary["go_alpha"] <= 0:
+        return "; ".join(summary["warnings"])
     if total is None:
         return "no simulated pilot size reaches GO at the planned effect: " + "; ".join(summary["warnings"])
     parts = ", ".join(

@@ -25,7 +25,7 @@ from rollout.db.models import (
     UseCase,
     utcnow,
 )
-from rollout.gate.spending import pilot_alpha, spent
+from rollout.gate.spending import DEFAULT_ALPHA, DEFAULT_SPENDING, pilot_alpha, spent
 from rollout.lifecycle import set_phase
 from rollout.usecases import get_use_case  # noqa: F401 - callers ask pilots for the row; one implementation
 from rollout.words import counted
@@ -122,11 +122,23 @@ def next_pilot_number(session: Session, use_case: UseCase) -> int:
     return int(started or 0) + 1
 
 
-def planned_pilot_number(session: Session, use_case: UseCase) -> int | None:
-    """The pilot a plan is for: the active one's number (None for a pilot started before alpha was spent
-    across pilots: its GO test runs at the spec's alpha), else the next pilot's."""
+def next_go_alpha(session: Session, use_case: UseCase, alpha: float, spending: str) -> float:
+    """The GO level the use case's next pilot would run at (rollout.gate.spending): its place's term of
+    the series, capped by what its earlier pilots left of `alpha`; 0.0 when nothing is left."""
+    earlier = session.scalars(select(Pilot.go_alpha).where(Pilot.use_case_id == use_case.id)).all()
+    return pilot_alpha(alpha, len(earlier) + 1, spending, spent_before=spent(alpha, earlier))
+
+
+def planned_pilot(session: Session, use_case: UseCase, gate: Mapping[str, Any]) -> tuple[int | None, float]:
+    """The pilot a plan is for and its GO level, under the stored spec's `gate` section: the active
+    pilot's number and the level fixed when it started (None and alpha itself for a pilot started before
+    alpha was spent across pilots), else the next pilot's number and `next_go_alpha`."""
+    alpha = gate.get("alpha", DEFAULT_ALPHA)
     pilot = active_pilot(session, use_case)
-    return next_pilot_number(session, use_case) if pilot is None else pilot.pilot_number
+    if pilot is not None:
+        return pilot.pilot_number, alpha if pilot.go_alpha is None else pilot.go_alpha
+    spending = gate.get("alpha_spending", DEFAULT_SPENDING)
+    return next_pilot_number(session, use_case), next_go_alpha(session, use_case, alpha, spending)
 
 
 def current_step(session: Session, pilot: Pilot) -> PilotStep:
@@ -239,10 +251,10 @@ def start_pilot(
     if current is not None and current.model_version_id == model_version.id:
         return current
     number = next_pilot_number(session, use_case)
-    earlier = session.scalars(select(Pilot.go_alpha).where(Pilot.use_case_id == use_case.id)).all()
-    used = spent(spec.gate.alpha, earlier)
-    go_alpha = pilot_alpha(spec.gate.alpha, number, spec.gate.alpha_spending, spent_before=used)
+    go_alpha = next_go_alpha(session, use_case, spec.gate.alpha, spec.gate.alpha_spending)
     if go_alpha <= 0:
+        earlier = session.scalars(select(Pilot.go_alpha).where(Pilot.use_case_id == use_case.id)).all()
+        used = spent(spec.gate.alpha, earlier)
         raise PilotStateError(
             f"use case {use_case.name!r} has spent its false-GO budget: alpha {spec.gate.alpha:g}, "
             f"{used:.3g} spent over {counted(number - 1, 'pilot')} (a pilot started before alpha was "

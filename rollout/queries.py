@@ -28,7 +28,7 @@ from rollout.db.models import (
     UseCase,
 )
 from rollout.db.session import session_scope
-from rollout.pilots import planned_pilot_number
+from rollout.pilots import planned_pilot
 
 # Where a gate decision's evidence (rollout.gate.Decision.to_dict()) keeps the quality difference
 # (treatment - control) and its anytime-valid interval. Read in SQL with the dialect's JSON path operator.
@@ -376,7 +376,8 @@ def use_case(session: Session, name: str) -> dict[str, Any] | None:
         "spec": spec.spec if spec else {},
         "dataset_rows": spec.dataset_rows if spec else None,
         "kept_apart": kept_apart_of(spec.validation) if spec else None,
-        "planned_pilot": planned_pilot_number(session, uc),
+        # the pilot a plan is for and its GO level (rollout.pilots.planned_pilot)
+        "planned_pilot": planned_pilot(session, uc, (spec.spec if spec else {}).get("gate") or {}),
         "created_at": uc.created_at,
         "working_now": leases.working_now(session, uc.id),
     }

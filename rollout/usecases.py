@@ -407,7 +407,7 @@ def show_usecase(name: str, *, version: int | None = None, url: str | None = Non
             "dataset_rows": sv.dataset_rows,
             "validation": sv.validation,
             "working_now": working_now(s, uc.id),
-            "pilot_plan": _plan_of_stored(sv, pilot_number=_planned_pilot(s, uc), with_monitor=True),
+            "pilot_plan": _plan_of_stored(sv, planned=_planned_pilot(s, uc, sv), with_monitor=True),
             **_pilots_and_budget(s, uc, next(v for v in versions if v.version == uc.current_spec_version)),
             "versions": [
                 {
@@ -505,10 +505,10 @@ def _version_of(s: Session, uc: UseCase, version: int | None = None) -> SpecVers
     return sv
 
 
-def _planned_pilot(s: Session, uc: UseCase) -> int | None:
-    from rollout.pilots import planned_pilot_number  # rollout.pilots builds on this module
+def _planned_pilot(s: Session, uc: UseCase, sv: SpecVersion) -> tuple[int | None, float]:
+    from rollout.pilots import planned_pilot  # rollout.pilots builds on this module
 
-    return planned_pilot_number(s, uc)
+    return planned_pilot(s, uc, sv.spec.get("gate") or {})
 
 
 def _pilots_and_budget(s: Session, uc: UseCase, current: SpecVersion) -> dict[str, Any]:
@@ -529,12 +529,12 @@ def _plan_of_stored(
     sv: SpecVersion,
     approval_after: int | None = None,
     *,
-    pilot_number: int | None = 1,
+    planned: tuple[int | None, float],
     with_monitor: bool = False,
 ) -> dict[str, Any] | None:
-    """The pilot plan of a stored spec version, for the use case's pilot `pilot_number` (`with_monitor`:
-    and how fast the monitor reacts after promotion); None for a stored spec that no longer validates
-    (the flows refuse it with the reason, see load_spec_version)."""
+    """The pilot plan of a stored spec version, for the use case's pilot `planned` (its number and GO
+    level, `_planned_pilot`; `with_monitor`: and how fast the monitor reacts after promotion); None for a
+    stored spec that no longer validates (the flows refuse it with the reason, see load_spec_version)."""
     try:
         spec = UseCaseSpec.model_validate(sv.spec)
     except ValueError:  # pydantic's ValidationError
@@ -544,7 +544,8 @@ def _plan_of_stored(
         dataset_rows=sv.dataset_rows,
         kept_apart=kept_apart_of(sv.validation),
         approval_after=approval_after,
-        pilot_number=pilot_number,
+        pilot_number=planned[0],
+        go_alpha=planned[1],
         with_monitor=with_monitor,
     )
 
@@ -556,7 +557,8 @@ def pilot_plan_of(
     (rollout.pilot_plan), with the dataset's distinct requests where the dataset is the traffic source."""
     with session_scope(url) as s:
         uc = get_use_case(s, name)
-        plan = _plan_of_stored(_version_of(s, uc), approval_after, pilot_number=_planned_pilot(s, uc))
+        sv = _version_of(s, uc)
+        plan = _plan_of_stored(sv, approval_after, planned=_planned_pilot(s, uc, sv))
     return None if plan is None else {"use_case": name, **plan}
 
 

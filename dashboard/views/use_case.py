@@ -222,11 +222,16 @@ PILOT_COLUMNS: dict[str, Any] = {
 
 @st.cache_data(show_spinner="Simulating what each step needs...")
 def _plan(
-    spec_json: str, dataset_rows: int | None, kept_apart: int | None, pilot_number: int | None
+    spec_json: str, dataset_rows: int | None, kept_apart: int | None, planned: tuple[int | None, float]
 ) -> dict[str, Any]:
     spec = UseCaseSpec.model_validate(json.loads(spec_json))
     return plan_summary(
-        spec, dataset_rows=dataset_rows, kept_apart=kept_apart, pilot_number=pilot_number, with_monitor=True
+        spec,
+        dataset_rows=dataset_rows,
+        kept_apart=kept_apart,
+        pilot_number=planned[0],
+        go_alpha=planned[1],
+        with_monitor=True,
     )
 
 
@@ -248,7 +253,7 @@ def decision_needs(uc: dict[str, Any]) -> None:
     st.subheader("What a decision takes")
     try:
         spec_json = json.dumps(uc["spec"], sort_keys=True)
-        plan = _plan(spec_json, uc["dataset_rows"], uc.get("kept_apart"), uc["planned_pilot"])
+        plan = _plan(spec_json, uc["dataset_rows"], uc.get("kept_apart"), tuple(uc["planned_pilot"]))
     except ValidationError as exc:  # a stored spec validated when it was added; say so if it no longer does
         st.caption(
             f"No plan: the stored spec v{uc['spec_version']} does not validate "

@@ -21,6 +21,7 @@ from rollout.gate import GateSettings, decide
 from rollout.gate.sequences import TRUNCATION
 from rollout.gate.simulation import simulate
 from rollout.gate.spending import account, describe, pilot_alpha, spent
+from rollout.pilot_plan import describe_to_approval, plan_pilot
 from rollout.spec import parse_spec
 from rollout.usecases import show_usecase
 from sparsepilot.cli import app
@@ -29,6 +30,7 @@ from .test_gate import paired_frame
 from .usecase_helpers import example_spec
 
 ALPHA = 0.05
+GATE = {"alpha": ALPHA}  # the stored spec's gate section (docs-qa: alpha 0.05, spending by use case)
 
 
 def test_the_use_case_spends_at_most_alpha_over_all_its_pilots() -> None:
@@ -149,11 +151,8 @@ def _use_case(s) -> tuple[UseCase, list[ModelVersion]]:
     uc = UseCase(name="docs-qa", owner="o", criticality="low", phase="evaluated")
     s.add(uc)
     s.flush()
-    s.add(
-        SpecVersion(
-            use_case_id=uc.id, version=1, spec=example_spec("docs-qa"), spec_hash="h" * 64, created_by="o"
-        )
-    )
+    stored = parse_spec(example_spec("docs-qa"), "docs-qa.yaml").to_dict()  # as `usecase add` stores it
+    s.add(SpecVersion(use_case_id=uc.id, version=1, spec=stored, spec_hash="h" * 64, created_by="o"))
     mvs = [
         ModelVersion(use_case_id=uc.id, base_model_ref="tiny", plan={}, plan_hash=f"{i}" * 64)
         for i in range(3)
@@ -167,16 +166,16 @@ def test_each_pilot_fixes_its_go_level_when_it_starts(sp_home) -> None:  # noqa:
     spec = parse_spec(example_spec("docs-qa"), "docs-qa.yaml")
     with session_scope() as s:
         uc, mvs = _use_case(s)
-        assert pilots.planned_pilot_number(s, uc) == 1
+        assert pilots.planned_pilot(s, uc, GATE) == (1, pilot_alpha(ALPHA, 1))
         first = pilots.start_pilot(s, uc, mvs[0], spec, actor="test")
-        assert pilots.planned_pilot_number(s, uc) == 1  # the active pilot is the one a plan is for
+        assert pilots.planned_pilot(s, uc, GATE) == (1, first.go_alpha)  # the active pilot's plan
         second = pilots.start_pilot(s, uc, mvs[1], spec, actor="test")  # supersedes the first
         assert (first.status, first.pilot_number, second.pilot_number) == ("stopped", 1, 2)
         assert second.go_alpha == pytest.approx(pilot_alpha(spec.gate.alpha, 2))
         settings = pilots.gate_settings(spec, pilots.current_step(s, second))
         assert settings.go_alpha == second.go_alpha and settings.alpha == spec.gate.alpha
         pilots.stop_pilot(s, second, status="stopped", actor="test", reason="NO-GO")
-        assert pilots.planned_pilot_number(s, uc) == 3
+        assert pilots.planned_pilot(s, uc, GATE) == (3, pytest.approx(pilot_alpha(ALPHA, 3)))
         starts = s.scalars(select(AuditEntry.details).where(AuditEntry.action == "pilot.start")).all()
         assert [(d["pilot_number"], d["alpha_spending"]) for d in starts] == [
             (1, "use_case"),
@@ -219,6 +218,41 @@ def test_each_pilot_fixes_its_go_level_when_it_starts(sp_home) -> None:  # noqa:
             pilots.start_pilot(s, uc, s.get(ModelVersion, 1), spec, actor="test")
     with session_scope() as s:  # refused whole: no pilot, no audit entry
         assert s.scalar(select(func.count()).select_from(Pilot)) == 5
+        third = s.get(Pilot, 3)
+        assert pilots.planned_pilot(s, s.get(UseCase, 1), GATE) == (3, per_pilot.gate.alpha)  # active
+        pilots.stop_pilot(s, third, status="stopped", actor="test", reason="NO-GO")
+    # and the plan for the next pilot says that none can start, instead of sizing one at the series' term
+    plan = show_usecase("docs-qa")["pilot_plan"]
+    assert (plan["pilot_number"], plan["go_alpha"], plan["requests_to_approval"]) == (6, 0.0, None)
+    assert len(plan["warnings"]) == 1 and "no pilot can start" in plan["warnings"][0]
+    assert describe_to_approval(plan).startswith("gate.alpha_spending: pilot 6: the use case's earlier")
+
+
+def test_the_plan_sizes_a_next_pilot_at_what_is_left_of_alpha(sp_home) -> None:  # noqa: ANN001
+    """A pilot that spent more than the series' first term (one run at a level set by hand, or under
+    `alpha_spending: pilot`) leaves the next pilot less than its term: the plan is sized at that level,
+    so it asks for more requests than the uncapped term would."""
+    with session_scope() as s:
+        uc, mvs = _use_case(s)
+        s.add(
+            Pilot(
+                use_case_id=uc.id,
+                model_version_id=mvs[0].id,
+                salt="a",
+                pilot_number=1,
+                go_alpha=0.045,
+                status="stopped",
+            )
+        )
+    with session_scope() as s:
+        uc = s.scalar(select(UseCase))
+        assert pilots.planned_pilot(s, uc, GATE) == (2, pytest.approx(0.005))  # < the term, 0.0076
+    plan = show_usecase("docs-qa")["pilot_plan"]
+    assert (plan["pilot_number"], plan["go_alpha"]) == (2, pytest.approx(0.005))
+    spec = parse_spec(example_spec("docs-qa"), "docs-qa.yaml")
+    uncapped = plan_pilot(spec, pilot_number=2)
+    assert uncapped.go_alpha == pytest.approx(pilot_alpha(ALPHA, 2)) and uncapped.go_alpha > 0.005
+    assert plan["requests_to_approval"] > uncapped.requests
 
 
 def test_a_pilot_that_ran_at_alpha_leaves_later_pilots_only_what_is_left() -> None:
