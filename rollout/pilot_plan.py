@@ -274,7 +274,7 @@ def plan_warnings(plan: PilotPlan, *, distinct_requests: int | None = None) -> l
             (
                 "gate.alpha_spending",
                 f"pilot {plan.pilot_number}: the use case's earlier pilots spent its whole alpha for a "
-                "false GO, so no pilot can start (docs/gate.md, \"Across a use case's pilots\"); a new "
+                'false GO, so no pilot can start (docs/gate.md, "Across a use case\'s pilots"); a new '
                 "spec version with gate.alpha_spending: pilot holds each pilot to alpha on its own",
             )
         ]
