@@ -123,14 +123,16 @@ def judge(
             check.indicator(pairs.rename(columns=_suffix("control"))),
         )
         span, value = (-1.0, 1.0), (float(stream.z.mean()) if stream.n else None)
+        n_t = stream.n  # the requests both arms answered: a sparse-arm row without its pair is no evidence
     else:
         stream, span = split_excess_stream(x, treated, share), (-1.0, 1.0)
         n_c = len(x) - n_t
         value = float(x[treated].mean() - x[~treated].mean()) if n_t and n_c else None
     evaluated = n_t >= check.min_samples and stream.n > 0
     left_out = f"{excluded} sparse-arm rows collected under CPU overload left out" if excluded else ""
+    unit = "pairs" if check.comparison == "excess" and mode == "paired" else "treatment rows"
     if stream.n == 0:
-        note = "; ".join(filter(None, [_note(check, n_t), left_out]))
+        note = "; ".join(filter(None, [_note(check, n_t, unit), left_out]))
         return Guardrail(check.name, None, check.threshold, False, False, note, n=n_t, excluded=excluded)
     breached, low = _breach(stream, check, alpha, span)
     return Guardrail(
@@ -139,7 +141,7 @@ def judge(
         check.threshold,
         breached,
         evaluated or breached,  # evidence of a breach counts whatever the sample size
-        "; ".join(filter(None, ["" if evaluated or breached else _note(check, n_t), left_out])),
+        "; ".join(filter(None, ["" if evaluated or breached else _note(check, n_t, unit), left_out])),
         low,
         n_t,
         excluded,
@@ -316,5 +318,5 @@ def _suffix(arm: str) -> dict[str, str]:
     return {f"error_{arm}": "error", f"latency_ms_{arm}": "latency_ms"}
 
 
-def _note(check: GuardrailCheck, n: int) -> str:
-    return f"needs {check.min_samples} treatment rows to be judged ({n} so far)"
+def _note(check: GuardrailCheck, n: int, unit: str = "treatment rows") -> str:
+    return f"needs {check.min_samples} {unit} to be judged ({n} so far)"

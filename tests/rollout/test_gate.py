@@ -289,6 +289,20 @@ def test_a_guardrail_that_cannot_be_judged_keeps_the_step_at_extend() -> None:
     assert at_max.outcome == "NO-GO"
 
 
+def test_the_paired_excess_check_counts_pairs_toward_its_minimum() -> None:
+    """In a shadow step the excess over control compares per request: a sparse-arm row whose dense
+    answer is missing is no evidence, so 34 sparse-arm rows with 26 pairs among them are 26, short of
+    a minimum of 30 (the rate check, on the sparse arm alone, has its 34)."""
+    s = GateSettings(margin=0.03, min_samples_per_arm=2, guardrail_min_samples=30)
+    frame = paired_frame(np.ones(34), np.ones(34))
+    frame = frame[(frame["arm"] == "treatment") | (frame.index < 52)]  # dense answers for r0..r25 only
+    d = decide(frame, s, mode="paired")
+    by_name = {g.name: g for g in d.guardrails}
+    excess, rate = by_name["error_rate_increase"], by_name["treatment_error_rate"]
+    assert (excess.evaluated, excess.n, excess.note) == (False, 26, "needs 30 pairs to be judged (26 so far)")
+    assert (rate.evaluated, rate.n) == (True, 34) and d.outcome == "EXTEND"
+
+
 def test_excess_error_over_control_in_a_split_step() -> None:
     rng = np.random.default_rng(4)
     n = 4000
