@@ -223,12 +223,13 @@ def evaluate_flow(use_case: str, quick: bool = False, suite: dict[str, Any] | No
         mark_not_recorded(mlflow_run_id, exc)
         mark_failed(run["id"], f"{type(exc).__name__}: {exc}")
         raise
+    ends = (summary["speedup_low"], summary["speedup_high"])
+    interval = "no interval: one timing pair" if None in ends else "[{:.2f}, {:.2f}]".format(*ends)
     logger.info(
-        "%s: speed-up %.2fx [%.2f, %.2f] on %s, $%.0f/month saved",
+        "%s: speed-up %.2fx %s on %s, $%.0f/month saved",
         use_case,
         summary["speedup"],
-        summary["speedup_low"],
-        summary["speedup_high"],
+        interval,
         summary["device"],
         summary["savings_month_usd"],
     )

@@ -306,7 +306,8 @@ def portfolio_totals(session: Session) -> dict[str, Any]:
     includes no saving (or a loss), and ended ones."""
     last_eval = _latest_id(EvaluationRun.id, EvaluationRun.use_case_id, EvaluationRun.status == "succeeded")
     ended = UseCase.phase.in_(lifecycle.ENDED_PHASES)
-    established = and_(~ended, EvaluationRun.savings_month_low > 0)
+    # a run with no measured interval (one timing pair, savings_month_low NULL) establishes nothing
+    established = and_(~ended, func.coalesce(EvaluationRun.savings_month_low, 0) > 0)
 
     def when(cond: Any, value: Any) -> Any:
         return func.sum(case((cond, value), else_=None))

@@ -227,12 +227,13 @@ def evaluation_succeeded(
         tasks = report.get("tasks") or {}
         run.quality_delta = tasks.get("quality_delta")
         run.quality_low, run.quality_high = tasks.get("quality_low"), tasks.get("quality_high")
-        run.speedup = roi["inputs"]["speedup"]
-        run.speedup_low = roi["inputs"]["speedup_low"]
-        run.speedup_high = roi["inputs"]["speedup_high"]
-        run.savings_month_usd = roi["saved_usd_month"]
-        # one timing pair measures no interval: its "ends" are the estimate and establish nothing
+        # one timing pair measures no interval: its "ends" are the estimate and establish nothing, so
+        # neither the speed-up's nor the saving's are stored
         measured = roi["inputs"].get("interval_measured", True)
+        run.speedup = roi["inputs"]["speedup"]
+        run.speedup_low = roi["inputs"]["speedup_low"] if measured else None
+        run.speedup_high = roi["inputs"]["speedup_high"] if measured else None
+        run.savings_month_usd = roi["saved_usd_month"]
         run.savings_month_low = roi["saved_usd_month_low"] if measured else None
         run.savings_month_high = roi["saved_usd_month_high"] if measured else None
         # a payback is a promise only where the saving is established (its interval's low end > 0)

@@ -318,12 +318,33 @@ def decision_needs(uc: dict[str, Any]) -> None:
 
 
 def _kv(d: dict[str, Any], label: str) -> pd.DataFrame:
-    def show(v: Any) -> str:
+    def show(key: str, v: Any) -> str:
+        if "usd" in key:
+            return fmt.money(v)
+        if key.startswith("payback"):
+            return fmt.days(v)
         if isinstance(v, float):
             return f"{v:,.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
         return "-" if v is None else str(v)
 
-    return pd.DataFrame({label: list(d), "value": [show(v) for v in d.values()]})
+    return pd.DataFrame({label: list(d), "value": [show(k, v) for k, v in d.items()]})
+
+
+def shown_roi(roi: dict[str, Any], inputs: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The stored ROI's breakdown and inputs as the page may show them (docs/roi.md): no interval ends
+    where none was measured (one timing pair: the ends are the estimate), and no payback where the saving
+    is not established, as the figures above them say."""
+    measured = (inputs or {}).get("interval_measured", True)
+
+    def keep(key: str) -> bool:
+        if not measured and key.endswith(("_low", "_high")):
+            return False
+        return roi.get("certain", True) or not key.startswith("payback")
+
+    return (
+        {k: v for k, v in roi.items() if keep(k)},
+        {k: v for k, v in (inputs or {}).items() if keep(k)},
+    )
 
 
 def roi_breakdown(ev: dict[str, Any] | None) -> None:
@@ -347,6 +368,7 @@ def roi_breakdown(ev: dict[str, Any] | None) -> None:
     decode = roi.pop("decode", None)  # sparse decode's line (rollout.roi.decode_outcome)
     if decode:
         st.markdown(f"**Decode:** {fmt.plain(decode['line'].removeprefix('decode: '))}")
+    roi, inputs = shown_roi(roi, inputs)
     left, right = st.columns(2)
     if inputs:
         left.markdown("**Inputs**")

@@ -300,3 +300,51 @@ def test_the_mlflow_link_never_shows_the_tracking_servers_password(
     body = texts(at)
     assert "MLflow run: [" in body and "http://ml:***@mlflow.internal:5000/#/runs/" in body
     assert "s3cret" not in body
+
+
+def test_roi_without_a_measured_interval_is_shown_as_one(seeded: dict[str, Any]) -> None:
+    """An evaluation timed with one pair measures no interval (docs/roi.md): the portfolio counts its
+    saving apart as not established (it was in neither sum), and its page shows no speed-up or saving
+    interval and no payback, in the breakdown table as in the figures above it; a saving whose interval
+    reaches a loss shows no payback there either, and dollars read as dollars."""
+    from rollout import roi as roi_of
+    from rollout import runs
+    from rollout.db.models import ModelVersion, UseCase
+
+    spec = UseCaseSpec.model_validate(seeded_spec("contract-summarisation"))
+    cases = {
+        "support-chat": roi_of.roi_for_spec(spec, dense_tps=1000.0, sparse_tps=2000.0),  # one timing pair
+        "document-qa": roi_of.roi_for_spec(
+            spec, dense_tps=1000.0, sparse_tps=1200.0, speedup_interval=(0.9, 1.5)
+        ),
+    }
+    for name, result in cases.items():
+        with session_scope() as s:
+            uc = s.scalar(select(UseCase).where(UseCase.name == name))
+            ids = uc.id, s.scalar(select(ModelVersion.id).where(ModelVersion.use_case_id == uc.id))
+        run = runs.open_evaluation(*ids, f"one-pair-{name}", None)
+        runs.evaluation_succeeded(
+            name, run["id"], report={"device": "cpu"}, roi=result.to_dict(), mlflow_run_id="m"
+        )
+    one, loss = cases["support-chat"], cases["document-qa"]
+    assert not one.inputs.interval_measured and one.payback_days is not None and loss.payback_days is not None
+    at = new_app()
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["$/month saved (established)"] == "$1,840"  # contract-summarisation's alone
+    apart = roi_of.usd(one.saved_usd_month + loss.saved_usd_month)
+    assert any(f"apart: 2 not established ({apart})" in c.value for c in at.caption)
+    for name, result in cases.items():
+        at = new_app()
+        at.query_params["name"] = name
+        open_page(at, "use_case")
+        shown = {m.label: m.value for m in at.metric}
+        breakdown = next(d.value for d in at.dataframe if "item" in d.value.columns)
+        items = dict(zip(breakdown["item"], breakdown["value"], strict=True))
+        assert shown["Payback"] == "-" and not any(k.startswith("payback") for k in items)
+        assert items["saved_usd_month"] == roi_of.usd(result.saved_usd_month) == shown["$/month saved"]
+        if name == "support-chat":
+            assert shown["Speed-up"] == "2.00x"  # no "[2.00x, 2.00x]" nobody measured
+            inputs = next(d.value for d in at.dataframe if "input" in d.value.columns)
+            assert not any(k.endswith(("_low", "_high")) for k in [*items, *inputs["input"]])
+        else:
+            assert items["saved_usd_month_low"] == roi_of.usd(result.saved_usd_month_low)
