@@ -50,10 +50,14 @@ def _cycle(use_case: str, batches: int) -> dict[str, Any]:
     from flows.gate import gate_flow
     from flows.monitor import monitor_flow
     from flows.pilot import pilot_flow
+    from flows.promote import finish_unfinished
 
     logger = get_run_logger()
+    out: dict[str, Any] = {"use_case": use_case, "phase_before": phase_of(use_case)}
+    finished = finish_unfinished(use_case)  # decided earlier, not in effect: first (rollout.unfinished)
+    if finished is not None:
+        out["finished"] = finished
     phase = phase_of(use_case)
-    out: dict[str, Any] = {"use_case": use_case, "phase_before": phase}
     if lifecycle.can(phase, "calibrate"):
         out["calibration"] = calibrate_flow(use_case)
         out["evaluation"] = evaluate_flow(use_case)

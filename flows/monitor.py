@@ -42,9 +42,12 @@ def monitor_flow(
         store_batch,
         validate_batch,
     )
-    from flows.promote import rollback_flow
+    from flows.promote import finish_unfinished, rollback_flow
 
     logger = get_run_logger()
+    finished = finish_unfinished(use_case)  # a rollback decided earlier comes before any new look
+    if finished is not None:
+        return {"status": "finished", **finished}
     ctx = load_context(use_case)
     info = monitor_target(use_case, used_request_ids=observations_file is None)  # ids to draw fresh requests
     if info is None:

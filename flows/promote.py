@@ -4,6 +4,7 @@ and update the pilot and the use case's phase. The acting person is read back fr
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -88,3 +89,29 @@ def rollback_flow(
     log_alias_event(decision_id, result, "rollback", actor or (audit.MONITOR_ACTOR if automatic else ""))
     get_run_logger().info("decision %s: rolled back (%s)", decision_id, result.get("alias_move"))
     return result
+
+
+def finish_unfinished(use_case: str) -> dict[str, Any] | None:
+    """Carry out the use case's decision that was decided but is not in effect (rollout.unfinished: its
+    run died, or MLflow was down) through the effect its own run would have run, under the same keys;
+    None when there is none, or the run that is to carry it out still runs."""
+    from flows.common import flow_run_is_live
+    from rollout.unfinished import unfinished_of
+
+    u = unfinished_of(use_case)
+    if u is None or (u.flow_run_id and not u.failed_move and flow_run_is_live(u.flow_run_id)):
+        return None
+    reason = f"finishing decision {u.decision_id}: decided, but its effect did not complete"
+    logging.getLogger("sparsepilot.flows").warning("%s: %s", use_case, reason)
+    if u.action == "rollback":
+        result = rollback_flow(
+            decision_id=u.decision_id,
+            approval_id=u.approval_id,
+            reason=reason,
+            automatic=u.automatic,
+            actor=audit.MONITOR_ACTOR if u.automatic else "",
+        )
+    else:
+        assert u.approval_id is not None  # a promotion is always a person's
+        result = promote_flow(u.decision_id, u.approval_id, reason)
+    return {"finished": u.to_dict(), "result": result}

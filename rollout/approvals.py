@@ -26,7 +26,7 @@ from sqlalchemy import select
 
 from rollout import audit, lifecycle
 from rollout.auth import Identity, require_approver
-from rollout.db.models import AliasMove, Approval, GateDecision, Pilot, UseCase
+from rollout.db.models import AliasMove, Approval, GateDecision, ModelVersion, Pilot, UseCase
 from rollout.db.session import session_scope
 from rollout.spec import has_visible_text
 from sparse_core.errors import SparsePilotError
@@ -85,7 +85,16 @@ def check_approvable(session: Any, d: GateDecision) -> None:
         by = session.scalar(
             select(Approval.actor).where(Approval.decision_id == d.id).order_by(Approval.id.desc())
         )
-        raise ApprovalError(f"decision {d.id} was already {d.resolution}" + (f" by {by}" if by else ""))
+        finish = ""
+        if d.resolution == "approved":  # rollout.unfinished: an approval whose effect did not complete
+            finish = (
+                "; if it did not take effect, `sparsepilot rollback NAME` finishes it"
+                if d.awaiting == "rollback_approval"
+                else f"; if it did not take effect, `sparsepilot promote NAME --decision {d.id}` finishes it"
+            )
+        raise ApprovalError(
+            f"decision {d.id} was already {d.resolution}" + (f" by {by}" if by else "") + finish
+        )
     if d.awaiting != "none":
         return
     pilot = session.get(Pilot, d.pilot_id) if d.pilot_id else None
@@ -127,18 +136,23 @@ def unfinished_promotion(decision_id: int, *, db_url: str | None = None) -> int 
             raise ApprovalError(f"no decision {decision_id}")
         if d.awaiting == "rollback_approval":
             raise ApprovalError(
-                f"decision {decision_id} asks for a rollback; "
-                "use `sparsepilot approve` or `sparsepilot rollback`"
+                f"decision {decision_id} asks for a rollback; its approval, if it did not take effect, is "
+                "finished by `sparsepilot rollback`"
             )
-        approval = session.scalar(
-            select(Approval.id)
-            .where(Approval.decision_id == d.id, Approval.action == "approve")
-            .order_by(Approval.id.desc())
-        )
-        phase = session.get(UseCase, d.use_case_id).phase
-        if d.resolution != "approved" or phase == "promoted":
-            return None
-        return None if _superseded(session, d) else approval
+        return unfinished_promotion_in(session, d)
+
+
+def unfinished_promotion_in(session: Any, d: GateDecision) -> int | None:
+    """`unfinished_promotion` of a decision read in the caller's transaction."""
+    approval = session.scalar(
+        select(Approval.id)
+        .where(Approval.decision_id == d.id, Approval.action == "approve")
+        .order_by(Approval.id.desc())
+    )
+    phase = session.get(UseCase, d.use_case_id).phase
+    if d.resolution != "approved" or phase in ("promoted", "rolled_back") or approval is None:
+        return None
+    return None if _superseded(session, d) else approval
 
 
 def _superseded(session: Any, d: GateDecision) -> bool:
@@ -537,7 +551,10 @@ def apply_rollback(
 ) -> dict[str, Any]:
     """champion -> the previous champion from our own alias history; idempotent per decision. An
     automatic rollback acts as the monitor's system identity, which the registry only lets through
-    when the use case's rollback policy is 'auto'."""
+    when the use case's rollback policy is 'auto'. A rollback undoes the champion its decision was
+    about (`rollback_about`): where another rollback or promotion has moved the champion since, nothing
+    moves (a person's rollback and the monitor's, one after the other, used to roll back two versions)
+    and the decision is closed "superseded" with an audit entry."""
     from rollout import pilots, registry
 
     if automatic:
@@ -546,13 +563,30 @@ def apply_rollback(
         if approval_id is None:
             raise ApprovalError(f"rollback of decision {decision_id} needs a person's approval")
         who = approval_identity(approval_id, decision_id, actions=("approve", "rollback"), db_url=db_url)
+    key = f"rollback:{decision_id}"
     with session_scope(db_url) as session:
         d = session.get(GateDecision, decision_id)
         if d is None:
             raise ApprovalError(f"decision {decision_id} does not exist")
         name = session.get(UseCase, d.use_case_id).name
+        about = rollback_about(session, d)
+        done = session.scalar(select(AliasMove.status).where(AliasMove.idempotency_key == key))
+        serving = registry.champions(session, d.use_case_id)[-1:]
+        if done != "committed" and about is not None and serving != [about]:
+            now = serving[0] if serving else None
+            why = (
+                f"decision {decision_id} asked to roll back champion v{about}, but "
+                + (f"v{now} serves now" if now else "no champion of ours serves now")
+                + " (another rollback or promotion came first): nothing moved"
+            )
+            if d.resolution is None:
+                d.resolution = "superseded"
+            audit.record(
+                session, who.name, "rollback.superseded", on=d, details={"about": about, "serving": now}
+            )
+            return {"action": "none", "decision_id": decision_id, "reason": why}
     move = registry.rollback(
-        name, actor=who, reason=reason, idempotency_key=f"rollback:{decision_id}", db_url=db_url
+        name, actor=who, reason=reason, idempotency_key=key, expected=about, db_url=db_url
     )
     with session_scope(db_url) as session:
         uc = pilots.get_use_case(session, name)
@@ -564,6 +598,20 @@ def apply_rollback(
             pilots.stop_pilot(session, promoted, status="rolled_back", actor=who.name, reason=reason)
         lifecycle.set_phase(session, uc, "rolled_back", actor=who.name, reason=reason)
     return {"action": "rolled_back", "decision_id": decision_id, "alias_move": _move_dict(move)}
+
+
+def rollback_about(session: Any, d: GateDecision) -> str | None:
+    """The champion version (MLflow's) a rollback decision is about: the one the monitor judged (its
+    promoted pilot's model version) or, for a person's rollback, the one in force when they asked; None
+    where the record cannot say (nothing is then checked)."""
+    if d.kind == "rollback":
+        about = (d.evidence or {}).get("champion")
+        if about is None and d.idempotency_key.startswith("manual-rollback:"):  # recorded before the field
+            about = d.idempotency_key.split(":")[2]
+        return None if about is None else str(about)
+    pilot = session.get(Pilot, d.pilot_id) if d.pilot_id else None
+    mv = session.get(ModelVersion, pilot.model_version_id) if pilot is not None else None
+    return None if mv is None or mv.mlflow_version is None else str(mv.mlflow_version)
 
 
 def _move_dict(move: Any) -> Any:
@@ -589,6 +637,7 @@ def request_rollback(
     """A person rolls a use case back: records a rollback decision + approval + audit, then (by default)
     applies it. Returns the decision and approval ids (the rollback flow takes them when `apply` is False)."""
     from rollout import pilots, registry
+    from rollout.unfinished import unfinished_in
 
     who = require_approver(identity, f"roll back {use_case_name}")
     text = _check_reason(reason)
@@ -597,21 +646,20 @@ def request_rollback(
     with session_scope(db_url, immediate=True) as session:
         uc = pilots.get_use_case(session, use_case_name)
         session.execute(select(UseCase.id).where(UseCase.id == uc.id).with_for_update())
-        if not lifecycle.can(uc.phase, "rollback"):
+        # a rollback decided but not in effect (its run died, or MLflow was down: rollout.unfinished) is
+        # finished, not followed by a second one that would roll back another version; the monitor's own
+        # that has moved nothing yet gives way to the person's (and is superseded when it comes to act)
+        pending = unfinished_in(session, uc)
+        if pending is not None and pending.action == "rollback" and (not pending.automatic or pending.moved):
+            decision_id, approval_id = pending.decision_id, pending.approval_id
+            text = f"finishing rollback {decision_id}: {text}"
+        elif not lifecycle.can(uc.phase, "rollback"):
             raise ApprovalError(
                 f"use case {use_case_name!r} is {uc.phase}, not promoted: "
                 "there is no champion of ours to roll back"
             )
-        moves = registry.committed_moves(session, uc.id, "champion")
-        if moves and moves[-1].idempotency_key.startswith("rollback:"):
-            # the last champion move was a rollback whose use case was never marked rolled back (the run
-            # died after MLflow moved): finish that one instead of rolling back a second version
-            unfinished = int(moves[-1].idempotency_key.split(":", 1)[1])
-            approval_id = session.scalar(
-                select(Approval.id).where(Approval.decision_id == unfinished).order_by(Approval.id.desc())
-            )
-            decision_id, text = unfinished, f"finishing rollback {unfinished}: {text}"
         else:
+            moves = registry.committed_moves(session, uc.id, "champion")
             decision_id, approval_id = _record_rollback(session, uc, who, text, moves)
     out: dict[str, Any] = {"decision_id": decision_id, "approval_id": approval_id}
     if apply:
@@ -639,7 +687,7 @@ def _record_rollback(
         use_case=uc,
         outcome="NO-GO",
         kind="rollback",
-        evidence={"requested_by": who.name, "role": who.role, "reason": text},
+        evidence={"requested_by": who.name, "role": who.role, "reason": text, "champion": lineage[-1]},
         explanation=f"Manual rollback requested by {who.name} ({who.role}): {text}",
         data_fingerprint="manual",
         awaiting="none",

@@ -9,7 +9,7 @@ import math
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from sqlalchemy import Integer, String, and_, case, cast, func, literal, select
+from sqlalchemy import Integer, and_, case, cast, func, select
 from sqlalchemy.orm import Session
 
 from rollout import leases, lifecycle, roi
@@ -612,42 +612,23 @@ def _with_approvals(session: Session, rows: list[dict[str, Any]]) -> list[dict[s
 
 
 def approved_not_applied(session: Session) -> list[dict[str, Any]]:
-    """Promotions a person approved whose alias move failed (MLflow was down): the decision is resolved,
-    so it waits for no one, yet nothing is in effect. Oldest first, with the signatures; `sparsepilot
-    promote NAME --decision ID` finishes one. (A promotion still running, its approval run resumed a
-    moment ago, has no failed move and is not listed; nor is one whose run died before it moved any.)"""
-    latest_pilot = (
-        select(func.max(Pilot.id)).where(Pilot.use_case_id == GateDecision.use_case_id).scalar_subquery()
-    )
-    failed_move = (
-        select(AliasMove.id)
-        .where(
-            AliasMove.use_case_id == GateDecision.use_case_id,
-            AliasMove.status == "failed",
-            AliasMove.idempotency_key.in_(
-                [
-                    literal("promote:") + cast(GateDecision.id, String),
-                    literal("baseline:") + cast(GateDecision.id, String),
-                ]
-            ),
-        )
-        .exists()
-    )
-    stmt = (
-        select(GateDecision, UseCase.name)
-        .join(UseCase, UseCase.id == GateDecision.use_case_id)
-        .where(
-            GateDecision.awaiting == "approval",
-            GateDecision.resolution == "approved",
-            UseCase.phase.not_in(("promoted", "rolled_back")),  # in effect, or undone since
-            GateDecision.pilot_id == latest_pilot,  # a later pilot (a new plan) moved the use case on
-            failed_move,
-        )
-        .order_by(GateDecision.id)
-    )
-    return _with_approvals(
-        session, [_decision_dict(d) | {"use_case": name} for d, name in session.execute(stmt)]
-    )
+    """Decisions decided but not in effect that are not simply still running (rollout.unfinished.stalled:
+    an alias move failed, or it was decided over five minutes ago): each resolved, so it waits for no one,
+    yet nothing is in effect. Oldest first, with the signatures, what it does (`action`: promote /
+    rollback; `automatic`: the monitor's own rollback) and the command that finishes it (the use case's
+    next scheduled cycle finishes it too)."""
+    from rollout.unfinished import stalled
+
+    rows = [
+        _decision_dict(session.get(GateDecision, u.decision_id))
+        | {
+            k: v
+            for k, v in u.to_dict().items()
+            if k in ("use_case", "action", "automatic", "failed_move", "command")
+        }
+        for u in stalled(session)
+    ]
+    return _with_approvals(session, rows)
 
 
 def decision(session: Session, decision_id: int) -> dict[str, Any] | None:

@@ -598,12 +598,20 @@ def promote(
 
 def rollback(
     use_case: str,
+    *,
+    expected: str | None = None,
     **move: Unpack[MoveRequest],
 ) -> AliasMove:
-    """champion -> the previous champion from our alias history (never from MLflow's state)."""
+    """champion -> the previous champion from our alias history (never from MLflow's state).
+    `expected`: the champion version the rollback is about; refused when another serves by now."""
 
     def target(session, uc):  # noqa: ANN001, ANN202
         lineage = champions(session, uc.id)
+        if expected is not None and lineage[-1:] != [expected]:
+            now = f"v{lineage[-1]} serves" if lineage else "no champion of ours serves"
+            raise RegistryError(
+                f"use case {uc.name!r}: the rollback is about champion v{expected}, but {now}"
+            )
         if len(lineage) < 2:
             raise RegistryError(f"use case {uc.name!r} has no previous champion to roll back to")
         return lineage[-2], lineage[-1]

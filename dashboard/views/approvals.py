@@ -130,6 +130,27 @@ def rollback_section(ident: Identity | None) -> None:
         run_action(approvals.request_rollback, name, current_identity(), reason)
 
 
+def unapplied_text(d: dict[str, Any]) -> str:
+    """What a decision that was decided but is not in effect says (queries.approved_not_applied)."""
+    what = "promotion" if d["action"] == "promote" else "rollback"
+    why = (
+        "its alias move failed: MLflow unreachable?"
+        if d["failed_move"]
+        else "the run carrying it out stopped before it finished"
+    )
+    if d["automatic"]:
+        head = f"The monitor's automatic rollback of {d['use_case']} (decision #{d['id']}) did not complete"
+    else:
+        who = ", ".join(a["actor"] for a in d["approvals"]) or "an approver"
+        head = (
+            f"Decision #{d['id']} of {d['use_case']} was approved by {who}, but the {what} did not complete"
+        )
+    return (
+        f"{head} ({why}), so it is not in effect. The use case's next scheduled cycle finishes it; an "
+        f"approver can finish it now with: {d['command']}"
+    )
+
+
 def main() -> None:
     st.title("Approvals")
     show_flash()
@@ -145,15 +166,8 @@ def main() -> None:
     for d in pending:
         with st.container(border=True):
             decision_card(d, ident)
-    for d in unapplied:  # approved, but the promotion did not complete: it must not vanish from view
-        who = ", ".join(a["actor"] for a in d["approvals"]) or "an approver"
-        st.warning(
-            fmt.plain(
-                f"Decision #{d['id']} of {d['use_case']} was approved by {who}, but the promotion did not "
-                "complete (its alias move failed: MLflow unreachable?), so it is not in effect. An approver "
-                f"finishes it with: sparsepilot promote {d['use_case']} --decision {d['id']} --reason ..."
-            )
-        )
+    for d in unapplied:  # decided, but not in effect (rollout.unfinished): it must not vanish from view
+        st.warning(fmt.plain(unapplied_text(d)))
     rollback_section(ident)
 
 

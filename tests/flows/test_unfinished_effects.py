@@ -1,0 +1,235 @@
+"""Decisions that were decided but are not in effect (rollout.unfinished), on a real state DB, MLflow
+registry and Prefect API: a run that dies after MLflow moved, or while MLflow is down, used to leave a use
+case stuck (an approved rollback nobody could finish), unmonitored (a promotion MLflow serves while the
+state waits for approval), or judged again (a committed rollback the monitor did not know of); and a
+person's rollback and the monitor's used to roll back two versions."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import pytest
+from sqlalchemy import func, select
+
+from tests.flows.test_approvals import (
+    ALICE,
+    BOB,
+    _breach_waits_for_a_person,
+    _pilot_with_decision,
+    _promoted,
+)
+
+
+class Killed(BaseException):
+    """The process dies here (SIGKILL, OOM): only `finally` blocks run."""
+
+
+def _phase(name: str) -> str:
+    from rollout.db.models import UseCase
+    from rollout.db.session import session_scope
+
+    with session_scope() as s:
+        return s.scalar(select(UseCase.phase).where(UseCase.name == name))
+
+
+def _champion_moves(name: str) -> int:
+    from rollout.db.models import AliasMove
+    from rollout.db.session import session_scope
+
+    with session_scope() as s:
+        return s.scalar(select(func.count()).select_from(AliasMove).where(AliasMove.alias == "champion"))
+
+
+def _mlflow_down(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow import MlflowClient
+
+    def down(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        raise ConnectionError("tracking server unreachable")
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", down)
+
+
+def _killed_after(monkeypatch: pytest.MonkeyPatch, function: str) -> None:
+    """`rollout.registry.<function>` completes (both stores committed), then the process dies."""
+    from rollout import registry
+
+    real = getattr(registry, function)
+
+    def then_die(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        real(*args, **kwargs)
+        raise Killed
+
+    monkeypatch.setattr(registry, function, then_die)
+
+
+def _export(tmp_path, name: str, errors: int, n: int = 20) -> str:  # noqa: ANN001
+    rows = [
+        {
+            "request_id": f"{name}{i}",
+            "arm": "treatment",
+            "quality": 0.9,
+            "latency_ms": 500.0,
+            "error": i < errors,
+        }
+        for i in range(n)
+    ]
+    path = tmp_path / f"{name}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_a_persons_rollback_and_the_monitors_roll_back_one_version(flow_use_case) -> None:
+    """The monitor records a breach under `rollback: auto` while a person rolls back by hand: whichever
+    carries out second finds the champion it was about gone and moves nothing (it used to roll back the
+    version the first had returned to); its decision is closed "superseded", with an audit entry."""
+    from rollout import approvals, audit, pilots, registry
+    from rollout.auth import Identity
+    from rollout.db.models import AuditEntry, GateDecision
+    from rollout.db.session import session_scope
+    from rollout.unfinished import unfinished_of
+
+    name = flow_use_case(rollback="auto")
+    champion = _promoted(name)
+    with session_scope() as s:
+        uc = pilots.get_use_case(s, name)
+        d, _ = pilots.record_decision(
+            s,
+            idempotency_key="monitor:race",
+            use_case=uc,
+            pilot=pilots.promoted_pilot(s, uc),
+            kind="monitor",
+            outcome="NO-GO",
+            evidence={"guardrails": {"breached": ["treatment_error_rate"]}},
+            explanation="Monitor: NO-GO. The champion is rolled back automatically (rollback policy: auto).",
+            data_fingerprint="m" * 64,
+            awaiting="none",
+            actor=audit.MONITOR_ACTOR,
+        )
+        monitors = d.id
+    assert unfinished_of(name).decision_id == monitors  # the monitor's own rollback, not yet carried out
+    by_hand = approvals.request_rollback(name, Identity(*BOB), "p95 regressed")
+    back = registry.current_aliases(name)["champion"]
+    assert back != champion and by_hand["effect"]["alias_move"]["from_version"] == champion
+    before = _champion_moves(name)
+    late = approvals.apply_rollback(monitors, None, reason="breach", automatic=True)
+    assert late["action"] == "none" and f"asked to roll back champion v{champion}" in late["reason"]
+    assert registry.current_aliases(name)["champion"] == back and _champion_moves(name) == before
+    with session_scope() as s:
+        assert s.get(GateDecision, monitors).resolution == "superseded"
+        entry = s.scalar(select(AuditEntry).where(AuditEntry.action == "rollback.superseded"))
+        assert entry.details == {"about": champion, "serving": back}
+    assert unfinished_of(name) is None and _phase(name) == "rolled_back"
+    # the registry refuses a rollback about a champion that does not serve, whoever asks
+    with pytest.raises(registry.RegistryError, match=f"about champion v{champion}, but v{back} serves"):
+        registry.rollback(name, actor=Identity(*BOB), reason="x", idempotency_key="x", expected=champion)
+
+
+def test_an_approved_rollback_whose_move_failed_is_listed_and_finished(
+    flow_use_case, tmp_path, monkeypatch
+) -> None:
+    """`rollback: manual`: a person approves the monitor's rollback while MLflow is down. The decision
+    was resolved, the champion that breached kept serving, and `approve`, `rollback` and `promote` all
+    refused: nothing could finish it. Now the approvals page lists it with the command, `approve` names
+    that command, and the use case's next scheduled cycle finishes it."""
+    from flows.cycle import cycle_flow
+    from rollout import approvals, queries, registry
+    from rollout.auth import Identity
+    from tests.dashboard.apptest_helpers import new_app, open_page
+
+    name = flow_use_case(rollback="manual")
+    champion = _promoted(name)
+    mon = _breach_waits_for_a_person(name, tmp_path, champion)
+    with monkeypatch.context() as mp:
+        _mlflow_down(mp)
+        with pytest.raises(registry.RegistryError, match="unreachable"):
+            approvals.approve(mon["decision_id"], Identity(*BOB), "error rate too high")
+    assert registry.current_aliases(name)["champion"] == champion and _phase(name) == "awaiting_approval"
+    [row] = queries.read(queries.approved_not_applied)
+    assert (row["id"], row["action"], row["failed_move"], row["automatic"]) == (
+        mon["decision_id"],
+        "rollback",
+        True,
+        False,
+    )
+    at = open_page(new_app(), "approvals")
+    shown = " ".join(w.value for w in at.warning)
+    assert "was approved by bob, but the rollback did not complete \\(its alias move failed" in shown
+    assert f"sparsepilot rollback {name} --reason" in shown
+    with pytest.raises(approvals.ApprovalError, match="already approved by bob; if it did not take effect"):
+        approvals.approve(mon["decision_id"], Identity(*ALICE), "again")
+    out = cycle_flow(name)
+    assert out["finished"]["finished"]["decision_id"] == mon["decision_id"]
+    assert registry.current_aliases(name)["champion"] != champion and _phase(name) == "rolled_back"
+    assert registry.alias_history(name)[-1]["actor"] == "bob"  # the approver's rollback, carried out
+    assert queries.read(queries.approved_not_applied) == []
+
+
+@pytest.mark.parametrize("cut", ["killed after the move", "MLflow down"])
+def test_the_monitor_finishes_its_own_rollback_before_it_looks_again(
+    flow_use_case, tmp_path, monkeypatch, cut: str
+) -> None:
+    """`rollback: auto`: the monitor's rollback either committed in both stores and the run died before
+    the use case was marked rolled back, or failed on MLflow. The next monitor run used to judge another
+    batch of a model MLflow no longer served (and then ask a person to roll back a rollback), or left
+    the breached champion serving while its decision said "rolled back automatically". Now it finishes
+    that rollback first, with one alias move, and takes no look."""
+    from flows.monitor import monitor_flow
+    from rollout import registry
+    from rollout.db.models import GateDecision
+    from rollout.db.session import session_scope
+
+    name = flow_use_case(rollback="auto")
+    champion = _promoted(name)
+    with monkeypatch.context() as mp:
+        if cut == "MLflow down":
+            _mlflow_down(mp)
+        else:
+            _killed_after(mp, "rollback")
+        with pytest.raises((Killed, registry.RegistryError)):
+            monitor_flow(name, observations_file=_export(tmp_path, "breach", errors=8))
+    assert _phase(name) == "promoted"
+    with session_scope() as s:
+        decided = s.scalars(select(GateDecision.id).where(GateDecision.kind == "monitor")).all()
+    moves = _champion_moves(name)
+    again = monitor_flow(name, observations_file=_export(tmp_path, "healthy", errors=0))
+    assert again["status"] == "finished" and again["finished"]["decision_id"] == decided[-1]
+    assert registry.current_aliases(name)["champion"] != champion and _phase(name) == "rolled_back"
+    assert _champion_moves(name) == moves  # one move: a failed one is retried under its own key
+    with session_scope() as s:
+        assert s.scalars(select(GateDecision.id).where(GateDecision.kind == "monitor")).all() == decided
+        assert s.get(GateDecision, decided[-1]).resolution == "auto_rolled_back"
+
+
+def test_a_promotion_cut_off_after_mlflow_moved_is_listed_and_finished(flow_use_case, monkeypatch) -> None:
+    """The approval's run dies after MLflow moved `champion`, before the use case was marked promoted:
+    MLflow served the challenger, the state waited for approval, the monitor never watched it, and no
+    page said so. Now it is listed once it has stalled, and finishing it promotes the use case."""
+    from flows.promote import finish_unfinished
+    from rollout import approvals, queries, registry
+    from rollout.auth import Identity
+    from rollout.db.session import session_scope
+    from rollout.unfinished import STALLED_AFTER, stalled
+
+    name = flow_use_case()
+    did = _pilot_with_decision(name, "GO", "approval")
+    with monkeypatch.context() as mp:
+        _killed_after(mp, "promote")
+        with pytest.raises(Killed):
+            approvals.approve(did, Identity(*ALICE), "ship it")
+    champion = registry.current_aliases(name)["champion"]
+    assert _phase(name) == "piloting"  # MLflow serves the challenger; the state never heard of it
+    assert queries.read(queries.approved_not_applied) == []  # decided a moment ago: perhaps still running
+    later = dt.datetime.now(dt.UTC) + STALLED_AFTER
+    with session_scope() as s:
+        [u] = stalled(s, now=later)
+    assert (u.decision_id, u.action, u.failed_move, u.command()) == (
+        did,
+        "promote",
+        False,
+        f"sparsepilot promote {name} --decision {did} --reason ...",
+    )
+    moves = _champion_moves(name)
+    assert finish_unfinished(name)["finished"]["decision_id"] == did
+    assert _phase(name) == "promoted" and registry.current_aliases(name)["champion"] == champion
+    assert _champion_moves(name) == moves and finish_unfinished(name) is None
