@@ -279,8 +279,18 @@ class ShadowSpec(_Strict):
 
 
 class RampStep(_Strict):
-    traffic_pct: Annotated[float, Field(gt=0, le=100)]
+    traffic_pct: Annotated[float, Field(gt=0, lt=100, allow_inf_nan=False)]
     min_samples: PositiveInt
+
+    @field_validator("traffic_pct", mode="wrap")
+    @classmethod
+    def _a_split_keeps_a_control_arm(cls, v: Any, handler: Any) -> float:
+        if isinstance(v, int | float) and not isinstance(v, bool) and v >= 100:
+            raise ValueError(
+                f"{v:g}: a split step must be below 100 (a split step needs a control arm to compare "
+                "against; 100% is the promotion, not a step)"
+            )
+        return handler(v)
 
 
 class TrafficSourceSpec(_Strict):
@@ -839,7 +849,7 @@ def _cross_checks(spec: UseCaseSpec) -> Iterable[tuple[str, str]]:
     batch = spec.rollout.batch_size
     needs = [("rollout.shadow", math.ceil(spec.rollout.shadow.min_samples / batch))]
     for i, step in enumerate(steps):
-        small = min(step.traffic_pct, 100 - step.traffic_pct) / 100 or 1.0
+        small = min(step.traffic_pct, 100 - step.traffic_pct) / 100
         needs.append((f"rollout.steps[{i}]", math.ceil(step.min_samples / (batch * small))))
     for where, looks in needs:
         if looks > spec.gate.max_looks:

@@ -98,6 +98,11 @@ def test_wrong_types_are_not_coerced() -> None:
             "traffic.prompt_tokens: bucket shares must sum to 1, they sum to 0.75",
         ),
         (lambda d: d["rollout"].update(steps=[]), "rollout.steps: list should have at least 1 item"),
+        (  # a split at 100% has no control arm: the gate cannot compare, and planning it crashed `add`
+            lambda d: d["rollout"]["steps"][-1].update(traffic_pct=100),
+            "rollout.steps[2].traffic_pct: 100: a split step must be below 100 (a split step needs a "
+            "control arm",
+        ),
         (
             lambda d: d["rollout"]["steps"][0].update(min_samples=4),
             "rollout.steps[0].min_samples: 4 is smaller than one pilot batch",
