@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 
 from rollout.arms.base import ArmConfigError
+from rollout.redact import redact
 
 MAX_ERROR_BODY = 300
 
@@ -87,7 +88,8 @@ class HttpEndpoint:
 
     def probe(self, path: str, hint: str) -> httpx.Response:
         """GET `path` before a batch: an unreachable server or refused credentials is a configuration
-        problem (ArmConfigError naming the arm), not evidence against a model. Any other status returns."""
+        problem (ArmConfigError naming the arm), not evidence against a model. Any other status returns:
+        what it means is the arm's to judge (`unhealthy`)."""
         with self._slots:
             try:
                 resp = self._client.get(path)
@@ -101,6 +103,14 @@ class HttpEndpoint:
                 "set api_key_env to the name of the variable holding the key"
             )
         return resp
+
+    def unhealthy(self, path: str, resp: httpx.Response, why: str) -> ArmConfigError:
+        """The configuration error for a probe whose status says the endpoint cannot serve the pilot."""
+        where = resp.headers.get("location")
+        to = f" to {redact(where)[:200]}" if where and resp.is_redirect else ""
+        return ArmConfigError(
+            f"{self.arm}: GET {redact(self.base_url + path)} answered HTTP {resp.status_code}{to}: {why}"
+        )
 
     def close(self) -> None:
         self._client.close()

@@ -23,8 +23,17 @@ class MlflowServerArm(HttpArm):
     kind = "mlflow"
 
     def check(self) -> None:
-        """Before a batch: the scoring server is up (GET /ping answers once the model is loaded)."""
-        self.http.probe("/ping", "start it with `sparsepilot serve-model NAME --alias ALIAS`")
+        """Before a batch: the scoring server is up and its model loaded (MLflow's scoring server answers
+        GET /ping with 200 once the model is loaded, 404 when it failed to load). Any other answer is a
+        configuration problem: every request would fail, and that is no evidence against the model."""
+        resp = self.http.probe("/ping", "start it with `sparsepilot serve-model NAME --alias ALIAS`")
+        if resp.status_code != 200:
+            raise self.http.unhealthy(
+                "/ping",
+                resp,
+                "the scoring server is up but its model is not loaded (MLflow answers /ping with 200 once "
+                "it is); see the server's log, or check that url is the scoring server's root",
+            )
 
     def answer(
         self, request: ArmRequest, task: str, *, max_new_tokens: int, max_prompt_tokens: int | None

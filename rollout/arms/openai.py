@@ -30,8 +30,29 @@ class OpenAIArm(HttpArm):
         self._echo_max_tokens = 0  # prompt log-probabilities without generating (1 where a server needs it)
 
     def check(self) -> None:
-        """Before a batch: the server is reachable and, where it lists its models, serves `model`."""
+        """Before a batch: the server is reachable, answers the OpenAI API at `url`, and, where it lists its
+        models, serves `model`. A 404, a redirect or a server error from GET {url}/models is a configuration
+        problem (a url without /v1, an http url behind an https gateway): every request would fail the same
+        way, and that is no evidence against the model. Only a 200 whose body is not a model list, or
+        another client error, means the server does not list its models."""
         resp = self.http.probe("/models", "is the server running?")
+        status = resp.status_code
+        if status == 404:
+            raise self.http.unhealthy(
+                "/models",
+                resp,
+                "no OpenAI-compatible API at this url: url is the API base, /v1 included "
+                "(e.g. http://host:8000/v1)",
+            )
+        if resp.is_redirect:
+            raise self.http.unhealthy(
+                "/models",
+                resp,
+                "the server redirects, and the pilot does not follow redirects: put the url it redirects "
+                "to (https, /v1 included) in the spec",
+            )
+        if status >= 500:
+            raise self.http.unhealthy("/models", resp, "the server fails; see its log")
         try:
             served = [str(m["id"]) for m in resp.json()["data"]] if resp.status_code == 200 else None
         except (ValueError, KeyError, TypeError):

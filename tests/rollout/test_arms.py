@@ -16,6 +16,7 @@ import pytest
 from rollout.arms import ArmConfigError, build_arm, run_batch
 from rollout.arms.inprocess import InProcessArm
 from rollout.spec import ArmSpec, SpecError, parse_spec
+from tests.fixtures.canned_server import Canned, canned_server
 from tests.fixtures.flows import EXAMPLE, tiny_spec
 from tests.fixtures.openai_server import openai_server
 
@@ -435,3 +436,66 @@ def test_a_batch_whose_run_lost_its_use_case_stops_before_its_next_request(
     assert treatment.calls <= 3 + concurrency  # the requests in flight when it was lost, and no more
     control.close()
     treatment.close()
+
+
+MODELS = '{"object": "list", "data": [{"id": "m"}]}'
+
+
+@pytest.mark.parametrize(
+    ("kind", "path", "routes", "message"),
+    [
+        (  # a url without /v1: vLLM serves only /v1/..., 404 elsewhere
+            "openai",
+            "",
+            {"GET /v1/models": Canned(200, MODELS)},
+            r"GET http://127\.0\.0\.1:\d+/models answered HTTP 404: no OpenAI-compatible API at this url: "
+            r"url is the API base, /v1 included",
+        ),
+        (  # an http url behind a gateway that redirects to https
+            "openai",
+            "/v1",
+            {"GET /v1/models": Canned(302, "", {"Location": "https://llm.example/v1/models"})},
+            r"answered HTTP 302 to https://llm\.example/v1/models: the server redirects",
+        ),
+        (
+            "openai",
+            "/v1",
+            {"GET /v1/models": Canned(503, "overloaded")},
+            r"answered HTTP 503: the server fails",
+        ),
+        (  # MLflow's scoring server answers /ping with 404 when its model failed to load
+            "mlflow",
+            "",
+            {"GET /ping": Canned(404, "\n")},
+            r"GET http://127\.0\.0\.1:\d+/ping answered HTTP 404: the scoring server is up but its model is "
+            r"not loaded",
+        ),
+        ("mlflow", "", {"GET /ping": Canned(500, "")}, r"answered HTTP 500: the scoring server is up but"),
+    ],
+)
+def test_an_endpoint_that_cannot_serve_is_configuration_not_evidence(
+    kind: str, path: str, routes: dict, message: str
+) -> None:
+    """The pre-batch check stops the pilot naming the arm, before any request: every request to such an
+    endpoint would fail, and its failures stored as evidence would stop the challenger (or blame the
+    control) for a typo in a url."""
+    with canned_server(routes) as (root, seen):
+        spec = ArmSpec(kind=kind, url=root + path, model="m" if kind == "openai" else None)
+        with pytest.raises(ArmConfigError, match=rf"^pilot\.arms\.treatment: .*{message}"):
+            build_arm(spec, "treatment", in_process=no_in_process)
+    assert not [r for r in seen if r.startswith("POST")]
+
+
+@pytest.mark.parametrize(
+    "routes",
+    [
+        {"GET /v1/models": Canned(200, "<html>a gateway's page</html>", {"Content-Type": "text/html"})},
+        {"GET /v1/models": Canned(405, "")},  # a server that does not list its models
+    ],
+)
+def test_a_server_that_does_not_list_its_models_still_passes_the_check(routes: dict) -> None:
+    with canned_server(routes) as (root, _):
+        arm = build_arm(
+            ArmSpec(kind="openai", url=root + "/v1", model="m"), "control", in_process=no_in_process
+        )
+        arm.close()
