@@ -68,16 +68,29 @@ class HttpEndpoint:
         )
 
     def post(self, path: str, payload: dict[str, Any]) -> Reply:
+        """POST `payload` as JSON. The request has `timeout_s` in all: the answer is read as it arrives
+        and cut off once `timeout_s` has passed since the request was sent (a server that keeps dripping
+        bytes, a stalled proxy sending keep-alives), so no request holds a worker, and the use case's
+        lease, for long. httpx's own timeouts bound each wait for a byte (a silent server), so a request
+        that stalls just before its deadline ends within 2 x `timeout_s`."""
         with self._slots:
             t0 = time.perf_counter()
+            deadline = t0 + self.timeout_s
             try:
-                resp = self._client.post(path, content=json.dumps(payload))
-                body_bytes = resp.content
+                with self._client.stream("POST", path, content=json.dumps(payload)) as resp:
+                    parts = []
+                    for part in resp.iter_bytes():
+                        parts.append(part)
+                        if time.perf_counter() > deadline:
+                            return Reply(None, _ms(t0), self._timed_out("the answer was still arriving"))
+                    body_bytes = b"".join(parts)
             except httpx.TimeoutException as exc:
-                return Reply(None, _ms(t0), f"timed out after {self.timeout_s:g}s ({type(exc).__name__})")
+                return Reply(None, _ms(t0), self._timed_out(type(exc).__name__))
             except httpx.HTTPError as exc:  # refused, reset, DNS, protocol errors
                 return Reply(None, _ms(t0), f"{type(exc).__name__}: {exc}")
             latency = _ms(t0)
+            if time.perf_counter() > deadline:
+                return Reply(None, latency, self._timed_out("the answer was complete too late"))
         if resp.status_code >= 400:
             text = body_bytes.decode("utf-8", "replace")[:MAX_ERROR_BODY]
             return Reply(None, latency, f"HTTP {resp.status_code}: {text}", resp.status_code)
@@ -85,6 +98,9 @@ class HttpEndpoint:
             return Reply(json.loads(body_bytes), latency, None, resp.status_code)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             return Reply(None, latency, f"malformed JSON from {path}: {exc}", resp.status_code)
+
+    def _timed_out(self, how: str) -> str:
+        return f"timed out after {self.timeout_s:g}s ({how})"
 
     def probe(self, path: str, hint: str) -> httpx.Response:
         """GET `path` before a batch: an unreachable server or refused credentials is a configuration

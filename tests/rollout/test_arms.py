@@ -499,3 +499,26 @@ def test_a_server_that_does_not_list_its_models_still_passes_the_check(routes: d
             ArmSpec(kind="openai", url=root + "/v1", model="m"), "control", in_process=no_in_process
         )
         arm.close()
+
+
+def test_timeout_s_bounds_the_whole_request_not_each_read() -> None:
+    """A server that sends its headers at once and then a byte every 0.1 s never leaves a read waiting
+    0.5 s, but its answer takes ~3 s in all: the request is cut off once 0.5 s have passed, an error
+    observation with the latency the client waited."""
+    import time
+
+    import sparse_core.tasks  # noqa: F401 - imported before the clock starts (scoring a failure loads it)
+    from rollout.arms.base import ArmRequest
+
+    answer = json.dumps({"choices": [{"text": "print"}]})
+    routes = {"GET /v1/models": Canned(200, MODELS), "POST /v1/completions": Canned(200, answer, drip_s=0.1)}
+    with canned_server(routes) as (root, _):
+        arm = build_arm(
+            ArmSpec(kind="openai", url=root + "/v1", model="m", timeout_s=0.5), "treatment", in_process=None
+        )
+        t0 = time.perf_counter()
+        a = arm.answer(ArmRequest("r1", "Which built-in prints text?", "print"), "contains", **KW)
+        took = time.perf_counter() - t0
+        arm.close()
+    assert a.error and a.quality == 0.0 and "timed out after 0.5s" in a.output, a
+    assert 0.5 <= took < 1.2 and 500 <= a.latency_ms < 1200
