@@ -33,6 +33,7 @@ CONSERVATIVE_CHARS_PER_TOKEN = 3.0
 MAX_ROWS_LISTED = 8
 DATASET_FIELDS = ("id", "prompt", "reference", "tags")
 MAX_LATENCY_MS = 86_400_000.0  # one day: anything above is a unit error, not a latency
+MAX_TOKENS = 10**9  # an observation's tokens: anything above is a server's error, not a count
 ARMS = ("control", "treatment")  # an observation's arm: the dense model (control) or the sparse one
 
 
@@ -522,7 +523,9 @@ def validate_observations(
         gxe.ExpectCompoundColumnsToBeUnique(column_list=["request_id", "arm"]),
     ]
     if "tokens" in work.columns:
-        expectations.append(gxe.ExpectColumnValuesToBeBetween(column="tokens", min_value=0, max_value=10**9))
+        expectations.append(
+            gxe.ExpectColumnValuesToBeBetween(column="tokens", min_value=0, max_value=MAX_TOKENS)
+        )
     if "error" in work.columns:
         expectations.append(gxe.ExpectColumnValuesToBeInSet(column="error", value_set=[True, False]))
     if require_both_arms:

@@ -96,8 +96,10 @@ class HttpEndpoint:
             return Reply(None, latency, f"HTTP {resp.status_code}: {text}", resp.status_code)
         try:
             return Reply(json.loads(body_bytes), latency, None, resp.status_code)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            return Reply(None, latency, f"malformed JSON from {path}: {exc}", resp.status_code)
+        except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, 5000-digit numbers, deep nesting
+            return Reply(
+                None, latency, f"malformed JSON from {path}: {str(exc)[:MAX_ERROR_BODY]}", resp.status_code
+            )
 
     def _timed_out(self, how: str) -> str:
         return f"timed out after {self.timeout_s:g}s ({how})"

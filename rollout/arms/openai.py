@@ -18,6 +18,7 @@ from typing import Any
 
 from rollout.arms.base import ArmAnswer, ArmConfigError, ArmRequest, failed, loglik_quality, score_output
 from rollout.arms.http import HttpArm
+from rollout.validation import MAX_TOKENS
 
 
 class OpenAIArm(HttpArm):
@@ -134,7 +135,7 @@ class OpenAIArm(HttpArm):
         try:
             picked = reference_logprobs(offsets, values, len(request.prompt), len(full))
             quality = loglik_quality(picked)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: an offset of Infinity
             return failed("loglik", ref, reply.latency_ms, f"malformed prompt log-probabilities: {exc}")
         return ArmAnswer(quality, reply.latency_ms, _tokens(reply.body), False, "")
 
@@ -158,13 +159,17 @@ def reference_logprobs(
 
 
 def _tokens(body: Any) -> int:
+    """The tokens the server says it used, or 0 where it does not say so usably: the figure is the
+    server's account, not evidence about the model, so an absurd one (not a count, or beyond
+    `MAX_TOKENS`, which the batch's data check refuses) must not cost the pilot its batch."""
     usage = body.get("usage") if isinstance(body, dict) else None
     if not isinstance(usage, dict):
         return 0
-    total = usage.get("total_tokens")
-    if total is None:
-        total = (usage.get("prompt_tokens") or 0) + (usage.get("completion_tokens") or 0)
     try:
-        return max(0, int(total))
-    except (TypeError, ValueError):
+        total = usage.get("total_tokens")
+        if total is None:
+            total = (usage.get("prompt_tokens") or 0) + (usage.get("completion_tokens") or 0)
+        count = int(total)
+    except (TypeError, ValueError, OverflowError):
         return 0
+    return count if 0 <= count <= MAX_TOKENS else 0

@@ -522,3 +522,65 @@ def test_timeout_s_bounds_the_whole_request_not_each_read() -> None:
         arm.close()
     assert a.error and a.quality == 0.0 and "timed out after 0.5s" in a.output, a
     assert 0.5 <= took < 1.2 and 500 <= a.latency_ms < 1200
+
+
+@pytest.mark.parametrize(
+    ("body", "what"),
+    [
+        ('{"choices": [{"text": "print"}], "usage": {"total_tokens": ' + "9" * 5000 + "}}", "malformed JSON"),
+        ("[" * 200_000 + "]" * 200_000, "malformed JSON"),  # nested past the decoder's recursion limit
+    ],
+)
+def test_a_body_json_cannot_read_is_an_error_observation_not_a_crash(body: str, what: str) -> None:
+    from rollout.arms.base import ArmRequest
+
+    routes = {"GET /v1/models": Canned(200, MODELS), "POST /v1/completions": Canned(200, body)}
+    with canned_server(routes) as (root, _):
+        arm = build_arm(ArmSpec(kind="openai", url=root + "/v1", model="m"), "treatment", in_process=None)
+        a = arm.answer(ArmRequest("r1", "Which built-in prints text?", "print"), "contains", **KW)
+        arm.close()
+    assert a.error and a.quality == 0.0 and what in a.output and len(a.output) < 400
+
+
+@pytest.mark.parametrize(
+    "usage",
+    ["Infinity", "NaN", "1e15", "-3", '{"prompt_tokens": "5", "completion_tokens": 3}'],
+)
+def test_an_absurd_usage_count_is_no_count_and_costs_no_batch(usage: str) -> None:
+    """The server's token count is its account, not evidence: one that is not a count in [0, 1e9] is 0.
+    Kept, 1e15 failed the batch's data check (the batch dropped and its requests drawn again); Infinity
+    raised out of run_batch."""
+    from rollout.observations_io import validate_observation_rows
+
+    usage_json = usage if usage.startswith("{") else '{"total_tokens": ' + usage + "}"
+    body = '{"choices": [{"text": "print"}], "usage": ' + usage_json + "}"
+    routes = {"GET /v1/models": Canned(200, MODELS), "POST /v1/completions": Canned(200, body)}
+    requests = [(f"r{i}", {"prompt": f"q{i}", "reference": "print"}) for i in range(3)]
+    with canned_server(routes) as (root, _):
+        control, treatment = (
+            build_arm(ArmSpec(kind="openai", url=root + "/v1", model="m"), role, in_process=None)
+            for role in ("control", "treatment")
+        )
+        rows = run_batch(
+            control, treatment, requests, kind="shadow", salt="s", traffic_pct=0, task="contains", **KW
+        )
+        control.close()
+        treatment.close()
+    assert [(r["error"], r["quality"], r["tokens"]) for r in rows] == [(False, 1.0, 0)] * 6
+    check = validate_observation_rows(
+        rows, known_request_ids=[r for r, _ in requests], require_both_arms=True
+    )
+    assert check["passed"], check["failures"]
+
+
+def test_an_infinite_text_offset_is_an_error_observation() -> None:
+    from rollout.arms.base import ArmRequest
+
+    logprobs = '{"text_offset": [0, Infinity], "token_logprobs": [null, -1.0]}'
+    body = '{"choices": [{"text": "x", "logprobs": ' + logprobs + "}]}"
+    routes = {"GET /v1/models": Canned(200, MODELS), "POST /v1/completions": Canned(200, body)}
+    with canned_server(routes) as (root, _):
+        arm = build_arm(ArmSpec(kind="openai", url=root + "/v1", model="m"), "treatment", in_process=None)
+        a = arm.answer(ArmRequest("r1", "Which built-in prints text?", "print"), "loglik", **KW)
+        arm.close()
+    assert a.error and a.quality == 0.0 and "malformed prompt log-probabilities" in a.output
