@@ -18,6 +18,10 @@ from typing import Any
 from rollout.arms.base import ArmAnswer, ArmConfigError, ArmRequest, failed, score_output
 from rollout.arms.http import HttpArm
 
+# a mean log-likelihood is <= 0; above 0 by no more than float rounding it is 0 (quality 1), beyond that
+# the server is broken, and its answer an error observation as a NaN is (rollout.arms.base.usable)
+LOGLIK_ROUNDING = 1e-6
+
 
 class MlflowServerArm(HttpArm):
     kind = "mlflow"
@@ -61,6 +65,8 @@ class MlflowServerArm(HttpArm):
         if task == "loglik":
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
                 return failed(task, request.reference, reply.latency_ms, f"score is not a number: {value!r}")
+            if value > LOGLIK_ROUNDING:  # a probability above 1: the server is broken, not the model perfect
+                return failed(task, request.reference, reply.latency_ms, f"log-likelihood above 0: {value!r}")
             return ArmAnswer(min(1.0, math.exp(float(value))), reply.latency_ms, 0, False, "")
         if not isinstance(value, str):
             return failed(task, request.reference, reply.latency_ms, f"completion is not text: {value!r}")

@@ -584,3 +584,26 @@ def test_an_infinite_text_offset_is_an_error_observation() -> None:
         a = arm.answer(ArmRequest("r1", "Which built-in prints text?", "print"), "loglik", **KW)
         arm.close()
     assert a.error and a.quality == 0.0 and "malformed prompt log-probabilities" in a.output
+
+
+@pytest.mark.parametrize(("value", "error"), [(2.5, True), (1e-3, True), (1e-9, False), (-0.5, False)])
+def test_an_mlflow_log_likelihood_above_0_is_an_error_not_a_perfect_score(value: float, error: bool) -> None:
+    """A mean log-likelihood above 0 (a probability above 1) is a broken server: an error observation, as
+    the openai arm's is, not quality 1. Above 0 by float rounding only, it is 0."""
+    import math
+
+    from rollout.arms.base import ArmRequest
+
+    routes = {
+        "GET /ping": Canned(200, "\n"),
+        "POST /invocations": Canned(200, json.dumps({"predictions": [value]})),
+    }
+    with canned_server(routes) as (root, _):
+        arm = build_arm(ArmSpec(kind="mlflow", url=root), "treatment", in_process=None)
+        a = arm.answer(ArmRequest("r1", "Which built-in prints text?", "print"), "loglik", **KW)
+        arm.close()
+    assert a.error is error
+    if error:
+        assert a.quality == 0.0 and "log-likelihood above 0" in a.output
+    else:
+        assert a.quality == pytest.approx(min(1.0, math.exp(value)))
