@@ -118,6 +118,35 @@ def test_wrong_types_are_not_coerced() -> None:
             "traffic.prompt_tokens.mean: quantile keys",
         ),
         (lambda d: d.update(rollout=None), "rollout: must be a mapping of its fields (got None)"),
+        # values os.path and httpx raised on (a traceback at `add`, a raw exception at pilot time)
+        (lambda d: d["dataset"].update(path="a\x00b.jsonl"), "dataset.path: must not contain a NUL byte"),
+        (lambda d: d.update(model="./m\x00odel"), "model: must not contain a NUL byte"),
+        (
+            lambda d: d["rollout"].update(traffic_source={"kind": "request-log", "path": "l\x00g.csv"}),
+            "rollout.traffic_source.path: must not contain a NUL byte",
+        ),
+        (
+            lambda d: d.update(pilot={"arms": {"control": {"kind": "mlflow", "url": "http://[::1:5001"}}}),
+            "pilot.arms.control: url 'http://[::1:5001' cannot be used: Invalid port",
+        ),
+        (
+            lambda d: d.update(
+                pilot={"arms": {"treatment": {"kind": "openai", "url": "http://h:99999/v1", "model": "m"}}}
+            ),
+            "pilot.arms.treatment: url 'http://h:99999/v1' cannot be used: port 99999 is not in 1-65535",
+        ),
+        (
+            lambda d: d.update(pilot={"arms": {"control": {"kind": "mlflow", "url": "http://host name:1"}}}),
+            "pilot.arms.control: url 'http://host name:1' cannot be used: it holds whitespace",
+        ),
+        (
+            lambda d: d.update(pilot={"arms": {"control": {"timeout_s": 1e10}}}),
+            "pilot.arms.control.timeout_s: input should be less than or equal to 86400",
+        ),
+        (
+            lambda d: d.update(pilot={"arms": {"control": {"connect_timeout_s": 1e11}}}),
+            "pilot.arms.control.connect_timeout_s: input should be less than or equal to 86400",
+        ),
     ],
 )
 def test_bad_fields_are_named(mutate, expected: str) -> None:  # noqa: ANN001
