@@ -78,6 +78,21 @@ def no_nul(v: str) -> str:
     return v
 
 
+def control_characters(text: str, allowed: str = "") -> list[str]:
+    """The control characters (C0, DEL, C1: Unicode category Cc) in ``text`` other than ``allowed``,
+    each once, as escapes ('\\x1b'). Text a spec stores is printed to other users' terminals (`usecase
+    list`), where an ESC sequence would clear or recolour the screen."""
+    found = dict.fromkeys(ch for ch in text if unicodedata.category(ch) == "Cc" and ch not in allowed)
+    return [ascii(ch)[1:-1] for ch in found]
+
+
+def _no_control_characters(v: str, allowed: str, what: str) -> str:
+    bad = control_characters(v, allowed)
+    if bad:
+        raise ValueError(f"must not contain control characters ({', '.join(bad)}); {what}")
+    return v
+
+
 class DatasetSpec(_Strict):
     path: str = Field(
         description="JSONL file (id, prompt, optional reference, optional tags), relative to the spec"
@@ -498,6 +513,16 @@ class UseCaseSpec(_Strict):
     @classmethod
     def _model_ref(cls, v: str) -> str:
         return no_nul(v)
+
+    @field_validator("owner")
+    @classmethod
+    def _owner_is_a_line(cls, v: str) -> str:
+        return _no_control_characters(v, "", "an owner is one line of text")
+
+    @field_validator("description")
+    @classmethod
+    def _description_is_text(cls, v: str) -> str:
+        return _no_control_characters(v, "\n\t", "line breaks and tabs are the only ones allowed")
 
     def dataset_path(self, spec_dir: Path | str) -> Path:
         """The dataset file, resolved against the directory of the spec that named it (realpath:

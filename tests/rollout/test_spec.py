@@ -118,6 +118,15 @@ def test_wrong_types_are_not_coerced() -> None:
             "traffic.prompt_tokens.mean: quantile keys",
         ),
         (lambda d: d.update(rollout=None), "rollout: must be a mapping of its fields (got None)"),
+        # text printed to other users' terminals (`usecase list`): an ESC sequence would clear the screen
+        (
+            lambda d: d.update(owner="evil\x1b[2J\x1b[31mowner\nsecond line"),
+            "owner: must not contain control characters (\\x1b, \\n); an owner is one line of text",
+        ),
+        (
+            lambda d: d.update(description="line one\nline\ttwo\r\x9b31m"),
+            "description: must not contain control characters (\\r, \\x9b); line breaks and tabs are",
+        ),
         # values os.path and httpx raised on (a traceback at `add`, a raw exception at pilot time)
         (lambda d: d["dataset"].update(path="a\x00b.jsonl"), "dataset.path: must not contain a NUL byte"),
         (lambda d: d.update(model="./m\x00odel"), "model: must not contain a NUL byte"),
@@ -152,6 +161,11 @@ def test_wrong_types_are_not_coerced() -> None:
 def test_bad_fields_are_named(mutate, expected: str) -> None:  # noqa: ANN001
     lines = _problems(_mutated(mutate))
     assert any(line.startswith(f"{SRC}: {expected}") for line in lines), lines
+
+
+def test_a_description_keeps_its_line_breaks_and_tabs() -> None:
+    text = "Answers questions.\n\tSecond paragraph."
+    assert parse_spec(_mutated(lambda d: d.update(description=text))).description == text
 
 
 def test_all_problems_are_reported_at_once() -> None:
