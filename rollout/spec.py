@@ -71,12 +71,39 @@ def has_visible_text(text: str) -> bool:
     )
 
 
+def no_nul(v: str) -> str:
+    """A path or model ref holds no NUL byte (no file system takes one; os.path raised on it)."""
+    if "\x00" in v:
+        raise ValueError("must not contain a NUL byte (\\x00)")
+    return v
+
+
+def control_characters(text: str, allowed: str = "") -> list[str]:
+    """The control characters (C0, DEL, C1: Unicode category Cc) in ``text`` other than ``allowed``,
+    each once, as escapes ('\\x1b'). Text a spec stores is printed to other users' terminals (`usecase
+    list`), where an ESC sequence would clear or recolour the screen."""
+    found = dict.fromkeys(ch for ch in text if unicodedata.category(ch) == "Cc" and ch not in allowed)
+    return [ascii(ch)[1:-1] for ch in found]
+
+
+def _no_control_characters(v: str, allowed: str, what: str) -> str:
+    bad = control_characters(v, allowed)
+    if bad:
+        raise ValueError(f"must not contain control characters ({', '.join(bad)}); {what}")
+    return v
+
+
 class DatasetSpec(_Strict):
     path: str = Field(
         description="JSONL file (id, prompt, optional reference, optional tags), relative to the spec"
     )
     task: Literal["exact_match", "contains", "rouge_l", "loglik"]
     references_required: bool = True
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        return no_nul(v)
 
 
 class LengthShare(_Strict):
@@ -279,8 +306,18 @@ class ShadowSpec(_Strict):
 
 
 class RampStep(_Strict):
-    traffic_pct: Annotated[float, Field(gt=0, le=100)]
+    traffic_pct: Annotated[float, Field(gt=0, lt=100, allow_inf_nan=False)]
     min_samples: PositiveInt
+
+    @field_validator("traffic_pct", mode="wrap")
+    @classmethod
+    def _a_split_keeps_a_control_arm(cls, v: Any, handler: Any) -> float:
+        if isinstance(v, int | float) and not isinstance(v, bool) and v >= 100:
+            raise ValueError(
+                f"{v:g}: a split step must be below 100 (a split step needs a control arm to compare "
+                "against; 100% is the promotion, not a step)"
+            )
+        return handler(v)
 
 
 class TrafficSourceSpec(_Strict):
@@ -288,6 +325,11 @@ class TrafficSourceSpec(_Strict):
 
     kind: Literal["dataset", "request-log"] = "dataset"
     path: Annotated[str, Field(min_length=1, max_length=4096)] | None = None  # request-log: .jsonl / .csv
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str | None) -> str | None:
+        return v if v is None else no_nul(v)
 
 
 class RolloutSpec(_Strict):
@@ -344,6 +386,9 @@ class ScheduleSpec(_Strict):
 
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# an arm's timeouts: at most a day (a socket refuses ~1e10 s; "no timeout" is a day, not 10^12 s)
+MAX_TIMEOUT_S = 86_400
+Timeout = Annotated[float, Field(gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False)]
 
 
 class ArmSpec(_Strict):
@@ -353,8 +398,8 @@ class ArmSpec(_Strict):
     url: Annotated[str, Field(max_length=2000)] | None = None  # mlflow: server root; openai: API base (/v1)
     model: Annotated[str, Field(min_length=1, max_length=500)] | None = None  # openai: served model name
     api_key_env: str | None = None  # NAME of the environment variable holding a bearer token, never the token
-    timeout_s: PositiveFloat = 60.0  # per request, read/write/pool
-    connect_timeout_s: PositiveFloat = 5.0
+    timeout_s: Timeout = 60.0  # per request, in all (rollout.arms.http)
+    connect_timeout_s: Timeout = 5.0
     max_concurrency: Annotated[int, Field(ge=1, le=256)] = 4  # requests in flight to this arm
 
     @model_validator(mode="after")
@@ -370,6 +415,9 @@ class ArmSpec(_Strict):
             raise ValueError(
                 f"a {self.kind} arm needs url: http(s)://host:port (got {redact(self.url or '')!r})"
             )
+        why = url_problem(self.url)
+        if why:
+            raise ValueError(f"url {redact(self.url)!r} cannot be used: {why}")
         if self.kind == "openai" and not self.model:
             raise ValueError("an openai arm needs model: the name the server serves (its /v1/models id)")
         if self.kind == "mlflow" and self.model is not None:
@@ -380,6 +428,22 @@ class ArmSpec(_Strict):
                 "never put the key itself in the spec"
             )
         return self
+
+
+def url_problem(url: str) -> str | None:
+    """Why an endpoint url that looks like http(s)://host... cannot be used by the arm's HTTP client
+    (httpx), or None: refused when the spec is read, not as a raw exception when the pilot builds the arm."""
+    import httpx
+
+    if re.search(r"\s", url):
+        return "it holds whitespace"
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, ValueError) as exc:
+        return str(exc)
+    if parsed.port is not None and not 0 < parsed.port < 65536:
+        return f"port {parsed.port} is not in 1-65535"
+    return None
 
 
 _SECRET_QUERY_KEY = re.compile(r"key|token|secret|passw|pwd|auth|signature|sig$|credential", re.IGNORECASE)
@@ -444,6 +508,21 @@ class UseCaseSpec(_Strict):
         if not has_visible_text(v):
             raise ValueError("must not be blank (spaces or invisible characters only)")
         return v
+
+    @field_validator("model")
+    @classmethod
+    def _model_ref(cls, v: str) -> str:
+        return no_nul(v)
+
+    @field_validator("owner")
+    @classmethod
+    def _owner_is_a_line(cls, v: str) -> str:
+        return _no_control_characters(v, "", "an owner is one line of text")
+
+    @field_validator("description")
+    @classmethod
+    def _description_is_text(cls, v: str) -> str:
+        return _no_control_characters(v, "\n\t", "line breaks and tabs are the only ones allowed")
 
     def dataset_path(self, spec_dir: Path | str) -> Path:
         """The dataset file, resolved against the directory of the spec that named it (realpath:
@@ -839,7 +918,7 @@ def _cross_checks(spec: UseCaseSpec) -> Iterable[tuple[str, str]]:
     batch = spec.rollout.batch_size
     needs = [("rollout.shadow", math.ceil(spec.rollout.shadow.min_samples / batch))]
     for i, step in enumerate(steps):
-        small = min(step.traffic_pct, 100 - step.traffic_pct) / 100 or 1.0
+        small = min(step.traffic_pct, 100 - step.traffic_pct) / 100
         needs.append((f"rollout.steps[{i}]", math.ceil(step.min_samples / (batch * small))))
     for where, looks in needs:
         if looks > spec.gate.max_looks:

@@ -158,6 +158,8 @@ def check_spec_file(path: Path | str) -> CheckedSpec:
         token_source=counted_by,
     )
     result.raise_for_failures()
+    if spec.rollout.traffic_source.kind == "request-log":
+        result.stats.update(check_request_log(spec, path.resolve().parent, source))
     result.warnings.extend(f"{field}: {message}" for field, message in spec_warnings(spec))
     stats = result.stats
     result.warnings.extend(f"{field}: {message}" for field, message in task_bound_warnings(spec, stats))
@@ -174,6 +176,35 @@ def check_spec_file(path: Path | str) -> CheckedSpec:
         validation=result,
         context_length=getattr(info, "context_length", None),
     )
+
+
+def check_request_log(spec: UseCaseSpec, spec_dir: Path, source: str) -> dict[str, int]:
+    """The spec's request log, read once as the pilot will read it (streamed): it must exist and every
+    line must be a request, else a UseCaseError naming `rollout.traffic_source.path` and each bad line
+    (path:line, up to MAX_LISTED). Returns what it holds, for the version's validation stats."""
+    from rollout.traffic import TrafficError
+    from rollout.traffic.base import request_log_path
+    from rollout.traffic.request_log import RequestLogSource
+
+    where = f"{source}: rollout.traffic_source.path"
+    log = request_log_path(spec, spec_dir)
+    try:
+        found = RequestLogSource(log, salt="usecase-add").check()
+    except TrafficError as exc:
+        raise UseCaseError(f"{where}: {exc}") from None
+    except OSError as exc:
+        raise UseCaseError(f"{where}: {log}: cannot read the file ({exc.strerror or exc})") from None
+    if found.bad_lines:
+        more = found.bad_lines - len(found.problems)
+        raise UseCaseError(
+            "\n".join(
+                [f"{where}: {found.bad_lines} bad line(s) in the request log:", *found.problems]
+                + ([f"... and {more} more"] if more else [])
+            )
+        )
+    if not found.requests:
+        raise UseCaseError(f"{where}: {log} holds no requests")
+    return {"request_log_requests": found.requests, "request_log_distinct_prompts": found.distinct_prompts}
 
 
 def _sha256(path: Path) -> str:

@@ -9,7 +9,6 @@ lazily (it costs seconds), once per process.
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence, Set
@@ -18,6 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rollout.json_lines import LineError, parse_object
 from sparse_core.errors import SparsePilotError
 
 if TYPE_CHECKING:
@@ -33,6 +33,7 @@ CONSERVATIVE_CHARS_PER_TOKEN = 3.0
 MAX_ROWS_LISTED = 8
 DATASET_FIELDS = ("id", "prompt", "reference", "tags")
 MAX_LATENCY_MS = 86_400_000.0  # one day: anything above is a unit error, not a latency
+MAX_TOKENS = 10**9  # an observation's tokens: anything above is a server's error, not a count
 ARMS = ("control", "treatment")  # an observation's arm: the dense model (control) or the sparse one
 
 
@@ -180,6 +181,8 @@ class _Rows:
 def read_dataset(path: Path | str) -> tuple[_Rows, list[Failure], list[str]]:
     """Read a JSONL dataset, catching what a DataFrame cannot hold: invalid UTF-8, bad JSON, wrong
     types. Returns the readable rows, the read failures (with line numbers) and warnings."""
+    from rollout.spec import has_visible_text
+
     rows, failures, warnings = _Rows(), [], []
     data = Path(path).read_bytes()
     unknown: dict[str, list[int]] = {}
@@ -196,28 +199,21 @@ def read_dataset(path: Path | str) -> tuple[_Rows, list[Failure], list[str]]:
         if lineno == 1:
             text = text.removeprefix("\ufeff")  # a byte-order mark is not content
         try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as exc:
-            failures.append(
-                Failure("line", f"not valid JSON ({exc.msg}, column {exc.colno})", (lineno,), (), "read")
-            )
-            continue
-        except (ValueError, RecursionError) as exc:  # 5000-digit integers, very deep nesting
-            failures.append(
-                Failure("line", f"JSON value cannot be read ({str(exc)[:100]})", (lineno,), (), "read")
-            )
-            continue
-        if not isinstance(obj, dict):
-            failures.append(
-                Failure("line", f"must be a JSON object, got {type(obj).__name__}", (lineno,), (), "read")
-            )
+            obj = parse_object(text)
+        except LineError as exc:
+            failures.append(Failure(exc.field, exc.message, (lineno,), (), "read"))
             continue
         rid = obj.get("id")
         rid_s = str(rid) if isinstance(rid, str | int) and not isinstance(rid, bool) else ""
-        ids = (rid_s,) if rid_s else ()
+        ids = (rid_s,) if rid_s and has_visible_text(rid_s) else ()
         bad = False
         if not rid_s:
             failures.append(Failure("id", "missing, or not a string/integer", (lineno,), (), "read"))
+            bad = True
+        elif not has_visible_text(rid_s):
+            failures.append(
+                Failure("id", "is blank (spaces or invisible characters only)", (lineno,), (), "read")
+            )
             bad = True
         prompt = obj.get("prompt")
         if not isinstance(prompt, str):
@@ -235,7 +231,7 @@ def read_dataset(path: Path | str) -> tuple[_Rows, list[Failure], list[str]]:
             bad = True
         for key in ("id", "prompt", "reference"):
             value = obj.get(key)
-            if isinstance(value, str) and not _is_valid_unicode(value):
+            if isinstance(value, str) and not is_valid_unicode(value):
                 failures.append(
                     Failure(key, "contains a lone surrogate escape (not valid UTF-8)", (lineno,), ids, "read")
                 )
@@ -255,7 +251,8 @@ def read_dataset(path: Path | str) -> tuple[_Rows, list[Failure], list[str]]:
     return rows, failures, warnings
 
 
-def _is_valid_unicode(s: str) -> bool:
+def is_valid_unicode(s: str) -> bool:
+    """False for a string holding a lone surrogate (JSON's "\\ud800"): it cannot be written as UTF-8."""
     try:
         s.encode("utf-8")
     except UnicodeEncodeError:
@@ -522,7 +519,9 @@ def validate_observations(
         gxe.ExpectCompoundColumnsToBeUnique(column_list=["request_id", "arm"]),
     ]
     if "tokens" in work.columns:
-        expectations.append(gxe.ExpectColumnValuesToBeBetween(column="tokens", min_value=0, max_value=10**9))
+        expectations.append(
+            gxe.ExpectColumnValuesToBeBetween(column="tokens", min_value=0, max_value=MAX_TOKENS)
+        )
     if "error" in work.columns:
         expectations.append(gxe.ExpectColumnValuesToBeInSet(column="error", value_set=[True, False]))
     if require_both_arms:

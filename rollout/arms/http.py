@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 
 from rollout.arms.base import ArmConfigError
+from rollout.redact import redact
 
 MAX_ERROR_BODY = 300
 
@@ -67,27 +68,46 @@ class HttpEndpoint:
         )
 
     def post(self, path: str, payload: dict[str, Any]) -> Reply:
+        """POST `payload` as JSON. The request has `timeout_s` in all: the answer is read as it arrives
+        and cut off once `timeout_s` has passed since the request was sent (a server that keeps dripping
+        bytes, a stalled proxy sending keep-alives), so no request holds a worker, and the use case's
+        lease, for long. httpx's own timeouts bound each wait for a byte (a silent server), so a request
+        that stalls just before its deadline ends within 2 x `timeout_s`."""
         with self._slots:
             t0 = time.perf_counter()
+            deadline = t0 + self.timeout_s
             try:
-                resp = self._client.post(path, content=json.dumps(payload))
-                body_bytes = resp.content
+                with self._client.stream("POST", path, content=json.dumps(payload)) as resp:
+                    parts = []
+                    for part in resp.iter_bytes():
+                        parts.append(part)
+                        if time.perf_counter() > deadline:
+                            return Reply(None, _ms(t0), self._timed_out("the answer was still arriving"))
+                    body_bytes = b"".join(parts)
             except httpx.TimeoutException as exc:
-                return Reply(None, _ms(t0), f"timed out after {self.timeout_s:g}s ({type(exc).__name__})")
+                return Reply(None, _ms(t0), self._timed_out(type(exc).__name__))
             except httpx.HTTPError as exc:  # refused, reset, DNS, protocol errors
                 return Reply(None, _ms(t0), f"{type(exc).__name__}: {exc}")
             latency = _ms(t0)
+            if time.perf_counter() > deadline:
+                return Reply(None, latency, self._timed_out("the answer was complete too late"))
         if resp.status_code >= 400:
             text = body_bytes.decode("utf-8", "replace")[:MAX_ERROR_BODY]
             return Reply(None, latency, f"HTTP {resp.status_code}: {text}", resp.status_code)
         try:
             return Reply(json.loads(body_bytes), latency, None, resp.status_code)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            return Reply(None, latency, f"malformed JSON from {path}: {exc}", resp.status_code)
+        except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, 5000-digit numbers, deep nesting
+            return Reply(
+                None, latency, f"malformed JSON from {path}: {str(exc)[:MAX_ERROR_BODY]}", resp.status_code
+            )
+
+    def _timed_out(self, how: str) -> str:
+        return f"timed out after {self.timeout_s:g}s ({how})"
 
     def probe(self, path: str, hint: str) -> httpx.Response:
         """GET `path` before a batch: an unreachable server or refused credentials is a configuration
-        problem (ArmConfigError naming the arm), not evidence against a model. Any other status returns."""
+        problem (ArmConfigError naming the arm), not evidence against a model. Any other status returns:
+        what it means is the arm's to judge (`unhealthy`)."""
         with self._slots:
             try:
                 resp = self._client.get(path)
@@ -101,6 +121,14 @@ class HttpEndpoint:
                 "set api_key_env to the name of the variable holding the key"
             )
         return resp
+
+    def unhealthy(self, path: str, resp: httpx.Response, why: str) -> ArmConfigError:
+        """The configuration error for a probe whose status says the endpoint cannot serve the pilot."""
+        where = resp.headers.get("location")
+        to = f" to {redact(where)[:200]}" if where and resp.is_redirect else ""
+        return ArmConfigError(
+            f"{self.arm}: GET {redact(self.base_url + path)} answered HTTP {resp.status_code}{to}: {why}"
+        )
 
     def close(self) -> None:
         self._client.close()

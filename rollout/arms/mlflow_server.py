@@ -18,13 +18,26 @@ from typing import Any
 from rollout.arms.base import ArmAnswer, ArmConfigError, ArmRequest, failed, score_output
 from rollout.arms.http import HttpArm
 
+# a mean log-likelihood is <= 0; above 0 by no more than float rounding it is 0 (quality 1), beyond that
+# the server is broken, and its answer an error observation as a NaN is (rollout.arms.base.usable)
+LOGLIK_ROUNDING = 1e-6
+
 
 class MlflowServerArm(HttpArm):
     kind = "mlflow"
 
     def check(self) -> None:
-        """Before a batch: the scoring server is up (GET /ping answers once the model is loaded)."""
-        self.http.probe("/ping", "start it with `sparsepilot serve-model NAME --alias ALIAS`")
+        """Before a batch: the scoring server is up and its model loaded (MLflow's scoring server answers
+        GET /ping with 200 once the model is loaded, 404 when it failed to load). Any other answer is a
+        configuration problem: every request would fail, and that is no evidence against the model."""
+        resp = self.http.probe("/ping", "start it with `sparsepilot serve-model NAME --alias ALIAS`")
+        if resp.status_code != 200:
+            raise self.http.unhealthy(
+                "/ping",
+                resp,
+                "the scoring server is up but its model is not loaded (MLflow answers /ping with 200 once "
+                "it is); see the server's log, or check that url is the scoring server's root",
+            )
 
     def answer(
         self, request: ArmRequest, task: str, *, max_new_tokens: int, max_prompt_tokens: int | None
@@ -52,6 +65,8 @@ class MlflowServerArm(HttpArm):
         if task == "loglik":
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
                 return failed(task, request.reference, reply.latency_ms, f"score is not a number: {value!r}")
+            if value > LOGLIK_ROUNDING:  # a probability above 1: the server is broken, not the model perfect
+                return failed(task, request.reference, reply.latency_ms, f"log-likelihood above 0: {value!r}")
             return ArmAnswer(min(1.0, math.exp(float(value))), reply.latency_ms, 0, False, "")
         if not isinstance(value, str):
             return failed(task, request.reference, reply.latency_ms, f"completion is not text: {value!r}")

@@ -18,6 +18,7 @@ from typing import Any
 
 from rollout.arms.base import ArmAnswer, ArmConfigError, ArmRequest, failed, loglik_quality, score_output
 from rollout.arms.http import HttpArm
+from rollout.validation import MAX_TOKENS
 
 
 class OpenAIArm(HttpArm):
@@ -30,8 +31,29 @@ class OpenAIArm(HttpArm):
         self._echo_max_tokens = 0  # prompt log-probabilities without generating (1 where a server needs it)
 
     def check(self) -> None:
-        """Before a batch: the server is reachable and, where it lists its models, serves `model`."""
+        """Before a batch: the server is reachable, answers the OpenAI API at `url`, and, where it lists its
+        models, serves `model`. A 404, a redirect or a server error from GET {url}/models is a configuration
+        problem (a url without /v1, an http url behind an https gateway): every request would fail the same
+        way, and that is no evidence against the model. Only a 200 whose body is not a model list, or
+        another client error, means the server does not list its models."""
         resp = self.http.probe("/models", "is the server running?")
+        status = resp.status_code
+        if status == 404:
+            raise self.http.unhealthy(
+                "/models",
+                resp,
+                "no OpenAI-compatible API at this url: url is the API base, /v1 included "
+                "(e.g. http://host:8000/v1)",
+            )
+        if resp.is_redirect:
+            raise self.http.unhealthy(
+                "/models",
+                resp,
+                "the server redirects, and the pilot does not follow redirects: put the url it redirects "
+                "to (https, /v1 included) in the spec",
+            )
+        if status >= 500:
+            raise self.http.unhealthy("/models", resp, "the server fails; see its log")
         try:
             served = [str(m["id"]) for m in resp.json()["data"]] if resp.status_code == 200 else None
         except (ValueError, KeyError, TypeError):
@@ -113,7 +135,7 @@ class OpenAIArm(HttpArm):
         try:
             picked = reference_logprobs(offsets, values, len(request.prompt), len(full))
             quality = loglik_quality(picked)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: an offset of Infinity
             return failed("loglik", ref, reply.latency_ms, f"malformed prompt log-probabilities: {exc}")
         return ArmAnswer(quality, reply.latency_ms, _tokens(reply.body), False, "")
 
@@ -137,13 +159,17 @@ def reference_logprobs(
 
 
 def _tokens(body: Any) -> int:
+    """The tokens the server says it used, or 0 where it does not say so usably: the figure is the
+    server's account, not evidence about the model, so an absurd one (not a count, or beyond
+    `MAX_TOKENS`, which the batch's data check refuses) must not cost the pilot its batch."""
     usage = body.get("usage") if isinstance(body, dict) else None
     if not isinstance(usage, dict):
         return 0
-    total = usage.get("total_tokens")
-    if total is None:
-        total = (usage.get("prompt_tokens") or 0) + (usage.get("completion_tokens") or 0)
     try:
-        return max(0, int(total))
-    except (TypeError, ValueError):
+        total = usage.get("total_tokens")
+        if total is None:
+            total = (usage.get("prompt_tokens") or 0) + (usage.get("completion_tokens") or 0)
+        count = int(total)
+    except (TypeError, ValueError, OverflowError):
         return 0
+    return count if 0 <= count <= MAX_TOKENS else 0

@@ -97,10 +97,14 @@ def source_for(
     cfg = spec.rollout.traffic_source
     if cfg.kind == "dataset":
         return DatasetSource(held_apart, salt)
-    path = Path(cfg.path).expanduser()
-    if not path.is_absolute():
-        path = (spec_dir or Path.cwd()) / path
+    path = request_log_path(spec, spec_dir)
     return RequestLogSource(path, salt, exclude_prompts=[str(r["prompt"]) for r in calibration])
+
+
+def request_log_path(spec: Any, spec_dir: Path | None) -> Path:
+    """The spec's `rollout.traffic_source.path`, resolved against the spec file's folder."""
+    path = Path(spec.rollout.traffic_source.path).expanduser()
+    return path if path.is_absolute() else (spec_dir or Path.cwd()) / path
 
 
 def importable(source: TrafficSource, rows: Sequence[Mapping[str, Any]]) -> tuple[set[str], dict[str, str]]:

@@ -15,10 +15,14 @@ from __future__ import annotations
 
 import csv
 import heapq
-import json
+import itertools
 from collections.abc import Iterable, Iterator, Set
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
+from rollout.json_lines import LineError, parse_object
+from rollout.spec import has_visible_text
 from rollout.traffic.base import (
     Request,
     TrafficError,
@@ -26,9 +30,22 @@ from rollout.traffic.base import (
     prompt_key,
     traffic_order_key,
 )
+from rollout.validation import is_valid_unicode
 
 MAX_FIELD = 1_000_000  # characters in one prompt / reference (a CSV field stops at csv's 128 KiB limit:
 # that limit is process-wide and guards the observation import too, so long prompts belong in JSONL)
+MAX_LINE_BYTES = 16 * MAX_FIELD  # a JSONL line: id, prompt and reference, escaped (\\uXXXX), fit well within
+MAX_LISTED = 8  # bad lines `check` lists (it counts them all)
+
+
+@dataclass(frozen=True)
+class LogCheck:
+    """What one pass over a request log found (`RequestLogSource.check`)."""
+
+    requests: int  # readable requests (each id once)
+    distinct_prompts: int  # their distinct prompts (`prompt_key`): what a pilot may draw at most
+    bad_lines: int
+    problems: tuple[str, ...]  # the first MAX_LISTED bad lines, each "path:line: field ...: why"
 
 
 class RequestLogSource:
@@ -48,14 +65,28 @@ class RequestLogSource:
         self._csv = suffix == ".csv"
 
     def requests(self) -> Iterator[Request]:
-        """Every request of the log, in file order; a repeated id is an error (a request is evidence once)."""
-        seen: set[str] = set()
-        for line, record in self._records():
-            req = self._request(line, record)
-            if req.id in seen:
-                raise TrafficError(f"{self.path}:{line}: field 'id': {req.id!r} appears twice in the log")
-            seen.add(req.id)
-            yield req
+        """Every request of the log, in file order; the first bad line stops the read (TrafficError naming
+        the file, line and field); a repeated id is an error (a request is evidence once)."""
+        for item in self._scan():
+            if isinstance(item, TrafficError):
+                raise item
+            yield item
+
+    def check(self, max_listed: int = MAX_LISTED) -> LogCheck:
+        """One pass over the whole log, as `usecase add` makes it: the requests it holds, their distinct
+        prompts (`prompt_key`), and its bad lines (the first `max_listed` messages, each naming the file,
+        line and field, and how many in all), read on past a bad line where the format allows (a CSV the
+        parser gives up on, or an overlong line, ends the pass). Streams, as `requests` does."""
+        requests, bad, problems, keys = 0, 0, [], set()
+        for item in self._scan():
+            if isinstance(item, TrafficError):
+                bad += 1
+                if len(problems) < max_listed:
+                    problems.append(str(item))
+                continue
+            requests += 1
+            keys.add(prompt_key(item.prompt))
+        return LogCheck(requests, len(keys), bad, tuple(problems))
 
     def take(self, n: int, used: Set[str]) -> list[Request]:
         """The n unused requests first in the pilot's order (`traffic_order_key`), in that order: one pass
@@ -77,39 +108,112 @@ class RequestLogSource:
             if r.id not in used:
                 yield r
 
-    def _records(self) -> Iterator[tuple[int, dict]]:
-        with self.path.open(encoding="utf-8-sig", newline="") as fh:
-            if self._csv:
-                try:
-                    reader = csv.DictReader(fh)
-                    for record in reader:
-                        yield reader.line_num, record
-                except csv.Error as exc:
-                    line = reader.line_num + 1  # the line being read when the parser gave up
-                    raise TrafficError(f"{self.path}:{line}: not valid CSV: {exc}") from exc
+    def _scan(self) -> Iterator[Request | TrafficError]:
+        """The log's requests in file order, and in their place an error for each bad line."""
+        seen: set[str] = set()
+        for line, record in self._records():
+            if isinstance(record, TrafficError):
+                yield record
+                continue
+            try:
+                req = self._request(line, record)
+            except TrafficError as exc:
+                yield exc
+                continue
+            if req.id in seen:
+                yield TrafficError(f"{self.path}:{line}: field 'id': {req.id!r} appears twice in the log")
+                continue
+            seen.add(req.id)
+            yield req
+
+    def _lines(self, fh: BinaryIO) -> Iterator[tuple[int, str | TrafficError]]:
+        """The file's lines, decoded one at a time, so that a bad byte names its line and the lines after
+        it still read; none longer than MAX_LINE_BYTES, so a file without line breaks is never read whole
+        (such a line is the last item)."""
+        for number in itertools.count(1):
+            raw = fh.readline(MAX_LINE_BYTES + 1)
+            if not raw:
                 return
-            for line, text in enumerate(fh, start=1):
-                if not text.strip():
-                    continue
-                try:
-                    record = json.loads(text)
-                except (json.JSONDecodeError, RecursionError) as exc:
-                    raise TrafficError(f"{self.path}:{line}: not valid JSON: {exc}") from exc
-                if not isinstance(record, dict):
-                    raise TrafficError(f"{self.path}:{line}: each line must be a JSON object")
-                yield line, record
+            if len(raw) > MAX_LINE_BYTES:
+                yield number, TrafficError(f"{self.path}:{number}: line longer than {MAX_LINE_BYTES:,} bytes")
+                return
+            if number == 1:
+                raw = raw.removeprefix(
+                    b"\xef\xbb\xbf"
+                )  # a byte-order mark (Excel's UTF-8 CSV) is not content
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield (
+                    number,
+                    TrafficError(
+                        f"{self.path}:{number}: not valid UTF-8 at byte {exc.start} of the line (a request "
+                        "log is UTF-8: save a spreadsheet's Latin-1 or UTF-16 export as UTF-8)"
+                    ),
+                )
+
+    def _records(self) -> Iterator[tuple[int, dict | TrafficError]]:
+        """(line, record) per row, or (line, error) for a row that cannot be read."""
+        with self.path.open("rb") as fh:
+            if self._csv:
+                yield from self._csv_records(self._lines(fh))
+                return
+            for line, text in self._lines(fh):
+                if isinstance(text, TrafficError):
+                    yield line, text
+                elif text.strip():
+                    try:
+                        yield line, parse_object(text)
+                    except LineError as exc:
+                        where = "" if exc.field == "line" else f"field {exc.field!r}: "
+                        yield line, TrafficError(f"{self.path}:{line}: {where}{exc.message}")
+
+    def _csv_records(
+        self, lines: Iterator[tuple[int, str | TrafficError]]
+    ) -> Iterator[tuple[int, dict | TrafficError]]:
+        """A CSV's rows; a line that cannot be decoded, or that the parser gives up on, ends the read (a
+        quoted field may span lines: there is no telling where the next row starts)."""
+        stop: list[TrafficError] = []
+
+        def texts() -> Iterator[str]:
+            for _, text in lines:
+                if isinstance(text, TrafficError):
+                    stop.append(text)
+                    return
+                yield text
+
+        reader = csv.DictReader(texts())
+        try:
+            for record in reader:
+                yield reader.line_num, record
+        except csv.Error as exc:
+            line = reader.line_num + 1  # the line being read when the parser gave up
+            yield line, TrafficError(f"{self.path}:{line}: not valid CSV: {exc}")
+            return
+        if stop:
+            yield 0, stop[0]
 
     def _request(self, line: int, record: dict) -> Request:
+        """The row as a request, as the dataset reader (rollout.validation.read_dataset) holds a row: a
+        visible id and prompt (U+200B alone is an empty prompt), text that can be written as UTF-8 (no
+        lone surrogate), no field longer than MAX_FIELD."""
         rid = record.get("id", record.get("request_id"))
-        if isinstance(rid, bool) or not isinstance(rid, str | int) or not str(rid).strip():
+        if isinstance(rid, bool) or not isinstance(rid, str | int) or not has_visible_text(str(rid)):
             raise TrafficError(f"{self.path}:{line}: field 'id': a non-empty string is required")
         prompt = record.get("prompt")
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise TrafficError(f"{self.path}:{line}: field 'prompt': a non-empty string is required")
+        if not isinstance(prompt, str) or not has_visible_text(prompt):
+            raise TrafficError(
+                f"{self.path}:{line}: field 'prompt': a non-empty string is required (spaces or invisible "
+                "characters alone are an empty prompt)"
+            )
         reference = record.get("reference")
         if reference is not None and not isinstance(reference, str):
             raise TrafficError(f"{self.path}:{line}: field 'reference': must be a string")
-        for name, value in (("prompt", prompt), ("reference", reference or "")):
+        for name, value in (("id", str(rid)), ("prompt", prompt), ("reference", reference or "")):
             if len(value) > MAX_FIELD:
                 raise TrafficError(f"{self.path}:{line}: field {name!r}: longer than {MAX_FIELD} characters")
+            if not is_valid_unicode(value):
+                raise TrafficError(
+                    f"{self.path}:{line}: field {name!r}: contains a lone surrogate escape (not valid UTF-8)"
+                )
         return Request(str(rid).strip(), prompt, reference or None)

@@ -16,6 +16,7 @@ import pytest
 from rollout.arms import ArmConfigError, build_arm, run_batch
 from rollout.arms.inprocess import InProcessArm
 from rollout.spec import ArmSpec, SpecError, parse_spec
+from tests.fixtures.canned_server import Canned, canned_server
 from tests.fixtures.flows import EXAMPLE, tiny_spec
 from tests.fixtures.openai_server import openai_server
 
@@ -435,3 +436,174 @@ def test_a_batch_whose_run_lost_its_use_case_stops_before_its_next_request(
     assert treatment.calls <= 3 + concurrency  # the requests in flight when it was lost, and no more
     control.close()
     treatment.close()
+
+
+MODELS = '{"object": "list", "data": [{"id": "m"}]}'
+
+
+@pytest.mark.parametrize(
+    ("kind", "path", "routes", "message"),
+    [
+        (  # a url without /v1: vLLM serves only /v1/..., 404 elsewhere
+            "openai",
+            "",
+            {"GET /v1/models": Canned(200, MODELS)},
+            r"GET http://127\.0\.0\.1:\d+/models answered HTTP 404: no OpenAI-compatible API at this url: "
+            r"url is the API base, /v1 included",
+        ),
+        (  # an http url behind a gateway that redirects to https
+            "openai",
+            "/v1",
+            {"GET /v1/models": Canned(302, "", {"Location": "https://llm.example/v1/models"})},
+            r"answered HTTP 302 to https://llm\.example/v1/models: the server redirects",
+        ),
+        (
+            "openai",
+            "/v1",
+            {"GET /v1/models": Canned(503, "overloaded")},
+            r"answered HTTP 503: the server fails",
+        ),
+        (  # MLflow's scoring server answers /ping with 404 when its model failed to load
+            "mlflow",
+            "",
+            {"GET /ping": Canned(404, "\n")},
+            r"GET http://127\.0\.0\.1:\d+/ping answered HTTP 404: the scoring server is up but its model is "
+            r"not loaded",
+        ),
+        ("mlflow", "", {"GET /ping": Canned(500, "")}, r"answered HTTP 500: the scoring server is up but"),
+    ],
+)
+def test_an_endpoint_that_cannot_serve_is_configuration_not_evidence(
+    kind: str, path: str, routes: dict, message: str
+) -> None:
+    """The pre-batch check stops the pilot naming the arm, before any request: every request to such an
+    endpoint would fail, and its failures stored as evidence would stop the challenger (or blame the
+    control) for a typo in a url."""
+    with canned_server(routes) as (root, seen):
+        spec = ArmSpec(kind=kind, url=root + path, model="m" if kind == "openai" else None)
+        with pytest.raises(ArmConfigError, match=rf"^pilot\.arms\.treatment: .*{message}"):
+            build_arm(spec, "treatment", in_process=no_in_process)
+    assert not [r for r in seen if r.startswith("POST")]
+
+
+@pytest.mark.parametrize(
+    "routes",
+    [
+        {"GET /v1/models": Canned(200, "<html>a gateway's page</html>", {"Content-Type": "text/html"})},
+        {"GET /v1/models": Canned(405, "")},  # a server that does not list its models
+    ],
+)
+def test_a_server_that_does_not_list_its_models_still_passes_the_check(routes: dict) -> None:
+    with canned_server(routes) as (root, _):
+        arm = build_arm(
+            ArmSpec(kind="openai", url=root + "/v1", model="m"), "control", in_process=no_in_process
+        )
+        arm.close()
+
+
+def test_timeout_s_bounds_the_whole_request_not_each_read() -> None:
+    """A server that sends its headers at once and then a byte every 0.1 s never leaves a read waiting
+    0.5 s, but its answer takes ~3 s in all: the request is cut off once 0.5 s have passed, an error
+    observation with the latency the client waited."""
+    import time
+
+    import sparse_core.tasks  # noqa: F401 - imported before the clock starts (scoring a failure loads it)
+    from rollout.arms.base import ArmRequest
+
+    answer = json.dumps({"choices": [{"text": "print"}]})
+    routes = {"GET /v1/models": Canned(200, MODELS), "POST /v1/completions": Canned(200, answer, drip_s=0.1)}
+    with canned_server(routes) as (root, _):
+        arm = build_arm(
+            ArmSpec(kind="openai", url=root + "/v1", model="m", timeout_s=0.5), "treatment", in_process=None
+        )
+        t0 = time.perf_counter()
+        a = arm.answer(ArmRequest("r1", "Which built-in prints text?", "print"), "contains", **KW)
+        took = time.perf_counter() - t0
+        arm.close()
+    assert a.error and a.quality == 0.0 and "timed out after 0.5s" in a.output, a
+    assert 0.5 <= took < 1.2 and 500 <= a.latency_ms < 1200
+
+
+@pytest.mark.parametrize(
+    ("body", "what"),
+    [
+        ('{"choices": [{"text": "print"}], "usage": {"total_tokens": ' + "9" * 5000 + "}}", "malformed JSON"),
+        ("[" * 200_000 + "]" * 200_000, "malformed JSON"),  # nested past the decoder's recursion limit
+    ],
+)
+def test_a_body_json_cannot_read_is_an_error_observation_not_a_crash(body: str, what: str) -> None:
+    from rollout.arms.base import ArmRequest
+
+    routes = {"GET /v1/models": Canned(200, MODELS), "POST /v1/completions": Canned(200, body)}
+    with canned_server(routes) as (root, _):
+        arm = build_arm(ArmSpec(kind="openai", url=root + "/v1", model="m"), "treatment", in_process=None)
+        a = arm.answer(ArmRequest("r1", "Which built-in prints text?", "print"), "contains", **KW)
+        arm.close()
+    assert a.error and a.quality == 0.0 and what in a.output and len(a.output) < 400
+
+
+@pytest.mark.parametrize(
+    "usage",
+    ["Infinity", "NaN", "1e15", "-3", '{"prompt_tokens": "5", "completion_tokens": 3}'],
+)
+def test_an_absurd_usage_count_is_no_count_and_costs_no_batch(usage: str) -> None:
+    """The server's token count is its account, not evidence: one that is not a count in [0, 1e9] is 0.
+    Kept, 1e15 failed the batch's data check (the batch dropped and its requests drawn again); Infinity
+    raised out of run_batch."""
+    from rollout.observations_io import validate_observation_rows
+
+    usage_json = usage if usage.startswith("{") else '{"total_tokens": ' + usage + "}"
+    body = '{"choices": [{"text": "print"}], "usage": ' + usage_json + "}"
+    routes = {"GET /v1/models": Canned(200, MODELS), "POST /v1/completions": Canned(200, body)}
+    requests = [(f"r{i}", {"prompt": f"q{i}", "reference": "print"}) for i in range(3)]
+    with canned_server(routes) as (root, _):
+        control, treatment = (
+            build_arm(ArmSpec(kind="openai", url=root + "/v1", model="m"), role, in_process=None)
+            for role in ("control", "treatment")
+        )
+        rows = run_batch(
+            control, treatment, requests, kind="shadow", salt="s", traffic_pct=0, task="contains", **KW
+        )
+        control.close()
+        treatment.close()
+    assert [(r["error"], r["quality"], r["tokens"]) for r in rows] == [(False, 1.0, 0)] * 6
+    check = validate_observation_rows(
+        rows, known_request_ids=[r for r, _ in requests], require_both_arms=True
+    )
+    assert check["passed"], check["failures"]
+
+
+def test_an_infinite_text_offset_is_an_error_observation() -> None:
+    from rollout.arms.base import ArmRequest
+
+    logprobs = '{"text_offset": [0, Infinity], "token_logprobs": [null, -1.0]}'
+    body = '{"choices": [{"text": "x", "logprobs": ' + logprobs + "}]}"
+    routes = {"GET /v1/models": Canned(200, MODELS), "POST /v1/completions": Canned(200, body)}
+    with canned_server(routes) as (root, _):
+        arm = build_arm(ArmSpec(kind="openai", url=root + "/v1", model="m"), "treatment", in_process=None)
+        a = arm.answer(ArmRequest("r1", "Which built-in prints text?", "print"), "loglik", **KW)
+        arm.close()
+    assert a.error and a.quality == 0.0 and "malformed prompt log-probabilities" in a.output
+
+
+@pytest.mark.parametrize(("value", "error"), [(2.5, True), (1e-3, True), (1e-9, False), (-0.5, False)])
+def test_an_mlflow_log_likelihood_above_0_is_an_error_not_a_perfect_score(value: float, error: bool) -> None:
+    """A mean log-likelihood above 0 (a probability above 1) is a broken server: an error observation, as
+    the openai arm's is, not quality 1. Above 0 by float rounding only, it is 0."""
+    import math
+
+    from rollout.arms.base import ArmRequest
+
+    routes = {
+        "GET /ping": Canned(200, "\n"),
+        "POST /invocations": Canned(200, json.dumps({"predictions": [value]})),
+    }
+    with canned_server(routes) as (root, _):
+        arm = build_arm(ArmSpec(kind="mlflow", url=root), "treatment", in_process=None)
+        a = arm.answer(ArmRequest("r1", "Which built-in prints text?", "print"), "loglik", **KW)
+        arm.close()
+    assert a.error is error
+    if error:
+        assert a.quality == 0.0 and "log-likelihood above 0" in a.output
+    else:
+        assert a.quality == pytest.approx(min(1.0, math.exp(value)))

@@ -98,6 +98,11 @@ def test_wrong_types_are_not_coerced() -> None:
             "traffic.prompt_tokens: bucket shares must sum to 1, they sum to 0.75",
         ),
         (lambda d: d["rollout"].update(steps=[]), "rollout.steps: list should have at least 1 item"),
+        (  # a split at 100% has no control arm: the gate cannot compare, and planning it crashed `add`
+            lambda d: d["rollout"]["steps"][-1].update(traffic_pct=100),
+            "rollout.steps[2].traffic_pct: 100: a split step must be below 100 (a split step needs a "
+            "control arm",
+        ),
         (
             lambda d: d["rollout"]["steps"][0].update(min_samples=4),
             "rollout.steps[0].min_samples: 4 is smaller than one pilot batch",
@@ -113,11 +118,54 @@ def test_wrong_types_are_not_coerced() -> None:
             "traffic.prompt_tokens.mean: quantile keys",
         ),
         (lambda d: d.update(rollout=None), "rollout: must be a mapping of its fields (got None)"),
+        # text printed to other users' terminals (`usecase list`): an ESC sequence would clear the screen
+        (
+            lambda d: d.update(owner="evil\x1b[2J\x1b[31mowner\nsecond line"),
+            "owner: must not contain control characters (\\x1b, \\n); an owner is one line of text",
+        ),
+        (
+            lambda d: d.update(description="line one\nline\ttwo\r\x9b31m"),
+            "description: must not contain control characters (\\r, \\x9b); line breaks and tabs are",
+        ),
+        # values os.path and httpx raised on (a traceback at `add`, a raw exception at pilot time)
+        (lambda d: d["dataset"].update(path="a\x00b.jsonl"), "dataset.path: must not contain a NUL byte"),
+        (lambda d: d.update(model="./m\x00odel"), "model: must not contain a NUL byte"),
+        (
+            lambda d: d["rollout"].update(traffic_source={"kind": "request-log", "path": "l\x00g.csv"}),
+            "rollout.traffic_source.path: must not contain a NUL byte",
+        ),
+        (
+            lambda d: d.update(pilot={"arms": {"control": {"kind": "mlflow", "url": "http://[::1:5001"}}}),
+            "pilot.arms.control: url 'http://[::1:5001' cannot be used: Invalid port",
+        ),
+        (
+            lambda d: d.update(
+                pilot={"arms": {"treatment": {"kind": "openai", "url": "http://h:99999/v1", "model": "m"}}}
+            ),
+            "pilot.arms.treatment: url 'http://h:99999/v1' cannot be used: port 99999 is not in 1-65535",
+        ),
+        (
+            lambda d: d.update(pilot={"arms": {"control": {"kind": "mlflow", "url": "http://host name:1"}}}),
+            "pilot.arms.control: url 'http://host name:1' cannot be used: it holds whitespace",
+        ),
+        (
+            lambda d: d.update(pilot={"arms": {"control": {"timeout_s": 1e10}}}),
+            "pilot.arms.control.timeout_s: input should be less than or equal to 86400",
+        ),
+        (
+            lambda d: d.update(pilot={"arms": {"control": {"connect_timeout_s": 1e11}}}),
+            "pilot.arms.control.connect_timeout_s: input should be less than or equal to 86400",
+        ),
     ],
 )
 def test_bad_fields_are_named(mutate, expected: str) -> None:  # noqa: ANN001
     lines = _problems(_mutated(mutate))
     assert any(line.startswith(f"{SRC}: {expected}") for line in lines), lines
+
+
+def test_a_description_keeps_its_line_breaks_and_tabs() -> None:
+    text = "Answers questions.\n\tSecond paragraph."
+    assert parse_spec(_mutated(lambda d: d.update(description=text))).description == text
 
 
 def test_all_problems_are_reported_at_once() -> None:

@@ -104,7 +104,19 @@ def test_request_log_csv_with_excel_bom(tmp_path: Path) -> None:
         ('{"prompt": "p"}\n', "log.jsonl:1: field 'id'"),
         ('{"id": "a", "prompt": "p", "reference": 3}\n', "log.jsonl:1: field 'reference'"),
         ("not json\n", "log.jsonl:1: not valid JSON"),
-        ("[1, 2]\n", "log.jsonl:1: each line must be a JSON object"),
+        ("[1, 2]\n", "log.jsonl:1: must be a JSON object, got list"),
+        # what escaped raw (UnicodeDecodeError, ValueError, UnicodeEncodeError later) or was taken as a prompt
+        (
+            '{"id": "a", "prompt": "p"}\n{"id": ' + "1" * 5000 + ', "prompt": "x"}\n',
+            "log.jsonl:2: JSON value cannot",
+        ),
+        (
+            '{"id": "a", "prompt": "bad \\ud800 here"}\n',
+            "log.jsonl:1: field 'prompt': contains a lone surrogate",
+        ),
+        ('{"id": "a", "prompt": "\u200b\u200b"}\n', "log.jsonl:1: field 'prompt': a non-empty string"),
+        ('{"id": "\u200b", "prompt": "p"}\n', "log.jsonl:1: field 'id': a non-empty string"),
+        ('{"id": "a", "prompt": "seen", "prompt": ""}\n', "log.jsonl:1: field 'prompt': given twice"),
     ],
 )
 def test_bad_request_log_rows_name_the_line_and_field(tmp_path: Path, text: str, where: str) -> None:
@@ -112,6 +124,62 @@ def test_bad_request_log_rows_name_the_line_and_field(tmp_path: Path, text: str,
     path.write_text(text)
     with pytest.raises(TrafficError, match=where.replace(".", r"\.")):
         RequestLogSource(path, "s").take(10, set())
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "where"),
+    [  # a spreadsheet's usual exports, and a JSONL line of Latin-1 among UTF-8 ones
+        (
+            "log.csv",
+            "id,prompt\nr1,caf\xe9 au lait\nr2,hello\n".encode("latin-1"),
+            "log.csv:2: not valid UTF-8",
+        ),
+        ("log.csv", "id,prompt\nr1,hello\n".encode("utf-16"), "log.csv:1: not valid UTF-8 at byte 0"),
+        (
+            "log.jsonl",
+            b'{"id": "a", "prompt": "ok"}\n{"id": "b", "prompt": "caf\xe9"}\n',
+            "log.jsonl:2: not valid",
+        ),
+    ],
+)
+def test_a_request_log_that_is_not_utf8_names_the_line(
+    tmp_path: Path, name: str, data: bytes, where: str
+) -> None:
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(TrafficError, match=where.replace(".", r"\.")):
+        RequestLogSource(path, "s").take(10, set())
+
+
+def test_a_request_logs_check_lists_every_bad_line_and_counts_the_rest(tmp_path: Path) -> None:
+    """`usecase add` reads the whole log once: every bad line named (up to 8, then counted), the lines
+    after a bad one still read."""
+    lines = [b'{"id": "r1", "prompt": "hello"}', b'{"id": "r2", "prompt": "caf\xe9"}', b"not json"]
+    lines += [b'{"id": "r3", "prompt": "hello "}', b'{"id": "r1", "prompt": "again"}']
+    lines += [b'{"id": "x%d"}' % i for i in range(10)]
+    path = tmp_path / "log.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    found = RequestLogSource(path, "s").check()
+    assert (found.requests, found.distinct_prompts, found.bad_lines) == (2, 1, 13)
+    assert [p.removeprefix(f"{path}:") for p in found.problems[:3]] == [
+        "2: not valid UTF-8 at byte 27 of the line (a request log is UTF-8: save a spreadsheet's Latin-1 or "
+        "UTF-16 export as UTF-8)",
+        "3: not valid JSON (Expecting value, column 1)",
+        "5: field 'id': 'r1' appears twice in the log",
+    ]
+    assert len(found.problems) == 8 and found.problems[3].startswith(f"{path}:6: field 'prompt'")
+
+
+def test_a_line_past_the_bound_ends_the_read_without_holding_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rollout.traffic import request_log
+
+    monkeypatch.setattr(request_log, "MAX_LINE_BYTES", 1000)
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"id": "a", "prompt": "ok"}\n' + "x" * 5000 + '\n{"id": "b", "prompt": "p"}\n')
+    found = RequestLogSource(path, "s").check()
+    assert found.requests == 1 and found.problems == (f"{path}:2: line longer than 1,000 bytes",)
 
 
 def test_request_log_must_exist_and_be_jsonl_or_csv(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -280,7 +281,57 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, list[str]]]:
         write_spec(tmp / "exists", spec_with(lambda s: s.update(owner="someone-else@example.com"))),
         ["usecase.yaml: name: use case 'support-chat' already exists", "owner", "--new-version"],
     )
+    cases["a split step at 100%"] = (  # planning it raised a plain ValueError: a traceback, exit 1
+        write_spec(tmp / "pct100", spec_with(lambda s: s["rollout"]["steps"][-1].update(traffic_pct=100))),
+        ["usecase.yaml: rollout.steps[1].traffic_pct: 100: a split step must be below 100"],
+    )
+
+    def log_source(path: str) -> Any:
+        return lambda s: s["rollout"].update(traffic_source={"kind": "request-log", "path": path})
+
+    cases["request log missing"] = (
+        write_spec(tmp / "log-missing", spec_with(log_source("no_such_log.csv"))),
+        ["usecase.yaml: rollout.traffic_source.path: ", "no_such_log.csv: request log not found"],
+    )
+    d = tmp / "log-latin1"
+    d.mkdir(parents=True)
+    (d / "export.csv").write_bytes("id,prompt\nq1,Je voudrais un caf\xe9\nq2,hello\n".encode("latin-1"))
+    cases["request log in Latin-1"] = (
+        write_spec(d, spec_with(log_source("export.csv"))),
+        [
+            "usecase.yaml: rollout.traffic_source.path: 1 bad line(s) in the request log:",
+            "export.csv:2: not valid UTF-8",
+        ],
+    )
+    d = tmp / "log-rows"
+    d.mkdir(parents=True)
+    lines = [
+        '{"id": "q1", "prompt": "ok"}',
+        '{"id": "q2", "prompt": "\\u200b"}',
+        '{"id": 1' + "0" * 5000 + "}",
+    ]
+    (d / "log.jsonl").write_text("\n".join(lines) + "\n")
+    cases["request log with bad rows"] = (
+        write_spec(d, spec_with(log_source("log.jsonl"))),
+        [
+            "2 bad line(s)",
+            "log.jsonl:2: field 'prompt': a non-empty string",
+            "log.jsonl:3: JSON value cannot",
+        ],
+    )
     return cases
+
+
+def test_a_request_log_is_read_once_at_add_and_counted(state_url: str, tmp_path: Path) -> None:
+    spec = example_spec()
+    spec["rollout"]["traffic_source"] = {"kind": "request-log", "path": "logs/requests.jsonl"}
+    path = write_spec(tmp_path, spec)
+    (tmp_path / "logs").mkdir()
+    prompts = ["reset my password", "reset  my password", "where is my invoice?"]
+    rows = [json.dumps({"id": f"q{i}", "prompt": p}) for i, p in enumerate(prompts)]
+    (tmp_path / "logs" / "requests.jsonl").write_text("\n".join(rows) + "\n")
+    stats = add_ok(path)["validation"]["stats"]
+    assert (stats["request_log_requests"], stats["request_log_distinct_prompts"]) == (3, 2)
 
 
 def test_bad_inputs_are_rejected_and_write_nothing(state_url: str, sp_home, tmp_path: Path) -> None:  # noqa: ANN001

@@ -153,6 +153,28 @@ def test_dataset_suite_reports_every_problem_with_rows(tmp_path: Path) -> None:
     assert res.warnings == ["field 'source' is not used by SparsePilot (rows 9)"]
 
 
+def test_a_key_given_twice_or_a_blank_id_is_refused_naming_row_and_field(tmp_path: Path) -> None:
+    """JSON keeps a repeated key's last value silently: `"prompt": "visible", "prompt": ""` read as an
+    empty prompt, and the other way round as a prompt nobody saw. Refused as the spec's YAML is."""
+    rows = [
+        '{"id": "d1", "prompt": "visible", "prompt": "", "reference": "x"}',
+        '{"id": "d2", "prompt": "", "prompt": "unseen", "reference": "x"}',
+        '{"id": "d3", "id": "d4", "prompt": "p", "reference": "x"}',
+        {"id": "  ", "prompt": "an id of spaces", "reference": "x"},
+        {"id": "\u200b", "prompt": "an invisible id", "reference": "x"},
+        {"id": "ok", "prompt": "fine", "reference": "x"},
+    ]
+    path = _write(tmp_path / "d.jsonl", rows)
+    res = validate_dataset(path, references_required=True, context_length=1000)
+    assert [m.removeprefix(f"{path}: ") for m in res.messages()] == [
+        "row 1: prompt: given twice in one object (JSON would silently keep the last)",
+        "row 2: prompt: given twice in one object (JSON would silently keep the last)",
+        "row 3: id: given twice in one object (JSON would silently keep the last)",
+        "row 4: id: is blank (spaces or invisible characters only)",
+        "row 5: id: is blank (spaces or invisible characters only)",
+    ]
+
+
 def test_invalid_utf8_is_caught_at_read_time(tmp_path: Path) -> None:
     path = tmp_path / "d.jsonl"
     path.write_bytes(b'{"id": "a", "prompt": "fine"}\n{"id": "b", "prompt": "\xff\xfe bad"}\n')
