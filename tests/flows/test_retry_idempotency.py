@@ -88,3 +88,52 @@ def test_retried_tasks_leave_no_duplicates(flow_use_case) -> None:
     again = gate_flow(name) if decision["outcome"] != "GO" else None
     if again is not None:
         assert again["decision_id"] == decision["decision_id"] and again["created"] is False
+
+
+def test_a_reverted_spec_makes_its_calibration_the_challenger_again(flow_use_case, tmp_path) -> None:
+    """v1 calibrates, v2 (another estimator: another plan) calibrates, the spec is reverted to v1: the
+    calibration reuses v1's run and moves @challenger back to its version (a new key: v1's first move is
+    committed), so the evaluation's target and the pilot follow it. The move is cut off right after its
+    commit: the task's retry finds it and moves nothing more; a rerun moves nothing."""
+    import yaml
+
+    from flows.calibrate import calibrate_flow
+    from rollout import pilot_batches, pilots, registry, runs
+    from rollout.db.models import AliasMove
+    from rollout.db.session import session_scope
+    from rollout.usecases import add_usecase
+
+    name = flow_use_case()
+    v1 = tmp_path / f"{name}.yaml"
+    a = calibrate_flow(name, limits=QUICK_CAL)
+    spec = yaml.safe_load(v1.read_text())
+    spec["quality_budget"]["estimator"] = "quest"
+    v2 = tmp_path / "v2.yaml"
+    v2.write_text(yaml.safe_dump(spec))
+    assert add_usecase(v2, actor="t", new_version=True).status == "new_version"
+    b = calibrate_flow(name, limits=QUICK_CAL)
+    assert b["model_version_id"] != a["model_version_id"]
+    assert registry.current_aliases(name)["challenger"] == b["mlflow_version"]
+
+    assert add_usecase(v1, actor="t", new_version=True).status == "reverted"
+    with fail_once_after_commit(AliasMove) as alias_fail:
+        c = calibrate_flow(name, limits=QUICK_CAL)
+    assert alias_fail["fired"] == 1
+    assert c["reused"] and c["challenger_moved"]
+    assert c["calibration_run_id"] == a["calibration_run_id"]
+    assert c["model_version_id"] == a["model_version_id"]
+    assert registry.current_aliases(name)["challenger"] == a["mlflow_version"]
+    moves = [(m["alias"], m["to_version"], m["status"]) for m in registry.alias_history(name)]
+    assert moves == [
+        ("challenger", a["mlflow_version"], "committed"),
+        ("challenger", b["mlflow_version"], "committed"),
+        ("challenger", a["mlflow_version"], "committed"),
+    ]
+    with session_scope() as s:
+        uc_id = pilots.get_use_case(s, name).id
+    assert runs.latest_calibrated_version(uc_id)["model_version_id"] == a["model_version_id"]
+    assert pilot_batches.ensure_pilot(name)["model_version_id"] == a["model_version_id"]
+
+    again = calibrate_flow(name, limits=QUICK_CAL)
+    assert again["reused"] and not again["challenger_moved"]
+    assert len(registry.alias_history(name)) == 3
