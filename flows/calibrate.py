@@ -2,9 +2,10 @@
 case's quality budget on its own prompts -> register the model version in MLflow with alias `challenger`.
 
 Idempotent: the CalibrationRun is keyed by (use case, spec hash, settings); a finished run with the same
-key is returned as it is, a failed or interrupted one is redone in the same row. The first calibration also
-registers the dense baseline (every layer dense), which is what a rollback after the first promotion
-returns to."""
+key is returned as it is (its version made the challenger again if another calibration moved it since: a
+spec reverted to an earlier version), a failed or interrupted one is redone in the same row. The first
+calibration also registers the dense baseline (every layer dense), which is what a rollback after the
+first promotion returns to."""
 
 from __future__ import annotations
 
@@ -181,6 +182,19 @@ def register_challenger(
     return {"model_version_id": mv.id, "mlflow_version": mv.mlflow_version, "alias_move_id": move.id}
 
 
+@flow_task("reuse-challenger")
+def reuse_challenger(ctx: UseCaseContext, run: dict[str, Any]) -> dict[str, Any] | None:
+    """A reused run's version made the challenger again when another calibration moved it since (the spec
+    was reverted to the version this run calibrated); None when it is the challenger already."""
+    move = registry.repoint_challenger(
+        ctx.name, model_version_id=run["model_version_id"], calibration_run=run["id"]
+    )
+    if move is None:
+        return None
+    runs.calibration_reused(ctx.name, run["id"], mlflow_version=move.to_version, alias_move_id=move.id)
+    return {"mlflow_version": move.to_version, "alias_move_id": move.id}
+
+
 @flow_task("calibration-run-failed")
 def mark_failed(ctx: UseCaseContext, run_pk: int, error: str) -> None:
     runs.calibration_failed(ctx.use_case_id, run_pk, error)
@@ -228,14 +242,21 @@ def calibrate_flow(
     key = "calibrate:" + stable_key(ctx.use_case_id, ctx.spec_hash, ctx.spec.model, settings)
     run = open_run(ctx, key, settings)
     if run["status"] == "succeeded":
+        moved = reuse_challenger(ctx, run)
         logger.info(
-            "%s: calibration %s already done (model version %s)", use_case, run["id"], run["model_version_id"]
+            "%s: calibration %s already done (model version %s)%s",
+            use_case,
+            run["id"],
+            run["model_version_id"],
+            f"; @challenger back on its version {moved['mlflow_version']}" if moved else "",
         )
         return {
             "calibration_run_id": run["id"],
             "model_version_id": run["model_version_id"],
             "reused": True,
+            "challenger_moved": moved is not None,
             **run["metrics"],
+            **(moved or {}),
         }
     mlflow_run_id = None
     try:

@@ -2,7 +2,8 @@
 history of earlier looks), record the decision with its evidence, and act on it: GO advances to the next
 step, or at the last step asks a person for promotion; NO-GO stops the pilot; EXTEND waits for more data;
 INVALID waits for the data problem to be fixed. A retried or repeated gate on unchanged data returns the
-decision already recorded (keyed by step + data fingerprint)."""
+decision already recorded (keyed by step + data fingerprint). Each decision is logged to MLflow once, and a
+decision whose log failed is logged by the next gate run (its run id is kept on the decision)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows.common import flow_task, load_context, log_run, under_lease
-from rollout import decisions, pilot_batches
+from rollout import decisions, pilot_batches, run_links, tracking
 from sparse_core.errors import SparsePilotError
 
 
@@ -46,7 +47,21 @@ def decide_and_record(
 
 
 @flow_task("gate-log-mlflow")
-def log_decision(use_case: str, summary: dict[str, Any]) -> str | None:
+def log_decisions(use_case: str) -> list[str]:
+    """Log each gate decision of the latest pilot whose MLflow run is not recorded (the one just made, or
+    one whose log failed before: a retried or repeated gate finds its decision already recorded, and a
+    NO-GO's pilot has ended), and record its run. A run logged before its record failed is found in
+    MLflow (by decision id), not logged twice. Returns the run ids."""
+    out = []
+    for summary in run_links.unlogged_gate_decisions(use_case):
+        params = {"decision_id": summary["decision_id"]}
+        run_id = tracking.find_run(use_case, "gate", params) or log_decision(use_case, summary)
+        run_links.decision_logged(summary["decision_id"], run_id)
+        out.append(run_id)
+    return out
+
+
+def log_decision(use_case: str, summary: dict[str, Any]) -> str:
     evidence = decisions.evidence(summary["decision_id"])
     metrics = {
         "n_control": summary.get("n_control"),
@@ -76,10 +91,10 @@ def log_decision(use_case: str, summary: dict[str, Any]) -> str | None:
 def gate_flow(use_case: str, promote_after_step: int | None = None) -> dict[str, Any]:
     """Decide the current step. `promote_after_step` ends a short pilot early (the main job runs shadow +
     the first split step and asks for promotion there); None follows the spec's full ramp."""
+    log_decisions(use_case)  # one whose log failed before (its pilot may have ended since: no step now)
     step_id = current_step_id(use_case)
     summary = decide_and_record(use_case, step_id, promote_after_step, traffic_status(use_case, step_id))
-    if summary["created"]:
-        log_decision(use_case, summary)
+    log_decisions(use_case)
     get_run_logger().info(
         "%s: %s at step %s (look %s)%s",
         use_case,

@@ -27,7 +27,7 @@ from flows.common import (
     stable_key,
     under_lease,
 )
-from rollout import decisions, leases, pilot_batches
+from rollout import decisions, leases, pilot_batches, run_links, tracking
 from rollout.spec import has_visible_text
 from rollout.validation import ARMS
 from sparse_core.errors import SparsePilotError
@@ -98,7 +98,9 @@ def _import_observations(
         actor=actor,
     )
     info = done["info"]
-    log_batch.fn(ctx, info, done["rows"], done["stored"], done["source"])
+    log_missing_batches.fn(ctx)  # an earlier batch whose log failed, and this one (when it stored rows)
+    if not done["stored"]["inserted"]:  # an identical re-import stores no batch; its run says so
+        _log_batch_run(ctx, info, done["rows"], done["stored"], done["source"], done["batch_id"])
     return {
         "use_case": use_case,
         "pilot_id": info["pilot_id"],
@@ -174,8 +176,42 @@ def record_failed_check(use_case: str, info: dict[str, Any], batch_id: str, chec
 
 @flow_task("pilot-log-mlflow")
 def log_batch(
-    ctx: UseCaseContext, info: dict[str, Any], rows: list[dict[str, Any]], stored: dict[str, int], source: str
-) -> str | None:
+    ctx: UseCaseContext,
+    info: dict[str, Any],
+    rows: list[dict[str, Any]],
+    stored: dict[str, int],
+    source: str,
+    batch_id: str,
+) -> str:
+    """Log the stored batch's MLflow run and record it on the batch."""
+    run_id = _log_batch_run(ctx, info, rows, stored, source, batch_id)
+    run_links.batch_logged(info["step_id"], batch_id, run_id)
+    return run_id
+
+
+@flow_task("pilot-log-missing")
+def log_missing_batches(ctx: UseCaseContext) -> list[str]:
+    """Log each stored batch of the latest pilot whose MLflow run is not recorded (its log failed: a rerun
+    draws new requests, so nothing else would log it), from its stored rows, and record its run. A run
+    logged before its record failed is found in MLflow (by batch id), not logged twice."""
+    out = []
+    for b in run_links.unlogged_batches(ctx.name):
+        run_id = tracking.find_run(ctx.name, "pilot", {"batch_id": b["batch_id"]}) or _log_batch_run(
+            ctx, b["info"], b["rows"], b["stored"], b["source"], b["batch_id"]
+        )
+        run_links.batch_logged(b["info"]["step_id"], b["batch_id"], run_id)
+        out.append(run_id)
+    return out
+
+
+def _log_batch_run(
+    ctx: UseCaseContext,
+    info: dict[str, Any],
+    rows: list[dict[str, Any]],
+    stored: dict[str, int],
+    source: str,
+    batch_id: str,
+) -> str:
     # an import passes a sample of its rows (the arm metrics below) and its total count in `stored`
     metrics: dict[str, float] = {
         "rows": float(stored.get("rows", len(rows))),
@@ -199,6 +235,7 @@ def log_batch(
             "traffic_pct": info["traffic_pct"],
             "source": source,
             "model_version_id": info["model_version_id"],
+            "batch_id": batch_id,
         },
         metrics=metrics,
         tags={"sparsepilot.flow": "pilot"},
@@ -225,6 +262,7 @@ def pilot_flow(
         return import_observations(use_case, observations_file, external_assignment=external_assignment)
     logger = get_run_logger()
     ctx = load_context(use_case)
+    log_missing_batches(ctx)  # a batch an earlier run stored and did not log (before a new pilot starts)
     info = ensure_pilot(use_case)
     summary: dict[str, Any] = {
         "use_case": use_case,
@@ -275,6 +313,6 @@ def pilot_flow(
             )
             continue
         stored = store_batch(info["step_id"], rows, bid, "pilot-flow")
-        log_batch(ctx, info, rows, stored, "pilot-flow")
+        log_batch(ctx, info, rows, stored, "pilot-flow", bid)
         summary["batches"].append({"batch_id": bid, **stored, "passed": True, "host_load": load.to_dict()})
     return summary

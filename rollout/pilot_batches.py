@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from rollout import audit, lifecycle, pilots
+from rollout import audit, lifecycle, pilots, run_links
 from rollout.db.models import ModelVersion, Observation, Pilot, PilotStep, utcnow
 from rollout.db.session import session_scope
 from rollout.observations_io import ObservationImportError, iter_observations, validate_observation_rows
@@ -134,6 +134,7 @@ def store_batch(step_id: int, rows: list[dict[str, Any]], batch_id: str, source:
     with session_scope() as session:
         step = session.get(PilotStep, step_id)
         res = pilots.record_observations(session, step, rows, batch_id=batch_id, source=source)
+        run_links.record_batch(session, step.id, batch_id, source, rows=len(rows), inserted=res.inserted)
     return {"inserted": res.inserted, "already_present": res.already_present}
 
 
@@ -214,7 +215,8 @@ def import_file(
                 f"{path}: does not fit step {info['step_index']} ({info['kind']}); nothing was stored:\n  - "
                 + "\n  - ".join(problems)
             )
-        if inserted:  # an identical re-import (a retry) adds nothing, not even an entry
+        if inserted:  # an identical re-import (a retry) adds nothing, not even an entry or a batch
+            run_links.record_batch(session, step.id, bid, source, rows=rows_seen, inserted=inserted)
             audit.record(
                 session,
                 actor or audit.SYSTEM_ACTOR,

@@ -281,6 +281,32 @@ def register_challenger(
     return mv, move
 
 
+def repoint_challenger(use_case: str, *, model_version_id: int, calibration_run: int) -> AliasMove | None:
+    """Point `challenger` back at the version of a calibration run that is reused (the spec was reverted to
+    the version that calibrated it) when it is not the challenger now; None when it is. The key names the
+    last committed challenger move it replaces, so it differs from the run's first move
+    (`challenger:<mv>:calibration:<run>`, which is committed and would not move again), a retry after a
+    failed or cut-off move repeats it and converges, and a later revert back to this run moves again."""
+    with session_scope() as session:
+        uc = _use_case(session, use_case)
+        mv = session.get(ModelVersion, model_version_id)
+        if mv is None or mv.use_case_id != uc.id or mv.mlflow_version is None:
+            return None  # nothing of ours in MLflow to point at (a plan-less test version)
+        history = committed_moves(session, uc.id, "challenger")
+        if history and history[-1].to_version == mv.mlflow_version:
+            return None
+        after = history[-1].id if history else 0
+        version = mv.mlflow_version
+    return set_alias(
+        use_case,
+        "challenger",
+        model_version_id=model_version_id,
+        actor=SYSTEM_PIPELINE,
+        reason=f"calibration run {calibration_run} reused: the current spec's plan (version {version})",
+        idempotency_key=f"challenger:{model_version_id}:calibration:{calibration_run}:after:{after}",
+    )
+
+
 def _version_row(
     use_case: str,
     plan_dict: dict[str, Any],

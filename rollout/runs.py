@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import select
 
 from rollout import audit, lifecycle
-from rollout.db.models import CalibrationRun, EvaluationRun, ModelVersion, utcnow
+from rollout.db.models import AliasMove, CalibrationRun, EvaluationRun, ModelVersion, utcnow
 from rollout.db.session import session_scope
 from rollout.pilots import get_use_case
 
@@ -132,24 +132,54 @@ def calibration_failed(use_case_id: int, run_pk: int, error: str) -> None:
         )
 
 
-def _latest_calibration(session: Any, use_case_id: int, *, with_version: bool = False) -> Any:
+def _latest_calibration(session: Any, use_case_id: int) -> Any:
+    """The latest succeeded calibration run that registered a model version."""
     q = select(CalibrationRun).where(
-        CalibrationRun.use_case_id == use_case_id, CalibrationRun.status == "succeeded"
+        CalibrationRun.use_case_id == use_case_id,
+        CalibrationRun.status == "succeeded",
+        CalibrationRun.model_version_id.is_not(None),
     )
-    if with_version:
-        q = q.where(CalibrationRun.model_version_id.is_not(None))
     return session.scalar(q.order_by(CalibrationRun.id.desc()))
 
 
 def latest_challenger(session: Any, use_case_id: int) -> Any:
-    """The latest succeeded calibration run that registered a model version (None: nothing yet)."""
-    return _latest_calibration(session, use_case_id, with_version=True)
+    """The calibration run of the challenger: the latest succeeded run that registered the version of the
+    last committed `challenger` move (what MLflow's @challenger serves, rollout.registry). A calibration
+    moves the challenger to its version, and a reused one (a spec reverted to the version that calibrated
+    it) moves it back, so the pilot and the evaluation follow the calibration that moved it last, whatever
+    run id is highest. Without a committed challenger move, or with one to a version no succeeded
+    calibration registered (a calibration cut off between its move and its record, which its rerun
+    completes), the latest succeeded run that registered a version. None: nothing yet."""
+    move = session.scalar(
+        select(AliasMove)
+        .where(
+            AliasMove.use_case_id == use_case_id,
+            AliasMove.alias == "challenger",
+            AliasMove.status == "committed",
+        )
+        .order_by(AliasMove.id.desc())
+    )
+    if move is not None and move.to_version is not None:
+        run = session.scalar(
+            select(CalibrationRun)
+            .join(ModelVersion, CalibrationRun.model_version_id == ModelVersion.id)
+            .where(
+                CalibrationRun.use_case_id == use_case_id,
+                CalibrationRun.status == "succeeded",
+                ModelVersion.mlflow_version == move.to_version,
+            )
+            .order_by(CalibrationRun.id.desc())
+        )
+        if run is not None:
+            return run
+    return _latest_calibration(session, use_case_id)
 
 
 def latest_plan_met_budget(use_case: str) -> bool:
-    """Did the latest calibration find a sparse plan within the quality budget? (True if it did not say.)"""
+    """Did the challenger's calibration find a sparse plan within the quality budget? (True if it did
+    not say.)"""
     with session_scope() as session:
-        run = _latest_calibration(session, get_use_case(session, use_case).id)
+        run = latest_challenger(session, get_use_case(session, use_case).id)
         return bool(run and (run.metrics or {}).get("met_budget", True))
 
 
@@ -165,12 +195,30 @@ def version_dict(mv: Any) -> dict[str, Any]:
 
 
 def latest_calibrated_version(use_case_id: int) -> dict[str, Any] | None:
-    """The model version of the latest succeeded calibration (what `evaluate` measures), or None."""
+    """The challenger's model version (`latest_challenger`: what `evaluate` measures), or None."""
     with session_scope() as session:
-        run = _latest_calibration(session, use_case_id)
-        if run is None or run.model_version_id is None:
+        run = latest_challenger(session, use_case_id)
+        if run is None:
             return None
         return version_dict(session.get(ModelVersion, run.model_version_id))
+
+
+def calibration_reused(use_case: str, run_pk: int, *, mlflow_version: str, alias_move_id: int) -> None:
+    """A succeeded calibration run reused with its version made the challenger again (the spec was
+    reverted): its audit row, and the use case back to `calibrated` where the lifecycle allows it, as a
+    new calibration would (the challenger changed: what was evaluated was another plan)."""
+    with session_scope() as session:
+        run = session.get(CalibrationRun, run_pk)
+        details = {
+            "model_version_id": run.model_version_id,
+            "mlflow_version": mlflow_version,
+            "alias_move_id": alias_move_id,
+        }
+        audit.record(session, audit.SYSTEM_ACTOR, "calibration.reused", on=run, details=details)
+        uc = get_use_case(session, use_case)
+        lifecycle.advance(
+            session, uc, "calibrated", actor=audit.SYSTEM_ACTOR, reason=f"calibration run {run.id} reused"
+        )
 
 
 def record_unregistered_challenger(use_case: str, base_model_ref: str, *, key: str) -> int:

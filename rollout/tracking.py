@@ -93,6 +93,20 @@ def experiment_for(use_case: str, settings: Settings | None = None) -> str:
         return exp.experiment_id
 
 
+def find_run(use_case: str, flow: str, params: Mapping[str, Any]) -> str | None:
+    """The id of a finished run that `flow` logged in the use case's experiment with these params, or
+    None: what a rerun asks before it logs a row whose run id the state DB does not have (the log may
+    have succeeded and its record failed). A run whose logging failed midway (FAILED) does not count."""
+    c = client()
+    exp = c.get_experiment_by_name(experiment_name(use_case))
+    if exp is None:
+        return None
+    clauses = [f"tags.`sparsepilot.flow` = '{flow}'", "attributes.status = 'FINISHED'"]
+    clauses += [f"params.`{k}` = '{v}'" for k, v in params.items()]
+    found = c.search_runs([exp.experiment_id], " and ".join(clauses), max_results=1)
+    return found[0].info.run_id if found else None
+
+
 @contextmanager
 def start_run(
     use_case: str,

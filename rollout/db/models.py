@@ -232,6 +232,27 @@ class GateDecision(Base):
     explanation: Mapped[str] = mapped_column(Text)
     data_fingerprint: Mapped[str] = mapped_column(String(64))
     flow_run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)  # paused run to resume
+    # migration 0009: the decision's MLflow run, NULL until logged (a rerun logs a missing one)
+    mlflow_run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ObservationBatch(Base):
+    """A stored batch of a step's observations (migration 0009) and its MLflow run, NULL until logged: a
+    rerun of the pilot logs a batch whose log failed (rollout.run_links)."""
+
+    __tablename__ = "observation_batches"
+    __table_args__ = (
+        UniqueConstraint("pilot_step_id", "batch_id", name="uq_observation_batches_step_batch"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    pilot_step_id: Mapped[int] = mapped_column(ForeignKey("pilot_steps.id"))
+    batch_id: Mapped[str] = mapped_column(String(64))
+    source: Mapped[str] = mapped_column(String(20))  # pilot-flow / imported / imported-external / monitor
+    rows: Mapped[int] = mapped_column(Integer)  # rows the batch brought (an import: the file's)
+    inserted: Mapped[int] = mapped_column(Integer)  # of them new (the rest were stored already)
+    mlflow_run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

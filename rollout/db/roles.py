@@ -23,6 +23,7 @@ UPDATABLE = (
     "pilots",
     "pilot_steps",
     "observations",
+    "observation_batches",  # its MLflow run id, once logged
     "gate_decisions",  # guarded: gate_decisions_guard
     "alias_history",  # guarded: alias_history_guard
     "use_case_leases",  # released by clearing the holder, never deleted

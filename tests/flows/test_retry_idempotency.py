@@ -88,3 +88,148 @@ def test_retried_tasks_leave_no_duplicates(flow_use_case) -> None:
     again = gate_flow(name) if decision["outcome"] != "GO" else None
     if again is not None:
         assert again["decision_id"] == decision["decision_id"] and again["created"] is False
+
+
+def test_a_reverted_spec_makes_its_calibration_the_challenger_again(flow_use_case, tmp_path) -> None:
+    """v1 calibrates, v2 (another estimator: another plan) calibrates, the spec is reverted to v1: the
+    calibration reuses v1's run and moves @challenger back to its version (a new key: v1's first move is
+    committed), so the evaluation's target and the pilot follow it. The move is cut off right after its
+    commit: the task's retry finds it and moves nothing more; a rerun moves nothing."""
+    import yaml
+
+    from flows.calibrate import calibrate_flow
+    from rollout import pilot_batches, pilots, registry, runs
+    from rollout.db.models import AliasMove
+    from rollout.db.session import session_scope
+    from rollout.usecases import add_usecase
+
+    name = flow_use_case()
+    v1 = tmp_path / f"{name}.yaml"
+    a = calibrate_flow(name, limits=QUICK_CAL)
+    spec = yaml.safe_load(v1.read_text())
+    spec["quality_budget"]["estimator"] = "quest"
+    v2 = tmp_path / "v2.yaml"
+    v2.write_text(yaml.safe_dump(spec))
+    assert add_usecase(v2, actor="t", new_version=True).status == "new_version"
+    b = calibrate_flow(name, limits=QUICK_CAL)
+    assert b["model_version_id"] != a["model_version_id"]
+    assert registry.current_aliases(name)["challenger"] == b["mlflow_version"]
+
+    assert add_usecase(v1, actor="t", new_version=True).status == "reverted"
+    with fail_once_after_commit(AliasMove) as alias_fail:
+        c = calibrate_flow(name, limits=QUICK_CAL)
+    assert alias_fail["fired"] == 1
+    assert c["reused"] and c["challenger_moved"]
+    assert c["calibration_run_id"] == a["calibration_run_id"]
+    assert c["model_version_id"] == a["model_version_id"]
+    assert registry.current_aliases(name)["challenger"] == a["mlflow_version"]
+    moves = [(m["alias"], m["to_version"], m["status"]) for m in registry.alias_history(name)]
+    assert moves == [
+        ("challenger", a["mlflow_version"], "committed"),
+        ("challenger", b["mlflow_version"], "committed"),
+        ("challenger", a["mlflow_version"], "committed"),
+    ]
+    with session_scope() as s:
+        uc_id = pilots.get_use_case(s, name).id
+    assert runs.latest_calibrated_version(uc_id)["model_version_id"] == a["model_version_id"]
+    assert pilot_batches.ensure_pilot(name)["model_version_id"] == a["model_version_id"]
+
+    again = calibrate_flow(name, limits=QUICK_CAL)
+    assert again["reused"] and not again["challenger_moved"]
+    assert len(registry.alias_history(name)) == 3
+
+
+def _mlflow_runs(name: str, flow: str) -> list[Any]:
+    from rollout import tracking
+
+    c = tracking.client()
+    exp = c.get_experiment_by_name(tracking.experiment_name(name))
+    if exp is None:
+        return []
+    return c.search_runs([exp.experiment_id], f"tags.`sparsepilot.flow` = '{flow}'")
+
+
+def _tracking_down(*_a: Any, **_k: Any) -> str:
+    raise ConnectionError("tracking server unreachable")
+
+
+def test_a_gate_decision_whose_mlflow_log_failed_is_logged_next_time(flow_use_case, monkeypatch) -> None:
+    """MLflow is down when the gate logs its decision: the decision is recorded, the flow fails. The next
+    gate run finds the decision already recorded and logs it; its record is then cut off once, and the
+    task's retry finds the run in MLflow instead of logging a second one. A third run logs nothing."""
+    import pytest
+
+    import flows.gate as gate_mod
+    from flows.common import load_context
+    from flows.gate import gate_flow
+    from rollout import pilot_batches, run_links, runs
+
+    name = flow_use_case()
+    ctx = load_context(name)
+    runs.record_unregistered_challenger(name, ctx.spec.model, key="no-model")
+    info = pilot_batches.ensure_pilot(name)
+    ids = [r.id for r in ctx.traffic(info["salt"]).take(8, set())]
+    rows = [
+        {"request_id": rid, "arm": arm, "quality": 0.8, "latency_ms": 100.0, "tokens": 16, "error": False}
+        for rid in ids
+        for arm in ("control", "treatment")
+    ]
+    pilot_batches.store_batch(info["step_id"], rows, "b-direct", "pilot-flow")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(gate_mod, "log_run", _tracking_down)
+        with pytest.raises(ConnectionError):
+            gate_flow(name)
+    assert _mlflow_runs(name, "gate") == []
+
+    real, cut = run_links.decision_logged, {"n": 0}
+
+    def cut_once(decision_id: int, run_id: str) -> None:
+        cut["n"] += 1
+        if cut["n"] == 1:
+            raise InjectedFailure("injected failure before the decision's run was recorded")
+        real(decision_id, run_id)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(run_links, "decision_logged", cut_once)
+        again = gate_flow(name)
+    assert cut["n"] == 2 and again["created"] is False
+    logged = _mlflow_runs(name, "gate")
+    assert [r.data.params["decision_id"] for r in logged] == [str(again["decision_id"])]
+    assert run_links.unlogged_gate_decisions(name) == []
+
+    assert gate_flow(name)["decision_id"] == again["decision_id"]
+    assert len(_mlflow_runs(name, "gate")) == 1
+
+
+def test_a_pilot_batch_whose_mlflow_log_failed_is_logged_next_time(flow_use_case, monkeypatch) -> None:
+    """MLflow is down when the pilot logs its stored batch: the flow fails. The next pilot run draws new
+    requests, and logs the stored batch (from its stored rows) before its own: each batch once."""
+    import pytest
+
+    import flows.pilot as pilot_mod
+    from flows.calibrate import calibrate_flow
+    from flows.pilot import pilot_flow
+    from rollout import run_links
+    from rollout.db.models import Observation
+    from rollout.db.session import session_scope
+
+    name = flow_use_case()
+    calibrate_flow(name, limits=QUICK_CAL)
+    with monkeypatch.context() as mp:
+        mp.setattr(pilot_mod, "log_run", _tracking_down)
+        with pytest.raises(ConnectionError):
+            pilot_flow(name, batches=1)
+    with session_scope() as s:
+        first = set(s.scalars(select(Observation.batch_id)))
+    assert len(first) == 1 and _mlflow_runs(name, "pilot") == []
+
+    second = pilot_flow(name, batches=1)
+    with session_scope() as s:
+        stored = set(s.scalars(select(Observation.batch_id)))
+    assert stored == first | {second["batches"][0]["batch_id"]} and len(stored) == 2
+    logged = sorted(r.data.params["batch_id"] for r in _mlflow_runs(name, "pilot"))
+    assert logged == sorted(stored)
+    (early,) = [r for r in _mlflow_runs(name, "pilot") if r.data.params["batch_id"] in first]
+    assert early.data.metrics["control_n"] == early.data.metrics["treatment_n"] == 8.0
+    assert run_links.unlogged_batches(name) == []
