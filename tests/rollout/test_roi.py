@@ -293,7 +293,14 @@ def test_evaluation_roi_prices_output_tokens_at_the_measured_sparse_decode() -> 
             "weighted_sparse_tokens_per_s_high": 28.0,
         },
     }
+    report["speed_summary"]["host"] = {"threads": 1, "pairs_retimed_for_overload": 2}
+    report["decode"]["summary"]["host"] = {"threads": 1, "pairs_retimed_for_overload": 0, "cache": "paged"}
     r = roi_from_report(spec, report, decode_tps=99.0)  # the side-by-side dense decode figure wins
+    # the host's record of both timings behind the dollars: the prefill pairs' and the decode runs'
+    assert r["timing_host"] == {
+        "prefill": report["speed_summary"]["host"],
+        "decode": report["decode"]["summary"]["host"],
+    }
     assert r["inputs"]["decode_tps"] == 20.0 and r["inputs"]["sparse_decode_tps"] == 26.0
     p, o = spec.traffic.prompt_tokens.mean(), spec.traffic.output_tokens.mean()
     assert r["effective_speedup"] == pytest.approx((p / 500 + o / 20) / (p / 500 + o / 26))
