@@ -284,11 +284,12 @@ def decode_outcome(decode: dict[str, Any] | None, roi: RoiResult) -> dict[str, A
             ),
             "short": f"1.00x ({ctx_hi:,} < break-even {be:,} tokens)",
         }
-    sp, lo, hi = (s.get(k) for k in ("weighted_speedup", "weighted_speedup_low", "weighted_speedup_high"))
-    if sp is None:  # a summary of throughputs only
-        sp = roi.inputs.sparse_decode_tps / roi.inputs.decode_tps
-        lo = roi.inputs.sparse_decode_tps_low / roi.inputs.decode_tps
-        hi = roi.inputs.sparse_decode_tps_high / roi.inputs.decode_tps
+    # the speed-up and interval the dollars beside it are priced at (the ROI's sparse decode throughput
+    # over the dense one: the paired runs at the ROI's 95%), not the evaluation summary's own figures
+    if roi.inputs.sparse_decode_tps is not None and roi.inputs.decode_tps:
+        sp, lo, hi = (x / roi.inputs.decode_tps for x in _sparse_decode(roi.inputs))  # type: ignore[operator]
+    else:  # an ROI without a sparse decode throughput: the summary's figures
+        sp, lo, hi = (s.get(k) for k in ("weighted_speedup", "weighted_speedup_low", "weighted_speedup_high"))
     saved = roi.decode_saved_usd_month
     money = f"saves ${saved:,.0f}/month" if saved >= 0 else f"costs ${-saved:,.0f}/month more"
     where = ""

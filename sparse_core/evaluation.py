@@ -237,11 +237,30 @@ def _jsonable(v: Any) -> Any:
 # pieces
 
 
-def device_description(model) -> str:
+def device_description(model, threads: str | int | None = None) -> str:
+    """`cuda:<name>`, or `cpu:<processor> x<N> threads` with the threads the timings ran on (`threads`,
+    torch's current count where not given)."""
     dev = next(model.parameters()).device
     if dev.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(dev)}"
-    return f"cpu:{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+    n = torch.get_num_threads() if threads is None else threads
+    return f"cpu:{platform.processor() or platform.machine()} x{n} threads"
+
+
+def _threads_used(report) -> str | int | None:
+    """The threads the report's timings ran on (each section's thread policy): one count, or each
+    section's where they differ ("1 (prefill), 2 (decode)"); None where nothing was timed."""
+    used = {}
+    if report.speed_summary and (report.speed_summary.get("host") or {}).get("threads") is not None:
+        used["prefill"] = report.speed_summary["host"]["threads"]
+    dec = ((report.decode or {}).get("summary") or {}).get("host") or {}
+    if dec.get("threads") is not None:
+        used["decode"] = dec["threads"]
+    if not used:
+        return None
+    if len(set(used.values())) == 1:
+        return next(iter(used.values()))
+    return ", ".join(f"{n} ({k})" for k, n in used.items())
 
 
 @torch.no_grad()
@@ -475,7 +494,9 @@ def measure_decode_speed(
     False): the price of output tokens in both arms. Both arms run on the cache the served model
     uses (PagedCache where every layer reads the whole cache: score_request, the pyfunc), under the
     prefill timing's thread policy (sparse_core.host.apply_thread_policy), dense and sparse
-    interleaved per repeat, so neither the cache nor the threads favour an arm."""
+    interleaved per repeat, so neither the cache nor the threads favour an arm. Each run pair records
+    the host's load and is timed again when overloaded (sparse_core.decode.measure); the summary's
+    `host` sums the rows' records like the prefill's."""
     from sparse_core.decode.cache import full_attention_only
     from sparse_core.decode.measure import compare_decode, dense_decode
     from sparse_core.host import apply_thread_policy, loadavg
@@ -535,9 +556,28 @@ def measure_decode_speed(
             min(r["seq_len"] for r in rows),
             max(r["seq_len"] for r in rows) + suite.decode_new_tokens,
         ],
-        "host": {**policy, "cache": kind, "loadavg_before": load_before, "loadavg_after": loadavg()},
+        "host": {
+            **policy,
+            "cache": kind,
+            "loadavg_before": load_before,
+            "loadavg_after": loadavg(),
+            # the runs themselves (each row's extra["host"]): what the prefill block records
+            **_host_totals([r["extra"].get("host") or {} for r in rows]),
+        },
     }
     return {"rows": rows, "summary": summary}
+
+
+def _host_totals(hosts: Sequence[dict]) -> dict[str, Any]:
+    """The decode rows' host records (sparse_core.decode.measure: one per measured length) summed like
+    the prefill's: pairs timed, retimed and kept under overload, the most cores the others used."""
+    busy = [h["max_others_busy_cores"] for h in hosts if h.get("max_others_busy_cores") is not None]
+    return {
+        "pairs_timed": sum(h.get("pairs_timed", 0) for h in hosts),
+        "pairs_retimed_for_overload": sum(h.get("pairs_retimed_for_overload", 0) for h in hosts),
+        "pairs_kept_under_overload": sum(h.get("pairs_kept_under_overload", 0) for h in hosts),
+        "max_others_busy_cores": max(busy, default=None),
+    }
 
 
 def length_mix(tokenizer, rows: Sequence[TaskRow], *, max_buckets: int = 3, cap: int | None = None):
@@ -741,6 +781,7 @@ def evaluate(
         secs["pictures"] = time.perf_counter() - t0
     secs["total"] = time.perf_counter() - t_all
     report.seconds = secs
+    report.device = device_description(model, threads=_threads_used(report))
     return report
 
 

@@ -4,7 +4,9 @@ On a shared host torch's default (one thread per core) is a trap: with another p
 cores, a SmolLM2 one-token forward took 627 ms with 2 threads and 96 ms with 1 (OpenMP threads spin waiting
 for a descheduled partner). So threads are chosen from the CPUs this process may use (affinity and the
 cgroup CPU quota, not os.cpu_count()) minus what other processes are using right now, and every timed
-piece of work records the host's load while it ran, so a timing taken under overload can be flagged.
+piece of work records the host's load while it ran, so a timing taken under overload can be flagged. The
+others' load is measured over the affinity mask, so it is compared with the mask's cores; the quota (a
+container's `--cpus` without a cpuset, whose mask is the whole node) only caps our threads.
 
 Linux /proc and /sys only; elsewhere the functions fall back to os.cpu_count() and os.getloadavg().
 """
@@ -21,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-# A batch is "overloaded" when it ran with more threads than the CPUs the other processes left free (the
-# choice `choose_threads` would make now is fewer threads): our threads then waited for a core, and its
-# latencies say more about the host than about the model.
+# A batch is "overloaded" when it ran with more threads than the cores the other processes left free on
+# its affinity mask, or than its cgroup quota allows (the choice `choose_threads` would make now is fewer
+# threads): our threads then waited for a core, and its latencies say more about the host than about the
+# model.
 OVERLOAD_MARGIN_CORES = 0.5
 
 
@@ -43,30 +46,92 @@ def _affinity() -> set[int] | None:
         return None
 
 
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+@dataclass(frozen=True)
+class CpuLimits:
+    """The two limits on this process's CPU: the cores it may run on (`mask`: the affinity mask, which
+    is also the set of cores whose load the others' is measured over) and the cgroup CPU quota in CPUs
+    (`quota`; None where none is set). A container under `docker --cpus` / a Kubernetes CPU limit has a
+    quota and no cpuset: its mask is the whole node, busy with other tenants, and its quota the limit."""
+
+    mask: float
+    quota: float | None = None
+
+    @property
+    def cpus(self) -> float:
+        """The CPUs the process can use at most: the mask capped by the quota (at least 1)."""
+        return max(1.0, min(self.mask, self.quota)) if self.quota else self.mask
+
+
+def cpu_limits() -> CpuLimits:
+    mask = _affinity()
+    return CpuLimits(float(len(mask)) if mask else float(os.cpu_count() or 1), _cgroup_quota())
+
+
 def available_cpus() -> float:
     """CPUs this process may use: its affinity mask, capped by a cgroup CPU quota (v2 cpu.max or v1
-    cfs_quota_us / cfs_period_us) where one is set."""
-    mask = _affinity()
-    cpus = float(len(mask)) if mask else float(os.cpu_count() or 1)
-    quota = _cgroup_quota()
-    return max(1.0, min(cpus, quota)) if quota else cpus
+    cfs_quota_us / cfs_period_us) where one is set on its cgroup or an ancestor."""
+    return cpu_limits().cpus
 
 
 def _cgroup_quota() -> float | None:
     try:
-        text = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if text and text[0] != "max":
-            return float(text[0]) / float(text[1])
+        text = Path("/proc/self/cgroup").read_text()
+    except OSError:
+        text = "0::/\n"  # no /proc: the root of the hierarchy only
+    return cgroup_quota(text, CGROUP_ROOT)
+
+
+def cgroup_quota(self_cgroup: str, root: Path = CGROUP_ROOT) -> float | None:
+    """The CPU quota (in CPUs) on a process whose /proc/self/cgroup reads `self_cgroup`, with the cgroup
+    filesystem mounted at `root`: the smallest quota on its cgroup or any ancestor up to the root (a
+    quota set on a parent slice limits every cgroup under it). cgroup v2 (`0::/path`: cpu.max) and v1
+    (a `cpu` controller line: cpu.cfs_quota_us / cpu.cfs_period_us under `root/<controllers>`); a
+    cgroup directory that is not there (the path of another namespace) is skipped, so the root's own
+    files are always read. None where no quota is set."""
+    quotas: list[float] = []
+    lines = [ln.split(":", 2) for ln in self_cgroup.splitlines() if ln.count(":") >= 2]
+    for hid, controllers, path in lines or [["0", "", "/"]]:
+        if hid == "0" and controllers == "":
+            for d in _cgroup_dirs(root, path):
+                quotas += _v2_quota(d)
+        elif "cpu" in controllers.split(","):
+            mounts = [root / controllers, root / "cpu", root / "cpu,cpuacct"]
+            base = next((m for m in mounts if m.is_dir()), None)
+            for d in _cgroup_dirs(base, path) if base is not None else ():
+                quotas += _v1_quota(d)
+    return min(quotas) if quotas else None
+
+
+def _cgroup_dirs(base: Path, path: str) -> list[Path]:
+    """`base/path` and each of its parents up to `base` (only `base` for a path that climbs out)."""
+    parts = [x for x in path.strip().split("/") if x and x != "."]
+    if ".." in parts:
+        parts = []
+    return [base.joinpath(*parts[:n]) for n in range(len(parts), -1, -1)]
+
+
+def _v2_quota(d: Path) -> list[float]:
+    try:
+        text = (d / "cpu.max").read_text().split()
+        if text and text[0] != "max" and float(text[1]) > 0:
+            return [float(text[0]) / float(text[1])]
     except (OSError, ValueError, IndexError):
         pass
+    return []
+
+
+def _v1_quota(d: Path) -> list[float]:
     try:
-        quota = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
-        period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        quota = int((d / "cpu.cfs_quota_us").read_text())
+        period = int((d / "cpu.cfs_period_us").read_text())
         if quota > 0 and period > 0:
-            return quota / period
+            return [quota / period]
     except (OSError, ValueError):
         pass
-    return None
+    return []
 
 
 @dataclass(frozen=True)
@@ -124,15 +189,27 @@ def others_busy_cores(a: CpuSnapshot, b: CpuSnapshot) -> float | None:
     return max(0.0, others / CLK_TCK / wall)
 
 
-def choose_threads(cpus: float, others: float | None) -> int:
-    """Threads for torch: the CPUs left after what the other processes use (rounded to the nearest core),
-    at least 1. Without a measurement of the others, the load average stands in for it."""
+def choose_threads(cpus: float, others: float | None, *, mask: float | None = None) -> int:
+    """Threads for torch: the cores of the mask the other processes leave idle (rounded to the nearest
+    core), at most `cpus` (the mask capped by the cgroup quota), at least 1. `others` is measured over
+    the mask, so it is compared with the mask (`mask`, `cpus` where not given): under a quota without a
+    cpuset the mask is the whole node, and its other tenants' load is not taken from the quota. Without
+    a measurement of the others, the load average stands in for it."""
     if others is None:
         try:
             others = os.getloadavg()[0]
         except OSError:
             others = 0.0
-    return max(1, min(int(math.floor(cpus)), int(math.floor(cpus - others + 0.5))))
+    free = (cpus if mask is None else mask) - others
+    return max(1, min(int(math.floor(cpus)), int(math.floor(free + 0.5))))
+
+
+def is_overloaded(others: float, threads: int, limits: CpuLimits) -> bool:
+    """Our threads waited for a core: the others and our threads need more cores than the mask has, or
+    our threads more CPU than the quota gives (each with OVERLOAD_MARGIN_CORES of slack)."""
+    over_mask = others + threads > limits.mask + OVERLOAD_MARGIN_CORES
+    over_quota = limits.quota is not None and threads > limits.quota + OVERLOAD_MARGIN_CORES
+    return over_mask or over_quota
 
 
 def apply_thread_policy(sample_seconds: float = 0.2) -> dict[str, Any]:
@@ -140,10 +217,10 @@ def apply_thread_policy(sample_seconds: float = 0.2) -> dict[str, Any]:
     import torch
 
     others = _others_now(sample_seconds)
-    cpus = available_cpus()
-    threads = choose_threads(cpus, others)
+    limits = cpu_limits()
+    threads = choose_threads(limits.cpus, others, mask=limits.mask)
     torch.set_num_threads(threads)
-    return {"cpus": cpus, "threads": threads, "others_busy_cores": _rounded(others)}
+    return {"cpus": limits.cpus, "threads": threads, "others_busy_cores": _rounded(others)}
 
 
 def set_threads(requested: int | None, sample_seconds: float = 0.2) -> dict[str, Any]:
@@ -200,7 +277,9 @@ class HostLoad:
     others_busy_cores: float | None  # mean cores used by other processes during the work
     cpu_pressure: float | None  # share of the time some task waited for a CPU (PSI "some")
     loadavg: tuple[float, float, float] | None
-    overloaded: bool  # others_busy_cores + threads > cpus + OVERLOAD_MARGIN_CORES (0.5)
+    # others_busy_cores + threads > the mask's cores + OVERLOAD_MARGIN_CORES (0.5), or threads > the cgroup
+    # quota + 0.5 (`is_overloaded`; without a quota the mask is `cpus`)
+    overloaded: bool
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -230,7 +309,7 @@ def measure(start: CpuSnapshot, end: CpuSnapshot, *, threads: int | None = None)
             threads = torch.get_num_threads()
         except ImportError:
             threads = 1
-    cpus = available_cpus()
+    limits = cpu_limits()
     wall = max(end.wall - start.wall, 1e-9)
     others = others_busy_cores(start, end)
     pressure = None
@@ -239,11 +318,11 @@ def measure(start: CpuSnapshot, end: CpuSnapshot, *, threads: int | None = None)
     load = loadavg()
     busy = others if others is not None else (load[0] if load else 0.0)
     return HostLoad(
-        cpus=cpus,
+        cpus=limits.cpus,
         threads=threads,
         seconds=wall,
         others_busy_cores=_rounded(others),
         cpu_pressure=None if pressure is None else round(pressure, 3),
         loadavg=tuple(load) if load else None,  # type: ignore[arg-type]
-        overloaded=busy + threads > cpus + OVERLOAD_MARGIN_CORES,
+        overloaded=is_overloaded(busy, threads, limits),
     )

@@ -139,6 +139,7 @@ class SparsePlan:
                 _check_tau(f"plan.head_overrides[{layer}][{head}]", tau)
         if any(x < 0 for x in self.dense_layers):
             raise PlanError(f"plan.dense_layers: layer indices must be >= 0, got {list(self.dense_layers)}")
+        _check_metadata(self.metadata)
 
     def validate_for(self, config: Any) -> SparsePlan:
         """Check the plan fits a model config (HF `PretrainedConfig` or anything with the same fields).
@@ -225,6 +226,8 @@ class SparsePlan:
         if not isinstance(data, dict):
             raise PlanError(f"{source}: expected a JSON object, got {type(data).__name__}")
         version = data.get("format_version", FORMAT_VERSION)
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise PlanError(f"{source}: format_version must be an integer, got {version!r}")
         if version != FORMAT_VERSION:
             raise PlanError(
                 f"{source}: unsupported format_version {version!r} (this build reads {FORMAT_VERSION})"
@@ -296,25 +299,82 @@ def save_plan(plan: SparsePlan, directory: str | Path) -> Path:
 
 def load_plan(path: str | Path, config: Any = None) -> SparsePlan:
     """Read a plan from a directory (or a plan.json path); validate against `config` when given."""
+    file = plan_file(path)
+    plan = read_plan_json(file)
+    load_tensors(plan, file)
+    if config is not None:
+        validate_plan_for(plan, config, file)
+    return plan
+
+
+def plan_file(path: str | Path) -> Path:
+    """The plan.json of a plan directory (or the path itself when it names a file)."""
     path = Path(path)
     file = path / PLAN_FILE if path.is_dir() else path
     if not file.is_file():
         raise PlanError(f"no sparse plan at {file}")
-    plan = SparsePlan.from_json(file.read_text(), source=str(file))
-    ref = plan.metadata.get("gate_weights")
-    if ref:
-        tfile = file.parent / ref.get("file", TENSORS_FILE)
-        if not tfile.is_file():
-            raise PlanError(f"{file}: metadata.gate_weights names {tfile.name}, which is missing")
-        blob = tfile.read_bytes()
-        if ref.get("sha256") and hashlib.sha256(blob).hexdigest() != ref["sha256"]:
-            raise PlanError(f"{tfile}: sha256 does not match the plan (corrupt or replaced weights)")
-        from safetensors.torch import load as st_load
+    return file
 
+
+def read_plan_json(file: Path) -> SparsePlan:
+    """The plan in `file` without its tensors; a PlanError naming the file for anything that is not a
+    plan.json (binary or non-UTF-8 bytes, bad JSON, a field of the wrong type)."""
+    try:
+        text = file.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise PlanError(f"{file}: not a plan.json (not UTF-8 text)") from None
+    except OSError as exc:
+        raise PlanError(f"{file}: unreadable ({exc.strerror or exc})") from None
+    return SparsePlan.from_json(text, source=str(file))
+
+
+def load_tensors(plan: SparsePlan, file: Path) -> SparsePlan:
+    """Read the tensors `plan.metadata["gate_weights"]` names (a file beside `file`), check their sha256
+    and keep them on the plan."""
+    ref = plan.metadata.get("gate_weights")
+    if not ref:
+        return plan
+    tfile = file.parent / ref.get("file", TENSORS_FILE)
+    if not tfile.is_file():
+        raise PlanError(f"{file}: metadata.gate_weights names {tfile.name}, which is missing")
+    blob = tfile.read_bytes()
+    if ref.get("sha256") and hashlib.sha256(blob).hexdigest() != ref["sha256"]:
+        raise PlanError(f"{tfile}: sha256 does not match the plan (corrupt or replaced weights)")
+    from safetensors.torch import load as st_load
+
+    try:
         plan.tensors = st_load(blob)
-    if config is not None:
-        plan.validate_for(config)
+    except Exception as exc:  # safetensors raises its own SafetensorError (and others) for bad bytes
+        raise PlanError(f"{tfile}: unreadable safetensors ({exc})") from None
     return plan
+
+
+def validate_plan_for(plan: SparsePlan, config: Any, file: Path | str) -> SparsePlan:
+    """`plan.validate_for(config)`, its error naming the plan file (a user evaluating several plans
+    can tell which one does not fit)."""
+    try:
+        return plan.validate_for(config)
+    except PlanError as exc:
+        raise PlanError(f"{file}: {exc}") from None
+
+
+def _check_metadata(meta: dict[str, Any]) -> None:
+    """The metadata fields the plan reads: `gate_weights` (an object naming a file in the plan's own
+    directory) and `model_shape` (an object of integers)."""
+    ref = meta.get("gate_weights")
+    if ref is not None:
+        if not isinstance(ref, dict):
+            raise PlanError(f"plan.metadata.gate_weights must be an object, got {type(ref).__name__}")
+        name = ref.get("file", TENSORS_FILE)
+        if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name:
+            raise PlanError(
+                f"plan.metadata.gate_weights.file must be a file name in the plan's directory, got {name!r}"
+            )
+        if ref.get("sha256") is not None and not isinstance(ref["sha256"], str):
+            raise PlanError("plan.metadata.gate_weights.sha256 must be a string")
+    shape = meta.get("model_shape")
+    if shape is not None and not isinstance(shape, dict):
+        raise PlanError(f"plan.metadata.model_shape must be an object, got {type(shape).__name__}")
 
 
 def _cfg(config: Any, name: str) -> int:

@@ -18,12 +18,14 @@ from typing import Any
 
 from sparse_core.plan import (
     FORMAT_VERSION,
-    PLAN_FILE,
     TENSORS_FILE,
     PlanError,
     SparsePlan,
-    load_plan,
+    load_tensors,
     model_shape,
+    plan_file,
+    read_plan_json,
+    validate_plan_for,
 )
 from sparse_core.plan import save_plan as _save_plan
 
@@ -67,34 +69,51 @@ def save(plan: SparsePlan, directory: str | Path, *, config: Any = None) -> tupl
 
 
 def load(directory: str | Path, *, config: Any = None) -> SparsePlan:
-    """Load and verify a plan; with `config`, refuse a plan made for a different model."""
-    directory = Path(directory)
-    plan = load_plan(directory, config=config)
-    base = directory if directory.is_dir() else directory.parent
-    hfile = base / HASH_FILE
-    if hfile.is_file():
-        try:
-            recorded = json.loads(hfile.read_text())["content_hash"]
-        except (ValueError, KeyError, TypeError):
-            raise PlanError(f"{hfile}: unreadable content hash record") from None
-        actual = plan.content_hash()
-        if recorded != actual:
-            raise PlanError(
-                f"{base / PLAN_FILE}: content hash {actual[:12]} does not match the recorded {recorded[:12]} "
-                "(the plan was edited or corrupted after it was saved)"
-            )
+    """Load and verify a plan; with `config`, refuse a plan made for a different model. The recorded
+    content hash (plan.sha256, which `save` has written with every plan since format_version 1) is
+    checked before the tensors are read, and it must be there: without it an edited plan.json could not
+    be told from the saved one. Every refusal is a PlanError naming the file."""
+    file = plan_file(directory)
+    plan = read_plan_json(file)
+    hfile = file.parent / HASH_FILE
+    if not hfile.is_file():
+        raise PlanError(
+            f"{file}: no {HASH_FILE} beside it (plan_io.save writes one with every plan; without it an "
+            "edited plan.json cannot be told from the saved one)"
+        )
+    try:
+        recorded = json.loads(hfile.read_text())["content_hash"]
+        if not isinstance(recorded, str):
+            raise TypeError(recorded)
+    except (ValueError, KeyError, TypeError, OSError):
+        raise PlanError(f"{hfile}: unreadable content hash record") from None
+    actual = plan.content_hash()
+    if recorded != actual:
+        raise PlanError(
+            f"{file}: content hash {actual[:12]} does not match the recorded {recorded[:12]} "
+            "(the plan was edited or corrupted after it was saved)"
+        )
+    load_tensors(plan, file)
     if config is not None:
-        check_tensors_fit(plan, config)
+        validate_plan_for(plan, config, file)
+        try:
+            check_tensors_fit(plan, config)
+        except PlanError as exc:
+            raise PlanError(f"{file}: {exc}") from None
     return plan
 
 
 def check_tensors_fit(plan: SparsePlan, config: Any) -> None:
-    """The weights each learned estimator the plan names reads must fit the model (the estimator's
-    registry check: layers, heads, head dim); a name the registry does not know is left to sparsify."""
+    """Every estimator the plan names must be registered, and the weights each learned one reads must
+    fit the model (the estimator's registry check: layers, heads, head dim)."""
     from sparse_core.estimators import available_estimators, get_weights_check
 
     named = {plan.estimator} | {ov["estimator"] for ov in plan.layer_overrides.values() if "estimator" in ov}
-    for name in (n for n in available_estimators() if n in named):
+    known = available_estimators()
+    unknown = sorted(named - set(known))
+    if unknown:
+        raise PlanError(f"unknown estimator(s) {unknown}; available: {known}")
+    for name in (n for n in known if n in named):
         check = get_weights_check(name)
         if check is not None:
             check(plan, config)

@@ -105,6 +105,20 @@ def _time_prefill(model, ids: Sequence[int]) -> float:
     return best
 
 
+def speed_fields(dense_before: float, sparse_s: float, dense_after: float, est_s: float) -> dict[str, Any]:
+    """A row's speed columns from its own timings: the dense time is the faster of the dense prefills
+    just before and just after its sparse one (never another row's, so no row is divided by a dense time
+    the host gave a later row), and `estimator_share` is the scoring time over that dense time, as in
+    `bench prefill` / `bench attention` and the evaluation."""
+    dense_s = min(dense_before, dense_after)
+    return {
+        "prefill_seconds": sparse_s,
+        "dense_seconds": dense_s,
+        "speedup": dense_s / sparse_s,
+        "estimator_share": est_s / dense_s if dense_s > 0 else None,
+    }
+
+
 def _ratios(rows: list[dict]) -> None:
     """best training-free density / row density, among rows that met the budget: planned (`density`,
     what calibration predicts from its sensitivity windows) and measured (`measured_density`, on the
@@ -206,11 +220,15 @@ def run_quality_bench(
         # timed on a window of the length in the label (the held-out part holds ~7k tokens, so its
         # "8k" window is shorter); what the plan keeps on it is recorded as the row's speed_density
         speed_w = timing_window(tok, seq_len, seed=settings.seed + 7) if settings.speed else None
-        dense_s = _time_prefill(model, speed_w) if settings.speed else None
+        if settings.speed:
+            _time_prefill(model, speed_w)  # warm-up, untimed
         rows = []
         _save_plans(results, settings.plans_dir, str(seq_len), model.config)
         for spec, (plan, rep) in results.items():
             row = {"seq_len": seq_len, **base_row(spec, plan, rep)}
+            if settings.speed:  # the row's own dense prefills: one just before its sparse one, one after
+                with HostLoadMeter() as before_load:
+                    dense_before = _time_prefill(model, speed_w)
             sparsify(model, plan)
             try:
                 fid = measure_fidelity(model, ref)
@@ -221,15 +239,14 @@ def run_quality_bench(
                     with HostLoadMeter() as sparse_load:
                         sparse_s = _time_prefill(model, speed_w)
                     est_s = stats.estimator_seconds / prefill_repeats(next(model.parameters()).device)
-                    row["estimator_share"] = est_s / sparse_s if sparse_s > 0 else None
                     row["speed_density"] = stats.density
             finally:
                 unsparsify(model)
             if settings.speed:
-                with HostLoadMeter() as dense_load:
-                    dense_s = min(dense_s, _time_prefill(model, speed_w))  # dense timed around each row
-                row.update(prefill_seconds=sparse_s, dense_seconds=dense_s, speedup=dense_s / sparse_s)
-                row.update(load_fields(sparse_load.load, dense_load.load))
+                with HostLoadMeter() as after_load:
+                    dense_after = _time_prefill(model, speed_w)
+                row.update(speed_fields(dense_before, sparse_s, dense_after, est_s))
+                row.update(load_fields(before_load.load, sparse_load.load, after_load.load))
             row.update(kl=fid.kl, agree=fid.agree, nll_delta=fid.nll_delta, n_positions=fid.n_positions)
             if settings.confidence is not None:  # the same bounds on the bench's own held-out text
                 bound = fidelity_bound(fid, settings.confidence)

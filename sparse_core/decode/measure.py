@@ -18,13 +18,19 @@ When no layer can decode sparsely during the run (the whole run's cache below th
 of cache, the sparse arm runs the dense model's code path exactly (tested), so `compare_decode`
 times the dense arm only and reports the sparse arm as identical: speed-up 1.00 with no interval to
 it, fidelity exact; `extra["identical"]` says so, and `extra["below_break_even"]` whether it is the
-cache length that keeps it dense."""
+cache length that keeps it dense.
+
+Every timed pair (a dense-only run, in `dense_decode`) records the host's load while it ran
+(`sparse_core.host.HostLoadMeter`); one timed while the host was overloaded is timed again, at most
+`repeats` times, as the prefill timings are (`evaluation.measure_speed`), and `extra["host"]` says
+what was measured, retimed and kept under overload."""
 
 from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -186,31 +192,43 @@ def compare_decode(
     dense_run = sparse_run = None
     total = repeats * 2 + (1 if free_running else 0)
     done = 0
-    for rep in range(repeats):
+    meter = _PairMeter(repeats)
+    rep = 0
+    while rep < repeats:
         # alternating order (sparse_core.speedup.pair_order); the sparse run is fed the dense greedy
         # tokens, so the first pair times dense first and later ones reuse its (deterministic) tokens
-        for arm in pair_order(rep):
-            if arm == "dense":
-                dense_run = run_decode(model, d_cache, first, new_tokens)
-                d_steps += dense_run.step_seconds[1:]
-                d_rep.append(statistics.fmean(dense_run.step_seconds[1:]))
-            else:
-                assert dense_run is not None
-                sparsify(model, plan, kernel=kernel)
-                try:
-                    st = decode_stats(model)
-                    st.reset()
-                    sparse_run = run_decode(model, s_cache, first, new_tokens, forced=dense_run.predicted)
-                    est += st.estimator_seconds
-                    kept += st.kept_tokens
-                    cached += st.cached_tokens
-                finally:
-                    unsparsify(model)
-                s_steps += sparse_run.step_seconds[1:]
-                s_rep.append(statistics.fmean(sparse_run.step_seconds[1:]))
-            done += 1
-            if progress:
-                progress("decode", done, total)
+        pair: dict[str, DecodeRun] = {}
+        p_est = p_kept = p_cached = 0.0
+        with meter.pair() as keep:
+            for arm in pair_order(rep):
+                if arm == "dense":
+                    dense_run = pair["dense"] = run_decode(model, d_cache, first, new_tokens)
+                else:
+                    assert dense_run is not None
+                    sparsify(model, plan, kernel=kernel)
+                    try:
+                        st = decode_stats(model)
+                        st.reset()
+                        pair["sparse"] = run_decode(
+                            model, s_cache, first, new_tokens, forced=dense_run.predicted
+                        )
+                        p_est, p_kept, p_cached = st.estimator_seconds, st.kept_tokens, st.cached_tokens
+                    finally:
+                        unsparsify(model)
+                done += 1
+                if progress:
+                    progress("decode", min(done, total), total)
+        if not keep():  # timed while the host was overloaded: the pair is timed again
+            continue
+        sparse_run = pair["sparse"]
+        d_steps += pair["dense"].step_seconds[1:]
+        d_rep.append(statistics.fmean(pair["dense"].step_seconds[1:]))
+        s_steps += sparse_run.step_seconds[1:]
+        s_rep.append(statistics.fmean(sparse_run.step_seconds[1:]))
+        est += p_est
+        kept += p_kept
+        cached += p_cached
+        rep += 1
     assert dense_run is not None and sparse_run is not None
     kl, agree, nll_delta = fidelity(dense_run, sparse_run)
     match = first_div = None
@@ -247,8 +265,58 @@ def compare_decode(
             "decode_section": True,
             "below_break_even": False,
             "break_even_tokens": plan.decode.first_break_even(),
+            "host": meter.record(),
         },
     )
+
+
+class _PairMeter:
+    """The host's load while each timed pair (a dense and a sparse run; one run where only dense is
+    timed) ran (`sparse_core.host.HostLoadMeter`), the rule the prefill timings follow
+    (`evaluation.measure_speed`): a pair timed while the host was overloaded is timed again, at most
+    `repeats` times per measurement, and kept (flagged) after that. `record()` is what the row carries
+    as `extra["host"]`."""
+
+    def __init__(self, repeats: int) -> None:
+        self.repeats = repeats
+        self.retimed = 0
+        self.loads: list[dict[str, Any]] = []
+
+    @contextmanager
+    def pair(self) -> Iterator[Callable[[], bool]]:
+        """`with m.pair() as keep: ...` then `keep()`: False where the pair is to be timed again."""
+        import torch
+
+        from sparse_core.host import HostLoadMeter
+
+        verdict: list[bool] = []
+
+        def keep() -> bool:
+            return verdict[0]
+
+        with HostLoadMeter(threads=torch.get_num_threads()) as meter:
+            yield keep
+        assert meter.load is not None
+        if meter.load.overloaded and self.retimed < self.repeats:
+            self.retimed += 1
+            verdict.append(False)
+        else:
+            self.loads.append(meter.load.to_dict())
+            verdict.append(True)
+
+    def record(self) -> dict[str, Any]:
+        busy = [x["others_busy_cores"] for x in self.loads if x["others_busy_cores"] is not None]
+        pressure = [x["cpu_pressure"] for x in self.loads if x["cpu_pressure"] is not None]
+        return {
+            "threads": self.loads[0]["threads"] if self.loads else None,
+            "pairs_timed": len(self.loads),
+            "pairs_retimed_for_overload": self.retimed,
+            "pairs_kept_under_overload": sum(1 for x in self.loads if x["overloaded"]),
+            "max_others_busy_cores": max(busy, default=None),
+            "max_cpu_pressure": max(pressure, default=None),
+            "overloaded": any(x["overloaded"] for x in self.loads),
+            "loadavg": self.loads[-1]["loadavg"] if self.loads else None,
+        }
 
 
 def _timings(ids, new_tokens: int, repeats: int, per_rep: tuple, median_s: tuple) -> dict[str, Any]:
@@ -293,12 +361,16 @@ def dense_decode(
     steps: list[float] = []
     per_rep: list[float] = []
     run = None
-    for i in range(repeats):
-        run = run_decode(model, kv, first, new_tokens)
+    meter = _PairMeter(repeats)
+    while len(per_rep) < repeats:
+        with meter.pair() as keep:
+            run = run_decode(model, kv, first, new_tokens)
+        if not keep():  # timed while the host was overloaded: timed again
+            continue
         steps += run.step_seconds[1:]
         per_rep.append(statistics.fmean(run.step_seconds[1:]))
         if progress:
-            progress("decode", i + 1, repeats)
+            progress("decode", len(per_rep), repeats)
     assert run is not None
     dm = statistics.median(steps)
     return DecodeComparison(
@@ -319,6 +391,7 @@ def dense_decode(
             "decode_section": dec is not None,
             "below_break_even": dec is not None and ids.shape[1] + new_tokens < dec.first_break_even(),
             "break_even_tokens": dec.first_break_even() if dec is not None else None,
+            "host": meter.record(),
         },
     )
 

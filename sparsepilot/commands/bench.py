@@ -3,7 +3,7 @@ Speed targets live here, never as timed assertions in tests."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -395,7 +395,7 @@ def bench_quality(
             ],
         )
     print(f"JSON: {out}")
-    _overload_warning(result["environment"])
+    _overload_warning(result["environment"], [r for block in result["by_length"] for r in block["rows"]])
 
 
 def heldout_label(block: dict) -> str:
@@ -563,7 +563,7 @@ def bench_prefill(
         result["rows"],
         bench.TABLE_COLUMNS,
     )
-    _overload_warning(env)
+    _overload_warning(env, result["rows"])
     if json_out:
         emit_json(result)
 
@@ -941,8 +941,9 @@ def _others_line(load: dict) -> str:
     return f"other processes kept {load['others_busy_cores']:.2f} cores busy{waited}"
 
 
-def _overload_warning(env: dict) -> None:
-    """A warning line after the tables when the run's threads outnumbered the CPUs the others left."""
+def _overload_warning(env: dict, rows: Sequence[dict] = ()) -> None:
+    """A warning line after the tables when the run's threads outnumbered the CPUs the others left, and
+    one when only some of its `rows` (each with its own `overloaded`) were timed under overload."""
     from sparsepilot.console import say
 
     load = env.get("host_load") or {}
@@ -958,6 +959,14 @@ def _overload_warning(env: dict) -> None:
             f"{load['threads']} thread(s)): its times measure the host as much as the code, and waiting "
             "threads cost a sparse step's small ops more than a dense one, so speed-ups come out low; "
             "rerun on a quieter host, or with --threads auto or 1 pinned to a free core (taskset)."
+        )
+        return
+    over = [r for r in rows if r.get("overloaded")]
+    if over:
+        say(
+            f"warning: {len(over)} of {len(rows)} rows were timed while the host was overloaded (their "
+            "`overloaded` column): their speed-ups measure the host as much as the code, so do not rank "
+            "them against the others; rerun on a quieter host."
         )
 
 

@@ -293,7 +293,14 @@ def test_evaluation_roi_prices_output_tokens_at_the_measured_sparse_decode() -> 
             "weighted_sparse_tokens_per_s_high": 28.0,
         },
     }
+    report["speed_summary"]["host"] = {"threads": 1, "pairs_retimed_for_overload": 2}
+    report["decode"]["summary"]["host"] = {"threads": 1, "pairs_retimed_for_overload": 0, "cache": "paged"}
     r = roi_from_report(spec, report, decode_tps=99.0)  # the side-by-side dense decode figure wins
+    # the host's record of both timings behind the dollars: the prefill pairs' and the decode runs'
+    assert r["timing_host"] == {
+        "prefill": report["speed_summary"]["host"],
+        "decode": report["decode"]["summary"]["host"],
+    }
     assert r["inputs"]["decode_tps"] == 20.0 and r["inputs"]["sparse_decode_tps"] == 26.0
     p, o = spec.traffic.prompt_tokens.mean(), spec.traffic.output_tokens.mean()
     assert r["effective_speedup"] == pytest.approx((p / 500 + o / 20) / (p / 500 + o / 26))
@@ -344,7 +351,15 @@ def _decode_section(
 def test_decode_line_for_the_roi_reader() -> None:
     # the worked example with sparse decode: prefill not sped up, so the whole saving is decode's
     kw = dict(dense_tps=1000.0, speedup=1.0, speedup_low=1.0, speedup_high=1.0, prompt_tokens=1000)
-    fast = compute_roi(_inputs(**kw, decode_tps=50.0, sparse_decode_tps=100.0, sparse_decode_tps_low=75.0))
+    fast = compute_roi(
+        _inputs(
+            **kw,
+            decode_tps=50.0,
+            sparse_decode_tps=100.0,
+            sparse_decode_tps_low=75.0,
+            sparse_decode_tps_high=125.0,
+        )
+    )
     assert fast.decode_saved_usd_month == pytest.approx(338.194444, abs=1e-5) == fast.saved_usd_month
     both = compute_roi(_inputs(decode_tps=50.0, sparse_decode_tps=100.0))  # prefill 2x as well
     prefill_only = compute_roi(_inputs(decode_tps=50.0))
@@ -385,3 +400,23 @@ def test_decode_line_for_the_roi_reader() -> None:
     )
     dense = decode_outcome(None, flat)
     assert dense["status"] == "dense" and dense["short"] == "dense" and dense["saved_usd_month"] == 0.0
+
+
+def test_the_decode_line_shows_the_interval_its_dollars_are_priced_at() -> None:
+    """The evaluation summary's own decode figures (90%, each row's interval ends combined) differ from
+    the ROI's (the paired runs at 95%): the line beside the dollars shows the ROI's, as docs/roi.md says."""
+    kw = dict(dense_tps=1000.0, speedup=1.0, speedup_low=1.0, speedup_high=1.0, prompt_tokens=1000)
+    roi = compute_roi(
+        _inputs(
+            **kw,
+            decode_tps=50.0,
+            sparse_decode_tps=38.75,
+            sparse_decode_tps_low=33.7,
+            sparse_decode_tps_high=44.6,
+        )
+    )
+    summary_90 = _decode_section([False, False], (0.7645, 0.6795, 0.8601), 0.11, 768, [768, 1544])
+    out = decode_outcome(summary_90, roi)
+    assert (out["speedup"], out["speedup_low"], out["speedup_high"]) == pytest.approx((0.775, 0.674, 0.892))
+    assert out["line"].startswith("decode: 0.78x [0.67, 0.89] at 768-1,544 tokens of context")
+    assert out["short"] == "0.78x [0.67, 0.89]"

@@ -111,3 +111,44 @@ def test_a_timing_window_has_the_length_it_is_labelled_with(quality_tiny):
     with pytest.raises(CorpusError, match="fewer than the 10000000 asked"):  # the CLI: one line, exit 2
         timing_window(tok, 10**7)
     assert issubclass(CorpusError, SparsePilotError) and issubclass(CorpusError, ValueError)
+
+
+def test_a_rows_speed_columns_come_from_its_own_dense_prefills() -> None:
+    from sparse_core.bench.quality import speed_fields
+
+    f = speed_fields(0.030, 0.020, 0.018, 0.002)
+    assert f["dense_seconds"] == 0.018 and f["prefill_seconds"] == 0.020
+    assert f["speedup"] == pytest.approx(0.9)
+    assert f["estimator_share"] == pytest.approx(0.002 / 0.018)  # over the dense time, as in every bench
+
+
+def test_each_row_is_timed_against_the_dense_prefills_around_it(quality_tiny_dir, monkeypatch, tmp_path):
+    """The dense time grows through the run (the host got busier): every row is divided by the faster
+    of its own two dense prefills, not by the fastest dense prefill of the rows before it."""
+    from sparse_core.bench import quality
+    from sparse_core.retrofit import is_sparsified
+
+    calls: list[tuple[str, float]] = []
+
+    def fake(model, ids) -> float:  # noqa: ANN001
+        arm = "sparse" if is_sparsified(model) else "dense"
+        calls.append((arm, 0.01 * (len(calls) + 1) * (2 if arm == "sparse" else 1)))
+        return calls[-1][1]
+
+    monkeypatch.setattr(quality, "_time_prefill", fake)
+    settings = QualityBenchSettings.quick(
+        model=str(quality_tiny_dir),
+        budget="kl=0.05,agree=0.5",
+        estimators=("pooled", "quest", "oracle"),
+        lengths=(256,),
+        max_texts=4,
+        usecases=(),
+        plans_dir=str(tmp_path / "plans"),
+    )
+    (block,) = run_quality_bench(settings)["by_length"]
+    sparse_at = [i for i, (arm, _) in enumerate(calls) if arm == "sparse"]
+    assert len(sparse_at) == len(block["rows"]) == 3
+    for r, i in zip(block["rows"], sparse_at, strict=True):
+        assert calls[i - 1][0] == calls[i + 1][0] == "dense"
+        assert r["dense_seconds"] == min(calls[i - 1][1], calls[i + 1][1])
+        assert r["prefill_seconds"] == calls[i][1] and r["speedup"] == r["dense_seconds"] / calls[i][1]

@@ -153,3 +153,105 @@ def test_threads_for_sets_the_count_for_the_block_and_restores_it() -> None:
         assert record["requested"] == "auto" and torch.get_num_threads() == record["threads"]
         raise RuntimeError("the count comes back after an error too")
     assert torch.get_num_threads() == before
+
+
+# -- a cgroup CPU quota without a cpuset (docker --cpus, a Kubernetes CPU limit) ---------------------------
+
+
+@pytest.mark.parametrize(
+    ("cpus", "others", "mask", "threads"),
+    [
+        (4, 8.0, 16, 4),  # 8 of the node's 16 cores idle: the quota is the only limit
+        (4, 13.6, 16, 2),  # 2.4 idle cores on the node
+        (4, 15.9, 16, 1),
+        (2, 0.0, 2, 2),  # no quota: the mask is the cpus
+        (1, 0.0, 16, 1),  # a quota below one CPU still runs one thread
+    ],
+)
+def test_threads_under_a_quota_compare_the_others_with_the_mask(
+    cpus: float, others: float, mask: float, threads: int
+) -> None:
+    assert choose_threads(cpus, others, mask=mask) == threads
+
+
+def test_overload_under_a_quota_is_judged_against_the_mask_and_the_quota() -> None:
+    from sparse_core.host import CpuLimits, is_overloaded
+
+    limits = CpuLimits(mask=16.0, quota=4.0)
+    assert limits.cpus == 4.0
+    assert not is_overloaded(8.0, 4, limits)  # 8 idle cores, 4 threads within the quota
+    assert is_overloaded(13.0, 4, limits)  # 3 idle cores for 4 threads
+    assert is_overloaded(0.0, 6, limits)  # more threads than the quota gives
+    assert not is_overloaded(1.4, 1, CpuLimits(mask=2.0))
+    assert is_overloaded(1.6, 1, CpuLimits(mask=2.0))
+
+
+def _quota_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process as a container on a 16-CPU node limited to 4 CPUs by a quota, no cpuset."""
+    from sparse_core import host
+
+    monkeypatch.setattr(host, "_affinity", lambda: set(range(16)))
+    monkeypatch.setattr(host, "_cgroup_quota", lambda: 4.0)
+
+
+def test_a_timing_under_a_quota_on_a_half_busy_node_is_not_flagged(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sparse_core.host import CLK_TCK, CpuSnapshot, measure
+
+    _quota_node(monkeypatch)
+    a = CpuSnapshot(wall=0.0, busy_ticks=0, own_ticks=0, psi_some_us=0)
+    b = CpuSnapshot(wall=1.0, busy_ticks=int(12 * CLK_TCK), own_ticks=int(4 * CLK_TCK), psi_some_us=0)
+    load = measure(a, b, threads=4)
+    assert load.others_busy_cores == pytest.approx(8.0) and load.cpus == 4.0 and not load.overloaded
+    busy = CpuSnapshot(wall=1.0, busy_ticks=int(18 * CLK_TCK), own_ticks=int(4 * CLK_TCK), psi_some_us=0)
+    assert measure(a, busy, threads=4).overloaded  # the others kept 14 of 16 cores busy
+
+
+def test_the_thread_policy_under_a_quota_uses_the_quota(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from sparse_core import host
+
+    _quota_node(monkeypatch)
+    monkeypatch.setattr(host, "_others_now", lambda _s: 8.0)
+    before = torch.get_num_threads()
+    try:
+        policy = host.apply_thread_policy(0.0)
+    finally:
+        torch.set_num_threads(before)
+    assert policy == {"cpus": 4.0, "threads": 4, "others_busy_cores": 8.0}
+
+
+def _write(path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_the_quota_is_read_along_the_process_cgroup_path(tmp_path) -> None:
+    """cgroup v2 without a private namespace (a systemd service with CPUQuota=, a process in a slice):
+    the quota sits on the process's own cgroup or a parent, not at the root of the mount."""
+    from sparse_core.host import cgroup_quota
+
+    _write(tmp_path / "cpu.max", "max 100000\n")
+    _write(tmp_path / "system.slice" / "cpu.max", "300000 100000\n")
+    _write(tmp_path / "system.slice" / "app.service" / "cpu.max", "max 100000\n")
+    assert cgroup_quota("0::/system.slice/app.service\n", tmp_path) == 3.0  # a parent's quota
+    _write(tmp_path / "system.slice" / "app.service" / "cpu.max", "150000 100000\n")
+    assert cgroup_quota("0::/system.slice/app.service\n", tmp_path) == 1.5  # the smallest wins
+    assert cgroup_quota("0::/\n", tmp_path) is None  # the root itself has none
+    # a path of another namespace that is not mounted here: the root's files still count
+    _write(tmp_path / "cpu.max", "200000 100000\n")
+    assert cgroup_quota("0::/../../elsewhere\n", tmp_path) == 2.0
+    assert cgroup_quota("0::/not/mounted\n", tmp_path) == 2.0
+
+
+def test_the_quota_is_read_from_cgroup_v1(tmp_path) -> None:
+    from sparse_core.host import cgroup_quota
+
+    base = tmp_path / "cpu,cpuacct"
+    _write(base / "cpu.cfs_quota_us", "-1\n")
+    _write(base / "cpu.cfs_period_us", "100000\n")
+    _write(base / "docker" / "abc" / "cpu.cfs_quota_us", "250000\n")
+    _write(base / "docker" / "abc" / "cpu.cfs_period_us", "100000\n")
+    text = "12:memory:/docker/abc\n4:cpu,cpuacct:/docker/abc\n0::/\n"
+    assert cgroup_quota(text, tmp_path) == 2.5
+    assert cgroup_quota("4:cpu,cpuacct:/\n", tmp_path) is None

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from sparse_core import PlanError, SparsePlan, plan_io
+from sparse_core import PlanError, SparsePlan, load_plan, plan_io
 from sparse_core.estimators.learned_gate import BlockGate, GateShape
 from sparse_core.testing import tiny_config
 
@@ -85,3 +85,125 @@ def test_edited_plan_and_corrupt_weights_are_detected(tmp_path):
         plan_io.load(tmp_path / "r")
     with pytest.raises(PlanError, match="no sparse plan"):
         plan_io.load(tmp_path / "missing")
+
+
+# -- damaged or mistaken plan files: a PlanError naming the file and the field, never a traceback -----------
+
+
+def _saved(tmp_path, name: str = "p"):
+    cfg = tiny_config("llama")
+    plan_io.save(_gate_plan(cfg), tmp_path / name, config=cfg)
+    return cfg, tmp_path / name
+
+
+def _edit(directory, change, *, rehash: bool = True) -> None:
+    """Edit plan.json with `change(data)`; with `rehash`, record the edited plan's hash as if saved so."""
+    pj = directory / "plan.json"
+    data = json.loads(pj.read_text())
+    change(data)
+    pj.write_text(json.dumps(data))
+    if rehash:  # a plan this build refuses to read keeps the old record: it is refused before the hash
+        try:
+            digest = SparsePlan.from_dict(data).content_hash()
+        except PlanError:
+            return
+        (directory / "plan.sha256").write_text(json.dumps({"content_hash": digest, "format_version": 1}))
+
+
+def test_a_plan_json_that_is_not_utf8_or_not_json_text_names_the_file(tmp_path):
+    cfg, d = _saved(tmp_path)
+    with pytest.raises(PlanError, match=r"plan_tensors\.safetensors: not a plan\.json \(not UTF-8 text\)"):
+        plan_io.load(d / "plan_tensors.safetensors", config=cfg)  # --plan at the wrong file of the directory
+    pj = d / "plan.json"
+    pj.write_bytes(pj.read_bytes()[:40] + b"\xff\xfe" + pj.read_bytes()[40:])
+    with pytest.raises(PlanError, match=r"plan\.json: not a plan\.json \(not UTF-8 text\)"):
+        plan_io.load(d, config=cfg)
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        (
+            lambda m: m.update(gate_weights="plan_tensors.safetensors"),
+            "metadata.gate_weights must be an object",
+        ),
+        (lambda m: m.update(model_shape=[2, 4, 2, 16]), "metadata.model_shape must be an object"),
+        (
+            lambda m: m["gate_weights"].update(file="/etc/hostname"),
+            "metadata.gate_weights.file must be a file name",
+        ),
+        (
+            lambda m: m["gate_weights"].update(file="../p2/x"),
+            "metadata.gate_weights.file must be a file name",
+        ),
+    ],
+)
+def test_metadata_of_the_wrong_type_or_a_file_outside_the_plan_is_refused(tmp_path, change, field):
+    cfg, d = _saved(tmp_path)
+    _edit(d, lambda data: change(data["metadata"]))
+    with pytest.raises(PlanError, match=rf"plan\.json: plan\.{field}"):
+        plan_io.load(d, config=cfg)
+    with pytest.raises(PlanError, match=rf"plan\.json: plan\.{field}"):
+        load_plan(d, config=cfg)
+
+
+def test_format_version_must_be_an_integer(tmp_path):
+    cfg, d = _saved(tmp_path)
+    _edit(d, lambda data: data.update(format_version=True))
+    with pytest.raises(PlanError, match=r"plan\.json: format_version must be an integer, got True"):
+        plan_io.load(d, config=cfg)
+
+
+def test_truncated_tensors_are_refused_before_they_are_read(tmp_path):
+    cfg, d = _saved(tmp_path)
+    tf = d / "plan_tensors.safetensors"
+    tf.write_bytes(tf.read_bytes()[:100])
+    # the weights' sha256 dropped from plan.json: the plan's content hash no longer matches
+    _edit(d, lambda data: data["metadata"]["gate_weights"].pop("sha256"), rehash=False)
+    with pytest.raises(PlanError, match=r"plan\.json: content hash .* does not match"):
+        plan_io.load(d, config=cfg)
+    # and re-hashed to match: the bytes themselves are refused, naming the file
+    _edit(d, lambda data: None)
+    with pytest.raises(PlanError, match=r"plan_tensors\.safetensors: unreadable safetensors"):
+        plan_io.load(d, config=cfg)
+
+
+def test_a_plan_without_its_hash_record_is_refused(tmp_path):
+    """plan_io.save writes plan.sha256 with every plan: deleting it must not turn the check off."""
+    cfg, d = _saved(tmp_path)
+    _edit(d, lambda data: data.update(tau=0.5), rehash=False)
+    (d / "plan.sha256").unlink()
+    with pytest.raises(PlanError, match=r"plan\.json: no plan\.sha256 beside it"):
+        plan_io.load(d, config=cfg)
+
+
+def test_the_old_gate_plan_fixture_still_loads():
+    from pathlib import Path
+
+    from sparse_core.plan_io import HASH_FILE
+
+    old = Path(__file__).parents[1] / "fixtures" / "gate_v1_plan"
+    assert (old / HASH_FILE).is_file()
+    plan = plan_io.load(old, config=tiny_config("llama", layers=2, heads=4, kv_heads=2))
+    assert plan.estimator == "gate" and plan.tensors
+
+
+def test_errors_of_the_model_fit_name_the_plan_file(tmp_path):
+    cfg, d = _saved(tmp_path)
+    with pytest.raises(PlanError, match=r"p/plan\.json: plan was made for a different model"):
+        plan_io.load(d, config=tiny_config("llama", layers=3, heads=4, kv_heads=2))
+    _edit(d, lambda data: data.update(layer_overrides={"9": {"tau": 0.8}}))
+    with pytest.raises(PlanError, match=r"p/plan\.json: plan\.layer_overrides names layer\(s\) \[9\]"):
+        plan_io.load(d, config=cfg)
+    cfg, e = _saved(tmp_path, "e")
+    _edit(e, lambda data: data.update(estimator="nosuch"))
+    with pytest.raises(PlanError, match=r"e/plan\.json: unknown estimator\(s\) \['nosuch'\]"):
+        plan_io.load(e, config=cfg)
+    (e / "plan.sha256").unlink()
+    _edit(e, lambda data: data.update(estimator="gate"))
+    _edit(
+        e,
+        lambda data: data["metadata"].update(model_shape={**data["metadata"]["model_shape"], "head_dim": 64}),
+    )
+    with pytest.raises(PlanError, match=r"e/plan\.json: plan was made for a different model \(head_dim"):
+        plan_io.load(e, config=cfg)

@@ -121,3 +121,16 @@ def test_set_threads_records_the_others_either_way() -> None:
         assert auto["threads"] == choose_threads(auto["cpus"], auto["others_busy_cores"])
     with pytest.raises(ValueError, match="threads must be >= 1"):
         set_threads(0)
+
+
+def test_a_run_with_some_overloaded_rows_warns_about_them(capsys) -> None:  # noqa: ANN001
+    """bench quality / prefill: a run whose whole-run load was fine but some of whose rows were timed
+    under overload ends with a warning naming how many."""
+    from sparsepilot.commands.bench import _overload_warning
+
+    env = {"host_load": {"overloaded": False, "others_busy_cores": 0.9, "cpus": 2.0, "threads": 1}}
+    _overload_warning(env, [{"overloaded": True}, {"overloaded": False}, {"overloaded": True}])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "warning: 2 of 3 rows were timed while the host was overloaded" in text
+    _overload_warning(env, [{"overloaded": False}])
+    assert "warning" not in capsys.readouterr().out

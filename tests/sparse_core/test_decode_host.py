@@ -1,0 +1,97 @@
+"""Decode timings carry the host's load while they ran, and are retimed under overload like prefill's
+(sparse_core.decode.measure, evaluation.measure_decode_speed)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from sparse_core import SparsePlan, load_model
+from sparse_core.decode.plan import DecodePlan
+from sparse_core.testing import sample_text
+
+
+def _prompt(tok, n):  # noqa: ANN001
+    return tok(sample_text(6000), return_tensors="pt").input_ids[:, :n]
+
+
+def _overloaded_first(monkeypatch: pytest.MonkeyPatch, n: int) -> list[bool]:
+    """The first `n` measured blocks are overloaded (as if another process had taken the cores)."""
+    from sparse_core import host
+
+    real = host.measure
+    seen: list[bool] = []
+
+    def fake(start, end, *, threads=None):  # noqa: ANN001, ANN202
+        load = real(start, end, threads=threads)
+        seen.append(len(seen) < n)
+        return dataclasses.replace(load, overloaded=seen[-1], others_busy_cores=1.9 if seen[-1] else 0.1)
+
+    monkeypatch.setattr(host, "measure", fake)
+    return seen
+
+
+def test_side_by_side_decode_pairs_are_measured_and_retimed_under_overload(tiny_llama_dir, monkeypatch):
+    from sparse_core.decode.measure import compare_decode
+
+    model, tok = load_model(tiny_llama_dir)
+    plan = SparsePlan(block_size=32, decode=DecodePlan(budget_tokens=None, tau=1.0))
+    seen = _overloaded_first(monkeypatch, 1)
+    r = compare_decode(model, plan, _prompt(tok, 300), new_tokens=4, repeats=2, sparse_cache="paged")
+    assert len(seen) == 3 and len(r.dense_seconds_per_token) == len(r.sparse_seconds_per_token) == 2
+    host = r.extra["host"]
+    assert host["pairs_timed"] == 2 and host["pairs_retimed_for_overload"] == 1
+    assert host["pairs_kept_under_overload"] == 0 and host["overloaded"] is False
+    assert host["max_others_busy_cores"] == 0.1 and host["threads"] >= 1
+    # overloaded throughout: retimed at most `repeats` times, then kept and flagged
+    seen = _overloaded_first(monkeypatch, 99)
+    r = compare_decode(model, plan, _prompt(tok, 300), new_tokens=4, repeats=2, sparse_cache="paged")
+    host = r.extra["host"]
+    assert (
+        len(seen) == 4 and host["pairs_retimed_for_overload"] == 2 and host["pairs_kept_under_overload"] == 2
+    )
+    assert host["overloaded"] is True and r.agree == 1.0  # fidelity from a kept pair
+
+
+def test_dense_only_decode_runs_are_measured_and_retimed_too(tiny_llama_dir, monkeypatch):
+    from sparse_core.decode.measure import dense_decode
+
+    model, tok = load_model(tiny_llama_dir)
+    _overloaded_first(monkeypatch, 1)
+    r = dense_decode(model, _prompt(tok, 200), new_tokens=3, repeats=2, cache="paged")
+    assert len(r.dense_seconds_per_token) == 2
+    assert r.extra["host"]["pairs_timed"] == 2 and r.extra["host"]["pairs_retimed_for_overload"] == 1
+
+
+def test_the_decode_summary_records_the_runs_host_and_the_device_its_threads(tiny_llama_dir, monkeypatch):
+    import torch
+
+    from sparse_core.evaluation import EvalSuite, device_description, evaluate
+
+    model, tok = load_model(tiny_llama_dir)
+    plan = SparsePlan(block_size=32, decode=DecodePlan(budget_tokens=None, tau=1.0))
+    suite = EvalSuite(
+        n_fidelity_texts=0,
+        probe_lengths=(),
+        speed_lengths=(256,),
+        speed_repeats=2,
+        decode_new_tokens=3,
+        decode_repeats=2,
+        layer_errors=False,
+    )
+    _overloaded_first(monkeypatch, 0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(64)  # what the process had before the thread policy ran
+    try:
+        report = evaluate(model, tok, plan, suite)
+    finally:
+        torch.set_num_threads(before)
+    host = report.decode["summary"]["host"]
+    assert host["pairs_timed"] == 2 and host["pairs_retimed_for_overload"] == 0
+    assert host["pairs_kept_under_overload"] == 0 and host["max_others_busy_cores"] == 0.1
+    assert host["cache"] in ("paged", "dynamic") and host["loadavg_before"] is not None
+    threads = report.speed_summary["host"]["threads"]
+    if threads == host["threads"]:
+        assert report.device == device_description(model, threads=threads)
+    assert "x64 threads" not in report.device
