@@ -19,6 +19,7 @@ from sparse_core.errors import SparsePilotError
 FORMAT_VERSION = 1
 PLAN_FILE = "plan.json"
 TENSORS_FILE = "plan_tensors.safetensors"
+HASH_FILE = "plan.sha256"  # the content hash, beside plan.json
 
 # Keys a per-layer override may set; per-head overrides set only tau.
 LAYER_OVERRIDE_KEYS = ("tau", "sink_blocks", "local_blocks", "top_k", "min_density", "estimator", "sharpen")
@@ -294,6 +295,11 @@ def save_plan(plan: SparsePlan, directory: str | Path) -> Path:
     with os.fdopen(fd, "w") as fh:
         fh.write(plan.to_json())
     os.replace(tmp_name, directory / PLAN_FILE)
+    # the content hash beside it, which `plan_io.load` checks (every saved plan carries one: the
+    # registry's artifacts too, so a registered plan loads through the CLI's --plan)
+    (directory / HASH_FILE).write_text(
+        json.dumps({"content_hash": plan.content_hash(), "format_version": FORMAT_VERSION}) + "\n"
+    )
     return directory / PLAN_FILE
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sparse_core.plan import (
-    FORMAT_VERSION,
+    HASH_FILE,
     TENSORS_FILE,
     PlanError,
     SparsePlan,
@@ -28,8 +28,6 @@ from sparse_core.plan import (
     validate_plan_for,
 )
 from sparse_core.plan import save_plan as _save_plan
-
-HASH_FILE = "plan.sha256"
 
 
 def stamp_tensors_digest(plan: SparsePlan) -> SparsePlan:
@@ -60,17 +58,13 @@ def save(plan: SparsePlan, directory: str | Path, *, config: Any = None) -> tupl
         plan.validate_for(config)
         stamp_model(plan, config)
     stamp_tensors_digest(plan)
-    path = _save_plan(plan, directory)
-    digest = plan.content_hash()
-    (Path(directory) / HASH_FILE).write_text(
-        json.dumps({"content_hash": digest, "format_version": FORMAT_VERSION}) + "\n"
-    )
-    return path, digest
+    path = _save_plan(plan, directory)  # writes HASH_FILE beside it
+    return path, plan.content_hash()
 
 
 def load(directory: str | Path, *, config: Any = None) -> SparsePlan:
     """Load and verify a plan; with `config`, refuse a plan made for a different model. The recorded
-    content hash (plan.sha256, which `save` has written with every plan since format_version 1) is
+    content hash (plan.sha256, which `save_plan` writes with every plan, the registry's artifacts too) is
     checked before the tensors are read, and it must be there: without it an edited plan.json could not
     be told from the saved one. Every refusal is a PlanError naming the file."""
     file = plan_file(directory)
@@ -78,7 +72,7 @@ def load(directory: str | Path, *, config: Any = None) -> SparsePlan:
     hfile = file.parent / HASH_FILE
     if not hfile.is_file():
         raise PlanError(
-            f"{file}: no {HASH_FILE} beside it (plan_io.save writes one with every plan; without it an "
+            f"{file}: no {HASH_FILE} beside it (every saved plan has one; without it an "
             "edited plan.json cannot be told from the saved one)"
         )
     try:

@@ -207,3 +207,16 @@ def test_errors_of_the_model_fit_name_the_plan_file(tmp_path):
     )
     with pytest.raises(PlanError, match=r"e/plan\.json: plan was made for a different model \(head_dim"):
         plan_io.load(e, config=cfg)
+
+
+def test_a_plan_saved_by_save_plan_as_the_registry_does_loads_checked(tmp_path):
+    """The registry saves its artifacts with `save_plan`: that writes the hash record too, so a registered
+    plan loads through the CLI's --plan (plan_io.load refuses a plan without one), and is checked."""
+    from sparse_core.plan import save_plan
+
+    cfg = tiny_config("llama")
+    save_plan(_gate_plan(cfg), tmp_path / "registered")
+    assert plan_io.load(tmp_path / "registered").estimator == "gate"
+    _edit(tmp_path / "registered", lambda data: data.update(tau=0.5), rehash=False)
+    with pytest.raises(PlanError, match="does not match the recorded"):
+        plan_io.load(tmp_path / "registered")
