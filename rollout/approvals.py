@@ -10,13 +10,16 @@ Rules enforced here (server side, for the CLI and the dashboard alike):
   other is told who already did;
 - every signature writes an Approval row and an audit entry in the same transaction;
 - when a Prefect flow run is paused waiting for this decision, it is resumed with the approval as its
-  run input (`resume_flow_run`); a recorded run that is no longer paused is a clear error and nothing is
-  written. When no flow run waits (e.g. the main job finished), the effect is applied here directly, via
-  the same functions the promote/rollback flows call.
+  run input (`resume_flow_run`) once the signature has committed (Prefect is never called under the
+  write lock); a recorded run that is no longer paused is a clear error and nothing is written, and one
+  that stops waiting between that check and the resume gets the effect applied here instead. When no
+  flow run waits (e.g. the main job finished), the effect is applied here directly, via the same
+  functions the promote/rollback flows call.
 """
 
 from __future__ import annotations
 
+import logging
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +31,7 @@ from rollout import audit, lifecycle
 from rollout.auth import Identity, require_approver
 from rollout.db.models import AliasMove, Approval, GateDecision, ModelVersion, Pilot, UseCase
 from rollout.db.session import session_scope
+from rollout.redact import redact
 from rollout.spec import has_visible_text
 from sparse_core.errors import SparsePilotError
 
@@ -246,6 +250,14 @@ def approve(
     text = _check_reason(reason)
     resumed: str | None = None
     apply_now = False
+    # The paused run is asked about before the write lock is taken and resumed after the signature has
+    # committed: a call to Prefect inside the transaction held the state DB's write lock for as long as
+    # Prefect took to answer (minutes with a stalled API, every other writer failing meanwhile), and the
+    # resumed run could read the decision before the approval existed.
+    with session_scope(db_url) as session:
+        d = session.get(GateDecision, decision_id)
+        asked = None if d is None else d.flow_run_id
+    waiting, state = _flow_run_state_safe(asked) if asked else (False, "none")
     with session_scope(db_url, immediate=True) as session:
         # Two approvers signing at once are serialised (PostgreSQL: the row lock; SQLite: BEGIN
         # IMMEDIATE takes the write lock before this read), so the second sees the first's signature or
@@ -253,6 +265,11 @@ def approve(
         d = session.get(GateDecision, decision_id, with_for_update=True)
         if d is None:
             raise ApprovalError(f"decision {decision_id} does not exist")
+        if d.flow_run_id != asked:
+            raise FlowNotWaiting(
+                f"decision {d.id}: its approval run changed while you approved (another run registered, or "
+                "the last one was released); nothing was recorded, try again"
+            )
         check_approvable(session, d)
         if action == "approve" and d.awaiting == "rollback_approval":
             _require_an_earlier_champion(session, d)
@@ -314,14 +331,12 @@ def approve(
             decision_id=d.id,
         )
         if d.flow_run_id:
-            waiting, state = _flow_run_state_safe(d.flow_run_id)
             if not waiting:
                 raise FlowNotWaiting(
                     f"decision {d.id}: flow run {d.flow_run_id} is no longer paused (state: {state}); "
                     "nothing was recorded. Start a new approval run (`sparsepilot approve` does) "
                     "or check the run in Prefect."
                 )
-            _resume(d.flow_run_id, payload)
             resumed = d.flow_run_id
         elif apply_if_no_flow:
             apply_now = True
@@ -330,6 +345,20 @@ def approve(
                 f"decision {d.id}: no paused flow run is waiting for it; nothing was recorded"
             )
         approval_id, decision_pk, awaiting = row.id, d.id, d.awaiting
+    if resumed is not None:
+        try:
+            _resume(resumed, payload)
+        except Exception as exc:  # noqa: BLE001 - the signature stands: carry it out here instead
+            # the run stopped waiting between the check and now (or Prefect cannot be reached): the
+            # approval is recorded, so its effect is applied directly, as when no run waits (a run that
+            # still waits will find the decision resolved; rollout.unfinished covers a death meanwhile)
+            logging.getLogger("sparsepilot.approvals").warning(
+                "decision %s: could not resume flow run %s (%s); applying the decision directly",
+                decision_pk,
+                resumed,
+                redact(f"{type(exc).__name__}: {exc}"),
+            )
+            resumed, apply_now = None, True
     if apply_now:
         apply_decision(decision_pk, payload, db_url=db_url)
     return ApprovalResult(
