@@ -348,3 +348,52 @@ def test_roi_without_a_measured_interval_is_shown_as_one(seeded: dict[str, Any])
             assert not any(k.endswith(("_low", "_high")) for k in [*items, *inputs["input"]])
         else:
             assert items["saved_usd_month_low"] == roi_of.usd(result.saved_usd_month_low)
+
+
+def test_approving_never_holds_the_write_lock_while_prefect_stalls(seeded: dict[str, Any]) -> None:
+    """A Prefect API that accepts connections and never answers (a hung server, a stalled proxy): the
+    approval used to ask it about the paused run inside its write transaction, so every other writer of
+    the state DB (gate looks, pilot batches, leases of other use cases) failed with "database is
+    locked" for as long as Prefect's client retried. Now the lock is taken only after Prefect answered."""
+    import socket
+    import threading
+    import time
+    import uuid
+
+    from prefect.settings import temporary_settings
+
+    from rollout import leases
+
+    stalled = socket.socket()
+    stalled.bind(("127.0.0.1", 0))
+    stalled.listen(64)
+    held: list = []
+    threading.Thread(target=lambda: [held.append(stalled.accept()) for _ in range(64)], daemon=True).start()
+    did = seeded["contract-summarisation:decision"]
+    with session_scope() as s:
+        s.get(GateDecision, did).flow_run_id = str(uuid.uuid4())  # the approval run it waits on
+    box: dict[str, Any] = {}
+    url = f"http://127.0.0.1:{stalled.getsockname()[1]}/api"
+
+    def approver() -> None:  # settings are per context: this thread's own
+        with temporary_settings({"api.url": url, "api.request_timeout": 4, "client.max_retries": 0}):
+            try:
+                approvals.approve(did, Identity("alice", "approver", "local-account"), "ship it")
+            except Exception as exc:  # noqa: BLE001 - what the approver is told
+                box["error"] = exc
+
+    t = threading.Thread(target=approver)
+    t.start()
+    time.sleep(1.0)  # the approver is waiting on Prefect now
+    t0 = time.monotonic()
+    with leases.holding("document-qa", "a gate look of another use case"):
+        box["other_writer_s"] = time.monotonic() - t0
+    t.join(timeout=120)
+    stalled.close()
+    # Prefect took 4 s to time out; the other writer used to wait for it (30 s and a failure at the
+    # client's default 60 s timeout and 5 retries), now it writes at once
+    assert held and box["other_writer_s"] < 1.0
+    assert isinstance(box["error"], approvals.FlowNotWaiting) and "nothing was recorded" in str(box["error"])
+    with session_scope() as s:
+        assert s.get(GateDecision, did).resolution is None
+        assert not s.scalars(select(Approval).where(Approval.decision_id == did)).all()
