@@ -10,7 +10,9 @@ Where identities come from:
   password (``--password-stdin``, or a prompt on a terminal; ``SPARSEPILOT_USER`` names the account) or
   with a token from ``sparsepilot login`` (HMAC-signed with the installation's key, stored 0600 in the
   user's config dir, expiring). The role always comes from the account.
-- OIDC (`identity_from_oidc`): the dashboard's ``st.login``; roles from a configured approver list.
+- OIDC (`identity_from_oidc`): the dashboard's ``st.login``; the approver role only on claims the
+  provider vouches for (a verified email or issuer + subject on a configured approver list), under a
+  name of its own (``oidc:...``) that no local account can have.
 - anonymous: no identity at all (``None``), which every action refuses.
 """
 
@@ -38,6 +40,9 @@ ROLES: tuple[Role, ...] = ("viewer", "operator", "approver")
 ACCOUNTS_ENV = "SPARSEPILOT_ACCOUNTS"
 ACCOUNTS_FILE_ENV = "SPARSEPILOT_ACCOUNTS_FILE"
 USER_ENV = "SPARSEPILOT_USER"
+# OIDC identities live in a namespace of their own: a local account's name never starts with it, so an
+# OIDC user can never be recorded under (or take the signatures of) a local account's name.
+OIDC_PREFIX = "oidc:"
 
 # scrypt cost: n=2**17, r=8, p=1 (the OWASP minimum) needs 128 MiB and ~0.3 s per check. Stored with
 # the hash so it can be raised later without breaking old hashes; a stored hash may ask for at most
@@ -174,6 +179,11 @@ def _check_name(name: str, where: str) -> str:
     name = name.strip()
     if not name:
         raise AccountsConfigError(f"{where}: account name is empty")
+    if name.lower().startswith(OIDC_PREFIX):
+        raise AccountsConfigError(
+            f"{where}: account name {name!r} starts with {OIDC_PREFIX!r}, "
+            "which is kept for single sign-on users"
+        )
     return name
 
 
@@ -423,15 +433,39 @@ def create_first_run_account(
     return name, password
 
 
+def _is_email(text: str) -> bool:
+    """Shaped like an email address, and unambiguous inside an OIDC name (no ':' or '#', which the
+    issuer#subject form uses)."""
+    local, at, domain = text.partition("@")
+    return bool(local and at and domain) and not any(c in text for c in ":#;, \t\r\n")
+
+
+def verified_email(claims: Mapping[str, object]) -> str:
+    """The ``email`` claim when the provider vouches for it (``email_verified`` true), else ""."""
+    email = str(claims.get("email") or "").strip()
+    verified = claims.get("email_verified")
+    if isinstance(verified, str):  # some providers send the JSON string "true"
+        verified = verified.strip().lower() == "true"
+    return email if verified is True and _is_email(email) else ""
+
+
 def identity_from_oidc(claims: Mapping[str, object], approvers: Iterable[str] = ()) -> Identity | None:
-    """An OIDC user (``st.user``) becomes an approver only when their email (or subject) is listed;
-    everyone else who signed in is a viewer. No claims that identify the user -> no identity."""
+    """An OIDC user (``st.user``) is an approver only on a claim the provider vouches for: an email
+    listed in ``approvers`` with ``email_verified`` true, or a listed ``<issuer>#<subject>`` (the
+    subject is unique only within its issuer). ``preferred_username`` and an unverified email never
+    count. Everyone else who signed in is a viewer. The name is ``oidc:<verified email>``, else
+    ``oidc:<issuer>#<subject>``: never a local account's name. No verified email and no subject -> no
+    identity."""
     if not claims.get("is_logged_in", True):
         return None
-    name = str(claims.get("email") or claims.get("preferred_username") or claims.get("sub") or "").strip()
-    if not name:
+    email = verified_email(claims)
+    iss = str(claims.get("iss") or "").strip()
+    sub = str(claims.get("sub") or "").strip()
+    if not email and not sub:
         return None
-    listed = {a.strip().lower() for a in approvers}
-    keys = {name.lower(), str(claims.get("sub") or "").lower()}
-    role: Role = "approver" if listed & keys else "viewer"
-    return Identity(name, role, "oidc")
+    listed = {a.strip() for a in approvers if a.strip()}
+    listed_emails = {a.lower() for a in listed if "#" not in a}
+    by_subject = bool(iss and sub and f"{iss}#{sub}" in listed)
+    approver = bool(email and email.lower() in listed_emails) or by_subject
+    role: Role = "approver" if approver else "viewer"
+    return Identity(OIDC_PREFIX + (email or f"{iss}#{sub}"), role, "oidc")

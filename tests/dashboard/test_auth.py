@@ -154,12 +154,68 @@ def test_first_run_account_only_on_embedded_defaults(tmp_path: Path) -> None:
 
 
 def test_oidc_roles_from_the_approver_list() -> None:
-    claims = {"is_logged_in": True, "email": "Ann@Example.com", "sub": "123"}
+    claims = {"is_logged_in": True, "email": "Ann@Example.com", "email_verified": True, "sub": "123"}
     assert auth.identity_from_oidc(claims, ["ann@example.com"]) == Identity(
-        "Ann@Example.com", "approver", "oidc"
+        "oidc:Ann@Example.com", "approver", "oidc"
     )
     assert auth.identity_from_oidc(claims, []).role == "viewer"
     assert auth.identity_from_oidc({"is_logged_in": False}, ["x"]) is None
+
+
+ISS = "https://idp.example.com"
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        # preferred_username is chosen by the user on many providers (OIDC Core: not unique)
+        {"preferred_username": "ann@example.com", "sub": "attacker-77", "iss": ISS},
+        # an email the provider does not vouch for (self-registration)
+        {"email": "ann@example.com", "email_verified": False, "sub": "attacker-78", "iss": ISS},
+        {"email": "ann@example.com", "email_verified": "false", "sub": "attacker-79", "iss": ISS},
+        {"email": "ann@example.com", "sub": "attacker-80", "iss": ISS},  # no email_verified claim at all
+        # a bare subject is unique only within its issuer: listed subjects carry it ("<issuer>#<subject>")
+        {"sub": "ann-sub", "iss": "https://other-idp.example.org"},
+        {"sub": "ann-sub"},
+    ],
+)
+def test_oidc_approver_only_on_claims_the_provider_vouches_for(claims: dict[str, object]) -> None:
+    """Review J finding 3: the approver role came from an unverified email or from preferred_username."""
+    listed = ["ann@example.com", "ann-sub", f"{ISS}#ann-sub"]
+    who = auth.identity_from_oidc({"is_logged_in": True, **claims}, listed)
+    assert who is not None and who.role == "viewer"
+    assert who.name != "ann@example.com" and who.name.startswith("oidc:")
+
+
+def test_oidc_approver_by_verified_email_or_issuer_and_subject() -> None:
+    verified = {"email": "ann@example.com", "email_verified": True, "sub": "x", "iss": ISS}
+    assert auth.identity_from_oidc(verified, ["Ann@Example.com"]).role == "approver"
+    as_string = {**verified, "email_verified": "true"}  # some providers send a JSON string
+    assert auth.identity_from_oidc(as_string, ["ann@example.com"]).role == "approver"
+    by_subject = {"sub": "ann-sub", "iss": ISS, "email": "ann@example.com"}  # email not verified
+    who = auth.identity_from_oidc(by_subject, [f"{ISS}#ann-sub"])
+    assert who == Identity(f"oidc:{ISS}#ann-sub", "approver", "oidc")
+    assert auth.identity_from_oidc({"preferred_username": "ann", "email": "a@b.c"}, ["ann"]) is None
+
+
+def test_an_oidc_user_never_takes_a_local_accounts_name(hashes: dict[str, str], tmp_path: Path) -> None:
+    """An OIDC user whose preferred_username (or email) equals a local account's name was recorded under
+    that name: their signatures were indistinguishable. OIDC names are namespaced, and a local account
+    cannot take the namespace."""
+    who = auth.identity_from_oidc({"preferred_username": "carol", "sub": "attacker-79", "iss": ISS})
+    assert who is not None and who.name == f"oidc:{ISS}#attacker-79" and who.role == "viewer"
+    mail = auth.identity_from_oidc({"email": "carol@x.org", "email_verified": True, "sub": "c"})
+    assert mail is not None and mail.name == "oidc:carol@x.org"
+    with pytest.raises(AccountsConfigError, match="kept for single sign-on users"):
+        auth.load_accounts_file(_toml(tmp_path, '"oidc:carol@x.org"', hashes["alice"]))
+    with pytest.raises(AccountsConfigError, match="kept for single sign-on users"):
+        auth.load_accounts_file(_toml(tmp_path, '"OIDC:carol@x.org"', hashes["alice"]))
+
+
+def _toml(tmp_path: Path, name: str, pw_hash: str, extra: str = "") -> Path:
+    f = tmp_path / "accounts.toml"
+    f.write_text(f'[accounts.{name}]\nrole = "approver"\npassword_hash = "{pw_hash}"\n{extra}')
+    return f
 
 
 def test_anonymous_is_refused() -> None:
