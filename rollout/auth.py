@@ -80,6 +80,7 @@ class Account:
     name: str
     role: Role
     password_hash: str = ""
+    email: str = ""  # optional: the person's email, so the same person signing in by OIDC is known
 
     def __repr__(self) -> str:  # keep hashes out of logs and tracebacks
         return f"Account(name={self.name!r}, role={self.role!r})"
@@ -187,24 +188,31 @@ def _check_name(name: str, where: str) -> str:
     return name
 
 
+def _check_email(email: object, where: str) -> str:
+    if not isinstance(email, str) or not _is_email(email.strip()):
+        raise AccountsConfigError(f"{where}: email {email!r} is not an email address")
+    return email.strip()
+
+
 def parse_accounts(text: str, *, where: str = ACCOUNTS_ENV) -> dict[str, Account]:
-    """Parse ``name:role:hash;name:role:hash``. Errors name the entry (1-based) and the field."""
+    """Parse ``name:role:hash;name:role:hash[:email]``. Errors name the entry (1-based) and the field."""
     accounts: dict[str, Account] = {}
     for i, entry in enumerate((e.strip() for e in text.split(";")), start=1):
         if not entry:
             continue
         parts = entry.split(":")
-        if len(parts) != 3:
+        if len(parts) not in (3, 4):
             raise AccountsConfigError(
-                f"{where} entry {i}: expected name:role:password_hash, got {len(parts)} field(s)"
+                f"{where} entry {i}: expected name:role:password_hash[:email], got {len(parts)} field(s)"
             )
         name = _check_name(parts[0], f"{where} entry {i}")
         role = _check_role(parts[1].strip(), f"{where} entry {i} ({name})")
         pw_hash = parts[2].strip()
         _parse_hash_or_fail(pw_hash, f"{where} entry {i} ({name})")
+        email = _check_email(parts[3], f"{where} entry {i} ({name})") if len(parts) == 4 else ""
         if name in accounts:
             raise AccountsConfigError(f"{where} entry {i}: account {name!r} is defined twice")
-        accounts[name] = Account(name, role, pw_hash)
+        accounts[name] = Account(name, role, pw_hash, email)
     return accounts
 
 
@@ -216,7 +224,7 @@ def _parse_hash_or_fail(pw_hash: str, where: str) -> None:
 
 
 def load_accounts_file(path: str | Path) -> dict[str, Account]:
-    """TOML: ``[accounts.<name>]`` tables with ``role`` and ``password_hash``."""
+    """TOML: ``[accounts.<name>]`` tables with ``role``, ``password_hash`` and optionally ``email``."""
     p = Path(path)
     try:
         data = tomllib.loads(p.read_text(encoding="utf-8"))
@@ -240,7 +248,8 @@ def load_accounts_file(path: str | Path) -> dict[str, Account]:
         if not isinstance(pw_hash, str):
             raise AccountsConfigError(f"{where}: password_hash is missing")
         _parse_hash_or_fail(pw_hash, where)
-        accounts[name] = Account(name, role, pw_hash)
+        email = _check_email(fields["email"], where) if "email" in fields else ""
+        accounts[name] = Account(name, role, pw_hash, email)
     return accounts
 
 
@@ -469,3 +478,25 @@ def identity_from_oidc(claims: Mapping[str, object], approvers: Iterable[str] = 
     approver = bool(email and email.lower() in listed_emails) or by_subject
     role: Role = "approver" if approver else "viewer"
     return Identity(OIDC_PREFIX + (email or f"{iss}#{sub}"), role, "oidc")
+
+
+def person_key(actor: str, accounts: Mapping[str, Account]) -> str:
+    """Who a recorded actor is as a person, for rules that need two different people: the email when
+    one is known (an OIDC user's verified email; a local account's declared ``email``, or its name when
+    the name is an email address), lower-cased; else the actor's own name (``oidc:<issuer>#<subject>``,
+    or a local account's name, which can never start with ``oidc:``)."""
+    if actor.startswith(OIDC_PREFIX):
+        rest = actor[len(OIDC_PREFIX) :]
+        return rest.lower() if _is_email(rest) else actor
+    account = accounts.get(actor)
+    if account is not None and account.email:
+        return account.email.lower()
+    return actor.lower() if _is_email(actor) else actor
+
+
+def same_person(actor_a: str, actor_b: str, accounts: Mapping[str, Account] | None = None) -> bool:
+    """Are two recorded actors (a local account, an OIDC identity) the same person (`person_key`)?"""
+    if actor_a == actor_b:
+        return True
+    accounts = load_accounts() if accounts is None else accounts
+    return person_key(actor_a, accounts) == person_key(actor_b, accounts)

@@ -212,6 +212,42 @@ def test_an_oidc_user_never_takes_a_local_accounts_name(hashes: dict[str, str], 
         auth.load_accounts_file(_toml(tmp_path, '"OIDC:carol@x.org"', hashes["alice"]))
 
 
+def test_local_accounts_may_declare_an_email_and_old_entries_still_load(
+    hashes: dict[str, str], tmp_path: Path
+) -> None:
+    env = f"alice:approver:{hashes['alice']}:Alice@Corp.example;bob:viewer:{hashes['bob']}"
+    accounts = auth.parse_accounts(env)
+    assert accounts["alice"].email == "Alice@Corp.example" and accounts["bob"].email == ""
+    f = _toml(tmp_path, "carol", hashes["alice"], 'email = "carol@corp.example"\n')
+    assert auth.load_accounts_file(f)["carol"].email == "carol@corp.example"
+    assert auth.load_accounts_file(_toml(tmp_path, "carol", hashes["alice"]))["carol"].email == ""
+    with pytest.raises(AccountsConfigError, match=r"entry 1 \(alice\): email 'not-an-email'"):
+        auth.parse_accounts(f"alice:approver:{hashes['alice']}:not-an-email")
+    with pytest.raises(AccountsConfigError, match=r"accounts\.carol: email 3 is not an email"):
+        auth.load_accounts_file(_toml(tmp_path, "carol", hashes["alice"], "email = 3\n"))
+
+
+def test_one_person_under_a_local_account_and_oidc_is_one_person(hashes: dict[str, str]) -> None:
+    """The two-approver rule compared display names only, so local alice and OIDC alice@corp.example
+    were two people. A person is their email where one is known (verified by the provider, or declared
+    on the local account), else their namespaced name."""
+    accounts = auth.parse_accounts(
+        f"alice:approver:{hashes['alice']}:alice@corp.example;carol:approver:{hashes['bob']};"
+        f"dan@corp.example:approver:{hashes['bob']}"
+    )
+    sso = auth.identity_from_oidc({"email": "Alice@Corp.example", "email_verified": True, "sub": "a"})
+    assert auth.same_person("alice", sso.name, accounts)
+    assert auth.same_person(sso.name, "alice", accounts)
+    assert auth.same_person("dan@corp.example", "oidc:dan@corp.example", accounts)  # a name that is an email
+    assert not auth.same_person("alice", "carol", accounts)
+    # an OIDC user naming themselves "carol", or with carol's unverified email, is not local carol
+    fake = auth.identity_from_oidc({"preferred_username": "carol", "sub": "x", "iss": ISS})
+    assert not auth.same_person("carol", fake.name, accounts)
+    unverified = auth.identity_from_oidc({"email": "alice@corp.example", "sub": "y", "iss": ISS})
+    assert not auth.same_person("alice", unverified.name, accounts)
+    assert auth.person_key(f"oidc:{ISS}#y", accounts) == f"oidc:{ISS}#y"
+
+
 def _toml(tmp_path: Path, name: str, pw_hash: str, extra: str = "") -> Path:
     f = tmp_path / "accounts.toml"
     f.write_text(f'[accounts.{name}]\nrole = "approver"\npassword_hash = "{pw_hash}"\n{extra}')

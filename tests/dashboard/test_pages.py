@@ -202,6 +202,36 @@ def test_oidc_user_role_comes_from_the_approver_list(seeded: dict[str, Any], mon
     assert "Approve promotion" not in button_labels(at)
 
 
+def test_one_person_cannot_sign_both_halves_of_an_override_as_local_account_and_oidc(
+    seeded: dict[str, Any], monkeypatch: pytest.MonkeyPatch, dashboard_accounts: str
+) -> None:
+    """Review J finding 3: local alice signed an override, then signed again through SSO as
+    alice@corp.example, and the override was accepted. Her account now declares her email."""
+    from rollout import auth
+
+    monkeypatch.setenv(
+        "SPARSEPILOT_ACCOUNTS",
+        ";".join(
+            e + (":alice@corp.example" if e.startswith("alice:") else "")
+            for e in dashboard_accounts.split(";")
+        ),
+    )
+    did = seeded["document-qa:decision"]  # EXTEND on a running pilot: promoting is an override
+    local = auth.authenticate("alice", "alice-secret")
+    claims = {"email": "alice@corp.example", "email_verified": True, "sub": "0a1b"}
+    sso = auth.identity_from_oidc(claims, ["alice@corp.example"])
+    assert sso is not None and sso.role == "approver"
+    first = approvals.approve(did, local, "business needs it now")
+    assert first.needs_second_approver and not first.took_effect
+    with pytest.raises(
+        approvals.ApprovalError, match=r"already signed .* \(as 'alice'\); a second, different"
+    ):
+        approvals.approve(did, sso, "agreed (second approver)")
+    with session_scope() as s:
+        assert [a.actor for a in s.scalars(select(Approval).where(Approval.decision_id == did))] == ["alice"]
+        assert s.get(GateDecision, did).resolution is None
+
+
 def test_removed_account_or_changed_role_takes_effect_at_once(
     seeded: dict[str, Any], monkeypatch: pytest.MonkeyPatch, dashboard_accounts: str
 ) -> None:
