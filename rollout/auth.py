@@ -10,6 +10,8 @@ Where identities come from:
   password (``--password-stdin``, or a prompt on a terminal; ``SPARSEPILOT_USER`` names the account) or
   with a token from ``sparsepilot login`` (HMAC-signed with the installation's key, stored 0600 in the
   user's config dir, expiring). The role always comes from the account.
+- the sign-in limit (`sign_in`, `locked_until`): failed password checks are counted per account name in
+  the state DB (``auth.sign_in_failed`` audit rows), shared by the dashboard and the CLI.
 - OIDC (`identity_from_oidc`): the dashboard's ``st.login``; the approver role only on claims the
   provider vouches for (a verified email or issuer + subject on a configured approver list), under a
   name of its own (``oidc:...``) that no local account can have.
@@ -277,6 +279,127 @@ def authenticate(name: str, password: str, accounts: Mapping[str, Account] | Non
     return Identity(account.name, account.role, "local-account")
 
 
+# --- the sign-in limit, per account name, shared by every session and process ---------------------
+#
+# The rule is `locked_until` (pure). Its input, the account's recent failures, lives in the state DB
+# as ``auth.sign_in_failed`` audit rows (the name tried and where, never the password), so the dashboard's
+# sessions and the CLI (`login`, ``--password-stdin``, the prompt) in every process share one count. A
+# successful sign-in writes nothing and erases nothing.
+
+MAX_FAILURES, LOCKOUT_S = 5, 30.0
+SIGN_IN_FAILED = "auth.sign_in_failed"
+_ACCOUNT_ENTITY = "account"
+
+
+class TooManyAttempts(PermissionDenied):
+    """Refused before any password work: too many recent failed sign-ins."""
+
+    def __init__(self, wait_s: float) -> None:
+        super().__init__(f"too many failed sign-ins; try again in {max(wait_s, 0.0):.0f} s")
+        self.wait_s = wait_s
+
+
+class SignInUnavailable(PermissionDenied):
+    """The state DB, which keeps the failed sign-ins, cannot be read or written: nobody is signed in."""
+
+
+def locked_until(
+    failures: Iterable[float], now: float, *, max_failures: int = MAX_FAILURES, window_s: float = LOCKOUT_S
+) -> float | None:
+    """When sign-in opens again, or None when it is open now. ``failures`` are the times (seconds) of
+    failed sign-ins: with ``max_failures`` of them less than ``window_s`` before ``now`` (or after it:
+    another host's clock), it is locked until enough of them are ``window_s`` old."""
+    recent = sorted(t for t in failures if now - t < window_s)
+    if len(recent) < max_failures:
+        return None
+    return recent[len(recent) - max_failures] + window_s
+
+
+def _account_key(name: str) -> str:
+    return name.strip()[:64]  # audit_log.entity_id is 64 characters
+
+
+def recent_sign_in_failures(
+    name: str, now: float, *, window_s: float = LOCKOUT_S, db_url: str | None = None
+) -> list[float]:
+    """Times (seconds) of the failed sign-ins as ``name`` in the ``window_s`` before ``now`` (state DB)."""
+    import datetime as dt
+
+    from sqlalchemy import select
+
+    from rollout.db.models import AuditEntry
+    from rollout.db.session import session_scope
+
+    since = dt.datetime.fromtimestamp(now - window_s, dt.UTC)
+    with session_scope(db_url) as session:
+        stamps = session.scalars(
+            select(AuditEntry.ts).where(
+                AuditEntry.action == SIGN_IN_FAILED,
+                AuditEntry.entity == _ACCOUNT_ENTITY,
+                AuditEntry.entity_id == _account_key(name),
+                AuditEntry.ts >= since,
+            )
+        ).all()
+    # SQLite hands the timestamp back without its zone (UTC, as written)
+    return [(ts if ts.tzinfo else ts.replace(tzinfo=dt.UTC)).timestamp() for ts in stamps]
+
+
+def record_sign_in_failure(name: str, via: str, *, db_url: str | None = None) -> None:
+    """An ``auth.sign_in_failed`` audit row: the account name tried and where (``via``); no password."""
+    from rollout import audit
+    from rollout.db.session import session_scope
+
+    with session_scope(db_url) as session:
+        audit.record(
+            session,
+            audit.ANONYMOUS_ACTOR,
+            SIGN_IN_FAILED,
+            entity=_ACCOUNT_ENTITY,
+            entity_id=_account_key(name),
+            details={"account": name.strip()[:200], "via": via},
+        )
+
+
+def sign_in(
+    name: str,
+    password: str,
+    *,
+    via: str,
+    accounts: Mapping[str, Account] | None = None,
+    db_url: str | None = None,
+    now: float | None = None,
+) -> Identity | None:
+    """`authenticate` behind the per-account limit: TooManyAttempts, before any password work, while
+    `locked_until` says the name is locked; a wrong password (or unknown name) is recorded
+    (`record_sign_in_failure`). SignInUnavailable when the state DB cannot keep the count."""
+    import time
+
+    from sqlalchemy.exc import SQLAlchemyError
+
+    t = time.time() if now is None else now
+    try:
+        until = locked_until(recent_sign_in_failures(name, t, db_url=db_url), t)
+    except SQLAlchemyError as exc:
+        raise SignInUnavailable(_db_trouble(exc)) from None
+    if until is not None:
+        raise TooManyAttempts(until - t)
+    who = authenticate(name, password, accounts)
+    if who is None:
+        try:
+            record_sign_in_failure(name, via, db_url=db_url)
+        except SQLAlchemyError as exc:
+            raise SignInUnavailable(_db_trouble(exc)) from None
+    return who
+
+
+def _db_trouble(exc: Exception) -> str:
+    first = str(exc).splitlines()[0][:200] if str(exc) else ""
+    return (
+        "sign-in is not possible now: the state database, which counts failed sign-ins, "
+        f"cannot be used ({type(exc).__name__}: {first}); run `sparsepilot init` or check the database"
+    )
+
+
 # --- the CLI: passwords and login tokens ----------------------------------------------------------
 
 FIRST_RUN_FILE = "accounts.toml"
@@ -386,7 +509,8 @@ def cli_authenticate(
 ) -> Identity:
     """Who runs this CLI command, proven: ``password`` (from --password-stdin) for the account named
     by SPARSEPILOT_USER; else the token of `sparsepilot login`; else ``prompt`` (a terminal's hidden
-    password prompt) when given. Raises PermissionDenied saying how to sign in."""
+    password prompt) when given. A password goes through `sign_in`'s limit (this process's state DB).
+    Raises PermissionDenied saying how to sign in."""
     env = os.environ if env is None else env
     accounts = load_accounts(env)
     name = (env.get(USER_ENV) or "").strip()
@@ -415,7 +539,7 @@ def cli_authenticate(
         raise PermissionDenied(
             f"no accounts are configured ({ACCOUNTS_ENV}, {ACCOUNTS_FILE_ENV}); see docs/operations.md"
         )
-    who = authenticate(name, password, accounts)
+    who = sign_in(name, password, via="cli", accounts=accounts)
     if who is None:
         raise PermissionDenied(f"wrong account name or password for {name!r}")
     return Identity(who.name, who.role, "cli-password")

@@ -73,7 +73,7 @@ def test_accounts_file(tmp_path: Path, hashes: dict[str, str]) -> None:
         auth.load_accounts({"SPARSEPILOT_ACCOUNTS_FILE": str(tmp_path / "nope.toml")})
 
 
-def test_cli_needs_the_password_and_the_role_comes_from_the_account(hashes: dict[str, str]) -> None:
+def test_cli_needs_the_password_and_the_role_comes_from_the_account(hashes: dict[str, str], sp_home) -> None:  # noqa: ANN001
     accounts = f"alice:approver:{hashes['alice']};bob:viewer:{hashes['bob']}"
     env = {"SPARSEPILOT_ACCOUNTS": accounts, "SPARSEPILOT_HOME": "/nonexistent-home"}
     env["SPARSEPILOT_TOKEN_FILE"] = "/nonexistent-home/token"
@@ -89,6 +89,66 @@ def test_cli_needs_the_password_and_the_role_comes_from_the_account(hashes: dict
         auth.cli_authenticate(password="x", env={**env, "SPARSEPILOT_USER": "eve"})
     prompted = auth.cli_authenticate(prompt=lambda _: "alice-pw", env={**env, "SPARSEPILOT_USER": "alice"})
     assert prompted.role == "approver"
+
+
+def test_the_lockout_rule_counts_recent_failures() -> None:
+    """Five failures less than 30 s old lock the name until the oldest of the last five is 30 s old;
+    older failures, and successes (never recorded), change nothing."""
+    assert auth.locked_until([], 100.0) is None
+    assert auth.locked_until([96.0, 97.0, 98.0, 99.0], 100.0) is None
+    assert auth.locked_until([91.0, 96.0, 97.0, 98.0, 99.0], 100.0) == 121.0
+    assert auth.locked_until([60.0, 70.0, 96.0, 97.0, 98.0, 99.0], 100.0) is None  # two are old
+    assert auth.locked_until([91.0, 92.0, 96.0, 97.0, 98.0, 99.0], 100.0) == 122.0  # six: 2nd oldest
+    assert auth.locked_until([91.0, 96.0, 97.0, 98.0, 99.0], 121.0) is None
+    assert auth.locked_until([91.0, 96.0, 97.0, 98.0, 130.0], 100.0) == 121.0  # a clock ahead counts
+    assert str(auth.TooManyAttempts(20.6)) == "too many failed sign-ins; try again in 21 s"
+
+
+def test_sign_in_counts_failures_per_name_in_the_state_db(
+    hashes: dict[str, str],
+    sp_home,
+    monkeypatch: pytest.MonkeyPatch,  # noqa: ANN001
+) -> None:
+    """Review J finding 5: the count lived in one browser session. Now: per name, in the state DB; the
+    lock refuses before any scrypt work; a success erases nothing; the row never holds the password."""
+    from sqlalchemy import select
+
+    from rollout.db.models import AuditEntry
+    from rollout.db.session import session_scope
+
+    accounts = auth.parse_accounts(f"alice:approver:{hashes['alice']}")
+    t = 1_000_000.0 + __import__("time").time()  # any time: the rows' own stamps are compared
+    for i in range(4):
+        assert auth.sign_in("alice", f"guess-{i}", via="test", accounts=accounts) is None
+    assert auth.sign_in("alice", "alice-pw", via="test", accounts=accounts).role == "approver"
+    assert auth.sign_in("alice", "guess-4", via="test", accounts=accounts) is None  # 5th failure
+    checks: list[str] = []
+    real = auth.verify_password
+    monkeypatch.setattr(auth, "verify_password", lambda pw, h: checks.append(pw) or real(pw, h))
+    with pytest.raises(auth.TooManyAttempts, match="too many failed sign-ins; try again in"):
+        auth.sign_in("alice", "alice-pw", via="test", accounts=accounts)  # the success did not reset
+    assert checks == []  # refused before the password work
+    assert auth.sign_in("alice", "alice-pw", via="test", accounts=accounts, now=t) is not None  # later
+    assert auth.sign_in("mallory", "x", via="test", accounts=accounts) is None  # another name: its own
+    with session_scope() as s:
+        rows = s.scalars(select(AuditEntry).where(AuditEntry.action == "auth.sign_in_failed")).all()
+        assert [(r.entity_id, r.details["account"]) for r in rows] == [("alice", "alice")] * 5 + [
+            ("mallory", "mallory")
+        ]
+        assert {r.actor for r in rows} == {"anonymous"} and rows[0].details["via"] == "test"
+        for r in rows:
+            assert not any(f"guess-{i}" in str(v) for i in range(5) for v in (r.details, r.entity_id))
+
+
+def test_sign_in_without_a_state_db_is_refused_by_name(
+    hashes: dict[str, str], tmp_path: Path, monkeypatch
+) -> None:  # noqa: ANN001
+    monkeypatch.setenv("SPARSEPILOT_HOME", str(tmp_path / "no-schema"))
+    monkeypatch.delenv("SPARSEPILOT_DATABASE_URL", raising=False)
+    (tmp_path / "no-schema").mkdir()
+    accounts = auth.parse_accounts(f"alice:approver:{hashes['alice']}")
+    with pytest.raises(auth.SignInUnavailable, match="counts failed sign-ins, cannot be used"):
+        auth.sign_in("alice", "alice-pw", via="test", accounts=accounts)
 
 
 def test_roles_are_ordered() -> None:

@@ -258,6 +258,40 @@ def test_repeated_wrong_passwords_lock_the_form(seeded: dict[str, Any]) -> None:
     assert "sp_identity" not in at.session_state
 
 
+def test_a_locked_account_is_locked_for_every_session_and_the_cli(
+    seeded: dict[str, Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Review J finding 5: a new browser session (no cookie needed) reset the lockout, the CLI had no
+    limit, and failed sign-ins left no trace. The count is now per account, in the state DB."""
+    from typer.testing import CliRunner
+
+    from rollout import auth
+    from sparsepilot.cli import app
+
+    a = new_app()
+    for i in range(5):
+        sign_in(a, "alice", f"guess-{i}")
+        assert "Unknown user name or wrong password." in [e.value for e in a.error]
+    b = new_app()  # another browser session
+    checks: list[str] = []
+    real = auth.verify_password
+    monkeypatch.setattr(auth, "verify_password", lambda pw, h: checks.append(pw) or real(pw, h))
+    sign_in(b, "alice")  # the right password
+    assert any(e.value.startswith("Not checked: too many failed sign-ins; try again in") for e in b.error)
+    assert "sp_identity" not in b.session_state and checks == []  # refused before the scrypt work
+    monkeypatch.setenv("SPARSEPILOT_USER", "alice")
+    monkeypatch.setenv("SPARSEPILOT_TOKEN_FILE", str(tmp_path / "no-token"))
+    r = CliRunner().invoke(app, ["whoami", "--password-stdin"], input="alice-secret\n")
+    assert r.exit_code == 2 and "too many failed sign-ins" in r.output, r.output
+    assert checks == []
+    assert sign_in(new_app(), "bob").session_state["sp_identity"].name == "bob"  # bob is not locked
+    with session_scope() as s:
+        rows = s.scalars(select(AuditEntry).where(AuditEntry.action == "auth.sign_in_failed")).all()
+        assert [(r.actor, r.entity, r.entity_id, r.details) for r in rows] == [
+            ("anonymous", "account", "alice", {"account": "alice", "via": "dashboard"})
+        ] * 5  # the name tried and where: never the password
+
+
 def test_mlflow_link_points_at_the_run(seeded: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SPARSEPILOT_MLFLOW_UI_URL", "http://mlflow.internal:5000/")
     at = new_app()
