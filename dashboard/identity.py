@@ -57,23 +57,21 @@ def current_identity() -> Identity | None:
     return None
 
 
-class TooManyAttempts(RuntimeError):
-    pass
-
-
-MAX_FAILURES, LOCKOUT_S = 5, 30.0
+TooManyAttempts = auth.TooManyAttempts
+MAX_FAILURES, LOCKOUT_S = auth.MAX_FAILURES, auth.LOCKOUT_S
 
 
 def sign_in_local(name: str, password: str) -> Identity | None:
-    """Check the password; after MAX_FAILURES wrong ones this session waits LOCKOUT_S seconds."""
+    """Check the password behind two limits (TooManyAttempts, before any password work): this
+    session's, MAX_FAILURES wrong ones in LOCKOUT_S whatever the names; and the account's, shared with
+    every other session and the CLI through the state DB (rollout.auth.sign_in)."""
     failures: list[float] = st.session_state.setdefault("sp_login_failures", [])
     now = time.monotonic()
     failures[:] = [t for t in failures if now - t < LOCKOUT_S]
-    if len(failures) >= MAX_FAILURES:
-        raise TooManyAttempts(
-            f"too many failed sign-ins; try again in {LOCKOUT_S - (now - failures[0]):.0f} s"
-        )
-    ident = auth.authenticate(name, password)
+    until = auth.locked_until(failures, now)
+    if until is not None:
+        raise TooManyAttempts(until - now)
+    ident = auth.sign_in(name, password, via="dashboard")
     if ident is None:
         failures.append(now)
     else:

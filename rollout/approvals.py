@@ -4,7 +4,8 @@ Rules enforced here (server side, for the CLI and the dashboard alike):
 - an Identity with the approver role and a non-empty reason are required;
 - acting against the gate's recommendation (promoting on EXTEND/NO-GO/INVALID, promoting on an
   intermediate step's GO, which skips the remaining ramp steps, or keeping a model whose monitor asked
-  for a rollback) needs a second, *different* approver before it takes effect;
+  for a rollback) needs a second, *different* approver before it takes effect: a different person
+  (`rollout.auth.same_person`), so one person signed in once locally and once by OIDC counts once;
 - signing is atomic: the decision is read and signed under a write lock (SQLite ``BEGIN IMMEDIATE``,
   PostgreSQL ``SELECT ... FOR UPDATE``), so of two approvers acting at once exactly one signs and the
   other is told who already did;
@@ -28,7 +29,7 @@ from pydantic import BaseModel
 from sqlalchemy import select
 
 from rollout import audit, lifecycle
-from rollout.auth import Identity, require_approver
+from rollout.auth import Identity, require_approver, same_person
 from rollout.db.models import AliasMove, Approval, GateDecision, ModelVersion, Pilot, UseCase
 from rollout.db.session import session_scope
 from rollout.redact import redact
@@ -276,9 +277,11 @@ def approve(
         against = action != recommended_action(d)
         if against:
             earlier = override_signatures(session, d.id, action)
-            if any(a.actor == who.name for a in earlier):
+            signed = [a.actor for a in earlier if same_person(a.actor, who.name)]
+            if signed:  # one person under two identities (a local account and OIDC) counts once
+                also = f" (as {signed[0]!r})" if signed[0] != who.name else ""
                 raise ApprovalError(
-                    f"{who.name!r} already signed this override of decision {decision_id}; "
+                    f"{who.name!r} already signed this override of decision {decision_id}{also}; "
                     "a second, different approver must confirm it"
                 )
             if not earlier:

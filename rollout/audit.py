@@ -32,6 +32,8 @@ GENESIS = "0" * 64
 # like any other actor.
 SYSTEM_ACTOR = "sparsepilot-pipeline"
 MONITOR_ACTOR = "sparsepilot-monitor"
+# Who a failed sign-in is by: nobody proven (the account name tried is in the row's entity_id/details).
+ANONYMOUS_ACTOR = "anonymous"
 _PG_LOCK_KEY = 0x5350_4155_4449_54  # "SPAUDIT": serialises audit writers on PostgreSQL
 
 

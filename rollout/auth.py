@@ -10,7 +10,11 @@ Where identities come from:
   password (``--password-stdin``, or a prompt on a terminal; ``SPARSEPILOT_USER`` names the account) or
   with a token from ``sparsepilot login`` (HMAC-signed with the installation's key, stored 0600 in the
   user's config dir, expiring). The role always comes from the account.
-- OIDC (`identity_from_oidc`): the dashboard's ``st.login``; roles from a configured approver list.
+- the sign-in limit (`sign_in`, `locked_until`): failed password checks are counted per account name in
+  the state DB (``auth.sign_in_failed`` audit rows), shared by the dashboard and the CLI.
+- OIDC (`identity_from_oidc`): the dashboard's ``st.login``; the approver role only on claims the
+  provider vouches for (a verified email or issuer + subject on a configured approver list), under a
+  name of its own (``oidc:...``) that no local account can have.
 - anonymous: no identity at all (``None``), which every action refuses.
 """
 
@@ -38,6 +42,9 @@ ROLES: tuple[Role, ...] = ("viewer", "operator", "approver")
 ACCOUNTS_ENV = "SPARSEPILOT_ACCOUNTS"
 ACCOUNTS_FILE_ENV = "SPARSEPILOT_ACCOUNTS_FILE"
 USER_ENV = "SPARSEPILOT_USER"
+# OIDC identities live in a namespace of their own: a local account's name never starts with it, so an
+# OIDC user can never be recorded under (or take the signatures of) a local account's name.
+OIDC_PREFIX = "oidc:"
 
 # scrypt cost: n=2**17, r=8, p=1 (the OWASP minimum) needs 128 MiB and ~0.3 s per check. Stored with
 # the hash so it can be raised later without breaking old hashes; a stored hash may ask for at most
@@ -75,6 +82,7 @@ class Account:
     name: str
     role: Role
     password_hash: str = ""
+    email: str = ""  # optional: the person's email, so the same person signing in by OIDC is known
 
     def __repr__(self) -> str:  # keep hashes out of logs and tracebacks
         return f"Account(name={self.name!r}, role={self.role!r})"
@@ -174,27 +182,39 @@ def _check_name(name: str, where: str) -> str:
     name = name.strip()
     if not name:
         raise AccountsConfigError(f"{where}: account name is empty")
+    if name.lower().startswith(OIDC_PREFIX):
+        raise AccountsConfigError(
+            f"{where}: account name {name!r} starts with {OIDC_PREFIX!r}, "
+            "which is kept for single sign-on users"
+        )
     return name
 
 
+def _check_email(email: object, where: str) -> str:
+    if not isinstance(email, str) or not _is_email(email.strip()):
+        raise AccountsConfigError(f"{where}: email {email!r} is not an email address")
+    return email.strip()
+
+
 def parse_accounts(text: str, *, where: str = ACCOUNTS_ENV) -> dict[str, Account]:
-    """Parse ``name:role:hash;name:role:hash``. Errors name the entry (1-based) and the field."""
+    """Parse ``name:role:hash;name:role:hash[:email]``. Errors name the entry (1-based) and the field."""
     accounts: dict[str, Account] = {}
     for i, entry in enumerate((e.strip() for e in text.split(";")), start=1):
         if not entry:
             continue
         parts = entry.split(":")
-        if len(parts) != 3:
+        if len(parts) not in (3, 4):
             raise AccountsConfigError(
-                f"{where} entry {i}: expected name:role:password_hash, got {len(parts)} field(s)"
+                f"{where} entry {i}: expected name:role:password_hash[:email], got {len(parts)} field(s)"
             )
         name = _check_name(parts[0], f"{where} entry {i}")
         role = _check_role(parts[1].strip(), f"{where} entry {i} ({name})")
         pw_hash = parts[2].strip()
         _parse_hash_or_fail(pw_hash, f"{where} entry {i} ({name})")
+        email = _check_email(parts[3], f"{where} entry {i} ({name})") if len(parts) == 4 else ""
         if name in accounts:
             raise AccountsConfigError(f"{where} entry {i}: account {name!r} is defined twice")
-        accounts[name] = Account(name, role, pw_hash)
+        accounts[name] = Account(name, role, pw_hash, email)
     return accounts
 
 
@@ -206,7 +226,7 @@ def _parse_hash_or_fail(pw_hash: str, where: str) -> None:
 
 
 def load_accounts_file(path: str | Path) -> dict[str, Account]:
-    """TOML: ``[accounts.<name>]`` tables with ``role`` and ``password_hash``."""
+    """TOML: ``[accounts.<name>]`` tables with ``role``, ``password_hash`` and optionally ``email``."""
     p = Path(path)
     try:
         data = tomllib.loads(p.read_text(encoding="utf-8"))
@@ -230,7 +250,8 @@ def load_accounts_file(path: str | Path) -> dict[str, Account]:
         if not isinstance(pw_hash, str):
             raise AccountsConfigError(f"{where}: password_hash is missing")
         _parse_hash_or_fail(pw_hash, where)
-        accounts[name] = Account(name, role, pw_hash)
+        email = _check_email(fields["email"], where) if "email" in fields else ""
+        accounts[name] = Account(name, role, pw_hash, email)
     return accounts
 
 
@@ -256,6 +277,127 @@ def authenticate(name: str, password: str, accounts: Mapping[str, Account] | Non
     if account is None or not ok:
         return None
     return Identity(account.name, account.role, "local-account")
+
+
+# --- the sign-in limit, per account name, shared by every session and process ---------------------
+#
+# The rule is `locked_until` (pure). Its input, the account's recent failures, lives in the state DB
+# as ``auth.sign_in_failed`` audit rows (the name tried and where, never the password), so the dashboard's
+# sessions and the CLI (`login`, ``--password-stdin``, the prompt) in every process share one count. A
+# successful sign-in writes nothing and erases nothing.
+
+MAX_FAILURES, LOCKOUT_S = 5, 30.0
+SIGN_IN_FAILED = "auth.sign_in_failed"
+_ACCOUNT_ENTITY = "account"
+
+
+class TooManyAttempts(PermissionDenied):
+    """Refused before any password work: too many recent failed sign-ins."""
+
+    def __init__(self, wait_s: float) -> None:
+        super().__init__(f"too many failed sign-ins; try again in {max(wait_s, 0.0):.0f} s")
+        self.wait_s = wait_s
+
+
+class SignInUnavailable(PermissionDenied):
+    """The state DB, which keeps the failed sign-ins, cannot be read or written: nobody is signed in."""
+
+
+def locked_until(
+    failures: Iterable[float], now: float, *, max_failures: int = MAX_FAILURES, window_s: float = LOCKOUT_S
+) -> float | None:
+    """When sign-in opens again, or None when it is open now. ``failures`` are the times (seconds) of
+    failed sign-ins: with ``max_failures`` of them less than ``window_s`` before ``now`` (or after it:
+    another host's clock), it is locked until enough of them are ``window_s`` old."""
+    recent = sorted(t for t in failures if now - t < window_s)
+    if len(recent) < max_failures:
+        return None
+    return recent[len(recent) - max_failures] + window_s
+
+
+def _account_key(name: str) -> str:
+    return name.strip()[:64]  # audit_log.entity_id is 64 characters
+
+
+def recent_sign_in_failures(
+    name: str, now: float, *, window_s: float = LOCKOUT_S, db_url: str | None = None
+) -> list[float]:
+    """Times (seconds) of the failed sign-ins as ``name`` in the ``window_s`` before ``now`` (state DB)."""
+    import datetime as dt
+
+    from sqlalchemy import select
+
+    from rollout.db.models import AuditEntry
+    from rollout.db.session import session_scope
+
+    since = dt.datetime.fromtimestamp(now - window_s, dt.UTC)
+    with session_scope(db_url) as session:
+        stamps = session.scalars(
+            select(AuditEntry.ts).where(
+                AuditEntry.action == SIGN_IN_FAILED,
+                AuditEntry.entity == _ACCOUNT_ENTITY,
+                AuditEntry.entity_id == _account_key(name),
+                AuditEntry.ts >= since,
+            )
+        ).all()
+    # SQLite hands the timestamp back without its zone (UTC, as written)
+    return [(ts if ts.tzinfo else ts.replace(tzinfo=dt.UTC)).timestamp() for ts in stamps]
+
+
+def record_sign_in_failure(name: str, via: str, *, db_url: str | None = None) -> None:
+    """An ``auth.sign_in_failed`` audit row: the account name tried and where (``via``); no password."""
+    from rollout import audit
+    from rollout.db.session import session_scope
+
+    with session_scope(db_url) as session:
+        audit.record(
+            session,
+            audit.ANONYMOUS_ACTOR,
+            SIGN_IN_FAILED,
+            entity=_ACCOUNT_ENTITY,
+            entity_id=_account_key(name),
+            details={"account": name.strip()[:200], "via": via},
+        )
+
+
+def sign_in(
+    name: str,
+    password: str,
+    *,
+    via: str,
+    accounts: Mapping[str, Account] | None = None,
+    db_url: str | None = None,
+    now: float | None = None,
+) -> Identity | None:
+    """`authenticate` behind the per-account limit: TooManyAttempts, before any password work, while
+    `locked_until` says the name is locked; a wrong password (or unknown name) is recorded
+    (`record_sign_in_failure`). SignInUnavailable when the state DB cannot keep the count."""
+    import time
+
+    from sqlalchemy.exc import SQLAlchemyError
+
+    t = time.time() if now is None else now
+    try:
+        until = locked_until(recent_sign_in_failures(name, t, db_url=db_url), t)
+    except SQLAlchemyError as exc:
+        raise SignInUnavailable(_db_trouble(exc)) from None
+    if until is not None:
+        raise TooManyAttempts(until - t)
+    who = authenticate(name, password, accounts)
+    if who is None:
+        try:
+            record_sign_in_failure(name, via, db_url=db_url)
+        except SQLAlchemyError as exc:
+            raise SignInUnavailable(_db_trouble(exc)) from None
+    return who
+
+
+def _db_trouble(exc: Exception) -> str:
+    first = str(exc).splitlines()[0][:200] if str(exc) else ""
+    return (
+        "sign-in is not possible now: the state database, which counts failed sign-ins, "
+        f"cannot be used ({type(exc).__name__}: {first}); run `sparsepilot init` or check the database"
+    )
 
 
 # --- the CLI: passwords and login tokens ----------------------------------------------------------
@@ -367,7 +509,8 @@ def cli_authenticate(
 ) -> Identity:
     """Who runs this CLI command, proven: ``password`` (from --password-stdin) for the account named
     by SPARSEPILOT_USER; else the token of `sparsepilot login`; else ``prompt`` (a terminal's hidden
-    password prompt) when given. Raises PermissionDenied saying how to sign in."""
+    password prompt) when given. A password goes through `sign_in`'s limit (this process's state DB).
+    Raises PermissionDenied saying how to sign in."""
     env = os.environ if env is None else env
     accounts = load_accounts(env)
     name = (env.get(USER_ENV) or "").strip()
@@ -396,7 +539,7 @@ def cli_authenticate(
         raise PermissionDenied(
             f"no accounts are configured ({ACCOUNTS_ENV}, {ACCOUNTS_FILE_ENV}); see docs/operations.md"
         )
-    who = authenticate(name, password, accounts)
+    who = sign_in(name, password, via="cli", accounts=accounts)
     if who is None:
         raise PermissionDenied(f"wrong account name or password for {name!r}")
     return Identity(who.name, who.role, "cli-password")
@@ -423,15 +566,61 @@ def create_first_run_account(
     return name, password
 
 
+def _is_email(text: str) -> bool:
+    """Shaped like an email address, and unambiguous inside an OIDC name (no ':' or '#', which the
+    issuer#subject form uses)."""
+    local, at, domain = text.partition("@")
+    return bool(local and at and domain) and not any(c in text for c in ":#;, \t\r\n")
+
+
+def verified_email(claims: Mapping[str, object]) -> str:
+    """The ``email`` claim when the provider vouches for it (``email_verified`` true), else ""."""
+    email = str(claims.get("email") or "").strip()
+    verified = claims.get("email_verified")
+    if isinstance(verified, str):  # some providers send the JSON string "true"
+        verified = verified.strip().lower() == "true"
+    return email if verified is True and _is_email(email) else ""
+
+
 def identity_from_oidc(claims: Mapping[str, object], approvers: Iterable[str] = ()) -> Identity | None:
-    """An OIDC user (``st.user``) becomes an approver only when their email (or subject) is listed;
-    everyone else who signed in is a viewer. No claims that identify the user -> no identity."""
+    """An OIDC user (``st.user``) is an approver only on a claim the provider vouches for: an email
+    listed in ``approvers`` with ``email_verified`` true, or a listed ``<issuer>#<subject>`` (the
+    subject is unique only within its issuer). ``preferred_username`` and an unverified email never
+    count. Everyone else who signed in is a viewer. The name is ``oidc:<verified email>``, else
+    ``oidc:<issuer>#<subject>``: never a local account's name. No verified email and no subject -> no
+    identity."""
     if not claims.get("is_logged_in", True):
         return None
-    name = str(claims.get("email") or claims.get("preferred_username") or claims.get("sub") or "").strip()
-    if not name:
+    email = verified_email(claims)
+    iss = str(claims.get("iss") or "").strip()
+    sub = str(claims.get("sub") or "").strip()
+    if not email and not sub:
         return None
-    listed = {a.strip().lower() for a in approvers}
-    keys = {name.lower(), str(claims.get("sub") or "").lower()}
-    role: Role = "approver" if listed & keys else "viewer"
-    return Identity(name, role, "oidc")
+    listed = {a.strip() for a in approvers if a.strip()}
+    listed_emails = {a.lower() for a in listed if "#" not in a}
+    by_subject = bool(iss and sub and f"{iss}#{sub}" in listed)
+    approver = bool(email and email.lower() in listed_emails) or by_subject
+    role: Role = "approver" if approver else "viewer"
+    return Identity(OIDC_PREFIX + (email or f"{iss}#{sub}"), role, "oidc")
+
+
+def person_key(actor: str, accounts: Mapping[str, Account]) -> str:
+    """Who a recorded actor is as a person, for rules that need two different people: the email when
+    one is known (an OIDC user's verified email; a local account's declared ``email``, or its name when
+    the name is an email address), lower-cased; else the actor's own name (``oidc:<issuer>#<subject>``,
+    or a local account's name, which can never start with ``oidc:``)."""
+    if actor.startswith(OIDC_PREFIX):
+        rest = actor[len(OIDC_PREFIX) :]
+        return rest.lower() if _is_email(rest) else actor
+    account = accounts.get(actor)
+    if account is not None and account.email:
+        return account.email.lower()
+    return actor.lower() if _is_email(actor) else actor
+
+
+def same_person(actor_a: str, actor_b: str, accounts: Mapping[str, Account] | None = None) -> bool:
+    """Are two recorded actors (a local account, an OIDC identity) the same person (`person_key`)?"""
+    if actor_a == actor_b:
+        return True
+    accounts = load_accounts() if accounts is None else accounts
+    return person_key(actor_a, accounts) == person_key(actor_b, accounts)

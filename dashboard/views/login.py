@@ -5,14 +5,13 @@ from __future__ import annotations
 import streamlit as st
 
 from dashboard.identity import (
-    TooManyAttempts,
     current_identity,
     local_accounts_configured,
     oidc_configured,
     sign_in_local,
     sign_out,
 )
-from rollout.auth import AccountsConfigError
+from rollout.auth import AccountsConfigError, PermissionDenied
 
 
 def main() -> None:
@@ -44,7 +43,7 @@ def main() -> None:
         except AccountsConfigError as exc:
             st.error(f"The accounts configuration is invalid: {exc}")
             return
-        except TooManyAttempts as exc:
+        except PermissionDenied as exc:  # too many failed sign-ins (this session or the account), no DB
             st.error(f"Not checked: {exc}.")
             return
         if ok is None:

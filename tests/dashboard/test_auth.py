@@ -73,7 +73,7 @@ def test_accounts_file(tmp_path: Path, hashes: dict[str, str]) -> None:
         auth.load_accounts({"SPARSEPILOT_ACCOUNTS_FILE": str(tmp_path / "nope.toml")})
 
 
-def test_cli_needs_the_password_and_the_role_comes_from_the_account(hashes: dict[str, str]) -> None:
+def test_cli_needs_the_password_and_the_role_comes_from_the_account(hashes: dict[str, str], sp_home) -> None:  # noqa: ANN001
     accounts = f"alice:approver:{hashes['alice']};bob:viewer:{hashes['bob']}"
     env = {"SPARSEPILOT_ACCOUNTS": accounts, "SPARSEPILOT_HOME": "/nonexistent-home"}
     env["SPARSEPILOT_TOKEN_FILE"] = "/nonexistent-home/token"
@@ -89,6 +89,66 @@ def test_cli_needs_the_password_and_the_role_comes_from_the_account(hashes: dict
         auth.cli_authenticate(password="x", env={**env, "SPARSEPILOT_USER": "eve"})
     prompted = auth.cli_authenticate(prompt=lambda _: "alice-pw", env={**env, "SPARSEPILOT_USER": "alice"})
     assert prompted.role == "approver"
+
+
+def test_the_lockout_rule_counts_recent_failures() -> None:
+    """Five failures less than 30 s old lock the name until the oldest of the last five is 30 s old;
+    older failures, and successes (never recorded), change nothing."""
+    assert auth.locked_until([], 100.0) is None
+    assert auth.locked_until([96.0, 97.0, 98.0, 99.0], 100.0) is None
+    assert auth.locked_until([91.0, 96.0, 97.0, 98.0, 99.0], 100.0) == 121.0
+    assert auth.locked_until([60.0, 70.0, 96.0, 97.0, 98.0, 99.0], 100.0) is None  # two are old
+    assert auth.locked_until([91.0, 92.0, 96.0, 97.0, 98.0, 99.0], 100.0) == 122.0  # six: 2nd oldest
+    assert auth.locked_until([91.0, 96.0, 97.0, 98.0, 99.0], 121.0) is None
+    assert auth.locked_until([91.0, 96.0, 97.0, 98.0, 130.0], 100.0) == 121.0  # a clock ahead counts
+    assert str(auth.TooManyAttempts(20.6)) == "too many failed sign-ins; try again in 21 s"
+
+
+def test_sign_in_counts_failures_per_name_in_the_state_db(
+    hashes: dict[str, str],
+    sp_home,
+    monkeypatch: pytest.MonkeyPatch,  # noqa: ANN001
+) -> None:
+    """Review J finding 5: the count lived in one browser session. Now: per name, in the state DB; the
+    lock refuses before any scrypt work; a success erases nothing; the row never holds the password."""
+    from sqlalchemy import select
+
+    from rollout.db.models import AuditEntry
+    from rollout.db.session import session_scope
+
+    accounts = auth.parse_accounts(f"alice:approver:{hashes['alice']}")
+    t = 1_000_000.0 + __import__("time").time()  # any time: the rows' own stamps are compared
+    for i in range(4):
+        assert auth.sign_in("alice", f"guess-{i}", via="test", accounts=accounts) is None
+    assert auth.sign_in("alice", "alice-pw", via="test", accounts=accounts).role == "approver"
+    assert auth.sign_in("alice", "guess-4", via="test", accounts=accounts) is None  # 5th failure
+    checks: list[str] = []
+    real = auth.verify_password
+    monkeypatch.setattr(auth, "verify_password", lambda pw, h: checks.append(pw) or real(pw, h))
+    with pytest.raises(auth.TooManyAttempts, match="too many failed sign-ins; try again in"):
+        auth.sign_in("alice", "alice-pw", via="test", accounts=accounts)  # the success did not reset
+    assert checks == []  # refused before the password work
+    assert auth.sign_in("alice", "alice-pw", via="test", accounts=accounts, now=t) is not None  # later
+    assert auth.sign_in("mallory", "x", via="test", accounts=accounts) is None  # another name: its own
+    with session_scope() as s:
+        rows = s.scalars(select(AuditEntry).where(AuditEntry.action == "auth.sign_in_failed")).all()
+        assert [(r.entity_id, r.details["account"]) for r in rows] == [("alice", "alice")] * 5 + [
+            ("mallory", "mallory")
+        ]
+        assert {r.actor for r in rows} == {"anonymous"} and rows[0].details["via"] == "test"
+        for r in rows:
+            assert not any(f"guess-{i}" in str(v) for i in range(5) for v in (r.details, r.entity_id))
+
+
+def test_sign_in_without_a_state_db_is_refused_by_name(
+    hashes: dict[str, str], tmp_path: Path, monkeypatch
+) -> None:  # noqa: ANN001
+    monkeypatch.setenv("SPARSEPILOT_HOME", str(tmp_path / "no-schema"))
+    monkeypatch.delenv("SPARSEPILOT_DATABASE_URL", raising=False)
+    (tmp_path / "no-schema").mkdir()
+    accounts = auth.parse_accounts(f"alice:approver:{hashes['alice']}")
+    with pytest.raises(auth.SignInUnavailable, match="counts failed sign-ins, cannot be used"):
+        auth.sign_in("alice", "alice-pw", via="test", accounts=accounts)
 
 
 def test_roles_are_ordered() -> None:
@@ -154,12 +214,104 @@ def test_first_run_account_only_on_embedded_defaults(tmp_path: Path) -> None:
 
 
 def test_oidc_roles_from_the_approver_list() -> None:
-    claims = {"is_logged_in": True, "email": "Ann@Example.com", "sub": "123"}
+    claims = {"is_logged_in": True, "email": "Ann@Example.com", "email_verified": True, "sub": "123"}
     assert auth.identity_from_oidc(claims, ["ann@example.com"]) == Identity(
-        "Ann@Example.com", "approver", "oidc"
+        "oidc:Ann@Example.com", "approver", "oidc"
     )
     assert auth.identity_from_oidc(claims, []).role == "viewer"
     assert auth.identity_from_oidc({"is_logged_in": False}, ["x"]) is None
+
+
+ISS = "https://idp.example.com"
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        # preferred_username is chosen by the user on many providers (OIDC Core: not unique)
+        {"preferred_username": "ann@example.com", "sub": "attacker-77", "iss": ISS},
+        # an email the provider does not vouch for (self-registration)
+        {"email": "ann@example.com", "email_verified": False, "sub": "attacker-78", "iss": ISS},
+        {"email": "ann@example.com", "email_verified": "false", "sub": "attacker-79", "iss": ISS},
+        {"email": "ann@example.com", "sub": "attacker-80", "iss": ISS},  # no email_verified claim at all
+        # a bare subject is unique only within its issuer: listed subjects carry it ("<issuer>#<subject>")
+        {"sub": "ann-sub", "iss": "https://other-idp.example.org"},
+        {"sub": "ann-sub"},
+    ],
+)
+def test_oidc_approver_only_on_claims_the_provider_vouches_for(claims: dict[str, object]) -> None:
+    """Review J finding 3: the approver role came from an unverified email or from preferred_username."""
+    listed = ["ann@example.com", "ann-sub", f"{ISS}#ann-sub"]
+    who = auth.identity_from_oidc({"is_logged_in": True, **claims}, listed)
+    assert who is not None and who.role == "viewer"
+    assert who.name != "ann@example.com" and who.name.startswith("oidc:")
+
+
+def test_oidc_approver_by_verified_email_or_issuer_and_subject() -> None:
+    verified = {"email": "ann@example.com", "email_verified": True, "sub": "x", "iss": ISS}
+    assert auth.identity_from_oidc(verified, ["Ann@Example.com"]).role == "approver"
+    as_string = {**verified, "email_verified": "true"}  # some providers send a JSON string
+    assert auth.identity_from_oidc(as_string, ["ann@example.com"]).role == "approver"
+    by_subject = {"sub": "ann-sub", "iss": ISS, "email": "ann@example.com"}  # email not verified
+    who = auth.identity_from_oidc(by_subject, [f"{ISS}#ann-sub"])
+    assert who == Identity(f"oidc:{ISS}#ann-sub", "approver", "oidc")
+    assert auth.identity_from_oidc({"preferred_username": "ann", "email": "a@b.c"}, ["ann"]) is None
+
+
+def test_an_oidc_user_never_takes_a_local_accounts_name(hashes: dict[str, str], tmp_path: Path) -> None:
+    """An OIDC user whose preferred_username (or email) equals a local account's name was recorded under
+    that name: their signatures were indistinguishable. OIDC names are namespaced, and a local account
+    cannot take the namespace."""
+    who = auth.identity_from_oidc({"preferred_username": "carol", "sub": "attacker-79", "iss": ISS})
+    assert who is not None and who.name == f"oidc:{ISS}#attacker-79" and who.role == "viewer"
+    mail = auth.identity_from_oidc({"email": "carol@x.org", "email_verified": True, "sub": "c"})
+    assert mail is not None and mail.name == "oidc:carol@x.org"
+    with pytest.raises(AccountsConfigError, match="kept for single sign-on users"):
+        auth.load_accounts_file(_toml(tmp_path, '"oidc:carol@x.org"', hashes["alice"]))
+    with pytest.raises(AccountsConfigError, match="kept for single sign-on users"):
+        auth.load_accounts_file(_toml(tmp_path, '"OIDC:carol@x.org"', hashes["alice"]))
+
+
+def test_local_accounts_may_declare_an_email_and_old_entries_still_load(
+    hashes: dict[str, str], tmp_path: Path
+) -> None:
+    env = f"alice:approver:{hashes['alice']}:Alice@Corp.example;bob:viewer:{hashes['bob']}"
+    accounts = auth.parse_accounts(env)
+    assert accounts["alice"].email == "Alice@Corp.example" and accounts["bob"].email == ""
+    f = _toml(tmp_path, "carol", hashes["alice"], 'email = "carol@corp.example"\n')
+    assert auth.load_accounts_file(f)["carol"].email == "carol@corp.example"
+    assert auth.load_accounts_file(_toml(tmp_path, "carol", hashes["alice"]))["carol"].email == ""
+    with pytest.raises(AccountsConfigError, match=r"entry 1 \(alice\): email 'not-an-email'"):
+        auth.parse_accounts(f"alice:approver:{hashes['alice']}:not-an-email")
+    with pytest.raises(AccountsConfigError, match=r"accounts\.carol: email 3 is not an email"):
+        auth.load_accounts_file(_toml(tmp_path, "carol", hashes["alice"], "email = 3\n"))
+
+
+def test_one_person_under_a_local_account_and_oidc_is_one_person(hashes: dict[str, str]) -> None:
+    """The two-approver rule compared display names only, so local alice and OIDC alice@corp.example
+    were two people. A person is their email where one is known (verified by the provider, or declared
+    on the local account), else their namespaced name."""
+    accounts = auth.parse_accounts(
+        f"alice:approver:{hashes['alice']}:alice@corp.example;carol:approver:{hashes['bob']};"
+        f"dan@corp.example:approver:{hashes['bob']}"
+    )
+    sso = auth.identity_from_oidc({"email": "Alice@Corp.example", "email_verified": True, "sub": "a"})
+    assert auth.same_person("alice", sso.name, accounts)
+    assert auth.same_person(sso.name, "alice", accounts)
+    assert auth.same_person("dan@corp.example", "oidc:dan@corp.example", accounts)  # a name that is an email
+    assert not auth.same_person("alice", "carol", accounts)
+    # an OIDC user naming themselves "carol", or with carol's unverified email, is not local carol
+    fake = auth.identity_from_oidc({"preferred_username": "carol", "sub": "x", "iss": ISS})
+    assert not auth.same_person("carol", fake.name, accounts)
+    unverified = auth.identity_from_oidc({"email": "alice@corp.example", "sub": "y", "iss": ISS})
+    assert not auth.same_person("alice", unverified.name, accounts)
+    assert auth.person_key(f"oidc:{ISS}#y", accounts) == f"oidc:{ISS}#y"
+
+
+def _toml(tmp_path: Path, name: str, pw_hash: str, extra: str = "") -> Path:
+    f = tmp_path / "accounts.toml"
+    f.write_text(f'[accounts.{name}]\nrole = "approver"\npassword_hash = "{pw_hash}"\n{extra}')
+    return f
 
 
 def test_anonymous_is_refused() -> None:

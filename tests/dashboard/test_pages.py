@@ -189,14 +189,47 @@ def test_oidc_user_role_comes_from_the_approver_list(seeded: dict[str, Any], mon
     at.user = {"is_logged_in": False}
     open_page(at.run(), "login")
     assert "Sign in with single sign-on" in button_labels(at)
-    at.user = {"is_logged_in": True, "email": "ann@example.com", "sub": "ann"}
+    at.user = {"is_logged_in": True, "email": "ann@example.com", "email_verified": True, "sub": "ann"}
     open_page(at, "approvals")
-    assert "**ann@example.com** · approver" in texts(at)
+    assert "**oidc:ann@example.com** · approver" in texts(at)
     assert "Approve promotion" in button_labels(at)
-    at.user = {"is_logged_in": True, "email": "dan@example.com", "sub": "dan"}
-    open_page(at, "approvals")
-    assert "**dan@example.com** · viewer" in texts(at)
+    at.user = {"is_logged_in": True, "email": "ann@example.com", "email_verified": False, "sub": "x"}
+    open_page(at, "approvals")  # an email the provider does not vouch for
     assert "Approve promotion" not in button_labels(at)
+    at.user = {"is_logged_in": True, "email": "dan@example.com", "email_verified": True, "sub": "dan"}
+    open_page(at, "approvals")
+    assert "**oidc:dan@example.com** · viewer" in texts(at)
+    assert "Approve promotion" not in button_labels(at)
+
+
+def test_one_person_cannot_sign_both_halves_of_an_override_as_local_account_and_oidc(
+    seeded: dict[str, Any], monkeypatch: pytest.MonkeyPatch, dashboard_accounts: str
+) -> None:
+    """Review J finding 3: local alice signed an override, then signed again through SSO as
+    alice@corp.example, and the override was accepted. Her account now declares her email."""
+    from rollout import auth
+
+    monkeypatch.setenv(
+        "SPARSEPILOT_ACCOUNTS",
+        ";".join(
+            e + (":alice@corp.example" if e.startswith("alice:") else "")
+            for e in dashboard_accounts.split(";")
+        ),
+    )
+    did = seeded["document-qa:decision"]  # EXTEND on a running pilot: promoting is an override
+    local = auth.authenticate("alice", "alice-secret")
+    claims = {"email": "alice@corp.example", "email_verified": True, "sub": "0a1b"}
+    sso = auth.identity_from_oidc(claims, ["alice@corp.example"])
+    assert sso is not None and sso.role == "approver"
+    first = approvals.approve(did, local, "business needs it now")
+    assert first.needs_second_approver and not first.took_effect
+    with pytest.raises(
+        approvals.ApprovalError, match=r"already signed .* \(as 'alice'\); a second, different"
+    ):
+        approvals.approve(did, sso, "agreed (second approver)")
+    with session_scope() as s:
+        assert [a.actor for a in s.scalars(select(Approval).where(Approval.decision_id == did))] == ["alice"]
+        assert s.get(GateDecision, did).resolution is None
 
 
 def test_removed_account_or_changed_role_takes_effect_at_once(
@@ -223,6 +256,40 @@ def test_repeated_wrong_passwords_lock_the_form(seeded: dict[str, Any]) -> None:
     sign_in(at, "alice")  # even the right password is not checked now
     assert any("too many failed sign-ins" in e.value for e in at.error)
     assert "sp_identity" not in at.session_state
+
+
+def test_a_locked_account_is_locked_for_every_session_and_the_cli(
+    seeded: dict[str, Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Review J finding 5: a new browser session (no cookie needed) reset the lockout, the CLI had no
+    limit, and failed sign-ins left no trace. The count is now per account, in the state DB."""
+    from typer.testing import CliRunner
+
+    from rollout import auth
+    from sparsepilot.cli import app
+
+    a = new_app()
+    for i in range(5):
+        sign_in(a, "alice", f"guess-{i}")
+        assert "Unknown user name or wrong password." in [e.value for e in a.error]
+    b = new_app()  # another browser session
+    checks: list[str] = []
+    real = auth.verify_password
+    monkeypatch.setattr(auth, "verify_password", lambda pw, h: checks.append(pw) or real(pw, h))
+    sign_in(b, "alice")  # the right password
+    assert any(e.value.startswith("Not checked: too many failed sign-ins; try again in") for e in b.error)
+    assert "sp_identity" not in b.session_state and checks == []  # refused before the scrypt work
+    monkeypatch.setenv("SPARSEPILOT_USER", "alice")
+    monkeypatch.setenv("SPARSEPILOT_TOKEN_FILE", str(tmp_path / "no-token"))
+    r = CliRunner().invoke(app, ["whoami", "--password-stdin"], input="alice-secret\n")
+    assert r.exit_code == 2 and "too many failed sign-ins" in r.output, r.output
+    assert checks == []
+    assert sign_in(new_app(), "bob").session_state["sp_identity"].name == "bob"  # bob is not locked
+    with session_scope() as s:
+        rows = s.scalars(select(AuditEntry).where(AuditEntry.action == "auth.sign_in_failed")).all()
+        assert [(r.actor, r.entity, r.entity_id, r.details) for r in rows] == [
+            ("anonymous", "account", "alice", {"account": "alice", "via": "dashboard"})
+        ] * 5  # the name tried and where: never the password
 
 
 def test_mlflow_link_points_at_the_run(seeded: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:

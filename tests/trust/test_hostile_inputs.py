@@ -35,6 +35,7 @@ class Case:
     user: str | None = "olga"  # signs in with --password-stdin (None: no credentials given)
     password: str | None = None
     env: dict[str, str] = field(default_factory=dict)
+    audit: str = ""  # the one audit row this case may write (a failed sign-in is counted), else nothing
 
 
 def _spec(tmp: Path, ctx: dict[str, Any], fname: str, text: str | None = None, /, **changes: Any) -> str:
@@ -363,6 +364,7 @@ ACCOUNT_CASES = [
         "wrong account name or password for 'alice'",
         user="alice",
         password="nope",
+        audit="auth.sign_in_failed",
     ),
     Case("viewer-adds-spec", _add("viewer"), "needs the operator role; 'victor' is a viewer", user="victor"),
     Case("operator-approves", _approve("1"), "needs the approver role; 'olga' is a operator", user="olga"),
@@ -381,6 +383,7 @@ ACCOUNT_CASES = [
         "wrong account name or password for 'mallory'",
         user="mallory",
         password="x",
+        audit="auth.sign_in_failed",
     ),
 ]
 ARG_CASES = [
@@ -497,7 +500,18 @@ def test_hostile_inputs_exit_2_name_the_place_and_change_nothing(
             problems.append("traceback in the output")
         if place not in out:
             problems.append(f"message does not name {place!r}")
-        if _dump(trust_db) != before:
+        after = _dump(trust_db)
+        if case.audit:  # exactly one new audit row of that action, and it holds no password
+            added = after["audit_log"][len(before["audit_log"]) :]
+            after = {**after, "audit_log": after["audit_log"][: len(before["audit_log"])]}
+            details = [v for row in added for v in row if v.startswith("{")]
+            if (
+                len(added) != 1
+                or repr(case.audit) not in added[0]
+                or any(repr(case.password) in d or repr(password_of(case.user or "")) in d for d in details)
+            ):
+                problems.append(f"expected one {case.audit} audit row without the password: {added}")
+        if after != before:
             problems.append("the state DB changed")
         if problems:
             failures.append(f"{case.id}: {'; '.join(problems)}\n    output: {out.strip()[:400]!r}")
