@@ -140,6 +140,8 @@ class CpuSnapshot:
     busy_ticks: int | None  # the CPUs this process may run on (busy_ticks of /proc/stat)
     own_ticks: int | None  # this process, all threads (/proc/self/stat utime + stime)
     psi_some_us: int | None  # /proc/pressure/cpu "some" total: time some task waited for a CPU
+    # CPU time of this process's own cgroup (v2 cpu.stat usage_usec): what shares its quota with it
+    cgroup_usage_us: int | None = None
 
 
 def busy_ticks(proc_stat: str, cpus: Collection[int] | None = None) -> int:
@@ -176,7 +178,41 @@ def snapshot() -> CpuSnapshot:
                 psi = int(line.rsplit("total=", 1)[1])
     except (OSError, ValueError, IndexError):
         pass
-    return CpuSnapshot(time.monotonic(), busy, own, psi)
+    return CpuSnapshot(time.monotonic(), busy, own, psi, _cgroup_usage_us())
+
+
+def _cgroup_usage_us() -> int | None:
+    """usage_usec of this process's cgroup (v2), None where it cannot be read."""
+    try:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            hid, _, path = line.split(":", 2)
+            if hid == "0":
+                stat = (CGROUP_ROOT / path.strip().lstrip("/") / "cpu.stat").read_text()
+                return cgroup_usage(stat)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def cgroup_usage(cpu_stat: str) -> int | None:
+    """usage_usec of a cgroup v2 cpu.stat text."""
+    for line in cpu_stat.splitlines():
+        key, _, value = line.partition(" ")
+        if key == "usage_usec":
+            return int(value)
+    return None
+
+
+def quota_others_cores(a: CpuSnapshot, b: CpuSnapshot) -> float | None:
+    """Cores of its CPU quota the other processes of this process's own cgroup used between two
+    snapshots: under a quota they, not the node's other tenants, are what our threads wait for (None
+    where the cgroup's usage cannot be read)."""
+    wall = b.wall - a.wall
+    if wall <= 0 or None in (a.cgroup_usage_us, b.cgroup_usage_us, a.own_ticks, b.own_ticks):
+        return None
+    cgroup = (b.cgroup_usage_us - a.cgroup_usage_us) / 1e6  # type: ignore[operator]
+    own = (b.own_ticks - a.own_ticks) / CLK_TCK  # type: ignore[operator]
+    return max(0.0, (cgroup - own) / wall)
 
 
 def others_busy_cores(a: CpuSnapshot, b: CpuSnapshot) -> float | None:
@@ -189,26 +225,34 @@ def others_busy_cores(a: CpuSnapshot, b: CpuSnapshot) -> float | None:
     return max(0.0, others / CLK_TCK / wall)
 
 
-def choose_threads(cpus: float, others: float | None, *, mask: float | None = None) -> int:
+def choose_threads(
+    cpus: float, others: float | None, *, mask: float | None = None, quota_others: float | None = None
+) -> int:
     """Threads for torch: the cores of the mask the other processes leave idle (rounded to the nearest
     core), at most `cpus` (the mask capped by the cgroup quota), at least 1. `others` is measured over
     the mask, so it is compared with the mask (`mask`, `cpus` where not given): under a quota without a
-    cpuset the mask is the whole node, and its other tenants' load is not taken from the quota. Without
-    a measurement of the others, the load average stands in for it."""
+    cpuset the mask is the whole node, and its other tenants' load is not taken from the quota; what the
+    other processes of our own cgroup use (`quota_others`) is, since they share it with our threads.
+    Without a measurement of the others, the load average stands in for it."""
     if others is None:
         try:
             others = os.getloadavg()[0]
         except OSError:
             others = 0.0
     free = (cpus if mask is None else mask) - others
+    if quota_others is not None:
+        free = min(free, cpus - quota_others)
     return max(1, min(int(math.floor(cpus)), int(math.floor(free + 0.5))))
 
 
-def is_overloaded(others: float, threads: int, limits: CpuLimits) -> bool:
+def is_overloaded(others: float, threads: int, limits: CpuLimits, quota_others: float | None = None) -> bool:
     """Our threads waited for a core: the others and our threads need more cores than the mask has, or
-    our threads more CPU than the quota gives (each with OVERLOAD_MARGIN_CORES of slack)."""
+    our threads and the other processes of our cgroup (`quota_others`) more CPU than the quota gives
+    (each with OVERLOAD_MARGIN_CORES of slack)."""
     over_mask = others + threads > limits.mask + OVERLOAD_MARGIN_CORES
-    over_quota = limits.quota is not None and threads > limits.quota + OVERLOAD_MARGIN_CORES
+    over_quota = (
+        limits.quota is not None and threads + (quota_others or 0.0) > limits.quota + OVERLOAD_MARGIN_CORES
+    )
     return over_mask or over_quota
 
 
@@ -216,9 +260,10 @@ def apply_thread_policy(sample_seconds: float = 0.2) -> dict[str, Any]:
     """Measure the other processes for a moment, then set torch's intra-op threads accordingly."""
     import torch
 
-    others = _others_now(sample_seconds)
+    others, quota_others = _others_now(sample_seconds)
     limits = cpu_limits()
-    threads = choose_threads(limits.cpus, others, mask=limits.mask)
+    shared = quota_others if limits.quota is not None else None
+    threads = choose_threads(limits.cpus, others, mask=limits.mask, quota_others=shared)
     torch.set_num_threads(threads)
     return {"cpus": limits.cpus, "threads": threads, "others_busy_cores": _rounded(others)}
 
@@ -233,7 +278,7 @@ def set_threads(requested: int | None, sample_seconds: float = 0.2) -> dict[str,
         raise ValueError(f"threads must be >= 1, got {requested}")
     import torch
 
-    others = _others_now(sample_seconds)
+    others, _ = _others_now(sample_seconds)
     torch.set_num_threads(requested)
     return {
         "requested": requested,
@@ -256,11 +301,13 @@ def threads_for(requested: int | None = None) -> Iterator[dict[str, Any]]:
         torch.set_num_threads(prev)
 
 
-def _others_now(sample_seconds: float) -> float | None:
-    """Cores of ours the other processes keep busy, over the next `sample_seconds`."""
+def _others_now(sample_seconds: float) -> tuple[float | None, float | None]:
+    """Cores of ours the other processes keep busy over the next `sample_seconds`: on the mask, and of
+    our own cgroup (`quota_others_cores`)."""
     a = snapshot()
     time.sleep(sample_seconds)
-    return others_busy_cores(a, snapshot())
+    b = snapshot()
+    return others_busy_cores(a, b), quota_others_cores(a, b)
 
 
 def _rounded(x: float | None) -> float | None:
@@ -324,5 +371,5 @@ def measure(start: CpuSnapshot, end: CpuSnapshot, *, threads: int | None = None)
         others_busy_cores=_rounded(others),
         cpu_pressure=None if pressure is None else round(pressure, 3),
         loadavg=tuple(load) if load else None,  # type: ignore[arg-type]
-        overloaded=is_overloaded(busy, threads, limits),
+        overloaded=is_overloaded(busy, threads, limits, quota_others_cores(start, end)),
     )

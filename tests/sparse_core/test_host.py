@@ -186,6 +186,32 @@ def test_overload_under_a_quota_is_judged_against_the_mask_and_the_quota() -> No
     assert is_overloaded(1.6, 1, CpuLimits(mask=2.0))
 
 
+def test_under_a_quota_the_processes_sharing_it_count() -> None:
+    """Under a quota the processes of our own cgroup (a pytest worker, a second pipeline in the same
+    container) use the same CPU time as our threads: with 3 of 4 quota CPUs in use by them, 1 thread
+    (OpenMP threads spin waiting for a descheduled partner: 627 ms vs 96 ms here), and a timing with 4
+    threads then is overloaded, however idle the node."""
+    from sparse_core.host import (
+        CLK_TCK,
+        CpuLimits,
+        CpuSnapshot,
+        cgroup_usage,
+        is_overloaded,
+        quota_others_cores,
+    )
+
+    assert choose_threads(4, 2.0, mask=16, quota_others=3.0) == 1
+    assert choose_threads(4, 2.0, mask=16, quota_others=0.2) == 4
+    limits = CpuLimits(mask=16.0, quota=4.0)
+    assert is_overloaded(3.0, 4, limits, quota_others=3.0) and not is_overloaded(3.0, 4, limits, 0.2)
+    # the cgroup's usage less our own, per wall second: 2 s of wall, the cgroup used 5 CPU-s, we 1
+    a = CpuSnapshot(0.0, None, 0, None, 0)
+    b = CpuSnapshot(2.0, None, CLK_TCK, None, 5_000_000)
+    assert quota_others_cores(a, b) == pytest.approx(2.0)
+    assert quota_others_cores(a, CpuSnapshot(2.0, None, CLK_TCK, None, None)) is None
+    assert cgroup_usage("usage_usec 123\nuser_usec 100\nsystem_usec 23\n") == 123
+
+
 def _quota_node(monkeypatch: pytest.MonkeyPatch) -> None:
     """This process as a container on a 16-CPU node limited to 4 CPUs by a quota, no cpuset."""
     from sparse_core import host
@@ -212,7 +238,7 @@ def test_the_thread_policy_under_a_quota_uses_the_quota(monkeypatch: pytest.Monk
     from sparse_core import host
 
     _quota_node(monkeypatch)
-    monkeypatch.setattr(host, "_others_now", lambda _s: 8.0)
+    monkeypatch.setattr(host, "_others_now", lambda _s: (8.0, 0.1))  # the node half busy, our cgroup idle
     before = torch.get_num_threads()
     try:
         policy = host.apply_thread_policy(0.0)
