@@ -11,7 +11,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows.common import flow_task, load_context, log_run, stable_key, under_lease
-from rollout import audit, decisions, pilot_batches
+from rollout import audit, decisions, pilot_batches, run_links, tracking
 
 
 @flow_task("monitor-target")
@@ -46,6 +46,7 @@ def monitor_flow(
 
     logger = get_run_logger()
     finished = finish_unfinished(use_case)  # a rollback decided earlier comes before any new look
+    log_missing_looks(use_case)  # an earlier look whose MLflow log failed
     if finished is not None:
         return {"status": "finished", **finished}
     ctx = load_context(use_case)
@@ -78,20 +79,47 @@ def monitor_flow(
     if check["passed"]:
         store_batch(info["step_id"], rows, batch_id, source)
     result = decide_monitor(use_case, info, rows, check, batch_id)
-    log_run(
-        use_case,
-        run_name="monitor",
-        params={"decision_id": result["decision_id"], "source": source, "rows": len(rows)},
-        metrics={"healthy": 1.0 if result["outcome"] == "GO" else 0.0},
-        tags={"sparsepilot.flow": "monitor", "sparsepilot.outcome": result["outcome"]},
-        json_artifacts={"monitor.json": result},
-    )
     logger.info("%s", result["explanation"])
     if result["automatic_rollback"] and result["resolution"] is None:
+        # the fail-safe first: an MLflow log that fails must not keep a breached champion serving
         result["rollback"] = rollback_flow(
             decision_id=result["decision_id"],
             reason=result["explanation"],
             automatic=True,
             actor=audit.MONITOR_ACTOR,
         )
+    log_look(use_case, {**result, "rows": len(rows)}, source)
     return result
+
+
+@flow_task("monitor-log-mlflow")
+def log_look(use_case: str, result: dict[str, Any], source: str) -> str:
+    """The look's MLflow run, recorded on its decision (one whose log failed is logged by the next
+    monitor run: `log_missing_looks`)."""
+    run_id = _log_look(use_case, result, {"source": source})
+    run_links.decision_logged(result["decision_id"], run_id)
+    return run_id
+
+
+@flow_task("monitor-log-missing")
+def log_missing_looks(use_case: str) -> list[str]:
+    """Each look of the latest pilot whose MLflow run is not recorded (its log failed), logged from its
+    decision and recorded; a run logged before its record failed is found in MLflow, not logged twice."""
+    out = []
+    for look in run_links.unlogged_monitor_decisions(use_case):
+        params = {"decision_id": look["decision_id"]}
+        run_id = tracking.find_run(use_case, "monitor", params) or _log_look(use_case, look, {})
+        run_links.decision_logged(look["decision_id"], run_id)
+        out.append(run_id)
+    return out
+
+
+def _log_look(use_case: str, look: dict[str, Any], params: dict[str, Any]) -> str:
+    return log_run(
+        use_case,
+        run_name="monitor",
+        params={"decision_id": look["decision_id"], "rows": look["rows"], **params},
+        metrics={"healthy": 1.0 if look["outcome"] == "GO" else 0.0},
+        tags={"sparsepilot.flow": "monitor", "sparsepilot.outcome": look["outcome"]},
+        json_artifacts={"monitor.json": look},
+    )

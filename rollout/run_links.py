@@ -4,7 +4,8 @@ A flow writes its row to the state DB first and logs its MLflow run after it, as
 (`rollout.registry`): the row's run id stays NULL until the log is recorded. A log that failed (an MLflow
 blip, a process killed between the two) leaves NULL, and the flow's next run logs what is missing: the
 gate flow the latest pilot's gate decisions, the pilot flow (and an import) the latest pilot's batches.
-Monitor steps are not looked at here: the monitor logs one run per look (flows/monitor.py).
+The monitor's looks are found by `unlogged_monitor_decisions`, its batches by their decision (one run per
+look, flows/monitor.py).
 
 Each function owns its transaction, except `record_batch`, which is part of the transaction that stores
 the batch's observations."""
@@ -124,3 +125,32 @@ def unlogged_gate_decisions(use_case: str) -> list[dict[str, Any]]:
 def decision_logged(decision_id: int, mlflow_run_id: str) -> None:
     with session_scope() as session:
         session.get(GateDecision, decision_id).mlflow_run_id = mlflow_run_id
+
+
+def unlogged_monitor_decisions(use_case: str) -> list[dict[str, Any]]:
+    """The latest pilot's monitor decisions (one per look) whose MLflow run is not recorded, oldest first:
+    id, outcome, explanation and the rows the look judged."""
+    with session_scope() as session:
+        pilot = pilots.latest_pilot(session, pilots.get_use_case(session, use_case))
+        if pilot is None:
+            return []
+        found = session.scalars(
+            select(GateDecision)
+            .where(
+                GateDecision.pilot_id == pilot.id,
+                GateDecision.kind == "monitor",
+                GateDecision.mlflow_run_id.is_(None),
+            )
+            .order_by(GateDecision.id)
+        )
+        return [
+            {
+                "decision_id": d.id,
+                "outcome": d.outcome,
+                "explanation": d.explanation,
+                "rows": (d.evidence or {}).get("rows"),
+                "resolution": d.resolution,
+            }
+            for d in found
+        ]
+

@@ -233,3 +233,31 @@ def test_a_promotion_cut_off_after_mlflow_moved_is_listed_and_finished(flow_use_
     assert finish_unfinished(name)["finished"]["decision_id"] == did
     assert _phase(name) == "promoted" and registry.current_aliases(name)["champion"] == champion
     assert _champion_moves(name) == moves and finish_unfinished(name) is None
+
+
+def test_a_breach_rolls_back_even_when_mlflow_logging_fails_and_the_look_is_logged_later(
+    flow_use_case, tmp_path, monkeypatch
+) -> None:
+    """`rollback: auto`: the monitor logged its look to MLflow before it rolled back, so a tracking
+    server that failed the log kept the breached champion serving until another look breached again,
+    and the look was never logged. Now the fail-safe comes first, and the next monitor run logs the look
+    it missed (one run per look)."""
+    import flows.monitor as monitor_mod
+    from flows.monitor import monitor_flow
+    from rollout import registry, run_links
+    from tests.flows.test_retry_idempotency import _mlflow_runs, _tracking_down
+
+    name = flow_use_case(rollback="auto")
+    champion = _promoted(name)
+    with monkeypatch.context() as mp:
+        mp.setattr(monitor_mod, "log_run", _tracking_down)
+        with pytest.raises(ConnectionError):
+            monitor_flow(name, observations_file=_export(tmp_path, "breach", errors=8))
+    assert registry.current_aliases(name)["champion"] != champion and _phase(name) == "rolled_back"
+    [missed] = run_links.unlogged_monitor_decisions(name)
+    assert _mlflow_runs(name, "monitor") == []
+    assert monitor_flow(name)["status"] == "skipped"  # nothing promoted now; the missed look is logged
+    assert [r.data.params["decision_id"] for r in _mlflow_runs(name, "monitor")] == [
+        str(missed["decision_id"])
+    ]
+    assert run_links.unlogged_monitor_decisions(name) == []
