@@ -153,4 +153,3 @@ def unlogged_monitor_decisions(use_case: str) -> list[dict[str, Any]]:
             }
             for d in found
         ]
-
