@@ -38,7 +38,7 @@ class RoiInputs:
     gpu_usd_per_hour: float
     utilisation: float
     pilot_one_off_usd: float
-    decode_tps: float | None = None  # dense output tokens/s; None: output tokens at *_tps
+    decode_tps: float | None = None  # dense output tokens/s; None: at dense_tps in both arms
     # sparse arm's output tokens/s (sparse decode); None: the same as decode_tps in both arms
     sparse_decode_tps: float | None = None
     sparse_decode_tps_low: float | None = None  # interval ends (None: the point estimate)
@@ -134,7 +134,10 @@ def compute_roi(inputs: RoiInputs) -> RoiResult:
     sd, sd_low, sd_high = _sparse_decode(i)
 
     def arm(speedup: float, decode_tps: float | None) -> tuple[float, float, float]:
-        t = seconds_per_request(i.prompt_tokens, i.output_tokens, i.dense_tps * speedup, decode_tps)
+        # without a measured decode throughput output tokens go at the dense arm's prefill throughput in
+        # both arms: a prefill speed-up is no evidence that output tokens come faster
+        out_tps = decode_tps if decode_tps else i.dense_tps
+        t = seconds_per_request(i.prompt_tokens, i.output_tokens, i.dense_tps * speedup, out_tps)
         hours = gpu_hours_per_day(i.requests_per_day, t, i.utilisation)
         return t, hours, usd_per_month(hours, i.gpu_usd_per_hour)
 

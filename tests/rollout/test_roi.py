@@ -46,19 +46,21 @@ def test_worked_example() -> None:
     assert r.dense_seconds_per_request == pytest.approx(1.0)
     assert r.dense_gpu_hours_day == pytest.approx(50 / 9)
     assert r.dense_usd_month == pytest.approx(338.194444, abs=1e-5)
-    # 2x: half the hours and the money
-    assert r.sparse_gpu_hours_day == pytest.approx(25 / 9)
-    assert r.sparse_usd_month == pytest.approx(169.097222, abs=1e-5)
-    assert r.saved_usd_month == pytest.approx(169.097222, abs=1e-5)
-    # 1.5x: sparse costs 338.19/1.5 = 225.46 -> saves 112.73; 2.5x: 135.28 -> saves 202.92
-    assert r.saved_usd_month_low == pytest.approx(112.731481, abs=1e-5)
-    assert r.saved_usd_month_high == pytest.approx(202.916667, abs=1e-5)
-    # $1000 / ($169.10 / 30.4375 = $5.5556 a day) = 180 days; 150 and 270 days at the ends
-    assert r.payback_days == pytest.approx(180.0)
-    assert r.payback_days_low == pytest.approx(150.0)
-    assert r.payback_days_high == pytest.approx(270.0)
+    # 2x on the prompt, not on the output (no decode throughput measured: output tokens at T_d in both
+    # arms): 3000/6200 + 100/3100 = 0.516 s, 2.867 hours, $174.55 -> saves $163.64
+    assert r.sparse_seconds_per_request == pytest.approx(3000 / 6200 + 100 / 3100)
+    assert r.sparse_gpu_hours_day == pytest.approx(2.867384, abs=1e-6)
+    assert r.sparse_usd_month == pytest.approx(174.551971, abs=1e-5)
+    assert r.saved_usd_month == pytest.approx(163.642473, abs=1e-5)
+    # 1.5x: 3000/4650 + 100/3100 = 0.677 s -> $229.10 -> saves 109.09; 2.5x: 0.419 s -> saves 196.37
+    assert r.saved_usd_month_low == pytest.approx(109.094982, abs=1e-5)
+    assert r.saved_usd_month_high == pytest.approx(196.370968, abs=1e-5)
+    # $1000 / ($163.64 / 30.4375 = $5.376 a day) = 186 days; 155 and 279 days at the ends
+    assert r.payback_days == pytest.approx(186.0)
+    assert r.payback_days_low == pytest.approx(155.0)
+    assert r.payback_days_high == pytest.approx(279.0)
     assert r.pays_off and r.certain
-    assert r.verdict == "saves $169/month ($113-$203); pays back the $1,000 pilot in 180 days"
+    assert r.verdict == "saves $164/month ($109-$196); pays back the $1,000 pilot in 186 days"
 
 
 def test_worked_example_with_sparse_decode() -> None:
@@ -138,8 +140,10 @@ def test_output_tokens_at_dense_decode_speed_dilute_the_speed_up() -> None:
 
 def test_speed_up_at_or_below_one_reports_the_loss_and_flags_it() -> None:
     r = compute_roi(_inputs(speedup=0.8, speedup_low=0.7, speedup_high=0.9))
-    # sparse costs 338.19 / 0.8 = 422.74 -> -84.55 a month, never pays back
-    assert r.saved_usd_month == pytest.approx(-84.548611, abs=1e-5)
+    # the prompt at 0.8x, the output at T_d: 3000/2480 + 100/3100 = 1.2419 s -> $420.02 -> -81.82 a month,
+    # never pays back
+    assert r.saved_usd_month == pytest.approx(338.194444 * (1 - (3000 / 2480 + 100 / 3100)), abs=1e-5)
+    assert r.saved_usd_month == pytest.approx(-81.821237, abs=1e-5)
     assert r.saved_usd_month < 0 and not r.pays_off and not r.certain
     assert r.payback_days is None and r.payback_days_low is None and r.payback_days_high is None
     assert r.verdict.startswith("no savings: the speed-up is 0.80x (<= 1)")
@@ -208,7 +212,9 @@ def test_roi_for_spec_uses_the_traffic_mix() -> None:
     hours = 120_000 * t / 3600 / 0.55
     assert r.dense_gpu_hours_day == pytest.approx(hours)
     assert r.dense_usd_month == pytest.approx(hours * 2.5 * DAYS_PER_MONTH)
-    assert r.saved_usd_month == pytest.approx(r.dense_usd_month / 3)  # 1.5x saves a third
+    # 1.5x on the prompt, the output at the dense rate: t_sparse = 3020.8 / 1500 + 34.2 / 1000
+    sparse_t = 3020.8 / 1500.0 + 34.2 / 1000.0
+    assert r.saved_usd_month == pytest.approx(r.dense_usd_month * (1 - sparse_t / t))
     assert (r.inputs.speedup_low, r.inputs.speedup_high) == (1.2, 1.8)
 
 
