@@ -63,13 +63,18 @@ class Unfinished:
 def unfinished_in(session: Any, uc: UseCase) -> Unfinished | None:
     """The use case's decided-but-not-in-effect decision (module docstring), or None."""
     from rollout.approvals import rollback_about, unfinished_promotion_in
+    from rollout.pilots import promoted_pilot
 
     moves = registry.committed_moves(session, uc.id, "champion")
     serving = registry.champion_lineage(moves)[-1:]
-    if moves and moves[-1].idempotency_key.startswith("rollback:") and uc.phase != "rolled_back":
+    # a rollback's last transaction stops the promoted pilot and marks the use case rolled back: while a
+    # pilot is still marked promoted (and the use case promoted, or awaiting the person the monitor asked)
+    # a rollback may be unfinished; after it, a later pilot's phases are none of a rollback's business
+    in_effect = uc.phase in ("promoted", "awaiting_approval") and promoted_pilot(session, uc) is not None
+    if in_effect and moves and moves[-1].idempotency_key.startswith("rollback:"):
         d = session.get(GateDecision, int(moves[-1].idempotency_key.split(":", 1)[1]))
         return _unfinished(session, uc, d, "rollback")
-    if uc.phase in ("promoted", "awaiting_approval"):
+    if in_effect:
         candidates = session.scalars(
             select(GateDecision)
             .where(
@@ -97,8 +102,19 @@ def unfinished_in(session: Any, uc: UseCase) -> Unfinished | None:
             automatic = d.kind == "monitor" and d.resolution is None and uc.phase == "promoted"
             if approved or automatic:
                 return _unfinished(session, uc, d, "rollback")
-    if uc.phase not in ("promoted", "rolled_back"):
-        latest_pilot = session.scalar(select(func.max(Pilot.id)).where(Pilot.use_case_id == uc.id))
+    # a promotion's last transaction marks its pilot promoted and the use case too: one whose pilot still
+    # runs or awaits approval after it was approved is unfinished (a pilot promoted since is not)
+    latest_pilot = session.scalar(select(func.max(Pilot.id)).where(Pilot.use_case_id == uc.id))
+    pilot = None if latest_pilot is None else session.get(Pilot, latest_pilot)
+    if (
+        uc.phase not in ("promoted", "rolled_back")
+        and pilot is not None
+        and pilot.status
+        in (
+            "running",
+            "awaiting_approval",
+        )
+    ):
         latest = session.scalar(
             select(GateDecision)
             .where(

@@ -199,6 +199,16 @@ def test_the_monitor_finishes_its_own_rollback_before_it_looks_again(
     with session_scope() as s:
         assert s.scalars(select(GateDecision.id).where(GateDecision.kind == "monitor")).all() == decided
         assert s.get(GateDecision, decided[-1]).resolution == "auto_rolled_back"
+    # a later pilot's GO waiting for its approval has nothing to do with that rollback, though the last
+    # champion move is still it: nothing is unfinished, and nothing touches the use case's phase
+    from rollout import lifecycle, pilots
+    from rollout.unfinished import unfinished_of
+
+    waiting = _pilot_with_decision(name, "GO", "approval")
+    with session_scope() as s:
+        uc = pilots.get_use_case(s, name)
+        lifecycle.set_phase(s, uc, "awaiting_approval", actor="test", reason=f"decision {waiting}")
+    assert unfinished_of(name) is None
 
 
 def test_a_promotion_cut_off_after_mlflow_moved_is_listed_and_finished(flow_use_case, monkeypatch) -> None:
@@ -233,6 +243,13 @@ def test_a_promotion_cut_off_after_mlflow_moved_is_listed_and_finished(flow_use_
     assert finish_unfinished(name)["finished"]["decision_id"] == did
     assert _phase(name) == "promoted" and registry.current_aliases(name)["champion"] == champion
     assert _champion_moves(name) == moves and finish_unfinished(name) is None
+    # a new calibration while it is promoted moves the phase on; the promotion, done, is not unfinished
+    from rollout import lifecycle, pilots
+    from rollout.unfinished import unfinished_of
+
+    with session_scope() as s:
+        lifecycle.set_phase(s, pilots.get_use_case(s, name), "calibrated", actor="test", reason="new spec")
+    assert unfinished_of(name) is None
 
 
 def test_a_breach_rolls_back_even_when_mlflow_logging_fails_and_the_look_is_logged_later(
