@@ -45,7 +45,7 @@ def batch_logged(step_id: int, batch_id: str, mlflow_run_id: str) -> None:
                 ObservationBatch.pilot_step_id == step_id, ObservationBatch.batch_id == batch_id
             )
         )
-        if batch is not None:  # an identical re-import stores no batch: nothing to record
+        if batch is not None and batch.mlflow_run_id is None:  # recorded once (migration 0010's guard)
             batch.mlflow_run_id = mlflow_run_id
 
 
@@ -124,7 +124,9 @@ def unlogged_gate_decisions(use_case: str) -> list[dict[str, Any]]:
 
 def decision_logged(decision_id: int, mlflow_run_id: str) -> None:
     with session_scope() as session:
-        session.get(GateDecision, decision_id).mlflow_run_id = mlflow_run_id
+        d = session.get(GateDecision, decision_id)
+        if d.mlflow_run_id is None:  # recorded once (migration 0010's guard)
+            d.mlflow_run_id = mlflow_run_id
 
 
 def unlogged_monitor_decisions(use_case: str) -> list[dict[str, Any]]:

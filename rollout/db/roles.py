@@ -5,7 +5,7 @@ Two roles (docs/operations.md, deploy/postgres/init-databases.sh):
   SPARSEPILOT_OWNER_DATABASE_URL); the append-only triggers and their functions belong to it;
 - the app role (the user in SPARSEPILOT_DATABASE_URL, what every other command, flow and the dashboard
   use) may SELECT and INSERT everywhere, UPDATE only the tables whose rows move through states (the
-  decision and alias-history updates are further limited by the owner's triggers), and never DELETE,
+  decision, alias-history and batch updates are further limited by the owner's triggers), and never DELETE,
   TRUNCATE, ALTER or DROP: it owns no table, so it cannot disable or drop a trigger either.
 """
 
@@ -14,16 +14,17 @@ from __future__ import annotations
 from sqlalchemy import Connection, text
 
 APPEND_ONLY = ("audit_log", "approvals")
+# observations and spec_versions are only ever inserted: UPDATE on them would let any process rewrite a
+# pilot's evidence or the spec its gate applies (they are in APPEND_ONLY's grant: SELECT, INSERT)
+INSERT_ONLY = ("spec_versions", "observations")
 UPDATABLE = (
     "use_cases",
-    "spec_versions",
     "model_versions",
     "calibration_runs",
     "evaluation_runs",
     "pilots",
     "pilot_steps",
-    "observations",
-    "observation_batches",  # its MLflow run id, once logged
+    "observation_batches",  # guarded: its MLflow run id, once (migration 0010)
     "gate_decisions",  # guarded: gate_decisions_guard
     "alias_history",  # guarded: alias_history_guard
     "use_case_leases",  # released by clearing the holder, never deleted
@@ -38,7 +39,7 @@ def grant_app_role(conn: Connection, role: str) -> list[str]:
     """Give ``role`` exactly the app's privileges on the current database (idempotent: everything is
     revoked first). Run as the owner role. Returns the statements executed."""
     r = _ident(conn, role)
-    tables = ", ".join((*APPEND_ONLY, *UPDATABLE))
+    tables = ", ".join((*APPEND_ONLY, *INSERT_ONLY, *UPDATABLE))
     statements = [
         f"REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {r}",
         f"REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM {r}",

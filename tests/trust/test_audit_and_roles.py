@@ -19,25 +19,65 @@ def _seed(url: str | None = None) -> dict[str, int]:
     """A use case, a decision with an approval and an alias move, each with audit rows (raw inserts of
     the rows the product writes; the audit rows through rollout.audit)."""
     from rollout import audit
-    from rollout.db.models import AliasMove, Approval, GateDecision, UseCase
+    from rollout.db.models import (
+        AliasMove,
+        Approval,
+        GateDecision,
+        ModelVersion,
+        Observation,
+        ObservationBatch,
+        Pilot,
+        PilotStep,
+        SpecVersion,
+        UseCase,
+    )
     from rollout.db.session import session_scope
 
     with session_scope(url) as s:
         uc = UseCase(name="audited", owner="o", criticality="low")
         s.add(uc)
         s.flush()
+        mv = ModelVersion(use_case_id=uc.id, base_model_ref="m", plan={}, plan_hash="p" * 64)
+        sv = SpecVersion(use_case_id=uc.id, version=1, spec={"gate": {"alpha": 0.05}}, spec_hash="h" * 64,
+                         created_by="o")  # fmt: skip
+        s.add_all([mv, sv])
+        s.flush()
+        pilot = Pilot(use_case_id=uc.id, model_version_id=mv.id, salt="s")
+        s.add(pilot)
+        s.flush()
+        step = PilotStep(pilot_id=pilot.id, index=0, kind="shadow", traffic_pct=0.0, min_samples=8)
+        s.add(step)
+        s.flush()
+        obs = Observation(pilot_step_id=step.id, use_case_id=uc.id, batch_id="b", request_id="r",
+                          arm="control", quality=0.9, latency_ms=10.0)  # fmt: skip
+        batch = ObservationBatch(pilot_step_id=step.id, batch_id="b", source="pilot-flow", rows=1,
+                                 inserted=1, mlflow_run_id="run-1")  # fmt: skip
         d = GateDecision(idempotency_key="k", use_case_id=uc.id, outcome="GO", awaiting="approval",
                          evidence={"x": 1}, explanation="GO", data_fingerprint="f" * 64)  # fmt: skip
-        s.add(d)
+        s.add_all([obs, batch, d])
         s.flush()
         a = Approval(decision_id=d.id, actor="alice", role="approver", action="approve", reason="ok")
         m = AliasMove(idempotency_key="m", use_case_id=uc.id, alias="champion", to_version="1", actor="alice",
                       reason="r", status="committed")  # fmt: skip
         s.add_all([a, m])
         d.resolution = "approved"
+        d.mlflow_run_id = "run-1"  # its MLflow run, recorded once (migration 0010)
         for i in range(3):
             audit.record(s, "alice", f"test.{i}", use_case_id=uc.id, details={"i": i, "nested": {"k": [i]}})
-        return {"decision": d.id, "approval": a.id, "move": m.id, "use_case": uc.id}
+        return {"decision": d.id, "approval": a.id, "move": m.id, "use_case": uc.id, "batch": batch.id,
+                "observation": obs.id, "spec_version": sv.id}  # fmt: skip
+
+
+def _run_link_rewrites(ids: dict[str, int]) -> dict[str, str]:
+    """Rewrites of the MLflow run links of migration 0009, refused by 0010's guards."""
+    d, b = ids["decision"], ids["batch"]
+    return {
+        "decision-run-relink": f"UPDATE gate_decisions SET mlflow_run_id = 'run-2' WHERE id = {d}",
+        "decision-run-clear": f"UPDATE gate_decisions SET mlflow_run_id = NULL WHERE id = {d}",
+        "batch-run-relink": f"UPDATE observation_batches SET mlflow_run_id = 'run-2' WHERE id = {b}",
+        "batch-rows": f"UPDATE observation_batches SET rows = 99 WHERE id = {b}",
+        "batch-delete": f"DELETE FROM observation_batches WHERE id = {b}",
+    }
 
 
 def _refused(url: str, sql: str) -> str:
@@ -93,11 +133,12 @@ def test_sqlite_triggers_refuse_rewrites_and_verify_catches_a_dropped_trigger(sp
         "move-rewrite": f"UPDATE alias_history SET to_version = '9' WHERE id = {ids['move']}",
         "move-uncommit": f"UPDATE alias_history SET status = 'failed' WHERE id = {ids['move']}",
         "move-delete": f"DELETE FROM alias_history WHERE id = {ids['move']}",
+        **_run_link_rewrites(ids),
     }
     for name, sql in refusals.items():
         msg = _refused(url, sql)
         assert any(
-            w in msg for w in ("append-only", "cannot be replaced", "may change", "cannot be deleted")
+            w in msg for w in ("append-only", "cannot be replaced", "may change", "cannot be deleted", "once")
         ), (
             name,
             msg,
@@ -166,10 +207,15 @@ def test_postgres_app_role_cannot_rewrite_history(
         "move-rewrite": f"UPDATE alias_history SET to_version = '9' WHERE id = {ids['move']}",
         "drop-guard-function": "DROP FUNCTION gate_decisions_guard() CASCADE",
         "grant-self-then-delete": "GRANT DELETE ON audit_log TO sp_app; DELETE FROM audit_log",
+        **_run_link_rewrites(ids),
+        # only ever inserted: a pilot's evidence and the spec its gate applies cannot be rewritten
+        "observation-rewrite": f"UPDATE observations SET quality = 0 WHERE id = {ids['observation']}",
+        "spec-rewrite": f"UPDATE spec_versions SET spec = '{{}}' WHERE id = {ids['spec_version']}",
     }
     for name, sql in attacks.items():
         msg = _refused(app_url, sql)
-        assert any(w in msg for w in ("permission denied", "must be owner", "append-only", "may change")), (
+        refusals = ("permission denied", "must be owner", "append-only", "may change", "once", "cannot be")
+        assert any(w in msg for w in refusals), (
             name,
             msg,
         )
