@@ -16,10 +16,10 @@ VIEWS = Path(__file__).resolve().parent / "views"
 def main() -> None:
     st.set_page_config(page_title="SparsePilot", page_icon=":material/speed:", layout="wide")
     configure_environment()
-    ready, url = schema_ready()
+    ready, url, why = schema_ready()
     if not ready:
         st.title("SparsePilot")
-        st.error(f"The state database at `{url}` has no SparsePilot schema yet.")
+        st.error(f"The state database at `{url}` {why}.")
         cmds = ["sparsepilot init"] + [f"sparsepilot usecase add {p}" for p in example_specs()]
         st.markdown("Create it and add the sample use cases:")
         st.code("\n".join(cmds), language="bash")

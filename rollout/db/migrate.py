@@ -58,3 +58,10 @@ def current_revision(url: str | None = None) -> str | None:
     engine = create_engine(url or get_settings().database_url)
     with engine.connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()
+
+
+def head_revision(url: str | None = None) -> str | None:
+    """The newest revision of this build's migrations: what its code reads and writes."""
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(alembic_config(url)).get_current_head()

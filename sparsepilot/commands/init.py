@@ -24,8 +24,6 @@ def _mask(url: str) -> str:
 
 def require_schema() -> None:
     """Refuse to work on a DB that `sparsepilot init` has not brought to the head revision."""
-    from alembic.script import ScriptDirectory
-
     from rollout.db import migrate
     from rollout.settings import get_settings
 
@@ -35,7 +33,7 @@ def require_schema() -> None:
         db_file = Path(url.removeprefix("sqlite:///"))
         if not db_file.is_file():
             fail(f"no state DB at {db_file}: run `sparsepilot init` first")
-    head = ScriptDirectory.from_config(migrate.alembic_config(url)).get_current_head()
+    head = migrate.head_revision(url)
     try:
         current = migrate.current_revision(url)
     except Exception as exc:  # noqa: BLE001 - unreachable DB: say so plainly

@@ -392,6 +392,28 @@ def test_commands_refuse_an_uninitialised_db(tmp_path: Path, monkeypatch: pytest
     assert res.exit_code == 2 and "unknown use case 'nope'" in res.stderr
 
 
+def test_a_db_one_migration_behind_is_refused_by_name_everywhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """New code on a state DB one revision behind (a worker upgraded before `sparsepilot init` ran): the
+    pipeline commands only checked that some revision existed, then failed with a raw "no such column"
+    traceback; the dashboard opened its pages on it. Both now name the two revisions and the command."""
+    from tests.dashboard.apptest_helpers import new_app
+
+    monkeypatch.setenv("SPARSEPILOT_HOME", str(tmp_path / "behind"))
+    monkeypatch.delenv("SPARSEPILOT_DATABASE_URL", raising=False)
+    head = migrate.head_revision()
+    previous = f"{int(head) - 1:04d}"
+    migrate.upgrade(revision=previous)
+    for command in (["calibrate", "some-use-case"], ["evaluate", "some-use-case"], ["usecase", "list"]):
+        res = cli(*command)
+        assert res.exit_code == 2, (command, res.output)
+        assert f"is at revision {previous}, head is {head}: run `sparsepilot init` first" in res.stderr
+        assert "Traceback" not in res.output + res.stderr
+    at = new_app()
+    assert f"is at revision {previous}; this SparsePilot needs {head}" in at.error[0].value
+
+
 @pytest.mark.postgres
 def test_init_on_postgres(pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SPARSEPILOT_HOME", str(tmp_path / "home"))

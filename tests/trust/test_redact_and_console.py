@@ -46,5 +46,5 @@ def test_dashboard_hides_the_database_password(monkeypatch: pytest.MonkeyPatch) 
     from dashboard.data import schema_ready
 
     monkeypatch.setenv("SPARSEPILOT_DATABASE_URL", "postgresql+psycopg://app:db-pass-42@127.0.0.1:1/nope")
-    ready, shown = schema_ready()
+    ready, shown, _ = schema_ready()
     assert not ready and "db-pass-42" not in shown and "app:***@127.0.0.1" in shown
