@@ -22,6 +22,22 @@ def _mask(url: str) -> str:
         return url.split("@")[-1]
 
 
+def _same_database(a: str, b: str) -> bool:
+    """Do two URLs name the same database (backend, host, port, database; the user may differ)?"""
+    from sqlalchemy.engine import make_url
+
+    try:
+        ua, ub = make_url(a), make_url(b)
+    except Exception:  # noqa: BLE001 - an unparsable URL names nothing we can compare
+        return False
+    return (ua.get_backend_name(), ua.host, ua.port, ua.database) == (
+        ub.get_backend_name(),
+        ub.host,
+        ub.port,
+        ub.database,
+    )
+
+
 def require_schema() -> None:
     """Refuse to work on a DB that `sparsepilot init` has not brought to the head revision."""
     from rollout.db import migrate
@@ -56,6 +72,13 @@ def init(json_out: JsonOpt = False) -> None:
 
     settings = configure_environment()
     owner_url = settings.owner_database_url
+    if owner_url != settings.database_url and not _same_database(owner_url, settings.database_url):
+        fail(
+            f"SPARSEPILOT_OWNER_DATABASE_URL ({_mask(owner_url)}) and SPARSEPILOT_DATABASE_URL "
+            f"({_mask(settings.database_url)}) name different databases: init migrates the owner's and "
+            "grants the app role on it, so the app would use one init never touched; point both at the "
+            "same database (set SPARSEPILOT_DATABASE_URL to the app role's URL of it)"
+        )
     before = None
     try:
         before = migrate.current_revision(owner_url)

@@ -392,6 +392,19 @@ def test_commands_refuse_an_uninitialised_db(tmp_path: Path, monkeypatch: pytest
     assert res.exit_code == 2 and "unknown use case 'nope'" in res.stderr
 
 
+def test_init_refuses_owner_and_app_urls_of_different_databases(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """init migrates the owner URL's database and grants on it; an app URL naming another database (or
+    left unset beside a PostgreSQL owner URL) used to be reported "up to date" and left untouched."""
+    monkeypatch.setenv("SPARSEPILOT_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("SPARSEPILOT_OWNER_DATABASE_URL", f"sqlite:///{tmp_path / 'owner.db'}")
+    monkeypatch.setenv("SPARSEPILOT_DATABASE_URL", f"sqlite:///{tmp_path / 'app.db'}")
+    res = cli("init")
+    assert res.exit_code == 2 and "name different databases" in res.stderr
+    assert not (tmp_path / "owner.db").exists() and not (tmp_path / "app.db").exists()  # nothing made
+
+
 def test_a_db_one_migration_behind_is_refused_by_name_everywhere(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
