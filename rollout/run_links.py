@@ -106,20 +106,21 @@ def unlogged_gate_decisions(use_case: str) -> list[dict[str, Any]]:
     MLflow run is not recorded, oldest first, as `rollout.decisions.summary` gives them. A pilot a NO-GO
     stopped is still the latest, so its last decision is found after the pilot ended."""
     with session_scope() as session:
-        pilot = pilots.latest_pilot(session, pilots.get_use_case(session, use_case))
-        if pilot is None:
-            return []
-        found = session.scalars(
-            select(GateDecision)
-            .where(
-                GateDecision.pilot_id == pilot.id,
-                GateDecision.kind == "gate",
-                GateDecision.idempotency_key.like("gate:%"),
-                GateDecision.mlflow_run_id.is_(None),
-            )
-            .order_by(GateDecision.id)
+        found = _unlogged(
+            session, use_case, GateDecision.kind == "gate", GateDecision.idempotency_key.like("gate:%")
         )
         return [decisions.summary(d, session.get(PilotStep, d.pilot_step_id), False) for d in found]
+
+
+def _unlogged(session: Any, use_case: str, *where: Any) -> list[GateDecision]:
+    """The latest pilot's decisions matching `where` whose MLflow run is not recorded, oldest first."""
+    pilot = pilots.latest_pilot(session, pilots.get_use_case(session, use_case))
+    if pilot is None:
+        return []
+    q = select(GateDecision).where(
+        GateDecision.pilot_id == pilot.id, GateDecision.mlflow_run_id.is_(None), *where
+    )
+    return list(session.scalars(q.order_by(GateDecision.id)))
 
 
 def decision_logged(decision_id: int, mlflow_run_id: str) -> None:
@@ -133,18 +134,7 @@ def unlogged_monitor_decisions(use_case: str) -> list[dict[str, Any]]:
     """The latest pilot's monitor decisions (one per look) whose MLflow run is not recorded, oldest first:
     id, outcome, explanation and the rows the look judged."""
     with session_scope() as session:
-        pilot = pilots.latest_pilot(session, pilots.get_use_case(session, use_case))
-        if pilot is None:
-            return []
-        found = session.scalars(
-            select(GateDecision)
-            .where(
-                GateDecision.pilot_id == pilot.id,
-                GateDecision.kind == "monitor",
-                GateDecision.mlflow_run_id.is_(None),
-            )
-            .order_by(GateDecision.id)
-        )
+        found = _unlogged(session, use_case, GateDecision.kind == "monitor")
         return [
             {
                 "decision_id": d.id,
