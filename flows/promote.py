@@ -95,11 +95,10 @@ def finish_unfinished(use_case: str) -> dict[str, Any] | None:
     """Carry out the use case's decision that was decided but is not in effect (rollout.unfinished: its
     run died, or MLflow was down) through the effect its own run would have run, under the same keys;
     None when there is none, or the run that is to carry it out still runs."""
-    from flows.common import flow_run_is_live
     from rollout.unfinished import unfinished_of
 
     u = unfinished_of(use_case)
-    if u is None or (u.flow_run_id and not u.failed_move and flow_run_is_live(u.flow_run_id)):
+    if u is None or (u.flow_run_id and not u.failed_move and _carrying_out(u.flow_run_id)):
         return None
     reason = f"finishing decision {u.decision_id}: decided, but its effect did not complete"
     logging.getLogger("sparsepilot.flows").warning("%s: %s", use_case, reason)
@@ -112,6 +111,24 @@ def finish_unfinished(use_case: str) -> dict[str, Any] | None:
             actor=audit.MONITOR_ACTOR if u.automatic else "",
         )
     else:
-        assert u.approval_id is not None  # a promotion is always a person's
-        result = promote_flow(u.decision_id, u.approval_id, reason)
+        assert u.approval_id is not None  # a person's signature carries every other effect
+        effect = {"promote": promote_flow, "keep": keep_flow, "reject": reject_flow}[u.action]
+        result = effect(u.decision_id, u.approval_id, reason)
     return {"finished": u.to_dict(), "result": result}
+
+
+def _carrying_out(flow_run_id: str) -> bool:
+    """Is the decision's approval run carrying it out now? A run still paused on a resolved decision is
+    not (its resume never came: the approver's process died after the signature committed), nor is a
+    finished one; one Prefect cannot tell of is taken to be (the lease-like caution of flow_run_is_live)."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(flow_run_id).state
+    except ObjectNotFound:  # a run Prefect never had (or has deleted) carries out nothing
+        return False
+    except Exception:  # noqa: BLE001 - no API: do not race a run that may be working
+        return True
+    return state is None or not (state.is_final() or state.is_paused())

@@ -611,11 +611,7 @@ def apply_rollback(
                 + (f"v{now} serves now" if now else "no champion of ours serves now")
                 + " (another rollback or promotion came first): nothing moved"
             )
-            if d.resolution is None:
-                d.resolution = "superseded"
-            audit.record(
-                session, who.name, "rollback.superseded", on=d, details={"about": about, "serving": now}
-            )
+            _supersede(session, d, who.name, f"v{now}" if now else "no champion", about=about, serving=now)
             return {"action": "none", "decision_id": decision_id, "reason": why}
     move = registry.rollback(
         name, actor=who, reason=reason, idempotency_key=key, expected=about, db_url=db_url
@@ -630,6 +626,14 @@ def apply_rollback(
             pilots.stop_pilot(session, promoted, status="rolled_back", actor=who.name, reason=reason)
         lifecycle.set_phase(session, uc, "rolled_back", actor=who.name, reason=reason)
     return {"action": "rolled_back", "decision_id": decision_id, "alias_move": _move_dict(move)}
+
+
+def _supersede(session: Any, d: GateDecision, actor: str, by: str, **details: Any) -> None:
+    """Close a rollback decision another rollback or promotion made moot: "superseded" (where still
+    open), with a `rollback.superseded` audit entry saying by what."""
+    if d.resolution is None:
+        d.resolution = "superseded"
+    audit.record(session, actor, "rollback.superseded", on=d, details={"by": by, **details})
 
 
 def rollback_about(session: Any, d: GateDecision) -> str | None:
@@ -693,6 +697,13 @@ def request_rollback(
         else:
             moves = registry.committed_moves(session, uc.id, "champion")
             decision_id, approval_id = _record_rollback(session, uc, who, text, moves)
+            if pending is not None and pending.action == "rollback":  # the monitor's own gives way
+                _supersede(
+                    session,
+                    session.get(GateDecision, pending.decision_id),
+                    who.name,
+                    f"rollback {decision_id}",
+                )
     out: dict[str, Any] = {"decision_id": decision_id, "approval_id": approval_id}
     if apply:
         out["effect"] = apply_rollback(

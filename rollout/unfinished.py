@@ -10,13 +10,15 @@ that dies in between (MLflow down, a deploy, an OOM) leaves a decision that wait
   failed or never ran: the champion that breached keeps serving;
 - the monitor's **automatic rollback** whose move failed: its decision says "rolled back automatically";
 - an approved **promotion** whose moves did not complete: MLflow may serve the challenger while the use
-  case still waits for approval, unmonitored.
+  case still waits for approval, unmonitored;
+- a **kept alarm** (two approvers rejected the monitor's rollback) or a **rejection** whose run died
+  after the signature committed: the use case waits for approval for good (a kept champion unmonitored).
 
-`unfinished_in` finds the one a use case has (the newest), `finish` carries it out through the same
-effect the approval's run would have run, under the same idempotency key, so finishing twice, or
-finishing while that run completes after all, converges on one move. The scheduled cycle and the monitor
-finish one before they do anything else; `sparsepilot rollback` / `promote --decision` finish one on a
-person's request; `stalled` lists them for the approvals page."""
+`unfinished_in` finds the one a use case has (the newest); `flows.promote.finish_unfinished` carries it
+out through the same effect the approval's run would have run, under the same idempotency keys, so
+finishing twice, or finishing while that run completes after all, converges on one move. The scheduled
+cycle and the monitor finish one before they do anything else; `sparsepilot rollback` / `promote
+--decision` finish one on a person's request; `stalled` lists them for the approvals page."""
 
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ STALLED_AFTER = dt.timedelta(minutes=5)
 class Unfinished:
     use_case: str
     decision_id: int
-    action: str  # "rollback" / "promote"
+    action: str  # "rollback" / "promote" / "keep" (the champion kept through an alarm) / "reject"
     approval_id: int | None  # the person's signature it carries out; None: the monitor's own rollback
     decided_at: dt.datetime  # when it was decided (the approval's time, or the decision's)
     failed_move: bool  # an alias move of it failed (MLflow unreachable, ...)
@@ -51,10 +53,12 @@ class Unfinished:
         return self.approval_id is None
 
     def command(self) -> str:
-        """What a person runs to finish it."""
+        """What a person runs to finish it now ("" where only the use case's next cycle does)."""
         if self.action == "rollback":
             return f"sparsepilot rollback {self.use_case} --reason ..."
-        return f"sparsepilot promote {self.use_case} --decision {self.decision_id} --reason ..."
+        if self.action == "promote":
+            return f"sparsepilot promote {self.use_case} --decision {self.decision_id} --reason ..."
+        return ""
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "automatic": self.automatic, "command": self.command()}
@@ -62,71 +66,85 @@ class Unfinished:
 
 def unfinished_in(session: Any, uc: UseCase) -> Unfinished | None:
     """The use case's decided-but-not-in-effect decision (module docstring), or None."""
-    from rollout.approvals import rollback_about, unfinished_promotion_in
     from rollout.pilots import promoted_pilot
 
-    moves = registry.committed_moves(session, uc.id, "champion")
-    serving = registry.champion_lineage(moves)[-1:]
-    # a rollback's last transaction stops the promoted pilot and marks the use case rolled back: while a
-    # pilot is still marked promoted (and the use case promoted, or awaiting the person the monitor asked)
-    # a rollback may be unfinished; after it, a later pilot's phases are none of a rollback's business
-    in_effect = uc.phase in ("promoted", "awaiting_approval") and promoted_pilot(session, uc) is not None
-    if in_effect and moves and moves[-1].idempotency_key.startswith("rollback:"):
-        d = session.get(GateDecision, int(moves[-1].idempotency_key.split(":", 1)[1]))
-        return _unfinished(session, uc, d, "rollback")
-    if in_effect:
-        candidates = session.scalars(
-            select(GateDecision)
-            .where(
-                GateDecision.use_case_id == uc.id,
-                GateDecision.kind.in_(("monitor", "rollback")),
-                GateDecision.outcome != "GO",
-                or_(
-                    GateDecision.resolution == "approved",
-                    and_(GateDecision.resolution.is_(None), GateDecision.awaiting == "none"),
-                ),
-            )
-            .order_by(GateDecision.id.desc())
-        )
-        for d in candidates:
-            about = rollback_about(session, d)
-            if (
-                about is None
-                or [about] != serving
-                or _move_status(session, f"rollback:{d.id}") == "committed"
-            ):
-                continue  # about a champion that no longer serves (superseded), or carried out
-            approved = d.resolution == "approved" and (
-                d.kind == "rollback" or d.awaiting == "rollback_approval"
-            )
-            automatic = d.kind == "monitor" and d.resolution is None and uc.phase == "promoted"
-            if approved or automatic:
-                return _unfinished(session, uc, d, "rollback")
-    # a promotion's last transaction marks its pilot promoted and the use case too: one whose pilot still
-    # runs or awaits approval after it was approved is unfinished (a pilot promoted since is not)
+    promoted = promoted_pilot(session, uc)
+    # a rollback's (and a kept alarm's) last transaction moves the promoted pilot or the use case on: while
+    # a pilot is still marked promoted (and the use case promoted, or awaiting the person the monitor
+    # asked) one may be unfinished; after it, a later pilot's phases are none of its business
+    if uc.phase in ("promoted", "awaiting_approval") and promoted is not None:
+        found = _unfinished_rollback(session, uc, promoted)
+        if found is not None:
+            return found
+    # a promotion's (or a rejection's) last transaction moves its pilot on: one whose pilot still runs or
+    # awaits approval after the decision was resolved is unfinished (a pilot promoted since is not)
     latest_pilot = session.scalar(select(func.max(Pilot.id)).where(Pilot.use_case_id == uc.id))
     pilot = None if latest_pilot is None else session.get(Pilot, latest_pilot)
-    if (
-        uc.phase not in ("promoted", "rolled_back")
-        and pilot is not None
-        and pilot.status
-        in (
-            "running",
-            "awaiting_approval",
+    if uc.phase in ("promoted", "rolled_back") or pilot is None or pilot.status not in LIVE_PILOT:
+        return None
+    latest = session.scalar(
+        select(GateDecision)
+        .where(
+            GateDecision.pilot_id == pilot.id,
+            GateDecision.kind == "gate",
+            GateDecision.resolution.in_(("approved", "rejected")),
         )
-    ):
-        latest = session.scalar(
-            select(GateDecision)
-            .where(
-                GateDecision.pilot_id == latest_pilot,
-                GateDecision.kind == "gate",
-                GateDecision.resolution == "approved",
-            )
-            .order_by(GateDecision.id.desc())
-            .limit(1)
+        .order_by(GateDecision.id.desc())
+        .limit(1)
+    )
+    if latest is None:
+        return None
+    if latest.resolution == "rejected":
+        return _unfinished(session, uc, latest, "reject")
+    from rollout.approvals import unfinished_promotion_in
+
+    if unfinished_promotion_in(session, latest) is not None:
+        return _unfinished(session, uc, latest, "promote")
+    return None
+
+
+LIVE_PILOT = ("running", "awaiting_approval")
+
+
+def _unfinished_rollback(session: Any, uc: UseCase, promoted: Pilot) -> Unfinished | None:
+    """The unfinished rollback or kept alarm of the pilot `promoted` (module docstring)."""
+    from rollout.approvals import rollback_about
+
+    moves = registry.committed_moves(session, uc.id, "champion")
+    if moves and moves[-1].idempotency_key.startswith("rollback:"):  # moved; the state DB never heard
+        d = session.get(GateDecision, int(moves[-1].idempotency_key.split(":", 1)[1]))
+        return _unfinished(session, uc, d, "rollback")
+    serving = registry.champion_lineage(moves)[-1:]
+    candidates = session.scalars(
+        select(GateDecision)
+        .where(
+            GateDecision.use_case_id == uc.id,
+            GateDecision.kind.in_(("monitor", "rollback")),
+            GateDecision.outcome != "GO",
+            or_(
+                GateDecision.resolution.in_(("approved", "rejected")),
+                and_(GateDecision.resolution.is_(None), GateDecision.awaiting == "none"),
+            ),
         )
-        if latest is not None and unfinished_promotion_in(session, latest) is not None:
-            return _unfinished(session, uc, latest, "promote")
+        .order_by(GateDecision.id.desc())
+    )
+    for d in candidates:
+        # the monitor's decisions are about the pilot it judged: one of an earlier promotion of the same
+        # version (rolled back, then promoted again) is not this champion's; a person's about the version
+        about = d.pilot_id == promoted.id if d.kind == "monitor" else [rollback_about(session, d)] == serving
+        if not about or _move_status(session, f"rollback:{d.id}") == "committed":
+            continue  # superseded, or carried out
+        asked = d.kind == "rollback" or d.awaiting == "rollback_approval"
+        if d.resolution == "approved" and asked:
+            return _unfinished(session, uc, d, "rollback")
+        if d.resolution is None and d.kind == "monitor" and uc.phase == "promoted":
+            return _unfinished(session, uc, d, "rollback")  # the monitor's own
+        if (
+            d.resolution == "rejected"
+            and d.awaiting == "rollback_approval"
+            and uc.phase == "awaiting_approval"
+        ):
+            return _unfinished(session, uc, d, "keep")  # kept through the alarm: the monitor resumes
     return None
 
 
@@ -151,13 +169,14 @@ def stalled(session: Any, *, now: dt.datetime | None = None) -> list[Unfinished]
 
 
 def _unfinished(session: Any, uc: UseCase, d: GateDecision, action: str) -> Unfinished:
+    signed = ("reject",) if action in ("keep", "reject") else ("approve", "rollback")
     signature = session.scalar(
         select(Approval)
-        .where(Approval.decision_id == d.id, Approval.action.in_(("approve", "rollback")))
+        .where(Approval.decision_id == d.id, Approval.action.in_(signed))
         .order_by(Approval.id.desc())
     )
-    keys = [f"rollback:{d.id}"] if action == "rollback" else [f"promote:{d.id}", f"baseline:{d.id}"]
-    status = [_move_status(session, k) for k in keys]
+    keys = {"rollback": [f"rollback:{d.id}"], "promote": [f"promote:{d.id}", f"baseline:{d.id}"]}
+    status = [_move_status(session, k) for k in keys.get(action, [])] or [None]
     return Unfinished(
         use_case=uc.name,
         decision_id=d.id,

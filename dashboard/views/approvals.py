@@ -132,7 +132,12 @@ def rollback_section(ident: Identity | None) -> None:
 
 def unapplied_text(d: dict[str, Any]) -> str:
     """What a decision that was decided but is not in effect says (queries.approved_not_applied)."""
-    what = "promotion" if d["action"] == "promote" else "rollback"
+    what = {
+        "promote": ("approved", "the promotion"),
+        "rollback": ("approved", "the rollback"),
+        "keep": ("rejected", "keeping the champion (the monitor stays stopped until it does)"),
+        "reject": ("rejected", "stopping the pilot"),
+    }[d["action"]]
     why = (
         "its alias move failed: MLflow unreachable?"
         if d["failed_move"]
@@ -143,12 +148,10 @@ def unapplied_text(d: dict[str, Any]) -> str:
     else:
         who = ", ".join(a["actor"] for a in d["approvals"]) or "an approver"
         head = (
-            f"Decision #{d['id']} of {d['use_case']} was approved by {who}, but the {what} did not complete"
+            f"Decision #{d['id']} of {d['use_case']} was {what[0]} by {who}, but {what[1]} did not complete"
         )
-    return (
-        f"{head} ({why}), so it is not in effect. The use case's next scheduled cycle finishes it; an "
-        f"approver can finish it now with: {d['command']}"
-    )
+    now = f"; an approver can finish it now with: {d['command']}" if d["command"] else ""
+    return f"{head} ({why}), so it is not in effect. The use case's next scheduled cycle finishes it{now}"
 
 
 def main() -> None:

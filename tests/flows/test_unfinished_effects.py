@@ -111,14 +111,21 @@ def test_a_persons_rollback_and_the_monitors_roll_back_one_version(flow_use_case
     by_hand = approvals.request_rollback(name, Identity(*BOB), "p95 regressed")
     back = registry.current_aliases(name)["champion"]
     assert back != champion and by_hand["effect"]["alias_move"]["from_version"] == champion
+    with session_scope() as s:  # the person's rollback closed the monitor's: it can never come back
+        assert s.get(GateDecision, monitors).resolution == "superseded"
     before = _champion_moves(name)
     late = approvals.apply_rollback(monitors, None, reason="breach", automatic=True)
     assert late["action"] == "none" and f"asked to roll back champion v{champion}" in late["reason"]
     assert registry.current_aliases(name)["champion"] == back and _champion_moves(name) == before
     with session_scope() as s:
         assert s.get(GateDecision, monitors).resolution == "superseded"
-        entry = s.scalar(select(AuditEntry).where(AuditEntry.action == "rollback.superseded"))
-        assert entry.details == {"about": champion, "serving": back}
+        entries = s.scalars(
+            select(AuditEntry.details).where(AuditEntry.action == "rollback.superseded")
+        ).all()
+        assert entries == [
+            {"by": f"rollback {by_hand['decision_id']}"},
+            {"by": f"v{back}", "about": champion, "serving": back},
+        ]
     assert unfinished_of(name) is None and _phase(name) == "rolled_back"
     # the registry refuses a rollback about a champion that does not serve, whoever asks
     with pytest.raises(registry.RegistryError, match=f"about champion v{champion}, but v{back} serves"):
@@ -278,3 +285,144 @@ def test_a_breach_rolls_back_even_when_mlflow_logging_fails_and_the_look_is_logg
         str(missed["decision_id"])
     ]
     assert run_links.unlogged_monitor_decisions(name) == []
+
+
+def _go_awaiting_approval(name: str, key: str) -> int:
+    """A challenger (the same plan, so the same model version, each time), a pilot and its GO waiting for
+    approval under its own key."""
+    from rollout import pilots, registry
+    from rollout.db.models import ModelVersion
+    from rollout.db.session import session_scope
+    from sparse_core import SparsePlan
+
+    with session_scope() as s:
+        model_ref = pilots.load_current_spec(s, pilots.get_use_case(s, name))[0].model
+    mv = registry.register_version(name, SparsePlan(tau=0.9), model_ref, actor=registry.SYSTEM_PIPELINE)
+    registry.set_alias(
+        name,
+        "challenger",
+        model_version_id=mv.id,
+        actor=registry.SYSTEM_PIPELINE,
+        reason="t",
+        idempotency_key=key,
+    )
+    with session_scope() as s:
+        uc = pilots.get_use_case(s, name)
+        spec, _ = pilots.load_current_spec(s, uc)
+        pilot = pilots.start_pilot(s, uc, s.get(ModelVersion, mv.id), spec, actor="test")
+        d, _ = pilots.record_decision(
+            s,
+            idempotency_key=f"test:{key}",
+            use_case=uc,
+            pilot=pilot,
+            step=pilots.current_step(s, pilot),
+            outcome="GO",
+            evidence={},
+            explanation="GO",
+            data_fingerprint="f" * 64,
+            awaiting="approval",
+        )
+        pilots.stop_pilot(s, pilot, status="awaiting_approval", actor="test", reason="GO")
+        return d.id
+
+
+def test_an_old_automatic_rollback_never_rolls_back_a_later_promotion_of_the_same_version(
+    flow_use_case, monkeypatch
+) -> None:
+    """The monitor's automatic rollback failed and a person rolled back by hand. The monitor's decision
+    stayed open; when a later pilot promoted the same model version again, it was taken for unfinished
+    and rolled the new champion back on the earlier pilot's evidence. Now the person's rollback closes
+    it, and a monitor decision counts only for the pilot it judged."""
+    from rollout import approvals, audit, pilots, registry
+    from rollout.auth import Identity
+    from rollout.db.models import GateDecision
+    from rollout.db.session import session_scope
+    from rollout.unfinished import unfinished_of
+
+    name = flow_use_case(rollback="auto")
+    champion = _promoted(name)
+    with session_scope() as s:
+        uc = pilots.get_use_case(s, name)
+        d, _ = pilots.record_decision(
+            s,
+            idempotency_key="monitor:first",
+            use_case=uc,
+            pilot=pilots.promoted_pilot(s, uc),
+            kind="monitor",
+            outcome="NO-GO",
+            evidence={},
+            explanation="Monitor: NO-GO. The champion is rolled back automatically (rollback policy: auto).",
+            data_fingerprint="m" * 64,
+            awaiting="none",
+            actor=audit.MONITOR_ACTOR,
+        )
+        first_alarm = d.id
+    with monkeypatch.context() as mp:
+        _mlflow_down(mp)
+        with pytest.raises(registry.RegistryError):
+            approvals.apply_rollback(first_alarm, None, reason="breach", automatic=True)
+    approvals.request_rollback(name, Identity(*BOB), "breach; the automatic rollback failed")
+    with session_scope() as s:
+        assert s.get(GateDecision, first_alarm).resolution == "superseded"
+    again = _go_awaiting_approval(name, "second")
+    approvals.approve(again, Identity(*ALICE), "the second pilot passed")
+    assert registry.current_aliases(name)["champion"] == champion and _phase(name) == "promoted"
+    assert unfinished_of(name) is None  # the earlier alarm is not this promotion's
+
+
+@pytest.mark.parametrize("effect", ["keep", "reject"])
+def test_a_keep_or_rejection_whose_approver_died_after_signing_is_finished(
+    flow_use_case, monkeypatch, effect: str
+) -> None:
+    """The signature commits before the paused run is resumed; an approver whose process died in between
+    (Ctrl-C on a stalled Prefect API) left a kept champion unmonitored, or a rejected pilot waiting, for
+    good: nothing listed it and every command refused. Now it is unfinished, and the cycle finishes it."""
+    import uuid
+
+    from flows.promote import finish_unfinished
+    from rollout import approvals, audit, lifecycle, pilots
+    from rollout.auth import Identity
+    from rollout.db.models import GateDecision
+    from rollout.db.session import session_scope
+    from rollout.unfinished import unfinished_of
+
+    name = flow_use_case(rollback="manual")
+    if effect == "keep":
+        _promoted(name)
+        with session_scope() as s:  # the monitor's alarm waits for a person (monitor_look)
+            uc = pilots.get_use_case(s, name)
+            d, _ = pilots.record_decision(
+                s,
+                idempotency_key="monitor:alarm",
+                use_case=uc,
+                pilot=pilots.promoted_pilot(s, uc),
+                kind="monitor",
+                outcome="NO-GO",
+                evidence={},
+                explanation="Monitor: NO-GO. A rollback waits for a person's approval.",
+                data_fingerprint="m" * 64,
+                awaiting="rollback_approval",
+                actor=audit.MONITOR_ACTOR,
+            )
+            lifecycle.set_phase(s, uc, "awaiting_approval", actor=audit.MONITOR_ACTOR, reason="alarm")
+            decided = d.id
+    else:
+        decided = _go_awaiting_approval(name, "rejected")
+    with session_scope() as s:
+        s.get(GateDecision, decided).flow_run_id = str(uuid.uuid4())  # its paused approval run
+    monkeypatch.setattr(approvals, "_flow_run_state_safe", lambda _run: (True, "Paused"))
+    # against the recommendation (the monitor's rollback, the gate's GO): two approvers
+    assert approvals.approve(decided, Identity(*ALICE), "not now", reject=True).needs_second_approver
+
+    def stalled(*_args) -> None:  # noqa: ANN002
+        raise KeyboardInterrupt  # the approver gives up on a Prefect API that does not answer
+
+    with monkeypatch.context() as mp:
+        mp.setattr(approvals, "_resume", stalled)
+        with pytest.raises(KeyboardInterrupt):
+            approvals.approve(decided, Identity(*BOB), "agreed", reject=True)
+    u = unfinished_of(name)
+    assert (u.decision_id, u.action, u.command()) == (decided, effect, "")
+    finish_unfinished(name)  # the run Prefect never had carries out nothing: the cycle finishes it
+    assert _phase(name) == ("promoted" if effect == "keep" else "stopped")
+    assert unfinished_of(name) is None
