@@ -18,6 +18,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from rollout.redact import redact
 from rollout.settings import configure_environment
 
 _MODEL_LOCK = threading.RLock()
@@ -231,6 +232,21 @@ def log_run(
         for path in files or []:
             mlflow.log_artifact(path)
         return run.info.run_id
+
+
+def catch_up_logs(log: Callable[..., Any], *args: Any) -> Any:
+    """Run `log` (logging to MLflow what an earlier run stored and could not log), but never let it stop
+    the work that follows: with MLflow down it would fail every run before its gate look or monitor look
+    (the fail-safe) was taken. A failure is a warning; the next run tries again."""
+    try:
+        return log(*args)
+    except Exception as exc:  # noqa: BLE001 - best effort by design
+        logging.getLogger("sparsepilot.flows").warning(
+            "could not log earlier runs to MLflow now (%s: %s); the next run tries again",
+            type(exc).__name__,
+            redact(str(exc))[:200],
+        )
+        return None
 
 
 def mark_not_recorded(mlflow_run_id: str | None, exc: BaseException) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows.common import flow_task, load_context, log_run, under_lease
+from flows.common import catch_up_logs, flow_task, load_context, log_run, under_lease
 from rollout import decisions, pilot_batches, run_links, tracking
 from sparse_core.errors import SparsePilotError
 
@@ -91,7 +91,7 @@ def log_decision(use_case: str, summary: dict[str, Any]) -> str:
 def gate_flow(use_case: str, promote_after_step: int | None = None) -> dict[str, Any]:
     """Decide the current step. `promote_after_step` ends a short pilot early (the main job runs shadow +
     the first split step and asks for promotion there); None follows the spec's full ramp."""
-    log_decisions(use_case)  # one whose log failed before (its pilot may have ended since: no step now)
+    catch_up_logs(log_decisions, use_case)  # one whose log failed before (its pilot may have ended since)
     step_id = current_step_id(use_case)
     summary = decide_and_record(use_case, step_id, promote_after_step, traffic_status(use_case, step_id))
     log_decisions(use_case)

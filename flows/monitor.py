@@ -10,7 +10,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows.common import flow_task, load_context, log_run, stable_key, under_lease
+from flows.common import catch_up_logs, flow_task, load_context, log_run, stable_key, under_lease
 from rollout import audit, decisions, pilot_batches, run_links, tracking
 
 
@@ -46,7 +46,7 @@ def monitor_flow(
 
     logger = get_run_logger()
     finished = finish_unfinished(use_case)  # a rollback decided earlier comes before any new look
-    log_missing_looks(use_case)  # an earlier look whose MLflow log failed
+    catch_up_logs(log_missing_looks, use_case)  # an earlier look whose MLflow log failed
     if finished is not None:
         return {"status": "finished", **finished}
     ctx = load_context(use_case)

@@ -20,6 +20,7 @@ from prefect import flow, get_run_logger
 from flows.arms import answer_with_arms
 from flows.common import (
     UseCaseContext,
+    catch_up_logs,
     flow_run_is_live,
     flow_task,
     load_context,
@@ -262,7 +263,7 @@ def pilot_flow(
         return import_observations(use_case, observations_file, external_assignment=external_assignment)
     logger = get_run_logger()
     ctx = load_context(use_case)
-    log_missing_batches(ctx)  # a batch an earlier run stored and did not log (before a new pilot starts)
+    catch_up_logs(log_missing_batches, ctx)  # a batch an earlier run stored and did not log
     info = ensure_pilot(use_case)
     summary: dict[str, Any] = {
         "use_case": use_case,

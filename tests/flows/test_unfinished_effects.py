@@ -426,3 +426,27 @@ def test_a_keep_or_rejection_whose_approver_died_after_signing_is_finished(
     finish_unfinished(name)  # the run Prefect never had carries out nothing: the cycle finishes it
     assert _phase(name) == ("promoted" if effect == "keep" else "stopped")
     assert unfinished_of(name) is None
+
+
+def test_the_monitor_still_judges_while_mlflow_is_down(flow_use_case, tmp_path, monkeypatch) -> None:
+    """MLflow down: the catch-up of an earlier look's log ran before each look and failed first, so no
+    look was taken for the whole outage (a breach under `rollback: manual` told nobody). The catch-up is
+    now best effort: the look is recorded, the person is asked, and only its own log fails."""
+    import flows.monitor as monitor_mod
+    from flows.monitor import monitor_flow
+    from rollout import tracking
+    from rollout.db.models import GateDecision
+    from rollout.db.session import session_scope
+    from tests.flows.test_retry_idempotency import _tracking_down
+
+    name = flow_use_case(rollback="manual")
+    _promoted(name)
+    with monkeypatch.context() as mp:
+        mp.setattr(monitor_mod, "log_run", _tracking_down)
+        mp.setattr(tracking, "find_run", _tracking_down)
+        for look, errors in (("healthy", 0), ("breach", 8)):
+            with pytest.raises(ConnectionError):
+                monitor_flow(name, observations_file=_export(tmp_path, look, errors=errors))
+    with session_scope() as s:
+        outcomes = s.scalars(select(GateDecision.outcome).where(GateDecision.kind == "monitor")).all()
+    assert outcomes == ["GO", "NO-GO"] and _phase(name) == "awaiting_approval"
