@@ -129,13 +129,17 @@ def next_go_alpha(session: Session, use_case: UseCase, alpha: float, spending: s
     return pilot_alpha(alpha, len(earlier) + 1, spending, spent_before=spent(alpha, earlier))
 
 
-def planned_pilot(session: Session, use_case: UseCase, gate: Mapping[str, Any]) -> tuple[int | None, float]:
-    """The pilot a plan is for and its GO level, under the stored spec's `gate` section: the active
-    pilot's number and the level fixed when it started (None and alpha itself for a pilot started before
-    alpha was spent across pilots), else the next pilot's number and `next_go_alpha`."""
+def planned_pilot(
+    session: Session, use_case: UseCase, gate: Mapping[str, Any], spec_version: int | None = None
+) -> tuple[int | None, float]:
+    """The pilot a plan of spec version `spec_version` is for and its GO level, under that version's
+    `gate` section: the active pilot's number and the level fixed when it started (None and alpha itself
+    for a pilot started before alpha was spent across pilots) where it runs under that version, else the
+    next pilot's number and `next_go_alpha` (a pilot of an earlier version runs under its own gate: a new
+    version that lowered alpha below its level used to make every plan view crash)."""
     alpha = gate.get("alpha", DEFAULT_ALPHA)
     pilot = active_pilot(session, use_case)
-    if pilot is not None:
+    if pilot is not None and (spec_version is None or pilot.spec_version in (None, spec_version)):
         return pilot.pilot_number, alpha if pilot.go_alpha is None else pilot.go_alpha
     spending = gate.get("alpha_spending", DEFAULT_SPENDING)
     return next_pilot_number(session, use_case), next_go_alpha(session, use_case, alpha, spending)

@@ -378,7 +378,9 @@ def use_case(session: Session, name: str) -> dict[str, Any] | None:
         "dataset_rows": spec.dataset_rows if spec else None,
         "kept_apart": kept_apart_of(spec.validation) if spec else None,
         # the pilot a plan is for and its GO level (rollout.pilots.planned_pilot)
-        "planned_pilot": planned_pilot(session, uc, (spec.spec if spec else {}).get("gate") or {}),
+        "planned_pilot": planned_pilot(
+            session, uc, (spec.spec if spec else {}).get("gate") or {}, spec.version if spec else None
+        ),
         "created_at": uc.created_at,
         "working_now": leases.working_now(session, uc.id),
     }

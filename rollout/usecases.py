@@ -539,7 +539,7 @@ def _version_of(s: Session, uc: UseCase, version: int | None = None) -> SpecVers
 def _planned_pilot(s: Session, uc: UseCase, sv: SpecVersion) -> tuple[int | None, float]:
     from rollout.pilots import planned_pilot  # rollout.pilots builds on this module
 
-    return planned_pilot(s, uc, sv.spec.get("gate") or {})
+    return planned_pilot(s, uc, sv.spec.get("gate") or {}, sv.version)
 
 
 def _pilots_and_budget(s: Session, uc: UseCase, current: SpecVersion) -> dict[str, Any]:

@@ -281,3 +281,25 @@ def test_the_spec_names_a_bad_spending_rule_and_keeps_old_hashes() -> None:
     data["gate"]["alpha_spending"] = "per_request"
     with pytest.raises(ValueError, match="gate.alpha_spending"):
         parse_spec(data, "docs-qa.yaml")
+
+
+def test_a_new_spec_version_is_planned_for_its_own_next_pilot(sp_home) -> None:  # noqa: ANN001
+    """A pilot started under alpha 0.1 (GO level 0.0608) still runs when a new spec version lowers alpha
+    to 0.05: the plan views used to combine that pilot's level with the new version's gate and crash
+    (`go_alpha` above alpha). The new version's plan is for its own next pilot; the running one keeps its
+    own version's gate."""
+    data = example_spec("docs-qa")
+    data["gate"]["alpha"] = 0.1
+    loose = parse_spec(data, "docs-qa.yaml")
+    with session_scope() as s:
+        uc, mvs = _use_case(s)
+        running = pilots.start_pilot(s, uc, mvs[0], loose, actor="test")
+        assert running.go_alpha == pytest.approx(pilot_alpha(0.1, 1)) and running.spec_version == 1
+        stored = parse_spec(example_spec("docs-qa"), "docs-qa.yaml").to_dict()  # alpha 0.05
+        s.add(SpecVersion(use_case_id=uc.id, version=2, spec=stored, spec_hash="i" * 64, created_by="o"))
+        uc.current_spec_version = 2
+    plan = show_usecase("docs-qa")["pilot_plan"]
+    assert (plan["pilot_number"], plan["go_alpha"]) == (2, 0.0)  # 0.0608 of 0.05 is spent already
+    assert "no pilot can start" in plan["warnings"][0]
+    with session_scope() as s:  # the running pilot's own version plans it at its own level
+        assert pilots.planned_pilot(s, s.get(UseCase, 1), {"alpha": 0.1}, 1) == (1, running.go_alpha)
