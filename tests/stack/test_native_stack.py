@@ -25,7 +25,7 @@ import yaml
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import OperationalError
 
-from rollout.db.roles import UPDATABLE
+from rollout.db.roles import INSERT_ONLY, UPDATABLE
 from tests.fixtures.stack import NativeStack
 
 pytestmark = [pytest.mark.stack, pytest.mark.postgres, pytest.mark.slow, pytest.mark.timeout(420)]
@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[2]
 USE_CASE = "stack-chat"
 CYCLE = f"use-case-cycle/sparsepilot-{USE_CASE}"
 # Every table the pipeline writes except the audit log (rollout.db.roles names them all)
-STATE_TABLES = (*UPDATABLE, "approvals")
+STATE_TABLES = (*UPDATABLE, *INSERT_ONLY, "approvals")
 
 
 def _rows(url: str, sql: str, **params: Any) -> list[Any]:
