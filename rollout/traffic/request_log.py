@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import csv
 import heapq
-import itertools
+import re
 from collections.abc import Iterable, Iterator, Set
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +46,33 @@ class LogCheck:
     distinct_prompts: int  # their distinct prompts (`prompt_key`): what a pilot may draw at most
     bad_lines: int
     problems: tuple[str, ...]  # the first MAX_LISTED bad lines, each "path:line: field ...: why"
+
+
+_EOL = re.compile(rb"\r\n?|\n")
+CHUNK = 1 << 20
+
+
+def raw_lines(fh: BinaryIO, limit: int) -> Iterator[bytes]:
+    """A binary stream's lines, each with its ending, split at CRLF, LF or a lone CR (the old Mac
+    ending some spreadsheets still write: text mode's universal newlines, which the byte-wise reader
+    lost), read in chunks. A line longer than `limit` is yielded cut at `limit + 1` bytes (so the caller
+    sees it is too long) and ends the stream: a file without line breaks is never read whole."""
+    buf, pos = b"", 0
+    while True:
+        m = _EOL.search(buf, pos)
+        if m is not None and not (m.group() == b"\r" and m.end() == len(buf)):  # a CR may start a CRLF
+            yield buf[pos : m.end()]
+            pos = m.end()
+            continue
+        if len(buf) - pos > limit:
+            yield buf[pos : pos + limit + 1]
+            return
+        chunk = fh.read(CHUNK)
+        if not chunk:
+            if pos < len(buf):
+                yield buf[pos:]
+            return
+        buf, pos = buf[pos:] + chunk, 0
 
 
 class RequestLogSource:
@@ -130,10 +157,7 @@ class RequestLogSource:
         """The file's lines, decoded one at a time, so that a bad byte names its line and the lines after
         it still read; none longer than MAX_LINE_BYTES, so a file without line breaks is never read whole
         (such a line is the last item)."""
-        for number in itertools.count(1):
-            raw = fh.readline(MAX_LINE_BYTES + 1)
-            if not raw:
-                return
+        for number, raw in enumerate(raw_lines(fh, MAX_LINE_BYTES), start=1):
             if len(raw) > MAX_LINE_BYTES:
                 yield number, TrafficError(f"{self.path}:{number}: line longer than {MAX_LINE_BYTES:,} bytes")
                 return

@@ -293,3 +293,27 @@ def test_an_import_may_carry_only_what_the_pilots_traffic_would_be(tmp_path: Pat
     allowed, why = importable(src, rows)
     assert allowed == {r.id for r in src.take(100, set())} and len(allowed) == 40
     assert why[kept_apart[0]["id"]].endswith("the pilot's traffic is the log")
+
+
+def test_a_request_log_with_cr_only_line_endings_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lines ending in a lone CR (some spreadsheets' CSV export) were read in text mode, then refused by
+    the byte-wise reader with Python's "universal-newline mode" advice. Every ending reads the same, a CR
+    split from its LF by a read boundary included."""
+    import io
+
+    from rollout.traffic import request_log
+    from rollout.traffic.request_log import RequestLogSource, raw_lines
+
+    for name, data in {
+        "cr.csv": b"id,prompt\r1,hello\r2,world\r",
+        "crlf.csv": b"id,prompt\r\n1,hello\r\n2,world",
+        "cr.jsonl": b'{"id": "1", "prompt": "hello"}\r{"id": "2", "prompt": "world"}\r',
+    }.items():
+        (tmp_path / name).write_bytes(data)
+        got = [(r.id, r.prompt) for r in RequestLogSource(tmp_path / name, salt="s").requests()]
+        assert got == [("1", "hello"), ("2", "world")], name
+    monkeypatch.setattr(request_log, "CHUNK", 3)  # "ab\r" | "\ncd" | "\ref" ...
+    assert list(raw_lines(io.BytesIO(b"ab\r\ncd\ref\ngh"), 100)) == [b"ab\r\n", b"cd\r", b"ef\n", b"gh"]
+    assert list(raw_lines(io.BytesIO(b"abcdefgh\nx"), 4)) == [b"abcde"]  # too long: cut, and the end
