@@ -238,8 +238,12 @@ def catch_up_logs(log: Callable[..., Any], *args: Any) -> Any:
     """Run `log` (logging to MLflow what an earlier run stored and could not log), but never let it stop
     the work that follows: with MLflow down it would fail every run before its gate look or monitor look
     (the fail-safe) was taken. A failure is a warning; the next run tries again."""
+    from rollout.leases import LeaseLost
+
     try:
         return log(*args)
+    except LeaseLost:  # another run took the use case over: this one must stop, not carry on
+        raise
     except Exception as exc:  # noqa: BLE001 - best effort by design
         logging.getLogger("sparsepilot.flows").warning(
             "could not log earlier runs to MLflow now (%s: %s); the next run tries again",

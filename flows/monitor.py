@@ -46,12 +46,13 @@ def monitor_flow(
 
     logger = get_run_logger()
     finished = finish_unfinished(use_case)  # a rollback decided earlier comes before any new look
-    catch_up_logs(log_missing_looks, use_case)  # an earlier look whose MLflow log failed
     if finished is not None:
+        catch_up_logs(log_missing_looks, use_case)
         return {"status": "finished", **finished}
     ctx = load_context(use_case)
     info = monitor_target(use_case, used_request_ids=observations_file is None)  # ids to draw fresh requests
     if info is None:
+        catch_up_logs(log_missing_looks, use_case)
         return {"status": "skipped", "explanation": f"{use_case}: nothing promoted, nothing to monitor"}
     if observations_file:
         from rollout.observations_io import read_observations
@@ -89,6 +90,9 @@ def monitor_flow(
             actor=audit.MONITOR_ACTOR,
         )
     log_look(use_case, {**result, "rows": len(rows)}, source)
+    # an earlier look whose MLflow log failed: after this look and its fail-safe, never before them (an
+    # MLflow client retrying for minutes would delay the alarm)
+    catch_up_logs(log_missing_looks, use_case)
     return result
 
 

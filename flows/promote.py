@@ -4,6 +4,7 @@ and update the pilot and the use case's phase. The acting person is read back fr
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from typing import Any
 
@@ -98,7 +99,7 @@ def finish_unfinished(use_case: str) -> dict[str, Any] | None:
     from rollout.unfinished import unfinished_of
 
     u = unfinished_of(use_case)
-    if u is None or (u.flow_run_id and not u.failed_move and _carrying_out(u.flow_run_id)):
+    if u is None or (u.flow_run_id and not u.failed_move and _carrying_out(u.flow_run_id, u.decided_at)):
         return None
     reason = f"finishing decision {u.decision_id}: decided, but its effect did not complete"
     logging.getLogger("sparsepilot.flows").warning("%s: %s", use_case, reason)
@@ -117,18 +118,36 @@ def finish_unfinished(use_case: str) -> dict[str, Any] | None:
     return {"finished": u.to_dict(), "result": result}
 
 
-def _carrying_out(flow_run_id: str) -> bool:
-    """Is the decision's approval run carrying it out now? A run still paused on a resolved decision is
-    not (its resume never came: the approver's process died after the signature committed), nor is a
-    finished one; one Prefect cannot tell of is taken to be (the lease-like caution of flow_run_is_live)."""
+def _carrying_out(flow_run_id: str, decided_at: dt.datetime) -> bool:
+    """Is the decision's approval run carrying it out now? A finished run is not; one still paused on the
+    resolved decision is not once `RESUME_GRACE` has passed since the signature (the approver commits,
+    then resumes: a process that died in between never resumes it); one left running longer than
+    `unfinished.STALLED_AFTER` is not (its worker died; Prefect may show it running for good); a run
+    Prefect never had is not; one Prefect cannot tell of is taken to be, and the next tick asks again."""
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
+
+    from rollout.unfinished import STALLED_AFTER
 
     try:
         with get_client(sync_client=True) as client:
             state = client.read_flow_run(flow_run_id).state
-    except ObjectNotFound:  # a run Prefect never had (or has deleted) carries out nothing
+    except ObjectNotFound:
         return False
     except Exception:  # noqa: BLE001 - no API: do not race a run that may be working
         return True
-    return state is None or not (state.is_final() or state.is_paused())
+    now = dt.datetime.now(dt.UTC)
+    if state is None:
+        return True
+    if state.is_final():
+        return False
+    if state.is_paused():
+        return now - _aware(decided_at) < RESUME_GRACE
+    return now - _aware(state.timestamp) < STALLED_AFTER
+
+
+RESUME_GRACE = dt.timedelta(minutes=2)
+
+
+def _aware(t: dt.datetime) -> dt.datetime:
+    return t if t.tzinfo is not None else t.replace(tzinfo=dt.UTC)

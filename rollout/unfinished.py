@@ -82,17 +82,14 @@ def unfinished_in(session: Any, uc: UseCase) -> Unfinished | None:
     pilot = None if latest_pilot is None else session.get(Pilot, latest_pilot)
     if uc.phase in ("promoted", "rolled_back") or pilot is None or pilot.status not in LIVE_PILOT:
         return None
+    # the pilot's newest gate decision only: a later look (its GO waiting now) outranks an older one
     latest = session.scalar(
         select(GateDecision)
-        .where(
-            GateDecision.pilot_id == pilot.id,
-            GateDecision.kind == "gate",
-            GateDecision.resolution.in_(("approved", "rejected")),
-        )
+        .where(GateDecision.pilot_id == pilot.id, GateDecision.kind == "gate")
         .order_by(GateDecision.id.desc())
         .limit(1)
     )
-    if latest is None:
+    if latest is None or latest.resolution not in ("approved", "rejected"):
         return None
     if latest.resolution == "rejected":
         return _unfinished(session, uc, latest, "reject")
@@ -115,6 +112,12 @@ def _unfinished_rollback(session: Any, uc: UseCase, promoted: Pilot) -> Unfinish
         d = session.get(GateDecision, int(moves[-1].idempotency_key.split(":", 1)[1]))
         return _unfinished(session, uc, d, "rollback")
     serving = registry.champion_lineage(moves)[-1:]
+    # the promoted pilot's newest alarm: a kept one older than an alarm waiting now is done with
+    newest_alarm = session.scalar(
+        select(func.max(GateDecision.id)).where(
+            GateDecision.pilot_id == promoted.id, GateDecision.kind == "monitor", GateDecision.outcome != "GO"
+        )
+    )
     candidates = session.scalars(
         select(GateDecision)
         .where(
@@ -130,8 +133,12 @@ def _unfinished_rollback(session: Any, uc: UseCase, promoted: Pilot) -> Unfinish
     )
     for d in candidates:
         # the monitor's decisions are about the pilot it judged: one of an earlier promotion of the same
-        # version (rolled back, then promoted again) is not this champion's; a person's about the version
-        about = d.pilot_id == promoted.id if d.kind == "monitor" else [rollback_about(session, d)] == serving
+        # version (rolled back, then promoted again) is not this champion's; a person's about the champion
+        # in force when they asked, while no champion move came since (`_moved_since`)
+        if d.kind == "monitor":
+            about = d.pilot_id == promoted.id
+        else:
+            about = [rollback_about(session, d)] == serving and not _moved_since(d, len(moves))
         if not about or _move_status(session, f"rollback:{d.id}") == "committed":
             continue  # superseded, or carried out
         asked = d.kind == "rollback" or d.awaiting == "rollback_approval"
@@ -143,6 +150,7 @@ def _unfinished_rollback(session: Any, uc: UseCase, promoted: Pilot) -> Unfinish
             d.resolution == "rejected"
             and d.awaiting == "rollback_approval"
             and uc.phase == "awaiting_approval"
+            and d.id == newest_alarm
         ):
             return _unfinished(session, uc, d, "keep")  # kept through the alarm: the monitor resumes
     return None
@@ -187,6 +195,14 @@ def _unfinished(session: Any, uc: UseCase, d: GateDecision, action: str) -> Unfi
         moved=status[0] == "committed",
         flow_run_id=d.flow_run_id,
     )
+
+
+def _moved_since(d: GateDecision, moves_now: int) -> bool:
+    """Has a champion move committed since a person's rollback was asked? Its key records how many there
+    were (`manual-rollback:<use case>:<champion>:<moves>`); one asked before, superseded by another
+    rollback or promotion, must not come back when the same version is promoted again."""
+    parts = d.idempotency_key.split(":")
+    return len(parts) == 4 and parts[3].isdigit() and int(parts[3]) != moves_now
 
 
 def _move_status(session: Any, key: str) -> str | None:

@@ -426,6 +426,24 @@ def test_a_keep_or_rejection_whose_approver_died_after_signing_is_finished(
     finish_unfinished(name)  # the run Prefect never had carries out nothing: the cycle finishes it
     assert _phase(name) == ("promoted" if effect == "keep" else "stopped")
     assert unfinished_of(name) is None
+    if effect == "keep":  # a later alarm waits for a person: the kept one is done with, not kept again
+        with session_scope() as s:
+            uc = pilots.get_use_case(s, name)
+            pilots.record_decision(
+                s,
+                idempotency_key="monitor:later",
+                use_case=uc,
+                pilot=pilots.promoted_pilot(s, uc),
+                kind="monitor",
+                outcome="NO-GO",
+                evidence={},
+                explanation="Monitor: NO-GO. A rollback waits for a person's approval.",
+                data_fingerprint="n" * 64,
+                awaiting="rollback_approval",
+                actor=audit.MONITOR_ACTOR,
+            )
+            lifecycle.set_phase(s, uc, "awaiting_approval", actor=audit.MONITOR_ACTOR, reason="alarm")
+        assert unfinished_of(name) is None and _phase(name) == "awaiting_approval"
 
 
 def test_the_monitor_still_judges_while_mlflow_is_down(flow_use_case, tmp_path, monkeypatch) -> None:
