@@ -79,11 +79,42 @@ def _export(tmp_path, name: str, errors: int, n: int = 20) -> str:  # noqa: ANN0
     return str(path)
 
 
+def _alarm(name: str, key: str, *, automatic: bool) -> int:
+    """The monitor's NO-GO on the promoted pilot, as `decisions.monitor_look` records it: under `rollback:
+    auto` it rolls back itself (awaiting nothing), else the use case waits for a person's approval."""
+    from rollout import audit, lifecycle, pilots
+    from rollout.db.session import session_scope
+
+    with session_scope() as s:
+        uc = pilots.get_use_case(s, name)
+        d, _ = pilots.record_decision(
+            s,
+            idempotency_key=f"monitor:{key}",
+            use_case=uc,
+            pilot=pilots.promoted_pilot(s, uc),
+            kind="monitor",
+            outcome="NO-GO",
+            evidence={},
+            explanation="Monitor: NO-GO. "
+            + (
+                "The champion is rolled back automatically."
+                if automatic
+                else "A rollback waits for a person."
+            ),
+            data_fingerprint=key.ljust(64, "m")[:64],
+            awaiting="none" if automatic else "rollback_approval",
+            actor=audit.MONITOR_ACTOR,
+        )
+        if not automatic:
+            lifecycle.set_phase(s, uc, "awaiting_approval", actor=audit.MONITOR_ACTOR, reason="alarm")
+        return d.id
+
+
 def test_a_persons_rollback_and_the_monitors_roll_back_one_version(flow_use_case) -> None:
     """The monitor records a breach under `rollback: auto` while a person rolls back by hand: whichever
     carries out second finds the champion it was about gone and moves nothing (it used to roll back the
     version the first had returned to); its decision is closed "superseded", with an audit entry."""
-    from rollout import approvals, audit, pilots, registry
+    from rollout import approvals, registry
     from rollout.auth import Identity
     from rollout.db.models import AuditEntry, GateDecision
     from rollout.db.session import session_scope
@@ -91,22 +122,7 @@ def test_a_persons_rollback_and_the_monitors_roll_back_one_version(flow_use_case
 
     name = flow_use_case(rollback="auto")
     champion = _promoted(name)
-    with session_scope() as s:
-        uc = pilots.get_use_case(s, name)
-        d, _ = pilots.record_decision(
-            s,
-            idempotency_key="monitor:race",
-            use_case=uc,
-            pilot=pilots.promoted_pilot(s, uc),
-            kind="monitor",
-            outcome="NO-GO",
-            evidence={"guardrails": {"breached": ["treatment_error_rate"]}},
-            explanation="Monitor: NO-GO. The champion is rolled back automatically (rollback policy: auto).",
-            data_fingerprint="m" * 64,
-            awaiting="none",
-            actor=audit.MONITOR_ACTOR,
-        )
-        monitors = d.id
+    monitors = _alarm(name, "race", automatic=True)
     assert unfinished_of(name).decision_id == monitors  # the monitor's own rollback, not yet carried out
     by_hand = approvals.request_rollback(name, Identity(*BOB), "p95 regressed")
     back = registry.current_aliases(name)["champion"]
@@ -333,7 +349,7 @@ def test_an_old_automatic_rollback_never_rolls_back_a_later_promotion_of_the_sam
     stayed open; when a later pilot promoted the same model version again, it was taken for unfinished
     and rolled the new champion back on the earlier pilot's evidence. Now the person's rollback closes
     it, and a monitor decision counts only for the pilot it judged."""
-    from rollout import approvals, audit, pilots, registry
+    from rollout import approvals, registry
     from rollout.auth import Identity
     from rollout.db.models import GateDecision
     from rollout.db.session import session_scope
@@ -341,22 +357,7 @@ def test_an_old_automatic_rollback_never_rolls_back_a_later_promotion_of_the_sam
 
     name = flow_use_case(rollback="auto")
     champion = _promoted(name)
-    with session_scope() as s:
-        uc = pilots.get_use_case(s, name)
-        d, _ = pilots.record_decision(
-            s,
-            idempotency_key="monitor:first",
-            use_case=uc,
-            pilot=pilots.promoted_pilot(s, uc),
-            kind="monitor",
-            outcome="NO-GO",
-            evidence={},
-            explanation="Monitor: NO-GO. The champion is rolled back automatically (rollback policy: auto).",
-            data_fingerprint="m" * 64,
-            awaiting="none",
-            actor=audit.MONITOR_ACTOR,
-        )
-        first_alarm = d.id
+    first_alarm = _alarm(name, "first", automatic=True)
     with monkeypatch.context() as mp:
         _mlflow_down(mp)
         with pytest.raises(registry.RegistryError):
@@ -380,7 +381,7 @@ def test_a_keep_or_rejection_whose_approver_died_after_signing_is_finished(
     import uuid
 
     from flows.promote import finish_unfinished
-    from rollout import approvals, audit, lifecycle, pilots
+    from rollout import approvals
     from rollout.auth import Identity
     from rollout.db.models import GateDecision
     from rollout.db.session import session_scope
@@ -389,23 +390,7 @@ def test_a_keep_or_rejection_whose_approver_died_after_signing_is_finished(
     name = flow_use_case(rollback="manual")
     if effect == "keep":
         _promoted(name)
-        with session_scope() as s:  # the monitor's alarm waits for a person (monitor_look)
-            uc = pilots.get_use_case(s, name)
-            d, _ = pilots.record_decision(
-                s,
-                idempotency_key="monitor:alarm",
-                use_case=uc,
-                pilot=pilots.promoted_pilot(s, uc),
-                kind="monitor",
-                outcome="NO-GO",
-                evidence={},
-                explanation="Monitor: NO-GO. A rollback waits for a person's approval.",
-                data_fingerprint="m" * 64,
-                awaiting="rollback_approval",
-                actor=audit.MONITOR_ACTOR,
-            )
-            lifecycle.set_phase(s, uc, "awaiting_approval", actor=audit.MONITOR_ACTOR, reason="alarm")
-            decided = d.id
+        decided = _alarm(name, "alarm", automatic=False)  # waits for a person (monitor_look)
     else:
         decided = _go_awaiting_approval(name, "rejected")
     with session_scope() as s:
@@ -427,22 +412,7 @@ def test_a_keep_or_rejection_whose_approver_died_after_signing_is_finished(
     assert _phase(name) == ("promoted" if effect == "keep" else "stopped")
     assert unfinished_of(name) is None
     if effect == "keep":  # a later alarm waits for a person: the kept one is done with, not kept again
-        with session_scope() as s:
-            uc = pilots.get_use_case(s, name)
-            pilots.record_decision(
-                s,
-                idempotency_key="monitor:later",
-                use_case=uc,
-                pilot=pilots.promoted_pilot(s, uc),
-                kind="monitor",
-                outcome="NO-GO",
-                evidence={},
-                explanation="Monitor: NO-GO. A rollback waits for a person's approval.",
-                data_fingerprint="n" * 64,
-                awaiting="rollback_approval",
-                actor=audit.MONITOR_ACTOR,
-            )
-            lifecycle.set_phase(s, uc, "awaiting_approval", actor=audit.MONITOR_ACTOR, reason="alarm")
+        _alarm(name, "later", automatic=False)
         assert unfinished_of(name) is None and _phase(name) == "awaiting_approval"
 
 
