@@ -684,7 +684,7 @@ def request_rollback(
         session.execute(select(UseCase.id).where(UseCase.id == uc.id).with_for_update())
         # a rollback decided but not in effect (its run died, or MLflow was down: rollout.unfinished) is
         # finished, not followed by a second one that would roll back another version; the monitor's own
-        # that has moved nothing yet gives way to the person's (and is superseded when it comes to act)
+        # that has moved nothing yet gives way to the person's, which closes it "superseded" below
         pending = unfinished_in(session, uc)
         if pending is not None and pending.action == "rollback" and (not pending.automatic or pending.moved):
             decision_id, approval_id = pending.decision_id, pending.approval_id
