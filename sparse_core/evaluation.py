@@ -374,13 +374,12 @@ def measure_speed(
     (sparse_core.speedup). Torch's threads are chosen from the CPUs really free
     (sparse_core.host); a dense/sparse pair timed while the host was overloaded is timed again (at most
     `repeats` times per length), and the summary records the host's load and what was retimed."""
-    from sparse_core.host import HostLoadMeter, apply_thread_policy
+    from sparse_core.host import PairMeter, apply_thread_policy, host_totals
     from sparse_core.retrofit import sparse_stats, sparsify, unsparsify
     from sparse_core.time_split import split_prefill
 
     policy = apply_thread_policy()
-    loads: list[dict] = []
-    retimed = 0
+    meters: list[PairMeter] = []
 
     weights = list(weights) if weights else [1.0] * len(lengths)
     total_w = sum(weights)
@@ -397,11 +396,12 @@ def measure_speed(
         finally:
             unsparsify(model)
         d_times, s_times, est, ker = [], [], [], []
-        retries = 0
+        meter = PairMeter(repeats, threads=policy["threads"])  # at most `repeats` retimings per length
+        meters.append(meter)
         while len(d_times) < repeats:
             timed: dict[str, float] = {}
             e = kt = None
-            with HostLoadMeter(threads=policy["threads"]) as meter:
+            with meter.pair() as keep:
                 # alternating order: a warm-cache or load-ramp effect cancels over the pairs
                 for arm in pair_order(len(d_times)):
                     if arm == "dense":
@@ -415,19 +415,16 @@ def measure_speed(
                         e, kt = stats.estimator_seconds, stats.kernel_seconds
                     finally:
                         unsparsify(model)
-            if meter.load.overloaded and retries < repeats:  # the host, not the model: time the pair again
-                retries += 1
+            if not keep():  # the host, not the model: the pair is timed again
                 continue
             d_times.append(timed["dense"])
             s_times.append(timed["sparse"])
             if e is not None:
                 est.append(e)
                 ker.append(kt)
-            loads.append(meter.load.to_dict())
             done += 1
             if progress:
                 progress("speed", done, total)
-        retimed += retries
         dm, sm = statistics.median(d_times), statistics.median(s_times)
         paired = paired_speedup(d_times, s_times)
         _, dens = selection_density(model, plan, [win])
@@ -464,13 +461,7 @@ def measure_speed(
         "weighted_sparse_seconds": sparse_t,
         "weighted_dense_tokens_per_s": tokens / dense_t if dense_t > 0 else 0.0,
         "weighted_sparse_tokens_per_s": tokens / sparse_t if sparse_t > 0 else 0.0,
-        "host": {
-            **policy,
-            "pairs_timed": len(loads),
-            "pairs_retimed_for_overload": retimed,
-            "pairs_kept_under_overload": sum(1 for x in loads if x["overloaded"]),
-            "max_others_busy_cores": max((x["others_busy_cores"] or 0.0 for x in loads), default=None),
-        },
+        "host": {**policy, **host_totals(m.record() for m in meters)},
     }
     return rows, summary
 
@@ -499,7 +490,7 @@ def measure_decode_speed(
     `host` sums the rows' records like the prefill's."""
     from sparse_core.decode.cache import full_attention_only
     from sparse_core.decode.measure import compare_decode, dense_decode
-    from sparse_core.host import apply_thread_policy, loadavg
+    from sparse_core.host import apply_thread_policy, host_totals, loadavg
 
     kind = "paged" if full_attention_only(model.config) else "dynamic"
     policy = apply_thread_policy()
@@ -562,22 +553,10 @@ def measure_decode_speed(
             "loadavg_before": load_before,
             "loadavg_after": loadavg(),
             # the runs themselves (each row's extra["host"]): what the prefill block records
-            **_host_totals([r["extra"].get("host") or {} for r in rows]),
+            **host_totals(r["extra"].get("host") or {} for r in rows),
         },
     }
     return {"rows": rows, "summary": summary}
-
-
-def _host_totals(hosts: Sequence[dict]) -> dict[str, Any]:
-    """The decode rows' host records (sparse_core.decode.measure: one per measured length) summed like
-    the prefill's: pairs timed, retimed and kept under overload, the most cores the others used."""
-    busy = [h["max_others_busy_cores"] for h in hosts if h.get("max_others_busy_cores") is not None]
-    return {
-        "pairs_timed": sum(h.get("pairs_timed", 0) for h in hosts),
-        "pairs_retimed_for_overload": sum(h.get("pairs_retimed_for_overload", 0) for h in hosts),
-        "pairs_kept_under_overload": sum(h.get("pairs_kept_under_overload", 0) for h in hosts),
-        "max_others_busy_cores": max(busy, default=None),
-    }
 
 
 def length_mix(tokenizer, rows: Sequence[TaskRow], *, max_buckets: int = 3, cap: int | None = None):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -346,6 +346,61 @@ class HostLoadMeter:
     def __exit__(self, *exc: object) -> None:
         end = snapshot()
         self.load = measure(self._start, end, threads=self.threads)
+
+
+class PairMeter:
+    """The rule every paired timing follows (the evaluation's prefill pairs, the decode run pairs): the
+    host's load while each pair ran (`HostLoadMeter`); a pair timed while the host was overloaded is timed
+    again, at most `retries` times per measurement, and kept (flagged) after that. `record()` is what the
+    measurement carries: threads, pairs timed, retimed and kept under overload, the most cores the others
+    used and the most CPU pressure, the last load average."""
+
+    def __init__(self, retries: int, threads: int | None = None) -> None:
+        self.retries = retries
+        self.threads = threads
+        self.retimed = 0
+        self.loads: list[dict[str, Any]] = []
+
+    @contextmanager
+    def pair(self) -> Iterator[Callable[[], bool]]:
+        """`with m.pair() as keep: ...` then `keep()`: False where the pair is to be timed again."""
+        verdict: list[bool] = []
+        with HostLoadMeter(threads=self.threads) as meter:
+            yield lambda: verdict[0]
+        assert meter.load is not None
+        if meter.load.overloaded and self.retimed < self.retries:
+            self.retimed += 1
+            verdict.append(False)
+        else:
+            self.loads.append(meter.load.to_dict())
+            verdict.append(True)
+
+    def record(self) -> dict[str, Any]:
+        busy = [x["others_busy_cores"] for x in self.loads if x["others_busy_cores"] is not None]
+        pressure = [x["cpu_pressure"] for x in self.loads if x["cpu_pressure"] is not None]
+        return {
+            "threads": self.loads[0]["threads"] if self.loads else None,
+            "pairs_timed": len(self.loads),
+            "pairs_retimed_for_overload": self.retimed,
+            "pairs_kept_under_overload": sum(1 for x in self.loads if x["overloaded"]),
+            "max_others_busy_cores": max(busy, default=None),
+            "max_cpu_pressure": max(pressure, default=None),
+            "overloaded": any(x["overloaded"] for x in self.loads),
+            "loadavg": self.loads[-1]["loadavg"] if self.loads else None,
+        }
+
+
+def host_totals(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """`PairMeter.record()`s of several measurements (one per length) summed: pairs timed, retimed and
+    kept under overload, the most cores the others used."""
+    records = list(records)
+    busy = [h["max_others_busy_cores"] for h in records if h.get("max_others_busy_cores") is not None]
+    return {
+        "pairs_timed": sum(h.get("pairs_timed", 0) for h in records),
+        "pairs_retimed_for_overload": sum(h.get("pairs_retimed_for_overload", 0) for h in records),
+        "pairs_kept_under_overload": sum(h.get("pairs_kept_under_overload", 0) for h in records),
+        "max_others_busy_cores": max(busy, default=None),
+    }
 
 
 def measure(start: CpuSnapshot, end: CpuSnapshot, *, threads: int | None = None) -> HostLoad:

@@ -29,14 +29,14 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
 from sparse_core.fidelity import Fidelity, block_sums
+from sparse_core.host import PairMeter
 from sparse_core.plan import SparsePlan
 from sparse_core.speedup import pair_order, paired_speedup
 
@@ -192,7 +192,7 @@ def compare_decode(
     dense_run = sparse_run = None
     total = repeats * 2 + (1 if free_running else 0)
     done = 0
-    meter = _PairMeter(repeats)
+    meter = PairMeter(repeats, threads=torch.get_num_threads())
     rep = 0
     while rep < repeats:
         # alternating order (sparse_core.speedup.pair_order); the sparse run is fed the dense greedy
@@ -270,55 +270,6 @@ def compare_decode(
     )
 
 
-class _PairMeter:
-    """The host's load while each timed pair (a dense and a sparse run; one run where only dense is
-    timed) ran (`sparse_core.host.HostLoadMeter`), the rule the prefill timings follow
-    (`evaluation.measure_speed`): a pair timed while the host was overloaded is timed again, at most
-    `repeats` times per measurement, and kept (flagged) after that. `record()` is what the row carries
-    as `extra["host"]`."""
-
-    def __init__(self, repeats: int) -> None:
-        self.repeats = repeats
-        self.retimed = 0
-        self.loads: list[dict[str, Any]] = []
-
-    @contextmanager
-    def pair(self) -> Iterator[Callable[[], bool]]:
-        """`with m.pair() as keep: ...` then `keep()`: False where the pair is to be timed again."""
-        import torch
-
-        from sparse_core.host import HostLoadMeter
-
-        verdict: list[bool] = []
-
-        def keep() -> bool:
-            return verdict[0]
-
-        with HostLoadMeter(threads=torch.get_num_threads()) as meter:
-            yield keep
-        assert meter.load is not None
-        if meter.load.overloaded and self.retimed < self.repeats:
-            self.retimed += 1
-            verdict.append(False)
-        else:
-            self.loads.append(meter.load.to_dict())
-            verdict.append(True)
-
-    def record(self) -> dict[str, Any]:
-        busy = [x["others_busy_cores"] for x in self.loads if x["others_busy_cores"] is not None]
-        pressure = [x["cpu_pressure"] for x in self.loads if x["cpu_pressure"] is not None]
-        return {
-            "threads": self.loads[0]["threads"] if self.loads else None,
-            "pairs_timed": len(self.loads),
-            "pairs_retimed_for_overload": self.retimed,
-            "pairs_kept_under_overload": sum(1 for x in self.loads if x["overloaded"]),
-            "max_others_busy_cores": max(busy, default=None),
-            "max_cpu_pressure": max(pressure, default=None),
-            "overloaded": any(x["overloaded"] for x in self.loads),
-            "loadavg": self.loads[-1]["loadavg"] if self.loads else None,
-        }
-
-
 def _timings(ids, new_tokens: int, repeats: int, per_rep: tuple, median_s: tuple) -> dict[str, Any]:
     """The timing fields of a DecodeComparison: per-repeat means and medians (s) of (dense, sparse)."""
     dm, sm = median_s
@@ -361,7 +312,7 @@ def dense_decode(
     steps: list[float] = []
     per_rep: list[float] = []
     run = None
-    meter = _PairMeter(repeats)
+    meter = PairMeter(repeats, threads=torch.get_num_threads())
     while len(per_rep) < repeats:
         with meter.pair() as keep:
             run = run_decode(model, kv, first, new_tokens)
