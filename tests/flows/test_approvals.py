@@ -14,8 +14,9 @@ BOB = ("bob", "approver", "cli-env")
 VIEWER = ("victor", "viewer", "cli-env")
 
 
-def _pilot_with_decision(name: str, outcome: str, awaiting: str) -> int:
-    """A registered challenger, a running pilot and one gate decision (no model work needed)."""
+def _pilot_with_decision(name: str, outcome: str, awaiting: str, key: str = "") -> int:
+    """A registered challenger (the same plan, so the same model version, each time), a running pilot
+    and one gate decision (no model work needed); `key` tells a later pilot's decision apart."""
     from rollout import pilots, registry
     from rollout.db.models import ModelVersion
     from rollout.db.session import session_scope
@@ -43,7 +44,7 @@ def _pilot_with_decision(name: str, outcome: str, awaiting: str) -> int:
         step = pilots.current_step(s, pilot)
         d, _ = pilots.record_decision(
             s,
-            idempotency_key=f"test:{outcome}",
+            idempotency_key=f"test:{key or outcome}",
             use_case=uc,
             pilot=pilot,
             step=step,

@@ -303,45 +303,6 @@ def test_a_breach_rolls_back_even_when_mlflow_logging_fails_and_the_look_is_logg
     assert run_links.unlogged_monitor_decisions(name) == []
 
 
-def _go_awaiting_approval(name: str, key: str) -> int:
-    """A challenger (the same plan, so the same model version, each time), a pilot and its GO waiting for
-    approval under its own key."""
-    from rollout import pilots, registry
-    from rollout.db.models import ModelVersion
-    from rollout.db.session import session_scope
-    from sparse_core import SparsePlan
-
-    with session_scope() as s:
-        model_ref = pilots.load_current_spec(s, pilots.get_use_case(s, name))[0].model
-    mv = registry.register_version(name, SparsePlan(tau=0.9), model_ref, actor=registry.SYSTEM_PIPELINE)
-    registry.set_alias(
-        name,
-        "challenger",
-        model_version_id=mv.id,
-        actor=registry.SYSTEM_PIPELINE,
-        reason="t",
-        idempotency_key=key,
-    )
-    with session_scope() as s:
-        uc = pilots.get_use_case(s, name)
-        spec, _ = pilots.load_current_spec(s, uc)
-        pilot = pilots.start_pilot(s, uc, s.get(ModelVersion, mv.id), spec, actor="test")
-        d, _ = pilots.record_decision(
-            s,
-            idempotency_key=f"test:{key}",
-            use_case=uc,
-            pilot=pilot,
-            step=pilots.current_step(s, pilot),
-            outcome="GO",
-            evidence={},
-            explanation="GO",
-            data_fingerprint="f" * 64,
-            awaiting="approval",
-        )
-        pilots.stop_pilot(s, pilot, status="awaiting_approval", actor="test", reason="GO")
-        return d.id
-
-
 def test_an_old_automatic_rollback_never_rolls_back_a_later_promotion_of_the_same_version(
     flow_use_case, monkeypatch
 ) -> None:
@@ -365,7 +326,7 @@ def test_an_old_automatic_rollback_never_rolls_back_a_later_promotion_of_the_sam
     approvals.request_rollback(name, Identity(*BOB), "breach; the automatic rollback failed")
     with session_scope() as s:
         assert s.get(GateDecision, first_alarm).resolution == "superseded"
-    again = _go_awaiting_approval(name, "second")
+    again = _pilot_with_decision(name, "GO", "approval", key="second")
     approvals.approve(again, Identity(*ALICE), "the second pilot passed")
     assert registry.current_aliases(name)["champion"] == champion and _phase(name) == "promoted"
     assert unfinished_of(name) is None  # the earlier alarm is not this promotion's
@@ -392,7 +353,7 @@ def test_a_keep_or_rejection_whose_approver_died_after_signing_is_finished(
         _promoted(name)
         decided = _alarm(name, "alarm", automatic=False)  # waits for a person (monitor_look)
     else:
-        decided = _go_awaiting_approval(name, "rejected")
+        decided = _pilot_with_decision(name, "GO", "approval", key="rejected")
     with session_scope() as s:
         s.get(GateDecision, decided).flow_run_id = str(uuid.uuid4())  # its paused approval run
     monkeypatch.setattr(approvals, "_flow_run_state_safe", lambda _run: (True, "Paused"))
