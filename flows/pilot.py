@@ -101,7 +101,7 @@ def _import_observations(
     info = done["info"]
     log_missing_batches.fn(ctx)  # an earlier batch whose log failed, and this one (when it stored rows)
     if not done["stored"]["inserted"]:  # an identical re-import stores no batch; its run says so
-        _log_batch_run(ctx, info, done["rows"], done["stored"], done["source"], done["batch_id"])
+        log_batch.fn(ctx, info, done["rows"], done["stored"], done["source"], done["batch_id"])
     return {
         "use_case": use_case,
         "pilot_id": info["pilot_id"],
@@ -175,6 +175,20 @@ def record_failed_check(use_case: str, info: dict[str, Any], batch_id: str, chec
     return decisions.failed_batch(use_case, info, batch_id, check)
 
 
+@flow_task("pilot-log-missing")
+def log_missing_batches(ctx: UseCaseContext) -> list[str]:
+    """Log each stored batch of the latest pilot whose MLflow run is not recorded (its log failed: a rerun
+    draws new requests, so nothing else would log it), from its stored rows, and record its run. A run
+    logged before its record failed is found in MLflow (by batch id), not logged twice."""
+    out = []
+    for b in run_links.unlogged_batches(ctx.name):
+        found = tracking.find_run(ctx.name, "pilot", {"batch_id": b["batch_id"]})
+        if found is not None:
+            run_links.batch_logged(b["info"]["step_id"], b["batch_id"], found)
+        out.append(found or log_batch.fn(ctx, b["info"], b["rows"], b["stored"], b["source"], b["batch_id"]))
+    return out
+
+
 @flow_task("pilot-log-mlflow")
 def log_batch(
     ctx: UseCaseContext,
@@ -184,35 +198,8 @@ def log_batch(
     source: str,
     batch_id: str,
 ) -> str:
-    """Log the stored batch's MLflow run and record it on the batch."""
-    run_id = _log_batch_run(ctx, info, rows, stored, source, batch_id)
-    run_links.batch_logged(info["step_id"], batch_id, run_id)
-    return run_id
-
-
-@flow_task("pilot-log-missing")
-def log_missing_batches(ctx: UseCaseContext) -> list[str]:
-    """Log each stored batch of the latest pilot whose MLflow run is not recorded (its log failed: a rerun
-    draws new requests, so nothing else would log it), from its stored rows, and record its run. A run
-    logged before its record failed is found in MLflow (by batch id), not logged twice."""
-    out = []
-    for b in run_links.unlogged_batches(ctx.name):
-        run_id = tracking.find_run(ctx.name, "pilot", {"batch_id": b["batch_id"]}) or _log_batch_run(
-            ctx, b["info"], b["rows"], b["stored"], b["source"], b["batch_id"]
-        )
-        run_links.batch_logged(b["info"]["step_id"], b["batch_id"], run_id)
-        out.append(run_id)
-    return out
-
-
-def _log_batch_run(
-    ctx: UseCaseContext,
-    info: dict[str, Any],
-    rows: list[dict[str, Any]],
-    stored: dict[str, int],
-    source: str,
-    batch_id: str,
-) -> str:
+    """Log the stored batch's MLflow run and record it on the batch (a batch not stored, an identical
+    re-import's, has no row to record it on)."""
     # an import passes a sample of its rows (the arm metrics below) and its total count in `stored`
     metrics: dict[str, float] = {
         "rows": float(stored.get("rows", len(rows))),
@@ -226,7 +213,7 @@ def _log_batch_run(
             metrics[f"{arm}_quality_mean"] = sum(r["quality"] for r in arm_rows) / len(arm_rows)
             metrics[f"{arm}_latency_p50_ms"] = lat[len(lat) // 2]
             metrics[f"{arm}_error_rate"] = sum(1 for r in arm_rows if r["error"]) / len(arm_rows)
-    return log_run(
+    run_id = log_run(
         ctx.name,
         run_name=f"pilot-step{info['step_index']}",
         params={
@@ -241,6 +228,8 @@ def _log_batch_run(
         metrics=metrics,
         tags={"sparsepilot.flow": "pilot"},
     )
+    run_links.batch_logged(info["step_id"], batch_id, run_id)
+    return run_id
 
 
 def batch_id_for(step_id: int, rows_or_ids: list[str]) -> str:
