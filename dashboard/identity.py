@@ -57,20 +57,16 @@ def current_identity() -> Identity | None:
     return None
 
 
-TooManyAttempts = auth.TooManyAttempts
-MAX_FAILURES, LOCKOUT_S = auth.MAX_FAILURES, auth.LOCKOUT_S
-
-
 def sign_in_local(name: str, password: str) -> Identity | None:
-    """Check the password behind two limits (TooManyAttempts, before any password work): this
-    session's, MAX_FAILURES wrong ones in LOCKOUT_S whatever the names; and the account's, shared with
-    every other session and the CLI through the state DB (rollout.auth.sign_in)."""
+    """Check the password behind two limits (auth.TooManyAttempts, before any password work): this
+    session's, auth.MAX_FAILURES wrong ones in auth.LOCKOUT_S whatever the names; and the account's,
+    shared with every other session and the CLI through the state DB (rollout.auth.sign_in)."""
     failures: list[float] = st.session_state.setdefault("sp_login_failures", [])
     now = time.monotonic()
-    failures[:] = [t for t in failures if now - t < LOCKOUT_S]
+    failures[:] = [t for t in failures if now - t < auth.LOCKOUT_S]
     until = auth.locked_until(failures, now)
     if until is not None:
-        raise TooManyAttempts(until - now)
+        raise auth.TooManyAttempts(until - now)
     ident = auth.sign_in(name, password, via="dashboard")
     if ident is None:
         failures.append(now)
