@@ -15,6 +15,7 @@ from rollout.approvals import (
     override_signatures,
     recommended_action,
 )
+from rollout.auth import same_person
 from rollout.db.models import GateDecision
 from rollout.db.session import session_scope
 
@@ -70,7 +71,9 @@ def needs_run(decision_id: int) -> bool:
 
 
 def will_take_effect(decision_id: int, actor: str, reject: bool) -> bool:
-    """False only for the first signature of an action against the gate's recommendation."""
+    """False only for the first signature of an action against the gate's recommendation, or for a
+    second signature by the person who gave the first (`same_person`: a local account and their OIDC
+    identity): `approvals.approve` records the one and refuses the other, so neither needs a run."""
     action = "reject" if reject else "approve"
     with session_scope() as session:
         d = session.get(GateDecision, decision_id)
@@ -78,7 +81,8 @@ def will_take_effect(decision_id: int, actor: str, reject: bool) -> bool:
             return True  # let approvals.approve raise its clear error
         if action == recommended_action(d):
             return True
-        return any(a.actor != actor for a in override_signatures(session, decision_id, action))
+        earlier = override_signatures(session, decision_id, action)
+        return bool(earlier) and not any(same_person(a.actor, actor) for a in earlier)
 
 
 def check_open(decision_id: int) -> None:

@@ -145,6 +145,36 @@ def test_a_flow_run_that_is_no_longer_paused_is_a_clear_error(flow_use_case) -> 
     assert approvals.flow_is_waiting(str(uuid.uuid4())) is False
 
 
+def test_the_same_person_under_a_second_identity_is_refused_before_any_run_starts(
+    flow_use_case, monkeypatch
+) -> None:
+    """An override's second signature by the person who gave the first (local alice, then OIDC
+    alice@corp.example) is refused by `sparsepilot approve` before an approval run is started for it:
+    no flow run appears in Prefect and the decision points at none."""
+    from prefect.client.orchestration import get_client
+
+    from flows.approval import approve_decision
+    from rollout import approvals
+    from rollout.auth import ACCOUNTS_ENV, Identity, hash_password
+    from rollout.db.models import Approval, GateDecision
+    from rollout.db.session import session_scope
+
+    monkeypatch.setenv(ACCOUNTS_ENV, f"alice:approver:{hash_password('pw')}:alice@corp.example")
+    name = flow_use_case()
+    did = _pilot_with_decision(name, "EXTEND", "none")
+    first = approve_decision(did, Identity(*ALICE), "business needs it now")
+    assert first["needs_second_approver"] and not first["took_effect"]
+    with get_client(sync_client=True) as client:
+        runs_before = len(client.read_flow_runs())
+    with pytest.raises(approvals.ApprovalError, match=r"already signed this override .* \(as 'alice'\)"):
+        approve_decision(did, Identity("oidc:alice@corp.example", "approver", "oidc"), "me again")
+    with get_client(sync_client=True) as client:
+        assert len(client.read_flow_runs()) == runs_before
+    with session_scope() as s:
+        assert s.get(GateDecision, did).flow_run_id is None
+    assert _count(Approval) == 1
+
+
 def test_cli_approval_starts_a_paused_run_and_resumes_it(flow_use_case) -> None:
     """`sparsepilot approve` when no process waits (e.g. after the main job ended): a fresh approval
     flow run is started, pauses, and the approval resumes it; the run carries out the promotion."""
