@@ -433,6 +433,7 @@ def step_arm_stats(session: Session, use_case_id: int) -> list[dict[str, Any]]:
     stmt = (
         select(
             Pilot.id.label("pilot_id"),
+            Pilot.pilot_number,
             PilotStep.id.label("step_id"),
             PilotStep.index.label("step_index"),
             PilotStep.kind,
@@ -453,7 +454,7 @@ def step_arm_stats(session: Session, use_case_id: int) -> list[dict[str, Any]]:
         .join(Pilot, Pilot.id == PilotStep.pilot_id)
         .outerjoin(Observation, Observation.pilot_step_id == PilotStep.id)
         .where(Pilot.use_case_id == use_case_id)
-        .group_by(Pilot.id, PilotStep.id, Observation.arm)
+        .group_by(Pilot.id, Pilot.pilot_number, PilotStep.id, Observation.arm)
         .order_by(Pilot.id, PilotStep.index, Observation.arm)
     )
     return [dict(r._mapping) for r in session.execute(stmt)]

@@ -184,6 +184,7 @@ def timeline(use_case_id: int, decs: list[dict[str, Any]]) -> None:
 # Each table's columns, labels and formats (dashboard.columns). Times are stored in UTC.
 WHEN = "D MMM YYYY, HH:mm:ss"
 STEP_COLUMNS: dict[str, Any] = {
+    "pilot_number": st.column_config.NumberColumn("Pilot", format="%d"),
     "step_index": st.column_config.NumberColumn("Step", format="%d"),
     "kind": "Kind",
     "traffic_pct": st.column_config.NumberColumn("Traffic", format="%g%%"),
@@ -248,6 +249,21 @@ def pilots_block(uc: dict[str, Any]) -> None:
     st.caption(describe(budget))
 
 
+def collected_per_step(stats: list[dict[str, Any]]) -> tuple[int | None, dict[int, int]]:
+    """The latest pilot's number and the requests it collected per step index (`step_arm_stats` rows):
+    shadow steps count pairs (the smaller arm), split steps every row."""
+    latest = max(stats, key=lambda r: r["pilot_id"], default=None)
+    if latest is None:
+        return None, {}
+    have: dict[int, int] = {}
+    for r in stats:
+        if r["pilot_id"] != latest["pilot_id"] or r["arm"] is None:
+            continue
+        i, n = r["step_index"], int(r["n"])
+        have[i] = min(have.get(i, n), n) if r["kind"] == "shadow" else have.get(i, 0) + n
+    return latest["pilot_number"], have
+
+
 def decision_needs(uc: dict[str, Any]) -> None:
     """Per step, the requests its GO needs (rollout.pilot_plan) beside what the latest pilot collected."""
     st.subheader("What a decision takes")
@@ -260,21 +276,14 @@ def decision_needs(uc: dict[str, Any]) -> None:
             f"({exc.error_count()} problems)."
         )
         return
-    stats = read(queries.step_arm_stats, uc["id"])
-    latest = max((r["pilot_id"] for r in stats), default=None)
-    have: dict[int, int] = {}
-    for r in stats:
-        if r["pilot_id"] != latest or r["arm"] is None:
-            continue
-        i, n = r["step_index"], int(r["n"])
-        # shadow: pairs (the smaller arm's count); split: every row counts
-        have[i] = min(have.get(i, n), n) if r["kind"] == "shadow" else have.get(i, 0) + n
+    number, have = collected_per_step(read(queries.step_arm_stats, uc["id"]))
+    collected = "collected" if number is None else f"collected (pilot {number})"
     rows = [
         {
             "step": s["label"],
             f"requests to GO ({plan['power']:.0%} power)": s["requests"],
             "mean requests to GO": round(s["expected"]),
-            "collected (latest pilot)": have.get(i, 0),
+            collected: have.get(i, 0),
             "at the spec's traffic": traffic_time(s["days"]),
         }
         for i, s in enumerate(plan["steps"])
@@ -286,6 +295,11 @@ def decision_needs(uc: dict[str, Any]) -> None:
         f"{plan['margin']:g}) for {which}, whose GO is held to alpha {plan['go_alpha']:.3g}; shadow counts "
         "pairs. Each request is evidence once per pilot."
     )
+    if number is not None and plan["pilot_number"] is not None and number != plan["pilot_number"]:
+        st.caption(
+            f"Pilot {number} has ended: its counts are shown for comparison only. Pilot "
+            f"{plan['pilot_number']} starts from none of them."
+        )
     for w in plan["warnings"]:
         st.warning(w)
     if plan.get("monitor"):

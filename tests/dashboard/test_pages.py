@@ -91,9 +91,9 @@ def test_use_case_page(seeded: dict[str, Any]) -> None:
     # what each step's GO needs (the gate's planner) beside what the pilot collected: 120 shadow pairs,
     # 240 rows of the split step
     assert "What a decision takes" in [h.value for h in at.subheader]
-    needs = next(d.value for d in at.dataframe if "collected (latest pilot)" in d.value.columns)
+    needs = next(d.value for d in at.dataframe if "collected (pilot 1)" in d.value.columns)
     assert list(needs["step"]) == ["shadow", "split 10%", "split 50%"]
-    assert list(needs["collected (latest pilot)"]) == [120, 240, 0]
+    assert list(needs["collected (pilot 1)"]) == [120, 240, 0]
     planned = plan_summary(
         UseCaseSpec.model_validate(seeded_spec("contract-summarisation")), with_monitor=True
     )
@@ -124,6 +124,31 @@ def test_use_case_page(seeded: dict[str, Any]) -> None:
     assert "No gate decision yet." in texts(at) and "No pilot observations yet." in texts(at)
     assert "No plan: the stored spec v1 does not validate" in texts(at)
     assert "No pilot yet; the first pilot's GO will be held to 0.0304." in texts(at)
+
+
+def test_use_case_page_says_when_the_counts_are_an_ended_pilots(seeded: dict[str, Any]) -> None:
+    """Once pilot 1 has ended the plan is for pilot 2, which starts from none of pilot 1's requests: the
+    column names the pilot its counts are from and a caption says they are for comparison only (the
+    column read "collected (latest pilot)" beside pilot 2's needs, as if they counted)."""
+    from rollout.db.models import Pilot, UseCase
+
+    with session_scope() as s:
+        uc = s.scalar(select(UseCase).where(UseCase.name == "contract-summarisation"))
+        for p in s.scalars(select(Pilot).where(Pilot.use_case_id == uc.id)):
+            p.status = "rejected"
+    at = new_app()
+    at.query_params["name"] = "contract-summarisation"
+    open_page(at, "use_case")
+    needs = next(d.value for d in at.dataframe if "collected (pilot 1)" in d.value.columns)
+    assert list(needs["collected (pilot 1)"]) == [120, 240, 0]
+    captions = [c.value for c in at.caption]
+    assert any("for pilot 2 of this use case" in c for c in captions)
+    assert (
+        "Pilot 1 has ended: its counts are shown for comparison only. Pilot 2 starts from none of them."
+        in (captions)
+    )
+    steps = next(d.value for d in at.dataframe if "step_index" in d.value.columns)
+    assert set(steps["pilot_number"]) == {1}
 
 
 def test_audit_page_filters_and_exports_csv(seeded: dict[str, Any]) -> None:
