@@ -818,6 +818,7 @@ def calibrate_many(
         plan.metadata.update(
             {
                 "model_shape": model_shape(model.config),
+                "model_type": getattr(model.config, "model_type", None),
                 "budget": budget.to_dict(),
                 "estimator": spec,
                 "seed": seed,

@@ -172,8 +172,17 @@ class SparsePlan:
             actual = model_shape(config)
             mismatch = {k: (v, actual.get(k)) for k, v in expected.items() if actual.get(k) != v}
             if mismatch:
-                detail = ", ".join(f"{k}: plan {a} vs model {b}" for k, (a, b) in sorted(mismatch.items()))
+                detail = ", ".join(
+                    f"{k}: plan {a!r} vs model {b!r}" for k, (a, b) in sorted(mismatch.items())
+                )
                 raise PlanError(f"plan was made for a different model ({detail})")
+        # the architecture too: one of the same geometry (a Llama plan on a Qwen2) has other attention to
+        # calibrate on; plans saved before the type was stamped have none and are not asked
+        made_for, model_type = self.metadata.get("model_type"), getattr(config, "model_type", None)
+        if made_for and model_type and made_for != model_type:
+            raise PlanError(
+                f"plan was made for a {made_for!r} model (metadata.model_type), not {model_type!r} ({name})"
+            )
         return self
 
     # -- effective parameters -----------------------------------------------------------------------

@@ -149,6 +149,7 @@ def sparsify(model: torch.nn.Module, plan: SparsePlan, *, kernel: str = "auto") 
     mods = _attention_modules(model)
     if not mods:
         raise PlanError(f"{type(model).__name__} has no attention modules with q_proj/k_proj and a layer_idx")
+    _refuse_unsupported_attention(model, mods)
     _ensure_registered()
     existing: _ModelState | None = getattr(model, _MODEL_ATTR, None)
     previous = existing.previous_impl if existing else getattr(config, "_attn_implementation", None)
@@ -158,6 +159,23 @@ def sparsify(model: torch.nn.Module, plan: SparsePlan, *, kernel: str = "auto") 
     object.__setattr__(model, _MODEL_ATTR, state)
     model.set_attn_implementation(IMPL_NAME)
     return model
+
+
+# Attention inputs the block-sparse kernels do not implement. Dropping one changes the answers even at
+# density 1.0 (gpt-oss's per-head sink logits `s_aux`), and the dense fallback (SDPA) drops them too, so
+# a model whose attention uses them is refused, never run on a silently different attention.
+UNSUPPORTED_ATTENTION_INPUTS = ("s_aux", "sinks")
+
+
+def _refuse_unsupported_attention(model: torch.nn.Module, mods: list[torch.nn.Module]) -> None:
+    kind = getattr(model.config, "model_type", type(model).__name__)
+    for m in mods:
+        for attr in UNSUPPORTED_ATTENTION_INPUTS:
+            if getattr(m, attr, None) is not None:
+                raise PlanError(
+                    f"{kind}: attention layer {m.layer_idx} ({type(m).__name__}) has {attr!r} (attention "
+                    "sinks), which the block-sparse kernels do not implement; this model cannot be sparsified"
+                )
 
 
 def unsparsify(model: torch.nn.Module) -> torch.nn.Module:
@@ -237,6 +255,12 @@ def block_sparse_attention_forward(
 
     if layer is None:
         return dense()
+    unknown = [k for k in UNSUPPORTED_ATTENTION_INPUTS if kwargs.get(k) is not None]
+    if unknown:  # an attention module `sparsify` could not tell apart: refuse rather than answer wrongly
+        raise PlanError(
+            f"attention layer {layer.layer_idx} passes {unknown}, which the block-sparse kernels "
+            "do not implement; this model cannot be sparsified"
+        )
     state = layer.model_state
     if state.plan.decode is not None:
         done = decode_attention_forward(

@@ -35,7 +35,7 @@ class DecodeStats:
     """What sparse decode did: per-layer decode calls, tokens read vs tokens cached, timings."""
 
     calls: int = 0
-    dense_calls: int = 0  # decode calls that read the whole cache (dense layer or short cache)
+    dense_calls: int = 0  # decode calls that read the whole cache (dense layer, short cache, unsupported)
     short_calls: int = 0  # of those, calls below the plan's break-even cache length
     kept_tokens: int = 0
     cached_tokens: int = 0
@@ -71,6 +71,13 @@ def _page_valid(key_valid: torch.Tensor, page_size: int) -> torch.Tensor:
     return kv.view(b, pages, page_size).any(-1)
 
 
+def _count_dense(stats: DecodeStats, kv_len: int) -> None:
+    stats.calls += 1
+    stats.dense_calls += 1
+    stats.kept_tokens += kv_len
+    stats.cached_tokens += kv_len
+
+
 def decode_attention_forward(
     layer_state: Any,
     module: torch.nn.Module,
@@ -90,11 +97,8 @@ def decode_attention_forward(
     short = kv_len < params.break_even_tokens
     if params.dense or short:
         if q_len == 1 and kv_len > 1:
-            stats.calls += 1
-            stats.dense_calls += 1
+            _count_dense(stats, kv_len)
             stats.short_calls += short and not params.dense
-            stats.kept_tokens += kv_len
-            stats.cached_tokens += kv_len
         elif short and q_len == kv_len:  # a new sequence: summaries of an old one must not linger
             layer_state.pages = None
         return None
@@ -105,15 +109,19 @@ def decode_attention_forward(
         return None
     pages = layer_state.pages = sync(layer_state.pages, key, ps)
     window = kwargs.get("sliding_window")
-    if (
-        q_len != 1
-        or (dropout > 0.0 and module.training)
-        or (window is not None and kv_len > window)
-        or kwargs.get("softcap") is not None
-    ):
+    # A sliding-window cache never hands a layer more than `window` keys (transformers keeps the last
+    # window - 1 and appends the new one), so "beyond its window" is a full window, not a longer cache:
+    # from there the oldest keys slide out each step and the layer decodes densely, as documented.
+    if q_len != 1:
         return None
     key_valid = _key_valid(attention_mask, kv_len)
-    if key_valid is False:
+    if (
+        (dropout > 0.0 and module.training)
+        or (window is not None and kv_len >= window)
+        or kwargs.get("softcap") is not None
+        or key_valid is False
+    ):
+        _count_dense(stats, kv_len)  # a decode step the caller runs densely counts, as a dense layer's does
         return None
     stats.calls += 1
     stats.cached_tokens += kv_len

@@ -584,3 +584,28 @@ def test_sparse_decode_on_the_paged_cache_equals_the_merged_kernel_at_a_partial_
     assert torch.equal(paged.sequences, merged.sequences)
     gap = max((a - b).abs().max().item() for a, b in zip(paged.logits, merged.logits, strict=True))
     assert gap <= 1e-4 and d_paged == d_merged and 0 < d_paged < 0.6
+
+
+def test_a_sliding_window_layer_decodes_densely_once_its_window_is_full(tiny_model_factory):
+    """transformers' sliding-window cache never hands a layer more than its window of keys, so the old
+    test (cache longer than the window) never fired and a layer whose oldest keys were sliding out
+    decoded sparsely over whatever was left; inside its window it still decodes sparsely."""
+    from transformers import AutoModelForCausalLM
+
+    from sparse_core.decode.cache import paged_cache_kwargs
+
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_model_factory("mistral"), sliding_window=200, attn_implementation="sdpa"
+    ).eval()
+    plan = SparsePlan(block_size=16, tau=1.0, decode=DecodePlan(page_size=16, budget_tokens=32))
+    for length, sparse_calls in ((120, 2 * 20), (300, 0)):
+        ids = torch.randint(3, 400, (1, length), generator=torch.Generator().manual_seed(0))
+        sparsify(model, plan)
+        st = decode_stats(model)
+        st.reset()
+        with torch.no_grad():
+            model.generate(
+                input_ids=ids, max_new_tokens=21, do_sample=False, pad_token_id=0, **paged_cache_kwargs(model)
+            )
+        unsparsify(model)
+        assert (st.calls, st.calls - st.dense_calls) == (2 * 20, sparse_calls), length

@@ -58,6 +58,20 @@ def test_plan_for_another_model_is_rejected(tmp_path):
         plan_io.load(tmp_path / "p", config=wider)
 
 
+def test_a_plan_for_another_architecture_of_the_same_shape_is_refused(tmp_path):
+    """model_shape alone let a Llama plan run on a Qwen2 of the same geometry; the type is stamped and
+    compared too. A plan saved before the type was stamped is not asked."""
+    cfg = tiny_config("llama", layers=2, heads=4, kv_heads=2)
+    plan_io.save(SparsePlan(tau=0.9), tmp_path / "p", config=cfg)
+    qwen = tiny_config("qwen2", layers=2, heads=4, kv_heads=2)
+    with pytest.raises(PlanError, match=r"made for a 'llama' model \(metadata.model_type\), not 'qwen2'"):
+        plan_io.load(tmp_path / "p", config=qwen)
+    assert plan_io.load(tmp_path / "p", config=tiny_config("llama", layers=2, heads=4, kv_heads=2))
+    old = SparsePlan(tau=0.9, metadata={"model_shape": plan_io.load(tmp_path / "p").metadata["model_shape"]})
+    plan_io.save(old, tmp_path / "old")
+    assert plan_io.load(tmp_path / "old", config=qwen).tau == 0.9
+
+
 def test_gate_weights_of_another_model_are_rejected_without_a_stamp(tmp_path):
     cfg = tiny_config("llama", layers=2, heads=4, kv_heads=2)
     plan = _gate_plan(cfg)

@@ -109,3 +109,28 @@ def test_dense_layers_and_plan_replacement(tiny_llama_dir):
     sparsify(model, SparsePlan(block_size=32, tau=1.0))  # replaces the plan, keeps the original impl
     unsparsify(model)
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_a_model_with_attention_sinks_is_refused_not_answered_wrongly():
+    """gpt-oss passes per-head sink logits (`s_aux`) to its attention; the kernels (and the SDPA fallback)
+    ignored them, so even tau 1.0 answered differently from dense (max |logit| error 0.36, 80% top-1).
+    Such a model is refused by name."""
+    import transformers
+
+    cfg = transformers.GptOssConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        num_local_experts=2,
+        num_experts_per_tok=1,
+        layer_types=["full_attention", "full_attention"],
+        max_position_embeddings=256,
+    )
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    with pytest.raises(PlanError, match=r"gpt_oss: attention layer 0 \(GptOssAttention\) has 'sinks'"):
+        sparsify(model, SparsePlan(block_size=16, tau=1.0))
+    assert not is_sparsified(model)
