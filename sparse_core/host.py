@@ -4,9 +4,13 @@ On a shared host torch's default (one thread per core) is a trap: with another p
 cores, a SmolLM2 one-token forward took 627 ms with 2 threads and 96 ms with 1 (OpenMP threads spin waiting
 for a descheduled partner). So threads are chosen from the CPUs this process may use (affinity and the
 cgroup CPU quota, not os.cpu_count()) minus what other processes are using right now, and every timed
-piece of work records the host's load while it ran, so a timing taken under overload can be flagged. The
-others' load is measured over the affinity mask, so it is compared with the mask's cores; the quota (a
-container's `--cpus` without a cpuset, whose mask is the whole node) only caps our threads.
+piece of work records the host's load while it ran, so a timing taken under overload can be flagged.
+Where the kernel keeps scheduler statistics (/proc/self/task/*/schedstat, nanoseconds) the flag is our own
+threads' waiting: the share of their runnable time spent waiting for a CPU (`wait_share`), which sees a
+one-thread timing slowed by a third and a 10 ms piece alike. Elsewhere it falls back to comparing the
+others' load (measured over the affinity mask in 10 ms ticks, so compared with the mask's cores) and our
+threads with the cores; the quota (a container's `--cpus` without a cpuset, whose mask is the whole node)
+only caps our threads. An explicit OMP_NUM_THREADS caps the automatic thread count.
 
 Linux /proc and /sys only; elsewhere the functions fall back to os.cpu_count() and os.getloadavg().
 """
@@ -28,6 +32,13 @@ CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 # threads): our threads then waited for a core, and its latencies say more about the host than about the
 # model.
 OVERLOAD_MARGIN_CORES = 0.5
+# A timing is overloaded when our threads spent more than this share of their runnable time waiting for a
+# CPU (schedstat's run_delay against the time they ran): it then took at least ~1.11x as long as on free
+# cores. An idle host's waiting is well under it (a few per cent: timer ticks, kernel threads).
+WAIT_SHARE_LIMIT = 0.10
+# Less runnable time than this between two snapshots is too little to judge (the share of a few
+# microseconds says nothing): the wait share is None and the fallback rule decides.
+MIN_RUNNABLE_NS = 2_000_000
 
 
 def loadavg() -> list[float] | None:
@@ -142,6 +153,10 @@ class CpuSnapshot:
     psi_some_us: int | None  # /proc/pressure/cpu "some" total: time some task waited for a CPU
     # CPU time of this process's own cgroup (v2 cpu.stat usage_usec): what shares its quota with it
     cgroup_usage_us: int | None = None
+    # this process's threads, summed (/proc/self/task/*/schedstat): time run on a CPU and time spent
+    # runnable but waiting for one, in nanoseconds
+    run_ns: int | None = None
+    run_delay_ns: int | None = None
 
 
 def busy_ticks(proc_stat: str, cpus: Collection[int] | None = None) -> int:
@@ -178,7 +193,40 @@ def snapshot() -> CpuSnapshot:
                 psi = int(line.rsplit("total=", 1)[1])
     except (OSError, ValueError, IndexError):
         pass
-    return CpuSnapshot(time.monotonic(), busy, own, psi, _cgroup_usage_us())
+    run_ns, delay_ns = _own_schedstat()
+    return CpuSnapshot(time.monotonic(), busy, own, psi, _cgroup_usage_us(), run_ns, delay_ns)
+
+
+def _own_schedstat() -> tuple[int | None, int | None]:
+    """(run, run_delay) in ns summed over this process's threads; (None, None) without schedstat. A
+    thread that ends between two snapshots takes its share with it, which only lowers the sums."""
+    run = delay = 0
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return None, None
+    seen = False
+    for tid in tasks:
+        try:
+            fields = Path(f"/proc/self/task/{tid}/schedstat").read_text().split()
+            run += int(fields[0])
+            delay += int(fields[1])
+            seen = True
+        except (OSError, ValueError, IndexError):
+            continue  # a thread that ended meanwhile, or no schedstat on this kernel
+    return (run, delay) if seen else (None, None)
+
+
+def wait_share(a: CpuSnapshot, b: CpuSnapshot) -> float | None:
+    """The share of our threads' runnable time between two snapshots that they spent waiting for a CPU
+    (run_delay / (run + run_delay)); None without schedstat or with too little runnable time to judge."""
+    if None in (a.run_ns, b.run_ns, a.run_delay_ns, b.run_delay_ns):
+        return None
+    ran = b.run_ns - a.run_ns  # type: ignore[operator]
+    waited = b.run_delay_ns - a.run_delay_ns  # type: ignore[operator]
+    if ran < 0 or waited < 0 or ran + waited < MIN_RUNNABLE_NS:
+        return None
+    return waited / (ran + waited)
 
 
 def _cgroup_usage_us() -> int | None:
@@ -245,11 +293,21 @@ def choose_threads(
     return max(1, min(int(math.floor(cpus)), int(math.floor(free + 0.5))))
 
 
-def is_overloaded(others: float, threads: int, limits: CpuLimits, quota_others: float | None = None) -> bool:
-    """Our threads waited for a core: the others and our threads need more cores than the mask has, or
-    our threads and the other processes of our cgroup (`quota_others`) more CPU than the quota gives
-    (each with OVERLOAD_MARGIN_CORES of slack)."""
-    over_mask = others + threads > limits.mask + OVERLOAD_MARGIN_CORES
+def is_overloaded(
+    others: float,
+    threads: int,
+    limits: CpuLimits,
+    quota_others: float | None = None,
+    waited: float | None = None,
+) -> bool:
+    """Our threads waited for a core. Measured where the kernel says (`waited`, the `wait_share`): more
+    than WAIT_SHARE_LIMIT of their runnable time; else inferred: the others and our threads need more
+    cores than the mask has. Either way also when our threads and the other processes of our cgroup
+    (`quota_others`) need more CPU than the quota gives (each with OVERLOAD_MARGIN_CORES of slack)."""
+    if waited is not None:
+        over_mask = waited > WAIT_SHARE_LIMIT
+    else:
+        over_mask = others + threads > limits.mask + OVERLOAD_MARGIN_CORES
     over_quota = (
         limits.quota is not None and threads + (quota_others or 0.0) > limits.quota + OVERLOAD_MARGIN_CORES
     )
@@ -264,8 +322,23 @@ def apply_thread_policy(sample_seconds: float = 0.2) -> dict[str, Any]:
     limits = cpu_limits()
     shared = quota_others if limits.quota is not None else None
     threads = choose_threads(limits.cpus, others, mask=limits.mask, quota_others=shared)
-    torch.set_num_threads(threads)
-    return {"cpus": limits.cpus, "threads": threads, "others_busy_cores": _rounded(others)}
+    cap = omp_threads_cap()
+    out: dict[str, Any] = {"cpus": limits.cpus, "threads": threads, "others_busy_cores": _rounded(others)}
+    if cap is not None and cap < threads:  # the user (or a test runner) asked for at most this many
+        out |= {"threads": cap, "capped_by": f"OMP_NUM_THREADS={cap}"}
+    torch.set_num_threads(out["threads"])
+    return out
+
+
+def omp_threads_cap(environ: Any = None) -> int | None:
+    """OMP_NUM_THREADS as a whole number >= 1 (its first entry: OpenMP allows a nested list "2,1"), the
+    most threads the automatic choice may take; None where it is unset or not a count."""
+    text = (os.environ if environ is None else environ).get("OMP_NUM_THREADS", "")
+    try:
+        n = int(text.split(",")[0].strip())
+    except ValueError:
+        return None
+    return n if n >= 1 else None
 
 
 def set_threads(requested: int | None, sample_seconds: float = 0.2) -> dict[str, Any]:
@@ -324,9 +397,12 @@ class HostLoad:
     others_busy_cores: float | None  # mean cores used by other processes during the work
     cpu_pressure: float | None  # share of the time some task waited for a CPU (PSI "some")
     loadavg: tuple[float, float, float] | None
-    # others_busy_cores + threads > the mask's cores + OVERLOAD_MARGIN_CORES (0.5), or threads > the cgroup
-    # quota + 0.5 (`is_overloaded`; without a quota the mask is `cpus`)
+    # wait_share > WAIT_SHARE_LIMIT (0.10) where schedstat measures it, else others_busy_cores + threads >
+    # the mask's cores + OVERLOAD_MARGIN_CORES (0.5); or threads > the cgroup quota + 0.5 (`is_overloaded`;
+    # without a quota the mask is `cpus`)
     overloaded: bool
+    # share of our threads' runnable time spent waiting for a CPU (None: no schedstat, or too short)
+    wait_share: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -378,6 +454,7 @@ class PairMeter:
     def record(self) -> dict[str, Any]:
         busy = [x["others_busy_cores"] for x in self.loads if x["others_busy_cores"] is not None]
         pressure = [x["cpu_pressure"] for x in self.loads if x["cpu_pressure"] is not None]
+        waits = [x["wait_share"] for x in self.loads if x.get("wait_share") is not None]
         return {
             "threads": self.loads[0]["threads"] if self.loads else None,
             "pairs_timed": len(self.loads),
@@ -385,6 +462,7 @@ class PairMeter:
             "pairs_kept_under_overload": sum(1 for x in self.loads if x["overloaded"]),
             "max_others_busy_cores": max(busy, default=None),
             "max_cpu_pressure": max(pressure, default=None),
+            "max_wait_share": max(waits, default=None),
             "overloaded": any(x["overloaded"] for x in self.loads),
             "loadavg": self.loads[-1]["loadavg"] if self.loads else None,
         }
@@ -395,11 +473,13 @@ def host_totals(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
     kept under overload, the most cores the others used."""
     records = list(records)
     busy = [h["max_others_busy_cores"] for h in records if h.get("max_others_busy_cores") is not None]
+    waits = [h["max_wait_share"] for h in records if h.get("max_wait_share") is not None]
     return {
         "pairs_timed": sum(h.get("pairs_timed", 0) for h in records),
         "pairs_retimed_for_overload": sum(h.get("pairs_retimed_for_overload", 0) for h in records),
         "pairs_kept_under_overload": sum(h.get("pairs_kept_under_overload", 0) for h in records),
         "max_others_busy_cores": max(busy, default=None),
+        "max_wait_share": max(waits, default=None),
     }
 
 
@@ -419,6 +499,7 @@ def measure(start: CpuSnapshot, end: CpuSnapshot, *, threads: int | None = None)
         pressure = min(1.0, (end.psi_some_us - start.psi_some_us) / 1e6 / wall)
     load = loadavg()
     busy = others if others is not None else (load[0] if load else 0.0)
+    waited = wait_share(start, end)
     return HostLoad(
         cpus=limits.cpus,
         threads=threads,
@@ -426,5 +507,6 @@ def measure(start: CpuSnapshot, end: CpuSnapshot, *, threads: int | None = None)
         others_busy_cores=_rounded(others),
         cpu_pressure=None if pressure is None else round(pressure, 3),
         loadavg=tuple(load) if load else None,  # type: ignore[arg-type]
-        overloaded=is_overloaded(busy, threads, limits, quota_others_cores(start, end)),
+        overloaded=is_overloaded(busy, threads, limits, quota_others_cores(start, end), waited),
+        wait_share=_rounded(waited),
     )

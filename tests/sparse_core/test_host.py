@@ -238,6 +238,7 @@ def test_the_thread_policy_under_a_quota_uses_the_quota(monkeypatch: pytest.Monk
     from sparse_core import host
 
     _quota_node(monkeypatch)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # no cap (the test workers set one)
     monkeypatch.setattr(host, "_others_now", lambda _s: (8.0, 0.1))  # the node half busy, our cgroup idle
     before = torch.get_num_threads()
     try:
@@ -281,3 +282,88 @@ def test_the_quota_is_read_from_cgroup_v1(tmp_path) -> None:
     text = "12:memory:/docker/abc\n4:cpu,cpuacct:/docker/abc\n0::/\n"
     assert cgroup_quota(text, tmp_path) == 2.5
     assert cgroup_quota("4:cpu,cpuacct:/\n", tmp_path) is None
+
+
+def test_the_overload_flag_is_our_own_threads_waiting_where_schedstat_measures_it() -> None:
+    """The others' achieved load can never exceed what our thread leaves them, so a one-thread timing
+    slowed 1.5x (the others 0.5 core of a 2-core mask) passed as clean, and 10 ms tick counts read a
+    short piece under full load as idle. Where the kernel keeps schedstat, the flag is the share of our
+    threads' runnable time spent waiting for a CPU."""
+    from sparse_core.host import WAIT_SHARE_LIMIT, CpuLimits, CpuSnapshot, is_overloaded, wait_share
+
+    two = CpuLimits(mask=2.0)
+    assert not is_overloaded(0.5, 1, two)  # inferred: 0.5 + 1 <= 2.5
+    assert is_overloaded(0.5, 1, two, waited=0.33)  # measured: a third of its time waiting
+    assert not is_overloaded(1.6, 1, two, waited=0.02)  # the others busy elsewhere, ours ran freely
+    assert is_overloaded(0.0, 6, CpuLimits(mask=16.0, quota=4.0), waited=0.0)  # the quota rule stands
+    a = CpuSnapshot(0.0, None, None, None, run_ns=1_000_000_000, run_delay_ns=0)
+    b = CpuSnapshot(1.0, None, None, None, run_ns=1_020_000_000, run_delay_ns=10_000_000)
+    assert wait_share(a, b) == pytest.approx(10 / 30)
+    assert wait_share(a, CpuSnapshot(1.0, None, None, None, run_ns=1_001_000_000, run_delay_ns=0)) is None
+    assert wait_share(a, CpuSnapshot(1.0, None, None, None)) is None  # no schedstat: the fallback rule
+    assert WAIT_SHARE_LIMIT == 0.10
+
+
+def _spin_on(cpu: int) -> subprocess.Popen:
+    p = subprocess.Popen([sys.executable, "-c", "while 1: pass"])
+    os.sched_setaffinity(p.pid, {cpu})
+    return p
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs CPU affinity")
+def test_a_short_timing_sharing_its_cpu_with_a_busy_process_is_flagged() -> None:
+    """A real busy process pinned to the CPU our thread is pinned to: every 30 ms piece of one-thread
+    work is flagged (it ran about half the time); alone it is not flagged by its own waiting."""
+    import torch
+
+    if snapshot().run_ns is None:
+        pytest.skip("no schedstat on this kernel")
+    cpu = max(os.sched_getaffinity(0))
+    before_mask, before_threads = os.sched_getaffinity(0), torch.get_num_threads()
+    a = torch.randn(128, 128)
+
+    def piece() -> HostLoadMeter:
+        with HostLoadMeter(threads=1) as m:
+            t = time.perf_counter()
+            while time.perf_counter() - t < 0.03:
+                a @ a
+        return m
+
+    os.sched_setaffinity(0, {cpu})
+    torch.set_num_threads(1)
+    spin = _spin_on(cpu)
+    try:
+        time.sleep(0.2)
+        loads = [piece().load for _ in range(6)]
+    finally:
+        spin.kill()
+        spin.wait()
+        os.sched_setaffinity(0, before_mask)
+        torch.set_num_threads(before_threads)
+    assert all(x.overloaded and x.wait_share > 0.3 for x in loads), [x.wait_share for x in loads]
+
+
+def test_an_explicit_omp_num_threads_caps_the_automatic_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from sparse_core import host
+
+    assert host.omp_threads_cap({"OMP_NUM_THREADS": "1"}) == 1
+    assert host.omp_threads_cap({"OMP_NUM_THREADS": "3,1"}) == 3
+    assert host.omp_threads_cap({"OMP_NUM_THREADS": "zero"}) is None
+    assert host.omp_threads_cap({"OMP_NUM_THREADS": "0"}) is None and host.omp_threads_cap({}) is None
+    _quota_node(monkeypatch)
+    monkeypatch.setattr(host, "_others_now", lambda _s: (0.0, 0.0))
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    before = torch.get_num_threads()
+    try:
+        policy = host.apply_thread_policy(0.0)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert policy == {"cpus": 4.0, "threads": 2, "others_busy_cores": 0.0, "capped_by": "OMP_NUM_THREADS=2"}
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    try:
+        assert host.apply_thread_policy(0.0)["threads"] == 4
+    finally:
+        torch.set_num_threads(before)
