@@ -33,9 +33,9 @@ CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 # model.
 OVERLOAD_MARGIN_CORES = 0.5
 # A timing is overloaded when our threads spent more than this share of their runnable time waiting for a
-# CPU (schedstat's run_delay against the time they ran): it then took at least ~1.11x as long as on free
+# CPU (schedstat's run_delay against the time they ran): it then took at least 1.33x as long as on free
 # cores. An idle host's waiting is well under it (a few per cent: timer ticks, kernel threads).
-WAIT_SHARE_LIMIT = 0.10
+WAIT_SHARE_LIMIT = 0.25
 # Less runnable time than this between two snapshots is too little to judge (the share of a few
 # microseconds says nothing): the wait share is None and the fallback rule decides.
 MIN_RUNNABLE_NS = 2_000_000
@@ -397,7 +397,7 @@ class HostLoad:
     others_busy_cores: float | None  # mean cores used by other processes during the work
     cpu_pressure: float | None  # share of the time some task waited for a CPU (PSI "some")
     loadavg: tuple[float, float, float] | None
-    # wait_share > WAIT_SHARE_LIMIT (0.10) where schedstat measures it, else others_busy_cores + threads >
+    # wait_share > WAIT_SHARE_LIMIT (0.25) where schedstat measures it, else others_busy_cores + threads >
     # the mask's cores + OVERLOAD_MARGIN_CORES (0.5); or threads > the cgroup quota + 0.5 (`is_overloaded`;
     # without a quota the mask is `cpus`)
     overloaded: bool
