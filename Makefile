@@ -2,7 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 # The CPU build of torch is pinned and installed *before* the project so pip never pulls a CUDA
-# build by accident. GPU users: `make setup TORCH_SPEC="torch --index-url <your CUDA wheel index>"`.
+# build by accident. GPU users: `make setup TORCH_SPEC="torch --index-url <your CUDA wheel index>"` (the
+# words of TORCH_SPEC are pip arguments, so a requirement and its --index-url both pass).
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.sparsepilot-installed
@@ -16,7 +17,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
