@@ -424,6 +424,9 @@ def main() -> None:
     )
     if uc["working_now"]:  # a run holds the use case's lease (rollout.leases): it is changing it now
         st.info(f"Working now: {uc['working_now']}")
+    monitored = queries.describe_monitor_state(uc.get("monitor"))
+    if monitored:  # a promoted champion: when its monitor last looked (or that it has not)
+        (st.info if uc["monitor"]["last_look_at"] is not None else st.warning)(monitored)
     evals = read(queries.evaluations, uc["id"])
     done = [e for e in evals if e["status"] == "succeeded"]
     latest = done[-1] if done else None

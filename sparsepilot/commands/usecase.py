@@ -113,6 +113,8 @@ def _print_usecase(info: dict[str, Any]) -> None:
     console.print(yaml.safe_dump(info["spec"], sort_keys=False).rstrip(), highlight=False, markup=False)
     _print_plan(info["pilot_plan"])
     _print_pilots(info)
+    if info.get("monitor"):
+        say(info["monitor"])
     print_table("Versions", info["versions"], ["version", "current", "spec_hash", "created_by", "created_at"])
     print_table("Recent audit entries", info["audit"], ["ts", "actor", "action"])
 
