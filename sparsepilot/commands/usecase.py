@@ -141,7 +141,7 @@ def _print_pilots(info: dict[str, Any]) -> None:
 
 def _print_plan(plan: dict[str, Any] | None) -> None:
     """What the pilot of this version takes before its approval (rollout.pilot_plan)."""
-    from rollout.pilot_plan import describe_monitor, traffic_time
+    from rollout.pilot_plan import describe_monitor, describe_monitor_cadence, traffic_time
 
     if plan is None:
         say("no pilot plan: the stored spec no longer validates")
@@ -167,9 +167,9 @@ def _print_plan(plan: dict[str, Any] | None) -> None:
         say(f"  warning: {w}")
     if plan.get("monitor"):
         say(
-            f"After promotion, the monitor (one batch of {plan['batch_size']} per look; its change detector "
-            "keeps each check's false alarm within alpha however long it runs) on a champion that breaches "
-            "from its first look:"
+            f"After promotion, the monitor ({describe_monitor_cadence(plan['monitor'][0])}; its change "
+            "detector keeps each check's false alarm within alpha however long it runs) on a champion that "
+            "breaches from its first look:"
         )
         for reach in plan["monitor"]:
             say(f"  {describe_monitor(reach)}")
