@@ -1,8 +1,11 @@
 """`monitor(use_case)`: after promotion, sample the use case's traffic on the champion (the sparse model
 answers; the dense model answers the same requests offline so quality stays measurable), or check
-observations exported by the serving system. A guardrail breach or a failed data check rolls the champion
-back automatically when the spec's rollback policy is `auto`, else leaves a rollback decision waiting for
-a person. Every look is a GateDecision of kind `monitor` (idempotent per step + data)."""
+observations exported by the serving system. A guardrail breach, or a failed data check of the monitor's
+own sampled answers, rolls the champion back automatically when the spec's rollback policy is `auto`, else
+leaves a rollback decision waiting for a person. An imported file that fails its checks, or conflicts with
+the rows stored, is refused as the pilot's import is (nothing stored, no look). Every look is a
+GateDecision of kind `monitor` (idempotent per step + data); a look that cannot be taken (traffic
+exhausted) is logged as a warning and kept in the audit log (`monitor.skipped`)."""
 
 from __future__ import annotations
 
@@ -17,6 +20,22 @@ from rollout import audit, decisions, pilot_batches, run_links, tracking
 @flow_task("monitor-target")
 def monitor_target(use_case: str, used_request_ids: bool) -> dict[str, Any] | None:
     return pilot_batches.monitor_target(use_case, used_request_ids=used_request_ids)
+
+
+@flow_task("monitor-store-import")
+def store_import(info: dict[str, Any], path: str, rows: list[dict], batch_id: str) -> dict[str, Any]:
+    return pilot_batches.store_monitor_import(info, path, rows, batch_id)
+
+
+@flow_task("monitor-note-skip")
+def note_skip(use_case: str, info: dict[str, Any], reason: str, explanation: str) -> bool:
+    return pilot_batches.note_monitor_skip(use_case, info, reason, explanation)
+
+
+def _batch_id(info: dict[str, Any], rows: list[dict]) -> str:
+    """The look's batch: its (request, arm) pairs. Their values need not enter it: an import whose pairs
+    are stored with other values is refused (`store_monitor_import`), so the same pairs are the same rows."""
+    return f"m-{info['step_id']}-{stable_key(sorted((r['request_id'], r['arm']) for r in rows))[:24]}"
 
 
 @flow_task("monitor-decide")
@@ -49,7 +68,6 @@ def monitor_flow(
     if finished is not None:
         catch_up_logs(log_missing_looks, use_case)
         return {"status": "finished", **finished}
-    ctx = load_context(use_case)
     info = monitor_target(use_case, used_request_ids=observations_file is None)  # ids to draw fresh requests
     if info is None:
         catch_up_logs(log_missing_looks, use_case)
@@ -58,27 +76,31 @@ def monitor_flow(
         from rollout.observations_io import read_observations
 
         rows = read_observations(observations_file, require_arm="treatment")
-        known = sorted({r["id"] for r in ctx.rows} | {r["request_id"] for r in rows})
-        check = validate_batch(rows, known, "import")
+        batch_id = _batch_id(info, rows)
+        # a file that fails its checks, or conflicts with what is stored, is refused: nothing stored, no look
+        check = store_import(info, observations_file, rows, batch_id)["check"]
         source = "imported"
     else:
+        ctx = load_context(use_case)
         requests = next_requests(
             ctx, set(info["used_request_ids"]), info["salt"], batch_size or ctx.spec.rollout.batch_size
         )
         if not requests:
-            return {
-                "status": "skipped",
-                "explanation": f"{use_case}: traffic exhausted: every request of the source was used once; "
-                "import production observations with --observations to keep monitoring",
-            }
+            explanation = (
+                f"{use_case}: traffic exhausted: every request of the source was used once, so the monitor "
+                "did not look; import production observations with --observations to keep monitoring"
+            )
+            logger.warning("%s", explanation)
+            note_skip(use_case, info, "traffic-exhausted", explanation)
+            return {"status": "skipped", "explanation": explanation}
         rows, _ = answer_measured(
             ctx, info, requests, max_new_tokens or default_max_new_tokens(ctx.spec), max_prompt_tokens
         )
         check = validate_batch(rows, [rid for rid, _ in requests], "monitor")
         source = "monitor"
-    batch_id = f"m-{info['step_id']}-{stable_key(sorted((r['request_id'], r['arm']) for r in rows))[:24]}"
-    if check["passed"]:
-        store_batch(info["step_id"], rows, batch_id, source)
+        batch_id = _batch_id(info, rows)
+        if check["passed"]:  # the monitor's own answers failing their check: the look is INVALID (fail-safe)
+            store_batch(info["step_id"], rows, batch_id, source)
     result = decide_monitor(use_case, info, rows, check, batch_id)
     logger.info("%s", result["explanation"])
     if result["automatic_rollback"] and result["resolution"] is None:
@@ -89,7 +111,8 @@ def monitor_flow(
             automatic=True,
             actor=audit.MONITOR_ACTOR,
         )
-    log_look(use_case, {**result, "rows": len(rows)}, source)
+    if result["created"]:  # a retried or repeated look finds its decision (and its run) already there
+        log_look(use_case, {**result, "rows": len(rows)}, source)
     # an earlier look whose MLflow log failed: after this look and its fail-safe, never before them (an
     # MLflow client retrying for minutes would delay the alarm)
     catch_up_logs(log_missing_looks, use_case)

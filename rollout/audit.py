@@ -32,6 +32,9 @@ GENESIS = "0" * 64
 # like any other actor.
 SYSTEM_ACTOR = "sparsepilot-pipeline"
 MONITOR_ACTOR = "sparsepilot-monitor"
+# A monitor that could not look (traffic exhausted): at most one entry a day per use case and reason
+# (rollout.pilot_batches.note_monitor_skip).
+MONITOR_SKIPPED = "monitor.skipped"
 # Who a failed sign-in is by: nobody proven (the account name tried is in the row's entity_id/details).
 ANONYMOUS_ACTOR = "anonymous"
 _PG_LOCK_KEY = 0x5350_4155_4449_54  # "SPAUDIT": serialises audit writers on PostgreSQL

@@ -4,12 +4,15 @@ serving system's observations. Each function owns its transaction; the flows get
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from sqlalchemy import select
+
 from rollout import audit, lifecycle, pilots, run_links
-from rollout.db.models import ModelVersion, Observation, Pilot, PilotStep, utcnow
+from rollout.db.models import AuditEntry, ModelVersion, Observation, Pilot, PilotStep, utcnow
 from rollout.db.session import session_scope
 from rollout.observations_io import ObservationImportError, iter_observations, validate_observation_rows
 from rollout.runs import latest_challenger, version_dict
@@ -105,6 +108,39 @@ def monitor_target(use_case: str, *, used_request_ids: bool = True) -> dict[str,
         }
 
 
+def note_monitor_skip(use_case: str, info: Mapping[str, Any], reason: str, explanation: str) -> bool:
+    """A scheduled monitor that could not look (`reason`, e.g. "traffic-exhausted") leaves an audit entry
+    (`monitor.skipped`, on the promoted pilot), so an unmonitored champion shows in the audit log and on
+    the use case's page (rollout.queries.monitor_state). At most one a day per use case and reason: a
+    tick every few minutes must not flood the log. Returns whether an entry was written."""
+    with session_scope(immediate=True) as session:
+        uc = pilots.get_use_case(session, use_case)
+        last = session.scalar(
+            select(AuditEntry)
+            .where(AuditEntry.use_case_id == uc.id, AuditEntry.action == audit.MONITOR_SKIPPED)
+            .order_by(AuditEntry.id.desc())
+            .limit(1)
+        )
+        if (
+            last is not None
+            and (last.details or {}).get("reason") == reason
+            and _utc_day(last.ts) == _utc_day(utcnow())
+        ):
+            return False
+        audit.record(
+            session,
+            audit.MONITOR_ACTOR,
+            audit.MONITOR_SKIPPED,
+            on=session.get(Pilot, info["pilot_id"]),
+            details={"reason": reason, "explanation": explanation, "step_id": info["step_id"]},
+        )
+        return True
+
+
+def _utc_day(ts: dt.datetime) -> dt.date:
+    return (ts if ts.tzinfo is not None else ts.replace(tzinfo=dt.UTC)).astimezone(dt.UTC).date()
+
+
 def current_step(use_case: str) -> dict[str, Any] | None:
     """The active pilot's status and current step, or None when no pilot is active."""
     with session_scope() as session:
@@ -136,6 +172,50 @@ def store_batch(step_id: int, rows: list[dict[str, Any]], batch_id: str, source:
         res = pilots.record_observations(session, step, rows, batch_id=batch_id, source=source)
         run_links.record_batch(session, step.id, batch_id, source, rows=len(rows), inserted=res.inserted)
     return {"inserted": res.inserted, "already_present": res.already_present}
+
+
+def store_monitor_import(
+    info: Mapping[str, Any], path: str, rows: list[dict[str, Any]], batch_id: str
+) -> dict[str, Any]:
+    """Store a file of production observations in the promoted pilot's monitor step (`monitor_target`'s
+    `info`), all or nothing, as the pilot's import is (`import_file`): a file that fails the observation
+    checks (GX), brings a (request, arm) already stored with other values, or a request another step of
+    the pilot judged (the gate's), is refused with an ObservationImportError naming the file and its rows;
+    nothing is stored, and the caller records no look. Only the file's ids are looked up (chunked IN
+    lists): a promoted pilot's whole history is never read. Returns the GX summary (`check`: the look's
+    data check) and the counts stored."""
+    gx = validate_observation_rows(
+        rows,
+        known_request_ids={str(r["request_id"]) for r in rows},  # production traffic: any request id
+        require_both_arms=False,
+        source=path,
+    )
+    if not gx["passed"]:
+        raise ObservationImportError(
+            f"{path}: failed the observation checks; nothing was stored and no look was recorded:\n  - "
+            + "\n  - ".join(gx["failures"])
+        )
+    with session_scope(immediate=True) as session:
+        step = session.get(PilotStep, info["step_id"])
+        ids = {str(r["request_id"]) for r in rows}
+        check = pilots.ImportCheck(
+            pilots.step_rows_among(session, step, ids),
+            kind=step.kind,  # "monitor": no arm design to check
+            salt=info["salt"],
+            traffic_pct=100.0,
+            external_assignment=True,
+            used_elsewhere=pilots.seen_request_ids(session, step.pilot, but=step, among=ids),
+        )
+        check.add(rows)
+        problems = check.problems()
+        if problems:
+            raise ObservationImportError(
+                f"{path}: does not fit the monitor (step {step.index}); nothing was stored and no look was "
+                "recorded:\n  - " + "\n  - ".join(problems)
+            )
+        res = pilots.record_observations(session, step, rows, batch_id=batch_id, source="imported")
+        run_links.record_batch(session, step.id, batch_id, "imported", rows=len(rows), inserted=res.inserted)
+    return {"check": gx, "inserted": res.inserted, "already_present": res.already_present}
 
 
 def import_file(

@@ -171,6 +171,10 @@ class MonitorReach:
     looks_most: int | None  # ... 90% of them; None: not within `horizon` looks
     horizon: int
     batch: int  # rows (pairs for quality_loss) per look
+    # the spec's schedule (one monitor look a tick, flows/cycle.py) and its mean ticks a day; None: no
+    # schedule, a look is each `sparsepilot monitor` run
+    schedule: str | None = None
+    looks_per_day: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -189,7 +193,40 @@ def plan_monitor(spec: Any) -> tuple[MonitorReach, ...]:
         out.append(_rate_reach("treatment_latency_over_slo", settings.max_latency_exceedance, batch, alpha))
     if MONITOR_LOSS_FACTOR * settings.margin < 0.8:  # beyond that no score model can lose it: not planned
         out.append(_loss_reach(settings.margin, settings.score_type, batch, alpha))
-    return tuple(out)
+    schedule = getattr(spec, "schedule", None)
+    if schedule is None:
+        return tuple(out)
+    per_day = looks_per_day(schedule.cron)
+    return tuple(replace(r, schedule=schedule.cron, looks_per_day=per_day) for r in out)
+
+
+@lru_cache(maxsize=64)
+def looks_per_day(cron: str) -> float:
+    """The mean ticks a day of a five-field cron (the scheduled cycle's monitor looks once a tick), over
+    four whole weeks (weekday crons average right), or a year for a rarer one."""
+    import datetime as dt
+
+    from cronsim import CronSim
+
+    start = dt.datetime(2026, 1, 5)  # a Monday
+
+    def ticks(days: int) -> int:
+        end, n = start + dt.timedelta(days=days), 0
+        for t in CronSim(cron, start - dt.timedelta(seconds=1)):  # a tick at `start` counts
+            if t >= end:
+                return n
+            n += 1
+        return n
+
+    n = ticks(28)
+    return n / 28 if n >= 28 else ticks(364) / 364  # less than daily: a year, so monthly ones average right
+
+
+def monitor_days(looks: int | None, reach: dict[str, Any]) -> float | None:
+    """`looks` of a monitor check (`MonitorReach.to_dict()`) in days at its spec's schedule; None without
+    a schedule (or looks)."""
+    per_day = reach.get("looks_per_day")
+    return None if looks is None or not per_day else looks / per_day
 
 
 @lru_cache(maxsize=64)
@@ -252,15 +289,36 @@ def describe_monitor(reach: dict[str, Any]) -> str:
             f"{reach['check']}: {what} {reach['breach']:.3g} (limit {reach['threshold']:g}) is not caught "
             f"within {reach['horizon']} looks of {reach['batch']} in half the simulated monitors"
         )
+
+    def days(looks: int, said: str = "") -> str:
+        d = monitor_days(looks, reach)
+        return "" if d is None else f"; ~{traffic_time(d)}{said}"
+
     most = (
-        f"90% by {reach['looks_most']} ({reach['looks_most'] * reach['batch']:,} rows)"
+        f"90% by {reach['looks_most']} ({reach['looks_most'] * reach['batch']:,} rows"
+        f"{days(reach['looks_most'])})"
         if reach["looks_most"] is not None
         else f"90% not within {reach['horizon']}"
     )
     return (
         f"{reach['check']}: {what} {reach['breach']:.3g} (limit {reach['threshold']:g}) raises an alarm "
         f"in half the simulated monitors by look {reach['looks_half']} "
-        f"({reach['looks_half'] * reach['batch']:,} rows), {most}"
+        f"({reach['looks_half'] * reach['batch']:,} rows{days(reach['looks_half'], ' at its schedule')}), "
+        f"{most}"
+    )
+
+
+def describe_monitor_cadence(reach: dict[str, Any]) -> str:
+    """How often the monitor looks, for people (the heading of `describe_monitor`'s lines), and that a
+    breach after a long healthy history takes longer than the simulated one from the first look."""
+    when = (
+        f"at the schedule {reach['schedule']!r}, ~{reach['looks_per_day']:.3g} looks a day"
+        if reach.get("looks_per_day")
+        else "no schedule: a look is each `sparsepilot monitor` run"
+    )
+    return (
+        f"one batch of {reach['batch']} per look ({when}); a breach that begins after a long healthy "
+        'history takes longer to show (docs/gate.md, "The monitor")'
     )
 
 

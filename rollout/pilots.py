@@ -623,17 +623,47 @@ def last_observation_id(session: Session, step: PilotStep) -> int:
     return session.scalar(select(func.max(Observation.id)).where(Observation.pilot_step_id == step.id)) or 0
 
 
-def seen_request_ids(session: Session, pilot: Pilot, *, but: PilotStep | None = None) -> set[str]:
+def seen_request_ids(
+    session: Session,
+    pilot: Pilot,
+    *,
+    but: PilotStep | None = None,
+    among: Iterable[str] | None = None,
+) -> set[str]:
     """Request ids already used in any step of this pilot (each request is used once per pilot); `but`:
-    in any step other than that one (what an import into it may not bring again)."""
+    in any step other than that one (what an import into it may not bring again); `among`: only these ids
+    are asked about, in chunks (a promoted pilot's monitor can hold millions of rows: a file's ids are
+    looked up, never the whole history read)."""
     step_ids = select(PilotStep.id).where(PilotStep.pilot_id == pilot.id)
     if but is not None:
         step_ids = step_ids.where(PilotStep.id != but.id)
-    return set(
-        session.scalars(
-            select(Observation.request_id).where(Observation.pilot_step_id.in_(step_ids)).distinct()
+    query = select(Observation.request_id).where(Observation.pilot_step_id.in_(step_ids)).distinct()
+    if among is None:
+        return set(session.scalars(query))
+    out: set[str] = set()
+    for chunk in _chunks(among):
+        out |= set(session.scalars(query.where(Observation.request_id.in_(chunk))))
+    return out
+
+
+def step_rows_among(session: Session, step: PilotStep, request_ids: Iterable[str]) -> list[dict[str, Any]]:
+    """The step's stored observations (`OBSERVATION_FIELDS`) of these request ids only, looked up in chunks
+    (what `ImportCheck` compares a file with, without reading the step's whole history)."""
+    out: list[dict[str, Any]] = []
+    cols = [getattr(Observation, f) for f in OBSERVATION_FIELDS]
+    for chunk in _chunks(request_ids):
+        rows = session.execute(
+            select(*cols).where(Observation.pilot_step_id == step.id, Observation.request_id.in_(chunk))
         )
-    )
+        out.extend(dict(r._mapping) for r in rows)
+    return out
+
+
+def _chunks(ids: Iterable[str], size: int = 500) -> Iterable[list[str]]:
+    """Sorted distinct ids in lists of `size` (an IN list stays under every database's parameter limit)."""
+    ids = sorted({str(i) for i in ids})
+    for start in range(0, len(ids), size):
+        yield ids[start : start + size]
 
 
 # --- decisions -------------------------------------------------------------------------------------

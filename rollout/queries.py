@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Integer, and_, case, cast, func, select
 from sqlalchemy.orm import Session
 
-from rollout import leases, lifecycle, roi
+from rollout import audit, leases, lifecycle, roi
 from rollout.dataset_split import kept_apart_of
 from rollout.db.models import (
     AliasMove,
@@ -28,7 +28,7 @@ from rollout.db.models import (
     UseCase,
 )
 from rollout.db.session import session_scope
-from rollout.pilots import planned_pilot
+from rollout.pilots import planned_pilot, promoted_pilot
 
 # Where a gate decision's evidence (rollout.gate.Decision.to_dict()) keeps the quality difference
 # (treatment - control) and its anytime-valid interval. Read in SQL with the dialect's JSON path operator.
@@ -383,7 +383,71 @@ def use_case(session: Session, name: str) -> dict[str, Any] | None:
         ),
         "created_at": uc.created_at,
         "working_now": leases.working_now(session, uc.id),
+        "monitor": monitor_state(session, uc.id),
     }
+
+
+def monitor_state(session: Session, use_case_id: int) -> dict[str, Any] | None:
+    """When the promoted champion's monitor last looked (its latest `monitor` decision) and last could not
+    (the latest `monitor.skipped` audit entry of that pilot); None when nothing promoted is monitored."""
+    uc = session.get(UseCase, use_case_id)
+    pilot = promoted_pilot(session, uc) if uc is not None else None
+    if pilot is None:
+        return None
+    look = session.scalar(
+        select(GateDecision)
+        .where(GateDecision.pilot_id == pilot.id, GateDecision.kind == "monitor")
+        .order_by(GateDecision.id.desc())
+        .limit(1)
+    )
+    skip = session.scalar(
+        select(AuditEntry)
+        .where(
+            AuditEntry.use_case_id == uc.id,
+            AuditEntry.action == audit.MONITOR_SKIPPED,
+            AuditEntry.entity == "pilot",
+            AuditEntry.entity_id == str(pilot.id),
+        )
+        .order_by(AuditEntry.id.desc())
+        .limit(1)
+    )
+    return {
+        "pilot_id": pilot.id,
+        "promoted_at": pilot.ended_at,
+        "last_look_at": look.created_at if look is not None else None,
+        "last_look_outcome": look.outcome if look is not None else None,
+        "last_look_decision_id": look.id if look is not None else None,
+        "last_skip_at": skip.ts if skip is not None else None,
+        "last_skip": (skip.details or {}).get("explanation") if skip is not None else None,
+    }
+
+
+def describe_monitor_state(state: dict[str, Any] | None) -> str | None:
+    """One line for people: when the monitor last looked (or that it has not since promotion), and when it
+    last could not look, if that was after its last look. None when nothing is monitored."""
+    if state is None:
+        return None
+
+    def at(ts: Any) -> str:
+        return "an unknown time" if ts is None else f"{_as_utc(ts):%Y-%m-%d %H:%M} UTC"
+
+    if state["last_look_at"] is None:
+        line = f"Monitor: no look since the promotion ({at(state['promoted_at'])})"
+    else:
+        line = (
+            f"Monitor: last look {at(state['last_look_at'])} ({state['last_look_outcome']}, decision "
+            f"{state['last_look_decision_id']})"
+        )
+    skipped = state["last_skip_at"]
+    if skipped is not None and (
+        state["last_look_at"] is None or _as_utc(skipped) >= _as_utc(state["last_look_at"])
+    ):
+        line += f"; could not look at {at(skipped)}: {state['last_skip']}"
+    return line + "."
+
+
+def _as_utc(ts: dt.datetime) -> dt.datetime:
+    return ts if ts.tzinfo is not None else ts.replace(tzinfo=dt.UTC)
 
 
 def use_case_names(session: Session) -> list[str]:

@@ -440,6 +440,7 @@ def show_usecase(name: str, *, version: int | None = None, url: str | None = Non
             "working_now": working_now(s, uc.id),
             "pilot_plan": _plan_of_stored(sv, planned=_planned_pilot(s, uc, sv), with_monitor=True),
             **_pilots_and_budget(s, uc, next(v for v in versions if v.version == uc.current_spec_version)),
+            "monitor": _monitor_state(s, uc),
             "versions": [
                 {
                     "version": v.version,
@@ -554,6 +555,13 @@ def _pilots_and_budget(s: Session, uc: UseCase, current: SpecVersion) -> dict[st
         "pilots": pilots,
         "alpha_budget": account(current.spec.get("gate") or {}, (p["go_alpha"] for p in pilots)),
     }
+
+
+def _monitor_state(s: Session, uc: UseCase) -> str | None:
+    """When the promoted champion's monitor last looked, for people (rollout.queries.monitor_state)."""
+    from rollout.queries import describe_monitor_state, monitor_state  # builds on this module, as above
+
+    return describe_monitor_state(monitor_state(s, uc.id))
 
 
 def _plan_of_stored(

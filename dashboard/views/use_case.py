@@ -19,7 +19,7 @@ from dashboard.data import read
 from dashboard.timeline import timeline_chart
 from rollout import queries
 from rollout.gate.spending import account, describe
-from rollout.pilot_plan import plan_summary, traffic_time
+from rollout.pilot_plan import describe_monitor_cadence, monitor_days, plan_summary, traffic_time
 from rollout.redact import redact
 from rollout.settings import get_settings
 from rollout.spec import UseCaseSpec
@@ -316,6 +316,8 @@ def decision_needs(uc: dict[str, Any]) -> None:
                         "rows to alarm (90%)": None
                         if m["looks_most"] is None
                         else m["looks_most"] * m["batch"],
+                        "days to alarm (half)": _days(monitor_days(m["looks_half"], m)),
+                        "days to alarm (90%)": _days(monitor_days(m["looks_most"], m)),
                     }
                     for m in plan["monitor"]
                 ]
@@ -324,11 +326,15 @@ def decision_needs(uc: dict[str, Any]) -> None:
             width="stretch",
         )
         st.caption(
-            f"Simulated monitors of a champion that breaches from its first look, one batch of "
-            f"{plan['batch_size']} per look, judged by the monitor's change detector: each check's false "
-            f"alarm stays within alpha however long it runs. Empty: not within "
-            f"{plan['monitor'][0]['horizon']} looks."
+            f"Simulated monitors of a champion that breaches from its first look, "
+            f"{describe_monitor_cadence(plan['monitor'][0])}, judged by the monitor's change detector: each "
+            f"check's false alarm stays within alpha however long it runs. Empty: not within "
+            f"{plan['monitor'][0]['horizon']} looks (days: or no schedule)."
         )
+
+
+def _days(days: float | None) -> float | None:
+    return None if days is None else round(days, 1)
 
 
 def _kv(d: dict[str, Any], label: str) -> pd.DataFrame:
@@ -424,6 +430,9 @@ def main() -> None:
     )
     if uc["working_now"]:  # a run holds the use case's lease (rollout.leases): it is changing it now
         st.info(f"Working now: {uc['working_now']}")
+    monitored = queries.describe_monitor_state(uc.get("monitor"))
+    if monitored:  # a promoted champion: when its monitor last looked (or that it has not)
+        (st.info if uc["monitor"]["last_look_at"] is not None else st.warning)(monitored)
     evals = read(queries.evaluations, uc["id"])
     done = [e for e in evals if e["status"] == "succeeded"]
     latest = done[-1] if done else None

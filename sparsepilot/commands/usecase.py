@@ -113,6 +113,8 @@ def _print_usecase(info: dict[str, Any]) -> None:
     console.print(yaml.safe_dump(info["spec"], sort_keys=False).rstrip(), highlight=False, markup=False)
     _print_plan(info["pilot_plan"])
     _print_pilots(info)
+    if info.get("monitor"):
+        say(info["monitor"])
     print_table("Versions", info["versions"], ["version", "current", "spec_hash", "created_by", "created_at"])
     print_table("Recent audit entries", info["audit"], ["ts", "actor", "action"])
 
@@ -139,7 +141,7 @@ def _print_pilots(info: dict[str, Any]) -> None:
 
 def _print_plan(plan: dict[str, Any] | None) -> None:
     """What the pilot of this version takes before its approval (rollout.pilot_plan)."""
-    from rollout.pilot_plan import describe_monitor, traffic_time
+    from rollout.pilot_plan import describe_monitor, describe_monitor_cadence, traffic_time
 
     if plan is None:
         say("no pilot plan: the stored spec no longer validates")
@@ -165,9 +167,9 @@ def _print_plan(plan: dict[str, Any] | None) -> None:
         say(f"  warning: {w}")
     if plan.get("monitor"):
         say(
-            f"After promotion, the monitor (one batch of {plan['batch_size']} per look; its change detector "
-            "keeps each check's false alarm within alpha however long it runs) on a champion that breaches "
-            "from its first look:"
+            f"After promotion, the monitor ({describe_monitor_cadence(plan['monitor'][0])}; its change "
+            "detector keeps each check's false alarm within alpha however long it runs) on a champion that "
+            "breaches from its first look:"
         )
         for reach in plan["monitor"]:
             say(f"  {describe_monitor(reach)}")

@@ -183,12 +183,48 @@ def test_the_plan_says_how_fast_the_monitor_reacts(longdoc) -> None:
     )
     assert all(b.looks_most < r.looks_most for b, r in zip(bigger, reach, strict=True))
     assert plan_summary(longdoc, with_monitor=True)["monitor"] == [r.to_dict() for r in reach]
+    # the sample's schedule is daily ("0 2 * * *"), one look a tick: the looks are also days
     assert describe_monitor(reach[0].to_dict()) == (
         "treatment_error_rate: a rate of 0.05 (limit 0.02) raises an alarm in half the simulated monitors "
-        "by look 23 (184 rows), 90% by 56 (448 rows)"
+        "by look 23 (184 rows; ~23.0 days at its schedule), 90% by 56 (448 rows; ~56.0 days)"
     )
     slow = {**reach[0].to_dict(), "looks_half": None, "looks_most": None}
     assert "is not caught within 300 looks of 8" in describe_monitor(slow)
+
+
+def test_the_monitor_plan_gives_its_reaction_in_days_at_the_specs_schedule(longdoc) -> None:
+    """One monitor look a tick of the spec's cron (the scheduled cycle): a weekdays-only schedule reacts
+    in 7/5 the days of a daily one; without a schedule only looks are given, and the heading says why."""
+    from rollout.pilot_plan import (
+        describe_monitor,
+        describe_monitor_cadence,
+        looks_per_day,
+        monitor_days,
+        plan_monitor,
+    )
+    from rollout.spec import ScheduleSpec
+
+    assert [looks_per_day(c) for c in ("0 2 * * *", "0 * * * *", "*/15 * * * *")] == [1.0, 24.0, 96.0]
+    assert looks_per_day("30 3 * * 1-5") == pytest.approx(5 / 7)
+    assert looks_per_day("0 0 1 * *") == pytest.approx(12 / 364)  # monthly: averaged over a year
+    weekdays = plan_monitor(longdoc.model_copy(update={"schedule": ScheduleSpec(cron="30 3 * * 1-5")}))
+    daily = plan_monitor(longdoc)
+    for w, d in zip(weekdays, daily, strict=True):
+        assert (w.looks_half, w.looks_most) == (d.looks_half, d.looks_most)
+        assert monitor_days(w.looks_half, w.to_dict()) == pytest.approx(d.looks_half * 7 / 5)
+    assert "~32.2 days at its schedule" in describe_monitor(weekdays[0].to_dict())  # 23 looks, weekdays
+    assert describe_monitor_cadence(daily[0].to_dict()).startswith(
+        "one batch of 8 per look (at the schedule '0 2 * * *', ~1 looks a day); a breach that begins after "
+        "a long healthy history takes longer"
+    )
+    unscheduled = plan_monitor(longdoc.model_copy(update={"schedule": None}))
+    assert all(
+        r.looks_per_day is None and monitor_days(r.looks_half, r.to_dict()) is None for r in unscheduled
+    )
+    assert "days" not in describe_monitor(unscheduled[0].to_dict())
+    assert "no schedule: a look is each `sparsepilot monitor` run" in describe_monitor_cadence(
+        unscheduled[0].to_dict()
+    )
 
 
 def test_the_monitor_plan_simulates_any_loss_a_score_can_express(longdoc) -> None:

@@ -123,8 +123,10 @@ def test_add_and_show_say_what_a_decision_takes(state_url: str, tmp_path: Path) 
         "treatment_latency_over_slo",
         "quality_loss",
     ]
-    assert "After promotion, the monitor (one batch of 8 per look;" in text
+    assert "After promotion, the monitor (one batch of 8 per look (at the schedule '0 2 * * *', ~1" in text
     assert "treatment_error_rate: a rate of 0.05 (limit 0.02) raises an alarm in half the simulated" in text
+    assert "(184 rows; ~23.0 days at its schedule), 90% by 56 (448 rows; ~56.0 days)" in text
+    assert shown["monitor"] is None  # nothing promoted: no line on when the monitor last looked
 
 
 def test_a_dataset_that_repeats_prompts_plans_on_its_distinct_ones(state_url: str, tmp_path: Path) -> None:

@@ -1,0 +1,196 @@
+"""The monitor's import path (`monitor NAME --observations FILE`) behaves like the pilot's import: a file
+that fails the observation checks, brings a (request, arm) already stored with other values, or brings
+requests the pilot's gate judged, is refused naming the file and rows, with nothing stored and no look
+recorded (it used to be judged INVALID, which rolled a healthy champion back under `rollback: auto`, or
+was stored silently and answered with an earlier decision). A retried look logs one MLflow run. A
+monitor that cannot look (traffic exhausted) warns, keeps one audit entry a day, and the use case says
+the champion has not been looked at since its promotion. Real state DB, MLflow and Prefect test server."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+from sqlalchemy import func, select
+
+from tests.flows.test_approvals import _promoted
+
+
+def _write(path, rows) -> str:  # noqa: ANN001
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _rows(prefix: str, n: int, errors: int = 0) -> list[dict]:
+    return [
+        {
+            "request_id": f"{prefix}{i}",
+            "arm": "treatment",
+            "quality": 0.9,
+            "latency_ms": 500.0,
+            "error": i < errors,
+        }
+        for i in range(n)
+    ]
+
+
+def _state(name: str) -> tuple[str, str | None, int, int]:
+    """(phase, champion version, monitor decisions, rows in the monitor step)."""
+    from rollout import registry
+    from rollout.db.models import GateDecision, Observation, PilotStep, UseCase
+    from rollout.db.session import session_scope
+
+    with session_scope() as s:
+        phase = s.scalar(select(UseCase.phase).where(UseCase.name == name))
+        looks = s.scalar(select(func.count()).select_from(GateDecision).where(GateDecision.kind == "monitor"))
+        stored = s.scalar(
+            select(func.count())
+            .select_from(Observation)
+            .join(PilotStep, PilotStep.id == Observation.pilot_step_id)
+            .where(PilotStep.kind == "monitor")
+        )
+    return phase, registry.current_aliases(name).get("champion"), looks, stored
+
+
+def test_a_file_failing_its_checks_is_refused_and_never_rolls_back(flow_use_case, tmp_path) -> None:
+    """rollback: auto; a healthy export (0 errors in 200) with one cache hit at 0 ms, and one with a
+    request repeated: each refused naming the file and row; the champion keeps serving, nothing stored."""
+    from flows.monitor import monitor_flow
+    from rollout.observations_io import ObservationImportError
+
+    name = flow_use_case(rollback="auto")
+    champion = _promoted(name)
+    slip = _rows("p", 200)
+    slip[17]["latency_ms"] = 0.0
+    path = _write(tmp_path / "prod.jsonl", slip)
+    with pytest.raises(ObservationImportError) as refused:
+        monitor_flow(name, observations_file=path)
+    message = str(refused.value)
+    assert path in message and "nothing was stored and no look was recorded" in message
+    assert "row 18" in message and "latency_ms" in message, message
+    retried = _rows("d", 20) + _rows("d", 1)  # the same (request, arm) twice: a retry in the export
+    with pytest.raises(ObservationImportError, match="more than once"):
+        monitor_flow(name, observations_file=_write(tmp_path / "dup.jsonl", retried))
+    assert _state(name) == ("promoted", champion, 0, 0)
+
+
+def test_a_corrected_file_is_a_new_look_with_its_own_decision(flow_use_case, tmp_path) -> None:
+    """The refused file recorded no decision, so its corrected version (the same ids) is judged afresh:
+    25% errors against a 5% ceiling shows at this look, not the stale INVALID."""
+    from flows.monitor import monitor_flow
+    from rollout.observations_io import ObservationImportError
+
+    name = flow_use_case(rollback="manual")
+    _promoted(name)
+    rows = _rows("f", 40, errors=10)
+    rows[5]["latency_ms"] = 0.0
+    with pytest.raises(ObservationImportError):
+        monitor_flow(name, observations_file=_write(tmp_path / "bad.jsonl", rows))
+    rows[5]["latency_ms"] = 500.0
+    fixed = monitor_flow(name, observations_file=_write(tmp_path / "fixed.jsonl", rows))
+    assert (fixed["outcome"], fixed["created"], fixed["awaiting"]) == ("NO-GO", True, "rollback_approval")
+    assert "treatment_error_rate 0.25 > 0.05" in fixed["explanation"], fixed["explanation"]
+
+
+def test_a_retried_look_logs_one_mlflow_run(flow_use_case, tmp_path) -> None:
+    """The same file imported three times (a retry): one decision, one MLflow run (the gate's rule)."""
+    from flows.monitor import monitor_flow
+    from rollout import tracking
+
+    name = flow_use_case(rollback="manual")
+    _promoted(name)
+    path = _write(tmp_path / "a.jsonl", _rows("r", 12))
+    looks = [monitor_flow(name, observations_file=path) for _ in "abc"]
+    assert [(m["outcome"], m["created"]) for m in looks] == [("GO", True), ("GO", False), ("GO", False)]
+    assert len({m["decision_id"] for m in looks}) == 1
+    client = tracking.client()
+    experiment = client.get_experiment_by_name(tracking.experiment_name(name))
+    runs = client.search_runs([experiment.experiment_id], "tags.`sparsepilot.flow` = 'monitor'")
+    assert [r.data.params.get("decision_id") for r in runs] == [str(looks[0]["decision_id"])]
+
+
+def test_stored_requests_with_other_values_are_refused(flow_use_case, tmp_path) -> None:
+    """Look 1: r0..r11, no errors. The same ids with 10 errors (a backfilled export) are refused by name,
+    not answered with look 1's GO and the errors dropped."""
+    from flows.monitor import monitor_flow
+    from rollout.observations_io import ObservationImportError
+
+    name = flow_use_case(rollback="manual")
+    champion = _promoted(name)
+    first = monitor_flow(name, observations_file=_write(tmp_path / "a.jsonl", _rows("r", 12)))
+    assert first["outcome"] == "GO" and first["created"]
+    with pytest.raises(ObservationImportError) as refused:
+        monitor_flow(name, observations_file=_write(tmp_path / "b.jsonl", _rows("r", 12, errors=10)))
+    assert "r0/treatment, r1/treatment" in str(refused.value)
+    assert "already stored with different values" in str(refused.value)
+    assert _state(name) == ("promoted", champion, 1, 12)
+
+
+def test_requests_the_pilots_gate_judged_are_refused(flow_use_case, tmp_path) -> None:
+    """q0..q19 are evidence of the pilot's gate step; a production export overlapping the pilot period
+    brings them again: refused (a request is evidence once), nothing of the file stored."""
+    from flows.monitor import monitor_flow
+    from rollout import pilots
+    from rollout.db.models import Pilot, PilotStep
+    from rollout.db.session import session_scope
+    from rollout.observations_io import ObservationImportError
+
+    name = flow_use_case(rollback="manual")
+    champion = _promoted(name)
+    with session_scope() as s:
+        pilot = s.scalar(select(Pilot).order_by(Pilot.id.desc()))
+        step = s.scalar(select(PilotStep).where(PilotStep.pilot_id == pilot.id, PilotStep.kind != "monitor"))
+        pairs = [{**r, "arm": arm} for r in _rows("q", 20) for arm in ("control", "treatment")]
+        pilots.record_observations(s, step, pairs, batch_id="gate-batch", source="pilot-flow")
+    with pytest.raises(ObservationImportError, match="judged in an earlier step of this pilot"):
+        monitor_flow(name, observations_file=_write(tmp_path / "q.jsonl", _rows("n", 5) + _rows("q", 20)))
+    assert _state(name) == ("promoted", champion, 0, 0)
+
+
+def test_a_monitor_with_no_traffic_left_warns_and_says_so(flow_use_case, pilot_dataset) -> None:
+    """Every request of the dataset is in the pilot's step: the scheduled monitor cannot look. It logs a
+    WARNING, keeps one `monitor.skipped` audit entry however often it ticks that day, and the use case
+    (usecase show, the dashboard's page) says the champion has not been looked at since its promotion."""
+    from flows.monitor import monitor_flow
+    from rollout import audit, pilots, queries, usecases
+    from rollout.db.models import AuditEntry, Pilot, PilotStep, UseCase
+    from rollout.db.session import session_scope
+
+    name = flow_use_case(rollback="auto")
+    _promoted(name)
+    ids = [json.loads(line)["id"] for line in pilot_dataset.read_text().splitlines()]
+    with session_scope() as s:
+        pilot = s.scalar(select(Pilot).order_by(Pilot.id.desc()))
+        step = s.scalar(select(PilotStep).where(PilotStep.pilot_id == pilot.id, PilotStep.kind != "monitor"))
+        rows = [
+            {"request_id": i, "arm": a, "quality": 0.9, "latency_ms": 500.0, "error": False}
+            for i in ids
+            for a in ("control", "treatment")
+        ]
+        pilots.record_observations(s, step, rows, batch_id="gate-batch", source="pilot-flow")
+
+    seen: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = seen.append  # type: ignore[method-assign]
+    flow_logger = logging.getLogger("prefect.flow_runs")
+    flow_logger.addHandler(handler)
+    try:
+        ticks = [monitor_flow(name) for _ in range(2)]
+    finally:
+        flow_logger.removeHandler(handler)
+    assert [t["status"] for t in ticks] == ["skipped", "skipped"]
+    warned = [r.getMessage() for r in seen if r.levelno == logging.WARNING]
+    assert len(warned) == 2 and all("traffic exhausted" in w for w in warned), warned
+    with session_scope() as s:
+        entries = s.scalars(select(AuditEntry).where(AuditEntry.action == audit.MONITOR_SKIPPED)).all()
+        assert [(e.actor, e.details["reason"]) for e in entries] == [
+            (audit.MONITOR_ACTOR, "traffic-exhausted")
+        ]
+        uc_id = s.scalar(select(UseCase.id).where(UseCase.name == name))
+        page = queries.use_case(s, name)
+    assert page["monitor"]["last_look_at"] is None and page["monitor"]["last_skip_at"] is not None
+    shown = usecases.show_usecase(name)["monitor"]
+    assert shown.startswith("Monitor: no look since the promotion (")
+    assert "could not look at" in shown and "traffic exhausted" in shown
+    assert queries.describe_monitor_state(queries.read(queries.monitor_state, uc_id)) == shown
