@@ -772,7 +772,10 @@ def gate_history(session: Session, step: PilotStep) -> Any:
 
 
 def elapsed_days(step: PilotStep) -> float:
-    started = step.started_at
+    """Days since the step's pilot started: `gate.max_duration_days` bounds the whole pilot, across its
+    steps, as the spec says and the planner counts (it was measured from the step's start, so a pilot of
+    k steps could stay inconclusive for k times the limit)."""
+    started = step.pilot.started_at
     if started.tzinfo is None:
         started = started.replace(tzinfo=dt.UTC)
     return max(0.0, (utcnow() - started).total_seconds() / 86400.0)

@@ -303,3 +303,24 @@ def test_an_imports_file_order_carries_no_weight(trust_env, flow_use_case, tmp_p
         after = pilots.step_observations(s, pilots.current_step(s, pilot)).to_dict("records")
     assert after[: len(stored)] == stored  # each look's stream extends the one before
     assert {r["request_id"] for r in after[len(stored) :]} == set(ids[n:])
+
+
+def test_the_duration_limit_counts_from_the_pilots_start_across_its_steps(trust_env, flow_use_case) -> None:
+    """`gate.max_duration_days` bounds the pilot ("an inconclusive pilot stops after this long"; the planner
+    sums its steps' days against it). It was counted from the current step's start, so a pilot 27 days in,
+    just entering a step, read 0 days and could go on for another limit per step."""
+    import datetime as dt
+
+    from rollout import pilots
+    from rollout.db.models import Pilot
+    from rollout.db.session import session_scope
+    from tests.flows.test_approvals import _pilot_with_decision
+
+    name = flow_use_case()
+    _pilot_with_decision(name, "EXTEND", "none")
+    with session_scope() as s:
+        pilot = s.scalar(select(Pilot).order_by(Pilot.id.desc()))
+        pilot.started_at = pilot.started_at - dt.timedelta(days=27)
+        step = pilots.current_step(s, pilot)
+        assert step.started_at > pilot.started_at + dt.timedelta(days=26)  # the step itself just began
+        assert pilots.elapsed_days(step) == pytest.approx(27.0, abs=0.01)
