@@ -489,6 +489,16 @@ def _time_split_cells(split: dict | None) -> dict:
     }
 
 
+def _timing_overload(r) -> str | None:
+    """The warning the report's speed figures carry when pairs were kept under overload: the prefill
+    pairs' and the decode runs' host records, judged as the use-case form's ROI is
+    (`rollout.roi.timing_overload`)."""
+    from rollout.roi import timing_overload
+
+    decode = ((r.decode or {}).get("summary") or {}).get("host")
+    return timing_overload({"prefill": (r.speed_summary or {}).get("host"), "decode": decode})
+
+
 def _print_report(r) -> None:
     from dashboard.fmt import quality_interval as quality_bounds  # the dashboard's wording of them
 
@@ -568,5 +578,8 @@ def _print_report(r) -> None:
             )
         if r.speed_summary and r.speed_summary.get("weighted_speedup"):
             console.print(f"length-mix weighted speed-up: {r.speed_summary['weighted_speedup']:.3f}")
+    overload = _timing_overload(r)
+    if overload:  # the speed figures above are a busy host's: said beside them, as the benches do
+        console.print(f"warning: {overload}", style="yellow", soft_wrap=True, markup=False)
     for name, path in r.artifacts.items():
         console.print(f"{name}: {path}")
