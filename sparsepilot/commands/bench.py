@@ -59,6 +59,8 @@ def bench_dashboard(
     json_out: Annotated[bool, _json_flag("Print the JSON instead of a table.")] = False,
 ) -> None:
     """Seed a portfolio into a scratch state DB and time every dashboard page (AppTest renders)."""
+    # library output, Streamlit's bare-mode warnings with it, to a log file (the path said unless --json)
+    for_command("bench-dashboard", say_where=not json_out, flows=False, streamlit=True)
     import os
     import tempfile
 
