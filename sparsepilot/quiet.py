@@ -33,6 +33,7 @@ THIRD_PARTY = (
 # flow command's log (3,914 of 4,171 lines of a `calibrate NAME`), burying the progress lines
 AT_WARNING = ("great_expectations", "sqlalchemy")
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+PROGRESS = "sparsepilot.progress"  # our progress lines: to the file, never propagated to a console
 
 
 _installed: list[logging.Handler] = []  # the handler of this process's current log file
@@ -62,7 +63,9 @@ def to_log_file(home: Path, command: str, *, flows: bool = True, streamlit: bool
     handler.setFormatter(logging.Formatter(FORMAT))
     handler.setLevel(logging.INFO)
     logging.captureWarnings(True)  # warnings.warn -> the "py.warnings" logger
-    for name in (*THIRD_PARTY, *(_prefect_services() if flows else ()), "sparsepilot"):
+    # sparsepilot.progress: the lines a command also prints itself; the file only (through the root
+    # logger, Prefect's console handler printed each one a second time)
+    for name in (*THIRD_PARTY, *(_prefect_services() if flows else ()), "sparsepilot", PROGRESS):
         lg = logging.getLogger(name)
         for old in _installed:
             lg.removeHandler(old)
@@ -225,4 +228,4 @@ def for_command(command: str, *, say_where: bool = True, flows: bool = True, str
 
 def progress_logger() -> logging.Logger:
     """Where SparsePilot's own progress lines go besides the console (the same log file)."""
-    return logging.getLogger("sparsepilot.progress")
+    return logging.getLogger(PROGRESS)

@@ -135,3 +135,38 @@ def test_bench_dashboard_keeps_streamlits_bare_mode_warnings_in_its_log_file(tmp
     log = Path(re.search(r"log file \(warnings and library output\): (\S+)", out).group(1))
     assert log.parent == tmp_path / "home" / "logs" and log.name.startswith("bench-dashboard-")
     assert "missing ScriptRunContext" in log.read_text()
+
+
+def test_standalone_calibrate_writes_its_progress_to_the_log_file_and_a_pipe(
+    tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    """Review P finding 6: the standalone `calibrate` left its log file empty and, piped, printed a line
+    only when a stage ended. A real process, stderr a pipe: lines within a stage as well as at its end,
+    each once on the console (Prefect's console handler on the root logger printed them twice when they
+    propagated) and each in the log file."""
+    env = {**os.environ, "SPARSEPILOT_HOME": str(tmp_path / "home")}
+    args = ["calibrate", "--model", str(tiny_llama_dir), "--texts", "stdlib", "--quick", "--seq-len", "256"]
+    args += ["--max-texts", "12", "--estimator", "pooled", "--budget", "kl=0.05,agree=0.9"]
+    rc, out = sparsepilot_cli([*args, "--out", str(tmp_path / "plan")], env)
+    assert rc == 0, out
+    steps = re.findall(r"^(\S[^:\n]*: (\d+)/(\d+)(?: done)? at \d+ s)$", out, flags=re.MULTILINE)
+    assert any(int(d) < int(t) for _, d, t in steps), out  # within a stage, not only at its end
+    assert any(line.startswith("sensitivity: ") and " done at " in line for line, _, _ in steps), out
+    lines = [line for line, _, _ in steps]
+    assert len(lines) == len(set(lines)), out  # each once
+    assert "sparsepilot.progress" not in out, out  # never a logging record's copy on the console
+    log = Path(re.search(r"log file \(warnings and library output\): (\S+)", out).group(1)).read_text()
+    logged = re.findall(r"INFO sparsepilot\.progress: (.*)$", log, flags=re.MULTILINE)
+    assert logged == lines
+
+
+def test_progress_lines_are_a_stages_start_each_tenth_and_its_end() -> None:
+    from sparsepilot.commands.core import ProgressLines
+
+    lines = ProgressLines()
+    shown = [d for d in range(1, 101) if lines("gate training", d, 100)]
+    assert shown == [1, *range(10, 101, 10)]
+    assert lines("gate training", 100, 100) is None  # the end once
+    assert lines("sensitivity", 1, 3).startswith("sensitivity: 1/3 at ")
+    assert lines("sensitivity", 3, 3).startswith("sensitivity: 3/3 done at ")
+    assert lines("sensitivity", 1, 3) is not None  # the stage again (its count went back): a new run
