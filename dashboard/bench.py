@@ -9,7 +9,6 @@ also the dashboard tests' seeder (tests/fixtures/dashboard.py), with known numbe
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import random
 import statistics
@@ -380,8 +379,3 @@ def run_bench(
         "pages": pages,
         "measured_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
-
-
-def write_json(result: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))

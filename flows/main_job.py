@@ -240,6 +240,15 @@ def render_table(rows: list[dict[str, Any]], outcomes: dict[str, dict[str, Any]]
             payback,
             r.get("decode") or "-",
         )
+    # a use case whose speed-up and $ were timed on an overloaded host says so under the table
+    warned = [
+        f"{r['use_case']}: {w}"
+        for r in rows
+        if (w := ((outcomes.get(r["use_case"]) or {}).get("evaluation") or {}).get("measured_under_overload"))
+    ]
+    if warned:
+        table.caption = "\n".join(warned)
+        table.caption_justify = "left"
     return table
 
 

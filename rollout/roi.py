@@ -433,3 +433,26 @@ def pilot_skip_reason(
             "with --pilot-all)",
         )
     return None
+
+
+def timing_overload(timing_host: dict[str, Any] | None) -> str | None:
+    """The warning an ROI's figures carry when some of the timings behind them were kept under overload
+    (`roi["timing_host"]`: the prefill pairs' and the decode runs' `PairMeter` records, each with
+    `pairs_timed` and `pairs_kept_under_overload`), or None when every pair was timed on a host that had
+    room for it (or nothing was recorded). A pair is kept flagged once its retimes are spent
+    (docs/sparse_core.md, "Measurements"), so the speed-up and the dollars then say what a busy host
+    measured, not what the plan does; the figures stay as measured, with this beside them."""
+    kept = timed = 0
+    parts = []
+    for block in ("prefill", "decode"):
+        h = (timing_host or {}).get(block) or {}
+        k, n = int(h.get("pairs_kept_under_overload") or 0), int(h.get("pairs_timed") or 0)
+        kept, timed = kept + k, timed + n
+        if k:
+            parts.append(f"{block} {k} of {n}")
+    if not kept:
+        return None
+    return (
+        f"measured under overload: {kept} of {timed} timed pairs ({', '.join(parts)}) were timed while "
+        "other processes left too little CPU; rerun on a quieter host"
+    )

@@ -15,6 +15,7 @@ from rollout import audit, lifecycle
 from rollout.db.models import AliasMove, CalibrationRun, EvaluationRun, ModelVersion, utcnow
 from rollout.db.session import session_scope
 from rollout.pilots import get_use_case
+from rollout.roi import timing_overload
 
 EVALUATION_FIELDS = (
     "device",
@@ -245,7 +246,13 @@ def record_unregistered_challenger(use_case: str, base_model_ref: str, *, key: s
 
 
 def evaluation_summary(run: Any) -> dict[str, Any]:
-    return {"evaluation_run_id": run.id, **{f: getattr(run, f) for f in EVALUATION_FIELDS}}
+    """The run's figures, and `measured_under_overload`: the warning its speed-up and dollars carry when
+    timings behind them were kept under overload (`rollout.roi.timing_overload`), else None."""
+    return {
+        "evaluation_run_id": run.id,
+        **{f: getattr(run, f) for f in EVALUATION_FIELDS},
+        "measured_under_overload": timing_overload((run.roi or {}).get("timing_host")),
+    }
 
 
 def open_evaluation(use_case_id: int, model_version_id: int, key: str, flow_run_id: str | None) -> dict:

@@ -4,7 +4,8 @@ Long commands (the main job) would otherwise print MLflow's type-hint and CloudP
 transformers' deprecation warnings and weight-loading bars, and Prefect's per-task INFO lines between the
 user's progress lines. `to_log_file` sends Python warnings and the third-party loggers to
 `SPARSEPILOT_HOME/logs/<command>-<time>.log` (everything at INFO and above, with our own progress lines
-too), turns off third-party progress bars, and leaves the console to SparsePilot's own output.
+too; SQLAlchemy and GX at WARNING, `AT_WARNING`), turns off third-party progress bars, and leaves the
+console to SparsePilot's own output.
 """
 
 from __future__ import annotations
@@ -27,16 +28,23 @@ THIRD_PARTY = (
     "transformers",
     "urllib3",
 )
+# Kept at WARNING in the file too: at INFO, SQLAlchemy's ORM logs every mapper's configuration
+# ("_configure_property(...)", "Identified primary key columns") and GX its docs decorators, ~95% of a
+# flow command's log (3,914 of 4,171 lines of a `calibrate NAME`), burying the progress lines
+AT_WARNING = ("great_expectations", "sqlalchemy")
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+PROGRESS = "sparsepilot.progress"  # our progress lines: to the file, never propagated to a console
 
 
 _installed: list[logging.Handler] = []  # the handler of this process's current log file
 
 
-def to_log_file(home: Path, command: str, *, flows: bool = True) -> Path:
+def to_log_file(home: Path, command: str, *, flows: bool = True, streamlit: bool = False) -> Path:
     """Route warnings and third-party logs to a new log file under `home/logs`; returns its path. A
     second call in the same process (commands run in-process, e.g. by tests) replaces the first file.
-    `flows`: the command may run Prefect flows (not the model benchmarks, which skip Prefect's set-up)."""
+    `flows`: the command may run Prefect flows (not the model benchmarks, which skip Prefect's set-up).
+    `streamlit`: the command renders dashboard pages in-process (`bench dashboard`): Streamlit's loggers
+    write to the file too."""
     # tqdm reads TQDM_* when it is first imported (MLflow imports it, below): set before anything does,
     # or a library's own bar (transformers' "Converting and de-quantizing GGUF tensors" on a fresh
     # model cache) reaches the console
@@ -55,14 +63,18 @@ def to_log_file(home: Path, command: str, *, flows: bool = True) -> Path:
     handler.setFormatter(logging.Formatter(FORMAT))
     handler.setLevel(logging.INFO)
     logging.captureWarnings(True)  # warnings.warn -> the "py.warnings" logger
-    for name in (*THIRD_PARTY, *(_prefect_services() if flows else ()), "sparsepilot"):
+    # sparsepilot.progress: the lines a command also prints itself; the file only (through the root
+    # logger, Prefect's console handler printed each one a second time)
+    for name in (*THIRD_PARTY, *(_prefect_services() if flows else ()), "sparsepilot", PROGRESS):
         lg = logging.getLogger(name)
         for old in _installed:
             lg.removeHandler(old)
         lg.addHandler(handler)
         # torch keeps its own stderr handler: at INFO its compile/exit statistics would reach the
         # console (or a closed stream at exit), so torch stays at its WARNING
-        if name != "torch" and (lg.level == logging.NOTSET or lg.level > logging.INFO):
+        if name in AT_WARNING:
+            lg.setLevel(logging.WARNING)
+        elif name != "torch" and (lg.level == logging.NOTSET or lg.level > logging.INFO):
             lg.setLevel(logging.INFO)
         # A library's records go to the file only: raised to INFO above, they would otherwise reach the
         # root logger's console handler, which a flow command's Prefect logging installs at level 0 (a
@@ -74,6 +86,8 @@ def to_log_file(home: Path, command: str, *, flows: bool = True) -> Path:
     for old in _installed:
         old.close()
     _installed[:] = [handler]
+    if streamlit:
+        _streamlit_to_file()
     try:
         from transformers.utils import logging as hf_logging
 
@@ -139,6 +153,41 @@ def _quiet_prefect_console() -> None:
                     h.addFilter(kind())
 
 
+def _streamlit_to_file() -> None:
+    """Streamlit gives each of its loggers its own stderr handler and stops their propagation
+    (`streamlit.logger.get_logger`), and gives them new ones when its config is read
+    (`update_formatter`): a page rendered outside `streamlit run` (AppTest, `bench dashboard`) printed
+    "missing ScriptRunContext! This warning can be ignored when running in bare mode." on the console
+    for every page. Each of its loggers, those made later too, writes to the log file instead."""
+    try:
+        from streamlit import logger as st_logger
+    except ImportError:  # pragma: no cover - streamlit is a dependency
+        return
+
+    def to_file(lg: logging.Logger) -> None:
+        console = getattr(lg, "streamlit_console_handler", None)
+        if console is not None:
+            lg.removeHandler(console)
+            del lg.streamlit_console_handler
+        for h in list(lg.handlers):
+            if isinstance(h, logging.FileHandler) and h not in _installed:  # an earlier command's file
+                lg.removeHandler(h)
+        for h in _installed:
+            if h not in lg.handlers:
+                lg.addHandler(h)
+
+    original = getattr(st_logger.setup_formatter, "__wrapped__", st_logger.setup_formatter)
+
+    def setup_formatter(lg: logging.Logger) -> None:
+        original(lg)
+        to_file(lg)
+
+    setup_formatter.__wrapped__ = original  # type: ignore[attr-defined]
+    st_logger.setup_formatter = setup_formatter  # type: ignore[assignment]
+    for lg in list(st_logger._loggers.values()):
+        to_file(lg)
+
+
 def _mlflow_to(handler: logging.Handler) -> None:
     """MLflow sets its own stderr handler when imported and prints registry events ("Successfully
     registered model ...") through its `MLFLOW_LOGGING_STREAM`: both go to the log file instead, through
@@ -164,14 +213,14 @@ def _mlflow_to(handler: logging.Handler) -> None:
     logging_utils.MLFLOW_LOGGING_STREAM.flush = lambda: None  # type: ignore[method-assign]
 
 
-def for_command(command: str, *, say_where: bool = True, flows: bool = True) -> Path:
+def for_command(command: str, *, say_where: bool = True, flows: bool = True, streamlit: bool = False) -> Path:
     """`to_log_file` for a command that loads models or runs flows (calibrate, evaluate, pilot, bench):
     the console keeps the command's own output; the log file's path is said on stderr (not with
     --json, whose stdout is the JSON)."""
     from rollout.settings import get_settings
     from sparsepilot.console import err_console
 
-    path = to_log_file(get_settings().home, command, flows=flows)
+    path = to_log_file(get_settings().home, command, flows=flows, streamlit=streamlit)
     if say_where:
         err_console.print(f"log file (warnings and library output): {path}", highlight=False, soft_wrap=True)
     return path
@@ -179,4 +228,4 @@ def for_command(command: str, *, say_where: bool = True, flows: bool = True) -> 
 
 def progress_logger() -> logging.Logger:
     """Where SparsePilot's own progress lines go besides the console (the same log file)."""
-    return logging.getLogger("sparsepilot.progress")
+    return logging.getLogger(PROGRESS)

@@ -21,6 +21,7 @@ from rollout import queries
 from rollout.gate.spending import account, describe
 from rollout.pilot_plan import describe_monitor_cadence, monitor_days, plan_summary, traffic_time
 from rollout.redact import redact
+from rollout.roi import timing_overload
 from rollout.settings import get_settings
 from rollout.spec import UseCaseSpec
 
@@ -382,6 +383,9 @@ def roi_breakdown(ev: dict[str, Any] | None) -> None:
     c2.caption(f"interval {fmt.money(ev['savings_month_low'])} to {fmt.money(ev['savings_month_high'])}")
     c3.metric("Payback", fmt.days(ev["payback_days"]))
     roi = dict(ev["roi"])
+    overload = timing_overload(roi.get("timing_host"))
+    if overload:  # the figures above are a busy host's (docs/roi.md, "Timings under overload")
+        st.warning(f"Speed-up and $/month {fmt.plain(overload)}.")
     inputs = roi.pop("inputs", None)
     if roi.get("verdict"):
         st.markdown(f"**Verdict:** {fmt.plain(roi.pop('verdict'))}")

@@ -59,18 +59,19 @@ def bench_dashboard(
     json_out: Annotated[bool, _json_flag("Print the JSON instead of a table.")] = False,
 ) -> None:
     """Seed a portfolio into a scratch state DB and time every dashboard page (AppTest renders)."""
+    # library output, Streamlit's bare-mode warnings with it, to a log file (the path said unless --json)
+    for_command("bench-dashboard", say_where=not json_out, flows=False, streamlit=True)
     import os
     import tempfile
 
     from rich.progress import Progress
 
-    from dashboard.bench import run_bench, write_json
+    from dashboard.bench import run_bench
     from sparse_core.host import HostLoadMeter, loadavg
-    from sparsepilot.console import emit_json, print_table
+    from sparsepilot.console import fail, print_table
 
+    check_out(out)
     scratch = Path(home) if home else Path(tempfile.mkdtemp(prefix="sparsepilot-bench-dashboard-"))
-    from sparsepilot.console import fail
-
     if not database_url and (scratch / "state.db").exists():
         fail(f"{scratch / 'state.db'} exists: the benchmark needs an empty scratch home")
     load_before = loadavg()
@@ -94,9 +95,7 @@ def bench_dashboard(
         "cpu_count": os.cpu_count(),
         "host_load": meter.load.to_dict(),
     }
-    write_json(result, Path(out))
-    if json_out:
-        emit_json(result)
+    if _saved_and_emitted(result, out, json_out):
         return
     seeded = result["seeded"]
     print_table(
@@ -107,6 +106,7 @@ def bench_dashboard(
         columns=["page", "cold_s", "warm_median_s", "target_s", "within_target"],
     )
     _overload_warning(result["environment"])
+    _write_json(result, out)
 
 
 @app.command("import")
@@ -125,6 +125,7 @@ def bench_import(
 
     if any(r < 2 for r in rows):
         fail("--rows: each size must be at least 2")
+    check_out(out)
     result = run_import_bench(rows, chunk_rows=chunk_rows)
     if _saved_and_emitted(result, out, json_out):
         return
@@ -141,6 +142,7 @@ def bench_import(
             "peak_rss_mib",
             "chunk_rows",
             "others_busy_cores",
+            "overloaded",
         ],
     )
 
@@ -168,6 +170,7 @@ def bench_monitor(
 
     if any(r < 2 * batch for r in rows):
         fail(f"--rows: each size must hold at least one look of --batch {batch} requests ({2 * batch} rows)")
+    check_out(out)
     result = run_monitor_bench(rows, batch=batch, looks=looks)
     if _saved_and_emitted(result, out, json_out):
         return
@@ -187,6 +190,7 @@ def bench_monitor(
             "outcome",
             "peak_rss_mib",
             "others_busy_cores",
+            "overloaded",
         ],
     )
 
@@ -285,7 +289,7 @@ def bench_quality(
     from sparse_core.estimators.learned_gate_v2 import TARGETS as GATE_V2_TARGETS
     from sparse_core.layer_weights import MODES as LAYER_WEIGHTS
     from sparse_core.prefill_bound import BOUND_UNITS
-    from sparsepilot.console import fail, print_table
+    from sparsepilot.console import emit_json, fail, print_table
 
     names = tuple(e.strip() for e in estimators.split(",") if e.strip()) or default_specs()
     try:
@@ -345,6 +349,7 @@ def bench_quality(
     )
     kw["usecases"] = tuple(_usecase_data(u) for u in uc_names)
     settings = QualityBenchSettings.quick(**kw) if quick else QualityBenchSettings(**kw)
+    check_out(out)
     with Progress(transient=True) as bar, _progress_log(out) as log:
         policy = _apply_threads(n_threads, log)
         tasks: dict[str, int] = {}
@@ -357,8 +362,10 @@ def bench_quality(
 
         result = run_quality_bench(settings, progress=progress)
         _record_host(result, policy, log)
-    plot(result, Path(out).with_suffix(".png"))
-    if _saved_and_emitted(result, out, json_out):
+    result["plot"] = str(Path(out).with_suffix(".png"))
+    if json_out:  # the JSON printed, then the files written: a write that fails loses no result
+        emit_json(result)
+        _write_with_plot(result, out, plot)
         return
     cols = [
         "estimator",
@@ -396,6 +403,7 @@ def bench_quality(
         )
     print(f"JSON: {out}")
     _overload_warning(result["environment"], [r for block in result["by_length"] for r in block["rows"]])
+    _write_with_plot(result, out, plot)
 
 
 def heldout_label(block: dict) -> str:
@@ -474,6 +482,7 @@ def bench_attention(
     if length_list and min(length_list) <= block_size:
         fail(f"--lengths: each must exceed --block-size {block_size} (one block is dense), got {lengths!r}")
     dev = device_or_fail(device)
+    check_out(out)
     result = _with_spinner(
         "attention benchmark",
         bench.run,
@@ -489,7 +498,7 @@ def bench_attention(
         lengths=length_list,
         device=dev,
     )
-    path, png = _write_with_plot(result, out, bench.plot)
+    path, png = _plot_path(result, out)
     env = result["environment"]
     print_table(
         f"Attention layer (9 q / 3 kv heads, d=64) on {_where(env, dev)}, {estimator} estimator included; "
@@ -500,6 +509,7 @@ def bench_attention(
     _overload_warning(env)
     if json_out:
         emit_json(result)
+    _write_with_plot(result, out, bench.plot)
 
 
 @app.command("prefill")
@@ -537,6 +547,7 @@ def bench_prefill(
     if dtype not in bench.DTYPES:
         fail(f"--dtype: {dtype!r}; choose from {', '.join(bench.DTYPES)}")
     dev = device_or_fail(device)
+    check_out(out)
     from sparse_core import ModelRefError
 
     try:
@@ -555,7 +566,7 @@ def bench_prefill(
         )
     except ModelRefError as exc:
         fail(str(exc))
-    path, png = _write_with_plot(result, out, bench.plot)
+    path, png = _plot_path(result, out)
     env = result["environment"]
     print_table(
         f"Prefill {result['model']} {dtype} ({result['text_source']}) on {_where(env, dev)}, best of "
@@ -566,6 +577,7 @@ def bench_prefill(
     _overload_warning(env, result["rows"])
     if json_out:
         emit_json(result)
+    _write_with_plot(result, out, bench.plot)
 
 
 def _where(env: dict, dev: Any) -> str:
@@ -573,8 +585,9 @@ def _where(env: dict, dev: Any) -> str:
 
 
 def _state_db_table(title: str, result: dict, out: str, columns: list[str]) -> None:
-    """A state-DB bench's rows (`bench import`, `bench monitor`: one per size) under its title, the host's
-    load and where the JSON went."""
+    """A state-DB bench's rows (`bench import`, `bench monitor`: one per size, each with the host's load
+    while it ran and whether that was an overload) under its title, the load average and where the JSON
+    goes; the overload warning the other benchmarks print; then the JSON is written."""
     from sparsepilot.console import print_table
 
     print_table(
@@ -582,36 +595,80 @@ def _state_db_table(title: str, result: dict, out: str, columns: list[str]) -> N
         result["results"],
         columns=columns,
     )
+    _overload_warning({}, result["results"])  # each size ran in its own process: a row's own flag
+    _write_json(result, out)
+
+
+def check_out(out: str) -> None:
+    """--out, checked before any work (a benchmark can run for hours): a file path whose directory
+    exists or can be made and is writable, and whose JSON, PNG and .log names are not directories; else
+    a one-line error and exit 2."""
+    import os
+
+    from sparsepilot.console import fail
+
+    path = Path(out).absolute()
+    for p in (path, path.with_suffix(".png"), path.with_suffix(".log")):
+        if p.is_dir():
+            fail(f"--out {out}: {p} is a directory; give a file path for the JSON")
+        if p.exists() and not os.access(p, os.W_OK):
+            fail(f"--out {out}: {p} is not writable")
+    parent = path.parent
+    while not parent.exists():  # the nearest existing folder: where the missing ones would be made
+        parent = parent.parent
+    if not parent.is_dir():
+        fail(f"--out {out}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        fail(f"--out {out}: cannot write in {parent}")
 
 
 def _saved_and_emitted(result: dict, out: str, json_out: bool) -> bool:
-    """Write the result JSON to ``out``; with --json also print it (and the caller prints no table)."""
+    """With --json print the result JSON, then write it to ``out`` (the caller prints no table); True
+    then. Without --json nothing yet: the caller prints its tables and then `_write_json`."""
     from sparsepilot.console import emit_json
 
-    _write_json(result, out)
     if json_out:
         emit_json(result)
+        _write_json(result, out)
     return json_out
 
 
 def _write_json(result: dict, out: str) -> Path:
+    """Write the result JSON to ``out``; a write that fails (the disk full, the folder gone since the
+    start) is a one-line error and exit 2, after the tables or the JSON were printed."""
     import json
 
+    from sparsepilot.console import fail
+
     path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2))
+    except OSError as exc:
+        fail(f"--out {out}: the JSON could not be written ({exc.strerror or exc}); its results are above")
     return path
 
 
-def _write_with_plot(result: dict, out: str, plot: Callable[[dict, Path], Path]) -> tuple[Path, Path]:
-    """Draw the PNG next to ``out``, then write the result JSON (which names the PNG) to ``out``, and
-    widen the console for the tables that follow. Returns the JSON and PNG paths."""
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    png = plot(result, Path(out).with_suffix(".png"))
+def _plot_path(result: dict, out: str) -> tuple[Path, Path]:
+    """The JSON and PNG paths of a model benchmark, recorded in the result (``plot``) before the tables
+    are printed, and the console widened for them; `_write_with_plot` writes both afterwards."""
+    png = Path(out).with_suffix(".png")
     result["plot"] = str(png)
-    path = _write_json(result, out)
     _wide_console()
-    return path, png
+    return Path(out), png
+
+
+def _write_with_plot(result: dict, out: str, plot: Callable[[dict, Path], Path]) -> None:
+    """Draw the PNG next to ``out``, then write the result JSON (which names the PNG) to ``out``: after
+    the tables are printed, so a write that fails loses no result."""
+    from sparsepilot.console import fail
+
+    try:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        plot(result, Path(result["plot"]))
+    except OSError as exc:
+        fail(f"--out {out}: the plot could not be written ({exc.strerror or exc}); its results are above")
+    _write_json(result, out)
 
 
 @app.command("decode")
@@ -669,6 +726,7 @@ def bench_decode(
     if runs < 2:
         fail(f"--runs must be >= 2 (a speed-up interval needs two paired runs), got {runs}")
     n_threads = _threads_or_fail(threads)
+    check_out(out)
     plan = _plan_or_fail(plan_dir)
     if plan is not None:
         learned = bool(reads_plan) or any(e in TRAINED_BY_DECODE_CALIBRATION for e in names)
@@ -696,7 +754,7 @@ def bench_decode(
         )
     except (ModelRefError, PlanError) as exc:
         fail(str(exc))
-    path, png = _write_with_plot(result, out, bench.plot)
+    path, png = _plot_path(result, out)
     env = result["environment"]
     print_table(
         f"Decode, one attention layer (9 q / 3 kv heads, d=64), {result['layer_estimator']} scoring "
@@ -713,6 +771,7 @@ def bench_decode(
     _overload_warning(env)
     if json_out:
         emit_json(result)
+    _write_with_plot(result, out, bench.plot)
 
 
 def _plan_or_fail(plan_dir: str) -> Any:
@@ -795,6 +854,7 @@ def bench_decode_scorers(
         if value < least:
             fail(f"{option} must be >= {least}, got {value}")
     n_threads = _threads_or_fail(threads)
+    check_out(out)
     needs_plan = [s for s in names if DECODE_ESTIMATORS[s] is not None]
     if needs_plan and not plan_dir:
         fail(f"--scorers {','.join(needs_plan)}: these read a plan's learned weights; give --plan")
@@ -827,7 +887,7 @@ def bench_decode_scorers(
         )
     except (ModelRefError, PlanError, ValueError) as exc:
         fail(str(exc))
-    path, png = _write_with_plot(result, out, bench.plot)
+    path, png = _plot_path(result, out)
     env = result["environment"]
     print_table(
         f"{result['model']}: {result['prompts']} prompts of {result['prompt_tokens']} tokens from "
@@ -847,6 +907,7 @@ def bench_decode_scorers(
     _overload_warning(env)
     if json_out:
         emit_json(result)
+    _write_with_plot(result, out, bench.plot)
 
 
 @contextmanager
@@ -1009,6 +1070,7 @@ def bench_gate(
     from sparsepilot.console import fail, print_table
 
     _wide_console()
+    check_out(out)
     try:
         sizes = tuple(int(x) for x in rows.split(",") if x.strip())
     except ValueError:
@@ -1064,3 +1126,5 @@ def bench_gate(
             columns=list(ex["power"][0]),
         )
     _saved_and_emitted(result, out, json_out)
+    if not json_out:
+        _write_json(result, out)

@@ -96,19 +96,48 @@ def read_texts(path: str) -> list[str]:
     return texts
 
 
-@contextmanager
-def _progress():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+class ProgressLines:
+    """Which progress steps of a standalone command get a line (`stage: done/total at N s`): a stage's
+    first step, each further tenth of it and its end (`... done at N s`), so a stage of minutes shows
+    where it is in a pipe and in the log file without a line per step. A stage that starts again (its
+    count goes back) is a new run of it."""
 
-    tasks: dict[str, Any] = {}
-    if not err_console.is_terminal:  # logs/CI: one line per finished stage instead of a live bar
+    def __init__(self) -> None:
         import time
 
-        t0 = time.perf_counter()
+        self._clock = time.perf_counter
+        self.t0 = self._clock()
+        self._seen: dict[str, tuple[int, int]] = {}  # stage -> (last done, last tenth shown)
+
+    def __call__(self, stage: str, done: int, total: int) -> str | None:
+        tenth = 10 if total <= 0 or done >= total else done * 10 // total
+        last = self._seen.get(stage)
+        if last is not None and done >= last[0] and tenth <= last[1]:
+            self._seen[stage] = (done, last[1])
+            return None
+        self._seen[stage] = (done, tenth)
+        end = " done" if done >= total else ""
+        return f"{stage}: {done}/{total}{end} at {self._clock() - self.t0:.0f} s"
+
+
+@contextmanager
+def _progress():
+    """The standalone calibrate / evaluate progress: a live bar per stage in a terminal, else a line on
+    stderr for each step `ProgressLines` picks; those lines go to the command's log file either way
+    (`sparsepilot.quiet.progress_logger`), so `tail -f` on it follows a long run."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from sparsepilot.quiet import progress_logger
+
+    log, lines = progress_logger(), ProgressLines()
+    tasks: dict[str, Any] = {}
+    if not err_console.is_terminal:  # logs/CI: a line a tenth of a stage instead of a live bar
 
         def line(stage: str, done: int, total: int) -> None:
-            if done >= total:
-                err_console.print(f"{stage}: {done}/{total} done at {time.perf_counter() - t0:.0f} s")
+            text = lines(stage, done, total)
+            if text is not None:
+                err_console.print(text, highlight=False, soft_wrap=True)
+                log.info(text)
 
         yield line
         return
@@ -125,6 +154,9 @@ def _progress():
             if stage not in tasks:
                 tasks[stage] = prog.add_task(stage, total=total)
             prog.update(tasks[stage], completed=done, total=max(total, done))
+            text = lines(stage, done, total)
+            if text is not None:
+                log.info(text)
 
         yield update
 
@@ -489,6 +521,16 @@ def _time_split_cells(split: dict | None) -> dict:
     }
 
 
+def _timing_overload(r) -> str | None:
+    """The warning the report's speed figures carry when pairs were kept under overload: the prefill
+    pairs' and the decode runs' host records, judged as the use-case form's ROI is
+    (`rollout.roi.timing_overload`)."""
+    from rollout.roi import timing_overload
+
+    decode = ((r.decode or {}).get("summary") or {}).get("host")
+    return timing_overload({"prefill": (r.speed_summary or {}).get("host"), "decode": decode})
+
+
 def _print_report(r) -> None:
     from dashboard.fmt import quality_interval as quality_bounds  # the dashboard's wording of them
 
@@ -568,5 +610,8 @@ def _print_report(r) -> None:
             )
         if r.speed_summary and r.speed_summary.get("weighted_speedup"):
             console.print(f"length-mix weighted speed-up: {r.speed_summary['weighted_speedup']:.3f}")
+    overload = _timing_overload(r)
+    if overload:  # the speed figures above are a busy host's: said beside them, as the benches do
+        console.print(f"warning: {overload}", style="yellow", soft_wrap=True, markup=False)
     for name, path in r.artifacts.items():
         console.print(f"{name}: {path}")

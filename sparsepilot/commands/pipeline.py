@@ -90,10 +90,20 @@ def evaluate_use_case(name: str, quick: bool, json_out: bool) -> None:
     if json_out:
         emit_json(result)
         return
+    print_evaluation(name, result)
+
+
+def print_evaluation(name: str, result: dict[str, Any]) -> None:
+    """`evaluate NAME`'s record, and the warning its speed-up and $ carry when their timings were kept
+    under overload (`measured_under_overload`, rollout.roi.timing_overload)."""
     cols = ["evaluation_run_id", "device", "density", "quality_delta", "quality_low", "quality_high",
             "speedup", "speedup_low", "speedup_high", "savings_month_usd", "payback_days",
             "reused"]  # fmt: skip
     print_record(f"evaluation of {name}", result, cols)
+    if result.get("measured_under_overload"):  # the speed-up and $ above are a busy host's figures
+        console.print(
+            f"warning: {result['measured_under_overload']}", style="yellow", soft_wrap=True, markup=False
+        )
 
 
 # --- pilot / gate / approve / promote / rollback / monitor -----------------------------------------

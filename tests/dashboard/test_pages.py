@@ -489,3 +489,56 @@ def test_approving_never_holds_the_write_lock_while_prefect_stalls(seeded: dict[
     with session_scope() as s:
         assert s.get(GateDecision, did).resolution is None
         assert not s.scalars(select(Approval).where(Approval.decision_id == did)).all()
+
+
+def test_roi_timed_under_overload_says_so_on_the_page_and_in_the_record(
+    seeded: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Review P finding 1: an evaluation whose timings were kept under overload (pairs_kept_under_overload
+    in roi["timing_host"], as flows/evaluate.py stores it) carries the warning beside its speed-up and $:
+    the recorded summary (what `evaluate NAME` and the main job get), `evaluate NAME`'s printed record,
+    the flow's closing log line and the use-case page's ROI; a clean evaluation carries none."""
+    from flows.evaluate import summary_line
+    from rollout import roi as roi_of
+    from rollout import runs
+    from rollout.db.models import ModelVersion, UseCase
+    from sparsepilot.commands.pipeline import print_evaluation
+
+    spec = UseCaseSpec.model_validate(seeded_spec("contract-summarisation"))
+    host = {"threads": 1, "others_busy_cores": 2.035, "pairs_timed": 3, "pairs_retimed_for_overload": 3}
+    timing = {
+        "support-chat": {"prefill": {**host, "pairs_kept_under_overload": 3}, "decode": None},
+        "document-qa": {"prefill": {**host, "pairs_kept_under_overload": 0}, "decode": None},
+    }
+    summaries = {}
+    for name, th in timing.items():
+        result = roi_of.roi_for_spec(spec, dense_tps=1000.0, sparse_tps=1100.0, speedup_interval=(0.74, 1.64))
+        with session_scope() as s:
+            uc = s.scalar(select(UseCase).where(UseCase.name == name))
+            ids = uc.id, s.scalar(select(ModelVersion.id).where(ModelVersion.use_case_id == uc.id))
+        run = runs.open_evaluation(*ids, f"overload-{name}", None)
+        roi = {**result.to_dict(), "timing_host": th}
+        summaries[name] = runs.evaluation_succeeded(
+            name, run["id"], report={"device": "cpu"}, roi=roi, mlflow_run_id="m"
+        )
+    warn = "measured under overload: 3 of 3 timed pairs (prefill 3 of 3)"
+    busy, clean = summaries["support-chat"], summaries["document-qa"]
+    assert busy["measured_under_overload"].startswith(warn) and clean["measured_under_overload"] is None
+    assert busy["measured_under_overload"].endswith("rerun on a quieter host")
+    line = summary_line("support-chat", busy)
+    assert line.startswith("support-chat: speed-up 1.10x [0.74, 1.64] on cpu, $") and f"; {warn}" in line
+    assert "overload" not in summary_line("document-qa", clean)
+    capsys.readouterr()
+    print_evaluation("support-chat", busy)
+    assert f"warning: {warn}" in " ".join(capsys.readouterr().out.split())
+    print_evaluation("document-qa", clean)
+    assert "overload" not in capsys.readouterr().out
+    for name in timing:
+        at = new_app()
+        at.query_params["name"] = name
+        open_page(at, "use_case")
+        warnings = [w.value.replace("\\", "") for w in at.warning]  # as shown: markup escapes removed
+        if name == "support-chat":
+            assert any(w.startswith(f"Speed-up and $/month {warn}") for w in warnings), warnings
+        else:
+            assert not any("overload" in w for w in warnings), warnings

@@ -132,3 +132,22 @@ def test_stage_durations_round_once() -> None:
         "20 min 00 s",
         "21 min 00 s",
     ]
+
+
+def test_summary_table_says_which_figures_were_timed_under_overload() -> None:
+    """Review P finding 1: the main job's summary names, under its table, a use case whose evaluation
+    kept timings under overload (the evaluate flow's `measured_under_overload`); a clean one is not named."""
+    from flows.main_job import render_table
+
+    row = {"use_case": "", "decision": "-", "waits_for": None, "quality_delta": None, "speedup": 1.1,
+           "speedup_low": 0.74, "speedup_high": 1.64, "saved_usd_month": 396.0, "saved_usd_month_low": -900.0,
+           "saved_usd_month_high": 2000.0, "payback_days": None, "decode": None}  # fmt: skip
+    warn = "measured under overload: 7 of 7 timed pairs (prefill 3 of 3, decode 4 of 4)"
+    outcomes = {
+        "busy": {"ok": True, "note": None, "evaluation": {"measured_under_overload": warn}},
+        "quiet": {"ok": True, "note": None, "evaluation": {"measured_under_overload": None}},
+    }
+    console = Console(record=True, width=200)
+    console.print(render_table([{**row, "use_case": "busy"}, {**row, "use_case": "quiet"}], outcomes))
+    text = console.export_text()
+    assert f"busy: {warn}" in text and "quiet:" not in text

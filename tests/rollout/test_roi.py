@@ -426,3 +426,23 @@ def test_the_decode_line_shows_the_interval_its_dollars_are_priced_at() -> None:
     assert (out["speedup"], out["speedup_low"], out["speedup_high"]) == pytest.approx((0.775, 0.674, 0.892))
     assert out["line"].startswith("decode: 0.78x [0.67, 0.89] at 768-1,544 tokens of context")
     assert out["short"] == "0.78x [0.67, 0.89]"
+
+
+def test_timings_kept_under_overload_are_named_beside_the_figures() -> None:
+    """Review P finding 1: an evaluation whose pairs were kept under overload (every retime spent) says so
+    in one line, with how many of how many pairs and which block; a clean run, or no record, says nothing."""
+    from rollout.roi import timing_overload
+
+    clean = {"pairs_timed": 3, "pairs_retimed_for_overload": 2, "pairs_kept_under_overload": 0}
+    busy = {"pairs_timed": 4, "pairs_retimed_for_overload": 4, "pairs_kept_under_overload": 4}
+    assert timing_overload(None) is None and timing_overload({"prefill": None, "decode": None}) is None
+    assert timing_overload({"prefill": clean, "decode": {**clean, "pairs_timed": 4}}) is None
+    assert timing_overload(
+        {"prefill": {**busy, "pairs_kept_under_overload": 3, "pairs_timed": 3}, "decode": busy}
+    ) == (
+        "measured under overload: 7 of 7 timed pairs (prefill 3 of 3, decode 4 of 4) were timed while other "
+        "processes left too little CPU; rerun on a quieter host"
+    )
+    assert timing_overload({"prefill": clean, "decode": busy}).startswith(
+        "measured under overload: 4 of 7 timed pairs (decode 4 of 4)"
+    )

@@ -70,3 +70,34 @@ def test_evaluate_prints_where_the_prefill_time_went(sp_home, tiny_llama_dir, tm
     for key in ("attention_share", "attention_speedup", "ideal_speedup"):  # each cell as the table formats it
         v = split[key]
         assert (f"{v:.4g}" if v is not None else "-") in text
+
+
+def test_the_report_says_when_its_timings_were_kept_under_overload(
+    tiny_llama_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:  # noqa: ANN001
+    """Review P finding 1: the standalone report's speed figures carry the overload warning where pairs
+    were kept under overload (the prefill pairs' or the decode runs' host record), as the benches' tables
+    do; a run whose pairs were all timed with room for them prints none. The host is what it is when the
+    test runs, so the real report's records are set to each case."""
+    from sparse_core import SparsePlan, load_model
+    from sparse_core.evaluation import EvalSuite, evaluate
+    from sparsepilot.commands.core import _print_report
+
+    model, tok = load_model(str(tiny_llama_dir))
+    suite = EvalSuite.quick(probe_lengths=(), speed_lengths=(256,), speed_repeats=2, decode_new_tokens=2)
+    report = evaluate(model, tok, SparsePlan(tau=0.7), suite)
+    prefill, decode = report.speed_summary["host"], report.decode["summary"]["host"]
+    assert prefill["pairs_timed"] >= 2 and decode["pairs_timed"] >= 1
+    prefill["pairs_kept_under_overload"] = decode["pairs_kept_under_overload"] = 0
+    _print_report(report)
+    assert "overload" not in capsys.readouterr().out
+    prefill["pairs_kept_under_overload"] = prefill["pairs_timed"]
+    _print_report(report)
+    text = " ".join(capsys.readouterr().out.split())
+    total = prefill["pairs_timed"] + decode["pairs_timed"]
+    assert (
+        f"warning: measured under overload: {prefill['pairs_timed']} of {total} timed pairs "
+        f"(prefill {prefill['pairs_timed']} of {prefill['pairs_timed']})" in text
+    )
+    assert text.index("Prefill speed") < text.index("warning: measured under overload")
+    assert "rerun on a quieter host" in text

@@ -96,3 +96,77 @@ def test_prefects_service_drain_warning_goes_to_the_log_file(tmp_path: Path) -> 
     log = Path(proc.stdout.strip().splitlines()[-1]).read_text()
     assert log.count("Still processing items") == 2, log
     assert "EventsWorker" in log and "APILogWorker" in log
+
+
+def test_sqlalchemy_and_gx_reach_the_log_file_at_warning_only(tmp_path: Path) -> None:
+    """Review P finding 7: a flow command's log was ~95% SQLAlchemy ORM mapper INFO (and GX's docs
+    decorators), burying the progress lines. In a real process, as a command runs it: the state DB's
+    mappers configured and GX imported after the log file is set up leave no INFO of theirs in it, while
+    their warnings and our progress lines still arrive."""
+    code = (
+        "import logging; from pathlib import Path\n"
+        "from sparsepilot.quiet import progress_logger, to_log_file\n"
+        f"path = to_log_file(Path({str(tmp_path)!r}), 'calibrate')\n"
+        "import great_expectations  # noqa: F401\n"
+        "import sqlalchemy.orm\n"
+        "from rollout.db import models  # noqa: F401\n"
+        "sqlalchemy.orm.configure_mappers()\n"
+        "logging.getLogger('sqlalchemy.orm.mapper.Mapper').warning('a mapper warning')\n"
+        "progress_logger().info('calibration sensitivity 1/2')\n"
+        "print(path)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    text = Path(proc.stdout.strip()).read_text()
+    assert not re.search(r" INFO (sqlalchemy|great_expectations)", text), text[:2000]
+    assert "WARNING sqlalchemy.orm.mapper.Mapper: a mapper warning" in text
+    assert "INFO sparsepilot.progress: calibration sensitivity 1/2" in text
+
+
+def test_bench_dashboard_keeps_streamlits_bare_mode_warnings_in_its_log_file(tmp_path: Path) -> None:
+    """Review P finding 8: `bench dashboard` renders pages outside `streamlit run`, and Streamlit's own
+    stderr handlers printed "missing ScriptRunContext!" on the console for every page. A real process:
+    the console has the log file's path and the table; the warnings are in the file."""
+    env = {**os.environ, "SPARSEPILOT_HOME": str(tmp_path / "home")}
+    args = ["bench", "dashboard", "--use-cases", "3", "--observations", "400", "--repeats", "1"]
+    rc, out = sparsepilot_cli([*args, "--home", str(tmp_path / "h"), "--out", str(tmp_path / "d.json")], env)
+    assert rc == 0, out
+    assert "ScriptRunContext" not in out and "dashboard render times" in " ".join(out.split())
+    log = Path(re.search(r"log file \(warnings and library output\): (\S+)", out).group(1))
+    assert log.parent == tmp_path / "home" / "logs" and log.name.startswith("bench-dashboard-")
+    assert "missing ScriptRunContext" in log.read_text()
+
+
+def test_standalone_calibrate_writes_its_progress_to_the_log_file_and_a_pipe(
+    tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    """Review P finding 6: the standalone `calibrate` left its log file empty and, piped, printed a line
+    only when a stage ended. A real process, stderr a pipe: lines within a stage as well as at its end,
+    each once on the console (Prefect's console handler on the root logger printed them twice when they
+    propagated) and each in the log file."""
+    env = {**os.environ, "SPARSEPILOT_HOME": str(tmp_path / "home")}
+    args = ["calibrate", "--model", str(tiny_llama_dir), "--texts", "stdlib", "--quick", "--seq-len", "256"]
+    args += ["--max-texts", "12", "--estimator", "pooled", "--budget", "kl=0.05,agree=0.9"]
+    rc, out = sparsepilot_cli([*args, "--out", str(tmp_path / "plan")], env)
+    assert rc == 0, out
+    steps = re.findall(r"^(\S[^:\n]*: (\d+)/(\d+)(?: done)? at \d+ s)$", out, flags=re.MULTILINE)
+    assert any(int(d) < int(t) for _, d, t in steps), out  # within a stage, not only at its end
+    assert any(line.startswith("sensitivity: ") and " done at " in line for line, _, _ in steps), out
+    lines = [line for line, _, _ in steps]
+    assert len(lines) == len(set(lines)), out  # each once
+    assert "sparsepilot.progress" not in out, out  # never a logging record's copy on the console
+    log = Path(re.search(r"log file \(warnings and library output\): (\S+)", out).group(1)).read_text()
+    logged = re.findall(r"INFO sparsepilot\.progress: (.*)$", log, flags=re.MULTILINE)
+    assert logged == lines
+
+
+def test_progress_lines_are_a_stages_start_each_tenth_and_its_end() -> None:
+    from sparsepilot.commands.core import ProgressLines
+
+    lines = ProgressLines()
+    shown = [d for d in range(1, 101) if lines("gate training", d, 100)]
+    assert shown == [1, *range(10, 101, 10)]
+    assert lines("gate training", 100, 100) is None  # the end once
+    assert lines("sensitivity", 1, 3).startswith("sensitivity: 1/3 at ")
+    assert lines("sensitivity", 3, 3).startswith("sensitivity: 3/3 done at ")
+    assert lines("sensitivity", 1, 3) is not None  # the stage again (its count went back): a new run

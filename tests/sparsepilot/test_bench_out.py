@@ -1,0 +1,99 @@
+"""`sparsepilot bench ... --out`: checked before any work (review P finding 4: a directory given as --out
+used to run the whole benchmark, then die with a traceback and lose its table and JSON), and the tables
+printed before the files are written, so a write that fails late loses no result. `bench import` and
+`bench monitor` show each size's `overloaded` and warn as the other benches do (finding 9)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from sparsepilot.cli import app
+
+# every bench command with arguments that would make it cheap if it ran (it must not)
+BENCHES = {
+    "attention": [
+        "attention",
+        "--lengths",
+        "2048",
+        "--dtypes",
+        "fp32",
+        "--kernels",
+        "gather",
+        "--repeats",
+        "1",
+    ],
+    "prefill": ["prefill", "--quick"],
+    "quality": ["quality", "--quick"],
+    "decode": ["decode", "--quick"],
+    "decode-scorers": ["decode-scorers", "--prompts", "2"],
+    "dashboard": ["dashboard", "--use-cases", "3", "--observations", "400", "--repeats", "1"],
+    "gate": ["gate", "--rows", "4", "--repeats", "1"],
+    "import": ["import", "--rows", "2000"],
+    "monitor": ["monitor", "--rows", "400", "--batch", "50", "--looks", "1"],
+}
+
+
+@pytest.mark.parametrize("bench", list(BENCHES))
+def test_an_out_that_cannot_be_written_is_refused_before_any_work(
+    bench: str, sp_home, tmp_path: Path
+) -> None:  # noqa: ANN001
+    work = tmp_path / "work"
+    outdir = work / "outdir"
+    outdir.mkdir(parents=True)
+    res = CliRunner().invoke(app, ["bench", *BENCHES[bench], "--out", str(outdir)])
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.strip() and not ln.startswith("log file")]
+    assert lines == [f"error: --out {outdir}: {outdir} is a directory; give a file path for the JSON"]
+    # nothing ran: no progress log, no plot beside it, nothing in it
+    assert sorted(p.name for p in work.iterdir()) == ["outdir"] and not any(outdir.iterdir())
+    a_file = work / "a-file"
+    a_file.write_text("")
+    res = CliRunner().invoke(app, ["bench", *BENCHES[bench], "--out", str(a_file / "x" / "r.json")])
+    assert res.exit_code == 2 and f"{a_file} is not a directory" in res.output, res.output
+    png = work / "r.png"
+    png.mkdir()  # the plot's name next to the JSON
+    res = CliRunner().invoke(app, ["bench", *BENCHES[bench], "--out", str(work / "r.json")])
+    assert res.exit_code == 2 and f"{png} is a directory" in res.output, res.output
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (a write that fails: ENOSPC)")
+def test_a_write_that_fails_late_loses_no_result(sp_home) -> None:  # noqa: ANN001
+    """/dev/full passes the check (a writable file) and every write to it fails (no space left): the
+    table is printed first, then a one-line error, exit 2, no traceback."""
+    res = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["bench", *BENCHES["import"], "--out", "/dev/full"])
+    assert res.exit_code == 2, res.output
+    text = " ".join(res.output.split())
+    assert "observation import" in text and "2000" in text and "overloaded" in text  # the table, first
+    assert text.index("observation import") < text.index("error: --out /dev/full: the JSON could not be")
+    assert "Traceback" not in res.output
+    res = CliRunner().invoke(app, ["bench", *BENCHES["import"], "--json", "--out", "/dev/full"])
+    assert res.exit_code == 2 and '"inserted": 2000' in res.output  # --json: the JSON printed first
+
+
+def test_import_and_monitor_tables_show_overloaded_and_warn(
+    sp_home,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,  # noqa: ANN001
+) -> None:
+    """Each size runs in its own process and carries its own `overloaded`: the table shows it, and a
+    run with an overloaded size ends with the warning the other benches print. The host is what it is
+    when the test runs, so the rows are a real run's with the flag set to each case."""
+    from sparsepilot.commands.bench import _state_db_table
+
+    out = tmp_path / "import.json"
+    res = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["bench", *BENCHES["import"], "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "overloaded" in res.output  # the column
+    result = json.loads(out.read_text())
+    cols = ["rows", "import_s", "others_busy_cores", "overloaded"]
+    for flag in (False, True):
+        result["results"][0]["overloaded"] = flag
+        _state_db_table("observation import", result, str(out), cols)
+        text = " ".join(capsys.readouterr().out.split())
+        warned = "warning: 1 of 1 rows were timed while the host was overloaded" in text
+        assert warned == flag, text
+        assert json.loads(out.read_text())["results"][0]["overloaded"] is flag  # then the JSON written
