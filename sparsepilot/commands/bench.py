@@ -1015,11 +1015,20 @@ def _overload_warning(env: dict, rows: Sequence[dict] = ()) -> None:
             if others is not None
             else (f"held the load average at {(load.get('loadavg') or ['?'])[0]} on {load['cpus']:g} CPUs")
         )
+        waited = load.get("wait_share")
+        waiting = (
+            "" if waited is None else f"; its threads waited {waited:.0%} of their runnable time for a CPU"
+        )
+        advice = (
+            "rerun on a quieter host (it already ran one thread)"
+            if load["threads"] <= 1
+            else "rerun on a quieter host, or with --threads auto or 1 pinned to a free core (taskset)"
+        )
         say(
             f"warning: the host was overloaded during this run (other processes {busy} while it ran "
-            f"{load['threads']} thread(s)): its times measure the host as much as the code, and waiting "
-            "threads cost a sparse step's small ops more than a dense one, so speed-ups come out low; "
-            "rerun on a quieter host, or with --threads auto or 1 pinned to a free core (taskset)."
+            f"{load['threads']} thread(s){waiting}): its times measure the host as much as the code, and "
+            "waiting threads cost a sparse step's small ops more than a dense one, so speed-ups come out "
+            f"low; {advice}."
         )
         return
     over = [r for r in rows if r.get("overloaded")]

@@ -148,3 +148,18 @@ def test_a_run_with_some_overloaded_rows_warns_about_them(capsys) -> None:  # no
     assert "warning: 2 of 3 rows were timed while the host was overloaded" in text
     _overload_warning(env, [{"overloaded": False}])
     assert "warning" not in capsys.readouterr().out
+
+
+def test_the_overload_warning_says_how_long_the_threads_waited_and_fits_its_advice(capsys) -> None:  # noqa: ANN001
+    """The warning names the measured wait share, and a run that already had one thread is not told to
+    rerun with one thread."""
+    from sparsepilot.commands.bench import _overload_warning
+
+    load = {"overloaded": True, "others_busy_cores": 0.6, "cpus": 2.0, "threads": 1, "wait_share": 0.41}
+    _overload_warning({"host_load": load})
+    text = " ".join(capsys.readouterr().out.split())
+    assert "its threads waited 41% of their runnable time for a CPU" in text
+    assert "rerun on a quieter host (it already ran one thread)." in text and "taskset" not in text
+    _overload_warning({"host_load": {**load, "threads": 2, "wait_share": None}})
+    text = " ".join(capsys.readouterr().out.split())
+    assert "waited" not in text and "or with --threads auto or 1 pinned to a free core (taskset)." in text
