@@ -101,6 +101,8 @@ def finish_unfinished(use_case: str) -> dict[str, Any] | None:
     u = unfinished_of(use_case)
     if u is None or (u.flow_run_id and not u.failed_move and _carrying_out(u.flow_run_id, u.decided_at)):
         return None
+    if not u.flow_run_id and not u.failed_move and _applied_directly_now(u):
+        return None
     reason = f"finishing decision {u.decision_id}: decided, but its effect did not complete"
     logging.getLogger("sparsepilot.flows").warning("%s: %s", use_case, reason)
     if u.action == "rollback":
@@ -147,6 +149,17 @@ def _carrying_out(flow_run_id: str, decided_at: dt.datetime) -> bool:
 
 
 RESUME_GRACE = dt.timedelta(minutes=2)
+
+
+def _applied_directly_now(u: Any) -> bool:
+    """A person's decision with no approval run was signed a moment ago (`APPLY_GRACE`): the dashboard or
+    the CLI that signed it is carrying it out directly now. Finishing it at the same time made every move
+    twice (MLflow called twice, "retried" and "committed" twice in the audit); one whose process died is
+    finished by a later tick."""
+    return u.approval_id is not None and dt.datetime.now(dt.UTC) - _aware(u.decided_at) < APPLY_GRACE
+
+
+APPLY_GRACE = dt.timedelta(minutes=2)
 
 
 def _aware(t: dt.datetime) -> dt.datetime:

@@ -475,15 +475,15 @@ def apply_promotion(
     from rollout import pilots, registry
 
     who = approval_identity(approval_id, decision_id, actions=("approve",), db_url=db_url)
-    with session_scope(db_url) as session:
+    with session_scope(db_url, immediate=True) as session:
         d = session.get(GateDecision, decision_id)
         assert d is not None
         if d.resolution != "approved":
             raise ApprovalError(f"decision {decision_id} is {d.resolution}, not approved")
-        uc = session.get(UseCase, d.use_case_id)
-        pilot = session.get(Pilot, d.pilot_id) if d.pilot_id else None
-        if pilot is None:
+        if d.pilot_id is None:
             raise ApprovalError(f"decision {decision_id} has no pilot to promote")
+        uc, pilot = pilots.locked(session, d.use_case_id, d.pilot_id)
+        _require_pilot_to_promote(d, pilot, moved=False)
         name, mv_id = uc.name, pilot.model_version_id
         has_champion = bool(registry.champions(session, uc.id))
     moves = []
@@ -514,10 +514,10 @@ def apply_promotion(
             db_url=db_url,
         )
     )
-    with session_scope(db_url) as session:
+    with session_scope(db_url, immediate=True) as session:
         d = session.get(GateDecision, decision_id)
-        uc = session.get(UseCase, d.use_case_id)
-        pilot = session.get(Pilot, d.pilot_id)
+        uc, pilot = pilots.locked(session, d.use_case_id, d.pilot_id)
+        _require_pilot_to_promote(d, pilot, moved=True)
         # promoted on an earlier step's GO (two approvers): the steps not run are "skipped", not passed
         skipped = d.awaiting != "approval"
         pilots.stop_pilot(
@@ -532,6 +532,23 @@ def apply_promotion(
             session, uc, "promoted", actor=who.name, reason=f"decision {decision_id} approved"
         )
     return {"action": "promoted", "decision_id": decision_id, "alias_moves": [_move_dict(m) for m in moves]}
+
+
+def _require_pilot_to_promote(d: GateDecision, pilot: Pilot, *, moved: bool) -> None:
+    """The pilot an approved GO promotes must still be live (or promoted by this decision already, on a
+    retry): one stopped or rolled back since (an abort is refused once the GO is approved, `abort_pilot`)
+    is never brought back to "promoted"."""
+    from rollout.pilots import ACTIVE_PILOT
+
+    if pilot.status in (*ACTIVE_PILOT, "promoted"):
+        return
+    done = (
+        "its champion move committed already (alias history): the use case's state is left as it is, "
+        "for a person to decide"
+        if moved
+        else "nothing moved"
+    )
+    raise ApprovalError(f"decision {d.id}: pilot {pilot.id} is {pilot.status}, not promotable; {done}")
 
 
 def apply_rejection(
@@ -613,9 +630,17 @@ def apply_rollback(
             )
             _supersede(session, d, who.name, f"v{now}" if now else "no champion", about=about, serving=now)
             return {"action": "none", "decision_id": decision_id, "reason": why}
-    move = registry.rollback(
-        name, actor=who, reason=reason, idempotency_key=key, expected=about, db_url=db_url
-    )
+    try:
+        move = registry.rollback(
+            name, actor=who, reason=reason, idempotency_key=key, expected=about, db_url=db_url
+        )
+    except registry.MoveInProgress as busy:
+        if not automatic:
+            raise
+        # a person's rollback is moving the champion now: the monitor's gives way (its own never began)
+        with session_scope(db_url) as session:
+            _supersede(session, session.get(GateDecision, decision_id), who.name, str(busy), about=about)
+        return {"action": "none", "decision_id": decision_id, "reason": str(busy)}
     with session_scope(db_url) as session:
         uc = pilots.get_use_case(session, name)
         d = session.get(GateDecision, decision_id)
@@ -686,7 +711,17 @@ def request_rollback(
         # finished, not followed by a second one that would roll back another version; the monitor's own
         # that has moved nothing yet gives way to the person's, which closes it "superseded" below
         pending = unfinished_in(session, uc)
-        if pending is not None and pending.action == "rollback" and (not pending.automatic or pending.moved):
+        started = (
+            pending is not None
+            and pending.action == "rollback"
+            and pending.automatic
+            and _monitor_move_started(session, use_case_name, pending.decision_id)
+        )
+        if (
+            pending is not None
+            and pending.action == "rollback"
+            and (not pending.automatic or pending.moved or started)
+        ):
             decision_id, approval_id = pending.decision_id, pending.approval_id
             text = f"finishing rollback {decision_id}: {text}"
         elif not lifecycle.can(uc.phase, "rollback"):
@@ -710,6 +745,28 @@ def request_rollback(
             decision_id, approval_id, reason=text, automatic=approval_id is None, db_url=db_url
         )
     return out
+
+
+def _monitor_move_started(session: Any, use_case_name: str, decision_id: int) -> bool:
+    """Has the monitor's automatic rollback begun its alias move (pending)? It is not "moved nothing":
+    superseding it then made two rollbacks for one act. Recent (`registry.MOVE_IN_FLIGHT`): its MLflow
+    call is under way, and the person is told so (MoveInProgress); older: it was cut off, and the person's
+    request finishes it under its own key (True)."""
+    import datetime as dt
+
+    from rollout import registry
+
+    move = session.scalar(select(AliasMove).where(AliasMove.idempotency_key == f"rollback:{decision_id}"))
+    if move is None or move.status != "pending":
+        return False
+    created = move.created_at if move.created_at.tzinfo else move.created_at.replace(tzinfo=dt.UTC)
+    if dt.datetime.now(dt.UTC) - created < registry.MOVE_IN_FLIGHT:
+        raise registry.MoveInProgress(
+            f"{use_case_name}: the monitor's automatic rollback (decision {decision_id}, champion "
+            f"v{move.from_version} -> v{move.to_version}) is under way; nothing was recorded. Look again in "
+            "a moment: the use case is then rolled back"
+        )
+    return True
 
 
 def _record_rollback(

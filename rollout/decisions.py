@@ -109,10 +109,7 @@ def gate_step(
         found = pilots.decision_by_key(session, key)
         if found is not None:  # a retry, or a re-run on unchanged data
             return summary(found, step, False)
-        if pilot.status != "running" or pilot.current_step_index != step.index:
-            raise pilots.PilotStateError(
-                f"{use_case}: pilot {pilot.id} is {pilot.status} at step {pilot.current_step_index}"
-            )
+        _check_still_running(use_case, pilot, step)
         final = pilots.is_last_step(spec, step) or (
             promote_after_step is not None and step.index >= promote_after_step
         )
@@ -147,6 +144,16 @@ def gate_step(
         if exhausted:
             evidence["reasons"] = [*evidence["reasons"], "traffic-exhausted"]
             explanation = f"{explanation} {exhausted}"
+    # decide() ran without the lock (it may take a while): the pilot is read again, locked, in the
+    # transaction that records and acts, so an abort, an approval or a promotion that came meanwhile is
+    # seen, and this look then records nothing (PilotStateError) instead of overwriting it
+    with session_scope(immediate=True) as session:
+        uc, pilot = pilots.locked(session, uc.id, pilot.id)
+        step = session.get(PilotStep, step_id)
+        found = pilots.decision_by_key(session, key)
+        if found is not None:
+            return summary(found, step, False)
+        _check_still_running(use_case, pilot, step, changed=True)
         d, created = pilots.record_decision(
             session,
             idempotency_key=key,
@@ -163,6 +170,20 @@ def gate_step(
         if created:
             act_on(session, uc, pilot, spec, step, d, final)
         return summary(d, step, created)
+
+
+def _check_still_running(use_case: str, pilot: Pilot, step: PilotStep, *, changed: bool = False) -> None:
+    """A gate look acts only on a pilot still running at the step it judged (PilotStateError otherwise)."""
+    if pilot.status != "running" or pilot.current_step_index != step.index:
+        meanwhile = (
+            f"; it was running at step {step.index} when this look began (an abort, an approval or another "
+            "look came first), so this look records nothing"
+            if changed
+            else ""
+        )
+        raise pilots.PilotStateError(
+            f"{use_case}: pilot {pilot.id} is {pilot.status} at step {pilot.current_step_index}{meanwhile}"
+        )
 
 
 def _monitor_verdict(check: dict[str, Any], guard: dict[str, Any], alpha: float) -> tuple[str, str]:
@@ -195,9 +216,10 @@ def monitor_look(
     """Record the monitor's decision on a batch of the champion's traffic. A breach or a failed data
     check rolls back automatically under the spec's `rollback: auto` (the caller runs the rollback),
     else leaves a rollback decision waiting for a person (the use case then awaits approval)."""
-    with session_scope() as session:
-        uc = pilots.get_use_case(session, use_case)
-        pilot = session.get(Pilot, info["pilot_id"])
+    # locked (SQLite: the write lock; PostgreSQL: the rows) from the first read: a person's rollback or a
+    # promotion that came while the batch was answered is seen here
+    with session_scope(immediate=True) as session:
+        uc, pilot = pilots.locked(session, pilots.get_use_case(session, use_case).id, info["pilot_id"])
         spec, _ = pilots.load_pilot_spec(session, pilot)
         step = session.get(PilotStep, info["step_id"])
         guard: dict[str, Any] = {"checks": [], "breached": []}
@@ -210,9 +232,16 @@ def monitor_look(
         # recorded as champion) the alarm must not end as a NO-GO nobody acts on: a person decides
         stranded = auto and len(registry.champions(session, uc.id)) < 2
         auto = auto and not stranded
-        awaiting = "rollback_approval" if bad and not auto else "none"
+        # only the champion that still serves as promoted is rolled back or asked about: one rolled back
+        # (or replaced) while the batch was answered is recorded, settled, and moves nothing
+        gone = None if pilot.status == "promoted" and uc.phase == "promoted" else pilot.status
+        auto = auto and gone is None
+        awaiting = "rollback_approval" if bad and not auto and gone is None else "none"
         action = (
-            "The champion is rolled back automatically (rollback policy: auto)."
+            f"The judged champion no longer serves as promoted (pilot {pilot.id} is {gone}, the use case "
+            f"{uc.phase}): nothing is rolled back or asked."
+            if gone is not None
+            else "The champion is rolled back automatically (rollback policy: auto)."
             if auto
             else "No earlier champion is recorded to roll back to, so a person must decide (rollback policy: "
             "auto)."
@@ -243,6 +272,8 @@ def monitor_look(
             awaiting=awaiting,
             actor=audit.MONITOR_ACTOR,  # the monitor's decisions are its own (docs/operations.md)
         )
+        if created and gone is not None and bad:
+            d.resolution = "superseded"  # a later rollback or promotion made it moot (as `_supersede`)
         if created and awaiting == "rollback_approval":
             lifecycle.set_phase(
                 session, uc, "awaiting_approval", actor=audit.MONITOR_ACTOR, reason=explanation

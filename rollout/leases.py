@@ -52,9 +52,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import event, func, select
+from sqlalchemy.orm import object_session
 
 from rollout.db.models import UseCase, UseCaseLease
-from rollout.db.session import StateSession, session_scope
+from rollout.db.session import StateDBBusy, StateSession, session_scope
 from rollout.usecases import get_use_case
 from sparse_core.errors import SparsePilotError
 
@@ -96,6 +97,14 @@ def lease_seconds() -> float:
 
 class UseCaseBusy(SparsePilotError, RuntimeError):
     """Another run holds the use case."""
+
+
+class WriteLockBusy(UseCaseBusy, StateDBBusy):
+    """SQLite: the lease could not be taken within `LOCK_WAIT_SECONDS` because another run holds the state
+    DB's write lock (a scheduled cycle skips its tick, as for UseCaseBusy)."""
+
+
+LOCK_WAIT_SECONDS = 5.0  # how long taking a lease waits for SQLite's write lock
 
 
 class LeaseLost(SparsePilotError, RuntimeError):
@@ -286,25 +295,67 @@ def acquire(
     UseCaseBusy, naming the holder, while another token holds it: until its lease lapses, unless its
     process (on this host) is gone or `run_is_live` says its flow run has ended."""
     ended_run = _ended_run(use_case, token, run_is_live)
-    with session_scope(immediate=True) as session:
-        uc = get_use_case(session, use_case)
-        session.get(UseCase, uc.id, with_for_update=True)  # PostgreSQL: one acquirer at a time
+    # read first, without the write lock: a live holder is named at once (on SQLite a holder writing a
+    # long import keeps the write lock, and waiting for it ended in "database is locked" after 30 s)
+    with session_scope() as session:
+        _refuse_live(
+            use_case, session.get(UseCaseLease, get_use_case(session, use_case).id), token, ended_run
+        )
+    try:
+        with session_scope(immediate=True, lock_wait_s=LOCK_WAIT_SECONDS) as session:
+            uc = get_use_case(session, use_case)
+            session.get(UseCase, uc.id, with_for_update=True)  # PostgreSQL: one acquirer at a time
+            now = _clock(session)
+            lease = session.get(UseCaseLease, uc.id)
+            if lease is None:  # a use case row written without its lease row (not by `usecase add`)
+                lease = UseCaseLease(use_case_id=uc.id)
+                session.add(lease)
+            elif lease.holder not in (None, token):
+                why = _refuse_live(use_case, lease, token, ended_run, now)
+                log.warning("%s: the lease of %s %s; taking it over", use_case, lease.work, why)
+            if lease.holder != token:
+                lease.acquired_at = now
+            lease.holder, lease.work, lease.flow_run_id = token, work[:300], flow_run_id
+            lease.host, lease.pid = socket.gethostname(), os.getpid()
+            lease.expires_at = now + dt.timedelta(seconds=seconds)
+    except StateDBBusy:
+        raise WriteLockBusy(
+            f"{use_case} is busy: {_writers(use_case)} holds the state DB's write lock (SQLite takes one "
+            "writer at a time: a long observations import holds it for its length; PostgreSQL is the store "
+            "for concurrent operation, docs/operations.md); try again when it has finished"
+        ) from None
+
+
+def _refuse_live(
+    use_case: str, lease: Any, token: str, ended_run: str | None, now: dt.datetime | None = None
+) -> str | None:
+    """UseCaseBusy, naming the holder, while another token's lease holds; else why it does not (None:
+    free, or ours)."""
+    if lease is None or lease.holder in (None, token):
+        return None
+    now = now or _clock(object_session(lease))
+    why = _gone(lease, now, ended_run)
+    if why is None:
+        raise UseCaseBusy(
+            f"{use_case} is busy: {_held_by(lease).describe(now)}; try again when it has finished"
+        )
+    return why
+
+
+def _writers(use_case: str) -> str:
+    """Who may hold SQLite's write lock, as far as the leases tell (a reader is not blocked by it)."""
+    with session_scope() as session:
         now = _clock(session)
-        lease = session.get(UseCaseLease, uc.id)
-        if lease is None:  # a use case row written without its lease row (not by `usecase add`)
-            lease = UseCaseLease(use_case_id=uc.id)
-            session.add(lease)
-        elif lease.holder not in (None, token):
-            why = _gone(lease, now, ended_run)
-            if why is None:
-                held = _held_by(lease)
-                raise UseCaseBusy(f"{use_case} is busy: {held.describe(now)}; try again when it has finished")
-            log.warning("%s: the lease of %s %s; taking it over", use_case, lease.work, why)
-        if lease.holder != token:
-            lease.acquired_at = now
-        lease.holder, lease.work, lease.flow_run_id = token, work[:300], flow_run_id
-        lease.host, lease.pid = socket.gethostname(), os.getpid()
-        lease.expires_at = now + dt.timedelta(seconds=seconds)
+        live = [
+            f"{name}'s {lease.work}"
+            for lease, name in session.execute(
+                select(UseCaseLease, UseCase.name)
+                .join(UseCase, UseCase.id == UseCaseLease.use_case_id)
+                .where(UseCaseLease.holder.is_not(None))
+            )
+            if _utc(lease.expires_at) > now
+        ]
+    return "; ".join(live) if live else "another writer (an approval, a rollback, an import outside a lease)"
 
 
 def renew(use_case: str, token: str, *, seconds: float = LEASE_SECONDS) -> bool:

@@ -102,6 +102,18 @@ def active_pilot(session: Session, use_case: UseCase) -> Pilot | None:
     )
 
 
+def locked(session: Session, use_case_id: int, pilot_id: int | None) -> tuple[UseCase, Pilot | None]:
+    """The use case and pilot re-read and locked for a read-check-write of the pilot's state: PostgreSQL
+    locks the rows (use case first, the order every writer of a pilot's state takes), SQLite holds its
+    write lock from the transaction's start (`session_scope(immediate=True)`, which the caller opens).
+    What another transaction committed since this session read the rows is what the caller sees."""
+    uc = session.get(UseCase, use_case_id, with_for_update=True, populate_existing=True)
+    pilot = None
+    if pilot_id is not None:
+        pilot = session.get(Pilot, pilot_id, with_for_update=True, populate_existing=True)
+    return uc, pilot
+
+
 def promoted_pilot(session: Session, use_case: UseCase) -> Pilot | None:
     """The pilot whose challenger serves as champion now (the monitor samples it, a rollback ends it)."""
     return session.scalar(
@@ -535,17 +547,35 @@ def abort_pilot(
 ) -> tuple[Pilot, list[GateDecision]]:
     """An operator stops the active pilot: its open steps end "aborted", its open decisions are
     resolved "aborted" (no one can approve them any more), the use case is "stopped". Returns the
-    pilot and the decisions closed (their paused approval runs are the caller's to cancel)."""
+    pilot and the decisions closed (their paused approval runs are the caller's to cancel). Refused
+    (PilotStateError, naming the decision) once a GO of the pilot is approved: its promotion is being
+    carried out, and an abort would be undone by it. The caller's transaction must be
+    `session_scope(immediate=True)` (SQLite's write lock; PostgreSQL's row locks are taken here)."""
+    locked(session, use_case.id, None)  # serialised with gate looks and promotions of this use case
     pilot = active_pilot(session, use_case)
     if pilot is None:
         raise PilotStateError(
             f"use case {use_case.name!r} has no active pilot to abort (phase {use_case.phase})"
         )
-    open_decisions = list(
+    locked(session, use_case.id, pilot.id)
+    decided = list(  # locked: an approval signing one of them now is seen, not overwritten
         session.scalars(
-            select(GateDecision).where(GateDecision.pilot_id == pilot.id, GateDecision.resolution.is_(None))
+            select(GateDecision)
+            .where(GateDecision.pilot_id == pilot.id)
+            .order_by(GateDecision.id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
         )
     )
+    approved = [d for d in decided if d.kind == "gate" and d.resolution == "approved"]
+    if approved:
+        raise PilotStateError(
+            f"use case {use_case.name!r}: decision {approved[-1].id} is approved and its promotion is being "
+            f"carried out (or waits to be finished: sparsepilot promote {use_case.name} --decision "
+            f"{approved[-1].id}); pilot {pilot.id} cannot be aborted now, nothing was changed. Roll the "
+            "champion back once it is promoted if it must not serve"
+        )
+    open_decisions = [d for d in decided if d.resolution is None]
     for d in open_decisions:
         d.resolution = "aborted"
     stop_pilot(session, pilot, status="stopped", actor=actor, reason=reason, open_steps="aborted")

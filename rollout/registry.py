@@ -21,6 +21,7 @@ MLflow is called; callers pass use-case names, not sessions.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import tempfile
 import warnings
@@ -29,7 +30,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, NotRequired, TypedDict, Unpack
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from rollout import audit, tracking
@@ -56,6 +57,15 @@ TAG_MODEL_VERSION_ID = "sparsepilot.model_version_id"
 
 class RegistryError(SparsePilotError, RuntimeError):
     """A registry operation could not be completed; the message says which and why."""
+
+
+class MoveInProgress(RegistryError):
+    """Another champion move of the use case is being carried out (its row is pending): one at a time."""
+
+
+# a pending champion move younger than this is taken to be in flight (its MLflow call takes seconds); an
+# older one was cut off, and its own key's retry (rollout.unfinished) finishes it
+MOVE_IN_FLIGHT = dt.timedelta(minutes=5)
 
 
 def model_name(use_case: str) -> str:
@@ -476,14 +486,19 @@ def _move(
         raise RegistryError("an idempotency_key is required for every alias move")
     name = model_name(use_case)
 
-    # 1. pending row + audit, committed before MLflow is touched (or the existing row for this key)
+    # 1. pending row + audit, committed before MLflow is touched (or the existing row for this key); one
+    # first step per use case at a time (SQLite: the write lock; PostgreSQL: the use case's row), so a
+    # champion move sees another's pending row
     try:
-        with session_scope(db_url) as session:
+        with session_scope(db_url, immediate=True) as session:
             uc = _use_case(session, use_case)
+            session.get(UseCase, uc.id, with_for_update=True)
             if who.name == SYSTEM_MONITOR.name:
                 _require_auto_rollback(session, uc)
             move = session.scalar(select(AliasMove).where(AliasMove.idempotency_key == idempotency_key))
             if move is None:
+                if alias == "champion":
+                    _refuse_while_moving(session, uc, idempotency_key)
                 to_version, from_version = target(session, uc)
                 move = AliasMove(
                     idempotency_key=idempotency_key,
@@ -562,19 +577,46 @@ def _move(
             "retry with the same idempotency key."
         ) from exc
 
-    # 3. committed (a crash before this commit leaves 'pending', which a retry completes)
+    # 3. committed (a crash before this commit leaves 'pending', which a retry completes); audited by the
+    # caller whose update changed the row, once (two callers of one key at once both reach here)
     with session_scope(db_url) as session:
-        move = session.get(AliasMove, move_id)
-        move.status = "committed"
-        move.error = None
-        audit.record(
-            session,
-            who.name,
-            f"alias.{action}.committed",
-            on=move,
-            details={"alias": alias, "from": move.from_version, "to": to_version},
-        )
+        changed = session.execute(
+            update(AliasMove)
+            .where(AliasMove.id == move_id, AliasMove.status != "committed")
+            .values(status="committed", error=None)
+        ).rowcount
+        move = session.get(AliasMove, move_id, populate_existing=True)
+        if changed:
+            audit.record(
+                session,
+                who.name,
+                f"alias.{action}.committed",
+                on=move,
+                details={"alias": alias, "from": move.from_version, "to": to_version},
+            )
     return move
+
+
+def _refuse_while_moving(session, uc: UseCase, key: str) -> None:  # noqa: ANN001
+    """MoveInProgress while another key's champion move of the use case is pending and recent: two
+    rollbacks at once (the monitor's and a person's) used to commit two moves for one act."""
+    since = dt.datetime.now(dt.UTC) - MOVE_IN_FLIGHT
+    for other in session.scalars(
+        select(AliasMove).where(
+            AliasMove.use_case_id == uc.id,
+            AliasMove.alias == "champion",
+            AliasMove.status == "pending",
+            AliasMove.idempotency_key != key,
+        )
+    ):
+        created = other.created_at
+        created = created.replace(tzinfo=dt.UTC) if created.tzinfo is None else created
+        if created >= since:
+            raise MoveInProgress(
+                f"use case {uc.name!r}: champion move {other.idempotency_key!r} by {other.actor} "
+                f"(v{other.from_version} -> v{other.to_version}) is being carried out; nothing was "
+                "recorded for this one, look again when it has finished"
+            )
 
 
 def set_alias(

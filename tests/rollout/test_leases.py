@@ -359,3 +359,54 @@ def test_migration_0008_gives_every_existing_use_case_its_free_lease_row(tmp_pat
         rows = conn.execute(text("SELECT use_case_id, holder, expires_at FROM use_case_leases")).all()
         ids = conn.execute(text("SELECT id FROM use_cases ORDER BY id")).scalars().all()
     assert sorted(rows) == [(i, None, None) for i in ids] and len(ids) == 2
+
+
+@pytest.mark.parametrize("trust_db", ["sqlite"], indirect=True)
+def test_on_sqlite_a_writer_holding_the_write_lock_gets_a_busy_refusal_in_seconds(
+    use_case: str, trust_db: str
+) -> None:
+    """Review Q, finding 2: an observations import holds SQLite's write lock for its length. Another run
+    used to wait 30 s on it and fail with "database is locked" (a traceback; the cycle failed instead of
+    skipping its tick). Now the same use case's run is refused at once, naming the holder (its lease is
+    read before the write lock is asked for), and another use case's within a few seconds, with a busy
+    refusal that is a UseCaseBusy (the cycle skips its tick, the CLI exits 2) naming who holds the lock."""
+    from rollout import leases
+    from rollout.db.models import UseCase, UseCaseLease
+    from rollout.db.session import StateDBBusy, session_scope
+
+    with session_scope() as s:
+        other = UseCase(name="other", owner="o", criticality="low")
+        s.add(other)
+        s.flush()
+        s.add(UseCaseLease(use_case_id=other.id))
+    importer = "a" * 32
+    leases.acquire(use_case, importer, "observations import, pid 7 on host-a")
+    locked, done = threading.Event(), threading.Event()
+
+    def long_import() -> None:  # the import's one write transaction
+        with session_scope(immediate=True):
+            locked.set()
+            done.wait(60)
+
+    t = threading.Thread(target=long_import)
+    t.start()
+    try:
+        assert locked.wait(30)
+        start = time.monotonic()
+        with pytest.raises(leases.UseCaseBusy, match="observations import, pid 7"):
+            leases.acquire(use_case, "b" * 32, "gate, pid 8 on host-b")
+        assert time.monotonic() - start < 3
+        start = time.monotonic()
+        with pytest.raises(leases.UseCaseBusy) as busy:
+            leases.acquire("other", "c" * 32, "pilot, pid 9 on host-b")
+        waited = time.monotonic() - start
+        assert leases.LOCK_WAIT_SECONDS - 1 < waited < leases.LOCK_WAIT_SECONDS + 5, waited
+        assert isinstance(busy.value, StateDBBusy)
+        text = str(busy.value)
+        assert text.startswith("other is busy: leased's observations import, pid 7")
+        assert "holds the state DB's write lock" in text and "PostgreSQL" in text
+    finally:
+        done.set()
+        t.join(60)
+    leases.acquire("other", "c" * 32, "pilot, pid 9 on host-b")  # the lock is free again: taken at once
+    assert leases.holder("other") is not None

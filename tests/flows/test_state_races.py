@@ -1,0 +1,422 @@
+"""Review Q: runs that change one use case's state at the same time, on SQLite and PostgreSQL, with real
+threads. A slow gate look (decide() wrapped to wait) or a slow MLflow (`registry._apply_mlflow` wrapped)
+opens the window; what lands in it is the real code path: an operator's `pilot --abort`, approvals, a
+person's rollback, the monitor's look and rollback, the cycle finishing an approved decision.
+
+- a gate look never acts on a pilot that was aborted or promoted while it looked (finding 1);
+- a monitor look whose champion was rolled back while it answered asks nobody for anything (finding 4);
+- an abort is refused once the pilot's GO is approved, and a promotion refuses a stopped pilot (finding 5);
+- the monitor's rollback and a person's make one move, and the monitor's is not called superseded (3);
+- a promotion applied directly is carried out once, committed once in the audit (finding 6)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+import yaml
+from sqlalchemy import select
+
+from tests.flows.test_approvals import _pilot_with_decision
+from tests.trust.test_pilot_rules import _challenger, _dataset_ids
+
+ALICE, BOB, CAROL = (("alice", "approver", "local-account"), ("bob", "approver", "local-account"),
+                     ("carol", "approver", "local-account"))  # fmt: skip
+
+
+@pytest.fixture
+def use_case(trust_db: str, mlflow_home: Any, tiny_model_dir, pilot_dataset, tmp_path):  # noqa: ANN001, ANN201
+    """Factory: a use case on the tiny model in this test's home and state DB (no Prefect server)."""
+    from rollout.usecases import add_usecase
+    from tests.fixtures.flows import tiny_spec
+
+    def make(name: str = "tiny-chat", **overrides: Any) -> str:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(
+            yaml.safe_dump(tiny_spec(tiny_model_dir, name, dataset_file=pilot_dataset, **overrides))
+        )
+        add_usecase(path, actor="test-owner")
+        return name
+
+    return make
+
+
+def _identity(who: tuple[str, str, str]):  # noqa: ANN202
+    from rollout.auth import Identity
+
+    return Identity(*who)
+
+
+def _state(name: str) -> dict[str, Any]:
+    from rollout import pilots, registry
+    from rollout.db.models import AliasMove, AuditEntry, GateDecision, Pilot, PilotStep
+    from rollout.db.session import session_scope
+
+    with session_scope() as s:
+        uc = pilots.get_use_case(s, name)
+        p = s.scalar(select(Pilot).order_by(Pilot.id.desc()))
+        return {
+            "phase": uc.phase,
+            "pilot": p.status if p is not None else None,
+            "steps": [st.status for st in s.scalars(select(PilotStep).order_by(PilotStep.id))],
+            "decisions": [
+                (d.kind, d.outcome, d.awaiting, d.resolution)
+                for d in s.scalars(select(GateDecision).order_by(GateDecision.id))
+            ],  # fmt: skip
+            "champions": registry.champions(s, uc.id),
+            "moves": [
+                (m.idempotency_key, m.from_version, m.to_version, m.status)
+                for m in s.scalars(
+                    select(AliasMove).where(AliasMove.alias == "champion").order_by(AliasMove.id)
+                )
+            ],  # fmt: skip
+            "audit": [a.action for a in s.scalars(select(AuditEntry).order_by(AuditEntry.id))],
+        }
+
+
+def _commits_audited(name: str) -> dict[str, int]:
+    """How often each champion move's commit is in the audit log, by its idempotency key."""
+    from rollout import pilots
+    from rollout.db.models import AliasMove, AuditEntry
+    from rollout.db.session import session_scope
+
+    with session_scope() as s:
+        uc = pilots.get_use_case(s, name)
+        champion = select(AliasMove).where(AliasMove.use_case_id == uc.id, AliasMove.alias == "champion")
+        moves = {str(m.id): m.idempotency_key for m in s.scalars(champion)}
+        out: dict[str, int] = {}
+        for a in s.scalars(select(AuditEntry).where(AuditEntry.action.like("alias.%.committed"))):
+            if a.entity_id in moves:
+                out[moves[a.entity_id]] = out.get(moves[a.entity_id], 0) + 1
+        return out
+
+
+def _running_step(name: str, quality_treatment: float = 0.8) -> dict[str, Any]:
+    """A running pilot whose step holds a batch both arms answered (the gate judges it)."""
+    from rollout import pilot_batches
+
+    _challenger(name)
+    info = pilot_batches.ensure_pilot(name)
+    rows = [{"request_id": r, "arm": a, "quality": 0.8 if a == "control" else quality_treatment,
+             "latency_ms": 100.0, "tokens": 4, "error": False}
+            for r in _dataset_ids(name, 60) for a in ("control", "treatment")]  # fmt: skip
+    pilot_batches.store_batch(info["step_id"], rows, "b-1", "pilot")
+    return info
+
+
+def _slow_gate(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """decide() has judged, then takes 2 s more: the window another transaction lands in."""
+    import rollout.gate as gate
+
+    judged, decide = threading.Event(), gate.decide
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        out = decide(*args, **kwargs)
+        judged.set()
+        time.sleep(2.0)
+        return out
+
+    monkeypatch.setattr(gate, "decide", slow)
+    return judged
+
+
+def _slow_mlflow(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    from rollout import registry
+
+    inside, apply = threading.Event(), registry._apply_mlflow
+
+    def slow(*args: Any) -> Any:
+        inside.set()
+        time.sleep(1.5)
+        return apply(*args)
+
+    monkeypatch.setattr(registry, "_apply_mlflow", slow)
+    return inside
+
+
+def _in_thread(fn, out: dict, key: str) -> threading.Thread:  # noqa: ANN001
+    def run() -> None:
+        try:
+            out[key] = fn()
+        except Exception as exc:  # noqa: BLE001 - the test asserts on it
+            out[key] = exc
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
+def test_a_gate_look_overlapping_an_abort_records_nothing(use_case, monkeypatch) -> None:  # noqa: ANN001
+    """Finding 1(b): the look used to record a final-step GO on the aborted pilot and bring it back to
+    "awaiting approval" (its aborted step "passed"); approving it then promoted an aborted pilot."""
+    from rollout import decisions, leases, pilot_batches, pilots
+
+    name = use_case()
+    info = _running_step(name)
+    judged = _slow_gate(monkeypatch)
+    out: dict[str, Any] = {}
+
+    def look() -> dict:
+        with leases.holding(name, "gate"):
+            return decisions.gate_step(name, info["step_id"], promote_after_step=0)
+
+    t = _in_thread(look, out, "gate")
+    assert judged.wait(120)
+    pilot_batches.abort(name, actor="olga", reason="wrong traffic mix")
+    t.join(120)
+    assert isinstance(out["gate"], pilots.PilotStateError), out["gate"]
+    assert "it was running at step 0 when this look began" in str(out["gate"])
+    assert "stopped" in str(out["gate"])
+    state = _state(name)
+    assert (state["phase"], state["pilot"], state["steps"], state["decisions"]) == (
+        "stopped", "stopped", ["aborted"], [],
+    )  # fmt: skip
+
+
+def test_a_gate_look_overlapping_an_override_promotion_leaves_the_champion_promoted(
+    use_case,
+    monkeypatch,  # noqa: ANN001
+) -> None:
+    """Finding 1(a): a NO-GO look that ended after two approvers promoted early used to stop the pilot
+    and the use case: the sparse champion served, unmonitored, and no rollback could reach it."""
+    from rollout import approvals, decisions, leases, pilot_batches, pilots
+    from rollout.db.models import Pilot
+    from rollout.db.session import session_scope
+
+    name = use_case()
+    info = _running_step(name, quality_treatment=0.1)  # the look says NO-GO
+    with session_scope() as s:  # an earlier look said EXTEND
+        uc, p = pilots.get_use_case(s, name), s.scalar(select(Pilot))
+        d, _ = pilots.record_decision(s, idempotency_key="gate:earlier", use_case=uc, pilot=p,
+            step=pilots.current_step(s, p), outcome="EXTEND", evidence={"reasons": ["inconclusive"]},
+            explanation="EXTEND", data_fingerprint="e" * 64, awaiting="none")  # fmt: skip
+        s.flush()
+        early = d.id
+    assert approvals.approve(early, _identity(ALICE), "ship it early").needs_second_approver
+    judged = _slow_gate(monkeypatch)
+    out: dict[str, Any] = {}
+
+    def look() -> dict:
+        with leases.holding(name, "gate"):
+            return decisions.gate_step(name, info["step_id"])
+
+    t = _in_thread(look, out, "gate")
+    assert judged.wait(120)
+    assert approvals.approve(early, _identity(BOB), "agreed").took_effect
+    t.join(120)
+    assert isinstance(out["gate"], pilots.PilotStateError), out["gate"]
+    assert "promoted" in str(out["gate"])
+    state = _state(name)
+    assert (state["phase"], state["pilot"], len(state["champions"])) == ("promoted", "promoted", 1)
+    assert [d[1] for d in state["decisions"]] == ["EXTEND"]
+    assert pilot_batches.monitor_target(name) is not None  # the monitor watches the new champion
+
+
+def _promoted(name: str) -> dict[str, Any]:
+    """The dense baseline and the challenger both champions (the GO approved): one to roll back to."""
+    from rollout import approvals, pilot_batches, pilots, registry
+    from rollout.db.session import session_scope
+    from sparse_core import SparsePlan
+
+    with session_scope() as s:
+        model = pilots.load_current_spec(s, pilots.get_use_case(s, name))[0].model
+    plan = SparsePlan(estimator="pooled", tau=1.0, dense_layers=(0, 1), metadata={"baseline": "dense"})
+    registry.register_version(name, plan, model, actor=registry.SYSTEM_PIPELINE, density=1.0)
+    did = _pilot_with_decision(name, "GO", "approval")
+    approvals.approve(did, _identity(ALICE), "ship it")
+    return pilot_batches.monitor_target(name)
+
+
+def test_a_monitor_look_after_a_manual_rollback_asks_nobody(use_case) -> None:  # noqa: ANN001
+    """Finding 4: a look that answered its batch while a person rolled back used to record its breach
+    afterwards and pull the rolled-back use case into "awaiting approval" for a rollback nobody could
+    approve ("keeping" it left a use case "promoted" with nothing to monitor)."""
+    from rollout import approvals, decisions, leases, pilot_batches
+
+    name = use_case(rollback="manual")
+    _promoted(name)
+    answering, answered = threading.Event(), threading.Event()
+    ids = _dataset_ids(name, 40)
+    out: dict[str, Any] = {}
+
+    def monitor() -> dict:
+        with leases.holding(name, "monitor"):
+            info = pilot_batches.monitor_target(name)
+            answering.set()
+            assert answered.wait(120)  # the model answers the batch meanwhile
+            rows = [{"request_id": r, "arm": a, "quality": 0.8, "latency_ms": 100.0, "tokens": 4,
+                     "error": a == "treatment" and i % 2 == 0}
+                    for i, r in enumerate(ids) for a in ("control", "treatment")]  # fmt: skip
+            pilot_batches.store_batch(info["step_id"], rows, "m-1", "monitor")
+            passed = {"passed": True, "failures": [], "report": {}}
+            return decisions.monitor_look(name, info, rows, passed, "m-1")
+
+    t = _in_thread(monitor, out, "monitor")
+    assert answering.wait(120)
+    approvals.request_rollback(name, _identity(BOB), "users complain")
+    answered.set()
+    t.join(120)
+    look = out["monitor"]
+    assert isinstance(look, dict), look
+    assert (look["outcome"], look["awaiting"], look["resolution"], look["automatic_rollback"]) == (
+        "NO-GO", "none", "superseded", False,
+    )  # fmt: skip
+    assert "no longer serves as promoted" in look["explanation"]
+    state = _state(name)
+    assert (state["phase"], state["pilot"]) == ("rolled_back", "rolled_back")
+    assert decisions.latest_waiting(name) is None  # nothing for anyone to approve
+
+
+def test_an_abort_is_refused_while_an_approved_promotion_is_carried_out(use_case, monkeypatch) -> None:  # noqa: ANN001
+    """Finding 5: `pilot --abort` during the approved promotion's MLflow call used to report success,
+    then the promotion undid it (phase promoted, the aborted step still "aborted")."""
+    from rollout import approvals, pilot_batches, pilots, registry
+
+    name = use_case()
+    did = _pilot_with_decision(name, "GO", "approval")
+    inside = _slow_mlflow(monkeypatch)
+    out: dict[str, Any] = {}
+    t = _in_thread(lambda: approvals.approve(did, _identity(ALICE), "ship it"), out, "approve")
+    assert inside.wait(120)
+    with pytest.raises(pilots.PilotStateError, match=f"decision {did} is approved and its promotion"):
+        pilot_batches.abort(name, actor="olga", reason="wrong traffic mix")
+    t.join(120)
+    assert out["approve"].took_effect, out["approve"]
+    state = _state(name)
+    assert (state["phase"], state["pilot"], state["steps"]) == ("promoted", "promoted", ["passed"])
+    assert "pilot.abort" not in state["audit"]
+    assert registry.current_aliases(name)["champion"] == state["champions"][-1]
+
+
+def test_a_promotion_refuses_a_pilot_stopped_since_its_approval(use_case) -> None:  # noqa: ANN001
+    """apply_promotion checks the pilot under its lock before any move: a stopped one is not promoted."""
+    from rollout import approvals
+    from rollout.db.models import Approval, GateDecision, Pilot
+    from rollout.db.session import session_scope
+
+    name = use_case()
+    did = _pilot_with_decision(name, "GO", "approval")
+    with session_scope() as s:  # signed, then the pilot stopped (as a crash-left state might have it)
+        d = s.get(GateDecision, did)
+        approval = approvals._sign(s, d, _identity(ALICE), "approve", "ship it", False, "approval.approve")
+        d.resolution = "approved"
+        s.get(Pilot, d.pilot_id).status = "stopped"
+        s.flush()
+        aid = approval.id
+    with pytest.raises(approvals.ApprovalError, match=f"decision {did}: pilot .* is stopped.*nothing moved"):
+        approvals.apply_promotion(did, aid, reason="finishing")
+    assert _state(name)["moves"] == []
+    with session_scope() as s:
+        assert s.scalar(select(Approval.id).where(Approval.id == aid)) == aid
+
+
+def test_the_monitors_rollback_and_a_persons_at_once_make_one_move(use_case, monkeypatch) -> None:  # noqa: ANN001
+    """Finding 3: both committed a rollback move (MLflow moved twice) and the monitor's decision, whose
+    move committed, was closed "superseded". Now the person is told the monitor's rollback is under way."""
+    from rollout import approvals, audit, leases, pilots, registry
+    from rollout.db.models import Pilot, PilotStep
+    from rollout.db.session import session_scope
+
+    name = use_case()  # rollback: auto
+    info = _promoted(name)
+    with session_scope() as s:  # the alarm monitor_look records under `rollback: auto`
+        d, _ = pilots.record_decision(s, idempotency_key=f"monitor:{info['step_id']}:m-1",
+            use_case=pilots.get_use_case(s, name), pilot=s.get(Pilot, info["pilot_id"]),
+            step=s.get(PilotStep, info["step_id"]), kind="monitor", outcome="NO-GO",
+            evidence={"batch_id": "m-1"}, explanation="Monitor: NO-GO. rolled back automatically.",
+            data_fingerprint="m-1", awaiting="none", actor=audit.MONITOR_ACTOR)  # fmt: skip
+        s.flush()
+        alarm = d.id
+    inside = _slow_mlflow(monkeypatch)
+    out: dict[str, Any] = {}
+
+    def monitor() -> dict:
+        with leases.holding(name, "monitor"):
+            return approvals.apply_rollback(alarm, None, reason="guardrail breached", automatic=True)
+
+    t = _in_thread(monitor, out, "monitor")
+    assert inside.wait(120)
+    with pytest.raises(registry.MoveInProgress, match=f"automatic rollback \\(decision {alarm}"):
+        approvals.request_rollback(name, _identity(BOB), "users complain")
+    t.join(120)
+    assert out["monitor"]["action"] == "rolled_back", out["monitor"]
+    state = _state(name)
+    rollbacks = [m for m in state["moves"] if m[0].startswith("rollback:")]
+    assert rollbacks == [(f"rollback:{alarm}", rollbacks[0][1], rollbacks[0][2], "committed")]
+    assert state["audit"].count("alias.rollback.committed") == 1
+    assert state["decisions"][-1][3] == "auto_rolled_back" and state["phase"] == "rolled_back"
+    assert "rollback.superseded" not in state["audit"]
+
+
+def test_a_persons_rollback_under_way_makes_the_monitors_give_way(use_case, monkeypatch) -> None:  # noqa: ANN001
+    """The other order: the person's rollback is moving the champion when the monitor's starts; the
+    monitor's moves nothing (its own move never began) and is closed superseded."""
+    from rollout import approvals, audit, leases, pilots
+    from rollout.db.models import Pilot, PilotStep
+    from rollout.db.session import session_scope
+
+    name = use_case()
+    info = _promoted(name)
+    inside = _slow_mlflow(monkeypatch)
+    out: dict[str, Any] = {}
+    t = _in_thread(lambda: approvals.request_rollback(name, _identity(BOB), "users complain"), out, "person")
+    assert inside.wait(120)
+    with session_scope() as s:
+        d, _ = pilots.record_decision(s, idempotency_key=f"monitor:{info['step_id']}:m-2",
+            use_case=pilots.get_use_case(s, name), pilot=s.get(Pilot, info["pilot_id"]),
+            step=s.get(PilotStep, info["step_id"]), kind="monitor", outcome="NO-GO",
+            evidence={"batch_id": "m-2"}, explanation="Monitor: NO-GO.", data_fingerprint="m-2",
+            awaiting="none", actor=audit.MONITOR_ACTOR)  # fmt: skip
+        s.flush()
+        alarm = d.id
+    with leases.holding(name, "monitor"):
+        mine = approvals.apply_rollback(alarm, None, reason="guardrail breached", automatic=True)
+    t.join(120)
+    assert mine["action"] == "none" and "is being carried out" in mine["reason"], mine
+    state = _state(name)
+    assert [m[3] for m in state["moves"] if m[0].startswith("rollback:")] == ["committed"]
+    assert state["phase"] == "rolled_back" and state["decisions"][-1][3] == "superseded"
+
+
+def test_a_direct_approval_and_the_cycles_finishing_carry_a_promotion_out_once(
+    use_case,
+    monkeypatch,  # noqa: ANN001
+) -> None:
+    """Finding 6: the cycle's finish_unfinished carried out a promotion the dashboard was applying at that
+    moment: MLflow called twice per move, "retried" and two "committed" entries per move in the audit.
+    Now the cycle leaves a just-signed decision alone; and two callers of one move (the cycle's finish
+    after the grace, racing a slow apply) audit its commit once."""
+    from flows.promote import finish_unfinished
+    from rollout import approvals, leases, unfinished
+
+    name = use_case()
+    from rollout import pilots, registry
+    from rollout.db.session import session_scope
+    from sparse_core import SparsePlan
+
+    with session_scope() as s:
+        model = pilots.load_current_spec(s, pilots.get_use_case(s, name))[0].model
+    plan = SparsePlan(estimator="pooled", tau=1.0, dense_layers=(0, 1), metadata={"baseline": "dense"})
+    registry.register_version(name, plan, model, actor=registry.SYSTEM_PIPELINE, density=1.0)
+    did = _pilot_with_decision(name, "GO", "approval")
+    inside = _slow_mlflow(monkeypatch)
+    out: dict[str, Any] = {}
+    t = _in_thread(
+        lambda: approvals.approve(did, _identity(ALICE), "ship it", apply_if_no_flow=True), out, "dashboard"
+    )
+    assert inside.wait(120)
+    with leases.holding(name, "use-case cycle"):
+        assert unfinished.unfinished_of(name) is not None  # decided, not yet in effect
+        assert finish_unfinished(name) is None  # signed a moment ago: its approver is carrying it out
+        u = unfinished.unfinished_of(name)
+        late = approvals.apply_promotion(u.decision_id, u.approval_id, reason="finishing") if u else None
+    t.join(120)
+    assert out["dashboard"].took_effect, out["dashboard"]
+    state = _state(name)
+    assert state["phase"] == "promoted" and late is not None
+    committed = _commits_audited(name)
+    assert committed == {m[0]: 1 for m in state["moves"]}, committed
+    assert sorted(committed) == [f"baseline:{did}", f"promote:{did}"]
+    assert [m[3] for m in state["moves"]] == ["committed", "committed"]
