@@ -41,11 +41,14 @@ def flow_task(name: str, *, retries: int = 2) -> Any:
 def _worth_retrying(_task: Any, _task_run: Any, state: Any) -> bool:
     """Not when the use case belongs to another run (rollout.leases: a lease another run took over, or
     holds): a retry would be refused the same way, and a calibration task would start computing again;
-    nor for a refused observations file (the same file is refused again)."""
+    nor for a refused observations file (the same file is refused again), nor for a pilot whose state
+    refuses the step (a look on a pilot aborted or promoted meanwhile: the state will not change back)."""
     from rollout.leases import LeaseLost, UseCaseBusy
     from rollout.observations_io import ObservationImportError
+    from rollout.pilots import PilotStateError
 
-    return not isinstance(getattr(state, "data", None), LeaseLost | UseCaseBusy | ObservationImportError)
+    refused = LeaseLost | UseCaseBusy | ObservationImportError | PilotStateError
+    return not isinstance(getattr(state, "data", None), refused)
 
 
 def this_run() -> str | None:
