@@ -40,10 +40,13 @@ def flow_task(name: str, *, retries: int = 2) -> Any:
 
 def _worth_retrying(_task: Any, _task_run: Any, state: Any) -> bool:
     """Not when the use case belongs to another run (rollout.leases: a lease another run took over, or
-    holds): a retry would be refused the same way, and a calibration task would start computing again."""
+    holds): a retry would be refused the same way, and a calibration task would start computing again;
+    nor on a setting SparsePilot cannot use (`SettingsError`: a bad SPARSEPILOT_DEVICE), which a second
+    later is as bad."""
     from rollout.leases import LeaseLost, UseCaseBusy
+    from rollout.settings import SettingsError
 
-    return not isinstance(getattr(state, "data", None), LeaseLost | UseCaseBusy)
+    return not isinstance(getattr(state, "data", None), LeaseLost | UseCaseBusy | SettingsError)
 
 
 def this_run() -> str | None:
@@ -156,16 +159,18 @@ def get_model(ref: str) -> tuple[Any, Any]:
 def pick_device() -> str:
     """Where the flows load the model: SPARSEPILOT_DEVICE (auto, cpu or cuda) if set, else auto, by the
     benchmarks' rule (CUDA when torch sees it, else the CPU; `cuda` without one is refused). A value
-    it cannot use is an error that names the variable, not a failure deep inside a model load."""
+    it cannot use is a `SettingsError` that names the variable (`error: ...`, exit 2 at the CLI, which
+    checks it before a flow starts), not a failure deep inside a model load."""
     import os
 
+    from rollout.settings import SettingsError
     from sparse_core.bench.common import bench_device
 
     wanted = os.environ.get("SPARSEPILOT_DEVICE") or "auto"
     try:
         return bench_device(wanted).type
     except ValueError as exc:
-        raise ValueError(f"SPARSEPILOT_DEVICE={wanted!r}: {exc}") from None
+        raise SettingsError(f"SPARSEPILOT_DEVICE={wanted!r}: {exc}") from None
 
 
 @contextmanager

@@ -49,6 +49,15 @@ def _require_db() -> None:
     require_schema()
 
 
+def _require_device() -> None:
+    """SPARSEPILOT_DEVICE (where the flows load the model) checked before a flow starts: a value the
+    flows cannot use (not auto|cpu|cuda, or cuda where torch sees none) is `error: SPARSEPILOT_DEVICE=...`
+    and exit 2 here (a `SettingsError`), not a failed flow run's tracebacks."""
+    from flows.common import pick_device
+
+    pick_device()
+
+
 # IDs are stored as 32-bit integers (PostgreSQL INTEGER): anything larger cannot name a row.
 DecisionId = Annotated[
     int,
@@ -65,6 +74,7 @@ def calibrate_use_case(name: str, quick: bool, json_out: bool) -> None:
     """Use-case form: validate the dataset, calibrate to the spec's budget, register @challenger."""
     from flows.calibrate import calibrate_flow
 
+    _require_device()
     result = _run(lambda: calibrate_flow(name, quick=quick))
     if json_out:
         emit_json(result)
@@ -86,6 +96,7 @@ def evaluate_use_case(name: str, quick: bool, json_out: bool) -> None:
     """Use-case form: quality and speed vs dense on the use case's data, ROI with its interval."""
     from flows.evaluate import evaluate_flow
 
+    _require_device()
     result = _run(lambda: evaluate_flow(name, quick=quick))
     if json_out:
         emit_json(result)
@@ -146,6 +157,7 @@ def pilot_cmd(
         )
     else:
         _require_use_case(name)
+        _require_device()
         result = _run(lambda: pilot_flow(name, batches=batches, max_new_tokens=max_new_tokens))
     if json_out:
         emit_json(result)
@@ -278,6 +290,7 @@ def monitor_cmd(
 
     _require_use_case(name)
     signed_in("operator", f"monitor {name}", password_stdin)
+    _require_device()
     result = _run(lambda: monitor_flow(name, observations_file=observations))
     emit_or_say(result, json_out, result.get("explanation") or result)
 
@@ -340,6 +353,7 @@ def run_cmd(
     from rollout.settings import get_settings
     from sparsepilot.quiet import to_log_file
 
+    _require_device()
     log_path = to_log_file(get_settings().home, "run")
     out_console.print(f"log file (warnings and library output): {log_path}", highlight=False, soft_wrap=True)
     result = _run(lambda: run_main_job(settings, console=out_console), needs_db=False)
@@ -384,4 +398,6 @@ def serve_cmd(
     work pool for workers when a Prefect server is configured (PREFECT_API_URL)."""
     from flows.deployments import serve_schedules
 
+    if not work_pool:  # the flows run here (a work pool's workers have their own environment)
+        _require_device()
     _run(lambda: serve_schedules(use_case or None, work_pool=work_pool, console=console))
