@@ -49,6 +49,16 @@ def _require_db() -> None:
     require_schema()
 
 
+def _to_log_file(command: str, json_out: bool) -> None:
+    """Third-party chatter (Prefect's temporary-server lines, its tracebacks of an error the command
+    reports as `error: ...`, library warnings and weight-loading bars) to the command's log file, whose
+    path is said on stderr first (not with --json), as calibrate, evaluate and pilot do
+    (`sparsepilot.quiet.for_command`)."""
+    from sparsepilot.quiet import for_command
+
+    for_command(command, say_where=not json_out)
+
+
 def _require_device() -> None:
     """SPARSEPILOT_DEVICE (where the flows load the model) checked before a flow starts: a value the
     flows cannot use (not auto|cpu|cuda, or cuda where torch sees none) is `error: SPARSEPILOT_DEVICE=...`
@@ -175,6 +185,7 @@ def gate_cmd(name: UseCaseArg, password_stdin: PasswordStdin = False, json_out: 
 
     _require_use_case(name)
     signed_in("operator", f"gate {name}", password_stdin)
+    _to_log_file("gate", json_out)
     result = _run(lambda: gate_flow(name))
     if json_out:
         emit_json(result)
@@ -217,6 +228,7 @@ def approve_cmd(
         _check_decision(name, decision)
         return approve_decision(decision, who, reason, reject=reject)
 
+    _to_log_file("approve", json_out)
     result = _run(go)
     emit_or_say(result, json_out, result["message"])
 
@@ -245,6 +257,7 @@ def promote_cmd(
             return promote_flow(decision_id=decision, approval_id=approval_id, reason=reason, actor=who.name)
         return approve_decision(decision, who, reason)
 
+    _to_log_file("promote", json_out)
     result = _run(go)
     emit_or_say(result, json_out, result.get("message") or result)
 
@@ -268,6 +281,7 @@ def rollback_cmd(
             decision_id=ids["decision_id"], approval_id=ids["approval_id"], reason=reason, actor=who.name
         )
 
+    _to_log_file("rollback", json_out)
     result = _run(go)
     move = result.get("alias_move") or {}
     moved = f"{move.get('from_version')} -> {move.get('to_version')} ({move.get('status')})"
@@ -291,6 +305,7 @@ def monitor_cmd(
     _require_use_case(name)
     signed_in("operator", f"monitor {name}", password_stdin)
     _require_device()
+    _to_log_file("monitor", json_out)
     result = _run(lambda: monitor_flow(name, observations_file=observations))
     emit_or_say(result, json_out, result.get("explanation") or result)
 
@@ -400,4 +415,5 @@ def serve_cmd(
 
     if not work_pool:  # the flows run here (a work pool's workers have their own environment)
         _require_device()
+    _to_log_file("serve", False)
     _run(lambda: serve_schedules(use_case or None, work_pool=work_pool, console=console))
