@@ -111,7 +111,8 @@ def gate_step(
             return summary(found, step, False)
         if pilot.status != "running" or pilot.current_step_index != step.index:
             raise pilots.PilotStateError(
-                f"{use_case}: pilot {pilot.id} is {pilot.status} at step {pilot.current_step_index}"
+                f"{use_case}: {pilots.pilot_label(pilot)} is {pilot.status} "
+                f"at step {pilot.current_step_index}"
             )
         final = pilots.is_last_step(spec, step) or (
             promote_after_step is not None and step.index >= promote_after_step

@@ -154,7 +154,7 @@ def pilot_cmd(
     if abort:
         out = _run(lambda: abort_pilot(name, who.name, reason or ""))
         closed = out["closed_decisions"] or "none"
-        emit_or_say(out, json_out, f"{name}: pilot {out['pilot_id']} aborted; closed decisions: {closed}")
+        emit_or_say(out, json_out, f"{name}: {out['pilot']} aborted; closed decisions: {closed}")
         return
     from sparsepilot.quiet import for_command
 
@@ -174,7 +174,7 @@ def pilot_cmd(
         return
     rows = [{"step": result["step_index"], "kind": result["step_kind"], **b} for b in result["batches"]]
     cols = ["step", "kind", "batch_id", "passed", "inserted", "already_present"]
-    print_table(f"pilot {result['pilot_id']} of {name}", rows, cols)
+    print_table(f"{result['pilot']} of {name}", rows, cols)
 
 
 @app.command("gate")
