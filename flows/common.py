@@ -42,12 +42,15 @@ def _worth_retrying(_task: Any, _task_run: Any, state: Any) -> bool:
     """Not when the use case belongs to another run (rollout.leases: a lease another run took over, or
     holds): a retry would be refused the same way, and a calibration task would start computing again;
     nor for a refused observations file (the same file is refused again), nor for a pilot whose state
-    refuses the step (a look on a pilot aborted or promoted meanwhile: the state will not change back)."""
+    refuses the step (a look on a pilot aborted or promoted meanwhile: the state will not change back),
+    nor on a setting SparsePilot cannot use (`SettingsError`: a bad SPARSEPILOT_DEVICE), which a second
+    later is as bad."""
     from rollout.leases import LeaseLost, UseCaseBusy
     from rollout.observations_io import ObservationImportError
     from rollout.pilots import PilotStateError
+    from rollout.settings import SettingsError
 
-    refused = LeaseLost | UseCaseBusy | ObservationImportError | PilotStateError
+    refused = LeaseLost | UseCaseBusy | ObservationImportError | PilotStateError | SettingsError
     return not isinstance(getattr(state, "data", None), refused)
 
 
@@ -161,16 +164,18 @@ def get_model(ref: str) -> tuple[Any, Any]:
 def pick_device() -> str:
     """Where the flows load the model: SPARSEPILOT_DEVICE (auto, cpu or cuda) if set, else auto, by the
     benchmarks' rule (CUDA when torch sees it, else the CPU; `cuda` without one is refused). A value
-    it cannot use is an error that names the variable, not a failure deep inside a model load."""
+    it cannot use is a `SettingsError` that names the variable (`error: ...`, exit 2 at the CLI, which
+    checks it before a flow starts), not a failure deep inside a model load."""
     import os
 
+    from rollout.settings import SettingsError
     from sparse_core.bench.common import bench_device
 
     wanted = os.environ.get("SPARSEPILOT_DEVICE") or "auto"
     try:
         return bench_device(wanted).type
     except ValueError as exc:
-        raise ValueError(f"SPARSEPILOT_DEVICE={wanted!r}: {exc}") from None
+        raise SettingsError(f"SPARSEPILOT_DEVICE={wanted!r}: {exc}") from None
 
 
 @contextmanager

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from rollout import usecases
+from rollout.settings import SettingsError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 APPROVAL_DEPLOYMENT = "sparsepilot-approval"
@@ -88,13 +89,13 @@ def deploy_to_work_pool(names: list[str] | None, work_pool: str) -> list[str]:
 def serve_schedules(
     names: list[str] | None = None, *, work_pool: str | None = None, console: Any = None
 ) -> None:
+    if work_pool and not os.environ.get("PREFECT_API_URL"):  # refused before anything is printed
+        raise SettingsError("--work-pool needs a Prefect server: set PREFECT_API_URL")
     deps_info = scheduled_use_cases(names)
     if console is not None:
         for s in deps_info:
             console.print(f"schedule {deployment_name(s['use_case'])}: {s['cron']} ({s['timezone']})")
     if work_pool:
-        if not os.environ.get("PREFECT_API_URL"):
-            raise RuntimeError("--work-pool needs a Prefect server: set PREFECT_API_URL")
         ids = deploy_to_work_pool(names, work_pool)
         if console is not None:
             console.print(f"deployed {len(ids)} deployment(s) to work pool {work_pool!r}; start workers with "

@@ -58,8 +58,8 @@ def abort(use_case: str, actor: str, reason: str) -> dict[str, Any]:
     text = (reason or "").strip()
     if not has_visible_text(text):  # zero-width and other invisible characters alone say nothing
         raise PilotError("--abort needs a --reason (kept in the audit log)")
-    pilot_id, closed, runs = pilot_batches.abort(use_case, actor=actor, reason=text)
-    out = {"pilot_id": pilot_id, "closed_decisions": closed, "cancelled_runs": []}
+    pilot_id, pilot, closed, runs = pilot_batches.abort(use_case, actor=actor, reason=text)
+    out = {"pilot_id": pilot_id, "pilot": pilot, "closed_decisions": closed, "cancelled_runs": []}
     for rid in runs:
         try:
             with get_client(sync_client=True) as client:
@@ -105,6 +105,7 @@ def _import_observations(
     return {
         "use_case": use_case,
         "pilot_id": info["pilot_id"],
+        "pilot": info["pilot"],
         "step_index": info["step_index"],
         "step_kind": info["kind"],
         "traffic_pct": info["traffic_pct"],
@@ -257,6 +258,7 @@ def pilot_flow(
     summary: dict[str, Any] = {
         "use_case": use_case,
         "pilot_id": info["pilot_id"],
+        "pilot": info["pilot"],
         "step_index": info["step_index"],
         "step_kind": info["kind"],
         "traffic_pct": info["traffic_pct"],
@@ -269,10 +271,10 @@ def pilot_flow(
         requests = next_requests(ctx, used, info["salt"], n)
         if not requests:
             logger.info(
-                "%s: traffic exhausted: %d distinct requests used in pilot %d; no batch",
+                "%s: traffic exhausted: %d distinct requests used in %s; no batch",
                 use_case,
                 len(used),
-                info["pilot_id"],
+                info["pilot"],
             )
             summary["traffic_exhausted"] = True
             break

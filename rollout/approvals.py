@@ -538,7 +538,7 @@ def _require_pilot_to_promote(d: GateDecision, pilot: Pilot, *, moved: bool) -> 
     """The pilot an approved GO promotes must still be live (or promoted by this decision already, on a
     retry): one stopped or rolled back since (an abort is refused once the GO is approved, `abort_pilot`)
     is never brought back to "promoted"."""
-    from rollout.pilots import ACTIVE_PILOT
+    from rollout.pilots import ACTIVE_PILOT, pilot_label
 
     if pilot.status in (*ACTIVE_PILOT, "promoted"):
         return
@@ -548,7 +548,7 @@ def _require_pilot_to_promote(d: GateDecision, pilot: Pilot, *, moved: bool) -> 
         if moved
         else "nothing moved"
     )
-    raise ApprovalError(f"decision {d.id}: pilot {pilot.id} is {pilot.status}, not promotable; {done}")
+    raise ApprovalError(f"decision {d.id}: {pilot_label(pilot)} is {pilot.status}, not promotable; {done}")
 
 
 def apply_rejection(

@@ -182,7 +182,8 @@ def _check_still_running(use_case: str, pilot: Pilot, step: PilotStep, *, change
             else ""
         )
         raise pilots.PilotStateError(
-            f"{use_case}: pilot {pilot.id} is {pilot.status} at step {pilot.current_step_index}{meanwhile}"
+            f"{use_case}: {pilots.pilot_label(pilot)} is {pilot.status} at step {pilot.current_step_index}"
+            f"{meanwhile}"
         )
 
 
@@ -238,8 +239,8 @@ def monitor_look(
         auto = auto and gone is None
         awaiting = "rollback_approval" if bad and not auto and gone is None else "none"
         action = (
-            f"The judged champion no longer serves as promoted (pilot {pilot.id} is {gone}, the use case "
-            f"{uc.phase}): nothing is rolled back or asked."
+            f"The judged champion no longer serves as promoted ({pilots.pilot_label(pilot)} is {gone}, the "
+            f"use case {uc.phase}): nothing is rolled back or asked."
             if gone is not None
             else "The champion is rolled back automatically (rollback policy: auto)."
             if auto

@@ -26,6 +26,7 @@ def _step_info(
     brings its own rows: reading a promoted pilot's million ids costs a second a look for nothing)."""
     return {
         "pilot_id": pilot.id,
+        "pilot": pilots.pilot_label(pilot),  # how messages name it: "pilot 2", the use case's second
         "use_case_id": pilot.use_case_id,
         "salt": pilot.salt,
         "step_id": step.id,
@@ -58,19 +59,19 @@ def ensure_pilot_in(session: Any, use_case: str) -> dict[str, Any]:
     last = pilots.latest_pilot(session, uc)
     if last is not None and last.model_version_id == mv.id and last.status in pilots.ENDED_PILOT:
         raise pilots.PilotStateError(
-            f"{use_case}: pilot {last.id} of this challenger has ended ({last.status}); "
+            f"{use_case}: {pilots.pilot_label(last)} of this challenger has ended ({last.status}); "
             "calibrate a new challenger (or add a new spec version) to pilot again"
         )
     pilot = pilots.active_pilot(session, uc)
     if pilot is None or pilot.model_version_id != mv.id:
         if pilot is not None and pilot.status == "awaiting_approval":
             raise pilots.PilotStateError(
-                f"{use_case}: pilot {pilot.id} is waiting for approval; approve or reject it first"
+                f"{use_case}: {pilots.pilot_label(pilot)} is waiting for approval; approve or reject it first"
             )
         pilot = pilots.start_pilot(session, uc, mv, spec, actor=audit.SYSTEM_ACTOR)
     if pilot.status != "running":
         raise pilots.PilotStateError(
-            f"{use_case}: pilot {pilot.id} is {pilot.status}; no pilot traffic is collected now"
+            f"{use_case}: {pilots.pilot_label(pilot)} is {pilot.status}; no pilot traffic is collected now"
         )
     return _step_info(session, pilot, pilots.current_step(session, pilot), mv)
 
@@ -309,10 +310,16 @@ def import_file(
     return {"info": info, "rows": sample, "batch_id": bid, "source": source, "stored": stored}
 
 
-def abort(use_case: str, *, actor: str, reason: str) -> tuple[int, list[int], list[str]]:
-    """Stop the active pilot (rollout.pilots.abort_pilot): (pilot id, the decisions it closed, the
-    paused approval runs of those decisions, which the caller cancels)."""
+def abort(use_case: str, *, actor: str, reason: str) -> tuple[int, str, list[int], list[str]]:
+    """Stop the active pilot (rollout.pilots.abort_pilot): (pilot id, how messages name it, the
+    decisions it closed, the paused approval runs of those decisions, which the caller cancels)."""
     with session_scope(immediate=True) as session:
         uc = pilots.get_use_case(session, use_case)
         pilot, closed = pilots.abort_pilot(session, uc, actor=actor, reason=reason)
-        return pilot.id, [d.id for d in closed], [d.flow_run_id for d in closed if d.flow_run_id]
+        closed_ids = [d.id for d in closed]
+        return (
+            pilot.id,
+            pilots.pilot_label(pilot),
+            closed_ids,
+            [d.flow_run_id for d in closed if d.flow_run_id],
+        )

@@ -82,8 +82,8 @@ def load_pilot_spec(session: Session, pilot: Pilot) -> tuple[Any, SpecVersion]:
         )
     )
     if sv is None:
-        raise PilotStateError(f"pilot {pilot.id} runs under spec version {version}, which does not exist")
-    return parse_spec(sv.spec, source=f"spec v{sv.version} (pilot {pilot.id})"), sv
+        raise PilotStateError(f"{pilot_label(pilot)} runs under spec version {version}, which does not exist")
+    return parse_spec(sv.spec, source=f"spec v{sv.version} ({pilot_label(pilot)})"), sv
 
 
 def load_step_spec(session: Session, step_id: int) -> tuple[Any, SpecVersion]:
@@ -162,7 +162,7 @@ def current_step(session: Session, pilot: Pilot) -> PilotStep:
         select(PilotStep).where(PilotStep.pilot_id == pilot.id, PilotStep.index == pilot.current_step_index)
     )
     if step is None:
-        raise PilotStateError(f"pilot {pilot.id} has no step {pilot.current_step_index}")
+        raise PilotStateError(f"{pilot_label(pilot)} has no step {pilot.current_step_index}")
     return step
 
 
@@ -258,6 +258,14 @@ def in_evidence_order(records: list[tuple], *, batch: int = -2, key: int = -1) -
 # --- pilots and steps ------------------------------------------------------------------------------
 
 
+def pilot_label(pilot: Pilot) -> str:
+    """How a message names a pilot: its number within its use case (`pilot_number`: "pilot 2" is the use
+    case's second, as `usecase show`, the dashboard and the gate's alpha spending count them), or "pilot
+    id N" (its row id) for one started before pilots were numbered. Never the bare row id, which counts
+    every use case's pilots together (pure)."""
+    return f"pilot id {pilot.id}" if pilot.pilot_number is None else f"pilot {pilot.pilot_number}"
+
+
 def start_pilot(
     session: Session, use_case: UseCase, model_version: ModelVersion, spec: Any, *, actor: str
 ) -> Pilot:
@@ -306,7 +314,7 @@ def start_pilot(
             "steps": [s.__dict__ for s in plan_steps(spec)],
         },
     )
-    set_phase(session, use_case, "piloting", actor=actor, reason=f"pilot {pilot.id} started")
+    set_phase(session, use_case, "piloting", actor=actor, reason=f"{pilot_label(pilot)} started")
     session.flush()
     return pilot
 
@@ -318,7 +326,9 @@ def advance(
     step = current_step(session, pilot)
     plans = plan_steps(spec)
     if step.index + 1 >= len(plans):
-        raise PilotStateError(f"pilot {pilot.id} is at its last step ({step.index}); nothing to advance to")
+        raise PilotStateError(
+            f"{pilot_label(pilot)} is at its last step ({step.index}); nothing to advance to"
+        )
     nxt = plans[step.index + 1]
     step.status = "passed"
     step.ended_at = utcnow()
@@ -572,7 +582,7 @@ def abort_pilot(
         raise PilotStateError(
             f"use case {use_case.name!r}: decision {approved[-1].id} is approved and its promotion is being "
             f"carried out (or waits to be finished: sparsepilot promote {use_case.name} --decision "
-            f"{approved[-1].id}); pilot {pilot.id} cannot be aborted now, nothing was changed. Roll the "
+            f"{approved[-1].id}); {pilot_label(pilot)} cannot be aborted now, nothing was changed. Roll the "
             "champion back once it is promoted if it must not serve"
         )
     open_decisions = [d for d in decided if d.resolution is None]
@@ -586,7 +596,7 @@ def abort_pilot(
         on=pilot,
         details={"reason": reason, "closed_decisions": [d.id for d in open_decisions]},
     )
-    set_phase(session, use_case, "stopped", actor=actor, reason=f"pilot {pilot.id} aborted: {reason}")
+    set_phase(session, use_case, "stopped", actor=actor, reason=f"{pilot_label(pilot)} aborted: {reason}")
     return pilot, open_decisions
 
 

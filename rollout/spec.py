@@ -531,13 +531,15 @@ class UseCaseSpec(_Strict):
         return p if p.is_absolute() else Path(os.path.realpath(Path(spec_dir) / p))
 
     def with_model_resolved(self, spec_dir: Path | str) -> UseCaseSpec:
-        """A relative model path (``./models/x``, ``models/x.gguf``) resolved against the spec's
-        directory, as ``dataset.path`` is, so the stored spec works from any working directory. Names
-        without a path separator (``smollm2-135m``) are model names and stay as they are."""
+        """A model ref that is not a built-in name (``smollm2-135m``) is a path: a relative one
+        (``./models/x``, ``models/x.gguf``, or a bare ``model`` naming a directory beside the spec) is
+        resolved against the spec's directory, as ``dataset.path`` is, and stored absolute, so the stored
+        spec works from any working directory (never against the working directory of ``usecase add``)."""
+        from sparse_core import BUILTIN_MODELS  # torch-free: names only
+
         ref = self.model.strip()
-        looks_like_path = "/" in ref or os.sep in ref or ref.startswith((".", "~")) or ref.endswith(".gguf")
         p = Path(ref).expanduser()
-        if not looks_like_path or p.is_absolute():
+        if ref in BUILTIN_MODELS or p.is_absolute():
             return self
         return self.model_copy(update={"model": os.path.realpath(Path(spec_dir) / p)})
 

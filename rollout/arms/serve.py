@@ -9,6 +9,7 @@ The served endpoint is what a `kind: mlflow` arm points at (docs/serving.md)."""
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +26,12 @@ class ServeTarget:
 
 
 def resolve(use_case: str, *, alias: str | None = "challenger", version: str | None = None) -> ServeTarget:
-    """The registered version to serve. Raises RegistryError naming the use case and alias/version."""
+    """The registered version to serve. Raises UnknownUseCase for a name that is no use case (as every
+    command says it), else RegistryError naming the use case and alias/version."""
     from rollout import registry, tracking
+    from rollout.usecases import require_use_case
 
+    require_use_case(use_case)  # before "no registered model: run calibrate", which could never help
     if (alias is None) == (version is None):
         raise registry.RegistryError("give exactly one of an alias (champion/challenger) or a version")
     if alias is not None and alias not in registry.ALIASES:
@@ -103,18 +107,32 @@ def serve_command(
     ]
 
 
-def serve_environment() -> dict[str, str]:
-    """This process's environment plus the tracking/registry URI of SparsePilot's MLflow store, with this
-    Python's bin directory first on PATH: MLflow starts the scoring server as `uvicorn` by name, which must
-    be this installation's even when the virtual environment is not activated."""
+def serve_variables() -> dict[str, str]:
+    """The variables the scoring server needs beyond a plain shell's: the tracking/registry URI of
+    SparsePilot's MLflow store (the environment's own where set, as `serve_environment` keeps them)."""
     from rollout import tracking
 
     uri = tracking.configure()
+    return {key: os.environ.get(key) or uri for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+
+
+def serve_environment() -> dict[str, str]:
+    """This process's environment plus `serve_variables`, with this Python's bin directory first on PATH:
+    MLflow starts the scoring server as `uvicorn` by name, which must be this installation's even when the
+    virtual environment is not activated."""
     env = dict(os.environ)
     bin_dir = str(Path(sys.executable).parent)
     env["PATH"] = os.pathsep.join(
         [bin_dir, *(p for p in env.get("PATH", "").split(os.pathsep) if p != bin_dir)]
     )
-    env.setdefault("MLFLOW_TRACKING_URI", uri)
-    env.setdefault("MLFLOW_REGISTRY_URI", uri)
+    env.update(serve_variables())
     return env
+
+
+def shell_line(cmd: list[str], variables: dict[str, str]) -> str:
+    """What `serve-model --dry-run` prints: one POSIX shell line that runs `cmd` as `serve-model` would,
+    from any directory and without the virtual environment activated: the variables, this Python's bin
+    directory first on PATH (for `uvicorn`), every word shell-quoted (pure)."""
+    bin_dir = shlex.quote(str(Path(cmd[0]).parent))
+    assigned = [f"{key}={shlex.quote(value)}" for key, value in variables.items()]
+    return " ".join([*assigned, f'PATH={bin_dir}:"$PATH"', *map(shlex.quote, cmd)])

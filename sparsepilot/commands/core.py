@@ -49,6 +49,21 @@ def _given(**options: Any) -> dict[str, Any]:
     return {k: v for k, v in options.items() if v is not None}
 
 
+def _refuse_standalone_only(options: dict[str, tuple[bool, str]]) -> None:
+    """The use-case form: an option only the standalone form reads (``options``: option -> (given a
+    value other than its default, what the use case uses instead)) is refused by name, never silently
+    ignored (a `--device cuda` that calibrated on the CPU, a `--budget` the spec's budget replaced)."""
+    for opt, (given, instead) in options.items():
+        if given:
+            fail(f"{opt} applies to the standalone form only; {instead}")
+
+
+_FROM_SPEC = "the use case's {} is its spec's {} (`sparsepilot usecase show NAME`)"
+_DEVICE_ENV = (
+    "the use case's flows load the model where SPARSEPILOT_DEVICE says (auto|cpu|cuda; auto by default)"
+)
+
+
 def read_texts(path: str) -> list[str]:
     """Calibration texts: `stdlib` (the bundled corpus), a .jsonl file (field text, or prompt [+
     reference]) or a plain text file (paragraphs, grouped into texts of ~4000 characters)."""
@@ -195,6 +210,10 @@ def _write_plan_dir(plan, out: Path, config, report: dict) -> str:
     return digest
 
 
+_DEFAULT_BUDGET = "kl=0.01,agree=0.99"
+_DEFAULT_ESTIMATOR = "gate"
+
+
 @app.command("calibrate")
 def calibrate_cmd(
     use_case: UseCaseName = None,
@@ -208,11 +227,11 @@ def calibrate_cmd(
     out: Annotated[Path | None, typer.Option("--out", help="plan directory to write")] = None,
     budget: Annotated[
         str, typer.Option("--budget", help="kl=0.01[,agree=0.99][,nll=0.01][,task=0.02 (needs --dataset)]")
-    ] = "kl=0.01,agree=0.99",
+    ] = _DEFAULT_BUDGET,
     estimator: Annotated[
         str,
         typer.Option("--estimator", help=f"{' | '.join(available_estimators())}; a+b: per-layer choice"),
-    ] = "gate",
+    ] = _DEFAULT_ESTIMATOR,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     max_texts: Annotated[int | None, typer.Option("--max-texts", help="token windows in total")] = None,
     seq_len: Annotated[int | None, typer.Option("--seq-len", help="tokens per window")] = None,
@@ -271,6 +290,22 @@ def calibrate_cmd(
 
     for_command("calibrate", say_where=not json_out)
     if _use_case_form(use_case, {"--model": model, "--texts": texts, "--out": out}):
+        settings = _FROM_SPEC.format("calibration settings", "quality_budget.calibration")
+        _refuse_standalone_only({
+            "--budget": (budget != _DEFAULT_BUDGET, _FROM_SPEC.format("budget", "quality_budget")),
+            "--estimator": (
+                estimator != _DEFAULT_ESTIMATOR, _FROM_SPEC.format("estimator", "quality_budget.estimator")
+            ),
+            "--seed": (seed != 0, _FROM_SPEC.format("seed", "quality_budget.calibration.seed")),
+            **{opt: (value is not None, settings) for opt, value in (
+                ("--max-texts", max_texts), ("--seq-len", seq_len), ("--gate-steps", gate_steps),
+                ("--checkpoint-dir", checkpoint_dir), ("--max-seconds", max_seconds),
+                ("--confidence", confidence), ("--bound-unit", bound_unit), ("--drop-measure", drop_measure),
+                ("--sensitivity-windows", sensitivity_windows), ("--sharpen", sharpen))},
+            "--dataset": (dataset is not None, _FROM_SPEC.format("dataset", "dataset.path")),
+            "--task": (task is not None, _FROM_SPEC.format("task", "dataset.task")),
+            "--device": (device != "auto", _DEVICE_ENV),
+        })  # fmt: skip
         from sparsepilot.commands.pipeline import calibrate_use_case
 
         calibrate_use_case(use_case, quick, json_out)
@@ -449,7 +484,19 @@ def evaluate_cmd(
     from sparsepilot.quiet import for_command
 
     for_command("evaluate", say_where=not json_out)
+    if quick and thorough:  # in both forms: the use-case form's evaluation is --quick or the spec's
+        fail("--quick and --thorough exclude each other")
     if _use_case_form(use_case, {"--model": model, "--plan": plan}):
+        suite = "the use case evaluates on its spec's dataset and traffic (--quick: the cheap settings)"
+        _refuse_standalone_only({
+            **{opt: (value is not None, suite) for opt, value in (
+                ("--dataset", dataset), ("--task", task), ("--probe-lengths", probe_lengths),
+                ("--probe-kinds", probe_kinds), ("--probe-depths", probe_depths),
+                ("--speed-lengths", speed_lengths), ("--repeats", repeats), ("--pictures", pictures),
+                ("--out", report_out))},
+            "--thorough": (thorough, suite),
+            "--device": (device != "auto", _DEVICE_ENV),
+        })  # fmt: skip
         from sparsepilot.commands.pipeline import evaluate_use_case
 
         evaluate_use_case(use_case, quick, json_out)
@@ -458,8 +505,6 @@ def evaluate_cmd(
     from sparse_core.evaluation import EvalSuite, evaluate
     from sparse_core.tasks import TASKS, DatasetError, read_dataset
 
-    if quick and thorough:
-        fail("--quick and --thorough exclude each other")
     if task is not None and task not in TASKS:
         fail(f"--task: {task!r} is not one of {list(TASKS)}")
     kw: dict[str, Any] = _given(

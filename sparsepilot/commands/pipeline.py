@@ -49,6 +49,25 @@ def _require_db() -> None:
     require_schema()
 
 
+def _to_log_file(command: str, json_out: bool) -> None:
+    """Third-party chatter (Prefect's temporary-server lines, its tracebacks of an error the command
+    reports as `error: ...`, library warnings and weight-loading bars) to the command's log file, whose
+    path is said on stderr first (not with --json), as calibrate, evaluate and pilot do
+    (`sparsepilot.quiet.for_command`)."""
+    from sparsepilot.quiet import for_command
+
+    for_command(command, say_where=not json_out)
+
+
+def _require_device() -> None:
+    """SPARSEPILOT_DEVICE (where the flows load the model) checked before a flow starts: a value the
+    flows cannot use (not auto|cpu|cuda, or cuda where torch sees none) is `error: SPARSEPILOT_DEVICE=...`
+    and exit 2 here (a `SettingsError`), not a failed flow run's tracebacks."""
+    from flows.common import pick_device
+
+    pick_device()
+
+
 # IDs are stored as 32-bit integers (PostgreSQL INTEGER): anything larger cannot name a row.
 DecisionId = Annotated[
     int,
@@ -65,6 +84,7 @@ def calibrate_use_case(name: str, quick: bool, json_out: bool) -> None:
     """Use-case form: validate the dataset, calibrate to the spec's budget, register @challenger."""
     from flows.calibrate import calibrate_flow
 
+    _require_device()
     result = _run(lambda: calibrate_flow(name, quick=quick))
     if json_out:
         emit_json(result)
@@ -86,6 +106,7 @@ def evaluate_use_case(name: str, quick: bool, json_out: bool) -> None:
     """Use-case form: quality and speed vs dense on the use case's data, ROI with its interval."""
     from flows.evaluate import evaluate_flow
 
+    _require_device()
     result = _run(lambda: evaluate_flow(name, quick=quick))
     if json_out:
         emit_json(result)
@@ -143,7 +164,7 @@ def pilot_cmd(
     if abort:
         out = _run(lambda: abort_pilot(name, who.name, reason or ""))
         closed = out["closed_decisions"] or "none"
-        emit_or_say(out, json_out, f"{name}: pilot {out['pilot_id']} aborted; closed decisions: {closed}")
+        emit_or_say(out, json_out, f"{name}: {out['pilot']} aborted; closed decisions: {closed}")
         return
     from sparsepilot.quiet import for_command
 
@@ -156,13 +177,14 @@ def pilot_cmd(
         )
     else:
         _require_use_case(name)
+        _require_device()
         result = _run(lambda: pilot_flow(name, batches=batches, max_new_tokens=max_new_tokens))
     if json_out:
         emit_json(result)
         return
     rows = [{"step": result["step_index"], "kind": result["step_kind"], **b} for b in result["batches"]]
     cols = ["step", "kind", "batch_id", "passed", "inserted", "already_present"]
-    print_table(f"pilot {result['pilot_id']} of {name}", rows, cols)
+    print_table(f"{result['pilot']} of {name}", rows, cols)
 
 
 @app.command("gate")
@@ -173,6 +195,7 @@ def gate_cmd(name: UseCaseArg, password_stdin: PasswordStdin = False, json_out: 
 
     _require_use_case(name)
     signed_in("operator", f"gate {name}", password_stdin)
+    _to_log_file("gate", json_out)
     result = _run(lambda: gate_flow(name))
     if json_out:
         emit_json(result)
@@ -215,6 +238,7 @@ def approve_cmd(
         _check_decision(name, decision)
         return approve_decision(decision, who, reason, reject=reject)
 
+    _to_log_file("approve", json_out)
     result = _run(go)
     emit_or_say(result, json_out, result["message"])
 
@@ -243,6 +267,7 @@ def promote_cmd(
             return promote_flow(decision_id=decision, approval_id=approval_id, reason=reason, actor=who.name)
         return approve_decision(decision, who, reason)
 
+    _to_log_file("promote", json_out)
     result = _run(go)
     emit_or_say(result, json_out, result.get("message") or result)
 
@@ -266,6 +291,7 @@ def rollback_cmd(
             decision_id=ids["decision_id"], approval_id=ids["approval_id"], reason=reason, actor=who.name
         )
 
+    _to_log_file("rollback", json_out)
     result = _run(go)
     move = result.get("alias_move") or {}
     moved = f"{move.get('from_version')} -> {move.get('to_version')} ({move.get('status')})"
@@ -288,6 +314,8 @@ def monitor_cmd(
 
     _require_use_case(name)
     signed_in("operator", f"monitor {name}", password_stdin)
+    _require_device()
+    _to_log_file("monitor", json_out)
     result = _run(lambda: monitor_flow(name, observations_file=observations))
     emit_or_say(result, json_out, result.get("explanation") or result)
 
@@ -350,6 +378,7 @@ def run_cmd(
     from rollout.settings import get_settings
     from sparsepilot.quiet import to_log_file
 
+    _require_device()
     log_path = to_log_file(get_settings().home, "run")
     out_console.print(f"log file (warnings and library output): {log_path}", highlight=False, soft_wrap=True)
     result = _run(lambda: run_main_job(settings, console=out_console), needs_db=False)
@@ -394,4 +423,7 @@ def serve_cmd(
     work pool for workers when a Prefect server is configured (PREFECT_API_URL)."""
     from flows.deployments import serve_schedules
 
+    if not work_pool:  # the flows run here (a work pool's workers have their own environment)
+        _require_device()
+    _to_log_file("serve", False)
     _run(lambda: serve_schedules(use_case or None, work_pool=work_pool, console=console))

@@ -33,16 +33,20 @@ def serve_model(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the command, do not start it")] = False,
 ) -> None:
     """Serve a registered version of a use case with `mlflow models serve` (env manager: local)."""
-    from rollout.arms.serve import resolve, serve_command, serve_environment
+    from rollout.arms.serve import resolve, serve_command, serve_environment, serve_variables, shell_line
+    from rollout.settings import configure_environment
+    from sparsepilot.commands.init import require_schema
 
     if alias is not None and version is not None:
         fail("give --alias or --version, not both")
+    configure_environment()
+    require_schema()  # the use case is looked up in the state DB
     target = resolve(name, alias=None if version else (alias or "challenger"), version=version)
     cmd = serve_command(target, host=host, port=port, workers=workers, timeout_s=timeout_s)
     what = f"alias {target.alias} = version {target.version}" if target.alias else f"version {target.version}"
     console.print(f"serving {target.model_uri} ({what}) at http://{host}:{port}/invocations", highlight=False)
-    if dry_run:
-        console.print(" ".join(cmd), highlight=False, soft_wrap=True)
+    if dry_run:  # a line that works pasted into a shell (or a unit file's ExecStart through sh -c)
+        console.print(shell_line(cmd, serve_variables()), highlight=False, soft_wrap=True, markup=False)
         return
     try:
         raise typer.Exit(subprocess.call(cmd, env=serve_environment()))

@@ -146,7 +146,7 @@ def test_serve_model_names_what_is_missing(served: dict[str, Any]) -> None:
     res = runner.invoke(app, ["serve-model", NAME, "--version", "99"])
     assert res.exit_code == 2 and f"sparsepilot-{NAME} has no version 99; registered versions:" in res.output
     res = runner.invoke(app, ["serve-model", "no-such-case"])
-    assert res.exit_code == 2 and "'no-such-case' has no registered model" in res.output
+    assert res.exit_code == 2 and "unknown use case 'no-such-case' (known: " in res.output
     res = runner.invoke(app, ["serve-model", NAME, "--dry-run"])
     assert res.exit_code == 0 and f"models:/sparsepilot-{NAME}@challenger" in res.output
     assert "--env-manager local -h 127.0.0.1 -p 5001" in res.output

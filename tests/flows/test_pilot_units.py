@@ -200,15 +200,17 @@ def test_the_flows_device_follows_sparsepilot_device_and_refuses_what_it_cannot_
     import torch
 
     from flows.common import pick_device
+    from rollout.settings import SettingsError
 
     monkeypatch.delenv("SPARSEPILOT_DEVICE", raising=False)
     assert pick_device() == ("cuda" if torch.cuda.is_available() else "cpu")
     monkeypatch.setenv("SPARSEPILOT_DEVICE", "cpu")
     assert pick_device() == "cpu"
     monkeypatch.setenv("SPARSEPILOT_DEVICE", "gpu")
-    with pytest.raises(ValueError, match="SPARSEPILOT_DEVICE='gpu': device 'gpu': choose one of auto"):
+    # a SettingsError (a SparsePilotError: `error: ...`, exit 2 at the CLI; not retried by a task)
+    with pytest.raises(SettingsError, match="SPARSEPILOT_DEVICE='gpu': device 'gpu': choose one of auto"):
         pick_device()
     if not torch.cuda.is_available():
         monkeypatch.setenv("SPARSEPILOT_DEVICE", "cuda")
-        with pytest.raises(ValueError, match="SPARSEPILOT_DEVICE='cuda'.*torch sees no CUDA device"):
+        with pytest.raises(SettingsError, match="SPARSEPILOT_DEVICE='cuda'.*torch sees no CUDA device"):
             pick_device()

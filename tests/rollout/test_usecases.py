@@ -439,3 +439,31 @@ def test_init_on_postgres(pg_url: str, tmp_path: Path, monkeypatch: pytest.Monke
     assert out["database_url"].startswith("postgresql+psycopg://") and out["revision_before"] is None
     assert cli("init", "--json").exit_code == 0  # idempotent
     get_engine(pg_url).dispose()
+
+
+def test_a_bare_model_dir_name_is_resolved_beside_the_spec_never_in_the_cwd(
+    state_url: str, sp_home: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`model: tiny-model` naming a directory beside the spec was looked up in the working directory of
+    `usecase add` and stored as it was, so calibrating from anywhere else failed (review O1)."""
+    spec = example_spec()
+    spec["model"] = "tiny-model"
+    spec["traffic"] = {"requests_per_day": 100, "prompt_tokens": {"p50": 100}, "output_tokens": {"p50": 16}}
+    spec["quality_budget"]["calibration"]["max_seq_len"] = 256
+    beside = write_spec(tmp_path / "spec", spec, rows=_rows())
+    write_tiny_model(beside.parent / "tiny-model")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    out = add_ok(beside)
+    stored = json.loads(cli("usecase", "show", out["name"], "--json").stdout)["spec"]["model"]
+    assert stored == str((beside.parent / "tiny-model").resolve())
+    # a directory of that name in the working directory only is not taken, and nothing is written
+    spec["name"] = "cwd-model"
+    lonely = write_spec(tmp_path / "lonely", spec, rows=_rows())
+    write_tiny_model(elsewhere / "tiny-model")
+    before = snapshot(state_url, sp_home.home)
+    res = cli("usecase", "add", str(lonely))
+    assert res.exit_code == 2, res.output
+    assert f"model: unknown model ref {str(lonely.parent / 'tiny-model')!r}" in res.stderr
+    assert snapshot(state_url, sp_home.home) == before

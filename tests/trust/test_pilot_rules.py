@@ -324,3 +324,29 @@ def test_the_duration_limit_counts_from_the_pilots_start_across_its_steps(trust_
         step = pilots.current_step(s, pilot)
         assert step.started_at > pilot.started_at + dt.timedelta(days=26)  # the step itself just began
         assert pilots.elapsed_days(step) == pytest.approx(27.0, abs=0.01)
+
+
+def test_the_cli_names_a_pilot_by_its_number_within_its_use_case(
+    trust_env, flow_use_case, tmp_path: Path
+) -> None:
+    """The second use case's first pilot (row id 2) was printed "pilot 2 of tiny-b", "tiny-b: pilot 2
+    aborted" and "pilot 2 of this challenger has ended", while `usecase show`, the dashboard and the
+    gate's alpha spending call it pilot 1 (review O6)."""
+    from rollout.db.models import Pilot
+    from rollout.db.session import session_scope
+
+    for name in ("tiny-a", "tiny-b"):
+        flow_use_case(name)
+        _challenger(name)
+        rows = [_obs(r, a) for r in _dataset_ids(name, 2) for a in ("control", "treatment")]
+        res = _import(name, _write(tmp_path / f"{name}.jsonl", rows))
+        assert res.exit_code == 0, res.output
+    assert "pilot 1 of tiny-b" in res.output and "pilot 2" not in res.output, res.output
+    with session_scope() as s:
+        assert s.scalar(select(Pilot.id).where(Pilot.pilot_number == 1).order_by(Pilot.id.desc())) == 2
+    args = ["pilot", "tiny-b", "--abort", "--reason", "wrong traffic mix", "--password-stdin"]
+    res = runner.invoke(app_(), args, input=password_of("olga") + "\n", env={"SPARSEPILOT_USER": "olga"})
+    assert res.exit_code == 0 and "tiny-b: pilot 1 aborted" in res.output, res.output
+    rows = [_obs(r, a) for r in _dataset_ids("tiny-b", 3)[2:] for a in ("control", "treatment")]
+    res = _import("tiny-b", _write(tmp_path / "again.jsonl", rows))
+    assert res.exit_code == 2 and "tiny-b: pilot 1 of this challenger has ended" in res.output, res.output

@@ -1,0 +1,73 @@
+"""gate, approve, promote, rollback, monitor and serve keep third-party chatter off the console as
+calibrate, evaluate and pilot do: the log file's path said first, Prefect's temporary-server lines and
+its traceback of an error the command reports as `error: ...` in that file only (review O5). Real
+processes on embedded defaults (no Prefect API configured), as a user runs them."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tests.fixtures.flows import tiny_spec
+from tests.fixtures.trust import password_of
+
+LOG_LINE = re.compile(r"log file \(warnings and library output\): (\S+)")
+
+
+def _cli(args: list[str], env: dict[str, str], who: str | None) -> tuple[int, str]:
+    """`python -m sparsepilot ARGS` in a real process, signed in as `who` (--password-stdin) if given."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "sparsepilot", *args, *(["--password-stdin"] if who else [])],
+        env={**env, "SPARSEPILOT_USER": who or ""},
+        input=password_of(who) + "\n" if who else "",
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def test_the_pipeline_commands_keep_prefects_chatter_and_tracebacks_in_their_log_file(
+    tiny_model_dir: Path, trust_accounts: str, tmp_path: Path
+) -> None:
+    home = tmp_path / "home"
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "SPARSEPILOT_", "MLFLOW_T"))
+    }
+    env.update(SPARSEPILOT_HOME=str(home), SPARSEPILOT_ACCOUNTS=trust_accounts, COLUMNS="160")
+    subprocess.run([sys.executable, "-m", "sparsepilot", "init"], env=env, check=True, capture_output=True)
+    spec = tmp_path / "tiny-chat.yaml"
+    spec.write_text(yaml.safe_dump(tiny_spec(tiny_model_dir, "tiny-chat")))
+    rc, out = _cli(["usecase", "add", str(spec)], env, "olga")
+    assert rc == 0, out
+
+    # a flow that stops on a SparsePilot error: the console has the flow's state line and `error:`
+    rc, out = _cli(["gate", "tiny-chat"], env, "olga")
+    assert rc == 2 and "error: tiny-chat: no active pilot" in out, out
+    assert "temporary server" not in out and "prefect.io/docs" not in out, out
+    assert "Traceback" not in out and "Encountered exception" not in out, out
+    log = Path(LOG_LINE.search(out).group(1))
+    assert log.parent == home / "logs" and log.name.startswith("gate-"), log
+    text = log.read_text()
+    assert "INFO prefect: Starting temporary server on http://127.0.0.1:" in text, text
+    assert "Traceback" in text and "GateError" in text, text
+
+    # the others announce their log file the same way (refused here before or inside their flow; monitor
+    # runs its flow and says there is nothing to monitor)
+    for args, who, code in (
+        (["approve", "tiny-chat", "--decision", "1", "--reason", "ok"], "alice", 2),
+        (["promote", "tiny-chat", "--decision", "1", "--reason", "ok"], "alice", 2),
+        (["rollback", "tiny-chat", "--reason", "back"], "alice", 2),
+        (["monitor", "tiny-chat"], "olga", 0),
+        (["serve", "--use-case", "no-such-case"], None, 2),
+    ):
+        rc, out = _cli(args, env, who)
+        assert rc == code and ("error: " in out) == (code == 2), (args, out)
+        found = LOG_LINE.search(out)
+        assert found and Path(found.group(1)).name.startswith(f"{args[0]}-"), (args, out)
+        assert "temporary server" not in out and "Traceback" not in out, (args, out)

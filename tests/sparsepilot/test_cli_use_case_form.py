@@ -1,0 +1,131 @@
+"""The use-case form of `calibrate NAME` / `evaluate NAME` and the flow commands' settings: what the form
+does not read is refused by name (never silently ignored), and a setting the flows cannot use is
+`error: ...` and exit 2 before a flow starts (review O2, O3)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from sparsepilot.cli import app
+
+runner = CliRunner()
+
+# option, value, what the refusal says the use case uses instead
+CALIBRATE_ONLY = [
+    ("--budget", "kl=0.5", "its spec's quality_budget"),
+    ("--estimator", "quest", "its spec's quality_budget.estimator"),
+    ("--seed", "7", "its spec's quality_budget.calibration.seed"),
+    ("--max-texts", "4", "its spec's quality_budget.calibration"),
+    ("--seq-len", "256", "its spec's quality_budget.calibration"),
+    ("--gate-steps", "3", "its spec's quality_budget.calibration"),
+    ("--checkpoint-dir", "ckpt", "its spec's quality_budget.calibration"),
+    ("--max-seconds", "60", "its spec's quality_budget.calibration"),
+    ("--confidence", "0.95", "its spec's quality_budget.calibration"),
+    ("--bound-unit", "window", "its spec's quality_budget.calibration"),
+    ("--drop-measure", "output", "its spec's quality_budget.calibration"),
+    ("--sensitivity-windows", "2", "its spec's quality_budget.calibration"),
+    ("--sharpen", "1.4", "its spec's quality_budget.calibration"),
+    ("--dataset", "rows.jsonl", "its spec's dataset.path"),
+    ("--task", "contains", "its spec's dataset.task"),
+    ("--device", "cuda", "SPARSEPILOT_DEVICE"),
+    ("--device", "cpu", "SPARSEPILOT_DEVICE"),
+]
+EVALUATE_ONLY = [
+    ("--dataset", "rows.jsonl", "its spec's dataset and traffic"),
+    ("--task", "contains", "its spec's dataset and traffic"),
+    ("--probe-lengths", "2048", "its spec's dataset and traffic"),
+    ("--probe-kinds", "passkey", "its spec's dataset and traffic"),
+    ("--probe-depths", "0.5", "its spec's dataset and traffic"),
+    ("--speed-lengths", "4096", "its spec's dataset and traffic"),
+    ("--repeats", "3", "its spec's dataset and traffic"),
+    ("--pictures", "pics", "its spec's dataset and traffic"),
+    ("--out", "report.json", "its spec's dataset and traffic"),
+    ("--device", "cuda", "SPARSEPILOT_DEVICE"),
+]
+
+
+def _one_line(res) -> str:  # noqa: ANN001
+    """The output on one line from its `error:` on (the log file's path may be announced before it)."""
+    said = " ".join(res.output.split())
+    return said[said.find("error: ") :] if "error: " in said else said
+
+
+def test_the_use_case_form_refuses_every_standalone_only_option_by_name(sp_home, tmp_path: Path) -> None:  # noqa: ANN001
+    """`calibrate NAME --budget kl=0.5 --device cuda` calibrated to the spec's budget on the CPU, exit 0;
+    now each such option is refused naming itself and what the use case uses instead, before any work
+    (no flow run: an unknown NAME is not even looked up)."""
+    for command, options in (("calibrate", CALIBRATE_ONLY), ("evaluate", EVALUATE_ONLY)):
+        for option, value, instead in options:
+            res = runner.invoke(app, [command, "no-such-case", "--quick", option, value])
+            assert res.exit_code == 2, (command, option, res.output)
+            said = _one_line(res)
+            assert said.startswith(f"error: {option} applies to the standalone form only;"), said
+            assert instead in said, (command, option, said)
+            assert "unknown use case" not in said and "Traceback" not in said
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "report.json").exists()
+
+
+def test_quick_and_thorough_exclude_each_other_in_both_forms(sp_home, tmp_path: Path) -> None:  # noqa: ANN001
+    for args in (
+        ["evaluate", "no-such-case"],
+        ["evaluate", "--model", "smollm2-135m", "--plan", str(tmp_path / "plan")],
+    ):
+        res = runner.invoke(app, [*args, "--quick", "--thorough"])
+        assert res.exit_code == 2, res.output
+        assert _one_line(res).startswith("error: --quick and --thorough exclude each other"), res.output
+    res = runner.invoke(app, ["evaluate", "no-such-case", "--thorough"])
+    assert res.exit_code == 2 and "--thorough applies to the standalone form only" in _one_line(res)
+
+
+def _flow_commands(tmp_path: Path) -> list[list[str]]:
+    """Commands whose flows load the model in this process, all stopped before their flow starts."""
+    return [
+        ["calibrate", "no-such-case", "--quick"],
+        ["evaluate", "no-such-case", "--quick"],
+        ["run", "--specs", str(tmp_path / "no-specs")],
+        ["serve"],
+    ]
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("gpu", "error: SPARSEPILOT_DEVICE='gpu': device 'gpu': choose one of auto, cpu, cuda"),
+        ("cuda", "error: SPARSEPILOT_DEVICE='cuda': device 'cuda': torch sees no CUDA device"),
+    ],
+)
+def test_a_device_setting_the_flows_cannot_use_is_one_error_line_and_exit_2(
+    sp_home,  # noqa: ANN001
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    value: str,
+    message: str,
+) -> None:
+    """SPARSEPILOT_DEVICE=gpu (or cuda on a host without CUDA) ended `evaluate NAME` with three tracebacks
+    and exit 1 from inside the flow run; now the CLI checks it first."""
+    import torch
+
+    if value == "cuda" and torch.cuda.is_available():
+        pytest.skip("this host has CUDA: SPARSEPILOT_DEVICE=cuda is usable here")
+    monkeypatch.setenv("SPARSEPILOT_DEVICE", value)
+    for args in _flow_commands(tmp_path):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 2, (args, res.output)
+        said = _one_line(res)
+        assert message in said, (args, said)
+        assert "Traceback" not in said and "Finished in state" not in said, (args, said)
+
+
+def test_a_work_pool_without_a_prefect_server_is_one_error_line_and_exit_2(
+    sp_home,  # noqa: ANN001
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`serve --work-pool p` without PREFECT_API_URL: a 40-line traceback ending in a RuntimeError, exit 1."""
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    res = runner.invoke(app, ["serve", "--work-pool", "p"])
+    assert res.exit_code == 2, res.output
+    assert res.output.endswith("error: --work-pool needs a Prefect server: set PREFECT_API_URL\n"), res.output
+    assert "Traceback" not in res.output and "schedule" not in res.output
