@@ -506,6 +506,28 @@ def test_fingerprint_sees_order_and_any_change() -> None:
     assert fp != data_fingerprint(df.assign(request_id=[ids[0] + "\u00e9", *ids[1:]]))
 
 
+def test_the_fingerprint_algorithm_is_pinned_on_exact_data() -> None:
+    """A stored decision's idempotency key is its step and this fingerprint: were the algorithm to change,
+    a re-run on unchanged data would record a second decision. Pinned on values every machine holds
+    exactly (the gate references pin it too but their inputs come through log1p and power, whose last bit
+    may differ between machines: tests/rollout/test_gate_reference.py)."""
+    from rollout.gate.inputs import check_observations
+
+    df = pd.DataFrame(
+        {
+            "request_id": ["r0", "r0", "r1", "r1", "r\u00e92", "r\u00e92"],
+            "arm": ["control", "treatment"] * 3,
+            "quality": [1.0, 0.75, 0.5, 0.5, 0.0, 0.25],
+            "latency_ms": [120.0, 96.5, 200.0, 150.25, 80.0, 64.0],
+            "error": [False, False, False, True, False, False],
+        }
+    )
+    assert data_fingerprint(df) == "038e25866eba44a3a28c1c04508765742d77b970a2f0e867c8d5a1222abe58dd"
+    checked = check_observations(df, mode="paired").frame  # what decide() hashes: the arm as codes
+    assert data_fingerprint(checked) == "f30ce9656132cf4db41bc07e9fd0c32358192e2e512be4f0fab70c394bfcce57"
+    assert decide(df, SETTINGS, mode="paired").data_fingerprint == data_fingerprint(checked)
+
+
 def test_evidence_is_complete_and_json_safe() -> None:
     d = decide(paired_frame(np.ones(50), np.ones(50)), SETTINGS, mode="paired")
     ev = json.loads(json.dumps(d.to_dict(), allow_nan=False))

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rollout.gate import GateHistory, GateSettings, decide
+from rollout.gate import GateHistory, GateSettings, check_observations, data_fingerprint, decide
 
 REFERENCE = Path(__file__).with_name("gate_reference.json")
 # Every setting spelled out: the references do not move when a default does.
@@ -195,7 +195,19 @@ def reference() -> dict[str, Any]:
 
 @pytest.mark.parametrize("name", sorted(cases()))
 def test_decision_is_the_reference(name: str, reference: dict[str, Any]) -> None:
-    assert_same(run_case(cases()[name]), reference[name], name)
+    """Every field as pinned, but the data fingerprint: it hashes the inputs' exact bits, and a transform
+    that lands within an ulp of `_grid`'s rounding tie rounds the other way where numpy's log1p or power
+    differs in the last bit (split-continuous-go's latency 206.05634244349997 did, on numpy 2.4.6 in
+    December 2026, every other field equal to 1e-12). The decision's fingerprint is checked against the
+    data it judged instead; the algorithm is pinned on exact data (`test_gate.py`)."""
+    case = cases()[name]
+    got, want = run_case(case), dict(reference[name])
+    if want["data_fingerprint"] != "empty":
+        judged = case["frame"].iloc[: (case.get("looks") or (len(case["frame"]),))[-1]]
+        checked = check_observations(judged, mode=case.get("mode", "split")).frame  # what decide() hashes
+        assert got["data_fingerprint"] == data_fingerprint(judged if checked is None else checked), name
+        want["data_fingerprint"] = got["data_fingerprint"]
+    assert_same(got, want, name)
 
 
 def test_the_references_span_every_outcome(reference: dict[str, Any]) -> None:
