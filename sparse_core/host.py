@@ -157,6 +157,9 @@ class CpuSnapshot:
     # runnable but waiting for one, in nanoseconds
     run_ns: int | None = None
     run_delay_ns: int | None = None
+    # the same per thread id: `wait_share` takes the differences of the threads alive at both snapshots
+    # (and a new thread's whole life), so a thread that ends between them takes nothing out of the sums
+    threads_ns: tuple[tuple[int, int, int], ...] | None = None  # (tid, run, run_delay)
 
 
 def busy_ticks(proc_stat: str, cpus: Collection[int] | None = None) -> int:
@@ -193,37 +196,46 @@ def snapshot() -> CpuSnapshot:
                 psi = int(line.rsplit("total=", 1)[1])
     except (OSError, ValueError, IndexError):
         pass
-    run_ns, delay_ns = _own_schedstat()
-    return CpuSnapshot(time.monotonic(), busy, own, psi, _cgroup_usage_us(), run_ns, delay_ns)
+    threads = _own_schedstat()
+    run_ns = delay_ns = None
+    if threads:
+        run_ns, delay_ns = sum(t[1] for t in threads), sum(t[2] for t in threads)
+    return CpuSnapshot(time.monotonic(), busy, own, psi, _cgroup_usage_us(), run_ns, delay_ns, threads)
 
 
-def _own_schedstat() -> tuple[int | None, int | None]:
-    """(run, run_delay) in ns summed over this process's threads; (None, None) without schedstat. A
-    thread that ends between two snapshots takes its share with it, which only lowers the sums."""
-    run = delay = 0
+def _own_schedstat() -> tuple[tuple[int, int, int], ...] | None:
+    """(tid, run, run_delay) in ns of each of this process's threads; None without schedstat."""
     try:
         tasks = os.listdir("/proc/self/task")
     except OSError:
-        return None, None
-    seen = False
+        return None
+    out = []
     for tid in tasks:
         try:
             fields = Path(f"/proc/self/task/{tid}/schedstat").read_text().split()
-            run += int(fields[0])
-            delay += int(fields[1])
-            seen = True
+            out.append((int(tid), int(fields[0]), int(fields[1])))
         except (OSError, ValueError, IndexError):
             continue  # a thread that ended meanwhile, or no schedstat on this kernel
-    return (run, delay) if seen else (None, None)
+    return tuple(out) or None
 
 
 def wait_share(a: CpuSnapshot, b: CpuSnapshot) -> float | None:
     """The share of our threads' runnable time between two snapshots that they spent waiting for a CPU
-    (run_delay / (run + run_delay)); None without schedstat or with too little runnable time to judge."""
-    if None in (a.run_ns, b.run_ns, a.run_delay_ns, b.run_delay_ns):
+    (run_delay / (run + run_delay)); None without schedstat or with too little runnable time to judge.
+    Per thread where the snapshots carry threads: the differences of the threads alive at both and the
+    whole of a thread born between them; a thread that ended between them is left out (its last stretch is
+    gone with it), where the process's sums would have lost its whole life's times."""
+    if a.threads_ns is not None and b.threads_ns is not None:
+        before = {tid: (run, delay) for tid, run, delay in a.threads_ns}
+        ran = waited = 0
+        for tid, run, delay in b.threads_ns:
+            r0, d0 = before.get(tid, (0, 0))
+            ran, waited = ran + run - r0, waited + delay - d0
+    elif None in (a.run_ns, b.run_ns, a.run_delay_ns, b.run_delay_ns):
         return None
-    ran = b.run_ns - a.run_ns  # type: ignore[operator]
-    waited = b.run_delay_ns - a.run_delay_ns  # type: ignore[operator]
+    else:
+        ran = b.run_ns - a.run_ns  # type: ignore[operator]
+        waited = b.run_delay_ns - a.run_delay_ns  # type: ignore[operator]
     if ran < 0 or waited < 0 or ran + waited < MIN_RUNNABLE_NS:
         return None
     return waited / (ran + waited)

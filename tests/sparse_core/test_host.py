@@ -367,3 +367,37 @@ def test_an_explicit_omp_num_threads_caps_the_automatic_choice(monkeypatch: pyte
         assert host.apply_thread_policy(0.0)["threads"] == 4
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_thread_that_ends_between_two_snapshots_takes_nothing_out_of_the_wait_share() -> None:
+    """The process's sums lost an ended thread's whole life: a helper that had run 0.5 s and ended inside
+    a 0.6 s one-thread piece made its wait share 0.557 (flagged) against the piece's own 0.19. Per thread,
+    only the threads alive at both snapshots (and new ones) count."""
+    import threading
+
+    from sparse_core.host import CpuSnapshot, wait_share
+
+    a = CpuSnapshot(0.0, None, None, None, threads_ns=((1, 1_000_000_000, 50_000_000), (2, 500_000_000, 0)))
+    b = CpuSnapshot(1.0, None, None, None, threads_ns=((1, 1_600_000_000, 200_000_000), (3, 10_000_000, 0)))
+    assert wait_share(a, b) == pytest.approx(150 / (600 + 10 + 150))
+    if snapshot().threads_ns is None:
+        pytest.skip("no schedstat on this kernel")
+    done = threading.Event()
+
+    def helper() -> None:
+        t = time.thread_time()
+        while time.thread_time() - t < 0.3:
+            pass
+        done.wait()
+
+    th = threading.Thread(target=helper)
+    th.start()
+    time.sleep(0.5)
+    with HostLoadMeter(threads=1) as m:
+        done.set()
+        th.join()  # the helper ends inside the measured piece
+        t = time.thread_time()
+        while time.thread_time() - t < 0.3:
+            pass
+    own = m.load.wait_share
+    assert own is not None and own < 0.9 and (m.load.overloaded == (own > 0.25))
