@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,10 +130,23 @@ def serve_environment() -> dict[str, str]:
     return env
 
 
-def shell_line(cmd: list[str], variables: dict[str, str]) -> str:
+def shell_line(cmd: list[str], variables: dict[str, str], environ: Mapping[str, str] | None = None) -> str:
     """What `serve-model --dry-run` prints: one POSIX shell line that runs `cmd` as `serve-model` would,
     from any directory and without the virtual environment activated: the variables, this Python's bin
-    directory first on PATH (for `uvicorn`), every word shell-quoted (pure)."""
+    directory first on PATH (for `uvicorn`), every word shell-quoted (pure). A value holding a secret (a
+    password in the MLflow URI) is never printed: taken from the environment (`environ`) it is referred to
+    there (`KEY="$KEY"`, as it works pasted in that environment), else printed with the secret masked
+    (`rollout.redact`), for the reader to fill in."""
+    from rollout.redact import redact
+
+    environ = os.environ if environ is None else environ
     bin_dir = shlex.quote(str(Path(cmd[0]).parent))
-    assigned = [f"{key}={shlex.quote(value)}" for key, value in variables.items()]
+    assigned = []
+    for key, value in variables.items():
+        if redact(value) == value:
+            assigned.append(f"{key}={shlex.quote(value)}")
+        elif environ.get(key) == value:
+            assigned.append(f'{key}="${key}"')
+        else:
+            assigned.append(f"{key}={shlex.quote(redact(value))}")
     return " ".join([*assigned, f'PATH={bin_dir}:"$PATH"', *map(shlex.quote, cmd)])

@@ -86,3 +86,18 @@ def test_the_dry_run_prints_a_line_that_works_pasted(
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == version, proc.stdout
     assert list(elsewhere.iterdir()) == [], list(elsewhere.iterdir())
+
+
+def test_the_dry_run_never_prints_a_password() -> None:
+    """The MLflow URI's password is referred to in the environment it came from, or masked; a URI without
+    one is printed as it is."""
+    from rollout.arms.serve import shell_line
+
+    uri = "postgresql://mlflow:S3cretPw@db.internal:5432/mlflow"
+    cmd = ["/venv/bin/python", "-m", "mlflow", "models", "serve"]
+    from_env = shell_line(cmd, {"MLFLOW_TRACKING_URI": uri}, {"MLFLOW_TRACKING_URI": uri})
+    assert "S3cretPw" not in from_env and from_env.startswith('MLFLOW_TRACKING_URI="$MLFLOW_TRACKING_URI" ')
+    configured = shell_line(cmd, {"MLFLOW_TRACKING_URI": uri}, {})
+    assert "S3cretPw" not in configured and "mlflow:***@db.internal" in configured
+    plain = shell_line(cmd, {"MLFLOW_TRACKING_URI": "sqlite:////srv/mlflow.db"}, {})
+    assert plain.startswith("MLFLOW_TRACKING_URI=sqlite:////srv/mlflow.db ")
