@@ -16,7 +16,6 @@ import time
 from typing import Any
 
 import pytest
-import yaml
 from sqlalchemy import select
 
 from tests.flows.test_approvals import _pilot_with_decision
@@ -29,18 +28,9 @@ ALICE, BOB, CAROL = (("alice", "approver", "local-account"), ("bob", "approver",
 @pytest.fixture
 def use_case(trust_db: str, mlflow_home: Any, tiny_model_dir, pilot_dataset, tmp_path):  # noqa: ANN001, ANN201
     """Factory: a use case on the tiny model in this test's home and state DB (no Prefect server)."""
-    from rollout.usecases import add_usecase
-    from tests.fixtures.flows import tiny_spec
+    from tests.fixtures.flows import use_case_factory
 
-    def make(name: str = "tiny-chat", **overrides: Any) -> str:
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(
-            yaml.safe_dump(tiny_spec(tiny_model_dir, name, dataset_file=pilot_dataset, **overrides))
-        )
-        add_usecase(path, actor="test-owner")
-        return name
-
-    return make
+    return use_case_factory(tiny_model_dir, pilot_dataset, tmp_path)
 
 
 def _identity(who: tuple[str, str, str]):  # noqa: ANN202
