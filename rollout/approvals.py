@@ -119,6 +119,26 @@ def check_approvable(session: Any, d: GateDecision) -> None:
         )
 
 
+def lock_decision(session: Any, decision_id: int) -> GateDecision:
+    """The decision re-read and locked for a read-check-write, after its use case and pilot
+    (`pilots.locked`: use case -> pilot -> decision, the one order of every writer of a pilot's state; a
+    decision without a pilot, such as a person's rollback, locks its use case). Locking the decision
+    first deadlocked PostgreSQL against `pilot --abort`, which locks in that order. ApprovalError when
+    the decision does not exist. The caller's transaction is `session_scope(immediate=True)`."""
+    from rollout import pilots
+
+    ids = session.execute(
+        select(GateDecision.use_case_id, GateDecision.pilot_id).where(GateDecision.id == decision_id)
+    ).first()
+    if ids is None:
+        raise ApprovalError(f"decision {decision_id} does not exist")
+    pilots.locked(session, ids.use_case_id, ids.pilot_id)
+    d = session.get(GateDecision, decision_id, with_for_update=True, populate_existing=True)
+    if d is None:  # pragma: no cover - decisions are never deleted
+        raise ApprovalError(f"decision {decision_id} does not exist")
+    return d
+
+
 def check_decision_of(use_case: str, decision_id: int, *, db_url: str | None = None) -> None:
     """Refuse a decision id that is not one of this use case's decisions (ApprovalError; an unknown use
     case is UnknownUseCase)."""
@@ -260,12 +280,12 @@ def approve(
         asked = None if d is None else d.flow_run_id
     waiting, state = _flow_run_state_safe(asked) if asked else (False, "none")
     with session_scope(db_url, immediate=True) as session:
-        # Two approvers signing at once are serialised (PostgreSQL: the row lock; SQLite: BEGIN
+        # Two approvers signing at once are serialised (PostgreSQL: the row locks; SQLite: BEGIN
         # IMMEDIATE takes the write lock before this read), so the second sees the first's signature or
-        # resolution instead of both acting on the same open decision.
-        d = session.get(GateDecision, decision_id, with_for_update=True)
-        if d is None:
-            raise ApprovalError(f"decision {decision_id} does not exist")
+        # resolution instead of both acting on the same open decision. The use case and the pilot are
+        # locked first (`lock_decision`: the order every writer of a pilot's state takes), so the pilot
+        # `check_approvable` reads stays as it is until the commit.
+        d = lock_decision(session, decision_id)
         if d.flow_run_id != asked:
             raise FlowNotWaiting(
                 f"decision {d.id}: its approval run changed while you approved (another run registered, or "

@@ -154,6 +154,7 @@ def gate_step(
         if found is not None:
             return summary(found, step, False)
         _check_still_running(use_case, pilot, step, changed=True)
+        _check_no_approved_promotion(session, use_case, pilot)
         d, created = pilots.record_decision(
             session,
             idempotency_key=key,
@@ -184,6 +185,30 @@ def _check_still_running(use_case: str, pilot: Pilot, step: PilotStep, *, change
         raise pilots.PilotStateError(
             f"{use_case}: {pilots.pilot_label(pilot)} is {pilot.status} at step {pilot.current_step_index}"
             f"{meanwhile}"
+        )
+
+
+def _check_no_approved_promotion(session: Any, use_case: str, pilot: Pilot) -> None:
+    """A gate look records nothing on a pilot whose GO (or an override) a person approved: its promotion
+    is being carried out, in a transaction after the approval's, and a NO-GO recorded in between stopped
+    the pilot under it (the approval stood "approved" on a decision that could never take effect). The
+    same rule as `pilots.abort_pilot`'s."""
+    from sqlalchemy import select
+
+    approved = session.scalar(
+        select(GateDecision.id)
+        .where(
+            GateDecision.pilot_id == pilot.id,
+            GateDecision.kind == "gate",
+            GateDecision.resolution == "approved",
+        )
+        .order_by(GateDecision.id.desc())
+    )
+    if approved is not None:
+        raise pilots.PilotStateError(
+            f"{use_case}: decision {approved} of {pilots.pilot_label(pilot)} is approved and its promotion "
+            f"is being carried out (or waits to be finished: sparsepilot promote {use_case} --decision "
+            f"{approved}); this look records nothing"
         )
 
 

@@ -420,3 +420,77 @@ def test_a_direct_approval_and_the_cycles_finishing_carry_a_promotion_out_once(
     assert committed == {m[0]: 1 for m in state["moves"]}, committed
     assert sorted(committed) == [f"baseline:{did}", f"promote:{did}"]
     assert [m[3] for m in state["moves"]] == ["committed", "committed"]
+
+
+def _slow_check_approvable(monkeypatch: pytest.MonkeyPatch, hold: float) -> threading.Event:
+    """check_approvable has passed, then takes `hold` s more: approve's locks are held meanwhile."""
+    from rollout import approvals
+
+    passed, check = threading.Event(), approvals.check_approvable
+
+    def slow(session: Any, d: Any) -> None:
+        check(session, d)
+        passed.set()
+        time.sleep(hold)
+
+    monkeypatch.setattr(approvals, "check_approvable", slow)
+    return passed
+
+
+def test_an_abort_during_an_approval_waits_and_is_refused_without_a_deadlock(use_case, monkeypatch) -> None:  # noqa: ANN001
+    """Review T, finding 1: approve locked the decision first and abort the use case, pilot, then the
+    decisions: PostgreSQL found a deadlock and the approver got a raw OperationalError. Now both lock use
+    case -> pilot -> decision: the abort waits for the signature and is refused, clearly."""
+    from rollout import approvals, pilot_batches, pilots
+
+    name = use_case()
+    did = _pilot_with_decision(name, "GO", "approval")
+    passed = _slow_check_approvable(monkeypatch, 1.5)
+    out: dict[str, Any] = {}
+    t = _in_thread(lambda: approvals.approve(did, _identity(ALICE), "ship it"), out, "approve")
+    assert passed.wait(120)
+    with pytest.raises(pilots.PilotStateError) as refused:
+        pilot_batches.abort(name, actor="olga", reason="wrong traffic mix")
+    t.join(120)
+    assert isinstance(out["approve"], approvals.ApprovalResult), out["approve"]
+    assert out["approve"].took_effect
+    assert f"decision {did} is approved" in str(refused.value) or "no active pilot" in str(refused.value)
+    state = _state(name)
+    assert (state["phase"], state["pilot"]) == ("promoted", "promoted")
+    assert "pilot.abort" not in state["audit"]
+
+
+def test_an_override_signed_during_a_gate_look_is_promoted_and_the_look_records_nothing(
+    use_case,
+    monkeypatch,  # noqa: ANN001
+) -> None:
+    """Review T, finding 3: the second approver's check of the pilot held no pilot lock; a NO-GO look in
+    the window stopped the pilot (PostgreSQL), the override stood "approved" and its promotion was refused.
+    Now the look waits for the signature and records nothing on a pilot whose promotion is approved."""
+    from rollout import approvals, decisions, leases, pilots
+    from rollout.db.models import Pilot
+    from rollout.db.session import session_scope
+
+    name = use_case()
+    info = _running_step(name, quality_treatment=0.1)  # the look says NO-GO
+    with session_scope() as s:  # an earlier look said EXTEND
+        uc, p = pilots.get_use_case(s, name), s.scalar(select(Pilot))
+        d, _ = pilots.record_decision(s, idempotency_key="gate:earlier", use_case=uc, pilot=p,
+            step=pilots.current_step(s, p), outcome="EXTEND", evidence={"reasons": ["inconclusive"]},
+            explanation="EXTEND", data_fingerprint="e" * 64, awaiting="none")  # fmt: skip
+        s.flush()
+        early = d.id
+    assert approvals.approve(early, _identity(ALICE), "ship it early").needs_second_approver
+    passed = _slow_check_approvable(monkeypatch, 3.0)
+    out: dict[str, Any] = {}
+    t = _in_thread(lambda: approvals.approve(early, _identity(BOB), "agreed"), out, "approve")
+    assert passed.wait(120)
+    with pytest.raises(pilots.PilotStateError, match="is promoted at step|approved and its promotion"):
+        with leases.holding(name, "gate"):
+            decisions.gate_step(name, info["step_id"])
+    t.join(120)
+    assert isinstance(out["approve"], approvals.ApprovalResult), out["approve"]
+    assert out["approve"].took_effect
+    state = _state(name)
+    assert (state["phase"], state["pilot"], len(state["champions"])) == ("promoted", "promoted", 1)
+    assert [d[1] for d in state["decisions"]] == ["EXTEND"]
