@@ -242,15 +242,22 @@ def monitor_look(
     """Record the monitor's decision on a batch of the champion's traffic. A breach or a failed data
     check rolls back automatically under the spec's `rollback: auto` (the caller runs the rollback),
     else leaves a rollback decision waiting for a person (the use case then awaits approval)."""
-    # locked (SQLite: the write lock; PostgreSQL: the rows) from the first read: a person's rollback or a
-    # promotion that came while the batch was answered is seen here
+    # judged without the lock, as a gate look decides: a look reads and judges the monitor's whole history
+    # (seconds at a million rows), and holding the lock meanwhile (SQLite: the state DB's one write lock)
+    # made every writer of every use case wait, other use cases' runs refused as busy
+    with session_scope() as session:
+        pilot = session.get(Pilot, info["pilot_id"])
+        spec, _ = pilots.load_pilot_spec(session, pilot)
+        guard, basis = _monitor_judgement(session, session.get(PilotStep, info["step_id"]), spec, check)
+    # then locked (SQLite: the write lock; PostgreSQL: the rows) to re-check and record: a person's
+    # rollback or a promotion that came while the batch was answered or judged is seen here, and rows
+    # stored (or an alarm kept) meanwhile are judged again, under the lock, so what is recorded is the
+    # judgement of what `judged_through` says
     with session_scope(immediate=True) as session:
         uc, pilot = pilots.locked(session, pilots.get_use_case(session, use_case).id, info["pilot_id"])
-        spec, _ = pilots.load_pilot_spec(session, pilot)
         step = session.get(PilotStep, info["step_id"])
-        guard: dict[str, Any] = {"checks": [], "breached": []}
-        if check["passed"]:  # every look since the monitor began (or since a kept alarm), this batch last
-            guard = pilots.monitor_guardrails(pilots.monitor_observations(session, step), spec)
+        if pilots.monitor_basis(session, step) != basis:
+            guard, basis = _monitor_judgement(session, step, spec, check)
         outcome, why = _monitor_verdict(check, guard, spec.gate.alpha)
         bad = outcome != "GO"
         auto = bad and info["rollback_policy"] == "auto"
@@ -291,7 +298,7 @@ def monitor_look(
                 "batch_id": batch_id,
                 "rows": len(rows),
                 # a kept alarm settles the rows up to here (`pilots.monitor_observations`)
-                "judged_through": pilots.last_observation_id(session, step),
+                "judged_through": basis[0],
             },
             explanation=explanation,
             data_fingerprint=batch_id[:64],
@@ -313,6 +320,19 @@ def monitor_look(
             "explanation": d.explanation,
             "created": created,
         }
+
+
+def _monitor_judgement(
+    session: Any, step: PilotStep, spec: Any, check: dict[str, Any]
+) -> tuple[dict[str, Any], tuple[int, int]]:
+    """The monitor's guardrails over every look since the monitor began (or since a kept alarm), this
+    batch last, and what they rest on (`pilots.monitor_basis`, read first: a row stored after it is
+    judged again, never missed)."""
+    basis = pilots.monitor_basis(session, step)
+    guard: dict[str, Any] = {"checks": [], "breached": []}
+    if check["passed"]:
+        guard = pilots.monitor_guardrails(pilots.monitor_observations(session, step), spec)
+    return guard, basis
 
 
 def failed_batch(use_case: str, info: dict[str, Any], batch_id: str, check: dict[str, Any]) -> int:

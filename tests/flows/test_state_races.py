@@ -494,3 +494,87 @@ def test_an_override_signed_during_a_gate_look_is_promoted_and_the_look_records_
     state = _state(name)
     assert (state["phase"], state["pilot"], len(state["champions"])) == ("promoted", "promoted", 1)
     assert [d[1] for d in state["decisions"]] == ["EXTEND"]
+
+
+def _monitor_rows(name: str, batch: str, n: int = 40, skip: int = 0) -> list[dict]:
+    ids = _dataset_ids(name, skip + n)[skip:]
+    return [{"request_id": f"{batch}-{r}", "arm": a, "quality": 0.8, "latency_ms": 100.0, "tokens": 4,
+             "error": False} for r in ids for a in ("control", "treatment")]  # fmt: skip
+
+
+def _slow_monitor_judgement(monkeypatch: pytest.MonkeyPatch, then=None) -> threading.Event:  # noqa: ANN001
+    """The monitor's guardrails have judged, then `then()` runs (first call only) and 2 s pass."""
+    from rollout import pilots
+
+    judged, guardrails = threading.Event(), pilots.monitor_guardrails
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        out = guardrails(*args, **kwargs)
+        if not judged.is_set():
+            judged.set()
+            if then is not None:
+                then()
+            time.sleep(2.0)
+        return out
+
+    monkeypatch.setattr(pilots, "monitor_guardrails", slow)
+    return judged
+
+
+def test_a_monitor_look_judges_without_holding_the_write_lock(use_case, monkeypatch) -> None:  # noqa: ANN001
+    """Review T, finding 2: the look read and judged the monitor's whole history under SQLite's write lock
+    (seconds at a million rows): another use case's run waited for it, and was refused after 5 s. Now it
+    judges without the lock and takes it only to re-check and record."""
+    from rollout import decisions, leases, pilot_batches
+
+    name = use_case(rollback="manual")
+    info = _promoted(name)
+    other = use_case("other-uc")
+    rows = _monitor_rows(name, "m-1")
+    pilot_batches.store_batch(info["step_id"], rows, "m-1", "monitor")
+    judged = _slow_monitor_judgement(monkeypatch)
+    passed = {"passed": True, "failures": [], "report": {}}
+    out: dict[str, Any] = {}
+
+    def look() -> dict:
+        with leases.holding(name, "monitor"):
+            return decisions.monitor_look(name, info, rows, passed, "m-1")
+
+    t = _in_thread(look, out, "monitor")
+    assert judged.wait(120)
+    t0 = time.monotonic()
+    with leases.holding(other, "gate"):
+        waited = time.monotonic() - t0
+    t.join(120)
+    assert waited < 1.0, f"another use case's lease waited {waited:.2f}s for the monitor look"
+    assert isinstance(out["monitor"], dict), out["monitor"]
+    assert (out["monitor"]["outcome"], out["monitor"]["created"]) == ("GO", True)
+
+
+def test_a_monitor_look_judges_again_rows_stored_while_it_judged(use_case, monkeypatch) -> None:  # noqa: ANN001
+    """What a look records is the judgement of the rows its `judged_through` says: a batch stored while it
+    judged without the lock is judged again, under the lock."""
+    from rollout import decisions, pilot_batches, pilots
+    from rollout.db.models import PilotStep
+    from rollout.db.session import session_scope
+
+    name = use_case(rollback="manual")
+    info = _promoted(name)
+    rows = _monitor_rows(name, "m-1", n=20)
+    pilot_batches.store_batch(info["step_id"], rows, "m-1", "monitor")
+    late = _monitor_rows(name, "m-2", n=20, skip=20)
+    for r in late:
+        r["error"] = r["arm"] == "treatment"  # every sparse answer fails: a breach once judged
+    judgements: list[int] = []
+    judge = pilots.monitor_observations
+    monkeypatch.setattr(pilots, "monitor_observations", lambda s, st: judgements.append(1) or judge(s, st))
+    _slow_monitor_judgement(
+        monkeypatch, then=lambda: pilot_batches.store_batch(info["step_id"], late, "m-2", "monitor")
+    )
+    passed = {"passed": True, "failures": [], "report": {}}
+    look = decisions.monitor_look(name, info, rows, passed, "m-1")
+    assert len(judgements) == 2
+    with session_scope() as s:
+        last = pilots.last_observation_id(s, s.get(PilotStep, info["step_id"]))
+    assert decisions.evidence(look["decision_id"])["judged_through"] == last
+    assert look["outcome"] == "NO-GO", look
