@@ -742,9 +742,11 @@ def request_rollback(
             and pending.action == "rollback"
             and (not pending.automatic or pending.moved or started)
         ):
+            _refuse_while_applied(session, use_case_name, pending)
             decision_id, approval_id = pending.decision_id, pending.approval_id
             text = f"finishing rollback {decision_id}: {text}"
         elif not lifecycle.can(uc.phase, "rollback"):
+            _refuse_while_alarm_waits(session, uc)
             raise ApprovalError(
                 f"use case {use_case_name!r} is {uc.phase}, not promoted: "
                 "there is no champion of ours to roll back"
@@ -765,6 +767,46 @@ def request_rollback(
             decision_id, approval_id, reason=text, automatic=approval_id is None, db_url=db_url
         )
     return out
+
+
+def _refuse_while_applied(session: Any, use_case_name: str, pending: Any) -> None:
+    """A person's rollback signed a moment ago (`Unfinished.applied_directly_now`) is being carried out
+    by whoever signed it: finishing it now as well made its move twice, the same double apply the cycle's
+    grace prevents. MoveInProgress, naming the signer; after the grace it is finished here."""
+    import datetime as dt
+
+    from rollout import registry
+    from rollout.unfinished import APPLY_GRACE
+
+    if not pending.applied_directly_now(dt.datetime.now(dt.UTC)):
+        return
+    signer = session.scalar(select(Approval.actor).where(Approval.id == pending.approval_id))
+    raise registry.MoveInProgress(
+        f"{use_case_name}: {signer}'s rollback (decision {pending.decision_id}) was signed a moment ago and "
+        "is being carried out; nothing was recorded. Look again in a moment: the use case is then rolled "
+        f"back; if it is not {int(APPLY_GRACE.total_seconds() // 60)} minutes after the signature, "
+        f"`sparsepilot rollback {use_case_name}` finishes it"
+    )
+
+
+def _refuse_while_alarm_waits(session: Any, uc: UseCase) -> None:
+    """The monitor's alarm waits for a person's approval of its rollback (the use case is awaiting
+    approval): the person is told which decision to approve, not that there is no champion to roll back."""
+    waiting = session.scalar(
+        select(GateDecision.id)
+        .where(
+            GateDecision.use_case_id == uc.id,
+            GateDecision.awaiting == "rollback_approval",
+            GateDecision.resolution.is_(None),
+        )
+        .order_by(GateDecision.id.desc())
+    )
+    if waiting is not None:
+        raise ApprovalError(
+            f"use case {uc.name!r}: the monitor's rollback decision {waiting} waits for approval; nothing "
+            f"was recorded. Approve it to roll back: `sparsepilot approve {uc.name} --decision {waiting} "
+            '--reason "..."`'
+        )
 
 
 def _monitor_move_started(session: Any, use_case_name: str, decision_id: int) -> bool:

@@ -578,3 +578,60 @@ def test_a_monitor_look_judges_again_rows_stored_while_it_judged(use_case, monke
         last = pilots.last_observation_id(s, s.get(PilotStep, info["step_id"]))
     assert decisions.evidence(look["decision_id"])["judged_through"] == last
     assert look["outcome"] == "NO-GO", look
+
+
+def _alarm_waiting(name: str) -> tuple[dict[str, Any], int]:
+    """A promoted use case whose monitor look breached a guardrail (manual policy): its rollback decision
+    waits for a person, the use case awaiting approval."""
+    from rollout import decisions, pilot_batches
+
+    info = _promoted(name)
+    rows = _monitor_rows(name, "m-1")
+    for i, r in enumerate(rows):
+        r["error"] = r["arm"] == "treatment" and i % 4 == 1
+    pilot_batches.store_batch(info["step_id"], rows, "m-1", "monitor")
+    look = decisions.monitor_look(name, info, rows, {"passed": True, "failures": [], "report": {}}, "m-1")
+    assert (look["outcome"], look["awaiting"]) == ("NO-GO", "rollback_approval"), look
+    return info, look["decision_id"]
+
+
+def test_a_persons_rollback_while_another_carries_out_the_approved_alarm_moves_once(
+    use_case,
+    monkeypatch,  # noqa: ANN001
+) -> None:
+    """Review T, finding 7: Bob's `sparsepilot rollback` just after Alice approved the monitor's rollback
+    took over her rollback at once (MLflow called twice, "retried" in the audit). Now, within the grace
+    after her signature, Bob is told it is being carried out, and nothing is applied twice."""
+    from rollout import approvals, registry
+
+    name = use_case(rollback="manual")
+    _, alarm = _alarm_waiting(name)
+    inside = _slow_mlflow(monkeypatch)
+    out: dict[str, Any] = {}
+    t = _in_thread(lambda: approvals.approve(alarm, _identity(ALICE), "roll it back"), out, "alice")
+    assert inside.wait(120)
+    with pytest.raises(
+        registry.MoveInProgress, match=f"alice's rollback \\(decision {alarm}\\).*being carried"
+    ):
+        approvals.request_rollback(name, _identity(BOB), "users complain")
+    t.join(120)
+    assert out["alice"].took_effect, out["alice"]
+    state = _state(name)
+    assert state["phase"] == "rolled_back"
+    assert "alias.rollback.retried" not in state["audit"]
+    assert state["audit"].count("alias.rollback.committed") == 1
+
+
+def test_a_persons_rollback_while_the_monitors_alarm_waits_names_the_decision_to_approve(use_case) -> None:  # noqa: ANN001
+    """Review T, finding 8: `sparsepilot rollback NAME` while the monitor's alarm waited for approval said
+    there was no champion of ours to roll back, though one served and the alarm asked for exactly that."""
+    from rollout import approvals
+
+    name = use_case(rollback="manual")
+    _, alarm = _alarm_waiting(name)
+    with pytest.raises(approvals.ApprovalError) as refused:
+        approvals.request_rollback(name, _identity(BOB), "users complain")
+    assert f"the monitor's rollback decision {alarm} waits for approval" in str(refused.value)
+    assert f"`sparsepilot approve {name} --decision {alarm} --reason" in str(refused.value)
+    assert "no champion" not in str(refused.value)
+    assert _state(name)["phase"] == "awaiting_approval"
