@@ -12,6 +12,7 @@ from prefect import flow, get_run_logger
 
 from flows.common import flow_task, log_run
 from rollout import audit, decisions
+from rollout.unfinished import APPLY_GRACE as RULE_GRACE
 
 
 @flow_task("promote-move-aliases")
@@ -159,7 +160,7 @@ def _applied_directly_now(u: Any) -> bool:
     return u.approval_id is not None and dt.datetime.now(dt.UTC) - _aware(u.decided_at) < APPLY_GRACE
 
 
-APPLY_GRACE = dt.timedelta(minutes=2)
+APPLY_GRACE = RULE_GRACE  # rollout.unfinished.APPLY_GRACE: the one rule, here to be read (and set) by name
 
 
 def _aware(t: dt.datetime) -> dt.datetime:

@@ -12,6 +12,7 @@ from rollout.approvals import (
     ApprovalError,
     check_approvable,
     flow_is_waiting,
+    lock_decision,
     override_signatures,
     recommended_action,
 )
@@ -24,9 +25,7 @@ def register(decision_id: int, run_id: str, run_is_live: Callable[[str], bool]) 
     """Register `run_id` as the decision's approval run. Returns {"skip": why} when this run lost a race
     (the decision was resolved, or another live run is registered), else what the run waits for."""
     with session_scope(immediate=True) as session:
-        d = session.get(GateDecision, decision_id, with_for_update=True)
-        if d is None:
-            raise ApprovalError(f"decision {decision_id} does not exist")
+        d = lock_decision(session, decision_id)  # use case -> pilot -> decision, as every writer
         if d.resolution is not None:
             return {"skip": f"decision {decision_id} was already {d.resolution}"}
         if d.flow_run_id and d.flow_run_id != run_id and run_is_live(d.flow_run_id):

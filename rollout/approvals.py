@@ -119,6 +119,26 @@ def check_approvable(session: Any, d: GateDecision) -> None:
         )
 
 
+def lock_decision(session: Any, decision_id: int) -> GateDecision:
+    """The decision re-read and locked for a read-check-write, after its use case and pilot
+    (`pilots.locked`: use case -> pilot -> decision, the one order of every writer of a pilot's state; a
+    decision without a pilot, such as a person's rollback, locks its use case). Locking the decision
+    first deadlocked PostgreSQL against `pilot --abort`, which locks in that order. ApprovalError when
+    the decision does not exist. The caller's transaction is `session_scope(immediate=True)`."""
+    from rollout import pilots
+
+    ids = session.execute(
+        select(GateDecision.use_case_id, GateDecision.pilot_id).where(GateDecision.id == decision_id)
+    ).first()
+    if ids is None:
+        raise ApprovalError(f"decision {decision_id} does not exist")
+    pilots.locked(session, ids.use_case_id, ids.pilot_id)
+    d = session.get(GateDecision, decision_id, with_for_update=True, populate_existing=True)
+    if d is None:  # pragma: no cover - decisions are never deleted
+        raise ApprovalError(f"decision {decision_id} does not exist")
+    return d
+
+
 def check_decision_of(use_case: str, decision_id: int, *, db_url: str | None = None) -> None:
     """Refuse a decision id that is not one of this use case's decisions (ApprovalError; an unknown use
     case is UnknownUseCase)."""
@@ -260,12 +280,12 @@ def approve(
         asked = None if d is None else d.flow_run_id
     waiting, state = _flow_run_state_safe(asked) if asked else (False, "none")
     with session_scope(db_url, immediate=True) as session:
-        # Two approvers signing at once are serialised (PostgreSQL: the row lock; SQLite: BEGIN
+        # Two approvers signing at once are serialised (PostgreSQL: the row locks; SQLite: BEGIN
         # IMMEDIATE takes the write lock before this read), so the second sees the first's signature or
-        # resolution instead of both acting on the same open decision.
-        d = session.get(GateDecision, decision_id, with_for_update=True)
-        if d is None:
-            raise ApprovalError(f"decision {decision_id} does not exist")
+        # resolution instead of both acting on the same open decision. The use case and the pilot are
+        # locked first (`lock_decision`: the order every writer of a pilot's state takes), so the pilot
+        # `check_approvable` reads stays as it is until the commit.
+        d = lock_decision(session, decision_id)
         if d.flow_run_id != asked:
             raise FlowNotWaiting(
                 f"decision {d.id}: its approval run changed while you approved (another run registered, or "
@@ -722,9 +742,11 @@ def request_rollback(
             and pending.action == "rollback"
             and (not pending.automatic or pending.moved or started)
         ):
+            _refuse_while_applied(session, use_case_name, pending)
             decision_id, approval_id = pending.decision_id, pending.approval_id
             text = f"finishing rollback {decision_id}: {text}"
         elif not lifecycle.can(uc.phase, "rollback"):
+            _refuse_while_alarm_waits(session, uc)
             raise ApprovalError(
                 f"use case {use_case_name!r} is {uc.phase}, not promoted: "
                 "there is no champion of ours to roll back"
@@ -745,6 +767,46 @@ def request_rollback(
             decision_id, approval_id, reason=text, automatic=approval_id is None, db_url=db_url
         )
     return out
+
+
+def _refuse_while_applied(session: Any, use_case_name: str, pending: Any) -> None:
+    """A person's rollback signed a moment ago (`Unfinished.applied_directly_now`) is being carried out
+    by whoever signed it: finishing it now as well made its move twice, the same double apply the cycle's
+    grace prevents. MoveInProgress, naming the signer; after the grace it is finished here."""
+    import datetime as dt
+
+    from rollout import registry
+    from rollout.unfinished import APPLY_GRACE
+
+    if not pending.applied_directly_now(dt.datetime.now(dt.UTC)):
+        return
+    signer = session.scalar(select(Approval.actor).where(Approval.id == pending.approval_id))
+    raise registry.MoveInProgress(
+        f"{use_case_name}: {signer}'s rollback (decision {pending.decision_id}) was signed a moment ago and "
+        "is being carried out; nothing was recorded. Look again in a moment: the use case is then rolled "
+        f"back; if it is not {int(APPLY_GRACE.total_seconds() // 60)} minutes after the signature, "
+        f"`sparsepilot rollback {use_case_name}` finishes it"
+    )
+
+
+def _refuse_while_alarm_waits(session: Any, uc: UseCase) -> None:
+    """The monitor's alarm waits for a person's approval of its rollback (the use case is awaiting
+    approval): the person is told which decision to approve, not that there is no champion to roll back."""
+    waiting = session.scalar(
+        select(GateDecision.id)
+        .where(
+            GateDecision.use_case_id == uc.id,
+            GateDecision.awaiting == "rollback_approval",
+            GateDecision.resolution.is_(None),
+        )
+        .order_by(GateDecision.id.desc())
+    )
+    if waiting is not None:
+        raise ApprovalError(
+            f"use case {uc.name!r}: the monitor's rollback decision {waiting} waits for approval; nothing "
+            f"was recorded. Approve it to roll back: `sparsepilot approve {uc.name} --decision {waiting} "
+            '--reason "..."`'
+        )
 
 
 def _monitor_move_started(session: Any, use_case_name: str, decision_id: int) -> bool:

@@ -154,6 +154,7 @@ def gate_step(
         if found is not None:
             return summary(found, step, False)
         _check_still_running(use_case, pilot, step, changed=True)
+        _check_no_approved_promotion(session, use_case, pilot)
         d, created = pilots.record_decision(
             session,
             idempotency_key=key,
@@ -187,6 +188,30 @@ def _check_still_running(use_case: str, pilot: Pilot, step: PilotStep, *, change
         )
 
 
+def _check_no_approved_promotion(session: Any, use_case: str, pilot: Pilot) -> None:
+    """A gate look records nothing on a pilot whose GO (or an override) a person approved: its promotion
+    is being carried out, in a transaction after the approval's, and a NO-GO recorded in between stopped
+    the pilot under it (the approval stood "approved" on a decision that could never take effect). The
+    same rule as `pilots.abort_pilot`'s."""
+    from sqlalchemy import select
+
+    approved = session.scalar(
+        select(GateDecision.id)
+        .where(
+            GateDecision.pilot_id == pilot.id,
+            GateDecision.kind == "gate",
+            GateDecision.resolution == "approved",
+        )
+        .order_by(GateDecision.id.desc())
+    )
+    if approved is not None:
+        raise pilots.PilotStateError(
+            f"{use_case}: decision {approved} of {pilots.pilot_label(pilot)} is approved and its promotion "
+            f"is being carried out (or waits to be finished: sparsepilot promote {use_case} --decision "
+            f"{approved}); this look records nothing"
+        )
+
+
 def _monitor_verdict(check: dict[str, Any], guard: dict[str, Any], alpha: float) -> tuple[str, str]:
     """(outcome, why) of a monitor look: INVALID on failed data checks, NO-GO on a breached guardrail."""
     if not check["passed"]:
@@ -217,15 +242,22 @@ def monitor_look(
     """Record the monitor's decision on a batch of the champion's traffic. A breach or a failed data
     check rolls back automatically under the spec's `rollback: auto` (the caller runs the rollback),
     else leaves a rollback decision waiting for a person (the use case then awaits approval)."""
-    # locked (SQLite: the write lock; PostgreSQL: the rows) from the first read: a person's rollback or a
-    # promotion that came while the batch was answered is seen here
+    # judged without the lock, as a gate look decides: a look reads and judges the monitor's whole history
+    # (seconds at a million rows), and holding the lock meanwhile (SQLite: the state DB's one write lock)
+    # made every writer of every use case wait, other use cases' runs refused as busy
+    with session_scope() as session:
+        pilot = session.get(Pilot, info["pilot_id"])
+        spec, _ = pilots.load_pilot_spec(session, pilot)
+        guard, basis = _monitor_judgement(session, session.get(PilotStep, info["step_id"]), spec, check)
+    # then locked (SQLite: the write lock; PostgreSQL: the rows) to re-check and record: a person's
+    # rollback or a promotion that came while the batch was answered or judged is seen here, and rows
+    # stored (or an alarm kept) meanwhile are judged again, under the lock, so what is recorded is the
+    # judgement of what `judged_through` says
     with session_scope(immediate=True) as session:
         uc, pilot = pilots.locked(session, pilots.get_use_case(session, use_case).id, info["pilot_id"])
-        spec, _ = pilots.load_pilot_spec(session, pilot)
         step = session.get(PilotStep, info["step_id"])
-        guard: dict[str, Any] = {"checks": [], "breached": []}
-        if check["passed"]:  # every look since the monitor began (or since a kept alarm), this batch last
-            guard = pilots.monitor_guardrails(pilots.monitor_observations(session, step), spec)
+        if pilots.monitor_basis(session, step) != basis:
+            guard, basis = _monitor_judgement(session, step, spec, check)
         outcome, why = _monitor_verdict(check, guard, spec.gate.alpha)
         bad = outcome != "GO"
         auto = bad and info["rollback_policy"] == "auto"
@@ -266,7 +298,7 @@ def monitor_look(
                 "batch_id": batch_id,
                 "rows": len(rows),
                 # a kept alarm settles the rows up to here (`pilots.monitor_observations`)
-                "judged_through": pilots.last_observation_id(session, step),
+                "judged_through": basis[0],
             },
             explanation=explanation,
             data_fingerprint=batch_id[:64],
@@ -288,6 +320,19 @@ def monitor_look(
             "explanation": d.explanation,
             "created": created,
         }
+
+
+def _monitor_judgement(
+    session: Any, step: PilotStep, spec: Any, check: dict[str, Any]
+) -> tuple[dict[str, Any], tuple[int, int]]:
+    """The monitor's guardrails over every look since the monitor began (or since a kept alarm), this
+    batch last, and what they rest on (`pilots.monitor_basis`, read first: a row stored after it is
+    judged again, never missed)."""
+    basis = pilots.monitor_basis(session, step)
+    guard: dict[str, Any] = {"checks": [], "breached": []}
+    if check["passed"]:
+        guard = pilots.monitor_guardrails(pilots.monitor_observations(session, step), spec)
+    return guard, basis
 
 
 def failed_batch(use_case: str, info: dict[str, Any], batch_id: str, check: dict[str, Any]) -> int:

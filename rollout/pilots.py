@@ -613,7 +613,14 @@ def monitor_observations(session: Session, step: PilotStep) -> pd.DataFrame:
     each with its look (`look`: the batch id): every row since the monitor began, or since the last alarm
     a person kept the champion through (that alarm is settled; detection starts again, with its own
     alpha). A table of columns `OBSERVATION_FIELDS` and `look`."""
-    kept = session.scalar(
+    kept = _kept_alarm(session, step)
+    after = int((kept.evidence or {}).get("judged_through") or 0) if kept is not None else 0
+    return _evidence_table(session, Observation.pilot_step_id == step.id, Observation.id > after)
+
+
+def _kept_alarm(session: Session, step: PilotStep) -> GateDecision | None:
+    """The last monitor alarm of the step a person kept the champion through (resolved "rejected")."""
+    return session.scalar(
         select(GateDecision)
         .where(
             GateDecision.pilot_step_id == step.id,
@@ -623,8 +630,14 @@ def monitor_observations(session: Session, step: PilotStep) -> pd.DataFrame:
         .order_by(GateDecision.id.desc())
         .limit(1)
     )
-    after = int((kept.evidence or {}).get("judged_through") or 0) if kept is not None else 0
-    return _evidence_table(session, Observation.pilot_step_id == step.id, Observation.id > after)
+
+
+def monitor_basis(session: Session, step: PilotStep) -> tuple[int, int]:
+    """What a monitor look's judgement rests on: the step's last stored row (`last_observation_id`) and
+    the last alarm a person kept (its id, 0 for none; `monitor_observations` starts after it). A look
+    judged without the lock reads this again under the lock and judges again where it moved."""
+    kept = _kept_alarm(session, step)
+    return last_observation_id(session, step), kept.id if kept is not None else 0
 
 
 def _evidence_table(session: Session, *where: Any) -> pd.DataFrame:

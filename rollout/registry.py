@@ -36,7 +36,7 @@ from sqlalchemy.exc import IntegrityError
 from rollout import audit, tracking
 from rollout.auth import Identity, PermissionDenied, require_approver
 from rollout.db.models import AliasMove, ModelVersion, SpecVersion, UseCase
-from rollout.db.session import session_scope
+from rollout.db.session import StateDBBusy, session_scope
 from rollout.redact import redact
 from rollout.spec import has_visible_text
 from sparse_core.errors import SparsePilotError
@@ -579,22 +579,47 @@ def _move(
 
     # 3. committed (a crash before this commit leaves 'pending', which a retry completes); audited by the
     # caller whose update changed the row, once (two callers of one key at once both reach here)
-    with session_scope(db_url) as session:
-        changed = session.execute(
-            update(AliasMove)
-            .where(AliasMove.id == move_id, AliasMove.status != "committed")
-            .values(status="committed", error=None)
-        ).rowcount
-        move = session.get(AliasMove, move_id, populate_existing=True)
-        if changed:
-            audit.record(
-                session,
-                who.name,
-                f"alias.{action}.committed",
-                on=move,
-                details={"alias": alias, "from": move.from_version, "to": to_version},
-            )
+    try:
+        with session_scope(db_url) as session:
+            changed = session.execute(
+                update(AliasMove)
+                .where(AliasMove.id == move_id, AliasMove.status != "committed")
+                .values(status="committed", error=None)
+            ).rowcount
+            move = session.get(AliasMove, move_id, populate_existing=True)
+            if changed:
+                audit.record(
+                    session,
+                    who.name,
+                    f"alias.{action}.committed",
+                    on=move,
+                    details={"alias": alias, "from": move.from_version, "to": to_version},
+                )
+    except StateDBBusy as exc:
+        # MLflow HAS moved: StateDBBusy's "nothing was written" would be false here
+        raise RegistryError(
+            f"MLflow moved {alias!r} of {name} to version {to_version}, but the state DB was busy (another "
+            "run held SQLite's write lock), so the move is not yet recorded as done: alias_history id "
+            f"{move_id} stays pending. {finish_hint(use_case, idempotency_key)}"
+        ) from exc
     return move
+
+
+def finish_hint(use_case: str, key: str) -> str:
+    """How a pending move of idempotency key `key` is finished: its own key's retry, which the command
+    that made it runs again (a promotion's, a rollback's), and nothing in MLflow."""
+    kind, _, decision = key.partition(":")
+    command = (
+        f"`sparsepilot promote {use_case} --decision {decision}` does"
+        if kind in ("promote", "baseline") and decision.isdigit()
+        else f"`sparsepilot rollback {use_case}` does"
+        if kind == "rollback" and decision.isdigit()
+        else "the command that asked for it does, run again"
+    )
+    return (
+        f"Retry with the same idempotency key ({key!r}) to finish it ({command}); nothing needs doing in "
+        "MLflow"
+    )
 
 
 def _refuse_while_moving(session, uc: UseCase, key: str) -> None:  # noqa: ANN001
@@ -612,10 +637,14 @@ def _refuse_while_moving(session, uc: UseCase, key: str) -> None:  # noqa: ANN00
         created = other.created_at
         created = created.replace(tzinfo=dt.UTC) if created.tzinfo is None else created
         if created >= since:
+            age = int((dt.datetime.now(dt.UTC) - created).total_seconds())
             raise MoveInProgress(
                 f"use case {uc.name!r}: champion move {other.idempotency_key!r} by {other.actor} "
                 f"(v{other.from_version} -> v{other.to_version}) is being carried out; nothing was "
-                "recorded for this one, look again when it has finished"
+                "recorded for this one, look again when it has finished. It may also have been cut off "
+                f"(its run died, or the state DB was busy when it was to be recorded): pending for {age} s, "
+                f"it counts as cut off once {int(MOVE_IN_FLIGHT.total_seconds() // 60)} minutes old; "
+                f"{finish_hint(uc.name, other.idempotency_key)}"
             )
 
 

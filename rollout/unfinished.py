@@ -37,6 +37,12 @@ from rollout.db.session import session_scope
 STALLED_AFTER = dt.timedelta(minutes=5)
 
 
+# a person's decision with no failed move is taken to be carried out by whoever signed it (the dashboard
+# or the CLI applies it directly, in seconds) for this long after the signature: nobody else finishes it
+# meanwhile (`applied_directly_now`: the cycle's `finish_unfinished`, a person's `sparsepilot rollback`)
+APPLY_GRACE = dt.timedelta(minutes=2)
+
+
 @dataclass(frozen=True)
 class Unfinished:
     use_case: str
@@ -51,6 +57,18 @@ class Unfinished:
     @property
     def automatic(self) -> bool:
         return self.approval_id is None
+
+    def applied_directly_now(self, now: dt.datetime, grace: dt.timedelta = APPLY_GRACE) -> bool:
+        """A person's decision signed less than `grace` ago whose move has not failed (or committed): the
+        process that signed it is carrying it out now. Finishing it at the same time made its move twice
+        (MLflow called twice, "retried" and "committed" twice in the audit); one whose process died is
+        finished after the grace."""
+        signed = (
+            self.decided_at if self.decided_at.tzinfo is not None else self.decided_at.replace(tzinfo=dt.UTC)
+        )
+        return (
+            self.approval_id is not None and not self.failed_move and not self.moved and now - signed < grace
+        )
 
     def command(self) -> str:
         """What a person runs to finish it now ("" where only the use case's next cycle does)."""

@@ -410,3 +410,218 @@ def test_a_direct_approval_and_the_cycles_finishing_carry_a_promotion_out_once(
     assert committed == {m[0]: 1 for m in state["moves"]}, committed
     assert sorted(committed) == [f"baseline:{did}", f"promote:{did}"]
     assert [m[3] for m in state["moves"]] == ["committed", "committed"]
+
+
+def _slow_check_approvable(monkeypatch: pytest.MonkeyPatch, hold: float) -> threading.Event:
+    """check_approvable has passed, then takes `hold` s more: approve's locks are held meanwhile."""
+    from rollout import approvals
+
+    passed, check = threading.Event(), approvals.check_approvable
+
+    def slow(session: Any, d: Any) -> None:
+        check(session, d)
+        passed.set()
+        time.sleep(hold)
+
+    monkeypatch.setattr(approvals, "check_approvable", slow)
+    return passed
+
+
+def test_an_abort_during_an_approval_waits_and_is_refused_without_a_deadlock(use_case, monkeypatch) -> None:  # noqa: ANN001
+    """Review T, finding 1: approve locked the decision first and abort the use case, pilot, then the
+    decisions: PostgreSQL found a deadlock and the approver got a raw OperationalError. Now both lock use
+    case -> pilot -> decision: the abort waits for the signature and is refused, clearly."""
+    from rollout import approvals, pilot_batches, pilots
+
+    name = use_case()
+    did = _pilot_with_decision(name, "GO", "approval")
+    passed = _slow_check_approvable(monkeypatch, 1.5)
+    out: dict[str, Any] = {}
+    t = _in_thread(lambda: approvals.approve(did, _identity(ALICE), "ship it"), out, "approve")
+    assert passed.wait(120)
+    with pytest.raises(pilots.PilotStateError) as refused:
+        pilot_batches.abort(name, actor="olga", reason="wrong traffic mix")
+    t.join(120)
+    assert isinstance(out["approve"], approvals.ApprovalResult), out["approve"]
+    assert out["approve"].took_effect
+    assert f"decision {did} is approved" in str(refused.value) or "no active pilot" in str(refused.value)
+    state = _state(name)
+    assert (state["phase"], state["pilot"]) == ("promoted", "promoted")
+    assert "pilot.abort" not in state["audit"]
+
+
+def test_an_override_signed_during_a_gate_look_is_promoted_and_the_look_records_nothing(
+    use_case,
+    monkeypatch,  # noqa: ANN001
+) -> None:
+    """Review T, finding 3: the second approver's check of the pilot held no pilot lock; a NO-GO look in
+    the window stopped the pilot (PostgreSQL), the override stood "approved" and its promotion was refused.
+    Now the look waits for the signature and records nothing on a pilot whose promotion is approved."""
+    from rollout import approvals, decisions, leases, pilots
+    from rollout.db.models import Pilot
+    from rollout.db.session import session_scope
+
+    name = use_case()
+    info = _running_step(name, quality_treatment=0.1)  # the look says NO-GO
+    with session_scope() as s:  # an earlier look said EXTEND
+        uc, p = pilots.get_use_case(s, name), s.scalar(select(Pilot))
+        d, _ = pilots.record_decision(s, idempotency_key="gate:earlier", use_case=uc, pilot=p,
+            step=pilots.current_step(s, p), outcome="EXTEND", evidence={"reasons": ["inconclusive"]},
+            explanation="EXTEND", data_fingerprint="e" * 64, awaiting="none")  # fmt: skip
+        s.flush()
+        early = d.id
+    assert approvals.approve(early, _identity(ALICE), "ship it early").needs_second_approver
+    passed = _slow_check_approvable(monkeypatch, 3.0)
+    out: dict[str, Any] = {}
+    t = _in_thread(lambda: approvals.approve(early, _identity(BOB), "agreed"), out, "approve")
+    assert passed.wait(120)
+    with pytest.raises(pilots.PilotStateError, match="is promoted at step|approved and its promotion"):
+        with leases.holding(name, "gate"):
+            decisions.gate_step(name, info["step_id"])
+    t.join(120)
+    assert isinstance(out["approve"], approvals.ApprovalResult), out["approve"]
+    assert out["approve"].took_effect
+    state = _state(name)
+    assert (state["phase"], state["pilot"], len(state["champions"])) == ("promoted", "promoted", 1)
+    assert [d[1] for d in state["decisions"]] == ["EXTEND"]
+
+
+def _monitor_rows(name: str, batch: str, n: int = 40, skip: int = 0) -> list[dict]:
+    ids = _dataset_ids(name, skip + n)[skip:]
+    return [{"request_id": f"{batch}-{r}", "arm": a, "quality": 0.8, "latency_ms": 100.0, "tokens": 4,
+             "error": False} for r in ids for a in ("control", "treatment")]  # fmt: skip
+
+
+def _slow_monitor_judgement(monkeypatch: pytest.MonkeyPatch, then=None) -> threading.Event:  # noqa: ANN001
+    """The monitor's guardrails have judged, then `then()` runs (first call only) and 2 s pass."""
+    from rollout import pilots
+
+    judged, guardrails = threading.Event(), pilots.monitor_guardrails
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        out = guardrails(*args, **kwargs)
+        if not judged.is_set():
+            judged.set()
+            if then is not None:
+                then()
+            time.sleep(2.0)
+        return out
+
+    monkeypatch.setattr(pilots, "monitor_guardrails", slow)
+    return judged
+
+
+def test_a_monitor_look_judges_without_holding_the_write_lock(use_case, monkeypatch) -> None:  # noqa: ANN001
+    """Review T, finding 2: the look read and judged the monitor's whole history under SQLite's write lock
+    (seconds at a million rows): another use case's run waited for it, and was refused after 5 s. Now it
+    judges without the lock and takes it only to re-check and record."""
+    from rollout import decisions, leases, pilot_batches
+
+    name = use_case(rollback="manual")
+    info = _promoted(name)
+    other = use_case("other-uc")
+    rows = _monitor_rows(name, "m-1")
+    pilot_batches.store_batch(info["step_id"], rows, "m-1", "monitor")
+    judged = _slow_monitor_judgement(monkeypatch)
+    passed = {"passed": True, "failures": [], "report": {}}
+    out: dict[str, Any] = {}
+
+    def look() -> dict:
+        with leases.holding(name, "monitor"):
+            return decisions.monitor_look(name, info, rows, passed, "m-1")
+
+    t = _in_thread(look, out, "monitor")
+    assert judged.wait(120)
+    t0 = time.monotonic()
+    with leases.holding(other, "gate"):
+        waited = time.monotonic() - t0
+    t.join(120)
+    assert waited < 1.0, f"another use case's lease waited {waited:.2f}s for the monitor look"
+    assert isinstance(out["monitor"], dict), out["monitor"]
+    assert (out["monitor"]["outcome"], out["monitor"]["created"]) == ("GO", True)
+
+
+def test_a_monitor_look_judges_again_rows_stored_while_it_judged(use_case, monkeypatch) -> None:  # noqa: ANN001
+    """What a look records is the judgement of the rows its `judged_through` says: a batch stored while it
+    judged without the lock is judged again, under the lock."""
+    from rollout import decisions, pilot_batches, pilots
+    from rollout.db.models import PilotStep
+    from rollout.db.session import session_scope
+
+    name = use_case(rollback="manual")
+    info = _promoted(name)
+    rows = _monitor_rows(name, "m-1", n=20)
+    pilot_batches.store_batch(info["step_id"], rows, "m-1", "monitor")
+    late = _monitor_rows(name, "m-2", n=20, skip=20)
+    for r in late:
+        r["error"] = r["arm"] == "treatment"  # every sparse answer fails: a breach once judged
+    judgements: list[int] = []
+    judge = pilots.monitor_observations
+    monkeypatch.setattr(pilots, "monitor_observations", lambda s, st: judgements.append(1) or judge(s, st))
+    _slow_monitor_judgement(
+        monkeypatch, then=lambda: pilot_batches.store_batch(info["step_id"], late, "m-2", "monitor")
+    )
+    passed = {"passed": True, "failures": [], "report": {}}
+    look = decisions.monitor_look(name, info, rows, passed, "m-1")
+    assert len(judgements) == 2
+    with session_scope() as s:
+        last = pilots.last_observation_id(s, s.get(PilotStep, info["step_id"]))
+    assert decisions.evidence(look["decision_id"])["judged_through"] == last
+    assert look["outcome"] == "NO-GO", look
+
+
+def _alarm_waiting(name: str) -> tuple[dict[str, Any], int]:
+    """A promoted use case whose monitor look breached a guardrail (manual policy): its rollback decision
+    waits for a person, the use case awaiting approval."""
+    from rollout import decisions, pilot_batches
+
+    info = _promoted(name)
+    rows = _monitor_rows(name, "m-1")
+    for i, r in enumerate(rows):
+        r["error"] = r["arm"] == "treatment" and i % 4 == 1
+    pilot_batches.store_batch(info["step_id"], rows, "m-1", "monitor")
+    look = decisions.monitor_look(name, info, rows, {"passed": True, "failures": [], "report": {}}, "m-1")
+    assert (look["outcome"], look["awaiting"]) == ("NO-GO", "rollback_approval"), look
+    return info, look["decision_id"]
+
+
+def test_a_persons_rollback_while_another_carries_out_the_approved_alarm_moves_once(
+    use_case,
+    monkeypatch,  # noqa: ANN001
+) -> None:
+    """Review T, finding 7: Bob's `sparsepilot rollback` just after Alice approved the monitor's rollback
+    took over her rollback at once (MLflow called twice, "retried" in the audit). Now, within the grace
+    after her signature, Bob is told it is being carried out, and nothing is applied twice."""
+    from rollout import approvals, registry
+
+    name = use_case(rollback="manual")
+    _, alarm = _alarm_waiting(name)
+    inside = _slow_mlflow(monkeypatch)
+    out: dict[str, Any] = {}
+    t = _in_thread(lambda: approvals.approve(alarm, _identity(ALICE), "roll it back"), out, "alice")
+    assert inside.wait(120)
+    with pytest.raises(
+        registry.MoveInProgress, match=f"alice's rollback \\(decision {alarm}\\).*being carried"
+    ):
+        approvals.request_rollback(name, _identity(BOB), "users complain")
+    t.join(120)
+    assert out["alice"].took_effect, out["alice"]
+    state = _state(name)
+    assert state["phase"] == "rolled_back"
+    assert "alias.rollback.retried" not in state["audit"]
+    assert state["audit"].count("alias.rollback.committed") == 1
+
+
+def test_a_persons_rollback_while_the_monitors_alarm_waits_names_the_decision_to_approve(use_case) -> None:  # noqa: ANN001
+    """Review T, finding 8: `sparsepilot rollback NAME` while the monitor's alarm waited for approval said
+    there was no champion of ours to roll back, though one served and the alarm asked for exactly that."""
+    from rollout import approvals
+
+    name = use_case(rollback="manual")
+    _, alarm = _alarm_waiting(name)
+    with pytest.raises(approvals.ApprovalError) as refused:
+        approvals.request_rollback(name, _identity(BOB), "users complain")
+    assert f"the monitor's rollback decision {alarm} waits for approval" in str(refused.value)
+    assert f"`sparsepilot approve {name} --decision {alarm} --reason" in str(refused.value)
+    assert "no champion" not in str(refused.value)
+    assert _state(name)["phase"] == "awaiting_approval"

@@ -378,3 +378,61 @@ def test_the_pyfunc_class_is_made_without_mlflow_warnings() -> None:
         check=True,
     )
     assert "type hints" not in done.stderr, done.stderr[-2000:]
+
+
+def test_a_busy_state_db_after_mlflow_moved_says_so_and_how_to_finish(two_versions, monkeypatch) -> None:  # noqa: ANN001
+    """Review T, finding 4: step 3 (recording the move done) met another writer's SQLite lock past the
+    busy timeout and said "nothing was written, try again", though MLflow had moved the alias. Now the
+    error says MLflow moved it and how the move is finished; a champion move meeting the pending row is
+    told it may have been cut off, and when it counts as cut off."""
+    import sqlite3
+    import threading
+
+    import rollout.db.session as dbs
+    from rollout.db.session import get_engine
+
+    v1, _ = two_versions
+    if get_engine().dialect.name != "sqlite":
+        pytest.skip("SQLite's one write lock")
+    monkeypatch.setattr(dbs, "BUSY_TIMEOUT_S", 1)
+    dbs._engine_for.cache_clear()
+    path = get_engine().url.database
+    apply, release, holding = registry._apply_mlflow, threading.Event(), threading.Event()
+
+    def hold() -> None:  # another writer (an observations import) holds the write lock
+        c = sqlite3.connect(path, isolation_level=None)
+        c.execute("BEGIN IMMEDIATE")
+        holding.set()
+        release.wait(30)
+        c.execute("ROLLBACK")
+        c.close()
+
+    def apply_then_busy(*args: object) -> None:
+        apply(*args)
+        threading.Thread(target=hold, daemon=True).start()
+        assert holding.wait(10)
+
+    monkeypatch.setattr(registry, "_apply_mlflow", apply_then_busy)
+    try:
+        with pytest.raises(registry.RegistryError) as busy:
+            registry.promote(
+                "docs-qa", model_version_id=v1.id, actor=ALICE, reason="go", idempotency_key="promote:7"
+            )
+    finally:
+        release.set()
+    message = str(busy.value)
+    assert not isinstance(busy.value, dbs.StateDBBusy)
+    assert "MLflow moved 'champion' of sparsepilot-docs-qa to version 1" in message
+    assert "nothing was written" not in message
+    assert "same idempotency key ('promote:7')" in message
+    assert "`sparsepilot promote docs-qa --decision 7`" in message
+    monkeypatch.setattr(registry, "_apply_mlflow", apply)
+    assert rows(AliasMove)[-1].status == "pending"
+    assert registry.current_aliases("docs-qa") == {"champion": "1"}
+    with pytest.raises(registry.MoveInProgress, match="may also have been cut off") as moving:
+        registry.rollback("docs-qa", actor=ALICE, reason="x", idempotency_key="rb")
+    assert "counts as cut off once 5 minutes old" in str(moving.value)
+    done = registry.promote(
+        "docs-qa", model_version_id=v1.id, actor=ALICE, reason="go", idempotency_key="promote:7"
+    )
+    assert done.status == "committed"
