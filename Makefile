@@ -30,8 +30,8 @@ run: setup
 
 ## Set up and run the whole test suite (lint + import contracts + tests). The tests run in one worker
 ## process per core (pytest-xdist, at most 4; TEST_WORKERS=0 runs them in this process), each worker's
-## torch on one thread (tests/conftest.py). On 2 idle cores, 995 tests (December 2026): pytest 13-14.5
-## min, the whole `make test` from a clean clone 15.5-17 min (setup included). When the suite was
+## torch on one thread (tests/conftest.py). On 2 idle cores, 1,221 tests (December 2026): pytest 14.3
+## min, the whole `make test` from a clean clone 16 min (setup included). When the suite was
 ## smaller, one process took 1.6-1.8x as long as two workers.
 TEST_WORKERS ?= auto
 test: setup
