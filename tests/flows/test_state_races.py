@@ -96,6 +96,25 @@ def _running_step(name: str, quality_treatment: float = 0.8) -> dict[str, Any]:
     return info
 
 
+def _override_half_signed(name: str) -> tuple[dict, int]:
+    """A running step whose next look says NO-GO, and an earlier EXTEND that alice has signed to promote
+    against the gate (an override: a second approver's signature takes effect). (step info, its id)"""
+    from rollout import approvals, pilots
+    from rollout.db.models import Pilot
+    from rollout.db.session import session_scope
+
+    info = _running_step(name, quality_treatment=0.1)  # the look says NO-GO
+    with session_scope() as s:  # an earlier look said EXTEND
+        uc, p = pilots.get_use_case(s, name), s.scalar(select(Pilot))
+        d, _ = pilots.record_decision(s, idempotency_key="gate:earlier", use_case=uc, pilot=p,
+            step=pilots.current_step(s, p), outcome="EXTEND", evidence={"reasons": ["inconclusive"]},
+            explanation="EXTEND", data_fingerprint="e" * 64, awaiting="none")  # fmt: skip
+        s.flush()
+        early = d.id
+    assert approvals.approve(early, _identity(ALICE), "ship it early").needs_second_approver
+    return info, early
+
+
 def _slow_gate(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
     """decide() has judged, then takes 2 s more: the window another transaction lands in."""
     import rollout.gate as gate
@@ -172,19 +191,9 @@ def test_a_gate_look_overlapping_an_override_promotion_leaves_the_champion_promo
     """Finding 1(a): a NO-GO look that ended after two approvers promoted early used to stop the pilot
     and the use case: the sparse champion served, unmonitored, and no rollback could reach it."""
     from rollout import approvals, decisions, leases, pilot_batches, pilots
-    from rollout.db.models import Pilot
-    from rollout.db.session import session_scope
 
     name = use_case()
-    info = _running_step(name, quality_treatment=0.1)  # the look says NO-GO
-    with session_scope() as s:  # an earlier look said EXTEND
-        uc, p = pilots.get_use_case(s, name), s.scalar(select(Pilot))
-        d, _ = pilots.record_decision(s, idempotency_key="gate:earlier", use_case=uc, pilot=p,
-            step=pilots.current_step(s, p), outcome="EXTEND", evidence={"reasons": ["inconclusive"]},
-            explanation="EXTEND", data_fingerprint="e" * 64, awaiting="none")  # fmt: skip
-        s.flush()
-        early = d.id
-    assert approvals.approve(early, _identity(ALICE), "ship it early").needs_second_approver
+    info, early = _override_half_signed(name)
     judged = _slow_gate(monkeypatch)
     out: dict[str, Any] = {}
 
@@ -458,19 +467,9 @@ def test_an_override_signed_during_a_gate_look_is_promoted_and_the_look_records_
     the window stopped the pilot (PostgreSQL), the override stood "approved" and its promotion was refused.
     Now the look waits for the signature and records nothing on a pilot whose promotion is approved."""
     from rollout import approvals, decisions, leases, pilots
-    from rollout.db.models import Pilot
-    from rollout.db.session import session_scope
 
     name = use_case()
-    info = _running_step(name, quality_treatment=0.1)  # the look says NO-GO
-    with session_scope() as s:  # an earlier look said EXTEND
-        uc, p = pilots.get_use_case(s, name), s.scalar(select(Pilot))
-        d, _ = pilots.record_decision(s, idempotency_key="gate:earlier", use_case=uc, pilot=p,
-            step=pilots.current_step(s, p), outcome="EXTEND", evidence={"reasons": ["inconclusive"]},
-            explanation="EXTEND", data_fingerprint="e" * 64, awaiting="none")  # fmt: skip
-        s.flush()
-        early = d.id
-    assert approvals.approve(early, _identity(ALICE), "ship it early").needs_second_approver
+    info, early = _override_half_signed(name)
     passed = _slow_check_approvable(monkeypatch, 3.0)
     out: dict[str, Any] = {}
     t = _in_thread(lambda: approvals.approve(early, _identity(BOB), "agreed"), out, "approve")
