@@ -30,7 +30,7 @@ from sqlalchemy import select
 
 from rollout import audit, lifecycle
 from rollout.auth import Identity, require_approver, same_person
-from rollout.db.models import AliasMove, Approval, GateDecision, ModelVersion, Pilot, UseCase
+from rollout.db.models import AliasMove, Approval, GateDecision, ModelVersion, Pilot, UseCase, as_utc, utcnow
 from rollout.db.session import session_scope
 from rollout.redact import redact
 from rollout.spec import has_visible_text
@@ -814,15 +814,13 @@ def _monitor_move_started(session: Any, use_case_name: str, decision_id: int) ->
     superseding it then made two rollbacks for one act. Recent (`registry.MOVE_IN_FLIGHT`): its MLflow
     call is under way, and the person is told so (MoveInProgress); older: it was cut off, and the person's
     request finishes it under its own key (True)."""
-    import datetime as dt
 
     from rollout import registry
 
     move = session.scalar(select(AliasMove).where(AliasMove.idempotency_key == f"rollback:{decision_id}"))
     if move is None or move.status != "pending":
         return False
-    created = move.created_at if move.created_at.tzinfo else move.created_at.replace(tzinfo=dt.UTC)
-    if dt.datetime.now(dt.UTC) - created < registry.MOVE_IN_FLIGHT:
+    if utcnow() - as_utc(move.created_at) < registry.MOVE_IN_FLIGHT:
         raise registry.MoveInProgress(
             f"{use_case_name}: the monitor's automatic rollback (decision {decision_id}, champion "
             f"v{move.from_version} -> v{move.to_version}) is under way; nothing was recorded. Look again in "

@@ -4,7 +4,6 @@ serving system's observations. Each function owns its transaction; the flows get
 
 from __future__ import annotations
 
-import datetime as dt
 import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -12,7 +11,7 @@ from typing import Any
 from sqlalchemy import select
 
 from rollout import audit, lifecycle, pilots, run_links
-from rollout.db.models import AuditEntry, ModelVersion, Observation, Pilot, PilotStep, utcnow
+from rollout.db.models import AuditEntry, ModelVersion, Observation, Pilot, PilotStep, as_utc, utcnow
 from rollout.db.session import session_scope
 from rollout.observations_io import ObservationImportError, iter_observations, validate_observation_rows
 from rollout.runs import latest_challenger, version_dict
@@ -125,7 +124,7 @@ def note_monitor_skip(use_case: str, info: Mapping[str, Any], reason: str, expla
         if (
             last is not None
             and (last.details or {}).get("reason") == reason
-            and _utc_day(last.ts) == _utc_day(utcnow())
+            and as_utc(last.ts).date() == utcnow().date()
         ):
             return False
         audit.record(
@@ -136,10 +135,6 @@ def note_monitor_skip(use_case: str, info: Mapping[str, Any], reason: str, expla
             details={"reason": reason, "explanation": explanation, "step_id": info["step_id"]},
         )
         return True
-
-
-def _utc_day(ts: dt.datetime) -> dt.date:
-    return (ts if ts.tzinfo is not None else ts.replace(tzinfo=dt.UTC)).astimezone(dt.UTC).date()
 
 
 def current_step(use_case: str) -> dict[str, Any] | None:

@@ -26,6 +26,7 @@ from rollout.db.models import (
     PilotStep,
     SpecVersion,
     UseCase,
+    as_utc,
 )
 from rollout.db.session import session_scope
 from rollout.pilots import planned_pilot, promoted_pilot
@@ -429,7 +430,7 @@ def describe_monitor_state(state: dict[str, Any] | None) -> str | None:
         return None
 
     def at(ts: Any) -> str:
-        return "an unknown time" if ts is None else f"{_as_utc(ts):%Y-%m-%d %H:%M} UTC"
+        return "an unknown time" if ts is None else f"{as_utc(ts):%Y-%m-%d %H:%M} UTC"
 
     if state["last_look_at"] is None:
         line = f"Monitor: no look since the promotion ({at(state['promoted_at'])})"
@@ -440,14 +441,10 @@ def describe_monitor_state(state: dict[str, Any] | None) -> str | None:
         )
     skipped = state["last_skip_at"]
     if skipped is not None and (
-        state["last_look_at"] is None or _as_utc(skipped) >= _as_utc(state["last_look_at"])
+        state["last_look_at"] is None or as_utc(skipped) >= as_utc(state["last_look_at"])
     ):
         line += f"; could not look at {at(skipped)}: {state['last_skip']}"
     return line + "."
-
-
-def _as_utc(ts: dt.datetime) -> dt.datetime:
-    return ts if ts.tzinfo is not None else ts.replace(tzinfo=dt.UTC)
 
 
 def use_case_names(session: Session) -> list[str]:

@@ -35,7 +35,7 @@ from sqlalchemy.exc import IntegrityError
 
 from rollout import audit, tracking
 from rollout.auth import Identity, PermissionDenied, require_approver
-from rollout.db.models import AliasMove, ModelVersion, SpecVersion, UseCase
+from rollout.db.models import AliasMove, ModelVersion, SpecVersion, UseCase, as_utc
 from rollout.db.session import StateDBBusy, session_scope
 from rollout.redact import redact
 from rollout.spec import has_visible_text
@@ -634,8 +634,7 @@ def _refuse_while_moving(session, uc: UseCase, key: str) -> None:  # noqa: ANN00
             AliasMove.idempotency_key != key,
         )
     ):
-        created = other.created_at
-        created = created.replace(tzinfo=dt.UTC) if created.tzinfo is None else created
+        created = as_utc(other.created_at)
         if created >= since:
             age = int((dt.datetime.now(dt.UTC) - created).total_seconds())
             raise MoveInProgress(

@@ -37,6 +37,11 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+def as_utc(ts: dt.datetime) -> dt.datetime:
+    """A stored time as an aware UTC datetime (SQLite hands DateTime(timezone=True) columns back naive)."""
+    return ts.replace(tzinfo=dt.UTC) if ts.tzinfo is None else ts.astimezone(dt.UTC)
+
+
 class Base(DeclarativeBase):
     type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
 
