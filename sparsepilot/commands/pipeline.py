@@ -160,6 +160,10 @@ def pilot_cmd(
 
     if abort and observations:
         fail("--abort and --observations exclude each other")
+    if abort and (max_new_tokens is not None or external_assignment):
+        fail("--abort stops the pilot: it takes --reason only, no batch or import options")
+    if reason is not None and not abort:
+        fail("--reason goes with --abort (a pilot batch or import keeps no reason)")
     who = signed_in("operator", f"{'abort the pilot of' if abort else 'pilot'} {name}", password_stdin)
     if abort:
         out = _run(lambda: abort_pilot(name, who.name, reason or ""))

@@ -129,3 +129,21 @@ def test_a_work_pool_without_a_prefect_server_is_one_error_line_and_exit_2(
     assert res.exit_code == 2, res.output
     assert res.output.endswith("error: --work-pool needs a Prefect server: set PREFECT_API_URL\n"), res.output
     assert "Traceback" not in res.output and "schedule" not in res.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--reason", "wrong mix"], "error: --reason goes with --abort"),
+        (["--batches", "2", "--reason", "wrong mix"], "error: --reason goes with --abort"),
+        (["--abort", "--reason", "x", "--max-new-tokens", "8"], "error: --abort stops the pilot"),
+        (["--abort", "--reason", "x", "--external-assignment"], "error: --abort stops the pilot"),
+    ],
+)
+def test_pilot_refuses_options_its_form_does_not_read(sp_home, args, message) -> None:  # noqa: ANN001
+    """`pilot NAME --reason ...` without --abort ran a pilot batch and dropped the reason (the operator
+    meant to stop the pilot); an abort's batch options were ignored. Both are refused before sign-in."""
+    res = runner.invoke(app, ["pilot", "no-such-case", *args])
+    assert res.exit_code == 2, res.output
+    assert _one_line(res).startswith(message), res.output
+    assert "sign in" not in res.output.lower()
