@@ -321,7 +321,23 @@ def monitor_cmd(
     _require_device()
     _to_log_file("monitor", json_out)
     result = _run(lambda: monitor_flow(name, observations_file=observations))
-    emit_or_say(result, json_out, result.get("explanation") or result)
+    emit_or_say(result, json_out, monitor_said(name, result))
+
+
+def monitor_said(name: str, result: dict[str, Any]) -> str:
+    """The monitor's line: its look's explanation and, where the champion moved (the automatic rollback,
+    or a decision made earlier that this run carried out first), which version serves now."""
+    if result.get("status") == "finished":
+        done = result["finished"]
+        said = f"{name}: carried out decision {done['decision_id']} ({done['action']}), decided earlier"
+        effect = result.get("result") or {}
+    else:
+        said = result.get("explanation") or f"{name}: {result.get('status', 'looked')}"
+        effect = result.get("rollback") or {}
+    moves = effect.get("alias_moves") or ([effect["alias_move"]] if effect.get("alias_move") else [])
+    for m in moves:
+        said += f"; {m['alias']} {m['from_version']} -> {m['to_version']} ({m['status']})"
+    return said
 
 
 # --- main job and schedules ------------------------------------------------------------------------

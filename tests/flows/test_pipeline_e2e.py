@@ -11,6 +11,7 @@ from pathlib import Path
 
 from sqlalchemy import func, select
 
+from sparsepilot.commands.pipeline import monitor_said
 from tests.fixtures.flows import QUICK_CAL, QUICK_EVAL, skip_if_host_overloaded
 
 APPROVER = ("alice", "approver")
@@ -144,6 +145,9 @@ def test_pipeline_promote_monitor_breach_rolls_back(flow_use_case, tmp_path: Pat
     assert mon["rollback"]["action"] == "rolled_back"
 
     assert registry.current_aliases(name)["champion"] == baseline_version
+    said = monitor_said(name, mon)  # what `sparsepilot monitor` prints: the look, then who serves now
+    assert said.startswith(mon["explanation"]), said
+    assert said.endswith(f"; champion {cal['mlflow_version']} -> {baseline_version} (committed)"), said
     last = registry.alias_history(name)[-1]
     assert (last["alias"], last["from_version"], last["to_version"], last["actor"], last["status"]) == (
         "champion",

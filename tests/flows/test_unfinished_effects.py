@@ -12,6 +12,7 @@ import json
 import pytest
 from sqlalchemy import func, select
 
+from sparsepilot.commands.pipeline import monitor_said
 from tests.flows.test_approvals import (
     ALICE,
     BOB,
@@ -218,6 +219,11 @@ def test_the_monitor_finishes_its_own_rollback_before_it_looks_again(
     again = monitor_flow(name, observations_file=_export(tmp_path, "healthy", errors=0))
     assert again["status"] == "finished" and again["finished"]["decision_id"] == decided[-1]
     assert registry.current_aliases(name)["champion"] != champion and _phase(name) == "rolled_back"
+    restored = registry.current_aliases(name)["champion"]
+    assert monitor_said(name, again) == (  # `sparsepilot monitor` printed this dict raw
+        f"{name}: carried out decision {decided[-1]} (rollback), decided earlier; "
+        f"champion {champion} -> {restored} (committed)"
+    )
     assert _champion_moves(name) == moves  # one move: a failed one is retried under its own key
     with session_scope() as s:
         assert s.scalars(select(GateDecision.id).where(GateDecision.kind == "monitor")).all() == decided
