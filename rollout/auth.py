@@ -431,10 +431,14 @@ def write_private(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:  # nothing half-written: never a secret left in a stray temporary file
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def auth_key(env: Mapping[str, str] | None = None, *, create: bool = False) -> bytes | None:

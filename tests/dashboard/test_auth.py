@@ -329,3 +329,11 @@ def test_a_short_signing_key_or_an_unreadable_accounts_file_is_refused_by_name(t
     assert auth_key({"SPARSEPILOT_AUTH_KEY": "k" * MIN_AUTH_KEY_BYTES}) == b"k" * MIN_AUTH_KEY_BYTES
     with pytest.raises(AccountsConfigError, match="cannot read the accounts file"):
         load_accounts_file(tmp_path)
+
+
+def test_a_failed_write_leaves_no_secret_behind(tmp_path: Path) -> None:
+    """write_private onto a directory left the secret in a stray .<name>.<hex> file beside it."""
+    (tmp_path / "token").mkdir()
+    with pytest.raises(IsADirectoryError):
+        auth.write_private(tmp_path / "token", b"secret")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["token"]
