@@ -405,6 +405,7 @@ def _db_trouble(exc: Exception) -> str:
 FIRST_RUN_FILE = "accounts.toml"
 TOKEN_FILE_ENV = "SPARSEPILOT_TOKEN_FILE"
 AUTH_KEY_ENV = "SPARSEPILOT_AUTH_KEY"
+AUTH_KEY_FILE = "auth.key"
 MIN_AUTH_KEY_BYTES = 32
 _TOKEN_PREFIX = "sp1"
 DEFAULT_TOKEN_TTL_S = 8 * 3600
@@ -453,13 +454,35 @@ def auth_key(env: Mapping[str, str] | None = None, *, create: bool = False) -> b
                 f"{MIN_AUTH_KEY_BYTES} (e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')"
             )
         return key
-    path = _home(env) / "auth.key"
+    path = _home(env) / AUTH_KEY_FILE
     if path.is_file():
-        return path.read_bytes()
+        return _read_key_file(path)
     if not create:
         return None
     write_private(path, secrets.token_bytes(32))
-    return path.read_bytes()
+    return _read_key_file(path)
+
+
+def _read_key_file(path: Path) -> bytes:
+    """The key in ``path``, refused when shorter than MIN_AUTH_KEY_BYTES (an empty or truncated file
+    would let anyone forge a token offline) or readable by the group or others."""
+    try:
+        mode, key = path.stat().st_mode, path.read_bytes()
+    except OSError as exc:
+        raise AccountsConfigError(
+            f"{path}: cannot read the token-signing key ({exc.strerror or exc})"
+        ) from None
+    if mode & 0o077:
+        raise AccountsConfigError(
+            f"{path}: the token-signing key is readable by others (mode {mode & 0o777:o}); "
+            f"run `chmod 600 {path}`, and replace the key if others may have read it"
+        )
+    if len(key) < MIN_AUTH_KEY_BYTES:
+        raise AccountsConfigError(
+            f"{path} is {len(key)} bytes; a token-signing key needs at least {MIN_AUTH_KEY_BYTES}: "
+            "delete it and run `sparsepilot login` to create a new one (every login token ends)"
+        )
+    return key
 
 
 def _mac(key: bytes, payload: str) -> str:

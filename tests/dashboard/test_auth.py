@@ -331,6 +331,22 @@ def test_a_short_signing_key_or_an_unreadable_accounts_file_is_refused_by_name(t
         load_accounts_file(tmp_path)
 
 
+def test_a_short_or_exposed_signing_key_file_is_refused(tmp_path: Path) -> None:
+    """Only SPARSEPILOT_AUTH_KEY was held to 32 bytes: an empty auth.key (a `touch`, a truncated restore)
+    signed tokens anyone could forge with b"", and a world-readable one was used as it was."""
+    env = {"SPARSEPILOT_HOME": str(tmp_path)}
+    key_file = tmp_path / "auth.key"
+    key_file.touch(mode=0o600)
+    with pytest.raises(AccountsConfigError, match=r"auth.key is 0 bytes; .* at least 32"):
+        auth.auth_key(env, create=True)
+    key_file.write_bytes(b"k" * 32)
+    key_file.chmod(0o644)
+    with pytest.raises(AccountsConfigError, match=r"readable by others \(mode 644\); run `chmod 600"):
+        auth.auth_key(env)
+    key_file.chmod(0o600)
+    assert auth.auth_key(env) == b"k" * 32
+
+
 def test_a_failed_write_leaves_no_secret_behind(tmp_path: Path) -> None:
     """write_private onto a directory left the secret in a stray .<name>.<hex> file beside it."""
     (tmp_path / "token").mkdir()
