@@ -255,15 +255,30 @@ def load_accounts_file(path: str | Path) -> dict[str, Account]:
     return accounts
 
 
+def accounts_configured(env: Mapping[str, str] | None = None) -> bool:
+    """Has the installation configured its accounts (``SPARSEPILOT_ACCOUNTS`` or
+    ``SPARSEPILOT_ACCOUNTS_FILE``)? Then the first-run ``accounts.toml`` is neither created nor read."""
+    env = os.environ if env is None else env
+    return bool(env.get(ACCOUNTS_ENV) or env.get(ACCOUNTS_FILE_ENV))
+
+
+def first_run_accounts_path(env: Mapping[str, str] | None = None) -> Path:
+    """SPARSEPILOT_HOME/accounts.toml: the first-run ``admin`` (`create_first_run_account`)."""
+    return _home(os.environ if env is None else env) / FIRST_RUN_FILE
+
+
 def load_accounts(env: Mapping[str, str] | None = None) -> dict[str, Account]:
     """Accounts from ``SPARSEPILOT_ACCOUNTS_FILE`` then ``SPARSEPILOT_ACCOUNTS`` (the variable wins on
-    a name defined in both). Read fresh every call so a changed environment takes effect."""
+    a name defined in both); only when neither is set, the first-run ``accounts.toml``, so its
+    generated ``admin`` stops signing in once the installation configures its own accounts. Read fresh
+    every call so a changed environment takes effect."""
     env = os.environ if env is None else env
     accounts: dict[str, Account] = {}
+    if not accounts_configured(env):
+        first_run = first_run_accounts_path(env)
+        return load_accounts_file(first_run) if first_run.is_file() else accounts
     if env.get(ACCOUNTS_FILE_ENV):
         accounts.update(load_accounts_file(env[ACCOUNTS_FILE_ENV]))
-    elif (first_run := _home(env) / FIRST_RUN_FILE).is_file():
-        accounts.update(load_accounts_file(first_run))
     if env.get(ACCOUNTS_ENV):
         accounts.update(parse_accounts(env[ACCOUNTS_ENV]))
     return accounts
@@ -579,9 +594,9 @@ def create_first_run_account(
     generated password in SPARSEPILOT_HOME/accounts.toml (only its hash is stored) and return
     (name, password) to print once. None when accounts exist or the installation is configured."""
     env = os.environ if env is None else env
-    if env.get("SPARSEPILOT_DATABASE_URL") or env.get(ACCOUNTS_ENV) or env.get(ACCOUNTS_FILE_ENV):
+    if env.get("SPARSEPILOT_DATABASE_URL") or accounts_configured(env):
         return None
-    path = _home(env) / FIRST_RUN_FILE
+    path = first_run_accounts_path(env)
     if path.exists():
         return None
     password = secrets.token_urlsafe(15)

@@ -331,6 +331,20 @@ def test_a_short_signing_key_or_an_unreadable_accounts_file_is_refused_by_name(t
         load_accounts_file(tmp_path)
 
 
+def test_configured_accounts_retire_the_first_run_admin(tmp_path: Path, hashes: dict[str, str]) -> None:
+    """The first-run accounts.toml used to be read whenever no accounts file was named, so its generated
+    admin (password printed by the first `make run`) kept signing in beside SPARSEPILOT_ACCOUNTS."""
+    env = {"SPARSEPILOT_HOME": str(tmp_path)}
+    name, password = auth.create_first_run_account(env)
+    assert set(auth.load_accounts(env)) == {name}
+    configured = {**env, "SPARSEPILOT_ACCOUNTS": f"bob:viewer:{hashes['bob']}"}
+    assert set(auth.load_accounts(configured)) == {"bob"}
+    assert auth.authenticate(name, password, auth.load_accounts(configured)) is None
+    (tmp_path / "cfg").mkdir()
+    as_file = {**env, "SPARSEPILOT_ACCOUNTS_FILE": str(_toml(tmp_path / "cfg", "carol", hashes["bob"]))}
+    assert set(auth.load_accounts(as_file)) == {"carol"}
+
+
 def test_a_short_or_exposed_signing_key_file_is_refused(tmp_path: Path) -> None:
     """Only SPARSEPILOT_AUTH_KEY was held to 32 bytes: an empty auth.key (a `touch`, a truncated restore)
     signed tokens anyone could forge with b"", and a world-readable one was used as it was."""

@@ -47,3 +47,14 @@ def test_a_token_path_that_cannot_hold_a_file_is_an_error_and_leaves_no_token(
     assert res.exit_code == 2 and "error: cannot write the login token" in res.output, res.output
     res = runner.invoke(app, ["logout"])
     assert res.exit_code == 2 and "error: cannot remove the login token" in res.output, res.output
+
+
+def test_init_says_the_first_run_accounts_are_ignored_once_accounts_are_configured(
+    sp_home,
+    monkeypatch: pytest.MonkeyPatch,  # noqa: ANN001
+) -> None:
+    assert runner.invoke(app, ["init"]).exit_code == 0  # embedded defaults: creates the first-run admin
+    assert (sp_home.home / "accounts.toml").is_file()
+    monkeypatch.setenv("SPARSEPILOT_ACCOUNTS", f"bob:viewer:{auth.hash_password('bob-pw-1234')}")
+    res = runner.invoke(app, ["init"])
+    assert res.exit_code == 0 and "(the first-run accounts) is ignored now that" in res.output, res.output
