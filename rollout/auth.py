@@ -27,7 +27,7 @@ import os
 import secrets
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal, cast
@@ -68,6 +68,9 @@ class Identity:
     name: str
     role: Role
     source: str  # "cli-password", "cli-token", "local-account", "oidc", "flow"
+    # for a local account: `password_fingerprint` of the hash the password was checked against, so a
+    # token or a dashboard session proven with it ends when the password changes ("" otherwise)
+    credential: str = field(default="", compare=False, repr=False)
 
     @property
     def can_approve(self) -> bool:
@@ -86,6 +89,12 @@ class Account:
 
     def __repr__(self) -> str:  # keep hashes out of logs and tracebacks
         return f"Account(name={self.name!r}, role={self.role!r})"
+
+
+def password_fingerprint(account: Account) -> str:
+    """A short digest of the account's stored hash: it changes whenever the password is reset (a new
+    salt), and reveals nothing the hash does not."""
+    return hashlib.sha256(account.password_hash.encode("utf-8")).hexdigest()[:16]
 
 
 def require_approver(identity: Identity | None, action: str) -> Identity:
@@ -291,7 +300,7 @@ def authenticate(name: str, password: str, accounts: Mapping[str, Account] | Non
     ok = verify_password(password, account.password_hash if account else _dummy_hash())
     if account is None or not ok:
         return None
-    return Identity(account.name, account.role, "local-account")
+    return Identity(account.name, account.role, "local-account", password_fingerprint(account))
 
 
 # --- the sign-in limit, per account name, shared by every session and process ---------------------
@@ -507,14 +516,23 @@ def _mac(key: bytes, payload: str) -> str:
 def issue_token(
     identity: Identity, key: bytes, *, ttl_s: int = DEFAULT_TOKEN_TTL_S, now: float | None = None
 ) -> str:
-    """``sp1.<payload>.<mac>``: the account name and an expiry, signed with the installation's key."""
+    """``sp1.<payload>.<mac>``: the account name, the fingerprint of the password it was proven with
+    (``identity.credential``) and an expiry, signed with the installation's key."""
     import json
     import time
 
     if not 60 <= ttl_s <= MAX_TOKEN_TTL_S:
         raise ValueError(f"token lifetime must be between 60 s and {MAX_TOKEN_TTL_S // 86400} days")
+    if not identity.credential:
+        raise ValueError(f"a login token needs an identity proven by password; {identity.name!r} was not")
     t = time.time() if now is None else now
-    body = {"u": identity.name, "iat": int(t), "exp": int(t) + int(ttl_s), "n": secrets.token_hex(8)}
+    body = {
+        "u": identity.name,
+        "pw": identity.credential,
+        "iat": int(t),
+        "exp": int(t) + int(ttl_s),
+        "n": secrets.token_hex(8),
+    }
     payload = _b64(json.dumps(body, separators=(",", ":")).encode("utf-8"))
     return f"{_TOKEN_PREFIX}.{payload}.{_mac(key, payload)}"
 
@@ -522,8 +540,9 @@ def issue_token(
 def verify_token(
     token: str, key: bytes, accounts: Mapping[str, Account], *, now: float | None = None
 ) -> Identity:
-    """The Identity a token stands for; PermissionDenied when it is forged, expired or its account is
-    gone (the role is read from the account now, so a demoted user's token carries the new role)."""
+    """The Identity a token stands for; PermissionDenied when it is forged, expired, its account is
+    gone or the account's password changed since it was issued (a reset ends every token of the
+    account). The role is read from the account now, so a demoted user's token carries the new role."""
     import json
     import time
 
@@ -532,7 +551,7 @@ def verify_token(
         raise PermissionDenied("the login token is not valid for this installation; run `sparsepilot login`")
     try:
         body = json.loads(_unb64(parts[1]))
-        name, exp = str(body["u"]), int(body["exp"])
+        name, exp, credential = str(body["u"]), int(body["exp"]), str(body.get("pw", ""))
     except (ValueError, KeyError, TypeError):
         raise PermissionDenied("the login token is malformed; run `sparsepilot login`") from None
     if (time.time() if now is None else now) >= exp:
@@ -540,7 +559,12 @@ def verify_token(
     account = accounts.get(name)
     if account is None:
         raise PermissionDenied(f"the login token names account {name!r}, which no longer exists")
-    return Identity(account.name, account.role, "cli-token")
+    fingerprint = password_fingerprint(account)
+    if not hmac.compare_digest(credential.encode("utf-8"), fingerprint.encode("ascii")):
+        raise PermissionDenied(
+            f"the password of {name!r} changed after this login token was issued; run `sparsepilot login`"
+        )
+    return Identity(account.name, account.role, "cli-token", fingerprint)
 
 
 def cli_authenticate(
@@ -584,7 +608,7 @@ def cli_authenticate(
     who = sign_in(name, password, via="cli", accounts=accounts)
     if who is None:
         raise PermissionDenied(f"wrong account name or password for {name!r}")
-    return Identity(who.name, who.role, "cli-password")
+    return replace(who, source="cli-password")
 
 
 def create_first_run_account(

@@ -164,7 +164,8 @@ def test_roles_are_ordered() -> None:
 def test_login_token_expires_is_signed_and_tracks_the_account(tmp_path: Path, hashes: dict[str, str]) -> None:
     accounts = auth.parse_accounts(f"alice:approver:{hashes['alice']};bob:viewer:{hashes['bob']}")
     key = b"k" * 32
-    tok = auth.issue_token(Identity("alice", "approver", "cli-password"), key, ttl_s=3600, now=1000.0)
+    alice = auth.authenticate("alice", "alice-pw", accounts)
+    tok = auth.issue_token(alice, key, ttl_s=3600, now=1000.0)
     assert auth.verify_token(tok, key, accounts, now=2000.0) == Identity("alice", "approver", "cli-token")
     with pytest.raises(PermissionDenied, match="expired"):
         auth.verify_token(tok, key, accounts, now=1000.0 + 3600)
@@ -186,10 +187,7 @@ def test_login_token_expires_is_signed_and_tracks_the_account(tmp_path: Path, ha
     }
     real_key = auth.auth_key(env, create=True)
     assert (tmp_path / "auth.key").stat().st_mode & 0o777 == 0o600
-    auth.write_private(
-        tmp_path / "cfg" / "token",
-        auth.issue_token(auth.Identity("alice", "approver", "p"), real_key).encode(),
-    )
+    auth.write_private(tmp_path / "cfg" / "token", auth.issue_token(alice, real_key).encode())
     assert (tmp_path / "cfg" / "token").stat().st_mode & 0o777 == 0o600
     assert auth.cli_authenticate(env=env) == Identity("alice", "approver", "cli-token")
     with pytest.raises(PermissionDenied, match="login token belongs to 'alice'"):
@@ -329,6 +327,20 @@ def test_a_short_signing_key_or_an_unreadable_accounts_file_is_refused_by_name(t
     assert auth_key({"SPARSEPILOT_AUTH_KEY": "k" * MIN_AUTH_KEY_BYTES}) == b"k" * MIN_AUTH_KEY_BYTES
     with pytest.raises(AccountsConfigError, match="cannot read the accounts file"):
         load_accounts_file(tmp_path)
+
+
+def test_a_password_reset_ends_the_accounts_login_tokens(hashes: dict[str, str]) -> None:
+    """A token used to carry only the name and an expiry: after a leaked password was reset, the token
+    taken with it stayed valid for up to 30 days."""
+    accounts = auth.parse_accounts(f"alice:approver:{hashes['alice']};bob:viewer:{hashes['bob']}")
+    key = b"k" * 32
+    tok = auth.issue_token(auth.authenticate("alice", "alice-pw", accounts), key, now=1000.0)
+    assert auth.verify_token(tok, key, accounts, now=2000.0).name == "alice"
+    reset = {"alice": auth.Account("alice", "approver", auth.hash_password("alice-pw"))}  # even the same one
+    with pytest.raises(PermissionDenied, match="password of 'alice' changed after this login token"):
+        auth.verify_token(tok, key, reset, now=2000.0)
+    with pytest.raises(ValueError, match="proven by password"):  # no token for an unproven identity
+        auth.issue_token(Identity("alice", "approver", "cli-password"), key)
 
 
 def test_configured_accounts_retire_the_first_run_admin(tmp_path: Path, hashes: dict[str, str]) -> None:

@@ -49,6 +49,16 @@ def test_a_token_path_that_cannot_hold_a_file_is_an_error_and_leaves_no_token(
     assert res.exit_code == 2 and "error: cannot remove the login token" in res.output, res.output
 
 
+def test_a_password_reset_ends_a_token_taken_before_it(alice: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _login("--hours", "720").exit_code == 0
+    copied = alice.read_text()
+    assert runner.invoke(app, ["logout"]).exit_code == 0
+    monkeypatch.setenv("SPARSEPILOT_ACCOUNTS", f"alice:approver:{auth.hash_password('new-pw-4567')}")
+    alice.write_text(copied)  # the token someone kept
+    res = runner.invoke(app, ["whoami"])
+    assert res.exit_code != 0 and "password of 'alice' changed after this login token" in res.output
+
+
 def test_init_says_the_first_run_accounts_are_ignored_once_accounts_are_configured(
     sp_home,
     monkeypatch: pytest.MonkeyPatch,  # noqa: ANN001
