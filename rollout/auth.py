@@ -1,5 +1,8 @@
 """Identities and roles. Every approval, promotion and rollback carries an Identity; the role is
-re-checked on the server side of every action (rollout.approvals), never only in a UI.
+re-checked in rollout (rollout.approvals) on every action, never only in a UI. That binds in the
+dashboard's server process; the CLI checks in the caller's own process, against the accounts and key of
+the caller's environment, so whoever holds the state DB URL can act as any account (docs/operations.md,
+"What the roles stop, and what they do not").
 
 Where identities come from:
 - local accounts: ``SPARSEPILOT_ACCOUNTS="alice:approver:<hash>;bob:viewer:<hash>"`` and/or a TOML file
