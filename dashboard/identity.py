@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 
 import streamlit as st
 
@@ -33,23 +34,23 @@ def oidc_approvers() -> list[str]:
 
 
 def local_accounts_configured() -> bool:
-    return bool(os.environ.get(auth.ACCOUNTS_ENV) or os.environ.get(auth.ACCOUNTS_FILE_ENV))
+    return auth.accounts_configured()
 
 
 def current_identity() -> Identity | None:
     ident = st.session_state.get(IDENTITY_KEY)
     if isinstance(ident, Identity):
-        # re-read the accounts on every run: a removed account or a changed role takes effect at
-        # once, not when the browser session ends (no password work here, just the lookup)
+        # re-read the accounts on every run: a removed account, a changed role or a reset password
+        # takes effect at once, not when the browser session ends (no password work here, a lookup)
         try:
             account = auth.load_accounts().get(ident.name)
         except auth.AccountsConfigError:
             account = None
-        if account is None:
+        if account is None or ident.credential != auth.password_fingerprint(account):
             st.session_state.pop(IDENTITY_KEY, None)
             return None
         if account.role != ident.role:
-            ident = Identity(account.name, account.role, ident.source)
+            ident = replace(ident, role=account.role)
             st.session_state[IDENTITY_KEY] = ident
         return ident
     if oidc_configured() and st.user.get("is_logged_in"):

@@ -1,6 +1,7 @@
 """People deciding: approve or reject a pending decision, or roll a use case back.
 
-Rules enforced here (server side, for the CLI and the dashboard alike):
+Rules enforced here, below every UI, for the CLI and the dashboard alike (the dashboard checks in its
+server process; the CLI in the caller's, see rollout.auth):
 - an Identity with the approver role and a non-empty reason are required;
 - acting against the gate's recommendation (promoting on EXTEND/NO-GO/INVALID, promoting on an
   intermediate step's GO, which skips the remaining ramp steps, or keeping a model whose monitor asked

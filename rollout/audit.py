@@ -11,9 +11,10 @@ recomputes every hash: a changed, deleted or inserted row breaks the chain at th
 from __future__ import annotations
 
 import datetime as dt
-import getpass
 import hashlib
 import json
+import os
+import pwd
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -40,14 +41,20 @@ ANONYMOUS_ACTOR = "anonymous"
 _PG_LOCK_KEY = 0x5350_4155_4449_54  # "SPAUDIT": serialises audit writers on PostgreSQL
 
 
+def os_user_of(uid: int) -> str:
+    """The account name of ``uid`` from the password database, else the number itself (a container
+    with no passwd entry). Never $LOGNAME or $USER, which whoever runs the command sets at will."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
 @lru_cache(maxsize=1)
 def origin() -> tuple[str, str]:
-    """(OS user, host name) of this process, recorded with every audit row."""
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):  # no passwd entry (some containers)
-        user = "unknown"
-    return user[:100], socket.gethostname()[:255]
+    """(OS user, host name) of this process, recorded with every audit row: the user of the process's
+    real uid (`os_user_of`)."""
+    return os_user_of(os.getuid())[:100], socket.gethostname()[:255]
 
 
 def canonical_ts(ts: dt.datetime) -> str:

@@ -1,5 +1,8 @@
 """Identities and roles. Every approval, promotion and rollback carries an Identity; the role is
-re-checked on the server side of every action (rollout.approvals), never only in a UI.
+re-checked in rollout (rollout.approvals) on every action, never only in a UI. That binds in the
+dashboard's server process; the CLI checks in the caller's own process, against the accounts and key of
+the caller's environment, so whoever holds the state DB URL can act as any account (docs/operations.md,
+"What the roles stop, and what they do not").
 
 Where identities come from:
 - local accounts: ``SPARSEPILOT_ACCOUNTS="alice:approver:<hash>;bob:viewer:<hash>"`` and/or a TOML file
@@ -27,7 +30,7 @@ import os
 import secrets
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal, cast
@@ -68,6 +71,9 @@ class Identity:
     name: str
     role: Role
     source: str  # "cli-password", "cli-token", "local-account", "oidc", "flow"
+    # for a local account: `password_fingerprint` of the hash the password was checked against, so a
+    # token or a dashboard session proven with it ends when the password changes ("" otherwise)
+    credential: str = field(default="", compare=False, repr=False)
 
     @property
     def can_approve(self) -> bool:
@@ -86,6 +92,12 @@ class Account:
 
     def __repr__(self) -> str:  # keep hashes out of logs and tracebacks
         return f"Account(name={self.name!r}, role={self.role!r})"
+
+
+def password_fingerprint(account: Account) -> str:
+    """A short digest of the account's stored hash: it changes whenever the password is reset (a new
+    salt), and reveals nothing the hash does not."""
+    return hashlib.sha256(account.password_hash.encode("utf-8")).hexdigest()[:16]
 
 
 def require_approver(identity: Identity | None, action: str) -> Identity:
@@ -255,15 +267,30 @@ def load_accounts_file(path: str | Path) -> dict[str, Account]:
     return accounts
 
 
+def accounts_configured(env: Mapping[str, str] | None = None) -> bool:
+    """Has the installation configured its accounts (``SPARSEPILOT_ACCOUNTS`` or
+    ``SPARSEPILOT_ACCOUNTS_FILE``)? Then the first-run ``accounts.toml`` is neither created nor read."""
+    env = os.environ if env is None else env
+    return bool(env.get(ACCOUNTS_ENV) or env.get(ACCOUNTS_FILE_ENV))
+
+
+def first_run_accounts_path(env: Mapping[str, str] | None = None) -> Path:
+    """SPARSEPILOT_HOME/accounts.toml: the first-run ``admin`` (`create_first_run_account`)."""
+    return _home(os.environ if env is None else env) / FIRST_RUN_FILE
+
+
 def load_accounts(env: Mapping[str, str] | None = None) -> dict[str, Account]:
     """Accounts from ``SPARSEPILOT_ACCOUNTS_FILE`` then ``SPARSEPILOT_ACCOUNTS`` (the variable wins on
-    a name defined in both). Read fresh every call so a changed environment takes effect."""
+    a name defined in both); only when neither is set, the first-run ``accounts.toml``, so its
+    generated ``admin`` stops signing in once the installation configures its own accounts. Read fresh
+    every call so a changed environment takes effect."""
     env = os.environ if env is None else env
     accounts: dict[str, Account] = {}
+    if not accounts_configured(env):
+        first_run = first_run_accounts_path(env)
+        return load_accounts_file(first_run) if first_run.is_file() else accounts
     if env.get(ACCOUNTS_FILE_ENV):
         accounts.update(load_accounts_file(env[ACCOUNTS_FILE_ENV]))
-    elif (first_run := _home(env) / FIRST_RUN_FILE).is_file():
-        accounts.update(load_accounts_file(first_run))
     if env.get(ACCOUNTS_ENV):
         accounts.update(parse_accounts(env[ACCOUNTS_ENV]))
     return accounts
@@ -276,7 +303,7 @@ def authenticate(name: str, password: str, accounts: Mapping[str, Account] | Non
     ok = verify_password(password, account.password_hash if account else _dummy_hash())
     if account is None or not ok:
         return None
-    return Identity(account.name, account.role, "local-account")
+    return Identity(account.name, account.role, "local-account", password_fingerprint(account))
 
 
 # --- the sign-in limit, per account name, shared by every session and process ---------------------
@@ -405,6 +432,7 @@ def _db_trouble(exc: Exception) -> str:
 FIRST_RUN_FILE = "accounts.toml"
 TOKEN_FILE_ENV = "SPARSEPILOT_TOKEN_FILE"
 AUTH_KEY_ENV = "SPARSEPILOT_AUTH_KEY"
+AUTH_KEY_FILE = "auth.key"
 MIN_AUTH_KEY_BYTES = 32
 _TOKEN_PREFIX = "sp1"
 DEFAULT_TOKEN_TTL_S = 8 * 3600
@@ -431,10 +459,14 @@ def write_private(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:  # nothing half-written: never a secret left in a stray temporary file
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def auth_key(env: Mapping[str, str] | None = None, *, create: bool = False) -> bytes | None:
@@ -449,13 +481,35 @@ def auth_key(env: Mapping[str, str] | None = None, *, create: bool = False) -> b
                 f"{MIN_AUTH_KEY_BYTES} (e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')"
             )
         return key
-    path = _home(env) / "auth.key"
+    path = _home(env) / AUTH_KEY_FILE
     if path.is_file():
-        return path.read_bytes()
+        return _read_key_file(path)
     if not create:
         return None
     write_private(path, secrets.token_bytes(32))
-    return path.read_bytes()
+    return _read_key_file(path)
+
+
+def _read_key_file(path: Path) -> bytes:
+    """The key in ``path``, refused when shorter than MIN_AUTH_KEY_BYTES (an empty or truncated file
+    would let anyone forge a token offline) or readable by the group or others."""
+    try:
+        mode, key = path.stat().st_mode, path.read_bytes()
+    except OSError as exc:
+        raise AccountsConfigError(
+            f"{path}: cannot read the token-signing key ({exc.strerror or exc})"
+        ) from None
+    if mode & 0o077:
+        raise AccountsConfigError(
+            f"{path}: the token-signing key is readable by others (mode {mode & 0o777:o}); "
+            f"run `chmod 600 {path}`, and replace the key if others may have read it"
+        )
+    if len(key) < MIN_AUTH_KEY_BYTES:
+        raise AccountsConfigError(
+            f"{path} is {len(key)} bytes; a token-signing key needs at least {MIN_AUTH_KEY_BYTES}: "
+            "delete it and run `sparsepilot login` to create a new one (every login token ends)"
+        )
+    return key
 
 
 def _mac(key: bytes, payload: str) -> str:
@@ -465,14 +519,23 @@ def _mac(key: bytes, payload: str) -> str:
 def issue_token(
     identity: Identity, key: bytes, *, ttl_s: int = DEFAULT_TOKEN_TTL_S, now: float | None = None
 ) -> str:
-    """``sp1.<payload>.<mac>``: the account name and an expiry, signed with the installation's key."""
+    """``sp1.<payload>.<mac>``: the account name, the fingerprint of the password it was proven with
+    (``identity.credential``) and an expiry, signed with the installation's key."""
     import json
     import time
 
     if not 60 <= ttl_s <= MAX_TOKEN_TTL_S:
         raise ValueError(f"token lifetime must be between 60 s and {MAX_TOKEN_TTL_S // 86400} days")
+    if not identity.credential:
+        raise ValueError(f"a login token needs an identity proven by password; {identity.name!r} was not")
     t = time.time() if now is None else now
-    body = {"u": identity.name, "iat": int(t), "exp": int(t) + int(ttl_s), "n": secrets.token_hex(8)}
+    body = {
+        "u": identity.name,
+        "pw": identity.credential,
+        "iat": int(t),
+        "exp": int(t) + int(ttl_s),
+        "n": secrets.token_hex(8),
+    }
     payload = _b64(json.dumps(body, separators=(",", ":")).encode("utf-8"))
     return f"{_TOKEN_PREFIX}.{payload}.{_mac(key, payload)}"
 
@@ -480,8 +543,9 @@ def issue_token(
 def verify_token(
     token: str, key: bytes, accounts: Mapping[str, Account], *, now: float | None = None
 ) -> Identity:
-    """The Identity a token stands for; PermissionDenied when it is forged, expired or its account is
-    gone (the role is read from the account now, so a demoted user's token carries the new role)."""
+    """The Identity a token stands for; PermissionDenied when it is forged, expired, its account is
+    gone or the account's password changed since it was issued (a reset ends every token of the
+    account). The role is read from the account now, so a demoted user's token carries the new role."""
     import json
     import time
 
@@ -490,7 +554,7 @@ def verify_token(
         raise PermissionDenied("the login token is not valid for this installation; run `sparsepilot login`")
     try:
         body = json.loads(_unb64(parts[1]))
-        name, exp = str(body["u"]), int(body["exp"])
+        name, exp, credential = str(body["u"]), int(body["exp"]), str(body.get("pw", ""))
     except (ValueError, KeyError, TypeError):
         raise PermissionDenied("the login token is malformed; run `sparsepilot login`") from None
     if (time.time() if now is None else now) >= exp:
@@ -498,7 +562,12 @@ def verify_token(
     account = accounts.get(name)
     if account is None:
         raise PermissionDenied(f"the login token names account {name!r}, which no longer exists")
-    return Identity(account.name, account.role, "cli-token")
+    fingerprint = password_fingerprint(account)
+    if not hmac.compare_digest(credential.encode("utf-8"), fingerprint.encode("ascii")):
+        raise PermissionDenied(
+            f"the password of {name!r} changed after this login token was issued; run `sparsepilot login`"
+        )
+    return Identity(account.name, account.role, "cli-token", fingerprint)
 
 
 def cli_authenticate(
@@ -542,7 +611,7 @@ def cli_authenticate(
     who = sign_in(name, password, via="cli", accounts=accounts)
     if who is None:
         raise PermissionDenied(f"wrong account name or password for {name!r}")
-    return Identity(who.name, who.role, "cli-password")
+    return replace(who, source="cli-password")
 
 
 def create_first_run_account(
@@ -552,9 +621,9 @@ def create_first_run_account(
     generated password in SPARSEPILOT_HOME/accounts.toml (only its hash is stored) and return
     (name, password) to print once. None when accounts exist or the installation is configured."""
     env = os.environ if env is None else env
-    if env.get("SPARSEPILOT_DATABASE_URL") or env.get(ACCOUNTS_ENV) or env.get(ACCOUNTS_FILE_ENV):
+    if env.get("SPARSEPILOT_DATABASE_URL") or accounts_configured(env):
         return None
-    path = _home(env) / FIRST_RUN_FILE
+    path = first_run_accounts_path(env)
     if path.exists():
         return None
     password = secrets.token_urlsafe(15)

@@ -74,11 +74,20 @@ def login(
         if password is None:
             password = prompt(f"Password for {os.environ['SPARSEPILOT_USER']}: ")  # type: ignore[misc]
         who = cli_authenticate(password=password)
+        key = auth_key(create=True)
     except AccountsConfigError as exc:
         fail(f"accounts configuration: {exc}")
-    token = issue_token(who, auth_key(create=True), ttl_s=int(hours * 3600))
+    except OSError as exc:
+        fail(f"cannot create the token-signing key in SPARSEPILOT_HOME: {exc.strerror or exc}")
+    token = issue_token(who, key, ttl_s=int(hours * 3600))
     path = token_path()
-    write_private(path, token.encode("ascii"))
+    try:
+        write_private(path, token.encode("ascii"))
+    except OSError as exc:
+        fail(
+            f"cannot write the login token to {path} ({exc.strerror or exc}); "
+            "set SPARSEPILOT_TOKEN_FILE to a file path"
+        )
     say(f"signed in as {who.name} ({who.role}) for {hours:g} h; token in {path}")
 
 
@@ -88,11 +97,14 @@ def logout() -> None:
     from rollout.auth import token_path
 
     path = token_path()
-    if path.exists():
+    try:
         path.unlink()
-        say(f"signed out (removed {path})")
-    else:
+    except FileNotFoundError:
         say("nobody was signed in")
+        return
+    except OSError as exc:  # a directory, a path under a file, no permission
+        fail(f"cannot remove the login token {path} ({exc.strerror or exc}); remove it by hand")
+    say(f"signed out (removed {path})")
 
 
 @app.command("whoami")

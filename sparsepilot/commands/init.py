@@ -66,7 +66,7 @@ def init(json_out: JsonOpt = False) -> None:
     that owner role and the app role of SPARSEPILOT_DATABASE_URL gets only the app's privileges. On
     embedded defaults with no account configured, creates an approver account and prints its
     password once."""
-    from rollout.auth import create_first_run_account
+    from rollout.auth import accounts_configured, create_first_run_account, first_run_accounts_path
     from rollout.db import migrate
     from rollout.settings import configure_environment
 
@@ -105,6 +105,13 @@ def init(json_out: JsonOpt = False) -> None:
             f"Created the first approver account {first[0]!r} with password: {first[1]}\n"
             f"  (only its hash is kept, in {settings.home / 'accounts.toml'}; sign in with "
             f"`SPARSEPILOT_USER={first[0]} sparsepilot login`, or on the dashboard)",
+            highlight=False,
+            markup=False,
+        )
+    if accounts_configured() and first_run_accounts_path().is_file():
+        err_console.print(
+            f"note: {first_run_accounts_path()} (the first-run accounts) is ignored now that "
+            "SPARSEPILOT_ACCOUNTS or SPARSEPILOT_ACCOUNTS_FILE configures the accounts; delete it",
             highlight=False,
             markup=False,
         )

@@ -164,7 +164,8 @@ def test_roles_are_ordered() -> None:
 def test_login_token_expires_is_signed_and_tracks_the_account(tmp_path: Path, hashes: dict[str, str]) -> None:
     accounts = auth.parse_accounts(f"alice:approver:{hashes['alice']};bob:viewer:{hashes['bob']}")
     key = b"k" * 32
-    tok = auth.issue_token(Identity("alice", "approver", "cli-password"), key, ttl_s=3600, now=1000.0)
+    alice = auth.authenticate("alice", "alice-pw", accounts)
+    tok = auth.issue_token(alice, key, ttl_s=3600, now=1000.0)
     assert auth.verify_token(tok, key, accounts, now=2000.0) == Identity("alice", "approver", "cli-token")
     with pytest.raises(PermissionDenied, match="expired"):
         auth.verify_token(tok, key, accounts, now=1000.0 + 3600)
@@ -186,10 +187,7 @@ def test_login_token_expires_is_signed_and_tracks_the_account(tmp_path: Path, ha
     }
     real_key = auth.auth_key(env, create=True)
     assert (tmp_path / "auth.key").stat().st_mode & 0o777 == 0o600
-    auth.write_private(
-        tmp_path / "cfg" / "token",
-        auth.issue_token(auth.Identity("alice", "approver", "p"), real_key).encode(),
-    )
+    auth.write_private(tmp_path / "cfg" / "token", auth.issue_token(alice, real_key).encode())
     assert (tmp_path / "cfg" / "token").stat().st_mode & 0o777 == 0o600
     assert auth.cli_authenticate(env=env) == Identity("alice", "approver", "cli-token")
     with pytest.raises(PermissionDenied, match="login token belongs to 'alice'"):
@@ -329,3 +327,55 @@ def test_a_short_signing_key_or_an_unreadable_accounts_file_is_refused_by_name(t
     assert auth_key({"SPARSEPILOT_AUTH_KEY": "k" * MIN_AUTH_KEY_BYTES}) == b"k" * MIN_AUTH_KEY_BYTES
     with pytest.raises(AccountsConfigError, match="cannot read the accounts file"):
         load_accounts_file(tmp_path)
+
+
+def test_a_password_reset_ends_the_accounts_login_tokens(hashes: dict[str, str]) -> None:
+    """A token used to carry only the name and an expiry: after a leaked password was reset, the token
+    taken with it stayed valid for up to 30 days."""
+    accounts = auth.parse_accounts(f"alice:approver:{hashes['alice']};bob:viewer:{hashes['bob']}")
+    key = b"k" * 32
+    tok = auth.issue_token(auth.authenticate("alice", "alice-pw", accounts), key, now=1000.0)
+    assert auth.verify_token(tok, key, accounts, now=2000.0).name == "alice"
+    reset = {"alice": auth.Account("alice", "approver", auth.hash_password("alice-pw"))}  # even the same one
+    with pytest.raises(PermissionDenied, match="password of 'alice' changed after this login token"):
+        auth.verify_token(tok, key, reset, now=2000.0)
+    with pytest.raises(ValueError, match="proven by password"):  # no token for an unproven identity
+        auth.issue_token(Identity("alice", "approver", "cli-password"), key)
+
+
+def test_configured_accounts_retire_the_first_run_admin(tmp_path: Path, hashes: dict[str, str]) -> None:
+    """The first-run accounts.toml used to be read whenever no accounts file was named, so its generated
+    admin (password printed by the first `make run`) kept signing in beside SPARSEPILOT_ACCOUNTS."""
+    env = {"SPARSEPILOT_HOME": str(tmp_path)}
+    name, password = auth.create_first_run_account(env)
+    assert set(auth.load_accounts(env)) == {name}
+    configured = {**env, "SPARSEPILOT_ACCOUNTS": f"bob:viewer:{hashes['bob']}"}
+    assert set(auth.load_accounts(configured)) == {"bob"}
+    assert auth.authenticate(name, password, auth.load_accounts(configured)) is None
+    (tmp_path / "cfg").mkdir()
+    as_file = {**env, "SPARSEPILOT_ACCOUNTS_FILE": str(_toml(tmp_path / "cfg", "carol", hashes["bob"]))}
+    assert set(auth.load_accounts(as_file)) == {"carol"}
+
+
+def test_a_short_or_exposed_signing_key_file_is_refused(tmp_path: Path) -> None:
+    """Only SPARSEPILOT_AUTH_KEY was held to 32 bytes: an empty auth.key (a `touch`, a truncated restore)
+    signed tokens anyone could forge with b"", and a world-readable one was used as it was."""
+    env = {"SPARSEPILOT_HOME": str(tmp_path)}
+    key_file = tmp_path / "auth.key"
+    key_file.touch(mode=0o600)
+    with pytest.raises(AccountsConfigError, match=r"auth.key is 0 bytes; .* at least 32"):
+        auth.auth_key(env, create=True)
+    key_file.write_bytes(b"k" * 32)
+    key_file.chmod(0o644)
+    with pytest.raises(AccountsConfigError, match=r"readable by others \(mode 644\); run `chmod 600"):
+        auth.auth_key(env)
+    key_file.chmod(0o600)
+    assert auth.auth_key(env) == b"k" * 32
+
+
+def test_a_failed_write_leaves_no_secret_behind(tmp_path: Path) -> None:
+    """write_private onto a directory left the secret in a stray .<name>.<hex> file beside it."""
+    (tmp_path / "token").mkdir()
+    with pytest.raises(IsADirectoryError):
+        auth.write_private(tmp_path / "token", b"secret")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["token"]

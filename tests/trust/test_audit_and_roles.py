@@ -109,6 +109,33 @@ def test_chain_verifies_and_records_where_the_command_ran(sp_home) -> None:  # n
     assert res.exit_code == 0 and "audit chain intact: 3 row(s)" in res.output
 
 
+def test_the_os_user_is_the_processs_real_uid_not_the_environments_claim(
+    sp_home,
+    monkeypatch: pytest.MonkeyPatch,  # noqa: ANN001
+) -> None:
+    """origin() took getpass.getuser(), i.e. $LOGNAME/$USER: anyone could write any name there."""
+    import os
+    import pwd
+
+    from rollout import audit
+    from rollout.db.session import session_scope
+
+    for var in ("LOGNAME", "USER", "LNAME", "USERNAME"):
+        monkeypatch.setenv(var, "alice-from-finance")
+    audit.origin.cache_clear()
+    try:
+        with session_scope() as s:
+            row = audit.record(
+                s, audit.ANONYMOUS_ACTOR, "auth.sign_in_failed", entity="account", entity_id="x"
+            )
+            assert row.os_user == pwd.getpwuid(os.getuid()).pw_name != "alice-from-finance"
+        taken = {p.pw_uid for p in pwd.getpwall()}
+        free_uid = next(u for u in range(54_321, 60_000) if u not in taken)
+        assert audit.os_user_of(free_uid) == str(free_uid)  # no passwd entry: the number
+    finally:
+        audit.origin.cache_clear()
+
+
 def test_sqlite_triggers_refuse_rewrites_and_verify_catches_a_dropped_trigger(sp_home) -> None:  # noqa: ANN001
     url = sp_home.database_url
     ids = _seed()

@@ -1,0 +1,70 @@
+"""`sparsepilot login | logout | whoami` against a real state DB: a bad token path is an `error:` line
+with exit 2 and leaves no token behind; a password reset ends the tokens taken before it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from rollout import auth
+from sparsepilot.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def alice(sp_home, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:  # noqa: ANN001
+    """alice (approver) with password alice-pw-123, and where her token goes."""
+    monkeypatch.setenv("SPARSEPILOT_ACCOUNTS", f"alice:approver:{auth.hash_password('alice-pw-123')}")
+    monkeypatch.setenv("SPARSEPILOT_USER", "alice")
+    token = tmp_path / "cfg" / "token"
+    monkeypatch.setenv("SPARSEPILOT_TOKEN_FILE", str(token))
+    return token
+
+
+def _login(*extra: str) -> object:
+    return runner.invoke(app, ["login", "--password-stdin", *extra], input="alice-pw-123\n")
+
+
+def test_a_token_path_that_cannot_hold_a_file_is_an_error_and_leaves_no_token(
+    alice: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """These ended in IsADirectoryError/FileExistsError tracebacks, and the first left the valid token
+    in a stray .token.<hex> file beside the directory."""
+    alice.mkdir(parents=True)
+    res = _login()
+    assert res.exit_code == 2, res.output
+    assert f"error: cannot write the login token to {alice}" in res.output and "Traceback" not in res.output
+    assert sorted(p.name for p in alice.parent.iterdir()) == ["token"]  # no token left anywhere
+    res = runner.invoke(app, ["logout"])
+    assert res.exit_code == 2 and f"error: cannot remove the login token {alice}" in res.output
+    under_a_file = tmp_path / "plain-file" / "token"
+    (tmp_path / "plain-file").write_text("not a directory")
+    monkeypatch.setenv("SPARSEPILOT_TOKEN_FILE", str(under_a_file))
+    res = _login()
+    assert res.exit_code == 2 and "error: cannot write the login token" in res.output, res.output
+    res = runner.invoke(app, ["logout"])
+    assert res.exit_code == 2 and "error: cannot remove the login token" in res.output, res.output
+
+
+def test_a_password_reset_ends_a_token_taken_before_it(alice: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _login("--hours", "720").exit_code == 0
+    copied = alice.read_text()
+    assert runner.invoke(app, ["logout"]).exit_code == 0
+    monkeypatch.setenv("SPARSEPILOT_ACCOUNTS", f"alice:approver:{auth.hash_password('new-pw-4567')}")
+    alice.write_text(copied)  # the token someone kept
+    res = runner.invoke(app, ["whoami"])
+    assert res.exit_code != 0 and "password of 'alice' changed after this login token" in res.output
+
+
+def test_init_says_the_first_run_accounts_are_ignored_once_accounts_are_configured(
+    sp_home,
+    monkeypatch: pytest.MonkeyPatch,  # noqa: ANN001
+) -> None:
+    assert runner.invoke(app, ["init"]).exit_code == 0  # embedded defaults: creates the first-run admin
+    assert (sp_home.home / "accounts.toml").is_file()
+    monkeypatch.setenv("SPARSEPILOT_ACCOUNTS", f"bob:viewer:{auth.hash_password('bob-pw-1234')}")
+    res = runner.invoke(app, ["init"])
+    assert res.exit_code == 0 and "(the first-run accounts) is ignored now that" in res.output, res.output
