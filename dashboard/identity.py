@@ -34,7 +34,15 @@ def oidc_approvers() -> list[str]:
 
 
 def local_accounts_configured() -> bool:
-    return auth.accounts_configured()
+    """Is there any local account to sign in with: the installation's (SPARSEPILOT_ACCOUNTS / _FILE) or,
+    on embedded defaults, the first-run `admin` that `make run` prints? A configuration that cannot be
+    read counts as configured: the form then says what is wrong with it."""
+    if auth.accounts_configured():
+        return True
+    try:
+        return bool(auth.load_accounts())
+    except auth.AccountsConfigError:
+        return True
 
 
 def current_identity() -> Identity | None:

@@ -558,3 +558,18 @@ def test_roi_timed_under_overload_says_so_on_the_page_and_in_the_record(
             assert any(w.startswith(f"Speed-up and $/month {warn}") for w in warnings), warnings
         else:
             assert not any("overload" in w for w in warnings), warnings
+
+
+def test_the_first_run_admin_signs_in_to_the_dashboard(sp_home: Settings, monkeypatch) -> None:  # noqa: ANN001
+    """`make run` prints the first-run `admin` and tells the business owner to sign in with it; the
+    sign-in page counted only SPARSEPILOT_ACCOUNTS / _FILE as accounts, so it showed "No accounts are
+    configured" and no form: nobody could approve from the dashboard on embedded defaults."""
+    from rollout import auth
+
+    monkeypatch.delenv("SPARSEPILOT_ACCOUNTS", raising=False)
+    monkeypatch.delenv("SPARSEPILOT_ACCOUNTS_FILE", raising=False)
+    name, password = auth.create_first_run_account()
+    at = sign_in(new_app(), name, password)
+    assert at.session_state["sp_identity"].name == "admin"
+    assert at.session_state["sp_identity"].role == "approver"
+    assert "No accounts are configured" not in texts(at)
