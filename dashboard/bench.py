@@ -34,7 +34,7 @@ from rollout.db.models import (
 )
 from rollout.db.session import session_scope
 from rollout.gate.spending import pilot_alpha
-from rollout.redact import redact
+from rollout.redact import mask_db_url
 
 PAGES = ("portfolio", "use_case", "approvals", "audit")
 PAGE_FILES = {p: f"views/{p}.py" for p in PAGES}
@@ -372,7 +372,7 @@ def run_bench(
             conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("ANALYZE"))
     pages = time_pages(repeats=repeats)
     return {
-        "database": redact(settings.database_url),  # the JSON travels as evidence: no password in it
+        "database": mask_db_url(settings.database_url),  # the JSON travels as evidence: no password in it
         "seeded": counts,
         "seed_s": round(seed_s, 2),
         "portfolio_sql_s": round(time_portfolio_sql(repeats), 4),

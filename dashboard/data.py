@@ -9,7 +9,7 @@ from alembic.runtime.migration import MigrationContext
 from rollout.db import migrate
 from rollout.db.session import get_engine
 from rollout.queries import read  # noqa: F401 - the pages' reads: one short transaction each
-from rollout.redact import redact
+from rollout.redact import mask_db_url
 from rollout.settings import get_settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -17,10 +17,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 def schema_ready() -> tuple[bool, str, str]:
     """(True, url, "") when the state DB is at this build's head revision, else (False, url, what is
-    wrong); the dashboard never creates the schema. The url comes back with its password redacted: the
-    page shows it to anyone who opens it."""
+    wrong); the dashboard never creates the schema. The url comes back with its password masked as
+    SQLAlchemy reads it (`mask_db_url`, whatever characters it holds): the page shows it to anyone who
+    opens it, before any sign-in."""
     url = get_settings().database_url
-    shown = redact(url)
+    shown = mask_db_url(url)
     missing = "has no SparsePilot schema yet"
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
         return False, shown, missing  # connecting would create an empty file

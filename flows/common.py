@@ -124,14 +124,15 @@ class UseCaseContext:
         return source_for(self.spec, rows=self.rows, salt=salt, spec_dir=self.spec_dir)
 
 
-def load_context(name: str) -> UseCaseContext:
-    """Spec of the current version and its validated dataset rows (id, prompt, reference, tags).
-    The rows come from the content-addressed copy stored at `usecase add`, re-checked against its
-    sha256, so a flow never runs on a dataset that changed since it was validated."""
+def load_context(name: str, version: int | None = None) -> UseCaseContext:
+    """Spec of the current version (or of `version`: the monitor's is its promoted pilot's) and its
+    validated dataset rows (id, prompt, reference, tags). The rows come from the content-addressed copy
+    stored at `usecase add`, re-checked against its sha256, so a flow never runs on a dataset that changed
+    since it was validated."""
     from rollout.usecases import dataset_rows, load_spec_version
 
     configure_environment()
-    loaded = load_spec_version(name)
+    loaded = load_spec_version(name, version)
     rows = [
         {"id": r.id, "prompt": r.prompt, "reference": r.reference, "tags": list(r.tags)}
         for r in dataset_rows(loaded)

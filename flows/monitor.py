@@ -1,9 +1,11 @@
 """`monitor(use_case)`: after promotion, sample the use case's traffic on the champion (the sparse model
 answers; the dense model answers the same requests offline so quality stays measurable), or check
 observations exported by the serving system. A guardrail breach, or a failed data check of the monitor's
-own sampled answers, rolls the champion back automatically when the spec's rollback policy is `auto`, else
-leaves a rollback decision waiting for a person. An imported file that fails its checks, or conflicts with
-the rows stored, is refused as the pilot's import is (nothing stored, no look). Every look is a
+own sampled answers, rolls the champion back automatically when the rollback policy is `auto`, else
+leaves a rollback decision waiting for a person. The monitor keeps the spec version the champion was
+promoted under (`pilot_batches.monitor_target`): a later version applies from the next promotion. An
+imported file that fails its checks, or conflicts with the rows stored, is refused as the pilot's import
+is (nothing stored, no look). Every look is a
 GateDecision of kind `monitor` (idempotent per step + data); a look that cannot be taken (traffic
 exhausted) is logged as a warning and kept in the audit log (`monitor.skipped`)."""
 
@@ -81,7 +83,8 @@ def monitor_flow(
         check = store_import(info, observations_file, rows, batch_id)["check"]
         source = "imported"
     else:
-        ctx = load_context(use_case)
+        # the promoted pilot's spec version: its traffic source, arms and batch size, not a later version's
+        ctx = load_context(use_case, info["spec_version"])
         requests = next_requests(
             ctx, set(info["used_request_ids"]), info["salt"], batch_size or ctx.spec.rollout.batch_size
         )

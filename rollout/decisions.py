@@ -241,7 +241,9 @@ def monitor_look(
 ) -> dict[str, Any]:
     """Record the monitor's decision on a batch of the champion's traffic. A breach or a failed data
     check rolls back automatically under the spec's `rollback: auto` (the caller runs the rollback),
-    else leaves a rollback decision waiting for a person (the use case then awaits approval)."""
+    else leaves a rollback decision waiting for a person (the use case then awaits approval). The spec is
+    the promoted pilot's own version (`pilots.load_pilot_spec`), never the use case's current one: a new
+    version (an operator's `usecase add`) must not turn on automatic rollback for a live champion."""
     # judged without the lock, as a gate look decides: a look reads and judges the monitor's whole history
     # (seconds at a million rows), and holding the lock meanwhile (SQLite: the state DB's one write lock)
     # made every writer of every use case wait, other use cases' runs refused as busy
@@ -260,7 +262,7 @@ def monitor_look(
             guard, basis = _monitor_judgement(session, step, spec, check)
         outcome, why = _monitor_verdict(check, guard, spec.gate.alpha)
         bad = outcome != "GO"
-        auto = bad and info["rollback_policy"] == "auto"
+        auto = bad and spec.rollback == "auto"  # the policy the champion was promoted under
         # an automatic rollback needs a version to return to; without one (the dense baseline was never
         # recorded as champion) the alarm must not end as a NO-GO nobody acts on: a person decides
         stranded = auto and len(registry.champions(session, uc.id)) < 2

@@ -84,15 +84,17 @@ def ensure_pilot(use_case: str) -> dict[str, Any]:
 def monitor_target(use_case: str, *, used_request_ids: bool = True) -> dict[str, Any] | None:
     """The promoted pilot's monitor step (opened on first use), or None when nothing is promoted.
     `used_request_ids=False` when the look imports observations rather than sampling the use case's
-    traffic (the list is then empty)."""
+    traffic (the list is then empty). The monitor keeps the rules of the spec version the champion was
+    promoted under (`pilots.load_pilot_spec`: its batch size, rollback policy, guardrails); `spec_version`
+    names it, for the flow's traffic and arms. A later spec version applies from the next promotion."""
     with session_scope() as session:
         uc = pilots.get_use_case(session, use_case)
         if not lifecycle.can(uc.phase, "monitor"):
             return None
-        spec, _ = pilots.load_current_spec(session, uc)
         pilot = pilots.promoted_pilot(session, uc)
         if pilot is None:
             return None
+        spec, sv = pilots.load_pilot_spec(session, pilot)
         step = pilots.open_monitor_step(session, pilot, min_samples=spec.rollout.batch_size)
         return {
             **_step_info(
@@ -104,6 +106,7 @@ def monitor_target(use_case: str, *, used_request_ids: bool = True) -> dict[str,
             ),
             "kind": "shadow",  # both arms answer each sampled request (dense offline, for quality)
             "traffic_pct": 100.0,
+            "spec_version": sv.version,
             "rollback_policy": spec.rollback,
         }
 

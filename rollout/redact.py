@@ -7,8 +7,11 @@ import re
 
 MASK = "***"
 
-# scheme://user:password@host -> scheme://user:***@host (any scheme: postgresql+psycopg, redis, https)
-_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^/\s:@]*:)(?P<secret>[^@\s/]+)(?P<tail>@)")
+# scheme://user:password@host -> scheme://user:***@host (any scheme: postgresql+psycopg, redis, https). A
+# password may hold any character ('/' from `openssl rand -base64`, a space, '@'; SQLAlchemy and libpq take
+# them), so it runs to the last '@' of the line before the next URL: masking too much is the safe error.
+_SCHEME = r"[A-Za-z][A-Za-z0-9+.\-]*://"
+_URL_PASSWORD = re.compile(rf"(?P<head>{_SCHEME}[^/\s:@]*:)(?P<secret>(?:(?!{_SCHEME})[^\r\n])*)(?P<tail>@)")
 # key=value / key: value pairs whose key names a secret (password=..., token: ..., api_key=...)
 _KEY_VALUE = re.compile(
     r"(?i)(?P<head>\b[\w.\-]*(?:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key|auth[_-]?string)"
@@ -18,6 +21,17 @@ _BEARER = re.compile(r"(?i)(?P<head>\bbearer\s+)(?P<secret>[A-Za-z0-9._~+/\-]+=*
 # scrypt$n$r$p$salt$hash (our password hashes) and sp1.<payload>.<mac> (our CLI session tokens)
 _SCRYPT = re.compile(r"scrypt\$\d+\$\d+\$\d+\$[A-Za-z0-9_\-]+\$[A-Za-z0-9_\-]+")
 _SESSION_TOKEN = re.compile(r"\bsp1\.[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+")
+
+
+def mask_db_url(url: str) -> str:
+    """A database URL as SQLAlchemy reads it, its password (whatever it holds) shown as ``***``; one
+    SQLAlchemy cannot parse goes through `redact`."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - an unparsable URL is still shown without its secret
+        return redact(url)
 
 
 def redact(text: object) -> str:

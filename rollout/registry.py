@@ -378,16 +378,22 @@ def _check_identity(actor: Identity, alias: str, action: str, use_case: str) -> 
 
 
 def _require_auto_rollback(session, uc: UseCase) -> None:  # noqa: ANN001
+    """The monitor rolls back by itself only under `rollback: auto` of the spec version the serving
+    champion was promoted under (its pilot's, as `rollout.pilots.load_pilot_spec` reads it), never a later
+    version's: an operator's new version must not let the monitor roll back a champion an approver
+    promoted under `manual`. Without a promoted pilot, the current version's."""
+    from rollout.pilots import promoted_pilot  # rollout.pilots builds on this module's layer
+
+    pilot = promoted_pilot(session, uc)
+    version = pilot.spec_version if pilot is not None and pilot.spec_version else uc.current_spec_version
     spec = session.scalar(
-        select(SpecVersion).where(
-            SpecVersion.use_case_id == uc.id, SpecVersion.version == uc.current_spec_version
-        )
+        select(SpecVersion).where(SpecVersion.use_case_id == uc.id, SpecVersion.version == version)
     )
     policy = (spec.spec or {}).get("rollback", "manual") if spec is not None else "manual"
     if policy != "auto":
         raise PermissionDenied(
-            f"use case {uc.name!r} has rollback policy {policy!r}: "
-            "an automatic rollback needs a person's approval"
+            f"use case {uc.name!r} has rollback policy {policy!r} (spec version {version}, the serving "
+            "champion's): an automatic rollback needs a person's approval"
         )
 
 

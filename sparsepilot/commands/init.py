@@ -14,12 +14,9 @@ app = typer.Typer()
 
 
 def _mask(url: str) -> str:
-    from sqlalchemy.engine import make_url
+    from rollout.redact import mask_db_url
 
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - an unparsable URL is shown as given minus nothing secret
-        return url.split("@")[-1]
+    return mask_db_url(url)
 
 
 def _same_database(a: str, b: str) -> bool:

@@ -194,3 +194,63 @@ def test_a_monitor_with_no_traffic_left_warns_and_says_so(flow_use_case, pilot_d
     assert shown.startswith("Monitor: no look since the promotion (")
     assert "could not look at" in shown and "traffic exhausted" in shown
     assert queries.describe_monitor_state(queries.read(queries.monitor_state, uc_id)) == shown
+
+
+def _new_version(name: str, tiny_model_dir, pilot_dataset, tmp_path, **overrides) -> None:  # noqa: ANN001
+    """An operator's new spec version of `name` (`usecase add --new-version`), differing by `overrides`."""
+    import yaml
+
+    from rollout.usecases import add_usecase
+    from tests.fixtures.flows import tiny_spec
+
+    path = tmp_path / "v2.yaml"
+    path.write_text(yaml.safe_dump(tiny_spec(tiny_model_dir, name, dataset_file=pilot_dataset, **overrides)))
+    assert add_usecase(path, actor="an-operator", new_version=True).status == "new_version"
+
+
+@pytest.mark.parametrize(("promoted_under", "later"), [("manual", "auto"), ("auto", "manual")])
+def test_a_later_spec_version_leaves_the_champions_rollback_policy(
+    flow_use_case, tiny_model_dir, pilot_dataset, tmp_path, promoted_under, later
+) -> None:
+    """The champion keeps the rollback policy it was promoted under: an operator's new spec version that
+    says otherwise applies from the next promotion. (The monitor read the current version: an operator's
+    version with `rollback: auto` made the operator's import roll back a champion an approver promoted
+    under `manual`, with no approver involved.)"""
+    from flows.monitor import monitor_flow
+
+    name = flow_use_case(rollback=promoted_under)
+    champion = _promoted(name)
+    _new_version(name, tiny_model_dir, pilot_dataset, tmp_path, rollback=later)
+    look = monitor_flow(name, observations_file=_write(tmp_path / "prod.jsonl", _rows("p", 40, errors=10)))
+    assert look["outcome"] == "NO-GO", look["explanation"]
+    if promoted_under == "manual":
+        assert (look["automatic_rollback"], look["awaiting"]) == (False, "rollback_approval")
+        assert _state(name)[:2] == ("awaiting_approval", champion)
+    else:
+        assert look["automatic_rollback"] and look["rollback"]["action"] == "rolled_back", look
+        assert _state(name)[1] != champion
+    assert f"(rollback policy: {promoted_under})" in look["explanation"], look["explanation"]
+
+
+def test_the_monitor_samples_under_the_champions_spec_version(
+    flow_use_case, tiny_model_dir, pilot_dataset, tmp_path
+) -> None:
+    """A sampled look takes the batch size (and the traffic and arms) of the spec version the champion was
+    promoted under (8 requests here), not a later version's (4)."""
+    from flows.monitor import monitor_flow
+    from rollout import pilot_batches
+    from rollout.db.models import PilotStep
+    from rollout.db.session import session_scope
+
+    name = flow_use_case(rollback="manual")
+    _promoted(name)
+    _new_version(name, tiny_model_dir, pilot_dataset, tmp_path, rollout={
+        "shadow": {"min_samples": 8}, "steps": [{"traffic_pct": 50, "min_samples": 8}], "batch_size": 4,
+    })  # fmt: skip
+    info = pilot_batches.monitor_target(name)
+    assert (info["spec_version"], info["min_samples"]) == (1, 8)
+    look = monitor_flow(name)
+    assert look["created"], look
+    with session_scope() as s:
+        assert s.get(PilotStep, info["step_id"]).min_samples == 8
+    assert _state(name)[3] == 2 * 8  # both arms of 8 requests

@@ -31,6 +31,35 @@ def test_service_scripts_name_the_missing_variable(script: str, env: dict[str, s
     assert missing in res.stderr, res.stderr
 
 
+@pytest.mark.parametrize("auth", [False, True])
+def test_mlflow_server_keeps_the_database_password_off_the_command_line(tmp_path: Path, auth: bool) -> None:
+    """`mlflow server` gets the backend store from MLFLOW_BACKEND_STORE_URI (its option's envvar), not
+    `--backend-store-uri URL`: a command line is readable by every user of the host (ps, /proc/PID/cmdline).
+    A fake `mlflow` first on PATH records what it was given."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    seen = tmp_path / "seen"
+    (fake / "mlflow").write_text(
+        f'#!/bin/sh\nprintf "%s\\n" "$@" > {seen}.argv\n'
+        f'printf "%s" "$MLFLOW_BACKEND_STORE_URI" > {seen}.env\n'
+    )
+    (fake / "mlflow").chmod(0o755)
+    url = "postgresql+psycopg://mlflow:Top/Secret Pw@127.0.0.1:5432/mlflow"
+    extra = {"MLFLOW_AUTH_ADMIN_PASSWORD": "admin-pw", "MLFLOW_FLASK_SERVER_SECRET_KEY": "k"} if auth else {}
+    env = clean_env(
+        MLFLOW_BACKEND_STORE_URI=url, MLFLOW_ALLOWED_HOSTS="127.0.0.1:5000", TMPDIR=str(tmp_path), **extra
+    )
+    env["PATH"] = f"{fake}{os.pathsep}{env['PATH']}"
+    res = subprocess.run(
+        ["sh", str(DEPLOY_BIN / "mlflow-server")], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert res.returncode == 0, res.stderr
+    argv = Path(f"{seen}.argv").read_text().splitlines()
+    assert argv[0] == "server" and "--serve-artifacts" in argv, argv
+    assert "--backend-store-uri" not in argv and not any("Secret" in a for a in argv), argv
+    assert Path(f"{seen}.env").read_text() == url
+
+
 def test_init_databases_needs_every_password_and_runs_nothing_without_them(tmp_path: Path) -> None:
     # a psql that records being called: the script must stop before reaching it
     fake = tmp_path / "bin"

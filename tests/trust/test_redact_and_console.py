@@ -18,6 +18,14 @@ from rollout.redact import redact
         ("Authorization: Bearer eyJhbGciOi.abc.def", "eyJhbGciOi.abc.def"),
         ("token sp1.eyJ1IjoiYWxpY2UifQ.mac-value in file", "eyJ1IjoiYWxpY2UifQ"),
         ("hash scrypt$131072$8$1$c2FsdHNhbHQ$ZGlnZXN0ZGlnZXN0 leaked", "ZGlnZXN0ZGlnZXN0"),
+        # a URL password holding any character SQLAlchemy takes ('/' from `openssl rand -base64`, a space,
+        # '#', '@'): the pattern stopped at '/' or a space and printed the whole password (review Y3)
+        ("postgresql+psycopg://app:ab/cd@db:5432/sp", "ab/cd"),
+        ("postgresql+psycopg://sparsepilot_app:k9Zq/4T+x2Lw==@127.0.0.1:5547/nosuchdb", "k9Zq"),
+        ("postgresql+psycopg://app:s3cr et@db/sp", "s3cr et"),
+        ("postgresql+psycopg://app:s3cr#et@db:5432/sp", "s3cr#et"),
+        ("postgresql+psycopg://app:abc@def@db/sp", "abc"),
+        ("a http://u:p/q1@h/x and b postgresql://v:w x2@y/z", "x2"),
     ],
 )
 def test_secrets_are_redacted(text: str, secret: str) -> None:
@@ -40,6 +48,30 @@ def test_fail_prints_markup_literally_and_redacts(sp_home) -> None:  # noqa: ANN
     res = CliRunner().invoke(app, ["usecase", "show", "[bold red]x[/] postgresql://u:pw123@h/db"])
     assert res.exit_code == 2
     assert "[bold red]x[/]" in res.output and "pw123" not in res.output and "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("password", ["ab/cd", "k9Zq/4T+x2Lw==", "s3cr et", "s3cr#et", "plainSecret"])
+def test_a_database_url_is_shown_without_its_password(password: str) -> None:
+    """`mask_db_url` hides the password SQLAlchemy reads, whatever characters it holds."""
+    from sqlalchemy.engine import make_url
+
+    from rollout.redact import mask_db_url
+
+    url = f"postgresql+psycopg://app:{password}@db:5432/sp"
+    assert make_url(url).password == password
+    assert mask_db_url(url) == "postgresql+psycopg://app:***@db:5432/sp"
+
+
+@pytest.mark.parametrize("password", ["k9Zq/4T+x2Lw==", "s3cr et"])
+def test_the_dashboard_hides_any_database_password(monkeypatch: pytest.MonkeyPatch, password: str) -> None:
+    """The "state DB not ready" page, shown before any sign-in, showed a password holding '/' (review Y3)."""
+    from dashboard.data import schema_ready
+
+    url = f"postgresql+psycopg://sparsepilot_app:{password}@127.0.0.1:1/nosuchdb"
+    monkeypatch.setenv("SPARSEPILOT_DATABASE_URL", url)
+    ready, shown, why = schema_ready()
+    assert (ready, why) == (False, "cannot be reached")
+    assert shown == "postgresql+psycopg://sparsepilot_app:***@127.0.0.1:1/nosuchdb"
 
 
 def test_dashboard_hides_the_database_password(monkeypatch: pytest.MonkeyPatch) -> None:
