@@ -12,10 +12,13 @@ MASK = "***"
 # them), so it runs to the last '@' of the line before the next URL: masking too much is the safe error.
 _SCHEME = r"[A-Za-z][A-Za-z0-9+.\-]*://"
 _URL_PASSWORD = re.compile(rf"(?P<head>{_SCHEME}[^/\s:@]*:)(?P<secret>(?:(?!{_SCHEME})[^\r\n])*)(?P<tail>@)")
-# key=value / key: value pairs whose key names a secret (password=..., token: ..., api_key=...)
+# key=value / key: value pairs whose key names a secret (password=..., token: ..., api_key=...). After a
+# ':' the key must stand alone, not end a hyphenated name or a path: "forgot-password: no active pilot" (a
+# use case's name) and "/etc/passwd: cannot be used" are messages, not secrets
+_SECRET_KEY = r"(?:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key|auth[_-]?string)"
 _KEY_VALUE = re.compile(
-    r"(?i)(?P<head>\b[\w.\-]*(?:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key|auth[_-]?string)"
-    r"\s*[=:]\s*)(?P<quote>['\"]?)(?P<secret>[^\s'\",;&)]+)"
+    rf"(?i)(?P<head>(?:\b[\w.\-]*{_SECRET_KEY}\s*=|(?<![\w/.\-])[\w.]*{_SECRET_KEY}\s*:)\s*)"
+    r"(?P<quote>['\"]?)(?P<secret>[^\s'\",;&)]+)"
 )
 _BEARER = re.compile(r"(?i)(?P<head>\bbearer\s+)(?P<secret>[A-Za-z0-9._~+/\-]+=*)")
 # scrypt$n$r$p$salt$hash (our password hashes) and sp1.<payload>.<mac> (our CLI session tokens)

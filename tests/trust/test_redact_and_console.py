@@ -35,6 +35,11 @@ def test_secrets_are_redacted(text: str, secret: str) -> None:
 
 def test_ordinary_text_is_left_alone() -> None:
     for text in (
+        # a use case named like a secret key, a path ending in one: the word after the ':' was masked,
+        # "forgot-password: *** active pilot" reading the opposite way (review X3)
+        "error: forgot-password: no active pilot; run `sparsepilot pilot forgot-password` first",
+        "error: reset-token: no decision waiting",
+        "error: SPARSEPILOT_HOME=/etc/passwd: cannot be used as the data directory",
         "traffic.prompt_tokens: the longest prompt (480) plus output (96) tokens exceed the context",
         "sqlite:////tmp/x/state.db",
         "https://mlflow.example.com:5000/#/models",
