@@ -85,6 +85,18 @@ def _check(name: str, value: float, *, positive: bool = True, upper: float | Non
         raise ValueError(f"{name} must be <= {upper}, got {value!r}")
 
 
+def _check_finite(i: RoiInputs, **priced: float) -> None:
+    """Refuse dollars that are not numbers: valid inputs at the edges of their ranges (a vanishing
+    utilisation, huge traffic at a huge price) can overflow the paid hours, and inf - inf is NaN."""
+    bad = [name for name, value in priced.items() if not math.isfinite(value)]
+    if bad:
+        raise ValueError(
+            f"{bad[0]} is {priced[bad[0]]!r}: the inputs overflow the paid GPU-hours (requests_per_day "
+            f"{i.requests_per_day!r}, gpu_usd_per_hour {i.gpu_usd_per_hour!r}, utilisation "
+            f"{i.utilisation!r}); check cost.utilisation and traffic.requests_per_day"
+        )
+
+
 def seconds_per_request(
     prompt_tokens: float, output_tokens: float, prefill_tps: float, decode_tps: float | None
 ) -> float:
@@ -146,6 +158,13 @@ def compute_roi(inputs: RoiInputs) -> RoiResult:
     t_best, h_best, c_best = arm(i.speedup_high, sd_high)
     t_worst, h_worst, c_worst = arm(i.speedup_low, sd_low)
     c_sparse_dense_decode = arm(i.speedup, i.decode_tps)[2]
+    _check_finite(
+        i,
+        dense_usd_month=c_dense,
+        sparse_usd_month=c_sparse,
+        sparse_usd_month_low=c_worst,
+        sparse_usd_month_high=c_best,
+    )
     saved, saved_low, saved_high = c_dense - c_sparse, c_dense - c_worst, c_dense - c_best
     eff, eff_low, eff_high = t_dense / t_sparse, t_dense / t_worst, t_dense / t_best
     pays_off = saved > 0

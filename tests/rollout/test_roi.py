@@ -195,6 +195,15 @@ def test_bad_inputs_raise(field: str, value: float) -> None:
         compute_roi(_inputs(speedup_low=2.1))
 
 
+def test_dollars_that_overflow_are_refused_naming_the_inputs() -> None:
+    """Inputs inside their ranges can overflow the paid hours (inf - inf: NaN dollars, a NaN payback and a
+    verdict of "$0/month more"): refused, naming what overflowed and the fields to check."""
+    with pytest.raises(ValueError, match=r"dense_usd_month is inf: .*utilisation 1e-310.*cost\.utilisation"):
+        compute_roi(_inputs(utilisation=1e-310))
+    with pytest.raises(ValueError, match="traffic.requests_per_day"):
+        compute_roi(_inputs(requests_per_day=1e300, gpu_usd_per_hour=1e300))
+
+
 def test_payback_days() -> None:
     assert payback_days(1000, 304.375) == pytest.approx(100.0)
     assert payback_days(0, 10) == 0
