@@ -122,6 +122,7 @@ def run_use_case(name: str, s: MainJobSettings, stage: Callable[[str], None]) ->
             saved_usd_month=out.evaluation.get("savings_month_usd"),
             saved_usd_month_high=out.evaluation.get("savings_month_high"),
             saved_usd_month_low=out.evaluation.get("savings_month_low"),
+            decode_status=out.evaluation.get("decode_status"),
             pilot_anyway=s.pilot_unprofitable,
         )
         out.note = None if skip is None else str(skip)

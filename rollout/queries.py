@@ -46,6 +46,8 @@ EVIDENCE_N_TREATMENT = ("n_treatment",)
 EVIDENCE_STEP_INDEX = ("step_index",)
 # Where an evaluation's report (sparse_core.evaluation) keeps how many task rows its quality came from.
 EVALUATION_TASK_ROWS = ("tasks", "n_rows")
+# Where an evaluation's ROI keeps what sparse decode does (rollout.roi.decode_outcome's status).
+EVALUATION_DECODE_STATUS = ("decode", "status")
 
 T = TypeVar("T")
 WAITING_LABELS = {"approval": "approval to promote", "rollback_approval": "approval to roll back"}
@@ -131,6 +133,7 @@ def portfolio(session: Session, *, decision_kind: str | None = None) -> list[dic
             GateDecision.evidence[EVIDENCE_TRAFFIC_USED].as_integer().label("traffic_used"),
             GateDecision.evidence[EVIDENCE_TRAFFIC_REMAINING].as_integer().label("traffic_remaining"),
             EvaluationRun.density,
+            EvaluationRun.roi[EVALUATION_DECODE_STATUS].as_string().label("decode_status"),
             EvaluationRun.device,
             EvaluationRun.speedup,
             EvaluationRun.speedup_low,
@@ -197,6 +200,7 @@ def waits_for(row: dict[str, Any]) -> str:
             saved_usd_month=row.get("savings_month_usd"),
             saved_usd_month_high=row.get("savings_month_high"),
             saved_usd_month_low=row.get("savings_month_low"),
+            decode_status=row.get("decode_status"),
         )
         if skip is not None:
             return f"no pilot: {skip.why}"

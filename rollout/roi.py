@@ -418,18 +418,22 @@ def pilot_skip_reason(
     saved_usd_month_high: float | None = None,
     saved_usd_month_low: float | None = None,
     pilot_anyway: bool = False,
+    decode_status: str | None = None,
 ) -> PilotSkip | None:
     """Why a pilot would be wasted traffic, or None when it is worth running. A pilot costs real
     requests and the spec's one-off cost; it can only pay off when a sparse plan met the quality
     budget, actually skips blocks, and the evaluation establishes a saving: its interval lies above zero
     (a wide interval from timings on a busy host is no ground to spend traffic on; no interval at all,
     one timing pair, is none either). `pilot_anyway` (the CLI's --pilot-all) waives every case but the
-    first; without a plan that met the budget there is nothing to pilot."""
+    first; without a plan that met the budget there is nothing to pilot. The plan is judged as priced:
+    `density` is the prefill's share of blocks kept and `decode_status` the ROI's decode outcome
+    (`decode_outcome`'s status): a plan that keeps every prefill block but decodes sparsely ("measured")
+    is not dense, and its saving decides."""
     if met_budget is False:
         return PilotSkip("no sparse plan met the quality budget", "stays dense, not piloted")
     if pilot_anyway:
         return None
-    if density is not None and density >= DENSE_PLAN_DENSITY:
+    if density is not None and density >= DENSE_PLAN_DENSITY and decode_status != "measured":
         return PilotSkip(f"the plan keeps {density:.2%} of blocks (as dense)", "nothing to pilot")
     if saved_usd_month is not None and saved_usd_month <= 0:
         high = "" if saved_usd_month_high is None else f", at best {usd(saved_usd_month_high)}"

@@ -264,6 +264,14 @@ def test_pilot_skip_reason_says_why_a_pilot_would_be_wasted() -> None:
         met_budget=True, density=0.95, saved_usd_month=-23.0, saved_usd_month_high=187.0
     )
     assert "no saving expected (-$23/month, at best $187)" in no_saving
+    # judged as priced (review V finding 2): every prefill block kept but a measured sparse decode that
+    # establishes a saving is a plan to pilot; with decode dense too it is the dense model
+    decode_saves = dict(met_budget=True, density=1.0, saved_usd_month=1606.0, saved_usd_month_low=409.0)
+    assert pilot_skip_reason(**decode_saves, saved_usd_month_high=2660.0, decode_status="measured") is None
+    for dense_decode in (None, "dense", "below_break_even", "dense_layers"):
+        assert "keeps 100.00% of blocks (as dense): nothing to pilot" in pilot_skip_reason(
+            **decode_saves, decode_status=dense_decode
+        )
     # --pilot-all waives the dense-plan and no-saving reasons, never the missed budget.
     assert pilot_skip_reason(met_budget=True, density=0.95, saved_usd_month=-23.0, pilot_anyway=True) is None
     assert pilot_skip_reason(met_budget=True, density=1.0, saved_usd_month=5.0, pilot_anyway=True) is None
