@@ -168,7 +168,12 @@ def record(
     ctx: UseCaseContext, run_pk: int, result: dict[str, Any], roi: dict[str, Any], mlflow_run_id: str
 ) -> dict:
     return runs.evaluation_succeeded(
-        ctx.name, run_pk, report=result["report"], roi=roi, mlflow_run_id=mlflow_run_id
+        ctx.name,
+        run_pk,
+        report=result["report"],
+        roi=roi,
+        mlflow_run_id=mlflow_run_id,
+        spec_version=ctx.spec_version,
     )
 
 

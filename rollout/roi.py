@@ -479,3 +479,13 @@ def timing_overload(timing_host: dict[str, Any] | None) -> str | None:
         f"measured under overload: {kept} of {timed} timed pairs ({', '.join(parts)}) were timed while "
         "other processes left too little CPU; rerun on a quieter host"
     )
+
+
+def priced_at(spec_version: int | None, current_spec_version: int | None) -> str | None:
+    """The note an evaluation's dollars carry when they are priced at a spec version that is no longer
+    the use case's current one (`usecase add --new-version` may change the traffic and cost they are
+    priced at), or None when they are current or the version was not recorded (runs before migration
+    0011). The speed-ups stay as measured; the dollars are the old version's until it is re-evaluated."""
+    if spec_version is None or current_spec_version is None or spec_version == current_spec_version:
+        return None
+    return f"priced at spec v{spec_version}; current is v{current_spec_version}: re-evaluate to re-price"

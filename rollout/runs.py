@@ -271,13 +271,20 @@ def open_evaluation(use_case_id: int, model_version_id: int, key: str, flow_run_
 
 
 def evaluation_succeeded(
-    use_case: str, run_pk: int, *, report: dict[str, Any], roi: dict[str, Any], mlflow_run_id: str
+    use_case: str,
+    run_pk: int,
+    *,
+    report: dict[str, Any],
+    roi: dict[str, Any],
+    mlflow_run_id: str,
+    spec_version: int | None,
 ) -> dict[str, Any]:
-    """Record the evaluation's report and ROI; the use case becomes `evaluated` where the lifecycle
-    allows it. Returns the run's summary."""
+    """Record the evaluation's report and ROI, priced at `spec_version` (the spec the flow loaded); the
+    use case becomes `evaluated` where the lifecycle allows it. Returns the run's summary."""
     with session_scope() as session:
         run = session.get(EvaluationRun, run_pk)
         run.status = "succeeded"
+        run.spec_version = spec_version
         run.device = report.get("device")
         run.mlflow_run_id = mlflow_run_id
         run.density = report.get("density")
