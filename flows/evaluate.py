@@ -168,7 +168,12 @@ def record(
     ctx: UseCaseContext, run_pk: int, result: dict[str, Any], roi: dict[str, Any], mlflow_run_id: str
 ) -> dict:
     return runs.evaluation_succeeded(
-        ctx.name, run_pk, report=result["report"], roi=roi, mlflow_run_id=mlflow_run_id
+        ctx.name,
+        run_pk,
+        report=result["report"],
+        roi=roi,
+        mlflow_run_id=mlflow_run_id,
+        spec_version=ctx.spec_version,
     )
 
 
@@ -235,11 +240,12 @@ def evaluate_flow(use_case: str, quick: bool = False, suite: dict[str, Any] | No
 def summary_line(use_case: str, summary: dict[str, Any]) -> str:
     """The flow's closing log line: the speed-up with its interval and the $/month saved, and, where the
     timings behind them were kept under overload, that warning (`measured_under_overload`)."""
+    from rollout.roi import usd
+
     ends = (summary["speedup_low"], summary["speedup_high"])
     interval = "no interval: one timing pair" if None in ends else "[{:.2f}, {:.2f}]".format(*ends)
-    line = (
-        f"{use_case}: speed-up {summary['speedup']:.2f}x {interval} on {summary['device']}, "
-        f"${summary['savings_month_usd']:.0f}/month saved"
-    )
+    saved = summary["savings_month_usd"]  # a loss is said as one, as the verdict says it (rollout.roi)
+    money = f"{usd(saved)}/month saved" if saved >= 0 else f"{usd(-saved)}/month more"
+    line = f"{use_case}: speed-up {summary['speedup']:.2f}x {interval} on {summary['device']}, {money}"
     warn = summary.get("measured_under_overload")
     return f"{line}; {warn}" if warn else line

@@ -122,6 +122,7 @@ def run_use_case(name: str, s: MainJobSettings, stage: Callable[[str], None]) ->
             saved_usd_month=out.evaluation.get("savings_month_usd"),
             saved_usd_month_high=out.evaluation.get("savings_month_high"),
             saved_usd_month_low=out.evaluation.get("savings_month_low"),
+            decode_status=out.evaluation.get("decode_status"),
             pilot_anyway=s.pilot_unprofitable,
         )
         out.note = None if skip is None else str(skip)
@@ -240,11 +241,16 @@ def render_table(rows: list[dict[str, Any]], outcomes: dict[str, dict[str, Any]]
             payback,
             r.get("decode") or "-",
         )
-    # a use case whose speed-up and $ were timed on an overloaded host says so under the table
+    # a use case whose speed-up and $ were timed on an overloaded host, or whose $ are priced at a spec
+    # version that is no longer current, says so under the table
     warned = [
         f"{r['use_case']}: {w}"
         for r in rows
-        if (w := ((outcomes.get(r["use_case"]) or {}).get("evaluation") or {}).get("measured_under_overload"))
+        for w in (
+            ((outcomes.get(r["use_case"]) or {}).get("evaluation") or {}).get("measured_under_overload"),
+            r.get("priced_at"),
+        )
+        if w
     ]
     if warned:
         table.caption = "\n".join(warned)

@@ -365,7 +365,7 @@ def plan_warnings(plan: PilotPlan, *, distinct_requests: int | None = None) -> l
             (
                 "gate.max_duration_days",
                 f"{plan.max_duration_days:g} days, but the approval needs ~{plan.requests:,} requests, "
-                f"{plan.days:.1f} days of traffic at {plan.requests_per_day:,.0f} requests/day",
+                f"{plan.days:,.1f} days of traffic at {per_day(plan.requests_per_day)} requests/day",
             )
         )
     if distinct_requests is not None and plan.requests is not None and plan.requests > distinct_requests:
@@ -415,10 +415,20 @@ def plan_summary(
     }
 
 
+def per_day(requests_per_day: float) -> str:
+    """A traffic rate for people: whole requests from 100 a day, else three significant digits (a spec
+    may ask for 0.001 requests/day, which whole numbers would show as 0)."""
+    if requests_per_day >= 100:
+        return f"{requests_per_day:,.0f}"
+    return f"{requests_per_day:.3g}"
+
+
 def traffic_time(days: float | None) -> str:
     """A span of traffic for people: minutes, hours or days."""
     if days is None:
         return "-"
+    if days * 1440 < 0.5:  # never "0 min": the step still needs some traffic
+        return "< 1 min"
     if days * 24 < 1:
         return f"{days * 1440:.0f} min"
     return f"{days * 24:.1f} h" if days < 1 else f"{days:,.1f} days"
@@ -439,7 +449,8 @@ def describe_to_approval(summary: dict[str, Any]) -> str:
     text = (
         f"the approval (after {' + '.join(s['label'] for s in steps)}) needs ~{total:,} distinct requests "
         f"for {summary['power']:.0%} power ({parts}; {which}GO held to alpha {summary['go_alpha']:.3g}): "
-        f"{traffic_time(summary['days_to_approval'])} of its {summary['requests_per_day']:,.0f} requests/day"
+        f"{traffic_time(summary['days_to_approval'])} of its "
+        f"{per_day(summary['requests_per_day'])} requests/day"
     )
     if summary["distinct_requests"] is not None and summary["distinct_requests"] < total:
         text += (

@@ -46,6 +46,10 @@ EVIDENCE_N_TREATMENT = ("n_treatment",)
 EVIDENCE_STEP_INDEX = ("step_index",)
 # Where an evaluation's report (sparse_core.evaluation) keeps how many task rows its quality came from.
 EVALUATION_TASK_ROWS = ("tasks", "n_rows")
+# Where an evaluation's ROI keeps what sparse decode does (rollout.roi.decode_outcome's status).
+EVALUATION_DECODE_STATUS = ("decode", "status")
+# Where an evaluation's ROI keeps the host its timings ran on (rollout.roi.timing_overload reads it).
+EVALUATION_TIMING_HOST = ("timing_host",)
 
 T = TypeVar("T")
 WAITING_LABELS = {"approval": "approval to promote", "rollback_approval": "approval to roll back"}
@@ -131,6 +135,7 @@ def portfolio(session: Session, *, decision_kind: str | None = None) -> list[dic
             GateDecision.evidence[EVIDENCE_TRAFFIC_USED].as_integer().label("traffic_used"),
             GateDecision.evidence[EVIDENCE_TRAFFIC_REMAINING].as_integer().label("traffic_remaining"),
             EvaluationRun.density,
+            EvaluationRun.roi[EVALUATION_DECODE_STATUS].as_string().label("decode_status"),
             EvaluationRun.device,
             EvaluationRun.speedup,
             EvaluationRun.speedup_low,
@@ -140,6 +145,9 @@ def portfolio(session: Session, *, decision_kind: str | None = None) -> list[dic
             EvaluationRun.savings_month_high,
             EvaluationRun.payback_days,
             EvaluationRun.mlflow_run_id,
+            EvaluationRun.roi[EVALUATION_TIMING_HOST].label("timing_host"),
+            EvaluationRun.spec_version.label("priced_spec_version"),
+            UseCase.current_spec_version,
         )
         .select_from(UseCase)
         .outerjoin(last_dec, last_dec.c.key == UseCase.id)
@@ -158,6 +166,10 @@ def portfolio(session: Session, *, decision_kind: str | None = None) -> list[dic
     rows = [dict(r._mapping) for r in session.execute(stmt)]
     for r in rows:
         r["waits_for"] = waits_for(r)
+        # what the speed-up and the dollars carry beside them: timings kept under overload, and dollars
+        # priced at a spec version that is no longer current (docs/roi.md)
+        r["measured_under_overload"] = roi.timing_overload(r.pop("timing_host"))
+        r["priced_at"] = roi.priced_at(r["priced_spec_version"], r["current_spec_version"])
     return rows
 
 
@@ -197,6 +209,7 @@ def waits_for(row: dict[str, Any]) -> str:
             saved_usd_month=row.get("savings_month_usd"),
             saved_usd_month_high=row.get("savings_month_high"),
             saved_usd_month_low=row.get("savings_month_low"),
+            decode_status=row.get("decode_status"),
         )
         if skip is not None:
             return f"no pilot: {skip.why}"
@@ -282,6 +295,8 @@ def job_summary(session: Session, names: list[str]) -> list[dict[str, Any]]:
                 "payback_days": r["payback_days"],
                 "decode": decode.get(name),
                 "device": r["device"],
+                "measured_under_overload": r["measured_under_overload"],
+                "priced_at": r["priced_at"],
             }
         )
     return out
@@ -309,6 +324,18 @@ def portfolio_totals(session: Session) -> dict[str, Any]:
     ended = UseCase.phase.in_(lifecycle.ENDED_PHASES)
     # a run with no measured interval (one timing pair, savings_month_low NULL) establishes nothing
     established = and_(~ended, func.coalesce(EvaluationRun.savings_month_low, 0) > 0)
+    # the established figures that carry a note beside them (docs/roi.md): timed under overload, or
+    # priced at a spec version that is no longer current
+    kept = [
+        func.coalesce(
+            EvaluationRun.roi[(*EVALUATION_TIMING_HOST, block, "pairs_kept_under_overload")].as_integer(), 0
+        )
+        for block in ("prefill", "decode")
+    ]
+    overloaded = kept[0] + kept[1] > 0
+    superseded = and_(
+        EvaluationRun.spec_version.is_not(None), EvaluationRun.spec_version != UseCase.current_spec_version
+    )
 
     def when(cond: Any, value: Any) -> Any:
         return func.sum(case((cond, value), else_=None))
@@ -320,6 +347,8 @@ def portfolio_totals(session: Session) -> dict[str, Any]:
             when(established, EvaluationRun.savings_month_usd).label("savings_month_usd"),
             when(established, EvaluationRun.savings_month_low).label("savings_month_low"),
             when(established, EvaluationRun.savings_month_high).label("savings_month_high"),
+            func.count(case((and_(established, overloaded), 1))).label("established_under_overload"),
+            func.count(case((and_(established, superseded), 1))).label("established_superseded"),
             func.count(case((and_(~ended, ~established), 1))).label("unestablished"),
             when(and_(~ended, ~established), EvaluationRun.savings_month_usd).label("unestablished_usd"),
             func.count(case((ended, 1))).label("ended"),
@@ -346,6 +375,9 @@ def portfolio_totals(session: Session) -> dict[str, Any]:
         "savings_month_low": money.savings_month_low,
         "savings_month_high": money.savings_month_high,
         "established": money.established,
+        # of those, timed under overload / priced at a spec version that is no longer current
+        "established_under_overload": money.established_under_overload,
+        "established_superseded": money.established_superseded,
         "unestablished": {"use_cases": money.unestablished, "savings_month_usd": money.unestablished_usd},
         "ended": money.ended,
         "decisions": outcomes,
@@ -458,6 +490,8 @@ def evaluations(session: Session, use_case_id: int) -> list[dict[str, Any]]:
         .where(EvaluationRun.use_case_id == use_case_id)
         .order_by(EvaluationRun.id)
     )
+    uc = session.get(UseCase, use_case_id)
+    current = uc.current_spec_version if uc is not None else None
     out = []
     for ev, mv_version, mv_name in session.execute(stmt):
         out.append(
@@ -476,6 +510,8 @@ def evaluations(session: Session, use_case_id: int) -> list[dict[str, Any]]:
                 "savings_month_low": ev.savings_month_low,
                 "savings_month_high": ev.savings_month_high,
                 "payback_days": ev.payback_days,
+                "spec_version": ev.spec_version,
+                "priced_at": roi.priced_at(ev.spec_version, current),  # a superseded spec's dollars
                 "report": ev.report or {},
                 "roi": ev.roi or {},
                 "artifacts": ev.artifacts or {},

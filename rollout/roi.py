@@ -85,6 +85,18 @@ def _check(name: str, value: float, *, positive: bool = True, upper: float | Non
         raise ValueError(f"{name} must be <= {upper}, got {value!r}")
 
 
+def _check_finite(i: RoiInputs, **priced: float) -> None:
+    """Refuse dollars that are not numbers: valid inputs at the edges of their ranges (a vanishing
+    utilisation, huge traffic at a huge price) can overflow the paid hours, and inf - inf is NaN."""
+    bad = [name for name, value in priced.items() if not math.isfinite(value)]
+    if bad:
+        raise ValueError(
+            f"{bad[0]} is {priced[bad[0]]!r}: the inputs overflow the paid GPU-hours (requests_per_day "
+            f"{i.requests_per_day!r}, gpu_usd_per_hour {i.gpu_usd_per_hour!r}, utilisation "
+            f"{i.utilisation!r}); check cost.utilisation and traffic.requests_per_day"
+        )
+
+
 def seconds_per_request(
     prompt_tokens: float, output_tokens: float, prefill_tps: float, decode_tps: float | None
 ) -> float:
@@ -146,6 +158,13 @@ def compute_roi(inputs: RoiInputs) -> RoiResult:
     t_best, h_best, c_best = arm(i.speedup_high, sd_high)
     t_worst, h_worst, c_worst = arm(i.speedup_low, sd_low)
     c_sparse_dense_decode = arm(i.speedup, i.decode_tps)[2]
+    _check_finite(
+        i,
+        dense_usd_month=c_dense,
+        sparse_usd_month=c_sparse,
+        sparse_usd_month_low=c_worst,
+        sparse_usd_month_high=c_best,
+    )
     saved, saved_low, saved_high = c_dense - c_sparse, c_dense - c_worst, c_dense - c_best
     eff, eff_low, eff_high = t_dense / t_sparse, t_dense / t_worst, t_dense / t_best
     pays_off = saved > 0
@@ -399,18 +418,22 @@ def pilot_skip_reason(
     saved_usd_month_high: float | None = None,
     saved_usd_month_low: float | None = None,
     pilot_anyway: bool = False,
+    decode_status: str | None = None,
 ) -> PilotSkip | None:
     """Why a pilot would be wasted traffic, or None when it is worth running. A pilot costs real
     requests and the spec's one-off cost; it can only pay off when a sparse plan met the quality
     budget, actually skips blocks, and the evaluation establishes a saving: its interval lies above zero
     (a wide interval from timings on a busy host is no ground to spend traffic on; no interval at all,
     one timing pair, is none either). `pilot_anyway` (the CLI's --pilot-all) waives every case but the
-    first; without a plan that met the budget there is nothing to pilot."""
+    first; without a plan that met the budget there is nothing to pilot. The plan is judged as priced:
+    `density` is the prefill's share of blocks kept and `decode_status` the ROI's decode outcome
+    (`decode_outcome`'s status): a plan that keeps every prefill block but decodes sparsely ("measured")
+    is not dense, and its saving decides."""
     if met_budget is False:
         return PilotSkip("no sparse plan met the quality budget", "stays dense, not piloted")
     if pilot_anyway:
         return None
-    if density is not None and density >= DENSE_PLAN_DENSITY:
+    if density is not None and density >= DENSE_PLAN_DENSITY and decode_status != "measured":
         return PilotSkip(f"the plan keeps {density:.2%} of blocks (as dense)", "nothing to pilot")
     if saved_usd_month is not None and saved_usd_month <= 0:
         high = "" if saved_usd_month_high is None else f", at best {usd(saved_usd_month_high)}"
@@ -456,3 +479,13 @@ def timing_overload(timing_host: dict[str, Any] | None) -> str | None:
         f"measured under overload: {kept} of {timed} timed pairs ({', '.join(parts)}) were timed while "
         "other processes left too little CPU; rerun on a quieter host"
     )
+
+
+def priced_at(spec_version: int | None, current_spec_version: int | None) -> str | None:
+    """The note an evaluation's dollars carry when they are priced at a spec version that is no longer
+    the use case's current one (`usecase add --new-version` may change the traffic and cost they are
+    priced at), or None when they are current or the version was not recorded (runs before migration
+    0011). The speed-ups stay as measured; the dollars are the old version's until it is re-evaluated."""
+    if spec_version is None or current_spec_version is None or spec_version == current_spec_version:
+        return None
+    return f"priced at spec v{spec_version}; current is v{current_spec_version}: re-evaluate to re-price"

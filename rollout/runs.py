@@ -247,11 +247,13 @@ def record_unregistered_challenger(use_case: str, base_model_ref: str, *, key: s
 
 def evaluation_summary(run: Any) -> dict[str, Any]:
     """The run's figures, and `measured_under_overload`: the warning its speed-up and dollars carry when
-    timings behind them were kept under overload (`rollout.roi.timing_overload`), else None."""
+    timings behind them were kept under overload (`rollout.roi.timing_overload`), else None; and
+    `decode_status`, what sparse decode does in the ROI (`rollout.roi.decode_outcome`'s status)."""
     return {
         "evaluation_run_id": run.id,
         **{f: getattr(run, f) for f in EVALUATION_FIELDS},
         "measured_under_overload": timing_overload((run.roi or {}).get("timing_host")),
+        "decode_status": ((run.roi or {}).get("decode") or {}).get("status"),
     }
 
 
@@ -269,13 +271,20 @@ def open_evaluation(use_case_id: int, model_version_id: int, key: str, flow_run_
 
 
 def evaluation_succeeded(
-    use_case: str, run_pk: int, *, report: dict[str, Any], roi: dict[str, Any], mlflow_run_id: str
+    use_case: str,
+    run_pk: int,
+    *,
+    report: dict[str, Any],
+    roi: dict[str, Any],
+    mlflow_run_id: str,
+    spec_version: int | None,
 ) -> dict[str, Any]:
-    """Record the evaluation's report and ROI; the use case becomes `evaluated` where the lifecycle
-    allows it. Returns the run's summary."""
+    """Record the evaluation's report and ROI, priced at `spec_version` (the spec the flow loaded); the
+    use case becomes `evaluated` where the lifecycle allows it. Returns the run's summary."""
     with session_scope() as session:
         run = session.get(EvaluationRun, run_pk)
         run.status = "succeeded"
+        run.spec_version = spec_version
         run.device = report.get("device")
         run.mlflow_run_id = mlflow_run_id
         run.density = report.get("density")

@@ -33,6 +33,7 @@ MAX_SPEC_BYTES = 256 * 1024
 MAX_YAML_DEPTH = 50
 MAX_YAML_NODES = 20_000  # after alias expansion
 MAX_AMOUNT = 1e12  # any count, rate, price or duration in a spec stays below this
+MIN_UTILISATION = 0.01  # cost.utilisation: the smallest share of paid GPU time serving requests
 
 
 class SpecError(SparsePilotError, ValueError):
@@ -297,7 +298,9 @@ class LatencySLO(_Strict):
 
 class CostSpec(_Strict):
     gpu_usd_per_hour: PositiveFloat
-    utilisation: Annotated[float, Field(gt=0, le=1)]
+    # at least 1% of paid time busy: below that the paid hours (busy hours / utilisation) say nothing a
+    # cost review could use, and a vanishing share overflows them (docs/roi.md)
+    utilisation: Annotated[float, Field(ge=MIN_UTILISATION, le=1, allow_inf_nan=False)]
     pilot_one_off_usd: Annotated[float, Field(ge=0, le=MAX_AMOUNT, allow_inf_nan=False)]
 
 

@@ -49,9 +49,17 @@ def totals_row(t: dict[str, Any]) -> None:
         "evaluation); the interval sums their bounds. The others are counted apart below.",
     )
     apart = t["unestablished"]
+    caveats = "".join(  # what the summed figures carry beside them (docs/roi.md)
+        f"; {n} of them {what}"
+        for n, what in (
+            (t["established_under_overload"], "timed under overload"),
+            (t["established_superseded"], "priced at a spec version no longer current"),
+        )
+        if n
+    )
     c2.caption(
         f"{counted(t['established'], 'use case')}, interval {fmt.money(t['savings_month_low'])} to "
-        f"{fmt.money(t['savings_month_high'])}; apart: {apart['use_cases']} not established "
+        f"{fmt.money(t['savings_month_high'])}{caveats}; apart: {apart['use_cases']} not established "
         f"({fmt.money(apart['savings_month_usd'])}), {t['ended']} stopped or rolled back"
     )
     c3.metric("Waiting for approval", t["pending_approvals"])
@@ -73,12 +81,23 @@ def to_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     df["savings interval"] = [
         fmt.interval_only(r["savings_month_low"], r["savings_month_high"], fmt.money) for r in rows
     ]
+    df["caveats"] = [caveats(r) for r in rows]
     # the worst plausible quality loss: the lower bound where a gate or an evaluation gave one (an
     # evaluation's few rows bound little: 2 rows allow a loss of 0.84 at least), else the mean (an
     # evaluation recorded before its bounds were)
     worst = df["quality_low"].where(df["quality_low"].notna(), df["quality_delta"])
     df["quality risk"] = (-worst).clip(lower=0)
     return df
+
+
+def caveats(row: dict[str, Any]) -> str:
+    """What a row's speed-up and dollars carry beside them (docs/roi.md): timed under overload, priced
+    at a spec version that is no longer current; "" when neither."""
+    notes = [
+        "⚠ timed under overload" if row.get("measured_under_overload") else None,
+        f"⚠ {row['priced_at']}" if row.get("priced_at") else None,
+    ]
+    return "; ".join(n for n in notes if n)
 
 
 def filters(df: pd.DataFrame) -> pd.DataFrame:
@@ -124,6 +143,9 @@ COLUMNS: dict[str, Any] = {
     "savings_month_usd": st.column_config.NumberColumn("$/month saved", format="dollar"),
     "savings interval": None,
     "payback_days": st.column_config.NumberColumn("Payback (days)", format="%.0f"),
+    "caveats": st.column_config.TextColumn(
+        "Speed-up and $ caveats", help="timed under overload, or priced at a superseded spec version"
+    ),
     "owner": None,
     "observations": st.column_config.NumberColumn("Observations", format="%d"),
 }
@@ -147,6 +169,7 @@ def savings_vs_risk(df: pd.DataFrame) -> alt.Chart:
             "savings interval",
             "quality interval",
             "quality from",
+            "caveats",
         ],
     )
     bars = base.mark_rule(opacity=0.5).encode(y="savings_month_low:Q", y2="savings_month_high:Q")
@@ -177,6 +200,12 @@ def main() -> None:
     st.subheader("Expected savings against risk")
     if df["savings_month_usd"].notna().any():
         st.altair_chart(savings_vs_risk(df), width="stretch")
+        marked = df[df["savings_month_usd"].notna() & (df["caveats"] != "")]
+        if len(marked):  # the plotted figures that are a busy host's, or a superseded spec's
+            st.caption(
+                "Caveats on the plotted figures: "
+                + "; ".join(f"{n}: {c}" for n, c in zip(marked["name"], marked["caveats"], strict=True))
+            )
     else:
         st.caption("No use case in this view has been evaluated yet, so there are no savings to plot.")
 

@@ -386,6 +386,8 @@ def roi_breakdown(ev: dict[str, Any] | None) -> None:
     overload = timing_overload(roi.get("timing_host"))
     if overload:  # the figures above are a busy host's (docs/roi.md, "Timings under overload")
         st.warning(f"Speed-up and $/month {fmt.plain(overload)}.")
+    if ev.get("priced_at"):  # dollars at a superseded spec's traffic and cost (rollout.roi.priced_at)
+        st.warning(f"$/month {fmt.plain(ev['priced_at'])}.")
     inputs = roi.pop("inputs", None)
     if roi.get("verdict"):
         st.markdown(f"**Verdict:** {fmt.plain(roi.pop('verdict'))}")

@@ -129,6 +129,8 @@ class EvaluationRun(Base):
     idempotency_key: Mapped[str] = mapped_column(String(128), unique=True)
     use_case_id: Mapped[int] = mapped_column(ForeignKey("use_cases.id"))
     model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
+    # migration 0011: the spec version whose traffic and cost its dollars are priced at (NULL before)
+    spec_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
     status: Mapped[str] = mapped_column(String(20), default="running")
     device: Mapped[str | None] = mapped_column(String(50), nullable=True)
     mlflow_run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)

@@ -432,7 +432,7 @@ def test_roi_without_a_measured_interval_is_shown_as_one(seeded: dict[str, Any])
             ids = uc.id, s.scalar(select(ModelVersion.id).where(ModelVersion.use_case_id == uc.id))
         run = runs.open_evaluation(*ids, f"one-pair-{name}", None)
         runs.evaluation_succeeded(
-            name, run["id"], report={"device": "cpu"}, roi=result.to_dict(), mlflow_run_id="m"
+            name, run["id"], report={"device": "cpu"}, roi=result.to_dict(), mlflow_run_id="m", spec_version=1
         )
     one, loss = cases["support-chat"], cases["document-qa"]
     assert not one.inputs.interval_measured and one.payback_days is not None and loss.payback_days is not None
@@ -535,7 +535,7 @@ def test_roi_timed_under_overload_says_so_on_the_page_and_in_the_record(
         run = runs.open_evaluation(*ids, f"overload-{name}", None)
         roi = {**result.to_dict(), "timing_host": th}
         summaries[name] = runs.evaluation_succeeded(
-            name, run["id"], report={"device": "cpu"}, roi=roi, mlflow_run_id="m"
+            name, run["id"], report={"device": "cpu"}, roi=roi, mlflow_run_id="m", spec_version=1
         )
     warn = "measured under overload: 3 of 3 timed pairs (prefill 3 of 3)"
     busy, clean = summaries["support-chat"], summaries["document-qa"]

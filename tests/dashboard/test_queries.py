@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import func, select, update
 
-from rollout import queries
+from rollout import lifecycle, queries
 from rollout.db.session import session_scope
 from rollout.settings import Settings
 
@@ -38,6 +38,27 @@ def test_portfolio_rows(seeded: dict[str, Any]) -> None:
     assert (s_["quality_source"], s_["evaluation_rows"]) == ("evaluation", 60)
     assert c["quality_source"] == "gate"
     assert s_["observations"] == 0
+
+
+def test_a_plan_that_decodes_sparsely_is_not_called_dense(seeded: dict[str, Any]) -> None:
+    """Review V finding 2: an evaluation whose prefill keeps every block (density 1.0) but whose ROI
+    prices a measured sparse decode with an established saving waited for "no pilot: the plan keeps
+    100.00% of blocks (as dense)". The plan is judged as priced: dense only when decode is dense too."""
+    from rollout.db.models import EvaluationRun, UseCase
+
+    def waits(decode_status: str) -> str:
+        with session_scope() as s:
+            uc_id = s.scalar(select(UseCase.id).where(UseCase.name == "support-chat"))
+            last = s.scalar(select(func.max(EvaluationRun.id)).where(EvaluationRun.use_case_id == uc_id))
+            run = s.get(EvaluationRun, last)
+            run.roi = {**run.roi, "decode": {**run.roi["decode"], "status": decode_status}}
+            run.density, run.savings_month_usd = 1.0, 1606.0
+            run.savings_month_low, run.savings_month_high = 409.0, 2660.0
+        with session_scope() as s:
+            return {r["name"]: r for r in queries.portfolio(s)}["support-chat"]["waits_for"]
+
+    assert waits("measured") == lifecycle.waits_for("evaluated")
+    assert waits("below_break_even") == "no pilot: the plan keeps 100.00% of blocks (as dense)"
 
 
 def test_portfolio_totals(seeded: dict[str, Any]) -> None:

@@ -15,6 +15,7 @@ from rollout.pilot_plan import (
     PilotPlan,
     StepNeed,
     describe_to_approval,
+    per_day,
     plan_pilot,
     plan_summary,
     plan_warnings,
@@ -160,6 +161,22 @@ def test_traffic_time_reads_as_people_say_it() -> None:
         "58 min",
         "12.0 h",
         "3.2 days",
+    ]
+    # a step that huge traffic fills in seconds needs some traffic still: never "0 min"
+    assert traffic_time(72 / 1e12) == traffic_time(72 / 250_000) == "< 1 min"
+
+
+def test_a_tiny_traffic_rate_keeps_its_digits() -> None:
+    fast = StepNeed("rollout.shadow", None, 200, 150.0, 512, 20, 2.0, "m")
+    plan = PilotPlan((fast,), 1, 0.8, 0.0, 0.03, 10, 20, 1.0, 0.001)
+    warned = dict(plan_warnings(plan))["gate.max_duration_days"]
+    assert "2.0 days of traffic at 0.001 requests/day" in warned
+    assert [per_day(x) for x in (0.001, 2.5, 99.5, 250_000, 1e12)] == [
+        "0.001",
+        "2.5",
+        "99.5",
+        "250,000",
+        "1,000,000,000,000",
     ]
 
 

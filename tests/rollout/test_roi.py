@@ -195,6 +195,15 @@ def test_bad_inputs_raise(field: str, value: float) -> None:
         compute_roi(_inputs(speedup_low=2.1))
 
 
+def test_dollars_that_overflow_are_refused_naming_the_inputs() -> None:
+    """Inputs inside their ranges can overflow the paid hours (inf - inf: NaN dollars, a NaN payback and a
+    verdict of "$0/month more"): refused, naming what overflowed and the fields to check."""
+    with pytest.raises(ValueError, match=r"dense_usd_month is inf: .*utilisation 1e-310.*cost\.utilisation"):
+        compute_roi(_inputs(utilisation=1e-310))
+    with pytest.raises(ValueError, match="traffic.requests_per_day"):
+        compute_roi(_inputs(requests_per_day=1e300, gpu_usd_per_hour=1e300))
+
+
 def test_payback_days() -> None:
     assert payback_days(1000, 304.375) == pytest.approx(100.0)
     assert payback_days(0, 10) == 0
@@ -255,6 +264,14 @@ def test_pilot_skip_reason_says_why_a_pilot_would_be_wasted() -> None:
         met_budget=True, density=0.95, saved_usd_month=-23.0, saved_usd_month_high=187.0
     )
     assert "no saving expected (-$23/month, at best $187)" in no_saving
+    # judged as priced (review V finding 2): every prefill block kept but a measured sparse decode that
+    # establishes a saving is a plan to pilot; with decode dense too it is the dense model
+    decode_saves = dict(met_budget=True, density=1.0, saved_usd_month=1606.0, saved_usd_month_low=409.0)
+    assert pilot_skip_reason(**decode_saves, saved_usd_month_high=2660.0, decode_status="measured") is None
+    for dense_decode in (None, "dense", "below_break_even", "dense_layers"):
+        assert "keeps 100.00% of blocks (as dense): nothing to pilot" in pilot_skip_reason(
+            **decode_saves, decode_status=dense_decode
+        )
     # --pilot-all waives the dense-plan and no-saving reasons, never the missed budget.
     assert pilot_skip_reason(met_budget=True, density=0.95, saved_usd_month=-23.0, pilot_anyway=True) is None
     assert pilot_skip_reason(met_budget=True, density=1.0, saved_usd_month=5.0, pilot_anyway=True) is None

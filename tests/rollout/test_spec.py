@@ -76,6 +76,10 @@ def test_wrong_types_are_not_coerced() -> None:
             lambda d: d["cost"].update(utilisation=1.5),
             "cost.utilisation: input should be less than or equal to 1",
         ),
+        (  # a vanishing utilisation overflowed the paid hours into NaN dollars
+            lambda d: d["cost"].update(utilisation=1e-310),
+            "cost.utilisation: input should be greater than or equal to 0.01",
+        ),
         (lambda d: d["gate"].update(alpha=0.7), "gate.alpha: input should be less than 0.5"),
         (
             lambda d: d["traffic"].update(requests_per_day=float("nan")),

@@ -1,0 +1,102 @@
+"""What the speed-up and the dollars carry beside them on every surface (docs/roi.md): timings kept under
+overload (review V finding 5) and dollars priced at a spec version that is no longer current, after
+`usecase add --new-version` changed the traffic or cost (review V finding 3)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import func, select
+
+from rollout import queries, runs
+from rollout.db.models import EvaluationRun, ModelVersion, UseCase
+from rollout.db.session import session_scope
+from tests.dashboard.apptest_helpers import new_app, open_page, texts
+
+NAME = "contract-summarisation"  # seeded: established saving $1,840 [$1,500, $2,150]
+OVERLOAD = {"pairs_timed": 3, "pairs_kept_under_overload": 2, "threads": 1}
+STALE = "priced at spec v1; current is v2: re-evaluate to re-price"
+
+
+def _latest(s: Any, uc_id: int) -> EvaluationRun:
+    return s.get(
+        EvaluationRun, s.scalar(select(func.max(EvaluationRun.id)).where(EvaluationRun.use_case_id == uc_id))
+    )
+
+
+def _overloaded_and_superseded() -> None:
+    """contract-summarisation: its latest evaluation timed 2 of 3 prefill pairs under overload, priced at
+    spec v1; then v2 became current (as `usecase add --new-version` makes it)."""
+    with session_scope() as s:
+        uc = s.scalar(select(UseCase).where(UseCase.name == NAME))
+        run = _latest(s, uc.id)
+        run.roi = {**run.roi, "timing_host": {"prefill": OVERLOAD, "decode": None}}
+        run.spec_version = 1
+        uc.current_spec_version = 2
+
+
+def test_the_queries_carry_the_caveats(seeded: dict[str, Any]) -> None:
+    with session_scope() as s:
+        before = {r["name"]: r for r in queries.portfolio(s)}[NAME]
+    assert before["measured_under_overload"] is None and before["priced_at"] is None
+    _overloaded_and_superseded()
+    with session_scope() as s:
+        rows = {r["name"]: r for r in queries.portfolio(s)}
+        totals = queries.portfolio_totals(s)
+        summary = {r["use_case"]: r for r in queries.job_summary(s, list(rows))}
+        evals = queries.evaluations(s, rows[NAME]["id"])
+    row = rows[NAME]
+    assert row["measured_under_overload"].startswith("measured under overload: 2 of 3 timed pairs")
+    assert row["priced_at"] == STALE and summary[NAME]["priced_at"] == STALE
+    assert summary[NAME]["measured_under_overload"] == row["measured_under_overload"]
+    assert all(rows[n]["priced_at"] is None for n in ("document-qa", "support-chat"))
+    assert (
+        totals["established"],
+        totals["established_under_overload"],
+        totals["established_superseded"],
+    ) == (
+        2,
+        1,
+        1,
+    )
+    assert evals[-1]["priced_at"] == STALE and evals[0]["priced_at"] is None  # recorded before 0011
+
+
+def test_the_pages_say_so_beside_the_figures(seeded: dict[str, Any]) -> None:
+    _overloaded_and_superseded()
+    at = new_app()
+    assert not at.exception
+    df = at.dataframe[0].value.set_index("name")
+    assert df.loc[NAME, "caveats"] == f"⚠ timed under overload; ⚠ {STALE}"
+    assert df.loc["document-qa", "caveats"] == ""
+    captions = [c.value for c in at.caption]
+    assert any("1 of them timed under overload; 1 of them priced at a spec version" in c for c in captions)
+    assert any(
+        c.startswith(f"Caveats on the plotted figures: {NAME}: ⚠ timed under overload") for c in captions
+    )
+    at.query_params["name"] = NAME
+    open_page(at, "use_case")
+    assert f"$/month {STALE}." in texts(at)
+
+
+def test_an_evaluation_records_the_spec_version_it_is_priced_at(seeded: dict[str, Any]) -> None:
+    from flows.main_job import render_table
+    from rollout import roi
+
+    with session_scope() as s:
+        uc = s.scalar(select(UseCase).where(UseCase.name == "document-qa"))
+        ids = uc.id, s.scalar(select(ModelVersion.id).where(ModelVersion.use_case_id == uc.id))
+        uc.current_spec_version = 3
+    result = roi.compute_roi(
+        roi.RoiInputs(2000.0, 1.5, 1.2, 1.8, 10_000, 3000, 100, 2.0, 0.5, 1000.0)
+    ).to_dict()
+    run = runs.open_evaluation(*ids, "priced-at-v2", None)
+    runs.evaluation_succeeded(
+        "document-qa", run["id"], report={"device": "cpu"}, roi=result, mlflow_run_id="m", spec_version=2
+    )
+    with session_scope() as s:
+        assert _latest(s, ids[0]).spec_version == 2
+        rows = queries.job_summary(s, ["document-qa"])
+    assert rows[0]["priced_at"] == "priced at spec v2; current is v3: re-evaluate to re-price"
+    table = render_table(rows, {})
+    assert table.caption == "document-qa: priced at spec v2; current is v3: re-evaluate to re-price"
