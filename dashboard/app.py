@@ -13,6 +13,29 @@ from rollout.settings import configure_environment
 VIEWS = Path(__file__).resolve().parent / "views"
 
 
+# what dashboard.data.schema_ready says of a state DB without a schema, and of one it cannot open
+NO_SCHEMA = "has no SparsePilot schema yet"
+UNREACHABLE = "cannot be reached"
+
+
+def not_ready_advice(why: str) -> None:
+    """What to do about a state DB that is not ready, by what is wrong with it: only an empty one is
+    created and given the sample use cases (told to `init` a production database that is merely down,
+    its owner would have added the demo use cases to it); one that cannot be reached is checked."""
+    if why == NO_SCHEMA:
+        cmds = ["sparsepilot init"] + [f"sparsepilot usecase add {p}" for p in example_specs()]
+        st.markdown("Create it and add the sample use cases:")
+        st.code("\n".join(cmds), language="bash")
+    elif why == UNREACHABLE:
+        st.markdown(
+            "The database server is down, or this URL is not where it runs. Nothing needs creating: ask "
+            "whoever runs it to check the server and `SPARSEPILOT_DATABASE_URL`, then reload this page."
+        )
+    else:  # a schema one migration behind: `init` upgrades it, and adds nothing
+        st.markdown("Upgrade its schema (existing data is kept):")
+        st.code("sparsepilot init", language="bash")
+
+
 def main() -> None:
     st.set_page_config(page_title="SparsePilot", page_icon=":material/speed:", layout="wide")
     configure_environment()
@@ -20,9 +43,7 @@ def main() -> None:
     if not ready:
         st.title("SparsePilot")
         st.error(f"The state database at `{url}` {why}.")
-        cmds = ["sparsepilot init"] + [f"sparsepilot usecase add {p}" for p in example_specs()]
-        st.markdown("Create it and add the sample use cases:")
-        st.code("\n".join(cmds), language="bash")
+        not_ready_advice(why)
         st.stop()
 
     ident = current_identity()
