@@ -65,7 +65,7 @@ def decision_block(decs: list[dict[str, Any]]) -> None:
     c1.metric("Outcome", d["outcome"], help=f"decision #{d['id']} ({d['kind']}), look {d['look_index']}")
     c2.metric("Quality Δ (sparse - dense)", fmt.num_interval(q.get("estimate"), None, None))
     c2.caption(f"interval {fmt.quality_interval(q.get('interval_low'), q.get('interval_high'))}")
-    c3.metric("Waits for", queries.WAITING_LABELS.get(d["awaiting"], "-") if d["resolution"] is None else "-")
+    c3.metric("Waits for", d["waits_for"] or "-")  # queries.decision_waits: the portfolio's rule
     st.info(fmt.plain(d["explanation"]))
     with st.expander("Full evidence"):
         st.json(d["evidence"], expanded=False)
