@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import streamlit as st
@@ -12,6 +13,17 @@ from rollout.settings import configure_environment
 
 VIEWS = Path(__file__).resolve().parent / "views"
 
+
+# A person waits on the page while an action moves an MLflow alias. With MLflow down, its HTTP client
+# (MLflow 3 reads these per request) retried a refused connection 7 times with backoff, over 4 minutes,
+# before the page said anything. The dashboard process asks for a short budget instead (what an operator
+# set wins); a failed move then shows at once as decided but not in effect, with the command that
+# finishes it (rollout.unfinished).
+MLFLOW_SHORT_BUDGET = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
+}
 
 # what dashboard.data.schema_ready says of a state DB without a schema, and of one it cannot open
 NO_SCHEMA = "has no SparsePilot schema yet"
@@ -39,6 +51,8 @@ def not_ready_advice(why: str) -> None:
 def main() -> None:
     st.set_page_config(page_title="SparsePilot", page_icon=":material/speed:", layout="wide")
     configure_environment()
+    for key, value in MLFLOW_SHORT_BUDGET.items():
+        os.environ.setdefault(key, value)
     ready, url, why = schema_ready()
     if not ready:
         st.title("SparsePilot")
