@@ -27,6 +27,14 @@ def money(x: Any) -> str:
     return usd(x)
 
 
+def rate(x: Any) -> str:
+    """A price per unit (the GPU's $/hour) with its cents, as the spec gives it: "$2.50", not the "$2"
+    whole dollars make of it (monthly totals stay in whole dollars: `money`)."""
+    if not known(x):
+        return "-"
+    return f"-${-x:,.2f}" if x < 0 else f"${x:,.2f}"
+
+
 def num_interval(x: Any, lo: Any, hi: Any, fmt: str = "{:+.4f}") -> str:
     if not known(x):
         return "-"

@@ -31,7 +31,17 @@ from sqlalchemy import select
 
 from rollout import audit, lifecycle
 from rollout.auth import Identity, require_approver, same_person
-from rollout.db.models import AliasMove, Approval, GateDecision, ModelVersion, Pilot, UseCase, as_utc, utcnow
+from rollout.db.models import (
+    AliasMove,
+    Approval,
+    AuditEntry,
+    GateDecision,
+    ModelVersion,
+    Pilot,
+    UseCase,
+    as_utc,
+    utcnow,
+)
 from rollout.db.session import session_scope
 from rollout.redact import redact
 from rollout.spec import has_visible_text
@@ -87,6 +97,8 @@ def recommended_action(decision: GateDecision) -> str:
 def check_approvable(session: Any, d: GateDecision) -> None:
     """A person may act on a decision that waits for them, or override the latest gate decision of a
     pilot that is still running (e.g. promote on EXTEND: against the recommendation, two approvers)."""
+    if d.resolution == "aborted":  # closed by `pilot NAME --abort` (rollout.pilots): say who and why
+        raise ApprovalError(f"decision {d.id} was closed: {_aborted_by(session, d)}; nothing was recorded")
     if d.resolution is not None:
         by = session.scalar(
             select(Approval.actor).where(Approval.decision_id == d.id).order_by(Approval.id.desc())
@@ -118,6 +130,32 @@ def check_approvable(session: Any, d: GateDecision) -> None:
             f"decision {d.id} ({d.kind} {d.outcome}) is not waiting for a person and is not the latest "
             "decision of a running pilot"
         )
+
+
+def _aborted_by(session: Any, d: GateDecision) -> str:
+    """Who aborted the pilot that closed decision `d`, when and why (its `pilot.abort` audit entry)."""
+    from rollout.pilots import pilot_label
+
+    pilot = session.get(Pilot, d.pilot_id) if d.pilot_id else None
+    entry = (
+        session.scalar(
+            select(AuditEntry)
+            .where(
+                AuditEntry.action == "pilot.abort",
+                AuditEntry.entity == "pilot",
+                AuditEntry.entity_id == str(d.pilot_id),
+            )
+            .order_by(AuditEntry.id.desc())
+        )
+        if pilot
+        else None
+    )
+    if entry is None:
+        return "its pilot was aborted"
+    reason = (entry.details or {}).get("reason")
+    return f"{pilot_label(pilot)} was aborted by {entry.actor} at {as_utc(entry.ts):%Y-%m-%d %H:%M} UTC" + (
+        f" (reason: {reason})" if reason else ""
+    )
 
 
 def lock_decision(session: Any, decision_id: int) -> GateDecision:

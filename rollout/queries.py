@@ -9,7 +9,7 @@ import math
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from sqlalchemy import Integer, and_, case, cast, func, select
+from sqlalchemy import Integer, and_, case, cast, func, or_, select
 from sqlalchemy.orm import Session
 
 from rollout import audit, leases, lifecycle, roi
@@ -173,13 +173,32 @@ def portfolio(session: Session, *, decision_kind: str | None = None) -> list[dic
     return rows
 
 
+def decision_waits(
+    awaiting: str | None, resolution: str | None, signatures: int, pilot_running: bool
+) -> str | None:
+    """What an open gate decision waits for from a person, or None (the one rule of the portfolio, the
+    use-case page and Approvals). A signature that left a decision open is an override's first (signing
+    what the gate recommends takes effect at once): it waits for a second, different approver, on a
+    decision that asked for a person as on the latest one of a running pilot that asked nobody (promoting
+    on EXTEND / NO-GO / INVALID: rollout.approvals.check_approvable)."""
+    if resolution is not None:
+        return None
+    asks = bool(awaiting) and awaiting != "none"
+    if signatures and (asks or pilot_running):
+        return "a second approver"
+    return WAITING_LABELS.get(awaiting, awaiting) if asks and awaiting else None
+
+
 def waits_for(row: dict[str, Any]) -> str:
     """What a use case needs next, in words, from its latest decision and current step."""
-    awaiting, resolution = row.get("awaiting"), row.get("resolution")
-    if awaiting and awaiting != "none" and resolution is None:
-        if row.get("signatures"):  # an override signed once waits for a different approver
-            return "a second approver"
-        return WAITING_LABELS.get(awaiting, awaiting)
+    person = decision_waits(
+        row.get("awaiting"),
+        row.get("resolution"),
+        row.get("signatures") or 0,
+        row.get("pilot_status") == "running" and row.get("decision_kind") == "gate",
+    )
+    if person:
+        return person
     decision = row.get("decision")
     if row.get("pilot_status") == "running":
         n, need = row.get("step_observations") or 0, row.get("min_samples") or 0
@@ -618,13 +637,51 @@ def pilot_history(session: Session, use_case_id: int) -> list[dict[str, Any]]:
 
 
 def decisions(session: Session, use_case_id: int) -> list[dict[str, Any]]:
+    """The use case's decisions, oldest first, each with `waits_for` (`decision_waits`: what it waits
+    for from a person, or None)."""
     stmt = (
         select(GateDecision, PilotStep.index)
         .outerjoin(PilotStep, PilotStep.id == GateDecision.pilot_step_id)
         .where(GateDecision.use_case_id == use_case_id)
         .order_by(GateDecision.id)
     )
-    return [_decision_dict(d) | {"step_index": idx} for d, idx in session.execute(stmt)]
+    rows = [_decision_dict(d) | {"step_index": idx} for d, idx in session.execute(stmt)]
+    overridable = set(_overridable_ids(session))
+    signed = _signature_counts(session, [r["id"] for r in rows])
+    for r in rows:
+        r["waits_for"] = decision_waits(
+            r["awaiting"], r["resolution"], signed.get(r["id"], 0), r["id"] in overridable
+        )
+    return rows
+
+
+def _signature_counts(session: Session, decision_ids: list[int]) -> dict[int, int]:
+    if not decision_ids:
+        return {}
+    stmt = (
+        select(Approval.decision_id, func.count(Approval.id))
+        .where(Approval.decision_id.in_(decision_ids))
+        .group_by(Approval.decision_id)
+    )
+    return {k: n for k, n in session.execute(stmt)}
+
+
+def _overridable_ids(session: Session) -> list[int]:
+    """The open decisions a person may override although they asked nobody: the latest gate decision of
+    each running pilot, unresolved and not waiting for a person (rollout.approvals.check_approvable)."""
+    latest = _latest_id(GateDecision.id, GateDecision.pilot_id, GateDecision.kind == "gate")
+    stmt = (
+        select(GateDecision.id)
+        .join(latest, latest.c.id == GateDecision.id)
+        .join(Pilot, Pilot.id == GateDecision.pilot_id)
+        .where(
+            Pilot.status == "running",
+            GateDecision.awaiting == "none",
+            GateDecision.resolution.is_(None),
+        )
+        .order_by(GateDecision.id)
+    )
+    return list(session.scalars(stmt))
 
 
 def _decision_dict(d: GateDecision) -> dict[str, Any]:
@@ -688,12 +745,45 @@ def approvals(session: Session, decision_ids: list[int]) -> list[dict[str, Any]]
 
 
 def pending_decisions(session: Session) -> list[dict[str, Any]]:
-    """Decisions waiting for a person, oldest first, with their use case and any partial approvals."""
+    """Decisions waiting for a person, oldest first, with their use case, any partial approvals and
+    `waits_for` (`decision_waits`): those that ask for one, and the latest decision of a running pilot
+    that asked nobody but carries an override's first signature (promoting on EXTEND: it waits for a
+    second approver)."""
+    overridable = _overridable_ids(session)
+    signed = _signature_counts(session, overridable)
+    cosign = [i for i in overridable if signed.get(i)]
+    rows = _decision_rows(
+        session,
+        or_(
+            and_(GateDecision.awaiting != "none", GateDecision.resolution.is_(None)),
+            GateDecision.id.in_(cosign),
+        ),
+    )
+    for r in rows:
+        r["waits_for"] = decision_waits(
+            r["awaiting"], r["resolution"], len(r["approvals"]), r["id"] in cosign
+        )
+    return rows
+
+
+def overridable_decisions(session: Session) -> list[dict[str, Any]]:
+    """The latest decision of each running pilot that asked nobody and nobody has signed yet (EXTEND,
+    NO-GO, INVALID, an earlier step's GO): an approver may start an override of it (promote against the
+    recommendation: two approvers, rollout.approvals). Oldest first, shaped as `pending_decisions`."""
+    overridable = _overridable_ids(session)
+    signed = _signature_counts(session, overridable)
+    rows = _decision_rows(session, GateDecision.id.in_([i for i in overridable if not signed.get(i)]))
+    for r in rows:
+        r["waits_for"] = None
+    return rows
+
+
+def _decision_rows(session: Session, where: Any) -> list[dict[str, Any]]:
     stmt = (
         select(GateDecision, UseCase.name, UseCase.criticality, PilotStep.index, PilotStep.traffic_pct)
         .join(UseCase, UseCase.id == GateDecision.use_case_id)
         .outerjoin(PilotStep, PilotStep.id == GateDecision.pilot_step_id)
-        .where(GateDecision.awaiting != "none", GateDecision.resolution.is_(None))
+        .where(where)
         .order_by(GateDecision.id)
     )
     rows = [

@@ -175,7 +175,9 @@ def compute_roi(inputs: RoiInputs) -> RoiResult:
         what = (
             f"the speed-up is {i.speedup:.2f}x (<= 1)"
             if i.sparse_decode_tps is None
-            else f"the per-request speed-up with sparse decode is {eff:.2f}x (<= 1)"
+            # prefill and decode together: "with sparse decode" misled where decode stays dense below
+            # its break-even (its line says 1.00x) and the figure is prefill's, diluted by dense decode
+            else f"the per-request speed-up (prefill and decode together) is {eff:.2f}x (<= 1)"
         )
         verdict = (
             f"not shown to save: {what}; at the estimate sparse attention would cost {cost}/month more, "

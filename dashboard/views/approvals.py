@@ -30,16 +30,21 @@ def show_flash() -> None:
         {"success": st.success, "warning": st.warning, "error": st.error}[kind](fmt.plain(text))
 
 
-def run_action(fn: Any, *args: Any, **kwargs: Any) -> None:
-    """Call rollout.approvals and turn every refusal into a message the person can act on."""
+def run_action(fn: Any, *args: Any, reason_key: str, **kwargs: Any) -> None:
+    """A button's on_click: call rollout.approvals with the reason typed under `reason_key` and turn
+    every refusal into a message the person can act on. A callback runs on the click's rerun before the
+    page is drawn, so a click on a card whose decision someone else resolved meanwhile (approved in
+    another browser, closed by `pilot --abort`) still reaches rollout.approvals, whose own check says what
+    became of it; drawn inline, the button no longer existed on that rerun and the click was dropped
+    under "Nothing is waiting for a decision"."""
     try:
-        result = fn(*args, **kwargs)
+        result = fn(*args, current_identity(), st.session_state.get(reason_key), **kwargs)
     except PermissionDenied as exc:
         flash("error", f"Refused: {exc}")
     except approvals.FlowNotWaiting as exc:
         flash("error", f"The flow is no longer waiting, so nothing was recorded. {exc}")
     except approvals.ApprovalError as exc:
-        flash("error", f"Not accepted: {exc}")
+        flash("error", f"Not accepted, nothing was recorded: {exc}")
     except Exception as exc:  # noqa: BLE001 - show the failure instead of a stack trace page
         flash("error", f"The action failed: {type(exc).__name__}: {exc}")
     else:
@@ -49,7 +54,6 @@ def run_action(fn: Any, *args: Any, **kwargs: Any) -> None:
             flash("success", f"Done: {result.message}")
         else:
             flash("success", f"Done: rollback recorded as decision #{result} and applied")
-    st.rerun()
 
 
 def evidence_summary(d: dict[str, Any]) -> None:
@@ -77,9 +81,16 @@ def evidence_summary(d: dict[str, Any]) -> None:
 
 
 def decision_card(d: dict[str, Any], ident: Identity | None) -> None:
-    waits = queries.WAITING_LABELS.get(d["awaiting"], d["awaiting"])
+    """A decision an approver may act on: one waiting for a person (`waits_for`, queries.decision_waits),
+    or the latest of a running pilot that asked nobody, which an approver may promote against the gate
+    (`waits_for` None: nobody has signed it yet)."""
+    waits = d["waits_for"]
+    override = d["awaiting"] == "none"  # asked nobody: promoting on it is an override (two approvers)
+    head = (
+        f"waiting for {waits}" if waits else "running pilot's latest decision; promoting on it is an override"
+    )
     step = f" · step {d['step_index']} ({d['traffic_pct']:g}%)" if d.get("step_index") is not None else ""
-    st.subheader(f"#{d['id']} {d['use_case']}: {d['outcome']}, waiting for {waits}")
+    st.subheader(f"#{d['id']} {d['use_case']}: {d['outcome']}, {head}")
     st.caption(f"criticality {d['criticality']}{step} · decided {d['created_at']:%Y-%m-%d %H:%M} UTC")
     evidence_summary(d)
     recommended = approvals.recommended_action(SimpleNamespace(awaiting=d["awaiting"], outcome=d["outcome"]))
@@ -101,18 +112,27 @@ def decision_card(d: dict[str, Any], ident: Identity | None) -> None:
             )
     if ident is None or not ident.can_approve:
         return
-    reason = st.text_area("Reason (required, kept in the audit log)", key=f"reason_{d['id']}")
+    reason_key = f"reason_{d['id']}"
+    st.text_area("Reason (required, kept in the audit log)", key=reason_key)
     approve_label = "Approve rollback" if d["awaiting"] == "rollback_approval" else "Approve promotion"
+    if override:
+        approve_label = "Promote anyway" if not d["approvals"] else "Co-sign the promotion"
     reject_label = "Keep the current model" if d["awaiting"] == "rollback_approval" else "Reject"
     if recommended != "approve":
         st.caption(f"'{approve_label}' goes against the recommendation: it needs a second approver.")
     else:
         st.caption(f"'{reject_label}' goes against the recommendation: it needs a second approver.")
+    act = {"args": (approvals.approve, d["id"]), "kwargs": {"reason_key": reason_key}}
     b1, b2 = st.columns(2)
-    if b1.button(approve_label, key=f"approve_{d['id']}", type="primary"):
-        run_action(approvals.approve, d["id"], current_identity(), reason)
-    if b2.button(reject_label, key=f"reject_{d['id']}"):
-        run_action(approvals.approve, d["id"], current_identity(), reason, reject=True)
+    b1.button(approve_label, key=f"approve_{d['id']}", type="primary", on_click=run_action, **act)
+    if not override:  # rejecting a running pilot's decision stops it: `sparsepilot pilot NAME --abort`
+        b2.button(
+            reject_label,
+            key=f"reject_{d['id']}",
+            on_click=run_action,
+            args=act["args"],
+            kwargs={**act["kwargs"], "reject": True},
+        )
 
 
 def rollback_section(ident: Identity | None) -> None:
@@ -125,9 +145,32 @@ def rollback_section(ident: Identity | None) -> None:
         st.caption(f"Promoted: {', '.join(promoted)}. Only approvers can roll back.")
         return
     name = st.selectbox("Use case", promoted, key="rollback_uc")
-    reason = st.text_area("Reason for the rollback (required)", key="rollback_reason")
-    if st.button("Trigger rollback", key="rollback_go", type="primary"):
-        run_action(approvals.request_rollback, name, current_identity(), reason)
+    st.text_area("Reason for the rollback (required)", key="rollback_reason")
+    st.button(
+        "Trigger rollback",
+        key="rollback_go",
+        type="primary",
+        on_click=run_action,
+        args=(approvals.request_rollback, name),
+        kwargs={"reason_key": "rollback_reason"},
+    )
+
+
+def override_section(ident: Identity | None) -> None:
+    """The latest decision of each running pilot that asked nobody (EXTEND, NO-GO, INVALID, an earlier
+    step's GO): an approver may start an override, promoting against the gate (two approvers); the
+    first signature then lists the decision above for the second."""
+    candidates = read(queries.overridable_decisions)
+    if not candidates:
+        return
+    st.subheader("Promote a running pilot against the gate")
+    st.caption(
+        "The gate asks nobody about these decisions: the pilot goes on collecting. Promoting on one "
+        "goes against its recommendation and takes effect only when a second, different approver signs."
+    )
+    for d in candidates:
+        with st.expander(f"#{d['id']} {d['use_case']}: {d['outcome']}"):
+            decision_card(d, ident)
 
 
 def unapplied_text(d: dict[str, Any]) -> str:
@@ -171,6 +214,7 @@ def main() -> None:
             decision_card(d, ident)
     for d in unapplied:  # decided, but not in effect (rollout.unfinished): it must not vanish from view
         st.warning(fmt.plain(unapplied_text(d)))
+    override_section(ident)
     rollback_section(ident)
 
 

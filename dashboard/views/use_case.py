@@ -65,7 +65,7 @@ def decision_block(decs: list[dict[str, Any]]) -> None:
     c1.metric("Outcome", d["outcome"], help=f"decision #{d['id']} ({d['kind']}), look {d['look_index']}")
     c2.metric("Quality Δ (sparse - dense)", fmt.num_interval(q.get("estimate"), None, None))
     c2.caption(f"interval {fmt.quality_interval(q.get('interval_low'), q.get('interval_high'))}")
-    c3.metric("Waits for", queries.WAITING_LABELS.get(d["awaiting"], "-") if d["resolution"] is None else "-")
+    c3.metric("Waits for", d["waits_for"] or "-")  # queries.decision_waits: the portfolio's rule
     st.info(fmt.plain(d["explanation"]))
     with st.expander("Full evidence"):
         st.json(d["evidence"], expanded=False)
@@ -340,6 +340,8 @@ def _days(days: float | None) -> float | None:
 
 def _kv(d: dict[str, Any], label: str) -> pd.DataFrame:
     def show(key: str, v: Any) -> str:
+        if "usd" in key and key.endswith("per_hour"):  # a rate: its cents matter ($2.50/h, not $2)
+            return fmt.rate(v)
         if "usd" in key:
             return fmt.money(v)
         if key.startswith("payback"):
@@ -354,10 +356,13 @@ def _kv(d: dict[str, Any], label: str) -> pd.DataFrame:
 def shown_roi(roi: dict[str, Any], inputs: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
     """The stored ROI's breakdown and inputs as the page may show them (docs/roi.md): no interval ends
     where none was measured (one timing pair: the ends are the estimate), and no payback where the saving
-    is not established, as the figures above them say."""
+    is not established, as the figures above them say; and not the timing host's raw record
+    (`timing_host`), which the overload warning above them reads."""
     measured = (inputs or {}).get("interval_measured", True)
 
     def keep(key: str) -> bool:
+        if key == "timing_host":  # raw host data; the overload warning above says what matters of it
+            return False
         if not measured and key.endswith(("_low", "_high")):
             return False
         return roi.get("certain", True) or not key.startswith("payback")

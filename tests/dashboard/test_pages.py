@@ -34,6 +34,17 @@ def test_schema_missing_says_how_to_create_it(tmp_path: Path, monkeypatch: pytes
     assert not (tmp_path / "fresh" / "state.db").exists()  # the dashboard created nothing
 
 
+def test_an_unreachable_database_is_to_be_checked_not_created(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review U4: a production DB that is only down was answered with `sparsepilot init` and the demo
+    use cases; those commands are for a DB without a schema (above), and this one is to be checked."""
+    monkeypatch.setenv("SPARSEPILOT_DATABASE_URL", "postgresql+psycopg://sp:S3cretPw@127.0.0.1:1/sparsepilot")
+    at = new_app()
+    assert not at.exception
+    assert "cannot be reached" in at.error[0].value and "S3cretPw" not in at.error[0].value
+    assert not at.code, [c.value for c in at.code]  # no init, no sample use cases
+    assert "check the server and `SPARSEPILOT_DATABASE_URL`" in texts(at)
+
+
 def test_empty_install_shows_how_to_add_the_first_use_case(dash_env: Settings) -> None:
     at = new_app()
     assert not at.exception and not at.error
@@ -573,3 +584,39 @@ def test_the_first_run_admin_signs_in_to_the_dashboard(sp_home: Settings, monkey
     assert at.session_state["sp_identity"].name == "admin"
     assert at.session_state["sp_identity"].role == "approver"
     assert "No accounts are configured" not in texts(at)
+
+
+def test_roi_panel_prices_per_hour_with_cents_and_shows_no_raw_host_record(seeded: dict[str, Any]) -> None:
+    """Review U3/U7: the spec's $2.50/h shows as "$2.50" (whole dollars made it "$2", and the inputs no
+    longer gave the outputs), monthly dollars stay whole, and the Breakdown table shows no raw
+    `timing_host` dict (the overload warning above it reads that record)."""
+    from rollout import roi as roi_of
+    from rollout import runs
+    from rollout.db.models import ModelVersion, UseCase
+
+    spec = UseCaseSpec.model_validate(seeded_spec("contract-summarisation"))
+    assert spec.cost.gpu_usd_per_hour == 2.5
+    result = roi_of.roi_for_spec(spec, dense_tps=1000.0, sparse_tps=1100.0, speedup_interval=(0.9, 1.3))
+    with session_scope() as s:
+        uc = s.scalar(select(UseCase).where(UseCase.name == "support-chat"))
+        ids = uc.id, s.scalar(select(ModelVersion.id).where(ModelVersion.use_case_id == uc.id))
+    run = runs.open_evaluation(*ids, "rate-support-chat", None)
+    host = {"prefill": {"threads": 1, "others_busy_cores": 0.1, "pairs_timed": 3}, "decode": None}
+    runs.evaluation_succeeded(
+        "support-chat",
+        run["id"],
+        report={"device": "cpu"},
+        roi={**result.to_dict(), "timing_host": host},
+        mlflow_run_id="m",
+        spec_version=1,
+    )
+    at = new_app()
+    at.query_params["name"] = "support-chat"
+    open_page(at, "use_case")
+    inputs = next(d.value for d in at.dataframe if "input" in d.value.columns)
+    given = dict(zip(inputs["input"], inputs["value"], strict=True))
+    assert given["gpu_usd_per_hour"] == "$2.50"
+    assert given["pilot_one_off_usd"] == roi_of.usd(spec.cost.pilot_one_off_usd)  # totals stay whole
+    breakdown = next(d.value for d in at.dataframe if "item" in d.value.columns)
+    assert "timing_host" not in list(breakdown["item"])
+    assert not any("{" in str(v) for v in breakdown["value"])

@@ -123,7 +123,21 @@ def test_sparse_decode_inputs_are_checked() -> None:
         _inputs(speedup=1.0, speedup_low=1.0, speedup_high=1.0, decode_tps=50.0, sparse_decode_tps=40.0)
     )
     assert not slower.pays_off
-    assert slower.verdict.startswith("no savings: the per-request speed-up with sparse decode is 0.")
+    assert slower.verdict.startswith(
+        "no savings: the per-request speed-up (prefill and decode together) is 0."
+    )
+
+
+def test_a_verdict_never_credits_sparse_decode_where_decode_stays_dense() -> None:
+    """Review U7: below decode's break-even the sparse arm decodes on the dense path (its line says
+    1.00x), so the sub-1 per-request figure is prefill's diluted by dense decode, not "with sparse
+    decode" as the verdict said."""
+    below = compute_roi(
+        _inputs(speedup=0.9, speedup_low=0.8, speedup_high=0.95, decode_tps=50.0, sparse_decode_tps=50.0)
+    )
+    assert not below.pays_off
+    assert "sparse decode" not in below.verdict
+    assert "per-request speed-up (prefill and decode together)" in below.verdict
 
 
 def test_output_tokens_at_dense_decode_speed_dilute_the_speed_up() -> None:

@@ -1,0 +1,134 @@
+"""The Approvals page under AppTest against a real seeded state DB: a click on a card someone else
+resolved meanwhile, overrides of a running pilot's decision that asked nobody, and what a half-signed
+override waits for on every page (review U)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from rollout import approvals, pilot_batches, queries
+from rollout.auth import Identity
+from rollout.db.models import Approval, GateDecision
+from rollout.db.session import session_scope
+from tests.dashboard.apptest_helpers import button_labels, new_app, open_page, sign_in, texts
+from tests.fixtures.dashboard import later_look_awaiting_approval
+
+CAROL = Identity("carol", "approver", "local-account")
+
+
+def _errors(at: Any) -> str:
+    return "\n".join(e.value.replace("\\", "") for e in at.error)  # as shown: markup escapes removed
+
+
+def test_a_click_on_a_card_resolved_meanwhile_says_what_became_of_the_decision(
+    seeded: dict[str, Any],
+) -> None:
+    """Review U1: alice's page shows a card; carol decides it (or an operator aborts the pilot) before
+    alice clicks. The click used to be dropped (the card was not drawn on the rerun, so its button did
+    not exist) under "Nothing is waiting for a decision"; it now reaches rollout.approvals, whose check
+    says what became of the decision, and nothing of alice's is recorded."""
+    with session_scope() as s:  # an EXTEND waiting for a person: rejecting it takes effect at once
+        extend = later_look_awaiting_approval(s, seeded["document-qa:decision"])
+    go = seeded["contract-summarisation:decision"]
+    at = open_page(sign_in(new_app(), "alice"), "approvals")
+    assert {f"approve_{extend}", f"approve_{go}"} <= {b.key for b in at.button}
+    at.text_area(key=f"reason_{extend}").input("worth it this quarter")
+    at.text_area(key=f"reason_{go}").input("evidence is clear")
+
+    approvals.approve(extend, CAROL, "not worth a second look", reject=True)  # another browser, the CLI
+    at.button(key=f"approve_{extend}").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    shown = _errors(at)
+    assert f"decision {extend} was already rejected by carol" in shown, texts(at)
+    assert "nothing was recorded" in shown
+
+    pilot_batches.abort("contract-summarisation", actor="ops", reason="traffic spike")
+    at.button(key=f"approve_{go}").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    shown = _errors(at)
+    assert f"decision {go} was closed: pilot" in shown and "aborted by ops" in shown, texts(at)
+    assert "(reason: traffic spike)" in shown
+    with session_scope() as s:
+        assert s.scalars(select(Approval.actor).where(Approval.actor == "alice")).all() == []
+        assert s.get(GateDecision, go).resolution == "aborted"
+
+
+def test_an_override_of_a_running_pilots_extend_is_started_and_co_signed_from_the_page(
+    seeded: dict[str, Any],
+) -> None:
+    """Review U2/U6: document-qa's EXTEND asked nobody, so Approvals listed nothing and an override could
+    be started or co-signed only from the CLI. The page offers "Promote anyway" on the running pilot's
+    latest decision; once alice signs, the decision is listed with her signature and a button for a
+    second approver, and the portfolio, the use-case page and Approvals say it waits for "a second
+    approver" (the use-case page said "-")."""
+    did = seeded["document-qa:decision"]
+    at = open_page(sign_in(new_app(), "alice"), "approvals")
+    assert f"approve_{did}" in {b.key for b in at.button}
+    assert f"reject_{did}" not in {b.key for b in at.button}  # stopping a pilot is `pilot --abort`
+    assert "Promote anyway" in button_labels(at)
+    at.text_area(key=f"reason_{did}").input("the business needs it this quarter")
+    at.button(key=f"approve_{did}").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any("Signature recorded, not yet in effect" in w.value for w in at.warning)
+
+    with session_scope() as s:
+        pending = {d["id"]: d for d in queries.pending_decisions(s)}
+        assert pending[did]["waits_for"] == "a second approver"
+        assert [a["actor"] for a in pending[did]["approvals"]] == ["alice"]
+        assert did not in {d["id"] for d in queries.overridable_decisions(s)}
+        row = next(r for r in queries.portfolio(s) if r["name"] == "document-qa")
+        assert row["waits_for"] == "a second approver"
+
+    at = open_page(sign_in(new_app(), "carol"), "approvals")
+    assert f"#{did} document-qa: EXTEND, waiting for a second approver" in texts(at)
+    assert "alice signed an override (approve)" in texts(at)
+    assert "Co-sign the promotion" in button_labels(at)
+
+    at.query_params["name"] = "document-qa"
+    open_page(at, "use_case")
+    assert {m.label: m.value for m in at.metric}["Waits for"] == "a second approver"
+
+
+def test_a_half_signed_reject_of_a_go_waits_for_a_second_approver_on_the_use_case_page(
+    seeded: dict[str, Any],
+) -> None:
+    """Review U6: the portfolio said "a second approver", the use-case page "approval to promote"."""
+    go = seeded["contract-summarisation:decision"]
+    first = approvals.approve(go, Identity("alice", "approver", "local-account"), "too risky", reject=True)
+    assert first.needs_second_approver
+    at = new_app()
+    at.query_params["name"] = "contract-summarisation"
+    open_page(at, "use_case")
+    assert {m.label: m.value for m in at.metric}["Waits for"] == "a second approver"
+
+
+def test_an_approval_with_mlflow_down_says_so_within_seconds(
+    seeded: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review U5: with the tracking server down, MLflow's client retried 7 times with backoff and alice
+    watched a running page for over 4 minutes. The dashboard asks MLflow for a short retry budget, so the
+    approval is recorded and the page says at once that the promotion is not in effect."""
+    budget = (
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT",
+    )
+    for key in budget:  # dashboard/app.py sets them in this process: restored after the test
+        monkeypatch.setenv(key, "x")
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
+    go = seeded["contract-summarisation:decision"]
+    at = open_page(sign_in(new_app(), "alice"), "approvals")
+    at.text_area(key=f"reason_{go}").input("evidence is clear")
+    began = time.monotonic()
+    at.button(key=f"approve_{go}").click().run(timeout=600)
+    took = time.monotonic() - began
+    assert not at.exception, [e.value for e in at.exception]
+    assert took < 60, f"the click took {took:.0f} s"
+    shown = "\n".join(w.value.replace("\\", "") for w in at.warning)
+    assert f"Decision #{go} of contract-summarisation was approved by alice" in shown, texts(at)
+    assert "not in effect" in shown
