@@ -1,6 +1,7 @@
 """CI check of docker-compose.yml (Docker has no engine on our machines, so the file is parsed, not run).
 
-It fails when a required service, a healthcheck or a named volume is missing, when state would live in a
+It fails when a required service, a healthcheck or a named volume is missing, when the MLflow or Prefect
+server's healthcheck does not read its database (HEALTH_READS_DB), when state would live in a
 container's writable layer, when a service does not pass a setting its program reads from .env
 (SERVICE_SETTINGS), or when a variable the file reads as ${VAR} is not documented in both
 .env.example and docs/operations.md. The checker is a pure function; the tests below also feed it broken
@@ -62,6 +63,13 @@ SERVICE_SETTINGS = {
         "SPARSEPILOT_MLFLOW_UI_URL",
         "SPARSEPILOT_OIDC_APPROVERS",
     ),
+}
+
+# service -> what its healthcheck must request: an API that reads the server's database, so that a
+# database outage shows as unhealthy (a bare /health only proves that the process answers)
+HEALTH_READS_DB = {
+    "mlflow": "/api/2.0/mlflow/experiments/search",
+    "prefect-server": "/api/ready",
 }
 
 _VAR = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)[^}]*\}|([A-Za-z_][A-Za-z0-9_]*))")
@@ -192,6 +200,13 @@ def compose_problems(
     if not str(mlflow_env.get("MLFLOW_BACKEND_STORE_URI", "")).startswith("postgresql"):
         problems.append("mlflow: the backend store must be PostgreSQL")
 
+    for name, path in HEALTH_READS_DB.items():
+        test = " ".join(
+            str(t) for t in ((services.get(name) or {}).get("healthcheck") or {}).get("test") or []
+        )
+        if path not in test:
+            problems.append(f"service {name!r}: its healthcheck must request {path} (reads its database)")
+
     for name, settings in SERVICE_SETTINGS.items():
         env = (services.get(name) or {}).get("environment") or {}
         for var in settings:
@@ -251,6 +266,12 @@ def test_mlflow_server_script_serves_artifacts_with_allowed_hosts() -> None:
         (lambda c: c["services"]["prefect-worker"].update(container_name="w"), "--scale cannot run replicas"),
         (lambda c: c["services"]["prefect-worker-gpu"].pop("deploy"), "has no GPU device reservation"),
         (lambda c: c["services"]["migrate"].update(command=["true"]), "must run `sparsepilot init`"),
+        (
+            lambda c: c["services"]["prefect-server"]["healthcheck"].update(
+                test=["CMD", "python", "-c", "urlopen('http://127.0.0.1:4200/api/health')"]
+            ),
+            "'prefect-server': its healthcheck must request /api/ready",
+        ),
         (
             lambda c: c["services"]["mlflow"]["environment"].pop("MLFLOW_AUTH_CACHE_TTL_S"),
             "'mlflow' does not pass MLFLOW_AUTH_CACHE_TTL_S from .env",
