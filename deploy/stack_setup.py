@@ -6,9 +6,10 @@ stack test runs this same file). Safe to run again: every step updates in place.
    (PREFECT_FLOWS_HEARTBEAT_FREQUENCY, sent by the run's process) stop for SPARSEPILOT_CRASH_AFTER_S
    seconds, i.e. its worker died with it. Without it such a run stays Running forever and holds its
    use case;
-3. the SparsePilot deployments with one schedule per use case (flows.deployments, the same code
-   `sparsepilot serve --work-pool` uses), GPU use cases (SPARSEPILOT_GPU_USE_CASES) on the GPU pool, and
-   the approval deployment on its own `approvals` queue (served by the approvals worker).
+3. the SparsePilot deployments with one schedule per use case (flows.deployments.deploy_to_work_pool,
+   the same code `sparsepilot serve --work-pool` runs), GPU use cases (SPARSEPILOT_GPU_USE_CASES) on the
+   GPU pool, and the approval deployment on its own `approvals` queue (served by the approvals worker);
+   the cycle deployment of a use case whose current spec has no schedule is deleted (and printed).
 
 Needs PREFECT_API_URL (a Prefect server) and the SparsePilot settings (SPARSEPILOT_DATABASE_URL, ...).
 """
@@ -22,7 +23,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CRASH_AUTOMATION = "sparsepilot: crash flow runs whose heartbeats stopped"
-APPROVAL_QUEUE = "approvals"
 # A run stops being watched once any of these arrives; Suspended runs have left their process on purpose.
 _ALIVE_OR_DONE = (
     "prefect.flow-run.heartbeat",
@@ -109,25 +109,11 @@ def ensure_crash_automation(crash_after_s: int) -> str:
     return "created" if existing is None else "replaced"
 
 
-def ensure_queue(pool: str, queue: str) -> None:
-    from prefect.client.orchestration import get_client
-    from prefect.exceptions import ObjectAlreadyExists
-
-    with get_client(sync_client=True) as client:
-        try:
-            client.create_work_queue(name=queue, work_pool_name=pool)
-        except ObjectAlreadyExists:
-            pass
-
-
-def deploy_flows(pool: str, gpu_pool: str, gpu_use_cases: set[str]) -> list[str]:
-    """The SparsePilot deployments (flows.deployments, sourced from this checkout/image): each use case's
-    scheduled cycle on the CPU pool's default queue, or on the GPU pool when named in
-    SPARSEPILOT_GPU_USE_CASES; the approval deployment on the CPU pool's `approvals` queue, because an
-    approval run waits (in its process, up to days) for a person and must not hold a model worker's slot."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import DeploymentUpdate
-
+def deploy_flows(pool: str, gpu_pool: str, gpu_use_cases: set[str]) -> tuple[list[str], list[str]]:
+    """The SparsePilot deployments, sourced from this checkout/image, by the same code as
+    `sparsepilot serve --work-pool` (flows.deployments.deploy_to_work_pool): the cycles on `pool`, or
+    on `gpu_pool` when named in SPARSEPILOT_GPU_USE_CASES, the approval deployment on the `approvals`
+    queue, and the cycles of use cases that lost their schedule deleted. Returns (deployed, removed)."""
     from flows import deployments
 
     scheduled = [s["use_case"] for s in deployments.scheduled_use_cases()]
@@ -137,23 +123,8 @@ def deploy_flows(pool: str, gpu_pool: str, gpu_use_cases: set[str]) -> list[str]
             f"SPARSEPILOT_GPU_USE_CASES names {', '.join(unknown)}: not a use case with a schedule "
             f"(known: {', '.join(scheduled) or 'none'})"
         )
-    on_gpu = [n for n in scheduled if n in gpu_use_cases]
-    on_cpu = [n for n in scheduled if n not in gpu_use_cases]
-    if on_gpu:
-        deployments.deploy_to_work_pool(on_gpu, gpu_pool)
-    if on_cpu or not on_gpu:  # None: every scheduled use case (there are none left for the GPU)
-        deployments.deploy_to_work_pool(on_cpu or None, pool)
-    ensure_queue(pool, APPROVAL_QUEUE)
-    with get_client(sync_client=True) as client:
-        approval = client.read_deployment_by_name(f"approval/{deployments.APPROVAL_DEPLOYMENT}")
-        client.update_deployment(
-            approval.id, DeploymentUpdate(work_pool_name=pool, work_queue_name=APPROVAL_QUEUE)
-        )
-    return [
-        *(f"{deployments.deployment_name(n)} -> {gpu_pool}" for n in on_gpu),
-        *(f"{deployments.deployment_name(n)} -> {pool}" for n in on_cpu),
-        f"{deployments.APPROVAL_DEPLOYMENT} -> {pool}/{APPROVAL_QUEUE}",
-    ]
+    done = deployments.deploy_to_work_pool(None, pool, gpu_pool=gpu_pool, gpu_use_cases=gpu_use_cases)
+    return done.deployed, done.removed
 
 
 def main() -> int:
@@ -170,7 +141,9 @@ def main() -> int:
         print(f"stack_setup: work pool {name!r}: {ensure_pool(name)}")
     print(f"stack_setup: crashed-run detector ({crash_after} s): {ensure_crash_automation(crash_after)}")
     gpu_use_cases = {n.strip() for n in _env("SPARSEPILOT_GPU_USE_CASES", "").split(",") if n.strip()}
-    names = deploy_flows(pool, gpu_pool, gpu_use_cases)
+    names, removed = deploy_flows(pool, gpu_pool, gpu_use_cases)
+    for line in removed:
+        print(f"stack_setup: {line}")
     print(f"stack_setup: {len(names)} deployment(s): {'; '.join(names)}")
     return 0
 

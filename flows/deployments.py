@@ -1,11 +1,14 @@
 """Deployments: one cron schedule per use case (the `use-case-cycle` flow with that use case's
 parameters, cron and time zone from its spec) plus the unscheduled `approval` deployment whose runs
 pause for a person. `sparsepilot serve` serves them here with `prefect.serve`; with a Prefect server
-configured (PREFECT_API_URL) and `--work-pool`, they are deployed to that pool for its workers."""
+configured (PREFECT_API_URL) and `--work-pool`, they are deployed to that pool for its workers (the
+approval deployment on the pool's `approvals` queue), and the cycle deployments of use cases whose spec
+lost its schedule are deleted; the stack's `deploy-flows` (deploy/stack_setup.py) uses this same path."""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +17,8 @@ from rollout.settings import SettingsError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 APPROVAL_DEPLOYMENT = "sparsepilot-approval"
+APPROVAL_QUEUE = "approvals"  # the work pool's queue for approval runs (served by its own worker)
+CYCLE_FLOW = "use-case-cycle"  # flows.cycle.cycle_flow's name
 
 
 def deployment_name(use_case: str) -> str:
@@ -46,44 +51,97 @@ def build_deployments(names: list[str] | None = None) -> list[Any]:
     return deps
 
 
-def deploy_to_work_pool(names: list[str] | None, work_pool: str) -> list[str]:
-    """Deploy from this source tree to a work pool (process workers run the flows)."""
+def stale_cycle_deployments(deployed: dict[str, str], unscheduled: dict[str, int]) -> dict[str, str]:
+    """Cycle deployments on the server (deployment name -> its `use_case` parameter) whose use case's
+    current spec has no schedule (`unscheduled`: use case -> spec version), each with why. A deployment
+    for a name that is no use case here is left alone: it belongs to another state DB on the same
+    server."""
+    return {
+        dep: f"no schedule in spec v{unscheduled[use_case]}"
+        for dep, use_case in sorted(deployed.items())
+        if use_case in unscheduled
+    }
+
+
+@dataclass(frozen=True)
+class WorkPoolDeployment:
+    """What `deploy_to_work_pool` did: `deployed` ('name -> pool[/queue]') and `removed` ('name: why')."""
+
+    deployed: list[str]
+    removed: list[str]
+
+
+def _ensure_queue(client: Any, pool: str, queue: str) -> None:
+    from prefect.exceptions import ObjectAlreadyExists
+
+    try:
+        client.create_work_queue(name=queue, work_pool_name=pool)
+    except ObjectAlreadyExists:
+        pass
+
+
+def _remove_unscheduled_cycles(client: Any) -> list[str]:
+    """Delete the cycle deployments of use cases that lost their schedule (with their scheduled runs:
+    Prefect deletes those with the deployment), so no worker runs them on the old cron."""
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    on_server = client.read_deployments(flow_filter=FlowFilter(name=FlowFilterName(any_=[CYCLE_FLOW])))
+    by_name = {d.name: d for d in on_server}
+    stale = stale_cycle_deployments(
+        {d.name: str((d.parameters or {}).get("use_case")) for d in on_server}, usecases.unscheduled()
+    )
+    for name in stale:
+        client.delete_deployment(by_name[name].id)
+    return [f"{name}: {why}, deleted" for name, why in stale.items()]
+
+
+def deploy_to_work_pool(
+    names: list[str] | None,
+    work_pool: str,
+    *,
+    gpu_pool: str | None = None,
+    gpu_use_cases: frozenset[str] | set[str] = frozenset(),
+) -> WorkPoolDeployment:
+    """Deploy from this source tree to a work pool (process workers run the flows), the one path for both
+    `sparsepilot serve --work-pool` and the stack's `deploy-flows`: each scheduled use case's cycle on the
+    pool's default queue (on `gpu_pool` when named in `gpu_use_cases`); the approval deployment on the
+    pool's `approvals` queue, because an approval run waits (in its process, up to days) for a person
+    and must not hold a model worker's slot; and the cycle deployment of every use case whose current
+    spec has no schedule any more deleted, or it would keep running on its old cron."""
+    from prefect.client.orchestration import get_client
     from prefect.schedules import Cron
 
     from flows.approval import approval_flow  # noqa: F401 - checks the entrypoint imports
     from flows.cycle import cycle_flow  # noqa: F401
 
-    ids = []
+    common = {"build": False, "push": False, "print_next_steps": False}
+    deployed = []
     for s in scheduled_use_cases(names):
+        pool = gpu_pool if gpu_pool and s["use_case"] in gpu_use_cases else work_pool
         remote = cycle_flow.from_source(source=str(REPO_ROOT), entrypoint="flows/cycle.py:cycle_flow")
-        ids.append(
-            str(
-                remote.deploy(
-                    name=deployment_name(s["use_case"]),
-                    work_pool_name=work_pool,
-                    schedules=[Cron(s["cron"], timezone=s["timezone"])],
-                    parameters={"use_case": s["use_case"]},
-                    tags=["sparsepilot", s["use_case"]],
-                    build=False,
-                    push=False,
-                    print_next_steps=False,
-                )
-            )
+        remote.deploy(
+            name=deployment_name(s["use_case"]),
+            work_pool_name=pool,
+            schedules=[Cron(s["cron"], timezone=s["timezone"])],
+            parameters={"use_case": s["use_case"]},
+            tags=["sparsepilot", s["use_case"]],
+            **common,
         )
+        deployed.append(f"{deployment_name(s['use_case'])} -> {pool}")
+    with get_client(sync_client=True) as client:
+        _ensure_queue(client, work_pool, APPROVAL_QUEUE)
     approval = approval_flow.from_source(source=str(REPO_ROOT), entrypoint="flows/approval.py:approval_flow")
-    ids.append(
-        str(
-            approval.deploy(
-                name=APPROVAL_DEPLOYMENT,
-                work_pool_name=work_pool,
-                tags=["sparsepilot", "approval"],
-                build=False,
-                push=False,
-                print_next_steps=False,
-            )
-        )
+    approval.deploy(
+        name=APPROVAL_DEPLOYMENT,
+        work_pool_name=work_pool,
+        work_queue_name=APPROVAL_QUEUE,
+        tags=["sparsepilot", "approval"],
+        **common,
     )
-    return ids
+    deployed.append(f"{APPROVAL_DEPLOYMENT} -> {work_pool}/{APPROVAL_QUEUE}")
+    with get_client(sync_client=True) as client:
+        removed = _remove_unscheduled_cycles(client)
+    return WorkPoolDeployment(deployed, removed)
 
 
 def serve_schedules(
@@ -96,10 +154,15 @@ def serve_schedules(
         for s in deps_info:
             console.print(f"schedule {deployment_name(s['use_case'])}: {s['cron']} ({s['timezone']})")
     if work_pool:
-        ids = deploy_to_work_pool(names, work_pool)
+        done = deploy_to_work_pool(names, work_pool)
         if console is not None:
-            console.print(f"deployed {len(ids)} deployment(s) to work pool {work_pool!r}; start workers with "
-                          f"`prefect worker start --pool {work_pool}`")  # fmt: skip
+            for line in done.removed:
+                console.print(line)
+            console.print(
+                f"deployed {len(done.deployed)} deployment(s) to work pool {work_pool!r}: "
+                f"{'; '.join(done.deployed)}; start workers with `prefect worker start --pool {work_pool}` "
+                f"and, for approvals, `prefect worker start --pool {work_pool} --work-queue {APPROVAL_QUEUE}`"
+            )
         return
     from prefect import serve
 

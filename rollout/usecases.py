@@ -469,23 +469,34 @@ def phase_of(name: str, url: str | None = None) -> str:
         return get_use_case(s, name).phase
 
 
+def _current_specs(url: str | None) -> list[tuple[str, UseCaseSpec, int]]:
+    """(name, parsed current spec, its version) of every use case, by name."""
+    with session_scope(url) as s:
+        rows = s.execute(_with_current_version(UseCase.name, SpecVersion.spec, SpecVersion.version)).all()
+    return [
+        (name, parse_spec(spec, source=f"{name} spec v{version}"), version) for name, spec, version in rows
+    ]
+
+
 def schedules(wanted: list[str] | None = None, url: str | None = None) -> list[dict[str, Any]]:
     """(use case, cron, timezone) for every use case (or those `wanted`) whose current spec has a
     schedule; an unknown name in `wanted` is an error naming the known ones."""
-    with session_scope(url) as s:
-        rows = s.execute(_with_current_version(UseCase.name, SpecVersion.spec, SpecVersion.version)).all()
+    rows = _current_specs(url)
     known = {name for name, _, _ in rows}
     for n in wanted or []:
         if n not in known:
             raise UnknownUseCase(f"unknown use case {n!r} (known: {', '.join(sorted(known)) or 'none'})")
-    out = []
-    for name, spec_dict, version in rows:
-        if wanted and name not in wanted:
-            continue
-        spec = parse_spec(spec_dict, source=f"{name} spec v{version}")
-        if spec.schedule is not None:
-            out.append({"use_case": name, "cron": spec.schedule.cron, "timezone": spec.schedule.timezone})
-    return out
+    return [
+        {"use_case": name, "cron": spec.schedule.cron, "timezone": spec.schedule.timezone}
+        for name, spec, _ in rows
+        if spec.schedule is not None and (not wanted or name in wanted)
+    ]
+
+
+def unscheduled(url: str | None = None) -> dict[str, int]:
+    """Use case -> current spec version, for every use case whose current spec has no schedule (its cycle
+    must not run on a cron any more, whatever an earlier version said)."""
+    return {name: version for name, spec, version in _current_specs(url) if spec.schedule is None}
 
 
 def get_use_case(s: Any, name: str) -> UseCase:

@@ -25,7 +25,7 @@ create_role_and_db() {
 SELECT format('CREATE ROLE %I LOGIN PASSWORD %L', :'role', :'pw')
  WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = :'role') \gexec
 SELECT format('ALTER ROLE %I LOGIN PASSWORD %L', :'role', :'pw') \gexec
-SELECT format('CREATE DATABASE %I OWNER %I', :'role', :'role')
+SELECT format('CREATE DATABASE %I OWNER %I ENCODING %L TEMPLATE template0', :'role', :'role', 'UTF8')
  WHERE NOT EXISTS (SELECT 1 FROM pg_database WHERE datname = :'role') \gexec
 SELECT format('REVOKE ALL ON DATABASE %I FROM PUBLIC', :'role') \gexec
 SQL

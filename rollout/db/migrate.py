@@ -20,10 +20,41 @@ def alembic_config(url: str | None = None) -> Config:
     return cfg
 
 
+class DatabaseEncodingError(RuntimeError):
+    """A PostgreSQL state DB whose encoding is not UTF8 (specs, prompts and explanations are Unicode)."""
+
+
+def check_encoding(url: str) -> None:
+    """Refuse a PostgreSQL database that is not UTF8, naming it and the fix. A database created without
+    ENCODING on a cluster initialised under LANG=C is SQL_ASCII: its text comes back as bytes, and
+    Alembic would fail with an unrelated message (or store text no other client can read)."""
+    from sqlalchemy import create_engine, pool, text
+    from sqlalchemy.engine import make_url
+
+    if make_url(url).get_backend_name() != "postgresql":
+        return
+    # client_encoding UTF8: on a SQL_ASCII server the driver would otherwise hand back bytes
+    engine = create_engine(url, poolclass=pool.NullPool, connect_args={"client_encoding": "utf8"})
+    try:
+        with engine.connect() as conn:
+            name, encoding = conn.execute(
+                text("SELECT current_database(), current_setting('server_encoding')")
+            ).one()
+    finally:
+        engine.dispose()
+    if encoding != "UTF8":
+        raise DatabaseEncodingError(
+            f"database {name!r} uses encoding {encoding}; SparsePilot needs UTF8: create it anew with "
+            f"CREATE DATABASE {name} OWNER <owner> ENCODING 'UTF8' TEMPLATE template0 "
+            '(docs/operations.md, "Database roles"); nothing was migrated'
+        )
+
+
 def upgrade(url: str | None = None, revision: str = "head") -> None:
     url = url or get_settings().database_url
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    check_encoding(url)
     command.upgrade(alembic_config(url), revision)
 
 

@@ -4,6 +4,7 @@ import pytest
 from sqlalchemy import create_engine, inspect, text
 
 from rollout.db import migrate
+from tests.fixtures.postgres import SUPERUSER
 
 pytestmark = pytest.mark.postgres
 
@@ -59,3 +60,25 @@ def test_models_match_the_migrations_on_postgres(pg_url: str) -> None:
             assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
     finally:
         engine.dispose()
+
+
+def test_a_database_that_is_not_utf8_is_refused_before_migrating(pg_cluster) -> None:  # noqa: ANN001
+    """A database made without ENCODING on a LANG=C cluster is SQL_ASCII: psycopg hands its text back as
+    bytes and Alembic failed with "cannot use a string pattern on a bytes-like object". It is refused
+    first, with the database's name and the fix, and nothing is created in it."""
+    import psycopg
+
+    name = f"ascii_{id(pg_cluster) % 10_000}"
+    params = {"host": pg_cluster.host, "port": pg_cluster.port, "user": SUPERUSER, "autocommit": True}
+    with psycopg.connect(dbname="postgres", **params) as conn:
+        conn.execute(
+            f"CREATE DATABASE {name} ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
+        )
+    pg_cluster.databases.append(name)
+
+    with pytest.raises(migrate.DatabaseEncodingError) as err:
+        migrate.upgrade(pg_cluster.url(name))
+    assert f"database '{name}' uses encoding SQL_ASCII; SparsePilot needs UTF8" in str(err.value)
+    assert "ENCODING 'UTF8' TEMPLATE template0" in str(err.value)
+    with psycopg.connect(dbname=name, client_encoding="utf8", **params) as conn:
+        assert conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'").fetchone() == (0,)

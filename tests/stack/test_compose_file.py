@@ -1,7 +1,9 @@
 """CI check of docker-compose.yml (Docker has no engine on our machines, so the file is parsed, not run).
 
-It fails when a required service, a healthcheck or a named volume is missing, when state would live in a
-container's writable layer, or when a variable the file reads as ${VAR} is not documented in both
+It fails when a required service, a healthcheck or a named volume is missing, when the MLflow or Prefect
+server's healthcheck does not read its database (HEALTH_READS_DB), when state would live in a
+container's writable layer, when a service does not pass a setting its program reads from .env
+(SERVICE_SETTINGS), or when a variable the file reads as ${VAR} is not documented in both
 .env.example and docs/operations.md. The checker is a pure function; the tests below also feed it broken
 copies to show that each rule really fires.
 """
@@ -50,6 +52,25 @@ SECRET_VARS = (
     "MLFLOW_ADMIN_PASSWORD",
     "MLFLOW_FLASK_SERVER_SECRET_KEY",
 )
+
+# service -> operator settings its program reads (deploy/bin/*, dashboard/) that the docs tell operators
+# to set in .env: the service must pass each one through, or a value in .env is silently ignored.
+SERVICE_SETTINGS = {
+    "mlflow": ("MLFLOW_ALLOWED_HOSTS", "MLFLOW_WORKERS", "MLFLOW_AUTH_CACHE_TTL_S"),
+    "dashboard": (
+        "SPARSEPILOT_ACCOUNTS",
+        "SPARSEPILOT_ACCOUNTS_FILE",
+        "SPARSEPILOT_MLFLOW_UI_URL",
+        "SPARSEPILOT_OIDC_APPROVERS",
+    ),
+}
+
+# service -> what its healthcheck must request: an API that reads the server's database, so that a
+# database outage shows as unhealthy (a bare /health only proves that the process answers)
+HEALTH_READS_DB = {
+    "mlflow": "/api/2.0/mlflow/experiments/search",
+    "prefect-server": "/api/ready",
+}
 
 _VAR = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)[^}]*\}|([A-Za-z_][A-Za-z0-9_]*))")
 
@@ -179,6 +200,21 @@ def compose_problems(
     if not str(mlflow_env.get("MLFLOW_BACKEND_STORE_URI", "")).startswith("postgresql"):
         problems.append("mlflow: the backend store must be PostgreSQL")
 
+    for name, path in HEALTH_READS_DB.items():
+        test = " ".join(
+            str(t) for t in ((services.get(name) or {}).get("healthcheck") or {}).get("test") or []
+        )
+        if path not in test:
+            problems.append(f"service {name!r}: its healthcheck must request {path} (reads its database)")
+
+    for name, settings in SERVICE_SETTINGS.items():
+        env = (services.get(name) or {}).get("environment") or {}
+        for var in settings:
+            if var not in interpolated_vars(env.get(var, "")):
+                problems.append(
+                    f"service {name!r} does not pass {var} from .env: a value set there is ignored"
+                )
+
     documented = env_example_vars(env_example)
     for var in sorted(interpolated_vars(compose)):
         if var not in documented:
@@ -232,6 +268,20 @@ def test_mlflow_server_script_serves_artifacts_with_allowed_hosts() -> None:
         (lambda c: c["services"]["prefect-worker"].update(container_name="w"), "--scale cannot run replicas"),
         (lambda c: c["services"]["prefect-worker-gpu"].pop("deploy"), "has no GPU device reservation"),
         (lambda c: c["services"]["migrate"].update(command=["true"]), "must run `sparsepilot init`"),
+        (
+            lambda c: c["services"]["prefect-server"]["healthcheck"].update(
+                test=["CMD", "python", "-c", "urlopen('http://127.0.0.1:4200/api/health')"]
+            ),
+            "'prefect-server': its healthcheck must request /api/ready",
+        ),
+        (
+            lambda c: c["services"]["mlflow"]["environment"].pop("MLFLOW_AUTH_CACHE_TTL_S"),
+            "'mlflow' does not pass MLFLOW_AUTH_CACHE_TTL_S from .env",
+        ),
+        (
+            lambda c: c["services"]["dashboard"]["environment"].pop("SPARSEPILOT_OIDC_APPROVERS"),
+            "'dashboard' does not pass SPARSEPILOT_OIDC_APPROVERS from .env",
+        ),
     ],
 )
 def test_check_fires_on_broken_copies(files: tuple[dict[str, Any], str, str], mutate, expected: str) -> None:  # noqa: ANN001
