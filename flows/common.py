@@ -179,6 +179,33 @@ def pick_device() -> str:
         raise SettingsError(f"SPARSEPILOT_DEVICE={wanted!r}: {exc}") from None
 
 
+def require_prefect_api(timeout_s: float = 10.0) -> None:
+    """PREFECT_API_URL, when set (the Prefect server the flows report to), answering before a flow
+    starts: one GET of its /health. A server that does not answer (a closed port, a wrong host, a
+    timeout) is a `SettingsError` naming the variable (`error: ...`, exit 2 at the CLI), not Prefect's
+    three chained tracebacks once the flow starts. Any HTTP answer, an auth refusal included, is left
+    to Prefect; without the variable the flows start their own temporary server."""
+    import os
+    import re
+
+    import httpx
+
+    from rollout.settings import SettingsError
+
+    url = os.environ.get("PREFECT_API_URL", "").strip()
+    if not url:
+        return
+    try:
+        httpx.get(f"{url.rstrip('/')}/health", timeout=timeout_s)
+    except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
+        raise SettingsError(f"PREFECT_API_URL={url}: not an http(s) URL of a Prefect API ({exc})") from None
+    except httpx.TransportError as exc:
+        why = re.sub(r"^\[Errno -?\d+\]\s*", "", str(exc)) or type(exc).__name__
+        raise SettingsError(
+            f"PREFECT_API_URL={url}: the Prefect server does not answer ({why[:1].lower()}{why[1:]})"
+        ) from None
+
+
 @contextmanager
 def model_arm(model: Any, plan: Any | None) -> Iterator[Any]:
     """The model as one arm: sparsified by `plan` inside the block (treatment) or dense (control);

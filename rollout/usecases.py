@@ -144,9 +144,8 @@ def check_spec_file(path: Path | str) -> CheckedSpec:
         raise SpecError(source, secrets_in_urls)
     dataset = spec.dataset_path(path.resolve().parent)
     if not dataset.is_file():
-        raise UseCaseError(
-            f"{source}: dataset.path: {spec.dataset.path!r} does not exist (looked for {dataset})"
-        )
+        what = "is a directory, not a file" if dataset.is_dir() else "does not exist"
+        raise UseCaseError(f"{source}: dataset.path: {spec.dataset.path!r} {what} (looked for {dataset})")
     info = resolve_model(spec, source)
     check_against_model(spec, info, source)
     counter, counted_by = token_counter_for(getattr(info, "path", None))

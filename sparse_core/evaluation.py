@@ -579,6 +579,25 @@ def length_mix(tokenizer, rows: Sequence[TaskRow], *, max_buckets: int = 3, cap:
 # ----------------------------------------------------------------------------------------------------
 
 
+def suite_probes(model, tokenizer, suite: EvalSuite) -> list:
+    """The suite's long-context probes at its lengths that fit the model's context (a probe's
+    answer tokens follow its prompt: prompt + answer stay inside the trained positions). Raises
+    ValueError for a length too short for a kind's fixed text (`sparse_core.probes`): cheap, so the
+    CLI builds them once before any model work to refuse such a length up front."""
+    cap = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
+    lengths = tuple(min(x, cap - 16) if cap else x for x in suite.probe_lengths if not cap or x <= cap)
+    if not lengths or not suite.probe_kinds:
+        return []
+    return generate_probes(
+        tokenizer,
+        lengths=lengths,
+        kinds=suite.probe_kinds,
+        depths=suite.probe_depths,
+        per_depth=suite.probes_per_depth,
+        seed=suite.seed,
+    )
+
+
 def evaluate(
     model,
     tokenizer,
@@ -641,17 +660,9 @@ def evaluate(
 
     # --- probes ---------------------------------------------------------------------------------
     # A probe's answer tokens follow its prompt: keep prompt + answer inside the trained positions.
-    lengths = tuple(min(x, cap - 16) if cap else x for x in suite.probe_lengths if not cap or x <= cap)
-    if lengths and suite.probe_kinds:
+    probes = suite_probes(model, tokenizer, suite)
+    if probes:
         t0 = time.perf_counter()
-        probes = generate_probes(
-            tokenizer,
-            lengths=lengths,
-            kinds=suite.probe_kinds,
-            depths=suite.probe_depths,
-            per_depth=suite.probes_per_depth,
-            seed=suite.seed,
-        )
         n = len(probes)
         dense_p = score_probes(model, probes, progress=counter(progress, "probes dense", n))
         sparsify(model, plan)
@@ -673,7 +684,7 @@ def evaluate(
             generated = {"n": n, "dense_accuracy": gen_d["accuracy"], "sparse_accuracy": gen_s["accuracy"]}
         report.probes = {
             "n": n,
-            "lengths": list(lengths),
+            "lengths": list(dict.fromkeys(pr.length for pr in probes)),  # the capped suite lengths
             "dense": {k: dd[k] for k in ("accuracy", "by_kind_length", "mean_margin", "seconds")},
             "sparse": {k: sd[k] for k in ("accuracy", "by_kind_length", "mean_margin", "seconds")},
             "agreement": sum(

@@ -20,6 +20,7 @@ FORMAT_VERSION = 1
 PLAN_FILE = "plan.json"
 TENSORS_FILE = "plan_tensors.safetensors"
 HASH_FILE = "plan.sha256"  # the content hash, beside plan.json
+PLAN_DIR_FILES = frozenset({PLAN_FILE, TENSORS_FILE, HASH_FILE})  # all that `save_plan` writes
 
 # Keys a per-layer override may set; per-head overrides set only tau.
 LAYER_OVERRIDE_KEYS = ("tau", "sink_blocks", "local_blocks", "top_k", "min_density", "estimator", "sharpen")

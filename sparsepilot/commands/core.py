@@ -185,22 +185,54 @@ def _load(model_ref: str, device: Any = None):
         fail(str(exc))
 
 
+_REPORT_FILE = "calibration_report.json"
+
+
+def _check_plan_out(out: Path) -> Path:
+    """`calibrate --out`, checked before any work and again just before the plan replaces it: a new
+    or empty directory, or a plan directory an earlier calibrate wrote (only the files one holds:
+    `sparse_core.plan.PLAN_DIR_FILES` and calibration_report.json), since the old one is deleted
+    when the new plan takes its place. Anything else (a project folder, `.`, a home directory) is
+    refused by name, never emptied; so are the current directory and the directories above it."""
+    from sparse_core.plan import PLAN_DIR_FILES
+
+    resolved = out.resolve()
+    if resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents:
+        fail(f"--out {out}: is the current directory or one above it; name a new plan directory")
+    if not resolved.exists():
+        return resolved
+    if not resolved.is_dir():
+        fail(f"--out {out}: exists and is not a directory")
+    foreign = sorted(p.name for p in resolved.iterdir() if p.name not in {*PLAN_DIR_FILES, _REPORT_FILE})
+    if foreign:
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        fail(
+            f"--out {out}: exists and is not a plan directory (it holds {', '.join(foreign[:3])}{more}); "
+            "name a new or empty directory, or one an earlier calibrate wrote (it is replaced)"
+        )
+    return resolved
+
+
 def _write_plan_dir(plan, out: Path, config, report: dict) -> str:
-    """Everything goes to a temporary sibling first; `out` is replaced only when all is written."""
+    """Everything goes to a temporary sibling first; `out` is replaced only when all is written, and
+    only when it still is a plan directory (`_check_plan_out`)."""
     from sparse_core import plan_io
 
-    out = out.resolve()
+    out = _check_plan_out(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         _, digest = plan_io.save(plan, tmp, config=config)
         report["plan_hash"] = digest
-        (tmp / "calibration_report.json").write_text(json.dumps(report, indent=2, default=str))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
+        (tmp / _REPORT_FILE).write_text(json.dumps(report, indent=2, default=str))
+        if out.exists():  # a plan directory (checked above): moved aside, never deleted before the swap
+            old = tmp.with_name(f"{tmp.name}.old")  # beside tmp's unique name: nobody else's path
             out.rename(old)
-            tmp.rename(out)
+            try:
+                tmp.rename(out)
+            except BaseException:
+                old.rename(out)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(out)
@@ -342,6 +374,7 @@ def calibrate_cmd(
     except ValueError as exc:
         flag = next((f for f in ("drop_measure", "bound_unit") if f in str(exc)), None)
         fail(f"--{flag.replace('_', '-')}: {exc}" if flag else str(exc))
+    _check_plan_out(out)  # before minutes of work, as the options above
     rows: list = []
     if dataset is not None:
         from sparse_core.tasks import TASKS, DatasetError, read_dataset
@@ -502,7 +535,7 @@ def evaluate_cmd(
         evaluate_use_case(use_case, quick, json_out)
         return
     from sparse_core import PlanError, plan_io
-    from sparse_core.evaluation import EvalSuite, evaluate
+    from sparse_core.evaluation import EvalSuite, evaluate, suite_probes
     from sparse_core.tasks import TASKS, DatasetError, read_dataset
 
     if task is not None and task not in TASKS:
@@ -535,23 +568,57 @@ def evaluate_cmd(
         kw["dataset"] = str(dataset)
     kw["task"] = task
     suite = EvalSuite.quick(**kw) if quick else EvalSuite.thorough(**kw) if thorough else EvalSuite(**kw)
+    if report_out is not None:
+        _check_report_out(report_out)
     m, tok = _load(model, device_or_fail(device))
     try:
         p = plan_io.load(plan, config=m.config)
     except PlanError as exc:
         fail(str(exc))
-    with _progress() as progress:
-        report = evaluate(m, tok, p, suite, progress=progress)
+    try:  # the probes need the tokenizer: built once here, before minutes of fidelity work
+        suite_probes(m, tok, suite)
+    except ValueError as exc:
+        fail(f"--probe-lengths: {exc}; give longer lengths, or leave that kind out with --probe-kinds")
+    try:
+        with _progress() as progress:
+            report = evaluate(m, tok, p, suite, progress=progress)
+    except (PlanError, ValueError) as exc:
+        fail(str(exc))
     d = report.to_dict()
     if report_out is not None:
-        report_out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = report_out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(d, indent=2))
-        tmp.replace(report_out)
+        _write_report(report_out, d)
     if json_out:
         emit_json(d)
         return
     _print_report(report)
+
+
+def _check_report_out(out: Path) -> None:
+    """`evaluate --out`, checked before any work: a file (new or replaced) whose folder exists or can
+    be made, never a directory (the report would be written after the whole evaluation, then fail)."""
+    if out.is_dir():
+        fail(f"--out {out}: is a directory; name the report's JSON file")
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        fail(f"--out {out}: {parent} is not a directory")
+
+
+def _write_report(out: Path, report: dict) -> None:
+    """The report JSON, all or nothing: written to a temporary file beside ``out``, renamed into place,
+    the temporary file removed when that fails."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(report, indent=2))
+        tmp.replace(out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        fail(f"--out {out}: cannot write it ({exc.strerror or exc})")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _time_split_cells(split: dict | None) -> dict:

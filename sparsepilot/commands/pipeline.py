@@ -29,10 +29,14 @@ app = typer.Typer()
 
 def _run(fn: Callable[[], Any], *, needs_db: bool = True) -> Any:
     """Run a flow from the CLI (after checking the state DB is reachable, unless ``needs_db`` is
-    false). Its SparsePilotErrors reach the one handler in sparsepilot/cli.py; a missing file it was
-    given (FileNotFoundError, a built-in) is a clear message and exit code 2 as well."""
+    false, and that the Prefect server PREFECT_API_URL names answers: `flows.common.require_prefect_api`).
+    Its SparsePilotErrors reach the one handler in sparsepilot/cli.py; a missing file it was given
+    (FileNotFoundError, a built-in) is a clear message and exit code 2 as well."""
+    from flows.common import require_prefect_api
+
     if needs_db:
         _require_db()
+    require_prefect_api()
     try:
         return fn()
     except FileNotFoundError as exc:

@@ -250,6 +250,10 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, list[str]]]:
         p,
         ["usecase.yaml: dataset.path: 'nowhere/missing.jsonl' does not exist"],
     )
+    d = tmp / "dataset-dir"
+    p = write_spec(d, spec_with(lambda s: s["dataset"].update(path="rows")), with_dataset=False)
+    (d / "rows").mkdir()  # review X, X6: it was said not to exist
+    cases["dataset path a directory"] = (p, ["usecase.yaml: dataset.path: 'rows' is a directory, not a file"])
     rows = _rows()
     rows[4]["id"] = "r1"
     cases["duplicate id"] = (

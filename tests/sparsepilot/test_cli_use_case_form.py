@@ -147,3 +147,80 @@ def test_pilot_refuses_options_its_form_does_not_read(sp_home, args, message) ->
     assert res.exit_code == 2, res.output
     assert _one_line(res).startswith(message), res.output
     assert "sign in" not in res.output.lower()
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("command", [["calibrate"], ["evaluate"], ["run", "--use-case"]])
+def test_a_prefect_server_that_does_not_answer_is_one_error_line_and_exit_2(
+    sp_home,  # noqa: ANN001
+    tiny_llama_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    command: list[str],
+) -> None:
+    """Review X, X2: PREFECT_API_URL at a closed port ended every flow command in 145 lines of three
+    chained tracebacks (`RuntimeError: Failed to reach API at ...`), exit 1; checked once, before the flow."""
+    import yaml
+
+    from rollout.usecases import add_usecase
+    from tests.fixtures.flows import tiny_spec
+
+    spec = tmp_path / "tiny-chat.yaml"
+    spec.write_text(yaml.safe_dump(tiny_spec(tiny_llama_dir, "tiny-chat")))
+    add_usecase(spec, actor="test-owner")
+    url = f"http://127.0.0.1:{_closed_port()}/api"
+    monkeypatch.setenv("PREFECT_API_URL", url)
+    monkeypatch.setenv("SPARSEPILOT_DEVICE", "cpu")
+    res = runner.invoke(app, [*command, "tiny-chat"])
+    assert res.exit_code == 2, res.output
+    said = " ".join(res.output.split())
+    assert f"error: PREFECT_API_URL={url}: the Prefect server does not answer (connection refused)" in said
+    assert "Traceback" not in res.output
+    if command == ["calibrate"]:  # in a process of its own, as a user runs it (Prefect reads it at start)
+        import os
+
+        from tests.flows.test_quiet_console import sparsepilot_cli
+
+        code, out = sparsepilot_cli(["calibrate", "tiny-chat"], dict(os.environ), timeout=300)
+        assert code == 2, out
+        assert f"error: PREFECT_API_URL={url}: the Prefect server does not answer" in " ".join(out.split())
+        assert "Traceback" not in out
+
+
+def test_a_prefect_server_that_answers_passes_the_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any HTTP answer is a server that answers (what it says is left to Prefect); a URL that is not
+    http(s) is named."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from flows.common import require_prefect_api
+    from rollout.settings import SettingsError
+
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(200 if self.path == "/api/health" else 404)
+            self.end_headers()
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("PREFECT_API_URL", f"http://127.0.0.1:{server.server_address[1]}/api/")
+        require_prefect_api()
+    finally:
+        server.shutdown()
+        server.server_close()
+    monkeypatch.setenv("PREFECT_API_URL", "ftp://127.0.0.1/api")
+    with pytest.raises(SettingsError, match="PREFECT_API_URL=ftp://127.0.0.1/api: not an http"):
+        require_prefect_api()
+    monkeypatch.delenv("PREFECT_API_URL")
+    require_prefect_api()  # unset: the flows start their own server
