@@ -27,16 +27,19 @@ from sparsepilot.options import JsonOpt, ReasonOpt, UseCaseArg
 app = typer.Typer()
 
 
-def _run(fn: Callable[[], Any], *, needs_db: bool = True) -> Any:
+def _run(fn: Callable[[], Any], *, needs_db: bool = True, needs_prefect: bool = True) -> Any:
     """Run a flow from the CLI (after checking the state DB is reachable, unless ``needs_db`` is
-    false, and that the Prefect server PREFECT_API_URL names answers: `flows.common.require_prefect_api`).
+    false, and, unless ``needs_prefect`` is false (a state-DB action that is no flow run: an abort, an
+    import, which an operator must be able to do while Prefect is down), that the Prefect server
+    PREFECT_API_URL names answers: `flows.common.require_prefect_api`).
     Its SparsePilotErrors reach the one handler in sparsepilot/cli.py; a missing file it was given
     (FileNotFoundError, a built-in) is a clear message and exit code 2 as well."""
     from flows.common import require_prefect_api
 
     if needs_db:
         _require_db()
-    require_prefect_api()
+    if needs_prefect:
+        require_prefect_api()
     try:
         return fn()
     except FileNotFoundError as exc:
@@ -170,7 +173,7 @@ def pilot_cmd(
         fail("--reason goes with --abort (a pilot batch or import keeps no reason)")
     who = signed_in("operator", f"{'abort the pilot of' if abort else 'pilot'} {name}", password_stdin)
     if abort:
-        out = _run(lambda: abort_pilot(name, who.name, reason or ""))
+        out = _run(lambda: abort_pilot(name, who.name, reason or ""), needs_prefect=False)
         closed = out["closed_decisions"] or "none"
         emit_or_say(out, json_out, f"{name}: {out['pilot']} aborted; closed decisions: {closed}")
         return
@@ -181,7 +184,8 @@ def pilot_cmd(
         result = _run(
             lambda: import_observations(
                 name, observations, external_assignment=external_assignment, actor=who.name
-            )
+            ),
+            needs_prefect=False,
         )
     else:
         _require_use_case(name)
