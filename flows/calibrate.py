@@ -25,7 +25,7 @@ from flows.common import (
     stable_key,
     under_lease,
 )
-from rollout import leases, registry, runs
+from rollout import leases, registry, runs, tracking
 from rollout.dataset_split import EVALUATION_SHARE
 from sparse_core.errors import SparsePilotError
 
@@ -157,6 +157,54 @@ def calibrate_plan(ctx: UseCaseContext, settings: dict[str, Any]) -> tuple[Any, 
     return plan, report.to_dict()
 
 
+TAG_CALIBRATION_RUN = "sparsepilot.calibration_run"
+
+
+def log_calibration(
+    ctx: UseCaseContext, run_pk: int, settings: dict[str, Any], report: dict[str, Any], validation: Any
+) -> str:
+    """The MLflow run of calibration run `run_pk`: the one an earlier attempt logged for the same plan
+    (it died after its log, before the state DB recorded it: a retry must not log a second one, and the
+    model version that attempt registered points at it), else a new one."""
+    plan_hash = report.get("plan_hash", "")
+    found = tracking.find_run(ctx.name, "calibrate", {"calibration_run_id": run_pk, "plan_hash": plan_hash})
+    if found is not None:
+        return found
+    return log_run(
+        ctx.name,
+        run_name="calibrate",
+        params={
+            "calibration_run_id": run_pk,
+            "plan_hash": plan_hash,
+            "settings": settings,
+            "budget": report.get("budget"),
+            "spec_version": ctx.spec_version,
+        },
+        metrics=_flat_metrics(report),
+        tags={
+            "sparsepilot.flow": "calibrate",
+            "sparsepilot.plan_hash": plan_hash,
+            TAG_CALIBRATION_RUN: str(run_pk),
+        },
+        json_artifacts={"calibration_report.json": report, "dataset_validation.json": validation},
+    )
+
+
+@flow_task("retire-interrupted-runs")
+def retire_interrupted(ctx: UseCaseContext, run_pk: int, mlflow_run_id: str) -> list[str]:
+    """Tag `sparsepilot.not_recorded` (and end, when still RUNNING) the calibrate runs that an earlier,
+    killed attempt of this calibration run logged and the state DB does not cite (another plan: the
+    attempt was cut off inside its own log). Best effort: the calibration is recorded already."""
+    why = f"an interrupted attempt of calibration run {run_pk}; the state DB records run {mlflow_run_id}"
+    try:
+        return tracking.retire_runs(
+            ctx.name, "calibrate", tags={TAG_CALIBRATION_RUN: str(run_pk)}, keep=mlflow_run_id, why=why
+        )
+    except Exception as exc:  # noqa: BLE001 - the calibration stands; a later retry tags them
+        get_run_logger().warning("could not tag earlier MLflow runs of calibration %s: %s", run_pk, exc)
+        return []
+
+
 @flow_task("register-challenger")
 def register_challenger(
     ctx: UseCaseContext, run_pk: int, plan: Any, report: dict[str, Any], mlflow_run_id: str
@@ -262,15 +310,9 @@ def calibrate_flow(
     try:
         plan, report = calibrate_plan(ctx, settings)
         leases.check_held()  # lost while its last step ran: log nothing the state DB would then refuse
-        mlflow_run_id = log_run(
-            use_case,
-            run_name="calibrate",
-            params={"settings": settings, "budget": report.get("budget"), "spec_version": ctx.spec_version},
-            metrics=_flat_metrics(report),
-            tags={"sparsepilot.flow": "calibrate", "sparsepilot.plan_hash": report.get("plan_hash", "")},
-            json_artifacts={"calibration_report.json": report, "dataset_validation.json": validation},
-        )
+        mlflow_run_id = log_calibration(ctx, run["id"], settings, report, validation)
         reg = register_challenger(ctx, run["id"], plan, report, mlflow_run_id)
+        retire_interrupted(ctx, run["id"], mlflow_run_id)
     except Exception as exc:
         mark_not_recorded(mlflow_run_id, exc)
         mark_failed(ctx, run["id"], f"{type(exc).__name__}: {exc}")
