@@ -126,6 +126,7 @@ def task_rows_of(rows: list[dict[str, Any]], holdout_fraction: float, seed: int)
 @flow_task("calibrate-plan", retries=0)
 def calibrate_plan(ctx: UseCaseContext, settings: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     from sparse_core.calibration import Budget, CalibrationLimits, calibrate
+    from sparse_core.corpus import texts_shortfall
 
     logger = get_run_logger()
     model, tok = get_model(ctx.spec.model)
@@ -135,6 +136,17 @@ def calibrate_plan(ctx: UseCaseContext, settings: dict[str, Any]) -> tuple[Any, 
     limits = CalibrationLimits(**lim_kw)
     rows, _ = ctx.split()  # the evaluation's rows are never read here (rollout.dataset_split)
     texts = [r["prompt"] for r in rows]
+    short = texts_shortfall(
+        texts,
+        lambda t: len(tok(t, add_special_tokens=False)["input_ids"]),
+        limits.holdout_fraction,
+        settings["seed"],
+        block_size=limits.block_size,
+        max_seq_len=limits.max_seq_len,
+        separator_tokens=int(tok.eos_token_id is not None),
+    )
+    if short:  # `usecase add` refuses such a dataset on its token counts; these are the model's own
+        raise CalibrationFailed(f"dataset {ctx.spec.dataset.path} ({len(rows)} calibration rows): {short}")
     task_rows = task_rows_of(rows, limits.holdout_fraction, settings["seed"])
 
     def progress(phase: str, done: int, total: int) -> None:

@@ -34,6 +34,9 @@ class ModelRefError(SparsePilotError, ValueError):
     """A model reference that cannot be resolved or loaded; the message names the ref."""
 
 
+DEFAULT_BLOCK_SIZE = 64  # tokens per attention block: a plan's, and calibration's, default
+
+
 @dataclass(frozen=True)
 class LayerParams:
     """The effective selection parameters for one layer, after overrides are applied."""
@@ -78,7 +81,7 @@ class SparsePlan:
       the JSON by `save_plan`; not part of `to_dict`.
     """
 
-    block_size: int = 64
+    block_size: int = DEFAULT_BLOCK_SIZE
     estimator: str = "pooled"
     tau: float = 0.97
     sink_blocks: int = 1
