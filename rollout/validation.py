@@ -446,7 +446,7 @@ def calibration_shortfall(spec: UseCaseSpec, prompts: list[str], tokens: dict[st
     """Why the calibrate flow could not cut a calibration and a held-out window from the calibration
     split's prompts (`sparse_core.corpus.texts_shortfall` with the spec's calibration settings), or None.
     `tokens` maps a prompt to its token count (an upper bound: the check is then lenient)."""
-    from sparse_core.corpus import texts_shortfall
+    from sparse_core import texts_shortfall
     from sparse_core.plan import DEFAULT_BLOCK_SIZE
 
     c = spec.quality_budget.calibration
