@@ -28,6 +28,7 @@ from flows.common import (
 from rollout import leases, registry, runs, tracking
 from rollout.dataset_split import EVALUATION_SHARE
 from sparse_core.errors import SparsePilotError
+from sparse_core.fingerprint import weights_fingerprint
 
 
 class CalibrationFailed(SparsePilotError, RuntimeError):
@@ -299,7 +300,9 @@ def calibrate_flow(
     # the rows kept apart for the evaluation (rollout.dataset_split) are in the key: a plan calibrated
     # before they were kept apart read them, and is calibrated again rather than reused
     settings["evaluation_share"] = EVALUATION_SHARE
-    key = "calibrate:" + stable_key(ctx.use_case_id, ctx.spec_hash, ctx.spec.model, settings)
+    # the weights at the model path too: a fine-tune updated in place is calibrated again, not reused
+    weights = weights_fingerprint(ctx.spec.model)
+    key = "calibrate:" + stable_key(ctx.use_case_id, ctx.spec_hash, ctx.spec.model, settings, weights)
     run = open_run(ctx, key, settings)
     if run["status"] == "succeeded":
         moved = reuse_challenger(ctx, run)

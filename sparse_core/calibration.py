@@ -343,6 +343,13 @@ class CalibrationReport:
 # ----------------------------------------------------------------------------------------------------
 
 
+def _fingerprint_of(config: Any) -> dict[str, str]:
+    """The weights' fingerprint `load_model` put on the config, as plan metadata (none: a model loaded
+    some other way, whose plan is then checked on its geometry only, as before)."""
+    fp = getattr(config, "weights_fingerprint", None)
+    return {"model_fingerprint": fp} if isinstance(fp, str) and fp else {}
+
+
 @dataclass
 class Sensitivity:
     taus: tuple[float, ...]
@@ -801,6 +808,7 @@ def calibrate_many(
             {
                 "model_shape": model_shape(model.config),
                 "model_type": getattr(model.config, "model_type", None),
+                **_fingerprint_of(model.config),
                 "budget": budget.to_dict(),
                 "estimator": spec,
                 "seed": seed,
