@@ -27,6 +27,7 @@ from flows.common import (
 )
 from rollout import leases, registry, runs, tracking
 from rollout.dataset_split import EVALUATION_SHARE
+from rollout.task_budget import task_verdict
 from sparse_core.errors import SparsePilotError
 from sparse_core.fingerprint import weights_fingerprint
 
@@ -271,7 +272,7 @@ def _flat_metrics(report: dict[str, Any]) -> dict[str, float]:
         "agree": fid.get("agree"),
         "nll_delta": fid.get("nll_delta"),
         "dense_layers": float(len(report.get("dense_layers") or [])),
-        "task_delta": (report.get("task") or {}).get("task_delta"),
+        **_task_metrics(report.get("task") or {}),
         "seconds_total": (report.get("seconds") or {}).get("total"),
     }
     dec = report.get("decode")
@@ -284,6 +285,22 @@ def _flat_metrics(report: dict[str, Any]) -> dict[str, float]:
             decode_agree=dfid.get("agree"),
         )
     return {k: float(v) for k, v in out.items() if isinstance(v, int | float)}
+
+
+def _task_metrics(task: dict[str, Any]) -> dict[str, Any]:
+    """The task bound's figures (`rollout.task_budget.task_verdict` reads them back); none without one."""
+    if not task:
+        return {}
+    certifiable = task.get("certifiable")
+    return {
+        "task_delta": task.get("task_delta"),
+        "task_delta_upper": task.get("task_delta_upper"),
+        "task_bound": task.get("bound"),
+        "task_n_rows": task.get("n_rows"),
+        "task_rows_scored": task.get("rows_scored"),
+        "task_rows_needed": task.get("rows_needed"),
+        "task_certifiable": None if certifiable is None else float(bool(certifiable)),
+    }
 
 
 @flow(name="calibrate", log_prints=True)
@@ -313,7 +330,9 @@ def calibrate_flow(
             run["model_version_id"],
             f"; @challenger back on its version {moved['mlflow_version']}" if moved else "",
         )
+        task = task_verdict(run["metrics"] or {})
         return {
+            **({"task_bound_verdict": task} if task else {}),
             "calibration_run_id": run["id"],
             "model_version_id": run["model_version_id"],
             "reused": True,
@@ -333,18 +352,22 @@ def calibrate_flow(
         mark_failed(ctx, run["id"], f"{type(exc).__name__}: {exc}")
         raise
     measured = report.get("measured_density")
+    metrics = _flat_metrics(report)
+    task = task_verdict(metrics)  # why a budget with a task bound was not met, or the drop it certified
     logger.info(
-        "%s: plan density %.3f (%s; budget %s), model version %s @challenger",
+        "%s: plan density %.3f (%s; budget %s)%s, model version %s @challenger",
         use_case,
         report.get("density", float("nan")),
         "not measured on held-out windows" if measured is None else f"{measured:.3f} on held-out windows",
         "met" if report.get("met_budget") else "NOT met: plan stays dense",
+        f"; {task}" if task else "",
         reg["mlflow_version"],
     )
     return {
         "calibration_run_id": run["id"],
         "reused": False,
         "met_budget": bool(report.get("met_budget")),
-        **_flat_metrics(report),
+        **metrics,
+        **({"task_bound_verdict": task} if task else {}),
         **reg,
     }

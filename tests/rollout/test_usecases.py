@@ -287,12 +287,14 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, list[str]]]:
     )
     # datasets calibration can never use (review W3): its calibrate failed after minutes, with a traceback
     cases["one row"] = (
-        write_spec(tmp / "one-row", rows=_rows(1)),
+        write_spec(tmp / "one-row", spec_with(lambda s: s.update(name="one-row")), rows=_rows(1)),
         ["support_chat.jsonl: dataset: calibration needs at least 2 non-blank prompts (one is held out)"],
     )
     cases["prompts too short to calibrate on"] = (
         write_spec(
-            tmp / "short", rows=[{"id": f"r{i}", "prompt": f"hi {i}", "reference": "a"} for i in range(40)]
+            tmp / "short",
+            spec_with(lambda s: s.update(name="short-prompts")),
+            rows=[{"id": f"r{i}", "prompt": f"hi {i}", "reference": "a"} for i in range(40)],
         ),
         ["support_chat.jsonl: dataset: prompts too short to calibrate on: calibration needs at least 128"],
     )
