@@ -25,9 +25,11 @@ from flows.common import (
     stable_key,
     under_lease,
 )
-from rollout import leases, registry, runs
+from rollout import leases, registry, runs, tracking
 from rollout.dataset_split import EVALUATION_SHARE
+from rollout.task_budget import task_verdict
 from sparse_core.errors import SparsePilotError
+from sparse_core.fingerprint import weights_fingerprint
 
 
 class CalibrationFailed(SparsePilotError, RuntimeError):
@@ -126,6 +128,7 @@ def task_rows_of(rows: list[dict[str, Any]], holdout_fraction: float, seed: int)
 @flow_task("calibrate-plan", retries=0)
 def calibrate_plan(ctx: UseCaseContext, settings: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     from sparse_core.calibration import Budget, CalibrationLimits, calibrate
+    from sparse_core.corpus import texts_shortfall
 
     logger = get_run_logger()
     model, tok = get_model(ctx.spec.model)
@@ -135,6 +138,17 @@ def calibrate_plan(ctx: UseCaseContext, settings: dict[str, Any]) -> tuple[Any, 
     limits = CalibrationLimits(**lim_kw)
     rows, _ = ctx.split()  # the evaluation's rows are never read here (rollout.dataset_split)
     texts = [r["prompt"] for r in rows]
+    short = texts_shortfall(
+        texts,
+        lambda t: len(tok(t, add_special_tokens=False)["input_ids"]),
+        limits.holdout_fraction,
+        settings["seed"],
+        block_size=limits.block_size,
+        max_seq_len=limits.max_seq_len,
+        separator_tokens=int(tok.eos_token_id is not None),
+    )
+    if short:  # `usecase add` refuses such a dataset on its token counts; these are the model's own
+        raise CalibrationFailed(f"dataset {ctx.spec.dataset.path} ({len(rows)} calibration rows): {short}")
     task_rows = task_rows_of(rows, limits.holdout_fraction, settings["seed"])
 
     def progress(phase: str, done: int, total: int) -> None:
@@ -155,6 +169,54 @@ def calibrate_plan(ctx: UseCaseContext, settings: dict[str, Any]) -> tuple[Any, 
     )
     remember_plan(plan)
     return plan, report.to_dict()
+
+
+TAG_CALIBRATION_RUN = "sparsepilot.calibration_run"
+
+
+def log_calibration(
+    ctx: UseCaseContext, run_pk: int, settings: dict[str, Any], report: dict[str, Any], validation: Any
+) -> str:
+    """The MLflow run of calibration run `run_pk`: the one an earlier attempt logged for the same plan
+    (it died after its log, before the state DB recorded it: a retry must not log a second one, and the
+    model version that attempt registered points at it), else a new one."""
+    plan_hash = report.get("plan_hash", "")
+    found = tracking.find_run(ctx.name, "calibrate", {"calibration_run_id": run_pk, "plan_hash": plan_hash})
+    if found is not None:
+        return found
+    return log_run(
+        ctx.name,
+        run_name="calibrate",
+        params={
+            "calibration_run_id": run_pk,
+            "plan_hash": plan_hash,
+            "settings": settings,
+            "budget": report.get("budget"),
+            "spec_version": ctx.spec_version,
+        },
+        metrics=_flat_metrics(report),
+        tags={
+            "sparsepilot.flow": "calibrate",
+            "sparsepilot.plan_hash": plan_hash,
+            TAG_CALIBRATION_RUN: str(run_pk),
+        },
+        json_artifacts={"calibration_report.json": report, "dataset_validation.json": validation},
+    )
+
+
+@flow_task("retire-interrupted-runs")
+def retire_interrupted(ctx: UseCaseContext, run_pk: int, mlflow_run_id: str) -> list[str]:
+    """Tag `sparsepilot.not_recorded` (and end, when still RUNNING) the calibrate runs that an earlier,
+    killed attempt of this calibration run logged and the state DB does not cite (another plan: the
+    attempt was cut off inside its own log). Best effort: the calibration is recorded already."""
+    why = f"an interrupted attempt of calibration run {run_pk}; the state DB records run {mlflow_run_id}"
+    try:
+        return tracking.retire_runs(
+            ctx.name, "calibrate", tags={TAG_CALIBRATION_RUN: str(run_pk)}, keep=mlflow_run_id, why=why
+        )
+    except Exception as exc:  # noqa: BLE001 - the calibration stands; a later retry tags them
+        get_run_logger().warning("could not tag earlier MLflow runs of calibration %s: %s", run_pk, exc)
+        return []
 
 
 @flow_task("register-challenger")
@@ -210,7 +272,7 @@ def _flat_metrics(report: dict[str, Any]) -> dict[str, float]:
         "agree": fid.get("agree"),
         "nll_delta": fid.get("nll_delta"),
         "dense_layers": float(len(report.get("dense_layers") or [])),
-        "task_delta": (report.get("task") or {}).get("task_delta"),
+        **_task_metrics(report.get("task") or {}),
         "seconds_total": (report.get("seconds") or {}).get("total"),
     }
     dec = report.get("decode")
@@ -223,6 +285,22 @@ def _flat_metrics(report: dict[str, Any]) -> dict[str, float]:
             decode_agree=dfid.get("agree"),
         )
     return {k: float(v) for k, v in out.items() if isinstance(v, int | float)}
+
+
+def _task_metrics(task: dict[str, Any]) -> dict[str, Any]:
+    """The task bound's figures (`rollout.task_budget.task_verdict` reads them back); none without one."""
+    if not task:
+        return {}
+    certifiable = task.get("certifiable")
+    return {
+        "task_delta": task.get("task_delta"),
+        "task_delta_upper": task.get("task_delta_upper"),
+        "task_bound": task.get("bound"),
+        "task_n_rows": task.get("n_rows"),
+        "task_rows_scored": task.get("rows_scored"),
+        "task_rows_needed": task.get("rows_needed"),
+        "task_certifiable": None if certifiable is None else float(bool(certifiable)),
+    }
 
 
 @flow(name="calibrate", log_prints=True)
@@ -239,7 +317,9 @@ def calibrate_flow(
     # the rows kept apart for the evaluation (rollout.dataset_split) are in the key: a plan calibrated
     # before they were kept apart read them, and is calibrated again rather than reused
     settings["evaluation_share"] = EVALUATION_SHARE
-    key = "calibrate:" + stable_key(ctx.use_case_id, ctx.spec_hash, ctx.spec.model, settings)
+    # the weights at the model path too: a fine-tune updated in place is calibrated again, not reused
+    weights = weights_fingerprint(ctx.spec.model)
+    key = "calibrate:" + stable_key(ctx.use_case_id, ctx.spec_hash, ctx.spec.model, settings, weights)
     run = open_run(ctx, key, settings)
     if run["status"] == "succeeded":
         moved = reuse_challenger(ctx, run)
@@ -250,7 +330,9 @@ def calibrate_flow(
             run["model_version_id"],
             f"; @challenger back on its version {moved['mlflow_version']}" if moved else "",
         )
+        task = task_verdict(run["metrics"] or {})
         return {
+            **({"task_bound_verdict": task} if task else {}),
             "calibration_run_id": run["id"],
             "model_version_id": run["model_version_id"],
             "reused": True,
@@ -262,32 +344,30 @@ def calibrate_flow(
     try:
         plan, report = calibrate_plan(ctx, settings)
         leases.check_held()  # lost while its last step ran: log nothing the state DB would then refuse
-        mlflow_run_id = log_run(
-            use_case,
-            run_name="calibrate",
-            params={"settings": settings, "budget": report.get("budget"), "spec_version": ctx.spec_version},
-            metrics=_flat_metrics(report),
-            tags={"sparsepilot.flow": "calibrate", "sparsepilot.plan_hash": report.get("plan_hash", "")},
-            json_artifacts={"calibration_report.json": report, "dataset_validation.json": validation},
-        )
+        mlflow_run_id = log_calibration(ctx, run["id"], settings, report, validation)
         reg = register_challenger(ctx, run["id"], plan, report, mlflow_run_id)
+        retire_interrupted(ctx, run["id"], mlflow_run_id)
     except Exception as exc:
         mark_not_recorded(mlflow_run_id, exc)
         mark_failed(ctx, run["id"], f"{type(exc).__name__}: {exc}")
         raise
     measured = report.get("measured_density")
+    metrics = _flat_metrics(report)
+    task = task_verdict(metrics)  # why a budget with a task bound was not met, or the drop it certified
     logger.info(
-        "%s: plan density %.3f (%s; budget %s), model version %s @challenger",
+        "%s: plan density %.3f (%s; budget %s)%s, model version %s @challenger",
         use_case,
         report.get("density", float("nan")),
         "not measured on held-out windows" if measured is None else f"{measured:.3f} on held-out windows",
         "met" if report.get("met_budget") else "NOT met: plan stays dense",
+        f"; {task}" if task else "",
         reg["mlflow_version"],
     )
     return {
         "calibration_run_id": run["id"],
         "reused": False,
         "met_budget": bool(report.get("met_budget")),
-        **_flat_metrics(report),
+        **metrics,
+        **({"task_bound_verdict": task} if task else {}),
         **reg,
     }

@@ -189,7 +189,18 @@ def _log_and_register(
             info = log()
             used_run = active.info.run_id
         else:
-            with tracking.start_run(use_case, run_id=run_id, run_name=None if run_id else "register") as run:
+            if run_id is None:  # an attempt killed inside its own 'register' run left it RUNNING
+                tracking.retire_runs(
+                    use_case,
+                    "register",
+                    tags={TAG_MODEL_VERSION_ID: str(mv_id)},
+                    keep=None,
+                    why=f"an interrupted registration of model version row {mv_id}, registered again",
+                )
+            new_tags = None if run_id else {"sparsepilot.flow": "register", TAG_MODEL_VERSION_ID: str(mv_id)}
+            with tracking.start_run(
+                use_case, run_id=run_id, run_name=None if run_id else "register", tags=new_tags
+            ) as run:
                 info = log()
                 used_run = run.info.run_id
         mv = mlflow.register_model(info.model_uri, name, tags=tags)

@@ -71,3 +71,27 @@ def task_bound_warnings(spec: Any, stats: dict[str, Any]) -> list[tuple[str, str
             "4 rows and certifies no task bound",
         )
     ]
+
+
+def task_verdict(metrics: dict[str, Any]) -> str | None:
+    """What a calibration's task bound came to, from its flat metrics (the calibrate flow's
+    `task_*`): certified at its upper bound on N rows, not certifiable (too few rows: the plan stays
+    dense), or not met; None when the spec sets no task bound (or the run predates these metrics)."""
+    bound = metrics.get("task_bound")
+    if bound is None:
+        return None
+    n_rows = int(metrics.get("task_n_rows") or 0)
+    if metrics.get("task_certifiable") == 0.0:
+        need = metrics.get("task_rows_needed")
+        needs = f"{int(need):,}" if need is not None else "more than 100,000"
+        return (
+            f"task bound {bound:g} cannot be certified from {n_rows} task rows (a valid 95% bound needs "
+            f"{needs} even when no row drops): the plan stays dense"
+        )
+    upper, scored = metrics.get("task_delta_upper"), int(metrics.get("task_rows_scored") or n_rows)
+    if upper is None:
+        return f"task bound {bound:g} not certified on {scored} task rows: the plan stays dense"
+    drop = metrics.get("task_delta")
+    shown = "" if drop is None else f"task drop {drop:+.4g}, "
+    verdict = "certified" if upper <= bound else "NOT certified"
+    return f"{shown}95% upper bound {upper:.4g} on {scored} rows: task bound {bound:g} {verdict}"

@@ -107,6 +107,40 @@ def find_run(use_case: str, flow: str, params: Mapping[str, Any]) -> str | None:
     return found[0].info.run_id if found else None
 
 
+TAG_NOT_RECORDED = "sparsepilot.not_recorded"
+
+
+def retire_runs(
+    use_case: str, flow: str, *, tags: Mapping[str, Any], keep: str | None, why: str
+) -> list[str]:
+    """Tag `sparsepilot.not_recorded` (with `why`) every run that `flow` logged in the use case's
+    experiment with these tags, except `keep`, and end one still RUNNING as KILLED: the runs of an
+    attempt that died after it wrote to MLflow (SIGKILL, OOM: no `except` ran to tag or end them), which
+    its retry replaced. Call it only under the use case's lease, so no live run is among them. `keep`
+    (the run the state DB records) loses the tag if a failed attempt gave it one. Returns the run ids it
+    retired; a run tagged before is left as it is."""
+    c = client()
+    exp = c.get_experiment_by_name(experiment_name(use_case))
+    if exp is None:
+        return []
+    clauses = [f"tags.`sparsepilot.flow` = '{flow}'"]
+    clauses += [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
+    out = []
+    for run in c.search_runs([exp.experiment_id], " and ".join(clauses), max_results=1000):
+        rid = run.info.run_id
+        if rid == keep:  # recorded now: an earlier failed attempt's tag no longer holds
+            if TAG_NOT_RECORDED in run.data.tags:
+                c.delete_tag(rid, TAG_NOT_RECORDED)
+            continue
+        if TAG_NOT_RECORDED in run.data.tags:
+            continue
+        c.set_tag(rid, TAG_NOT_RECORDED, why[:5000])
+        if run.info.status == "RUNNING":
+            c.set_terminated(rid, "KILLED")
+        out.append(rid)
+    return out
+
+
 @contextmanager
 def start_run(
     use_case: str,

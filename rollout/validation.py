@@ -414,6 +414,13 @@ def validate_dataset(
             for i, p, r in zip(rows.id, rows.prompt, rows.reference, strict=True)
         ]
     )
+    if spec is not None and not result.failures:
+        counted = dict(zip(rows.prompt, tokens, strict=True))
+        why = calibration_shortfall(spec, [r["prompt"] for r in calibration], counted)
+        if why:
+            result.failures.append(
+                Failure("dataset", f"{why} (tokens counted by {token_source})", (), (), "calibration")
+            )
     result.stats = {
         "rows": len(df),
         "distinct_prompts": len(df) - len(repeats),
@@ -433,6 +440,24 @@ def validate_dataset(
         "with_reference": int(sum(r is not None for r in rows.reference)),
     }
     return result
+
+
+def calibration_shortfall(spec: UseCaseSpec, prompts: list[str], tokens: dict[str, int]) -> str | None:
+    """Why the calibrate flow could not cut a calibration and a held-out window from the calibration
+    split's prompts (`sparse_core.corpus.texts_shortfall` with the spec's calibration settings), or None.
+    `tokens` maps a prompt to its token count (an upper bound: the check is then lenient)."""
+    from sparse_core import texts_shortfall
+    from sparse_core.plan import DEFAULT_BLOCK_SIZE
+
+    c = spec.quality_budget.calibration
+    return texts_shortfall(
+        prompts,
+        tokens.__getitem__,
+        c.holdout_fraction,
+        c.seed,
+        block_size=DEFAULT_BLOCK_SIZE,
+        max_seq_len=c.max_seq_len,
+    )
 
 
 def repeated_prompts(lines: list[int], prompts: list[str]) -> list[tuple[int, int]]:

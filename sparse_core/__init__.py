@@ -19,6 +19,8 @@ _LAZY: dict[str, str] = {
     "EvalSuite": "sparse_core.evaluation",
     "EvaluationReport": "sparse_core.evaluation",
     "score_request": "sparse_core.tasks",
+    # what calibration needs of its texts (checked when a use case is added)
+    "texts_shortfall": "sparse_core.corpus",
     # loading
     "load_model": "sparse_core.loading",
     "resolve_model_ref": "sparse_core.loading",

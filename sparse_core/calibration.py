@@ -55,7 +55,6 @@ randomness.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -65,21 +64,20 @@ from typing import Any
 import torch
 
 from sparse_core.capture import capture_attention
-from sparse_core.corpus import pack_token_windows, text_fingerprint
+from sparse_core.corpus import pack_token_windows, split_texts, text_fingerprint
 from sparse_core.eps_search import largest_passing, search_steps, step_alpha
 from sparse_core.errors import SparsePilotError
 from sparse_core.fidelity import DenseReference, Fidelity, dense_reference, measure_fidelity
 from sparse_core.fidelity_bound import by_window, judged, judged_dict
 from sparse_core.layer_weights import check_mode as check_layer_weights
 from sparse_core.layer_weights import layer_scales, reference_eps
-from sparse_core.plan import SparsePlan, check_sharpen, model_shape
+from sparse_core.plan import DEFAULT_BLOCK_SIZE, SparsePlan, check_sharpen, model_shape
 from sparse_core.prefill_bound import (
     FIDELITY_FRACTION,
     SEARCH_STEPS,
     blocks_per_window,
     check_unit,
     heldout_shortfall,
-    heldout_texts,
     heldout_windows,
 )
 from sparse_core.progress import Progress, counter
@@ -192,7 +190,7 @@ class CalibrationLimits:
     # "window" (a held-out window; agreement's level held on unseen prompts, needs more windows)
     bound_unit: str = "block"
     # plan geometry
-    block_size: int = 64
+    block_size: int = DEFAULT_BLOCK_SIZE
     sink_blocks: int = 1
     local_blocks: int = 1
     group_heads: bool = True
@@ -345,20 +343,11 @@ class CalibrationReport:
 # ----------------------------------------------------------------------------------------------------
 
 
-def split_texts(texts: Sequence[str], holdout_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Deterministic split by a hash of (seed, index, text); both parts non-empty."""
-    if len(texts) < 2:
-        raise ValueError("calibration needs at least 2 texts (one is held out)")
-    scored = []
-    for i, t in enumerate(texts):
-        h = hashlib.sha256(f"{seed}:{i}:".encode() + t.encode("utf-8", "replace")).digest()
-        scored.append((int.from_bytes(h[:8], "big"), i))
-    scored.sort()
-    n_held = heldout_texts(len(texts), holdout_fraction)
-    held_idx = {i for _, i in scored[:n_held]}
-    return [t for i, t in enumerate(texts) if i not in held_idx], [
-        t for i, t in enumerate(texts) if i in held_idx
-    ]
+def _fingerprint_of(config: Any) -> dict[str, str]:
+    """The weights' fingerprint `load_model` put on the config, as plan metadata (none: a model loaded
+    some other way, whose plan is then checked on its geometry only, as before)."""
+    fp = getattr(config, "weights_fingerprint", None)
+    return {"model_fingerprint": fp} if isinstance(fp, str) and fp else {}
 
 
 @dataclass
@@ -819,6 +808,7 @@ def calibrate_many(
             {
                 "model_shape": model_shape(model.config),
                 "model_type": getattr(model.config, "model_type", None),
+                **_fingerprint_of(model.config),
                 "budget": budget.to_dict(),
                 "estimator": spec,
                 "seed": seed,

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from sparse_core.errors import SparsePilotError
+from sparse_core.prefill_bound import heldout_texts
 
 
 class CorpusError(SparsePilotError, ValueError):
@@ -122,3 +123,49 @@ def text_fingerprint(texts: Sequence[str]) -> str:
         h.update(len(b).to_bytes(8, "big"))
         h.update(b)
     return h.hexdigest()
+
+
+def split_texts(texts: Sequence[str], holdout_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Deterministic split by a hash of (seed, index, text); both parts non-empty."""
+    if len(texts) < 2:
+        raise ValueError("calibration needs at least 2 texts (one is held out)")
+    scored = []
+    for i, t in enumerate(texts):
+        h = hashlib.sha256(f"{seed}:{i}:".encode() + t.encode("utf-8", "replace")).digest()
+        scored.append((int.from_bytes(h[:8], "big"), i))
+    scored.sort()
+    n_held = heldout_texts(len(texts), holdout_fraction)
+    held_idx = {i for _, i in scored[:n_held]}
+    return [t for i, t in enumerate(texts) if i not in held_idx], [
+        t for i, t in enumerate(texts) if i in held_idx
+    ]
+
+
+def texts_shortfall(
+    texts: Sequence[str],
+    count_tokens: Callable[[str], int],
+    holdout_fraction: float,
+    seed: int,
+    *,
+    block_size: int = 64,
+    max_seq_len: int = 2048,
+    separator_tokens: int = 1,
+) -> str | None:
+    """Why `calibrate` could not cut one calibration and one held-out window from these texts, or None
+    when it can: it needs 2 non-blank texts (one is held out, `split_texts`), and each part must pack
+    into at least `min(2 * block_size, max_seq_len)` tokens (`pack_token_windows`: the texts joined, one
+    separator token after each). `count_tokens` counts a text's tokens (no special tokens); an upper
+    bound on them makes the check lenient, never wrong the other way."""
+    texts = [t for t in texts if isinstance(t, str) and t.strip()]
+    if len(texts) < 2:
+        return f"calibration needs at least 2 non-blank prompts (one is held out); it has {len(texts)}"
+    need = min(2 * block_size, max_seq_len)
+    parts = split_texts(texts, holdout_fraction, seed)
+    got = [sum(count_tokens(t) + separator_tokens for t in part) for part in parts]
+    if min(got) >= need:
+        return None
+    return (
+        f"prompts too short to calibrate on: calibration needs at least {need} tokens in both its "
+        f"calibration and held-out parts, and they hold {got[0]} tokens ({len(parts[0])} prompts) and "
+        f"{got[1]} tokens ({len(parts[1])} prompts); add rows or use longer prompts"
+    )

@@ -137,6 +137,11 @@ def load_model(ref: str | os.PathLike[str], *, dtype: Any = None, device: Any = 
     if device is not None:
         model = model.to(device)
     model.eval()
+    from sparse_core.fingerprint import weights_fingerprint
+
+    # which weights these are: a plan calibrated on them records it, and is refused on others
+    # (SparsePlan.validate_for)
+    model.config.weights_fingerprint = weights_fingerprint(ref)
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     return model, tok

@@ -35,6 +35,9 @@ class ModelRefError(SparsePilotError, ValueError):
     """A model reference that cannot be resolved or loaded; the message names the ref."""
 
 
+DEFAULT_BLOCK_SIZE = 64  # tokens per attention block: a plan's, and calibration's, default
+
+
 @dataclass(frozen=True)
 class LayerParams:
     """The effective selection parameters for one layer, after overrides are applied."""
@@ -79,7 +82,7 @@ class SparsePlan:
       the JSON by `save_plan`; not part of `to_dict`.
     """
 
-    block_size: int = 64
+    block_size: int = DEFAULT_BLOCK_SIZE
     estimator: str = "pooled"
     tau: float = 0.97
     sink_blocks: int = 1
@@ -184,6 +187,18 @@ class SparsePlan:
             raise PlanError(
                 f"plan was made for a {made_for!r} model (metadata.model_type), not {model_type!r} ({name})"
             )
+        # the weights: a plan's per-head thresholds are calibrated to one model's attention, and another
+        # of the same geometry and type (a fine-tune updated in place) needs its own calibration; plans
+        # saved before the fingerprint was stamped, and models loaded without one, are not asked
+        made_on, weights = (
+            self.metadata.get("model_fingerprint"),
+            getattr(config, "weights_fingerprint", None),
+        )
+        if isinstance(made_on, str) and isinstance(weights, str) and made_on != weights:
+            raise PlanError(
+                f"plan was calibrated on other weights (metadata.model_fingerprint {made_on[:19]}...) than "
+                f"{name} has ({weights[:19]}...): calibrate a plan for this model"
+            )
         return self
 
     # -- effective parameters -----------------------------------------------------------------------
@@ -267,11 +282,16 @@ class SparsePlan:
         return cls.from_dict(data, source=source)
 
     def content_hash(self) -> str:
-        """sha256 over what changes behaviour: every selection field plus the gate-weights reference.
-        Provenance metadata (fidelity, fingerprints, densities) does not change the hash."""
+        """sha256 over what changes behaviour: every selection field plus the gate-weights reference,
+        and the weights the plan was calibrated on (metadata.model_fingerprint, when stamped: the same
+        thresholds on other weights are another plan, which `validate_for` accepts on those weights
+        only; plans without it keep their hash). Other provenance metadata (fidelity, data fingerprints,
+        densities) does not change the hash."""
         d = self.to_dict()
         meta = d.pop("metadata")
         d["gate_weights"] = meta.get("gate_weights")
+        if meta.get("model_fingerprint"):
+            d["model_fingerprint"] = meta["model_fingerprint"]
         blob = json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()
 

@@ -48,6 +48,8 @@ def stamp_model(plan: SparsePlan, config: Any) -> SparsePlan:
     plan.metadata["model_shape"] = model_shape(config)
     if getattr(config, "model_type", None):
         plan.metadata["model_type"] = str(config.model_type)
+    if isinstance(getattr(config, "weights_fingerprint", None), str):
+        plan.metadata["model_fingerprint"] = config.weights_fingerprint
     name = getattr(config, "_name_or_path", None)
     if name:
         plan.metadata.setdefault("model_ref", str(name))

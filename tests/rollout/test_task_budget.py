@@ -64,3 +64,26 @@ def test_usecase_add_is_told_when_the_rows_cannot_certify_the_bound(task_delta, 
     ((field, message),) = warnings
     assert field == "quality_budget.task_delta" and says in message
     assert message.endswith("The flow's quick mode scores 4 rows and certifies no task bound")
+
+
+def test_calibrate_says_what_its_task_bound_came_to() -> None:
+    """`calibrate NAME` printed "budget NOT met" with no word of the task bound that could not be
+    certified, and never the task drop or its bound when it was (review W6)."""
+    from flows.calibrate import _flat_metrics
+    from rollout.task_budget import task_verdict
+
+    def verdict(**task: object) -> str | None:
+        base = {"n_rows": 10, "rows_scored": None, "task_delta": None, "task_delta_upper": None}
+        return task_verdict(_flat_metrics({"density": 1.0, "task": {"bound": 0.3, **base, **task}}))
+
+    assert verdict(certifiable=False, rows_needed=12) == (
+        "task bound 0.3 cannot be certified from 10 task rows (a valid 95% bound needs 12 even when no "
+        "row drops): the plan stays dense"
+    )
+    assert verdict(
+        certifiable=True, rows_needed=12, rows_scored=14, task_delta=-1.1e-5, task_delta_upper=0.2947
+    ) == ("task drop -1.1e-05, 95% upper bound 0.2947 on 14 rows: task bound 0.3 certified")
+    assert verdict(certifiable=True, rows_needed=12).startswith(
+        "task bound 0.3 not certified on 10 task rows"
+    )
+    assert task_verdict(_flat_metrics({"density": 0.8})) is None  # no task bound: nothing to say

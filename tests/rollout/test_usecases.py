@@ -204,7 +204,13 @@ def test_versioning(state_url: str, sp_home, tmp_path: Path) -> None:  # noqa: A
 
 
 def _rows(n: int = 6) -> list[dict]:
-    return [{"id": f"r{i}", "prompt": f"Customer question number {i}?", "reference": "abs"} for i in range(n)]
+    # 130 words (tokens of the tiny model's tokenizer) each: calibration needs a 128-token window from
+    # its calibration part and from its held-out part (one prompt each, with this few rows)
+    detail = " please" * 126
+    return [
+        {"id": f"r{i}", "prompt": f"Customer question number {i}?{detail}", "reference": "abs"}
+        for i in range(n)
+    ]
 
 
 def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, list[str]]]:
@@ -282,6 +288,19 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, list[str]]]:
     cases["reference missing"] = (
         write_spec(tmp / "ref", rows=rows),
         ["support_chat.jsonl: row 1 (id 'r0'): reference: missing, but the task (contains) needs references"],
+    )
+    # datasets calibration can never use (review W3): its calibrate failed after minutes, with a traceback
+    cases["one row"] = (
+        write_spec(tmp / "one-row", spec_with(lambda s: s.update(name="one-row")), rows=_rows(1)),
+        ["support_chat.jsonl: dataset: calibration needs at least 2 non-blank prompts (one is held out)"],
+    )
+    cases["prompts too short to calibrate on"] = (
+        write_spec(
+            tmp / "short",
+            spec_with(lambda s: s.update(name="short-prompts")),
+            rows=[{"id": f"r{i}", "prompt": f"hi {i}", "reference": "a"} for i in range(40)],
+        ),
+        ["support_chat.jsonl: dataset: prompts too short to calibrate on: calibration needs at least 128"],
     )
     cases["existing name"] = (
         write_spec(tmp / "exists", spec_with(lambda s: s.update(owner="someone-else@example.com"))),
