@@ -63,6 +63,28 @@ def _latest_id(id_col: Any, key_col: Any, *where: Any) -> Any:
     return stmt.subquery()
 
 
+def _shown_evaluation() -> Any:
+    """Per use case (`key`), the evaluation whose figures it shows (`id`): its newest succeeded one priced
+    at its current spec version, else its newest succeeded one (shown with the `roi.priced_at` note). A
+    spec that goes back to an earlier version's content makes that version current again, and its
+    evaluate reuses the run priced there: the newest run by id alone, priced at the version left, kept
+    its dollars on show with a "re-evaluate" note no re-evaluation could clear."""
+    ok = EvaluationRun.status == "succeeded"
+    at_current = (
+        select(EvaluationRun.use_case_id.label("key"), func.max(EvaluationRun.id).label("id"))
+        .join(UseCase, UseCase.id == EvaluationRun.use_case_id)
+        .where(ok, EvaluationRun.spec_version == UseCase.current_spec_version)
+        .group_by(EvaluationRun.use_case_id)
+        .subquery()
+    )
+    newest = _latest_id(EvaluationRun.id, EvaluationRun.use_case_id, ok)
+    return (
+        select(newest.c.key, func.coalesce(at_current.c.id, newest.c.id).label("id"))
+        .outerjoin(at_current, at_current.c.key == newest.c.key)
+        .subquery()
+    )
+
+
 def read(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run one of these query functions in its own read transaction."""
     with session_scope() as session:
@@ -77,7 +99,7 @@ def portfolio(session: Session, *, decision_kind: str | None = None) -> list[dic
     of rows, are on its `evaluation_rows` task rows)."""
     kind = () if decision_kind is None else (GateDecision.kind == decision_kind,)
     last_dec = _latest_id(GateDecision.id, GateDecision.use_case_id, *kind)
-    last_eval = _latest_id(EvaluationRun.id, EvaluationRun.use_case_id, EvaluationRun.status == "succeeded")
+    last_eval = _shown_evaluation()
     last_pilot = _latest_id(Pilot.id, Pilot.use_case_id)
     obs_per_uc = (
         select(Observation.use_case_id.label("key"), func.count().label("n"))
@@ -339,7 +361,7 @@ def portfolio_totals(session: Session) -> dict[str, Any]:
     back) whose savings interval lies above zero. The interval sums their bounds (conservative: it
     assumes the errors move together). Everything else is counted apart: use cases whose interval
     includes no saving (or a loss), and ended ones."""
-    last_eval = _latest_id(EvaluationRun.id, EvaluationRun.use_case_id, EvaluationRun.status == "succeeded")
+    last_eval = _shown_evaluation()
     ended = UseCase.phase.in_(lifecycle.ENDED_PHASES)
     # a run with no measured interval (one timing pair, savings_month_low NULL) establishes nothing
     established = and_(~ended, func.coalesce(EvaluationRun.savings_month_low, 0) > 0)

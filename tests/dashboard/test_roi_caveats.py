@@ -100,3 +100,23 @@ def test_an_evaluation_records_the_spec_version_it_is_priced_at(seeded: dict[str
     assert rows[0]["priced_at"] == "priced at spec v2; current is v3: re-evaluate to re-price"
     table = render_table(rows, {})
     assert table.caption == "document-qa: priced at spec v2; current is v3: re-evaluate to re-price"
+
+
+def test_a_spec_back_at_an_earlier_version_shows_the_evaluation_priced_there(seeded: dict[str, Any]) -> None:
+    """Review T1: a spec that goes back to an earlier version's content makes that version current again,
+    and its evaluate reuses the run priced there (no new row). The portfolio showed the newest run by id,
+    priced at the version left, with a "re-evaluate to re-price" note no re-evaluation could clear."""
+    with session_scope() as s:
+        uc = s.scalar(select(UseCase).where(UseCase.name == NAME))
+        older, newest = s.scalars(
+            select(EvaluationRun).where(EvaluationRun.use_case_id == uc.id).order_by(EvaluationRun.id)
+        ).all()[-2:]
+        older.spec_version, newest.spec_version = 1, 2
+        uc.current_spec_version = 1
+        newest.savings_month_usd = 2 * older.savings_month_usd  # priced at v2's dearer GPU hour
+        want = older.savings_month_usd
+    with session_scope() as s:
+        row = {r["name"]: r for r in queries.portfolio(s)}[NAME]
+        summary = {r["use_case"]: r for r in queries.job_summary(s, [NAME])}[NAME]
+    assert row["savings_month_usd"] == want and row["priced_at"] is None
+    assert summary["priced_at"] is None
