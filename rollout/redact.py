@@ -12,12 +12,13 @@ MASK = "***"
 # them), so it runs to the last '@' of the line before the next URL: masking too much is the safe error.
 _SCHEME = r"[A-Za-z][A-Za-z0-9+.\-]*://"
 _URL_PASSWORD = re.compile(rf"(?P<head>{_SCHEME}[^/\s:@]*:)(?P<secret>(?:(?!{_SCHEME})[^\r\n])*)(?P<tail>@)")
-# key=value / key: value pairs whose key names a secret (password=..., token: ..., api_key=...). After a
-# ':' the key must stand alone, not end a hyphenated name or a path: "forgot-password: no active pilot" (a
-# use case's name) and "/etc/passwd: cannot be used" are messages, not secrets
-_SECRET_KEY = r"(?:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key|auth[_-]?string)"
+# key=value / key: value pairs whose key names a secret (password=..., token: ..., X-Api-Key: ...). The key
+# may not begin inside a path: "/etc/passwd: cannot be used" is a message, not a secret. (A use case's
+# name is never such a key, `rollout.spec.SECRET_LIKE_NAME`: "forgot-password: no active pilot" had its
+# next word masked.)
+SECRET_KEY = r"(?:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key|auth[_-]?string)"
 _KEY_VALUE = re.compile(
-    rf"(?i)(?P<head>(?:\b[\w.\-]*{_SECRET_KEY}\s*=|(?<![\w/.\-])[\w.]*{_SECRET_KEY}\s*:)\s*)"
+    rf"(?i)(?P<head>(?<![\w/.\-])[\w.\-]*{SECRET_KEY}\s*[=:]\s*)"
     r"(?P<quote>['\"]?)(?P<secret>[^\s'\",;&)]+)"
 )
 _BEARER = re.compile(r"(?i)(?P<head>\bbearer\s+)(?P<secret>[A-Za-z0-9._~+/\-]+=*)")

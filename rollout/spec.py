@@ -22,10 +22,13 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from rollout.redact import redact
+from rollout.redact import SECRET_KEY, redact
 from sparse_core.errors import SparsePilotError
 
 _SLUG = re.compile(r"^[a-z][a-z0-9-]{1,62}[a-z0-9]$")
+# a name ending like a secret's key ("forgot-password", "reset-token"): "NAME: no active pilot" would be
+# read as a secret and its next word masked in every message (rollout.redact)
+SECRET_LIKE_NAME = re.compile(rf"{SECRET_KEY}$")
 _QUANTILE_KEY = re.compile(r"^p(\d{1,2}(?:\.\d+)?)$")
 # Input bounds: a spec is a short hand-written file. These stop anchor/alias bombs, deeply nested
 # documents and huge files before they cost memory or time (and before any error message shows them).
@@ -502,6 +505,12 @@ class UseCaseSpec(_Strict):
         if not _SLUG.fullmatch(v):  # fullmatch: "$" would let a trailing newline through
             raise ValueError(
                 f"{v!r} is not a slug: use 3-64 lowercase letters, digits and '-', starting with a letter"
+            )
+        if SECRET_LIKE_NAME.search(v):
+            raise ValueError(
+                f"{v!r} ends in a word that names a secret: messages say '{v}: ...', which reads as a "
+                "secret's key and value, and the value would be masked (rollout.redact); choose another "
+                "ending"
             )
         return v
 

@@ -69,6 +69,9 @@ def test_wrong_types_are_not_coerced() -> None:
     ("mutate", "expected"),
     [
         (lambda d: d.update(name="Docs QA"), "name: 'Docs QA' is not a slug"),
+        # "forgot-password: no active pilot" read as a secret, its next word masked (review X3)
+        (lambda d: d.update(name="forgot-password"), "name: 'forgot-password' ends in a word that names"),
+        (lambda d: d.update(name="reset-token"), "name: 'reset-token' ends in a word that names a secret"),
         (lambda d: d["schedule"].update(cron="61 * * * *"), "schedule.cron: cron '61 * * * *' is invalid"),
         (lambda d: d["schedule"].update(cron="0 3 * *"), "schedule.cron: cron '0 3 * *' must have 5 fields"),
         (lambda d: d["schedule"].update(timezone="Mars/Olympus"), "schedule.timezone: unknown time zone"),
