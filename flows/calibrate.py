@@ -28,6 +28,7 @@ from flows.common import (
 from rollout import leases, registry, runs, tracking
 from rollout.dataset_split import EVALUATION_SHARE
 from rollout.task_budget import task_verdict
+from rollout.validation import QUICK_HOLDOUT_FRACTION, QUICK_MAX_SEQ_LEN, quick_windows_apply
 from sparse_core.errors import SparsePilotError
 from sparse_core.fingerprint import weights_fingerprint
 
@@ -65,14 +66,14 @@ def limits_for(ctx: UseCaseContext, quick: bool, overrides: dict[str, Any] | Non
     if quick:
         # a bound keeps the spec's windows (the held-out ones are its units), and so do windows kept
         # apart (quick's 2 calibration windows would leave the learned estimator none of its own)
-        if c.confidence is None and not c.sensitivity_windows:
+        if quick_windows_apply(c):
             lim.update(
                 {
                     # 2 calibration windows + 1 held out; windows up to 2k tokens: at 1k the plans come
                     # out all but dense (little attention to skip), at the specs' 3-4k it costs minutes
                     "max_texts": min(c.max_texts, 3),
-                    "max_seq_len": min(c.max_seq_len, 2048),
-                    "holdout_fraction": max(c.holdout_fraction, 0.34),
+                    "max_seq_len": min(c.max_seq_len, QUICK_MAX_SEQ_LEN),
+                    "holdout_fraction": max(c.holdout_fraction, QUICK_HOLDOUT_FRACTION),
                 }
             )
         lim.update(

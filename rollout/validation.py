@@ -442,22 +442,38 @@ def validate_dataset(
     return result
 
 
+# what the quick calibration (`calibrate NAME --quick`, the main job's) changes of a spec's calibration
+# settings when it bounds nothing (no confidence, no windows kept apart): windows of at most 2k tokens,
+# a third of them held out (flows/calibrate.py reads these)
+QUICK_MAX_SEQ_LEN = 2048
+QUICK_HOLDOUT_FRACTION = 0.34
+
+
+def quick_windows_apply(c: Any) -> bool:
+    """Does the quick calibration use its own windows (`QUICK_*`) for these calibration settings?"""
+    return c.confidence is None and not c.sensitivity_windows
+
+
 def calibration_shortfall(spec: UseCaseSpec, prompts: list[str], tokens: dict[str, int]) -> str | None:
     """Why the calibrate flow could not cut a calibration and a held-out window from the calibration
-    split's prompts (`sparse_core.corpus.texts_shortfall` with the spec's calibration settings), or None.
-    `tokens` maps a prompt to its token count (an upper bound: the check is then lenient)."""
+    split's prompts (`sparse_core.corpus.texts_shortfall`), at the spec's calibration settings and at the
+    quick calibration's (the main job's: `QUICK_*`, another split), or None. `tokens` maps a prompt to
+    its token count (an upper bound: the check is then lenient)."""
     from sparse_core import texts_shortfall
     from sparse_core.plan import DEFAULT_BLOCK_SIZE
 
     c = spec.quality_budget.calibration
-    return texts_shortfall(
-        prompts,
-        tokens.__getitem__,
-        c.holdout_fraction,
-        c.seed,
-        block_size=DEFAULT_BLOCK_SIZE,
-        max_seq_len=c.max_seq_len,
-    )
+    forms = [("", c.holdout_fraction, c.max_seq_len)]
+    if quick_windows_apply(c):
+        quick = max(c.holdout_fraction, QUICK_HOLDOUT_FRACTION), min(c.max_seq_len, QUICK_MAX_SEQ_LEN)
+        forms.append(("the quick calibration (`sparsepilot run`'s), holding out a third: ", *quick))
+    for form, holdout, seq_len in forms:
+        short = texts_shortfall(
+            prompts, tokens.__getitem__, holdout, c.seed, block_size=DEFAULT_BLOCK_SIZE, max_seq_len=seq_len
+        )
+        if short:
+            return form + short
+    return None
 
 
 def repeated_prompts(lines: list[int], prompts: list[str]) -> list[tuple[int, int]]:
