@@ -146,7 +146,9 @@ def pilot_cmd(
         str | None,
         typer.Option("--observations", help="import observations (JSONL or CSV) instead of running"),
     ] = None,
-    batches: Annotated[int, typer.Option("--batches", min=1, max=10_000, help="pilot batches to run")] = 1,
+    batches: Annotated[
+        int | None, typer.Option("--batches", min=1, max=10_000, help="pilot batches to run (default 1)")
+    ] = None,
     max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", min=1, max=4096)] = None,
     external_assignment: Annotated[
         bool,
@@ -169,8 +171,10 @@ def pilot_cmd(
 
     if abort and observations:
         fail("--abort and --observations exclude each other")
-    if abort and (max_new_tokens is not None or external_assignment):
+    if abort and (max_new_tokens is not None or external_assignment or batches is not None):
         fail("--abort stops the pilot: it takes --reason only, no batch or import options")
+    if observations and (batches is not None or max_new_tokens is not None):
+        fail("--observations imports answers your serving system gave; --batches, --max-new-tokens run ours")
     if reason is not None and not abort:
         fail("--reason goes with --abort (a pilot batch or import keeps no reason)")
     who = signed_in("operator", f"{'abort the pilot of' if abort else 'pilot'} {name}", password_stdin)
@@ -192,7 +196,7 @@ def pilot_cmd(
     else:
         _require_use_case(name)
         _require_device()
-        result = _run(lambda: pilot_flow(name, batches=batches, max_new_tokens=max_new_tokens))
+        result = _run(lambda: pilot_flow(name, batches=batches or 1, max_new_tokens=max_new_tokens))
     if json_out:
         emit_json(result)
         return
