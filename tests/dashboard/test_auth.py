@@ -379,3 +379,17 @@ def test_a_failed_write_leaves_no_secret_behind(tmp_path: Path) -> None:
     with pytest.raises(IsADirectoryError):
         auth.write_private(tmp_path / "token", b"secret")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["token"]
+
+
+def test_a_token_from_before_the_password_fingerprint_says_so(hashes: dict[str, str]) -> None:
+    """Review T5: a token issued by the previous build (no password fingerprint) was refused with "the
+    password of 'alice' changed", when nobody had changed it."""
+    import json
+
+    accounts = auth.parse_accounts(f"alice:approver:{hashes['alice']}")
+    key = b"k" * 32
+    payload = auth._b64(json.dumps({"u": "alice", "exp": 10_000}).encode())
+    old = f"{auth._TOKEN_PREFIX}.{payload}.{auth._mac(key, payload)}"
+    with pytest.raises(PermissionDenied, match="from an older SparsePilot") as err:
+        auth.verify_token(old, key, accounts, now=2000.0)
+    assert "changed" not in str(err.value)
