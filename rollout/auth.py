@@ -564,9 +564,7 @@ def verify_token(
         raise PermissionDenied(f"the login token names account {name!r}, which no longer exists")
     fingerprint = password_fingerprint(account)
     if not credential:  # issued before tokens carried the password's fingerprint (an older build)
-        raise PermissionDenied(
-            "the login token is from an older SparsePilot (its tokens no longer match); run `sparsepilot login`"
-        )
+        raise PermissionDenied("the login token is from an older SparsePilot: run `sparsepilot login`")
     if not hmac.compare_digest(credential.encode("utf-8"), fingerprint.encode("ascii")):
         raise PermissionDenied(
             f"the password of {name!r} changed after this login token was issued; run `sparsepilot login`"
