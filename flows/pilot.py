@@ -255,6 +255,9 @@ def pilot_flow(
     ctx = load_context(use_case)
     catch_up_logs(log_missing_batches, ctx)  # a batch an earlier run stored and did not log
     info = ensure_pilot(use_case)
+    if info["spec_version"] is not None and info["spec_version"] != ctx.spec_version:
+        # a running pilot keeps the version it started under: its batch size, traffic and arms (docs/flows.md)
+        ctx = load_context(use_case, info["spec_version"])
     summary: dict[str, Any] = {
         "use_case": use_case,
         "pilot_id": info["pilot_id"],

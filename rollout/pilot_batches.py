@@ -33,6 +33,9 @@ def _step_info(
         "kind": step.kind,
         "traffic_pct": step.traffic_pct,
         "min_samples": step.min_samples,
+        # the spec version the pilot runs under (None: started before it was recorded): its batch size,
+        # traffic and arms, as its gate's rules, never a later version's
+        "spec_version": pilot.spec_version,
         **version_dict(mv),
         "used_request_ids": sorted(pilots.seen_request_ids(session, pilot)) if used_request_ids else [],
     }

@@ -254,3 +254,26 @@ def test_the_monitor_samples_under_the_champions_spec_version(
     with session_scope() as s:
         assert s.get(PilotStep, info["step_id"]).min_samples == 8
     assert _state(name)[3] == 2 * 8  # both arms of 8 requests
+
+
+def test_a_running_pilot_samples_under_its_own_spec_version(
+    flow_use_case, tiny_model_dir, pilot_dataset, tmp_path
+) -> None:
+    """The pilot flow read the newest spec version's batch size (and traffic and arms) for a pilot that
+    started under an earlier one, whose gate judges by its own version's rules (docs/flows.md: a new
+    version applies to the next pilot): batches of 4 here where the pilot's version says 8."""
+    from flows.calibrate import calibrate_flow
+    from flows.pilot import pilot_flow
+    from tests.fixtures.flows import QUICK_CAL
+
+    name = flow_use_case()
+    calibrate_flow(name, limits=QUICK_CAL)
+    first = pilot_flow(name, batches=1)
+    _new_version(name, tiny_model_dir, pilot_dataset, tmp_path, rollout={
+        "shadow": {"min_samples": 8}, "steps": [{"traffic_pct": 50, "min_samples": 8}], "batch_size": 4,
+    })  # fmt: skip
+    second = pilot_flow(name, batches=1)
+    assert second["pilot_id"] == first["pilot_id"]  # the same pilot, still running
+    assert first["step_kind"] == second["step_kind"] == "shadow"  # both arms answer every request
+    assert [b["inserted"] for b in first["batches"]] == [2 * 8], first["batches"]
+    assert [b["inserted"] for b in second["batches"]] == [2 * 8], second["batches"]
