@@ -12,16 +12,19 @@ MASK = "***"
 # them), so it runs to the last '@' of the line before the next URL: masking too much is the safe error.
 _SCHEME = r"[A-Za-z][A-Za-z0-9+.\-]*://"
 _URL_PASSWORD = re.compile(rf"(?P<head>{_SCHEME}[^/\s:@]*:)(?P<secret>(?:(?!{_SCHEME})[^\r\n])*)(?P<tail>@)")
-# key=value / key: value pairs whose key names a secret (password=..., token: ..., X-Api-Key: ...). The key
+# key=value / key: value pairs whose key names a secret (password=..., token: ..., X-Api-Key: ..., a
+# dict's {'password': ...}). The key
 # may not begin inside a path: "/etc/passwd: cannot be used" is a message, not a secret. (A use case's
 # name is never such a key, `rollout.spec.SECRET_LIKE_NAME`: "forgot-password: no active pilot" had its
 # next word masked.)
 SECRET_KEY = r"(?:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key|auth[_-]?string)"
 _KEY_VALUE = re.compile(
-    rf"(?i)(?P<head>(?<![\w/.\-])[\w.\-]*{SECRET_KEY}\s*[=:]\s*)"
+    rf"(?i)(?P<head>(?<![\w/.\-])[\w.\-]*{SECRET_KEY}['\"]?\s*[=:]\s*)"
     r"(?P<quote>['\"]?)(?P<secret>[^\s'\",;&)]+)"
 )
-_BEARER = re.compile(r"(?i)(?P<head>\bbearer\s+)(?P<secret>[A-Za-z0-9._~+/\-]+=*)")
+_BEARER = re.compile(
+    r"(?i)(?P<head>\bbearer\s+|\bauthorization:\s*basic\s+)(?P<secret>[A-Za-z0-9._~+/\-]+=*)"
+)
 # scrypt$n$r$p$salt$hash (our password hashes) and sp1.<payload>.<mac> (our CLI session tokens)
 _SCRYPT = re.compile(r"scrypt\$\d+\$\d+\$\d+\$[A-Za-z0-9_\-]+\$[A-Za-z0-9_\-]+")
 _SESSION_TOKEN = re.compile(r"\bsp1\.[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+")

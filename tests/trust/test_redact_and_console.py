@@ -31,6 +31,10 @@ from rollout.redact import redact
         ("X-Auth-Token: zzz9", "zzz9"),
         ("db-password: hunter2", "hunter2"),
         ("client-secret: s3cr3t", "s3cr3t"),
+        # a dict's repr, an HTTP basic login (review Y's redact cases)
+        ("settings {'password': 'hunter2', 'user': 'app'}", "hunter2"),
+        ('{"db_password": "hunter2"}', "hunter2"),
+        ("Authorization: Basic dXNlcjpwYXNzd29yZA==", "dXNlcjpwYXNzd29yZA"),
     ],
 )
 def test_secrets_are_redacted(text: str, secret: str) -> None:
