@@ -109,8 +109,7 @@ def monitor_target(use_case: str, *, used_request_ids: bool = True) -> dict[str,
             ),
             "kind": "shadow",  # both arms answer each sampled request (dense offline, for quality)
             "traffic_pct": 100.0,
-            "spec_version": sv.version,
-            "rollback_policy": spec.rollback,
+            "spec_version": sv.version,  # the pilot's own, or the current one for a pilot from before it
         }
 
 
