@@ -2,8 +2,9 @@
 parameters, cron and time zone from its spec) plus the unscheduled `approval` deployment whose runs
 pause for a person. `sparsepilot serve` serves them here with `prefect.serve`; with a Prefect server
 configured (PREFECT_API_URL) and `--work-pool`, they are deployed to that pool for its workers (the
-approval deployment on the pool's `approvals` queue), and the cycle deployments of use cases whose spec
-lost its schedule are deleted; the stack's `deploy-flows` (deploy/stack_setup.py) uses this same path."""
+approval deployment on the pool's `approvals` queue); the stack's `deploy-flows` (deploy/stack_setup.py)
+uses this same path. Either way the cycle deployments of use cases whose spec lost its schedule are
+deleted first, or the server would keep scheduling them on the old cron."""
 
 from __future__ import annotations
 
@@ -80,18 +81,21 @@ def _ensure_queue(client: Any, pool: str, queue: str) -> None:
         pass
 
 
-def _remove_unscheduled_cycles(client: Any) -> list[str]:
+def remove_unscheduled_cycles() -> list[str]:
     """Delete the cycle deployments of use cases that lost their schedule (with their scheduled runs:
-    Prefect deletes those with the deployment), so no worker runs them on the old cron."""
+    Prefect deletes those with the deployment), so no worker runs them on the old cron and no served
+    deployment's runs wait, Late, for a runner that no longer serves it. Returns 'name: why, deleted'."""
+    from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 
-    on_server = client.read_deployments(flow_filter=FlowFilter(name=FlowFilterName(any_=[CYCLE_FLOW])))
-    by_name = {d.name: d for d in on_server}
-    stale = stale_cycle_deployments(
-        {d.name: str((d.parameters or {}).get("use_case")) for d in on_server}, usecases.unscheduled()
-    )
-    for name in stale:
-        client.delete_deployment(by_name[name].id)
+    with get_client(sync_client=True) as client:
+        on_server = client.read_deployments(flow_filter=FlowFilter(name=FlowFilterName(any_=[CYCLE_FLOW])))
+        by_name = {d.name: d for d in on_server}
+        stale = stale_cycle_deployments(
+            {d.name: str((d.parameters or {}).get("use_case")) for d in on_server}, usecases.unscheduled()
+        )
+        for name in stale:
+            client.delete_deployment(by_name[name].id)
     return [f"{name}: {why}, deleted" for name, why in stale.items()]
 
 
@@ -139,9 +143,7 @@ def deploy_to_work_pool(
         **common,
     )
     deployed.append(f"{APPROVAL_DEPLOYMENT} -> {work_pool}/{APPROVAL_QUEUE}")
-    with get_client(sync_client=True) as client:
-        removed = _remove_unscheduled_cycles(client)
-    return WorkPoolDeployment(deployed, removed)
+    return WorkPoolDeployment(deployed, remove_unscheduled_cycles())
 
 
 def serve_schedules(
@@ -166,4 +168,8 @@ def serve_schedules(
         return
     from prefect import serve
 
+    removed = remove_unscheduled_cycles()  # a lost schedule's deployment, served here before
+    if console is not None:
+        for line in removed:
+            console.print(line)
     serve(*build_deployments(names))

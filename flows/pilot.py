@@ -87,7 +87,9 @@ def _import_observations(
 ) -> dict[str, Any]:
     from rollout.traffic import importable
 
-    ctx = load_context(use_case)
+    # the pilot's own spec version (a running pilot keeps the version it started under) and its dataset
+    version = pilot_batches.pilot_spec_version(use_case)
+    ctx = load_context(use_case, version)
     # the requests the pilot's own traffic would be: never one calibration read, nor a prompt twice
     known, refused = importable(ctx.traffic("import"), ctx.rows)
     done = pilot_batches.import_file(
@@ -97,6 +99,7 @@ def _import_observations(
         refused_ids=refused,
         external_assignment=external_assignment,
         actor=actor,
+        spec_version=version,
     )
     info = done["info"]
     log_missing_batches.fn(ctx)  # an earlier batch whose log failed, and this one (when it stored rows)

@@ -125,11 +125,15 @@ def _look(name: str, spec: Any, step_id: int, first: int, batch: int, look: int)
 
 
 def _spec(name: str) -> Any:
+    """The spec the monitor judges by: the promoted pilot's own version (`pilots.load_pilot_spec`, as
+    `decisions.monitor_look` reads it), never the use case's newest."""
     from rollout import pilots
     from rollout.db.session import session_scope
 
     with session_scope() as session:
-        return pilots.load_current_spec(session, pilots.get_use_case(session, name))[0]
+        return pilots.load_pilot_spec(
+            session, pilots.promoted_pilot(session, pilots.get_use_case(session, name))
+        )[0]
 
 
 def _one(rows: int, batch: int, looks: int, out: Any) -> None:

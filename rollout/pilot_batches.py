@@ -84,6 +84,21 @@ def ensure_pilot(use_case: str) -> dict[str, Any]:
         return ensure_pilot_in(session, use_case)
 
 
+def pilot_spec_version(use_case: str) -> int:
+    """The spec version the pilot that `ensure_pilot_in` would hand out runs under: the active pilot's
+    own when it pilots the current challenger (a new version applies to the next pilot), else the
+    current version (the one a pilot started now takes). What an import's request ids are checked
+    against (`import_file`'s `spec_version`); `ensure_pilot_in` itself refuses what cannot be piloted."""
+    with session_scope() as session:
+        uc = pilots.get_use_case(session, use_case)
+        current = pilots.current_spec_version(session, uc)
+        run = latest_challenger(session, uc.id)
+        pilot = pilots.active_pilot(session, uc)
+        if run is not None and pilot is not None and pilot.model_version_id == run.model_version_id:
+            return pilot.spec_version if pilot.spec_version is not None else current.version
+        return current.version
+
+
 def monitor_target(use_case: str, *, used_request_ids: bool = True) -> dict[str, Any] | None:
     """The promoted pilot's monitor step (opened on first use), or None when nothing is promoted.
     `used_request_ids=False` when the look imports observations rather than sampling the use case's
@@ -229,6 +244,7 @@ def import_file(
     chunk_rows: int = 50_000,
     progress: Any = None,
     actor: str | None = None,
+    spec_version: int | None = None,
 ) -> dict[str, Any]:
     """Import a file of observations into the current step, all or nothing, streaming: each chunk is
     parsed, checked (GX) and checked against the step's design (rollout.pilots.ImportCheck), then
@@ -237,11 +253,18 @@ def import_file(
     (what the pilot's traffic source may hand out: rollout.traffic.importable); `refused_ids` says why
     another id is not. ``progress(rows_done)`` after each chunk. `actor`: who imports (the signed-in
     account; None: the automation), kept in the audit log with the file, so the evidence behind a
-    decision names who brought it."""
+    decision names who brought it. `spec_version`: the version `known_ids` come from
+    (`pilot_spec_version`, the pilot's own); a pilot that runs under another one is refused, nothing
+    stored (the pilot changed between the two reads)."""
     source = "imported-external" if external_assignment else "imported"
     rows_seen = inserted = 0
     with session_scope(immediate=True) as session:
         info = ensure_pilot_in(session, use_case)
+        if spec_version is not None and info["spec_version"] not in (None, spec_version):
+            raise ObservationImportError(
+                f"{path}: {info['pilot']} runs under spec version {info['spec_version']}, not the version "
+                f"{spec_version} its request ids were checked against; nothing was stored: import it again"
+            )
         if external_assignment and info["kind"] != "split":  # rolled back with the pilot it may have started
             raise ObservationImportError(
                 f"{path}: --external-assignment is for a split step (the serving system chose each "

@@ -8,10 +8,20 @@ import re
 MASK = "***"
 
 # scheme://user:password@host -> scheme://user:***@host (any scheme: postgresql+psycopg, redis, https). A
-# password may hold any character ('/' from `openssl rand -base64`, a space, '@'; SQLAlchemy and libpq take
-# them), so it runs to the last '@' of the line before the next URL: masking too much is the safe error.
+# password may hold any character ('/' from `openssl rand -base64`, '@', a space; SQLAlchemy takes them).
+# It runs to the last '@' of the URL's own word: "u:a@b@h/x" (a parser taking the last '@' reads "a@b");
+# a password with a space has none in its first word, and runs on to the first word that holds one
+# ("app:s3cr et@db", "app:w x@y@h"), never beyond it: a later "for a@b" is not part of it. Masking too
+# much is the safe error. scheme://host:port is no password: digits, then a path or the URL's end, with no
+# '@' before the next space ("https://h:5000/api failed for a@b" had "5000/api failed for a" masked). Only
+# a password of digits and a space, or digits, a path and a space, looks the same, and is shown.
 _SCHEME = r"[A-Za-z][A-Za-z0-9+.\-]*://"
-_URL_PASSWORD = re.compile(rf"(?P<head>{_SCHEME}[^/\s:@]*:)(?P<secret>(?:(?!{_SCHEME})[^\r\n])*)(?P<tail>@)")
+_PORT = r"\d{1,5}(?:[/?#][^\s@]*|[.,;:!?)\]'\"]*)(?=\s|$)"
+_IN_WORD = rf"(?:(?!{_SCHEME})\S)*"  # greedy: to the word's last '@'
+_TO_WORD_WITH_AT = rf"(?:(?!{_SCHEME})[^@\r\n])*{_IN_WORD}"  # over spaces to the first word with an '@'
+_URL_PASSWORD = re.compile(
+    rf"(?P<head>{_SCHEME}[^/\s:@]*:)(?!{_PORT})(?P<secret>{_IN_WORD}(?=@)|{_TO_WORD_WITH_AT}(?=@))(?P<tail>@)"
+)
 # key=value / key: value pairs whose key names a secret (password=..., token: ..., X-Api-Key: ..., a
 # dict's {'password': ...}). The key
 # may not begin inside a path: "/etc/passwd: cannot be used" is a message, not a secret. (A use case's

@@ -136,21 +136,12 @@ def test_gx_suite_rejects_nan_and_names_the_row() -> None:
 
 def test_cli_import_validates_then_stores_once(flow_use_case, trust_accounts: str, tmp_path: Path) -> None:
     from flows.pilot import pilot_flow
-    from rollout import registry
-    from rollout.db.models import CalibrationRun, Observation
+    from rollout.db.models import Observation
     from rollout.db.session import session_scope
     from rollout.observations_io import ObservationImportError
-    from rollout.pilots import get_use_case
-    from sparse_core import SparsePlan
 
     name = flow_use_case()
-    with session_scope() as s:
-        uc_id = get_use_case(s, name).id
-    # a registered challenger, as calibration leaves it (no model work needed for an import)
-    mv = registry.register_version(name, SparsePlan(tau=0.9), _model_of(name), actor=registry.SYSTEM_PIPELINE)
-    with session_scope() as s:
-        s.add(CalibrationRun(idempotency_key="k", use_case_id=uc_id, spec_version=1, status="succeeded",
-                             model_version_id=mv.id))  # fmt: skip
+    _challenger(name)
     from flows.common import load_context
 
     calibration, kept_apart = load_context(name).split()
@@ -189,6 +180,67 @@ def test_cli_import_validates_then_stores_once(flow_use_case, trust_accounts: st
     assert count() == 10
     with session_scope() as s:
         assert set(s.scalars(select(Observation.source))) == {"imported"}
+
+
+def test_an_import_is_checked_against_the_running_pilots_own_dataset(
+    flow_use_case, tiny_model_dir, pilot_dataset: Path, tmp_path: Path
+) -> None:
+    """A pilot started under spec version 1 keeps it (a new version applies to the next pilot), so an
+    import into it takes version 1's requests, not those of a version 2 with another dataset. (The import
+    checked the ids against the newest version's dataset: the running pilot's own requests were refused as
+    "not a request of this use case" and version 2's, which its traffic never hands out, let in.)"""
+    import yaml
+
+    from flows.common import load_context
+    from flows.pilot import pilot_flow
+    from rollout import pilot_batches
+    from rollout.observations_io import ObservationImportError
+    from rollout.usecases import add_usecase
+    from tests.fixtures.flows import tiny_spec
+
+    name = flow_use_case()
+    _challenger(name)
+    v1_ids = [r["id"] for r in load_context(name).split()[1][:4]]
+    first = pilot_flow(name, observations_file=str(_write_jsonl(tmp_path / "a.jsonl", _rows(v1_ids[:2]))))
+    # version 2: the same use case on another dataset (the same tickets under other ids)
+    other = tmp_path / "other.jsonl"
+    other.write_text(
+        "".join(json.dumps({**json.loads(line), "id": f"v2-{json.loads(line)['id']}"}) + "\n"
+                for line in pilot_dataset.read_text().splitlines())
+    )  # fmt: skip
+    spec = tmp_path / "v2.yaml"
+    spec.write_text(yaml.safe_dump(tiny_spec(tiny_model_dir, name, dataset_file=other)))
+    assert add_usecase(spec, actor="an-operator", new_version=True).status == "new_version"
+    v2_ids = [r["id"] for r in load_context(name).split()[1][:2]]
+    assert not set(v2_ids) & set(v1_ids)
+
+    later = _write_jsonl(tmp_path / "b.jsonl", _rows(v1_ids[2:]))
+    # ids read from another version than the pilot's (the pilot changed between the reads): refused
+    with pytest.raises(ObservationImportError, match="runs under spec version 1, not the version 2"):
+        pilot_batches.import_file(name, str(later), set(v1_ids), spec_version=2)
+    second = pilot_flow(name, observations_file=str(later))
+    assert second["pilot_id"] == first["pilot_id"]  # the same pilot, still under version 1
+    assert second["batches"][0]["inserted"] == 4, second
+    newer = _write_jsonl(tmp_path / "v2.jsonl", _rows(v2_ids))
+    refused = r"v2\.jsonl: rows 1 \(id 'v2-.*: request_id: not a request of this use case"
+    with pytest.raises(ObservationImportError, match=refused):
+        pilot_flow(name, observations_file=str(newer))
+
+
+def _challenger(name: str) -> None:
+    """A registered challenger, as calibration leaves it (no model work needed for an import)."""
+    from rollout import registry
+    from rollout.db.models import CalibrationRun
+    from rollout.db.session import session_scope
+    from rollout.pilots import get_use_case
+    from sparse_core import SparsePlan
+
+    with session_scope() as s:
+        uc_id = get_use_case(s, name).id
+    mv = registry.register_version(name, SparsePlan(tau=0.9), _model_of(name), actor=registry.SYSTEM_PIPELINE)
+    with session_scope() as s:
+        s.add(CalibrationRun(idempotency_key="k", use_case_id=uc_id, spec_version=1, status="succeeded",
+                             model_version_id=mv.id))  # fmt: skip
 
 
 def _api_url() -> str:

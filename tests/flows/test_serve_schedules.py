@@ -1,6 +1,6 @@
-"""`sparsepilot serve` registers one cron schedule per use case (from its spec) and serves them; the
-schedules are read back through the Prefect client while the command runs (a real subprocess against
-the session's Prefect test server)."""
+"""`sparsepilot serve` registers one cron schedule per use case (from its spec) and serves them, and
+deletes the deployment of a use case whose spec lost its schedule; the schedules are read back through the
+Prefect client while the command runs (a real subprocess against the session's Prefect test server)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -21,6 +23,41 @@ def _read_deployments() -> dict[str, object]:
         return {d.name: d for d in client.read_deployments()}
 
 
+@contextmanager
+def _serving(prefect_harness: str, log_path: Path) -> Iterator[Callable[[Callable[[set[str]], bool]], dict]]:
+    """`sparsepilot serve` running in a subprocess (its output in `log_path`); yields `wait(until)`: the
+    deployments on the server once `until(their names)` holds (150 s at most, the serve still running)."""
+    env = dict(os.environ, PREFECT_API_URL=prefect_harness, PREFECT_LOGGING_LEVEL="WARNING")
+    log = log_path.open("w")
+    cmd = [sys.executable, "-m", "sparsepilot", "serve"]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+    def wait(until: Callable[[set[str]], bool]) -> dict[str, object]:
+        deadline = time.monotonic() + 150
+        found: dict[str, object] = {}
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            found = _read_deployments()
+            if until(set(found)):
+                break
+            time.sleep(1)
+        assert until(set(found)), (sorted(found), log_path.read_text()[-3000:])
+        return found
+
+    try:
+        yield wait
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        log.close()
+
+
 def test_serve_registers_one_schedule_per_use_case(
     flow_use_case, prefect_harness: str, tmp_path: Path
 ) -> None:
@@ -28,23 +65,9 @@ def test_serve_registers_one_schedule_per_use_case(
     flow_use_case("qa-b", schedule={"cron": "30 3 * * 1-5", "timezone": "Europe/Berlin"})
     flow_use_case("unscheduled-c", schedule=None)
 
-    env = dict(os.environ, PREFECT_API_URL=prefect_harness, PREFECT_LOGGING_LEVEL="WARNING")
-    log = (tmp_path / "serve.log").open("w")
-    cmd = [sys.executable, "-m", "sparsepilot", "serve"]
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    try:
+    with _serving(prefect_harness, tmp_path / "serve.log") as wait:
         wanted = {"sparsepilot-chat-a", "sparsepilot-qa-b", "sparsepilot-approval"}
-        deadline = time.monotonic() + 150
-        found: dict[str, object] = {}
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            found = _read_deployments()
-            if wanted <= set(found):
-                break
-            time.sleep(1)
-        assert wanted <= set(found), (sorted(found), (tmp_path / "serve.log").read_text()[-3000:])
+        found = wait(lambda names: wanted <= names)
         assert "sparsepilot-unscheduled-c" not in found
 
         def schedule(name: str) -> tuple[str, str, bool]:
@@ -56,11 +79,38 @@ def test_serve_registers_one_schedule_per_use_case(
         assert found["sparsepilot-chat-a"].parameters == {"use_case": "chat-a"}
         assert found["sparsepilot-qa-b"].parameters == {"use_case": "qa-b"}
         assert found["sparsepilot-approval"].schedules == []
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        log.close()
+
+
+def test_serve_deletes_the_cycle_of_a_use_case_that_lost_its_schedule(
+    flow_use_case, prefect_harness: str, tmp_path: Path
+) -> None:
+    """A use case's spec drops its schedule; plain `serve` (no work pool) left its deployment, served
+    by no one, on the server, whose scheduler kept making runs that went Late. It is deleted, as
+    `serve --work-pool` deletes it, and the serve says so."""
+    import yaml
+
+    from flows.deployments import build_deployments
+    from rollout.usecases import add_usecase
+
+    flow_use_case("served-keep")
+    flow_use_case("served-drop", schedule={"cron": "30 2 * * *", "timezone": "UTC"})
+    for deployment in build_deployments():  # what an earlier `serve` registered
+        deployment.apply()
+    assert {"sparsepilot-served-keep", "sparsepilot-served-drop"} <= set(_read_deployments())
+    spec_file = tmp_path / "served-drop.yaml"  # a new spec version without `schedule:` (it is optional)
+    spec = yaml.safe_load(spec_file.read_text())
+    spec.pop("schedule")
+    spec_file.write_text(yaml.safe_dump(spec))
+    add_usecase(spec_file, actor="test-owner", new_version=True)
+
+    log = tmp_path / "serve.log"
+    with _serving(prefect_harness, log) as wait:
+        found = wait(
+            lambda names: "sparsepilot-served-keep" in names and "sparsepilot-served-drop" not in names
+        )
+        assert [s.schedule.cron for s in found["sparsepilot-served-keep"].schedules] == ["15 4 * * *"]
+        said = "sparsepilot-served-drop: no schedule in spec v2, deleted"
+        deadline = time.monotonic() + 30  # printed just after the deletion
+        while said not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert said in log.read_text(), log.read_text()[-3000:]

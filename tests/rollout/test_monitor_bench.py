@@ -31,6 +31,27 @@ def test_a_look_judges_every_row_since_promotion(tmp_path) -> None:  # noqa: ANN
     assert "one monitor look" in " ".join(res.output.split())
 
 
+def test_the_judgement_is_timed_under_the_promoted_pilots_spec_version(sp_home, tmp_path) -> None:  # noqa: ANN001
+    """The bench judged with the use case's newest spec version; the monitor judges with the one its
+    promoted pilot started under (`decisions.monitor_look`), so a later version's guardrails are not
+    what a look runs."""
+    import yaml
+
+    from rollout import monitor_bench
+    from rollout.bench_home import setup_home
+    from rollout.usecases import add_usecase
+
+    home = tmp_path / "bench-home"
+    home.mkdir()
+    name = setup_home(home, monitor_bench.NAME)
+    monitor_bench._promoted_monitor_step(name)  # under spec version 1
+    spec = yaml.safe_load((home / "spec.yaml").read_text())
+    spec["gate"]["guardrails"] = {"max_error_rate": 0.2}  # version 2, after the promotion
+    (home / "v2.yaml").write_text(yaml.safe_dump(spec))
+    assert add_usecase(home / "v2.yaml", actor="bench", new_version=True).status == "new_version"
+    assert monitor_bench._spec(name).gate.guardrails.max_error_rate == 0.01  # version 1's (the default)
+
+
 def test_a_size_below_one_look_is_refused(tmp_path) -> None:  # noqa: ANN001
     out = tmp_path / "monitor.json"
     res = CliRunner().invoke(app, ["bench", "monitor", "--rows", "99", "--batch", "50", "--out", str(out)])

@@ -26,6 +26,11 @@ from rollout.redact import redact
         ("postgresql+psycopg://app:s3cr#et@db:5432/sp", "s3cr#et"),
         ("postgresql+psycopg://app:abc@def@db/sp", "abc"),
         ("a http://u:p/q1@h/x and b postgresql://v:w x2@y/z", "x2"),
+        # ... but only the password: a URL's port is none, nor are the words after it (s45 F2c)
+        ("postgresql://app:123456@db/sp", "123456"),
+        ("postgresql://app:12/34@db/sp", "12/34"),
+        ("postgresql://app:5000x y@db/sp", "5000x y"),
+        ("postgresql://v:w x@2@y/z failed for a@b", "w x@2"),
         # hyphenated keys, as HTTP headers and configs spell them (review T7: the X3 fix let them through)
         ("X-Api-Key: abc123 refused", "abc123"),
         ("X-Auth-Token: zzz9", "zzz9"),
@@ -50,8 +55,31 @@ def test_ordinary_text_is_left_alone() -> None:
         "traffic.prompt_tokens: the longest prompt (480) plus output (96) tokens exceed the context",
         "sqlite:////tmp/x/state.db",
         "https://mlflow.example.com:5000/#/models",
+        # a host's port is no password, nor is a later '@' part of the URL: "https://h:***@b" (s45 F2c)
+        "https://h:5000/api failed for a@b",
+        "http://localhost:5000 refused; mail ops@example.com",
+        "see https://h:8080, then ask a@b",
+        "http://h:5000?x=1 for a@b",
     ):
         assert redact(text) == text
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("http://u:p@h:5000/x, then a@b", "http://u:***@h:5000/x, then a@b"),
+        ("postgresql://app:s3cr et@db/sp failed for a@b", "postgresql://app:***@db/sp failed for a@b"),
+        (
+            "https://h:5000/api failed for postgresql://app:pw@db/x",
+            "https://h:5000/api failed for postgresql://app:***@db/x",
+        ),
+        ("postgresql://app:abc@def@db/sp", "postgresql://app:***@db/sp"),
+    ],
+)
+def test_a_url_password_is_masked_and_nothing_after_it(text: str, shown: str) -> None:
+    """The password ran to the last '@' of the line, taking the words before it along ("... failed for
+    a@b"): it runs to the last '@' of its own word, or, holding a space, of the first word with one."""
+    assert redact(text) == shown
 
 
 def test_fail_prints_markup_literally_and_redacts(sp_home) -> None:  # noqa: ANN001
