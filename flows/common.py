@@ -150,9 +150,17 @@ def load_context(name: str, version: int | None = None) -> UseCaseContext:
 
 
 def get_model(ref: str) -> tuple[Any, Any]:
-    """(model, tokenizer) loaded once per process: the main job reuses it across use cases. Callers
-    that sparsify it must unsparsify before returning (see `dense_model`)."""
+    """(model, tokenizer) loaded once per process: the main job reuses it across use cases. Loaded again
+    when the weights at `ref` changed since (a fine-tune updated in place: their fingerprint, cheap once
+    computed, is checked on every call), so a flow keyed by the weights it finds on disk never runs on
+    the old ones (review T6). Callers that sparsify it must unsparsify before returning (see
+    `dense_model`)."""
+    from sparse_core.fingerprint import weights_fingerprint
+
     with _MODEL_LOCK:
+        cached = _MODELS.get(ref)
+        if cached is not None and cached[0].config.weights_fingerprint != weights_fingerprint(ref):
+            del _MODELS[ref], cached  # the old weights go before the new ones load
         if ref not in _MODELS:
             from sparse_core import load_model
 
