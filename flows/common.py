@@ -192,7 +192,8 @@ def require_prefect_api(timeout_s: float = 10.0) -> None:
     starts: one GET of its /health. A server that does not answer (a closed port, a wrong host, a
     timeout) is a `SettingsError` naming the variable (`error: ...`, exit 2 at the CLI), not Prefect's
     three chained tracebacks once the flow starts. Any HTTP answer, an auth refusal included, is left
-    to Prefect; without the variable the flows start their own temporary server."""
+    to Prefect; without the variable the flows start their own temporary server, which ends with this
+    process (`flows.temporary_server`: a command killed with SIGKILL leaves no server behind)."""
     import os
     import re
 
@@ -202,6 +203,9 @@ def require_prefect_api(timeout_s: float = 10.0) -> None:
 
     url = os.environ.get("PREFECT_API_URL", "").strip()
     if not url:
+        from flows.temporary_server import bind_to_this_process
+
+        bind_to_this_process()
         return
     try:
         httpx.get(f"{url.rstrip('/')}/health", timeout=timeout_s)
