@@ -130,6 +130,8 @@ def print_evaluation(name: str, result: dict[str, Any]) -> None:
             "speedup", "speedup_low", "speedup_high", "savings_month_usd", "payback_days",
             "reused"]  # fmt: skip
     print_record(f"evaluation of {name}", result, cols)
+    if result.get("tasks_not_scored"):  # the quality columns above are empty, and this says why
+        console.print(f"warning: {result['tasks_not_scored']}", style="yellow", soft_wrap=True, markup=False)
     if result.get("measured_under_overload"):  # the speed-up and $ above are a busy host's figures
         console.print(
             f"warning: {result['measured_under_overload']}", style="yellow", soft_wrap=True, markup=False
