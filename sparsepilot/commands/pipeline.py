@@ -106,6 +106,8 @@ def calibrate_use_case(name: str, quick: bool, json_out: bool) -> None:
         "met_budget",
         "reused",
     ]
+    if result.get("met_budget") != result.get("prefill_met_budget", result.get("met_budget")):
+        cols.append("prefill_met_budget")  # the decode part alone met the budget: prefill stays dense
     if result.get("task_bound_verdict"):  # the task bound: certified with its drop, or why not
         cols.append("task_bound_verdict")
     print_record(f"calibration of {name}", result, cols)
