@@ -26,6 +26,7 @@ from flows.common import (
     under_lease,
 )
 from rollout import leases, registry, runs, tracking
+from rollout.calibration_outcome import budget_words, met_budget
 from rollout.dataset_split import EVALUATION_SHARE
 from rollout.task_budget import task_verdict
 from rollout.validation import QUICK_HOLDOUT_FRACTION, QUICK_MAX_SEQ_LEN, quick_windows_apply
@@ -239,7 +240,7 @@ def register_challenger(
         run_pk,
         model_version=mv,
         mlflow_run_id=mlflow_run_id,
-        metrics={**_flat_metrics(report), "met_budget": bool(report.get("met_budget"))},
+        metrics={**_flat_metrics(report), **_budget_flags(report)},
         density=report.get("density"),
     )
     return {"model_version_id": mv.id, "mlflow_version": mv.mlflow_version, "alias_move_id": move.id}
@@ -261,6 +262,12 @@ def reuse_challenger(ctx: UseCaseContext, run: dict[str, Any]) -> dict[str, Any]
 @flow_task("calibration-run-failed")
 def mark_failed(ctx: UseCaseContext, run_pk: int, error: str) -> None:
     runs.calibration_failed(ctx.use_case_id, run_pk, error)
+
+
+def _budget_flags(report: dict[str, Any]) -> dict[str, bool]:
+    """`met_budget`: a sparse plan met the budget, its prefill part or its decode part (what the cycle,
+    the main job and the pilot read: rollout.calibration_outcome); `prefill_met_budget`: the prefill's."""
+    return {"met_budget": met_budget(report), "prefill_met_budget": bool(report.get("met_budget"))}
 
 
 def _flat_metrics(report: dict[str, Any]) -> dict[str, float]:
@@ -360,15 +367,15 @@ def calibrate_flow(
         use_case,
         report.get("density", float("nan")),
         "not measured on held-out windows" if measured is None else f"{measured:.3f} on held-out windows",
-        "met" if report.get("met_budget") else "NOT met: plan stays dense",
+        budget_words(report),
         f"; {task}" if task else "",
         reg["mlflow_version"],
     )
     return {
         "calibration_run_id": run["id"],
         "reused": False,
-        "met_budget": bool(report.get("met_budget")),
         **metrics,
+        **_budget_flags(report),
         **({"task_bound_verdict": task} if task else {}),
         **reg,
     }

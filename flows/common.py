@@ -150,9 +150,17 @@ def load_context(name: str, version: int | None = None) -> UseCaseContext:
 
 
 def get_model(ref: str) -> tuple[Any, Any]:
-    """(model, tokenizer) loaded once per process: the main job reuses it across use cases. Callers
-    that sparsify it must unsparsify before returning (see `dense_model`)."""
+    """(model, tokenizer) loaded once per process: the main job reuses it across use cases. Loaded again
+    when the weights at `ref` changed since (a fine-tune updated in place: their fingerprint, cheap once
+    computed, is checked on every call), so a flow keyed by the weights it finds on disk never runs on
+    the old ones (review T6). Callers that sparsify it must unsparsify before returning (see
+    `dense_model`)."""
+    from sparse_core.fingerprint import weights_fingerprint
+
     with _MODEL_LOCK:
+        cached = _MODELS.get(ref)
+        if cached is not None and cached[0].config.weights_fingerprint != weights_fingerprint(ref):
+            del _MODELS[ref], cached  # the old weights go before the new ones load
         if ref not in _MODELS:
             from sparse_core import load_model
 
@@ -184,7 +192,8 @@ def require_prefect_api(timeout_s: float = 10.0) -> None:
     starts: one GET of its /health. A server that does not answer (a closed port, a wrong host, a
     timeout) is a `SettingsError` naming the variable (`error: ...`, exit 2 at the CLI), not Prefect's
     three chained tracebacks once the flow starts. Any HTTP answer, an auth refusal included, is left
-    to Prefect; without the variable the flows start their own temporary server."""
+    to Prefect; without the variable the flows start their own temporary server, which ends with this
+    process (`flows.temporary_server`: a command killed with SIGKILL leaves no server behind)."""
     import os
     import re
 
@@ -194,6 +203,9 @@ def require_prefect_api(timeout_s: float = 10.0) -> None:
 
     url = os.environ.get("PREFECT_API_URL", "").strip()
     if not url:
+        from flows.temporary_server import bind_to_this_process
+
+        bind_to_this_process()
         return
     try:
         httpx.get(f"{url.rstrip('/')}/health", timeout=timeout_s)

@@ -70,6 +70,7 @@ def open_run(ctx: UseCaseContext, mv_id: int, key: str) -> dict[str, Any]:
 def run_evaluation(
     ctx: UseCaseContext, target: dict[str, Any], settings: dict[str, Any], pictures_dir: str
 ) -> dict:
+    from rollout.dataset_split import nothing_to_score
     from sparse_core.evaluation import EvalSuite, evaluate
     from sparse_core.tasks import TaskRow
 
@@ -92,12 +93,16 @@ def run_evaluation(
         leases.check_held()  # a run that lost its use case stops here, not after the whole evaluation
 
     report = evaluate(model, tok, plan, suite, progress=progress)
+    unscored = nothing_to_score(len(ctx.rows), len(held), len(rows))
     if report.tasks is not None:  # which rows: the evaluation's own, out of how many
         report.tasks["rows_from"] = {"split": "evaluation", "rows": len(held), "dataset_rows": len(ctx.rows)}
     # dense decode tokens/s, timed by the evaluation at the use case's lengths on the served cache
     dec = (report.decode or {}).get("summary") or {}
     decode_tps = dec.get("weighted_dense_tokens_per_s")
-    return {"report": report.to_dict(), "metrics": report.metrics(), "decode_tps": decode_tps}
+    out = report.to_dict()
+    if unscored:  # recorded with the run (rollout.runs.evaluation_summary), said in the flow's last line
+        out["tasks_not_scored"] = unscored
+    return {"report": out, "metrics": report.metrics(), "decode_tps": decode_tps}
 
 
 def _rounds(
@@ -238,8 +243,9 @@ def evaluate_flow(use_case: str, quick: bool = False, suite: dict[str, Any] | No
 
 
 def summary_line(use_case: str, summary: dict[str, Any]) -> str:
-    """The flow's closing log line: the speed-up with its interval and the $/month saved, and, where the
-    timings behind them were kept under overload, that warning (`measured_under_overload`)."""
+    """The flow's closing log line: the speed-up with its interval and the $/month saved; that it has no
+    task score, and why, where no row kept apart from calibration could be scored (`tasks_not_scored`);
+    and, where the timings were kept under overload, that warning (`measured_under_overload`)."""
     from rollout.roi import usd
 
     ends = (summary["speedup_low"], summary["speedup_high"])
@@ -247,5 +253,5 @@ def summary_line(use_case: str, summary: dict[str, Any]) -> str:
     saved = summary["savings_month_usd"]  # a loss is said as one, as the verdict says it (rollout.roi)
     money = f"{usd(saved)}/month saved" if saved >= 0 else f"{usd(-saved)}/month more"
     line = f"{use_case}: speed-up {summary['speedup']:.2f}x {interval} on {summary['device']}, {money}"
-    warn = summary.get("measured_under_overload")
-    return f"{line}; {warn}" if warn else line
+    notes = [n for n in (summary.get("tasks_not_scored"), summary.get("measured_under_overload")) if n]
+    return "; ".join([line, *notes])

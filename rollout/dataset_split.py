@@ -58,6 +58,21 @@ def split_rows(rows: Sequence[Row], share: float = EVALUATION_SHARE) -> tuple[li
     return calibration, list(first_of_each_prompt(kept, lambda r: str(r["prompt"]), seen=fitted))
 
 
+def nothing_to_score(n_rows: int, held_apart: int, with_reference: int) -> str | None:
+    """Why an evaluation has no task score, said and recorded with it rather than an ordinary success
+    with no quality figure (review W5), or None when it has rows to score: of `n_rows`, `held_apart` are
+    kept apart from calibration (`split_rows`), `with_reference` of them with a reference."""
+    if with_reference:
+        return None
+    if n_rows <= MIN_CALIBRATION_ROWS:
+        why = f"the dataset's {n_rows} row(s) are all read by calibration"
+    elif not held_apart:
+        why = f"every row kept apart from calibration repeats a prompt calibration reads ({n_rows} rows)"
+    else:
+        why = f"none of the {held_apart} row(s) kept apart from calibration has a reference"
+    return f"no task score: {why}; the quality budget stands on calibration's own checks alone"
+
+
 def kept_apart_of(validation: Mapping[str, Any] | None) -> int | None:
     """The dataset's kept-apart distinct requests as its stored validation counted them (None for a spec
     version validated before the count existed)."""
@@ -70,6 +85,7 @@ __all__ = [
     "MIN_CALIBRATION_ROWS",
     "held_apart_count",
     "kept_apart_of",
+    "nothing_to_score",
     "row_hash",
     "split_rows",
 ]

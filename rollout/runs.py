@@ -248,12 +248,16 @@ def record_unregistered_challenger(use_case: str, base_model_ref: str, *, key: s
 def evaluation_summary(run: Any) -> dict[str, Any]:
     """The run's figures, and `measured_under_overload`: the warning its speed-up and dollars carry when
     timings behind them were kept under overload (`rollout.roi.timing_overload`), else None; and
-    `decode_status`, what sparse decode does in the ROI (`rollout.roi.decode_outcome`'s status)."""
+    `decode_status`, what sparse decode does in the ROI (`rollout.roi.decode_outcome`'s status); and
+    `tasks_not_scored`, why it has no task score where it has none
+    (`rollout.dataset_split.nothing_to_score`)."""
     return {
         "evaluation_run_id": run.id,
         **{f: getattr(run, f) for f in EVALUATION_FIELDS},
         "measured_under_overload": timing_overload((run.roi or {}).get("timing_host")),
         "decode_status": ((run.roi or {}).get("decode") or {}).get("status"),
+        # why it has no quality figure, where no row kept apart from calibration could be scored
+        "tasks_not_scored": (run.report or {}).get("tasks_not_scored"),
     }
 
 

@@ -307,7 +307,9 @@ class SearchStep:
 class CalibrationReport:
     estimator: str
     budget: dict
-    met_budget: bool  # a sparse (not all-dense) plan met the budget
+    # the prefill part: a sparse (not all-dense) prefill plan met the budget; the decode part's flag is in
+    # `decode` (rollout.calibration_outcome: either part met is a sparse plan within the budget)
+    met_budget: bool
     fidelity: dict  # held-out fidelity of the returned plan
     density: float  # mean fraction of causal blocks kept over layers (dense layers count 1.0): planned
     predicted_density: float

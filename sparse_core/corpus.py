@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -125,19 +126,34 @@ def text_fingerprint(texts: Sequence[str]) -> str:
     return h.hexdigest()
 
 
+def text_key(text: str) -> str:
+    """What makes two texts one for the split: the same after Unicode NFC normalisation, every run of
+    whitespace one space and the ends stripped (the rule rollout.traffic.prompt_key judges requests by)."""
+    return " ".join(unicodedata.normalize("NFC", text).split())
+
+
 def split_texts(texts: Sequence[str], holdout_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Deterministic split by a hash of (seed, index, text); both parts non-empty."""
-    if len(texts) < 2:
-        raise ValueError("calibration needs at least 2 texts (one is held out)")
+    """Deterministic split of the distinct texts (`text_key`) by a hash of (seed, index of the text's first
+    copy, text), each part in the texts' order: every copy of a text lands on one side, so the held-out
+    part never holds text calibration read (review W5: a dataset of one prompt repeated was "held out"
+    on its own calibration text). Both parts non-empty; ValueError below 2 distinct texts."""
+    first: dict[str, int] = {}
+    keys = [text_key(t) for t in texts]
+    for i, k in enumerate(keys):
+        first.setdefault(k, i)
+    if len(first) < 2:
+        raise ValueError(
+            f"calibration needs at least 2 distinct texts (one is held out); it has {len(first)}"
+        )
     scored = []
-    for i, t in enumerate(texts):
-        h = hashlib.sha256(f"{seed}:{i}:".encode() + t.encode("utf-8", "replace")).digest()
-        scored.append((int.from_bytes(h[:8], "big"), i))
+    for k, i in first.items():
+        h = hashlib.sha256(f"{seed}:{i}:".encode() + texts[i].encode("utf-8", "replace")).digest()
+        scored.append((int.from_bytes(h[:8], "big"), i, k))
     scored.sort()
-    n_held = heldout_texts(len(texts), holdout_fraction)
-    held_idx = {i for _, i in scored[:n_held]}
-    return [t for i, t in enumerate(texts) if i not in held_idx], [
-        t for i, t in enumerate(texts) if i in held_idx
+    held = {k for _, _, k in scored[: heldout_texts(len(first), holdout_fraction)]}
+    sides = [k in held for k in keys]
+    return [t for t, h in zip(texts, sides, strict=True) if not h], [
+        t for t, h in zip(texts, sides, strict=True) if h
     ]
 
 
@@ -152,13 +168,17 @@ def texts_shortfall(
     separator_tokens: int = 1,
 ) -> str | None:
     """Why `calibrate` could not cut one calibration and one held-out window from these texts, or None
-    when it can: it needs 2 non-blank texts (one is held out, `split_texts`), and each part must pack
+    when it can: it needs 2 distinct non-blank texts (one is held out, `split_texts`), and each part must pack
     into at least `min(2 * block_size, max_seq_len)` tokens (`pack_token_windows`: the texts joined, one
     separator token after each). `count_tokens` counts a text's tokens (no special tokens); an upper
     bound on them makes the check lenient, never wrong the other way."""
     texts = [t for t in texts if isinstance(t, str) and t.strip()]
-    if len(texts) < 2:
-        return f"calibration needs at least 2 non-blank prompts (one is held out); it has {len(texts)}"
+    distinct = len({text_key(t) for t in texts})
+    if distinct < 2:
+        return (
+            "calibration needs at least 2 distinct non-blank prompts (one is held out, and a copy of a "
+            f"calibration prompt is no held-out text); it has {distinct}"
+        )
     need = min(2 * block_size, max_seq_len)
     parts = split_texts(texts, holdout_fraction, seed)
     got = [sum(count_tokens(t) + separator_tokens for t in part) for part in parts]

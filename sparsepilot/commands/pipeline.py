@@ -106,6 +106,8 @@ def calibrate_use_case(name: str, quick: bool, json_out: bool) -> None:
         "met_budget",
         "reused",
     ]
+    if result.get("met_budget") != result.get("prefill_met_budget", result.get("met_budget")):
+        cols.append("prefill_met_budget")  # the decode part alone met the budget: prefill stays dense
     if result.get("task_bound_verdict"):  # the task bound: certified with its drop, or why not
         cols.append("task_bound_verdict")
     print_record(f"calibration of {name}", result, cols)
@@ -130,6 +132,8 @@ def print_evaluation(name: str, result: dict[str, Any]) -> None:
             "speedup", "speedup_low", "speedup_high", "savings_month_usd", "payback_days",
             "reused"]  # fmt: skip
     print_record(f"evaluation of {name}", result, cols)
+    if result.get("tasks_not_scored"):  # the quality columns above are empty, and this says why
+        console.print(f"warning: {result['tasks_not_scored']}", style="yellow", soft_wrap=True, markup=False)
     if result.get("measured_under_overload"):  # the speed-up and $ above are a busy host's figures
         console.print(
             f"warning: {result['measured_under_overload']}", style="yellow", soft_wrap=True, markup=False

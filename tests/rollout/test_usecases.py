@@ -292,7 +292,18 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, list[str]]]:
     # datasets calibration can never use (review W3): its calibrate failed after minutes, with a traceback
     cases["one row"] = (
         write_spec(tmp / "one-row", spec_with(lambda s: s.update(name="one-row")), rows=_rows(1)),
-        ["support_chat.jsonl: dataset: calibration needs at least 2 non-blank prompts (one is held out)"],
+        ["support_chat.jsonl: dataset: calibration needs at least 2 distinct non-blank prompts (one is held"],
+    )
+    # review W5: one prompt under 40 ids calibrated "budget met" on held-out windows of its own calibration
+    # text, and left nothing apart to evaluate on; a dataset that can never be calibrated honestly
+    one_prompt = _rows(1)[0]["prompt"]
+    cases["one prompt repeated"] = (
+        write_spec(
+            tmp / "one-prompt",
+            spec_with(lambda s: s.update(name="one-prompt")),
+            rows=[{"id": f"r{i}", "prompt": one_prompt, "reference": "abs"} for i in range(40)],
+        ),
+        ["support_chat.jsonl: dataset: calibration needs at least 2 distinct non-blank prompts", "it has 1"],
     )
     cases["prompts too short to calibrate on"] = (
         write_spec(

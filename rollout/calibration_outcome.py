@@ -1,0 +1,41 @@
+"""Whether a calibration found a sparse plan within the quality budget, and how to say it.
+
+A plan has two parts, each calibrated against the budget: its prefill part (`CalibrationReport.met_budget`:
+the eps search found a sparse prefill plan) and, with `quality_budget.decode`, its decode part
+(`report["decode"]`: a sparse decode section that met the same budget on generated tokens). Either one
+saves time, and the ROI prices each (docs/roi.md: a plan that keeps every prefill block but decodes
+sparsely is not the dense model). The flows used to record the prefill's flag alone as the
+calibration's `met_budget`, so a plan whose prefill search failed but whose decode met its budget read
+"no sparse plan met the quality budget" and was never piloted. Pure functions; the calibrate
+flow records `met_budget` from `met_budget`, and the main job, the cycle and the pilot read it back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+
+def decode_met_budget(report: Mapping[str, Any]) -> bool:
+    """Did the plan's decode part come out sparse within the budget? (A decode search that kept every
+    layer dense, as when the cache never reaches the break-even, met it trivially and saves nothing.)"""
+    dec = report.get("decode") or {}
+    return bool(dec.get("met_budget")) and any(b is not None for b in dec.get("layer_budgets") or ())
+
+
+def met_budget(report: Mapping[str, Any]) -> bool:
+    """A sparse plan met the quality budget: its prefill part, or its decode part (`decode_met_budget`)."""
+    return bool(report.get("met_budget")) or decode_met_budget(report)
+
+
+def budget_words(report: Mapping[str, Any]) -> str:
+    """The calibrate flow's words for the outcome: which part met the budget and which stays dense."""
+    prefill, decode = bool(report.get("met_budget")), decode_met_budget(report)
+    if prefill:
+        return "met"
+    if decode:
+        return "met by the decode part only: prefill stays dense, decode sparse"
+    return "NOT met: plan stays dense"
+
+
+__all__ = ["budget_words", "decode_met_budget", "met_budget"]

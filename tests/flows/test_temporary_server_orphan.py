@@ -1,0 +1,92 @@
+"""Review W4: `sparsepilot calibrate NAME` with no PREFECT_API_URL starts Prefect's temporary server; killed
+with SIGKILL, the command left that server (uvicorn prefect.server.api.server) running as an orphan,
+holding its port and the Prefect DB. The server now watches the process that started it and ends with it
+(flows.temporary_server). A real CLI process, a real server, a real kill -9."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from tests.fixtures.flows import tiny_spec
+from tests.fixtures.trust import password_of
+
+SERVER = "prefect.server.api.server:create_app"
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        tasks = Path(f"/proc/{pid}/task").iterdir()
+        return [int(c) for t in tasks for c in (t / "children").read_text().split()]
+    except (FileNotFoundError, ProcessLookupError):
+        return []
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie left for a parent that never reaps it is no server)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def test_a_killed_command_takes_its_temporary_prefect_server_with_it(
+    tiny_model_dir: Path, trust_accounts: str, tmp_path: Path
+) -> None:
+    home = tmp_path / "home"
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "SPARSEPILOT_", "MLFLOW_T"))
+    }
+    env.update(SPARSEPILOT_HOME=str(home), SPARSEPILOT_ACCOUNTS=trust_accounts)
+    subprocess.run([sys.executable, "-m", "sparsepilot", "init"], env=env, check=True, capture_output=True)
+    spec = tmp_path / "tiny-chat.yaml"
+    spec.write_text(yaml.safe_dump(tiny_spec(tiny_model_dir, "tiny-chat")))
+    subprocess.run(
+        [sys.executable, "-m", "sparsepilot", "usecase", "add", str(spec), "--password-stdin"],
+        env={**env, "SPARSEPILOT_USER": "olga"},
+        input=password_of("olga") + "\n",
+        text=True,
+        check=True,
+        capture_output=True,
+    )
+
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "sparsepilot", "calibrate", "tiny-chat", "--quick"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    server = None
+    try:
+        deadline = time.monotonic() + 120
+        while server is None and time.monotonic() < deadline and cli.poll() is None:
+            server = next((c for c in _children(cli.pid) if SERVER in _cmdline(c)), None)
+            time.sleep(0.1)
+        assert server is not None, f"no temporary server started under the command (rc {cli.poll()})"
+        time.sleep(1.0)  # the server up and serving the command's flow run
+        cli.send_signal(signal.SIGKILL)
+        cli.wait(timeout=10)
+        gone_by = time.monotonic() + 10
+        while _alive(server) and time.monotonic() < gone_by:
+            time.sleep(0.1)
+        assert not _alive(server), f"the temporary server (pid {server}) outlived its killed command"
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait()
+        if server is not None and _alive(server):
+            os.kill(server, signal.SIGKILL)  # the orphan this test made: stopped by its pid
