@@ -30,12 +30,23 @@ def bind_to_this_process() -> None:
     a server already started is left as it is)."""
     from prefect.server.api.server import SubprocessASGIServer
 
+    if not _hook_available(SubprocessASGIServer):
+        return  # another Prefect 3.x: its own server, which a SIGKILL may orphan, rather than a broken one
     bound = _bound_server_class()
     current = SubprocessASGIServer._instances.get(None)
     if isinstance(current, bound) or (current is not None and current.running):
         return
     SubprocessASGIServer._instances.pop(None, None)
     bound()  # registered as the one Prefect's `SubprocessASGIServer()` returns
+
+
+def _hook_available(server_class: Any) -> bool:
+    """Does this Prefect start its temporary server the way this module replaces (checked with Prefect
+    3.9.1: `SubprocessASGIServer._instances`, one per port, and `_run_uvicorn_command`)? These are
+    Prefect's private names; pyproject allows any 3.x, so a Prefect that changed them keeps its own."""
+    return isinstance(getattr(server_class, "_instances", None), dict) and callable(
+        getattr(server_class, "_run_uvicorn_command", None)
+    )
 
 
 @functools.cache

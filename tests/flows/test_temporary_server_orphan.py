@@ -90,3 +90,16 @@ def test_a_killed_command_takes_its_temporary_prefect_server_with_it(
             cli.wait()
         if server is not None and _alive(server):
             os.kill(server, signal.SIGKILL)  # the orphan this test made: stopped by its pid
+
+
+def test_a_prefect_without_the_replaced_names_keeps_its_own_server() -> None:
+    """The hook replaces Prefect's private `SubprocessASGIServer._instances` / `_run_uvicorn_command`; the
+    installed Prefect has both (else the test above is the one to fail), and a Prefect 3.x that renamed
+    them is left to start its own server rather than a broken one."""
+    from prefect.server.api.server import SubprocessASGIServer
+
+    from flows.temporary_server import _hook_available
+
+    assert _hook_available(SubprocessASGIServer)
+    assert not _hook_available(type("Renamed", (), {"_instances": {}}))
+    assert not _hook_available(type("Renamed", (), {"_run_uvicorn_command": lambda self: None}))
