@@ -53,7 +53,9 @@ def resolve_kernel(kernel: str, device: torch.device) -> str:
 
 def key_valid_from_mask(attention_mask: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:
     """Accept a 2D key-padding mask [B, S] (1/True = token) or a 4D mask [B, 1|H, S, S] (bool
-    True = attend, or additive float); return [B, S] bool or None when nothing is padded."""
+    True = attend, or additive float); return a contiguous [B, S] bool (the kernels and estimators
+    reshape it into blocks) or None when nothing is padded. A 4D mask's key row is its diagonal, a
+    strided view into the [S, S] mask, so it is copied out."""
     if attention_mask is None:
         return None
     m = attention_mask
@@ -66,7 +68,7 @@ def key_valid_from_mask(attention_mask: torch.Tensor | None, seq_len: int) -> to
         raise ValueError(f"attention_mask must be 2D [B, S] or 4D [B, H, S, S], got {tuple(m.shape)}")
     if kv.shape[-1] != seq_len:
         raise ValueError(f"attention_mask covers {kv.shape[-1]} keys but the sequence has {seq_len}")
-    return None if bool(kv.all()) else kv
+    return None if bool(kv.all()) else kv.contiguous()
 
 
 def synchronize(device: torch.device) -> None:

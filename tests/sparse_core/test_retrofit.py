@@ -78,6 +78,31 @@ def test_padded_batch_equals_dense_at_tau_one(tiny_qwen_dir, side):
     assert len(stats.calls) == model.config.num_hidden_layers and stats.dense_fallbacks == 0
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_of_whole_blocks_runs_sparse_below_tau_one(tiny_llama_dir, side):
+    """A padded batch whose padded length is a whole number of blocks (the 4D mask's key row reaches
+    the kernel uncopied) at tau < 1: it runs sparse, and the unpadded row gives what it gives alone."""
+    model, tok = load_model(tiny_llama_dir)
+    ids = _prompt(tok, 256)  # 8 blocks of 32
+    batch = torch.cat([ids, ids.roll(7, dims=1)])
+    mask = torch.ones_like(batch)
+    if side == "left":
+        mask[1, :56] = 0
+    else:
+        mask[1, 200:] = 0
+    sparsify(model, SparsePlan(block_size=32, tau=0.6, local_blocks=1))
+    with torch.no_grad():
+        alone = model(ids).logits[0]
+        sparse_stats(model).reset()
+        padded = model(input_ids=batch, attention_mask=mask).logits
+    stats = sparse_stats(model)
+    unsparsify(model)
+    assert len(stats.calls) == model.config.num_hidden_layers and stats.dense_fallbacks == 0
+    assert all(c.density < 1.0 for c in stats.calls)
+    assert not torch.isnan(padded[mask.bool()]).any()
+    assert (padded[0] - alone).abs().max().item() <= 1e-4
+
+
 def test_bf16_forward_close_to_dense(tiny_llama_dir):
     model, tok = load_model(tiny_llama_dir, dtype=torch.bfloat16)
     ids = _prompt(tok)
