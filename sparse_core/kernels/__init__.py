@@ -32,6 +32,15 @@ class AttentionInfo:
     layer_idx: int | None = None
     head_density: list[float] = field(default_factory=list)  # per selection head
     selection: BlockSelection | None = field(default=None, repr=False)
+    # causal blocks the call covers (batch x query heads x n(n+1)/2): density's denominator, so calls
+    # of different lengths are summed by the blocks they stand for (`causal_block_count`)
+    causal_blocks: int = 0
+
+
+def causal_block_count(batch: int, heads: int, seq_len: int, block_size: int) -> int:
+    """Causal key blocks of a prefill: `heads` x (n(n+1)/2, n = whole or partial blocks) per row."""
+    n = -(-seq_len // block_size)
+    return batch * heads * n * (n + 1) // 2
 
 
 def available_kernels(device: torch.device | str = "cpu") -> list[str]:
@@ -223,7 +232,10 @@ def sparse_attention(
         t0 = time.perf_counter()
         out = run_kernel("dense", q, k, v, None, key_valid=key_valid, scale=scale)
         synchronize(dev)
-        return out, AttentionInfo(1.0, 0.0, "dense", time.perf_counter() - t0, s, layer_idx)
+        blocks = causal_block_count(b, hq, s, plan.block_size)
+        return out, AttentionInfo(
+            1.0, 0.0, "dense", time.perf_counter() - t0, s, layer_idx, causal_blocks=blocks
+        )
     synchronize(dev)
     t0 = time.perf_counter()
     # gather runs one call per distinct block count: round counts up to 8 sizes per octave
@@ -253,6 +265,7 @@ def sparse_attention(
         layer_idx=layer_idx,
         head_density=sel.head_density.tolist(),
         selection=sel if keep_selection else None,
+        causal_blocks=causal_block_count(b, hq, s, plan.block_size),
     )
     return out, info
 
@@ -261,6 +274,7 @@ __all__ = [
     "KERNELS",
     "AttentionInfo",
     "available_kernels",
+    "causal_block_count",
     "compiles_selection",
     "estimate_and_select",
     "key_valid_from_mask",
