@@ -296,36 +296,39 @@ def selection_density(
     model, plan: SparsePlan, windows: Sequence[Sequence[int]]
 ) -> tuple[list[list[float]], float]:
     """Per layer x selection head density of the plan's selection on these windows (the model's own
-    dense q/k; dense layers count 1.0), and the overall mean."""
-    from sparse_core.kernels import estimate_and_select
+    dense q/k; dense layers and one-block windows count 1.0), each window weighted by its causal blocks
+    as `SparseStats.density` weighs calls, and the overall density: kept over causal blocks."""
+    from sparse_core.kernels import causal_block_count, estimate_and_select
 
     n_layers = int(model.config.num_hidden_layers)
-    sums: dict[int, torch.Tensor] = {}
-    counts: dict[int, int] = {}
+    kept: dict[int, torch.Tensor | float] = {}  # per layer: kept blocks per head (or all, when dense)
+    causal: dict[int, int] = {}
 
     def on_layer(call):
         li = call.layer_idx
         params = plan.layer_params(li)
-        if params.dense or call.query.shape[2] <= plan.block_size:
-            hd = None
-        else:
+        s = call.query.shape[2]
+        blocks = causal_block_count(1, 1, s, plan.block_size)
+        share: torch.Tensor | float = 1.0
+        if not (params.dense or s <= plan.block_size):
             sel = estimate_and_select(call.query[:1], call.key[:1], plan, params, scale=call.scaling)
-            hd = sel.head_density.double()
-        if hd is not None:
-            sums[li] = sums.get(li, torch.zeros_like(hd)) + hd
-            counts[li] = counts.get(li, 0) + 1
+            share = sel.head_density.double()
+        kept[li] = kept.get(li, 0.0) + share * blocks
+        causal[li] = causal.get(li, 0) + blocks
 
     dev = next(model.parameters()).device
     for w in windows:
         with capture_attention(model, on_layer):
             model(input_ids=torch.tensor([list(w)], device=dev), logits_to_keep=1)
-    width = max((len(v) for v in sums.values()), default=1)
+    width = max((len(v) for v in kept.values() if isinstance(v, torch.Tensor)), default=1)
     table = []
     for li in range(n_layers):
-        if li in sums:
-            table.append((sums[li] / counts[li]).tolist())
-        else:
+        k = kept.get(li)
+        if isinstance(k, torch.Tensor):
+            table.append((k / causal[li]).tolist())
+        else:  # a dense layer (or every window one block): all of it computed
             table.append([1.0] * width)
+    # every layer and head covers the same causal blocks, so the plain mean of the table is their ratio
     flat = [x for row in table for x in row]
     return table, sum(flat) / len(flat)
 

@@ -44,10 +44,14 @@ class SparseStats:
 
     @property
     def density(self) -> float:
-        """Mean density over sparse calls (1.0 for dense-layer calls), NaN when none ran."""
-        if not self.calls:
+        """Share of causal blocks the sparse path computed: kept over causal blocks, summed over its
+        calls (dense-layer calls keep all theirs), so a long call weighs by the blocks it covers and not
+        as one call; NaN when none ran. Dense fallbacks (one-block prefills, unsupported masks) are not
+        in it."""
+        total = sum(c.causal_blocks for c in self.calls)
+        if not total:
             return float("nan")
-        return sum(c.density for c in self.calls) / len(self.calls)
+        return sum(c.density * c.causal_blocks for c in self.calls) / total
 
     @property
     def estimator_seconds(self) -> float:
@@ -58,22 +62,27 @@ class SparseStats:
         return sum(c.kernel_seconds for c in self.calls)
 
     def per_layer(self) -> dict[int, dict[str, Any]]:
+        """Per layer: its calls ``n``, and its ``density`` and per-head ``heads`` densities weighted by
+        causal blocks as `density` is."""
         out: dict[int, dict[str, Any]] = {}
         for c in self.calls:
             d = out.setdefault(
-                c.layer_idx if c.layer_idx is not None else -1, {"n": 0, "density": 0.0, "heads": None}
+                c.layer_idx if c.layer_idx is not None else -1,
+                {"n": 0, "density": 0.0, "heads": None, "blocks": 0},
             )
+            w = c.causal_blocks
             d["n"] += 1
-            d["density"] += c.density
+            d["blocks"] += w
+            d["density"] += c.density * w
             if c.head_density:
+                kept = [x * w for x in c.head_density]
                 hd = d["heads"]
-                d["heads"] = (
-                    c.head_density if hd is None else [a + b for a, b in zip(hd, c.head_density, strict=True)]
-                )
+                d["heads"] = kept if hd is None else [a + b for a, b in zip(hd, kept, strict=True)]
         for d in out.values():
-            d["density"] /= d["n"]
+            blocks = d.pop("blocks")
+            d["density"] = d["density"] / blocks if blocks else float("nan")
             if d["heads"] is not None:
-                d["heads"] = [x / d["n"] for x in d["heads"]]
+                d["heads"] = [x / blocks if blocks else float("nan") for x in d["heads"]]
         return out
 
 

@@ -32,6 +32,15 @@ class AttentionInfo:
     layer_idx: int | None = None
     head_density: list[float] = field(default_factory=list)  # per selection head
     selection: BlockSelection | None = field(default=None, repr=False)
+    # causal blocks the call covers (batch x query heads x n(n+1)/2): density's denominator, so calls
+    # of different lengths are summed by the blocks they stand for (`causal_block_count`)
+    causal_blocks: int = 0
+
+
+def causal_block_count(batch: int, heads: int, seq_len: int, block_size: int) -> int:
+    """Causal key blocks of a prefill: `heads` x (n(n+1)/2, n = whole or partial blocks) per row."""
+    n = -(-seq_len // block_size)
+    return batch * heads * n * (n + 1) // 2
 
 
 def available_kernels(device: torch.device | str = "cpu") -> list[str]:
@@ -53,7 +62,9 @@ def resolve_kernel(kernel: str, device: torch.device) -> str:
 
 def key_valid_from_mask(attention_mask: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:
     """Accept a 2D key-padding mask [B, S] (1/True = token) or a 4D mask [B, 1|H, S, S] (bool
-    True = attend, or additive float); return [B, S] bool or None when nothing is padded."""
+    True = attend, or additive float); return a contiguous [B, S] bool (the kernels and estimators
+    reshape it into blocks) or None when nothing is padded. A 4D mask's key row is its diagonal, a
+    strided view into the [S, S] mask, so it is copied out."""
     if attention_mask is None:
         return None
     m = attention_mask
@@ -66,7 +77,7 @@ def key_valid_from_mask(attention_mask: torch.Tensor | None, seq_len: int) -> to
         raise ValueError(f"attention_mask must be 2D [B, S] or 4D [B, H, S, S], got {tuple(m.shape)}")
     if kv.shape[-1] != seq_len:
         raise ValueError(f"attention_mask covers {kv.shape[-1]} keys but the sequence has {seq_len}")
-    return None if bool(kv.all()) else kv
+    return None if bool(kv.all()) else kv.contiguous()
 
 
 def synchronize(device: torch.device) -> None:
@@ -221,7 +232,10 @@ def sparse_attention(
         t0 = time.perf_counter()
         out = run_kernel("dense", q, k, v, None, key_valid=key_valid, scale=scale)
         synchronize(dev)
-        return out, AttentionInfo(1.0, 0.0, "dense", time.perf_counter() - t0, s, layer_idx)
+        blocks = causal_block_count(b, hq, s, plan.block_size)
+        return out, AttentionInfo(
+            1.0, 0.0, "dense", time.perf_counter() - t0, s, layer_idx, causal_blocks=blocks
+        )
     synchronize(dev)
     t0 = time.perf_counter()
     # gather runs one call per distinct block count: round counts up to 8 sizes per octave
@@ -251,6 +265,7 @@ def sparse_attention(
         layer_idx=layer_idx,
         head_density=sel.head_density.tolist(),
         selection=sel if keep_selection else None,
+        causal_blocks=causal_block_count(b, hq, s, plan.block_size),
     )
     return out, info
 
@@ -259,6 +274,7 @@ __all__ = [
     "KERNELS",
     "AttentionInfo",
     "available_kernels",
+    "causal_block_count",
     "compiles_selection",
     "estimate_and_select",
     "key_valid_from_mask",

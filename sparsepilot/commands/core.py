@@ -643,6 +643,74 @@ def _timing_overload(r) -> str | None:
     return timing_overload({"prefill": (r.speed_summary or {}).get("host"), "decode": decode})
 
 
+def _decode_note(row: dict) -> str:
+    """A decode row's note: why it ran dense, and how many of its pairs a busy host timed."""
+    extra = row.get("extra") or {}
+    notes = []
+    if extra.get("below_break_even"):
+        notes.append(f"below break-even ({extra.get('break_even_tokens'):,} tokens): dense")
+    elif extra.get("identical") and extra.get("decode_section"):
+        notes.append("every layer dense")
+    host = extra.get("host") or {}
+    if host.get("pairs_kept_under_overload"):
+        notes.append(f"{host['pairs_kept_under_overload']} of {host.get('pairs_timed')} pairs under overload")
+    return "; ".join(notes)
+
+
+def _print_decode(decode: dict, generated: dict | None) -> None:
+    """The report's decode section: per context length ms per generated token dense vs sparse, the
+    speed-up with its interval, the share of the cache the sparse steps read, KL and agreement of the
+    generated tokens; then the length-mix figures and the probes answered by generation. A plan without
+    a decode section was timed dense in both arms (what output tokens cost): said in one line."""
+    s = decode.get("summary") or {}
+    rows = decode.get("rows") or []
+    if not s.get("sparse_decode"):
+        each = ", ".join(f"{r['dense_ms_per_token']:.4g} at {r['seq_len']:,} tokens" for r in rows)
+        console.print(
+            f"decode: dense in both arms (no decode section in the plan); ms per generated token: {each}"
+        )
+        return
+    print_table(
+        "Decode speed (ms per generated token, medians; speed-up: geometric mean of the runs, "
+        "90% t interval)",
+        [
+            {
+                "seq_len": r["seq_len"],
+                "weight": r["weight"],
+                "dense_ms": r["dense_ms_per_token"],
+                "sparse_ms": r["sparse_ms_per_token"],
+                "speedup": r["speedup"],
+                "interval": f"{r['speedup_interval'][0]:.2f}-{r['speedup_interval'][1]:.2f}",
+                "cache_read": r["density"],
+                "kl": r["kl"],
+                "top1_agree": r["agree"],
+                "note": _decode_note(r),
+            }
+            for r in rows
+        ],
+    )
+    line = (
+        f"decode length-mix weighted speed-up: {s['weighted_speedup']:.3f} "
+        f"[{s['weighted_speedup_low']:.3f}, {s['weighted_speedup_high']:.3f}] at {s['density']:.1%} of the "
+        f"cache read; kl {s['kl']:.4g}, top1_agree {s['agree']:.4f} over {s['new_tokens']} generated tokens"
+    )
+    if s.get("rows_below_break_even"):
+        line += (
+            f"; {s['rows_below_break_even']} of {len(rows)} lengths below the break-even "
+            f"({s['break_even_tokens']:,} tokens) ran dense"
+        )
+    console.print(line)
+    if s["weighted_speedup_high"] < 1.0:
+        console.print(
+            "decode is slower than dense at this length mix: output tokens cost more", style="yellow"
+        )
+    if generated:
+        console.print(
+            f"probes answered by generation: dense {generated['dense_accuracy']:.4f}, sparse "
+            f"{generated['sparse_accuracy']:.4f} ({generated['n']} probes)"
+        )
+
+
 def _print_report(r) -> None:
     from dashboard.fmt import quality_interval as quality_bounds  # the dashboard's wording of them
 
@@ -722,6 +790,8 @@ def _print_report(r) -> None:
             )
         if r.speed_summary and r.speed_summary.get("weighted_speedup"):
             console.print(f"length-mix weighted speed-up: {r.speed_summary['weighted_speedup']:.3f}")
+    if r.decode:
+        _print_decode(r.decode, (r.probes or {}).get("generated"))
     overload = _timing_overload(r)
     if overload:  # the speed figures above are a busy host's: said beside them, as the benches do
         console.print(f"warning: {overload}", style="yellow", soft_wrap=True, markup=False)

@@ -10,8 +10,9 @@ import statistics
 import pytest
 
 from sparse_core import SparsePlan, is_sparsified
-from sparse_core.evaluation import EvalSuite, evaluate
+from sparse_core.evaluation import EvalSuite, evaluate, selection_density
 from sparse_core.prefill_bound import scored_positions
+from sparse_core.testing import sample_text
 
 EXPECTED_KEYS = [
     "schema_version",
@@ -120,6 +121,24 @@ def test_report_schema_metrics_and_pictures(quality_tiny, tmp_path):
         png = d["artifacts"][name]
         with open(png, "rb") as fh:
             assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_density_weighs_windows_by_their_causal_blocks(quality_tiny):
+    """Windows of 320 tokens (55 causal blocks of 32) and 64 (3, all kept): the report's density per
+    layer x head and overall is kept over causal blocks, the windows combined by hand from their own
+    densities, not their plain mean."""
+    model, tok = quality_tiny
+    ids = tok(sample_text(8000)).input_ids
+    long, short = ids[:320], ids[400:464]
+    plan = SparsePlan(block_size=32, tau=0.6, local_blocks=1)
+    table_long, d_long = selection_density(model, plan, [long])
+    table_short, d_short = selection_density(model, plan, [short])
+    table, density = selection_density(model, plan, [long, short])
+    assert d_short == 1.0 and d_long < 0.9
+    assert density == pytest.approx((d_long * 55 + d_short * 3) / 58, rel=1e-9)
+    for row, row_long in zip(table, table_long, strict=True):
+        assert row == pytest.approx([(x * 55 + 3) / 58 for x in row_long], rel=1e-9)
+    assert not is_sparsified(model)
 
 
 def test_fidelity_bounds_where_the_text_allows_and_windows_at_their_true_length(quality_tiny):

@@ -8,7 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from sparse_core import SparsePlan, sparse_attention
-from sparse_core.kernels import key_valid_from_mask
+from sparse_core.estimators import available_estimators
+from sparse_core.estimators.learned_gate import BlockGate, GateShape
+from sparse_core.estimators.learned_gate_v2 import BlockGateV2
+from sparse_core.kernels import available_kernels, key_valid_from_mask
 
 FP32_TOL = 1e-4
 BF16_TOL = 2e-2  # bf16 has an 8-bit mantissa; outputs are O(1)
@@ -100,6 +103,70 @@ def test_gather_sparse_equals_masked_sdpa(b, hq, hkv, s, bs, group_heads, local_
         assert ((out - ref).abs() * rows).max().item() <= FP32_TOL
 
 
+def _four_d(am):
+    """The 4D mask transformers builds for SDPA from a 2D one: causal & key padding, bool [B, 1, S, S]."""
+    s = am.shape[1]
+    return torch.ones(s, s, dtype=torch.bool).tril()[None, None] & am.bool()[:, None, None, :]
+
+
+def _plan_with_gate_weights(**kw):
+    """A plan carrying both learned gates' (perturbed initial) weights for 2 layers, 6/2 heads, dim 32."""
+    torch.manual_seed(5)
+    shape = GateShape(num_layers=2, num_heads=6, num_kv_heads=2, head_dim=32, gate_dim=32)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 32, 2).float() / 32))
+    tensors = {}
+    for gate in (BlockGate(shape, 32), BlockGateV2(shape, 32, inv_freq)):
+        with torch.no_grad():
+            for p in gate.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        tensors.update(gate.to_tensors())
+    return SparsePlan(block_size=32, tensors=tensors, **kw)
+
+
+def _check_padded_batch(estimator, kernel, s):
+    """A left- and a right-padded row under a sparse selection, the padding given as the 2D mask, the 4D
+    bool mask transformers builds and its additive form: the output equals SDPA restricted to the kept
+    blocks (dense: to causal + padding)."""
+    q, k, v = _qkv(2, 6, 2, s, seed=11)
+    plan = _plan_with_gate_weights(estimator=estimator, tau=0.6, local_blocks=1)
+    am = _padding(2, s)
+    four_d = _four_d(am)
+    additive = torch.zeros(four_d.shape).masked_fill(~four_d, torch.finfo(torch.float32).min)
+    for mask in (am, four_d, additive):
+        out, info = sparse_attention(
+            q, k, v, plan, kernel=kernel, layer_idx=1, attention_mask=mask, keep_selection=True
+        )
+        blocks = None if kernel == "dense" else info.selection.mask()
+        if blocks is not None:
+            assert info.density < 1.0, (estimator, kernel, s)
+        ref = _reference(q, k, v, key_valid=am.bool(), block_mask=blocks, block_size=32)
+        assert not torch.isnan(out).any()
+        assert ((out - ref).abs() * _valid_rows(am)).max().item() <= FP32_TOL, (estimator, kernel, s)
+
+
+PADDED_LENGTHS = [pytest.param(256, id="whole-blocks"), pytest.param(200, id="ragged")]
+
+
+@pytest.mark.parametrize("estimator", available_estimators())
+@pytest.mark.parametrize("s", PADDED_LENGTHS)
+def test_padded_batch_at_tau_below_one_every_estimator(estimator, s):
+    """Every registered estimator on every uncompiled CPU kernel. A 4D mask over whole blocks used to
+    crash the gather kernel (its key row was a strided view of the mask)."""
+    for kernel in available_kernels("cpu"):
+        if kernel != "flex":
+            _check_padded_batch(estimator, kernel, s)
+
+
+def test_padded_batch_at_tau_below_one_flex():
+    """The same on the compiled flex kernel, in one test so the compile (about a minute on a CPU) is paid
+    once: a new selection of the same shape reuses it."""
+    if "flex" not in available_kernels("cpu"):
+        pytest.skip("no FlexAttention in this torch")
+    for s in (256, 200):
+        for estimator in available_estimators():
+            _check_padded_batch(estimator, "flex", s)
+
+
 def test_flex_kernel_compiled():
     """One compiled shape (GQA, ragged length padded to a bucket of blocks): full density == SDPA,
     a sparse selection == masked SDPA, a new selection of the same shape runs without recompiling,
@@ -179,6 +246,7 @@ def test_key_valid_from_masks():
     assert torch.equal(key_valid_from_mask(four_d, s), am.bool())
     additive = torch.zeros(1, 1, s, s).masked_fill(~four_d, torch.finfo(torch.float32).min)
     assert torch.equal(key_valid_from_mask(additive, s), am.bool())
+    assert key_valid_from_mask(four_d.expand(2, 1, s, s), s).is_contiguous()  # not a view of the diagonal
     with pytest.raises(ValueError, match="covers 6 keys but the sequence has 7"):
         key_valid_from_mask(am, 7)
 

@@ -78,6 +78,60 @@ def test_padded_batch_equals_dense_at_tau_one(tiny_qwen_dir, side):
     assert len(stats.calls) == model.config.num_hidden_layers and stats.dense_fallbacks == 0
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_of_whole_blocks_runs_sparse_below_tau_one(tiny_llama_dir, side):
+    """A padded batch whose padded length is a whole number of blocks (the 4D mask's key row reaches
+    the kernel uncopied) at tau < 1: it runs sparse, and the unpadded row gives what it gives alone."""
+    model, tok = load_model(tiny_llama_dir)
+    ids = _prompt(tok, 256)  # 8 blocks of 32
+    batch = torch.cat([ids, ids.roll(7, dims=1)])
+    mask = torch.ones_like(batch)
+    if side == "left":
+        mask[1, :56] = 0
+    else:
+        mask[1, 200:] = 0
+    sparsify(model, SparsePlan(block_size=32, tau=0.6, local_blocks=1))
+    with torch.no_grad():
+        alone = model(ids).logits[0]
+        sparse_stats(model).reset()
+        padded = model(input_ids=batch, attention_mask=mask).logits
+    stats = sparse_stats(model)
+    unsparsify(model)
+    assert len(stats.calls) == model.config.num_hidden_layers and stats.dense_fallbacks == 0
+    assert all(c.density < 1.0 for c in stats.calls)
+    assert not torch.isnan(padded[mask.bool()]).any()
+    assert (padded[0] - alone).abs().max().item() <= 1e-4
+
+
+def test_density_is_kept_over_causal_blocks_summed_over_calls_of_different_lengths(tiny_llama_dir):
+    """A 320-token forward (10 blocks of 32: 55 causal per head) and a 64-token one (2 blocks: 3 causal,
+    all kept by the sink + local window): sparse_stats's density is their kept blocks (each call's
+    density x its causal blocks, counted by hand) over their causal blocks, not the mean of the calls."""
+    model, tok = load_model(tiny_llama_dir)
+    heads, layers = model.config.num_attention_heads, model.config.num_hidden_layers
+    sparsify(model, SparsePlan(block_size=32, tau=0.6, local_blocks=1))
+    with torch.no_grad():
+        model(_prompt(tok, 320))
+        model(_prompt(tok, 64))
+    stats = sparse_stats(model)
+    per_layer = stats.per_layer()
+    unsparsify(model)
+    assert [c.seq_len for c in stats.calls] == [320] * layers + [64] * layers
+    by_hand = {320: heads * 55, 64: heads * 3}
+    assert [c.causal_blocks for c in stats.calls] == [by_hand[c.seq_len] for c in stats.calls]
+    assert all(c.density == 1.0 for c in stats.calls if c.seq_len == 64)
+    assert all(c.density < 0.9 for c in stats.calls if c.seq_len == 320)
+    kept = sum(c.density * by_hand[c.seq_len] for c in stats.calls)
+    assert stats.density == pytest.approx(kept / (layers * (by_hand[320] + by_hand[64])), rel=1e-12)
+    mean_of_calls = sum(c.density for c in stats.calls) / len(stats.calls)
+    assert stats.density < mean_of_calls - 0.05
+    for li, d in per_layer.items():
+        long, short = (c for c in stats.calls if c.layer_idx == li)
+        assert d["n"] == 2
+        assert d["density"] == pytest.approx((long.density * 55 + 3) / 58, rel=1e-12)
+        assert d["heads"] == pytest.approx([(x * 55 + 3) / 58 for x in long.head_density], rel=1e-12)
+
+
 def test_bf16_forward_close_to_dense(tiny_llama_dir):
     model, tok = load_model(tiny_llama_dir, dtype=torch.bfloat16)
     ids = _prompt(tok)

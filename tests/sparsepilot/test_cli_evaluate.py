@@ -101,3 +101,72 @@ def test_the_report_says_when_its_timings_were_kept_under_overload(
     )
     assert text.index("Prefill speed") < text.index("warning: measured under overload")
     assert "rerun on a quieter host" in text
+
+
+def test_evaluate_prints_the_plans_decode_figures(sp_home, tiny_llama_dir, tmp_path: Path) -> None:  # noqa: ANN001
+    """Review S finding 3: a plan with a decode section is timed side by side in decode, and the standalone
+    report prints it as it prints prefill: per length ms per token dense vs sparse, the speed-up with its
+    interval, the share of the cache read, KL and agreement, then the length-mix figures, each equal to
+    the report's JSON; the probes answered by generation too. A plan without one says decode ran dense."""
+    from sparse_core import SparsePlan, load_model, plan_io
+    from sparse_core.decode.plan import DecodePlan
+
+    model, _ = load_model(str(tiny_llama_dir))
+    plan = tmp_path / "plan"
+    decode = DecodePlan(estimator="quest", page_size=16, budget_tokens=128)
+    plan_io.save(SparsePlan(tau=0.7, decode=decode), plan, config=model.config)
+    out = tmp_path / "report.json"
+    args = ["evaluate", "--model", str(tiny_llama_dir), "--plan", str(plan), "--quick"]
+    args += [
+        "--probe-lengths",
+        "512",
+        "--probe-kinds",
+        "passkey",
+        "--speed-lengths",
+        "512",
+        "--out",
+        str(out),
+    ]
+    res = CliRunner(env={"COLUMNS": "200"}).invoke(app, args)
+    assert res.exit_code == 0, res.output
+    report = json.loads(out.read_text())
+    (row,), s = report["decode"]["rows"], report["decode"]["summary"]
+    assert s["sparse_decode"] and row["density"] < 1.0
+    text = " ".join(res.output.split())
+    assert "Decode speed (ms per generated token" in text
+    lo, hi = row["speedup_interval"]
+    for cell in (row["dense_ms_per_token"], row["sparse_ms_per_token"], row["speedup"], row["density"]):
+        assert f"{cell:.4g}" in text  # each cell as the table formats it
+    assert f"{lo:.2f}-{hi:.2f}" in text
+    assert (
+        f"decode length-mix weighted speed-up: {s['weighted_speedup']:.3f} "
+        f"[{s['weighted_speedup_low']:.3f}, {s['weighted_speedup_high']:.3f}] at {s['density']:.1%} of the "
+        f"cache read; kl {s['kl']:.4g}, top1_agree {s['agree']:.4f} over {s['new_tokens']} generated tokens"
+    ) in text
+    gen = report["probes"]["generated"]
+    assert (
+        f"probes answered by generation: dense {gen['dense_accuracy']:.4f}, "
+        f"sparse {gen['sparse_accuracy']:.4f} ({gen['n']} probes)"
+    ) in text
+    assert text.index("Prefill speed") < text.index("Decode speed")
+
+    plan_io.save(SparsePlan(tau=0.7), plan, config=model.config)
+    args = [
+        "evaluate",
+        "--model",
+        str(tiny_llama_dir),
+        "--plan",
+        str(plan),
+        "--quick",
+        "--probe-lengths",
+        "0",
+    ]
+    res = CliRunner(env={"COLUMNS": "200"}).invoke(app, [*args, "--speed-lengths", "256", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    (row,) = json.loads(out.read_text())["decode"]["rows"]
+    text = " ".join(res.output.split())
+    assert "Decode speed" not in text
+    assert (
+        "decode: dense in both arms (no decode section in the plan); ms per generated token: "
+        f"{row['dense_ms_per_token']:.4g} at {row['seq_len']:,} tokens"
+    ) in text
