@@ -541,6 +541,8 @@ def measure_decode_speed(
         "density": sum(r["weight"] * r["density"] for r in rows),
         "sparse_decode": plan.decode is not None,
         "break_even_tokens": plan.decode.first_break_even() if plan.decode is not None else None,
+        # the host while calibration timed that break-even (`break_even.break_even_host`; None: given)
+        "break_even_host": (plan.metadata.get("decode_calibration") or {}).get("break_even_host"),
         "rows_below_break_even": sum(1 for r in rows if r["extra"].get("below_break_even")),
         "rows_identical": sum(1 for r in rows if r["extra"].get("identical")),
         "context_tokens": [

@@ -639,8 +639,9 @@ def _timing_overload(r) -> str | None:
     (`rollout.roi.timing_overload`)."""
     from rollout.roi import timing_overload
 
-    decode = ((r.decode or {}).get("summary") or {}).get("host")
-    return timing_overload({"prefill": (r.speed_summary or {}).get("host"), "decode": decode})
+    dec = (r.decode or {}).get("summary") or {}
+    host = {"prefill": (r.speed_summary or {}).get("host"), "decode": dec.get("host")}
+    return timing_overload(host | {"break_even": dec.get("break_even_host")})
 
 
 def _print_report(r) -> None:

@@ -203,7 +203,13 @@ def test_decode_section_for_a_plan_that_decodes_sparsely(quality_tiny):
         decode_repeats=2,
     )
     # break-even 600: the 512-token runs decode densely (timed once, identical arms), 768 sparsely
-    plan = SparsePlan(tau=0.9, decode=DecodePlan(page_size=16, budget_tokens=128, break_even_tokens=600))
+    # calibration's record of the host while it timed that break-even travels to the ROI (review M, M1)
+    be_host = {"budgets": 1, "lengths_timed": 5, "lengths_kept_under_overload": 2, "overloaded": True}
+    plan = SparsePlan(
+        tau=0.9,
+        decode=DecodePlan(page_size=16, budget_tokens=128, break_even_tokens=600),
+        metadata={"decode_calibration": {"break_even_host": be_host}},
+    )
     report = evaluate(model, tok, plan, suite)
     d = report.to_dict()
     assert not is_sparsified(model)
@@ -219,7 +225,7 @@ def test_decode_section_for_a_plan_that_decodes_sparsely(quality_tiny):
     summ = d["decode"]["summary"]
     assert summ["weighted_speedup_low"] <= summ["weighted_speedup"] <= summ["weighted_speedup_high"]
     assert summ["break_even_tokens"] == 600 and summ["rows_below_break_even"] == summ["rows_identical"] == 1
-    assert summ["context_tokens"] == [512, 774]
+    assert summ["context_tokens"] == [512, 774] and summ["break_even_host"] == be_host
     json.dumps(d, allow_nan=False)
     m = report.metrics()
     assert "decode.512.speedup" in m and "decode.weighted_speedup" in m
