@@ -46,6 +46,16 @@ def _json_flag(help: str) -> Any:
 app = typer.Typer(no_args_is_help=True, help="Benchmarks: print a table and write JSON.")
 
 
+def _at_least(*checks: tuple[str, int, int]) -> None:
+    """Each (option, value, least): `error: OPTION must be >= LEAST, got VALUE` and exit 2 for the first
+    count below its least, before any work (a count of 0 or less fails deep inside otherwise)."""
+    from sparsepilot.console import fail
+
+    for option, value, least in checks:
+        if value < least:
+            fail(f"{option} must be >= {least}, got {value}")
+
+
 @app.command("dashboard")
 def bench_dashboard(
     use_cases: int = typer.Option(200, "--use-cases", help="Use cases to seed."),
@@ -70,6 +80,7 @@ def bench_dashboard(
     from sparse_core.host import HostLoadMeter, loadavg
     from sparsepilot.console import fail, print_table
 
+    _at_least(("--use-cases", use_cases, 1), ("--observations", observations, 0), ("--repeats", repeats, 1))
     check_out(out)
     scratch = Path(home) if home else Path(tempfile.mkdtemp(prefix="sparsepilot-bench-dashboard-"))
     if not database_url and (scratch / "state.db").exists():
@@ -291,6 +302,9 @@ def bench_quality(
     from sparse_core.prefill_bound import BOUND_UNITS
     from sparsepilot.console import emit_json, fail, print_table
 
+    _at_least(("--gate-steps", gate_steps, 0), ("--max-checks", max_checks, 0))
+    if max_texts != 0 and max_texts < 2:
+        fail(f"--max-texts must be 0 (by mode) or >= 2 (one window is held out), got {max_texts}")
     names = tuple(e.strip() for e in estimators.split(",") if e.strip()) or default_specs()
     try:
         for spec in names:
@@ -465,6 +479,7 @@ def bench_attention(
     from sparse_core.bench import attention as bench
     from sparsepilot.console import emit_json, fail, print_table
 
+    _at_least(("--repeats", repeats, 1))
     ks = tuple(x.strip() for x in kernels.split(",") if x.strip())
     ds = tuple(x.strip() for x in dtypes.split(",") if x.strip())
     if not ks or any(k not in ("gather", "flex") for k in ks):
@@ -845,14 +860,8 @@ def bench_decode_scorers(
     if unknown or len(set(names)) != len(names) or len(names) < 2:
         fail(f"--scorers: give two or more distinct names of {', '.join(DECODE_ESTIMATORS)}, got {scorers!r}")
     budget_list = _int_list("--budgets", budgets, least=2)
-    for option, value, least in (
-        ("--prompts", prompts, 2),
-        ("--prompt-tokens", prompt_tokens, 2),
-        ("--new-tokens", new_tokens, 1),
-        ("--page-size", page_size, 1),
-    ):
-        if value < least:
-            fail(f"{option} must be >= {least}, got {value}")
+    _at_least(("--prompts", prompts, 2), ("--prompt-tokens", prompt_tokens, 2))
+    _at_least(("--new-tokens", new_tokens, 1), ("--page-size", page_size, 1))
     n_threads = _threads_or_fail(threads)
     check_out(out)
     needs_plan = [s for s in names if DECODE_ESTIMATORS[s] is not None]
@@ -1079,6 +1088,7 @@ def bench_gate(
     from sparsepilot.console import fail, print_table
 
     _wide_console()
+    _at_least(("--replications", replications, 1))
     check_out(out)
     try:
         sizes = tuple(int(x) for x in rows.split(",") if x.strip())
