@@ -540,6 +540,11 @@ def bench_prefill(
         0, "--repeats", help="Timed prefills per point, the best kept (0 = 1 on the CPU, 5 on CUDA)."
     ),
     dtype: str = typer.Option("fp32", "--dtype", help="The model's dtype: fp32 | bf16."),
+    lengths: str = typer.Option(
+        "",
+        "--lengths",
+        help="Prompt lengths, e.g. 2048,4096 (default by mode; at most the model's positions).",
+    ),
     threads: Threads = "auto",
 ) -> None:
     """End-to-end prefill of a real model on natural English: dense SDPA vs sparse (pooled) at a
@@ -561,6 +566,7 @@ def bench_prefill(
         fail(f"--repeats must be >= 0, got {repeats}")
     if dtype not in bench.DTYPES:
         fail(f"--dtype: {dtype!r}; choose from {', '.join(bench.DTYPES)}")
+    length_list = _int_list("--lengths", lengths) if lengths else None
     dev = device_or_fail(device)
     check_out(out)
     from sparse_core import ModelRefError
@@ -578,14 +584,24 @@ def bench_prefill(
             device=dev,
             dtype=dtype,
             repeats=repeats or None,
+            lengths=length_list,
         )
     except ModelRefError as exc:
         fail(str(exc))
+    except ValueError as exc:  # no length fits the model's positions
+        fail(f"{'--lengths' if lengths else '--quick' if quick else 'the default lengths'}: {exc}")
     path, png = _plot_path(result, out)
     env = result["environment"]
+    over = result["lengths_over_context"]
+    skipped = (
+        f"; not timed: {', '.join(f'{x:,}' for x in over)} tokens (over the model's {result['context']:,} "
+        "positions)"
+        if over
+        else ""
+    )
     print_table(
         f"Prefill {result['model']} {dtype} ({result['text_source']}) on {_where(env, dev)}, best of "
-        f"{result['repeats']}; {_host_line(env)}; JSON: {path}, plot: {png}",
+        f"{result['repeats']}; {_host_line(env)}{skipped}; JSON: {path}, plot: {png}",
         result["rows"],
         bench.TABLE_COLUMNS,
     )

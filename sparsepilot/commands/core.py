@@ -723,6 +723,10 @@ def _print_report(r) -> None:
             )
         if r.speed_summary and r.speed_summary.get("weighted_speedup"):
             console.print(f"length-mix weighted speed-up: {r.speed_summary['weighted_speedup']:.3f}")
+        over = (r.speed_summary or {}).get("lengths_over_context")
+        if over:  # evaluation.within_context: not timed, said beside the figures
+            lengths = ", ".join(f"{x:,}" for x in over["lengths"])
+            console.print(f"not timed: {lengths} tokens, over the model's {over['positions']:,} positions")
     overload = _timing_overload(r)
     if overload:  # the speed figures above are a busy host's: said beside them, as the benches do
         console.print(f"warning: {overload}", style="yellow", soft_wrap=True, markup=False)

@@ -231,3 +231,17 @@ def test_decode_section_for_a_plan_that_decodes_sparsely(quality_tiny):
     assert "decode.512.speedup" in m and "decode.weighted_speedup" in m
     gen = d["probes"]["generated"]
     assert gen["n"] == 1 and 0 <= gen["sparse_accuracy"] <= 1 and "probes.generated_sparse_accuracy" in m
+
+
+def test_speed_lengths_over_the_models_positions_are_refused_or_reported(quality_tiny) -> None:
+    """Review M, M4: `--speed-lengths 8192` on a 4,096-position model timed nothing and said nothing."""
+    from sparse_core.evaluation import within_context
+
+    assert within_context((2048, 4096, 8192), 4096, "x") == ((2048, 4096), [8192])
+    assert within_context((8192,), None, "x") == ((8192,), [])
+    with pytest.raises(ValueError, match=r"speed_lengths: 8,192 tokens; the model has 4,096 positions"):
+        within_context((8192,), 4096, "speed_lengths")
+    model, tok = quality_tiny
+    suite = EvalSuite(n_fidelity_texts=0, probe_lengths=(), layer_errors=False, speed_lengths=(8192,))
+    with pytest.raises(ValueError, match=r"8,192 tokens; the model has 4,096 positions"):
+        evaluate(model, tok, SparsePlan(tau=0.9), suite)  # before any work
