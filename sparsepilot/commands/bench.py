@@ -521,7 +521,7 @@ def bench_attention(
         result["rows"],
         bench.TABLE_COLUMNS,
     )
-    _overload_warning(env)
+    _overload_warning(env, result["rows"])
     if json_out:
         emit_json(result)
     _write_with_plot(result, out, bench.plot)
@@ -799,7 +799,7 @@ def bench_decode(
         result["model_rows"],
         bench.MODEL_COLUMNS,
     )
-    _overload_warning(env)
+    _overload_warning(env, [*result["layer_rows"], *result["model_rows"]])
     if json_out:
         emit_json(result)
     _write_with_plot(result, out, bench.plot)
