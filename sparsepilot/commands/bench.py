@@ -137,7 +137,8 @@ def bench_import(
     if any(r < 2 for r in rows):
         fail("--rows: each size must be at least 2")
     check_out(out)
-    result = run_import_bench(rows, chunk_rows=chunk_rows)
+    with _spinner("import benchmark", out) as progress:
+        result = run_import_bench(rows, chunk_rows=chunk_rows, progress=progress)
     if _saved_and_emitted(result, out, json_out):
         return
     _state_db_table(
@@ -182,7 +183,8 @@ def bench_monitor(
     if any(r < 2 * batch for r in rows):
         fail(f"--rows: each size must hold at least one look of --batch {batch} requests ({2 * batch} rows)")
     check_out(out)
-    result = run_monitor_bench(rows, batch=batch, looks=looks)
+    with _spinner("monitor benchmark", out) as progress:
+        result = run_monitor_bench(rows, batch=batch, looks=looks, progress=progress)
     if _saved_and_emitted(result, out, json_out):
         return
     _state_db_table(
@@ -956,21 +958,29 @@ def _with_spinner(label: str, run: Callable[..., dict], out: str, threads: int |
     """``run(**kwargs, progress=...)`` with torch's threads set from `threads` (None: the CPUs the other
     processes leave free) under a transient spinner that shows its latest progress message, each message
     also a line of the progress log next to `out`. The result's environment records the thread choice."""
+    with _spinner(label, out) as progress:
+        policy = _apply_threads(threads, progress)
+        result = run(**kwargs, progress=progress)
+        _record_host(result, policy, progress)
+        return result
+
+
+@contextmanager
+def _spinner(label: str, out: str) -> Iterator[Callable[[str], None]]:
+    """A transient spinner showing the latest progress message, each message also a timestamped line of
+    the progress log next to `out`, between `label: started` and `label: done`."""
     from rich.progress import Progress
 
     with Progress(transient=True) as bar, _progress_log(out) as log:
         task = bar.add_task(label, total=None)
         log(f"{label}: started")
-        policy = _apply_threads(threads, log)
 
         def progress(msg: str) -> None:
             bar.update(task, description=msg)
             log(msg)
 
-        result = run(**kwargs, progress=progress)
-        _record_host(result, policy, log)
+        yield progress
         log(f"{label}: done")
-        return result
 
 
 def _threads_or_fail(text: str) -> int | None:
