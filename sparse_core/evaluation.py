@@ -760,9 +760,9 @@ def evaluate(
     elif suite.speed_rows or rows:
         mix_rows = list(suite.speed_rows or rows)
         lengths_w = length_mix(tokenizer, mix_rows, max_buckets=suite.max_speed_buckets, cap=cap)
-    else:
-        lengths_w = ((2048,), None)
-    sl, over = within_context(lengths_w[0], cap, "speed_lengths")
+    else:  # no mix to follow: 2,048 tokens, or the model's positions where fewer
+        lengths_w = ((min(2048, cap or 2048),), None)
+    sl, over = within_context(lengths_w[0], cap, "speed_lengths")  # explicit ones were checked above
     if sl and suite.speed_repeats > 0:
         t0 = time.perf_counter()
         w = lengths_w[1] if lengths_w[1] and len(lengths_w[1]) == len(lengths_w[0]) else None
