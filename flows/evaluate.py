@@ -161,7 +161,12 @@ def roi_from_report(spec: Any, report: dict[str, Any], decode_tps: float | None)
     out = roi.to_dict()
     out["speedup_interval_from"] = f"{n} paired rounds" if interval else "point estimate only"
     # threads, the host's load, pairs retimed for overload: of the prefill timings and of the decode runs
-    out["timing_host"] = {"prefill": summ.get("host"), "decode": (dec or {}).get("host")}
+    # and of the calibration's break-even timings behind the decode line
+    out["timing_host"] = {
+        "prefill": summ.get("host"),
+        "decode": (dec or {}).get("host"),
+        "break_even": (dec or {}).get("break_even_host"),
+    }
     sparse = bool(dec) and dec.get("sparse_decode", True)
     out["decode_from"] = "sparse decode measured side by side" if sparse else "dense decode in both arms"
     out["decode"] = decode_outcome(report.get("decode"), roi)  # the ROI's decode line

@@ -7,6 +7,7 @@ from __future__ import annotations
 import resource
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +68,12 @@ def _one(rows: int, chunk_rows: int, out: Any) -> None:
     )
 
 
-def run_import_bench(sizes: list[int], chunk_rows: int = 50_000) -> dict[str, Any]:
-    results = in_fresh_processes(_one, [(rows, chunk_rows) for rows in sizes])
+def run_import_bench(
+    sizes: list[int], chunk_rows: int = 50_000, progress: Callable[[str], None] | None = None
+) -> dict[str, Any]:
+    """One fresh process per size; `progress` hears each size's start and end."""
+    calls = [(rows, chunk_rows) for rows in sizes]
+    results = in_fresh_processes(_one, calls, progress, lambda a: f"import of {a[0]:,} rows")
     return {
         "results": results,
         "loadavg": load_average(),

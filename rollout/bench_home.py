@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from queue import Empty
@@ -53,14 +54,22 @@ def setup_home(home: Path, name: str = "bench-import") -> str:
     return name
 
 
-def in_fresh_processes(target: Callable[..., None], calls: Iterable[tuple]) -> list[dict[str, Any]]:
+def in_fresh_processes(
+    target: Callable[..., None],
+    calls: Iterable[tuple],
+    progress: Callable[[str], None] | None = None,
+    describe: Callable[[tuple], str] = str,
+) -> list[dict[str, Any]]:
     """`target(*args, queue)` for each `args` of `calls`, each in a process of its own (spawned, one after
     another: a size's peak RSS and its scratch home are its own); what each put on the queue, in order. A
     process that dies before it answers is a RuntimeError naming its arguments and exit code (its traceback
-    is on stderr), not a wait for ever."""
+    is on stderr), not a wait for ever. `progress` hears each call's start and end (`describe(args)`)."""
+    say = progress or (lambda _msg: None)
     ctx = mp.get_context("spawn")
     results = []
     for args in calls:
+        say(f"{describe(args)}: started")
+        t0 = time.perf_counter()
         queue = ctx.Queue()
         process = ctx.Process(target=target, args=(*args, queue))
         process.start()
@@ -75,6 +84,7 @@ def in_fresh_processes(target: Callable[..., None], calls: Iterable[tuple]) -> l
                         "before it answered"
                     ) from None
         process.join()
+        say(f"{describe(args)}: done in {time.perf_counter() - t0:.1f} s")
     return results
 
 

@@ -16,6 +16,7 @@ import resource
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -166,7 +167,11 @@ def _one(rows: int, batch: int, looks: int, out: Any) -> None:
     )
 
 
-def run_monitor_bench(sizes: list[int], *, batch: int = 100, looks: int = 3) -> dict[str, Any]:
-    """One fresh process per size; the parts' medians over `looks` looks."""
-    results = in_fresh_processes(_one, [(rows, batch, looks) for rows in sizes])
+def run_monitor_bench(
+    sizes: list[int], *, batch: int = 100, looks: int = 3, progress: Callable[[str], None] | None = None
+) -> dict[str, Any]:
+    """One fresh process per size; the parts' medians over `looks` looks; `progress` hears each size's
+    start and end."""
+    calls = [(rows, batch, looks) for rows in sizes]
+    results = in_fresh_processes(_one, calls, progress, lambda a: f"monitor at {a[0]:,} rows")
     return {"results": results, "loadavg": load_average(), "cpu_count": os.cpu_count(), "looks": looks}

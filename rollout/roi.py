@@ -270,6 +270,8 @@ def decode_outcome(decode: dict[str, Any] | None, roi: RoiResult) -> dict[str, A
         }
     rows = (decode or {}).get("rows") or []
     be = int(s.get("break_even_tokens") or 0)
+    busy = break_even_overload(s.get("break_even_host"))  # the break-even is itself a timing
+    caveat = f" ({busy})" if busy else ""
     below = sum(1 for r in rows if (r.get("extra") or {}).get("below_break_even"))
     same = sum(
         1
@@ -282,6 +284,7 @@ def decode_outcome(decode: dict[str, Any] | None, roi: RoiResult) -> dict[str, A
         "context_tokens": [ctx_lo, ctx_hi],
         "density": s.get("density"),
         "saved_usd_month": roi.decode_saved_usd_month,
+        "break_even_overloaded": busy is not None,
     }
     flat = {"speedup": 1.0, "speedup_low": 1.0, "speedup_high": 1.0}
     if rows and same == len(rows) and below < len(rows):
@@ -290,7 +293,7 @@ def decode_outcome(decode: dict[str, Any] | None, roi: RoiResult) -> dict[str, A
             **flat,
             "status": "dense_layers",
             "line": (
-                f"decode: no decode saving: every layer decodes densely (break-even {be:,} tokens), "
+                f"decode: no decode saving: every layer decodes densely (break-even {be:,} tokens{caveat}), "
                 "so decode runs at 1.00x and output tokens cost the same"
             ),
             "short": f"1.00x (dense; break-even {be:,} tokens)",
@@ -304,7 +307,7 @@ def decode_outcome(decode: dict[str, Any] | None, roi: RoiResult) -> dict[str, A
             "speedup_high": 1.0,
             "line": (
                 f"decode: no decode saving at this context length: {ctx_hi:,} tokens < break-even "
-                f"{be:,} tokens, so decode stays dense (1.00x) and output tokens cost the same"
+                f"{be:,} tokens{caveat}, so decode stays dense (1.00x) and output tokens cost the same"
             ),
             "short": f"1.00x ({ctx_hi:,} < break-even {be:,} tokens)",
         }
@@ -323,7 +326,9 @@ def decode_outcome(decode: dict[str, Any] | None, roi: RoiResult) -> dict[str, A
     read = f" ({s['density']:.0%} of the cache read)" if s.get("density") is not None else ""
     line = f"decode: {sp:.2f}x [{lo:.2f}, {hi:.2f}]{where}{read}: {money}"
     if below:
-        line += f"; {below} of {len(rows)} lengths are below the break-even ({be:,} tokens): dense there"
+        line += (
+            f"; {below} of {len(rows)} lengths are below the break-even ({be:,} tokens{caveat}): dense there"
+        )
     return {
         **out,
         "status": "measured",
@@ -475,11 +480,28 @@ def timing_overload(timing_host: dict[str, Any] | None) -> str | None:
         kept, timed = kept + k, timed + n
         if k:
             parts.append(f"{block} {k} of {n}")
+    be = break_even_overload((timing_host or {}).get("break_even"))
     if not kept:
-        return None
+        return be and f"measured under overload: {be}"
     return (
         f"measured under overload: {kept} of {timed} timed pairs ({', '.join(parts)}) were timed while "
-        "other processes left too little CPU; rerun on a quieter host"
+        "other processes left too little CPU; rerun on a quieter host" + (f"; and {be}" if be else "")
+    )
+
+
+def break_even_overload(break_even_host: dict[str, Any] | None) -> str | None:
+    """The caveat a decode break-even carries when calibration timed it while the host was overloaded
+    (`break_even_host`: `sparse_core.decode.break_even.break_even_host` of the plan's calibration, in
+    `roi["timing_host"]["break_even"]` and the decode summary), or None (a quiet host, a given
+    break-even, or a record from before the meter). The break-even is a timing: on a busy host the
+    sparse step's many small ops are preempted more than the one dense call, so it comes out longer."""
+    h = break_even_host or {}
+    k = int(h.get("lengths_kept_under_overload") or 0)
+    if not k:
+        return None
+    return (
+        f"the decode break-even was timed at calibration while the host was overloaded ({k} of "
+        f"{int(h.get('lengths_timed') or 0)} cache lengths); recalibrate on a quieter host"
     )
 
 

@@ -845,6 +845,10 @@ def calibrate_many(
                     "whole_model",
                 )
             }
+            # the host while the plan's break-evens were timed: the ROI's decode line says when it was busy
+            from sparse_core.decode.break_even import break_even_host
+
+            plan.metadata["decode_calibration"]["break_even_host"] = break_even_host(rep.break_even)
             report.seconds["decode"] = time.perf_counter() - t0
             report.seconds["total"] = time.perf_counter() - t_start
         from sparse_core.plan_io import stamp_tensors_digest

@@ -544,6 +544,8 @@ def measure_decode_speed(
         "density": sum(r["weight"] * r["density"] for r in rows),
         "sparse_decode": plan.decode is not None,
         "break_even_tokens": plan.decode.first_break_even() if plan.decode is not None else None,
+        # the host while calibration timed that break-even (`break_even.break_even_host`; None: given)
+        "break_even_host": (plan.metadata.get("decode_calibration") or {}).get("break_even_host"),
         "rows_below_break_even": sum(1 for r in rows if r["extra"].get("below_break_even")),
         "rows_identical": sum(1 for r in rows if r["extra"].get("identical")),
         "context_tokens": [
@@ -560,6 +562,20 @@ def measure_decode_speed(
         },
     }
     return {"rows": rows, "summary": summary}
+
+
+def within_context(lengths: Sequence[int], cap: int | None, what: str) -> tuple[tuple[int, ...], list[int]]:
+    """(the lengths that fit the model's `cap` positions, those over it): a length over the context cannot
+    be timed, and is reported, never dropped silently; ValueError naming `what` and the limit when none
+    fits (an empty table is no result)."""
+    over = [x for x in lengths if cap and x > cap]
+    kept = tuple(x for x in lengths if not cap or x <= cap)
+    if lengths and not kept:
+        raise ValueError(
+            f"{what}: {', '.join(f'{x:,}' for x in over)} tokens; the model has {cap:,} positions "
+            f"(max_position_embeddings): give lengths <= {cap:,}"
+        )
+    return kept, over
 
 
 def length_mix(tokenizer, rows: Sequence[TaskRow], *, max_buckets: int = 3, cap: int | None = None):
@@ -617,6 +633,8 @@ def evaluate(
     if is_sparsified(model):
         unsparsify(model)
     cap = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
+    if suite.speed_lengths and suite.speed_repeats > 0:  # refused before any work when none fits
+        within_context(suite.speed_lengths, cap, "speed_lengths")
     t_all = time.perf_counter()
     secs: dict[str, float] = {}
     report = EvaluationReport(
@@ -745,9 +763,9 @@ def evaluate(
     elif suite.speed_rows or rows:
         mix_rows = list(suite.speed_rows or rows)
         lengths_w = length_mix(tokenizer, mix_rows, max_buckets=suite.max_speed_buckets, cap=cap)
-    else:
-        lengths_w = ((2048,), None)
-    sl = tuple(x for x in lengths_w[0] if not cap or x <= cap)
+    else:  # no mix to follow: 2,048 tokens, or the model's positions where fewer
+        lengths_w = ((min(2048, cap or 2048),), None)
+    sl, over = within_context(lengths_w[0], cap, "speed_lengths")  # explicit ones were checked above
     if sl and suite.speed_repeats > 0:
         t0 = time.perf_counter()
         w = lengths_w[1] if lengths_w[1] and len(lengths_w[1]) == len(lengths_w[0]) else None
@@ -756,6 +774,8 @@ def evaluate(
         report.speed, report.speed_summary = measure_speed(
             model, tokenizer, plan, sl, w, repeats=suite.speed_repeats, seed=suite.seed, progress=progress
         )
+        if over:  # said beside the figures: the mix they weigh lacks these lengths
+            report.speed_summary["lengths_over_context"] = {"lengths": over, "positions": cap}
         secs["speed"] = time.perf_counter() - t0
 
     # --- decode (every plan: without a decode section it prices output tokens in both arms) -----

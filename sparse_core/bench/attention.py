@@ -19,7 +19,16 @@ from typing import Any
 
 import torch
 
-from sparse_core.bench.common import DTYPES, RunClock, bench_device, pyplot, save_figure, synchronize
+from sparse_core.bench.common import (
+    DTYPES,
+    RunClock,
+    bench_device,
+    load_fields,
+    pyplot,
+    save_figure,
+    synchronize,
+)
+from sparse_core.host import HostLoad, HostLoadMeter
 from sparse_core.kernels import compiles_selection, sparse_attention
 from sparse_core.kernels.dense import dense_attention
 from sparse_core.plan import SparsePlan
@@ -46,6 +55,9 @@ class AttentionRow:
     speedup: float
     ideal_speedup: float  # 1 / (density + estimator_share)
     fraction_of_ideal: float
+    # the host during the sparse timing and the dense ones its speed-up divides by (`load_fields`)
+    others_busy_cores: float | None = None
+    overloaded: bool = False
 
 
 def top_k_for_density(n_blocks: int, density: float) -> int:
@@ -54,15 +66,18 @@ def top_k_for_density(n_blocks: int, density: float) -> int:
     return max(2, round(k))
 
 
-def _time(fn: Callable[[], Any], repeats: int, device: torch.device) -> tuple[float, Any]:
+def _time(fn: Callable[[], Any], repeats: int, device: torch.device) -> tuple[float, Any, HostLoad]:
+    """(best of `repeats` timed calls, the last result, the host's load while they ran)."""
     best, result = float("inf"), None
-    for _ in range(repeats):
-        synchronize(device)
-        t0 = time.perf_counter()
-        result = fn()
-        synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    return best, result
+    with HostLoadMeter() as meter:
+        for _ in range(repeats):
+            synchronize(device)
+            t0 = time.perf_counter()
+            result = fn()
+            synchronize(device)
+            best = min(best, time.perf_counter() - t0)
+    assert meter.load is not None
+    return best, result, meter.load
 
 
 def run(
@@ -96,8 +111,8 @@ def run(
             say(f"{s} tokens {dname}: dense SDPA")
             with torch.no_grad():
                 dense_attention(q, k, v)  # warm-up
-                d0, _ = _time(lambda q=q, k=k, v=v: dense_attention(q, k, v), repeats, dev)
-                pending: list[tuple[str, str, float, float, float, float]] = []
+                d0, _, load0 = _time(lambda q=q, k=k, v=v: dense_attention(q, k, v), repeats, dev)
+                pending: list[tuple[str, str, float, float, float, float, HostLoad]] = []
                 n = math.ceil(s / block_size)
                 for kern, how in ((kern, how) for kern in kernels for how in selections):
                     compiled = compiles_selection(dev, estimator) if how == "auto" else how == "compiled"
@@ -122,11 +137,11 @@ def run(
                         if kern == "flex":
                             key = f"{s}/{dname}"
                             compile_seconds.setdefault(key, time.perf_counter() - t0)
-                        secs, (_, info) = _time(call, repeats, dev)
-                        pending.append((kern, how, target, info.density, info.estimator_seconds, secs))
-                d1, _ = _time(lambda q=q, k=k, v=v: dense_attention(q, k, v), repeats, dev)
+                        secs, (_, info), load = _time(call, repeats, dev)
+                        pending.append((kern, how, target, info.density, info.estimator_seconds, secs, load))
+                d1, _, load1 = _time(lambda q=q, k=k, v=v: dense_attention(q, k, v), repeats, dev)
             dense_s = min(d0, d1)
-            for kern, how, target, dens, est, secs in pending:
+            for kern, how, target, dens, est, secs, load in pending:
                 share = est / dense_s
                 speedup = dense_s / secs
                 ideal = 1.0 / (dens + share)
@@ -146,6 +161,7 @@ def run(
                         speedup=speedup,
                         ideal_speedup=ideal,
                         fraction_of_ideal=speedup * (dens + share),
+                        **load_fields(load0, load, load1),
                     )
                 )
     return {
@@ -170,6 +186,8 @@ TABLE_COLUMNS = [
     "dense_seconds",
     "speedup",
     "fraction_of_ideal",
+    "others_busy_cores",
+    "overloaded",
 ]
 
 

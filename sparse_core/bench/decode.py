@@ -31,13 +31,14 @@ import torch
 import torch.nn.functional as F
 
 from sparse_core.bench.attention import HEAD_DIM, KV_HEADS, Q_HEADS
-from sparse_core.bench.common import RunClock, pyplot, save_figure
+from sparse_core.bench.common import RunClock, load_fields, pyplot, save_figure
 from sparse_core.decode.attention import sparse_decode_step
 from sparse_core.decode.cache import paged_buffer
 from sparse_core.decode.page_gate import PAGE_SIZE_KEY
 from sparse_core.decode.pages import sync
 from sparse_core.decode.plan import TRAINED_BY_DECODE_CALIBRATION, DecodePlan
 from sparse_core.decode.scoring import local_start
+from sparse_core.host import HostLoadMeter
 from sparse_core.plan import SparsePlan
 
 QUICK_LAYER_LENGTHS = (16384,)
@@ -57,6 +58,8 @@ LAYER_COLUMNS = [
     "ms_per_step",
     "dense_ms_per_step",
     "speedup",
+    "others_busy_cores",
+    "overloaded",
 ]
 DEFAULT_RUNS = 3  # paired runs per model row (the interval's t: 6.31 at 2 runs, 2.92 at 3)
 MODEL_COLUMNS = [
@@ -72,6 +75,8 @@ MODEL_COLUMNS = [
     "kl",
     "agree",
     "greedy_match",
+    "pairs_kept_under_overload",
+    "overloaded",
 ]
 
 
@@ -86,6 +91,25 @@ class LayerRow:
     ms_per_step: float
     dense_ms_per_step: float
     speedup: float
+    # the host during the sparse steps and the dense ones its speed-up divides by (`load_fields`)
+    others_busy_cores: float | None = None
+    overloaded: bool = False
+
+
+def host_fields(host: dict[str, Any] | None) -> dict[str, Any]:
+    """A model row's host record from its `compare_decode` run pairs (`extra["host"]`, a
+    `PairMeter.record()`): the most cores the others used, pairs retimed and kept under overload, and
+    `overloaded` (a pair kept under overload: the speed-up is then partly the host's)."""
+    h = host or {}
+    kept = int(h.get("pairs_kept_under_overload") or 0)
+    return {
+        "others_busy_cores": h.get("max_others_busy_cores"),
+        "pairs_timed": h.get("pairs_timed"),
+        "pairs_retimed_for_overload": h.get("pairs_retimed_for_overload"),
+        "pairs_kept_under_overload": kept,
+        "max_wait_share": h.get("max_wait_share"),
+        "overloaded": kept > 0,
+    }
 
 
 def _median_ms(times: list[float]) -> float:
@@ -128,7 +152,8 @@ def layer_bench(
 
         say(f"attention layer, {length} cached tokens: dense")
         dense_pass()  # warm-up
-        d0 = dense_pass()
+        with HostLoadMeter() as dense0:
+            d0 = dense_pass()
         pending = []
         for target in densities:
             say(f"attention layer, {length} cached tokens: sparse at ~{target:.0%}")
@@ -141,19 +166,21 @@ def layer_bench(
             for warm in (True, False):
                 pages = sync(None, ks[0][:, :, :-1], page_size)
                 times, est, kept = [], [], []
-                for q, k, v in zip(qs, ks, vs, strict=True):
-                    t0 = time.perf_counter()
-                    pages = sync(pages, k, page_size)
-                    start = local_start(k.shape[2], page_size, params.local_pages)
-                    _, read, t1 = sparse_decode_step(plan, params, pages, q, k, v, start)
-                    times.append(time.perf_counter() - t0)
-                    est.append(t1 - t0)
-                    kept.append(read / k.shape[2])
+                with HostLoadMeter() as meter:
+                    for q, k, v in zip(qs, ks, vs, strict=True):
+                        t0 = time.perf_counter()
+                        pages = sync(pages, k, page_size)
+                        start = local_start(k.shape[2], page_size, params.local_pages)
+                        _, read, t1 = sparse_decode_step(plan, params, pages, q, k, v, start)
+                        times.append(time.perf_counter() - t0)
+                        est.append(t1 - t0)
+                        kept.append(read / k.shape[2])
                 if not warm:
-                    pending.append((target, times, est, kept))
-        d1 = dense_pass()
+                    pending.append((target, times, est, kept, meter.load))
+        with HostLoadMeter() as dense1:
+            d1 = dense_pass()
         dense_ms = min(_median_ms(d0), _median_ms(d1))
-        for target, times, est, kept in pending:
+        for target, times, est, kept, load in pending:
             ms = _median_ms(times)
             rows.append(
                 LayerRow(
@@ -166,6 +193,7 @@ def layer_bench(
                     ms_per_step=ms,
                     dense_ms_per_step=dense_ms,
                     speedup=dense_ms / ms,
+                    **load_fields(dense0.load, load, dense1.load),
                 )
             )
     return rows
@@ -264,6 +292,7 @@ def model_bench(
                     "first_divergence": r.first_divergence,
                     "dense_seconds_per_token": r.dense_seconds_per_token,
                     "sparse_seconds_per_token": r.sparse_seconds_per_token,
+                    **host_fields(r.extra.get("host")),
                 }
             )
     return rows, str(getattr(model.config, "_name_or_path", model_ref)), gate_report

@@ -11,7 +11,11 @@ lengths. Each arm's cost is its best step: on a shared host other processes pree
 small ops of a sparse step far more often than the one SDPA call of a dense step (with two threads a
 descheduled thread stalls every op), so medians measure the neighbours; the best of 24 steps
 measures the code, and the break-even stays the same from one calibration to the next
-(docs/sparse_core.md has both on this host).
+(docs/sparse_core.md has both on this host). The best step still depends on the host: each length's
+timed steps run under the project's meter (`sparse_core.host.PairMeter`), timed again when our threads
+waited for a CPU, and kept flagged after RETIMES tries; the record says so per length (`overloaded`,
+`wait_share`) and in all (`BreakEven.host`), and `break_even_host` sums it for the plan's metadata, so
+the ROI's "no decode saving" line says when its break-even came from a busy host.
 
 `break_even_from(rows)` is the decision, a pure function: the smallest measured length from which on
 every longer measured length is at least `min_ratio` faster sparse. "Never slower than dense" is the
@@ -32,10 +36,11 @@ from sparse_core.decode.cache import full_attention_only, paged_buffer
 from sparse_core.decode.pages import sync
 from sparse_core.decode.plan import DecodeLayerParams
 from sparse_core.decode.scoring import local_start
-from sparse_core.host import loadavg, threads_for
+from sparse_core.host import PairMeter, host_totals, loadavg, threads_for
 
 LENGTHS = (256, 512, 1024, 1536, 2048, 2560, 3072, 3584, 4096, 5120, 6144, 8192, 12288, 16384)
 MIN_RATIO = 1.05  # a sparse step must be this much faster to count: timing noise is not a saving
+RETIMES = 2  # a length's steps timed while the host was overloaded are timed again at most this often
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,10 @@ class BreakEvenRow:
     density: float  # share of the cache the sparse step read
     dense_median_us: float = 0.0  # medians, for the record: on a busy host they measure its load
     sparse_median_us: float = 0.0
+    # the host while the kept steps ran (`HostLoad`): our threads waited for a CPU (None: not recorded,
+    # a record written before the meter), and the share of their runnable time they waited
+    overloaded: bool | None = None
+    wait_share: float | None = None
 
 
 @dataclass
@@ -59,9 +68,42 @@ class BreakEven:
     threads: int = 1
     load: list[float] | None = None  # host load average (1, 5, 15 min) before the measurement
     paged: bool = True  # keys read from a PagedCache layer's buffer (else contiguous, DynamicCache)
+    # some length's steps were kept under overload after RETIMES retimes (None: not recorded, a record
+    # written before the meter); the most waiting share of any kept length; `host_totals` of the lengths
+    overloaded: bool | None = None
+    wait_share: float | None = None
+    host: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BreakEven:
+        """A `to_dict()` record, also one written before the load fields (they are then None)."""
+        row_keys = set(BreakEvenRow.__dataclass_fields__)
+        rows = [BreakEvenRow(**{k: v for k, v in r.items() if k in row_keys}) for r in data.get("rows", [])]
+        keys = set(cls.__dataclass_fields__) - {"rows"}
+        return cls(rows=rows, **{k: v for k, v in data.items() if k in keys})
+
+
+def break_even_host(records: dict[str, dict[str, Any]] | None) -> dict[str, Any] | None:
+    """What the host did while the break-evens behind a plan were timed, from calibration's records
+    (`BreakEven.to_dict()` per budget): budgets measured, lengths timed, lengths kept under overload, the
+    most waiting share, `overloaded` (None where no record says: written before the meter). None when
+    nothing was measured (a given break-even)."""
+    if not records:
+        return None
+    measured = [BreakEven.from_dict(r) for r in records.values()]
+    rows = [row for m in measured for row in m.rows]
+    waits = [r.wait_share for r in rows if r.wait_share is not None]
+    known = [m.overloaded for m in measured if m.overloaded is not None]
+    return {
+        "budgets": len(measured),
+        "lengths_timed": len(rows),
+        "lengths_kept_under_overload": sum(1 for r in rows if r.overloaded),
+        "max_wait_share": max(waits, default=None),
+        "overloaded": any(known) if known else None,
+    }
 
 
 def break_even_from(rows: list[BreakEvenRow], min_ratio: float = MIN_RATIO) -> tuple[int, bool]:
@@ -141,6 +183,7 @@ def _measure(
     ps = params.page_size
     load = loadavg()
     rows: list[BreakEvenRow] = []
+    hosts: list[dict[str, Any]] = []
     for length in sorted(set(int(x) for x in lengths)):
         if length < 2 * ps:
             continue
@@ -149,39 +192,23 @@ def _measure(
         if paged:  # both arms read a PagedCache layer's buffer, as the served model's decode does
             k_all, v_all = paged_buffer(k_all), paged_buffer(v_all)
         qs = [torch.randn(1, q_heads, 1, head_dim, generator=gen).to(dtype) for _ in range(steps)]
-        pages = sync(None, k_all[:, :, :length], ps)
-        dense_t, sparse_t, read = [], [], []
-        for warm in (True, False):
-            for i, q in enumerate(qs):
-                k, v = k_all[:, :, : length + i + 1], v_all[:, :, : length + i + 1]
-                if not paged:  # contiguous, as transformers' DynamicCache hands the layer its keys
-                    k, v = k.contiguous(), v.contiguous()
-                t0 = time.perf_counter()
-                F.scaled_dot_product_attention(q, k, v, enable_gqa=True).transpose(1, 2).contiguous()
-                t1 = time.perf_counter()
-                n = k.shape[2]
-                pages = sync(pages, k, ps)
-                start = local_start(n, ps, params.local_pages)
-                keep = params.keep_pages(pages.n_pages)
-                if start == 0 or (keep is not None and keep >= pages.n_pages and params.tau is None):
-                    # the retrofit runs the dense path here: nothing to skip
-                    F.scaled_dot_product_attention(q, k, v, enable_gqa=True).transpose(1, 2).contiguous()
-                    kept = n
-                else:
-                    out, kept, _ = sparse_decode_step(plan, params, pages, q, k, v, start)
-                    out.transpose(1, 2).contiguous()
-                t2 = time.perf_counter()
-                if not warm:
-                    dense_t.append(t1 - t0)
-                    sparse_t.append(t2 - t1)
-                    read.append(kept / n)
-            pages = sync(None, k_all[:, :, :length], ps)
+        _steps(plan, params, qs, k_all, v_all, length, paged)  # warm-up, untimed
+        meter = PairMeter(RETIMES)
+        while True:  # the timed steps, again where the host was overloaded while they ran
+            with meter.pair() as keep:
+                dense_t, sparse_t, read = _steps(plan, params, qs, k_all, v_all, length, paged)
+            if keep():
+                break
+        hosts.append(meter.record())
+        kept = meter.loads[-1]
         d, s = min(dense_t) * 1e6, min(sparse_t) * 1e6
         dm, sm = statistics.median(dense_t) * 1e6, statistics.median(sparse_t) * 1e6
         density = round(statistics.fmean(read), 4)
         med = {"dense_median_us": round(dm, 1), "sparse_median_us": round(sm, 1)}
-        rows.append(BreakEvenRow(length, round(d, 1), round(s, 1), round(d / s, 3), density, **med))
+        host = {"overloaded": bool(kept["overloaded"]), "wait_share": kept.get("wait_share")}
+        rows.append(BreakEvenRow(length, round(d, 1), round(s, 1), round(d / s, 3), density, **med, **host))
     tokens, reached = break_even_from(rows, min_ratio)
+    waits = [r.wait_share for r in rows if r.wait_share is not None]
     return BreakEven(
         tokens=tokens,
         reached=reached,
@@ -191,7 +218,49 @@ def _measure(
         threads=torch.get_num_threads(),
         load=load,
         paged=paged,
+        overloaded=any(r.overloaded for r in rows),
+        wait_share=max(waits, default=None),
+        host=host_totals(hosts),
     )
+
+
+def _steps(
+    plan: Any,
+    params: DecodeLayerParams,
+    qs: list[torch.Tensor],
+    k_all: torch.Tensor,
+    v_all: torch.Tensor,
+    length: int,
+    paged: bool,
+) -> tuple[list[float], list[float], list[float]]:
+    """One pass of the interleaved steps at `length` cached tokens, one per query (the cache growing by
+    one each): (dense seconds, sparse seconds, share of the cache the sparse step read) per step."""
+    ps = params.page_size
+    pages = sync(None, k_all[:, :, :length], ps)
+    dense_t, sparse_t, read = [], [], []
+    for i, q in enumerate(qs):
+        k, v = k_all[:, :, : length + i + 1], v_all[:, :, : length + i + 1]
+        if not paged:  # contiguous, as transformers' DynamicCache hands the layer its keys
+            k, v = k.contiguous(), v.contiguous()
+        t0 = time.perf_counter()
+        F.scaled_dot_product_attention(q, k, v, enable_gqa=True).transpose(1, 2).contiguous()
+        t1 = time.perf_counter()
+        n = k.shape[2]
+        pages = sync(pages, k, ps)
+        start = local_start(n, ps, params.local_pages)
+        keep = params.keep_pages(pages.n_pages)
+        if start == 0 or (keep is not None and keep >= pages.n_pages and params.tau is None):
+            # the retrofit runs the dense path here: nothing to skip
+            F.scaled_dot_product_attention(q, k, v, enable_gqa=True).transpose(1, 2).contiguous()
+            kept = n
+        else:
+            out, kept, _ = sparse_decode_step(plan, params, pages, q, k, v, start)
+            out.transpose(1, 2).contiguous()
+        t2 = time.perf_counter()
+        dense_t.append(t1 - t0)
+        sparse_t.append(t2 - t1)
+        read.append(kept / n)
+    return dense_t, sparse_t, read
 
 
 def measure_for_model(model: Any, plan: Any, budget_tokens: int | None = None, **kw: Any) -> BreakEven:

@@ -46,6 +46,16 @@ def _json_flag(help: str) -> Any:
 app = typer.Typer(no_args_is_help=True, help="Benchmarks: print a table and write JSON.")
 
 
+def _at_least(*checks: tuple[str, int, int]) -> None:
+    """Each (option, value, least): `error: OPTION must be >= LEAST, got VALUE` and exit 2 for the first
+    count below its least, before any work (a count of 0 or less fails deep inside otherwise)."""
+    from sparsepilot.console import fail
+
+    for option, value, least in checks:
+        if value < least:
+            fail(f"{option} must be >= {least}, got {value}")
+
+
 @app.command("dashboard")
 def bench_dashboard(
     use_cases: int = typer.Option(200, "--use-cases", help="Use cases to seed."),
@@ -70,6 +80,7 @@ def bench_dashboard(
     from sparse_core.host import HostLoadMeter, loadavg
     from sparsepilot.console import fail, print_table
 
+    _at_least(("--use-cases", use_cases, 1), ("--observations", observations, 0), ("--repeats", repeats, 1))
     check_out(out)
     scratch = Path(home) if home else Path(tempfile.mkdtemp(prefix="sparsepilot-bench-dashboard-"))
     if not database_url and (scratch / "state.db").exists():
@@ -126,7 +137,8 @@ def bench_import(
     if any(r < 2 for r in rows):
         fail("--rows: each size must be at least 2")
     check_out(out)
-    result = run_import_bench(rows, chunk_rows=chunk_rows)
+    with _spinner("import benchmark", out) as progress:
+        result = run_import_bench(rows, chunk_rows=chunk_rows, progress=progress)
     if _saved_and_emitted(result, out, json_out):
         return
     _state_db_table(
@@ -171,7 +183,8 @@ def bench_monitor(
     if any(r < 2 * batch for r in rows):
         fail(f"--rows: each size must hold at least one look of --batch {batch} requests ({2 * batch} rows)")
     check_out(out)
-    result = run_monitor_bench(rows, batch=batch, looks=looks)
+    with _spinner("monitor benchmark", out) as progress:
+        result = run_monitor_bench(rows, batch=batch, looks=looks, progress=progress)
     if _saved_and_emitted(result, out, json_out):
         return
     _state_db_table(
@@ -291,6 +304,9 @@ def bench_quality(
     from sparse_core.prefill_bound import BOUND_UNITS
     from sparsepilot.console import emit_json, fail, print_table
 
+    _at_least(("--gate-steps", gate_steps, 0), ("--max-checks", max_checks, 0))
+    if max_texts != 0 and max_texts < 2:
+        fail(f"--max-texts must be 0 (by mode) or >= 2 (one window is held out), got {max_texts}")
     names = tuple(e.strip() for e in estimators.split(",") if e.strip()) or default_specs()
     try:
         for spec in names:
@@ -465,6 +481,7 @@ def bench_attention(
     from sparse_core.bench import attention as bench
     from sparsepilot.console import emit_json, fail, print_table
 
+    _at_least(("--repeats", repeats, 1))
     ks = tuple(x.strip() for x in kernels.split(",") if x.strip())
     ds = tuple(x.strip() for x in dtypes.split(",") if x.strip())
     if not ks or any(k not in ("gather", "flex") for k in ks):
@@ -506,7 +523,7 @@ def bench_attention(
         result["rows"],
         bench.TABLE_COLUMNS,
     )
-    _overload_warning(env)
+    _overload_warning(env, result["rows"])
     if json_out:
         emit_json(result)
     _write_with_plot(result, out, bench.plot)
@@ -525,6 +542,11 @@ def bench_prefill(
         0, "--repeats", help="Timed prefills per point, the best kept (0 = 1 on the CPU, 5 on CUDA)."
     ),
     dtype: str = typer.Option("fp32", "--dtype", help="The model's dtype: fp32 | bf16."),
+    lengths: str = typer.Option(
+        "",
+        "--lengths",
+        help="Prompt lengths, e.g. 2048,4096 (default by mode; at most the model's positions).",
+    ),
     threads: Threads = "auto",
 ) -> None:
     """End-to-end prefill of a real model on natural English: dense SDPA vs sparse (pooled) at a
@@ -546,6 +568,7 @@ def bench_prefill(
         fail(f"--repeats must be >= 0, got {repeats}")
     if dtype not in bench.DTYPES:
         fail(f"--dtype: {dtype!r}; choose from {', '.join(bench.DTYPES)}")
+    length_list = _int_list("--lengths", lengths) if lengths else None
     dev = device_or_fail(device)
     check_out(out)
     from sparse_core import ModelRefError
@@ -563,14 +586,24 @@ def bench_prefill(
             device=dev,
             dtype=dtype,
             repeats=repeats or None,
+            lengths=length_list,
         )
     except ModelRefError as exc:
         fail(str(exc))
+    except ValueError as exc:  # no length fits the model's positions
+        fail(f"{'--lengths' if lengths else '--quick' if quick else 'the default lengths'}: {exc}")
     path, png = _plot_path(result, out)
     env = result["environment"]
+    over = result["lengths_over_context"]
+    skipped = (
+        f"; not timed: {', '.join(f'{x:,}' for x in over)} tokens (over the model's {result['context']:,} "
+        "positions)"
+        if over
+        else ""
+    )
     print_table(
         f"Prefill {result['model']} {dtype} ({result['text_source']}) on {_where(env, dev)}, best of "
-        f"{result['repeats']}; {_host_line(env)}; JSON: {path}, plot: {png}",
+        f"{result['repeats']}; {_host_line(env)}{skipped}; JSON: {path}, plot: {png}",
         result["rows"],
         bench.TABLE_COLUMNS,
     )
@@ -768,7 +801,7 @@ def bench_decode(
         result["model_rows"],
         bench.MODEL_COLUMNS,
     )
-    _overload_warning(env)
+    _overload_warning(env, [*result["layer_rows"], *result["model_rows"]])
     if json_out:
         emit_json(result)
     _write_with_plot(result, out, bench.plot)
@@ -845,14 +878,8 @@ def bench_decode_scorers(
     if unknown or len(set(names)) != len(names) or len(names) < 2:
         fail(f"--scorers: give two or more distinct names of {', '.join(DECODE_ESTIMATORS)}, got {scorers!r}")
     budget_list = _int_list("--budgets", budgets, least=2)
-    for option, value, least in (
-        ("--prompts", prompts, 2),
-        ("--prompt-tokens", prompt_tokens, 2),
-        ("--new-tokens", new_tokens, 1),
-        ("--page-size", page_size, 1),
-    ):
-        if value < least:
-            fail(f"{option} must be >= {least}, got {value}")
+    _at_least(("--prompts", prompts, 2), ("--prompt-tokens", prompt_tokens, 2))
+    _at_least(("--new-tokens", new_tokens, 1), ("--page-size", page_size, 1))
     n_threads = _threads_or_fail(threads)
     check_out(out)
     needs_plan = [s for s in names if DECODE_ESTIMATORS[s] is not None]
@@ -931,21 +958,29 @@ def _with_spinner(label: str, run: Callable[..., dict], out: str, threads: int |
     """``run(**kwargs, progress=...)`` with torch's threads set from `threads` (None: the CPUs the other
     processes leave free) under a transient spinner that shows its latest progress message, each message
     also a line of the progress log next to `out`. The result's environment records the thread choice."""
+    with _spinner(label, out) as progress:
+        policy = _apply_threads(threads, progress)
+        result = run(**kwargs, progress=progress)
+        _record_host(result, policy, progress)
+        return result
+
+
+@contextmanager
+def _spinner(label: str, out: str) -> Iterator[Callable[[str], None]]:
+    """A transient spinner showing the latest progress message, each message also a timestamped line of
+    the progress log next to `out`, between `label: started` and `label: done`."""
     from rich.progress import Progress
 
     with Progress(transient=True) as bar, _progress_log(out) as log:
         task = bar.add_task(label, total=None)
         log(f"{label}: started")
-        policy = _apply_threads(threads, log)
 
         def progress(msg: str) -> None:
             bar.update(task, description=msg)
             log(msg)
 
-        result = run(**kwargs, progress=progress)
-        _record_host(result, policy, log)
+        yield progress
         log(f"{label}: done")
-        return result
 
 
 def _threads_or_fail(text: str) -> int | None:
@@ -1079,6 +1114,7 @@ def bench_gate(
     from sparsepilot.console import fail, print_table
 
     _wide_console()
+    _at_least(("--replications", replications, 1))
     check_out(out)
     try:
         sizes = tuple(int(x) for x in rows.split(",") if x.strip())

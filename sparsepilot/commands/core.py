@@ -639,8 +639,9 @@ def _timing_overload(r) -> str | None:
     (`rollout.roi.timing_overload`)."""
     from rollout.roi import timing_overload
 
-    decode = ((r.decode or {}).get("summary") or {}).get("host")
-    return timing_overload({"prefill": (r.speed_summary or {}).get("host"), "decode": decode})
+    dec = (r.decode or {}).get("summary") or {}
+    host = {"prefill": (r.speed_summary or {}).get("host"), "decode": dec.get("host")}
+    return timing_overload(host | {"break_even": dec.get("break_even_host")})
 
 
 def _decode_note(row: dict) -> str:
@@ -790,6 +791,10 @@ def _print_report(r) -> None:
             )
         if r.speed_summary and r.speed_summary.get("weighted_speedup"):
             console.print(f"length-mix weighted speed-up: {r.speed_summary['weighted_speedup']:.3f}")
+        over = (r.speed_summary or {}).get("lengths_over_context")
+        if over:  # evaluation.within_context: not timed, said beside the figures
+            lengths = ", ".join(f"{x:,}" for x in over["lengths"])
+            console.print(f"not timed: {lengths} tokens, over the model's {over['positions']:,} positions")
     if r.decode:
         _print_decode(r.decode, (r.probes or {}).get("generated"))
     overload = _timing_overload(r)

@@ -29,6 +29,11 @@ def test_a_look_judges_every_row_since_promotion(tmp_path) -> None:  # noqa: ANN
         assert all(r[p] > 0 for p in parts)
         assert r["peak_rss_mib"] > 0 and r["database"] == "sqlite"
     assert "one monitor look" in " ".join(res.output.split())
+    # progress, as the model benchmarks keep it: a timestamped line per size in the log beside the JSON
+    log = (tmp_path / "monitor.log").read_text().splitlines()
+    assert log[0].endswith("monitor benchmark: started") and log[-1].endswith("monitor benchmark: done")
+    assert any(line.endswith("monitor at 400 rows: started") for line in log)
+    assert any(" monitor at 1,000 rows: done in " in line for line in log), log
 
 
 def test_the_judgement_is_timed_under_the_promoted_pilots_spec_version(sp_home, tmp_path) -> None:  # noqa: ANN001
@@ -65,6 +70,9 @@ def test_bench_import_imports_every_row_in_a_fresh_process(tmp_path) -> None:  #
     assert res.exit_code == 0, res.output
     (r,) = json.loads(out.read_text())["results"]
     assert r["rows"] == r["inserted"] == 2000 and r["torch_loaded"] is False and r["peak_rss_mib"] > 0
+    log = (tmp_path / "import.log").read_text().splitlines()  # progress, as the model benchmarks keep it
+    assert log[0].endswith("import benchmark: started") and log[-1].endswith("import benchmark: done")
+    assert any(" import of 2,000 rows: done in " in line for line in log), log
 
 
 def _dies(code: int, queue) -> None:  # noqa: ANN001 - a bench size whose process dies before it answers

@@ -332,11 +332,14 @@ def test_evaluation_roi_prices_output_tokens_at_the_measured_sparse_decode() -> 
     }
     report["speed_summary"]["host"] = {"threads": 1, "pairs_retimed_for_overload": 2}
     report["decode"]["summary"]["host"] = {"threads": 1, "pairs_retimed_for_overload": 0, "cache": "paged"}
+    report["decode"]["summary"]["break_even_host"] = {"lengths_timed": 7, "lengths_kept_under_overload": 0}
     r = roi_from_report(spec, report, decode_tps=99.0)  # the side-by-side dense decode figure wins
-    # the host's record of both timings behind the dollars: the prefill pairs' and the decode runs'
+    # the host's record of the timings behind the dollars: the prefill pairs', the decode runs', and the
+    # calibration's break-even timings behind the decode line
     assert r["timing_host"] == {
         "prefill": report["speed_summary"]["host"],
         "decode": report["decode"]["summary"]["host"],
+        "break_even": report["decode"]["summary"]["break_even_host"],
     }
     assert r["inputs"]["decode_tps"] == 20.0 and r["inputs"]["sparse_decode_tps"] == 26.0
     p, o = spec.traffic.prompt_tokens.mean(), spec.traffic.output_tokens.mean()
@@ -477,3 +480,43 @@ def test_timings_kept_under_overload_are_named_beside_the_figures() -> None:
     assert timing_overload({"prefill": clean, "decode": busy}).startswith(
         "measured under overload: 4 of 7 timed pairs (decode 4 of 4)"
     )
+
+
+def test_a_break_even_timed_on_a_busy_host_is_named_beside_the_decode_line() -> None:
+    """Review M, M1: the break-even behind "no decode saving ... 1.00x" is a calibration timing; when the
+    host was overloaded while it was timed, the decode line and the overload warning say so."""
+    from rollout.roi import break_even_overload, timing_overload
+
+    busy = {"budgets": 1, "lengths_timed": 7, "lengths_kept_under_overload": 2, "overloaded": True}
+    quiet = {**busy, "lengths_kept_under_overload": 0, "overloaded": False}
+    old = {**quiet, "overloaded": None}  # calibrated before the meter: unknown, nothing to say
+    caveat = (
+        "the decode break-even was timed at calibration while the host was overloaded (2 of 7 cache "
+        "lengths); recalibrate on a quieter host"
+    )
+    assert break_even_overload(busy) == caveat
+    assert break_even_overload(quiet) is None and break_even_overload(old) is None
+    assert break_even_overload(None) is None
+    clean = {"pairs_timed": 3, "pairs_kept_under_overload": 0}
+    assert timing_overload({"prefill": clean, "decode": clean, "break_even": quiet}) is None
+    assert timing_overload({"prefill": clean, "decode": clean, "break_even": busy}) == (
+        f"measured under overload: {caveat}"
+    )
+    pairs = {"pairs_timed": 4, "pairs_kept_under_overload": 1}
+    assert timing_overload({"prefill": clean, "decode": pairs, "break_even": busy}).endswith(
+        f"rerun on a quieter host; and {caveat}"
+    )
+
+    kw = dict(dense_tps=1000.0, speedup=1.0, speedup_low=1.0, speedup_high=1.0, prompt_tokens=1000)
+    flat = compute_roi(_inputs(**kw, decode_tps=50.0, sparse_decode_tps=50.0))
+    section = _decode_section([True, True], (1.0, 1.0, 1.0), 1.0, 3584, [2048, 3040])
+    section["summary"]["break_even_host"] = busy
+    short = decode_outcome(section, flat)
+    assert short["status"] == "below_break_even" and short["break_even_overloaded"] is True
+    assert short["line"] == (
+        "decode: no decode saving at this context length: 3,040 tokens < break-even 3,584 tokens "
+        f"({caveat}), so decode stays dense (1.00x) and output tokens cost the same"
+    )
+    section["summary"]["break_even_host"] = quiet
+    assert "overloaded" not in decode_outcome(section, flat)["line"]
+    assert decode_outcome(section, flat)["break_even_overloaded"] is False

@@ -34,6 +34,14 @@ def test_bench_decode_on_a_tiny_model(tiny_llama_dir, tmp_path):
     )
     assert sparse["density"] < 0.2 and sparse["seq_len"] == 2048 - 4 and 0 <= sparse["agree"] <= 1
     assert result["environment"]["threads"] == 1 and (tmp_path / "decode.png").is_file()
+    # every timing row carries the host's load (review M, M3): a layer row over its sparse steps and the
+    # dense ones its speed-up divides by, a model row its run pairs' record (retimed, kept under overload)
+    for row in result["layer_rows"]:
+        assert isinstance(row["overloaded"], bool) and "others_busy_cores" in row
+    for row in result["model_rows"]:
+        assert row["pairs_timed"] >= 2 and row["overloaded"] == (row["pairs_kept_under_overload"] > 0)
+        assert row["pairs_retimed_for_overload"] >= 0 and "others_busy_cores" in row
+    assert "overloaded" in r.output  # the tables' column
     assert result["environment"]["thread_policy"]["requested"] == 1
     # the console's spinner is transient: every progress message is a timestamped line of the log
     log = (tmp_path / "decode.log").read_text().splitlines()
@@ -129,3 +137,12 @@ def test_bench_decode_trains_page_gate_on_text_after_its_own_window(tiny_llama_d
         and trained["windows"] == 2
         and trained["loss_after"] < trained["loss_before"]
     )
+
+
+def test_a_model_rows_host_record_is_its_run_pairs_record() -> None:
+    from sparse_core.bench.decode import host_fields
+
+    record = {"pairs_timed": 2, "pairs_retimed_for_overload": 3, "pairs_kept_under_overload": 1}
+    row = host_fields({**record, "max_others_busy_cores": 1.7, "max_wait_share": 0.5})
+    assert row == {**record, "others_busy_cores": 1.7, "max_wait_share": 0.5, "overloaded": True}
+    assert host_fields(None)["overloaded"] is False

@@ -316,6 +316,8 @@ def test_calibrate_adds_a_decode_section_when_asked(quality_tiny, quality_texts)
     plan, report = calibrate(model, tok, quality_texts, "kl=5", limits=lim)
     assert plan.decode is not None and report.decode["met_budget"]
     assert plan.metadata["decode_calibration"]["layer_budgets"] == report.decode["layer_budgets"]
+    # the host while the break-evens were timed, for the ROI's decode line: none here (given as 0)
+    assert plan.metadata["decode_calibration"]["break_even_host"] is None
     assert report.plan_hash == plan.content_hash()
     assert SparsePlan.from_json(plan.to_json()).decode == plan.decode
     with pytest.raises(ValueError, match="decode estimator 'gate' reuses the learned gate"):

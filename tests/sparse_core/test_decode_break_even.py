@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from sparse_core import PlanError, SparsePlan, decode_stats, load_model, sparsify, unsparsify
-from sparse_core.decode.break_even import BreakEvenRow, break_even_from, measure_break_even
+from sparse_core.decode.break_even import (
+    BreakEven,
+    BreakEvenRow,
+    break_even_from,
+    break_even_host,
+    measure_break_even,
+)
 from sparse_core.decode.pages import summarize
 from sparse_core.decode.plan import DecodePlan
 from sparse_core.testing import sample_text
@@ -43,8 +49,48 @@ def test_measured_break_even_follows_its_rows():
     # small share of a 1,024-token one
     assert r.rows[-1].density < 0.15 < 0.5 < r.rows[0].density
     assert r.shape == {"q_heads": 4, "kv_heads": 2, "head_dim": 16, "dtype": "torch.float32"}
+    # each length's steps ran under the host meter: its verdict per row and in all (review M, M1)
+    assert all(isinstance(row.overloaded, bool) for row in r.rows) and r.host["pairs_timed"] == 3
+    assert r.overloaded == any(row.overloaded for row in r.rows)
+    assert r.host["pairs_kept_under_overload"] == sum(row.overloaded for row in r.rows)
     with pytest.raises(ValueError, match="not a multiple"):
         measure_break_even(plan, params, q_heads=5, kv_heads=2, head_dim=16)
+
+
+def test_break_even_record_says_whether_a_busy_host_timed_it():
+    """Review M, M1: the break-even is a timing, so its record carries the host's verdict per length
+    (`overloaded`, `wait_share`) and `break_even_host` sums it for the plan; records written before the
+    meter still load, with the verdict unknown (None), never "quiet"."""
+    rows = [
+        BreakEvenRow(1024, 50.0, 60.0, 0.833, 0.5, overloaded=False, wait_share=0.02),
+        BreakEvenRow(4096, 150.0, 100.0, 1.5, 0.125, overloaded=True, wait_share=0.61),
+    ]
+    busy = BreakEven(4096, True, 1.05, rows, overloaded=True, wait_share=0.61)
+    assert BreakEven.from_dict(busy.to_dict()) == busy
+    quiet = BreakEven(1024, True, 1.05, rows[:1], overloaded=False, wait_share=0.02)
+    assert break_even_host({"128": quiet.to_dict(), "256": busy.to_dict()}) == {
+        "budgets": 2,
+        "lengths_timed": 3,
+        "lengths_kept_under_overload": 1,
+        "max_wait_share": 0.61,
+        "overloaded": True,
+    }
+    assert break_even_host({"128": quiet.to_dict()})["overloaded"] is False
+    old = busy.to_dict()
+    for key in ("overloaded", "wait_share", "host"):
+        del old[key]
+    for row in old["rows"]:
+        del row["overloaded"], row["wait_share"]
+    loaded = BreakEven.from_dict(old)
+    assert loaded.overloaded is None and loaded.rows[1].overloaded is None and loaded.tokens == 4096
+    assert break_even_host({"128": old}) == {
+        "budgets": 1,
+        "lengths_timed": 2,
+        "lengths_kept_under_overload": 0,
+        "max_wait_share": None,
+        "overloaded": None,
+    }
+    assert break_even_host(None) is None and break_even_host({}) is None
 
 
 def test_break_even_field_round_trips_and_is_absent_at_zero():

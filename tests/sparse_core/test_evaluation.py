@@ -222,7 +222,13 @@ def test_decode_section_for_a_plan_that_decodes_sparsely(quality_tiny):
         decode_repeats=2,
     )
     # break-even 600: the 512-token runs decode densely (timed once, identical arms), 768 sparsely
-    plan = SparsePlan(tau=0.9, decode=DecodePlan(page_size=16, budget_tokens=128, break_even_tokens=600))
+    # calibration's record of the host while it timed that break-even travels to the ROI (review M, M1)
+    be_host = {"budgets": 1, "lengths_timed": 5, "lengths_kept_under_overload": 2, "overloaded": True}
+    plan = SparsePlan(
+        tau=0.9,
+        decode=DecodePlan(page_size=16, budget_tokens=128, break_even_tokens=600),
+        metadata={"decode_calibration": {"break_even_host": be_host}},
+    )
     report = evaluate(model, tok, plan, suite)
     d = report.to_dict()
     assert not is_sparsified(model)
@@ -238,9 +244,23 @@ def test_decode_section_for_a_plan_that_decodes_sparsely(quality_tiny):
     summ = d["decode"]["summary"]
     assert summ["weighted_speedup_low"] <= summ["weighted_speedup"] <= summ["weighted_speedup_high"]
     assert summ["break_even_tokens"] == 600 and summ["rows_below_break_even"] == summ["rows_identical"] == 1
-    assert summ["context_tokens"] == [512, 774]
+    assert summ["context_tokens"] == [512, 774] and summ["break_even_host"] == be_host
     json.dumps(d, allow_nan=False)
     m = report.metrics()
     assert "decode.512.speedup" in m and "decode.weighted_speedup" in m
     gen = d["probes"]["generated"]
     assert gen["n"] == 1 and 0 <= gen["sparse_accuracy"] <= 1 and "probes.generated_sparse_accuracy" in m
+
+
+def test_speed_lengths_over_the_models_positions_are_refused_or_reported(quality_tiny) -> None:
+    """Review M, M4: `--speed-lengths 8192` on a 4,096-position model timed nothing and said nothing."""
+    from sparse_core.evaluation import within_context
+
+    assert within_context((2048, 4096, 8192), 4096, "x") == ((2048, 4096), [8192])
+    assert within_context((8192,), None, "x") == ((8192,), [])
+    with pytest.raises(ValueError, match=r"speed_lengths: 8,192 tokens; the model has 4,096 positions"):
+        within_context((8192,), 4096, "speed_lengths")
+    model, tok = quality_tiny
+    suite = EvalSuite(n_fidelity_texts=0, probe_lengths=(), layer_errors=False, speed_lengths=(8192,))
+    with pytest.raises(ValueError, match=r"8,192 tokens; the model has 4,096 positions"):
+        evaluate(model, tok, SparsePlan(tau=0.9), suite)  # before any work
