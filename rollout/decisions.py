@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rollout import audit, lifecycle, pilots, registry
+from rollout import approvals, audit, lifecycle, pilots, registry
 from rollout.db.models import GateDecision, Pilot, PilotStep, UseCase
 from rollout.db.session import session_scope
 from rollout.words import counted
@@ -123,6 +123,11 @@ def gate_step(
                 "data_check": check["report"],
                 "final_step": final,
                 "plan_steps": len(pilots.plan_steps(spec)),
+                # what a promotion on this decision skips (rollout.approvals.ramp_steps_skipped)
+                "later_steps": [
+                    {"index": p.index, "traffic_pct": p.traffic_pct}
+                    for p in pilots.plan_steps(spec)[step.index + 1 :]
+                ],
                 "promote_after_step": promote_after_step,
                 "traffic": traffic,
             }
@@ -140,6 +145,8 @@ def gate_step(
                 f"system (--external-assignment), not by the pilot's hash: the result assumes that "
                 f"assignment is random, independent of the requests, at {step.traffic_pct:g}% sparse."
             )
+        if decision.outcome == "GO" and final:
+            explanation = f"{explanation} {approvals.skip_note(evidence)}".rstrip()
         remedy = invalid_remedy(use_case, decision.outcome, decision.reasons, step.traffic_pct)
         if remedy:
             explanation = f"{explanation} {remedy}"
