@@ -47,8 +47,6 @@ from rollout.redact import redact
 from rollout.spec import has_visible_text
 from sparse_core.errors import SparsePilotError
 
-_SKIP_NOTE = " of an intermediate step: promoting now skips the remaining ramp steps"
-
 
 class ApprovalError(SparsePilotError, ValueError):
     """The request cannot be accepted (missing reason, wrong decision state, same approver twice)."""
@@ -85,13 +83,52 @@ class ApprovalResult:
         return dict(self.__dict__)
 
 
-def recommended_action(decision: GateDecision) -> str:
-    """'approve' when the evidence supports what approving does, else 'reject'."""
+def recommended_action(decision: Any) -> str:
+    """'approve' when the evidence supports what approving does, else 'reject'. `decision`: a
+    GateDecision, or anything with its `awaiting`, `outcome` and `evidence`."""
     if decision.awaiting == "rollback_approval":
         return "approve"  # the monitor recommends the rollback
-    # Only the last step's GO asks for promotion (awaiting "approval"); promoting on an earlier step's
-    # GO skips the remaining ramp steps, which is an override like promoting on EXTEND.
-    return "approve" if decision.outcome == "GO" and decision.awaiting == "approval" else "reject"
+    # A GO asks for promotion (awaiting "approval") at the plan's last step, or at an earlier one where a
+    # short pilot asks early (`promote_after_step`, the main job's step 1). Promoting on a GO before the
+    # last step skips the remaining ramp steps: an override like promoting on EXTEND (docs/operations.md).
+    ok = decision.outcome == "GO" and decision.awaiting == "approval"
+    return "approve" if ok and not ramp_steps_skipped(decision.evidence) else "reject"
+
+
+def ramp_steps_skipped(evidence: Any) -> list[dict[str, Any]]:
+    """The ramp steps a promotion on this gate decision skips, [{"index", "traffic_pct"}]: the plan's
+    steps after the decision's own (`later_steps`, recorded by the gate; for a decision recorded before
+    it, the indexes from `step_index` and `plan_steps`, the shares unknown). [] at the last step, for a
+    monitor's or a person's decision, or where the evidence cannot say."""
+    ev = evidence or {}
+    if "later_steps" in ev:
+        return [dict(s) for s in ev["later_steps"]]
+    index, steps = ev.get("step_index"), ev.get("plan_steps")
+    if not isinstance(index, int) or not isinstance(steps, int):
+        return []
+    return [{"index": i, "traffic_pct": None} for i in range(index + 1, steps)]
+
+
+def skipped_in_words(steps: list[dict[str, Any]]) -> str:
+    """'ramp step 2 (70%)', 'ramp steps 2 (70%) and 3 (90%)': what `ramp_steps_skipped` returned."""
+    named = [
+        f"{s['index']}" + (f" ({s['traffic_pct']:g}%)" if s.get("traffic_pct") is not None else "")
+        for s in steps
+    ]
+    listed = named[0] if len(named) == 1 else ", ".join(named[:-1]) + " and " + named[-1]
+    return f"ramp step{'s' if len(named) > 1 else ''} {listed}"
+
+
+def skip_note(evidence: Any) -> str:
+    """The sentence an approver reads before promoting on a GO before the plan's last step; '' where a
+    promotion skips nothing."""
+    steps = ramp_steps_skipped(evidence)
+    if not steps:
+        return ""
+    return (
+        f"Promoting on this decision skips {skipped_in_words(steps)} of the spec's plan: that goes against "
+        "the plan, so it takes effect only when two different approvers sign it."
+    )
 
 
 def check_approvable(session: Any, d: GateDecision) -> None:
@@ -365,8 +402,7 @@ def approve(
                     applied_directly=False,
                     message=(
                         f"recorded {who.name}'s signature; to {action} against the gate's recommendation "
-                        f"({d.outcome}{_SKIP_NOTE if d.outcome == 'GO' and action == 'approve' else ''}) "
-                        "a second, different "
+                        f"({d.outcome}{_skips(d) if action == 'approve' else ''}) a second, different "
                         f"approver must also {action} decision {d.id}"
                     ),
                 )
@@ -437,6 +473,12 @@ def approve(
             + (f"; resumed flow run {resumed}" if resumed else "; applied directly (no flow run was waiting)")
         ),
     )
+
+
+def _skips(d: GateDecision) -> str:
+    """'; promoting now skips ramp steps 2 (70%) and 3 (90%)' for a GO before the plan's last step."""
+    steps = ramp_steps_skipped(d.evidence) if d.outcome == "GO" else []
+    return f"; promoting now skips {skipped_in_words(steps)}" if steps else ""
 
 
 def _require_an_earlier_champion(session: Any, d: GateDecision) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rollout import audit, lifecycle, pilots, registry
+from rollout import approvals, audit, lifecycle, pilots, registry
 from rollout.db.models import GateDecision, Pilot, PilotStep, UseCase
 from rollout.db.session import session_scope
 from rollout.words import counted
@@ -105,7 +105,7 @@ def gate_step(
             elapsed_days=pilots.elapsed_days(step),
             min_samples_per_arm=step.min_samples,
         )
-        key = f"gate:{step.id}:{decision.data_fingerprint}"
+        key = _look_key(session, step, decision)
         found = pilots.decision_by_key(session, key)
         if found is not None:  # a retry, or a re-run on unchanged data
             return summary(found, step, False)
@@ -123,6 +123,11 @@ def gate_step(
                 "data_check": check["report"],
                 "final_step": final,
                 "plan_steps": len(pilots.plan_steps(spec)),
+                # what a promotion on this decision skips (rollout.approvals.ramp_steps_skipped)
+                "later_steps": [
+                    {"index": p.index, "traffic_pct": p.traffic_pct}
+                    for p in pilots.plan_steps(spec)[step.index + 1 :]
+                ],
                 "promote_after_step": promote_after_step,
                 "traffic": traffic,
             }
@@ -140,6 +145,11 @@ def gate_step(
                 f"system (--external-assignment), not by the pilot's hash: the result assumes that "
                 f"assignment is random, independent of the requests, at {step.traffic_pct:g}% sparse."
             )
+        if decision.outcome == "GO" and final:
+            explanation = f"{explanation} {approvals.skip_note(evidence)}".rstrip()
+        remedy = invalid_remedy(use_case, decision.outcome, decision.reasons, step.traffic_pct)
+        if remedy:
+            explanation = f"{explanation} {remedy}"
         exhausted = exhaustion_note(decision.outcome, traffic, decision.projected_requests)
         if exhausted:
             evidence["reasons"] = [*evidence["reasons"], "traffic-exhausted"]
@@ -171,6 +181,54 @@ def gate_step(
         if created:
             act_on(session, uc, pilot, spec, step, d, final)
         return summary(d, step, created)
+
+
+def _look_key(session: Any, step: PilotStep, decision: Any) -> str:
+    """A gate look's idempotency key: the step and the rows it judged, so a retried or repeated look on
+    unchanged rows returns the decision recorded (the rows are judged once, nothing is spent twice). The
+    one exception is time: an EXTEND or INVALID recorded before the pilot's maximum duration left the
+    pilot running, and on rows that no longer change (a used-up traffic source, no import since) it stood
+    for good and the limit never fired. The first look on those rows once the duration is reached is a
+    look of its own (`...:at-maximum`), recorded once (a retry finds it) and final, as the limit says: on
+    the same rows the tests' capital is the same, so it is NO-GO (an INVALID at the maximum is NO-GO too).
+    The look limit needs no such key: it counts recorded looks, so a look on new rows reaches it."""
+    key = f"gate:{step.id}:{decision.data_fingerprint}"
+    at_maximum = f"{key}:at-maximum"
+    if pilots.decision_by_key(session, at_maximum) is not None:  # that look, retried: its decision
+        return at_maximum
+    found = pilots.decision_by_key(session, key)
+    pilot = step.pilot
+    left_running = (
+        found is not None
+        and found.outcome in ("EXTEND", "INVALID")
+        and (pilot.status, pilot.current_step_index) == ("running", step.index)
+    )
+    reached = decision.elapsed_days >= decision.settings.max_duration_days
+    return at_maximum if left_running and reached else key
+
+
+def invalid_remedy(use_case: str, outcome: str, reasons: Any, traffic_pct: float) -> str:
+    """The way out of a step whose data cannot be trusted, in commands: no command reruns a step and its
+    stored rows stay, so an INVALID look is ended by aborting the pilot (or, at the limit, by its NO-GO),
+    and the use case pilots again with a new challenger. A sample-ratio mismatch also needs the serving
+    system set to the step's share. Every pilot started counts toward the use case's false-GO alpha, the
+    aborted one too (docs/gate.md), so the new pilot's GO is held to a smaller level. '' otherwise."""
+    reasons = tuple(reasons)
+    if outcome != "INVALID" and "max-duration-invalid" not in reasons:
+        return ""
+    split = (
+        f", with the serving system sending {traffic_pct:g}% of the requests to the sparse model"
+        if "sample-ratio-mismatch" in reasons
+        else ""
+    )
+    ended = "the aborted pilot" if outcome == "INVALID" else "this pilot"
+    again = (
+        f"calibrate a new challenger (`sparsepilot calibrate {use_case}`) and pilot it{split}; {ended} "
+        "still counts toward the use case's false-GO alpha, so the next pilot's GO is held to a smaller level"
+    )
+    if outcome == "INVALID":
+        return f'To start over: `sparsepilot pilot {use_case} --abort --reason "..."`, then {again}.'
+    return f"To pilot again: {again}."
 
 
 def _check_still_running(use_case: str, pilot: Pilot, step: PilotStep, *, changed: bool = False) -> None:

@@ -93,8 +93,13 @@ def decision_card(d: dict[str, Any], ident: Identity | None) -> None:
     st.subheader(f"#{d['id']} {d['use_case']}: {d['outcome']}, {head}")
     st.caption(f"criticality {d['criticality']}{step} · decided {d['created_at']:%Y-%m-%d %H:%M} UTC")
     evidence_summary(d)
-    recommended = approvals.recommended_action(SimpleNamespace(awaiting=d["awaiting"], outcome=d["outcome"]))
+    recommended = approvals.recommended_action(
+        SimpleNamespace(awaiting=d["awaiting"], outcome=d["outcome"], evidence=d["evidence"])
+    )
     st.markdown(f"The gate recommends: **{recommended}**.")
+    skips = approvals.skip_note(d["evidence"]) if d["outcome"] == "GO" else ""
+    if skips:  # a GO before the plan's last step (a short pilot's, or an earlier step's): what it skips
+        st.warning(skips)
     if d["approvals"]:
         st.dataframe(
             pd.DataFrame(d["approvals"])[

@@ -179,11 +179,12 @@ def _quality(arms, settings, history, mode, share, *, counts):
 
 def _outcome(invalid, guards, enough, verdict, at_max) -> tuple[Outcome, tuple[str, ...]]:
     """In order of precedence: bad data, a breached guardrail, too few samples, a guardrail that cannot be
-    judged yet, then the quality verdict. Inconclusive at the maximum is NO-GO: it never ships."""
+    judged yet, then the quality verdict. Inconclusive at the maximum is NO-GO: it never ships; so is
+    INVALID at the maximum (`_invalid_at_max`)."""
     breached = [g.name for g in guards if g.breached]
     unjudged = [g.name for g in guards if not g.evaluated]
     if invalid:
-        return "INVALID", tuple(invalid)
+        return _invalid_at_max(tuple(invalid), at_max)
     if breached:
         return "NO-GO", tuple(f"guardrail:{n}" for n in breached)
     if not enough:
@@ -196,6 +197,14 @@ def _outcome(invalid, guards, enough, verdict, at_max) -> tuple[Outcome, tuple[s
     if at_max:
         return "NO-GO", ("max-duration-inconclusive", *waiting)
     return "EXTEND", waiting or ("inconclusive",)
+
+
+def _invalid_at_max(reasons: tuple[str, ...], at_max: bool) -> tuple[Outcome, tuple[str, ...]]:
+    """INVALID, or at the maximum NO-GO (`max-duration-invalid`, the INVALID's reasons after it). A step's
+    stored rows are kept (append-only) and no command reruns a step, so an INVALID that rests on them (a
+    sample-ratio mismatch of externally assigned rows, a bad row) may never clear: it must end at the limit
+    like an inconclusive step, never with a GO."""
+    return ("NO-GO", ("max-duration-invalid", *reasons)) if at_max else ("INVALID", reasons)
 
 
 def _invalid_input(observations, problems, history, base) -> Decision:
@@ -216,9 +225,10 @@ def _invalid_input(observations, problems, history, base) -> Decision:
         "not-evaluated",
         False,
     )
+    outcome, reasons = _invalid_at_max(("invalid-input",), base["at_maximum"])
     decision = Decision(
-        outcome="INVALID",
-        reasons=("invalid-input",),
+        outcome=outcome,
+        reasons=reasons,
         explanation="",
         n_control=int((arm == "control").sum()),
         n_treatment=int((arm == "treatment").sum()),

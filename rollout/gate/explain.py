@@ -55,7 +55,7 @@ def explain(d: Decision) -> str:
     parts = [f"Decision: {d.outcome} (look {d.look_index}, {d.elapsed_days:.1f} days in)."]
     if d.input_problems:
         parts.append("The pilot data cannot be judged: " + "; ".join(d.input_problems[:4]) + ".")
-        parts.append("Fix the data and rerun this step; this look must not be used to promote or reject.")
+        parts.append(_why(d))
         return " ".join(parts)
     if "data-check-failed" in d.reasons:
         fails = "; ".join(d.data_check_failures[:3]) or "see the data-check report"
@@ -129,6 +129,11 @@ def _limit_reached(d: Decision) -> str:
     return f"its maximum number of looks ({d.look_index} of {s.max_looks})"
 
 
+def _limits(d: Decision) -> str:
+    s = d.settings
+    return f"its maximum duration ({s.max_duration_days:g} days) or number of looks ({s.max_looks})"
+
+
 def _why(d: Decision) -> str:
     if d.outcome == "GO":
         return (
@@ -136,8 +141,17 @@ def _why(d: Decision) -> str:
             "(a person still approves any promotion)."
         )
     if d.outcome == "INVALID":
-        return "Fix the data problem and rerun this step; this look must not be used to promote or reject."
+        return (
+            "This look must not be used to promote or reject. The step's stored rows are kept and no step "
+            f"is run again, so more rows may not clear this: at {_limits(d)} an INVALID step ends NO-GO. "
+            "To start over sooner, abort the pilot and pilot again once the cause is fixed."
+        )
     if d.outcome == "NO-GO":
+        if "max-duration-invalid" in d.reasons:
+            return (
+                f"The pilot reached {_limit_reached(d)} while its data could not be trusted, so the step "
+                "ends: an unproven model never ships. Fix the cause before the use case is piloted again."
+            )
         if any(r.startswith("guardrail:") for r in d.reasons):
             return "The sparse model must not advance while it breaks a safety limit."
         if "futility" in d.reasons:

@@ -511,3 +511,53 @@ def test_an_approved_promotion_that_did_not_complete_stays_in_view(flow_use_case
     # what the page says finishes it: the approval's own promotion, then nothing is left in view
     approvals.apply_promotion(did, approvals.unfinished_promotion(did), reason="finish")
     assert registry.current_aliases(name)["champion"] and queries.read(queries.approved_not_applied) == []
+
+
+def test_a_go_before_the_plans_last_step_needs_two_approvers_and_says_what_it_skips(flow_use_case) -> None:
+    """Review G3: the main job asks for promotion after ramp step 1 (`promote_after_step=1`); its GO was
+    promoted on one signature, skipping the plan's later steps, though docs/operations.md asks two
+    different approvers for that. Now it takes two, and the decision, the first signature's message and
+    the Approvals card name the steps a promotion skips."""
+    from types import SimpleNamespace
+
+    from rollout import approvals, decisions, pilots
+    from rollout.auth import Identity
+    from rollout.db.models import Pilot, UseCase
+    from rollout.db.session import session_scope
+    from tests.dashboard.apptest_helpers import new_app, open_page
+
+    ramp = [{"traffic_pct": pct, "min_samples": 8} for pct in (50, 70, 90)]
+    name = flow_use_case(rollout={"shadow": {"min_samples": 8}, "steps": ramp, "batch_size": 8})
+    _pilot_with_decision(name, "EXTEND", "none")
+    with session_scope() as s:
+        pilot = s.scalar(select(Pilot))
+        spec, _ = pilots.load_pilot_spec(s, pilot)
+        step = pilots.advance(s, pilot, spec, actor="test")  # ramp step 1 of 3, 50%
+        rows = [
+            {"request_id": f"q{i}", "arm": pilots.assign_arm(f"q{i}", pilot.salt, 50.0), "quality": 1.0,
+             "latency_ms": 120.0, "tokens": 0, "error": False}
+            for i in range(84)
+        ]  # fmt: skip
+        pilots.record_observations(s, step, rows, batch_id="b1", source="imported")
+        step_id = step.id
+    go = decisions.gate_step(name, step_id, promote_after_step=1)  # as flows/main_job.py asks
+    assert (go["outcome"], go["awaiting"]) == ("GO", "approval"), go["explanation"]
+    assert "skips ramp steps 2 (70%) and 3 (90%)" in go["explanation"]
+    assert "two different approvers" in go["explanation"]
+
+    first = approvals.approve(go["decision_id"], Identity(*ALICE), "looks good")
+    assert first.needs_second_approver and not first.took_effect and first.against_recommendation
+    assert "skips ramp steps 2 (70%) and 3 (90%)" in first.message
+    with session_scope() as s:
+        assert s.scalar(select(UseCase.phase).where(UseCase.name == name)) == "awaiting_approval"
+    at = open_page(new_app(), "approvals")
+    shown = " ".join(w.value for w in at.warning)
+    assert "Promoting on this decision skips ramp steps 2 (70%) and 3 (90%)" in shown, shown
+    evidence = decisions.evidence(go["decision_id"])
+    card = SimpleNamespace(awaiting="approval", outcome="GO", evidence=evidence)
+    assert approvals.recommended_action(card) == "reject"  # the card's rule: approving is the override
+
+    second = approvals.approve(go["decision_id"], Identity(*BOB), "agreed: skip the ramp")
+    assert second.took_effect and second.against_recommendation
+    with session_scope() as s:
+        assert s.scalar(select(UseCase.phase).where(UseCase.name == name)) == "promoted"

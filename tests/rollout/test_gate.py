@@ -227,6 +227,24 @@ def test_failed_data_check_and_srm_are_invalid() -> None:
     assert srm.outcome == "INVALID" and "sample-ratio-mismatch" in srm.reasons
 
 
+def test_invalid_at_the_maximum_is_no_go_never_go() -> None:
+    """Review G2: a step's stored rows are kept and no command reruns it, so an INVALID resting on them (a
+    sample-ratio mismatch of externally assigned rows, a bad row) stayed INVALID past the maximum, the
+    pilot running for good. At the limit it ends NO-GO with a reason of its own; before it, INVALID."""
+    t = np.arange(1000) % 10 == 0  # 10% treatment against a planned 50%: identical scores, GO-worthy
+    frame = split_frame(np.ones(1000), t)
+    for at in ({"now_look": SETTINGS.max_looks}, {"elapsed_days": SETTINGS.max_duration_days}):
+        d = decide(frame, SETTINGS, planned_treatment_share=0.5, **at)
+        assert d.outcome == "NO-GO" and d.reasons == ("max-duration-invalid", "sample-ratio-mismatch")
+        assert "while its data could not be trusted" in d.explanation and "rerun" not in d.explanation
+    bad = _base().drop(columns=["latency_ms"])
+    d = decide(bad, SETTINGS, mode="paired", now_look=SETTINGS.max_looks)
+    assert d.outcome == "NO-GO" and d.reasons == ("max-duration-invalid", "invalid-input")
+    before = decide(frame, SETTINGS, planned_treatment_share=0.5, now_look=SETTINGS.max_looks - 1)
+    assert before.outcome == "INVALID" and "rerun" not in before.explanation
+    assert "abort the pilot" in before.explanation and "ends NO-GO" in before.explanation
+
+
 @pytest.mark.parametrize(
     ("n_c", "n_t", "share", "chi2_by_hand"),
     [(520, 480, 0.5, 1.6), (870, 130, 0.1, 10.0), (865, 135, 0.1, 35**2 / 900 + 35**2 / 100)],
