@@ -96,10 +96,15 @@ def decision_card(d: dict[str, Any], ident: Identity | None) -> None:
     recommended = approvals.recommended_action(
         SimpleNamespace(awaiting=d["awaiting"], outcome=d["outcome"], evidence=d["evidence"])
     )
-    st.markdown(f"The gate recommends: **{recommended}**.")
     skips = approvals.skip_note(d["evidence"]) if d["outcome"] == "GO" else ""
     if skips:  # a GO before the plan's last step (a short pilot's, or an earlier step's): what it skips
+        # the evidence is a GO, but the plan's next step is more traffic, not promotion: neither button
+        # is "the gate's recommendation", so none is named (approvals.recommended_action counts promoting
+        # as the override and rejecting, which stops the pilot, as the single-signature action)
+        st.markdown("The gate says **GO at this step**, before the plan's last.")
         st.warning(skips)
+    else:
+        st.markdown(f"The gate recommends: **{recommended}**.")
     if d["approvals"]:
         st.dataframe(
             pd.DataFrame(d["approvals"])[
@@ -123,7 +128,9 @@ def decision_card(d: dict[str, Any], ident: Identity | None) -> None:
     if override:
         approve_label = "Promote anyway" if not d["approvals"] else "Co-sign the promotion"
     reject_label = "Keep the current model" if d["awaiting"] == "rollback_approval" else "Reject"
-    if recommended != "approve":
+    if skips:
+        st.caption(f"'{approve_label}' skips the plan's later ramp steps: it needs a second approver.")
+    elif recommended != "approve":
         st.caption(f"'{approve_label}' goes against the recommendation: it needs a second approver.")
     else:
         st.caption(f"'{reject_label}' goes against the recommendation: it needs a second approver.")

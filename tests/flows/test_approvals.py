@@ -553,6 +553,8 @@ def test_a_go_before_the_plans_last_step_needs_two_approvers_and_says_what_it_sk
     at = open_page(new_app(), "approvals")
     shown = " ".join(w.value for w in at.warning)
     assert "Promoting on this decision skips ramp steps 2 (70%) and 3 (90%)" in shown, shown
+    said = " ".join(m.value for m in at.markdown)  # a GO is not shown as "the gate recommends: reject"
+    assert "GO at this step" in said and "recommends" not in said, said
     evidence = decisions.evidence(go["decision_id"])
     card = SimpleNamespace(awaiting="approval", outcome="GO", evidence=evidence)
     assert approvals.recommended_action(card) == "reject"  # the card's rule: approving is the override
