@@ -538,6 +538,7 @@ def test_a_break_even_timed_on_a_busy_host_is_named_beside_the_decode_line() -> 
     host was overloaded while it was timed, the decode line and the overload warning say so."""
     from rollout.roi import break_even_overload, timing_overload
 
+    # a record from before `overload_spans`: which lengths were overloaded is unknown, the caveat stands
     busy = {"budgets": 1, "lengths_timed": 7, "lengths_kept_under_overload": 2, "overloaded": True}
     quiet = {**busy, "lengths_kept_under_overload": 0, "overloaded": False}
     old = {**quiet, "overloaded": None}  # calibrated before the meter: unknown, nothing to say
