@@ -166,6 +166,8 @@ def roi_from_report(spec: Any, report: dict[str, Any], decode_tps: float | None)
         "prefill": summ.get("host"),
         "decode": (dec or {}).get("host"),
         "break_even": (dec or {}).get("break_even_host"),
+        # the contexts the decode runs timed: where a break-even moved by overload would change the ROI
+        "decode_context": (dec or {}).get("context_tokens"),
     }
     sparse = bool(dec) and dec.get("sparse_decode", True)
     out["decode_from"] = "sparse decode measured side by side" if sparse else "dense decode in both arms"

@@ -14,13 +14,17 @@ MASK = "***"
 # ("app:s3cr et@db", "app:w x@y@h"), never beyond it: a later "for a@b" is not part of it. Masking too
 # much is the safe error. scheme://host:port is no password: digits, then a path or the URL's end, with no
 # '@' before the next space ("https://h:5000/api failed for a@b" had "5000/api failed for a" masked). Only
-# a password of digits and a space, or digits, a path and a space, looks the same, and is shown.
+# a password of digits and a space, or digits, a path and a space, looks the same, and is shown. A
+# bracketed IPv6 host is a host: its ':'s end no user name, and a port after its ']' is judged as above
+# ("http://[::1]:4200/api failed for a@b" was shown as "http://[:***@b", s45 T3).
 _SCHEME = r"[A-Za-z][A-Za-z0-9+.\-]*://"
+_IPV6_HOST = r"\[[^\]\s/@]*\]"
+_USER_OR_HOST = rf"(?:{_IPV6_HOST}|(?!{_IPV6_HOST})[^/\s:@]*)"  # never the inside of an IPv6 host
 _PORT = r"\d{1,5}(?:[/?#][^\s@]*|[.,;:!?)\]'\"]*)(?=\s|$)"
 _IN_WORD = rf"(?:(?!{_SCHEME})\S)*"  # greedy: to the word's last '@'
 _TO_WORD_WITH_AT = rf"(?:(?!{_SCHEME})[^@\r\n])*{_IN_WORD}"  # over spaces to the first word with an '@'
 _URL_PASSWORD = re.compile(
-    rf"(?P<head>{_SCHEME}[^/\s:@]*:)(?!{_PORT})(?P<secret>{_IN_WORD}(?=@)|{_TO_WORD_WITH_AT}(?=@))(?P<tail>@)"
+    rf"(?P<head>{_SCHEME}{_USER_OR_HOST}:)(?!{_PORT})(?P<secret>{_IN_WORD}(?=@)|{_TO_WORD_WITH_AT}(?=@))(?P<tail>@)"
 )
 # key=value / key: value pairs whose key names a secret (password=..., token: ..., X-Api-Key: ..., a
 # dict's {'password': ...}). The key

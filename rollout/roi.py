@@ -270,7 +270,8 @@ def decode_outcome(decode: dict[str, Any] | None, roi: RoiResult) -> dict[str, A
         }
     rows = (decode or {}).get("rows") or []
     be = int(s.get("break_even_tokens") or 0)
-    busy = break_even_overload(s.get("break_even_host"))  # the break-even is itself a timing
+    # the break-even is itself a timing: a caveat where an overloaded length could move it across a context
+    busy = break_even_overload(s.get("break_even_host"), s.get("context_tokens"))
     caveat = f" ({busy})" if busy else ""
     below = sum(1 for r in rows if (r.get("extra") or {}).get("below_break_even"))
     same = sum(
@@ -480,7 +481,7 @@ def timing_overload(timing_host: dict[str, Any] | None) -> str | None:
         kept, timed = kept + k, timed + n
         if k:
             parts.append(f"{block} {k} of {n}")
-    be = break_even_overload((timing_host or {}).get("break_even"))
+    be = break_even_overload((timing_host or {}).get("break_even"), (timing_host or {}).get("decode_context"))
     if not kept:
         return be and f"measured under overload: {be}"
     return (
@@ -489,19 +490,50 @@ def timing_overload(timing_host: dict[str, Any] | None) -> str | None:
     )
 
 
-def break_even_overload(break_even_host: dict[str, Any] | None) -> str | None:
+def break_even_overload(
+    break_even_host: dict[str, Any] | None, context_tokens: Sequence[int] | None = None
+) -> str | None:
     """The caveat a decode break-even carries when calibration timed it while the host was overloaded
-    (`break_even_host`: `sparse_core.decode.break_even.break_even_host` of the plan's calibration, in
-    `roi["timing_host"]["break_even"]` and the decode summary), or None (a quiet host, a given
-    break-even, or a record from before the meter). The break-even is a timing: on a busy host the
-    sparse step's many small ops are preempted more than the one dense call, so it comes out longer."""
+    in a way that could change what the ROI says, or None (a quiet host, a given break-even, a record
+    from before the meter, or overloaded lengths that cannot move it across the use case's contexts).
+
+    `break_even_host`: `sparse_core.decode.break_even.break_even_host` of the plan's calibration, in
+    `roi["timing_host"]["break_even"]` and the decode summary; `context_tokens`: the evaluation's decode
+    contexts [shortest, longest] (None: not recorded, every span counts). The break-even is a timing:
+    on a busy host the sparse step's many small ops are preempted more than the one dense call, so it
+    comes out longer. It is the shortest length from which every longer measured length is faster, so
+    only the overloaded lengths at or above the longest length that was not faster can move it, and
+    then only within the span `overload_spans` records per budget: from `low` (those lengths faster on
+    a quiet host) to `high` (those lengths slower). A context c is decoded on the other side of a
+    break-even moved within [low, high] only when low <= c < high, so the caveat stands only where some
+    context of the use case lies there: below the break-even, where the decode line says "no decode
+    saving", or just above it. A record from before `overload_spans` says only how many lengths were
+    kept under overload: the caveat stands, as it cannot tell which."""
     h = break_even_host or {}
     k = int(h.get("lengths_kept_under_overload") or 0)
     if not k:
         return None
+    n = int(h.get("lengths_timed") or 0)
+    spans = h.get("overload_spans")
+    if spans is None:  # recorded before the spans: which lengths were overloaded is unknown
+        return (
+            f"the decode break-even was timed at calibration while the host was overloaded ({k} of "
+            f"{n} cache lengths); recalibrate on a quieter host"
+        )
+    ctx = list(context_tokens) if context_tokens and None not in context_tokens else None
+    moved = [
+        sp for sp in spans.values() if ctx is None or (ctx[0] < int(sp["high"]) and ctx[1] >= int(sp["low"]))
+    ]
+    if not moved:
+        return None
+    kept = sum(len(sp["lengths"]) for sp in moved)
+    lengths = sorted({int(t) for sp in moved for t in sp["lengths"]})
+    low, high = min(int(sp["low"]) for sp in moved), max(int(sp["high"]) for sp in moved)
+    at = ", ".join(f"{t:,}" for t in lengths)
     return (
-        f"the decode break-even was timed at calibration while the host was overloaded ({k} of "
-        f"{int(h.get('lengths_timed') or 0)} cache lengths); recalibrate on a quieter host"
+        f"the decode break-even was timed at calibration while the host was overloaded at {kept} "
+        f"of {n} cache lengths that decide it ({at} tokens): on a quiet host it could lie anywhere from "
+        f"{low:,} to {high:,} tokens; recalibrate on a quieter host"
     )
 
 

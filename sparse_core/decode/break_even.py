@@ -14,8 +14,10 @@ measures the code, and the break-even stays the same from one calibration to the
 (docs/sparse_core.md has both on this host). The best step still depends on the host: each length's
 timed steps run under the project's meter (`sparse_core.host.PairMeter`), timed again when our threads
 waited for a CPU, and kept flagged after RETIMES tries; the record says so per length (`overloaded`,
-`wait_share`) and in all (`BreakEven.host`), and `break_even_host` sums it for the plan's metadata, so
-the ROI's "no decode saving" line says when its break-even came from a busy host.
+`wait_share`) and in all (`BreakEven.host`), and `break_even_host` sums it for the plan's metadata,
+with the span each budget's break-even could lie in had its overloaded lengths been quiet
+(`overload_span`: only lengths at or above the longest one not faster can move it), so the ROI's
+decode line says when its break-even came from a busy host in a way that matters to it.
 
 `break_even_from(rows)` is the decision, a pure function: the smallest measured length from which on
 every longer measured length is at least `min_ratio` faster sparse. "Never slower than dense" is the
@@ -97,12 +99,43 @@ def break_even_host(records: dict[str, dict[str, Any]] | None) -> dict[str, Any]
     rows = [row for m in measured for row in m.rows]
     waits = [r.wait_share for r in rows if r.wait_share is not None]
     known = [m.overloaded for m in measured if m.overloaded is not None]
+    spans = {b: overload_span(m.rows, m.min_ratio) for b, m in zip(records, measured, strict=True)}
     return {
         "budgets": len(measured),
         "lengths_timed": len(rows),
         "lengths_kept_under_overload": sum(1 for r in rows if r.overloaded),
         "max_wait_share": max(waits, default=None),
         "overloaded": any(known) if known else None,
+        # per budget whose break-even an overloaded length could have moved: `overload_span`
+        "overload_spans": {b: span for b, span in spans.items() if span is not None},
+    }
+
+
+def overload_span(rows: list[BreakEvenRow], min_ratio: float = MIN_RATIO) -> dict[str, Any] | None:
+    """Where a break-even could lie had its overloaded lengths been timed on a quiet host, or None when
+    no overloaded length could have moved it. Pure; the rule is `break_even_from`'s.
+
+    The break-even is the length just after the longest length M that was not `min_ratio` faster
+    (the shortest length when every one was). A length below M cannot move it: whatever its ratio, M
+    still pins the break-even above it. An overloaded length at M could have been faster on a quiet
+    host, which lowers the break-even; one above M (counted faster) could have been slower, which
+    raises it past that length. So the overloaded lengths at or above M decide (`lengths`), and the
+    break-even lies between `low` (every overloaded slow length faster) and `high` (every overloaded
+    faster length slower), both `break_even_from` of the rows so changed; `break_even` is as measured."""
+    if not rows:
+        return None
+    slow = [r.tokens for r in rows if r.ratio < min_ratio]
+    last_slow = max(slow, default=None)
+    deciding = sorted(r.tokens for r in rows if r.overloaded and (last_slow is None or r.tokens >= last_slow))
+    if not deciding:
+        return None
+    faster = [replace(r, ratio=max(r.ratio, min_ratio)) if r.overloaded else r for r in rows]
+    slower = [replace(r, ratio=0.0) if r.overloaded else r for r in rows]
+    return {
+        "break_even": break_even_from(rows, min_ratio)[0],
+        "low": break_even_from(faster, min_ratio)[0],
+        "high": break_even_from(slower, min_ratio)[0],
+        "lengths": deciding,
     }
 
 

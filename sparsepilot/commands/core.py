@@ -641,7 +641,9 @@ def _timing_overload(r) -> str | None:
 
     dec = (r.decode or {}).get("summary") or {}
     host = {"prefill": (r.speed_summary or {}).get("host"), "decode": dec.get("host")}
-    return timing_overload(host | {"break_even": dec.get("break_even_host")})
+    return timing_overload(
+        host | {"break_even": dec.get("break_even_host"), "decode_context": dec.get("context_tokens")}
+    )
 
 
 def _decode_note(row: dict) -> str:

@@ -333,13 +333,15 @@ def test_evaluation_roi_prices_output_tokens_at_the_measured_sparse_decode() -> 
     report["speed_summary"]["host"] = {"threads": 1, "pairs_retimed_for_overload": 2}
     report["decode"]["summary"]["host"] = {"threads": 1, "pairs_retimed_for_overload": 0, "cache": "paged"}
     report["decode"]["summary"]["break_even_host"] = {"lengths_timed": 7, "lengths_kept_under_overload": 0}
+    report["decode"]["summary"]["context_tokens"] = [2048, 3040]
     r = roi_from_report(spec, report, decode_tps=99.0)  # the side-by-side dense decode figure wins
     # the host's record of the timings behind the dollars: the prefill pairs', the decode runs', and the
-    # calibration's break-even timings behind the decode line
+    # calibration's break-even timings behind the decode line, with the contexts it is judged at
     assert r["timing_host"] == {
         "prefill": report["speed_summary"]["host"],
         "decode": report["decode"]["summary"]["host"],
         "break_even": report["decode"]["summary"]["break_even_host"],
+        "decode_context": [2048, 3040],
     }
     assert r["inputs"]["decode_tps"] == 20.0 and r["inputs"]["sparse_decode_tps"] == 26.0
     p, o = spec.traffic.prompt_tokens.mean(), spec.traffic.output_tokens.mean()
@@ -482,11 +484,61 @@ def test_timings_kept_under_overload_are_named_beside_the_figures() -> None:
     )
 
 
+def test_a_break_even_overload_is_named_only_where_it_could_change_the_decode_line() -> None:
+    """Review T3, T4: a break-even is moved only by overloaded lengths at or above the longest length
+    that was not faster (`overload_spans`: where it could lie on a quiet host), and that matters only
+    where a context of the use case lies in that span. The review's calibration had 3 of 36 lengths
+    overloaded, all far below each break-even: neither the decode line nor the evaluation's figures are
+    "measured under overload"."""
+    from rollout.roi import break_even_overload, timing_overload
+
+    base = {"budgets": 3, "lengths_timed": 36, "lengths_kept_under_overload": 3, "overloaded": True}
+    review = {**base, "overload_spans": {}}  # 512-1,536 overloaded, break-evens 3,072 / 3,584 / 6,144
+    clean = {"pairs_timed": 3, "pairs_kept_under_overload": 0}
+    host = {"prefill": clean, "decode": clean, "break_even": review, "decode_context": [2048, 3040]}
+    assert timing_overload(host) is None
+    assert break_even_overload(review, [2048, 3040]) is None and break_even_overload(review) is None
+    # the last slow length (2,560) overloaded: on a quiet host the break-even could be as low as 2,560
+    low = {
+        **base,
+        "overload_spans": {"512": {"break_even": 3072, "low": 2560, "high": 3072, "lengths": [2560]}},
+    }
+    caveat = (
+        "the decode break-even was timed at calibration while the host was overloaded at 1 of 36 cache "
+        "lengths that decide it (2,560 tokens): on a quiet host it could lie anywhere from 2,560 to 3,072 "
+        "tokens; recalibrate on a quieter host"
+    )
+    assert break_even_overload(low, [2048, 3040]) == caveat  # "no decode saving" at 3,040 may be wrong
+    assert break_even_overload(low, [1024, 2400]) is None  # below any break-even it could have been
+    assert break_even_overload(low, [3072, 4000]) is None  # sparse either way: its speed-up is measured
+    assert break_even_overload(low) == caveat  # contexts not recorded: every span counts
+    assert timing_overload(host | {"break_even": low}) == f"measured under overload: {caveat}"
+    # a faster length overloaded: the break-even could be higher, so contexts just above it may be dense
+    high = {
+        **base,
+        "overload_spans": {"512": {"break_even": 3072, "low": 3072, "high": 4096, "lengths": [3072]}},
+    }
+    assert break_even_overload(high, [3100, 3500]) is not None
+    assert break_even_overload(high, [2048, 3040]) is None and break_even_overload(high, [4096, 5000]) is None
+    # the decode line carries it only where it matters
+    kw = dict(dense_tps=1000.0, speedup=1.0, speedup_low=1.0, speedup_high=1.0, prompt_tokens=1000)
+    flat = compute_roi(_inputs(**kw, decode_tps=50.0, sparse_decode_tps=50.0))
+    section = _decode_section([True, True], (1.0, 1.0, 1.0), 1.0, 3072, [2048, 3040])
+    section["summary"]["break_even_host"] = review
+    out = decode_outcome(section, flat)
+    assert out["break_even_overloaded"] is False and "overloaded" not in out["line"]
+    section["summary"]["break_even_host"] = low
+    out = decode_outcome(section, flat)
+    assert out["break_even_overloaded"] is True
+    assert f"< break-even 3,072 tokens ({caveat}), so decode stays dense" in out["line"]
+
+
 def test_a_break_even_timed_on_a_busy_host_is_named_beside_the_decode_line() -> None:
     """Review M, M1: the break-even behind "no decode saving ... 1.00x" is a calibration timing; when the
     host was overloaded while it was timed, the decode line and the overload warning say so."""
     from rollout.roi import break_even_overload, timing_overload
 
+    # a record from before `overload_spans`: which lengths were overloaded is unknown, the caveat stands
     busy = {"budgets": 1, "lengths_timed": 7, "lengths_kept_under_overload": 2, "overloaded": True}
     quiet = {**busy, "lengths_kept_under_overload": 0, "overloaded": False}
     old = {**quiet, "overloaded": None}  # calibrated before the meter: unknown, nothing to say

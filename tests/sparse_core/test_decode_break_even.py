@@ -15,6 +15,7 @@ from sparse_core.decode.break_even import (
     break_even_from,
     break_even_host,
     measure_break_even,
+    overload_span,
 )
 from sparse_core.decode.pages import summarize
 from sparse_core.decode.plan import DecodePlan
@@ -74,6 +75,7 @@ def test_break_even_record_says_whether_a_busy_host_timed_it():
         "lengths_kept_under_overload": 1,
         "max_wait_share": 0.61,
         "overloaded": True,
+        "overload_spans": {"256": {"break_even": 4096, "low": 4096, "high": 4097, "lengths": [4096]}},
     }
     assert break_even_host({"128": quiet.to_dict()})["overloaded"] is False
     old = busy.to_dict()
@@ -89,8 +91,48 @@ def test_break_even_record_says_whether_a_busy_host_timed_it():
         "lengths_kept_under_overload": 0,
         "max_wait_share": None,
         "overloaded": None,
+        "overload_spans": {},
     }
     assert break_even_host(None) is None and break_even_host({}) is None
+
+
+def _be_rows(ratios: dict[int, float], overloaded: set[int]) -> list[BreakEvenRow]:
+    return [BreakEvenRow(t, 100.0, 100.0 / r, r, 0.5, overloaded=t in overloaded) for t, r in ratios.items()]
+
+
+def test_only_overloaded_lengths_at_or_above_the_last_slow_one_can_move_a_break_even():
+    """Review T3, T4: the break-even is the length after the longest one not 1.05x faster (M), so an
+    overloaded length below M cannot move it, whatever a quiet host would have timed there; one at M
+    could lower it, one above M could raise it. The span is where it could lie had they been quiet."""
+    ratios = {512: 0.6, 1024: 0.7, 1536: 0.8, 2048: 0.9, 3072: 1.2, 4096: 1.4}
+    assert break_even_from(_be_rows(ratios, set())) == (3072, True)
+    # the review's calibration: overloaded short lengths far below the break-even: nothing to say
+    assert overload_span(_be_rows(ratios, {512, 1024, 1536})) is None
+    assert overload_span(_be_rows(ratios, set())) is None and overload_span([]) is None
+    # the last slow length overloaded: a quiet host may have found it faster, down to after 1,536
+    assert overload_span(_be_rows(ratios, {512, 2048})) == {
+        "break_even": 3072,
+        "low": 2048,
+        "high": 3072,
+        "lengths": [2048],
+    }
+    # a faster length overloaded: it may have been slower, pushing the break-even past it
+    assert overload_span(_be_rows(ratios, {3072})) == {
+        "break_even": 3072,
+        "low": 3072,
+        "high": 4096,
+        "lengths": [3072],
+    }
+    # every length faster: each one decides; the longest slower would leave none reached
+    fast = {512: 1.2, 1024: 1.3}
+    assert overload_span(_be_rows(fast, {1024})) == {
+        "break_even": 512,
+        "low": 512,
+        "high": 1025,
+        "lengths": [1024],
+    }
+    be = BreakEven(3072, True, 1.05, _be_rows(ratios, {512, 1024, 1536}), overloaded=True)
+    assert break_even_host({"256": be.to_dict()})["overload_spans"] == {}
 
 
 def test_break_even_field_round_trips_and_is_absent_at_zero():

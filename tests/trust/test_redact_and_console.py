@@ -60,6 +60,10 @@ def test_ordinary_text_is_left_alone() -> None:
         "http://localhost:5000 refused; mail ops@example.com",
         "see https://h:8080, then ask a@b",
         "http://h:5000?x=1 for a@b",
+        # nor after a bracketed IPv6 host: its ':'s are the host's ("http://[:***@b", s45 T3)
+        "http://[::1]:4200/api failed for a@b",
+        "GET http://[::1]:8080/api/health: connection refused (owner ops@example.com)",
+        "http://[fe80::1%25eth0]:5000 refused; mail ops@example.com",
     ):
         assert redact(text) == text
 
@@ -74,6 +78,11 @@ def test_ordinary_text_is_left_alone() -> None:
             "https://h:5000/api failed for postgresql://app:***@db/x",
         ),
         ("postgresql://app:abc@def@db/sp", "postgresql://app:***@db/sp"),
+        ("http://u:p@[::1]:4200/x failed for a@b", "http://u:***@[::1]:4200/x failed for a@b"),
+        (
+            "http://[::1]:4200/x for postgresql://app:pw@[::1]/sp",
+            "http://[::1]:4200/x for postgresql://app:***@[::1]/sp",
+        ),
     ],
 )
 def test_a_url_password_is_masked_and_nothing_after_it(text: str, shown: str) -> None:
