@@ -28,7 +28,7 @@ from flows.common import (
 from rollout import leases, registry, runs, tracking
 from rollout.calibration_outcome import budget_words, met_budget
 from rollout.dataset_split import EVALUATION_SHARE
-from rollout.task_budget import task_verdict
+from rollout.task_budget import task_rows, task_verdict
 from rollout.validation import QUICK_HOLDOUT_FRACTION, QUICK_MAX_SEQ_LEN, quick_windows_apply
 from sparse_core.errors import SparsePilotError
 from sparse_core.fingerprint import weights_fingerprint
@@ -114,16 +114,13 @@ def open_run(ctx: UseCaseContext, key: str, settings: dict[str, Any]) -> dict[st
 def task_rows_of(rows: list[dict[str, Any]], holdout_fraction: float, seed: int) -> list[Any]:
     """The rows a task bound is measured on: the calibration part of the calibration split's prompts
     (what calibration packs into its calibration windows; the held-out part judges the fidelity of the
-    eps search's candidates), those with a reference. `rollout.task_budget` counts them from the
-    dataset validator's figures when a use case is added."""
-    from sparse_core.calibration import split_texts
+    eps search's candidates), those with a reference: `rollout.task_budget.task_rows`, which the dataset
+    validator counts with when a use case is added."""
     from sparse_core.tasks import TaskRow
 
-    cal_set = set(split_texts([r["prompt"] for r in rows], holdout_fraction, seed)[0])
     return [
-        TaskRow(prompt=r["prompt"], reference=r.get("reference") or "", task=r.get("task"))
-        for r in rows
-        if r["prompt"] in cal_set and r.get("reference")
+        TaskRow(prompt=r["prompt"], reference=r["reference"], task=r.get("task"))
+        for r in task_rows(rows, holdout_fraction, seed)
     ]
 
 

@@ -7,7 +7,13 @@ saves time, and the ROI prices each (docs/roi.md: a plan that keeps every prefil
 sparsely is not the dense model). The flows used to record the prefill's flag alone as the
 calibration's `met_budget`, so a plan whose prefill search failed but whose decode met its budget read
 "no sparse plan met the quality budget" and was never piloted. Pure functions; the calibrate
-flow records `met_budget` from `met_budget`, and the main job, the cycle and the pilot read it back.
+flow records `met_budget` from `met_budget` (and the prefill's flag as `prefill_met_budget`), and the main
+job, the cycle and the pilot read it back through `recorded_flags` (rollout.runs.calibration_metrics).
+
+A run recorded before `prefill_met_budget` existed stored the prefill's flag alone as `met_budget`; its
+calibrate key is unchanged, so `calibrate` reuses it as it is. `recorded_flags` reads such a run by the
+rule above, from its prefill flag and the decode section its plan keeps
+(`metadata["decode_calibration"]`: the decode part's flag and layer budgets, recorded before and since).
 """
 
 from __future__ import annotations
@@ -38,4 +44,18 @@ def budget_words(report: Mapping[str, Any]) -> str:
     return "NOT met: plan stays dense"
 
 
-__all__ = ["budget_words", "decode_met_budget", "met_budget"]
+def recorded_flags(
+    metrics: Mapping[str, Any], decode_calibration: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """A calibration run's metrics with `met_budget` and `prefill_met_budget` by the rule above. A run
+    that records `prefill_met_budget` is returned as it is; one recorded before stored the prefill's flag
+    alone as `met_budget`, read here with `decode_calibration` (its plan's decode section; None: the
+    plan has no decode part). A run that never said (`met_budget` absent) is returned as it is."""
+    if "met_budget" not in metrics or "prefill_met_budget" in metrics:
+        return dict(metrics)
+    prefill = bool(metrics["met_budget"])
+    report = {"met_budget": prefill, "decode": dict(decode_calibration or {})}
+    return {**metrics, "met_budget": met_budget(report), "prefill_met_budget": prefill}
+
+
+__all__ = ["budget_words", "decode_met_budget", "met_budget", "recorded_flags"]

@@ -14,7 +14,7 @@ from rollout import audit, lifecycle, pilots, run_links
 from rollout.db.models import AuditEntry, ModelVersion, Observation, Pilot, PilotStep, as_utc, utcnow
 from rollout.db.session import session_scope
 from rollout.observations_io import ObservationImportError, iter_observations, validate_observation_rows
-from rollout.runs import latest_challenger, version_dict
+from rollout.runs import calibration_metrics, latest_challenger, version_dict
 
 
 def _step_info(
@@ -52,7 +52,7 @@ def ensure_pilot_in(session: Any, use_case: str) -> dict[str, Any]:
         raise pilots.PilotStateError(
             f"{use_case}: no calibrated challenger yet; run `sparsepilot calibrate {use_case}` first"
         )
-    if (run.metrics or {}).get("met_budget") is False:
+    if calibration_metrics(session, run).get("met_budget") is False:
         raise pilots.PilotStateError(
             f"{use_case}: calibration run {run.id} found no sparse plan within the quality budget; "
             "the challenger is the dense model and there is nothing to pilot"

@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import select
 
 from rollout import audit, lifecycle
+from rollout.calibration_outcome import recorded_flags
 from rollout.db.models import AliasMove, CalibrationRun, EvaluationRun, ModelVersion, utcnow
 from rollout.db.session import session_scope
 from rollout.pilots import get_use_case
@@ -90,8 +91,19 @@ def open_calibration(
             "id": run.id,
             "status": run.status,
             "model_version_id": run.model_version_id,
-            "metrics": run.metrics,
+            "metrics": calibration_metrics(session, run),
         }
+
+
+def calibration_metrics(session: Any, run: CalibrationRun) -> dict[str, Any]:
+    """The run's metrics with its outcome (`met_budget`, `prefill_met_budget`) read by today's rule
+    (`rollout.calibration_outcome.recorded_flags`: a run recorded before the decode part counted kept
+    the prefill's flag alone). What every reader of a calibration's outcome reads: a reused
+    calibration, the cycle and the pilot."""
+    metrics = run.metrics or {}
+    mv = session.get(ModelVersion, run.model_version_id) if run.model_version_id is not None else None
+    plan = (mv.plan if mv is not None else None) or {}
+    return recorded_flags(metrics, (plan.get("metadata") or {}).get("decode_calibration"))
 
 
 def calibration_succeeded(
@@ -181,7 +193,7 @@ def latest_plan_met_budget(use_case: str) -> bool:
     not say.)"""
     with session_scope() as session:
         run = latest_challenger(session, get_use_case(session, use_case).id)
-        return bool(run and (run.metrics or {}).get("met_budget", True))
+        return bool(run is not None and calibration_metrics(session, run).get("met_budget", True))
 
 
 def version_dict(mv: Any) -> dict[str, Any]:

@@ -7,31 +7,50 @@ rows calibration skips its search and returns the all-dense plan. A dataset too 
 used to be found out only after a calibration had run for minutes; `task_bound_warnings` says so when the
 use case is added, with what would do: more rows, or the least bound the rows can certify.
 
-The rows the calibrate flow scores: the dataset's rows less those kept apart for the evaluation and the
-pilot (rollout.dataset_split), less the texts calibration holds out (its `holdout_fraction`), those with a
-reference, at most `calibration.task_rows`. Pure functions of the spec and the dataset validator's counts.
+The rows the calibrate flow scores (`task_rows`): the dataset's rows less those kept apart for the
+evaluation and the pilot (rollout.dataset_split), less the texts calibration holds out (its
+`holdout_fraction`: whole distinct prompts with every copy, `sparse_core.split_texts`), those with a
+reference, at most `calibration.task_rows`. The dataset validator counts them with the same split
+(`calibration_task_rows`); the rest are pure functions of the spec and that count.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from rollout.dataset_split import EVALUATION_SHARE
-from sparse_core.prefill_bound import SEARCH_STEPS, heldout_texts
+from sparse_core.prefill_bound import SEARCH_STEPS
 from sparse_core.task_bound import ALPHA, certifiable_bound, rows_to_certify
 
 
+def task_rows(
+    rows: Sequence[Mapping[str, Any]], holdout_fraction: float, seed: int
+) -> list[Mapping[str, Any]]:
+    """The calibration split's rows a task bound is measured on: those whose prompt lands in the
+    calibration part of calibration's own split of their prompts (`sparse_core.split_texts`: the held-out
+    part, every copy of a held-out prompt, judges the fidelity of the eps search's candidates), with a
+    reference (a non-blank string). Empty below 2 distinct prompts (calibration cannot split them)."""
+    from sparse_core import split_texts
+
+    try:
+        cal_set = set(split_texts([r["prompt"] for r in rows], holdout_fraction, seed)[0])
+    except ValueError:
+        return []
+    return [
+        r
+        for r in rows
+        if r["prompt"] in cal_set and isinstance(r.get("reference"), str) and r["reference"].strip()
+    ]
+
+
 def task_rows_at_most(spec: Any, stats: dict[str, Any], *, capped: bool = True) -> int:
-    """The most rows the calibrate flow's task bound can score: the calibration split's rows with a
-    reference, less the texts calibration holds out (exact when every row has a reference), capped by
+    """The most rows the calibrate flow's task bound can score: the dataset validator's count of
+    `task_rows` at the spec's holdout_fraction and seed (`calibration_task_rows`, exact), capped by
     `quality_budget.calibration.task_rows` (unless `capped` is False)."""
-    n_cal = int(stats.get("calibration_rows") or 0)
-    if n_cal < 2:
-        return 0
+    rows = int(stats.get("calibration_task_rows") or 0)
     cal = spec.quality_budget.calibration
-    with_ref = int(stats.get("calibration_with_reference") or 0)
-    rows = min(with_ref, n_cal - heldout_texts(n_cal, cal.holdout_fraction))
     return min(rows, cal.task_rows) if cal.task_rows and capped else rows
 
 

@@ -421,6 +421,15 @@ def validate_dataset(
             result.failures.append(
                 Failure("dataset", f"{why} (tokens counted by {token_source})", (), (), "calibration")
             )
+    task_rows_counted = {}
+    if spec is not None:  # the rows its task bound scores (rollout.task_budget), by calibration's own split
+        from rollout.task_budget import task_rows
+
+        c = spec.quality_budget.calibration
+        scored = task_rows(
+            [{"prompt": r["prompt"], "reference": r["ref"]} for r in calibration], c.holdout_fraction, c.seed
+        )
+        task_rows_counted = {"calibration_task_rows": len(scored)}
     result.stats = {
         "rows": len(df),
         "distinct_prompts": len(df) - len(repeats),
@@ -431,6 +440,7 @@ def validate_dataset(
         "calibration_with_reference": sum(
             isinstance(r["ref"], str) and bool(r["ref"].strip()) for r in calibration
         ),
+        **task_rows_counted,
         "prompt_tokens_min": int(min(tokens)) if tokens else 0,
         "prompt_tokens_max": int(max(tokens)) if tokens else 0,
         "prompt_tokens_mean": float(sum(tokens) / len(tokens)) if tokens else 0.0,

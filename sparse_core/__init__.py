@@ -21,6 +21,7 @@ _LAZY: dict[str, str] = {
     "score_request": "sparse_core.tasks",
     # what calibration needs of its texts (checked when a use case is added)
     "texts_shortfall": "sparse_core.corpus",
+    "split_texts": "sparse_core.corpus",
     # loading
     "load_model": "sparse_core.loading",
     "resolve_model_ref": "sparse_core.loading",

@@ -67,3 +67,91 @@ def test_a_decode_only_sparse_plan_met_the_budget_and_is_piloted() -> None:
     both = _report(prefill_met=True, decode_budgets=[512, 512])
     assert _budget_flags(both) == {"met_budget": True, "prefill_met_budget": True}
     assert budget_words(both) == "met"
+
+
+def _old_calibration(name: str, decode_budgets: list, tmp_path) -> str:  # noqa: ANN001
+    """A use case whose challenger's calibration was recorded as the calibrate flow wrote it before
+    `prefill_met_budget`: `met_budget` the prefill's flag alone (False: the prefill stays dense), its
+    decode part in the metrics and in its plan's `metadata["decode_calibration"]`. Returns the run's key."""
+    from rollout.db.models import CalibrationRun, ModelVersion
+    from rollout.db.session import session_scope
+    from rollout.pilots import get_use_case
+    from rollout.usecases import add_usecase
+    from sparse_core import SparsePlan
+
+    from .usecase_helpers import example_spec, write_spec, write_tiny_model
+
+    spec = {**example_spec(), "name": name, "model": str(write_tiny_model(tmp_path / "model", context=2048))}
+    add_usecase(write_spec(tmp_path / name, spec), actor="test-owner")
+    sparse = any(b is not None for b in decode_budgets)
+    plan = SparsePlan(tau=0.9, dense_layers=(0, 1))
+    plan.metadata["decode_calibration"] = {
+        "met_budget": True,
+        "fidelity": {"kl": 0.001},
+        "layer_budgets": decode_budgets,
+        "density": 0.35 if sparse else 1.0,
+        "prompt_tokens": 1024,
+        "whole_model": None,
+    }
+    key = f"calibrate:{name}-before-the-upgrade"
+    with session_scope() as s:
+        uc = get_use_case(s, name)
+        mv = ModelVersion(
+            use_case_id=uc.id,
+            base_model_ref=spec["model"],
+            plan=plan.to_dict(),
+            plan_hash=plan.content_hash(),
+            density=1.0,
+        )
+        s.add(mv)
+        s.flush()
+        s.add(
+            CalibrationRun(
+                idempotency_key=key,
+                use_case_id=uc.id,
+                spec_version=1,
+                status="succeeded",
+                model_version_id=mv.id,
+                metrics={
+                    "settings": {"quick": True},
+                    "density": 1.0,
+                    "met_budget": False,
+                    "decode_density": 0.35 if sparse else 1.0,
+                    "decode_met_budget": 1.0,
+                },
+            )
+        )
+    return key
+
+
+def test_a_calibration_recorded_before_the_upgrade_is_read_by_todays_rule(sp_home, tmp_path) -> None:  # noqa: ANN001
+    """`calibrate` reuses a run recorded before the decode part counted (its key is unchanged): the
+    reused result, the cycle and the pilot read its outcome from its prefill flag and its plan's decode
+    section, so a decode-only sparse plan is piloted and a plan dense in both parts is still not."""
+    import pytest
+
+    from rollout.db.session import session_scope
+    from rollout.pilot_batches import ensure_pilot_in
+    from rollout.pilots import PilotStateError, get_use_case
+    from rollout.runs import latest_plan_met_budget, open_calibration
+
+    key = _old_calibration("decode-only", [512, None], tmp_path)
+    assert latest_plan_met_budget("decode-only") is True
+    with session_scope() as s:
+        step = ensure_pilot_in(s, "decode-only")
+        uc_id = get_use_case(s, "decode-only").id
+    assert step["kind"] == "shadow"
+    reused = open_calibration(uc_id, 1, key, {"quick": True}, None)
+    assert reused["status"] == "succeeded"
+    assert reused["metrics"]["met_budget"] is True and reused["metrics"]["prefill_met_budget"] is False
+
+    key = _old_calibration("all-dense", [None, None], tmp_path)  # decode kept dense: met trivially
+    assert latest_plan_met_budget("all-dense") is False
+    with (
+        session_scope() as s,
+        pytest.raises(PilotStateError, match="found no sparse plan within the quality"),
+    ):
+        ensure_pilot_in(s, "all-dense")
+    with session_scope() as s:
+        uc_id = get_use_case(s, "all-dense").id
+    assert open_calibration(uc_id, 1, key, {"quick": True}, None)["metrics"]["met_budget"] is False

@@ -4,6 +4,9 @@ bound can score, and the warning `usecase add` gives when they cannot certify `t
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from rollout.spec import parse_spec
@@ -19,13 +22,38 @@ def _spec(task_delta: float | None, **calibration: object):  # noqa: ANN202
     return parse_spec(data)
 
 
-def test_the_rows_are_the_calibration_split_with_a_reference_less_the_held_out_texts() -> None:
-    assert heldout_texts(54, 0.25) == 14 and heldout_texts(2, 0.25) == 1
-    docs_qa = {"calibration_rows": 54, "calibration_with_reference": 54}  # its 72 rows less 18 kept apart
-    assert task_rows_at_most(_spec(0.02), docs_qa) == 40
-    assert task_rows_at_most(_spec(0.02), {**docs_qa, "calibration_with_reference": 30}) == 30
-    assert task_rows_at_most(_spec(0.02, task_rows=12), docs_qa) == 12
-    assert task_rows_at_most(_spec(0.02), {"calibration_rows": 1, "calibration_with_reference": 1}) == 0
+def test_the_count_at_add_is_the_rows_calibration_scores_when_prompts_repeat(tmp_path: Path) -> None:
+    """Calibration holds out whole distinct prompts with every copy (`split_texts`); `usecase add`
+    estimated the held-out rows as a share of the rows, so for a support log whose common question is
+    asked 31 times it said 30 rows where the flow scored 8 (that question held out) or 38 (kept). The
+    dataset validator now counts the rows the calibrate flow's task bound scores, with its own split."""
+    from flows.calibrate import task_rows_of
+    from rollout.dataset_split import split_rows
+    from rollout.validation import validate_dataset
+    from sparse_core.calibration import split_texts
+
+    common = "How do I reset my password? It says the link has expired."
+    rows = [{"id": f"c{i}", "prompt": common, "reference": "Request a new link."} for i in range(31)]
+    rows += [
+        {"id": f"q{i}", "prompt": f"Question {i} about invoices and refunds.", "reference": "x"}
+        for i in range(9)
+    ]
+    rows += [{"id": "n0", "prompt": "A question nobody answered.", "reference": None}]
+    path = tmp_path / "support-log.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    counts = set()
+    for seed in range(6):
+        spec = _spec(0.02, seed=seed)
+        stats = validate_dataset(path, spec, context_length=8192).stats
+        calibration, _ = split_rows(rows)
+        cal, held = split_texts([r["prompt"] for r in calibration], 0.25, seed)
+        scored = task_rows_of(calibration, 0.25, seed)
+        assert task_rows_at_most(spec, stats) == len(scored)  # what `calibrate` scores
+        assert {r.prompt for r in scored}.isdisjoint(held) and all(r.reference for r in scored)
+        assert len(scored) == sum(1 for r in calibration if r["prompt"] in set(cal) and r["reference"])
+        counts.add(len(scored))
+        assert task_rows_at_most(_spec(0.02, seed=seed, task_rows=5), stats) == min(5, len(scored))
+    assert len(counts) > 1  # the common question held out under some seeds, kept under others
 
 
 @pytest.mark.parametrize(
@@ -55,7 +83,9 @@ def test_the_rows_are_the_calibration_split_with_a_reference_less_the_held_out_t
     ],
 )
 def test_usecase_add_is_told_when_the_rows_cannot_certify_the_bound(task_delta, rows, cap, says) -> None:
-    stats = {"calibration_rows": rows, "calibration_with_reference": rows}
+    # calibration rows with a reference, every prompt distinct: the calibration part scores rows less
+    # those held out (54: docs-qa's 72 rows less 18 kept apart, 14 of them held out)
+    stats = {"calibration_task_rows": rows - heldout_texts(rows, 0.25)}
     spec = _spec(task_delta, **({"task_rows": cap} if cap else {}))
     warnings = task_bound_warnings(spec, stats)
     if says is None:
