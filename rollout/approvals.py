@@ -476,9 +476,15 @@ def approve(
 
 
 def _skips(d: GateDecision) -> str:
-    """'; promoting now skips ramp steps 2 (70%) and 3 (90%)' for a GO before the plan's last step."""
-    steps = ramp_steps_skipped(d.evidence) if d.outcome == "GO" else []
-    return f"; promoting now skips {skipped_in_words(steps)}" if steps else ""
+    """'; promoting now skips ramp steps 2 (70%) and 3 (90%)' for a GO before the plan's last step (the
+    remaining ramp steps, unnamed, for a GO that asked nobody recorded without the plan's steps)."""
+    if d.outcome != "GO":
+        return ""
+    steps = ramp_steps_skipped(d.evidence)
+    if steps:
+        return f"; promoting now skips {skipped_in_words(steps)}"
+    # a GO that asked nobody is an intermediate step's even where its evidence cannot name the rest
+    return "; promoting now skips the remaining ramp steps" if d.awaiting == "none" else ""
 
 
 def _require_an_earlier_champion(session: Any, d: GateDecision) -> None:

@@ -127,7 +127,7 @@ def test_an_intermediate_go_promotes_only_with_two_approvers(trust_env, flow_use
     did = _pilot_with_decision(name, "GO", "none")  # shadow step's GO: the ramp steps have not run
     first = approvals.approve(did, Identity("alice", "approver", "local-account"), "ship it early")
     assert first.needs_second_approver and not first.took_effect
-    assert "skips the remaining ramp steps" in first.message
+    assert "promoting now skips the remaining ramp steps" in first.message
     with session_scope() as s:
         assert s.scalar(select(Pilot.status)) == "running"
     second = approvals.approve(did, Identity("bob", "approver", "local-account"), "agreed, skip the ramp")
