@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from tests.fixtures.env import fresh_cli_env
 from tests.fixtures.flows import tiny_spec
 
 NOISE = re.compile(
@@ -104,10 +105,7 @@ def test_a_flow_commands_own_prefect_server_is_told_in_the_log_not_on_the_consol
     dedicated Prefect server." and "Stopping temporary server". Those lines go to the log file now; the
     flow run's own lines stay on the console. A real process, as a user runs it."""
     home = tmp_path / "home"
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "SPARSEPILOT_", "MLFLOW_T"))
-    }
-    env.update(SPARSEPILOT_HOME=str(home), COLUMNS="160")
+    env = fresh_cli_env(home, COLUMNS="160")
     subprocess.run([sys.executable, "-m", "sparsepilot", "init"], env=env, check=True, capture_output=True)
     rc, out = sparsepilot_cli(["calibrate", "no-such-use-case"], env)
     assert rc == 2 and "error: unknown use case 'no-such-use-case'" in out, out

@@ -5,7 +5,6 @@ processes on embedded defaults (no Prefect API configured), as a user runs them.
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from tests.fixtures.env import fresh_cli_env
 from tests.fixtures.flows import tiny_spec
 from tests.fixtures.trust import password_of
 
@@ -36,10 +36,7 @@ def test_the_pipeline_commands_keep_prefects_chatter_and_tracebacks_in_their_log
     tiny_model_dir: Path, trust_accounts: str, tmp_path: Path
 ) -> None:
     home = tmp_path / "home"
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "SPARSEPILOT_", "MLFLOW_T"))
-    }
-    env.update(SPARSEPILOT_HOME=str(home), SPARSEPILOT_ACCOUNTS=trust_accounts, COLUMNS="160")
+    env = fresh_cli_env(home, trust_accounts, COLUMNS="160")
     subprocess.run([sys.executable, "-m", "sparsepilot", "init"], env=env, check=True, capture_output=True)
     spec = tmp_path / "tiny-chat.yaml"
     spec.write_text(yaml.safe_dump(tiny_spec(tiny_model_dir, "tiny-chat")))

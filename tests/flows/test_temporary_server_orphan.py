@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from tests.fixtures.env import fresh_cli_env
 from tests.fixtures.flows import tiny_spec
 from tests.fixtures.trust import password_of
 
@@ -48,10 +49,7 @@ def test_a_killed_command_takes_its_temporary_prefect_server_with_it(
     tiny_model_dir: Path, trust_accounts: str, tmp_path: Path
 ) -> None:
     home = tmp_path / "home"
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "SPARSEPILOT_", "MLFLOW_T"))
-    }
-    env.update(SPARSEPILOT_HOME=str(home), SPARSEPILOT_ACCOUNTS=trust_accounts)
+    env = fresh_cli_env(home, trust_accounts)
     subprocess.run([sys.executable, "-m", "sparsepilot", "init"], env=env, check=True, capture_output=True)
     spec = tmp_path / "tiny-chat.yaml"
     spec.write_text(yaml.safe_dump(tiny_spec(tiny_model_dir, "tiny-chat")))
