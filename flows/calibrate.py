@@ -30,6 +30,7 @@ from rollout.calibration_outcome import budget_words, met_budget
 from rollout.dataset_split import EVALUATION_SHARE
 from rollout.task_budget import task_rows, task_verdict
 from rollout.validation import QUICK_HOLDOUT_FRACTION, QUICK_MAX_SEQ_LEN, quick_windows_apply
+from sparse_core.corpus import SPLIT_RULE
 from sparse_core.errors import SparsePilotError
 from sparse_core.fingerprint import weights_fingerprint
 
@@ -124,6 +125,10 @@ def task_rows_of(rows: list[dict[str, Any]], holdout_fraction: float, seed: int)
     ]
 
 
+# settings that are in the calibration's key and record but are no calibration limits
+KEY_ONLY = ("estimator", "seed", "evaluation_share", "split_rule")
+
+
 @flow_task("calibrate-plan", retries=0)
 def calibrate_plan(ctx: UseCaseContext, settings: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     from sparse_core.calibration import Budget, CalibrationLimits, calibrate
@@ -133,7 +138,7 @@ def calibrate_plan(ctx: UseCaseContext, settings: dict[str, Any]) -> tuple[Any, 
     model, tok = get_model(ctx.spec.model)
     qb = ctx.spec.quality_budget
     budget = Budget(kl=qb.kl, agree=qb.agree, nll_delta=qb.nll_delta, task_delta=qb.task_delta)
-    lim_kw = {k: v for k, v in settings.items() if k not in ("estimator", "seed", "evaluation_share")}
+    lim_kw = {k: v for k, v in settings.items() if k not in KEY_ONLY}
     limits = CalibrationLimits(**lim_kw)
     rows, _ = ctx.split()  # the evaluation's rows are never read here (rollout.dataset_split)
     texts = [r["prompt"] for r in rows]
@@ -322,6 +327,8 @@ def calibrate_flow(
     # the rows kept apart for the evaluation (rollout.dataset_split) are in the key: a plan calibrated
     # before they were kept apart read them, and is calibrated again rather than reused
     settings["evaluation_share"] = EVALUATION_SHARE
+    # and the held-out split's rule: a plan from an earlier rule held out other texts (SPLIT_RULE)
+    settings["split_rule"] = SPLIT_RULE
     # the weights at the model path too: a fine-tune updated in place is calibrated again, not reused
     weights = weights_fingerprint(ctx.spec.model)
     key = "calibrate:" + stable_key(ctx.use_case_id, ctx.spec_hash, ctx.spec.model, settings, weights)

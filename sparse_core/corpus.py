@@ -132,6 +132,12 @@ def text_key(text: str) -> str:
     return " ".join(unicodedata.normalize("NFC", text).split())
 
 
+# The name of `split_texts`'s rule, in a calibration's idempotency key (flows.calibrate): a calibration
+# recorded under the earlier rule (by position, so a repeated prompt could land on both sides) held out
+# other texts, and is calibrated again rather than reused. Rename it whenever the split changes.
+SPLIT_RULE = "distinct-text"
+
+
 def split_texts(texts: Sequence[str], holdout_fraction: float, seed: int) -> tuple[list[str], list[str]]:
     """Deterministic split of the distinct texts (`text_key`) by a hash of (seed, index of the text's first
     copy, text), each part in the texts' order: every copy of a text lands on one side, so the held-out

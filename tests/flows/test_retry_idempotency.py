@@ -233,3 +233,18 @@ def test_a_pilot_batch_whose_mlflow_log_failed_is_logged_next_time(flow_use_case
     (early,) = [r for r in _mlflow_runs(name, "pilot") if r.data.params["batch_id"] in first]
     assert early.data.metrics["control_n"] == early.data.metrics["treatment_n"] == 8.0
     assert run_links.unlogged_batches(name) == []
+
+
+def test_a_calibration_under_another_split_rule_is_calibrated_again(flow_use_case, monkeypatch) -> None:
+    """A calibration recorded under an earlier held-out split rule (sparse_core.corpus.SPLIT_RULE; before
+    review W5 the split went by position, so a repeated prompt could sit on both sides) held out other
+    texts: its key differs, and the same settings calibrate again instead of reusing its plan."""
+    import flows.calibrate as cal_flow
+
+    name = flow_use_case()
+    with monkeypatch.context() as m:
+        m.setattr(cal_flow, "SPLIT_RULE", "by-position")
+        old = cal_flow.calibrate_flow(name, limits=QUICK_CAL)
+    new = cal_flow.calibrate_flow(name, limits=QUICK_CAL)
+    assert not new["reused"] and new["calibration_run_id"] != old["calibration_run_id"]
+    assert cal_flow.calibrate_flow(name, limits=QUICK_CAL)["reused"]  # the same rule: reused
