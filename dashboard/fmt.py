@@ -21,6 +21,20 @@ def plain(text: Any) -> str:
     return _MARKUP.sub(r"\\\1", str(text))
 
 
+# what a spreadsheet reads as the start of a formula in a cell (OWASP "CSV injection")
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_csv(df: Any) -> bytes:
+    """`df` as CSV that a spreadsheet opens as text: a text cell starting like a formula gets a leading
+    `'` (an anonymous sign-in attempt named `=HYPERLINK(...)` in the audit log is shown, not run, by the
+    business owner who opens the export). Numbers stay numbers; the dashboard's tables are unchanged."""
+    safe = df.copy()
+    for col in safe.columns:
+        safe[col] = [f"'{v}" if isinstance(v, str) and v.startswith(_FORMULA_START) else v for v in safe[col]]
+    return safe.to_csv(index=False).encode("utf-8")
+
+
 def money(x: Any) -> str:
     if not known(x):
         return "-"

@@ -9,6 +9,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboard.data import read
+from dashboard.fmt import spreadsheet_csv
 from rollout import queries
 
 LIMIT = 5000
@@ -45,11 +46,14 @@ def main() -> None:
     df = pd.DataFrame(rows)
     df["details"] = [json.dumps(d, sort_keys=True, default=str) for d in df["details"]]
     more = " (the newest only: narrow the filters to see older ones)" if len(df) >= LIMIT else ""
-    st.caption(f"{len(df)} entries, newest first{more}")
+    st.caption(
+        f"{len(df)} entries, newest first{more}. In the CSV a text starting with =, +, -, @ or a tab "
+        "carries a leading ' so a spreadsheet shows it rather than running it as a formula."
+    )
     st.dataframe(df, hide_index=True, width="stretch")
     st.download_button(
         "Download CSV",
-        df.to_csv(index=False).encode("utf-8"),
+        spreadsheet_csv(df),
         file_name=f"sparsepilot-audit-{today:%Y%m%d}.csv",
         mime="text/csv",
         key="a_csv",

