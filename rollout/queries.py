@@ -344,12 +344,14 @@ def job_summary(session: Session, names: list[str]) -> list[dict[str, Any]]:
 
 
 def _decode_cells(session: Session, names: list[str]) -> dict[str, str | None]:
-    """Per use case, the `short` decode cell of its latest successful evaluation's ROI."""
+    """Per use case, the `short` decode cell of the evaluation its dollars come from (`_shown_evaluation`:
+    not the newest by id, which after a spec went back to an earlier version is priced at the one left)."""
+    shown = _shown_evaluation()
     q = (
         select(UseCase.name, EvaluationRun.roi)
-        .join(EvaluationRun, EvaluationRun.use_case_id == UseCase.id)
-        .where(UseCase.name.in_(names), EvaluationRun.status == "succeeded")
-        .order_by(EvaluationRun.id)
+        .join(shown, shown.c.key == UseCase.id)
+        .join(EvaluationRun, EvaluationRun.id == shown.c.id)
+        .where(UseCase.name.in_(names))
     )
     return {name: ((roi or {}).get("decode") or {}).get("short") for name, roi in session.execute(q)}
 
@@ -435,10 +437,12 @@ def use_case(session: Session, name: str) -> dict[str, Any] | None:
     uc = session.scalar(select(UseCase).where(UseCase.name == name))
     if uc is None:
         return None
+    # the current version (`usecase add --new-version` of an earlier content makes that one current
+    # again), not the highest: the page's header, plan, alpha and spec are the CLI's `usecase show`'s
     spec = session.scalar(
         select(SpecVersion)
         .where(SpecVersion.use_case_id == uc.id)
-        .order_by(SpecVersion.version.desc())
+        .order_by((SpecVersion.version == uc.current_spec_version).desc(), SpecVersion.version.desc())
         .limit(1)
     )
     return {
@@ -533,6 +537,8 @@ def evaluations(session: Session, use_case_id: int) -> list[dict[str, Any]]:
     )
     uc = session.get(UseCase, use_case_id)
     current = uc.current_spec_version if uc is not None else None
+    picked = _shown_evaluation()
+    shown = session.scalar(select(picked.c.id).where(picked.c.key == use_case_id))
     out = []
     for ev, mv_version, mv_name in session.execute(stmt):
         out.append(
@@ -553,6 +559,7 @@ def evaluations(session: Session, use_case_id: int) -> list[dict[str, Any]]:
                 "payback_days": ev.payback_days,
                 "spec_version": ev.spec_version,
                 "priced_at": roi.priced_at(ev.spec_version, current),  # a superseded spec's dollars
+                "shown": ev.id == shown,  # the one whose figures the portfolio shows (_shown_evaluation)
                 "report": ev.report or {},
                 "roi": ev.roi or {},
                 "artifacts": ev.artifacts or {},

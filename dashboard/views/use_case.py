@@ -446,7 +446,8 @@ def main() -> None:
         (st.info if uc["monitor"]["last_look_at"] is not None else st.warning)(monitored)
     evals = read(queries.evaluations, uc["id"])
     done = [e for e in evals if e["status"] == "succeeded"]
-    latest = done[-1] if done else None
+    # the evaluation the portfolio shows (newest at the current spec version), not the newest by id
+    latest = next((e for e in done if e["shown"]), done[-1] if done else None)
     decs = read(queries.decisions, uc["id"])
     decision_block(decs)
     left, right = st.columns(2)

@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import func, select
 
 from rollout import queries, runs
-from rollout.db.models import EvaluationRun, ModelVersion, UseCase
+from rollout.db.models import EvaluationRun, ModelVersion, SpecVersion, UseCase
 from rollout.db.session import session_scope
 from tests.dashboard.apptest_helpers import new_app, open_page, texts
 
@@ -115,8 +115,28 @@ def test_a_spec_back_at_an_earlier_version_shows_the_evaluation_priced_there(see
         uc.current_spec_version = 1
         newest.savings_month_usd = 2 * older.savings_month_usd  # priced at v2's dearer GPU hour
         want = older.savings_month_usd
+        older.roi = {**(older.roi or {}), "decode": {"short": "1.40x (v1's run)", "line": "decode: 1.40x"}}
+        newest.roi = {**(newest.roi or {}), "decode": {"short": "dense (v2's run)", "line": "decode: dense"}}
+        # v2, the version left, is the highest; v1 (current again) has another traffic
+        v1 = s.scalar(select(SpecVersion).where(SpecVersion.use_case_id == uc.id, SpecVersion.version == 1))
+        v2_spec = {**v1.spec, "owner": "v2-owner"}
+        s.add(SpecVersion(use_case_id=uc.id, version=2, spec=v2_spec, spec_hash="v2", created_by="t"))
+        uc_id, older_id = uc.id, older.id
     with session_scope() as s:
         row = {r["name"]: r for r in queries.portfolio(s)}[NAME]
         summary = {r["use_case"]: r for r in queries.job_summary(s, [NAME])}[NAME]
+        page = queries.use_case(s, NAME)
+        shown = [e["id"] for e in queries.evaluations(s, uc_id) if e["shown"]]
     assert row["savings_month_usd"] == want and row["priced_at"] is None
     assert summary["priced_at"] is None
+    # s46 D1: the use-case page and the main job's decode cell read the current version and its run too
+    assert summary["decode"] == "1.40x (v1's run)"
+    assert page["spec_version"] == 1 and page["spec"]["owner"] != "v2-owner"
+    assert shown == [older_id]
+    at = new_app()
+    at.query_params["name"] = NAME
+    open_page(at, "use_case")
+    assert not at.exception
+    shown_text = texts(at)
+    assert "· spec v1\n" in shown_text and "spec v2" not in shown_text
+    assert "re-evaluate to re-price" not in shown_text
