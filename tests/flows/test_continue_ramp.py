@@ -133,7 +133,8 @@ def test_one_approver_continues_the_ramp_and_later_gos_follow_the_plan(flow_use_
         assert entry.actor == "alice" and entry.details["reason"] == "more traffic before we promote"
         assert entry.details["to_step"] == {"index": 2, "traffic_pct": 70.0}
         advance = s.scalars(select(AuditEntry).where(AuditEntry.action == "pilot.advance")).all()[-1]
-        assert (advance.actor, advance.details["decision_id"], advance.details["to_step"]) == ("alice", did, 2)
+        moved = (advance.actor, advance.details["decision_id"], advance.details["to_step"])
+        assert moved == ("alice", did, 2)
     assert "champion" not in registry.current_aliases(name)  # it promotes nothing
 
     # the decision is settled: neither a second continue nor bob's co-signature acts on it again
@@ -212,24 +213,32 @@ def test_the_cli_continues_the_ramp_with_one_approver(trust_env, flow_use_case) 
     assert again.returncode == 2 and f"decision {did} was already continued by alice" in again.stderr
 
 
-def test_the_approvals_card_offers_to_continue_and_co_signs_by_name(trust_env, flow_use_case) -> None:
-    """The card of a short pilot's GO: 'Continue the ramp to step 2 (70%)' beside the promotion, and once
-    one approver signed the promotion the second sees 'Co-sign the promotion' (it said 'Approve
-    promotion'). A click continues the ramp."""
+def test_a_second_approver_of_an_early_go_co_signs_the_promotion(trust_env, flow_use_case) -> None:
+    """Once one approver signed the promotion of a short pilot's GO, the second approver's button says
+    what it does, 'Co-sign the promotion'; it said 'Approve promotion', as if it were the first."""
     from rollout import approvals
     from rollout.auth import Identity
     from tests.dashboard.apptest_helpers import button_labels, new_app, open_page, sign_in
 
     name, did = _short_pilot_go(flow_use_case)
     at = open_page(sign_in(new_app(), "alice", password_of("alice")), "approvals")
-    labels = button_labels(at)
-    assert "Continue the ramp to step 2 (70%)" in labels and "Approve promotion" in labels, labels
-    assert any("one approver decides it" in c.value for c in at.caption)
-
+    assert "Approve promotion" in button_labels(at), button_labels(at)
     approvals.approve(did, Identity(*BOB), "ship it now")  # the first of two signatures
     at = open_page(sign_in(new_app(), "carol", password_of("carol")), "approvals")
     labels = button_labels(at)
     assert "Co-sign the promotion" in labels and "Approve promotion" not in labels, labels
+
+
+def test_the_approvals_card_offers_to_continue_the_ramp(trust_env, flow_use_case) -> None:
+    """The card of a short pilot's GO offers 'Continue the ramp to step 2 (70%)' beside the promotion
+    and the rejection, says one approver decides it, and a click continues the ramp."""
+    from tests.dashboard.apptest_helpers import button_labels, new_app, open_page, sign_in
+
+    name, did = _short_pilot_go(flow_use_case)
+    at = open_page(sign_in(new_app(), "carol", password_of("carol")), "approvals")
+    labels = button_labels(at)
+    assert "Continue the ramp to step 2 (70%)" in labels and "Reject" in labels, labels
+    assert any("one approver decides it" in c.value for c in at.caption)
     at.text_area(key=f"reason_{did}").input("70% first, then decide")
     at.button(key=f"continue_{did}").click().run()
     assert not at.exception, [e.value for e in at.exception]
@@ -239,6 +248,8 @@ def test_the_approvals_card_offers_to_continue_and_co_signs_by_name(trust_env, f
         "pilot": ("running", 2),
         "steps": [(0, 0.0, "passed"), (1, 50.0, "passed"), (2, 70.0, "running")],
     }
+    at = open_page(at, "approvals")  # nothing waits any more
+    assert f"continue_{did}" not in {b.key for b in at.button}
 
 
 def test_a_paused_approval_run_is_resumed_and_the_pilot_collects_at_the_next_step(flow_use_case) -> None:
