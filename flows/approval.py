@@ -1,6 +1,8 @@
 """The approval flow: a flow run that records its id on the pending decision, pauses with
 `pause_flow_run(wait_for_input=ApprovalInput)`, and when a person approves (CLI or dashboard, through
-`rollout.approvals.approve`, which calls `resume_flow_run`) promotes, rejects or rolls back.
+`rollout.approvals.approve`, which calls `resume_flow_run`) promotes, rejects or rolls back, or (a GO
+before the plan's last step whose ramp a person continued) reports the pilot's next step: that effect is
+carried out with the signature (it moves no alias), so the resumed run only ends.
 
 Design (so the main job can finish while decisions wait): the gate only *records* a GO decision as awaiting
 approval. The paused approval run is a separate flow run, started in a background thread of whichever
@@ -85,8 +87,9 @@ def clear_run(decision_id: int, run_id: str) -> None:
 def approval_flow(
     decision_id: int, timeout_s: int = DEFAULT_TIMEOUT_S, poll_interval_s: int = 2
 ) -> dict[str, Any]:
-    """Wait for a person, then carry out their decision (promotion flow, rejection, or rollback)."""
-    from flows.promote import keep_flow, promote_flow, reject_flow, rollback_flow
+    """Wait for a person, then carry out their decision (promotion flow, rejection, rollback, or the
+    continued ramp's report)."""
+    from flows.promote import continue_flow, keep_flow, promote_flow, reject_flow, rollback_flow
 
     logger = get_run_logger()
     run_id = flow_run_id()
@@ -110,7 +113,7 @@ def approval_flow(
     logger.info(
         "decision %s: %s by %s (%s)",
         decision_id,
-        "approved" if answer.approve else "rejected",
+        "ramp continued" if answer.continue_ramp else "approved" if answer.approve else "rejected",
         answer.actor,
         answer.reason,
     )
@@ -124,6 +127,8 @@ def approval_flow(
         "reason": answer.reason,
         "actor": answer.actor,
     }
+    if answer.continue_ramp:
+        return continue_flow(**kw)
     if info["awaiting"] == "rollback_approval":
         if answer.approve:
             return rollback_flow(**kw)
@@ -240,16 +245,25 @@ def release_waiting() -> list[int]:
 
 
 def approve_decision(
-    decision_id: int, identity: Any, reason: str | None, *, reject: bool = False
+    decision_id: int,
+    identity: Any,
+    reason: str | None,
+    *,
+    reject: bool = False,
+    continue_ramp: bool = False,
 ) -> dict[str, Any]:
     """The CLI's approval: make sure a paused approval run waits for the decision (start one here if
-    not), resume it through rollout.approvals, and wait for what it does (promotion, rejection)."""
+    not), resume it through rollout.approvals, and wait for what it does (promotion, rejection, the
+    continued ramp's report)."""
     from rollout import approvals
     from rollout.auth import require_approver
 
-    require_approver(identity, f"{'reject' if reject else 'approve'} decision {decision_id}")
+    what = "continue the ramp on" if continue_ramp else "reject" if reject else "approve"
+    require_approver(identity, f"{what} decision {decision_id}")
     approvals._check_reason(reason)  # fail before starting anything
-    if not approval_runs.will_take_effect(decision_id, identity.name, reject):
+    if continue_ramp:
+        approval_runs.check_continuable(decision_id)  # refused before any approval run starts
+    elif not approval_runs.will_take_effect(decision_id, identity.name, reject):
         # The first signature of an override: recorded, nothing to resume yet.
         return approvals.approve(decision_id, identity, reason, reject=reject).to_dict()
     started_here = False
@@ -266,7 +280,9 @@ def approve_decision(
             # already signed); never a second run.
             _wait_for_other_run(decision_id)
     try:
-        result = approvals.approve(decision_id, identity, reason, reject=reject, apply_if_no_flow=False)
+        result = approvals.approve(
+            decision_id, identity, reason, reject=reject, continue_ramp=continue_ramp, apply_if_no_flow=False
+        )
     except BaseException:
         if started_here:
             _settle_own_run(decision_id)

@@ -1,6 +1,7 @@
-"""Promotion, rejection, keep and rollback flows: thin wrappers over rollout.approvals' effects, which move
-aliases through rollout.registry (pending -> committed alias history + audit, idempotent per decision)
-and update the pilot and the use case's phase. The acting person is read back from the Approval row."""
+"""Promotion, rejection, continued-ramp, keep and rollback flows: thin wrappers over rollout.approvals'
+effects, which move aliases through rollout.registry (pending -> committed alias history + audit,
+idempotent per decision) and update the pilot and the use case's phase. The acting person is read back
+from the Approval row."""
 
 from __future__ import annotations
 
@@ -27,6 +28,13 @@ def reject_task(decision_id: int, approval_id: int, reason: str) -> dict[str, An
     from rollout.approvals import apply_rejection
 
     return apply_rejection(decision_id, approval_id, reason=reason)
+
+
+@flow_task("continue-ramp")
+def continue_task(decision_id: int, approval_id: int, reason: str) -> dict[str, Any]:
+    from rollout.approvals import apply_continue
+
+    return apply_continue(decision_id, approval_id, reason=reason)
 
 
 @flow_task("keep-champion")
@@ -71,6 +79,17 @@ def promote_flow(decision_id: int, approval_id: int, reason: str, actor: str = "
 @flow(name="reject", log_prints=True)
 def reject_flow(decision_id: int, approval_id: int, reason: str, actor: str = "") -> dict[str, Any]:
     return reject_task(decision_id, approval_id, reason)
+
+
+@flow(name="continue-ramp", log_prints=True)
+def continue_flow(decision_id: int, approval_id: int, reason: str, actor: str = "") -> dict[str, Any]:
+    """A person continued the ramp from a GO before the plan's last step: the pilot runs at its next
+    step (done when they signed, rollout.approvals; this reports where)."""
+    result = continue_task(decision_id, approval_id, reason)
+    get_run_logger().info(
+        "decision %s: ramp continued, %s at step %s", decision_id, result["pilot"], result["step_index"]
+    )
+    return result
 
 
 @flow(name="keep", log_prints=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from rollout import audit
+from rollout import approvals, audit
 from rollout.approvals import (
     ApprovalError,
     check_approvable,
@@ -91,3 +91,13 @@ def check_open(decision_id: int) -> None:
         if d is None:
             raise ApprovalError(f"decision {decision_id} does not exist")
         check_approvable(session, d)
+
+
+def check_continuable(decision_id: int) -> None:
+    """Refuse, naming the decision and why, before any approval run starts for a ramp nobody may continue
+    (`approvals.check_continuable`)."""
+    with session_scope() as session:
+        d = session.get(GateDecision, decision_id)
+        if d is None:
+            raise ApprovalError(f"decision {decision_id} does not exist")
+        approvals.check_continuable(session, d)

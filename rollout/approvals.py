@@ -7,6 +7,13 @@ server process; the CLI in the caller's, see rollout.auth):
   intermediate step's GO, which skips the remaining ramp steps, or keeping a model whose monitor asked
   for a rollback) needs a second, *different* approver before it takes effect: a different person
   (`rollout.auth.same_person`), so one person signed in once locally and once by OIDC counts once;
+- a GO that waits for approval before the plan's last step (a short pilot's, `promote_after_step`) has a
+  third answer besides promoting (two approvers) and rejecting: *continue the ramp* (`continue_ramp`),
+  one approver, which moves the pilot to the plan's next step as a GO there would have without
+  `promote_after_step` (`continue_in`); it promotes nothing and goes against nothing. Its effect moves no
+  alias, so it is carried out in the signing transaction (the decision is resolved "continued" with the
+  pilot already running at the next step, never one without the other); a paused approval run is then
+  resumed only to end (`apply_continue` finds it done);
 - signing is atomic: the decision is read and signed under a write lock (SQLite ``BEGIN IMMEDIATE``,
   PostgreSQL ``SELECT ... FOR UPDATE``), so of two approvers acting at once exactly one signs and the
   other is told who already did;
@@ -65,12 +72,13 @@ class ApprovalPayload(BaseModel):
     reason: str
     approval_id: int
     decision_id: int
+    continue_ramp: bool = False  # the ramp was continued (`approve` False): nothing to promote or stop
 
 
 @dataclass(frozen=True)
 class ApprovalResult:
     decision_id: int
-    action: str  # approve / reject
+    action: str  # approve / reject / continue
     approval_id: int
     took_effect: bool
     needs_second_approver: bool
@@ -125,10 +133,70 @@ def skip_note(evidence: Any) -> str:
     steps = ramp_steps_skipped(evidence)
     if not steps:
         return ""
+    nxt = steps[0]
+    share = f" ({nxt['traffic_pct']:g}%)" if nxt.get("traffic_pct") is not None else ""
     return (
         f"Promoting on this decision skips {skipped_in_words(steps)} of the spec's plan: that goes against "
-        "the plan, so it takes effect only when two different approvers sign it."
+        "the plan, so it takes effect only when two different approvers sign it. One approver may instead "
+        f"continue the ramp to step {nxt['index']}{share}, as the plan would, and the gate looks again there."
     )
+
+
+def check_continuable(session: Any, d: GateDecision) -> dict[str, Any]:
+    """The ramp step a person may continue the pilot to on decision `d` (`{"index", "traffic_pct"}`): a
+    gate's GO that waits for approval before the plan's last step, its pilot still awaiting approval at
+    the decision's step. ApprovalError, saying why, otherwise (`check_approvable` first: a resolved or
+    aborted decision is refused with its own words)."""
+    check_approvable(session, d)
+    head = f"decision {d.id} ({d.kind} {d.outcome}"
+    if d.kind != "gate" or d.outcome != "GO" or d.awaiting != "approval":
+        raise ApprovalError(
+            f"{head}, {'waiting for approval' if d.awaiting != 'none' else 'asking nobody'}): only a gate's "
+            "GO that waits for approval can continue the ramp; nothing was recorded"
+        )
+    later = ramp_steps_skipped(d.evidence)
+    if not later:
+        raise ApprovalError(
+            f"{head}) is at the plan's last step: there is no later ramp step to continue to; promote or "
+            "reject it. Nothing was recorded"
+        )
+    from rollout.db.models import PilotStep
+    from rollout.pilots import pilot_label
+
+    pilot = session.get(Pilot, d.pilot_id) if d.pilot_id else None
+    step = session.get(PilotStep, d.pilot_step_id) if d.pilot_step_id else None
+    if pilot is None or step is None:  # pragma: no cover - a gate decision always has both
+        raise ApprovalError(f"{head}) has no pilot step to continue from; nothing was recorded")
+    if (pilot.status, pilot.current_step_index) != ("awaiting_approval", step.index):
+        raise ApprovalError(
+            f"{head}): {pilot_label(pilot)} is {pilot.status} at step {pilot.current_step_index}, not "
+            f"awaiting approval at step {step.index}; nothing was recorded"
+        )
+    return dict(later[0])
+
+
+def continue_in(session: Any, d: GateDecision, *, actor: str, reason: str) -> dict[str, Any]:
+    """The effect of continuing the ramp on decision `d`, in the caller's transaction (with the use case
+    and the pilot locked): what `decisions.act_on` does for a GO at a step that is not final. The pilot
+    runs again, its next step opens (`pilots.advance`: the decision's step stays passed, its end the GO's
+    time) and the use case is piloting. Returns where the pilot now is."""
+    from rollout import pilots
+
+    uc = session.get(UseCase, d.use_case_id)
+    pilot = session.get(Pilot, d.pilot_id)
+    spec, _ = pilots.load_pilot_spec(session, pilot)  # the pilot's own plan, never a newer version's
+    why = f"decision {d.id}: ramp continued by {actor} ({reason})"
+    pilots.stop_pilot(session, pilot, status="running", actor=actor, reason=why)
+    new = pilots.advance(session, pilot, spec, actor=actor, decision_id=d.id)
+    lifecycle.set_phase(session, uc, "piloting", actor=actor, reason=why)
+    return {
+        "action": "continued",
+        "decision_id": d.id,
+        "pilot": pilots.pilot_label(pilot),
+        "pilot_status": pilot.status,
+        "step_index": new.index,
+        "traffic_pct": new.traffic_pct,
+    }
 
 
 def check_approvable(session: Any, d: GateDecision) -> None:
@@ -338,13 +406,19 @@ def approve(
     reason: str | None,
     *,
     reject: bool = False,
+    continue_ramp: bool = False,
     apply_if_no_flow: bool = True,
     db_url: str | None = None,
 ) -> ApprovalResult:
-    """Approve (or reject) a pending decision. See the module docstring for the rules."""
-    action = "reject" if reject else "approve"
-    who = require_approver(identity, f"{action} decision {decision_id}")
+    """Approve (or reject) a pending decision, or (`continue_ramp`) continue the pilot's ramp from a GO
+    before the plan's last step. See the module docstring for the rules."""
+    if reject and continue_ramp:
+        raise ApprovalError("reject or continue the ramp, not both")
+    action = "continue" if continue_ramp else "reject" if reject else "approve"
+    what = "continue the ramp on" if continue_ramp else action
+    who = require_approver(identity, f"{what} decision {decision_id}")
     text = _check_reason(reason)
+    effect: dict[str, Any] | None = None
     resumed: str | None = None
     apply_now = False
     # The paused run is asked about before the write lock is taken and resumed after the signature has
@@ -367,10 +441,14 @@ def approve(
                 f"decision {d.id}: its approval run changed while you approved (another run registered, or "
                 "the last one was released); nothing was recorded, try again"
             )
-        check_approvable(session, d)
+        if action == "continue":
+            to_step = check_continuable(session, d)
+        else:
+            check_approvable(session, d)
         if action == "approve" and d.awaiting == "rollback_approval":
             _require_an_earlier_champion(session, d)
-        against = action != recommended_action(d)
+        # continuing the ramp is what the plan would have done: it goes against nothing, one signature
+        against = action != "continue" and action != recommended_action(d)
         if against:
             earlier = override_signatures(session, d.id, action)
             signed = [a.actor for a in earlier if same_person(a.actor, who.name)]
@@ -406,7 +484,8 @@ def approve(
                         f"approver must also {action} decision {d.id}"
                     ),
                 )
-        d.resolution = "approved" if action == "approve" else "rejected"
+        d.resolution = {"approve": "approved", "reject": "rejected", "continue": "continued"}[action]
+        about: dict[str, Any] = {"to_step": to_step} if action == "continue" else {}
         row = _sign(
             session,
             d,
@@ -419,6 +498,7 @@ def approve(
             awaiting=d.awaiting,
             against_recommendation=against,
             flow_run_id=d.flow_run_id,
+            **about,
         )
         payload = ApprovalPayload(
             approve=action == "approve",
@@ -427,7 +507,10 @@ def approve(
             reason=text,
             approval_id=row.id,
             decision_id=d.id,
+            continue_ramp=action == "continue",
         )
+        if action == "continue":  # no alias moves: done here, with the signature, whole or not at all
+            effect = continue_in(session, d, actor=who.name, reason=text)
         if d.flow_run_id:
             if not waiting:
                 raise FlowNotWaiting(
@@ -436,8 +519,8 @@ def approve(
                     "or check the run in Prefect."
                 )
             resumed = d.flow_run_id
-        elif apply_if_no_flow:
-            apply_now = True
+        elif apply_if_no_flow or effect is not None:
+            apply_now = effect is None
         else:
             raise FlowNotWaiting(
                 f"decision {d.id}: no paused flow run is waiting for it; nothing was recorded"
@@ -456,9 +539,25 @@ def approve(
                 resumed,
                 redact(f"{type(exc).__name__}: {exc}"),
             )
-            resumed, apply_now = None, True
+            resumed, apply_now = None, effect is None  # a continued ramp is in effect already
     if apply_now:
         apply_decision(decision_pk, payload, db_url=db_url)
+    if effect is not None:
+        return ApprovalResult(
+            decision_id=decision_pk,
+            action=action,
+            approval_id=approval_id,
+            took_effect=True,
+            needs_second_approver=False,
+            against_recommendation=False,
+            resumed_flow_run_id=resumed,
+            applied_directly=resumed is None,
+            message=(
+                f"continued the ramp on decision {decision_pk}: {effect['pilot']} runs at step "
+                f"{effect['step_index']} ({effect['traffic_pct']:g}%) and the gate looks again there"
+                + (f"; resumed flow run {resumed}" if resumed else "")
+            ),
+        )
     return ApprovalResult(
         decision_id=decision_pk,
         action=action,
@@ -535,7 +634,7 @@ def approval_identity(
                 f"approval {approval_id} is not a {'/'.join(actions)} of decision {decision_id}"
             )
         d = session.get(GateDecision, decision_id)
-        if d is None or d.resolution not in ("approved", "rejected"):
+        if d is None or d.resolution not in ("approved", "rejected", "continued"):
             raise ApprovalError(f"decision {decision_id} is not resolved; nothing to carry out")
         who = Identity(name=row.actor, role=row.role, source="approval")  # type: ignore[arg-type]
     return require_approver(who, f"carry out decision {decision_id}")
@@ -544,12 +643,15 @@ def approval_identity(
 def apply_decision(
     decision_id: int, payload: ApprovalPayload, *, db_url: str | None = None
 ) -> dict[str, Any]:
-    """Carry out a resolved decision: promote, stop the pilot, or roll back."""
+    """Carry out a resolved decision: promote, stop the pilot, roll back, or (a continued ramp, done when
+    it was signed) report where the pilot runs now."""
     with session_scope(db_url) as session:
         d = session.get(GateDecision, decision_id)
         if d is None:
             raise ApprovalError(f"decision {decision_id} does not exist")
         awaiting = d.awaiting
+    if payload.continue_ramp:
+        return apply_continue(decision_id, payload.approval_id, reason=payload.reason, db_url=db_url)
     if awaiting == "rollback_approval":
         if payload.approve:
             return apply_rollback(decision_id, payload.approval_id, reason=payload.reason, db_url=db_url)
@@ -656,6 +758,36 @@ def _require_pilot_to_promote(d: GateDecision, pilot: Pilot, *, moved: bool) -> 
         else "nothing moved"
     )
     raise ApprovalError(f"decision {d.id}: {pilot_label(pilot)} is {pilot.status}, not promotable; {done}")
+
+
+def apply_continue(
+    decision_id: int, approval_id: int, *, reason: str, db_url: str | None = None
+) -> dict[str, Any]:
+    """A continued ramp, for the approval run that was resumed with it: the signature carried it out
+    already (`approve`), so this reports where the pilot runs now. Should the pilot still await approval
+    at the decision's step (a record written otherwise), it is continued here, once, under the lock."""
+    from rollout import pilots
+    from rollout.db.models import PilotStep
+
+    who = approval_identity(approval_id, decision_id, actions=("continue",), db_url=db_url)
+    with session_scope(db_url, immediate=True) as session:
+        d = session.get(GateDecision, decision_id)
+        assert d is not None
+        if d.resolution != "continued":
+            raise ApprovalError(f"decision {decision_id} is {d.resolution}, not continued")
+        _uc, pilot = pilots.locked(session, d.use_case_id, d.pilot_id)
+        step = session.get(PilotStep, d.pilot_step_id)
+        if (pilot.status, pilot.current_step_index) == ("awaiting_approval", step.index):
+            return continue_in(session, d, actor=who.name, reason=reason)
+        now = pilots.current_step(session, pilot)
+        return {
+            "action": "continued",
+            "decision_id": decision_id,
+            "pilot": pilots.pilot_label(pilot),
+            "pilot_status": pilot.status,
+            "step_index": now.index,
+            "traffic_pct": now.traffic_pct,
+        }
 
 
 def apply_rejection(

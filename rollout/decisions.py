@@ -70,7 +70,8 @@ def gate_step(
     """Run `rollout.gate.decide` on all of the step's observations with the earlier looks as history,
     record the decision (keyed by step + data fingerprint) and act on it. No rows, or rows decide() cannot
     judge, are recorded as INVALID with the reason (never a crash). `promote_after_step` ends a short
-    pilot early; `traffic` (what the source has left) turns an EXTEND on used-up traffic into a note."""
+    pilot early (not once a person continued its ramp: `pilots.ramp_continued`); `traffic` (what the
+    source has left) turns an EXTEND on used-up traffic into a note."""
     from rollout.gate import decide
     from rollout.observations_io import validate_observation_rows
     from rollout.traffic import exhaustion_note
@@ -110,9 +111,11 @@ def gate_step(
         if found is not None:  # a retry, or a re-run on unchanged data
             return summary(found, step, False)
         _check_still_running(use_case, pilot, step)
-        final = pilots.is_last_step(spec, step) or (
-            promote_after_step is not None and step.index >= promote_after_step
-        )
+        # a person who continued the ramp past a short pilot's early GO set `promote_after_step` aside
+        # for this pilot: its later GOs advance as the plan says, and only the last step's is final
+        continued = pilots.ramp_continued(session, pilot)
+        early = None if continued is not None else promote_after_step
+        final = pilots.is_last_step(spec, step) or (early is not None and step.index >= early)
         evidence = decision.to_dict()
         evidence.update(
             {
@@ -128,7 +131,8 @@ def gate_step(
                     {"index": p.index, "traffic_pct": p.traffic_pct}
                     for p in pilots.plan_steps(spec)[step.index + 1 :]
                 ],
-                "promote_after_step": promote_after_step,
+                "promote_after_step": early,
+                "ramp_continued_at": continued,
                 "traffic": traffic,
             }
         )

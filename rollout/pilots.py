@@ -331,7 +331,7 @@ def advance(
         )
     nxt = plans[step.index + 1]
     step.status = "passed"
-    step.ended_at = utcnow()
+    step.ended_at = step.ended_at or utcnow()  # a GO that waited for a person ended its step then
     new = _step_row(nxt, pilot_id=pilot.id)
     session.add(new)
     pilot.current_step_index = nxt.index
@@ -783,6 +783,17 @@ def record_decision(
         },
     )
     return d, True
+
+
+def ramp_continued(session: Session, pilot: Pilot) -> int | None:
+    """The decision at which a person continued this pilot's ramp past a short pilot's early GO
+    (`rollout.approvals.approve(..., continue_ramp=True)`, resolution "continued"), or None: from then
+    on the pilot follows its spec's whole plan, so a later GO is final only at the last step."""
+    return session.scalar(
+        select(GateDecision.id)
+        .where(GateDecision.pilot_id == pilot.id, GateDecision.resolution == "continued")
+        .order_by(GateDecision.id)
+    )
 
 
 def pending_decisions(session: Session, use_case: UseCase | None = None) -> list[GateDecision]:

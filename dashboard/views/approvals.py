@@ -1,4 +1,5 @@
-"""Approvals: pending decisions with their evidence; approve, reject or roll back with a reason.
+"""Approvals: pending decisions with their evidence; approve, reject, continue a short pilot's ramp or
+roll back with a reason.
 Buttons are drawn only for approvers, and every action goes through rollout.approvals, which checks
 the role again on the server side and resumes the paused Prefect flow."""
 
@@ -128,14 +129,32 @@ def decision_card(d: dict[str, Any], ident: Identity | None) -> None:
     if override:
         approve_label = "Promote anyway" if not d["approvals"] else "Co-sign the promotion"
     reject_label = "Keep the current model" if d["awaiting"] == "rollback_approval" else "Reject"
+    # a first signature against the recommendation waits for a second approver: their button co-signs
+    signed = {a["action"] for a in d["approvals"] if a["against_recommendation"]}
+    if "approve" in signed:
+        approve_label = "Co-sign the promotion"
+    if "reject" in signed:
+        keep = d["awaiting"] == "rollback_approval"
+        reject_label = "Co-sign keeping the current model" if keep else "Co-sign the rejection"
+    # a GO before the plan's last step that waits for approval may also go on to the plan's next step
+    onward = approvals.ramp_steps_skipped(d["evidence"])[:1] if skips and d["awaiting"] == "approval" else []
+    continue_label = ""
+    if onward:
+        share = f" ({onward[0]['traffic_pct']:g}%)" if onward[0].get("traffic_pct") is not None else ""
+        continue_label = f"Continue the ramp to step {onward[0]['index']}{share}"
     if skips:
         st.caption(f"'{approve_label}' skips the plan's later ramp steps: it needs a second approver.")
+        if continue_label:
+            st.caption(
+                f"'{continue_label}' does what the plan would: the pilot collects at that step and the gate "
+                "looks again there. It promotes nothing, so one approver decides it."
+            )
     elif recommended != "approve":
         st.caption(f"'{approve_label}' goes against the recommendation: it needs a second approver.")
     else:
         st.caption(f"'{reject_label}' goes against the recommendation: it needs a second approver.")
     act = {"args": (approvals.approve, d["id"]), "kwargs": {"reason_key": reason_key}}
-    b1, b2 = st.columns(2)
+    b1, b2, b3 = st.columns(3)
     b1.button(approve_label, key=f"approve_{d['id']}", type="primary", on_click=run_action, **act)
     if not override:  # rejecting a running pilot's decision stops it: `sparsepilot pilot NAME --abort`
         b2.button(
@@ -144,6 +163,14 @@ def decision_card(d: dict[str, Any], ident: Identity | None) -> None:
             on_click=run_action,
             args=act["args"],
             kwargs={**act["kwargs"], "reject": True},
+        )
+    if continue_label:
+        b3.button(
+            continue_label,
+            key=f"continue_{d['id']}",
+            on_click=run_action,
+            args=act["args"],
+            kwargs={**act["kwargs"], "continue_ramp": True},
         )
 
 

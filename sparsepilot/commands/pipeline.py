@@ -1,6 +1,6 @@
 """The pipeline commands: `pilot NAME [--observations FILE]`, `gate NAME`, `approve NAME --decision ID
---reason TEXT [--reject]`, `promote`, `rollback NAME --reason`, `monitor NAME`, `run [--serve]`, `serve`;
-and the use-case form of `calibrate NAME` / `evaluate NAME`, whose commands live in
+--reason TEXT [--reject | --continue-ramp]`, `promote`, `rollback NAME --reason`, `monitor NAME`, `run
+[--serve]`, `serve`; and the use-case form of `calibrate NAME` / `evaluate NAME`, whose commands live in
 sparsepilot/commands/core.py with the standalone `--model` form."""
 
 from __future__ import annotations
@@ -248,17 +248,29 @@ def approve_cmd(
     decision: DecisionId,
     reason: ReasonOpt,
     reject: Annotated[bool, typer.Option("--reject", help="reject instead of approve")] = False,
+    continue_ramp: Annotated[
+        bool,
+        typer.Option(
+            "--continue-ramp",
+            help="on a GO before the plan's last step: move the pilot to the plan's next step and gate "
+            "there (one approver; promotes nothing)",
+        ),
+    ] = False,
     password_stdin: PasswordStdin = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Approve (or reject) a decision waiting for a person; resumes its paused approval flow run."""
+    """Approve (or reject) a decision waiting for a person, or --continue-ramp a GO before the plan's
+    last step; resumes its paused approval flow run."""
     from flows.approval import approve_decision
 
-    who = signed_in("approver", f"{'reject' if reject else 'approve'} decision {decision}", password_stdin)
+    if reject and continue_ramp:
+        fail("--reject and --continue-ramp exclude each other")
+    what = "continue the ramp on" if continue_ramp else "reject" if reject else "approve"
+    who = signed_in("approver", f"{what} decision {decision}", password_stdin)
 
     def go() -> dict[str, Any]:
         _check_decision(name, decision)
-        return approve_decision(decision, who, reason, reject=reject)
+        return approve_decision(decision, who, reason, reject=reject, continue_ramp=continue_ramp)
 
     _to_log_file("approve", json_out)
     result = _run(go)
