@@ -365,6 +365,20 @@ def bench_quality(
     )
     kw["usecases"] = tuple(_usecase_data(u) for u in uc_names)
     settings = QualityBenchSettings.quick(**kw) if quick else QualityBenchSettings(**kw)
+    # the model's positions from its config (no weights): a window longer than them is refused now
+    context = _model_context(model)
+    over = [x for x in settings.lengths if context and x > context]
+    if over:
+        fail(
+            f"{'--lengths' if lengths else '--quick' if quick else 'the default lengths'}: "
+            f"{', '.join(f'{x:,}' for x in over)} tokens; the model has {context:,} positions "
+            f"(max_position_embeddings): give --lengths <= {context:,}"
+        )
+    if settings.usecases and context and settings.usecase_length > context:
+        fail(
+            f"--usecases: their plans are calibrated on {settings.usecase_length:,}-token windows; the model "
+            f"has {context:,} positions (max_position_embeddings): give --usecases none"
+        )
     check_out(out)
     with Progress(transient=True) as bar, _progress_log(out) as log:
         policy = _apply_threads(n_threads, log)
@@ -801,6 +815,7 @@ def bench_decode(
         fail(str(exc) if context and new_tokens < context else f"--new-tokens {new_tokens}: {exc}")
     check_out(out)
     plan = _plan_or_fail(plan_dir)
+    _plan_fits_or_fail(plan, plan_dir, model)
     if plan is not None:
         learned = bool(reads_plan) or any(e in TRAINED_BY_DECODE_CALIBRATION for e in names)
         if plan.decode is None and not learned:  # a training-free scorer reads nothing of the plan
@@ -860,6 +875,30 @@ def _model_context(model: str) -> int | None:
         return resolve_model_ref(model).context_length
     except ModelRefError as exc:
         fail(str(exc))
+
+
+def _plan_fits_or_fail(plan: Any, plan_dir: str, model: str) -> None:
+    """`--plan` checked against the model's config (its layers and heads, the model shape it was
+    calibrated on) before the weights are loaded: transformers' AutoConfig reads config.json only.
+    Nothing is checked here for a GGUF file or a built-in model not unpacked yet (the load checks it)."""
+    from sparse_core import PlanError, resolve_model_ref
+    from sparsepilot.console import fail
+
+    if plan is None:
+        return
+    info = resolve_model_ref(model)  # resolved (and a bad ref refused) by `_model_context` already
+    if info.kind == "gguf" or info.path is None or not (info.path / "config.json").is_file():
+        return
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(info.path)
+    except (OSError, ValueError):  # the load says what is wrong with it
+        return
+    try:
+        plan.validate_for(config)
+    except PlanError as exc:
+        fail(f"--plan {plan_dir}: {exc}")
 
 
 def _shortened_line(lengths: dict) -> str:
@@ -970,6 +1009,7 @@ def bench_decode_scorers(
     if needs_plan and not plan_dir:
         fail(f"--scorers {','.join(needs_plan)}: these read a plan's learned weights; give --plan")
     plan = _plan_or_fail(plan_dir)
+    _plan_fits_or_fail(plan, plan_dir, model)
     if plan is not None:
         if needs_plan and page_size != plan.block_size:
             fail(

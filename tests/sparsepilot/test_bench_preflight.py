@@ -144,3 +144,42 @@ def test_gate_writes_a_progress_log_and_says_where(home: Path, tmp_path: Path) -
         assert said in text, text
     load = json.loads(out.read_text())["decide"]["environment"]["host_load"]
     assert isinstance(load["overloaded"], bool) and load["seconds"] > 0
+
+
+def test_quality_refuses_windows_over_the_models_positions_before_loading_it(
+    config_only_model: Path, home: Path, tmp_path: Path
+) -> None:
+    """`bench quality` calibrated windows longer than the model's positions (position ids past its
+    table) after loading it; the use cases' 2,048-token windows too."""
+    out = tmp_path / "quality.json"
+    base = ["bench", "quality", "--model", str(config_only_model), "--estimators", "pooled", "--no-speed"]
+    said = _refused([*base, "--lengths", "1024,4096", "--usecases", "none"], out)
+    assert (
+        "error: --lengths: 4,096 tokens; the model has 2,048 positions (max_position_embeddings): "
+        "give --lengths <= 2,048"
+    ) in said
+    config = json.loads((config_only_model / "config.json").read_text())
+    (config_only_model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 1024}))
+    said = _refused([*base, "--lengths", "512", "--usecases", "docs-qa"], out)
+    assert "error: --usecases: their plans are calibrated on 2,048-token windows; the model has 1,024" in said
+
+
+def test_decode_refuses_a_plan_that_does_not_fit_the_model_before_loading_it(
+    config_only_model: Path, home: Path, tmp_path: Path
+) -> None:
+    """A --plan for another model (here: a dense layer the 2-layer model lacks) was found out only when
+    the model was sparsified, after the one-layer rows and the load; its config alone says so."""
+    from sparse_core import plan_io
+    from sparse_core.decode.plan import DecodePlan
+    from sparse_core.plan import SparsePlan
+
+    plan_dir = tmp_path / "plan"
+    plan_io.save(SparsePlan(dense_layers=(7,), decode=DecodePlan(page_size=16, budget_tokens=128)), plan_dir)
+    out = tmp_path / "decode.json"
+    args = ["--model", str(config_only_model), "--plan", str(plan_dir), "--lengths", "512"]
+    said = _refused(
+        ["bench", "decode-scorers", "--scorers", "quest,gate", "--page-size", "64", *args[:4]], out
+    )
+    assert f"error: --plan {plan_dir}: plan.dense_layers" in said and "2 layers" in said, said
+    said = _refused(["bench", "decode", "--quick", *args], out)
+    assert f"error: --plan {plan_dir}: plan.dense_layers" in said and "2 layers" in said, said
