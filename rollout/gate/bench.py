@@ -64,10 +64,13 @@ def time_decide(
     sizes: Sequence[int] = (10_000, 100_000, 1_000_000),
     modes: Sequence[str] = ("split", "paired"),
     repeats: int = 3,
+    progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
+    """decide()'s best and median time per mode and size, with the host's load while they ran;
+    `progress` is told each (mode, size) as its timing starts."""
     load_before = loadavg()
     with HostLoadMeter(threads=1) as meter:  # decide() is numpy on one thread
-        rows = _time_rows(sizes, modes, repeats)
+        rows = _time_rows(sizes, modes, repeats, progress or (lambda _m: None))
     return {
         "rows": rows,
         "environment": {
@@ -79,10 +82,13 @@ def time_decide(
     }
 
 
-def _time_rows(sizes: Sequence[int], modes: Sequence[str], repeats: int) -> list[dict[str, Any]]:
+def _time_rows(
+    sizes: Sequence[int], modes: Sequence[str], repeats: int, say: Callable[[str], None]
+) -> list[dict[str, Any]]:
     rows = []
     for mode in modes:
         for n in sizes:
+            say(f"decide(): {mode} step of {n:,} rows, {repeats} timed call(s)")
             df = observations(n, mode)
             kw = {"mode": mode, "planned_treatment_share": 0.5 if mode == "split" else None}
             times, outcome = [], ""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import platform
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,32 @@ def load_fields(*loads: HostLoad) -> dict[str, Any]:
     return {"others_busy_cores": max(busy) if busy else None, "overloaded": any(x.overloaded for x in loads)}
 
 
+def fit_cache_lengths(
+    lengths: Sequence[int], context: int | None, new_tokens: int, *, asked: bool, what: str
+) -> tuple[tuple[int, ...], dict[int, int]]:
+    """The cache lengths a decode benchmark runs at, and those shortened to get there ({length: run at}).
+    A length's prompt fills the cache, then `new_tokens` are generated after it: both must fit the
+    model's `context` positions (max_position_embeddings). Lengths the user asked for (`asked`) are
+    never shortened: one that does not fit is a ValueError naming `what`, the lengths and the context.
+    The mode's defaults are shortened to fit (8,192 on SmolLM2's 8,192 positions with 64 new tokens:
+    8,128), and the caller says so beside the figures. `context` None (not known): as given."""
+    if not context:
+        return tuple(lengths), {}
+    room = context - new_tokens
+    if room < 1:
+        raise ValueError(
+            f"{new_tokens:,} new tokens fill the model's {context:,} positions (max_position_embeddings): "
+            "no room for a cache before them"
+        )
+    over = [x for x in lengths if x > room]
+    if over and asked:
+        raise ValueError(
+            f"{what}: {', '.join(f'{x:,}' for x in over)} tokens + {new_tokens:,} new tokens exceed the "
+            f"model's {context:,} positions (max_position_embeddings): give {what} <= {room:,}"
+        )
+    return tuple(sorted({min(x, room) for x in lengths})), {x: room for x in over}
+
+
 @dataclass
 class RunClock:
     """Started when a benchmark starts; `summary()` is the tail of its result, with the host's load over
@@ -115,6 +142,7 @@ __all__ = [
     "RunClock",
     "bench_device",
     "environment",
+    "fit_cache_lengths",
     "load_fields",
     "prefill_repeats",
     "pyplot",

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from sparse_core.bench.attention import HEAD_DIM, KV_HEADS, Q_HEADS
-from sparse_core.bench.common import RunClock, load_fields, pyplot, save_figure
+from sparse_core.bench.common import RunClock, fit_cache_lengths, load_fields, pyplot, save_figure
 from sparse_core.decode.attention import sparse_decode_step
 from sparse_core.decode.cache import paged_buffer
 from sparse_core.decode.page_gate import PAGE_SIZE_KEY
@@ -253,8 +253,11 @@ def model_bench(
                 plans.append((f"{name}, paged cache", budget_plan, "paged"))
     rows = []
     for length in lengths:
-        if cap and length + new_tokens > cap:
-            length = cap - new_tokens
+        if cap and length + new_tokens > cap:  # `run` fits its lengths first (`fit_cache_lengths`)
+            raise ValueError(
+                f"{length:,} cache tokens + {new_tokens:,} new tokens exceed {model_ref}'s {cap:,} "
+                "positions (max_position_embeddings)"
+            )
         win = timing_window(tok, length, seed=7)
         ids = torch.tensor([win])
         for name, p, kind in plans:
@@ -331,9 +334,32 @@ def run(
     runs: int = DEFAULT_RUNS,
     layer: bool = True,
     model: bool = True,
+    lengths: tuple[int, ...] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
+    """``lengths``: the model rows' cache lengths; each plus ``new_tokens`` must fit the model's
+    positions (ValueError otherwise). None: the mode's, those over the model's positions shortened to
+    fit, which `model_lengths` in the result records."""
+    from sparse_core.loading import resolve_model_ref
+
     say = progress or (lambda _m: None)
+    model_lengths: dict[str, Any] = {"asked": list(lengths) if lengths else None}
+    if model:  # checked before any work: the model's positions from its config, no weights read
+        context = resolve_model_ref(model_ref).context_length
+        timed, shortened = fit_cache_lengths(
+            lengths or (QUICK_MODEL_LENGTHS if quick else FULL_MODEL_LENGTHS),
+            context,
+            new_tokens,
+            asked=bool(lengths),
+            what="lengths",
+        )
+        model_lengths |= {
+            "timed": list(timed),
+            "context": context,
+            "new_tokens": new_tokens,
+            # a default length over the model's positions: {asked: timed}, said in the table's title
+            "shortened": {str(k): v for k, v in shortened.items()},
+        }
     clock = RunClock()
     layer_rows = (
         layer_bench(QUICK_LAYER_LENGTHS if quick else FULL_LAYER_LENGTHS, page_size=page_size, say=say)
@@ -345,7 +371,7 @@ def run(
     if model:
         model_rows, name, gate_report = model_bench(
             model_ref,
-            QUICK_MODEL_LENGTHS if quick else FULL_MODEL_LENGTHS,
+            tuple(model_lengths["timed"]),
             budgets=budgets,
             page_size=page_size,
             estimator=estimator,
@@ -363,6 +389,7 @@ def run(
         else "from plan",
         "layer_estimator": "quest",  # the one-layer rows score with Quest (random keys: no learned weights)
         "model": name,
+        "model_lengths": model_lengths,
         "runs": runs,  # paired dense/sparse runs per model row: the speed-up interval has runs - 1 dof
         "layer_rows": [asdict(r) for r in layer_rows],
         "model_rows": model_rows,

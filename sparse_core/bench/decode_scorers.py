@@ -26,11 +26,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from sparse_core.bench.common import RunClock, pyplot, save_figure
+from sparse_core.bench.common import RunClock, fit_cache_lengths, pyplot, save_figure
 
 DEFAULT_SCORERS = ("quest", "page_gate")
 DEFAULT_BUDGETS = (512, 1024, 2048)
 DEFAULT_PAGE_SIZE = 16
+DEFAULT_PROMPT_TOKENS = 8192  # shortened to fit a model's positions with the new tokens (SmolLM2: 8,160)
 LOCAL_PAGES = 4  # as sparse_core.decode.calibration.DecodeLimits
 KL_FLOOR = 1e-9  # a per-prompt KL below this is rounding: ratios are taken of KL clamped to it
 CONFIDENCE = 0.95
@@ -285,7 +286,7 @@ def measure(
     scorers: Sequence[str] = DEFAULT_SCORERS,
     budgets: Sequence[int] = DEFAULT_BUDGETS,
     prompts: int = 12,
-    prompt_tokens: int = 8192,
+    prompt_tokens: int | None = None,
     new_tokens: int = 32,
     page_size: int = DEFAULT_PAGE_SIZE,
     base=None,
@@ -296,7 +297,8 @@ def measure(
     """Per-prompt fidelity of every (scorer, budget) plan on `prompts` windows packed from `texts`
     (default: the bundled corpus, the packing `bench decode` cuts its window from; or a use case's own
     text); page_gate, when it is not in `base`, trains on the windows after them. `texts_source` names
-    the texts in errors."""
+    the texts in errors. `prompt_tokens` + `new_tokens` must fit the model's positions (ValueError);
+    None: 8,192 shortened to fit (`fit_cache_lengths`)."""
     from sparse_core.corpus import corpus_texts, pack_token_windows
     from sparse_core.decode.measure import as_paged, fidelity, prefill, run_decode
     from sparse_core.decode.page_gate import WINDOWS
@@ -306,7 +308,14 @@ def measure(
     if is_sparsified(model):
         unsparsify(model)
     cap = int(getattr(model.config, "max_position_embeddings", 0) or 0)
-    length = min(prompt_tokens, cap - new_tokens) if cap else prompt_tokens
+    # a length asked for is refused when it and the new tokens do not fit; the default is shortened
+    (length,), shortened = fit_cache_lengths(
+        (DEFAULT_PROMPT_TOKENS if prompt_tokens is None else prompt_tokens,),
+        cap or None,
+        new_tokens,
+        asked=prompt_tokens is not None,
+        what="--prompt-tokens",
+    )
     corpus = list(texts) if texts is not None else corpus_texts("all")
     windows = pack_token_windows(tok, corpus, length, prompts + WINDOWS, seed=CORPUS_SEED)
     full = [w for w in windows[:prompts] if len(w) == length]
@@ -345,7 +354,13 @@ def measure(
                 row["density"].append(density)
         say(f"prompt {i}/{prompts}: {len(scorers) * len(budgets)} plans scored")
         del cache
-    return {"prompt_tokens": length, "per_prompt": per_prompt, "page_gate_training": gate_report}
+    return {
+        "prompt_tokens": length,
+        # the default shortened to fit the model's positions: {"8192": 8160}, said in the table's title
+        "prompt_tokens_shortened": {str(k): v for k, v in shortened.items()},
+        "per_prompt": per_prompt,
+        "page_gate_training": gate_report,
+    }
 
 
 def run(
@@ -354,7 +369,7 @@ def run(
     scorers: Sequence[str] = DEFAULT_SCORERS,
     budgets: Sequence[int] = DEFAULT_BUDGETS,
     prompts: int = 12,
-    prompt_tokens: int = 8192,
+    prompt_tokens: int | None = None,
     new_tokens: int = 32,
     page_size: int = DEFAULT_PAGE_SIZE,
     plan=None,
@@ -399,6 +414,7 @@ def run(
         "prompts": prompts,
         "texts": texts_source,
         "prompt_tokens": measured["prompt_tokens"],
+        "prompt_tokens_shortened": measured["prompt_tokens_shortened"],
         "new_tokens": new_tokens,
         "confidence": confidence,
         "plan_rows": plan_rows,

@@ -132,6 +132,12 @@ def run(
     lengths = lengths or (QUICK_LENGTHS if quick else FULL_LENGTHS)
     taus = taus or (QUICK_TAUS if quick else FULL_TAUS)
     base_plan = base_plan or SparsePlan()
+    short = [x for x in lengths if x <= base_plan.block_size]
+    if short:  # one block is all dense: nothing sparse to time (and one token has no next-token NLL)
+        raise ValueError(
+            f"{', '.join(map(str, short))} tokens: each length must exceed the plan's block size "
+            f"{base_plan.block_size}"
+        )
     clock = RunClock()
     say(f"loading {model_ref}")
     model, tok = load_model(model_ref, device=dev, dtype=DTYPES[dtype])

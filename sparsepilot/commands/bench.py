@@ -365,6 +365,20 @@ def bench_quality(
     )
     kw["usecases"] = tuple(_usecase_data(u) for u in uc_names)
     settings = QualityBenchSettings.quick(**kw) if quick else QualityBenchSettings(**kw)
+    # the model's positions from its config (no weights): a window longer than them is refused now
+    context = _model_context(model)
+    over = [x for x in settings.lengths if context and x > context]
+    if over:
+        fail(
+            f"{'--lengths' if lengths else '--quick' if quick else 'the default lengths'}: "
+            f"{', '.join(f'{x:,}' for x in over)} tokens; the model has {context:,} positions "
+            f"(max_position_embeddings): give --lengths <= {context:,}"
+        )
+    if settings.usecases and context and settings.usecase_length > context:
+        fail(
+            f"--usecases: their plans are calibrated on {settings.usecase_length:,}-token windows; the model "
+            f"has {context:,} positions (max_position_embeddings): give --usecases none"
+        )
     check_out(out)
     with Progress(transient=True) as bar, _progress_log(out) as log:
         policy = _apply_threads(n_threads, log)
@@ -553,6 +567,8 @@ def bench_prefill(
     few tau, speed-up in the same table as next-token KL, top-1 agreement and delta NLL."""
     for_command("bench-prefill", flows=False)  # model benchmarks: library output to a log file
     from sparse_core.bench import prefill as bench
+    from sparse_core.evaluation import within_context
+    from sparse_core.plan import SparsePlan
     from sparsepilot.console import emit_json, fail, print_table
 
     try:
@@ -569,7 +585,23 @@ def bench_prefill(
     if dtype not in bench.DTYPES:
         fail(f"--dtype: {dtype!r}; choose from {', '.join(bench.DTYPES)}")
     length_list = _int_list("--lengths", lengths) if lengths else None
+    block = SparsePlan().block_size  # the pooled plan every sparse row runs
+    if length_list and min(length_list) <= block:
+        fail(
+            f"--lengths: each must exceed the plan's block size {block} (a prompt of one block is all "
+            f"dense: nothing sparse to time), got {lengths!r}"
+        )
     dev = device_or_fail(device)
+    n_threads = _threads_or_fail(threads)
+    # the model's positions from its config (no weights): lengths none of which fit are refused now
+    try:
+        within_context(
+            length_list or (bench.QUICK_LENGTHS if quick else bench.FULL_LENGTHS),
+            _model_context(model),
+            f"{model} lengths",
+        )
+    except ValueError as exc:
+        fail(f"{'--lengths' if lengths else '--quick' if quick else 'the default lengths'}: {exc}")
     check_out(out)
     from sparse_core import ModelRefError
 
@@ -578,7 +610,7 @@ def bench_prefill(
             "prefill benchmark",
             bench.run,
             out,
-            _threads_or_fail(threads),
+            n_threads,
             model_ref=model,
             quick=quick,
             taus=tau_list,
@@ -730,6 +762,14 @@ def bench_decode(
         help="Paired dense/sparse runs per model row (>= 2): the speed-up interval is Student t over their "
         "log ratios with runs - 1 degrees of freedom.",
     ),
+    lengths: str = typer.Option(
+        "",
+        "--lengths",
+        help="Cache lengths of the model rows (prompt tokens before the --new-tokens), e.g. 2048,4096; "
+        "each + --new-tokens must fit the model's positions (refused otherwise). Default by mode "
+        "(quick 8192, full 1024-8192), those over the model's positions shortened to fit and said "
+        "(SmolLM2's 8,192 positions: 8,128 + 64 new tokens).",
+    ),
     threads: Threads = "auto",
     out: JsonPngOut = "bench-results/decode.json",
     json_out: Annotated[bool, _json_flag("Print the JSON after the tables.")] = False,
@@ -740,6 +780,7 @@ def bench_decode(
     for_command("bench-decode", flows=False)  # model benchmarks: library output to a log file
     from sparse_core import ModelRefError, PlanError
     from sparse_core.bench import decode as bench
+    from sparse_core.bench.common import fit_cache_lengths
     from sparsepilot.console import emit_json, fail, print_table
 
     budget_list = _int_list("--budgets", budgets)
@@ -758,9 +799,23 @@ def bench_decode(
         fail(f"--new-tokens must be >= 2, got {new_tokens}")
     if runs < 2:
         fail(f"--runs must be >= 2 (a speed-up interval needs two paired runs), got {runs}")
+    length_list = _int_list("--lengths", lengths) if lengths else None
     n_threads = _threads_or_fail(threads)
+    # the model's positions from its config (no weights): a cache + --new-tokens over them is refused now
+    context = _model_context(model)
+    try:
+        fit_cache_lengths(
+            length_list or (bench.QUICK_MODEL_LENGTHS if quick else bench.FULL_MODEL_LENGTHS),
+            context,
+            new_tokens,
+            asked=bool(length_list),
+            what="--lengths",
+        )
+    except ValueError as exc:
+        fail(str(exc) if context and new_tokens < context else f"--new-tokens {new_tokens}: {exc}")
     check_out(out)
     plan = _plan_or_fail(plan_dir)
+    _plan_fits_or_fail(plan, plan_dir, model)
     if plan is not None:
         learned = bool(reads_plan) or any(e in TRAINED_BY_DECODE_CALIBRATION for e in names)
         if plan.decode is None and not learned:  # a training-free scorer reads nothing of the plan
@@ -784,8 +839,9 @@ def bench_decode(
             plan=plan,
             new_tokens=new_tokens,
             runs=runs,
+            lengths=length_list,
         )
-    except (ModelRefError, PlanError) as exc:
+    except (ModelRefError, PlanError, ValueError) as exc:
         fail(str(exc))
     path, png = _plot_path(result, out)
     env = result["environment"]
@@ -797,7 +853,8 @@ def bench_decode(
     )
     print_table(
         f"Decode end to end, {result['model']}: ms per generated token, fidelity of {new_tokens} generated "
-        f"tokens; speed-up: geometric mean of {runs} paired runs, 90% interval; JSON: {path}, plot: {png}",
+        f"tokens{_shortened_line(result['model_lengths'])}; speed-up: geometric mean of {runs} paired runs, "
+        f"90% interval; JSON: {path}, plot: {png}",
         result["model_rows"],
         bench.MODEL_COLUMNS,
     )
@@ -805,6 +862,55 @@ def bench_decode(
     if json_out:
         emit_json(result)
     _write_with_plot(result, out, bench.plot)
+
+
+def _model_context(model: str) -> int | None:
+    """The model's positions (max_position_embeddings) from its ref alone, a config file or a GGUF
+    header, never its weights (`sparse_core.resolve_model_ref`); None where the ref does not say. A bad
+    ref is an error line and exit 2 here, before any work."""
+    from sparse_core import ModelRefError, resolve_model_ref
+    from sparsepilot.console import fail
+
+    try:
+        return resolve_model_ref(model).context_length
+    except ModelRefError as exc:
+        fail(str(exc))
+
+
+def _plan_fits_or_fail(plan: Any, plan_dir: str, model: str) -> None:
+    """`--plan` checked against the model's config (its layers and heads, the model shape it was
+    calibrated on) before the weights are loaded: transformers' AutoConfig reads config.json only.
+    Nothing is checked here for a GGUF file or a built-in model not unpacked yet (the load checks it)."""
+    from sparse_core import PlanError, resolve_model_ref
+    from sparsepilot.console import fail
+
+    if plan is None:
+        return
+    info = resolve_model_ref(model)  # resolved (and a bad ref refused) by `_model_context` already
+    if info.kind == "gguf" or info.path is None or not (info.path / "config.json").is_file():
+        return
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(info.path)
+    except (OSError, ValueError):  # the load says what is wrong with it
+        return
+    try:
+        plan.validate_for(config)
+    except PlanError as exc:
+        fail(f"--plan {plan_dir}: {exc}")
+
+
+def _shortened_line(lengths: dict) -> str:
+    """`bench decode`'s words for default cache lengths shortened to fit the model's positions."""
+    shortened = lengths.get("shortened") or {}
+    if not shortened:
+        return ""
+    pairs = ", ".join(f"{int(k):,} -> {v:,}" for k, v in shortened.items())
+    return (
+        f"; default cache lengths shortened to fit the model's {lengths['context']:,} positions with "
+        f"{lengths['new_tokens']} new tokens: {pairs}"
+    )
 
 
 def _plan_or_fail(plan_dir: str) -> Any:
@@ -847,8 +953,11 @@ def bench_decode_scorers(
         "512,1024,2048", "--budgets", help="Comma-separated token budgets per KV head and layer (>= 2)."
     ),
     prompts: int = typer.Option(12, "--prompts", help="Prompts (the unit of every interval; >= 2)."),
-    prompt_tokens: int = typer.Option(
-        8192, "--prompt-tokens", help="Tokens per prompt (capped by the model)."
+    prompt_tokens: int | None = typer.Option(
+        None,
+        "--prompt-tokens",
+        help="Tokens per prompt; + --new-tokens must fit the model's positions (refused otherwise). "
+        "Default 8192, shortened to fit and said (SmolLM2's 8,192 positions: 8,160 + 32 new tokens).",
     ),
     new_tokens: int = typer.Option(32, "--new-tokens", help="Generated tokens per prompt."),
     page_size: int = typer.Option(16, "--page-size", help="Tokens per KV-cache page."),
@@ -871,6 +980,7 @@ def bench_decode_scorers(
     for_command("bench-decode-scorers", flows=False)  # model benchmarks: library output to a log file
     from sparse_core import ModelRefError, PlanError
     from sparse_core.bench import decode_scorers as bench
+    from sparse_core.bench.common import fit_cache_lengths
     from sparsepilot.console import emit_json, fail, print_table
 
     names = [s.strip() for s in scorers.split(",") if s.strip()]
@@ -878,14 +988,28 @@ def bench_decode_scorers(
     if unknown or len(set(names)) != len(names) or len(names) < 2:
         fail(f"--scorers: give two or more distinct names of {', '.join(DECODE_ESTIMATORS)}, got {scorers!r}")
     budget_list = _int_list("--budgets", budgets, least=2)
-    _at_least(("--prompts", prompts, 2), ("--prompt-tokens", prompt_tokens, 2))
+    asked_tokens = 2 if prompt_tokens is None else prompt_tokens  # None: the default, fitted below
+    _at_least(("--prompts", prompts, 2), ("--prompt-tokens", asked_tokens, 2))
     _at_least(("--new-tokens", new_tokens, 1), ("--page-size", page_size, 1))
     n_threads = _threads_or_fail(threads)
+    # the model's positions from its config (no weights): a prompt + --new-tokens over them is refused now
+    context = _model_context(model)
+    try:
+        fit_cache_lengths(
+            (bench.DEFAULT_PROMPT_TOKENS if prompt_tokens is None else prompt_tokens,),
+            context,
+            new_tokens,
+            asked=prompt_tokens is not None,
+            what="--prompt-tokens",
+        )
+    except ValueError as exc:
+        fail(str(exc) if context and new_tokens < context else f"--new-tokens {new_tokens}: {exc}")
     check_out(out)
     needs_plan = [s for s in names if DECODE_ESTIMATORS[s] is not None]
     if needs_plan and not plan_dir:
         fail(f"--scorers {','.join(needs_plan)}: these read a plan's learned weights; give --plan")
     plan = _plan_or_fail(plan_dir)
+    _plan_fits_or_fail(plan, plan_dir, model)
     if plan is not None:
         if needs_plan and page_size != plan.block_size:
             fail(
@@ -916,9 +1040,16 @@ def bench_decode_scorers(
         fail(str(exc))
     path, png = _plot_path(result, out)
     env = result["environment"]
+    shortened = result["prompt_tokens_shortened"]
     print_table(
-        f"{result['model']}: {result['prompts']} prompts of {result['prompt_tokens']} tokens from "
-        f"{result['texts']}, "
+        f"{result['model']}: {result['prompts']} prompts of {result['prompt_tokens']} tokens"
+        + (
+            f" (the default {', '.join(shortened)} shortened to fit the model's positions with "
+            f"{new_tokens} new tokens)"
+            if shortened
+            else ""
+        )
+        + f" from {result['texts']}, "
         f"{new_tokens} generated tokens each, pages of {page_size}; mean over prompts with 95% t intervals; "
         f"{_host_line(env)}",
         result["plan_rows"],
@@ -1108,10 +1239,10 @@ def bench_gate(
     """Time the gate's decide() at 10k / 100k / 1M rows (target: 1M rows <= 1 s), print the guardrails'
     exact power and false-stop table and, with --simulate, measure the quality test's error rates by
     simulation, with --excess the excess-over-control guardrail's (the tables in docs/gate.md)."""
-    from rich.progress import Progress
-
+    # library warnings to a log file (its path said unless --json), as the other benchmarks
+    for_command("bench-gate", say_where=not json_out, flows=False)
     from rollout.gate.bench import excess_table, guardrail_table, simulation_table, time_decide
-    from sparsepilot.console import fail, print_table
+    from sparsepilot.console import err_console, fail, print_table
 
     _wide_console()
     _at_least(("--replications", replications, 1))
@@ -1122,54 +1253,94 @@ def bench_gate(
         fail(f"--rows: {rows!r} is not a comma-separated list of integers")
     if not sizes or min(sizes) < 4:
         fail("--rows: give at least one size of 4 rows or more")
-    result: dict = {"decide": time_decide(sizes, repeats=repeats)}
-    env = result["decide"]["environment"]
-    print_table(
-        f"decide() time; {_others_line(env['host_load'])}, load {env['loadavg_before']} -> "
-        f"{env['loadavg_after']} on {env['cpu_count']} CPUs",
-        result["decide"]["rows"],
-        columns=["mode", "rows", "best_s", "median_s", "target_s", "within_target", "outcome"],
-    )
-    _overload_warning(env)
-    result["guardrails"] = guardrail_table()
-    print_table(
-        "guardrail rate checks, exact (alpha 0.05): power by 200 rows at 1.5 / 2.5 / 4 x the ceiling c, "
-        "false stop within 1,000 rows at c / 2 and c, rows for 95% at 2.5 c (this test; fewest for any test)",
-        result["guardrails"],
-    )
-    if simulate:
-        with Progress(transient=True) as bar:
-            task = bar.add_task("simulating pilots", total=None)
-            result["simulation"] = simulation_table(
-                replications=replications,
-                progress=lambda done, total: bar.update(task, completed=done, total=total),
+    log_path = Path(out).with_suffix(".log")
+    if not json_out:
+        err_console.print(f"progress log: {log_path}", highlight=False, soft_wrap=True)
+    # each step a line of the .log next to the JSON (`tail -f`), the console's spinner or bar showing it
+    with _progress_log(out) as log:
+        log("gate benchmark: started")
+        with _spinner_in(log, "timing decide()") as progress:
+            result: dict = {"decide": time_decide(sizes, repeats=repeats, progress=progress)}
+        env = result["decide"]["environment"]
+        log(f"host during the decide() timing: {_others_line(env['host_load'])}, {_load_line(env)}")
+        print_table(
+            f"decide() time; {_others_line(env['host_load'])}, {_load_line(env)} on {env['cpu_count']} CPUs",
+            result["decide"]["rows"],
+            columns=["mode", "rows", "best_s", "median_s", "target_s", "within_target", "outcome"],
+        )
+        _overload_warning(env)
+        log("guardrail rate checks (exact)")
+        result["guardrails"] = guardrail_table()
+        print_table(
+            "guardrail rate checks, exact (alpha 0.05): power by 200 rows at 1.5 / 2.5 / 4 x the ceiling c, "
+            "false stop within 1,000 rows at c / 2 and c, rows for 95% at 2.5 c (this test; fewest for any "
+            "test)",
+            result["guardrails"],
+        )
+        if simulate:
+            with _bar_in(log, "simulating pilots") as progress:
+                result["simulation"] = simulation_table(replications=replications, progress=progress)
+            sim = result["simulation"]
+            log(f"simulated pilots: {_load_line(sim['environment'])}")
+            print_table(
+                f"simulated pilots ({replications} per scenario, 10 looks, alpha 0.05, margin 0.03); "
+                f"{_load_line(sim['environment'])}",
+                sim["rows"],
+                columns=[c for c in sim["rows"][0] if c not in ("looks", "replications")],
             )
-        sim = result["simulation"]
-        env = sim["environment"]
-        print_table(
-            f"simulated pilots ({replications} per scenario, 10 looks, alpha 0.05, margin 0.03); load "
-            f"{env['loadavg_before']} -> {env['loadavg_after']}",
-            sim["rows"],
-            columns=[c for c in sim["rows"][0] if c not in ("looks", "replications")],
-        )
-    if excess:
-        with Progress(transient=True) as bar:
-            task = bar.add_task("simulating the excess guardrail", total=None)
-            result["excess"] = excess_table(
-                progress=lambda done, total: bar.update(task, completed=done, total=total)
+        if excess:
+            with _bar_in(log, "simulating the excess guardrail") as progress:
+                result["excess"] = excess_table(progress=progress)
+            ex = result["excess"]
+            log(f"excess guardrail: {_load_line(ex['environment'])}")
+            print_table(
+                f"error_rate_increase (ceiling 0.01), simulated: false stop by look 1 / 5 / 10; "
+                f"{_load_line(ex['environment'])}",
+                ex["false_stop"],
+                columns=list(ex["false_stop"][0]),
             )
-        ex = result["excess"]
-        load = f"load {ex['environment']['loadavg_before']} -> {ex['environment']['loadavg_after']}"
-        print_table(
-            f"error_rate_increase (ceiling 0.01), simulated: false stop by look 1 / 5 / 10; {load}",
-            ex["false_stop"],
-            columns=list(ex["false_stop"][0]),
-        )
-        print_table(
-            "error_rate_increase: stopped by 200 / 1,000 treatment rows at 2.5x and 4x the ceiling",
-            ex["power"],
-            columns=list(ex["power"][0]),
-        )
+            print_table(
+                "error_rate_increase: stopped by 200 / 1,000 treatment rows at 2.5x and 4x the ceiling",
+                ex["power"],
+                columns=list(ex["power"][0]),
+            )
+        log("gate benchmark: done")
     _saved_and_emitted(result, out, json_out)
     if not json_out:
         _write_json(result, out)
+
+
+def _load_line(env: dict) -> str:
+    return f"load {env['loadavg_before']} -> {env['loadavg_after']}"
+
+
+@contextmanager
+def _spinner_in(log: Callable[[str], None], label: str) -> Iterator[Callable[[str], None]]:
+    """A transient spinner under `label` showing the latest progress message, each message also a line
+    of `log`: `_spinner` for a command that keeps its progress log open across several steps."""
+    from rich.progress import Progress
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task(label, total=None)
+
+        def progress(msg: str) -> None:
+            bar.update(task, description=msg)
+            log(msg)
+
+        yield progress
+
+
+@contextmanager
+def _bar_in(log: Callable[[str], None], label: str) -> Iterator[Callable[[int, int], None]]:
+    """A `(done, total)` progress callback: a transient bar under `label` on the console and a line of
+    `log` per step (a simulation's scenarios take seconds to minutes each)."""
+    from rich.progress import Progress
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task(label, total=None)
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+            log(f"{label} {done}/{total}")
+
+        yield progress

@@ -160,7 +160,7 @@ def test_bench_decode_scorers_refuses_bad_options(option, message, tmp_path):
 
 def test_bench_decode_scorers_names_the_option_when_the_corpus_is_too_short(tiny_llama_dir, tmp_path):
     out = tmp_path / "s.json"
-    args = ["--model", str(tiny_llama_dir), "--prompts", "500", "--prompt-tokens", "4096", "--out", str(out)]
+    args = ["--model", str(tiny_llama_dir), "--prompts", "500", "--prompt-tokens", "2000", "--out", str(out)]
     r = CliRunner().invoke(app, ["bench", "decode-scorers", *args])
     assert r.exit_code == 2 and "--prompts 500" in r.output, r.output
     assert not out.exists()
