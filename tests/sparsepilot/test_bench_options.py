@@ -55,6 +55,7 @@ def test_bench_dashboard_refuses_a_password_on_the_command_line(
     """Review s46 A10: `--database-url` took the password where `ps` shows it to every local user. A URL
     with a password is refused, naming the variable that takes it; nothing is seeded or written."""
     monkeypatch.delenv("SPARSEPILOT_BENCH_DATABASE_URL", raising=False)
+    monkeypatch.setenv("SPARSEPILOT_HOME", str(tmp_path / "home"))  # its log file
     out = tmp_path / "result.json"
     url = f"postgresql+psycopg://app:S3cretDbPw@127.0.0.1:{_closed_port()}/bench"
     res = CliRunner().invoke(
@@ -74,6 +75,7 @@ def test_bench_dashboard_on_an_unreachable_database_is_one_error_line(
     """Review s46 A10: an unreachable database ended in two tracebacks (157 lines) and exit 1. Now one
     `error:` line naming the host, its password masked, and exit 2."""
     port = _closed_port()
+    monkeypatch.setenv("SPARSEPILOT_HOME", str(tmp_path / "home"))  # its log file
     out = tmp_path / "result.json"
     args = [*DASHBOARD, "--out", str(out), "--home", str(tmp_path / "h")]
     if how == "option":
@@ -90,3 +92,5 @@ def test_bench_dashboard_on_an_unreachable_database_is_one_error_line(
     assert f"error: the benchmark's database postgresql+psycopg://{user}@127.0.0.1:{port}/" in said, said
     assert "cannot be used: OperationalError" in said and "Traceback" not in res.output
     assert "S3cretDbPw" not in res.output and not out.exists()
+    logs = list((tmp_path / "home" / "logs").glob("bench-dashboard-*.log"))
+    assert logs and not any("S3cretDbPw" in log.read_text() for log in logs)
