@@ -10,6 +10,7 @@ from collections import Counter
 from typing import Any
 
 from flows.common import UseCaseContext, get_model, model_arm, version_plan
+from rollout.redact import redact
 
 log = logging.getLogger("sparsepilot.pilot")
 
@@ -78,5 +79,7 @@ def answer_with_arms(
     except ArmConfigError as exc:
         raise PilotError(f"{ctx.name}: {exc}") from None
     for arm, n in sorted(errors.items()):
-        log.warning("%s: %d error answer(s) from the %s arm, e.g. %s", ctx.name, n, arm, first[arm][:300])
+        log.warning(
+            "%s: %d error answer(s) from the %s arm, e.g. %s", ctx.name, n, arm, redact(first[arm])[:300]
+        )
     return rows

@@ -28,6 +28,7 @@ from flows.common import (
 from rollout import leases, registry, runs, tracking
 from rollout.calibration_outcome import budget_words, met_budget
 from rollout.dataset_split import EVALUATION_SHARE
+from rollout.redact import redact
 from rollout.task_budget import task_rows, task_verdict
 from rollout.validation import QUICK_HOLDOUT_FRACTION, QUICK_MAX_SEQ_LEN, quick_windows_apply
 from sparse_core.corpus import SPLIT_RULE
@@ -219,7 +220,9 @@ def retire_interrupted(ctx: UseCaseContext, run_pk: int, mlflow_run_id: str) -> 
             ctx.name, "calibrate", tags={TAG_CALIBRATION_RUN: str(run_pk)}, keep=mlflow_run_id, why=why
         )
     except Exception as exc:  # noqa: BLE001 - the calibration stands; a later retry tags them
-        get_run_logger().warning("could not tag earlier MLflow runs of calibration %s: %s", run_pk, exc)
+        get_run_logger().warning(
+            "could not tag earlier MLflow runs of calibration %s: %s", run_pk, redact(exc)
+        )
         return []
 
 

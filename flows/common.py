@@ -312,11 +312,11 @@ def mark_not_recorded(mlflow_run_id: str | None, exc: BaseException) -> None:
     from rollout import tracking
 
     try:
-        why = f"the state DB did not record this run: {type(exc).__name__}: {exc}"
+        why = redact(f"the state DB did not record this run: {type(exc).__name__}: {exc}")
         tracking.client().set_tag(mlflow_run_id, "sparsepilot.not_recorded", why[:5000])
     except Exception as tag_exc:  # MLflow out of reach too: the flow's own error says what happened
         logging.getLogger("sparsepilot.flows").warning(
-            "could not tag MLflow run %s: %s", mlflow_run_id, tag_exc
+            "could not tag MLflow run %s: %s", mlflow_run_id, redact(tag_exc)
         )
 
 

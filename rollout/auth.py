@@ -309,12 +309,14 @@ def authenticate(name: str, password: str, accounts: Mapping[str, Account] | Non
 # --- the sign-in limit, per account name, shared by every session and process ---------------------
 #
 # The rule is `locked_until` (pure). Its input, the account's recent failures, lives in the state DB
-# as ``auth.sign_in_failed`` audit rows (the name tried and where, never the password), so the dashboard's
-# sessions and the CLI (`login`, ``--password-stdin``, the prompt) in every process share one count. A
-# successful sign-in writes nothing and erases nothing.
+# as ``auth.sign_in_failed`` audit rows (the account and where, never the password; a name that is no
+# account only as a keyed digest, `_account_key`), so the dashboard's sessions and the CLI (`login`,
+# ``--password-stdin``, the prompt) in every process share one count. A successful sign-in writes nothing
+# and erases nothing.
 
 MAX_FAILURES, LOCKOUT_S = 5, 30.0
 SIGN_IN_FAILED = "auth.sign_in_failed"
+UNKNOWN_ACCOUNT_PREFIX = "unknown:"
 _ACCOUNT_ENTITY = "account"
 
 
@@ -342,14 +344,37 @@ def locked_until(
     return recent[len(recent) - max_failures] + window_s
 
 
-def _account_key(name: str) -> str:
-    return name.strip()[:64]  # audit_log.entity_id is 64 characters
+def _account_key(name: str, accounts: Mapping[str, Account]) -> str:
+    """What an ``auth.sign_in_failed`` row names: a configured account by its name; any other name by
+    ``unknown:`` and a keyed digest, never in clear (a password typed into the name field, or the two
+    fields swapped, would otherwise be kept for ever in the append-only log that anonymous visitors
+    read). The key is the accounts' own password hashes (secret, salted, and the same in every process
+    that checks these accounts), so the same unknown name has the same digest there and its failures
+    are counted together; without accounts, a key of this process."""
+    name = name.strip()
+    if name in accounts:
+        return name[:64]  # audit_log.entity_id is 64 characters
+    hashes = "\n".join(sorted(a.password_hash for a in accounts.values()))
+    key = hashlib.sha256(hashes.encode("utf-8")).digest() if hashes else _process_key()
+    digest = hmac.new(key, b"sign-in-name\0" + name.encode("utf-8"), hashlib.sha256).hexdigest()
+    return f"{UNKNOWN_ACCOUNT_PREFIX}{digest[:16]}"
+
+
+@lru_cache(maxsize=1)
+def _process_key() -> bytes:
+    return secrets.token_bytes(32)
 
 
 def recent_sign_in_failures(
-    name: str, now: float, *, window_s: float = LOCKOUT_S, db_url: str | None = None
+    name: str,
+    now: float,
+    *,
+    window_s: float = LOCKOUT_S,
+    db_url: str | None = None,
+    accounts: Mapping[str, Account] | None = None,
 ) -> list[float]:
-    """Times (seconds) of the failed sign-ins as ``name`` in the ``window_s`` before ``now`` (state DB)."""
+    """Times (seconds) of the failed sign-ins as ``name`` in the ``window_s`` before ``now`` (state DB);
+    ``accounts`` (default `load_accounts`) tell a known name from an unknown one (`_account_key`)."""
     import datetime as dt
 
     from sqlalchemy import select
@@ -357,13 +382,14 @@ def recent_sign_in_failures(
     from rollout.db.models import AuditEntry
     from rollout.db.session import session_scope
 
+    key = _account_key(name, load_accounts() if accounts is None else accounts)
     since = dt.datetime.fromtimestamp(now - window_s, dt.UTC)
     with session_scope(db_url) as session:
         stamps = session.scalars(
             select(AuditEntry.ts).where(
                 AuditEntry.action == SIGN_IN_FAILED,
                 AuditEntry.entity == _ACCOUNT_ENTITY,
-                AuditEntry.entity_id == _account_key(name),
+                AuditEntry.entity_id == key,
                 AuditEntry.ts >= since,
             )
         ).all()
@@ -371,19 +397,27 @@ def recent_sign_in_failures(
     return [(ts if ts.tzinfo else ts.replace(tzinfo=dt.UTC)).timestamp() for ts in stamps]
 
 
-def record_sign_in_failure(name: str, via: str, *, db_url: str | None = None) -> None:
-    """An ``auth.sign_in_failed`` audit row: the account name tried and where (``via``); no password."""
+def record_sign_in_failure(
+    name: str, via: str, *, db_url: str | None = None, accounts: Mapping[str, Account] | None = None
+) -> None:
+    """An ``auth.sign_in_failed`` audit row: the name tried and where (``via``); never the password. A
+    configured account is named; an unknown name is kept only as its digest (`_account_key`), with
+    ``account_known: false``."""
     from rollout import audit
     from rollout.db.session import session_scope
 
+    accounts = load_accounts() if accounts is None else accounts
+    key = _account_key(name, accounts)
+    known = name.strip() in accounts
+    details: dict[str, object] = {"account": name.strip()[:200]} if known else {"account_known": False}
     with session_scope(db_url) as session:
         audit.record(
             session,
             audit.ANONYMOUS_ACTOR,
             SIGN_IN_FAILED,
             entity=_ACCOUNT_ENTITY,
-            entity_id=_account_key(name),
-            details={"account": name.strip()[:200], "via": via},
+            entity_id=key,
+            details={**details, "via": via},
         )
 
 
@@ -405,7 +439,7 @@ def sign_in(
 
     t = time.time() if now is None else now
     try:
-        until = locked_until(recent_sign_in_failures(name, t, db_url=db_url), t)
+        until = locked_until(recent_sign_in_failures(name, t, db_url=db_url, accounts=accounts), t)
     except SQLAlchemyError as exc:
         raise SignInUnavailable(_db_trouble(exc)) from None
     if until is not None:
@@ -413,7 +447,7 @@ def sign_in(
     who = authenticate(name, password, accounts)
     if who is None:
         try:
-            record_sign_in_failure(name, via, db_url=db_url)
+            record_sign_in_failure(name, via, db_url=db_url, accounts=accounts)
         except SQLAlchemyError as exc:
             raise SignInUnavailable(_db_trouble(exc)) from None
     return who

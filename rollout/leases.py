@@ -56,6 +56,7 @@ from sqlalchemy.orm import object_session
 
 from rollout.db.models import UseCase, UseCaseLease
 from rollout.db.session import StateDBBusy, StateSession, session_scope
+from rollout.redact import redact
 from rollout.usecases import get_use_case
 from sparse_core.errors import SparsePilotError
 
@@ -416,7 +417,7 @@ def holding(
                     log.warning("%s: this %s lost its lease (%s)", use_case, what, _LOST[token])
                     return
             except Exception as exc:  # a busy DB: try again at the next tick, well inside the lease
-                log.warning("%s: could not renew its lease (%s); retrying", use_case, exc)
+                log.warning("%s: could not renew its lease (%s); retrying", use_case, redact(exc))
 
     renewer = threading.Thread(target=keep_alive, name=f"lease-{use_case}", daemon=True)
     renewer.start()

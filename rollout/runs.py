@@ -16,6 +16,7 @@ from rollout.calibration_outcome import recorded_flags
 from rollout.db.models import AliasMove, CalibrationRun, EvaluationRun, ModelVersion, utcnow
 from rollout.db.session import session_scope
 from rollout.pilots import get_use_case
+from rollout.redact import redact
 from rollout.roi import timing_overload
 
 EVALUATION_FIELDS = (
@@ -50,9 +51,12 @@ def _open(session: Any, model: type, key: str, flow_run_id: str | None, **new: A
 
 
 def _failed(session: Any, model: type, run_pk: int, error: str) -> Any:
+    """Mark the run failed with `error`, redacted (`rollout.redact`): the text is often a library's own
+    (MLflow's names the tracking URL, password included), and it is stored, shown on the dashboard and,
+    for a calibration, kept in the append-only audit log."""
     run = session.get(model, run_pk)
     run.status = "failed"
-    run.error = error[:4000]
+    run.error = redact(error)[:4000]
     return run
 
 
@@ -141,7 +145,7 @@ def calibration_failed(use_case_id: int, run_pk: int, error: str) -> None:
             audit.SYSTEM_ACTOR,
             "calibration.failed",
             on=run,
-            details={"error": error[:1000]},
+            details={"error": run.error[:1000]},
         )
 
 

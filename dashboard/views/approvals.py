@@ -16,12 +16,15 @@ from dashboard.data import read
 from dashboard.identity import current_identity
 from rollout import approvals, lifecycle, queries
 from rollout.auth import Identity, PermissionDenied
+from rollout.redact import redact
 
 FLASH_KEY = "sp_approvals_flash"
 
 
 def flash(kind: str, text: str) -> None:
-    st.session_state[FLASH_KEY] = (kind, text)
+    """Keep a message for the next draw, redacted (`rollout.redact`): a failure's text may be a library's
+    own, naming a URL with its password."""
+    st.session_state[FLASH_KEY] = (kind, redact(text))
 
 
 def show_flash() -> None:

@@ -117,11 +117,41 @@ def serve_variables() -> dict[str, str]:
     return {key: os.environ.get(key) or uri for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
 
 
-def serve_environment() -> dict[str, str]:
-    """This process's environment plus `serve_variables`, with this Python's bin directory first on PATH:
-    MLflow starts the scoring server as `uvicorn` by name, which must be this installation's even when the
-    virtual environment is not activated."""
-    env = dict(os.environ)
+# What the scoring server (`mlflow models serve`, then uvicorn loading the pyfunc) may see of this
+# process's environment: the shell's basics, MLflow's own settings and credentials (it fetches the
+# model), an artifact store's (S3, GCS, Azure), the model stack's (Hugging Face, torch, CUDA, BLAS
+# threads), Python's, TLS trust and proxies, and the two settings the pyfunc reads (the model cache,
+# `sparse_core.loading`). Nothing else: not the token-signing key, the accounts, the state DB URLs or a
+# Prefect credential (review s46 A5): a flaw in a network-facing server, or a tampered model artifact,
+# gets none of them.
+SERVE_ENV_NAMES = frozenset(
+    {
+        "PATH", "HOME", "USER", "LOGNAME", "SHELL", "TERM", "TZ", "LANG", "LANGUAGE", "TMPDIR", "TMP",
+        "TEMP", "VIRTUAL_ENV", "LD_LIBRARY_PATH", "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE",
+        "CURL_CA_BUNDLE", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY", "GUNICORN_CMD_ARGS",
+        "SPARSEPILOT_HOME", "SPARSEPILOT_CACHE_DIR",
+    }
+)  # fmt: skip
+SERVE_ENV_PREFIXES = (
+    "LC_", "XDG_", "PYTHON", "MLFLOW_", "UVICORN_", "AWS_", "GOOGLE_", "AZURE_", "HF_", "HUGGINGFACE_",
+    "TRANSFORMERS_", "TOKENIZERS_", "TORCH", "CUDA_", "NVIDIA_", "OMP_", "MKL_", "OPENBLAS_", "KMP_",
+)  # fmt: skip
+
+
+_PROXIES = frozenset({"HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY"})
+
+
+def _serves(key: str) -> bool:
+    return key in SERVE_ENV_NAMES or key.startswith(SERVE_ENV_PREFIXES) or key.upper() in _PROXIES
+
+
+def serve_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The scoring server's environment: of this process's (``environ``), only what it needs
+    (`SERVE_ENV_NAMES`, `SERVE_ENV_PREFIXES`; proxy names in either case), plus `serve_variables`,
+    with this Python's bin directory first on PATH: MLflow starts the scoring server as `uvicorn` by
+    name, which must be this installation's even when the virtual environment is not activated."""
+    environ = os.environ if environ is None else environ
+    env = {key: value for key, value in environ.items() if _serves(key)}
     bin_dir = str(Path(sys.executable).parent)
     env["PATH"] = os.pathsep.join(
         [bin_dir, *(p for p in env.get("PATH", "").split(os.pathsep) if p != bin_dir)]

@@ -56,6 +56,32 @@ def _at_least(*checks: tuple[str, int, int]) -> None:
             fail(f"{option} must be >= {least}, got {value}")
 
 
+BENCH_DATABASE_ENV = "SPARSEPILOT_BENCH_DATABASE_URL"
+
+
+def _bench_database_url(option: str, environ: Any) -> str:
+    """The database `bench dashboard` seeds: ``--database-url``, refused when it holds a password (the
+    command line is visible to every local user in `ps`, and kept in shell history and CI logs), else
+    $SPARSEPILOT_BENCH_DATABASE_URL, else "" (SQLite in the scratch home)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    from sparsepilot.console import fail
+
+    if not option:
+        return environ.get(BENCH_DATABASE_ENV, "")
+    try:
+        password = make_url(option).password
+    except ArgumentError:
+        fail(f"--database-url is not a database URL (e.g. postgresql+psycopg://user@host/db): {option}")
+    if password is not None:
+        fail(
+            f"--database-url holds a password, which every local user can read on the command line: "
+            f"set {BENCH_DATABASE_ENV} to the URL instead and leave --database-url out"
+        )
+    return option
+
+
 @app.command("dashboard")
 def bench_dashboard(
     use_cases: int = typer.Option(200, "--use-cases", help="Use cases to seed."),
@@ -63,7 +89,10 @@ def bench_dashboard(
     repeats: int = typer.Option(3, "--repeats", help="Warm renders per page after the cold one."),
     home: str = typer.Option("", "--home", help="Scratch SPARSEPILOT_HOME (default: a new temp dir)."),
     database_url: str = typer.Option(
-        "", "--database-url", help="An EMPTY database to seed instead (e.g. PostgreSQL); default SQLite."
+        "",
+        "--database-url",
+        help=f"An EMPTY database to seed instead (e.g. PostgreSQL), without a password (one with a password: "
+        f"{BENCH_DATABASE_ENV}); default SQLite.",
     ),
     out: JsonOut = "bench-results/dashboard.json",
     json_out: Annotated[bool, _json_flag("Print the JSON instead of a table.")] = False,
@@ -75,12 +104,15 @@ def bench_dashboard(
     import tempfile
 
     from rich.progress import Progress
+    from sqlalchemy.exc import SQLAlchemyError
 
     from dashboard.bench import run_bench
+    from rollout.redact import mask_db_url
     from sparse_core.host import HostLoadMeter, loadavg
     from sparsepilot.console import fail, print_table
 
     _at_least(("--use-cases", use_cases, 1), ("--observations", observations, 0), ("--repeats", repeats, 1))
+    database_url = _bench_database_url(database_url, os.environ)
     check_out(out)
     scratch = Path(home) if home else Path(tempfile.mkdtemp(prefix="sparsepilot-bench-dashboard-"))
     if not database_url and (scratch / "state.db").exists():
@@ -100,6 +132,10 @@ def bench_dashboard(
             )
         except ValueError as exc:
             fail(str(exc))
+        except SQLAlchemyError as exc:  # unreachable, refused, wrong database: said in one line
+            first = (str(exc).splitlines() or [""])[0][:300]
+            where = mask_db_url(database_url) if database_url else str(scratch / "state.db")
+            fail(f"the benchmark's database {where} cannot be used: {type(exc).__name__}: {first}")
     result["environment"] = {
         "loadavg_before": load_before,
         "loadavg_after": loadavg(),

@@ -132,12 +132,44 @@ def test_sign_in_counts_failures_per_name_in_the_state_db(
     assert auth.sign_in("mallory", "x", via="test", accounts=accounts) is None  # another name: its own
     with session_scope() as s:
         rows = s.scalars(select(AuditEntry).where(AuditEntry.action == "auth.sign_in_failed")).all()
-        assert [(r.entity_id, r.details["account"]) for r in rows] == [("alice", "alice")] * 5 + [
-            ("mallory", "mallory")
-        ]
+        assert [(r.entity_id, r.details.get("account")) for r in rows][:5] == [("alice", "alice")] * 5
+        assert rows[5].entity_id.startswith("unknown:") and "mallory" not in str(rows[5].details)
         assert {r.actor for r in rows} == {"anonymous"} and rows[0].details["via"] == "test"
         for r in rows:
             assert not any(f"guess-{i}" in str(v) for i in range(5) for v in (r.details, r.entity_id))
+
+
+def test_a_password_typed_as_an_unknown_name_is_never_stored(hashes: dict[str, str], sp_home) -> None:  # noqa: ANN001
+    """Review s46 A1: a password typed into the name field (or the two fields swapped) was written in
+    clear into the append-only audit log (entity_id and details), which anonymous visitors read. Now an
+    unknown name is kept only as a keyed digest; the per-name limit still holds on it; a configured
+    account's failures still name it."""
+    from sqlalchemy import select
+
+    from rollout import queries
+    from rollout.db.models import AuditEntry
+    from rollout.db.session import session_scope
+
+    accounts = auth.parse_accounts(f"alice:approver:{hashes['alice']};bob:viewer:{hashes['bob']}")
+    secret = "not-an-account-S3cret"
+    for _ in range(auth.MAX_FAILURES):
+        assert auth.sign_in(secret, "alice-pw", via="test", accounts=accounts) is None
+    with pytest.raises(auth.TooManyAttempts):  # the same unknown name is still counted, and locked
+        auth.sign_in(secret, "alice-pw", via="test", accounts=accounts)
+    assert auth.sign_in(" another-S3cret ", "x", via="test", accounts=accounts) is None  # its own count
+    assert auth.sign_in("bob", "wrong", via="cli", accounts=accounts) is None
+    with session_scope() as s:
+        rows = s.scalars(select(AuditEntry).where(AuditEntry.action == "auth.sign_in_failed")).all()
+        shown = repr(queries.audit_entries(s))
+    assert "S3cret" not in shown and not any("S3cret" in f"{r.entity_id} {r.details}" for r in rows)
+    unknown = [r.entity_id for r in rows[: auth.MAX_FAILURES]]
+    assert len(set(unknown)) == 1 and unknown[0].startswith("unknown:") and len(unknown[0]) <= 64
+    assert rows[0].details == {"account_known": False, "via": "test"}
+    assert rows[auth.MAX_FAILURES].entity_id not in unknown  # another unknown name, another digest
+    assert (rows[-1].entity_id, rows[-1].details) == ("bob", {"account": "bob", "via": "cli"})
+    # keyed: another installation (other accounts) gives the same name another digest
+    other = auth.parse_accounts(f"carol:viewer:{hashes['alice']}")
+    assert auth._account_key(secret, accounts) == unknown[0] != auth._account_key(secret, other)
 
 
 def test_sign_in_without_a_state_db_is_refused_by_name(

@@ -181,6 +181,18 @@ def test_sign_in_rejects_a_wrong_password(seeded: dict[str, Any]) -> None:
     assert "sp_identity" not in at.session_state
 
 
+def test_a_password_typed_as_the_user_name_is_not_shown_on_the_audit_page(seeded: dict[str, Any]) -> None:
+    """Review s46 A1: the unknown "name" (a password typed into the wrong field) was shown to every
+    anonymous visitor on the Audit page and in its CSV. Now only a digest is kept."""
+    at = sign_in(new_app(), "hunter2-S3cret!pw", "alice")
+    assert "Unknown user name or wrong password." in [e.value for e in at.error]
+    sign_in(at, "alice", "not-her-password")
+    df = open_page(new_app(), "audit").dataframe[0].value
+    failed = df[df["action"] == "auth.sign_in_failed"]
+    assert len(failed) == 2 and "S3cret" not in failed.to_csv(index=False)
+    assert "alice" in set(failed["entity_id"])  # a configured account is still named
+
+
 def test_anonymous_and_viewer_never_see_an_approve_button(seeded: dict[str, Any]) -> None:
     at = open_page(new_app(), "approvals")
     assert "contract-summarisation" in texts(at)  # evidence is visible read-only

@@ -29,6 +29,12 @@ from tests.flows.test_pipeline_e2e import _pilot_until_decided
 
 NAME = "served-chat"
 START_TIMEOUT_S = 420
+# what `serve-model`'s caller holds and its scoring server must not (review s46 A5)
+SECRETS = {
+    "SPARSEPILOT_AUTH_KEY": "k" * 40,
+    "SPARSEPILOT_OWNER_DATABASE_URL": "postgresql+psycopg://sparsepilot:OwnerPw@db/sparsepilot",
+    "PREFECT_API_AUTH_STRING": "admin:PrefectPw",
+}
 
 
 def _wait_until_serving(proc: subprocess.Popen, url: str, log: Path) -> None:
@@ -97,7 +103,7 @@ def served(
             reason="the dense baseline serves today",
             idempotency_key="test-baseline",
         )
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **SECRETS}
         exe = str(Path(sys.executable).with_name("sparsepilot"))
         for arm, alias in (("control", "champion"), ("treatment", "challenger")):
             log = root / f"serve-{alias}.log"
@@ -117,7 +123,7 @@ def served(
                 procs, (("control", "champion"), ("treatment", "challenger")), strict=True
             ):
                 _wait_until_serving(proc, urls[arm], root / f"serve-{alias}.log")
-            yield {"urls": urls, "calibration": cal, "no_champion": no_champion, "root": root}
+            yield {"urls": urls, "calibration": cal, "no_champion": no_champion, "root": root, "procs": procs}
         finally:
             for proc in procs:
                 if proc.poll() is None:
@@ -150,6 +156,36 @@ def test_serve_model_names_what_is_missing(served: dict[str, Any]) -> None:
     res = runner.invoke(app, ["serve-model", NAME, "--dry-run"])
     assert res.exit_code == 0 and f"models:/sparsepilot-{NAME}@challenger" in res.output
     assert "--env-manager local -h 127.0.0.1 -p 5001" in res.output
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    return dict(item.split("=", 1) for item in raw.decode("utf-8", "replace").split("\0") if "=" in item)
+
+
+def test_the_scoring_servers_hold_none_of_the_callers_secrets(served: dict[str, Any]) -> None:
+    """Review s46 A5: `serve-model` passed its whole environment to MLflow's scoring server. Each
+    server's processes (`mlflow models serve`, uvicorn: the serve-model's process group) now hold none of
+    the secrets its caller held, and still serve (the other tests here)."""
+    for proc in served["procs"]:
+        assert SECRETS.items() <= _environ(proc.pid).items()  # the caller holds them
+        group = [
+            int(d.name)
+            for d in Path("/proc").iterdir()
+            if d.name.isdigit() and int(d.name) != proc.pid and _pgid(int(d.name)) == proc.pid
+        ]
+        assert len(group) >= 2, group  # mlflow's CLI and its uvicorn server at least
+        for pid in group:
+            env = _environ(pid)
+            assert not set(SECRETS) & set(env), (pid, sorted(set(SECRETS) & set(env)))
+            assert env["MLFLOW_TRACKING_URI"] and "PATH" in env
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
 
 
 def test_a_shadow_and_a_split_step_run_against_the_served_versions(served: dict[str, Any]) -> None:

@@ -101,3 +101,41 @@ def test_the_dry_run_never_prints_a_password() -> None:
     assert "S3cretPw" not in configured and "mlflow:***@db.internal" in configured
     plain = shell_line(cmd, {"MLFLOW_TRACKING_URI": "sqlite:////srv/mlflow.db"}, {})
     assert plain.startswith("MLFLOW_TRACKING_URI=sqlite:////srv/mlflow.db ")
+
+
+def test_the_scoring_server_gets_no_secret_of_the_callers_environment(
+    sp_home,  # noqa: ANN001
+    monkeypatch,  # noqa: ANN001
+) -> None:
+    """Review s46 A5: `serve_environment` was this process's whole environment: the token-signing key,
+    the accounts' hashes, the state DB URLs with their passwords went to a network-facing server."""
+    from rollout.arms.serve import serve_environment
+
+    caller = {
+        "LANG": "C.UTF-8",
+        "https_proxy": "http://proxy:3128",
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "2",
+        "SPARSEPILOT_CACHE_DIR": str(sp_home.home / "cache"),
+        "MLFLOW_TRACKING_USERNAME": "ops",
+        "AWS_ACCESS_KEY_ID": "for-the-artifact-store",
+        "SPARSEPILOT_AUTH_KEY": "k" * 40,
+        "SPARSEPILOT_ACCOUNTS": "alice:approver:scrypt$131072$8$1$c2FsdA$aGFzaA",
+        "SPARSEPILOT_ACCOUNTS_FILE": "/etc/sp/accounts.toml",
+        "SPARSEPILOT_OWNER_DATABASE_URL": "postgresql+psycopg://owner:OwnerPw@db/sp",
+        "SPARSEPILOT_TOKEN_FILE": "/home/ops/.config/sparsepilot/token",
+        "PREFECT_API_AUTH_STRING": "admin:PrefectPw",
+        "GITHUB_TOKEN": "ghp_x",
+    }
+    for key, value in caller.items():
+        monkeypatch.setenv(key, value)
+    env = serve_environment()
+    kept = {k for k in caller if k in env}
+    assert kept == {
+        "LANG", "https_proxy", "HF_HUB_OFFLINE", "OMP_NUM_THREADS", "SPARSEPILOT_CACHE_DIR",
+        "MLFLOW_TRACKING_USERNAME", "AWS_ACCESS_KEY_ID",
+    }  # fmt: skip
+    assert env["SPARSEPILOT_HOME"] == os.environ["SPARSEPILOT_HOME"] and env["HOME"] == os.environ["HOME"]
+    assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
+    assert env["MLFLOW_TRACKING_URI"] and env["MLFLOW_REGISTRY_URI"]
+    assert not any(secret in repr(env) for secret in ("OwnerPw", "PrefectPw", "kkkk", "scrypt", "ghp_"))

@@ -36,3 +36,61 @@ def test_a_bad_count_is_an_error_line_before_any_work(tmp_path: Path, args: list
     assert res.exit_code == 2, res.output
     assert f"error: {said}" in " ".join(res.output.split()), res.output
     assert "Traceback" not in res.output and not out.exists() and not (tmp_path / "result.log").exists()
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+DASHBOARD = ["bench", "dashboard", "--use-cases", "1", "--observations", "0", "--repeats", "1"]
+
+
+def test_bench_dashboard_refuses_a_password_on_the_command_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review s46 A10: `--database-url` took the password where `ps` shows it to every local user. A URL
+    with a password is refused, naming the variable that takes it; nothing is seeded or written."""
+    monkeypatch.delenv("SPARSEPILOT_BENCH_DATABASE_URL", raising=False)
+    monkeypatch.setenv("SPARSEPILOT_HOME", str(tmp_path / "home"))  # its log file
+    out = tmp_path / "result.json"
+    url = f"postgresql+psycopg://app:S3cretDbPw@127.0.0.1:{_closed_port()}/bench"
+    res = CliRunner().invoke(
+        app, [*DASHBOARD, "--out", str(out), "--home", str(tmp_path / "h"), "--database-url", url]
+    )
+    assert res.exit_code == 2, res.output
+    said = " ".join(res.output.split())
+    assert "error: --database-url holds a password" in said and "set SPARSEPILOT_BENCH_DATABASE_URL" in said
+    assert "S3cretDbPw" not in res.output and "Traceback" not in res.output and not out.exists()
+    assert not (tmp_path / "h" / "state.db").exists()
+
+
+@pytest.mark.parametrize("how", ["option", "variable"])
+def test_bench_dashboard_on_an_unreachable_database_is_one_error_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """Review s46 A10: an unreachable database ended in two tracebacks (157 lines) and exit 1. Now one
+    `error:` line naming the host, its password masked, and exit 2."""
+    port = _closed_port()
+    monkeypatch.setenv("SPARSEPILOT_HOME", str(tmp_path / "home"))  # its log file
+    out = tmp_path / "result.json"
+    args = [*DASHBOARD, "--out", str(out), "--home", str(tmp_path / "h")]
+    if how == "option":
+        args += ["--database-url", f"postgresql+psycopg://app@127.0.0.1:{port}/bench"]
+        monkeypatch.delenv("SPARSEPILOT_BENCH_DATABASE_URL", raising=False)
+    else:
+        monkeypatch.setenv(
+            "SPARSEPILOT_BENCH_DATABASE_URL", f"postgresql+psycopg://app:S3cretDbPw@127.0.0.1:{port}/b"
+        )
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2, res.output
+    said = " ".join(res.output.split())
+    user = "app:***" if how == "variable" else "app"
+    assert f"error: the benchmark's database postgresql+psycopg://{user}@127.0.0.1:{port}/" in said, said
+    assert "cannot be used: OperationalError" in said and "Traceback" not in res.output
+    assert "S3cretDbPw" not in res.output and not out.exists()
+    logs = list((tmp_path / "home" / "logs").glob("bench-dashboard-*.log"))
+    assert logs and not any("S3cretDbPw" in log.read_text() for log in logs)
