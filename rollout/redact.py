@@ -104,7 +104,7 @@ _PLAIN = (str, int, float, bool, type(None))
 def redacted_exception(exc: Exception) -> Exception | None:
     """None when ``str(exc)`` holds no secret. Otherwise an exception of the same type whose text is
     redacted (its plain attributes copied, strings redacted: MLflow's `message`, `error_code`), or, for
-    a type that cannot be made with one message or would still show a secret, a RuntimeError saying
+    a type that cannot be made to show exactly the redacted text, a RuntimeError saying
     ``<type>: <redacted text>``. The caller raises it ``from exc``: a traceback shows the original as its
     cause (logs redact it), while a pickled exception (a flow's stored result) keeps no cause."""
     text = str(exc)
@@ -122,6 +122,6 @@ def redacted_exception(exc: Exception) -> Exception | None:
             shown = str(new)
         except Exception:  # noqa: BLE001, S112 - a type that needs more than a message: the next way
             continue
-        if redact(shown) == shown:
+        if shown == clean:
             return new
     return RuntimeError(f"{cls.__name__}: {clean}")
