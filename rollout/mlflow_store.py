@@ -149,7 +149,9 @@ def ensure_store(settings: Settings | None = None) -> StoreState:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise StoreError(f"the MLflow store at {path}: cannot create its folder ({exc.strerror or exc})") from None
+        raise StoreError(
+            f"the MLflow store at {path}: cannot create its folder ({exc.strerror or exc})"
+        ) from None
     engine = sqlalchemy.create_engine(uri, poolclass=sqlalchemy.pool.NullPool)
     # the lock MLflow's own guarded initialisation (_safe_initialize_tables) takes for this URL
     digest = hashlib.md5(str(engine.url).encode("utf-8"), usedforsecurity=False).hexdigest()

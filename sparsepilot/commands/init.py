@@ -60,10 +60,10 @@ def require_schema() -> None:
 def init(json_out: JsonOpt = False) -> None:
     """Create or upgrade the state DB (Alembic migrations) under SPARSEPILOT_HOME or
     SPARSEPILOT_DATABASE_URL, and the embedded MLflow store (a SQLite MLFLOW_TRACKING_URI) to MLflow's
-    head, so no flow ever migrates it midway (rollout.mlflow_store). With SPARSEPILOT_OWNER_DATABASE_URL (PostgreSQL) the migrations run as
-    that owner role and the app role of SPARSEPILOT_DATABASE_URL gets only the app's privileges. On
-    embedded defaults with no account configured, creates an approver account and prints its
-    password once."""
+    head, so no flow ever migrates it midway (rollout.mlflow_store). With SPARSEPILOT_OWNER_DATABASE_URL
+    (PostgreSQL) the migrations run as that owner role and the app role of SPARSEPILOT_DATABASE_URL gets
+    only the app's privileges. On embedded defaults with no account configured, creates an approver
+    account and prints its password once."""
     from rollout.auth import accounts_configured, create_first_run_account, first_run_accounts_path
     from rollout.db import migrate
     from rollout.mlflow_store import StoreError, ensure_store

@@ -197,9 +197,7 @@ def pilot_cmd(
         fail("--reason goes with --abort (a pilot batch or import keeps no reason)")
     who = signed_in("operator", f"{'abort the pilot of' if abort else 'pilot'} {name}", password_stdin)
     if abort:
-        out = _run(
-            lambda: abort_pilot(name, who.name, reason or ""), needs_prefect=False, needs_mlflow=False
-        )
+        out = _run(lambda: abort_pilot(name, who.name, reason or ""), needs_prefect=False, needs_mlflow=False)
         closed = out["closed_decisions"] or "none"
         emit_or_say(out, json_out, f"{name}: {out['pilot']} aborted; closed decisions: {closed}")
         return
