@@ -89,12 +89,16 @@ def _look(engine: object) -> _Look:
     return _Look(tables, revision, content)
 
 
-def _half_migrated(look: _Look, head: str) -> str | None:
+def _half_migrated(look: _Look, head: str, engine: object) -> str | None:
     """Why the store is half-migrated, or None when it is not."""
+    from mlflow.store.db.utils import _all_tables_exist
+
     if look.leftovers:
         return f"leftover table {', '.join(look.leftovers)} of a migration that did not finish"
     if look.revision is None and any(t != "alembic_version" for t in look.tables):
         return "tables but no schema revision: its creation did not finish"
+    if look.revision == head and not _all_tables_exist(engine):
+        return "tables missing at the head revision: a rebuild did not finish"
     return None
 
 
@@ -121,9 +125,11 @@ def _rebuild(engine: object) -> None:
         for kind, name in names:
             if kind != "table":
                 conn.exec_driver_sql(f'DROP {kind.upper()} IF EXISTS "{name}"')
-        for kind, name in names:
-            if kind == "table":
-                conn.exec_driver_sql(f'DROP TABLE IF EXISTS "{name}"')
+        # the revision first: SQLite commits each DROP on its own, and a store killed midway must read
+        # as half-migrated (tables, no revision) to its next check, never as one at its old revision
+        tables = sorted((n for k, n in names if k == "table"), key=lambda n: n != "alembic_version")
+        for name in tables:
+            conn.exec_driver_sql(f'DROP TABLE IF EXISTS "{name}"')
     _initialize_tables(engine)
 
 
@@ -162,7 +168,7 @@ def ensure_store(settings: Settings | None = None) -> StoreState:
             if not look.tables:
                 _initialize_tables(engine)
                 return StoreState(uri, "created", head)
-            why = _half_migrated(look, head)
+            why = _half_migrated(look, head, engine)
             if why is None and look.revision == head:
                 return StoreState(uri, "ok", head)
             if why is None:
@@ -183,7 +189,8 @@ def ensure_store(settings: Settings | None = None) -> StoreState:
                 except Exception as exc:  # noqa: BLE001 - judged below on what the failure left
                     failed = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
                 look = _look(engine)
-                why = _half_migrated(look, head) or f"its upgrade from {look.revision} failed ({failed})"
+                why = _half_migrated(look, head, engine)
+                why = why or f"its upgrade from {look.revision} failed ({failed})"
             if look.content:
                 raise StoreError(
                     f"the MLflow store at {path} is half-migrated ({_describe(look, head, why)}); "

@@ -83,3 +83,17 @@ def test_a_tracking_server_is_left_to_migrate_its_own_store(sp_home, monkeypatch
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
     assert ensure_store().action == "skipped"
     assert not (sp_home.home / "mlflow.db").exists()
+
+
+def test_a_store_whose_rebuild_was_killed_midway_is_rebuilt_again(sp_home) -> None:
+    from rollout.mlflow_store import ensure_store
+
+    db = sp_home.home / "mlflow.db"
+    ensure_store()
+    engine = sqlalchemy.create_engine(f"sqlite:///{db}")
+    with engine.begin() as conn:  # a rebuild killed after some of its drops
+        conn.exec_driver_sql("DROP TABLE tags")
+    engine.dispose()
+    done = ensure_store()
+    assert done.action == "repaired" and "tables missing" in done.detail, done
+    assert _state(db)[0] == _head() and "tags" in _state(db)[1]
