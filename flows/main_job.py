@@ -290,11 +290,14 @@ def run_main_job(settings: MainJobSettings | None = None, *, console: Any = None
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from rollout.db import migrate
+    from rollout.mlflow_store import ensure_store
     from rollout.settings import configure_environment
 
     s = settings or MainJobSettings()
     cfg = configure_environment()
     migrate.upgrade(cfg.database_url)
+    # the MLflow store at head before any flow: its first creation is not atomic (rollout.mlflow_store)
+    ensure_store(cfg)
     t0 = time.perf_counter()
     added = add_sample_use_cases(s.examples_dir)
     names = s.use_cases or sample_names(s.examples_dir)

@@ -27,17 +27,23 @@ from sparsepilot.options import JsonOpt, ReasonOpt, UseCaseArg
 app = typer.Typer()
 
 
-def _run(fn: Callable[[], Any], *, needs_db: bool = True, needs_prefect: bool = True) -> Any:
+def _run(
+    fn: Callable[[], Any], *, needs_db: bool = True, needs_prefect: bool = True, needs_mlflow: bool = True
+) -> Any:
     """Run a flow from the CLI (after checking the state DB is reachable, unless ``needs_db`` is
     false, and, unless ``needs_prefect`` is false (a state-DB action that is no flow run: an abort, an
     import, which an operator must be able to do while Prefect is down), that the Prefect server
-    PREFECT_API_URL names answers: `flows.common.require_prefect_api`).
-    Its SparsePilotErrors reach the one handler in sparsepilot/cli.py; a missing file it was given
+    PREFECT_API_URL names answers: `flows.common.require_prefect_api`), with the embedded MLflow store
+    brought to MLflow's head first unless ``needs_mlflow`` is false (an abort, which logs nothing there):
+    `rollout.mlflow_store`, a half-migrated one holding runs refused here, before the Prefect server
+    starts. Its SparsePilotErrors reach the one handler in sparsepilot/cli.py; a missing file it was given
     (FileNotFoundError, a built-in) is a clear message and exit code 2 as well."""
     from flows.common import require_prefect_api
 
     if needs_db:
         _require_db()
+    if needs_mlflow:
+        _require_mlflow_store()
     if needs_prefect:
         require_prefect_api()
     try:
@@ -54,6 +60,14 @@ def _require_db() -> None:
 
     configure_environment()
     require_schema()
+
+
+def _require_mlflow_store() -> None:
+    """The embedded MLflow store created, upgraded or repaired now, not by MLflow inside a flow's log
+    (rollout.mlflow_store.ensure_store; StoreError is `error: ...` and exit 2)."""
+    from rollout.mlflow_store import ensure_store
+
+    ensure_store()
 
 
 def _to_log_file(command: str, json_out: bool) -> None:
@@ -183,7 +197,7 @@ def pilot_cmd(
         fail("--reason goes with --abort (a pilot batch or import keeps no reason)")
     who = signed_in("operator", f"{'abort the pilot of' if abort else 'pilot'} {name}", password_stdin)
     if abort:
-        out = _run(lambda: abort_pilot(name, who.name, reason or ""), needs_prefect=False)
+        out = _run(lambda: abort_pilot(name, who.name, reason or ""), needs_prefect=False, needs_mlflow=False)
         closed = out["closed_decisions"] or "none"
         emit_or_say(out, json_out, f"{name}: {out['pilot']} aborted; closed decisions: {closed}")
         return
@@ -431,7 +445,8 @@ def run_cmd(
     _require_device()
     log_path = to_log_file(get_settings().home, "run")
     out_console.print(f"log file (warnings and library output): {log_path}", highlight=False, soft_wrap=True)
-    result = _run(lambda: run_main_job(settings, console=out_console), needs_db=False)
+    # the main job migrates both stores itself before its first flow (flows.main_job.run_main_job)
+    result = _run(lambda: run_main_job(settings, console=out_console), needs_db=False, needs_mlflow=False)
     if json_out:
         emit_json(result)
     else:
