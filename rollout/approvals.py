@@ -127,18 +127,25 @@ def skipped_in_words(steps: list[dict[str, Any]]) -> str:
     return f"ramp step{'s' if len(named) > 1 else ''} {listed}"
 
 
-def skip_note(evidence: Any) -> str:
+def skip_note(evidence: Any, *, waits_for_approval: bool) -> str:
     """The sentence an approver reads before promoting on a GO before the plan's last step; '' where a
-    promotion skips nothing."""
+    promotion skips nothing. Only a GO that waits for approval can continue the ramp (`check_continuable`):
+    a middle step's GO that asked nobody has already moved the pilot on, and promoting on it is the
+    override alone."""
     steps = ramp_steps_skipped(evidence)
     if not steps:
         return ""
+    note = (
+        f"Promoting on this decision skips {skipped_in_words(steps)} of the spec's plan: that goes against "
+        "the plan, so it takes effect only when two different approvers sign it."
+    )
+    if not waits_for_approval:
+        return note
     nxt = steps[0]
     share = f" ({nxt['traffic_pct']:g}%)" if nxt.get("traffic_pct") is not None else ""
     return (
-        f"Promoting on this decision skips {skipped_in_words(steps)} of the spec's plan: that goes against "
-        "the plan, so it takes effect only when two different approvers sign it. One approver may instead "
-        f"continue the ramp to step {nxt['index']}{share}, as the plan would, and the gate looks again there."
+        f"{note} One approver may instead continue the ramp to step {nxt['index']}{share}, as the plan "
+        "would, and the gate looks again there."
     )
 
 

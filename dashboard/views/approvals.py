@@ -100,7 +100,8 @@ def decision_card(d: dict[str, Any], ident: Identity | None) -> None:
     recommended = approvals.recommended_action(
         SimpleNamespace(awaiting=d["awaiting"], outcome=d["outcome"], evidence=d["evidence"])
     )
-    skips = approvals.skip_note(d["evidence"]) if d["outcome"] == "GO" else ""
+    asks = d["awaiting"] == "approval"  # a GO that asked nobody has moved on: it cannot continue the ramp
+    skips = approvals.skip_note(d["evidence"], waits_for_approval=asks) if d["outcome"] == "GO" else ""
     if skips:  # a GO before the plan's last step (a short pilot's, or an earlier step's): what it skips
         # the evidence is a GO, but the plan's next step is more traffic, not promotion: neither button
         # is "the gate's recommendation", so none is named (approvals.recommended_action counts promoting
@@ -140,7 +141,7 @@ def decision_card(d: dict[str, Any], ident: Identity | None) -> None:
         keep = d["awaiting"] == "rollback_approval"
         reject_label = "Co-sign keeping the current model" if keep else "Co-sign the rejection"
     # a GO before the plan's last step that waits for approval may also go on to the plan's next step
-    onward = approvals.ramp_steps_skipped(d["evidence"])[:1] if skips and d["awaiting"] == "approval" else []
+    onward = approvals.ramp_steps_skipped(d["evidence"])[:1] if skips and asks else []
     continue_label = ""
     if onward:
         share = f" ({onward[0]['traffic_pct']:g}%)" if onward[0].get("traffic_pct") is not None else ""
