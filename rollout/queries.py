@@ -242,16 +242,10 @@ def waits_for(row: dict[str, Any]) -> str:
             return f"more samples ({n}/{need})" if need else "more samples"
         return "next gate look"
     if decision is None and row.get("phase") == "evaluated":
-        # the main job pilots nothing where no saving is established (rollout.roi.pilot_skip_reason):
+        # no pilot starts where the plan cannot pay (rollout.roi.evaluation_pilot_skip, the rule
+        # rollout.pilot_batches.ensure_pilot_in applies for the cycle, `pilot` and the main job alike):
         # such a use case waits for no pilot, and the finding says why
-        skip = roi.pilot_skip_reason(
-            met_budget=None,
-            density=row.get("density"),
-            saved_usd_month=row.get("savings_month_usd"),
-            saved_usd_month_high=row.get("savings_month_high"),
-            saved_usd_month_low=row.get("savings_month_low"),
-            decode_status=row.get("decode_status"),
-        )
+        skip = roi.evaluation_pilot_skip(row)
         if skip is not None:
             return f"no pilot: {skip.why}"
     if decision is None and row.get("phase") in lifecycle.PHASES:

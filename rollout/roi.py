@@ -15,7 +15,7 @@ gives a zero or negative saving: it is reported as the number it is, with ``pays
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -464,6 +464,26 @@ def pilot_skip_reason(
             "with --pilot-all)",
         )
     return None
+
+
+def evaluation_pilot_skip(
+    evaluation: Mapping[str, Any] | None, *, met_budget: bool | None = None, pilot_anyway: bool = False
+) -> PilotSkip | None:
+    """`pilot_skip_reason` of an evaluation's figures (`density`, `savings_month_usd`,
+    `savings_month_low` / `_high`, `decode_status`: a summary, a portfolio row, a run's columns): the
+    one rule of "this plan is not piloted", which every path that starts a pilot obeys
+    (`rollout.pilot_batches.ensure_pilot_in`: the cycle, `sparsepilot pilot`, an import, the main job)
+    and whose words the portfolio shows. No evaluation: only the calibration's outcome decides."""
+    ev = evaluation or {}
+    return pilot_skip_reason(
+        met_budget=met_budget,
+        density=ev.get("density"),
+        saved_usd_month=ev.get("savings_month_usd"),
+        saved_usd_month_high=ev.get("savings_month_high"),
+        saved_usd_month_low=ev.get("savings_month_low"),
+        decode_status=ev.get("decode_status"),
+        pilot_anyway=pilot_anyway,
+    )
 
 
 def timing_overload(timing_host: dict[str, Any] | None) -> str | None:
