@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from sqlalchemy import Integer, and_, case, cast, func, or_, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from rollout import audit, leases, lifecycle, roi
 from rollout.dataset_split import kept_apart_of
@@ -85,20 +85,47 @@ def _shown_evaluation() -> Any:
     )
 
 
+def _current_decision(*where: Any) -> Any:
+    """Per use case (`key`), its current decision (`id`, of those matching `where`): the newest of its
+    latest pilot's (a manual rollback, which names no pilot, counts from that pilot's start), and none
+    while the use case has no pilot of its current challenger (`lifecycle.BEFORE_PILOT`: a new
+    challenger calibrated or evaluated). A use case's newest decision by id alone showed pilot 1's GO, one
+    a person had rejected, of another plan, with its gate interval, on pilot 2 before its first look."""
+    latest_pilot = _latest_id(Pilot.id, Pilot.use_case_id)
+    ours = or_(
+        GateDecision.pilot_id == Pilot.id,
+        and_(GateDecision.pilot_id.is_(None), GateDecision.created_at >= Pilot.started_at),
+    )
+    return (
+        select(GateDecision.use_case_id.label("key"), func.max(GateDecision.id).label("id"))
+        .join(UseCase, UseCase.id == GateDecision.use_case_id)
+        .join(latest_pilot, latest_pilot.c.key == GateDecision.use_case_id)
+        .join(Pilot, Pilot.id == latest_pilot.c.id)
+        .where(UseCase.phase.not_in(lifecycle.BEFORE_PILOT), ours, *where)
+        .group_by(GateDecision.use_case_id)
+        .subquery()
+    )
+
+
 def read(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run one of these query functions in its own read transaction."""
     with session_scope() as session:
         return fn(session, *args, **kwargs)
 
 
-def portfolio(session: Session, *, decision_kind: str | None = None) -> list[dict[str, Any]]:
-    """One row per use case: phase, current step, latest decision (of `decision_kind`, or any) and what it
-    waits for, quality delta with its interval, speed-up and $/month saved with intervals, payback.
-    Numbers come from the latest decision where it measured them, else from the latest successful
-    evaluation (`quality_source`: "gate" or "evaluation"; the evaluation's bounds, valid at any number
-    of rows, are on its `evaluation_rows` task rows)."""
+def portfolio(
+    session: Session, *, decision_kind: str | None = None, use_case_id: int | None = None
+) -> list[dict[str, Any]]:
+    """One row per use case (or the one `use_case_id`): phase, current step, its current decision (of
+    `decision_kind`, or any; `_current_decision`: its latest pilot's) and what it waits for, quality delta
+    with its interval, speed-up and $/month saved with intervals, payback. Quality comes from the current
+    pilot's latest gate look that measured it (a monitor look after promotion measures none), else from
+    the latest successful evaluation (`quality_source`: "gate" or "evaluation"; the evaluation's bounds,
+    valid at any number of rows, are on its `evaluation_rows` task rows)."""
     kind = () if decision_kind is None else (GateDecision.kind == decision_kind,)
-    last_dec = _latest_id(GateDecision.id, GateDecision.use_case_id, *kind)
+    last_dec = _current_decision(*kind)
+    gate_dec = _current_decision(GateDecision.kind == "gate")
+    QDec = aliased(GateDecision)  # the gate look the quality columns come from
     last_eval = _shown_evaluation()
     last_pilot = _latest_id(Pilot.id, Pilot.use_case_id)
     obs_per_uc = (
@@ -111,9 +138,9 @@ def portfolio(session: Session, *, decision_kind: str | None = None) -> list[dic
         .group_by(Observation.pilot_step_id)
         .subquery()
     )
-    dec_q = GateDecision.evidence[EVIDENCE_QUALITY_DELTA].as_float()
-    dec_lo = GateDecision.evidence[EVIDENCE_QUALITY_LOW].as_float()
-    dec_hi = GateDecision.evidence[EVIDENCE_QUALITY_HIGH].as_float()
+    dec_q = QDec.evidence[EVIDENCE_QUALITY_DELTA].as_float()
+    dec_lo = QDec.evidence[EVIDENCE_QUALITY_LOW].as_float()
+    dec_hi = QDec.evidence[EVIDENCE_QUALITY_HIGH].as_float()
     stmt = (
         select(
             UseCase.id,
@@ -174,6 +201,8 @@ def portfolio(session: Session, *, decision_kind: str | None = None) -> list[dic
         .select_from(UseCase)
         .outerjoin(last_dec, last_dec.c.key == UseCase.id)
         .outerjoin(GateDecision, GateDecision.id == last_dec.c.id)
+        .outerjoin(gate_dec, gate_dec.c.key == UseCase.id)
+        .outerjoin(QDec, QDec.id == gate_dec.c.id)
         .outerjoin(last_eval, last_eval.c.key == UseCase.id)
         .outerjoin(EvaluationRun, EvaluationRun.id == last_eval.c.id)
         .outerjoin(last_pilot, last_pilot.c.key == UseCase.id)
@@ -185,6 +214,8 @@ def portfolio(session: Session, *, decision_kind: str | None = None) -> list[dic
         .outerjoin(obs_per_uc, obs_per_uc.c.key == UseCase.id)
         .order_by(UseCase.name)
     )
+    if use_case_id is not None:
+        stmt = stmt.where(UseCase.id == use_case_id)
     rows = [dict(r._mapping) for r in session.execute(stmt)]
     for r in rows:
         r["waits_for"] = waits_for(r)
@@ -393,11 +424,13 @@ def portfolio_totals(session: Session) -> dict[str, Any]:
         .join(last_eval, last_eval.c.id == EvaluationRun.id)
         .join(UseCase, UseCase.id == EvaluationRun.use_case_id)
     ).one()
-    last_dec = _latest_id(GateDecision.id, GateDecision.use_case_id)
+    # the portfolio rows' decisions that are the gate's (a monitor's "GO" says no guardrail breached)
+    last_dec = _current_decision()
     outcomes = dict(
         session.execute(
             select(GateDecision.outcome, func.count())
             .join(last_dec, last_dec.c.id == GateDecision.id)
+            .where(GateDecision.kind == "gate")
             .group_by(GateDecision.outcome)
         ).all()
     )

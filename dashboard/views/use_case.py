@@ -54,18 +54,22 @@ def mlflow_link(run_id: str | None) -> None:
         st.code(f"mlflow ui --backend-store-uri {ui}", language="bash")
 
 
-def decision_block(decs: list[dict[str, Any]]) -> None:
+def decision_block(decs: list[dict[str, Any]], row: dict[str, Any] | None) -> None:
+    """The use case's current decision (`row`: its portfolio row, `queries.portfolio`'s
+    `decision_id`, of its latest pilot) and what it waits for, in the portfolio's words
+    (`queries.waits_for`). A decision of an earlier pilot (another plan) is not the latest decision."""
     st.subheader("Latest decision")
-    if not decs:
-        st.caption("No gate decision yet.")
+    d = next((x for x in decs if row is not None and x["id"] == row["decision_id"]), None)
+    if d is None:
+        earlier = " of the current pilot" if decs else ""
+        st.caption(f"No gate decision{earlier} yet; waits for: {row['waits_for'] if row else '-'}.")
         return
-    d = decs[-1]
     q = d["evidence"].get("quality", {})
     c1, c2, c3 = st.columns(3)
     c1.metric("Outcome", d["outcome"], help=f"decision #{d['id']} ({d['kind']}), look {d['look_index']}")
     c2.metric("Quality Δ (sparse - dense)", fmt.num_interval(q.get("estimate"), None, None))
     c2.caption(f"interval {fmt.quality_interval(q.get('interval_low'), q.get('interval_high'))}")
-    c3.metric("Waits for", d["waits_for"] or "-")  # queries.decision_waits: the portfolio's rule
+    c3.metric("Waits for", row["waits_for"])  # queries.waits_for: the portfolio's words
     st.info(fmt.plain(d["explanation"]))
     with st.expander("Full evidence"):
         st.json(d["evidence"], expanded=False)
@@ -449,7 +453,7 @@ def main() -> None:
     # the evaluation the portfolio shows (newest at the current spec version), not the newest by id
     latest = next((e for e in done if e["shown"]), done[-1] if done else None)
     decs = read(queries.decisions, uc["id"])
-    decision_block(decs)
+    decision_block(decs, next(iter(read(queries.portfolio, use_case_id=uc["id"])), None))
     left, right = st.columns(2)
     with left:
         quality_vs_density(done)
