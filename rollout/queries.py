@@ -29,7 +29,8 @@ from rollout.db.models import (
     as_utc,
 )
 from rollout.db.session import session_scope
-from rollout.pilots import planned_pilot, promoted_pilot
+from rollout.gate.spending import DEFAULT_ALPHA
+from rollout.pilots import ENDED_PILOT, active_pilot, load_pilot_spec, planned_pilot, promoted_pilot
 
 # Where a gate decision's evidence (rollout.gate.Decision.to_dict()) keeps the quality difference
 # (treatment - control) and its anytime-valid interval. Read in SQL with the dialect's JSON path operator.
@@ -489,6 +490,36 @@ def use_case(session: Session, name: str) -> dict[str, Any] | None:
         "created_at": uc.created_at,
         "working_now": leases.working_now(session, uc.id),
         "monitor": monitor_state(session, uc.id),
+        "running_pilot": _pilot_of_earlier_version(session, uc, spec.version if spec else None),
+        # "pilot N has ended" is said of an ended pilot only (its status, not its number)
+        "latest_pilot_ended": session.scalar(
+            select(Pilot.status).where(Pilot.use_case_id == uc.id).order_by(Pilot.id.desc()).limit(1)
+        )
+        in ENDED_PILOT,
+    }
+
+
+def _pilot_of_earlier_version(session: Session, uc: UseCase, current: int | None) -> dict[str, Any] | None:
+    """The active pilot where it runs under a spec version other than `current` (a version added while
+    it runs applies to the next pilot): its number, its version's spec, dataset rows and kept-apart
+    rows, and its GO level fixed when it started, what its plan is made of; None otherwise. The page
+    showed only the next pilot's plan and said of the running pilot that it "has ended"."""
+    pilot = active_pilot(session, uc)
+    if pilot is None or pilot.spec_version in (None, current):
+        return None
+    _, sv = load_pilot_spec(session, pilot)
+    gate = sv.spec.get("gate") or {}
+    return {
+        "pilot_number": pilot.pilot_number,
+        "status": pilot.status,
+        "spec_version": sv.version,
+        "spec": sv.spec,
+        "dataset_rows": sv.dataset_rows,
+        "kept_apart": kept_apart_of(sv.validation),
+        "planned_pilot": (
+            pilot.pilot_number,
+            pilot.go_alpha if pilot.go_alpha is not None else gate.get("alpha", DEFAULT_ALPHA),
+        ),
     }
 
 

@@ -270,14 +270,18 @@ def collected_per_step(stats: list[dict[str, Any]]) -> tuple[int | None, dict[in
 
 
 def decision_needs(uc: dict[str, Any]) -> None:
-    """Per step, the requests its GO needs (rollout.pilot_plan) beside what the latest pilot collected."""
+    """Per step, the requests its GO needs (rollout.pilot_plan) beside what the latest pilot collected:
+    the running pilot's plan (its own spec version and GO level) where one runs under an earlier version
+    than the current (`running_pilot`), else the plan of the active or next pilot under the current one."""
     st.subheader("What a decision takes")
+    running = uc.get("running_pilot")
+    src = running or uc
     try:
-        spec_json = json.dumps(uc["spec"], sort_keys=True)
-        plan = _plan(spec_json, uc["dataset_rows"], uc.get("kept_apart"), tuple(uc["planned_pilot"]))
+        spec_json = json.dumps(src["spec"], sort_keys=True)
+        plan = _plan(spec_json, src["dataset_rows"], src.get("kept_apart"), tuple(src["planned_pilot"]))
     except ValidationError as exc:  # a stored spec validated when it was added; say so if it no longer does
         st.caption(
-            f"No plan: the stored spec v{uc['spec_version']} does not validate "
+            f"No plan: the stored spec v{src['spec_version']} does not validate "
             f"({exc.error_count()} problems)."
         )
         return
@@ -300,7 +304,20 @@ def decision_needs(uc: dict[str, Any]) -> None:
         f"{plan['margin']:g}) for {which}, whose GO is held to alpha {plan['go_alpha']:.3g}; shadow counts "
         "pairs. Each request is evidence once per pilot."
     )
-    if number is not None and plan["pilot_number"] is not None and number != plan["pilot_number"]:
+    if running:  # a spec version added while the pilot runs applies to the next pilot
+        nxt, alpha = uc["planned_pilot"]
+        which = "the next pilot" if nxt is None else f"pilot {nxt}"
+        st.caption(
+            f"Pilot {running['pilot_number']} is {running['status'].replace('_', ' ')} under spec "
+            f"v{running['spec_version']}, its own rules and GO level: the plan above is its. The current "
+            f"spec v{uc['spec_version']} applies to {which}, whose GO will be held to alpha {alpha:.3g}."
+        )
+    elif (
+        number is not None
+        and plan["pilot_number"] is not None
+        and number != plan["pilot_number"]
+        and uc.get("latest_pilot_ended")
+    ):
         st.caption(
             f"Pilot {number} has ended: its counts are shown for comparison only. Pilot "
             f"{plan['pilot_number']} starts from none of them."
