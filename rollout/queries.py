@@ -30,7 +30,7 @@ from rollout.db.models import (
 )
 from rollout.db.session import session_scope
 from rollout.gate.spending import DEFAULT_ALPHA
-from rollout.pilots import ENDED_PILOT, active_pilot, load_pilot_spec, planned_pilot, promoted_pilot
+from rollout.pilots import ACTIVE_PILOT, active_pilot, load_pilot_spec, planned_pilot, promoted_pilot
 
 # Where a gate decision's evidence (rollout.gate.Decision.to_dict()) keeps the quality difference
 # (treatment - control) and its anytime-valid interval. Read in SQL with the dialect's JSON path operator.
@@ -491,11 +491,11 @@ def use_case(session: Session, name: str) -> dict[str, Any] | None:
         "working_now": leases.working_now(session, uc.id),
         "monitor": monitor_state(session, uc.id),
         "running_pilot": _pilot_of_earlier_version(session, uc, spec.version if spec else None),
-        # "pilot N has ended" is said of an ended pilot only (its status, not its number)
+        # "pilot N has ended" is said of a pilot no longer active only (its status, not its number)
         "latest_pilot_ended": session.scalar(
             select(Pilot.status).where(Pilot.use_case_id == uc.id).order_by(Pilot.id.desc()).limit(1)
         )
-        in ENDED_PILOT,
+        not in (None, *ACTIVE_PILOT),
     }
 
 
@@ -865,6 +865,25 @@ def overridable_decisions(session: Session) -> list[dict[str, Any]]:
     return rows
 
 
+def roi_summary(row: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The money a decision on this use case weighs, from its portfolio row (`portfolio`: the shown
+    evaluation's $/month with its interval and payback), in the portfolio's own rules: `not_established`
+    is why no saving is established (`roi.evaluation_pilot_skip`'s finding: the plan keeps every block, no
+    saving expected, an interval reaching zero), and then no payback is claimed; `caveats`, the notes the
+    figures carry (`timing_overload`, `priced_at`). None: no evaluation priced it."""
+    if row is None or row.get("savings_month_usd") is None:
+        return None
+    skip = roi.evaluation_pilot_skip(row)
+    return {
+        "savings_month_usd": row["savings_month_usd"],
+        "savings_month_low": row.get("savings_month_low"),
+        "savings_month_high": row.get("savings_month_high"),
+        "payback_days": row.get("payback_days") if skip is None else None,
+        "not_established": None if skip is None else skip.why,
+        "caveats": [c for c in (row.get("measured_under_overload"), row.get("priced_at")) if c],
+    }
+
+
 def _decision_rows(session: Session, where: Any) -> list[dict[str, Any]]:
     stmt = (
         select(GateDecision, UseCase.name, UseCase.criticality, PilotStep.index, PilotStep.traffic_pct)
@@ -877,6 +896,10 @@ def _decision_rows(session: Session, where: Any) -> list[dict[str, Any]]:
         _decision_dict(d) | {"use_case": name, "criticality": crit, "step_index": idx, "traffic_pct": pct}
         for d, name, crit, idx, pct in session.execute(stmt)
     ]
+    if rows:  # what a promotion is worth, beside the evidence a person signs it on (`roi_summary`)
+        money = {r["name"]: r for r in portfolio(session)}
+        for r in rows:
+            r["roi"] = roi_summary(money.get(r["use_case"]))
     return _with_approvals(session, rows)
 
 

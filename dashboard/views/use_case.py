@@ -62,7 +62,8 @@ def decision_block(decs: list[dict[str, Any]], row: dict[str, Any] | None) -> No
     d = next((x for x in decs if row is not None and x["id"] == row["decision_id"]), None)
     if d is None:
         earlier = " of the current pilot" if decs else ""
-        st.caption(f"No gate decision{earlier} yet; waits for: {row['waits_for'] if row else '-'}.")
+        st.caption(f"No gate decision{earlier} yet.")
+        st.caption(f"Waits for: {row['waits_for'] if row else '-'}")  # queries.waits_for
         return
     q = d["evidence"].get("quality", {})
     c1, c2, c3 = st.columns(3)
