@@ -39,6 +39,7 @@ EVIDENCE_QUALITY_LOW = ("quality", "interval_low")
 EVIDENCE_QUALITY_HIGH = ("quality", "interval_high")
 # An EXTEND's projection of the requests (pairs in a shadow step) that would settle it.
 EVIDENCE_PROJECTED = ("projected_requests",)
+EVIDENCE_REASONS = ("reasons",)  # why the gate decided as it did (an INVALID: which checks failed)
 EVIDENCE_N_CONTROL = ("n_control",)
 # The pilot's traffic source when the gate looked: distinct requests used and how many are left.
 EVIDENCE_TRAFFIC_USED = ("traffic", "distinct_used")
@@ -180,6 +181,7 @@ def portfolio(
             ).label("quality_source"),
             EvaluationRun.report[EVALUATION_TASK_ROWS].as_integer().label("evaluation_rows"),
             GateDecision.evidence[EVIDENCE_PROJECTED].as_integer().label("projected_requests"),
+            GateDecision.evidence[EVIDENCE_REASONS].label("decision_reasons"),
             GateDecision.evidence[EVIDENCE_N_CONTROL].as_integer().label("decision_n_control"),
             GateDecision.evidence[EVIDENCE_N_TREATMENT].as_integer().label("decision_n_treatment"),
             GateDecision.evidence[EVIDENCE_TRAFFIC_USED].as_integer().label("traffic_used"),
@@ -254,6 +256,11 @@ def waits_for(row: dict[str, Any]) -> str:
     if person:
         return person
     decision = row.get("decision")
+    if row.get("pilot_status") == "running" and decision == "INVALID":
+        # no command reruns a step and its rows stay (rollout.decisions.invalid_remedy): more samples
+        # do not cure it; the gate's way out is an abort and a new challenger
+        why = ", ".join(str(r).replace("-", " ") for r in row.get("decision_reasons") or []) or "invalid data"
+        return f"an operator: abort the pilot and start over with a new challenger (data not trusted: {why})"
     if row.get("pilot_status") == "running":
         n, need = row.get("step_observations") or 0, row.get("min_samples") or 0
         if row.get("step_kind") == "shadow":

@@ -130,3 +130,47 @@ def test_the_use_case_page_says_what_the_portfolio_says_it_waits_for(seeded: dic
     at.query_params["name"] = "document-qa"
     open_page(at, "use_case")
     assert _metrics(at)["Waits for"] == row["waits_for"]
+
+
+def test_an_invalid_look_waits_for_an_abort_not_for_more_samples(seeded: dict[str, Any]) -> None:
+    """D10: a running pilot whose latest look is INVALID (sample-ratio mismatch) read "more samples
+    (240/300)", while the gate's explanation says the only way out is `pilot --abort` and a new
+    challenger (rollout.decisions.invalid_remedy); the use-case page says the same."""
+    from rollout import pilots
+    from rollout.db.models import GateDecision, Pilot, PilotStep, UseCase
+    from rollout.db.session import session_scope
+    from rollout.decisions import invalid_remedy
+    from tests.fixtures.dashboard import evidence
+
+    with session_scope() as s:
+        old = s.get(GateDecision, seeded["document-qa:decision"])
+        ev = {
+            **evidence(-0.005, -0.011, 0.001, 120, "INVALID"),
+            "reasons": ["sample-ratio-mismatch"],
+            "srm_p_value": 1e-9,
+            "n_control": 400,
+            "n_treatment": 120,
+        }
+        pilots.record_decision(
+            s,
+            idempotency_key="gate-dqa-2",
+            use_case=s.get(UseCase, old.use_case_id),
+            pilot=s.get(Pilot, old.pilot_id),
+            step=s.get(PilotStep, old.pilot_step_id),
+            look_index=2,
+            outcome="INVALID",
+            evidence=ev,
+            explanation="Decision: INVALID. Sample-ratio mismatch. "
+            + invalid_remedy("document-qa", "INVALID", ["sample-ratio-mismatch"], 10.0),
+            data_fingerprint="c" * 64,
+        )
+    row = _row("document-qa")
+    assert row["decision"] == "INVALID" and row["step_observations"] < row["min_samples"]
+    assert row["waits_for"] == (
+        "an operator: abort the pilot and start over with a new challenger "
+        "(data not trusted: sample ratio mismatch)"
+    )
+    at = new_app()
+    at.query_params["name"] = "document-qa"
+    open_page(at, "use_case")
+    assert _metrics(at)["Waits for"] == row["waits_for"]
