@@ -138,7 +138,10 @@ COLUMNS: dict[str, Any] = {
     "quality interval": None,
     "quality from": None,
     "speedup": st.column_config.NumberColumn(
-        "Speed-up", format="%.2fx", help="measured prefill speed-up (ROI uses it per request)"
+        "Prefill speed-up",
+        format="%.2fx",
+        help="measured prefill speed-up; the $/month rest on the per-request speed-up (prefill and decode "
+        "together), shown on the use case's page",
     ),
     "savings_month_usd": st.column_config.NumberColumn("$/month saved", format="dollar"),
     "savings interval": None,

@@ -400,8 +400,18 @@ def roi_breakdown(ev: dict[str, Any] | None) -> None:
     if ev is None:
         st.caption("Not evaluated yet.")
         return
-    c1, c2, c3 = st.columns(3)
-    c1.metric("Speed-up", fmt.num_interval(ev["speedup"], ev["speedup_low"], ev["speedup_high"], "{:.2f}x"))
+    c0, c1, c2, c3 = st.columns(4)
+    per_request = [(ev.get("roi") or {}).get(f"effective_speedup{k}") for k in ("", "_low", "_high")]
+    c0.metric(  # what the dollars rest on (rollout.roi: prefill and decode together, t_dense / t_sparse)
+        "Per-request speed-up",
+        fmt.num_interval(*per_request, "{:.2f}x"),
+        help="prefill and decode together, per request: what the $/month rest on",
+    )
+    c1.metric(
+        "Prefill speed-up",
+        fmt.num_interval(ev["speedup"], ev["speedup_low"], ev["speedup_high"], "{:.2f}x"),
+        help="the measured prefill speed-up alone (the decode line below says what decode does)",
+    )
     c2.metric(
         "$/month saved",
         fmt.money(ev["savings_month_usd"]),
