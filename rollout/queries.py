@@ -226,6 +226,8 @@ def portfolio(
         # priced at a spec version that is no longer current (docs/roi.md)
         r["measured_under_overload"] = roi.timing_overload(r.pop("timing_host"))
         r["priced_at"] = roi.priced_at(r["priced_spec_version"], r["current_spec_version"])
+        if roi.dense_plan(r["density"], r["decode_status"]):  # saves nothing: no payback to claim
+            r["payback_days"] = None
     return rows
 
 
@@ -398,8 +400,14 @@ def portfolio_totals(session: Session) -> dict[str, Any]:
     includes no saving (or a loss), and ended ones."""
     last_eval = _shown_evaluation()
     ended = UseCase.phase.in_(lifecycle.ENDED_PHASES)
-    # a run with no measured interval (one timing pair, savings_month_low NULL) establishes nothing
-    established = and_(~ended, func.coalesce(EvaluationRun.savings_month_low, 0) > 0)
+    # a run with no measured interval (one timing pair, savings_month_low NULL) establishes nothing, nor
+    # does a dense plan whatever its timing noise says (rollout.roi.dense_plan: the rows' "no pilot")
+    decode_status = EvaluationRun.roi[EVALUATION_DECODE_STATUS].as_string()
+    dense = and_(
+        func.coalesce(EvaluationRun.density, 0) >= roi.DENSE_PLAN_DENSITY,
+        func.coalesce(decode_status, "") != "measured",
+    )
+    established = and_(~ended, ~dense, func.coalesce(EvaluationRun.savings_month_low, 0) > 0)
     # the established figures that carry a note beside them (docs/roi.md): timed under overload, or
     # priced at a spec version that is no longer current
     kept = [
@@ -442,9 +450,8 @@ def portfolio_totals(session: Session) -> dict[str, Any]:
             .group_by(GateDecision.outcome)
         ).all()
     )
-    pending = session.scalar(
-        select(func.count()).where(GateDecision.awaiting != "none", GateDecision.resolution.is_(None))
-    )
+    # the Approvals page's cards (decision_waits' rule: an override's first signature waits too)
+    pending = len(pending_decisions(session))
     phases = dict(session.execute(select(UseCase.phase, func.count()).group_by(UseCase.phase)).all())
     return {
         "use_cases": sum(phases.values()),

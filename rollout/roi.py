@@ -406,6 +406,13 @@ def speedup_interval(
 DENSE_PLAN_DENSITY = 0.999  # a plan keeping this share of blocks computes what the dense model does
 
 
+def dense_plan(density: float | None, decode_status: str | None) -> bool:
+    """A plan that computes what the dense model does: it keeps every prefill block and decodes densely.
+    Whatever its timings say, it saves nothing (timing noise above 1x is no saving): it is not piloted
+    (`pilot_skip_reason`), and the portfolio counts no established saving and shows no payback for it."""
+    return density is not None and density >= DENSE_PLAN_DENSITY and decode_status != "measured"
+
+
 @dataclass(frozen=True)
 class PilotSkip:
     """Why a pilot would be wasted traffic: `why` (the finding, e.g. "no saving expected (-$23/month, at
@@ -441,7 +448,7 @@ def pilot_skip_reason(
         return PilotSkip("no sparse plan met the quality budget", "stays dense, not piloted")
     if pilot_anyway:
         return None
-    if density is not None and density >= DENSE_PLAN_DENSITY and decode_status != "measured":
+    if dense_plan(density, decode_status):
         return PilotSkip(f"the plan keeps {density:.2%} of blocks (as dense)", "nothing to pilot")
     if saved_usd_month is not None and saved_usd_month <= 0:
         high = "" if saved_usd_month_high is None else f", at best {usd(saved_usd_month_high)}"
