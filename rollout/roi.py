@@ -113,8 +113,10 @@ def usd_per_month(gpu_hours_day: float, gpu_usd_per_hour: float) -> float:
 
 
 def usd(x: float) -> str:
-    """Dollars as a board reads them: "$1,234", "-$466" (not "$-466")."""
-    return f"-${-x:,.0f}" if x < 0 else f"${x:,.0f}"
+    """Dollars as a board reads them: "$1,234", "-$466" (not "$-466"); under a dollar either way, with its
+    cents ("-$0.40", not "-$0": whole dollars rounded such an amount to a signed zero)."""
+    text = f"${abs(x):,.2f}" if 0.005 <= abs(x) < 0.995 else f"${abs(x):,.0f}"
+    return f"-{text}" if x < 0 and text not in ("$0", "$0.00") else text
 
 
 def payback_days(one_off_usd: float, saved_usd_month: float) -> float | None:

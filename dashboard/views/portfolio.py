@@ -58,10 +58,16 @@ def totals_row(t: dict[str, Any]) -> None:
         )
         if n
     )
-    c2.caption(
+    summed = (
         f"{counted(t['established'], 'use case')}, interval {fmt.money(t['savings_month_low'])} to "
-        f"{fmt.money(t['savings_month_high'])}{caveats}; apart: {apart['use_cases']} not established "
-        f"({fmt.money(apart['savings_month_usd'])}), {t['ended']} stopped or rolled back"
+        f"{fmt.money(t['savings_month_high'])}{caveats}"
+        if t["established"]
+        else "no use case has an established saving yet"
+    )
+    not_established = f" ({fmt.money(apart['savings_month_usd'])})" if apart["use_cases"] else ""
+    c2.caption(
+        f"{summed}; apart: {apart['use_cases']} not established{not_established}, "
+        f"{t['ended']} stopped or rolled back"
     )
     c3.metric("Waiting for approval", t["pending_approvals"])
     d = t["decisions"]

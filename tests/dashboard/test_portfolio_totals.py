@@ -70,3 +70,17 @@ def test_stopped_use_cases_are_not_plotted_as_expected_savings(seeded: dict[str,
     spec = str(chart.proto)  # the spec and its data
     assert "contract-summarisation" in spec and "document-qa" not in spec
     assert "$1,840" in spec  # the tooltip's dollars formatted, not 1840.0
+
+
+def test_the_headline_says_when_nothing_is_established(seeded: dict[str, Any]) -> None:
+    """D11: "0 use cases, interval - to -" when no saving was established."""
+    from rollout.db.models import EvaluationRun
+    from rollout.db.session import session_scope
+
+    with session_scope() as s:
+        for run in s.scalars(select(EvaluationRun)):
+            run.savings_month_low = -1.0
+    at = new_app()
+    captions = [c.value for c in at.caption]
+    assert any(c.startswith("no use case has an established saving yet; apart: ") for c in captions), captions
+    assert not any("interval - to -" in c for c in captions)
