@@ -44,9 +44,10 @@ def default_max_new_tokens(spec: Any, cap: int = 64) -> int:
 
 
 @flow_task("pilot-ensure")
-def ensure_pilot(use_case: str) -> dict[str, Any]:
-    """The active pilot (started at its shadow step for the current challenger if none runs)."""
-    return pilot_batches.ensure_pilot(use_case)
+def ensure_pilot(use_case: str, pilot_anyway: bool = False) -> dict[str, Any]:
+    """The active pilot (started at its shadow step for the current challenger if none runs, and only
+    where it is worth piloting unless `pilot_anyway`: rollout.pilot_batches.ensure_pilot_in)."""
+    return pilot_batches.ensure_pilot(use_case, pilot_anyway=pilot_anyway)
 
 
 def abort(use_case: str, actor: str, reason: str) -> dict[str, Any]:
@@ -73,17 +74,24 @@ def abort(use_case: str, actor: str, reason: str) -> dict[str, Any]:
 
 
 def import_observations(
-    use_case: str, path: str, *, external_assignment: bool = False, actor: str | None = None
+    use_case: str,
+    path: str,
+    *,
+    external_assignment: bool = False,
+    actor: str | None = None,
+    pilot_anyway: bool = False,
 ) -> dict[str, Any]:
     """`sparsepilot pilot NAME --observations FILE`: a database import (no model work), so the CLI runs
     it directly rather than as a flow run; `pilot_flow(observations_file=...)` calls it too. Under the use
     case's lease, as a pilot run is (rollout.leases)."""
     with leases.holding(use_case, "observations import", run_is_live=flow_run_is_live):
-        return _import_observations(use_case, path, external_assignment=external_assignment, actor=actor)
+        return _import_observations(
+            use_case, path, external_assignment=external_assignment, actor=actor, pilot_anyway=pilot_anyway
+        )
 
 
 def _import_observations(
-    use_case: str, path: str, *, external_assignment: bool, actor: str | None
+    use_case: str, path: str, *, external_assignment: bool, actor: str | None, pilot_anyway: bool = False
 ) -> dict[str, Any]:
     from rollout.traffic import importable
 
@@ -100,6 +108,7 @@ def _import_observations(
         external_assignment=external_assignment,
         actor=actor,
         spec_version=version,
+        pilot_anyway=pilot_anyway,
     )
     info = done["info"]
     log_missing_batches.fn(ctx)  # an earlier batch whose log failed, and this one (when it stored rows)
@@ -250,14 +259,19 @@ def pilot_flow(
     max_new_tokens: int | None = None,
     max_prompt_tokens: int | None = None,
     external_assignment: bool = False,
+    pilot_anyway: bool = False,
 ) -> dict[str, Any]:
-    """Collect `batches` batches (or import a file) into the current step. Returns a summary."""
+    """Collect `batches` batches (or import a file) into the current step. Returns a summary. A new
+    pilot starts only where the challenger is worth piloting, unless `pilot_anyway`
+    (rollout.pilot_batches.ensure_pilot_in)."""
     if observations_file:
-        return import_observations(use_case, observations_file, external_assignment=external_assignment)
+        return import_observations(
+            use_case, observations_file, external_assignment=external_assignment, pilot_anyway=pilot_anyway
+        )
     logger = get_run_logger()
     ctx = load_context(use_case)
     catch_up_logs(log_missing_batches, ctx)  # a batch an earlier run stored and did not log
-    info = ensure_pilot(use_case)
+    info = ensure_pilot(use_case, pilot_anyway)
     if info["spec_version"] is not None and info["spec_version"] != ctx.spec_version:
         # a running pilot keeps the version it started under: its batch size, traffic and arms (docs/flows.md)
         ctx = load_context(use_case, info["spec_version"])

@@ -10,7 +10,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from rollout import audit, lifecycle, pilots, run_links
+from rollout import audit, lifecycle, pilots, run_links, runs
 from rollout.db.models import AuditEntry, ModelVersion, Observation, Pilot, PilotStep, as_utc, utcnow
 from rollout.db.session import session_scope
 from rollout.observations_io import ObservationImportError, iter_observations, validate_observation_rows
@@ -41,10 +41,40 @@ def _step_info(
     }
 
 
-def ensure_pilot_in(session: Any, use_case: str) -> dict[str, Any]:
+class NotPiloted(pilots.PilotStateError):
+    """A pilot of the current challenger is not started: `skip` (rollout.roi.PilotSkip) says why, in the
+    words the portfolio shows ("no pilot: ...")."""
+
+    def __init__(self, use_case: str, skip: Any) -> None:
+        self.skip = skip
+        super().__init__(
+            f"{use_case}: not piloted: {skip}; nothing was started "
+            f"(`sparsepilot pilot {use_case} --pilot-anyway` pilots it regardless)"
+        )
+
+
+def pilot_skip(use_case: str) -> Any:
+    """Why a tick would start no pilot of the current challenger (`runs.pilot_skip`, the rule
+    `ensure_pilot_in` applies), or None: a pilot of it runs already (it keeps running), or one may start.
+    What the scheduled cycle asks before its pilot batch, so it says why and does nothing."""
+    with session_scope() as session:
+        uc = pilots.get_use_case(session, use_case)
+        run = latest_challenger(session, uc.id)
+        if run is None:
+            return None
+        pilot = pilots.active_pilot(session, uc)
+        if pilot is not None and pilot.model_version_id == run.model_version_id:
+            return None
+        return runs.pilot_skip(session, uc, run)
+
+
+def ensure_pilot_in(session: Any, use_case: str, *, pilot_anyway: bool = False) -> dict[str, Any]:
     """The active pilot's current step (a pilot is started at its shadow step for the current challenger
     if none runs), inside the caller's transaction. Refuses, naming the use case, when there is nothing
-    to pilot or the pilot cannot take traffic now."""
+    to pilot or the pilot cannot take traffic now. A new pilot starts only where the challenger is worth
+    piloting (`runs.pilot_skip`: a plan that met the budget, skips blocks and establishes a saving;
+    `pilot_anyway` waives all but the budget): else `NotPiloted`, nothing started. A pilot already
+    running keeps running."""
     uc = pilots.get_use_case(session, use_case)
     spec, _ = pilots.load_current_spec(session, uc)
     run = latest_challenger(session, uc.id)
@@ -70,6 +100,9 @@ def ensure_pilot_in(session: Any, use_case: str) -> dict[str, Any]:
             raise pilots.PilotStateError(
                 f"{use_case}: {pilots.pilot_label(pilot)} is waiting for approval; approve or reject it first"
             )
+        skip = runs.pilot_skip(session, uc, run, pilot_anyway=pilot_anyway)
+        if skip is not None:
+            raise NotPiloted(use_case, skip)
         pilot = pilots.start_pilot(session, uc, mv, spec, actor=audit.SYSTEM_ACTOR)
     if pilot.status != "running":
         raise pilots.PilotStateError(
@@ -78,10 +111,10 @@ def ensure_pilot_in(session: Any, use_case: str) -> dict[str, Any]:
     return _step_info(session, pilot, pilots.current_step(session, pilot), mv)
 
 
-def ensure_pilot(use_case: str) -> dict[str, Any]:
+def ensure_pilot(use_case: str, *, pilot_anyway: bool = False) -> dict[str, Any]:
     """`ensure_pilot_in` in its own transaction."""
     with session_scope() as session:
-        return ensure_pilot_in(session, use_case)
+        return ensure_pilot_in(session, use_case, pilot_anyway=pilot_anyway)
 
 
 def pilot_spec_version(use_case: str) -> int:
@@ -245,6 +278,7 @@ def import_file(
     progress: Any = None,
     actor: str | None = None,
     spec_version: int | None = None,
+    pilot_anyway: bool = False,
 ) -> dict[str, Any]:
     """Import a file of observations into the current step, all or nothing, streaming: each chunk is
     parsed, checked (GX) and checked against the step's design (rollout.pilots.ImportCheck), then
@@ -255,11 +289,11 @@ def import_file(
     account; None: the automation), kept in the audit log with the file, so the evidence behind a
     decision names who brought it. `spec_version`: the version `known_ids` come from
     (`pilot_spec_version`, the pilot's own); a pilot that runs under another one is refused, nothing
-    stored (the pilot changed between the two reads)."""
+    stored (the pilot changed between the two reads). `pilot_anyway`: as `ensure_pilot_in`'s."""
     source = "imported-external" if external_assignment else "imported"
     rows_seen = inserted = 0
     with session_scope(immediate=True) as session:
-        info = ensure_pilot_in(session, use_case)
+        info = ensure_pilot_in(session, use_case, pilot_anyway=pilot_anyway)
         if spec_version is not None and info["spec_version"] not in (None, spec_version):
             raise ObservationImportError(
                 f"{path}: {info['pilot']} runs under spec version {info['spec_version']}, not the version "

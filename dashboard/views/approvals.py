@@ -60,6 +60,31 @@ def run_action(fn: Any, *args: Any, reason_key: str, **kwargs: Any) -> None:
             flash("success", f"Done: rollback recorded as decision #{result} and applied")
 
 
+def money_summary(d: dict[str, Any]) -> None:
+    """What the promotion is worth (`queries.roi_summary`: the portfolio's figures and rules): $/month
+    saved with its interval, payback, and beside them why no saving is established and the caveats the
+    figures carry. The gate's GO judges quality only; the money is the business owner's to weigh."""
+    money = d.get("roi")
+    if money is None:
+        st.caption("$/month saved: - (no evaluation priced this use case)")
+        return
+    m1, m2 = st.columns(2)
+    m1.metric("$/month saved", fmt.money(money["savings_month_usd"]))
+    m1.caption(
+        f"interval {fmt.money(money['savings_month_low'])} to {fmt.money(money['savings_month_high'])}"
+    )
+    m2.metric("Payback", fmt.days(money["payback_days"]))
+    if money["not_established"]:
+        st.warning(
+            fmt.plain(
+                "The gate judges quality only: quality may hold, but no saving is established: "
+                f"{money['not_established']}."
+            )
+        )
+    for note in money["caveats"]:
+        st.warning(fmt.plain(f"$/month {note}."))
+
+
 def evidence_summary(d: dict[str, Any]) -> None:
     ev = d["evidence"]
     q = ev.get("quality") or {}
@@ -73,6 +98,7 @@ def evidence_summary(d: dict[str, Any]) -> None:
     c3.metric("SRM p-value", f"{srm:.3g}" if isinstance(srm, int | float) else "-")
     p95 = ev.get("p95_latency_treatment_ms")
     c4.metric("p95 latency, treatment", f"{p95:.0f} ms" if isinstance(p95, int | float) else "-")
+    money_summary(d)
     st.info(fmt.plain(d["explanation"]))
     checks = fmt.guardrail_rows(ev)
     if checks:

@@ -176,6 +176,14 @@ def pilot_cmd(
         ),
     ] = False,
     abort: Annotated[bool, typer.Option("--abort", help="stop the active pilot (needs --reason)")] = False,
+    pilot_anyway: Annotated[
+        bool,
+        typer.Option(
+            "--pilot-anyway",
+            help="start a pilot even where the evaluation says it cannot pay (a dense plan, no saving "
+            "established); never where no plan met the quality budget",
+        ),
+    ] = False,
     reason: Annotated[
         str | None, typer.Option("--reason", help="why (with --abort; kept in the audit log)")
     ] = None,
@@ -189,7 +197,7 @@ def pilot_cmd(
 
     if abort and observations:
         fail("--abort and --observations exclude each other")
-    if abort and (max_new_tokens is not None or external_assignment or batches is not None):
+    if abort and (max_new_tokens is not None or external_assignment or batches is not None or pilot_anyway):
         fail("--abort stops the pilot: it takes --reason only, no batch or import options")
     if observations and (batches is not None or max_new_tokens is not None):
         fail("--observations imports answers your serving system gave; --batches, --max-new-tokens run ours")
@@ -207,14 +215,22 @@ def pilot_cmd(
     if observations:  # a database import, no model work: not a flow run
         result = _run(
             lambda: import_observations(
-                name, observations, external_assignment=external_assignment, actor=who.name
+                name,
+                observations,
+                external_assignment=external_assignment,
+                actor=who.name,
+                pilot_anyway=pilot_anyway,
             ),
             needs_prefect=False,
         )
     else:
         _require_use_case(name)
         _require_device()
-        result = _run(lambda: pilot_flow(name, batches=batches or 1, max_new_tokens=max_new_tokens))
+        result = _run(
+            lambda: pilot_flow(
+                name, batches=batches or 1, max_new_tokens=max_new_tokens, pilot_anyway=pilot_anyway
+            )
+        )
     if json_out:
         emit_json(result)
         return

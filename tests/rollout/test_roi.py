@@ -572,3 +572,11 @@ def test_a_break_even_timed_on_a_busy_host_is_named_beside_the_decode_line() -> 
     section["summary"]["break_even_host"] = quiet
     assert "overloaded" not in decode_outcome(section, flat)["line"]
     assert decode_outcome(section, flat)["break_even_overloaded"] is False
+
+
+def test_money_under_a_dollar_keeps_its_sign_and_cents() -> None:
+    """Review s46 D11: whole dollars made "-$0/month" of a 40-cent loss, and "the interval reaches $0/month
+    saved" of a 30-cent one."""
+    assert usd(-0.4) == "-$0.40" and usd(0.3) == "$0.30"
+    assert usd(0) == usd(-0.0) == usd(-0.001) == "$0"  # nothing to sign
+    assert usd(-466.2) == "-$466" and usd(1234.4) == "$1,234"
