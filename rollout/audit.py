@@ -4,8 +4,9 @@ row and the change it describes commit or roll back together.
 Every row carries who acted (``actor``: the authenticated account or a system identity) and where the
 command ran (``os_user``, ``host``), and a hash chain: ``prev_hash`` is the previous row's ``row_hash``
 and ``row_hash`` = sha256 over ``prev_hash`` and the row's content. A unique index on ``prev_hash`` stops
-two writers from extending the chain from the same row; on PostgreSQL writers also take a transaction
-advisory lock first, so they queue instead of failing. `verify_chain` (``sparsepilot audit verify``)
+two writers from extending the chain from the same row; writers also queue before they read the last
+hash (PostgreSQL: a transaction advisory lock; SQLite: the write lock, `BEGIN IMMEDIATE`), so they wait
+their turn instead of failing. `verify_chain` (``sparsepilot audit verify``)
 recomputes every hash: a changed, deleted or inserted row breaks the chain at that row."""
 
 from __future__ import annotations
@@ -111,6 +112,21 @@ ENTITIES = {
 }
 
 
+def _queue_for_the_chain(session: Session) -> None:
+    """Wait for every other audit writer's transaction to end before reading the chain's last hash, and
+    hold the writers behind this one until it ends, so two never extend the chain from the same row.
+    PostgreSQL: a transaction advisory lock. SQLite: the database's write lock, taken now (``BEGIN
+    IMMEDIATE``) when this transaction has not written yet: the driver begins a transaction only at the
+    first write, so the read would run outside any transaction and two writers would read the same last
+    hash (the second then fails on the prev_hash unique index). A transaction that has written already
+    holds the write lock (as does `session_scope(immediate=True)`)."""
+    conn = session.connection()
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY})
+    elif conn.dialect.name == "sqlite" and not conn.connection.dbapi_connection.in_transaction:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
 def record(
     session: Session,
     actor: str,
@@ -127,8 +143,7 @@ def record(
     if on is not None:
         entity, entity_id = ENTITIES[on.__tablename__], on.id
         use_case_id = on.id if entity == "use_case" else on.use_case_id
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY})
+    _queue_for_the_chain(session)
     prev = session.scalar(select(AuditEntry.row_hash).order_by(AuditEntry.id.desc()).limit(1))
     os_user, host = origin()
     entry = AuditEntry(
