@@ -289,18 +289,20 @@ def import_file(
     """Import a file of observations into the current step, all or nothing, streaming: each chunk is
     parsed, checked (GX) and checked against the step's design (rollout.pilots.ImportCheck), then
     bulk-inserted; any problem rolls the whole import back. The pilot is started in the same
-    transaction, so a refused import starts nothing either. The pilot is held against a change of state
-    for the import's length (`pilots.held_for_observations`): an abort that comes while it runs waits for
-    it; one that came first refuses it (PilotStateError). Its request ids must be among `known_ids`
-    (what the pilot's traffic source may hand out: rollout.traffic.importable); `refused_ids` says why
-    another id is not. ``progress(rows_done)`` after each chunk. `actor`: who imports (the signed-in
-    account; None: the automation), kept in the audit log with the file, so the evidence behind a
-    decision names who brought it. `spec_version`: the version `known_ids` come from
-    (`pilot_spec_version`, the pilot's own); a pilot that runs under another one is refused, nothing
-    stored (the pilot changed between the two reads)."""
+    transaction, so a refused import starts nothing either; its audit entries (the pilot's start, the
+    import) are appended at the end (`audit.deferred`), so the import holds the audit chain's lock (on
+    PostgreSQL: every audit writer of every use case waits on it) only for its last moment. The pilot is
+    held against a change of state for the import's length (`pilots.held_for_observations`): an abort
+    that comes while it runs waits for it; one that came first refuses it (PilotStateError). Its request
+    ids must be among `known_ids` (what the pilot's traffic source may hand out:
+    rollout.traffic.importable); `refused_ids` says why another id is not. ``progress(rows_done)`` after
+    each chunk. `actor`: who imports (the signed-in account; None: the automation), kept in the audit log
+    with the file, so the evidence behind a decision names who brought it. `spec_version`: the version
+    `known_ids` come from (`pilot_spec_version`, the pilot's own); a pilot that runs under another one is
+    refused, nothing stored (the pilot changed between the two reads)."""
     source = "imported-external" if external_assignment else "imported"
     rows_seen = inserted = 0
-    with session_scope(immediate=True) as session:
+    with session_scope(immediate=True) as session, audit.deferred(session):
         info = ensure_pilot_in(session, use_case)
         # held until the import ends: an abort (or any change of the pilot's state) waits for it, or, when
         # it came first, the import sees it here and stores nothing

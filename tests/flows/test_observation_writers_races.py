@@ -1,11 +1,13 @@
-"""Review s46 C2, C6: the writers of observations (`store_batch`, the streaming `import_file`) and the
-pilot they write into, at the same time as an operator's abort, on SQLite and on
+"""Review s46 C1, C2, C6: the writers of observations (`store_batch`, the streaming `import_file`) and the
+pilot they write into, at the same time as an operator's abort or another audit writer, on SQLite and on
 a throwaway PostgreSQL, with real threads. A slow step of the real code (the observation checks wrapped
 to wait) opens the window; what lands in it is the real code path.
 
 - a batch answered across an abort is refused, nothing stored (C6);
 - an abort that comes while an import runs waits for it (its audit rows after the import's); one that
-  commits between the import's first read and its hold refuses it, nothing stored (C2)."""
+  commits between the import's first read and its hold refuses it, nothing stored (C2);
+- an import that starts its pilot holds the audit chain's lock only at its end: another use case's audit
+  writer finishes while it runs (C1)."""
 
 from __future__ import annotations
 
@@ -215,3 +217,41 @@ def test_a_pilot_run_aborted_while_it_answers_stores_nothing_and_answers_no_more
     assert [(b["passed"], b["stored"]) for b in summary["batches"]] == [(False, False)]
     counts = _counts(name)
     assert (counts["observations"], counts["batches"], counts["pilots"]) == (0, 0, ["stopped"])
+
+
+@pytest.mark.postgres
+def test_an_import_that_starts_its_pilot_keeps_no_audit_writer_waiting(
+    trust_env, pg_url: str, mlflow_home: Any, tiny_model_dir, pilot_dataset, tmp_path: Path, monkeypatch
+) -> None:  # noqa: ANN001
+    """C1: the first import (it starts the pilot, with its audit entries) held PostgreSQL's audit lock
+    for its whole length: a failed sign-in of another account waited until the import committed. Now the
+    other writer is done while the import still runs; the import's entries follow, the chain intact."""
+    from rollout import audit, pilot_batches
+    from rollout.db import migrate
+    from rollout.db.session import session_scope
+    from tests.fixtures.flows import use_case_factory
+
+    monkeypatch.setenv("SPARSEPILOT_DATABASE_URL", pg_url)
+    migrate.upgrade(pg_url)
+    name = use_case_factory(tiny_model_dir, pilot_dataset, tmp_path)()
+    _challenger(name)  # no pilot yet: the import starts it
+    ids = _dataset_ids(name, 10)
+    path = _write(tmp_path / "obs.jsonl", _rows(ids))
+    other_done = threading.Event()
+    checking = _slow_checks(monkeypatch, until=other_done, hold_s=20.0)
+    out: dict[str, Any] = {}
+    t = _in_thread(lambda: pilot_batches.import_file(name, path, set(ids)), out, "import")
+    assert checking.wait(120)  # the pilot is started in the import's transaction, its rows not yet in
+
+    with session_scope() as s:  # one audit row about nothing of this use case (a failed sign-in's)
+        audit.record(s, audit.ANONYMOUS_ACTOR, "auth.sign_in_failed", entity="account", entity_id="bob")
+    import_running = t.is_alive()
+    other_done.set()
+    t.join(120)
+    assert import_running  # the other writer did not wait for the import to commit
+    assert isinstance(out["import"], dict), out["import"]
+    actions = _counts(name)["audit"]
+    tail = actions[actions.index("auth.sign_in_failed") :]
+    assert tail[:2] == ["auth.sign_in_failed", "pilot.start"] and tail[-1] == "observations.import", tail
+    with session_scope() as s:
+        assert audit.verify_chain(s).ok
