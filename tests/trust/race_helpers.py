@@ -27,3 +27,16 @@ def record_one_audit_event(home: str, i: int, barrier: Any, results: Any) -> Non
         results.put((i, "recorded"))
     except Exception as exc:  # noqa: BLE001 - reported to the test, which names it
         results.put((i, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"))
+
+
+def first_run_files(homes: list[str], barrier: Any, results: Any) -> None:
+    """For each fresh home in turn, released with the other process at one instant: create the first-run
+    account (what `sparsepilot init` prints), then the token-signing key (a first `login`)."""
+    from rollout import auth
+
+    for home in homes:
+        env = {"SPARSEPILOT_HOME": home}
+        barrier.wait(timeout=120)
+        results.put((home, "account", auth.create_first_run_account(env)))
+        barrier.wait(timeout=120)
+        results.put((home, "key", auth.auth_key(env, create=True)))
