@@ -29,6 +29,7 @@ from flows.common import (
     under_lease,
 )
 from rollout import decisions, leases, pilot_batches, run_links, tracking
+from rollout.pilots import PilotStateError
 from rollout.spec import has_visible_text
 from rollout.validation import ARMS
 from sparse_core.errors import SparsePilotError
@@ -182,6 +183,12 @@ def store_batch(step_id: int, rows: list[dict[str, Any]], batch_id: str, source:
     return pilot_batches.store_batch(step_id, rows, batch_id, source)
 
 
+@flow_task("pilot-step-refusal")
+def step_refusal(step_id: int) -> dict[str, str] | None:
+    """Why the step takes no batch now (its pilot aborted, stopped, moved on), or None."""
+    return pilot_batches.step_refusal(step_id)
+
+
 @flow_task("pilot-record-failed-check")
 def record_failed_check(use_case: str, info: dict[str, Any], batch_id: str, check: dict[str, Any]) -> int:
     """A batch that failed its data check does not count; the INVALID decision says why."""
@@ -245,6 +252,14 @@ def log_batch(
     return run_id
 
 
+def _stop(summary: dict[str, Any], logger: Any, use_case: str, refused: dict[str, str], then: str) -> None:
+    """The run ends early because its pilot step takes no more observations (`step_refusal`): said in the
+    log and in the summary (`stopped`: "pilot aborted" or "pilot step closed"; `explanation`)."""
+    explanation = refused["explanation"] + then
+    logger.warning("%s: %s", use_case, explanation)
+    summary["stopped"], summary["explanation"] = refused["stopped"], explanation
+
+
 def batch_id_for(step_id: int, rows_or_ids: list[str]) -> str:
     return f"b-{step_id}-{stable_key(step_id, sorted(rows_or_ids))[:24]}"
 
@@ -288,6 +303,12 @@ def pilot_flow(
     mnt = max_new_tokens or default_max_new_tokens(ctx.spec)
     used = set(info["used_request_ids"])
     for b in range(batches):
+        # an operator's `pilot --abort` (or a gate look that moved the pilot on) while this run answered:
+        # no more requests go to the arms
+        refused = step_refusal(info["step_id"])
+        if refused is not None:
+            _stop(summary, logger, use_case, refused, f"; batch {b + 1} of {batches} was not answered")
+            break
         requests = next_requests(ctx, used, info["salt"], n)
         if not requests:
             logger.info(
@@ -324,7 +345,13 @@ def pilot_flow(
                 {"batch_id": bid, "passed": False, "decision_id": did, "failures": check["failures"]}
             )
             continue
-        stored = store_batch(info["step_id"], rows, bid, "pilot-flow")
+        try:
+            stored = store_batch(info["step_id"], rows, bid, "pilot-flow")
+        except PilotStateError as exc:  # the step changed while the arms answered: the batch is discarded
+            summary["batches"].append({"batch_id": bid, "passed": False, "stored": False})
+            refused = step_refusal(info["step_id"]) or {"stopped": "pilot step closed"}
+            _stop(summary, logger, use_case, {**refused, "explanation": str(exc)}, "; the run stops")
+            break
         log_batch(ctx, info, rows, stored, "pilot-flow", bid)
         summary["batches"].append({"batch_id": bid, **stored, "passed": True, "host_load": load.to_dict()})
     return summary

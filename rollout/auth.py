@@ -486,9 +486,8 @@ def token_path(env: Mapping[str, str] | None = None) -> Path:
     return base / "sparsepilot" / "token"
 
 
-def write_private(path: Path, data: bytes) -> None:
-    """Create/replace ``path`` with mode 0600 from the first byte (never world-readable, not even
-    briefly)."""
+def _private_temporary(path: Path, data: bytes) -> Path:
+    """A new file beside ``path`` holding ``data``, mode 0600 from the first byte."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -497,15 +496,50 @@ def write_private(path: Path, data: bytes) -> None:
             os.write(fd, data)
         finally:
             os.close(fd)
-        os.replace(tmp, path)
     except BaseException:  # nothing half-written: never a secret left in a stray temporary file
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Create/replace ``path`` with mode 0600 from the first byte (never world-readable, not even
+    briefly)."""
+    tmp = _private_temporary(path, data)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
+def create_private(path: Path, data: bytes) -> bool:
+    """Create ``path`` (mode 0600, whole: written beside it, then linked in) unless it exists; never
+    replaces it. False when it exists already, another process's perhaps, created a moment before: of
+    processes that create the same file at once, exactly one wins and the others read its file."""
+    tmp = _private_temporary(path, data)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    except OSError:  # a file system without hard links: create the name itself, exclusively
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return False
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return True
+
+
 def auth_key(env: Mapping[str, str] | None = None, *, create: bool = False) -> bytes | None:
     """The installation's token-signing key: $SPARSEPILOT_AUTH_KEY, else SPARSEPILOT_HOME/auth.key
-    (32 random bytes, created 0600 on first login)."""
+    (32 random bytes, created 0600 on first login; of first logins at once, every one gets the key the
+    first created, never one another then replaces)."""
     env = os.environ if env is None else env
     if env.get(AUTH_KEY_ENV):
         key = env[AUTH_KEY_ENV].encode("utf-8")
@@ -520,7 +554,7 @@ def auth_key(env: Mapping[str, str] | None = None, *, create: bool = False) -> b
         return _read_key_file(path)
     if not create:
         return None
-    write_private(path, secrets.token_bytes(32))
+    create_private(path, secrets.token_bytes(32))  # another login's key, created a moment before, stays
     return _read_key_file(path)
 
 
@@ -655,7 +689,8 @@ def create_first_run_account(
 ) -> tuple[str, str] | None:
     """On embedded defaults (no database URL and no accounts configured), create one approver with a
     generated password in SPARSEPILOT_HOME/accounts.toml (only its hash is stored) and return
-    (name, password) to print once. None when accounts exist or the installation is configured."""
+    (name, password) to print once. None when accounts exist or the installation is configured, and to
+    all but one of several inits at once (the file is created, never replaced: `create_private`)."""
     env = os.environ if env is None else env
     if env.get("SPARSEPILOT_DATABASE_URL") or accounts_configured(env):
         return None
@@ -667,7 +702,8 @@ def create_first_run_account(
         "# Created by `sparsepilot init` on first run; add accounts with `sparsepilot hash-password`.\n"
         f'[accounts.{name}]\nrole = "approver"\npassword_hash = "{hash_password(password)}"\n'
     )
-    write_private(path, text.encode("utf-8"))
+    if not create_private(path, text.encode("utf-8")):
+        return None  # another init created it a moment before: its password is the one that works
     return name, password
 
 

@@ -237,6 +237,8 @@ def pilot_cmd(
     rows = [{"step": result["step_index"], "kind": result["step_kind"], **b} for b in result["batches"]]
     cols = ["step", "kind", "batch_id", "passed", "inserted", "already_present"]
     print_table(f"{result['pilot']} of {name}", rows, cols)
+    if result.get("stopped"):  # aborted (or moved on) while the run answered: what was not stored
+        say(f"{name}: {result['stopped']}: {result['explanation']}")
 
 
 @app.command("gate")
