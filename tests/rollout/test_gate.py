@@ -3,6 +3,7 @@ bad input (INVALID, never an exception), history, evidence, planning and project
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -254,6 +255,29 @@ def test_srm_matches_hand_computed_chi_square(n_c: int, n_t: int, share: float, 
     assert chi2 == pytest.approx(chi2_by_hand)
     ref = stats.chisquare([n_c, n_t], [(n_c + n_t) * (1 - share), (n_c + n_t) * share])
     assert p == pytest.approx(ref.pvalue)
+
+
+def _treated(n_t: int, n: int = 1000) -> np.ndarray:
+    """n_t of n requests in the treatment arm, at random positions."""
+    t = np.zeros(n, bool)
+    t[np.random.default_rng(0).permutation(n)[:n_t]] = True
+    return t
+
+
+def test_srm_is_flagged_at_the_settings_threshold() -> None:
+    """A sample-ratio mismatch is flagged where its p-value falls below settings.srm_p_threshold (0.001),
+    near the boundary and not only for a gross split: 556/1000 treated against a planned half (chi2 12.5,
+    p 0.0004) is INVALID; 550/1000 (chi2 10.0, p 0.0016) is not, unless the threshold is raised past it."""
+    assert SETTINGS.srm_p_threshold == 0.001
+    flagged = decide(split_frame(np.ones(1000), _treated(556)), SETTINGS, planned_treatment_share=0.5)
+    assert flagged.srm_p_value == pytest.approx(stats.chi2.sf(2 * 56**2 / 500, 1))  # 0.0004
+    assert flagged.outcome == "INVALID" and "sample-ratio-mismatch" in flagged.reasons
+    fine = decide(split_frame(np.ones(1000), _treated(550)), SETTINGS, planned_treatment_share=0.5)
+    assert fine.srm_p_value == pytest.approx(stats.chi2.sf(2 * 50**2 / 500, 1))  # 0.0016
+    assert "sample-ratio-mismatch" not in fine.reasons and fine.outcome != "INVALID"
+    strict = dataclasses.replace(SETTINGS, srm_p_threshold=0.01)
+    raised = decide(split_frame(np.ones(1000), _treated(550)), strict, planned_treatment_share=0.5)
+    assert "sample-ratio-mismatch" in raised.reasons
 
 
 # ---------------------------------------------------------------- guardrails
@@ -595,6 +619,16 @@ def test_quality_shown_but_the_minimum_not_reached_projects_the_minimum_and_says
     assert d.outcome == "EXTEND" and "min-sample" in d.reasons
     assert d.projected_requests is not None and d.projected_requests >= 1000
     assert "(at least 100 per arm)" in d.explanation or "(100 per arm)" in d.explanation
+
+
+def test_a_late_ramp_step_projects_requests_for_its_small_control_arm() -> None:
+    """The per-arm minimum is met by the smaller arm, whichever it is: at a 90% ramp step the control arm
+    gets 10% of the requests, so 100 control rows take 1,000 requests (not 100 / 0.9 = 112)."""
+    s = GateSettings(margin=0.05, guardrail_min_samples=30)
+    t = np.arange(400) % 10 != 0  # 90% treatment as planned: 40 control rows
+    d = decide(split_frame(np.ones(400), t), s, planned_treatment_share=0.9, min_samples_per_arm=100)
+    assert d.outcome == "EXTEND" and "min-sample" in d.reasons
+    assert d.projected_requests is not None and d.projected_requests >= 1000, d.projected_requests
 
 
 def test_a_breach_diluted_by_later_rows_says_where_its_bound_applies() -> None:
