@@ -251,3 +251,40 @@ def test_the_compiled_selection_is_the_same_selection():
         assert a.density == b.density and torch.equal(a.head_density, b.head_density)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs  # it did compile
     assert not compiles_selection(torch.device("cuda"), "oracle")
+
+
+def test_tau_one_keeps_every_causal_block_even_of_zero_estimated_mass():
+    """tau >= 1 is the dense plan: every causal block is kept, also those the estimator gives no mass
+    (here all mass on the diagonal), which the cumulative sum alone would drop once it reaches the total."""
+    n = 6
+    diagonal = torch.eye(n).expand(1, 2, n, n).contiguous()
+    full = select_blocks(diagonal, block_size=64, seq_len=n * 64, tau=1.0)
+    assert torch.equal(full.kv_counts[0, 0].long(), torch.arange(1, n + 1))
+    assert full.density == 1.0 and torch.equal(full.mask()[0, 0], torch.ones(n, n, dtype=torch.bool).tril())
+    assert select_blocks(diagonal, block_size=64, seq_len=n * 64, tau=0.99).density < 1.0
+
+
+def test_top_k_below_the_forced_count_never_cuts_sink_or_local_blocks():
+    """top_k caps the blocks a row chooses by score; the sink and local blocks are kept on top of it: with
+    2 sink and 2 local blocks and top_k = 1, every row keeps all four (where causal) and nothing else."""
+    n = 8
+    scores = _random_scores(b=1, h=2, n=n, peaky=0.1)
+    sel = select_blocks(
+        scores, block_size=64, seq_len=n * 64, tau=0.95, sink_blocks=2, local_blocks=2, top_k=1
+    )
+    i = torch.arange(n)[:, None]
+    j = torch.arange(n)[None, :]
+    forced = (j <= i) & ((j < 2) | (j > i - 2))
+    assert torch.equal(sel.mask(), forced.expand(1, 2, n, n))
+
+
+def test_a_tie_at_tau_keeps_the_fewest_blocks_that_reach_it():
+    """Blocks are kept until their mass reaches tau, and no further: four blocks of 0.25 and tau = 0.5
+    keep two (the local diagonal block and one more), although the mass before a third equals tau."""
+    n = 4
+    row = torch.full((n,), 0.25)
+    scores = torch.zeros(1, 1, n, n)
+    scores[0, 0, n - 1] = row
+    sel = select_blocks(scores, block_size=64, seq_len=n * 64, tau=0.5, sink_blocks=0, local_blocks=1)
+    assert int(sel.kv_counts[0, 0, n - 1]) == 2
+    assert float((scores * sel.mask()).sum(-1)[0, 0, n - 1]) == 0.5
