@@ -218,3 +218,13 @@ def test_a_split_step_waits_for_its_smaller_arm() -> None:
     row = _running_step("split", 300, decision_n_control=250, decision_n_treatment=50)
     text = queries.waits_for(row)
     assert "50/100" in text and "smaller arm" in text
+
+
+def test_a_missing_bound_read_back_as_nan_is_no_bound() -> None:
+    """SQL (and pandas) give NaN for a missing number: a quality interval with a NaN end is shown as no
+    interval ('-'), like one with None, never as a one-sided bound on the other end."""
+    nan = float("nan")
+    assert not queries.known(nan) and not queries.known(None) and queries.known(0.0)
+    assert queries.quality_interval(nan, 0.5) == "-" and queries.quality_interval(-0.5, nan) == "-"
+    assert queries.quality_interval(None, 0.5) == "-"
+    assert queries.bounding_sides(nan, nan) == (False, False)
