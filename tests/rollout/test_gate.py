@@ -307,6 +307,16 @@ def test_error_breach_is_no_go_only_on_evidence() -> None:
     assert g.breached and g.lower_bound > 0.02 and "at least" in d.explanation
 
 
+def test_a_breached_guardrail_ends_the_step_before_its_minimum_sample() -> None:
+    """A breach needs no minimum sample: its evidence is already enough, so a step whose sparse arm errs
+    on 12.5% of 400 requests (ceiling 2%) is NO-GO at once, not EXTEND towards a 1,000-request minimum."""
+    many = np.arange(400) % 8 == 0
+    frame = paired_frame(np.ones(400), np.ones(400), err_t=many)
+    d = decide(frame, SETTINGS, mode="paired", min_samples_per_arm=1000)
+    assert d.outcome == "NO-GO" and "guardrail:treatment_error_rate" in d.reasons
+    assert "min-sample" not in d.reasons and all(r.startswith("guardrail:") for r in d.reasons)
+
+
 def test_latency_guardrail_judges_the_share_over_the_slo() -> None:
     n = 400
     slow = np.where(np.arange(n) % 4 == 0, 2000.0, 100.0)  # 25% over an 800 ms SLO
