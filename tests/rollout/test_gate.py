@@ -329,6 +329,27 @@ def test_latency_guardrail_judges_the_share_over_the_slo() -> None:
     )
 
 
+def test_a_latency_exactly_at_the_slo_is_within_it() -> None:
+    """The latency guardrail counts requests over the SLO: every sparse-arm request taking exactly the
+    SLO's 800 ms meets it, so the step is not stopped for latency."""
+    n = 400
+    at_slo = np.full(n, SETTINGS.latency_slo_ms)
+    d = decide(paired_frame(np.ones(n), np.ones(n), lat_t=at_slo), SETTINGS, mode="paired")
+    g = next(g for g in d.guardrails if g.name == "treatment_latency_over_slo")
+    assert g.evaluated and not g.breached and g.value == 0.0
+    assert d.outcome == "GO"
+
+
+def test_a_guardrail_is_judged_once_its_minimum_sample_is_reached_exactly() -> None:
+    """guardrail_min_samples is a minimum (n >= it): with exactly 200 pairs for a 200-row minimum every
+    guardrail is judged and identical arms GO; one pair fewer waits for the guardrails."""
+    s = GateSettings(margin=0.03, min_samples_per_arm=20, guardrail_min_samples=200)
+    d = decide(paired_frame(np.ones(200), np.ones(200)), s, mode="paired")
+    assert all(g.evaluated for g in d.guardrails) and d.outcome == "GO"
+    short = decide(paired_frame(np.ones(199), np.ones(199)), s, mode="paired")
+    assert short.outcome == "EXTEND" and any(r.startswith("guardrail-not-judged:") for r in short.reasons)
+
+
 def test_a_guardrail_that_cannot_be_judged_keeps_the_step_at_extend() -> None:
     strict = GateSettings(margin=0.03, min_samples_per_arm=20, guardrail_min_samples=500)
     d = decide(paired_frame(np.ones(200), np.ones(200)), strict, mode="paired")
