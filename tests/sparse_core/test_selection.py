@@ -288,3 +288,15 @@ def test_a_tie_at_tau_keeps_the_fewest_blocks_that_reach_it():
     sel = select_blocks(scores, block_size=64, seq_len=n * 64, tau=0.5, sink_blocks=0, local_blocks=1)
     assert int(sel.kv_counts[0, 0, n - 1]) == 2
     assert float((scores * sel.mask()).sum(-1)[0, 0, n - 1]) == 0.5
+
+
+def test_group_scores_average_each_kv_heads_query_heads():
+    """Under grouped-query attention one selection serves every query head of a KV head: its scores are
+    the mean of those heads' scores (heads 0-1 -> KV head 0, heads 2-3 -> KV head 1), not their maximum."""
+    from sparse_core.selection import group_scores
+
+    scores = torch.stack([torch.full((3, 3), float(v)) for v in (0.1, 0.5, 0.2, 0.9)])[None]
+    grouped = group_scores(scores, num_kv_heads=2)
+    assert grouped.shape == (1, 2, 3, 3)
+    assert torch.allclose(grouped[0, 0], torch.full((3, 3), 0.3))
+    assert torch.allclose(grouped[0, 1], torch.full((3, 3), 0.55))
