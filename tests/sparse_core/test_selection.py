@@ -113,6 +113,32 @@ def _antidiagonal_by_definition(q, k, block_size, stride, key_valid):
     return probs.view(b, hq, n, per, n, per).sum(dim=(3, 5)) / per
 
 
+def test_pooled_matches_its_definition():
+    """The pooled estimator written out: mean query and mean key of each block over its valid (unpadded)
+    positions, their dot product at the softmax scale 1/sqrt(d), softmax over the causal key blocks that
+    hold a valid key. Padding inside a block (left or right) must not move the means."""
+    torch.manual_seed(3)
+    b, hq, hkv, s, d, bs = 2, 4, 2, 160, 16, 32
+    q, k = torch.randn(b, hq, s, d), torch.randn(b, hkv, s, d)
+    valid = torch.ones(b, s, dtype=torch.bool)
+    valid[1, :70] = False  # left padding: block 2 partly padded
+    valid[0, 140:] = False  # right padding: the last query block's mean is over its 12 valid rows
+    out = get_estimator("pooled")(q, k, EstimatorContext(block_size=bs, key_valid=valid))
+    n = s // bs
+    w = valid.float().view(b, 1, n, bs, 1)
+
+    def pool(x):
+        return (x.view(*x.shape[:2], n, bs, d) * w).sum(3) / w.sum(3).clamp_min(1.0)
+
+    qp, kp = pool(q), pool(k).repeat_interleave(hq // hkv, dim=1)
+    logits = qp @ kp.transpose(-1, -2) / math.sqrt(d)
+    ok = torch.ones(n, n, dtype=torch.bool).tril().view(1, 1, n, n) & valid.view(b, n, bs).any(-1).view(
+        b, 1, 1, n
+    )
+    want = torch.softmax(logits.masked_fill(~ok, float("-inf")), -1).nan_to_num(0.0)
+    assert torch.allclose(out, want, atol=1e-5)
+
+
 @pytest.mark.parametrize("s", [256, 2048])  # one row chunk; eight causal chunks
 def test_antidiagonal_matches_its_definition(s):
     torch.manual_seed(2)
