@@ -37,7 +37,7 @@ from pydantic import BaseModel
 from sqlalchemy import select
 
 from rollout import audit, lifecycle
-from rollout.auth import Identity, require_approver, same_person
+from rollout.auth import Identity, require_approver, same_person, still_approver
 from rollout.db.models import (
     AliasMove,
     Approval,
@@ -348,6 +348,39 @@ def override_signatures(session: Any, decision_id: int, action: str) -> list[App
     )
 
 
+def signer_subject(session: Any, approval: Approval) -> str:
+    """The OIDC ``<issuer>#<subject>`` a signature was given with ("" for a local account, or a
+    signature recorded before subjects were kept): from its audit entry, written with the Approval row."""
+    details = session.scalars(
+        select(AuditEntry.details)
+        .where(
+            AuditEntry.entity == "gate_decision",
+            AuditEntry.entity_id == str(approval.decision_id),
+            AuditEntry.actor == approval.actor,
+            AuditEntry.action.like(f"approval.{approval.action}%"),
+        )
+        .order_by(AuditEntry.id)
+    ).all()
+    return next((str(d["subject"]) for d in details if isinstance(d, dict) and d.get("subject")), "")
+
+
+def counting_signatures(
+    session: Any, decision_id: int, action: str
+) -> tuple[list[tuple[Approval, str]], list[tuple[Approval, str]]]:
+    """The override signatures already given (`override_signatures`), split into those that still count
+    ([(approval, its signer's OIDC subject)]) and those that lapsed ([(approval, why)]): a signer who
+    is no longer an approver (demoted, or the account deleted; `rollout.auth.still_approver`) does not
+    count, so one current approver cannot complete an override on a former approver's signature."""
+    counting, lapsed = [], []
+    for a in override_signatures(session, decision_id, action):
+        ok, what = still_approver(a.actor)
+        if ok:
+            counting.append((a, signer_subject(session, a)))
+        else:
+            lapsed.append((a, what))
+    return counting, lapsed
+
+
 def _sign(
     session: Any,
     d: GateDecision,
@@ -371,6 +404,8 @@ def _sign(
     session.add(row)
     session.flush()
     details = {"reason": text, "role": who.role, **about, "source": who.source}
+    if who.subject:  # an OIDC user: who they are whatever email they were recorded under (`signer_subject`)
+        details["subject"] = who.subject
     audit.record(session, who.name, event, on=d, details=details)
     return row
 
@@ -450,13 +485,26 @@ def approve(
         # continuing the ramp is what the plan would have done: it goes against nothing, one signature
         against = action != "continue" and action != recommended_action(d)
         if against:
-            earlier = override_signatures(session, d.id, action)
-            signed = [a.actor for a in earlier if same_person(a.actor, who.name)]
+            earlier, lapsed = counting_signatures(session, d.id, action)
+            signed = [
+                a.actor for a, sub in earlier if same_person(a.actor, who.name, subjects=(sub, who.subject))
+            ]
             if signed:  # one person under two identities (a local account and OIDC) counts once
                 also = f" (as {signed[0]!r})" if signed[0] != who.name else ""
                 raise ApprovalError(
                     f"{who.name!r} already signed this override of decision {decision_id}{also}; "
                     "a second, different approver must confirm it"
+                )
+            gone = "; ".join(
+                f"{a.actor}'s signature no longer counts ({a.actor} is {what})" for a, what in lapsed
+            )
+            for a, what in lapsed:
+                audit.record(
+                    session,
+                    who.name,
+                    f"approval.{action}.signature_lapsed",
+                    on=d,
+                    details={"signer": a.actor, "approval_id": a.id, "why": what},
                 )
             if not earlier:
                 row = _sign(
@@ -479,7 +527,8 @@ def approve(
                     resumed_flow_run_id=None,
                     applied_directly=False,
                     message=(
-                        f"recorded {who.name}'s signature; to {action} against the gate's recommendation "
+                        (f"{gone}; " if gone else "")
+                        + f"recorded {who.name}'s signature; to {action} against the gate's recommendation "
                         f"({d.outcome}{_skips(d) if action == 'approve' else ''}) a second, different "
                         f"approver must also {action} decision {d.id}"
                     ),

@@ -76,6 +76,9 @@ class Identity:
     # for a local account: `password_fingerprint` of the hash the password was checked against, so a
     # token or a dashboard session proven with it ends when the password changes ("" otherwise)
     credential: str = field(default="", compare=False, repr=False)
+    # for an OIDC user: ``<issuer>#<subject>``, who the person is whatever their email says now (a name
+    # of ``oidc:<verified email>`` changes with the email); "" otherwise
+    subject: str = field(default="", compare=False)
 
     @property
     def can_approve(self) -> bool:
@@ -757,7 +760,8 @@ def identity_from_oidc(claims: Mapping[str, object], approvers: Iterable[str] = 
     by_subject = bool(iss and sub and f"{iss}#{sub}" in listed)
     approver = bool(email and email.lower() in listed_emails) or by_subject
     role: Role = "approver" if approver else "viewer"
-    return Identity(OIDC_PREFIX + (email or f"{iss}#{sub}"), role, "oidc")
+    subject = f"{iss}#{sub}" if iss and sub else ""
+    return Identity(OIDC_PREFIX + (email or f"{iss}#{sub}"), role, "oidc", subject=subject)
 
 
 def person_key(actor: str, accounts: Mapping[str, Account]) -> str:
@@ -774,9 +778,39 @@ def person_key(actor: str, accounts: Mapping[str, Account]) -> str:
     return actor.lower() if _is_email(actor) else actor
 
 
-def same_person(actor_a: str, actor_b: str, accounts: Mapping[str, Account] | None = None) -> bool:
-    """Are two recorded actors (a local account, an OIDC identity) the same person (`person_key`)?"""
-    if actor_a == actor_b:
+def same_person(
+    actor_a: str,
+    actor_b: str,
+    accounts: Mapping[str, Account] | None = None,
+    *,
+    subjects: tuple[str, str] = ("", ""),
+) -> bool:
+    """Are two recorded actors (a local account, an OIDC identity) the same person (`person_key`)?
+    ``subjects``: the OIDC ``<issuer>#<subject>`` each signed in with (`Identity.subject`), when known:
+    one subject is one person whatever email each sign-in was recorded under."""
+    if actor_a == actor_b or (subjects[0] and subjects[0] == subjects[1]):
         return True
     accounts = load_accounts() if accounts is None else accounts
-    return person_key(actor_a, accounts) == person_key(actor_b, accounts)
+    keys_a = {person_key(actor_a, accounts)} | ({OIDC_PREFIX + subjects[0]} if subjects[0] else set())
+    keys_b = {person_key(actor_b, accounts)} | ({OIDC_PREFIX + subjects[1]} if subjects[1] else set())
+    return bool(keys_a & keys_b)
+
+
+def still_approver(actor: str, accounts: Mapping[str, Account] | None = None) -> tuple[bool, str]:
+    """Is a recorded signer an approver now, and if not, what they are: a local account is looked up in
+    the accounts as they are now (demoted, or deleted); an OIDC user's role comes from the identity
+    provider and the dashboard's approver list at sign-in, which this process cannot ask again, so
+    their signature stands; so does everyone's in a process that knows no local account at all (nobody
+    could sign in locally there: the accounts are configured elsewhere) (docs/operations.md, "Who may
+    do what")."""
+    if actor.startswith(OIDC_PREFIX):
+        return True, "approver"
+    accounts = load_accounts() if accounts is None else accounts
+    if not accounts:
+        return True, "approver"
+    account = accounts.get(actor)
+    if account is None:
+        return False, "no longer an account"
+    if account.role != "approver":
+        return False, f"now a {account.role}"
+    return True, "approver"
