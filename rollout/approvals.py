@@ -45,6 +45,7 @@ from rollout.db.models import (
     GateDecision,
     ModelVersion,
     Pilot,
+    SpecVersion,
     UseCase,
     as_utc,
     utcnow,
@@ -381,6 +382,50 @@ def counting_signatures(
     return counting, lapsed
 
 
+def gate_loosened(session: Any, d: GateDecision) -> tuple[str, list[str]] | None:
+    """(who, [changes]) when the spec version ``d``'s pilot ran under loosened its gate against the
+    version before it (a larger non-inferiority margin or alpha: a GO comes easier), else None."""
+    pilot = session.get(Pilot, d.pilot_id) if d.pilot_id else None
+    if pilot is None or not pilot.spec_version or pilot.spec_version < 2:
+        return None
+    rows = {
+        sv.version: sv
+        for sv in session.scalars(
+            select(SpecVersion).where(
+                SpecVersion.use_case_id == d.use_case_id,
+                SpecVersion.version.in_([pilot.spec_version - 1, pilot.spec_version]),
+            )
+        )
+    }
+    now, before = rows.get(pilot.spec_version), rows.get(pilot.spec_version - 1)
+    if now is None or before is None:
+        return None
+    changes = []
+    for key, label, default in (("non_inferiority_margin", "margin", None), ("alpha", "alpha", 0.05)):
+        old_v = (before.spec.get("gate") or {}).get(key, default)
+        new_v = (now.spec.get("gate") or {}).get(key, default)
+        if old_v is not None and new_v is not None and float(new_v) > float(old_v):
+            changes.append(f"{label} {old_v} -> {new_v}")
+    return (now.created_by, changes) if changes else None
+
+
+def _refuse_the_loosener(session: Any, d: GateDecision, who: Identity) -> None:
+    """A GO judged under a spec version that loosened the gate is not approved by the person who
+    loosened it: another approver looks at it (one signature, as for any GO). Otherwise one approver
+    could move the gate and then approve what passed it alone (review s46 A13)."""
+    loosened = gate_loosened(session, d)
+    if loosened is None:
+        return
+    author, changes = loosened
+    if same_person(author, who.name, subjects=("", who.subject)):
+        pilot = session.get(Pilot, d.pilot_id)
+        raise ApprovalError(
+            f"decision {d.id} was judged under spec version {pilot.spec_version}, in which {author} "
+            f"loosened the gate ({', '.join(changes)}); its GO needs an approver other than {author}; "
+            "nothing was recorded"
+        )
+
+
 def _sign(
     session: Any,
     d: GateDecision,
@@ -484,6 +529,8 @@ def approve(
             _require_an_earlier_champion(session, d)
         # continuing the ramp is what the plan would have done: it goes against nothing, one signature
         against = action != "continue" and action != recommended_action(d)
+        if action == "approve" and not against:
+            _refuse_the_loosener(session, d, who)
         if against:
             earlier, lapsed = counting_signatures(session, d.id, action)
             signed = [
