@@ -37,7 +37,7 @@ from pydantic import BaseModel
 from sqlalchemy import select
 
 from rollout import audit, lifecycle
-from rollout.auth import Identity, require_approver, same_person
+from rollout.auth import Identity, require_approver, same_person, still_approver
 from rollout.db.models import (
     AliasMove,
     Approval,
@@ -45,6 +45,7 @@ from rollout.db.models import (
     GateDecision,
     ModelVersion,
     Pilot,
+    SpecVersion,
     UseCase,
     as_utc,
     utcnow,
@@ -355,6 +356,83 @@ def override_signatures(session: Any, decision_id: int, action: str) -> list[App
     )
 
 
+def signer_subject(session: Any, approval: Approval) -> str:
+    """The OIDC ``<issuer>#<subject>`` a signature was given with ("" for a local account, or a
+    signature recorded before subjects were kept): from its audit entry, written with the Approval row."""
+    details = session.scalars(
+        select(AuditEntry.details)
+        .where(
+            AuditEntry.entity == "gate_decision",
+            AuditEntry.entity_id == str(approval.decision_id),
+            AuditEntry.actor == approval.actor,
+            AuditEntry.action.like(f"approval.{approval.action}%"),
+        )
+        .order_by(AuditEntry.id)
+    ).all()
+    return next((str(d["subject"]) for d in details if isinstance(d, dict) and d.get("subject")), "")
+
+
+def counting_signatures(
+    session: Any, decision_id: int, action: str
+) -> tuple[list[tuple[Approval, str]], list[tuple[Approval, str]]]:
+    """The override signatures already given (`override_signatures`), split into those that still count
+    ([(approval, its signer's OIDC subject)]) and those that lapsed ([(approval, why)]): a signer who
+    is no longer an approver (demoted, or the account deleted; `rollout.auth.still_approver`) does not
+    count, so one current approver cannot complete an override on a former approver's signature."""
+    counting, lapsed = [], []
+    for a in override_signatures(session, decision_id, action):
+        ok, what = still_approver(a.actor)
+        if ok:
+            counting.append((a, signer_subject(session, a)))
+        else:
+            lapsed.append((a, what))
+    return counting, lapsed
+
+
+def gate_loosened(session: Any, d: GateDecision) -> tuple[str, list[str]] | None:
+    """(who, [changes]) when the spec version ``d``'s pilot ran under loosened its gate against the
+    version before it (a larger non-inferiority margin or alpha: a GO comes easier), else None."""
+    pilot = session.get(Pilot, d.pilot_id) if d.pilot_id else None
+    if pilot is None or not pilot.spec_version or pilot.spec_version < 2:
+        return None
+    rows = {
+        sv.version: sv
+        for sv in session.scalars(
+            select(SpecVersion).where(
+                SpecVersion.use_case_id == d.use_case_id,
+                SpecVersion.version.in_([pilot.spec_version - 1, pilot.spec_version]),
+            )
+        )
+    }
+    now, before = rows.get(pilot.spec_version), rows.get(pilot.spec_version - 1)
+    if now is None or before is None:
+        return None
+    changes = []
+    for key, label, default in (("non_inferiority_margin", "margin", None), ("alpha", "alpha", 0.05)):
+        old_v = (before.spec.get("gate") or {}).get(key, default)
+        new_v = (now.spec.get("gate") or {}).get(key, default)
+        if old_v is not None and new_v is not None and float(new_v) > float(old_v):
+            changes.append(f"{label} {old_v} -> {new_v}")
+    return (now.created_by, changes) if changes else None
+
+
+def _refuse_the_loosener(session: Any, d: GateDecision, who: Identity) -> None:
+    """A GO judged under a spec version that loosened the gate is not approved by the person who
+    loosened it: another approver looks at it (one signature, as for any GO). Otherwise one approver
+    could move the gate and then approve what passed it alone (review s46 A13)."""
+    loosened = gate_loosened(session, d)
+    if loosened is None:
+        return
+    author, changes = loosened
+    if same_person(author, who.name, subjects=("", who.subject)):
+        pilot = session.get(Pilot, d.pilot_id)
+        raise ApprovalError(
+            f"decision {d.id} was judged under spec version {pilot.spec_version}, in which {author} "
+            f"loosened the gate ({', '.join(changes)}); its GO needs an approver other than {author}; "
+            "nothing was recorded"
+        )
+
+
 def _sign(
     session: Any,
     d: GateDecision,
@@ -378,6 +456,8 @@ def _sign(
     session.add(row)
     session.flush()
     details = {"reason": text, "role": who.role, **about, "source": who.source}
+    if who.subject:  # an OIDC user: who they are whatever email they were recorded under (`signer_subject`)
+        details["subject"] = who.subject
     audit.record(session, who.name, event, on=d, details=details)
     return row
 
@@ -456,14 +536,29 @@ def approve(
             _require_an_earlier_champion(session, d)
         # continuing the ramp is what the plan would have done: it goes against nothing, one signature
         against = action != "continue" and action != recommended_action(d)
+        if action == "approve" and not against:
+            _refuse_the_loosener(session, d, who)
         if against:
-            earlier = override_signatures(session, d.id, action)
-            signed = [a.actor for a in earlier if same_person(a.actor, who.name)]
+            earlier, lapsed = counting_signatures(session, d.id, action)
+            signed = [
+                a.actor for a, sub in earlier if same_person(a.actor, who.name, subjects=(sub, who.subject))
+            ]
             if signed:  # one person under two identities (a local account and OIDC) counts once
                 also = f" (as {signed[0]!r})" if signed[0] != who.name else ""
                 raise ApprovalError(
                     f"{who.name!r} already signed this override of decision {decision_id}{also}; "
                     "a second, different approver must confirm it"
+                )
+            gone = "; ".join(
+                f"{a.actor}'s signature no longer counts ({a.actor} is {what})" for a, what in lapsed
+            )
+            for a, what in lapsed:
+                audit.record(
+                    session,
+                    who.name,
+                    f"approval.{action}.signature_lapsed",
+                    on=d,
+                    details={"signer": a.actor, "approval_id": a.id, "why": what},
                 )
             if not earlier:
                 row = _sign(
@@ -486,7 +581,8 @@ def approve(
                     resumed_flow_run_id=None,
                     applied_directly=False,
                     message=(
-                        f"recorded {who.name}'s signature; to {action} against the gate's recommendation "
+                        (f"{gone}; " if gone else "")
+                        + f"recorded {who.name}'s signature; to {action} against the gate's recommendation "
                         f"({d.outcome}{_skips(d) if action == 'approve' else ''}) a second, different "
                         f"approver must also {action} decision {d.id}"
                     ),

@@ -432,10 +432,12 @@ def run_cmd(
         Path | None,
         typer.Option("--specs", help="folder of use-case specs to run [default: examples/usecases]"),
     ] = None,
+    password_stdin: PasswordStdin = False,
     json_out: JsonOpt = False,
 ) -> None:
     """The main job: for each sample use case validate -> calibrate -> evaluate -> pilot (shadow + first
-    split step) -> gate, then a summary table; GO decisions wait for approval."""
+    split step) -> gate, then a summary table; GO decisions wait for approval. A use case a person added
+    (`usecase add`) is piloted and gated only for an operator, as by `pilot` and `gate`."""
     import os
 
     # Our progress display owns the terminal; Prefect's INFO logs still reach its API (set before import).
@@ -460,6 +462,7 @@ def run_cmd(
     from rollout.settings import get_settings
     from sparsepilot.quiet import to_log_file
 
+    _require_operator_for_theirs(settings, password_stdin)
     _require_device()
     log_path = to_log_file(get_settings().home, "run")
     out_console.print(f"log file (warnings and library output): {log_path}", highlight=False, soft_wrap=True)
@@ -491,6 +494,20 @@ def run_cmd(
         raise typer.Exit(code)
     if not result["ok"]:
         raise typer.Exit(1)
+
+
+def _require_operator_for_theirs(settings: Any, password_stdin: bool) -> None:
+    """`run` pilots and gates what it is given: the samples it adds itself need nobody, but a use case
+    a person added (`rollout.usecases.added_by_people`) needs an operator's sign-in, as `pilot` and
+    `gate` do; refused (exit 2) before anything runs."""
+    from flows.main_job import sample_names
+    from rollout.settings import configure_environment
+    from rollout.usecases import added_by_people
+
+    configure_environment()
+    theirs = added_by_people(settings.use_cases or sample_names(settings.examples_dir))
+    if theirs:
+        signed_in("operator", f"run (pilot and gate) {', '.join(theirs)}", password_stdin)
 
 
 @app.command("serve")

@@ -455,3 +455,22 @@ def test_first_run_files_made_by_two_processes_at_once_are_made_once(tmp_path: P
         keys = [r for h, what, r in got if h == home and what == "key"]
         assert keys == [auth.auth_key(env)] * 2, home  # both logins sign with the key in the file
         assert sorted(p.name for p in Path(home).iterdir()) == ["accounts.toml", "auth.key"]  # no stray temp
+
+
+def test_an_oidc_person_is_their_issuer_and_subject_whatever_the_email() -> None:
+    """Review s46 A2: the same iss/sub signed in under two verified emails, or with the email not
+    verified, is one person; another subject with the same issuer is not."""
+    claims = {"iss": "https://idp.example", "sub": "42", "email_verified": True}
+    a = auth.identity_from_oidc(claims | {"email": "alice@corp.example"})
+    b = auth.identity_from_oidc(claims | {"email": "alice.smith@corp.example"})
+    c = auth.identity_from_oidc(claims | {"email_verified": False, "email": "x@corp.example"})
+    other = auth.identity_from_oidc(claims | {"sub": "43", "email": "bob@corp.example"})
+    assert (a.name, b.name, c.name) == (
+        "oidc:alice@corp.example",
+        "oidc:alice.smith@corp.example",
+        "oidc:https://idp.example#42",
+    )
+    assert a.subject == b.subject == c.subject == "https://idp.example#42"
+    for x, y in ((a, b), (a, c), (b, c)):
+        assert auth.same_person(x.name, y.name, {}, subjects=(x.subject, y.subject))
+    assert not auth.same_person(a.name, other.name, {}, subjects=(a.subject, other.subject))

@@ -563,3 +563,72 @@ def test_a_go_before_the_plans_last_step_needs_two_approvers_and_says_what_it_sk
     assert second.took_effect and second.against_recommendation
     with session_scope() as s:
         assert s.scalar(select(UseCase.phase).where(UseCase.name == name)) == "promoted"
+
+
+def test_a_former_approvers_first_signature_lapses(flow_use_case, monkeypatch) -> None:
+    """Review s46 A7: alice signs "promote anyway" on an EXTEND, then is demoted (or her account is
+    deleted). Bob's signature does not complete the override on hers: hers lapses (said, and audited)
+    and his is the first; a second current approver (carol) completes it."""
+    from rollout import approvals, registry
+    from rollout.auth import ACCOUNTS_ENV, Identity, hash_password
+    from rollout.db.models import AuditEntry
+    from rollout.db.session import session_scope
+
+    h = hash_password("pw-pw-pw-pw")
+    monkeypatch.setenv(ACCOUNTS_ENV, f"alice:approver:{h};bob:approver:{h};carol:approver:{h}")
+    name = flow_use_case()
+    did = _pilot_with_decision(name, "EXTEND", "none")
+    assert approvals.approve(did, Identity(*ALICE), "business needs it now").needs_second_approver
+
+    monkeypatch.setenv(ACCOUNTS_ENV, f"alice:viewer:{h};bob:approver:{h};carol:approver:{h}")  # demoted
+    second = approvals.approve(did, Identity(*BOB), "agreed with alice")
+    assert second.needs_second_approver and not second.took_effect
+    assert "alice's signature no longer counts (alice is now a viewer)" in second.message
+    assert "champion" not in registry.current_aliases(name)
+    with session_scope() as s:
+        lapsed = s.scalars(select(AuditEntry).where(AuditEntry.action == "approval.approve.signature_lapsed"))
+        assert [(e.actor, e.details["signer"], e.details["why"]) for e in lapsed] == [
+            ("bob", "alice", "now a viewer")
+        ]
+    third = approvals.approve(did, Identity("carol", "approver", "cli-env"), "agreed with bob")
+    assert third.took_effect
+
+
+def test_a_deleted_approvers_first_signature_lapses(flow_use_case, monkeypatch) -> None:
+    from rollout import approvals
+    from rollout.auth import ACCOUNTS_ENV, Identity, hash_password
+
+    h = hash_password("pw-pw-pw-pw")
+    monkeypatch.setenv(ACCOUNTS_ENV, f"alice:approver:{h};bob:approver:{h}")
+    name = flow_use_case()
+    did = _pilot_with_decision(name, "EXTEND", "none")
+    approvals.approve(did, Identity(*ALICE), "business needs it now")
+    monkeypatch.setenv(ACCOUNTS_ENV, f"bob:approver:{h}")  # alice left
+    second = approvals.approve(did, Identity(*BOB), "agreed with alice")
+    assert second.needs_second_approver and not second.took_effect
+    assert "alice's signature no longer counts (alice is no longer an account)" in second.message
+
+
+def test_one_oidc_subject_under_two_emails_is_one_person(flow_use_case) -> None:
+    """Review s46 A2: an approver listed by <issuer>#<subject> whose email changed at the provider (or
+    whose email is not verified on one sign-in) is recorded under two names, but is one person: the
+    second half of their own override is refused, before any approval run starts."""
+    from flows.approval import approve_decision
+    from rollout import approvals
+    from rollout.auth import identity_from_oidc
+    from rollout.db.models import Approval
+
+    listed = ["https://idp.example#248289761001"]
+    claims = {"iss": "https://idp.example", "sub": "248289761001", "email_verified": True}
+    before = identity_from_oidc(claims | {"email": "alice@corp.example"}, listed)
+    after = identity_from_oidc(claims | {"email": "alice.smith@corp.example"}, listed)
+    unverified = identity_from_oidc(claims | {"email": "a@corp.example", "email_verified": False}, listed)
+    assert before.name != after.name and before.can_approve and after.can_approve and unverified.can_approve
+    name = flow_use_case()
+    did = _pilot_with_decision(name, "EXTEND", "none")
+    assert approvals.approve(did, before, "business needs it now").needs_second_approver
+    refused = r"already signed .* \(as 'oidc:alice@corp\.example'\)"
+    for again in (after, unverified):
+        with pytest.raises(approvals.ApprovalError, match=refused):
+            approve_decision(did, again, "me again")
+    assert _count(Approval) == 1
