@@ -263,6 +263,8 @@ def approve_decision(
     approvals._check_reason(reason)  # fail before starting anything
     if continue_ramp:
         approval_runs.check_continuable(decision_id)  # refused before any approval run starts
+    elif reject:
+        approval_runs.check_rejectable(decision_id)  # a decision that asked nobody is not rejected
     elif not approval_runs.will_take_effect(decision_id, identity.name, reject):
         # The first signature of an override: recorded, nothing to resume yet.
         return approvals.approve(decision_id, identity, reason, reject=reject).to_dict()

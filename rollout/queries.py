@@ -754,7 +754,10 @@ def alias_moves(session: Session, use_case_id: int) -> list[dict[str, Any]]:
 def approvals(session: Session, decision_ids: list[int]) -> list[dict[str, Any]]:
     if not decision_ids:
         return []
+    from rollout.approvals import withdrawn_signatures
+
     stmt = select(Approval).where(Approval.decision_id.in_(decision_ids)).order_by(Approval.id)
+    gone = set().union(*(withdrawn_signatures(session, i) for i in decision_ids))
     return [
         {
             "id": a.id,
@@ -764,6 +767,7 @@ def approvals(session: Session, decision_ids: list[int]) -> list[dict[str, Any]]
             "action": a.action,
             "reason": a.reason,
             "against_recommendation": a.against_recommendation,
+            "withdrawn": a.id in gone,  # its signer took it back (`approve --withdraw`): it counts nothing
             "created_at": a.created_at,
         }
         for a in session.scalars(stmt)

@@ -256,15 +256,36 @@ def approve_cmd(
             "there (one approver; promotes nothing)",
         ),
     ] = False,
+    withdraw: Annotated[
+        bool,
+        typer.Option(
+            "--withdraw",
+            help="take back your own first signature of an override that no second approver has confirmed "
+            "(changes nothing else)",
+        ),
+    ] = False,
     password_stdin: PasswordStdin = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Approve (or reject) a decision waiting for a person, or --continue-ramp a GO before the plan's
-    last step; resumes its paused approval flow run."""
+    last step; resumes its paused approval flow run. --withdraw takes back your unconfirmed override
+    signature. The output says what happened to the pilot."""
     from flows.approval import approve_decision
 
-    if reject and continue_ramp:
-        fail("--reject and --continue-ramp exclude each other")
+    if sum((reject, continue_ramp, withdraw)) > 1:
+        fail("--reject, --continue-ramp and --withdraw exclude each other")
+    if withdraw:
+        who = signed_in("approver", f"withdraw a signature on decision {decision}", password_stdin)
+
+        def take_back() -> dict[str, Any]:
+            from rollout.approvals import withdraw as withdraw_signature
+
+            _check_decision(name, decision)
+            return withdraw_signature(decision, who, reason).to_dict()
+
+        result = _run(take_back, needs_prefect=False)  # a state-DB row, no flow run
+        emit_or_say(result, json_out, result["message"])
+        return
     what = "continue the ramp on" if continue_ramp else "reject" if reject else "approve"
     who = signed_in("approver", f"{what} decision {decision}", password_stdin)
 

@@ -390,7 +390,7 @@ ARG_CASES = [
     Case("decision-2-pow-70", _approve(str(2**70)), "--decision", user="alice"),
     Case("decision-zero", _approve("0"), "--decision", user="alice"),
     Case("decision-not-a-number", _approve("abc"), "--decision", user="alice"),
-    Case("decision-of-another-use-case", _approve("999999"), "decision 999999 does not belong", user="alice"),
+    Case("decision-that-does-not-exist", _approve("999999"), "decision 999999 does not exist", user="alice"),
     Case("approve-blank-reason", _approve("@decision", "   "), "a reason is required", user="alice"),
     Case(
         "approve-invisible-reason",
