@@ -89,6 +89,7 @@ DecisionId = Annotated[
 
 def calibrate_use_case(name: str, quick: bool, json_out: bool) -> None:
     """Use-case form: validate the dataset, calibrate to the spec's budget, register @challenger."""
+    _require_use_case(name)  # a typo is refused in a second, not after a Prefect server and a Failed run
     from flows.calibrate import calibrate_flow
 
     _require_device()
@@ -115,6 +116,7 @@ def calibrate_use_case(name: str, quick: bool, json_out: bool) -> None:
 
 def evaluate_use_case(name: str, quick: bool, json_out: bool) -> None:
     """Use-case form: quality and speed vs dense on the use case's data, ROI with its interval."""
+    _require_use_case(name)  # a typo is refused in a second, not after a Prefect server and a Failed run
     from flows.evaluate import evaluate_flow
 
     _require_device()
@@ -229,11 +231,32 @@ def gate_cmd(name: UseCaseArg, password_stdin: PasswordStdin = False, json_out: 
 
 
 def _require_use_case(name: str) -> None:
-    """Refuse an unknown use case before a flow run starts (its failure would be a logged traceback)."""
+    """Refuse an unknown use case before a flow run starts (its failure would be a logged traceback, after
+    the flow module's imports and a temporary Prefect server: up to a minute, review U7)."""
     from rollout.usecases import require_use_case
 
     _require_db()
     require_use_case(name)
+
+
+def _require_run_use_cases(specs: Path | None, names: list[str]) -> None:
+    """`run --use-case NAME`: a name that is neither a spec in the folder the main job adds nor a
+    registered use case is refused before the job starts (review U7)."""
+    from flows.main_job import MainJobSettings, sample_names
+    from sparse_core.errors import SparsePilotError
+
+    folder = specs if specs is not None else MainJobSettings().examples_dir
+    samples = set(sample_names(folder))
+    for n in names:
+        if n in samples:
+            continue
+        try:
+            _require_use_case(n)
+        except SparsePilotError:
+            fail(
+                f"--use-case {n!r}: not a spec in {folder} ({', '.join(sorted(samples)) or 'none'}) nor a "
+                "registered use case"
+            )
 
 
 def _check_decision(name: str, decision_id: int) -> None:
@@ -432,6 +455,8 @@ def run_cmd(
     from flows.main_job import MainJobSettings, render_table, run_main_job, serve_after
     from rollout.pilot_plan import describe_to_approval
 
+    if use_case:
+        _require_run_use_cases(specs, use_case)
     settings = MainJobSettings(
         **({"examples_dir": specs} if specs is not None else {}),
         use_cases=use_case or None,
