@@ -293,3 +293,21 @@ def test_a_mistyped_use_case_is_refused_before_prefect_is_asked(
     assert res.exit_code == 2, res.output
     assert "no-such-case" in res.output and "Prefect server does not answer" not in res.output, res.output
     assert "unknown use case" in res.output or "nor a registered use case" in res.output, res.output
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["approve", "x", "--decision", "abc", "--reason", "r"], "Invalid value for '--decision'"),
+        (["approve", "x", "--decision", "1"], "Missing option '--reason'"),
+        (["usecase", "list", "--format", "yaml"], "No such option: --format"),
+        (["no-such-command"], "No such command 'no-such-command'"),
+    ],
+)
+def test_a_usage_mistake_is_one_error_line_and_exit_2(argv: list[str], said: str) -> None:
+    """Review U5: the README promises `error: <what to fix>` and exit 2 for every bad input; option
+    mistakes printed Click's boxed usage panel instead."""
+    res = CliRunner().invoke(app, argv)
+    assert res.exit_code == 2, res.output
+    assert res.output.startswith(f"error: {said}"), res.output
+    assert "╭" not in res.output and "--help`" in res.output
