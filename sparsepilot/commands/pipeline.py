@@ -89,10 +89,10 @@ DecisionId = Annotated[
 
 def calibrate_use_case(name: str, quick: bool, json_out: bool) -> None:
     """Use-case form: validate the dataset, calibrate to the spec's budget, register @challenger."""
+    _require_device()
     _require_use_case(name)  # a typo is refused in a second, not after a Prefect server and a Failed run
     from flows.calibrate import calibrate_flow
 
-    _require_device()
     result = _run(lambda: calibrate_flow(name, quick=quick))
     if json_out:
         emit_json(result)
@@ -116,10 +116,10 @@ def calibrate_use_case(name: str, quick: bool, json_out: bool) -> None:
 
 def evaluate_use_case(name: str, quick: bool, json_out: bool) -> None:
     """Use-case form: quality and speed vs dense on the use case's data, ROI with its interval."""
+    _require_device()
     _require_use_case(name)  # a typo is refused in a second, not after a Prefect server and a Failed run
     from flows.evaluate import evaluate_flow
 
-    _require_device()
     result = _run(lambda: evaluate_flow(name, quick=quick))
     if json_out:
         emit_json(result)
