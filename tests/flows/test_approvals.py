@@ -590,7 +590,7 @@ def test_an_approver_withdraws_their_own_unconfirmed_override_signature(flow_use
     """Review U9: a first override signature can be taken back by its signer (audited); the pilot keeps
     running, the decision stays open, another approver cannot withdraw it, and a signature that took
     effect cannot be withdrawn. After a withdrawal a second approver's signature is a first one again."""
-    from rollout import approvals
+    from rollout import approvals, queries
     from rollout.auth import Identity
     from rollout.db.models import AuditEntry, GateDecision, Pilot
     from rollout.db.session import session_scope
@@ -611,6 +611,9 @@ def test_an_approver_withdraws_their_own_unconfirmed_override_signature(flow_use
         assert entry.actor == "alice" and entry.details["reason"] == "signed by mistake"
     with pytest.raises(approvals.ApprovalError, match="no unconfirmed signature"):
         approvals.withdraw(did, Identity(*ALICE), "again")
+    with session_scope() as s:  # the dashboard no longer lists it as waiting for a second approver
+        assert did not in [r["id"] for r in queries.pending_decisions(s)]
+        assert queries.portfolio(s)[0]["waits_for"] != "a second approver"
 
     # bob's signature is now a first one, not a confirmation of alice's withdrawn one
     again = approvals.approve(did, Identity(*BOB), "I do want it promoted")
