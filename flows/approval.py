@@ -264,7 +264,12 @@ def approve_decision(
     subject = getattr(identity, "subject", "")
     if continue_ramp:
         approval_runs.check_continuable(decision_id)  # refused before any approval run starts
-    elif not approval_runs.will_take_effect(decision_id, identity.name, reject, subject=subject):
+    elif reject:
+        approval_runs.check_rejectable(decision_id)  # a decision that asked nobody is not rejected
+    takes_effect = continue_ramp or approval_runs.will_take_effect(
+        decision_id, identity.name, reject, subject=subject
+    )
+    if not takes_effect:
         # The first signature of an override: recorded, nothing to resume yet.
         return approvals.approve(decision_id, identity, reason, reject=reject).to_dict()
     started_here = False

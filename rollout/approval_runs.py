@@ -97,6 +97,15 @@ def check_open(decision_id: int) -> None:
         check_approvable(session, d)
 
 
+def check_rejectable(decision_id: int) -> None:
+    """Refuse, before any approval run starts, to reject a decision that asked nobody (a running pilot's
+    latest gate decision: `approvals.refuse_rejecting_unasked` says what to do instead)."""
+    with session_scope() as session:
+        d = session.get(GateDecision, decision_id)
+        if d is not None:  # an unknown decision: approvals.approve says so
+            approvals.refuse_rejecting_unasked(session, d)
+
+
 def check_continuable(decision_id: int) -> None:
     """Refuse, naming the decision and why, before any approval run starts for a ramp nobody may continue
     (`approvals.check_continuable`)."""

@@ -299,8 +299,24 @@ def check_decision_of(use_case: str, decision_id: int, *, db_url: str | None = N
     with session_scope(db_url) as session:
         uc = get_use_case(session, use_case)
         d = session.get(GateDecision, decision_id)
-        if d is None or d.use_case_id != uc.id:
-            raise ApprovalError(f"decision {decision_id} does not belong to use case {use_case!r}")
+        if d is None:  # review U4: it was "does not belong to use case", as if it were another's
+            open_ = session.scalars(
+                select(GateDecision.id)
+                .where(GateDecision.use_case_id == uc.id, GateDecision.resolution.is_(None))
+                .order_by(GateDecision.id)
+            ).all()
+            waiting = (
+                f"{use_case}'s open decisions: {', '.join(map(str, open_))}"
+                if open_
+                else f"{use_case} has no open decision; `sparsepilot gate {use_case}` makes one"
+            )
+            raise ApprovalError(f"decision {decision_id} does not exist ({waiting})")
+        if d.use_case_id != uc.id:
+            other = session.get(UseCase, d.use_case_id).name
+            raise ApprovalError(
+                f"decision {decision_id} belongs to use case {other!r}, not {use_case!r}; "
+                "nothing was recorded"
+            )
 
 
 def unfinished_promotion(decision_id: int, *, db_url: str | None = None) -> int | None:
@@ -344,16 +360,20 @@ def _superseded(session: Any, d: GateDecision) -> bool:
 
 
 def override_signatures(session: Any, decision_id: int, action: str) -> list[Approval]:
-    """The signatures already given to `action` the decision against the gate's recommendation."""
-    return list(
-        session.scalars(
+    """The signatures already given to `action` the decision against the gate's recommendation (less
+    those their signers withdrew: `withdrawn_signatures`)."""
+    gone = withdrawn_signatures(session, decision_id)
+    return [
+        a
+        for a in session.scalars(
             select(Approval).where(
                 Approval.decision_id == decision_id,
                 Approval.action == action,
                 Approval.against_recommendation.is_(True),
             )
         )
-    )
+        if a.id not in gone
+    ]
 
 
 def signer_subject(session: Any, approval: Approval) -> str:
@@ -532,6 +552,8 @@ def approve(
             to_step = check_continuable(session, d)
         else:
             check_approvable(session, d)
+        if action == "reject":
+            refuse_rejecting_unasked(session, d)
         if action == "approve" and d.awaiting == "rollback_approval":
             _require_an_earlier_champion(session, d)
         # continuing the ramp is what the plan would have done: it goes against nothing, one signature
@@ -584,7 +606,7 @@ def approve(
                         (f"{gone}; " if gone else "")
                         + f"recorded {who.name}'s signature; to {action} against the gate's recommendation "
                         f"({d.outcome}{_skips(d) if action == 'approve' else ''}) a second, different "
-                        f"approver must also {action} decision {d.id}"
+                        f"approver must also {action} decision {d.id}; {_unchanged_in_words(session, d)}"
                     ),
                 )
         d.resolution = {"approve": "approved", "reject": "rejected", "continue": "continued"}[action]
@@ -628,7 +650,8 @@ def approve(
             raise FlowNotWaiting(
                 f"decision {d.id}: no paused flow run is waiting for it; nothing was recorded"
             )
-        approval_id, decision_pk, awaiting = row.id, d.id, d.awaiting
+        approval_id, decision_pk = row.id, d.id
+        effect_words = effect_in_words(session, d, action)
     if resumed is not None:
         try:
             _resume(resumed, payload)
@@ -671,10 +694,148 @@ def approve(
         resumed_flow_run_id=resumed,
         applied_directly=apply_now,
         message=(
-            f"{'approved' if action == 'approve' else 'rejected'} decision {decision_pk} ({awaiting})"
+            f"{'approved' if action == 'approve' else 'rejected'} decision {decision_pk}: {effect_words}"
             + (f"; resumed flow run {resumed}" if resumed else "; applied directly (no flow run was waiting)")
         ),
     )
+
+
+# --- what a signature does, in words; a decision that asked nobody (review U9) -----------------------
+#
+# A running pilot's latest gate decision (EXTEND, or a GO before the plan's last step) asks nobody: a
+# person may only override it (promote, two approvers). Rejecting it used to stop the whole pilot on one
+# signature, the natural way a new approver tried to take back a mistaken first signature; the pilot is
+# stopped by `pilot NAME --abort` and a first signature is taken back by `approve --withdraw`.
+
+
+def _names(session: Any, d: GateDecision) -> tuple[str, str]:
+    """The decision's use-case name and its pilot's label ('pilot 2 of NAME'), or its use case alone."""
+    from rollout.pilots import pilot_label
+
+    name = session.get(UseCase, d.use_case_id).name
+    pilot = session.get(Pilot, d.pilot_id) if d.pilot_id else None
+    return name, (f"{pilot_label(pilot)} of {name}" if pilot is not None else name)
+
+
+def effect_in_words(session: Any, d: GateDecision, action: str) -> str:
+    """What a signature that takes effect does, for its message ('pilot 1 of NAME stopped ...')."""
+    name, pilot = _names(session, d)
+    if d.awaiting == "rollback_approval":
+        return (
+            f"{name}'s champion rolls back to the previous one"
+            if action == "approve"
+            else f"{name}'s champion is kept and its monitor resumes"
+        )
+    if action == "approve":
+        return f"{pilot} promoted (its challenger becomes {name}'s champion)"
+    return f"{pilot} stopped (use case phase stopped); a new pilot starts with `sparsepilot pilot {name}`"
+
+
+def _unchanged_in_words(session: Any, d: GateDecision) -> str:
+    """A first override signature changes nothing yet: where the pilot stands, and how to take it back."""
+    name, pilot = _names(session, d)
+    where = session.get(Pilot, d.pilot_id) if d.pilot_id else session.get(UseCase, d.use_case_id)
+    status = where.status if isinstance(where, Pilot) else where.phase
+    return (
+        f"nothing changed yet ({pilot} is {status}); `sparsepilot approve {name} --decision {d.id} "
+        "--withdraw --reason TEXT` takes your signature back"
+    )
+
+
+def refuse_rejecting_unasked(session: Any, d: GateDecision) -> None:
+    """A decision that asked nobody is not rejected (ApprovalError naming what to do instead): that used
+    to stop the running pilot on one signature."""
+    if d.awaiting != "none" or d.resolution is not None:
+        return
+    name, pilot = _names(session, d)
+    raise ApprovalError(
+        f"decision {d.id} ({d.outcome}) asked nobody, so there is nothing to reject; nothing was recorded. "
+        f"To stop {pilot}: `sparsepilot pilot {name} --abort --reason TEXT`; to take back your own "
+        f"override signature: `sparsepilot approve {name} --decision {d.id} --withdraw --reason TEXT`"
+    )
+
+
+WITHDRAW = "withdraw"  # an Approval row's action: its signer took back their earlier override signature
+
+
+def withdrawn_signatures(session: Any, decision_id: int) -> set[int]:
+    """The ids of the decision's override signatures their signers withdrew: approvals are append-only
+    (migration 0003), so a withdrawal is a later `withdraw` row by the same person (`same_person`)."""
+    rows = list(
+        session.scalars(select(Approval).where(Approval.decision_id == decision_id).order_by(Approval.id))
+    )
+    gone: set[int] = set()
+    for w in rows:
+        if w.action == WITHDRAW:
+            gone |= {
+                a.id
+                for a in rows
+                if a.id < w.id and a.action != WITHDRAW and a.against_recommendation
+                and same_person(a.actor, w.actor)
+            }  # fmt: skip
+    return gone
+
+
+def withdraw(
+    decision_id: int, identity: Identity | None, reason: str | None, *, db_url: str | None = None
+) -> ApprovalResult:
+    """Take back the caller's own first signature of an override that no second approver has confirmed:
+    audited (`approval.withdraw`), the decision and its pilot unchanged. Refused for a decision already
+    resolved (the override was confirmed, or the decision decided otherwise) and where the caller has
+    no open override signature (another approver's is theirs to withdraw)."""
+    who = require_approver(identity, f"withdraw a signature on decision {decision_id}")
+    text = _check_reason(reason)
+    with session_scope(db_url, immediate=True) as session:
+        d = lock_decision(session, decision_id)
+        if d.resolution is not None:
+            raise ApprovalError(
+                f"decision {d.id} was already {d.resolution}: a signature that took effect cannot be "
+                "withdrawn; nothing was recorded"
+            )
+        gone = withdrawn_signatures(session, d.id)
+        open_ = [
+            a
+            for a in session.scalars(
+                select(Approval).where(Approval.decision_id == d.id, Approval.action != WITHDRAW)
+            )
+            if a.against_recommendation and a.id not in gone
+        ]
+        mine = [a for a in open_ if same_person(a.actor, who.name)]
+        if not mine:
+            others = sorted({a.actor for a in open_})
+            raise ApprovalError(
+                f"{who.name!r} has no unconfirmed signature on decision {d.id} to withdraw"
+                + (f" (signed by {', '.join(others)}: only they can withdraw theirs)" if others else "")
+                + "; nothing was recorded"
+            )
+        row = _sign(
+            session,
+            d,
+            who,
+            WITHDRAW,
+            text,
+            False,
+            "approval.withdraw",
+            withdrawn=[a.id for a in mine],
+            action_withdrawn=mine[0].action,
+        )
+        _name, pilot = _names(session, d)
+        status = session.get(Pilot, d.pilot_id).status if d.pilot_id else None
+        message = (
+            f"signature withdrawn: {who.name}'s {mine[0].action} of decision {d.id} no longer counts; "
+            f"decision {d.id} is unchanged" + (f" and {pilot} is {status}" if status else "")
+        )
+        return ApprovalResult(
+            decision_id=d.id,
+            action=WITHDRAW,
+            approval_id=row.id,
+            took_effect=False,
+            needs_second_approver=False,
+            against_recommendation=False,
+            resumed_flow_run_id=None,
+            applied_directly=False,
+            message=message,
+        )
 
 
 def _skips(d: GateDecision) -> str:

@@ -370,7 +370,7 @@ def import_file(
                 known_request_ids=known_ids,
                 require_both_arms=False,
                 source=path,
-                first_row=rows_seen + 1,
+                lines=[line for line, _ in chunk],  # the file's lines, as its parse errors name them
                 refused_request_ids=refused_ids,
             )
             if not gx["passed"]:

@@ -164,7 +164,8 @@ def portfolio(
             GateDecision.awaiting,
             GateDecision.resolution,
             GateDecision.created_at.label("decided_at"),
-            select(func.count(Approval.id))
+            # a `withdraw` row (`approve --withdraw`) takes back its signer's one open signature
+            select(func.coalesce(func.sum(case((Approval.action == "withdraw", -1), else_=1)), 0))
             .where(Approval.decision_id == GateDecision.id)
             .correlate(GateDecision)
             .scalar_subquery()
@@ -760,7 +761,8 @@ def _signature_counts(session: Session, decision_ids: list[int]) -> dict[int, in
     if not decision_ids:
         return {}
     stmt = (
-        select(Approval.decision_id, func.count(Approval.id))
+        # a `withdraw` row (`approve --withdraw`) takes back its signer's one open signature
+        select(Approval.decision_id, func.sum(case((Approval.action == "withdraw", -1), else_=1)))
         .where(Approval.decision_id.in_(decision_ids))
         .group_by(Approval.decision_id)
     )
@@ -823,10 +825,18 @@ def alias_moves(session: Session, use_case_id: int) -> list[dict[str, Any]]:
     ]
 
 
+def live_signatures(given: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The signatures of `approvals(...)` that count: neither withdrawn nor a withdrawal."""
+    return [a for a in given if not a["withdrawn"] and a["action"] != "withdraw"]
+
+
 def approvals(session: Session, decision_ids: list[int]) -> list[dict[str, Any]]:
     if not decision_ids:
         return []
+    from rollout.approvals import withdrawn_signatures
+
     stmt = select(Approval).where(Approval.decision_id.in_(decision_ids)).order_by(Approval.id)
+    gone = set().union(*(withdrawn_signatures(session, i) for i in decision_ids))
     return [
         {
             "id": a.id,
@@ -836,6 +846,7 @@ def approvals(session: Session, decision_ids: list[int]) -> list[dict[str, Any]]
             "action": a.action,
             "reason": a.reason,
             "against_recommendation": a.against_recommendation,
+            "withdrawn": a.id in gone,  # its signer took it back (`approve --withdraw`): it counts nothing
             "created_at": a.created_at,
         }
         for a in session.scalars(stmt)
@@ -862,7 +873,7 @@ def pending_decisions(session: Session) -> list[dict[str, Any]]:
     )
     for r in rows:
         r["waits_for"] = decision_waits(
-            r["awaiting"], r["resolution"], len(r["approvals"]), r["id"] in cosign
+            r["awaiting"], r["resolution"], len(live_signatures(r["approvals"])), r["id"] in cosign
         )
     return rows
 

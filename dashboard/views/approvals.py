@@ -144,7 +144,7 @@ def decision_card(d: dict[str, Any], ident: Identity | None) -> None:
             hide_index=True,
             width="stretch",
         )
-        firsts = [a for a in d["approvals"] if a["against_recommendation"]]
+        firsts = [a for a in d["approvals"] if a["against_recommendation"] and not a.get("withdrawn")]
         if firsts:
             st.warning(
                 f"{firsts[0]['actor']} signed an override ({firsts[0]['action']}) against the "
@@ -157,10 +157,11 @@ def decision_card(d: dict[str, Any], ident: Identity | None) -> None:
     st.text_area("Reason (required, kept in the audit log)", key=reason_key)
     approve_label = "Approve rollback" if d["awaiting"] == "rollback_approval" else "Approve promotion"
     if override:
-        approve_label = "Promote anyway" if not d["approvals"] else "Co-sign the promotion"
+        signed_first = queries.live_signatures(d["approvals"])  # a withdrawn signature counts for nothing
+        approve_label = "Co-sign the promotion" if signed_first else "Promote anyway"
     reject_label = "Keep the current model" if d["awaiting"] == "rollback_approval" else "Reject"
     # a first signature against the recommendation waits for a second approver: their button co-signs
-    signed = {a["action"] for a in d["approvals"] if a["against_recommendation"]}
+    signed = {a["action"] for a in d["approvals"] if a["against_recommendation"] and not a.get("withdrawn")}
     if "approve" in signed:
         approve_label = "Co-sign the promotion"
     if "reject" in signed:

@@ -103,9 +103,10 @@ DecisionId = Annotated[
 
 def calibrate_use_case(name: str, quick: bool, json_out: bool) -> None:
     """Use-case form: validate the dataset, calibrate to the spec's budget, register @challenger."""
+    _require_device()
+    _require_use_case(name)  # a typo is refused in a second, not after a Prefect server and a Failed run
     from flows.calibrate import calibrate_flow
 
-    _require_device()
     result = _run(lambda: calibrate_flow(name, quick=quick))
     if json_out:
         emit_json(result)
@@ -129,9 +130,10 @@ def calibrate_use_case(name: str, quick: bool, json_out: bool) -> None:
 
 def evaluate_use_case(name: str, quick: bool, json_out: bool) -> None:
     """Use-case form: quality and speed vs dense on the use case's data, ROI with its interval."""
+    _require_device()
+    _require_use_case(name)  # a typo is refused in a second, not after a Prefect server and a Failed run
     from flows.evaluate import evaluate_flow
 
-    _require_device()
     result = _run(lambda: evaluate_flow(name, quick=quick))
     if json_out:
         emit_json(result)
@@ -261,11 +263,32 @@ def gate_cmd(name: UseCaseArg, password_stdin: PasswordStdin = False, json_out: 
 
 
 def _require_use_case(name: str) -> None:
-    """Refuse an unknown use case before a flow run starts (its failure would be a logged traceback)."""
+    """Refuse an unknown use case before a flow run starts (its failure would be a logged traceback, after
+    the flow module's imports and a temporary Prefect server: up to a minute, review U7)."""
     from rollout.usecases import require_use_case
 
     _require_db()
     require_use_case(name)
+
+
+def _require_run_use_cases(specs: Path | None, names: list[str]) -> None:
+    """`run --use-case NAME`: a name that is neither a spec in the folder the main job adds nor a
+    registered use case is refused before the job starts (review U7)."""
+    from flows.main_job import MainJobSettings, sample_names
+    from sparse_core.errors import SparsePilotError
+
+    folder = specs if specs is not None else MainJobSettings().examples_dir
+    samples = set(sample_names(folder))
+    for n in names:
+        if n in samples:
+            continue
+        try:
+            _require_use_case(n)
+        except SparsePilotError:
+            fail(
+                f"--use-case {n!r}: not a spec in {folder} ({', '.join(sorted(samples)) or 'none'}) nor a "
+                "registered use case"
+            )
 
 
 def _check_decision(name: str, decision_id: int) -> None:
@@ -288,15 +311,36 @@ def approve_cmd(
             "there (one approver; promotes nothing)",
         ),
     ] = False,
+    withdraw: Annotated[
+        bool,
+        typer.Option(
+            "--withdraw",
+            help="take back your own first signature of an override that no second approver has confirmed "
+            "(changes nothing else)",
+        ),
+    ] = False,
     password_stdin: PasswordStdin = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Approve (or reject) a decision waiting for a person, or --continue-ramp a GO before the plan's
-    last step; resumes its paused approval flow run."""
+    last step; resumes its paused approval flow run. --withdraw takes back your unconfirmed override
+    signature. The output says what happened to the pilot."""
     from flows.approval import approve_decision
 
-    if reject and continue_ramp:
-        fail("--reject and --continue-ramp exclude each other")
+    if sum((reject, continue_ramp, withdraw)) > 1:
+        fail("--reject, --continue-ramp and --withdraw exclude each other")
+    if withdraw:
+        who = signed_in("approver", f"withdraw a signature on decision {decision}", password_stdin)
+
+        def take_back() -> dict[str, Any]:
+            from rollout.approvals import withdraw as withdraw_signature
+
+            _check_decision(name, decision)
+            return withdraw_signature(decision, who, reason).to_dict()
+
+        result = _run(take_back, needs_prefect=False)  # a state-DB row, no flow run
+        emit_or_say(result, json_out, result["message"])
+        return
     what = "continue the ramp on" if continue_ramp else "reject" if reject else "approve"
     who = signed_in("approver", f"{what} decision {decision}", password_stdin)
 
@@ -445,6 +489,8 @@ def run_cmd(
     from flows.main_job import MainJobSettings, render_table, run_main_job, serve_after
     from rollout.pilot_plan import describe_to_approval
 
+    if use_case:
+        _require_run_use_cases(specs, use_case)
     settings = MainJobSettings(
         **({"examples_dir": specs} if specs is not None else {}),
         use_cases=use_case or None,
