@@ -79,14 +79,14 @@ class ApprovalPayload(BaseModel):
 @dataclass(frozen=True)
 class ApprovalResult:
     decision_id: int
-    action: str  # approve / reject / continue
+    action: str  # approve / reject / continue / withdraw
     approval_id: int
-    took_effect: bool
-    needs_second_approver: bool
-    against_recommendation: bool
-    resumed_flow_run_id: str | None
-    applied_directly: bool
     message: str
+    took_effect: bool = False
+    needs_second_approver: bool = False
+    against_recommendation: bool = False
+    resumed_flow_run_id: str | None = None
+    applied_directly: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -597,11 +597,8 @@ def approve(
                     decision_id=d.id,
                     action=action,
                     approval_id=row.id,
-                    took_effect=False,
                     needs_second_approver=True,
                     against_recommendation=True,
-                    resumed_flow_run_id=None,
-                    applied_directly=False,
                     message=(
                         (f"{gone}; " if gone else "")
                         + f"recorded {who.name}'s signature; to {action} against the gate's recommendation "
@@ -674,8 +671,6 @@ def approve(
             action=action,
             approval_id=approval_id,
             took_effect=True,
-            needs_second_approver=False,
-            against_recommendation=False,
             resumed_flow_run_id=resumed,
             applied_directly=resumed is None,
             message=(
@@ -689,7 +684,6 @@ def approve(
         action=action,
         approval_id=approval_id,
         took_effect=True,
-        needs_second_approver=False,
         against_recommendation=against,
         resumed_flow_run_id=resumed,
         applied_directly=apply_now,
@@ -829,11 +823,6 @@ def withdraw(
             decision_id=d.id,
             action=WITHDRAW,
             approval_id=row.id,
-            took_effect=False,
-            needs_second_approver=False,
-            against_recommendation=False,
-            resumed_flow_run_id=None,
-            applied_directly=False,
             message=message,
         )
 
