@@ -17,7 +17,7 @@ import yaml
 
 from tests.fixtures.env import fresh_cli_env
 from tests.fixtures.flows import QUICK_CAL, tiny_spec
-from tests.fixtures.trust import password_of
+from tests.fixtures.trust import sparsepilot_as
 
 
 def _revision_and_leftovers(db: Path) -> tuple[str | None, list[str]]:
@@ -37,18 +37,6 @@ def _head() -> str:
     return _get_latest_schema_revision()
 
 
-def _cli(args: list[str], env: dict[str, str], who: str | None = None) -> tuple[int, str]:
-    proc = subprocess.run(
-        [sys.executable, "-m", "sparsepilot", *args, *(["--password-stdin"] if who else [])],
-        env={**env, "SPARSEPILOT_USER": who or ""},
-        input=password_of(who) + "\n" if who else "",
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    return proc.returncode, proc.stdout + proc.stderr
-
-
 def test_init_creates_the_mlflow_store_at_mlflows_head(tmp_path: Path) -> None:
     home = tmp_path / "home"
     env = fresh_cli_env(home, COLUMNS="300")
@@ -61,7 +49,7 @@ def test_init_creates_the_mlflow_store_at_mlflows_head(tmp_path: Path) -> None:
     assert _revision_and_leftovers(db) == (_head(), [])
     payload = json.loads(proc.stdout)
     assert (payload["mlflow_store"], payload["mlflow_revision"]) == ("created", _head())
-    rc, out = _cli(["init"], env)
+    rc, out = sparsepilot_as(["init"], env)
     assert rc == 0 and f"mlflow.db: up to date (revision {_head()})" in out, out
 
 
@@ -70,16 +58,16 @@ def test_calibrate_refuses_a_half_migrated_store_with_runs_before_calibrating(
 ) -> None:
     home = tmp_path / "home"
     env = fresh_cli_env(home, trust_accounts, COLUMNS="300")
-    rc, out = _cli(["init"], env)
+    rc, out = sparsepilot_as(["init"], env)
     assert rc == 0, out
     spec = tmp_path / "tiny-chat.yaml"
     spec.write_text(yaml.safe_dump(tiny_spec(tiny_model_dir, "tiny-chat")))
-    rc, out = _cli(["usecase", "add", str(spec)], env, "olga")
+    rc, out = sparsepilot_as(["usecase", "add", str(spec)], env, "olga")
     assert rc == 0, out
     db = home / "mlflow.db"
     shutil.copyfile(half_migrated_templates[2], db)
 
-    rc, out = _cli(["calibrate", "tiny-chat", "--quick"], env)
+    rc, out = sparsepilot_as(["calibrate", "tiny-chat", "--quick"], env)
     assert rc == 2, out
     assert f"error: the MLflow store at {db} is half-migrated (" in out, out
     assert "move it away and rerun" in out and "Traceback" not in out, out
