@@ -758,15 +758,13 @@ def decisions(session: Session, use_case_id: int) -> list[dict[str, Any]]:
 
 
 def _signature_counts(session: Session, decision_ids: list[int]) -> dict[int, int]:
-    if not decision_ids:
-        return {}
-    stmt = (
-        # a `withdraw` row (`approve --withdraw`) takes back its signer's one open signature
-        select(Approval.decision_id, func.sum(case((Approval.action == "withdraw", -1), else_=1)))
-        .where(Approval.decision_id.in_(decision_ids))
-        .group_by(Approval.decision_id)
-    )
-    return {k: n for k, n in session.execute(stmt)}
+    """Per decision, the signatures that count (`live_signatures`: not taken back by `approve --withdraw`
+    and, for an override's signature, its signer still an approver: rollout.approvals'
+    `counting_signatures` rule, so a former approver's signature waits for no second approver)."""
+    counts: dict[int, int] = {}
+    for a in live_signatures(approvals(session, decision_ids)):
+        counts[a["decision_id"]] = counts.get(a["decision_id"], 0) + 1
+    return counts
 
 
 def _overridable_ids(session: Session) -> list[int]:
@@ -826,17 +824,29 @@ def alias_moves(session: Session, use_case_id: int) -> list[dict[str, Any]]:
 
 
 def live_signatures(given: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The signatures of `approvals(...)` that count: neither withdrawn nor a withdrawal."""
-    return [a for a in given if not a["withdrawn"] and a["action"] != "withdraw"]
+    """The signatures of `approvals(...)` that count: neither withdrawn, nor lapsed, nor a withdrawal."""
+    return [a for a in given if not a["withdrawn"] and not a["lapsed"] and a["action"] != "withdraw"]
 
 
 def approvals(session: Session, decision_ids: list[int]) -> list[dict[str, Any]]:
     if not decision_ids:
         return []
     from rollout.approvals import withdrawn_signatures
+    from rollout.auth import load_accounts, still_approver
 
     stmt = select(Approval).where(Approval.decision_id.in_(decision_ids)).order_by(Approval.id)
     gone = set().union(*(withdrawn_signatures(session, i) for i in decision_ids))
+    found = list(session.scalars(stmt))
+    # an override's signature counts only while its signer is an approver (rollout.approvals'
+    # `counting_signatures`): the accounts as they are now, read once
+    accounts = load_accounts() if any(a.against_recommendation for a in found) else {}
+
+    def lapsed(a: Approval) -> str | None:
+        if not a.against_recommendation or a.action == "withdraw":
+            return None
+        ok, what = still_approver(a.actor, accounts)
+        return None if ok else what
+
     return [
         {
             "id": a.id,
@@ -847,9 +857,10 @@ def approvals(session: Session, decision_ids: list[int]) -> list[dict[str, Any]]
             "reason": a.reason,
             "against_recommendation": a.against_recommendation,
             "withdrawn": a.id in gone,  # its signer took it back (`approve --withdraw`): it counts nothing
+            "lapsed": lapsed(a),  # why an override's signature no longer counts (its signer demoted), or None
             "created_at": a.created_at,
         }
-        for a in session.scalars(stmt)
+        for a in found
     ]
 
 

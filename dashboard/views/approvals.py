@@ -144,13 +144,20 @@ def decision_card(d: dict[str, Any], ident: Identity | None) -> None:
             hide_index=True,
             width="stretch",
         )
-        firsts = [a for a in d["approvals"] if a["against_recommendation"] and not a.get("withdrawn")]
+        live = queries.live_signatures(d["approvals"])  # neither withdrawn nor lapsed
+        firsts = [a for a in live if a["against_recommendation"]]
         if firsts:
             st.warning(
                 f"{firsts[0]['actor']} signed an override ({firsts[0]['action']}) against the "
                 "recommendation; "
                 "a second, different approver must sign the same action before it takes effect."
             )
+        for a in d["approvals"]:
+            if a["lapsed"] and not a["withdrawn"]:  # rollout.approvals.counting_signatures' rule
+                st.caption(
+                    f"{fmt.plain(a['actor'])}'s signature ({a['action']}) no longer counts: "
+                    f"{fmt.plain(a['actor'])} is {a['lapsed']}; an override needs two current approvers."
+                )
     if ident is None or not ident.can_approve:
         return
     reason_key = f"reason_{d['id']}"
@@ -161,7 +168,7 @@ def decision_card(d: dict[str, Any], ident: Identity | None) -> None:
         approve_label = "Co-sign the promotion" if signed_first else "Promote anyway"
     reject_label = "Keep the current model" if d["awaiting"] == "rollback_approval" else "Reject"
     # a first signature against the recommendation waits for a second approver: their button co-signs
-    signed = {a["action"] for a in d["approvals"] if a["against_recommendation"] and not a.get("withdrawn")}
+    signed = {a["action"] for a in queries.live_signatures(d["approvals"]) if a["against_recommendation"]}
     if "approve" in signed:
         approve_label = "Co-sign the promotion"
     if "reject" in signed:

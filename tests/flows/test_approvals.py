@@ -581,6 +581,14 @@ def test_a_former_approvers_first_signature_lapses(flow_use_case, monkeypatch) -
     assert approvals.approve(did, Identity(*ALICE), "business needs it now").needs_second_approver
 
     monkeypatch.setenv(ACCOUNTS_ENV, f"alice:viewer:{h};bob:approver:{h};carol:approver:{h}")  # demoted
+    from rollout import queries
+
+    with session_scope() as s:  # the Approvals page reads the same rule: no second approver is awaited
+        pending = [r["id"] for r in queries.pending_decisions(s)]
+        startable = [r["id"] for r in queries.overridable_decisions(s)]
+        rows = queries.approvals(s, [did])
+    assert did not in pending and did in startable
+    assert [(r["actor"], r["lapsed"]) for r in rows] == [("alice", "now a viewer")]
     second = approvals.approve(did, Identity(*BOB), "agreed with alice")
     assert second.needs_second_approver and not second.took_effect
     assert "alice's signature no longer counts (alice is now a viewer)" in second.message
