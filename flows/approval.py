@@ -261,9 +261,15 @@ def approve_decision(
     what = "continue the ramp on" if continue_ramp else "reject" if reject else "approve"
     require_approver(identity, f"{what} decision {decision_id}")
     approvals._check_reason(reason)  # fail before starting anything
+    subject = getattr(identity, "subject", "")
     if continue_ramp:
         approval_runs.check_continuable(decision_id)  # refused before any approval run starts
-    elif not approval_runs.will_take_effect(decision_id, identity.name, reject):
+    elif reject:
+        approval_runs.check_rejectable(decision_id)  # a decision that asked nobody is not rejected
+    takes_effect = continue_ramp or approval_runs.will_take_effect(
+        decision_id, identity.name, reject, subject=subject
+    )
+    if not takes_effect:
         # The first signature of an override: recorded, nothing to resume yet.
         return approvals.approve(decision_id, identity, reason, reject=reject).to_dict()
     started_here = False

@@ -122,13 +122,17 @@ def under_lease(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]
     """A flow that changes a use case's state works under its lease (rollout.leases): one run at a time
     per use case, re-entrant for a cycle's subflows; another run meanwhile is refused with
     rollout.leases.UseCaseBusy, naming the holder. Put it under ``@flow``; the flow's first parameter
-    (or ``use_case=``) names the use case."""
+    (or ``use_case=``) names the use case. Before the lease, the flow's preflight: the MLflow store at
+    MLflow's head (`rollout.mlflow_store.ensure_store`, ~40 ms when it is), so no migration runs in the
+    middle of the flow's work and a half-migrated store is refused before any of it."""
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
         def run_under_lease(*args: Any, **kwargs: Any) -> Any:
             from rollout import leases
+            from rollout.mlflow_store import ensure_store
 
+            ensure_store()
             use_case = kwargs["use_case"] if "use_case" in kwargs else args[0]
             with leases.holding(use_case, what, flow_run_id=this_run(), run_is_live=flow_run_is_live):
                 return fn(*args, **kwargs)

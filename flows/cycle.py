@@ -9,7 +9,7 @@ from typing import Any
 from prefect import get_run_logger
 
 from flows.common import sparsepilot_flow
-from rollout import approval_runs, decisions, leases, lifecycle, runs
+from rollout import approval_runs, decisions, leases, lifecycle, pilot_batches, runs
 from rollout.usecases import phase_of
 
 
@@ -68,6 +68,12 @@ def _cycle(use_case: str, batches: int) -> dict[str, Any]:
         out["phase_after"] = phase
         return out
     if lifecycle.can(phase, "pilot"):
+        skip = pilot_batches.pilot_skip(use_case)  # the rule the pilot itself obeys (ensure_pilot_in)
+        if skip is not None:
+            logger.info("%s: not piloted: %s", use_case, skip)
+            out["pilot_skipped"] = str(skip)
+            out["phase_after"] = phase_of(use_case)
+            return out
         out["pilot"] = pilot_flow(use_case, batches=batches)
         out["gate"] = gate_flow(use_case)
         phase = phase_of(use_case)

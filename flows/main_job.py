@@ -106,7 +106,7 @@ def extra_requests(decision: dict[str, Any], seconds_per_request: float, seconds
 def run_use_case(name: str, s: MainJobSettings, stage: Callable[[str], None]) -> UseCaseOutcome:
     from flows.calibrate import calibrate_flow
     from flows.evaluate import evaluate_flow
-    from rollout.roi import pilot_skip_reason
+    from rollout.roi import evaluation_pilot_skip
 
     out = UseCaseOutcome(name)
     t0 = time.perf_counter()
@@ -116,14 +116,8 @@ def run_use_case(name: str, s: MainJobSettings, stage: Callable[[str], None]) ->
         stage("evaluate")
         out.evaluation = evaluate_flow(name, quick=s.quick)
         # A pilot would compare dense with dense, or spend traffic where nothing can be saved: say so.
-        skip = pilot_skip_reason(
-            met_budget=out.calibration.get("met_budget"),
-            density=out.evaluation.get("density"),
-            saved_usd_month=out.evaluation.get("savings_month_usd"),
-            saved_usd_month_high=out.evaluation.get("savings_month_high"),
-            saved_usd_month_low=out.evaluation.get("savings_month_low"),
-            decode_status=out.evaluation.get("decode_status"),
-            pilot_anyway=s.pilot_unprofitable,
+        skip = evaluation_pilot_skip(
+            out.evaluation, met_budget=out.calibration.get("met_budget"), pilot_anyway=s.pilot_unprofitable
         )
         out.note = None if skip is None else str(skip)
         if out.note is None:
@@ -149,7 +143,11 @@ def run_short_pilot(name: str, s: MainJobSettings, stage: Callable[[str], None],
     from rollout.usecases import load_spec_version
 
     spec = load_spec_version(name).spec
-    pilot_kw = {"max_new_tokens": s.pilot_max_new_tokens, "max_prompt_tokens": s.pilot_max_prompt_tokens}
+    pilot_kw = {
+        "max_new_tokens": s.pilot_max_new_tokens,
+        "max_prompt_tokens": s.pilot_max_prompt_tokens,
+        "pilot_anyway": s.pilot_unprofitable,  # --pilot-all: the pilot starts where it would not pay
+    }
     step = pilot_batches.current_step(name)
     if step is None or (step["kind"] == "shadow" and step["pilot_status"] == "running"):
         stage("pilot shadow")
@@ -290,11 +288,14 @@ def run_main_job(settings: MainJobSettings | None = None, *, console: Any = None
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from rollout.db import migrate
+    from rollout.mlflow_store import ensure_store
     from rollout.settings import configure_environment
 
     s = settings or MainJobSettings()
     cfg = configure_environment()
     migrate.upgrade(cfg.database_url)
+    # the MLflow store at head before any flow: its first creation is not atomic (rollout.mlflow_store)
+    ensure_store(cfg)
     t0 = time.perf_counter()
     added = add_sample_use_cases(s.examples_dir)
     names = s.use_cases or sample_names(s.examples_dir)

@@ -30,6 +30,7 @@ from flows.common import (
     under_lease,
 )
 from rollout import decisions, leases, pilot_batches, run_links, tracking
+from rollout.pilots import PilotStateError
 from rollout.spec import has_visible_text
 from rollout.validation import ARMS
 from sparse_core.errors import SparsePilotError
@@ -45,9 +46,10 @@ def default_max_new_tokens(spec: Any, cap: int = 64) -> int:
 
 
 @flow_task("pilot-ensure")
-def ensure_pilot(use_case: str) -> dict[str, Any]:
-    """The active pilot (started at its shadow step for the current challenger if none runs)."""
-    return pilot_batches.ensure_pilot(use_case)
+def ensure_pilot(use_case: str, pilot_anyway: bool = False) -> dict[str, Any]:
+    """The active pilot (started at its shadow step for the current challenger if none runs, and only
+    where it is worth piloting unless `pilot_anyway`: rollout.pilot_batches.ensure_pilot_in)."""
+    return pilot_batches.ensure_pilot(use_case, pilot_anyway=pilot_anyway)
 
 
 def abort(use_case: str, actor: str, reason: str) -> dict[str, Any]:
@@ -74,17 +76,24 @@ def abort(use_case: str, actor: str, reason: str) -> dict[str, Any]:
 
 
 def import_observations(
-    use_case: str, path: str, *, external_assignment: bool = False, actor: str | None = None
+    use_case: str,
+    path: str,
+    *,
+    external_assignment: bool = False,
+    actor: str | None = None,
+    pilot_anyway: bool = False,
 ) -> dict[str, Any]:
     """`sparsepilot pilot NAME --observations FILE`: a database import (no model work), so the CLI runs
     it directly rather than as a flow run; `pilot_flow(observations_file=...)` calls it too. Under the use
     case's lease, as a pilot run is (rollout.leases)."""
     with leases.holding(use_case, "observations import", run_is_live=flow_run_is_live):
-        return _import_observations(use_case, path, external_assignment=external_assignment, actor=actor)
+        return _import_observations(
+            use_case, path, external_assignment=external_assignment, actor=actor, pilot_anyway=pilot_anyway
+        )
 
 
 def _import_observations(
-    use_case: str, path: str, *, external_assignment: bool, actor: str | None
+    use_case: str, path: str, *, external_assignment: bool, actor: str | None, pilot_anyway: bool = False
 ) -> dict[str, Any]:
     from rollout.traffic import importable
 
@@ -101,6 +110,7 @@ def _import_observations(
         external_assignment=external_assignment,
         actor=actor,
         spec_version=version,
+        pilot_anyway=pilot_anyway,
     )
     info = done["info"]
     log_missing_batches.fn(ctx)  # an earlier batch whose log failed, and this one (when it stored rows)
@@ -174,6 +184,12 @@ def store_batch(step_id: int, rows: list[dict[str, Any]], batch_id: str, source:
     return pilot_batches.store_batch(step_id, rows, batch_id, source)
 
 
+@flow_task("pilot-step-refusal")
+def step_refusal(step_id: int) -> dict[str, str] | None:
+    """Why the step takes no batch now (its pilot aborted, stopped, moved on), or None."""
+    return pilot_batches.step_refusal(step_id)
+
+
 @flow_task("pilot-record-failed-check")
 def record_failed_check(use_case: str, info: dict[str, Any], batch_id: str, check: dict[str, Any]) -> int:
     """A batch that failed its data check does not count; the INVALID decision says why."""
@@ -237,6 +253,14 @@ def log_batch(
     return run_id
 
 
+def _stop(summary: dict[str, Any], logger: Any, use_case: str, refused: dict[str, str], then: str) -> None:
+    """The run ends early because its pilot step takes no more observations (`step_refusal`): said in the
+    log and in the summary (`stopped`: "pilot aborted" or "pilot step closed"; `explanation`)."""
+    explanation = refused["explanation"] + then
+    logger.warning("%s: %s", use_case, explanation)
+    summary["stopped"], summary["explanation"] = refused["stopped"], explanation
+
+
 def batch_id_for(step_id: int, rows_or_ids: list[str]) -> str:
     return f"b-{step_id}-{stable_key(step_id, sorted(rows_or_ids))[:24]}"
 
@@ -251,14 +275,19 @@ def pilot_flow(
     max_new_tokens: int | None = None,
     max_prompt_tokens: int | None = None,
     external_assignment: bool = False,
+    pilot_anyway: bool = False,
 ) -> dict[str, Any]:
-    """Collect `batches` batches (or import a file) into the current step. Returns a summary."""
+    """Collect `batches` batches (or import a file) into the current step. Returns a summary. A new
+    pilot starts only where the challenger is worth piloting, unless `pilot_anyway`
+    (rollout.pilot_batches.ensure_pilot_in)."""
     if observations_file:
-        return import_observations(use_case, observations_file, external_assignment=external_assignment)
+        return import_observations(
+            use_case, observations_file, external_assignment=external_assignment, pilot_anyway=pilot_anyway
+        )
     logger = get_run_logger()
     ctx = load_context(use_case)
     catch_up_logs(log_missing_batches, ctx)  # a batch an earlier run stored and did not log
-    info = ensure_pilot(use_case)
+    info = ensure_pilot(use_case, pilot_anyway)
     if info["spec_version"] is not None and info["spec_version"] != ctx.spec_version:
         # a running pilot keeps the version it started under: its batch size, traffic and arms (docs/flows.md)
         ctx = load_context(use_case, info["spec_version"])
@@ -275,6 +304,12 @@ def pilot_flow(
     mnt = max_new_tokens or default_max_new_tokens(ctx.spec)
     used = set(info["used_request_ids"])
     for b in range(batches):
+        # an operator's `pilot --abort` (or a gate look that moved the pilot on) while this run answered:
+        # no more requests go to the arms
+        refused = step_refusal(info["step_id"])
+        if refused is not None:
+            _stop(summary, logger, use_case, refused, f"; batch {b + 1} of {batches} was not answered")
+            break
         requests = next_requests(ctx, used, info["salt"], n)
         if not requests:
             logger.info(
@@ -311,7 +346,13 @@ def pilot_flow(
                 {"batch_id": bid, "passed": False, "decision_id": did, "failures": check["failures"]}
             )
             continue
-        stored = store_batch(info["step_id"], rows, bid, "pilot-flow")
+        try:
+            stored = store_batch(info["step_id"], rows, bid, "pilot-flow")
+        except PilotStateError as exc:  # the step changed while the arms answered: the batch is discarded
+            summary["batches"].append({"batch_id": bid, "passed": False, "stored": False})
+            refused = step_refusal(info["step_id"]) or {"stopped": "pilot step closed"}
+            _stop(summary, logger, use_case, {**refused, "explanation": str(exc)}, "; the run stops")
+            break
         log_batch(ctx, info, rows, stored, "pilot-flow", bid)
         summary["batches"].append({"batch_id": bid, **stored, "passed": True, "host_load": load.to_dict()})
     return summary

@@ -11,9 +11,9 @@ from rollout import approvals, audit
 from rollout.approvals import (
     ApprovalError,
     check_approvable,
+    counting_signatures,
     flow_is_waiting,
     lock_decision,
-    override_signatures,
     recommended_action,
 )
 from rollout.auth import same_person
@@ -69,10 +69,12 @@ def needs_run(decision_id: int) -> bool:
         return d is not None and not flow_is_waiting(d.flow_run_id)
 
 
-def will_take_effect(decision_id: int, actor: str, reject: bool) -> bool:
-    """False only for the first signature of an action against the gate's recommendation, or for a
-    second signature by the person who gave the first (`same_person`: a local account and their OIDC
-    identity): `approvals.approve` records the one and refuses the other, so neither needs a run."""
+def will_take_effect(decision_id: int, actor: str, reject: bool, *, subject: str = "") -> bool:
+    """False only for the first signature of an action against the gate's recommendation (a signature
+    whose signer is no longer an approver does not count: `counting_signatures`), or for a second
+    signature by the person who gave the first (`same_person`: a local account and their OIDC identity,
+    one OIDC ``subject`` under two emails): `approvals.approve` records the one and refuses the other,
+    so neither needs a run."""
     action = "reject" if reject else "approve"
     with session_scope() as session:
         d = session.get(GateDecision, decision_id)
@@ -80,8 +82,10 @@ def will_take_effect(decision_id: int, actor: str, reject: bool) -> bool:
             return True  # let approvals.approve raise its clear error
         if action == recommended_action(d):
             return True
-        earlier = override_signatures(session, decision_id, action)
-        return bool(earlier) and not any(same_person(a.actor, actor) for a in earlier)
+        earlier, _ = counting_signatures(session, decision_id, action)
+        return bool(earlier) and not any(
+            same_person(a.actor, actor, subjects=(sub, subject)) for a, sub in earlier
+        )
 
 
 def check_open(decision_id: int) -> None:
@@ -91,6 +95,15 @@ def check_open(decision_id: int) -> None:
         if d is None:
             raise ApprovalError(f"decision {decision_id} does not exist")
         check_approvable(session, d)
+
+
+def check_rejectable(decision_id: int) -> None:
+    """Refuse, before any approval run starts, to reject a decision that asked nobody (a running pilot's
+    latest gate decision: `approvals.refuse_rejecting_unasked` says what to do instead)."""
+    with session_scope() as session:
+        d = session.get(GateDecision, decision_id)
+        if d is not None:  # an unknown decision: approvals.approve says so
+            approvals.refuse_rejecting_unasked(session, d)
 
 
 def check_continuable(decision_id: int) -> None:

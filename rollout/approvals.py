@@ -37,7 +37,7 @@ from pydantic import BaseModel
 from sqlalchemy import select
 
 from rollout import audit, lifecycle
-from rollout.auth import Identity, require_approver, same_person
+from rollout.auth import Identity, require_approver, same_person, still_approver
 from rollout.db.models import (
     AliasMove,
     Approval,
@@ -45,6 +45,7 @@ from rollout.db.models import (
     GateDecision,
     ModelVersion,
     Pilot,
+    SpecVersion,
     UseCase,
     as_utc,
     utcnow,
@@ -78,14 +79,14 @@ class ApprovalPayload(BaseModel):
 @dataclass(frozen=True)
 class ApprovalResult:
     decision_id: int
-    action: str  # approve / reject / continue
+    action: str  # approve / reject / continue / withdraw
     approval_id: int
-    took_effect: bool
-    needs_second_approver: bool
-    against_recommendation: bool
-    resumed_flow_run_id: str | None
-    applied_directly: bool
     message: str
+    took_effect: bool = False
+    needs_second_approver: bool = False
+    against_recommendation: bool = False
+    resumed_flow_run_id: str | None = None
+    applied_directly: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -127,18 +128,25 @@ def skipped_in_words(steps: list[dict[str, Any]]) -> str:
     return f"ramp step{'s' if len(named) > 1 else ''} {listed}"
 
 
-def skip_note(evidence: Any) -> str:
+def skip_note(evidence: Any, *, waits_for_approval: bool) -> str:
     """The sentence an approver reads before promoting on a GO before the plan's last step; '' where a
-    promotion skips nothing."""
+    promotion skips nothing. Only a GO that waits for approval can continue the ramp (`check_continuable`):
+    a middle step's GO that asked nobody has already moved the pilot on, and promoting on it is the
+    override alone."""
     steps = ramp_steps_skipped(evidence)
     if not steps:
         return ""
+    note = (
+        f"Promoting on this decision skips {skipped_in_words(steps)} of the spec's plan: that goes against "
+        "the plan, so it takes effect only when two different approvers sign it."
+    )
+    if not waits_for_approval:
+        return note
     nxt = steps[0]
     share = f" ({nxt['traffic_pct']:g}%)" if nxt.get("traffic_pct") is not None else ""
     return (
-        f"Promoting on this decision skips {skipped_in_words(steps)} of the spec's plan: that goes against "
-        "the plan, so it takes effect only when two different approvers sign it. One approver may instead "
-        f"continue the ramp to step {nxt['index']}{share}, as the plan would, and the gate looks again there."
+        f"{note} One approver may instead continue the ramp to step {nxt['index']}{share}, as the plan "
+        "would, and the gate looks again there."
     )
 
 
@@ -291,8 +299,24 @@ def check_decision_of(use_case: str, decision_id: int, *, db_url: str | None = N
     with session_scope(db_url) as session:
         uc = get_use_case(session, use_case)
         d = session.get(GateDecision, decision_id)
-        if d is None or d.use_case_id != uc.id:
-            raise ApprovalError(f"decision {decision_id} does not belong to use case {use_case!r}")
+        if d is None:  # review U4: it was "does not belong to use case", as if it were another's
+            open_ = session.scalars(
+                select(GateDecision.id)
+                .where(GateDecision.use_case_id == uc.id, GateDecision.resolution.is_(None))
+                .order_by(GateDecision.id)
+            ).all()
+            waiting = (
+                f"{use_case}'s open decisions: {', '.join(map(str, open_))}"
+                if open_
+                else f"{use_case} has no open decision; `sparsepilot gate {use_case}` makes one"
+            )
+            raise ApprovalError(f"decision {decision_id} does not exist ({waiting})")
+        if d.use_case_id != uc.id:
+            other = session.get(UseCase, d.use_case_id).name
+            raise ApprovalError(
+                f"decision {decision_id} belongs to use case {other!r}, not {use_case!r}; "
+                "nothing was recorded"
+            )
 
 
 def unfinished_promotion(decision_id: int, *, db_url: str | None = None) -> int | None:
@@ -336,16 +360,97 @@ def _superseded(session: Any, d: GateDecision) -> bool:
 
 
 def override_signatures(session: Any, decision_id: int, action: str) -> list[Approval]:
-    """The signatures already given to `action` the decision against the gate's recommendation."""
-    return list(
-        session.scalars(
+    """The signatures already given to `action` the decision against the gate's recommendation (less
+    those their signers withdrew: `withdrawn_signatures`)."""
+    gone = withdrawn_signatures(session, decision_id)
+    return [
+        a
+        for a in session.scalars(
             select(Approval).where(
                 Approval.decision_id == decision_id,
                 Approval.action == action,
                 Approval.against_recommendation.is_(True),
             )
         )
-    )
+        if a.id not in gone
+    ]
+
+
+def signer_subject(session: Any, approval: Approval) -> str:
+    """The OIDC ``<issuer>#<subject>`` a signature was given with ("" for a local account, or a
+    signature recorded before subjects were kept): from its audit entry, written with the Approval row."""
+    details = session.scalars(
+        select(AuditEntry.details)
+        .where(
+            AuditEntry.entity == "gate_decision",
+            AuditEntry.entity_id == str(approval.decision_id),
+            AuditEntry.actor == approval.actor,
+            AuditEntry.action.like(f"approval.{approval.action}%"),
+        )
+        .order_by(AuditEntry.id)
+    ).all()
+    return next((str(d["subject"]) for d in details if isinstance(d, dict) and d.get("subject")), "")
+
+
+def counting_signatures(
+    session: Any, decision_id: int, action: str
+) -> tuple[list[tuple[Approval, str]], list[tuple[Approval, str]]]:
+    """The override signatures already given (`override_signatures`), split into those that still count
+    ([(approval, its signer's OIDC subject)]) and those that lapsed ([(approval, why)]): a signer who
+    is no longer an approver (demoted, or the account deleted; `rollout.auth.still_approver`) does not
+    count, so one current approver cannot complete an override on a former approver's signature."""
+    counting, lapsed = [], []
+    for a in override_signatures(session, decision_id, action):
+        ok, what = still_approver(a.actor)
+        if ok:
+            counting.append((a, signer_subject(session, a)))
+        else:
+            lapsed.append((a, what))
+    return counting, lapsed
+
+
+def gate_loosened(session: Any, d: GateDecision) -> tuple[str, list[str]] | None:
+    """(who, [changes]) when the spec version ``d``'s pilot ran under loosened its gate against the
+    version before it (a larger non-inferiority margin or alpha: a GO comes easier), else None."""
+    pilot = session.get(Pilot, d.pilot_id) if d.pilot_id else None
+    if pilot is None or not pilot.spec_version or pilot.spec_version < 2:
+        return None
+    rows = {
+        sv.version: sv
+        for sv in session.scalars(
+            select(SpecVersion).where(
+                SpecVersion.use_case_id == d.use_case_id,
+                SpecVersion.version.in_([pilot.spec_version - 1, pilot.spec_version]),
+            )
+        )
+    }
+    now, before = rows.get(pilot.spec_version), rows.get(pilot.spec_version - 1)
+    if now is None or before is None:
+        return None
+    changes = []
+    for key, label, default in (("non_inferiority_margin", "margin", None), ("alpha", "alpha", 0.05)):
+        old_v = (before.spec.get("gate") or {}).get(key, default)
+        new_v = (now.spec.get("gate") or {}).get(key, default)
+        if old_v is not None and new_v is not None and float(new_v) > float(old_v):
+            changes.append(f"{label} {old_v} -> {new_v}")
+    return (now.created_by, changes) if changes else None
+
+
+def _refuse_the_loosener(session: Any, d: GateDecision, who: Identity) -> None:
+    """A GO judged under a spec version that loosened the gate is not approved by the person who
+    loosened it: another approver looks at it (one signature, as for any GO). Otherwise one approver
+    could move the gate and then approve what passed it alone (review s46 A13)."""
+    loosened = gate_loosened(session, d)
+    if loosened is None:
+        return
+    author, changes = loosened
+    if same_person(author, who.name, subjects=("", who.subject)):
+        pilot = session.get(Pilot, d.pilot_id)
+        raise ApprovalError(
+            f"decision {d.id} was judged under spec version {pilot.spec_version}, in which {author} "
+            f"loosened the gate ({', '.join(changes)}); its GO needs an approver other than {author}; "
+            "nothing was recorded"
+        )
 
 
 def _sign(
@@ -371,6 +476,8 @@ def _sign(
     session.add(row)
     session.flush()
     details = {"reason": text, "role": who.role, **about, "source": who.source}
+    if who.subject:  # an OIDC user: who they are whatever email they were recorded under (`signer_subject`)
+        details["subject"] = who.subject
     audit.record(session, who.name, event, on=d, details=details)
     return row
 
@@ -445,18 +552,35 @@ def approve(
             to_step = check_continuable(session, d)
         else:
             check_approvable(session, d)
+        if action == "reject":
+            refuse_rejecting_unasked(session, d)
         if action == "approve" and d.awaiting == "rollback_approval":
             _require_an_earlier_champion(session, d)
         # continuing the ramp is what the plan would have done: it goes against nothing, one signature
         against = action != "continue" and action != recommended_action(d)
+        if action == "approve" and not against:
+            _refuse_the_loosener(session, d, who)
         if against:
-            earlier = override_signatures(session, d.id, action)
-            signed = [a.actor for a in earlier if same_person(a.actor, who.name)]
+            earlier, lapsed = counting_signatures(session, d.id, action)
+            signed = [
+                a.actor for a, sub in earlier if same_person(a.actor, who.name, subjects=(sub, who.subject))
+            ]
             if signed:  # one person under two identities (a local account and OIDC) counts once
                 also = f" (as {signed[0]!r})" if signed[0] != who.name else ""
                 raise ApprovalError(
                     f"{who.name!r} already signed this override of decision {decision_id}{also}; "
                     "a second, different approver must confirm it"
+                )
+            gone = "; ".join(
+                f"{a.actor}'s signature no longer counts ({a.actor} is {what})" for a, what in lapsed
+            )
+            for a, what in lapsed:
+                audit.record(
+                    session,
+                    who.name,
+                    f"approval.{action}.signature_lapsed",
+                    on=d,
+                    details={"signer": a.actor, "approval_id": a.id, "why": what},
                 )
             if not earlier:
                 row = _sign(
@@ -473,15 +597,13 @@ def approve(
                     decision_id=d.id,
                     action=action,
                     approval_id=row.id,
-                    took_effect=False,
                     needs_second_approver=True,
                     against_recommendation=True,
-                    resumed_flow_run_id=None,
-                    applied_directly=False,
                     message=(
-                        f"recorded {who.name}'s signature; to {action} against the gate's recommendation "
+                        (f"{gone}; " if gone else "")
+                        + f"recorded {who.name}'s signature; to {action} against the gate's recommendation "
                         f"({d.outcome}{_skips(d) if action == 'approve' else ''}) a second, different "
-                        f"approver must also {action} decision {d.id}"
+                        f"approver must also {action} decision {d.id}; {_unchanged_in_words(session, d)}"
                     ),
                 )
         d.resolution = {"approve": "approved", "reject": "rejected", "continue": "continued"}[action]
@@ -525,7 +647,8 @@ def approve(
             raise FlowNotWaiting(
                 f"decision {d.id}: no paused flow run is waiting for it; nothing was recorded"
             )
-        approval_id, decision_pk, awaiting = row.id, d.id, d.awaiting
+        approval_id, decision_pk = row.id, d.id
+        effect_words = effect_in_words(session, d, action)
     if resumed is not None:
         try:
             _resume(resumed, payload)
@@ -548,8 +671,6 @@ def approve(
             action=action,
             approval_id=approval_id,
             took_effect=True,
-            needs_second_approver=False,
-            against_recommendation=False,
             resumed_flow_run_id=resumed,
             applied_directly=resumed is None,
             message=(
@@ -563,15 +684,147 @@ def approve(
         action=action,
         approval_id=approval_id,
         took_effect=True,
-        needs_second_approver=False,
         against_recommendation=against,
         resumed_flow_run_id=resumed,
         applied_directly=apply_now,
         message=(
-            f"{'approved' if action == 'approve' else 'rejected'} decision {decision_pk} ({awaiting})"
+            f"{'approved' if action == 'approve' else 'rejected'} decision {decision_pk}: {effect_words}"
             + (f"; resumed flow run {resumed}" if resumed else "; applied directly (no flow run was waiting)")
         ),
     )
+
+
+# --- what a signature does, in words; a decision that asked nobody (review U9) -----------------------
+#
+# A running pilot's latest gate decision (EXTEND, or a GO before the plan's last step) asks nobody: a
+# person may only override it (promote, two approvers). Rejecting it used to stop the whole pilot on one
+# signature, the natural way a new approver tried to take back a mistaken first signature; the pilot is
+# stopped by `pilot NAME --abort` and a first signature is taken back by `approve --withdraw`.
+
+
+def _names(session: Any, d: GateDecision) -> tuple[str, str]:
+    """The decision's use-case name and its pilot's label ('pilot 2 of NAME'), or its use case alone."""
+    from rollout.pilots import pilot_label
+
+    name = session.get(UseCase, d.use_case_id).name
+    pilot = session.get(Pilot, d.pilot_id) if d.pilot_id else None
+    return name, (f"{pilot_label(pilot)} of {name}" if pilot is not None else name)
+
+
+def effect_in_words(session: Any, d: GateDecision, action: str) -> str:
+    """What a signature that takes effect does, for its message ('pilot 1 of NAME stopped ...')."""
+    name, pilot = _names(session, d)
+    if d.awaiting == "rollback_approval":
+        return (
+            f"{name}'s champion rolls back to the previous one"
+            if action == "approve"
+            else f"{name}'s champion is kept and its monitor resumes"
+        )
+    if action == "approve":
+        return f"{pilot} promoted (its challenger becomes {name}'s champion)"
+    return f"{pilot} stopped (use case phase stopped); a new pilot starts with `sparsepilot pilot {name}`"
+
+
+def _unchanged_in_words(session: Any, d: GateDecision) -> str:
+    """A first override signature changes nothing yet: where the pilot stands, and how to take it back."""
+    name, pilot = _names(session, d)
+    where = session.get(Pilot, d.pilot_id) if d.pilot_id else session.get(UseCase, d.use_case_id)
+    status = where.status if isinstance(where, Pilot) else where.phase
+    return (
+        f"nothing changed yet ({pilot} is {status}); `sparsepilot approve {name} --decision {d.id} "
+        "--withdraw --reason TEXT` takes your signature back"
+    )
+
+
+def refuse_rejecting_unasked(session: Any, d: GateDecision) -> None:
+    """A decision that asked nobody is not rejected (ApprovalError naming what to do instead): that used
+    to stop the running pilot on one signature."""
+    if d.awaiting != "none" or d.resolution is not None:
+        return
+    name, pilot = _names(session, d)
+    raise ApprovalError(
+        f"decision {d.id} ({d.outcome}) asked nobody, so there is nothing to reject; nothing was recorded. "
+        f"To stop {pilot}: `sparsepilot pilot {name} --abort --reason TEXT`; to take back your own "
+        f"override signature: `sparsepilot approve {name} --decision {d.id} --withdraw --reason TEXT`"
+    )
+
+
+WITHDRAW = "withdraw"  # an Approval row's action: its signer took back their earlier override signature
+
+
+def withdrawn_signatures(session: Any, decision_id: int) -> set[int]:
+    """The ids of the decision's override signatures their signers withdrew: approvals are append-only
+    (migration 0003), so a withdrawal is a later `withdraw` row by the same person (`same_person`)."""
+    rows = list(
+        session.scalars(select(Approval).where(Approval.decision_id == decision_id).order_by(Approval.id))
+    )
+    gone: set[int] = set()
+    for w in rows:
+        if w.action == WITHDRAW:
+            gone |= {
+                a.id
+                for a in rows
+                if a.id < w.id and a.action != WITHDRAW and a.against_recommendation
+                and same_person(a.actor, w.actor)
+            }  # fmt: skip
+    return gone
+
+
+def withdraw(
+    decision_id: int, identity: Identity | None, reason: str | None, *, db_url: str | None = None
+) -> ApprovalResult:
+    """Take back the caller's own first signature of an override that no second approver has confirmed:
+    audited (`approval.withdraw`), the decision and its pilot unchanged. Refused for a decision already
+    resolved (the override was confirmed, or the decision decided otherwise) and where the caller has
+    no open override signature (another approver's is theirs to withdraw)."""
+    who = require_approver(identity, f"withdraw a signature on decision {decision_id}")
+    text = _check_reason(reason)
+    with session_scope(db_url, immediate=True) as session:
+        d = lock_decision(session, decision_id)
+        if d.resolution is not None:
+            raise ApprovalError(
+                f"decision {d.id} was already {d.resolution}: a signature that took effect cannot be "
+                "withdrawn; nothing was recorded"
+            )
+        gone = withdrawn_signatures(session, d.id)
+        open_ = [
+            a
+            for a in session.scalars(
+                select(Approval).where(Approval.decision_id == d.id, Approval.action != WITHDRAW)
+            )
+            if a.against_recommendation and a.id not in gone
+        ]
+        mine = [a for a in open_ if same_person(a.actor, who.name)]
+        if not mine:
+            others = sorted({a.actor for a in open_})
+            raise ApprovalError(
+                f"{who.name!r} has no unconfirmed signature on decision {d.id} to withdraw"
+                + (f" (signed by {', '.join(others)}: only they can withdraw theirs)" if others else "")
+                + "; nothing was recorded"
+            )
+        row = _sign(
+            session,
+            d,
+            who,
+            WITHDRAW,
+            text,
+            False,
+            "approval.withdraw",
+            withdrawn=[a.id for a in mine],
+            action_withdrawn=mine[0].action,
+        )
+        _name, pilot = _names(session, d)
+        status = session.get(Pilot, d.pilot_id).status if d.pilot_id else None
+        message = (
+            f"signature withdrawn: {who.name}'s {mine[0].action} of decision {d.id} no longer counts; "
+            f"decision {d.id} is unchanged" + (f" and {pilot} is {status}" if status else "")
+        )
+        return ApprovalResult(
+            decision_id=d.id,
+            action=WITHDRAW,
+            approval_id=row.id,
+            message=message,
+        )
 
 
 def _skips(d: GateDecision) -> str:

@@ -4,8 +4,9 @@ row and the change it describes commit or roll back together.
 Every row carries who acted (``actor``: the authenticated account or a system identity) and where the
 command ran (``os_user``, ``host``), and a hash chain: ``prev_hash`` is the previous row's ``row_hash``
 and ``row_hash`` = sha256 over ``prev_hash`` and the row's content. A unique index on ``prev_hash`` stops
-two writers from extending the chain from the same row; on PostgreSQL writers also take a transaction
-advisory lock first, so they queue instead of failing. `verify_chain` (``sparsepilot audit verify``)
+two writers from extending the chain from the same row; writers also queue before they read the last
+hash (PostgreSQL: a transaction advisory lock; SQLite: the write lock, `BEGIN IMMEDIATE`), so they wait
+their turn instead of failing. `verify_chain` (``sparsepilot audit verify``)
 recomputes every hash: a changed, deleted or inserted row breaks the chain at that row."""
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import json
 import os
 import pwd
 import socket
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -39,6 +41,7 @@ MONITOR_SKIPPED = "monitor.skipped"
 # Who a failed sign-in is by: nobody proven (the account name tried is in the row's entity_id/details).
 ANONYMOUS_ACTOR = "anonymous"
 _PG_LOCK_KEY = 0x5350_4155_4449_54  # "SPAUDIT": serialises audit writers on PostgreSQL
+_DEFERRED = "audit_deferred"  # session.info: the entries a `deferred` block holds back
 
 
 def os_user_of(uid: int) -> str:
@@ -111,6 +114,21 @@ ENTITIES = {
 }
 
 
+def _queue_for_the_chain(session: Session) -> None:
+    """Wait for every other audit writer's transaction to end before reading the chain's last hash, and
+    hold the writers behind this one until it ends, so two never extend the chain from the same row.
+    PostgreSQL: a transaction advisory lock. SQLite: the database's write lock, taken now (``BEGIN
+    IMMEDIATE``) when this transaction has not written yet: the driver begins a transaction only at the
+    first write, so the read would run outside any transaction and two writers would read the same last
+    hash (the second then fails on the prev_hash unique index). A transaction that has written already
+    holds the write lock (as does `session_scope(immediate=True)`)."""
+    conn = session.connection()
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY})
+    elif conn.dialect.name == "sqlite" and not conn.connection.dbapi_connection.in_transaction:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
 def record(
     session: Session,
     actor: str,
@@ -127,12 +145,8 @@ def record(
     if on is not None:
         entity, entity_id = ENTITIES[on.__tablename__], on.id
         use_case_id = on.id if entity == "use_case" else on.use_case_id
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY})
-    prev = session.scalar(select(AuditEntry.row_hash).order_by(AuditEntry.id.desc()).limit(1))
     os_user, host = origin()
     entry = AuditEntry(
-        ts=utcnow(),
         actor=actor,
         action=action,
         use_case_id=use_case_id,
@@ -141,12 +155,45 @@ def record(
         details=_plain(details),
         os_user=os_user,
         host=host,
-        prev_hash=prev or GENESIS,
     )
+    pending = session.info.get(_DEFERRED)
+    if pending is not None:
+        pending.append(entry)
+        return entry
+    return _append(session, entry)
+
+
+def _append(session: Session, entry: AuditEntry) -> AuditEntry:
+    """Chain `entry` to the log's last row (stamped now) and write it."""
+    _queue_for_the_chain(session)
+    prev = session.scalar(select(AuditEntry.row_hash).order_by(AuditEntry.id.desc()).limit(1))
+    entry.ts = utcnow()
+    entry.prev_hash = prev or GENESIS
     entry.row_hash = row_hash_of(entry)
     session.add(entry)
     session.flush()
     return entry
+
+
+@contextmanager
+def deferred(session: Session) -> Iterator[None]:
+    """Entries `record`ed inside the block are appended to the chain when it ends, in the order recorded
+    (each stamped then), in the caller's transaction still: they commit or roll back with the change they
+    describe. For a long transaction (a streaming import that starts its pilot), which would otherwise
+    hold the chain's lock from its first entry to its end (on PostgreSQL every audit writer of every use
+    case would wait for it); now it holds it for its last moment. An error inside the block appends none
+    of them (the caller's transaction then rolls back). Not nested: an inner block is part of the outer."""
+    if session.info.get(_DEFERRED) is not None:
+        yield
+        return
+    pending: list[AuditEntry] = []
+    session.info[_DEFERRED] = pending
+    try:
+        yield
+    finally:
+        session.info.pop(_DEFERRED, None)
+    for entry in pending:
+        _append(session, entry)
 
 
 def record_new(session: Session, row: Any, actor: str, action: str, details: dict[str, Any]) -> AuditEntry:

@@ -28,8 +28,10 @@ import hashlib
 import hmac
 import os
 import secrets
+import threading
 import tomllib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
@@ -74,6 +76,9 @@ class Identity:
     # for a local account: `password_fingerprint` of the hash the password was checked against, so a
     # token or a dashboard session proven with it ends when the password changes ("" otherwise)
     credential: str = field(default="", compare=False, repr=False)
+    # for an OIDC user: ``<issuer>#<subject>``, who the person is whatever their email says now (a name
+    # of ``oidc:<verified email>`` changes with the email); "" otherwise
+    subject: str = field(default="", compare=False)
 
     @property
     def can_approve(self) -> bool:
@@ -432,25 +437,112 @@ def sign_in(
 ) -> Identity | None:
     """`authenticate` behind the per-account limit: TooManyAttempts, before any password work, while
     `locked_until` says the name is locked; a wrong password (or unknown name) is recorded
-    (`record_sign_in_failure`). SignInUnavailable when the state DB cannot keep the count."""
+    (`record_sign_in_failure`). SignInUnavailable when the state DB cannot give the count. Attempts on
+    one name take turns (`_sign_in_turn`) from reading the count to recording the failure, so
+    concurrent attempts cannot all pass one count: at most MAX_FAILURES checks per window."""
+    import logging
     import time
 
     from sqlalchemy.exc import SQLAlchemyError
 
-    t = time.time() if now is None else now
-    try:
-        until = locked_until(recent_sign_in_failures(name, t, db_url=db_url, accounts=accounts), t)
-    except SQLAlchemyError as exc:
-        raise SignInUnavailable(_db_trouble(exc)) from None
-    if until is not None:
-        raise TooManyAttempts(until - t)
-    who = authenticate(name, password, accounts)
-    if who is None:
+    from rollout.db.session import StateDBBusy
+
+    with _sign_in_turn(name, db_url):
+        t = time.time() if now is None else now
         try:
-            record_sign_in_failure(name, via, db_url=db_url, accounts=accounts)
+            until = locked_until(recent_sign_in_failures(name, t, db_url=db_url, accounts=accounts), t)
+        except (SQLAlchemyError, StateDBBusy) as exc:
+            raise SignInUnavailable(_db_trouble(exc)) from None
+        if until is not None:
+            raise TooManyAttempts(until - t)
+        who = authenticate(name, password, accounts)
+        if who is None:
+            try:
+                record_sign_in_failure(name, via, db_url=db_url, accounts=accounts)
+            except (SQLAlchemyError, StateDBBusy) as exc:  # still a wrong password, said as such
+                first = str(exc).splitlines()[0][:200] if str(exc) else ""
+                logging.getLogger(__name__).warning(
+                    "a failed sign-in as %s was not counted (%s: %s)",
+                    _account_key(name, load_accounts() if accounts is None else accounts),  # never in clear
+                    type(exc).__name__,
+                    first,
+                )
+    return who
+
+
+# How long an attempt waits for its turn (another check of the same name, on SQLite any name) before it
+# gives up with SignInUnavailable: many checks' worth, so an honest sign-in behind an attacker's queue
+# of refused tries still gets through.
+SIGN_IN_TURN_WAIT_S = 60.0
+_PG_SIGN_IN_LOCK_CLASS = 0x5350_5349  # "SPSI": the class of sign-in advisory locks (key: the account)
+_sign_in_thread_lock = threading.Lock()
+
+
+@contextmanager
+def _sign_in_turn(name: str, db_url: str | None) -> Iterator[None]:
+    """One attempt at a time per account name, across every session, thread and process on this state
+    DB, from reading the count of recent failures to recording this attempt's failure: so the count
+    each attempt reads includes every earlier check, and at most MAX_FAILURES passwords are checked in
+    a window whatever the concurrency. PostgreSQL: a transaction-scoped advisory lock on the account
+    name, held by a connection of its own. SQLite (one host by nature): an exclusive ``flock`` on
+    ``<state DB file>.sign-in.lock`` (every name: sign-ins are rare and a check short), not the
+    database's own write lock, so a sign-in never holds up the pipeline's writes while scrypt runs."""
+    import time
+
+    from sqlalchemy import text
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from rollout.db.session import session_scope
+    from rollout.settings import get_settings
+
+    url = db_url or get_settings().database_url
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "postgresql":
+        try:
+            with session_scope(url) as session:
+                session.execute(text(f"SET LOCAL lock_timeout = '{int(SIGN_IN_TURN_WAIT_S * 1000)}ms'"))
+                session.execute(
+                    text("SELECT pg_advisory_xact_lock(:c, hashtext(:k))"),
+                    # the lock's key is a digest: a password typed as the name reaches no SQL log
+                    {"c": _PG_SIGN_IN_LOCK_CLASS, "k": hashlib.sha256(name.strip().encode()).hexdigest()},
+                )
+                yield
         except SQLAlchemyError as exc:
             raise SignInUnavailable(_db_trouble(exc)) from None
-    return who
+        return
+    database = parsed.database or ""
+    if not database or database == ":memory:" or database.startswith("file:"):
+        with _sign_in_thread_lock:  # a private database: this process is its only user
+            yield
+        return
+    import fcntl
+
+    lock_path = Path(database).with_name(Path(database).name + ".sign-in.lock")
+    try:
+        fh = open(lock_path, "a+b")  # noqa: SIM115 - held for the whole attempt
+    except OSError as exc:
+        raise SignInUnavailable(
+            f"sign-in is not possible now: cannot open {lock_path} ({exc.strerror or exc}), "
+            "which keeps concurrent sign-ins in turn"
+        ) from None
+    with fh:
+        deadline = time.monotonic() + SIGN_IN_TURN_WAIT_S
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise SignInUnavailable(
+                        f"sign-in is not possible now: other sign-ins kept {lock_path} for over "
+                        f"{SIGN_IN_TURN_WAIT_S:.0f} s; try again"
+                    ) from None
+                time.sleep(0.01)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _db_trouble(exc: Exception) -> str:
@@ -486,9 +578,8 @@ def token_path(env: Mapping[str, str] | None = None) -> Path:
     return base / "sparsepilot" / "token"
 
 
-def write_private(path: Path, data: bytes) -> None:
-    """Create/replace ``path`` with mode 0600 from the first byte (never world-readable, not even
-    briefly)."""
+def _private_temporary(path: Path, data: bytes) -> Path:
+    """A new file beside ``path`` holding ``data``, mode 0600 from the first byte."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -497,15 +588,50 @@ def write_private(path: Path, data: bytes) -> None:
             os.write(fd, data)
         finally:
             os.close(fd)
-        os.replace(tmp, path)
     except BaseException:  # nothing half-written: never a secret left in a stray temporary file
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Create/replace ``path`` with mode 0600 from the first byte (never world-readable, not even
+    briefly)."""
+    tmp = _private_temporary(path, data)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
+def create_private(path: Path, data: bytes) -> bool:
+    """Create ``path`` (mode 0600, whole: written beside it, then linked in) unless it exists; never
+    replaces it. False when it exists already, another process's perhaps, created a moment before: of
+    processes that create the same file at once, exactly one wins and the others read its file."""
+    tmp = _private_temporary(path, data)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    except OSError:  # a file system without hard links: create the name itself, exclusively
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return False
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return True
+
+
 def auth_key(env: Mapping[str, str] | None = None, *, create: bool = False) -> bytes | None:
     """The installation's token-signing key: $SPARSEPILOT_AUTH_KEY, else SPARSEPILOT_HOME/auth.key
-    (32 random bytes, created 0600 on first login)."""
+    (32 random bytes, created 0600 on first login; of first logins at once, every one gets the key the
+    first created, never one another then replaces)."""
     env = os.environ if env is None else env
     if env.get(AUTH_KEY_ENV):
         key = env[AUTH_KEY_ENV].encode("utf-8")
@@ -520,7 +646,7 @@ def auth_key(env: Mapping[str, str] | None = None, *, create: bool = False) -> b
         return _read_key_file(path)
     if not create:
         return None
-    write_private(path, secrets.token_bytes(32))
+    create_private(path, secrets.token_bytes(32))  # another login's key, created a moment before, stays
     return _read_key_file(path)
 
 
@@ -655,7 +781,8 @@ def create_first_run_account(
 ) -> tuple[str, str] | None:
     """On embedded defaults (no database URL and no accounts configured), create one approver with a
     generated password in SPARSEPILOT_HOME/accounts.toml (only its hash is stored) and return
-    (name, password) to print once. None when accounts exist or the installation is configured."""
+    (name, password) to print once. None when accounts exist or the installation is configured, and to
+    all but one of several inits at once (the file is created, never replaced: `create_private`)."""
     env = os.environ if env is None else env
     if env.get("SPARSEPILOT_DATABASE_URL") or accounts_configured(env):
         return None
@@ -667,7 +794,8 @@ def create_first_run_account(
         "# Created by `sparsepilot init` on first run; add accounts with `sparsepilot hash-password`.\n"
         f'[accounts.{name}]\nrole = "approver"\npassword_hash = "{hash_password(password)}"\n'
     )
-    write_private(path, text.encode("utf-8"))
+    if not create_private(path, text.encode("utf-8")):
+        return None  # another init created it a moment before: its password is the one that works
     return name, password
 
 
@@ -706,7 +834,8 @@ def identity_from_oidc(claims: Mapping[str, object], approvers: Iterable[str] = 
     by_subject = bool(iss and sub and f"{iss}#{sub}" in listed)
     approver = bool(email and email.lower() in listed_emails) or by_subject
     role: Role = "approver" if approver else "viewer"
-    return Identity(OIDC_PREFIX + (email or f"{iss}#{sub}"), role, "oidc")
+    subject = f"{iss}#{sub}" if iss and sub else ""
+    return Identity(OIDC_PREFIX + (email or f"{iss}#{sub}"), role, "oidc", subject=subject)
 
 
 def person_key(actor: str, accounts: Mapping[str, Account]) -> str:
@@ -723,9 +852,39 @@ def person_key(actor: str, accounts: Mapping[str, Account]) -> str:
     return actor.lower() if _is_email(actor) else actor
 
 
-def same_person(actor_a: str, actor_b: str, accounts: Mapping[str, Account] | None = None) -> bool:
-    """Are two recorded actors (a local account, an OIDC identity) the same person (`person_key`)?"""
-    if actor_a == actor_b:
+def same_person(
+    actor_a: str,
+    actor_b: str,
+    accounts: Mapping[str, Account] | None = None,
+    *,
+    subjects: tuple[str, str] = ("", ""),
+) -> bool:
+    """Are two recorded actors (a local account, an OIDC identity) the same person (`person_key`)?
+    ``subjects``: the OIDC ``<issuer>#<subject>`` each signed in with (`Identity.subject`), when known:
+    one subject is one person whatever email each sign-in was recorded under."""
+    if actor_a == actor_b or (subjects[0] and subjects[0] == subjects[1]):
         return True
     accounts = load_accounts() if accounts is None else accounts
-    return person_key(actor_a, accounts) == person_key(actor_b, accounts)
+    keys_a = {person_key(actor_a, accounts)} | ({OIDC_PREFIX + subjects[0]} if subjects[0] else set())
+    keys_b = {person_key(actor_b, accounts)} | ({OIDC_PREFIX + subjects[1]} if subjects[1] else set())
+    return bool(keys_a & keys_b)
+
+
+def still_approver(actor: str, accounts: Mapping[str, Account] | None = None) -> tuple[bool, str]:
+    """Is a recorded signer an approver now, and if not, what they are: a local account is looked up in
+    the accounts as they are now (demoted, or deleted); an OIDC user's role comes from the identity
+    provider and the dashboard's approver list at sign-in, which this process cannot ask again, so
+    their signature stands; so does everyone's in a process that knows no local account at all (nobody
+    could sign in locally there: the accounts are configured elsewhere) (docs/operations.md, "Who may
+    do what")."""
+    if actor.startswith(OIDC_PREFIX):
+        return True, "approver"
+    accounts = load_accounts() if accounts is None else accounts
+    if not accounts:
+        return True, "approver"
+    account = accounts.get(actor)
+    if account is None:
+        return False, "no longer an account"
+    if account.role != "approver":
+        return False, f"now a {account.role}"
+    return True, "approver"

@@ -150,7 +150,8 @@ def gate_step(
                 f"assignment is random, independent of the requests, at {step.traffic_pct:g}% sparse."
             )
         if decision.outcome == "GO" and final:
-            explanation = f"{explanation} {approvals.skip_note(evidence)}".rstrip()
+            # a final GO waits for approval (awaiting_after), so it may continue the ramp instead
+            explanation = f"{explanation} {approvals.skip_note(evidence, waits_for_approval=True)}".rstrip()
         remedy = invalid_remedy(use_case, decision.outcome, decision.reasons, step.traffic_pct)
         if remedy:
             explanation = f"{explanation} {remedy}"

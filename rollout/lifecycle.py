@@ -47,6 +47,9 @@ PHASES: dict[str, Phase] = {
     "stopped": Phase("NO-GO, rejected or aborted", frozenset(), "-", ended=True),
 }
 ENDED_PHASES = tuple(name for name, p in PHASES.items() if p.ended)
+# the phases with no pilot of the use case's current challenger yet (starting one moves it to
+# `piloting`): a decision recorded before belongs to an earlier plan (rollout.queries' current decision)
+BEFORE_PILOT = ("registered", "calibrated", "evaluated")
 
 
 def phase(name: str) -> Phase:

@@ -9,7 +9,7 @@ import csv
 import json
 import math
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -203,8 +203,10 @@ def validate_observation_rows(
     source: str = "observation batch",
     first_row: int = 1,
     refused_request_ids: Mapping[str, str] | None = None,
+    lines: Sequence[int] | None = None,
 ) -> dict[str, Any]:
-    """Run the GX observation suite; a JSON-ready summary with `passed` and readable `failures`."""
+    """Run the GX observation suite; a JSON-ready summary with `passed` and readable `failures` (naming
+    `source:LINE` where `lines`, each row's line in the file `iter_observations` read, is given)."""
     import pandas as pd
 
     from rollout.validation import validate_observations
@@ -217,5 +219,6 @@ def validate_observation_rows(
         source=source,
         first_row=first_row,
         refused_request_ids=refused_request_ids,
+        lines=lines,
     )
     return {"passed": result.ok, "failures": result.messages(), "report": result.to_dict()}

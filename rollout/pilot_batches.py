@@ -10,7 +10,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from rollout import audit, lifecycle, pilots, run_links
+from rollout import audit, lifecycle, pilots, run_links, runs
 from rollout.db.models import AuditEntry, ModelVersion, Observation, Pilot, PilotStep, as_utc, utcnow
 from rollout.db.session import session_scope
 from rollout.observations_io import ObservationImportError, iter_observations, validate_observation_rows
@@ -41,10 +41,40 @@ def _step_info(
     }
 
 
-def ensure_pilot_in(session: Any, use_case: str) -> dict[str, Any]:
+class NotPiloted(pilots.PilotStateError):
+    """A pilot of the current challenger is not started: `skip` (rollout.roi.PilotSkip) says why, in the
+    words the portfolio shows ("no pilot: ...")."""
+
+    def __init__(self, use_case: str, skip: Any) -> None:
+        self.skip = skip
+        super().__init__(
+            f"{use_case}: not piloted: {skip}; nothing was started "
+            f"(`sparsepilot pilot {use_case} --pilot-anyway` pilots it regardless)"
+        )
+
+
+def pilot_skip(use_case: str) -> Any:
+    """Why a tick would start no pilot of the current challenger (`runs.pilot_skip`, the rule
+    `ensure_pilot_in` applies), or None: a pilot of it runs already (it keeps running), or one may start.
+    What the scheduled cycle asks before its pilot batch, so it says why and does nothing."""
+    with session_scope() as session:
+        uc = pilots.get_use_case(session, use_case)
+        run = latest_challenger(session, uc.id)
+        if run is None:
+            return None
+        pilot = pilots.active_pilot(session, uc)
+        if pilot is not None and pilot.model_version_id == run.model_version_id:
+            return None
+        return runs.pilot_skip(session, uc, run)
+
+
+def ensure_pilot_in(session: Any, use_case: str, *, pilot_anyway: bool = False) -> dict[str, Any]:
     """The active pilot's current step (a pilot is started at its shadow step for the current challenger
     if none runs), inside the caller's transaction. Refuses, naming the use case, when there is nothing
-    to pilot or the pilot cannot take traffic now."""
+    to pilot or the pilot cannot take traffic now. A new pilot starts only where the challenger is worth
+    piloting (`runs.pilot_skip`: a plan that met the budget, skips blocks and establishes a saving;
+    `pilot_anyway` waives all but the budget): else `NotPiloted`, nothing started. A pilot already
+    running keeps running."""
     uc = pilots.get_use_case(session, use_case)
     spec, _ = pilots.load_current_spec(session, uc)
     run = latest_challenger(session, uc.id)
@@ -70,6 +100,9 @@ def ensure_pilot_in(session: Any, use_case: str) -> dict[str, Any]:
             raise pilots.PilotStateError(
                 f"{use_case}: {pilots.pilot_label(pilot)} is waiting for approval; approve or reject it first"
             )
+        skip = runs.pilot_skip(session, uc, run, pilot_anyway=pilot_anyway)
+        if skip is not None:
+            raise NotPiloted(use_case, skip)
         pilot = pilots.start_pilot(session, uc, mv, spec, actor=audit.SYSTEM_ACTOR)
     if pilot.status != "running":
         raise pilots.PilotStateError(
@@ -78,10 +111,10 @@ def ensure_pilot_in(session: Any, use_case: str) -> dict[str, Any]:
     return _step_info(session, pilot, pilots.current_step(session, pilot), mv)
 
 
-def ensure_pilot(use_case: str) -> dict[str, Any]:
+def ensure_pilot(use_case: str, *, pilot_anyway: bool = False) -> dict[str, Any]:
     """`ensure_pilot_in` in its own transaction."""
     with session_scope() as session:
-        return ensure_pilot_in(session, use_case)
+        return ensure_pilot_in(session, use_case, pilot_anyway=pilot_anyway)
 
 
 def pilot_spec_version(use_case: str) -> int:
@@ -181,10 +214,48 @@ def step_traffic_use(step_id: int) -> tuple[str, set[str]]:
         return pilot.salt, pilots.seen_request_ids(session, pilot)
 
 
-def store_batch(step_id: int, rows: list[dict[str, Any]], batch_id: str, source: str) -> dict[str, int]:
-    """Store a validated batch in its step; rows already stored are skipped (a retried batch adds none)."""
+def _held_step(session: Any, step_id: int, *, meanwhile: str) -> PilotStep:
+    """The step, its pilot held against a change of state while observations are written into it
+    (`pilots.held_for_observations`) and re-read under that hold. Refused (PilotStateError: what
+    happened, `meanwhile` what this writer was doing then, and that nothing was stored) unless the step
+    takes observations now (`pilots.observations_refused`): a pilot aborted, stopped or moved on since the
+    caller read its step keeps none of the rows collected for it."""
+    step = session.get(PilotStep, step_id)
+    if step is None:
+        raise pilots.PilotStateError(f"pilot step id {step_id} does not exist; nothing was stored")
+    uc, pilot = pilots.held_for_observations(session, step.pilot.use_case_id, step.pilot_id)
+    step = session.get(PilotStep, step_id, populate_existing=True)
+    why = pilots.observations_refused(pilot, step)
+    if why is not None:
+        raise pilots.PilotStateError(f"{uc.name}: {why} while {meanwhile}; nothing was stored")
+    return step
+
+
+def step_refusal(step_id: int) -> dict[str, str] | None:
+    """None while the step takes observations, else why not: `stopped` ("pilot aborted" when an operator
+    aborted its pilot, else "pilot step closed") and `explanation` (`pilots.observations_refused`: "pilot
+    1 was aborted"). What a run asks before it answers its next batch (one read, no lock; storing checks
+    again under the lock)."""
     with session_scope() as session:
         step = session.get(PilotStep, step_id)
+        if step is None:
+            return {"stopped": "pilot step closed", "explanation": f"pilot step id {step_id} does not exist"}
+        why = pilots.observations_refused(step.pilot, step)
+        if why is None:
+            return None
+        return {
+            "stopped": "pilot aborted" if step.status == "aborted" else "pilot step closed",
+            "explanation": why,
+        }
+
+
+def store_batch(step_id: int, rows: list[dict[str, Any]], batch_id: str, source: str) -> dict[str, int]:
+    """Store a validated batch in its step; rows already stored are skipped (a retried batch adds none).
+    Refused (PilotStateError, nothing stored) when the step no longer takes observations: its pilot was
+    aborted, stopped or moved on to another step while the batch was answered (`_held_step`; a monitor
+    batch answered across a rollback is kept: its look says it was superseded)."""
+    with session_scope(immediate=True) as session:
+        step = _held_step(session, step_id, meanwhile="this batch was answered")
         res = pilots.record_observations(session, step, rows, batch_id=batch_id, source=source)
         run_links.record_batch(session, step.id, batch_id, source, rows=len(rows), inserted=res.inserted)
     return {"inserted": res.inserted, "already_present": res.already_present}
@@ -197,9 +268,11 @@ def store_monitor_import(
     `info`), all or nothing, as the pilot's import is (`import_file`): a file that fails the observation
     checks (GX), brings a (request, arm) already stored with other values, or a request another step of
     the pilot judged (the gate's), is refused with an ObservationImportError naming the file and its rows;
-    nothing is stored, and the caller records no look. Only the file's ids are looked up (chunked IN
-    lists): a promoted pilot's whole history is never read. Returns the GX summary (`check`: the look's
-    data check) and the counts stored."""
+    nothing is stored, and the caller records no look. Stored with the pilot held against a change of
+    state (`pilots.held_for_observations`): a rollback waits for it, as for the monitor's own batch, and
+    a file read across one is kept for a look that says it was superseded. Only the file's ids are looked
+    up (chunked IN lists): a promoted pilot's whole history is never read. Returns the GX summary
+    (`check`: the look's data check) and the counts stored."""
     gx = validate_observation_rows(
         rows,
         known_request_ids={str(r["request_id"]) for r in rows},  # production traffic: any request id
@@ -212,7 +285,7 @@ def store_monitor_import(
             + "\n  - ".join(gx["failures"])
         )
     with session_scope(immediate=True) as session:
-        step = session.get(PilotStep, info["step_id"])
+        step = _held_step(session, info["step_id"], meanwhile=f"{path} was read")
         ids = {str(r["request_id"]) for r in rows}
         check = pilots.ImportCheck(
             pilots.step_rows_among(session, step, ids),
@@ -245,21 +318,30 @@ def import_file(
     progress: Any = None,
     actor: str | None = None,
     spec_version: int | None = None,
+    pilot_anyway: bool = False,
 ) -> dict[str, Any]:
     """Import a file of observations into the current step, all or nothing, streaming: each chunk is
     parsed, checked (GX) and checked against the step's design (rollout.pilots.ImportCheck), then
     bulk-inserted; any problem rolls the whole import back. The pilot is started in the same
-    transaction, so a refused import starts nothing either. Its request ids must be among `known_ids`
-    (what the pilot's traffic source may hand out: rollout.traffic.importable); `refused_ids` says why
-    another id is not. ``progress(rows_done)`` after each chunk. `actor`: who imports (the signed-in
-    account; None: the automation), kept in the audit log with the file, so the evidence behind a
-    decision names who brought it. `spec_version`: the version `known_ids` come from
-    (`pilot_spec_version`, the pilot's own); a pilot that runs under another one is refused, nothing
-    stored (the pilot changed between the two reads)."""
+    transaction, so a refused import starts nothing either; its audit entries (the pilot's start, the
+    import) are appended at the end (`audit.deferred`), so the import holds the audit chain's lock (on
+    PostgreSQL: every audit writer of every use case waits on it) only for its last moment. The pilot is
+    held against a change of state for the import's length (`pilots.held_for_observations`): an abort
+    that comes while it runs waits for it; one that came first refuses it (PilotStateError). Its request
+    ids must be among `known_ids` (what the pilot's traffic source may hand out:
+    rollout.traffic.importable); `refused_ids` says why another id is not. ``progress(rows_done)`` after
+    each chunk. `actor`: who imports (the signed-in account; None: the automation), kept in the audit log
+    with the file, so the evidence behind a decision names who brought it. `spec_version`: the version
+    `known_ids` come from (`pilot_spec_version`, the pilot's own); a pilot that runs under another one is
+    refused, nothing stored (the pilot changed between the two reads). `pilot_anyway`: as
+    `ensure_pilot_in`'s."""
     source = "imported-external" if external_assignment else "imported"
     rows_seen = inserted = 0
-    with session_scope(immediate=True) as session:
-        info = ensure_pilot_in(session, use_case)
+    with session_scope(immediate=True) as session, audit.deferred(session):
+        info = ensure_pilot_in(session, use_case, pilot_anyway=pilot_anyway)
+        # held until the import ends: an abort (or any change of the pilot's state) waits for it, or, when
+        # it came first, the import sees it here and stores nothing
+        step = _held_step(session, info["step_id"], meanwhile=f"the import of {path} began")
         if spec_version is not None and info["spec_version"] not in (None, spec_version):
             raise ObservationImportError(
                 f"{path}: {info['pilot']} runs under spec version {info['spec_version']}, not the version "
@@ -270,7 +352,6 @@ def import_file(
                 f"{path}: --external-assignment is for a split step (the serving system chose each "
                 f"request's arm); the current step is {info['kind']}, where both arms answer every request"
             )
-        step = session.get(PilotStep, info["step_id"])
         check = pilots.ImportCheck(
             pilots.step_observations(session, step).to_dict("records"),
             kind=info["kind"],
@@ -289,7 +370,7 @@ def import_file(
                 known_request_ids=known_ids,
                 require_both_arms=False,
                 source=path,
-                first_row=rows_seen + 1,
+                lines=[line for line, _ in chunk],  # the file's lines, as its parse errors name them
                 refused_request_ids=refused_ids,
             )
             if not gx["passed"]:

@@ -114,6 +114,38 @@ def locked(session: Session, use_case_id: int, pilot_id: int | None) -> tuple[Us
     return uc, pilot
 
 
+def held_for_observations(session: Session, use_case_id: int, pilot_id: int) -> tuple[UseCase, Pilot]:
+    """The use case and pilot re-read and held against a change of the pilot's state while observations
+    are written into it (a batch, an import, a monitor file). PostgreSQL: a key-share lock on the use case
+    row, then a share lock on the pilot row (use case first, as `locked`), so a writer of the pilot's
+    state (an abort, a gate look, an approval: `locked`'s exclusive locks) waits for this transaction to
+    end, and this one for it; writers of observations do not wait for each other, nor do rows that only
+    name the use case (an audit entry), so an import that holds these for minutes blocks no audit writer.
+    SQLite holds its write lock from the transaction's start (`session_scope(immediate=True)`, which the
+    caller opens). Check what you hold with `observations_refused`."""
+    shared = {"read": True, "key_share": True}
+    uc = session.get(UseCase, use_case_id, with_for_update=shared, populate_existing=True)
+    pilot = session.get(Pilot, pilot_id, with_for_update={"read": True}, populate_existing=True)
+    return uc, pilot
+
+
+def observations_refused(pilot: Pilot, step: PilotStep) -> str | None:
+    """Why `step` of `pilot` takes no observations now, said as what happened ("pilot 1 was aborted"),
+    or None while it does: a ramp step while the pilot runs and the step is its current, open one. The
+    monitor step always does: a batch the monitor answered while a person rolled the champion back is
+    kept, and its look is recorded as superseded (`rollout.decisions.monitor_look`), not lost (pure)."""
+    label = pilot_label(pilot)
+    if step.kind == "monitor":
+        return None
+    if step.status == "aborted":
+        return f"{label} was aborted"
+    if pilot.status != "running":
+        return f"{label} is {pilot.status.replace('_', ' ')}"
+    if step.index != pilot.current_step_index or step.status != "running":
+        return f"{label} has left step {step.index} ({step.status}) for step {pilot.current_step_index}"
+    return None
+
+
 def promoted_pilot(session: Session, use_case: UseCase) -> Pilot | None:
     """The pilot whose challenger serves as champion now (the monitor samples it, a rollback ends it)."""
     return session.scalar(

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from sqlalchemy import Integer, and_, case, cast, func, or_, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from rollout import audit, leases, lifecycle, roi
 from rollout.dataset_split import kept_apart_of
@@ -29,7 +29,8 @@ from rollout.db.models import (
     as_utc,
 )
 from rollout.db.session import session_scope
-from rollout.pilots import planned_pilot, promoted_pilot
+from rollout.gate.spending import DEFAULT_ALPHA
+from rollout.pilots import ACTIVE_PILOT, active_pilot, load_pilot_spec, planned_pilot, promoted_pilot
 
 # Where a gate decision's evidence (rollout.gate.Decision.to_dict()) keeps the quality difference
 # (treatment - control) and its anytime-valid interval. Read in SQL with the dialect's JSON path operator.
@@ -38,6 +39,7 @@ EVIDENCE_QUALITY_LOW = ("quality", "interval_low")
 EVIDENCE_QUALITY_HIGH = ("quality", "interval_high")
 # An EXTEND's projection of the requests (pairs in a shadow step) that would settle it.
 EVIDENCE_PROJECTED = ("projected_requests",)
+EVIDENCE_REASONS = ("reasons",)  # why the gate decided as it did (an INVALID: which checks failed)
 EVIDENCE_N_CONTROL = ("n_control",)
 # The pilot's traffic source when the gate looked: distinct requests used and how many are left.
 EVIDENCE_TRAFFIC_USED = ("traffic", "distinct_used")
@@ -85,20 +87,47 @@ def _shown_evaluation() -> Any:
     )
 
 
+def _current_decision(*where: Any) -> Any:
+    """Per use case (`key`), its current decision (`id`, of those matching `where`): the newest of its
+    latest pilot's (a manual rollback, which names no pilot, counts from that pilot's start), and none
+    while the use case has no pilot of its current challenger (`lifecycle.BEFORE_PILOT`: a new
+    challenger calibrated or evaluated). A use case's newest decision by id alone showed pilot 1's GO, one
+    a person had rejected, of another plan, with its gate interval, on pilot 2 before its first look."""
+    latest_pilot = _latest_id(Pilot.id, Pilot.use_case_id)
+    ours = or_(
+        GateDecision.pilot_id == Pilot.id,
+        and_(GateDecision.pilot_id.is_(None), GateDecision.created_at >= Pilot.started_at),
+    )
+    return (
+        select(GateDecision.use_case_id.label("key"), func.max(GateDecision.id).label("id"))
+        .join(UseCase, UseCase.id == GateDecision.use_case_id)
+        .join(latest_pilot, latest_pilot.c.key == GateDecision.use_case_id)
+        .join(Pilot, Pilot.id == latest_pilot.c.id)
+        .where(UseCase.phase.not_in(lifecycle.BEFORE_PILOT), ours, *where)
+        .group_by(GateDecision.use_case_id)
+        .subquery()
+    )
+
+
 def read(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run one of these query functions in its own read transaction."""
     with session_scope() as session:
         return fn(session, *args, **kwargs)
 
 
-def portfolio(session: Session, *, decision_kind: str | None = None) -> list[dict[str, Any]]:
-    """One row per use case: phase, current step, latest decision (of `decision_kind`, or any) and what it
-    waits for, quality delta with its interval, speed-up and $/month saved with intervals, payback.
-    Numbers come from the latest decision where it measured them, else from the latest successful
-    evaluation (`quality_source`: "gate" or "evaluation"; the evaluation's bounds, valid at any number
-    of rows, are on its `evaluation_rows` task rows)."""
+def portfolio(
+    session: Session, *, decision_kind: str | None = None, use_case_id: int | None = None
+) -> list[dict[str, Any]]:
+    """One row per use case (or the one `use_case_id`): phase, current step, its current decision (of
+    `decision_kind`, or any; `_current_decision`: its latest pilot's) and what it waits for, quality delta
+    with its interval, speed-up and $/month saved with intervals, payback. Quality comes from the current
+    pilot's latest gate look that measured it (a monitor look after promotion measures none), else from
+    the latest successful evaluation (`quality_source`: "gate" or "evaluation"; the evaluation's bounds,
+    valid at any number of rows, are on its `evaluation_rows` task rows)."""
     kind = () if decision_kind is None else (GateDecision.kind == decision_kind,)
-    last_dec = _latest_id(GateDecision.id, GateDecision.use_case_id, *kind)
+    last_dec = _current_decision(*kind)
+    gate_dec = _current_decision(GateDecision.kind == "gate")
+    QDec = aliased(GateDecision)  # the gate look the quality columns come from
     last_eval = _shown_evaluation()
     last_pilot = _latest_id(Pilot.id, Pilot.use_case_id)
     obs_per_uc = (
@@ -111,9 +140,9 @@ def portfolio(session: Session, *, decision_kind: str | None = None) -> list[dic
         .group_by(Observation.pilot_step_id)
         .subquery()
     )
-    dec_q = GateDecision.evidence[EVIDENCE_QUALITY_DELTA].as_float()
-    dec_lo = GateDecision.evidence[EVIDENCE_QUALITY_LOW].as_float()
-    dec_hi = GateDecision.evidence[EVIDENCE_QUALITY_HIGH].as_float()
+    dec_q = QDec.evidence[EVIDENCE_QUALITY_DELTA].as_float()
+    dec_lo = QDec.evidence[EVIDENCE_QUALITY_LOW].as_float()
+    dec_hi = QDec.evidence[EVIDENCE_QUALITY_HIGH].as_float()
     stmt = (
         select(
             UseCase.id,
@@ -135,7 +164,8 @@ def portfolio(session: Session, *, decision_kind: str | None = None) -> list[dic
             GateDecision.awaiting,
             GateDecision.resolution,
             GateDecision.created_at.label("decided_at"),
-            select(func.count(Approval.id))
+            # a `withdraw` row (`approve --withdraw`) takes back its signer's one open signature
+            select(func.coalesce(func.sum(case((Approval.action == "withdraw", -1), else_=1)), 0))
             .where(Approval.decision_id == GateDecision.id)
             .correlate(GateDecision)
             .scalar_subquery()
@@ -152,6 +182,7 @@ def portfolio(session: Session, *, decision_kind: str | None = None) -> list[dic
             ).label("quality_source"),
             EvaluationRun.report[EVALUATION_TASK_ROWS].as_integer().label("evaluation_rows"),
             GateDecision.evidence[EVIDENCE_PROJECTED].as_integer().label("projected_requests"),
+            GateDecision.evidence[EVIDENCE_REASONS].label("decision_reasons"),
             GateDecision.evidence[EVIDENCE_N_CONTROL].as_integer().label("decision_n_control"),
             GateDecision.evidence[EVIDENCE_N_TREATMENT].as_integer().label("decision_n_treatment"),
             GateDecision.evidence[EVIDENCE_TRAFFIC_USED].as_integer().label("traffic_used"),
@@ -174,6 +205,8 @@ def portfolio(session: Session, *, decision_kind: str | None = None) -> list[dic
         .select_from(UseCase)
         .outerjoin(last_dec, last_dec.c.key == UseCase.id)
         .outerjoin(GateDecision, GateDecision.id == last_dec.c.id)
+        .outerjoin(gate_dec, gate_dec.c.key == UseCase.id)
+        .outerjoin(QDec, QDec.id == gate_dec.c.id)
         .outerjoin(last_eval, last_eval.c.key == UseCase.id)
         .outerjoin(EvaluationRun, EvaluationRun.id == last_eval.c.id)
         .outerjoin(last_pilot, last_pilot.c.key == UseCase.id)
@@ -185,6 +218,8 @@ def portfolio(session: Session, *, decision_kind: str | None = None) -> list[dic
         .outerjoin(obs_per_uc, obs_per_uc.c.key == UseCase.id)
         .order_by(UseCase.name)
     )
+    if use_case_id is not None:
+        stmt = stmt.where(UseCase.id == use_case_id)
     rows = [dict(r._mapping) for r in session.execute(stmt)]
     for r in rows:
         r["waits_for"] = waits_for(r)
@@ -192,6 +227,8 @@ def portfolio(session: Session, *, decision_kind: str | None = None) -> list[dic
         # priced at a spec version that is no longer current (docs/roi.md)
         r["measured_under_overload"] = roi.timing_overload(r.pop("timing_host"))
         r["priced_at"] = roi.priced_at(r["priced_spec_version"], r["current_spec_version"])
+        if roi.dense_plan(r["density"], r["decode_status"]):  # saves nothing: no payback to claim
+            r["payback_days"] = None
     return rows
 
 
@@ -222,6 +259,11 @@ def waits_for(row: dict[str, Any]) -> str:
     if person:
         return person
     decision = row.get("decision")
+    if row.get("pilot_status") == "running" and decision == "INVALID":
+        # no command reruns a step and its rows stay (rollout.decisions.invalid_remedy): more samples
+        # do not cure it; the gate's way out is an abort and a new challenger
+        why = ", ".join(str(r).replace("-", " ") for r in row.get("decision_reasons") or []) or "invalid data"
+        return f"an operator: abort the pilot and start over with a new challenger (data not trusted: {why})"
     if row.get("pilot_status") == "running":
         n, need = row.get("step_observations") or 0, row.get("min_samples") or 0
         if row.get("step_kind") == "shadow":
@@ -242,16 +284,10 @@ def waits_for(row: dict[str, Any]) -> str:
             return f"more samples ({n}/{need})" if need else "more samples"
         return "next gate look"
     if decision is None and row.get("phase") == "evaluated":
-        # the main job pilots nothing where no saving is established (rollout.roi.pilot_skip_reason):
+        # no pilot starts where the plan cannot pay (rollout.roi.evaluation_pilot_skip, the rule
+        # rollout.pilot_batches.ensure_pilot_in applies for the cycle, `pilot` and the main job alike):
         # such a use case waits for no pilot, and the finding says why
-        skip = roi.pilot_skip_reason(
-            met_budget=None,
-            density=row.get("density"),
-            saved_usd_month=row.get("savings_month_usd"),
-            saved_usd_month_high=row.get("savings_month_high"),
-            saved_usd_month_low=row.get("savings_month_low"),
-            decode_status=row.get("decode_status"),
-        )
+        skip = roi.evaluation_pilot_skip(row)
         if skip is not None:
             return f"no pilot: {skip.why}"
     if decision is None and row.get("phase") in lifecycle.PHASES:
@@ -365,8 +401,14 @@ def portfolio_totals(session: Session) -> dict[str, Any]:
     includes no saving (or a loss), and ended ones."""
     last_eval = _shown_evaluation()
     ended = UseCase.phase.in_(lifecycle.ENDED_PHASES)
-    # a run with no measured interval (one timing pair, savings_month_low NULL) establishes nothing
-    established = and_(~ended, func.coalesce(EvaluationRun.savings_month_low, 0) > 0)
+    # a run with no measured interval (one timing pair, savings_month_low NULL) establishes nothing, nor
+    # does a dense plan whatever its timing noise says (rollout.roi.dense_plan: the rows' "no pilot")
+    decode_status = EvaluationRun.roi[EVALUATION_DECODE_STATUS].as_string()
+    dense = and_(
+        func.coalesce(EvaluationRun.density, 0) >= roi.DENSE_PLAN_DENSITY,
+        func.coalesce(decode_status, "") != "measured",
+    )
+    established = and_(~ended, ~dense, func.coalesce(EvaluationRun.savings_month_low, 0) > 0)
     # the established figures that carry a note beside them (docs/roi.md): timed under overload, or
     # priced at a spec version that is no longer current
     kept = [
@@ -399,17 +441,18 @@ def portfolio_totals(session: Session) -> dict[str, Any]:
         .join(last_eval, last_eval.c.id == EvaluationRun.id)
         .join(UseCase, UseCase.id == EvaluationRun.use_case_id)
     ).one()
-    last_dec = _latest_id(GateDecision.id, GateDecision.use_case_id)
+    # the portfolio rows' decisions that are the gate's (a monitor's "GO" says no guardrail breached)
+    last_dec = _current_decision()
     outcomes = dict(
         session.execute(
             select(GateDecision.outcome, func.count())
             .join(last_dec, last_dec.c.id == GateDecision.id)
+            .where(GateDecision.kind == "gate")
             .group_by(GateDecision.outcome)
         ).all()
     )
-    pending = session.scalar(
-        select(func.count()).where(GateDecision.awaiting != "none", GateDecision.resolution.is_(None))
-    )
+    # the Approvals page's cards (decision_waits' rule: an override's first signature waits too)
+    pending = len(pending_decisions(session))
     phases = dict(session.execute(select(UseCase.phase, func.count()).group_by(UseCase.phase)).all())
     return {
         "use_cases": sum(phases.values()),
@@ -462,6 +505,36 @@ def use_case(session: Session, name: str) -> dict[str, Any] | None:
         "created_at": uc.created_at,
         "working_now": leases.working_now(session, uc.id),
         "monitor": monitor_state(session, uc.id),
+        "running_pilot": _pilot_of_earlier_version(session, uc, spec.version if spec else None),
+        # "pilot N has ended" is said of a pilot no longer active only (its status, not its number)
+        "latest_pilot_ended": session.scalar(
+            select(Pilot.status).where(Pilot.use_case_id == uc.id).order_by(Pilot.id.desc()).limit(1)
+        )
+        not in (None, *ACTIVE_PILOT),
+    }
+
+
+def _pilot_of_earlier_version(session: Session, uc: UseCase, current: int | None) -> dict[str, Any] | None:
+    """The active pilot where it runs under a spec version other than `current` (a version added while
+    it runs applies to the next pilot): its number, its version's spec, dataset rows and kept-apart
+    rows, and its GO level fixed when it started, what its plan is made of; None otherwise. The page
+    showed only the next pilot's plan and said of the running pilot that it "has ended"."""
+    pilot = active_pilot(session, uc)
+    if pilot is None or pilot.spec_version in (None, current):
+        return None
+    _, sv = load_pilot_spec(session, pilot)
+    gate = sv.spec.get("gate") or {}
+    return {
+        "pilot_number": pilot.pilot_number,
+        "status": pilot.status,
+        "spec_version": sv.version,
+        "spec": sv.spec,
+        "dataset_rows": sv.dataset_rows,
+        "kept_apart": kept_apart_of(sv.validation),
+        "planned_pilot": (
+            pilot.pilot_number,
+            pilot.go_alpha if pilot.go_alpha is not None else gate.get("alpha", DEFAULT_ALPHA),
+        ),
     }
 
 
@@ -685,14 +758,13 @@ def decisions(session: Session, use_case_id: int) -> list[dict[str, Any]]:
 
 
 def _signature_counts(session: Session, decision_ids: list[int]) -> dict[int, int]:
-    if not decision_ids:
-        return {}
-    stmt = (
-        select(Approval.decision_id, func.count(Approval.id))
-        .where(Approval.decision_id.in_(decision_ids))
-        .group_by(Approval.decision_id)
-    )
-    return {k: n for k, n in session.execute(stmt)}
+    """Per decision, the signatures that count (`live_signatures`: not taken back by `approve --withdraw`
+    and, for an override's signature, its signer still an approver: rollout.approvals'
+    `counting_signatures` rule, so a former approver's signature waits for no second approver)."""
+    counts: dict[int, int] = {}
+    for a in live_signatures(approvals(session, decision_ids)):
+        counts[a["decision_id"]] = counts.get(a["decision_id"], 0) + 1
+    return counts
 
 
 def _overridable_ids(session: Session) -> list[int]:
@@ -751,10 +823,30 @@ def alias_moves(session: Session, use_case_id: int) -> list[dict[str, Any]]:
     ]
 
 
+def live_signatures(given: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The signatures of `approvals(...)` that count: neither withdrawn, nor lapsed, nor a withdrawal."""
+    return [a for a in given if not a["withdrawn"] and not a["lapsed"] and a["action"] != "withdraw"]
+
+
 def approvals(session: Session, decision_ids: list[int]) -> list[dict[str, Any]]:
     if not decision_ids:
         return []
+    from rollout.approvals import withdrawn_signatures
+    from rollout.auth import load_accounts, still_approver
+
     stmt = select(Approval).where(Approval.decision_id.in_(decision_ids)).order_by(Approval.id)
+    gone = set().union(*(withdrawn_signatures(session, i) for i in decision_ids))
+    found = list(session.scalars(stmt))
+    # an override's signature counts only while its signer is an approver (rollout.approvals'
+    # `counting_signatures`): the accounts as they are now, read once
+    accounts = load_accounts() if any(a.against_recommendation for a in found) else {}
+
+    def lapsed(a: Approval) -> str | None:
+        if not a.against_recommendation or a.action == "withdraw":
+            return None
+        ok, what = still_approver(a.actor, accounts)
+        return None if ok else what
+
     return [
         {
             "id": a.id,
@@ -764,9 +856,11 @@ def approvals(session: Session, decision_ids: list[int]) -> list[dict[str, Any]]
             "action": a.action,
             "reason": a.reason,
             "against_recommendation": a.against_recommendation,
+            "withdrawn": a.id in gone,  # its signer took it back (`approve --withdraw`): it counts nothing
+            "lapsed": lapsed(a),  # why an override's signature no longer counts (its signer demoted), or None
             "created_at": a.created_at,
         }
-        for a in session.scalars(stmt)
+        for a in found
     ]
 
 
@@ -790,7 +884,7 @@ def pending_decisions(session: Session) -> list[dict[str, Any]]:
     )
     for r in rows:
         r["waits_for"] = decision_waits(
-            r["awaiting"], r["resolution"], len(r["approvals"]), r["id"] in cosign
+            r["awaiting"], r["resolution"], len(live_signatures(r["approvals"])), r["id"] in cosign
         )
     return rows
 
@@ -807,6 +901,25 @@ def overridable_decisions(session: Session) -> list[dict[str, Any]]:
     return rows
 
 
+def roi_summary(row: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The money a decision on this use case weighs, from its portfolio row (`portfolio`: the shown
+    evaluation's $/month with its interval and payback), in the portfolio's own rules: `not_established`
+    is why no saving is established (`roi.evaluation_pilot_skip`'s finding: the plan keeps every block, no
+    saving expected, an interval reaching zero), and then no payback is claimed; `caveats`, the notes the
+    figures carry (`timing_overload`, `priced_at`). None: no evaluation priced it."""
+    if row is None or row.get("savings_month_usd") is None:
+        return None
+    skip = roi.evaluation_pilot_skip(row)
+    return {
+        "savings_month_usd": row["savings_month_usd"],
+        "savings_month_low": row.get("savings_month_low"),
+        "savings_month_high": row.get("savings_month_high"),
+        "payback_days": row.get("payback_days") if skip is None else None,
+        "not_established": None if skip is None else skip.why,
+        "caveats": [c for c in (row.get("measured_under_overload"), row.get("priced_at")) if c],
+    }
+
+
 def _decision_rows(session: Session, where: Any) -> list[dict[str, Any]]:
     stmt = (
         select(GateDecision, UseCase.name, UseCase.criticality, PilotStep.index, PilotStep.traffic_pct)
@@ -819,6 +932,10 @@ def _decision_rows(session: Session, where: Any) -> list[dict[str, Any]]:
         _decision_dict(d) | {"use_case": name, "criticality": crit, "step_index": idx, "traffic_pct": pct}
         for d, name, crit, idx, pct in session.execute(stmt)
     ]
+    if rows:  # what a promotion is worth, beside the evidence a person signs it on (`roi_summary`)
+        money = {r["name"]: r for r in portfolio(session)}
+        for r in rows:
+            r["roi"] = roi_summary(money.get(r["use_case"]))
     return _with_approvals(session, rows)
 
 

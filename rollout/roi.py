@@ -15,7 +15,7 @@ gives a zero or negative saving: it is reported as the number it is, with ``pays
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -113,8 +113,10 @@ def usd_per_month(gpu_hours_day: float, gpu_usd_per_hour: float) -> float:
 
 
 def usd(x: float) -> str:
-    """Dollars as a board reads them: "$1,234", "-$466" (not "$-466")."""
-    return f"-${-x:,.0f}" if x < 0 else f"${x:,.0f}"
+    """Dollars as a board reads them: "$1,234", "-$466" (not "$-466"); under a dollar either way, with its
+    cents ("-$0.40", not "-$0": whole dollars rounded such an amount to a signed zero)."""
+    text = f"${abs(x):,.2f}" if 0.005 <= abs(x) < 0.995 else f"${abs(x):,.0f}"
+    return f"-{text}" if x < 0 and text not in ("$0", "$0.00") else text
 
 
 def payback_days(one_off_usd: float, saved_usd_month: float) -> float | None:
@@ -406,6 +408,13 @@ def speedup_interval(
 DENSE_PLAN_DENSITY = 0.999  # a plan keeping this share of blocks computes what the dense model does
 
 
+def dense_plan(density: float | None, decode_status: str | None) -> bool:
+    """A plan that computes what the dense model does: it keeps every prefill block and decodes densely.
+    Whatever its timings say, it saves nothing (timing noise above 1x is no saving): it is not piloted
+    (`pilot_skip_reason`), and the portfolio counts no established saving and shows no payback for it."""
+    return density is not None and density >= DENSE_PLAN_DENSITY and decode_status != "measured"
+
+
 @dataclass(frozen=True)
 class PilotSkip:
     """Why a pilot would be wasted traffic: `why` (the finding, e.g. "no saving expected (-$23/month, at
@@ -441,7 +450,7 @@ def pilot_skip_reason(
         return PilotSkip("no sparse plan met the quality budget", "stays dense, not piloted")
     if pilot_anyway:
         return None
-    if density is not None and density >= DENSE_PLAN_DENSITY and decode_status != "measured":
+    if dense_plan(density, decode_status):
         return PilotSkip(f"the plan keeps {density:.2%} of blocks (as dense)", "nothing to pilot")
     if saved_usd_month is not None and saved_usd_month <= 0:
         high = "" if saved_usd_month_high is None else f", at best {usd(saved_usd_month_high)}"
@@ -464,6 +473,26 @@ def pilot_skip_reason(
             "with --pilot-all)",
         )
     return None
+
+
+def evaluation_pilot_skip(
+    evaluation: Mapping[str, Any] | None, *, met_budget: bool | None = None, pilot_anyway: bool = False
+) -> PilotSkip | None:
+    """`pilot_skip_reason` of an evaluation's figures (`density`, `savings_month_usd`,
+    `savings_month_low` / `_high`, `decode_status`: a summary, a portfolio row, a run's columns): the
+    one rule of "this plan is not piloted", which every path that starts a pilot obeys
+    (`rollout.pilot_batches.ensure_pilot_in`: the cycle, `sparsepilot pilot`, an import, the main job)
+    and whose words the portfolio shows. No evaluation: only the calibration's outcome decides."""
+    ev = evaluation or {}
+    return pilot_skip_reason(
+        met_budget=met_budget,
+        density=ev.get("density"),
+        saved_usd_month=ev.get("savings_month_usd"),
+        saved_usd_month_high=ev.get("savings_month_high"),
+        saved_usd_month_low=ev.get("savings_month_low"),
+        decode_status=ev.get("decode_status"),
+        pilot_anyway=pilot_anyway,
+    )
 
 
 def timing_overload(timing_host: dict[str, Any] | None) -> str | None:

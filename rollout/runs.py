@@ -11,13 +11,12 @@ from typing import Any
 
 from sqlalchemy import select
 
-from rollout import audit, lifecycle
+from rollout import audit, lifecycle, roi
 from rollout.calibration_outcome import recorded_flags
 from rollout.db.models import AliasMove, CalibrationRun, EvaluationRun, ModelVersion, utcnow
 from rollout.db.session import session_scope
 from rollout.pilots import get_use_case
 from rollout.redact import redact
-from rollout.roi import timing_overload
 
 EVALUATION_FIELDS = (
     "device",
@@ -200,6 +199,35 @@ def latest_plan_met_budget(use_case: str) -> bool:
         return bool(run is not None and calibration_metrics(session, run).get("met_budget", True))
 
 
+def challenger_evaluation(session: Any, uc: Any, run: CalibrationRun) -> EvaluationRun | None:
+    """The evaluation of the challenger `run` registered whose figures count: its newest succeeded one
+    priced at the use case's current spec version, else its newest succeeded one (the portfolio's rule,
+    `rollout.queries._shown_evaluation`, for this challenger's plan). None: not evaluated yet."""
+    ok = (
+        EvaluationRun.use_case_id == uc.id,
+        EvaluationRun.model_version_id == run.model_version_id,
+        EvaluationRun.status == "succeeded",
+    )
+    newest = select(EvaluationRun).where(*ok).order_by(EvaluationRun.id.desc()).limit(1)
+    at_current = newest.where(EvaluationRun.spec_version == uc.current_spec_version)
+    return session.scalar(at_current) or session.scalar(newest)
+
+
+def pilot_skip(
+    session: Any, uc: Any, run: CalibrationRun, *, pilot_anyway: bool = False
+) -> roi.PilotSkip | None:
+    """Why the challenger `run` registered is not piloted (`rollout.roi.evaluation_pilot_skip` of its
+    calibration's outcome and its evaluation: no plan met the budget, the plan keeps every block, no
+    saving established), or None. `pilot_anyway` (`sparsepilot pilot --pilot-anyway`, the main job's
+    --pilot-all) waives all but the missed budget."""
+    ev = challenger_evaluation(session, uc, run)
+    return roi.evaluation_pilot_skip(
+        None if ev is None else evaluation_summary(ev),
+        met_budget=calibration_metrics(session, run).get("met_budget"),
+        pilot_anyway=pilot_anyway,
+    )
+
+
 def version_dict(mv: Any) -> dict[str, Any]:
     """What a flow needs of a model version to load it (base model, plan, MLflow name and version)."""
     return {
@@ -270,7 +298,7 @@ def evaluation_summary(run: Any) -> dict[str, Any]:
     return {
         "evaluation_run_id": run.id,
         **{f: getattr(run, f) for f in EVALUATION_FIELDS},
-        "measured_under_overload": timing_overload((run.roi or {}).get("timing_host")),
+        "measured_under_overload": roi.timing_overload((run.roi or {}).get("timing_host")),
         "decode_status": ((run.roi or {}).get("decode") or {}).get("status"),
         # why it has no quality figure, where no row kept apart from calibration could be scored
         "tasks_not_scored": (run.report or {}).get("tasks_not_scored"),

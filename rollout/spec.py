@@ -650,10 +650,29 @@ def spec_warnings(spec: UseCaseSpec) -> list[tuple[str, str]]:
 # Loading
 
 
+def _yaml_kind(data: Any) -> str:
+    """What a YAML document is, in YAML's words, not Python's ('a list', not 'list')."""
+    if isinstance(data, list):
+        return "a list"
+    if isinstance(data, bool):
+        return f"a boolean ({str(data).lower()})"
+    if isinstance(data, int | float):
+        return f"a number ({data!r})"
+    if isinstance(data, str):
+        return "a string" + (f" ({data!r})" if len(data) <= 40 else "")
+    return f"a {type(data).__name__} value"
+
+
 def parse_spec(data: Any, source: str = "<spec>") -> UseCaseSpec:
     """Validate an already-parsed mapping. Raises SpecError listing every problem."""
+    if data is None:  # an empty file, or one of comments only (review U6: it said "got NoneType")
+        raise SpecError(
+            source, [("", "the spec file is empty (no YAML document); a spec is a mapping of fields")]
+        )
     if not isinstance(data, dict):
-        raise SpecError(source, [("", f"the spec must be a YAML mapping, got {type(data).__name__}")])
+        raise SpecError(
+            source, [("", f"the spec must be a YAML mapping (name: value lines), got {_yaml_kind(data)}")]
+        )
     data = _normalise_distributions(data)
     try:
         spec = UseCaseSpec.model_validate(data)

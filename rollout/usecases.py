@@ -462,6 +462,30 @@ def names(url: str | None = None) -> list[str]:
         return list(s.scalars(select(UseCase.name).order_by(UseCase.name)))
 
 
+# The automation's names a spec version may be created by (the main job adding the samples); rows from
+# before the pipeline had one name say "sparsepilot-flow" or "sparsepilot-run" (rollout.audit).
+AUTOMATION_ACTORS = frozenset({audit.SYSTEM_ACTOR, "sparsepilot-flow", "sparsepilot-run"})
+
+
+def added_by_people(wanted: list[str], url: str | None = None) -> list[str]:
+    """Of ``wanted``, the use cases that exist and have a spec version a person added (`usecase add`:
+    an operator's), as opposed to the samples the main job adds for itself: piloting and gating those
+    needs an operator, whoever starts it (`sparsepilot run --use-case`). An unmigrated state DB has
+    none."""
+    from sqlalchemy import inspect
+
+    with session_scope(url) as s:
+        if not wanted or not inspect(s.connection()).has_table(UseCase.__tablename__):
+            return []
+        found = s.scalars(
+            select(UseCase.name)
+            .join(SpecVersion, SpecVersion.use_case_id == UseCase.id)
+            .where(UseCase.name.in_(wanted), SpecVersion.created_by.not_in(AUTOMATION_ACTORS))
+            .distinct()
+        ).all()
+    return [n for n in wanted if n in set(found)]
+
+
 def phase_of(name: str, url: str | None = None) -> str:
     """The use case's phase (rollout.lifecycle)."""
     with session_scope(url) as s:

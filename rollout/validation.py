@@ -52,14 +52,18 @@ class Failure:
     rows: tuple[int, ...] = ()  # 1-based: line numbers in the file, or row numbers in the batch
     ids: tuple[str, ...] = ()
     expectation: str = ""  # the GX expectation type, or "read" for problems found while reading
+    unit: str = "row"  # "line": `rows` are the file's physical lines, shown as path:LINE like a parse error
 
     def describe(self, source: str = "") -> str:
         where = ""
+        if self.unit == "line" and len(self.rows) == 1:  # one line: path:LINE, as the parse errors say
+            ident = f" (id {self.ids[0]!r})" if self.ids and self.ids[0] else ""
+            return f"{source}:{self.rows[0]}{ident}: {self.field}: {self.message}"
         if self.rows:
             shown = list(zip(self.rows, self.ids or ("",) * len(self.rows), strict=False))
             parts = [f"{r} (id {i!r})" if i else str(r) for r, i in shown[:MAX_ROWS_LISTED]]
             more = f" and {len(self.rows) - MAX_ROWS_LISTED} more" if len(self.rows) > MAX_ROWS_LISTED else ""
-            where = f"row{'s' if len(self.rows) > 1 else ''} {', '.join(parts)}{more}: "
+            where = f"{self.unit}{'s' if len(self.rows) > 1 else ''} {', '.join(parts)}{more}: "
         prefix = f"{source}: " if source else ""
         return f"{prefix}{where}{self.field}: {self.message}"
 
@@ -518,12 +522,14 @@ def validate_observations(
     source: str = "observation batch",
     first_row: int = 1,
     refused_request_ids: Mapping[str, str] | None = None,
+    lines: Sequence[int] | None = None,
 ) -> ValidationResult:
     """Check one batch of pilot observations before it is stored or shown to the gate: no NaN/inf,
     latency > 0, quality within ``quality_range``, arm values valid, both arms present (when the
     step runs both), request ids among ``known_request_ids`` (a request id outside them is named with
     its reason from ``refused_request_ids`` where it has one), one row per (request, arm). Row numbers
-    in failures start at ``first_row`` (a chunk of a streamed file)."""
+    in failures start at ``first_row`` (a chunk of a streamed file); with ``lines`` (each row's physical
+    line in the file it was read from) failures name those lines instead, as `path:LINE`."""
     import numpy as np
     import pandas as pd
 
@@ -578,14 +584,18 @@ def validate_observations(
     if require_both_arms:
         expectations.append(gxe.ExpectColumnDistinctValuesToContainSet(column="arm", value_set=list(arms)))
 
+    def number(i: Any) -> int:  # 1-based: the file's line where known, else the row in the batch
+        return int(lines[int(i)]) if lines is not None else int(i) + first_row
+
+    unit = "row" if lines is None else "line"
     for cfg, res, idx in _failed(_run_suite("observation-batch", work, expectations)):
         column = cfg.kwargs.get("column")
-        rows = tuple(int(i) + first_row for i in idx)  # 1-based, like the dataset's line numbers
+        rows = tuple(number(i) for i in idx)
         ids = tuple(f"{work.at[i, 'request_id']}/{work.at[i, 'arm']}" for i in idx)
         if cfg.type == "expect_column_values_to_not_be_null":
             raw = df[column].iloc[list(idx)].tolist()
             what = "NaN or missing" if all(_is_nan_like(v) for v in raw) else "NaN, missing or not a number"
-            result.failures.append(Failure(column, f"is {what}", rows, ids, cfg.type))
+            result.failures.append(Failure(column, f"is {what}", rows, ids, cfg.type, unit))
         elif cfg.type == "expect_column_values_to_be_between":
             values = [work.at[i, column] for i in idx]
             infinite = [v for v in values if isinstance(v, float) and math.isinf(v)]
@@ -598,11 +608,11 @@ def validate_observations(
             if infinite:
                 msg += " (infinite values present)"
             shown = ", ".join(f"{v:g}" for v in values[:MAX_ROWS_LISTED])
-            result.failures.append(Failure(column, f"{msg}; got {shown}", rows, ids, cfg.type))
+            result.failures.append(Failure(column, f"{msg}; got {shown}", rows, ids, cfg.type, unit))
         elif cfg.type == "expect_column_values_to_be_in_set" and column == "arm":
             bad = sorted({str(work.at[i, "arm"]) for i in idx})
             result.failures.append(
-                Failure("arm", f"unknown arm {bad}; valid: {list(arms)}", rows, ids, cfg.type)
+                Failure("arm", f"unknown arm {bad}; valid: {list(arms)}", rows, ids, cfg.type, unit)
             )
         elif cfg.type == "expect_column_values_to_be_in_set" and column == "request_known":
             refused = refused_request_ids or {}
@@ -617,16 +627,19 @@ def validate_observations(
                     Failure(
                         "request_id",
                         reason,
-                        tuple(int(i) + first_row for i in where),
+                        tuple(number(i) for i in where),
                         tuple(f"{work.at[i, 'request_id']}/{work.at[i, 'arm']}" for i in where),
                         cfg.type,
+                        unit,
                     )
                 )
         elif cfg.type == "expect_column_values_to_be_in_set" and column == "error":
-            result.failures.append(Failure("error", "must be true or false", rows, ids, cfg.type))
+            result.failures.append(Failure("error", "must be true or false", rows, ids, cfg.type, unit))
         elif cfg.type == "expect_compound_columns_to_be_unique":
             result.failures.append(
-                Failure("request_id", "the same (request, arm) appears more than once", rows, ids, cfg.type)
+                Failure(
+                    "request_id", "the same (request, arm) appears more than once", rows, ids, cfg.type, unit
+                )
             )
         elif cfg.type == "expect_column_distinct_values_to_contain_set":
             absent = res.get("partial_missing_list") or sorted(set(arms) - set(work["arm"]))
@@ -634,7 +647,7 @@ def validate_observations(
                 Failure("arm", f"both arms must be present; missing {list(absent)}", (), (), cfg.type)
             )
         else:  # pragma: no cover
-            result.failures.append(Failure(str(column), f"failed {cfg.type}", rows, ids, cfg.type))
+            result.failures.append(Failure(str(column), f"failed {cfg.type}", rows, ids, cfg.type, unit))
 
     finite_q = work["quality"][np.isfinite(work["quality"])]
     result.stats = {

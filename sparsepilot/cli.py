@@ -4,8 +4,10 @@ with one for a command group (`sparsepilot usecase add`, `audit verify`, `bench 
 import heavy libraries lazily, so `sparsepilot --help` stays fast.
 
 Errors: any `SparsePilotError` (sparse_core/errors.py; rollout's and flows' errors subclass it) that
-a command lets through becomes `error: <message>` and exit code 2 here, in one place. Any other error
-is Python's traceback, its causes with it, redacted (`rollout.redact`: an MLflow URL's password)."""
+a command lets through becomes `error: <message>` and exit code 2 here, in one place; so does a usage
+mistake Click finds (a bad option value, a missing option, an unknown option or command), with the
+command's `--help` to see, instead of Click's boxed usage panel. Any other error is Python's traceback,
+its causes with it, redacted (`rollout.redact`: an MLflow URL's password)."""
 
 from __future__ import annotations
 
@@ -29,6 +31,11 @@ class _Commands(TyperGroup):
             return super().invoke(ctx)
         except SparsePilotError as exc:
             fail(str(exc))
+        except typer.TyperException as exc:  # Typer's own (vendored) Click: a usage error exits 2
+            if getattr(exc, "exit_code", None) != 2 or type(exc).__name__ == "NoArgsIsHelpError":
+                raise  # not a usage mistake, or a bare group (its help, as before)
+            where = getattr(getattr(exc, "ctx", None), "command_path", None) or ctx.command_path
+            fail(f"{exc.format_message()} (see `{where} --help`)")
 
 
 app = typer.Typer(

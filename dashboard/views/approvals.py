@@ -60,6 +60,31 @@ def run_action(fn: Any, *args: Any, reason_key: str, **kwargs: Any) -> None:
             flash("success", f"Done: rollback recorded as decision #{result} and applied")
 
 
+def money_summary(d: dict[str, Any]) -> None:
+    """What the promotion is worth (`queries.roi_summary`: the portfolio's figures and rules): $/month
+    saved with its interval, payback, and beside them why no saving is established and the caveats the
+    figures carry. The gate's GO judges quality only; the money is the business owner's to weigh."""
+    money = d.get("roi")
+    if money is None:
+        st.caption("$/month saved: - (no evaluation priced this use case)")
+        return
+    m1, m2 = st.columns(2)
+    m1.metric("$/month saved", fmt.money(money["savings_month_usd"]))
+    m1.caption(
+        f"interval {fmt.money(money['savings_month_low'])} to {fmt.money(money['savings_month_high'])}"
+    )
+    m2.metric("Payback", fmt.days(money["payback_days"]))
+    if money["not_established"]:
+        st.warning(
+            fmt.plain(
+                "The gate judges quality only: quality may hold, but no saving is established: "
+                f"{money['not_established']}."
+            )
+        )
+    for note in money["caveats"]:
+        st.warning(fmt.plain(f"$/month {note}."))
+
+
 def evidence_summary(d: dict[str, Any]) -> None:
     ev = d["evidence"]
     q = ev.get("quality") or {}
@@ -73,6 +98,7 @@ def evidence_summary(d: dict[str, Any]) -> None:
     c3.metric("SRM p-value", f"{srm:.3g}" if isinstance(srm, int | float) else "-")
     p95 = ev.get("p95_latency_treatment_ms")
     c4.metric("p95 latency, treatment", f"{p95:.0f} ms" if isinstance(p95, int | float) else "-")
+    money_summary(d)
     st.info(fmt.plain(d["explanation"]))
     checks = fmt.guardrail_rows(ev)
     if checks:
@@ -100,7 +126,8 @@ def decision_card(d: dict[str, Any], ident: Identity | None) -> None:
     recommended = approvals.recommended_action(
         SimpleNamespace(awaiting=d["awaiting"], outcome=d["outcome"], evidence=d["evidence"])
     )
-    skips = approvals.skip_note(d["evidence"]) if d["outcome"] == "GO" else ""
+    asks = d["awaiting"] == "approval"  # a GO that asked nobody has moved on: it cannot continue the ramp
+    skips = approvals.skip_note(d["evidence"], waits_for_approval=asks) if d["outcome"] == "GO" else ""
     if skips:  # a GO before the plan's last step (a short pilot's, or an earlier step's): what it skips
         # the evidence is a GO, but the plan's next step is more traffic, not promotion: neither button
         # is "the gate's recommendation", so none is named (approvals.recommended_action counts promoting
@@ -117,30 +144,38 @@ def decision_card(d: dict[str, Any], ident: Identity | None) -> None:
             hide_index=True,
             width="stretch",
         )
-        firsts = [a for a in d["approvals"] if a["against_recommendation"]]
+        live = queries.live_signatures(d["approvals"])  # neither withdrawn nor lapsed
+        firsts = [a for a in live if a["against_recommendation"]]
         if firsts:
             st.warning(
                 f"{firsts[0]['actor']} signed an override ({firsts[0]['action']}) against the "
                 "recommendation; "
                 "a second, different approver must sign the same action before it takes effect."
             )
+        for a in d["approvals"]:
+            if a["lapsed"] and not a["withdrawn"]:  # rollout.approvals.counting_signatures' rule
+                st.caption(
+                    f"{fmt.plain(a['actor'])}'s signature ({a['action']}) no longer counts: "
+                    f"{fmt.plain(a['actor'])} is {a['lapsed']}; an override needs two current approvers."
+                )
     if ident is None or not ident.can_approve:
         return
     reason_key = f"reason_{d['id']}"
     st.text_area("Reason (required, kept in the audit log)", key=reason_key)
     approve_label = "Approve rollback" if d["awaiting"] == "rollback_approval" else "Approve promotion"
     if override:
-        approve_label = "Promote anyway" if not d["approvals"] else "Co-sign the promotion"
+        signed_first = queries.live_signatures(d["approvals"])  # a withdrawn signature counts for nothing
+        approve_label = "Co-sign the promotion" if signed_first else "Promote anyway"
     reject_label = "Keep the current model" if d["awaiting"] == "rollback_approval" else "Reject"
     # a first signature against the recommendation waits for a second approver: their button co-signs
-    signed = {a["action"] for a in d["approvals"] if a["against_recommendation"]}
+    signed = {a["action"] for a in queries.live_signatures(d["approvals"]) if a["against_recommendation"]}
     if "approve" in signed:
         approve_label = "Co-sign the promotion"
     if "reject" in signed:
         keep = d["awaiting"] == "rollback_approval"
         reject_label = "Co-sign keeping the current model" if keep else "Co-sign the rejection"
     # a GO before the plan's last step that waits for approval may also go on to the plan's next step
-    onward = approvals.ramp_steps_skipped(d["evidence"])[:1] if skips and d["awaiting"] == "approval" else []
+    onward = approvals.ramp_steps_skipped(d["evidence"])[:1] if skips and asks else []
     continue_label = ""
     if onward:
         share = f" ({onward[0]['traffic_pct']:g}%)" if onward[0].get("traffic_pct") is not None else ""

@@ -13,6 +13,7 @@ from dashboard import fmt
 from dashboard.columns import columned
 from dashboard.data import example_specs, read
 from rollout import queries
+from rollout.lifecycle import ENDED_PHASES
 from rollout.words import counted
 
 DECISION_COLORS = {
@@ -57,10 +58,16 @@ def totals_row(t: dict[str, Any]) -> None:
         )
         if n
     )
-    c2.caption(
+    summed = (
         f"{counted(t['established'], 'use case')}, interval {fmt.money(t['savings_month_low'])} to "
-        f"{fmt.money(t['savings_month_high'])}{caveats}; apart: {apart['use_cases']} not established "
-        f"({fmt.money(apart['savings_month_usd'])}), {t['ended']} stopped or rolled back"
+        f"{fmt.money(t['savings_month_high'])}{caveats}"
+        if t["established"]
+        else "no use case has an established saving yet"
+    )
+    not_established = f" ({fmt.money(apart['savings_month_usd'])})" if apart["use_cases"] else ""
+    c2.caption(
+        f"{summed}; apart: {apart['use_cases']} not established{not_established}, "
+        f"{t['ended']} stopped or rolled back"
     )
     c3.metric("Waiting for approval", t["pending_approvals"])
     d = t["decisions"]
@@ -138,7 +145,10 @@ COLUMNS: dict[str, Any] = {
     "quality interval": None,
     "quality from": None,
     "speedup": st.column_config.NumberColumn(
-        "Speed-up", format="%.2fx", help="measured prefill speed-up (ROI uses it per request)"
+        "Prefill speed-up",
+        format="%.2fx",
+        help="measured prefill speed-up; the $/month rest on the per-request speed-up (prefill and decode "
+        "together), shown on the use case's page",
     ),
     "savings_month_usd": st.column_config.NumberColumn("$/month saved", format="dollar"),
     "savings interval": None,
@@ -157,15 +167,23 @@ def table(df: pd.DataFrame) -> None:
     columned(df, COLUMNS, key="portfolio_table", on_select=_on_select, selection_mode="single-row")
 
 
+def plotted(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows the chart plots as expected savings: evaluated, and not stopped or rolled back (an ended
+    use case saves nothing; the headline sets it apart too)."""
+    return df[df["savings_month_usd"].notna() & ~df["phase"].isin(ENDED_PHASES)]
+
+
 def savings_vs_risk(df: pd.DataFrame) -> alt.Chart:
-    data = df[df["savings_month_usd"].notna()].copy()
+    data = plotted(df).copy()
+    data["$/month saved"] = [fmt.money(x) for x in data["savings_month_usd"]]
     base = alt.Chart(data).encode(
         x=alt.X("quality risk:Q", title="Quality risk (worst plausible quality loss)"),
         tooltip=[
             "name",
             "decision",
+            "phase",
             "criticality",
-            "savings_month_usd",
+            "$/month saved",
             "savings interval",
             "quality interval",
             "quality from",
@@ -198,14 +216,16 @@ def main() -> None:
     st.caption(f"{len(df)} of {len(rows)} use cases · click a column header to sort, select a row to open it")
     table(df)
     st.subheader("Expected savings against risk")
-    if df["savings_month_usd"].notna().any():
+    if len(plotted(df)):
         st.altair_chart(savings_vs_risk(df), width="stretch")
-        marked = df[df["savings_month_usd"].notna() & (df["caveats"] != "")]
+        marked = plotted(df)[plotted(df)["caveats"] != ""]
         if len(marked):  # the plotted figures that are a busy host's, or a superseded spec's
             st.caption(
                 "Caveats on the plotted figures: "
                 + "; ".join(f"{n}: {c}" for n, c in zip(marked["name"], marked["caveats"], strict=True))
             )
+    elif df["savings_month_usd"].notna().any():
+        st.caption("Every evaluated use case in this view is stopped or rolled back: no savings to expect.")
     else:
         st.caption("No use case in this view has been evaluated yet, so there are no savings to plot.")
 

@@ -54,18 +54,23 @@ def mlflow_link(run_id: str | None) -> None:
         st.code(f"mlflow ui --backend-store-uri {ui}", language="bash")
 
 
-def decision_block(decs: list[dict[str, Any]]) -> None:
+def decision_block(decs: list[dict[str, Any]], row: dict[str, Any] | None) -> None:
+    """The use case's current decision (`row`: its portfolio row, `queries.portfolio`'s
+    `decision_id`, of its latest pilot) and what it waits for, in the portfolio's words
+    (`queries.waits_for`). A decision of an earlier pilot (another plan) is not the latest decision."""
     st.subheader("Latest decision")
-    if not decs:
-        st.caption("No gate decision yet.")
+    d = next((x for x in decs if row is not None and x["id"] == row["decision_id"]), None)
+    if d is None:
+        earlier = " of the current pilot" if decs else ""
+        st.caption(f"No gate decision{earlier} yet.")
+        st.caption(f"Waits for: {row['waits_for'] if row else '-'}")  # queries.waits_for
         return
-    d = decs[-1]
     q = d["evidence"].get("quality", {})
     c1, c2, c3 = st.columns(3)
     c1.metric("Outcome", d["outcome"], help=f"decision #{d['id']} ({d['kind']}), look {d['look_index']}")
     c2.metric("Quality Δ (sparse - dense)", fmt.num_interval(q.get("estimate"), None, None))
     c2.caption(f"interval {fmt.quality_interval(q.get('interval_low'), q.get('interval_high'))}")
-    c3.metric("Waits for", d["waits_for"] or "-")  # queries.decision_waits: the portfolio's rule
+    c3.metric("Waits for", row["waits_for"])  # queries.waits_for: the portfolio's words
     st.info(fmt.plain(d["explanation"]))
     with st.expander("Full evidence"):
         st.json(d["evidence"], expanded=False)
@@ -266,14 +271,18 @@ def collected_per_step(stats: list[dict[str, Any]]) -> tuple[int | None, dict[in
 
 
 def decision_needs(uc: dict[str, Any]) -> None:
-    """Per step, the requests its GO needs (rollout.pilot_plan) beside what the latest pilot collected."""
+    """Per step, the requests its GO needs (rollout.pilot_plan) beside what the latest pilot collected:
+    the running pilot's plan (its own spec version and GO level) where one runs under an earlier version
+    than the current (`running_pilot`), else the plan of the active or next pilot under the current one."""
     st.subheader("What a decision takes")
+    running = uc.get("running_pilot")
+    src = running or uc
     try:
-        spec_json = json.dumps(uc["spec"], sort_keys=True)
-        plan = _plan(spec_json, uc["dataset_rows"], uc.get("kept_apart"), tuple(uc["planned_pilot"]))
+        spec_json = json.dumps(src["spec"], sort_keys=True)
+        plan = _plan(spec_json, src["dataset_rows"], src.get("kept_apart"), tuple(src["planned_pilot"]))
     except ValidationError as exc:  # a stored spec validated when it was added; say so if it no longer does
         st.caption(
-            f"No plan: the stored spec v{uc['spec_version']} does not validate "
+            f"No plan: the stored spec v{src['spec_version']} does not validate "
             f"({exc.error_count()} problems)."
         )
         return
@@ -296,7 +305,20 @@ def decision_needs(uc: dict[str, Any]) -> None:
         f"{plan['margin']:g}) for {which}, whose GO is held to alpha {plan['go_alpha']:.3g}; shadow counts "
         "pairs. Each request is evidence once per pilot."
     )
-    if number is not None and plan["pilot_number"] is not None and number != plan["pilot_number"]:
+    if running:  # a spec version added while the pilot runs applies to the next pilot
+        nxt, alpha = uc["planned_pilot"]
+        which = "the next pilot" if nxt is None else f"pilot {nxt}"
+        st.caption(
+            f"Pilot {running['pilot_number']} is {running['status'].replace('_', ' ')} under spec "
+            f"v{running['spec_version']}, its own rules and GO level: the plan above is its. The current "
+            f"spec v{uc['spec_version']} applies to {which}, whose GO will be held to alpha {alpha:.3g}."
+        )
+    elif (
+        number is not None
+        and plan["pilot_number"] is not None
+        and number != plan["pilot_number"]
+        and uc.get("latest_pilot_ended")
+    ):
         st.caption(
             f"Pilot {number} has ended: its counts are shown for comparison only. Pilot "
             f"{plan['pilot_number']} starts from none of them."
@@ -378,8 +400,18 @@ def roi_breakdown(ev: dict[str, Any] | None) -> None:
     if ev is None:
         st.caption("Not evaluated yet.")
         return
-    c1, c2, c3 = st.columns(3)
-    c1.metric("Speed-up", fmt.num_interval(ev["speedup"], ev["speedup_low"], ev["speedup_high"], "{:.2f}x"))
+    c0, c1, c2, c3 = st.columns(4)
+    per_request = [(ev.get("roi") or {}).get(f"effective_speedup{k}") for k in ("", "_low", "_high")]
+    c0.metric(  # what the dollars rest on (rollout.roi: prefill and decode together, t_dense / t_sparse)
+        "Per-request speed-up",
+        fmt.num_interval(*per_request, "{:.2f}x"),
+        help="prefill and decode together, per request: what the $/month rest on",
+    )
+    c1.metric(
+        "Prefill speed-up",
+        fmt.num_interval(ev["speedup"], ev["speedup_low"], ev["speedup_high"], "{:.2f}x"),
+        help="the measured prefill speed-up alone (the decode line below says what decode does)",
+    )
     c2.metric(
         "$/month saved",
         fmt.money(ev["savings_month_usd"]),
@@ -449,7 +481,7 @@ def main() -> None:
     # the evaluation the portfolio shows (newest at the current spec version), not the newest by id
     latest = next((e for e in done if e["shown"]), done[-1] if done else None)
     decs = read(queries.decisions, uc["id"])
-    decision_block(decs)
+    decision_block(decs, next(iter(read(queries.portfolio, use_case_id=uc["id"])), None))
     left, right = st.columns(2)
     with left:
         quality_vs_density(done)

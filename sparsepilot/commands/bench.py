@@ -630,14 +630,18 @@ def bench_prefill(
     dev = device_or_fail(device)
     n_threads = _threads_or_fail(threads)
     # the model's positions from its config (no weights): lengths none of which fit are refused now
+    context = _model_context(model)
     try:
-        within_context(
-            length_list or (bench.QUICK_LENGTHS if quick else bench.FULL_LENGTHS),
-            _model_context(model),
-            f"{model} lengths",
+        _, over = within_context(
+            length_list or (bench.QUICK_LENGTHS if quick else bench.FULL_LENGTHS), context, "lengths"
         )
     except ValueError as exc:
         fail(f"{'--lengths' if lengths else '--quick' if quick else 'the default lengths'}: {exc}")
+    if length_list and over:  # asked for by name: refused, as decode's are (the defaults' are noted)
+        fail(
+            f"--lengths: {', '.join(f'{x:,}' for x in over)} tokens exceed the model's {context:,} positions "
+            f"(max_position_embeddings): give lengths <= {context:,}"
+        )
     check_out(out)
     from sparse_core import ModelRefError
 

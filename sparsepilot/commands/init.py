@@ -1,5 +1,5 @@
-"""`sparsepilot init`: create or upgrade the state DB; and `require_schema`, the check the `usecase`
-and `audit` commands run before they touch it."""
+"""`sparsepilot init`: create or upgrade the state DB and the embedded MLflow store; and `require_schema`,
+the check the `usecase` and `audit` commands run before they touch the state DB."""
 
 from __future__ import annotations
 
@@ -59,12 +59,14 @@ def require_schema() -> None:
 @app.command("init")
 def init(json_out: JsonOpt = False) -> None:
     """Create or upgrade the state DB (Alembic migrations) under SPARSEPILOT_HOME or
-    SPARSEPILOT_DATABASE_URL. With SPARSEPILOT_OWNER_DATABASE_URL (PostgreSQL) the migrations run as
-    that owner role and the app role of SPARSEPILOT_DATABASE_URL gets only the app's privileges. On
-    embedded defaults with no account configured, creates an approver account and prints its
-    password once."""
+    SPARSEPILOT_DATABASE_URL, and the embedded MLflow store (a SQLite MLFLOW_TRACKING_URI) to MLflow's
+    head, so no flow ever migrates it midway (rollout.mlflow_store). With SPARSEPILOT_OWNER_DATABASE_URL
+    (PostgreSQL) the migrations run as that owner role and the app role of SPARSEPILOT_DATABASE_URL gets
+    only the app's privileges. On embedded defaults with no account configured, creates an approver
+    account and prints its password once."""
     from rollout.auth import accounts_configured, create_first_run_account, first_run_accounts_path
     from rollout.db import migrate
+    from rollout.mlflow_store import StoreError, ensure_store
     from rollout.settings import configure_environment
 
     settings = configure_environment()
@@ -87,6 +89,10 @@ def init(json_out: JsonOpt = False) -> None:
         app_role = migrate.grant_app_role(owner_url, settings.database_url)
     except Exception as exc:  # noqa: BLE001
         fail(f"could not migrate the state DB at {_mask(owner_url)}: {exc}")
+    try:
+        store = ensure_store(settings)
+    except StoreError as exc:
+        fail(str(exc))
     first = create_first_run_account()
     payload = {
         "home": str(settings.home),
@@ -95,6 +101,8 @@ def init(json_out: JsonOpt = False) -> None:
         "revision": after,
         "app_role": app_role,
         "mlflow_tracking_uri": _mask(settings.mlflow_tracking_uri),
+        "mlflow_store": store.action,
+        "mlflow_revision": store.revision,
         "first_run_account": first[0] if first else None,
     }
     if first:  # printed once, to the terminal only (never into JSON output or a log)
@@ -119,4 +127,15 @@ def init(json_out: JsonOpt = False) -> None:
         "created" if before is None else ("up to date" if before == after else f"upgraded from {before}")
     )
     console.print(f"State DB {payload['database_url']}: {changed} (revision {after})")
+    if store.action != "skipped":
+        mlflow_changed = {"upgraded": f"upgraded from {store.before}", "ok": "up to date"}.get(
+            store.action, store.action
+        )
+        if store.action == "repaired":
+            mlflow_changed = f"rebuilt (it held nothing; {store.detail})"
+        console.print(
+            f"MLflow store {payload['mlflow_tracking_uri']}: {mlflow_changed} (revision {store.revision})",
+            highlight=False,
+            markup=False,
+        )
     console.print(f"SPARSEPILOT_HOME: {payload['home']}")

@@ -27,17 +27,23 @@ from sparsepilot.options import JsonOpt, ReasonOpt, UseCaseArg
 app = typer.Typer()
 
 
-def _run(fn: Callable[[], Any], *, needs_db: bool = True, needs_prefect: bool = True) -> Any:
+def _run(
+    fn: Callable[[], Any], *, needs_db: bool = True, needs_prefect: bool = True, needs_mlflow: bool = True
+) -> Any:
     """Run a flow from the CLI (after checking the state DB is reachable, unless ``needs_db`` is
     false, and, unless ``needs_prefect`` is false (a state-DB action that is no flow run: an abort, an
     import, which an operator must be able to do while Prefect is down), that the Prefect server
-    PREFECT_API_URL names answers: `flows.common.require_prefect_api`).
-    Its SparsePilotErrors reach the one handler in sparsepilot/cli.py; a missing file it was given
+    PREFECT_API_URL names answers: `flows.common.require_prefect_api`), with the embedded MLflow store
+    brought to MLflow's head first unless ``needs_mlflow`` is false (an abort, which logs nothing there):
+    `rollout.mlflow_store`, a half-migrated one holding runs refused here, before the Prefect server
+    starts. Its SparsePilotErrors reach the one handler in sparsepilot/cli.py; a missing file it was given
     (FileNotFoundError, a built-in) is a clear message and exit code 2 as well."""
     from flows.common import require_prefect_api
 
     if needs_db:
         _require_db()
+    if needs_mlflow:
+        _require_mlflow_store()
     if needs_prefect:
         require_prefect_api()
     try:
@@ -54,6 +60,14 @@ def _require_db() -> None:
 
     configure_environment()
     require_schema()
+
+
+def _require_mlflow_store() -> None:
+    """The embedded MLflow store created, upgraded or repaired now, not by MLflow inside a flow's log
+    (rollout.mlflow_store.ensure_store; StoreError is `error: ...` and exit 2)."""
+    from rollout.mlflow_store import ensure_store
+
+    ensure_store()
 
 
 def _to_log_file(command: str, json_out: bool) -> None:
@@ -89,9 +103,10 @@ DecisionId = Annotated[
 
 def calibrate_use_case(name: str, quick: bool, json_out: bool) -> None:
     """Use-case form: validate the dataset, calibrate to the spec's budget, register @challenger."""
+    _require_device()
+    _require_use_case(name)  # a typo is refused in a second, not after a Prefect server and a Failed run
     from flows.calibrate import calibrate_flow
 
-    _require_device()
     result = _run(lambda: calibrate_flow(name, quick=quick))
     if json_out:
         emit_json(result)
@@ -115,9 +130,10 @@ def calibrate_use_case(name: str, quick: bool, json_out: bool) -> None:
 
 def evaluate_use_case(name: str, quick: bool, json_out: bool) -> None:
     """Use-case form: quality and speed vs dense on the use case's data, ROI with its interval."""
+    _require_device()
+    _require_use_case(name)  # a typo is refused in a second, not after a Prefect server and a Failed run
     from flows.evaluate import evaluate_flow
 
-    _require_device()
     result = _run(lambda: evaluate_flow(name, quick=quick))
     if json_out:
         emit_json(result)
@@ -162,6 +178,14 @@ def pilot_cmd(
         ),
     ] = False,
     abort: Annotated[bool, typer.Option("--abort", help="stop the active pilot (needs --reason)")] = False,
+    pilot_anyway: Annotated[
+        bool,
+        typer.Option(
+            "--pilot-anyway",
+            help="start a pilot even where the evaluation says it cannot pay (a dense plan, no saving "
+            "established); never where no plan met the quality budget",
+        ),
+    ] = False,
     reason: Annotated[
         str | None, typer.Option("--reason", help="why (with --abort; kept in the audit log)")
     ] = None,
@@ -175,7 +199,7 @@ def pilot_cmd(
 
     if abort and observations:
         fail("--abort and --observations exclude each other")
-    if abort and (max_new_tokens is not None or external_assignment or batches is not None):
+    if abort and (max_new_tokens is not None or external_assignment or batches is not None or pilot_anyway):
         fail("--abort stops the pilot: it takes --reason only, no batch or import options")
     if observations and (batches is not None or max_new_tokens is not None):
         fail("--observations imports answers your serving system gave; --batches, --max-new-tokens run ours")
@@ -183,7 +207,7 @@ def pilot_cmd(
         fail("--reason goes with --abort (a pilot batch or import keeps no reason)")
     who = signed_in("operator", f"{'abort the pilot of' if abort else 'pilot'} {name}", password_stdin)
     if abort:
-        out = _run(lambda: abort_pilot(name, who.name, reason or ""), needs_prefect=False)
+        out = _run(lambda: abort_pilot(name, who.name, reason or ""), needs_prefect=False, needs_mlflow=False)
         closed = out["closed_decisions"] or "none"
         emit_or_say(out, json_out, f"{name}: {out['pilot']} aborted; closed decisions: {closed}")
         return
@@ -193,20 +217,30 @@ def pilot_cmd(
     if observations:  # a database import, no model work: not a flow run
         result = _run(
             lambda: import_observations(
-                name, observations, external_assignment=external_assignment, actor=who.name
+                name,
+                observations,
+                external_assignment=external_assignment,
+                actor=who.name,
+                pilot_anyway=pilot_anyway,
             ),
             needs_prefect=False,
         )
     else:
         _require_use_case(name)
         _require_device()
-        result = _run(lambda: pilot_flow(name, batches=batches or 1, max_new_tokens=max_new_tokens))
+        result = _run(
+            lambda: pilot_flow(
+                name, batches=batches or 1, max_new_tokens=max_new_tokens, pilot_anyway=pilot_anyway
+            )
+        )
     if json_out:
         emit_json(result)
         return
     rows = [{"step": result["step_index"], "kind": result["step_kind"], **b} for b in result["batches"]]
     cols = ["step", "kind", "batch_id", "passed", "inserted", "already_present"]
     print_table(f"{result['pilot']} of {name}", rows, cols)
+    if result.get("stopped"):  # aborted (or moved on) while the run answered: what was not stored
+        say(f"{name}: {result['stopped']}: {result['explanation']}")
 
 
 @app.command("gate")
@@ -229,11 +263,32 @@ def gate_cmd(name: UseCaseArg, password_stdin: PasswordStdin = False, json_out: 
 
 
 def _require_use_case(name: str) -> None:
-    """Refuse an unknown use case before a flow run starts (its failure would be a logged traceback)."""
+    """Refuse an unknown use case before a flow run starts (its failure would be a logged traceback, after
+    the flow module's imports and a temporary Prefect server: up to a minute, review U7)."""
     from rollout.usecases import require_use_case
 
     _require_db()
     require_use_case(name)
+
+
+def _require_run_use_cases(specs: Path | None, names: list[str]) -> None:
+    """`run --use-case NAME`: a name that is neither a spec in the folder the main job adds nor a
+    registered use case is refused before the job starts (review U7)."""
+    from flows.main_job import MainJobSettings, sample_names
+    from sparse_core.errors import SparsePilotError
+
+    folder = specs if specs is not None else MainJobSettings().examples_dir
+    samples = set(sample_names(folder))
+    for n in names:
+        if n in samples:
+            continue
+        try:
+            _require_use_case(n)
+        except SparsePilotError:
+            fail(
+                f"--use-case {n!r}: not a spec in {folder} ({', '.join(sorted(samples)) or 'none'}) nor a "
+                "registered use case"
+            )
 
 
 def _check_decision(name: str, decision_id: int) -> None:
@@ -256,15 +311,36 @@ def approve_cmd(
             "there (one approver; promotes nothing)",
         ),
     ] = False,
+    withdraw: Annotated[
+        bool,
+        typer.Option(
+            "--withdraw",
+            help="take back your own first signature of an override that no second approver has confirmed "
+            "(changes nothing else)",
+        ),
+    ] = False,
     password_stdin: PasswordStdin = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Approve (or reject) a decision waiting for a person, or --continue-ramp a GO before the plan's
-    last step; resumes its paused approval flow run."""
+    last step; resumes its paused approval flow run. --withdraw takes back your unconfirmed override
+    signature. The output says what happened to the pilot."""
     from flows.approval import approve_decision
 
-    if reject and continue_ramp:
-        fail("--reject and --continue-ramp exclude each other")
+    if sum((reject, continue_ramp, withdraw)) > 1:
+        fail("--reject, --continue-ramp and --withdraw exclude each other")
+    if withdraw:
+        who = signed_in("approver", f"withdraw a signature on decision {decision}", password_stdin)
+
+        def take_back() -> dict[str, Any]:
+            from rollout.approvals import withdraw as withdraw_signature
+
+            _check_decision(name, decision)
+            return withdraw_signature(decision, who, reason).to_dict()
+
+        result = _run(take_back, needs_prefect=False)  # a state-DB row, no flow run
+        emit_or_say(result, json_out, result["message"])
+        return
     what = "continue the ramp on" if continue_ramp else "reject" if reject else "approve"
     who = signed_in("approver", f"{what} decision {decision}", password_stdin)
 
@@ -400,10 +476,12 @@ def run_cmd(
         Path | None,
         typer.Option("--specs", help="folder of use-case specs to run [default: examples/usecases]"),
     ] = None,
+    password_stdin: PasswordStdin = False,
     json_out: JsonOpt = False,
 ) -> None:
     """The main job: for each sample use case validate -> calibrate -> evaluate -> pilot (shadow + first
-    split step) -> gate, then a summary table; GO decisions wait for approval."""
+    split step) -> gate, then a summary table; GO decisions wait for approval. A use case a person added
+    (`usecase add`) is piloted and gated only for an operator, as by `pilot` and `gate`."""
     import os
 
     # Our progress display owns the terminal; Prefect's INFO logs still reach its API (set before import).
@@ -411,6 +489,8 @@ def run_cmd(
     from flows.main_job import MainJobSettings, render_table, run_main_job, serve_after
     from rollout.pilot_plan import describe_to_approval
 
+    if use_case:
+        _require_run_use_cases(specs, use_case)
     settings = MainJobSettings(
         **({"examples_dir": specs} if specs is not None else {}),
         use_cases=use_case or None,
@@ -428,10 +508,12 @@ def run_cmd(
     from rollout.settings import get_settings
     from sparsepilot.quiet import to_log_file
 
+    _require_operator_for_theirs(settings, password_stdin)
     _require_device()
     log_path = to_log_file(get_settings().home, "run")
     out_console.print(f"log file (warnings and library output): {log_path}", highlight=False, soft_wrap=True)
-    result = _run(lambda: run_main_job(settings, console=out_console), needs_db=False)
+    # the main job migrates both stores itself before its first flow (flows.main_job.run_main_job)
+    result = _run(lambda: run_main_job(settings, console=out_console), needs_db=False, needs_mlflow=False)
     if json_out:
         emit_json(result)
     else:
@@ -458,6 +540,20 @@ def run_cmd(
         raise typer.Exit(code)
     if not result["ok"]:
         raise typer.Exit(1)
+
+
+def _require_operator_for_theirs(settings: Any, password_stdin: bool) -> None:
+    """`run` pilots and gates what it is given: the samples it adds itself need nobody, but a use case
+    a person added (`rollout.usecases.added_by_people`) needs an operator's sign-in, as `pilot` and
+    `gate` do; refused (exit 2) before anything runs."""
+    from flows.main_job import sample_names
+    from rollout.settings import configure_environment
+    from rollout.usecases import added_by_people
+
+    configure_environment()
+    theirs = added_by_people(settings.use_cases or sample_names(settings.examples_dir))
+    if theirs:
+        signed_in("operator", f"run (pilot and gate) {', '.join(theirs)}", password_stdin)
 
 
 @app.command("serve")

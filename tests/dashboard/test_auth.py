@@ -425,3 +425,52 @@ def test_a_token_from_before_the_password_fingerprint_says_so(hashes: dict[str, 
     with pytest.raises(PermissionDenied, match="from an older SparsePilot") as err:
         auth.verify_token(old, key, accounts, now=2000.0)
     assert "changed" not in str(err.value)
+
+
+def test_first_run_files_made_by_two_processes_at_once_are_made_once(tmp_path: Path) -> None:
+    """Review s46 C5: two `init`s at once both printed an admin password, and the file of one replaced
+    the other's (its password never worked); two first logins at once signed a token with a key the
+    other then replaced. Now the files are created, never replaced: one init prints the password that
+    works, the other prints none, and both logins get the key in the file. Ten fresh homes, each raced
+    by two spawned processes released at one instant."""
+    import multiprocessing as mp
+
+    from tests.trust.race_helpers import first_run_files
+
+    homes = [str(tmp_path / f"home-{i}") for i in range(10)]
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=first_run_files, args=(homes, barrier, results)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    got = [results.get(timeout=300) for _ in range(4 * len(homes))]
+    for p in procs:
+        p.join(timeout=60)
+    for home in homes:
+        env = {"SPARSEPILOT_HOME": home}
+        printed = [r for h, what, r in got if h == home and what == "account" and r is not None]
+        assert len(printed) == 1, (home, printed)  # one password printed: the one that works
+        name, password = printed[0]
+        assert auth.authenticate(name, password, auth.load_accounts(env)).role == "approver"
+        keys = [r for h, what, r in got if h == home and what == "key"]
+        assert keys == [auth.auth_key(env)] * 2, home  # both logins sign with the key in the file
+        assert sorted(p.name for p in Path(home).iterdir()) == ["accounts.toml", "auth.key"]  # no stray temp
+
+
+def test_an_oidc_person_is_their_issuer_and_subject_whatever_the_email() -> None:
+    """Review s46 A2: the same iss/sub signed in under two verified emails, or with the email not
+    verified, is one person; another subject with the same issuer is not."""
+    claims = {"iss": "https://idp.example", "sub": "42", "email_verified": True}
+    a = auth.identity_from_oidc(claims | {"email": "alice@corp.example"})
+    b = auth.identity_from_oidc(claims | {"email": "alice.smith@corp.example"})
+    c = auth.identity_from_oidc(claims | {"email_verified": False, "email": "x@corp.example"})
+    other = auth.identity_from_oidc(claims | {"sub": "43", "email": "bob@corp.example"})
+    assert (a.name, b.name, c.name) == (
+        "oidc:alice@corp.example",
+        "oidc:alice.smith@corp.example",
+        "oidc:https://idp.example#42",
+    )
+    assert a.subject == b.subject == c.subject == "https://idp.example#42"
+    for x, y in ((a, b), (a, c), (b, c)):
+        assert auth.same_person(x.name, y.name, {}, subjects=(x.subject, y.subject))
+    assert not auth.same_person(a.name, other.name, {}, subjects=(a.subject, other.subject))

@@ -90,7 +90,7 @@ def test_use_case_page(seeded: dict[str, Any]) -> None:
     body = texts(at)
     assert "contract-summarisation: treatment quality is within the margin; GO." in body
     assert "owner legal-ops" in body and "MLflow run" in body
-    assert {m.label: m.value for m in at.metric}["Speed-up"] == "2.40x [2.10x, 2.70x]"
+    assert {m.label: m.value for m in at.metric}["Prefill speed-up"] == "2.40x [2.10x, 2.70x]"
     assert "**Decode:** no decode saving at this context length: 544 tokens < break-even 3,072" in body
     assert len(at.get("image")) == 2  # density heatmap + block mask PNGs from the evaluation's artifacts
     assert len(at.get("vega_lite_chart")) == 3  # quality-vs-density, latency, timeline
@@ -474,7 +474,7 @@ def test_roi_without_a_measured_interval_is_shown_as_one(seeded: dict[str, Any])
         assert shown["Payback"] == "-" and not any(k.startswith("payback") for k in items)
         assert items["saved_usd_month"] == roi_of.usd(result.saved_usd_month) == shown["$/month saved"]
         if name == "support-chat":
-            assert shown["Speed-up"] == "2.00x"  # no "[2.00x, 2.00x]" nobody measured
+            assert shown["Prefill speed-up"] == "2.00x"  # no "[2.00x, 2.00x]" nobody measured
             inputs = next(d.value for d in at.dataframe if "input" in d.value.columns)
             assert not any(k.endswith(("_low", "_high")) for k in [*items, *inputs["input"]])
         else:

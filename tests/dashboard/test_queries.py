@@ -171,3 +171,60 @@ def test_the_main_job_and_the_pages_leave_out_a_bound_at_the_edge_of_the_scale()
     none = {"quality_delta": None, "quality_low": None, "quality_high": None, "quality_source": None}
     assert _quality_cell(none) == "-"
     assert queries.quality_interval(-0.0123, 0.5, "+.2f") == "[-0.01, +0.50]"
+
+
+@pytest.mark.parametrize("low", [-80.0, 0.0])
+def test_a_positive_estimate_whose_interval_reaches_no_saving_is_not_established(
+    seeded: dict[str, Any], low: float
+) -> None:
+    """The headline counts a saving as established by its interval's low end (> 0), not by the estimate:
+    a use case expected to save $35/month whose interval reaches a loss (or exactly no saving) is counted
+    apart, so the business owner's figure never includes dollars the measurement does not establish."""
+    from rollout.db.models import EvaluationRun, UseCase
+
+    with session_scope() as s:
+        uc_id = s.scalar(select(UseCase.id).where(UseCase.name == "support-chat"))
+        s.execute(
+            update(EvaluationRun)
+            .where(EvaluationRun.use_case_id == uc_id)
+            .values(savings_month_usd=35.0, savings_month_low=low)
+        )
+    with session_scope() as s:
+        t = queries.portfolio_totals(s)
+    assert t["established"] == 2 and t["savings_month_usd"] == pytest.approx(1840 + 620)
+    assert t["savings_month_low"] == pytest.approx(1500 + 410)
+    assert t["unestablished"] == {"use_cases": 1, "savings_month_usd": pytest.approx(35)}
+
+
+def _running_step(kind: str, rows: int, **extra: Any) -> dict[str, Any]:
+    """A portfolio row of a running pilot whose latest gate look said EXTEND, with a 100-request minimum."""
+    row = {"pilot_status": "running", "decision_kind": "gate", "decision": "EXTEND", "step_kind": kind}
+    return row | {"step_observations": rows, "min_samples": 100, "awaiting": "none", "signatures": 0} | extra
+
+
+def test_a_shadow_step_waits_for_requests_not_stored_rows() -> None:
+    """Both arms answer every shadow request, so a shadow step's stored rows are halved to requests before
+    they are set against the per-request minimum: 120 rows are 60 requests, short of 100."""
+    short = queries.waits_for(_running_step("shadow", 120))
+    assert "more samples" in short and "60/100" in short and "120" not in short
+    # 200 rows = 100 requests: the minimum is met exactly (n >= need), so what is missing is a verdict
+    met = queries.waits_for(_running_step("shadow", 200))
+    assert "more samples" in met and "inconclusive" in met and "/100" not in met
+
+
+def test_a_split_step_waits_for_its_smaller_arm() -> None:
+    """The minimum is per arm: 250 control and 50 treatment rows wait for the treatment arm (50/100),
+    although both together are past 100."""
+    row = _running_step("split", 300, decision_n_control=250, decision_n_treatment=50)
+    text = queries.waits_for(row)
+    assert "50/100" in text and "smaller arm" in text
+
+
+def test_a_missing_bound_read_back_as_nan_is_no_bound() -> None:
+    """SQL (and pandas) give NaN for a missing number: a quality interval with a NaN end is shown as no
+    interval ('-'), like one with None, never as a one-sided bound on the other end."""
+    nan = float("nan")
+    assert not queries.known(nan) and not queries.known(None) and queries.known(0.0)
+    assert queries.quality_interval(nan, 0.5) == "-" and queries.quality_interval(-0.5, nan) == "-"
+    assert queries.quality_interval(None, 0.5) == "-"
+    assert queries.bounding_sides(nan, nan) == (False, False)

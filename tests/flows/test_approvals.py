@@ -563,3 +563,195 @@ def test_a_go_before_the_plans_last_step_needs_two_approvers_and_says_what_it_sk
     assert second.took_effect and second.against_recommendation
     with session_scope() as s:
         assert s.scalar(select(UseCase.phase).where(UseCase.name == name)) == "promoted"
+
+
+def test_a_former_approvers_first_signature_lapses(flow_use_case, monkeypatch) -> None:
+    """Review s46 A7: alice signs "promote anyway" on an EXTEND, then is demoted (or her account is
+    deleted). Bob's signature does not complete the override on hers: hers lapses (said, and audited)
+    and his is the first; a second current approver (carol) completes it."""
+    from rollout import approvals, registry
+    from rollout.auth import ACCOUNTS_ENV, Identity, hash_password
+    from rollout.db.models import AuditEntry
+    from rollout.db.session import session_scope
+
+    h = hash_password("pw-pw-pw-pw")
+    monkeypatch.setenv(ACCOUNTS_ENV, f"alice:approver:{h};bob:approver:{h};carol:approver:{h}")
+    name = flow_use_case()
+    did = _pilot_with_decision(name, "EXTEND", "none")
+    assert approvals.approve(did, Identity(*ALICE), "business needs it now").needs_second_approver
+
+    monkeypatch.setenv(ACCOUNTS_ENV, f"alice:viewer:{h};bob:approver:{h};carol:approver:{h}")  # demoted
+    from rollout import queries
+
+    with session_scope() as s:  # the Approvals page reads the same rule: no second approver is awaited
+        pending = [r["id"] for r in queries.pending_decisions(s)]
+        startable = [r["id"] for r in queries.overridable_decisions(s)]
+        rows = queries.approvals(s, [did])
+    assert did not in pending and did in startable
+    assert [(r["actor"], r["lapsed"]) for r in rows] == [("alice", "now a viewer")]
+    second = approvals.approve(did, Identity(*BOB), "agreed with alice")
+    assert second.needs_second_approver and not second.took_effect
+    assert "alice's signature no longer counts (alice is now a viewer)" in second.message
+    assert "champion" not in registry.current_aliases(name)
+    with session_scope() as s:
+        lapsed = s.scalars(select(AuditEntry).where(AuditEntry.action == "approval.approve.signature_lapsed"))
+        assert [(e.actor, e.details["signer"], e.details["why"]) for e in lapsed] == [
+            ("bob", "alice", "now a viewer")
+        ]
+    third = approvals.approve(did, Identity("carol", "approver", "cli-env"), "agreed with bob")
+    assert third.took_effect
+
+
+def test_a_deleted_approvers_first_signature_lapses(flow_use_case, monkeypatch) -> None:
+    from rollout import approvals
+    from rollout.auth import ACCOUNTS_ENV, Identity, hash_password
+
+    h = hash_password("pw-pw-pw-pw")
+    monkeypatch.setenv(ACCOUNTS_ENV, f"alice:approver:{h};bob:approver:{h}")
+    name = flow_use_case()
+    did = _pilot_with_decision(name, "EXTEND", "none")
+    approvals.approve(did, Identity(*ALICE), "business needs it now")
+    monkeypatch.setenv(ACCOUNTS_ENV, f"bob:approver:{h}")  # alice left
+    second = approvals.approve(did, Identity(*BOB), "agreed with alice")
+    assert second.needs_second_approver and not second.took_effect
+    assert "alice's signature no longer counts (alice is no longer an account)" in second.message
+
+
+def test_one_oidc_subject_under_two_emails_is_one_person(flow_use_case) -> None:
+    """Review s46 A2: an approver listed by <issuer>#<subject> whose email changed at the provider (or
+    whose email is not verified on one sign-in) is recorded under two names, but is one person: the
+    second half of their own override is refused, before any approval run starts."""
+    from flows.approval import approve_decision
+    from rollout import approvals
+    from rollout.auth import identity_from_oidc
+    from rollout.db.models import Approval
+
+    listed = ["https://idp.example#248289761001"]
+    claims = {"iss": "https://idp.example", "sub": "248289761001", "email_verified": True}
+    before = identity_from_oidc(claims | {"email": "alice@corp.example"}, listed)
+    after = identity_from_oidc(claims | {"email": "alice.smith@corp.example"}, listed)
+    unverified = identity_from_oidc(claims | {"email": "a@corp.example", "email_verified": False}, listed)
+    assert before.name != after.name and before.can_approve and after.can_approve and unverified.can_approve
+    name = flow_use_case()
+    did = _pilot_with_decision(name, "EXTEND", "none")
+    assert approvals.approve(did, before, "business needs it now").needs_second_approver
+    refused = r"already signed .* \(as 'oidc:alice@corp\.example'\)"
+    for again in (after, unverified):
+        with pytest.raises(approvals.ApprovalError, match=refused):
+            approve_decision(did, again, "me again")
+    assert _count(Approval) == 1
+
+
+def test_rejecting_a_decision_that_asked_nobody_is_refused_and_points_at_abort(flow_use_case) -> None:
+    """Review U9: rejecting a running pilot's EXTEND (what a new approver tries, to take back a mistaken
+    override signature) used to stop the whole pilot on one signature, saying "rejected decision 1
+    (none)". It is refused, naming `pilot --abort` and `--withdraw`, and nothing is written."""
+    from rollout import approvals
+    from rollout.auth import Identity
+    from rollout.db.models import Approval, AuditEntry, Pilot
+    from rollout.db.session import session_scope
+
+    name = flow_use_case()
+    did = _pilot_with_decision(name, "EXTEND", "none")
+    audit_before = _count(AuditEntry)
+    with pytest.raises(approvals.ApprovalError) as err:
+        approvals.approve(did, Identity(*ALICE), "changed my mind", reject=True)
+    assert f"sparsepilot pilot {name} --abort --reason" in str(err.value)
+    assert "--withdraw" in str(err.value) and "nothing was recorded" in str(err.value)
+    assert _count(Approval) == 0 and _count(AuditEntry) == audit_before
+    with session_scope() as s:
+        assert s.scalars(select(Pilot.status)).all() == ["running"]
+
+
+def test_an_approver_withdraws_their_own_unconfirmed_override_signature(flow_use_case) -> None:
+    """Review U9: a first override signature can be taken back by its signer (audited); the pilot keeps
+    running, the decision stays open, another approver cannot withdraw it, and a signature that took
+    effect cannot be withdrawn. After a withdrawal a second approver's signature is a first one again."""
+    from rollout import approvals, queries
+    from rollout.auth import Identity
+    from rollout.db.models import AuditEntry, GateDecision, Pilot
+    from rollout.db.session import session_scope
+
+    name = flow_use_case()
+    did = _pilot_with_decision(name, "EXTEND", "none")
+    first = approvals.approve(did, Identity(*ALICE), "thought approve meant reviewed")
+    assert first.needs_second_approver and "--withdraw" in first.message and "is running" in first.message
+
+    with pytest.raises(approvals.ApprovalError, match="only they can withdraw"):
+        approvals.withdraw(did, Identity(*BOB), "not mine")
+    gone = approvals.withdraw(did, Identity(*ALICE), "signed by mistake")
+    assert gone.message.startswith("signature withdrawn") and "pilot 1 of" in gone.message
+    with session_scope() as s:
+        assert s.scalars(select(Pilot.status)).all() == ["running"]
+        assert s.get(GateDecision, did).resolution is None
+        entry = s.scalars(select(AuditEntry).where(AuditEntry.action == "approval.withdraw")).one()
+        assert entry.actor == "alice" and entry.details["reason"] == "signed by mistake"
+    with pytest.raises(approvals.ApprovalError, match="no unconfirmed signature"):
+        approvals.withdraw(did, Identity(*ALICE), "again")
+    with session_scope() as s:  # the dashboard no longer lists it as waiting for a second approver
+        assert did not in [r["id"] for r in queries.pending_decisions(s)]
+        assert queries.portfolio(s)[0]["waits_for"] != "a second approver"
+
+    # bob's signature is now a first one, not a confirmation of alice's withdrawn one
+    again = approvals.approve(did, Identity(*BOB), "I do want it promoted")
+    assert again.needs_second_approver and not again.took_effect
+    done = approvals.approve(did, Identity(*ALICE), "agreed with bob after all")
+    assert done.took_effect and "pilot 1 of" in done.message and "promoted" in done.message
+    with pytest.raises(approvals.ApprovalError, match="already approved"):
+        approvals.withdraw(did, Identity(*BOB), "too late")
+
+
+def test_a_decision_that_does_not_exist_is_not_called_another_use_cases(flow_use_case) -> None:
+    """Review U4: `approve NAME --decision 999` said "does not belong to use case"."""
+    from rollout import approvals
+
+    name = flow_use_case()
+    with pytest.raises(approvals.ApprovalError) as err:
+        approvals.check_decision_of(name, 999)
+    assert "decision 999 does not exist" in str(err.value) and f"sparsepilot gate {name}" in str(err.value)
+    other = flow_use_case("other-chat")
+    did = _pilot_with_decision(other, "EXTEND", "none")
+    elsewhere = f"decision {did} belongs to use case 'other-chat', not '{name}'"
+    with pytest.raises(approvals.ApprovalError, match=elsewhere):
+        approvals.check_decision_of(name, did)
+
+
+def test_the_cli_refuses_to_reject_an_unasked_extend_and_withdraws_a_signature(
+    trust_env, flow_use_case
+) -> None:
+    """Review U9 on the real command line: `approve --reject` on a running pilot's EXTEND exits 2 naming
+    `pilot --abort`, starts no approval flow run and leaves the pilot running; `approve --withdraw`
+    takes alice's first override signature back, and says so."""
+    import os
+
+    from prefect.settings import PREFECT_API_URL
+
+    from rollout.db.models import Pilot
+    from rollout.db.session import session_scope
+    from tests.fixtures.trust import run_cli
+
+    name = flow_use_case()
+    did = _pilot_with_decision(name, "EXTEND", "none")
+    env = dict(os.environ, PREFECT_API_URL=str(PREFECT_API_URL.value()))
+    base = ("approve", name, "--decision", str(did), "--reason")
+    runs_before = _approval_runs(env)  # the Prefect server is shared with earlier tests
+    rejected = run_cli(*base, "oops", "--reject", user="alice", env=env)
+    assert rejected.returncode == 2, rejected.stdout + rejected.stderr
+    assert f"sparsepilot pilot {name} --abort --reason" in rejected.stderr
+    signed = run_cli(*base, "I reviewed it", user="alice", env=env)
+    assert signed.returncode == 0 and "--withdraw" in signed.stdout, signed.stdout + signed.stderr
+    taken = run_cli(*base, "signed by mistake", "--withdraw", user="alice", env=env)
+    assert taken.returncode == 0, taken.stdout + taken.stderr
+    assert "signature withdrawn" in taken.stdout and "pilot 1 of" in taken.stdout
+    with session_scope() as s:
+        assert s.scalars(select(Pilot.status)).all() == ["running"]
+    assert _approval_runs(env) == runs_before  # no approval flow run was started
+
+
+def _approval_runs(env: dict) -> int:
+    """How many approval flow runs the Prefect API holds."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    with get_client(sync_client=True) as client:
+        return len(client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["approval"]))))

@@ -102,7 +102,11 @@ def test_one_approver_continues_the_ramp_and_later_gos_follow_the_plan(flow_use_
     from rollout.db.session import session_scope
 
     name, did = _short_pilot_go(flow_use_case)
-    assert "continue the ramp to step 2 (70%)" in approvals.skip_note(approvals_evidence(did))
+    evidence = approvals_evidence(did)
+    assert "continue the ramp to step 2 (70%)" in approvals.skip_note(evidence, waits_for_approval=True)
+    # a middle step's GO that asked nobody has moved the pilot on already: no continue offered (s46 T1-1)
+    asked_nobody = approvals.skip_note(evidence, waits_for_approval=False)
+    assert "two different approvers" in asked_nobody and "continue" not in asked_nobody
 
     # refused, nothing written: no approver, no reason
     with pytest.raises(PermissionDenied):

@@ -159,16 +159,16 @@ def test_cli_import_validates_then_stores_once(flow_use_case, trust_accounts: st
     res = run_cli("pilot", name, "--observations", str(bad), user="olga", env=env)
     assert res.returncode == 2, res.stdout + res.stderr
     assert "bad.jsonl: failed the observation checks; nothing was stored" in res.stderr
-    assert "latency_ms" in res.stderr and "row 3" in res.stderr
+    assert "bad.jsonl:3 (id" in res.stderr and "latency_ms" in res.stderr
     unknown = _write_jsonl(tmp_path / "unknown.jsonl", _rows(["not-in-dataset"]))
     with pytest.raises(ObservationImportError, match="request_id: not a request of this use case"):
         pilot_flow(name, observations_file=str(unknown))
     # held to what the pilot's own traffic is held to: never a request calibration read, never a replay
     fitted = _write_jsonl(tmp_path / "fitted.jsonl", _rows([calibration[0]["id"], dataset_ids[0]]))
-    with pytest.raises(ObservationImportError, match="rows 1 .*: request_id: a request calibration read"):
+    with pytest.raises(ObservationImportError, match="lines 1 .*: request_id: a request calibration read"):
         pilot_flow(name, observations_file=str(fitted))
     replay = _write_jsonl(tmp_path / "replay.jsonl", _rows([dataset_ids[0], f"{dataset_ids[0]}~r2"]))
-    with pytest.raises(ObservationImportError, match="rows 3 .*: request_id: not a request of this use case"):
+    with pytest.raises(ObservationImportError, match="lines 3 .*: request_id: not a request of this use"):
         pilot_flow(name, observations_file=str(replay))
     assert count() == 0
 
@@ -222,9 +222,38 @@ def test_an_import_is_checked_against_the_running_pilots_own_dataset(
     assert second["pilot_id"] == first["pilot_id"]  # the same pilot, still under version 1
     assert second["batches"][0]["inserted"] == 4, second
     newer = _write_jsonl(tmp_path / "v2.jsonl", _rows(v2_ids))
-    refused = r"v2\.jsonl: rows 1 \(id 'v2-.*: request_id: not a request of this use case"
+    refused = r"v2\.jsonl: lines 1 \(id 'v2-.*: request_id: not a request of this use case"
     with pytest.raises(ObservationImportError, match=refused):
         pilot_flow(name, observations_file=str(newer))
+
+
+def test_observation_check_errors_name_the_files_line_as_its_parse_errors_do(
+    flow_use_case, tmp_path: Path
+) -> None:
+    """Review U2: a CSV's parse errors named the file line (`obs.csv:5`), its observation checks the data
+    row (`row 2` for the file's line 3, under the header). Both now name the file's line."""
+    from flows.common import load_context
+    from flows.pilot import pilot_flow
+    from rollout.observations_io import ObservationImportError
+
+    name = flow_use_case()
+    _challenger(name)
+    rid = load_context(name).split()[1][0]["id"]
+    head = "request_id,arm,quality,latency_ms,error\n"
+    obs = tmp_path / "obs.csv"
+    obs.write_text(head + f"{rid},control,0.8,1200,false\n{rid},treatment,1.5,800,false\n")
+    with pytest.raises(ObservationImportError) as err:
+        pilot_flow(name, observations_file=str(obs))
+    assert f"obs.csv:3 (id '{rid}/treatment'): quality: outside the declared range" in str(err.value)
+    arms = tmp_path / "arms.csv"  # two bad lines: "lines 2 (...), 3 (...)"
+    arms.write_text(head + f"{rid},sparse,0.8,1200,false\n{rid},dense,0.8,800,false\n")
+    two = r"arms\.csv: lines 2 \(id .*\), 3 \(id .*\): arm: unknown"
+    with pytest.raises(ObservationImportError, match=two):
+        pilot_flow(name, observations_file=str(arms))
+    cell = tmp_path / "cell.csv"  # a parse error: the same numbering
+    cell.write_text(head + f"{rid},control,0.8,1200,false\n{rid},treatment,abc,800,false\n")
+    with pytest.raises(ObservationImportError, match=r"cell\.csv:3: field 'quality'"):
+        pilot_flow(name, observations_file=str(cell))
 
 
 def _challenger(name: str) -> None:

@@ -14,22 +14,9 @@ import yaml
 
 from tests.fixtures.env import fresh_cli_env
 from tests.fixtures.flows import tiny_spec
-from tests.fixtures.trust import password_of
+from tests.fixtures.trust import sparsepilot_as
 
 LOG_LINE = re.compile(r"log file \(warnings and library output\): (\S+)")
-
-
-def _cli(args: list[str], env: dict[str, str], who: str | None) -> tuple[int, str]:
-    """`python -m sparsepilot ARGS` in a real process, signed in as `who` (--password-stdin) if given."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "sparsepilot", *args, *(["--password-stdin"] if who else [])],
-        env={**env, "SPARSEPILOT_USER": who or ""},
-        input=password_of(who) + "\n" if who else "",
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    return proc.returncode, proc.stdout + proc.stderr
 
 
 def test_the_pipeline_commands_keep_prefects_chatter_and_tracebacks_in_their_log_file(
@@ -40,11 +27,11 @@ def test_the_pipeline_commands_keep_prefects_chatter_and_tracebacks_in_their_log
     subprocess.run([sys.executable, "-m", "sparsepilot", "init"], env=env, check=True, capture_output=True)
     spec = tmp_path / "tiny-chat.yaml"
     spec.write_text(yaml.safe_dump(tiny_spec(tiny_model_dir, "tiny-chat")))
-    rc, out = _cli(["usecase", "add", str(spec)], env, "olga")
+    rc, out = sparsepilot_as(["usecase", "add", str(spec)], env, "olga")
     assert rc == 0, out
 
     # a flow that stops on a SparsePilot error: the console has the flow's state line and `error:`
-    rc, out = _cli(["gate", "tiny-chat"], env, "olga")
+    rc, out = sparsepilot_as(["gate", "tiny-chat"], env, "olga")
     assert rc == 2 and "error: tiny-chat: no active pilot" in out, out
     assert "temporary server" not in out and "prefect.io/docs" not in out, out
     assert "Traceback" not in out and "Encountered exception" not in out, out
@@ -63,7 +50,7 @@ def test_the_pipeline_commands_keep_prefects_chatter_and_tracebacks_in_their_log
         (["monitor", "tiny-chat"], "olga", 0),
         (["serve", "--use-case", "no-such-case"], None, 2),
     ):
-        rc, out = _cli(args, env, who)
+        rc, out = sparsepilot_as(args, env, who)
         assert rc == code and ("error: " in out) == (code == 2), (args, out)
         found = LOG_LINE.search(out)
         assert found and Path(found.group(1)).name.startswith(f"{args[0]}-"), (args, out)

@@ -12,7 +12,7 @@ import time
 import pytest
 from sqlalchemy import func, select
 
-from tests.fixtures.flows import QUICK_CAL, QUICK_EVAL
+from tests.fixtures.flows import PAYS, QUICK_CAL, QUICK_EVAL, price_evaluation
 from tests.fixtures.trust import run_cli
 
 
@@ -106,6 +106,7 @@ def test_a_cycle_runs_its_subflows_under_its_own_lease_and_a_dead_holder_blocks_
     name = flow_use_case()
     calibrate_flow(name, limits=QUICK_CAL)
     evaluate_flow(name, suite=QUICK_EVAL)
+    price_evaluation(name, **PAYS)  # a plan worth piloting: the cycle pilots only such a plan
 
     # a cycle whose process died a moment ago: its lease has not lapsed, so this tick does nothing
     leases.acquire(name, "dead-run", "use-case cycle (flow run r-0), pid 1 on gone", seconds=10)

@@ -3,6 +3,7 @@ bad input (INVALID, never an exception), history, evidence, planning and project
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -256,6 +257,29 @@ def test_srm_matches_hand_computed_chi_square(n_c: int, n_t: int, share: float, 
     assert p == pytest.approx(ref.pvalue)
 
 
+def _treated(n_t: int, n: int = 1000) -> np.ndarray:
+    """n_t of n requests in the treatment arm, at random positions."""
+    t = np.zeros(n, bool)
+    t[np.random.default_rng(0).permutation(n)[:n_t]] = True
+    return t
+
+
+def test_srm_is_flagged_at_the_settings_threshold() -> None:
+    """A sample-ratio mismatch is flagged where its p-value falls below settings.srm_p_threshold (0.001),
+    near the boundary and not only for a gross split: 556/1000 treated against a planned half (chi2 12.5,
+    p 0.0004) is INVALID; 550/1000 (chi2 10.0, p 0.0016) is not, unless the threshold is raised past it."""
+    assert SETTINGS.srm_p_threshold == 0.001
+    flagged = decide(split_frame(np.ones(1000), _treated(556)), SETTINGS, planned_treatment_share=0.5)
+    assert flagged.srm_p_value == pytest.approx(stats.chi2.sf(2 * 56**2 / 500, 1))  # 0.0004
+    assert flagged.outcome == "INVALID" and "sample-ratio-mismatch" in flagged.reasons
+    fine = decide(split_frame(np.ones(1000), _treated(550)), SETTINGS, planned_treatment_share=0.5)
+    assert fine.srm_p_value == pytest.approx(stats.chi2.sf(2 * 50**2 / 500, 1))  # 0.0016
+    assert "sample-ratio-mismatch" not in fine.reasons and fine.outcome != "INVALID"
+    strict = dataclasses.replace(SETTINGS, srm_p_threshold=0.01)
+    raised = decide(split_frame(np.ones(1000), _treated(550)), strict, planned_treatment_share=0.5)
+    assert "sample-ratio-mismatch" in raised.reasons
+
+
 # ---------------------------------------------------------------- guardrails
 
 
@@ -283,6 +307,16 @@ def test_error_breach_is_no_go_only_on_evidence() -> None:
     assert g.breached and g.lower_bound > 0.02 and "at least" in d.explanation
 
 
+def test_a_breached_guardrail_ends_the_step_before_its_minimum_sample() -> None:
+    """A breach needs no minimum sample: its evidence is already enough, so a step whose sparse arm errs
+    on 12.5% of 400 requests (ceiling 2%) is NO-GO at once, not EXTEND towards a 1,000-request minimum."""
+    many = np.arange(400) % 8 == 0
+    frame = paired_frame(np.ones(400), np.ones(400), err_t=many)
+    d = decide(frame, SETTINGS, mode="paired", min_samples_per_arm=1000)
+    assert d.outcome == "NO-GO" and "guardrail:treatment_error_rate" in d.reasons
+    assert "min-sample" not in d.reasons and all(r.startswith("guardrail:") for r in d.reasons)
+
+
 def test_latency_guardrail_judges_the_share_over_the_slo() -> None:
     n = 400
     slow = np.where(np.arange(n) % 4 == 0, 2000.0, 100.0)  # 25% over an 800 ms SLO
@@ -293,6 +327,27 @@ def test_latency_guardrail_judges_the_share_over_the_slo() -> None:
         decide(paired_frame(np.ones(n), np.ones(n), lat_t=p95_at_slo), SETTINGS, mode="paired").outcome
         == "GO"
     )
+
+
+def test_a_latency_exactly_at_the_slo_is_within_it() -> None:
+    """The latency guardrail counts requests over the SLO: every sparse-arm request taking exactly the
+    SLO's 800 ms meets it, so the step is not stopped for latency."""
+    n = 400
+    at_slo = np.full(n, SETTINGS.latency_slo_ms)
+    d = decide(paired_frame(np.ones(n), np.ones(n), lat_t=at_slo), SETTINGS, mode="paired")
+    g = next(g for g in d.guardrails if g.name == "treatment_latency_over_slo")
+    assert g.evaluated and not g.breached and g.value == 0.0
+    assert d.outcome == "GO"
+
+
+def test_a_guardrail_is_judged_once_its_minimum_sample_is_reached_exactly() -> None:
+    """guardrail_min_samples is a minimum (n >= it): with exactly 200 pairs for a 200-row minimum every
+    guardrail is judged and identical arms GO; one pair fewer waits for the guardrails."""
+    s = GateSettings(margin=0.03, min_samples_per_arm=20, guardrail_min_samples=200)
+    d = decide(paired_frame(np.ones(200), np.ones(200)), s, mode="paired")
+    assert all(g.evaluated for g in d.guardrails) and d.outcome == "GO"
+    short = decide(paired_frame(np.ones(199), np.ones(199)), s, mode="paired")
+    assert short.outcome == "EXTEND" and any(r.startswith("guardrail-not-judged:") for r in short.reasons)
 
 
 def test_a_guardrail_that_cannot_be_judged_keeps_the_step_at_extend() -> None:
@@ -595,6 +650,16 @@ def test_quality_shown_but_the_minimum_not_reached_projects_the_minimum_and_says
     assert d.outcome == "EXTEND" and "min-sample" in d.reasons
     assert d.projected_requests is not None and d.projected_requests >= 1000
     assert "(at least 100 per arm)" in d.explanation or "(100 per arm)" in d.explanation
+
+
+def test_a_late_ramp_step_projects_requests_for_its_small_control_arm() -> None:
+    """The per-arm minimum is met by the smaller arm, whichever it is: at a 90% ramp step the control arm
+    gets 10% of the requests, so 100 control rows take 1,000 requests (not 100 / 0.9 = 112)."""
+    s = GateSettings(margin=0.05, guardrail_min_samples=30)
+    t = np.arange(400) % 10 != 0  # 90% treatment as planned: 40 control rows
+    d = decide(split_frame(np.ones(400), t), s, planned_treatment_share=0.9, min_samples_per_arm=100)
+    assert d.outcome == "EXTEND" and "min-sample" in d.reasons
+    assert d.projected_requests is not None and d.projected_requests >= 1000, d.projected_requests
 
 
 def test_a_breach_diluted_by_later_rows_says_where_its_bound_applies() -> None:

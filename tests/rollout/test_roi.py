@@ -572,3 +572,81 @@ def test_a_break_even_timed_on_a_busy_host_is_named_beside_the_decode_line() -> 
     section["summary"]["break_even_host"] = quiet
     assert "overloaded" not in decode_outcome(section, flat)["line"]
     assert decode_outcome(section, flat)["break_even_overloaded"] is False
+
+
+def test_money_under_a_dollar_keeps_its_sign_and_cents() -> None:
+    """Review s46 D11: whole dollars made "-$0/month" of a 40-cent loss, and "the interval reaches $0/month
+    saved" of a 30-cent one."""
+    assert usd(-0.4) == "-$0.40" and usd(0.3) == "$0.30"
+    assert usd(0) == usd(-0.0) == usd(-0.001) == "$0"  # nothing to sign
+    assert usd(-466.2) == "-$466" and usd(1234.4) == "$1,234"
+
+
+def test_sparse_gpu_hours_range_is_low_at_the_best_speedup() -> None:
+    """The sparse GPU-hours a day run from the best speed-up (fewest hours) to the worst, worked by hand:
+    10,000 requests x (3000/(3100 x s) + 100/3100) s / 3600 / 0.5 utilisation."""
+    r = compute_roi(_inputs())
+
+    def hours(s: float) -> float:
+        return 10_000 * (3000 / (3100 * s) + 100 / 3100) / 3600 / 0.5
+
+    assert r.sparse_gpu_hours_day == pytest.approx(hours(2.0))
+    assert r.sparse_gpu_hours_day_low == pytest.approx(hours(2.5))  # 2.33
+    assert r.sparse_gpu_hours_day_high == pytest.approx(hours(1.5))  # 3.76
+
+
+def test_a_slower_sparse_decode_is_called_a_cost_not_a_saving() -> None:
+    """A sparse decode slower than dense (0.5x) costs money: the decode line says what it costs, never
+    that it saves the absolute amount."""
+    prefill_even = dict(dense_tps=1000.0, speedup=1.0, speedup_low=1.0, speedup_high=1.0, decode_tps=100.0)
+    decode_slow = dict(sparse_decode_tps=50.0, sparse_decode_tps_low=40.0, sparse_decode_tps_high=60.0)
+    slow = compute_roi(_inputs(**prefill_even, **decode_slow))
+    assert slow.decode_saved_usd_month < 0
+    line = decode_outcome(_decode_section([False], (0.5, 0.4, 0.6), 0.3, 512, [1000, 1000]), slow)["line"]
+    assert f"costs ${-slow.decode_saved_usd_month:,.0f}/month more" in line and "saves" not in line
+
+
+def test_roi_for_spec_widens_an_interval_that_misses_the_estimate() -> None:
+    """A measured interval that does not contain the point estimate (1.5x from the throughputs, an
+    interval of [1.6, 1.8] from the paired timings) is widened to reach it, so the ends bracket it."""
+    spec = load_spec(EXAMPLES / "docs-qa.yaml")
+    r = roi_for_spec(spec, dense_tps=1000.0, sparse_tps=1500.0, speedup_interval=(1.6, 1.8))
+    assert (r.inputs.speedup_low, r.inputs.speedup, r.inputs.speedup_high) == pytest.approx((1.5, 1.5, 1.8))
+    high = roi_for_spec(spec, dense_tps=1000.0, sparse_tps=1500.0, speedup_interval=(1.2, 1.4))
+    assert (high.inputs.speedup_low, high.inputs.speedup_high) == pytest.approx((1.2, 1.5))
+    assert r.saved_usd_month_low <= r.saved_usd_month <= r.saved_usd_month_high
+
+
+def test_an_interval_whose_best_end_saves_exactly_nothing_is_no_saving() -> None:
+    """At a loss whose interval reaches exactly $0 (best speed-up 1.00x), the verdict says no savings:
+    "the interval reaches $0/month saved" would hold out a saving that is not there."""
+    r = compute_roi(_inputs(speedup=0.8, speedup_low=0.7, speedup_high=1.0))
+    assert r.saved_usd_month_high == 0
+    assert r.verdict.startswith("no savings:") and "reaches" not in r.verdict
+
+
+def test_pilot_skip_at_the_exact_boundaries() -> None:
+    """The pilot rules at their edges: a plan keeping exactly 99.9% of blocks is dense; an estimate of
+    exactly $0/month is no saving; an interval whose low end is exactly $0 establishes none."""
+    from rollout.roi import DENSE_PLAN_DENSITY, pilot_skip_reason
+
+    saves = dict(met_budget=True, saved_usd_month=100.0, saved_usd_month_low=50.0, saved_usd_month_high=150.0)
+    assert pilot_skip_reason(**saves, density=0.5) is None
+    dense = pilot_skip_reason(**saves, density=DENSE_PLAN_DENSITY)
+    assert dense is not None and "as dense" in dense.why
+    zero = pilot_skip_reason(
+        met_budget=True,
+        density=0.5,
+        saved_usd_month=0.0,
+        saved_usd_month_low=-10.0,
+        saved_usd_month_high=10.0,
+    )
+    assert zero is not None and zero.why.startswith("no saving expected")
+    low_zero = pilot_skip_reason(
+        met_budget=True,
+        density=0.5,
+        saved_usd_month=100.0,
+        saved_usd_month_low=0.0,
+        saved_usd_month_high=200.0,
+    )
+    assert low_zero is not None and low_zero.why.startswith("saving not established")

@@ -192,8 +192,28 @@ def test_files_yaml_errors_and_missing_file(tmp_path: Path) -> None:
     with pytest.raises(SpecError, match="nope.yaml: file not found"):
         load_spec(tmp_path / "nope.yaml")
     bad.write_text("- just\n- a list\n")
-    with pytest.raises(SpecError, match="must be a YAML mapping"):
+    with pytest.raises(SpecError, match=r"must be a YAML mapping \(name: value lines\), got a list$"):
         load_spec(bad)
+
+
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        ("", "the spec file is empty (no YAML document)"),
+        ("# only a comment\n", "the spec file is empty (no YAML document)"),
+        ("just words\n", "got a string ('just words')"),
+        ("42\n", "got a number (42)"),
+    ],
+)
+def test_a_spec_that_is_not_a_mapping_says_what_it_is_in_yaml_words(
+    tmp_path: Path, text: str, said: str
+) -> None:
+    """Review U6: an empty spec file said "must be a YAML mapping, got NoneType", a Python type name."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    with pytest.raises(SpecError) as err:
+        load_spec(bad)
+    assert said in str(err.value) and "NoneType" not in str(err.value) and "got str" not in str(err.value)
 
 
 def test_quantiles_become_a_mix_by_midpoints() -> None:

@@ -113,6 +113,32 @@ def _antidiagonal_by_definition(q, k, block_size, stride, key_valid):
     return probs.view(b, hq, n, per, n, per).sum(dim=(3, 5)) / per
 
 
+def test_pooled_matches_its_definition():
+    """The pooled estimator written out: mean query and mean key of each block over its valid (unpadded)
+    positions, their dot product at the softmax scale 1/sqrt(d), softmax over the causal key blocks that
+    hold a valid key. Padding inside a block (left or right) must not move the means."""
+    torch.manual_seed(3)
+    b, hq, hkv, s, d, bs = 2, 4, 2, 160, 16, 32
+    q, k = torch.randn(b, hq, s, d), torch.randn(b, hkv, s, d)
+    valid = torch.ones(b, s, dtype=torch.bool)
+    valid[1, :70] = False  # left padding: block 2 partly padded
+    valid[0, 140:] = False  # right padding: the last query block's mean is over its 12 valid rows
+    out = get_estimator("pooled")(q, k, EstimatorContext(block_size=bs, key_valid=valid))
+    n = s // bs
+    w = valid.float().view(b, 1, n, bs, 1)
+
+    def pool(x):
+        return (x.view(*x.shape[:2], n, bs, d) * w).sum(3) / w.sum(3).clamp_min(1.0)
+
+    qp, kp = pool(q), pool(k).repeat_interleave(hq // hkv, dim=1)
+    logits = qp @ kp.transpose(-1, -2) / math.sqrt(d)
+    ok = torch.ones(n, n, dtype=torch.bool).tril().view(1, 1, n, n) & valid.view(b, n, bs).any(-1).view(
+        b, 1, 1, n
+    )
+    want = torch.softmax(logits.masked_fill(~ok, float("-inf")), -1).nan_to_num(0.0)
+    assert torch.allclose(out, want, atol=1e-5)
+
+
 @pytest.mark.parametrize("s", [256, 2048])  # one row chunk; eight causal chunks
 def test_antidiagonal_matches_its_definition(s):
     torch.manual_seed(2)
@@ -251,3 +277,52 @@ def test_the_compiled_selection_is_the_same_selection():
         assert a.density == b.density and torch.equal(a.head_density, b.head_density)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs  # it did compile
     assert not compiles_selection(torch.device("cuda"), "oracle")
+
+
+def test_tau_one_keeps_every_causal_block_even_of_zero_estimated_mass():
+    """tau >= 1 is the dense plan: every causal block is kept, also those the estimator gives no mass
+    (here all mass on the diagonal), which the cumulative sum alone would drop once it reaches the total."""
+    n = 6
+    diagonal = torch.eye(n).expand(1, 2, n, n).contiguous()
+    full = select_blocks(diagonal, block_size=64, seq_len=n * 64, tau=1.0)
+    assert torch.equal(full.kv_counts[0, 0].long(), torch.arange(1, n + 1))
+    assert full.density == 1.0 and torch.equal(full.mask()[0, 0], torch.ones(n, n, dtype=torch.bool).tril())
+    assert select_blocks(diagonal, block_size=64, seq_len=n * 64, tau=0.99).density < 1.0
+
+
+def test_top_k_below_the_forced_count_never_cuts_sink_or_local_blocks():
+    """top_k caps the blocks a row chooses by score; the sink and local blocks are kept on top of it: with
+    2 sink and 2 local blocks and top_k = 1, every row keeps all four (where causal) and nothing else."""
+    n = 8
+    scores = _random_scores(b=1, h=2, n=n, peaky=0.1)
+    sel = select_blocks(
+        scores, block_size=64, seq_len=n * 64, tau=0.95, sink_blocks=2, local_blocks=2, top_k=1
+    )
+    i = torch.arange(n)[:, None]
+    j = torch.arange(n)[None, :]
+    forced = (j <= i) & ((j < 2) | (j > i - 2))
+    assert torch.equal(sel.mask(), forced.expand(1, 2, n, n))
+
+
+def test_a_tie_at_tau_keeps_the_fewest_blocks_that_reach_it():
+    """Blocks are kept until their mass reaches tau, and no further: four blocks of 0.25 and tau = 0.5
+    keep two (the local diagonal block and one more), although the mass before a third equals tau."""
+    n = 4
+    row = torch.full((n,), 0.25)
+    scores = torch.zeros(1, 1, n, n)
+    scores[0, 0, n - 1] = row
+    sel = select_blocks(scores, block_size=64, seq_len=n * 64, tau=0.5, sink_blocks=0, local_blocks=1)
+    assert int(sel.kv_counts[0, 0, n - 1]) == 2
+    assert float((scores * sel.mask()).sum(-1)[0, 0, n - 1]) == 0.5
+
+
+def test_group_scores_average_each_kv_heads_query_heads():
+    """Under grouped-query attention one selection serves every query head of a KV head: its scores are
+    the mean of those heads' scores (heads 0-1 -> KV head 0, heads 2-3 -> KV head 1), not their maximum."""
+    from sparse_core.selection import group_scores
+
+    scores = torch.stack([torch.full((3, 3), float(v)) for v in (0.1, 0.5, 0.2, 0.9)])[None]
+    grouped = group_scores(scores, num_kv_heads=2)
+    assert grouped.shape == (1, 2, 3, 3)
+    assert torch.allclose(grouped[0, 0], torch.full((3, 3), 0.3))
+    assert torch.allclose(grouped[0, 1], torch.full((3, 3), 0.55))

@@ -107,6 +107,9 @@ def test_prefill_refuses_what_it_can_check_without_the_weights_before_loading_th
     base = ["bench", "prefill", "--model", str(config_only_model), "--kernels", "gather"]
     said = _refused([*base, "--lengths", "4096,8192"], out)
     assert "error: --lengths:" in said and "4,096, 8,192 tokens; the model has 2,048 positions" in said
+    # a length asked for by name that does not fit is refused even when another fits (s46 T1-2)
+    said = _refused([*base, "--lengths", "128,4096"], out)
+    assert "error: --lengths: 4,096 tokens exceed the model's 2,048 positions" in said
     said = _refused([*base, "--quick"], out)  # the quick mode's 8,192 tokens
     assert "error: --quick:" in said and "8,192 tokens; the model has 2,048 positions" in said
     # one block (the pooled plan's 64 tokens) is all dense: nothing sparse to time (1 token: a traceback)

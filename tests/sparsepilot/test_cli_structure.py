@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
+import pytest
 import typer
 from typer.testing import CliRunner
 
@@ -266,3 +267,47 @@ def test_a_data_directory_that_is_a_file_is_one_line_and_exit_2(tmp_path) -> Non
     assert out.returncode == 2, out.stderr
     assert f"error: SPARSEPILOT_HOME={home}: cannot be used as the data directory" in out.stdout + out.stderr
     assert "Traceback" not in out.stdout + out.stderr
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["calibrate", "no-such-case"],
+        ["evaluate", "no-such-case", "--quick"],
+        ["run", "--use-case", "no-such-case", "--specs", "@empty"],
+    ],
+)
+def test_a_mistyped_use_case_is_refused_before_prefect_is_asked(
+    argv: list[str],
+    sp_home,  # noqa: ANN001
+    tmp_path,  # noqa: ANN001
+    monkeypatch,  # noqa: ANN001
+) -> None:
+    """Review U7: `calibrate`/`evaluate` with a mistyped name started a Prefect server and recorded a
+    Failed flow run (41-65 s) before the flow's own lookup refused it. The name is resolved first: with
+    no Prefect server at all (a closed port), the error is the unknown use case, exit 2."""
+    empty = tmp_path / "specs"
+    empty.mkdir()
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # nothing listens on port 9
+    res = CliRunner().invoke(app, [str(empty) if a == "@empty" else a for a in argv])
+    assert res.exit_code == 2, res.output
+    assert "no-such-case" in res.output and "Prefect server does not answer" not in res.output, res.output
+    assert "unknown use case" in res.output or "nor a registered use case" in res.output, res.output
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["approve", "x", "--decision", "abc", "--reason", "r"], "Invalid value for '--decision'"),
+        (["approve", "x", "--decision", "1"], "Missing option '--reason'"),
+        (["usecase", "list", "--format", "yaml"], "No such option: --format"),
+        (["no-such-command"], "No such command 'no-such-command'"),
+    ],
+)
+def test_a_usage_mistake_is_one_error_line_and_exit_2(argv: list[str], said: str) -> None:
+    """Review U5: the README promises `error: <what to fix>` and exit 2 for every bad input; option
+    mistakes printed Click's boxed usage panel instead."""
+    res = CliRunner().invoke(app, argv)
+    assert res.exit_code == 2, res.output
+    assert res.output.startswith(f"error: {said}"), res.output
+    assert "╭" not in res.output and "--help`" in res.output

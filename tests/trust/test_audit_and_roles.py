@@ -251,3 +251,35 @@ def test_postgres_app_role_cannot_rewrite_history(
     from rollout.db.session import get_engine
 
     get_engine(app_url).dispose()
+
+
+def test_sqlite_audit_writers_at_once_queue_for_the_chain_and_none_is_lost(sp_home) -> None:  # noqa: ANN001
+    """Six processes, each in a transaction whose first statement is `audit.record`, released at one
+    instant on one SQLite state DB: each waits its turn (the write lock, taken before the chain's last
+    hash is read), so six rows and a chain that verifies; none fails on the prev_hash unique index
+    (review s46 C4: 4 of 6 were lost)."""
+    import multiprocessing as mp
+
+    from rollout import audit
+    from rollout.db.models import AuditEntry
+    from rollout.db.session import session_scope
+    from tests.trust.race_helpers import record_one_audit_event
+
+    n = 6
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(n), ctx.Queue()
+    procs = [
+        ctx.Process(target=record_one_audit_event, args=(str(sp_home.home), i, barrier, results))
+        for i in range(n)
+    ]
+    for p in procs:
+        p.start()
+    outcomes = sorted(results.get(timeout=300) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert outcomes == [(i, "recorded") for i in range(n)]
+    with session_scope() as s:
+        rows = s.query(AuditEntry).filter(AuditEntry.action == "test.concurrent").count()
+        report = audit.verify_chain(s)
+    assert rows == n
+    assert report.ok, report.problem

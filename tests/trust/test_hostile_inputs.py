@@ -156,7 +156,7 @@ SPEC_CASES = [
     Case("yaml-duplicate-key", _add("dup", "name: a\nname: b\n"), "appears twice"),
     Case("yaml-syntax-error", _add("syntax", "name: [unclosed\n"), "line 2, column 1"),
     Case("yaml-not-a-mapping", _add("list", "- 1\n- 2\n"), "must be a YAML mapping"),
-    Case("yaml-empty-file", _add("empty", ""), "must be a YAML mapping"),
+    Case("yaml-empty-file", _add("empty", ""), "the spec file is empty"),
     Case("yaml-invalid-utf8", _raw("utf8", b"name: \xff\xfe\n"), "not valid UTF-8 at byte"),
     Case("yaml-over-size-limit", _big, "at most 262144"),
     Case("spec-symlink-loop", _loop, "loop.yaml"),
@@ -390,7 +390,7 @@ ARG_CASES = [
     Case("decision-2-pow-70", _approve(str(2**70)), "--decision", user="alice"),
     Case("decision-zero", _approve("0"), "--decision", user="alice"),
     Case("decision-not-a-number", _approve("abc"), "--decision", user="alice"),
-    Case("decision-of-another-use-case", _approve("999999"), "decision 999999 does not belong", user="alice"),
+    Case("decision-that-does-not-exist", _approve("999999"), "decision 999999 does not exist", user="alice"),
     Case("approve-blank-reason", _approve("@decision", "   "), "a reason is required", user="alice"),
     Case(
         "approve-invisible-reason",

@@ -238,6 +238,38 @@ def test_gate_and_monitor_need_an_operator_who_signs_in(trust_env, flow_use_case
         assert s.scalar(select(func.count()).select_from(GateDecision)) == 0
 
 
+def test_run_pilots_a_persons_use_case_only_for_an_operator(trust_env, flow_use_case, tmp_path: Path) -> None:
+    """Review s46 A3: `run --use-case NAME` calibrates, pilots and gates NAME; for a use case a person
+    added it needs an operator, as `pilot` and `gate` do, and a refused one starts nothing. The samples
+    the main job adds for itself (created by the pipeline) need nobody."""
+    from rollout import audit
+    from rollout.db.models import AuditEntry
+    from rollout.db.session import session_scope
+    from rollout.usecases import add_usecase, added_by_people
+
+    name = flow_use_case()  # added by a person ("test-owner")
+    sample = tmp_path / "sample.yaml"
+    sample.write_text((tmp_path / f"{name}.yaml").read_text().replace(f"name: {name}", "name: a-sample"))
+    add_usecase(sample, actor=audit.SYSTEM_ACTOR)  # as `run` adds the samples
+    assert added_by_people([name, "a-sample", "not-there"]) == [name]
+    empty = tmp_path / "no-specs"
+    empty.mkdir()
+    with session_scope() as s:
+        rows_before = s.scalar(select(func.count()).select_from(AuditEntry))
+    for who in ("", "victor"):
+        args = ["run", "--use-case", name, "--specs", str(empty), *(["--password-stdin"] if who else [])]
+        res = runner.invoke(
+            app_(), args,
+            input=password_of(who) + "\n" if who else None, env={"SPARSEPILOT_USER": who},
+        )  # fmt: skip
+        said = "nobody is signed in" if not who else "needs the operator role"
+        assert res.exit_code == 2 and said in res.output and "Traceback" not in res.output, res.output
+        assert f"run (pilot and gate) {name}" in res.output or not who
+    with session_scope() as s:  # nothing started: no calibration.started, no row at all but the failures
+        actions = s.scalars(select(AuditEntry.action).where(AuditEntry.id > rows_before)).all()
+        assert set(actions) <= {"auth.sign_in_failed"}, actions
+
+
 @pytest.mark.parametrize("user", ["victor"])
 def test_viewers_cannot_import(trust_env, flow_use_case, tmp_path: Path, user: str) -> None:
     name = flow_use_case()
@@ -363,3 +395,34 @@ def test_the_cli_names_a_pilot_by_its_number_within_its_use_case(
     rows = [_obs(r, a) for r in _dataset_ids("tiny-b", 3)[2:] for a in ("control", "treatment")]
     res = _import("tiny-b", _write(tmp_path / "again.jsonl", rows))
     assert res.exit_code == 2 and "tiny-b: pilot 1 of this challenger has ended" in res.output, res.output
+
+
+def test_whoever_loosened_the_gate_does_not_approve_its_go(
+    trust_env, flow_use_case, tiny_model_dir: Path, pilot_dataset: Path, tmp_path: Path
+) -> None:
+    """Review s46 A13: alice (an approver) adds spec version 2 with a looser gate (margin 0.2 -> 0.5,
+    alpha 0.05 -> 0.45); the pilot under it says GO. Alice's approval is refused, nothing written;
+    bob's (any other approver) takes effect on its own, as for any GO."""
+    from rollout import approvals
+    from rollout.auth import Identity
+    from rollout.db.models import Approval, Pilot
+    from rollout.db.session import session_scope
+    from rollout.usecases import add_usecase
+    from tests.flows.test_approvals import _pilot_with_decision
+
+    name = flow_use_case()  # version 1: margin 0.2, alpha 0.05
+    loose = tiny_spec(tiny_model_dir, name, dataset_file=pilot_dataset)
+    loose["gate"]["non_inferiority_margin"] = 0.5
+    loose["gate"]["alpha"] = 0.45
+    path = tmp_path / "v2.yaml"
+    path.write_text(yaml.safe_dump(loose))
+    assert add_usecase(path, actor="alice", new_version=True).version == 2
+    did = _pilot_with_decision(name, "GO", "approval")
+    with session_scope() as s:
+        assert s.scalar(select(Pilot.spec_version)) == 2
+    alice, bob = Identity("alice", "approver", "cli-password"), Identity("bob", "approver", "cli-password")
+    with pytest.raises(approvals.ApprovalError, match=r"spec version 2, in which alice loosened the gate"):
+        approvals.approve(did, alice, "looks fine")
+    with session_scope() as s:
+        assert s.scalar(select(func.count()).select_from(Approval)) == 0
+    assert approvals.approve(did, bob, "pilot evidence reviewed").took_effect

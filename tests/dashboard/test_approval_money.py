@@ -1,0 +1,81 @@
+"""The Approvals page, where a promotion is signed, showed no money: "The gate recommends: approve" on a
+plan whose own ROI says it costs $35/month more, and on one whose $1,840/month was timed on a busy host
+(review s46 D3). Each card now carries the portfolio's figures and caveats (`queries.roi_summary`).
+Seeded portfolio (tests.fixtures.dashboard), a GO awaiting approval added on support-chat."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import func, select
+
+from tests.dashboard.apptest_helpers import new_app, open_page
+
+
+def _cards(at: Any) -> dict[str, str]:
+    """Each card's text (subheader to the next), by use case, from the page's elements in order."""
+    out: dict[str, str] = {}
+    name = None
+    for el in at.main:
+        for node in _walk(el):
+            kind = getattr(node, "type", "")
+            value = getattr(node, "value", None)
+            if kind == "subheader" and "waiting for" in str(value):
+                name = str(value).split(": ")[0].split(" ", 1)[1]
+                out[name] = ""
+            elif name is not None and kind == "metric":
+                out[name] += f"\n{node.label}: {node.value}"
+            elif name is not None and isinstance(value, str):
+                out[name] += "\n" + value.replace("\\", "")  # markdown escapes (fmt.plain) off
+    return out
+
+
+def _walk(node: Any) -> Any:
+    yield node
+    for child in getattr(node, "children", {}).values():
+        yield from _walk(child)
+
+
+def test_each_approval_card_shows_what_the_promotion_is_worth(seeded: dict[str, Any]) -> None:
+    from rollout.db.models import EvaluationRun, GateDecision, ModelVersion, Pilot, PilotStep, UseCase
+    from rollout.db.session import session_scope
+    from tests.fixtures.dashboard import evidence
+
+    with session_scope() as s:
+        cs = s.scalar(select(UseCase).where(UseCase.name == "contract-summarisation"))
+        last = s.scalar(select(func.max(EvaluationRun.id)).where(EvaluationRun.use_case_id == cs.id))
+        run = s.get(EvaluationRun, last)
+        run.roi = {**run.roi, "timing_host": {"prefill": {"pairs_timed": 3, "pairs_kept_under_overload": 3}}}
+        sc = s.scalar(select(UseCase).where(UseCase.name == "support-chat"))  # ROI -$35 [-$80, $10]
+        mv = s.scalar(select(ModelVersion).where(ModelVersion.use_case_id == sc.id))
+        p = Pilot(use_case_id=sc.id, model_version_id=mv.id, salt="x", status="running", pilot_number=1)
+        s.add(p)
+        s.flush()
+        step = PilotStep(pilot_id=p.id, index=0, kind="split", traffic_pct=50.0, min_samples=50)
+        s.add(step)
+        s.flush()
+        sc.phase = "awaiting_approval"
+        s.add(
+            GateDecision(
+                idempotency_key="go-sc",
+                use_case_id=sc.id,
+                pilot_id=p.id,
+                pilot_step_id=step.id,
+                look_index=1,
+                outcome="GO",
+                awaiting="approval",
+                evidence=evidence(0.0, -0.01, 0.01, 300, "GO"),
+                explanation="support-chat: treatment quality is within the margin; GO.",
+                data_fingerprint="a" * 64,
+            )
+        )
+    at = new_app()
+    open_page(at, "approvals")
+    cards = _cards(at)
+    chat, contract = cards["support-chat"], cards["contract-summarisation"]
+    assert "$/month saved: -$35" in chat and "interval -$80 to $10" in chat
+    assert "no saving is established: no saving expected (-$35/month, at best $10)" in chat
+    assert "Payback: -" in chat  # no payback claimed for a plan that saves nothing
+    assert "$/month saved: $1,840" in contract and "interval $1,500 to $2,150" in contract
+    assert "measured under overload: 3 of 3 timed pairs" in contract
+    assert "no saving is established" not in contract

@@ -1,0 +1,86 @@
+"""The portfolio's headline and chart against its own rows (review s46 D6, D7, D8): a dense plan's timing
+noise counted as an established saving with a payback; an override's first signature missing from
+"Waiting for approval"; stopped use cases plotted as expected savings. Seeded portfolio
+(tests.fixtures.dashboard), changed through `rollout.approvals` and the ORM as the flows record runs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import func, select
+
+from tests.dashboard.apptest_helpers import new_app
+
+
+def _rows() -> dict[str, dict[str, Any]]:
+    from rollout import queries
+
+    return {r["name"]: r for r in queries.read(queries.portfolio)}
+
+
+def test_a_dense_plans_timing_noise_is_no_established_saving(seeded: dict[str, Any]) -> None:
+    from rollout import queries
+    from rollout.db.models import EvaluationRun, UseCase
+    from rollout.db.session import session_scope
+
+    before = queries.read(queries.portfolio_totals)
+    with session_scope() as s:  # support-chat's plan keeps every block; 3 noisy rounds said 1.03x
+        uc = s.scalar(select(UseCase).where(UseCase.name == "support-chat"))
+        last = s.scalar(select(func.max(EvaluationRun.id)).where(EvaluationRun.use_case_id == uc.id))
+        run = s.get(EvaluationRun, last)
+        run.density, run.roi = 1.0, {**run.roi, "decode": {"status": "dense"}}
+        run.savings_month_usd, run.savings_month_low, run.savings_month_high = 155.0, 53.0, 253.0
+        run.payback_days = 393.7
+    row = _rows()["support-chat"]
+    assert row["waits_for"] == "no pilot: the plan keeps 100.00% of blocks (as dense)"
+    assert row["payback_days"] is None
+    after = queries.read(queries.portfolio_totals)
+    assert after["established"] == before["established"]
+    assert after["savings_month_usd"] == before["savings_month_usd"]
+
+
+def test_waiting_for_approval_counts_every_approvals_card(seeded: dict[str, Any]) -> None:
+    from rollout import approvals, queries
+    from rollout.auth import Identity
+
+    r = approvals.approve(
+        seeded["document-qa:decision"],
+        Identity("alice", "approver", "local-account"),
+        "ship it",
+        reject=False,
+    )
+    assert r.needs_second_approver  # promoting on an EXTEND: an override's first signature
+    assert _rows()["document-qa"]["waits_for"] == "a second approver"
+    cards = queries.read(queries.pending_decisions)
+    assert len(cards) == 2
+    assert queries.read(queries.portfolio_totals)["pending_approvals"] == len(cards)
+    at = new_app()
+    assert {m.label: m.value for m in at.metric}["Waiting for approval"] == "2"
+
+
+def test_stopped_use_cases_are_not_plotted_as_expected_savings(seeded: dict[str, Any]) -> None:
+    from rollout.db.models import UseCase
+    from rollout.db.session import session_scope
+
+    with session_scope() as s:
+        uc = s.scalar(select(UseCase).where(UseCase.name == "document-qa"))
+        uc.phase = "stopped"
+    at = new_app()
+    (chart,) = at.get("vega_lite_chart")
+    spec = str(chart.proto)  # the spec and its data
+    assert "contract-summarisation" in spec and "document-qa" not in spec
+    assert "$1,840" in spec  # the tooltip's dollars formatted, not 1840.0
+
+
+def test_the_headline_says_when_nothing_is_established(seeded: dict[str, Any]) -> None:
+    """D11: "0 use cases, interval - to -" when no saving was established."""
+    from rollout.db.models import EvaluationRun
+    from rollout.db.session import session_scope
+
+    with session_scope() as s:
+        for run in s.scalars(select(EvaluationRun)):
+            run.savings_month_low = -1.0
+    at = new_app()
+    captions = [c.value for c in at.caption]
+    assert any(c.startswith("no use case has an established saving yet; apart: ") for c in captions), captions
+    assert not any("interval - to -" in c for c in captions)

@@ -1,0 +1,41 @@
+"""The scheduled cycle (`sparsepilot serve`'s use-case-cycle) piloted a plan the portfolio said was not
+piloted ("no pilot: the plan keeps 100.00% of blocks (as dense)"): a dense-vs-dense pilot heading to a
+GO. It now asks the rule the pilot obeys (rollout.pilot_batches.pilot_skip) and says why it pilots
+nothing. Real flows on the tiny model (calibrate, evaluate, the cycle under a real Prefect server)."""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select
+
+from tests.fixtures.flows import QUICK_CAL, QUICK_EVAL, price_evaluation
+
+
+def test_the_cycle_does_not_pilot_what_the_portfolio_says_is_not_piloted(flow_use_case) -> None:  # noqa: ANN001
+    from flows.calibrate import calibrate_flow
+    from flows.cycle import cycle_flow
+    from flows.evaluate import evaluate_flow
+    from rollout import queries
+    from rollout.db.models import Observation, Pilot, UseCase
+    from rollout.db.session import session_scope
+
+    name = flow_use_case()
+    calibrate_flow(name, limits=QUICK_CAL)
+    evaluate_flow(name, suite=QUICK_EVAL)
+    # what real flows on the tiny model measured (review s46 D13): a plan keeping every block
+    price_evaluation(
+        name, density=1.0, savings_month_usd=-25.4, savings_month_low=-148.8, savings_month_high=25.2
+    )
+    row = next(r for r in queries.read(queries.portfolio) if r["name"] == name)
+    assert row["phase"] == "evaluated"
+    assert row["waits_for"] == "no pilot: the plan keeps 100.00% of blocks (as dense)"
+
+    out = cycle_flow(name, batches=1)
+    assert "pilot" not in out and "gate" not in out, out
+    assert out["pilot_skipped"].startswith("the plan keeps 100.00% of blocks (as dense)"), out
+    assert out["phase_after"] == "evaluated"
+    with session_scope() as s:
+        uc = s.scalar(select(UseCase).where(UseCase.name == name))
+        assert s.scalar(select(func.count()).select_from(Pilot).where(Pilot.use_case_id == uc.id)) == 0
+        assert s.scalar(select(func.count()).select_from(Observation)) == 0
+    row = next(r for r in queries.read(queries.portfolio) if r["name"] == name)
+    assert row["waits_for"] == "no pilot: the plan keeps 100.00% of blocks (as dense)"  # still true

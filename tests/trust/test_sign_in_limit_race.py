@@ -1,0 +1,124 @@
+"""The failed-sign-in limit holds under concurrency (review s46 A4/C3): N attempts on one account name
+that start at the same instant, in threads (the dashboard's sessions) or in processes (the CLI and
+other dashboards), check at most `auth.MAX_FAILURES` passwords in the window; the rest are refused
+before any password work. Before, every attempt read the count before any failure was written, so all
+N passwords were checked (12 of 12 on PostgreSQL), and on SQLite most failures were not even counted."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import threading
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from rollout import auth
+from rollout.db.models import AuditEntry
+from rollout.db.session import session_scope
+
+N = 10
+
+
+def _failed_rows(name: str) -> int:
+    with session_scope() as s:
+        return len(
+            s.scalars(
+                select(AuditEntry.id).where(
+                    AuditEntry.action == auth.SIGN_IN_FAILED, AuditEntry.entity_id == name
+                )
+            ).all()
+        )
+
+
+def _outcome(fn) -> str:  # noqa: ANN001
+    try:
+        return "checked: signed in" if fn() is not None else "checked: wrong"
+    except auth.TooManyAttempts:
+        return "refused"
+    except Exception as exc:  # noqa: BLE001 - reported in the assertion
+        return f"{type(exc).__name__}: {exc}"
+
+
+def test_concurrent_threads_check_at_most_the_limit(trust_db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    checks: list[str] = []
+    real = auth.verify_password
+    monkeypatch.setattr(auth, "verify_password", lambda pw, h: checks.append(pw) or real(pw, h))
+    barrier = threading.Barrier(N)
+    results: list[str] = []
+
+    def attempt(i: int) -> None:
+        barrier.wait()
+        results.append(_outcome(lambda: auth.sign_in("alice", f"wrong-{i}", via="test")))
+
+    threads = [threading.Thread(target=attempt, args=(i,)) for i in range(N)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    counts = Counter(results)
+    assert counts == {"checked: wrong": auth.MAX_FAILURES, "refused": N - auth.MAX_FAILURES}, counts
+    assert len(checks) == auth.MAX_FAILURES
+    assert _failed_rows("alice") == auth.MAX_FAILURES  # every check that failed is counted
+    assert _outcome(lambda: auth.sign_in("alice", "alice-password", via="test")) == "refused"
+
+
+def test_a_success_in_the_crowd_is_not_a_failure(trust_db: str) -> None:
+    """Turns do not change what counts: a right password among wrong ones signs in and writes no row."""
+    barrier = threading.Barrier(4)
+    results: dict[str, str] = {}
+
+    def attempt(pw: str) -> None:
+        barrier.wait()
+        results[pw] = _outcome(lambda: auth.sign_in("bob", pw, via="test"))
+
+    pws = ["bob-password", "wrong-1", "wrong-2", "wrong-3"]
+    threads = [threading.Thread(target=attempt, args=(pw,)) for pw in pws]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert results == {"bob-password": "checked: signed in"} | {p: "checked: wrong" for p in pws[1:]}
+    assert _failed_rows("bob") == 3
+
+
+def _attempt_in_process(env: dict[str, str], guess: str, barrier, queue) -> None:  # noqa: ANN001
+    os.environ.update(env)
+    from rollout import auth as proc_auth
+    from rollout.db.session import session_scope as scope
+
+    with scope() as s:  # connected before the start, so the attempts really start together
+        s.execute(__import__("sqlalchemy").text("SELECT 1"))
+    barrier.wait()
+    queue.put(_outcome(lambda: proc_auth.sign_in("alice", guess, via="test")))
+
+
+@pytest.mark.parametrize("db", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_concurrent_processes_check_at_most_the_limit(db: str, trust_env, request, tmp_path: Path) -> None:  # noqa: ANN001
+    url = trust_env.database_url
+    if db == "postgres":
+        from rollout.db import migrate
+
+        url = request.getfixturevalue("pg_url")
+        migrate.upgrade(url)
+    env = {
+        k: v for k, v in os.environ.items() if k.startswith(("SPARSEPILOT_", "PYTHON", "HF_", "MLFLOW_"))
+    } | {"SPARSEPILOT_DATABASE_URL": url}
+    ctx = mp.get_context("spawn")
+    n = 8
+    barrier, queue = ctx.Barrier(n), ctx.Queue()
+    procs = [
+        ctx.Process(target=_attempt_in_process, args=(env, f"wrong-{i}", barrier, queue)) for i in range(n)
+    ]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=300) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    counts = Counter(results)
+    assert counts == {"checked: wrong": auth.MAX_FAILURES, "refused": n - auth.MAX_FAILURES}, counts
+    with session_scope(url) as s:
+        rows = s.scalars(select(AuditEntry.id).where(AuditEntry.action == auth.SIGN_IN_FAILED)).all()
+    assert len(rows) == auth.MAX_FAILURES
