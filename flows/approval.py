@@ -24,11 +24,11 @@ import time
 import uuid
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 
-from flows.common import flow_run_id, flow_task
+from flows.common import flow_run_id, flow_task, sparsepilot_flow
 from rollout import approval_runs
 from rollout.approvals import ApprovalPayload
 from sparse_core.errors import SparsePilotError
@@ -83,7 +83,7 @@ def clear_run(decision_id: int, run_id: str) -> None:
     approval_runs.clear(decision_id, run_id)
 
 
-@flow(name="approval", log_prints=True)
+@sparsepilot_flow("approval")
 def approval_flow(
     decision_id: int, timeout_s: int = DEFAULT_TIMEOUT_S, poll_interval_s: int = 2
 ) -> dict[str, Any]:

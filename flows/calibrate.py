@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 
 from flows.common import (
     UseCaseContext,
@@ -22,6 +22,7 @@ from flows.common import (
     log_run,
     mark_not_recorded,
     remember_plan,
+    sparsepilot_flow,
     stable_key,
     under_lease,
 )
@@ -316,7 +317,7 @@ def _task_metrics(task: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-@flow(name="calibrate", log_prints=True)
+@sparsepilot_flow("calibrate")
 @under_lease("calibrate")
 def calibrate_flow(
     use_case: str, quick: bool = False, limits: dict[str, Any] | None = None

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prefect import task
+from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from rollout.redact import redact
+from rollout.redact import redact, redact_log_records, redacted_exception
 from rollout.settings import configure_environment
 
 _MODEL_LOCK = threading.RLock()
@@ -28,14 +28,58 @@ _MODELS: dict[str, tuple[Any, Any]] = {}
 def flow_task(name: str, *, retries: int = 2) -> Any:
     """The flows' task decorator: never cached (every task reads or writes state, and its idempotency
     key, not Prefect's cache, makes a retry safe), retried `retries` times one second apart, except
-    where a retry cannot help (`_worth_retrying`)."""
-    return task(
+    where a retry cannot help (`_worth_retrying`). An error's text reaches Prefect redacted
+    (`secrets_redacted`)."""
+    as_task = task(
         cache_policy=NO_CACHE,
         name=name,
         retries=retries,
         retry_delay_seconds=1,
         retry_condition_fn=_worth_retrying,
     )
+    return lambda fn: as_task(secrets_redacted(fn))
+
+
+def sparsepilot_flow(name: str) -> Callable[[Callable[..., Any]], Any]:
+    """The flows' flow decorator: Prefect's ``@flow`` (printed lines logged), its logs and its error's
+    text redacted (`secrets_redacted`)."""
+    return lambda fn: flow(name=name, log_prints=True)(secrets_redacted(fn))
+
+
+def secrets_redacted(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn` as a flow's or task's body that hands Prefect no secret: Prefect's log handlers redact every
+    record (`redact_prefect_logs`; in a worker's flow-run process too, which has no CLI set-up), and an
+    error whose text holds one (MLflow's "API request to http://user:password@host/... failed") is
+    raised again with its text redacted (`rollout.redact.redacted_exception`, same type), the original
+    as its cause. Prefect stores the text of the error a run raised as the run's state message, in its
+    database and UI, and pickles the error as the flow's result, which keeps no cause."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        redact_prefect_logs()
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            clean = redacted_exception(exc)
+            if clean is None:
+                raise
+            raise clean from exc
+
+    return run
+
+
+def redact_prefect_logs() -> None:
+    """Every handler of Prefect's logging set-up redacts what it writes (`rollout.redact.RedactingFilter`):
+    the console handler on the root logger, the API log handler of the flow- and task-run loggers (the
+    Prefect UI's logs), and any other handler on a `prefect` logger. Idempotent; cheap enough to run at
+    the start of every flow and task run, after whatever set Prefect's logging up again."""
+    manager = logging.Logger.manager
+    loggers = [logging.getLogger()] + [
+        lg
+        for name, lg in list(manager.loggerDict.items())
+        if isinstance(lg, logging.Logger) and (name == "prefect" or name.startswith("prefect."))
+    ]
+    redact_log_records(h for lg in loggers for h in lg.handlers if type(h).__module__.startswith("prefect."))
 
 
 def _worth_retrying(_task: Any, _task_run: Any, state: Any) -> bool:

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 
+from flows.common import sparsepilot_flow
 from rollout import approval_runs, decisions, leases, lifecycle, pilot_batches, runs
 from rollout.usecases import phase_of
 
@@ -29,7 +30,7 @@ def request_approval_run(decision_id: int) -> str | None:
     return str(fr.id)
 
 
-@flow(name="use-case-cycle", log_prints=True)
+@sparsepilot_flow("use-case-cycle")
 def cycle_flow(use_case: str, batches: int = 1) -> dict[str, Any]:
     """One tick of the use case's schedule, under its lease (rollout.leases): a tick that finds the use
     case busy (the previous cycle still running, or someone's manual run) does nothing and says who

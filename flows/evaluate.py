@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 
 from flows.common import (
     UseCaseContext,
@@ -18,6 +18,7 @@ from flows.common import (
     load_context,
     log_run,
     mark_not_recorded,
+    sparsepilot_flow,
     stable_key,
     under_lease,
     version_plan,
@@ -194,7 +195,7 @@ def mark_failed(run_pk: int, error: str) -> None:
     runs.evaluation_failed(run_pk, error)
 
 
-@flow(name="evaluate", log_prints=True)
+@sparsepilot_flow("evaluate")
 @under_lease("evaluate")
 def evaluate_flow(use_case: str, quick: bool = False, suite: dict[str, Any] | None = None) -> dict[str, Any]:
     from rollout.settings import get_settings

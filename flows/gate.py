@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 
-from flows.common import catch_up_logs, flow_task, load_context, log_run, under_lease
+from flows.common import catch_up_logs, flow_task, load_context, log_run, sparsepilot_flow, under_lease
 from rollout import decisions, pilot_batches, run_links, tracking
 from sparse_core.errors import SparsePilotError
 
@@ -86,7 +86,7 @@ def log_decision(use_case: str, summary: dict[str, Any]) -> str:
     )
 
 
-@flow(name="gate", log_prints=True)
+@sparsepilot_flow("gate")
 @under_lease("gate")
 def gate_flow(use_case: str, promote_after_step: int | None = None) -> dict[str, Any]:
     """Decide the current step. `promote_after_step` ends a short pilot early (the main job runs shadow +

@@ -13,9 +13,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 
-from flows.common import catch_up_logs, flow_task, load_context, log_run, stable_key, under_lease
+from flows.common import (
+    catch_up_logs,
+    flow_task,
+    load_context,
+    log_run,
+    sparsepilot_flow,
+    stable_key,
+    under_lease,
+)
 from rollout import audit, decisions, pilot_batches, run_links, tracking
 
 
@@ -47,7 +55,7 @@ def decide_monitor(
     return decisions.monitor_look(use_case, info, rows, check, batch_id)
 
 
-@flow(name="monitor", log_prints=True)
+@sparsepilot_flow("monitor")
 @under_lease("monitor")
 def monitor_flow(
     use_case: str,

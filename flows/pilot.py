@@ -15,7 +15,7 @@ import math
 import uuid
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 
 from flows.arms import answer_with_arms
 from flows.common import (
@@ -25,6 +25,7 @@ from flows.common import (
     flow_task,
     load_context,
     log_run,
+    sparsepilot_flow,
     stable_key,
     under_lease,
 )
@@ -264,7 +265,7 @@ def batch_id_for(step_id: int, rows_or_ids: list[str]) -> str:
     return f"b-{step_id}-{stable_key(step_id, sorted(rows_or_ids))[:24]}"
 
 
-@flow(name="pilot", log_prints=True)
+@sparsepilot_flow("pilot")
 @under_lease("pilot")
 def pilot_flow(
     use_case: str,

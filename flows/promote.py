@@ -9,9 +9,9 @@ import datetime as dt
 import logging
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 
-from flows.common import flow_task, log_run
+from flows.common import flow_task, log_run, sparsepilot_flow
 from rollout import audit, decisions
 from rollout.unfinished import APPLY_GRACE as RULE_GRACE
 
@@ -68,7 +68,7 @@ def log_alias_event(decision_id: int, result: dict[str, Any], action: str, actor
     )
 
 
-@flow(name="promote", log_prints=True)
+@sparsepilot_flow("promote")
 def promote_flow(decision_id: int, approval_id: int, reason: str, actor: str = "") -> dict[str, Any]:
     result = promote_task(decision_id, approval_id, reason)
     log_alias_event(decision_id, result, "promote", actor)
@@ -76,12 +76,12 @@ def promote_flow(decision_id: int, approval_id: int, reason: str, actor: str = "
     return result
 
 
-@flow(name="reject", log_prints=True)
+@sparsepilot_flow("reject")
 def reject_flow(decision_id: int, approval_id: int, reason: str, actor: str = "") -> dict[str, Any]:
     return reject_task(decision_id, approval_id, reason)
 
 
-@flow(name="continue-ramp", log_prints=True)
+@sparsepilot_flow("continue-ramp")
 def continue_flow(decision_id: int, approval_id: int, reason: str, actor: str = "") -> dict[str, Any]:
     """A person continued the ramp from a GO before the plan's last step: the pilot runs at its next
     step (done when they signed, rollout.approvals; this reports where)."""
@@ -92,13 +92,13 @@ def continue_flow(decision_id: int, approval_id: int, reason: str, actor: str = 
     return result
 
 
-@flow(name="keep", log_prints=True)
+@sparsepilot_flow("keep")
 def keep_flow(decision_id: int, approval_id: int, reason: str, actor: str = "") -> dict[str, Any]:
     """A person kept the champion through the monitor's alarm: promoted again, the monitor resumes."""
     return keep_task(decision_id, approval_id, reason)
 
 
-@flow(name="rollback", log_prints=True)
+@sparsepilot_flow("rollback")
 def rollback_flow(
     decision_id: int,
     approval_id: int | None = None,

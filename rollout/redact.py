@@ -1,9 +1,13 @@
 """Secrets never reach a message: passwords in URLs, bearer tokens, password hashes and our own
-session tokens are replaced before text is printed, logged or shown on the dashboard."""
+session tokens are replaced before text is printed, logged or shown on the dashboard. `RedactingFilter`
+does it for every log record a handler it sits on writes (message and traceback); `redacted_exception`
+for an exception's text, before an orchestrator stores it as a run's state message."""
 
 from __future__ import annotations
 
+import logging
 import re
+from collections.abc import Iterable
 
 MASK = "***"
 
@@ -64,3 +68,60 @@ def redact(text: object) -> str:
     s = _SESSION_TOKEN.sub(f"sp1.{MASK}", s)
     s = _KEY_VALUE.sub(lambda m: f"{m['head']}{m['quote']}{MASK}", s)
     return s
+
+
+class RedactingFilter(logging.Filter):
+    """On a log handler: the record it writes is redacted, its message (arguments filled in), its
+    traceback (`exc_text`, formatted here as `logging.Formatter` does, the chained causes with it) and
+    its stack. The record is changed in place, so the handlers after this one get the redacted text too;
+    nothing is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a bad format string: the handler reports it as usual
+            return True
+        record.msg, record.args = redact(message), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info)
+        return True
+
+
+def redact_log_records(handlers: Iterable[logging.Handler]) -> None:
+    """Give each handler a `RedactingFilter`, once."""
+    for handler in handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
+
+
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def redacted_exception(exc: Exception) -> Exception | None:
+    """None when ``str(exc)`` holds no secret. Otherwise an exception of the same type whose text is
+    redacted (its plain attributes copied, strings redacted: MLflow's `message`, `error_code`), or, for
+    a type that cannot be made to show exactly the redacted text, a RuntimeError saying
+    ``<type>: <redacted text>``. The caller raises it ``from exc``: a traceback shows the original as its
+    cause (logs redact it), while a pickled exception (a flow's stored result) keeps no cause."""
+    text = str(exc)
+    clean = redact(text)
+    if clean == text:
+        return None
+    cls = type(exc)
+    for make in (lambda: cls(clean), lambda: cls.__new__(cls, clean)):
+        try:
+            new = make()
+            new.args = (clean,)
+            for key, value in vars(exc).items():
+                if isinstance(value, _PLAIN):
+                    setattr(new, key, redact(value) if isinstance(value, str) else value)
+            shown = str(new)
+        except Exception:  # noqa: BLE001, S112 - a type that needs more than a message: the next way
+            continue
+        if shown == clean:
+            return new
+    return RuntimeError(f"{cls.__name__}: {clean}")

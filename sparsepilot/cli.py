@@ -6,10 +6,13 @@ import heavy libraries lazily, so `sparsepilot --help` stays fast.
 Errors: any `SparsePilotError` (sparse_core/errors.py; rollout's and flows' errors subclass it) that
 a command lets through becomes `error: <message>` and exit code 2 here, in one place; so does a usage
 mistake Click finds (a bad option value, a missing option, an unknown option or command), with the
-command's `--help` to see, instead of Click's boxed usage panel."""
+command's `--help` to see, instead of Click's boxed usage panel. Any other error is Python's traceback,
+its causes with it, redacted (`rollout.redact`: an MLflow URL's password)."""
 
 from __future__ import annotations
 
+import sys
+import traceback
 from typing import Any
 
 import typer
@@ -50,6 +53,14 @@ app.add_typer(audit.app, name="audit")
 app.add_typer(bench.app, name="bench")
 
 
+def _print_redacted_traceback(exc: BaseException) -> None:
+    """The traceback Python prints for an error no command handled, its causes with it, redacted."""
+    from rollout.redact import redact
+
+    sys.stderr.write(redact("".join(traceback.format_exception(exc))))
+    sys.stderr.flush()
+
+
 def main() -> None:
     from rollout.settings import SettingsError, configure_environment
 
@@ -60,7 +71,11 @@ def main() -> None:
             fail(str(exc))
         except typer.Exit as stop:
             raise SystemExit(stop.exit_code) from None
-    app()
+    try:
+        app()
+    except Exception as exc:  # what Python would do (traceback, exit 1), without a secret in it
+        _print_redacted_traceback(exc)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ import logging
 import os
 from pathlib import Path
 
+from rollout.redact import redact_log_records
+
 THIRD_PARTY = (
     "alembic",
     "great_expectations",
@@ -62,6 +64,8 @@ def to_log_file(home: Path, command: str, *, flows: bool = True, streamlit: bool
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter(FORMAT))
     handler.setLevel(logging.INFO)
+    # no secret in the file: a record's message and traceback redacted (an MLflow URL's password)
+    redact_log_records([handler])
     logging.captureWarnings(True)  # warnings.warn -> the "py.warnings" logger
     # sparsepilot.progress: the lines a command also prints itself; the file only (through the root
     # logger, Prefect's console handler printed each one a second time)
@@ -140,12 +144,17 @@ def _prefect_services() -> list[str]:
 
 def _quiet_prefect_console() -> None:
     """Give Prefect's console handler (on the root logger, set up when Prefect's main module is first
-    imported) the `_KnownErrorTraceback` and `_PrefectChatter` filters, once."""
+    imported) the `_KnownErrorTraceback` and `_PrefectChatter` filters, once; and every Prefect handler
+    (console, API logs) the redacting filter (`flows.common.redact_prefect_logs`, which each flow and
+    task run applies again)."""
     try:
         import prefect.main  # noqa: F401 - sets up Prefect's logging, its console handler with it
         from prefect.logging.handlers import PrefectConsoleHandler
+
+        from flows.common import redact_prefect_logs
     except ImportError:  # a machine with only the model stack (a GPU box for `bench`): no flows
         return
+    redact_prefect_logs()
     for h in logging.getLogger().handlers:
         if isinstance(h, PrefectConsoleHandler):
             for kind in (_KnownErrorTraceback, _PrefectChatter):
