@@ -14,6 +14,7 @@ import yaml
 
 from tests.fixtures.env import fresh_cli_env
 from tests.fixtures.flows import tiny_spec
+from tests.fixtures.trust import sparsepilot_as
 
 NOISE = re.compile(
     r"Warning:|WARNING|warnings\.warn|Loading (checkpoint|weights)|it/s\]|s/it\]|Traceback"
@@ -78,38 +79,25 @@ def test_run_prints_stage_lines_and_keeps_library_noise_in_the_log(
 
 
 def test_a_flow_command_refused_by_a_known_error_says_it_in_one_line(
-    prefect_harness: str, tmp_path: Path
+    prefect_harness: str, tiny_model_dir: Path, trust_accounts: str, tmp_path: Path
 ) -> None:
-    """A SparsePilot error raised inside a flow (here an unknown use case; a busy use case, bad input
-    and a lost lease alike): the console has the flow run's state line and the command's `error:` line,
-    exit 2, not Prefect's traceback (~30 lines before); the traceback is in the log file, with the flow
-    run's other records (which a Prefect logging set-up after the file's had kept out of it)."""
+    """A SparsePilot error raised inside a flow (here a gate look with no pilot; a busy use case, bad
+    input and a lost lease alike), against a configured Prefect server: the console has the flow run's
+    state line and the command's `error:` line, exit 2, not Prefect's traceback (~30 lines before); the
+    traceback is in the log file, with the flow run's other records (which a Prefect logging set-up after
+    the file's had kept out of it). (An unknown use case is refused before any flow starts now.)"""
     home = tmp_path / "home"
-    env = {**os.environ, "SPARSEPILOT_HOME": str(home), "PREFECT_API_URL": prefect_harness, "COLUMNS": "160"}
-    for key in ("SPARSEPILOT_DATABASE_URL", "MLFLOW_TRACKING_URI"):
-        env.pop(key, None)
+    env = {**fresh_cli_env(home, trust_accounts, COLUMNS="160"), "PREFECT_API_URL": prefect_harness}
     subprocess.run([sys.executable, "-m", "sparsepilot", "init"], env=env, check=True, capture_output=True)
-    rc, out = sparsepilot_cli(["calibrate", "no-such-use-case"], env)
+    spec = tmp_path / "tiny-chat.yaml"
+    spec.write_text(yaml.safe_dump(tiny_spec(tiny_model_dir, "tiny-chat")))
+    assert sparsepilot_as(["usecase", "add", str(spec)], env, "olga")[0] == 0
+    rc, out = sparsepilot_as(["gate", "tiny-chat"], env, "olga")
     assert rc == 2, out
-    assert "error: unknown use case 'no-such-use-case' (known: none yet)" in out
+    assert "error: tiny-chat: no active pilot" in out
+    assert "Flow run" in out and "Finished in state Failed" in out, out
     assert "Traceback" not in out and "Encountered exception" not in out, out
     log = Path(re.search(r"log file \(warnings and library output\): (\S+)", out).group(1)).read_text()
-    assert "ERROR prefect.flow_runs: Encountered exception during execution: UnknownUseCase" in log
+    assert "ERROR prefect.flow_runs: Encountered exception during execution: GateError" in log
     assert "Traceback" in log and "INFO prefect.flow_runs: Beginning flow run" in log
-
-
-def test_a_flow_commands_own_prefect_server_is_told_in_the_log_not_on_the_console(tmp_path: Path) -> None:
-    """On embedded defaults (no Prefect API configured) a flow command starts a temporary Prefect server,
-    and Prefect said so at the console: "Starting temporary server on http://127.0.0.1:8444 / See
-    https://www.prefect.io/docs/v3/concepts/server#how-to-guides for more information on running a
-    dedicated Prefect server." and "Stopping temporary server". Those lines go to the log file now; the
-    flow run's own lines stay on the console. A real process, as a user runs it."""
-    home = tmp_path / "home"
-    env = fresh_cli_env(home, COLUMNS="160")
-    subprocess.run([sys.executable, "-m", "sparsepilot", "init"], env=env, check=True, capture_output=True)
-    rc, out = sparsepilot_cli(["calibrate", "no-such-use-case"], env)
-    assert rc == 2 and "error: unknown use case 'no-such-use-case'" in out, out
-    assert "Flow run" in out and "Finished in state Failed" in out, out
-    assert "temporary server" not in out and "prefect.io/docs" not in out, out
-    log = Path(re.search(r"log file \(warnings and library output\): (\S+)", out).group(1)).read_text()
-    assert "INFO prefect: Starting temporary server on http://127.0.0.1:" in log, log
+    assert "temporary server" not in log  # the configured server answered

@@ -33,6 +33,8 @@ def test_the_pipeline_commands_keep_prefects_chatter_and_tracebacks_in_their_log
     # a flow that stops on a SparsePilot error: the console has the flow's state line and `error:`
     rc, out = sparsepilot_as(["gate", "tiny-chat"], env, "olga")
     assert rc == 2 and "error: tiny-chat: no active pilot" in out, out
+    assert "Flow run" in out and "Finished in state Failed" in out, out  # the flow's own lines stay
+    # the command's own temporary Prefect server is told in the log, not on the console
     assert "temporary server" not in out and "prefect.io/docs" not in out, out
     assert "Traceback" not in out and "Encountered exception" not in out, out
     log = Path(LOG_LINE.search(out).group(1))
