@@ -521,7 +521,7 @@ def test_a_gate_loosened_then_tightened_back_is_no_loosening(
     # the next pilot runs under v4, whose gate bob brought all the way back to v1's... but the pilot
     # above, under v3, was promoted: v3 is now what was accepted, and v4 is tighter than it
     assert _new_version(*args, "bob", margin=0.2, alpha=0.05, description="back to v1's gate") == 4
-    again = _pilot_with_decision(name, "GO", "approval", key="back")
+    again = _pilot_with_decision(name, "GO", "approval", key="back", tau=0.8)
     assert approvals.approve(again, alice, "looks fine").took_effect
 
 
@@ -543,10 +543,10 @@ def test_a_loosened_gate_once_accepted_is_the_new_baseline(
     first = _pilot_with_decision(name, "GO", "approval", key="first")
     assert approvals.approve(first, bob, "reviewed").took_effect
     assert _new_version(*args, "bob", margin=0.5, description="reworded") == 3
-    second = _pilot_with_decision(name, "GO", "approval", key="second")
+    second = _pilot_with_decision(name, "GO", "approval", key="second", tau=0.8)
     assert approvals.approve(second, alice, "the second pilot passed").took_effect
     assert _new_version(*args, "carol", margin=0.6, description="reworded") == 4
-    third = _pilot_with_decision(name, "GO", "approval", key="third")
+    third = _pilot_with_decision(name, "GO", "approval", key="third", tau=0.7)
     with pytest.raises(
         approvals.ApprovalError,
         match=r"than spec version 3's \(the version pilot \d+ ran "
