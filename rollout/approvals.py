@@ -14,6 +14,9 @@ server process; the CLI in the caller's, see rollout.auth):
   alias, so it is carried out in the signing transaction (the decision is resolved "continued" with the
   pilot already running at the next step, never one without the other); a paused approval run is then
   resumed only to end (`apply_continue` finds it done);
+- a GO judged under a gate looser (a larger non-inferiority margin or alpha) than the last accepted one
+  (`accepted_baseline`: the spec version of the use case's last promoted or approved pilot, else 1) is
+  not approved by anyone who loosened it in a version since (`gate_loosened`); another approver signs;
 - signing is atomic: the decision is read and signed under a write lock (SQLite ``BEGIN IMMEDIATE``,
   PostgreSQL ``SELECT ... FOR UPDATE``), so of two approvers acting at once exactly one signs and the
   other is told who already did;
