@@ -14,6 +14,9 @@ server process; the CLI in the caller's, see rollout.auth):
   alias, so it is carried out in the signing transaction (the decision is resolved "continued" with the
   pilot already running at the next step, never one without the other); a paused approval run is then
   resumed only to end (`apply_continue` finds it done);
+- a GO judged under a gate looser (a larger non-inferiority margin or alpha) than the last accepted one
+  (`accepted_baseline`: the spec version of the use case's last promoted or approved pilot, else 1) is
+  not approved by anyone who loosened it in a version since (`gate_loosened`); another approver signs;
 - signing is atomic: the decision is read and signed under a write lock (SQLite ``BEGIN IMMEDIATE``,
   PostgreSQL ``SELECT ... FOR UPDATE``), so of two approvers acting at once exactly one signs and the
   other is told who already did;
@@ -409,48 +412,129 @@ def counting_signatures(
     return counting, lapsed
 
 
-def gate_loosened(session: Any, d: GateDecision) -> tuple[str, list[str]] | None:
-    """(who, [changes]) when the spec version ``d``'s pilot ran under loosened its gate against the
-    version before it (a larger non-inferiority margin or alpha: a GO comes easier), else None."""
+# the gate settings a GO comes easier under when they grow (spec key, label, default when absent)
+_LOOSER_WHEN_LARGER = (("non_inferiority_margin", "margin", None), ("alpha", "alpha", 0.05))
+
+
+@dataclass(frozen=True)
+class GateLoosening:
+    """How the gate of the spec version a pilot ran under (`version`) is looser than the last accepted
+    one (`baseline`, for the reason `basis`): `net`, the settings larger than the baseline's, and
+    `steps`, [(version, its author, [changes])] for each version since the baseline that raised one
+    of those settings against the version before it."""
+
+    version: int
+    baseline: int
+    basis: str
+    net: list[str]
+    steps: list[tuple[int, str, list[str]]]
+
+
+def _gate_value(spec: dict[str, Any], key: str, default: float | None) -> float | None:
+    value = (spec.get("gate") or {}).get(key, default)
+    return None if value is None else float(value)
+
+
+def loosenings(
+    versions: list[tuple[int, str, dict[str, Any]]],
+) -> tuple[list[str], list[tuple[int, str, list[str]]]]:
+    """Of spec versions [(version, author, spec)] from the baseline (first) to the one a pilot ran under
+    (last), in order: the settings whose value at the last is larger than at the baseline (["margin
+    0.2 -> 0.5"]), and each later version that raised one of those against the version before it, with
+    its author and changes. A setting brought back to (or below) the baseline's is no loosening, nor is
+    its history: the GO is judged under a gate no looser than the one last accepted."""
+    if len(versions) < 2:
+        return [], []
+    first, last = versions[0][2], versions[-1][2]
+    net, keys = [], []
+    for key, label, default in _LOOSER_WHEN_LARGER:
+        old_v, new_v = _gate_value(first, key, default), _gate_value(last, key, default)
+        if old_v is not None and new_v is not None and new_v > old_v:
+            net.append(f"{label} {old_v:g} -> {new_v:g}")
+            keys.append((key, label, default))
+    steps = []
+    for (_, _, before), (version, author, now) in zip(versions, versions[1:], strict=False):
+        changes = []
+        for key, label, default in keys:
+            old_v, new_v = _gate_value(before, key, default), _gate_value(now, key, default)
+            if old_v is not None and new_v is not None and new_v > old_v:
+                changes.append(f"{label} {old_v:g} -> {new_v:g}")
+        if changes:
+            steps.append((version, author, changes))
+    return net, steps
+
+
+def accepted_baseline(session: Any, pilot: Pilot) -> tuple[int, str]:
+    """The spec version of the gate last accepted for ``pilot``'s use case, and why: that of its latest
+    earlier pilot that was promoted (or later rolled back) or whose GO an approver approved; else 1."""
+    approved_go = (
+        select(GateDecision.pilot_id)
+        .where(GateDecision.outcome == "GO", GateDecision.resolution == "approved")
+        .where(GateDecision.pilot_id.is_not(None))
+    )
+    earlier = session.scalars(
+        select(Pilot)
+        .where(Pilot.use_case_id == pilot.use_case_id, Pilot.id < pilot.id, Pilot.spec_version.is_not(None))
+        .where(Pilot.status.in_(("promoted", "rolled_back")) | Pilot.id.in_(approved_go))
+        .order_by(Pilot.id.desc())
+        .limit(1)
+    ).first()
+    if earlier is None:
+        return 1, "the first spec version: no earlier pilot of the use case was promoted or approved"
+    return int(earlier.spec_version), f"the version pilot {earlier.id} ran under, the last accepted"
+
+
+def gate_loosened(session: Any, d: GateDecision) -> GateLoosening | None:
+    """How the gate ``d``'s pilot ran under is looser (a larger non-inferiority margin or alpha: a GO
+    comes easier) than the gate last accepted for the use case (`accepted_baseline`), and who loosened
+    it in which version since (`loosenings`), else None. Comparing with the version just before the
+    pilot's was not enough: loosen in v2, add a reworded v3, and v3 against v2 changed nothing (review
+    s46 T3-1)."""
     pilot = session.get(Pilot, d.pilot_id) if d.pilot_id else None
-    if pilot is None or not pilot.spec_version or pilot.spec_version < 2:
+    if pilot is None or not pilot.spec_version:
         return None
-    rows = {
-        sv.version: sv
-        for sv in session.scalars(
-            select(SpecVersion).where(
-                SpecVersion.use_case_id == d.use_case_id,
-                SpecVersion.version.in_([pilot.spec_version - 1, pilot.spec_version]),
-            )
+    baseline, basis = accepted_baseline(session, pilot)
+    if pilot.spec_version <= baseline:
+        return None
+    rows = session.scalars(
+        select(SpecVersion)
+        .where(
+            SpecVersion.use_case_id == d.use_case_id,
+            SpecVersion.version >= baseline,
+            SpecVersion.version <= pilot.spec_version,
         )
-    }
-    now, before = rows.get(pilot.spec_version), rows.get(pilot.spec_version - 1)
-    if now is None or before is None:
+        .order_by(SpecVersion.version)
+    ).all()
+    if not rows or rows[0].version != baseline or rows[-1].version != pilot.spec_version:
         return None
-    changes = []
-    for key, label, default in (("non_inferiority_margin", "margin", None), ("alpha", "alpha", 0.05)):
-        old_v = (before.spec.get("gate") or {}).get(key, default)
-        new_v = (now.spec.get("gate") or {}).get(key, default)
-        if old_v is not None and new_v is not None and float(new_v) > float(old_v):
-            changes.append(f"{label} {old_v} -> {new_v}")
-    return (now.created_by, changes) if changes else None
+    net, steps = loosenings([(sv.version, sv.created_by, sv.spec) for sv in rows])
+    if not net:
+        return None
+    return GateLoosening(pilot.spec_version, baseline, basis, net, steps)
 
 
 def _refuse_the_loosener(session: Any, d: GateDecision, who: Identity) -> None:
-    """A GO judged under a spec version that loosened the gate is not approved by the person who
-    loosened it: another approver looks at it (one signature, as for any GO). Otherwise one approver
-    could move the gate and then approve what passed it alone (review s46 A13)."""
+    """A GO judged under a gate looser than the one last accepted is not approved by anyone who loosened
+    it since (in any version between): another approver looks at it (one signature, as for any GO).
+    Otherwise one approver could move the gate and then approve what passed it alone (review s46 A13),
+    also across versions: loosen in one, reword in the next (T3-1)."""
     loosened = gate_loosened(session, d)
     if loosened is None:
         return
-    author, changes = loosened
-    if same_person(author, who.name, subjects=("", who.subject)):
-        pilot = session.get(Pilot, d.pilot_id)
-        raise ApprovalError(
-            f"decision {d.id} was judged under spec version {pilot.spec_version}, in which {author} "
-            f"loosened the gate ({', '.join(changes)}); its GO needs an approver other than {author}; "
-            "nothing was recorded"
-        )
+    mine = [
+        (version, changes)
+        for version, author, changes in loosened.steps
+        if same_person(author, who.name, subjects=("", who.subject))
+    ]
+    if not mine:
+        return
+    by = "; ".join(f"{author} in version {v} ({', '.join(ch)})" for v, author, ch in loosened.steps)
+    raise ApprovalError(
+        f"decision {d.id} was judged under spec version {loosened.version}, whose gate is looser than "
+        f"spec version {loosened.baseline}'s ({loosened.basis}): {', '.join(loosened.net)}; loosened by "
+        f"{by}; its GO needs an approver other than {who.name}, who loosened it in version "
+        f"{', '.join(str(v) for v, _ in mine)}; nothing was recorded"
+    )
 
 
 def _sign(

@@ -10,11 +10,12 @@ every later open died on `table _alembic_tmp_... already exists` after the whole
 flow's preflight: cheap, ~40 ms, when it is already at head), under the lock MLflow's own guarded
 initialisation takes for the same URL, so two processes never migrate it at once. A store left
 half-migrated (an `_alembic_tmp_` table, tables but no revision) that holds nothing yet (no run, model,
-trace or dataset: at most experiments without runs) is rebuilt from scratch in place: a kill may land
-after a batch copy dropped the original table and before it renamed the copy, so dropping only the
-leftover and upgrading again is not always enough, while a rebuild is; SQLite rolls back a killed
-writer's hot journal when the file is opened, so the file itself is never moved. A half-migrated store
-that holds anything is refused (`StoreError`), before any heavy work, with what to do about it.
+trace or dataset, in its tables or in an `_alembic_tmp_` copy of one: at most experiments without runs)
+is rebuilt from scratch in place: a kill may land after a batch copy dropped the original table and
+before it renamed the copy, so dropping only the leftover and upgrading again is not always enough,
+while a rebuild is; SQLite rolls back a killed writer's hot journal when the file is opened, so the file
+itself is never moved. A half-migrated store that holds anything is refused (`StoreError`), before any
+heavy work, with what to do about it.
 """
 
 from __future__ import annotations
@@ -81,7 +82,9 @@ def _look(engine: object) -> _Look:
     content: dict[str, int] = {}
     with engine.connect() as conn:  # type: ignore[attr-defined]
         for t in tables:
-            if t in _NOT_CONTENT or t.startswith(TMP_PREFIX):
+            # a leftover `_alembic_tmp_X` is content like X itself: a kill after the batch copy dropped X
+            # and before it renamed the copy leaves X's rows only there (review s46 T3-3)
+            if t.removeprefix(TMP_PREFIX) in _NOT_CONTENT:
                 continue
             n = conn.exec_driver_sql(f'SELECT COUNT(*) FROM "{t}"').scalar_one()
             if n:

@@ -119,11 +119,11 @@ def serve_variables() -> dict[str, str]:
 
 # What the scoring server (`mlflow models serve`, then uvicorn loading the pyfunc) may see of this
 # process's environment: the shell's basics, MLflow's own settings and credentials (it fetches the
-# model), an artifact store's (S3, GCS, Azure), the model stack's (Hugging Face, torch, CUDA, BLAS
-# threads), Python's, TLS trust and proxies, and the two settings the pyfunc reads (the model cache,
-# `sparse_core.loading`). Nothing else: not the token-signing key, the accounts, the state DB URLs or a
-# Prefect credential (review s46 A5): a flaw in a network-facing server, or a tampered model artifact,
-# gets none of them.
+# model), an artifact store's (S3, GCS, Azure), the model stack's (Hugging Face, torch: `TORCH*` and
+# `PYTORCH_*` such as PYTORCH_CUDA_ALLOC_CONF, CUDA, BLAS threads), Python's, TLS trust and proxies,
+# and the two settings the pyfunc reads (the model cache, `sparse_core.loading`). Nothing else: not
+# the token-signing key, the accounts, the state DB URLs or a Prefect credential (review s46 A5): a
+# flaw in a network-facing server, or a tampered model artifact, gets none of them.
 SERVE_ENV_NAMES = frozenset(
     {
         "PATH", "HOME", "USER", "LOGNAME", "SHELL", "TERM", "TZ", "LANG", "LANGUAGE", "TMPDIR", "TMP",
@@ -134,7 +134,8 @@ SERVE_ENV_NAMES = frozenset(
 )  # fmt: skip
 SERVE_ENV_PREFIXES = (
     "LC_", "XDG_", "PYTHON", "MLFLOW_", "UVICORN_", "AWS_", "GOOGLE_", "AZURE_", "HF_", "HUGGINGFACE_",
-    "TRANSFORMERS_", "TOKENIZERS_", "TORCH", "CUDA_", "NVIDIA_", "OMP_", "MKL_", "OPENBLAS_", "KMP_",
+    "TRANSFORMERS_", "TOKENIZERS_", "TORCH", "PYTORCH_", "CUDA_", "NVIDIA_", "OMP_", "MKL_", "OPENBLAS_",
+    "KMP_",
 )  # fmt: skip
 
 

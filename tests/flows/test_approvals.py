@@ -14,9 +14,10 @@ BOB = ("bob", "approver", "cli-env")
 VIEWER = ("victor", "viewer", "cli-env")
 
 
-def _pilot_with_decision(name: str, outcome: str, awaiting: str, key: str = "") -> int:
-    """A registered challenger (the same plan, so the same model version, each time), a running pilot
-    and one gate decision (no model work needed); `key` tells a later pilot's decision apart."""
+def _pilot_with_decision(name: str, outcome: str, awaiting: str, key: str = "", tau: float = 0.9) -> int:
+    """A registered challenger (the same plan, so the same model version, each time; another ``tau``
+    registers another version, to promote after one was), a running pilot and one gate decision (no
+    model work needed); `key` tells a later pilot's decision apart."""
     from rollout import pilots, registry
     from rollout.db.models import ModelVersion
     from rollout.db.session import session_scope
@@ -27,7 +28,7 @@ def _pilot_with_decision(name: str, outcome: str, awaiting: str, key: str = "") 
         spec, _ = pilots.load_current_spec(s, uc)
         model_ref = spec.model
     mv = registry.register_version(
-        name, SparsePlan(tau=0.9), model_ref, actor=registry.SYSTEM_PIPELINE, density=0.5
+        name, SparsePlan(tau=tau), model_ref, actor=registry.SYSTEM_PIPELINE, density=0.5
     )
     registry.set_alias(
         name,
@@ -35,7 +36,7 @@ def _pilot_with_decision(name: str, outcome: str, awaiting: str, key: str = "") 
         model_version_id=mv.id,
         actor=registry.SYSTEM_PIPELINE,
         reason="test",
-        idempotency_key="c1",
+        idempotency_key="c1" if tau == 0.9 else f"c1-{tau}",
     )
     with session_scope() as s:
         uc = pilots.get_use_case(s, name)

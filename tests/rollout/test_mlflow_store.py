@@ -97,3 +97,31 @@ def test_a_store_whose_rebuild_was_killed_midway_is_rebuilt_again(sp_home) -> No
     done = ensure_store()
     assert done.action == "repaired" and "tables missing" in done.detail, done
     assert _state(db)[0] == _head() and "tags" in _state(db)[1]
+
+
+def test_a_half_migrated_store_whose_only_rows_are_in_a_leftover_copy_is_refused_and_left_untouched(
+    sp_home,
+) -> None:
+    """Review s46 T3-3: a kill after Alembic's batch copy dropped a table and before it renamed
+    `_alembic_tmp_<table>` leaves that table's rows only in the copy; `_look` did not count them, so a
+    store holding a registered model there and nothing else was "repaired" and the model was dropped."""
+    import mlflow
+
+    from rollout import tracking
+    from rollout.mlflow_store import StoreError, ensure_store
+
+    db = sp_home.home / "mlflow.db"
+    ensure_store()
+    tracking.configure()
+    mlflow.MlflowClient().create_registered_model("sparsepilot-keepme")
+    engine = sqlalchemy.create_engine(f"sqlite:///{db}")
+    with engine.begin() as conn:  # the kill window: the original dropped, its copy not yet renamed
+        conn.exec_driver_sql("ALTER TABLE registered_models RENAME TO _alembic_tmp_registered_models")
+    engine.dispose()
+    before = hashlib.sha256(db.read_bytes()).hexdigest()
+    with pytest.raises(StoreError) as err:
+        ensure_store()
+    msg = str(err.value)
+    assert msg.startswith(f"the MLflow store at {db} is half-migrated (leftover table "), msg
+    assert "it holds _alembic_tmp_registered_models: 1 rows" in msg, msg
+    assert hashlib.sha256(db.read_bytes()).hexdigest() == before

@@ -108,7 +108,9 @@ def test_the_scoring_server_gets_no_secret_of_the_callers_environment(
     monkeypatch,  # noqa: ANN001
 ) -> None:
     """Review s46 A5: `serve_environment` was this process's whole environment: the token-signing key,
-    the accounts' hashes, the state DB URLs with their passwords went to a network-facing server."""
+    the accounts' hashes, the state DB URLs with their passwords went to a network-facing server. Review
+    s46 T3-4: the model stack's torch settings are kept, `PYTORCH_*` (PYTORCH_CUDA_ALLOC_CONF) as well
+    as `TORCH*`."""
     from rollout.arms.serve import serve_environment
 
     caller = {
@@ -116,6 +118,9 @@ def test_the_scoring_server_gets_no_secret_of_the_callers_environment(
         "https_proxy": "http://proxy:3128",
         "HF_HUB_OFFLINE": "1",
         "OMP_NUM_THREADS": "2",
+        "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
+        "PYTORCH_ENABLE_MPS_FALLBACK": "1",
+        "TORCH_HOME": "/srv/torch",
         "SPARSEPILOT_CACHE_DIR": str(sp_home.home / "cache"),
         "MLFLOW_TRACKING_USERNAME": "ops",
         "AWS_ACCESS_KEY_ID": "for-the-artifact-store",
@@ -132,8 +137,9 @@ def test_the_scoring_server_gets_no_secret_of_the_callers_environment(
     env = serve_environment()
     kept = {k for k in caller if k in env}
     assert kept == {
-        "LANG", "https_proxy", "HF_HUB_OFFLINE", "OMP_NUM_THREADS", "SPARSEPILOT_CACHE_DIR",
-        "MLFLOW_TRACKING_USERNAME", "AWS_ACCESS_KEY_ID",
+        "LANG", "https_proxy", "HF_HUB_OFFLINE", "OMP_NUM_THREADS", "PYTORCH_CUDA_ALLOC_CONF",
+        "PYTORCH_ENABLE_MPS_FALLBACK", "TORCH_HOME", "SPARSEPILOT_CACHE_DIR", "MLFLOW_TRACKING_USERNAME",
+        "AWS_ACCESS_KEY_ID",
     }  # fmt: skip
     assert env["SPARSEPILOT_HOME"] == os.environ["SPARSEPILOT_HOME"] and env["HOME"] == os.environ["HOME"]
     assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)

@@ -421,8 +421,158 @@ def test_whoever_loosened_the_gate_does_not_approve_its_go(
     with session_scope() as s:
         assert s.scalar(select(Pilot.spec_version)) == 2
     alice, bob = Identity("alice", "approver", "cli-password"), Identity("bob", "approver", "cli-password")
-    with pytest.raises(approvals.ApprovalError, match=r"spec version 2, in which alice loosened the gate"):
+    with pytest.raises(approvals.ApprovalError) as err:
         approvals.approve(did, alice, "looks fine")
+    assert str(err.value) == (
+        f"decision {did} was judged under spec version 2, whose gate is looser than spec version 1's (the "
+        "first spec version: no earlier pilot of the use case was promoted or approved): margin 0.2 -> "
+        "0.5, alpha 0.05 -> 0.45; loosened by alice in version 2 (margin 0.2 -> 0.5, alpha 0.05 -> 0.45); "
+        "its GO needs an approver other than alice, who loosened it in version 2; nothing was recorded"
+    )
     with session_scope() as s:
         assert s.scalar(select(func.count()).select_from(Approval)) == 0
     assert approvals.approve(did, bob, "pilot evidence reviewed").took_effect
+
+
+def _new_version(tmp_path: Path, model: Path, dataset: Path, name: str, actor: str, **change: object) -> int:
+    """Spec version n+1 of ``name`` by ``actor``: version 1's spec with ``change`` (``margin``, ``alpha``,
+    ``description``) applied."""
+    from rollout.usecases import add_usecase
+
+    spec = tiny_spec(model, name, dataset_file=dataset)
+    if "margin" in change:
+        spec["gate"]["non_inferiority_margin"] = change["margin"]
+    if "alpha" in change:
+        spec["gate"]["alpha"] = change["alpha"]
+    if "description" in change:
+        spec["description"] = change["description"]
+    path = tmp_path / f"{actor}-{len(list(tmp_path.iterdir()))}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return add_usecase(path, actor=actor, new_version=True).version
+
+
+def _approvals_count() -> int:
+    from rollout.db.models import Approval
+    from rollout.db.session import session_scope
+
+    with session_scope() as s:
+        return s.scalar(select(func.count()).select_from(Approval))
+
+
+@pytest.mark.parametrize("rewords", ["alice", "bob"])
+def test_whoever_loosened_the_gate_does_not_approve_its_go_after_a_later_version(
+    rewords: str, trust_env, flow_use_case, tiny_model_dir: Path, pilot_dataset: Path, tmp_path: Path
+) -> None:
+    """Review s46 T3-1: A13 compared the pilot's spec version only with the one before it. alice loosens
+    the gate in v2, then she (or bob) adds v3 that only rewords the description; the pilot runs under v3,
+    v3 against v2 changes nothing, and alice approved its GO alone. Now the gate is compared with the
+    last accepted one (v1: no pilot was promoted): alice is refused, naming v2 and its changes, nothing
+    is written; bob, who loosened nothing, approves it with one signature."""
+    from rollout import approvals
+    from rollout.auth import Identity
+    from rollout.db.models import Pilot
+    from rollout.db.session import session_scope
+    from tests.flows.test_approvals import _pilot_with_decision
+
+    name = flow_use_case()  # version 1: margin 0.2, alpha 0.05
+    args = (tmp_path, tiny_model_dir, pilot_dataset, name)
+    assert _new_version(*args, "alice", margin=0.5, alpha=0.45) == 2
+    assert _new_version(*args, rewords, margin=0.5, alpha=0.45, description="same gate, reworded") == 3
+    did = _pilot_with_decision(name, "GO", "approval")
+    with session_scope() as s:
+        assert s.scalar(select(Pilot.spec_version)) == 3
+    alice, bob = Identity("alice", "approver", "cli-password"), Identity("bob", "approver", "cli-password")
+    with pytest.raises(approvals.ApprovalError) as err:
+        approvals.approve(did, alice, "looks fine")
+    msg = str(err.value)
+    assert msg.startswith(f"decision {did} was judged under spec version 3, whose gate is looser than spec "
+                          "version 1's"), msg  # fmt: skip
+    assert "loosened by alice in version 2 (margin 0.2 -> 0.5, alpha 0.05 -> 0.45); " in msg, msg
+    assert msg.endswith(
+        "needs an approver other than alice, who loosened it in version 2; nothing was recorded"
+    )
+    assert _approvals_count() == 0
+    assert approvals.approve(did, bob, "pilot evidence reviewed").took_effect
+
+
+def test_a_gate_loosened_then_tightened_back_is_no_loosening(
+    trust_env, flow_use_case, tiny_model_dir: Path, pilot_dataset: Path, tmp_path: Path
+) -> None:
+    """Review s46 T3-1, decided: the rule is about the gate the GO is judged under. alice loosens the gate
+    in v2, bob brings it back to v1's in v3: the pilot's gate is no looser than the one last accepted, so
+    alice approves its GO alone. Loosened, then tightened only part of the way back, it is still looser:
+    alice is refused for what remains (the margin), not for what bob took back (alpha)."""
+    from rollout import approvals
+    from rollout.auth import Identity
+    from tests.flows.test_approvals import _pilot_with_decision
+
+    name = flow_use_case()  # version 1: margin 0.2, alpha 0.05
+    args = (tmp_path, tiny_model_dir, pilot_dataset, name)
+    alice = Identity("alice", "approver", "cli-password")
+    assert _new_version(*args, "alice", margin=0.5, alpha=0.45) == 2
+    assert _new_version(*args, "bob", margin=0.3, alpha=0.05) == 3
+    did = _pilot_with_decision(name, "GO", "approval", key="part-way")
+    with pytest.raises(approvals.ApprovalError) as err:
+        approvals.approve(did, alice, "looks fine")
+    msg = str(err.value)
+    assert "): margin 0.2 -> 0.3; loosened by alice in version 2 (margin 0.2 -> 0.5); its GO" in msg, msg
+    assert _approvals_count() == 0
+    assert approvals.approve(did, Identity("bob", "approver", "cli-password"), "reviewed").took_effect
+    # the next pilot runs under v4, whose gate bob brought all the way back to v1's... but the pilot
+    # above, under v3, was promoted: v3 is now what was accepted, and v4 is tighter than it
+    assert _new_version(*args, "bob", margin=0.2, alpha=0.05, description="back to v1's gate") == 4
+    again = _pilot_with_decision(name, "GO", "approval", key="back", tau=0.8)
+    assert approvals.approve(again, alice, "looks fine").took_effect
+
+
+def test_a_loosened_gate_once_accepted_is_the_new_baseline(
+    trust_env, flow_use_case, tiny_model_dir: Path, pilot_dataset: Path, tmp_path: Path
+) -> None:
+    """Review s46 T3-1: the baseline is the spec version of the use case's last promoted pilot. alice
+    loosens the gate in v2; bob approves the GO of the pilot under it (promoted). Later versions that keep
+    that gate (a rewording, v3) loosen nothing against what was accepted: alice approves the next GO
+    alone. A second loosening after it (v4, by carol) bars carol, not alice."""
+    from rollout import approvals
+    from rollout.auth import Identity
+    from tests.flows.test_approvals import _pilot_with_decision
+
+    name = flow_use_case()  # version 1: margin 0.2, alpha 0.05
+    args = (tmp_path, tiny_model_dir, pilot_dataset, name)
+    alice, bob = Identity("alice", "approver", "cli-password"), Identity("bob", "approver", "cli-password")
+    assert _new_version(*args, "alice", margin=0.5) == 2
+    first = _pilot_with_decision(name, "GO", "approval", key="first")
+    assert approvals.approve(first, bob, "reviewed").took_effect
+    assert _new_version(*args, "bob", margin=0.5, description="reworded") == 3
+    second = _pilot_with_decision(name, "GO", "approval", key="second", tau=0.8)
+    assert approvals.approve(second, alice, "the second pilot passed").took_effect
+    assert _new_version(*args, "carol", margin=0.6, description="reworded") == 4
+    third = _pilot_with_decision(name, "GO", "approval", key="third", tau=0.7)
+    with pytest.raises(
+        approvals.ApprovalError,
+        match=r"than spec version 3's \(the version pilot \d+ ran "
+        r"under, the last accepted\): margin 0.5 -> 0.6; loosened by carol in version 4",
+    ):
+        approvals.approve(third, Identity("carol", "approver", "cli-password"), "looks fine")
+    assert approvals.approve(third, alice, "the third pilot passed").took_effect
+
+
+def test_loosenings_compare_each_setting_with_the_baseline_and_the_version_before() -> None:
+    """The pure part of T3-1's rule: only settings looser than the baseline's count, and of them, each
+    version that raised one against the version before it, with its author."""
+    from rollout.approvals import loosenings
+
+    def v(version: int, author: str, margin: float, alpha: float | None = None) -> tuple:
+        gate = {"non_inferiority_margin": margin} | ({} if alpha is None else {"alpha": alpha})
+        return version, author, {"gate": gate}
+
+    assert loosenings([v(1, "o", 0.2)]) == ([], [])
+    assert loosenings([v(1, "o", 0.2), v(2, "a", 0.1), v(3, "b", 0.2)]) == ([], [])  # net: no looser
+    assert loosenings([v(1, "o", 0.2), v(2, "a", 0.5, 0.3), v(3, "b", 0.4, 0.3), v(4, "c", 0.4, 0.05)]) == (
+        ["margin 0.2 -> 0.4"],
+        [(2, "a", ["margin 0.2 -> 0.5"])],
+    )
+    # spread over versions and authors; alpha absent means its default 0.05
+    assert loosenings([v(1, "o", 0.2), v(2, "a", 0.3), v(3, "b", 0.3, 0.1), v(4, "a", 0.25, 0.2)]) == (
+        ["margin 0.2 -> 0.25", "alpha 0.05 -> 0.2"],
+        [(2, "a", ["margin 0.2 -> 0.3"]), (3, "b", ["alpha 0.05 -> 0.1"]), (4, "a", ["alpha 0.1 -> 0.2"])],
+    )
