@@ -197,7 +197,8 @@ def test_the_cli_continues_the_ramp_with_one_approver(trust_env, flow_use_case) 
         "approve", name, "--decision", str(did), "--reason", "x", "--reject", "--continue-ramp",
         user="alice", env=env,
     )  # fmt: skip
-    assert both.returncode == 2 and "--reject and --continue-ramp exclude each other" in both.stderr
+    assert both.returncode == 2
+    assert "--reject, --continue-ramp and --withdraw exclude each other" in both.stderr
     viewer = run_cli(
         "approve", name, "--decision", str(did), "--reason", "x", "--continue-ramp", user="victor", env=env
     )
