@@ -722,7 +722,10 @@ def effect_in_words(session: Any, d: GateDecision, action: str) -> str:
         )
     if action == "approve":
         return f"{pilot} promoted (its challenger becomes {name}'s champion)"
-    return f"{pilot} stopped (use case phase stopped); a new pilot starts with `sparsepilot pilot {name}`"
+    from rollout.pilots import PILOT_AGAIN
+
+    # this challenger's pilot has ended: `sparsepilot pilot NAME` refuses it (ensure_pilot_in)
+    return f"{pilot} stopped (use case phase stopped); {PILOT_AGAIN} (`sparsepilot calibrate {name}`)"
 
 
 def _unchanged_in_words(session: Any, d: GateDecision) -> str:
