@@ -164,12 +164,6 @@ def portfolio(
             GateDecision.awaiting,
             GateDecision.resolution,
             GateDecision.created_at.label("decided_at"),
-            # a `withdraw` row (`approve --withdraw`) takes back its signer's one open signature
-            select(func.coalesce(func.sum(case((Approval.action == "withdraw", -1), else_=1)), 0))
-            .where(Approval.decision_id == GateDecision.id)
-            .correlate(GateDecision)
-            .scalar_subquery()
-            .label("signatures"),
             func.coalesce(dec_q, EvaluationRun.quality_delta).label("quality_delta"),
             dec_q.label("decision_quality_delta"),
             GateDecision.evidence[EVIDENCE_STEP_INDEX].as_integer().label("decision_step_index"),
@@ -221,7 +215,11 @@ def portfolio(
     if use_case_id is not None:
         stmt = stmt.where(UseCase.id == use_case_id)
     rows = [dict(r._mapping) for r in session.execute(stmt)]
+    # the signatures that count (`_signature_counts`, the Approvals page's rule): a signature taken back
+    # (`approve --withdraw`) or an override's whose signer is no longer an approver counts nothing
+    signed = _signature_counts(session, [r["decision_id"] for r in rows if r["decision_id"] is not None])
     for r in rows:
+        r["signatures"] = signed.get(r["decision_id"], 0)
         r["waits_for"] = waits_for(r)
         # what the speed-up and the dollars carry beside them: timings kept under overload, and dollars
         # priced at a spec version that is no longer current (docs/roi.md)
