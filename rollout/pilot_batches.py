@@ -51,7 +51,9 @@ class NotPiloted(pilots.PilotStateError):
     def __init__(self, use_case: str, skip: Any, *, command: str | None = None) -> None:
         self.skip = skip
         command = command or f"sparsepilot pilot {use_case} --pilot-anyway"
-        super().__init__(f"{use_case}: not piloted: {skip}; nothing was started (`{command}` pilots it regardless)")
+        super().__init__(
+            f"{use_case}: not piloted: {skip}; nothing was started (`{command}` pilots it regardless)"
+        )
 
 
 def import_anyway_command(use_case: str, path: str, *, external_assignment: bool = False) -> str:

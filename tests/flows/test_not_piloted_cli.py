@@ -15,7 +15,7 @@ from tests.fixtures.trust import run_cli
 from tests.rollout.test_not_piloted import DENSE, _challenger, _pilots
 
 
-def test_an_import_refused_as_not_piloted_names_the_import_with_pilot_anyway(trust_env, tmp_path: Path) -> None:  # noqa: ANN001
+def test_an_import_refused_as_not_piloted_names_the_import(trust_env, tmp_path: Path) -> None:  # noqa: ANN001
     _challenger(tmp_path, "dense-plan", **DENSE)
     f = tmp_path / "obs.jsonl"
     row = {"request_id": "r1", "arm": "control", "quality": 1.0, "latency_ms": 10, "error": False}
@@ -28,7 +28,9 @@ def test_an_import_refused_as_not_piloted_names_the_import_with_pilot_anyway(tru
     assert _pilots("dense-plan") == 0
 
 
-def test_pilot_refuses_a_plan_not_piloted_before_any_flow_run(trust_env, prefect_harness, tmp_path: Path) -> None:  # noqa: ANN001
+def test_pilot_refuses_a_plan_not_piloted_before_any_flow_run(
+    trust_env, prefect_harness: str, tmp_path: Path
+) -> None:  # noqa: ANN001
     from prefect.client.orchestration import get_client
 
     _challenger(tmp_path, "dense-plan", **DENSE)

@@ -51,7 +51,11 @@ def _another_plan_evaluated(name: str, **evaluation: Any) -> int:
     with session_scope() as s:
         uc = get_use_case(s, name)
         mv = ModelVersion(
-            use_case_id=uc.id, base_model_ref="m", plan=plan.to_dict(), plan_hash=plan.content_hash(), density=0.2
+            use_case_id=uc.id,
+            base_model_ref="m",
+            plan=plan.to_dict(),
+            plan_hash=plan.content_hash(),
+            density=0.2,
         )
         s.add(mv)
         s.flush()

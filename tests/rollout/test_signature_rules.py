@@ -64,7 +64,7 @@ def test_a_demoted_signers_first_signature_waits_for_no_second_approver_in_the_p
     assert queries.read(queries.portfolio_totals)["pending_approvals"] == 0
 
 
-def test_an_oidc_approver_whose_email_changed_withdraws_their_own_signature(trust_env, tmp_path: Path) -> None:  # noqa: ANN001
+def test_an_oidc_approver_whose_email_changed_withdraws_their_signature(trust_env, tmp_path: Path) -> None:  # noqa: ANN001
     from rollout import approvals, queries
     from rollout.auth import Identity
 
