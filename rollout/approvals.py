@@ -806,7 +806,10 @@ def effect_in_words(session: Any, d: GateDecision, action: str) -> str:
         )
     if action == "approve":
         return f"{pilot} promoted (its challenger becomes {name}'s champion)"
-    return f"{pilot} stopped (use case phase stopped); a new pilot starts with `sparsepilot pilot {name}`"
+    from rollout.pilots import PILOT_AGAIN
+
+    # this challenger's pilot has ended: `sparsepilot pilot NAME` refuses it (ensure_pilot_in)
+    return f"{pilot} stopped (use case phase stopped); {PILOT_AGAIN} (`sparsepilot calibrate {name}`)"
 
 
 def _unchanged_in_words(session: Any, d: GateDecision) -> str:
@@ -838,19 +841,24 @@ WITHDRAW = "withdraw"  # an Approval row's action: its signer took back their ea
 
 def withdrawn_signatures(session: Any, decision_id: int) -> set[int]:
     """The ids of the decision's override signatures their signers withdrew: approvals are append-only
-    (migration 0003), so a withdrawal is a later `withdraw` row by the same person (`same_person`)."""
+    (migration 0003), so a withdrawal is a later `withdraw` row by the same person (`same_person`, by
+    name or by OIDC subject, `signer_subject`: an OIDC approver whose email changed is still the one who
+    signed, as `approve` knows them)."""
     rows = list(
         session.scalars(select(Approval).where(Approval.decision_id == decision_id).order_by(Approval.id))
     )
+    withdrawals = [w for w in rows if w.action == WITHDRAW]
+    if not withdrawals:
+        return set()
+    subject = {a.id: signer_subject(session, a) for a in rows}
     gone: set[int] = set()
-    for w in rows:
-        if w.action == WITHDRAW:
-            gone |= {
-                a.id
-                for a in rows
-                if a.id < w.id and a.action != WITHDRAW and a.against_recommendation
-                and same_person(a.actor, w.actor)
-            }  # fmt: skip
+    for w in withdrawals:
+        gone |= {
+            a.id
+            for a in rows
+            if a.id < w.id and a.action != WITHDRAW and a.against_recommendation
+            and same_person(a.actor, w.actor, subjects=(subject[a.id], subject[w.id]))
+        }  # fmt: skip
     return gone
 
 
@@ -878,7 +886,12 @@ def withdraw(
             )
             if a.against_recommendation and a.id not in gone
         ]
-        mine = [a for a in open_ if same_person(a.actor, who.name)]
+        # the person, as `approve` knows them: by name, or by OIDC subject whatever email they signed with
+        mine = [
+            a
+            for a in open_
+            if same_person(a.actor, who.name, subjects=(signer_subject(session, a), who.subject))
+        ]
         if not mine:
             others = sorted({a.actor for a in open_})
             raise ApprovalError(

@@ -4,6 +4,7 @@ serving system's observations. Each function owns its transaction; the flows get
 
 from __future__ import annotations
 
+import shlex
 import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -43,20 +44,30 @@ def _step_info(
 
 class NotPiloted(pilots.PilotStateError):
     """A pilot of the current challenger is not started: `skip` (rollout.roi.PilotSkip) says why, in the
-    words the portfolio shows ("no pilot: ...")."""
+    words the portfolio shows ("no pilot: ..."). `command`: the command that pilots it regardless, the
+    one refused with --pilot-anyway added (default `sparsepilot pilot NAME --pilot-anyway`; an import
+    names its file: `import_file`)."""
 
-    def __init__(self, use_case: str, skip: Any) -> None:
+    def __init__(self, use_case: str, skip: Any, *, command: str | None = None) -> None:
         self.skip = skip
+        command = command or f"sparsepilot pilot {use_case} --pilot-anyway"
         super().__init__(
-            f"{use_case}: not piloted: {skip}; nothing was started "
-            f"(`sparsepilot pilot {use_case} --pilot-anyway` pilots it regardless)"
+            f"{use_case}: not piloted: {skip}; nothing was started (`{command}` pilots it regardless)"
         )
 
 
-def pilot_skip(use_case: str) -> Any:
+def import_anyway_command(use_case: str, path: str, *, external_assignment: bool = False) -> str:
+    """The import of `path` with --pilot-anyway: what pilots a plan `NotPiloted` refused by importing the
+    file (`sparsepilot pilot NAME --pilot-anyway` alone runs our own arms' batches instead)."""
+    external = " --external-assignment" if external_assignment else ""
+    return f"sparsepilot pilot {use_case} --observations {shlex.quote(str(path))}{external} --pilot-anyway"
+
+
+def pilot_skip(use_case: str, *, pilot_anyway: bool = False) -> Any:
     """Why a tick would start no pilot of the current challenger (`runs.pilot_skip`, the rule
     `ensure_pilot_in` applies), or None: a pilot of it runs already (it keeps running), or one may start.
-    What the scheduled cycle asks before its pilot batch, so it says why and does nothing."""
+    What the scheduled cycle asks before its pilot batch, so it says why and does nothing, and
+    `sparsepilot pilot NAME` before its flow starts (`not_piloted`)."""
     with session_scope() as session:
         uc = pilots.get_use_case(session, use_case)
         run = latest_challenger(session, uc.id)
@@ -65,7 +76,17 @@ def pilot_skip(use_case: str) -> Any:
         pilot = pilots.active_pilot(session, uc)
         if pilot is not None and pilot.model_version_id == run.model_version_id:
             return None
-        return runs.pilot_skip(session, uc, run)
+        return runs.pilot_skip(session, uc, run, pilot_anyway=pilot_anyway)
+
+
+def not_piloted(use_case: str) -> NotPiloted | None:
+    """The `NotPiloted` refusal `ensure_pilot_in` would make of a new pilot of the current challenger
+    (a skip that --pilot-anyway waives: a dense plan, no saving established), read without starting
+    anything, or None. A missed budget is not among them: `ensure_pilot_in` refuses it in its own words."""
+    skip = pilot_skip(use_case)
+    if skip is None or pilot_skip(use_case, pilot_anyway=True) is not None:
+        return None
+    return NotPiloted(use_case, skip)
 
 
 def ensure_pilot_in(session: Any, use_case: str, *, pilot_anyway: bool = False) -> dict[str, Any]:
@@ -338,7 +359,11 @@ def import_file(
     source = "imported-external" if external_assignment else "imported"
     rows_seen = inserted = 0
     with session_scope(immediate=True) as session, audit.deferred(session):
-        info = ensure_pilot_in(session, use_case, pilot_anyway=pilot_anyway)
+        try:
+            info = ensure_pilot_in(session, use_case, pilot_anyway=pilot_anyway)
+        except NotPiloted as refused:  # the command that pilots it regardless is this import's own
+            command = import_anyway_command(use_case, path, external_assignment=external_assignment)
+            raise NotPiloted(use_case, refused.skip, command=command) from None
         # held until the import ends: an abort (or any change of the pilot's state) waits for it, or, when
         # it came first, the import sees it here and stores nothing
         step = _held_step(session, info["step_id"], meanwhile=f"the import of {path} began")

@@ -37,6 +37,9 @@ if TYPE_CHECKING:
 OBSERVATION_FIELDS = ("request_id", "arm", "quality", "latency_ms", "tokens", "error", "overloaded")
 ACTIVE_PILOT = ("running", "awaiting_approval")
 ENDED_PILOT = ("stopped", "promoted", "rolled_back")
+# What starts a pilot again once a challenger's pilot has ended: that challenger is never piloted twice
+# (`rollout.pilot_batches.ensure_pilot_in` refuses it in these words, and a rejection's message says them).
+PILOT_AGAIN = "calibrate a new challenger (or add a new spec version) to pilot again"
 
 
 class PilotStateError(SparsePilotError, RuntimeError):

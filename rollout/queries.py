@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Integer, and_, case, cast, func, or_, select
 from sqlalchemy.orm import Session, aliased
 
-from rollout import audit, leases, lifecycle, roi
+from rollout import audit, leases, lifecycle, roi, runs
 from rollout.dataset_split import kept_apart_of
 from rollout.db.models import (
     AliasMove,
@@ -164,12 +164,6 @@ def portfolio(
             GateDecision.awaiting,
             GateDecision.resolution,
             GateDecision.created_at.label("decided_at"),
-            # a `withdraw` row (`approve --withdraw`) takes back its signer's one open signature
-            select(func.coalesce(func.sum(case((Approval.action == "withdraw", -1), else_=1)), 0))
-            .where(Approval.decision_id == GateDecision.id)
-            .correlate(GateDecision)
-            .scalar_subquery()
-            .label("signatures"),
             func.coalesce(dec_q, EvaluationRun.quality_delta).label("quality_delta"),
             dec_q.label("decision_quality_delta"),
             GateDecision.evidence[EVIDENCE_STEP_INDEX].as_integer().label("decision_step_index"),
@@ -221,7 +215,11 @@ def portfolio(
     if use_case_id is not None:
         stmt = stmt.where(UseCase.id == use_case_id)
     rows = [dict(r._mapping) for r in session.execute(stmt)]
+    # the signatures that count (`_signature_counts`, the Approvals page's rule): a signature taken back
+    # (`approve --withdraw`) or an override's whose signer is no longer an approver counts nothing
+    signed = _signature_counts(session, [r["decision_id"] for r in rows if r["decision_id"] is not None])
     for r in rows:
+        r["signatures"] = signed.get(r["decision_id"], 0)
         r["waits_for"] = waits_for(r)
         # what the speed-up and the dollars carry beside them: timings kept under overload, and dollars
         # priced at a spec version that is no longer current (docs/roi.md)
@@ -902,8 +900,9 @@ def overridable_decisions(session: Session) -> list[dict[str, Any]]:
 
 
 def roi_summary(row: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The money a decision on this use case weighs, from its portfolio row (`portfolio`: the shown
-    evaluation's $/month with its interval and payback), in the portfolio's own rules: `not_established`
+    """The money a decision weighs, from an evaluation's figures (`_decision_money`: the evaluation of the
+    plan the decision's pilot runs, as `runs.evaluation_summary` gives them, or the use case's portfolio
+    row: $/month with its interval and payback), in the portfolio's own rules: `not_established`
     is why no saving is established (`roi.evaluation_pilot_skip`'s finding: the plan keeps every block, no
     saving expected, an interval reaching zero), and then no payback is claimed; `caveats`, the notes the
     figures carry (`timing_overload`, `priced_at`). None: no evaluation priced it."""
@@ -932,11 +931,33 @@ def _decision_rows(session: Session, where: Any) -> list[dict[str, Any]]:
         _decision_dict(d) | {"use_case": name, "criticality": crit, "step_index": idx, "traffic_pct": pct}
         for d, name, crit, idx, pct in session.execute(stmt)
     ]
-    if rows:  # what a promotion is worth, beside the evidence a person signs it on (`roi_summary`)
-        money = {r["name"]: r for r in portfolio(session)}
-        for r in rows:
-            r["roi"] = roi_summary(money.get(r["use_case"]))
+    for r in rows:  # what a promotion is worth, beside the evidence a person signs it on (`roi_summary`)
+        r["roi"], r["roi_missing"] = _decision_money(session, r)
     return _with_approvals(session, rows)
+
+
+def _decision_money(session: Session, row: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+    """The money a decision weighs (`roi_summary`) and, where there is none, why in words: for a pilot's
+    decision, the evaluation of the model version that pilot runs (`runs.version_evaluation`: the rule
+    that judged whether it is piloted), never the use case's newest evaluation, which may be of another
+    plan calibrated and evaluated while the decision waits; for a decision of no pilot (a rollback), the
+    use case's shown evaluation (`portfolio`)."""
+    pilot = session.get(Pilot, row["pilot_id"]) if row.get("pilot_id") is not None else None
+    if pilot is None:
+        found = portfolio(session, use_case_id=row["use_case_id"])
+        money = roi_summary(found[0] if found else None)
+        return money, None if money else "no evaluation priced this use case"
+    uc = session.get(UseCase, row["use_case_id"])
+    plan = f"model version {pilot.model_version_id}, the plan pilot {pilot.pilot_number or pilot.id} runs,"
+    ev = runs.version_evaluation(session, uc, pilot.model_version_id)
+    if ev is None:
+        return None, f"{plan} has no evaluation"
+    figures = runs.evaluation_summary(ev)
+    figures["priced_at"] = roi.priced_at(ev.spec_version, uc.current_spec_version)
+    if roi.dense_plan(figures["density"], figures["decode_status"]):  # saves nothing: no payback to claim
+        figures["payback_days"] = None
+    money = roi_summary(figures)
+    return money, None if money else f"{plan} has an evaluation that priced no saving"
 
 
 def _with_approvals(session: Session, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -200,12 +200,19 @@ def latest_plan_met_budget(use_case: str) -> bool:
 
 
 def challenger_evaluation(session: Any, uc: Any, run: CalibrationRun) -> EvaluationRun | None:
-    """The evaluation of the challenger `run` registered whose figures count: its newest succeeded one
+    """The evaluation of the challenger `run` registered whose figures count (`version_evaluation` of
+    its model version). None: not evaluated yet."""
+    return version_evaluation(session, uc, run.model_version_id)
+
+
+def version_evaluation(session: Any, uc: Any, model_version_id: int | None) -> EvaluationRun | None:
+    """The evaluation of model version `model_version_id` whose figures count: its newest succeeded one
     priced at the use case's current spec version, else its newest succeeded one (the portfolio's rule,
-    `rollout.queries._shown_evaluation`, for this challenger's plan). None: not evaluated yet."""
+    `rollout.queries._shown_evaluation`, for this one plan; what a pilot of it is judged and signed on).
+    None: that version was not evaluated."""
     ok = (
         EvaluationRun.use_case_id == uc.id,
-        EvaluationRun.model_version_id == run.model_version_id,
+        EvaluationRun.model_version_id == model_version_id,
         EvaluationRun.status == "succeeded",
     )
     newest = select(EvaluationRun).where(*ok).order_by(EvaluationRun.id.desc()).limit(1)

@@ -61,12 +61,13 @@ def run_action(fn: Any, *args: Any, reason_key: str, **kwargs: Any) -> None:
 
 
 def money_summary(d: dict[str, Any]) -> None:
-    """What the promotion is worth (`queries.roi_summary`: the portfolio's figures and rules): $/month
+    """What the promotion is worth (`queries.roi_summary`: the figures of the plan the decision's pilot
+    runs, in the portfolio's rules; `roi_missing`: why there are none): $/month
     saved with its interval, payback, and beside them why no saving is established and the caveats the
     figures carry. The gate's GO judges quality only; the money is the business owner's to weigh."""
     money = d.get("roi")
     if money is None:
-        st.caption("$/month saved: - (no evaluation priced this use case)")
+        st.caption(f"$/month saved: - ({d.get('roi_missing') or 'no evaluation priced this use case'})")
         return
     m1, m2 = st.columns(2)
     m1.metric("$/month saved", fmt.money(money["savings_month_usd"]))

@@ -227,6 +227,12 @@ def pilot_cmd(
         )
     else:
         _require_use_case(name)
+        if not pilot_anyway:  # an ordinary refusal, made before Prefect starts (no Failed flow run)
+            from rollout.pilot_batches import not_piloted
+
+            refused = not_piloted(name)
+            if refused is not None:
+                raise refused
         _require_device()
         result = _run(
             lambda: pilot_flow(

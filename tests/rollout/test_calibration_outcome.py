@@ -73,16 +73,10 @@ def _old_calibration(name: str, decode_budgets: list, tmp_path) -> str:  # noqa:
     """A use case whose challenger's calibration was recorded as the calibrate flow wrote it before
     `prefill_met_budget`: `met_budget` the prefill's flag alone (False: the prefill stays dense), its
     decode part in the metrics and in its plan's `metadata["decode_calibration"]`. Returns the run's key."""
-    from rollout.db.models import CalibrationRun, ModelVersion
-    from rollout.db.session import session_scope
-    from rollout.pilots import get_use_case
-    from rollout.usecases import add_usecase
     from sparse_core import SparsePlan
 
-    from .usecase_helpers import example_spec, write_spec, write_tiny_model
+    from .usecase_helpers import add_calibrated
 
-    spec = {**example_spec(), "name": name, "model": str(write_tiny_model(tmp_path / "model", context=2048))}
-    add_usecase(write_spec(tmp_path / name, spec), actor="test-owner")
     sparse = any(b is not None for b in decode_budgets)
     plan = SparsePlan(tau=0.9, dense_layers=(0, 1))
     plan.metadata["decode_calibration"] = {
@@ -94,33 +88,14 @@ def _old_calibration(name: str, decode_budgets: list, tmp_path) -> str:  # noqa:
         "whole_model": None,
     }
     key = f"calibrate:{name}-before-the-upgrade"
-    with session_scope() as s:
-        uc = get_use_case(s, name)
-        mv = ModelVersion(
-            use_case_id=uc.id,
-            base_model_ref=spec["model"],
-            plan=plan.to_dict(),
-            plan_hash=plan.content_hash(),
-            density=1.0,
-        )
-        s.add(mv)
-        s.flush()
-        s.add(
-            CalibrationRun(
-                idempotency_key=key,
-                use_case_id=uc.id,
-                spec_version=1,
-                status="succeeded",
-                model_version_id=mv.id,
-                metrics={
-                    "settings": {"quick": True},
-                    "density": 1.0,
-                    "met_budget": False,
-                    "decode_density": 0.35 if sparse else 1.0,
-                    "decode_met_budget": 1.0,
-                },
-            )
-        )
+    metrics = {
+        "settings": {"quick": True},
+        "density": 1.0,
+        "met_budget": False,
+        "decode_density": 0.35 if sparse else 1.0,
+        "decode_met_budget": 1.0,
+    }
+    add_calibrated(tmp_path, name, plan, density=1.0, metrics=metrics, key=key)
     return key
 
 

@@ -13,47 +13,31 @@ import pytest
 
 
 def _challenger(tmp_path: Path, name: str, **evaluation: Any) -> None:
-    """`name` added, calibrated (a plan within the budget) and, with `evaluation`'s columns, evaluated."""
+    """`name` added, calibrated (a plan within the budget) and, with `evaluation`'s columns, evaluated
+    (with none, left calibrated: no evaluation of its plan)."""
     from rollout import lifecycle
-    from rollout.db.models import CalibrationRun, EvaluationRun, ModelVersion
+    from rollout.db.models import EvaluationRun
     from rollout.db.session import session_scope
     from rollout.pilots import get_use_case
-    from rollout.usecases import add_usecase
     from sparse_core import SparsePlan
 
-    from .usecase_helpers import example_spec, write_spec, write_tiny_model
+    from .usecase_helpers import add_calibrated
 
-    spec = {**example_spec(), "name": name, "model": str(write_tiny_model(tmp_path / "model", context=2048))}
-    add_usecase(write_spec(tmp_path / name, spec), actor="test-owner")
-    plan = SparsePlan(tau=0.9)
+    density = evaluation.get("density")
+    metrics = {"met_budget": True, "prefill_met_budget": True, "density": density}
+    _, mv_id = add_calibrated(
+        tmp_path, name, SparsePlan(tau=0.9), density=density, metrics=metrics, key=f"calibrate:{name}"
+    )
     with session_scope() as s:
         uc = get_use_case(s, name)
-        mv = ModelVersion(
-            use_case_id=uc.id,
-            base_model_ref=spec["model"],
-            plan=plan.to_dict(),
-            plan_hash=plan.content_hash(),
-            density=evaluation.get("density"),
-        )
-        s.add(mv)
-        s.flush()
-        metrics = {"met_budget": True, "prefill_met_budget": True, "density": evaluation.get("density")}
-        s.add(
-            CalibrationRun(
-                idempotency_key=f"calibrate:{name}",
-                use_case_id=uc.id,
-                spec_version=1,
-                status="succeeded",
-                model_version_id=mv.id,
-                metrics=metrics,
-            )
-        )
         lifecycle.set_phase(s, uc, "calibrated", actor="test", reason="calibrated")
+        if not evaluation:
+            return
         s.add(
             EvaluationRun(
                 idempotency_key=f"evaluate:{name}",
                 use_case_id=uc.id,
-                model_version_id=mv.id,
+                model_version_id=mv_id,
                 spec_version=1,
                 status="succeeded",
                 roi={"decode": {"status": "dense"}},

@@ -88,3 +88,40 @@ def write_tiny_model(directory: Path, context: int = 256) -> Path:
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.save(str(directory / "tokenizer.json"))
     return directory
+
+
+def add_calibrated(
+    tmp_path: Path, name: str, plan: Any, *, density: float | None, metrics: dict[str, Any], key: str
+) -> tuple[int, int]:
+    """`name` added (the example spec on a config-only model), and a calibration of it recorded as the
+    calibrate flow writes one: its plan's `ModelVersion` and a succeeded `CalibrationRun` under `key`
+    with `metrics`. Returns (use case id, model version id)."""
+    from rollout.db.models import CalibrationRun, ModelVersion
+    from rollout.db.session import session_scope
+    from rollout.pilots import get_use_case
+    from rollout.usecases import add_usecase
+
+    spec = {**example_spec(), "name": name, "model": str(write_tiny_model(tmp_path / "model", context=2048))}
+    add_usecase(write_spec(tmp_path / name, spec), actor="test-owner")
+    with session_scope() as s:
+        uc = get_use_case(s, name)
+        mv = ModelVersion(
+            use_case_id=uc.id,
+            base_model_ref=spec["model"],
+            plan=plan.to_dict(),
+            plan_hash=plan.content_hash(),
+            density=density,
+        )
+        s.add(mv)
+        s.flush()
+        s.add(
+            CalibrationRun(
+                idempotency_key=key,
+                use_case_id=uc.id,
+                spec_version=1,
+                status="succeeded",
+                model_version_id=mv.id,
+                metrics=metrics,
+            )
+        )
+        return uc.id, mv.id
