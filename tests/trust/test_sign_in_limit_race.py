@@ -122,3 +122,77 @@ def test_concurrent_processes_check_at_most_the_limit(db: str, trust_env, reques
     with session_scope(url) as s:
         rows = s.scalars(select(AuditEntry.id).where(AuditEntry.action == auth.SIGN_IN_FAILED)).all()
     assert len(rows) == auth.MAX_FAILURES
+
+
+@pytest.fixture
+def pg_trust_db(trust_env, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:  # noqa: ANN001
+    from rollout.db import migrate
+
+    url = request.getfixturevalue("pg_url")
+    monkeypatch.setenv("SPARSEPILOT_DATABASE_URL", url)
+    migrate.upgrade(url)
+    return url
+
+
+def _crowd_beside_a_page(url: str, names: list[str]) -> tuple[list[str], float, int]:
+    """Sign-ins as ``names`` at once (wrong passwords), and 0.3 s in another page's `select 1` on the
+    same engine: (outcomes, seconds the page's query took, sign-ins still running when it returned)."""
+    import time
+
+    from sqlalchemy import text
+
+    barrier = threading.Barrier(len(names) + 1)
+    results: list[str] = []
+
+    def attempt(i: int, name: str) -> None:
+        barrier.wait()
+        results.append(_outcome(lambda: auth.sign_in(name, f"wrong-{i}", via="test")))
+
+    threads = [threading.Thread(target=attempt, args=(i, n)) for i, n in enumerate(names)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    with session_scope(url) as s:
+        s.execute(text("SELECT 1"))
+    page_s, running = time.monotonic() - t0, len(names) - len(results)
+    for t in threads:
+        t.join(timeout=300)
+    return results, page_s, running
+
+
+def _more_than_the_pool(url: str) -> int:
+    from rollout.db.session import get_engine
+
+    pool = get_engine(url).pool
+    return pool.size() + pool._max_overflow + 2  # type: ignore[attr-defined]
+
+
+@pytest.mark.postgres
+def test_a_crowd_on_one_name_needs_no_more_than_the_pool(pg_trust_db: str) -> None:
+    """Review s46 T3-2: each attempt held its advisory lock's pooled connection (waiting for the lock
+    too) and read/wrote the failures on a second one: with more attempts than the pool (5 + 10) every
+    one waited 30 s for a connection and failed (SignInUnavailable), and so did every other page of the
+    process. Now an attempt uses one connection, waiting attempts none, and the limit still holds."""
+    n = _more_than_the_pool(pg_trust_db)
+    results, page_s, running = _crowd_beside_a_page(pg_trust_db, ["alice"] * n)
+    counts = Counter(results)
+    assert counts == {"checked: wrong": auth.MAX_FAILURES, "refused": n - auth.MAX_FAILURES}, counts
+    assert _failed_rows("alice") == auth.MAX_FAILURES
+    assert running > 0, "the page's query ran after the crowd; nothing was measured"
+    assert page_s < 1.0, f"another page waited {page_s:.1f} s for a connection"
+
+
+@pytest.mark.postgres
+def test_a_crowd_on_many_names_needs_no_more_than_the_pool(pg_trust_db: str) -> None:
+    """The same crowd with a name each: every attempt gets its turn, every failure is counted, and the
+    process's other pages are not kept waiting meanwhile."""
+    names = [f"guess-{i}" for i in range(_more_than_the_pool(pg_trust_db))]
+    results, page_s, running = _crowd_beside_a_page(pg_trust_db, names)
+    assert Counter(results) == {"checked: wrong": len(names)}, Counter(results)
+    with session_scope() as s:
+        rows = s.scalars(select(AuditEntry.id).where(AuditEntry.action == auth.SIGN_IN_FAILED)).all()
+    assert len(rows) == len(names)
+    assert running > 0, "the page's query ran after the crowd; nothing was measured"
+    assert page_s < 1.0, f"another page waited {page_s:.1f} s for a connection"
