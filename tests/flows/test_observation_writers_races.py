@@ -171,8 +171,8 @@ def test_an_abort_that_commits_before_the_import_holds_its_pilot_refuses_the_imp
     path = _write(tmp_path / "obs.jsonl", _rows(ids))
     real = pilot_batches.ensure_pilot_in
 
-    def then_abort(session: Any, use_case: str) -> dict[str, Any]:
-        info = real(session, use_case)
+    def then_abort(session: Any, use_case: str, **kw: Any) -> dict[str, Any]:
+        info = real(session, use_case, **kw)
         out: dict[str, Any] = {}
         _in_thread(lambda: pilot_batches.abort(name, actor="olga", reason="stop"), out, "abort").join(60)
         assert isinstance(out.get("abort"), tuple), out  # committed: the import held nothing yet
