@@ -136,8 +136,8 @@ def held_for_a_start(session: Session, use_case_id: int) -> UseCase:
     KEY UPDATE`` on the use case row (what the start's own update of the row takes anyway), so observation
     writers' key-share locks (`held_for_observations`) and rows that only name the use case (an audit
     entry) do not wait for it; `locked`'s writers do, as for any writer of the pilot's state. Use case
-    first, as `locked`. SQLite holds its write lock from the transaction's start (`session_scope(
-    immediate=True)`, which the caller opens)."""
+    first, as `locked`. SQLite: nothing here; an import holds the write lock from its start
+    (`session_scope(immediate=True)`)."""
     return session.get(UseCase, use_case_id, with_for_update={"key_share": True}, populate_existing=True)
 
 
