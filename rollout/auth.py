@@ -35,9 +35,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal, cast
+from typing import TYPE_CHECKING, Literal, cast
 
 from sparse_core.errors import SparsePilotError
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 Role = Literal["viewer", "operator", "approver"]
 # Ordered: each role may do what the roles before it may. viewer reads; operator adds specs, runs and
@@ -377,53 +380,70 @@ def recent_sign_in_failures(
     window_s: float = LOCKOUT_S,
     db_url: str | None = None,
     accounts: Mapping[str, Account] | None = None,
+    session: Session | None = None,
 ) -> list[float]:
     """Times (seconds) of the failed sign-ins as ``name`` in the ``window_s`` before ``now`` (state DB);
-    ``accounts`` (default `load_accounts`) tell a known name from an unknown one (`_account_key`)."""
+    ``accounts`` (default `load_accounts`) tell a known name from an unknown one (`_account_key`). Read
+    on ``session`` if given (the sign-in turn's), else in a transaction of its own."""
     import datetime as dt
 
     from sqlalchemy import select
 
     from rollout.db.models import AuditEntry
-    from rollout.db.session import session_scope
 
     key = _account_key(name, load_accounts() if accounts is None else accounts)
     since = dt.datetime.fromtimestamp(now - window_s, dt.UTC)
-    with session_scope(db_url) as session:
-        stamps = session.scalars(
-            select(AuditEntry.ts).where(
-                AuditEntry.action == SIGN_IN_FAILED,
-                AuditEntry.entity == _ACCOUNT_ENTITY,
-                AuditEntry.entity_id == key,
-                AuditEntry.ts >= since,
-            )
-        ).all()
+    query = select(AuditEntry.ts).where(
+        AuditEntry.action == SIGN_IN_FAILED,
+        AuditEntry.entity == _ACCOUNT_ENTITY,
+        AuditEntry.entity_id == key,
+        AuditEntry.ts >= since,
+    )
+    with _on(session, db_url) as s:
+        stamps = s.scalars(query).all()
     # SQLite hands the timestamp back without its zone (UTC, as written)
     return [(ts if ts.tzinfo else ts.replace(tzinfo=dt.UTC)).timestamp() for ts in stamps]
 
 
 def record_sign_in_failure(
-    name: str, via: str, *, db_url: str | None = None, accounts: Mapping[str, Account] | None = None
+    name: str,
+    via: str,
+    *,
+    db_url: str | None = None,
+    accounts: Mapping[str, Account] | None = None,
+    session: Session | None = None,
 ) -> None:
     """An ``auth.sign_in_failed`` audit row: the name tried and where (``via``); never the password. A
     configured account is named; an unknown name is kept only as its digest (`_account_key`), with
-    ``account_known: false``."""
+    ``account_known: false``. Written in ``session`` if given (committed with it), else committed at
+    once in a transaction of its own."""
     from rollout import audit
-    from rollout.db.session import session_scope
 
     accounts = load_accounts() if accounts is None else accounts
     key = _account_key(name, accounts)
     known = name.strip() in accounts
     details: dict[str, object] = {"account": name.strip()[:200]} if known else {"account_known": False}
-    with session_scope(db_url) as session:
+    with _on(session, db_url) as s:
         audit.record(
-            session,
+            s,
             audit.ANONYMOUS_ACTOR,
             SIGN_IN_FAILED,
             entity=_ACCOUNT_ENTITY,
             entity_id=key,
             details={**details, "via": via},
         )
+
+
+@contextmanager
+def _on(session: Session | None, db_url: str | None) -> Iterator[Session]:
+    """``session`` as it is, or a transaction of its own on ``db_url``."""
+    if session is not None:
+        yield session
+        return
+    from rollout.db.session import session_scope
+
+    with session_scope(db_url) as own:
+        yield own
 
 
 def sign_in(
@@ -439,7 +459,9 @@ def sign_in(
     `locked_until` says the name is locked; a wrong password (or unknown name) is recorded
     (`record_sign_in_failure`). SignInUnavailable when the state DB cannot give the count. Attempts on
     one name take turns (`_sign_in_turn`) from reading the count to recording the failure, so
-    concurrent attempts cannot all pass one count: at most MAX_FAILURES checks per window."""
+    concurrent attempts cannot all pass one count: at most MAX_FAILURES checks per window. On
+    PostgreSQL the count and the failure go through the turn's own session: an attempt holds one
+    pooled connection, never two."""
     import logging
     import time
 
@@ -447,10 +469,11 @@ def sign_in(
 
     from rollout.db.session import StateDBBusy
 
-    with _sign_in_turn(name, db_url):
+    with _sign_in_turn(name, db_url) as session:
         t = time.time() if now is None else now
         try:
-            until = locked_until(recent_sign_in_failures(name, t, db_url=db_url, accounts=accounts), t)
+            failures = recent_sign_in_failures(name, t, db_url=db_url, accounts=accounts, session=session)
+            until = locked_until(failures, t)
         except (SQLAlchemyError, StateDBBusy) as exc:
             raise SignInUnavailable(_db_trouble(exc)) from None
         if until is not None:
@@ -458,8 +481,10 @@ def sign_in(
         who = authenticate(name, password, accounts)
         if who is None:
             try:
-                record_sign_in_failure(name, via, db_url=db_url, accounts=accounts)
+                record_sign_in_failure(name, via, db_url=db_url, accounts=accounts, session=session)
             except (SQLAlchemyError, StateDBBusy) as exc:  # still a wrong password, said as such
+                if session is not None:
+                    session.rollback()  # the turn's transaction: ends it (and the turn) cleanly
                 first = str(exc).splitlines()[0][:200] if str(exc) else ""
                 logging.getLogger(__name__).warning(
                     "a failed sign-in as %s was not counted (%s: %s)",
@@ -474,42 +499,40 @@ def sign_in(
 # gives up with SignInUnavailable: many checks' worth, so an honest sign-in behind an attacker's queue
 # of refused tries still gets through.
 SIGN_IN_TURN_WAIT_S = 60.0
+# PostgreSQL: at most this many of a process's sign-ins hold a pooled connection at once (each for one
+# turn: the count, the password check, the failure). The rest wait without one, so a crowd of sign-ins
+# leaves the pool (SQLAlchemy's 5 + 10) to the process's other pages.
+PG_SIGN_IN_CONNECTIONS = 4
 _PG_SIGN_IN_LOCK_CLASS = 0x5350_5349  # "SPSI": the class of sign-in advisory locks (key: the account)
 _sign_in_thread_lock = threading.Lock()
+_pg_sign_in_slots = threading.BoundedSemaphore(PG_SIGN_IN_CONNECTIONS)
 
 
 @contextmanager
-def _sign_in_turn(name: str, db_url: str | None) -> Iterator[None]:
+def _sign_in_turn(name: str, db_url: str | None) -> Iterator[Session | None]:
     """One attempt at a time per account name, across every session, thread and process on this state
     DB, from reading the count of recent failures to recording this attempt's failure: so the count
     each attempt reads includes every earlier check, and at most MAX_FAILURES passwords are checked in
     a window whatever the concurrency. PostgreSQL: a transaction-scoped advisory lock on the account
-    name, held by a connection of its own. SQLite (one host by nature): an exclusive ``flock`` on
-    ``<state DB file>.sign-in.lock`` (every name: sign-ins are rare and a check short), not the
-    database's own write lock, so a sign-in never holds up the pipeline's writes while scrypt runs."""
+    name, and the session that holds it is yielded: the turn's reads and its failure go through it (one
+    connection per attempt, the failure committed as the lock is let go). A waiting attempt holds no
+    connection: it tries the lock (``pg_try_advisory_xact_lock``) and hands the connection back between
+    tries, and at most PG_SIGN_IN_CONNECTIONS attempts of a process hold one at a time. SQLite (one
+    host by nature): an exclusive ``flock`` on ``<state DB file>.sign-in.lock`` (every name: sign-ins
+    are rare and a check short), not the database's own write lock, so a sign-in never holds up the
+    pipeline's writes while scrypt runs; yields None (the turn's reads open their own sessions)."""
     import time
 
-    from sqlalchemy import text
     from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import SQLAlchemyError
 
-    from rollout.db.session import session_scope
     from rollout.settings import get_settings
 
     url = db_url or get_settings().database_url
     parsed = make_url(url)
+    deadline = time.monotonic() + SIGN_IN_TURN_WAIT_S
     if parsed.get_backend_name() == "postgresql":
-        try:
-            with session_scope(url) as session:
-                session.execute(text(f"SET LOCAL lock_timeout = '{int(SIGN_IN_TURN_WAIT_S * 1000)}ms'"))
-                session.execute(
-                    text("SELECT pg_advisory_xact_lock(:c, hashtext(:k))"),
-                    # the lock's key is a digest: a password typed as the name reaches no SQL log
-                    {"c": _PG_SIGN_IN_LOCK_CLASS, "k": hashlib.sha256(name.strip().encode()).hexdigest()},
-                )
-                yield
-        except SQLAlchemyError as exc:
-            raise SignInUnavailable(_db_trouble(exc)) from None
+        with _pg_sign_in_turn(name, url, deadline) as session:
+            yield session
         return
     database = parsed.database or ""
     if not database or database == ":memory:" or database.startswith("file:"):
@@ -527,7 +550,6 @@ def _sign_in_turn(name: str, db_url: str | None) -> Iterator[None]:
             "which keeps concurrent sign-ins in turn"
         ) from None
     with fh:
-        deadline = time.monotonic() + SIGN_IN_TURN_WAIT_S
         while True:
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -543,6 +565,45 @@ def _sign_in_turn(name: str, db_url: str | None) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextmanager
+def _pg_sign_in_turn(name: str, url: str, deadline: float) -> Iterator[Session]:
+    """`_sign_in_turn` on PostgreSQL: a slot of this process's PG_SIGN_IN_CONNECTIONS, then one pooled
+    session that tries the name's advisory lock; if another attempt holds it, both go back and the
+    attempt tries again shortly, until ``deadline`` (time.monotonic)."""
+    import random
+    import time
+
+    from sqlalchemy import text
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from rollout.db.session import session_scope
+
+    # the lock's key is a digest: a password typed as the name reaches no SQL log
+    key = {"c": _PG_SIGN_IN_LOCK_CLASS, "k": hashlib.sha256(name.strip().encode()).hexdigest()}
+    pause = 0.01
+    while True:
+        if not _pg_sign_in_slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            break
+        try:
+            with session_scope(url) as session:
+                got = session.scalar(text("SELECT pg_try_advisory_xact_lock(:c, hashtext(:k))"), key)
+                if got:
+                    yield session  # the turn; its failure row commits as the lock is let go
+                    return
+        except SQLAlchemyError as exc:
+            raise SignInUnavailable(_db_trouble(exc)) from None
+        finally:
+            _pg_sign_in_slots.release()
+        if time.monotonic() > deadline:
+            break
+        time.sleep(pause * (0.5 + random.random()))  # noqa: S311 - jitter, not a secret
+        pause = min(pause * 2, 0.2)
+    raise SignInUnavailable(
+        f"sign-in is not possible now: other sign-ins (as this name, or this process's "
+        f"{PG_SIGN_IN_CONNECTIONS} at a time) kept their turn for over {SIGN_IN_TURN_WAIT_S:.0f} s; try again"
+    ) from None
 
 
 def _db_trouble(exc: Exception) -> str:

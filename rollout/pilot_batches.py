@@ -95,7 +95,8 @@ def ensure_pilot_in(session: Any, use_case: str, *, pilot_anyway: bool = False) 
     to pilot or the pilot cannot take traffic now. A new pilot starts only where the challenger is worth
     piloting (`runs.pilot_skip`: a plan that met the budget, skips blocks and establishes a saving;
     `pilot_anyway` waives all but the budget): else `NotPiloted`, nothing started. A pilot already
-    running keeps running."""
+    running keeps running. Starters take turns (`pilots.held_for_a_start`): a second caller that found no
+    pilot while another was starting one waits for it and joins its pilot."""
     uc = pilots.get_use_case(session, use_case)
     spec, _ = pilots.load_current_spec(session, uc)
     run = latest_challenger(session, uc.id)
@@ -109,6 +110,9 @@ def ensure_pilot_in(session: Any, use_case: str, *, pilot_anyway: bool = False) 
             "the challenger is the dense model and there is nothing to pilot"
         )
     mv = session.get(ModelVersion, run.model_version_id)
+    running = pilots.active_pilot(session, uc)
+    if running is None or running.model_version_id != mv.id:  # may start one: one starter at a time
+        uc = pilots.held_for_a_start(session, uc.id)  # what another start committed meanwhile, read below
     last = pilots.latest_pilot(session, uc)
     if last is not None and last.model_version_id == mv.id and last.status in pilots.ENDED_PILOT:
         raise pilots.PilotStateError(

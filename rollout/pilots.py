@@ -132,6 +132,18 @@ def held_for_observations(session: Session, use_case_id: int, pilot_id: int) -> 
     return uc, pilot
 
 
+def held_for_a_start(session: Session, use_case_id: int) -> UseCase:
+    """The use case re-read and held against another start of its pilot, before the caller looks for an
+    active pilot and starts one if there is none (`rollout.pilot_batches.ensure_pilot_in`): two first
+    imports at once take turns, and the second finds the pilot the first started. PostgreSQL: ``FOR NO
+    KEY UPDATE`` on the use case row (what the start's own update of the row takes anyway), so observation
+    writers' key-share locks (`held_for_observations`) and rows that only name the use case (an audit
+    entry) do not wait for it; `locked`'s writers do, as for any writer of the pilot's state. Use case
+    first, as `locked`. SQLite: nothing here; an import holds the write lock from its start
+    (`session_scope(immediate=True)`)."""
+    return session.get(UseCase, use_case_id, with_for_update={"key_share": True}, populate_existing=True)
+
+
 def observations_refused(pilot: Pilot, step: PilotStep) -> str | None:
     """Why `step` of `pilot` takes no observations now, said as what happened ("pilot 1 was aborted"),
     or None while it does: a ramp step while the pilot runs and the step is its current, open one. The

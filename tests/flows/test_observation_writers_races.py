@@ -255,3 +255,33 @@ def test_an_import_that_starts_its_pilot_keeps_no_audit_writer_waiting(
     assert tail[:2] == ["auth.sign_in_failed", "pilot.start"] and tail[-1] == "observations.import", tail
     with session_scope() as s:
         assert audit.verify_chain(s).ok
+
+
+def test_two_first_imports_at_once_share_the_pilot_the_first_started(
+    use_case, monkeypatch, tmp_path: Path
+) -> None:  # noqa: ANN001
+    """Review s46 T3-5: two imports into a use case with no pilot yet both found none and both started
+    one; on PostgreSQL the second failed with the database's own IntegrityError (uq_pilots_use_case_number).
+    Now the second waits for the first's start and imports into the same pilot."""
+    from rollout import pilot_batches
+
+    name = use_case()
+    _challenger(name)  # no pilot yet: each import would start it
+    ids = _dataset_ids(name, 40)
+    a, b = _write(tmp_path / "a.jsonl", _rows(ids[:20])), _write(tmp_path / "b.jsonl", _rows(ids[20:]))
+    go = threading.Event()
+    checking = _slow_checks(monkeypatch, until=go, hold_s=3.0, then_s=0.5)
+    out: dict[str, Any] = {}
+    ta = _in_thread(lambda: pilot_batches.import_file(name, a, set(ids)), out, "a")
+    assert checking.wait(120)  # the first has started the pilot, its transaction still open
+    tb = _in_thread(lambda: pilot_batches.import_file(name, b, set(ids)), out, "b")
+    time.sleep(1.0)
+    go.set()
+    ta.join(180)
+    tb.join(180)
+    assert all(isinstance(v, dict) for v in out.values()) and len(out) == 2, out
+    assert out["a"]["info"]["pilot"] == out["b"]["info"]["pilot"], out
+    counts = _counts(name)
+    assert counts["pilots"] == ["running"], counts["pilots"]
+    assert counts["observations"] == 80
+    assert counts["audit"].count("pilot.start") == 1 and counts["audit"].count("observations.import") == 2

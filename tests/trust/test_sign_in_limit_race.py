@@ -10,6 +10,7 @@ import multiprocessing as mp
 import os
 import threading
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -122,3 +123,118 @@ def test_concurrent_processes_check_at_most_the_limit(db: str, trust_env, reques
     with session_scope(url) as s:
         rows = s.scalars(select(AuditEntry.id).where(AuditEntry.action == auth.SIGN_IN_FAILED)).all()
     assert len(rows) == auth.MAX_FAILURES
+
+
+@pytest.fixture
+def pg_trust_db(trust_env, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:  # noqa: ANN001
+    from rollout.db import migrate
+
+    url = request.getfixturevalue("pg_url")
+    monkeypatch.setenv("SPARSEPILOT_DATABASE_URL", url)
+    migrate.upgrade(url)
+    return url
+
+
+@dataclass
+class _Crowd:
+    results: list[str]
+    page_s: float  # how long the other page's `select 1` took
+    running: int  # sign-ins still running when it returned
+    most_per_attempt: int  # the most pooled connections one attempt held at once
+    most_at_once: int  # the most the attempts held together
+
+
+def _crowd_beside_a_page(url: str, names: list[str]) -> _Crowd:
+    """Sign-ins as ``names`` at once (wrong passwords), and 0.3 s in another page's `select 1` on the
+    same engine; the engine's real pool reports each checkout and checkin."""
+    import time
+
+    from sqlalchemy import event, text
+
+    from rollout.db.session import get_engine
+
+    held: Counter[int] = Counter()
+    peaks = {"one": 0, "all": 0}
+    crowd: set[int] = set()
+    guard = threading.Lock()
+
+    def out(*_: object) -> None:
+        with guard:
+            me = threading.get_ident()
+            if me in crowd:
+                held[me] += 1
+                peaks["one"] = max(peaks["one"], held[me])
+                peaks["all"] = max(peaks["all"], sum(held.values()))
+
+    def back(*_: object) -> None:
+        with guard:
+            if threading.get_ident() in crowd:
+                held[threading.get_ident()] -= 1
+
+    pool = get_engine(url).pool
+    event.listen(pool, "checkout", out)
+    event.listen(pool, "checkin", back)
+    barrier = threading.Barrier(len(names) + 1)
+    results: list[str] = []
+
+    def attempt(i: int, name: str) -> None:
+        with guard:
+            crowd.add(threading.get_ident())
+        barrier.wait()
+        results.append(_outcome(lambda: auth.sign_in(name, f"wrong-{i}", via="test")))
+
+    threads = [threading.Thread(target=attempt, args=(i, n)) for i, n in enumerate(names)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    with session_scope(url) as s:
+        s.execute(text("SELECT 1"))
+    page_s, running = time.monotonic() - t0, len(names) - len(results)
+    for t in threads:
+        t.join(timeout=300)
+    event.remove(pool, "checkout", out)
+    event.remove(pool, "checkin", back)
+    return _Crowd(results, page_s, running, peaks["one"], peaks["all"])
+
+
+def _more_than_the_pool(url: str) -> int:
+    from rollout.db.session import get_engine
+
+    pool = get_engine(url).pool
+    return pool.size() + pool._max_overflow + 2  # type: ignore[attr-defined]
+
+
+@pytest.mark.postgres
+def test_a_crowd_on_one_name_needs_no_more_than_the_pool(pg_trust_db: str) -> None:
+    """Review s46 T3-2: each attempt held its advisory lock's pooled connection (waiting for the lock
+    too) and read/wrote the failures on a second one: with more attempts than the pool (5 + 10) every
+    one waited 30 s for a connection and failed (SignInUnavailable), and so did every other page of the
+    process. Now an attempt uses one connection, waiting attempts none, and the limit still holds."""
+    n = _more_than_the_pool(pg_trust_db)
+    crowd = _crowd_beside_a_page(pg_trust_db, ["alice"] * n)
+    counts = Counter(crowd.results)
+    assert counts == {"checked: wrong": auth.MAX_FAILURES, "refused": n - auth.MAX_FAILURES}, counts
+    assert _failed_rows("alice") == auth.MAX_FAILURES
+    _assert_the_pool_was_shared(crowd)
+
+
+@pytest.mark.postgres
+def test_a_crowd_on_many_names_needs_no_more_than_the_pool(pg_trust_db: str) -> None:
+    """The same crowd with a name each: every attempt gets its turn, every failure is counted, and the
+    process's other pages are not kept waiting meanwhile."""
+    names = [f"guess-{i}" for i in range(_more_than_the_pool(pg_trust_db))]
+    crowd = _crowd_beside_a_page(pg_trust_db, names)
+    assert Counter(crowd.results) == {"checked: wrong": len(names)}, Counter(crowd.results)
+    with session_scope() as s:
+        rows = s.scalars(select(AuditEntry.id).where(AuditEntry.action == auth.SIGN_IN_FAILED)).all()
+    assert len(rows) == len(names)
+    _assert_the_pool_was_shared(crowd)
+
+
+def _assert_the_pool_was_shared(crowd: _Crowd) -> None:
+    assert crowd.most_per_attempt == 1, f"an attempt held {crowd.most_per_attempt} connections at once"
+    assert crowd.most_at_once <= auth.PG_SIGN_IN_CONNECTIONS, crowd.most_at_once
+    assert crowd.running > 0, "the page's query ran after the crowd; nothing was measured"
+    assert crowd.page_s < 1.0, f"another page waited {crowd.page_s:.1f} s for a connection"
