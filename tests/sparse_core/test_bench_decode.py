@@ -106,6 +106,7 @@ def test_bench_decode_scores_budget_rows_with_a_plans_learned_weights(tiny_llama
     ]
     assert all(r["density"] < 0.5 for r in rows[1:]) and rows[0]["density"] == 1
     base = ["bench", "decode", "--quick", "--plan", str(tmp_path / "plan"), "--out", str(tmp_path / "d.json")]
+    base += ["--model", str(tiny_llama_dir)]  # the plan's model (a plan for another is refused first)
     r = CliRunner().invoke(app, base)  # quest scores no learned weights: the plan needs a decode section
     assert r.exit_code == 2 and "has no decode section" in r.output, r.output
     r = CliRunner().invoke(app, [*base, "--estimator", "gate_v2"])  # pages pooled like the plan's blocks
