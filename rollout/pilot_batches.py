@@ -117,7 +117,7 @@ def ensure_pilot_in(session: Any, use_case: str, *, pilot_anyway: bool = False) 
     if last is not None and last.model_version_id == mv.id and last.status in pilots.ENDED_PILOT:
         raise pilots.PilotStateError(
             f"{use_case}: {pilots.pilot_label(last)} of this challenger has ended ({last.status}); "
-            "calibrate a new challenger (or add a new spec version) to pilot again"
+            f"{pilots.PILOT_AGAIN}"
         )
     pilot = pilots.active_pilot(session, uc)
     if pilot is None or pilot.model_version_id != mv.id:
