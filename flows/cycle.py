@@ -31,21 +31,22 @@ def request_approval_run(decision_id: int) -> str | None:
 
 
 @sparsepilot_flow("use-case-cycle")
-def cycle_flow(use_case: str, batches: int = 1) -> dict[str, Any]:
+def cycle_flow(use_case: str, batches: int = 1, pilot_anyway: bool = False) -> dict[str, Any]:
     """One tick of the use case's schedule, under its lease (rollout.leases): a tick that finds the use
     case busy (the previous cycle still running, or someone's manual run) does nothing and says who
-    holds it."""
+    holds it. `pilot_anyway`: a deployment's (or a run's) explicit override of "not piloted", as
+    `sparsepilot pilot NAME --pilot-anyway` (never a missed budget)."""
     from flows.common import flow_run_is_live, this_run
 
     try:
         with leases.holding(use_case, "use-case cycle", flow_run_id=this_run(), run_is_live=flow_run_is_live):
-            return _cycle(use_case, batches)
+            return _cycle(use_case, batches, pilot_anyway)
     except leases.UseCaseBusy as busy:  # raised on entry only: the subflows run under this lease
         get_run_logger().warning("%s; this cycle does nothing", busy)
         return {"use_case": use_case, "skipped": str(busy)}
 
 
-def _cycle(use_case: str, batches: int) -> dict[str, Any]:
+def _cycle(use_case: str, batches: int, pilot_anyway: bool = False) -> dict[str, Any]:
     from flows.calibrate import calibrate_flow
     from flows.evaluate import evaluate_flow
     from flows.gate import gate_flow
@@ -68,13 +69,14 @@ def _cycle(use_case: str, batches: int) -> dict[str, Any]:
         out["phase_after"] = phase
         return out
     if lifecycle.can(phase, "pilot"):
-        skip = pilot_batches.pilot_skip(use_case)  # the rule the pilot itself obeys (ensure_pilot_in)
+        # the rule the pilot itself obeys (ensure_pilot_in)
+        skip = pilot_batches.pilot_skip(use_case, pilot_anyway=pilot_anyway)
         if skip is not None:
             logger.info("%s: not piloted: %s", use_case, skip)
             out["pilot_skipped"] = str(skip)
             out["phase_after"] = phase_of(use_case)
             return out
-        out["pilot"] = pilot_flow(use_case, batches=batches)
+        out["pilot"] = pilot_flow(use_case, batches=batches, pilot_anyway=pilot_anyway)
         out["gate"] = gate_flow(use_case)
         phase = phase_of(use_case)
     if lifecycle.can(phase, "approve"):
