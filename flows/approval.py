@@ -322,6 +322,13 @@ def _settle_own_run(decision_id: int) -> None:
     with _LOCK:
         entry = _WAITERS.get(decision_id)
     rid = entry[1].get("flow_run_id") if entry else None
+    if rid and entry[0].is_alive() and approval_runs.is_resolved(decision_id):
+        # another approver's signature resolved the decision and resumes this run right after its commit:
+        # seen still paused in that moment, it was cancelled, and their approval took no effect (a CI
+        # run of three concurrent CLI approvals: approved, nothing promoted). Give their resume a while.
+        deadline = time.monotonic() + 60
+        while flow_is_waiting(rid) and time.monotonic() < deadline:
+            time.sleep(0.25)
     if rid and not flow_is_waiting(rid) and entry[0].is_alive():
         try:
             join_waiting(decision_id)

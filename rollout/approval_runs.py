@@ -88,6 +88,13 @@ def will_take_effect(decision_id: int, actor: str, reject: bool, *, subject: str
         )
 
 
+def is_resolved(decision_id: int) -> bool:
+    """Whether someone's signature resolved the decision (approved, rejected, continued)."""
+    with session_scope() as session:
+        d = session.get(GateDecision, decision_id)
+        return d is not None and d.resolution is not None
+
+
 def check_open(decision_id: int) -> None:
     """Refuse, naming the decision, before any approval run starts for a decision nobody may act on."""
     with session_scope() as session:
