@@ -833,8 +833,10 @@ def approvals(session: Session, decision_ids: list[int]) -> list[dict[str, Any]]
     from rollout.auth import load_accounts, still_approver
 
     stmt = select(Approval).where(Approval.decision_id.in_(decision_ids)).order_by(Approval.id)
-    gone = set().union(*(withdrawn_signatures(session, i) for i in decision_ids))
     found = list(session.scalars(stmt))
+    # only a decision with a `withdraw` row has a withdrawn signature: read those again, not every one
+    withdrawn_in = {a.decision_id for a in found if a.action == "withdraw"}
+    gone = set().union(*(withdrawn_signatures(session, i) for i in withdrawn_in))
     # an override's signature counts only while its signer is an approver (rollout.approvals'
     # `counting_signatures`): the accounts as they are now, read once
     accounts = load_accounts() if any(a.against_recommendation for a in found) else {}
