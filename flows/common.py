@@ -73,13 +73,23 @@ def redact_prefect_logs() -> None:
     the console handler on the root logger, the API log handler of the flow- and task-run loggers (the
     Prefect UI's logs), and any other handler on a `prefect` logger. Idempotent; cheap enough to run at
     the start of every flow and task run, after whatever set Prefect's logging up again."""
-    manager = logging.Logger.manager
     loggers = [logging.getLogger()] + [
         lg
-        for name, lg in list(manager.loggerDict.items())
+        for name, lg in _loggers_now().items()
         if isinstance(lg, logging.Logger) and (name == "prefect" or name.startswith("prefect."))
     ]
     redact_log_records(h for lg in loggers for h in lg.handlers if type(h).__module__.startswith("prefect."))
+
+
+def _loggers_now() -> dict[str, Any]:
+    """The process's loggers by name: a copy of logging's logger tree, taken under `logging`'s own lock,
+    the lock `logging.getLogger` adds a logger under. Other threads create loggers while a flow starts
+    (Prefect's events worker imports `websockets` in its own threads); a walk of the live dict, even
+    `list(loggerDict.items())`, is no snapshot: a garbage collection in its middle runs finalisers,
+    another thread takes over there, and the walk failed the flow run with "dictionary changed size
+    during iteration"."""
+    with logging._lock:  # logging's own lock of its logger tree (private: there is no public way to hold it)
+        return dict(logging.Logger.manager.loggerDict)
 
 
 def _worth_retrying(_task: Any, _task_run: Any, state: Any) -> bool:
