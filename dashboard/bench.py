@@ -281,8 +281,12 @@ def seed_portfolio(
     return counts
 
 
-def time_pages(*, repeats: int = 3, use_case: str = "usecase-004") -> list[dict[str, Any]]:
-    """Render each page `repeats` times after one cold run; report cold and median warm seconds."""
+def time_pages(
+    *, repeats: int = 3, use_case: str = "usecase-004", say: Callable[[str], None] | None = None
+) -> list[dict[str, Any]]:
+    """Render each page `repeats` times after one cold run; report cold and median warm seconds.
+    `say(line)`: a progress line before each page and with its times after it."""
+    say = say or (lambda _line: None)
     import logging
 
     from streamlit.testing.v1 import AppTest
@@ -295,11 +299,14 @@ def time_pages(*, repeats: int = 3, use_case: str = "usecase-004") -> list[dict[
     import altair  # noqa: F401 - the pages' heavy imports, once per process
     import pandas  # noqa: F401
 
+    say("rendering the sign-in page once (the process's imports)")
     AppTest.from_file(str(app), default_timeout=120).switch_page("views/login.py").run()
     results: list[dict[str, Any]] = [
         {"page": "(process warm-up: imports)", "cold_s": round(time.perf_counter() - t0, 3)}
     ]
+    say(f"process warm-up (imports): {results[0]['cold_s']} s")
     for page in PAGES:
+        say(f"rendering {page}: 1 cold and {repeats} warm")
         at = AppTest.from_file(str(app), default_timeout=120)
         at.query_params["name"] = use_case
         times = []
@@ -311,6 +318,8 @@ def time_pages(*, repeats: int = 3, use_case: str = "usecase-004") -> list[dict[
                 raise RuntimeError(f"page {page} raised: {at.exception[0].value}")
         warm = statistics.median(times[1:]) if repeats else times[0]
         target = TARGETS_S.get(page)
+        within = "" if target is None else f" (target {target} s)"
+        say(f"{page}: cold {times[0]:.3f} s, warm median {warm:.3f} s{within}")
         results.append(
             {
                 "page": page,
@@ -345,8 +354,10 @@ def run_bench(
     repeats: int,
     progress: Callable[[int], None] | None,
     database_url: str | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Seed into `database_url` (an EMPTY database; default: SQLite in the scratch home) and time."""
+    """Seed into `database_url` (an EMPTY database; default: SQLite in the scratch home) and time.
+    `progress(n)`: n more use cases seeded; `say(line)`: each step's progress line."""
     from sqlalchemy import inspect
 
     from rollout.db import migrate
@@ -360,22 +371,30 @@ def run_bench(
             raise ValueError(f"{database_url}: the benchmark needs an empty database (it has tables)")
     else:
         os.environ.pop("SPARSEPILOT_DATABASE_URL", None)
+    say = say or (lambda _line: None)
     settings = configure_environment(get_settings())
+    where = mask_db_url(settings.database_url)  # the JSON and the log travel as evidence: no password
+    say(f"migrating the scratch state DB {where}")
     migrate.upgrade(settings.database_url)
+    say(f"seeding {use_cases} use cases, {observations:,} observations")
     t0 = time.perf_counter()
     counts = seed_portfolio(use_cases, observations, progress=progress)
     seed_s = time.perf_counter() - t0
+    say(f"seeded {counts['use_cases']} use cases, {counts['observations']:,} observations in {seed_s:.2f} s")
     if not settings.is_sqlite:  # what autovacuum would do soon after a bulk load
         from sqlalchemy import text
 
+        say("ANALYZE")
         with get_engine(settings.database_url).connect() as conn:
             conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("ANALYZE"))
-    pages = time_pages(repeats=repeats)
+    pages = time_pages(repeats=repeats, say=say)
+    portfolio_sql_s = time_portfolio_sql(repeats)
+    say(f"portfolio SQL alone: {portfolio_sql_s:.4f} s")
     return {
-        "database": mask_db_url(settings.database_url),  # the JSON travels as evidence: no password in it
+        "database": where,
         "seeded": counts,
         "seed_s": round(seed_s, 2),
-        "portfolio_sql_s": round(time_portfolio_sql(repeats), 4),
+        "portfolio_sql_s": round(portfolio_sql_s, 4),
         "pages": pages,
         "measured_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }

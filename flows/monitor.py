@@ -33,8 +33,10 @@ def monitor_target(use_case: str, used_request_ids: bool) -> dict[str, Any] | No
 
 
 @flow_task("monitor-store-import")
-def store_import(info: dict[str, Any], path: str, rows: list[dict], batch_id: str) -> dict[str, Any]:
-    return pilot_batches.store_monitor_import(info, path, rows, batch_id)
+def store_import(
+    info: dict[str, Any], path: str, numbered: list[tuple[int, dict]], batch_id: str
+) -> dict[str, Any]:
+    return pilot_batches.store_monitor_import(info, path, numbered, batch_id)
 
 
 @flow_task("monitor-note-skip")
@@ -83,12 +85,13 @@ def monitor_flow(
         catch_up_logs(log_missing_looks, use_case)
         return {"status": "skipped", "explanation": f"{use_case}: nothing promoted, nothing to monitor"}
     if observations_file:
-        from rollout.observations_io import read_observations
+        from rollout.observations_io import read_numbered
 
-        rows = read_observations(observations_file, require_arm="treatment")
+        numbered = read_numbered(observations_file, require_arm="treatment")  # a refusal names path:LINE
+        rows = [row for _, row in numbered]
         batch_id = _batch_id(info, rows)
         # a file that fails its checks, or conflicts with what is stored, is refused: nothing stored, no look
-        check = store_import(info, observations_file, rows, batch_id)["check"]
+        check = store_import(info, observations_file, numbered, batch_id)["check"]
         source = "imported"
     else:
         # the promoted pilot's spec version: its traffic source, arms and batch size, not a later version's

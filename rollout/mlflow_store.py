@@ -16,11 +16,20 @@ before it renamed the copy, so dropping only the leftover and upgrading again is
 while a rebuild is; SQLite rolls back a killed writer's hot journal when the file is opened, so the file
 itself is never moved. A half-migrated store that holds anything is refused (`StoreError`), before any
 heavy work, with what to do about it.
+
+An upgrade of a store that holds anything (runs, models: what a killed or failed migration could lose)
+is preceded by a copy of it, `<file>.pre-<revision>-<UTC time>.bak` beside it, made with SQLite's backup
+API (consistent while another process has the store open), said in the log and kept: the operator's to
+delete. A copy that cannot be written refuses the upgrade (`StoreError`), the store untouched. A store
+that holds nothing is upgraded (or created) without one.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
+import logging
+import sqlite3
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +42,9 @@ TMP_PREFIX = "_alembic_tmp_"
 # default workspace a migration seeds, and experiments (an experiment without runs is recreated by the
 # next run: rollout.tracking.experiment_for)
 _NOT_CONTENT = {"alembic_version", "workspaces", "experiments", "experiment_tags"}
+
+
+log = logging.getLogger("sparsepilot.mlflow_store")  # under `sparsepilot`: a command's log file has it
 
 
 class StoreError(SparsePilotError, RuntimeError):
@@ -49,6 +61,7 @@ class StoreState:
     revision: str | None
     before: str | None = None
     detail: str = ""
+    backup: Path | None = None  # the copy made before an upgrade of a store that held anything
 
 
 @dataclass(frozen=True)
@@ -115,6 +128,42 @@ def _describe(look: _Look, head: str, why: str) -> str:
     )
 
 
+def backup_path(path: Path, revision: str, now: dt.datetime) -> Path:
+    """Where the copy of the store at `path` taken before upgrading it from `revision` goes: beside it,
+    named by the revision it holds and the UTC time it was taken."""
+    return path.with_name(f"{path.name}.pre-{revision}-{now.astimezone(dt.UTC):%Y%m%dT%H%M%SZ}.bak")
+
+
+def _backup(path: Path, revision: str) -> Path:
+    """Copy the store with SQLite's backup API (a consistent copy, another connection open or not) to its
+    `backup_path`, written under a temporary name and renamed once whole, never over an existing file.
+    StoreError, nothing left behind, when it cannot be written."""
+    target = backup_path(path, revision, dt.datetime.now(dt.UTC))
+    partial = target.with_name(target.name + ".partial")
+    try:
+        if target.exists():
+            raise OSError(f"{target.name} exists already")
+        src = sqlite3.connect(path)
+        try:
+            dst = sqlite3.connect(partial)
+            try:
+                src.backup(dst)
+            finally:
+                dst.close()
+        finally:
+            src.close()
+        partial.rename(target)
+    except (OSError, sqlite3.Error) as exc:
+        partial.unlink(missing_ok=True)
+        why = getattr(exc, "strerror", None) or str(exc)
+        raise StoreError(
+            f"the MLflow store at {path} holds runs or models and is at revision {revision}, behind this "
+            f"MLflow's: its copy before the upgrade could not be written to {target} ({why}); nothing was "
+            "upgraded: make room for it beside the store (or allow writing there) and rerun"
+        ) from None
+    return target
+
+
 def _rebuild(engine: object) -> None:
     """Drop every table of a store that holds nothing and create it again with MLflow's own code."""
     from mlflow.store.db.utils import _initialize_tables
@@ -172,6 +221,7 @@ def ensure_store(settings: Settings | None = None) -> StoreState:
                 _initialize_tables(engine)
                 return StoreState(uri, "created", head)
             why = _half_migrated(look, head, engine)
+            backup: Path | None = None
             if why is None and look.revision == head:
                 return StoreState(uri, "ok", head)
             if why is None:
@@ -186,18 +236,29 @@ def ensure_store(settings: Settings | None = None) -> StoreState:
                         f"{mlflow.__version__} does not know (a newer MLflow wrote it): upgrade MLflow, or "
                         "point MLFLOW_TRACKING_URI at another store"
                     ) from None
+                if look.content:  # what a failed or killed migration could lose: copied first
+                    backup = _backup(path, str(look.revision))
+                    log.warning(
+                        "the MLflow store at %s is at revision %s, behind MLflow's head %s: copied to %s "
+                        "(kept) before upgrading it",
+                        path,
+                        look.revision,
+                        head,
+                        backup,
+                    )
                 try:
                     _upgrade_db(engine)
-                    return StoreState(uri, "upgraded", head, before=look.revision)
+                    return StoreState(uri, "upgraded", head, before=look.revision, backup=backup)
                 except Exception as exc:  # noqa: BLE001 - judged below on what the failure left
                     failed = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
                 look = _look(engine)
                 why = _half_migrated(look, head, engine)
                 why = why or f"its upgrade from {look.revision} failed ({failed})"
             if look.content:
+                kept = f" (its copy from before this upgrade, with all it held: {backup})" if backup else ""
                 raise StoreError(
                     f"the MLflow store at {path} is half-migrated ({_describe(look, head, why)}); "
-                    "move it away and rerun"
+                    f"move it away and rerun{kept}"
                 )
             before = look.revision
             _rebuild(engine)

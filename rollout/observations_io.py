@@ -35,14 +35,20 @@ class ObservationImportError(SparsePilotError, ValueError):
 def read_observations(path: str | Path, *, require_arm: str | None = None) -> list[dict[str, Any]]:
     """Parse a JSONL (.jsonl/.ndjson/.json) or CSV (.csv) file into observation rows. `require_arm`: a
     file without a row of that arm is refused (the monitor judges the champion's rows, 'treatment')."""
-    rows = [row for chunk in iter_observations(path) for _, row in chunk]
-    if require_arm is not None and not any(r["arm"] == require_arm for r in rows):
-        arms = ", ".join(sorted({str(r["arm"]) for r in rows})) or "none"
+    return [row for _, row in read_numbered(path, require_arm=require_arm)]
+
+
+def read_numbered(path: str | Path, *, require_arm: str | None = None) -> list[tuple[int, dict[str, Any]]]:
+    """`read_observations`' rows with their lines in the file, (line, row), as `iter_observations` yields
+    them: what the checks name a bad row by (`pilot_batches.checked_file_rows`)."""
+    numbered = [pair for chunk in iter_observations(path) for pair in chunk]
+    if require_arm is not None and not any(r["arm"] == require_arm for _, r in numbered):
+        arms = ", ".join(sorted({str(r["arm"]) for _, r in numbered})) or "none"
         raise ObservationImportError(
             f"{path}: no row with arm {require_arm!r} (arms in the file: {arms}); the monitor judges the "
             "champion's own answers, the dense model's rows only pair with them"
         )
-    return rows
+    return numbered
 
 
 def iter_observations(

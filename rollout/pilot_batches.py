@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import shlex
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import select
@@ -286,8 +286,36 @@ def store_batch(step_id: int, rows: list[dict[str, Any]], batch_id: str, source:
     return {"inserted": res.inserted, "already_present": res.already_present}
 
 
+def checked_file_rows(
+    path: str,
+    numbered: Sequence[tuple[int, Mapping[str, Any]]],
+    known_request_ids: Iterable[str],
+    *,
+    refused_request_ids: Mapping[str, str] | None = None,
+    outcome: str = "nothing was stored",
+) -> dict[str, Any]:
+    """The observation checks (GX) of a file's rows, as `iter_observations` reads them ((line, row)
+    pairs): a failure names the row by its line in the file (`path:LINE`, as the file's parse errors do;
+    a CSV's data row 3 is its line 4), never by its place among the rows. Refused (ObservationImportError,
+    saying `outcome`) unless every row passes; else the GX summary. The pilot's import and the monitor's
+    name a bad row alike through it."""
+    gx = validate_observation_rows(
+        [row for _, row in numbered],
+        known_request_ids=known_request_ids,
+        require_both_arms=False,
+        source=path,
+        lines=[line for line, _ in numbered],
+        refused_request_ids=refused_request_ids,
+    )
+    if not gx["passed"]:
+        raise ObservationImportError(
+            f"{path}: failed the observation checks; {outcome}:\n  - " + "\n  - ".join(gx["failures"])
+        )
+    return gx
+
+
 def store_monitor_import(
-    info: Mapping[str, Any], path: str, rows: list[dict[str, Any]], batch_id: str
+    info: Mapping[str, Any], path: str, numbered: Sequence[tuple[int, dict[str, Any]]], batch_id: str
 ) -> dict[str, Any]:
     """Store a file of production observations in the promoted pilot's monitor step (`monitor_target`'s
     `info`), all or nothing, as the pilot's import is (`import_file`): a file that fails the observation
@@ -296,19 +324,16 @@ def store_monitor_import(
     nothing is stored, and the caller records no look. Stored with the pilot held against a change of
     state (`pilots.held_for_observations`): a rollback waits for it, as for the monitor's own batch, and
     a file read across one is kept for a look that says it was superseded. Only the file's ids are looked
-    up (chunked IN lists): a promoted pilot's whole history is never read. Returns the GX summary
+    up (chunked IN lists): a promoted pilot's whole history is never read. `numbered`: the file's rows
+    with their lines (`observations_io.read_numbered`), which a refusal names. Returns the GX summary
     (`check`: the look's data check) and the counts stored."""
-    gx = validate_observation_rows(
-        rows,
-        known_request_ids={str(r["request_id"]) for r in rows},  # production traffic: any request id
-        require_both_arms=False,
-        source=path,
+    rows = [row for _, row in numbered]
+    gx = checked_file_rows(
+        path,
+        numbered,
+        {str(r["request_id"]) for r in rows},  # production traffic: any request id
+        outcome="nothing was stored and no look was recorded",
     )
-    if not gx["passed"]:
-        raise ObservationImportError(
-            f"{path}: failed the observation checks; nothing was stored and no look was recorded:\n  - "
-            + "\n  - ".join(gx["failures"])
-        )
     with session_scope(immediate=True) as session:
         step = _held_step(session, info["step_id"], meanwhile=f"{path} was read")
         ids = {str(r["request_id"]) for r in rows}
@@ -394,19 +419,7 @@ def import_file(
         sample: list[dict[str, Any]] = []
         for chunk in iter_observations(path, chunk_rows):
             rows = [r for _, r in chunk]
-            gx = validate_observation_rows(
-                rows,
-                known_request_ids=known_ids,
-                require_both_arms=False,
-                source=path,
-                lines=[line for line, _ in chunk],  # the file's lines, as its parse errors name them
-                refused_request_ids=refused_ids,
-            )
-            if not gx["passed"]:
-                raise ObservationImportError(
-                    f"{path}: failed the observation checks; nothing was stored:\n  - "
-                    + "\n  - ".join(gx["failures"])
-                )
+            checked_file_rows(path, chunk, known_ids, refused_request_ids=refused_ids)
             new = check.add(rows)
             if check.conflicts or check.wrong_arm or check.reused:  # fail early; problems() lists them
                 break

@@ -107,9 +107,10 @@ def bench_dashboard(
     from sqlalchemy.exc import SQLAlchemyError
 
     from dashboard.bench import run_bench
-    from rollout.redact import mask_db_url
+    from rollout.redact import mask_db_url, redact
+    from rollout.words import counted
     from sparse_core.host import HostLoadMeter, loadavg
-    from sparsepilot.console import fail, print_table
+    from sparsepilot.console import err_console, fail, print_table
 
     _at_least(("--use-cases", use_cases, 1), ("--observations", observations, 0), ("--repeats", repeats, 1))
     database_url = _bench_database_url(database_url, os.environ)
@@ -118,24 +119,49 @@ def bench_dashboard(
     if not database_url and (scratch / "state.db").exists():
         fail(f"{scratch / 'state.db'} exists: the benchmark needs an empty scratch home")
     load_before = loadavg()
-    # the seeding and the renders run in this process; a PostgreSQL server's work counts among the others
-    with Progress(transient=True) as bar, HostLoadMeter(threads=1) as meter:
-        task = bar.add_task(f"seeding {use_cases} use cases", total=use_cases)
-        try:
-            result = run_bench(
-                scratch,
-                use_cases=use_cases,
-                observations=observations,
-                repeats=repeats,
-                progress=lambda n: bar.advance(task, n),
-                database_url=database_url or None,
-            )
-        except ValueError as exc:
-            fail(str(exc))
-        except SQLAlchemyError as exc:  # unreachable, refused, wrong database: said in one line
-            first = (str(exc).splitlines() or [""])[0][:300]
-            where = mask_db_url(database_url) if database_url else str(scratch / "state.db")
-            fail(f"the benchmark's database {where} cannot be used: {type(exc).__name__}: {first}")
+    if not json_out:
+        err_console.print(f"progress log: {Path(out).with_suffix('.log')}", highlight=False, soft_wrap=True)
+    # the seeding and the renders run in this process; a PostgreSQL server's work counts among the others;
+    # each step a line of the .log next to the JSON (`tail -f`), the console's bar showing it
+    with _progress_log(out) as log:
+        log(f"dashboard benchmark: started ({use_cases} use cases, {observations:,} observations, "
+            f"{counted(repeats, 'warm render')} a page, scratch home {scratch})")  # fmt: skip
+        with Progress(transient=True) as bar, HostLoadMeter(threads=1) as meter:
+            task = bar.add_task(f"seeding {use_cases} use cases", total=use_cases)
+            done = 0
+
+            def seeding(n: int) -> None:
+                nonlocal done
+                done += n
+                bar.advance(task, n)
+                if done % max(use_cases // 10, 1) == 0 or done == use_cases:  # about ten lines
+                    log(f"seeded {done}/{use_cases} use cases")
+
+            def say(line: str) -> None:
+                bar.update(task, description=line)
+                log(line)
+
+            try:
+                result = run_bench(
+                    scratch,
+                    use_cases=use_cases,
+                    observations=observations,
+                    repeats=repeats,
+                    progress=seeding,
+                    database_url=database_url or None,
+                    say=say,
+                )
+            except ValueError as exc:
+                log(f"error: {redact(str(exc))}")
+                fail(str(exc))
+            except SQLAlchemyError as exc:  # unreachable, refused, wrong database: said in one line
+                first = (str(exc).splitlines() or [""])[0][:300]
+                where = mask_db_url(database_url) if database_url else str(scratch / "state.db")
+                said = f"the benchmark's database {where} cannot be used: {type(exc).__name__}: {first}"
+                log(f"error: {redact(said)}")
+                fail(said)
+        log(f"host during the run: {_others_line(meter.load.to_dict())}")
+        log("dashboard benchmark: done")
     result["environment"] = {
         "loadavg_before": load_before,
         "loadavg_after": loadavg(),

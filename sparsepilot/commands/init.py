@@ -103,6 +103,7 @@ def init(json_out: JsonOpt = False) -> None:
         "mlflow_tracking_uri": _mask(settings.mlflow_tracking_uri),
         "mlflow_store": store.action,
         "mlflow_revision": store.revision,
+        "mlflow_backup": str(store.backup) if store.backup else None,
         "first_run_account": first[0] if first else None,
     }
     if first:  # printed once, to the terminal only (never into JSON output or a log)
@@ -138,4 +139,12 @@ def init(json_out: JsonOpt = False) -> None:
             highlight=False,
             markup=False,
         )
+        if store.backup:  # what a failed migration could have lost: kept until a person deletes it
+            console.print(
+                f"  its copy from before the upgrade: {store.backup} (kept; delete it once the upgraded "
+                "store has served you)",
+                highlight=False,
+                markup=False,
+                soft_wrap=True,
+            )
     console.print(f"SPARSEPILOT_HOME: {payload['home']}")

@@ -27,6 +27,12 @@ def test_bench_dashboard_small(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert all(p["cold_s"] > 0 for p in result["pages"])
     load = result["environment"]["host_load"]  # what the other processes did while it ran
     assert load["seconds"] > 0 and load["threads"] == 1 and isinstance(load["overloaded"], bool)
+    # its progress lines in the .log next to the JSON, as every other bench's (it wrote none)
+    assert f"progress log: {out.with_suffix('.log')}" in " ".join(r.output.split())
+    lines = [line.split(" ", 1)[1] for line in out.with_suffix(".log").read_text().splitlines()]
+    assert lines[0].startswith("dashboard benchmark: started (14 use cases, 1,000 observations"), lines
+    assert "seeded 14/14 use cases" in lines and lines[-1] == "dashboard benchmark: done", lines
+    assert [line.split(":")[0] for line in lines if ": cold " in line] == pages[1:], lines
     # a second run into the same scratch home is refused instead of mixing two portfolios
     r = CliRunner().invoke(app, [*args, "--home", str(tmp_path / "scratch"), "--out", str(out)])
     assert r.exit_code == 2 and "needs an empty scratch home" in r.output

@@ -54,8 +54,10 @@ def _state(name: str) -> tuple[str, str | None, int, int]:
 
 
 def test_a_file_failing_its_checks_is_refused_and_never_rolls_back(flow_use_case, tmp_path) -> None:
-    """rollback: auto; a healthy export (0 errors in 200) with one cache hit at 0 ms, and one with a
-    request repeated: each refused naming the file and row; the champion keeps serving, nothing stored."""
+    """rollback: auto; a healthy export (0 errors in 200) with one cache hit at 0 ms, the same as a CSV,
+    and one with a request repeated: each refused naming the file and its line (path:LINE, as the pilot's
+    import and the parse errors do: the CSV's data row 3 is its line 4, under the header; the monitor
+    named 'row 3'); the champion keeps serving, nothing stored."""
     from flows.monitor import monitor_flow
     from rollout.observations_io import ObservationImportError
 
@@ -68,7 +70,14 @@ def test_a_file_failing_its_checks_is_refused_and_never_rolls_back(flow_use_case
         monitor_flow(name, observations_file=path)
     message = str(refused.value)
     assert path in message and "nothing was stored and no look was recorded" in message
-    assert "row 18" in message and "latency_ms" in message, message
+    assert "prod.jsonl:18 (id 'p17/treatment'): latency_ms" in message, message
+    head = "request_id,arm,quality,latency_ms,error\n"
+    csv = tmp_path / "prod.csv"
+    csv.write_text(
+        head + "c0,treatment,0.9,500,false\nc1,treatment,0.9,500,false\nc2,treatment,0.9,0,false\n"
+    )
+    with pytest.raises(ObservationImportError, match=r"prod\.csv:4 \(id 'c2/treatment'\): latency_ms"):
+        monitor_flow(name, observations_file=str(csv))
     retried = _rows("d", 20) + _rows("d", 1)  # the same (request, arm) twice: a retry in the export
     with pytest.raises(ObservationImportError, match="more than once"):
         monitor_flow(name, observations_file=_write(tmp_path / "dup.jsonl", retried))

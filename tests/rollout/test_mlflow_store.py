@@ -125,3 +125,78 @@ def test_a_half_migrated_store_whose_only_rows_are_in_a_leftover_copy_is_refused
     assert msg.startswith(f"the MLflow store at {db} is half-migrated (leftover table "), msg
     assert "it holds _alembic_tmp_registered_models: 1 rows" in msg, msg
     assert hashlib.sha256(db.read_bytes()).hexdigest() == before
+
+
+def _runs(db: Path) -> int:
+    engine = sqlalchemy.create_engine(f"sqlite:///{db}")
+    try:
+        with engine.connect() as conn:
+            return conn.exec_driver_sql("SELECT COUNT(*) FROM runs").scalar_one()
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("runs", [2, 0])
+def test_an_upgrade_of_a_store_that_holds_runs_keeps_a_copy_of_it_from_before(
+    sp_home, behind_templates, caplog, runs: int
+) -> None:
+    """A store an older MLflow made was upgraded in place by MLflow's migrations, which are
+    not atomic: a failed or killed one could lose its runs and models. One that holds them is copied first
+    (SQLite's backup API) to mlflow.db.pre-<revision>-<UTC time>.bak beside it, which `init` says, the
+    log too, and keeps; one that holds nothing needs no copy."""
+    import re
+
+    from typer.testing import CliRunner
+
+    from sparsepilot.cli import app
+
+    template, behind = behind_templates[runs]
+    db = sp_home.home / "mlflow.db"
+    shutil.copyfile(template, db)
+    with caplog.at_level("WARNING", logger="sparsepilot.mlflow_store"):
+        res = CliRunner().invoke(app, ["init"])
+    said = " ".join(res.output.split())
+    assert res.exit_code == 0 and f"upgraded from {behind}" in said, said
+    assert _state(db)[0] == _head() and _runs(db) == runs
+    copies = [p for p in db.parent.iterdir() if p.name.startswith("mlflow.db.")]
+    if not runs:
+        assert copies == [] and "its copy" not in said and not caplog.records, (copies, said)
+        return
+    [copy] = copies
+    assert re.fullmatch(rf"mlflow\.db\.pre-{behind}-\d{{8}}T\d{{6}}Z\.bak", copy.name), copy
+    assert (_state(copy)[0], _runs(copy)) == (behind, 2)
+    assert f"its copy from before the upgrade: {copy} (kept; delete it once" in res.output, res.output
+    [logged] = [r.getMessage() for r in caplog.records]
+    assert f"at revision {behind}, behind MLflow's head {_head()}: copied to {copy} (kept)" in logged
+
+
+def test_an_upgrade_whose_copy_cannot_be_written_is_refused_and_leaves_the_store_untouched(
+    sp_home, behind_templates
+) -> None:
+    """No room for the copy (a file-size limit under the store's size: the disk full for it): `init`
+    says so, exit 2, nothing upgraded, no partial copy left."""
+    import resource
+    import signal
+
+    from typer.testing import CliRunner
+
+    from sparsepilot.cli import app
+
+    template, behind = behind_templates[2]
+    db = sp_home.home / "mlflow.db"
+    shutil.copyfile(template, db)
+    before = hashlib.sha256(db.read_bytes()).hexdigest()
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    xfsz = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG), no kill
+    resource.setrlimit(resource.RLIMIT_FSIZE, (db.stat().st_size // 2, limits[1]))
+    try:
+        res = CliRunner().invoke(app, ["init"])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, xfsz)
+    assert res.exit_code == 2, res.output
+    said = " ".join(res.output.split())
+    assert f"error: the MLflow store at {db} holds runs or models and is at revision {behind}" in said, said
+    assert "its copy before the upgrade could not be written to" in said and "nothing was upgraded" in said
+    assert hashlib.sha256(db.read_bytes()).hexdigest() == before
+    assert sorted(p.name for p in db.parent.iterdir() if p.name.startswith("mlflow.db.")) == []

@@ -92,5 +92,6 @@ def test_bench_dashboard_on_an_unreachable_database_is_one_error_line(
     assert f"error: the benchmark's database postgresql+psycopg://{user}@127.0.0.1:{port}/" in said, said
     assert "cannot be used: OperationalError" in said and "Traceback" not in res.output
     assert "S3cretDbPw" not in res.output and not out.exists()
-    logs = list((tmp_path / "home" / "logs").glob("bench-dashboard-*.log"))
-    assert logs and not any("S3cretDbPw" in log.read_text() for log in logs)
+    logs = [*(tmp_path / "home" / "logs").glob("bench-dashboard-*.log"), out.with_suffix(".log")]
+    assert out.with_suffix(".log").is_file() and not any("S3cretDbPw" in log.read_text() for log in logs)
+    assert "error: the benchmark's database" in out.with_suffix(".log").read_text()
