@@ -68,17 +68,46 @@ def secrets_redacted(fn: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
+# What `redact_prefect_logs` last saw: the logger dict's size, the names of its `prefect` placeholders
+# (a logger not made yet), and each logger it looked at with the handlers it held then.
+_LOG_SETUP_SEEN: tuple[int, frozenset[str], tuple[tuple[logging.Logger, tuple[logging.Handler, ...]], ...]]
+_LOG_SETUP_SEEN = (-1, frozenset(), ())
+_LOG_SETUP_LOCK = threading.Lock()
+
+
 def redact_prefect_logs() -> None:
     """Every handler of Prefect's logging set-up redacts what it writes (`rollout.redact.RedactingFilter`):
     the console handler on the root logger, the API log handler of the flow- and task-run loggers (the
-    Prefect UI's logs), and any other handler on a `prefect` logger. Idempotent; cheap enough to run at
-    the start of every flow and task run, after whatever set Prefect's logging up again."""
-    loggers = [logging.getLogger()] + [
-        lg
-        for name, lg in _loggers_now().items()
-        if isinstance(lg, logging.Logger) and (name == "prefect" or name.startswith("prefect."))
-    ]
-    redact_log_records(h for lg in loggers for h in lg.handlers if type(h).__module__.startswith("prefect."))
+    Prefect UI's logs), and any other handler on a `prefect` logger. Idempotent, and run at the start of
+    every flow and task run, after whatever set Prefect's logging up again (a worker's flow-run process
+    has no CLI set-up; a Prefect set-up run again replaces the handlers). It walks the logger tree once,
+    and again only when the logging set-up changed since (a logger made, a handler added or replaced on
+    one it looked at); the check costs microseconds, the walk a fraction of a millisecond per start
+    (hundreds of loggers once torch, transformers and MLflow are imported). The logger tree is read as one
+    copy (`_loggers_now`), and one thread walks at a time."""
+    global _LOG_SETUP_SEEN
+    if not _log_setup_changed(_LOG_SETUP_SEEN):
+        return
+    with _LOG_SETUP_LOCK:
+        entries = list(_loggers_now().items())
+        prefect = [(n, lg) for n, lg in entries if n == "prefect" or n.startswith("prefect.")]
+        loggers = [logging.getLogger()] + [lg for _, lg in prefect if isinstance(lg, logging.Logger)]
+        held = tuple((lg, tuple(lg.handlers)) for lg in loggers)
+        redact_log_records(h for _, hs in held for h in hs if type(h).__module__.startswith("prefect."))
+        placeholders = frozenset(n for n, lg in prefect if not isinstance(lg, logging.Logger))
+        _LOG_SETUP_SEEN = (len(entries), placeholders, held)
+
+
+def _log_setup_changed(seen: tuple[int, frozenset[str], tuple[Any, ...]]) -> bool:
+    """Whether a logger was made (the dict grew, or a placeholder became a logger) or a handler was added,
+    removed or replaced on a logger `seen` holds, since `redact_prefect_logs` walked."""
+    size, placeholders, held = seen
+    logger_dict = logging.Logger.manager.loggerDict
+    return (
+        len(logger_dict) != size
+        or any(isinstance(logger_dict.get(n), logging.Logger) for n in placeholders)
+        or any(tuple(lg.handlers) != hs for lg, hs in held)
+    )
 
 
 def _loggers_now() -> dict[str, Any]:

@@ -27,6 +27,7 @@ from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from rollout.db.models import AuditEntry, utcnow
+from rollout.redact import redact
 
 GENESIS = "0" * 64
 # The automation's actor names: the pipeline (flows, the scheduled cycle, the main job) and the monitor
@@ -70,6 +71,19 @@ def canonical_ts(ts: dt.datetime) -> str:
 def _plain(details: dict[str, Any] | None) -> dict[str, Any]:
     """Details as JSON gives them back (string keys, lists), so the hash of a re-read row matches."""
     return json.loads(json.dumps(details or {}, default=str))
+
+
+def redacted_details(value: Any) -> Any:
+    """Plain details (`_plain`) with every string value redacted (`rollout.redact`), in nested dicts and
+    lists too; keys, numbers and the rest as they are. A reason, an error's text or a URL could carry a
+    secret into the log, where it can never be removed (append-only)."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: redacted_details(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redacted_details(v) for v in value]
+    return value
 
 
 # What a row's hash covers, in this order (rows chained by migration 0003 have no os_user or host).
@@ -141,7 +155,8 @@ def record(
     details: dict[str, Any] | None = None,
 ) -> AuditEntry:
     """Append an entry in the caller's transaction. `on`: the row it is about (an ORM row of a table in
-    ENTITIES), which sets entity, entity_id and use_case_id; or give those three yourself."""
+    ENTITIES), which sets entity, entity_id and use_case_id; or give those three yourself. The details'
+    strings are stored redacted (`redacted_details`), and the row's hash covers them as stored."""
     if on is not None:
         entity, entity_id = ENTITIES[on.__tablename__], on.id
         use_case_id = on.id if entity == "use_case" else on.use_case_id
@@ -152,7 +167,7 @@ def record(
         use_case_id=use_case_id,
         entity=entity,
         entity_id=None if entity_id is None else str(entity_id),
-        details=_plain(details),
+        details=redacted_details(_plain(details)),  # hashed as stored: `audit verify` reads it so
         os_user=os_user,
         host=host,
     )

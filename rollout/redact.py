@@ -1,5 +1,7 @@
-"""Secrets never reach a message: passwords in URLs, bearer tokens, password hashes and our own
-session tokens are replaced before text is printed, logged or shown on the dashboard. `RedactingFilter`
+"""Secrets never reach a message: passwords in URLs, bearer tokens, password hashes, our own session
+tokens, the signatures of presigned cloud URLs (S3, GCS, Azure SAS) and the API keys and tokens whose
+form names them (Hugging Face, Databricks, GitHub, AWS access key ids, OpenAI-style ``sk-``) are replaced
+before text is printed, logged, shown on the dashboard or written to the audit log. `RedactingFilter`
 does it for every log record a handler it sits on writes (message and traceback); `redacted_exception`
 for an exception's text, before an orchestrator stores it as a run's state message."""
 
@@ -46,6 +48,31 @@ _BEARER = re.compile(
 # scrypt$n$r$p$salt$hash (our password hashes) and sp1.<payload>.<mac> (our CLI session tokens)
 _SCRYPT = re.compile(r"scrypt\$\d+\$\d+\$\d+\$[A-Za-z0-9_\-]+\$[A-Za-z0-9_\-]+")
 _SESSION_TOKEN = re.compile(r"\bsp1\.[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+")
+# A presigned URL's signing parameters, in its query only (after '?', '&' or the ';' of an HTML "&amp;"):
+# S3 v4 (X-Amz-Signature, X-Amz-Credential: the access key id, X-Amz-Security-Token), S3 v2
+# (AWSAccessKeyId, Signature), GCS (X-Goog-Signature, X-Goog-Credential), Azure SAS (sig). Anyone holding
+# the URL may use it until it expires. The value runs to the next parameter, a space or a quote.
+_SIGNED_QUERY = re.compile(
+    r"(?i)(?P<head>[?&;](?:x-amz-(?:signature|credential|security-token)|x-goog-(?:signature|credential)"
+    r"|awsaccesskeyid|signature|sig)=)(?P<secret>[^&\s#'\"<>()\[\]{},;]+)"
+)
+# Keys and tokens known by their form, wherever they stand (an environment dump, a config line, an error):
+# the prefix is kept so a reader sees which kind leaked. Each is a whole word of its own and as long as
+# the real ones: "dapis", "hf_hub_download", "sk-learn-compatible" and hex digests (plan hashes, MLflow
+# run ids) are none of them.
+_W = r"[A-Za-z0-9_\-]"
+_KNOWN_TOKENS = re.compile(
+    rf"(?<!{_W})(?:"
+    r"hf_[A-Za-z0-9]{30,}"  # Hugging Face: hf_ + 34 letters and digits
+    r"|dapi[0-9a-f]{32}(?:-\d+)?"  # Databricks: dapi + 32 hex digits (a "-2" suffix too)
+    r"|gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,}"  # GitHub
+    r"|(?:AKIA|ASIA)[A-Z0-9]{16}"  # AWS access key id (long-lived, temporary)
+    # OpenAI-style sk-..., sk-proj-..., sk-ant-...: random letters of both cases and digits, 20 of them in
+    # a row somewhere (a name like "sk-learn-2024-compatible" has neither)
+    rf"|sk-(?={_W}*[A-Z])(?={_W}*[a-z])(?={_W}*[0-9])(?={_W}*?[A-Za-z0-9]{{20}}){_W}{{20,}}"
+    r")(?![A-Za-z0-9])"
+)
+_TOKEN_KIND = re.compile(r"hf_|dapi|gh[pousr]_|github_pat_|AKIA|ASIA|sk-")
 
 
 def mask_db_url(url: str) -> str:
@@ -66,6 +93,8 @@ def redact(text: object) -> str:
     s = _BEARER.sub(lambda m: f"{m['head']}{MASK}", s)
     s = _SCRYPT.sub(f"scrypt${MASK}", s)
     s = _SESSION_TOKEN.sub(f"sp1.{MASK}", s)
+    s = _SIGNED_QUERY.sub(lambda m: f"{m['head']}{MASK}", s)
+    s = _KNOWN_TOKENS.sub(lambda m: f"{_TOKEN_KIND.match(m[0])[0]}{MASK}", s)
     s = _KEY_VALUE.sub(lambda m: f"{m['head']}{m['quote']}{MASK}", s)
     return s
 

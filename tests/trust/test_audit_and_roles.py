@@ -194,6 +194,47 @@ def test_verify_names_a_deleted_row(sp_home) -> None:  # noqa: ANN001
     assert res.exit_code == 1 and "audit row 3: prev_hash does not match" in res.output
 
 
+def test_details_are_stored_redacted_and_old_rows_still_verify(sp_home) -> None:  # noqa: ANN001
+    """A detail string (a reason, an error's text, a URL) carried its secret into the append-only log,
+    where it can never be removed (fix-k): now every string in the details, nested ones too, is stored
+    redacted, hashed as stored. A row written before keeps what it holds and still verifies."""
+    from rollout import audit, queries
+    from rollout.db.models import AuditEntry
+    from rollout.db.session import session_scope
+
+    url = "postgresql://app:hunter2@db/sp"
+    with session_scope() as s:  # a row as the code before wrote it: details as given
+        old = audit._append(s, AuditEntry(actor="alice", action="test.old", details={"url": url}))
+        audit.record(
+            s,
+            "alice",
+            "test.new",
+            details={
+                "reason": f"moved back: {url} refused",
+                "error": {"text": "HF hub: hf_AbCdEfGhIjKlMnOpQrStUvWxYz01234567 invalid", "code": 401},
+                "urls": ["https://b.s3.amazonaws.com/k?X-Amz-Signature=aeeed9bb", "https://h/ok"],
+                "plan_hash": "3f9a" * 16,
+                "n": 3,
+            },
+        )
+        old_id = old.id
+    with session_scope() as s:
+        assert s.get(AuditEntry, old_id).details == {"url": url}  # existing entries are not changed
+        new = s.query(AuditEntry).filter_by(action="test.new").one()
+        assert new.details == {
+            "reason": "moved back: postgresql://app:***@db/sp refused",
+            "error": {"text": "HF hub: hf_*** invalid", "code": 401},
+            "urls": ["https://b.s3.amazonaws.com/k?X-Amz-Signature=***", "https://h/ok"],
+            "plan_hash": "3f9a" * 16,
+            "n": 3,
+        }
+        assert new.row_hash == audit.row_hash_of(new)
+        exported = queries.audit_entries(s, actions=["test.new"])  # what the dashboard shows and exports
+    assert "hunter2" not in str(exported) and "hf_AbCd" not in str(exported)
+    res = runner.invoke(app, ["audit", "verify"])
+    assert res.exit_code == 0 and "audit chain intact: 2 row(s)" in res.output
+
+
 @pytest.mark.postgres
 def test_postgres_app_role_cannot_rewrite_history(
     pg_cluster, sp_home, monkeypatch: pytest.MonkeyPatch

@@ -91,6 +91,80 @@ def test_a_url_password_is_masked_and_nothing_after_it(text: str, shown: str) ->
     assert redact(text) == shown
 
 
+_S3_V4 = (
+    "https://b.s3.amazonaws.com/k?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIAIOSFODNN7EXAMPLE"
+    "%2F20240101%2Fus-east-1%2Fs3%2Faws4_request&X-Amz-Date=20240101T000000Z&X-Amz-Expires=3600"
+    "&X-Amz-Security-Token=IQoJb3JpZ2luX2VjEJr%2F%2F&X-Amz-SignedHeaders=host"
+    "&X-Amz-Signature=aeeed9bbccd4d02ee5c0109b86d86835f995330da4c265957d157751f604d404"
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        # presigned URLs: the signing parameters go, the rest of the URL stays readable
+        (
+            f"GET {_S3_V4} answered 403",
+            "GET https://b.s3.amazonaws.com/k?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=***"
+            "&X-Amz-Date=20240101T000000Z&X-Amz-Expires=3600&X-Amz-Security-Token=***"
+            "&X-Amz-SignedHeaders=host&X-Amz-Signature=*** answered 403",
+        ),
+        (
+            "https://b.s3.amazonaws.com/k?AWSAccessKeyId=AKIAIOSFODNN7EXAMPLE&Expires=1700000000"
+            "&Signature=vjbyPxybdZaNmGa%2ByT272YEAiv4%3D",
+            "https://b.s3.amazonaws.com/k?AWSAccessKeyId=***&Expires=1700000000&Signature=***",
+        ),
+        (
+            "https://storage.googleapis.com/b/o?X-Goog-Algorithm=GOOG4-RSA-SHA256"
+            "&X-Goog-Credential=sa%40p.iam.gserviceaccount.com%2F20240101&X-Goog-Signature=0a1b2c3d4e5f",
+            "https://storage.googleapis.com/b/o?X-Goog-Algorithm=GOOG4-RSA-SHA256&X-Goog-Credential=***"
+            "&X-Goog-Signature=***",
+        ),
+        (
+            "dataset https://acct.blob.core.windows.net/c/d.jsonl?sv=2022-11-02&sp=r&sig=k9Zq%2B4T%3D (403)",
+            "dataset https://acct.blob.core.windows.net/c/d.jsonl?sv=2022-11-02&sp=r&sig=*** (403)",
+        ),
+        ("<a href='https://h/o?a=1&amp;sig=abc%3D'>", "<a href='https://h/o?a=1&amp;sig=***'>"),
+        # keys and tokens known by their form, their kind kept
+        ("HF hub refused hf_AbCdEfGhIjKlMnOpQrStUvWxYz01234567 (401)", "HF hub refused hf_*** (401)"),
+        (
+            "DATABRICKS_HOST=h dapi0123456789abcdef0123456789abcdef-2 rejected",
+            "DATABRICKS_HOST=h dapi*** rejected",
+        ),
+        ("clone with ghp_" + "aB3" * 12 + " failed", "clone with ghp_*** failed"),
+        ("gho_" + "Z9" * 18 + ", ghs_" + "x1" * 18, "gho_***, ghs_***"),
+        ("github_pat_11ABCDEFG0123456789_abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGH", "github_pat_***"),
+        ("keys AKIAIOSFODNN7EXAMPLE and ASIAY34FZKBOKMUTVV7A.", "keys AKIA*** and ASIA***."),
+        ("OPENAI key sk-" + "Ab1" * 16 + " invalid", "OPENAI key sk-*** invalid"),
+        ("sk-proj-Abc123def456GHI789jklMNO012pqr_stu-vwx is out of quota", "sk-*** is out of quota"),
+    ],
+)
+def test_presigned_urls_and_known_tokens_are_redacted(text: str, shown: str) -> None:
+    """A presigned URL's signature and the keys known by their form (Hugging Face, Databricks, GitHub,
+    AWS, OpenAI-style) were shown as they were (fix-k)."""
+    assert redact(text) == shown
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "dapis and dapi0123 are words, not keys; nor is dapi0123456789abcdef0123456789abcdeg",
+        "hf_hub_download failed: hf_transfer is not installed",
+        "pip install sk-learn-2024-compatible-release",
+        # hex digests: a plan's content hash, an MLflow run id, an audit row hash
+        "plan 3f9a0c1d2e3f4a5b6c7d8e9f00112233445566778899aabbccddeeff00112233 "
+        "run 0123456789abcdef0123456789abcdef",
+        "AKIAIOSFODNN7EXAMPLEX is one letter too long; akiaiosfodnn7example is lower case",
+        # query parameters that only look alike, and a signature outside any URL's query
+        "https://h/x?signature_version=2&design=x&sigma=0.5",
+        "Signature=abc in a sentence is no URL's",
+        "ghp_short, github_pat_short, sk-short",
+    ],
+)
+def test_words_that_look_like_tokens_are_left_alone(text: str) -> None:
+    assert redact(text) == text
+
+
 def test_fail_prints_markup_literally_and_redacts(sp_home) -> None:  # noqa: ANN001
     from sparsepilot.cli import app
 

@@ -91,3 +91,60 @@ def test_sparsepilots_own_errors_keep_their_type(kind: str) -> None:
     cls = {"SettingsError": SettingsError, "LeaseLost": LeaseLost}[kind]
     made = redacted_exception(cls(f"PREFECT_API_URL={URL}: the Prefect server does not answer"))
     assert type(made) is cls and "S3cretMlflowPw" not in str(made) and "http://ops:***@" in str(made)
+
+
+class _CountedWalks(dict):
+    """The logging manager's logger dict, counting the walks over it: iteration, `keys()` (what `dict(...)`
+    of it calls), `items()`."""
+
+    walks = 0
+
+    def __iter__(self):  # noqa: ANN204
+        self.walks += 1
+        return super().__iter__()
+
+    def keys(self):  # noqa: ANN201
+        self.walks += 1
+        return super().keys()
+
+    def items(self):  # noqa: ANN201
+        self.walks += 1
+        return super().items()
+
+
+def test_prefect_logs_are_walked_once_and_again_only_when_the_set_up_changed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`redact_prefect_logs`, run at every flow and task start, walked the whole logger tree each time
+    (fix-k): now once, and again only when a logger was made or a handler added or replaced since."""
+    from prefect.logging.handlers import APILogHandler, PrefectConsoleHandler
+
+    from flows.common import redact_prefect_logs
+
+    manager = logging.Logger.manager
+    counted = _CountedWalks(manager.loggerDict)
+    monkeypatch.setattr(manager, "loggerDict", counted)  # loggers made here are gone afterwards
+    redact_prefect_logs()  # the set-up may have changed since the last run in this process: walked now
+    counted.walks = 0
+    for _ in range(50):
+        redact_prefect_logs()
+    assert counted.walks == 0
+
+    def filtered(h: logging.Handler) -> bool:
+        return any(isinstance(f, RedactingFilter) for f in h.filters)
+
+    runs, added = logging.getLogger("prefect.flow_runs"), APILogHandler()
+    runs.addHandler(added)  # a handler added to a logger it walked, as a Prefect set-up run again does
+    try:
+        redact_prefect_logs()
+        assert counted.walks == 1 and filtered(added)
+    finally:
+        runs.removeHandler(added)
+    child = logging.getLogger("prefect.sparsepilot-test.child")  # a logger made since, with its handler
+    child.addHandler(PrefectConsoleHandler())
+    redact_prefect_logs()
+    assert counted.walks == 2 and filtered(child.handlers[0])
+    parent = logging.getLogger("prefect.sparsepilot-test")  # was a placeholder: the dict did not grow
+    parent.addHandler(PrefectConsoleHandler())
+    redact_prefect_logs()
+    assert counted.walks == 3 and filtered(parent.handlers[0])
