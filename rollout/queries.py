@@ -503,7 +503,7 @@ def use_case(session: Session, name: str) -> dict[str, Any] | None:
         "created_at": uc.created_at,
         "working_now": leases.working_now(session, uc.id),
         "monitor": monitor_state(session, uc.id),
-        "running_pilot": _pilot_of_earlier_version(session, uc, spec.version if spec else None),
+        "running_pilot": running_pilot(session, uc, spec.version if spec else None),
         # "pilot N has ended" is said of a pilot no longer active only (its status, not its number)
         "latest_pilot_ended": session.scalar(
             select(Pilot.status).where(Pilot.use_case_id == uc.id).order_by(Pilot.id.desc()).limit(1)
@@ -512,11 +512,12 @@ def use_case(session: Session, name: str) -> dict[str, Any] | None:
     }
 
 
-def _pilot_of_earlier_version(session: Session, uc: UseCase, current: int | None) -> dict[str, Any] | None:
+def running_pilot(session: Session, uc: UseCase, current: int | None) -> dict[str, Any] | None:
     """The active pilot where it runs under a spec version other than `current` (a version added while
     it runs applies to the next pilot): its number, its version's spec, dataset rows and kept-apart
-    rows, and its GO level fixed when it started, what its plan is made of; None otherwise. The page
-    showed only the next pilot's plan and said of the running pilot that it "has ended"."""
+    rows, and its GO level fixed when it started, what its plan is made of; None otherwise. The one rule
+    of the use-case page and `sparsepilot usecase show`, which plan such a pilot as itself (the page
+    said of the running pilot that it "has ended"; `usecase show` planned only the next pilot)."""
     pilot = active_pilot(session, uc)
     if pilot is None or pilot.spec_version in (None, current):
         return None
@@ -534,6 +535,21 @@ def _pilot_of_earlier_version(session: Session, uc: UseCase, current: int | None
             pilot.go_alpha if pilot.go_alpha is not None else gate.get("alpha", DEFAULT_ALPHA),
         ),
     }
+
+
+def describe_running_pilot(
+    running: dict[str, Any], current: int | None, next_pilot: tuple[int | None, float]
+) -> str:
+    """What a plan of the `running_pilot` is, beside the current spec version `current`, which applies to
+    the next pilot (`next_pilot`: its number and GO level, `rollout.pilots.planned_pilot`'s): the words
+    of the use-case page and `usecase show`."""
+    number, alpha = next_pilot
+    which = "the next pilot" if number is None else f"pilot {number}"
+    return (
+        f"Pilot {running['pilot_number']} is {running['status'].replace('_', ' ')} under spec "
+        f"v{running['spec_version']}, its own rules and GO level: the plan above is its. The current "
+        f"spec v{current} applies to {which}, whose GO will be held to alpha {alpha:.3g}."
+    )
 
 
 def monitor_state(session: Session, use_case_id: int) -> dict[str, Any] | None:

@@ -306,13 +306,7 @@ def decision_needs(uc: dict[str, Any]) -> None:
         "pairs. Each request is evidence once per pilot."
     )
     if running:  # a spec version added while the pilot runs applies to the next pilot
-        nxt, alpha = uc["planned_pilot"]
-        which = "the next pilot" if nxt is None else f"pilot {nxt}"
-        st.caption(
-            f"Pilot {running['pilot_number']} is {running['status'].replace('_', ' ')} under spec "
-            f"v{running['spec_version']}, its own rules and GO level: the plan above is its. The current "
-            f"spec v{uc['spec_version']} applies to {which}, whose GO will be held to alpha {alpha:.3g}."
-        )
+        st.caption(queries.describe_running_pilot(running, uc["spec_version"], tuple(uc["planned_pilot"])))
     elif (
         number is not None
         and plan["pilot_number"] is not None
