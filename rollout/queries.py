@@ -219,6 +219,7 @@ def portfolio(
     # (`approve --withdraw`) or an override's whose signer is no longer an approver counts nothing
     signed = _signature_counts(session, [r["decision_id"] for r in rows if r["decision_id"] is not None])
     for r in rows:
+        r["decision_standing"] = decision_standing(r["decision"], r["resolution"])  # "GO, rejected"
         r["signatures"] = signed.get(r["decision_id"], 0)
         r["waits_for"] = waits_for(r)
         # what the speed-up and the dollars carry beside them: timings kept under overload, and dollars
@@ -228,6 +229,24 @@ def portfolio(
         if roi.dense_plan(r["density"], r["decode_status"]):  # saves nothing: no payback to claim
             r["payback_days"] = None
     return rows
+
+
+# A decision's resolution under which its outcome no longer stands: a person rejected it (a GO not
+# promoted, a monitor's rollback not made), its pilot was aborted, or another rollback made it moot.
+NOT_STANDING = ("rejected", "aborted", "superseded")
+
+
+def decision_standing(
+    outcome: str | None, resolution: str | None, step_index: int | None = None
+) -> str | None:
+    """A decision as it stands, in words (the one rule of the portfolio, its headline, the use-case page,
+    the pilots' last outcome and the main job's table): its outcome, with the step it judged where given,
+    and what became of it where that outcome does not stand ("GO, rejected", "GO (step 1), aborted"); a
+    stopped use case whose GO a person rejected read "GO". None without an outcome."""
+    if outcome is None:
+        return None
+    shown = outcome if step_index is None else f"{outcome} (step {step_index})"
+    return f"{shown}, {resolution}" if resolution in NOT_STANDING else shown
 
 
 def decision_waits(
@@ -352,7 +371,9 @@ def job_summary(session: Session, names: list[str]) -> list[dict[str, Any]]:
             {
                 "use_case": name,
                 "phase": r["phase"],
-                "decision": f"{r['decision']} (step {r['decision_step_index']})" if decided else "-",
+                "decision": decision_standing(r["decision"], r["resolution"], r["decision_step_index"])
+                if decided
+                else "-",
                 "decision_id": r["decision_id"],
                 "awaiting": r["awaiting"] if decided and r["resolution"] is None else "none",
                 "waits_for": waits.get(name) if decided else None,
@@ -441,14 +462,16 @@ def portfolio_totals(session: Session) -> dict[str, Any]:
     ).one()
     # the portfolio rows' decisions that are the gate's (a monitor's "GO" says no guardrail breached)
     last_dec = _current_decision()
-    outcomes = dict(
-        session.execute(
-            select(GateDecision.outcome, func.count())
-            .join(last_dec, last_dec.c.id == GateDecision.id)
-            .where(GateDecision.kind == "gate")
-            .group_by(GateDecision.outcome)
-        ).all()
-    )
+    # counted as they stand (`decision_standing`): a rejected GO is "GO, rejected", not a GO
+    outcomes: dict[str, int] = {}
+    for outcome, resolution, n in session.execute(
+        select(GateDecision.outcome, GateDecision.resolution, func.count())
+        .join(last_dec, last_dec.c.id == GateDecision.id)
+        .where(GateDecision.kind == "gate")
+        .group_by(GateDecision.outcome, GateDecision.resolution)
+    ):
+        standing = decision_standing(outcome, resolution)
+        outcomes[standing] = outcomes.get(standing, 0) + n
     # the Approvals page's cards (decision_waits' rule: an override's first signature waits too)
     pending = len(pending_decisions(session))
     phases = dict(session.execute(select(UseCase.phase, func.count()).group_by(UseCase.phase)).all())
@@ -719,7 +742,8 @@ def latency_histogram(session: Session, use_case_id: int, bins: int = 30) -> lis
 
 def pilot_history(session: Session, use_case_id: int) -> list[dict[str, Any]]:
     """The use case's pilots, oldest first: place, challenger, status, GO level (None: started before
-    alpha was spent across pilots), dates, and the outcome and count of their gate looks."""
+    alpha was spent across pilots), dates, and the outcome of their last gate look as it stands
+    (`decision_standing`) and the count of their looks."""
     looks = (
         select(
             GateDecision.pilot_id,
@@ -742,6 +766,7 @@ def pilot_history(session: Session, use_case_id: int) -> list[dict[str, Any]]:
             Pilot.ended_at,
             func.coalesce(looks.c.looks, 0).label("looks"),
             last.c.outcome.label("last_outcome"),
+            last.c.resolution.label("last_resolution"),
         )
         .join(ModelVersion, ModelVersion.id == Pilot.model_version_id)
         .outerjoin(looks, looks.c.pilot_id == Pilot.id)
@@ -749,7 +774,10 @@ def pilot_history(session: Session, use_case_id: int) -> list[dict[str, Any]]:
         .where(Pilot.use_case_id == use_case_id)
         .order_by(Pilot.id)
     )
-    return [dict(r._mapping) for r in session.execute(stmt)]
+    rows = [dict(r._mapping) for r in session.execute(stmt)]
+    for r in rows:  # as it stands: a stopped pilot's rejected GO is "GO, rejected"
+        r["last_outcome"] = decision_standing(r["last_outcome"], r.pop("last_resolution"))
+    return rows
 
 
 def decisions(session: Session, use_case_id: int) -> list[dict[str, Any]]:

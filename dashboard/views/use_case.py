@@ -67,7 +67,8 @@ def decision_block(decs: list[dict[str, Any]], row: dict[str, Any] | None) -> No
         return
     q = d["evidence"].get("quality", {})
     c1, c2, c3 = st.columns(3)
-    c1.metric("Outcome", d["outcome"], help=f"decision #{d['id']} ({d['kind']}), look {d['look_index']}")
+    standing = queries.decision_standing(d["outcome"], d["resolution"])  # "GO, rejected": the portfolio's
+    c1.metric("Outcome", standing, help=f"decision #{d['id']} ({d['kind']}), look {d['look_index']}")
     c2.metric("Quality Δ (sparse - dense)", fmt.num_interval(q.get("estimate"), None, None))
     c2.caption(f"interval {fmt.quality_interval(q.get('interval_low'), q.get('interval_high'))}")
     c3.metric("Waits for", row["waits_for"])  # queries.waits_for: the portfolio's words
