@@ -870,17 +870,26 @@ def live_signatures(given: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [a for a in given if not a["withdrawn"] and not a["lapsed"] and a["action"] != "withdraw"]
 
 
+def signed_by(given: list[dict[str, Any]]) -> list[str]:
+    """Who signed a decision, in order, from its `approvals(...)` rows: neither a signature taken back
+    (`approve --withdraw`) nor the withdrawal itself (what "approved by ..." names on the Approvals page;
+    it named both, "alice, alice, carol"). A signature that lapsed since it took effect is still named."""
+    return [a["actor"] for a in given if not a["withdrawn"] and a["action"] != "withdraw"]
+
+
 def approvals(session: Session, decision_ids: list[int]) -> list[dict[str, Any]]:
     if not decision_ids:
         return []
-    from rollout.approvals import withdrawn_signatures
+    from rollout.approvals import withdrawals
     from rollout.auth import load_accounts, still_approver
 
     stmt = select(Approval).where(Approval.decision_id.in_(decision_ids)).order_by(Approval.id)
     found = list(session.scalars(stmt))
     # only a decision with a `withdraw` row has a withdrawn signature: read those again, not every one
     withdrawn_in = {a.decision_id for a in found if a.action == "withdraw"}
-    gone = set().union(*(withdrawn_signatures(session, i) for i in withdrawn_in))
+    gone: dict[int, Approval] = {}
+    for i in withdrawn_in:
+        gone |= withdrawals(session, i)
     # an override's signature counts only while its signer is an approver (rollout.approvals'
     # `counting_signatures`): the accounts as they are now, read once
     accounts = load_accounts() if any(a.against_recommendation for a in found) else {}
@@ -891,7 +900,7 @@ def approvals(session: Session, decision_ids: list[int]) -> list[dict[str, Any]]
         ok, what = still_approver(a.actor, accounts)
         return None if ok else what
 
-    return [
+    out = [
         {
             "id": a.id,
             "decision_id": a.decision_id,
@@ -901,11 +910,33 @@ def approvals(session: Session, decision_ids: list[int]) -> list[dict[str, Any]]
             "reason": a.reason,
             "against_recommendation": a.against_recommendation,
             "withdrawn": a.id in gone,  # its signer took it back (`approve --withdraw`): it counts nothing
+            # who took it back and when (their `withdraw` row), or None
+            "withdrawn_by": gone[a.id].actor if a.id in gone else None,
+            "withdrawn_at": gone[a.id].created_at if a.id in gone else None,
             "lapsed": lapsed(a),  # why an override's signature no longer counts (its signer demoted), or None
             "created_at": a.created_at,
         }
         for a in found
     ]
+    for a in out:
+        a["status"] = signature_status(a)
+    return out
+
+
+def signature_status(a: dict[str, Any]) -> str:
+    """Whether a row of `approvals(...)` counts, in words (the Approvals page's "status" column, by
+    `live_signatures`' rule): "counts", "withdrawn by NAME at TIME UTC" (`approve --withdraw`),
+    "no longer counts: NAME is ..." (an override's signer no longer an approver), or, for the withdrawal
+    itself, "a withdrawal: counts nothing". The page listed withdrawn signatures as if they stood."""
+    if a["action"] == "withdraw":
+        return "a withdrawal: counts nothing"
+    if a["withdrawn"]:
+        when = a.get("withdrawn_at")
+        at = f" at {as_utc(when):%Y-%m-%d %H:%M} UTC" if when is not None else ""
+        return f"withdrawn by {a.get('withdrawn_by') or a['actor']}{at}"
+    if a["lapsed"]:
+        return f"no longer counts: {a['actor']} is {a['lapsed']}"
+    return "counts"
 
 
 # --- approvals ------------------------------------------------------------------------------------
