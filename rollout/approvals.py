@@ -840,25 +840,31 @@ WITHDRAW = "withdraw"  # an Approval row's action: its signer took back their ea
 
 
 def withdrawn_signatures(session: Any, decision_id: int) -> set[int]:
-    """The ids of the decision's override signatures their signers withdrew: approvals are append-only
-    (migration 0003), so a withdrawal is a later `withdraw` row by the same person (`same_person`, by
-    name or by OIDC subject, `signer_subject`: an OIDC approver whose email changed is still the one who
-    signed, as `approve` knows them)."""
+    """The ids of the decision's override signatures their signers withdrew (`withdrawals`)."""
+    return set(withdrawals(session, decision_id))
+
+
+def withdrawals(session: Any, decision_id: int) -> dict[int, Approval]:
+    """The decision's override signatures their signers withdrew, by id, each with the `withdraw` row
+    that took it back (who and when: the Approvals page says so): approvals are append-only (migration
+    0003), so a withdrawal is a later `withdraw` row by the same person (`same_person`, by name or by
+    OIDC subject, `signer_subject`: an OIDC approver whose email changed is still the one who signed, as
+    `approve` knows them); the first such row took it back."""
     rows = list(
         session.scalars(select(Approval).where(Approval.decision_id == decision_id).order_by(Approval.id))
     )
-    withdrawals = [w for w in rows if w.action == WITHDRAW]
-    if not withdrawals:
-        return set()
+    taken_back = [w for w in rows if w.action == WITHDRAW]
+    if not taken_back:
+        return {}
     subject = {a.id: signer_subject(session, a) for a in rows}
-    gone: set[int] = set()
-    for w in withdrawals:
-        gone |= {
-            a.id
-            for a in rows
-            if a.id < w.id and a.action != WITHDRAW and a.against_recommendation
-            and same_person(a.actor, w.actor, subjects=(subject[a.id], subject[w.id]))
-        }  # fmt: skip
+    gone: dict[int, Approval] = {}
+    for w in taken_back:
+        for a in rows:
+            if (
+                a.id < w.id and a.id not in gone and a.action != WITHDRAW and a.against_recommendation
+                and same_person(a.actor, w.actor, subjects=(subject[a.id], subject[w.id]))
+            ):  # fmt: skip
+                gone[a.id] = w
     return gone
 
 

@@ -219,6 +219,7 @@ def portfolio(
     # (`approve --withdraw`) or an override's whose signer is no longer an approver counts nothing
     signed = _signature_counts(session, [r["decision_id"] for r in rows if r["decision_id"] is not None])
     for r in rows:
+        r["decision_standing"] = decision_standing(r["decision"], r["resolution"])  # "GO, rejected"
         r["signatures"] = signed.get(r["decision_id"], 0)
         r["waits_for"] = waits_for(r)
         # what the speed-up and the dollars carry beside them: timings kept under overload, and dollars
@@ -228,6 +229,24 @@ def portfolio(
         if roi.dense_plan(r["density"], r["decode_status"]):  # saves nothing: no payback to claim
             r["payback_days"] = None
     return rows
+
+
+# A decision's resolution under which its outcome no longer stands: a person rejected it (a GO not
+# promoted, a monitor's rollback not made), its pilot was aborted, or another rollback made it moot.
+NOT_STANDING = ("rejected", "aborted", "superseded")
+
+
+def decision_standing(
+    outcome: str | None, resolution: str | None, step_index: int | None = None
+) -> str | None:
+    """A decision as it stands, in words (the one rule of the portfolio, its headline, the use-case page,
+    the pilots' last outcome and the main job's table): its outcome, with the step it judged where given,
+    and what became of it where that outcome does not stand ("GO, rejected", "GO (step 1), aborted"); a
+    stopped use case whose GO a person rejected read "GO". None without an outcome."""
+    if outcome is None:
+        return None
+    shown = outcome if step_index is None else f"{outcome} (step {step_index})"
+    return f"{shown}, {resolution}" if resolution in NOT_STANDING else shown
 
 
 def decision_waits(
@@ -352,7 +371,9 @@ def job_summary(session: Session, names: list[str]) -> list[dict[str, Any]]:
             {
                 "use_case": name,
                 "phase": r["phase"],
-                "decision": f"{r['decision']} (step {r['decision_step_index']})" if decided else "-",
+                "decision": decision_standing(r["decision"], r["resolution"], r["decision_step_index"])
+                if decided
+                else "-",
                 "decision_id": r["decision_id"],
                 "awaiting": r["awaiting"] if decided and r["resolution"] is None else "none",
                 "waits_for": waits.get(name) if decided else None,
@@ -441,14 +462,16 @@ def portfolio_totals(session: Session) -> dict[str, Any]:
     ).one()
     # the portfolio rows' decisions that are the gate's (a monitor's "GO" says no guardrail breached)
     last_dec = _current_decision()
-    outcomes = dict(
-        session.execute(
-            select(GateDecision.outcome, func.count())
-            .join(last_dec, last_dec.c.id == GateDecision.id)
-            .where(GateDecision.kind == "gate")
-            .group_by(GateDecision.outcome)
-        ).all()
-    )
+    # counted as they stand (`decision_standing`): a rejected GO is "GO, rejected", not a GO
+    outcomes: dict[str, int] = {}
+    for outcome, resolution, n in session.execute(
+        select(GateDecision.outcome, GateDecision.resolution, func.count())
+        .join(last_dec, last_dec.c.id == GateDecision.id)
+        .where(GateDecision.kind == "gate")
+        .group_by(GateDecision.outcome, GateDecision.resolution)
+    ):
+        standing = decision_standing(outcome, resolution)
+        outcomes[standing] = outcomes.get(standing, 0) + n
     # the Approvals page's cards (decision_waits' rule: an override's first signature waits too)
     pending = len(pending_decisions(session))
     phases = dict(session.execute(select(UseCase.phase, func.count()).group_by(UseCase.phase)).all())
@@ -503,7 +526,7 @@ def use_case(session: Session, name: str) -> dict[str, Any] | None:
         "created_at": uc.created_at,
         "working_now": leases.working_now(session, uc.id),
         "monitor": monitor_state(session, uc.id),
-        "running_pilot": _pilot_of_earlier_version(session, uc, spec.version if spec else None),
+        "running_pilot": running_pilot(session, uc, spec.version if spec else None),
         # "pilot N has ended" is said of a pilot no longer active only (its status, not its number)
         "latest_pilot_ended": session.scalar(
             select(Pilot.status).where(Pilot.use_case_id == uc.id).order_by(Pilot.id.desc()).limit(1)
@@ -512,11 +535,12 @@ def use_case(session: Session, name: str) -> dict[str, Any] | None:
     }
 
 
-def _pilot_of_earlier_version(session: Session, uc: UseCase, current: int | None) -> dict[str, Any] | None:
+def running_pilot(session: Session, uc: UseCase, current: int | None) -> dict[str, Any] | None:
     """The active pilot where it runs under a spec version other than `current` (a version added while
     it runs applies to the next pilot): its number, its version's spec, dataset rows and kept-apart
-    rows, and its GO level fixed when it started, what its plan is made of; None otherwise. The page
-    showed only the next pilot's plan and said of the running pilot that it "has ended"."""
+    rows, and its GO level fixed when it started, what its plan is made of; None otherwise. The one rule
+    of the use-case page and `sparsepilot usecase show`, which plan such a pilot as itself (the page
+    said of the running pilot that it "has ended"; `usecase show` planned only the next pilot)."""
     pilot = active_pilot(session, uc)
     if pilot is None or pilot.spec_version in (None, current):
         return None
@@ -534,6 +558,21 @@ def _pilot_of_earlier_version(session: Session, uc: UseCase, current: int | None
             pilot.go_alpha if pilot.go_alpha is not None else gate.get("alpha", DEFAULT_ALPHA),
         ),
     }
+
+
+def describe_running_pilot(
+    running: dict[str, Any], current: int | None, next_pilot: tuple[int | None, float]
+) -> str:
+    """What a plan of the `running_pilot` is, beside the current spec version `current`, which applies to
+    the next pilot (`next_pilot`: its number and GO level, `rollout.pilots.planned_pilot`'s): the words
+    of the use-case page and `usecase show`."""
+    number, alpha = next_pilot
+    which = "the next pilot" if number is None else f"pilot {number}"
+    return (
+        f"Pilot {running['pilot_number']} is {running['status'].replace('_', ' ')} under spec "
+        f"v{running['spec_version']}, its own rules and GO level: the plan above is its. The current "
+        f"spec v{current} applies to {which}, whose GO will be held to alpha {alpha:.3g}."
+    )
 
 
 def monitor_state(session: Session, use_case_id: int) -> dict[str, Any] | None:
@@ -703,7 +742,8 @@ def latency_histogram(session: Session, use_case_id: int, bins: int = 30) -> lis
 
 def pilot_history(session: Session, use_case_id: int) -> list[dict[str, Any]]:
     """The use case's pilots, oldest first: place, challenger, status, GO level (None: started before
-    alpha was spent across pilots), dates, and the outcome and count of their gate looks."""
+    alpha was spent across pilots), dates, and the outcome of their last gate look as it stands
+    (`decision_standing`) and the count of their looks."""
     looks = (
         select(
             GateDecision.pilot_id,
@@ -726,6 +766,7 @@ def pilot_history(session: Session, use_case_id: int) -> list[dict[str, Any]]:
             Pilot.ended_at,
             func.coalesce(looks.c.looks, 0).label("looks"),
             last.c.outcome.label("last_outcome"),
+            last.c.resolution.label("last_resolution"),
         )
         .join(ModelVersion, ModelVersion.id == Pilot.model_version_id)
         .outerjoin(looks, looks.c.pilot_id == Pilot.id)
@@ -733,7 +774,10 @@ def pilot_history(session: Session, use_case_id: int) -> list[dict[str, Any]]:
         .where(Pilot.use_case_id == use_case_id)
         .order_by(Pilot.id)
     )
-    return [dict(r._mapping) for r in session.execute(stmt)]
+    rows = [dict(r._mapping) for r in session.execute(stmt)]
+    for r in rows:  # as it stands: a stopped pilot's rejected GO is "GO, rejected"
+        r["last_outcome"] = decision_standing(r["last_outcome"], r.pop("last_resolution"))
+    return rows
 
 
 def decisions(session: Session, use_case_id: int) -> list[dict[str, Any]]:
@@ -826,17 +870,26 @@ def live_signatures(given: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [a for a in given if not a["withdrawn"] and not a["lapsed"] and a["action"] != "withdraw"]
 
 
+def signed_by(given: list[dict[str, Any]]) -> list[str]:
+    """Who signed a decision, in order, from its `approvals(...)` rows: neither a signature taken back
+    (`approve --withdraw`) nor the withdrawal itself (what "approved by ..." names on the Approvals page;
+    it named both, "alice, alice, carol"). A signature that lapsed since it took effect is still named."""
+    return [a["actor"] for a in given if not a["withdrawn"] and a["action"] != "withdraw"]
+
+
 def approvals(session: Session, decision_ids: list[int]) -> list[dict[str, Any]]:
     if not decision_ids:
         return []
-    from rollout.approvals import withdrawn_signatures
+    from rollout.approvals import withdrawals
     from rollout.auth import load_accounts, still_approver
 
     stmt = select(Approval).where(Approval.decision_id.in_(decision_ids)).order_by(Approval.id)
     found = list(session.scalars(stmt))
     # only a decision with a `withdraw` row has a withdrawn signature: read those again, not every one
     withdrawn_in = {a.decision_id for a in found if a.action == "withdraw"}
-    gone = set().union(*(withdrawn_signatures(session, i) for i in withdrawn_in))
+    gone: dict[int, Approval] = {}
+    for i in withdrawn_in:
+        gone |= withdrawals(session, i)
     # an override's signature counts only while its signer is an approver (rollout.approvals'
     # `counting_signatures`): the accounts as they are now, read once
     accounts = load_accounts() if any(a.against_recommendation for a in found) else {}
@@ -847,7 +900,7 @@ def approvals(session: Session, decision_ids: list[int]) -> list[dict[str, Any]]
         ok, what = still_approver(a.actor, accounts)
         return None if ok else what
 
-    return [
+    out = [
         {
             "id": a.id,
             "decision_id": a.decision_id,
@@ -857,11 +910,33 @@ def approvals(session: Session, decision_ids: list[int]) -> list[dict[str, Any]]
             "reason": a.reason,
             "against_recommendation": a.against_recommendation,
             "withdrawn": a.id in gone,  # its signer took it back (`approve --withdraw`): it counts nothing
+            # who took it back and when (their `withdraw` row), or None
+            "withdrawn_by": gone[a.id].actor if a.id in gone else None,
+            "withdrawn_at": gone[a.id].created_at if a.id in gone else None,
             "lapsed": lapsed(a),  # why an override's signature no longer counts (its signer demoted), or None
             "created_at": a.created_at,
         }
         for a in found
     ]
+    for a in out:
+        a["status"] = signature_status(a)
+    return out
+
+
+def signature_status(a: dict[str, Any]) -> str:
+    """Whether a row of `approvals(...)` counts, in words (the Approvals page's "status" column, by
+    `live_signatures`' rule): "counts", "withdrawn by NAME at TIME UTC" (`approve --withdraw`),
+    "no longer counts: NAME is ..." (an override's signer no longer an approver), or, for the withdrawal
+    itself, "a withdrawal: counts nothing". The page listed withdrawn signatures as if they stood."""
+    if a["action"] == "withdraw":
+        return "a withdrawal: counts nothing"
+    if a["withdrawn"]:
+        when = a.get("withdrawn_at")
+        at = f" at {as_utc(when):%Y-%m-%d %H:%M} UTC" if when is not None else ""
+        return f"withdrawn by {a.get('withdrawn_by') or a['actor']}{at}"
+    if a["lapsed"]:
+        return f"no longer counts: {a['actor']} is {a['lapsed']}"
+    return "counts"
 
 
 # --- approvals ------------------------------------------------------------------------------------

@@ -437,7 +437,7 @@ def show_usecase(name: str, *, version: int | None = None, url: str | None = Non
             "dataset_rows": sv.dataset_rows,
             "validation": sv.validation,
             "working_now": working_now(s, uc.id),
-            "pilot_plan": _plan_of_stored(sv, planned=_planned_pilot(s, uc, sv), with_monitor=True),
+            **_plan_shown(s, uc, sv, default_version=version is None),
             **_pilots_and_budget(s, uc, next(v for v in versions if v.version == uc.current_spec_version)),
             "monitor": _monitor_state(s, uc),
             "versions": [
@@ -598,6 +598,39 @@ def _monitor_state(s: Session, uc: UseCase) -> str | None:
     return describe_monitor_state(monitor_state(s, uc.id))
 
 
+def _plan_shown(s: Session, uc: UseCase, sv: SpecVersion, *, default_version: bool) -> dict[str, Any]:
+    """`usecase show`'s `pilot_plan` and `running_pilot`. Without `--version` (`default_version`), as the
+    use-case page: a pilot running under an earlier spec version than the current is planned as itself,
+    under its own version and GO level (`rollout.queries.running_pilot`), and `running_pilot` says so
+    and what the current version applies to (`describe_running_pilot`); it used to plan only the next
+    pilot, under the current version. Else (or with `--version N`) the plan of the version shown, for
+    the pilot it is for (`_planned_pilot`)."""
+    # rollout.queries builds on rollout.pilots, which builds on this module
+    from rollout.queries import describe_running_pilot, running_pilot
+
+    planned = _planned_pilot(s, uc, sv)
+    running = running_pilot(s, uc, sv.version) if default_version else None
+    if running is None:
+        return {"pilot_plan": _plan_of_stored(sv, planned=planned, with_monitor=True), "running_pilot": None}
+    plan = _plan_of(
+        running["spec"],
+        running["dataset_rows"],
+        running["kept_apart"],
+        planned=running["planned_pilot"],
+        with_monitor=True,
+    )
+    return {
+        "pilot_plan": plan,
+        "running_pilot": {
+            "pilot_number": running["pilot_number"],
+            "status": running["status"],
+            "spec_version": running["spec_version"],
+            "go_alpha": running["planned_pilot"][1],
+            "note": describe_running_pilot(running, sv.version, planned),
+        },
+    }
+
+
 def _plan_of_stored(
     sv: SpecVersion,
     approval_after: int | None = None,
@@ -608,14 +641,34 @@ def _plan_of_stored(
     """The pilot plan of a stored spec version, for the use case's pilot `planned` (its number and GO
     level, `_planned_pilot`; `with_monitor`: and how fast the monitor reacts after promotion); None for a
     stored spec that no longer validates (the flows refuse it with the reason, see load_spec_version)."""
+    return _plan_of(
+        sv.spec,
+        sv.dataset_rows,
+        kept_apart_of(sv.validation),
+        approval_after,
+        planned=planned,
+        with_monitor=with_monitor,
+    )
+
+
+def _plan_of(
+    stored: dict[str, Any],
+    dataset_rows: int | None,
+    kept_apart: int | None,
+    approval_after: int | None = None,
+    *,
+    planned: tuple[int | None, float],
+    with_monitor: bool = False,
+) -> dict[str, Any] | None:
+    """`_plan_of_stored` of a stored spec's parts (its spec, dataset rows and kept-apart rows)."""
     try:
-        spec = UseCaseSpec.model_validate(sv.spec)
+        spec = UseCaseSpec.model_validate(stored)
     except ValueError:  # pydantic's ValidationError
         return None
     return plan_summary(
         spec,
-        dataset_rows=sv.dataset_rows,
-        kept_apart=kept_apart_of(sv.validation),
+        dataset_rows=dataset_rows,
+        kept_apart=kept_apart,
         approval_after=approval_after,
         pilot_number=planned[0],
         go_alpha=planned[1],
@@ -626,12 +679,21 @@ def _plan_of_stored(
 def pilot_plan_of(
     name: str, *, approval_after: int | None = None, url: str | None = None
 ) -> dict[str, Any] | None:
-    """What the use case's active (else next) pilot of the current spec version takes before its approval
-    (rollout.pilot_plan), with the dataset's distinct requests where the dataset is the traffic source."""
+    """What the use case's active (else next) pilot takes before its approval (rollout.pilot_plan), with
+    the dataset's distinct requests where the dataset is the traffic source: under the current spec
+    version, or an active pilot's own where it runs under an earlier one (`rollout.queries.running_pilot`,
+    as `usecase show` and the use-case page plan it)."""
+    from rollout.queries import running_pilot  # builds on this module, as in _plan_shown
+
     with session_scope(url) as s:
         uc = get_use_case(s, name)
         sv = _version_of(s, uc)
-        plan = _plan_of_stored(sv, approval_after, planned=_planned_pilot(s, uc, sv))
+        running = running_pilot(s, uc, sv.version)
+        if running is None:
+            plan = _plan_of_stored(sv, approval_after, planned=_planned_pilot(s, uc, sv))
+        else:
+            parts = (running["spec"], running["dataset_rows"], running["kept_apart"], approval_after)
+            plan = _plan_of(*parts, planned=running["planned_pilot"])
     return None if plan is None else {"use_case": name, **plan}
 
 

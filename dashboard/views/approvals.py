@@ -137,10 +137,10 @@ def decision_card(d: dict[str, Any], ident: Identity | None) -> None:
         st.warning(skips)
     else:
         st.markdown(f"The gate recommends: **{recommended}**.")
-    if d["approvals"]:
+    if d["approvals"]:  # every signature, each with whether it counts (queries.signature_status)
         st.dataframe(
             pd.DataFrame(d["approvals"])[
-                ["actor", "role", "action", "reason", "against_recommendation", "created_at"]
+                ["actor", "role", "action", "status", "reason", "against_recommendation", "created_at"]
             ],
             hide_index=True,
             width="stretch",
@@ -267,7 +267,7 @@ def unapplied_text(d: dict[str, Any]) -> str:
     if d["automatic"]:
         head = f"The monitor's automatic rollback of {d['use_case']} (decision #{d['id']}) did not complete"
     else:
-        who = ", ".join(a["actor"] for a in d["approvals"]) or "an approver"
+        who = ", ".join(queries.signed_by(d["approvals"])) or "an approver"  # not a withdrawn signature
         head = (
             f"Decision #{d['id']} of {d['use_case']} was {what[0]} by {who}, but {what[1]} did not complete"
         )

@@ -81,7 +81,9 @@ def to_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     numeric = [c for c in df.columns if c.startswith(NUMERIC_PREFIXES) or c == "density"]
     df[numeric] = df[numeric].apply(pd.to_numeric, errors="coerce")
-    df["decision"] = df["decision"].fillna("-")
+    df["outcome"] = df["decision"].fillna("-")  # the gate's outcome alone: the chart's colour
+    # the decision as it stands (queries.decision_standing): a rejected GO reads "GO, rejected"
+    df["decision"] = df["decision_standing"].fillna("-")
     df["step"] = [fmt.step_label(r) for r in rows]
     df["quality interval"] = [fmt.quality_interval(r["quality_low"], r["quality_high"]) for r in rows]
     df["quality from"] = [fmt.quality_source(r) for r in rows]
@@ -194,7 +196,8 @@ def savings_vs_risk(df: pd.DataFrame) -> alt.Chart:
     points = base.mark_point(filled=True).encode(
         y=alt.Y("savings_month_usd:Q", title="Expected $/month saved"),
         color=alt.Color(
-            "decision:N",
+            "outcome:N",
+            title="decision",
             scale=alt.Scale(domain=list(DECISION_COLORS), range=list(DECISION_COLORS.values())),
         ),
         size=alt.Size("criticality:N", sort=CRITICALITY_ORDER, scale=alt.Scale(range=[60, 260])),

@@ -67,7 +67,8 @@ def decision_block(decs: list[dict[str, Any]], row: dict[str, Any] | None) -> No
         return
     q = d["evidence"].get("quality", {})
     c1, c2, c3 = st.columns(3)
-    c1.metric("Outcome", d["outcome"], help=f"decision #{d['id']} ({d['kind']}), look {d['look_index']}")
+    standing = queries.decision_standing(d["outcome"], d["resolution"])  # "GO, rejected": the portfolio's
+    c1.metric("Outcome", standing, help=f"decision #{d['id']} ({d['kind']}), look {d['look_index']}")
     c2.metric("Quality Δ (sparse - dense)", fmt.num_interval(q.get("estimate"), None, None))
     c2.caption(f"interval {fmt.quality_interval(q.get('interval_low'), q.get('interval_high'))}")
     c3.metric("Waits for", row["waits_for"])  # queries.waits_for: the portfolio's words
@@ -306,13 +307,7 @@ def decision_needs(uc: dict[str, Any]) -> None:
         "pairs. Each request is evidence once per pilot."
     )
     if running:  # a spec version added while the pilot runs applies to the next pilot
-        nxt, alpha = uc["planned_pilot"]
-        which = "the next pilot" if nxt is None else f"pilot {nxt}"
-        st.caption(
-            f"Pilot {running['pilot_number']} is {running['status'].replace('_', ' ')} under spec "
-            f"v{running['spec_version']}, its own rules and GO level: the plan above is its. The current "
-            f"spec v{uc['spec_version']} applies to {which}, whose GO will be held to alpha {alpha:.3g}."
-        )
+        st.caption(queries.describe_running_pilot(running, uc["spec_version"], tuple(uc["planned_pilot"])))
     elif (
         number is not None
         and plan["pilot_number"] is not None

@@ -112,6 +112,8 @@ def _print_usecase(info: dict[str, Any]) -> None:
         console.print(f"working now: {info['working_now']}", highlight=False, markup=False)
     console.print(yaml.safe_dump(info["spec"], sort_keys=False).rstrip(), highlight=False, markup=False)
     _print_plan(info["pilot_plan"])
+    if info.get("running_pilot"):  # planned as itself, under its own spec version (as the use-case page)
+        say(info["running_pilot"]["note"])
     _print_pilots(info)
     if info.get("monitor"):
         say(info["monitor"])

@@ -132,3 +132,34 @@ def test_an_approval_with_mlflow_down_says_so_within_seconds(
     shown = "\n".join(w.value.replace("\\", "") for w in at.warning)
     assert f"Decision #{go} of contract-summarisation was approved by alice" in shown, texts(at)
     assert "not in effect" in shown
+
+
+def test_a_withdrawn_signature_is_shown_as_withdrawn_and_counts_nothing(seeded: dict[str, Any]) -> None:
+    """The card's signature table listed alice's withdrawn override signature (and her withdrawal) as
+    if they stood, beside carol's first signature: each row now says whether it counts ("withdrawn by
+    alice at ...", "a withdrawal: counts nothing", "counts"), and only carol's is counted: the card's
+    warning, its co-sign button, the portfolio's "Waits for" and the headline; once the override takes
+    effect but its promotion does not complete, the page's "approved by" (`queries.signed_by`) names
+    neither alice's withdrawn signature nor her withdrawal."""
+    did = seeded["document-qa:decision"]  # a running pilot's EXTEND that asked nobody
+    alice = Identity("alice", "approver", "local-account")
+    waiting = queries.read(queries.portfolio_totals)["pending_approvals"]  # the seeded GO's card
+    assert approvals.approve(did, alice, "the business needs it").needs_second_approver
+    approvals.withdraw(did, alice, "signed by mistake")
+    assert approvals.approve(did, CAROL, "worth it").needs_second_approver  # a first signature again
+
+    at = open_page(sign_in(new_app(), "alice"), "approvals")  # hers taken back, she may co-sign carol's
+    table = next(d.value for d in at.dataframe if "against_recommendation" in d.value.columns)
+    rows = list(zip(table["actor"], table["action"], table["status"], strict=True))
+    assert rows[1:] == [("alice", "withdraw", "a withdrawal: counts nothing"), ("carol", "approve", "counts")]
+    assert rows[0][:2] == ("alice", "approve") and rows[0][2].startswith("withdrawn by alice at ")
+    assert rows[0][2].endswith(" UTC")
+    assert "carol signed an override (approve)" in texts(at) and "alice signed" not in texts(at)
+    assert "Co-sign the promotion" in button_labels(at)
+    with session_scope() as s:
+        row = next(r for r in queries.portfolio(s) if r["name"] == "document-qa")
+        assert (row["signatures"], row["waits_for"]) == (1, "a second approver")
+        assert queries.portfolio_totals(s)["pending_approvals"] == waiting + 1  # one card, not two
+    # who signed it, as a decision decided but not in effect names them ("approved by ..."): carol, not
+    # alice's withdrawn signature and her withdrawal beside her
+    assert queries.signed_by(queries.read(queries.decision, did)["approvals"]) == ["carol"]

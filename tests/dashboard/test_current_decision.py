@@ -174,3 +174,32 @@ def test_an_invalid_look_waits_for_an_abort_not_for_more_samples(seeded: dict[st
     at.query_params["name"] = "document-qa"
     open_page(at, "use_case")
     assert _metrics(at)["Waits for"] == row["waits_for"]
+
+
+def test_a_rejected_go_reads_as_rejected_wherever_the_decision_is_shown(seeded: dict[str, Any]) -> None:
+    """A stopped use case whose GO two approvers rejected read "GO" in the portfolio's decision column,
+    its headline ("1 GO"), the use-case page's Outcome, its pilots' last outcome and the main job's table:
+    each now says what stands (`queries.decision_standing`)."""
+    from rollout import approvals, queries
+    from rollout.auth import Identity
+
+    for who in ("alice", "carol"):  # against the gate: an override, two approvers
+        approvals.approve(
+            seeded[f"{NAME}:decision"], Identity(who, "approver", "local-account"), "legal", reject=True
+        )
+    row = _row()
+    assert (row["phase"], row["decision"], row["resolution"]) == ("stopped", "GO", "rejected")
+    assert "GO" not in queries.read(queries.portfolio_totals)["decisions"]
+    summary = queries.read(queries.job_summary, [NAME])[0]["decision"]
+    assert summary.startswith("GO") and summary.endswith(", rejected"), summary
+    assert queries.read(queries.pilot_history, row["id"])[-1]["last_outcome"] == "GO, rejected"
+
+    at = new_app()
+    assert at.dataframe[0].value.set_index("name").loc[NAME, "decision"] == "GO, rejected"
+    assert not any(m.label == "Latest decisions" and m.value.startswith("1 GO") for m in at.metric)
+    at.query_params["name"] = NAME
+    open_page(at, "use_case")
+    assert _metrics(at)["Outcome"] == "GO, rejected"
+    assert row["decision_standing"] == "GO, rejected"
+    pilots = next(d.value for d in at.dataframe if "last_outcome" in d.value.columns)  # "Last outcome"
+    assert list(pilots["last_outcome"]) == ["GO, rejected"]

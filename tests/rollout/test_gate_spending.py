@@ -23,7 +23,7 @@ from rollout.gate.simulation import simulate
 from rollout.gate.spending import account, describe, pilot_alpha, spent
 from rollout.pilot_plan import describe_to_approval, plan_pilot
 from rollout.spec import parse_spec
-from rollout.usecases import show_usecase
+from rollout.usecases import pilot_plan_of, show_usecase
 from sparsepilot.cli import app
 
 from .test_gate import paired_frame
@@ -287,19 +287,31 @@ def test_a_new_spec_version_is_planned_for_its_own_next_pilot(sp_home) -> None: 
     """A pilot started under alpha 0.1 (GO level 0.0608) still runs when a new spec version lowers alpha
     to 0.05: the plan views used to combine that pilot's level with the new version's gate and crash
     (`go_alpha` above alpha). The new version's plan is for its own next pilot; the running one keeps its
-    own version's gate."""
+    own version's gate: `usecase show` plans it as itself, as the use-case page does (rollout.queries.
+    running_pilot), and says the current version applies to pilot 2; `--version 2` plans pilot 2."""
     data = example_spec("docs-qa")
     data["gate"]["alpha"] = 0.1
     loose = parse_spec(data, "docs-qa.yaml")
     with session_scope() as s:
         uc, mvs = _use_case(s)
+        s.get(SpecVersion, 1).spec = loose.to_dict()  # v1 as stored: the gate pilot 1 runs under
         running = pilots.start_pilot(s, uc, mvs[0], loose, actor="test")
         assert running.go_alpha == pytest.approx(pilot_alpha(0.1, 1)) and running.spec_version == 1
         stored = parse_spec(example_spec("docs-qa"), "docs-qa.yaml").to_dict()  # alpha 0.05
         s.add(SpecVersion(use_case_id=uc.id, version=2, spec=stored, spec_hash="i" * 64, created_by="o"))
         uc.current_spec_version = 2
-    plan = show_usecase("docs-qa")["pilot_plan"]
+    plan = show_usecase("docs-qa", version=2)["pilot_plan"]
     assert (plan["pilot_number"], plan["go_alpha"]) == (2, 0.0)  # 0.0608 of 0.05 is spent already
     assert "no pilot can start" in plan["warnings"][0]
     with session_scope() as s:  # the running pilot's own version plans it at its own level
         assert pilots.planned_pilot(s, s.get(UseCase, 1), {"alpha": 0.1}, 1) == (1, running.go_alpha)
+    # `usecase show` (no --version) plans the running pilot, as the use-case page (and the main job's
+    # approval line, pilot_plan_of): they planned pilot 2
+    text = " ".join(CliRunner().invoke(app, ["usecase", "show", "docs-qa"]).stdout.split())
+    assert "spec v2 (current v2)" in text and "no pilot can start" not in text, text
+    assert f"pilot 1, its GO held to alpha {running.go_alpha:.3g})" in text, text
+    assert (
+        "Pilot 1 is running under spec v1, its own rules and GO level: the plan above is its. The current "
+        "spec v2 applies to pilot 2, whose GO will be held to alpha 0." in text
+    ), text
+    assert pilot_plan_of("docs-qa")["pilot_number"] == 1
