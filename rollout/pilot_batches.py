@@ -137,8 +137,11 @@ def ensure_pilot_in(session: Any, use_case: str, *, pilot_anyway: bool = False) 
 
 
 def ensure_pilot(use_case: str, *, pilot_anyway: bool = False) -> dict[str, Any]:
-    """`ensure_pilot_in` in its own transaction."""
-    with session_scope() as session:
+    """`ensure_pilot_in` in its own transaction, which on SQLite holds the write lock from its start (as an
+    import's does): two processes starting the first pilot at once take turns, and the second joins the
+    pilot the first started (a deferred transaction let both read "no pilot" and the second's start failed
+    with the raw IntegrityError on `uq_pilots_use_case_number`)."""
+    with session_scope(immediate=True) as session:
         return ensure_pilot_in(session, use_case, pilot_anyway=pilot_anyway)
 
 
