@@ -124,7 +124,9 @@ def test_a_calibration_recorded_before_the_upgrade_is_read_by_todays_rule(sp_hom
     assert latest_plan_met_budget("all-dense") is False
     with (
         session_scope() as s,
-        pytest.raises(PilotStateError, match="found no sparse plan within the quality"),
+        pytest.raises(
+            PilotStateError, match=r"all-dense: not piloted: no sparse plan met the quality budget"
+        ),
     ):
         ensure_pilot_in(s, "all-dense")
     with session_scope() as s:

@@ -6,6 +6,7 @@ its words. Real state DB, a use case added through `add_usecase`, its runs as th
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,16 @@ def test_a_plan_the_portfolio_says_is_not_piloted_starts_no_pilot_on_any_path(sp
     assert step["kind"] == "shadow" and _pilots("dense-plan") == 1
     assert pilot_batches.pilot_skip("dense-plan") is None  # a running pilot keeps running
     assert pilot_batches.ensure_pilot("dense-plan")["pilot_id"] == step["pilot_id"]
+    assert pilot_batches.pilot_refusal("dense-plan") is None
+
+    # what `sparsepilot pilot` asks before its flow: once the pilot has ended, that is what it says (it
+    # said "not piloted: the plan keeps 100.00% ..." while the flow said the pilot had ended)
+    pilot_batches.abort("dense-plan", actor="test", reason="test")
+    ended = "dense-plan: pilot 1 of this challenger has ended (stopped); calibrate a new challenger"
+    assert str(pilot_batches.pilot_refusal("dense-plan")).startswith(ended)
+    assert str(pilot_batches.pilot_refusal("dense-plan", pilot_anyway=True)).startswith(ended)
+    with pytest.raises(pilot_batches.pilots.PilotStateError, match=re.escape(ended)):
+        pilot_batches.ensure_pilot("dense-plan", pilot_anyway=True)
 
 
 def _start_in_process(name: str, barrier: Any, queue: Any) -> None:
