@@ -44,6 +44,21 @@ def budget_words(report: Mapping[str, Any]) -> str:
     return "NOT met: plan stays dense"
 
 
+MISSED_BUDGET = "no sparse plan met the quality budget"  # neither part: the plan is the dense model
+STAYS_DENSE = "stays dense, not piloted"
+
+
+def missed_budget_refusal(use_case: str, run_id: int) -> str:
+    """What starting a pilot of a challenger whose calibration missed the budget (`met_budget` false) is
+    told, in the words the cycle logs and the portfolio shows (`rollout.roi.pilot_skip_reason`'s first
+    case): `sparsepilot pilot NAME` before its flow starts, an import, the pilot flow itself.
+    --pilot-anyway does not waive it: there is no sparse plan to pilot."""
+    return (
+        f"{use_case}: not piloted: {MISSED_BUDGET} (calibration run {run_id}): {STAYS_DENSE}; nothing was "
+        "started, --pilot-anyway included (the challenger is the dense model)"
+    )
+
+
 def recorded_flags(
     metrics: Mapping[str, Any], decode_calibration: Mapping[str, Any] | None
 ) -> dict[str, Any]:
@@ -58,4 +73,12 @@ def recorded_flags(
     return {**metrics, "met_budget": met_budget(report), "prefill_met_budget": prefill}
 
 
-__all__ = ["budget_words", "decode_met_budget", "met_budget", "recorded_flags"]
+__all__ = [
+    "MISSED_BUDGET",
+    "STAYS_DENSE",
+    "budget_words",
+    "decode_met_budget",
+    "met_budget",
+    "missed_budget_refusal",
+    "recorded_flags",
+]

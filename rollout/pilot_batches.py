@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import select
 
 from rollout import audit, lifecycle, pilots, run_links, runs
+from rollout.calibration_outcome import missed_budget_refusal
 from rollout.db.models import AuditEntry, ModelVersion, Observation, Pilot, PilotStep, as_utc, utcnow
 from rollout.db.session import session_scope
 from rollout.observations_io import ObservationImportError, iter_observations, validate_observation_rows
@@ -66,8 +67,8 @@ def import_anyway_command(use_case: str, path: str, *, external_assignment: bool
 def pilot_skip(use_case: str, *, pilot_anyway: bool = False) -> Any:
     """Why a tick would start no pilot of the current challenger (`runs.pilot_skip`, the rule
     `ensure_pilot_in` applies), or None: a pilot of it runs already (it keeps running), or one may start.
-    What the scheduled cycle asks before its pilot batch, so it says why and does nothing, and
-    `sparsepilot pilot NAME` before its flow starts (`not_piloted`)."""
+    What the scheduled cycle asks before its pilot batch, so it says why and does nothing (a missed
+    budget among them: `runs.pilot_skip`'s first case, whatever `pilot_anyway`)."""
     with session_scope() as session:
         uc = pilots.get_use_case(session, use_case)
         run = latest_challenger(session, uc.id)
@@ -79,66 +80,88 @@ def pilot_skip(use_case: str, *, pilot_anyway: bool = False) -> Any:
         return runs.pilot_skip(session, uc, run, pilot_anyway=pilot_anyway)
 
 
-def not_piloted(use_case: str) -> NotPiloted | None:
-    """The `NotPiloted` refusal `ensure_pilot_in` would make of a new pilot of the current challenger
-    (a skip that --pilot-anyway waives: a dense plan, no saving established), read without starting
-    anything, or None. A missed budget is not among them: `ensure_pilot_in` refuses it in its own words."""
-    skip = pilot_skip(use_case)
-    if skip is None or pilot_skip(use_case, pilot_anyway=True) is not None:
+def pilot_refusal(use_case: str, *, pilot_anyway: bool = False) -> pilots.PilotStateError | None:
+    """The refusal `ensure_pilot_in` would make now (`_refusal`: what stands there first, then whether
+    the challenger may be piloted), read in one transaction without starting anything, or None: a pilot
+    of the current challenger runs, or one would start. What `sparsepilot pilot NAME` asks before its
+    flow starts, so an ordinary refusal leaves no Failed flow run."""
+    with session_scope() as session:
+        uc = pilots.get_use_case(session, use_case)
+        return _refusal(session, uc, latest_challenger(session, uc.id), pilot_anyway=pilot_anyway)
+
+
+def _refusal(session: Any, uc: Any, run: Any, *, pilot_anyway: bool) -> pilots.PilotStateError | None:
+    """Why no pilot of the challenger `run` registered takes traffic now, in this order: what stands
+    there (no challenger; this challenger's pilot has ended; a pilot waits for a person's approval),
+    then whether a new pilot is worth starting (a plan that missed the quality budget: never; one that
+    cannot pay: `NotPiloted`, which `pilot_anyway` waives). None: a pilot of it runs (it keeps running),
+    or one may start."""
+    name = uc.name
+    if run is None:
+        return pilots.PilotStateError(
+            f"{name}: no calibrated challenger yet; run `sparsepilot calibrate {name}` first"
+        )
+    last = pilots.latest_pilot(session, uc)
+    if (
+        last is not None
+        and last.model_version_id == run.model_version_id
+        and last.status in pilots.ENDED_PILOT
+    ):
+        return pilots.PilotStateError(
+            f"{name}: {pilots.pilot_label(last)} of this challenger has ended ({last.status}); "
+            f"{pilots.PILOT_AGAIN}"
+        )
+    active = pilots.active_pilot(session, uc)
+    if active is not None and active.status != "running":  # awaiting_approval, the only other active one
+        pending = pilots.pending_decisions(session, uc)
+        if not pending:
+            return pilots.PilotStateError(
+                f"{name}: {pilots.pilot_label(active)} waits for approval: approve or reject it first"
+            )
+        d = pending[-1].id
+        return pilots.PilotStateError(
+            f"{name}: {pilots.pilot_label(active)} waits for approval of decision {d}: approve or reject it "
+            f"(`sparsepilot approve {name} --decision {d} --reason TEXT`, with --reject to reject)"
+        )
+    if active is not None and active.model_version_id == run.model_version_id:
         return None
-    return NotPiloted(use_case, skip)
+    if calibration_metrics(session, run).get("met_budget") is False:
+        return pilots.PilotStateError(missed_budget_refusal(name, run.id))
+    skip = runs.pilot_skip(session, uc, run, pilot_anyway=pilot_anyway)
+    return None if skip is None else NotPiloted(name, skip)
 
 
 def ensure_pilot_in(session: Any, use_case: str, *, pilot_anyway: bool = False) -> dict[str, Any]:
     """The active pilot's current step (a pilot is started at its shadow step for the current challenger
     if none runs), inside the caller's transaction. Refuses, naming the use case, when there is nothing
-    to pilot or the pilot cannot take traffic now. A new pilot starts only where the challenger is worth
-    piloting (`runs.pilot_skip`: a plan that met the budget, skips blocks and establishes a saving;
+    to pilot or the pilot cannot take traffic now (`_refusal`: what stands there is said first, an ended
+    pilot or one waiting for approval). A new pilot starts only where the challenger is worth piloting
+    (`runs.pilot_skip`: a plan that met the budget, skips blocks and establishes a saving;
     `pilot_anyway` waives all but the budget): else `NotPiloted`, nothing started. A pilot already
     running keeps running. Starters take turns (`pilots.held_for_a_start`): a second caller that found no
     pilot while another was starting one waits for it and joins its pilot."""
     uc = pilots.get_use_case(session, use_case)
     spec, _ = pilots.load_current_spec(session, uc)
     run = latest_challenger(session, uc.id)
-    if run is None:
-        raise pilots.PilotStateError(
-            f"{use_case}: no calibrated challenger yet; run `sparsepilot calibrate {use_case}` first"
-        )
-    if calibration_metrics(session, run).get("met_budget") is False:
-        raise pilots.PilotStateError(
-            f"{use_case}: calibration run {run.id} found no sparse plan within the quality budget; "
-            "the challenger is the dense model and there is nothing to pilot"
-        )
-    mv = session.get(ModelVersion, run.model_version_id)
     running = pilots.active_pilot(session, uc)
-    if running is None or running.model_version_id != mv.id:  # may start one: one starter at a time
-        uc = pilots.held_for_a_start(session, uc.id)  # what another start committed meanwhile, read below
-    last = pilots.latest_pilot(session, uc)
-    if last is not None and last.model_version_id == mv.id and last.status in pilots.ENDED_PILOT:
-        raise pilots.PilotStateError(
-            f"{use_case}: {pilots.pilot_label(last)} of this challenger has ended ({last.status}); "
-            f"{pilots.PILOT_AGAIN}"
-        )
+    if run is not None and (running is None or running.model_version_id != run.model_version_id):
+        uc = pilots.held_for_a_start(session, uc.id)  # may start one: what another start committed meanwhile
+    refused = _refusal(session, uc, run, pilot_anyway=pilot_anyway)
+    if refused is not None:
+        raise refused
+    mv = session.get(ModelVersion, run.model_version_id)
     pilot = pilots.active_pilot(session, uc)
     if pilot is None or pilot.model_version_id != mv.id:
-        if pilot is not None and pilot.status == "awaiting_approval":
-            raise pilots.PilotStateError(
-                f"{use_case}: {pilots.pilot_label(pilot)} is waiting for approval; approve or reject it first"
-            )
-        skip = runs.pilot_skip(session, uc, run, pilot_anyway=pilot_anyway)
-        if skip is not None:
-            raise NotPiloted(use_case, skip)
         pilot = pilots.start_pilot(session, uc, mv, spec, actor=audit.SYSTEM_ACTOR)
-    if pilot.status != "running":
-        raise pilots.PilotStateError(
-            f"{use_case}: {pilots.pilot_label(pilot)} is {pilot.status}; no pilot traffic is collected now"
-        )
     return _step_info(session, pilot, pilots.current_step(session, pilot), mv)
 
 
 def ensure_pilot(use_case: str, *, pilot_anyway: bool = False) -> dict[str, Any]:
-    """`ensure_pilot_in` in its own transaction."""
-    with session_scope() as session:
+    """`ensure_pilot_in` in its own transaction, which on SQLite holds the write lock from its start (as an
+    import's does): two processes starting the first pilot at once take turns, and the second joins the
+    pilot the first started (a deferred transaction let both read "no pilot" and the second's start failed
+    with the raw IntegrityError on `uq_pilots_use_case_number`)."""
+    with session_scope(immediate=True) as session:
         return ensure_pilot_in(session, use_case, pilot_anyway=pilot_anyway)
 
 

@@ -139,8 +139,8 @@ def held_for_a_start(session: Session, use_case_id: int) -> UseCase:
     KEY UPDATE`` on the use case row (what the start's own update of the row takes anyway), so observation
     writers' key-share locks (`held_for_observations`) and rows that only name the use case (an audit
     entry) do not wait for it; `locked`'s writers do, as for any writer of the pilot's state. Use case
-    first, as `locked`. SQLite: nothing here; an import holds the write lock from its start
-    (`session_scope(immediate=True)`)."""
+    first, as `locked`. SQLite: nothing here; the caller holds the write lock from its start
+    (`session_scope(immediate=True)`: an import, `pilot_batches.ensure_pilot`)."""
     return session.get(UseCase, use_case_id, with_for_update={"key_share": True}, populate_existing=True)
 
 

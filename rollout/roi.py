@@ -19,6 +19,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+from rollout import calibration_outcome
+
 if TYPE_CHECKING:
     from rollout.spec import UseCaseSpec
 
@@ -447,7 +449,7 @@ def pilot_skip_reason(
     (`decode_outcome`'s status): a plan that keeps every prefill block but decodes sparsely ("measured")
     is not dense, and its saving decides."""
     if met_budget is False:
-        return PilotSkip("no sparse plan met the quality budget", "stays dense, not piloted")
+        return PilotSkip(calibration_outcome.MISSED_BUDGET, calibration_outcome.STAYS_DENSE)
     if pilot_anyway:
         return None
     if dense_plan(density, decode_status):

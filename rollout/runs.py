@@ -191,14 +191,6 @@ def latest_challenger(session: Any, use_case_id: int) -> Any:
     return _latest_calibration(session, use_case_id)
 
 
-def latest_plan_met_budget(use_case: str) -> bool:
-    """Did the challenger's calibration find a sparse plan within the quality budget? (True if it did
-    not say.)"""
-    with session_scope() as session:
-        run = latest_challenger(session, get_use_case(session, use_case).id)
-        return bool(run is not None and calibration_metrics(session, run).get("met_budget", True))
-
-
 def challenger_evaluation(session: Any, uc: Any, run: CalibrationRun) -> EvaluationRun | None:
     """The evaluation of the challenger `run` registered whose figures count (`version_evaluation` of
     its model version). None: not evaluated yet."""

@@ -227,12 +227,13 @@ def pilot_cmd(
         )
     else:
         _require_use_case(name)
-        if not pilot_anyway:  # an ordinary refusal, made before Prefect starts (no Failed flow run)
-            from rollout.pilot_batches import not_piloted
+        # an ordinary refusal (an ended pilot, one waiting for approval, a missed budget, a plan that
+        # cannot pay), made before Prefect starts, in the flow's own words (no Failed flow run)
+        from rollout.pilot_batches import pilot_refusal
 
-            refused = not_piloted(name)
-            if refused is not None:
-                raise refused
+        refused = pilot_refusal(name, pilot_anyway=pilot_anyway)
+        if refused is not None:
+            raise refused
         _require_device()
         result = _run(
             lambda: pilot_flow(

@@ -39,3 +39,28 @@ def test_the_cycle_does_not_pilot_what_the_portfolio_says_is_not_piloted(flow_us
         assert s.scalar(select(func.count()).select_from(Observation)) == 0
     row = next(r for r in queries.read(queries.portfolio) if r["name"] == name)
     assert row["waits_for"] == "no pilot: the plan keeps 100.00% of blocks (as dense)"  # still true
+
+
+def test_the_cycle_says_a_missed_budget_in_the_pilots_words(flow_use_case) -> None:  # noqa: ANN001
+    """The cycle checked `runs.latest_plan_met_budget` before the rule the pilot obeys, which already
+    says a missed budget (whatever `pilot_anyway`: the plan is the dense model), in other words and with
+    no `pilot_skipped`. One check now: the pilot's (rollout.calibration_outcome's words)."""
+    from flows.cycle import cycle_flow
+    from rollout import lifecycle
+    from rollout.db.models import Pilot
+    from rollout.db.session import session_scope
+    from rollout.pilots import get_use_case
+    from tests.flows.test_not_piloted_cli import _missed_budget_challenger
+
+    name = flow_use_case()
+    _missed_budget_challenger(name)
+    with session_scope() as s:
+        uc = get_use_case(s, name)
+        lifecycle.set_phase(s, uc, "calibrated", actor="test", reason="calibrated")
+        lifecycle.set_phase(s, uc, "evaluated", actor="test", reason="evaluated")
+    for anyway in (False, True):
+        out = cycle_flow(name, batches=1, pilot_anyway=anyway)
+        assert out["pilot_skipped"] == "no sparse plan met the quality budget: stays dense, not piloted", out
+        assert "pilot" not in out and out["phase_after"] == "evaluated", out
+    with session_scope() as s:
+        assert s.scalar(select(func.count()).select_from(Pilot).where(Pilot.use_case_id == uc.id)) == 0

@@ -106,12 +106,13 @@ def test_a_calibration_recorded_before_the_upgrade_is_read_by_todays_rule(sp_hom
     import pytest
 
     from rollout.db.session import session_scope
-    from rollout.pilot_batches import ensure_pilot_in
+    from rollout.pilot_batches import ensure_pilot_in, pilot_skip
     from rollout.pilots import PilotStateError, get_use_case
-    from rollout.runs import latest_plan_met_budget, open_calibration
+    from rollout.runs import open_calibration
 
     key = _old_calibration("decode-only", [512, None], tmp_path)
-    assert latest_plan_met_budget("decode-only") is True
+    # the cycle's check (it asked runs.latest_plan_met_budget too, the same reading: s47 fix-c 4)
+    assert pilot_skip("decode-only") is None and pilot_skip("decode-only", pilot_anyway=True) is None
     with session_scope() as s:
         step = ensure_pilot_in(s, "decode-only")
         uc_id = get_use_case(s, "decode-only").id
@@ -121,10 +122,13 @@ def test_a_calibration_recorded_before_the_upgrade_is_read_by_todays_rule(sp_hom
     assert reused["metrics"]["met_budget"] is True and reused["metrics"]["prefill_met_budget"] is False
 
     key = _old_calibration("all-dense", [None, None], tmp_path)  # decode kept dense: met trivially
-    assert latest_plan_met_budget("all-dense") is False
+    missed = "no sparse plan met the quality budget: stays dense, not piloted"
+    assert str(pilot_skip("all-dense")) == str(pilot_skip("all-dense", pilot_anyway=True)) == missed
     with (
         session_scope() as s,
-        pytest.raises(PilotStateError, match="found no sparse plan within the quality"),
+        pytest.raises(
+            PilotStateError, match=r"all-dense: not piloted: no sparse plan met the quality budget"
+        ),
     ):
         ensure_pilot_in(s, "all-dense")
     with session_scope() as s:

@@ -12,14 +12,14 @@ from typing import Any
 from .test_not_piloted import PAYS, _challenger
 
 
-def _go_awaiting_approval(name: str) -> tuple[int, int]:
-    """Pilot 1 of `name`'s challenger started, and its GO recorded, waiting for approval. Returns (the
-    decision's id, the model version its pilot runs)."""
+def _go_awaiting_approval(name: str, *, pilot_anyway: bool = False) -> tuple[int, int]:
+    """Pilot 1 of `name`'s challenger started (`pilot_anyway`: as `ensure_pilot`'s), and its GO recorded,
+    waiting for approval. Returns (the decision's id, the model version its pilot runs)."""
     from rollout import pilot_batches, pilots
     from rollout.db.models import Pilot
     from rollout.db.session import session_scope
 
-    info = pilot_batches.ensure_pilot(name)
+    info = pilot_batches.ensure_pilot(name, pilot_anyway=pilot_anyway)
     with session_scope() as s:
         uc = pilots.get_use_case(s, name)
         pilot = s.get(Pilot, info["pilot_id"])

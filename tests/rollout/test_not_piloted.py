@@ -6,6 +6,7 @@ its words. Real state DB, a use case added through `add_usecase`, its runs as th
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -87,16 +88,64 @@ def test_a_plan_the_portfolio_says_is_not_piloted_starts_no_pilot_on_any_path(sp
     assert step["kind"] == "shadow" and _pilots("dense-plan") == 1
     assert pilot_batches.pilot_skip("dense-plan") is None  # a running pilot keeps running
     assert pilot_batches.ensure_pilot("dense-plan")["pilot_id"] == step["pilot_id"]
+    assert pilot_batches.pilot_refusal("dense-plan") is None
+
+    # what `sparsepilot pilot` asks before its flow: once the pilot has ended, that is what it says (it
+    # said "not piloted: the plan keeps 100.00% ..." while the flow said the pilot had ended)
+    pilot_batches.abort("dense-plan", actor="test", reason="test")
+    ended = "dense-plan: pilot 1 of this challenger has ended (stopped); calibrate a new challenger"
+    assert str(pilot_batches.pilot_refusal("dense-plan")).startswith(ended)
+    assert str(pilot_batches.pilot_refusal("dense-plan", pilot_anyway=True)).startswith(ended)
+    with pytest.raises(pilot_batches.pilots.PilotStateError, match=re.escape(ended)):
+        pilot_batches.ensure_pilot("dense-plan", pilot_anyway=True)
+
+
+def _start_in_process(name: str, barrier: Any, queue: Any) -> None:
+    import time
+
+    from rollout import pilot_batches, pilots
+    from rollout.db.session import get_engine
+
+    get_engine().dispose(close=False)  # the parent's pooled connections are not this process's
+    start = pilots.start_pilot
+
+    def slow_start(*args: Any, **kwargs: Any) -> Any:  # the other process reads meanwhile, as under load
+        time.sleep(0.5)
+        return start(*args, **kwargs)
+
+    pilots.start_pilot = slow_start
+    barrier.wait()
+    try:
+        info = pilot_batches.ensure_pilot(name)
+        queue.put(("ok", info["pilot_id"], info["kind"]))
+    except Exception as exc:  # noqa: BLE001 - what the process met, for the assertion to show
+        queue.put(("error", f"{type(exc).__name__}: {exc}", None))
 
 
 def test_a_plan_whose_saving_is_established_is_piloted(sp_home, tmp_path) -> None:  # noqa: ANN001
+    """...by one pilot, however many start it at once: two processes (two `sparsepilot pilot NAME` runs, or
+    a pilot run and the cycle) starting the first pilot behind a barrier both read "no pilot" in SQLite's
+    deferred transaction, and the second's start failed with the raw IntegrityError on
+    uq_pilots_use_case_number; now they take turns and share the pilot the first started. Real processes
+    (forked: the modules are imported once), the test's SQLite state DB."""
+    import multiprocessing as mp
+
     from rollout import pilot_batches, queries
 
     _challenger(tmp_path / "b", "pays", **PAYS)
     row = next(r for r in queries.read(queries.portfolio) if r["name"] == "pays")
     assert not row["waits_for"].startswith("no pilot")
     assert pilot_batches.pilot_skip("pays") is None
-    assert pilot_batches.ensure_pilot("pays")["kind"] == "shadow" and _pilots("pays") == 1
+    ctx = mp.get_context("fork")
+    barrier, queue = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_start_in_process, args=("pays", barrier, queue)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    assert {r[0] for r in results} == {"ok"} and len({r[1] for r in results}) == 1, results
+    assert results[0][2] == "shadow" and _pilots("pays") == 1
 
 
 def test_no_saving_expected_is_not_piloted_either(sp_home, tmp_path) -> None:  # noqa: ANN001
