@@ -59,10 +59,18 @@ _SIGNED_QUERY = re.compile(
 # Keys and tokens known by their form, wherever they stand (an environment dump, a config line, an error):
 # the prefix is kept so a reader sees which kind leaked. Each is a whole word of its own and as long as
 # the real ones: "dapis", "hf_hub_download", "sk-learn-compatible" and hex digests (plan hashes, MLflow
-# run ids) are none of them.
+# run ids) are none of them. A key may also follow an escaped character, whose escape ends in a letter or
+# digit: a URL's percent-encoding ("?token%3Dhf_...", after %20, %2F, %3A; %253D, encoded twice) and a
+# string's backslash escape (a repr's or JSON's \n, \x3d, \u003d) were read as the start of the word, and
+# the key after them shown.
 _W = r"[A-Za-z0-9_\-]"
+_ESCAPED = (
+    r"(?<=%[0-9A-Fa-f]{2})|(?<=%25[0-9A-Fa-f]{2})"  # percent-encoded, once or twice
+    r"|(?<=\\[nrt])|(?<=\\x[0-9A-Fa-f]{2})|(?<=\\u[0-9A-Fa-f]{4})"  # backslash escapes
+)
+_WORD_START = rf"(?:(?<!{_W})|{_ESCAPED})"
 _KNOWN_TOKENS = re.compile(
-    rf"(?<!{_W})(?:"
+    rf"{_WORD_START}(?:"
     r"hf_[A-Za-z0-9]{30,}"  # Hugging Face: hf_ + 34 letters and digits
     r"|dapi[0-9a-f]{32}(?:-\d+)?"  # Databricks: dapi + 32 hex digits (a "-2" suffix too)
     r"|gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,}"  # GitHub

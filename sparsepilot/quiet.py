@@ -41,12 +41,15 @@ PROGRESS = "sparsepilot.progress"  # our progress lines: to the file, never prop
 _installed: list[logging.Handler] = []  # the handler of this process's current log file
 
 
-def to_log_file(home: Path, command: str, *, flows: bool = True, streamlit: bool = False) -> Path:
+def to_log_file(
+    home: Path, command: str, *, flows: bool = True, streamlit: bool = False, models: bool = True
+) -> Path:
     """Route warnings and third-party logs to a new log file under `home/logs`; returns its path. A
     second call in the same process (commands run in-process, e.g. by tests) replaces the first file.
     `flows`: the command may run Prefect flows (not the model benchmarks, which skip Prefect's set-up).
     `streamlit`: the command renders dashboard pages in-process (`bench dashboard`): Streamlit's loggers
-    write to the file too."""
+    write to the file too. `models`: the command may load models, so transformers' own stderr handler and
+    progress bars are turned off (not for `init`, which loads none: importing transformers costs ~2 s)."""
     # tqdm reads TQDM_* when it is first imported (MLflow imports it, below): set before anything does,
     # or a library's own bar (transformers' "Converting and de-quantizing GGUF tensors" on a fresh
     # model cache) reaches the console
@@ -92,6 +95,8 @@ def to_log_file(home: Path, command: str, *, flows: bool = True, streamlit: bool
     _installed[:] = [handler]
     if streamlit:
         _streamlit_to_file()
+    if not models:
+        return path
     try:
         from transformers.utils import logging as hf_logging
 

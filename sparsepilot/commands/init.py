@@ -68,8 +68,13 @@ def init(json_out: JsonOpt = False) -> None:
     from rollout.db import migrate
     from rollout.mlflow_store import StoreError, ensure_store
     from rollout.settings import configure_environment
+    from sparsepilot.quiet import to_log_file
 
     settings = configure_environment()
+    # The log file takes the library lines (MLflow's "Updating database tables") and SparsePilot's own log
+    # records: with nothing handling logging here, Python printed the MLflow store's "copied to ...
+    # before upgrading it" on stderr as a bare line, beside the summary below that says the same
+    to_log_file(settings.home, "init", flows=False, models=False)
     owner_url = settings.owner_database_url
     if owner_url != settings.database_url and not _same_database(owner_url, settings.database_url):
         fail(
@@ -138,6 +143,7 @@ def init(json_out: JsonOpt = False) -> None:
             f"MLflow store {payload['mlflow_tracking_uri']}: {mlflow_changed} (revision {store.revision})",
             highlight=False,
             markup=False,
+            soft_wrap=True,
         )
         if store.backup:  # what a failed migration could have lost: kept until a person deletes it
             console.print(

@@ -175,6 +175,30 @@ def test_audit_page_filters_and_exports_csv(seeded: dict[str, Any]) -> None:
     assert len(csv_rows) == n_gate
 
 
+def test_an_old_audit_row_holding_a_secret_is_shown_and_exported_redacted(dash_env: Settings) -> None:
+    """A row written before details were stored redacted (fix-k) kept its secret, and the Audit page
+    showed it and put it in the CSV (fix-n): now both redact the details; the stored row is unchanged, so
+    the chain still verifies."""
+    from typer.testing import CliRunner
+
+    from dashboard.fmt import spreadsheet_csv
+    from rollout import audit
+    from sparsepilot.cli import app
+
+    details = {"url": "postgresql://app:hunter2@db/sp", "tried": ["https://h/m?token%3Dhf_" + "Ab1" * 12]}
+    with session_scope() as s:  # as the code before wrote it: details as given
+        old_id = audit._append(s, AuditEntry(actor="alice", action="test.old", details=details)).id
+    df = open_page(new_app(), "audit").dataframe[0].value
+    shown = json.loads(df.loc[df["id"] == old_id, "details"].item())
+    assert shown == {"url": "postgresql://app:***@db/sp", "tried": ["https://h/m?token%3Dhf_***"]}, shown
+    exported = spreadsheet_csv(df).decode("utf-8")  # what "Download CSV" hands out
+    assert "postgresql://app:***@db/sp" in exported and "hunter2" not in exported and "Ab1" not in exported
+    with session_scope() as s:
+        assert s.get(AuditEntry, old_id).details == details
+    res = CliRunner().invoke(app, ["audit", "verify"])
+    assert res.exit_code == 0 and "audit chain intact: 1 row(s)" in res.output, res.output
+
+
 def test_sign_in_rejects_a_wrong_password(seeded: dict[str, Any]) -> None:
     at = sign_in(new_app(), "alice", "not-her-password")
     assert "Unknown user name or wrong password." in [e.value for e in at.error]

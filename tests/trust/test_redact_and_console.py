@@ -145,6 +145,30 @@ def test_presigned_urls_and_known_tokens_are_redacted(text: str, shown: str) -> 
     assert redact(text) == shown
 
 
+HF = "hf_AbCdEfGhIjKlMnOpQrStUvWxYz01234567"
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        (
+            f"GET https://h/m?token%3D{HF}%26rev=main failed",
+            "GET https://h/m?token%3Dhf_***%26rev=main failed",
+        ),
+        (f"next=%2Flogin%3Fkey%3d{HF}", "next=%2Flogin%3Fkey%3dhf_***"),
+        (f"q=Bearer%20{HF} u%3A{HF} p%2F{HF}", "q=Bearer%20hf_*** u%3Ahf_*** p%2Fhf_***"),
+        ("redirect=%3Fid%253DAKIAIOSFODNN7EXAMPLE%2526x", "redirect=%3Fid%253DAKIA***%2526x"),
+        ("%3Ddapi0123456789abcdef0123456789abcdef %3Dsk-" + "Ab1" * 16, "%3Ddapi*** %3Dsk-***"),
+        (f"x={HF} and ghp_" + "aB3" * 12, "x=hf_*** and ghp_***"),  # after '=': caught before too
+        (f'\'line one\\n{HF}\' {{"k": "\\u003d{HF}"}}', '\'line one\\nhf_***\' {"k": "\\u003dhf_***"}'),
+    ],
+)
+def test_a_key_after_a_url_encoding_or_an_escape_is_redacted(text: str, shown: str) -> None:
+    """A known key right after a percent-encoded character ("?token%3Dhf_...") or a backslash escape
+    ("\\nhf_...") was read as the end of a longer word and shown (fix-n)."""
+    assert redact(text) == shown
+
+
 @pytest.mark.parametrize(
     "text",
     [
@@ -159,6 +183,9 @@ def test_presigned_urls_and_known_tokens_are_redacted(text: str, shown: str) -> 
         "https://h/x?signature_version=2&design=x&sigma=0.5",
         "Signature=abc in a sentence is no URL's",
         "ghp_short, github_pat_short, sk-short",
+        # ... after a URL's percent-encoding too
+        "q=%3Dhf_hub_download%20sk-learn-2024-compatible-release%2F3f9a0c1d2e3f4a5b6c7d8e9f00112233",
+        "wordhf_AbCdEfGhIjKlMnOpQrStUvWxYz01234567 is one word",
     ],
 )
 def test_words_that_look_like_tokens_are_left_alone(text: str) -> None:
