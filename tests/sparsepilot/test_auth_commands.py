@@ -68,3 +68,12 @@ def test_init_says_the_first_run_accounts_are_ignored_once_accounts_are_configur
     monkeypatch.setenv("SPARSEPILOT_ACCOUNTS", f"bob:viewer:{auth.hash_password('bob-pw-1234')}")
     res = runner.invoke(app, ["init"])
     assert res.exit_code == 0 and "(the first-run accounts) is ignored now that" in res.output, res.output
+
+
+def test_a_wrong_sign_in_does_not_echo_the_name_typed(alice: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review s47: "wrong account name or password for '<name>'" printed a password typed where the name
+    goes to the terminal (and a CI log)."""
+    monkeypatch.setenv("SPARSEPILOT_USER", "alice-pw-123-typed-as-name")
+    res = runner.invoke(app, ["whoami", "--password-stdin"], input="alice-pw-123\n")
+    assert res.exit_code == 2 and "wrong account name or password" in res.output, res.output
+    assert "typed-as-name" not in res.output
