@@ -486,6 +486,18 @@ def added_by_people(wanted: list[str], url: str | None = None) -> list[str]:
     return [n for n in wanted if n in set(found)]
 
 
+def not_added(wanted: list[str], url: str | None = None) -> list[str]:
+    """Of ``wanted``, the names no use case has yet (all of them on an unmigrated state DB): what
+    `sparsepilot run --specs DIR` would add from the folder's specs."""
+    from sqlalchemy import inspect
+
+    with session_scope(url) as s:
+        if not wanted or not inspect(s.connection()).has_table(UseCase.__tablename__):
+            return list(wanted)
+        found = set(s.scalars(select(UseCase.name).where(UseCase.name.in_(wanted))).all())
+    return [n for n in wanted if n not in found]
+
+
 def phase_of(name: str, url: str | None = None) -> str:
     """The use case's phase (rollout.lifecycle)."""
     with session_scope(url) as s:
