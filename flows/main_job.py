@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from rollout import audit, lifecycle, pilot_batches, queries
-from rollout.usecases import phase_of, pilot_plan_of
+from rollout.usecases import phase_of, pilot_plan_of, run_started
 from rollout.words import counted
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples" / "usecases"
@@ -315,6 +315,8 @@ def run_main_job(settings: MainJobSettings | None = None, *, console: Any = None
     t0 = time.perf_counter()
     added = add_sample_use_cases(s.examples_dir, adder_of(s.examples_dir, s.operator))
     names = s.use_cases or sample_names(s.examples_dir)
+    if s.operator is not None:  # the audit log says who started it (the pilot and gate rows: the pipeline)
+        run_started(names, s.operator)
     outcomes: dict[str, UseCaseOutcome] = {}
     with Progress(
         SpinnerColumn(),

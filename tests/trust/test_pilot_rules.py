@@ -351,6 +351,21 @@ def test_serve_schedules_a_persons_use_case_only_for_an_operator(
     _require_operator_for_scheduled(None, password_stdin=True)  # an operator: served
 
 
+def test_a_run_an_operator_signed_in_for_names_them_in_the_audit_log(trust_env, tiny_model_dir: Path) -> None:
+    """Review s47: `run` on a person's use case asked an operator to sign in, then recorded nothing of
+    them: every row it wrote named the pipeline. Its start is now an audit entry by the operator on each
+    use case it runs (`rollout.usecases.run_started`, called by the main job)."""
+    from rollout.db.models import AuditEntry
+    from rollout.db.session import session_scope
+    from rollout.usecases import run_started
+
+    _scheduled_use_case("theirs", "olga", tiny_model_dir)
+    assert run_started(["theirs", "not-there"], "olga") == 1
+    with session_scope() as s:
+        row = s.scalars(select(AuditEntry).where(AuditEntry.action == "run.started")).one()
+        assert (row.actor, row.entity, row.details["command"]) == ("olga", "use_case", "sparsepilot run")
+
+
 @pytest.mark.parametrize("user", ["victor"])
 def test_viewers_cannot_import(trust_env, flow_use_case, tmp_path: Path, user: str) -> None:
     name = flow_use_case()
