@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from rollout import audit, lifecycle, pilot_batches, queries
-from rollout.usecases import phase_of, pilot_plan_of
+from rollout.usecases import phase_of, pilot_plan_of, run_started
 from rollout.words import counted
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples" / "usecases"
@@ -53,6 +53,9 @@ class MainJobSettings:
     max_shadow_looks: int = 3
     promote_after_step: int = 1
     pilot_unprofitable: bool = False  # pilot even where rollout.roi.pilot_skip_reason says it is wasted
+    # the operator signed in for the run (`sparsepilot run`), or None: the use cases it adds from a folder
+    # other than the samples' are added as theirs (as `usecase add` does), and the run's start names them
+    operator: str | None = None
 
 
 @dataclass
@@ -67,15 +70,28 @@ class UseCaseOutcome:
     note: str | None = None
 
 
-def add_sample_use_cases(examples_dir: Path) -> list[dict[str, Any]]:
-    """Add every spec in examples_dir whose use case does not exist yet; existing ones are left alone."""
+def is_samples_folder(folder: Path) -> bool:
+    """Is ``folder`` the samples' own (examples/usecases)? Their use cases are the pipeline's; those of
+    any other folder (`run --specs DIR`) are a person's, added only for an operator, as `usecase add`."""
+    return Path(folder).resolve() == EXAMPLES_DIR.resolve()
+
+
+def adder_of(examples_dir: Path, operator: str | None) -> str:
+    """Who adds the specs of ``examples_dir``: the pipeline for the samples, else the signed-in operator
+    (the pipeline where nobody signed in: a caller of `run_main_job` other than the CLI)."""
+    return audit.SYSTEM_ACTOR if is_samples_folder(examples_dir) or operator is None else operator
+
+
+def add_sample_use_cases(examples_dir: Path, actor: str = audit.SYSTEM_ACTOR) -> list[dict[str, Any]]:
+    """Add every spec in examples_dir whose use case does not exist yet, as ``actor``; existing ones are
+    left alone."""
     from rollout.spec import load_spec
     from rollout.usecases import add_usecase, names
 
     added = []
     for path in sorted(examples_dir.glob("*.yaml")):
         if load_spec(path).name not in names():
-            added.append(add_usecase(path, actor=audit.SYSTEM_ACTOR).to_dict())
+            added.append(add_usecase(path, actor=actor).to_dict())
     return added
 
 
@@ -297,8 +313,10 @@ def run_main_job(settings: MainJobSettings | None = None, *, console: Any = None
     # the MLflow store at head before any flow: its first creation is not atomic (rollout.mlflow_store)
     ensure_store(cfg)
     t0 = time.perf_counter()
-    added = add_sample_use_cases(s.examples_dir)
+    added = add_sample_use_cases(s.examples_dir, adder_of(s.examples_dir, s.operator))
     names = s.use_cases or sample_names(s.examples_dir)
+    if s.operator is not None:  # the audit log says who started it (the pilot and gate rows: the pipeline)
+        run_started(names, s.operator)
     outcomes: dict[str, UseCaseOutcome] = {}
     with Progress(
         SpinnerColumn(),

@@ -832,8 +832,8 @@ def cli_authenticate(
             f"no accounts are configured ({ACCOUNTS_ENV}, {ACCOUNTS_FILE_ENV}); see docs/operations.md"
         )
     who = sign_in(name, password, via="cli", accounts=accounts)
-    if who is None:
-        raise PermissionDenied(f"wrong account name or password for {name!r}")
+    if who is None:  # the name is not echoed: a password typed where the name goes would be printed
+        raise PermissionDenied("wrong account name or password")
     return replace(who, source="cli-password")
 
 

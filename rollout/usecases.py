@@ -486,6 +486,29 @@ def added_by_people(wanted: list[str], url: str | None = None) -> list[str]:
     return [n for n in wanted if n in set(found)]
 
 
+def run_started(wanted: list[str], actor: str, url: str | None = None) -> int:
+    """A `run.started` audit entry on each of ``wanted`` that exists, naming ``actor``: the operator
+    who signed in for `sparsepilot run`, whose pilot and gate rows the pipeline records as its own
+    (SYSTEM_ACTOR). Returns how many entries were written."""
+    with session_scope(url) as s:
+        found = s.scalars(select(UseCase).where(UseCase.name.in_(wanted)).order_by(UseCase.name)).all()
+        for uc in found:
+            audit.record(s, actor, "run.started", on=uc, details={"command": "sparsepilot run"})
+    return len(found)
+
+
+def not_added(wanted: list[str], url: str | None = None) -> list[str]:
+    """Of ``wanted``, the names no use case has yet (all of them on an unmigrated state DB): what
+    `sparsepilot run --specs DIR` would add from the folder's specs."""
+    from sqlalchemy import inspect
+
+    with session_scope(url) as s:
+        if not wanted or not inspect(s.connection()).has_table(UseCase.__tablename__):
+            return list(wanted)
+        found = set(s.scalars(select(UseCase.name).where(UseCase.name.in_(wanted))).all())
+    return [n for n in wanted if n not in found]
+
+
 def phase_of(name: str, url: str | None = None) -> str:
     """The use case's phase (rollout.lifecycle)."""
     with session_scope(url) as s:

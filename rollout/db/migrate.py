@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from alembic import command
@@ -50,12 +52,59 @@ def check_encoding(url: str) -> None:
         )
 
 
-def upgrade(url: str | None = None, revision: str = "head") -> None:
+# The PostgreSQL advisory lock migrations of one database take turns on ("SPMI"; per database).
+_PG_MIGRATE_LOCK = 0x5350_4D49
+
+
+@contextmanager
+def one_at_a_time(url: str) -> Iterator[None]:
+    """Migrations of one state DB take turns, across processes: SQLite, an exclusive ``flock`` on
+    ``<state DB file>.migrate.lock``; PostgreSQL, a session advisory lock held on a connection of its
+    own. Two `sparsepilot init`s at once on a fresh home both ran the first migration, and the second
+    failed ("duplicate column name: os_user")."""
+    from sqlalchemy import create_engine, pool, text
+    from sqlalchemy.engine import make_url
+
+    u = make_url(url)
+    if u.get_backend_name() == "sqlite" and u.database and u.database != ":memory:":
+        import fcntl
+
+        lock_path = Path(u.database).with_name(Path(u.database).name + ".migrate.lock")
+        with lock_path.open("a+b") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+    elif u.get_backend_name() == "postgresql":
+        engine = create_engine(url, poolclass=pool.NullPool)
+        try:
+            with engine.connect() as conn:
+                conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _PG_MIGRATE_LOCK})
+                conn.commit()
+                try:
+                    yield
+                finally:
+                    conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _PG_MIGRATE_LOCK})
+                    conn.commit()
+        finally:
+            engine.dispose()
+    else:
+        yield
+
+
+def upgrade(url: str | None = None, revision: str = "head") -> str | None:
+    """Migrate the state DB to ``revision``, one migration at a time per database (`one_at_a_time`).
+    Returns the revision it was at when this upgrade's turn came (None: not initialised), which differs
+    from what the caller read before where another process migrated it meanwhile."""
     url = url or get_settings().database_url
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     check_encoding(url)
-    command.upgrade(alembic_config(url), revision)
+    with one_at_a_time(url):
+        found = current_revision(url)
+        command.upgrade(alembic_config(url), revision)
+    return found
 
 
 def grant_app_role(owner_url: str, app_url: str) -> str | None:
@@ -84,11 +133,14 @@ def downgrade(url: str | None = None, revision: str = "base") -> None:
 
 def current_revision(url: str | None = None) -> str | None:
     from alembic.runtime.migration import MigrationContext
-    from sqlalchemy import create_engine
+    from sqlalchemy import create_engine, pool
 
-    engine = create_engine(url or get_settings().database_url)
-    with engine.connect() as conn:
-        return MigrationContext.configure(conn).get_current_revision()
+    engine = create_engine(url or get_settings().database_url, poolclass=pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+    finally:
+        engine.dispose()
 
 
 def head_revision(url: str | None = None) -> str | None:

@@ -83,13 +83,15 @@ def init(json_out: JsonOpt = False) -> None:
             "grants the app role on it, so the app would use one init never touched; point both at the "
             "same database (set SPARSEPILOT_DATABASE_URL to the app role's URL of it)"
         )
-    before = None
+    accounts_file_seen = first_run_accounts_path().is_file()  # looked at first: an init makes it last
+    seen = None
     try:
-        before = migrate.current_revision(owner_url)
+        seen = migrate.current_revision(owner_url)
     except Exception:  # noqa: BLE001 - a fresh SQLite file or empty DB has no revision yet
-        before = None
+        seen = None
     try:
-        migrate.upgrade(owner_url)
+        # where another init (or `run`) migrated it between our look and our turn, `before` says so
+        before = migrate.upgrade(owner_url)
         after = migrate.current_revision(owner_url)
         app_role = migrate.grant_app_role(owner_url, settings.database_url)
     except Exception as exc:  # noqa: BLE001
@@ -110,12 +112,21 @@ def init(json_out: JsonOpt = False) -> None:
         "mlflow_revision": store.revision,
         "mlflow_backup": str(store.backup) if store.backup else None,
         "first_run_account": first[0] if first else None,
+        "made_by_another_init": before != seen,
     }
     if first:  # printed once, to the terminal only (never into JSON output or a log)
         err_console.print(
             f"Created the first approver account {first[0]!r} with password: {first[1]}\n"
             f"  (only its hash is kept, in {settings.home / 'accounts.toml'}; sign in with "
             f"`SPARSEPILOT_USER={first[0]} sparsepilot login`, or on the dashboard)",
+            highlight=False,
+            markup=False,
+        )
+    if first is None and not accounts_file_seen and first_run_accounts_path().is_file():
+        err_console.print(
+            f"The first approver account was created by another `sparsepilot init` running at the same "
+            f"time: its password was printed there, once (only its hash is kept, in "
+            f"{first_run_accounts_path()})",
             highlight=False,
             markup=False,
         )
@@ -132,6 +143,9 @@ def init(json_out: JsonOpt = False) -> None:
     changed = (
         "created" if before is None else ("up to date" if before == after else f"upgraded from {before}")
     )
+    if before != seen:  # our first look found it older: another init migrated it meanwhile
+        made = "created" if seen is None else f"upgraded from {seen}"
+        changed = f"already {made} by another `sparsepilot init` running at the same time"
     console.print(f"State DB {payload['database_url']}: {changed} (revision {after})")
     if store.action != "skipped":
         mlflow_changed = {"upgraded": f"upgraded from {store.before}", "ok": "up to date"}.get(

@@ -550,17 +550,38 @@ def run_cmd(
 
 
 def _require_operator_for_theirs(settings: Any, password_stdin: bool) -> None:
-    """`run` pilots and gates what it is given: the samples it adds itself need nobody, but a use case
-    a person added (`rollout.usecases.added_by_people`) needs an operator's sign-in, as `pilot` and
-    `gate` do; refused (exit 2) before anything runs."""
-    from flows.main_job import sample_names
+    """`run` adds the specs of its folder and pilots and gates what it is given: the samples it adds
+    itself need nobody, but a use case a person added (`rollout.usecases.added_by_people`), and one it
+    would add from a folder of a person's specs (`run --specs DIR`, as `usecase add` does), need an
+    operator's sign-in, as `pilot`, `gate` and `usecase add` do; refused (exit 2) before anything runs.
+    The operator is kept on ``settings`` (`MainJobSettings.operator`): the use cases added are theirs."""
+    from flows.main_job import is_samples_folder, sample_names
     from rollout.settings import configure_environment
-    from rollout.usecases import added_by_people
+    from rollout.usecases import added_by_people, not_added
 
     configure_environment()
-    theirs = added_by_people(settings.use_cases or sample_names(settings.examples_dir))
+    folder = settings.examples_dir
+    theirs = added_by_people(settings.use_cases or sample_names(folder))
+    new = [] if is_samples_folder(folder) else not_added(sample_names(folder))
+    doing = [f"usecase add {', '.join(new)} from {folder}"] if new else []
+    doing += [f"pilot and gate {', '.join(theirs)}"] if theirs else []
+    if doing:
+        who = signed_in("operator", f"run ({'; '.join(doing)})", password_stdin)
+        settings.operator = who.name
+
+
+def _require_operator_for_scheduled(names: list[str] | None, password_stdin: bool) -> None:
+    """`serve` schedules the cycle of each use case (`flows.cycle`), which pilots and gates it: as for
+    `run`, the samples need nobody, but serving the schedule of a use case a person added needs an
+    operator's sign-in (`rollout.usecases.added_by_people`), refused (exit 2) before anything is
+    scheduled. A name no use case has is left to `serve_schedules`, which says so."""
+    from rollout.usecases import added_by_people, schedules
+
+    _require_db()
+    served = [s["use_case"] for s in schedules() if not names or s["use_case"] in names]
+    theirs = added_by_people(served)
     if theirs:
-        signed_in("operator", f"run (pilot and gate) {', '.join(theirs)}", password_stdin)
+        signed_in("operator", f"serve (the cycle pilots and gates) {', '.join(theirs)}", password_stdin)
 
 
 @app.command("serve")
@@ -571,12 +592,15 @@ def serve_cmd(
     work_pool: Annotated[
         str | None, typer.Option("--work-pool", help="deploy to this work pool (needs PREFECT_API_URL)")
     ] = None,
+    password_stdin: PasswordStdin = False,
 ) -> None:
     """One cron schedule per use case (from its spec): served here with prefect.serve, or deployed to a
-    work pool for workers when a Prefect server is configured (PREFECT_API_URL)."""
+    work pool for workers when a Prefect server is configured (PREFECT_API_URL). A use case a person
+    added is served for an operator only, as `run` pilots it."""
     from flows.deployments import serve_schedules
 
     if not work_pool:  # the flows run here (a work pool's workers have their own environment)
         _require_device()
     _to_log_file("serve", False)
+    _require_operator_for_scheduled(use_case or None, password_stdin)
     _run(lambda: serve_schedules(use_case or None, work_pool=work_pool, console=console))

@@ -83,9 +83,9 @@ def test_cli_needs_the_password_and_the_role_comes_from_the_account(hashes: dict
     assert bob == Identity("bob", "viewer", "cli-password")
     with pytest.raises(PermissionDenied, match="bob"):
         auth.require_approver(bob, "promote")
-    with pytest.raises(PermissionDenied, match="wrong account name or password for 'alice'"):
+    with pytest.raises(PermissionDenied, match="^wrong account name or password$"):
         auth.cli_authenticate(password="bob-pw", env={**env, "SPARSEPILOT_USER": "alice"})
-    with pytest.raises(PermissionDenied, match="wrong account name or password for 'eve'"):
+    with pytest.raises(PermissionDenied, match="^wrong account name or password$"):
         auth.cli_authenticate(password="x", env={**env, "SPARSEPILOT_USER": "eve"})
     prompted = auth.cli_authenticate(prompt=lambda _: "alice-pw", env={**env, "SPARSEPILOT_USER": "alice"})
     assert prompted.role == "approver"

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from rollout.auth import hash_password
 from tests.fixtures.env import fresh_cli_env
 from tests.fixtures.flows import tiny_spec
 from tests.fixtures.trust import sparsepilot_as
@@ -43,13 +44,18 @@ def test_run_prints_stage_lines_and_keeps_library_noise_in_the_log(
         "PREFECT_API_URL": prefect_harness,
         "COLUMNS": "160",
         "PYTHONWARNINGS": "default",  # every warning is raised, none silenced by Python's defaults
+        # the use cases `run --specs` adds are an operator's (as `usecase add`): olga signs in
+        "SPARSEPILOT_ACCOUNTS": f"olga:operator:{hash_password('olga-pw-1234')}",
+        "SPARSEPILOT_USER": "olga",
     }
     for key in ("SPARSEPILOT_DATABASE_URL", "MLFLOW_TRACKING_URI"):
         env.pop(key, None)
     subprocess.run([sys.executable, "-m", "sparsepilot", "init"], env=env, check=True, capture_output=True)
+    args = ["run", "--specs", str(specs), "--max-new-tokens", "4", "--password-stdin"]
     proc = subprocess.run(
-        [sys.executable, "-m", "sparsepilot", "run", "--specs", str(specs), "--max-new-tokens", "4"],
+        [sys.executable, "-m", "sparsepilot", *args],
         env=env,
+        input="olga-pw-1234\n",
         capture_output=True,
         text=True,
         timeout=900,

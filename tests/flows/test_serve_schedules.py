@@ -27,12 +27,20 @@ def _read_deployments() -> dict[str, object]:
 def _serving(prefect_harness: str, log_path: Path) -> Iterator[Callable[[Callable[[set[str]], bool]], dict]]:
     """`sparsepilot serve` running in a subprocess (its output in `log_path`); yields `wait(until)`: the
     deployments on the server once `until(their names)` holds (150 s at most, the serve still running)."""
+    from rollout.auth import hash_password
+
+    # the use cases are a person's (flow_use_case): serving their cycles needs an operator, olga
+    accounts = f"olga:operator:{hash_password('olga-pw-1234')}"
     env = dict(os.environ, PREFECT_API_URL=prefect_harness, PREFECT_LOGGING_LEVEL="WARNING")
+    env.update(SPARSEPILOT_ACCOUNTS=accounts, SPARSEPILOT_USER="olga")
     log = log_path.open("w")
-    cmd = [sys.executable, "-m", "sparsepilot", "serve"]
+    cmd = [sys.executable, "-m", "sparsepilot", "serve", "--password-stdin"]
     proc = subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
+        cmd, cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True, text=True,
+    )  # fmt: skip
+    proc.stdin.write("olga-pw-1234\n")
+    proc.stdin.close()
 
     def wait(until: Callable[[set[str]], bool]) -> dict[str, object]:
         deadline = time.monotonic() + 150

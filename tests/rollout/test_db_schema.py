@@ -33,3 +33,18 @@ def test_audit_log_is_append_only(sp_home) -> None:
             entry.action = "rewritten"
     with session_scope() as s:
         assert [e.action for e in s.query(AuditEntry)] == ["usecase.add"]
+
+
+def test_two_upgrades_at_once_on_a_fresh_sqlite_file_take_turns(tmp_path) -> None:  # noqa: ANN001
+    """Review s47: two `sparsepilot init`s at once on a fresh home both ran the first migration and the
+    second failed ("duplicate column name: os_user"); now they take turns (`migrate.one_at_a_time`) and
+    the second finds the first's work."""
+    import multiprocessing
+
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(2) as pool:
+        found = pool.map(migrate.upgrade, [url, url])
+    head = migrate.head_revision(url)
+    assert sorted(found, key=str) == sorted([None, head], key=str)  # one made it, the other found it made
+    assert migrate.current_revision(url) == head

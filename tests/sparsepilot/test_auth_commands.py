@@ -68,3 +68,53 @@ def test_init_says_the_first_run_accounts_are_ignored_once_accounts_are_configur
     monkeypatch.setenv("SPARSEPILOT_ACCOUNTS", f"bob:viewer:{auth.hash_password('bob-pw-1234')}")
     res = runner.invoke(app, ["init"])
     assert res.exit_code == 0 and "(the first-run accounts) is ignored now that" in res.output, res.output
+
+
+def test_a_wrong_sign_in_does_not_echo_the_name_typed(alice: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review s47: "wrong account name or password for '<name>'" printed a password typed where the name
+    goes to the terminal (and a CI log)."""
+    monkeypatch.setenv("SPARSEPILOT_USER", "alice-pw-123-typed-as-name")
+    res = runner.invoke(app, ["whoami", "--password-stdin"], input="alice-pw-123\n")
+    assert res.exit_code == 2 and "wrong account name or password" in res.output, res.output
+    assert "typed-as-name" not in res.output
+
+
+@pytest.fixture
+def fresh_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A SPARSEPILOT_HOME nothing has touched, on embedded defaults (no accounts configured); the MLflow
+    store is a server's (left alone by init: the test is about the state DB and the first account)."""
+    home = tmp_path / "fresh-home"
+    monkeypatch.setenv("SPARSEPILOT_HOME", str(home))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    for name in ("SPARSEPILOT_DATABASE_URL", "SPARSEPILOT_OWNER_DATABASE_URL", "SPARSEPILOT_ACCOUNTS",
+                 "SPARSEPILOT_ACCOUNTS_FILE"):  # fmt: skip
+        monkeypatch.delenv(name, raising=False)
+    return home
+
+
+def test_init_that_lost_the_race_to_another_init_says_so(
+    fresh_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review s47: of two `init`s at once on a fresh home, the one whose look found nothing but whose
+    turn came after the other's said "created" and nothing of the first account (whose password only
+    the other printed); now it says both were made by another init, and exits 0."""
+    from rollout.db import migrate
+
+    looked = migrate.current_revision
+    calls = []
+
+    def other_init_right_after_our_look(url: str | None = None) -> str | None:
+        found = looked(url)
+        if not calls:  # init's first look: the other init migrates and makes the account now
+            calls.append(url)
+            migrate.upgrade(url)
+            assert auth.create_first_run_account() is not None
+        return found
+
+    monkeypatch.setattr(migrate, "current_revision", other_init_right_after_our_look)
+    res = runner.invoke(app, ["init"])
+    assert res.exit_code == 0, res.output
+    said = " ".join(res.output.split())
+    assert "already created by another `sparsepilot init` running at the same time" in said, said
+    assert "The first approver account was created by another `sparsepilot init`" in said, said
+    assert "with password" not in said

@@ -264,10 +264,106 @@ def test_run_pilots_a_persons_use_case_only_for_an_operator(trust_env, flow_use_
         )  # fmt: skip
         said = "nobody is signed in" if not who else "needs the operator role"
         assert res.exit_code == 2 and said in res.output and "Traceback" not in res.output, res.output
-        assert f"run (pilot and gate) {name}" in res.output or not who
+        assert f"run (pilot and gate {name})" in res.output or not who
     with session_scope() as s:  # nothing started: no calibration.started, no row at all but the failures
         actions = s.scalars(select(AuditEntry.action).where(AuditEntry.id > rows_before)).all()
         assert set(actions) <= {"auth.sign_in_failed"}, actions
+
+
+def test_run_adds_a_folder_of_specs_only_for_an_operator_and_as_theirs(
+    trust_env, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review s47: `run --specs DIR` added DIR's use cases (as the pipeline's, so every later run treated
+    them as samples) for anybody, while `usecase add` needs an operator. Now the use cases it would add
+    need an operator's sign-in, refused before anything runs, and are added as theirs; the samples'
+    own folder (`make run`) still needs nobody."""
+    import io
+
+    from flows.main_job import MainJobSettings, adder_of
+    from rollout.db.models import AuditEntry
+    from rollout.db.session import session_scope
+    from rollout.usecases import not_added
+    from sparsepilot.commands.pipeline import _require_operator_for_theirs
+
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    (specs / "theirs.yaml").write_text(yaml.safe_dump(tiny_spec(tiny_model_dir, "theirs")))
+    for who in ("", "victor"):
+        res = runner.invoke(
+            app_(), ["run", "--specs", str(specs), *(["--password-stdin"] if who else [])],
+            input=password_of(who) + "\n" if who else None, env={"SPARSEPILOT_USER": who},
+        )  # fmt: skip
+        said = (
+            "nobody is signed in" if not who else f"run (usecase add theirs from {specs}) needs the operator"
+        )
+        assert res.exit_code == 2 and said in res.output and "Traceback" not in res.output, res.output
+    assert not_added(["theirs"]) == ["theirs"]
+    with session_scope() as s:  # nothing ran: the failed sign-in is all the audit log holds
+        assert set(s.scalars(select(AuditEntry.action)).all()) <= {"auth.sign_in_failed"}
+    samples = MainJobSettings()  # the samples' folder: nobody signs in (stdin holds no password)
+    _require_operator_for_theirs(samples, password_stdin=False)
+    assert samples.operator is None and adder_of(samples.examples_dir, "olga") == "sparsepilot-pipeline"
+    monkeypatch.setenv("SPARSEPILOT_USER", "olga")
+    monkeypatch.setattr("sys.stdin", io.StringIO(password_of("olga") + "\n"))
+    theirs = MainJobSettings(examples_dir=specs)
+    _require_operator_for_theirs(theirs, password_stdin=True)
+    # the main job adds them as olga's (`add_sample_use_cases`): a later run pilots them for an operator only
+    assert theirs.operator == "olga" and adder_of(specs, theirs.operator) == "olga"
+
+
+def _scheduled_use_case(name: str, actor: str, model_dir: Path) -> None:
+    """A use case whose current spec has a schedule, added by ``actor`` (its rows only: no dataset check)."""
+    from rollout.db.models import SpecVersion, UseCase
+    from rollout.db.session import session_scope
+    from rollout.spec import parse_spec
+
+    spec = parse_spec(tiny_spec(model_dir, name), source=name).to_dict()
+    with session_scope() as s:
+        uc = UseCase(name=name, owner="team", criticality="low")
+        s.add(uc)
+        s.flush()
+        s.add(SpecVersion(use_case_id=uc.id, version=1, spec=spec, spec_hash=name, created_by=actor))
+
+
+def test_serve_schedules_a_persons_use_case_only_for_an_operator(
+    trust_env, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review s47: `serve` schedules each use case's cycle, which pilots and gates it, for anybody. A use
+    case a person added now needs an operator's sign-in, as `run` does, refused before anything is
+    scheduled; the pipeline's own samples need nobody."""
+    import io
+
+    _scheduled_use_case("a-sample", "sparsepilot-pipeline", tiny_model_dir)
+    _scheduled_use_case("theirs", "olga", tiny_model_dir)
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)  # a serve that got past the sign-in stops there
+    for who in ("", "victor"):
+        res = runner.invoke(
+            app_(), ["serve", "--work-pool", "p", *(["--password-stdin"] if who else [])],
+            input=password_of(who) + "\n" if who else None, env={"SPARSEPILOT_USER": who},
+        )  # fmt: skip
+        said = "nobody is signed in" if not who else "serve (the cycle pilots and gates) theirs needs the"
+        assert res.exit_code == 2 and said in res.output and "schedule " not in res.output, res.output
+    from sparsepilot.commands.pipeline import _require_operator_for_scheduled
+
+    _require_operator_for_scheduled(["a-sample"], password_stdin=False)  # the samples alone: nobody
+    monkeypatch.setenv("SPARSEPILOT_USER", "olga")
+    monkeypatch.setattr("sys.stdin", io.StringIO(password_of("olga") + "\n"))
+    _require_operator_for_scheduled(None, password_stdin=True)  # an operator: served
+
+
+def test_a_run_an_operator_signed_in_for_names_them_in_the_audit_log(trust_env, tiny_model_dir: Path) -> None:
+    """Review s47: `run` on a person's use case asked an operator to sign in, then recorded nothing of
+    them: every row it wrote named the pipeline. Its start is now an audit entry by the operator on each
+    use case it runs (`rollout.usecases.run_started`, called by the main job)."""
+    from rollout.db.models import AuditEntry
+    from rollout.db.session import session_scope
+    from rollout.usecases import run_started
+
+    _scheduled_use_case("theirs", "olga", tiny_model_dir)
+    assert run_started(["theirs", "not-there"], "olga") == 1
+    with session_scope() as s:
+        row = s.scalars(select(AuditEntry).where(AuditEntry.action == "run.started")).one()
+        assert (row.actor, row.entity, row.details["command"]) == ("olga", "use_case", "sparsepilot run")
 
 
 @pytest.mark.parametrize("user", ["victor"])
