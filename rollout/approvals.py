@@ -400,13 +400,15 @@ def counting_signatures(
 ) -> tuple[list[tuple[Approval, str]], list[tuple[Approval, str]]]:
     """The override signatures already given (`override_signatures`), split into those that still count
     ([(approval, its signer's OIDC subject)]) and those that lapsed ([(approval, why)]): a signer who
-    is no longer an approver (demoted, or the account deleted; `rollout.auth.still_approver`) does not
-    count, so one current approver cannot complete an override on a former approver's signature."""
+    is no longer an approver (a local account demoted or deleted, an OIDC user taken off the approver
+    list; `rollout.auth.still_approver`) does not count, so one current approver cannot complete an
+    override on a former approver's signature."""
     counting, lapsed = [], []
     for a in override_signatures(session, decision_id, action):
-        ok, what = still_approver(a.actor)
+        subject = signer_subject(session, a)
+        ok, what = still_approver(a.actor, subject=subject)
         if ok:
-            counting.append((a, signer_subject(session, a)))
+            counting.append((a, subject))
         else:
             lapsed.append((a, what))
     return counting, lapsed

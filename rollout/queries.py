@@ -829,8 +829,8 @@ def live_signatures(given: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def approvals(session: Session, decision_ids: list[int]) -> list[dict[str, Any]]:
     if not decision_ids:
         return []
-    from rollout.approvals import withdrawn_signatures
-    from rollout.auth import load_accounts, still_approver
+    from rollout.approvals import signer_subject, withdrawn_signatures
+    from rollout.auth import OIDC_PREFIX, load_accounts, oidc_approvers, still_approver
 
     stmt = select(Approval).where(Approval.decision_id.in_(decision_ids)).order_by(Approval.id)
     found = list(session.scalars(stmt))
@@ -838,13 +838,18 @@ def approvals(session: Session, decision_ids: list[int]) -> list[dict[str, Any]]
     withdrawn_in = {a.decision_id for a in found if a.action == "withdraw"}
     gone = set().union(*(withdrawn_signatures(session, i) for i in withdrawn_in))
     # an override's signature counts only while its signer is an approver (rollout.approvals'
-    # `counting_signatures`): the accounts as they are now, read once
-    accounts = load_accounts() if any(a.against_recommendation for a in found) else {}
+    # `counting_signatures`): the accounts and the OIDC approver list as they are now, read once; an
+    # OIDC signer's subject is read only where that list is known
+    overrides = any(a.against_recommendation for a in found)
+    accounts = load_accounts() if overrides else {}
+    listed = oidc_approvers() if overrides else None
 
     def lapsed(a: Approval) -> str | None:
         if not a.against_recommendation or a.action == "withdraw":
             return None
-        ok, what = still_approver(a.actor, accounts)
+        oidc = a.actor.startswith(OIDC_PREFIX) and listed is not None
+        subject = signer_subject(session, a) if oidc else ""
+        ok, what = still_approver(a.actor, accounts, subject=subject, approvers=listed)
         return None if ok else what
 
     return [
@@ -857,7 +862,7 @@ def approvals(session: Session, decision_ids: list[int]) -> list[dict[str, Any]]
             "reason": a.reason,
             "against_recommendation": a.against_recommendation,
             "withdrawn": a.id in gone,  # its signer took it back (`approve --withdraw`): it counts nothing
-            "lapsed": lapsed(a),  # why an override's signature no longer counts (its signer demoted), or None
+            "lapsed": lapsed(a),  # why an override's signature no longer counts (signer demoted), or None
             "created_at": a.created_at,
         }
         for a in found
