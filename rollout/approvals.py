@@ -14,9 +14,11 @@ server process; the CLI in the caller's, see rollout.auth):
   alias, so it is carried out in the signing transaction (the decision is resolved "continued" with the
   pilot already running at the next step, never one without the other); a paused approval run is then
   resumed only to end (`apply_continue` finds it done);
-- a GO judged under a gate looser (a larger non-inferiority margin or alpha) than the last accepted one
-  (`accepted_baseline`: the spec version of the use case's last promoted or approved pilot, else 1) is
-  not approved by anyone who loosened it in a version since (`gate_loosened`); another approver signs;
+- a GO judged under a gate looser (any setting that makes a GO easier: a larger non-inferiority margin
+  or alpha, alpha spent per pilot, more looks or days, higher guardrail ceilings, fewer ramp steps or
+  rows: `GATE_SETTINGS_LOOSER_WHEN`) than the last accepted one (`accepted_baseline`: the spec version
+  of the use case's last promoted or approved pilot, else 1) is not approved by anyone who loosened it
+  in a version since (`gate_loosened`); another approver signs;
 - signing is atomic: the decision is read and signed under a write lock (SQLite ``BEGIN IMMEDIATE``,
   PostgreSQL ``SELECT ... FOR UPDATE``), so of two approvers acting at once exactly one signs and the
   other is told who already did;
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,7 +58,7 @@ from rollout.db.models import (
 )
 from rollout.db.session import session_scope
 from rollout.redact import redact
-from rollout.spec import has_visible_text
+from rollout.spec import GateSpec, Guardrails, has_visible_text
 from sparse_core.errors import SparsePilotError
 
 
@@ -414,15 +417,11 @@ def counting_signatures(
     return counting, lapsed
 
 
-# the gate settings a GO comes easier under when they grow (spec key, label, default when absent)
-_LOOSER_WHEN_LARGER = (("non_inferiority_margin", "margin", None), ("alpha", "alpha", 0.05))
-
-
 @dataclass(frozen=True)
 class GateLoosening:
     """How the gate of the spec version a pilot ran under (`version`) is looser than the last accepted
-    one (`baseline`, for the reason `basis`): `net`, the settings larger than the baseline's, and
-    `steps`, [(version, its author, [changes])] for each version since the baseline that raised one
+    one (`baseline`, for the reason `basis`): `net`, the settings looser than the baseline's, and
+    `steps`, [(version, its author, [changes])] for each version since the baseline that loosened one
     of those settings against the version before it."""
 
     version: int
@@ -432,35 +431,141 @@ class GateLoosening:
     steps: list[tuple[int, str, list[str]]]
 
 
-def _gate_value(spec: dict[str, Any], key: str, default: float | None) -> float | None:
-    value = (spec.get("gate") or {}).get(key, default)
-    return None if value is None else float(value)
+# --- what makes a GO easier: the spec's gate-relevant settings, each with the way that is looser --------
+#
+# A GO is easier when its test is weaker (margin, alpha, alpha spent per pilot rather than across the use
+# case's pilots), when it gets more chances (looks, days), when a guardrail stops less (higher ceilings,
+# a slower latency SLO, a guardrail judged on fewer rows) or when there is less to pass (fewer ramp steps,
+# fewer rows before a step's test may decide). Not compared: the planning values (`planned_effect`,
+# `planned_sd`, `score_type`), which tune the bets but keep the GO's level, and the steps' traffic shares,
+# which change who is served, not the evidence a GO needs.
+
+_GATE_DEFAULTS = {name: f.default for name, f in GateSpec.model_fields.items() if not f.is_required()}
+_GUARD_DEFAULTS = Guardrails().model_dump()
+_SPENDING_LOOSENESS = {"use_case": 0, "pilot": 1}  # each pilot's GO at the whole alpha is looser
+
+
+def _section(spec: Mapping[str, Any], *path: str) -> Mapping[str, Any] | None:
+    node: Any = spec
+    for key in path:
+        node = node.get(key) if isinstance(node, Mapping) else None
+    return node if isinstance(node, Mapping) else None
+
+
+def _gate(key: str) -> Callable[[Mapping[str, Any]], Any]:
+    return lambda spec: (_section(spec, "gate") or {}).get(key, _GATE_DEFAULTS.get(key))
+
+
+def _guard(key: str) -> Callable[[Mapping[str, Any]], Any]:
+    return lambda spec: (_section(spec, "gate", "guardrails") or {}).get(key, _GUARD_DEFAULTS[key])
+
+
+def _latency_slo(spec: Mapping[str, Any]) -> Any:
+    """The latency guardrail's SLO, as `GateSettings.from_spec` takes it: the gate's own, else the spec's
+    p95 SLO; None where the spec says neither."""
+    own = (_section(spec, "gate", "guardrails") or {}).get("p95_latency_ms")
+    if own is not None:
+        return own
+    slo = spec.get("latency_slo_ms")
+    return slo.get("p95") if isinstance(slo, Mapping) else slo
+
+
+def _ramp(spec: Mapping[str, Any]) -> list[Any] | None:
+    steps = (_section(spec, "rollout") or {}).get("steps")
+    return steps if isinstance(steps, list) else None
+
+
+def _step_min_samples(n: int) -> Callable[[Mapping[str, Any]], Any]:
+    def read(spec: Mapping[str, Any]) -> Any:
+        steps = _ramp(spec) or []
+        return (
+            steps[n - 1].get("min_samples") if n <= len(steps) and isinstance(steps[n - 1], Mapping) else None
+        )
+
+    return read
+
+
+def _larger(old: Any, new: Any) -> bool:
+    return float(new) > float(old)
+
+
+def _smaller(old: Any, new: Any) -> bool:
+    return float(new) < float(old)
+
+
+def _more_spent_per_pilot(old: Any, new: Any) -> bool:
+    return _SPENDING_LOOSENESS.get(new, -1) > _SPENDING_LOOSENESS.get(old, 2)
+
+
+@dataclass(frozen=True)
+class LooserWhen:
+    """One gate-relevant setting: its label in messages, how to read it from a stored spec (None: the spec
+    cannot say), and whether a change from ``old`` to ``new`` makes a GO easier."""
+
+    label: str
+    read: Callable[[Mapping[str, Any]], Any]
+    looser: Callable[[Any, Any], bool]
+
+    def change(self, before: Mapping[str, Any], after: Mapping[str, Any]) -> str | None:
+        """'margin 0.2 -> 0.5' where ``after`` is looser than ``before`` on this setting, else None."""
+        old, new = self.read(before), self.read(after)
+        if old is None or new is None or not self.looser(old, new):
+            return None
+        show = (lambda v: f"{v:g}") if isinstance(old, int | float) and isinstance(new, int | float) else str
+        return f"{self.label} {show(old)} -> {show(new)}"
+
+
+GATE_SETTINGS_LOOSER_WHEN = (
+    LooserWhen("margin", _gate("non_inferiority_margin"), _larger),
+    LooserWhen("alpha", _gate("alpha"), _larger),
+    LooserWhen("alpha spending", _gate("alpha_spending"), _more_spent_per_pilot),
+    LooserWhen("max looks", _gate("max_looks"), _larger),
+    LooserWhen("max duration days", _gate("max_duration_days"), _larger),
+    LooserWhen("error-rate ceiling", _guard("max_error_rate"), _larger),
+    LooserWhen("error-rate increase ceiling", _guard("max_error_rate_increase"), _larger),
+    LooserWhen("latency SLO ms", _latency_slo, _larger),
+    LooserWhen("latency exceedance", _guard("max_latency_exceedance"), _larger),
+    LooserWhen("guardrail min samples", _guard("min_samples"), _smaller),
+    LooserWhen(
+        "shadow min samples",
+        lambda spec: (_section(spec, "rollout", "shadow") or {}).get("min_samples"),
+        _smaller,
+    ),
+    LooserWhen("ramp steps", lambda spec: None if _ramp(spec) is None else len(_ramp(spec) or []), _smaller),
+)
+
+
+def looser_when(versions: list[Mapping[str, Any]]) -> tuple[LooserWhen, ...]:
+    """The settings compared across these specs: `GATE_SETTINGS_LOOSER_WHEN`, and each ramp step's
+    ``min_samples`` (step N against step N; a step gone is counted by "ramp steps")."""
+    most = max((len(_ramp(spec) or []) for spec in versions), default=0)
+    steps = tuple(
+        LooserWhen(f"step {n} min samples", _step_min_samples(n), _smaller) for n in range(1, most + 1)
+    )
+    return GATE_SETTINGS_LOOSER_WHEN + steps
 
 
 def loosenings(
     versions: list[tuple[int, str, dict[str, Any]]],
 ) -> tuple[list[str], list[tuple[int, str, list[str]]]]:
     """Of spec versions [(version, author, spec)] from the baseline (first) to the one a pilot ran under
-    (last), in order: the settings whose value at the last is larger than at the baseline (["margin
-    0.2 -> 0.5"]), and each later version that raised one of those against the version before it, with
-    its author and changes. A setting brought back to (or below) the baseline's is no loosening, nor is
-    its history: the GO is judged under a gate no looser than the one last accepted."""
+    (last), in order: the gate-relevant settings (`looser_when`) on which the last is looser than the
+    baseline (["margin 0.2 -> 0.5", "ramp steps 3 -> 1"]), and each later version that loosened one of
+    those against the version before it, with its author and changes. A setting brought back to (or
+    tighter than) the baseline's is no loosening, nor is its history: the GO is judged under a gate no
+    looser than the one last accepted."""
     if len(versions) < 2:
         return [], []
     first, last = versions[0][2], versions[-1][2]
-    net, keys = [], []
-    for key, label, default in _LOOSER_WHEN_LARGER:
-        old_v, new_v = _gate_value(first, key, default), _gate_value(last, key, default)
-        if old_v is not None and new_v is not None and new_v > old_v:
-            net.append(f"{label} {old_v:g} -> {new_v:g}")
-            keys.append((key, label, default))
+    net, settings = [], []
+    for setting in looser_when([spec for _, _, spec in versions]):
+        change = setting.change(first, last)
+        if change is not None:
+            net.append(change)
+            settings.append(setting)
     steps = []
     for (_, _, before), (version, author, now) in zip(versions, versions[1:], strict=False):
-        changes = []
-        for key, label, default in keys:
-            old_v, new_v = _gate_value(before, key, default), _gate_value(now, key, default)
-            if old_v is not None and new_v is not None and new_v > old_v:
-                changes.append(f"{label} {old_v:g} -> {new_v:g}")
+        changes = [c for c in (setting.change(before, now) for setting in settings) if c is not None]
         if changes:
             steps.append((version, author, changes))
     return net, steps
@@ -487,8 +592,8 @@ def accepted_baseline(session: Any, pilot: Pilot) -> tuple[int, str]:
 
 
 def gate_loosened(session: Any, d: GateDecision) -> GateLoosening | None:
-    """How the gate ``d``'s pilot ran under is looser (a larger non-inferiority margin or alpha: a GO
-    comes easier) than the gate last accepted for the use case (`accepted_baseline`), and who loosened
+    """How the gate ``d``'s pilot ran under is looser (a GO comes easier: `looser_when`) than the gate
+    last accepted for the use case (`accepted_baseline`), and who loosened
     it in which version since (`loosenings`), else None. Comparing with the version just before the
     pilot's was not enough: loosen in v2, add a reworded v3, and v3 against v2 changed nothing (review
     s46 T3-1)."""
