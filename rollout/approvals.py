@@ -1133,6 +1133,25 @@ def baseline_version_id(use_case_name: str, *, db_url: str | None = None) -> int
     return None
 
 
+def _resolved_and_locked(
+    session: Any, decision_id: int, resolution: str, *, to: str
+) -> tuple[GateDecision, UseCase, Pilot]:
+    """What an effect on a decision's pilot starts with (`apply_promotion`, `apply_continue`): the
+    decision, refused unless it was resolved ``resolution`` and has a pilot ``to`` act on, with its use
+    case and pilot locked (`pilots.locked`: the order every writer of a pilot's state takes)."""
+    from rollout import pilots
+
+    d = session.get(GateDecision, decision_id)
+    if d is None:
+        raise ApprovalError(f"decision {decision_id} does not exist")
+    if d.resolution != resolution:
+        raise ApprovalError(f"decision {decision_id} is {d.resolution}, not {resolution}")
+    if d.pilot_id is None:
+        raise ApprovalError(f"decision {decision_id} has no pilot to {to}")
+    uc, pilot = pilots.locked(session, d.use_case_id, d.pilot_id)
+    return d, uc, pilot
+
+
 def apply_promotion(
     decision_id: int, approval_id: int, *, reason: str, db_url: str | None = None
 ) -> dict[str, Any]:
@@ -1142,13 +1161,7 @@ def apply_promotion(
 
     who = approval_identity(approval_id, decision_id, actions=("approve",), db_url=db_url)
     with session_scope(db_url, immediate=True) as session:
-        d = session.get(GateDecision, decision_id)
-        assert d is not None
-        if d.resolution != "approved":
-            raise ApprovalError(f"decision {decision_id} is {d.resolution}, not approved")
-        if d.pilot_id is None:
-            raise ApprovalError(f"decision {decision_id} has no pilot to promote")
-        uc, pilot = pilots.locked(session, d.use_case_id, d.pilot_id)
+        d, uc, pilot = _resolved_and_locked(session, decision_id, "approved", to="promote")
         _require_pilot_to_promote(d, pilot, moved=False)
         name, mv_id = uc.name, pilot.model_version_id
         has_champion = bool(registry.champions(session, uc.id))
@@ -1228,11 +1241,7 @@ def apply_continue(
 
     who = approval_identity(approval_id, decision_id, actions=("continue",), db_url=db_url)
     with session_scope(db_url, immediate=True) as session:
-        d = session.get(GateDecision, decision_id)
-        assert d is not None
-        if d.resolution != "continued":
-            raise ApprovalError(f"decision {decision_id} is {d.resolution}, not continued")
-        _uc, pilot = pilots.locked(session, d.use_case_id, d.pilot_id)
+        d, _uc, pilot = _resolved_and_locked(session, decision_id, "continued", to="continue")
         step = session.get(PilotStep, d.pilot_step_id)
         if (pilot.status, pilot.current_step_index) == ("awaiting_approval", step.index):
             return continue_in(session, d, actor=who.name, reason=reason)
