@@ -8,7 +8,7 @@ from pathlib import Path
 import streamlit as st
 
 from dashboard.data import example_specs, schema_ready
-from dashboard.identity import current_identity, sign_out
+from dashboard.identity import approver_list_known, current_identity, sign_out
 from rollout.settings import configure_environment
 
 VIEWS = Path(__file__).resolve().parent / "views"
@@ -79,7 +79,8 @@ def main() -> None:
         st.Page(str(VIEWS / "audit.py"), title="Audit", icon=":material/history:"),
         st.Page(str(VIEWS / "login.py"), title="Sign out" if ident else "Sign in", icon=":material/login:"),
     ]
-    st.navigation(pages).run()
+    with approver_list_known():  # an OIDC signer taken off the list no longer counts on any page
+        st.navigation(pages).run()
 
 
 main()

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 
 import streamlit as st
@@ -14,7 +16,6 @@ from rollout import auth
 from rollout.auth import Identity
 
 IDENTITY_KEY = "sp_identity"
-OIDC_APPROVERS_ENV = "SPARSEPILOT_OIDC_APPROVERS"
 
 
 def oidc_configured() -> bool:
@@ -25,12 +26,25 @@ def oidc_configured() -> bool:
 
 
 def oidc_approvers() -> list[str]:
-    listed: list[str] = [a for a in os.environ.get(OIDC_APPROVERS_ENV, "").split(",") if a.strip()]
+    listed: list[str] = [a for a in os.environ.get(auth.OIDC_APPROVERS_ENV, "").split(",") if a.strip()]
     try:
         listed += list(st.secrets.get("sparsepilot", {}).get("approvers", []))
     except Exception:  # noqa: BLE001
         pass
     return listed
+
+
+@contextmanager
+def approver_list_known() -> Iterator[None]:
+    """Where OIDC is configured, this dashboard's approver list (`oidc_approvers`: its secrets' and the
+    environment's) is the list rollout checks an OIDC signer against (`auth.oidc_approvers_known`), so
+    the signature of someone taken off it lapses on every page and action, as a demoted local
+    account's does; without OIDC here, rollout reads the environment's alone."""
+    if not oidc_configured():
+        yield
+        return
+    with auth.oidc_approvers_known(oidc_approvers()):
+        yield
 
 
 def local_accounts_configured() -> bool:

@@ -32,6 +32,7 @@ import threading
 import tomllib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
@@ -53,6 +54,9 @@ USER_ENV = "SPARSEPILOT_USER"
 # OIDC identities live in a namespace of their own: a local account's name never starts with it, so an
 # OIDC user can never be recorded under (or take the signatures of) a local account's name.
 OIDC_PREFIX = "oidc:"
+# the OIDC approver list (email or ``<issuer>#<subject>``, comma-separated); the dashboard adds its
+# secrets' ``[sparsepilot] approvers`` (`oidc_approvers_known`)
+OIDC_APPROVERS_ENV = "SPARSEPILOT_OIDC_APPROVERS"
 
 # scrypt cost: n=2**17, r=8, p=1 (the OWASP minimum) needs 128 MiB and ~0.3 s per check. Stored with
 # the hash so it can be raised later without breaking old hashes; a stored hash may ask for at most
@@ -876,13 +880,22 @@ def verified_email(claims: Mapping[str, object]) -> str:
     return email if verified is True and _is_email(email) else ""
 
 
+def oidc_listed(email: str, subject: str, approvers: Iterable[str]) -> bool:
+    """Is an OIDC user on the approver list: their verified ``email`` listed (any case), or their
+    ``<issuer>#<subject>`` (a bare subject in the list matches nobody: it is unique only within its
+    issuer)."""
+    listed = {a.strip() for a in approvers if a.strip()}
+    listed_emails = {a.lower() for a in listed if "#" not in a}
+    return bool(email and email.lower() in listed_emails) or bool(subject and subject in listed)
+
+
 def identity_from_oidc(claims: Mapping[str, object], approvers: Iterable[str] = ()) -> Identity | None:
     """An OIDC user (``st.user``) is an approver only on a claim the provider vouches for: an email
     listed in ``approvers`` with ``email_verified`` true, or a listed ``<issuer>#<subject>`` (the
-    subject is unique only within its issuer). ``preferred_username`` and an unverified email never
-    count. Everyone else who signed in is a viewer. The name is ``oidc:<verified email>``, else
-    ``oidc:<issuer>#<subject>``: never a local account's name. No verified email and no subject -> no
-    identity."""
+    subject is unique only within its issuer; `oidc_listed`). ``preferred_username`` and an unverified
+    email never count. Everyone else who signed in is a viewer. The name is ``oidc:<verified email>``,
+    else ``oidc:<issuer>#<subject>``: never a local account's name. No verified email and no subject ->
+    no identity."""
     if not claims.get("is_logged_in", True):
         return None
     email = verified_email(claims)
@@ -890,13 +903,36 @@ def identity_from_oidc(claims: Mapping[str, object], approvers: Iterable[str] = 
     sub = str(claims.get("sub") or "").strip()
     if not email and not sub:
         return None
-    listed = {a.strip() for a in approvers if a.strip()}
-    listed_emails = {a.lower() for a in listed if "#" not in a}
-    by_subject = bool(iss and sub and f"{iss}#{sub}" in listed)
-    approver = bool(email and email.lower() in listed_emails) or by_subject
-    role: Role = "approver" if approver else "viewer"
     subject = f"{iss}#{sub}" if iss and sub else ""
+    role: Role = "approver" if oidc_listed(email, subject, approvers) else "viewer"
     return Identity(OIDC_PREFIX + (email or f"{iss}#{sub}"), role, "oidc", subject=subject)
+
+
+_KNOWN_OIDC_APPROVERS: ContextVar[tuple[str, ...] | None] = ContextVar("oidc_approvers", default=None)
+
+
+@contextmanager
+def oidc_approvers_known(approvers: Iterable[str]) -> Iterator[None]:
+    """Within: ``approvers`` is this process's OIDC approver list (`oidc_approvers`), the one its OIDC
+    users were given their role by. The dashboard wraps each page and each action in it with its own
+    list (its secrets' and ``SPARSEPILOT_OIDC_APPROVERS``), so an OIDC signer removed from it no longer
+    counts (`still_approver`)."""
+    token = _KNOWN_OIDC_APPROVERS.set(tuple(a.strip() for a in approvers if a.strip()))
+    try:
+        yield
+    finally:
+        _KNOWN_OIDC_APPROVERS.reset(token)
+
+
+def oidc_approvers() -> tuple[str, ...] | None:
+    """The OIDC approver list this process knows: the dashboard's (`oidc_approvers_known`), else
+    ``SPARSEPILOT_OIDC_APPROVERS`` where it is set and names someone; None where neither is (a CLI not
+    told the list cannot check an OIDC signer)."""
+    known = _KNOWN_OIDC_APPROVERS.get()
+    if known is not None:
+        return known
+    listed = tuple(a.strip() for a in os.environ.get(OIDC_APPROVERS_ENV, "").split(",") if a.strip())
+    return listed or None
 
 
 def person_key(actor: str, accounts: Mapping[str, Account]) -> str:
@@ -931,15 +967,29 @@ def same_person(
     return bool(keys_a & keys_b)
 
 
-def still_approver(actor: str, accounts: Mapping[str, Account] | None = None) -> tuple[bool, str]:
+def still_approver(
+    actor: str,
+    accounts: Mapping[str, Account] | None = None,
+    *,
+    subject: str = "",
+    approvers: Iterable[str] | None = None,
+) -> tuple[bool, str]:
     """Is a recorded signer an approver now, and if not, what they are: a local account is looked up in
-    the accounts as they are now (demoted, or deleted); an OIDC user's role comes from the identity
-    provider and the dashboard's approver list at sign-in, which this process cannot ask again, so
-    their signature stands; so does everyone's in a process that knows no local account at all (nobody
-    could sign in locally there: the accounts are configured elsewhere) (docs/operations.md, "Who may
-    do what")."""
+    the accounts as they are now (demoted, or deleted); an OIDC user on the OIDC approver list as it is
+    now (`oidc_approvers` unless ``approvers`` is given; `oidc_listed`: the verified email they were
+    recorded under, or their ``<issuer>#<subject>``, ``subject`` or the one in their name). A process
+    that cannot know cannot check: one that knows no OIDC approver list lets OIDC signatures stand, one
+    that knows no local account at all lets local signatures stand (nobody could sign in locally there:
+    the accounts are configured elsewhere) (docs/operations.md, "Who may do what")."""
     if actor.startswith(OIDC_PREFIX):
-        return True, "approver"
+        listed = oidc_approvers() if approvers is None else tuple(approvers)
+        if listed is None:
+            return True, "approver"
+        rest = actor[len(OIDC_PREFIX) :]
+        email = rest if _is_email(rest) else ""
+        if oidc_listed(email, subject or ("" if email else rest), listed):
+            return True, "approver"
+        return False, "no longer on the OIDC approver list"
     accounts = load_accounts() if accounts is None else accounts
     if not accounts:
         return True, "approver"

@@ -880,8 +880,8 @@ def signed_by(given: list[dict[str, Any]]) -> list[str]:
 def approvals(session: Session, decision_ids: list[int]) -> list[dict[str, Any]]:
     if not decision_ids:
         return []
-    from rollout.approvals import withdrawals
-    from rollout.auth import load_accounts, still_approver
+    from rollout.approvals import signer_subject, withdrawals
+    from rollout.auth import OIDC_PREFIX, load_accounts, oidc_approvers, still_approver
 
     stmt = select(Approval).where(Approval.decision_id.in_(decision_ids)).order_by(Approval.id)
     found = list(session.scalars(stmt))
@@ -891,13 +891,18 @@ def approvals(session: Session, decision_ids: list[int]) -> list[dict[str, Any]]
     for i in withdrawn_in:
         gone |= withdrawals(session, i)
     # an override's signature counts only while its signer is an approver (rollout.approvals'
-    # `counting_signatures`): the accounts as they are now, read once
-    accounts = load_accounts() if any(a.against_recommendation for a in found) else {}
+    # `counting_signatures`): the accounts and the OIDC approver list as they are now, read once; an
+    # OIDC signer's subject is read only where that list is known
+    overrides = any(a.against_recommendation for a in found)
+    accounts = load_accounts() if overrides else {}
+    listed = oidc_approvers() if overrides else None
 
     def lapsed(a: Approval) -> str | None:
         if not a.against_recommendation or a.action == "withdraw":
             return None
-        ok, what = still_approver(a.actor, accounts)
+        oidc = a.actor.startswith(OIDC_PREFIX) and listed is not None
+        subject = signer_subject(session, a) if oidc else ""
+        ok, what = still_approver(a.actor, accounts, subject=subject, approvers=listed)
         return None if ok else what
 
     out = [
@@ -913,7 +918,7 @@ def approvals(session: Session, decision_ids: list[int]) -> list[dict[str, Any]]
             # who took it back and when (their `withdraw` row), or None
             "withdrawn_by": gone[a.id].actor if a.id in gone else None,
             "withdrawn_at": gone[a.id].created_at if a.id in gone else None,
-            "lapsed": lapsed(a),  # why an override's signature no longer counts (its signer demoted), or None
+            "lapsed": lapsed(a),  # why an override's signature no longer counts (signer demoted), or None
             "created_at": a.created_at,
         }
         for a in found

@@ -13,7 +13,7 @@ import streamlit as st
 
 from dashboard import fmt
 from dashboard.data import read
-from dashboard.identity import current_identity
+from dashboard.identity import approver_list_known, current_identity
 from rollout import approvals, lifecycle, queries
 from rollout.auth import Identity, PermissionDenied
 from rollout.redact import redact
@@ -42,7 +42,8 @@ def run_action(fn: Any, *args: Any, reason_key: str, **kwargs: Any) -> None:
     became of it; drawn inline, the button no longer existed on that rerun and the click was dropped
     under "Nothing is waiting for a decision"."""
     try:
-        result = fn(*args, current_identity(), st.session_state.get(reason_key), **kwargs)
+        with approver_list_known():  # a callback runs before the page, outside app.py's
+            result = fn(*args, current_identity(), st.session_state.get(reason_key), **kwargs)
     except PermissionDenied as exc:
         flash("error", f"Refused: {exc}")
     except approvals.FlowNotWaiting as exc:

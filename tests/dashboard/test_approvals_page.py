@@ -163,3 +163,34 @@ def test_a_withdrawn_signature_is_shown_as_withdrawn_and_counts_nothing(seeded: 
     # who signed it, as a decision decided but not in effect names them ("approved by ..."): carol, not
     # alice's withdrawn signature and her withdrawal beside her
     assert queries.signed_by(queries.read(queries.decision, did)["approvals"]) == ["carol"]
+
+
+def test_an_oidc_approver_taken_off_the_dashboards_list_no_longer_counts_on_the_page(
+    seeded: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ann, an OIDC approver, signed "promote anyway"; then she was taken off the approver list in the
+    dashboard's secrets, which rollout never saw: her signature still counted, the page waited for a
+    second approver and ben's click completed the override on it. The page says hers lapsed, and ben's
+    click is the first signature (said on the page), as for a demoted local account."""
+    from streamlit.testing.v1 import AppTest
+
+    from tests.dashboard.apptest_helpers import APP
+
+    monkeypatch.delenv("SPARSEPILOT_OIDC_APPROVERS", raising=False)
+    did = seeded["document-qa:decision"]  # EXTEND on a running pilot: promoting is an override
+    ann = Identity("oidc:ann@example.com", "approver", "oidc", subject="https://idp.example#ann")
+    assert approvals.approve(did, ann, "the business needs it this quarter").needs_second_approver
+    at = AppTest.from_file(str(APP), default_timeout=90)
+    at.secrets["auth"] = {"redirect_uri": "http://127.0.0.1:8501/oauth2callback", "cookie_secret": "x"}
+    at.secrets["sparsepilot"] = {"approvers": ["ben@example.com"]}
+    at.user = {"is_logged_in": True, "email": "ben@example.com", "email_verified": True, "sub": "ben"}
+    open_page(at.run(), "approvals")
+    gone = "oidc:ann@example.com is no longer on the OIDC approver list"
+    assert gone in texts(at).replace("\\", "")
+    at.text_area(key=f"reason_{did}").input("agreed with ann")
+    at.button(key=f"approve_{did}").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    shown = "\n".join(w.value.replace("\\", "") for w in at.warning)
+    assert f"oidc:ann@example.com's signature no longer counts ({gone})" in shown, texts(at)
+    with session_scope() as s:
+        assert s.get(GateDecision, did).resolution is None

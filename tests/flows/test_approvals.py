@@ -618,6 +618,66 @@ def test_a_deleted_approvers_first_signature_lapses(flow_use_case, monkeypatch) 
     assert "alice's signature no longer counts (alice is no longer an account)" in second.message
 
 
+@pytest.mark.parametrize(
+    ("listed_now", "by_dashboard", "lapses"),
+    [
+        ("ben@corp.example", False, True),
+        ("ben@corp.example", True, True),
+        ("ben@corp.example,https://idp.example#ann-1", False, False),
+    ],
+    ids=["taken-off-the-list", "taken-off-the-dashboards-list", "still-listed-by-subject"],
+)
+def test_an_oidc_approver_taken_off_the_list_no_longer_counts(
+    flow_use_case, monkeypatch, listed_now: str, by_dashboard: bool, lapses: bool
+) -> None:
+    """A local approver demoted since their first signature lapses (above); an OIDC approver taken off
+    the approver list still counted, so one current approver completed an override on a former
+    approver's signature. Hers lapses the same way (said, audited, the Approvals page's rule), whether
+    the list is the environment's or the dashboard's own; listed by <issuer>#<subject> she still counts."""
+    from contextlib import nullcontext
+
+    from rollout import approvals, auth, queries
+    from rollout.db.models import AuditEntry
+    from rollout.db.session import session_scope
+
+    claims = {
+        "iss": "https://idp.example",
+        "sub": "ann-1",
+        "email": "ann@corp.example",
+        "email_verified": True,
+    }
+    ann = auth.identity_from_oidc(claims, ["ann@corp.example", "ben@corp.example"])
+    ben = auth.Identity("oidc:ben@corp.example", "approver", "oidc", subject="https://idp.example#ben-1")
+    name = flow_use_case()
+    did = _pilot_with_decision(name, "EXTEND", "none")
+    assert approvals.approve(did, ann, "business needs it now").needs_second_approver
+
+    monkeypatch.setenv("SPARSEPILOT_OIDC_APPROVERS", "" if by_dashboard else listed_now)
+    with auth.oidc_approvers_known(listed_now.split(",")) if by_dashboard else nullcontext():
+        with session_scope() as s:
+            rows = queries.approvals(s, [did])
+            counting, _ = approvals.counting_signatures(s, did, "approve")
+        gone = "no longer on the OIDC approver list"
+        assert [(r["actor"], r["lapsed"]) for r in rows] == [
+            ("oidc:ann@corp.example", gone if lapses else None)
+        ]
+        assert [a.actor for a, _ in counting] == ([] if lapses else ["oidc:ann@corp.example"])
+        if not lapses:
+            return
+        second = approvals.approve(did, ben, "agreed with ann")
+    assert second.needs_second_approver and not second.took_effect
+    assert f"oidc:ann@corp.example's signature no longer counts (oidc:ann@corp.example is {gone})" in (
+        second.message
+    )
+    with session_scope() as s:
+        audited = s.scalars(
+            select(AuditEntry).where(AuditEntry.action == "approval.approve.signature_lapsed")
+        )
+        assert [(e.actor, e.details["signer"], e.details["why"]) for e in audited] == [
+            ("oidc:ben@corp.example", "oidc:ann@corp.example", gone)
+        ]
+
+
 def test_one_oidc_subject_under_two_emails_is_one_person(flow_use_case) -> None:
     """Review s46 A2: an approver listed by <issuer>#<subject> whose email changed at the provider (or
     whose email is not verified on one sign-in) is recorded under two names, but is one person: the

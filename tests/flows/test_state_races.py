@@ -424,6 +424,7 @@ def test_a_direct_approval_and_the_cycles_finishing_carry_a_promotion_out_once(
 def _slow_check_approvable(monkeypatch: pytest.MonkeyPatch, hold: float) -> threading.Event:
     """check_approvable has passed, then takes `hold` s more: approve's locks are held meanwhile."""
     from rollout import approvals
+    from rollout.approvals import signing
 
     passed, check = threading.Event(), approvals.check_approvable
 
@@ -432,7 +433,7 @@ def _slow_check_approvable(monkeypatch: pytest.MonkeyPatch, hold: float) -> thre
         passed.set()
         time.sleep(hold)
 
-    monkeypatch.setattr(approvals, "check_approvable", slow)
+    monkeypatch.setattr(signing, "check_approvable", slow)  # what `approve` calls
     return passed
 
 

@@ -353,6 +353,7 @@ def test_a_keep_or_rejection_whose_approver_died_after_signing_is_finished(
 
     from flows.promote import finish_unfinished
     from rollout import approvals
+    from rollout.approvals import signing
     from rollout.auth import Identity
     from rollout.db.models import GateDecision
     from rollout.db.session import session_scope
@@ -366,7 +367,7 @@ def test_a_keep_or_rejection_whose_approver_died_after_signing_is_finished(
         decided = _pilot_with_decision(name, "GO", "approval", key="rejected")
     with session_scope() as s:
         s.get(GateDecision, decided).flow_run_id = str(uuid.uuid4())  # its paused approval run
-    monkeypatch.setattr(approvals, "_flow_run_state_safe", lambda _run: (True, "Paused"))
+    monkeypatch.setattr(signing, "_flow_run_state_safe", lambda _run: (True, "Paused"))  # as `approve` asks
     # against the recommendation (the monitor's rollback, the gate's GO): two approvers
     assert approvals.approve(decided, Identity(*ALICE), "not now", reject=True).needs_second_approver
 
@@ -374,7 +375,7 @@ def test_a_keep_or_rejection_whose_approver_died_after_signing_is_finished(
         raise KeyboardInterrupt  # the approver gives up on a Prefect API that does not answer
 
     with monkeypatch.context() as mp:
-        mp.setattr(approvals, "_resume", stalled)
+        mp.setattr(signing, "_resume", stalled)
         with pytest.raises(KeyboardInterrupt):
             approvals.approve(decided, Identity(*BOB), "agreed", reject=True)
     u = unfinished_of(name)

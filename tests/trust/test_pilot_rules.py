@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -672,3 +673,79 @@ def test_loosenings_compare_each_setting_with_the_baseline_and_the_version_befor
         ["margin 0.2 -> 0.25", "alpha 0.05 -> 0.2"],
         [(2, "a", ["margin 0.2 -> 0.3"]), (3, "b", ["alpha 0.05 -> 0.1"]), (4, "a", ["alpha 0.1 -> 0.2"])],
     )
+
+
+_GATE_SPEC = {
+    "latency_slo_ms": {"p95": 800},
+    "gate": {"non_inferiority_margin": 0.2, "alpha": 0.05, "planned_effect": 0.0, "guardrails": {}},
+    "rollout": {
+        "shadow": {"min_samples": 100},
+        "steps": [{"traffic_pct": 10, "min_samples": 200}, {"traffic_pct": 50, "min_samples": 400}],
+    },
+}
+
+
+def _changed(path: str, value: object) -> dict:
+    """`_GATE_SPEC` with the setting at ``path`` (dotted; a list index as a number) set to ``value``,
+    or removed where ``value`` is ...."""
+    import copy
+
+    spec = copy.deepcopy(_GATE_SPEC)
+    *parents, last = path.split(".")
+    node: Any = spec
+    for key in parents:
+        node = node[int(key)] if key.isdigit() else node.setdefault(key, {})
+    if value is ...:
+        node.pop(int(last) if last.isdigit() else last)
+    else:
+        node[last] = value
+    return spec
+
+
+@pytest.mark.parametrize(
+    ("path", "looser", "tighter", "said"),
+    [
+        ("gate.alpha_spending", "pilot", "use_case", "alpha spending use_case -> pilot"),
+        ("gate.max_looks", 40, 10, "max looks 20 -> 40"),
+        ("gate.max_duration_days", 28, 7, "max duration days 14 -> 28"),
+        ("gate.guardrails.max_error_rate", 0.05, 0.005, "error-rate ceiling 0.01 -> 0.05"),
+        ("gate.guardrails.max_error_rate_increase", 0.03, 0.005, "error-rate increase ceiling 0.01 -> 0.03"),
+        ("gate.guardrails.p95_latency_ms", 1200, 500, "latency SLO ms 800 -> 1200"),  # the gate's own SLO
+        ("latency_slo_ms.p95", 1500, 400, "latency SLO ms 800 -> 1500"),  # the spec's, which the gate takes
+        ("gate.guardrails.max_latency_exceedance", 0.2, 0.01, "latency exceedance 0.05 -> 0.2"),
+        ("gate.guardrails.min_samples", 10, 60, "guardrail min samples 30 -> 10"),
+        ("rollout.shadow.min_samples", 20, 300, "shadow min samples 100 -> 20"),
+        ("rollout.steps.1.min_samples", 100, 800, "step 2 min samples 400 -> 100"),
+        ("rollout.steps.1", ..., None, "ramp steps 2 -> 1"),
+    ],
+)
+def test_loosenings_know_which_way_each_gate_setting_makes_a_go_easier(
+    path: str, looser: object, tighter: object, said: str
+) -> None:
+    """Review s46 A13 compared only the margin and alpha: raising a guardrail's ceiling, spending alpha
+    per pilot, allowing more looks or cutting the ramp or its rows made a GO easier unnoticed, and whoever
+    did it approved the GO alone. Each setting is compared the way that makes a GO easier, and the other
+    way is no loosening."""
+    from rollout.approvals import loosenings
+
+    base = (1, "owner", _GATE_SPEC)
+    assert loosenings([base, (2, "alice", _changed(path, looser))]) == ([said], [(2, "alice", [said])])
+    if tighter is not None:
+        assert loosenings([base, (2, "alice", _changed(path, tighter))]) == ([], [])
+
+
+def test_loosenings_leave_planning_values_and_traffic_shares_alone() -> None:
+    """The planning values tune the bets but keep the GO's level; a step's traffic share changes who is
+    served, not the evidence a GO needs; a step added is more to pass: none is a loosening."""
+    from rollout.approvals import loosenings
+
+    base = (1, "owner", _GATE_SPEC)
+    more_steps = _changed(
+        "rollout.steps", [*_GATE_SPEC["rollout"]["steps"], {"traffic_pct": 90, "min_samples": 9}]
+    )
+    for spec in (
+        _changed("gate.planned_effect", 0.05),
+        _changed("rollout.steps.0.traffic_pct", 40),
+        more_steps,
+    ):
+        assert loosenings([base, (2, "alice", spec)]) == ([], [])

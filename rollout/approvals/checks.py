@@ -1,0 +1,193 @@
+"""Whether a person may act on a decision now, each refusal saying why and that nothing was recorded:
+a decision that waits for a person or a running pilot's latest (`check_approvable`), a GO whose ramp may
+continue (`check_continuable`), one of this use case's (`check_decision_of`), a rollback with somewhere to
+return to; and the lock every signature reads the decision under (`lock_decision`).
+
+A running pilot's latest gate decision (EXTEND, or a GO before the plan's last step) asks nobody: a
+person may only override it (promote, two approvers). Rejecting it used to stop the whole pilot on one
+signature, the natural way a new approver tried to take back a mistaken first signature (review U9); the
+pilot is stopped by `pilot NAME --abort` and a first signature is taken back by `approve --withdraw`
+(`refuse_rejecting_unasked`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+
+from rollout.approvals.base import ApprovalError
+from rollout.approvals.in_words import _names
+from rollout.approvals.recommendation import ramp_steps_skipped
+from rollout.db.models import Approval, AuditEntry, GateDecision, Pilot, UseCase, as_utc
+from rollout.db.session import session_scope
+
+
+def check_approvable(session: Any, d: GateDecision) -> None:
+    """A person may act on a decision that waits for them, or override the latest gate decision of a
+    pilot that is still running (e.g. promote on EXTEND: against the recommendation, two approvers)."""
+    if d.resolution == "aborted":  # closed by `pilot NAME --abort` (rollout.pilots): say who and why
+        raise ApprovalError(f"decision {d.id} was closed: {_aborted_by(session, d)}; nothing was recorded")
+    if d.resolution is not None:
+        by = session.scalar(
+            select(Approval.actor).where(Approval.decision_id == d.id).order_by(Approval.id.desc())
+        )
+        finish = ""
+        if d.resolution == "approved":  # rollout.unfinished: an approval whose effect did not complete
+            finish = (
+                "; if it did not take effect, `sparsepilot rollback NAME` finishes it"
+                if d.awaiting == "rollback_approval"
+                else f"; if it did not take effect, `sparsepilot promote NAME --decision {d.id}` finishes it"
+            )
+        raise ApprovalError(
+            f"decision {d.id} was already {d.resolution}" + (f" by {by}" if by else "") + finish
+        )
+    if d.awaiting != "none":
+        return
+    pilot = session.get(Pilot, d.pilot_id) if d.pilot_id else None
+    latest = (
+        session.scalar(
+            select(GateDecision.id)
+            .where(GateDecision.pilot_id == d.pilot_id, GateDecision.kind == "gate")
+            .order_by(GateDecision.id.desc())
+        )
+        if pilot
+        else None
+    )
+    if d.kind != "gate" or pilot is None or pilot.status != "running" or latest != d.id:
+        raise ApprovalError(
+            f"decision {d.id} ({d.kind} {d.outcome}) is not waiting for a person and is not the latest "
+            "decision of a running pilot"
+        )
+
+
+def _aborted_by(session: Any, d: GateDecision) -> str:
+    """Who aborted the pilot that closed decision `d`, when and why (its `pilot.abort` audit entry)."""
+    from rollout.pilots import pilot_label
+
+    pilot = session.get(Pilot, d.pilot_id) if d.pilot_id else None
+    entry = (
+        session.scalar(
+            select(AuditEntry)
+            .where(
+                AuditEntry.action == "pilot.abort",
+                AuditEntry.entity == "pilot",
+                AuditEntry.entity_id == str(d.pilot_id),
+            )
+            .order_by(AuditEntry.id.desc())
+        )
+        if pilot
+        else None
+    )
+    if entry is None:
+        return "its pilot was aborted"
+    reason = (entry.details or {}).get("reason")
+    return f"{pilot_label(pilot)} was aborted by {entry.actor} at {as_utc(entry.ts):%Y-%m-%d %H:%M} UTC" + (
+        f" (reason: {reason})" if reason else ""
+    )
+
+
+def check_continuable(session: Any, d: GateDecision) -> dict[str, Any]:
+    """The ramp step a person may continue the pilot to on decision `d` (`{"index", "traffic_pct"}`): a
+    gate's GO that waits for approval before the plan's last step, its pilot still awaiting approval at
+    the decision's step. ApprovalError, saying why, otherwise (`check_approvable` first: a resolved or
+    aborted decision is refused with its own words)."""
+    check_approvable(session, d)
+    head = f"decision {d.id} ({d.kind} {d.outcome}"
+    if d.kind != "gate" or d.outcome != "GO" or d.awaiting != "approval":
+        raise ApprovalError(
+            f"{head}, {'waiting for approval' if d.awaiting != 'none' else 'asking nobody'}): only a gate's "
+            "GO that waits for approval can continue the ramp; nothing was recorded"
+        )
+    later = ramp_steps_skipped(d.evidence)
+    if not later:
+        raise ApprovalError(
+            f"{head}) is at the plan's last step: there is no later ramp step to continue to; promote or "
+            "reject it. Nothing was recorded"
+        )
+    from rollout.db.models import PilotStep
+    from rollout.pilots import pilot_label
+
+    pilot = session.get(Pilot, d.pilot_id) if d.pilot_id else None
+    step = session.get(PilotStep, d.pilot_step_id) if d.pilot_step_id else None
+    if pilot is None or step is None:  # pragma: no cover - a gate decision always has both
+        raise ApprovalError(f"{head}) has no pilot step to continue from; nothing was recorded")
+    if (pilot.status, pilot.current_step_index) != ("awaiting_approval", step.index):
+        raise ApprovalError(
+            f"{head}): {pilot_label(pilot)} is {pilot.status} at step {pilot.current_step_index}, not "
+            f"awaiting approval at step {step.index}; nothing was recorded"
+        )
+    return dict(later[0])
+
+
+def lock_decision(session: Any, decision_id: int) -> GateDecision:
+    """The decision re-read and locked for a read-check-write, after its use case and pilot
+    (`pilots.locked`: use case -> pilot -> decision, the one order of every writer of a pilot's state; a
+    decision without a pilot, such as a person's rollback, locks its use case). Locking the decision
+    first deadlocked PostgreSQL against `pilot --abort`, which locks in that order. ApprovalError when
+    the decision does not exist. The caller's transaction is `session_scope(immediate=True)`."""
+    from rollout import pilots
+
+    ids = session.execute(
+        select(GateDecision.use_case_id, GateDecision.pilot_id).where(GateDecision.id == decision_id)
+    ).first()
+    if ids is None:
+        raise ApprovalError(f"decision {decision_id} does not exist")
+    pilots.locked(session, ids.use_case_id, ids.pilot_id)
+    d = session.get(GateDecision, decision_id, with_for_update=True, populate_existing=True)
+    if d is None:  # pragma: no cover - decisions are never deleted
+        raise ApprovalError(f"decision {decision_id} does not exist")
+    return d
+
+
+def check_decision_of(use_case: str, decision_id: int, *, db_url: str | None = None) -> None:
+    """Refuse a decision id that is not one of this use case's decisions (ApprovalError; an unknown use
+    case is UnknownUseCase)."""
+    from rollout.pilots import get_use_case
+
+    with session_scope(db_url) as session:
+        uc = get_use_case(session, use_case)
+        d = session.get(GateDecision, decision_id)
+        if d is None:  # review U4: it was "does not belong to use case", as if it were another's
+            open_ = session.scalars(
+                select(GateDecision.id)
+                .where(GateDecision.use_case_id == uc.id, GateDecision.resolution.is_(None))
+                .order_by(GateDecision.id)
+            ).all()
+            waiting = (
+                f"{use_case}'s open decisions: {', '.join(map(str, open_))}"
+                if open_
+                else f"{use_case} has no open decision; `sparsepilot gate {use_case}` makes one"
+            )
+            raise ApprovalError(f"decision {decision_id} does not exist ({waiting})")
+        if d.use_case_id != uc.id:
+            other = session.get(UseCase, d.use_case_id).name
+            raise ApprovalError(
+                f"decision {decision_id} belongs to use case {other!r}, not {use_case!r}; "
+                "nothing was recorded"
+            )
+
+
+def refuse_rejecting_unasked(session: Any, d: GateDecision) -> None:
+    """A decision that asked nobody is not rejected (ApprovalError naming what to do instead): that used
+    to stop the running pilot on one signature."""
+    if d.awaiting != "none" or d.resolution is not None:
+        return
+    name, pilot = _names(session, d)
+    raise ApprovalError(
+        f"decision {d.id} ({d.outcome}) asked nobody, so there is nothing to reject; nothing was recorded. "
+        f"To stop {pilot}: `sparsepilot pilot {name} --abort --reason TEXT`; to take back your own "
+        f"override signature: `sparsepilot approve {name} --decision {d.id} --withdraw --reason TEXT`"
+    )
+
+
+def _require_an_earlier_champion(session: Any, d: GateDecision) -> None:
+    """A rollback needs a version to return to. Approving one that has none used to commit the approval,
+    then fail to move the alias, and leave the use case waiting for a decision nobody could make."""
+    from rollout import registry
+
+    if len(registry.champions(session, d.use_case_id)) < 2:
+        raise ApprovalError(
+            f"decision {d.id}: there is no earlier champion to roll back to; nothing was recorded. Keep "
+            "the champion (reject the rollback: two approvers, as it goes against the monitor) and take it "
+            "out of serving by hand if it must go"
+        )

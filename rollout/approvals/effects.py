@@ -1,0 +1,395 @@
+"""What a resolved decision does (called by the resumed flow, or directly when no flow waits): promote,
+continue the ramp, stop the pilot, keep the champion, roll back; and what an approved promotion left
+undone (`unfinished_promotion`).
+
+The effects trust the database, not their caller: the acting identity is read back from the Approval row
+(a forged run input cannot promote anything), and every alias move goes through rollout.registry with an
+idempotency key derived from the decision, so a retried flow converges on the same move."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+
+from rollout import audit, lifecycle
+from rollout.approvals.base import ApprovalError, ApprovalPayload
+from rollout.auth import Identity, require_approver
+from rollout.db.models import AliasMove, Approval, GateDecision, ModelVersion, Pilot, UseCase
+from rollout.db.session import session_scope
+
+
+def approval_identity(
+    approval_id: int, decision_id: int, *, actions: tuple[str, ...], db_url: str | None = None
+) -> Identity:
+    """The Identity that signed `approval_id` for `decision_id` with one of `actions`, re-checked."""
+    with session_scope(db_url) as session:
+        row = session.get(Approval, approval_id)
+        if row is None or row.decision_id != decision_id or row.action not in actions:
+            raise ApprovalError(
+                f"approval {approval_id} is not a {'/'.join(actions)} of decision {decision_id}"
+            )
+        d = session.get(GateDecision, decision_id)
+        if d is None or d.resolution not in ("approved", "rejected", "continued"):
+            raise ApprovalError(f"decision {decision_id} is not resolved; nothing to carry out")
+        who = Identity(name=row.actor, role=row.role, source="approval")  # type: ignore[arg-type]
+    return require_approver(who, f"carry out decision {decision_id}")
+
+
+def apply_decision(
+    decision_id: int, payload: ApprovalPayload, *, db_url: str | None = None
+) -> dict[str, Any]:
+    """Carry out a resolved decision: promote, stop the pilot, roll back, or (a continued ramp, done when
+    it was signed) report where the pilot runs now."""
+    with session_scope(db_url) as session:
+        d = session.get(GateDecision, decision_id)
+        if d is None:
+            raise ApprovalError(f"decision {decision_id} does not exist")
+        awaiting = d.awaiting
+    if payload.continue_ramp:
+        return apply_continue(decision_id, payload.approval_id, reason=payload.reason, db_url=db_url)
+    if awaiting == "rollback_approval":
+        if payload.approve:
+            return apply_rollback(decision_id, payload.approval_id, reason=payload.reason, db_url=db_url)
+        return apply_keep(decision_id, payload.approval_id, reason=payload.reason, db_url=db_url)
+    if payload.approve:
+        return apply_promotion(decision_id, payload.approval_id, reason=payload.reason, db_url=db_url)
+    return apply_rejection(decision_id, payload.approval_id, reason=payload.reason, db_url=db_url)
+
+
+def baseline_version_id(use_case_name: str, *, db_url: str | None = None) -> int | None:
+    """The use case's registered dense baseline (plan metadata 'baseline' = 'dense'), if any."""
+    from rollout import pilots
+    from rollout.db.models import ModelVersion
+
+    with session_scope(db_url) as session:
+        uc = pilots.get_use_case(session, use_case_name)
+        for mv in session.scalars(
+            select(ModelVersion).where(ModelVersion.use_case_id == uc.id).order_by(ModelVersion.id)
+        ):
+            if (mv.plan or {}).get("metadata", {}).get("baseline") == "dense" and mv.mlflow_version:
+                return mv.id
+    return None
+
+
+def _resolved_and_locked(
+    session: Any, decision_id: int, resolution: str, *, to: str
+) -> tuple[GateDecision, UseCase, Pilot]:
+    """What an effect on a decision's pilot starts with (`apply_promotion`, `apply_continue`): the
+    decision, refused unless it was resolved ``resolution`` and has a pilot ``to`` act on, with its use
+    case and pilot locked (`pilots.locked`: the order every writer of a pilot's state takes)."""
+    from rollout import pilots
+
+    d = session.get(GateDecision, decision_id)
+    if d is None:
+        raise ApprovalError(f"decision {decision_id} does not exist")
+    if d.resolution != resolution:
+        raise ApprovalError(f"decision {decision_id} is {d.resolution}, not {resolution}")
+    if d.pilot_id is None:
+        raise ApprovalError(f"decision {decision_id} has no pilot to {to}")
+    uc, pilot = pilots.locked(session, d.use_case_id, d.pilot_id)
+    return d, uc, pilot
+
+
+def apply_promotion(
+    decision_id: int, approval_id: int, *, reason: str, db_url: str | None = None
+) -> dict[str, Any]:
+    """challenger -> champion for the decision's pilot. Before a use case's first promotion the dense
+    baseline (what was serving) is recorded as champion, so a rollback has somewhere to return to."""
+    from rollout import pilots, registry
+
+    who = approval_identity(approval_id, decision_id, actions=("approve",), db_url=db_url)
+    with session_scope(db_url, immediate=True) as session:
+        d, uc, pilot = _resolved_and_locked(session, decision_id, "approved", to="promote")
+        _require_pilot_to_promote(d, pilot, moved=False)
+        name, mv_id = uc.name, pilot.model_version_id
+        has_champion = bool(registry.champions(session, uc.id))
+    moves = []
+    if not has_champion:
+        base = baseline_version_id(name, db_url=db_url)
+        if base is not None:
+            moves.append(
+                registry.set_alias(
+                    name,
+                    "champion",
+                    model_version_id=base,
+                    actor=who,
+                    reason=(
+                        "record the dense baseline that served before the first promotion "
+                        f"(decision {decision_id})"
+                    ),
+                    idempotency_key=f"baseline:{decision_id}",
+                    db_url=db_url,
+                )
+            )
+    moves.append(
+        registry.promote(
+            name,
+            model_version_id=mv_id,
+            actor=who,
+            reason=reason,
+            idempotency_key=f"promote:{decision_id}",
+            db_url=db_url,
+        )
+    )
+    with session_scope(db_url, immediate=True) as session:
+        d = session.get(GateDecision, decision_id)
+        uc, pilot = pilots.locked(session, d.use_case_id, d.pilot_id)
+        _require_pilot_to_promote(d, pilot, moved=True)
+        # promoted on an earlier step's GO (two approvers): the steps not run are "skipped", not passed
+        skipped = d.awaiting != "approval"
+        pilots.stop_pilot(
+            session,
+            pilot,
+            status="promoted",
+            actor=who.name,
+            reason=reason,
+            open_steps="skipped" if skipped else None,
+        )
+        lifecycle.set_phase(
+            session, uc, "promoted", actor=who.name, reason=f"decision {decision_id} approved"
+        )
+    return {"action": "promoted", "decision_id": decision_id, "alias_moves": [_move_dict(m) for m in moves]}
+
+
+def _require_pilot_to_promote(d: GateDecision, pilot: Pilot, *, moved: bool) -> None:
+    """The pilot an approved GO promotes must still be live (or promoted by this decision already, on a
+    retry): one stopped or rolled back since (an abort is refused once the GO is approved, `abort_pilot`)
+    is never brought back to "promoted"."""
+    from rollout.pilots import ACTIVE_PILOT, pilot_label
+
+    if pilot.status in (*ACTIVE_PILOT, "promoted"):
+        return
+    done = (
+        "its champion move committed already (alias history): the use case's state is left as it is, "
+        "for a person to decide"
+        if moved
+        else "nothing moved"
+    )
+    raise ApprovalError(f"decision {d.id}: {pilot_label(pilot)} is {pilot.status}, not promotable; {done}")
+
+
+def continue_in(session: Any, d: GateDecision, *, actor: str, reason: str) -> dict[str, Any]:
+    """The effect of continuing the ramp on decision `d`, in the caller's transaction (with the use case
+    and the pilot locked): what `decisions.act_on` does for a GO at a step that is not final. The pilot
+    runs again, its next step opens (`pilots.advance`: the decision's step stays passed, its end the GO's
+    time) and the use case is piloting. Returns where the pilot now is."""
+    from rollout import pilots
+
+    uc = session.get(UseCase, d.use_case_id)
+    pilot = session.get(Pilot, d.pilot_id)
+    spec, _ = pilots.load_pilot_spec(session, pilot)  # the pilot's own plan, never a newer version's
+    why = f"decision {d.id}: ramp continued by {actor} ({reason})"
+    pilots.stop_pilot(session, pilot, status="running", actor=actor, reason=why)
+    new = pilots.advance(session, pilot, spec, actor=actor, decision_id=d.id)
+    lifecycle.set_phase(session, uc, "piloting", actor=actor, reason=why)
+    return {
+        "action": "continued",
+        "decision_id": d.id,
+        "pilot": pilots.pilot_label(pilot),
+        "pilot_status": pilot.status,
+        "step_index": new.index,
+        "traffic_pct": new.traffic_pct,
+    }
+
+
+def apply_continue(
+    decision_id: int, approval_id: int, *, reason: str, db_url: str | None = None
+) -> dict[str, Any]:
+    """A continued ramp, for the approval run that was resumed with it: the signature carried it out
+    already (`approve`), so this reports where the pilot runs now. Should the pilot still await approval
+    at the decision's step (a record written otherwise), it is continued here, once, under the lock."""
+    from rollout import pilots
+    from rollout.db.models import PilotStep
+
+    who = approval_identity(approval_id, decision_id, actions=("continue",), db_url=db_url)
+    with session_scope(db_url, immediate=True) as session:
+        d, _uc, pilot = _resolved_and_locked(session, decision_id, "continued", to="continue")
+        step = session.get(PilotStep, d.pilot_step_id)
+        if (pilot.status, pilot.current_step_index) == ("awaiting_approval", step.index):
+            return continue_in(session, d, actor=who.name, reason=reason)
+        now = pilots.current_step(session, pilot)
+        return {
+            "action": "continued",
+            "decision_id": decision_id,
+            "pilot": pilots.pilot_label(pilot),
+            "pilot_status": pilot.status,
+            "step_index": now.index,
+            "traffic_pct": now.traffic_pct,
+        }
+
+
+def apply_rejection(
+    decision_id: int, approval_id: int, *, reason: str, db_url: str | None = None
+) -> dict[str, Any]:
+    from rollout import pilots
+
+    who = approval_identity(approval_id, decision_id, actions=("reject",), db_url=db_url)
+    with session_scope(db_url) as session:
+        d = session.get(GateDecision, decision_id)
+        assert d is not None
+        uc = session.get(UseCase, d.use_case_id)
+        pilot = session.get(Pilot, d.pilot_id) if d.pilot_id else None
+        if pilot is not None:
+            pilots.stop_pilot(session, pilot, status="stopped", actor=who.name, reason=reason)
+        lifecycle.set_phase(session, uc, "stopped", actor=who.name, reason=f"decision {decision_id} rejected")
+    return {"action": "stopped", "decision_id": decision_id}
+
+
+def apply_keep(
+    decision_id: int, approval_id: int, *, reason: str, db_url: str | None = None
+) -> dict[str, Any]:
+    """A person kept the champion through the monitor's alarm: the use case is promoted again, so the
+    monitor resumes, and its detector starts afresh after the kept alarm (`pilots.monitor_observations`).
+    Safe to repeat: only a use case still awaiting this approval moves."""
+    who = approval_identity(approval_id, decision_id, actions=("reject",), db_url=db_url)
+    with session_scope(db_url) as session:
+        d = session.get(GateDecision, decision_id)
+        assert d is not None
+        uc = session.get(UseCase, d.use_case_id)
+        if uc.phase == "awaiting_approval":
+            lifecycle.set_phase(
+                session,
+                uc,
+                "promoted",
+                actor=who.name,
+                reason=f"decision {decision_id}: champion kept ({reason})",
+            )
+    return {"action": "kept", "decision_id": decision_id}
+
+
+def apply_rollback(
+    decision_id: int,
+    approval_id: int | None,
+    *,
+    reason: str,
+    automatic: bool = False,
+    db_url: str | None = None,
+) -> dict[str, Any]:
+    """champion -> the previous champion from our own alias history; idempotent per decision. An
+    automatic rollback acts as the monitor's system identity, which the registry only lets through
+    when the use case's rollback policy is 'auto'. A rollback undoes the champion its decision was
+    about (`rollback_about`): where another rollback or promotion has moved the champion since, nothing
+    moves (a person's rollback and the monitor's, one after the other, used to roll back two versions)
+    and the decision is closed "superseded" with an audit entry."""
+    from rollout import pilots, registry
+
+    if automatic:
+        who = registry.SYSTEM_MONITOR
+    else:
+        if approval_id is None:
+            raise ApprovalError(f"rollback of decision {decision_id} needs a person's approval")
+        who = approval_identity(approval_id, decision_id, actions=("approve", "rollback"), db_url=db_url)
+    key = f"rollback:{decision_id}"
+    with session_scope(db_url) as session:
+        d = session.get(GateDecision, decision_id)
+        if d is None:
+            raise ApprovalError(f"decision {decision_id} does not exist")
+        name = session.get(UseCase, d.use_case_id).name
+        about = rollback_about(session, d)
+        done = session.scalar(select(AliasMove.status).where(AliasMove.idempotency_key == key))
+        serving = registry.champions(session, d.use_case_id)[-1:]
+        if done != "committed" and about is not None and serving != [about]:
+            now = serving[0] if serving else None
+            why = (
+                f"decision {decision_id} asked to roll back champion v{about}, but "
+                + (f"v{now} serves now" if now else "no champion of ours serves now")
+                + " (another rollback or promotion came first): nothing moved"
+            )
+            _supersede(session, d, who.name, f"v{now}" if now else "no champion", about=about, serving=now)
+            return {"action": "none", "decision_id": decision_id, "reason": why}
+    try:
+        move = registry.rollback(
+            name, actor=who, reason=reason, idempotency_key=key, expected=about, db_url=db_url
+        )
+    except registry.MoveInProgress as busy:
+        if not automatic:
+            raise
+        # a person's rollback is moving the champion now: the monitor's gives way (its own never began)
+        with session_scope(db_url) as session:
+            _supersede(session, session.get(GateDecision, decision_id), who.name, str(busy), about=about)
+        return {"action": "none", "decision_id": decision_id, "reason": str(busy)}
+    with session_scope(db_url) as session:
+        uc = pilots.get_use_case(session, name)
+        d = session.get(GateDecision, decision_id)
+        if d.resolution is None:
+            d.resolution = "auto_rolled_back" if automatic else "approved"
+        promoted = pilots.promoted_pilot(session, uc)
+        if promoted is not None:
+            pilots.stop_pilot(session, promoted, status="rolled_back", actor=who.name, reason=reason)
+        lifecycle.set_phase(session, uc, "rolled_back", actor=who.name, reason=reason)
+    return {"action": "rolled_back", "decision_id": decision_id, "alias_move": _move_dict(move)}
+
+
+def _supersede(session: Any, d: GateDecision, actor: str, by: str, **details: Any) -> None:
+    """Close a rollback decision another rollback or promotion made moot: "superseded" (where still
+    open), with a `rollback.superseded` audit entry saying by what."""
+    if d.resolution is None:
+        d.resolution = "superseded"
+    audit.record(session, actor, "rollback.superseded", on=d, details={"by": by, **details})
+
+
+def rollback_about(session: Any, d: GateDecision) -> str | None:
+    """The champion version (MLflow's) a rollback decision is about: the one the monitor judged (its
+    promoted pilot's model version) or, for a person's rollback, the one in force when they asked; None
+    where the record cannot say (nothing is then checked)."""
+    if d.kind == "rollback":
+        about = (d.evidence or {}).get("champion")
+        if about is None and d.idempotency_key.startswith("manual-rollback:"):  # recorded before the field
+            about = d.idempotency_key.split(":")[2]
+        return None if about is None else str(about)
+    pilot = session.get(Pilot, d.pilot_id) if d.pilot_id else None
+    mv = session.get(ModelVersion, pilot.model_version_id) if pilot is not None else None
+    return None if mv is None or mv.mlflow_version is None else str(mv.mlflow_version)
+
+
+def _move_dict(move: Any) -> Any:
+    if isinstance(move, AliasMove):
+        return {
+            "id": move.id,
+            "alias": move.alias,
+            "from_version": move.from_version,
+            "to_version": move.to_version,
+            "status": move.status,
+        }
+    return move
+
+
+def unfinished_promotion(decision_id: int, *, db_url: str | None = None) -> int | None:
+    """The approval behind a promotion that was approved but did not complete (e.g. MLflow was down):
+    its id, so the promotion can be finished, or None when the decision still needs a person's
+    approval. A decision that asks for a rollback is not promoted on (ApprovalError)."""
+    with session_scope(db_url) as session:
+        d = session.get(GateDecision, decision_id)
+        if d is None:
+            raise ApprovalError(f"no decision {decision_id}")
+        if d.awaiting == "rollback_approval":
+            raise ApprovalError(
+                f"decision {decision_id} asks for a rollback; its approval, if it did not take effect, is "
+                "finished by `sparsepilot rollback`"
+            )
+        return unfinished_promotion_in(session, d)
+
+
+def unfinished_promotion_in(session: Any, d: GateDecision) -> int | None:
+    """`unfinished_promotion` of a decision read in the caller's transaction."""
+    approval = session.scalar(
+        select(Approval.id)
+        .where(Approval.decision_id == d.id, Approval.action == "approve")
+        .order_by(Approval.id.desc())
+    )
+    phase = session.get(UseCase, d.use_case_id).phase
+    if d.resolution != "approved" or phase in ("promoted", "rolled_back") or approval is None:
+        return None
+    return None if _superseded(session, d) else approval
+
+
+def _superseded(session: Any, d: GateDecision) -> bool:
+    """Whether the champion moved on after this decision's promotion committed (a rollback, a later
+    promotion): finishing it again would re-promote on old evidence. A promotion that committed in
+    MLflow but crashed before the use case was marked promoted is the last champion move: unfinished."""
+    from rollout import registry
+
+    moves = registry.committed_moves(session, d.use_case_id, "champion")
+    mine = [i for i, m in enumerate(moves) if m.idempotency_key == f"promote:{d.id}"]
+    return bool(mine) and mine[-1] < len(moves) - 1

@@ -1,0 +1,170 @@
+"""A person rolls a promoted use case back (`request_rollback`): one request for one intent (two
+approvers at once get the same decision), a rollback decided but not in effect finished rather than
+followed by a second, the monitor's own giving way where it has moved nothing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+
+from rollout import lifecycle
+from rollout.approvals.base import ApprovalError
+from rollout.approvals.effects import _supersede, apply_rollback
+from rollout.approvals.signatures import _check_reason, _sign
+from rollout.auth import Identity, require_approver
+from rollout.db.models import AliasMove, Approval, GateDecision, UseCase, as_utc, utcnow
+from rollout.db.session import session_scope
+
+
+def request_rollback(
+    use_case_name: str,
+    identity: Identity | None,
+    reason: str | None,
+    *,
+    apply: bool = True,
+    db_url: str | None = None,
+) -> dict[str, Any]:
+    """A person rolls a use case back: records a rollback decision + approval + audit, then (by default)
+    applies it. Returns the decision and approval ids (the rollback flow takes them when `apply` is False)."""
+    from rollout import pilots, registry
+    from rollout.unfinished import unfinished_in
+
+    who = require_approver(identity, f"roll back {use_case_name}")
+    text = _check_reason(reason)
+    # one writer at a time (SQLite: BEGIN IMMEDIATE; PostgreSQL: the use case's row lock below), so two
+    # approvers asking at once see one request, not two
+    with session_scope(db_url, immediate=True) as session:
+        uc = pilots.get_use_case(session, use_case_name)
+        session.execute(select(UseCase.id).where(UseCase.id == uc.id).with_for_update())
+        # a rollback decided but not in effect (its run died, or MLflow was down: rollout.unfinished) is
+        # finished, not followed by a second one that would roll back another version; the monitor's own
+        # that has moved nothing yet gives way to the person's, which closes it "superseded" below
+        pending = unfinished_in(session, uc)
+        started = (
+            pending is not None
+            and pending.action == "rollback"
+            and pending.automatic
+            and _monitor_move_started(session, use_case_name, pending.decision_id)
+        )
+        if (
+            pending is not None
+            and pending.action == "rollback"
+            and (not pending.automatic or pending.moved or started)
+        ):
+            _refuse_while_applied(session, use_case_name, pending)
+            decision_id, approval_id = pending.decision_id, pending.approval_id
+            text = f"finishing rollback {decision_id}: {text}"
+        elif not lifecycle.can(uc.phase, "rollback"):
+            _refuse_while_alarm_waits(session, uc)
+            raise ApprovalError(
+                f"use case {use_case_name!r} is {uc.phase}, not promoted: "
+                "there is no champion of ours to roll back"
+            )
+        else:
+            moves = registry.committed_moves(session, uc.id, "champion")
+            decision_id, approval_id = _record_rollback(session, uc, who, text, moves)
+            if pending is not None and pending.action == "rollback":  # the monitor's own gives way
+                _supersede(
+                    session,
+                    session.get(GateDecision, pending.decision_id),
+                    who.name,
+                    f"rollback {decision_id}",
+                )
+    out: dict[str, Any] = {"decision_id": decision_id, "approval_id": approval_id}
+    if apply:
+        out["effect"] = apply_rollback(
+            decision_id, approval_id, reason=text, automatic=approval_id is None, db_url=db_url
+        )
+    return out
+
+
+def _refuse_while_applied(session: Any, use_case_name: str, pending: Any) -> None:
+    """A person's rollback signed a moment ago (`Unfinished.applied_directly_now`) is being carried out
+    by whoever signed it: finishing it now as well made its move twice, the same double apply the cycle's
+    grace prevents. MoveInProgress, naming the signer; after the grace it is finished here."""
+    import datetime as dt
+
+    from rollout import registry
+    from rollout.unfinished import APPLY_GRACE
+
+    if not pending.applied_directly_now(dt.datetime.now(dt.UTC)):
+        return
+    signer = session.scalar(select(Approval.actor).where(Approval.id == pending.approval_id))
+    raise registry.MoveInProgress(
+        f"{use_case_name}: {signer}'s rollback (decision {pending.decision_id}) was signed a moment ago and "
+        "is being carried out; nothing was recorded. Look again in a moment: the use case is then rolled "
+        f"back; if it is not {int(APPLY_GRACE.total_seconds() // 60)} minutes after the signature, "
+        f"`sparsepilot rollback {use_case_name}` finishes it"
+    )
+
+
+def _refuse_while_alarm_waits(session: Any, uc: UseCase) -> None:
+    """The monitor's alarm waits for a person's approval of its rollback (the use case is awaiting
+    approval): the person is told which decision to approve, not that there is no champion to roll back."""
+    waiting = session.scalar(
+        select(GateDecision.id)
+        .where(
+            GateDecision.use_case_id == uc.id,
+            GateDecision.awaiting == "rollback_approval",
+            GateDecision.resolution.is_(None),
+        )
+        .order_by(GateDecision.id.desc())
+    )
+    if waiting is not None:
+        raise ApprovalError(
+            f"use case {uc.name!r}: the monitor's rollback decision {waiting} waits for approval; nothing "
+            f"was recorded. Approve it to roll back: `sparsepilot approve {uc.name} --decision {waiting} "
+            '--reason "..."`'
+        )
+
+
+def _monitor_move_started(session: Any, use_case_name: str, decision_id: int) -> bool:
+    """Has the monitor's automatic rollback begun its alias move (pending)? It is not "moved nothing":
+    superseding it then made two rollbacks for one act. Recent (`registry.MOVE_IN_FLIGHT`): its MLflow
+    call is under way, and the person is told so (MoveInProgress); older: it was cut off, and the person's
+    request finishes it under its own key (True)."""
+
+    from rollout import registry
+
+    move = session.scalar(select(AliasMove).where(AliasMove.idempotency_key == f"rollback:{decision_id}"))
+    if move is None or move.status != "pending":
+        return False
+    if utcnow() - as_utc(move.created_at) < registry.MOVE_IN_FLIGHT:
+        raise registry.MoveInProgress(
+            f"{use_case_name}: the monitor's automatic rollback (decision {decision_id}, champion "
+            f"v{move.from_version} -> v{move.to_version}) is under way; nothing was recorded. Look again in "
+            "a moment: the use case is then rolled back"
+        )
+    return True
+
+
+def _record_rollback(
+    session: Any, uc: UseCase, who: Identity, text: str, moves: list
+) -> tuple[int, int | None]:
+    """The manual rollback decision and its signature. Its key is the intent: the champion in force and
+    the moves that led to it, so a person retrying, or a second approver at the same moment, gets the same
+    decision (and its one alias move), never a second rollback."""
+    from rollout import pilots, registry
+
+    lineage = registry.champion_lineage(moves)
+    if len(lineage) < 2:
+        raise ApprovalError(f"use case {uc.name!r} has no previous champion to roll back to")
+    key = f"manual-rollback:{uc.id}:{lineage[-1]}:{len(moves)}"
+    d, created = pilots.record_decision(
+        session,
+        idempotency_key=key,
+        use_case=uc,
+        outcome="NO-GO",
+        kind="rollback",
+        evidence={"requested_by": who.name, "role": who.role, "reason": text, "champion": lineage[-1]},
+        explanation=f"Manual rollback requested by {who.name} ({who.role}): {text}",
+        data_fingerprint="manual",
+        awaiting="none",
+        actor=who.name,
+    )
+    if not created:  # the same intent, asked again: its first signature stands
+        first = session.scalar(select(Approval.id).where(Approval.decision_id == d.id).order_by(Approval.id))
+        return d.id, first
+    d.resolution = "approved"
+    return d.id, _sign(session, d, who, "rollback", text, False, "approval.rollback").id
