@@ -599,6 +599,7 @@ def monitor_state(session: Session, use_case_id: int) -> dict[str, Any] | None:
         .order_by(AuditEntry.id.desc())
         .limit(1)
     )
+    skipped_because = (skip.details or {}).get("explanation") if skip is not None else None
     return {
         "pilot_id": pilot.id,
         "promoted_at": pilot.ended_at,
@@ -606,7 +607,8 @@ def monitor_state(session: Session, use_case_id: int) -> dict[str, Any] | None:
         "last_look_outcome": look.outcome if look is not None else None,
         "last_look_decision_id": look.id if look is not None else None,
         "last_skip_at": skip.ts if skip is not None else None,
-        "last_skip": (skip.details or {}).get("explanation") if skip is not None else None,
+        # redacted as the Audit page shows it: a row stored before details were stored redacted keeps them
+        "last_skip": audit.redacted_details(skipped_because),
     }
 
 

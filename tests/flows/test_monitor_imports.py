@@ -203,6 +203,25 @@ def test_a_monitor_with_no_traffic_left_warns_and_says_so(flow_use_case, pilot_d
     assert shown.startswith("Monitor: no look since the promotion (")
     assert "could not look at" in shown and "traffic exhausted" in shown
     assert queries.describe_monitor_state(queries.read(queries.monitor_state, uc_id)) == shown
+    # a skip recorded before details were stored redacted (as the code before wrote it) keeps its
+    # secret in the stored row; what the use-case page and `usecase show` say of it is redacted
+    with session_scope() as s:
+        skip = s.scalars(select(AuditEntry).where(AuditEntry.action == audit.MONITOR_SKIPPED)).one()
+        explanation = "MLflow at https://ops:hunter2@mlflow.internal/ refused the look"
+        audit._append(
+            s,
+            AuditEntry(
+                actor=audit.MONITOR_ACTOR,
+                action=audit.MONITOR_SKIPPED,
+                use_case_id=skip.use_case_id,
+                entity=skip.entity,
+                entity_id=skip.entity_id,
+                details={"reason": "mlflow-down", "explanation": explanation},
+            ),
+        )
+    state = queries.read(queries.monitor_state, uc_id)
+    assert state["last_skip"] == "MLflow at https://ops:***@mlflow.internal/ refused the look", state
+    assert "hunter2" not in usecases.show_usecase(name)["monitor"]
 
 
 def _new_version(name: str, tiny_model_dir, pilot_dataset, tmp_path, **overrides) -> None:  # noqa: ANN001
