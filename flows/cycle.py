@@ -72,6 +72,7 @@ def _cycle(use_case: str, batches: int, pilot_anyway: bool = False) -> dict[str,
             out["pilot_skipped"] = str(skip)
             out["phase_after"] = phase_of(use_case)
             return out
+        # no actor: nobody started a scheduled tick, so its rows name the pipeline (the flows' default)
         out["pilot"] = pilot_flow(use_case, batches=batches, pilot_anyway=pilot_anyway)
         out["gate"] = gate_flow(use_case)
         phase = phase_of(use_case)

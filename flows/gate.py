@@ -12,7 +12,7 @@ from typing import Any
 from prefect import get_run_logger
 
 from flows.common import catch_up_logs, flow_task, load_context, log_run, sparsepilot_flow, under_lease
-from rollout import decisions, pilot_batches, run_links, tracking
+from rollout import audit, decisions, pilot_batches, run_links, tracking
 from sparse_core.errors import SparsePilotError
 
 
@@ -41,9 +41,15 @@ def traffic_status(use_case: str, step_id: int) -> dict[str, Any]:
 
 @flow_task("gate-decide-and-record")
 def decide_and_record(
-    use_case: str, step_id: int, promote_after_step: int | None = None, traffic: dict[str, Any] | None = None
+    use_case: str,
+    step_id: int,
+    promote_after_step: int | None = None,
+    traffic: dict[str, Any] | None = None,
+    actor: str = audit.SYSTEM_ACTOR,
 ) -> dict[str, Any]:
-    return decisions.gate_step(use_case, step_id, promote_after_step=promote_after_step, traffic=traffic)
+    return decisions.gate_step(
+        use_case, step_id, promote_after_step=promote_after_step, traffic=traffic, actor=actor
+    )
 
 
 @flow_task("gate-log-mlflow")
@@ -88,12 +94,18 @@ def log_decision(use_case: str, summary: dict[str, Any]) -> str:
 
 @sparsepilot_flow("gate")
 @under_lease("gate")
-def gate_flow(use_case: str, promote_after_step: int | None = None) -> dict[str, Any]:
+def gate_flow(
+    use_case: str, promote_after_step: int | None = None, actor: str = audit.SYSTEM_ACTOR
+) -> dict[str, Any]:
     """Decide the current step. `promote_after_step` ends a short pilot early (the main job runs shadow +
-    the first split step and asks for promotion there); None follows the spec's full ramp."""
+    the first split step and asks for promotion there); None follows the spec's full ramp. `actor`: who
+    runs the look, the audit log's actor of the decision and of the step and phase changes it makes: the
+    operator signed in for `gate` or `run`, the pipeline (default) for the scheduled cycle."""
     catch_up_logs(log_decisions, use_case)  # one whose log failed before (its pilot may have ended since)
     step_id = current_step_id(use_case)
-    summary = decide_and_record(use_case, step_id, promote_after_step, traffic_status(use_case, step_id))
+    summary = decide_and_record(
+        use_case, step_id, promote_after_step, traffic_status(use_case, step_id), actor
+    )
     log_decisions(use_case)
     get_run_logger().info(
         "%s: %s at step %s (look %s)%s",

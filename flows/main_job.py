@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from rollout import audit, lifecycle, pilot_batches, queries
-from rollout.usecases import phase_of, pilot_plan_of, run_started
+from rollout.usecases import added_by_people, phase_of, pilot_plan_of, run_started
 from rollout.words import counted
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples" / "usecases"
@@ -54,7 +54,8 @@ class MainJobSettings:
     promote_after_step: int = 1
     pilot_unprofitable: bool = False  # pilot even where rollout.roi.pilot_skip_reason says it is wasted
     # the operator signed in for the run (`sparsepilot run`), or None: the use cases it adds from a folder
-    # other than the samples' are added as theirs (as `usecase add` does), and the run's start names them
+    # other than the samples' are added as theirs (as `usecase add` does), the run's start names them, and
+    # so do the pilot and gate rows of a person's use cases (`pilot_actor`)
     operator: str | None = None
 
 
@@ -80,6 +81,13 @@ def adder_of(examples_dir: Path, operator: str | None) -> str:
     """Who adds the specs of ``examples_dir``: the pipeline for the samples, else the signed-in operator
     (the pipeline where nobody signed in: a caller of `run_main_job` other than the CLI)."""
     return audit.SYSTEM_ACTOR if is_samples_folder(examples_dir) or operator is None else operator
+
+
+def pilot_actor(name: str, operator: str | None, theirs: set[str]) -> str:
+    """Who pilots and gates ``name`` in a run, as the audit log says: the operator signed in for it where it
+    is a person's use case (``theirs``: `rollout.usecases.added_by_people`, what the sign-in was for), the
+    pipeline for the samples it adds and runs itself, which need nobody."""
+    return operator if operator is not None and name in theirs else audit.SYSTEM_ACTOR
 
 
 def add_sample_use_cases(examples_dir: Path, actor: str = audit.SYSTEM_ACTOR) -> list[dict[str, Any]]:
@@ -119,7 +127,9 @@ def extra_requests(decision: dict[str, Any], seconds_per_request: float, seconds
     return more if more >= max(1, wanted // 2) else 0
 
 
-def run_use_case(name: str, s: MainJobSettings, stage: Callable[[str], None]) -> UseCaseOutcome:
+def run_use_case(
+    name: str, s: MainJobSettings, stage: Callable[[str], None], actor: str = audit.SYSTEM_ACTOR
+) -> UseCaseOutcome:
     from flows.calibrate import calibrate_flow
     from flows.evaluate import evaluate_flow
     from rollout.roi import evaluation_pilot_skip
@@ -141,7 +151,7 @@ def run_use_case(name: str, s: MainJobSettings, stage: Callable[[str], None]) ->
             if not lifecycle.can(phase, "pilot"):
                 out.note = f"{phase}: no pilot traffic in this run"
             else:
-                run_short_pilot(name, s, stage, out)
+                run_short_pilot(name, s, stage, out, actor)
         stage("done")
     except Exception as exc:  # noqa: BLE001 - one use case failing must not hide the others' results
         out.ok = False
@@ -151,9 +161,15 @@ def run_use_case(name: str, s: MainJobSettings, stage: Callable[[str], None]) ->
     return out
 
 
-def run_short_pilot(name: str, s: MainJobSettings, stage: Callable[[str], None], out: UseCaseOutcome) -> None:
+def run_short_pilot(
+    name: str,
+    s: MainJobSettings,
+    stage: Callable[[str], None],
+    out: UseCaseOutcome,
+    actor: str = audit.SYSTEM_ACTOR,
+) -> None:
     """Shadow (looking again while the gate's projection fits the time budget), then the first split
-    step; every gate decision is appended to out.decisions."""
+    step; every gate decision is appended to out.decisions. `actor` (`pilot_actor`) pilots and gates."""
     from flows.gate import gate_flow
     from flows.pilot import pilot_flow
     from rollout.usecases import load_spec_version
@@ -163,6 +179,7 @@ def run_short_pilot(name: str, s: MainJobSettings, stage: Callable[[str], None],
         "max_new_tokens": s.pilot_max_new_tokens,
         "max_prompt_tokens": s.pilot_max_prompt_tokens,
         "pilot_anyway": s.pilot_unprofitable,  # --pilot-all: the pilot starts where it would not pay
+        "actor": actor,
     }
     step = pilot_batches.current_step(name)
     if step is None or (step["kind"] == "shadow" and step["pilot_status"] == "running"):
@@ -172,7 +189,7 @@ def run_short_pilot(name: str, s: MainJobSettings, stage: Callable[[str], None],
         pilot_flow(name, batches=batches, **pilot_kw)
         per_request = (time.perf_counter() - t1) / (batches * spec.rollout.batch_size)
         stage("gate shadow")
-        decision = gate_flow(name, promote_after_step=s.promote_after_step)
+        decision = gate_flow(name, promote_after_step=s.promote_after_step, actor=actor)
         out.decisions.append(decision)
         deadline = time.perf_counter() + s.shadow_seconds
         for _ in range(s.max_shadow_looks - 1):
@@ -182,7 +199,7 @@ def run_short_pilot(name: str, s: MainJobSettings, stage: Callable[[str], None],
             stage("pilot shadow")
             pilot_flow(name, batches=1, batch_size=more, **pilot_kw)
             stage("gate shadow")
-            decision = gate_flow(name, promote_after_step=s.promote_after_step)
+            decision = gate_flow(name, promote_after_step=s.promote_after_step, actor=actor)
             out.decisions.append(decision)
     step = pilot_batches.current_step(name)
     if step is not None and step["kind"] == "split" and step["pilot_status"] == "running":
@@ -198,7 +215,7 @@ def run_short_pilot(name: str, s: MainJobSettings, stage: Callable[[str], None],
         if extra > 0:
             pilot_flow(name, batches=extra, **pilot_kw)
         stage("gate split")
-        out.decisions.append(gate_flow(name, promote_after_step=s.promote_after_step))
+        out.decisions.append(gate_flow(name, promote_after_step=s.promote_after_step, actor=actor))
 
 
 def summary_rows(names: list[str]) -> list[dict[str, Any]]:
@@ -315,7 +332,9 @@ def run_main_job(settings: MainJobSettings | None = None, *, console: Any = None
     t0 = time.perf_counter()
     added = add_sample_use_cases(s.examples_dir, adder_of(s.examples_dir, s.operator))
     names = s.use_cases or sample_names(s.examples_dir)
-    if s.operator is not None:  # the audit log says who started it (the pilot and gate rows: the pipeline)
+    # the audit log says who started it, and who pilots and gates a person's use case (`pilot_actor`)
+    theirs = set(added_by_people(names)) if s.operator is not None else set()
+    if s.operator is not None:
         run_started(names, s.operator)
     outcomes: dict[str, UseCaseOutcome] = {}
     with Progress(
@@ -337,7 +356,7 @@ def run_main_job(settings: MainJobSettings | None = None, *, console: Any = None
                 progress.update(_tid, description=f"{_name}: {label}", completed=done)
                 _clock.start(label)
 
-            outcomes[name] = run_use_case(name, s, stage)
+            outcomes[name] = run_use_case(name, s, stage, pilot_actor(name, s.operator, theirs))
             progress.advance(overall)
     rows = summary_rows(names)
     # what the approval would take on production traffic (the job asks after promote_after_step)

@@ -29,7 +29,7 @@ from flows.common import (
     stable_key,
     under_lease,
 )
-from rollout import decisions, leases, pilot_batches, run_links, tracking
+from rollout import audit, decisions, leases, pilot_batches, run_links, tracking
 from rollout.pilots import PilotStateError
 from rollout.spec import has_visible_text
 from rollout.validation import ARMS
@@ -46,10 +46,13 @@ def default_max_new_tokens(spec: Any, cap: int = 64) -> int:
 
 
 @flow_task("pilot-ensure")
-def ensure_pilot(use_case: str, pilot_anyway: bool = False) -> dict[str, Any]:
+def ensure_pilot(
+    use_case: str, pilot_anyway: bool = False, actor: str = audit.SYSTEM_ACTOR
+) -> dict[str, Any]:
     """The active pilot (started at its shadow step for the current challenger if none runs, and only
-    where it is worth piloting unless `pilot_anyway`: rollout.pilot_batches.ensure_pilot_in)."""
-    return pilot_batches.ensure_pilot(use_case, pilot_anyway=pilot_anyway)
+    where it is worth piloting unless `pilot_anyway`: rollout.pilot_batches.ensure_pilot_in), started by
+    `actor` in the audit log."""
+    return pilot_batches.ensure_pilot(use_case, pilot_anyway=pilot_anyway, actor=actor)
 
 
 def abort(use_case: str, actor: str, reason: str) -> dict[str, Any]:
@@ -191,9 +194,11 @@ def step_refusal(step_id: int) -> dict[str, str] | None:
 
 
 @flow_task("pilot-record-failed-check")
-def record_failed_check(use_case: str, info: dict[str, Any], batch_id: str, check: dict[str, Any]) -> int:
+def record_failed_check(
+    use_case: str, info: dict[str, Any], batch_id: str, check: dict[str, Any], actor: str = audit.SYSTEM_ACTOR
+) -> int:
     """A batch that failed its data check does not count; the INVALID decision says why."""
-    return decisions.failed_batch(use_case, info, batch_id, check)
+    return decisions.failed_batch(use_case, info, batch_id, check, actor=actor)
 
 
 @flow_task("pilot-log-missing")
@@ -276,18 +281,25 @@ def pilot_flow(
     max_prompt_tokens: int | None = None,
     external_assignment: bool = False,
     pilot_anyway: bool = False,
+    actor: str = audit.SYSTEM_ACTOR,
 ) -> dict[str, Any]:
     """Collect `batches` batches (or import a file) into the current step. Returns a summary. A new
     pilot starts only where the challenger is worth piloting, unless `pilot_anyway`
-    (rollout.pilot_batches.ensure_pilot_in)."""
+    (rollout.pilot_batches.ensure_pilot_in). `actor`: who runs it, the audit log's actor of the pilot's
+    start (and an import's, a failed batch's INVALID): the operator signed in for `pilot` or `run`, the
+    pipeline (default) for the scheduled cycle."""
     if observations_file:
         return import_observations(
-            use_case, observations_file, external_assignment=external_assignment, pilot_anyway=pilot_anyway
+            use_case,
+            observations_file,
+            external_assignment=external_assignment,
+            actor=actor,
+            pilot_anyway=pilot_anyway,
         )
     logger = get_run_logger()
     ctx = load_context(use_case)
     catch_up_logs(log_missing_batches, ctx)  # a batch an earlier run stored and did not log
-    info = ensure_pilot(use_case, pilot_anyway)
+    info = ensure_pilot(use_case, pilot_anyway, actor)
     if info["spec_version"] is not None and info["spec_version"] != ctx.spec_version:
         # a running pilot keeps the version it started under: its batch size, traffic and arms (docs/flows.md)
         ctx = load_context(use_case, info["spec_version"])
@@ -341,7 +353,7 @@ def pilot_flow(
         bid = batch_id_for(info["step_id"], [rid for rid, _ in requests])
         check = validate_batch(rows, [rid for rid, _ in requests], info["kind"])
         if not check["passed"]:
-            did = record_failed_check(use_case, info, bid, check)
+            did = record_failed_check(use_case, info, bid, check, actor)
             summary["batches"].append(
                 {"batch_id": bid, "passed": False, "decision_id": did, "failures": check["failures"]}
             )

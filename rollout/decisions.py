@@ -19,11 +19,19 @@ def awaiting_after(outcome: str, final: bool) -> str:
 
 
 def act_on(
-    session: Any, uc: UseCase, pilot: Pilot, spec: Any, step: PilotStep, d: GateDecision, final: bool
+    session: Any,
+    uc: UseCase,
+    pilot: Pilot,
+    spec: Any,
+    step: PilotStep,
+    d: GateDecision,
+    final: bool,
+    *,
+    actor: str = audit.SYSTEM_ACTOR,
 ) -> None:
     """A new gate decision's effect: GO advances to the next step, or at the final step stops the pilot
-    to wait for approval; NO-GO stops the pilot; EXTEND and INVALID change nothing."""
-    actor = audit.SYSTEM_ACTOR
+    to wait for approval; NO-GO stops the pilot; EXTEND and INVALID change nothing. `actor`: who ran the
+    look (`gate_step`'s), the actor of these changes in the audit log."""
     if d.outcome == "GO" and not final:
         pilots.advance(session, pilot, spec, actor=actor, decision_id=d.id)
     elif d.outcome == "GO":
@@ -66,12 +74,16 @@ def gate_step(
     *,
     promote_after_step: int | None = None,
     traffic: dict[str, Any] | None = None,
+    actor: str = audit.SYSTEM_ACTOR,
 ) -> dict[str, Any]:
     """Run `rollout.gate.decide` on all of the step's observations with the earlier looks as history,
     record the decision (keyed by step + data fingerprint) and act on it. No rows, or rows decide() cannot
     judge, are recorded as INVALID with the reason (never a crash). `promote_after_step` ends a short
     pilot early (not once a person continued its ramp: `pilots.ramp_continued`); `traffic` (what the
-    source has left) turns an EXTEND on used-up traffic into a note."""
+    source has left) turns an EXTEND on used-up traffic into a note. `actor`: who runs the look (the
+    operator signed in for `gate`, `run`; the pipeline's own name where no person did), the audit log's
+    actor of the decision and of what it changes; never part of the key (a retry by anyone finds the
+    decision recorded)."""
     from rollout.gate import decide
     from rollout.observations_io import validate_observation_rows
     from rollout.traffic import exhaustion_note
@@ -182,9 +194,10 @@ def gate_step(
             data_fingerprint=decision.data_fingerprint,
             look_index=decision.look_index,
             awaiting=awaiting_after(decision.outcome, final),
+            actor=actor,
         )
         if created:
-            act_on(session, uc, pilot, spec, step, d, final)
+            act_on(session, uc, pilot, spec, step, d, final, actor=actor)
         return summary(d, step, created)
 
 
@@ -400,8 +413,16 @@ def _monitor_judgement(
     return guard, basis
 
 
-def failed_batch(use_case: str, info: dict[str, Any], batch_id: str, check: dict[str, Any]) -> int:
-    """A batch that failed its data check does not count; the INVALID decision says why. Returns its id."""
+def failed_batch(
+    use_case: str,
+    info: dict[str, Any],
+    batch_id: str,
+    check: dict[str, Any],
+    *,
+    actor: str = audit.SYSTEM_ACTOR,
+) -> int:
+    """A batch that failed its data check does not count; the INVALID decision says why, recorded as
+    `actor`'s (who ran the pilot batch). Returns its id."""
     with session_scope() as session:
         step = session.get(PilotStep, info["step_id"])
         failures = check.get("failures", [])
@@ -418,6 +439,7 @@ def failed_batch(use_case: str, info: dict[str, Any], batch_id: str, check: dict
                 f"({'; '.join(failures[:3])}); its observations were not stored and do not count."
             ),
             data_fingerprint=batch_id[:64],
+            actor=actor,
         )
         return d.id
 

@@ -131,7 +131,9 @@ def _refusal(session: Any, uc: Any, run: Any, *, pilot_anyway: bool) -> pilots.P
     return None if skip is None else NotPiloted(name, skip)
 
 
-def ensure_pilot_in(session: Any, use_case: str, *, pilot_anyway: bool = False) -> dict[str, Any]:
+def ensure_pilot_in(
+    session: Any, use_case: str, *, pilot_anyway: bool = False, actor: str = audit.SYSTEM_ACTOR
+) -> dict[str, Any]:
     """The active pilot's current step (a pilot is started at its shadow step for the current challenger
     if none runs), inside the caller's transaction. Refuses, naming the use case, when there is nothing
     to pilot or the pilot cannot take traffic now (`_refusal`: what stands there is said first, an ended
@@ -152,17 +154,19 @@ def ensure_pilot_in(session: Any, use_case: str, *, pilot_anyway: bool = False) 
     mv = session.get(ModelVersion, run.model_version_id)
     pilot = pilots.active_pilot(session, uc)
     if pilot is None or pilot.model_version_id != mv.id:
-        pilot = pilots.start_pilot(session, uc, mv, spec, actor=audit.SYSTEM_ACTOR)
+        pilot = pilots.start_pilot(session, uc, mv, spec, actor=actor)
     return _step_info(session, pilot, pilots.current_step(session, pilot), mv)
 
 
-def ensure_pilot(use_case: str, *, pilot_anyway: bool = False) -> dict[str, Any]:
+def ensure_pilot(
+    use_case: str, *, pilot_anyway: bool = False, actor: str = audit.SYSTEM_ACTOR
+) -> dict[str, Any]:
     """`ensure_pilot_in` in its own transaction, which on SQLite holds the write lock from its start (as an
     import's does): two processes starting the first pilot at once take turns, and the second joins the
     pilot the first started (a deferred transaction let both read "no pilot" and the second's start failed
     with the raw IntegrityError on `uq_pilots_use_case_number`)."""
     with session_scope(immediate=True) as session:
-        return ensure_pilot_in(session, use_case, pilot_anyway=pilot_anyway)
+        return ensure_pilot_in(session, use_case, pilot_anyway=pilot_anyway, actor=actor)
 
 
 def pilot_spec_version(use_case: str) -> int:
@@ -404,7 +408,8 @@ def import_file(
     ids must be among `known_ids` (what the pilot's traffic source may hand out:
     rollout.traffic.importable); `refused_ids` says why another id is not. ``progress(rows_done)`` after
     each chunk. `actor`: who imports (the signed-in account; None: the automation), kept in the audit log
-    with the file, so the evidence behind a decision names who brought it. `spec_version`: the version
+    with the file, so the evidence behind a decision names who brought it, and as the starter of a pilot
+    the import starts. `spec_version`: the version
     `known_ids` come from (`pilot_spec_version`, the pilot's own); a pilot that runs under another one is
     refused, nothing stored (the pilot changed between the two reads). `pilot_anyway`: as
     `ensure_pilot_in`'s."""
@@ -412,7 +417,9 @@ def import_file(
     rows_seen = inserted = 0
     with session_scope(immediate=True) as session, audit.deferred(session):
         try:
-            info = ensure_pilot_in(session, use_case, pilot_anyway=pilot_anyway)
+            info = ensure_pilot_in(
+                session, use_case, pilot_anyway=pilot_anyway, actor=actor or audit.SYSTEM_ACTOR
+            )
         except NotPiloted as refused:  # the command that pilots it regardless is this import's own
             command = import_anyway_command(use_case, path, external_assignment=external_assignment)
             raise NotPiloted(use_case, refused.skip, command=command) from None

@@ -237,7 +237,11 @@ def pilot_cmd(
         _require_device()
         result = _run(
             lambda: pilot_flow(
-                name, batches=batches or 1, max_new_tokens=max_new_tokens, pilot_anyway=pilot_anyway
+                name,
+                batches=batches or 1,
+                max_new_tokens=max_new_tokens,
+                pilot_anyway=pilot_anyway,
+                actor=who.name,  # the pilot's start is theirs in the audit log, not the pipeline's
             )
         )
     if json_out:
@@ -257,9 +261,9 @@ def gate_cmd(name: UseCaseArg, password_stdin: PasswordStdin = False, json_out: 
     from flows.gate import gate_flow
 
     _require_use_case(name)
-    signed_in("operator", f"gate {name}", password_stdin)
+    who = signed_in("operator", f"gate {name}", password_stdin)
     _to_log_file("gate", json_out)
-    result = _run(lambda: gate_flow(name))
+    result = _run(lambda: gate_flow(name, actor=who.name))  # the look and what it changes are theirs
     if json_out:
         emit_json(result)
         return

@@ -170,6 +170,9 @@ def test_split_step_imports_follow_the_design(trust_env, flow_use_case, tmp_path
         entry = s.scalar(select(AuditEntry).where(AuditEntry.action == "observations.import"))
         assert (entry.actor, entry.details["rows"], entry.details["inserted"]) == ("olga", 16, 16)
         assert entry.details["file"] == shadow
+        # and the pilot it started is hers (s47: its start said the pipeline)
+        start = s.scalar(select(AuditEntry).where(AuditEntry.action == "pilot.start"))
+        assert start.actor == "olga"
     with session_scope() as s:
         pilot = s.scalar(select(Pilot))
         spec, _ = pilots.load_pilot_spec(s, pilot)
