@@ -1,0 +1,108 @@
+"""The gate's rules pinned at their edges: each test fails if a comparison, a constant or a branch of a rule
+changes (the cases a hand mutation pass of rollout/gate found unguarded). Pure, small and fast."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from rollout.gate import GateHistory, GateSettings, decide
+
+from .test_gate import paired_frame, split_frame
+
+EDGE = GateSettings(margin=0.05, min_samples_per_arm=20, guardrail_min_samples=20)
+
+
+@pytest.mark.parametrize("pairs", [99, 100])
+def test_a_shadow_steps_minimum_is_reached_at_exactly_its_pairs(pairs: int) -> None:
+    """min_samples_per_arm is a minimum (n >= it): identical pairs at margin 0.05 show non-inferiority
+    after ~65-76 pairs, so 100 pairs of a 100-pair minimum GO and 99 wait for the minimum."""
+    d = decide(paired_frame(np.ones(pairs), np.ones(pairs)), EDGE, mode="paired", min_samples_per_arm=100)
+    assert d.quality.verdict == "non-inferior"
+    assert (d.outcome, d.reasons) == (
+        ("GO", ("non-inferior",)) if pairs == 100 else ("EXTEND", ("min-sample",))
+    )
+
+
+@pytest.mark.parametrize(("n_control", "expected"), [(99, "EXTEND"), (100, "GO")])
+def test_a_split_steps_minimum_is_per_arm_reached_at_exactly_its_rows(n_control: int, expected: str) -> None:
+    """A split step's minimum holds when its smaller arm has min_samples_per_arm rows: 100 control rows
+    (and more sparse-arm ones) of a 100-row minimum can GO; 99 wait, however many the other arm has."""
+    n_t = 400
+    treated = np.r_[np.ones(n_t, bool), np.zeros(n_control, bool)]
+    treated = treated[np.random.default_rng(5).permutation(treated.size)]
+    d = decide(
+        split_frame(np.ones(treated.size), treated),
+        EDGE,
+        planned_treatment_share=n_t / treated.size,
+        min_samples_per_arm=100,
+    )
+    assert (d.n_control, d.n_treatment) == (n_control, n_t)
+    assert d.outcome == expected and ("min-sample" in d.reasons) == (expected == "EXTEND")
+
+
+def test_a_guardrail_not_judged_projects_the_requests_its_minimum_takes() -> None:
+    """While a guardrail waits for its minimum of sparse-arm rows, the projection asks for them: in a
+    shadow step the guardrails' minimum in pairs, in a split step that minimum over the treatment share
+    (docs/gate.md "Planning": min / share)."""
+    s = GateSettings(margin=0.05, min_samples_per_arm=20, guardrail_min_samples=150)
+    d = decide(paired_frame(np.ones(80), np.ones(80)), s, mode="paired")
+    assert (d.outcome, d.quality.verdict) == ("EXTEND", "non-inferior")
+    assert d.reasons[0].startswith("guardrail-not-judged:") and d.projected_requests == 150
+    treated = np.arange(600) % 5 == 0  # 120 sparse-arm rows of the 150 at a 20% share
+    d = decide(split_frame(np.ones(600), treated), s, planned_treatment_share=0.2)
+    assert d.outcome == "EXTEND" and d.projected_requests is not None and d.projected_requests >= 750
+
+
+@pytest.mark.parametrize(("pairs", "tested"), [(1, False), (2, True)])
+def test_two_observations_are_tested_and_count_toward_the_interval(pairs: int, tested: bool) -> None:
+    """The bounds are valid at any sample size: a look with two observations is tested and counts toward
+    the running interval; one observation is not tested (its interval is the history's)."""
+    d = decide(paired_frame(np.ones(pairs), np.ones(pairs)), EDGE, mode="paired")
+    assert d.quality.counts_toward_interval is tested and (d.quality.look_low is not None) is tested
+    assert d.quality.verdict == ("inconclusive" if tested else "not-evaluated")
+
+
+def test_an_interval_that_shrinks_to_a_point_is_no_reset() -> None:
+    """The running interval restarts only when it would be empty: a look whose lower bound is exactly the
+    history's upper end leaves the single point, no reset."""
+    frame = paired_frame(np.ones(40), np.ones(40))
+    low = decide(frame, EDGE, mode="paired").quality.look_low
+    d = decide(frame, EDGE, GateHistory(looks=1, interval_low=-1.0, interval_high=low), mode="paired")
+    assert d.quality.look_low == low and not d.quality.interval_reset and d.quality.interval_low == low
+
+
+@pytest.mark.parametrize(("low", "high"), [(-0.01, 1.0), (-1.0, -0.06)])
+def test_an_inconclusive_looks_interval_keeps_minus_the_margin_inside(low: float, high: float) -> None:
+    """The bounds shown are kept on the verdict's side of -margin (docs/gate.md): however the earlier
+    looks' interval lies, an inconclusive look reports an interval holding -margin, never one that reads
+    as shown non-inferior (low above it) or shown futile (high below it)."""
+    frame = paired_frame(np.ones(40), np.ones(40))
+    d = decide(frame, EDGE, GateHistory(looks=1, interval_low=low, interval_high=high), mode="paired")
+    assert d.quality.verdict == "inconclusive" and d.outcome == "EXTEND"
+    assert d.quality.interval_low <= -EDGE.margin <= d.quality.interval_high
+
+
+def test_an_inconclusive_step_waits_on_its_quality_not_on_an_unjudged_guardrail() -> None:
+    """`guardrail-not-judged:NAME` is the reason only where quality is already shown non-inferior; an
+    inconclusive step with a guardrail short of its minimum says inconclusive (docs/gate.md's table)."""
+    s = GateSettings(margin=0.05, min_samples_per_arm=20, guardrail_min_samples=100)
+    d = decide(paired_frame(np.ones(40), np.ones(40)), s, mode="paired")
+    assert not any(g.evaluated for g in d.guardrails) and d.quality.verdict == "inconclusive"
+    assert (d.outcome, d.reasons) == ("EXTEND", ("inconclusive",))
+
+
+def test_a_sample_ratio_p_value_at_the_threshold_is_no_mismatch() -> None:
+    """The mismatch is p < srm_p_threshold (docs/gate.md): a split whose p-value is the threshold itself
+    is not INVALID."""
+    treated = np.arange(1000) < 550  # 550 of 1000 sparse-arm rows against a planned half
+    frame = split_frame(np.ones(1000), treated[np.random.default_rng(6).permutation(1000)])
+    p = decide(frame, EDGE, planned_treatment_share=0.5).srm_p_value
+    at = decide(frame, dataclasses.replace(EDGE, srm_p_threshold=p), planned_treatment_share=0.5)
+    assert at.srm_p_value == p and "sample-ratio-mismatch" not in at.reasons
+    above = decide(
+        frame, dataclasses.replace(EDGE, srm_p_threshold=p * 1.000001), planned_treatment_share=0.5
+    )
+    assert above.outcome == "INVALID" and "sample-ratio-mismatch" in above.reasons
