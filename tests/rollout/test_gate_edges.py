@@ -106,3 +106,27 @@ def test_a_sample_ratio_p_value_at_the_threshold_is_no_mismatch() -> None:
         frame, dataclasses.replace(EDGE, srm_p_threshold=p * 1.000001), planned_treatment_share=0.5
     )
     assert above.outcome == "INVALID" and "sample-ratio-mismatch" in above.reasons
+
+
+def test_one_guardrail_short_of_its_minimum_is_enough_to_project_it() -> None:
+    """The projection waits for every guardrail: with the error-rate check judged on 200 sparse-arm rows
+    but the excess over dense short of its 190 pairs (170 requests have both answers), a shadow step whose
+    quality is shown is projected at the 190 pairs, not at the 170 in hand."""
+    s = GateSettings(margin=0.05, min_samples_per_arm=20, guardrail_min_samples=190)
+    frame = paired_frame(np.ones(200), np.ones(200))
+    frame = frame[(frame["arm"] == "treatment") | (frame.index < 340)]  # dense answers for r0..r169 only
+    d = decide(frame, s, mode="paired")
+    judged = {g.name: g.evaluated for g in d.guardrails}
+    assert judged["treatment_error_rate"] and not judged["error_rate_increase"]
+    assert (d.outcome, d.reasons) == ("EXTEND", ("guardrail-not-judged:error_rate_increase",))
+    assert d.projected_requests == 190
+
+
+def test_bad_data_comes_before_a_breached_guardrail() -> None:
+    """Bad data never decides (docs/gate.md, order of precedence): a step whose data check failed is
+    INVALID even where its rows show a guardrail breached."""
+    many = np.arange(400) % 8 == 0  # 12.5% sparse-arm errors against a 2% ceiling
+    frame = paired_frame(np.ones(400), np.ones(400), err_t=many)
+    assert decide(frame, EDGE, mode="paired").outcome == "NO-GO"
+    d = decide(frame, EDGE, mode="paired", data_check_passed=False, data_check_failures=["quality: not null"])
+    assert (d.outcome, d.reasons) == ("INVALID", ("data-check-failed",))
