@@ -130,3 +130,22 @@ def test_bad_data_comes_before_a_breached_guardrail() -> None:
     assert decide(frame, EDGE, mode="paired").outcome == "NO-GO"
     d = decide(frame, EDGE, mode="paired", data_check_passed=False, data_check_failures=["quality: not null"])
     assert (d.outcome, d.reasons) == ("INVALID", ("data-check-failed",))
+
+
+def test_a_breach_shown_below_the_checks_minimum_counts_as_judged() -> None:
+    """Evidence of a breach counts whatever the sample size: 12.5% sparse-arm errors in 400 rows, against a
+    2% ceiling whose check asks for 1,000 rows, is a judged breach in the evidence (status breached,
+    evaluated), while the checks without evidence stay not judged."""
+    s = GateSettings(
+        margin=0.05,
+        min_samples_per_arm=20,
+        guardrail_min_samples=1000,
+        max_error_rate=0.02,
+        max_error_rate_increase=0.5,
+    )
+    many = np.arange(400) % 8 == 0
+    d = decide(paired_frame(np.ones(400), np.ones(400), err_t=many), s, mode="paired")
+    g = {g.name: g for g in d.guardrails}
+    assert d.reasons == ("guardrail:treatment_error_rate",)
+    assert g["treatment_error_rate"].evaluated and g["treatment_error_rate"].status == "breached"
+    assert not g["error_rate_increase"].evaluated and g["error_rate_increase"].status == "not-judged"
