@@ -4,11 +4,14 @@ changes (the cases a hand mutation pass of rollout/gate found unguarded). Pure, 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
 
-from rollout.gate import GateHistory, GateSettings, decide
+from rollout.gate import GateHistory, GateSettings, check_observations, decide, guardrail_checks, judge
+from rollout.gate.guardrails import breach_peak
+from rollout.gate.sequences import rate_stream
 
 from .test_gate import paired_frame, split_frame
 
@@ -149,3 +152,18 @@ def test_a_breach_shown_below_the_checks_minimum_counts_as_judged() -> None:
     assert d.reasons == ("guardrail:treatment_error_rate",)
     assert g["treatment_error_rate"].evaluated and g["treatment_error_rate"].status == "breached"
     assert not g["error_rate_increase"].evaluated and g["error_rate_increase"].status == "not-judged"
+
+
+def test_a_rate_check_is_breached_when_its_capital_reaches_one_over_alpha() -> None:
+    """Ville's test rejects when the capital reaches 1/alpha (>=, as the quality tests): at the alpha whose
+    log(1/alpha) is the capital's peak to the last bit, the check is breached; just above it, not."""
+    check = guardrail_checks(GateSettings(max_error_rate=0.02, guardrail_min_samples=1))[0]
+    errors = np.arange(200) % 10 == 0
+    frame = check_observations(
+        split_frame(np.ones(200), np.ones(200, bool), error=errors), mode="split"
+    ).frame
+    peak = breach_peak(rate_stream(errors.astype(float)), check)
+    alpha = math.exp(-peak)
+    assert math.log(1 / alpha) == peak  # the tie is exact
+    assert judge(check, frame, alpha=alpha, mode="split").breached
+    assert not judge(check, frame, alpha=alpha * 0.999, mode="split").breached
