@@ -7,10 +7,12 @@ import dataclasses
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from rollout.gate import GateHistory, GateSettings, check_observations, decide, guardrail_checks, judge
 from rollout.gate.guardrails import breach_peak
+from rollout.gate.quality import paired_arms
 from rollout.gate.sequences import rate_stream
 
 from .test_gate import paired_frame, split_frame
@@ -167,3 +169,33 @@ def test_a_rate_check_is_breached_when_its_capital_reaches_one_over_alpha() -> N
     assert math.log(1 / alpha) == peak  # the tie is exact
     assert judge(check, frame, alpha=alpha, mode="split").breached
     assert not judge(check, frame, alpha=alpha * 0.999, mode="split").breached
+
+
+def test_futility_stops_at_the_specs_alpha_not_at_the_pilots_go_level() -> None:
+    """Only GO spends (docs/gate.md "Across a use case's pilots"): a later pilot whose GO is held to 0.001
+    still stops a sparse arm that loses a quarter of the requests at alpha 0.05, once the futility
+    capital reaches log 20, well before log 1000."""
+    s = GateSettings(margin=0.05, min_samples_per_arm=2, guardrail_min_samples=2, go_alpha=0.001)
+    lost = (np.arange(29) % 4 != 0).astype(float)
+    d = decide(paired_frame(np.ones(29), lost), s, mode="paired")
+    assert (d.outcome, d.reasons) == ("NO-GO", ("futility",))
+    assert math.log(1 / s.alpha) <= d.quality.log_capital_futility < math.log(1 / s.go_alpha)
+
+
+def test_pairs_enter_the_stream_in_the_order_they_became_complete() -> None:
+    """A shadow step's stream takes each pair at its later row, so an earlier look's pairs are always a
+    prefix of a later look's: r0's dense answer first, then r1 in full, then r0's sparse answer gives
+    r1's pair before r0's, as the look after row 2 already had it."""
+    rows = pd.DataFrame(
+        {
+            "request_id": ["r0", "r1", "r1", "r0"],
+            "arm": ["control", "control", "treatment", "treatment"],
+            "quality": [1.0, 0.5, 0.5, 0.0],  # r0 loses 1, r1 nothing
+            "latency_ms": 100.0,
+            "error": False,
+        }
+    )
+    arms = paired_arms(check_observations(rows, mode="paired").frame)
+    earlier = paired_arms(check_observations(rows.iloc[:3], mode="paired").frame)
+    assert arms.pairs["row"].tolist() == [2, 3] and arms.stream.z.tolist()[:1] == earlier.stream.z.tolist()
+    assert arms.stream.z.tolist() == [0.0, -1.0]
