@@ -199,3 +199,14 @@ def test_pairs_enter_the_stream_in_the_order_they_became_complete() -> None:
     earlier = paired_arms(check_observations(rows.iloc[:3], mode="paired").frame)
     assert arms.pairs["row"].tolist() == [2, 3] and arms.stream.z.tolist()[:1] == earlier.stream.z.tolist()
     assert arms.stream.z.tolist() == [0.0, -1.0]
+
+
+def test_only_the_lower_bound_is_held_to_the_pilots_go_level() -> None:
+    """The reported interval has its lower end at the GO level and its upper end at alpha (docs/gate.md):
+    a later pilot's smaller GO level lowers the lower bound and leaves the upper one as it is."""
+    rng = np.random.default_rng(7)
+    qc = rng.beta(8, 2, 300)
+    frame = paired_frame(qc, np.clip(qc + rng.normal(-0.02, 0.1, 300), 0, 1))
+    first = decide(frame, EDGE, mode="paired").quality
+    later = decide(frame, dataclasses.replace(EDGE, go_alpha=0.001), mode="paired").quality
+    assert later.look_high == first.look_high < 1 and later.look_low < first.look_low
