@@ -210,3 +210,13 @@ def test_only_the_lower_bound_is_held_to_the_pilots_go_level() -> None:
     first = decide(frame, EDGE, mode="paired").quality
     later = decide(frame, dataclasses.replace(EDGE, go_alpha=0.001), mode="paired").quality
     assert later.look_high == first.look_high < 1 and later.look_low < first.look_low
+
+
+@pytest.mark.parametrize("flag", [2, -1, 0.5])
+def test_an_error_flag_that_is_a_number_other_than_0_or_1_is_invalid(flag: float) -> None:
+    """The error column is 0/1 (or true/false): another number is not read as an error but named."""
+    frame = paired_frame(np.ones(30), np.ones(30))
+    frame["error"] = frame["error"].astype(float).where(frame.index != 3, flag)
+    d = decide(frame, EDGE, mode="paired")
+    assert (d.outcome, d.reasons) == ("INVALID", ("invalid-input",))
+    assert d.input_problems == ("column 'error': not 0/1 or true/false in 1 row(s), e.g. at rows [3]",)
