@@ -14,6 +14,7 @@ from rollout.gate import GateHistory, GateSettings, check_observations, decide, 
 from rollout.gate.guardrails import breach_peak
 from rollout.gate.quality import paired_arms
 from rollout.gate.sequences import rate_stream
+from rollout.gate.spending import account, pilot_alpha
 
 from .test_gate import paired_frame, split_frame
 
@@ -220,3 +221,12 @@ def test_an_error_flag_that_is_a_number_other_than_0_or_1_is_invalid(flag: float
     d = decide(frame, EDGE, mode="paired")
     assert (d.outcome, d.reasons) == ("INVALID", ("invalid-input",))
     assert d.input_problems == ("column 'error': not 0/1 or true/false in 1 row(s), e.g. at rows [3]",)
+
+
+def test_a_use_case_spent_past_alpha_leaves_a_level_of_zero_never_below() -> None:
+    """Two pilots that ran at alpha itself (before spending) spent 2 alpha: a next pilot's level is 0.0
+    (nothing is left), never a negative alpha; and alpha itself must be below 1."""
+    assert pilot_alpha(0.05, 3, spent_before=0.1) == 0.0
+    assert account({"alpha": 0.05}, [None, None])["next_go_alpha"] == 0.0
+    with pytest.raises(ValueError, match="alpha must be in"):
+        pilot_alpha(1.0, 1)
