@@ -12,8 +12,16 @@ import pytest
 
 from rollout.gate import GateHistory, GateSettings, check_observations, decide, guardrail_checks, judge
 from rollout.gate.guardrails import breach_peak
-from rollout.gate.quality import paired_arms
-from rollout.gate.sequences import rate_stream
+from rollout.gate.planning import (
+    PLANNING_REPLICATIONS,
+    PLANNING_SEED,
+    PlanningDraws,
+    first_go,
+    planned_sample_size,
+    planning_draws,
+)
+from rollout.gate.quality import paired_arms, prior
+from rollout.gate.sequences import rate_stream, rejects
 from rollout.gate.spending import account, pilot_alpha
 
 from .test_gate import paired_frame, split_frame
@@ -230,3 +238,29 @@ def test_a_use_case_spent_past_alpha_leaves_a_level_of_zero_never_below() -> Non
     assert account({"alpha": 0.05}, [None, None])["next_go_alpha"] == 0.0
     with pytest.raises(ValueError, match="alpha must be in"):
         pilot_alpha(1.0, 1)
+
+
+def test_the_planned_size_is_the_smallest_with_the_asked_power() -> None:
+    """planned_sample_size is the smallest number of pairs by which `power` of the simulated pilots have
+    said GO: at it they have (80%), one pair fewer they have not."""
+    s = GateSettings(margin=0.1, score_type="binary", planned_sd=0.3)
+    plan = planned_sample_size(s, paired=True)
+    rng = np.random.default_rng(PLANNING_SEED)
+    draws, _ = planning_draws(s, rng, paired=True, share=0.5, reps=PLANNING_REPLICATIONS, n=plan.horizon)
+    first = first_go(draws, s, kind="paired")
+    assert np.mean(first <= plan.n_total) >= s.power > np.mean(first <= plan.n_total - 1)
+
+
+def test_a_simulated_pilots_first_go_is_the_pair_at_which_its_capital_reaches_one_over_alpha() -> None:
+    """first_go counts pairs from 1, as decide does: identical pairs GO at the 66th at margin 0.05
+    (decide says GO there and EXTEND one pair before), and at a GO level whose log(1/alpha) is the
+    capital after pair 40 to the last bit, at the 40th (reaching is enough)."""
+    s = GateSettings(margin=0.05, min_samples_per_arm=2, guardrail_min_samples=2)
+    draws = PlanningDraws(np.zeros((1, 120)), None, 0.5)
+    need = int(first_go(draws, s, kind="paired")[0])
+    assert decide(paired_frame(np.ones(need), np.ones(need)), s, mode="paired").outcome == "GO"
+    assert decide(paired_frame(np.ones(need - 1), np.ones(need - 1)), s, mode="paired").outcome == "EXTEND"
+    _, logk = rejects(draws.stream(slice(None)), -0.05, "lower", 0.05, **prior(s, "paired", 0.5))
+    tie = dataclasses.replace(s, alpha=0.2, go_alpha=math.exp(-logk[0, 39]))
+    assert math.log(1 / tie.alpha_go) == logk[0, 39]  # the tie is exact
+    assert first_go(draws, tie, kind="paired")[0] == 40
