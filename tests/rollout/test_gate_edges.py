@@ -19,6 +19,7 @@ from rollout.gate.planning import (
     first_go,
     planned_sample_size,
     planning_draws,
+    projected_sample_size,
 )
 from rollout.gate.quality import paired_arms, prior
 from rollout.gate.sequences import rate_stream, rejects
@@ -252,15 +253,23 @@ def test_the_planned_size_is_the_smallest_with_the_asked_power() -> None:
 
 
 def test_a_simulated_pilots_first_go_is_the_pair_at_which_its_capital_reaches_one_over_alpha() -> None:
-    """first_go counts pairs from 1, as decide does: identical pairs GO at the 66th at margin 0.05
+    """first_go counts pairs from 1, as decide does: identical pairs GO at the 65th at margin 0.05
     (decide says GO there and EXTEND one pair before), and at a GO level whose log(1/alpha) is the
     capital after pair 40 to the last bit, at the 40th (reaching is enough)."""
     s = GateSettings(margin=0.05, min_samples_per_arm=2, guardrail_min_samples=2)
     draws = PlanningDraws(np.zeros((1, 120)), None, 0.5)
     need = int(first_go(draws, s, kind="paired")[0])
+    assert need == 65
     assert decide(paired_frame(np.ones(need), np.ones(need)), s, mode="paired").outcome == "GO"
     assert decide(paired_frame(np.ones(need - 1), np.ones(need - 1)), s, mode="paired").outcome == "EXTEND"
     _, logk = rejects(draws.stream(slice(None)), -0.05, "lower", 0.05, **prior(s, "paired", 0.5))
     tie = dataclasses.replace(s, alpha=0.2, go_alpha=math.exp(-logk[0, 39]))
     assert math.log(1 / tie.alpha_go) == logk[0, 39]  # the tie is exact
     assert first_go(draws, tie, kind="paired")[0] == 40
+
+
+def test_a_projection_is_never_fewer_than_the_requests_in_hand() -> None:
+    """Where the GO test's capital is already past log(1/alpha) (quality shown, the step waiting for
+    something else) the projection is the observations in hand, not fewer."""
+    arms = paired_arms(check_observations(paired_frame(np.ones(80), np.ones(80)), mode="paired").frame)
+    assert projected_sample_size(arms.stream, m0=-0.05, log_capital_now=10.0, alpha=0.05) == 80
