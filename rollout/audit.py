@@ -73,14 +73,20 @@ def _plain(details: dict[str, Any] | None) -> dict[str, Any]:
     return json.loads(json.dumps(details or {}, default=str))
 
 
+# Details that name a person, read back as they were given (`rollout.approvals.signer_subject`: an OIDC
+# signer's issuer#subject, the two-person rule's key): never redacted, so "https://idp#ldap:ann@corp.com"
+# is not read as a URL's password and the approver it names does not lapse.
+IDENTITY_KEYS = frozenset({"subject"})
+
+
 def redacted_details(value: Any) -> Any:
     """Plain details (`_plain`) with every string value redacted (`rollout.redact`), in nested dicts and
-    lists too; keys, numbers and the rest as they are. A reason, an error's text or a URL could carry a
-    secret into the log, where it can never be removed (append-only)."""
+    lists too, but for the `IDENTITY_KEYS`; keys, numbers and the rest as they are. A reason, an error's
+    text or a URL could carry a secret into the log, where it can never be removed (append-only)."""
     if isinstance(value, str):
         return redact(value)
     if isinstance(value, dict):
-        return {k: redacted_details(v) for k, v in value.items()}
+        return {k: v if k in IDENTITY_KEYS else redacted_details(v) for k, v in value.items()}
     if isinstance(value, list):
         return [redacted_details(v) for v in value]
     return value

@@ -31,6 +31,7 @@ from rollout.db.models import (
 from rollout.db.session import session_scope
 from rollout.gate.spending import DEFAULT_ALPHA
 from rollout.pilots import ACTIVE_PILOT, active_pilot, load_pilot_spec, planned_pilot, promoted_pilot
+from rollout.redact import redact
 
 # Where a gate decision's evidence (rollout.gate.Decision.to_dict()) keeps the quality difference
 # (treatment - control) and its anytime-valid interval. Read in SQL with the dialect's JSON path operator.
@@ -914,7 +915,7 @@ def approvals(session: Session, decision_ids: list[int]) -> list[dict[str, Any]]
             "actor": a.actor,
             "role": a.role,
             "action": a.action,
-            "reason": a.reason,
+            "reason": redact(a.reason),  # a reason signed before reasons were stored redacted
             "against_recommendation": a.against_recommendation,
             "withdrawn": a.id in gone,  # its signer took it back (`approve --withdraw`): it counts nothing
             # who took it back and when (their `withdraw` row), or None

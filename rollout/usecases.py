@@ -24,6 +24,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from rollout import audit
+from rollout.audit import redacted_details
 from rollout.dataset_split import kept_apart_of
 from rollout.db.models import AuditEntry, SpecVersion, UseCase, UseCaseLease
 from rollout.db.session import session_scope
@@ -452,7 +453,9 @@ def show_usecase(name: str, *, version: int | None = None, url: str | None = Non
                 for v in versions
             ],
             "audit": [
-                {"ts": e.ts, "actor": e.actor, "action": e.action, "details": e.details} for e in history
+                # redacted as the Audit page shows them: a row stored before details were stored redacted
+                {"ts": e.ts, "actor": e.actor, "action": e.action, "details": redacted_details(e.details)}
+                for e in history
             ],
         }
 

@@ -16,14 +16,18 @@ from rollout.approvals.in_words import _names
 from rollout.auth import Identity, require_approver, same_person, still_approver
 from rollout.db.models import Approval, AuditEntry, GateDecision, Pilot
 from rollout.db.session import session_scope
+from rollout.redact import redact
 from rollout.spec import has_visible_text
 
 
 def _check_reason(reason: str | None) -> str:
+    """The reason as every store keeps it (the approvals row, the audit log, an alias move's history,
+    the paused run's input): stripped and redacted (`rollout.redact`: a token pasted into a reason would
+    stay for good in append-only tables); refused when it says nothing."""
     text = (reason or "").strip()
     if not has_visible_text(text):  # zero-width and other invisible characters alone say nothing
         raise ApprovalError("a reason is required (say why, in a sentence the audit log can keep)")
-    return text
+    return redact(text)
 
 
 def _sign(

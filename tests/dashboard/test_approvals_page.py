@@ -194,3 +194,25 @@ def test_an_oidc_approver_taken_off_the_dashboards_list_no_longer_counts_on_the_
     assert f"oidc:ann@example.com's signature no longer counts ({gone})" in shown, texts(at)
     with session_scope() as s:
         assert s.get(GateDecision, did).resolution is None
+
+
+def test_a_secret_in_a_signatures_reason_is_stored_and_shown_redacted(seeded: dict[str, Any]) -> None:
+    """Review s47 T3: a reason was stored redacted in its audit row but raw in its Approval row (another
+    append-only table: it stayed for good) and shown raw in the card's table of signatures. The reason
+    is redacted once, as every store keeps it; a row signed before is shown redacted."""
+    secret = "hf_AbCdEfGhIjKlMnOpQrStUvWxYz01234567"
+    did = seeded["document-qa:decision"]  # a running pilot's EXTEND that asked nobody: an override
+    alice = Identity("alice", "approver", "local-account")
+    assert approvals.approve(did, alice, f"worth it; the repro needs HF_TOKEN={secret}").needs_second_approver
+    with session_scope() as s:  # carol's, as a signature was stored before: its reason as typed
+        s.add(Approval(decision_id=did, actor="carol", role="approver", action="approve",
+                       reason=f"agreed, token {secret}", against_recommendation=True))  # fmt: skip
+    with session_scope() as s:
+        stored = [
+            a.reason
+            for a in s.scalars(select(Approval).where(Approval.decision_id == did).order_by(Approval.id))
+        ]
+    assert stored[0] == "worth it; the repro needs HF_TOKEN=***", stored
+    at = open_page(sign_in(new_app(), "alice"), "approvals")
+    table = next(d.value for d in at.dataframe if "against_recommendation" in d.value.columns)
+    assert list(table["reason"]) == ["worth it; the repro needs HF_TOKEN=***", "agreed, token hf_***"]

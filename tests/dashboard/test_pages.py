@@ -656,3 +656,17 @@ def test_roi_panel_prices_per_hour_with_cents_and_shows_no_raw_host_record(seede
     breakdown = next(d.value for d in at.dataframe if "item" in d.value.columns)
     assert "timing_host" not in list(breakdown["item"])
     assert not any("{" in str(v) for v in breakdown["value"])
+
+
+def test_usecase_show_says_an_old_audit_rows_details_redacted(seeded: dict[str, Any]) -> None:
+    """Review s47 T1: `usecase show --json` printed the audit rows' details as stored, and a row written
+    before details were stored redacted held a URL's password; said redacted now, as the Audit page does."""
+    from rollout import audit, usecases
+    from rollout.db.models import UseCase
+
+    with session_scope() as s:
+        uc = s.scalars(select(UseCase).where(UseCase.name == "document-qa")).one()
+        details = {"reason": "stopped: postgresql://app:hunter2@db/sp down"}
+        audit._append(s, AuditEntry(actor="ops", action="test.old", use_case_id=uc.id, details=details))
+    shown = [e for e in usecases.show_usecase("document-qa")["audit"] if e["action"] == "test.old"]
+    assert [e["details"] for e in shown] == [{"reason": "stopped: postgresql://app:***@db/sp down"}]

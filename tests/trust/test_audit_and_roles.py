@@ -324,3 +324,26 @@ def test_sqlite_audit_writers_at_once_queue_for_the_chain_and_none_is_lost(sp_ho
         report = audit.verify_chain(s)
     assert rows == n
     assert report.ok, report.problem
+
+
+def test_an_oidc_signers_subject_is_stored_as_given_and_still_counts(sp_home) -> None:  # noqa: ANN001
+    """Review s47 T2: the details were stored redacted whole, and an OIDC signer's issuer#subject, which
+    `signer_subject` reads back for the two-person rule and the approver list, was read as a URL's
+    password when the issuer has no path ("https://idp.corp#ldap:jdoe@corp.com" stored as
+    "...#ldap:***@corp.com"): a listed approver's signature lapsed. Identity keys are kept as given."""
+    from rollout import audit
+    from rollout.auth import still_approver
+    from rollout.db.models import AuditEntry
+    from rollout.db.session import session_scope
+
+    subject = "https://idp.corp#ldap:jdoe@corp.com"
+    with session_scope() as s:
+        details = {"reason": "ok, see https://u:pw@h/x", "subject": subject}
+        audit.record(
+            s, "oidc:" + subject, "approval.approve", entity="gate_decision", entity_id="1", details=details
+        )
+    with session_scope() as s:
+        stored = s.query(AuditEntry).filter_by(action="approval.approve").one()
+        assert stored.details == {"reason": "ok, see https://u:***@h/x", "subject": subject}
+        assert stored.row_hash == audit.row_hash_of(stored)
+    assert still_approver("oidc:" + subject, subject=stored.details["subject"], approvers=[subject])[0]
