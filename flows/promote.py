@@ -17,17 +17,17 @@ from rollout.unfinished import APPLY_GRACE as RULE_GRACE
 
 
 @flow_task("promote-move-aliases")
-def promote_task(decision_id: int, approval_id: int, reason: str) -> dict[str, Any]:
+def promote_task(decision_id: int, approval_id: int, reason: str, finished_by: str = "") -> dict[str, Any]:
     from rollout.approvals import apply_promotion
 
-    return apply_promotion(decision_id, approval_id, reason=reason)
+    return apply_promotion(decision_id, approval_id, reason=reason, finished_by=finished_by or None)
 
 
 @flow_task("reject-stop-pilot")
-def reject_task(decision_id: int, approval_id: int, reason: str) -> dict[str, Any]:
+def reject_task(decision_id: int, approval_id: int, reason: str, finished_by: str = "") -> dict[str, Any]:
     from rollout.approvals import apply_rejection
 
-    return apply_rejection(decision_id, approval_id, reason=reason)
+    return apply_rejection(decision_id, approval_id, reason=reason, finished_by=finished_by or None)
 
 
 @flow_task("continue-ramp")
@@ -38,17 +38,21 @@ def continue_task(decision_id: int, approval_id: int, reason: str) -> dict[str, 
 
 
 @flow_task("keep-champion")
-def keep_task(decision_id: int, approval_id: int, reason: str) -> dict[str, Any]:
+def keep_task(decision_id: int, approval_id: int, reason: str, finished_by: str = "") -> dict[str, Any]:
     from rollout.approvals import apply_keep
 
-    return apply_keep(decision_id, approval_id, reason=reason)
+    return apply_keep(decision_id, approval_id, reason=reason, finished_by=finished_by or None)
 
 
 @flow_task("rollback-move-alias")
-def rollback_task(decision_id: int, approval_id: int | None, reason: str, automatic: bool) -> dict[str, Any]:
+def rollback_task(
+    decision_id: int, approval_id: int | None, reason: str, automatic: bool, finished_by: str = ""
+) -> dict[str, Any]:
     from rollout.approvals import apply_rollback
 
-    return apply_rollback(decision_id, approval_id, reason=reason, automatic=automatic)
+    return apply_rollback(
+        decision_id, approval_id, reason=reason, automatic=automatic, finished_by=finished_by or None
+    )
 
 
 @flow_task("alias-log-mlflow")
@@ -69,16 +73,23 @@ def log_alias_event(decision_id: int, result: dict[str, Any], action: str, actor
 
 
 @sparsepilot_flow("promote")
-def promote_flow(decision_id: int, approval_id: int, reason: str, actor: str = "") -> dict[str, Any]:
-    result = promote_task(decision_id, approval_id, reason)
+def promote_flow(
+    decision_id: int, approval_id: int, reason: str, actor: str = "", finished_by: str = ""
+) -> dict[str, Any]:
+    """`finished_by` (every effect flow's): who finishes a decision another signed, whose effect did not
+    complete; the moves stay the signer's, their reason too, and an `approval.finished` entry names them
+    with `reason` (rollout.approvals.effects)."""
+    result = promote_task(decision_id, approval_id, reason, finished_by)
     log_alias_event(decision_id, result, "promote", actor)
     get_run_logger().info("decision %s: promoted (%s)", decision_id, result.get("alias_moves"))
     return result
 
 
 @sparsepilot_flow("reject")
-def reject_flow(decision_id: int, approval_id: int, reason: str, actor: str = "") -> dict[str, Any]:
-    return reject_task(decision_id, approval_id, reason)
+def reject_flow(
+    decision_id: int, approval_id: int, reason: str, actor: str = "", finished_by: str = ""
+) -> dict[str, Any]:
+    return reject_task(decision_id, approval_id, reason, finished_by)
 
 
 @sparsepilot_flow("continue-ramp")
@@ -93,9 +104,11 @@ def continue_flow(decision_id: int, approval_id: int, reason: str, actor: str = 
 
 
 @sparsepilot_flow("keep")
-def keep_flow(decision_id: int, approval_id: int, reason: str, actor: str = "") -> dict[str, Any]:
+def keep_flow(
+    decision_id: int, approval_id: int, reason: str, actor: str = "", finished_by: str = ""
+) -> dict[str, Any]:
     """A person kept the champion through the monitor's alarm: promoted again, the monitor resumes."""
-    return keep_task(decision_id, approval_id, reason)
+    return keep_task(decision_id, approval_id, reason, finished_by)
 
 
 @sparsepilot_flow("rollback")
@@ -105,8 +118,9 @@ def rollback_flow(
     reason: str = "",
     automatic: bool = False,
     actor: str = "",
+    finished_by: str = "",
 ) -> dict[str, Any]:
-    result = rollback_task(decision_id, approval_id, reason, automatic)
+    result = rollback_task(decision_id, approval_id, reason, automatic, finished_by)
     log_alias_event(decision_id, result, "rollback", actor or (audit.MONITOR_ACTOR if automatic else ""))
     get_run_logger().info("decision %s: rolled back (%s)", decision_id, result.get("alias_move"))
     return result
@@ -123,8 +137,11 @@ def finish_unfinished(use_case: str) -> dict[str, Any] | None:
         return None
     if not u.flow_run_id and not u.failed_move and _applied_directly_now(u):
         return None
-    reason = f"finishing decision {u.decision_id}: decided, but its effect did not complete"
-    logging.getLogger("sparsepilot.flows").warning("%s: %s", use_case, reason)
+    reason = "decided, but its effect did not complete"
+    logging.getLogger("sparsepilot.flows").warning(
+        "%s: finishing decision %s: %s", use_case, u.decision_id, reason
+    )
+    by = audit.SYSTEM_ACTOR  # the finisher, in `approval.finished`; the moves stay the signer's
     if u.action == "rollback":
         result = rollback_flow(
             decision_id=u.decision_id,
@@ -132,11 +149,12 @@ def finish_unfinished(use_case: str) -> dict[str, Any] | None:
             reason=reason,
             automatic=u.automatic,
             actor=audit.MONITOR_ACTOR if u.automatic else "",
+            finished_by=by,
         )
     else:
         assert u.approval_id is not None  # a person's signature carries every other effect
         effect = {"promote": promote_flow, "keep": keep_flow, "reject": reject_flow}[u.action]
-        result = effect(u.decision_id, u.approval_id, reason)
+        result = effect(u.decision_id, u.approval_id, reason, finished_by=by)
     return {"finished": u.to_dict(), "result": result}
 
 

@@ -272,6 +272,23 @@ def _ended_run(use_case: str, token: str, run_is_live: Callable[[str], bool] | N
     return run if run and not run_is_live(run) else None
 
 
+def ended_holder_run(use_case: str, run_is_live: Callable[[str], bool] | None) -> str | None:
+    """The flow run of the use case's lease holder, where `run_is_live` says it has ended (asked outside
+    any lock: it may be an HTTP call), for `live_holder`; None otherwise."""
+    return _ended_run(use_case, "", run_is_live)
+
+
+def live_holder(session: Any, use_case_id: int, ended_run: str | None = None) -> Holder | None:
+    """Inside the caller's transaction: the run that holds the use case and may still be working on it,
+    or None where the use case is free, its lease lapsed, or its holder is gone (its process on this
+    host, or its flow run `ended_run`, `ended_holder_run`): what another's work left half done is then
+    no one's in flight."""
+    lease = session.get(UseCaseLease, use_case_id)
+    if lease is None or lease.holder is None or _gone(lease, _clock(session), ended_run) is not None:
+        return None
+    return _held_by(lease)
+
+
 def _gone(lease: UseCaseLease, now: dt.datetime, ended_run: str | None) -> str | None:
     """Why another holder's lease no longer holds, or None while it does."""
     if _utc(lease.expires_at) <= now:

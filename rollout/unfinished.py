@@ -18,7 +18,9 @@ that dies in between (MLflow down, a deploy, an OOM) leaves a decision that wait
 out through the same effect the approval's run would have run, under the same idempotency keys, so
 finishing twice, or finishing while that run completes after all, converges on one move. The scheduled
 cycle and the monitor finish one before they do anything else; `sparsepilot rollback` / `promote
---decision` finish one on a person's request; `stalled` lists them for the approvals page."""
+--decision` / `approve --decision --reject` finish one on a person's request (`Unfinished.command`); the
+moves stay the signer's, and an `approval.finished` audit entry names who finished it and why; `stalled`
+lists them for the approvals page."""
 
 from __future__ import annotations
 
@@ -71,12 +73,13 @@ class Unfinished:
         )
 
     def command(self) -> str:
-        """What a person runs to finish it now ("" where only the use case's next cycle does)."""
+        """What an approver runs to finish it now: `rollback`, `promote --decision`, or (a rejection, a
+        champion kept through an alarm) `approve --decision --reject` again."""
         if self.action == "rollback":
             return f"sparsepilot rollback {self.use_case} --reason ..."
         if self.action == "promote":
             return f"sparsepilot promote {self.use_case} --decision {self.decision_id} --reason ..."
-        return ""
+        return f"sparsepilot approve {self.use_case} --decision {self.decision_id} --reject --reason ..."
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "automatic": self.automatic, "command": self.command()}

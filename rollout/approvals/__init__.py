@@ -61,6 +61,7 @@ from rollout.approvals.effects import (
     rollback_about,
     unfinished_promotion,
     unfinished_promotion_in,
+    unfinished_rejection,
 )
 from rollout.approvals.in_words import effect_in_words
 from rollout.approvals.loosening import (
@@ -136,6 +137,7 @@ __all__ = [
     "skipped_in_words",
     "unfinished_promotion",
     "unfinished_promotion_in",
+    "unfinished_rejection",
     "withdraw",
     "withdrawals",
     "withdrawn_signatures",

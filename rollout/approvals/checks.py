@@ -31,15 +31,10 @@ def check_approvable(session: Any, d: GateDecision) -> None:
         by = session.scalar(
             select(Approval.actor).where(Approval.decision_id == d.id).order_by(Approval.id.desc())
         )
-        finish = ""
-        if d.resolution == "approved":  # rollout.unfinished: an approval whose effect did not complete
-            finish = (
-                "; if it did not take effect, `sparsepilot rollback NAME` finishes it"
-                if d.awaiting == "rollback_approval"
-                else f"; if it did not take effect, `sparsepilot promote NAME --decision {d.id}` finishes it"
-            )
         raise ApprovalError(
-            f"decision {d.id} was already {d.resolution}" + (f" by {by}" if by else "") + finish
+            f"decision {d.id} was already {d.resolution}"
+            + (f" by {by}" if by else "")
+            + _finish_hint(session, d)
         )
     if d.awaiting != "none":
         return
@@ -58,6 +53,26 @@ def check_approvable(session: Any, d: GateDecision) -> None:
             f"decision {d.id} ({d.kind} {d.outcome}) is not waiting for a person and is not the latest "
             "decision of a running pilot"
         )
+
+
+def _finish_hint(session: Any, d: GateDecision) -> str:
+    """What finishes a resolved decision whose effect did not complete (rollout.unfinished), for the
+    refusal of a second signature: an approval's, said whenever it may not have taken effect; a
+    rejection's, said where it has not (`approve --reject` would otherwise be refused again)."""
+    from rollout.unfinished import unfinished_in
+
+    uc = session.get(UseCase, d.use_case_id)
+    if d.resolution == "approved":
+        command = (
+            f"sparsepilot rollback {uc.name}"
+            if d.awaiting == "rollback_approval"
+            else f"sparsepilot promote {uc.name} --decision {d.id}"
+        )
+        return f"; if it did not take effect, `{command}` finishes it"
+    u = unfinished_in(session, uc) if d.resolution == "rejected" else None
+    if u is None or u.decision_id != d.id or u.action not in ("reject", "keep"):
+        return ""
+    return f"; it did not take effect: `{u.command()}` finishes it"
 
 
 def _aborted_by(session: Any, d: GateDecision) -> str:

@@ -92,13 +92,20 @@ def _resolved_and_locked(
 
 
 def apply_promotion(
-    decision_id: int, approval_id: int, *, reason: str, db_url: str | None = None
+    decision_id: int,
+    approval_id: int,
+    *,
+    reason: str,
+    finished_by: str | None = None,
+    db_url: str | None = None,
 ) -> dict[str, Any]:
     """challenger -> champion for the decision's pilot. Before a use case's first promotion the dense
-    baseline (what was serving) is recorded as champion, so a rollback has somewhere to return to."""
+    baseline (what was serving) is recorded as champion, so a rollback has somewhere to return to.
+    `finished_by`: who finishes an approved promotion that did not complete (`_finisher`)."""
     from rollout import pilots, registry
 
     who = approval_identity(approval_id, decision_id, actions=("approve",), db_url=db_url)
+    said, reason = reason, _signers_reason(decision_id, approval_id, reason, finished_by, db_url)
     with session_scope(db_url, immediate=True) as session:
         d, uc, pilot = _resolved_and_locked(session, decision_id, "approved", to="promote")
         _require_pilot_to_promote(d, pilot, moved=False)
@@ -149,6 +156,7 @@ def apply_promotion(
         lifecycle.set_phase(
             session, uc, "promoted", actor=who.name, reason=f"decision {decision_id} approved"
         )
+        _finisher(session, d, finished_by, said, action="promote", approval_id=approval_id, signer=who.name)
     return {"action": "promoted", "decision_id": decision_id, "alias_moves": [_move_dict(m) for m in moves]}
 
 
@@ -220,42 +228,60 @@ def apply_continue(
 
 
 def apply_rejection(
-    decision_id: int, approval_id: int, *, reason: str, db_url: str | None = None
+    decision_id: int,
+    approval_id: int,
+    *,
+    reason: str,
+    finished_by: str | None = None,
+    db_url: str | None = None,
 ) -> dict[str, Any]:
+    """A rejected GO: the pilot is stopped, and the use case. Safe to repeat: a pilot no longer live
+    (stopped already, by this rejection or since) is left as it is (`done`: False)."""
     from rollout import pilots
 
     who = approval_identity(approval_id, decision_id, actions=("reject",), db_url=db_url)
-    with session_scope(db_url) as session:
+    said, reason = reason, _signers_reason(decision_id, approval_id, reason, finished_by, db_url)
+    with session_scope(db_url, immediate=True) as session:
         d = session.get(GateDecision, decision_id)
         assert d is not None
-        uc = session.get(UseCase, d.use_case_id)
-        pilot = session.get(Pilot, d.pilot_id) if d.pilot_id else None
+        uc, pilot = pilots.locked(session, d.use_case_id, d.pilot_id)
+        if pilot is not None and pilot.status not in ("running", "awaiting_approval"):
+            return {"action": "stopped", "decision_id": decision_id, "done": False}
         if pilot is not None:
             pilots.stop_pilot(session, pilot, status="stopped", actor=who.name, reason=reason)
         lifecycle.set_phase(session, uc, "stopped", actor=who.name, reason=f"decision {decision_id} rejected")
-    return {"action": "stopped", "decision_id": decision_id}
+        _finisher(session, d, finished_by, said, action="reject", approval_id=approval_id, signer=who.name)
+    return {"action": "stopped", "decision_id": decision_id, "done": True}
 
 
 def apply_keep(
-    decision_id: int, approval_id: int, *, reason: str, db_url: str | None = None
+    decision_id: int,
+    approval_id: int,
+    *,
+    reason: str,
+    finished_by: str | None = None,
+    db_url: str | None = None,
 ) -> dict[str, Any]:
     """A person kept the champion through the monitor's alarm: the use case is promoted again, so the
     monitor resumes, and its detector starts afresh after the kept alarm (`pilots.monitor_observations`).
-    Safe to repeat: only a use case still awaiting this approval moves."""
+    Safe to repeat: only a use case still awaiting this approval moves (`done`: whether it did)."""
     who = approval_identity(approval_id, decision_id, actions=("reject",), db_url=db_url)
-    with session_scope(db_url) as session:
+    said, reason = reason, _signers_reason(decision_id, approval_id, reason, finished_by, db_url)
+    with session_scope(db_url, immediate=True) as session:
         d = session.get(GateDecision, decision_id)
         assert d is not None
-        uc = session.get(UseCase, d.use_case_id)
-        if uc.phase == "awaiting_approval":
-            lifecycle.set_phase(
-                session,
-                uc,
-                "promoted",
-                actor=who.name,
-                reason=f"decision {decision_id}: champion kept ({reason})",
-            )
-    return {"action": "kept", "decision_id": decision_id}
+        uc = session.get(UseCase, d.use_case_id, with_for_update=True, populate_existing=True)
+        if uc.phase != "awaiting_approval":
+            return {"action": "kept", "decision_id": decision_id, "done": False}
+        lifecycle.set_phase(
+            session,
+            uc,
+            "promoted",
+            actor=who.name,
+            reason=f"decision {decision_id}: champion kept ({reason})",
+        )
+        _finisher(session, d, finished_by, said, action="keep", approval_id=approval_id, signer=who.name)
+    return {"action": "kept", "decision_id": decision_id, "done": True}
 
 
 def apply_rollback(
@@ -264,6 +290,7 @@ def apply_rollback(
     *,
     reason: str,
     automatic: bool = False,
+    finished_by: str | None = None,
     db_url: str | None = None,
 ) -> dict[str, Any]:
     """champion -> the previous champion from our own alias history; idempotent per decision. An
@@ -280,6 +307,7 @@ def apply_rollback(
         if approval_id is None:
             raise ApprovalError(f"rollback of decision {decision_id} needs a person's approval")
         who = approval_identity(approval_id, decision_id, actions=("approve", "rollback"), db_url=db_url)
+    said, reason = reason, _signers_reason(decision_id, approval_id, reason, finished_by, db_url)
     key = f"rollback:{decision_id}"
     with session_scope(db_url) as session:
         d = session.get(GateDecision, decision_id)
@@ -318,7 +346,41 @@ def apply_rollback(
         if promoted is not None:
             pilots.stop_pilot(session, promoted, status="rolled_back", actor=who.name, reason=reason)
         lifecycle.set_phase(session, uc, "rolled_back", actor=who.name, reason=reason)
+        _finisher(session, d, finished_by, said, action="rollback", approval_id=approval_id, signer=who.name)
     return {"action": "rolled_back", "decision_id": decision_id, "alias_move": _move_dict(move)}
+
+
+def _signers_reason(
+    decision_id: int, approval_id: int | None, reason: str, finished_by: str | None, db_url: str | None
+) -> str:
+    """The reason an effect records under its signer's name: `reason`, as the signer's own run passes it;
+    where another finishes it (`finished_by`), the signer's own words (their signature's reason; the
+    monitor's: its decision's explanation), never the finisher's."""
+    if finished_by is None:
+        return reason
+    with session_scope(db_url) as session:
+        if approval_id is None:
+            return session.get(GateDecision, decision_id).explanation
+        return session.get(Approval, approval_id).reason
+
+
+def _finisher(
+    session: Any,
+    d: GateDecision,
+    finished_by: str | None,
+    reason: str,
+    *,
+    action: str,
+    approval_id: int | None,
+    signer: str,
+) -> None:
+    """Who finished a decided effect that did not complete (its signer's run died, or MLflow was down),
+    in the effect's last transaction: an `approval.finished` audit entry under their name with their
+    reason. The moves stay the signer's (their approval is what they carry out)."""
+    if finished_by is None:
+        return
+    details = {"decision": d.id, "action": action, "approval_id": approval_id, "signed_by": signer}
+    audit.record(session, finished_by, "approval.finished", on=d, details={**details, "reason": reason})
 
 
 def _supersede(session: Any, d: GateDecision, actor: str, by: str, **details: Any) -> None:
@@ -369,6 +431,30 @@ def unfinished_promotion(decision_id: int, *, db_url: str | None = None) -> int 
                 "finished by `sparsepilot rollback`"
             )
         return unfinished_promotion_in(session, d)
+
+
+def unfinished_rejection(decision_id: int, *, db_url: str | None = None) -> tuple[int, str] | None:
+    """The signature behind a rejection that did not take effect (rollout.unfinished: its approver's run
+    died after the signature): its approval id and effect ("reject": the pilot stopped; "keep": the
+    champion kept through the monitor's alarm), so a repeated `approve --reject` finishes it; None where
+    the decision is not such a rejection."""
+    from rollout.unfinished import unfinished_in
+
+    with session_scope(db_url) as session:
+        d = session.get(GateDecision, decision_id)
+        if d is None:
+            raise ApprovalError(f"no decision {decision_id}")
+        if d.resolution != "rejected":
+            return None
+        u = unfinished_in(session, session.get(UseCase, d.use_case_id))
+    if (
+        u is None
+        or u.decision_id != decision_id
+        or u.action not in ("reject", "keep")
+        or u.approval_id is None
+    ):
+        return None
+    return u.approval_id, u.action
 
 
 def unfinished_promotion_in(session: Any, d: GateDecision) -> int | None:

@@ -4,6 +4,7 @@ followed by a second, the monitor's own giving way where it has moved nothing.""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import select
@@ -23,15 +24,21 @@ def request_rollback(
     reason: str | None,
     *,
     apply: bool = True,
+    run_is_live: Callable[[str], bool] | None = None,
     db_url: str | None = None,
 ) -> dict[str, Any]:
     """A person rolls a use case back: records a rollback decision + approval + audit, then (by default)
-    applies it. Returns the decision and approval ids (the rollback flow takes them when `apply` is False)."""
-    from rollout import pilots, registry
+    applies it. Returns the decision and approval ids (the rollback flow takes them when `apply` is False)
+    and `finishing`: the person finishes a rollback decided earlier (the effect's `finished_by`).
+    `run_is_live` (the flows' `flow_run_is_live`): whether the use case's lease holder's flow run still
+    runs, so a monitor whose run ended mid-move is known to be gone (rollout.leases)."""
+    from rollout import leases, pilots, registry
     from rollout.unfinished import unfinished_in
 
     who = require_approver(identity, f"roll back {use_case_name}")
     text = _check_reason(reason)
+    ended_run = leases.ended_holder_run(use_case_name, run_is_live)  # asked outside the write lock
+    finishing = False
     # one writer at a time (SQLite: BEGIN IMMEDIATE; PostgreSQL: the use case's row lock below), so two
     # approvers asking at once see one request, not two
     with session_scope(db_url, immediate=True) as session:
@@ -45,7 +52,7 @@ def request_rollback(
             pending is not None
             and pending.action == "rollback"
             and pending.automatic
-            and _monitor_move_started(session, use_case_name, pending.decision_id)
+            and _monitor_move_started(session, uc, pending.decision_id, ended_run)
         )
         if (
             pending is not None
@@ -54,7 +61,7 @@ def request_rollback(
         ):
             _refuse_while_applied(session, use_case_name, pending)
             decision_id, approval_id = pending.decision_id, pending.approval_id
-            text = f"finishing rollback {decision_id}: {text}"
+            finishing = True
         elif not lifecycle.can(uc.phase, "rollback"):
             _refuse_while_alarm_waits(session, uc)
             raise ApprovalError(
@@ -71,10 +78,15 @@ def request_rollback(
                     who.name,
                     f"rollback {decision_id}",
                 )
-    out: dict[str, Any] = {"decision_id": decision_id, "approval_id": approval_id}
+    out: dict[str, Any] = {"decision_id": decision_id, "approval_id": approval_id, "finishing": finishing}
     if apply:
         out["effect"] = apply_rollback(
-            decision_id, approval_id, reason=text, automatic=approval_id is None, db_url=db_url
+            decision_id,
+            approval_id,
+            reason=text,
+            automatic=approval_id is None,
+            finished_by=who.name if finishing else None,
+            db_url=db_url,
         )
     return out
 
@@ -119,22 +131,30 @@ def _refuse_while_alarm_waits(session: Any, uc: UseCase) -> None:
         )
 
 
-def _monitor_move_started(session: Any, use_case_name: str, decision_id: int) -> bool:
+def _monitor_move_started(session: Any, uc: UseCase, decision_id: int, ended_run: str | None) -> bool:
     """Has the monitor's automatic rollback begun its alias move (pending)? It is not "moved nothing":
-    superseding it then made two rollbacks for one act. Recent (`registry.MOVE_IN_FLIGHT`): its MLflow
-    call is under way, and the person is told so (MoveInProgress); older: it was cut off, and the person's
-    request finishes it under its own key (True)."""
+    superseding it then made two rollbacks for one act. While a live run holds the use case's lease and
+    the move is recent (`registry.MOVE_IN_FLIGHT`), its MLflow call may be under way: the person is told
+    so, and by when their `rollback` finishes it (MoveInProgress). Once no live run holds the use case
+    (the monitor works under its lease: a lease released, lapsed, or held by a process or flow run that
+    is gone, `leases.live_holder`) or the move is older, it was cut off, and the person's request
+    finishes it under its own key (True)."""
+    import datetime as dt
 
-    from rollout import registry
+    from rollout import leases, registry
 
     move = session.scalar(select(AliasMove).where(AliasMove.idempotency_key == f"rollback:{decision_id}"))
     if move is None or move.status != "pending":
         return False
-    if utcnow() - as_utc(move.created_at) < registry.MOVE_IN_FLIGHT:
+    started = as_utc(move.created_at)
+    holder = leases.live_holder(session, uc.id, ended_run)
+    if holder is not None and utcnow() - started < registry.MOVE_IN_FLIGHT:
+        by = (started + registry.MOVE_IN_FLIGHT).astimezone(dt.UTC).strftime("%H:%M UTC")
         raise registry.MoveInProgress(
-            f"{use_case_name}: the monitor's automatic rollback (decision {decision_id}, champion "
-            f"v{move.from_version} -> v{move.to_version}) is under way; nothing was recorded. Look again in "
-            "a moment: the use case is then rolled back"
+            f"{uc.name}: the monitor's automatic rollback (decision {decision_id}, champion "
+            f"v{move.from_version} -> v{move.to_version}) began its move and {holder.work} holds the use "
+            f"case; nothing was recorded. Look again in a moment: the use case is then rolled back; if it "
+            f"is not by {by}, `sparsepilot rollback {uc.name}` finishes it"
         )
     return True
 

@@ -357,11 +357,34 @@ def approve_cmd(
 
     def go() -> dict[str, Any]:
         _check_decision(name, decision)
+        if reject:
+            done = _finish_rejection(name, decision, who.name, reason)
+            if done is not None:
+                return done
         return approve_decision(decision, who, reason, reject=reject, continue_ramp=continue_ramp)
 
     _to_log_file("approve", json_out)
     result = _run(go)
     emit_or_say(result, json_out, result["message"])
+
+
+def _finish_rejection(name: str, decision: int, by: str, reason: str | None) -> dict[str, Any] | None:
+    """`approve --reject` again on a rejection that did not take effect (its approver's run died after
+    the signature): finished through its effect (the pilot stopped, or the champion kept), which is safe
+    to repeat; the effect stays the signer's, `approval.finished` names `by`. None where there is none."""
+    from flows.promote import keep_flow, reject_flow
+    from rollout.approvals import _check_reason, unfinished_rejection
+
+    text = _check_reason(reason)
+    found = unfinished_rejection(decision)
+    if found is None:
+        return None
+    approval_id, effect = found
+    flow = keep_flow if effect == "keep" else reject_flow
+    done = flow(decision, approval_id, text, actor=by, finished_by=by)
+    what = "the champion is kept, the monitor resumes" if effect == "keep" else "the pilot is stopped"
+    said = what if done.get("done", True) else "it was in effect already, nothing changed"
+    return {**done, "message": f"{name}: finished decision {decision} (rejected earlier): {said}"}
 
 
 @app.command("promote")
@@ -384,13 +407,33 @@ def promote_cmd(
 
         _check_decision(name, decision)
         approval_id = unfinished_promotion(decision)
-        if approval_id is not None:
-            return promote_flow(decision_id=decision, approval_id=approval_id, reason=reason, actor=who.name)
+        if approval_id is not None:  # the moves stay the signer's; `approval.finished` names who finished
+            done = promote_flow(
+                decision_id=decision,
+                approval_id=approval_id,
+                reason=reason,
+                actor=who.name,
+                finished_by=who.name,
+            )
+            return {**done, "message": finished_said(name, done)}
         return approve_decision(decision, who, reason)
 
     _to_log_file("promote", json_out)
     result = _run(go)
-    emit_or_say(result, json_out, result.get("message") or result)
+    emit_or_say(result, json_out, result["message"])
+
+
+def finished_said(name: str, result: dict[str, Any]) -> str:
+    """`promote`'s line for an approved promotion it finished: its decision and each champion move."""
+
+    def v(version: str | None) -> str:
+        return f"v{version}" if version else "none"
+
+    moves = "; ".join(
+        f"{m['alias']} {v(m['from_version'])} -> {v(m['to_version'])} ({m['status']})"
+        for m in result.get("alias_moves") or []
+    )
+    return f"{name}: finished decision {result['decision_id']}" + (f": {moves}" if moves else "")
 
 
 @app.command("rollback")
@@ -401,15 +444,21 @@ def rollback_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Roll the champion back to the previous one from SparsePilot's own alias history (approvers only)."""
+    from flows.common import flow_run_is_live
     from flows.promote import rollback_flow
     from rollout.approvals import request_rollback
 
     who = signed_in("approver", f"roll back {name}", password_stdin)
 
     def go() -> dict[str, Any]:
-        ids = request_rollback(name, who, reason, apply=False)
+        ids = request_rollback(name, who, reason, apply=False, run_is_live=flow_run_is_live)
         return rollback_flow(
-            decision_id=ids["decision_id"], approval_id=ids["approval_id"], reason=reason, actor=who.name
+            decision_id=ids["decision_id"],
+            approval_id=ids["approval_id"],
+            reason=reason,
+            automatic=ids["approval_id"] is None,  # finishing the monitor's own: no person's signature
+            actor=who.name,
+            finished_by=who.name if ids["finishing"] else "",
         )
 
     _to_log_file("rollback", json_out)

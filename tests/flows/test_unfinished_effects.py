@@ -379,7 +379,11 @@ def test_a_keep_or_rejection_whose_approver_died_after_signing_is_finished(
         with pytest.raises(KeyboardInterrupt):
             approvals.approve(decided, Identity(*BOB), "agreed", reject=True)
     u = unfinished_of(name)
-    assert (u.decision_id, u.action, u.command()) == (decided, effect, "")
+    assert (u.decision_id, u.action, u.command()) == (
+        decided,
+        effect,
+        f"sparsepilot approve {name} --decision {decided} --reject --reason ...",
+    )
     finish_unfinished(name)  # the run Prefect never had carries out nothing: the cycle finishes it
     assert _phase(name) == ("promoted" if effect == "keep" else "stopped")
     assert unfinished_of(name) is None
@@ -410,3 +414,191 @@ def test_the_monitor_still_judges_while_mlflow_is_down(flow_use_case, tmp_path, 
     with session_scope() as s:
         outcomes = s.scalars(select(GateDecision.outcome).where(GateDecision.kind == "monitor")).all()
     assert outcomes == ["GO", "NO-GO"] and _phase(name) == "awaiting_approval"
+
+
+def _cli_as(who: str, *args: str, monkeypatch: pytest.MonkeyPatch, accounts: str):  # noqa: ANN202
+    """`sparsepilot ARGS --password-stdin` in this process (typer's runner), signed in as `who`."""
+    from typer.testing import CliRunner
+
+    from sparsepilot.cli import app
+    from tests.fixtures.trust import password_of
+
+    monkeypatch.setenv("SPARSEPILOT_ACCOUNTS", accounts)
+    monkeypatch.setenv("SPARSEPILOT_USER", who)
+    return CliRunner().invoke(app, [*args, "--password-stdin"], input=password_of(who) + "\n")
+
+
+def _audit_rows(after: int = 0) -> list[tuple[str, str, dict]]:
+    from rollout.db.models import AuditEntry
+    from rollout.db.session import session_scope
+
+    with session_scope() as s:
+        rows = s.execute(
+            select(AuditEntry.actor, AuditEntry.action, AuditEntry.details)
+            .where(AuditEntry.id > after)
+            .order_by(AuditEntry.id)
+        ).all()
+    return [(a, act, d or {}) for a, act, d in rows]
+
+
+def test_a_promotion_finished_by_another_approver_names_them_and_keeps_the_signers_words(
+    flow_use_case, trust_accounts, monkeypatch
+) -> None:
+    """alice's approval dies after MLflow moved; bob finishes it with `promote NAME --decision N`. The rows
+    it wrote said alice did it and that alice wrote bob's reason ("finish it"), bob appeared nowhere, the
+    hint said a literal `NAME`, and `promote` printed a Python dict. Now the moves stay alice's with her
+    words, `approval.finished` is bob's with his, the hint names the use case, and the line is a sentence."""
+    from rollout import approvals, registry
+    from rollout.auth import Identity
+
+    name = flow_use_case()
+    did = _pilot_with_decision(name, "GO", "approval")
+    with monkeypatch.context() as mp:
+        _killed_after(mp, "promote")
+        with pytest.raises(Killed):
+            approvals.approve(did, Identity(*ALICE), "ship it")
+    with pytest.raises(approvals.ApprovalError) as refused:
+        approvals.approve(did, Identity(*BOB), "again")
+    assert f"`sparsepilot promote {name} --decision {did}` finishes it" in str(refused.value)
+    signature = approvals.unfinished_promotion(did)
+    seen = len(_audit_rows())
+    [move] = [m for m in registry.alias_history(name) if m["idempotency_key"] == f"promote:{did}"]
+    res = _cli_as(
+        "bob", "promote", name, "--decision", str(did), "--reason", "finish it",
+        monkeypatch=monkeypatch, accounts=trust_accounts,
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert _phase(name) == "promoted"
+    rows = _audit_rows()[seen:]
+    assert [r for r in rows if "finish it" in json.dumps(r[2])] == [
+        (
+            "bob",
+            "approval.finished",
+            {
+                "decision": did,
+                "action": "promote",
+                "approval_id": signature,
+                "signed_by": "alice",
+                "reason": "finish it",
+            },
+        )
+    ]
+    assert ("alice", "pilot.status") in [(a, act) for a, act, _ in rows]
+    assert [d["reason"] for a, act, d in rows if act == "pilot.status"] == ["ship it"]
+    # the first promotion: no champion of ours served before (no dense baseline registered)
+    assert res.output.strip().endswith(
+        f"{name}: finished decision {did}: champion none -> v{move['to_version']} (committed)"
+    )
+
+
+@pytest.mark.parametrize("effect", ["keep", "reject"])
+def test_a_rejection_whose_approver_died_is_finished_by_approving_the_rejection_again(
+    flow_use_case, trust_accounts, monkeypatch, effect: str
+) -> None:
+    """bob's second signature of a rejection commits, then his process dies before the paused run is
+    resumed. His `approve --reject` again said only "decision N was already rejected by bob": nothing named
+    a way to finish it (only a scheduled cycle did). Now the refusal names the command, and `approve
+    --reject` by an approver finishes it, recorded as theirs (`approval.finished`), safe to repeat."""
+    import uuid
+
+    from rollout import approvals
+    from rollout.approvals import signing
+    from rollout.auth import Identity
+    from rollout.db.models import GateDecision
+    from rollout.db.session import session_scope
+    from rollout.unfinished import unfinished_of
+
+    name = flow_use_case(rollback="manual")
+    if effect == "keep":
+        _promoted(name)
+        decided = _alarm(name, "alarm", automatic=False)
+    else:
+        decided = _pilot_with_decision(name, "GO", "approval", key="rejected")
+    with session_scope() as s:
+        s.get(GateDecision, decided).flow_run_id = str(uuid.uuid4())
+    monkeypatch.setattr(signing, "_flow_run_state_safe", lambda _run: (True, "Paused"))
+    approvals.approve(decided, Identity(*ALICE), "not now", reject=True)
+
+    def died(*_args) -> None:  # noqa: ANN002
+        raise Killed
+
+    with monkeypatch.context() as mp:
+        mp.setattr(signing, "_resume", died)
+        with pytest.raises(Killed):
+            approvals.approve(decided, Identity(*BOB), "agreed", reject=True)
+    command = f"sparsepilot approve {name} --decision {decided} --reject --reason ..."
+    with pytest.raises(
+        approvals.ApprovalError, match=f"already rejected by bob; it did not take effect: `{command}`"
+    ):
+        approvals.approve(decided, Identity(*ALICE), "promote after all")
+    seen = len(_audit_rows())
+    args = ("approve", name, "--decision", str(decided), "--reject", "--reason", "finish it")
+    res = _cli_as("carol", *args, monkeypatch=monkeypatch, accounts=trust_accounts)
+    assert res.exit_code == 0, res.output
+    assert f"{name}: finished decision {decided} (rejected earlier)" in res.output
+    assert _phase(name) == ("promoted" if effect == "keep" else "stopped") and unfinished_of(name) is None
+    rows = _audit_rows()[seen:]
+    assert ("carol", "approval.finished") in [(a, act) for a, act, _ in rows]
+    assert [a for a, _, d in rows if "finish it" in json.dumps(d)] == ["carol"]
+    again = _cli_as("carol", *args, monkeypatch=monkeypatch, accounts=trust_accounts)
+    assert again.exit_code == 2 and "already rejected by bob" in again.output  # done: nothing to finish
+
+
+@pytest.mark.parametrize("monitor", ["gone", "live"])
+def test_a_persons_rollback_after_the_monitors_died_mid_move(
+    flow_use_case, trust_accounts, monkeypatch, monitor: str
+) -> None:
+    """`rollback: auto`: the monitor's rollback dies after its move began (pending). A person's `rollback`
+    was told the rollback "is under way ... Look again in a moment: the use case is then rolled back",
+    false with the monitor dead. Now a monitor whose lease holder is gone is cut off at once and the
+    person's rollback finishes it (under its own key, recorded as theirs); a live holder's refusal says
+    by when the person's `rollback` finishes it."""
+    import subprocess
+
+    from rollout import approvals, leases, registry
+    from rollout.auth import Identity
+    from rollout.db.models import UseCaseLease
+    from rollout.db.session import session_scope
+
+    name = flow_use_case(rollback="auto")
+    champion = _promoted(name)
+    alarm = _alarm(name, "cut", automatic=True)
+    real = registry._apply_mlflow
+
+    def moved_then_died(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        real(*args, **kwargs)
+        raise Killed
+
+    with monkeypatch.context() as mp:
+        mp.setattr(registry, "_apply_mlflow", moved_then_died)
+        with pytest.raises(Killed):
+            approvals.apply_rollback(alarm, None, reason="breach", automatic=True)
+    leases.acquire(name, "the-monitor", "monitor, pid 1 on elsewhere")  # the dead monitor's lease
+    if monitor == "gone":
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        with session_scope() as s:
+            s.scalars(select(UseCaseLease)).one().pid = dead.pid
+        res = _cli_as(
+            "bob",
+            "rollback",
+            name,
+            "--reason",
+            "p95 regressed",
+            monkeypatch=monkeypatch,
+            accounts=trust_accounts,
+        )
+        assert res.exit_code == 0, res.output
+        back = registry.current_aliases(name)["champion"]
+        assert f"{name}: champion {champion} -> {back} (committed)" in res.output
+        assert _phase(name) == "rolled_back" and back != champion
+        assert [(a, d["decision"]) for a, act, d in _audit_rows() if act == "approval.finished"] == [
+            ("bob", alarm)
+        ]
+    else:
+        with pytest.raises(
+            registry.MoveInProgress,
+            match=rf"if it is not by \d\d:\d\d UTC, `sparsepilot rollback {name}` finishes it",
+        ):
+            approvals.request_rollback(name, Identity(*BOB), "p95 regressed")
+        assert _phase(name) == "promoted"
