@@ -20,6 +20,7 @@ from rollout.approvals.in_words import _names
 from rollout.approvals.recommendation import ramp_steps_skipped
 from rollout.db.models import Approval, AuditEntry, GateDecision, Pilot, UseCase, as_utc
 from rollout.db.session import session_scope
+from rollout.redact import redact
 
 
 def check_approvable(session: Any, d: GateDecision) -> None:
@@ -95,7 +96,7 @@ def _aborted_by(session: Any, d: GateDecision) -> str:
     )
     if entry is None:
         return "its pilot was aborted"
-    reason = (entry.details or {}).get("reason")
+    reason = redact((entry.details or {}).get("reason") or "")  # a row stored before details were redacted
     return f"{pilot_label(pilot)} was aborted by {entry.actor} at {as_utc(entry.ts):%Y-%m-%d %H:%M} UTC" + (
         f" (reason: {reason})" if reason else ""
     )

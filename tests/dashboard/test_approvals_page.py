@@ -216,3 +216,20 @@ def test_a_secret_in_a_signatures_reason_is_stored_and_shown_redacted(seeded: di
     at = open_page(sign_in(new_app(), "alice"), "approvals")
     table = next(d.value for d in at.dataframe if "against_recommendation" in d.value.columns)
     assert list(table["reason"]) == ["worth it; the repro needs HF_TOKEN=***", "agreed, token hf_***"]
+
+
+def test_a_closed_decisions_refusal_says_an_old_abort_reason_redacted(seeded: dict[str, Any]) -> None:
+    """Review s47 T1: the refusal of a decision closed by `pilot --abort` quoted the abort's reason from
+    its audit row as stored; a row written before details were stored redacted put its secret there."""
+    from rollout import audit
+    from rollout.db.models import AuditEntry
+
+    go = seeded["contract-summarisation:decision"]
+    pilot_batches.abort("contract-summarisation", actor="ops", reason="traffic spike")
+    with session_scope() as s:  # the abort's row as the code before wrote it: its reason as typed
+        entry = s.scalars(select(AuditEntry).where(AuditEntry.action == "pilot.abort")).one()
+        raw = {"reason": "db https://ops:hunter2@db/x down"}
+        where = {"use_case_id": entry.use_case_id, "entity": "pilot", "entity_id": entry.entity_id}
+        audit._append(s, AuditEntry(actor="ops", action="pilot.abort", details=raw, **where))
+    with pytest.raises(approvals.ApprovalError, match=r"\(reason: db https://ops:\*\*\*@db/x down\)"):
+        approvals.approve(go, CAROL, "evidence is clear")
