@@ -461,18 +461,26 @@ def portfolio_totals(session: Session) -> dict[str, Any]:
         .join(last_eval, last_eval.c.id == EvaluationRun.id)
         .join(UseCase, UseCase.id == EvaluationRun.use_case_id)
     ).one()
-    # the portfolio rows' decisions that are the gate's (a monitor's "GO" says no guardrail breached)
+    # every use case's current decision, the portfolio row's (`_current_decision`), counted as it stands
+    # (`decision_standing`) in one of three buckets that add up to the rows with a decision: the gate's
+    # that stand; those that no longer do ("GO, rejected", "EXTEND, aborted": no bucket the headline
+    # showed held them); and those after promotion (a monitor's look, a manual rollback: a monitor's "GO"
+    # says no guardrail breached, no gate GO)
     last_dec = _current_decision()
-    # counted as they stand (`decision_standing`): a rejected GO is "GO, rejected", not a GO
-    outcomes: dict[str, int] = {}
-    for outcome, resolution, n in session.execute(
-        select(GateDecision.outcome, GateDecision.resolution, func.count())
+    standing: dict[str, int] = {}
+    not_standing: dict[str, int] = {}
+    after_promotion: dict[str, int] = {}
+    for kind, outcome, resolution, n in session.execute(
+        select(GateDecision.kind, GateDecision.outcome, GateDecision.resolution, func.count())
         .join(last_dec, last_dec.c.id == GateDecision.id)
-        .where(GateDecision.kind == "gate")
-        .group_by(GateDecision.outcome, GateDecision.resolution)
+        .group_by(GateDecision.kind, GateDecision.outcome, GateDecision.resolution)
     ):
-        standing = decision_standing(outcome, resolution)
-        outcomes[standing] = outcomes.get(standing, 0) + n
+        words = decision_standing(outcome, resolution)
+        if kind != "gate":
+            bucket, words = after_promotion, f"{kind} {words}"
+        else:
+            bucket = not_standing if resolution in NOT_STANDING else standing
+        bucket[words] = bucket.get(words, 0) + n
     # the Approvals page's cards (decision_waits' rule: an override's first signature waits too)
     pending = len(pending_decisions(session))
     phases = dict(session.execute(select(UseCase.phase, func.count()).group_by(UseCase.phase)).all())
@@ -488,7 +496,10 @@ def portfolio_totals(session: Session) -> dict[str, Any]:
         "established_superseded": money.established_superseded,
         "unestablished": {"use_cases": money.unestablished, "savings_month_usd": money.unestablished_usd},
         "ended": money.ended,
-        "decisions": outcomes,
+        "decisions": standing,  # the gate's, standing: GO / EXTEND / NO-GO / INVALID
+        "decisions_not_standing": not_standing,  # "GO, rejected": 1
+        "decisions_after_promotion": after_promotion,  # "monitor GO": 1, "rollback NO-GO": 1
+        "decided": sum(standing.values()) + sum(not_standing.values()) + sum(after_promotion.values()),
         "pending_approvals": pending or 0,
         "phases": phases,
         "observations": session.scalar(select(func.count(Observation.id))) or 0,

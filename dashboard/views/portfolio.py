@@ -71,10 +71,30 @@ def totals_row(t: dict[str, Any]) -> None:
     )
     c3.metric("Waiting for approval", t["pending_approvals"])
     d = t["decisions"]
-    c4.metric("Latest decisions", f"{d.get('GO', 0)} GO · {d.get('EXTEND', 0)} EXTEND")
-    c4.caption(
-        f"{d.get('NO-GO', 0)} NO-GO · {d.get('INVALID', 0)} INVALID · {t['observations']:,} observations"
+    c4.metric(
+        "Latest decisions",
+        f"{d.get('GO', 0)} GO · {d.get('EXTEND', 0)} EXTEND",
+        help="Each use case's current decision as the table's decision column says it: the gate's that "
+        "stand, those that no longer stand (rejected, aborted, superseded), and those after promotion "
+        "(a monitor's look, a rollback); together, every use case with a decision.",
     )
+    c4.caption(" · ".join(decision_counts(t)) + f" · {t['observations']:,} observations")
+
+
+def decision_counts(t: dict[str, Any]) -> list[str]:
+    """The headline's counts beside GO and EXTEND, so that all of them add up to the use cases with a
+    decision: "0 NO-GO", "0 INVALID", "1 no longer standing (1 GO, rejected)", "1 after promotion (1
+    monitor GO)", "3 use cases with a decision"."""
+    d = t["decisions"]
+    parts = [f"{d.get('NO-GO', 0)} NO-GO", f"{d.get('INVALID', 0)} INVALID"]
+    for label, counts in (
+        ("no longer standing", t["decisions_not_standing"]),
+        ("after promotion", t["decisions_after_promotion"]),
+    ):
+        if counts:
+            each = "; ".join(f"{n} {words}" for words, n in sorted(counts.items()))
+            parts.append(f"{sum(counts.values())} {label} ({each})")
+    return [*parts, f"{counted(t['decided'], 'use case')} with a decision"]
 
 
 def to_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:

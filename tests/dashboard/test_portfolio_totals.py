@@ -84,3 +84,38 @@ def test_the_headline_says_when_nothing_is_established(seeded: dict[str, Any]) -
     captions = [c.value for c in at.caption]
     assert any(c.startswith("no use case has an established saving yet; apart: ") for c in captions), captions
     assert not any("interval - to -" in c for c in captions)
+
+
+def test_the_headline_counts_every_decision_as_the_table_shows_it(seeded: dict[str, Any]) -> None:
+    """A use case whose latest decision is "GO, rejected" was counted in no bucket the headline showed:
+    its counts did not add up to the use cases listed with a decision."""
+    from rollout import approvals
+    from rollout.auth import Identity
+    from rollout.db.session import session_scope
+    from tests.fixtures.dashboard import later_look_awaiting_approval
+
+    for who in ("alice", "carol"):  # rejecting the gate's GO is an override: two approvers
+        approvals.approve(
+            seeded["contract-summarisation:decision"],
+            Identity(who, "approver", "local-account"),
+            "legal wants less",
+            reject=True,
+        )
+    with session_scope() as s:  # document-qa's next look: a plain GO
+        later_look_awaiting_approval(s, seeded["document-qa:decision"], outcome="GO")
+    at = new_app()
+    df = at.dataframe[0].value.set_index("name")
+    assert df.loc["contract-summarisation", "decision"] == "GO, rejected"
+    assert df.loc["document-qa", "decision"] == "GO"
+    assert {m.label: m.value for m in at.metric}["Latest decisions"] == "1 GO · 0 EXTEND"
+    decided = (df["decision"] != "-").sum()
+    assert decided == 2
+    assert (
+        f"0 NO-GO · 0 INVALID · 1 no longer standing (1 GO, rejected) · {decided} use cases with a decision"
+        in [c.value.rsplit(" · ", 1)[0] for c in at.caption]
+    )
+    # the decision filter offers the table's words, the standing ones among them
+    pick = at.multiselect(key="f_decision")
+    assert set(pick.options) == {"-", "GO", "GO, rejected"}
+    pick.select("GO, rejected").run()
+    assert list(at.dataframe[0].value["name"]) == ["contract-summarisation"]

@@ -70,7 +70,8 @@ def test_portfolio_totals(seeded: dict[str, Any]) -> None:
     assert t["savings_month_low"] == pytest.approx(1500 + 410)
     assert t["unestablished"] == {"use_cases": 1, "savings_month_usd": pytest.approx(-35)}
     assert t["ended"] == 0
-    assert t["decisions"] == {"GO": 1, "EXTEND": 1}
+    assert t["decisions"] == {"GO": 1, "EXTEND": 1} and t["decided"] == 2
+    assert t["decisions_not_standing"] == {} and t["decisions_after_promotion"] == {}
     assert t["pending_approvals"] == 1 and t["observations"] == 960
 
 
