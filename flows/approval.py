@@ -266,6 +266,9 @@ def approve_decision(
         approval_runs.check_continuable(decision_id)  # refused before any approval run starts
     elif reject:
         approval_runs.check_rejectable(decision_id)  # a decision that asked nobody is not rejected
+    # a paused run whose waiting process died (this host) reads "Paused" for days: resuming it would carry
+    # out nothing, so it is forgotten and a run of this process waits instead
+    abandoned = approval_runs.release_abandoned(decision_id)
     takes_effect = continue_ramp or approval_runs.will_take_effect(
         decision_id, identity.name, reject, subject=subject
     )
@@ -296,6 +299,8 @@ def approve_decision(
     out = result.to_dict()
     if result.took_effect and result.resumed_flow_run_id and started_here:
         out["effect"] = join_waiting(decision_id)
+    if abandoned:
+        out["message"] += f" (flow run {abandoned[0]} was paused, but {abandoned[1]}; not resumed)"
     return out
 
 

@@ -78,7 +78,7 @@ from rollout.approvals.recommendation import (
     skip_note,
     skipped_in_words,
 )
-from rollout.approvals.resume import flow_is_waiting
+from rollout.approvals.resume import cancel_abandoned, flow_is_waiting
 from rollout.approvals.rollback_requests import request_rollback
 from rollout.approvals.signatures import (
     WITHDRAW,
@@ -114,6 +114,7 @@ __all__ = [
     "approval_identity",
     "approve",
     "baseline_version_id",
+    "cancel_abandoned",
     "check_approvable",
     "check_continuable",
     "check_decision_of",

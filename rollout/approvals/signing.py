@@ -20,8 +20,9 @@ from rollout.approvals.effects import apply_decision, continue_in
 from rollout.approvals.in_words import _unchanged_in_words, effect_in_words
 from rollout.approvals.loosening import _refuse_the_loosener
 from rollout.approvals.recommendation import _skips, recommended_action
-from rollout.approvals.resume import _flow_run_state_safe, _resume
+from rollout.approvals.resume import _flow_run_state_safe, _resume, cancel_abandoned
 from rollout.approvals.signatures import _check_reason, _sign, counting_signatures
+from rollout.approvals.waiter import waiter_gone
 from rollout.auth import Identity, require_approver, same_person
 from rollout.db.models import GateDecision
 from rollout.db.session import session_scope
@@ -56,7 +57,9 @@ def approve(
     with session_scope(db_url) as session:
         d = session.get(GateDecision, decision_id)
         asked = None if d is None else d.flow_run_id
-    waiting, state = _flow_run_state_safe(asked) if asked else (False, "none")
+        dead_waiter = None if d is None else waiter_gone(session, d)
+    # a dead waiter's run still reads "Paused": resuming it would carry out nothing
+    waiting, state = _flow_run_state_safe(asked) if asked and not dead_waiter else (False, "none")
     with session_scope(db_url, immediate=True) as session:
         # Two approvers signing at once are serialised (PostgreSQL: the row locks; SQLite: BEGIN
         # IMMEDIATE takes the write lock before this read), so the second sees the first's signature or
@@ -69,6 +72,15 @@ def approve(
                 f"decision {d.id}: its approval run changed while you approved (another run registered, or "
                 "the last one was released); nothing was recorded, try again"
             )
+        if dead_waiter:  # nobody continues that run: the decision waits for none, as if released
+            audit.record(
+                session,
+                who.name,
+                "approval.waiter_gone",
+                on=d,
+                details={"flow_run_id": d.flow_run_id, "why": dead_waiter},
+            )
+            d.flow_run_id = None
         if action == "continue":
             to_step = check_continuable(session, d)
         else:
@@ -170,6 +182,8 @@ def approve(
             )
         approval_id, decision_pk = row.id, d.id
         effect_words = effect_in_words(session, d, action)
+    if dead_waiter and asked:
+        cancel_abandoned(asked, dead_waiter)
     if resumed is not None:
         try:
             _resume(resumed, payload)
@@ -186,6 +200,7 @@ def approve(
             resumed, apply_now = None, effect is None  # a continued ramp is in effect already
     if apply_now:
         apply_decision(decision_pk, payload, db_url=db_url)
+    no_run = f"flow run {asked} was paused, but {dead_waiter}" if dead_waiter else "no flow run was waiting"
     if effect is not None:
         return ApprovalResult(
             decision_id=decision_pk,
@@ -210,6 +225,6 @@ def approve(
         applied_directly=apply_now,
         message=(
             f"{'approved' if action == 'approve' else 'rejected'} decision {decision_pk}: {effect_words}"
-            + (f"; resumed flow run {resumed}" if resumed else "; applied directly (no flow run was waiting)")
+            + (f"; resumed flow run {resumed}" if resumed else f"; applied directly ({no_run})")
         ),
     )
