@@ -16,7 +16,13 @@ from rollout.approvals import (
     lock_decision,
     recommended_action,
 )
-from rollout.approvals.waiter import WAITING, waiter_details, waiter_gone
+from rollout.approvals.waiter import (
+    TAKEN_UP,
+    WAITING,
+    carried_out_by_signer,
+    waiter_details,
+    waiter_gone,
+)
 from rollout.auth import same_person
 from rollout.db.models import GateDecision
 from rollout.db.session import session_scope
@@ -47,6 +53,18 @@ def register(decision_id: int, run_id: str, run_is_live: Callable[[str], bool]) 
                 details={**waiter_details(run_id), "awaiting": d.awaiting},
             )
         return {"awaiting": d.awaiting, "outcome": d.outcome, "use_case_id": d.use_case_id}
+
+
+def take_up(decision_id: int, run_id: str) -> str | None:
+    """The resumed run `run_id` claims its decision's effect: None when it is to carry it out (recorded,
+    so the signer does not), else why not (the signer, seeing no run take it up in time, did it). Under
+    the decision's lock, as the signer's claim, so exactly one of them carries the decision out."""
+    with session_scope(immediate=True) as session:
+        d = lock_decision(session, decision_id)
+        if carried_out_by_signer(session, d, run_id):
+            return f"decision {decision_id} was carried out by its signer (this run was not taken up in time)"
+        audit.record(session, audit.SYSTEM_ACTOR, TAKEN_UP, on=d, details={"flow_run_id": run_id})
+        return None
 
 
 def clear(decision_id: int, run_id: str) -> None:

@@ -5,6 +5,7 @@ or the effect applied here."""
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from rollout import audit
@@ -22,7 +23,13 @@ from rollout.approvals.loosening import _refuse_the_loosener
 from rollout.approvals.recommendation import _skips, recommended_action
 from rollout.approvals.resume import _flow_run_state_safe, _resume, cancel_abandoned
 from rollout.approvals.signatures import _check_reason, _sign, counting_signatures
-from rollout.approvals.waiter import waiter_gone
+from rollout.approvals.waiter import (
+    CARRIED_OUT_BY_SIGNER,
+    TAKE_UP_WAIT_S,
+    taken_up,
+    waiter_elsewhere,
+    waiter_gone,
+)
 from rollout.auth import Identity, require_approver, same_person
 from rollout.db.models import GateDecision
 from rollout.db.session import session_scope
@@ -58,6 +65,7 @@ def approve(
         d = session.get(GateDecision, decision_id)
         asked = None if d is None else d.flow_run_id
         dead_waiter = None if d is None else waiter_gone(session, d)
+        elsewhere = None if d is None else waiter_elsewhere(session, d)  # alive or not: cannot be seen
     # a dead waiter's run still reads "Paused": resuming it would carry out nothing
     waiting, state = _flow_run_state_safe(asked) if asked and not dead_waiter else (False, "none")
     with session_scope(db_url, immediate=True) as session:
@@ -198,9 +206,28 @@ def approve(
                 redact(f"{type(exc).__name__}: {exc}"),
             )
             resumed, apply_now = None, effect is None  # a continued ramp is in effect already
+    not_taken_up = None
+    if (
+        resumed is not None
+        and effect is None
+        and elsewhere
+        and not _taken_up_in_time(decision_pk, resumed, db_url)
+    ):
+        # resumed, but nobody continues it (its process on another host, where it cannot be seen, is
+        # gone): the signer carries the decision out, and the run, should it wake, declines it
+        not_taken_up, resumed, apply_now = resumed, None, True
     if apply_now:
         apply_decision(decision_pk, payload, db_url=db_url)
-    no_run = f"flow run {asked} was paused, but {dead_waiter}" if dead_waiter else "no flow run was waiting"
+    no_run = (
+        f"flow run {asked} was paused, but {dead_waiter}"
+        if dead_waiter
+        else (
+            f"flow run {not_taken_up} was resumed, but did not take it up within {TAKE_UP_WAIT_S:g} s "
+            f"on {elsewhere}"
+        )
+        if not_taken_up
+        else "no flow run was waiting"
+    )
     if effect is not None:
         return ApprovalResult(
             decision_id=decision_pk,
@@ -228,3 +255,29 @@ def approve(
             + (f"; resumed flow run {resumed}" if resumed else f"; applied directly ({no_run})")
         ),
     )
+
+
+def _taken_up_in_time(decision_id: int, run_id: str, db_url: str | None) -> bool:
+    """Whether the resumed run took the decision up (`approval_runs.take_up`) within `TAKE_UP_WAIT_S`; if not,
+    the signer's claim is recorded under the decision's lock, which the run's take-up also takes, so
+    exactly one of them carries the decision out."""
+    wait_s = TAKE_UP_WAIT_S
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        with session_scope(db_url) as session:
+            d = session.get(GateDecision, decision_id)
+            if d is None or taken_up(session, d, run_id):
+                return True
+        time.sleep(0.25)
+    with session_scope(db_url, immediate=True) as session:
+        d = lock_decision(session, decision_id)
+        if taken_up(session, d, run_id):
+            return True
+        audit.record(
+            session,
+            audit.SYSTEM_ACTOR,
+            CARRIED_OUT_BY_SIGNER,
+            on=d,
+            details={"flow_run_id": run_id, "waited_s": wait_s},
+        )
+        return False
