@@ -10,6 +10,9 @@ process stays alive to wait — `sparsepilot run --serve` (for as long as the da
 `sparsepilot serve`. When that process exits, `release_waiting` cancels its paused runs and clears the
 decision's flow_run_id, so the record never claims that someone waits. `sparsepilot approve` starts a
 fresh approval run when none is waiting and resumes it: an approval always resumes a paused flow run.
+A process killed before it could release its run (`kill -9`, an OOM) leaves it "Paused" in Prefect:
+`rollout.approvals.waiter` tells (this host) that nobody waits in it, and a resumed run takes its decision
+up (`take_up`) before acting, so the signer can carry out one that no run took up, never both.
 
 One approval run per decision: a run registers itself on the decision under a write lock and refuses
 when another live run is registered; approvers acting at once are serialised in
@@ -78,6 +81,11 @@ def _run_is_live(flow_run_id: str) -> bool:
     return age < _STARTING_GRACE_S
 
 
+@flow_task("approval-take-up")
+def take_up(decision_id: int, run_id: str) -> str | None:
+    return approval_runs.take_up(decision_id, run_id)
+
+
 @flow_task("approval-clear-run")
 def clear_run(decision_id: int, run_id: str) -> None:
     approval_runs.clear(decision_id, run_id)
@@ -121,6 +129,10 @@ def approval_flow(
         raise ApprovalWaitError(
             f"run input names decision {answer.decision_id}, this run waits for {decision_id}"
         )
+    declined = take_up(decision_id, run_id)  # the signer waits for this, then carries it out itself
+    if declined:
+        logger.info("%s; this run ends", declined)
+        return {"action": "none", "decision_id": decision_id, "reason": declined}
     kw = {
         "decision_id": decision_id,
         "approval_id": answer.approval_id,
@@ -266,6 +278,9 @@ def approve_decision(
         approval_runs.check_continuable(decision_id)  # refused before any approval run starts
     elif reject:
         approval_runs.check_rejectable(decision_id)  # a decision that asked nobody is not rejected
+    # a paused run whose waiting process died (this host) reads "Paused" for days: resuming it would carry
+    # out nothing, so it is forgotten and a run of this process waits instead
+    abandoned = approval_runs.release_abandoned(decision_id)
     takes_effect = continue_ramp or approval_runs.will_take_effect(
         decision_id, identity.name, reject, subject=subject
     )
@@ -296,6 +311,8 @@ def approve_decision(
     out = result.to_dict()
     if result.took_effect and result.resumed_flow_run_id and started_here:
         out["effect"] = join_waiting(decision_id)
+    if abandoned:
+        out["message"] += f" (flow run {abandoned[0]} was paused, but {abandoned[1]}; not resumed)"
     return out
 
 

@@ -16,6 +16,13 @@ from rollout.approvals import (
     lock_decision,
     recommended_action,
 )
+from rollout.approvals.waiter import (
+    TAKEN_UP,
+    WAITING,
+    carried_out_by_signer,
+    waiter_details,
+    waiter_gone,
+)
 from rollout.auth import same_person
 from rollout.db.models import GateDecision
 from rollout.db.session import session_scope
@@ -28,7 +35,12 @@ def register(decision_id: int, run_id: str, run_is_live: Callable[[str], bool]) 
         d = lock_decision(session, decision_id)  # use case -> pilot -> decision, as every writer
         if d.resolution is not None:
             return {"skip": f"decision {decision_id} was already {d.resolution}"}
-        if d.flow_run_id and d.flow_run_id != run_id and run_is_live(d.flow_run_id):
+        if (
+            d.flow_run_id
+            and d.flow_run_id != run_id
+            and run_is_live(d.flow_run_id)
+            and not waiter_gone(session, d)  # a dead waiter's run reads "Paused" for days
+        ):
             return {"skip": f"decision {decision_id} already has approval run {d.flow_run_id}"}
         check_approvable(session, d)
         if d.flow_run_id != run_id:
@@ -36,11 +48,23 @@ def register(decision_id: int, run_id: str, run_is_live: Callable[[str], bool]) 
             audit.record(
                 session,
                 audit.SYSTEM_ACTOR,
-                "approval.waiting",
+                WAITING,
                 on=d,
-                details={"flow_run_id": run_id, "awaiting": d.awaiting},
+                details={**waiter_details(run_id), "awaiting": d.awaiting},
             )
         return {"awaiting": d.awaiting, "outcome": d.outcome, "use_case_id": d.use_case_id}
+
+
+def take_up(decision_id: int, run_id: str) -> str | None:
+    """The resumed run `run_id` claims its decision's effect: None when it is to carry it out (recorded,
+    so the signer does not), else why not (the signer, seeing no run take it up in time, did it). Under
+    the decision's lock, as the signer's claim, so exactly one of them carries the decision out."""
+    with session_scope(immediate=True) as session:
+        d = lock_decision(session, decision_id)
+        if carried_out_by_signer(session, d, run_id):
+            return f"decision {decision_id} was carried out by its signer (this run was not taken up in time)"
+        audit.record(session, audit.SYSTEM_ACTOR, TAKEN_UP, on=d, details={"flow_run_id": run_id})
+        return None
 
 
 def clear(decision_id: int, run_id: str) -> None:
@@ -49,6 +73,26 @@ def clear(decision_id: int, run_id: str) -> None:
         d = session.get(GateDecision, decision_id)
         if d is not None and d.flow_run_id == run_id and d.resolution is None:
             d.flow_run_id = None
+
+
+def release_abandoned(decision_id: int) -> tuple[str, str] | None:
+    """Forget an open decision's approval run whose waiting process is gone (`waiter_gone`): (the run,
+    why), else None. Prefect still says that run is paused; resuming it would carry out nothing."""
+    with session_scope(immediate=True) as session:
+        d = session.get(GateDecision, decision_id)
+        why = None if d is None or d.resolution is not None else waiter_gone(session, d)
+        if why is None:
+            return None
+        run_id, d.flow_run_id = d.flow_run_id, None
+        audit.record(
+            session,
+            audit.SYSTEM_ACTOR,
+            "approval.waiter_gone",
+            on=d,
+            details={"flow_run_id": run_id, "why": why},
+        )
+    approvals.cancel_abandoned(run_id, why)
+    return run_id, why
 
 
 def state(decision_id: int) -> tuple[bool, str | None]:

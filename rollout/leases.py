@@ -248,7 +248,7 @@ def busy_with(use_case: str) -> str:
         return working_now(session, get_use_case(session, use_case).id) or "free"
 
 
-def _process_gone(host: str | None, pid: int | None) -> bool:
+def process_gone(host: str | None, pid: int | None) -> bool:
     """True only for a process of this host that no longer exists (another host's cannot be seen)."""
     if pid is None or host != socket.gethostname():
         return False
@@ -293,7 +293,7 @@ def _gone(lease: UseCaseLease, now: dt.datetime, ended_run: str | None) -> str |
     """Why another holder's lease no longer holds, or None while it does."""
     if _utc(lease.expires_at) <= now:
         return f"lapsed at {_utc(lease.expires_at).isoformat(timespec='seconds')} without a release"
-    if _process_gone(lease.host, lease.pid):
+    if process_gone(lease.host, lease.pid):
         return f"its process {lease.pid} on {lease.host} is gone"
     if ended_run is not None and lease.flow_run_id == ended_run:
         return f"its flow run {ended_run} has ended"

@@ -26,7 +26,9 @@ server process; the CLI in the caller's, see rollout.auth):
 - when a Prefect flow run is paused waiting for this decision, it is resumed with the approval as its
   run input (`resume_flow_run`) once the signature has committed (Prefect is never called under the
   write lock); a recorded run that is no longer paused is a clear error and nothing is written, and one
-  that stops waiting between that check and the resume gets the effect applied here instead. When no
+  that stops waiting between that check and the resume gets the effect applied here instead. A run whose
+  waiting process (this host) is gone does not count as waiting (`waiter`); a resumed run that does not
+  take the decision up in time (another host's dead waiter) is carried out here, once. When no
   flow run waits (e.g. the main job finished), the effect is applied here directly, via the same
   functions the promote/rollback flows call.
 
@@ -34,7 +36,8 @@ One idea per module: `base` (errors, the run input, a signature's result), `reco
 recommends, the ramp steps a promotion skips), `checks` (whether a person may act on a decision now, and
 its lock), `in_words` (what a signature does, in its message's words), `signatures` (written, counting,
 lapsed, withdrawn), `loosening` (the loosened gate and who loosened it), `signing` (`approve`), `resume`
-(the paused Prefect run: the one module that imports Prefect), `effects` (`apply_*`), `rollback_requests`
+(the paused Prefect run: the one module that imports Prefect), `waiter` (who waits in it, and whether
+a resumed run took its decision up), `effects` (`apply_*`), `rollback_requests`
 (a person's rollback). Every name is imported from the package: `from rollout.approvals import approve`.
 """
 
@@ -79,7 +82,7 @@ from rollout.approvals.recommendation import (
     skip_note,
     skipped_in_words,
 )
-from rollout.approvals.resume import flow_is_waiting
+from rollout.approvals.resume import cancel_abandoned, flow_is_waiting
 from rollout.approvals.rollback_requests import request_rollback
 from rollout.approvals.signatures import (
     WITHDRAW,
@@ -115,6 +118,7 @@ __all__ = [
     "approval_identity",
     "approve",
     "baseline_version_id",
+    "cancel_abandoned",
     "check_approvable",
     "check_continuable",
     "check_decision_of",

@@ -42,3 +42,20 @@ def _resume(flow_run_id: str, payload: ApprovalPayload) -> None:
         resume_flow_run(uuid.UUID(flow_run_id), run_input=payload.model_dump())
     except (NotPausedError, FlowPauseTimeout) as exc:
         raise FlowNotWaiting(f"flow run {flow_run_id} can no longer be resumed: {exc}") from None
+
+
+def cancel_abandoned(flow_run_id: str, why: str) -> None:
+    """Mark a paused run nobody continues (its waiting process is gone) Cancelled, so Prefect stops
+    showing it as waiting; best effort: the decision no longer points at it either way."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelled
+
+    try:
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(
+                uuid.UUID(flow_run_id),
+                Cancelled(message=f"nobody continues this approval run: {why}"),
+                force=True,
+            )
+    except Exception:  # noqa: BLE001, S110 - best effort; the state DB already forgot the run
+        pass

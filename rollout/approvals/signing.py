@@ -5,6 +5,7 @@ or the effect applied here."""
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from rollout import audit
@@ -20,8 +21,15 @@ from rollout.approvals.effects import apply_decision, continue_in
 from rollout.approvals.in_words import _unchanged_in_words, effect_in_words
 from rollout.approvals.loosening import _refuse_the_loosener
 from rollout.approvals.recommendation import _skips, recommended_action
-from rollout.approvals.resume import _flow_run_state_safe, _resume
+from rollout.approvals.resume import _flow_run_state_safe, _resume, cancel_abandoned
 from rollout.approvals.signatures import _check_reason, _sign, counting_signatures
+from rollout.approvals.waiter import (
+    CARRIED_OUT_BY_SIGNER,
+    TAKE_UP_WAIT_S,
+    taken_up,
+    waiter_elsewhere,
+    waiter_gone,
+)
 from rollout.auth import Identity, require_approver, same_person
 from rollout.db.models import GateDecision
 from rollout.db.session import session_scope
@@ -56,7 +64,10 @@ def approve(
     with session_scope(db_url) as session:
         d = session.get(GateDecision, decision_id)
         asked = None if d is None else d.flow_run_id
-    waiting, state = _flow_run_state_safe(asked) if asked else (False, "none")
+        dead_waiter = None if d is None else waiter_gone(session, d)
+        elsewhere = None if d is None else waiter_elsewhere(session, d)  # alive or not: cannot be seen
+    # a dead waiter's run still reads "Paused": resuming it would carry out nothing
+    waiting, state = _flow_run_state_safe(asked) if asked and not dead_waiter else (False, "none")
     with session_scope(db_url, immediate=True) as session:
         # Two approvers signing at once are serialised (PostgreSQL: the row locks; SQLite: BEGIN
         # IMMEDIATE takes the write lock before this read), so the second sees the first's signature or
@@ -69,6 +80,15 @@ def approve(
                 f"decision {d.id}: its approval run changed while you approved (another run registered, or "
                 "the last one was released); nothing was recorded, try again"
             )
+        if dead_waiter:  # nobody continues that run: the decision waits for none, as if released
+            audit.record(
+                session,
+                who.name,
+                "approval.waiter_gone",
+                on=d,
+                details={"flow_run_id": d.flow_run_id, "why": dead_waiter},
+            )
+            d.flow_run_id = None
         if action == "continue":
             to_step = check_continuable(session, d)
         else:
@@ -170,6 +190,8 @@ def approve(
             )
         approval_id, decision_pk = row.id, d.id
         effect_words = effect_in_words(session, d, action)
+    if dead_waiter and asked:
+        cancel_abandoned(asked, dead_waiter)
     if resumed is not None:
         try:
             _resume(resumed, payload)
@@ -184,8 +206,28 @@ def approve(
                 redact(f"{type(exc).__name__}: {exc}"),
             )
             resumed, apply_now = None, effect is None  # a continued ramp is in effect already
+    not_taken_up = None
+    if (
+        resumed is not None
+        and effect is None
+        and elsewhere
+        and not _taken_up_in_time(decision_pk, resumed, db_url)
+    ):
+        # resumed, but nobody continues it (its process on another host, where it cannot be seen, is
+        # gone): the signer carries the decision out, and the run, should it wake, declines it
+        not_taken_up, resumed, apply_now = resumed, None, True
     if apply_now:
         apply_decision(decision_pk, payload, db_url=db_url)
+    no_run = (
+        f"flow run {asked} was paused, but {dead_waiter}"
+        if dead_waiter
+        else (
+            f"flow run {not_taken_up} was resumed, but did not take it up within {TAKE_UP_WAIT_S:g} s "
+            f"on {elsewhere}"
+        )
+        if not_taken_up
+        else "no flow run was waiting"
+    )
     if effect is not None:
         return ApprovalResult(
             decision_id=decision_pk,
@@ -210,6 +252,32 @@ def approve(
         applied_directly=apply_now,
         message=(
             f"{'approved' if action == 'approve' else 'rejected'} decision {decision_pk}: {effect_words}"
-            + (f"; resumed flow run {resumed}" if resumed else "; applied directly (no flow run was waiting)")
+            + (f"; resumed flow run {resumed}" if resumed else f"; applied directly ({no_run})")
         ),
     )
+
+
+def _taken_up_in_time(decision_id: int, run_id: str, db_url: str | None) -> bool:
+    """Whether the resumed run took the decision up (`approval_runs.take_up`) within `TAKE_UP_WAIT_S`; if not,
+    the signer's claim is recorded under the decision's lock, which the run's take-up also takes, so
+    exactly one of them carries the decision out."""
+    wait_s = TAKE_UP_WAIT_S
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        with session_scope(db_url) as session:
+            d = session.get(GateDecision, decision_id)
+            if d is None or taken_up(session, d, run_id):
+                return True
+        time.sleep(0.25)
+    with session_scope(db_url, immediate=True) as session:
+        d = lock_decision(session, decision_id)
+        if taken_up(session, d, run_id):
+            return True
+        audit.record(
+            session,
+            audit.SYSTEM_ACTOR,
+            CARRIED_OUT_BY_SIGNER,
+            on=d,
+            details={"flow_run_id": run_id, "waited_s": wait_s},
+        )
+        return False

@@ -1,0 +1,90 @@
+"""Who waits in a decision's paused approval run: the process that registered it (its host is on the
+`approval.waiting` audit row, its pid in the row's details: `waiter_details`), and whether that process is
+gone (`waiter_gone`). Prefect cannot tell: a paused run whose process was killed (an OOM, `kill -9`, a
+host restart of `run --serve` or `serve`) reads "Paused" until its pause times out (7 days), and resuming
+it carries out nothing. A process of this host that no longer exists is gone; another host's cannot be
+seen, and counts as waiting."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from sqlalchemy import select
+
+from rollout.db.models import AuditEntry, GateDecision
+from rollout.leases import process_gone
+
+WAITING = "approval.waiting"
+
+
+def waiter_details(run_id: str) -> dict[str, Any]:
+    """The `approval.waiting` row's details for `run_id`, registered by this process."""
+    return {"flow_run_id": run_id, "pid": os.getpid()}
+
+
+def _waiting_row(session: Any, d: GateDecision) -> tuple[str | None, dict[str, Any]] | None:
+    """(host, details) of the `approval.waiting` row that registered the decision's run, or None."""
+    rows = session.execute(
+        select(AuditEntry.host, AuditEntry.details)
+        .where(
+            AuditEntry.action == WAITING,
+            AuditEntry.entity == "gate_decision",
+            AuditEntry.entity_id == str(d.id),
+        )
+        .order_by(AuditEntry.id.desc())
+    )
+    for host, details in rows:
+        if (details or {}).get("flow_run_id") == d.flow_run_id:
+            return host, details
+    return None
+
+
+def waiter_elsewhere(session: Any, d: GateDecision) -> str | None:
+    """The host of the decision's registered waiter when it is another host than this one (whose process
+    this one cannot see), else None."""
+    row = _waiting_row(session, d) if d.flow_run_id else None
+    return row[0] if row and row[0] and row[0] != socket.gethostname() else None
+
+
+def waiter_gone(session: Any, d: GateDecision) -> str | None:
+    """Why nobody continues the decision's registered approval run ("its process 123 on host-a is
+    gone"), or None while its process may be alive (another host's, or a run registered before the pid
+    was recorded)."""
+    row = _waiting_row(session, d) if d.flow_run_id else None
+    if row is None:
+        return None
+    host, details = row
+    pid = details.get("pid")
+    return (
+        f"its process {pid} on {host} is gone" if isinstance(pid, int) and process_gone(host, pid) else None
+    )
+
+
+TAKEN_UP = "approval.taken_up"  # the resumed run carries the decision out
+CARRIED_OUT_BY_SIGNER = "approval.carried_out_by_signer"  # nobody took the resumed run up: the signer did
+
+# How long a signer waits for a resumed run of another host's waiter to take its decision up before
+# carrying it out itself: the run's pause polls every 2 s (flows.approval), so a live waiter answers
+# within a few seconds.
+TAKE_UP_WAIT_S = 15.0
+
+
+def _marks(session: Any, d: GateDecision, action: str) -> list[dict[str, Any]]:
+    rows = session.scalars(
+        select(AuditEntry.details).where(
+            AuditEntry.action == action,
+            AuditEntry.entity == "gate_decision",
+            AuditEntry.entity_id == str(d.id),
+        )
+    )
+    return [r or {} for r in rows]
+
+
+def taken_up(session: Any, d: GateDecision, run_id: str) -> bool:
+    return any(m.get("flow_run_id") == run_id for m in _marks(session, d, TAKEN_UP))
+
+
+def carried_out_by_signer(session: Any, d: GateDecision, run_id: str) -> bool:
+    return any(m.get("flow_run_id") == run_id for m in _marks(session, d, CARRIED_OUT_BY_SIGNER))
