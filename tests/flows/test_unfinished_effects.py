@@ -12,6 +12,7 @@ import json
 import pytest
 from sqlalchemy import func, select
 
+from rollout.audit import MONITOR_ACTOR, SYSTEM_ACTOR
 from sparsepilot.commands.pipeline import monitor_said
 from tests.flows.test_approvals import (
     ALICE,
@@ -187,6 +188,7 @@ def test_an_approved_rollback_whose_move_failed_is_listed_and_finished(
     assert registry.current_aliases(name)["champion"] != champion and _phase(name) == "rolled_back"
     assert registry.alias_history(name)[-1]["actor"] == "bob"  # the approver's rollback, carried out
     assert queries.read(queries.approved_not_applied) == []
+    assert [a for a, act, _ in _audit_rows() if act == "approval.finished"] == [SYSTEM_ACTOR]
 
 
 @pytest.mark.parametrize("cut", ["killed after the move", "MLflow down"])
@@ -225,6 +227,10 @@ def test_the_monitor_finishes_its_own_rollback_before_it_looks_again(
         f"champion {champion} -> {restored} (committed)"
     )
     assert _champion_moves(name) == moves  # one move: a failed one is retried under its own key
+    # the monitor finished it, and says so (it was recorded as `sparsepilot-pipeline`, the cycle's name)
+    assert [(a, d["decision"]) for a, act, d in _audit_rows() if act == "approval.finished"] == [
+        (MONITOR_ACTOR, decided[-1])
+    ]
     with session_scope() as s:
         assert s.scalars(select(GateDecision.id).where(GateDecision.kind == "monitor")).all() == decided
         assert s.get(GateDecision, decided[-1]).resolution == "auto_rolled_back"
