@@ -608,3 +608,34 @@ def test_a_persons_rollback_after_the_monitors_died_mid_move(
         ):
             approvals.request_rollback(name, Identity(*BOB), "p95 regressed")
         assert _phase(name) == "promoted"
+
+
+def test_promote_on_a_promotion_signed_a_moment_ago_waits_for_its_signer(flow_use_case, monkeypatch) -> None:
+    """alice's approval commits and her process is still to move the aliases. `promote NAME --decision N`
+    finished it at once, beside her (two moves' "retried" / "committed" in the audit); `rollback` waits two
+    minutes after another approver's signature. Now `promote` does too, and finishes it after that."""
+    import re
+
+    from rollout import approvals, registry, unfinished
+    from rollout.auth import Identity
+
+    name = flow_use_case()
+    did = _pilot_with_decision(name, "GO", "approval")
+    real = registry.promote
+
+    def died(*_args, **_kwargs) -> None:  # noqa: ANN002, ANN003
+        raise Killed  # before the move: nothing moved, nothing failed
+
+    registry.promote = died
+    try:
+        with pytest.raises(Killed):
+            approvals.approve(did, Identity(*ALICE), "ship it")
+    finally:
+        registry.promote = real
+    with pytest.raises(registry.MoveInProgress) as busy:
+        approvals.unfinished_promotion(did)
+    said = str(busy.value)
+    assert f"alice's promotion (decision {did}) was signed a moment ago and is being carried out" in said
+    assert re.search(rf"if it is not by \d\d:\d\d UTC, `sparsepilot promote {name} --decision {did}`", said)
+    monkeypatch.setattr(unfinished, "APPLY_GRACE", dt.timedelta(0))  # her process died: two minutes on,
+    assert approvals.unfinished_promotion(did) is not None  # `promote` finishes it (its CLI: above)
