@@ -639,3 +639,34 @@ def test_promote_on_a_promotion_signed_a_moment_ago_waits_for_its_signer(flow_us
     assert re.search(rf"if it is not by \d\d:\d\d UTC, `sparsepilot promote {name} --decision {did}`", said)
     monkeypatch.setattr(unfinished, "APPLY_GRACE", dt.timedelta(0))  # her process died: two minutes on,
     assert approvals.unfinished_promotion(did) is not None  # `promote` finishes it (its CLI: above)
+
+
+def test_promote_again_says_where_the_promotion_stands(flow_use_case, trust_accounts, monkeypatch) -> None:
+    """`promote NAME --decision N` on a promotion that took effect, or that a rollback has since undone,
+    answered "already approved by alice; if it did not take effect, `sparsepilot promote NAME --decision
+    N` finishes it": the command just run, and no word on which it was (review s47 C1). Now a retried
+    promote says it is in effect (exit 0) and one since superseded says by what (exit 2)."""
+    from rollout import approvals, registry
+    from rollout.auth import Identity
+    from tests.flows.test_approvals import _promote_on_a_go
+
+    name = flow_use_case()
+    did = _promote_on_a_go(name)
+    champion = registry.current_aliases(name)["champion"]
+    args = ("promote", name, "--decision", str(did), "--reason", "again")
+    res = _cli_as("bob", *args, monkeypatch=monkeypatch, accounts=trust_accounts)
+    assert res.exit_code == 0, res.output
+    assert f"{name}: decision {did} was approved by alice; it took effect: champion v{champion} since " in (
+        res.output
+    )
+    assert "finishes it" not in res.output
+    back = approvals.request_rollback(name, Identity(*BOB), "p95 regressed")["decision_id"]
+    with pytest.raises(approvals.ApprovalError) as refused:
+        approvals.approve(did, Identity(*BOB), "again")
+    said = str(refused.value)
+    assert f"then was superseded by rollback decision {back}: champion v" in said
+    assert "finishes it" not in said
+    with pytest.raises(approvals.ApprovalError, match=f"superseded by rollback decision {back}.*calibrate"):
+        approvals.promotion_in_effect(did)
+    with pytest.raises(approvals.ApprovalError, match="nothing to roll back|no champion of ours"):
+        approvals.request_rollback(name, Identity(*ALICE), "again")
