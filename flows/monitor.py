@@ -76,7 +76,8 @@ def monitor_flow(
     from flows.promote import finish_unfinished, rollback_flow
 
     logger = get_run_logger()
-    finished = finish_unfinished(use_case)  # a rollback decided earlier comes before any new look
+    # a rollback decided earlier comes before any new look; the monitor is its finisher
+    finished = finish_unfinished(use_case, by=audit.MONITOR_ACTOR)
     if finished is not None:
         catch_up_logs(log_missing_looks, use_case)
         return {"status": "finished", **finished}

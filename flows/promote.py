@@ -126,10 +126,11 @@ def rollback_flow(
     return result
 
 
-def finish_unfinished(use_case: str) -> dict[str, Any] | None:
+def finish_unfinished(use_case: str, by: str = audit.SYSTEM_ACTOR) -> dict[str, Any] | None:
     """Carry out the use case's decision that was decided but is not in effect (rollout.unfinished: its
     run died, or MLflow was down) through the effect its own run would have run, under the same keys;
-    None when there is none, or the run that is to carry it out still runs."""
+    None when there is none, or the run that is to carry it out still runs. `by`: the finisher the
+    `approval.finished` entry names (the cycle's `sparsepilot-pipeline`, the monitor's own actor)."""
     from rollout.unfinished import unfinished_of
 
     u = unfinished_of(use_case)
@@ -141,7 +142,6 @@ def finish_unfinished(use_case: str) -> dict[str, Any] | None:
     logging.getLogger("sparsepilot.flows").warning(
         "%s: finishing decision %s: %s", use_case, u.decision_id, reason
     )
-    by = audit.SYSTEM_ACTOR  # the finisher, in `approval.finished`; the moves stay the signer's
     if u.action == "rollback":
         result = rollback_flow(
             decision_id=u.decision_id,
@@ -149,7 +149,7 @@ def finish_unfinished(use_case: str) -> dict[str, Any] | None:
             reason=reason,
             automatic=u.automatic,
             actor=audit.MONITOR_ACTOR if u.automatic else "",
-            finished_by=by,
+            finished_by=by,  # the finisher, in `approval.finished`; the moves stay the signer's
         )
     else:
         assert u.approval_id is not None  # a person's signature carries every other effect

@@ -72,6 +72,10 @@ class Unfinished:
             self.approval_id is not None and not self.failed_move and not self.moved and now - signed < grace
         )
 
+    def finish_command(self) -> str:
+        """`command` without its `--reason`: the words of a sentence that names it."""
+        return self.command().removesuffix(" --reason ...")
+
     def command(self) -> str:
         """What an approver runs to finish it now: `rollback`, `promote --decision`, or (a rejection, a
         champion kept through an alarm) `approve --decision --reject` again."""
@@ -175,6 +179,25 @@ def _unfinished_rollback(session: Any, uc: UseCase, promoted: Pilot) -> Unfinish
         ):
             return _unfinished(session, uc, d, "keep")  # kept through the alarm: the monitor resumes
     return None
+
+
+def refuse_while_applied(session: Any, pending: Unfinished, *, now: dt.datetime | None = None) -> None:
+    """A person's rollback or promotion signed a moment ago (`Unfinished.applied_directly_now`) is being
+    carried out by whoever signed it: a person's `rollback` or `promote --decision` finishing it now as
+    well made its move twice ("retried" and "committed" twice in the audit), the double apply the cycle's
+    grace prevents. MoveInProgress, naming the signer and by when their command finishes it; after the
+    grace it is finished by that command."""
+    now = now or dt.datetime.now(dt.UTC)
+    if not pending.applied_directly_now(now, APPLY_GRACE):  # read now: a test sets it
+        return
+    signer = session.scalar(select(Approval.actor).where(Approval.id == pending.approval_id))
+    what, done = {"rollback": ("rollback", "rolled back")}.get(pending.action, ("promotion", "promoted"))
+    by = (_aware(pending.decided_at) + APPLY_GRACE).strftime("%H:%M UTC")
+    raise registry.MoveInProgress(
+        f"{pending.use_case}: {signer}'s {what} (decision {pending.decision_id}) was signed a moment ago and "
+        f"is being carried out; nothing was recorded. Look again in a moment: the use case is then {done}; "
+        f"if it is not by {by}, `{pending.finish_command()}` finishes it"
+    )
 
 
 def unfinished_of(use_case: str, *, db_url: str | None = None) -> Unfinished | None:

@@ -34,7 +34,8 @@ server process; the CLI in the caller's, see rollout.auth):
 
 One idea per module: `base` (errors, the run input, a signature's result), `recommendation` (what the gate
 recommends, the ramp steps a promotion skips), `checks` (whether a person may act on a decision now, and
-its lock), `in_words` (what a signature does, in its message's words), `signatures` (written, counting,
+its lock), `in_words` (what a signature does, in its message's words), `standing` (where an approved
+decision's champion move stands: in effect, or superseded by what), `signatures` (written, counting,
 lapsed, withdrawn), `loosening` (the loosened gate and who loosened it), `signing` (`approve`), `resume`
 (the paused Prefect run: the one module that imports Prefect), `waiter` (who waits in it, and whether
 a resumed run took its decision up), `effects` (`apply_*`), `rollback_requests`
@@ -96,6 +97,7 @@ from rollout.approvals.signatures import (
     withdrawn_signatures,
 )
 from rollout.approvals.signing import approve
+from rollout.approvals.standing import Standing, promotion_in_effect, standing
 
 __all__ = [
     "ApprovalError",
@@ -105,6 +107,7 @@ __all__ = [
     "GATE_SETTINGS_LOOSER_WHEN",
     "GateLoosening",
     "LooserWhen",
+    "Standing",
     "WITHDRAW",
     "_check_reason",
     "_sign",
@@ -131,12 +134,14 @@ __all__ = [
     "loosenings",
     "looser_when",
     "override_signatures",
+    "promotion_in_effect",
     "ramp_steps_skipped",
     "recommended_action",
     "refuse_rejecting_unasked",
     "request_rollback",
     "rollback_about",
     "signer_subject",
+    "standing",
     "skip_note",
     "skipped_in_words",
     "unfinished_promotion",

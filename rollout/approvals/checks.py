@@ -58,19 +58,19 @@ def check_approvable(session: Any, d: GateDecision) -> None:
 
 def _finish_hint(session: Any, d: GateDecision) -> str:
     """What finishes a resolved decision whose effect did not complete (rollout.unfinished), for the
-    refusal of a second signature: an approval's, said whenever it may not have taken effect; a
-    rejection's, said where it has not (`approve --reject` would otherwise be refused again)."""
+    refusal of a second signature: an approval's, said while it is not in effect (it may still be being
+    carried out), else where its champion move stands (`standing`: in effect since when, or superseded by
+    what); a rejection's, said where it has not (`approve --reject` would otherwise be refused again)."""
+    from rollout.approvals.standing import standing
     from rollout.unfinished import unfinished_in
 
     uc = session.get(UseCase, d.use_case_id)
+    u = unfinished_in(session, uc) if d.resolution in ("approved", "rejected") else None
     if d.resolution == "approved":
-        command = (
-            f"sparsepilot rollback {uc.name}"
-            if d.awaiting == "rollback_approval"
-            else f"sparsepilot promote {uc.name} --decision {d.id}"
-        )
-        return f"; if it did not take effect, `{command}` finishes it"
-    u = unfinished_in(session, uc) if d.resolution == "rejected" else None
+        if u is not None and u.decision_id == d.id and u.action in ("promote", "rollback"):
+            return f"; if it did not take effect, `{u.finish_command()}` finishes it"
+        found = standing(session, d)
+        return "" if found is None else f"; {found.words}"
     if u is None or u.decision_id != d.id or u.action not in ("reject", "keep"):
         return ""
     return f"; it did not take effect: `{u.command()}` finishes it"

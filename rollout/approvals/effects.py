@@ -420,7 +420,11 @@ def _move_dict(move: Any) -> Any:
 def unfinished_promotion(decision_id: int, *, db_url: str | None = None) -> int | None:
     """The approval behind a promotion that was approved but did not complete (e.g. MLflow was down):
     its id, so the promotion can be finished, or None when the decision still needs a person's
-    approval. A decision that asks for a rollback is not promoted on (ApprovalError)."""
+    approval. A decision that asks for a rollback is not promoted on (ApprovalError). One signed a moment
+    ago is being carried out by its signer's process: MoveInProgress, saying by when it is finished here
+    (`unfinished.refuse_while_applied`, the rule of a person's `rollback`)."""
+    from rollout.unfinished import refuse_while_applied, unfinished_in
+
     with session_scope(db_url) as session:
         d = session.get(GateDecision, decision_id)
         if d is None:
@@ -430,7 +434,11 @@ def unfinished_promotion(decision_id: int, *, db_url: str | None = None) -> int 
                 f"decision {decision_id} asks for a rollback; its approval, if it did not take effect, is "
                 "finished by `sparsepilot rollback`"
             )
-        return unfinished_promotion_in(session, d)
+        approval = unfinished_promotion_in(session, d)
+        pending = None if approval is None else unfinished_in(session, session.get(UseCase, d.use_case_id))
+        if pending is not None and (pending.decision_id, pending.action) == (d.id, "promote"):
+            refuse_while_applied(session, pending)
+        return approval
 
 
 def unfinished_rejection(decision_id: int, *, db_url: str | None = None) -> tuple[int, str] | None:

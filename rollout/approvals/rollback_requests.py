@@ -33,7 +33,7 @@ def request_rollback(
     `run_is_live` (the flows' `flow_run_is_live`): whether the use case's lease holder's flow run still
     runs, so a monitor whose run ended mid-move is known to be gone (rollout.leases)."""
     from rollout import leases, pilots, registry
-    from rollout.unfinished import unfinished_in
+    from rollout.unfinished import refuse_while_applied, unfinished_in
 
     who = require_approver(identity, f"roll back {use_case_name}")
     text = _check_reason(reason)
@@ -59,7 +59,7 @@ def request_rollback(
             and pending.action == "rollback"
             and (not pending.automatic or pending.moved or started)
         ):
-            _refuse_while_applied(session, use_case_name, pending)
+            refuse_while_applied(session, pending)
             decision_id, approval_id = pending.decision_id, pending.approval_id
             finishing = True
         elif not lifecycle.can(uc.phase, "rollback"):
@@ -89,26 +89,6 @@ def request_rollback(
             db_url=db_url,
         )
     return out
-
-
-def _refuse_while_applied(session: Any, use_case_name: str, pending: Any) -> None:
-    """A person's rollback signed a moment ago (`Unfinished.applied_directly_now`) is being carried out
-    by whoever signed it: finishing it now as well made its move twice, the same double apply the cycle's
-    grace prevents. MoveInProgress, naming the signer; after the grace it is finished here."""
-    import datetime as dt
-
-    from rollout import registry
-    from rollout.unfinished import APPLY_GRACE
-
-    if not pending.applied_directly_now(dt.datetime.now(dt.UTC)):
-        return
-    signer = session.scalar(select(Approval.actor).where(Approval.id == pending.approval_id))
-    raise registry.MoveInProgress(
-        f"{use_case_name}: {signer}'s rollback (decision {pending.decision_id}) was signed a moment ago and "
-        "is being carried out; nothing was recorded. Look again in a moment: the use case is then rolled "
-        f"back; if it is not {int(APPLY_GRACE.total_seconds() // 60)} minutes after the signature, "
-        f"`sparsepilot rollback {use_case_name}` finishes it"
-    )
 
 
 def _refuse_while_alarm_waits(session: Any, uc: UseCase) -> None:

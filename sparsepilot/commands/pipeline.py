@@ -396,17 +396,18 @@ def promote_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Promote the challenger to champion on a decision: approves it (resuming its approval run), or
-    finishes an approved promotion that did not complete (e.g. MLflow was down)."""
+    finishes an approved promotion that did not complete (e.g. MLflow was down) once its signer's
+    process has had two minutes to; on one in effect, says so (exit 0)."""
     from flows.approval import approve_decision
     from flows.promote import promote_flow
 
     who = signed_in("approver", f"promote on decision {decision}", password_stdin)
 
     def go() -> dict[str, Any]:
-        from rollout.approvals import unfinished_promotion
+        from rollout.approvals import promotion_in_effect, unfinished_promotion
 
         _check_decision(name, decision)
-        approval_id = unfinished_promotion(decision)
+        approval_id = unfinished_promotion(decision)  # MoveInProgress while its signer carries it out
         if approval_id is not None:  # the moves stay the signer's; `approval.finished` names who finished
             done = promote_flow(
                 decision_id=decision,
@@ -416,6 +417,9 @@ def promote_cmd(
                 finished_by=who.name,
             )
             return {**done, "message": finished_said(name, done)}
+        in_effect = promotion_in_effect(decision)  # ApprovalError where a later move superseded it
+        if in_effect is not None:  # a retried promote: nothing to do, exit 0
+            return {"decision_id": decision, "done": False, "message": in_effect}
         return approve_decision(decision, who, reason)
 
     _to_log_file("promote", json_out)

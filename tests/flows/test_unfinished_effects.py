@@ -12,6 +12,7 @@ import json
 import pytest
 from sqlalchemy import func, select
 
+from rollout.audit import MONITOR_ACTOR, SYSTEM_ACTOR
 from sparsepilot.commands.pipeline import monitor_said
 from tests.flows.test_approvals import (
     ALICE,
@@ -187,6 +188,7 @@ def test_an_approved_rollback_whose_move_failed_is_listed_and_finished(
     assert registry.current_aliases(name)["champion"] != champion and _phase(name) == "rolled_back"
     assert registry.alias_history(name)[-1]["actor"] == "bob"  # the approver's rollback, carried out
     assert queries.read(queries.approved_not_applied) == []
+    assert [a for a, act, _ in _audit_rows() if act == "approval.finished"] == [SYSTEM_ACTOR]
 
 
 @pytest.mark.parametrize("cut", ["killed after the move", "MLflow down"])
@@ -225,6 +227,10 @@ def test_the_monitor_finishes_its_own_rollback_before_it_looks_again(
         f"champion {champion} -> {restored} (committed)"
     )
     assert _champion_moves(name) == moves  # one move: a failed one is retried under its own key
+    # the monitor finished it, and says so (it was recorded as `sparsepilot-pipeline`, the cycle's name)
+    assert [(a, d["decision"]) for a, act, d in _audit_rows() if act == "approval.finished"] == [
+        (MONITOR_ACTOR, decided[-1])
+    ]
     with session_scope() as s:
         assert s.scalars(select(GateDecision.id).where(GateDecision.kind == "monitor")).all() == decided
         assert s.get(GateDecision, decided[-1]).resolution == "auto_rolled_back"
@@ -602,3 +608,65 @@ def test_a_persons_rollback_after_the_monitors_died_mid_move(
         ):
             approvals.request_rollback(name, Identity(*BOB), "p95 regressed")
         assert _phase(name) == "promoted"
+
+
+def test_promote_on_a_promotion_signed_a_moment_ago_waits_for_its_signer(flow_use_case, monkeypatch) -> None:
+    """alice's approval commits and her process is still to move the aliases. `promote NAME --decision N`
+    finished it at once, beside her (two moves' "retried" / "committed" in the audit); `rollback` waits two
+    minutes after another approver's signature. Now `promote` does too, and finishes it after that."""
+    import re
+
+    from rollout import approvals, registry, unfinished
+    from rollout.auth import Identity
+
+    name = flow_use_case()
+    did = _pilot_with_decision(name, "GO", "approval")
+    real = registry.promote
+
+    def died(*_args, **_kwargs) -> None:  # noqa: ANN002, ANN003
+        raise Killed  # before the move: nothing moved, nothing failed
+
+    registry.promote = died
+    try:
+        with pytest.raises(Killed):
+            approvals.approve(did, Identity(*ALICE), "ship it")
+    finally:
+        registry.promote = real
+    with pytest.raises(registry.MoveInProgress) as busy:
+        approvals.unfinished_promotion(did)
+    said = str(busy.value)
+    assert f"alice's promotion (decision {did}) was signed a moment ago and is being carried out" in said
+    assert re.search(rf"if it is not by \d\d:\d\d UTC, `sparsepilot promote {name} --decision {did}`", said)
+    monkeypatch.setattr(unfinished, "APPLY_GRACE", dt.timedelta(0))  # her process died: two minutes on,
+    assert approvals.unfinished_promotion(did) is not None  # `promote` finishes it (its CLI: above)
+
+
+def test_promote_again_says_where_the_promotion_stands(flow_use_case, trust_accounts, monkeypatch) -> None:
+    """`promote NAME --decision N` on a promotion that took effect, or that a rollback has since undone,
+    answered "already approved by alice; if it did not take effect, `sparsepilot promote NAME --decision
+    N` finishes it": the command just run, and no word on which it was (review s47 C1). Now a retried
+    promote says it is in effect (exit 0) and one since superseded says by what (exit 2)."""
+    from rollout import approvals, registry
+    from rollout.auth import Identity
+    from tests.flows.test_approvals import _promote_on_a_go
+
+    name = flow_use_case()
+    did = _promote_on_a_go(name)
+    champion = registry.current_aliases(name)["champion"]
+    args = ("promote", name, "--decision", str(did), "--reason", "again")
+    res = _cli_as("bob", *args, monkeypatch=monkeypatch, accounts=trust_accounts)
+    assert res.exit_code == 0, res.output
+    assert f"{name}: decision {did} was approved by alice; it took effect: champion v{champion} since " in (
+        res.output
+    )
+    assert "finishes it" not in res.output
+    back = approvals.request_rollback(name, Identity(*BOB), "p95 regressed")["decision_id"]
+    with pytest.raises(approvals.ApprovalError) as refused:
+        approvals.approve(did, Identity(*BOB), "again")
+    said = str(refused.value)
+    assert f"then was superseded by rollback decision {back}: champion v" in said
+    assert "finishes it" not in said
+    with pytest.raises(approvals.ApprovalError, match=f"superseded by rollback decision {back}.*calibrate"):
+        approvals.promotion_in_effect(did)
+    with pytest.raises(approvals.ApprovalError, match="nothing to roll back|no champion of ours"):
+        approvals.request_rollback(name, Identity(*ALICE), "again")
