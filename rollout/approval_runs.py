@@ -20,6 +20,8 @@ from rollout.approvals.waiter import (
     TAKEN_UP,
     WAITING,
     carried_out_by_signer,
+    forget_dead_waiter,
+    forgotten,
     waiter_details,
     waiter_gone,
 )
@@ -31,18 +33,18 @@ from rollout.db.session import session_scope
 def register(decision_id: int, run_id: str, run_is_live: Callable[[str], bool]) -> dict[str, Any]:
     """Register `run_id` as the decision's approval run. Returns {"skip": why} when this run lost a race
     (the decision was resolved, or another live run is registered), else what the run waits for."""
+    abandoned: tuple[str, str] | None = None
     with session_scope(immediate=True) as session:
         d = lock_decision(session, decision_id)  # use case -> pilot -> decision, as every writer
         if d.resolution is not None:
             return {"skip": f"decision {decision_id} was already {d.resolution}"}
-        if (
-            d.flow_run_id
-            and d.flow_run_id != run_id
-            and run_is_live(d.flow_run_id)
-            and not waiter_gone(session, d)  # a dead waiter's run reads "Paused" for days
-        ):
+        dead = waiter_gone(session, d) if d.flow_run_id and d.flow_run_id != run_id else None
+        if d.flow_run_id and d.flow_run_id != run_id and run_is_live(d.flow_run_id) and not dead:
             return {"skip": f"decision {decision_id} already has approval run {d.flow_run_id}"}
         check_approvable(session, d)
+        if dead:  # a dead waiter's run reads "Paused" for days: forgotten, said, and cancelled below
+            abandoned = (str(d.flow_run_id), dead)
+            forgotten(session, d, abandoned[0], dead, audit.SYSTEM_ACTOR)
         if d.flow_run_id != run_id:
             d.flow_run_id = run_id
             audit.record(
@@ -52,7 +54,10 @@ def register(decision_id: int, run_id: str, run_is_live: Callable[[str], bool]) 
                 on=d,
                 details={**waiter_details(run_id), "awaiting": d.awaiting},
             )
-        return {"awaiting": d.awaiting, "outcome": d.outcome, "use_case_id": d.use_case_id}
+        registered = {"awaiting": d.awaiting, "outcome": d.outcome, "use_case_id": d.use_case_id}
+    if abandoned:
+        approvals.cancel_abandoned(*abandoned)
+    return registered
 
 
 def take_up(decision_id: int, run_id: str) -> str | None:
@@ -76,23 +81,10 @@ def clear(decision_id: int, run_id: str) -> None:
 
 
 def release_abandoned(decision_id: int) -> tuple[str, str] | None:
-    """Forget an open decision's approval run whose waiting process is gone (`waiter_gone`): (the run,
-    why), else None. Prefect still says that run is paused; resuming it would carry out nothing."""
-    with session_scope(immediate=True) as session:
-        d = session.get(GateDecision, decision_id)
-        why = None if d is None or d.resolution is not None else waiter_gone(session, d)
-        if why is None:
-            return None
-        run_id, d.flow_run_id = d.flow_run_id, None
-        audit.record(
-            session,
-            audit.SYSTEM_ACTOR,
-            "approval.waiter_gone",
-            on=d,
-            details={"flow_run_id": run_id, "why": why},
-        )
-    approvals.cancel_abandoned(run_id, why)
-    return run_id, why
+    """Forget an open decision's approval run whose waiting process is gone, and cancel it
+    (`approvals.waiter.forget_dead_waiter`): (the run, why), else None. Prefect still says that run is
+    paused; resuming it would carry out nothing."""
+    return forget_dead_waiter(decision_id, actor=audit.SYSTEM_ACTOR)
 
 
 def state(decision_id: int) -> tuple[bool, str | None]:

@@ -496,7 +496,7 @@ def _move(
     if alias not in ALIASES:
         raise RegistryError(f"alias must be one of {ALIASES}, got {alias!r}")
     who = _check_identity(actor, alias, action, use_case)
-    text = (reason or "").strip()
+    text = redact((reason or "").strip())  # the alias history is append-only, as the audit log
     if not has_visible_text(text):
         raise RegistryError("a reason is required for every alias move")
     if not idempotency_key:

@@ -21,14 +21,14 @@ from rollout.approvals.effects import apply_decision, continue_in
 from rollout.approvals.in_words import _unchanged_in_words, effect_in_words
 from rollout.approvals.loosening import _refuse_the_loosener
 from rollout.approvals.recommendation import _skips, recommended_action
-from rollout.approvals.resume import _flow_run_state_safe, _resume, cancel_abandoned
+from rollout.approvals.resume import _flow_run_state_safe, _resume
 from rollout.approvals.signatures import _check_reason, _sign, counting_signatures
 from rollout.approvals.waiter import (
     CARRIED_OUT_BY_SIGNER,
     TAKE_UP_WAIT_S,
+    forget_dead_waiter,
     taken_up,
     waiter_elsewhere,
-    waiter_gone,
 )
 from rollout.auth import Identity, require_approver, same_person
 from rollout.db.models import GateDecision
@@ -61,13 +61,14 @@ def approve(
     # committed: a call to Prefect inside the transaction held the state DB's write lock for as long as
     # Prefect took to answer (minutes with a stalled API, every other writer failing meanwhile), and the
     # resumed run could read the decision before the approval existed.
+    # a dead waiter's run still reads "Paused": resuming it would carry out nothing; it is forgotten (and
+    # cancelled) first, whatever becomes of this signature
+    abandoned = forget_dead_waiter(decision_id, actor=who.name, db_url=db_url)
     with session_scope(db_url) as session:
         d = session.get(GateDecision, decision_id)
         asked = None if d is None else d.flow_run_id
-        dead_waiter = None if d is None else waiter_gone(session, d)
         elsewhere = None if d is None else waiter_elsewhere(session, d)  # alive or not: cannot be seen
-    # a dead waiter's run still reads "Paused": resuming it would carry out nothing
-    waiting, state = _flow_run_state_safe(asked) if asked and not dead_waiter else (False, "none")
+    waiting, state = _flow_run_state_safe(asked) if asked else (False, "none")
     with session_scope(db_url, immediate=True) as session:
         # Two approvers signing at once are serialised (PostgreSQL: the row locks; SQLite: BEGIN
         # IMMEDIATE takes the write lock before this read), so the second sees the first's signature or
@@ -80,15 +81,6 @@ def approve(
                 f"decision {d.id}: its approval run changed while you approved (another run registered, or "
                 "the last one was released); nothing was recorded, try again"
             )
-        if dead_waiter:  # nobody continues that run: the decision waits for none, as if released
-            audit.record(
-                session,
-                who.name,
-                "approval.waiter_gone",
-                on=d,
-                details={"flow_run_id": d.flow_run_id, "why": dead_waiter},
-            )
-            d.flow_run_id = None
         if action == "continue":
             to_step = check_continuable(session, d)
         else:
@@ -145,6 +137,7 @@ def approve(
                         + f"recorded {who.name}'s signature; to {action} against the gate's recommendation "
                         f"({d.outcome}{_skips(d) if action == 'approve' else ''}) a second, different "
                         f"approver must also {action} decision {d.id}; {_unchanged_in_words(session, d)}"
+                        + (f" (flow run {abandoned[0]} was paused, but {abandoned[1]})" if abandoned else "")
                     ),
                 )
         d.resolution = {"approve": "approved", "reject": "rejected", "continue": "continued"}[action]
@@ -190,22 +183,26 @@ def approve(
             )
         approval_id, decision_pk = row.id, d.id
         effect_words = effect_in_words(session, d, action)
-    if dead_waiter and asked:
-        cancel_abandoned(asked, dead_waiter)
+    not_resumed = None
     if resumed is not None:
         try:
             _resume(resumed, payload)
         except Exception as exc:  # noqa: BLE001 - the signature stands: carry it out here instead
             # the run stopped waiting between the check and now (or Prefect cannot be reached): the
             # approval is recorded, so its effect is applied directly, as when no run waits (a run that
-            # still waits will find the decision resolved; rollout.unfinished covers a death meanwhile)
+            # still waits will find the decision resolved; rollout.unfinished covers a death meanwhile).
+            # Prefect may have resumed the run all the same (a timeout after it did): the signer claims
+            # the decision first, so that run declines it; one that took it up already carries it out.
+            error = redact(f"{type(exc).__name__}: {exc}")
             logging.getLogger("sparsepilot.approvals").warning(
                 "decision %s: could not resume flow run %s (%s); applying the decision directly",
                 decision_pk,
                 resumed,
-                redact(f"{type(exc).__name__}: {exc}"),
+                error,
             )
-            resumed, apply_now = None, effect is None  # a continued ramp is in effect already
+            if effect is not None or _claim_for_signer(decision_pk, resumed, db_url, resume_error=error):
+                not_resumed = f"flow run {resumed} could not be resumed ({error})"
+                resumed, apply_now = None, effect is None  # a continued ramp is in effect already
     not_taken_up = None
     if (
         resumed is not None
@@ -218,16 +215,17 @@ def approve(
         not_taken_up, resumed, apply_now = resumed, None, True
     if apply_now:
         apply_decision(decision_pk, payload, db_url=db_url)
-    no_run = (
-        f"flow run {asked} was paused, but {dead_waiter}"
-        if dead_waiter
-        else (
+    if not_taken_up:
+        no_run = (
             f"flow run {not_taken_up} was resumed, but did not take it up within {TAKE_UP_WAIT_S:g} s "
             f"on {elsewhere}"
         )
-        if not_taken_up
-        else "no flow run was waiting"
-    )
+    elif not_resumed:
+        no_run = not_resumed
+    elif abandoned:
+        no_run = f"flow run {abandoned[0]} was paused, but {abandoned[1]}"
+    else:
+        no_run = "no flow run was waiting"
     if effect is not None:
         return ApprovalResult(
             decision_id=decision_pk,
@@ -269,15 +267,17 @@ def _taken_up_in_time(decision_id: int, run_id: str, db_url: str | None) -> bool
             if d is None or taken_up(session, d, run_id):
                 return True
         time.sleep(0.25)
+    return not _claim_for_signer(decision_id, run_id, db_url, waited_s=wait_s)
+
+
+def _claim_for_signer(decision_id: int, run_id: str, db_url: str | None, **details: Any) -> bool:
+    """The signer's claim on carrying the decision out (`approval.carried_out_by_signer`), recorded under
+    the decision's lock, which the resumed run's take-up also takes: True when recorded, False when the
+    run `run_id` took the decision up first (it carries it out)."""
     with session_scope(db_url, immediate=True) as session:
         d = lock_decision(session, decision_id)
         if taken_up(session, d, run_id):
-            return True
-        audit.record(
-            session,
-            audit.SYSTEM_ACTOR,
-            CARRIED_OUT_BY_SIGNER,
-            on=d,
-            details={"flow_run_id": run_id, "waited_s": wait_s},
-        )
-        return False
+            return False
+        details = {"flow_run_id": run_id, **details}
+        audit.record(session, audit.SYSTEM_ACTOR, CARRIED_OUT_BY_SIGNER, on=d, details=details)
+        return True

@@ -13,7 +13,11 @@ from typing import Any
 
 from sqlalchemy import select
 
+from rollout import audit
+from rollout.approvals.checks import lock_decision
+from rollout.approvals.resume import cancel_abandoned
 from rollout.db.models import AuditEntry, GateDecision
+from rollout.db.session import session_scope
 from rollout.leases import process_gone
 
 WAITING = "approval.waiting"
@@ -60,6 +64,34 @@ def waiter_gone(session: Any, d: GateDecision) -> str | None:
     return (
         f"its process {pid} on {host} is gone" if isinstance(pid, int) and process_gone(host, pid) else None
     )
+
+
+WAITER_GONE = "approval.waiter_gone"
+
+
+def forget_dead_waiter(decision_id: int, *, actor: str, db_url: str | None = None) -> tuple[str, str] | None:
+    """Forget an open decision's approval run whose waiting process is gone (`waiter_gone`), audited
+    (`approval.waiter_gone`, by `actor`), then cancel that run in Prefect, so neither the state DB nor
+    Prefect says anyone waits: (the run, why), else None. Every path that meets such a run calls it
+    (an approval, the CLI's, and a new run registering), before it signs or registers."""
+    with session_scope(db_url, immediate=True) as session:
+        # locked first, as every writer of a decision (use case -> pilot -> decision, the audit chain
+        # last): the audit row before the decision's row deadlocked against an approve (review s47 V2)
+        if session.get(GateDecision, decision_id) is None:
+            return None
+        d = lock_decision(session, decision_id)
+        why = None if d.resolution is not None else waiter_gone(session, d)
+        if why is None:
+            return None
+        run_id, d.flow_run_id = str(d.flow_run_id), None
+        forgotten(session, d, run_id, why, actor)
+    cancel_abandoned(run_id, why)
+    return run_id, why
+
+
+def forgotten(session: Any, d: GateDecision, run_id: str, why: str, actor: str) -> None:
+    """The audit row of a dead waiter's run forgotten (the caller's transaction, the decision locked)."""
+    audit.record(session, actor, WAITER_GONE, on=d, details={"flow_run_id": run_id, "why": why})
 
 
 TAKEN_UP = "approval.taken_up"  # the resumed run carries the decision out

@@ -404,7 +404,7 @@ def promote_cmd(
     who = signed_in("approver", f"promote on decision {decision}", password_stdin)
 
     def go() -> dict[str, Any]:
-        from rollout.approvals import promotion_in_effect, unfinished_promotion
+        from rollout.approvals import _check_reason, promotion_in_effect, unfinished_promotion
 
         _check_decision(name, decision)
         approval_id = unfinished_promotion(decision)  # MoveInProgress while its signer carries it out
@@ -412,7 +412,7 @@ def promote_cmd(
             done = promote_flow(
                 decision_id=decision,
                 approval_id=approval_id,
-                reason=reason,
+                reason=_check_reason(reason),  # redacted, as every store keeps a reason
                 actor=who.name,
                 finished_by=who.name,
             )
@@ -450,7 +450,7 @@ def rollback_cmd(
     """Roll the champion back to the previous one from SparsePilot's own alias history (approvers only)."""
     from flows.common import flow_run_is_live
     from flows.promote import rollback_flow
-    from rollout.approvals import request_rollback
+    from rollout.approvals import _check_reason, request_rollback
 
     who = signed_in("approver", f"roll back {name}", password_stdin)
 
@@ -459,7 +459,7 @@ def rollback_cmd(
         return rollback_flow(
             decision_id=ids["decision_id"],
             approval_id=ids["approval_id"],
-            reason=reason,
+            reason=_check_reason(reason),  # redacted, as every store keeps a reason (the run's parameters)
             automatic=ids["approval_id"] is None,  # finishing the monitor's own: no person's signature
             actor=who.name,
             finished_by=who.name if ids["finishing"] else "",

@@ -114,3 +114,177 @@ def test_a_resumed_run_nobody_takes_up_is_carried_out_by_the_signer_once(
     assert "carried out by its signer" in out, out  # it woke, and did not carry it out a second time
     out = _outcome(name, did)
     assert out["promotions"] == 1 and out["phase"] == "promoted" and out["champion_is_challenger"], out
+
+
+def _registered_to_a_dead_process(did: int, run_id: str) -> None:
+    """The decision's approval run registered by a process of this host that is gone (its pid reused by
+    nothing: a child that exited), as `approval_runs.register` records it."""
+    from rollout import audit
+    from rollout.approvals.waiter import WAITING
+    from rollout.db.models import GateDecision
+    from rollout.db.session import session_scope
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    with session_scope() as s:
+        d = s.get(GateDecision, did)
+        d.flow_run_id = run_id
+        audit.record(s, audit.SYSTEM_ACTOR, WAITING, on=d, details={"flow_run_id": run_id, "pid": dead.pid})
+
+
+def _forgotten_by(did: int) -> list[tuple[str, str]]:
+    from sqlalchemy import select
+
+    from rollout.db.models import AuditEntry
+    from rollout.db.session import session_scope
+
+    with session_scope() as s:
+        rows = s.execute(
+            select(AuditEntry.actor, AuditEntry.details).where(
+                AuditEntry.action == "approval.waiter_gone", AuditEntry.entity_id == str(did)
+            )
+        ).all()
+    return [(actor, details["flow_run_id"]) for actor, details in rows]
+
+
+def test_a_dead_waiter_is_forgotten_by_a_first_signature_and_by_a_new_run(trust_env, flow_use_case) -> None:  # noqa: ANN001
+    """Review s47 V4: an override's first signature on a decision whose waiter died forgot the run but
+    returned before it was cancelled, and told its signer nothing; a new approval run registering over a
+    dead waiter's run (a restarted `run --serve`) took the decision over without a word. Each forgets
+    it now in one place (`waiter.forget_dead_waiter`: audited, then cancelled), and the signer is told."""
+    from rollout import approval_runs, approvals
+    from rollout.auth import Identity
+    from rollout.db.models import GateDecision
+    from rollout.db.session import session_scope
+
+    name = flow_use_case()
+    did = _pilot_with_decision(name, "INCONCLUSIVE", "approval")  # promoting it is an override
+    dead_run = "00000000-0000-4000-8000-000000000002"
+    _registered_to_a_dead_process(did, dead_run)
+    first = approvals.approve(did, Identity("alice", "approver", "local-account"), "override: ship it")
+    assert first.needs_second_approver, first
+    assert f"(flow run {dead_run} was paused, but its process" in first.message, first.message
+    with session_scope() as s:
+        assert s.get(GateDecision, did).flow_run_id is None
+    assert _forgotten_by(did) == [("alice", dead_run)]
+
+    other = _pilot_with_decision(name, "GO", "approval", key="b")
+    _registered_to_a_dead_process(other, dead_run)
+    new_run = "00000000-0000-4000-8000-000000000004"
+    assert approval_runs.register(other, new_run, lambda run: True).get("skip") is None
+    with session_scope() as s:
+        assert s.get(GateDecision, other).flow_run_id == new_run
+    assert _forgotten_by(other) == [("sparsepilot-pipeline", dead_run)]
+
+
+def test_a_resume_that_fails_after_prefect_resumed_the_run_is_carried_out_once(
+    trust_env, flow_use_case, monkeypatch: pytest.MonkeyPatch
+) -> None:  # noqa: ANN001
+    """Review s47 V3: when the resume call failed after Prefect had resumed the run (a read timeout), the
+    signer applied the decision with no claim and the run took it up too: both carried it out, and the
+    signer was told "no flow run was waiting". The signer claims it first now: exactly one of them does."""
+    from prefect.settings import PREFECT_API_URL
+    from sqlalchemy import select
+
+    from rollout import approvals
+    from rollout.approvals import signing
+    from rollout.auth import Identity
+    from rollout.db.models import AuditEntry
+    from rollout.db.session import session_scope
+
+    real = signing._resume
+
+    def resumed_then_timed_out(run_id: str, payload: object) -> None:
+        real(run_id, payload)
+        raise TimeoutError("read timeout")
+
+    monkeypatch.setattr(signing, "_resume", resumed_then_timed_out)
+    name = flow_use_case()
+    did = _pilot_with_decision(name, "GO", "approval")
+    env = dict(os.environ, PREFECT_API_URL=str(PREFECT_API_URL.value()))
+    waiter, rid = _paused(did, env)
+    try:
+        result = approvals.approve(did, Identity("alice", "approver", "local-account"), "looks good")
+        out, _ = waiter.communicate(timeout=120)
+    finally:
+        waiter.kill()
+    with session_scope() as s:
+        marks = s.scalars(
+            select(AuditEntry.action).where(
+                AuditEntry.action.in_(["approval.taken_up", "approval.carried_out_by_signer"]),
+                AuditEntry.entity_id == str(did),
+            )
+        ).all()
+        committed = s.scalars(
+            select(AuditEntry.id).where(AuditEntry.action == "alias.promote.committed")
+        ).all()
+    assert len(marks) == 1 and len(committed) == 1, (marks, committed, result.message, out)
+    if marks == ["approval.carried_out_by_signer"]:  # the signer won: the run woke and declined
+        assert result.applied_directly and "carried out by its signer" in out, (result, out)
+        assert f"flow run {rid} could not be resumed (TimeoutError: read timeout)" in result.message
+    else:  # the run took it up first: the signer left it to the run
+        assert not result.applied_directly and f"resumed flow run {rid}" in result.message, result
+    assert _outcome(name, did)["phase"] == "promoted"
+
+
+@pytest.mark.parametrize("db", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_forgetting_a_dead_waiter_takes_the_decisions_locks_in_every_writers_order(
+    db: str, request: pytest.FixtureRequest, trust_env, flow_use_case, monkeypatch: pytest.MonkeyPatch
+) -> None:  # noqa: ANN001
+    """Review s47 V2: `release_abandoned` (the CLI approve's first step on a dead waiter) wrote its audit
+    row (the chain's lock) before the decision's row, the reverse of every writer that locks use case ->
+    pilot -> decision and the chain last: against a dashboard approval of the same decision, PostgreSQL
+    found a deadlock. The dashboard's approver is held between its locks and its audit row while the
+    CLI's step starts: the CLI's now waits, then finds the run already forgotten."""
+    import threading
+
+    from rollout import approval_runs, approvals
+    from rollout.approvals import signing
+    from rollout.auth import Identity
+
+    if db == "postgres":
+        from rollout.db import migrate
+
+        url = request.getfixturevalue("pg_url")
+        monkeypatch.setenv("SPARSEPILOT_DATABASE_URL", url)
+        migrate.upgrade(url)
+    name = flow_use_case()
+    did = _pilot_with_decision(name, "GO", "approval")
+    _registered_to_a_dead_process(did, "00000000-0000-4000-8000-000000000001")
+    locked, go = threading.Event(), threading.Event()
+    real = signing.lock_decision
+
+    def held(session, decision_id):  # noqa: ANN001, ANN202
+        d = real(session, decision_id)
+        locked.set()
+        go.wait(10)
+        return d
+
+    monkeypatch.setattr(signing, "lock_decision", held)
+    said: dict[str, object] = {}
+
+    def dashboard() -> None:
+        try:
+            said["dashboard"] = approvals.approve(
+                did, Identity("alice", "approver", "local-account"), "ok"
+            ).message
+        except Exception as exc:  # noqa: BLE001
+            said["dashboard"] = exc
+
+    def cli() -> None:
+        try:
+            said["cli"] = approval_runs.release_abandoned(did)
+        except Exception as exc:  # noqa: BLE001
+            said["cli"] = exc
+
+    first = threading.Thread(target=dashboard)
+    first.start()
+    assert locked.wait(60)
+    second = threading.Thread(target=cli)
+    second.start()
+    time.sleep(1.0)  # the CLI's step waits for the decision's locks
+    go.set()
+    first.join(60)
+    second.join(60)
+    assert isinstance(said["dashboard"], str) and "promoted" in said["dashboard"], said
+    assert said["cli"] is None, said  # forgotten already, by the approval

@@ -149,6 +149,22 @@ def test_same_idempotency_key_is_a_no_op(two_versions) -> None:  # noqa: ANN001
     assert a.id == b.id and len(rows(AliasMove)) == 1 and actions().count("alias.set.committed") == 1
 
 
+def test_an_alias_moves_reason_is_kept_redacted(two_versions) -> None:  # noqa: ANN001
+    """Review s47 V1: `rollback --reason` passed the reason as typed to the move, and the alias history
+    (append-only, as the audit log) kept a token raw beside the audit row's redacted copy."""
+    v1, _ = two_versions
+    token = "hf_" + "a1B2c3D4e5F6g7H8i9J0kLmNoPqRsTuVwX"
+    move = registry.set_alias(
+        "docs-qa",
+        "champion",
+        model_version_id=v1.id,
+        actor=ALICE,
+        reason=f"debug with {token}",
+        idempotency_key="k",
+    )
+    assert move.reason == "debug with hf_***" and token not in str(rows(AliasMove)[0].reason)
+
+
 def test_mlflow_failure_is_recorded_and_a_retry_converges(two_versions, monkeypatch) -> None:  # noqa: ANN001
     v1, _ = two_versions
 
