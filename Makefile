@@ -30,10 +30,9 @@ run: setup
 
 ## Set up and run the whole test suite (lint + import contracts + tests). The tests run in one worker
 ## process per core (pytest-xdist, at most 4; TEST_WORKERS=0 runs them in this process), each worker's
-## torch on one thread (tests/conftest.py). On 2 cores, 1,605 tests (2026-12-07, session 47, a review
-## helper running for its first minutes): pytest 19.8 min, the whole `bash .ci/run` from a clean clone 21.4
-## min (setup included; 1,498 tests earlier that day took 17.5 / 19.2 min on idle cores). When the suite
-## was smaller, one process took 1.6-1.8x as long as two workers.
+## torch on one thread (tests/conftest.py). On 2 idle cores, 1,610 tests (2026-12-07, session 47): pytest
+## 19.1 min, the whole `bash .ci/run` from a clean clone 20.9 min (setup included; 1,498 tests earlier that
+## day took 17.5 / 19.2 min). When the suite was smaller, one process took 1.6-1.8x as long as two workers.
 TEST_WORKERS ?= auto
 test: setup
 	$(BIN)/ruff check .
