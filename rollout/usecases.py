@@ -491,8 +491,8 @@ def added_by_people(wanted: list[str], url: str | None = None) -> list[str]:
 
 def run_started(wanted: list[str], actor: str, url: str | None = None) -> int:
     """A `run.started` audit entry on each of ``wanted`` that exists, naming ``actor``: the operator
-    who signed in for `sparsepilot run`, whose pilot and gate rows the pipeline records as its own
-    (SYSTEM_ACTOR). Returns how many entries were written."""
+    who signed in for `sparsepilot run` (a person's use cases are then piloted and gated as theirs,
+    `flows.main_job.pilot_actor`; the samples as the pipeline's). Returns how many entries were written."""
     with session_scope(url) as s:
         found = s.scalars(select(UseCase).where(UseCase.name.in_(wanted)).order_by(UseCase.name)).all()
         for uc in found:
