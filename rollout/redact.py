@@ -42,6 +42,14 @@ _KEY_VALUE = re.compile(
     rf"(?i)(?P<head>(?<![\w/.\-])[\w.\-]*{SECRET_KEY}['\"]?\s*[=:]\s*)"
     r"(?P<quote>['\"]?)(?P<secret>[^\s'\",;&)]+)"
 )
+# The same pair inside a percent-encoded URL ("?next=%2Fapi%3Fpassword%3Dhunter2%26page%3D2": a redirect
+# target, a callback): the separator is "%3D" or "%3A", and the value runs to the next encoded separator
+# ("%26" &, "%3B" ;, "%2C" ,, "%20" a space) or an unencoded one; other escapes inside it are its own.
+_ENCODED_SEPARATOR = r"%(?:26|3[Bb]|2[Cc]|20)"
+_ENCODED_KEY_VALUE = re.compile(
+    rf"(?i)(?P<head>[\w.\-]*{SECRET_KEY}%3[DdAa])"
+    rf"(?P<secret>(?:(?!{_ENCODED_SEPARATOR})[^\s'\",;&)])+)"
+)
 _BEARER = re.compile(
     r"(?i)(?P<head>\bbearer\s+|\bauthorization:\s*basic\s+)(?P<secret>[A-Za-z0-9._~+/\-]+=*)"
 )
@@ -103,6 +111,8 @@ def redact(text: object) -> str:
     s = _SESSION_TOKEN.sub(f"sp1.{MASK}", s)
     s = _SIGNED_QUERY.sub(lambda m: f"{m['head']}{MASK}", s)
     s = _KNOWN_TOKENS.sub(lambda m: f"{_TOKEN_KIND.match(m[0])[0]}{MASK}", s)
+    # a value already masked keeps its kind ("token%3Dhf_***")
+    s = _ENCODED_KEY_VALUE.sub(lambda m: m[0] if MASK in m["secret"] else f"{m['head']}{MASK}", s)
     s = _KEY_VALUE.sub(lambda m: f"{m['head']}{m['quote']}{MASK}", s)
     return s
 

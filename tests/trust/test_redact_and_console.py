@@ -170,6 +170,27 @@ def test_a_key_after_a_url_encoding_or_an_escape_is_redacted(text: str, shown: s
 
 
 @pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        (
+            "GET https://app/login?next=%2Fapi%3Fpassword%3Dhunter2%26page%3D2 failed",
+            "GET https://app/login?next=%2Fapi%3Fpassword%3D***%26page%3D2 failed",
+        ),
+        ("cb=https%3A%2F%2Fh%2Fx%3Ftoken%3Dab12%2526de%20end", "cb=https%3A%2F%2Fh%2Fx%3Ftoken%3D***%20end"),
+        ("redirect%3Fapi_key%3AXYZ%2Cnext", "redirect%3Fapi_key%3A***%2Cnext"),
+        ("q=a%3Bsecret%3ds3cr3t%3Bb", "q=a%3Bsecret%3d***%3Bb"),
+        ("password_policy%3Dstrict%26min%3D12", "password_policy%3Dstrict%26min%3D12"),  # no secret's key
+        ("plan 3f9a%3D1 token_count%3D5", "plan 3f9a%3D1 token_count%3D5"),
+    ],
+)
+def test_a_secret_pair_inside_a_percent_encoded_url_is_redacted(text: str, shown: str) -> None:
+    """A password= / token= pair encoded inside a URL ("%3Fpassword%3Dhunter2%26...": a redirect target,
+    a callback) was shown: only known token forms were caught there (noticed by fix-n). The value runs to
+    the next encoded separator; keys that merely contain a secret's name are left alone."""
+    assert redact(text) == shown
+
+
+@pytest.mark.parametrize(
     "text",
     [
         "dapis and dapi0123 are words, not keys; nor is dapi0123456789abcdef0123456789abcdeg",
