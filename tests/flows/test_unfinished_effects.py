@@ -65,6 +65,20 @@ def _killed_after(monkeypatch: pytest.MonkeyPatch, function: str) -> None:
     monkeypatch.setattr(registry, function, then_die)
 
 
+def _approval_killed_after_its_promote_move(monkeypatch: pytest.MonkeyPatch, name: str) -> int:
+    """A GO awaiting approval, whose approval by alice dies right after MLflow moved `champion`: its
+    decision's id."""
+    from rollout import approvals
+    from rollout.auth import Identity
+
+    did = _pilot_with_decision(name, "GO", "approval")
+    with monkeypatch.context() as mp:
+        _killed_after(mp, "promote")
+        with pytest.raises(Killed):
+            approvals.approve(did, Identity(*ALICE), "ship it")
+    return did
+
+
 def _export(tmp_path, name: str, errors: int, n: int = 20) -> str:  # noqa: ANN001
     rows = [
         {
@@ -251,17 +265,12 @@ def test_a_promotion_cut_off_after_mlflow_moved_is_listed_and_finished(flow_use_
     MLflow served the challenger, the state waited for approval, the monitor never watched it, and no
     page said so. Now it is listed once it has stalled, and finishing it promotes the use case."""
     from flows.promote import finish_unfinished
-    from rollout import approvals, queries, registry
-    from rollout.auth import Identity
+    from rollout import queries, registry
     from rollout.db.session import session_scope
     from rollout.unfinished import STALLED_AFTER, stalled
 
     name = flow_use_case()
-    did = _pilot_with_decision(name, "GO", "approval")
-    with monkeypatch.context() as mp:
-        _killed_after(mp, "promote")
-        with pytest.raises(Killed):
-            approvals.approve(did, Identity(*ALICE), "ship it")
+    did = _approval_killed_after_its_promote_move(monkeypatch, name)
     champion = registry.current_aliases(name)["champion"]
     assert _phase(name) == "piloting"  # MLflow serves the challenger; the state never heard of it
     assert queries.read(queries.approved_not_applied) == []  # decided a moment ago: perhaps still running
@@ -458,11 +467,7 @@ def test_a_promotion_finished_by_another_approver_names_them_and_keeps_the_signe
     from rollout.auth import Identity
 
     name = flow_use_case()
-    did = _pilot_with_decision(name, "GO", "approval")
-    with monkeypatch.context() as mp:
-        _killed_after(mp, "promote")
-        with pytest.raises(Killed):
-            approvals.approve(did, Identity(*ALICE), "ship it")
+    did = _approval_killed_after_its_promote_move(monkeypatch, name)
     with pytest.raises(approvals.ApprovalError) as refused:
         approvals.approve(did, Identity(*BOB), "again")
     assert f"`sparsepilot promote {name} --decision {did}` finishes it" in str(refused.value)
