@@ -272,7 +272,7 @@ def approve_decision(
 
     what = "continue the ramp on" if continue_ramp else "reject" if reject else "approve"
     require_approver(identity, f"{what} decision {decision_id}")
-    approvals._check_reason(reason)  # fail before starting anything
+    approvals.checked_reason(reason)  # fail before starting anything
     subject = getattr(identity, "subject", "")
     if continue_ramp:
         approval_runs.check_continuable(decision_id)  # refused before any approval run starts

@@ -87,8 +87,8 @@ from rollout.approvals.resume import cancel_abandoned, flow_is_waiting
 from rollout.approvals.rollback_requests import request_rollback
 from rollout.approvals.signatures import (
     WITHDRAW,
-    _check_reason,
     _sign,
+    checked_reason,
     counting_signatures,
     override_signatures,
     signer_subject,
@@ -109,7 +109,7 @@ __all__ = [
     "LooserWhen",
     "Standing",
     "WITHDRAW",
-    "_check_reason",
+    "checked_reason",
     "_sign",
     "accepted_baseline",
     "apply_continue",

@@ -12,7 +12,7 @@ from sqlalchemy import select
 from rollout import lifecycle
 from rollout.approvals.base import ApprovalError
 from rollout.approvals.effects import _supersede, apply_rollback
-from rollout.approvals.signatures import _check_reason, _sign
+from rollout.approvals.signatures import _sign, checked_reason
 from rollout.auth import Identity, require_approver
 from rollout.db.models import AliasMove, Approval, GateDecision, UseCase, as_utc, utcnow
 from rollout.db.session import session_scope
@@ -36,7 +36,7 @@ def request_rollback(
     from rollout.unfinished import refuse_while_applied, unfinished_in
 
     who = require_approver(identity, f"roll back {use_case_name}")
-    text = _check_reason(reason)
+    text = checked_reason(reason)
     ended_run = leases.ended_holder_run(use_case_name, run_is_live)  # asked outside the write lock
     finishing = False
     # one writer at a time (SQLite: BEGIN IMMEDIATE; PostgreSQL: the use case's row lock below), so two

@@ -20,7 +20,7 @@ from rollout.redact import redact
 from rollout.spec import has_visible_text
 
 
-def _check_reason(reason: str | None) -> str:
+def checked_reason(reason: str | None) -> str:
     """The reason as every store keeps it (the approvals row, the audit log, an alias move's history,
     the paused run's input): stripped and redacted (`rollout.redact`: a token pasted into a reason would
     stay for good in append-only tables); refused when it says nothing."""
@@ -151,7 +151,7 @@ def withdraw(
     resolved (the override was confirmed, or the decision decided otherwise) and where the caller has
     no open override signature (another approver's is theirs to withdraw)."""
     who = require_approver(identity, f"withdraw a signature on decision {decision_id}")
-    text = _check_reason(reason)
+    text = checked_reason(reason)
     with session_scope(db_url, immediate=True) as session:
         d = lock_decision(session, decision_id)
         if d.resolution is not None:

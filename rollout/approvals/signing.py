@@ -22,7 +22,7 @@ from rollout.approvals.in_words import _unchanged_in_words, effect_in_words
 from rollout.approvals.loosening import _refuse_the_loosener
 from rollout.approvals.recommendation import _skips, recommended_action
 from rollout.approvals.resume import _flow_run_state_safe, _resume
-from rollout.approvals.signatures import _check_reason, _sign, counting_signatures
+from rollout.approvals.signatures import _sign, checked_reason, counting_signatures
 from rollout.approvals.waiter import (
     CARRIED_OUT_BY_SIGNER,
     TAKE_UP_WAIT_S,
@@ -53,7 +53,7 @@ def approve(
     action = "continue" if continue_ramp else "reject" if reject else "approve"
     what = "continue the ramp on" if continue_ramp else action
     who = require_approver(identity, f"{what} decision {decision_id}")
-    text = _check_reason(reason)
+    text = checked_reason(reason)
     effect: dict[str, Any] | None = None
     resumed: str | None = None
     apply_now = False

@@ -373,9 +373,9 @@ def _finish_rejection(name: str, decision: int, by: str, reason: str | None) -> 
     the signature): finished through its effect (the pilot stopped, or the champion kept), which is safe
     to repeat; the effect stays the signer's, `approval.finished` names `by`. None where there is none."""
     from flows.promote import keep_flow, reject_flow
-    from rollout.approvals import _check_reason, unfinished_rejection
+    from rollout.approvals import checked_reason, unfinished_rejection
 
-    text = _check_reason(reason)
+    text = checked_reason(reason)
     found = unfinished_rejection(decision)
     if found is None:
         return None
@@ -404,7 +404,7 @@ def promote_cmd(
     who = signed_in("approver", f"promote on decision {decision}", password_stdin)
 
     def go() -> dict[str, Any]:
-        from rollout.approvals import _check_reason, promotion_in_effect, unfinished_promotion
+        from rollout.approvals import checked_reason, promotion_in_effect, unfinished_promotion
 
         _check_decision(name, decision)
         approval_id = unfinished_promotion(decision)  # MoveInProgress while its signer carries it out
@@ -412,7 +412,7 @@ def promote_cmd(
             done = promote_flow(
                 decision_id=decision,
                 approval_id=approval_id,
-                reason=_check_reason(reason),  # redacted, as every store keeps a reason
+                reason=checked_reason(reason),  # redacted, as every store keeps a reason
                 actor=who.name,
                 finished_by=who.name,
             )
@@ -450,7 +450,7 @@ def rollback_cmd(
     """Roll the champion back to the previous one from SparsePilot's own alias history (approvers only)."""
     from flows.common import flow_run_is_live
     from flows.promote import rollback_flow
-    from rollout.approvals import _check_reason, request_rollback
+    from rollout.approvals import checked_reason, request_rollback
 
     who = signed_in("approver", f"roll back {name}", password_stdin)
 
@@ -459,7 +459,7 @@ def rollback_cmd(
         return rollback_flow(
             decision_id=ids["decision_id"],
             approval_id=ids["approval_id"],
-            reason=_check_reason(reason),  # redacted, as every store keeps a reason (the run's parameters)
+            reason=checked_reason(reason),  # redacted, as every store keeps a reason (the run's parameters)
             automatic=ids["approval_id"] is None,  # finishing the monitor's own: no person's signature
             actor=who.name,
             finished_by=who.name if ids["finishing"] else "",
