@@ -579,6 +579,8 @@ def _move(
         message = redact(f"{type(exc).__name__}: {exc}")
         with session_scope(db_url) as session:
             move = session.get(AliasMove, move_id)
+            if move.status == "committed":  # another caller of this key moved it meanwhile: MLflow agrees
+                return move
             move.status = "failed"
             move.error = message[:4000]
             audit.record(
