@@ -894,7 +894,7 @@ def signed_by(given: list[dict[str, Any]]) -> list[str]:
 def approvals(session: Session, decision_ids: list[int]) -> list[dict[str, Any]]:
     if not decision_ids:
         return []
-    from rollout.approvals import signer_subject, withdrawals
+    from rollout.approvals import signer_subjects, withdrawals
     from rollout.auth import OIDC_PREFIX, load_accounts, oidc_approvers, still_approver
 
     stmt = select(Approval).where(Approval.decision_id.in_(decision_ids)).order_by(Approval.id)
@@ -907,15 +907,17 @@ def approvals(session: Session, decision_ids: list[int]) -> list[dict[str, Any]]
     # an override's signature counts only while its signer is an approver (rollout.approvals'
     # `counting_signatures`): the accounts and the OIDC approver list as they are now, read once; an
     # OIDC signer's subject is read only where that list is known
-    overrides = any(a.against_recommendation for a in found)
+    overrides = [a for a in found if a.against_recommendation and a.action != "withdraw"]
     accounts = load_accounts() if overrides else {}
     listed = oidc_approvers() if overrides else None
+    # their subjects in one query, not one per signature (review fix-s)
+    oidc = [a for a in overrides if a.actor.startswith(OIDC_PREFIX)] if listed is not None else []
+    subjects = signer_subjects(session, oidc)
 
     def lapsed(a: Approval) -> str | None:
         if not a.against_recommendation or a.action == "withdraw":
             return None
-        oidc = a.actor.startswith(OIDC_PREFIX) and listed is not None
-        subject = signer_subject(session, a) if oidc else ""
+        subject = subjects.get(a.id, "")
         ok, what = still_approver(a.actor, accounts, subject=subject, approvers=listed)
         return None if ok else what
 

@@ -134,6 +134,45 @@ def test_an_override_signed_once_waits_for_a_second_approver(seeded: dict[str, A
     assert rows["contract-summarisation"]["waits_for"] == "approval to promote"
 
 
+def test_the_approvals_page_reads_oidc_subjects_in_one_query_however_many_signatures(
+    seeded: dict[str, Any],
+) -> None:
+    """`queries.approvals` read each OIDC override signature's subject with a query of its own once the
+    approver list was known (N+1, review fix-s): the statements it runs do not grow with the signatures,
+    and each signer is still judged by their own subject (listed by it: counts; else lapsed)."""
+    from sqlalchemy import event
+
+    from rollout import audit, auth
+    from rollout.db.models import Approval, GateDecision
+    from rollout.db.session import get_engine
+    from tests.fixtures.dashboard import later_look_awaiting_approval
+
+    listed = [f"https://idp.example#u{i}" for i in range(0, 10, 2)]  # the even ones, by subject
+    decisions, look = {}, seeded["document-qa:decision"]
+    with session_scope() as s:
+        for k in (1, 10):
+            d = s.get(GateDecision, look := later_look_awaiting_approval(s, look))
+            for i in range(k):
+                who = f"oidc:u{i}@corp.example"
+                s.add(Approval(decision_id=d.id, actor=who, role="approver", action="approve", reason="r",
+                               against_recommendation=True))  # fmt: skip
+                subject = {"subject": f"https://idp.example#u{i}"}
+                audit.record(s, who, "approval.approve.first_signature", on=d, details=subject)
+            decisions[k] = d.id
+    statements: list[str] = []
+    event.listen(get_engine(), "before_cursor_execute", lambda *a: statements.append(a[2]))
+    counted, lapsed = {}, {}
+    with auth.oidc_approvers_known(listed):
+        for k, did in decisions.items():
+            statements.clear()
+            with session_scope() as s:
+                rows = queries.approvals(s, [did])
+            counted[k] = len(statements)
+            lapsed[k] = [r["lapsed"] is not None for r in rows]
+    assert counted[10] == counted[1], counted
+    assert lapsed == {1: [False], 10: [i % 2 == 1 for i in range(10)]}
+
+
 def test_a_stopped_use_case_leaves_the_established_total(seeded: dict[str, Any]) -> None:
     from rollout.db.models import UseCase
 
