@@ -31,7 +31,7 @@ from rollout.db.models import (
 from rollout.db.session import session_scope
 from rollout.gate.spending import DEFAULT_ALPHA
 from rollout.pilots import ACTIVE_PILOT, active_pilot, load_pilot_spec, planned_pilot, promoted_pilot
-from rollout.redact import redact
+from rollout.redact import redact, redacted_name
 
 # Where a gate decision's evidence (rollout.gate.Decision.to_dict()) keeps the quality difference
 # (treatment - control) and its anytime-valid interval. Read in SQL with the dialect's JSON path operator.
@@ -1100,9 +1100,10 @@ def decision(session: Session, decision_id: int) -> dict[str, Any] | None:
 
 
 def audit_facets(session: Session) -> dict[str, list[str]]:
-    actors = session.scalars(select(AuditEntry.actor).distinct().order_by(AuditEntry.actor))
+    """What the Audit page filters by; the actors as `audit_entries` shows them (`redacted_name`)."""
+    actors = sorted({redacted_name(a) for a in session.scalars(select(AuditEntry.actor).distinct())})
     actions = session.scalars(select(AuditEntry.action).distinct().order_by(AuditEntry.action))
-    return {"actors": list(actors), "actions": list(actions), "use_cases": use_case_names(session)}
+    return {"actors": actors, "actions": list(actions), "use_cases": use_case_names(session)}
 
 
 def audit_entries(
@@ -1115,17 +1116,20 @@ def audit_entries(
     until: dt.datetime | None = None,
     limit: int = 5000,
 ) -> list[dict[str, Any]]:
-    """Newest first, filtered in SQL; each row's details redacted (`audit.redacted_details`), as the
-    Audit page shows and exports them: rows written before details were stored redacted may hold a secret
-    (a URL's password, a token), which stays in the stored row (its hash covers it) but is never shown."""
+    """Newest first, filtered in SQL; each row's details redacted (`audit.redacted_details`), its actor
+    and entity id too (`redacted_name`), as the Audit page shows and exports them: rows written before
+    these were stored redacted or refused (`audit.checked_names`) may hold a secret (a URL's password, a
+    token), which stays in the stored row (its hash covers it) but is never shown. ``actors`` are names
+    as shown (`audit_facets`)."""
     stmt = (
         select(AuditEntry, UseCase.name)
         .outerjoin(UseCase, UseCase.id == AuditEntry.use_case_id)
         .order_by(AuditEntry.id.desc())
         .limit(limit)
     )
-    if actors:
-        stmt = stmt.where(AuditEntry.actor.in_(actors))
+    if actors:  # the stored names behind the shown ones (an actor shown masked stands for its own)
+        shown, stored = set(actors), session.scalars(select(AuditEntry.actor).distinct())
+        stmt = stmt.where(AuditEntry.actor.in_([a for a in stored if redacted_name(a) in shown]))
     if actions:
         stmt = stmt.where(AuditEntry.action.in_(actions))
     if use_cases:
@@ -1138,11 +1142,11 @@ def audit_entries(
         {
             "id": e.id,
             "ts": e.ts,
-            "actor": e.actor,
+            "actor": redacted_name(e.actor),
             "action": e.action,
             "use_case": name,
             "entity": e.entity,
-            "entity_id": e.entity_id,
+            "entity_id": None if e.entity_id is None else redacted_name(e.entity_id),
             "details": audit.redacted_details(e.details or {}),
         }
         for e, name in session.execute(stmt)

@@ -132,6 +132,14 @@ def redact(text: object) -> str:
     return s
 
 
+def redacted_name(name: str) -> str:
+    """A name that says who someone is (an audit row's actor or entity id, an OIDC signer's
+    ``<issuer>#<subject>``) as it may be shown: each part between '#'s redacted on its own, so an issuer and
+    a subject are not read together as a URL's password ("https://idp#ldap:ann@corp.com" stays), while a
+    part that is a token or a ``password=`` pair is masked."""
+    return "#".join(redact(part) for part in name.split("#"))
+
+
 class RedactingFilter(logging.Filter):
     """On a log handler: the record it writes is redacted, its message (arguments filled in), its
     traceback (`exc_text`, formatted here as `logging.Formatter` does, the chained causes with it) and
