@@ -894,25 +894,24 @@ def signed_by(given: list[dict[str, Any]]) -> list[str]:
 def approvals(session: Session, decision_ids: list[int]) -> list[dict[str, Any]]:
     if not decision_ids:
         return []
-    from rollout.approvals import signer_subjects, withdrawals
+    from rollout.approvals import signer_subjects, withdrawn_among
     from rollout.auth import OIDC_PREFIX, load_accounts, oidc_approvers, still_approver
 
     stmt = select(Approval).where(Approval.decision_id.in_(decision_ids)).order_by(Approval.id)
     found = list(session.scalars(stmt))
-    # only a decision with a `withdraw` row has a withdrawn signature: read those again, not every one
-    withdrawn_in = {a.decision_id for a in found if a.action == "withdraw"}
-    gone: dict[int, Approval] = {}
-    for i in withdrawn_in:
-        gone |= withdrawals(session, i)
     # an override's signature counts only while its signer is an approver (rollout.approvals'
     # `counting_signatures`): the accounts and the OIDC approver list as they are now, read once; an
     # OIDC signer's subject is read only where that list is known
     overrides = [a for a in found if a.against_recommendation and a.action != "withdraw"]
     accounts = load_accounts() if overrides else {}
     listed = oidc_approvers() if overrides else None
-    # their subjects in one query, not one per signature (review fix-s)
     oidc = [a for a in overrides if a.actor.startswith(OIDC_PREFIX)] if listed is not None else []
-    subjects = signer_subjects(session, oidc)
+    # only a decision with a `withdraw` row has a withdrawn signature (who withdrew is known by subject
+    # too); the subjects all these need in one query, not one per signature or decision (review fix-s)
+    withdrawn_in = {a.decision_id for a in found if a.action == "withdraw"}
+    judged = [a for a in found if a.decision_id in withdrawn_in]
+    subjects = signer_subjects(session, {a.id: a for a in judged + oidc}.values())
+    gone = withdrawn_among(judged, subjects)
 
     def lapsed(a: Approval) -> str | None:
         if not a.against_recommendation or a.action == "withdraw":

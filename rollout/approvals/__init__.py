@@ -95,6 +95,7 @@ from rollout.approvals.signatures import (
     signer_subjects,
     withdraw,
     withdrawals,
+    withdrawn_among,
     withdrawn_signatures,
 )
 from rollout.approvals.signing import approve
@@ -151,5 +152,6 @@ __all__ = [
     "unfinished_rejection",
     "withdraw",
     "withdrawals",
+    "withdrawn_among",
     "withdrawn_signatures",
 ]

@@ -5,7 +5,7 @@ still an approver, `rollout.auth.still_approver`), and a first signature taken b
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from sqlalchemy import select
@@ -153,16 +153,21 @@ def withdrawals(session: Any, decision_id: int) -> dict[int, Approval]:
     rows = list(
         session.scalars(select(Approval).where(Approval.decision_id == decision_id).order_by(Approval.id))
     )
-    taken_back = [w for w in rows if w.action == WITHDRAW]
-    if not taken_back:
+    if not any(w.action == WITHDRAW for w in rows):
         return {}
-    subject = signer_subjects(session, rows)
+    return withdrawn_among(rows, signer_subjects(session, rows))
+
+
+def withdrawn_among(rows: list[Approval], subjects: Mapping[int, str]) -> dict[int, Approval]:
+    """`withdrawals` of the approvals ``rows`` (every row of their decisions, in id order; one decision
+    or several), given their signers' subjects by id (`signer_subjects`)."""
     gone: dict[int, Approval] = {}
-    for w in taken_back:
+    for w in (w for w in rows if w.action == WITHDRAW):
         for a in rows:
             if (
-                a.id < w.id and a.id not in gone and a.action != WITHDRAW and a.against_recommendation
-                and same_person(a.actor, w.actor, subjects=(subject[a.id], subject[w.id]))
+                a.decision_id == w.decision_id and a.id < w.id and a.id not in gone and a.action != WITHDRAW
+                and a.against_recommendation
+                and same_person(a.actor, w.actor, subjects=(subjects.get(a.id, ""), subjects.get(w.id, "")))
             ):  # fmt: skip
                 gone[a.id] = w
     return gone
@@ -193,11 +198,8 @@ def withdraw(
             if a.against_recommendation and a.id not in gone
         ]
         # the person, as `approve` knows them: by name, or by OIDC subject whatever email they signed with
-        mine = [
-            a
-            for a in open_
-            if same_person(a.actor, who.name, subjects=(signer_subject(session, a), who.subject))
-        ]
+        subjects = signer_subjects(session, open_)
+        mine = [a for a in open_ if same_person(a.actor, who.name, subjects=(subjects[a.id], who.subject))]
         if not mine:
             others = sorted({a.actor for a in open_})
             raise ApprovalError(
