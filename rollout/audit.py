@@ -27,7 +27,8 @@ from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from rollout.db.models import AuditEntry, utcnow
-from rollout.redact import redact
+from rollout.redact import redact, redacted_name
+from sparse_core.errors import SparsePilotError
 
 GENESIS = "0" * 64
 # The automation's actor names: the pipeline (flows, the scheduled cycle, the main job) and the monitor
@@ -74,22 +75,49 @@ def _plain(details: dict[str, Any] | None) -> dict[str, Any]:
 
 
 # Details that name a person, read back as they were given (`rollout.approvals.signer_subject`: an OIDC
-# signer's issuer#subject, the two-person rule's key): never redacted, so "https://idp#ldap:ann@corp.com"
-# is not read as a URL's password and the approver it names does not lapse.
+# signer's issuer#subject, the two-person rule's key): stored as given, so "https://idp#ldap:ann@corp.com"
+# is not read as a URL's password and the approver it names does not lapse; one holding a secret is
+# refused (`checked_names`), and shown as `rollout.redact.redacted_name` shows it.
 IDENTITY_KEYS = frozenset({"subject"})
+
+
+class AuditRefused(SparsePilotError, ValueError):
+    """An audit row that would keep a secret where nothing is redacted on write: its actor, its entity id
+    or an identity key of its details."""
 
 
 def redacted_details(value: Any) -> Any:
     """Plain details (`_plain`) with every string value redacted (`rollout.redact`), in nested dicts and
-    lists too, but for the `IDENTITY_KEYS`; keys, numbers and the rest as they are. A reason, an error's
-    text or a URL could carry a secret into the log, where it can never be removed (append-only)."""
+    lists too, the `IDENTITY_KEYS` part by part (`redacted_name`); keys, numbers and the rest as they are.
+    A reason, an error's text or a URL could carry a secret into the log, where it can never be removed
+    (append-only)."""
     if isinstance(value, str):
         return redact(value)
     if isinstance(value, dict):
-        return {k: v if k in IDENTITY_KEYS else redacted_details(v) for k, v in value.items()}
+        return {
+            k: redacted_name(v) if k in IDENTITY_KEYS and isinstance(v, str) else redacted_details(v)
+            for k, v in value.items()
+        }
     if isinstance(value, list):
         return [redacted_details(v) for v in value]
     return value
+
+
+def checked_names(actor: str, entity_id: str | None, details: Mapping[str, Any]) -> None:
+    """Refuse (`AuditRefused`, naming the field) an actor, an entity id or a top-level identity key of the
+    details that holds what reads as a secret (`redacted_name` changes it): these are names, kept as given
+    for good (the two-person rule and the sign-in counts read them back), so a token pasted where a name
+    goes (an account name, a flow's ``actor`` parameter, an OIDC subject that is really a token) is not
+    written, rather than written in clear."""
+    named = {"actor": actor, "entity_id": entity_id} | {
+        f"details.{k}": v for k, v in details.items() if k in IDENTITY_KEYS
+    }
+    for field, value in named.items():
+        if isinstance(value, str) and redacted_name(value) != value:
+            raise AuditRefused(
+                f"audit log: {field} {redacted_name(value)!r} holds what reads as a secret (a token, a "
+                "password); it is a name the append-only log keeps as given, so nothing was written"
+            )
 
 
 # What a row's hash covers, in this order (rows chained by migration 0003 have no os_user or host).
@@ -162,18 +190,22 @@ def record(
 ) -> AuditEntry:
     """Append an entry in the caller's transaction. `on`: the row it is about (an ORM row of a table in
     ENTITIES), which sets entity, entity_id and use_case_id; or give those three yourself. The details'
-    strings are stored redacted (`redacted_details`), and the row's hash covers them as stored."""
+    strings are stored redacted (`redacted_details`), and the row's hash covers them as stored; an actor,
+    entity id or identity key holding a secret is refused (`checked_names`)."""
     if on is not None:
         entity, entity_id = ENTITIES[on.__tablename__], on.id
         use_case_id = on.id if entity == "use_case" else on.use_case_id
+    entity_id = None if entity_id is None else str(entity_id)
+    plain = _plain(details)
+    checked_names(actor, entity_id, plain)
     os_user, host = origin()
     entry = AuditEntry(
         actor=actor,
         action=action,
         use_case_id=use_case_id,
         entity=entity,
-        entity_id=None if entity_id is None else str(entity_id),
-        details=redacted_details(_plain(details)),  # hashed as stored: `audit verify` reads it so
+        entity_id=entity_id,
+        details=redacted_details(plain),  # hashed as stored: `audit verify` reads it so
         os_user=os_user,
         host=host,
     )

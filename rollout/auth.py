@@ -38,6 +38,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, cast
 
+from rollout.redact import redacted_name
 from sparse_core.errors import SparsePilotError
 
 if TYPE_CHECKING:
@@ -211,6 +212,11 @@ def _check_name(name: str, where: str) -> str:
             f"{where}: account name {name!r} starts with {OIDC_PREFIX!r}, "
             "which is kept for single sign-on users"
         )
+    if redacted_name(name) != name:  # the audit log keeps an account's name as given, for good
+        raise AccountsConfigError(
+            f"{where}: account name {redacted_name(name)!r} holds what reads as a secret (a token, a "
+            "password); an account's name is kept in the audit log as given: choose a plain name"
+        )
     return name
 
 
@@ -265,7 +271,7 @@ def load_accounts_file(path: str | Path) -> dict[str, Account]:
         raise AccountsConfigError(f"{p}: needs an [accounts.<name>] table per account")
     accounts: dict[str, Account] = {}
     for raw_name, fields in table.items():
-        where = f"{p}: accounts.{raw_name}"
+        where = f"{p}: accounts.{redacted_name(str(raw_name))}"
         name = _check_name(str(raw_name), where)
         if not isinstance(fields, dict):
             raise AccountsConfigError(f"{where}: must be a table with role and password_hash")

@@ -31,7 +31,7 @@ from rollout.db.models import (
 from rollout.db.session import session_scope
 from rollout.gate.spending import DEFAULT_ALPHA
 from rollout.pilots import ACTIVE_PILOT, active_pilot, load_pilot_spec, planned_pilot, promoted_pilot
-from rollout.redact import redact
+from rollout.redact import redact, redacted_name
 
 # Where a gate decision's evidence (rollout.gate.Decision.to_dict()) keeps the quality difference
 # (treatment - control) and its anytime-valid interval. Read in SQL with the dialect's JSON path operator.
@@ -894,28 +894,29 @@ def signed_by(given: list[dict[str, Any]]) -> list[str]:
 def approvals(session: Session, decision_ids: list[int]) -> list[dict[str, Any]]:
     if not decision_ids:
         return []
-    from rollout.approvals import signer_subject, withdrawals
+    from rollout.approvals import signer_subjects, withdrawn_among
     from rollout.auth import OIDC_PREFIX, load_accounts, oidc_approvers, still_approver
 
     stmt = select(Approval).where(Approval.decision_id.in_(decision_ids)).order_by(Approval.id)
     found = list(session.scalars(stmt))
-    # only a decision with a `withdraw` row has a withdrawn signature: read those again, not every one
-    withdrawn_in = {a.decision_id for a in found if a.action == "withdraw"}
-    gone: dict[int, Approval] = {}
-    for i in withdrawn_in:
-        gone |= withdrawals(session, i)
     # an override's signature counts only while its signer is an approver (rollout.approvals'
     # `counting_signatures`): the accounts and the OIDC approver list as they are now, read once; an
     # OIDC signer's subject is read only where that list is known
-    overrides = any(a.against_recommendation for a in found)
+    overrides = [a for a in found if a.against_recommendation and a.action != "withdraw"]
     accounts = load_accounts() if overrides else {}
     listed = oidc_approvers() if overrides else None
+    oidc = [a for a in overrides if a.actor.startswith(OIDC_PREFIX)] if listed is not None else []
+    # only a decision with a `withdraw` row has a withdrawn signature (who withdrew is known by subject
+    # too); the subjects all these need in one query, not one per signature or decision (review fix-s)
+    withdrawn_in = {a.decision_id for a in found if a.action == "withdraw"}
+    judged = [a for a in found if a.decision_id in withdrawn_in]
+    subjects = signer_subjects(session, {a.id: a for a in judged + oidc}.values())
+    gone = withdrawn_among(judged, subjects)
 
     def lapsed(a: Approval) -> str | None:
         if not a.against_recommendation or a.action == "withdraw":
             return None
-        oidc = a.actor.startswith(OIDC_PREFIX) and listed is not None
-        subject = signer_subject(session, a) if oidc else ""
+        subject = subjects.get(a.id, "")
         ok, what = still_approver(a.actor, accounts, subject=subject, approvers=listed)
         return None if ok else what
 
@@ -1098,9 +1099,10 @@ def decision(session: Session, decision_id: int) -> dict[str, Any] | None:
 
 
 def audit_facets(session: Session) -> dict[str, list[str]]:
-    actors = session.scalars(select(AuditEntry.actor).distinct().order_by(AuditEntry.actor))
+    """What the Audit page filters by; the actors as `audit_entries` shows them (`redacted_name`)."""
+    actors = sorted({redacted_name(a) for a in session.scalars(select(AuditEntry.actor).distinct())})
     actions = session.scalars(select(AuditEntry.action).distinct().order_by(AuditEntry.action))
-    return {"actors": list(actors), "actions": list(actions), "use_cases": use_case_names(session)}
+    return {"actors": actors, "actions": list(actions), "use_cases": use_case_names(session)}
 
 
 def audit_entries(
@@ -1113,17 +1115,20 @@ def audit_entries(
     until: dt.datetime | None = None,
     limit: int = 5000,
 ) -> list[dict[str, Any]]:
-    """Newest first, filtered in SQL; each row's details redacted (`audit.redacted_details`), as the
-    Audit page shows and exports them: rows written before details were stored redacted may hold a secret
-    (a URL's password, a token), which stays in the stored row (its hash covers it) but is never shown."""
+    """Newest first, filtered in SQL; each row's details redacted (`audit.redacted_details`), its actor
+    and entity id too (`redacted_name`), as the Audit page shows and exports them: rows written before
+    these were stored redacted or refused (`audit.checked_names`) may hold a secret (a URL's password, a
+    token), which stays in the stored row (its hash covers it) but is never shown. ``actors`` are names
+    as shown (`audit_facets`)."""
     stmt = (
         select(AuditEntry, UseCase.name)
         .outerjoin(UseCase, UseCase.id == AuditEntry.use_case_id)
         .order_by(AuditEntry.id.desc())
         .limit(limit)
     )
-    if actors:
-        stmt = stmt.where(AuditEntry.actor.in_(actors))
+    if actors:  # the stored names behind the shown ones (an actor shown masked stands for its own)
+        shown, stored = set(actors), session.scalars(select(AuditEntry.actor).distinct())
+        stmt = stmt.where(AuditEntry.actor.in_([a for a in stored if redacted_name(a) in shown]))
     if actions:
         stmt = stmt.where(AuditEntry.action.in_(actions))
     if use_cases:
@@ -1136,11 +1141,11 @@ def audit_entries(
         {
             "id": e.id,
             "ts": e.ts,
-            "actor": e.actor,
+            "actor": redacted_name(e.actor),
             "action": e.action,
             "use_case": name,
             "entity": e.entity,
-            "entity_id": e.entity_id,
+            "entity_id": None if e.entity_id is None else redacted_name(e.entity_id),
             "details": audit.redacted_details(e.details or {}),
         }
         for e, name in session.execute(stmt)

@@ -1,9 +1,10 @@
 """Secrets never reach a message: passwords in URLs, bearer tokens, password hashes, our own session
-tokens, the signatures of presigned cloud URLs (S3, GCS, Azure SAS) and the API keys and tokens whose
-form names them (Hugging Face, Databricks, GitHub, AWS access key ids, OpenAI-style ``sk-``) are replaced
-before text is printed, logged, shown on the dashboard or written to the audit log. `RedactingFilter`
-does it for every log record a handler it sits on writes (message and traceback); `redacted_exception`
-for an exception's text, before an orchestrator stores it as a run's state message."""
+tokens, the signatures of presigned cloud URLs (S3, GCS, Azure SAS; inside a percent-encoded URL too)
+and the API keys and tokens whose form names them (Hugging Face, Databricks, GitHub, AWS access key ids,
+OpenAI-style ``sk-``) are replaced before text is printed, logged, shown on the dashboard or written to
+the audit log. `RedactingFilter` does it for every log record a handler it sits on writes (message and
+traceback); `redacted_exception` for an exception's text, before an orchestrator stores it as a run's
+state message."""
 
 from __future__ import annotations
 
@@ -60,9 +61,22 @@ _SESSION_TOKEN = re.compile(r"\bsp1\.[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+")
 # S3 v4 (X-Amz-Signature, X-Amz-Credential: the access key id, X-Amz-Security-Token), S3 v2
 # (AWSAccessKeyId, Signature), GCS (X-Goog-Signature, X-Goog-Credential), Azure SAS (sig). Anyone holding
 # the URL may use it until it expires. The value runs to the next parameter, a space or a quote.
-_SIGNED_QUERY = re.compile(
-    r"(?i)(?P<head>[?&;](?:x-amz-(?:signature|credential|security-token)|x-goog-(?:signature|credential)"
-    r"|awsaccesskeyid|signature|sig)=)(?P<secret>[^&\s#'\"<>()\[\]{},;]+)"
+_SIGNED_KEY = (
+    r"(?:x-amz-(?:signature|credential|security-token)|x-goog-(?:signature|credential)"
+    r"|awsaccesskeyid|signature|sig)"
+)
+_QUERY_VALUE = r"[^&\s#'\"<>()\[\]{},;]"
+_SIGNED_QUERY = re.compile(rf"(?i)(?P<head>[?&;]{_SIGNED_KEY}=)(?P<secret>{_QUERY_VALUE}+)")
+# The same parameters inside a URL that was itself percent-encoded, once or twice (a redirect target, an
+# error quoting the URL: "%3Fsv%3D2022-11-02%26sig%3Dk9Zq%252B4T%253D"): '?', '&' or ';' before the key
+# and the '=' after it encoded alike ("%3F"/"%26"/"%3B", "%3D"; "%253F"... twice), and the value running
+# to the next encoded character of that depth or shallower that ends a raw one ("%26" &, "%3B", "%2C",
+# "%20", "%23" #, a quote, a bracket; "%2526"...) or an unencoded one; a deeper escape inside it ("%252B",
+# an encoded '+' of the signature) is its own.
+_ENCODED_QUERY_END = r"(?:26|3B|2C|20|23|22|27|3C|3E|28|29|5B|5D|7B|7D)"
+_ENCODED_SIGNED_QUERY = re.compile(
+    rf"(?i)(?P<head>(?P<esc>%(?:25)?)(?:3F|26|3B){_SIGNED_KEY}(?P=esc)3D)"
+    rf"(?P<secret>(?:(?!(?P=esc){_ENCODED_QUERY_END}|%{_ENCODED_QUERY_END}){_QUERY_VALUE})+)"
 )
 # Keys and tokens known by their form, wherever they stand (an environment dump, a config line, an error):
 # the prefix is kept so a reader sees which kind leaked. Each is a whole word of its own and as long as
@@ -110,11 +124,20 @@ def redact(text: object) -> str:
     s = _SCRYPT.sub(f"scrypt${MASK}", s)
     s = _SESSION_TOKEN.sub(f"sp1.{MASK}", s)
     s = _SIGNED_QUERY.sub(lambda m: f"{m['head']}{MASK}", s)
+    s = _ENCODED_SIGNED_QUERY.sub(lambda m: f"{m['head']}{MASK}", s)
     s = _KNOWN_TOKENS.sub(lambda m: f"{_TOKEN_KIND.match(m[0])[0]}{MASK}", s)
     # a value already masked keeps its kind ("token%3Dhf_***")
     s = _ENCODED_KEY_VALUE.sub(lambda m: m[0] if MASK in m["secret"] else f"{m['head']}{MASK}", s)
     s = _KEY_VALUE.sub(lambda m: f"{m['head']}{m['quote']}{MASK}", s)
     return s
+
+
+def redacted_name(name: str) -> str:
+    """A name that says who someone is (an audit row's actor or entity id, an OIDC signer's
+    ``<issuer>#<subject>``) as it may be shown: each part between '#'s redacted on its own, so an issuer and
+    a subject are not read together as a URL's password ("https://idp#ldap:ann@corp.com" stays), while a
+    part that is a token or a ``password=`` pair is masked."""
+    return "#".join(redact(part) for part in name.split("#"))
 
 
 class RedactingFilter(logging.Filter):

@@ -29,6 +29,7 @@ from rollout.dataset_split import kept_apart_of
 from rollout.db.models import AuditEntry, SpecVersion, UseCase, UseCaseLease
 from rollout.db.session import session_scope
 from rollout.pilot_plan import plan_summary
+from rollout.redact import redacted_name
 from rollout.settings import get_settings
 from rollout.spec import SpecError, UseCaseSpec, load_spec, parse_spec, spec_warnings, url_credentials
 from rollout.task_budget import task_bound_warnings
@@ -454,7 +455,12 @@ def show_usecase(name: str, *, version: int | None = None, url: str | None = Non
             ],
             "audit": [
                 # redacted as the Audit page shows them: a row stored before details were stored redacted
-                {"ts": e.ts, "actor": e.actor, "action": e.action, "details": redacted_details(e.details)}
+                {
+                    "ts": e.ts,
+                    "actor": redacted_name(e.actor),
+                    "action": e.action,
+                    "details": redacted_details(e.details),
+                }
                 for e in history
             ],
         }

@@ -92,8 +92,10 @@ from rollout.approvals.signatures import (
     counting_signatures,
     override_signatures,
     signer_subject,
+    signer_subjects,
     withdraw,
     withdrawals,
+    withdrawn_among,
     withdrawn_signatures,
 )
 from rollout.approvals.signing import approve
@@ -141,6 +143,7 @@ __all__ = [
     "request_rollback",
     "rollback_about",
     "signer_subject",
+    "signer_subjects",
     "standing",
     "skip_note",
     "skipped_in_words",
@@ -149,5 +152,6 @@ __all__ = [
     "unfinished_rejection",
     "withdraw",
     "withdrawals",
+    "withdrawn_among",
     "withdrawn_signatures",
 ]

@@ -5,6 +5,7 @@ still an approver, `rollout.auth.still_approver`), and a first signature taken b
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from sqlalchemy import select
@@ -79,17 +80,39 @@ def override_signatures(session: Any, decision_id: int, action: str) -> list[App
 def signer_subject(session: Any, approval: Approval) -> str:
     """The OIDC ``<issuer>#<subject>`` a signature was given with ("" for a local account, or a
     signature recorded before subjects were kept): from its audit entry, written with the Approval row."""
-    details = session.scalars(
-        select(AuditEntry.details)
+    return signer_subjects(session, [approval]).get(approval.id, "")
+
+
+def signer_subjects(session: Any, approvals: Iterable[Approval]) -> dict[int, str]:
+    """`signer_subject` of each signature, by its id, read in one query however many there are (the
+    Approvals page asks it of every OIDC override signature on the page: one query each, review fix-s)."""
+    wanted = list(approvals)
+    if not wanted:
+        return {}
+    entries = session.execute(
+        select(AuditEntry.entity_id, AuditEntry.actor, AuditEntry.action, AuditEntry.details)
         .where(
             AuditEntry.entity == "gate_decision",
-            AuditEntry.entity_id == str(approval.decision_id),
-            AuditEntry.actor == approval.actor,
-            AuditEntry.action.like(f"approval.{approval.action}%"),
+            AuditEntry.entity_id.in_({str(a.decision_id) for a in wanted}),
+            AuditEntry.actor.in_({a.actor for a in wanted}),
+            AuditEntry.action.like("approval.%"),
         )
         .order_by(AuditEntry.id)
     ).all()
-    return next((str(d["subject"]) for d in details if isinstance(d, dict) and d.get("subject")), "")
+    return {a.id: _subject_in(a, entries) for a in wanted}
+
+
+def _subject_in(approval: Approval, entries: Iterable[Any]) -> str:
+    """The first subject among the audit entries (entity_id, actor, action, details) of `approval`'s
+    signing: its decision, its signer, an ``approval.<its action>...`` action."""
+    action = f"approval.{approval.action}"
+    for entity_id, actor, act, details in entries:
+        if (
+            entity_id == str(approval.decision_id) and actor == approval.actor and act.startswith(action)
+            and isinstance(details, dict) and details.get("subject")
+        ):  # fmt: skip
+            return str(details["subject"])
+    return ""
 
 
 def counting_signatures(
@@ -101,8 +124,10 @@ def counting_signatures(
     list; `rollout.auth.still_approver`) does not count, so one current approver cannot complete an
     override on a former approver's signature."""
     counting, lapsed = [], []
-    for a in override_signatures(session, decision_id, action):
-        subject = signer_subject(session, a)
+    given = override_signatures(session, decision_id, action)
+    subjects = signer_subjects(session, given)
+    for a in given:
+        subject = subjects[a.id]
         ok, what = still_approver(a.actor, subject=subject)
         if ok:
             counting.append((a, subject))
@@ -128,16 +153,21 @@ def withdrawals(session: Any, decision_id: int) -> dict[int, Approval]:
     rows = list(
         session.scalars(select(Approval).where(Approval.decision_id == decision_id).order_by(Approval.id))
     )
-    taken_back = [w for w in rows if w.action == WITHDRAW]
-    if not taken_back:
+    if not any(w.action == WITHDRAW for w in rows):
         return {}
-    subject = {a.id: signer_subject(session, a) for a in rows}
+    return withdrawn_among(rows, signer_subjects(session, rows))
+
+
+def withdrawn_among(rows: list[Approval], subjects: Mapping[int, str]) -> dict[int, Approval]:
+    """`withdrawals` of the approvals ``rows`` (every row of their decisions, in id order; one decision
+    or several), given their signers' subjects by id (`signer_subjects`)."""
     gone: dict[int, Approval] = {}
-    for w in taken_back:
+    for w in (w for w in rows if w.action == WITHDRAW):
         for a in rows:
             if (
-                a.id < w.id and a.id not in gone and a.action != WITHDRAW and a.against_recommendation
-                and same_person(a.actor, w.actor, subjects=(subject[a.id], subject[w.id]))
+                a.decision_id == w.decision_id and a.id < w.id and a.id not in gone and a.action != WITHDRAW
+                and a.against_recommendation
+                and same_person(a.actor, w.actor, subjects=(subjects.get(a.id, ""), subjects.get(w.id, "")))
             ):  # fmt: skip
                 gone[a.id] = w
     return gone
@@ -168,11 +198,8 @@ def withdraw(
             if a.against_recommendation and a.id not in gone
         ]
         # the person, as `approve` knows them: by name, or by OIDC subject whatever email they signed with
-        mine = [
-            a
-            for a in open_
-            if same_person(a.actor, who.name, subjects=(signer_subject(session, a), who.subject))
-        ]
+        subjects = signer_subjects(session, open_)
+        mine = [a for a in open_ if same_person(a.actor, who.name, subjects=(subjects[a.id], who.subject))]
         if not mine:
             others = sorted({a.actor for a in open_})
             raise ApprovalError(

@@ -56,6 +56,20 @@ def test_malformed_accounts_name_the_entry(text: str, message: str) -> None:
         auth.parse_accounts(text)
 
 
+_HF = "hf_AbCdEfGhIjKlMnOpQrStUvWxYz01234567"
+
+
+@pytest.mark.parametrize("name", [_HF, "password=hunter2", "ghp_" + "aB3" * 12])
+def test_an_account_name_that_holds_a_secret_is_refused(name: str, tmp_path: Path) -> None:
+    """An account's name is every audit row's actor it signs, kept as given for good: a token pasted as a
+    name was accepted (fix-s). Refused, naming the entry and the field, the secret not repeated."""
+    with pytest.raises(AccountsConfigError, match=r"entry 1: account name '.*\*\*\*' holds") as env:
+        auth.parse_accounts(f"{name}:viewer:scrypt$16384$8$1$AAAA$BBBB")
+    with pytest.raises(AccountsConfigError, match=r"accounts\..*\*\*\*: account name") as toml:
+        auth.load_accounts_file(_toml(tmp_path, f'"{name}"', "scrypt$16384$8$1$AAAA$BBBB"))
+    assert name not in str(env.value) + str(toml.value)
+
+
 def test_duplicate_account_refused(hashes: dict[str, str]) -> None:
     with pytest.raises(AccountsConfigError, match="entry 2: account 'alice' is defined twice"):
         auth.parse_accounts(f"alice:viewer:{hashes['alice']};alice:approver:{hashes['alice']}")

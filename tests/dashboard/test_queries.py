@@ -134,6 +134,51 @@ def test_an_override_signed_once_waits_for_a_second_approver(seeded: dict[str, A
     assert rows["contract-summarisation"]["waits_for"] == "approval to promote"
 
 
+def test_the_approvals_page_reads_oidc_subjects_in_one_query_however_many_signatures(
+    seeded: dict[str, Any],
+) -> None:
+    """`queries.approvals` read each OIDC override signature's subject with a query of its own once the
+    approver list was known, and each decision's withdrawals again (N+1, review fix-s): the statements
+    it runs grow neither with the signatures nor with the decisions, and each signer is still judged by
+    their own subject (listed by it: counts; else lapsed; u0 withdrew hers)."""
+    from sqlalchemy import event
+
+    from rollout import audit, auth
+    from rollout.db.models import Approval, GateDecision
+    from rollout.db.session import get_engine
+    from tests.fixtures.dashboard import later_look_awaiting_approval
+
+    def sign(s: Any, d: GateDecision, i: int, action: str) -> None:
+        who, subject = f"oidc:u{i}@corp.example", {"subject": f"https://idp.example#u{i}"}
+        s.add(Approval(decision_id=d.id, actor=who, role="approver", action=action, reason="r",
+                       against_recommendation=action != "withdraw"))  # fmt: skip
+        audit.record(s, who, f"approval.{action}", on=d, details=subject)
+
+    listed = [f"https://idp.example#u{i}" for i in range(0, 10, 2)]  # the even ones, by subject
+    decisions, look = {}, seeded["document-qa:decision"]
+    with session_scope() as s:
+        for k in (1, 10):
+            d = s.get(GateDecision, look := later_look_awaiting_approval(s, look))
+            for i in range(k):
+                sign(s, d, i, "approve")
+            sign(s, d, 0, "withdraw")
+            decisions[k] = d.id
+    statements: list[str] = []
+    event.listen(get_engine(), "before_cursor_execute", lambda *a: statements.append(a[2]))
+    counted, status = {}, {}
+    with auth.oidc_approvers_known(listed):
+        for k, ids in {1: [decisions[1]], 10: [decisions[10]], 11: list(decisions.values())}.items():
+            statements.clear()
+            with session_scope() as s:
+                rows = queries.approvals(s, ids)
+            counted[k] = len(statements)
+            status[k] = [r["status"].split(" ")[0] for r in rows]
+    assert counted[1] == counted[10] == counted[11], counted
+    signed = ["withdrawn"] + ["no" if i % 2 else "counts" for i in range(1, 10)]
+    assert status[1] == ["withdrawn", "a"] and status[10] == [*signed, "a"]
+    assert status[11] == status[1] + status[10]
+
+
 def test_a_stopped_use_case_leaves_the_established_total(seeded: dict[str, Any]) -> None:
     from rollout.db.models import UseCase
 

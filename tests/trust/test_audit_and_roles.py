@@ -235,6 +235,68 @@ def test_details_are_stored_redacted_and_old_rows_still_verify(sp_home) -> None:
     assert res.exit_code == 0 and "audit chain intact: 2 row(s)" in res.output
 
 
+_HF = "hf_AbCdEfGhIjKlMnOpQrStUvWxYz01234567"
+
+
+_NAMED = [
+    ("actor", {"actor": _HF}),  # a flow's `actor` parameter, a pasted name
+    ("actor", {"actor": "oidc:https://idp.example#password=hunter2"}),  # an OIDC subject that is none
+    ("entity_id", {"entity_id": "token=hunter2"}),
+    ("details.subject", {"details": {"subject": f"https://idp.example#{_HF}"}}),
+]
+
+
+def test_a_secret_where_the_audit_log_keeps_a_name_is_refused(sp_home) -> None:  # noqa: ANN001
+    """An audit row's actor, entity id and an OIDC signer's subject are stored as given (names: the
+    two-person rule and the sign-in counts read them back), so a token in one was kept in clear, for good
+    (fix-s). Refused, naming the field, nothing written; a real OIDC name that only looks like a URL's
+    password is written as before."""
+    from rollout import audit
+    from rollout.db.models import AuditEntry
+    from rollout.db.session import session_scope
+
+    for field, given in _NAMED:
+        row = {"actor": "alice", "entity": "account", "entity_id": "alice", "details": {}} | given
+        with pytest.raises(audit.AuditRefused, match=rf"audit log: {field} '.*\*\*\*.*' holds") as refused:
+            with session_scope() as s:
+                audit.record(s, row.pop("actor"), "test.named", **row)
+        assert _HF not in str(refused.value) and "hunter2" not in str(refused.value)
+    subject = "https://idp.corp#ldap:jdoe@corp.com"  # issuer#subject: no URL's password
+    with session_scope() as s:
+        audit.record(s, f"oidc:{subject}", "test.named", details={"subject": subject})
+    with session_scope() as s:
+        assert [e.actor for e in s.query(AuditEntry)] == [f"oidc:{subject}"]
+
+
+def test_old_rows_show_their_actor_and_entity_id_redacted_and_still_verify(sp_home) -> None:  # noqa: ANN001
+    """A row written before names were checked keeps what it holds (append-only, its hash covers it) and
+    still verifies; the Audit page, its filter and its CSV show its actor, entity id and subject redacted
+    (they were shown in clear, fix-s), and a real OIDC name as it is."""
+    from rollout import audit, queries
+    from rollout.db.models import AuditEntry
+    from rollout.db.session import session_scope
+
+    oidc = "oidc:https://idp.corp#ldap:jdoe@corp.com"
+    with session_scope() as s:  # as the code before wrote them
+        details = {"subject": f"https://idp.example#{_HF}"}
+        audit._append(s, AuditEntry(actor=_HF, action="test.old", entity="account",
+                                    entity_id="password=hunter2", details=details))  # fmt: skip
+        audit.record(s, oidc, "test.new")
+    with session_scope() as s:
+        facets = queries.audit_facets(s)
+        shown = queries.audit_entries(s)
+        picked = queries.audit_entries(s, actors=["hf_***"])
+    assert facets["actors"] == ["hf_***", oidc]
+    assert [(e["actor"], e["entity_id"], e["details"]) for e in shown] == [
+        (oidc, None, {}),
+        ("hf_***", "password=***", {"subject": "https://idp.example#hf_***"}),
+    ]
+    assert [e["action"] for e in picked] == ["test.old"]
+    assert _HF not in repr(shown) + repr(facets) and "hunter2" not in repr(shown)
+    res = runner.invoke(app, ["audit", "verify"])
+    assert res.exit_code == 0 and "audit chain intact: 2 row(s)" in res.output
+
+
 @pytest.mark.postgres
 def test_postgres_app_role_cannot_rewrite_history(
     pg_cluster, sp_home, monkeypatch: pytest.MonkeyPatch

@@ -190,6 +190,49 @@ def test_a_secret_pair_inside_a_percent_encoded_url_is_redacted(text: str, shown
     assert redact(text) == shown
 
 
+_SAS = "https%3A%2F%2Facct.blob.core.windows.net%2Fc%2Fd.jsonl%3Fsv%3D2022-11-02%26sp%3Dr"
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        # an Azure SAS URL inside a redirect parameter: its '+' and '=' encoded again (%252B, %253D)
+        (
+            f"GET https://app/login?next={_SAS}%26sig%3Dk9Zq%252B4T%253D%26se%3D2030 failed",
+            f"GET https://app/login?next={_SAS}%26sig%3D***%26se%3D2030 failed",
+        ),
+        # encoded twice (a redirect inside a redirect): the value runs to the separator of its depth
+        (
+            "r=https%253A%252F%252Fh%252Fo%253Fsv%253D1%2526sig%253Dab%25252Bc%2526sp%253Dr%26x=1",
+            "r=https%253A%252F%252Fh%252Fo%253Fsv%253D1%2526sig%253D***%2526sp%253Dr%26x=1",
+        ),
+        # S3 v4 and v2, GCS, an HTML "&amp;" encoded: the signing parameters the raw forms mask
+        (
+            "cb=%3FX-Amz-Credential%3DAKIAIOSFODNN7EXAMPLE%252F20240101%252Fus-east-1"
+            "%26X-Amz-Date%3D20240101T000000Z%26X-Amz-Signature%3Daeeed9bbccd4%20end",
+            "cb=%3FX-Amz-Credential%3D***%26X-Amz-Date%3D20240101T000000Z%26X-Amz-Signature%3D***%20end",
+        ),
+        (
+            "%3FAWSAccessKeyId%3DAKIAIOSFODNN7EXAMPLE%26Signature%3DvjbyP%252ByT%253D",
+            "%3FAWSAccessKeyId%3D***%26Signature%3D***",
+        ),
+        (
+            "href%3D%22https%3A%2F%2Fh%2Fo%3Fa%3D1%26amp%3BX-Goog-Signature%3D0a1b2c%22",
+            "href%3D%22https%3A%2F%2Fh%2Fo%3Fa%3D1%26amp%3BX-Goog-Signature%3D***%22",
+        ),
+        ("e=%3Fx-goog-credential%3Dsa%2540p.iam.gserviceaccount.com%3Bk", "e=%3Fx-goog-credential%3D***%3Bk"),
+        # keys that only look alike, or a signature outside any query: as they are
+        ("%3Fsignature_version%3D2%26design%3Dx%26sigma%3D0.5%26config%3Dsig", None),
+        ("sig%3Dabc is no query's, nor is msig%3Dabc or %3Fsigs%3Dabc", None),
+        ("plan%3Fsignal%3D3%26assign%3D4", None),
+    ],
+)
+def test_a_signed_query_inside_a_percent_encoded_url_is_redacted(text: str, shown: str | None) -> None:
+    """A presigned URL's signature percent-encoded inside another URL ("%26sig%3D...": an Azure SAS in a
+    redirect parameter, an error quoting the URL) was shown: only a raw "&sig=" was masked (fix-s)."""
+    assert redact(text) == (text if shown is None else shown)
+
+
 @pytest.mark.parametrize(
     "text",
     [
