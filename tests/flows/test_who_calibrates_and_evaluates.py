@@ -2,7 +2,8 @@
 run started, succeeded or failed, the phase move) always named the pipeline (`sparsepilot-pipeline`), even
 when a person ran them from the CLI. They now name the signed-in account (a `sparsepilot login` token),
 else the OS user of the process marked unproven ("os:<user> (not signed in)", a name no account may
-take); the scheduled cycle and the main job, which nobody runs by hand, stay the pipeline's. Real
+take); `run` names the operator it signed in for a person's use case, as it does for its pilot and gate;
+the scheduled cycle and the samples, which nobody runs by hand, stay the pipeline's. Real
 `sparsepilot` commands in this process, a real Prefect API, the state DB and MLflow; the model is
 config-only, so each run fails at its first model load, seconds in, after it started."""
 
@@ -106,3 +107,17 @@ def test_no_local_account_takes_the_name_of_someone_not_signed_in(name: str, tmp
     path.write_text(f'[accounts."{name}"]\nrole = "approver"\npassword_hash = "{hash_password("x" * 12)}"\n')
     with pytest.raises(AccountsConfigError, match="kept for people the CLI did not sign in"):
         load_accounts_file(path)
+
+
+def test_a_run_calibrates_a_persons_use_case_as_its_operator(
+    trust_env, mlflow_home, prefect_harness: str, tmp_path: Path
+) -> None:  # noqa: ANN001
+    """`sparsepilot run`, signed in for a person's use case, piloted and gated it as the operator but
+    calibrated and evaluated it as the pipeline (`flows.main_job.pilot_actor` now covers all four)."""
+    from flows.main_job import MainJobSettings, run_use_case
+    from sparse_core import SparsePlan
+
+    add_calibrated(tmp_path, "olgas-run", SparsePlan(tau=0.9), density=0.5, metrics={}, key="k")
+    out = run_use_case("olgas-run", MainJobSettings(), lambda _stage: None, "olga")
+    assert not out.ok and "cannot load weights" in (out.error or "")  # the config-only model
+    assert _run_rows("olgas-run") == [("calibration.started", "olga"), ("calibration.failed", "olga")]
