@@ -5,7 +5,10 @@ Idempotent: the CalibrationRun is keyed by (use case, spec hash, settings); a fi
 key is returned as it is (its version made the challenger again if another calibration moved it since: a
 spec reverted to an earlier version), a failed or interrupted one is redone in the same row. The first
 calibration also registers the dense baseline (every layer dense), which is what a rollback after the
-first promotion returns to."""
+first promotion returns to.
+
+Its audit rows and phase moves name ``actor``: the pipeline (the cycle, the main job), or the person who
+ran `sparsepilot calibrate NAME` (`sparsepilot.commands.auth.acting_person`)."""
 
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from flows.common import (
     stable_key,
     under_lease,
 )
-from rollout import leases, registry, runs, tracking
+from rollout import audit, leases, registry, runs, tracking
 from rollout.calibration_outcome import budget_words, met_budget
 from rollout.dataset_split import EVALUATION_SHARE
 from rollout.redact import redact
@@ -109,9 +112,9 @@ def limits_for(ctx: UseCaseContext, quick: bool, overrides: dict[str, Any] | Non
 
 
 @flow_task("calibration-run-open")
-def open_run(ctx: UseCaseContext, key: str, settings: dict[str, Any]) -> dict[str, Any]:
+def open_run(ctx: UseCaseContext, key: str, settings: dict[str, Any], actor: str) -> dict[str, Any]:
     """The CalibrationRun for this key: returned as-is when it succeeded, else (re)marked running."""
-    return runs.open_calibration(ctx.use_case_id, ctx.spec_version, key, settings, flow_run_id())
+    return runs.open_calibration(ctx.use_case_id, ctx.spec_version, key, settings, flow_run_id(), actor)
 
 
 def task_rows_of(rows: list[dict[str, Any]], holdout_fraction: float, seed: int) -> list[Any]:
@@ -229,7 +232,7 @@ def retire_interrupted(ctx: UseCaseContext, run_pk: int, mlflow_run_id: str) -> 
 
 @flow_task("register-challenger")
 def register_challenger(
-    ctx: UseCaseContext, run_pk: int, plan: Any, report: dict[str, Any], mlflow_run_id: str
+    ctx: UseCaseContext, run_pk: int, plan: Any, report: dict[str, Any], mlflow_run_id: str, actor: str
 ) -> dict[str, Any]:
     """Register the plan's model version (+ the dense baseline once) and point `challenger` at it."""
     mv, move = registry.register_challenger(
@@ -248,12 +251,13 @@ def register_challenger(
         mlflow_run_id=mlflow_run_id,
         metrics={**_flat_metrics(report), **_budget_flags(report)},
         density=report.get("density"),
+        actor=actor,
     )
     return {"model_version_id": mv.id, "mlflow_version": mv.mlflow_version, "alias_move_id": move.id}
 
 
 @flow_task("reuse-challenger")
-def reuse_challenger(ctx: UseCaseContext, run: dict[str, Any]) -> dict[str, Any] | None:
+def reuse_challenger(ctx: UseCaseContext, run: dict[str, Any], actor: str) -> dict[str, Any] | None:
     """A reused run's version made the challenger again when another calibration moved it since (the spec
     was reverted to the version this run calibrated); None when it is the challenger already."""
     move = registry.repoint_challenger(
@@ -261,13 +265,15 @@ def reuse_challenger(ctx: UseCaseContext, run: dict[str, Any]) -> dict[str, Any]
     )
     if move is None:
         return None
-    runs.calibration_reused(ctx.name, run["id"], mlflow_version=move.to_version, alias_move_id=move.id)
+    runs.calibration_reused(
+        ctx.name, run["id"], mlflow_version=move.to_version, alias_move_id=move.id, actor=actor
+    )
     return {"mlflow_version": move.to_version, "alias_move_id": move.id}
 
 
 @flow_task("calibration-run-failed")
-def mark_failed(ctx: UseCaseContext, run_pk: int, error: str) -> None:
-    runs.calibration_failed(ctx.use_case_id, run_pk, error)
+def mark_failed(ctx: UseCaseContext, run_pk: int, error: str, actor: str) -> None:
+    runs.calibration_failed(ctx.use_case_id, run_pk, error, actor)
 
 
 def _budget_flags(report: dict[str, Any]) -> dict[str, bool]:
@@ -320,7 +326,10 @@ def _task_metrics(task: dict[str, Any]) -> dict[str, Any]:
 @sparsepilot_flow("calibrate")
 @under_lease("calibrate")
 def calibrate_flow(
-    use_case: str, quick: bool = False, limits: dict[str, Any] | None = None
+    use_case: str,
+    quick: bool = False,
+    limits: dict[str, Any] | None = None,
+    actor: str = audit.SYSTEM_ACTOR,
 ) -> dict[str, Any]:
     logger = get_run_logger()
     ctx = load_context(use_case)
@@ -336,9 +345,9 @@ def calibrate_flow(
     # the weights at the model path too: a fine-tune updated in place is calibrated again, not reused
     weights = weights_fingerprint(ctx.spec.model)
     key = "calibrate:" + stable_key(ctx.use_case_id, ctx.spec_hash, ctx.spec.model, settings, weights)
-    run = open_run(ctx, key, settings)
+    run = open_run(ctx, key, settings, actor)
     if run["status"] == "succeeded":
-        moved = reuse_challenger(ctx, run)
+        moved = reuse_challenger(ctx, run, actor)
         logger.info(
             "%s: calibration %s already done (model version %s)%s",
             use_case,
@@ -361,11 +370,11 @@ def calibrate_flow(
         plan, report = calibrate_plan(ctx, settings)
         leases.check_held()  # lost while its last step ran: log nothing the state DB would then refuse
         mlflow_run_id = log_calibration(ctx, run["id"], settings, report, validation)
-        reg = register_challenger(ctx, run["id"], plan, report, mlflow_run_id)
+        reg = register_challenger(ctx, run["id"], plan, report, mlflow_run_id, actor)
         retire_interrupted(ctx, run["id"], mlflow_run_id)
     except Exception as exc:
         mark_not_recorded(mlflow_run_id, exc)
-        mark_failed(ctx, run["id"], f"{type(exc).__name__}: {exc}")
+        mark_failed(ctx, run["id"], f"{type(exc).__name__}: {exc}", actor)
         raise
     measured = report.get("measured_density")
     metrics = _flat_metrics(report)

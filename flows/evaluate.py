@@ -23,7 +23,7 @@ from flows.common import (
     under_lease,
     version_plan,
 )
-from rollout import leases, runs
+from rollout import audit, leases, runs
 from sparse_core.errors import SparsePilotError
 
 
@@ -63,8 +63,8 @@ def target_version(ctx: UseCaseContext) -> dict[str, Any]:
 
 
 @flow_task("evaluation-run-open")
-def open_run(ctx: UseCaseContext, mv_id: int, key: str) -> dict[str, Any]:
-    return runs.open_evaluation(ctx.use_case_id, mv_id, key, flow_run_id())
+def open_run(ctx: UseCaseContext, mv_id: int, key: str, actor: str) -> dict[str, Any]:
+    return runs.open_evaluation(ctx.use_case_id, mv_id, key, flow_run_id(), actor)
 
 
 @flow_task("evaluate-model", retries=0)
@@ -178,7 +178,12 @@ def roi_from_report(spec: Any, report: dict[str, Any], decode_tps: float | None)
 
 @flow_task("evaluation-record")
 def record(
-    ctx: UseCaseContext, run_pk: int, result: dict[str, Any], roi: dict[str, Any], mlflow_run_id: str
+    ctx: UseCaseContext,
+    run_pk: int,
+    result: dict[str, Any],
+    roi: dict[str, Any],
+    mlflow_run_id: str,
+    actor: str,
 ) -> dict:
     return runs.evaluation_succeeded(
         ctx.name,
@@ -187,17 +192,23 @@ def record(
         roi=roi,
         mlflow_run_id=mlflow_run_id,
         spec_version=ctx.spec_version,
+        actor=actor,
     )
 
 
 @flow_task("evaluation-failed")
-def mark_failed(run_pk: int, error: str) -> None:
-    runs.evaluation_failed(run_pk, error)
+def mark_failed(run_pk: int, error: str, actor: str) -> None:
+    runs.evaluation_failed(run_pk, error, actor)
 
 
 @sparsepilot_flow("evaluate")
 @under_lease("evaluate")
-def evaluate_flow(use_case: str, quick: bool = False, suite: dict[str, Any] | None = None) -> dict[str, Any]:
+def evaluate_flow(
+    use_case: str, quick: bool = False, suite: dict[str, Any] | None = None, actor: str = audit.SYSTEM_ACTOR
+) -> dict[str, Any]:
+    """Measure the challenger against dense and price it (ROI). Its audit rows and phase move name
+    ``actor``: the pipeline (the cycle, the main job), or the person who ran `sparsepilot evaluate NAME`
+    (`sparsepilot.commands.auth.acting_person`)."""
     from rollout.settings import get_settings
 
     logger = get_run_logger()
@@ -205,7 +216,7 @@ def evaluate_flow(use_case: str, quick: bool = False, suite: dict[str, Any] | No
     target = target_version(ctx)
     settings = suite_settings(ctx, quick, suite)
     key = "evaluate:" + stable_key(target["model_version_id"], settings, ctx.spec_hash)
-    run = open_run(ctx, target["model_version_id"], key)
+    run = open_run(ctx, target["model_version_id"], key, actor)
     if run["status"] == "succeeded":
         logger.info("%s: evaluation %s already done", use_case, run["id"])
         if run["summary"].get("measured_under_overload"):
@@ -239,10 +250,10 @@ def evaluate_flow(use_case: str, quick: bool = False, suite: dict[str, Any] | No
             json_artifacts={"evaluation_report.json": result["report"], "roi.json": roi},
             files=[p for p in (result["report"].get("artifacts") or {}).values() if Path(p).is_file()],
         )
-        summary = record(ctx, run["id"], result, roi, mlflow_run_id)
+        summary = record(ctx, run["id"], result, roi, mlflow_run_id, actor)
     except Exception as exc:
         mark_not_recorded(mlflow_run_id, exc)
-        mark_failed(run["id"], f"{type(exc).__name__}: {exc}")
+        mark_failed(run["id"], f"{type(exc).__name__}: {exc}", actor)
         raise
     # at INFO with the rest of the flow's progress: a console judged free of WARNING lines (the main job's
     # tests) must not fail because the host was busy; the line itself says it

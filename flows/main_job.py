@@ -84,9 +84,9 @@ def adder_of(examples_dir: Path, operator: str | None) -> str:
 
 
 def pilot_actor(name: str, operator: str | None, theirs: set[str]) -> str:
-    """Who pilots and gates ``name`` in a run, as the audit log says: the operator signed in for it where it
-    is a person's use case (``theirs``: `rollout.usecases.added_by_people`, what the sign-in was for), the
-    pipeline for the samples it adds and runs itself, which need nobody."""
+    """Who calibrates, evaluates, pilots and gates ``name`` in a run, as the audit log says: the operator
+    signed in for it where it is a person's use case (``theirs``: `rollout.usecases.added_by_people`, what
+    the sign-in was for), the pipeline for the samples it adds and runs itself, which need nobody."""
     return operator if operator is not None and name in theirs else audit.SYSTEM_ACTOR
 
 
@@ -138,9 +138,9 @@ def run_use_case(
     t0 = time.perf_counter()
     try:
         stage("validate+calibrate")
-        out.calibration = calibrate_flow(name, quick=s.quick)
+        out.calibration = calibrate_flow(name, quick=s.quick, actor=actor)
         stage("evaluate")
-        out.evaluation = evaluate_flow(name, quick=s.quick)
+        out.evaluation = evaluate_flow(name, quick=s.quick, actor=actor)
         # A pilot would compare dense with dense, or spend traffic where nothing can be saved: say so.
         skip = evaluation_pilot_skip(
             out.evaluation, met_budget=out.calibration.get("met_budget"), pilot_anyway=s.pilot_unprofitable

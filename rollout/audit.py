@@ -1,7 +1,9 @@
 """The append-only audit log. Writes go through `record` inside the caller's transaction, so the audit
 row and the change it describes commit or roll back together.
 
-Every row carries who acted (``actor``: the authenticated account or a system identity) and where the
+Every row carries who acted (``actor``: the authenticated account, a system identity, or, for a command
+that needs no sign-in run by someone who did not sign in, their OS user marked unproven:
+`rollout.auth.unproven_os_name`) and where the
 command ran (``os_user``, ``host``), and a hash chain: ``prev_hash`` is the previous row's ``row_hash``
 and ``row_hash`` = sha256 over ``prev_hash`` and the row's content. A unique index on ``prev_hash`` stops
 two writers from extending the chain from the same row; writers also queue before they read the last

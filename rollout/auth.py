@@ -55,6 +55,10 @@ USER_ENV = "SPARSEPILOT_USER"
 # OIDC identities live in a namespace of their own: a local account's name never starts with it, so an
 # OIDC user can never be recorded under (or take the signatures of) a local account's name.
 OIDC_PREFIX = "oidc:"
+# A person the CLI did not sign in, where a command needs no sign-in (`calibrate NAME`, `evaluate NAME`):
+# named after the OS account of the process and marked unproven (`unproven_os_name`). No local account's
+# name starts with it either, so such a name never reads as an account's, nor takes its signatures.
+OS_PREFIX = "os:"
 # the OIDC approver list (email or ``<issuer>#<subject>``, comma-separated); the dashboard adds its
 # secrets' ``[sparsepilot] approvers`` (`oidc_approvers_known`)
 OIDC_APPROVERS_ENV = "SPARSEPILOT_OIDC_APPROVERS"
@@ -207,17 +211,29 @@ def _check_name(name: str, where: str) -> str:
     name = name.strip()
     if not name:
         raise AccountsConfigError(f"{where}: account name is empty")
-    if name.lower().startswith(OIDC_PREFIX):
-        raise AccountsConfigError(
-            f"{where}: account name {name!r} starts with {OIDC_PREFIX!r}, "
-            "which is kept for single sign-on users"
-        )
     if redacted_name(name) != name:  # the audit log keeps an account's name as given, for good
         raise AccountsConfigError(
             f"{where}: account name {redacted_name(name)!r} holds what reads as a secret (a token, a "
             "password); an account's name is kept in the audit log as given: choose a plain name"
         )
+    if name.lower().startswith(OIDC_PREFIX):
+        raise AccountsConfigError(
+            f"{where}: account name {name!r} starts with {OIDC_PREFIX!r}, "
+            "which is kept for single sign-on users"
+        )
+    if name.lower().startswith(OS_PREFIX):
+        raise AccountsConfigError(
+            f"{where}: account name {name!r} starts with {OS_PREFIX!r}, "
+            "which is kept for people the CLI did not sign in"
+        )
     return name
+
+
+def unproven_os_name(os_user: str) -> str:
+    """The actor of a command someone ran without signing in, where it needs no sign-in: their OS account
+    (`rollout.audit.os_user_of`: the process's real uid, never $USER), marked as what it is, a name nobody
+    proved: ``os:alice (not signed in)``."""
+    return f"{OS_PREFIX}{os_user} (not signed in)"
 
 
 def _check_email(email: object, where: str) -> str:

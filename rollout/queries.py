@@ -220,7 +220,9 @@ def portfolio(
     # (`approve --withdraw`) or an override's whose signer is no longer an approver counts nothing
     signed = _signature_counts(session, [r["decision_id"] for r in rows if r["decision_id"] is not None])
     for r in rows:
-        r["decision_standing"] = decision_standing(r["decision"], r["resolution"])  # "GO, rejected"
+        # "GO, rejected", "GO (monitor)"; the chart's colour: the outcome and who made it, as it was made
+        r["decision_standing"] = decision_standing(r["decision"], r["resolution"], kind=r["decision_kind"])
+        r["decision_made"] = decision_words(r["decision"], r["decision_kind"])
         r["signatures"] = signed.get(r["decision_id"], 0)
         r["waits_for"] = waits_for(r)
         # what the speed-up and the dollars carry beside them: timings kept under overload, and dollars
@@ -237,16 +239,37 @@ def portfolio(
 NOT_STANDING = ("rejected", "aborted", "superseded")
 
 
-def decision_standing(
-    outcome: str | None, resolution: str | None, step_index: int | None = None
+# Who made a decision that is not the gate's, as every listing of decisions names it beside the outcome: a
+# monitor's "GO" says that no guardrail breached after promotion (no gate GO), its "NO-GO" asks for a
+# rollback; a manual rollback is a person's "NO-GO".
+DECIDED_BY = {"monitor": "monitor", "rollback": "manual rollback"}
+
+
+def decision_words(
+    outcome: str | None, kind: str | None = "gate", step_index: int | None = None
 ) -> str | None:
-    """A decision as it stands, in words (the one rule of the portfolio, its headline, the use-case page,
-    the pilots' last outcome and the main job's table): its outcome, with the step it judged where given,
-    and what became of it where that outcome does not stand ("GO, rejected", "GO (step 1), aborted"); a
-    stopped use case whose GO a person rejected read "GO". None without an outcome."""
+    """A decision's outcome in words, with who made it where that is not the gate and the step it judged
+    where given: "GO", "GO (monitor)", "NO-GO (manual rollback)", "GO (step 1)". The portfolio's decision
+    column and chart, the use-case page's outcome and timeline, the Approvals cards and `usecase show` say
+    it so; a monitor's "GO" read as a plain "GO" beside the gate's. None without an outcome."""
     if outcome is None:
         return None
-    shown = outcome if step_index is None else f"{outcome} (step {step_index})"
+    notes = [DECIDED_BY.get(kind, kind)] if kind not in (None, "gate") else []
+    notes += [] if step_index is None else [f"step {step_index}"]
+    return f"{outcome} ({', '.join(str(n) for n in notes)})" if notes else outcome
+
+
+def decision_standing(
+    outcome: str | None, resolution: str | None, step_index: int | None = None, kind: str | None = "gate"
+) -> str | None:
+    """A decision as it stands, in words (the one rule of the portfolio, its headline, the use-case page,
+    the pilots' last outcome and the main job's table): its outcome as `decision_words` says it (who made
+    it, the step it judged where given), and what became of it where that outcome does not stand ("GO,
+    rejected", "GO (step 1), aborted", "NO-GO (monitor), rejected"); a stopped use case whose GO a person
+    rejected read "GO". None without an outcome."""
+    shown = decision_words(outcome, kind, step_index)
+    if shown is None:
+        return None
     return f"{shown}, {resolution}" if resolution in NOT_STANDING else shown
 
 
@@ -462,10 +485,10 @@ def portfolio_totals(session: Session) -> dict[str, Any]:
         .join(UseCase, UseCase.id == EvaluationRun.use_case_id)
     ).one()
     # every use case's current decision, the portfolio row's (`_current_decision`), counted as it stands
-    # (`decision_standing`) in one of three buckets that add up to the rows with a decision: the gate's
-    # that stand; those that no longer do ("GO, rejected", "EXTEND, aborted": no bucket the headline
-    # showed held them); and those after promotion (a monitor's look, a manual rollback: a monitor's "GO"
-    # says no guardrail breached, no gate GO)
+    # (`decision_standing`, the table's words) in one of three buckets that add up to the rows with a
+    # decision: the gate's that stand; those that no longer do ("GO, rejected", "EXTEND, aborted": no
+    # bucket the headline showed held them); and those after promotion (a monitor's look, a manual
+    # rollback: "GO (monitor)" says no guardrail breached, no gate GO)
     last_dec = _current_decision()
     standing: dict[str, int] = {}
     not_standing: dict[str, int] = {}
@@ -475,9 +498,9 @@ def portfolio_totals(session: Session) -> dict[str, Any]:
         .join(last_dec, last_dec.c.id == GateDecision.id)
         .group_by(GateDecision.kind, GateDecision.outcome, GateDecision.resolution)
     ):
-        words = decision_standing(outcome, resolution)
+        words = decision_standing(outcome, resolution, kind=kind)
         if kind != "gate":
-            bucket, words = after_promotion, f"{kind} {words}"
+            bucket = after_promotion
         else:
             bucket = not_standing if resolution in NOT_STANDING else standing
         bucket[words] = bucket.get(words, 0) + n
@@ -498,7 +521,7 @@ def portfolio_totals(session: Session) -> dict[str, Any]:
         "ended": money.ended,
         "decisions": standing,  # the gate's, standing: GO / EXTEND / NO-GO / INVALID
         "decisions_not_standing": not_standing,  # "GO, rejected": 1
-        "decisions_after_promotion": after_promotion,  # "monitor GO": 1, "rollback NO-GO": 1
+        "decisions_after_promotion": after_promotion,  # "GO (monitor)": 1, "NO-GO (manual rollback)": 1
         "decided": sum(standing.values()) + sum(not_standing.values()) + sum(after_promotion.values()),
         "pending_approvals": pending or 0,
         "phases": phases,
@@ -636,10 +659,9 @@ def describe_monitor_state(state: dict[str, Any] | None) -> str | None:
     if state["last_look_at"] is None:
         line = f"Monitor: no look since the promotion ({at(state['promoted_at'])})"
     else:
-        line = (
-            f"Monitor: last look {at(state['last_look_at'])} ({state['last_look_outcome']}, decision "
-            f"{state['last_look_decision_id']})"
-        )
+        made = decision_words(state["last_look_outcome"], "monitor")  # "GO (monitor)", as every listing
+        look = state["last_look_decision_id"]
+        line = f"Monitor: last look {at(state['last_look_at'])} ({made}, decision {look})"
     skipped = state["last_skip_at"]
     if skipped is not None and (
         state["last_look_at"] is None or as_utc(skipped) >= as_utc(state["last_look_at"])

@@ -3,7 +3,11 @@ the audit row and the use case's phase move in the same transaction. Each functi
 (the flows pass values, never sessions).
 
 A run key names the work (use case, spec, settings): a run that succeeded under the key is returned as it
-is (the flow reuses it), a failed or interrupted one is reopened in the same row."""
+is (the flow reuses it), a failed or interrupted one is reopened in the same row.
+
+Each audit row and phase move names ``actor``: the pipeline for a scheduled or pipeline run, else who ran
+`sparsepilot calibrate NAME` / `evaluate NAME` (`sparsepilot.commands.auth.acting_person`: the signed-in
+account, or ``os:<user> (not signed in)``)."""
 
 from __future__ import annotations
 
@@ -59,18 +63,26 @@ def _failed(session: Any, model: type, run_pk: int, error: str) -> Any:
     return run
 
 
-def _succeeded(session: Any, use_case: str, run: Any, kind: str, phase: str, details: dict) -> None:
-    """The audit row of a succeeded run, and the use case's move to `phase` where the lifecycle allows."""
-    audit.record(session, audit.SYSTEM_ACTOR, f"{kind}.succeeded", on=run, details=details)
+def _succeeded(
+    session: Any, use_case: str, run: Any, kind: str, phase: str, details: dict, actor: str
+) -> None:
+    """The audit row of a succeeded run, and the use case's move to `phase` where the lifecycle allows,
+    both by `actor`."""
+    audit.record(session, actor, f"{kind}.succeeded", on=run, details=details)
     uc = get_use_case(session, use_case)
-    lifecycle.advance(session, uc, phase, actor=audit.SYSTEM_ACTOR, reason=f"{kind} run {run.id}")
+    lifecycle.advance(session, uc, phase, actor=actor, reason=f"{kind} run {run.id}")
 
 
 # --- calibration -----------------------------------------------------------------------------------
 
 
 def open_calibration(
-    use_case_id: int, spec_version: int, key: str, settings: dict[str, Any], flow_run_id: str | None
+    use_case_id: int,
+    spec_version: int,
+    key: str,
+    settings: dict[str, Any],
+    flow_run_id: str | None,
+    actor: str = audit.SYSTEM_ACTOR,
 ) -> dict[str, Any]:
     with session_scope() as session:
         run, created = _open(
@@ -85,7 +97,7 @@ def open_calibration(
         if created:
             audit.record(
                 session,
-                audit.SYSTEM_ACTOR,
+                actor,
                 "calibration.started",
                 on=run,
                 details={"settings": settings, "spec_version": spec_version},
@@ -117,6 +129,7 @@ def calibration_succeeded(
     mlflow_run_id: str,
     metrics: dict[str, Any],
     density: float | None,
+    actor: str = audit.SYSTEM_ACTOR,
 ) -> None:
     """Record the registered challenger on the run; the use case becomes `calibrated` where the
     lifecycle allows it."""
@@ -132,16 +145,16 @@ def calibration_succeeded(
             "mlflow_version": model_version.mlflow_version,
             "density": density,
         }
-        _succeeded(session, use_case, run, "calibration", "calibrated", details)
+        _succeeded(session, use_case, run, "calibration", "calibrated", details, actor)
 
 
-def calibration_failed(use_case_id: int, run_pk: int, error: str) -> None:
+def calibration_failed(use_case_id: int, run_pk: int, error: str, actor: str = audit.SYSTEM_ACTOR) -> None:
     with session_scope() as session:
         run = _failed(session, CalibrationRun, run_pk, error)
         run.finished_at = utcnow()
         audit.record(
             session,
-            audit.SYSTEM_ACTOR,
+            actor,
             "calibration.failed",
             on=run,
             details={"error": run.error[:1000]},
@@ -247,7 +260,9 @@ def latest_calibrated_version(use_case_id: int) -> dict[str, Any] | None:
         return version_dict(session.get(ModelVersion, run.model_version_id))
 
 
-def calibration_reused(use_case: str, run_pk: int, *, mlflow_version: str, alias_move_id: int) -> None:
+def calibration_reused(
+    use_case: str, run_pk: int, *, mlflow_version: str, alias_move_id: int, actor: str = audit.SYSTEM_ACTOR
+) -> None:
     """A succeeded calibration run reused with its version made the challenger again (the spec was
     reverted): its audit row, and the use case back to `calibrated` where the lifecycle allows it, as a
     new calibration would (the challenger changed: what was evaluated was another plan)."""
@@ -258,11 +273,9 @@ def calibration_reused(use_case: str, run_pk: int, *, mlflow_version: str, alias
             "mlflow_version": mlflow_version,
             "alias_move_id": alias_move_id,
         }
-        audit.record(session, audit.SYSTEM_ACTOR, "calibration.reused", on=run, details=details)
+        audit.record(session, actor, "calibration.reused", on=run, details=details)
         uc = get_use_case(session, use_case)
-        lifecycle.advance(
-            session, uc, "calibrated", actor=audit.SYSTEM_ACTOR, reason=f"calibration run {run.id} reused"
-        )
+        lifecycle.advance(session, uc, "calibrated", actor=actor, reason=f"calibration run {run.id} reused")
 
 
 def record_unregistered_challenger(use_case: str, base_model_ref: str, *, key: str) -> int:
@@ -304,9 +317,18 @@ def evaluation_summary(run: Any) -> dict[str, Any]:
     }
 
 
-def open_evaluation(use_case_id: int, model_version_id: int, key: str, flow_run_id: str | None) -> dict:
+def open_evaluation(
+    use_case_id: int,
+    model_version_id: int,
+    key: str,
+    flow_run_id: str | None,
+    actor: str = audit.SYSTEM_ACTOR,
+) -> dict:
+    """The EvaluationRun for this key: returned as-is when it succeeded, else (re)marked running; a new
+    one is audited as started by `actor` (a calibration's start is; an evaluation's was not, so one that
+    failed named nobody)."""
     with session_scope() as session:
-        run, _ = _open(
+        run, created = _open(
             session,
             EvaluationRun,
             key,
@@ -314,6 +336,9 @@ def open_evaluation(use_case_id: int, model_version_id: int, key: str, flow_run_
             use_case_id=use_case_id,
             model_version_id=model_version_id,
         )
+        if created:
+            details = {"model_version_id": model_version_id}
+            audit.record(session, actor, "evaluation.started", on=run, details=details)
         return {"id": run.id, "status": run.status, "summary": evaluation_summary(run)}
 
 
@@ -325,6 +350,7 @@ def evaluation_succeeded(
     roi: dict[str, Any],
     mlflow_run_id: str,
     spec_version: int | None,
+    actor: str = audit.SYSTEM_ACTOR,
 ) -> dict[str, Any]:
     """Record the evaluation's report and ROI, priced at `spec_version` (the spec the flow loaded); the
     use case becomes `evaluated` where the lifecycle allows it. Returns the run's summary."""
@@ -353,10 +379,11 @@ def evaluation_succeeded(
         run.roi = roi
         run.artifacts = dict(report.get("artifacts") or {})
         details = {"device": run.device, "speedup": run.speedup, "saved_usd_month": run.savings_month_usd}
-        _succeeded(session, use_case, run, "evaluation", "evaluated", details)
+        _succeeded(session, use_case, run, "evaluation", "evaluated", details, actor)
         return evaluation_summary(run)
 
 
-def evaluation_failed(run_pk: int, error: str) -> None:
+def evaluation_failed(run_pk: int, error: str, actor: str = audit.SYSTEM_ACTOR) -> None:
     with session_scope() as session:
-        _failed(session, EvaluationRun, run_pk, error)
+        run = _failed(session, EvaluationRun, run_pk, error)
+        audit.record(session, actor, "evaluation.failed", on=run, details={"error": run.error[:1000]})

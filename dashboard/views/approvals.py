@@ -122,7 +122,10 @@ def decision_card(d: dict[str, Any], ident: Identity | None) -> None:
         f"waiting for {waits}" if waits else "running pilot's latest decision; promoting on it is an override"
     )
     step = f" · step {d['step_index']} ({d['traffic_pct']:g}%)" if d.get("step_index") is not None else ""
-    st.subheader(f"#{d['id']} {d['use_case']}: {d['outcome']}, {head}")
+    made = queries.decision_words(
+        d["outcome"], d["kind"]
+    )  # "NO-GO (monitor)": the monitor's rollback request
+    st.subheader(f"#{d['id']} {d['use_case']}: {made}, {head}")
     st.caption(f"criticality {d['criticality']}{step} · decided {d['created_at']:%Y-%m-%d %H:%M} UTC")
     evidence_summary(d)
     recommended = approvals.recommended_action(
@@ -248,7 +251,7 @@ def override_section(ident: Identity | None) -> None:
         "goes against its recommendation and takes effect only when a second, different approver signs."
     )
     for d in candidates:
-        with st.expander(f"#{d['id']} {d['use_case']}: {d['outcome']}"):
+        with st.expander(f"#{d['id']} {d['use_case']}: {queries.decision_words(d['outcome'], d['kind'])}"):
             decision_card(d, ident)
 
 

@@ -16,11 +16,17 @@ from rollout import queries
 from rollout.lifecycle import ENDED_PHASES
 from rollout.words import counted
 
+# the chart's colour per decision as it was made (`queries.decision_words`): after promotion the gate's hue,
+# lighter, so a monitor's "GO" is not read as the gate's
 DECISION_COLORS = {
     "GO": "#2e7d32",
     "EXTEND": "#f9a825",
     "NO-GO": "#c62828",
     "INVALID": "#6a1b9a",
+    "GO (monitor)": "#81c784",
+    "NO-GO (monitor)": "#e57373",
+    "INVALID (monitor)": "#ba68c8",
+    "NO-GO (manual rollback)": "#8d6e63",
     "-": "#9e9e9e",
 }
 CRITICALITY_ORDER = ["low", "medium", "high"]
@@ -84,7 +90,7 @@ def totals_row(t: dict[str, Any]) -> None:
 def decision_counts(t: dict[str, Any]) -> list[str]:
     """The headline's counts beside GO and EXTEND, so that all of them add up to the use cases with a
     decision: "0 NO-GO", "0 INVALID", "1 no longer standing (1 GO, rejected)", "1 after promotion (1
-    monitor GO)", "3 use cases with a decision"."""
+    GO (monitor))", "3 use cases with a decision"."""
     d = t["decisions"]
     parts = [f"{d.get('NO-GO', 0)} NO-GO", f"{d.get('INVALID', 0)} INVALID"]
     for label, counts in (
@@ -101,8 +107,9 @@ def to_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     numeric = [c for c in df.columns if c.startswith(NUMERIC_PREFIXES) or c == "density"]
     df[numeric] = df[numeric].apply(pd.to_numeric, errors="coerce")
-    df["outcome"] = df["decision"].fillna("-")  # the gate's outcome alone: the chart's colour
-    # the decision as it stands (queries.decision_standing): a rejected GO reads "GO, rejected"
+    # the chart's colour: the outcome and who made it ("GO (monitor)"), not what became of it
+    df["outcome"] = df["decision_made"].fillna("-")
+    # the decision as it stands (queries.decision_standing): "GO, rejected", "GO (monitor)"
     df["decision"] = df["decision_standing"].fillna("-")
     df["step"] = [fmt.step_label(r) for r in rows]
     df["quality interval"] = [fmt.quality_interval(r["quality_low"], r["quality_high"]) for r in rows]
@@ -198,6 +205,9 @@ def plotted(df: pd.DataFrame) -> pd.DataFrame:
 def savings_vs_risk(df: pd.DataFrame) -> alt.Chart:
     data = plotted(df).copy()
     data["$/month saved"] = [fmt.money(x) for x in data["savings_month_usd"]]
+    # the legend names the decisions plotted; one no colour is kept for shows grey rather than nothing
+    shown = {k: c for k, c in DECISION_COLORS.items() if k in set(data["outcome"])}
+    shown |= {k: DECISION_COLORS["-"] for k in data["outcome"] if k not in DECISION_COLORS}
     base = alt.Chart(data).encode(
         x=alt.X("quality risk:Q", title="Quality risk (worst plausible quality loss)"),
         tooltip=[
@@ -218,7 +228,7 @@ def savings_vs_risk(df: pd.DataFrame) -> alt.Chart:
         color=alt.Color(
             "outcome:N",
             title="decision",
-            scale=alt.Scale(domain=list(DECISION_COLORS), range=list(DECISION_COLORS.values())),
+            scale=alt.Scale(domain=list(shown), range=list(shown.values())),
         ),
         size=alt.Size("criticality:N", sort=CRITICALITY_ORDER, scale=alt.Scale(range=[60, 260])),
     )

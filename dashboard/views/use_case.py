@@ -67,7 +67,8 @@ def decision_block(decs: list[dict[str, Any]], row: dict[str, Any] | None) -> No
         return
     q = d["evidence"].get("quality", {})
     c1, c2, c3 = st.columns(3)
-    standing = queries.decision_standing(d["outcome"], d["resolution"])  # "GO, rejected": the portfolio's
+    # the portfolio's words: "GO, rejected", "GO (monitor)"
+    standing = queries.decision_standing(d["outcome"], d["resolution"], kind=d["kind"])
     c1.metric("Outcome", standing, help=f"decision #{d['id']} ({d['kind']}), look {d['look_index']}")
     c2.metric("Quality Δ (sparse - dense)", fmt.num_interval(q.get("estimate"), None, None))
     c2.caption(f"interval {fmt.quality_interval(q.get('interval_low'), q.get('interval_high'))}")
@@ -172,7 +173,8 @@ def timeline(use_case_id: int, decs: list[dict[str, Any]]) -> None:
             label = f"step {r['step_index']} {r['kind']} {r['traffic_pct']:g}%"
             events.append({"time": r["started_at"], "lane": "steps", "event": label})
     for d in decs:
-        events.append({"time": d["created_at"], "lane": "decisions", "event": f"#{d['id']} {d['outcome']}"})
+        made = queries.decision_words(d["outcome"], d["kind"])  # "GO (monitor)": not the gate's GO
+        events.append({"time": d["created_at"], "lane": "decisions", "event": f"#{d['id']} {made}"})
     for m in moves:
         text = f"{m['alias']}: {m['from_version'] or '-'} → {m['to_version'] or '-'} ({m['status']})"
         events.append({"time": m["created_at"], "lane": "alias moves", "event": text})

@@ -44,6 +44,20 @@ def signed_in(role: str, action: str, password_stdin: bool = False) -> Any:
         fail(f"accounts configuration: {exc}")
 
 
+def acting_person() -> str:
+    """Who runs a command that needs no sign-in but changes the state DB (`calibrate NAME`, `evaluate
+    NAME`), as its audit rows name them: the account of a valid login token (`sparsepilot login`), else,
+    nobody signed in (or a token that no longer holds), the OS account of this process marked unproven
+    (`rollout.auth.unproven_os_name`: "os:alice (not signed in)"). Never prompts, never refuses."""
+    from rollout.audit import origin
+    from rollout.auth import AccountsConfigError, PermissionDenied, cli_authenticate, unproven_os_name
+
+    try:
+        return cli_authenticate().name
+    except (PermissionDenied, AccountsConfigError):
+        return unproven_os_name(origin()[0])
+
+
 @app.command("login")
 def login(
     password_stdin: PasswordStdin = False,

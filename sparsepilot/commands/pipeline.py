@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from sparsepilot.commands.auth import PasswordStdin, signed_in
+from sparsepilot.commands.auth import PasswordStdin, acting_person, signed_in
 from sparsepilot.console import (
     console,
     emit_json,
@@ -102,12 +102,14 @@ DecisionId = Annotated[
 
 
 def calibrate_use_case(name: str, quick: bool, json_out: bool) -> None:
-    """Use-case form: validate the dataset, calibrate to the spec's budget, register @challenger."""
+    """Use-case form: validate the dataset, calibrate to the spec's budget, register @challenger. Needs no
+    sign-in; its audit rows name who ran it (`acting_person`), not the pipeline."""
     _require_device()
     _require_use_case(name)  # a typo is refused in a second, not after a Prefect server and a Failed run
     from flows.calibrate import calibrate_flow
 
-    result = _run(lambda: calibrate_flow(name, quick=quick))
+    who = acting_person()
+    result = _run(lambda: calibrate_flow(name, quick=quick, actor=who))
     if json_out:
         emit_json(result)
         return
@@ -129,12 +131,14 @@ def calibrate_use_case(name: str, quick: bool, json_out: bool) -> None:
 
 
 def evaluate_use_case(name: str, quick: bool, json_out: bool) -> None:
-    """Use-case form: quality and speed vs dense on the use case's data, ROI with its interval."""
+    """Use-case form: quality and speed vs dense on the use case's data, ROI with its interval. Needs no
+    sign-in; its audit rows name who ran it (`acting_person`), not the pipeline."""
     _require_device()
     _require_use_case(name)  # a typo is refused in a second, not after a Prefect server and a Failed run
     from flows.evaluate import evaluate_flow
 
-    result = _run(lambda: evaluate_flow(name, quick=quick))
+    who = acting_person()
+    result = _run(lambda: evaluate_flow(name, quick=quick, actor=who))
     if json_out:
         emit_json(result)
         return

@@ -121,7 +121,7 @@ def test_a_promoted_champions_quality_stays_the_gates_after_a_monitor_look(seede
     assert (row["quality_low"], row["quality_high"]) == (gate["quality_low"], gate["quality_high"])
     totals = queries.read(queries.portfolio_totals)
     assert "GO" not in totals["decisions"]  # a monitor look is no gate GO
-    assert totals["decisions_after_promotion"] == {"monitor GO": 1}  # counted apart, not lost
+    assert totals["decisions_after_promotion"] == {"GO (monitor)": 1}  # counted apart, not lost
 
 
 def test_the_use_case_page_says_what_the_portfolio_says_it_waits_for(seeded: dict[str, Any]) -> None:
