@@ -2,6 +2,7 @@
 # Creates one role and one database each for SparsePilot's state, MLflow and Prefect, plus the state
 # DB's app role (sparsepilot_app: may connect, owns nothing; `sparsepilot init`, run as the owner role
 # sparsepilot, grants it exactly the app's table privileges: docs/operations.md, "Database roles").
+# Every password must be URL-safe (it goes into a database URL): anything else is refused.
 #
 # The postgres image runs this once, on an empty data volume (/docker-entrypoint-initdb.d). It is also
 # safe to run again by hand (every statement checks first), and the native stack test runs this very
@@ -17,6 +18,19 @@ set -eu
 : "${SPARSEPILOT_APP_DB_PASSWORD:?SPARSEPILOT_APP_DB_PASSWORD is required (see .env.example)}"
 : "${MLFLOW_DB_PASSWORD:?MLFLOW_DB_PASSWORD is required (see .env.example)}"
 : "${PREFECT_DB_PASSWORD:?PREFECT_DB_PASSWORD is required (see .env.example)}"
+
+# Every one of these passwords goes into a database URL (docker-compose.yml): a raw '@' there makes the
+# driver read the password's tail as the host and print it ("failed to resolve host 'tail@postgres'"),
+# a '%' is read as an escape and the sign-in fails. Refused here, before any role is made.
+for var in SPARSEPILOT_DB_PASSWORD SPARSEPILOT_APP_DB_PASSWORD MLFLOW_DB_PASSWORD PREFECT_DB_PASSWORD; do
+  eval "value=\$$var"
+  case "$value" in
+    *[!A-Za-z0-9._~-]*)
+      echo "init-databases: $var must be URL-safe (letters, digits and . _ ~ - only; it goes into a" \
+        "database URL): use hex, e.g. openssl rand -hex 24 (docs/operations.md, \"Start\")" >&2
+      exit 2 ;;
+  esac
+done
 
 create_role_and_db() {
   # psql variables (:'name') are quoted by psql itself, so a password cannot break out of the literal.

@@ -60,19 +60,16 @@ def test_mlflow_server_keeps_the_database_password_off_the_command_line(tmp_path
     assert Path(f"{seen}.env").read_text() == url
 
 
-def test_init_databases_needs_every_password_and_runs_nothing_without_them(tmp_path: Path) -> None:
-    # a psql that records being called: the script must stop before reaching it
+def _init_databases_with_fake_psql(
+    tmp_path: Path, **passwords: str
+) -> tuple[subprocess.CompletedProcess, Path]:
+    """init-databases.sh with a psql that records being called (the checks must stop the script first)."""
     fake = tmp_path / "bin"
     fake.mkdir()
     marker = tmp_path / "psql-called"
     (fake / "psql").write_text(f"#!/bin/sh\ntouch {marker}\n")
     (fake / "psql").chmod(0o755)
-    env = clean_env(
-        POSTGRES_USER="postgres",
-        SPARSEPILOT_DB_PASSWORD="a",
-        SPARSEPILOT_APP_DB_PASSWORD="c",
-        MLFLOW_DB_PASSWORD="b",
-    )
+    env = clean_env(POSTGRES_USER="postgres", **passwords)
     env["PATH"] = f"{fake}{os.pathsep}{env['PATH']}"
     res = subprocess.run(
         ["sh", str(REPO / "deploy" / "postgres" / "init-databases.sh")],
@@ -81,9 +78,42 @@ def test_init_databases_needs_every_password_and_runs_nothing_without_them(tmp_p
         text=True,
         timeout=30,
     )
+    return res, marker
+
+
+def test_init_databases_needs_every_password_and_runs_nothing_without_them(tmp_path: Path) -> None:
+    res, psql_called = _init_databases_with_fake_psql(
+        tmp_path, SPARSEPILOT_DB_PASSWORD="a", SPARSEPILOT_APP_DB_PASSWORD="c", MLFLOW_DB_PASSWORD="b"
+    )
     assert res.returncode != 0
     assert "PREFECT_DB_PASSWORD is required" in res.stderr, res.stderr
-    assert not marker.exists()
+    assert not psql_called.exists()
+
+
+@pytest.mark.parametrize(
+    ("var", "password"),
+    [
+        ("SPARSEPILOT_APP_DB_PASSWORD", "Kq7@tailsecret9"),  # the driver printed 'tailsecret9@postgres'
+        ("MLFLOW_DB_PASSWORD", "Kq7%41tail"),  # read as 'Kq7Atail': sign-in failed, no hint
+        ("PREFECT_DB_PASSWORD", "two words"),
+    ],
+)
+def test_init_databases_refuses_a_password_a_database_url_cannot_hold(
+    tmp_path: Path, var: str, password: str
+) -> None:
+    good = dict.fromkeys(
+        (
+            "SPARSEPILOT_DB_PASSWORD",
+            "SPARSEPILOT_APP_DB_PASSWORD",
+            "MLFLOW_DB_PASSWORD",
+            "PREFECT_DB_PASSWORD",
+        ),
+        "0f3a9c_~.-Z",
+    )
+    res, psql_called = _init_databases_with_fake_psql(tmp_path, **{**good, var: password})
+    assert res.returncode == 2, res.stderr
+    assert f"{var} must be URL-safe" in res.stderr and "openssl rand -hex" in res.stderr, res.stderr
+    assert "tail" not in res.stderr + res.stdout and not psql_called.exists()
 
 
 @pytest.mark.parametrize(

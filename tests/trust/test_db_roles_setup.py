@@ -148,6 +148,19 @@ def test_init_notes_that_the_apps_user_owns_the_tables(
     assert json.loads(res.stdout)["app_may_rewrite_history"] is False and "note:" not in res.stderr
 
 
+@pytest.mark.parametrize("variable", ["SPARSEPILOT_DATABASE_URL", "SPARSEPILOT_OWNER_DATABASE_URL"])
+def test_a_database_url_whose_password_holds_an_at_is_refused_unprinted(
+    variable: str, cli_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The driver read 'tailsecret9@127.0.0.1' as the host and printed it; refused before any connection."""
+    monkeypatch.setenv(variable, "postgresql+psycopg://sp_at:Kq7@tailsecret9@127.0.0.1:1/sp")
+    res = runner.invoke(app, ["init"])
+    assert res.exit_code == 2, res.output
+    out = " ".join(res.output.split())
+    assert f"{variable} holds more than one '@' before its host" in out and "%40" in out, out
+    assert "tailsecret9" not in res.output
+
+
 def test_every_table_of_the_models_is_in_the_app_roles_grants() -> None:
     """A new table left out of rollout.db.roles would be unusable by the app role (found only by the stack
     test); one in two lists would get the wider grant."""
