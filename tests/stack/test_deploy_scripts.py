@@ -14,21 +14,65 @@ import pytest
 
 from tests.fixtures.stack import DEPLOY_BIN, REPO, clean_env, start_service
 
+_MLFLOW = {"MLFLOW_BACKEND_STORE_URI": "postgresql+psycopg://x@h/db", "MLFLOW_ALLOWED_HOSTS": "h:5000"}
+_PREFECT = {"PREFECT_API_DATABASE_CONNECTION_URL": "postgresql+asyncpg://x@h/db"}
 SCRIPTS_NEEDING = [
     ("mlflow-server", {}, "MLFLOW_BACKEND_STORE_URI"),
     ("mlflow-server", {"MLFLOW_BACKEND_STORE_URI": "postgresql+psycopg://x@h/db"}, "MLFLOW_ALLOWED_HOSTS"),
+    # a login secret that did not mount (empty or unset) would start the server open to anyone
+    ("mlflow-server", _MLFLOW, "MLFLOW_AUTH_ADMIN_PASSWORD is required"),
+    (
+        "mlflow-server",
+        {**_MLFLOW, "MLFLOW_AUTH_ADMIN_PASSWORD": ""},
+        "MLFLOW_AUTH_ADMIN_PASSWORD is required",
+    ),
     ("prefect-server", {}, "PREFECT_API_DATABASE_CONNECTION_URL"),
+    ("prefect-server", _PREFECT, "PREFECT_SERVER_API_AUTH_STRING is required"),
+    ("prefect-server", {**_PREFECT, "PREFECT_SERVER_API_AUTH_STRING": ""}, "PREFECT_SERVER_API_AUTH_STRING"),
     ("prefect-worker", {}, "PREFECT_API_URL"),
 ]
 
 
+def _fake_servers(tmp_path: Path, env: dict[str, str]) -> dict[str, str]:
+    """`mlflow` and `prefect` first on PATH that only exit 0: a script that goes past its checks starts
+    nothing."""
+    fake = tmp_path / "fake-bin"
+    fake.mkdir(exist_ok=True)
+    for name in ("mlflow", "prefect"):
+        (fake / name).write_text("#!/bin/sh\nexit 0\n")
+        (fake / name).chmod(0o755)
+    env["PATH"] = f"{fake}{os.pathsep}{env['PATH']}"
+    return env
+
+
 @pytest.mark.parametrize(("script", "env", "missing"), SCRIPTS_NEEDING)
-def test_service_scripts_name_the_missing_variable(script: str, env: dict[str, str], missing: str) -> None:
+def test_service_scripts_name_the_missing_variable(
+    script: str, env: dict[str, str], missing: str, tmp_path: Path
+) -> None:
     res = subprocess.run(
-        ["sh", str(DEPLOY_BIN / script)], env=clean_env(**env), capture_output=True, text=True, timeout=30
+        ["sh", str(DEPLOY_BIN / script)],
+        env=_fake_servers(tmp_path, clean_env(**env)),
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert res.returncode != 0
     assert missing in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize(("script", "env"), [("mlflow-server", _MLFLOW), ("prefect-server", _PREFECT)])
+def test_a_server_runs_with_no_login_only_when_told_and_says_so(
+    script: str, env: dict[str, str], tmp_path: Path
+) -> None:
+    res = subprocess.run(
+        ["sh", str(DEPLOY_BIN / script)],
+        env=_fake_servers(tmp_path, clean_env(**env, SPARSEPILOT_ALLOW_NO_LOGIN="1")),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "SPARSEPILOT_ALLOW_NO_LOGIN=1: no login" in res.stderr, res.stderr
 
 
 @pytest.mark.parametrize("auth", [False, True])
@@ -45,7 +89,11 @@ def test_mlflow_server_keeps_the_database_password_off_the_command_line(tmp_path
     )
     (fake / "mlflow").chmod(0o755)
     url = "postgresql+psycopg://mlflow:Top/Secret Pw@127.0.0.1:5432/mlflow"
-    extra = {"MLFLOW_AUTH_ADMIN_PASSWORD": "admin-pw", "MLFLOW_FLASK_SERVER_SECRET_KEY": "k"} if auth else {}
+    extra = (
+        {"MLFLOW_AUTH_ADMIN_PASSWORD": "admin-pw", "MLFLOW_FLASK_SERVER_SECRET_KEY": "k"}
+        if auth
+        else {"SPARSEPILOT_ALLOW_NO_LOGIN": "1"}
+    )
     env = clean_env(
         MLFLOW_BACKEND_STORE_URI=url, MLFLOW_ALLOWED_HOSTS="127.0.0.1:5000", TMPDIR=str(tmp_path), **extra
     )
