@@ -2,7 +2,8 @@
 # Creates one role and one database each for SparsePilot's state, MLflow and Prefect, plus the state
 # DB's app role (sparsepilot_app: may connect, owns nothing; `sparsepilot init`, run as the owner role
 # sparsepilot, grants it exactly the app's table privileges: docs/operations.md, "Database roles").
-# Every password must be URL-safe (it goes into a database URL): anything else is refused.
+# No role but the superuser may connect to the maintenance database or create large objects in the state
+# DB. Every password must be URL-safe (it goes into a database URL): anything else is refused.
 #
 # The postgres image runs this once, on an empty data volume (/docker-entrypoint-initdb.d). It is also
 # safe to run again by hand (every statement checks first), and the native stack test runs this very
@@ -55,5 +56,18 @@ SELECT format('ALTER ROLE sparsepilot_app LOGIN PASSWORD %L', :'pw') \gexec
 GRANT CONNECT ON DATABASE sparsepilot TO sparsepilot_app;
 SQL
 echo "init-databases: app role 'sparsepilot_app' ready (table privileges: sparsepilot init)"
+# Owning nothing includes large objects: every role may create them through these functions by default
+# (storage outside every table and its guards). SparsePilot uses none. Per database: the state DB's.
+psql -v ON_ERROR_STOP=1 -q --username "$POSTGRES_USER" --dbname sparsepilot <<'SQL'
+REVOKE EXECUTE ON FUNCTION lo_create(oid), lo_creat(integer), lo_from_bytea(oid, bytea), lo_import(text),
+  lo_import(text, oid) FROM PUBLIC;
+SQL
+# The maintenance databases (postgres, and POSTGRES_DB where the image made one) are for the superuser:
+# no other role may connect to them or make temporary tables there.
+psql -v ON_ERROR_STOP=1 -q --username "$POSTGRES_USER" --dbname "${POSTGRES_DB:-postgres}" <<'SQL'
+SELECT format('REVOKE CONNECT, TEMPORARY ON DATABASE %I FROM PUBLIC', datname) FROM pg_database
+ WHERE datname IN ('postgres', current_database())
+   AND datname NOT IN ('sparsepilot', 'mlflow', 'prefect') \gexec
+SQL
 create_role_and_db mlflow "$MLFLOW_DB_PASSWORD"
 create_role_and_db prefect "$PREFECT_DB_PASSWORD"

@@ -161,6 +161,49 @@ def test_a_database_url_whose_password_holds_an_at_is_refused_unprinted(
     assert "tailsecret9" not in res.output
 
 
+@pytest.mark.postgres
+def test_init_databases_leaves_the_app_role_no_large_objects_and_no_maintenance_database(
+    pg_cluster: PgCluster,
+) -> None:
+    """deploy/postgres/init-databases.sh on the session's cluster (its superuser is `sparsepilot`, as in
+    the native stack): the app role, said to own nothing, created large objects in the state DB and temp
+    tables in `postgres`."""
+    import subprocess
+
+    import psycopg
+
+    from tests.fixtures.stack import REPO, clean_env
+
+    passwords = (
+        "SPARSEPILOT_DB_PASSWORD",
+        "SPARSEPILOT_APP_DB_PASSWORD",
+        "MLFLOW_DB_PASSWORD",
+        "PREFECT_DB_PASSWORD",
+    )
+    env = clean_env(PGHOST=pg_cluster.host, PGPORT=str(pg_cluster.port), POSTGRES_USER=SUPERUSER,
+                    POSTGRES_DB="postgres", **dict.fromkeys(passwords, "0f3a9c"))  # fmt: skip
+    script = REPO / "deploy" / "postgres" / "init-databases.sh"
+    try:
+        res = subprocess.run(["sh", str(script)], env=env, capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        app_at = {"host": pg_cluster.host, "port": pg_cluster.port, "user": "sparsepilot_app"}
+        with psycopg.connect(dbname="sparsepilot", autocommit=True, **app_at) as conn:
+            for call in ("lo_create(0)", "lo_creat(-1)", "lo_from_bytea(0, 'x')"):
+                with pytest.raises(
+                    psycopg.errors.InsufficientPrivilege, match="permission denied for function"
+                ):
+                    conn.execute(f"SELECT {call}")
+        with pytest.raises(psycopg.OperationalError, match='permission denied for database "postgres"'):
+            psycopg.connect(dbname="postgres", **app_at)
+    finally:  # the session's cluster, as the other tests expect it
+        with _superuser(pg_cluster) as conn:
+            conn.execute("GRANT CONNECT, TEMPORARY ON DATABASE postgres TO PUBLIC")
+            for name in ("sparsepilot", "mlflow", "prefect"):
+                conn.execute(f"DROP DATABASE IF EXISTS {name}")
+            for role in ("sparsepilot_app", "mlflow", "prefect"):
+                conn.execute(f"DROP ROLE IF EXISTS {role}")
+
+
 def test_every_table_of_the_models_is_in_the_app_roles_grants() -> None:
     """A new table left out of rollout.db.roles would be unusable by the app role (found only by the stack
     test); one in two lists would get the wider grant."""
