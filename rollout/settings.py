@@ -4,6 +4,7 @@ multi-service stack run the same code."""
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,16 +30,34 @@ class Settings:
         return self.database_url.startswith("sqlite")
 
 
+# SQLAlchemy's reading of a URL: the password ends at the first '@', the host runs to '/', ':' or '?'
+_AT_IN_HOST = re.compile(r"^[\w+]+://[^:/]*(?::[^@]*)?@[^/:?]*@")
+
+
+def _db_url(variable: str) -> str | None:
+    """A database URL from the environment, refused where its password holds a raw '@': the driver
+    would read the password's tail as part of the host and print it ("failed to resolve host
+    'tail@db'"), on the console and in the logs."""
+    url = os.environ.get(variable)
+    if url and _AT_IN_HOST.match(url):
+        raise SettingsError(
+            f"{variable} holds more than one '@' before its host: a password with '@' must be "
+            "percent-encoded ('%40'), or use a hex password (docs/operations.md, \"Start\"); the URL is "
+            "not shown, it holds a secret"
+        )
+    return url
+
+
 def get_settings() -> Settings:
     """Read settings fresh each call: tests and the CLI change the environment between calls."""
     home = Path(os.environ.get("SPARSEPILOT_HOME", ".sparsepilot")).expanduser().resolve()
-    db_url = os.environ.get("SPARSEPILOT_DATABASE_URL") or f"sqlite:///{home / 'state.db'}"
+    db_url = _db_url("SPARSEPILOT_DATABASE_URL") or f"sqlite:///{home / 'state.db'}"
     mlflow_uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}"
     cache = Path(os.environ.get("SPARSEPILOT_CACHE_DIR", home / "cache")).expanduser().resolve()
     return Settings(
         home=home,
         database_url=db_url,
-        owner_database_url=os.environ.get("SPARSEPILOT_OWNER_DATABASE_URL") or db_url,
+        owner_database_url=_db_url("SPARSEPILOT_OWNER_DATABASE_URL") or db_url,
         mlflow_tracking_uri=mlflow_uri,
         mlflow_artifact_root=home / "mlartifacts",
         cache_dir=cache,

@@ -109,8 +109,14 @@ def upgrade(url: str | None = None, revision: str = "head") -> str | None:
 
 def grant_app_role(owner_url: str, app_url: str) -> str | None:
     """PostgreSQL with an owner and an app role: give the app role its privileges (rollout.db.roles).
-    Returns the app role's name, or None when there is nothing to grant (SQLite, or one role)."""
-    from sqlalchemy import create_engine, pool
+    Returns the app role's name, or None when there is nothing to grant (SQLite, or one role).
+
+    Grants take turns with migrations and other grants of the database: the transaction first waits for
+    the migrations' advisory lock (`pg_advisory_xact_lock`, released at its commit). Two `sparsepilot
+    init`s whose REVOKE/GRANT met failed one with PostgreSQL's "tuple concurrently updated" (the lock of
+    `one_at_a_time` was already released when `upgrade` returned). Do not call it inside
+    `one_at_a_time` of the same database: that lock is held by another connection of this process."""
+    from sqlalchemy import create_engine, pool, text
     from sqlalchemy.engine import make_url
 
     from rollout.db.roles import grant_app_role as grant
@@ -121,10 +127,30 @@ def grant_app_role(owner_url: str, app_url: str) -> str | None:
     engine = create_engine(owner_url, poolclass=pool.NullPool)
     try:
         with engine.begin() as conn:
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MIGRATE_LOCK})
             grant(conn, app.username)
     finally:
         engine.dispose()
     return app.username
+
+
+def may_rewrite_history(url: str) -> bool | None:
+    """PostgreSQL: whether the user of ``url`` (the app's SPARSEPILOT_DATABASE_URL) owns the state DB's
+    tables or is a superuser, and so could disable the audit log's triggers (rollout.db.roles). None on
+    SQLite, which has no roles."""
+    from sqlalchemy import create_engine, pool
+    from sqlalchemy.engine import make_url
+
+    from rollout.db.roles import may_disable_triggers
+
+    if make_url(url).get_backend_name() != "postgresql":
+        return None
+    engine = create_engine(url, poolclass=pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            return may_disable_triggers(conn)
+    finally:
+        engine.dispose()
 
 
 def downgrade(url: str | None = None, revision: str = "base") -> None:

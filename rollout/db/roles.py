@@ -52,3 +52,18 @@ def grant_app_role(conn: Connection, role: str) -> list[str]:
     for s in statements:
         conn.execute(text(s))
     return statements
+
+
+def may_disable_triggers(conn: Connection) -> bool:
+    """Whether the connection's user could switch the append-only triggers off: it owns ``audit_log``
+    (one role for every process: the app connects as the owner) or is a superuser. The app role of
+    two never can (docs/operations.md, "Database roles")."""
+    return bool(
+        conn.execute(
+            text(
+                "SELECT r.rolsuper OR EXISTS (SELECT 1 FROM pg_tables t WHERE t.schemaname = 'public' "
+                "AND t.tablename = 'audit_log' AND t.tableowner = current_user) "
+                "FROM pg_roles r WHERE r.rolname = current_user"
+            )
+        ).scalar_one()
+    )

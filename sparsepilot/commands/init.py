@@ -35,6 +35,32 @@ def _same_database(a: str, b: str) -> bool:
     )
 
 
+def _migrate_error(url: str, exc: Exception) -> str:
+    """A failed migration in words: where the URL's user may not create tables (PostgreSQL's
+    "permission denied for schema public", SQLSTATE 42501: init was run as the app role), what to do."""
+    from sqlalchemy.engine import make_url
+
+    if getattr(getattr(exc, "orig", None), "sqlstate", None) != "42501":
+        return str(exc)
+    first = str(getattr(exc, "orig", exc)).splitlines()[0]
+    return (
+        f"its user {make_url(url).username!r} may not create or alter the tables ({first}): run "
+        "`sparsepilot init` with SPARSEPILOT_OWNER_DATABASE_URL set to the URL of the role that owns the "
+        'database (docs/operations.md, "Database roles"); nothing was migrated'
+    )
+
+
+def _owner_as_app_note(app_url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return (
+        f"note: SPARSEPILOT_DATABASE_URL's user {make_url(app_url).username!r} owns the state DB's tables "
+        "(or is a superuser): every process on it could disable the audit log's triggers and rewrite "
+        "history. Give the processes an app role that owns nothing and run init with "
+        'SPARSEPILOT_OWNER_DATABASE_URL as the owner (docs/operations.md, "Database roles")'
+    )
+
+
 def require_schema() -> None:
     """Refuse to work on a DB that `sparsepilot init` has not brought to the head revision."""
     from rollout.db import migrate
@@ -93,9 +119,17 @@ def init(json_out: JsonOpt = False) -> None:
         # where another init (or `run`) migrated it between our look and our turn, `before` says so
         before = migrate.upgrade(owner_url)
         after = migrate.current_revision(owner_url)
-        app_role = migrate.grant_app_role(owner_url, settings.database_url)
     except Exception as exc:  # noqa: BLE001
-        fail(f"could not migrate the state DB at {_mask(owner_url)}: {exc}")
+        fail(f"could not migrate the state DB at {_mask(owner_url)}: {_migrate_error(owner_url, exc)}")
+    try:
+        app_role = migrate.grant_app_role(owner_url, settings.database_url)
+        owner_as_app = migrate.may_rewrite_history(settings.database_url)
+    except Exception as exc:  # noqa: BLE001
+        fail(
+            f"the state DB at {_mask(owner_url)} is migrated (revision {after}), but the app role of "
+            f"SPARSEPILOT_DATABASE_URL ({_mask(settings.database_url)}) could not be granted its "
+            f"privileges: {exc}"
+        )
     try:
         store = ensure_store(settings)
     except StoreError as exc:
@@ -113,6 +147,8 @@ def init(json_out: JsonOpt = False) -> None:
         "mlflow_backup": str(store.backup) if store.backup else None,
         "first_run_account": first[0] if first else None,
         "made_by_another_init": before != seen,
+        # PostgreSQL: the app's user owns the tables (or is a superuser): it could switch the triggers off
+        "app_may_rewrite_history": owner_as_app,
     }
     if first:  # printed once, to the terminal only (never into JSON output or a log)
         err_console.print(
@@ -137,6 +173,8 @@ def init(json_out: JsonOpt = False) -> None:
             highlight=False,
             markup=False,
         )
+    if owner_as_app:
+        err_console.print(_owner_as_app_note(settings.database_url), highlight=False, markup=False)
     if json_out:
         emit_json(payload)
         return
