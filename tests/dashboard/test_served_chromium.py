@@ -166,3 +166,55 @@ def test_sign_in_and_see_the_portfolio_in_chromium(served: str, tmp_path: Path) 
     if keep:
         Path(keep).mkdir(parents=True, exist_ok=True)
         shutil.copy(shot, Path(keep) / shot.name)
+
+
+def test_sso_sign_in_ends_at_sign_out_for_every_copy_and_when_the_token_expires(
+    sp_home: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Single sign-on through a local provider: the listed approver signs in. Streamlit keeps the sign-in
+    as a 30-day cookie: a copy taken before Sign out no longer signs in after it, and a sign-in ends when
+    its ID token expires."""
+    pytest.importorskip("authlib", reason="single sign-on needs streamlit[auth]")
+    from playwright.sync_api import expect, sync_playwright
+
+    from tests.fixtures.oidc_idp import oidc_provider
+
+    monkeypatch.setenv("SPARSEPILOT_OIDC_APPROVERS", "ann@example.com")
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    ann = {"sub": "ann-1", "email": "ann@example.com", "email_verified": True}
+    with (
+        oidc_provider(ann) as idp,
+        streamlit_served(tmp_path / "streamlit.log", cwd=app_dir, before=idp.write_secrets) as url,
+        sync_playwright() as p,
+    ):
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            sidebar = page.get_by_test_id("stSidebar")
+
+            def sign_in() -> None:
+                page.goto(f"{url}/login", wait_until="domcontentloaded")
+                page.get_by_role("button", name="Sign in with single sign-on").click()
+                expect(sidebar.get_by_text("oidc:ann@example.com · approver")).to_be_visible(timeout=30_000)
+
+            sign_in()
+            copied = page.context.cookies()
+            sidebar.get_by_role("button", name="Sign out").click()
+            expect(page.get_by_text("Not signed in: read-only.")).to_be_visible(timeout=30_000)
+
+            elsewhere = browser.new_context()  # whoever kept a copy of the cookie
+            elsewhere.add_cookies(copied)
+            other = elsewhere.new_page()
+            other.goto(f"{url}/login", wait_until="domcontentloaded")
+            expect(other.get_by_text("Not signed in: read-only.")).to_be_visible(timeout=30_000)
+            expect(other.get_by_text("no longer counts: it was signed out")).to_be_visible()
+
+            idp.lifetime_s = 2
+            sign_in()
+            time.sleep(max(0.0, idp.issued[-1]["exp"] - time.time()) + 0.2)
+            sidebar.get_by_role("link", name="Sign out").click()  # the next click after the expiry
+            expect(page.get_by_text("Not signed in: read-only.")).to_be_visible(timeout=30_000)
+            expect(page.get_by_text("no longer counts: its ID token has expired")).to_be_visible()
+        finally:
+            browser.close()
