@@ -1,6 +1,8 @@
 """Who is using this browser session. Local accounts sign in with a password (rollout.auth); OIDC
-users come from `st.user` when an [auth] section is configured. The Identity lives only in the
-server-side session state; every action re-checks the role in rollout, never trusting this module."""
+users come from `st.user` when an [auth] section is configured, while their sign-in holds
+(rollout.oidc_sessions: until the ID token expires or the sign-in is signed out). A local Identity lives
+only in the server-side session state; every action re-checks the role in rollout, never trusting this
+module."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from dataclasses import replace
 
 import streamlit as st
 
-from rollout import auth
+from rollout import auth, oidc_sessions
 from rollout.auth import Identity
 
 IDENTITY_KEY = "sp_identity"
@@ -75,9 +77,24 @@ def current_identity() -> Identity | None:
             ident = replace(ident, role=account.role)
             st.session_state[IDENTITY_KEY] = ident
         return ident
-    if oidc_configured() and st.user.get("is_logged_in"):
+    if oidc_configured() and st.user.get("is_logged_in") and oidc_sign_in_ended() is None:
         return auth.identity_from_oidc(st.user.to_dict(), oidc_approvers())
     return None
+
+
+def oidc_sign_in_ended() -> str | None:
+    """Why this browser's OIDC sign-in (`st.user`) no longer counts (rollout.oidc_sessions.refusal: its
+    ID token expired, or it was signed out, in this browser or any other holding a copy of its cookie),
+    or None. Checked on every run, so a sign-out ends the copies' sessions at their next click. A state
+    DB that cannot say counts as signed out."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from rollout.db.session import StateDBBusy
+
+    try:
+        return oidc_sessions.refusal(st.user.to_dict())
+    except (SQLAlchemyError, StateDBBusy):
+        return "the state database could not be read to check it"
 
 
 def sign_in_local(name: str, password: str) -> Identity | None:
@@ -100,7 +117,13 @@ def sign_in_local(name: str, password: str) -> Identity | None:
 
 
 def sign_out() -> None:
+    """End this session's sign-in. An OIDC one is also recorded as signed out in the state DB
+    (rollout.oidc_sessions.record_sign_out) before Streamlit deletes this browser's cookie, so no copy
+    of that cookie signs in again."""
     ident = current_identity()
     st.session_state.pop(IDENTITY_KEY, None)
     if ident is not None and ident.source == "oidc":
-        st.logout()
+        try:
+            oidc_sessions.record_sign_out(ident, st.user.to_dict())
+        finally:
+            st.logout()

@@ -8,6 +8,7 @@ from dashboard.identity import (
     current_identity,
     local_accounts_configured,
     oidc_configured,
+    oidc_sign_in_ended,
     sign_in_local,
     sign_out,
 )
@@ -25,6 +26,9 @@ def main() -> None:
         return
     st.title("Sign in")
     if oidc_configured():
+        ended = oidc_sign_in_ended() if st.user.get("is_logged_in") else None
+        if ended:
+            st.info(f"Your single sign-on sign-in no longer counts: {ended}. Sign in again.")
         st.button("Sign in with single sign-on", key="oidc_login", on_click=st.login)
     if not local_accounts_configured():
         if not oidc_configured():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import typer
@@ -16,8 +17,32 @@ APP_PATH = Path(dashboard.__file__).resolve().parent / "app.py"
 app = typer.Typer()
 
 
-def streamlit_command(port: int = 8501, address: str = "127.0.0.1") -> list[str]:
-    """The `streamlit run` command line: headless, no usage statistics, no file watcher."""
+# the Host names the served dashboard answers besides the defaults (`allowed_hosts`), comma-separated: the
+# public name a reverse proxy forwards, "*" for any
+HOSTS_ENV = "SPARSEPILOT_DASHBOARD_HOSTS"
+_WILDCARD_ADDRESSES = frozenset({"", "0.0.0.0", "::"})
+
+
+def allowed_hosts(address: str, env: Mapping[str, str] | None = None) -> list[str]:
+    """The Host names the dashboard accepts (Streamlit's `server.allowedHosts`; ports are ignored):
+    localhost, the loopback addresses, the bound address unless it is every interface, and
+    SPARSEPILOT_DASHBOARD_HOSTS. A page on any other name, e.g. one an attacker rebinds to this
+    address (DNS rebinding), gets no websocket and so reads nothing."""
+    env = os.environ if env is None else env
+    hosts = ["localhost", "127.0.0.1", "::1"]
+    if address.strip() not in _WILDCARD_ADDRESSES:
+        hosts.append(address.strip().strip("[]"))
+    hosts += [h.strip() for h in env.get(HOSTS_ENV, "").split(",") if h.strip()]
+    return list(dict.fromkeys(hosts))
+
+
+def streamlit_command(
+    port: int = 8501, address: str = "127.0.0.1", hosts: list[str] | None = None
+) -> list[str]:
+    """The `streamlit run` command line: headless, no usage statistics, no file watcher, no error
+    details shown to visitors (a traceback names the server's files; the log keeps it), only the Host
+    names of `allowed_hosts` (``hosts``, by default those of ``address``)."""
+    hosts = allowed_hosts(address) if hosts is None else hosts
     return [
         sys.executable,
         "-m",
@@ -38,6 +63,9 @@ def streamlit_command(port: int = 8501, address: str = "127.0.0.1") -> list[str]
         "false",
         "--client.toolbarMode",
         "viewer",
+        "--client.showErrorDetails",
+        "none",
+        *(arg for host in hosts for arg in ("--server.allowedHosts", host)),
     ]
 
 
@@ -46,6 +74,9 @@ def serve_dashboard(port: int = 8501, address: str = "127.0.0.1") -> int:
     from rollout.auth import AccountsConfigError, load_accounts
     from sparsepilot.console import console, fail
 
+    refusal = oidc_refusal()
+    if refusal:
+        fail(refusal)
     try:
         accounts = load_accounts()
     except AccountsConfigError as exc:
@@ -57,6 +88,40 @@ def serve_dashboard(port: int = 8501, address: str = "127.0.0.1") -> int:
     )
     env = dict(os.environ, STREAMLIT_BROWSER_GATHER_USAGE_STATS="false")
     return run_forwarding_signals(streamlit_command(port, address), env)
+
+
+# Streamlit's sign-in (st.login) needs Authlib at least this version (`streamlit[auth]`)
+AUTHLIB_MIN = (1, 3, 2)
+
+
+def oidc_refusal() -> str | None:
+    """Why the dashboard must not start: an [auth] section in the secrets Streamlit reads (its
+    `secrets.files`: ~/.streamlit and ./.streamlit) while Authlib, which Streamlit's OIDC sign-in needs,
+    is missing or too old; every sign-in would fail. None when there is no [auth] or Authlib is fine."""
+    from importlib import metadata
+
+    import streamlit as st
+
+    try:
+        configured = "auth" in st.secrets
+    except Exception:  # noqa: BLE001 - no secrets file at all: no OIDC
+        return None
+    if not configured:
+        return None
+    try:
+        version = metadata.version("Authlib")
+    except metadata.PackageNotFoundError:
+        version = ""
+    parts = tuple(int(p) for p in version.split(".")[:3] if p.isdigit())
+    if version and parts >= AUTHLIB_MIN:
+        return None
+    need = ".".join(map(str, AUTHLIB_MIN))
+    found = f"Authlib {version} is installed" if version else "Authlib is not installed"
+    files = [f for f in st.get_option("secrets.files") if Path(f).exists()]
+    return (
+        f"single sign-on is configured (an [auth] section in Streamlit's secrets: {', '.join(files)}) but "
+        f"{found}; Streamlit's sign-in needs Authlib>={need}: pip install 'streamlit[auth]'"
+    )
 
 
 def run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> int:

@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from rollout import auth
 from sparsepilot.cli import app
-from sparsepilot.commands.dashboard import streamlit_command
+from sparsepilot.commands.dashboard import allowed_hosts, streamlit_command
 
 
 def test_hash_password_prints_a_usable_account_entry() -> None:
@@ -47,6 +47,51 @@ def test_streamlit_command_is_headless_and_private() -> None:
     assert cmd[2:4] == ["streamlit", "run"] and cmd[4].endswith("dashboard/app.py")
     assert opts["--server.port"] == "9999" and opts["--server.address"] == "127.0.0.1"
     assert opts["--server.headless"] == "true" and opts["--browser.gatherUsageStats"] == "false"
+    # an uncaught error shows visitors no traceback with the server's paths (the log keeps it)
+    assert opts["--client.showErrorDetails"] == "none"
+    hosts = [v for k, v in zip(cmd[5::2], cmd[6::2], strict=True) if k == "--server.allowedHosts"]
+    assert hosts == ["localhost", "127.0.0.1", "::1"]
+
+
+@pytest.mark.parametrize(
+    ("address", "env", "hosts"),
+    [
+        ("127.0.0.1", {}, ["localhost", "127.0.0.1", "::1"]),
+        ("0.0.0.0", {}, ["localhost", "127.0.0.1", "::1"]),  # every interface: no name of its own
+        ("10.1.2.3", {}, ["localhost", "127.0.0.1", "::1", "10.1.2.3"]),
+        (
+            "0.0.0.0",
+            {"SPARSEPILOT_DASHBOARD_HOSTS": " pilot.corp.example, *.corp.example ,"},
+            ["localhost", "127.0.0.1", "::1", "pilot.corp.example", "*.corp.example"],
+        ),
+    ],
+)
+def test_the_dashboard_answers_its_own_host_names_only(address: str, env: dict, hosts: list[str]) -> None:
+    assert allowed_hosts(address, env) == hosts
+
+
+def test_dashboard_refuses_single_sign_on_without_authlib(tmp_path) -> None:  # noqa: ANN001
+    """[auth] configured where Authlib is missing or too old: every sign-in would show a traceback, so
+    `sparsepilot dashboard` does not start (a distribution of Authlib 1.0.0 first on the path stands
+    for an install without `streamlit[auth]`)."""
+    import os
+    import subprocess
+    import sys
+
+    old = tmp_path / "site" / "Authlib-1.0.0.dist-info"
+    old.mkdir(parents=True)
+    (old / "METADATA").write_text("Metadata-Version: 2.1\nName: Authlib\nVersion: 1.0.0\n")
+    (tmp_path / "app" / ".streamlit").mkdir(parents=True)
+    (tmp_path / "app" / ".streamlit" / "secrets.toml").write_text('[auth]\nclient_id = "x"\n')
+    path = os.pathsep.join([str(tmp_path / "site"), *sys.path])
+    # malformed accounts: a build without this check stops on them (exit 2, another message), never serves
+    env = dict(os.environ, PYTHONPATH=path, SPARSEPILOT_HOME=str(tmp_path / "home"), SPARSEPILOT_ACCOUNTS="x")
+    argv = [sys.executable, "-m", "sparsepilot", "dashboard", "--port", "1"]
+    r = subprocess.run(argv, env=env, cwd=tmp_path / "app", capture_output=True, text=True, timeout=60)
+    said = " ".join(r.stderr.split())
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "error: single sign-on is configured (an [auth] section in Streamlit's secrets: " in said
+    assert "Authlib 1.0.0 is installed; Streamlit's sign-in needs Authlib>=1.3.2: pip install" in said
 
 
 def test_sigterm_to_sparsepilot_dashboard_stops_streamlit_too(tmp_path) -> None:  # noqa: ANN001
