@@ -27,6 +27,10 @@ from tests.fixtures.flows import QUICK_CAL, tiny_spec
 from tests.fixtures.ports import free_port
 from tests.flows.test_pipeline_e2e import _pilot_until_decided
 
+# the module's servers and calibration take minutes to set up (281 s at -n 0 on a host at load 12): it runs
+# first, whole (tests/conftest.py)
+pytestmark = pytest.mark.slow
+
 NAME = "served-chat"
 START_TIMEOUT_S = 420
 # what `serve-model`'s caller holds and its scoring server must not (review s46 A5)

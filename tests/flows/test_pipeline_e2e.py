@@ -9,6 +9,7 @@ import json
 import uuid
 from pathlib import Path
 
+import pytest
 from sqlalchemy import func, select
 
 from sparsepilot.commands.pipeline import monitor_said
@@ -38,6 +39,7 @@ def _pilot_until_decided(name: str, kind: str, max_rounds: int = 10) -> dict:
     )
 
 
+@pytest.mark.slow  # calibrate, evaluate, pilot to a GO, promote, monitor, roll back: 147 s at load 10
 def test_pipeline_promote_monitor_breach_rolls_back(flow_use_case, tmp_path: Path) -> None:
     from prefect.client.orchestration import get_client
 

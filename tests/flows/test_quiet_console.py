@@ -10,12 +10,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from rollout.auth import hash_password
 from tests.fixtures.env import fresh_cli_env
 from tests.fixtures.flows import tiny_spec
 from tests.fixtures.trust import sparsepilot_as
+
+# real commands: the main job (313 s at -n 0 on a host at load 12), init + usecase add + gate (188 s there)
+pytestmark = pytest.mark.slow
 
 NOISE = re.compile(
     r"Warning:|WARNING|warnings\.warn|Loading (checkpoint|weights)|it/s\]|s/it\]|Traceback"

