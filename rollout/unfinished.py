@@ -60,16 +60,24 @@ class Unfinished:
     def automatic(self) -> bool:
         return self.approval_id is None
 
-    def applied_directly_now(self, now: dt.datetime, grace: dt.timedelta = APPLY_GRACE) -> bool:
+    def applied_directly_now(
+        self, now: dt.datetime, grace: dt.timedelta = APPLY_GRACE, *, moved_too: bool = False
+    ) -> bool:
         """A person's decision signed less than `grace` ago whose move has not failed (or committed): the
         process that signed it is carrying it out now. Finishing it at the same time made its move twice
         (MLflow called twice, "retried" and "committed" twice in the audit); one whose process died is
-        finished after the grace."""
+        finished after the grace. `moved_too` (the automation's finishing: the cycle's, the monitor's):
+        one whose move committed counts as well. Only the state DB's side is left of it, which a person
+        asking for it may finish at once (nothing is moved twice), while the automation leaves it to its
+        signer for the grace rather than finish it beside them."""
         signed = (
             self.decided_at if self.decided_at.tzinfo is not None else self.decided_at.replace(tzinfo=dt.UTC)
         )
         return (
-            self.approval_id is not None and not self.failed_move and not self.moved and now - signed < grace
+            self.approval_id is not None
+            and not self.failed_move
+            and (moved_too or not self.moved)
+            and now - signed < grace
         )
 
     def finish_command(self) -> str:

@@ -285,9 +285,9 @@ def test_a_promotion_cut_off_after_mlflow_moved_is_listed_and_finished(flow_use_
     )
     moves = _champion_moves(name)
     assert finish_unfinished(name) is None  # signed a moment ago: perhaps still being applied directly
-    from flows import promote
+    from rollout import unfinished
 
-    monkeypatch.setattr(promote, "APPLY_GRACE", dt.timedelta(0))  # the approver's process died: a later tick
+    monkeypatch.setattr(unfinished, "APPLY_GRACE", dt.timedelta(0))  # the approver died: a later tick
     assert finish_unfinished(name)["finished"]["decision_id"] == did
     assert _phase(name) == "promoted" and registry.current_aliases(name)["champion"] == champion
     assert _champion_moves(name) == moves and finish_unfinished(name) is None
