@@ -13,7 +13,6 @@ from prefect import get_run_logger
 
 from flows.common import flow_task, log_run, sparsepilot_flow
 from rollout import audit, decisions
-from rollout.unfinished import APPLY_GRACE as RULE_GRACE
 
 
 @flow_task("promote-move-aliases")
@@ -131,12 +130,17 @@ def finish_unfinished(use_case: str, by: str = audit.SYSTEM_ACTOR) -> dict[str, 
     run died, or MLflow was down) through the effect its own run would have run, under the same keys;
     None when there is none, or the run that is to carry it out still runs. `by`: the finisher the
     `approval.finished` entry names (the cycle's `sparsepilot-pipeline`, the monitor's own actor)."""
-    from rollout.unfinished import unfinished_of
+    from rollout import unfinished
 
-    u = unfinished_of(use_case)
+    u = unfinished.unfinished_of(use_case)
     if u is None or (u.flow_run_id and not u.failed_move and _carrying_out(u.flow_run_id, u.decided_at)):
         return None
-    if not u.flow_run_id and not u.failed_move and _applied_directly_now(u):
+    # a person's decision with no approval run, signed a moment ago: the dashboard or the CLI that signed
+    # it is carrying it out directly now (finishing it at once made every move twice); one whose process
+    # died is finished by a later tick
+    if not u.flow_run_id and u.applied_directly_now(
+        dt.datetime.now(dt.UTC), unfinished.APPLY_GRACE, moved_too=True
+    ):
         return None
     reason = "decided, but its effect did not complete"
     logging.getLogger("sparsepilot.flows").warning(
@@ -187,17 +191,6 @@ def _carrying_out(flow_run_id: str, decided_at: dt.datetime) -> bool:
 
 
 RESUME_GRACE = dt.timedelta(minutes=2)
-
-
-def _applied_directly_now(u: Any) -> bool:
-    """A person's decision with no approval run was signed a moment ago (`APPLY_GRACE`): the dashboard or
-    the CLI that signed it is carrying it out directly now. Finishing it at the same time made every move
-    twice (MLflow called twice, "retried" and "committed" twice in the audit); one whose process died is
-    finished by a later tick."""
-    return u.approval_id is not None and dt.datetime.now(dt.UTC) - _aware(u.decided_at) < APPLY_GRACE
-
-
-APPLY_GRACE = RULE_GRACE  # rollout.unfinished.APPLY_GRACE: the one rule, here to be read (and set) by name
 
 
 def _aware(t: dt.datetime) -> dt.datetime:

@@ -60,16 +60,24 @@ class Unfinished:
     def automatic(self) -> bool:
         return self.approval_id is None
 
-    def applied_directly_now(self, now: dt.datetime, grace: dt.timedelta = APPLY_GRACE) -> bool:
+    def applied_directly_now(
+        self, now: dt.datetime, grace: dt.timedelta = APPLY_GRACE, *, moved_too: bool = False
+    ) -> bool:
         """A person's decision signed less than `grace` ago whose move has not failed (or committed): the
         process that signed it is carrying it out now. Finishing it at the same time made its move twice
         (MLflow called twice, "retried" and "committed" twice in the audit); one whose process died is
-        finished after the grace."""
+        finished after the grace. `moved_too` (the automation's finishing: the cycle's, the monitor's):
+        one whose move committed counts as well. Only the state DB's side is left of it, which a person
+        asking for it may finish at once (nothing is moved twice), while the automation leaves it to its
+        signer for the grace rather than finish it beside them."""
         signed = (
             self.decided_at if self.decided_at.tzinfo is not None else self.decided_at.replace(tzinfo=dt.UTC)
         )
         return (
-            self.approval_id is not None and not self.failed_move and not self.moved and now - signed < grace
+            self.approval_id is not None
+            and not self.failed_move
+            and (moved_too or not self.moved)
+            and now - signed < grace
         )
 
     def finish_command(self) -> str:
@@ -185,19 +193,46 @@ def refuse_while_applied(session: Any, pending: Unfinished, *, now: dt.datetime 
     """A person's rollback or promotion signed a moment ago (`Unfinished.applied_directly_now`) is being
     carried out by whoever signed it: a person's `rollback` or `promote --decision` finishing it now as
     well made its move twice ("retried" and "committed" twice in the audit), the double apply the cycle's
-    grace prevents. MoveInProgress, naming the signer and by when their command finishes it; after the
-    grace it is finished by that command."""
+    grace prevents. So is one the decision's approval run took up (`carried_out_by_run`), after the grace
+    too. MoveInProgress, naming who carries it out and by when the command finishes it; after that it is
+    finished by that command."""
     now = now or dt.datetime.now(dt.UTC)
-    if not pending.applied_directly_now(now, APPLY_GRACE):  # read now: a test sets it
-        return
     signer = session.scalar(select(Approval.actor).where(Approval.id == pending.approval_id))
     what, done = {"rollback": ("rollback", "rolled back")}.get(pending.action, ("promotion", "promoted"))
+    run = carried_out_by_run(session, pending, now)
+    if run is not None:
+        by = (run[1] + STALLED_AFTER).strftime("%H:%M UTC")
+        raise registry.MoveInProgress(
+            f"{pending.use_case}: {signer}'s {what} (decision {pending.decision_id}) is being carried out by "
+            f"its approval run {run[0]}, which took it up at {run[1]:%H:%M:%S} UTC; nothing was recorded. "
+            f"Look again in a moment: the use case is then {done}; if it is not by {by} (the run stalled), "
+            f"`{pending.finish_command()}` finishes it"
+        )
+    if not pending.applied_directly_now(now, APPLY_GRACE):  # read now: a test sets it
+        return
     by = (_aware(pending.decided_at) + APPLY_GRACE).strftime("%H:%M UTC")
     raise registry.MoveInProgress(
         f"{pending.use_case}: {signer}'s {what} (decision {pending.decision_id}) was signed a moment ago and "
         f"is being carried out; nothing was recorded. Look again in a moment: the use case is then {done}; "
         f"if it is not by {by}, `{pending.finish_command()}` finishes it"
     )
+
+
+def carried_out_by_run(session: Any, pending: Unfinished, now: dt.datetime) -> tuple[str, dt.datetime] | None:
+    """The decision's approval run, and when it took the decision up, while it may still be carrying it
+    out: it took it up (`approval.taken_up`, under the decision's lock) less than `STALLED_AFTER` ago, its
+    process is not known to be gone (`waiter_gone`: another host's cannot be seen) and no move of it has
+    failed (a failed move ends the run's effect: finished by a person at once). None otherwise. The
+    cycle asks Prefect instead (`flows.promote`), which a person's command in `rollout` cannot."""
+    from rollout.approvals.waiter import taken_up_at, waiter_gone
+
+    if pending.flow_run_id is None or pending.failed_move:
+        return None
+    d = session.get(GateDecision, pending.decision_id)
+    at = taken_up_at(session, d, pending.flow_run_id)
+    if at is None or now - at >= STALLED_AFTER or waiter_gone(session, d) is not None:
+        return None
+    return pending.flow_run_id, at
 
 
 def unfinished_of(use_case: str, *, db_url: str | None = None) -> Unfinished | None:

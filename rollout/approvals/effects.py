@@ -324,6 +324,7 @@ def apply_rollback(
                 + (f"v{now} serves now" if now else "no champion of ours serves now")
                 + " (another rollback or promotion came first): nothing moved"
             )
+            d = _locked_for_rollback(session, name, decision_id)[2]
             _supersede(session, d, who.name, f"v{now}" if now else "no champion", about=about, serving=now)
             return {"action": "none", "decision_id": decision_id, "reason": why}
     try:
@@ -334,20 +335,39 @@ def apply_rollback(
         if not automatic:
             raise
         # a person's rollback is moving the champion now: the monitor's gives way (its own never began)
-        with session_scope(db_url) as session:
-            _supersede(session, session.get(GateDecision, decision_id), who.name, str(busy), about=about)
+        with session_scope(db_url, immediate=True) as session:
+            d = _locked_for_rollback(session, name, decision_id)[2]
+            _supersede(session, d, who.name, str(busy), about=about)
         return {"action": "none", "decision_id": decision_id, "reason": str(busy)}
-    with session_scope(db_url) as session:
-        uc = pilots.get_use_case(session, name)
-        d = session.get(GateDecision, decision_id)
+    with session_scope(db_url, immediate=True) as session:
+        # locked first, as every writer of a use case (use case -> pilot -> decision, the audit chain last):
+        # the chain's lock taken before the use case's row (the pilot's status change is audited before
+        # the phase moves) deadlocked on PostgreSQL against a writer holding the row, queueing for it
+        uc, promoted, d = _locked_for_rollback(session, name, decision_id)
         if d.resolution is None:
             d.resolution = "auto_rolled_back" if automatic else "approved"
-        promoted = pilots.promoted_pilot(session, uc)
         if promoted is not None:
             pilots.stop_pilot(session, promoted, status="rolled_back", actor=who.name, reason=reason)
         lifecycle.set_phase(session, uc, "rolled_back", actor=who.name, reason=reason)
         _finisher(session, d, finished_by, said, action="rollback", approval_id=approval_id, signer=who.name)
     return {"action": "rolled_back", "decision_id": decision_id, "alias_move": _move_dict(move)}
+
+
+def _locked_for_rollback(
+    session: Any, name: str, decision_id: int
+) -> tuple[UseCase, Pilot | None, GateDecision]:
+    """A rollback's use case, its promoted pilot and the decision, re-read and locked in the order of every
+    writer of a use case (`pilots.locked`: use case, then pilot; the decision after them): the pilot
+    promoted now is read under the use case's lock, which every writer of a pilot's state takes first."""
+    from rollout import pilots
+
+    uc_id = pilots.get_use_case(session, name).id
+    uc, _ = pilots.locked(session, uc_id, None)
+    promoted = pilots.promoted_pilot(session, uc)
+    if promoted is not None:
+        _, promoted = pilots.locked(session, uc_id, promoted.id)
+    d = session.get(GateDecision, decision_id, with_for_update=True, populate_existing=True)
+    return uc, promoted, d
 
 
 def _signers_reason(

@@ -7,6 +7,7 @@ seen, and counts as waiting."""
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import socket
 from typing import Any
@@ -16,7 +17,7 @@ from sqlalchemy import select
 from rollout import audit
 from rollout.approvals.checks import lock_decision
 from rollout.approvals.resume import cancel_abandoned
-from rollout.db.models import AuditEntry, GateDecision
+from rollout.db.models import AuditEntry, GateDecision, as_utc
 from rollout.db.session import session_scope
 from rollout.leases import process_gone
 
@@ -116,6 +117,18 @@ def _marks(session: Any, d: GateDecision, action: str) -> list[dict[str, Any]]:
 
 def taken_up(session: Any, d: GateDecision, run_id: str) -> bool:
     return any(m.get("flow_run_id") == run_id for m in _marks(session, d, TAKEN_UP))
+
+
+def taken_up_at(session: Any, d: GateDecision, run_id: str) -> dt.datetime | None:
+    """When the resumed run `run_id` took the decision up (`approval_runs.take_up`), or None."""
+    rows = session.execute(
+        select(AuditEntry.ts, AuditEntry.details).where(
+            AuditEntry.action == TAKEN_UP,
+            AuditEntry.entity == "gate_decision",
+            AuditEntry.entity_id == str(d.id),
+        )
+    )
+    return next((as_utc(ts) for ts, m in rows if (m or {}).get("flow_run_id") == run_id), None)
 
 
 def carried_out_by_signer(session: Any, d: GateDecision, run_id: str) -> bool:

@@ -625,3 +625,73 @@ def test_a_persons_rollback_while_the_monitors_alarm_waits_names_the_decision_to
     assert f"`sparsepilot approve {name} --decision {alarm} --reason" in str(refused.value)
     assert "no champion" not in str(refused.value)
     assert _state(name)["phase"] == "awaiting_approval"
+
+
+@pytest.mark.parametrize("trust_db", ["postgres"], indirect=True)
+def test_a_rollbacks_last_transaction_and_a_writer_of_the_use_case_do_not_deadlock(
+    use_case, monkeypatch
+) -> None:  # noqa: ANN001
+    """apply_rollback's last transaction took the audit chain's lock (the pilot's status change, audited)
+    before the use case's row (its phase), the reverse of every writer of a use case (use case -> pilot ->
+    decision, the audit chain last: `pilots.locked`, `approvals.lock_decision`). A writer holding the use
+    case's row and queueing for the chain then deadlocked against it on PostgreSQL: one of the two failed
+    (the rollback's move committed, its use case never marked rolled back). Made to meet here: a person's
+    rollback holds the chain's lock in its last transaction when the pipeline registers a challenger
+    (`registry.set_alias`, whose first step locks the use case, then audits)."""
+    from sqlalchemy import event, text
+    from sqlalchemy.engine import Engine
+
+    from rollout import approvals, pilots, registry
+    from rollout.db.session import get_engine, session_scope
+    from sparse_core import SparsePlan
+
+    name = use_case(rollback="manual")
+    _promoted(name)
+    with session_scope() as s:
+        model = pilots.load_current_spec(s, pilots.get_use_case(s, name))[0].model
+    mv = registry.register_version(name, SparsePlan(tau=0.7), model, actor=registry.SYSTEM_PIPELINE)
+    moved, rollback = threading.Event(), registry.rollback
+
+    def rollback_then_last_transaction(*args: Any, **kwargs: Any) -> Any:
+        out = rollback(*args, **kwargs)
+        moved.set()
+        return out
+
+    monkeypatch.setattr(registry, "rollback", rollback_then_last_transaction)
+    out: dict[str, Any] = {}
+
+    def recalibrated() -> Any:
+        return registry.set_alias(name, "challenger", model_version_id=mv.id, actor=registry.SYSTEM_PIPELINE,
+                                  reason="recalibrated", idempotency_key="c2")  # fmt: skip
+
+    def someone_waits() -> bool:
+        with get_engine().connect() as c:
+            return bool(c.scalar(text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock'")))  # fmt: skip
+
+    def meet(conn, cursor, statement, parameters, context, executemany) -> None:  # noqa: ANN001
+        # the person's rollback, in its last transaction, holds the chain's lock: the pipeline comes in
+        if moved.is_set() and "pg_advisory_xact_lock" in statement and "met" not in out:
+            out["met"] = False
+            out["pipeline"] = _in_thread(recalibrated, out, "challenger")
+            deadline = time.monotonic() + 10
+            while not someone_waits() and out["pipeline"].is_alive() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            out["met"] = someone_waits()  # the pipeline waits for a lock the rollback holds
+
+    event.listen(Engine, "after_cursor_execute", meet)
+    try:
+        t = _in_thread(
+            lambda: approvals.request_rollback(name, _identity(BOB), "users complain"), out, "person"
+        )
+        t.join(120)
+        out["pipeline"].join(120)
+    finally:
+        event.remove(Engine, "after_cursor_execute", meet)
+    assert out["met"] and isinstance(out["person"], dict), out["person"]
+    assert out["person"]["effect"]["action"] == "rolled_back"
+    assert not isinstance(out["challenger"], Exception), out["challenger"]
+    state = _state(name)
+    assert (state["phase"], state["pilot"]) == ("rolled_back", "rolled_back")
+    assert registry.current_aliases(name)["challenger"] == str(out["challenger"].to_version)

@@ -285,9 +285,9 @@ def test_a_promotion_cut_off_after_mlflow_moved_is_listed_and_finished(flow_use_
     )
     moves = _champion_moves(name)
     assert finish_unfinished(name) is None  # signed a moment ago: perhaps still being applied directly
-    from flows import promote
+    from rollout import unfinished
 
-    monkeypatch.setattr(promote, "APPLY_GRACE", dt.timedelta(0))  # the approver's process died: a later tick
+    monkeypatch.setattr(unfinished, "APPLY_GRACE", dt.timedelta(0))  # the approver died: a later tick
     assert finish_unfinished(name)["finished"]["decision_id"] == did
     assert _phase(name) == "promoted" and registry.current_aliases(name)["champion"] == champion
     assert _champion_moves(name) == moves and finish_unfinished(name) is None
@@ -675,3 +675,48 @@ def test_promote_again_says_where_the_promotion_stands(flow_use_case, trust_acco
         approvals.promotion_in_effect(did)
     with pytest.raises(approvals.ApprovalError, match="nothing to roll back|no champion of ours"):
         approvals.request_rollback(name, Identity(*ALICE), "again")
+
+
+def test_promote_after_the_grace_leaves_a_promotion_to_the_approval_run_carrying_it_out(
+    flow_use_case, monkeypatch
+) -> None:  # noqa: ANN001
+    """alice's approval resumed the decision's approval run, which took it up and is in its MLflow call
+    (slow: past the grace). `promote NAME --decision N` after the grace finished it beside the run: the
+    move "retried" (MLflow called twice) and an `approval.finished` entry said bob finished what the run
+    was doing, though he only raced it. Now, while the run that took the decision up is alive (its process
+    here, or another host's) and has not stalled, the command says it is being carried out by that run."""
+    import threading
+
+    from flows.approval import join_waiting, start_waiting
+    from rollout import approvals, registry, unfinished
+    from rollout.auth import Identity
+
+    name = flow_use_case()
+    did = _pilot_with_decision(name, "GO", "approval")
+    inside, raced, apply = threading.Event(), threading.Event(), registry._apply_mlflow
+
+    def slow_for_the_run(*args: object) -> None:
+        if not inside.is_set():  # the run's call: it waits until bob has tried
+            inside.set()
+            raced.wait(30)
+        apply(*args)
+
+    monkeypatch.setattr(registry, "_apply_mlflow", slow_for_the_run)
+    run = start_waiting(did, poll_interval_s=1)
+    signed = approvals.approve(did, Identity(*ALICE), "ship it")
+    assert signed.resumed_flow_run_id == run, signed
+    assert inside.wait(60)
+    monkeypatch.setattr(unfinished, "APPLY_GRACE", dt.timedelta(0))  # the grace has passed
+    try:
+        with pytest.raises(registry.MoveInProgress) as busy:
+            approvals.unfinished_promotion(did)
+    finally:
+        raced.set()
+    said = str(busy.value)
+    assert f"alice's promotion (decision {did}) is being carried out by its approval run {run}" in said
+    assert f"`sparsepilot promote {name} --decision {did}` finishes it" in said
+    assert join_waiting(did)["action"] == "promoted"
+    assert _phase(name) == "promoted"
+    acts = [a for _, a, _ in _audit_rows()]
+    assert acts.count("alias.promote.committed") == 1
+    assert "alias.promote.retried" not in acts and "approval.finished" not in acts

@@ -452,3 +452,60 @@ def test_a_busy_state_db_after_mlflow_moved_says_so_and_how_to_finish(two_versio
         "docs-qa", model_version_id=v1.id, actor=ALICE, reason="go", idempotency_key="promote:7"
     )
     assert done.status == "committed"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def state_db(request: pytest.FixtureRequest, mlflow_home: Settings) -> tuple[str | None, int]:
+    """(db_url, a registered version's row id) with the state DB on SQLite (the settings') or PostgreSQL
+    (MLflow stays on its SQLite store either way)."""
+    if request.param == "sqlite":
+        add_use_case()
+        db_url = None
+    else:
+        from rollout.db import migrate
+
+        db_url = request.getfixturevalue("pg_url")
+        migrate.upgrade(db_url)
+        with session_scope(db_url) as s:
+            s.add(UseCase(name="docs-qa", owner="o", criticality="low"))
+    mv = registry.register_version("docs-qa", SparsePlan(tau=0.9), "/m", actor="x", db_url=db_url)
+    return db_url, mv.id
+
+
+def test_a_move_another_caller_of_its_key_committed_meanwhile_is_returned(state_db) -> None:  # noqa: ANN001
+    """Two callers of one move (same idempotency key) at once, as a direct approval and the cycle's
+    finishing are: both find the row, both call MLflow, whose `merge` of the alias row (SELECT, then INSERT)
+    lets both SELECT see no row; the second INSERT fails UNIQUE. The caller whose MLflow call failed used to
+    mark the other's committed move `failed`: the append-only trigger refused it, and its IntegrityError
+    reached the caller (clean-clone make test, fixed in c35868a without a test). Made deterministic here:
+    the other caller's whole move runs in the moment between this caller's SELECT and its INSERT, on real
+    stores; this caller's INSERT then really fails, and the committed move is returned, once audited."""
+    from sqlalchemy.engine import Engine
+
+    db_url, mv_id = state_db
+    move = {
+        "model_version_id": mv_id,
+        "actor": ALICE,
+        "reason": "gate GO",
+        "idempotency_key": "promote:1",
+        "db_url": db_url,
+    }
+    other: list[AliasMove | None] = []
+
+    def the_other_caller_first(conn, cursor, statement, parameters, context, executemany) -> None:  # noqa: ANN001
+        if statement.startswith("INSERT INTO registered_model_aliases") and not other:
+            other.append(None)  # its own INSERT comes in here too: let it through
+            other[0] = registry.promote("docs-qa", **move)
+
+    event.listen(Engine, "before_cursor_execute", the_other_caller_first)
+    try:
+        mine = registry.promote("docs-qa", **move)
+    finally:
+        event.remove(Engine, "before_cursor_execute", the_other_caller_first)
+    [theirs] = other
+    assert mine.id == theirs.id and (mine.status, mine.to_version, mine.error) == ("committed", "1", None)
+    assert [h["status"] for h in registry.alias_history("docs-qa", db_url=db_url)] == ["committed"]
+    assert registry.current_aliases("docs-qa") == {"champion": "1"}
+    with session_scope(db_url) as s:
+        acts = [a.action for a in s.scalars(select(AuditEntry).order_by(AuditEntry.id))]
+    assert acts.count("alias.promote.committed") == 1 and "alias.promote.failed" not in acts
