@@ -14,9 +14,10 @@ import streamlit as st
 from dashboard import fmt
 from dashboard.data import read
 from dashboard.identity import approver_list_known, current_identity
-from rollout import approvals, lifecycle, queries
+from rollout import approvals, lifecycle, queries, registry
 from rollout.auth import Identity, PermissionDenied
 from rollout.redact import redact
+from rollout.unfinished import FINISHING, Unfinished, unfinished_of
 
 FLASH_KEY = "sp_approvals_flash"
 
@@ -50,6 +51,13 @@ def run_action(fn: Any, *args: Any, reason_key: str, **kwargs: Any) -> None:
         flash("error", f"The flow is no longer waiting, so nothing was recorded. {exc}")
     except approvals.ApprovalError as exc:
         flash("error", f"Not accepted, nothing was recorded: {exc}")
+    except registry.RegistryError as exc:  # MLflow did not move the alias: recorded before, or not at all
+        # (MoveInProgress: another's effect is under way and nothing of this click was recorded)
+        pending = None if isinstance(exc, registry.MoveInProgress) else recorded_not_in_effect(args[0])
+        if pending is None:
+            flash("error", f"The action failed: {type(exc).__name__}: {exc}")
+        else:
+            flash("warning", not_in_effect_text(pending, exc))
     except Exception as exc:  # noqa: BLE001 - show the failure instead of a stack trace page
         flash("error", f"The action failed: {type(exc).__name__}: {exc}")
     else:
@@ -59,6 +67,27 @@ def run_action(fn: Any, *args: Any, reason_key: str, **kwargs: Any) -> None:
             flash("success", f"Done: {result.message}")
         else:
             flash("success", f"Done: rollback recorded as decision #{result} and applied")
+
+
+def recorded_not_in_effect(target: Any) -> Unfinished | None:
+    """The decision a click recorded whose effect did not follow (rollout.unfinished): the one of
+    decision `target` (an approval) or of use case `target` (a rollback), or None where nothing was."""
+    if isinstance(target, str):
+        return unfinished_of(target)
+    d = read(queries.decision, target)
+    pending = None if d is None else unfinished_of(d["use_case"])
+    return pending if pending is not None and pending.decision_id == target else None
+
+
+def not_in_effect_text(pending: Unfinished, exc: Exception) -> str:
+    """A click whose signature was recorded but whose alias move failed: what stands, MLflow's answer
+    (the registry's own advice on idempotency keys is for the command line) and what finishes it."""
+    what, verb = FINISHING[pending.action]
+    cause = str(exc).split(" The move is recorded as failed", 1)[0]
+    return (
+        f"{verb.capitalize()} and recorded; {what} is not in effect: {cause}. Finish it with "
+        f"`{pending.finish_command()}` (the use case's next scheduled cycle finishes it too)."
+    )
 
 
 def money_summary(d: dict[str, Any]) -> None:
