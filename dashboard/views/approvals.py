@@ -141,10 +141,11 @@ def evidence_summary(d: dict[str, Any]) -> None:
         st.json(ev, expanded=False)
 
 
-def decision_card(d: dict[str, Any], ident: Identity | None) -> None:
+def decision_card(d: dict[str, Any], ident: Identity | None, pilot_waits: str | None = None) -> None:
     """A decision an approver may act on: one waiting for a person (`waits_for`, queries.decision_waits),
     or the latest of a running pilot that asked nobody, which an approver may promote against the gate
-    (`waits_for` None: nobody has signed it yet)."""
+    (`waits_for` None: nobody has signed it yet; `pilot_waits`: what its use case waits for, the
+    portfolio's words)."""
     waits = d["waits_for"]
     override = d["awaiting"] == "none"  # asked nobody: promoting on it is an override (two approvers)
     head = (
@@ -169,7 +170,7 @@ def decision_card(d: dict[str, Any], ident: Identity | None) -> None:
         st.markdown("The gate says **GO at this step**, before the plan's last.")
         st.warning(skips)
     else:
-        st.markdown(f"The gate recommends: **{recommended}**.")
+        st.markdown(approvals.recommendation_in_words(SimpleNamespace(**d), recommended, pilot_waits))
     if d["approvals"]:  # every signature, each with whether it counts (queries.signature_status)
         st.dataframe(
             pd.DataFrame(d["approvals"])[
@@ -279,9 +280,10 @@ def override_section(ident: Identity | None) -> None:
         "The gate asks nobody about these decisions: the pilot goes on collecting. Promoting on one "
         "goes against its recommendation and takes effect only when a second, different approver signs."
     )
+    waits = {r["name"]: r["waits_for"] for r in read(queries.portfolio)}  # "more samples (120/300)"
     for d in candidates:
         with st.expander(f"#{d['id']} {d['use_case']}: {queries.decision_words(d['outcome'], d['kind'])}"):
-            decision_card(d, ident)
+            decision_card(d, ident, waits.get(d["use_case"]))
 
 
 def unapplied_text(d: dict[str, Any]) -> str:
