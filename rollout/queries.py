@@ -1126,6 +1126,18 @@ def approved_not_applied(session: Session) -> list[dict[str, Any]]:
         }
         for u in stalled(session)
     ]
+    # what MLflow answered where a move failed (the page guessed "MLflow unreachable?" of a model not found)
+    keys = [f"{k}:{r['id']}" for r in rows if r["failed_move"] for k in ("promote", "baseline", "rollback")]
+    errors = dict(
+        session.execute(
+            select(AliasMove.idempotency_key, AliasMove.error).where(
+                AliasMove.idempotency_key.in_(keys), AliasMove.status == "failed"
+            )
+        ).all()
+    )
+    for r in rows:
+        failed = [errors[k] for k in errors if k.split(":", 1)[1] == str(r["id"]) and errors[k]]
+        r["move_error"] = redact(failed[0]) if failed else None
     return _with_approvals(session, rows)
 
 

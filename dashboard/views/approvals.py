@@ -295,7 +295,7 @@ def unapplied_text(d: dict[str, Any]) -> str:
         "reject": ("rejected", "stopping the pilot"),
     }[d["action"]]
     why = (
-        "its alias move failed: MLflow unreachable?"
+        f"its alias move failed: {d.get('move_error') or 'MLflow gave no answer'}"
         if d["failed_move"]
         else "the run carrying it out stopped before it finished"
     )

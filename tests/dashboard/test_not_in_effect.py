@@ -22,6 +22,9 @@ def test_an_approved_promotion_not_in_effect_is_said_so_and_what_finishes_it(see
     said = at.warning[0].value.replace("\\", "")
     assert said.startswith("Approved and recorded; the promotion is not in effect: MLflow did not move"), said
     assert f"Finish it with `{finish}`" in said and "idempotency key" not in said
+    listed = at.warning[1].value.replace("\\", "")  # the page's list of what is not in effect
+    assert "its alias move failed: MlflowException: Registered Model with name=" in listed, listed
+    assert "MLflow unreachable?" not in listed  # a guess, where MLflow had answered
 
     waits = f"the promotion to be finished (approved by alice; not in effect): {finish}"
     open_page(at, "portfolio")  # the use-case page's "Waits for" is the same row's (queries.portfolio)
