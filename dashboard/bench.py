@@ -40,6 +40,7 @@ PAGES = ("portfolio", "use_case", "approvals", "audit")
 PAGE_FILES = {p: f"views/{p}.py" for p in PAGES}
 TARGETS_S = {"portfolio": 2.0}
 BENCH_PHASES = ("registered", "evaluated", "piloting", "piloting", "awaiting_approval", "promoted", "stopped")
+PILOT_STATUS = {"awaiting_approval": "awaiting_approval", "promoted": "promoted", "stopped": "stopped"}
 
 
 @dataclass
@@ -181,7 +182,9 @@ def random_use_case(i: int, rng: random.Random, n_observations: int, now: dt.dat
         density=density,
     )
     sp = max(0.8, 1 / density * rng.uniform(0.4, 0.7))
+    eff = 1 + (sp - 1) * rng.uniform(0.5, 0.8)  # per request: decode saves less than prefill
     saving = (sp - 1) * rng.uniform(200, 2000)
+    spread = abs(saving) * 0.2 + 20  # an interval around the saving, low below high at any sign
     u.evaluations = [
         evaluation(
             f"e{i}-{k}",
@@ -189,17 +192,34 @@ def random_use_case(i: int, rng: random.Random, n_observations: int, now: dt.dat
             density=d,
             quality_delta=-0.01 * (1 - d),
             speedup=(sp, sp * 0.9, sp * 1.1),
-            savings=(saving, saving * 0.8 - 20, saving * 1.2 + 20),
+            savings=(saving, saving - spread, saving + spread),
             payback_days=(3000 / saving * 30) if saving > 0 else None,
-            roi={"inputs": {"gpu_usd_per_hour": 2.5, "requests_per_day": 10000}},
+            roi={  # the per-request speed-up the dollars rest on, as rollout.roi records it
+                "inputs": {"gpu_usd_per_hour": 2.5, "requests_per_day": 10000},
+                "effective_speedup": eff,
+                "effective_speedup_low": eff * 0.95,
+                "effective_speedup_high": eff * 1.05,
+            },
         )
         for k, d in enumerate((min(1.0, density + 0.25), density))
     ]
     if phase == "evaluated":
         return u
-    u.pilot = dict(salt=name, current_step_index=1, pilot_number=1, go_alpha=pilot_alpha(0.05, 1))
+    # the pilot as its last look left it (rollout.decisions.act_on, the promotion): a GO at the final step
+    # waits for approval, an approved one is promoted, a NO-GO stopped it; it ran on, seeded "running",
+    # under a promoted use case ("next gate look")
+    status = PILOT_STATUS.get(phase, "running")
+    ended = None if status in ("running", "awaiting_approval") else now - dt.timedelta(days=1)
+    u.pilot = dict(
+        salt=name,
+        current_step_index=1,
+        pilot_number=1,
+        go_alpha=pilot_alpha(0.05, 1),
+        status=status,
+        ended_at=ended,
+    )
     u.steps = [
-        dict(index=0, kind="shadow", traffic_pct=0.0, min_samples=100),
+        dict(index=0, kind="shadow", traffic_pct=0.0, min_samples=100, status="passed"),
         dict(index=1, kind="split", traffic_pct=10.0, min_samples=400),
     ]
     for j in range(n_observations):

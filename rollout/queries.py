@@ -220,6 +220,7 @@ def portfolio(
     # (`approve --withdraw`) or an override's whose signer is no longer an approver counts nothing
     signed = _signature_counts(session, [r["decision_id"] for r in rows if r["decision_id"] is not None])
     for r in rows:
+        r["unfinished"] = _unfinished_row(session, r)
         # "GO, rejected", "GO (monitor)"; the chart's colour: the outcome and who made it, as it was made
         r["decision_standing"] = decision_standing(r["decision"], r["resolution"], kind=r["decision_kind"])
         r["decision_made"] = decision_words(r["decision"], r["decision_kind"])
@@ -232,6 +233,21 @@ def portfolio(
         if roi.dense_plan(r["density"], r["decode_status"]):  # saves nothing: no payback to claim
             r["payback_days"] = None
     return rows
+
+
+def _unfinished_row(session: Session, row: dict[str, Any]) -> dict[str, Any] | None:
+    """The row's decided-but-not-in-effect decision (`rollout.unfinished.unfinished_in`), as
+    `unfinished.waits_words` reads it: asked only where the row's decision can be one
+    (`unfinished.may_be_unfinished`)."""
+    from rollout import unfinished
+
+    if not unfinished.may_be_unfinished(row):
+        return None
+    u = unfinished.unfinished_in(session, session.get(UseCase, row["id"]))
+    if u is None:
+        return None
+    signer = None if u.approval_id is None else session.get(Approval, u.approval_id).actor
+    return u.to_dict() | {"signer": signer, "stalled": u.stalled_at(dt.datetime.now(dt.UTC))}
 
 
 # A decision's resolution under which its outcome no longer stands: a person rejected it (a GO not
@@ -290,7 +306,13 @@ def decision_waits(
 
 
 def waits_for(row: dict[str, Any]) -> str:
-    """What a use case needs next, in words, from its latest decision and current step."""
+    """What a use case needs next, in words, from its latest decision and current step: first, a decision
+    decided but not in effect (`unfinished`, `_unfinished_row`): its effect finished, never "more samples"
+    for a pilot whose GO was approved."""
+    from rollout.unfinished import waits_words
+
+    if row.get("unfinished"):
+        return waits_words(row["unfinished"])
     person = decision_waits(
         row.get("awaiting"),
         row.get("resolution"),
@@ -1104,6 +1126,18 @@ def approved_not_applied(session: Session) -> list[dict[str, Any]]:
         }
         for u in stalled(session)
     ]
+    # what MLflow answered where a move failed (the page guessed "MLflow unreachable?" of a model not found)
+    keys = [f"{k}:{r['id']}" for r in rows if r["failed_move"] for k in ("promote", "baseline", "rollback")]
+    errors = dict(
+        session.execute(
+            select(AliasMove.idempotency_key, AliasMove.error).where(
+                AliasMove.idempotency_key.in_(keys), AliasMove.status == "failed"
+            )
+        ).all()
+    )
+    for r in rows:
+        failed = [errors[k] for k in errors if k.split(":", 1)[1] == str(r["id"]) and errors[k]]
+        r["move_error"] = redact(failed[0]) if failed else None
     return _with_approvals(session, rows)
 
 

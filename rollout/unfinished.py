@@ -80,6 +80,10 @@ class Unfinished:
             and now - signed < grace
         )
 
+    def stalled_at(self, now: dt.datetime) -> bool:
+        """Not simply still running: its alias move failed, or it was decided `STALLED_AFTER` ago."""
+        return self.failed_move or now - _aware(self.decided_at) >= STALLED_AFTER
+
     def finish_command(self) -> str:
         """`command` without its `--reason`: the words of a sentence that names it."""
         return self.command().removesuffix(" --reason ...")
@@ -134,6 +138,48 @@ def unfinished_in(session: Any, uc: UseCase) -> Unfinished | None:
 
 
 LIVE_PILOT = ("running", "awaiting_approval")
+
+
+def may_be_unfinished(row: dict[str, Any]) -> bool:
+    """Whether a portfolio row's current decision (`rollout.queries.portfolio`: its `decision_kind`,
+    `decision` outcome, `awaiting`, `resolution`, the use case's `phase` and latest `pilot_status`) can be
+    one `unfinished_in` finds, so the portfolio asks it about those rows alone (a healthy portfolio costs
+    no query more): a gate decision resolved while its pilot is still live (a promotion or rejection
+    whose run did not finish), or, on a promoted use case (or one awaiting the person the monitor asked),
+    a monitor's or a person's rollback decision approved, rejected, or the monitor's own."""
+    resolved = row.get("resolution") in ("approved", "rejected")
+    if row.get("decision_kind") == "gate":
+        return resolved and row.get("pilot_status") in LIVE_PILOT
+    own = row.get("resolution") is None and row.get("awaiting") == "none"  # the monitor's automatic one
+    return (
+        row.get("decision_kind") in ("monitor", "rollback")
+        and row.get("decision") != "GO"
+        and row.get("phase") in ("promoted", "awaiting_approval")
+        and (resolved or own)
+    )
+
+
+# what each unfinished action carries out, and the signature that decided it
+FINISHING = {
+    "promote": ("the promotion", "approved"),
+    "rollback": ("the rollback", "approved"),
+    "keep": ("keeping the champion", "rejected"),
+    "reject": ("stopping the pilot", "rejected"),
+}
+
+
+def waits_words(pending: dict[str, Any]) -> str:
+    """What a use case with a decided-but-not-in-effect decision waits for, in the portfolio's words
+    (`rollout.queries.waits_for`; `pending`: `Unfinished.to_dict()` with the `signer`'s name and whether
+    it is `stalled`): the effect being carried out, or, once stalled, someone to finish it and the
+    command that does (the Approvals page's list says the same)."""
+    what, verb = FINISHING[pending["action"]]
+    who = "" if pending["automatic"] else f"{verb} by {pending.get('signer') or 'an approver'}; "
+    if pending["automatic"]:
+        what = "the monitor's automatic rollback"
+    if not pending.get("stalled"):
+        return f"{what} to complete ({who}being carried out now)"
+    return f"{what} to be finished ({who}not in effect): {pending['command'].removesuffix(' --reason ...')}"
 
 
 def _unfinished_rollback(session: Any, uc: UseCase, promoted: Pilot) -> Unfinished | None:
@@ -250,7 +296,7 @@ def stalled(session: Any, *, now: dt.datetime | None = None) -> list[Unfinished]
     out = []
     for uc in session.scalars(select(UseCase).order_by(UseCase.id)):
         u = unfinished_in(session, uc)
-        if u is not None and (u.failed_move or now - _aware(u.decided_at) >= STALLED_AFTER):
+        if u is not None and u.stalled_at(now):
             out.append(u)
     return sorted(out, key=lambda u: _aware(u.decided_at))
 

@@ -14,9 +14,10 @@ import streamlit as st
 from dashboard import fmt
 from dashboard.data import read
 from dashboard.identity import approver_list_known, current_identity
-from rollout import approvals, lifecycle, queries
+from rollout import approvals, lifecycle, queries, registry
 from rollout.auth import Identity, PermissionDenied
 from rollout.redact import redact
+from rollout.unfinished import FINISHING, Unfinished, unfinished_of
 
 FLASH_KEY = "sp_approvals_flash"
 
@@ -50,6 +51,13 @@ def run_action(fn: Any, *args: Any, reason_key: str, **kwargs: Any) -> None:
         flash("error", f"The flow is no longer waiting, so nothing was recorded. {exc}")
     except approvals.ApprovalError as exc:
         flash("error", f"Not accepted, nothing was recorded: {exc}")
+    except registry.RegistryError as exc:  # MLflow did not move the alias: recorded before, or not at all
+        # (MoveInProgress: another's effect is under way and nothing of this click was recorded)
+        pending = None if isinstance(exc, registry.MoveInProgress) else recorded_not_in_effect(args[0])
+        if pending is None:
+            flash("error", f"The action failed: {type(exc).__name__}: {exc}")
+        else:
+            flash("warning", not_in_effect_text(pending, exc))
     except Exception as exc:  # noqa: BLE001 - show the failure instead of a stack trace page
         flash("error", f"The action failed: {type(exc).__name__}: {exc}")
     else:
@@ -59,6 +67,27 @@ def run_action(fn: Any, *args: Any, reason_key: str, **kwargs: Any) -> None:
             flash("success", f"Done: {result.message}")
         else:
             flash("success", f"Done: rollback recorded as decision #{result} and applied")
+
+
+def recorded_not_in_effect(target: Any) -> Unfinished | None:
+    """The decision a click recorded whose effect did not follow (rollout.unfinished): the one of
+    decision `target` (an approval) or of use case `target` (a rollback), or None where nothing was."""
+    if isinstance(target, str):
+        return unfinished_of(target)
+    d = read(queries.decision, target)
+    pending = None if d is None else unfinished_of(d["use_case"])
+    return pending if pending is not None and pending.decision_id == target else None
+
+
+def not_in_effect_text(pending: Unfinished, exc: Exception) -> str:
+    """A click whose signature was recorded but whose alias move failed: what stands, MLflow's answer
+    (the registry's own advice on idempotency keys is for the command line) and what finishes it."""
+    what, verb = FINISHING[pending.action]
+    cause = str(exc).split(" The move is recorded as failed", 1)[0]
+    return (
+        f"{verb.capitalize()} and recorded; {what} is not in effect: {cause}. Finish it with "
+        f"`{pending.finish_command()}` (the use case's next scheduled cycle finishes it too)."
+    )
 
 
 def money_summary(d: dict[str, Any]) -> None:
@@ -112,10 +141,11 @@ def evidence_summary(d: dict[str, Any]) -> None:
         st.json(ev, expanded=False)
 
 
-def decision_card(d: dict[str, Any], ident: Identity | None) -> None:
+def decision_card(d: dict[str, Any], ident: Identity | None, pilot_waits: str | None = None) -> None:
     """A decision an approver may act on: one waiting for a person (`waits_for`, queries.decision_waits),
     or the latest of a running pilot that asked nobody, which an approver may promote against the gate
-    (`waits_for` None: nobody has signed it yet)."""
+    (`waits_for` None: nobody has signed it yet; `pilot_waits`: what its use case waits for, the
+    portfolio's words)."""
     waits = d["waits_for"]
     override = d["awaiting"] == "none"  # asked nobody: promoting on it is an override (two approvers)
     head = (
@@ -140,7 +170,7 @@ def decision_card(d: dict[str, Any], ident: Identity | None) -> None:
         st.markdown("The gate says **GO at this step**, before the plan's last.")
         st.warning(skips)
     else:
-        st.markdown(f"The gate recommends: **{recommended}**.")
+        st.markdown(approvals.recommendation_in_words(SimpleNamespace(**d), recommended, pilot_waits))
     if d["approvals"]:  # every signature, each with whether it counts (queries.signature_status)
         st.dataframe(
             pd.DataFrame(d["approvals"])[
@@ -250,9 +280,10 @@ def override_section(ident: Identity | None) -> None:
         "The gate asks nobody about these decisions: the pilot goes on collecting. Promoting on one "
         "goes against its recommendation and takes effect only when a second, different approver signs."
     )
+    waits = {r["name"]: r["waits_for"] for r in read(queries.portfolio)}  # "more samples (120/300)"
     for d in candidates:
         with st.expander(f"#{d['id']} {d['use_case']}: {queries.decision_words(d['outcome'], d['kind'])}"):
-            decision_card(d, ident)
+            decision_card(d, ident, waits.get(d["use_case"]))
 
 
 def unapplied_text(d: dict[str, Any]) -> str:
@@ -264,7 +295,7 @@ def unapplied_text(d: dict[str, Any]) -> str:
         "reject": ("rejected", "stopping the pilot"),
     }[d["action"]]
     why = (
-        "its alias move failed: MLflow unreachable?"
+        f"its alias move failed: {d.get('move_error') or 'MLflow gave no answer'}"
         if d["failed_move"]
         else "the run carrying it out stopped before it finished"
     )

@@ -4,15 +4,28 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from typing import Any
 
 import pandas as pd
 import streamlit as st
 
+from dashboard.columns import columned
 from dashboard.data import read
 from dashboard.fmt import spreadsheet_csv
 from rollout import queries
 
 LIMIT = 5000
+# the table's columns (dashboard.columns); the CSV keeps the stored names. Times are stored in UTC.
+COLUMNS: dict[str, Any] = {
+    "id": st.column_config.NumberColumn("#", format="%d"),
+    "ts": st.column_config.DatetimeColumn("When (UTC)", format="D MMM YYYY, HH:mm:ss"),
+    "actor": "Actor",
+    "action": "Action",
+    "use_case": "Use case",
+    "entity": "Entity",
+    "entity_id": "Entity id",
+    "details": "Details",
+}
 
 
 def main() -> None:
@@ -50,7 +63,7 @@ def main() -> None:
         f"{len(df)} entries, newest first{more}. In the CSV a text starting with =, +, -, @ or a tab "
         "carries a leading ' so a spreadsheet shows it rather than running it as a formula."
     )
-    st.dataframe(df, hide_index=True, width="stretch")
+    columned(df, COLUMNS)
     st.download_button(
         "Download CSV",
         spreadsheet_csv(df),

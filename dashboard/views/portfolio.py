@@ -79,7 +79,9 @@ def totals_row(t: dict[str, Any]) -> None:
     d = t["decisions"]
     c4.metric(
         "Latest decisions",
-        f"{d.get('GO', 0)} GO · {d.get('EXTEND', 0)} EXTEND",
+        # short enough for a quarter of the page at any count ("23 GO · 0 EXTE…" was cut off): the other
+        # counts are the caption's
+        f"{d.get('GO', 0):,} GO of {t['decided']:,}",
         help="Each use case's current decision as the table's decision column says it: the gate's that "
         "stand, those that no longer stand (rejected, aborted, superseded), and those after promotion "
         "(a monitor's look, a rollback); together, every use case with a decision.",
@@ -88,11 +90,11 @@ def totals_row(t: dict[str, Any]) -> None:
 
 
 def decision_counts(t: dict[str, Any]) -> list[str]:
-    """The headline's counts beside GO and EXTEND, so that all of them add up to the use cases with a
-    decision: "0 NO-GO", "0 INVALID", "1 no longer standing (1 GO, rejected)", "1 after promotion (1
+    """The headline's counts beside GO, so that all of them add up to the use cases with a decision:
+    "0 EXTEND", "0 NO-GO", "0 INVALID", "1 no longer standing (1 GO, rejected)", "1 after promotion (1
     GO (monitor))", "3 use cases with a decision"."""
     d = t["decisions"]
-    parts = [f"{d.get('NO-GO', 0)} NO-GO", f"{d.get('INVALID', 0)} INVALID"]
+    parts = [f"{d.get(o, 0):,} {o}" for o in ("EXTEND", "NO-GO", "INVALID")]
     for label, counts in (
         ("no longer standing", t["decisions_not_standing"]),
         ("after promotion", t["decisions_after_promotion"]),
@@ -179,7 +181,8 @@ COLUMNS: dict[str, Any] = {
         help="measured prefill speed-up; the $/month rest on the per-request speed-up (prefill and decode "
         "together), shown on the use case's page",
     ),
-    "savings_month_usd": st.column_config.NumberColumn("$/month saved", format="dollar"),
+    # whole dollars as everywhere else (`SHOWN`); "dollar" showed cents, "$1,840.00"
+    "savings_month_usd": st.column_config.NumberColumn("$/month saved"),
     "savings interval": None,
     "payback_days": st.column_config.NumberColumn("Payback (days)", format="%.0f"),
     "caveats": st.column_config.TextColumn(
@@ -190,10 +193,14 @@ COLUMNS: dict[str, Any] = {
 }
 
 
+# the columns shown in `dashboard.fmt`'s words, sorted as numbers (dashboard.columns.columned)
+SHOWN = {"savings_month_usd": fmt.money}
+
+
 def table(df: pd.DataFrame) -> None:
     """Sortable, filterable table; selecting a row opens that use case in this session."""
     st.session_state[NAMES_KEY] = list(df["name"])
-    columned(df, COLUMNS, key="portfolio_table", on_select=_on_select, selection_mode="single-row")
+    columned(df, COLUMNS, SHOWN, key="portfolio_table", on_select=_on_select, selection_mode="single-row")
 
 
 def plotted(df: pd.DataFrame) -> pd.DataFrame:

@@ -34,9 +34,13 @@ def pick_use_case() -> str | None:
         st.info("No use cases yet: see the Portfolio page for how to add the first one.")
         return None
     wanted = st.query_params.get("name")
-    index = names.index(wanted) if wanted in names else 0
+    index: int | None = names.index(wanted) if wanted in names else 0
+    if wanted is not None and wanted not in names:
+        # a stale or mistyped link: another use case's decision, shown without a word, read as its own
+        st.warning(fmt.plain(f"No use case is named '{wanted}': pick one below."))
+        index = None
     name = st.selectbox("Use case", names, index=index, key="uc_name")
-    if name != wanted:
+    if name is not None and name != wanted:
         st.query_params["name"] = name
     return name
 

@@ -79,6 +79,7 @@ from rollout.approvals.loosening import (
 )
 from rollout.approvals.recommendation import (
     ramp_steps_skipped,
+    recommendation_in_words,
     recommended_action,
     skip_note,
     skipped_in_words,
@@ -138,6 +139,7 @@ __all__ = [
     "override_signatures",
     "promotion_in_effect",
     "ramp_steps_skipped",
+    "recommendation_in_words",
     "recommended_action",
     "refuse_rejecting_unasked",
     "request_rollback",

@@ -1,6 +1,7 @@
 """What the gate recommends a person do with a decision (`recommended_action`: acting otherwise is an
-override, two approvers), and what a promotion on it skips of the spec's ramp (`ramp_steps_skipped`, in
-words for the approver: `skip_note`). Pure: read from the decision and its evidence."""
+override, two approvers; `recommendation_in_words`, as the Approvals card says it), and what a promotion
+on it skips of the spec's ramp (`ramp_steps_skipped`, in words for the approver: `skip_note`). Pure:
+read from the decision and its evidence."""
 
 from __future__ import annotations
 
@@ -19,6 +20,24 @@ def recommended_action(decision: Any) -> str:
     # last step skips the remaining ramp steps: an override like promoting on EXTEND (docs/operations.md).
     ok = decision.outcome == "GO" and decision.awaiting == "approval"
     return "approve" if ok and not ramp_steps_skipped(decision.evidence) else "reject"
+
+
+def recommendation_in_words(decision: Any, recommended: str, pilot_waits: str | None = None) -> str:
+    """What an Approvals card says the gate recommends (markdown). A running pilot's decision that
+    asked nobody (`awaiting` "none": EXTEND, INVALID, an earlier step's GO) recommends no action of a
+    person's: the pilot goes on (what the use case waits for, `pilot_waits`: the portfolio's words,
+    "more samples (120/300 in the smaller arm)"), and promoting now is an override; `recommended_action`
+    reads "reject" there only as the single-signature side, a button such a card does not have."""
+    if decision.awaiting != "none":
+        return f"The gate recommends: **{recommended}**."
+    then = f" (the use case waits for {pilot_waits})" if pilot_waits else ""
+    # more samples do not cure an INVALID look (rollout.decisions.invalid_remedy)
+    keep = (
+        "no promotion on data it does not trust"
+        if decision.outcome == "INVALID"
+        else "keep the pilot collecting"
+    )
+    return f"The gate recommends: **{keep}**{then}; promoting now is an override."
 
 
 def ramp_steps_skipped(evidence: Any) -> list[dict[str, Any]]:

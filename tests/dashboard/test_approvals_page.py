@@ -68,6 +68,14 @@ def test_an_override_of_a_running_pilots_extend_is_started_and_co_signed_from_th
     did = seeded["document-qa:decision"]
     at = open_page(sign_in(new_app(), "alice"), "approvals")
     assert f"approve_{did}" in {b.key for b in at.button}
+    # review s48 B4: the card said "The gate recommends: reject", a button it does not have, of a pilot
+    # the portfolio says waits for more samples
+    said = [m.value for m in at.markdown if m.value.startswith("The gate recommends")]
+    assert said == [  # contract-summarisation's GO, asked for; document-qa's EXTEND
+        "The gate recommends: **approve**.",
+        "The gate recommends: **keep the pilot collecting** (the use case waits for more samples (120/300 in "
+        "the smaller arm)); promoting now is an override.",
+    ], said
     assert f"reject_{did}" not in {b.key for b in at.button}  # stopping a pilot is `pilot --abort`
     assert "Promote anyway" in button_labels(at)
     at.text_area(key=f"reason_{did}").input("the business needs it this quarter")

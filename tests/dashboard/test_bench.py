@@ -9,7 +9,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from dashboard.bench import seed_portfolio
+from rollout import queries
+from rollout.settings import Settings
 from sparsepilot.cli import app
+from tests.dashboard.apptest_helpers import new_app, open_page
 
 
 def test_bench_dashboard_small(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -36,3 +40,27 @@ def test_bench_dashboard_small(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     # a second run into the same scratch home is refused instead of mixing two portfolios
     r = CliRunner().invoke(app, [*args, "--home", str(tmp_path / "scratch"), "--out", str(out)])
     assert r.exit_code == 2 and "needs an empty scratch home" in r.output
+
+
+def test_the_bench_seeds_only_states_a_real_home_reaches(sp_home: Settings) -> None:
+    """Review s48: the bench's promoted use case kept a running pilot (its page: "next gate look"), a
+    negative saving had its interval backwards ("-$377/month, at best -$432") and no evaluation had the
+    per-request speed-up ("Per-request speed-up -"): the seeder's rows, not a page's fault."""
+    seed_portfolio(7, 700)  # one use case in each of the bench's phases
+    rows = {r["name"]: r for r in queries.read(queries.portfolio)}
+    assert [rows[f"usecase-00{i}"]["pilot_status"] for i in (2, 4, 5, 6)] == [
+        "running",
+        "awaiting_approval",
+        "promoted",
+        "stopped",
+    ]
+    assert all(
+        r["savings_month_low"] <= r["savings_month_high"]
+        for r in rows.values()
+        if r["savings_month_usd"] is not None
+    )
+    at = new_app()
+    at.query_params["name"] = "usecase-005"  # promoted
+    open_page(at, "use_case")
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Waits for"] == "-" and metrics["Per-request speed-up"].endswith("x]"), metrics

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import select
+from streamlit.dataframe_util import convert_arrow_bytes_to_pandas_df
 
 from rollout import approvals
 from rollout.auth import Identity, PermissionDenied
@@ -72,6 +73,12 @@ def test_portfolio_shows_seeded_use_cases(seeded: dict[str, Any]) -> None:
     assert support["quality interval"] == "[-0.0600, +0.0500]"
     assert (support["quality from"], row["quality from"]) == ("evaluation, 60 rows", "pilot gate")
     assert row["step"] == "1: split 10%" and row["payback_days"] == 12.0
+    # review s48 B5/B6: a missing value read "None" (support-chat's payback), the dollars "$1,840.00"
+    assert at.dataframe[0].proto.placeholder == "-"
+    styled = at.dataframe[0].proto.arrow_data.styler.display_values
+    shown = convert_arrow_bytes_to_pandas_df(styled).set_axis(df.columns, axis=1).set_index("name")
+    assert list(shown["savings_month_usd"]) == ["$1,840", "$620", "-$35"]
+    assert "format" not in json.loads(at.dataframe[0].proto.columns)["savings_month_usd"]  # it would win
     metrics = {m.label: m.value for m in at.metric}
     # support-chat's interval [-$80, $10] includes no saving: counted apart, not in the headline
     assert metrics["Use cases"] == "3" and metrics["$/month saved (established)"] == "$2,460"
@@ -135,6 +142,12 @@ def test_use_case_page(seeded: dict[str, Any]) -> None:
     assert "No gate decision yet." in texts(at) and "No pilot observations yet." in texts(at)
     assert "No plan: the stored spec v1 does not validate" in texts(at)
     assert "No pilot yet; the first pilot's GO will be held to 0.0304." in texts(at)
+    # review s48 B9: a link naming no use case opened the first one without a word
+    at = new_app()
+    at.query_params["name"] = "does-not-exist"
+    open_page(at, "use_case")
+    assert [w.value for w in at.warning] == ["No use case is named 'does-not-exist': pick one below."]
+    assert at.selectbox(key="uc_name").value is None and not at.metric and not at.dataframe
 
 
 def test_use_case_page_says_when_the_counts_are_an_ended_pilots(seeded: dict[str, Any]) -> None:
@@ -165,6 +178,10 @@ def test_use_case_page_says_when_the_counts_are_an_ended_pilots(seeded: dict[str
 def test_audit_page_filters_and_exports_csv(seeded: dict[str, Any]) -> None:
     at = open_page(new_app(), "audit")
     assert len(at.dataframe[0].value) == 5
+    # review s48 B5: raw column names, "None" for a row of no use case, a time without its zone
+    labels = {c: cfg.get("label") for c, cfg in json.loads(at.dataframe[0].proto.columns).items()}
+    assert labels["ts"] == "When (UTC)" and labels["use_case"] == "Use case"
+    assert at.dataframe[0].proto.placeholder == "-"
     at.multiselect(key="a_action").select("gate.decide").run()
     df = at.dataframe[0].value
     assert set(df["action"]) == {"gate.decide"} and len(df) == 2
