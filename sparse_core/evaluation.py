@@ -39,6 +39,7 @@ from sparse_core.capture import block_attention_mass, capture_attention
 from sparse_core.corpus import corpus_texts, pack_token_windows, timing_window
 from sparse_core.fidelity import dense_reference, measure_fidelity
 from sparse_core.fidelity_bound import bound_fields
+from sparse_core.host import threads_restored
 from sparse_core.plan import SparsePlan, model_shape
 from sparse_core.probes import PROBE_KINDS, generate_probes, score_probes
 from sparse_core.progress import Progress, counter
@@ -360,6 +361,7 @@ def _reset_stats(model) -> None:
     sparse_stats(model).reset()
 
 
+@threads_restored()  # the thread policy below is for this call; the caller's count is restored
 def measure_speed(
     model,
     tokenizer,
@@ -472,6 +474,7 @@ def measure_speed(
     return rows, summary
 
 
+@threads_restored()  # the thread policy below is for this call; the caller's count is restored
 def measure_decode_speed(
     model,
     tokenizer,

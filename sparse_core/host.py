@@ -374,16 +374,25 @@ def set_threads(requested: int | None, sample_seconds: float = 0.2) -> dict[str,
 
 
 @contextmanager
-def threads_for(requested: int | None = None) -> Iterator[dict[str, Any]]:
-    """torch's intra-op threads for the block (`set_threads`: `requested`, or None for the CPUs really
-    free), the previous count restored after; yields `set_threads`'s record."""
+def threads_restored() -> Iterator[None]:
+    """torch's intra-op thread count as the block found it, restored after whatever the block set (the
+    thread policy of a library call: a caller's count is the caller's). Also a decorator:
+    `@threads_restored()` on a function that applies the policy."""
     import torch
 
     prev = torch.get_num_threads()
     try:
-        yield set_threads(requested)
+        yield
     finally:
         torch.set_num_threads(prev)
+
+
+@contextmanager
+def threads_for(requested: int | None = None) -> Iterator[dict[str, Any]]:
+    """torch's intra-op threads for the block (`set_threads`: `requested`, or None for the CPUs really
+    free), the previous count restored after; yields `set_threads`'s record."""
+    with threads_restored():
+        yield set_threads(requested)
 
 
 def _others_now(sample_seconds: float) -> tuple[float | None, float | None]:

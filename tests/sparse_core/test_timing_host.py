@@ -77,3 +77,42 @@ def test_an_arm_is_judged_on_its_own_wait_share_where_it_was_measured() -> None:
     )
     assert pair_load(span, [load(None, True), load(0.02, False)]) == span
     assert pair_load(load(0.4, True), []).overloaded
+
+
+def _speed(model, tok) -> None:  # noqa: ANN001
+    from sparse_core.evaluation import measure_speed
+
+    measure_speed(model, tok, SparsePlan(block_size=32, tau=0.9), [96], repeats=2)
+
+
+def _decode_speed(model, tok) -> None:  # noqa: ANN001
+    from sparse_core.evaluation import EvalSuite, measure_decode_speed
+
+    suite = EvalSuite(decode_new_tokens=2, decode_repeats=1)
+    measure_decode_speed(model, tok, SparsePlan(block_size=32, tau=0.9), [96], None, suite=suite)
+
+
+def _calibration_refused(model, tok) -> None:  # noqa: ANN001
+    from sparse_core.calibration import calibrate_many
+
+    with pytest.raises(ValueError, match="texts too short to calibrate on"):  # after its thread policy
+        calibrate_many(
+            model, tok, ["too short", "also short", "short too"], "kl=1,agree=0.3", estimators=("pooled",)
+        )
+
+
+@pytest.mark.parametrize("call", [_speed, _decode_speed, _calibration_refused])
+def test_a_library_call_leaves_the_callers_torch_threads_as_it_found_them(tiny_llama_dir, call) -> None:
+    """The evaluation's timings and calibration choose torch's threads from the CPUs really free; a
+    caller's own count (here 3, more than the thread policy gives a test worker) used to stay
+    overridden after they returned, or raised."""
+    import torch
+
+    model, tok = load_model(tiny_llama_dir)
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        call(model, tok)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
