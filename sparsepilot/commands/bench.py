@@ -168,6 +168,8 @@ def bench_dashboard(
         "cpu_count": os.cpu_count(),
         "host_load": meter.load.to_dict(),
     }
+    if json_out:  # stdout is the JSON: the warning goes to stderr
+        _overload_warning(result["environment"], what=TIMES, threads_option=False, to_stderr=True)
     if _saved_and_emitted(result, out, json_out):
         return
     seeded = result["seeded"]
@@ -201,6 +203,8 @@ def bench_import(
     check_out(out)
     with _spinner("import benchmark", out) as progress:
         result = run_import_bench(rows, chunk_rows=chunk_rows, progress=progress)
+    if json_out:  # stdout is the JSON: the warning goes to stderr
+        _state_db_warning(result, to_stderr=True)
     if _saved_and_emitted(result, out, json_out):
         return
     _state_db_table(
@@ -247,6 +251,8 @@ def bench_monitor(
     check_out(out)
     with _spinner("monitor benchmark", out) as progress:
         result = run_monitor_bench(rows, batch=batch, looks=looks, progress=progress)
+    if json_out:  # stdout is the JSON: the warning goes to stderr
+        _state_db_warning(result, to_stderr=True)
     if _saved_and_emitted(result, out, json_out):
         return
     _state_db_table(
@@ -721,14 +727,16 @@ def _state_db_table(title: str, result: dict, out: str, columns: list[str]) -> N
     goes; the overload warning the other benchmarks print; then the JSON is written."""
     from sparsepilot.console import print_table
 
-    print_table(
-        f"{title} (SQLite, load {' '.join(result['loadavg'])}; JSON: {out})",
-        result["results"],
-        columns=columns,
-    )
-    # each size ran in its own process: a row's own flag
-    _overload_warning({}, result["results"], what=TIMES)
+    load = " ".join(f"{x:g}" for x in result["loadavg"]) if result["loadavg"] else "not measured"
+    print_table(f"{title} (SQLite, load {load}; JSON: {out})", result["results"], columns=columns)
+    _state_db_warning(result)
     _write_json(result, out)
+
+
+def _state_db_warning(result: dict, to_stderr: bool = False) -> None:
+    """`bench import` / `bench monitor`: each size ran in its own process, so each row has its own flag;
+    `to_stderr` with --json."""
+    _overload_warning({}, result["results"], what=TIMES, to_stderr=to_stderr)
 
 
 def check_out(out: str) -> None:
