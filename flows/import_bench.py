@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rollout.bench_home import in_fresh_processes, load_average, setup_home
+from rollout.bench_home import host_fields, in_fresh_processes, load_average, setup_home
 
 
 def _request_ids(rows: int) -> list[str]:
@@ -62,8 +62,7 @@ def _one(rows: int, chunk_rows: int, out: Any) -> None:
             "chunk_rows": chunk_rows,
             "database": "sqlite",
             "torch_loaded": "torch" in __import__("sys").modules,
-            "others_busy_cores": meter.load.others_busy_cores,
-            "overloaded": meter.load.overloaded,
+            **host_fields(meter.load),
         }
     )
 

@@ -88,7 +88,20 @@ def in_fresh_processes(
     return results
 
 
-def load_average() -> list[str]:
-    """The 1/5/15-minute load averages as /proc/loadavg gives them (the benches' JSON has them so)."""
-    with open("/proc/loadavg") as f:
-        return f.read().split()[:3]
+def load_average() -> list[float] | None:
+    """The 1/5/15-minute load averages, as numbers (`sparse_core.host.loadavg`; they were /proc/loadavg's
+    strings)."""
+    from sparse_core.host import loadavg
+
+    return loadavg()
+
+
+def host_fields(load: Any) -> dict[str, Any]:
+    """What a size's row says of the host while it was timed (`load`: its `HostLoad`): the table's
+    `others_busy_cores` and `overloaded`, and the whole record as the other benchmarks keep it
+    (`host_load`: `wait_share`, which decides the flag where measured, CPU pressure, load averages)."""
+    return {
+        "others_busy_cores": load.others_busy_cores,
+        "overloaded": load.overloaded,
+        "host_load": load.to_dict(),
+    }

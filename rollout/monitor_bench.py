@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rollout.bench_home import in_fresh_processes, load_average, setup_home
+from rollout.bench_home import host_fields, in_fresh_processes, load_average, setup_home
 
 NAME = "bench-monitor"
 PARTS = ("target_s", "target_import_s", "store_s", "read_s", "judge_s", "look_s")
@@ -161,8 +161,7 @@ def _one(rows: int, batch: int, looks: int, out: Any) -> None:
             "breached": timed[-1]["breached"],
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "database": "sqlite",
-            "others_busy_cores": meter.load.others_busy_cores,
-            "overloaded": meter.load.overloaded,
+            **host_fields(meter.load),
         }
     )
 

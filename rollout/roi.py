@@ -438,6 +438,7 @@ def pilot_skip_reason(
     saved_usd_month_low: float | None = None,
     pilot_anyway: bool = False,
     decode_status: str | None = None,
+    measured_under_overload: str | None = None,
 ) -> PilotSkip | None:
     """Why a pilot would be wasted traffic, or None when it is worth running. A pilot costs real
     requests and the spec's one-off cost; it can only pay off when a sparse plan met the quality
@@ -447,13 +448,28 @@ def pilot_skip_reason(
     first; without a plan that met the budget there is nothing to pilot. The plan is judged as priced:
     `density` is the prefill's share of blocks kept and `decode_status` the ROI's decode outcome
     (`decode_outcome`'s status): a plan that keeps every prefill block but decodes sparsely ("measured")
-    is not dense, and its saving decides."""
+    is not dense, and its saving decides. `measured_under_overload` (`timing_overload`'s warning, None on a
+    quiet host): timings kept under overload are off in either direction, so a saving they do not
+    establish is "not established" with the advice to re-evaluate on a quieter host, never the finding
+    that sparse attention "does not pay off here" (still no pilot: no traffic is spent on a saving no
+    clean timing showed; `pilot_anyway` waives it)."""
     if met_budget is False:
         return PilotSkip(calibration_outcome.MISSED_BUDGET, calibration_outcome.STAYS_DENSE)
     if pilot_anyway:
         return None
     if dense_plan(density, decode_status):
         return PilotSkip(f"the plan keeps {density:.2%} of blocks (as dense)", "nothing to pilot")
+    if (
+        measured_under_overload
+        and saved_usd_month is not None
+        and not _established(saved_usd_month, saved_usd_month_low, saved_usd_month_high)
+    ):
+        return PilotSkip(
+            f"saving not established ({usd(saved_usd_month)}/month"
+            f"{_range(saved_usd_month_low, saved_usd_month_high)}, timed under overload)",
+            "the speed was timed while other processes left too little CPU, which moves a speed-up either "
+            "way; re-evaluate on a quieter host (or pilot anyway with --pilot-all)",
+        )
     if saved_usd_month is not None and saved_usd_month <= 0:
         high = "" if saved_usd_month_high is None else f", at best {usd(saved_usd_month_high)}"
         return PilotSkip(
@@ -477,11 +493,27 @@ def pilot_skip_reason(
     return None
 
 
+def _established(saved: float, low: float | None, high: float | None) -> bool:
+    """A saving the evaluation establishes: positive at the estimate, with a measured interval whose low
+    end is above zero (`pilot_skip_reason`'s last three cases)."""
+    return saved > 0 and not (low is None and high is None) and (low is None or low > 0)
+
+
+def _range(low: float | None, high: float | None) -> str:
+    """What was measured of the saving's interval: ", interval $a, $b", ", at best $b", or ""."""
+    if low is not None and high is not None:
+        return f", interval {usd(low)}, {usd(high)}"
+    if high is not None:
+        return f", at best {usd(high)}"
+    return "" if low is None else f", at worst {usd(low)}"
+
+
 def evaluation_pilot_skip(
     evaluation: Mapping[str, Any] | None, *, met_budget: bool | None = None, pilot_anyway: bool = False
 ) -> PilotSkip | None:
     """`pilot_skip_reason` of an evaluation's figures (`density`, `savings_month_usd`,
-    `savings_month_low` / `_high`, `decode_status`: a summary, a portfolio row, a run's columns): the
+    `savings_month_low` / `_high`, `decode_status`, `measured_under_overload`: a summary, a portfolio
+    row, a run's columns): the
     one rule of "this plan is not piloted", which every path that starts a pilot obeys
     (`rollout.pilot_batches.ensure_pilot_in`: the cycle, `sparsepilot pilot`, an import, the main job)
     and whose words the portfolio shows. No evaluation: only the calibration's outcome decides."""
@@ -493,6 +525,7 @@ def evaluation_pilot_skip(
         saved_usd_month_high=ev.get("savings_month_high"),
         saved_usd_month_low=ev.get("savings_month_low"),
         decode_status=ev.get("decode_status"),
+        measured_under_overload=ev.get("measured_under_overload"),
         pilot_anyway=pilot_anyway,
     )
 

@@ -69,6 +69,7 @@ from sparse_core.eps_search import largest_passing, search_steps, step_alpha
 from sparse_core.errors import SparsePilotError
 from sparse_core.fidelity import DenseReference, Fidelity, dense_reference, measure_fidelity
 from sparse_core.fidelity_bound import by_window, judged, judged_dict
+from sparse_core.host import threads_restored
 from sparse_core.layer_weights import check_mode as check_layer_weights
 from sparse_core.layer_weights import layer_scales, reference_eps
 from sparse_core.plan import DEFAULT_BLOCK_SIZE, SparsePlan, check_sharpen, model_shape
@@ -641,6 +642,7 @@ def calibrate(
     return out[estimator]
 
 
+@threads_restored()  # the thread policy below is for this call; the caller's count is restored
 def calibrate_many(
     model,
     tokenizer,

@@ -39,6 +39,7 @@ from sparse_core.capture import block_attention_mass, capture_attention
 from sparse_core.corpus import corpus_texts, pack_token_windows, timing_window
 from sparse_core.fidelity import dense_reference, measure_fidelity
 from sparse_core.fidelity_bound import bound_fields
+from sparse_core.host import threads_restored
 from sparse_core.plan import SparsePlan, model_shape
 from sparse_core.probes import PROBE_KINDS, generate_probes, score_probes
 from sparse_core.progress import Progress, counter
@@ -360,6 +361,7 @@ def _reset_stats(model) -> None:
     sparse_stats(model).reset()
 
 
+@threads_restored()  # the thread policy below is for this call; the caller's count is restored
 def measure_speed(
     model,
     tokenizer,
@@ -375,8 +377,9 @@ def measure_speed(
     host's drift hits both arms of a pair, and neither arm always runs second), after one untimed
     warm-up each; each row's speed-up and interval, and the mix's, come from the pairs
     (sparse_core.speedup). Torch's threads are chosen from the CPUs really free
-    (sparse_core.host); a dense/sparse pair timed while the host was overloaded is timed again (at most
-    `repeats` times per length), and the summary records the host's load and what was retimed."""
+    (sparse_core.host); a dense/sparse pair timed while the host was overloaded (the pair, or either arm
+    on its own: `host.pair_load`) is timed again (at most `repeats` times per length), and the summary
+    records the host's load and what was retimed."""
     from sparse_core.host import PairMeter, apply_thread_policy, host_totals
     from sparse_core.retrofit import sparse_stats, sparsify, unsparsify
     from sparse_core.time_split import split_prefill
@@ -408,12 +411,14 @@ def measure_speed(
                 # alternating order: a warm-cache or load-ramp effect cancels over the pairs
                 for arm in pair_order(len(d_times)):
                     if arm == "dense":
-                        timed[arm] = _time_prefill(model, ids)
+                        with keep.arm():  # each arm judged on its own: a busy spell in one moves the ratio
+                            timed[arm] = _time_prefill(model, ids)
                         continue
                     sparsify(model, plan)
                     try:
                         _reset_stats(model)
-                        timed[arm] = _time_prefill(model, ids)
+                        with keep.arm():
+                            timed[arm] = _time_prefill(model, ids)
                         stats = sparse_stats(model)
                         e, kt = stats.estimator_seconds, stats.kernel_seconds
                     finally:
@@ -469,6 +474,7 @@ def measure_speed(
     return rows, summary
 
 
+@threads_restored()  # the thread policy below is for this call; the caller's count is restored
 def measure_decode_speed(
     model,
     tokenizer,

@@ -20,9 +20,9 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -374,16 +374,25 @@ def set_threads(requested: int | None, sample_seconds: float = 0.2) -> dict[str,
 
 
 @contextmanager
-def threads_for(requested: int | None = None) -> Iterator[dict[str, Any]]:
-    """torch's intra-op threads for the block (`set_threads`: `requested`, or None for the CPUs really
-    free), the previous count restored after; yields `set_threads`'s record."""
+def threads_restored() -> Iterator[None]:
+    """torch's intra-op thread count as the block found it, restored after whatever the block set (the
+    thread policy of a library call: a caller's count is the caller's). Also a decorator:
+    `@threads_restored()` on a function that applies the policy."""
     import torch
 
     prev = torch.get_num_threads()
     try:
-        yield set_threads(requested)
+        yield
     finally:
         torch.set_num_threads(prev)
+
+
+@contextmanager
+def threads_for(requested: int | None = None) -> Iterator[dict[str, Any]]:
+    """torch's intra-op threads for the block (`set_threads`: `requested`, or None for the CPUs really
+    free), the previous count restored after; yields `set_threads`'s record."""
+    with threads_restored():
+        yield set_threads(requested)
 
 
 def _others_now(sample_seconds: float) -> tuple[float | None, float | None]:
@@ -436,12 +445,51 @@ class HostLoadMeter:
         self.load = measure(self._start, end, threads=self.threads)
 
 
+def pair_load(span: HostLoad, arms: Iterable[HostLoad]) -> HostLoad:
+    """A pair's load from the meter around the whole pair (`span`) and each arm's own (`arms`): overloaded
+    where the span is or where an arm's own threads waited (its wait share measured) over the limit;
+    `wait_share` the most of them. A busy spell during one arm only is diluted by the other arm's quiet
+    time over the span: a dense arm slowed 1.4x (wait share 0.29) beside a quiet sparse one read 0.21 for
+    the pair, unflagged, and its speed-up 2.8x for a 2.0x kernel. An arm without a measured wait share
+    (no schedstat, or under 2 ms runnable) adds nothing: the fallback rule's 10 ms ticks over a short
+    arm are noise, so the span's judgement stands."""
+    measured = [a for a in arms if a.wait_share is not None]
+    waits = [w for w in (span.wait_share, *(a.wait_share for a in measured)) if w is not None]
+    return replace(
+        span,
+        overloaded=span.overloaded or any(a.overloaded for a in measured),
+        wait_share=max(waits, default=None),
+    )
+
+
+class Pair:
+    """One timed pair of `PairMeter.pair`: `with pair.arm(): ...` around each arm's timed work meters
+    that arm on its own; `pair()` after the block: False where the pair is to be timed again."""
+
+    def __init__(self, threads: int | None) -> None:
+        self.threads = threads
+        self.arms: list[HostLoad] = []
+        self.verdict: bool | None = None
+
+    @contextmanager
+    def arm(self) -> Iterator[None]:
+        with HostLoadMeter(threads=self.threads) as meter:
+            yield
+        assert meter.load is not None
+        self.arms.append(meter.load)
+
+    def __call__(self) -> bool:
+        assert self.verdict is not None, "the pair's verdict is known after its block"
+        return self.verdict
+
+
 class PairMeter:
     """The rule every paired timing follows (the evaluation's prefill pairs, the decode run pairs): the
-    host's load while each pair ran (`HostLoadMeter`); a pair timed while the host was overloaded is timed
-    again, at most `retries` times per measurement, and kept (flagged) after that. `record()` is what the
-    measurement carries: threads, pairs timed, retimed and kept under overload, the most cores the others
-    used and the most CPU pressure, the last load average."""
+    host's load while each pair ran (`HostLoadMeter`), and each arm's own where the caller meters its arms
+    (`pair.arm()`; `pair_load`: the pair is overloaded where either arm is); a pair timed while the host
+    was overloaded is timed again, at most `retries` times per measurement, and kept (flagged) after that.
+    `record()` is what the measurement carries: threads, pairs timed, retimed and kept under overload, the
+    most cores the others used and the most CPU pressure, the last load average."""
 
     def __init__(self, retries: int, threads: int | None = None) -> None:
         self.retries = retries
@@ -450,18 +498,20 @@ class PairMeter:
         self.loads: list[dict[str, Any]] = []
 
     @contextmanager
-    def pair(self) -> Iterator[Callable[[], bool]]:
-        """`with m.pair() as keep: ...` then `keep()`: False where the pair is to be timed again."""
-        verdict: list[bool] = []
+    def pair(self) -> Iterator[Pair]:
+        """`with m.pair() as keep: with keep.arm(): ...` per arm, then `keep()`: False where the pair is
+        to be timed again."""
+        pair = Pair(self.threads)
         with HostLoadMeter(threads=self.threads) as meter:
-            yield lambda: verdict[0]
+            yield pair
         assert meter.load is not None
-        if meter.load.overloaded and self.retimed < self.retries:
+        load = pair_load(meter.load, pair.arms)
+        if load.overloaded and self.retimed < self.retries:
             self.retimed += 1
-            verdict.append(False)
+            pair.verdict = False
         else:
-            self.loads.append(meter.load.to_dict())
-            verdict.append(True)
+            self.loads.append(load.to_dict())
+            pair.verdict = True
 
     def record(self) -> dict[str, Any]:
         busy = [x["others_busy_cores"] for x in self.loads if x["others_busy_cores"] is not None]

@@ -21,7 +21,8 @@ it, fidelity exact; `extra["identical"]` says so, and `extra["below_break_even"]
 cache length that keeps it dense.
 
 Every timed pair (a dense-only run, in `dense_decode`) records the host's load while it ran
-(`sparse_core.host.HostLoadMeter`); one timed while the host was overloaded is timed again, at most
+(`sparse_core.host.HostLoadMeter`), each arm's own too (`PairMeter`: a pair is overloaded where either
+arm is); one timed while the host was overloaded is timed again, at most
 `repeats` times, as the prefill timings are (`evaluation.measure_speed`), and `extra["host"]` says
 what was measured, retimed and kept under overload."""
 
@@ -202,16 +203,18 @@ def compare_decode(
         with meter.pair() as keep:
             for arm in pair_order(rep):
                 if arm == "dense":
-                    dense_run = pair["dense"] = run_decode(model, d_cache, first, new_tokens)
+                    with keep.arm():  # each arm judged on its own: a busy spell in one moves the ratio
+                        dense_run = pair["dense"] = run_decode(model, d_cache, first, new_tokens)
                 else:
                     assert dense_run is not None
                     sparsify(model, plan, kernel=kernel)
                     try:
                         st = decode_stats(model)
                         st.reset()
-                        pair["sparse"] = run_decode(
-                            model, s_cache, first, new_tokens, forced=dense_run.predicted
-                        )
+                        with keep.arm():
+                            pair["sparse"] = run_decode(
+                                model, s_cache, first, new_tokens, forced=dense_run.predicted
+                            )
                         p_est, p_kept, p_cached = st.estimator_seconds, st.kept_tokens, st.cached_tokens
                     finally:
                         unsparsify(model)

@@ -168,6 +168,8 @@ def bench_dashboard(
         "cpu_count": os.cpu_count(),
         "host_load": meter.load.to_dict(),
     }
+    if json_out:  # stdout is the JSON: the warning goes to stderr
+        _overload_warning(result["environment"], what=TIMES, threads_option=False, to_stderr=True)
     if _saved_and_emitted(result, out, json_out):
         return
     seeded = result["seeded"]
@@ -178,7 +180,7 @@ def bench_dashboard(
         result["pages"],
         columns=["page", "cold_s", "warm_median_s", "target_s", "within_target"],
     )
-    _overload_warning(result["environment"])
+    _overload_warning(result["environment"], what=TIMES, threads_option=False)
     _write_json(result, out)
 
 
@@ -201,6 +203,8 @@ def bench_import(
     check_out(out)
     with _spinner("import benchmark", out) as progress:
         result = run_import_bench(rows, chunk_rows=chunk_rows, progress=progress)
+    if json_out:  # stdout is the JSON: the warning goes to stderr
+        _state_db_warning(result, to_stderr=True)
     if _saved_and_emitted(result, out, json_out):
         return
     _state_db_table(
@@ -247,6 +251,8 @@ def bench_monitor(
     check_out(out)
     with _spinner("monitor benchmark", out) as progress:
         result = run_monitor_bench(rows, batch=batch, looks=looks, progress=progress)
+    if json_out:  # stdout is the JSON: the warning goes to stderr
+        _state_db_warning(result, to_stderr=True)
     if _saved_and_emitted(result, out, json_out):
         return
     _state_db_table(
@@ -721,13 +727,16 @@ def _state_db_table(title: str, result: dict, out: str, columns: list[str]) -> N
     goes; the overload warning the other benchmarks print; then the JSON is written."""
     from sparsepilot.console import print_table
 
-    print_table(
-        f"{title} (SQLite, load {' '.join(result['loadavg'])}; JSON: {out})",
-        result["results"],
-        columns=columns,
-    )
-    _overload_warning({}, result["results"])  # each size ran in its own process: a row's own flag
+    load = " ".join(f"{x:g}" for x in result["loadavg"]) if result["loadavg"] else "not measured"
+    print_table(f"{title} (SQLite, load {load}; JSON: {out})", result["results"], columns=columns)
+    _state_db_warning(result)
     _write_json(result, out)
+
+
+def _state_db_warning(result: dict, to_stderr: bool = False) -> None:
+    """`bench import` / `bench monitor`: each size ran in its own process, so each row has its own flag;
+    `to_stderr` with --json."""
+    _overload_warning({}, result["results"], what=TIMES, to_stderr=to_stderr)
 
 
 def check_out(out: str) -> None:
@@ -1128,7 +1137,7 @@ def bench_decode_scorers(
         result["pair_rows"],
         bench.PAIR_COLUMNS,
     )
-    _overload_warning(env)
+    _overload_warning(env, what=TIMES)  # KL and agreement: only the run's own times move
     if json_out:
         emit_json(result)
     _write_with_plot(result, out, bench.plot)
@@ -1234,10 +1243,30 @@ def _others_line(load: dict) -> str:
     return f"other processes kept {load['others_busy_cores']:.2f} cores busy{waited}"
 
 
-def _overload_warning(env: dict, rows: Sequence[dict] = ()) -> None:
+SPEED_UPS, TIMES = "speed-ups", "times"  # what a bench's figures are (`_overload_warning`'s `what`)
+
+
+def _overload_warning(
+    env: dict,
+    rows: Sequence[dict] = (),
+    *,
+    what: str = SPEED_UPS,
+    threads_option: bool = True,
+    to_stderr: bool = False,
+) -> None:
     """A warning line after the tables when the run's threads outnumbered the CPUs the others left, and
-    one when only some of its `rows` (each with its own `overloaded`) were timed under overload."""
-    from sparsepilot.console import say
+    one when only some of its `rows` (each with its own `overloaded`) were timed under overload. `what`
+    the bench's figures are: SPEED_UPS (dense against sparse: a busy spell during either arm moves the
+    ratio, so they are off in either direction, never a floor: keep-all plans read 1.44x and 1.20x, a 2.0x
+    plan 2.8x) or TIMES (wall times, rows/s: only ever slower than the code). `threads_option`: the bench
+    has --threads to advise. `to_stderr`: with --json, where stdout is the JSON."""
+    from sparsepilot.console import err_console, say
+
+    def warn(text: str) -> None:
+        if to_stderr:
+            err_console.print(text, style="yellow", highlight=False, markup=False, soft_wrap=True)
+        else:
+            say(text)
 
     load = env.get("host_load") or {}
     if load.get("overloaded"):
@@ -1255,19 +1284,26 @@ def _overload_warning(env: dict, rows: Sequence[dict] = ()) -> None:
             "rerun on a quieter host (it already ran one thread)"
             if load["threads"] <= 1
             else "rerun on a quieter host, or with --threads auto or 1 pinned to a free core (taskset)"
+            if threads_option
+            else "rerun on a quieter host"
         )
-        say(
+        effect = (
+            "its times measure the host as much as the code, and its speed-ups may be off in either "
+            "direction (a busy spell during a dense timing inflates a speed-up, one during a sparse timing "
+            "deflates it)"
+            if what == SPEED_UPS
+            else "its times measure the host as much as the code, and come out longer than on a quiet host"
+        )
+        warn(
             f"warning: the host was overloaded during this run (other processes {busy} while it ran "
-            f"{load['threads']} thread(s){waiting}): its times measure the host as much as the code, and "
-            "waiting threads cost a sparse step's small ops more than a dense one, so speed-ups come out "
-            f"low; {advice}."
+            f"{load['threads']} thread(s){waiting}): {effect}; {advice}."
         )
         return
     over = [r for r in rows if r.get("overloaded")]
     if over:
-        say(
+        warn(
             f"warning: {len(over)} of {len(rows)} rows were timed while the host was overloaded (their "
-            "`overloaded` column): their speed-ups measure the host as much as the code, so do not rank "
+            f"`overloaded` column): their {what} measure the host as much as the code, so do not rank "
             "them against the others; rerun on a quieter host."
         )
 
@@ -1334,7 +1370,7 @@ def bench_gate(
             result["decide"]["rows"],
             columns=["mode", "rows", "best_s", "median_s", "target_s", "within_target", "outcome"],
         )
-        _overload_warning(env)
+        _overload_warning(env, what=TIMES, threads_option=False)
         log("guardrail rate checks (exact)")
         result["guardrails"] = guardrail_table()
         print_table(

@@ -25,6 +25,7 @@ def test_a_look_judges_every_row_since_promotion(tmp_path) -> None:  # noqa: ANN
         assert r["rows_judged"] == r["rows"] + 2 * 100
         assert r["looks_judged"] == r["rows"] // 100 + 2
         assert r["outcome"] == "GO" and r["breached"] == ""  # a healthy champion: 1% errors
+        assert r["host_load"]["overloaded"] == r["overloaded"] and "wait_share" in r["host_load"]
         parts = ("target_s", "target_import_s", "store_s", "read_s", "judge_s", "look_s")
         assert all(r[p] > 0 for p in parts)
         assert r["peak_rss_mib"] > 0 and r["database"] == "sqlite"
@@ -64,12 +65,23 @@ def test_a_size_below_one_look_is_refused(tmp_path) -> None:  # noqa: ANN001
 
 
 def test_bench_import_imports_every_row_in_a_fresh_process(tmp_path) -> None:  # noqa: ANN001
-    """`bench import` shares the scratch home and the process-per-size runner (`rollout.bench_home`)."""
+    """`bench import` shares the scratch home and the process-per-size runner (`rollout.bench_home`).
+    Review L8: its rows carry the host's whole load record, as the docs say (`host_load`, with the wait
+    share that decides `overloaded`; it had only the others' cores and the flag), the load averages are
+    numbers (they were /proc/loadavg's strings), and with --json the overload warning goes to stderr (it
+    was printed nowhere)."""
     out = tmp_path / "import.json"
-    res = CliRunner().invoke(app, ["bench", "import", "--rows", "2000", "--out", str(out)])
+    res = CliRunner().invoke(app, ["bench", "import", "--rows", "2000", "--json", "--out", str(out)])
     assert res.exit_code == 0, res.output
-    (r,) = json.loads(out.read_text())["results"]
+    result = json.loads(out.read_text())
+    assert json.loads(res.stdout) == result  # stdout is the JSON alone
+    (r,) = result["results"]
     assert r["rows"] == r["inserted"] == 2000 and r["torch_loaded"] is False and r["peak_rss_mib"] > 0
+    load = r["host_load"]
+    assert load["overloaded"] == r["overloaded"] and load["threads"] == 1 and "wait_share" in load
+    assert all(isinstance(x, float) for x in [*result["loadavg"], *load["loadavg"]]), result["loadavg"]
+    warned = "warning: 1 of 1 rows were timed while the host was overloaded" in " ".join(res.stderr.split())
+    assert warned == r["overloaded"], res.stderr
     log = (tmp_path / "import.log").read_text().splitlines()  # progress, as the model benchmarks keep it
     assert log[0].endswith("import benchmark: started") and log[-1].endswith("import benchmark: done")
     assert any(" import of 2,000 rows: done in " in line for line in log), log

@@ -484,6 +484,32 @@ def test_timings_kept_under_overload_are_named_beside_the_figures() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("figures", "said"),
+    [
+        ({"savings_month_usd": -41.0, "savings_month_high": 70.0}, "-$41/month, at best $70"),
+        ({"savings_month_usd": 900.0, "savings_month_low": -120.0, "savings_month_high": 1500.0}, "interval"),
+        ({"savings_month_usd": 900.0}, "$900/month, timed under overload"),
+    ],
+)
+def test_a_saving_timed_under_overload_is_not_established_never_found_not_to_pay(figures, said) -> None:
+    """Review L4: an evaluation timed 7 of 7 pairs under overload concluded "sparse attention does not pay
+    off here, stays dense", the words of a quiet host. Timings under overload are off in either
+    direction: the saving they do not establish is "not established", to be re-evaluated on a quieter
+    host (still no pilot; --pilot-all waives it); an established one is piloted as before."""
+    from rollout.roi import evaluation_pilot_skip
+
+    warn = "measured under overload: 7 of 7 timed pairs (prefill 3 of 3, decode 4 of 4) were timed ..."
+    ev = {"density": 0.6, "measured_under_overload": warn, **figures}
+    skip = evaluation_pilot_skip(ev, met_budget=True)
+    assert skip is not None and skip.why.startswith("saving not established (") and said in skip.why, skip
+    assert "timed under overload" in skip.why and "does not pay off" not in str(skip)
+    assert "re-evaluate on a quieter host (or pilot anyway with --pilot-all)" in skip.then
+    assert evaluation_pilot_skip(ev, met_budget=True, pilot_anyway=True) is None
+    established = {**ev, "savings_month_usd": 900.0, "savings_month_low": 300.0, "savings_month_high": 1500.0}
+    assert evaluation_pilot_skip(established, met_budget=True) is None
+
+
 def test_a_break_even_overload_is_named_only_where_it_could_change_the_decode_line() -> None:
     """Review T3, T4: a break-even is moved only by overloaded lengths at or above the longest length
     that was not faster (`overload_spans`: where it could lie on a quiet host), and that matters only

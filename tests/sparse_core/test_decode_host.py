@@ -39,7 +39,8 @@ def test_side_by_side_decode_pairs_are_measured_and_retimed_under_overload(tiny_
     plan = SparsePlan(block_size=32, decode=DecodePlan(budget_tokens=None, tau=1.0))
     seen = _overloaded_first(monkeypatch, 1)
     r = compare_decode(model, plan, _prompt(tok, 300), new_tokens=4, repeats=2, sparse_cache="paged")
-    assert len(seen) == 3 and len(r.dense_seconds_per_token) == len(r.sparse_seconds_per_token) == 2
+    # three measured blocks a pair (each arm and the whole pair): the first pair's first arm was overloaded
+    assert len(seen) == 9 and len(r.dense_seconds_per_token) == len(r.sparse_seconds_per_token) == 2
     host = r.extra["host"]
     assert host["pairs_timed"] == 2 and host["pairs_retimed_for_overload"] == 1
     assert host["pairs_kept_under_overload"] == 0 and host["overloaded"] is False
@@ -49,7 +50,7 @@ def test_side_by_side_decode_pairs_are_measured_and_retimed_under_overload(tiny_
     r = compare_decode(model, plan, _prompt(tok, 300), new_tokens=4, repeats=2, sparse_cache="paged")
     host = r.extra["host"]
     assert (
-        len(seen) == 4 and host["pairs_retimed_for_overload"] == 2 and host["pairs_kept_under_overload"] == 2
+        len(seen) == 12 and host["pairs_retimed_for_overload"] == 2 and host["pairs_kept_under_overload"] == 2
     )
     assert host["overloaded"] is True and r.agree == 1.0  # fidelity from a kept pair
 
