@@ -46,16 +46,22 @@ def answer_with_arms(
     requests: list[tuple[str, dict]],
     max_new_tokens: int,
     max_prompt_tokens: int | None,
-) -> list[dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """The batch's observation rows, and its void requests (request id -> why: the control arm gave no
+    reference to score against; no row in either arm, rollout.arms.step), each logged as a warning."""
     from flows.pilot import PilotError
     from rollout.arms import ArmConfigError, run_batch
 
     errors: Counter[str] = Counter()
     first: dict[str, str] = {}
+    void: dict[str, str] = {}
 
     def on_error(request_id: str, arm: str, detail: str) -> None:
         errors[arm] += 1
         first.setdefault(arm, f"{request_id}: {detail}")
+
+    def on_void(request_id: str, detail: str) -> None:
+        void[request_id] = detail
 
     try:
         control, treatment = pilot_arms(ctx, info)
@@ -72,6 +78,7 @@ def answer_with_arms(
                 max_new_tokens=max_new_tokens,
                 max_prompt_tokens=max_prompt_tokens,
                 on_error=on_error,
+                on_void=on_void,
             )
         finally:
             control.close()
@@ -82,4 +89,13 @@ def answer_with_arms(
         log.warning(
             "%s: %d error answer(s) from the %s arm, e.g. %s", ctx.name, n, arm, redact(first[arm])[:300]
         )
-    return rows
+    if void:
+        rid = min(void)
+        log.warning(
+            "%s: %d request(s) void, in both arms: no reference to score against, e.g. %s: %s",
+            ctx.name,
+            len(void),
+            rid,
+            redact(void[rid])[:300],
+        )
+    return rows, void

@@ -44,10 +44,12 @@ def note_skip(use_case: str, info: dict[str, Any], reason: str, explanation: str
     return pilot_batches.note_monitor_skip(use_case, info, reason, explanation)
 
 
-def _batch_id(info: dict[str, Any], rows: list[dict]) -> str:
-    """The look's batch: its (request, arm) pairs. Their values need not enter it: an import whose pairs
-    are stored with other values is refused (`store_monitor_import`), so the same pairs are the same rows."""
-    return f"m-{info['step_id']}-{stable_key(sorted((r['request_id'], r['arm']) for r in rows))[:24]}"
+def _batch_id(info: dict[str, Any], rows: list[dict], void: dict[str, str] | None = None) -> str:
+    """The look's batch: its (request, arm) pairs, and its void requests (no arm). Their values need not
+    enter it: an import whose pairs are stored with other values is refused (`store_monitor_import`), so
+    the same pairs are the same rows."""
+    pairs = [(r["request_id"], r["arm"]) for r in rows] + [(rid, "void") for rid in void or {}]
+    return f"m-{info['step_id']}-{stable_key(sorted(pairs))[:24]}"
 
 
 @flow_task("monitor-decide")
@@ -108,14 +110,23 @@ def monitor_flow(
             logger.warning("%s", explanation)
             note_skip(use_case, info, "traffic-exhausted", explanation)
             return {"status": "skipped", "explanation": explanation}
-        rows, _ = answer_measured(
+        rows, void, _ = answer_measured(
             ctx, info, requests, max_new_tokens or default_max_new_tokens(ctx.spec), max_prompt_tokens
         )
-        check = validate_batch(rows, [rid for rid, _ in requests], "monitor")
         source = "monitor"
-        batch_id = _batch_id(info, rows)
+        batch_id = _batch_id(info, rows, void)
+        if not rows:  # every request void: the dense model gave no reference; nothing of the champion seen
+            store_batch(info["step_id"], rows, batch_id, source, void)
+            explanation = (
+                f"{use_case}: every sampled request ({len(void)}) is void: the control arm gave no reference "
+                "to score against, so the monitor did not look"
+            )
+            logger.warning("%s", explanation)
+            note_skip(use_case, info, "no-reference", explanation)
+            return {"status": "skipped", "explanation": explanation, "void": len(void)}
+        check = validate_batch(rows, [rid for rid, _ in requests], "monitor")
         if check["passed"]:  # the monitor's own answers failing their check: the look is INVALID (fail-safe)
-            store_batch(info["step_id"], rows, batch_id, source)
+            store_batch(info["step_id"], rows, batch_id, source, void)
     result = decide_monitor(use_case, info, rows, check, batch_id)
     logger.info("%s", result["explanation"])
     if result["automatic_rollback"] and result["resolution"] is None:

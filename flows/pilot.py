@@ -157,20 +157,20 @@ def answer_measured(
     requests: list[tuple[str, dict]],
     max_new_tokens: int,
     max_prompt_tokens: int | None,
-) -> tuple[list[dict[str, Any]], Any]:
+) -> tuple[list[dict[str, Any]], dict[str, str], Any]:
     """answer_batch with torch threads chosen from the CPUs really free (sparse_core.host) and the host's
-    load recorded while it ran; the rows of in-process arms are flagged `overloaded` when the CPU was
-    oversubscribed."""
+    load recorded while it ran: (rows, void requests, load); the rows of in-process arms are flagged
+    `overloaded` when the CPU was oversubscribed."""
     from sparse_core.host import HostLoadMeter, apply_thread_policy
 
     policy = apply_thread_policy()
     with HostLoadMeter(threads=policy["threads"]) as meter:
-        rows = answer_batch(ctx, info, requests, max_new_tokens, max_prompt_tokens)
+        rows, void = answer_batch(ctx, info, requests, max_new_tokens, max_prompt_tokens)
     # The pilot host's CPU slows only the arms that run on it; an endpoint's latency is its stack's own.
     here = {a for a in ARMS if getattr(ctx.spec.pilot.arms, a).kind == "in-process"}
     for r in rows:
         r["overloaded"] = meter.load.overloaded and r["arm"] in here
-    return rows, meter.load
+    return rows, void, meter.load
 
 
 @flow_task("pilot-validate-batch")
@@ -183,8 +183,14 @@ def validate_batch(rows: list[dict[str, Any]], known_ids: list[str], kind: str) 
 
 
 @flow_task("pilot-store-batch")
-def store_batch(step_id: int, rows: list[dict[str, Any]], batch_id: str, source: str) -> dict[str, int]:
-    return pilot_batches.store_batch(step_id, rows, batch_id, source)
+def store_batch(
+    step_id: int,
+    rows: list[dict[str, Any]],
+    batch_id: str,
+    source: str,
+    void: dict[str, str] | None = None,
+) -> dict[str, int]:
+    return pilot_batches.store_batch(step_id, rows, batch_id, source, void)
 
 
 @flow_task("pilot-step-refusal")
@@ -231,6 +237,8 @@ def log_batch(
         "rows": float(stored.get("rows", len(rows))),
         "inserted": float(stored["inserted"]),
     }
+    if stored.get("void"):  # requests with no row: the control arm gave no reference (rollout.arms.step)
+        metrics["void"] = float(stored["void"])
     for arm in ARMS:
         arm_rows = [r for r in rows if r["arm"] == arm]
         if arm_rows:
@@ -341,7 +349,7 @@ def pilot_flow(
             info["kind"],
             len(requests),
         )
-        rows, load = answer_measured(ctx, info, requests, mnt, max_prompt_tokens)
+        rows, void, load = answer_measured(ctx, info, requests, mnt, max_prompt_tokens)
         if any(r["overloaded"] for r in rows):
             logger.warning(
                 "%s: host overloaded during the batch (others busy on %s of %s CPUs): its rows count for "
@@ -351,7 +359,8 @@ def pilot_flow(
                 load.cpus,
             )
         bid = batch_id_for(info["step_id"], [rid for rid, _ in requests])
-        check = validate_batch(rows, [rid for rid, _ in requests], info["kind"])
+        # every request void (the control arm gave no reference): no rows to check, the voids are kept
+        check = validate_batch(rows, [rid for rid, _ in requests], info["kind"]) if rows else {"passed": True}
         if not check["passed"]:
             did = record_failed_check(use_case, info, bid, check, actor)
             summary["batches"].append(
@@ -359,7 +368,7 @@ def pilot_flow(
             )
             continue
         try:
-            stored = store_batch(info["step_id"], rows, bid, "pilot-flow")
+            stored = store_batch(info["step_id"], rows, bid, "pilot-flow", void)
         except PilotStateError as exc:  # the step changed while the arms answered: the batch is discarded
             summary["batches"].append({"batch_id": bid, "passed": False, "stored": False})
             refused = step_refusal(info["step_id"]) or {"stopped": "pilot step closed"}

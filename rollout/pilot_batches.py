@@ -13,9 +13,19 @@ from sqlalchemy import select
 
 from rollout import audit, lifecycle, pilots, run_links, runs
 from rollout.calibration_outcome import missed_budget_refusal
-from rollout.db.models import AuditEntry, ModelVersion, Observation, Pilot, PilotStep, as_utc, utcnow
+from rollout.db.models import (
+    AuditEntry,
+    ModelVersion,
+    Observation,
+    Pilot,
+    PilotStep,
+    VoidRequest,
+    as_utc,
+    utcnow,
+)
 from rollout.db.session import session_scope
 from rollout.observations_io import ObservationImportError, iter_observations, validate_observation_rows
+from rollout.redact import redact
 from rollout.runs import calibration_metrics, latest_challenger, version_dict
 
 
@@ -301,16 +311,42 @@ def step_refusal(step_id: int) -> dict[str, str] | None:
         }
 
 
-def store_batch(step_id: int, rows: list[dict[str, Any]], batch_id: str, source: str) -> dict[str, int]:
+def store_batch(
+    step_id: int,
+    rows: list[dict[str, Any]],
+    batch_id: str,
+    source: str,
+    void: Mapping[str, str] | None = None,
+) -> dict[str, int]:
     """Store a validated batch in its step; rows already stored are skipped (a retried batch adds none).
-    Refused (PilotStateError, nothing stored) when the step no longer takes observations: its pilot was
-    aborted, stopped or moved on to another step while the batch was answered (`_held_step`; a monitor
-    batch answered across a rollback is kept: its look says it was superseded)."""
+    `void`: the batch's requests that have no row (request id -> why: the control arm gave no reference,
+    rollout.arms.step), kept as used (`VoidRequest`) and counted (`void`). Refused (PilotStateError,
+    nothing stored) when the step no longer takes observations: its pilot was aborted, stopped or moved on
+    to another step while the batch was answered (`_held_step`; a monitor batch answered across a rollback
+    is kept: its look says it was superseded)."""
     with session_scope(immediate=True) as session:
         step = _held_step(session, step_id, meanwhile="this batch was answered")
         res = pilots.record_observations(session, step, rows, batch_id=batch_id, source=source)
+        _record_void(session, step, void or {}, batch_id)
         run_links.record_batch(session, step.id, batch_id, source, rows=len(rows), inserted=res.inserted)
-    return {"inserted": res.inserted, "already_present": res.already_present}
+    return {"inserted": res.inserted, "already_present": res.already_present, "void": len(void or {})}
+
+
+def _record_void(session: Any, step: PilotStep, void: Mapping[str, str], batch_id: str) -> None:
+    """The void requests not already kept for the step (a retried batch adds none)."""
+    if not void:
+        return
+    kept = set(
+        session.scalars(
+            select(VoidRequest.request_id).where(
+                VoidRequest.pilot_step_id == step.id, VoidRequest.request_id.in_(sorted(void))
+            )
+        )
+    )
+    for rid, why in sorted(void.items()):
+        if rid not in kept:
+            why = redact(why)[:500]
+            session.add(VoidRequest(pilot_step_id=step.id, batch_id=batch_id, request_id=rid, reason=why))
 
 
 def checked_file_rows(

@@ -23,6 +23,7 @@ from rollout.db.models import (
     PilotStep,
     SpecVersion,
     UseCase,
+    VoidRequest,
     utcnow,
 )
 from rollout.gate.spending import DEFAULT_ALPHA, DEFAULT_SPENDING, pilot_alpha, spent
@@ -730,19 +731,25 @@ def seen_request_ids(
     but: PilotStep | None = None,
     among: Iterable[str] | None = None,
 ) -> set[str]:
-    """Request ids already used in any step of this pilot (each request is used once per pilot); `but`:
-    in any step other than that one (what an import into it may not bring again); `among`: only these ids
-    are asked about, in chunks (a promoted pilot's monitor can hold millions of rows: a file's ids are
-    looked up, never the whole history read)."""
+    """Request ids already used in any step of this pilot (each request is used once per pilot): observed,
+    or void (`VoidRequest`: drawn, no reference to score against); `but`: in any step other than that one
+    (what an import into it may not bring again); `among`: only these ids are asked about, in chunks (a
+    promoted pilot's monitor can hold millions of rows: a file's ids are looked up, never the whole
+    history read)."""
     step_ids = select(PilotStep.id).where(PilotStep.pilot_id == pilot.id)
     if but is not None:
         step_ids = step_ids.where(PilotStep.id != but.id)
-    query = select(Observation.request_id).where(Observation.pilot_step_id.in_(step_ids)).distinct()
-    if among is None:
-        return set(session.scalars(query))
+    queries = [
+        select(Observation.request_id).where(Observation.pilot_step_id.in_(step_ids)).distinct(),
+        select(VoidRequest.request_id).where(VoidRequest.pilot_step_id.in_(step_ids)),
+    ]
     out: set[str] = set()
-    for chunk in _chunks(among):
-        out |= set(session.scalars(query.where(Observation.request_id.in_(chunk))))
+    for query in queries:
+        if among is None:
+            out |= set(session.scalars(query))
+            continue
+        for chunk in _chunks(among):
+            out |= set(session.scalars(query.where(query.selected_columns[0].in_(chunk))))
     return out
 
 

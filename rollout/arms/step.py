@@ -5,6 +5,10 @@ each request to one arm at the step's traffic % (`rollout.pilots.assign_arm`). P
 one after the other, alternating which goes first, so drifting load and warm caches favour neither. Without
 a reference the control's answer is the reference: the control generates first, then both are scored
 against it (for `loglik` the control's completion becomes the text whose probability both arms give).
+A request whose reference the control could not make is void: no row in either arm, whichever the split
+assigned it to (it says nothing of the treatment, which was never asked, and a control-assigned one kept
+would bias the comparison); `on_void` hears it, and the caller records it as used (a request is evidence
+once: a deterministic failure must not be drawn again and again).
 
 Requests run `min(control, treatment).max_concurrency` at a time (in-process arms: one at a time, in order;
 endpoints: concurrently, each bounded by its own limit). Rows come back in request order."""
@@ -33,11 +37,13 @@ def run_batch(
     max_new_tokens: int,
     max_prompt_tokens: int | None,
     on_error: Callable[[str, str, str], None] | None = None,
+    on_void: Callable[[str, str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Observation rows of the batch, in request order. `on_error(request_id, arm, detail)` hears what went
-    wrong with each error answer (the detail is not part of the observation). A run that lost its use
-    case's lease stops before its next request (`leases.check_held`: LeaseLost): its answers could not
-    be stored, and the requests would load the arms for nothing."""
+    wrong with each error answer (the detail is not part of the observation). `on_void(request_id, detail)`
+    hears each request left out because the control arm gave no reference for it (`NO_REFERENCE`). A run
+    that lost its use case's lease stops before its next request (`leases.check_held`: LeaseLost): its
+    answers could not be stored, and the requests would load the arms for nothing."""
     from rollout import leases, pilots
 
     kw = {"max_new_tokens": max_new_tokens, "max_prompt_tokens": max_prompt_tokens}
@@ -58,23 +64,21 @@ def run_batch(
                 on_error(rid, which, res.output)
 
         for which in order:
-            if which == "control" and (arm in ("both", "control") or not ref):
-                if not ref:
-                    # generated greedily; the text scorer's value against "" is discarded
-                    gen_task = "rouge_l" if task == "loglik" else task
-                    gen = control.answer(ArmRequest(rid, prompt, ""), gen_task, **kw)
-                    ref = "" if gen.error else gen.output.strip()
-                    res = control.answer(ArmRequest(rid, prompt, ref), task, **kw) if ref else gen
-                else:
-                    res = control.answer(ArmRequest(rid, prompt, ref), task, **kw)
+            if which == "control" and not ref:
+                # generated greedily; the text scorer's value against "" is discarded
+                gen_task = "rouge_l" if task == "loglik" else task
+                gen = control.answer(ArmRequest(rid, prompt, ""), gen_task, **kw)
+                ref = "" if gen.error else gen.output.strip()
+                if not ref:  # void in both arms: no evidence about either
+                    if on_void is not None:
+                        on_void(rid, f"{NO_REFERENCE}: {gen.output}" if gen.error else NO_REFERENCE)
+                    return []
                 if arm in ("both", "control"):
-                    keep(res, "control")
+                    keep(control.answer(ArmRequest(rid, prompt, ref), task, **kw), "control")
+            elif which == "control" and arm in ("both", "control"):
+                keep(control.answer(ArmRequest(rid, prompt, ref), task, **kw), "control")
             elif which == "treatment" and arm in ("both", "treatment"):
-                if not ref:
-                    res = ArmAnswer(0.0, 0.001, 0, True, NO_REFERENCE)
-                else:
-                    res = treatment.answer(ArmRequest(rid, prompt, ref), task, **kw)
-                keep(res, "treatment")
+                keep(treatment.answer(ArmRequest(rid, prompt, ref), task, **kw), "treatment")
         return obs
 
     workers = max(1, min(control.max_concurrency, treatment.max_concurrency, len(requests)))

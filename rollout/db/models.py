@@ -221,6 +221,22 @@ class Observation(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class VoidRequest(Base):
+    """A request a pilot step drew and could not use: the control arm gave no reference to score against
+    (a reference-free use case, rollout.arms.step). No observation in either arm; kept so the request
+    counts as used (`pilots.seen_request_ids`: never drawn again) and the void is counted (migration 0012)."""
+
+    __tablename__ = "void_requests"
+    __table_args__ = (UniqueConstraint("pilot_step_id", "request_id", name="uq_void_requests_step_request"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    pilot_step_id: Mapped[int] = mapped_column(ForeignKey("pilot_steps.id"), index=True)
+    batch_id: Mapped[str] = mapped_column(String(64))
+    request_id: Mapped[str] = mapped_column(String(200))
+    reason: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class GateDecision(Base):
     __tablename__ = "gate_decisions"
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 from sqlalchemy import Connection, text
 
 APPEND_ONLY = ("audit_log", "approvals")
-# observations and spec_versions are only ever inserted: UPDATE on them would let any process rewrite a
-# pilot's evidence or the spec its gate applies (they are in APPEND_ONLY's grant: SELECT, INSERT)
-INSERT_ONLY = ("spec_versions", "observations")
+# observations, void requests and spec_versions are only ever inserted: UPDATE on them would let any process
+# rewrite a pilot's evidence or the spec its gate applies (they are in APPEND_ONLY's grant: SELECT, INSERT)
+INSERT_ONLY = ("spec_versions", "observations", "void_requests")
 UPDATABLE = (
     "use_cases",
     "model_versions",

@@ -1,0 +1,126 @@
+"""Review s48 S2: a reference-free use case scores both arms against the control's (dense) answer. Where the
+control could not answer, the treatment's row was stored as an error with quality 0 although the treatment
+was never asked: a dense arm failing 2% of requests made a sparse arm that never fails a NO-GO, and the
+monitor roll back a healthy champion. Such a request is now void in both arms (no row, whichever arm the
+split assigned it to), said to `on_void`, kept as used (never drawn again) and counted with its batch."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from rollout.arms.base import ArmAnswer, ArmRequest
+from rollout.arms.step import NO_REFERENCE, run_batch
+from tests.trust.test_pilot_rules import _challenger
+
+KW = {"max_new_tokens": 4, "max_prompt_tokens": None}
+
+
+class Dense:
+    """A control endpoint that fails the requests in `fail` (an HTTP 503 as the HTTP arms report it)."""
+
+    label, max_concurrency = "dense", 1
+
+    def __init__(self, fail: set[str]) -> None:
+        self.fail = fail
+
+    def answer(self, req: ArmRequest, task: str, **_: Any) -> ArmAnswer:
+        if req.request_id in self.fail:
+            return ArmAnswer(0.0, 50.0, 0, True, "HTTP 503")
+        return ArmAnswer(1.0, 50.0, 10, False, "the answer")
+
+    def close(self) -> None:
+        pass
+
+
+class Sparse:
+    """A treatment that never fails and answers as the control does; `asked`: the requests it saw."""
+
+    label, max_concurrency = "sparse", 1
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    def answer(self, req: ArmRequest, task: str, **_: Any) -> ArmAnswer:
+        self.asked.append(req.request_id)
+        return ArmAnswer(1.0, 40.0, 10, False, "the answer")
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("kind", ["shadow", "split"])
+def test_a_request_the_control_gave_no_reference_for_is_void_in_both_arms(kind: str) -> None:
+    ids = [f"r{i}" for i in range(400)]
+    fail = set(ids[::25])  # the dense arm fails 4%
+    requests = [(r, {"prompt": f"p {r}", "reference": None}) for r in ids]
+    sparse, void = Sparse(), {}
+    rows = run_batch(Dense(fail), sparse, requests, kind=kind, salt="s", traffic_pct=50, task="rouge_l",
+                     on_void=void.__setitem__, **KW)  # fmt: skip
+    df = pd.DataFrame(rows)
+    assert set(void) == fail and all(v == f"{NO_REFERENCE}: HTTP 503" for v in void.values())
+    assert not set(df.request_id) & fail  # no row in either arm, control-assigned ones included
+    assert set(df.request_id) == set(ids) - fail and not df.error.any()
+    assert not set(sparse.asked) & fail
+    treatment = df[df.arm == "treatment"]
+    assert len(treatment) == len(sparse.asked) and (treatment.quality == 1.0).all()
+    if kind == "split":  # both halves of the split lose their void requests
+        assert 0 < len(treatment) < len(df)
+
+
+def test_a_sparse_arm_that_never_fails_is_not_stopped_for_the_dense_arms_failures() -> None:
+    """The review's case: split 50%, dense failing 2%, the sparse arm's ceiling 1%: NO-GO before."""
+    import numpy as np
+
+    from rollout.gate import GateSettings, decide
+
+    rng = np.random.default_rng(5)
+    ids = [f"r{i}" for i in range(1500)]
+    fail = {r for r in ids if rng.random() < 0.02}
+    rows = run_batch(Dense(fail), Sparse(), [(r, {"prompt": r}) for r in ids], kind="split", salt="s",
+                     traffic_pct=50, task="rouge_l", **KW)  # fmt: skip
+    settings = GateSettings(alpha=0.05, margin=0.03, min_samples_per_arm=100, max_error_rate=0.01,
+                            max_error_rate_increase=0.01, guardrail_min_samples=100)  # fmt: skip
+    d = decide(pd.DataFrame(rows), settings, mode="split", planned_treatment_share=0.5)
+    assert d.outcome == "GO", (d.outcome, d.reasons)
+    assert not any(g.breached for g in d.guardrails)
+
+
+@pytest.fixture
+def use_case(trust_db: str, mlflow_home: Any, tiny_model_dir, pilot_dataset, tmp_path):  # noqa: ANN001, ANN201
+    from tests.fixtures.flows import use_case_factory
+
+    return use_case_factory(tiny_model_dir, pilot_dataset, tmp_path)
+
+
+def test_void_requests_are_kept_as_used_and_counted_once(use_case) -> None:  # noqa: ANN001
+    """Stored with their batch, the void requests are among the pilot's used ids (the next batch draws
+    others: a request the dense arm always fails must not come back batch after batch), and a retried
+    store keeps each once."""
+    from sqlalchemy import func, select
+
+    from rollout import pilot_batches
+    from rollout.db.models import Observation, VoidRequest
+    from rollout.db.session import session_scope
+
+    name = use_case()
+    _challenger(name)
+    info = pilot_batches.ensure_pilot(name, pilot_anyway=True)
+    rows = [{"request_id": "a", "arm": a, "quality": 0.9, "latency_ms": 10.0, "tokens": 3, "error": False}
+            for a in ("control", "treatment")]  # fmt: skip
+    void = {"b": f"{NO_REFERENCE}: HTTP 503 from https://user:hunter2@dense.example/v1", "c": NO_REFERENCE}
+    for _ in range(2):  # the second: a retried store
+        stored = pilot_batches.store_batch(info["step_id"], rows, "b-1", "pilot-flow", void)
+        assert stored["void"] == 2
+    again = pilot_batches.ensure_pilot(name, pilot_anyway=True)
+    assert again["used_request_ids"] == ["a", "b", "c"]
+    _, used = pilot_batches.step_traffic_use(info["step_id"])
+    assert used == {"a", "b", "c"}
+    with session_scope() as s:
+        kept = s.execute(select(VoidRequest.request_id, VoidRequest.batch_id, VoidRequest.reason)
+                         .order_by(VoidRequest.request_id)).all()  # fmt: skip
+        observed = s.scalar(select(func.count()).select_from(Observation))
+    assert [(r, b) for r, b, _ in kept] == [("b", "b-1"), ("c", "b-1")] and observed == 2
+    assert "hunter2" not in kept[0][2]
