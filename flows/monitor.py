@@ -72,6 +72,7 @@ def monitor_flow(
         next_requests,
         store_batch,
         validate_batch,
+        warn_if_overloaded,
     )
     from flows.promote import finish_unfinished, rollback_flow
 
@@ -108,9 +109,10 @@ def monitor_flow(
             logger.warning("%s", explanation)
             note_skip(use_case, info, "traffic-exhausted", explanation)
             return {"status": "skipped", "explanation": explanation}
-        rows, _ = answer_measured(
+        rows, load = answer_measured(
             ctx, info, requests, max_new_tokens or default_max_new_tokens(ctx.spec), max_prompt_tokens
         )
+        warn_if_overloaded(logger, use_case, rows, load)
         check = validate_batch(rows, [rid for rid, _ in requests], "monitor")
         source = "monitor"
         batch_id = _batch_id(info, rows)
