@@ -115,7 +115,7 @@ def _p95(d: Decision) -> str:
         return f", p95 latency {p95:.0f} ms"
     return (
         f", p95 latency {p95:.0f} ms over the {d.n_treatment - left_out} sparse-arm rows measured on a host "
-        f"not overloaded; {left_out} collected under CPU overload left out"
+        f"not overloaded; {left_out} collected under CPU overload are left out"
     )
 
 

@@ -800,7 +800,7 @@ def test_a_go_shows_the_p95_latency_of_the_rows_its_guardrail_judged_and_names_t
     assert (d.overloaded_treatment_rows, d.overloaded_control_rows) == (100, 20)
     assert (
         "No safety limit is shown to be broken (sparse error rate 0.0%, p95 latency 100 ms over the 300 "
-        "sparse-arm rows measured on a host not overloaded; 100 collected under CPU overload left out)"
+        "sparse-arm rows measured on a host not overloaded; 100 collected under CPU overload are left out)"
     ) in d.explanation
     assert "latency-unmeasurable-on-this-host" not in d.reasons
     quiet = decide(paired_frame(np.ones(n), np.ones(n)), SETTINGS, mode="paired")
