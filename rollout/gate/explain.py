@@ -105,18 +105,27 @@ def explain(d: Decision) -> str:
 
 
 def _p95(d: Decision) -> str:
-    """ ", p95 latency ..." over the sparse-arm rows measured on a host not overloaded, naming those left
-    out: the latency guardrail judged the same rows."""
+    """The p95 clause: over the sparse-arm rows measured on a host not overloaded, naming those left out
+    (the latency guardrail judged the same rows)."""
     left_out = d.overloaded_treatment_rows
     p95 = d.p95_latency_treatment_ms
     if p95 is None or not math.isfinite(p95):
-        return f"; all {left_out} sparse-arm latencies were measured under CPU overload" if left_out else ""
+        return (
+            f"; every sparse-arm latency was measured under CPU overload ({_rows(left_out)})"
+            if left_out
+            else ""
+        )
     if not left_out:
         return f", p95 latency {p95:.0f} ms"
+    judged = d.n_treatment - left_out
     return (
-        f", p95 latency {p95:.0f} ms over the {d.n_treatment - left_out} sparse-arm rows measured on a host "
-        f"not overloaded; {left_out} collected under CPU overload are left out"
+        f", p95 latency {p95:.0f} ms over the {_rows(judged)} measured on a host not overloaded; "
+        f"{left_out} collected under CPU overload {'is' if left_out == 1 else 'are'} left out"
     )
+
+
+def _rows(n: int) -> str:
+    return f"{n} sparse-arm row" + ("" if n == 1 else "s")
 
 
 def _unmeasurable(d: Decision) -> str:
