@@ -1,7 +1,8 @@
 """The pilot's two arms for a batch, as the use case's spec says (`pilot.arms`, docs/serving.md): the model
 in this process (default: control dense, treatment with the challenger's plan) or served endpoints
 (`mlflow`, `openai`). The batch itself runs in rollout.arms.step; this module only wires the flows' model
-cache into the in-process arms and turns a misconfigured arm into a PilotError naming it."""
+cache into the in-process arms, measures the arms on this host for its load per answer (their rows'
+`overloaded`, rollout.arms.host_load) and turns a misconfigured arm into a PilotError naming it."""
 
 from __future__ import annotations
 
@@ -51,6 +52,7 @@ def answer_with_arms(
     reference to score against; no row in either arm, rollout.arms.step), each logged as a warning."""
     from flows.pilot import PilotError
     from rollout.arms import ArmConfigError, run_batch
+    from rollout.arms.host_load import flag_overloaded, metered
 
     errors: Counter[str] = Counter()
     first: dict[str, str] = {}
@@ -65,6 +67,9 @@ def answer_with_arms(
 
     try:
         control, treatment = pilot_arms(ctx, info)
+        # the arms on this host, measured for its load per answer (rollout.arms.host_load)
+        control = metered(control, ctx.spec.pilot.arms.control)
+        treatment = metered(treatment, ctx.spec.pilot.arms.treatment)
         try:
             log.info("%s: control = %s, treatment = %s", ctx.name, control.label, treatment.label)
             rows = run_batch(
@@ -80,6 +85,7 @@ def answer_with_arms(
                 on_error=on_error,
                 on_void=on_void,
             )
+            flag_overloaded(rows, {"control": control, "treatment": treatment})
         finally:
             control.close()
             treatment.close()

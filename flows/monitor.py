@@ -74,6 +74,7 @@ def monitor_flow(
         next_requests,
         store_batch,
         validate_batch,
+        warn_if_overloaded,
     )
     from flows.promote import finish_unfinished, rollback_flow
 
@@ -110,9 +111,10 @@ def monitor_flow(
             logger.warning("%s", explanation)
             note_skip(use_case, info, "traffic-exhausted", explanation)
             return {"status": "skipped", "explanation": explanation}
-        rows, void, _ = answer_measured(
+        rows, void, load = answer_measured(
             ctx, info, requests, max_new_tokens or default_max_new_tokens(ctx.spec), max_prompt_tokens
         )
+        warn_if_overloaded(logger, use_case, rows, load)
         source = "monitor"
         batch_id = _batch_id(info, rows, void)
         if not rows:  # every request void: the dense model gave no reference; nothing of the champion seen

@@ -159,18 +159,41 @@ def answer_measured(
     max_prompt_tokens: int | None,
 ) -> tuple[list[dict[str, Any]], dict[str, str], Any]:
     """answer_batch with torch threads chosen from the CPUs really free (sparse_core.host) and the host's
-    load recorded while it ran: (rows, void requests, load); the rows of in-process arms are flagged
-    `overloaded` when the CPU was oversubscribed."""
+    load recorded while it ran: (rows, void requests, load). Each row of an arm on this host (in-process, or an endpoint served here)
+    is flagged `overloaded` when its own answer was timed while the CPU was oversubscribed
+    (rollout.arms.host_load); an endpoint elsewhere does its work on its own host."""
     from sparse_core.host import HostLoadMeter, apply_thread_policy
 
     policy = apply_thread_policy()
     with HostLoadMeter(threads=policy["threads"]) as meter:
         rows, void = answer_batch(ctx, info, requests, max_new_tokens, max_prompt_tokens)
-    # The pilot host's CPU slows only the arms that run on it; an endpoint's latency is its stack's own.
-    here = {a for a in ARMS if getattr(ctx.spec.pilot.arms, a).kind == "in-process"}
-    for r in rows:
-        r["overloaded"] = meter.load.overloaded and r["arm"] in here
     return rows, void, meter.load
+
+
+def warn_if_overloaded(logger: Any, use_case: str, rows: list[dict[str, Any]], load: Any) -> None:
+    """Say in the run's log that the host was overloaded during the batch (`load`, the whole batch's) or
+    during some of its answers (the rows flagged), and what that does to the rows."""
+    flagged = sum(1 for r in rows if r.get("overloaded"))
+    if not flagged and not load.overloaded:
+        return
+    what = (
+        f"{flagged} of {len(rows)} rows were timed under overload: they count for quality, not for the "
+        "latency guardrail"
+        if flagged
+        else "no row was timed under overload (it fell between the answers, or the arms answer from other "
+        "hosts)"
+    )
+    waited = (
+        "" if load.wait_share is None else f", our threads waited {100 * load.wait_share:.0f}% of the time"
+    )
+    logger.warning(
+        "%s: host overloaded during the batch (others busy on %s of %s CPUs%s): %s",
+        use_case,
+        load.others_busy_cores,
+        load.cpus,
+        waited,
+        what,
+    )
 
 
 @flow_task("pilot-validate-batch")
@@ -350,14 +373,7 @@ def pilot_flow(
             len(requests),
         )
         rows, void, load = answer_measured(ctx, info, requests, mnt, max_prompt_tokens)
-        if any(r["overloaded"] for r in rows):
-            logger.warning(
-                "%s: host overloaded during the batch (others busy on %s of %s CPUs): its rows count for "
-                "quality, not for the latency guardrail",
-                use_case,
-                load.others_busy_cores,
-                load.cpus,
-            )
+        warn_if_overloaded(logger, use_case, rows, load)
         bid = batch_id_for(info["step_id"], [rid for rid, _ in requests])
         # every request void (the control arm gave no reference): no rows to check, the voids are kept
         check = validate_batch(rows, [rid for rid, _ in requests], info["kind"]) if rows else {"passed": True}

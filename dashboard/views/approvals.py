@@ -129,6 +129,8 @@ def evidence_summary(d: dict[str, Any]) -> None:
     c3.metric("SRM p-value", f"{srm:.3g}" if isinstance(srm, int | float) else "-")
     p95 = ev.get("p95_latency_treatment_ms")
     c4.metric("p95 latency, treatment", f"{p95:.0f} ms" if isinstance(p95, int | float) else "-")
+    if ev.get("overloaded_treatment_rows"):  # left out of the p95, as of the latency guardrail
+        c4.caption(f"{ev['overloaded_treatment_rows']} sparse-arm rows under CPU overload left out")
     money_summary(d)
     st.info(fmt.plain(d["explanation"]))
     checks = fmt.guardrail_rows(ev)

@@ -10,6 +10,8 @@ One module per kind, like the metric providers of progressive-delivery tools:
 * `openai`        - any OpenAI-compatible `/v1/completions` server (vLLM, TGI, llama.cpp, SGLang, LiteLLM);
 * `factory`       - `build_arm`: the arm a spec's `pilot.arms.<role>` describes, checked before use;
 * `step`          - one pilot batch through two arms (shadow: both; split: one arm per request);
+* `host_load`     - which arms run on this host (in-process, or an endpoint whose url names this
+                    machine) and which of their answers were timed while it was overloaded;
 * `serve`         - `mlflow models serve` for a registered version (`sparsepilot serve-model`).
 
 Nothing here imports torch at module level: the HTTP arms work in a process without a model.

@@ -11,7 +11,7 @@ import pandas as pd
 
 from rollout.gate.evidence import Decision, GateHistory, Mode, Outcome, QualityEvidence, running_intersection
 from rollout.gate.explain import explain
-from rollout.gate.guardrails import guardrail_checks, judge_all
+from rollout.gate.guardrails import guardrail_checks, judge_all, latency_unmeasurable
 from rollout.gate.inputs import check_observations, data_fingerprint, srm_test
 from rollout.gate.planning import projected_sample_size
 from rollout.gate.quality import judge_quality, paired_arms, split_arms
@@ -80,6 +80,8 @@ def decide(
     enough = (arms.n_pairs or 0) >= min_n if mode == "paired" else min(n_c, n_t) >= min_n
     quality, tests = _quality(arms, settings, history, mode, share, counts=not invalid)
     outcome, reasons = _outcome(invalid, guards, enough, quality.verdict, at_max)
+    if latency_unmeasurable(guards, settings.guardrail_min_samples) is not None:
+        reasons += ("latency-unmeasurable-on-this-host",)  # said early; it decides nothing
     projected = None
     if outcome == "EXTEND" and tests is not None:
         projected = projected_sample_size(
@@ -92,6 +94,9 @@ def decide(
             unjudged = any(not g.evaluated for g in guards)
             projected = max(projected, _requests_for_minimums(mode, share, min_n, settings, unjudged))
     lat, err = frame["latency_ms"].to_numpy(), frame["error"].to_numpy()
+    # latencies measured while the host was overloaded are the host's: the p95s leave them out, as the
+    # latency guardrail does (guardrails._judged_rows), and say how many
+    quiet = ~frame["overloaded"].to_numpy()
     decision = Decision(
         outcome=outcome,
         reasons=reasons,
@@ -107,13 +112,19 @@ def decide(
         quality=quality,
         error_rate_control=float(err[~treated].mean()) if n_c else None,
         error_rate_treatment=float(err[treated].mean()) if n_t else None,
-        p95_latency_control_ms=float(np.percentile(lat[~treated], 95)) if n_c else None,
-        p95_latency_treatment_ms=float(np.percentile(lat[treated], 95)) if n_t else None,
+        p95_latency_control_ms=_p95(lat[~treated & quiet]),
+        p95_latency_treatment_ms=_p95(lat[treated & quiet]),
+        overloaded_control_rows=int((~treated & ~quiet).sum()),
+        overloaded_treatment_rows=int((treated & ~quiet).sum()),
         data_fingerprint=data_fingerprint(frame),
         projected_requests=projected,
         **base,
     )
     return replace(decision, explanation=explain(decision))
+
+
+def _p95(latencies: np.ndarray) -> float | None:
+    return float(np.percentile(latencies, 95)) if len(latencies) else None
 
 
 def _requests_for_minimums(mode: str, share: float, min_n: int, settings, unjudged: bool) -> int:

@@ -100,6 +100,7 @@ class Decision:
     quality: QualityEvidence
     error_rate_control: float | None
     error_rate_treatment: float | None
+    # over the rows collected while the host was not overloaded (None: no such row)
     p95_latency_control_ms: float | None
     p95_latency_treatment_ms: float | None
     min_samples_per_arm: int
@@ -110,6 +111,10 @@ class Decision:
     # to come looked like those so far (rollout.gate.planning.projected_sample_size); None = not projected
     projected_requests: int | None = None
     input_problems: tuple[str, ...] = ()  # INVALID input: what is wrong, naming the column
+    # rows collected while the host's CPU was overloaded (`overloaded`): counted for quality and errors,
+    # left out of the p95s and of the latency guardrail
+    overloaded_control_rows: int = 0
+    overloaded_treatment_rows: int = 0
 
     @property
     def interval(self) -> tuple[float | None, float | None]:

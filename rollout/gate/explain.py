@@ -93,17 +93,50 @@ def explain(d: Decision) -> str:
         parts.append(
             "Not yet judged: " + "; ".join(f"{g.name.replace('_', ' ')} ({g.note})" for g in unjudged) + "."
         )
+    if "latency-unmeasurable-on-this-host" in d.reasons:
+        parts.append(_unmeasurable(d))
     if not breached and any(g.evaluated for g in d.guardrails):
-        lat = (
-            f", p95 latency {d.p95_latency_treatment_ms:.0f} ms"
-            if d.p95_latency_treatment_ms is not None and math.isfinite(d.p95_latency_treatment_ms)
-            else ""
-        )
         parts.append(
-            f"No safety limit is shown to be broken (sparse error rate {_pct(d.error_rate_treatment)}{lat})."
+            f"No safety limit is shown to be broken (sparse error rate {_pct(d.error_rate_treatment)}"
+            f"{_p95(d)})."
         )
     parts.append(_why(d))
     return " ".join(parts)
+
+
+def _p95(d: Decision) -> str:
+    """The p95 clause: over the sparse-arm rows measured on a host not overloaded, naming those left out
+    (the latency guardrail judged the same rows)."""
+    left_out = d.overloaded_treatment_rows
+    p95 = d.p95_latency_treatment_ms
+    if p95 is None or not math.isfinite(p95):
+        return (
+            f"; every sparse-arm latency was measured under CPU overload ({_rows(left_out)})"
+            if left_out
+            else ""
+        )
+    if not left_out:
+        return f", p95 latency {p95:.0f} ms"
+    judged = d.n_treatment - left_out
+    return (
+        f", p95 latency {p95:.0f} ms over the {_rows(judged)} measured on a host not overloaded; "
+        f"{left_out} collected under CPU overload {'is' if left_out == 1 else 'are'} left out"
+    )
+
+
+def _rows(n: int) -> str:
+    return f"{n} sparse-arm row" + ("" if n == 1 else "s")
+
+
+def _unmeasurable(d: Decision) -> str:
+    """The host's load, not the pilot's length, keeps the latency limit from being judged."""
+    left_out = d.overloaded_treatment_rows
+    return (
+        f"Latency unmeasurable on this host so far: {left_out} of {d.n_treatment} sparse-arm rows were "
+        "collected under CPU overload and left out, leaving too few to judge the latency limit; while the "
+        "host stays this busy no look can judge it: move the pilot (or its arms) to a quieter host, or "
+        "free this one."
+    )
 
 
 def _breach(g, confidence: str) -> str:

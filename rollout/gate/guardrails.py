@@ -314,6 +314,16 @@ def _judged_rows(check: GuardrailCheck, frame: pd.DataFrame) -> tuple[np.ndarray
     return treated & ~overloaded, int((treated & overloaded).sum())
 
 
+def latency_unmeasurable(guards: Sequence[Guardrail], min_samples: int) -> Guardrail | None:
+    """The latency guardrail, where it is not judged only because the host's overload left rows out: the
+    step holds enough sparse-arm rows to judge it, too few of them measured on a host not overloaded. Said
+    early (decision reason `latency-unmeasurable-on-this-host`): more looks on the same host do not help."""
+    for g in guards:
+        if g.name == "treatment_latency_over_slo" and not g.evaluated and g.excluded:
+            return g if g.n + g.excluded >= min_samples else None
+    return None
+
+
 def _suffix(arm: str) -> dict[str, str]:
     return {f"error_{arm}": "error", f"latency_ms_{arm}": "latency_ms"}
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from tests.fixtures.flows import QUICK_CAL
+from tests.fixtures.flows import QUICK_CAL, skip_if_host_overloaded
 from tests.fixtures.openai_server import openai_server
 from tests.flows.test_pipeline_e2e import _pilot_until_decided
 
@@ -43,6 +43,8 @@ def test_openai_arms_complete_a_step_and_a_failing_endpoint_is_a_guardrail_no_go
         assert treated.requests == []
 
         shadow = _pilot_until_decided(name, "shadow")
+        # the servers run on this host: a busy host slows them as it does an in-process model (review s48 L1)
+        skip_if_host_overloaded(shadow)
         assert shadow["outcome"] == "GO", shadow["explanation"]
         served = len(treated.requests)
         assert served >= 8 and all(b["model"] == "sparse" and b["echo"] for b in treated.requests)

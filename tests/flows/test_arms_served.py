@@ -23,7 +23,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from tests.fixtures.flows import QUICK_CAL, tiny_spec
+from tests.fixtures.flows import QUICK_CAL, skip_if_host_overloaded, tiny_spec
 from tests.fixtures.ports import free_port
 from tests.flows.test_pipeline_e2e import _pilot_until_decided
 
@@ -201,8 +201,10 @@ def test_a_shadow_and_a_split_step_run_against_the_served_versions(served: dict[
     from rollout.db.session import session_scope
 
     shadow = _pilot_until_decided(NAME, "shadow")
+    skip_if_host_overloaded(shadow)  # the servers run on this host: its overload slows them (review s48 L1)
     assert shadow["outcome"] == "GO", shadow["explanation"]
     split = _pilot_until_decided(NAME, "split")
+    skip_if_host_overloaded(split)
     assert split["outcome"] == "GO" and split["awaiting"] == "approval", split["explanation"]
     with session_scope() as s:
         pilot = s.scalar(select(Pilot))
@@ -227,8 +229,9 @@ def test_a_shadow_and_a_split_step_run_against_the_served_versions(served: dict[
     assert {r.arm for r in split_rows} == {"control", "treatment"}
     assert len({r.request_id for r in split_rows}) == len(split_rows)
     assert not any(r.error for r in split_rows) and min(r.latency_ms for r in split_rows) > 0
-    # the servers' work is not this host's overload: endpoint rows always count for the latency guardrail
-    assert not any(r.overloaded for r in split_rows)
+    # the servers run on this host (127.0.0.1): their rows are flagged as the host's load says, and a GO
+    # means the latency guardrail judged enough of them
+    assert sum(not r.overloaded for r in split_rows if r.arm == "treatment") >= 1
 
 
 def test_the_servers_answer_as_the_registered_versions_in_process(

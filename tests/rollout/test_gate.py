@@ -782,6 +782,57 @@ def test_overloaded_rows_count_for_quality_but_not_for_the_latency_guardrail() -
     assert bad.outcome == "INVALID" and "column 'overloaded'" in bad.input_problems[0]
 
 
+def test_a_go_shows_the_p95_latency_of_the_rows_its_guardrail_judged_and_names_those_left_out() -> None:
+    """Review s48 L3: a GO read "No safety limit is shown to be broken (... p95 latency 2000 ms)" against an
+    800 ms SLO: the p95 took in the rows measured under CPU overload that the latency guardrail left out.
+    The p95s are now over the rows measured on a host not overloaded, and the text counts those left out."""
+    n = 400
+    slow = np.where(np.arange(n) % 4 == 0, 2000.0, 100.0)
+    overloaded = np.zeros(2 * n, bool)
+    overloaded[1::2] = slow > 800
+    overloaded[0:40:2] = True  # 20 control rows too
+    d = decide(
+        paired_frame(np.ones(n), np.ones(n), lat_t=slow).assign(overloaded=overloaded),
+        SETTINGS,
+        mode="paired",
+    )
+    assert d.outcome == "GO" and d.p95_latency_treatment_ms == 100.0 and d.p95_latency_control_ms == 100.0
+    assert (d.overloaded_treatment_rows, d.overloaded_control_rows) == (100, 20)
+    assert (
+        "No safety limit is shown to be broken (sparse error rate 0.0%, p95 latency 100 ms over the 300 "
+        "sparse-arm rows measured on a host not overloaded; 100 collected under CPU overload are left out)"
+    ) in d.explanation
+    assert "latency-unmeasurable-on-this-host" not in d.reasons
+    quiet = decide(paired_frame(np.ones(n), np.ones(n)), SETTINGS, mode="paired")
+    assert "(sparse error rate 0.0%, p95 latency 100 ms)." in quiet.explanation
+
+
+@pytest.mark.parametrize(
+    ("overloaded_rows", "said"),
+    [(100, True), (85, True), (10, False)],  # 100 rows, min 20: 0 or 15 judged: said; 90: judged
+)
+def test_a_host_too_busy_to_measure_latency_is_said_at_the_first_look_and_decides_nothing(
+    overloaded_rows: int, said: bool
+) -> None:
+    """Review s48 L6: on a host that stays busy every sparse-arm latency is left out; the pilot ran all its
+    looks to a NO-GO without a word that the host, not the evidence, was the obstacle. From the first look
+    where the rows would have judged the latency limit but too few were measured on a quiet host, the
+    decision says so (reason `latency-unmeasurable-on-this-host`); the outcome stays the gate's."""
+    n = 100
+    overloaded = np.zeros(2 * n, bool)
+    overloaded[1 : 2 * overloaded_rows : 2] = True
+    df = paired_frame(np.ones(n), np.ones(n)).assign(overloaded=overloaded)
+    d = decide(df, SETTINGS, mode="paired")
+    assert ("latency-unmeasurable-on-this-host" in d.reasons) is said
+    assert d.outcome == "EXTEND"
+    text = (
+        f"Latency unmeasurable on this host so far: {overloaded_rows} of {n} sparse-arm rows were collected"
+    )
+    assert (text in d.explanation) is said
+    last = decide(df, SETTINGS, mode="paired", now_look=SETTINGS.max_looks)
+    assert last.outcome == "NO-GO"  # as it was: inconclusive at the maximum never ships
+
+
 def test_a_look_from_the_old_asymptotic_gate_counts_as_a_look_but_not_in_the_interval() -> None:
     old = {
         "look_index": 1,

@@ -1,0 +1,159 @@
+"""Review s48 L1/L2: a pilot arm served on this host (an endpoint on loopback, docs/serving.md's own
+`http://127.0.0.1:5002`) is slowed by the host's overload as the in-process model is, but only in-process
+rows were flagged `overloaded`, so a busy host breached the latency guardrail (a NO-GO, or the monitor's
+automatic rollback); and the flag was the whole batch's average, so a busy spell over part of a batch
+flagged none of the rows it slowed. Real HTTP on loopback (an OpenAI-compatible stdlib server in this
+process), a real busy process sharing our CPU, the real meter (sparse_core.host)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rollout.arms.host_load import is_this_host, runs_here
+from rollout.spec import ArmSpec, parse_spec
+from sparse_core.host import snapshot
+from tests.fixtures.flows import tiny_spec
+
+
+def _own_address() -> str | None:
+    """An address of this machine's interfaces other than loopback (no packet is sent), if it has one."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))
+            address = s.getsockname()[0]
+    except OSError:
+        return None
+    return None if address.startswith("127.") else address
+
+
+@pytest.mark.parametrize(
+    ("url", "here"),
+    [
+        ("http://127.0.0.1:5002", True),
+        ("http://127.8.9.10:5002/v1", True),
+        ("http://localhost:5001", True),
+        ("http://[::1]:5002/v1", True),
+        ("http://0.0.0.0:5002", True),
+        ("http://own-address:5002", True),
+        ("http://192.0.2.1:5002/v1", False),  # TEST-NET-1: never this machine's
+    ],
+)
+def test_an_endpoint_whose_url_names_this_machine_runs_here(url: str, here: bool) -> None:
+    if "own-address" in url:
+        own = _own_address()
+        if own is None:
+            pytest.skip("no address other than loopback on this machine")
+        url = url.replace("own-address", own)
+    assert runs_here(ArmSpec(kind="openai", url=url, model="m")) is here
+    assert runs_here(ArmSpec()) and not is_this_host("")  # in-process runs here; no host is not here
+
+
+COMPLETION = json.dumps({"choices": [{"text": "print"}]})
+
+
+@contextmanager
+def busy_loopback_server(neighbour: subprocess.Popen) -> Iterator[str]:
+    """An OpenAI-compatible server on 127.0.0.1 that does ~25 ms of CPU work per completion; a prompt
+    starting "busy" has `neighbour` (stopped otherwise) spin on our CPU while it works."""
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+            return None
+
+        def _send(self, body: str) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def do_GET(self) -> None:  # noqa: N802 - stdlib name
+            self._send('{"object": "list", "data": [{"id": "m"}]}')
+
+        def do_POST(self) -> None:  # noqa: N802 - stdlib name
+            prompt = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["prompt"]
+            busy = prompt.startswith("busy")
+            if busy:
+                os.kill(neighbour.pid, signal.SIGCONT)
+            t = time.thread_time()
+            while time.thread_time() - t < 0.025:  # the model's work: CPU, slowed by whatever shares it
+                pass
+            if busy:
+                os.kill(neighbour.pid, signal.SIGSTOP)
+            self._send(COMPLETION)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs CPU affinity")
+def test_rows_of_an_endpoint_on_this_host_are_flagged_per_answer_timed_under_overload(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Both arms behind an endpoint on 127.0.0.1; a busy process shares our CPU only while request 0 is
+    answered (1 of 6: the batch's average stays under the limit on a quiet host). Its two rows are
+    flagged (they were never, as an endpoint's); the warning says the batch had rows timed under
+    overload. The other rows' flags are their own answers' (on a busy host they may be flagged too)."""
+    import flows.pilot as pilot_module
+    from flows.arms import answer_with_arms
+    from flows.common import UseCaseContext
+
+    if snapshot().run_ns is None:
+        pytest.skip("no schedstat on this kernel")
+    cpu = max(os.sched_getaffinity(0))
+    mask = os.sched_getaffinity(0)
+    # its own session: its own scheduling group, so it takes half of the CPU from our whole process
+    neighbour = subprocess.Popen([sys.executable, "-c", "while 1: pass"], start_new_session=True)
+    os.sched_setaffinity(neighbour.pid, {cpu})
+    os.kill(neighbour.pid, signal.SIGSTOP)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        with busy_loopback_server(neighbour) as url:
+            arms = {role: {"kind": "openai", "url": url, "model": "m"} for role in ("control", "treatment")}
+            base = tiny_spec(Path("/models/tiny"))
+            base["dataset"]["task"] = "contains"
+            spec = parse_spec({**base, "pilot": {"arms": arms}})
+            ctx = UseCaseContext("host-load", 1, spec, 1, "h", Path("/nowhere"), rows=[])
+            info = {"kind": "shadow", "salt": "s", "traffic_pct": 50.0}
+            requests = [
+                (f"r{i}", {"prompt": f"{'busy' if i == 0 else 'quiet'} {i}", "reference": "print"})
+                for i in range(6)
+            ]
+            # the flow's own batch function, without its Prefect task wrapper
+            monkeypatch.setattr(pilot_module, "answer_batch", answer_with_arms)
+            rows, load = pilot_module.answer_measured(ctx, info, requests, 4, None)
+    finally:
+        os.sched_setaffinity(0, mask)
+        neighbour.kill()
+        neighbour.wait()
+    flags = {(r["request_id"], r["arm"]): r["overloaded"] for r in rows}
+    assert len(flags) == 12 and not any(r["error"] for r in rows), rows
+    assert flags[("r0", "control")] and flags[("r0", "treatment")], flags
+    with caplog.at_level(logging.WARNING):
+        pilot_module.warn_if_overloaded(logging.getLogger("test"), "host-load", rows, load)
+    flagged = sum(flags.values())
+    assert "host-load: host overloaded during the batch (others busy on" in caplog.text
+    assert f"{flagged} of 12 rows were timed under overload" in caplog.text
