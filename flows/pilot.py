@@ -159,9 +159,9 @@ def answer_measured(
     max_prompt_tokens: int | None,
 ) -> tuple[list[dict[str, Any]], dict[str, str], Any]:
     """answer_batch with torch threads chosen from the CPUs really free (sparse_core.host) and the host's
-    load recorded while it ran: (rows, void requests, load). Each row of an arm on this host (in-process, or an endpoint served here)
-    is flagged `overloaded` when its own answer was timed while the CPU was oversubscribed
-    (rollout.arms.host_load); an endpoint elsewhere does its work on its own host."""
+    load recorded while it ran: (rows, void requests, load). Each row of an arm on this host (in-process,
+    or an endpoint served here) is flagged `overloaded` when its own answer was timed while the CPU was
+    oversubscribed (rollout.arms.host_load); an endpoint elsewhere does its work on its own host."""
     from sparse_core.host import HostLoadMeter, apply_thread_policy
 
     policy = apply_thread_policy()
