@@ -172,3 +172,43 @@ def test_an_excess_check_is_breached_by_its_mixture_not_by_its_boldest_bet_alone
     assert (
         math.log(1 / alpha) == mixed and judge(check, frame, alpha=alpha, mode="paired", pairs=pairs).breached
     )
+
+
+def test_the_monitors_latency_check_leaves_out_rows_collected_under_overload() -> None:
+    """A latency measured while the host was oversubscribed is the host's, not the champion's
+    (docs/flows.md: left out of the latency guardrail, whose evidence says how many): the monitor's
+    latency check judges the other rows with their own looks. A first look collected under overload, all
+    over the SLO, is no evidence; a later look all over it is, and the alarm names it among the looks
+    judged."""
+    latency = np.r_[np.full(6, 500.0), np.full(12, 100.0), np.full(12, 500.0)]
+    rows = pd.DataFrame(
+        {
+            "request_id": [f"m{i}" for i in range(30)],
+            "arm": "treatment",
+            "quality": 1.0,
+            "latency_ms": latency,
+            "error": False,
+            "overloaded": np.arange(30) < 6,
+        }
+    )
+    frame = check_observations(rows, mode="split").frame
+    looks = np.repeat(["a", "b", "c"], [6, 12, 12]).astype(object)
+    check = GuardrailCheck("treatment_latency_over_slo", "latency_over_slo", "rate", 0.05, 10, slo_ms=200.0)
+    g = judge_monitor(check, frame, looks, alpha=ALPHA)
+    assert g.breached and g.excluded == 6 and g.n == 24 and g.value == 1.0
+    assert g.note == (
+        "the evidence begins with look 2 of 2 (12 rows since); "
+        "6 sparse-arm rows collected under CPU overload left out"
+    )
+
+
+@pytest.mark.parametrize("pairs_seen", [9, 10])
+def test_a_monitor_check_is_judged_once_it_has_exactly_its_minimum(pairs_seen: int) -> None:
+    """A check with fewer rows than its minimum is not judged (docs/gate.md); at the minimum it is: 10
+    identical pairs of a 10-pair minimum hold, 9 say how many they wait for."""
+    _, pairs = _shadow(np.zeros(pairs_seen, bool))
+    g = judge_monitor_quality(pairs, 0.03, alpha=ALPHA, min_samples=10)
+    assert not g.breached and g.n == pairs_seen
+    assert (g.evaluated, g.note) == (
+        (True, "") if pairs_seen == 10 else (False, "needs 10 rows to be judged (9 so far)")
+    )
