@@ -212,3 +212,11 @@ def test_a_monitor_check_is_judged_once_it_has_exactly_its_minimum(pairs_seen: i
     assert (g.evaluated, g.note) == (
         (True, "") if pairs_seen == 10 else (False, "needs 10 rows to be judged (9 so far)")
     )
+
+
+def test_a_monitor_breach_shown_below_the_checks_minimum_counts_as_judged() -> None:
+    """Evidence of a breach counts whatever the sample size (docs/gate.md): 9 pairs the champion loses
+    wholly, against a 10-pair minimum, are a judged breach of the quality check, not a check waiting."""
+    _, pairs = _shadow(np.zeros(9, bool), q_t=np.zeros(9))
+    g = judge_monitor_quality(pairs, 0.03, alpha=ALPHA, min_samples=10)
+    assert g.breached and g.evaluated and g.n == 9
