@@ -463,7 +463,8 @@ def test_the_monitor_compares_the_arms_where_dense_answered_too() -> None:
 
     alone = monitor_guardrails([r for r in rows if r["arm"] == "treatment"], spec)
     by_name = {c["name"]: c for c in alone["checks"]}
-    assert not by_name["quality_loss"]["evaluated"] and "both arms" in by_name["quality_loss"]["note"]
+    for paired_check in ("quality_loss", "error_rate_increase"):
+        assert not by_name[paired_check]["evaluated"] and "both arms" in by_name[paired_check]["note"]
     assert by_name["treatment_error_rate"]["evaluated"] and alone["breached"] == []
     outcome, why = _monitor_verdict({"passed": True}, alone, 0.05)
     assert outcome == "GO" and "quality_loss not judged" in why
