@@ -144,13 +144,13 @@ def test_rows_of_an_endpoint_on_this_host_are_flagged_per_answer_timed_under_ove
             ]
             # the flow's own batch function, without its Prefect task wrapper
             monkeypatch.setattr(pilot_module, "answer_batch", answer_with_arms)
-            rows, load = pilot_module.answer_measured(ctx, info, requests, 4, None)
+            rows, void, load = pilot_module.answer_measured(ctx, info, requests, 4, None)
     finally:
         os.sched_setaffinity(0, mask)
         neighbour.kill()
         neighbour.wait()
     flags = {(r["request_id"], r["arm"]): r["overloaded"] for r in rows}
-    assert len(flags) == 12 and not any(r["error"] for r in rows), rows
+    assert len(flags) == 12 and not any(r["error"] for r in rows) and not void, (rows, void)
     assert flags[("r0", "control")] and flags[("r0", "treatment")], flags
     with caplog.at_level(logging.WARNING):
         pilot_module.warn_if_overloaded(logging.getLogger("test"), "host-load", rows, load)
