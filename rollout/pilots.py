@@ -516,6 +516,11 @@ def record_observations(
 
 
 _ARM_BIT = {"control": 1, "treatment": 2}
+# An import into a split step whose arm counts a random assignment at the step's share gives with
+# probability below this is refused (`ImportCheck.share_problem`): the false refusal rate per file (the
+# exact test's size is at most this at every file size); a file of dense rows only is refused from
+# 73 rows at a 10% share, of sparse rows only from 4
+IMPORT_SHARE_LEVEL = 1e-3
 
 
 def _values(r: Mapping[str, Any]) -> int:
@@ -535,7 +540,10 @@ class ImportCheck:
     ``external_assignment``). A (request, arm) already stored, or given twice, must carry the same
     values: a stored observation is never replaced. A request an earlier step of the pilot judged
     (``used_elsewhere``) is refused: a request is evidence once, and one chosen again after its answers
-    were seen could be chosen for them."""
+    were seen could be chosen for them. Split: the file's new rows must hold the arms in the step's share,
+    as a random assignment would (the exact binomial test at `IMPORT_SHARE_LEVEL`, the hash's or the
+    serving system's assignment alike): a file of one arm (the dense deployment's log, then the sparse
+    one's) would put the arms into the evidence stream in an order no random assignment gives."""
 
     def __init__(
         self,
@@ -561,6 +569,7 @@ class ImportCheck:
         self.touched: set[str] = set()
         self.conflicts: list[str] = []
         self.wrong_arm: list[str] = []
+        self.new_per_arm = {"control": 0, "treatment": 0}
 
     def add(self, rows: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
         """Record a chunk; returns its rows that are new (not stored, not given earlier in the file)."""
@@ -579,6 +588,7 @@ class ImportCheck:
             self.values[(rid, arm)] = value
             self.arms[rid] = self.arms.get(rid, 0) | _ARM_BIT.get(arm, 0)
             self.touched.add(rid)
+            self.new_per_arm[arm] = self.new_per_arm.get(arm, 0) + 1
             if self.kind == "split" and not self.external and arm != assign_arm(rid, self.salt, self.pct):
                 self.wrong_arm.append(f"{rid}/{arm}")
             new.append(r)
@@ -622,7 +632,31 @@ class ImportCheck:
                     "the arm the pilot's hash assignment gives them; if your serving system assigned arms "
                     "itself, import with --external-assignment"
                 )
+            share = self.share_problem()
+            if share:
+                out.append(share)
         return out
+
+    def share_problem(self) -> str:
+        """A split import whose new rows' arm counts contradict the step's share ('' when they do not):
+        the exact two-sided binomial test of the sparse-arm count, refused below `IMPORT_SHARE_LEVEL`."""
+        from rollout.gate.inputs import srm_test
+
+        n_c, n_t = self.new_per_arm.get("control", 0), self.new_per_arm.get("treatment", 0)
+        if self.kind != "split" or n_c + n_t == 0:
+            return ""
+        _, p = srm_test(n_c, n_t, self.pct / 100.0)
+        if p >= IMPORT_SHARE_LEVEL:
+            return ""
+        return (
+            f"split step at {self.pct:g}%: its new rows hold {n_t} sparse and {n_c} dense "
+            f"({100 * n_t / (n_c + n_t):.1f}% sparse); a random assignment at {self.pct:g}% gives counts "
+            f"this far off with probability {p:.1g} (exact binomial test, refused below "
+            f"{IMPORT_SHARE_LEVEL:g}). "
+            "The evidence stream needs both arms in the step's share in every import: import the step's "
+            "traffic of both arms together (one export, or slices of it in time), never one arm's log "
+            "after the other's"
+        )
 
 
 def abort_pilot(

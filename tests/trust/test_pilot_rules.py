@@ -513,6 +513,55 @@ def test_an_export_in_pages_is_judged_as_the_one_file(trust_env, flow_use_case, 
     assert keys == sorted(keys) and len(stored) == len(rows)  # one file's stream: by key across the pages
 
 
+def test_a_split_step_refuses_an_import_of_one_arm(trust_env, flow_use_case, tmp_path: Path) -> None:
+    """Review S3: a split step's rows as two logs, the dense deployment's then the sparse one's. With a look
+    between them the dense-only stream's GO capital grew by about the margin a row and the look said GO
+    for a sparse arm of any quality. An import whose arm counts contradict the step's share is refused,
+    naming the file and its counts; the same rows in files of both arms are taken as one file."""
+    import numpy as np
+
+    from rollout import decisions, pilot_batches, pilots
+    from rollout.db.models import Pilot
+    from rollout.db.session import session_scope
+    from rollout.pilot_batches import ObservationImportError
+
+    steps = {"shadow": {"min_samples": 8}, "steps": [{"traffic_pct": 10, "min_samples": 8}], "batch_size": 8}
+    name = flow_use_case(gate=MARGIN_003, rollout=steps)
+    _challenger(name)
+    ids = [f"exp-{i:04d}" for i in range(600)]
+    salt = _fixed_salt(name)
+    with session_scope() as s:
+        pilot = s.scalar(select(Pilot))
+        spec, _ = pilots.load_pilot_spec(s, pilot)
+        pilots.advance(s, pilot, spec, actor="test")
+    rng = np.random.default_rng(8)
+    rows = []
+    for rid in ids:  # the sparse arm 0.10 worse than dense (margin 0.03)
+        arm = pilots.assign_arm(rid, salt, 10)
+        q = float(rng.beta(8, 2))
+        rows.append(_obs(rid, arm, max(0.0, q - 0.10) if arm == "treatment" else q))
+    dense = [r for r in rows if r["arm"] == "control"]
+    sparse = [r for r in rows if r["arm"] == "treatment"]
+    for label, part in (("dense", dense), ("sparse", sparse)):
+        path = _write(tmp_path / f"{label}.jsonl", part)
+        with pytest.raises(ObservationImportError) as refused:
+            pilot_batches.import_file(name, path, ids)
+        said = str(refused.value)
+        n_t, n_c = (0, len(part)) if label == "dense" else (len(part), 0)
+        assert said.startswith(f"{path}: ") and f"its new rows hold {n_t} sparse and {n_c} dense" in said
+        assert "never one arm's log after the other's" in said
+    assert _counts()["Observation"] == 0
+    for half in (rows[::2], rows[1::2]):  # both arms in each: taken together up to the next look
+        pilot_batches.import_file(name, _write(tmp_path / f"half{len(half)}.jsonl", half), ids)
+    with session_scope() as s:
+        step = pilots.current_step(s, s.scalar(select(Pilot)))
+        stored, step_id = pilots.step_observations(s, step).to_dict("records"), step.id
+    keys = [pilots.stream_key(r["request_id"], salt) for r in stored]
+    assert (step.kind, keys == sorted(keys), len(stored)) == ("split", True, len(rows))
+    look = decisions.gate_step(name, step_id)
+    assert look["outcome"] != "GO", look["explanation"]
+
+
 def test_the_duration_limit_counts_from_the_pilots_start_across_its_steps(trust_env, flow_use_case) -> None:
     """`gate.max_duration_days` bounds the pilot ("an inconclusive pilot stops after this long"; the planner
     sums its steps' days against it). It was counted from the current step's start, so a pilot 27 days in,
