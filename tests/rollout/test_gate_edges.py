@@ -123,6 +123,24 @@ def test_a_sample_ratio_p_value_at_the_threshold_is_no_mismatch() -> None:
     assert above.outcome == "INVALID" and "sample-ratio-mismatch" in above.reasons
 
 
+def test_a_look_whose_own_bounds_cross_is_invalid_never_go() -> None:
+    """Review S3: a split step's rows with the dense arm's first (one log imported after the other), the
+    sparse arm 0.10 worse: the GO capital grew on the dense rows alone and the look said GO, its bounds
+    "at least -0.015 ... at most -0.525". Bounds that cross are evidence the order broke the stream's
+    assumptions: INVALID, with that reason, and the interval is not carried to later looks."""
+    rng = np.random.default_rng(8)
+    treated = rng.random(4000) < 0.1
+    q = np.where(treated, np.maximum(0.0, rng.beta(8, 2, 4000) - 0.10), rng.beta(8, 2, 4000))
+    order = np.argsort(treated, kind="stable")  # every dense row, then every sparse one
+    settings = GateSettings(margin=0.03, go_alpha=0.0304)
+    d = decide(split_frame(q[order], treated[order]), settings, planned_treatment_share=0.1)
+    assert d.quality.look_low > d.quality.look_high
+    assert (d.outcome, d.reasons) == ("INVALID", ("crossed-bounds",))
+    assert not d.quality.counts_toward_interval and "The evidence contradicts itself" in d.explanation
+    shuffled = decide(split_frame(q, treated), settings, planned_treatment_share=0.1)
+    assert shuffled.outcome == "NO-GO" and shuffled.reasons == ("futility",)
+
+
 def test_one_guardrail_short_of_its_minimum_is_enough_to_project_it() -> None:
     """The projection waits for every guardrail: with the error-rate check judged on 200 sparse-arm rows
     but the excess over dense short of its 190 pairs (170 requests have both answers), a shadow step whose
