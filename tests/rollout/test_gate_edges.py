@@ -123,6 +123,23 @@ def test_a_sample_ratio_p_value_at_the_threshold_is_no_mismatch() -> None:
     assert above.outcome == "INVALID" and "sample-ratio-mismatch" in above.reasons
 
 
+@pytest.mark.parametrize(("n", "sparse"), [(12, 4), (12, 3), (8, 3), (240, 25)])
+def test_the_sample_ratio_check_is_the_exact_binomial_test(n: int, sparse: int) -> None:
+    """Review S4: Pearson's chi-square at an early look of a small share (12 requests at 5%: 0.6 sparse
+    rows expected) called 4 sparse rows a mismatch (p 7e-6) where the exact probability of 4 or more is
+    0.002, and its false INVALID per look was up to 13x the level. The p-value is the exact test's, whose
+    false rate is at most the level at every look size."""
+    from scipy.stats import binom, binomtest
+
+    from rollout.gate.inputs import srm_test
+
+    share = 0.05
+    assert srm_test(n - sparse, sparse, share)[1] == pytest.approx(binomtest(sparse, n, share).pvalue)
+    k = np.arange(n + 1)
+    refused = np.array([srm_test(n - i, i, share)[1] < 0.001 for i in k])
+    assert binom.pmf(k[refused], n, share).sum() <= 0.001  # its size, exactly: at most the level
+
+
 def test_a_look_whose_own_bounds_cross_is_invalid_never_go() -> None:
     """Review S3: a split step's rows with the dense arm's first (one log imported after the other), the
     sparse arm 0.10 worse: the GO capital grew on the dense rows alone and the look said GO, its bounds
