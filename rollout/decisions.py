@@ -93,7 +93,7 @@ def gate_step(
         spec, _ = pilots.load_step_spec(session, step_id)
         step = session.get(PilotStep, step_id)
         pilot = session.get(Pilot, step.pilot_id)
-        rows = pilots.step_observations(session, step)
+        rows, judged_through = pilots.step_evidence(session, step)
         plan = pilots.step_plan_for(spec, step)
         check = (
             validate_observation_rows(
@@ -146,6 +146,9 @@ def gate_step(
                 "promote_after_step": early,
                 "ramp_continued_at": continued,
                 "traffic": traffic,
+                # the step's last row this look judged: the rows stored after it enter the stream
+                # together, by their stream key, after these (`pilots.in_evidence_order`)
+                "judged_through": judged_through,
             }
         )
         explanation = decision.explanation

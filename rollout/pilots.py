@@ -7,7 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import secrets
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -276,19 +276,36 @@ IMPORTED_SOURCES = ("imported", "imported-external")
 
 
 def stream_key(request_id: str, salt: str) -> int:
-    """Where an imported row enters its step's evidence stream, within its import: a salted hash of the
-    request id (a hash domain of its own, apart from the arm assignment), in [0, 2^63). The gate's
-    sequences need an order that carries no information about the outcomes; a file's may (an export
-    sorted by latency, when the sparse model loses more on long requests), a salted hash cannot. Both
-    arms of a request share the key, so a shadow pair is complete where its key places it."""
+    """Where an imported row enters its step's evidence stream, among the rows imported with it (before
+    the next gate look: `in_evidence_order`): a salted hash of the request id (a hash domain of its own,
+    apart from the arm assignment), in [0, 2^63). The gate's sequences need an order that carries no
+    information about the outcomes; a file's may (an export sorted by latency, when the sparse model loses
+    more on long requests), a salted hash cannot. Both arms of a request share the key, so a shadow pair is
+    complete where its key places it."""
     digest = hashlib.sha256(f"{salt}:evidence-order:{request_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big") >> 1
 
 
-def in_evidence_order(records: list[tuple], *, batch: int = -2, key: int = -1) -> list[tuple]:
-    """Stored rows (in id order) as the evidence stream takes them: batches in the order they were
-    stored, an imported batch's rows by their stream key, every other row where it arrived. `batch` and
-    `key` index each record's batch id and stream key."""
+def in_evidence_order(
+    records: list[tuple],
+    *,
+    batch: int = -2,
+    key: int = -1,
+    row_id: int | None = None,
+    looks: Sequence[int] | None = None,
+    batch_unit_through: int = 0,
+) -> list[tuple]:
+    """Stored rows (in id order) as the evidence stream takes them. `batch`, `key` and `row_id` index each
+    record's batch id, stream key and row id.
+
+    The gate (`looks`: the last row id each recorded gate look of the step judged): the imported rows
+    stored between two looks enter the stream together, by their stream key, however many files brought
+    them (a paginated export, or one log per arm, imported file by file, gives the stream one file with the
+    same rows gives), at the place of the first of them; the rows a look judged keep their place, so each
+    look's stream extends the one before. Rows up to `batch_unit_through` (judged by looks recorded before
+    the look was the unit) keep the order they were judged in: each import's rows by key, batch by batch.
+    The monitor (`looks` None): each batch is its own unit, an import's rows by key (each monitor file is
+    its own look). Rows without a key (the pilot flow's) stay where they arrived, batch by batch."""
     from operator import itemgetter
 
     keys = list(map(itemgetter(key), records))
@@ -297,7 +314,16 @@ def in_evidence_order(records: list[tuple], *, batch: int = -2, key: int = -1) -
     import numpy as np
     import pandas as pd
 
-    rank = pd.factorize(np.array(list(map(itemgetter(batch), records)), dtype=object))[0]  # first appearance
+    unit = pd.factorize(np.array(list(map(itemgetter(batch), records)), dtype=object))[0]
+    imported = np.array([k is not None for k in keys])
+    if looks is not None:
+        if row_id is None:
+            raise ValueError("in_evidence_order: the gate's order (looks) needs each record's row id")
+        ids = np.fromiter(map(itemgetter(row_id), records), dtype=np.int64, count=len(records))
+        interval = np.searchsorted(np.sort(np.asarray(looks, dtype=np.int64)), ids, side="left")
+        together = imported & (ids > batch_unit_through)
+        unit = np.where(together, -1 - interval, unit)  # an interval's imports: one unit
+    rank = pd.factorize(unit)[0]  # units in the order of their first row
     stream = np.array([0 if k is None else k for k in keys], dtype=np.int64)
     order = np.lexsort((np.arange(len(records)), stream, rank))
     return list(map(records.__getitem__, order.tolist()))
@@ -491,6 +517,11 @@ def record_observations(
 
 
 _ARM_BIT = {"control": 1, "treatment": 2}
+# An import into a split step whose arm counts a random assignment at the step's share gives with
+# probability below this is refused (`ImportCheck.share_problem`): the false refusal rate per file (the
+# exact test's size is at most this at every file size); a file of dense rows only is refused from
+# 73 rows at a 10% share, of sparse rows only from 4
+IMPORT_SHARE_LEVEL = 1e-3
 
 
 def _values(r: Mapping[str, Any]) -> int:
@@ -510,7 +541,10 @@ class ImportCheck:
     ``external_assignment``). A (request, arm) already stored, or given twice, must carry the same
     values: a stored observation is never replaced. A request an earlier step of the pilot judged
     (``used_elsewhere``) is refused: a request is evidence once, and one chosen again after its answers
-    were seen could be chosen for them."""
+    were seen could be chosen for them. Split: the file's new rows must hold the arms in the step's share,
+    as a random assignment would (the exact binomial test at `IMPORT_SHARE_LEVEL`, the hash's or the
+    serving system's assignment alike): a file of one arm (the dense deployment's log, then the sparse
+    one's) would put the arms into the evidence stream in an order no random assignment gives."""
 
     def __init__(
         self,
@@ -536,6 +570,7 @@ class ImportCheck:
         self.touched: set[str] = set()
         self.conflicts: list[str] = []
         self.wrong_arm: list[str] = []
+        self.new_per_arm = {"control": 0, "treatment": 0}
 
     def add(self, rows: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
         """Record a chunk; returns its rows that are new (not stored, not given earlier in the file)."""
@@ -554,6 +589,7 @@ class ImportCheck:
             self.values[(rid, arm)] = value
             self.arms[rid] = self.arms.get(rid, 0) | _ARM_BIT.get(arm, 0)
             self.touched.add(rid)
+            self.new_per_arm[arm] = self.new_per_arm.get(arm, 0) + 1
             if self.kind == "split" and not self.external and arm != assign_arm(rid, self.salt, self.pct):
                 self.wrong_arm.append(f"{rid}/{arm}")
             new.append(r)
@@ -597,7 +633,31 @@ class ImportCheck:
                     "the arm the pilot's hash assignment gives them; if your serving system assigned arms "
                     "itself, import with --external-assignment"
                 )
+            share = self.share_problem()
+            if share:
+                out.append(share)
         return out
+
+    def share_problem(self) -> str:
+        """A split import whose new rows' arm counts contradict the step's share ('' when they do not):
+        the exact two-sided binomial test of the sparse-arm count, refused below `IMPORT_SHARE_LEVEL`."""
+        from rollout.gate.inputs import srm_test
+
+        n_c, n_t = self.new_per_arm.get("control", 0), self.new_per_arm.get("treatment", 0)
+        if self.kind != "split" or n_c + n_t == 0:
+            return ""
+        _, p = srm_test(n_c, n_t, self.pct / 100.0)
+        if p >= IMPORT_SHARE_LEVEL:
+            return ""
+        return (
+            f"split step at {self.pct:g}%: its new rows hold {n_t} sparse and {n_c} dense "
+            f"({100 * n_t / (n_c + n_t):.1f}% sparse); a random assignment at {self.pct:g}% gives counts "
+            f"this far off with probability {p:.1g} (exact binomial test, refused below "
+            f"{IMPORT_SHARE_LEVEL:g}). "
+            "The evidence stream needs both arms in the step's share in every import: import the step's "
+            "traffic of both arms together (one export, or slices of it in time), never one arm's log "
+            "after the other's"
+        )
 
 
 def abort_pilot(
@@ -650,10 +710,37 @@ def abort_pilot(
 
 def step_observations(session: Session, step: PilotStep) -> pd.DataFrame:
     """The observations of one step (the gate's input table, columns `OBSERVATION_FIELDS`) in evidence
-    order: batches in the order they were stored, each import's rows by their stream key, other rows as
-    they arrived (`in_evidence_order`). The gate's confidence sequence runs along this order, and each
-    look's stream extends the one before (a batch is stored whole, after the earlier ones)."""
-    return _evidence_table(session, Observation.pilot_step_id == step.id).drop(columns="look")
+    order (`step_evidence`)."""
+    return step_evidence(session, step)[0]
+
+
+def step_evidence(session: Session, step: PilotStep) -> tuple[pd.DataFrame, int]:
+    """The gate's input table of one step (columns `OBSERVATION_FIELDS`) in evidence order, and the id of
+    the last row it holds (0 for none: what a look on it judged through, `judged_through` in its evidence).
+    Order (`in_evidence_order`): the rows imported since the step's last gate look together, by their
+    stream key, after the rows earlier looks judged, in the order those looks judged them; the pilot
+    flow's rows as they arrived. The gate's confidence sequence runs along this order, and each look's
+    stream extends the one before."""
+    looks, legacy = _look_boundaries(session, step)
+    table = _evidence_table(session, Observation.pilot_step_id == step.id, looks=looks, legacy_rows=legacy)
+    last = int(table["row_id"].max()) if len(table) else 0
+    return table.drop(columns=["look", "row_id"]), last
+
+
+def _look_boundaries(session: Session, step: PilotStep) -> tuple[list[int], int]:
+    """What the step's recorded gate looks judged: the last row id of each look that says so
+    (`judged_through`), and the most rows a look recorded before it said so judged (its counts: a look
+    reads all of the step's rows, the first ones by id; rows are never deleted)."""
+    looks, legacy = [], 0
+    for d in decisions_for_step(session, step):
+        ev = d.evidence or {}
+        if d.kind != "gate" or "quality" not in ev:  # a failed batch's INVALID judged no stored row
+            continue
+        if ev.get("judged_through") is not None:
+            looks.append(int(ev["judged_through"]))
+        else:
+            legacy = max(legacy, int(ev.get("n_control") or 0) + int(ev.get("n_treatment") or 0))
+    return looks, legacy
 
 
 def monitor_observations(session: Session, step: PilotStep) -> pd.DataFrame:
@@ -663,7 +750,8 @@ def monitor_observations(session: Session, step: PilotStep) -> pd.DataFrame:
     alpha). A table of columns `OBSERVATION_FIELDS` and `look`."""
     kept = _kept_alarm(session, step)
     after = int((kept.evidence or {}).get("judged_through") or 0) if kept is not None else 0
-    return _evidence_table(session, Observation.pilot_step_id == step.id, Observation.id > after)
+    table = _evidence_table(session, Observation.pilot_step_id == step.id, Observation.id > after)
+    return table.drop(columns="row_id")
 
 
 def _kept_alarm(session: Session, step: PilotStep) -> GateDecision | None:
@@ -688,24 +776,32 @@ def monitor_basis(session: Session, step: PilotStep) -> tuple[int, int]:
     return last_observation_id(session, step), kept.id if kept is not None else 0
 
 
-def _evidence_table(session: Session, *where: Any) -> pd.DataFrame:
-    """The stored rows that match `where`, in evidence order, as one table (`OBSERVATION_FIELDS` and `look`,
-    the batch id), read through the connection: every look reads all of its step's rows, and an ORM row
-    and a dict per stored row made a look over a million rows take 1.5x the time and memory
-    (`sparsepilot bench monitor`, docs/gate.md "What a look costs")."""
+def _evidence_table(
+    session: Session, *where: Any, looks: Sequence[int] | None = None, legacy_rows: int = 0
+) -> pd.DataFrame:
+    """The stored rows that match `where`, in evidence order, as one table (`OBSERVATION_FIELDS`, `look`,
+    the batch id, and `row_id`), read through the connection: every look reads all of its step's rows, and
+    an ORM row and a dict per stored row made a look over a million rows take 1.5x the time and memory
+    (`sparsepilot bench monitor`, docs/gate.md "What a look costs"). `looks`, `legacy_rows`: the gate's
+    looks (`_look_boundaries`; None: each batch is its own unit, as the monitor's looks are)."""
     import pandas as pd
 
     result = session.connection().execute(
         select(
             *(getattr(Observation, f) for f in OBSERVATION_FIELDS),
             Observation.batch_id,
+            Observation.id,
             Observation.stream_key,
         )
         .where(*where)
         .order_by(Observation.id)
     )
-    fields = (*OBSERVATION_FIELDS, "look")
-    columns = list(zip(*in_evidence_order(result.all()), strict=True)) or [()] * (len(fields) + 1)
+    records = result.all()
+    # the rows the looks recorded before `judged_through` judged: the first `legacy_rows` by id
+    through = records[legacy_rows - 1][-2] if 0 < legacy_rows <= len(records) else 0
+    ordered = in_evidence_order(records, batch=-3, row_id=-2, looks=looks, batch_unit_through=through)
+    fields = (*OBSERVATION_FIELDS, "look", "row_id")
+    columns = list(zip(*ordered, strict=True)) or [()] * (len(fields) + 1)
     return pd.DataFrame(dict(zip(fields, columns[:-1], strict=True)))
 
 

@@ -79,6 +79,9 @@ def decide(
     ]
     enough = (arms.n_pairs or 0) >= min_n if mode == "paired" else min(n_c, n_t) >= min_n
     quality, tests = _quality(arms, settings, history, mode, share, counts=not invalid)
+    if tests is not None and _crossed(tests):
+        invalid.append("crossed-bounds")
+        quality, tests = _quality(arms, settings, history, mode, share, counts=False)
     outcome, reasons = _outcome(invalid, guards, enough, quality.verdict, at_max)
     if latency_unmeasurable(guards, settings.guardrail_min_samples) is not None:
         reasons += ("latency-unmeasurable-on-this-host",)  # said early; it decides nothing
@@ -125,6 +128,15 @@ def decide(
 
 def _p95(latencies: np.ndarray) -> float | None:
     return float(np.percentile(latencies, 95)) if len(latencies) else None
+
+
+def _crossed(tests) -> bool:
+    """This look's own bounds contradict each other: the lower above the upper, or both tests rejecting
+    (GO's "no worse than the margin" and futility's "worse than it" at once). With the rows in an order
+    that carries no information, that happens with probability at most alpha_go + alpha in any state of
+    the world; far more often it means the order carries some (rows brought arm by arm, or sorted by
+    outcome), and then neither test's verdict holds: INVALID, never GO."""
+    return bool(tests.go and tests.futile) or tests.low > tests.high
 
 
 def _requests_for_minimums(mode: str, share: float, min_n: int, settings, unjudged: bool) -> int:

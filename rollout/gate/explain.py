@@ -69,6 +69,15 @@ def explain(d: Decision) -> str:
             f"p={d.srm_p_value:.2g}), which usually means a routing or logging bug; "
             "the results are not trustworthy."
         )
+    if "crossed-bounds" in d.reasons and d.quality.look_low is not None:
+        parts.append(
+            "The evidence contradicts itself: this look's bounds say the true difference is at least "
+            f"{d.quality.look_low:+.3f} and at most {d.quality.look_high:+.3f}. Rows in an order that "
+            "carries no information give that by chance with probability at most "
+            f"{s.alpha_go + s.alpha:.3g}; far more often the order of the rows carries some (imports that "
+            "brought one arm after the other, or rows sorted by their outcome), and then neither bound "
+            "holds, so no conclusion is drawn."
+        )
     arms = (
         f"{d.n_pairs} requests answered by both the sparse and the dense model"
         if d.mode == "paired"

@@ -251,10 +251,10 @@ def test_invalid_at_the_maximum_is_no_go_never_go() -> None:
     [(520, 480, 0.5, 1.6), (870, 130, 0.1, 10.0), (865, 135, 0.1, 35**2 / 900 + 35**2 / 100)],
 )
 def test_srm_matches_hand_computed_chi_square(n_c: int, n_t: int, share: float, chi2_by_hand: float) -> None:
+    """The statistic is Pearson's (for information); the p-value the exact binomial test's (review S4)."""
     chi2, p = srm_test(n_c, n_t, share)
     assert chi2 == pytest.approx(chi2_by_hand)
-    ref = stats.chisquare([n_c, n_t], [(n_c + n_t) * (1 - share), (n_c + n_t) * share])
-    assert p == pytest.approx(ref.pvalue)
+    assert p == pytest.approx(stats.binomtest(n_t, n_c + n_t, share).pvalue)
 
 
 def _treated(n_t: int, n: int = 1000) -> np.ndarray:
@@ -266,14 +266,14 @@ def _treated(n_t: int, n: int = 1000) -> np.ndarray:
 
 def test_srm_is_flagged_at_the_settings_threshold() -> None:
     """A sample-ratio mismatch is flagged where its p-value falls below settings.srm_p_threshold (0.001),
-    near the boundary and not only for a gross split: 556/1000 treated against a planned half (chi2 12.5,
-    p 0.0004) is INVALID; 550/1000 (chi2 10.0, p 0.0016) is not, unless the threshold is raised past it."""
+    near the boundary and not only for a gross split: 556/1000 treated against a planned half (exact
+    binomial p 0.0004) is INVALID; 550/1000 (p 0.0022) is not, unless the threshold is raised past it."""
     assert SETTINGS.srm_p_threshold == 0.001
     flagged = decide(split_frame(np.ones(1000), _treated(556)), SETTINGS, planned_treatment_share=0.5)
-    assert flagged.srm_p_value == pytest.approx(stats.chi2.sf(2 * 56**2 / 500, 1))  # 0.0004
+    assert flagged.srm_p_value == pytest.approx(stats.binomtest(556, 1000, 0.5).pvalue)  # 0.0004
     assert flagged.outcome == "INVALID" and "sample-ratio-mismatch" in flagged.reasons
     fine = decide(split_frame(np.ones(1000), _treated(550)), SETTINGS, planned_treatment_share=0.5)
-    assert fine.srm_p_value == pytest.approx(stats.chi2.sf(2 * 50**2 / 500, 1))  # 0.0016
+    assert fine.srm_p_value == pytest.approx(stats.binomtest(550, 1000, 0.5).pvalue)  # 0.0022
     assert "sample-ratio-mismatch" not in fine.reasons and fine.outcome != "INVALID"
     strict = dataclasses.replace(SETTINGS, srm_p_threshold=0.01)
     raised = decide(split_frame(np.ones(1000), _treated(550)), strict, planned_treatment_share=0.5)

@@ -123,6 +123,41 @@ def test_a_sample_ratio_p_value_at_the_threshold_is_no_mismatch() -> None:
     assert above.outcome == "INVALID" and "sample-ratio-mismatch" in above.reasons
 
 
+@pytest.mark.parametrize(("n", "sparse"), [(12, 4), (12, 3), (8, 3), (240, 25)])
+def test_the_sample_ratio_check_is_the_exact_binomial_test(n: int, sparse: int) -> None:
+    """Review S4: Pearson's chi-square at an early look of a small share (12 requests at 5%: 0.6 sparse
+    rows expected) called 4 sparse rows a mismatch (p 7e-6) where the exact probability of 4 or more is
+    0.002, and its false INVALID per look was up to 13x the level. The p-value is the exact test's, whose
+    false rate is at most the level at every look size."""
+    from scipy.stats import binom, binomtest
+
+    from rollout.gate.inputs import srm_test
+
+    share = 0.05
+    assert srm_test(n - sparse, sparse, share)[1] == pytest.approx(binomtest(sparse, n, share).pvalue)
+    k = np.arange(n + 1)
+    refused = np.array([srm_test(n - i, i, share)[1] < 0.001 for i in k])
+    assert binom.pmf(k[refused], n, share).sum() <= 0.001  # its size, exactly: at most the level
+
+
+def test_a_look_whose_own_bounds_cross_is_invalid_never_go() -> None:
+    """Review S3: a split step's rows with the dense arm's first (one log imported after the other), the
+    sparse arm 0.10 worse: the GO capital grew on the dense rows alone and the look said GO, its bounds
+    "at least -0.015 ... at most -0.525". Bounds that cross are evidence the order broke the stream's
+    assumptions: INVALID, with that reason, and the interval is not carried to later looks."""
+    rng = np.random.default_rng(8)
+    treated = rng.random(4000) < 0.1
+    q = np.where(treated, np.maximum(0.0, rng.beta(8, 2, 4000) - 0.10), rng.beta(8, 2, 4000))
+    order = np.argsort(treated, kind="stable")  # every dense row, then every sparse one
+    settings = GateSettings(margin=0.03, go_alpha=0.0304)
+    d = decide(split_frame(q[order], treated[order]), settings, planned_treatment_share=0.1)
+    assert d.quality.look_low > d.quality.look_high
+    assert (d.outcome, d.reasons) == ("INVALID", ("crossed-bounds",))
+    assert not d.quality.counts_toward_interval and "The evidence contradicts itself" in d.explanation
+    shuffled = decide(split_frame(q, treated), settings, planned_treatment_share=0.1)
+    assert shuffled.outcome == "NO-GO" and shuffled.reasons == ("futility",)
+
+
 def test_one_guardrail_short_of_its_minimum_is_enough_to_project_it() -> None:
     """The projection waits for every guardrail: with the error-rate check judged on 200 sparse-arm rows
     but the excess over dense short of its 190 pairs (170 requests have both answers), a shadow step whose

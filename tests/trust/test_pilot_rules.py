@@ -16,6 +16,9 @@ from tests.fixtures.flows import tiny_spec
 from tests.fixtures.trust import password_of
 
 runner = CliRunner()
+# the gate of the review's scenarios (the tiny spec's margin is 0.2)
+MARGIN_003 = {"alpha": 0.05, "non_inferiority_margin": 0.03, "score_type": "bounded", "max_looks": 10,
+              "guardrails": {"max_error_rate": 0.05, "p95_latency_ms": 60000}}  # fmt: skip
 
 
 def _challenger(name: str) -> int:
@@ -401,16 +404,17 @@ def test_an_imports_file_order_carries_no_weight(trust_env, flow_use_case, tmp_p
     """A shadow export sorted by latency, where the sparse model loses only on the slowest fifth of the
     requests (a mean loss of exactly the margin): in file order the identical pairs come first and the
     GO test fires on them; stored, the rows enter the evidence stream by their salted stream key, and the
-    same rows give no GO. Both arms of a request stay together, and a second import comes after the first."""
+    same rows give no GO. Both arms of a request stay together, and an import after a gate look comes
+    after the rows that look judged."""
     import numpy as np
     import pandas as pd
 
-    from rollout import pilot_batches, pilots
+    from rollout import decisions, pilot_batches, pilots
     from rollout.db.models import Pilot
     from rollout.db.session import session_scope
     from rollout.gate import GateSettings, decide
 
-    name = flow_use_case()
+    name = flow_use_case(gate=MARGIN_003)
     _challenger(name)
     n = 600
     ids = [f"exp-{i:04d}" for i in range(n + 100)]
@@ -440,6 +444,10 @@ def test_an_imports_file_order_carries_no_weight(trust_env, flow_use_case, tmp_p
     assert all(stored[i]["request_id"] == stored[i + 1]["request_id"] for i in range(0, len(stored), 2))
     as_stored = decide(table, settings, mode="paired")
     assert as_stored.outcome != "GO", as_stored.explanation
+    with session_scope() as s:
+        step_id = pilots.current_step(s, s.scalar(select(Pilot))).id
+    look = decisions.gate_step(name, step_id)
+    assert look["outcome"] != "GO" and decisions.evidence(look["decision_id"])["judged_through"] > 0
 
     more = [_obs(rid, arm, 1.0) for rid in ids[n:] for arm in ("control", "treatment")]
     pilot_batches.import_file(name, _write(tmp_path / "more.jsonl", more), known_ids=ids)
@@ -448,6 +456,110 @@ def test_an_imports_file_order_carries_no_weight(trust_env, flow_use_case, tmp_p
         after = pilots.step_observations(s, pilots.current_step(s, pilot)).to_dict("records")
     assert after[: len(stored)] == stored  # each look's stream extends the one before
     assert {r["request_id"] for r in after[len(stored) :]} == set(ids[n:])
+
+
+def _sorted_export(n: int, ids: list[str]) -> list[dict]:
+    """A shadow export sorted by latency whose sparse model loses only on the slowest fifth (15% of it: a
+    mean loss of the margin, 0.03): the first four fifths are identical pairs."""
+    import numpy as np
+
+    slow = np.random.default_rng(3).random(n) < 0.15
+    rows = []
+    for i, rid in enumerate(ids[:n]):
+        lost = i >= n - n // 5 and slow[i]
+        rows.append({**_obs(rid, "control", 1.0), "latency_ms": 100.0 + i})
+        rows.append({**_obs(rid, "treatment", 0.0 if lost else 1.0), "latency_ms": 90.0 + i})
+    return rows
+
+
+def _fixed_salt(name: str) -> str:
+    """The pilot started with a known salt: at a true loss of exactly the margin a random order still gives
+    GO with probability up to alpha, so a fixed one makes the order, and the test, exact."""
+    from rollout import pilot_batches
+    from rollout.db.models import Pilot
+    from rollout.db.session import session_scope
+
+    pilot_batches.ensure_pilot(name)
+    with session_scope() as s:
+        s.scalar(select(Pilot)).salt = salt = "0123456789abcdef"
+    return salt
+
+
+def test_an_export_in_pages_is_judged_as_the_one_file(trust_env, flow_use_case, tmp_path: Path) -> None:
+    """Review S1: the latency-sorted export split into 5 files (a paginated export API, `split -l`), imported
+    one after another, then ONE gate look. Each file's rows were ordered by key, but the files entered the
+    stream in the order they came, so the identical pairs came first again and the look said GO; now the
+    rows stored since the step's last look enter together by key: the stream one file gives, no GO."""
+    from rollout import decisions, pilot_batches, pilots
+    from rollout.db.models import Pilot
+    from rollout.db.session import session_scope
+
+    name = flow_use_case(gate=MARGIN_003)
+    _challenger(name)
+    n = 300  # the first 4 pages, 240 identical pairs, say GO on their own
+    ids = [f"exp-{i:04d}" for i in range(n)]
+    rows = _sorted_export(n, ids)
+    salt = _fixed_salt(name)
+    per = len(rows) // 5
+    for p in range(5):
+        page = _write(tmp_path / f"page{p}.jsonl", rows[p * per : (p + 1) * per])
+        pilot_batches.import_file(name, page, ids)
+    with session_scope() as s:
+        step = pilots.current_step(s, s.scalar(select(Pilot)))
+        stored, step_id = pilots.step_observations(s, step).to_dict("records"), step.id
+    look = decisions.gate_step(name, step_id)
+    assert look["outcome"] != "GO", look["explanation"]
+    keys = [pilots.stream_key(r["request_id"], salt) for r in stored]
+    assert keys == sorted(keys) and len(stored) == len(rows)  # one file's stream: by key across the pages
+
+
+def test_a_split_step_refuses_an_import_of_one_arm(trust_env, flow_use_case, tmp_path: Path) -> None:
+    """Review S3: a split step's rows as two logs, the dense deployment's then the sparse one's. With a look
+    between them the dense-only stream's GO capital grew by about the margin a row and the look said GO
+    for a sparse arm of any quality. An import whose arm counts contradict the step's share is refused,
+    naming the file and its counts; the same rows in files of both arms are taken as one file."""
+    import numpy as np
+
+    from rollout import decisions, pilot_batches, pilots
+    from rollout.db.models import Pilot
+    from rollout.db.session import session_scope
+    from rollout.pilot_batches import ObservationImportError
+
+    steps = {"shadow": {"min_samples": 8}, "steps": [{"traffic_pct": 10, "min_samples": 8}], "batch_size": 8}
+    name = flow_use_case(gate=MARGIN_003, rollout=steps)
+    _challenger(name)
+    ids = [f"exp-{i:04d}" for i in range(600)]
+    salt = _fixed_salt(name)
+    with session_scope() as s:
+        pilot = s.scalar(select(Pilot))
+        spec, _ = pilots.load_pilot_spec(s, pilot)
+        pilots.advance(s, pilot, spec, actor="test")
+    rng = np.random.default_rng(8)
+    rows = []
+    for rid in ids:  # the sparse arm 0.10 worse than dense (margin 0.03)
+        arm = pilots.assign_arm(rid, salt, 10)
+        q = float(rng.beta(8, 2))
+        rows.append(_obs(rid, arm, max(0.0, q - 0.10) if arm == "treatment" else q))
+    dense = [r for r in rows if r["arm"] == "control"]
+    sparse = [r for r in rows if r["arm"] == "treatment"]
+    for label, part in (("dense", dense), ("sparse", sparse)):
+        path = _write(tmp_path / f"{label}.jsonl", part)
+        with pytest.raises(ObservationImportError) as refused:
+            pilot_batches.import_file(name, path, ids)
+        said = str(refused.value)
+        n_t, n_c = (0, len(part)) if label == "dense" else (len(part), 0)
+        assert said.startswith(f"{path}: ") and f"its new rows hold {n_t} sparse and {n_c} dense" in said
+        assert "never one arm's log after the other's" in said
+    assert _counts()["Observation"] == 0
+    for half in (rows[::2], rows[1::2]):  # both arms in each: taken together up to the next look
+        pilot_batches.import_file(name, _write(tmp_path / f"half{len(half)}.jsonl", half), ids)
+    with session_scope() as s:
+        step = pilots.current_step(s, s.scalar(select(Pilot)))
+        stored, step_id = pilots.step_observations(s, step).to_dict("records"), step.id
+    keys = [pilots.stream_key(r["request_id"], salt) for r in stored]
+    assert (step.kind, keys == sorted(keys), len(stored)) == ("split", True, len(rows))
+    look = decisions.gate_step(name, step_id)
+    assert look["outcome"] != "GO", look["explanation"]
 
 
 def test_the_duration_limit_counts_from_the_pilots_start_across_its_steps(trust_env, flow_use_case) -> None:
