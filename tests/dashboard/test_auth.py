@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
 
 from rollout import auth
 from rollout.auth import AccountsConfigError, Identity, PermissionDenied
+from tests.fixtures.accounts import cheap_hash
 
 
 @pytest.fixture(scope="module")
 def hashes() -> dict[str, str]:
-    return {"alice": auth.hash_password("alice-pw"), "bob": auth.hash_password("bob-pw")}
+    return {"alice": cheap_hash("alice-pw"), "bob": cheap_hash("bob-pw")}
 
 
-def test_hash_is_salted_and_verifies(hashes: dict[str, str]) -> None:
-    h1, h2 = auth.hash_password("same"), auth.hash_password("same")
+def test_hash_is_salted_and_verifies() -> None:
+    h1, h2 = auth.hash_password("same"), auth.hash_password("same")  # the product's cost, not the tests'
     assert h1 != h2  # per-user random salt
     assert h1.startswith("scrypt$131072$8$1$")  # OWASP's minimum for scrypt
     assert ":" not in h1 and ";" not in h1
@@ -24,6 +26,18 @@ def test_hash_is_salted_and_verifies(hashes: dict[str, str]) -> None:
     assert not auth.verify_password("Same", h1)
     assert not auth.verify_password("same", "scrypt$garbage")
     assert "same" not in h1
+
+
+def test_a_cost_given_is_recorded_in_the_hash_and_read_back_by_the_check() -> None:
+    """The tests' accounts are hashed at n=2**10 (tests/fixtures/accounts.py): real scrypt, verified the
+    same way; n must be a power of two, as scrypt asks."""
+    salt = b"sixteen byte salt"[:16]
+    h = auth.hash_password("cheap-pw", salt=salt, n=2**10)
+    digest = hashlib.scrypt(b"cheap-pw", salt=salt, n=2**10, r=8, p=1, dklen=32)  # scrypt's, at that n
+    assert h == f"scrypt$1024$8$1${auth._b64(salt)}${auth._b64(digest)}"
+    assert auth.verify_password("cheap-pw", h) and not auth.verify_password("cheap-pW", h)
+    with pytest.raises(ValueError, match="power of 2"):
+        auth.hash_password("cheap-pw", n=1000)
 
 
 def test_empty_password_refused() -> None:

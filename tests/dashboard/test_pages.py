@@ -341,13 +341,13 @@ def test_a_password_reset_ends_the_accounts_dashboard_session(
     seeded: dict[str, Any], monkeypatch: pytest.MonkeyPatch, dashboard_accounts: str
 ) -> None:
     """Only the role was re-read: a session signed in with a leaked password outlived its reset."""
-    from rollout.auth import hash_password
+    from tests.fixtures.accounts import cheap_hash
 
     at = sign_in(new_app(), "alice")
     assert "Approve promotion" in button_labels(open_page(at, "approvals"))
     entries = [e for e in dashboard_accounts.split(";") if not e.startswith("alice:")]
     monkeypatch.setenv(
-        "SPARSEPILOT_ACCOUNTS", ";".join([*entries, f"alice:approver:{hash_password('new-pw-123')}"])
+        "SPARSEPILOT_ACCOUNTS", ";".join([*entries, f"alice:approver:{cheap_hash('new-pw-123')}"])
     )
     open_page(at, "approvals")
     assert "sign in as an approver" in texts(at) and "sp_identity" not in at.session_state

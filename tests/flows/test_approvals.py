@@ -9,6 +9,8 @@ import uuid
 import pytest
 from sqlalchemy import func, select
 
+from tests.fixtures.accounts import cheap_hash
+
 ALICE = ("alice", "approver", "cli-env")
 BOB = ("bob", "approver", "cli-env")
 VIEWER = ("victor", "viewer", "cli-env")
@@ -156,11 +158,11 @@ def test_the_same_person_under_a_second_identity_is_refused_before_any_run_start
 
     from flows.approval import approve_decision
     from rollout import approvals
-    from rollout.auth import ACCOUNTS_ENV, Identity, hash_password
+    from rollout.auth import ACCOUNTS_ENV, Identity
     from rollout.db.models import Approval, GateDecision
     from rollout.db.session import session_scope
 
-    monkeypatch.setenv(ACCOUNTS_ENV, f"alice:approver:{hash_password('pw')}:alice@corp.example")
+    monkeypatch.setenv(ACCOUNTS_ENV, f"alice:approver:{cheap_hash('pw')}:alice@corp.example")
     name = flow_use_case()
     did = _pilot_with_decision(name, "EXTEND", "none")
     first = approve_decision(did, Identity(*ALICE), "business needs it now")
@@ -571,11 +573,11 @@ def test_a_former_approvers_first_signature_lapses(flow_use_case, monkeypatch) -
     deleted). Bob's signature does not complete the override on hers: hers lapses (said, and audited)
     and his is the first; a second current approver (carol) completes it."""
     from rollout import approvals, registry
-    from rollout.auth import ACCOUNTS_ENV, Identity, hash_password
+    from rollout.auth import ACCOUNTS_ENV, Identity
     from rollout.db.models import AuditEntry
     from rollout.db.session import session_scope
 
-    h = hash_password("pw-pw-pw-pw")
+    h = cheap_hash("pw-pw-pw-pw")
     monkeypatch.setenv(ACCOUNTS_ENV, f"alice:approver:{h};bob:approver:{h};carol:approver:{h}")
     name = flow_use_case()
     did = _pilot_with_decision(name, "EXTEND", "none")
@@ -605,9 +607,9 @@ def test_a_former_approvers_first_signature_lapses(flow_use_case, monkeypatch) -
 
 def test_a_deleted_approvers_first_signature_lapses(flow_use_case, monkeypatch) -> None:
     from rollout import approvals
-    from rollout.auth import ACCOUNTS_ENV, Identity, hash_password
+    from rollout.auth import ACCOUNTS_ENV, Identity
 
-    h = hash_password("pw-pw-pw-pw")
+    h = cheap_hash("pw-pw-pw-pw")
     monkeypatch.setenv(ACCOUNTS_ENV, f"alice:approver:{h};bob:approver:{h}")
     name = flow_use_case()
     did = _pilot_with_decision(name, "EXTEND", "none")

@@ -101,10 +101,11 @@ def test_a_run_that_succeeds_is_its_actors_and_the_pipelines_by_default(sp_home,
 
 @pytest.mark.parametrize("name", ["os:alice", "OS:alice (not signed in)"])
 def test_no_local_account_takes_the_name_of_someone_not_signed_in(name: str, tmp_path: Path) -> None:
-    from rollout.auth import AccountsConfigError, hash_password, load_accounts_file
+    from rollout.auth import AccountsConfigError, load_accounts_file
+    from tests.fixtures.accounts import cheap_hash
 
     path = tmp_path / "accounts.toml"
-    path.write_text(f'[accounts."{name}"]\nrole = "approver"\npassword_hash = "{hash_password("x" * 12)}"\n')
+    path.write_text(f'[accounts."{name}"]\nrole = "approver"\npassword_hash = "{cheap_hash("x" * 12)}"\n')
     with pytest.raises(AccountsConfigError, match="kept for people the CLI did not sign in"):
         load_accounts_file(path)
 

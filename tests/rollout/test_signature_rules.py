@@ -47,7 +47,8 @@ def test_a_demoted_signers_first_signature_waits_for_no_second_approver_in_the_p
     trust_env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # noqa: ANN001
     from rollout import approvals, queries
-    from rollout.auth import Identity, hash_password
+    from rollout.auth import Identity
+    from tests.fixtures.accounts import cheap_hash
     from tests.fixtures.trust import TRUST_ROLES, password_of
 
     did = _running_extend(tmp_path, "pays")
@@ -55,7 +56,7 @@ def test_a_demoted_signers_first_signature_waits_for_no_second_approver_in_the_p
     assert first.needs_second_approver
     assert queries.read(queries.portfolio)[0]["waits_for"] == "a second approver"
     roles = {**TRUST_ROLES, "alice": "viewer"}  # alice demoted: her signature lapses
-    accounts = ";".join(f"{n}:{r}:{hash_password(password_of(n))}" for n, r in roles.items())
+    accounts = ";".join(f"{n}:{r}:{cheap_hash(password_of(n))}" for n, r in roles.items())
     monkeypatch.setenv("SPARSEPILOT_ACCOUNTS", accounts)
     row = queries.read(queries.portfolio)[0]
     assert row["signatures"] == 0

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from rollout import auth
 from sparsepilot.cli import app
+from tests.fixtures.accounts import cheap_hash
 
 runner = CliRunner()
 
@@ -17,7 +18,7 @@ runner = CliRunner()
 @pytest.fixture
 def alice(sp_home, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:  # noqa: ANN001
     """alice (approver) with password alice-pw-123, and where her token goes."""
-    monkeypatch.setenv("SPARSEPILOT_ACCOUNTS", f"alice:approver:{auth.hash_password('alice-pw-123')}")
+    monkeypatch.setenv("SPARSEPILOT_ACCOUNTS", f"alice:approver:{cheap_hash('alice-pw-123')}")
     monkeypatch.setenv("SPARSEPILOT_USER", "alice")
     token = tmp_path / "cfg" / "token"
     monkeypatch.setenv("SPARSEPILOT_TOKEN_FILE", str(token))
@@ -53,7 +54,7 @@ def test_a_password_reset_ends_a_token_taken_before_it(alice: Path, monkeypatch:
     assert _login("--hours", "720").exit_code == 0
     copied = alice.read_text()
     assert runner.invoke(app, ["logout"]).exit_code == 0
-    monkeypatch.setenv("SPARSEPILOT_ACCOUNTS", f"alice:approver:{auth.hash_password('new-pw-4567')}")
+    monkeypatch.setenv("SPARSEPILOT_ACCOUNTS", f"alice:approver:{cheap_hash('new-pw-4567')}")
     alice.write_text(copied)  # the token someone kept
     res = runner.invoke(app, ["whoami"])
     assert res.exit_code != 0 and "password of 'alice' changed after this login token" in res.output
@@ -65,7 +66,7 @@ def test_init_says_the_first_run_accounts_are_ignored_once_accounts_are_configur
 ) -> None:
     assert runner.invoke(app, ["init"]).exit_code == 0  # embedded defaults: creates the first-run admin
     assert (sp_home.home / "accounts.toml").is_file()
-    monkeypatch.setenv("SPARSEPILOT_ACCOUNTS", f"bob:viewer:{auth.hash_password('bob-pw-1234')}")
+    monkeypatch.setenv("SPARSEPILOT_ACCOUNTS", f"bob:viewer:{cheap_hash('bob-pw-1234')}")
     res = runner.invoke(app, ["init"])
     assert res.exit_code == 0 and "(the first-run accounts) is ignored now that" in res.output, res.output
 

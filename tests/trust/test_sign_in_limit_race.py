@@ -23,6 +23,16 @@ from rollout.db.session import session_scope
 N = 10
 
 
+@pytest.fixture(scope="module")
+def trust_accounts() -> str:
+    """At the product's scrypt cost, not the tests' cheap one (tests/fixtures/accounts.py): these races
+    need each password check to take real time, so that the attempts overlap in it as real ones do, and
+    a crowd is still at work when the other page's query runs (`_Crowd.running`)."""
+    from tests.fixtures.trust import trust_accounts_value
+
+    return trust_accounts_value(auth.hash_password)
+
+
 def _failed_rows(name: str) -> int:
     with session_scope() as s:
         return len(
