@@ -191,7 +191,13 @@ def test_an_oidc_approver_taken_off_the_dashboards_list_no_longer_counts_on_the_
     at = AppTest.from_file(str(APP), default_timeout=90)
     at.secrets["auth"] = {"redirect_uri": "http://127.0.0.1:8501/oauth2callback", "cookie_secret": "x"}
     at.secrets["sparsepilot"] = {"approvers": ["ben@example.com"]}
-    at.user = {"is_logged_in": True, "email": "ben@example.com", "email_verified": True, "sub": "ben"}
+    at.user = {
+        "is_logged_in": True,
+        "exp": 4102444800,
+        "email": "ben@example.com",
+        "email_verified": True,
+        "sub": "ben",
+    }
     open_page(at.run(), "approvals")
     gone = "oidc:ann@example.com is no longer on the OIDC approver list"
     assert gone in texts(at).replace("\\", "")

@@ -278,14 +278,32 @@ def test_oidc_user_role_comes_from_the_approver_list(seeded: dict[str, Any], mon
     at.user = {"is_logged_in": False}
     open_page(at.run(), "login")
     assert "Sign in with single sign-on" in button_labels(at)
-    at.user = {"is_logged_in": True, "email": "ann@example.com", "email_verified": True, "sub": "ann"}
+    at.user = {
+        "is_logged_in": True,
+        "exp": 4102444800,
+        "email": "ann@example.com",
+        "email_verified": True,
+        "sub": "ann",
+    }
     open_page(at, "approvals")
     assert "**oidc:ann@example.com** · approver" in texts(at)
     assert "Approve promotion" in button_labels(at)
-    at.user = {"is_logged_in": True, "email": "ann@example.com", "email_verified": False, "sub": "x"}
+    at.user = {
+        "is_logged_in": True,
+        "exp": 4102444800,
+        "email": "ann@example.com",
+        "email_verified": False,
+        "sub": "x",
+    }
     open_page(at, "approvals")  # an email the provider does not vouch for
     assert "Approve promotion" not in button_labels(at)
-    at.user = {"is_logged_in": True, "email": "dan@example.com", "email_verified": True, "sub": "dan"}
+    at.user = {
+        "is_logged_in": True,
+        "exp": 4102444800,
+        "email": "dan@example.com",
+        "email_verified": True,
+        "sub": "dan",
+    }
     open_page(at, "approvals")
     assert "**oidc:dan@example.com** · viewer" in texts(at)
     assert "Approve promotion" not in button_labels(at)
