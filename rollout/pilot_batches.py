@@ -382,14 +382,14 @@ def store_monitor_import(
 ) -> dict[str, Any]:
     """Store a file of production observations in the promoted pilot's monitor step (`monitor_target`'s
     `info`), all or nothing, as the pilot's import is (`import_file`): a file that fails the observation
-    checks (GX), brings a (request, arm) already stored with other values, or a request another step of
-    the pilot judged (the gate's), is refused with an ObservationImportError naming the file and its rows;
-    nothing is stored, and the caller records no look. Stored with the pilot held against a change of
-    state (`pilots.held_for_observations`): a rollback waits for it, as for the monitor's own batch, and
-    a file read across one is kept for a look that says it was superseded. Only the file's ids are looked
-    up (chunked IN lists): a promoted pilot's whole history is never read. `numbered`: the file's rows
-    with their lines (`observations_io.read_numbered`), which a refusal names. Returns the GX summary
-    (`check`: the look's data check) and the counts stored."""
+    checks (GX), brings a (request, arm) already stored with other values, a request another step of the pilot
+    judged (the gate's) or one void in any step (this one's too), is refused with an ObservationImportError
+    naming the file and its rows; nothing is stored, and the caller records no look. Stored with the pilot
+    held against a change of state (`pilots.held_for_observations`): a rollback waits for it, as for the
+    monitor's own batch, and a file read across one is kept for a look that says it was superseded. Only the
+    file's ids are looked up (chunked IN lists): a promoted pilot's whole history is never read. `numbered`:
+    the file's rows with their lines (`observations_io.read_numbered`), which a refusal names. Returns the GX
+    summary (`check`: the look's data check) and the counts stored."""
     rows = [row for _, row in numbered]
     gx = checked_file_rows(
         path,
@@ -407,6 +407,7 @@ def store_monitor_import(
             traffic_pct=100.0,
             external_assignment=True,
             used_elsewhere=pilots.seen_request_ids(session, step.pilot, but=step, among=ids),
+            void=pilots.void_request_ids(session, step.pilot, among=ids),
         )
         check.add(rows)
         problems = check.problems()
@@ -479,6 +480,7 @@ def import_file(
             traffic_pct=info["traffic_pct"],
             external_assignment=external_assignment,
             used_elsewhere=pilots.seen_request_ids(session, step.pilot, but=step),
+            void=pilots.void_request_ids(session, step.pilot),
         )
         bid = f"b-{step.id}-import-{uuid.uuid4().hex[:16]}"
         salt = info["salt"]  # the file's order carries no weight: pilots.stream_key places each row
@@ -487,7 +489,9 @@ def import_file(
             rows = [r for _, r in chunk]
             checked_file_rows(path, chunk, known_ids, refused_request_ids=refused_ids)
             new = check.add(rows)
-            if check.conflicts or check.wrong_arm or check.reused:  # fail early; problems() lists them
+            if (
+                check.conflicts or check.wrong_arm or check.reused or check.was_void
+            ):  # fail early; problems() lists them
                 break
             if new:  # Core executemany: the ORM's per-row bookkeeping costs more than the insert itself
                 fixed = {"pilot_step_id": step.id, "use_case_id": info["use_case_id"], "batch_id": bid,

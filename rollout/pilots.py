@@ -538,13 +538,14 @@ class ImportCheck:
 
     Shadow: every request has both arms. Split: every request is in exactly one arm, the one the
     pilot's hash assignment gives it (unless the serving system assigned arms itself:
-    ``external_assignment``). A (request, arm) already stored, or given twice, must carry the same
-    values: a stored observation is never replaced. A request an earlier step of the pilot judged
-    (``used_elsewhere``) is refused: a request is evidence once, and one chosen again after its answers
-    were seen could be chosen for them. Split: the file's new rows must hold the arms in the step's share,
-    as a random assignment would (the exact binomial test at `IMPORT_SHARE_LEVEL`, the hash's or the
-    serving system's assignment alike): a file of one arm (the dense deployment's log, then the sparse
-    one's) would put the arms into the evidence stream in an order no random assignment gives."""
+    ``external_assignment``). A (request, arm) already stored, or given twice, must carry the same values: a
+    stored observation is never replaced. A request an earlier step of the pilot judged (``used_elsewhere``)
+    is refused: a request is evidence once, and one chosen again after its answers were seen could be chosen
+    for them. So is a request void in any step of the pilot, this one included (``void``: drawn, no reference
+    to score against, `VoidRequest`): it is used, and never observed. Split: the file's new rows must hold the
+    arms in the step's share, as a random assignment would (the exact binomial test at `IMPORT_SHARE_LEVEL`,
+    the hash's or the serving system's assignment alike): a file of one arm (the dense deployment's log, then
+    the sparse one's) would put the arms into the evidence stream in an order no random assignment gives."""
 
     def __init__(
         self,
@@ -555,11 +556,13 @@ class ImportCheck:
         traffic_pct: float,
         external_assignment: bool,
         used_elsewhere: Collection[str] = frozenset(),
+        void: Collection[str] = frozenset(),
         max_listed: int = 8,
     ) -> None:
         self.kind, self.salt, self.pct, self.external = kind, salt, traffic_pct, external_assignment
-        self.used_elsewhere = used_elsewhere
+        self.used_elsewhere, self.void = used_elsewhere, void
         self.reused: list[str] = []
+        self.was_void: list[str] = []
         self.max_listed = max_listed
         self.values: dict[tuple[str, str], int] = {}
         self.arms: dict[str, int] = {}
@@ -577,6 +580,9 @@ class ImportCheck:
         new = []
         for r in rows:
             rid, arm = str(r["request_id"]), str(r["arm"])
+            if rid in self.void:
+                self.was_void.append(f"{rid}/{arm}")
+                continue
             if rid in self.used_elsewhere:
                 self.reused.append(f"{rid}/{arm}")
                 continue
@@ -602,6 +608,11 @@ class ImportCheck:
     def problems(self) -> list[str]:
         """Everything wrong with the import so far (call after the last chunk)."""
         out = []
+        if self.was_void:
+            out.append(
+                f"request(s) {self._listed(self.was_void)} are void in this pilot (drawn, with no reference "
+                "to score against: the control arm gave none); a void request is used, never observed"
+            )
         if self.reused:
             out.append(
                 f"request(s) {self._listed(self.reused)} were judged in an earlier step of this pilot; a "
@@ -847,6 +858,20 @@ def seen_request_ids(
         for chunk in _chunks(among):
             out |= set(session.scalars(query.where(query.selected_columns[0].in_(chunk))))
     return out
+
+
+def void_request_ids(session: Session, pilot: Pilot, *, among: Iterable[str] | None = None) -> set[str]:
+    """Request ids void in any step of this pilot, the one an import goes into included (`VoidRequest`: an
+    import bringing one is refused, `ImportCheck`); `among`: only these ids are asked about, in chunks."""
+    step_ids = select(PilotStep.id).where(PilotStep.pilot_id == pilot.id)
+    query = select(VoidRequest.request_id).where(VoidRequest.pilot_step_id.in_(step_ids))
+    if among is None:
+        return set(session.scalars(query))
+    return {
+        rid
+        for chunk in _chunks(among)
+        for rid in session.scalars(query.where(VoidRequest.request_id.in_(chunk)))
+    }
 
 
 def step_rows_among(session: Session, step: PilotStep, request_ids: Iterable[str]) -> list[dict[str, Any]]:

@@ -57,16 +57,23 @@ _BEARER = re.compile(
 # scrypt$n$r$p$salt$hash (our password hashes) and sp1.<payload>.<mac> (our CLI session tokens)
 _SCRYPT = re.compile(r"scrypt\$\d+\$\d+\$\d+\$[A-Za-z0-9_\-]+\$[A-Za-z0-9_\-]+")
 _SESSION_TOKEN = re.compile(r"\bsp1\.[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+")
-# A presigned URL's signing parameters, in its query only (after '?', '&' or the ';' of an HTML "&amp;"):
+# A presigned URL's signing parameters, in its query only (after '?', '&', the ';' of an HTML "&amp;" or
+# "&#38;", or an '&' a string escaped: JSON's "\u0026", as Go's encoding/json writes every '&', a repr's
+# "\x26"):
 # S3 v4 (X-Amz-Signature, X-Amz-Credential: the access key id, X-Amz-Security-Token), S3 v2
 # (AWSAccessKeyId, Signature), GCS (X-Goog-Signature, X-Goog-Credential), Azure SAS (sig). Anyone holding
-# the URL may use it until it expires. The value runs to the next parameter, a space or a quote.
+# the URL may use it until it expires. The value runs to the next parameter (an escaped '&' too), a space
+# or a quote.
 _SIGNED_KEY = (
     r"(?:x-amz-(?:signature|credential|security-token)|x-goog-(?:signature|credential)"
     r"|awsaccesskeyid|signature|sig)"
 )
 _QUERY_VALUE = r"[^&\s#'\"<>()\[\]{},;]"
-_SIGNED_QUERY = re.compile(rf"(?i)(?P<head>[?&;]{_SIGNED_KEY}=)(?P<secret>{_QUERY_VALUE}+)")
+_ESCAPED_AMPERSAND = r"\\u0026|\\x26"
+_SIGNED_QUERY = re.compile(
+    rf"(?i)(?P<head>(?:[?&;]|{_ESCAPED_AMPERSAND}){_SIGNED_KEY}=)"
+    rf"(?P<secret>(?:(?!{_ESCAPED_AMPERSAND}){_QUERY_VALUE})+)"
+)
 # The same parameters inside a URL that was itself percent-encoded, once or twice (a redirect target, an
 # error quoting the URL: "%3Fsv%3D2022-11-02%26sig%3Dk9Zq%252B4T%253D"): '?', '&' or ';' before the key
 # and the '=' after it encoded alike ("%3F"/"%26"/"%3B", "%3D"; "%253F"... twice), and the value running

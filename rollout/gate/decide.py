@@ -83,8 +83,10 @@ def decide(
         invalid.append("crossed-bounds")
         quality, tests = _quality(arms, settings, history, mode, share, counts=False)
     outcome, reasons = _outcome(invalid, guards, enough, quality.verdict, at_max)
-    if latency_unmeasurable(guards, settings.guardrail_min_samples) is not None:
-        reasons += ("latency-unmeasurable-on-this-host",)  # said early; it decides nothing
+    # said early; it decides nothing. Not on INVALID, whose reasons say why the data is not trusted (the
+    # portfolio's "Waits for" lists them so): the host's load is no such reason, and the step is over anyway
+    if outcome != "INVALID" and latency_unmeasurable(guards, settings.guardrail_min_samples) is not None:
+        reasons += ("latency-unmeasurable-on-this-host",)
     projected = None
     if outcome == "EXTEND" and tests is not None:
         projected = projected_sample_size(

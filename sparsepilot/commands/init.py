@@ -61,6 +61,30 @@ def _owner_as_app_note(app_url: str) -> str:
     )
 
 
+def _cannot_connect_warning(app_url: str, exc: Exception) -> str:
+    """Why the app role of ``app_url`` could not connect, after init granted its privileges, and the
+    grant a person gives it (init-databases.sh gives it; a role made by hand may lack it); redacted."""
+    from sqlalchemy.engine import make_url
+
+    from rollout.redact import redact
+
+    url = make_url(app_url)
+    cause = str(getattr(exc, "orig", None) or exc).strip().rstrip(".")
+    return redact(
+        f"the app role {url.username!r} of SPARSEPILOT_DATABASE_URL ({_mask(app_url)}) cannot connect to "
+        f"{url.database}: {cause}. Its privileges on the tables were granted; `run`, the flows and the "
+        f"dashboard connect as it, so give it: GRANT CONNECT ON DATABASE {_pg_ident(url.database or '')} "
+        f"TO {_pg_ident(url.username or '')}"
+    )
+
+
+def _pg_ident(name: str) -> str:
+    """A PostgreSQL identifier as a person types it: as it is when plain, else double-quoted."""
+    import re
+
+    return name if re.fullmatch(r"[a-z_][a-z0-9_$]*", name) else '"' + name.replace('"', '""') + '"'
+
+
 def require_schema() -> None:
     """Refuse to work on a DB that `sparsepilot init` has not brought to the head revision."""
     from rollout.db import migrate
@@ -123,13 +147,20 @@ def init(json_out: JsonOpt = False) -> None:
         fail(f"could not migrate the state DB at {_mask(owner_url)}: {_migrate_error(owner_url, exc)}")
     try:
         app_role = migrate.grant_app_role(owner_url, settings.database_url)
-        owner_as_app = migrate.may_rewrite_history(settings.database_url)
     except Exception as exc:  # noqa: BLE001
         fail(
             f"the state DB at {_mask(owner_url)} is migrated (revision {after}), but the app role of "
             f"SPARSEPILOT_DATABASE_URL ({_mask(settings.database_url)}) could not be granted its "
             f"privileges: {exc}"
         )
+    # connects as the app: a role that may not connect (no CONNECT on the database) was reported as one
+    # whose grants failed, though they went through, and init stopped before the MLflow store and the
+    # first-run account for what only decides a note
+    cannot_connect = None
+    try:
+        owner_as_app = migrate.may_rewrite_history(settings.database_url)
+    except Exception as exc:  # noqa: BLE001
+        owner_as_app, cannot_connect = None, _cannot_connect_warning(settings.database_url, exc)
     try:
         store = ensure_store(settings)
     except StoreError as exc:
@@ -148,7 +179,8 @@ def init(json_out: JsonOpt = False) -> None:
         "first_run_account": first[0] if first else None,
         "made_by_another_init": before != seen,
         # PostgreSQL: the app's user owns the tables (or is a superuser): it could switch the triggers off
-        "app_may_rewrite_history": owner_as_app,
+        "app_may_rewrite_history": owner_as_app,  # None: SQLite, or the app role could not connect
+        "app_role_cannot_connect": cannot_connect,
     }
     if first:  # printed once, to the terminal only (never into JSON output or a log)
         err_console.print(
@@ -175,6 +207,8 @@ def init(json_out: JsonOpt = False) -> None:
         )
     if owner_as_app:
         err_console.print(_owner_as_app_note(settings.database_url), highlight=False, markup=False)
+    if cannot_connect:
+        err_console.print(f"warning: {cannot_connect}", style="yellow", highlight=False, markup=False)
     if json_out:
         emit_json(payload)
         return

@@ -136,12 +136,15 @@ def test_stored_requests_with_other_values_are_refused(flow_use_case, tmp_path) 
     assert _state(name) == ("promoted", champion, 1, 12)
 
 
-def test_requests_the_pilots_gate_judged_are_refused(flow_use_case, tmp_path) -> None:
+def test_requests_the_pilots_gate_judged_or_void_requests_are_refused(flow_use_case, tmp_path) -> None:
     """q0..q19 are evidence of the pilot's gate step; a production export overlapping the pilot period
-    brings them again: refused (a request is evidence once), nothing of the file stored."""
+    brings them again: refused (a request is evidence once), nothing of the file stored. A request void in
+    the monitor step itself (the dense model gave no reference: review V, V1: it was imported, void and
+    observed at once) or in the gate's (it was refused as "judged", which it never was) is refused as void."""
     from flows.monitor import monitor_flow
     from rollout import pilots
-    from rollout.db.models import Pilot, PilotStep
+    from rollout.arms.step import NO_REFERENCE
+    from rollout.db.models import Pilot, PilotStep, VoidRequest
     from rollout.db.session import session_scope
     from rollout.observations_io import ObservationImportError
 
@@ -152,8 +155,20 @@ def test_requests_the_pilots_gate_judged_are_refused(flow_use_case, tmp_path) ->
         step = s.scalar(select(PilotStep).where(PilotStep.pilot_id == pilot.id, PilotStep.kind != "monitor"))
         pairs = [{**r, "arm": arm} for r in _rows("q", 20) for arm in ("control", "treatment")]
         pilots.record_observations(s, step, pairs, batch_id="gate-batch", source="pilot-flow")
+        monitor = pilots.open_monitor_step(s, pilot, min_samples=1)  # the step a monitor look opens
+        for rid, void_in in (("g0", step), ("m0", monitor)):
+            s.add(
+                VoidRequest(pilot_step_id=void_in.id, batch_id="b-void", request_id=rid, reason=NO_REFERENCE)
+            )
     with pytest.raises(ObservationImportError, match="judged in an earlier step of this pilot"):
         monitor_flow(name, observations_file=_write(tmp_path / "q.jsonl", _rows("n", 5) + _rows("q", 20)))
+    with pytest.raises(ObservationImportError) as refused:
+        monitor_flow(
+            name,
+            observations_file=_write(tmp_path / "v.jsonl", _rows("n", 5) + [*_rows("g", 1), *_rows("m", 1)]),
+        )
+    assert "request(s) g0/treatment, m0/treatment are void in this pilot" in str(refused.value)
+    assert "judged in an earlier step" not in str(refused.value)
     assert _state(name) == ("promoted", champion, 0, 0)
 
 

@@ -834,6 +834,22 @@ def test_a_host_too_busy_to_measure_latency_is_said_at_the_first_look_and_decide
     assert last.outcome == "NO-GO"  # as it was: inconclusive at the maximum never ships
 
 
+def test_an_invalid_look_on_a_busy_host_lists_only_why_its_data_is_not_trusted() -> None:
+    """Review V, V2: a sample-ratio mismatch on a host busy the whole look listed the host's load beside
+    it, and the portfolio said "data not trusted: sample ratio mismatch, latency unmeasurable on this
+    host". An INVALID's reasons are why its data is not trusted; the load is none of them."""
+    from rollout.queries import waits_for
+
+    n = 600
+    treated = np.random.default_rng(3).random(n) < 0.5  # split 50/50 by the serving system ...
+    df = split_frame(np.ones(n), treated).assign(overloaded=True)  # ... on a host busy every answer
+    d = decide(df, SETTINGS, mode="split", planned_treatment_share=0.10)  # ... while the step's share is 10%
+    assert d.outcome == "INVALID" and d.reasons == ("sample-ratio-mismatch",)
+    row = {"pilot_status": "running", "decision": d.outcome, "decision_kind": "gate", "awaiting": "none",
+           "decision_reasons": list(d.reasons), "step_kind": "split"}  # fmt: skip
+    assert waits_for(row).endswith("(data not trusted: sample ratio mismatch)")
+
+
 def test_a_look_from_the_old_asymptotic_gate_counts_as_a_look_but_not_in_the_interval() -> None:
     old = {
         "look_index": 1,

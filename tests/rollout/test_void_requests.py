@@ -124,3 +124,37 @@ def test_void_requests_are_kept_as_used_and_counted_once(use_case) -> None:  # n
         observed = s.scalar(select(func.count()).select_from(Observation))
     assert [(r, b) for r, b, _ in kept] == [("b", "b-1"), ("c", "b-1")] and observed == 2
     assert "hunter2" not in kept[0][2]
+
+
+def test_a_void_request_is_refused_by_an_import_into_its_own_step(use_case, tmp_path) -> None:  # noqa: ANN001
+    """Review V, V1: a request voided in a step could be imported into that step afterwards (the dense arm
+    answered it this time): void and observed at once. seen_request_ids(but=step) left out the step's own
+    voids. Now refused, saying it is void (not "judged in an earlier step"); nothing stored."""
+    import json
+
+    from sqlalchemy import func, select
+
+    from rollout import pilot_batches
+    from rollout.db.models import Observation
+    from rollout.db.session import session_scope
+    from rollout.observations_io import ObservationImportError
+    from tests.trust.test_pilot_rules import _dataset_ids
+
+    name = use_case()
+    _challenger(name)
+    info = pilot_batches.ensure_pilot(name, pilot_anyway=True)
+    ids = _dataset_ids(name, 3)
+    a, b, c = ids
+    row = {"quality": 0.9, "latency_ms": 10.0, "tokens": 3, "error": False}
+    pair = [{**row, "request_id": a, "arm": arm} for arm in ("control", "treatment")]
+    pilot_batches.store_batch(info["step_id"], pair, "b-1", "pilot-flow", {b: NO_REFERENCE})
+    f = tmp_path / "obs.jsonl"
+    f.write_text("".join(json.dumps({**row, "request_id": r, "arm": arm}) + "\n"
+                         for r in (c, b) for arm in ("control", "treatment")))  # fmt: skip
+    with pytest.raises(ObservationImportError) as refused:
+        pilot_batches.import_file(name, str(f), set(ids))
+    message = str(refused.value)
+    assert f"request(s) {b}/control, {b}/treatment are void in this pilot" in message, message
+    assert "judged in an earlier step" not in message and "nothing was stored" in message
+    with session_scope() as s:
+        assert s.scalar(select(func.count()).select_from(Observation)) == 2

@@ -148,6 +148,37 @@ def test_init_notes_that_the_apps_user_owns_the_tables(
     assert json.loads(res.stdout)["app_may_rewrite_history"] is False and "note:" not in res.stderr
 
 
+@pytest.mark.postgres
+def test_init_warns_that_an_app_role_without_connect_cannot_connect(
+    two_roles: tuple[str, str, str], cli_home: Path, pg_cluster: PgCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review V, V3: an app role made by hand without CONNECT on the database: init said its privileges
+    "could not be granted" though the grants went through, and stopped before the MLflow store and the
+    first-run account. It now grants, warns that the role cannot connect, with the GRANT to give, and
+    goes on."""
+    owner, app_url, db = two_roles
+    role = app_url.split("://")[1].split("@")[0]
+    with _superuser(pg_cluster) as conn:
+        conn.execute(f"REVOKE CONNECT ON DATABASE {db} FROM {role}")
+    monkeypatch.setenv("SPARSEPILOT_OWNER_DATABASE_URL", owner)
+    monkeypatch.setenv("SPARSEPILOT_DATABASE_URL", app_url)
+    res = runner.invoke(app, ["init", "--json"])
+    assert res.exit_code == 0, res.output
+    payload = json.loads(res.stdout)
+    assert payload["app_role"] == role and payload["app_may_rewrite_history"] is None
+    warning = " ".join(res.stderr.split())
+    assert f"warning: the app role '{role}' of SPARSEPILOT_DATABASE_URL" in warning, warning
+    assert f"cannot connect to {db}" in warning and f"GRANT CONNECT ON DATABASE {db} TO {role}" in warning
+    assert "could not be granted" not in warning
+    with _superuser(pg_cluster, db) as conn:  # the grants went through
+        granted = conn.execute(
+            "SELECT privilege_type FROM information_schema.role_table_grants WHERE grantee = %s "
+            "AND table_name = 'observations' ORDER BY 1",
+            (role,),
+        ).fetchall()
+    assert [g for (g,) in granted] == ["INSERT", "SELECT"]
+
+
 @pytest.mark.parametrize("variable", ["SPARSEPILOT_DATABASE_URL", "SPARSEPILOT_OWNER_DATABASE_URL"])
 def test_a_database_url_whose_password_holds_an_at_is_refused_unprinted(
     variable: str, cli_home: Path, monkeypatch: pytest.MonkeyPatch
