@@ -78,6 +78,11 @@ def explain(d: Decision) -> str:
             "brought one arm after the other, or rows sorted by their outcome), and then neither bound "
             "holds, so no conclusion is drawn."
         )
+        if d.outcome == "INVALID":  # at the maximum the NO-GO itself says the step ended
+            parts.append(
+                "This is final for this step: both tests keep the strongest evidence they have seen, so "
+                f"every later look of the step is INVALID again until {_limits(d)} ends it NO-GO."
+            )
     arms = (
         f"{d.n_pairs} requests answered by both the sparse and the dense model"
         if d.mode == "paired"
@@ -183,9 +188,10 @@ def _why(d: Decision) -> str:
             "(a person still approves any promotion)."
         )
     if d.outcome == "INVALID":
+        clears = "will not" if "crossed-bounds" in d.reasons else "may not"
         return (
             "This look must not be used to promote or reject. The step's stored rows are kept and no step "
-            f"is run again, so more rows may not clear this: at {_limits(d)} an INVALID step ends NO-GO. "
+            f"is run again, so more rows {clears} clear this: at {_limits(d)} an INVALID step ends NO-GO. "
             "To start over sooner, abort the pilot and pilot again once the cause is fixed."
         )
     if d.outcome == "NO-GO":

@@ -480,7 +480,12 @@ def rollback_cmd(
 def monitor_cmd(
     name: UseCaseArg,
     observations: Annotated[
-        str | None, typer.Option("--observations", help="production observations (JSONL/CSV) to check")
+        str | None,
+        typer.Option(
+            "--observations",
+            help="production observations (JSONL/CSV) to check, one look per file: a slice of traffic "
+            "in time, never a page of a sorted export (the pages' looks would judge a sorted order)",
+        ),
     ] = None,
     password_stdin: PasswordStdin = False,
     json_out: JsonOpt = False,

@@ -144,7 +144,9 @@ def test_a_look_whose_own_bounds_cross_is_invalid_never_go() -> None:
     """Review S3: a split step's rows with the dense arm's first (one log imported after the other), the
     sparse arm 0.10 worse: the GO capital grew on the dense rows alone and the look said GO, its bounds
     "at least -0.015 ... at most -0.525". Bounds that cross are evidence the order broke the stream's
-    assumptions: INVALID, with that reason, and the interval is not carried to later looks."""
+    assumptions: INVALID, with that reason, and the interval is not carried to later looks. The explanation
+    says it is final for the step and names the way out (review W2: it said nothing, and the step repeated
+    INVALID look after look up to its maximum)."""
     rng = np.random.default_rng(8)
     treated = rng.random(4000) < 0.1
     q = np.where(treated, np.maximum(0.0, rng.beta(8, 2, 4000) - 0.10), rng.beta(8, 2, 4000))
@@ -154,6 +156,9 @@ def test_a_look_whose_own_bounds_cross_is_invalid_never_go() -> None:
     assert d.quality.look_low > d.quality.look_high
     assert (d.outcome, d.reasons) == ("INVALID", ("crossed-bounds",))
     assert not d.quality.counts_toward_interval and "The evidence contradicts itself" in d.explanation
+    # review W2: both tests keep their running maximum, so later looks repeat it until the step's NO-GO
+    assert "This is final for this step" in d.explanation and "more rows will not clear this" in d.explanation
+    assert "abort the pilot and pilot again" in d.explanation
     shuffled = decide(split_frame(q, treated), settings, planned_treatment_share=0.1)
     assert shuffled.outcome == "NO-GO" and shuffled.reasons == ("futility",)
 

@@ -549,7 +549,7 @@ def test_a_split_step_refuses_an_import_of_one_arm(trust_env, flow_use_case, tmp
         said = str(refused.value)
         n_t, n_c = (0, len(part)) if label == "dense" else (len(part), 0)
         assert said.startswith(f"{path}: ") and f"its new rows hold {n_t} sparse and {n_c} dense" in said
-        assert "never one arm's log after the other's" in said
+        assert "import the step's rows of both arms together" in said
     assert _counts()["Observation"] == 0
     for half in (rows[::2], rows[1::2]):  # both arms in each: taken together up to the next look
         pilot_batches.import_file(name, _write(tmp_path / f"half{len(half)}.jsonl", half), ids)
