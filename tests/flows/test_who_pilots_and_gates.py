@@ -59,7 +59,10 @@ def _actors(name: str) -> list[tuple[str, str, Any]]:
 
 
 def _worse_pairs(name: str, n: int) -> None:
-    """`n` shadow pairs in the running pilot's step where the sparse arm is clearly worse: a NO-GO."""
+    """`n` shadow pairs in the running pilot's step where the sparse arm is clearly worse: a NO-GO. Worse by
+    half a point, not a whole one: after the pilot's own batch (the tiny model's arms alike) a whole point
+    makes the look's bounds cross, an INVALID (`decide`'s crossed-bounds rule), not the NO-GO this test's
+    actors need."""
     from rollout import pilots
     from rollout.db.models import Pilot
     from rollout.db.session import session_scope
@@ -67,7 +70,7 @@ def _worse_pairs(name: str, n: int) -> None:
     rows = [
         {"request_id": f"w{i}", "arm": arm, "quality": q, "latency_ms": 100.0, "tokens": 0, "error": False}
         for i in range(n)
-        for arm, q in (("control", 1.0), ("treatment", 0.0))
+        for arm, q in (("control", 1.0), ("treatment", 0.5))
     ]
     with session_scope() as s:
         uc = pilots.get_use_case(s, name)
