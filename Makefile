@@ -30,9 +30,11 @@ run: setup
 
 ## Set up and run the whole test suite (lint + import contracts + tests). The tests run in one worker
 ## process per core (pytest-xdist, at most 4; TEST_WORKERS=0 runs them in this process), each worker's
-## torch on one thread (tests/conftest.py). On 2 idle cores, 1,610 tests (2026-12-07, session 47): pytest
-## 19.1 min, the whole `bash .ci/run` from a clean clone 20.9 min (setup included; 1,498 tests earlier that
-## day took 17.5 / 19.2 min). When the suite was smaller, one process took 1.6-1.8x as long as two workers.
+## torch on one thread (tests/conftest.py); the tests marked slow run first. On 2 idle cores, 1,744 tests
+## (2026-12-07, session 48, three clean clones): pytest 15.6-17.9 min, the whole `bash .ci/run` 16.9-19.3 min
+## (setup included; 1,610 tests in session 47 took 19.1 / 20.9 min, before slow-first ordering, a state DB
+## copied per test and cheap test hashes). When the suite was smaller, one process took 1.6-1.8x as long as
+## two workers.
 TEST_WORKERS ?= auto
 test: setup
 	$(BIN)/ruff check .
