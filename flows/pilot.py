@@ -161,12 +161,14 @@ def answer_measured(
     """answer_batch with torch threads chosen from the CPUs really free (sparse_core.host) and the host's
     load recorded while it ran: (rows, void requests, load). Each row of an arm on this host (in-process,
     or an endpoint served here) is flagged `overloaded` when its own answer was timed while the CPU was
-    oversubscribed (rollout.arms.host_load); an endpoint elsewhere does its work on its own host."""
-    from sparse_core.host import HostLoadMeter, apply_thread_policy
+    oversubscribed (rollout.arms.host_load); an endpoint elsewhere does its work on its own host. The
+    thread count is the batch's: the caller's is restored after it (sparse_core.host.threads_restored)."""
+    from sparse_core.host import HostLoadMeter, apply_thread_policy, threads_restored
 
-    policy = apply_thread_policy()
-    with HostLoadMeter(threads=policy["threads"]) as meter:
-        rows, void = answer_batch(ctx, info, requests, max_new_tokens, max_prompt_tokens)
+    with threads_restored():
+        policy = apply_thread_policy()
+        with HostLoadMeter(threads=policy["threads"]) as meter:
+            rows, void = answer_batch(ctx, info, requests, max_new_tokens, max_prompt_tokens)
     return rows, void, meter.load
 
 

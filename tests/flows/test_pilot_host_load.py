@@ -67,7 +67,7 @@ COMPLETION = json.dumps({"choices": [{"text": "print"}]})
 
 
 @contextmanager
-def busy_loopback_server(neighbour: subprocess.Popen) -> Iterator[str]:
+def busy_loopback_server(neighbour: subprocess.Popen | None) -> Iterator[str]:
     """An OpenAI-compatible server on 127.0.0.1 that does ~25 ms of CPU work per completion; a prompt
     starting "busy" has `neighbour` (stopped otherwise) spin on our CPU while it works."""
 
@@ -89,7 +89,7 @@ def busy_loopback_server(neighbour: subprocess.Popen) -> Iterator[str]:
 
         def do_POST(self) -> None:  # noqa: N802 - stdlib name
             prompt = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["prompt"]
-            busy = prompt.startswith("busy")
+            busy = neighbour is not None and prompt.startswith("busy")
             if busy:
                 os.kill(neighbour.pid, signal.SIGCONT)
             t = time.thread_time()
@@ -109,6 +109,43 @@ def busy_loopback_server(neighbour: subprocess.Popen) -> Iterator[str]:
         server.server_close()
 
 
+def _endpoint_pilot(url: str) -> tuple[Any, dict[str, Any]]:
+    """A shadow step's context and info whose two arms are the OpenAI-compatible endpoint at `url`."""
+    from flows.common import UseCaseContext
+
+    arms = {role: {"kind": "openai", "url": url, "model": "m"} for role in ("control", "treatment")}
+    base = tiny_spec(Path("/models/tiny"))
+    base["dataset"]["task"] = "contains"
+    spec = parse_spec({**base, "pilot": {"arms": arms}})
+    ctx = UseCaseContext("host-load", 1, spec, 1, "h", Path("/nowhere"), rows=[])
+    return ctx, {"kind": "shadow", "salt": "s", "traffic_pct": 50.0}
+
+
+def test_a_batch_leaves_the_callers_torch_threads_as_it_found_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """answer_measured (the pilot's and the monitor's batch) sets torch's threads from the CPUs really
+    free for the batch; the caller's own count (one more than this machine has CPUs: never the policy's
+    choice) stayed overridden after it returned."""
+    import torch
+
+    import flows.pilot as pilot_module
+    from flows.arms import answer_with_arms
+
+    monkeypatch.setattr(pilot_module, "answer_batch", answer_with_arms)  # without its Prefect task wrapper
+    before = torch.get_num_threads()
+    mine = (os.cpu_count() or 1) + 1
+    torch.set_num_threads(mine)
+    try:
+        with busy_loopback_server(None) as url:
+            ctx, info = _endpoint_pilot(url)
+            rows, _, load = pilot_module.answer_measured(
+                ctx, info, [("r0", {"prompt": "quiet", "reference": "print"})], 4, None
+            )
+        assert torch.get_num_threads() == mine and load.threads < mine
+    finally:
+        torch.set_num_threads(before)
+    assert len(rows) == 2 and not any(r["error"] for r in rows), rows
+
+
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs CPU affinity")
 def test_rows_of_an_endpoint_on_this_host_are_flagged_per_answer_timed_under_overload(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
@@ -119,7 +156,6 @@ def test_rows_of_an_endpoint_on_this_host_are_flagged_per_answer_timed_under_ove
     overload. The other rows' flags are their own answers' (on a busy host they may be flagged too)."""
     import flows.pilot as pilot_module
     from flows.arms import answer_with_arms
-    from flows.common import UseCaseContext
 
     if snapshot().run_ns is None:
         pytest.skip("no schedstat on this kernel")
@@ -132,12 +168,7 @@ def test_rows_of_an_endpoint_on_this_host_are_flagged_per_answer_timed_under_ove
     os.sched_setaffinity(0, {cpu})
     try:
         with busy_loopback_server(neighbour) as url:
-            arms = {role: {"kind": "openai", "url": url, "model": "m"} for role in ("control", "treatment")}
-            base = tiny_spec(Path("/models/tiny"))
-            base["dataset"]["task"] = "contains"
-            spec = parse_spec({**base, "pilot": {"arms": arms}})
-            ctx = UseCaseContext("host-load", 1, spec, 1, "h", Path("/nowhere"), rows=[])
-            info = {"kind": "shadow", "salt": "s", "traffic_pct": 50.0}
+            ctx, info = _endpoint_pilot(url)
             requests = [
                 (f"r{i}", {"prompt": f"{'busy' if i == 0 else 'quiet'} {i}", "reference": "print"})
                 for i in range(6)
