@@ -184,7 +184,50 @@ def test_rows_of_an_endpoint_on_this_host_are_flagged_per_answer_timed_under_ove
     assert len(flags) == 12 and not any(r["error"] for r in rows) and not void, (rows, void)
     assert flags[("r0", "control")] and flags[("r0", "treatment")], flags
     with caplog.at_level(logging.WARNING):
-        pilot_module.warn_if_overloaded(logging.getLogger("test"), "host-load", rows, load)
+        here = pilot_module.arms_on_this_host(ctx)
+        pilot_module.warn_if_overloaded(logging.getLogger("test"), "host-load", rows, load, here)
+    assert here == ["control", "treatment"]
     flagged = sum(flags.values())
     assert "host-load: host overloaded during the batch (others busy on" in caplog.text
     assert f"{flagged} of 12 rows were timed under overload" in caplog.text
+
+
+BOTH = ["control", "treatment"]
+
+
+@pytest.mark.parametrize(
+    ("url", "flagged", "said", "judged"),
+    [
+        ("http://192.0.2.1:5002/v1", 0, "both arms answer from other hosts, where the load is their own: "
+         "every row counts for the latency guardrail", (2, 0, [])),
+        ("http://127.0.0.1:5002/v1", 0, "no row was timed under overload (it fell between the answers of the "
+         "arms on this host: control, treatment)", (2, 0, BOTH)),
+        ("http://127.0.0.1:5002/v1", 1, "1 of 2 rows were timed under overload", (1, 1, BOTH)),
+    ],
+)  # fmt: skip
+def test_an_overloaded_batch_says_what_its_latencies_give_the_gate(
+    url: str, flagged: int, said: str, judged: tuple, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A batch whose arms answer from other hosts, on a pilot host overloaded throughout: no row is
+    flagged (the host's load reaches a remote arm's latency only client-side), and the log said "it fell
+    between the answers, or the arms answer from other hosts" as if either. The warning now says which,
+    and the batch's record in the run summary says what the latency checks judge (`latency`)."""
+    import flows.pilot as pilot_module
+    from sparse_core.host import HostLoad
+
+    ctx, _ = _endpoint_pilot(url)
+    here = pilot_module.arms_on_this_host(ctx)
+    rows = [
+        {"request_id": "r0", "arm": "control", "overloaded": False},
+        {"request_id": "r0", "arm": "treatment", "overloaded": flagged > 0},
+    ]
+    load = HostLoad(2.0, 1, 1.0, 1.9, None, None, overloaded=True, wait_share=0.4)
+    with caplog.at_level(logging.WARNING):
+        pilot_module.warn_if_overloaded(logging.getLogger("test"), "host-load", rows, load, here)
+    assert (
+        "host-load: host overloaded during the batch (others busy on 1.9 of 2.0 CPUs, our threads "
+        in caplog.text
+    )
+    assert said in caplog.text, caplog.text
+    record = pilot_module.latency_judged(rows, here)
+    assert (record["rows_judged"], record["rows_left_out"], record["arms_measured_here"]) == judged
