@@ -8,6 +8,7 @@ from typing import Any
 from rollout import queries
 from rollout.queries import bounding_sides, known, quality_interval  # noqa: F401 (the pages' spelling of the rule)
 from rollout.roi import usd
+from rollout.words import counted
 
 # what Streamlit's markdown reads as markup inside a line: links and images ([..](..)), emphasis, code,
 # headings, tables, and $...$ (LaTeX: "$1,200 ... $3,400" in an ROI verdict rendered as a formula); HTML
@@ -95,3 +96,16 @@ def guardrail_rows(ev: dict[str, Any]) -> list[dict[str, Any]]:
         }
         for c in checks
     ]
+
+
+def latency_left_out(overloaded: dict[str, int]) -> str | None:
+    """The latency chart's note on the rows it leaves out (`overloaded`: per arm, timed while the host was
+    overloaded), as the gate leaves them out of its p95s and latency guardrail; None where there are none."""
+    total = sum(overloaded.values())
+    if not total:
+        return None
+    arms = ", ".join(f"{arm} {n:,}" for arm, n in sorted(overloaded.items()))
+    return (
+        f"Left out: {counted(total, 'row')} timed while the host was overloaded ({arms}): their latency is "
+        "the host's, not the model's, and the gate's p95s and latency guardrail leave them out too."
+    )

@@ -70,6 +70,7 @@ def monitor_flow(
 ) -> dict[str, Any]:
     from flows.pilot import (
         answer_measured,
+        arms_on_this_host,
         default_max_new_tokens,
         next_requests,
         store_batch,
@@ -114,7 +115,7 @@ def monitor_flow(
         rows, void, load = answer_measured(
             ctx, info, requests, max_new_tokens or default_max_new_tokens(ctx.spec), max_prompt_tokens
         )
-        warn_if_overloaded(logger, use_case, rows, load)
+        warn_if_overloaded(logger, use_case, rows, load, arms_on_this_host(ctx))
         source = "monitor"
         batch_id = _batch_id(info, rows, void)
         if not rows:  # every request void: the dense model gave no reference; nothing of the champion seen

@@ -161,28 +161,58 @@ def answer_measured(
     """answer_batch with torch threads chosen from the CPUs really free (sparse_core.host) and the host's
     load recorded while it ran: (rows, void requests, load). Each row of an arm on this host (in-process,
     or an endpoint served here) is flagged `overloaded` when its own answer was timed while the CPU was
-    oversubscribed (rollout.arms.host_load); an endpoint elsewhere does its work on its own host."""
-    from sparse_core.host import HostLoadMeter, apply_thread_policy
+    oversubscribed (rollout.arms.host_load); an endpoint elsewhere does its work on its own host. The
+    thread count is the batch's: the caller's is restored after it (sparse_core.host.threads_restored)."""
+    from sparse_core.host import HostLoadMeter, apply_thread_policy, threads_restored
 
-    policy = apply_thread_policy()
-    with HostLoadMeter(threads=policy["threads"]) as meter:
-        rows, void = answer_batch(ctx, info, requests, max_new_tokens, max_prompt_tokens)
+    with threads_restored():
+        policy = apply_thread_policy()
+        with HostLoadMeter(threads=policy["threads"]) as meter:
+            rows, void = answer_batch(ctx, info, requests, max_new_tokens, max_prompt_tokens)
     return rows, void, meter.load
 
 
-def warn_if_overloaded(logger: Any, use_case: str, rows: list[dict[str, Any]], load: Any) -> None:
+def arms_on_this_host(ctx: UseCaseContext) -> list[str]:
+    """The pilot's arms that answer on this host (in-process, or an endpoint served here:
+    rollout.arms.host_load.runs_here), whose answers are measured for its load."""
+    from rollout.arms.host_load import runs_here
+
+    return [arm for arm in ARMS if runs_here(getattr(ctx.spec.pilot.arms, arm))]
+
+
+def latency_judged(rows: list[dict[str, Any]], arms_here: list[str]) -> dict[str, Any]:
+    """What the batch gives the gate's latency checks (its p95s, the latency guardrail): the rows they
+    judge, those they leave out (an answer of an arm on this host timed under overload), and the arms
+    measured here. An arm on another host is never left out: the pilot host's load reaches its latency
+    only client-side (sending the request, reading the answer), small beside the answer's own work."""
+    left_out = sum(1 for r in rows if r.get("overloaded"))
+    return {"rows_judged": len(rows) - left_out, "rows_left_out": left_out, "arms_measured_here": arms_here}
+
+
+def warn_if_overloaded(
+    logger: Any, use_case: str, rows: list[dict[str, Any]], load: Any, arms_here: list[str]
+) -> None:
     """Say in the run's log that the host was overloaded during the batch (`load`, the whole batch's) or
-    during some of its answers (the rows flagged), and what that does to the rows."""
+    during some of its answers (the rows flagged), and what that does to the rows (`arms_here`: the arms
+    answering on this host, `arms_on_this_host`)."""
     flagged = sum(1 for r in rows if r.get("overloaded"))
     if not flagged and not load.overloaded:
         return
-    what = (
-        f"{flagged} of {len(rows)} rows were timed under overload: they count for quality, not for the "
-        "latency guardrail"
-        if flagged
-        else "no row was timed under overload (it fell between the answers, or the arms answer from other "
-        "hosts)"
-    )
+    if flagged:
+        what = (
+            f"{flagged} of {len(rows)} rows were timed under overload: they count for quality, not for the "
+            "latency guardrail"
+        )
+    elif arms_here:
+        here = ", ".join(arms_here)
+        what = (
+            f"no row was timed under overload (it fell between the answers of the arms on this host: {here})"
+        )
+    else:
+        what = (
+            "both arms answer from other hosts, where the load is their own: every row counts for the "
+            "latency guardrail"
+        )
     waited = (
         "" if load.wait_share is None else f", our threads waited {100 * load.wait_share:.0f}% of the time"
     )
@@ -373,7 +403,8 @@ def pilot_flow(
             len(requests),
         )
         rows, void, load = answer_measured(ctx, info, requests, mnt, max_prompt_tokens)
-        warn_if_overloaded(logger, use_case, rows, load)
+        arms_here = arms_on_this_host(ctx)
+        warn_if_overloaded(logger, use_case, rows, load, arms_here)
         bid = batch_id_for(info["step_id"], [rid for rid, _ in requests])
         # every request void (the control arm gave no reference): no rows to check, the voids are kept
         check = validate_batch(rows, [rid for rid, _ in requests], info["kind"]) if rows else {"passed": True}
@@ -391,5 +422,13 @@ def pilot_flow(
             _stop(summary, logger, use_case, {**refused, "explanation": str(exc)}, "; the run stops")
             break
         log_batch(ctx, info, rows, stored, "pilot-flow", bid)
-        summary["batches"].append({"batch_id": bid, **stored, "passed": True, "host_load": load.to_dict()})
+        summary["batches"].append(
+            {
+                "batch_id": bid,
+                **stored,
+                "passed": True,
+                "host_load": load.to_dict(),
+                "latency": latency_judged(rows, arms_here),
+            }
+        )
     return summary

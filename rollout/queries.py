@@ -773,29 +773,41 @@ def step_arm_stats(session: Session, use_case_id: int) -> list[dict[str, Any]]:
     return [dict(r._mapping) for r in session.execute(stmt)]
 
 
-def latency_histogram(session: Session, use_case_id: int, bins: int = 30) -> list[dict[str, Any]]:
-    """Latency distribution per arm, binned in SQL over the use case's observations."""
-    lo, hi = session.execute(
-        select(func.min(Observation.latency_ms), func.max(Observation.latency_ms)).where(
-            Observation.use_case_id == use_case_id
+def latency_histogram(session: Session, use_case_id: int, bins: int = 30) -> dict[str, Any]:
+    """Latency distribution per arm, binned in SQL over the use case's observations measured on a host
+    not overloaded, the latencies the gate judges (its p95s and latency guardrail leave the others out:
+    rollout.gate.decide); `overloaded`: the rows left out, per arm."""
+    quiet = and_(Observation.use_case_id == use_case_id, Observation.overloaded.is_(False))
+    left_out = {
+        arm: n
+        for arm, n in session.execute(
+            select(Observation.arm, func.count())
+            .where(Observation.use_case_id == use_case_id, Observation.overloaded.is_(True))
+            .group_by(Observation.arm)
         )
+    }
+    lo, hi = session.execute(
+        select(func.min(Observation.latency_ms), func.max(Observation.latency_ms)).where(quiet)
     ).one()
     if lo is None:
-        return []
+        return {"bins": [], "overloaded": left_out}
     width = max((hi - lo) / bins, 1e-9)
     # (latency - lo) / width >= 0, so truncation is floor; the maximum falls into the last bin
     raw = cast((Observation.latency_ms - lo) / width, Integer)
     bucket = case((raw > bins - 1, bins - 1), else_=raw).label("b")
     stmt = (
         select(Observation.arm, bucket, func.count().label("n"))
-        .where(Observation.use_case_id == use_case_id)
+        .where(quiet)
         .group_by(Observation.arm, bucket)
         .order_by(Observation.arm, bucket)
     )
-    return [
-        {"arm": arm, "latency_ms": lo + (int(b) + 0.5) * width, "count": n, "bin_width": width}
-        for arm, b, n in session.execute(stmt)
-    ]
+    return {
+        "bins": [
+            {"arm": arm, "latency_ms": lo + (int(b) + 0.5) * width, "count": n, "bin_width": width}
+            for arm, b, n in session.execute(stmt)
+        ],
+        "overloaded": left_out,
+    }
 
 
 def pilot_history(session: Session, use_case_id: int) -> list[dict[str, Any]]:

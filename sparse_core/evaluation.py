@@ -372,19 +372,20 @@ def measure_speed(
     repeats: int = 3,
     seed: int = 0,
     progress: Progress | None = None,
+    policy: dict | None = None,
 ) -> tuple[list[SpeedRow], dict]:
     """Prefill timings dense vs sparse, one back-to-back pair per repeat in alternating order (so the
     host's drift hits both arms of a pair, and neither arm always runs second), after one untimed
     warm-up each; each row's speed-up and interval, and the mix's, come from the pairs
-    (sparse_core.speedup). Torch's threads are chosen from the CPUs really free
-    (sparse_core.host); a dense/sparse pair timed while the host was overloaded (the pair, or either arm
-    on its own: `host.pair_load`) is timed again (at most `repeats` times per length), and the summary
-    records the host's load and what was retimed."""
-    from sparse_core.host import PairMeter, apply_thread_policy, host_totals
+    (sparse_core.speedup). Torch's threads are `policy`'s (the evaluation's, `timing_threads`), else
+    chosen now from the CPUs really free (sparse_core.host); a dense/sparse pair timed while the host
+    was overloaded (the pair, or either arm on its own: `host.pair_load`) is timed again (at most
+    `repeats` times per length), and the summary records the host's load and what was retimed."""
+    from sparse_core.host import PairMeter, host_totals
     from sparse_core.retrofit import sparse_stats, sparsify, unsparsify
     from sparse_core.time_split import split_prefill
 
-    policy = apply_thread_policy()
+    policy = timing_threads(policy)
     meters: list[PairMeter] = []
 
     weights = list(weights) if weights else [1.0] * len(lengths)
@@ -485,6 +486,7 @@ def measure_decode_speed(
     suite: EvalSuite,
     cap: int | None = None,
     progress: Progress | None = None,
+    policy: dict | None = None,
 ) -> dict:
     """Decode tokens/s dense vs sparse after a prompt of each length (sparse_core.decode.measure),
     weighted like the prefill speed; the summary's interval combines the rows' intervals. A length at
@@ -493,16 +495,16 @@ def measure_decode_speed(
     A plan without a decode section is timed dense only at every length (`summary["sparse_decode"]`
     False): the price of output tokens in both arms. Both arms run on the cache the served model
     uses (PagedCache where every layer reads the whole cache: score_request, the pyfunc), under the
-    prefill timing's thread policy (sparse_core.host.apply_thread_policy), dense and sparse
-    interleaved per repeat, so neither the cache nor the threads favour an arm. Each run pair records
-    the host's load and is timed again when overloaded (sparse_core.decode.measure); the summary's
-    `host` sums the rows' records like the prefill's."""
+    prefill timing's thread policy (`policy`: the evaluation chooses the threads once, `timing_threads`;
+    chosen now where none is given), dense and sparse interleaved per repeat, so neither the cache nor
+    the threads favour an arm. Each run pair records the host's load and is timed again when overloaded
+    (sparse_core.decode.measure); the summary's `host` sums the rows' records like the prefill's."""
     from sparse_core.decode.cache import full_attention_only
     from sparse_core.decode.measure import compare_decode, dense_decode
-    from sparse_core.host import apply_thread_policy, host_totals, loadavg
+    from sparse_core.host import host_totals, loadavg
 
     kind = "paged" if full_attention_only(model.config) else "dynamic"
-    policy = apply_thread_policy()
+    policy = timing_threads(policy)
     load_before = loadavg()
 
     dev = next(model.parameters()).device
@@ -570,6 +572,18 @@ def measure_decode_speed(
     return {"rows": rows, "summary": summary}
 
 
+def timing_threads(policy: dict | None = None) -> dict:
+    """Torch's threads for a timing: `policy` (`sparse_core.host.apply_thread_policy`'s record, chosen
+    earlier in the same evaluation) set again, so the prefill and the decode speed-ups are timed on the
+    same threads; where none is given, chosen now from the CPUs really free. Returns the policy used."""
+    from sparse_core.host import apply_thread_policy
+
+    if policy is None:
+        return apply_thread_policy()
+    torch.set_num_threads(policy["threads"])
+    return policy
+
+
 def within_context(lengths: Sequence[int], cap: int | None, what: str) -> tuple[tuple[int, ...], list[int]]:
     """(the lengths that fit the model's `cap` positions, those over it): a length over the context cannot
     be timed, and is reported, never dropped silently; ValueError naming `what` and the limit when none
@@ -623,6 +637,7 @@ def suite_probes(model, tokenizer, suite: EvalSuite) -> list:
     )
 
 
+@threads_restored()  # the timings' thread policy below is for this call; the caller's count is restored
 def evaluate(
     model,
     tokenizer,
@@ -631,7 +646,8 @@ def evaluate(
     *,
     progress: Progress | None = None,
 ) -> EvaluationReport:
-    """Evaluate `plan` on `model` (left dense afterwards)."""
+    """Evaluate `plan` on `model` (left dense afterwards). The timings' threads are chosen once, before the
+    prefill timing, and the decode timing reuses them (`timing_threads`); each records the host's load."""
     from sparse_core.retrofit import is_sparsified, sparsify, unsparsify
 
     suite = suite or EvalSuite()
@@ -772,13 +788,23 @@ def evaluate(
     else:  # no mix to follow: 2,048 tokens, or the model's positions where fewer
         lengths_w = ((min(2048, cap or 2048),), None)
     sl, over = within_context(lengths_w[0], cap, "speed_lengths")  # explicit ones were checked above
+    policy: dict | None = None  # the timings' threads, chosen once: prefill and decode ratios comparable
     if sl and suite.speed_repeats > 0:
         t0 = time.perf_counter()
         w = lengths_w[1] if lengths_w[1] and len(lengths_w[1]) == len(lengths_w[0]) else None
         if w is not None:
             w = tuple(wt for x, wt in zip(lengths_w[0], w, strict=True) if not cap or x <= cap)
+        policy = timing_threads()
         report.speed, report.speed_summary = measure_speed(
-            model, tokenizer, plan, sl, w, repeats=suite.speed_repeats, seed=suite.seed, progress=progress
+            model,
+            tokenizer,
+            plan,
+            sl,
+            w,
+            repeats=suite.speed_repeats,
+            seed=suite.seed,
+            progress=progress,
+            policy=policy,
         )
         if over:  # said beside the figures: the mix they weigh lacks these lengths
             report.speed_summary["lengths_over_context"] = {"lengths": over, "positions": cap}
@@ -789,7 +815,7 @@ def evaluate(
         t0 = time.perf_counter()
         w = report.speed and [r.weight for r in report.speed]
         report.decode = measure_decode_speed(
-            model, tokenizer, plan, sl, w or None, suite=suite, cap=cap, progress=progress
+            model, tokenizer, plan, sl, w or None, suite=suite, cap=cap, progress=progress, policy=policy
         )
         secs["decode"] = time.perf_counter() - t0
 

@@ -146,23 +146,30 @@ def quality_vs_density(evals: list[dict[str, Any]]) -> None:
 
 
 def latency(use_case_id: int) -> None:
+    """The latencies the gate judges: rows timed while the host was overloaded are left out, and counted."""
     st.subheader("Latency per arm")
-    hist = pd.DataFrame(read(queries.latency_histogram, use_case_id))
+    latencies = read(queries.latency_histogram, use_case_id)
+    hist = pd.DataFrame(latencies["bins"])
+    left_out = fmt.latency_left_out(latencies["overloaded"])
     if hist.empty:
-        st.caption("No pilot observations yet.")
-        return
-    chart = (
-        alt.Chart(hist)
-        .mark_bar(opacity=0.6)
-        .encode(
-            x=alt.X("latency_ms:Q", title="Latency (ms)", bin=False),
-            y=alt.Y("count:Q", stack=None, title="Requests"),
-            color=alt.Color("arm:N", scale=ARM_COLORS),
-            tooltip=["arm", "latency_ms", "count"],
+        st.caption(
+            "No latency measured on a host not overloaded." if left_out else "No pilot observations yet."
         )
-        .properties(height=240)
-    )
-    st.altair_chart(chart, width="stretch")
+    else:
+        chart = (
+            alt.Chart(hist)
+            .mark_bar(opacity=0.6)
+            .encode(
+                x=alt.X("latency_ms:Q", title="Latency (ms)", bin=False),
+                y=alt.Y("count:Q", stack=None, title="Requests"),
+                color=alt.Color("arm:N", scale=ARM_COLORS),
+                tooltip=["arm", "latency_ms", "count"],
+            )
+            .properties(height=240)
+        )
+        st.altair_chart(chart, width="stretch")
+    if left_out:
+        st.caption(left_out)
 
 
 def timeline(use_case_id: int, decs: list[dict[str, Any]]) -> None:

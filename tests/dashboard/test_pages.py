@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 from sqlalchemy import select
 from streamlit.dataframe_util import convert_arrow_bytes_to_pandas_df
@@ -173,6 +174,32 @@ def test_use_case_page_says_when_the_counts_are_an_ended_pilots(seeded: dict[str
     )
     steps = next(d.value for d in at.dataframe if "step_index" in d.value.columns)
     assert set(steps["pilot_number"]) == {1}
+
+
+def test_the_latency_chart_shows_the_latencies_the_gate_judges(seeded: dict[str, Any]) -> None:
+    """Rows timed while the host was overloaded are left out of the gate's p95s and latency guardrail
+    (rollout.gate.decide); the use-case page's chart drew them among the rest (here at 5 s, stretching its
+    axis twentyfold) and said nothing. It now bins the judged rows only and says how many it left out."""
+    from rollout.db.models import Observation
+
+    uc_id = seeded["contract-summarisation"]
+    slowed = {("treatment", "r0"), ("treatment", "r1"), ("treatment", "r2"), ("control", "r3")}
+    with session_scope() as s:
+        for o in s.scalars(select(Observation).where(Observation.use_case_id == uc_id)):
+            if (o.arm, o.request_id) in slowed:  # in both steps: 6 treatment rows, 2 control
+                o.overloaded, o.latency_ms = True, 5000.0
+    at = new_app()
+    at.query_params["name"] = "contract-summarisation"
+    open_page(at, "use_case")
+    chart = at.get("vega_lite_chart")[1].proto
+    assert json.loads(chart.spec)["encoding"]["x"]["field"] == "latency_ms"
+    bins = pd.concat(convert_arrow_bytes_to_pandas_df(d.data.data) for d in chart.datasets)
+    assert bins.groupby("arm")["count"].sum().to_dict() == {"control": 238, "treatment": 234}
+    assert bins["latency_ms"].max() < 470
+    assert (
+        "Left out: 8 rows timed while the host was overloaded (control 2, treatment 6): their latency is the "
+        "host's, not the model's, and the gate's p95s and latency guardrail leave them out too."
+    ) in [c.value for c in at.caption]
 
 
 def test_audit_page_filters_and_exports_csv(seeded: dict[str, Any]) -> None:

@@ -89,7 +89,7 @@ def test_use_case_detail(seeded: dict[str, Any]) -> None:
         uc = queries.use_case(s, "contract-summarisation")
         evals = queries.evaluations(s, uc_id)
         stats = queries.step_arm_stats(s, uc_id)
-        hist = queries.latency_histogram(s, uc_id, bins=10)
+        latencies = queries.latency_histogram(s, uc_id, bins=10)
         decs = queries.decisions(s, uc_id)
         moves = queries.alias_moves(s, uc_id)
         assert queries.use_case(s, "nope") is None
@@ -100,7 +100,8 @@ def test_use_case_detail(seeded: dict[str, Any]) -> None:
     expected_latency = 250 + 5 * sum(i % 13 for i in range(120)) / 120
     assert by[(1, "treatment")]["latency_mean"] == pytest.approx(expected_latency)
     assert by[(0, "treatment")]["error_rate"] == 0.0
-    assert sum(h["count"] for h in hist if h["arm"] == "treatment") == 240
+    hist = latencies["bins"]
+    assert sum(h["count"] for h in hist if h["arm"] == "treatment") == 240 and latencies["overloaded"] == {}
     assert {h["arm"] for h in hist} == {"control", "treatment"}
     assert all(h["count"] > 0 for h in hist)
     assert decs[0]["outcome"] == "GO" and decs[0]["step_index"] == 1

@@ -24,7 +24,7 @@ def test_queries_on_postgres(pg_url: str, tmp_path: Path, monkeypatch: pytest.Mo
         rows = {r["name"]: r for r in queries.portfolio(s)}
         totals = queries.portfolio_totals(s)
         stats = queries.step_arm_stats(s, uc_id)
-        hist = queries.latency_histogram(s, uc_id, bins=10)
+        latencies = queries.latency_histogram(s, uc_id, bins=10)
         pending = queries.pending_decisions(s)
         audit = queries.audit_entries(s, actions=["gate.decide"])
     c = rows["contract-summarisation"]
@@ -36,6 +36,7 @@ def test_queries_on_postgres(pg_url: str, tmp_path: Path, monkeypatch: pytest.Mo
     assert totals["savings_month_usd"] == pytest.approx(2460) and totals["pending_approvals"] == 1
     assert {(r["step_index"], r["arm"]): r["n"] for r in stats}[(1, "treatment")] == 120
     assert all(r["error_rate"] == 0.0 for r in stats)
+    hist = latencies["bins"]
     assert sum(h["count"] for h in hist) == 480 and max(h["latency_ms"] for h in hist) < 470
     assert [p["use_case"] for p in pending] == ["contract-summarisation"]
     assert len(audit) == 2

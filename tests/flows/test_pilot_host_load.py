@@ -67,7 +67,7 @@ COMPLETION = json.dumps({"choices": [{"text": "print"}]})
 
 
 @contextmanager
-def busy_loopback_server(neighbour: subprocess.Popen) -> Iterator[str]:
+def busy_loopback_server(neighbour: subprocess.Popen | None) -> Iterator[str]:
     """An OpenAI-compatible server on 127.0.0.1 that does ~25 ms of CPU work per completion; a prompt
     starting "busy" has `neighbour` (stopped otherwise) spin on our CPU while it works."""
 
@@ -89,7 +89,7 @@ def busy_loopback_server(neighbour: subprocess.Popen) -> Iterator[str]:
 
         def do_POST(self) -> None:  # noqa: N802 - stdlib name
             prompt = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["prompt"]
-            busy = prompt.startswith("busy")
+            busy = neighbour is not None and prompt.startswith("busy")
             if busy:
                 os.kill(neighbour.pid, signal.SIGCONT)
             t = time.thread_time()
@@ -109,6 +109,43 @@ def busy_loopback_server(neighbour: subprocess.Popen) -> Iterator[str]:
         server.server_close()
 
 
+def _endpoint_pilot(url: str) -> tuple[Any, dict[str, Any]]:
+    """A shadow step's context and info whose two arms are the OpenAI-compatible endpoint at `url`."""
+    from flows.common import UseCaseContext
+
+    arms = {role: {"kind": "openai", "url": url, "model": "m"} for role in ("control", "treatment")}
+    base = tiny_spec(Path("/models/tiny"))
+    base["dataset"]["task"] = "contains"
+    spec = parse_spec({**base, "pilot": {"arms": arms}})
+    ctx = UseCaseContext("host-load", 1, spec, 1, "h", Path("/nowhere"), rows=[])
+    return ctx, {"kind": "shadow", "salt": "s", "traffic_pct": 50.0}
+
+
+def test_a_batch_leaves_the_callers_torch_threads_as_it_found_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """answer_measured (the pilot's and the monitor's batch) sets torch's threads from the CPUs really
+    free for the batch; the caller's own count (one more than this machine has CPUs: never the policy's
+    choice) stayed overridden after it returned."""
+    import torch
+
+    import flows.pilot as pilot_module
+    from flows.arms import answer_with_arms
+
+    monkeypatch.setattr(pilot_module, "answer_batch", answer_with_arms)  # without its Prefect task wrapper
+    before = torch.get_num_threads()
+    mine = (os.cpu_count() or 1) + 1
+    torch.set_num_threads(mine)
+    try:
+        with busy_loopback_server(None) as url:
+            ctx, info = _endpoint_pilot(url)
+            rows, _, load = pilot_module.answer_measured(
+                ctx, info, [("r0", {"prompt": "quiet", "reference": "print"})], 4, None
+            )
+        assert torch.get_num_threads() == mine and load.threads < mine
+    finally:
+        torch.set_num_threads(before)
+    assert len(rows) == 2 and not any(r["error"] for r in rows), rows
+
+
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs CPU affinity")
 def test_rows_of_an_endpoint_on_this_host_are_flagged_per_answer_timed_under_overload(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
@@ -119,7 +156,6 @@ def test_rows_of_an_endpoint_on_this_host_are_flagged_per_answer_timed_under_ove
     overload. The other rows' flags are their own answers' (on a busy host they may be flagged too)."""
     import flows.pilot as pilot_module
     from flows.arms import answer_with_arms
-    from flows.common import UseCaseContext
 
     if snapshot().run_ns is None:
         pytest.skip("no schedstat on this kernel")
@@ -132,12 +168,7 @@ def test_rows_of_an_endpoint_on_this_host_are_flagged_per_answer_timed_under_ove
     os.sched_setaffinity(0, {cpu})
     try:
         with busy_loopback_server(neighbour) as url:
-            arms = {role: {"kind": "openai", "url": url, "model": "m"} for role in ("control", "treatment")}
-            base = tiny_spec(Path("/models/tiny"))
-            base["dataset"]["task"] = "contains"
-            spec = parse_spec({**base, "pilot": {"arms": arms}})
-            ctx = UseCaseContext("host-load", 1, spec, 1, "h", Path("/nowhere"), rows=[])
-            info = {"kind": "shadow", "salt": "s", "traffic_pct": 50.0}
+            ctx, info = _endpoint_pilot(url)
             requests = [
                 (f"r{i}", {"prompt": f"{'busy' if i == 0 else 'quiet'} {i}", "reference": "print"})
                 for i in range(6)
@@ -153,7 +184,50 @@ def test_rows_of_an_endpoint_on_this_host_are_flagged_per_answer_timed_under_ove
     assert len(flags) == 12 and not any(r["error"] for r in rows) and not void, (rows, void)
     assert flags[("r0", "control")] and flags[("r0", "treatment")], flags
     with caplog.at_level(logging.WARNING):
-        pilot_module.warn_if_overloaded(logging.getLogger("test"), "host-load", rows, load)
+        here = pilot_module.arms_on_this_host(ctx)
+        pilot_module.warn_if_overloaded(logging.getLogger("test"), "host-load", rows, load, here)
+    assert here == ["control", "treatment"]
     flagged = sum(flags.values())
     assert "host-load: host overloaded during the batch (others busy on" in caplog.text
     assert f"{flagged} of 12 rows were timed under overload" in caplog.text
+
+
+BOTH = ["control", "treatment"]
+
+
+@pytest.mark.parametrize(
+    ("url", "flagged", "said", "judged"),
+    [
+        ("http://192.0.2.1:5002/v1", 0, "both arms answer from other hosts, where the load is their own: "
+         "every row counts for the latency guardrail", (2, 0, [])),
+        ("http://127.0.0.1:5002/v1", 0, "no row was timed under overload (it fell between the answers of the "
+         "arms on this host: control, treatment)", (2, 0, BOTH)),
+        ("http://127.0.0.1:5002/v1", 1, "1 of 2 rows were timed under overload", (1, 1, BOTH)),
+    ],
+)  # fmt: skip
+def test_an_overloaded_batch_says_what_its_latencies_give_the_gate(
+    url: str, flagged: int, said: str, judged: tuple, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A batch whose arms answer from other hosts, on a pilot host overloaded throughout: no row is
+    flagged (the host's load reaches a remote arm's latency only client-side), and the log said "it fell
+    between the answers, or the arms answer from other hosts" as if either. The warning now says which,
+    and the batch's record in the run summary says what the latency checks judge (`latency`)."""
+    import flows.pilot as pilot_module
+    from sparse_core.host import HostLoad
+
+    ctx, _ = _endpoint_pilot(url)
+    here = pilot_module.arms_on_this_host(ctx)
+    rows = [
+        {"request_id": "r0", "arm": "control", "overloaded": False},
+        {"request_id": "r0", "arm": "treatment", "overloaded": flagged > 0},
+    ]
+    load = HostLoad(2.0, 1, 1.0, 1.9, None, None, overloaded=True, wait_share=0.4)
+    with caplog.at_level(logging.WARNING):
+        pilot_module.warn_if_overloaded(logging.getLogger("test"), "host-load", rows, load, here)
+    assert (
+        "host-load: host overloaded during the batch (others busy on 1.9 of 2.0 CPUs, our threads "
+        in caplog.text
+    )
+    assert said in caplog.text, caplog.text
+    record = pilot_module.latency_judged(rows, here)
+    assert (record["rows_judged"], record["rows_left_out"], record["arms_measured_here"]) == judged

@@ -65,10 +65,22 @@ def test_dense_only_decode_runs_are_measured_and_retimed_too(tiny_llama_dir, mon
     assert r.extra["host"]["pairs_timed"] == 2 and r.extra["host"]["pairs_retimed_for_overload"] == 1
 
 
-def test_the_decode_summary_records_the_runs_host_and_the_device_its_threads(tiny_llama_dir, monkeypatch):
+def test_the_decode_summary_records_the_runs_host_under_the_prefills_threads(tiny_llama_dir, monkeypatch):
+    """The evaluation chooses its timings' threads once (docs/roi.md: decode under the prefill timing's
+    thread policy), so the prefill and decode speed-ups are timed on the same threads; the decode timing
+    chose them again, from a host that may have changed meanwhile. Each section records its runs' load."""
     import torch
 
+    from sparse_core import host as host_module
     from sparse_core.evaluation import EvalSuite, device_description, evaluate
+
+    real_policy, chosen = host_module.apply_thread_policy, []
+
+    def counted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        chosen.append(real_policy(*args, **kwargs))
+        return chosen[-1]
+
+    monkeypatch.setattr(host_module, "apply_thread_policy", counted)
 
     model, tok = load_model(tiny_llama_dir)
     plan = SparsePlan(block_size=32, decode=DecodePlan(budget_tokens=None, tau=1.0))
@@ -86,13 +98,16 @@ def test_the_decode_summary_records_the_runs_host_and_the_device_its_threads(tin
     torch.set_num_threads(64)  # what the process had before the thread policy ran
     try:
         report = evaluate(model, tok, plan, suite)
+        after = torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
     host = report.decode["summary"]["host"]
     assert host["pairs_timed"] == 2 and host["pairs_retimed_for_overload"] == 0
     assert host["pairs_kept_under_overload"] == 0 and host["max_others_busy_cores"] == 0.1
     assert host["cache"] in ("paged", "dynamic") and host["loadavg_before"] is not None
-    threads = report.speed_summary["host"]["threads"]
-    if threads == host["threads"]:
-        assert report.device == device_description(model, threads=threads)
-    assert "x64 threads" not in report.device
+    assert len(chosen) == 1, chosen
+    prefill = report.speed_summary["host"]
+    assert {k: prefill.get(k) for k in chosen[0]} == {k: host.get(k) for k in chosen[0]} == chosen[0]
+    assert prefill["pairs_timed"] == 2  # the prefill's own runs, beside the decode's above
+    assert report.device == device_description(model, threads=chosen[0]["threads"])
+    assert "x64 threads" not in report.device and after == 64  # the caller's count, given back
