@@ -198,6 +198,37 @@ def test_a_crossed_look_without_a_futility_rejection_is_invalid_never_go() -> No
     assert "abort the pilot and pilot again" in d.explanation
 
 
+def test_a_crossing_is_ended_by_an_abort_and_a_pilot_again_in_every_text() -> None:
+    """The rows' order crosses the bounds, not the challenger: the remedy said "calibrate a new challenger
+    (`sparsepilot calibrate NAME`) and pilot it" where the gate's explanation said "abort the pilot and pilot
+    again" and the portfolio "start over with a new challenger". Now all three say abort and pilot again,
+    the remedy with the order that carries no information (each export whole, or in time slices) and what
+    a new pilot needs (a challenger is piloted once); at the maximum, how to pilot again."""
+    from rollout.decisions import invalid_remedy
+    from rollout.pilots import PILOT_AGAIN
+    from rollout.queries import waits_for
+
+    q, treated = _one_arm_after_the_other(0, 0.5, 0.20, 2000)
+    d = decide(split_frame(q, treated), CROSSED, planned_treatment_share=0.5)
+    assert d.reasons == ("crossed-bounds",) and "abort the pilot and pilot again" in d.explanation
+    remedy = invalid_remedy("docs-qa", d.outcome, d.reasons, 50.0)
+    assert remedy.startswith(
+        'To start over: `sparsepilot pilot docs-qa --abort --reason "..."`, then pilot again'
+    )
+    assert "not on the challenger" in remedy and "each export whole" in remedy and "time slices" in remedy
+    assert "`sparsepilot calibrate" not in remedy and PILOT_AGAIN in remedy
+    row = {"pilot_status": "running", "decision": d.outcome, "decision_kind": "gate", "awaiting": "none",
+           "decision_reasons": list(d.reasons), "step_kind": "split"}  # fmt: skip
+    assert waits_for(row).startswith("an operator: abort the pilot and pilot again")
+    assert waits_for(row).endswith("(data not trusted: crossed bounds)")
+    last = decide(split_frame(q, treated), CROSSED, planned_treatment_share=0.5, now_look=CROSSED.max_looks)
+    assert (last.outcome, last.reasons) == ("NO-GO", ("max-duration-invalid", "crossed-bounds"))
+    at_max = invalid_remedy("docs-qa", last.outcome, last.reasons, 50.0)
+    assert (
+        at_max.startswith("To pilot again:") and "--abort" not in at_max and "not on the challenger" in at_max
+    )
+
+
 def test_one_guardrail_short_of_its_minimum_is_enough_to_project_it() -> None:
     """The projection waits for every guardrail: with the error-rate check judged on 200 sparse-arm rows
     but the excess over dense short of its 190 pairs (170 requests have both answers), a shadow step whose
