@@ -220,3 +220,25 @@ def test_a_monitor_breach_shown_below_the_checks_minimum_counts_as_judged() -> N
     _, pairs = _shadow(np.zeros(9, bool), q_t=np.zeros(9))
     g = judge_monitor_quality(pairs, 0.03, alpha=ALPHA, min_samples=10)
     assert g.breached and g.evaluated and g.n == 9
+
+
+@pytest.mark.parametrize(("per_arm", "guardrails"), [(200, 40), (40, 200)])
+def test_the_monitors_quality_check_is_judged_from_the_guardrails_minimum(
+    per_arm: int, guardrails: int
+) -> None:
+    """Mutation P02: `quality_loss` took its minimum from `guardrail_min_samples`, and the pilot step's
+    `min_samples_per_arm` in its place went unnoticed. The monitor has no step quality test: its quality
+    check is one of its checks on live traffic, judged (`evaluated`, the note) from the spec's
+    `gate.guardrails.min_samples`, as the rate and excess checks beside it (docs/gate.md "The monitor")."""
+    from rollout.pilots import monitor_guardrails
+
+    rows = [
+        {"request_id": f"r{i}", "arm": arm, "quality": 1.0, "latency_ms": 10.0, "error": 0}
+        for i in range(60)
+        for arm in ("control", "treatment")
+    ]
+    spec = {"gate": {"min_samples_per_arm": per_arm, "guardrails": {"min_samples": guardrails}}}
+    checks = {c["name"]: c for c in monitor_guardrails(rows, spec)["checks"]}
+    loss = checks["quality_loss"]
+    assert loss["evaluated"] is (60 >= guardrails) is checks["error_rate_increase"]["evaluated"]
+    assert loss["note"] == ("" if 60 >= guardrails else f"needs {guardrails} rows to be judged (60 so far)")
