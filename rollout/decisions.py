@@ -228,25 +228,49 @@ def _look_key(session: Any, step: PilotStep, decision: Any) -> str:
     return at_maximum if left_running and reached else key
 
 
+# Why a crossing is not the challenger's: what ends a step whose bounds crossed and what the next pilot needs
+# (the portfolio's "Waits for" says the same, `rollout.queries.waits_for`)
+CROSSED_CAUSE = (
+    "the bounds crossed on the order of this step's rows (one arm's rows imported after the other's, pages "
+    "of a sorted export), not on the challenger: import each export whole, both arms' rows together, or "
+    "in time slices"
+)
+
+
 def invalid_remedy(use_case: str, outcome: str, reasons: Any, traffic_pct: float) -> str:
     """The way out of a step whose data cannot be trusted, in commands: no command reruns a step and its
     stored rows stay, so an INVALID look is ended by aborting the pilot (or, at the limit, by its NO-GO),
-    and the use case pilots again with a new challenger. A sample-ratio mismatch also needs the serving
-    system set to the step's share. Every pilot started counts toward the use case's false-GO alpha, the
-    aborted one too (docs/gate.md), so the new pilot's GO is held to a smaller level. '' otherwise."""
+    and the use case pilots again. A sample-ratio mismatch also needs the serving system set to the step's
+    share; crossed bounds need the rows in an order that carries no information (`CROSSED_CAUSE`: the
+    order, not the challenger, crossed them), though a new pilot still needs a new challenger or spec
+    version (`pilots.PILOT_AGAIN`: a challenger is piloted once). Every pilot started counts toward the use
+    case's false-GO alpha, the aborted one too (docs/gate.md), so the new pilot's GO is held to a smaller
+    level. '' otherwise."""
     reasons = tuple(reasons)
     if outcome != "INVALID" and "max-duration-invalid" not in reasons:
         return ""
+    ended = "the aborted pilot" if outcome == "INVALID" else "this pilot"
+    spent = (
+        f"{ended} still counts toward the use case's false-GO alpha, so the next pilot's GO is held to a "
+        "smaller level"
+    )
+    if "crossed-bounds" in reasons:
+        rows = (
+            f"in an order that carries no information: {CROSSED_CAUSE}. A challenger is piloted once, so "
+            f"{pilots.PILOT_AGAIN}; {spent}"
+        )
+        if outcome == "INVALID":
+            return (
+                f'To start over: `sparsepilot pilot {use_case} --abort --reason "..."`, then pilot again '
+                f"with the rows {rows}."
+            )
+        return f"To pilot again: bring the next pilot's rows {rows}."
     split = (
         f", with the serving system sending {traffic_pct:g}% of the requests to the sparse model"
         if "sample-ratio-mismatch" in reasons
         else ""
     )
-    ended = "the aborted pilot" if outcome == "INVALID" else "this pilot"
-    again = (
-        f"calibrate a new challenger (`sparsepilot calibrate {use_case}`) and pilot it{split}; {ended} "
-        "still counts toward the use case's false-GO alpha, so the next pilot's GO is held to a smaller level"
-    )
+    again = f"calibrate a new challenger (`sparsepilot calibrate {use_case}`) and pilot it{split}; {spent}"
     if outcome == "INVALID":
         return f'To start over: `sparsepilot pilot {use_case} --abort --reason "..."`, then {again}.'
     return f"To pilot again: {again}."

@@ -324,8 +324,14 @@ def waits_for(row: dict[str, Any]) -> str:
     decision = row.get("decision")
     if row.get("pilot_status") == "running" and decision == "INVALID":
         # no command reruns a step and its rows stay (rollout.decisions.invalid_remedy): more samples
-        # do not cure it; the gate's way out is an abort and a new challenger
-        why = ", ".join(str(r).replace("-", " ") for r in row.get("decision_reasons") or []) or "invalid data"
+        # do not cure it; the gate's way out is an abort and a new pilot
+        reasons = row.get("decision_reasons") or []
+        why = ", ".join(str(r).replace("-", " ") for r in reasons) or "invalid data"
+        if "crossed-bounds" in reasons:  # the rows' order crossed them, not the challenger
+            return (
+                "an operator: abort the pilot and pilot again with the rows in an order that carries no "
+                f"information (data not trusted: {why})"
+            )
         return f"an operator: abort the pilot and start over with a new challenger (data not trusted: {why})"
     if row.get("pilot_status") == "running":
         n, need = row.get("step_observations") or 0, row.get("min_samples") or 0

@@ -82,7 +82,9 @@ def decide(
     if tests is not None and _crossed(tests):
         invalid.append("crossed-bounds")
         quality, tests = _quality(arms, settings, history, mode, share, counts=False)
-    outcome, reasons = _outcome(invalid, guards, enough, quality.verdict, at_max)
+    # the futility test's own verdict: `quality.verdict` of a crossed look is "not-evaluated"
+    futile = tests is not None and tests.futile
+    outcome, reasons = _outcome(invalid, guards, enough, quality.verdict, at_max, futile=futile)
     # said early; it decides nothing. Not on INVALID, whose reasons say why the data is not trusted (the
     # portfolio's "Waits for" lists them so): the host's load is no such reason, and the step is over anyway
     if outcome != "INVALID" and latency_unmeasurable(guards, settings.guardrail_min_samples) is not None:
@@ -137,7 +139,8 @@ def _crossed(tests) -> bool:
     (GO's "no worse than the margin" and futility's "worse than it" at once). With the rows in an order
     that carries no information, that happens with probability at most alpha_go + alpha in any state of
     the world; far more often it means the order carries some (rows brought arm by arm, or sorted by
-    outcome), and then neither test's verdict holds: INVALID, never GO."""
+    outcome), and then neither test's verdict holds: INVALID, never GO; NO-GO where futility rejects
+    (`_outcome`)."""
     return bool(tests.go and tests.futile) or tests.low > tests.high
 
 
@@ -202,12 +205,22 @@ def _quality(arms, settings, history, mode, share, *, counts):
     return evidence, t
 
 
-def _outcome(invalid, guards, enough, verdict, at_max) -> tuple[Outcome, tuple[str, ...]]:
+def _outcome(invalid, guards, enough, verdict, at_max, *, futile=False) -> tuple[Outcome, tuple[str, ...]]:
     """In order of precedence: bad data, a breached guardrail, too few samples, a guardrail that cannot be
     judged yet, then the quality verdict. Inconclusive at the maximum is NO-GO: it never ships; so is
-    INVALID at the maximum (`_invalid_at_max`)."""
+    INVALID at the maximum (`_invalid_at_max`).
+
+    A look whose own bounds cross (`crossed-bounds`, its only reason to distrust the data) while the
+    futility test rejects (`futile`) is judged as a futile look, the crossing named after its reasons: NO-GO
+    from the step's minimum sample on, as futility itself. That test's false NO-GO is at most alpha on its
+    own, whatever the GO test said; where the rows' order carries information neither test holds, and
+    stopping is the safe side (a NO-GO never promotes), where an INVALID kept the step exposing users to the
+    sparse arm until its maximum. A crossing without a futility rejection stays INVALID. Never GO."""
     breached = [g.name for g in guards if g.breached]
     unjudged = [g.name for g in guards if not g.evaluated]
+    if list(invalid) == ["crossed-bounds"] and futile and enough:
+        outcome, reasons = _outcome((), guards, enough, "futile", at_max)
+        return outcome, (*reasons, "crossed-bounds")
     if invalid:
         return _invalid_at_max(tuple(invalid), at_max)
     if breached:

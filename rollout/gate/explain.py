@@ -70,19 +70,7 @@ def explain(d: Decision) -> str:
             "the results are not trustworthy."
         )
     if "crossed-bounds" in d.reasons and d.quality.look_low is not None:
-        parts.append(
-            "The evidence contradicts itself: this look's bounds say the true difference is at least "
-            f"{d.quality.look_low:+.3f} and at most {d.quality.look_high:+.3f}. Rows in an order that "
-            "carries no information give that by chance with probability at most "
-            f"{s.alpha_go + s.alpha:.3g}; far more often the order of the rows carries some (imports that "
-            "brought one arm after the other, or rows sorted by their outcome), and then neither bound "
-            "holds, so no conclusion is drawn."
-        )
-        if d.outcome == "INVALID":  # at the maximum the NO-GO itself says the step ended
-            parts.append(
-                "This is final for this step: both tests keep the strongest evidence they have seen, so "
-                f"every later look of the step is INVALID again until {_limits(d)} ends it NO-GO."
-            )
+        parts.append(_contradicts(d))
     arms = (
         f"{d.n_pairs} requests answered by both the sparse and the dense model"
         if d.mode == "paired"
@@ -116,6 +104,42 @@ def explain(d: Decision) -> str:
         )
     parts.append(_why(d))
     return " ".join(parts)
+
+
+def _contradicts(d: Decision) -> str:
+    """A look whose own bounds cross: what they say, why that happens, and what was made of it: no
+    conclusion (INVALID, final for the step), or a NO-GO that rests on the futility test alone."""
+    q, s = d.quality, d.settings
+    go = q.log_capital_go is not None and q.threshold is not None and q.log_capital_go >= q.threshold
+    futile = q.log_capital_futility is not None and q.log_capital_futility >= math.log(1 / s.alpha)
+    both = go and futile
+    said = (
+        "The evidence contradicts itself: this look's bounds say the true difference is at least "
+        f"{q.look_low:+.3f} and at most {q.look_high:+.3f}"
+        + (
+            " (both tests rejected: the GO test's 'no worse than the allowed margin' and the futility "
+            "test's 'worse than it')"
+            if both
+            else ""
+        )
+        + ". Rows in an order that carries no information give that by chance with probability at most "
+        f"{s.alpha_go + s.alpha:.3g}; far more often the order of the rows carries some (imports that "
+        "brought one arm after the other, or rows sorted by their outcome)"
+    )
+    if d.outcome == "NO-GO" and "max-duration-invalid" not in d.reasons:
+        return (
+            f"{said}. The NO-GO rests on the futility test alone: on rows whose order carries no "
+            f"information its false NO-GO is at most {s.alpha:.3g} whatever the GO test said, and where the "
+            "order does carry some, stopping is the safe side: a NO-GO never promotes."
+        )
+    said += ", and then neither bound holds, so no conclusion is drawn."
+    if d.outcome == "INVALID":  # at the maximum the NO-GO itself says the step ended
+        said += (
+            " This is final for this step: both tests keep the strongest evidence they have seen, so every "
+            "later look of the step is INVALID again until one with the step's minimum sample whose futility "
+            f"test rejects, or {_limits(d)}, ends it NO-GO."
+        )
+    return said
 
 
 def _p95(d: Decision) -> str:
@@ -202,6 +226,11 @@ def _why(d: Decision) -> str:
             )
         if any(r.startswith("guardrail:") for r in d.reasons):
             return "The sparse model must not advance while it breaks a safety limit."
+        if "futility" in d.reasons and "crossed-bounds" in d.reasons:
+            return (
+                "The futility test shows the sparse model worse than the allowed margin, so the pilot stops "
+                "now rather than keep sending users to it; the contradicting evidence promotes nothing."
+            )
         if "futility" in d.reasons:
             return "The sparse model is confidently worse than the allowed margin, so the pilot stops."
         if d.quality.verdict == "non-inferior":

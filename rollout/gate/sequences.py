@@ -122,11 +122,13 @@ def rate_count_log_capital(
 
     Component j bets the constant lambda_j = (p_j - c) / (c (1 - c)) with p_j = multiple_j x c, which makes
     its capital at m = c exactly the likelihood ratio of Bernoulli(p_j) to Bernoulli(c) -- the Kelly bet for
-    that alternative. Any fixed weights (summing to 1) keep the mixture a non-negative martingale at rate c
-    and a supermartingale below it, so Ville's inequality bounds the time-uniform false stop by alpha
-    whatever the weights are: the weights and alternatives only move power between breach sizes. For
-    m != c the same bets are truncated to trunc / m, so the capital still falls as m rises and the lower
-    bound is the edge of the rejected set."""
+    that alternative. p_j is held to (1 + c) / 2, halfway from the ceiling to 1 (it binds for c > 2/7 at 2.25
+    c): p_j stays a probability, a zero costs a component at most half its capital, and the bet stays below
+    its truncation at m = c, so the component is that likelihood ratio at every ceiling. Any fixed weights
+    (summing to 1) keep the mixture a non-negative martingale at rate c and a supermartingale below it, so
+    Ville's inequality bounds the time-uniform false stop by alpha whatever the weights are: the weights and
+    alternatives only move power between breach sizes. For m != c the same bets are truncated to trunc / m, so
+    the capital still falls as m rises and the lower bound is the edge of the rejected set."""
     ones = np.asarray(ones, dtype=float)
     zeros = np.asarray(rows, dtype=float) - ones
     parts = [

@@ -140,27 +140,93 @@ def test_the_sample_ratio_check_is_the_exact_binomial_test(n: int, sparse: int) 
     assert binom.pmf(k[refused], n, share).sum() <= 0.001  # its size, exactly: at most the level
 
 
-def test_a_look_whose_own_bounds_cross_is_invalid_never_go() -> None:
-    """Review S3: a split step's rows with the dense arm's first (one log imported after the other), the
-    sparse arm 0.10 worse: the GO capital grew on the dense rows alone and the look said GO, its bounds
-    "at least -0.015 ... at most -0.525". Bounds that cross are evidence the order broke the stream's
-    assumptions: INVALID, with that reason, and the interval is not carried to later looks. The explanation
-    says it is final for the step and names the way out (review W2: it said nothing, and the step repeated
-    INVALID look after look up to its maximum)."""
-    rng = np.random.default_rng(8)
-    treated = rng.random(4000) < 0.1
-    q = np.where(treated, np.maximum(0.0, rng.beta(8, 2, 4000) - 0.10), rng.beta(8, 2, 4000))
-    order = np.argsort(treated, kind="stable")  # every dense row, then every sparse one
-    settings = GateSettings(margin=0.03, go_alpha=0.0304)
-    d = decide(split_frame(q[order], treated[order]), settings, planned_treatment_share=0.1)
+def _one_arm_after_the_other(seed: int, share: float, shift: float, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """A split step's rows with every dense row first (one log imported after the other), the sparse arm's
+    Beta(8, 2) scores moved by `shift`: (quality, treated) in that order."""
+    rng = np.random.default_rng(seed)
+    treated = rng.random(n) < share
+    q = np.where(treated, np.clip(rng.beta(8, 2, n) + shift, 0.0, 1.0), rng.beta(8, 2, n))
+    order = np.argsort(treated, kind="stable")
+    return q[order], treated[order]
+
+
+CROSSED = GateSettings(margin=0.03, go_alpha=0.0304)
+
+
+def test_a_crossed_look_whose_futility_test_rejects_is_no_go_at_once() -> None:
+    """Review S3: the sparse arm 0.10 worse, its rows after the dense arm's: the GO capital grew on the dense
+    rows alone and the look said GO, its bounds "at least -0.010 ... at most -0.762". Both tests reject:
+    the evidence contradicts itself, and that look was INVALID, final for the step but NO-GO only at its
+    maximum, so a step whose own futility test had rejected kept sending users to the sparse arm for up to
+    max_looks more looks. The futility test's level holds on its own: NO-GO now, the crossing named beside
+    futility, the interval not carried. Never GO. Below the step's minimum sample futility decides nothing,
+    so the crossing stays INVALID there."""
+    q, treated = _one_arm_after_the_other(8, 0.1, -0.10, 4000)
+    d = decide(split_frame(q, treated), CROSSED, planned_treatment_share=0.1)
     assert d.quality.look_low > d.quality.look_high
+    assert (d.outcome, d.reasons) == ("NO-GO", ("futility", "crossed-bounds"))
+    assert not d.quality.counts_toward_interval
+    assert "both tests rejected" in d.explanation and "The evidence contradicts itself" in d.explanation
+    assert "The NO-GO rests on the futility test alone" in d.explanation
+    assert "This is final" not in d.explanation
+    short = decide(
+        split_frame(q, treated), CROSSED, planned_treatment_share=0.1, min_samples_per_arm=d.n_treatment + 1
+    )
+    assert (short.outcome, short.reasons) == ("INVALID", ("crossed-bounds",))
+    shuffled = decide(split_frame(*_shuffled(q, treated)), CROSSED, planned_treatment_share=0.1)
+    assert shuffled.outcome == "NO-GO" and shuffled.reasons == ("futility",)
+
+
+def _shuffled(q: np.ndarray, treated: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    order = np.random.default_rng(0).permutation(len(q))
+    return q[order], treated[order]
+
+
+def test_a_crossed_look_without_a_futility_rejection_is_invalid_never_go() -> None:
+    """The sparse arm 0.20 better, its rows after the dense arm's: the lower bound above the upper with only
+    the GO test rejecting. Neither bound holds: INVALID, never GO, and the explanation says it is final for
+    the step and names the way out (review W2: it said nothing, and the step repeated INVALID look after
+    look up to its maximum)."""
+    q, treated = _one_arm_after_the_other(0, 0.5, 0.20, 2000)
+    d = decide(split_frame(q, treated), CROSSED, planned_treatment_share=0.5)
+    assert d.quality.look_low > d.quality.look_high > -CROSSED.margin  # futility does not reject
     assert (d.outcome, d.reasons) == ("INVALID", ("crossed-bounds",))
     assert not d.quality.counts_toward_interval and "The evidence contradicts itself" in d.explanation
+    assert "both tests rejected" not in d.explanation
     # review W2: both tests keep their running maximum, so later looks repeat it until the step's NO-GO
     assert "This is final for this step" in d.explanation and "more rows will not clear this" in d.explanation
     assert "abort the pilot and pilot again" in d.explanation
-    shuffled = decide(split_frame(q, treated), settings, planned_treatment_share=0.1)
-    assert shuffled.outcome == "NO-GO" and shuffled.reasons == ("futility",)
+
+
+def test_a_crossing_is_ended_by_an_abort_and_a_pilot_again_in_every_text() -> None:
+    """The rows' order crosses the bounds, not the challenger: the remedy said "calibrate a new challenger
+    (`sparsepilot calibrate NAME`) and pilot it" where the gate's explanation said "abort the pilot and pilot
+    again" and the portfolio "start over with a new challenger". Now all three say abort and pilot again,
+    the remedy with the order that carries no information (each export whole, or in time slices) and what
+    a new pilot needs (a challenger is piloted once); at the maximum, how to pilot again."""
+    from rollout.decisions import invalid_remedy
+    from rollout.pilots import PILOT_AGAIN
+    from rollout.queries import waits_for
+
+    q, treated = _one_arm_after_the_other(0, 0.5, 0.20, 2000)
+    d = decide(split_frame(q, treated), CROSSED, planned_treatment_share=0.5)
+    assert d.reasons == ("crossed-bounds",) and "abort the pilot and pilot again" in d.explanation
+    remedy = invalid_remedy("docs-qa", d.outcome, d.reasons, 50.0)
+    assert remedy.startswith(
+        'To start over: `sparsepilot pilot docs-qa --abort --reason "..."`, then pilot again'
+    )
+    assert "not on the challenger" in remedy and "each export whole" in remedy and "time slices" in remedy
+    assert "`sparsepilot calibrate" not in remedy and PILOT_AGAIN in remedy
+    row = {"pilot_status": "running", "decision": d.outcome, "decision_kind": "gate", "awaiting": "none",
+           "decision_reasons": list(d.reasons), "step_kind": "split"}  # fmt: skip
+    assert waits_for(row).startswith("an operator: abort the pilot and pilot again")
+    assert waits_for(row).endswith("(data not trusted: crossed bounds)")
+    last = decide(split_frame(q, treated), CROSSED, planned_treatment_share=0.5, now_look=CROSSED.max_looks)
+    assert (last.outcome, last.reasons) == ("NO-GO", ("max-duration-invalid", "crossed-bounds"))
+    at_max = invalid_remedy("docs-qa", last.outcome, last.reasons, 50.0)
+    assert (
+        at_max.startswith("To pilot again:") and "--abort" not in at_max and "not on the challenger" in at_max
+    )
 
 
 def test_one_guardrail_short_of_its_minimum_is_enough_to_project_it() -> None:

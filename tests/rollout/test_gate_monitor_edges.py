@@ -13,7 +13,7 @@ import pytest
 from rollout.gate import GuardrailCheck, check_observations, detection, judge
 from rollout.gate.guardrails import breach_peak, judge_monitor, judge_monitor_quality, paired_excess_stream
 from rollout.gate.quality import paired_arms
-from rollout.gate.sequences import EXCESS_MIXTURE, excess_log_capital
+from rollout.gate.sequences import EXCESS_MIXTURE, RATE_MIXTURE, excess_log_capital, rate_factors
 
 from .test_gate import paired_frame
 
@@ -220,3 +220,40 @@ def test_a_monitor_breach_shown_below_the_checks_minimum_counts_as_judged() -> N
     _, pairs = _shadow(np.zeros(9, bool), q_t=np.zeros(9))
     g = judge_monitor_quality(pairs, 0.03, alpha=ALPHA, min_samples=10)
     assert g.breached and g.evaluated and g.n == 9
+
+
+@pytest.mark.parametrize(("per_arm", "guardrails"), [(200, 40), (40, 200)])
+def test_the_monitors_quality_check_is_judged_from_the_guardrails_minimum(
+    per_arm: int, guardrails: int
+) -> None:
+    """Mutation P02: `quality_loss` took its minimum from `guardrail_min_samples`, and the pilot step's
+    `min_samples_per_arm` in its place went unnoticed. The monitor has no step quality test: its quality
+    check is one of its checks on live traffic, judged (`evaluated`, the note) from the spec's
+    `gate.guardrails.min_samples`, as the rate and excess checks beside it (docs/gate.md "The monitor")."""
+    from rollout.pilots import monitor_guardrails
+
+    rows = [
+        {"request_id": f"r{i}", "arm": arm, "quality": 1.0, "latency_ms": 10.0, "error": 0}
+        for i in range(60)
+        for arm in ("control", "treatment")
+    ]
+    spec = {"gate": {"min_samples_per_arm": per_arm, "guardrails": {"min_samples": guardrails}}}
+    checks = {c["name"]: c for c in monitor_guardrails(rows, spec)["checks"]}
+    loss = checks["quality_loss"]
+    assert loss["evaluated"] is (60 >= guardrails) is checks["error_rate_increase"]["evaluated"]
+    assert loss["note"] == ("" if 60 >= guardrails else f"needs {guardrails} rows to be judged (60 so far)")
+
+
+@pytest.mark.parametrize("ceiling", [0.02, 0.25, 0.3, 0.4, 0.5, 0.7, 0.9])
+def test_each_rate_component_is_a_likelihood_ratio_at_most_halfway_to_one(ceiling: float) -> None:
+    """Mutation S14: `rate_factors` holds each alternative p_j = multiple x c to (1 + c) / 2, and losing
+    that went unnoticed (it binds only above c = 2/7). At m = c every component's factors are the likelihood
+    ratio of Bernoulli(p_j) to Bernoulli(c) (a martingale at c), p_j = multiple x c below the clip and
+    (1 + c) / 2 above it, so p_j < 1 and a zero costs a component at most half its capital; without the
+    clip 2.25 x 0.3 bets a zero down to 0.46, and from c = 0.375 on the truncation takes over the bet."""
+    for (multiple, weight), (log_w, on_one, on_zero) in zip(RATE_MIXTURE, rate_factors(ceiling), strict=True):
+        p = ceiling * math.exp(on_one)  # the alternative whose likelihood ratio the component is
+        assert log_w == pytest.approx(math.log(weight))
+        assert p + (1 - ceiling) * math.exp(on_zero) == pytest.approx(1.0, abs=1e-12)  # E[factor] = 1 at c
+        assert p == pytest.approx(min(multiple * ceiling, (1 + ceiling) / 2), abs=1e-12) and p < 1
+        assert math.exp(on_zero) >= 0.5 - 1e-12
