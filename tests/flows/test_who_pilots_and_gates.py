@@ -61,8 +61,8 @@ def _actors(name: str) -> list[tuple[str, str, Any]]:
 def _worse_pairs(name: str, n: int) -> None:
     """`n` shadow pairs in the running pilot's step where the sparse arm is clearly worse: a NO-GO. Worse by
     half a point, not a whole one: after the pilot's own batch (the tiny model's arms alike) a whole point
-    makes the look's bounds cross, an INVALID (`decide`'s crossed-bounds rule), not the NO-GO this test's
-    actors need."""
+    makes the look's bounds cross (`decide`'s crossed-bounds rule; a NO-GO too, where the futility test
+    rejects, but with a second reason); this test is about who acts, not about crossings."""
     from rollout import pilots
     from rollout.db.models import Pilot
     from rollout.db.session import session_scope
