@@ -148,17 +148,16 @@ def hash_password(password: str, *, salt: bytes | None = None, n: int = _SCRYPT_
     sign-ins are not about the cost, so each of their checks is real scrypt without its 0.4 s."""
     if not password:
         raise ValueError("password must not be empty")
-    salt = salt if salt is not None else secrets.token_bytes(16)
-    digest = hashlib.scrypt(
-        password.encode("utf-8"),
-        salt=salt,
-        n=n,
-        r=_SCRYPT_R,
-        p=_SCRYPT_P,
-        dklen=_DKLEN,
-        maxmem=_SCRYPT_MAXMEM,
+    return _scrypt_hash(
+        password, salt if salt is not None else secrets.token_bytes(16), n, _SCRYPT_R, _SCRYPT_P
     )
-    return f"{_HASH_PREFIX}${n}${_SCRYPT_R}${_SCRYPT_P}${_b64(salt)}${_b64(digest)}"
+
+
+def _scrypt_hash(password: str, salt: bytes, n: int, r: int, p: int, dklen: int = _DKLEN) -> str:
+    digest = hashlib.scrypt(
+        password.encode("utf-8"), salt=salt, n=n, r=r, p=p, dklen=dklen, maxmem=_SCRYPT_MAXMEM
+    )
+    return f"{_HASH_PREFIX}${n}${r}${p}${_b64(salt)}${_b64(digest)}"
 
 
 def _parse_hash(stored: str) -> tuple[int, int, int, bytes, bytes]:
@@ -195,11 +194,35 @@ def verify_password(password: str, stored: str) -> bool:
     return hmac.compare_digest(candidate, digest)
 
 
-@lru_cache(maxsize=1)
-def _dummy_hash() -> str:
-    """A real hash of a random password: unknown user names cost the same scrypt work as known ones,
-    so response time does not reveal which accounts exist."""
-    return hash_password(secrets.token_urlsafe(16))
+ScryptCost = tuple[int, int, int, int]  # n, r, p, dklen: what one check of a stored hash costs
+
+
+def usual_cost(hashes: Iterable[str]) -> ScryptCost:
+    """The scrypt parameters most of ``hashes`` were made with (of two as common, the dearer), or the
+    product's default where none parses: what a check of an unknown name must cost (`_dummy_hash`) so
+    that it takes the time of a wrong password for an account (pure)."""
+    costs: dict[ScryptCost, int] = {}
+    for stored in hashes:
+        try:
+            n, r, p, _salt, digest = _parse_hash(stored)
+        except AccountsConfigError:
+            continue
+        cost = (n, r, p, len(digest))
+        costs[cost] = costs.get(cost, 0) + 1
+    if not costs:
+        return _SCRYPT_N, _SCRYPT_R, _SCRYPT_P, _DKLEN
+    return max(costs, key=lambda c: (costs[c], c[0] * c[1] * c[2], c))
+
+
+@lru_cache(maxsize=8)
+def _dummy_hash(cost: ScryptCost = (_SCRYPT_N, _SCRYPT_R, _SCRYPT_P, _DKLEN)) -> str:
+    """A real hash of a random password at ``cost`` (made once per cost): `authenticate` checks an
+    unknown name against it at the accounts' `usual_cost`, so it takes the scrypt work of a wrong
+    password for an account and the response time does not tell which accounts exist. Made at the
+    product's default whatever the accounts' cost, an installation whose hashes were made at another n
+    answered an unknown name in another time (review s48)."""
+    n, r, p, dklen = cost
+    return _scrypt_hash(secrets.token_urlsafe(16), secrets.token_bytes(16), n, r, p, dklen)
 
 
 # --- local accounts ------------------------------------------------------------------------------
@@ -335,11 +358,14 @@ def load_accounts(env: Mapping[str, str] | None = None) -> dict[str, Account]:
 
 
 def authenticate(name: str, password: str, accounts: Mapping[str, Account] | None = None) -> Identity | None:
-    """The Identity for a correct name + password, else None (same work for unknown names)."""
+    """The Identity for a correct name + password, else None (an unknown name checked against
+    `_dummy_hash` at the accounts' `usual_cost`: the same scrypt work as a wrong password)."""
     accounts = load_accounts() if accounts is None else accounts
     account = accounts.get(name.strip())
-    ok = verify_password(password, account.password_hash if account else _dummy_hash())
-    if account is None or not ok:
+    if account is None:
+        verify_password(password, _dummy_hash(usual_cost(a.password_hash for a in accounts.values())))
+        return None
+    if not verify_password(password, account.password_hash):
         return None
     return Identity(account.name, account.role, "local-account", password_fingerprint(account))
 

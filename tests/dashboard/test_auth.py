@@ -56,6 +56,38 @@ def test_accounts_from_env_and_authenticate(hashes: dict[str, str]) -> None:
     assert auth.authenticate("mallory", "alice-pw", accounts) is None
 
 
+def test_an_unknown_name_costs_the_scrypt_work_of_a_wrong_password(
+    hashes: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review s48: the unknown name's check ran at the product's n=2**17 whatever the accounts' hashes
+    asked, so an installation whose hashes use another n (here the tests' 2**10) answered an unknown
+    name in another time than a known one. Now both run scrypt at the parameters the accounts use:
+    the parameters every scrypt call of a sign-in asked for are compared, not times."""
+    accounts = auth.parse_accounts(f"alice:approver:{hashes['alice']};bob:viewer:{hashes['bob']}")
+    asked: list[tuple[int, int, int, int]] = []
+    real = hashlib.scrypt
+
+    def scrypt(password: bytes, **kw: int) -> bytes:  # the real scrypt, its parameters noted
+        asked.append((kw["n"], kw["r"], kw["p"], kw["dklen"]))
+        return real(password, **kw)
+
+    monkeypatch.setattr(hashlib, "scrypt", scrypt)
+    for name in ("alice", "mallory", "Alice", " bob-pw "):
+        asked.clear()
+        assert auth.authenticate(name, "bob-pw", accounts) is None
+        assert asked[-1:] == [(2**10, 8, 1, 32)], name  # the check itself at the accounts' cost
+
+
+def test_the_usual_cost_is_the_one_most_hashes_use() -> None:
+    """Which parameters an unknown name is checked at (pure): most hashes', the dearer of two as
+    common, the product's default where no hash parses."""
+    salt = b"0123456789abcdef"
+    h10, h11 = (auth.hash_password("pw", salt=salt, n=n) for n in (2**10, 2**11))
+    assert auth.usual_cost([h10, h11, h10]) == (2**10, 8, 1, 32)
+    assert auth.usual_cost([h10, h11]) == (2**11, 8, 1, 32)
+    assert auth.usual_cost([]) == auth.usual_cost(["scrypt$garbage"]) == (2**17, 8, 1, 32)
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
