@@ -941,23 +941,54 @@ def oidc_listed(email: str, subject: str, approvers: Iterable[str]) -> bool:
     return bool(email and email.lower() in listed_emails) or bool(subject and subject in listed)
 
 
-def identity_from_oidc(claims: Mapping[str, object], approvers: Iterable[str] = ()) -> Identity | None:
-    """An OIDC user (``st.user``) is an approver only on a claim the provider vouches for: an email
-    listed in ``approvers`` with ``email_verified`` true, or a listed ``<issuer>#<subject>`` (the
-    subject is unique only within its issuer; `oidc_listed`). ``preferred_username`` and an unverified
-    email never count. Everyone else who signed in is a viewer. The name is ``oidc:<verified email>``,
-    else ``oidc:<issuer>#<subject>``: never a local account's name. No verified email and no subject ->
-    no identity."""
-    if not claims.get("is_logged_in", True):
-        return None
+def _oidc_name_and_subject(claims: Mapping[str, object]) -> tuple[str, str] | None:
+    """The name an OIDC user is recorded under (``oidc:<verified email>``, else
+    ``oidc:<issuer>#<subject>``) and their ``<issuer>#<subject>`` ("" without an issuer); None with
+    neither a verified email nor a subject."""
     email = verified_email(claims)
     iss = str(claims.get("iss") or "").strip()
     sub = str(claims.get("sub") or "").strip()
     if not email and not sub:
         return None
-    subject = f"{iss}#{sub}" if iss and sub else ""
+    return OIDC_PREFIX + (email or f"{iss}#{sub}"), f"{iss}#{sub}" if iss and sub else ""
+
+
+def oidc_refusal(claims: Mapping[str, object]) -> str | None:
+    """Why an OIDC sign-in with these claims is refused, or None (pure): the name or the
+    ``<issuer>#<subject>`` it would be recorded under reads as a secret (`redacted_name` changes it: a
+    token, a ``password=`` pair). The audit log keeps a signer's name and subject as given and refuses
+    a secret there (`rollout.audit.checked_names`), so such a person was let in and then every action
+    they signed failed with AuditRefused. The reason shows the subject redacted, never the secret."""
+    named = _oidc_name_and_subject(claims)
+    if named is None:
+        return None
+    name, subject = named
+    for value in (subject, name.removeprefix(OIDC_PREFIX)):
+        if redacted_name(value) != value:
+            return (
+                f"the identity provider's issuer and subject {redacted_name(value)!r} read as a secret (a "
+                "token, a password), and the audit log keeps who signs as given: ask its administrator to "
+                "send a plain subject (a user id), or sign in with a local account"
+            )
+    return None
+
+
+def identity_from_oidc(claims: Mapping[str, object], approvers: Iterable[str] = ()) -> Identity | None:
+    """An OIDC user (``st.user``) is an approver only on a claim the provider vouches for: an email
+    listed in ``approvers`` with ``email_verified`` true, or a listed ``<issuer>#<subject>`` (the
+    subject is unique only within its issuer; `oidc_listed`). ``preferred_username`` and an unverified
+    email never count. Everyone else who signed in is a viewer. The name is ``oidc:<verified email>``,
+    else ``oidc:<issuer>#<subject>``: never a local account's name. No verified email and no subject,
+    or a name or subject that reads as a secret (`oidc_refusal`) -> no identity."""
+    if not claims.get("is_logged_in", True) or oidc_refusal(claims) is not None:
+        return None
+    named = _oidc_name_and_subject(claims)
+    if named is None:
+        return None
+    name, subject = named
+    email = verified_email(claims)
     role: Role = "approver" if oidc_listed(email, subject, approvers) else "viewer"
-    return Identity(OIDC_PREFIX + (email or f"{iss}#{sub}"), role, "oidc", subject=subject)
+    return Identity(name, role, "oidc", subject=subject)
 
 
 _KNOWN_OIDC_APPROVERS: ContextVar[tuple[str, ...] | None] = ContextVar("oidc_approvers", default=None)
