@@ -326,7 +326,7 @@ def run_main_job(settings: MainJobSettings | None = None, *, console: Any = None
 
     s = settings or MainJobSettings()
     cfg = configure_environment()
-    migrate.upgrade(cfg.database_url)
+    migrate.prepare_for_run(cfg.database_url)  # SQLite migrated; PostgreSQL only checked: init's, as owner
     # the MLflow store at head before any flow: its first creation is not atomic (rollout.mlflow_store)
     ensure_store(cfg)
     t0 = time.perf_counter()

@@ -148,17 +148,16 @@ def hash_password(password: str, *, salt: bytes | None = None, n: int = _SCRYPT_
     sign-ins are not about the cost, so each of their checks is real scrypt without its 0.4 s."""
     if not password:
         raise ValueError("password must not be empty")
-    salt = salt if salt is not None else secrets.token_bytes(16)
-    digest = hashlib.scrypt(
-        password.encode("utf-8"),
-        salt=salt,
-        n=n,
-        r=_SCRYPT_R,
-        p=_SCRYPT_P,
-        dklen=_DKLEN,
-        maxmem=_SCRYPT_MAXMEM,
+    return _scrypt_hash(
+        password, salt if salt is not None else secrets.token_bytes(16), n, _SCRYPT_R, _SCRYPT_P
     )
-    return f"{_HASH_PREFIX}${n}${_SCRYPT_R}${_SCRYPT_P}${_b64(salt)}${_b64(digest)}"
+
+
+def _scrypt_hash(password: str, salt: bytes, n: int, r: int, p: int, dklen: int = _DKLEN) -> str:
+    digest = hashlib.scrypt(
+        password.encode("utf-8"), salt=salt, n=n, r=r, p=p, dklen=dklen, maxmem=_SCRYPT_MAXMEM
+    )
+    return f"{_HASH_PREFIX}${n}${r}${p}${_b64(salt)}${_b64(digest)}"
 
 
 def _parse_hash(stored: str) -> tuple[int, int, int, bytes, bytes]:
@@ -195,11 +194,35 @@ def verify_password(password: str, stored: str) -> bool:
     return hmac.compare_digest(candidate, digest)
 
 
-@lru_cache(maxsize=1)
-def _dummy_hash() -> str:
-    """A real hash of a random password: unknown user names cost the same scrypt work as known ones,
-    so response time does not reveal which accounts exist."""
-    return hash_password(secrets.token_urlsafe(16))
+ScryptCost = tuple[int, int, int, int]  # n, r, p, dklen: what one check of a stored hash costs
+
+
+def usual_cost(hashes: Iterable[str]) -> ScryptCost:
+    """The scrypt parameters most of ``hashes`` were made with (of two as common, the dearer), or the
+    product's default where none parses: what a check of an unknown name must cost (`_dummy_hash`) so
+    that it takes the time of a wrong password for an account (pure)."""
+    costs: dict[ScryptCost, int] = {}
+    for stored in hashes:
+        try:
+            n, r, p, _salt, digest = _parse_hash(stored)
+        except AccountsConfigError:
+            continue
+        cost = (n, r, p, len(digest))
+        costs[cost] = costs.get(cost, 0) + 1
+    if not costs:
+        return _SCRYPT_N, _SCRYPT_R, _SCRYPT_P, _DKLEN
+    return max(costs, key=lambda c: (costs[c], c[0] * c[1] * c[2], c))
+
+
+@lru_cache(maxsize=8)
+def _dummy_hash(cost: ScryptCost = (_SCRYPT_N, _SCRYPT_R, _SCRYPT_P, _DKLEN)) -> str:
+    """A real hash of a random password at ``cost`` (made once per cost): `authenticate` checks an
+    unknown name against it at the accounts' `usual_cost`, so it takes the scrypt work of a wrong
+    password for an account and the response time does not tell which accounts exist. Made at the
+    product's default whatever the accounts' cost, an installation whose hashes were made at another n
+    answered an unknown name in another time (review s48)."""
+    n, r, p, dklen = cost
+    return _scrypt_hash(secrets.token_urlsafe(16), secrets.token_bytes(16), n, r, p, dklen)
 
 
 # --- local accounts ------------------------------------------------------------------------------
@@ -335,11 +358,14 @@ def load_accounts(env: Mapping[str, str] | None = None) -> dict[str, Account]:
 
 
 def authenticate(name: str, password: str, accounts: Mapping[str, Account] | None = None) -> Identity | None:
-    """The Identity for a correct name + password, else None (same work for unknown names)."""
+    """The Identity for a correct name + password, else None (an unknown name checked against
+    `_dummy_hash` at the accounts' `usual_cost`: the same scrypt work as a wrong password)."""
     accounts = load_accounts() if accounts is None else accounts
     account = accounts.get(name.strip())
-    ok = verify_password(password, account.password_hash if account else _dummy_hash())
-    if account is None or not ok:
+    if account is None:
+        verify_password(password, _dummy_hash(usual_cost(a.password_hash for a in accounts.values())))
+        return None
+    if not verify_password(password, account.password_hash):
         return None
     return Identity(account.name, account.role, "local-account", password_fingerprint(account))
 
@@ -353,6 +379,12 @@ def authenticate(name: str, password: str, accounts: Mapping[str, Account] | Non
 # and erases nothing.
 
 MAX_FAILURES, LOCKOUT_S = 5, 30.0
+# Every name together: the per-name limit left a guesser who moves from name to name (or tries one
+# password on every name) unbounded, each try costing scrypt work and an append-only audit row. With this
+# many failures of any names in LOCKOUT_S, every sign-in is refused, before any password work, until
+# enough of them are LOCKOUT_S old (`locked_until` again). It holds exactly on SQLite (every sign-in takes
+# its turn on one lock) and to within the attempts running at once on PostgreSQL (turns are per name).
+MAX_FAILURES_ALL_NAMES = 50
 SIGN_IN_FAILED = "auth.sign_in_failed"
 UNKNOWN_ACCOUNT_PREFIX = "unknown:"
 _ACCOUNT_ENTITY = "account"
@@ -361,8 +393,14 @@ _ACCOUNT_ENTITY = "account"
 class TooManyAttempts(PermissionDenied):
     """Refused before any password work: too many recent failed sign-ins."""
 
-    def __init__(self, wait_s: float) -> None:
-        super().__init__(f"too many failed sign-ins; try again in {max(wait_s, 0.0):.0f} s")
+    def __init__(self, wait_s: float, *, any_name: bool = False) -> None:
+        many = (
+            f"too many failed sign-ins of any names on this installation ({MAX_FAILURES_ALL_NAMES} in "
+            f"{LOCKOUT_S:.0f} s)"
+            if any_name
+            else "too many failed sign-ins"
+        )
+        super().__init__(f"{many}; try again in {max(wait_s, 0.0):.0f} s")
         self.wait_s = wait_s
 
 
@@ -404,7 +442,7 @@ def _process_key() -> bytes:
 
 
 def recent_sign_in_failures(
-    name: str,
+    name: str | None,
     now: float,
     *,
     window_s: float = LOCKOUT_S,
@@ -412,8 +450,9 @@ def recent_sign_in_failures(
     accounts: Mapping[str, Account] | None = None,
     session: Session | None = None,
 ) -> list[float]:
-    """Times (seconds) of the failed sign-ins as ``name`` in the ``window_s`` before ``now`` (state DB);
-    ``accounts`` (default `load_accounts`) tell a known name from an unknown one (`_account_key`). Read
+    """Times (seconds) of the failed sign-ins as ``name`` (None: as any name) in the ``window_s`` before
+    ``now`` (state DB); ``accounts`` (default `load_accounts`) tell a known name from an unknown one
+    (`_account_key`). Read
     on ``session`` if given (the sign-in turn's), else in a transaction of its own."""
     import datetime as dt
 
@@ -421,14 +460,13 @@ def recent_sign_in_failures(
 
     from rollout.db.models import AuditEntry
 
-    key = _account_key(name, load_accounts() if accounts is None else accounts)
     since = dt.datetime.fromtimestamp(now - window_s, dt.UTC)
     query = select(AuditEntry.ts).where(
-        AuditEntry.action == SIGN_IN_FAILED,
-        AuditEntry.entity == _ACCOUNT_ENTITY,
-        AuditEntry.entity_id == key,
-        AuditEntry.ts >= since,
+        AuditEntry.action == SIGN_IN_FAILED, AuditEntry.entity == _ACCOUNT_ENTITY, AuditEntry.ts >= since
     )
+    if name is not None:
+        key = _account_key(name, load_accounts() if accounts is None else accounts)
+        query = query.where(AuditEntry.entity_id == key)
     with _on(session, db_url) as s:
         stamps = s.scalars(query).all()
     # SQLite hands the timestamp back without its zone (UTC, as written)
@@ -485,8 +523,9 @@ def sign_in(
     db_url: str | None = None,
     now: float | None = None,
 ) -> Identity | None:
-    """`authenticate` behind the per-account limit: TooManyAttempts, before any password work, while
-    `locked_until` says the name is locked; a wrong password (or unknown name) is recorded
+    """`authenticate` behind the per-account limit and the one of every name together
+    (MAX_FAILURES_ALL_NAMES): TooManyAttempts, before any password work, while `locked_until` says the
+    name, or every name, is locked; a wrong password (or unknown name) is recorded
     (`record_sign_in_failure`). SignInUnavailable when the state DB cannot give the count. Attempts on
     one name take turns (`_sign_in_turn`) from reading the count to recording the failure, so
     concurrent attempts cannot all pass one count: at most MAX_FAILURES checks per window. On
@@ -504,10 +543,16 @@ def sign_in(
         try:
             failures = recent_sign_in_failures(name, t, db_url=db_url, accounts=accounts, session=session)
             until = locked_until(failures, t)
+            everyone = None
+            if until is None:
+                anyone = recent_sign_in_failures(None, t, db_url=db_url, session=session)
+                everyone = locked_until(anyone, t, max_failures=MAX_FAILURES_ALL_NAMES)
         except (SQLAlchemyError, StateDBBusy) as exc:
             raise SignInUnavailable(_db_trouble(exc)) from None
         if until is not None:
             raise TooManyAttempts(until - t)
+        if everyone is not None:
+            raise TooManyAttempts(everyone - t, any_name=True)
         who = authenticate(name, password, accounts)
         if who is None:
             try:
@@ -915,23 +960,54 @@ def oidc_listed(email: str, subject: str, approvers: Iterable[str]) -> bool:
     return bool(email and email.lower() in listed_emails) or bool(subject and subject in listed)
 
 
-def identity_from_oidc(claims: Mapping[str, object], approvers: Iterable[str] = ()) -> Identity | None:
-    """An OIDC user (``st.user``) is an approver only on a claim the provider vouches for: an email
-    listed in ``approvers`` with ``email_verified`` true, or a listed ``<issuer>#<subject>`` (the
-    subject is unique only within its issuer; `oidc_listed`). ``preferred_username`` and an unverified
-    email never count. Everyone else who signed in is a viewer. The name is ``oidc:<verified email>``,
-    else ``oidc:<issuer>#<subject>``: never a local account's name. No verified email and no subject ->
-    no identity."""
-    if not claims.get("is_logged_in", True):
-        return None
+def _oidc_name_and_subject(claims: Mapping[str, object]) -> tuple[str, str] | None:
+    """The name an OIDC user is recorded under (``oidc:<verified email>``, else
+    ``oidc:<issuer>#<subject>``) and their ``<issuer>#<subject>`` ("" without an issuer); None with
+    neither a verified email nor a subject."""
     email = verified_email(claims)
     iss = str(claims.get("iss") or "").strip()
     sub = str(claims.get("sub") or "").strip()
     if not email and not sub:
         return None
-    subject = f"{iss}#{sub}" if iss and sub else ""
+    return OIDC_PREFIX + (email or f"{iss}#{sub}"), f"{iss}#{sub}" if iss and sub else ""
+
+
+def oidc_refusal(claims: Mapping[str, object]) -> str | None:
+    """Why an OIDC sign-in with these claims is refused, or None (pure): the name or the
+    ``<issuer>#<subject>`` it would be recorded under reads as a secret (`redacted_name` changes it: a
+    token, a ``password=`` pair). The audit log keeps a signer's name and subject as given and refuses
+    a secret there (`rollout.audit.checked_names`), so such a person was let in and then every action
+    they signed failed with AuditRefused. The reason shows the subject redacted, never the secret."""
+    named = _oidc_name_and_subject(claims)
+    if named is None:
+        return None
+    name, subject = named
+    for value in (subject, name.removeprefix(OIDC_PREFIX)):
+        if redacted_name(value) != value:
+            return (
+                f"the identity provider's issuer and subject {redacted_name(value)!r} read as a secret (a "
+                "token, a password), and the audit log keeps who signs as given: ask its administrator to "
+                "send a plain subject (a user id), or sign in with a local account"
+            )
+    return None
+
+
+def identity_from_oidc(claims: Mapping[str, object], approvers: Iterable[str] = ()) -> Identity | None:
+    """An OIDC user (``st.user``) is an approver only on a claim the provider vouches for: an email
+    listed in ``approvers`` with ``email_verified`` true, or a listed ``<issuer>#<subject>`` (the
+    subject is unique only within its issuer; `oidc_listed`). ``preferred_username`` and an unverified
+    email never count. Everyone else who signed in is a viewer. The name is ``oidc:<verified email>``,
+    else ``oidc:<issuer>#<subject>``: never a local account's name. No verified email and no subject,
+    or a name or subject that reads as a secret (`oidc_refusal`) -> no identity."""
+    if not claims.get("is_logged_in", True) or oidc_refusal(claims) is not None:
+        return None
+    named = _oidc_name_and_subject(claims)
+    if named is None:
+        return None
+    name, subject = named
+    email = verified_email(claims)
     role: Role = "approver" if oidc_listed(email, subject, approvers) else "viewer"
-    return Identity(OIDC_PREFIX + (email or f"{iss}#{sub}"), role, "oidc", subject=subject)
+    return Identity(name, role, "oidc", subject=subject)
 
 
 _KNOWN_OIDC_APPROVERS: ContextVar[tuple[str, ...] | None] = ContextVar("oidc_approvers", default=None)

@@ -3,7 +3,8 @@ claims, valid for 30 days and unknown to the server: "Sign out" deletes it from 
 copy of it would go on signing in. So a sign-in ends here when its ID token expires (the ``exp`` claim;
 a token without one never counts), and a sign-out is recorded in the state DB (an ``auth.oidc_signed_out``
 audit row keyed by the sign-in: issuer, subject, ``iat`` and the sign-in's ``nonce``), after which any copy
-of that cookie is refused."""
+of that cookie is refused. A sign-in whose subject reads as a secret never counts
+(`rollout.auth.oidc_refusal`), recorded once as an ``auth.oidc_refused`` row that does not hold it."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import hashlib
 import time
 from collections.abc import Mapping
 
-from rollout.auth import Identity
+from rollout.auth import Identity, oidc_refusal
 
 OIDC_SIGNED_OUT = "auth.oidc_signed_out"
+OIDC_REFUSED = "auth.oidc_refused"
 _SESSION_ENTITY = "oidc_session"
 
 EXPIRED = "its ID token has expired"
@@ -84,10 +86,37 @@ def signed_out(claims: Mapping[str, object], *, db_url: str | None = None) -> bo
         return s.scalar(query) is not None
 
 
+def record_refused(claims: Mapping[str, object], why: str, *, db_url: str | None = None) -> None:
+    """An ``auth.oidc_refused`` audit row for this sign-in (`session_key`, a digest), once: the page
+    runs after the first write nothing. Actor ``anonymous`` (the person has no name the log may keep);
+    details: the reason, which shows the subject redacted, and the issuer; never the secret."""
+    from sqlalchemy import select
+
+    from rollout import audit
+    from rollout.db.models import AuditEntry
+    from rollout.db.session import session_scope
+
+    key = session_key(claims)
+    seen = select(AuditEntry.id).where(
+        AuditEntry.action == OIDC_REFUSED, AuditEntry.entity == _SESSION_ENTITY, AuditEntry.entity_id == key
+    )
+    with session_scope(db_url) as s:
+        if s.scalar(seen.limit(1)) is None:
+            details = {"why": why, "issuer": str(claims.get("iss") or ""), "via": "dashboard"}
+            audit.record(
+                s, audit.ANONYMOUS_ACTOR, OIDC_REFUSED, entity=_SESSION_ENTITY, entity_id=key, details=details
+            )
+
+
 def refusal(
     claims: Mapping[str, object], *, now: float | None = None, db_url: str | None = None
 ) -> str | None:
-    """Why an OIDC sign-in no longer counts (`expiry_refusal`, then SIGNED_OUT), or None."""
+    """Why an OIDC sign-in does not count (`rollout.auth.oidc_refusal`, recorded once: `record_refused`;
+    then `expiry_refusal`, then SIGNED_OUT), or None."""
+    refused = oidc_refusal(claims)
+    if refused is not None:
+        record_refused(claims, refused, db_url=db_url)
+        return refused
     why = expiry_refusal(claims, time.time() if now is None else now)
     if why is None and signed_out(claims, db_url=db_url):
         why = SIGNED_OUT

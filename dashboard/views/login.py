@@ -12,7 +12,7 @@ from dashboard.identity import (
     sign_in_local,
     sign_out,
 )
-from rollout.auth import AccountsConfigError, PermissionDenied
+from rollout.auth import AccountsConfigError, PermissionDenied, oidc_refusal
 
 
 def main() -> None:
@@ -26,8 +26,12 @@ def main() -> None:
         return
     st.title("Sign in")
     if oidc_configured():
-        ended = oidc_sign_in_ended() if st.user.get("is_logged_in") else None
-        if ended:
+        signed_in = bool(st.user.get("is_logged_in"))
+        refused = oidc_refusal(st.user.to_dict()) if signed_in else None  # recorded by current_identity
+        ended = oidc_sign_in_ended() if signed_in and refused is None else None
+        if refused:
+            st.error(f"Single sign-on did not sign you in: {refused}.")
+        elif ended:
             st.info(f"Your single sign-on sign-in no longer counts: {ended}. Sign in again.")
         st.button("Sign in with single sign-on", key="oidc_login", on_click=st.login)
     if not local_accounts_configured():

@@ -11,6 +11,7 @@ from alembic.config import Config
 
 import migrations
 from rollout.settings import get_settings
+from sparse_core.errors import SparsePilotError
 
 MIGRATIONS_DIR = Path(migrations.__file__).resolve().parent
 
@@ -174,3 +175,49 @@ def head_revision(url: str | None = None) -> str | None:
     from alembic.script import ScriptDirectory
 
     return ScriptDirectory.from_config(alembic_config(url)).get_current_head()
+
+
+class SchemaBehind(SparsePilotError, RuntimeError):
+    """The state DB is not at this build's head revision; the message names the command that migrates it."""
+
+
+def behind_refusal(masked_url: str, current: str | None, head: str | None, *, postgresql: bool) -> str:
+    """Why a state DB at revision ``current`` cannot be used by a build at ``head``, and what migrates
+    it (pure): `sparsepilot init`; on PostgreSQL as the role that owns the database, since every other
+    process connects as the app role, which may not create or alter a table (docs/operations.md,
+    "Database roles")."""
+    state = "not initialised" if current is None else f"at revision {current}, head is {head}"
+    how = "run `sparsepilot init` first"
+    if postgresql:
+        how = (
+            "run `sparsepilot init` with SPARSEPILOT_OWNER_DATABASE_URL set to the URL of the role that owns "
+            "the database (SPARSEPILOT_DATABASE_URL is the app role's, which may not migrate it; "
+            'docs/operations.md, "Database roles")'
+        )
+    return f"the state DB at {masked_url} is {state}: {how}"
+
+
+def require_head(url: str) -> None:
+    """`SchemaBehind` (`behind_refusal`) unless the state DB at ``url`` is at this build's head."""
+    from sqlalchemy.engine import make_url
+
+    from rollout.redact import mask_db_url
+
+    current, head = current_revision(url), head_revision(url)
+    if current != head:
+        postgresql = make_url(url).get_backend_name() == "postgresql"
+        raise SchemaBehind(behind_refusal(mask_db_url(url), current, head, postgresql=postgresql))
+
+
+def prepare_for_run(url: str) -> None:
+    """The state DB before `sparsepilot run`'s first flow (flows.main_job): a SQLite one (embedded, no
+    roles) is migrated (`upgrade`), so a first run needs no init; a PostgreSQL one never is, since `run`
+    connects as the app role (SPARSEPILOT_DATABASE_URL), which may not: one behind this build's head is
+    `SchemaBehind`, naming `sparsepilot init` with the owner's URL. `run` migrated it with the app role's
+    URL and stopped on PostgreSQL's raw "permission denied for schema public" (review s48)."""
+    from sqlalchemy.engine import make_url
+
+    if make_url(url).get_backend_name() == "postgresql":
+        require_head(url)
+    else:
+        upgrade(url)

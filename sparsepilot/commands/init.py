@@ -102,8 +102,7 @@ def require_schema() -> None:
     except Exception as exc:  # noqa: BLE001 - unreachable DB: say so plainly
         fail(f"cannot reach the state DB at {_mask(url)}: {exc}")
     if current != head:
-        state = "not initialised" if current is None else f"at revision {current}, head is {head}"
-        fail(f"the state DB at {_mask(url)} is {state}: run `sparsepilot init` first")
+        fail(migrate.behind_refusal(_mask(url), current, head, postgresql=not settings.is_sqlite))
 
 
 @app.command("init")

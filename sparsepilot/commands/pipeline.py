@@ -562,6 +562,7 @@ def run_cmd(
     from flows.main_job import MainJobSettings, render_table, run_main_job, serve_after
     from rollout.pilot_plan import describe_to_approval
 
+    _require_db_for_run()
     if use_case:
         _require_run_use_cases(specs, use_case)
     settings = MainJobSettings(
@@ -585,7 +586,7 @@ def run_cmd(
     _require_device()
     log_path = to_log_file(get_settings().home, "run")
     out_console.print(f"log file (warnings and library output): {log_path}", highlight=False, soft_wrap=True)
-    # the main job migrates both stores itself before its first flow (flows.main_job.run_main_job)
+    # the main job prepares both stores itself before its first flow (flows.main_job.run_main_job)
     result = _run(lambda: run_main_job(settings, console=out_console), needs_db=False, needs_mlflow=False)
     if json_out:
         emit_json(result)
@@ -613,6 +614,16 @@ def run_cmd(
         raise typer.Exit(code)
     if not result["ok"]:
         raise typer.Exit(1)
+
+
+def _require_db_for_run() -> None:
+    """`run` migrates a SQLite state DB itself (`rollout.db.migrate.prepare_for_run`); a PostgreSQL one,
+    which only `init` as the owner role migrates, must be at this build's head before anything reads it
+    (`_require_db`: the sign-in check and `--use-case` read it), else one error line naming that init."""
+    from rollout.settings import configure_environment
+
+    if not configure_environment().is_sqlite:
+        _require_db()
 
 
 def _require_operator_for_theirs(settings: Any, password_stdin: bool) -> None:

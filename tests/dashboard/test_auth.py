@@ -56,6 +56,38 @@ def test_accounts_from_env_and_authenticate(hashes: dict[str, str]) -> None:
     assert auth.authenticate("mallory", "alice-pw", accounts) is None
 
 
+def test_an_unknown_name_costs_the_scrypt_work_of_a_wrong_password(
+    hashes: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review s48: the unknown name's check ran at the product's n=2**17 whatever the accounts' hashes
+    asked, so an installation whose hashes use another n (here the tests' 2**10) answered an unknown
+    name in another time than a known one. Now both run scrypt at the parameters the accounts use:
+    the parameters every scrypt call of a sign-in asked for are compared, not times."""
+    accounts = auth.parse_accounts(f"alice:approver:{hashes['alice']};bob:viewer:{hashes['bob']}")
+    asked: list[tuple[int, int, int, int]] = []
+    real = hashlib.scrypt
+
+    def scrypt(password: bytes, **kw: int) -> bytes:  # the real scrypt, its parameters noted
+        asked.append((kw["n"], kw["r"], kw["p"], kw["dklen"]))
+        return real(password, **kw)
+
+    monkeypatch.setattr(hashlib, "scrypt", scrypt)
+    for name in ("alice", "mallory", "Alice", " bob-pw "):
+        asked.clear()
+        assert auth.authenticate(name, "bob-pw", accounts) is None
+        assert asked[-1:] == [(2**10, 8, 1, 32)], name  # the check itself at the accounts' cost
+
+
+def test_the_usual_cost_is_the_one_most_hashes_use() -> None:
+    """Which parameters an unknown name is checked at (pure): most hashes', the dearer of two as
+    common, the product's default where no hash parses."""
+    salt = b"0123456789abcdef"
+    h10, h11 = (auth.hash_password("pw", salt=salt, n=n) for n in (2**10, 2**11))
+    assert auth.usual_cost([h10, h11, h10]) == (2**10, 8, 1, 32)
+    assert auth.usual_cost([h10, h11]) == (2**11, 8, 1, 32)
+    assert auth.usual_cost([]) == auth.usual_cost(["scrypt$garbage"]) == (2**17, 8, 1, 32)
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -198,6 +230,32 @@ def test_a_password_typed_as_an_unknown_name_is_never_stored(hashes: dict[str, s
     # keyed: another installation (other accounts) gives the same name another digest
     other = auth.parse_accounts(f"carol:viewer:{hashes['alice']}")
     assert auth._account_key(secret, accounts) == unknown[0] != auth._account_key(secret, other)
+
+
+def test_failed_sign_ins_of_every_name_together_are_bounded(
+    hashes: dict[str, str],
+    sp_home,  # noqa: ANN001
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review s48: the limit was per name only, so a guesser moving from name to name (or trying one
+    password on every name) was never stopped, each try costing scrypt work and an append-only audit row.
+    Now MAX_FAILURES_ALL_NAMES failures of any names in LOCKOUT_S refuse every sign-in, the right
+    password too, before any password work, until they are LOCKOUT_S old. (The bound is made small
+    here: its rule is `locked_until`'s, tested above.)"""
+    import time
+
+    monkeypatch.setattr(auth, "MAX_FAILURES_ALL_NAMES", 4, raising=False)  # the code before had none
+    accounts = auth.parse_accounts(f"alice:approver:{hashes['alice']};bob:viewer:{hashes['bob']}")
+    t = time.time()
+    for name in ("bob", "carol", "dave", "erin"):  # one failure each: no name near its own limit
+        assert auth.sign_in(name, "Summer2026!", via="test", accounts=accounts, now=t) is None
+    checks: list[str] = []
+    real = auth.verify_password
+    monkeypatch.setattr(auth, "verify_password", lambda pw, h: checks.append(pw) or real(pw, h))
+    with pytest.raises(auth.TooManyAttempts, match=r"of any names on this installation \(4 in 30 s\)"):
+        auth.sign_in("alice", "alice-pw", via="test", accounts=accounts, now=t + 1)
+    assert checks == []  # refused before the password work
+    assert auth.sign_in("alice", "alice-pw", via="test", accounts=accounts, now=t + auth.LOCKOUT_S + 1)
 
 
 def test_sign_in_without_a_state_db_is_refused_by_name(

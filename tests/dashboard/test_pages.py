@@ -334,6 +334,12 @@ def test_oidc_user_role_comes_from_the_approver_list(seeded: dict[str, Any], mon
     open_page(at, "approvals")
     assert "**oidc:dan@example.com** · viewer" in texts(at)
     assert "Approve promotion" not in button_labels(at)
+    token = "hf_AbCdEfGhIjKlMnOpQrStUvWxYz01234567"  # a subject that reads as a secret (review s48)
+    at.user = {**at.user, "iss": "https://idp.example", "sub": token, "email": "ann@example.com"}
+    open_page(at, "login")  # refused, not let in to have every signature refused by the audit log
+    refused = " ".join(e.value for e in at.error)
+    assert "Single sign-on did not sign you in" in refused and "hf_***" in refused, texts(at)
+    assert token not in refused and "Sign out" not in button_labels(at)
 
 
 def test_one_person_cannot_sign_both_halves_of_an_override_as_local_account_and_oidc(

@@ -33,3 +33,34 @@ def test_a_signed_out_sign_in_is_refused_and_the_next_one_is_not(sp_home: Settin
     oidc_sessions.record_sign_out(ann, first)
     assert oidc_sessions.refusal(dict(first)) == oidc_sessions.SIGNED_OUT  # any copy of its cookie
     assert oidc_sessions.refusal(again) is None
+
+
+_HF = "hf_AbCdEfGhIjKlMnOpQrStUvWxYz01234567"
+
+
+@pytest.mark.parametrize("email_verified", [True, False])
+def test_a_subject_that_reads_as_a_secret_is_refused_at_sign_in_and_recorded_without_it(
+    email_verified: bool, sp_home: Settings
+) -> None:
+    """Review s48: a provider whose subject is a token (by the audit log's rule, `checked_names`) signed
+    the person in, and then every action they signed failed with AuditRefused (the subject goes with
+    each signature, even under a verified email). Now the sign-in is refused, saying why with the
+    subject redacted, and recorded once per sign-in (an ``auth.oidc_refused`` row) without the token."""
+    from sqlalchemy import select
+
+    from rollout import audit
+    from rollout.db.models import AuditEntry
+    from rollout.db.session import session_scope
+
+    claims = {**CLAIMS, "sub": _HF, "email_verified": email_verified, "iat": 100, "exp": 4_000_000_000}
+    assert identity_from_oidc(claims, ["ann@example.com", f"https://idp.example#{_HF}"]) is None
+    why = oidc_sessions.refusal(claims)
+    assert why is not None and "'https://idp.example#hf_***' read as a secret" in why and _HF not in why
+    assert oidc_sessions.refusal(dict(claims)) == why  # the next page run of this sign-in: no second row
+    with session_scope() as s:
+        rows = s.scalars(select(AuditEntry).where(AuditEntry.action == oidc_sessions.OIDC_REFUSED)).all()
+        assert [(r.actor, r.entity) for r in rows] == [("anonymous", "oidc_session")]
+        assert _HF not in f"{rows[0].entity_id} {rows[0].details}" and "hf_***" in rows[0].details["why"]
+        assert audit.verify_chain(s).ok
+    plain = {**CLAIMS, "iat": 100, "exp": 4_000_000_000}
+    assert oidc_sessions.refusal(plain) is None and identity_from_oidc(plain) is not None

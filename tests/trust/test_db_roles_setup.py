@@ -244,3 +244,42 @@ def test_every_table_of_the_models_is_in_the_app_roles_grants() -> None:
     listed = [*roles.APPEND_ONLY, *roles.INSERT_ONLY, *roles.UPDATABLE]
     assert len(listed) == len(set(listed)), listed
     assert set(listed) == set(Base.metadata.tables), set(Base.metadata.tables) ^ set(listed)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("behind", ["not initialised", "one migration behind"])
+def test_run_as_the_app_role_migrates_nothing_and_names_init_with_the_owner_url(
+    behind: str,
+    two_roles: tuple[str, str, str],
+    pg_cluster: PgCluster,
+    cli_home: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review s48: `sparsepilot run` migrated the state DB with SPARSEPILOT_DATABASE_URL, the app role's,
+    which may not (PostgreSQL's raw "permission denied for schema public"). Now it migrates nothing on
+    PostgreSQL: a DB behind this build's head is one error line naming `sparsepilot init` with the owner's
+    URL, exit 2, before anything else runs."""
+    from rollout.db import migrate
+
+    owner, app_url, db = two_roles
+    if behind != "not initialised":
+        migrate.upgrade(owner, "head-1")  # an older build's init, which let the app role read its tables
+        role = app_url.split("://")[1].split("@")[0]
+        with _superuser(pg_cluster, db) as conn:
+            conn.execute(f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}")
+    before = migrate.current_revision(owner)
+    monkeypatch.setenv("SPARSEPILOT_DATABASE_URL", app_url)
+    empty = tmp_path / "no-specs"
+    empty.mkdir()
+    res = runner.invoke(app, ["run", "--specs", str(empty)])
+    out = " ".join(res.output.split())
+    assert res.exit_code == 2, res.output
+    assert f"is {behind if before is None else f'at revision {before}'}" in out, out
+    assert "sparsepilot init" in out and "SPARSEPILOT_OWNER_DATABASE_URL" in out, out
+    assert "permission denied" not in out and "Traceback" not in out, out
+    assert migrate.current_revision(owner) == before  # nothing was migrated
+    if before is not None:  # once init has migrated it as the owner, run's check lets it be
+        migrate.upgrade(owner)
+        migrate.grant_app_role(owner, app_url)
+        migrate.prepare_for_run(app_url)
