@@ -379,12 +379,6 @@ def authenticate(name: str, password: str, accounts: Mapping[str, Account] | Non
 # and erases nothing.
 
 MAX_FAILURES, LOCKOUT_S = 5, 30.0
-# Every name together: the per-name limit left a guesser who moves from name to name (or tries one
-# password on every name) unbounded, each try costing scrypt work and an append-only audit row. With this
-# many failures of any names in LOCKOUT_S, every sign-in is refused, before any password work, until
-# enough of them are LOCKOUT_S old (`locked_until` again). It holds exactly on SQLite (every sign-in takes
-# its turn on one lock) and to within the attempts running at once on PostgreSQL (turns are per name).
-MAX_FAILURES_ALL_NAMES = 50
 SIGN_IN_FAILED = "auth.sign_in_failed"
 UNKNOWN_ACCOUNT_PREFIX = "unknown:"
 _ACCOUNT_ENTITY = "account"
@@ -393,14 +387,8 @@ _ACCOUNT_ENTITY = "account"
 class TooManyAttempts(PermissionDenied):
     """Refused before any password work: too many recent failed sign-ins."""
 
-    def __init__(self, wait_s: float, *, any_name: bool = False) -> None:
-        many = (
-            f"too many failed sign-ins of any names on this installation ({MAX_FAILURES_ALL_NAMES} in "
-            f"{LOCKOUT_S:.0f} s)"
-            if any_name
-            else "too many failed sign-ins"
-        )
-        super().__init__(f"{many}; try again in {max(wait_s, 0.0):.0f} s")
+    def __init__(self, wait_s: float) -> None:
+        super().__init__(f"too many failed sign-ins; try again in {max(wait_s, 0.0):.0f} s")
         self.wait_s = wait_s
 
 
@@ -442,7 +430,7 @@ def _process_key() -> bytes:
 
 
 def recent_sign_in_failures(
-    name: str | None,
+    name: str,
     now: float,
     *,
     window_s: float = LOCKOUT_S,
@@ -450,9 +438,8 @@ def recent_sign_in_failures(
     accounts: Mapping[str, Account] | None = None,
     session: Session | None = None,
 ) -> list[float]:
-    """Times (seconds) of the failed sign-ins as ``name`` (None: as any name) in the ``window_s`` before
-    ``now`` (state DB); ``accounts`` (default `load_accounts`) tell a known name from an unknown one
-    (`_account_key`). Read
+    """Times (seconds) of the failed sign-ins as ``name`` in the ``window_s`` before ``now`` (state DB);
+    ``accounts`` (default `load_accounts`) tell a known name from an unknown one (`_account_key`). Read
     on ``session`` if given (the sign-in turn's), else in a transaction of its own."""
     import datetime as dt
 
@@ -460,13 +447,14 @@ def recent_sign_in_failures(
 
     from rollout.db.models import AuditEntry
 
+    key = _account_key(name, load_accounts() if accounts is None else accounts)
     since = dt.datetime.fromtimestamp(now - window_s, dt.UTC)
     query = select(AuditEntry.ts).where(
-        AuditEntry.action == SIGN_IN_FAILED, AuditEntry.entity == _ACCOUNT_ENTITY, AuditEntry.ts >= since
+        AuditEntry.action == SIGN_IN_FAILED,
+        AuditEntry.entity == _ACCOUNT_ENTITY,
+        AuditEntry.entity_id == key,
+        AuditEntry.ts >= since,
     )
-    if name is not None:
-        key = _account_key(name, load_accounts() if accounts is None else accounts)
-        query = query.where(AuditEntry.entity_id == key)
     with _on(session, db_url) as s:
         stamps = s.scalars(query).all()
     # SQLite hands the timestamp back without its zone (UTC, as written)
@@ -523,9 +511,8 @@ def sign_in(
     db_url: str | None = None,
     now: float | None = None,
 ) -> Identity | None:
-    """`authenticate` behind the per-account limit and the one of every name together
-    (MAX_FAILURES_ALL_NAMES): TooManyAttempts, before any password work, while `locked_until` says the
-    name, or every name, is locked; a wrong password (or unknown name) is recorded
+    """`authenticate` behind the per-account limit: TooManyAttempts, before any password work, while
+    `locked_until` says the name is locked; a wrong password (or unknown name) is recorded
     (`record_sign_in_failure`). SignInUnavailable when the state DB cannot give the count. Attempts on
     one name take turns (`_sign_in_turn`) from reading the count to recording the failure, so
     concurrent attempts cannot all pass one count: at most MAX_FAILURES checks per window. On
@@ -543,16 +530,10 @@ def sign_in(
         try:
             failures = recent_sign_in_failures(name, t, db_url=db_url, accounts=accounts, session=session)
             until = locked_until(failures, t)
-            everyone = None
-            if until is None:
-                anyone = recent_sign_in_failures(None, t, db_url=db_url, session=session)
-                everyone = locked_until(anyone, t, max_failures=MAX_FAILURES_ALL_NAMES)
         except (SQLAlchemyError, StateDBBusy) as exc:
             raise SignInUnavailable(_db_trouble(exc)) from None
         if until is not None:
             raise TooManyAttempts(until - t)
-        if everyone is not None:
-            raise TooManyAttempts(everyone - t, any_name=True)
         who = authenticate(name, password, accounts)
         if who is None:
             try:
