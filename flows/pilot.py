@@ -295,10 +295,13 @@ def log_batch(
     for arm in ARMS:
         arm_rows = [r for r in rows if r["arm"] == arm]
         if arm_rows:
-            lat = sorted(r["latency_ms"] for r in arm_rows)
+            # the latencies the gate judges: a row timed while the host was overloaded is left out, counted
+            lat = sorted(r["latency_ms"] for r in arm_rows if not r.get("overloaded"))
             metrics[f"{arm}_n"] = float(len(arm_rows))
             metrics[f"{arm}_quality_mean"] = sum(r["quality"] for r in arm_rows) / len(arm_rows)
-            metrics[f"{arm}_latency_p50_ms"] = lat[len(lat) // 2]
+            if lat:  # none where every row was left out (MLflow refuses NaN)
+                metrics[f"{arm}_latency_p50_ms"] = lat[len(lat) // 2]
+            metrics[f"{arm}_latency_rows_left_out"] = float(len(arm_rows) - len(lat))
             metrics[f"{arm}_error_rate"] = sum(1 for r in arm_rows if r["error"]) / len(arm_rows)
     run_id = log_run(
         ctx.name,

@@ -748,7 +748,11 @@ def evaluations(session: Session, use_case_id: int) -> list[dict[str, Any]]:
 
 
 def step_arm_stats(session: Session, use_case_id: int) -> list[dict[str, Any]]:
-    """Per pilot step and arm: n, mean quality, mean/min/max latency, error rate (SQL GROUP BY)."""
+    """Per pilot step and arm: n, mean quality, error rate, and the latencies the gate judges (SQL GROUP
+    BY): mean/min/max latency over the rows measured on a host not overloaded (None where there is none),
+    as the gate's p95s and latency guardrail and `latency_histogram`; `latency_left_out`: the others."""
+    # avg/min/max skip NULL: an overloaded row's latency is the host's, not the model's
+    judged = case((Observation.overloaded.is_(False), Observation.latency_ms), else_=None)
     stmt = (
         select(
             Pilot.id.label("pilot_id"),
@@ -764,9 +768,10 @@ def step_arm_stats(session: Session, use_case_id: int) -> list[dict[str, Any]]:
             Observation.arm,
             func.count(Observation.id).label("n"),
             func.avg(Observation.quality).label("quality_mean"),
-            func.avg(Observation.latency_ms).label("latency_mean"),
-            func.min(Observation.latency_ms).label("latency_min"),
-            func.max(Observation.latency_ms).label("latency_max"),
+            func.avg(judged).label("latency_mean"),
+            func.min(judged).label("latency_min"),
+            func.max(judged).label("latency_max"),
+            func.count(case((Observation.overloaded.is_(True), 1), else_=None)).label("latency_left_out"),
             func.avg(case((Observation.error.is_(True), 1.0), else_=0.0)).label("error_rate"),
         )
         .select_from(PilotStep)

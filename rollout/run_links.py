@@ -88,7 +88,13 @@ def unlogged_batches(use_case: str) -> list[dict[str, Any]]:
                         "model_version_id": pilot.model_version_id,
                     },
                     "rows": [
-                        {"arm": o.arm, "quality": o.quality, "latency_ms": o.latency_ms, "error": o.error}
+                        {
+                            "arm": o.arm,
+                            "quality": o.quality,
+                            "latency_ms": o.latency_ms,
+                            "error": o.error,
+                            "overloaded": o.overloaded,  # its latency left out of the run's (log_batch)
+                        }
                         for o in obs
                     ],
                     "stored": {

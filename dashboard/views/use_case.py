@@ -213,7 +213,16 @@ STEP_COLUMNS: dict[str, Any] = {
     "arm": "Arm",
     "n": st.column_config.NumberColumn("Requests", format="%d"),
     "quality_mean": st.column_config.NumberColumn("Mean quality", format="%.3f"),
-    "latency_mean": st.column_config.NumberColumn("Mean latency (ms)", format="%,.0f"),
+    "latency_mean": st.column_config.NumberColumn(
+        "Mean latency (ms)",
+        format="%,.0f",
+        help="over the rows the gate judges: timed on a host not overloaded",
+    ),
+    "latency_left_out": st.column_config.NumberColumn(
+        "Latency left out",
+        format="%d",
+        help="rows timed while the host was overloaded: not in the mean latency",
+    ),
     "error_rate": st.column_config.NumberColumn("Error rate", format="percent"),
     "started_at": st.column_config.DatetimeColumn("Started (UTC)", format=WHEN),
 }

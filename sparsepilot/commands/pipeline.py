@@ -251,11 +251,41 @@ def pilot_cmd(
     if json_out:
         emit_json(result)
         return
+    say_pilot_result(name, result)
+
+
+def say_pilot_result(name: str, result: dict[str, Any]) -> None:
+    """`pilot`'s table of batches, then a line on the rows whose latency the gate leaves out (timed while
+    the host was overloaded: `latency_left_out`), and why the run stopped early, if it did."""
     rows = [{"step": result["step_index"], "kind": result["step_kind"], **b} for b in result["batches"]]
     cols = ["step", "kind", "batch_id", "passed", "inserted", "already_present"]
     print_table(f"{result['pilot']} of {name}", rows, cols)
+    left_out = latency_left_out(result["batches"])
+    if left_out:
+        say(f"{name}: {left_out}")
     if result.get("stopped"):  # aborted (or moved on) while the run answered: what was not stored
         say(f"{name}: {result['stopped']}: {result['explanation']}")
+
+
+def latency_left_out(batches: list[dict[str, Any]]) -> str | None:
+    """The rows of a pilot run's batches timed while the host was overloaded (each batch's `latency`,
+    flows.pilot.latency_judged; an import's batch has none), in words, or None where there are none."""
+    judged = [b["latency"] for b in batches if b.get("latency")]
+    left_out = sum(j["rows_left_out"] for j in judged)
+    if not left_out:
+        return None
+    from rollout.words import counted
+
+    total = sum(j["rows_left_out"] + j["rows_judged"] for j in judged)
+    per_batch = ", ".join(
+        f"{b['latency']['rows_left_out']} in {b['batch_id']}"
+        for b in batches
+        if b.get("latency") and b["latency"]["rows_left_out"]
+    )
+    return (
+        f"{left_out:,} of {counted(total, 'row')} timed while the host was overloaded ({per_batch}): they "
+        "count for quality, not for the gate's p95 latencies or latency guardrail"
+    )
 
 
 @app.command("gate")

@@ -200,6 +200,10 @@ def test_the_latency_chart_shows_the_latencies_the_gate_judges(seeded: dict[str,
         "Left out: 8 rows timed while the host was overloaded (control 2, treatment 6): their latency is the "
         "host's, not the model's, and the gate's p95s and latency guardrail leave them out too."
     ) in [c.value for c in at.caption]
+    # the steps table beside it: the mean latency of the same rows, and the rows it left out
+    steps = next(d.value for d in at.dataframe if "latency_left_out" in d.value.columns)
+    assert steps.groupby("arm")["latency_left_out"].sum().to_dict() == {"control": 2, "treatment": 6}
+    assert steps["latency_mean"].max() < 470
 
 
 def test_audit_page_filters_and_exports_csv(seeded: dict[str, Any]) -> None:

@@ -108,6 +108,39 @@ def test_use_case_detail(seeded: dict[str, Any]) -> None:
     assert moves[0]["to_version"] == "2"
 
 
+def test_step_latencies_are_the_ones_the_gate_judges(seeded: dict[str, Any]) -> None:
+    """The use-case page's "Mean latency (ms)" per step and arm averaged the rows timed while the host was
+    overloaded with the rest, beside a latency chart (and a gate) that leave them out; it now averages the
+    judged rows and counts the others (`latency_left_out`), None where every row was left out."""
+    from rollout.db.models import Observation, PilotStep
+
+    uc_id = seeded["contract-summarisation"]
+    judged: list[float] = []
+    with session_scope() as s:
+        rows = s.execute(
+            select(Observation, PilotStep.index)
+            .join(PilotStep, Observation.pilot_step_id == PilotStep.id)
+            .where(Observation.use_case_id == uc_id)
+            .order_by(Observation.id)
+        ).all()
+        treated = [o for o, i in rows if (i, o.arm) == (1, "treatment")]
+        for o in treated[:10]:
+            o.overloaded, o.latency_ms = True, 5000.0
+        judged = [o.latency_ms for o in treated[10:]]
+        for o, i in rows:
+            if (i, o.arm) == (0, "control"):
+                o.overloaded = True
+    with session_scope() as s:
+        by = {(r["step_index"], r["arm"]): r for r in queries.step_arm_stats(s, uc_id)}
+    t = by[(1, "treatment")]
+    assert t["latency_mean"] == pytest.approx(sum(judged) / len(judged))
+    assert (t["n"], t["latency_left_out"]) == (120, 10)
+    assert (t["latency_min"], t["latency_max"]) == (min(judged), max(judged))
+    c = by[(0, "control")]
+    assert (c["latency_mean"], c["latency_max"], c["latency_left_out"]) == (None, None, c["n"])
+    assert by[(1, "control")]["latency_left_out"] == 0
+
+
 def test_pending_and_audit(seeded: dict[str, Any]) -> None:
     with session_scope() as s:
         pending = queries.pending_decisions(s)

@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from sqlalchemy import update
 
 from rollout import queries
 from rollout.db import migrate
+from rollout.db.models import Observation
 from rollout.db.session import session_scope
 from tests.fixtures.dashboard import seed_small_portfolio
 
@@ -34,12 +36,26 @@ def test_queries_on_postgres(pg_url: str, tmp_path: Path, monkeypatch: pytest.Mo
     assert c["waits_for"] == "approval to promote" and c["step_observations"] == 240
     assert rows["document-qa"]["waits_for"] == "more samples (120/300 in the smaller arm)"
     assert totals["savings_month_usd"] == pytest.approx(2460) and totals["pending_approvals"] == 1
-    assert {(r["step_index"], r["arm"]): r["n"] for r in stats}[(1, "treatment")] == 120
+    stats_by = {(r["step_index"], r["arm"]): r for r in stats}
+    assert stats_by[(1, "treatment")]["n"] == 120
     assert all(r["error_rate"] == 0.0 for r in stats)
     hist = latencies["bins"]
     assert sum(h["count"] for h in hist) == 480 and max(h["latency_ms"] for h in hist) < 470
     assert [p["use_case"] for p in pending] == ["contract-summarisation"]
     assert len(audit) == 2
+    # the step's latencies are those the gate judges: the rows timed under overload counted, not averaged
+    assert all(r["latency_left_out"] == 0 for r in stats)
+    with session_scope() as s:
+        s.execute(
+            update(Observation)
+            .where(Observation.use_case_id == uc_id, Observation.arm == "control")
+            .values(overloaded=True)
+        )
+    with session_scope() as s:
+        by = {(r["step_index"], r["arm"]): r for r in queries.step_arm_stats(s, uc_id)}
+    assert (by[(1, "control")]["latency_mean"], by[(1, "control")]["latency_left_out"]) == (None, 120)
+    assert by[(1, "treatment")]["latency_mean"] == stats_by[(1, "treatment")]["latency_mean"]
+    assert by[(1, "treatment")]["latency_left_out"] == 0
 
 
 def test_simultaneous_signatures_on_postgres_are_serialised(
