@@ -206,7 +206,7 @@ def test_a_gate_look_counts_its_steps_void_requests_in_its_evidence_and_explanat
     """Review s49 V1: the look's evidence said nothing of the step's void requests; it counts them now and
     its explanation says they are in neither arm (both error rates are of the requests the dense arm
     answered). A step without any says nothing of them."""
-    from rollout import decisions, pilot_batches
+    from rollout import decisions, pilot_batches, queries
 
     name = use_case()
     _challenger(name)
@@ -225,3 +225,5 @@ def test_a_gate_look_counts_its_steps_void_requests_in_its_evidence_and_explanat
         "Note: 2 requests void: the dense answer failed; not evidence (in neither arm: both arms' error "
         "rates are of the requests the dense arm answered)." in look["explanation"]
     ), look["explanation"]
+    shown = queries.read(queries.step_voids, info["use_case_id"])  # what `usecase show` says, on either DB
+    assert [(v["pilot_number"], v["step_index"], v["void"]) for v in shown] == [(1, 0, 2)]
