@@ -67,9 +67,10 @@ def _cycle(use_case: str, batches: int, pilot_anyway: bool = False) -> dict[str,
     if lifecycle.can(phase, "pilot"):
         # the rule the pilot itself obeys (ensure_pilot_in); a missed budget among it, whatever pilot_anyway
         skip = pilot_batches.pilot_skip(use_case, pilot_anyway=pilot_anyway)
-        if skip is not None:
-            logger.info("%s: not piloted: %s", use_case, skip)
-            out["pilot_skipped"] = str(skip)
+        if skip is not None:  # the override a scheduled tick has: its flow parameter (no CLI flag)
+            said = skip.said("the cycle's flow parameter pilot_anyway: true")
+            logger.info("%s: not piloted: %s", use_case, said)
+            out["pilot_skipped"] = said
             out["phase_after"] = phase_of(use_case)
             return out
         # no actor: nobody started a scheduled tick, so its rows name the pipeline (the flows' default)

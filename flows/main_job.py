@@ -145,7 +145,7 @@ def run_use_case(
         skip = evaluation_pilot_skip(
             out.evaluation, met_budget=out.calibration.get("met_budget"), pilot_anyway=s.pilot_unprofitable
         )
-        out.note = None if skip is None else str(skip)
+        out.note = None if skip is None else skip.said("--pilot-all")  # `sparsepilot run`'s override
         if out.note is None:
             phase = phase_of(name)
             if not lifecycle.can(phase, "pilot"):

@@ -94,6 +94,7 @@ def gate_step(
         step = session.get(PilotStep, step_id)
         pilot = session.get(Pilot, step.pilot_id)
         rows, judged_through = pilots.step_evidence(session, step)
+        void = pilots.void_counts(session, [step.id]).get(step.id, 0)
         plan = pilots.step_plan_for(spec, step)
         check = (
             validate_observation_rows(
@@ -149,9 +150,16 @@ def gate_step(
                 # the step's last row this look judged: the rows stored after it enter the stream
                 # together, by their stream key, after these (`pilots.in_evidence_order`)
                 "judged_through": judged_through,
+                # drawn, no reference (the dense answer failed): in neither arm, its error rate included
+                "void_requests": void,
             }
         )
         explanation = decision.explanation
+        if void:
+            explanation = (
+                f"{explanation} Note: {pilots.void_note(void)} (in neither arm: both arms' error rates "
+                "are of the requests the dense arm answered)."
+            )
         external = (
             pilots.rows_by_source(session, step).get("imported-external", 0) if step.kind != "shadow" else 0
         )

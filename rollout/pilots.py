@@ -879,6 +879,29 @@ def void_request_ids(session: Session, pilot: Pilot, *, among: Iterable[str] | N
     }
 
 
+VOID_MEANING = "the dense answer failed; not evidence"
+
+
+def void_note(n: int) -> str:
+    """How a step's void requests are said where people look (`usecase show`, the use-case page, a gate
+    look's explanation): "3 requests void: the dense answer failed; not evidence"."""
+    return f"{counted(n, 'request')} void: {VOID_MEANING}"
+
+
+def void_counts(session: Session, step_ids: Iterable[int]) -> dict[int, int]:
+    """Per step, its void requests (`VoidRequest`: drawn, no reference to score against); a step with
+    none is absent."""
+    ids = list(step_ids)
+    if not ids:
+        return {}
+    stmt = (
+        select(VoidRequest.pilot_step_id, func.count())
+        .where(VoidRequest.pilot_step_id.in_(ids))
+        .group_by(VoidRequest.pilot_step_id)
+    )
+    return {step_id: n for step_id, n in session.execute(stmt)}
+
+
 def step_rows_among(session: Session, step: PilotStep, request_ids: Iterable[str]) -> list[dict[str, Any]]:
     """The step's stored observations (`OBSERVATION_FIELDS`) of these request ids only, looked up in chunks
     (what `ImportCheck` compares a file with, without reading the step's whole history)."""

@@ -26,11 +26,19 @@ from rollout.db.models import (
     PilotStep,
     SpecVersion,
     UseCase,
+    VoidRequest,
     as_utc,
 )
 from rollout.db.session import session_scope
 from rollout.gate.spending import DEFAULT_ALPHA
-from rollout.pilots import ACTIVE_PILOT, active_pilot, load_pilot_spec, planned_pilot, promoted_pilot
+from rollout.pilots import (
+    ACTIVE_PILOT,
+    active_pilot,
+    load_pilot_spec,
+    planned_pilot,
+    promoted_pilot,
+    void_note,
+)
 from rollout.redact import redact, redacted_name
 
 # Where a gate decision's evidence (rollout.gate.Decision.to_dict()) keeps the quality difference
@@ -782,6 +790,28 @@ def step_arm_stats(session: Session, use_case_id: int) -> list[dict[str, Any]]:
         .order_by(Pilot.id, PilotStep.index, Observation.arm)
     )
     return [dict(r._mapping) for r in session.execute(stmt)]
+
+
+def step_voids(session: Session, use_case_id: int) -> list[dict[str, Any]]:
+    """Per pilot step with void requests (`VoidRequest`: a reference-free request the dense arm gave no
+    answer for: used, never evidence, in neither arm), oldest first: the step, its count and `note`, the
+    words `usecase show` and the use-case page show (`pilots.void_note`). Steps with none are left out."""
+    stmt = (
+        select(
+            Pilot.pilot_number,
+            PilotStep.id.label("step_id"),
+            PilotStep.index.label("step_index"),
+            PilotStep.kind,
+            PilotStep.traffic_pct,
+            func.count(VoidRequest.id).label("void"),
+        )
+        .join(Pilot, Pilot.id == PilotStep.pilot_id)
+        .join(VoidRequest, VoidRequest.pilot_step_id == PilotStep.id)
+        .where(Pilot.use_case_id == use_case_id)
+        .group_by(Pilot.id, Pilot.pilot_number, PilotStep.id)
+        .order_by(Pilot.id, PilotStep.index)
+    )
+    return [dict(r._mapping) | {"note": void_note(r.void)} for r in session.execute(stmt)]
 
 
 def latency_histogram(session: Session, use_case_id: int, bins: int = 30) -> dict[str, Any]:

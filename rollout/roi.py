@@ -420,13 +420,22 @@ def dense_plan(density: float | None, decode_status: str | None) -> bool:
 @dataclass(frozen=True)
 class PilotSkip:
     """Why a pilot would be wasted traffic: `why` (the finding, e.g. "no saving expected (-$23/month, at
-    best $187)") and `then` (what follows from it); `str()` is the sentence the main job prints."""
+    best $187)") and `then` (what follows from it); `offers_override`: the advice offers to pilot anyway (a
+    saving not established), which `said(override)` completes with the override of the command that
+    asked: `sparsepilot run`'s --pilot-all (flows.main_job), the cycle's flow parameter (flows.cycle).
+    `str()` names none: `pilot NAME`'s refusal names its own command (`pilot_batches.NotPiloted`); the
+    words used to name --pilot-all, `run`'s flag, to a user of `pilot`, whose flag is --pilot-anyway."""
 
     why: str
     then: str
+    offers_override: bool = False
+
+    def said(self, override: str | None = None) -> str:
+        anyway = f" (or pilot anyway with {override})" if override and self.offers_override else ""
+        return f"{self.why}: {self.then}{anyway}"
 
     def __str__(self) -> str:
-        return f"{self.why}: {self.then}"
+        return self.said()
 
 
 def pilot_skip_reason(
@@ -440,16 +449,16 @@ def pilot_skip_reason(
     decode_status: str | None = None,
     measured_under_overload: str | None = None,
 ) -> PilotSkip | None:
-    """Why a pilot would be wasted traffic, or None when it is worth running. A pilot costs real
-    requests and the spec's one-off cost; it can only pay off when a sparse plan met the quality
-    budget, actually skips blocks, and the evaluation establishes a saving: its interval lies above zero
-    (a wide interval from timings on a busy host is no ground to spend traffic on; no interval at all,
-    one timing pair, is none either). `pilot_anyway` (the CLI's --pilot-all) waives every case but the
+    """Why a pilot would be wasted traffic, or None when it is worth running. A pilot costs real requests and
+    the spec's one-off cost; it can only pay off when a sparse plan met the quality budget, actually skips
+    blocks, and the evaluation establishes a saving: its interval lies above zero (a wide interval from
+    timings on a busy host is no ground to spend traffic on; no interval at all, one timing pair, is none
+    either). `pilot_anyway` (`pilot`'s --pilot-anyway, `run`'s --pilot-all) waives every case but the
     first; without a plan that met the budget there is nothing to pilot. The plan is judged as priced:
     `density` is the prefill's share of blocks kept and `decode_status` the ROI's decode outcome
     (`decode_outcome`'s status): a plan that keeps every prefill block but decodes sparsely ("measured")
-    is not dense, and its saving decides. `measured_under_overload` (`timing_overload`'s warning, None on a
-    quiet host): timings kept under overload are off in either direction, so a saving they do not
+    is not dense, and its saving decides. `measured_under_overload` (`timing_overload`'s warning, None on
+    a quiet host): timings kept under overload are off in either direction, so a saving they do not
     establish is "not established" with the advice to re-evaluate on a quieter host, never the finding
     that sparse attention "does not pay off here" (still no pilot: no traffic is spent on a saving no
     clean timing showed; `pilot_anyway` waives it)."""
@@ -468,7 +477,8 @@ def pilot_skip_reason(
             f"saving not established ({usd(saved_usd_month)}/month"
             f"{_range(saved_usd_month_low, saved_usd_month_high)}, timed under overload)",
             "the speed was timed while other processes left too little CPU, which moves a speed-up either "
-            "way; re-evaluate on a quieter host (or pilot anyway with --pilot-all)",
+            "way; re-evaluate on a quieter host",
+            offers_override=True,
         )
     if saved_usd_month is not None and saved_usd_month <= 0:
         high = "" if saved_usd_month_high is None else f", at best {usd(saved_usd_month_high)}"
@@ -479,16 +489,16 @@ def pilot_skip_reason(
     if saved_usd_month is not None and saved_usd_month_low is None and saved_usd_month_high is None:
         return PilotSkip(
             f"saving not established ({usd(saved_usd_month)}/month, no interval measured)",
-            "one timing pair supports no saving; re-evaluate with more repeats (or pilot anyway with "
-            "--pilot-all)",
+            "one timing pair supports no saving; re-evaluate with more repeats",
+            offers_override=True,
         )
     if saved_usd_month is not None and saved_usd_month_low is not None and saved_usd_month_low <= 0:
         high = "" if saved_usd_month_high is None else f", {usd(saved_usd_month_high)}"
         return PilotSkip(
             f"saving not established ({usd(saved_usd_month)}/month, interval "
             f"{usd(saved_usd_month_low)}{high})",
-            "the speed measurement does not support a saving; re-evaluate on a quiet host (or pilot anyway "
-            "with --pilot-all)",
+            "the speed measurement does not support a saving; re-evaluate on a quiet host",
+            offers_override=True,
         )
     return None
 

@@ -610,15 +610,17 @@ def _planned_pilot(s: Session, uc: UseCase, sv: SpecVersion) -> tuple[int | None
 
 
 def _pilots_and_budget(s: Session, uc: UseCase, current: SpecVersion) -> dict[str, Any]:
-    """The use case's pilots and its false-GO budget under the current spec (rollout.gate.spending)."""
+    """The use case's pilots, their steps' void requests (`queries.step_voids`) and its false-GO budget
+    under the current spec (rollout.gate.spending)."""
     from rollout.gate.spending import account
 
     # rollout.queries builds on rollout.pilots, which builds on this module
-    from rollout.queries import pilot_history
+    from rollout.queries import pilot_history, step_voids
 
     pilots = pilot_history(s, uc.id)
     return {
         "pilots": pilots,
+        "void_requests": step_voids(s, uc.id),  # per step: used, never evidence (a reference-free use case)
         "alpha_budget": account(current.spec.get("gate") or {}, (p["go_alpha"] for p in pilots)),
     }
 

@@ -196,6 +196,8 @@ def timeline(use_case_id: int, decs: list[dict[str, Any]]) -> None:
     if stats:
         st.markdown("**Steps and arms**")
         columned(pd.DataFrame(stats), STEP_COLUMNS)
+        for v in read(queries.step_voids, use_case_id):  # reference-free: in neither arm's rows above
+            st.caption(f"Pilot {v['pilot_number']} step {v['step_index']}: {v['note']}")
     if moves:
         st.markdown("**Alias history**")
         columned(pd.DataFrame(moves), MOVE_COLUMNS)

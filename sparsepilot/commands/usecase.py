@@ -122,7 +122,8 @@ def _print_usecase(info: dict[str, Any]) -> None:
 
 
 def _print_pilots(info: dict[str, Any]) -> None:
-    """The use case's pilots and the share of its false-GO alpha they spent (rollout.gate.spending)."""
+    """The use case's pilots, each step's void requests, and the share of its false-GO alpha they spent
+    (rollout.gate.spending)."""
     from rollout.gate.spending import describe
 
     if info["pilots"]:
@@ -138,6 +139,9 @@ def _print_pilots(info: dict[str, Any]) -> None:
             "started_at",
         ]
         print_table("Pilots", rows, columns)
+    for v in info.get("void_requests") or []:  # per step (rollout.queries.step_voids)
+        step = f"step {v['step_index']} ({v['kind']} {v['traffic_pct']:g}%)"
+        say(f"pilot {v['pilot_number']} {step}: {v['note']}")
     say(describe(info["alpha_budget"]))
 
 

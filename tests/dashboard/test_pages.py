@@ -21,6 +21,7 @@ from rollout.pilot_plan import plan_summary
 from rollout.settings import Settings
 from rollout.spec import UseCaseSpec
 from tests.dashboard.apptest_helpers import button_labels, new_app, open_page, sign_in, texts
+from tests.dashboard.test_void_shown import add_void_requests
 from tests.fixtures.dashboard import seeded_spec
 
 SEEDED = ["contract-summarisation", "document-qa", "support-chat"]
@@ -92,6 +93,7 @@ def test_portfolio_shows_seeded_use_cases(seeded: dict[str, Any]) -> None:
 
 
 def test_use_case_page(seeded: dict[str, Any]) -> None:
+    add_void_requests("contract-summarisation", 1, "ab")  # review s49 V1: said under the steps table
     at = new_app()
     at.query_params["name"] = "contract-summarisation"
     open_page(at, "use_case")
@@ -107,6 +109,8 @@ def test_use_case_page(seeded: dict[str, Any]) -> None:
     assert [x["mark"]["type"] for x in layers] == ["line", "rule"]
     assert (layers[1]["encoding"]["y"]["field"], layers[1]["encoding"]["y2"]["field"]) == ("low", "high")
     assert any(c.value.startswith("Bars: one-sided 95% bounds") for c in at.caption)
+    void = "Pilot 1 step 1: 2 requests void: the dense answer failed; not evidence"
+    assert void in [c.value for c in at.caption]
     # what each step's GO needs (the gate's planner) beside what the pilot collected: 120 shadow pairs,
     # 240 rows of the split step
     assert "What a decision takes" in [h.value for h in at.subheader]

@@ -158,3 +158,29 @@ def test_no_saving_expected_is_not_piloted_either(sp_home, tmp_path) -> None:  #
     with pytest.raises(pilot_batches.NotPiloted, match="no saving expected"):
         pilot_batches.ensure_pilot("costs")
     assert _pilots("costs") == 0
+
+
+NOT_ESTABLISHED = {
+    "density": 0.4,
+    "savings_month_usd": 600.0,
+    "savings_month_low": -20.0,
+    "savings_month_high": 900.0,
+}
+
+
+def test_a_refusal_names_the_override_of_the_command_that_was_run(sp_home, tmp_path) -> None:  # noqa: ANN001
+    """Review s49 V3: `sparsepilot pilot NAME` refused a saving not established with "... re-evaluate on a
+    quiet host (or pilot anyway with --pilot-all)", the flag of `sparsepilot run`, which `pilot` does not
+    take (its own is --pilot-anyway). The finding names no flag; each command adds its own."""
+    from rollout import pilot_batches
+
+    _challenger(tmp_path, "wide", **NOT_ESTABLISHED)
+    refused = str(pilot_batches.pilot_refusal("wide"))
+    assert refused == (
+        "wide: not piloted: saving not established ($600/month, interval -$20, $900): the speed "
+        "measurement does not support a saving; re-evaluate on a quiet host; nothing was started "
+        "(`sparsepilot pilot wide --pilot-anyway` pilots it regardless)"
+    ), refused
+    skip = pilot_batches.pilot_skip("wide")  # what `run` (flows.main_job) and the cycle say it with
+    assert skip.said("--pilot-all").endswith("re-evaluate on a quiet host (or pilot anyway with --pilot-all)")
+    assert "--pilot-all" not in str(skip)

@@ -88,6 +88,48 @@ def test_a_sparse_arm_that_never_fails_is_not_stopped_for_the_dense_arms_failure
     assert not any(g.breached for g in d.guardrails)
 
 
+class FlakySparse(Sparse):
+    """A treatment that fails the requests in `fail` (a shared cause: those the dense arm fails too) and
+    in `extra` (its own)."""
+
+    def __init__(self, fail: set[str]) -> None:
+        super().__init__()
+        self.fail = fail
+
+    def answer(self, req: ArmRequest, task: str, **kw: Any) -> ArmAnswer:
+        if req.request_id in self.fail:
+            self.asked.append(req.request_id)
+            return ArmAnswer(0.0, 40.0, 0, True, "HTTP 500")
+        return super().answer(req, task, **kw)
+
+
+def test_both_error_rate_checks_compare_the_arms_on_the_requests_the_dense_arm_answered() -> None:
+    """Review s49 V2: with the dense arm's failures void, is the control's error rate missing failures the
+    sparse arm's includes? No: a void request is in neither arm, so both rates are of the same requests,
+    those the dense arm answered. The excess check then reads the sparse arm's failures where the dense
+    arm answered: never less than the true increase (it leaves out only requests the sparse arm would have
+    rescued), so it errs toward NO-GO, never GO. The ceiling reads the sparse arm's rate on those requests:
+    a failure it shares with the dense arm is the dense model's, counted as void (docs/flows.md)."""
+    from rollout.gate import GateSettings, decide
+
+    ids = [f"r{i}" for i in range(1000)]
+    dense_fails, own = set(ids[::25]), set(ids[1::50])  # 4% (shared by the sparse arm), 2% the sparse arm's
+    sparse = FlakySparse(dense_fails | own)
+    rows = run_batch(Dense(dense_fails), sparse, [(r, {"prompt": r}) for r in ids], kind="shadow", salt="s",
+                     traffic_pct=100, task="rouge_l", **KW)  # fmt: skip
+    df = pd.DataFrame(rows)
+    assert set(df[df.arm == "control"].request_id) == set(df[df.arm == "treatment"].request_id)
+    assert not set(sparse.asked) & dense_fails and not df[df.arm == "control"].error.any()
+    settings = GateSettings(alpha=0.05, margin=0.03, min_samples_per_arm=100, max_error_rate=0.05,
+                            max_error_rate_increase=0.05, guardrail_min_samples=100)  # fmt: skip
+    checks = {g.name: g for g in decide(df, settings, mode="paired").guardrails}
+    answered = len(ids) - len(dense_fails)
+    assert checks["treatment_error_rate"].value == pytest.approx(len(own) / answered)
+    assert checks["error_rate_increase"].value == pytest.approx(len(own) / answered)
+    # the true increase, had every request been judged: (4% + 2%) - 4% = 2%, no more than what is read
+    assert (len(own) + len(dense_fails)) / len(ids) - len(dense_fails) / len(ids) <= len(own) / answered
+
+
 @pytest.fixture
 def use_case(trust_db: str, mlflow_home: Any, tiny_model_dir, pilot_dataset, tmp_path):  # noqa: ANN001, ANN201
     from tests.fixtures.flows import use_case_factory
@@ -158,3 +200,30 @@ def test_a_void_request_is_refused_by_an_import_into_its_own_step(use_case, tmp_
     assert "judged in an earlier step" not in message and "nothing was stored" in message
     with session_scope() as s:
         assert s.scalar(select(func.count()).select_from(Observation)) == 2
+
+
+def test_a_gate_look_counts_its_steps_void_requests_in_its_evidence_and_explanation(use_case) -> None:  # noqa: ANN001
+    """Review s49 V1: the look's evidence said nothing of the step's void requests; it counts them now and
+    its explanation says they are in neither arm (both error rates are of the requests the dense arm
+    answered). A step without any says nothing of them."""
+    from rollout import decisions, pilot_batches, queries
+
+    name = use_case()
+    _challenger(name)
+    info = pilot_batches.ensure_pilot(name, pilot_anyway=True)
+    row = {"quality": 0.9, "latency_ms": 10.0, "tokens": 3, "error": False}
+    pairs = [{**row, "request_id": r, "arm": a} for r in ("a", "b") for a in ("control", "treatment")]
+    pilot_batches.store_batch(info["step_id"], pairs[:2], "b-1", "pilot-flow")
+    first = decisions.evidence(decisions.gate_step(name, info["step_id"])["decision_id"])
+    assert first["void_requests"] == 0
+    pilot_batches.store_batch(
+        info["step_id"], pairs[2:], "b-2", "pilot-flow", {"v1": NO_REFERENCE, "v2": "x"}
+    )
+    look = decisions.gate_step(name, info["step_id"])
+    assert decisions.evidence(look["decision_id"])["void_requests"] == 2
+    assert (
+        "Note: 2 requests void: the dense answer failed; not evidence (in neither arm: both arms' error "
+        "rates are of the requests the dense arm answered)." in look["explanation"]
+    ), look["explanation"]
+    shown = queries.read(queries.step_voids, info["use_case_id"])  # what `usecase show` says, on either DB
+    assert [(v["pilot_number"], v["step_index"], v["void"]) for v in shown] == [(1, 0, 2)]
