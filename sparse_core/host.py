@@ -39,13 +39,13 @@ WAIT_SHARE_LIMIT = 0.25
 # Less runnable time than this between two snapshots is too little to judge (the share of a few
 # microseconds says nothing): the wait share is None and the fallback rule decides.
 MIN_RUNNABLE_NS = 2_000_000
-# An endpoint served by another process on this host (`measure_endpoint`): this process's own threads
-# mostly wait for its answer, and their wait share is judged only where they RAN (used a CPU) at least this
-# share of the answer's wall time, i.e. where the client's own work is a real part of the latency. Under it
-# their waiting says nothing of the host: the share of a few ms is noise (0.19-0.26 read on an idle host),
-# and on a CPU shared with the server the server's own work preempts them (10 ms run, 73 ms run_delay per
-# 60 ms of the server's work on one CPU otherwise idle for both).
-OWN_FLOOR_SHARE = WAIT_SHARE_LIMIT
+# An endpoint served by another process on this host (`measure_endpoint`): a side's wait share is judged only
+# where its work is a real part of the answer, at least this share of the answer's wall time: for this
+# process's threads (which mostly wait on HTTP) the time they RAN, for the server's threads the time they
+# were runnable. Under it the share of a few ms is noise (0.19-0.26 read for the pilot on an idle host), and
+# on a CPU the pilot shares with the server the server's own work preempts it (10 ms run, 73 ms run_delay
+# per 60 ms of the server's work on one CPU otherwise idle for both).
+ANSWER_FLOOR_SHARE = WAIT_SHARE_LIMIT
 
 
 def loadavg() -> list[float] | None:
@@ -529,9 +529,11 @@ def measure_endpoint(
     work, not the others' load (counted as the others', a server busy on both cores of an idle two-core
     host flagged 3 of 8 answers). So:
 
-    - the server's threads' wait share decides where measured (WAIT_SHARE_LIMIT); else the inferred rule
-      with the server's cores (rounded, at least 1) as the threads and the others less the server;
-    - our own threads' wait share counts only where they ran at least `OWN_FLOOR_SHARE` of the answer's
+    - the server's threads' wait share decides where they were runnable at least `ANSWER_FLOOR_SHARE` of
+      the answer's wall time (WAIT_SHARE_LIMIT); else (a server that mostly sleeps, no schedstat) the
+      inferred rule with the server's cores (rounded, at least 1) as the threads and the others less the
+      server;
+    - our own threads' wait share counts only where they ran at least `ANSWER_FLOOR_SHARE` of the answer's
       wall time (the client's own work a real part of its latency): else their waiting is noise, or the
       server's own work preempting them on a shared CPU;
     - with the server not visible, only our own threads (with that floor) and the quota rule judge: the
@@ -541,7 +543,7 @@ def measure_endpoint(
     wall = max(end.wall - start.wall, 1e-9)
     others = others_busy_cores(start, end)
     quota_others = quota_others_cores(start, end)
-    own = _own_wait_share(start, end, OWN_FLOOR_SHARE * wall * 1e9)
+    own = _own_wait_share(start, end, ANSWER_FLOOR_SHARE * wall * 1e9)
     own_over = own is not None and own > WAIT_SHARE_LIMIT
     pressure = None
     if start.psi_some_us is not None and end.psi_some_us is not None:
@@ -558,7 +560,9 @@ def measure_endpoint(
         others = None if others is None else max(0.0, others - cores)
         waited = None
         if a.threads_ns is not None and b.threads_ns is not None:
-            waited = _share(*thread_times(a.threads_ns, b.threads_ns))
+            ran, delay = thread_times(a.threads_ns, b.threads_ns)
+            if ran + delay >= ANSWER_FLOOR_SHARE * wall * 1e9:
+                waited = _share(ran, delay)
         threads = max(1, round(cores))
         if b.shares_cgroup:
             quota = None if quota_others is None else max(0.0, quota_others - cores)

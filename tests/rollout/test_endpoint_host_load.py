@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -74,16 +75,21 @@ def cpu_server(cpu: int) -> Iterator[tuple[subprocess.Popen, str, str]]:
         proc.wait()
 
 
-# the spinner: pinned beside the server, with the server's policy (round-robin, it shares the CPU with it
-# in 100 ms slices), for 5 s at most should this test die before it is killed
+# the spinner: pinned beside the server, for 5 s at most should this test die before it is killed
 SPIN = """import os, sys, time
 os.sched_setaffinity(0, {int(sys.argv[1])})
-if sys.argv[2] == "rr":
-    os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(1))
+print("spinning", flush=True)
 t = time.monotonic()
 while time.monotonic() - t < 5:
     pass
 """
+
+
+def _fair(pid: int) -> None:
+    """Every thread of a real-time process back to the normal policy (a fair share beside a spinner;
+    round-robin's 100 ms slices would let a 60 ms answer wait anywhere from 0 to 100 ms)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setscheduler(int(tid), os.SCHED_OTHER, os.sched_param(0))
 
 
 def _threads(pid: int | str) -> dict[int, tuple[int, int]]:
@@ -116,7 +122,7 @@ def _answers(arm: MeteredArm, server: int, n: int, tag: str) -> list[tuple[str, 
         s1, o1, wall = _threads(server), _threads("self"), time.monotonic() - t0
         ran, waited = _delta(s0, s1)
         own_ran, own_waited = _delta(o0, o1)
-        own_free = own_ran < WAIT_SHARE_LIMIT * wall * 1e9 or own_waited <= own_ran / 7  # OWN_FLOOR_SHARE
+        own_free = own_ran < WAIT_SHARE_LIMIT * wall * 1e9 or own_waited <= own_ran / 7  # ANSWER_FLOOR_SHARE
         out.append((f"{tag}{i}", waited / max(ran + waited, 1), own_free))
     return out
 
@@ -128,8 +134,9 @@ def test_a_server_process_on_this_host_is_flagged_only_when_it_waited_for_its_cp
     flagged). Its answers are flagged when, and only when, its threads waited for the CPU: an answer the
     server ran through freely is not; with a spinner pinned beside it every answer is (wait share about
     a half). Load from the other CPUs does not count (the mask is one CPU); load on this one could make
-    the server wait, so the server runs real-time where the test may ask for it (the spinner too), and the
-    quiet answers are judged by the wait shares this test reads from schedstat itself."""
+    the server wait, so the server runs real-time for the quiet answers where the test may ask for it
+    (back to the normal policy beside the spinner), and the quiet answers are judged by the wait shares
+    this test reads from schedstat itself."""
     if snapshot().run_ns is None:
         pytest.skip("no schedstat on this kernel")
     mask = os.sched_getaffinity(0)
@@ -144,10 +151,12 @@ def test_a_server_process_on_this_host_is_flagged_only_when_it_waited_for_its_cp
             _answers(arm, proc.pid, 1, "warm")  # the first answer imports the task's scorer here
             os.sched_setaffinity(0, {cpu})
             quiet = _answers(arm, proc.pid, 4, "q")
-            os.sched_setaffinity(0, mask)  # a real-time spinner leaves a CPU-bound process on its CPU 5%
-            spin = subprocess.Popen([sys.executable, "-c", SPIN, str(cpu), policy])
+            os.sched_setaffinity(0, mask)
+            if policy == "rr":
+                _fair(proc.pid)
+            spin = subprocess.Popen([sys.executable, "-c", SPIN, str(cpu)], stdout=subprocess.PIPE, text=True)
             try:
-                time.sleep(0.05)
+                assert spin.stdout is not None and spin.stdout.readline() == "spinning\n"
                 starved = _answers(arm, proc.pid, 3, "s")
             finally:
                 spin.kill()
@@ -177,7 +186,9 @@ def test_a_server_nobody_here_can_see_is_said_once_and_not_flagged_from_our_slee
     our own threads' few ms of runnable time (a wait share of 0.4 of 5 ms in a 400 ms answer) flag
     nothing, where a share over the limit of a third of the answer's time does."""
     with caplog.at_level(logging.WARNING, logger="rollout.arms.host_load"):
-        url = "http://127.0.0.1:9/v1"  # discard: nobody listens
+        with socket.socket() as s:  # a port nobody listens on, new to this process (said once per url)
+            s.bind(("127.0.0.1", 0))
+            url = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
         assert listening_processes(url) == set()
         arm = metered(
             OpenAIArm(url, "m", timeout_s=2, connect_timeout_s=1, max_concurrency=1),
@@ -192,9 +203,9 @@ def test_a_server_nobody_here_can_see_is_said_once_and_not_flagged_from_our_slee
     assert isinstance(arm, MeteredArm) and all(
         "endpoint process not visible" in (load.endpoint_note or "") for _, load in arm.loads
     )
-    from sparse_core.host import OWN_FLOOR_SHARE, CpuSnapshot, measure_endpoint
+    from sparse_core.host import ANSWER_FLOOR_SHARE, CpuSnapshot, measure_endpoint
 
-    assert OWN_FLOOR_SHARE == WAIT_SHARE_LIMIT  # as `_answers` reads it
+    assert ANSWER_FLOOR_SHARE == WAIT_SHARE_LIMIT  # as `_answers` reads it
     a = CpuSnapshot(0.0, None, None, None, threads_ns=((1, 1_000_000, 0),))
     noise = CpuSnapshot(0.4, None, None, None, threads_ns=((1, 4_000_000, 2_000_000),))
     load = measure_endpoint(a, noise, None, note="endpoint process not visible")
@@ -202,3 +213,33 @@ def test_a_server_nobody_here_can_see_is_said_once_and_not_flagged_from_our_slee
     busy = CpuSnapshot(0.4, None, None, None, threads_ns=((1, 101_000_000, 50_000_000),))
     load = measure_endpoint(a, busy, None)
     assert load.wait_share == pytest.approx(1 / 3, abs=1e-3) and load.overloaded
+
+
+@pytest.mark.parametrize(
+    ("server_busy", "run_ms", "delay_ms", "overloaded"),
+    [
+        (True, 300, 10, False),  # busy on both cores alone: its CPU is its own, it hardly waited
+        (True, 200, 120, True),  # it waited 0.375 of its runnable time: starved
+        (False, 1, 2, False),  # a server that sleeps: 3 ms runnable is noise, the inferred rule: idle
+    ],
+)
+def test_the_servers_cpu_is_the_arms_own_and_its_threads_waiting_decides(
+    server_busy: bool, run_ms: int, delay_ms: int, overloaded: bool
+) -> None:
+    """Pure: the host's busy ticks over a 0.4 s answer are all the server's (two pool workers); read as
+    the others', 2 cores + our thread would be over any two-core mask."""
+    from sparse_core.host import CLK_TCK, CpuSnapshot, ProcessesSnapshot, cpu_limits, measure_endpoint
+
+    ticks = int(2 * 0.4 * CLK_TCK) if server_busy else 0
+    a = CpuSnapshot(0.0, 0, 0, None, threads_ns=((1, 0, 0),))
+    b = CpuSnapshot(0.4, ticks, 0, None, threads_ns=((1, 1_000_000, 1_000_000),))
+    before = ProcessesSnapshot(((10, 0), (11, 0)), ((10, 0, 0), (11, 0, 0)))
+    ms = 1_000_000
+    after = ProcessesSnapshot(
+        ((10, ticks // 2), (11, ticks - ticks // 2)), ((10, run_ms * ms, delay_ms * ms), (11, 0, 0))
+    )
+    load = measure_endpoint(a, b, (before, after))
+    assert load.others_busy_cores == 0.0 and load.overloaded is overloaded, load
+    assert load.endpoint_busy_cores == pytest.approx(2.0 if server_busy else 0.0)
+    assert load.threads == (2 if server_busy else 1) and cpu_limits().mask >= 1
+    assert (load.wait_share is None) is (not server_busy)
