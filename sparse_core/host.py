@@ -44,7 +44,7 @@ MIN_RUNNABLE_NS = 2_000_000
 # process's threads (which mostly wait on HTTP) the time they RAN, for the server's threads the time they
 # were runnable. Under it the share of a few ms is noise (0.19-0.26 read for the pilot on an idle host), and
 # on a CPU the pilot shares with the server the server's own work preempts it (10 ms run, 73 ms run_delay
-# per 60 ms of the server's work on one CPU otherwise idle for both).
+# per answer of 60 ms of the server's work, the two pinned to one CPU).
 ANSWER_FLOOR_SHARE = WAIT_SHARE_LIMIT
 
 
@@ -551,7 +551,8 @@ def measure_endpoint(
     load = loadavg()
     busy = others if others is not None else (load[0] if load else 0.0)
     if served is None:
-        over = own_over or is_overloaded(0.0, threads, limits, quota_others, waited=own or 0.0)
+        # the mask's rule off (waited=0.0): the others' cores include the server's own work
+        over = own_over or is_overloaded(0.0, threads, limits, quota_others, waited=0.0)
         cores = waited = None
     else:
         a, b = served

@@ -7,8 +7,9 @@ where `sparsepilot serve-model` binds by default). Such an arm's latency is slow
 on the host as the in-process model's is, so each of its answers is measured for the host's load
 (`sparse_core.host.HostLoadMeter`, the rule of every timing) and its row is flagged `overloaded` when that
 answer was: per answer, not per batch, so a busy spell over part of a batch flags the rows it slowed
-(a batch's average hid 12 of 40 rows at twice their latency). An endpoint elsewhere does its work on its
-own host: its rows are never flagged."""
+(a batch's average hid 12 of 40 rows at twice their latency). An endpoint served here by another
+process is measured as that process's work (`MeteredArm`: its CPU is the arm's own, its threads' waiting
+decides). An endpoint elsewhere does its work on its own host: its rows are never flagged."""
 
 from __future__ import annotations
 
