@@ -38,8 +38,10 @@ def proc_net_address(hex_address: str) -> ipaddress.IPv4Address | ipaddress.IPv6
 
 def listening_inodes(table: str, port: int, addresses: Collection[str]) -> set[int]:
     """Inodes of the sockets of a /proc/net/tcp{,6} text listening on `port` at one of `addresses`, at an
-    unspecified address (0.0.0.0, ::: every address), or at the IPv4-mapped form of one."""
+    unspecified address (0.0.0.0, ::: every address), or at the IPv4-mapped form of one; any address's
+    where `addresses` has an unspecified one (a url naming 0.0.0.0 reaches a listener on loopback)."""
     wanted = {ipaddress.ip_address(a.split("%", 1)[0]) for a in addresses}
+    anywhere = any(w.is_unspecified for w in wanted)
     out: set[int] = set()
     for line in table.splitlines()[1:]:
         fields = line.split()
@@ -47,7 +49,7 @@ def listening_inodes(table: str, port: int, addresses: Collection[str]) -> set[i
             continue
         ip = proc_net_address(fields[1])
         mapped = getattr(ip, "ipv4_mapped", None)
-        if ip.is_unspecified or ip in wanted or (mapped is not None and mapped in wanted):
+        if anywhere or ip.is_unspecified or ip in wanted or (mapped is not None and mapped in wanted):
             out.add(int(fields[9]))
     return out
 

@@ -54,6 +54,7 @@ def test_the_listening_socket_of_a_url_is_read_from_proc_net_tcp() -> None:
     assert listening_inodes(TCP, 8080, {"127.0.0.1"}) == {111}  # the connection on 8080 is not listening
     assert listening_inodes(TCP, 8081, {"127.0.0.1"}) == {222}  # 0.0.0.0: every address
     assert listening_inodes(TCP, 8082, {"127.0.0.1"}) == set()  # another address's listener
+    assert listening_inodes(TCP, 8080, {"0.0.0.0"}) == {111}  # a url naming 0.0.0.0 reaches loopback's
     assert listening_inodes(TCP6, 8080, {"::1"}) == {555}
     assert listening_inodes(TCP6, 8083, {"127.0.0.1"}) == {666}  # ::ffff:127.0.0.1
     assert url_port("http://127.0.0.1:5002/v1") == 5002 and url_port("https://localhost/v1") == 443
