@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -39,6 +39,13 @@ WAIT_SHARE_LIMIT = 0.25
 # Less runnable time than this between two snapshots is too little to judge (the share of a few
 # microseconds says nothing): the wait share is None and the fallback rule decides.
 MIN_RUNNABLE_NS = 2_000_000
+# An endpoint served by another process on this host (`measure_endpoint`): a side's wait share is judged only
+# where its work is a real part of the answer, at least this share of the answer's wall time: for this
+# process's threads (which mostly wait on HTTP) the time they RAN, for the server's threads the time they
+# were runnable. Under it the share of a few ms is noise (0.19-0.26 read for the pilot on an idle host), and
+# on a CPU the pilot shares with the server the server's own work preempts it (10 ms run, 73 ms run_delay
+# per answer of 60 ms of the server's work, the two pinned to one CPU).
+ANSWER_FLOOR_SHARE = WAIT_SHARE_LIMIT
 
 
 def loadavg() -> list[float] | None:
@@ -196,23 +203,24 @@ def snapshot() -> CpuSnapshot:
                 psi = int(line.rsplit("total=", 1)[1])
     except (OSError, ValueError, IndexError):
         pass
-    threads = _own_schedstat()
+    threads = _thread_schedstat()
     run_ns = delay_ns = None
     if threads:
         run_ns, delay_ns = sum(t[1] for t in threads), sum(t[2] for t in threads)
     return CpuSnapshot(time.monotonic(), busy, own, psi, _cgroup_usage_us(), run_ns, delay_ns, threads)
 
 
-def _own_schedstat() -> tuple[tuple[int, int, int], ...] | None:
-    """(tid, run, run_delay) in ns of each of this process's threads; None without schedstat."""
+def _thread_schedstat(pid: int | str = "self") -> tuple[tuple[int, int, int], ...] | None:
+    """(tid, run, run_delay) in ns of each thread of a process (this one by default); None without
+    schedstat, or where the process is gone."""
     try:
-        tasks = os.listdir("/proc/self/task")
+        tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return None
     out = []
     for tid in tasks:
         try:
-            fields = Path(f"/proc/self/task/{tid}/schedstat").read_text().split()
+            fields = Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()
             out.append((int(tid), int(fields[0]), int(fields[1])))
         except (OSError, ValueError, IndexError):
             continue  # a thread that ended meanwhile, or no schedstat on this kernel
@@ -225,17 +233,32 @@ def wait_share(a: CpuSnapshot, b: CpuSnapshot) -> float | None:
     Per thread where the snapshots carry threads: the differences of the threads alive at both and the
     whole of a thread born between them; a thread that ended between them is left out (its last stretch is
     gone with it), where the process's sums would have lost its whole life's times."""
+    times = _own_times(a, b)
+    return None if times is None else _share(*times)
+
+
+def _own_times(a: CpuSnapshot, b: CpuSnapshot) -> tuple[int, int] | None:
+    """(run, run_delay) in ns of our threads between two snapshots (None without schedstat)."""
     if a.threads_ns is not None and b.threads_ns is not None:
-        before = {tid: (run, delay) for tid, run, delay in a.threads_ns}
-        ran = waited = 0
-        for tid, run, delay in b.threads_ns:
-            r0, d0 = before.get(tid, (0, 0))
-            ran, waited = ran + run - r0, waited + delay - d0
-    elif None in (a.run_ns, b.run_ns, a.run_delay_ns, b.run_delay_ns):
+        return thread_times(a.threads_ns, b.threads_ns)
+    if None in (a.run_ns, b.run_ns, a.run_delay_ns, b.run_delay_ns):
         return None
-    else:
-        ran = b.run_ns - a.run_ns  # type: ignore[operator]
-        waited = b.run_delay_ns - a.run_delay_ns  # type: ignore[operator]
+    return b.run_ns - a.run_ns, b.run_delay_ns - a.run_delay_ns  # type: ignore[operator]
+
+
+def thread_times(a: Iterable[tuple[int, int, int]], b: Iterable[tuple[int, int, int]]) -> tuple[int, int]:
+    """(run, run_delay) in ns between two per-thread schedstat readings `(tid, run, run_delay)`: the
+    differences of the threads in both, the whole of a thread only in `b` (born between them)."""
+    before = {tid: (run, delay) for tid, run, delay in a}
+    ran = waited = 0
+    for tid, run, delay in b:
+        r0, d0 = before.get(tid, (0, 0))
+        ran, waited = ran + run - r0, waited + delay - d0
+    return ran, waited
+
+
+def _share(ran: int, waited: int) -> float | None:
+    """run_delay / (run + run_delay); None under MIN_RUNNABLE_NS of runnable time (too little to judge)."""
     if ran < 0 or waited < 0 or ran + waited < MIN_RUNNABLE_NS:
         return None
     return waited / (ran + waited)
@@ -422,11 +445,21 @@ class HostLoad:
     # the mask's cores + OVERLOAD_MARGIN_CORES (0.5); or threads > the cgroup quota + 0.5 (`is_overloaded`;
     # without a quota the mask is `cpus`)
     overloaded: bool
-    # share of our threads' runnable time spent waiting for a CPU (None: no schedstat, or too short)
+    # share of our threads' runnable time spent waiting for a CPU (None: no schedstat, or too short); for
+    # an endpoint served by other processes here (`EndpointMeter`), their threads' share
     wait_share: float | None = None
+    # an endpoint served by other processes on this host: the cores they used while it answered, the
+    # arm's own work (not in others_busy_cores); None for work in this process
+    endpoint_busy_cores: float | None = None
+    # why an endpoint's processes were not measured ("endpoint process not visible ..."); None otherwise
+    endpoint_note: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The record; the endpoint fields only where set (a timing in this process has none)."""
+        out = asdict(self)
+        return {
+            k: v for k, v in out.items() if v is not None or k not in ("endpoint_busy_cores", "endpoint_note")
+        }
 
 
 class HostLoadMeter:
@@ -443,6 +476,143 @@ class HostLoadMeter:
     def __exit__(self, *exc: object) -> None:
         end = snapshot()
         self.load = measure(self._start, end, threads=self.threads)
+
+
+@dataclass(frozen=True)
+class ProcessesSnapshot:
+    """Other processes at one moment (the server of an endpoint on this host and its workers): each one's
+    CPU ticks (`(pid, utime + stime)`), each of their threads' schedstat (`(tid, run, run_delay)`, ns;
+    None without schedstat), and whether one of them is in this process's cgroup (shares its quota)."""
+
+    ticks: tuple[tuple[int, int], ...]
+    threads_ns: tuple[tuple[int, int, int], ...] | None
+    shares_cgroup: bool = False
+
+
+def processes_snapshot(pids: Iterable[int]) -> ProcessesSnapshot:
+    ticks, threads, shares = [], [], False
+    try:
+        ours = Path("/proc/self/cgroup").read_text()
+    except OSError:
+        ours = None
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            after = stat[stat.rindex(")") + 2 :].split()
+            ticks.append((pid, int(after[11]) + int(after[12])))
+            shares = shares or (ours is not None and Path(f"/proc/{pid}/cgroup").read_text() == ours)
+        except (OSError, ValueError, IndexError):
+            continue  # ended meanwhile
+        threads += _thread_schedstat(pid) or ()
+    return ProcessesSnapshot(tuple(ticks), tuple(threads) or None, shares)
+
+
+def processes_busy_cores(a: ProcessesSnapshot, b: ProcessesSnapshot, wall: float) -> float:
+    """Cores the processes used between two snapshots (a process born between them: its whole life)."""
+    before = dict(a.ticks)
+    ticks = sum(max(0, t - before.get(pid, 0)) for pid, t in b.ticks)
+    return ticks / CLK_TCK / max(wall, 1e-9)
+
+
+def measure_endpoint(
+    start: CpuSnapshot,
+    end: CpuSnapshot,
+    served: tuple[ProcessesSnapshot, ProcessesSnapshot] | None,
+    *,
+    threads: int = 1,
+    note: str | None = None,
+) -> HostLoad:
+    """The load while an endpoint served by other processes on this host answered (`served`: their
+    snapshots around the answer; None where they could not be seen, `note` says why). This process only
+    waits for the answer, so its threads' few milliseconds of runnable time say nothing of the answer's
+    slowing (an idle host read wait shares of 0.19-0.26 from them), and the server's CPU is the arm's own
+    work, not the others' load (counted as the others', a server busy on both cores of an idle two-core
+    host flagged 3 of 8 answers). So:
+
+    - the server's threads' wait share decides where they were runnable at least `ANSWER_FLOOR_SHARE` of
+      the answer's wall time (WAIT_SHARE_LIMIT); else (a server that mostly sleeps, no schedstat) the
+      inferred rule with the server's cores (rounded, at least 1) as the threads and the others less the
+      server;
+    - our own threads' wait share counts only where they ran at least `ANSWER_FLOOR_SHARE` of the answer's
+      wall time (the client's own work a real part of its latency): else their waiting is noise, or the
+      server's own work preempting them on a shared CPU;
+    - with the server not visible, only our own threads (with that floor) and the quota rule judge: the
+      others' cores would include the server's own work.
+    The quota rule counts the server where it shares our cgroup."""
+    limits = cpu_limits()
+    wall = max(end.wall - start.wall, 1e-9)
+    others = others_busy_cores(start, end)
+    quota_others = quota_others_cores(start, end)
+    own = _own_wait_share(start, end, ANSWER_FLOOR_SHARE * wall * 1e9)
+    own_over = own is not None and own > WAIT_SHARE_LIMIT
+    pressure = None
+    if start.psi_some_us is not None and end.psi_some_us is not None:
+        pressure = min(1.0, (end.psi_some_us - start.psi_some_us) / 1e6 / wall)
+    load = loadavg()
+    busy = others if others is not None else (load[0] if load else 0.0)
+    if served is None:
+        # the mask's rule off (waited=0.0): the others' cores include the server's own work
+        over = own_over or is_overloaded(0.0, threads, limits, quota_others, waited=0.0)
+        cores = waited = None
+    else:
+        a, b = served
+        cores = processes_busy_cores(a, b, wall)
+        busy = max(0.0, busy - cores)
+        others = None if others is None else max(0.0, others - cores)
+        waited = None
+        if a.threads_ns is not None and b.threads_ns is not None:
+            ran, delay = thread_times(a.threads_ns, b.threads_ns)
+            if ran + delay >= ANSWER_FLOOR_SHARE * wall * 1e9:
+                waited = _share(ran, delay)
+        threads = max(1, round(cores))
+        if b.shares_cgroup:
+            quota = None if quota_others is None else max(0.0, quota_others - cores)
+            over = is_overloaded(busy, threads, limits, quota, waited)
+        else:  # the quota is ours, not the server's
+            over = is_overloaded(busy, threads, replace(limits, quota=None), None, waited)
+        over = over or own_over
+    return HostLoad(
+        cpus=limits.cpus,
+        threads=threads,
+        seconds=wall,
+        others_busy_cores=_rounded(others),
+        cpu_pressure=None if pressure is None else round(pressure, 3),
+        loadavg=tuple(load) if load else None,  # type: ignore[arg-type]
+        overloaded=over,
+        wait_share=_rounded(waited if served is not None else own),
+        endpoint_busy_cores=_rounded(cores),
+        endpoint_note=note,
+    )
+
+
+def _own_wait_share(a: CpuSnapshot, b: CpuSnapshot, min_run_ns: float) -> float | None:
+    """Our threads' wait share where they ran at least `min_run_ns` between the snapshots, else None."""
+    times = _own_times(a, b)
+    return None if times is None or times[0] < min_run_ns else _share(*times)
+
+
+class EndpointMeter:
+    """`with EndpointMeter(pids) as m: ...; m.load` -> HostLoad of an endpoint's answer
+    (`measure_endpoint`): `pids()` gives the processes serving it now (read at both ends, so a worker
+    forked meanwhile counts); None where they cannot be seen (`note` says why)."""
+
+    def __init__(
+        self, pids: Callable[[], Iterable[int]] | None, *, threads: int = 1, note: str | None = None
+    ) -> None:
+        self.pids, self.threads, self.note = pids, threads, note
+        self.load: HostLoad | None = None
+
+    def __enter__(self) -> EndpointMeter:
+        self._served = None if self.pids is None else processes_snapshot(self.pids())
+        self._start = snapshot()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        end = snapshot()
+        served = None
+        if self.pids is not None and self._served is not None:
+            served = (self._served, processes_snapshot(self.pids()))
+        self.load = measure_endpoint(self._start, end, served, threads=self.threads, note=self.note)
 
 
 def pair_load(span: HostLoad, arms: Iterable[HostLoad]) -> HostLoad:

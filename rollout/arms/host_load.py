@@ -7,18 +7,25 @@ where `sparsepilot serve-model` binds by default). Such an arm's latency is slow
 on the host as the in-process model's is, so each of its answers is measured for the host's load
 (`sparse_core.host.HostLoadMeter`, the rule of every timing) and its row is flagged `overloaded` when that
 answer was: per answer, not per batch, so a busy spell over part of a batch flags the rows it slowed
-(a batch's average hid 12 of 40 rows at twice their latency). An endpoint elsewhere does its work on its
-own host: its rows are never flagged."""
+(a batch's average hid 12 of 40 rows at twice their latency). An endpoint served here by another
+process is measured as that process's work (`MeteredArm`: its CPU is the arm's own, its threads' waiting
+decides). An endpoint elsewhere does its work on its own host: its rows are never flagged."""
 
 from __future__ import annotations
 
 import ipaddress
+import logging
+import os
 import socket
 import threading
 from typing import Any
 from urllib.parse import urlsplit
 
 from rollout.arms.base import Arm, ArmAnswer, ArmRequest
+from rollout.arms.endpoint_process import descendants, listening_processes, process_parents
+from sparse_core.host import EndpointMeter, HostLoad, HostLoadMeter
+
+log = logging.getLogger(__name__)
 
 
 def runs_here(arm_spec: Any) -> bool:
@@ -54,22 +61,34 @@ def _is_own_address(family: int, address: str) -> bool:
 class MeteredArm:
     """`arm`, each of whose answers is measured for the host's load; `overloaded(request_id)`: an answer to
     that request was timed while the host was overloaded (the control without a reference answers twice:
-    either counts)."""
+    either counts).
 
-    def __init__(self, arm: Arm, threads: int | None = None) -> None:
+    An endpoint on this host (`url`) served by ANOTHER process is measured as that process's work
+    (`sparse_core.host.EndpointMeter`): the processes holding the socket listening on the url's port and
+    their descendants (`rollout.arms.endpoint_process`, found at the first answer), whose CPU is the arm's
+    own and whose threads' waiting decides. This process only waits on HTTP meanwhile: its own threads'
+    few ms say nothing, and the server's cores counted as the others' flagged an idle host's answers.
+    Where that process cannot be seen (another user's, another namespace) it is said once in the log and
+    in each answer's load (`endpoint_note`), and only our own threads' waiting (over a floor) and the
+    quota judge. An endpoint served by this very process (a server thread in it) is measured as an
+    in-process arm is."""
+
+    def __init__(self, arm: Arm, threads: int | None = None, url: str | None = None) -> None:
         self.arm = arm
         self.label = arm.label
         self.max_concurrency = arm.max_concurrency
         self.threads = threads  # None: torch's threads when the answer ends (the pilot's thread policy)
+        self.url = url  # an endpoint's: its server's processes are measured as the arm's own
+        self.loads: list[tuple[str, HostLoad]] = []  # (request id, its answer's load), in answer order
         self._overloaded: dict[str, bool] = {}
         self._lock = threading.Lock()
+        self._server: frozenset[int] | None = None  # the processes holding the listening socket
+        self._server_found = False
 
     def answer(
         self, request: ArmRequest, task: str, *, max_new_tokens: int, max_prompt_tokens: int | None
     ) -> ArmAnswer:
-        from sparse_core.host import HostLoadMeter
-
-        with HostLoadMeter(threads=self.threads) as meter:
+        with self._meter() as meter:
             res = self.arm.answer(
                 request, task, max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens
             )
@@ -77,7 +96,23 @@ class MeteredArm:
         with self._lock:
             rid = request.request_id
             self._overloaded[rid] = self._overloaded.get(rid, False) or meter.load.overloaded
+            self.loads.append((rid, meter.load))
         return res
+
+    def _meter(self) -> HostLoadMeter | EndpointMeter:
+        if self.url is None:
+            return HostLoadMeter(threads=self.threads)
+        with self._lock:
+            if not self._server_found:
+                self._server, self._server_found = frozenset(listening_processes(self.url)), True
+                if not self._server:
+                    _say_not_visible(self.url)
+            server = self._server
+        if server and os.getpid() in server:  # served by a thread of this process
+            return HostLoadMeter(threads=self.threads)
+        if not server:
+            return EndpointMeter(None, note=NOT_VISIBLE)
+        return EndpointMeter(lambda: descendants(server, process_parents()))
 
     def overloaded(self, request_id: str) -> bool:
         with self._lock:
@@ -87,9 +122,29 @@ class MeteredArm:
         self.arm.close()
 
 
+NOT_VISIBLE = "endpoint process not visible: its answers' overload is judged from this process's threads only"
+_said_not_visible: set[str] = set()
+
+
+def _say_not_visible(url: str) -> None:
+    """The warning, once per url and process: no process of ours listens on it (another user's server,
+    another network or PID namespace)."""
+    if url not in _said_not_visible:
+        _said_not_visible.add(url)
+        log.warning(
+            "%s: no process listening on its port is visible from here (another user's, or another "
+            "namespace's): the server's CPU cannot be told from the other processes' load, so its answers "
+            "are flagged overloaded only from this process's own threads' waiting (docs/serving.md)",
+            url,
+        )
+
+
 def metered(arm: Arm, arm_spec: Any) -> Arm:
-    """The arm, measured per answer where it runs on this host (`runs_here`)."""
-    return MeteredArm(arm) if runs_here(arm_spec) else arm
+    """The arm, measured per answer where it runs on this host (`runs_here`); an endpoint's as its server
+    process's work (`MeteredArm`)."""
+    if not runs_here(arm_spec):
+        return arm
+    return MeteredArm(arm, url=None if arm_spec.kind == "in-process" else arm_spec.url)
 
 
 def flag_overloaded(rows: list[dict[str, Any]], arms: dict[str, Arm]) -> list[dict[str, Any]]:
