@@ -247,13 +247,13 @@ CROSSED_CAUSE = (
 
 def invalid_remedy(use_case: str, outcome: str, reasons: Any, traffic_pct: float) -> str:
     """The way out of a step whose data cannot be trusted, in commands: no command reruns a step and its
-    stored rows stay, so an INVALID look is ended by aborting the pilot (or, at the limit, by its NO-GO),
-    and the use case pilots again. A sample-ratio mismatch also needs the serving system set to the step's
-    share; crossed bounds need the rows in an order that carries no information (`CROSSED_CAUSE`: the
-    order, not the challenger, crossed them), though a new pilot still needs a new challenger or spec
-    version (`pilots.PILOT_AGAIN`: a challenger is piloted once). Every pilot started counts toward the use
-    case's false-GO alpha, the aborted one too (docs/gate.md), so the new pilot's GO is held to a smaller
-    level. '' otherwise."""
+    stored rows stay, so an INVALID look is ended by aborting the pilot, and a person pilots its challenger
+    again (`pilot_batches.start_again`: an abort judged nothing); at the limit its NO-GO judged the plan,
+    so the next pilot needs another one (`pilots.pilot_again`). A sample-ratio mismatch also needs the
+    serving system set to the step's share; crossed bounds need the rows in an order that carries no
+    information (`CROSSED_CAUSE`: the order, not the challenger, crossed them). Every pilot started counts
+    toward the use case's false-GO alpha, the aborted one too (docs/gate.md), so the new pilot's GO is
+    held to a smaller level. '' otherwise."""
     reasons = tuple(reasons)
     if outcome != "INVALID" and "max-duration-invalid" not in reasons:
         return ""
@@ -263,25 +263,18 @@ def invalid_remedy(use_case: str, outcome: str, reasons: Any, traffic_pct: float
         "smaller level"
     )
     if "crossed-bounds" in reasons:
-        rows = (
-            f"in an order that carries no information: {CROSSED_CAUSE}. A challenger is piloted once, so "
-            f"{pilots.PILOT_AGAIN}; {spent}"
-        )
-        if outcome == "INVALID":
-            return (
-                f'To start over: `sparsepilot pilot {use_case} --abort --reason "..."`, then pilot again '
-                f"with the rows {rows}."
-            )
-        return f"To pilot again: bring the next pilot's rows {rows}."
-    split = (
-        f", with the serving system sending {traffic_pct:g}% of the requests to the sparse model"
-        if "sample-ratio-mismatch" in reasons
-        else ""
-    )
-    again = f"calibrate a new challenger (`sparsepilot calibrate {use_case}`) and pilot it{split}; {spent}"
+        how = f"with the rows in an order that carries no information: {CROSSED_CAUSE}"
+    elif "sample-ratio-mismatch" in reasons:
+        how = f"with the serving system sending {traffic_pct:g}% of the requests to the sparse model"
+    else:
+        how = ""
     if outcome == "INVALID":
-        return f'To start over: `sparsepilot pilot {use_case} --abort --reason "..."`, then {again}.'
-    return f"To pilot again: {again}."
+        again = f'`sparsepilot pilot {use_case} --again --reason "..."` pilots its challenger again'
+        return (
+            f'To start over: `sparsepilot pilot {use_case} --abort --reason "..."`, then {again}'
+            f"{', ' + how if how else ''}; {spent}."
+        )
+    return f"To pilot again: {pilots.pilot_again(use_case)}{'; pilot it ' + how if how else ''}; {spent}."
 
 
 def _check_still_running(use_case: str, pilot: Pilot, step: PilotStep, *, changed: bool = False) -> None:

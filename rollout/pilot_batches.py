@@ -117,9 +117,14 @@ def _refusal(session: Any, uc: Any, run: Any, *, pilot_anyway: bool) -> pilots.P
         and last.model_version_id == run.model_version_id
         and last.status in pilots.ENDED_PILOT
     ):
+        if pilots.was_aborted(session, last):  # a person may pilot it again: `start_again`
+            return pilots.PilotStateError(
+                f"{name}: {pilots.pilot_label(last)} of this challenger was aborted; "
+                f"{pilots.pilot_aborted_again(name)}"
+            )
         return pilots.PilotStateError(
-            f"{name}: {pilots.pilot_label(last)} of this challenger has ended ({last.status}); "
-            f"{pilots.PILOT_AGAIN}"
+            f"{name}: {pilots.pilot_label(last)} of this challenger has ended ({last.status}) and is not "
+            f"piloted again; {pilots.pilot_again(name)}"
         )
     active = pilots.active_pilot(session, uc)
     if active is not None and active.status != "running":  # awaiting_approval, the only other active one
@@ -166,6 +171,53 @@ def ensure_pilot_in(
     if pilot is None or pilot.model_version_id != mv.id:
         pilot = pilots.start_pilot(session, uc, mv, spec, actor=actor)
     return _step_info(session, pilot, pilots.current_step(session, pilot), mv)
+
+
+def start_again(use_case: str, *, actor: str, reason: str) -> dict[str, Any]:
+    """A person pilots the current challenger again after an operator aborted its pilot (`sparsepilot
+    pilot NAME --again --reason TEXT`): a new pilot at its shadow step, its GO held to the next level of
+    the use case's alpha spending (every pilot started counts, the aborted one too: docs/gate.md "Across
+    a use case's pilots"), audited (`pilot.again`: the reason and the aborted pilot). Only after an abort:
+    an abort judged nothing (the data could not be trusted, the serving system's split was wrong), while a
+    NO-GO, a rejection or a rollback judged this plan, and the challenger is a plan (one model version
+    per plan hash), so those are refused in `pilots.pilot_again`'s words. Never the pipeline's: the cycle
+    does not restart what an operator stopped."""
+    from rollout.spec import has_visible_text
+
+    text = (reason or "").strip()
+    if not has_visible_text(text):
+        raise pilots.PilotStateError("--again needs a --reason (kept in the audit log)")
+    with session_scope(immediate=True) as session:
+        uc = pilots.held_for_a_start(session, pilots.get_use_case(session, use_case).id)
+        spec, _ = pilots.load_current_spec(session, uc)
+        run = latest_challenger(session, uc.id)
+        last = pilots.latest_pilot(session, uc)
+        if run is None or last is None or last.model_version_id != run.model_version_id:
+            refused = _refusal(session, uc, run, pilot_anyway=True)
+            raise refused or pilots.PilotStateError(
+                f"{uc.name}: the challenger has not been piloted, so there is nothing to pilot again; "
+                f"`sparsepilot pilot {uc.name}` pilots it"
+            )
+        if last.status not in pilots.ENDED_PILOT or not pilots.was_aborted(session, last):
+            raise _refusal(session, uc, run, pilot_anyway=True) or pilots.PilotStateError(
+                f"{uc.name}: {pilots.pilot_label(last)} of this challenger is {last.status}, not aborted; "
+                f"`sparsepilot pilot {uc.name}` goes on with it"
+            )
+        mv = session.get(ModelVersion, run.model_version_id)
+        pilot = pilots.start_pilot(session, uc, mv, spec, actor=actor)
+        audit.record(
+            session,
+            actor,
+            "pilot.again",
+            on=pilot,
+            details={"reason": text, "aborted_pilot_id": last.id, "model_version_id": mv.id},
+        )
+        return {
+            "pilot_id": pilot.id,
+            "pilot": pilots.pilot_label(pilot),
+            "aborted": pilots.pilot_label(last),
+            "go_alpha": pilot.go_alpha,
+        }
 
 
 def ensure_pilot(

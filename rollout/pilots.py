@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from rollout import audit
 from rollout.db.models import (
+    AuditEntry,
     GateDecision,
     ModelVersion,
     Observation,
@@ -38,9 +39,29 @@ if TYPE_CHECKING:
 OBSERVATION_FIELDS = ("request_id", "arm", "quality", "latency_ms", "tokens", "error", "overloaded")
 ACTIVE_PILOT = ("running", "awaiting_approval")
 ENDED_PILOT = ("stopped", "promoted", "rolled_back")
-# What starts a pilot again once a challenger's pilot has ended: that challenger is never piloted twice
-# (`rollout.pilot_batches.ensure_pilot_in` refuses it in these words, and a rejection's message says them).
-PILOT_AGAIN = "calibrate a new challenger (or add a new spec version) to pilot again"
+
+
+def pilot_again(name: str) -> str:
+    """What starts a pilot again once a challenger's pilot ended NO-GO, rejected, promoted or rolled back:
+    that challenger is not piloted again, and a challenger is a plan (the registry keeps one model version
+    per plan hash), so `calibrate` alone, or a new spec version whose calibration finds the same plan,
+    returns the same challenger. What `rollout.pilot_batches` refuses it in, and a rejection's message
+    says (pure)."""
+    return (
+        "a new pilot needs another plan: a new spec version whose quality budget or estimator calibrates "
+        f"one (`sparsepilot usecase add SPEC --new-version`), then `sparsepilot calibrate {name}` (a "
+        "calibration that finds the same plan returns the same challenger)"
+    )
+
+
+def pilot_aborted_again(name: str) -> str:
+    """The way on after an operator aborted the pilot (data not trusted, a serving system's wrong split):
+    its challenger may be piloted again by a person (`rollout.pilot_batches.start_again`, docs/gate.md
+    "Across a use case's pilots"), or another plan piloted (pure)."""
+    return (
+        f"`sparsepilot pilot {name} --again --reason TEXT` pilots its challenger again (a new pilot, whose "
+        f"GO is held to the next, smaller level); or {pilot_again(name)}"
+    )
 
 
 class PilotStateError(SparsePilotError, RuntimeError):
@@ -173,6 +194,21 @@ def promoted_pilot(session: Session, use_case: UseCase) -> Pilot | None:
 
 def latest_pilot(session: Session, use_case: UseCase) -> Pilot | None:
     return session.scalar(select(Pilot).where(Pilot.use_case_id == use_case.id).order_by(Pilot.id.desc()))
+
+
+def was_aborted(session: Session, pilot: Pilot) -> bool:
+    """Whether an operator aborted this ended pilot (`abort_pilot`'s `pilot.abort` audit entry), rather
+    than a NO-GO, a rejection or a new challenger stopping it."""
+    if pilot.status != "stopped":
+        return False
+    found = session.scalar(
+        select(AuditEntry.id).where(
+            AuditEntry.action == "pilot.abort",
+            AuditEntry.entity == audit.ENTITIES[Pilot.__tablename__],
+            AuditEntry.entity_id == str(pilot.id),
+        )
+    )
+    return found is not None
 
 
 def next_pilot_number(session: Session, use_case: UseCase) -> int:

@@ -335,12 +335,13 @@ def waits_for(row: dict[str, Any]) -> str:
         # do not cure it; the gate's way out is an abort and a new pilot
         reasons = row.get("decision_reasons") or []
         why = ", ".join(str(r).replace("-", " ") for r in reasons) or "invalid data"
-        if "crossed-bounds" in reasons:  # the rows' order crossed them, not the challenger
-            return (
-                "an operator: abort the pilot and pilot again with the rows in an order that carries no "
-                f"information (data not trusted: {why})"
-            )
-        return f"an operator: abort the pilot and start over with a new challenger (data not trusted: {why})"
+        # an aborted pilot's challenger is piloted again by a person (`pilot NAME --again`)
+        rows = " with the rows in an order that carries no information" if "crossed-bounds" in reasons else ""
+        again = f"`sparsepilot pilot {row.get('name') or 'NAME'} --again`"
+        return (
+            f"an operator: abort the pilot and pilot its challenger again ({again}){rows} "
+            f"(data not trusted: {why})"
+        )
     if row.get("pilot_status") == "running":
         n, need = row.get("step_observations") or 0, row.get("min_samples") or 0
         if row.get("step_kind") == "shadow":

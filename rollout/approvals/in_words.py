@@ -28,10 +28,10 @@ def effect_in_words(session: Any, d: GateDecision, action: str) -> str:
         )
     if action == "approve":
         return f"{pilot} promoted (its challenger becomes {name}'s champion)"
-    from rollout.pilots import PILOT_AGAIN
+    from rollout.pilots import pilot_again
 
     # this challenger's pilot has ended: `sparsepilot pilot NAME` refuses it (ensure_pilot_in)
-    return f"{pilot} stopped (use case phase stopped); {PILOT_AGAIN} (`sparsepilot calibrate {name}`)"
+    return f"{pilot} stopped (use case phase stopped); {pilot_again(name)}"
 
 
 def _unchanged_in_words(session: Any, d: GateDecision) -> str:

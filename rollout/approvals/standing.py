@@ -58,7 +58,7 @@ def promotion_in_effect(decision_id: int, *, db_url: str | None = None) -> str |
     `promote` is fine); where a later champion move superseded it, ApprovalError saying by what (promoting
     on its old evidence again is refused). None where the decision is no such promotion (it still waits
     for a signature, ...): the caller goes on to sign it."""
-    from rollout.pilots import PILOT_AGAIN
+    from rollout.pilots import pilot_again
 
     with session_scope(db_url) as session:
         d = session.get(GateDecision, decision_id)
@@ -77,8 +77,7 @@ def promotion_in_effect(decision_id: int, *, db_url: str | None = None) -> str |
     if found.in_effect:
         return f"{name}: {head}; {found.words}; nothing to do"
     raise ApprovalError(
-        f"{head}; {found.words}; nothing was recorded. A promotion now needs a new pilot: {PILOT_AGAIN} "
-        f"(`sparsepilot calibrate {name}`)"
+        f"{head}; {found.words}; nothing was recorded. A promotion now needs a new pilot: {pilot_again(name)}"
     )
 
 

@@ -182,6 +182,10 @@ def pilot_cmd(
         ),
     ] = False,
     abort: Annotated[bool, typer.Option("--abort", help="stop the active pilot (needs --reason)")] = False,
+    again: Annotated[
+        bool,
+        typer.Option("--again", help="pilot the challenger of an aborted pilot again (needs --reason)"),
+    ] = False,
     pilot_anyway: Annotated[
         bool,
         typer.Option(
@@ -191,25 +195,40 @@ def pilot_cmd(
         ),
     ] = False,
     reason: Annotated[
-        str | None, typer.Option("--reason", help="why (with --abort; kept in the audit log)")
+        str | None, typer.Option("--reason", help="why (with --abort or --again; kept in the audit log)")
     ] = None,
     password_stdin: PasswordStdin = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """One pilot batch (or --batches N) in the current step, import observations from a file, or
-    --abort the pilot (operators and approvers)."""
+    """One pilot batch (or --batches N) in the current step, import observations from a file, --abort the
+    pilot, or pilot an aborted pilot's challenger --again (operators and approvers)."""
     from flows.pilot import abort as abort_pilot
     from flows.pilot import import_observations, pilot_flow
 
+    batch_options = max_new_tokens is not None or external_assignment or batches is not None or pilot_anyway
+    if again and (abort or observations or batch_options):
+        fail("--again starts a new pilot: it takes --reason only (then pilot or import as usual)")
     if abort and observations:
         fail("--abort and --observations exclude each other")
-    if abort and (max_new_tokens is not None or external_assignment or batches is not None or pilot_anyway):
+    if abort and batch_options:
         fail("--abort stops the pilot: it takes --reason only, no batch or import options")
     if observations and (batches is not None or max_new_tokens is not None):
         fail("--observations imports answers your serving system gave; --batches, --max-new-tokens run ours")
-    if reason is not None and not abort:
-        fail("--reason goes with --abort (a pilot batch or import keeps no reason)")
-    who = signed_in("operator", f"{'abort the pilot of' if abort else 'pilot'} {name}", password_stdin)
+    if reason is not None and not (abort or again):
+        fail("--reason goes with --abort or --again (a pilot batch or import keeps no reason)")
+    doing = "abort the pilot of" if abort else "pilot again" if again else "pilot"
+    who = signed_in("operator", f"{doing} {name}", password_stdin)
+    if again:
+        from rollout.pilot_batches import start_again
+
+        out = _run(
+            lambda: start_again(name, actor=who.name, reason=reason or ""),
+            needs_prefect=False,
+            needs_mlflow=False,
+        )
+        said = f"{name}: {out['pilot']} started, the challenger of aborted {out['aborted']} again"
+        emit_or_say(out, json_out, f"{said} (GO at alpha {out['go_alpha']:.3g})")
+        return
     if abort:
         out = _run(lambda: abort_pilot(name, who.name, reason or ""), needs_prefect=False, needs_mlflow=False)
         closed = out["closed_decisions"] or "none"

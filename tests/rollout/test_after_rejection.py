@@ -25,8 +25,9 @@ def test_a_rejection_says_what_pilots_again_and_the_pilot_command_is_refused(sp_
     assert done.took_effect
     assert "pilot 1 of pays stopped" in done.message
     assert "sparsepilot pilot" not in done.message
-    assert pilots.PILOT_AGAIN in done.message and "`sparsepilot calibrate pays`" in done.message
+    assert pilots.pilot_again("pays") in done.message and "`sparsepilot calibrate pays`" in done.message
+    assert "--again" not in done.message  # a rejection judged the plan: only another plan pilots again
     for anyway in (False, True):  # what the old message advised: refused, with the same remedy
         with pytest.raises(pilots.PilotStateError) as refused:
             pilot_batches.ensure_pilot("pays", pilot_anyway=anyway)
-        assert pilots.PILOT_AGAIN in str(refused.value)
+        assert pilots.pilot_again("pays") in str(refused.value)

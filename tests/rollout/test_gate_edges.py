@@ -203,9 +203,10 @@ def test_a_crossing_is_ended_by_an_abort_and_a_pilot_again_in_every_text() -> No
     (`sparsepilot calibrate NAME`) and pilot it" where the gate's explanation said "abort the pilot and pilot
     again" and the portfolio "start over with a new challenger". Now all three say abort and pilot again,
     the remedy with the order that carries no information (each export whole, or in time slices) and what
-    a new pilot needs (a challenger is piloted once); at the maximum, how to pilot again."""
+    the command that pilots the aborted pilot's challenger again (`pilot NAME --again`); at the maximum
+    (a NO-GO), the way to another plan."""
     from rollout.decisions import invalid_remedy
-    from rollout.pilots import PILOT_AGAIN
+    from rollout.pilots import pilot_again
     from rollout.queries import waits_for
 
     q, treated = _one_arm_after_the_other(0, 0.5, 0.20, 2000)
@@ -213,13 +214,16 @@ def test_a_crossing_is_ended_by_an_abort_and_a_pilot_again_in_every_text() -> No
     assert d.reasons == ("crossed-bounds",) and "abort the pilot and pilot again" in d.explanation
     remedy = invalid_remedy("docs-qa", d.outcome, d.reasons, 50.0)
     assert remedy.startswith(
-        'To start over: `sparsepilot pilot docs-qa --abort --reason "..."`, then pilot again'
+        'To start over: `sparsepilot pilot docs-qa --abort --reason "..."`, then `sparsepilot pilot docs-qa '
+        '--again --reason "..."` pilots its challenger again'
     )
     assert "not on the challenger" in remedy and "each export whole" in remedy and "time slices" in remedy
-    assert "`sparsepilot calibrate" not in remedy and PILOT_AGAIN in remedy
+    assert "`sparsepilot calibrate" not in remedy
     row = {"pilot_status": "running", "decision": d.outcome, "decision_kind": "gate", "awaiting": "none",
            "decision_reasons": list(d.reasons), "step_kind": "split"}  # fmt: skip
-    assert waits_for(row).startswith("an operator: abort the pilot and pilot again")
+    assert waits_for(row | {"name": "docs-qa"}).startswith(
+        "an operator: abort the pilot and pilot its challenger again (`sparsepilot pilot docs-qa --again`)"
+    )
     assert waits_for(row).endswith("(data not trusted: crossed bounds)")
     last = decide(split_frame(q, treated), CROSSED, planned_treatment_share=0.5, now_look=CROSSED.max_looks)
     assert (last.outcome, last.reasons) == ("NO-GO", ("max-duration-invalid", "crossed-bounds"))
@@ -227,6 +231,7 @@ def test_a_crossing_is_ended_by_an_abort_and_a_pilot_again_in_every_text() -> No
     assert (
         at_max.startswith("To pilot again:") and "--abort" not in at_max and "not on the challenger" in at_max
     )
+    assert pilot_again("docs-qa") in at_max and "--again" not in at_max  # a NO-GO judged the plan
 
 
 def test_one_guardrail_short_of_its_minimum_is_enough_to_project_it() -> None:

@@ -93,7 +93,7 @@ def test_a_plan_the_portfolio_says_is_not_piloted_starts_no_pilot_on_any_path(sp
     # what `sparsepilot pilot` asks before its flow: once the pilot has ended, that is what it says (it
     # said "not piloted: the plan keeps 100.00% ..." while the flow said the pilot had ended)
     pilot_batches.abort("dense-plan", actor="test", reason="test")
-    ended = "dense-plan: pilot 1 of this challenger has ended (stopped); calibrate a new challenger"
+    ended = "dense-plan: pilot 1 of this challenger was aborted; `sparsepilot pilot dense-plan --again"
     assert str(pilot_batches.pilot_refusal("dense-plan")).startswith(ended)
     assert str(pilot_batches.pilot_refusal("dense-plan", pilot_anyway=True)).startswith(ended)
     with pytest.raises(pilot_batches.pilots.PilotStateError, match=re.escape(ended)):

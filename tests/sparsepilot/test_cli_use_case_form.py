@@ -140,6 +140,9 @@ def test_a_work_pool_without_a_prefect_server_is_one_error_line_and_exit_2(
         (["--abort", "--reason", "x", "--external-assignment"], "error: --abort stops the pilot"),
         (["--abort", "--reason", "x", "--batches", "3"], "error: --abort stops the pilot"),  # review T4
         (["--observations", "rows.jsonl", "--batches", "3"], "error: --observations imports answers"),
+        (["--again", "--reason", "x", "--batches", "3"], "error: --again starts a new pilot"),
+        (["--again", "--abort", "--reason", "x"], "error: --again starts a new pilot"),
+        (["--again", "--observations", "rows.jsonl", "--reason", "x"], "error: --again starts a new pilot"),
     ],
 )
 def test_pilot_refuses_options_its_form_does_not_read(sp_home, args, message) -> None:  # noqa: ANN001

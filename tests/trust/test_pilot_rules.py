@@ -606,7 +606,7 @@ def test_the_cli_names_a_pilot_by_its_number_within_its_use_case(
     assert res.exit_code == 0 and "tiny-b: pilot 1 aborted" in res.output, res.output
     rows = [_obs(r, a) for r in _dataset_ids("tiny-b", 3)[2:] for a in ("control", "treatment")]
     res = _import("tiny-b", _write(tmp_path / "again.jsonl", rows))
-    assert res.exit_code == 2 and "tiny-b: pilot 1 of this challenger has ended" in res.output, res.output
+    assert res.exit_code == 2 and "tiny-b: pilot 1 of this challenger was aborted" in res.output, res.output
 
 
 def test_whoever_loosened_the_gate_does_not_approve_its_go(
@@ -864,3 +864,34 @@ def test_loosenings_leave_planning_values_and_traffic_shares_alone() -> None:
         more_steps,
     ):
         assert loosenings([base, (2, "alice", spec)]) == ([], [])
+
+
+def test_an_aborted_pilot_goes_on_by_the_command_its_refusal_names(
+    trust_env, flow_use_case, tmp_path: Path
+) -> None:
+    """After an abort, the refusal said "calibrate a new challenger (or add a new spec version) to pilot
+    again", which led nowhere (calibration reuses its finished run, one model version per plan hash). The
+    command it names now, run as written, starts pilot 2 of the same challenger, and its import lands."""
+    import re
+
+    name = flow_use_case()
+    _challenger(name)
+    ids = _dataset_ids(name, 4)
+    res = _import(
+        name, _write(tmp_path / "a.jsonl", [_obs(r, a) for r in ids[:2] for a in ("control", "treatment")])
+    )
+    assert res.exit_code == 0, res.output
+    args = ["pilot", name, "--abort", "--reason", "split set to 30%, not 10%", "--password-stdin"]
+    res = runner.invoke(app_(), args, input=password_of("olga") + "\n", env={"SPARSEPILOT_USER": "olga"})
+    assert res.exit_code == 0, res.output
+    rows = _write(tmp_path / "b.jsonl", [_obs(r, a) for r in ids[2:] for a in ("control", "treatment")])
+    res = _import(name, rows)
+    assert res.exit_code == 2 and "pilot 1 of this challenger was aborted" in res.output, res.output
+    named = re.search(r"`sparsepilot (pilot [^`]*--again[^`]*)`", " ".join(res.output.split()))
+    assert named is not None, res.output
+    assert named.group(1) == f"pilot {name} --again --reason TEXT"  # run as written, TEXT filled in
+    args = ["pilot", name, "--again", "--reason", "split fixed", "--password-stdin"]
+    res = runner.invoke(app_(), args, input=password_of("olga") + "\n", env={"SPARSEPILOT_USER": "olga"})
+    assert res.exit_code == 0 and f"{name}: pilot 2 started" in res.output, res.output
+    res = _import(name, rows)
+    assert res.exit_code == 0 and f"pilot 2 of {name}" in res.output, res.output

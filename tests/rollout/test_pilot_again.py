@@ -1,0 +1,104 @@
+"""After an abort, every text said "calibrate a new challenger (or add a new spec version) to pilot again"
+(the INVALID's remedy, the portfolio's "start over with a new challenger"), which led nowhere: on an
+unchanged spec `calibrate` reuses its finished run, and a new spec version whose calibration finds the
+same plan registers the same model version (one per plan hash), so `pilot` refused the challenger again.
+Now a person pilots an aborted pilot's challenger again (`pilot NAME --again --reason TEXT`,
+`pilot_batches.start_again`): a new pilot, its GO at the next level of the use case's alpha spending,
+audited; never the pipeline, and never after a NO-GO or a rejection, which judged the plan. Real state DB."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from .test_decision_money import _go_awaiting_approval
+from .test_not_piloted import PAYS, _challenger
+
+
+@pytest.mark.parametrize("stood", ["running", "awaiting approval"])
+def test_an_aborted_pilots_challenger_is_piloted_again_by_a_person(
+    sp_home, tmp_path: Path, stood: str
+) -> None:  # noqa: ANN001
+    from sqlalchemy import select
+
+    from rollout import pilot_batches, pilots
+    from rollout.db.models import AuditEntry, Pilot
+    from rollout.db.session import session_scope
+
+    _challenger(tmp_path, "pays", **PAYS)
+    if stood == "running":
+        first = pilot_batches.ensure_pilot("pays")["pilot_id"]
+    else:  # a GO waiting for approval, aborted rather than rejected: the abort judged nothing
+        _go_awaiting_approval("pays")
+        with session_scope() as s:
+            first = s.scalar(select(Pilot.id))
+    pilot_batches.abort("pays", actor="olga", reason="the serving system sent 30% to sparse, not 10%")
+    refused = str(pilot_batches.pilot_refusal("pays"))
+    assert refused.startswith(
+        "pays: pilot 1 of this challenger was aborted; `sparsepilot pilot pays --again --reason TEXT` pilots "
+        "its challenger again"
+    ), refused
+    with pytest.raises(pilots.PilotStateError, match="was aborted"):  # the pipeline never restarts it
+        pilot_batches.ensure_pilot("pays", pilot_anyway=True)
+    with pytest.raises(pilots.PilotStateError, match="--again needs a --reason"):
+        pilot_batches.start_again("pays", actor="olga", reason=" \u200b")
+
+    out = pilot_batches.start_again("pays", actor="olga", reason="split fixed at 10%")
+    assert (out["pilot"], out["aborted"]) == ("pilot 2", "pilot 1")
+    with session_scope() as s:
+        one, two = s.get(Pilot, first), s.get(Pilot, out["pilot_id"])
+        assert two.model_version_id == one.model_version_id and two.status == "running"
+        assert two.go_alpha < one.go_alpha  # the aborted pilot counts toward the use case's alpha
+        row = s.scalar(select(AuditEntry).where(AuditEntry.action == "pilot.again"))
+        assert (row.actor, row.entity_id) == ("olga", str(two.id))
+        assert row.details["reason"] == "split fixed at 10%" and row.details["aborted_pilot_id"] == first
+    assert pilot_batches.pilot_refusal("pays") is None  # `pilot NAME`, imports and the cycle go on with it
+    assert pilot_batches.ensure_pilot("pays")["pilot_id"] == out["pilot_id"]
+    with pytest.raises(pilots.PilotStateError, match="pilot 2 of this challenger is running, not aborted"):
+        pilot_batches.start_again("pays", actor="olga", reason="twice")
+
+
+def test_a_rejected_challenger_is_not_piloted_again(sp_home, tmp_path: Path) -> None:  # noqa: ANN001
+    from rollout import approvals, pilot_batches, pilots
+    from rollout.auth import Identity
+
+    _challenger(tmp_path, "pays", **PAYS)
+    did, _ = _go_awaiting_approval("pays")
+    for who in ("alice", "bob"):
+        approvals.approve(did, Identity(who, "approver", "cli-env"), "no", reject=True)
+    with pytest.raises(pilots.PilotStateError) as refused:
+        pilot_batches.start_again("pays", actor="olga", reason="try once more")
+    assert str(refused.value) == (
+        f"pays: pilot 1 of this challenger has ended (stopped) and is not piloted again; "
+        f"{pilots.pilot_again('pays')}"
+    )
+    from .test_not_piloted import _pilots
+
+    assert _pilots("pays") == 1  # nothing started
+
+
+def test_the_sample_ratio_mismatchs_way_out_names_the_command_that_pilots_again() -> None:
+    """The INVALID's remedy and the portfolio's 'Waits for' said "calibrate a new challenger" / "start over
+    with a new challenger" after a mismatch of the serving system's split; at the limit (a NO-GO) the way on
+    is another plan, never `--again`."""
+    from rollout.decisions import invalid_remedy
+    from rollout.pilots import pilot_again
+    from rollout.queries import waits_for
+
+    remedy = invalid_remedy("pays", "INVALID", ["sample-ratio-mismatch"], 10.0)
+    assert remedy.startswith(
+        'To start over: `sparsepilot pilot pays --abort --reason "..."`, then '
+        "`sparsepilot pilot pays --again "
+        '--reason "..."` pilots its challenger again, with the serving system sending 10% of the requests to '
+        "the sparse model;"
+    ), remedy
+    row = {"name": "pays", "pilot_status": "running", "decision": "INVALID", "decision_kind": "gate",
+           "awaiting": "none", "decision_reasons": ["sample-ratio-mismatch"]}  # fmt: skip
+    assert waits_for(row) == (
+        "an operator: abort the pilot and pilot its challenger again (`sparsepilot pilot pays --again`) "
+        "(data not trusted: sample ratio mismatch)"
+    )
+    at_max = invalid_remedy("pays", "NO-GO", ["max-duration-invalid", "sample-ratio-mismatch"], 10.0)
+    assert at_max.startswith(f"To pilot again: {pilot_again('pays')}; pilot it with the serving system")
+    assert "--again" not in at_max and "`sparsepilot usecase add SPEC --new-version`" in at_max
