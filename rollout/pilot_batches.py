@@ -203,6 +203,8 @@ def start_again(use_case: str, *, actor: str, reason: str) -> dict[str, Any]:
                 f"{uc.name}: {pilots.pilot_label(last)} of this challenger is {last.status}, not aborted; "
                 f"`sparsepilot pilot {uc.name}` goes on with it"
             )
+        if spec.gate.alpha_spending == "pilot":
+            raise pilots.PilotStateError(again_at_alpha(uc.name))
         mv = session.get(ModelVersion, run.model_version_id)
         pilot = pilots.start_pilot(session, uc, mv, spec, actor=actor)
         audit.record(
@@ -218,6 +220,20 @@ def start_again(use_case: str, *, actor: str, reason: str) -> dict[str, Any]:
             "aborted": pilots.pilot_label(last),
             "go_alpha": pilot.go_alpha,
         }
+
+
+def again_at_alpha(name: str) -> str:
+    """Why `start_again` refuses under `gate.alpha_spending: pilot`: there every pilot runs its GO test at
+    alpha on its own, so an operator who aborted each pilot of a plan that trended badly and piloted it
+    again would give the same plan a fresh alpha each try, its false-GO chance growing with the tries
+    (docs/gate.md "Piloting an aborted pilot's challenger again"). Under the use case's spending each try
+    pays the next, smaller level."""
+    return (
+        f"{name}: the spec holds each pilot to alpha on its own (gate.alpha_spending: pilot), so piloting "
+        "the same challenger again would give it a fresh alpha for every try; add a spec version with "
+        f"gate.alpha_spending: use_case (`sparsepilot usecase add SPEC --new-version`), then "
+        f"`sparsepilot pilot {name} --again --reason TEXT` pilots it at the use case's next level"
+    )
 
 
 def ensure_pilot(

@@ -102,3 +102,29 @@ def test_the_sample_ratio_mismatchs_way_out_names_the_command_that_pilots_again(
     at_max = invalid_remedy("pays", "NO-GO", ["max-duration-invalid", "sample-ratio-mismatch"], 10.0)
     assert at_max.startswith(f"To pilot again: {pilot_again('pays')}; pilot it with the serving system")
     assert "--again" not in at_max and "`sparsepilot usecase add SPEC --new-version`" in at_max
+
+
+def test_under_per_pilot_spending_the_same_challenger_is_not_piloted_again(sp_home, tmp_path: Path) -> None:  # noqa: ANN001
+    """Under `gate.alpha_spending: pilot` every pilot runs at alpha on its own: an abort and `--again` for
+    each pilot of a plan that trended badly would give that plan a fresh alpha every try. Refused, naming
+    the spec change that pilots it again at the use case's next level; nothing started."""
+    import yaml
+
+    from rollout import pilot_batches, pilots
+    from rollout.usecases import add_usecase
+
+    from .test_not_piloted import _pilots
+
+    _challenger(tmp_path, "pays", **PAYS)
+    pilot_batches.ensure_pilot("pays")
+    pilot_batches.abort("pays", actor="olga", reason="trending badly")
+    spec_file = next((tmp_path / "pays").glob("*.yaml"))
+    spec = yaml.safe_load(spec_file.read_text())
+    spec["gate"]["alpha_spending"] = "pilot"
+    spec_file.write_text(yaml.safe_dump(spec))
+    add_usecase(spec_file, actor="test-owner", new_version=True)
+    with pytest.raises(pilots.PilotStateError) as refused:
+        pilot_batches.start_again("pays", actor="olga", reason="once more")
+    assert str(refused.value) == pilot_batches.again_at_alpha("pays")
+    assert "gate.alpha_spending: use_case" in str(refused.value)
+    assert _pilots("pays") == 1
