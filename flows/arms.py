@@ -47,12 +47,14 @@ def answer_with_arms(
     requests: list[tuple[str, dict]],
     max_new_tokens: int,
     max_prompt_tokens: int | None,
-) -> tuple[list[dict[str, Any]], dict[str, str]]:
-    """The batch's observation rows, and its void requests (request id -> why: the control arm gave no
-    reference to score against; no row in either arm, rollout.arms.step), each logged as a warning."""
+) -> tuple[list[dict[str, Any]], dict[str, str], str | None]:
+    """The batch's observation rows, its void requests (request id -> why: the control arm gave no
+    reference to score against; no row in either arm, rollout.arms.step), each logged as a warning, and
+    the arms' notes on their load (an endpoint's server process not visible: `host_load.endpoint_notes`,
+    None without any), for the batch's load record."""
     from flows.pilot import PilotError
     from rollout.arms import ArmConfigError, run_batch
-    from rollout.arms.host_load import flag_overloaded, metered
+    from rollout.arms.host_load import endpoint_notes, flag_overloaded, metered
 
     errors: Counter[str] = Counter()
     first: dict[str, str] = {}
@@ -85,7 +87,9 @@ def answer_with_arms(
                 on_error=on_error,
                 on_void=on_void,
             )
-            flag_overloaded(rows, {"control": control, "treatment": treatment})
+            measured = {"control": control, "treatment": treatment}
+            flag_overloaded(rows, measured)
+            notes = endpoint_notes(measured)
         finally:
             control.close()
             treatment.close()
@@ -104,4 +108,4 @@ def answer_with_arms(
             rid,
             redact(void[rid])[:300],
         )
-    return rows, void
+    return rows, void, notes

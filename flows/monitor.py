@@ -72,6 +72,7 @@ def monitor_flow(
         answer_measured,
         arms_on_this_host,
         default_max_new_tokens,
+        latency_judged,
         next_requests,
         store_batch,
         validate_batch,
@@ -98,6 +99,7 @@ def monitor_flow(
         # a file that fails its checks, or conflicts with what is stored, is refused: nothing stored, no look
         check = store_import(info, observations_file, numbered, batch_id)["check"]
         source = "imported"
+        latency = None  # an import's rows carry no host load of ours
     else:
         # the promoted pilot's spec version: its traffic source, arms and batch size, not a later version's
         ctx = load_context(use_case, info["spec_version"])
@@ -115,7 +117,9 @@ def monitor_flow(
         rows, void, load = answer_measured(
             ctx, info, requests, max_new_tokens or default_max_new_tokens(ctx.spec), max_prompt_tokens
         )
-        warn_if_overloaded(logger, use_case, rows, load, arms_on_this_host(ctx))
+        arms_here = arms_on_this_host(ctx)
+        warn_if_overloaded(logger, use_case, rows, load, arms_here)
+        latency = latency_judged(rows, arms_here)  # the rows the latency guardrail judges, those left out
         source = "monitor"
         batch_id = _batch_id(info, rows, void)
         if not rows:  # every request void: the dense model gave no reference; nothing of the champion seen
@@ -131,6 +135,8 @@ def monitor_flow(
         if check["passed"]:  # the monitor's own answers failing their check: the look is INVALID (fail-safe)
             store_batch(info["step_id"], rows, batch_id, source, void)
     result = decide_monitor(use_case, info, rows, check, batch_id)
+    if latency is not None:
+        result["latency"] = latency
     logger.info("%s", result["explanation"])
     if result["automatic_rollback"] and result["resolution"] is None:
         # the fail-safe first: an MLflow log that fails must not keep a breached champion serving

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import uuid
+from dataclasses import replace
 from typing import Any
 
 from prefect import get_run_logger
@@ -162,14 +163,18 @@ def answer_measured(
     load recorded while it ran: (rows, void requests, load). Each row of an arm on this host (in-process,
     or an endpoint served here) is flagged `overloaded` when its own answer was timed while the CPU was
     oversubscribed (rollout.arms.host_load); an endpoint elsewhere does its work on its own host. The
-    thread count is the batch's: the caller's is restored after it (sparse_core.host.threads_restored)."""
+    load's `endpoint_note` names the arms whose endpoint process could not be seen (each answer's note,
+    once: "control, treatment: endpoint process not visible: ..."). The thread count is the batch's: the
+    caller's is restored after it (sparse_core.host.threads_restored)."""
     from sparse_core.host import HostLoadMeter, apply_thread_policy, threads_restored
 
     with threads_restored():
         policy = apply_thread_policy()
         with HostLoadMeter(threads=policy["threads"]) as meter:
-            rows, void = answer_batch(ctx, info, requests, max_new_tokens, max_prompt_tokens)
-    return rows, void, meter.load
+            rows, void, notes = answer_batch(ctx, info, requests, max_new_tokens, max_prompt_tokens)
+    assert meter.load is not None
+    # the batch's record carries its arms' notes (an endpoint's server not visible), said per answer
+    return rows, void, meter.load if notes is None else replace(meter.load, endpoint_note=notes)
 
 
 def arms_on_this_host(ctx: UseCaseContext) -> list[str]:

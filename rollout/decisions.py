@@ -365,6 +365,7 @@ def monitor_look(
         if pilots.monitor_basis(session, step) != basis:
             guard, basis = _monitor_judgement(session, step, spec, check)
         outcome, why = _monitor_verdict(check, guard, spec.gate.alpha)
+        void = pilots.void_counts(session, [step.id]).get(step.id, 0)  # as a gate look counts its step's
         bad = outcome != "GO"
         auto = bad and spec.rollback == "auto"  # the policy the champion was promoted under
         # an automatic rollback needs a version to return to; without one (the dense baseline was never
@@ -390,6 +391,11 @@ def monitor_look(
             else "The champion keeps serving."
         )
         explanation = f"Monitor: {outcome}. {why}. {action}"
+        if void:
+            explanation = (
+                f"{explanation} Note: {pilots.void_note(void)} (in neither arm: both arms' error rates "
+                "are of the requests the dense arm answered)."
+            )
         d, created = pilots.record_decision(
             session,
             idempotency_key=f"monitor:{info['step_id']}:{batch_id}",
@@ -405,6 +411,8 @@ def monitor_look(
                 "rows": len(rows),
                 # a kept alarm settles the rows up to here (`pilots.monitor_observations`)
                 "judged_through": basis[0],
+                # the monitor step's requests drawn without a reference (the dense answer failed)
+                "void_requests": void,
             },
             explanation=explanation,
             data_fingerprint=batch_id[:64],

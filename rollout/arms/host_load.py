@@ -154,3 +154,15 @@ def flag_overloaded(rows: list[dict[str, Any]], arms: dict[str, Arm]) -> list[di
         arm = arms[r["arm"]]
         r["overloaded"] = isinstance(arm, MeteredArm) and arm.overloaded(r["request_id"])
     return rows
+
+
+def endpoint_notes(arms: dict[str, Arm]) -> str | None:
+    """The notes of the arms' answers' loads (`HostLoad.endpoint_note`: an endpoint whose server process
+    could not be seen), each once, with the arms it is of: "control, treatment: endpoint process not
+    visible: ..." (the batch's load record, which the per-answer loads do not reach); None without any."""
+    arms_of: dict[str, list[str]] = {}
+    for name, arm in arms.items():
+        if isinstance(arm, MeteredArm):
+            for note in dict.fromkeys(load.endpoint_note for _, load in arm.loads if load.endpoint_note):
+                arms_of.setdefault(note, []).append(name)
+    return "; ".join(f"{', '.join(names)}: {note}" for note, names in arms_of.items()) or None

@@ -554,7 +554,8 @@ def monitor_cmd(
 
 def monitor_said(name: str, result: dict[str, Any]) -> str:
     """The monitor's line: its look's explanation and, where the champion moved (the automatic rollback,
-    or a decision made earlier that this run carried out first), which version serves now."""
+    or a decision made earlier that this run carried out first), which version serves now; then the rows
+    of its batch whose latency the monitor left out (`monitor_latency_left_out`), where there are any."""
     if result.get("status") == "finished":
         done = result["finished"]
         said = f"{name}: carried out decision {done['decision_id']} ({done['action']}), decided earlier"
@@ -565,7 +566,22 @@ def monitor_said(name: str, result: dict[str, Any]) -> str:
     moves = effect.get("alias_moves") or ([effect["alias_move"]] if effect.get("alias_move") else [])
     for m in moves:
         said += f"; {m['alias']} {m['from_version']} -> {m['to_version']} ({m['status']})"
-    return said
+    left_out = monitor_latency_left_out(result.get("latency"))
+    return said if left_out is None else f"{said}; {left_out}"
+
+
+def monitor_latency_left_out(latency: dict[str, Any] | None) -> str | None:
+    """The rows of the monitor's sampled batch timed while the host was overloaded (its `latency`,
+    flows.pilot.latency_judged; an imported file's look has none), in words, or None where there are none."""
+    if not latency or not latency["rows_left_out"]:
+        return None
+    from rollout.words import counted
+
+    total = latency["rows_left_out"] + latency["rows_judged"]
+    return (
+        f"{latency['rows_left_out']:,} of the batch's {counted(total, 'row')} timed while the host was "
+        "overloaded: they count for quality, not for the monitor's latency guardrail"
+    )
 
 
 # --- main job and schedules ------------------------------------------------------------------------

@@ -297,6 +297,11 @@ def test_the_monitor_samples_under_the_champions_spec_version(
     with session_scope() as s:
         assert s.get(PilotStep, info["step_id"]).min_samples == 8
     assert _state(name)[3] == 2 * 8  # both arms of 8 requests
+    judged = look["latency"]  # what `sparsepilot monitor` says of the rows its latency guardrail left out
+    assert (judged["rows_judged"] + judged["rows_left_out"], judged["arms_measured_here"]) == (
+        2 * 8,
+        ["control", "treatment"],
+    )
 
 
 def test_a_running_pilot_samples_under_its_own_spec_version(

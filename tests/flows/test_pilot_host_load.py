@@ -67,9 +67,12 @@ COMPLETION = json.dumps({"choices": [{"text": "print"}]})
 
 
 @contextmanager
-def busy_loopback_server(neighbour: subprocess.Popen | None) -> Iterator[str]:
+def busy_loopback_server(neighbour: subprocess.Popen | None, stop_listening_after: int = 0) -> Iterator[str]:
     """An OpenAI-compatible server on 127.0.0.1 that does ~25 ms of CPU work per completion; a prompt
-    starting "busy" has `neighbour` (stopped otherwise) spin on our CPU while it works."""
+    starting "busy" has `neighbour` (stopped otherwise) spin on our CPU while it works. With
+    `stop_listening_after`, it closes its listening socket before answering that many GETs (the arms'
+    probes): it answers on the connections open then, and no process is seen to serve its url."""
+    probes: list[int] = []
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -85,6 +88,10 @@ def busy_loopback_server(neighbour: subprocess.Popen | None) -> Iterator[str]:
             self.wfile.write(body.encode())
 
         def do_GET(self) -> None:  # noqa: N802 - stdlib name
+            probes.append(1)
+            if len(probes) == stop_listening_after:
+                server.shutdown()
+                server.socket.close()
             self._send('{"object": "list", "data": [{"id": "m"}]}')
 
         def do_POST(self) -> None:  # noqa: N802 - stdlib name
@@ -100,7 +107,7 @@ def busy_loopback_server(neighbour: subprocess.Popen | None) -> Iterator[str]:
             self._send(COMPLETION)
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}/v1"
@@ -231,3 +238,21 @@ def test_an_overloaded_batch_says_what_its_latencies_give_the_gate(
     assert said in caplog.text, caplog.text
     record = pilot_module.latency_judged(rows, here)
     assert (record["rows_judged"], record["rows_left_out"], record["arms_measured_here"]) == judged
+
+
+def test_a_batch_record_says_which_arms_servers_could_not_be_seen(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both arms behind a url on this host whose server no process here is seen to hold (here: it stopped
+    listening after the arms' probes and answers on their open connections; in production another user's
+    server, another namespace's): each answer's load carried the note, the batch's load (its `host_load`
+    in the pilot summary) did not. It now says it once, naming both arms."""
+    import flows.pilot as pilot_module
+    from flows.arms import answer_with_arms
+    from rollout.arms.host_load import NOT_VISIBLE
+
+    monkeypatch.setattr(pilot_module, "answer_batch", answer_with_arms)  # without its Prefect task wrapper
+    with busy_loopback_server(None, stop_listening_after=2) as url:
+        ctx, info = _endpoint_pilot(url)
+        requests = [(f"r{i}", {"prompt": "quiet", "reference": "print"}) for i in range(2)]
+        rows, _, load = pilot_module.answer_measured(ctx, info, requests, 4, None)
+    assert len(rows) == 4, rows
+    assert load.to_dict().get("endpoint_note") == f"control, treatment: {NOT_VISIBLE}", load

@@ -227,3 +227,28 @@ def test_a_gate_look_counts_its_steps_void_requests_in_its_evidence_and_explanat
     ), look["explanation"]
     shown = queries.read(queries.step_voids, info["use_case_id"])  # what `usecase show` says, on either DB
     assert [(v["pilot_number"], v["step_index"], v["void"]) for v in shown] == [(1, 0, 2)]
+
+
+def test_a_monitor_look_counts_its_steps_void_requests_in_its_evidence_and_explanation(use_case) -> None:  # noqa: ANN001
+    """Review s49 H2: a gate look counted its step's void requests, the monitor's look said nothing of its
+    own (a champion judged on fewer requests than were drawn, silently). It counts the monitor step's now,
+    said as the gate's look says them; a look without any says nothing of them."""
+    from rollout import decisions, pilot_batches
+    from tests.flows.test_state_races import _monitor_rows, _promoted
+
+    name = use_case()
+    info = _promoted(name)
+    passed = {"passed": True, "failures": [], "report": {}}
+    rows = _monitor_rows(name, "m-1", n=10)
+    pilot_batches.store_batch(info["step_id"], rows, "m-1", "monitor")
+    first = decisions.monitor_look(name, info, rows, passed, "m-1")
+    assert decisions.evidence(first["decision_id"])["void_requests"] == 0
+    assert "void" not in first["explanation"], first["explanation"]
+    rows = _monitor_rows(name, "m-2", n=10, skip=10)
+    pilot_batches.store_batch(info["step_id"], rows, "m-2", "monitor", {"v1": NO_REFERENCE, "v2": "x"})
+    look = decisions.monitor_look(name, info, rows, passed, "m-2")
+    assert decisions.evidence(look["decision_id"])["void_requests"] == 2
+    assert look["explanation"].endswith(
+        "Note: 2 requests void: the dense answer failed; not evidence (in neither arm: both arms' error "
+        "rates are of the requests the dense arm answered)."
+    ), look["explanation"]

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from flows.pilot import latency_judged
-from sparsepilot.commands.pipeline import say_pilot_result
+from sparsepilot.commands.pipeline import monitor_said, say_pilot_result
 
 
 def _result(flagged: list[int]) -> dict[str, Any]:
@@ -50,3 +50,27 @@ def test_the_pilot_table_says_how_many_rows_were_timed_under_overload(
     # an import's batches carry no `latency`: nothing said
     say_pilot_result("tiny-chat", {**_result([]), "batches": [{"batch_id": "b-2", "inserted": 4}]})
     assert "overloaded" not in capsys.readouterr().out
+
+
+LOOK = "Monitor: GO. no guardrail shown breached over 2 looks. The champion keeps serving."
+
+
+@pytest.mark.parametrize(
+    ("flagged", "tail"),
+    [
+        (3, "; 3 of the batch's 8 rows timed while the host was overloaded: they count for quality, not for "
+            "the monitor's latency guardrail"),
+        (0, ""),
+        (None, ""),  # an imported file's look: no host load of ours
+    ],
+)  # fmt: skip
+def test_the_monitor_line_says_how_many_rows_were_timed_under_overload(
+    flagged: int | None, tail: str
+) -> None:
+    """Review s49 H2: `sparsepilot monitor`'s line said nothing of its batch's rows timed under overload,
+    whose latency its guardrail leaves out, as `pilot`'s table did not before; it says them now."""
+    result: dict[str, Any] = {"outcome": "GO", "explanation": LOOK}
+    if flagged is not None:
+        rows = [{"arm": "treatment", "overloaded": j < flagged} for j in range(8)]
+        result["latency"] = latency_judged(rows, ["control", "treatment"])
+    assert monitor_said("tiny-chat", result) == LOOK + tail
