@@ -514,6 +514,20 @@ def processes_busy_cores(a: ProcessesSnapshot, b: ProcessesSnapshot, wall: float
     return ticks / CLK_TCK / max(wall, 1e-9)
 
 
+def _host_side(
+    start: CpuSnapshot, end: CpuSnapshot, wall: float, others: float | None
+) -> tuple[float | None, list[float] | None, float]:
+    """What a timing records of the host around it: the CPU pressure share (PSI "some", None without it),
+    the load average, and the others' busy cores the overload rule reads (the 1-minute load average
+    standing in where /proc/stat could not be read)."""
+    pressure = None
+    if start.psi_some_us is not None and end.psi_some_us is not None:
+        pressure = min(1.0, (end.psi_some_us - start.psi_some_us) / 1e6 / wall)
+    load = loadavg()
+    busy = others if others is not None else (load[0] if load else 0.0)
+    return pressure, load, busy
+
+
 def measure_endpoint(
     start: CpuSnapshot,
     end: CpuSnapshot,
@@ -545,11 +559,7 @@ def measure_endpoint(
     quota_others = quota_others_cores(start, end)
     own = _own_wait_share(start, end, ANSWER_FLOOR_SHARE * wall * 1e9)
     own_over = own is not None and own > WAIT_SHARE_LIMIT
-    pressure = None
-    if start.psi_some_us is not None and end.psi_some_us is not None:
-        pressure = min(1.0, (end.psi_some_us - start.psi_some_us) / 1e6 / wall)
-    load = loadavg()
-    busy = others if others is not None else (load[0] if load else 0.0)
+    pressure, load, busy = _host_side(start, end, wall, others)
     if served is None:
         # the mask's rule off (waited=0.0): the others' cores include the server's own work
         over = own_over or is_overloaded(0.0, threads, limits, quota_others, waited=0.0)
@@ -726,11 +736,7 @@ def measure(start: CpuSnapshot, end: CpuSnapshot, *, threads: int | None = None)
     limits = cpu_limits()
     wall = max(end.wall - start.wall, 1e-9)
     others = others_busy_cores(start, end)
-    pressure = None
-    if start.psi_some_us is not None and end.psi_some_us is not None:
-        pressure = min(1.0, (end.psi_some_us - start.psi_some_us) / 1e6 / wall)
-    load = loadavg()
-    busy = others if others is not None else (load[0] if load else 0.0)
+    pressure, load, busy = _host_side(start, end, wall, others)
     waited = wait_share(start, end)
     return HostLoad(
         cpus=limits.cpus,
