@@ -111,6 +111,8 @@ def apply_promotion(
         _require_pilot_to_promote(d, pilot, moved=False)
         name, mv_id = uc.name, pilot.model_version_id
         has_champion = bool(registry.champions(session, uc.id))
+        keys = [f"promote:{decision_id}"] + ([] if has_champion else [f"baseline:{decision_id}"])
+        moved_before = all(_move_status(session, k) == "committed" for k in keys)
     moves = []
     if not has_champion:
         base = baseline_version_id(name, db_url=db_url)
@@ -143,6 +145,8 @@ def apply_promotion(
         d = session.get(GateDecision, decision_id)
         uc, pilot = pilots.locked(session, d.use_case_id, d.pilot_id)
         _require_pilot_to_promote(d, pilot, moved=True)
+        # in effect already (its own run completed it while this one finished it): nothing to record
+        done = not (moved_before and pilot.status == uc.phase == "promoted")
         # promoted on an earlier step's GO (two approvers): the steps not run are "skipped", not passed
         skipped = d.awaiting != "approval"
         pilots.stop_pilot(
@@ -156,8 +160,16 @@ def apply_promotion(
         lifecycle.set_phase(
             session, uc, "promoted", actor=who.name, reason=f"decision {decision_id} approved"
         )
-        _finisher(session, d, finished_by, said, action="promote", approval_id=approval_id, signer=who.name)
-    return {"action": "promoted", "decision_id": decision_id, "alias_moves": [_move_dict(m) for m in moves]}
+        if done:
+            _finisher(
+                session, d, finished_by, said, action="promote", approval_id=approval_id, signer=who.name
+            )
+    return {
+        "action": "promoted",
+        "decision_id": decision_id,
+        "alias_moves": [_move_dict(m) for m in moves],
+        "done": done,
+    }
 
 
 def _require_pilot_to_promote(d: GateDecision, pilot: Pilot, *, moved: bool) -> None:
@@ -344,13 +356,24 @@ def apply_rollback(
         # the chain's lock taken before the use case's row (the pilot's status change is audited before
         # the phase moves) deadlocked on PostgreSQL against a writer holding the row, queueing for it
         uc, promoted, d = _locked_for_rollback(session, name, decision_id)
-        if d.resolution is None:
-            d.resolution = "auto_rolled_back" if automatic else "approved"
-        if promoted is not None:
-            pilots.stop_pilot(session, promoted, status="rolled_back", actor=who.name, reason=reason)
-        lifecycle.set_phase(session, uc, "rolled_back", actor=who.name, reason=reason)
-        _finisher(session, d, finished_by, said, action="rollback", approval_id=approval_id, signer=who.name)
-    return {"action": "rolled_back", "decision_id": decision_id, "alias_move": _move_dict(move)}
+        # in effect already (its own run completed it while this one finished it): nothing is recorded,
+        # nor another pilot promoted earlier (serving again since this rollback) stopped
+        changed = done != "committed" or uc.phase != "rolled_back" or d.resolution is None
+        if changed:
+            if d.resolution is None:
+                d.resolution = "auto_rolled_back" if automatic else "approved"
+            if promoted is not None:
+                pilots.stop_pilot(session, promoted, status="rolled_back", actor=who.name, reason=reason)
+            lifecycle.set_phase(session, uc, "rolled_back", actor=who.name, reason=reason)
+            _finisher(
+                session, d, finished_by, said, action="rollback", approval_id=approval_id, signer=who.name
+            )
+    return {
+        "action": "rolled_back",
+        "decision_id": decision_id,
+        "alias_move": _move_dict(move),
+        "done": changed,
+    }
 
 
 def _locked_for_rollback(
@@ -423,6 +446,10 @@ def rollback_about(session: Any, d: GateDecision) -> str | None:
     pilot = session.get(Pilot, d.pilot_id) if d.pilot_id else None
     mv = session.get(ModelVersion, pilot.model_version_id) if pilot is not None else None
     return None if mv is None or mv.mlflow_version is None else str(mv.mlflow_version)
+
+
+def _move_status(session: Any, key: str) -> str | None:
+    return session.scalar(select(AliasMove.status).where(AliasMove.idempotency_key == key))
 
 
 def _move_dict(move: Any) -> Any:
