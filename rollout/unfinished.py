@@ -235,13 +235,19 @@ def _unfinished_rollback(session: Any, uc: UseCase, promoted: Pilot) -> Unfinish
     return None
 
 
-def refuse_while_applied(session: Any, pending: Unfinished, *, now: dt.datetime | None = None) -> None:
+def refuse_while_applied(
+    session: Any, pending: Unfinished, *, claim_for: str | None, now: dt.datetime | None = None
+) -> None:
     """A person's rollback or promotion signed a moment ago (`Unfinished.applied_directly_now`) is being
     carried out by whoever signed it: a person's `rollback` or `promote --decision` finishing it now as
     well made its move twice ("retried" and "committed" twice in the audit), the double apply the cycle's
     grace prevents. So is one the decision's approval run took up (`carried_out_by_run`), after the grace
     too. MoveInProgress, naming who carries it out and by when the command finishes it; after that it is
-    finished by that command."""
+    finished by that command. Not refused, it is claimed for `claim_for` (the person about to finish it)
+    from its approval run that has not taken it up (`waiter.claim_for_finisher`), so that run, waking
+    later, declines it: the caller holds the decision's lock (`approvals.lock_decision`, or its use case's
+    row), which the run's take-up takes too. Before, a run taking it up just after this check carried it
+    out beside the person (the alias moved twice, a double audit). `claim_for` None: asked only."""
     now = now or dt.datetime.now(dt.UTC)
     signer = session.scalar(select(Approval.actor).where(Approval.id == pending.approval_id))
     what, done = {"rollback": ("rollback", "rolled back")}.get(pending.action, ("promotion", "promoted"))
@@ -255,6 +261,7 @@ def refuse_while_applied(session: Any, pending: Unfinished, *, now: dt.datetime 
             f"`{pending.finish_command()}` finishes it"
         )
     if not pending.applied_directly_now(now, APPLY_GRACE):  # read now: a test sets it
+        _claim_from_run(session, pending, claim_for)
         return
     by = (_aware(pending.decided_at) + APPLY_GRACE).strftime("%H:%M UTC")
     raise registry.MoveInProgress(
@@ -262,6 +269,17 @@ def refuse_while_applied(session: Any, pending: Unfinished, *, now: dt.datetime 
         f"is being carried out; nothing was recorded. Look again in a moment: the use case is then {done}; "
         f"if it is not by {by}, `{pending.finish_command()}` finishes it"
     )
+
+
+def _claim_from_run(session: Any, pending: Unfinished, by: str | None) -> None:
+    """`refuse_while_applied`'s claim: `by` finishes the decision, which its approval run has not taken up."""
+    from rollout.approvals.waiter import claim_for_finisher, taken_up
+
+    if by is None or pending.flow_run_id is None:
+        return
+    d = session.get(GateDecision, pending.decision_id)
+    if not taken_up(session, d, pending.flow_run_id):  # one that did, and stalled, ends with its move
+        claim_for_finisher(session, d, pending.flow_run_id, by)
 
 
 def carried_out_by_run(session: Any, pending: Unfinished, now: dt.datetime) -> tuple[str, dt.datetime] | None:

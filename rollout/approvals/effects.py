@@ -464,18 +464,21 @@ def _move_dict(move: Any) -> Any:
     return move
 
 
-def unfinished_promotion(decision_id: int, *, db_url: str | None = None) -> int | None:
+def unfinished_promotion(decision_id: int, *, by: str | None = None, db_url: str | None = None) -> int | None:
     """The approval behind a promotion that was approved but did not complete (e.g. MLflow was down):
     its id, so the promotion can be finished, or None when the decision still needs a person's
     approval. A decision that asks for a rollback is not promoted on (ApprovalError). One signed a moment
     ago is being carried out by its signer's process: MoveInProgress, saying by when it is finished here
-    (`unfinished.refuse_while_applied`, the rule of a person's `rollback`)."""
+    (`unfinished.refuse_while_applied`, the rule of a person's `rollback`). `by`: the person about to
+    finish it (`promote --decision`), for whom it is claimed from an approval run that has not taken it
+    up, under the decision's lock (that run then declines it)."""
+    from rollout.approvals.checks import lock_decision
     from rollout.unfinished import refuse_while_applied, unfinished_in
 
-    with session_scope(db_url) as session:
-        d = session.get(GateDecision, decision_id)
-        if d is None:
+    with session_scope(db_url, immediate=True) as session:
+        if session.get(GateDecision, decision_id) is None:
             raise ApprovalError(f"no decision {decision_id}")
+        d = lock_decision(session, decision_id)  # the run's take-up takes it too
         if d.awaiting == "rollback_approval":
             raise ApprovalError(
                 f"decision {decision_id} asks for a rollback; its approval, if it did not take effect, is "
@@ -484,7 +487,7 @@ def unfinished_promotion(decision_id: int, *, db_url: str | None = None) -> int 
         approval = unfinished_promotion_in(session, d)
         pending = None if approval is None else unfinished_in(session, session.get(UseCase, d.use_case_id))
         if pending is not None and (pending.decision_id, pending.action) == (d.id, "promote"):
-            refuse_while_applied(session, pending)
+            refuse_while_applied(session, pending, claim_for=by)
         return approval
 
 

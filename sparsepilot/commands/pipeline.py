@@ -411,7 +411,8 @@ def promote_cmd(
         from rollout.approvals import checked_reason, promotion_in_effect, unfinished_promotion
 
         _check_decision(name, decision)
-        approval_id = unfinished_promotion(decision)  # MoveInProgress while its signer carries it out
+        # MoveInProgress while its signer or its approval run carries it out; else claimed for `who`
+        approval_id = unfinished_promotion(decision, by=who.name)
         if approval_id is not None:  # the moves stay the signer's; `approval.finished` names who finished
             done = promote_flow(
                 decision_id=decision,
