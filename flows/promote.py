@@ -5,7 +5,6 @@ from the Approval row."""
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 from typing import Any
 
@@ -132,15 +131,11 @@ def finish_unfinished(use_case: str, by: str = audit.SYSTEM_ACTOR) -> dict[str, 
     `approval.finished` entry names (the cycle's `sparsepilot-pipeline`, the monitor's own actor)."""
     from rollout import unfinished
 
-    u = unfinished.unfinished_of(use_case)
-    if u is None or (u.flow_run_id and not u.failed_move and _carrying_out(u.flow_run_id, u.decided_at)):
-        return None
-    # a person's decision with no approval run, signed a moment ago: the dashboard or the CLI that signed
-    # it is carrying it out directly now (finishing it at once made every move twice); one whose process
-    # died is finished by a later tick
-    if not u.flow_run_id and u.applied_directly_now(
-        dt.datetime.now(dt.UTC), unfinished.APPLY_GRACE, moved_too=True
-    ):
+    # None while its approval run, or (no run) the dashboard or the CLI that signed it a moment ago, is
+    # carrying it out (finishing it at once made every move twice): a later tick finishes one whose
+    # process died. Claimed from a run that has not taken it up, which then declines it
+    u = unfinished.claim_to_finish(use_case, by)
+    if u is None:
         return None
     reason = "decided, but its effect did not complete"
     logging.getLogger("sparsepilot.flows").warning(
@@ -160,38 +155,3 @@ def finish_unfinished(use_case: str, by: str = audit.SYSTEM_ACTOR) -> dict[str, 
         effect = {"promote": promote_flow, "keep": keep_flow, "reject": reject_flow}[u.action]
         result = effect(u.decision_id, u.approval_id, reason, finished_by=by)
     return {"finished": u.to_dict(), "result": result}
-
-
-def _carrying_out(flow_run_id: str, decided_at: dt.datetime) -> bool:
-    """Is the decision's approval run carrying it out now? A finished run is not; one still paused on the
-    resolved decision is not once `RESUME_GRACE` has passed since the signature (the approver commits,
-    then resumes: a process that died in between never resumes it); one left running longer than
-    `unfinished.STALLED_AFTER` is not (its worker died; Prefect may show it running for good); a run
-    Prefect never had is not; one Prefect cannot tell of is taken to be, and the next tick asks again."""
-    from prefect.client.orchestration import get_client
-    from prefect.exceptions import ObjectNotFound
-
-    from rollout.unfinished import STALLED_AFTER
-
-    try:
-        with get_client(sync_client=True) as client:
-            state = client.read_flow_run(flow_run_id).state
-    except ObjectNotFound:
-        return False
-    except Exception:  # noqa: BLE001 - no API: do not race a run that may be working
-        return True
-    now = dt.datetime.now(dt.UTC)
-    if state is None:
-        return True
-    if state.is_final():
-        return False
-    if state.is_paused():
-        return now - _aware(decided_at) < RESUME_GRACE
-    return now - _aware(state.timestamp) < STALLED_AFTER
-
-
-RESUME_GRACE = dt.timedelta(minutes=2)
-
-
-def _aware(t: dt.datetime) -> dt.datetime:
-    return t if t.tzinfo is not None else t.replace(tzinfo=dt.UTC)

@@ -20,6 +20,7 @@ from rollout.approvals.waiter import (
     TAKEN_UP,
     WAITING,
     carried_out_by_signer,
+    finisher_of,
     forget_dead_waiter,
     forgotten,
     waiter_details,
@@ -62,12 +63,16 @@ def register(decision_id: int, run_id: str, run_is_live: Callable[[str], bool]) 
 
 def take_up(decision_id: int, run_id: str) -> str | None:
     """The resumed run `run_id` claims its decision's effect: None when it is to carry it out (recorded,
-    so the signer does not), else why not (the signer, seeing no run take it up in time, did it). Under
-    the decision's lock, as the signer's claim, so exactly one of them carries the decision out."""
+    so the signer does not), else why not (the signer, seeing no run take it up in time, did it; or a
+    person's `promote --decision` / `rollback` claimed it to finish it: `waiter.claim_for_finisher`).
+    Under the decision's lock, as those claims, so exactly one of them carries the decision out."""
     with session_scope(immediate=True) as session:
         d = lock_decision(session, decision_id)
         if carried_out_by_signer(session, d, run_id):
             return f"decision {decision_id} was carried out by its signer (this run was not taken up in time)"
+        finisher = finisher_of(session, d, run_id)
+        if finisher is not None:
+            return f"decision {decision_id} is being finished by {finisher} (this run took it up too late)"
         audit.record(session, audit.SYSTEM_ACTOR, TAKEN_UP, on=d, details={"flow_run_id": run_id})
         return None
 

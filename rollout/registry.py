@@ -5,7 +5,8 @@
 * Alias moves (`set_alias`, `promote`, `rollback`) are one logical operation over two stores:
   1. write an AliasMove row `pending` + an audit row and COMMIT;
   2. call MLflow;
-  3. mark the row `committed` (audit row) — or `failed` with the error (audit row) and raise.
+  3. mark the row `committed` (audit row) — or `failed` with the error (audit row) and raise, unless
+     MLflow's alias points at the version already (another caller of the key moved it: committed).
   A crash between 2 and 3 leaves `pending`: nothing claims success, and a retry with the same
   idempotency key re-applies the (idempotent) MLflow call and converges on the same row.
 * Who may move aliases: champion moves need an approver (rollout.auth.require_approver); the two system
@@ -574,6 +575,10 @@ def _move(
     try:
         _apply_mlflow(name, alias, to_version)
     except Exception as exc:
+        if _points_at(name, alias, to_version):
+            # another caller of this key moved the alias (its call's INSERT is why this one failed), and its
+            # row is still pending until its step 3 commits: the move happened, never "failed"
+            return _committed(db_url, move_id, who, action, alias, to_version, use_case, idempotency_key)
         # kept for good (alias history, the append-only audit log) and shown to every viewer: an MLflow
         # error names its URL, password and all
         message = redact(f"{type(exc).__name__}: {exc}")
@@ -596,6 +601,30 @@ def _move(
             "retry with the same idempotency key."
         ) from exc
 
+    return _committed(db_url, move_id, who, action, alias, to_version, use_case, idempotency_key)
+
+
+def _points_at(name: str, alias: str, version: str | None) -> bool:
+    """Whether MLflow's `alias` of `name` points at `version` now (absent: None); False where MLflow
+    cannot say."""
+    try:
+        return current_aliases_of(name).get(alias) == version
+    except Exception:  # noqa: BLE001 - MLflow unreachable: the move is not known to have happened
+        return False
+
+
+def _committed(
+    db_url: str | None,
+    move_id: int,
+    who: Identity,
+    action: str,
+    alias: str,
+    to_version: str | None,
+    use_case: str,
+    idempotency_key: str,
+) -> AliasMove:
+    """Step 3 of `_move`, once MLflow points the alias at `to_version`."""
+    name = model_name(use_case)
     # 3. committed (a crash before this commit leaves 'pending', which a retry completes); audited by the
     # caller whose update changed the row, once (two callers of one key at once both reach here)
     try:
@@ -736,10 +765,15 @@ def rollback(
 
 def current_aliases(use_case: str) -> dict[str, str]:
     """What MLflow serves right now: alias -> version ({} when the model is not registered yet)."""
+    return current_aliases_of(model_name(use_case))
+
+
+def current_aliases_of(name: str) -> dict[str, str]:
+    """`current_aliases` by the registered model's name."""
     from mlflow.exceptions import MlflowException
 
     try:
-        rm = tracking.client().get_registered_model(model_name(use_case))
+        rm = tracking.client().get_registered_model(name)
     except MlflowException as exc:
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
             return {}

@@ -14,10 +14,11 @@ that dies in between (MLflow down, a deploy, an OOM) leaves a decision that wait
 - a **kept alarm** (two approvers rejected the monitor's rollback) or a **rejection** whose run died
   after the signature committed: the use case waits for approval for good (a kept champion unmonitored).
 
-`unfinished_in` finds the one a use case has (the newest); `flows.promote.finish_unfinished` carries it
-out through the same effect the approval's run would have run, under the same idempotency keys, so
-finishing twice, or finishing while that run completes after all, converges on one move. The scheduled
-cycle and the monitor finish one before they do anything else; `sparsepilot rollback` / `promote
+`unfinished_in` finds the one a use case has (the newest); `flows.promote.finish_unfinished` claims it
+(`claim_to_finish`, unless its approval run is at work: `run_at_work`, the one rule every finisher asks)
+and carries it out through the same effect the approval's run would have run, under the same idempotency
+keys, so finishing twice, or finishing while that run completes after all, converges on one move. The
+scheduled cycle and the monitor finish one before they do anything else; `sparsepilot rollback` / `promote
 --decision` / `approve --decision --reject` finish one on a person's request (`Unfinished.command`); the
 moves stay the signer's, and an `approval.finished` audit entry names who finished it and why; `stalled`
 lists them for the approvals page."""
@@ -235,13 +236,19 @@ def _unfinished_rollback(session: Any, uc: UseCase, promoted: Pilot) -> Unfinish
     return None
 
 
-def refuse_while_applied(session: Any, pending: Unfinished, *, now: dt.datetime | None = None) -> None:
+def refuse_while_applied(
+    session: Any, pending: Unfinished, *, claim_for: str | None, now: dt.datetime | None = None
+) -> None:
     """A person's rollback or promotion signed a moment ago (`Unfinished.applied_directly_now`) is being
     carried out by whoever signed it: a person's `rollback` or `promote --decision` finishing it now as
     well made its move twice ("retried" and "committed" twice in the audit), the double apply the cycle's
     grace prevents. So is one the decision's approval run took up (`carried_out_by_run`), after the grace
     too. MoveInProgress, naming who carries it out and by when the command finishes it; after that it is
-    finished by that command."""
+    finished by that command. Not refused, it is claimed for `claim_for` (the person about to finish it)
+    from its approval run that has not taken it up (`waiter.claim_for_finisher`), so that run, waking
+    later, declines it: the caller holds the decision's lock (`approvals.lock_decision`, or its use case's
+    row), which the run's take-up takes too. Before, a run taking it up just after this check carried it
+    out beside the person (the alias moved twice, a double audit). `claim_for` None: asked only."""
     now = now or dt.datetime.now(dt.UTC)
     signer = session.scalar(select(Approval.actor).where(Approval.id == pending.approval_id))
     what, done = {"rollback": ("rollback", "rolled back")}.get(pending.action, ("promotion", "promoted"))
@@ -255,6 +262,7 @@ def refuse_while_applied(session: Any, pending: Unfinished, *, now: dt.datetime 
             f"`{pending.finish_command()}` finishes it"
         )
     if not pending.applied_directly_now(now, APPLY_GRACE):  # read now: a test sets it
+        _claim_from_run(session, pending, claim_for)
         return
     by = (_aware(pending.decided_at) + APPLY_GRACE).strftime("%H:%M UTC")
     raise registry.MoveInProgress(
@@ -264,21 +272,86 @@ def refuse_while_applied(session: Any, pending: Unfinished, *, now: dt.datetime 
     )
 
 
+def _claim_from_run(session: Any, pending: Unfinished, by: str | None) -> None:
+    """`refuse_while_applied`'s claim: `by` finishes the decision, which its approval run has not taken up."""
+    from rollout.approvals.waiter import claim_for_finisher, taken_up
+
+    if by is None or pending.flow_run_id is None:
+        return
+    d = session.get(GateDecision, pending.decision_id)
+    if not taken_up(session, d, pending.flow_run_id):  # one that did, and stalled, ends with its move
+        claim_for_finisher(session, d, pending.flow_run_id, by)
+
+
+def run_at_work(
+    *,
+    taken_up_at: dt.datetime | None,
+    signed_at: dt.datetime,
+    now: dt.datetime,
+    failed_move: bool,
+    gone: bool,
+) -> bool:
+    """The one rule of whether a decision's approval run is carrying it out now (a person's `promote
+    --decision` / `rollback`, the cycle and the monitor alike): not once a move of it failed (that ends
+    its effect) or its process is known to be gone (`waiter_gone`); while it took the decision up
+    (`approval.taken_up`) less than `STALLED_AFTER` ago; and, not yet taken up, for `APPLY_GRACE` after
+    the signature (resumed a moment ago, it is waking to take it up). Before, the cycle asked Prefect for
+    the run's state and a person's command read the take-up: two answers for one run."""
+    if failed_move or gone:
+        return False
+    if taken_up_at is None:
+        return now - _aware(signed_at) < APPLY_GRACE
+    return now - _aware(taken_up_at) < STALLED_AFTER
+
+
 def carried_out_by_run(session: Any, pending: Unfinished, now: dt.datetime) -> tuple[str, dt.datetime] | None:
-    """The decision's approval run, and when it took the decision up, while it may still be carrying it
-    out: it took it up (`approval.taken_up`, under the decision's lock) less than `STALLED_AFTER` ago, its
-    process is not known to be gone (`waiter_gone`: another host's cannot be seen) and no move of it has
-    failed (a failed move ends the run's effect: finished by a person at once). None otherwise. The
-    cycle asks Prefect instead (`flows.promote`), which a person's command in `rollout` cannot."""
+    """The decision's approval run, and when it took the decision up, while it is carrying it out
+    (`run_at_work`), else None (one not yet taken up is the signer's grace: `applied_directly_now`)."""
     from rollout.approvals.waiter import taken_up_at, waiter_gone
 
-    if pending.flow_run_id is None or pending.failed_move:
+    if pending.flow_run_id is None:
         return None
     d = session.get(GateDecision, pending.decision_id)
     at = taken_up_at(session, d, pending.flow_run_id)
-    if at is None or now - at >= STALLED_AFTER or waiter_gone(session, d) is not None:
+    if at is None:
+        return None
+    gone = waiter_gone(session, d) is not None
+    if not run_at_work(
+        taken_up_at=at, signed_at=pending.decided_at, now=now, failed_move=pending.failed_move, gone=gone
+    ):
         return None
     return pending.flow_run_id, at
+
+
+def claim_to_finish(use_case: str, by: str, *, db_url: str | None = None) -> Unfinished | None:
+    """The automation's finishing (the cycle's, the monitor's: `flows.promote.finish_unfinished`): the use
+    case's unfinished decision, claimed for `by`, or None where someone carries it out now: its approval
+    run (`run_at_work`), or, with no run, its signer (`applied_directly_now`, a committed move too). In
+    one transaction under the decision's lock, which the run's take-up takes too: a run that has not
+    taken it up is claimed from (`waiter.claim_for_finisher`), so that run, waking later, declines it."""
+    from rollout.approvals.checks import lock_decision
+    from rollout.approvals.waiter import claim_for_finisher, taken_up_at, waiter_gone
+    from rollout.pilots import get_use_case
+
+    if unfinished_of(use_case, db_url=db_url) is None:  # most ticks: read only, no write lock taken
+        return None
+    now = dt.datetime.now(dt.UTC)
+    with session_scope(db_url, immediate=True) as session:
+        uc_id = get_use_case(session, use_case).id
+        uc = session.get(UseCase, uc_id, with_for_update=True, populate_existing=True)
+        u = unfinished_in(session, uc)
+        if u is None:
+            return None
+        d = lock_decision(session, u.decision_id)
+        if u.flow_run_id is None:
+            return None if u.applied_directly_now(now, APPLY_GRACE, moved_too=True) else u
+        at = taken_up_at(session, d, u.flow_run_id)
+        gone = waiter_gone(session, d) is not None
+        if run_at_work(taken_up_at=at, signed_at=u.decided_at, now=now, failed_move=u.failed_move, gone=gone):
+            return None
+        if at is None:
+            claim_for_finisher(session, d, u.flow_run_id, by)
+        return u
 
 
 def unfinished_of(use_case: str, *, db_url: str | None = None) -> Unfinished | None:

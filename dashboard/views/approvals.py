@@ -290,12 +290,9 @@ def override_section(ident: Identity | None) -> None:
 
 def unapplied_text(d: dict[str, Any]) -> str:
     """What a decision that was decided but is not in effect says (queries.approved_not_applied)."""
-    what = {
-        "promote": ("approved", "the promotion"),
-        "rollback": ("approved", "the rollback"),
-        "keep": ("rejected", "keeping the champion (the monitor stays stopped until it does)"),
-        "reject": ("rejected", "stopping the pilot"),
-    }[d["action"]]
+    effect, verb = FINISHING[d["action"]]  # the one table of what each unfinished action carries out
+    if d["action"] == "keep":
+        effect += " (the monitor stays stopped until it does)"
     why = (
         f"its alias move failed: {d.get('move_error') or 'MLflow gave no answer'}"
         if d["failed_move"]
@@ -305,9 +302,7 @@ def unapplied_text(d: dict[str, Any]) -> str:
         head = f"The monitor's automatic rollback of {d['use_case']} (decision #{d['id']}) did not complete"
     else:
         who = ", ".join(queries.signed_by(d["approvals"])) or "an approver"  # not a withdrawn signature
-        head = (
-            f"Decision #{d['id']} of {d['use_case']} was {what[0]} by {who}, but {what[1]} did not complete"
-        )
+        head = f"Decision #{d['id']} of {d['use_case']} was {verb} by {who}, but {effect} did not complete"
     now = f"; an approver can finish it now with: {d['command']}" if d["command"] else ""
     return f"{head} ({why}), so it is not in effect. The use case's next scheduled cycle finishes it{now}"
 

@@ -111,6 +111,8 @@ def apply_promotion(
         _require_pilot_to_promote(d, pilot, moved=False)
         name, mv_id = uc.name, pilot.model_version_id
         has_champion = bool(registry.champions(session, uc.id))
+        keys = [f"promote:{decision_id}"] + ([] if has_champion else [f"baseline:{decision_id}"])
+        moved_before = all(_move_status(session, k) == "committed" for k in keys)
     moves = []
     if not has_champion:
         base = baseline_version_id(name, db_url=db_url)
@@ -143,6 +145,8 @@ def apply_promotion(
         d = session.get(GateDecision, decision_id)
         uc, pilot = pilots.locked(session, d.use_case_id, d.pilot_id)
         _require_pilot_to_promote(d, pilot, moved=True)
+        # in effect already (its own run completed it while this one finished it): nothing to record
+        done = not (moved_before and pilot.status == uc.phase == "promoted")
         # promoted on an earlier step's GO (two approvers): the steps not run are "skipped", not passed
         skipped = d.awaiting != "approval"
         pilots.stop_pilot(
@@ -156,8 +160,16 @@ def apply_promotion(
         lifecycle.set_phase(
             session, uc, "promoted", actor=who.name, reason=f"decision {decision_id} approved"
         )
-        _finisher(session, d, finished_by, said, action="promote", approval_id=approval_id, signer=who.name)
-    return {"action": "promoted", "decision_id": decision_id, "alias_moves": [_move_dict(m) for m in moves]}
+        if done:
+            _finisher(
+                session, d, finished_by, said, action="promote", approval_id=approval_id, signer=who.name
+            )
+    return {
+        "action": "promoted",
+        "decision_id": decision_id,
+        "alias_moves": [_move_dict(m) for m in moves],
+        "done": done,
+    }
 
 
 def _require_pilot_to_promote(d: GateDecision, pilot: Pilot, *, moved: bool) -> None:
@@ -344,13 +356,24 @@ def apply_rollback(
         # the chain's lock taken before the use case's row (the pilot's status change is audited before
         # the phase moves) deadlocked on PostgreSQL against a writer holding the row, queueing for it
         uc, promoted, d = _locked_for_rollback(session, name, decision_id)
-        if d.resolution is None:
-            d.resolution = "auto_rolled_back" if automatic else "approved"
-        if promoted is not None:
-            pilots.stop_pilot(session, promoted, status="rolled_back", actor=who.name, reason=reason)
-        lifecycle.set_phase(session, uc, "rolled_back", actor=who.name, reason=reason)
-        _finisher(session, d, finished_by, said, action="rollback", approval_id=approval_id, signer=who.name)
-    return {"action": "rolled_back", "decision_id": decision_id, "alias_move": _move_dict(move)}
+        # in effect already (its own run completed it while this one finished it): nothing is recorded,
+        # nor another pilot promoted earlier (serving again since this rollback) stopped
+        changed = done != "committed" or uc.phase != "rolled_back" or d.resolution is None
+        if changed:
+            if d.resolution is None:
+                d.resolution = "auto_rolled_back" if automatic else "approved"
+            if promoted is not None:
+                pilots.stop_pilot(session, promoted, status="rolled_back", actor=who.name, reason=reason)
+            lifecycle.set_phase(session, uc, "rolled_back", actor=who.name, reason=reason)
+            _finisher(
+                session, d, finished_by, said, action="rollback", approval_id=approval_id, signer=who.name
+            )
+    return {
+        "action": "rolled_back",
+        "decision_id": decision_id,
+        "alias_move": _move_dict(move),
+        "done": changed,
+    }
 
 
 def _locked_for_rollback(
@@ -425,6 +448,10 @@ def rollback_about(session: Any, d: GateDecision) -> str | None:
     return None if mv is None or mv.mlflow_version is None else str(mv.mlflow_version)
 
 
+def _move_status(session: Any, key: str) -> str | None:
+    return session.scalar(select(AliasMove.status).where(AliasMove.idempotency_key == key))
+
+
 def _move_dict(move: Any) -> Any:
     if isinstance(move, AliasMove):
         return {
@@ -437,18 +464,21 @@ def _move_dict(move: Any) -> Any:
     return move
 
 
-def unfinished_promotion(decision_id: int, *, db_url: str | None = None) -> int | None:
+def unfinished_promotion(decision_id: int, *, by: str | None = None, db_url: str | None = None) -> int | None:
     """The approval behind a promotion that was approved but did not complete (e.g. MLflow was down):
     its id, so the promotion can be finished, or None when the decision still needs a person's
     approval. A decision that asks for a rollback is not promoted on (ApprovalError). One signed a moment
     ago is being carried out by its signer's process: MoveInProgress, saying by when it is finished here
-    (`unfinished.refuse_while_applied`, the rule of a person's `rollback`)."""
+    (`unfinished.refuse_while_applied`, the rule of a person's `rollback`). `by`: the person about to
+    finish it (`promote --decision`), for whom it is claimed from an approval run that has not taken it
+    up, under the decision's lock (that run then declines it)."""
+    from rollout.approvals.checks import lock_decision
     from rollout.unfinished import refuse_while_applied, unfinished_in
 
-    with session_scope(db_url) as session:
-        d = session.get(GateDecision, decision_id)
-        if d is None:
+    with session_scope(db_url, immediate=True) as session:
+        if session.get(GateDecision, decision_id) is None:
             raise ApprovalError(f"no decision {decision_id}")
+        d = lock_decision(session, decision_id)  # the run's take-up takes it too
         if d.awaiting == "rollback_approval":
             raise ApprovalError(
                 f"decision {decision_id} asks for a rollback; its approval, if it did not take effect, is "
@@ -457,7 +487,7 @@ def unfinished_promotion(decision_id: int, *, db_url: str | None = None) -> int 
         approval = unfinished_promotion_in(session, d)
         pending = None if approval is None else unfinished_in(session, session.get(UseCase, d.use_case_id))
         if pending is not None and (pending.decision_id, pending.action) == (d.id, "promote"):
-            refuse_while_applied(session, pending)
+            refuse_while_applied(session, pending, claim_for=by)
         return approval
 
 

@@ -59,7 +59,7 @@ def request_rollback(
             and pending.action == "rollback"
             and (not pending.automatic or pending.moved or started)
         ):
-            refuse_while_applied(session, pending)
+            refuse_while_applied(session, pending, claim_for=who.name)  # its run, waking, declines it
             decision_id, approval_id = pending.decision_id, pending.approval_id
             finishing = True
         elif not lifecycle.can(uc.phase, "rollback"):

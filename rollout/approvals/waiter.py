@@ -133,3 +133,27 @@ def taken_up_at(session: Any, d: GateDecision, run_id: str) -> dt.datetime | Non
 
 def carried_out_by_signer(session: Any, d: GateDecision, run_id: str) -> bool:
     return any(m.get("flow_run_id") == run_id for m in _marks(session, d, CARRIED_OUT_BY_SIGNER))
+
+
+# a person's `promote --decision` / `rollback` finishes a decision its resumed run `flow_run_id` has not taken
+# up: recorded in the transaction that found the run not at work, under the decision's lock, which the run's
+# take-up also takes, so a run waking later declines it (before, both carried it out)
+FINISH_CLAIMED = "approval.finish_claimed"
+
+
+def claim_for_finisher(session: Any, d: GateDecision, run_id: str, by: str) -> None:
+    """`by` finishes decision `d`, which its approval run `run_id` has not taken up (the caller's
+    transaction, holding the decision's lock: `lock_decision`, or its use case's row)."""
+    audit.record(session, by, FINISH_CLAIMED, on=d, details={"flow_run_id": run_id})
+
+
+def finisher_of(session: Any, d: GateDecision, run_id: str) -> str | None:
+    """Who claimed decision `d` from its run `run_id` (`claim_for_finisher`), or None."""
+    rows = session.execute(
+        select(AuditEntry.actor, AuditEntry.details).where(
+            AuditEntry.action == FINISH_CLAIMED,
+            AuditEntry.entity == "gate_decision",
+            AuditEntry.entity_id == str(d.id),
+        )
+    )
+    return next((actor for actor, m in rows if (m or {}).get("flow_run_id") == run_id), None)

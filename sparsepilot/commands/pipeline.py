@@ -460,7 +460,8 @@ def promote_cmd(
         from rollout.approvals import checked_reason, promotion_in_effect, unfinished_promotion
 
         _check_decision(name, decision)
-        approval_id = unfinished_promotion(decision)  # MoveInProgress while its signer carries it out
+        # MoveInProgress while its signer or its approval run carries it out; else claimed for `who`
+        approval_id = unfinished_promotion(decision, by=who.name)
         if approval_id is not None:  # the moves stay the signer's; `approval.finished` names who finished
             done = promote_flow(
                 decision_id=decision,
@@ -490,6 +491,8 @@ def finished_said(name: str, result: dict[str, Any]) -> str:
         f"{m['alias']} {v(m['from_version'])} -> {v(m['to_version'])} ({m['status']})"
         for m in result.get("alias_moves") or []
     )
+    if result.get("done") is False:  # its own run completed it meanwhile
+        return f"{name}: decision {result['decision_id']} was in effect already, nothing changed"
     return f"{name}: finished decision {result['decision_id']}" + (f": {moves}" if moves else "")
 
 

@@ -695,3 +695,57 @@ def test_a_rollbacks_last_transaction_and_a_writer_of_the_use_case_do_not_deadlo
     state = _state(name)
     assert (state["phase"], state["pilot"]) == ("rolled_back", "rolled_back")
     assert registry.current_aliases(name)["challenger"] == str(out["challenger"].to_version)
+
+
+@pytest.mark.parametrize("effect", ["promotion", "rollback", "the cycle's promotion"])
+def test_a_persons_finishing_claims_the_decision_from_its_run_which_then_declines_it(
+    use_case, monkeypatch, effect: str
+) -> None:  # noqa: ANN001
+    """alice's approval resumed the decision's approval run, whose process is slow to wake: past the grace
+    it has not taken the decision up. bob's `promote --decision` (or `rollback`) found no run at work and
+    finished it; the run, taking it up just after his check, carried it out too (the alias moved twice, a
+    double audit). Now bob's check claims the decision from the run under the decision's lock, which the
+    run's take-up takes too: the run declines it, and it is carried out once. (Prefect's side, pausing and
+    resuming the run, stands in for itself: this test has no Prefect server.) The cycle's finishing claims
+    it alike (`unfinished.claim_to_finish`, by the one rule `run_at_work`): it asked Prefect, and a run
+    waking after that carried the decision out beside it."""
+    from rollout import approval_runs, approvals, pilots, registry, unfinished
+    from rollout.approvals import signing
+    from rollout.db.session import session_scope
+    from sparse_core import SparsePlan
+
+    name, bob = use_case(rollback="manual"), "sparsepilot-pipeline" if "cycle" in effect else "bob"
+    if effect != "rollback":
+        with session_scope() as s:
+            model = pilots.load_current_spec(s, pilots.get_use_case(s, name))[0].model
+        plan = SparsePlan(estimator="pooled", tau=1.0, dense_layers=(0, 1), metadata={"baseline": "dense"})
+        registry.register_version(name, plan, model, actor=registry.SYSTEM_PIPELINE, density=1.0)
+        did = _pilot_with_decision(name, "GO", "approval")
+    else:
+        _, did = _alarm_waiting(name)
+    run = "5b0c7d1e-0000-4000-8000-00000000a11c"
+    assert "skip" not in approval_runs.register(did, run, lambda _run: False)
+    monkeypatch.setattr(signing, "_flow_run_state_safe", lambda _run: (True, "Paused"))
+    monkeypatch.setattr(signing, "_resume", lambda _run, _payload: None)  # resumed; its process is slow
+    approved = approvals.approve(did, _identity(ALICE), "ship it")
+    assert approved.resumed_flow_run_id == run, approved
+    signed_id = approved.approval_id
+    monkeypatch.setattr(unfinished, "APPLY_GRACE", unfinished.APPLY_GRACE * 0)  # the grace has passed
+    if effect == "promotion":
+        signed = approvals.unfinished_promotion(did, by="bob")
+        finish = lambda: approvals.apply_promotion(did, signed, reason="finish", finished_by="bob")  # noqa: E731
+    elif "cycle" in effect:
+        assert unfinished.claim_to_finish(name, bob).decision_id == did  # as `finish_unfinished` asks
+        finish = lambda: approvals.apply_promotion(did, signed_id, reason="finish", finished_by=bob)  # noqa: E731
+    else:
+        ids = approvals.request_rollback(name, _identity(BOB), "finish", apply=False)
+        assert (ids["decision_id"], ids["finishing"]) == (did, True), ids
+        signed = ids["approval_id"]
+        finish = lambda: approvals.apply_rollback(did, signed, reason="finish", finished_by="bob")  # noqa: E731
+    declined = approval_runs.take_up(did, run)  # the run wakes just after bob's check
+    assert declined is not None and f"decision {did} is being finished by {bob}" in declined
+    finish()
+    state = _state(name)
+    assert state["phase"] == ("rolled_back" if effect == "rollback" else "promoted")
+    assert "approval.taken_up" not in state["audit"] and state["audit"].count("approval.finish_claimed") == 1
+    assert state["audit"].count("approval.finished") == 1

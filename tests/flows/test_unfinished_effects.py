@@ -19,6 +19,7 @@ from tests.flows.test_approvals import (
     BOB,
     _breach_waits_for_a_person,
     _pilot_with_decision,
+    _promote_on_a_go,
     _promoted,
 )
 
@@ -367,7 +368,7 @@ def test_a_keep_or_rejection_whose_approver_died_after_signing_is_finished(
     import uuid
 
     from flows.promote import finish_unfinished
-    from rollout import approvals
+    from rollout import approvals, unfinished
     from rollout.approvals import signing
     from rollout.auth import Identity
     from rollout.db.models import GateDecision
@@ -399,7 +400,9 @@ def test_a_keep_or_rejection_whose_approver_died_after_signing_is_finished(
         effect,
         f"sparsepilot approve {name} --decision {decided} --reject --reason ...",
     )
-    finish_unfinished(name)  # the run Prefect never had carries out nothing: the cycle finishes it
+    assert finish_unfinished(name) is None  # resumed a moment ago (to all it can tell): left to the run
+    monkeypatch.setattr(unfinished, "APPLY_GRACE", dt.timedelta(0))  # the grace has passed
+    finish_unfinished(name)  # the run never took it up: the cycle claims it and finishes it
     assert _phase(name) == ("promoted" if effect == "keep" else "stopped")
     assert unfinished_of(name) is None
     if effect == "keep":  # a later alarm waits for a person: the kept one is done with, not kept again
@@ -653,7 +656,6 @@ def test_promote_again_says_where_the_promotion_stands(flow_use_case, trust_acco
     promote says it is in effect (exit 0) and one since superseded says by what (exit 2)."""
     from rollout import approvals, registry
     from rollout.auth import Identity
-    from tests.flows.test_approvals import _promote_on_a_go
 
     name = flow_use_case()
     did = _promote_on_a_go(name)
@@ -720,3 +722,27 @@ def test_promote_after_the_grace_leaves_a_promotion_to_the_approval_run_carrying
     acts = [a for _, a, _ in _audit_rows()]
     assert acts.count("alias.promote.committed") == 1
     assert "alias.promote.retried" not in acts and "approval.finished" not in acts
+
+
+@pytest.mark.parametrize("effect", ["promotion", "rollback"])
+def test_finishing_an_effect_already_in_effect_records_no_finisher(flow_use_case, effect: str) -> None:
+    """bob's `promote --decision` (or `rollback`) saw alice's effect unfinished, then her own run completed
+    it before his finishing ran: everything he ran found done. His finishing recorded `approval.finished`
+    all the same, saying he finished what nobody left undone. Now it records only what happened: nothing
+    changed (`done`: False), no entry."""
+    from rollout import approvals
+    from rollout.auth import Identity
+    from rollout.db.models import Approval
+    from rollout.db.session import session_scope
+
+    name = flow_use_case()
+    did = _promote_on_a_go(name)
+    if effect == "rollback":
+        did = approvals.request_rollback(name, Identity(*ALICE), "p95 regressed")["decision_id"]
+    with session_scope() as s:
+        signed = s.scalar(select(Approval.id).where(Approval.decision_id == did))
+    before = len(_audit_rows())
+    finish = approvals.apply_promotion if effect == "promotion" else approvals.apply_rollback
+    again = finish(did, signed, reason="finishing", finished_by="bob")
+    assert [act for _, act, _ in _audit_rows()[before:]] == []
+    assert again["done"] is False, again

@@ -509,3 +509,43 @@ def test_a_move_another_caller_of_its_key_committed_meanwhile_is_returned(state_
     with session_scope(db_url) as s:
         acts = [a.action for a in s.scalars(select(AuditEntry).order_by(AuditEntry.id))]
     assert acts.count("alias.promote.committed") == 1 and "alias.promote.failed" not in acts
+
+
+def test_a_move_whose_other_caller_moved_mlflow_but_has_not_committed_is_never_failed(state_db) -> None:  # noqa: ANN001
+    """Two callers of one move (same idempotency key): the other caller's MLflow call has set the alias,
+    and its own row is still pending (its step 3 not yet committed), when this caller's MLflow call fails
+    on the alias row the other inserted (UNIQUE). This caller used to record the move `failed` (an
+    `alias.promote.failed` entry, a RegistryError to its caller, and a decision whose move "failed"
+    finished at once by anyone) while the alias had moved. Now it asks MLflow where the alias points: moved
+    to its version, the move is recorded committed, once; the other caller's step 3 then changes nothing."""
+    from sqlalchemy.engine import Engine
+
+    db_url, mv_id = state_db
+    move = {
+        "model_version_id": mv_id,
+        "actor": ALICE,
+        "reason": "gate GO",
+        "idempotency_key": "promote:1",
+        "db_url": db_url,
+    }
+    other: list[bool] = []
+
+    def the_other_callers_mlflow_call_first(
+        conn, cursor, statement, parameters, context, executemany
+    ) -> None:  # noqa: ANN001
+        if statement.startswith("INSERT INTO registered_model_aliases") and not other:
+            other.append(True)  # its own INSERT comes in here too: let it through
+            registry._apply_mlflow("sparsepilot-docs-qa", "champion", "1")  # its row stays pending
+
+    event.listen(Engine, "before_cursor_execute", the_other_callers_mlflow_call_first)
+    try:
+        mine = registry.promote("docs-qa", **move)
+    finally:
+        event.remove(Engine, "before_cursor_execute", the_other_callers_mlflow_call_first)
+    assert other and (mine.status, mine.to_version, mine.error) == ("committed", "1", None)
+    theirs = registry.promote("docs-qa", **move)  # the other caller's step 3, late: nothing changes
+    assert theirs.id == mine.id
+    assert [h["status"] for h in registry.alias_history("docs-qa", db_url=db_url)] == ["committed"]
+    with session_scope(db_url) as s:
+        acts = [a.action for a in s.scalars(select(AuditEntry).order_by(AuditEntry.id))]
+    assert acts.count("alias.promote.committed") == 1 and "alias.promote.failed" not in acts
