@@ -75,6 +75,21 @@ def raw_lines(fh: BinaryIO, limit: int) -> Iterator[bytes]:
         buf, pos = buf[pos:] + chunk, 0
 
 
+def header_problem(header: list[str]) -> str | None:
+    """What a CSV request log's header lacks (`id` or `request_id`, and `prompt`), naming what it holds;
+    None when it has both. A header of one cell holding ';' or a tab is a file split by another separator
+    (a spreadsheet's export in many locales): the log must be comma-separated."""
+    names = set(header)
+    missing = [what for what, ok in (("'id' (or 'request_id')", names & {"id", "request_id"}),
+                                     ("'prompt'", "prompt" in names)) if not ok]  # fmt: skip
+    if not missing:
+        return None
+    found = ", ".join(repr(c) for c in header) or "an empty line"
+    problem = f"the header has no {' and no '.join(missing)} column (found {found})"
+    seps = [name for sep, name in ((";", "';'"), ("\t", "a tab")) if len(header) == 1 and sep in header[0]]
+    return problem + (f"; the file must be comma-separated (its header holds {seps[0]})" if seps else "")
+
+
 class RequestLogSource:
     name = "request-log"
 
@@ -208,6 +223,11 @@ class RequestLogSource:
 
         reader = csv.DictReader(texts())
         try:
+            header = reader.fieldnames
+            problem = None if header is None else header_problem(header)
+            if problem:  # said once, where every row would be refused for it
+                yield 1, TrafficError(f"{self.path}:1: {problem}")
+                return
             for record in reader:
                 yield reader.line_num, record
         except csv.Error as exc:
