@@ -210,8 +210,9 @@ class RequestLogSource:
     def _csv_records(
         self, lines: Iterator[tuple[int, str | TrafficError]]
     ) -> Iterator[tuple[int, dict | TrafficError]]:
-        """A CSV's rows; a line that cannot be decoded, or that the parser gives up on, ends the read (a
-        quoted field may span lines: there is no telling where the next row starts)."""
+        """A CSV's rows, each with the physical line it starts on (a quoted field may span lines); a line
+        that cannot be decoded, or a row the parser gives up on, ends the read (there is no telling where
+        the next row starts)."""
         stop: list[TrafficError] = []
 
         def texts() -> Iterator[str]:
@@ -221,18 +222,25 @@ class RequestLogSource:
                     return
                 yield text
 
-        reader = csv.DictReader(texts())
+        reader = csv.reader(texts())
+        start = (
+            1  # the physical line the record being read starts on (blank lines and quoted newlines counted)
+        )
         try:
-            header = reader.fieldnames
+            header = next(reader, None)
             problem = None if header is None else header_problem(header)
             if problem:  # said once, where every row would be refused for it
                 yield 1, TrafficError(f"{self.path}:1: {problem}")
                 return
-            for record in reader:
-                yield reader.line_num, record
+            while header is not None:
+                start = reader.line_num + 1
+                values = next(reader, None)
+                if values is None:
+                    break
+                if values:  # not a blank line
+                    yield start, {c: values[i] if i < len(values) else None for i, c in enumerate(header)}
         except csv.Error as exc:
-            line = reader.line_num + 1  # the line being read when the parser gave up
-            yield line, TrafficError(f"{self.path}:{line}: not valid CSV: {exc}")
+            yield start, TrafficError(f"{self.path}:{start}: not valid CSV: {exc}")
             return
         if stop:
             yield 0, stop[0]

@@ -238,6 +238,19 @@ def test_a_csv_request_log_without_the_columns_is_refused_once_by_its_header(
     assert found.problems[0].startswith(f"{path}:1: ") and problem in found.problems[0]
 
 
+def test_a_csv_request_logs_rows_are_named_by_the_line_they_start_on(tmp_path: Path) -> None:
+    """Prompts span lines in a quoted cell; a bad row was named by its last line (the reader's line count
+    after it), a prompt of 3 lines two below where it starts, as review R1 found for the imports."""
+    path = tmp_path / "log.csv"
+    path.write_bytes(b'id,prompt\n,"line one\nline two\nline three"\n\nr1,"a\nb"\nr2,"c\n"\n\nr1,dup\n')
+    found = RequestLogSource(path, "s").check()
+    assert (found.requests, found.bad_lines) == (2, 2)
+    assert [p.removeprefix(f"{path}:") for p in found.problems] == [
+        "2: field 'id': a non-empty string is required",
+        "11: field 'id': 'r1' appears twice in the log",
+    ]
+
+
 def test_a_csv_field_over_the_csv_limit_names_the_line(tmp_path: Path) -> None:
     import csv
 
