@@ -125,7 +125,10 @@ def require_role(identity: Identity | None, role: Role, action: str) -> Identity
     if identity is None:
         raise PermissionDenied(f"{action} needs a signed-in {role}; nobody is signed in")
     if not identity.has_role(role):
-        raise PermissionDenied(f"{action} needs the {role} role; {identity.name!r} is a {identity.role}")
+        article = "an" if identity.role[:1] in "aeiou" else "a"  # an operator, an approver, a viewer
+        raise PermissionDenied(
+            f"{action} needs the {role} role; {identity.name!r} is {article} {identity.role}"
+        )
     return identity
 
 

@@ -117,23 +117,31 @@ def _jsonl(p: Path, f: Any) -> Iterator[tuple[int, dict[str, Any]]]:
 
 
 def _csv(p: Path, f: Iterable[str]) -> Iterator[tuple[int, dict[str, Any]]]:
-    reader = csv.DictReader(f)
-    line = 1
+    """The CSV's rows, each with the physical line it starts on: the header, blank lines (skipped) and
+    quoted multi-line cells counted, as an editor numbers them (`reader.line_num` counts the lines read
+    before the row; csv.DictReader's record count does not)."""
+    reader = csv.reader(f)
+    start = 1
     try:
-        fields = [c.strip() for c in reader.fieldnames or []]
+        fields = [c.strip() for c in next(reader, [])]
         missing = [c for c in REQUIRED if c not in fields]
         if missing:
             raise ObservationImportError(f"{p}: header is missing column(s) {', '.join(missing)}")
         twice = sorted({c for c in fields if fields.count(c) > 1})
-        if twice:  # csv.DictReader would keep the last one silently
+        if twice:  # a dict of the row would keep the last one silently
             raise ObservationImportError(f"{p}: header names column(s) {', '.join(twice)} more than once")
-        reader.fieldnames = fields
-        for line, row in enumerate(reader, start=2):
-            if None in row:
-                raise ObservationImportError(f"{p}:{line}: more values than header columns")
-            yield line, dict(row)
+        while True:
+            start = reader.line_num + 1
+            values = next(reader, None)
+            if values is None:
+                return
+            if not values:  # a blank line
+                continue
+            if len(values) > len(fields):
+                raise ObservationImportError(f"{p}:{start}: more values than header columns")
+            yield start, {c: values[i] if i < len(values) else None for i, c in enumerate(fields)}
     except csv.Error as exc:  # e.g. a field over the csv module's 128 KiB limit
-        raise ObservationImportError(f"{p}:{line + 1}: not valid CSV ({exc})") from None
+        raise ObservationImportError(f"{p}:{start}: not valid CSV ({exc})") from None
 
 
 def _row(p: Path, line: int, obj: dict[str, Any]) -> dict[str, Any]:

@@ -75,6 +75,21 @@ def raw_lines(fh: BinaryIO, limit: int) -> Iterator[bytes]:
         buf, pos = buf[pos:] + chunk, 0
 
 
+def header_problem(header: list[str]) -> str | None:
+    """What a CSV request log's header lacks (`id` or `request_id`, and `prompt`), naming what it holds;
+    None when it has both. A header of one cell holding ';' or a tab is a file split by another separator
+    (a spreadsheet's export in many locales): the log must be comma-separated."""
+    names = set(header)
+    missing = [what for what, ok in (("'id' (or 'request_id')", names & {"id", "request_id"}),
+                                     ("'prompt'", "prompt" in names)) if not ok]  # fmt: skip
+    if not missing:
+        return None
+    found = ", ".join(repr(c) for c in header) or "an empty line"
+    problem = f"the header has no {' and no '.join(missing)} column (found {found})"
+    seps = [name for sep, name in ((";", "';'"), ("\t", "a tab")) if len(header) == 1 and sep in header[0]]
+    return problem + (f"; the file must be comma-separated (its header holds {seps[0]})" if seps else "")
+
+
 class RequestLogSource:
     name = "request-log"
 
@@ -195,8 +210,9 @@ class RequestLogSource:
     def _csv_records(
         self, lines: Iterator[tuple[int, str | TrafficError]]
     ) -> Iterator[tuple[int, dict | TrafficError]]:
-        """A CSV's rows; a line that cannot be decoded, or that the parser gives up on, ends the read (a
-        quoted field may span lines: there is no telling where the next row starts)."""
+        """A CSV's rows, each with the physical line it starts on (a quoted field may span lines); a line
+        that cannot be decoded, or a row the parser gives up on, ends the read (there is no telling where
+        the next row starts)."""
         stop: list[TrafficError] = []
 
         def texts() -> Iterator[str]:
@@ -206,13 +222,25 @@ class RequestLogSource:
                     return
                 yield text
 
-        reader = csv.DictReader(texts())
+        reader = csv.reader(texts())
+        start = (
+            1  # the physical line the record being read starts on (blank lines and quoted newlines counted)
+        )
         try:
-            for record in reader:
-                yield reader.line_num, record
+            header = next(reader, None)
+            problem = None if header is None else header_problem(header)
+            if problem:  # said once, where every row would be refused for it
+                yield 1, TrafficError(f"{self.path}:1: {problem}")
+                return
+            while header is not None:
+                start = reader.line_num + 1
+                values = next(reader, None)
+                if values is None:
+                    break
+                if values:  # not a blank line
+                    yield start, {c: values[i] if i < len(values) else None for i, c in enumerate(header)}
         except csv.Error as exc:
-            line = reader.line_num + 1  # the line being read when the parser gave up
-            yield line, TrafficError(f"{self.path}:{line}: not valid CSV: {exc}")
+            yield start, TrafficError(f"{self.path}:{start}: not valid CSV: {exc}")
             return
         if stop:
             yield 0, stop[0]

@@ -58,6 +58,18 @@ def acting_person() -> str:
         return unproven_os_name(origin()[0])
 
 
+def _signing_key() -> bytes:
+    """The token-signing key, created on the first login; exit 2 where it cannot be."""
+    from rollout.auth import auth_key
+
+    try:
+        key = auth_key(create=True)
+    except OSError as exc:
+        fail(f"cannot create the token-signing key in SPARSEPILOT_HOME: {exc.strerror or exc}")
+    assert key is not None  # created when missing
+    return key
+
+
 @app.command("login")
 def login(
     password_stdin: PasswordStdin = False,
@@ -67,14 +79,7 @@ def login(
     0600) in your config dir so later commands need no password until it expires."""
     import os
 
-    from rollout.auth import (
-        AccountsConfigError,
-        auth_key,
-        cli_authenticate,
-        issue_token,
-        token_path,
-        write_private,
-    )
+    from rollout.auth import AccountsConfigError, cli_authenticate, issue_token, token_path, write_private
     from rollout.settings import configure_environment
 
     configure_environment()
@@ -84,15 +89,13 @@ def login(
         fail("give the password with --password-stdin (standard input is not a terminal)")
     if not os.environ.get("SPARSEPILOT_USER"):
         fail("set SPARSEPILOT_USER to the account to sign in as")
-    try:
-        if password is None:
-            password = prompt(f"Password for {os.environ['SPARSEPILOT_USER']}: ")  # type: ignore[misc]
+    if password is None:
+        password = prompt(f"Password for {os.environ['SPARSEPILOT_USER']}: ")  # type: ignore[misc]
+    try:  # a refused sign-in (PermissionDenied, a PermissionError too) is the CLI's `error:` line as it is
         who = cli_authenticate(password=password)
-        key = auth_key(create=True)
+        key = _signing_key()
     except AccountsConfigError as exc:
         fail(f"accounts configuration: {exc}")
-    except OSError as exc:
-        fail(f"cannot create the token-signing key in SPARSEPILOT_HOME: {exc.strerror or exc}")
     token = issue_token(who, key, ttl_s=int(hours * 3600))
     path = token_path()
     try:

@@ -165,7 +165,9 @@ def dashboard_cmd(
 @app.command("hash-password")
 def hash_password_cmd(
     name: str = typer.Option("", "--name", help="Print a whole SPARSEPILOT_ACCOUNTS entry for this user."),
-    role: str = typer.Option("viewer", "--role", help="viewer, operator or approver (with --name)."),
+    role: str | None = typer.Option(
+        None, "--role", help="viewer (the default), operator or approver; only with --name."
+    ),
     password_stdin: bool = typer.Option(
         False, "--password-stdin", help="Read the password from standard input (for scripts)."
     ),
@@ -174,8 +176,13 @@ def hash_password_cmd(
     from rollout.auth import MIN_PASSWORD_CHARS, ROLES, hash_password
     from sparsepilot.console import fail
 
-    if role not in ROLES:
+    if role is not None and role not in ROLES:
         fail(f"--role must be one of {', '.join(ROLES)}, not {role!r}")
+    if role is not None and not name:  # a bare hash carries no role: it would be dropped unsaid
+        fail(
+            "--role needs --name: a bare hash carries no role (give --name NAME for a whole "
+            "SPARSEPILOT_ACCOUNTS entry, or set the role beside the hash in the accounts file)"
+        )
     if name and (":" in name or ";" in name):
         fail("--name must not contain ':' or ';'")
     if password_stdin:
@@ -185,4 +192,4 @@ def hash_password_cmd(
     if len(password) < MIN_PASSWORD_CHARS:
         fail(f"the password must have at least {MIN_PASSWORD_CHARS} characters")
     hashed = hash_password(password)
-    typer.echo(f"{name}:{role}:{hashed}" if name else hashed)
+    typer.echo(f"{name}:{role or 'viewer'}:{hashed}" if name else hashed)

@@ -249,7 +249,7 @@ def test_roles_are_ordered() -> None:
     assert auth.require_role(Identity("a", "approver", "x"), "operator", "import").name == "a"
     with pytest.raises(PermissionDenied, match="needs the operator role; 'v' is a viewer"):
         auth.require_role(Identity("v", "viewer", "x"), "operator", "import")
-    with pytest.raises(PermissionDenied, match="needs the approver role"):
+    with pytest.raises(PermissionDenied, match="needs the approver role; 'olga' is an operator"):
         auth.require_approver(op, "promote")
 
 

@@ -254,6 +254,30 @@ def test_observation_check_errors_name_the_files_line_as_its_parse_errors_do(
     cell.write_text(head + f"{rid},control,0.8,1200,false\n{rid},treatment,abc,800,false\n")
     with pytest.raises(ObservationImportError, match=r"cell\.csv:3: field 'quality'"):
         pilot_flow(name, observations_file=str(cell))
+    spread = tmp_path / "spread.csv"  # review R1: a quoted cell over lines 2-3, a blank line 4
+    spread.write_text(head + f'{rid},control,"0.8\n",1200,false\n\n{rid},treatment,1.5,800,false\n')
+    with pytest.raises(ObservationImportError, match=rf"spread\.csv:5 \(id '{rid}/treatment'\): quality"):
+        pilot_flow(name, observations_file=str(spread))
+
+
+def test_csv_rows_and_errors_name_the_physical_line_each_row_starts_on(tmp_path: Path) -> None:
+    """Review R1: rows were numbered by record (csv.DictReader skips blank lines, a quoted cell may span
+    lines), so after either the pilot's and the monitor's messages named a line above the bad row."""
+    from rollout.observations_io import ObservationImportError, read_numbered
+
+    f = tmp_path / "obs.csv"
+    head = b"request_id,arm,quality,latency_ms,error\n"
+    body = b'r1,control,"0.5\n",120,false\n\n\nr1,treatment,0.5,"80\r\n",false\r\n\nr2,control,0.5,90,'
+    f.write_bytes(head + body + b"0\n")
+    assert [(line, row["request_id"], row["arm"]) for line, row in read_numbered(f)] == [
+        (2, "r1", "control"),
+        (6, "r1", "treatment"),
+        (9, "r2", "control"),
+    ]
+    for last, refused in ((b"oops\n", "field 'error' must be true/false"), (b"0,1\n", "more values than")):
+        f.write_bytes(head + body + last)
+        with pytest.raises(ObservationImportError, match=rf"obs\.csv:9: {refused}"):
+            read_numbered(f)
 
 
 def _challenger(name: str) -> None:

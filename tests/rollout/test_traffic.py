@@ -212,6 +212,45 @@ def test_spec_traffic_source_needs_a_path_only_for_a_log() -> None:
     assert parse_spec(data, "x.yaml").rollout.traffic_source.path == "logs/prod.jsonl"
 
 
+@pytest.mark.parametrize(
+    ("data", "problem"),
+    [
+        (
+            b"id;prompt\r\nr1;hello\r\nr2;world\r\nr3;again\r\n",  # a spreadsheet's export in many locales
+            "the header has no 'id' (or 'request_id') and no 'prompt' column (found 'id;prompt'); the file "
+            "must be comma-separated (its header holds ';')",
+        ),
+        (
+            b"request,prompt\nr1,hello\nr2,world\nr3,again\n",
+            "no 'id' (or 'request_id') column (found 'request', 'prompt')",
+        ),
+    ],
+)
+def test_a_csv_request_log_without_the_columns_is_refused_once_by_its_header(
+    tmp_path: Path, data: bytes, problem: str
+) -> None:
+    """Review R4: such a log was refused row by row ("field 'id': a non-empty string is required" for
+    each), never naming the header."""
+    path = tmp_path / "log.csv"
+    path.write_bytes(data)
+    found = RequestLogSource(path, "s").check()
+    assert (found.requests, found.bad_lines) == (0, 1), found.problems
+    assert found.problems[0].startswith(f"{path}:1: ") and problem in found.problems[0]
+
+
+def test_a_csv_request_logs_rows_are_named_by_the_line_they_start_on(tmp_path: Path) -> None:
+    """Prompts span lines in a quoted cell; a bad row was named by its last line (the reader's line count
+    after it), a prompt of 3 lines two below where it starts, as review R1 found for the imports."""
+    path = tmp_path / "log.csv"
+    path.write_bytes(b'id,prompt\n,"line one\nline two\nline three"\n\nr1,"a\nb"\nr2,"c\n"\n\nr1,dup\n')
+    found = RequestLogSource(path, "s").check()
+    assert (found.requests, found.bad_lines) == (2, 2)
+    assert [p.removeprefix(f"{path}:") for p in found.problems] == [
+        "2: field 'id': a non-empty string is required",
+        "11: field 'id': 'r1' appears twice in the log",
+    ]
+
+
 def test_a_csv_field_over_the_csv_limit_names_the_line(tmp_path: Path) -> None:
     import csv
 

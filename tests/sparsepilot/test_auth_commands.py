@@ -80,6 +80,15 @@ def test_a_wrong_sign_in_does_not_echo_the_name_typed(alice: Path, monkeypatch: 
     assert "typed-as-name" not in res.output
 
 
+def test_a_refused_login_says_why_not_that_the_signing_key_failed(alice: Path) -> None:
+    """Review R3: a wrong password at `login` (PermissionDenied, a PermissionError) fell into the key
+    file's OSError handler: "cannot create the token-signing key in SPARSEPILOT_HOME: wrong account name or
+    password", sending a person who mistyped to the key whose removal ends every account's tokens."""
+    res = runner.invoke(app, ["login", "--password-stdin"], input="not-alices-password\n")
+    assert res.exit_code == 2 and "error: wrong account name or password" in res.output, res.output
+    assert "token-signing key" not in res.output and not alice.exists()
+
+
 @pytest.fixture
 def fresh_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A SPARSEPILOT_HOME nothing has touched, on embedded defaults (no accounts configured); the MLflow

@@ -28,6 +28,10 @@ def test_hash_password_prints_a_usable_account_entry() -> None:
 def test_hash_password_refuses_bad_input() -> None:
     r = CliRunner().invoke(app, ["hash-password", "--password-stdin", "--role", "admin"], input="x\n")
     assert r.exit_code == 2 and "--role must be one of viewer, operator, approver" in r.output
+    r = CliRunner().invoke(
+        app, ["hash-password", "--password-stdin", "--role", "approver"], input="s3cret-long\n"
+    )
+    assert r.exit_code == 2 and "--role needs --name: a bare hash carries no role" in r.output  # review R
     r = CliRunner().invoke(app, ["hash-password", "--password-stdin"], input="\n")
     assert r.exit_code == 2 and "at least 10 characters" in r.output
     r = CliRunner().invoke(app, ["hash-password", "--password-stdin"], input="short-pw\n")

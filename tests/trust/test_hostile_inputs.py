@@ -367,7 +367,7 @@ ACCOUNT_CASES = [
         audit="auth.sign_in_failed",
     ),
     Case("viewer-adds-spec", _add("viewer"), "needs the operator role; 'victor' is a viewer", user="victor"),
-    Case("operator-approves", _approve("1"), "needs the approver role; 'olga' is a operator", user="olga"),
+    Case("operator-approves", _approve("1"), "needs the approver role; 'olga' is an operator", user="olga"),
     Case("viewer-imports", _obs("viewerimp", _pair()), "needs the operator role", user="victor"),
     Case("no-credentials", _approve("1"), "nobody is signed in", user=None),
     Case(
