@@ -27,6 +27,17 @@ from flows.common import (
 from rollout import audit, decisions, pilot_batches, run_links, tracking
 
 
+def require_file(path: str) -> None:
+    """A file of observations given to the monitor exists, or the refusal naming it (`sparsepilot monitor
+    NAME --observations FILE` asks before its flow starts, the flow again for any other caller)."""
+    from pathlib import Path
+
+    from rollout.observations_io import ObservationImportError
+
+    if not Path(path).is_file():
+        raise ObservationImportError(f"{path}: file not found; nothing was imported")
+
+
 @flow_task("monitor-target")
 def monitor_target(use_case: str, used_request_ids: bool) -> dict[str, Any] | None:
     return pilot_batches.monitor_target(use_case, used_request_ids=used_request_ids)
@@ -81,6 +92,8 @@ def monitor_flow(
     from flows.promote import finish_unfinished, rollback_flow
 
     logger = get_run_logger()
+    if observations_file:  # whatever the state: a file that is not there is never a quiet success
+        require_file(observations_file)
     # a rollback decided earlier comes before any new look; the monitor is its finisher
     finished = finish_unfinished(use_case, by=audit.MONITOR_ACTOR)
     if finished is not None:
@@ -89,6 +102,8 @@ def monitor_flow(
     info = monitor_target(use_case, used_request_ids=observations_file is None)  # ids to draw fresh requests
     if info is None:
         catch_up_logs(log_missing_looks, use_case)
+        if observations_file:  # a file given to a monitor with no champion: an error, the file not imported
+            raise pilot_batches.nothing_to_monitor(use_case, observations_file)
         return {"status": "skipped", "explanation": f"{use_case}: nothing promoted, nothing to monitor"}
     if observations_file:
         from rollout.observations_io import read_numbered

@@ -44,6 +44,17 @@ def budget_words(report: Mapping[str, Any]) -> str:
     return "NOT met: plan stays dense"
 
 
+def decodes_densely(plan: Mapping[str, Any] | None) -> bool:
+    """Does the registered plan (its dict) decode densely: no decode section, and no decode part met the
+    budget by its calibration's record (`decode_met_budget` of `metadata["decode_calibration"]`, which a
+    plan recorded before the decode part counted may carry alone)? With a prefill density of 1.000 such a
+    plan is the dense model: what judges a challenger that has no evaluation yet
+    (`rollout.runs.pilot_skip`)."""
+    plan = plan or {}
+    decode = (plan.get("metadata") or {}).get("decode_calibration") or {}
+    return plan.get("decode") is None and not decode_met_budget({"decode": decode})
+
+
 MISSED_BUDGET = "no sparse plan met the quality budget"  # neither part: the plan is the dense model
 STAYS_DENSE = "stays dense, not piloted"
 
@@ -78,6 +89,7 @@ __all__ = [
     "STAYS_DENSE",
     "budget_words",
     "decode_met_budget",
+    "decodes_densely",
     "met_budget",
     "missed_budget_refusal",
     "recorded_flags",

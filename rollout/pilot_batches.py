@@ -291,6 +291,26 @@ def monitor_target(use_case: str, *, used_request_ids: bool = True) -> dict[str,
         }
 
 
+def nothing_to_monitor(use_case: str, observations_file: str) -> pilots.PilotStateError:
+    """The refusal of a monitor given a file of observations while nothing is promoted (never promoted,
+    rolled back): the file's rows have no champion to be judged against, so they are not imported, and
+    saying so is an error, where the monitor used to answer "nothing to monitor" with exit 0 and a cron
+    shipping each day's log after an automatic rollback kept "succeeding" (review s49 R5). A scheduled
+    monitor, which samples, still skips quietly. A running pilot's rows go to its own import."""
+    with session_scope() as session:
+        phase = pilots.get_use_case(session, use_case).phase
+    piloting = (
+        f"; a running pilot's observations are imported with "
+        f"`sparsepilot pilot {use_case} --observations {shlex.quote(str(observations_file))}`"
+        if lifecycle.can(phase, "pilot")
+        else ""
+    )
+    return pilots.PilotStateError(
+        f"{use_case}: nothing promoted (phase {phase}), nothing to monitor: {observations_file} was not "
+        f"imported{piloting}"
+    )
+
+
 def note_monitor_skip(use_case: str, info: Mapping[str, Any], reason: str, explanation: str) -> bool:
     """A scheduled monitor that could not look (`reason`, e.g. "traffic-exhausted") leaves an audit entry
     (`monitor.skipped`, on the promoted pilot), so an unmonitored champion shows in the audit log and on

@@ -519,18 +519,26 @@ def _range(low: float | None, high: float | None) -> str:
 
 
 def evaluation_pilot_skip(
-    evaluation: Mapping[str, Any] | None, *, met_budget: bool | None = None, pilot_anyway: bool = False
+    evaluation: Mapping[str, Any] | None,
+    *,
+    met_budget: bool | None = None,
+    pilot_anyway: bool = False,
+    calibrated_density: float | None = None,
 ) -> PilotSkip | None:
     """`pilot_skip_reason` of an evaluation's figures (`density`, `savings_month_usd`,
     `savings_month_low` / `_high`, `decode_status`, `measured_under_overload`: a summary, a portfolio
     row, a run's columns): the
     one rule of "this plan is not piloted", which every path that starts a pilot obeys
     (`rollout.pilot_batches.ensure_pilot_in`: the cycle, `sparsepilot pilot`, an import, the main job)
-    and whose words the portfolio shows. No evaluation: only the calibration's outcome decides."""
+    and whose words the portfolio shows. No evaluation: the calibration's outcome decides, and the plan's
+    own density, `calibrated_density` (the model version's prefill density, given where its plan decodes
+    densely: `rollout.runs.pilot_skip`): a plan that keeps every block is not piloted, evaluated or not
+    (it was piloted, and promoted, when an import followed `calibrate` straight away); the saving rules
+    need an evaluation's figures."""
     ev = evaluation or {}
     return pilot_skip_reason(
         met_budget=met_budget,
-        density=ev.get("density"),
+        density=ev.get("density") if evaluation else calibrated_density,
         saved_usd_month=ev.get("savings_month_usd"),
         saved_usd_month_high=ev.get("savings_month_high"),
         saved_usd_month_low=ev.get("savings_month_low"),

@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import select
 
 from rollout import audit, lifecycle, roi
-from rollout.calibration_outcome import recorded_flags
+from rollout.calibration_outcome import decodes_densely, recorded_flags
 from rollout.db.models import AliasMove, CalibrationRun, EvaluationRun, ModelVersion, utcnow
 from rollout.db.session import session_scope
 from rollout.pilots import get_use_case
@@ -230,13 +230,17 @@ def pilot_skip(
 ) -> roi.PilotSkip | None:
     """Why the challenger `run` registered is not piloted (`rollout.roi.evaluation_pilot_skip` of its
     calibration's outcome and its evaluation: no plan met the budget, the plan keeps every block, no
-    saving established), or None. `pilot_anyway` (`sparsepilot pilot --pilot-anyway`, the main job's
-    --pilot-all) waives all but the missed budget."""
+    saving established), or None. Not evaluated yet: the plan keeps every block by the density its
+    calibration found (the model version's, where its plan decodes densely), else it may be piloted.
+    `pilot_anyway` (`sparsepilot pilot --pilot-anyway`, the main job's --pilot-all) waives all but the
+    missed budget."""
     ev = challenger_evaluation(session, uc, run)
+    mv = session.get(ModelVersion, run.model_version_id)
     return roi.evaluation_pilot_skip(
         None if ev is None else evaluation_summary(ev),
         met_budget=calibration_metrics(session, run).get("met_budget"),
         pilot_anyway=pilot_anyway,
+        calibrated_density=mv.density if mv is not None and decodes_densely(mv.plan) else None,
     )
 
 

@@ -545,10 +545,12 @@ def monitor_cmd(
     """Sample traffic of a promoted use case; a guardrail breach or failed data check rolls back
     automatically when the spec allows it, else leaves a rollback waiting for approval (operators and
     approvers)."""
-    from flows.monitor import monitor_flow
+    from flows.monitor import monitor_flow, require_file
 
     _require_use_case(name)
     signed_in("operator", f"monitor {name}", password_stdin)
+    if observations is not None:  # before a flow starts: a file that is not there, whatever the state
+        require_file(observations)
     _require_device()
     _to_log_file("monitor", json_out)
     result = _run(lambda: monitor_flow(name, observations_file=observations))

@@ -84,6 +84,39 @@ def test_a_file_failing_its_checks_is_refused_and_never_rolls_back(flow_use_case
     assert _state(name) == ("promoted", champion, 0, 0)
 
 
+def test_a_file_given_to_a_monitor_with_nothing_to_monitor_is_an_error(
+    trust_env, flow_use_case, tmp_path
+) -> None:  # noqa: ANN001
+    """Review s49 R5: `monitor NAME --observations FILE` with no champion (never promoted, rolled back)
+    said "nothing promoted, nothing to monitor" with exit 0 and never read the file, a file that does
+    not exist included: a cron shipping each day's log after an automatic rollback kept "succeeding".
+    Now the file not imported is an error naming why and the file (exit 2), a missing file is one
+    whatever the state, and the scheduled monitor, which samples, still has nothing to monitor (exit 0)."""
+    from typer.testing import CliRunner
+
+    from sparsepilot.cli import app
+    from tests.fixtures.trust import password_of
+
+    name = flow_use_case()  # never promoted
+
+    def monitor(*args: str):  # noqa: ANN202
+        return CliRunner().invoke(
+            app, ["monitor", name, *args, "--password-stdin"], input=password_of("olga") + "\n",
+            env={"SPARSEPILOT_USER": "olga"},
+        )  # fmt: skip
+
+    path = _write(tmp_path / "today.jsonl", _rows("t", 4))
+    res = monitor("--observations", path)
+    said = f"error: {name}: nothing promoted (phase registered), nothing to monitor: {path} was not imported"
+    assert res.exit_code == 2 and said in res.output, res.output
+    missing = str(tmp_path / "nowhere.jsonl")
+    res = monitor("--observations", missing)
+    assert res.exit_code == 2 and f"error: {missing}: file not found; nothing was imported" in res.output
+    res = monitor()
+    assert res.exit_code == 0 and f"{name}: nothing promoted, nothing to monitor" in res.output, res.output
+    assert _state(name) == ("registered", None, 0, 0)
+
+
 def test_a_corrected_file_is_a_new_look_with_its_own_decision(flow_use_case, tmp_path) -> None:
     """The refused file recorded no decision, so its corrected version (the same ids) is judged afresh:
     25% errors against a 5% ceiling shows at this look, not the stale INVALID."""

@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 
 
-def _challenger(tmp_path: Path, name: str, **evaluation: Any) -> None:
-    """`name` added, calibrated (a plan within the budget) and, with `evaluation`'s columns, evaluated
-    (with none, left calibrated: no evaluation of its plan)."""
+def _challenger(tmp_path: Path, name: str, *, at_calibration: float | None = None, **evaluation: Any) -> None:
+    """`name` added, calibrated (a plan within the budget, of density `at_calibration` unless the
+    evaluation says) and, with `evaluation`'s columns, evaluated (with none, left calibrated: no
+    evaluation of its plan)."""
     from rollout import lifecycle
     from rollout.db.models import EvaluationRun
     from rollout.db.session import session_scope
@@ -24,7 +25,7 @@ def _challenger(tmp_path: Path, name: str, **evaluation: Any) -> None:
 
     from .usecase_helpers import add_calibrated
 
-    density = evaluation.get("density")
+    density = evaluation.get("density", at_calibration)
     metrics = {"met_budget": True, "prefill_met_budget": True, "density": density}
     _, mv_id = add_calibrated(
         tmp_path, name, SparsePlan(tau=0.9), density=density, metrics=metrics, key=f"calibrate:{name}"
@@ -98,6 +99,45 @@ def test_a_plan_the_portfolio_says_is_not_piloted_starts_no_pilot_on_any_path(sp
     assert str(pilot_batches.pilot_refusal("dense-plan", pilot_anyway=True)).startswith(ended)
     with pytest.raises(pilot_batches.pilots.PilotStateError, match=re.escape(ended)):
         pilot_batches.ensure_pilot("dense-plan", pilot_anyway=True)
+
+
+def test_a_plan_that_keeps_every_block_is_not_piloted_before_its_evaluation(sp_home, tmp_path) -> None:  # noqa: ANN001
+    """Review s49 R2: with no evaluation only the calibration's outcome was asked, so a plan calibrated
+    at density 1.000 was piloted by an import straight after `calibrate`, dense against dense, and
+    promoted. The density its calibration found now decides as an evaluation's would, on every path
+    (the cycle's question, `sparsepilot pilot`'s, an import); --pilot-anyway still pilots it. A sparse
+    plan not yet evaluated is piloted as before (the saving rules need an evaluation's figures)."""
+    import json
+
+    from rollout import pilot_batches
+
+    name = "dense-unevaluated"
+    _challenger(tmp_path / "d", name, at_calibration=1.0)
+    assert (
+        str(pilot_batches.pilot_skip(name)) == "the plan keeps 100.00% of blocks (as dense): nothing to pilot"
+    )
+    assert str(pilot_batches.pilot_refusal(name)) == (
+        f"{name}: not piloted: the plan keeps 100.00% of blocks (as dense): nothing to pilot; nothing was "
+        f"started (`sparsepilot pilot {name} --pilot-anyway` pilots it regardless)"
+    )
+    ids = ["r0", "r1"]
+    path = tmp_path / "shadow.jsonl"
+    rows = [
+        {"request_id": i, "arm": arm, "quality": 0.9, "latency_ms": 400.0, "error": False}
+        for i in ids
+        for arm in ("control", "treatment")
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    anyway = f"`sparsepilot pilot {name} --observations {path} --pilot-anyway` pilots it regardless"
+    with pytest.raises(pilot_batches.NotPiloted, match=re.escape(anyway)):
+        pilot_batches.import_file(name, str(path), ids)  # the review's path: an import after calibrate
+    assert _pilots(name) == 0
+    assert pilot_batches.import_file(name, str(path), ids, pilot_anyway=True)["stored"]["inserted"] == 4
+    assert _pilots(name) == 1
+
+    _challenger(tmp_path / "s", "sparse-unevaluated", at_calibration=0.4)
+    assert pilot_batches.pilot_skip("sparse-unevaluated") is None
+    assert pilot_batches.pilot_refusal("sparse-unevaluated") is None
 
 
 def _start_in_process(name: str, barrier: Any, queue: Any) -> None:
