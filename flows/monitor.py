@@ -98,6 +98,8 @@ def monitor_flow(
     finished = finish_unfinished(use_case, by=audit.MONITOR_ACTOR)
     if finished is not None:
         catch_up_logs(log_missing_looks, use_case)
+        if observations_file:  # the file's rows were served before that decision took effect: not imported
+            raise pilot_batches.finished_before_import(use_case, finished["finished"], observations_file)
         return {"status": "finished", **finished}
     info = monitor_target(use_case, used_request_ids=observations_file is None)  # ids to draw fresh requests
     if info is None:

@@ -311,6 +311,24 @@ def nothing_to_monitor(use_case: str, observations_file: str) -> pilots.PilotSta
     )
 
 
+def finished_before_import(
+    use_case: str, finished: Mapping[str, Any], observations_file: str
+) -> pilots.PilotStateError:
+    """The refusal of a monitor given a file while a decision of the use case was decided but not in
+    effect (`rollout.unfinished`): the monitor carried the decision out first, as every finisher does, and
+    did not import the file, whose rows were served before that decision took effect (after a rollback
+    nothing is promoted; after a promotion a new champion serves). It exited 0 with "finished", so a cron
+    shipping each day's log lost that day's rows without a word (review s49, fix-r1's note). The finished
+    decision is said (`finished`: `Unfinished.to_dict`), and the way to import the file now."""
+    what = f"decision {finished.get('decision_id')} ({finished.get('action')})"
+    return pilots.PilotStateError(
+        f"{use_case}: the monitor first carried out {what}, decided earlier but not yet in effect; "
+        f"{observations_file} was not imported: its rows were served before that took effect. Import it "
+        f"again (`sparsepilot monitor {use_case} --observations {shlex.quote(str(observations_file))}`) "
+        "if it holds the current champion's answers"
+    )
+
+
 def note_monitor_skip(use_case: str, info: Mapping[str, Any], reason: str, explanation: str) -> bool:
     """A scheduled monitor that could not look (`reason`, e.g. "traffic-exhausted") leaves an audit entry
     (`monitor.skipped`, on the promoted pilot), so an unmonitored champion shows in the audit log and on

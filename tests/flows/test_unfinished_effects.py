@@ -214,7 +214,10 @@ def test_the_monitor_finishes_its_own_rollback_before_it_looks_again(
     the use case was marked rolled back, or failed on MLflow. The next monitor run used to judge another
     batch of a model MLflow no longer served (and then ask a person to roll back a rollback), or left
     the breached champion serving while its decision said "rolled back automatically". Now it finishes
-    that rollback first, with one alias move, and takes no look."""
+    that rollback first, with one alias move, and takes no look. Given a file (the MLflow-down case), it
+    then says the file was not imported (an error: its rows were served before the rollback), where it
+    exited 0 with "finished" and the file's rows were lost without a word; the scheduled monitor (no file)
+    says "finished"."""
     from flows.monitor import monitor_flow
     from rollout import registry
     from rollout.db.models import GateDecision
@@ -233,14 +236,26 @@ def test_the_monitor_finishes_its_own_rollback_before_it_looks_again(
     with session_scope() as s:
         decided = s.scalars(select(GateDecision.id).where(GateDecision.kind == "monitor")).all()
     moves = _champion_moves(name)
-    again = monitor_flow(name, observations_file=_export(tmp_path, "healthy", errors=0))
-    assert again["status"] == "finished" and again["finished"]["decision_id"] == decided[-1]
-    assert registry.current_aliases(name)["champion"] != champion and _phase(name) == "rolled_back"
-    restored = registry.current_aliases(name)["champion"]
-    assert monitor_said(name, again) == (  # `sparsepilot monitor` printed this dict raw
-        f"{name}: carried out decision {decided[-1]} (rollback), decided earlier; "
-        f"champion {champion} -> {restored} (committed)"
-    )
+    if cut == "MLflow down":
+        from rollout.pilots import PilotStateError
+
+        healthy = _export(tmp_path, "healthy", errors=0)
+        with pytest.raises(PilotStateError) as refused:
+            monitor_flow(name, observations_file=healthy)
+        assert str(refused.value).startswith(
+            f"{name}: the monitor first carried out decision {decided[-1]} (rollback), decided earlier but "
+            f"not yet in effect; {healthy} was not imported"
+        ), refused.value
+        assert registry.current_aliases(name)["champion"] != champion and _phase(name) == "rolled_back"
+    else:
+        again = monitor_flow(name)
+        assert again["status"] == "finished" and again["finished"]["decision_id"] == decided[-1]
+        assert registry.current_aliases(name)["champion"] != champion and _phase(name) == "rolled_back"
+        restored = registry.current_aliases(name)["champion"]
+        assert monitor_said(name, again) == (  # `sparsepilot monitor` printed this dict raw
+            f"{name}: carried out decision {decided[-1]} (rollback), decided earlier; "
+            f"champion {champion} -> {restored} (committed)"
+        )
     assert _champion_moves(name) == moves  # one move: a failed one is retried under its own key
     # the monitor finished it, and says so (it was recorded as `sparsepilot-pipeline`, the cycle's name)
     assert [(a, d["decision"]) for a, act, d in _audit_rows() if act == "approval.finished"] == [
