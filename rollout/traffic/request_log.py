@@ -76,14 +76,17 @@ def raw_lines(fh: BinaryIO, limit: int) -> Iterator[bytes]:
 
 
 def header_problem(header: list[str]) -> str | None:
-    """What a CSV request log's header lacks (`id` or `request_id`, and `prompt`), naming what it holds;
-    None when it has both. A header of one cell holding ';' or a tab is a file split by another separator
-    (a spreadsheet's export in many locales): the log must be comma-separated."""
+    """What is wrong with a CSV request log's header (its names stripped, as the observation import's):
+    it lacks `id` (or `request_id`) or `prompt` (naming what it holds), or it names a column twice (a row
+    read by name would keep the last of the two silently); None when it is fine. A header of one cell
+    holding ';' or a tab is a file split by another separator (a spreadsheet's export in many locales): the
+    log must be comma-separated. Empty names (a spreadsheet's trailing empty columns) name no column."""
     names = set(header)
     missing = [what for what, ok in (("'id' (or 'request_id')", names & {"id", "request_id"}),
                                      ("'prompt'", "prompt" in names)) if not ok]  # fmt: skip
     if not missing:
-        return None
+        twice = sorted({c for c in header if c and header.count(c) > 1})
+        return f"the header names column(s) {', '.join(map(repr, twice))} more than once" if twice else None
     found = ", ".join(repr(c) for c in header) or "an empty line"
     problem = f"the header has no {' and no '.join(missing)} column (found {found})"
     seps = [name for sep, name in ((";", "';'"), ("\t", "a tab")) if len(header) == 1 and sep in header[0]]
@@ -210,9 +213,10 @@ class RequestLogSource:
     def _csv_records(
         self, lines: Iterator[tuple[int, str | TrafficError]]
     ) -> Iterator[tuple[int, dict | TrafficError]]:
-        """A CSV's rows, each with the physical line it starts on (a quoted field may span lines); a line
-        that cannot be decoded, or a row the parser gives up on, ends the read (there is no telling where
-        the next row starts)."""
+        """A CSV's rows, each with the physical line it starts on (a quoted field may span lines), read by
+        the header's names, stripped (`header_problem`); a row with more values than the header has columns
+        is an error in its place (its extra values are never dropped); a line that cannot be decoded, or a
+        row the parser gives up on, ends the read (there is no telling where the next row starts)."""
         stop: list[TrafficError] = []
 
         def texts() -> Iterator[str]:
@@ -228,6 +232,8 @@ class RequestLogSource:
         )
         try:
             header = next(reader, None)
+            if header is not None:
+                header = [c.strip() for c in header]  # `id, prompt` names `prompt`
             problem = None if header is None else header_problem(header)
             if problem:  # said once, where every row would be refused for it
                 yield 1, TrafficError(f"{self.path}:1: {problem}")
@@ -237,7 +243,10 @@ class RequestLogSource:
                 values = next(reader, None)
                 if values is None:
                     break
-                if values:  # not a blank line
+                if len(values) > len(header):  # the extra values would be dropped silently
+                    why = f"{len(values)} values, {len(header)} columns; a value holding a comma is quoted"
+                    yield start, TrafficError(f"{self.path}:{start}: more values than header columns ({why})")
+                elif values:  # not a blank line
                     yield start, {c: values[i] if i < len(values) else None for i, c in enumerate(header)}
         except csv.Error as exc:
             yield start, TrafficError(f"{self.path}:{start}: not valid CSV: {exc}")

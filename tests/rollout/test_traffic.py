@@ -251,6 +251,36 @@ def test_a_csv_request_logs_rows_are_named_by_the_line_they_start_on(tmp_path: P
     ]
 
 
+@pytest.mark.parametrize(
+    ("data", "requests", "problems"),
+    [
+        (  # an unquoted comma in a prompt: its second half was dropped silently, the row taken
+            b"id,prompt\nr1,hello, world\nr2,fine\n",
+            1,
+            ["2: more values than header columns (3 values, 2 columns; a value holding a comma is quoted)"],
+        ),
+        (b"id, prompt , reference\nr1,hello,hi\nr2,world,\n", 2, []),  # `id, prompt` was refused
+        (b"id,prompt,,\nr1,hello,,\n", 1, []),  # a spreadsheet's trailing empty columns name no column
+        (  # the last 'prompt' won silently
+            b"id,prompt,prompt\nr1,hello,\n",
+            0,
+            ["1: the header names column(s) 'prompt' more than once"],
+        ),
+    ],
+)
+def test_a_csv_request_logs_header_and_rows_are_read_as_the_observation_imports(
+    tmp_path: Path, data: bytes, requests: int, problems: list[str]
+) -> None:
+    """Review R3: header names stripped, a column named twice refused, a row with more values than the
+    header has columns refused (naming its line, the rows after it still read), as rollout.observations_io
+    reads an observation CSV."""
+    path = tmp_path / "log.csv"
+    path.write_bytes(data)
+    found = RequestLogSource(path, "s").check()
+    assert [p.removeprefix(f"{path}:") for p in found.problems] == problems
+    assert (found.requests, found.bad_lines) == (requests, len(problems))
+
+
 def test_a_csv_field_over_the_csv_limit_names_the_line(tmp_path: Path) -> None:
     import csv
 
