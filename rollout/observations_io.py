@@ -127,7 +127,9 @@ def _csv(p: Path, f: Iterable[str]) -> Iterator[tuple[int, dict[str, Any]]]:
         missing = [c for c in REQUIRED if c not in fields]
         if missing:
             raise ObservationImportError(f"{p}: header is missing column(s) {', '.join(missing)}")
-        twice = sorted({c for c in fields if fields.count(c) > 1})
+        # a spreadsheet's trailing empty columns (`...,tokens,,`) name no column: not a repeat, and a value
+        # under one is refused below (it was "header names column(s) ,  more than once")
+        twice = sorted({c for c in fields if c and fields.count(c) > 1})
         if twice:  # a dict of the row would keep the last one silently
             raise ObservationImportError(f"{p}: header names column(s) {', '.join(twice)} more than once")
         while True:
@@ -139,7 +141,12 @@ def _csv(p: Path, f: Iterable[str]) -> Iterator[tuple[int, dict[str, Any]]]:
                 continue
             if len(values) > len(fields):
                 raise ObservationImportError(f"{p}:{start}: more values than header columns")
-            yield start, {c: values[i] if i < len(values) else None for i, c in enumerate(fields)}
+            unnamed = [i + 1 for i, c in enumerate(fields) if not c and i < len(values) and values[i].strip()]
+            if unnamed:
+                raise ObservationImportError(
+                    f"{p}:{start}: a value under a column the header does not name (column {unnamed[0]})"
+                )
+            yield start, {c: values[i] if i < len(values) else None for i, c in enumerate(fields) if c}
     except csv.Error as exc:  # e.g. a field over the csv module's 128 KiB limit
         raise ObservationImportError(f"{p}:{start}: not valid CSV ({exc})") from None
 

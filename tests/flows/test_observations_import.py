@@ -280,6 +280,25 @@ def test_csv_rows_and_errors_name_the_physical_line_each_row_starts_on(tmp_path:
             read_numbered(f)
 
 
+def test_a_spreadsheets_trailing_empty_columns_are_no_repeated_names(tmp_path: Path) -> None:
+    """A CSV saved from a spreadsheet with trailing empty columns (`...,error,,`) was refused with "header
+    names column(s) ,  more than once"; the empty names name no column, so the file is read, and a value
+    under one is refused, naming the line and the column."""
+    from rollout.observations_io import ObservationImportError, read_numbered
+
+    f = tmp_path / "sheet.csv"
+    f.write_text("request_id,arm,quality,latency_ms,error,,\nr1,control,0.5,120,0,,\nr2,control,0.5,90,0\n")
+    rows = [row for _, row in read_numbered(f)]
+    assert [r["request_id"] for r in rows] == ["r1", "r2"] and all("" not in r for r in rows)
+    f.write_text("request_id,arm,quality,latency_ms,error,,\nr1,control,0.5,120,0,,x\n")
+    with pytest.raises(ObservationImportError, match=r"sheet\.csv:2: a value under a column the header does "
+                       r"not name \(column 7\)"):  # fmt: skip
+        read_numbered(f)
+    f.write_text("request_id,arm,quality,latency_ms,error,arm\nr1,control,0.5,120,0,treatment\n")
+    with pytest.raises(ObservationImportError, match=r"header names column\(s\) arm more than once"):
+        read_numbered(f)
+
+
 def _challenger(name: str) -> None:
     """A registered challenger, as calibration leaves it (no model work needed for an import)."""
     from rollout import registry
