@@ -39,7 +39,7 @@ TEST_WORKERS ?= auto
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --maxprocesses=4 --dist worksteal
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --maxprocesses=4 --dist worksteal --durations=30
 
 lint: setup
 	$(BIN)/ruff check .
