@@ -34,12 +34,13 @@ run: setup
 ## (2026-12-07, session 48, three clean clones): pytest 15.6-17.9 min, the whole `bash .ci/run` 16.9-19.3 min
 ## (setup included; 1,610 tests in session 47 took 19.1 / 20.9 min, before slow-first ordering, a state DB
 ## copied per test and cheap test hashes). When the suite was smaller, one process took 1.6-1.8x as long as
-## two workers.
+## two workers. The log ends with the 30 slowest test phases (--durations=30), so a run that nears the
+## 20-minute budget names its cause.
 TEST_WORKERS ?= auto
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --maxprocesses=4 --dist worksteal
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --maxprocesses=4 --dist worksteal --durations=30
 
 lint: setup
 	$(BIN)/ruff check .

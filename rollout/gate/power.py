@@ -117,6 +117,7 @@ def neyman_pearson_power(ceiling: float, rate: float, rows: int, alpha: float = 
     return float(alt.sf(crit) + min(max(gamma, 0.0), 1.0) * alt.pmf(crit))
 
 
+@lru_cache(maxsize=256)  # pure, and asked again at every spec read (rollout.spec.spec_warnings): ~0.1 s
 def neyman_pearson_rows(ceiling: float, factor: float = 2.5, power: float = 0.95, alpha: float = 0.05) -> int:
     """The fewest rows after which any level-alpha test (the most powerful fixed-sample one) can stop a
     true rate of factor x ceiling with probability `power`: a floor under `rows_to_detect`."""
