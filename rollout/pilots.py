@@ -38,7 +38,8 @@ if TYPE_CHECKING:
 
 OBSERVATION_FIELDS = ("request_id", "arm", "quality", "latency_ms", "tokens", "error", "overloaded")
 ACTIVE_PILOT = ("running", "awaiting_approval")
-ENDED_PILOT = ("stopped", "promoted", "rolled_back")
+# "replaced": promoted once, then another promotion took its model out of the champions in force
+ENDED_PILOT = ("stopped", "promoted", "rolled_back", "replaced")
 
 
 def pilot_again(name: str) -> str:
@@ -184,12 +185,45 @@ def observations_refused(pilot: Pilot, step: PilotStep) -> str | None:
 
 
 def promoted_pilot(session: Session, use_case: UseCase) -> Pilot | None:
-    """The pilot whose challenger serves as champion now (the monitor samples it, a rollback ends it)."""
+    """The pilot whose challenger serves as champion now (the monitor samples it, a rollback ends it):
+    the newest "promoted" one. Each promotion leaves "promoted" only the pilots whose champion a rollback
+    can return to (`replaced_by_promotion`), so after a rollback the one before serves again, or none."""
     return session.scalar(
         select(Pilot)
         .where(Pilot.use_case_id == use_case.id, Pilot.status == "promoted")
         .order_by(Pilot.id.desc())
     )
+
+
+def replaced_by_promotion(champions: Sequence[str], earlier: Iterable[tuple[int, str | None]]) -> list[int]:
+    """Of the earlier promoted pilots, (id, MLflow version), those a promotion to `champions[-1]` replaced
+    (pure): their version serves now as the new pilot's, or has left the champions in force (promoting a
+    version under the top pops the one above it, `registry.champion_lineage`). Those left, under the top,
+    are where rollbacks return to, newest first. Left "promoted", a replaced pilot was taken for the
+    champion's once the pilot promoted over it was rolled back, while the dense baseline served."""
+    under = set(champions[:-1])
+    return [pilot_id for pilot_id, version in earlier if version not in under]
+
+
+def replace_earlier(
+    session: Session, pilot: Pilot, champions: Sequence[str], *, actor: str, reason: str
+) -> None:
+    """`pilot` was promoted and `champions` (oldest first) are in force: the earlier promoted pilots it
+    replaced (`replaced_by_promotion`) become "replaced", each audited. Nothing moves where its version does
+    not serve as the top champion (a record written otherwise: left for a person)."""
+    version = session.scalar(
+        select(ModelVersion.mlflow_version).where(ModelVersion.id == pilot.model_version_id)
+    )
+    if version is None or list(champions[-1:]) != [version]:
+        return
+    earlier = session.execute(
+        select(Pilot, ModelVersion.mlflow_version)
+        .join(ModelVersion, ModelVersion.id == Pilot.model_version_id)
+        .where(Pilot.use_case_id == pilot.use_case_id, Pilot.status == "promoted", Pilot.id != pilot.id)
+    ).all()
+    by_id = {p.id: p for p, _ in earlier}
+    for pilot_id in replaced_by_promotion(champions, [(p.id, v) for p, v in earlier]):
+        stop_pilot(session, by_id[pilot_id], status="replaced", actor=actor, reason=reason)
 
 
 def latest_pilot(session: Session, use_case: UseCase) -> Pilot | None:
@@ -466,7 +500,7 @@ def stop_pilot(
 ) -> None:
     """Move the pilot to ``status``; its running steps end as passed (promoted), failed, or
     ``open_steps`` when given (e.g. "skipped" for a promotion that skips ramp steps, "aborted")."""
-    if status not in ("stopped", "promoted", "rolled_back", "awaiting_approval", "running"):
+    if status not in (*ENDED_PILOT, *ACTIVE_PILOT):
         raise ValueError(f"unknown pilot status {status!r}")
     if pilot.status == status:
         return

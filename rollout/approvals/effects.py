@@ -157,6 +157,14 @@ def apply_promotion(
             reason=reason,
             open_steps="skipped" if skipped else None,
         )
+        # an earlier promoted pilot whose champion this one replaced is no longer "the promoted pilot"
+        pilots.replace_earlier(
+            session,
+            pilot,
+            registry.champions(session, uc.id),
+            actor=who.name,
+            reason=f"decision {decision_id}: {pilots.pilot_label(pilot)} promoted over it",
+        )
         lifecycle.set_phase(
             session, uc, "promoted", actor=who.name, reason=f"decision {decision_id} approved"
         )

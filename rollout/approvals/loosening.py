@@ -174,7 +174,8 @@ def loosenings(
 
 def accepted_baseline(session: Any, pilot: Pilot) -> tuple[int, str]:
     """The spec version of the gate last accepted for ``pilot``'s use case, and why: that of its latest
-    earlier pilot that was promoted (or later rolled back) or whose GO an approver approved; else 1."""
+    earlier pilot that was promoted (or later replaced or rolled back) or whose GO an approver approved;
+    else 1."""
     approved_go = (
         select(GateDecision.pilot_id)
         .where(GateDecision.outcome == "GO", GateDecision.resolution == "approved")
@@ -183,7 +184,7 @@ def accepted_baseline(session: Any, pilot: Pilot) -> tuple[int, str]:
     earlier = session.scalars(
         select(Pilot)
         .where(Pilot.use_case_id == pilot.use_case_id, Pilot.id < pilot.id, Pilot.spec_version.is_not(None))
-        .where(Pilot.status.in_(("promoted", "rolled_back")) | Pilot.id.in_(approved_go))
+        .where(Pilot.status.in_(("promoted", "replaced", "rolled_back")) | Pilot.id.in_(approved_go))
         .order_by(Pilot.id.desc())
         .limit(1)
     ).first()

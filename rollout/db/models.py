@@ -164,7 +164,7 @@ class Pilot(Base):
     use_case_id: Mapped[int] = mapped_column(ForeignKey("use_cases.id"))
     model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
     salt: Mapped[str] = mapped_column(String(64))
-    # running / awaiting_approval / promoted / stopped / rolled_back
+    # running / awaiting_approval / promoted / stopped / rolled_back / replaced (rollout.pilots.ENDED_PILOT)
     status: Mapped[str] = mapped_column(String(30), default="running")
     current_step_index: Mapped[int] = mapped_column(Integer, default=0)
     # migration 0003: the spec version the pilot runs under; a newer version applies to the next pilot

@@ -1,0 +1,80 @@
+"""Which pilot is the champion's (`rollout.pilots.promoted_pilot`: what the monitor samples, a rollback
+ends, the use-case page's monitor line reads) once a use case has promoted more than one challenger. Every
+promoted pilot used to stay "promoted" for good: promote pilot 1, then pilot 2 over it, then pilot 3 of
+pilot 1's plan (the same model version, a rollback's pop in the champions' lineage), roll pilot 3 back,
+and the dense baseline served while pilot 2 was still "the promoted pilot", its model named as the
+monitored champion. Real state DB and MLflow registry."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from tests.flows.test_approvals import _pilot_with_decision
+from tests.flows.test_state_races import ALICE, BOB, _identity, _promoted
+
+
+@pytest.fixture
+def use_case(trust_db: str, mlflow_home: Any, tiny_model_dir, pilot_dataset, tmp_path):  # noqa: ANN001, ANN201
+    from tests.fixtures.flows import use_case_factory
+
+    return use_case_factory(tiny_model_dir, pilot_dataset, tmp_path)
+
+
+def _pilots(name: str) -> tuple[list[tuple[int, str, str]], list[str], int | None, Any]:
+    """(pilot number, status, MLflow version) of each pilot, the champions in force, the promoted
+    pilot's number and the use-case page's monitor line."""
+    from rollout import pilots, queries, registry
+    from rollout.db.models import ModelVersion, Pilot
+    from rollout.db.session import session_scope
+
+    with session_scope() as s:
+        uc = pilots.get_use_case(s, name)
+        rows = [
+            (p.pilot_number, p.status, s.get(ModelVersion, p.model_version_id).mlflow_version)
+            for p in s.scalars(select(Pilot).order_by(Pilot.id))
+        ]
+        promoted = pilots.promoted_pilot(s, uc)
+        return (
+            rows,
+            registry.champions(s, uc.id),
+            promoted and promoted.pilot_number,
+            queries.monitor_state(s, uc.id),
+        )
+
+
+@pytest.mark.parametrize("trust_db", ["sqlite"], indirect=True)
+def test_a_pilot_whose_champion_a_later_promotion_replaced_is_no_longer_the_promoted_one(use_case) -> None:
+    from rollout import approvals, pilot_batches
+
+    name = use_case(rollback="manual")
+    _promoted(name)  # the dense baseline v1, then pilot 1's challenger v2
+    second = _pilot_with_decision(name, "GO", "approval", key="second", tau=0.8)
+    assert approvals.approve(second, _identity(ALICE), "pilot 2 passed").took_effect
+    rows, champions, promoted, _ = _pilots(name)
+    # pilot 1's champion is the one a rollback returns to: it stays promoted, under pilot 2
+    assert (rows, champions, promoted) == ([(1, "promoted", "2"), (2, "promoted", "3")], ["1", "2", "3"], 2)
+
+    third = _pilot_with_decision(name, "GO", "approval", key="third", tau=0.9)  # pilot 1's plan again
+    assert approvals.approve(third, _identity(ALICE), "pilot 3 passed").took_effect
+    rows, champions, promoted, _ = _pilots(name)
+    assert champions == ["1", "2"]  # v3 left the champions in force; v2 serves as pilot 3's
+    assert (rows, promoted) == ([(1, "replaced", "2"), (2, "replaced", "3"), (3, "promoted", "2")], 3)
+
+    approvals.request_rollback(name, _identity(BOB), "p95 regressed")
+    rows, champions, promoted, monitor = _pilots(name)
+    assert champions == ["1"]  # the dense baseline serves: no pilot's champion does
+    assert [r[1] for r in rows] == ["replaced", "replaced", "rolled_back"]
+    assert (promoted, monitor, pilot_batches.monitor_target(name)) == (None, None, None)
+
+
+def test_a_promotion_replaces_the_pilots_no_rollback_returns_to() -> None:
+    """The pure rule: an earlier promoted pilot stays promoted only while its version is a champion under
+    the new top (where rollbacks return to); the top's own version, or one out of the lineage, is replaced."""
+    from rollout.pilots import replaced_by_promotion
+
+    assert replaced_by_promotion(["1", "2", "3"], [(1, "2")]) == []
+    assert replaced_by_promotion(["1", "2"], [(1, "2"), (2, "3")]) == [1, 2]
+    assert replaced_by_promotion(["1", "2", "4"], [(1, "2"), (3, None)]) == [3]
