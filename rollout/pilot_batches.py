@@ -111,12 +111,8 @@ def _refusal(session: Any, uc: Any, run: Any, *, pilot_anyway: bool) -> pilots.P
         return pilots.PilotStateError(
             f"{name}: no calibrated challenger yet; run `sparsepilot calibrate {name}` first"
         )
-    last = pilots.latest_pilot(session, uc)
-    if (
-        last is not None
-        and last.model_version_id == run.model_version_id
-        and last.status in pilots.ENDED_PILOT
-    ):
+    last = pilots.plan_ended(session, uc, run.model_version_id)  # over every pilot of this plan
+    if last is not None:
         if pilots.was_aborted(session, last):  # a person may pilot it again: `start_again`
             return pilots.PilotStateError(
                 f"{name}: {pilots.pilot_label(last)} of this challenger was aborted; "
@@ -191,18 +187,9 @@ def start_again(use_case: str, *, actor: str, reason: str) -> dict[str, Any]:
         uc = pilots.held_for_a_start(session, pilots.get_use_case(session, use_case).id)
         spec, _ = pilots.load_current_spec(session, uc)
         run = latest_challenger(session, uc.id)
-        last = pilots.latest_pilot(session, uc)
-        if run is None or last is None or last.model_version_id != run.model_version_id:
-            refused = _refusal(session, uc, run, pilot_anyway=True)
-            raise refused or pilots.PilotStateError(
-                f"{uc.name}: the challenger has not been piloted, so there is nothing to pilot again; "
-                f"`sparsepilot pilot {uc.name}` pilots it"
-            )
-        if last.status not in pilots.ENDED_PILOT or not pilots.was_aborted(session, last):
-            raise _refusal(session, uc, run, pilot_anyway=True) or pilots.PilotStateError(
-                f"{uc.name}: {pilots.pilot_label(last)} of this challenger is {last.status}, not aborted; "
-                f"`sparsepilot pilot {uc.name}` goes on with it"
-            )
+        last = None if run is None else pilots.plan_ended(session, uc, run.model_version_id)
+        if last is None or not pilots.was_aborted(session, last):
+            raise _refusal(session, uc, run, pilot_anyway=True) or _not_aborted(session, uc, run)
         if spec.gate.alpha_spending == "pilot":
             raise pilots.PilotStateError(again_at_alpha(uc.name))
         mv = session.get(ModelVersion, run.model_version_id)
@@ -220,6 +207,25 @@ def start_again(use_case: str, *, actor: str, reason: str) -> dict[str, Any]:
             "aborted": pilots.pilot_label(last),
             "go_alpha": pilot.go_alpha,
         }
+
+
+def _not_aborted(session: Any, uc: Any, run: Any) -> pilots.PilotStateError:
+    """Why `start_again` refuses a challenger that `_refusal` lets through: no pilot of it was aborted.
+    Its latest pilot runs (`pilot NAME` goes on with it), or it has none the pipeline may not start."""
+    mine = session.scalar(
+        select(Pilot)
+        .where(Pilot.use_case_id == uc.id, Pilot.model_version_id == run.model_version_id)
+        .order_by(Pilot.id.desc())
+    )
+    if mine is None or mine.status in pilots.ENDED_PILOT:  # none, or superseded by another plan's only
+        return pilots.PilotStateError(
+            f"{uc.name}: no pilot of the challenger was aborted, so there is nothing to pilot again; "
+            f"`sparsepilot pilot {uc.name}` pilots it"
+        )
+    return pilots.PilotStateError(
+        f"{uc.name}: {pilots.pilot_label(mine)} of this challenger is {mine.status}, not aborted; "
+        f"`sparsepilot pilot {uc.name}` goes on with it"
+    )
 
 
 def again_at_alpha(name: str) -> str:

@@ -128,3 +128,88 @@ def test_under_per_pilot_spending_the_same_challenger_is_not_piloted_again(sp_ho
     assert str(refused.value) == pilot_batches.again_at_alpha("pays")
     assert "gate.alpha_spending: use_case" in str(refused.value)
     assert _pilots("pays") == 1
+
+
+def _no_go(tag: str) -> None:
+    """The current challenger's pilot started and judged NO-GO, as `gate_step` records one."""
+    from rollout import pilot_batches, pilots
+    from rollout.db.models import Pilot
+    from rollout.db.session import session_scope
+
+    info = pilot_batches.ensure_pilot("pays")
+    with session_scope() as s:
+        uc, p = pilots.get_use_case(s, "pays"), s.get(Pilot, info["pilot_id"])
+        d, _ = pilots.record_decision(
+            s, idempotency_key=f"t:nogo:{tag}", use_case=uc, pilot=p, step=pilots.current_step(s, p),
+            outcome="NO-GO", evidence={"reasons": ["futility"]}, explanation="NO-GO",
+            data_fingerprint=tag * 64, awaiting="none",
+        )  # fmt: skip
+        pilots.stop_pilot(s, p, status="stopped", actor="pipeline", reason=f"decision {d.id}: NO-GO")
+
+
+def _calibrated(key: str, mv_id: int | None = None) -> int:
+    """A finished calibration whose challenger is `mv_id` (a calibration that found that plan again), or
+    a new plan's model version, evaluated: what `latest_challenger` returns next."""
+    from rollout.db.models import CalibrationRun, EvaluationRun, ModelVersion
+    from rollout.db.session import session_scope
+    from rollout.pilots import get_use_case
+    from sparse_core import SparsePlan
+
+    with session_scope() as s:
+        uc = get_use_case(s, "pays")
+        if mv_id is None:
+            plan = SparsePlan(tau=0.7)
+            mv = ModelVersion(use_case_id=uc.id, base_model_ref="m", plan=plan.to_dict(),
+                              plan_hash=plan.content_hash(), density=0.4)  # fmt: skip
+            s.add(mv)
+            s.flush()
+            mv_id = mv.id
+            s.add(EvaluationRun(idempotency_key=f"evaluate:{key}", use_case_id=uc.id, model_version_id=mv_id,
+                                spec_version=1, status="succeeded", roi={"decode": {"status": "dense"}},
+                                **PAYS))  # fmt: skip
+        met = {"met_budget": True, "prefill_met_budget": True, "density": 0.4}
+        s.add(CalibrationRun(idempotency_key=key, use_case_id=uc.id, spec_version=1, status="succeeded",
+                             model_version_id=mv_id, metrics=met))  # fmt: skip
+        return mv_id
+
+
+@pytest.mark.parametrize("ended", ["NO-GO", "aborted"])
+def test_a_plan_is_judged_over_all_its_pilots_when_another_plans_pilot_came_between(
+    sp_home, tmp_path: Path, ended: str
+) -> None:  # noqa: ANN001
+    """Only the use case's latest pilot was asked whether this plan was judged: once another plan's pilot
+    came after it and the challenger moved back to it (a spec reverted: calibration finds the same plan),
+    the pipeline piloted a NO-GO'd plan again, and restarted an aborted one without a person's --again."""
+    from rollout import pilot_batches, pilots
+    from rollout.db.session import session_scope
+
+    from .test_not_piloted import _pilots
+
+    _challenger(tmp_path, "pays", **PAYS)
+    with session_scope() as s:
+        plan_a = pilot_batches.latest_challenger(s, pilots.get_use_case(s, "pays").id).model_version_id
+    if ended == "NO-GO":
+        _no_go("a")
+    else:
+        pilot_batches.ensure_pilot("pays")
+        pilot_batches.abort("pays", actor="olga", reason="the split was wrong")
+    _calibrated("calibrate:pays:B")
+    _no_go("b")  # plan B's pilot 2 came between
+    _calibrated("calibrate:pays:A-again", plan_a)  # the challenger is plan A again
+    refused = str(pilot_batches.pilot_refusal("pays", pilot_anyway=True))
+    with pytest.raises(pilots.PilotStateError) as started:  # the pipeline's way in, and `pilot NAME`'s
+        pilot_batches.ensure_pilot("pays", pilot_anyway=True)
+    assert str(started.value) == refused
+    if ended == "NO-GO":
+        assert refused.startswith(
+            "pays: pilot 1 of this challenger has ended (stopped) and is not piloted"
+        ), refused
+        with pytest.raises(pilots.PilotStateError, match="pilot 1 of this challenger has ended"):
+            pilot_batches.start_again("pays", actor="olga", reason="once more")
+        assert _pilots("pays") == 2
+    else:
+        assert refused.startswith(
+            "pays: pilot 1 of this challenger was aborted; `sparsepilot pilot pays --again"
+        ), refused
+        out = pilot_batches.start_again("pays", actor="olga", reason="split fixed")
+        assert (out["pilot"], out["aborted"]) == ("pilot 3", "pilot 1")
