@@ -190,8 +190,12 @@ def start_again(use_case: str, *, actor: str, reason: str) -> dict[str, Any]:
         last = None if run is None else pilots.plan_ended(session, uc, run.model_version_id)
         if last is None or not pilots.was_aborted(session, last):
             raise _refusal(session, uc, run, pilot_anyway=True) or _not_aborted(session, uc, run)
-        if spec.gate.alpha_spending == "pilot":
-            raise pilots.PilotStateError(again_at_alpha(uc.name))
+        gate = spec.gate
+        left = pilots.next_go_alpha(session, uc, gate.alpha, "use_case")  # the level `use_case` gives it
+        if gate.alpha_spending == "pilot" or left <= 0:
+            raise pilots.PilotStateError(
+                again_at_alpha(uc.name, left, per_pilot=gate.alpha_spending == "pilot")
+            )
         mv = session.get(ModelVersion, run.model_version_id)
         pilot = pilots.start_pilot(session, uc, mv, spec, actor=actor)
         audit.record(
@@ -228,17 +232,33 @@ def _not_aborted(session: Any, uc: Any, run: Any) -> pilots.PilotStateError:
     )
 
 
-def again_at_alpha(name: str) -> str:
-    """Why `start_again` refuses under `gate.alpha_spending: pilot`: there every pilot runs its GO test at
-    alpha on its own, so an operator who aborted each pilot of a plan that trended badly and piloted it
-    again would give the same plan a fresh alpha each try, its false-GO chance growing with the tries
-    (docs/gate.md "Piloting an aborted pilot's challenger again"). Under the use case's spending each try
-    pays the next, smaller level."""
-    return (
-        f"{name}: the spec holds each pilot to alpha on its own (gate.alpha_spending: pilot), so piloting "
-        "the same challenger again would give it a fresh alpha for every try; add a spec version with "
-        f"gate.alpha_spending: use_case (`sparsepilot usecase add SPEC --new-version`), then "
-        f"`sparsepilot pilot {name} --again --reason TEXT` pilots it at the use case's next level"
+def again_at_alpha(name: str, left: float, *, per_pilot: bool) -> str:
+    """Why `start_again` refuses (pure). `per_pilot`: under `gate.alpha_spending: pilot` every pilot runs
+    its GO test at alpha on its own, so an operator who aborted each pilot of a plan that trended badly
+    and piloted it again would give the same plan a fresh alpha each try, its false-GO chance growing
+    with the tries (docs/gate.md "Piloting an aborted pilot's challenger again"). `left`: the level the
+    use case's spending (`use_case`) would give the new pilot. Only where it is above 0 is that route
+    named: where the earlier pilots spent alpha (one that ran at alpha itself, under `pilot` spending or
+    before alpha was spent across pilots, spends it all), `--again` is refused under either spending,
+    and the way on is another plan (`pilots.pilot_again`), never a spec change that would be refused in
+    turn."""
+    if per_pilot:
+        head = (
+            f"{name}: the spec holds each pilot to alpha on its own (gate.alpha_spending: pilot), so "
+            "piloting the same challenger again would give it a fresh alpha for every try; "
+        )
+        if left > 0:
+            return head + (
+                "add a spec version with gate.alpha_spending: use_case (`sparsepilot usecase add SPEC "
+                f"--new-version`), then `sparsepilot pilot {name} --again --reason TEXT` pilots it at the "
+                f"use case's next level ({left:.3g})"
+            )
+        head += "and the use case's spending (gate.alpha_spending: use_case) has no alpha left for it "
+    else:
+        head = f"{name}: the use case's spending has no alpha left for another pilot "
+    return head + (
+        "(its earlier pilots spent it: one that ran at alpha itself spends it all), so its challenger "
+        f"piloted again could never say GO and is not piloted again; {pilots.pilot_again(name)}"
     )
 
 

@@ -104,30 +104,72 @@ def test_the_sample_ratio_mismatchs_way_out_names_the_command_that_pilots_again(
     assert "--again" not in at_max and "`sparsepilot usecase add SPEC --new-version`" in at_max
 
 
-def test_under_per_pilot_spending_the_same_challenger_is_not_piloted_again(sp_home, tmp_path: Path) -> None:  # noqa: ANN001
-    """Under `gate.alpha_spending: pilot` every pilot runs at alpha on its own: an abort and `--again` for
-    each pilot of a plan that trended badly would give that plan a fresh alpha every try. Refused, naming
-    the spec change that pilots it again at the use case's next level; nothing started."""
+def _spec_version(tmp_path: Path, spending: str) -> None:
+    """A new spec version of `pays` whose gate spends alpha `spending`-wise (`usecase add --new-version`)."""
     import yaml
 
-    from rollout import pilot_batches, pilots
     from rollout.usecases import add_usecase
+
+    spec_file = next((tmp_path / "pays").glob("*.yaml"))
+    spec = yaml.safe_load(spec_file.read_text())
+    spec["gate"]["alpha_spending"] = spending
+    spec_file.write_text(yaml.safe_dump(spec))
+    add_usecase(spec_file, actor="test-owner", new_version=True)
+
+
+@pytest.mark.parametrize(
+    ("first", "then", "ends"),
+    [
+        ("use_case", "pilot", "piloted"),  # pilot 1 at 0.0304: `use_case` leaves 0.0076 for pilot 2
+        ("pilot", None, "not piloted again"),  # pilot 1 at alpha itself: nothing left under either spending
+        ("before spending", None, "not piloted again"),  # a pilot with no stored level ran at alpha
+    ],
+)
+def test_every_refusal_of_again_names_a_way_that_works_or_none(
+    sp_home, tmp_path: Path, first: str, then: str | None, ends: str
+) -> None:  # noqa: ANN001
+    """Under `gate.alpha_spending: pilot` every pilot runs at alpha on its own, so `--again` (a fresh alpha
+    each try) is refused. Its refusal named a `use_case` spec version, then `--again`, even where the
+    earlier pilots had spent all of alpha: that `--again` was refused in turn, naming `alpha_spending:
+    pilot`: a loop, no command worked. Each refusal's named spec version is followed here literally until
+    `--again` pilots it or the refusal names no further `--again`; a spec version named twice is a loop."""
+    import re
+
+    from rollout import pilot_batches, pilots
+    from rollout.db.models import Pilot
+    from rollout.db.session import session_scope
 
     from .test_not_piloted import _pilots
 
     _challenger(tmp_path, "pays", **PAYS)
-    pilot_batches.ensure_pilot("pays")
+    if first == "pilot":
+        _spec_version(tmp_path, "pilot")
+    started = pilot_batches.ensure_pilot("pays")["pilot_id"]
+    if first == "before spending":
+        with session_scope() as s:
+            s.get(Pilot, started).go_alpha = None
     pilot_batches.abort("pays", actor="olga", reason="trending badly")
-    spec_file = next((tmp_path / "pays").glob("*.yaml"))
-    spec = yaml.safe_load(spec_file.read_text())
-    spec["gate"]["alpha_spending"] = "pilot"
-    spec_file.write_text(yaml.safe_dump(spec))
-    add_usecase(spec_file, actor="test-owner", new_version=True)
-    with pytest.raises(pilots.PilotStateError) as refused:
-        pilot_batches.start_again("pays", actor="olga", reason="once more")
-    assert str(refused.value) == pilot_batches.again_at_alpha("pays")
-    assert "gate.alpha_spending: use_case" in str(refused.value)
-    assert _pilots("pays") == 1
+    if then:
+        _spec_version(tmp_path, then)
+    added: list[str] = []
+    while True:
+        try:
+            out = pilot_batches.start_again("pays", actor="olga", reason="once more")
+        except pilots.PilotStateError as refused:
+            text = str(refused)
+            named = re.search(r"version with gate\.alpha_spending: (\w+)", text)  # the spec change named
+            if named is None:  # no spec change named: it works as it is, or there is no way
+                assert ends in text and "--again" not in text, text
+                assert text.endswith(pilots.pilot_again("pays")), text
+                assert _pilots("pays") == 1
+                return
+            assert named.group(1) not in added, f"a loop: {added} then {text}"
+            added.append(named.group(1))
+            _spec_version(tmp_path, named.group(1))
+            continue
+        assert ends == "piloted" and added == ["use_case"], (ends, added)
+        assert out["pilot"] == "pilot 2" and 0 < out["go_alpha"] < 0.0304
+        return
 
 
 def _no_go(tag: str) -> None:
