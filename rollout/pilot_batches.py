@@ -15,6 +15,7 @@ from rollout import audit, lifecycle, pilots, run_links, runs
 from rollout.calibration_outcome import missed_budget_refusal
 from rollout.db.models import (
     AuditEntry,
+    GateDecision,
     ModelVersion,
     Observation,
     Pilot,
@@ -226,9 +227,21 @@ def _not_aborted(session: Any, uc: Any, run: Any) -> pilots.PilotStateError:
             f"{uc.name}: no pilot of the challenger was aborted, so there is nothing to pilot again; "
             f"`sparsepilot pilot {uc.name}` pilots it"
         )
+    look = session.scalar(
+        select(GateDecision.outcome)
+        .where(GateDecision.pilot_id == mine.id, GateDecision.kind == "gate")
+        .order_by(GateDecision.id.desc())
+    )
+    if look == "INVALID":  # more samples do not cure it (rollout.decisions.invalid_remedy): the abort does
+        way = (
+            "its latest look is INVALID, which more samples do not cure: "
+            f"`sparsepilot pilot {uc.name} --abort --reason TEXT` ends it, then "
+            f"`sparsepilot pilot {uc.name} --again --reason TEXT` pilots its challenger again"
+        )
+    else:
+        way = f"`sparsepilot pilot {uc.name}` goes on with it"
     return pilots.PilotStateError(
-        f"{uc.name}: {pilots.pilot_label(mine)} of this challenger is {mine.status}, not aborted; "
-        f"`sparsepilot pilot {uc.name}` goes on with it"
+        f"{uc.name}: {pilots.pilot_label(mine)} of this challenger is {mine.status}, not aborted; {way}"
     )
 
 

@@ -222,7 +222,8 @@ def test_a_crossing_is_ended_by_an_abort_and_a_pilot_again_in_every_text() -> No
     row = {"pilot_status": "running", "decision": d.outcome, "decision_kind": "gate", "awaiting": "none",
            "decision_reasons": list(d.reasons), "step_kind": "split"}  # fmt: skip
     assert waits_for(row | {"name": "docs-qa"}).startswith(
-        "an operator: abort the pilot and pilot its challenger again (`sparsepilot pilot docs-qa --again`)"
+        "an operator: abort the pilot (`sparsepilot pilot docs-qa --abort --reason TEXT`) and pilot its "
+        "challenger again (`sparsepilot pilot docs-qa --again --reason TEXT`)"
     )
     assert waits_for(row).endswith("(data not trusted: crossed bounds)")
     last = decide(split_frame(q, treated), CROSSED, planned_treatment_share=0.5, now_look=CROSSED.max_looks)

@@ -96,8 +96,9 @@ def test_the_sample_ratio_mismatchs_way_out_names_the_command_that_pilots_again(
     row = {"name": "pays", "pilot_status": "running", "decision": "INVALID", "decision_kind": "gate",
            "awaiting": "none", "decision_reasons": ["sample-ratio-mismatch"]}  # fmt: skip
     assert waits_for(row) == (
-        "an operator: abort the pilot and pilot its challenger again (`sparsepilot pilot pays --again`) "
-        "(data not trusted: sample ratio mismatch)"
+        "an operator: abort the pilot (`sparsepilot pilot pays --abort --reason TEXT`) and pilot its "
+        "challenger again (`sparsepilot pilot pays --again --reason TEXT`) (data not trusted: sample ratio "
+        "mismatch)"
     )
     at_max = invalid_remedy("pays", "NO-GO", ["max-duration-invalid", "sample-ratio-mismatch"], 10.0)
     assert at_max.startswith(f"To pilot again: {pilot_again('pays')}; pilot it with the serving system")
@@ -255,3 +256,46 @@ def test_a_plan_is_judged_over_all_its_pilots_when_another_plans_pilot_came_betw
         ), refused
         out = pilot_batches.start_again("pays", actor="olga", reason="split fixed")
         assert (out["pilot"], out["aborted"]) == ("pilot 3", "pilot 1")
+
+
+def test_every_text_around_an_invalid_look_and_its_abort_names_commands_that_work(
+    sp_home, tmp_path: Path
+) -> None:  # noqa: ANN001
+    """A running pilot's INVALID (crossed bounds) waited for `pilot NAME --again` (refused as written: no
+    --reason, and the pilot still ran) and never named the abort; `--again` on it said `pilot NAME` goes on
+    with it (only INVALID again); after the abort the portfolio and `usecase show` named no way on. Each
+    named command is run here as written (--abort, --again: their functions, with the reason TEXT)."""
+    import re
+
+    from rollout import pilot_batches, pilots, queries
+    from rollout.db.models import Pilot
+    from rollout.db.session import session_scope
+    from rollout.usecases import show_usecase
+
+    def named(text: str) -> list[str]:
+        return re.findall(r"`sparsepilot pilot pays (--\w+) --reason TEXT`", text)
+
+    def run(option: str) -> None:  # `sparsepilot pilot pays OPTION --reason TEXT`, literally
+        act = {"--abort": pilot_batches.abort, "--again": pilot_batches.start_again}[option]
+        act("pays", actor="olga", reason="TEXT")
+
+    _challenger(tmp_path, "pays", **PAYS)
+    info = pilot_batches.ensure_pilot("pays")
+    with session_scope() as s:
+        uc, p = pilots.get_use_case(s, "pays"), s.get(Pilot, info["pilot_id"])
+        pilots.record_decision(
+            s, idempotency_key="t:invalid", use_case=uc, pilot=p, step=pilots.current_step(s, p),
+            outcome="INVALID", evidence={"reasons": ["crossed-bounds"]}, explanation="INVALID",
+            data_fingerprint="e" * 64, awaiting="none",
+        )  # fmt: skip
+    waits = queries.read(queries.portfolio)[0]["waits_for"]
+    assert named(waits) == ["--abort", "--again"], waits
+    with pytest.raises(pilots.PilotStateError) as refused:  # the pilot still runs
+        run("--again")
+    assert named(str(refused.value)) == ["--abort", "--again"], str(refused.value)
+    run("--abort")
+    waits = queries.read(queries.portfolio)[0]["waits_for"]
+    assert named(waits) == ["--again"], waits
+    assert show_usecase("pays")["waits_for"] == waits
+    run("--again")
+    assert queries.read(queries.portfolio)[0]["pilot_status"] == "running"
