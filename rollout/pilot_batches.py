@@ -15,6 +15,7 @@ from rollout import audit, lifecycle, pilots, run_links, runs
 from rollout.calibration_outcome import missed_budget_refusal
 from rollout.db.models import (
     AuditEntry,
+    GateDecision,
     ModelVersion,
     Observation,
     Pilot,
@@ -111,12 +112,8 @@ def _refusal(session: Any, uc: Any, run: Any, *, pilot_anyway: bool) -> pilots.P
         return pilots.PilotStateError(
             f"{name}: no calibrated challenger yet; run `sparsepilot calibrate {name}` first"
         )
-    last = pilots.latest_pilot(session, uc)
-    if (
-        last is not None
-        and last.model_version_id == run.model_version_id
-        and last.status in pilots.ENDED_PILOT
-    ):
+    last = pilots.plan_ended(session, uc, run.model_version_id)  # over every pilot of this plan
+    if last is not None:
         if pilots.was_aborted(session, last):  # a person may pilot it again: `start_again`
             return pilots.PilotStateError(
                 f"{name}: {pilots.pilot_label(last)} of this challenger was aborted; "
@@ -191,20 +188,15 @@ def start_again(use_case: str, *, actor: str, reason: str) -> dict[str, Any]:
         uc = pilots.held_for_a_start(session, pilots.get_use_case(session, use_case).id)
         spec, _ = pilots.load_current_spec(session, uc)
         run = latest_challenger(session, uc.id)
-        last = pilots.latest_pilot(session, uc)
-        if run is None or last is None or last.model_version_id != run.model_version_id:
-            refused = _refusal(session, uc, run, pilot_anyway=True)
-            raise refused or pilots.PilotStateError(
-                f"{uc.name}: the challenger has not been piloted, so there is nothing to pilot again; "
-                f"`sparsepilot pilot {uc.name}` pilots it"
+        last = None if run is None else pilots.plan_ended(session, uc, run.model_version_id)
+        if last is None or not pilots.was_aborted(session, last):
+            raise _refusal(session, uc, run, pilot_anyway=True) or _not_aborted(session, uc, run)
+        gate = spec.gate
+        left = pilots.next_go_alpha(session, uc, gate.alpha, "use_case")  # the level `use_case` gives it
+        if gate.alpha_spending == "pilot" or left <= 0:
+            raise pilots.PilotStateError(
+                again_at_alpha(uc.name, left, per_pilot=gate.alpha_spending == "pilot")
             )
-        if last.status not in pilots.ENDED_PILOT or not pilots.was_aborted(session, last):
-            raise _refusal(session, uc, run, pilot_anyway=True) or pilots.PilotStateError(
-                f"{uc.name}: {pilots.pilot_label(last)} of this challenger is {last.status}, not aborted; "
-                f"`sparsepilot pilot {uc.name}` goes on with it"
-            )
-        if spec.gate.alpha_spending == "pilot":
-            raise pilots.PilotStateError(again_at_alpha(uc.name))
         mv = session.get(ModelVersion, run.model_version_id)
         pilot = pilots.start_pilot(session, uc, mv, spec, actor=actor)
         audit.record(
@@ -222,17 +214,64 @@ def start_again(use_case: str, *, actor: str, reason: str) -> dict[str, Any]:
         }
 
 
-def again_at_alpha(name: str) -> str:
-    """Why `start_again` refuses under `gate.alpha_spending: pilot`: there every pilot runs its GO test at
-    alpha on its own, so an operator who aborted each pilot of a plan that trended badly and piloted it
-    again would give the same plan a fresh alpha each try, its false-GO chance growing with the tries
-    (docs/gate.md "Piloting an aborted pilot's challenger again"). Under the use case's spending each try
-    pays the next, smaller level."""
-    return (
-        f"{name}: the spec holds each pilot to alpha on its own (gate.alpha_spending: pilot), so piloting "
-        "the same challenger again would give it a fresh alpha for every try; add a spec version with "
-        f"gate.alpha_spending: use_case (`sparsepilot usecase add SPEC --new-version`), then "
-        f"`sparsepilot pilot {name} --again --reason TEXT` pilots it at the use case's next level"
+def _not_aborted(session: Any, uc: Any, run: Any) -> pilots.PilotStateError:
+    """Why `start_again` refuses a challenger that `_refusal` lets through: no pilot of it was aborted.
+    Its latest pilot runs (`pilot NAME` goes on with it), or it has none the pipeline may not start."""
+    mine = session.scalar(
+        select(Pilot)
+        .where(Pilot.use_case_id == uc.id, Pilot.model_version_id == run.model_version_id)
+        .order_by(Pilot.id.desc())
+    )
+    if mine is None or mine.status in pilots.ENDED_PILOT:  # none, or superseded by another plan's only
+        return pilots.PilotStateError(
+            f"{uc.name}: no pilot of the challenger was aborted, so there is nothing to pilot again; "
+            f"`sparsepilot pilot {uc.name}` pilots it"
+        )
+    look = session.scalar(
+        select(GateDecision.outcome)
+        .where(GateDecision.pilot_id == mine.id, GateDecision.kind == "gate")
+        .order_by(GateDecision.id.desc())
+    )
+    if look == "INVALID":  # more samples do not cure it (rollout.decisions.invalid_remedy): the abort does
+        way = (
+            "its latest look is INVALID, which more samples do not cure: "
+            f"`sparsepilot pilot {uc.name} --abort --reason TEXT` ends it, then "
+            f"`sparsepilot pilot {uc.name} --again --reason TEXT` pilots its challenger again"
+        )
+    else:
+        way = f"`sparsepilot pilot {uc.name}` goes on with it"
+    return pilots.PilotStateError(
+        f"{uc.name}: {pilots.pilot_label(mine)} of this challenger is {mine.status}, not aborted; {way}"
+    )
+
+
+def again_at_alpha(name: str, left: float, *, per_pilot: bool) -> str:
+    """Why `start_again` refuses (pure). `per_pilot`: under `gate.alpha_spending: pilot` every pilot runs
+    its GO test at alpha on its own, so an operator who aborted each pilot of a plan that trended badly
+    and piloted it again would give the same plan a fresh alpha each try, its false-GO chance growing
+    with the tries (docs/gate.md "Piloting an aborted pilot's challenger again"). `left`: the level the
+    use case's spending (`use_case`) would give the new pilot. Only where it is above 0 is that route
+    named: where the earlier pilots spent alpha (one that ran at alpha itself, under `pilot` spending or
+    before alpha was spent across pilots, spends it all), `--again` is refused under either spending,
+    and the way on is another plan (`pilots.pilot_again`), never a spec change that would be refused in
+    turn."""
+    if per_pilot:
+        head = (
+            f"{name}: the spec holds each pilot to alpha on its own (gate.alpha_spending: pilot), so "
+            "piloting the same challenger again would give it a fresh alpha for every try; "
+        )
+        if left > 0:
+            return head + (
+                "add a spec version with gate.alpha_spending: use_case (`sparsepilot usecase add SPEC "
+                f"--new-version`), then `sparsepilot pilot {name} --again --reason TEXT` pilots it at the "
+                f"use case's next level ({left:.3g})"
+            )
+        head += "and the use case's spending (gate.alpha_spending: use_case) has no alpha left for it "
+    else:
+        head = f"{name}: the use case's spending has no alpha left for another pilot "
+    return head + (
+        "(its earlier pilots spent it: one that ran at alpha itself spends it all), so its challenger "
+        f"piloted again could never say GO and is not piloted again; {pilots.pilot_again(name)}"
     )
 
 

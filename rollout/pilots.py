@@ -245,6 +245,42 @@ def was_aborted(session: Session, pilot: Pilot) -> bool:
     return found is not None
 
 
+SUPERSEDED = "superseded by a new challenger"  # why `start_pilot` stops another plan's active pilot
+
+
+def plan_ended(session: Session, use_case: UseCase, model_version_id: int) -> Pilot | None:
+    """What stands before a new pilot of this plan (a challenger is a plan: one model version per plan
+    hash), looked for over every pilot of it the use case started, not only its latest pilot (another
+    plan's pilot may have come between, and the challenger moved back to this plan since): the latest of
+    them that judged the plan (ended by a NO-GO, a rejection, a promotion or a rollback), else the latest
+    one an operator aborted (`was_aborted`: piloted again only by a person, `start_again`). None: the plan
+    has no pilot, its latest pilot is active (it goes on), or its pilots were only superseded by another
+    challenger's (judged nothing, so the pipeline may pilot it again)."""
+    mine = list(
+        session.scalars(
+            select(Pilot)
+            .where(Pilot.use_case_id == use_case.id, Pilot.model_version_id == model_version_id)
+            .order_by(Pilot.id.desc())
+        )
+    )
+    if not mine or mine[0].status not in ENDED_PILOT:
+        return None
+    aborted = [p for p in mine if was_aborted(session, p)]
+    superseded = {
+        int(e.entity_id)
+        for e in session.scalars(
+            select(AuditEntry).where(
+                AuditEntry.action == "pilot.status",
+                AuditEntry.entity == audit.ENTITIES[Pilot.__tablename__],
+                AuditEntry.entity_id.in_([str(p.id) for p in mine]),
+            )
+        )
+        if (e.details or {}).get("reason") == SUPERSEDED
+    }
+    judged = [p for p in mine if p.status in ENDED_PILOT and p not in aborted and p.id not in superseded]
+    return (judged or aborted or [None])[0]
+
+
 def next_pilot_number(session: Session, use_case: UseCase) -> int:
     """The place the use case's next pilot takes among its pilots (1 = its first): every pilot it ever
     started counts, whatever became of it (each could have said GO)."""
@@ -431,7 +467,7 @@ def start_pilot(
             'pilot to alpha on its own (docs/gate.md, "Across a use case\'s pilots")'
         )
     if current is not None:
-        stop_pilot(session, current, status="stopped", actor=actor, reason="superseded by a new challenger")
+        stop_pilot(session, current, status="stopped", actor=actor, reason=SUPERSEDED)
     first = plan_steps(spec)[0]
     pilot = Pilot(
         use_case_id=use_case.id,

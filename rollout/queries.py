@@ -38,6 +38,7 @@ from rollout.pilots import (
     planned_pilot,
     promoted_pilot,
     void_note,
+    was_aborted,
 )
 from rollout.redact import redact, redacted_name
 
@@ -161,6 +162,7 @@ def portfolio(
             UseCase.phase,
             UseCase.updated_at,
             Pilot.status.label("pilot_status"),
+            Pilot.id.label("latest_pilot_id"),
             PilotStep.index.label("step_index"),
             PilotStep.kind.label("step_kind"),
             PilotStep.traffic_pct,
@@ -233,6 +235,12 @@ def portfolio(
         r["decision_standing"] = decision_standing(r["decision"], r["resolution"], kind=r["decision_kind"])
         r["decision_made"] = decision_words(r["decision"], r["decision_kind"])
         r["signatures"] = signed.get(r["decision_id"], 0)
+        # an operator's abort stopped it: a person may pilot its challenger again (`pilot NAME --again`)
+        r["pilot_aborted"] = (
+            r["phase"] == "stopped"
+            and r["pilot_status"] == "stopped"
+            and was_aborted(session, session.get(Pilot, r["latest_pilot_id"]))
+        )
         r["waits_for"] = waits_for(r)
         # what the speed-up and the dollars carry beside them: timings kept under overload, and dollars
         # priced at a spec version that is no longer current (docs/roi.md)
@@ -337,10 +345,16 @@ def waits_for(row: dict[str, Any]) -> str:
         why = ", ".join(str(r).replace("-", " ") for r in reasons) or "invalid data"
         # an aborted pilot's challenger is piloted again by a person (`pilot NAME --again`)
         rows = " with the rows in an order that carries no information" if "crossed-bounds" in reasons else ""
-        again = f"`sparsepilot pilot {row.get('name') or 'NAME'} --again`"
+        name = row.get("name") or "NAME"
+        abort, again = (f"`sparsepilot pilot {name} --{what} --reason TEXT`" for what in ("abort", "again"))
         return (
-            f"an operator: abort the pilot and pilot its challenger again ({again}){rows} "
+            f"an operator: abort the pilot ({abort}) and pilot its challenger again ({again}){rows} "
             f"(data not trusted: {why})"
+        )
+    if row.get("pilot_aborted"):  # the phase's "-" named no way on, where `pilot NAME` knows one
+        return (
+            f"an operator: `sparsepilot pilot {row.get('name') or 'NAME'} --again --reason TEXT` pilots its "
+            "challenger again (or another plan is piloted)"
         )
     if row.get("pilot_status") == "running":
         n, need = row.get("step_observations") or 0, row.get("min_samples") or 0

@@ -442,6 +442,7 @@ def show_usecase(name: str, *, version: int | None = None, url: str | None = Non
             **_plan_shown(s, uc, sv, default_version=version is None),
             **_pilots_and_budget(s, uc, next(v for v in versions if v.version == uc.current_spec_version)),
             "monitor": _monitor_state(s, uc),
+            "waits_for": _waits_for(s, uc),
             "versions": [
                 {
                     "version": v.version,
@@ -623,6 +624,14 @@ def _pilots_and_budget(s: Session, uc: UseCase, current: SpecVersion) -> dict[st
         "void_requests": step_voids(s, uc.id),  # per step: used, never evidence (a reference-free use case)
         "alpha_budget": account(current.spec.get("gate") or {}, (p["go_alpha"] for p in pilots)),
     }
+
+
+def _waits_for(s: Session, uc: UseCase) -> str:
+    """What the use case waits for, in the portfolio's words (rollout.queries.waits_for): after an abort,
+    the command that pilots its challenger again, which `usecase show` named nowhere."""
+    from rollout.queries import portfolio  # builds on this module, as above
+
+    return portfolio(s, use_case_id=uc.id)[0]["waits_for"]
 
 
 def _monitor_state(s: Session, uc: UseCase) -> str | None:

@@ -108,7 +108,8 @@ def explain(d: Decision) -> str:
 
 def _contradicts(d: Decision) -> str:
     """A look whose own bounds cross: what they say, why that happens, and what was made of it: no
-    conclusion (INVALID, final for the step), or a NO-GO that rests on the futility test alone."""
+    conclusion (INVALID, final for the step), or a NO-GO that rests on the futility test alone (on the
+    breached guardrails, where its reasons name them, the futility test rejecting too)."""
     q, s = d.quality, d.settings
     go = q.log_capital_go is not None and q.threshold is not None and q.log_capital_go >= q.threshold
     futile = q.log_capital_futility is not None and q.log_capital_futility >= math.log(1 / s.alpha)
@@ -127,10 +128,18 @@ def _contradicts(d: Decision) -> str:
         "brought one arm after the other, or rows sorted by their outcome)"
     )
     if d.outcome == "NO-GO" and "max-duration-invalid" not in d.reasons:
+        # its reasons name its ground: the breached guardrails where there are any (`decide._outcome`'s
+        # precedence), else futility
+        guarded = any(r.startswith("guardrail:") for r in d.reasons)
+        ground = (
+            "The NO-GO rests on the breached safety limits named below, and the futility test rejects too"
+            if guarded
+            else "The NO-GO rests on the futility test alone"
+        )
         return (
-            f"{said}. The NO-GO rests on the futility test alone: on rows whose order carries no "
-            f"information its false NO-GO is at most {s.alpha:.3g} whatever the GO test said, and where the "
-            "order does carry some, stopping is the safe side: a NO-GO never promotes."
+            f"{said}. {ground}: on rows whose order carries no information its false NO-GO is at most "
+            f"{s.alpha:.3g} whatever the GO test said, and where the order does carry some, stopping is the "
+            "safe side: a NO-GO never promotes."
         )
     said += ", and then neither bound holds, so no conclusion is drawn."
     if d.outcome == "INVALID":  # at the maximum the NO-GO itself says the step ended

@@ -110,6 +110,8 @@ def _print_usecase(info: dict[str, Any]) -> None:
     console.print(f"dataset: {info['dataset_rows']} requests, sha256 {str(info['dataset_sha256'])[:12]}")
     if info["working_now"]:
         console.print(f"working now: {info['working_now']}", highlight=False, markup=False)
+    if info.get("waits_for") not in (None, "-"):  # the portfolio's words (rollout.queries.waits_for)
+        console.print(f"waits for: {info['waits_for']}", highlight=False, markup=False)
     console.print(yaml.safe_dump(info["spec"], sort_keys=False).rstrip(), highlight=False, markup=False)
     _print_plan(info["pilot_plan"])
     if info.get("running_pilot"):  # planned as itself, under its own spec version (as the use-case page)

@@ -169,8 +169,9 @@ def test_an_invalid_look_waits_for_an_abort_not_for_more_samples(seeded: dict[st
     row = _row("document-qa")
     assert row["decision"] == "INVALID" and row["step_observations"] < row["min_samples"]
     assert row["waits_for"] == (
-        "an operator: abort the pilot and pilot its challenger again (`sparsepilot pilot document-qa "
-        "--again`) (data not trusted: sample ratio mismatch)"
+        "an operator: abort the pilot (`sparsepilot pilot document-qa --abort --reason TEXT`) and pilot its "
+        "challenger again (`sparsepilot pilot document-qa --again --reason TEXT`) (data not trusted: sample "
+        "ratio mismatch)"
     )
     at = new_app()
     at.query_params["name"] = "document-qa"

@@ -177,6 +177,22 @@ def test_a_crossed_look_whose_futility_test_rejects_is_no_go_at_once() -> None:
     assert shuffled.outcome == "NO-GO" and shuffled.reasons == ("futility",)
 
 
+def test_a_crossed_look_that_breaches_a_guardrail_names_the_breach_as_its_ground() -> None:
+    """Review Q4: a crossed look whose sparse arm also erred 20% was NO-GO for the breached guardrails
+    (its reasons, what the portfolio shows), while its explanation said it rested on the futility test
+    alone. The explanation now names the ground its reasons give."""
+    q, treated = _one_arm_after_the_other(8, 0.1, -0.10, 4000)
+    error = treated & (np.arange(len(q)) % 5 == 0)
+    d = decide(split_frame(q, treated, error=error), CROSSED, planned_treatment_share=0.1)
+    assert d.outcome == "NO-GO" and d.reasons[-1] == "crossed-bounds", d.reasons
+    assert d.reasons[0].startswith("guardrail:"), d.reasons
+    assert "futility test alone" not in d.explanation, d.explanation
+    assert "The NO-GO rests on the breached safety limits named below, and the futility test rejects" in (
+        d.explanation
+    )
+    assert "Safety limit broken" in d.explanation
+
+
 def _shuffled(q: np.ndarray, treated: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     order = np.random.default_rng(0).permutation(len(q))
     return q[order], treated[order]
@@ -222,7 +238,8 @@ def test_a_crossing_is_ended_by_an_abort_and_a_pilot_again_in_every_text() -> No
     row = {"pilot_status": "running", "decision": d.outcome, "decision_kind": "gate", "awaiting": "none",
            "decision_reasons": list(d.reasons), "step_kind": "split"}  # fmt: skip
     assert waits_for(row | {"name": "docs-qa"}).startswith(
-        "an operator: abort the pilot and pilot its challenger again (`sparsepilot pilot docs-qa --again`)"
+        "an operator: abort the pilot (`sparsepilot pilot docs-qa --abort --reason TEXT`) and pilot its "
+        "challenger again (`sparsepilot pilot docs-qa --again --reason TEXT`)"
     )
     assert waits_for(row).endswith("(data not trusted: crossed bounds)")
     last = decide(split_frame(q, treated), CROSSED, planned_treatment_share=0.5, now_look=CROSSED.max_looks)
