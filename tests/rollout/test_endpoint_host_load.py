@@ -355,6 +355,40 @@ def test_a_forwarder_listening_for_the_server_is_said_and_its_answers_are_not_fl
     assert not any(load.overloaded for load in loads), loads
 
 
+def test_the_test_server_exits_when_its_parent_is_killed() -> None:
+    """Review V7: a test run killed by SIGKILL left its real-time cpu_server listening for good."""
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, sys, time\n"
+            f"p = subprocess.Popen([sys.executable, {str(SERVER)!r}, '0', '0.01'], stdout=subprocess.PIPE)\n"
+            "p.stdout.readline()\n"
+            "print(p.pid, flush=True)\n"
+            "time.sleep(30)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    server = int(parent.stdout.readline())  # type: ignore[union-attr]
+    parent.kill()
+    parent.wait()
+    end = time.monotonic() + 3
+    while Path(f"/proc/{server}").exists() and _state(server) != "Z" and time.monotonic() < end:
+        time.sleep(0.02)
+    assert not Path(f"/proc/{server}").exists() or _state(server) == "Z", (
+        f"cpu_server {server} outlived its parent"
+    )
+
+
+def _state(pid: int) -> str:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return "Z"
+    return stat[stat.rindex(")") + 2]
+
+
 def test_the_servers_tree_is_walked_down_from_it(tmp_path: Path) -> None:
     """Review V5: every process's stat was read at both ends of every answer (139-275 ms an answer with
     1,100-3,100 processes); the tree is walked down from the server's processes, as the full scan finds it."""
