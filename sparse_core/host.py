@@ -551,7 +551,10 @@ def measure_endpoint(
       wall time (the client's own work a real part of its latency): else their waiting is noise, or the
       server's own work preempting them on a shared CPU;
     - with the server not visible, only our own threads (with that floor) and the quota rule judge: the
-      others' cores would include the server's own work.
+      others' cores would include the server's own work;
+    - where the inferred rule flags while the server's threads were runnable under that floor (it hardly
+      ran: the process listening on the port is a forwarder, the model server another process), it is
+      judged as not visible and `NOT_THE_SERVER` is the note: the others' cores may be the real server's.
     The quota rule counts the server where it shares our cgroup."""
     limits = cpu_limits()
     wall = max(end.wall - start.wall, 1e-9)
@@ -570,16 +573,25 @@ def measure_endpoint(
         busy = max(0.0, busy - cores)
         others = None if others is None else max(0.0, others - cores)
         waited = None
+        ran = delay = 0
         if a.threads_ns is not None and b.threads_ns is not None:
             ran, delay = thread_times(a.threads_ns, b.threads_ns)
             if ran + delay >= ANSWER_FLOOR_SHARE * wall * 1e9:
                 waited = _share(ran, delay)
         threads = max(1, round(cores))
-        if b.shares_cgroup:
-            quota = None if quota_others is None else max(0.0, quota_others - cores)
-            over = is_overloaded(busy, threads, limits, quota, waited)
-        else:  # the quota is ours, not the server's
-            over = is_overloaded(busy, threads, replace(limits, quota=None), None, waited)
+        quota = None if quota_others is None else max(0.0, quota_others - cores)
+        judged = limits
+        if not b.shares_cgroup:  # the quota is ours, not the server's
+            judged, quota = replace(limits, quota=None), None
+        over = is_overloaded(busy, threads, judged, quota, waited)
+        schedstat = a.threads_ns is not None and b.threads_ns is not None
+        runnable_ns = ran + delay if schedstat else cores * wall * 1e9
+        if over and waited is None and runnable_ns < ANSWER_FLOOR_SHARE * wall * 1e9:
+            # flagged by the mask's rule from the others' cores while "the server" hardly ran: it did not
+            # do the answer's work (a port forwarder listens for it), so the others' cores may be its
+            # real server's: judged as not visible, and said
+            over = is_overloaded(0.0, threads, limits, quota_others, waited=0.0)
+            note = note or NOT_THE_SERVER
         over = over or own_over
     return HostLoad(
         cpus=limits.cpus,
@@ -601,10 +613,25 @@ def _own_wait_share(a: CpuSnapshot, b: CpuSnapshot, min_run_ns: float) -> float 
     return None if times is None or times[0] < min_run_ns else _share(*times)
 
 
+NOT_VISIBLE = "endpoint process not visible: its answers' overload is judged from this process's threads only"
+# an endpoint's processes seen at neither end or only one (a server restarted, or ended, during the answer)
+SERVER_GONE = (
+    "endpoint process not visible: the server's processes ended during the answer (restarted?), "
+    "so it is judged from this process's threads only"
+)
+# `measure_endpoint`: the listening process hardly ran while the others' cores would flag the answer
+NOT_THE_SERVER = (
+    "endpoint process not visible: the process listening on the port did not do the work (a forwarder? "
+    "ssh -L, kubectl port-forward, docker-proxy), so it is judged from this process's threads only"
+)
+
+
 class EndpointMeter:
     """`with EndpointMeter(pids) as m: ...; m.load` -> HostLoad of an endpoint's answer
     (`measure_endpoint`): `pids()` gives the processes serving it now (read at both ends, so a worker
-    forked meanwhile counts); None where they cannot be seen (`note` says why)."""
+    forked meanwhile counts); None where they cannot be seen (`note` says why). Where no process of
+    them is seen at both ends (ended, restarted meanwhile) the answer is judged as not visible
+    (`SERVER_GONE`), never as a server that used 0 cores."""
 
     def __init__(
         self, pids: Callable[[], Iterable[int]] | None, *, threads: int = 1, note: str | None = None
@@ -619,10 +646,12 @@ class EndpointMeter:
 
     def __exit__(self, *exc: object) -> None:
         end = snapshot()
-        served = None
+        served, note = None, self.note
         if self.pids is not None and self._served is not None:
             served = (self._served, processes_snapshot(self.pids()))
-        self.load = measure_endpoint(self._start, end, served, threads=self.threads, note=self.note)
+            if not {pid for pid, _ in served[0].ticks} & {pid for pid, _ in served[1].ticks}:
+                served, note = None, note or SERVER_GONE  # never silently 0 cores
+        self.load = measure_endpoint(self._start, end, served, threads=self.threads, note=note)
 
 
 def pair_load(span: HostLoad, arms: Iterable[HostLoad]) -> HostLoad:

@@ -1,6 +1,7 @@
 """The processes serving an endpoint on this host: the owners of the socket listening on the url's port
 (/proc/net/tcp and tcp6 give its inode, /proc/<pid>/fd who holds it) and their descendants (a model
-server forks workers: gunicorn's, uvicorn's, a process pool). Their CPU is the endpoint arm's own work,
+server forks workers: gunicorn's, uvicorn's, a process pool; walked down from the owners, `ServerProcesses`
+keeps them across answers and finds a restarted server again). Their CPU is the endpoint arm's own work,
 not the other processes' load (`rollout.arms.host_load`).
 
 Empty where they cannot be seen: another user's process (its fd table is not readable), another network
@@ -11,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+import threading
 from collections.abc import Collection, Iterable
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -88,6 +90,54 @@ def descendants(roots: Iterable[int], parents: dict[int, int]) -> set[int]:
     return out
 
 
+def start_time(pid: int, proc: Path = PROC) -> int | None:
+    """A process's start time (clock ticks since boot, /proc/<pid>/stat field 22): with its pid, the
+    process itself (a pid is reused by a later process, never with the same start time); None: gone."""
+    try:
+        stat = (proc / str(pid) / "stat").read_text()
+        return int(stat[stat.rindex(")") + 2 :].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def children(pid: int, proc: Path = PROC) -> set[int] | None:
+    """A process's children, from /proc/<pid>/task/*/children (one read per thread); None where the
+    kernel has no such file (built without CONFIG_PROC_CHILDREN) or the process is gone."""
+    try:
+        tids = os.listdir(proc / str(pid) / "task")
+    except OSError:
+        return None
+    out: set[int] = set()
+    for tid in tids:
+        try:
+            out |= {int(c) for c in (proc / str(pid) / "task" / tid / "children").read_text().split()}
+        except FileNotFoundError:
+            if not (proc / str(pid) / "task" / tid).exists():
+                continue  # the thread ended meanwhile
+            return None  # the kernel has no children files
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def process_tree(roots: Iterable[int], proc: Path = PROC) -> set[int] | None:
+    """`roots` and their descendants, walked down from them (one read per thread of the tree, not one per
+    process of the host); None where the kernel cannot list a process's children (`children`)."""
+    out, todo = set(), list(roots)
+    while todo:
+        pid = todo.pop()
+        if pid in out:
+            continue
+        kids = children(pid, proc)
+        if kids is None:
+            if start_time(pid, proc) is None:
+                continue  # ended meanwhile
+            return None
+        out.add(pid)
+        todo += kids
+    return out
+
+
 def process_parents(proc: Path = PROC) -> dict[int, int]:
     """pid -> parent pid of every process in /proc/<pid>/stat."""
     out = {}
@@ -117,6 +167,56 @@ def listening_processes(url: str) -> set[int]:
         except (OSError, ValueError):
             continue
     return socket_owners(inodes) if inodes else set()
+
+
+class ServerProcesses:
+    """The processes serving `url` on this host now (`tree()`), cheap enough to read at both ends of every
+    answer: the listening socket's owners (`listening_processes`, a scan of every process's fds) are
+    looked up at the first call, and again only where one of them ended or its pid now names another
+    process (its start time changed: a server restarted); their descendants are walked from them
+    (`process_tree`), or, on a kernel without children files, read from one scan of every process's
+    parent, made again only where a process of the tree ended (a worker forked later is then not seen
+    until one does). Empty: none seen (another user's, another namespace's, or the server gone)."""
+
+    def __init__(self, url: str, proc: Path = PROC) -> None:
+        self.url, self.proc = url, proc
+        self._roots: dict[int, int] = {}  # pid -> start time of the listening socket's owners
+        self._tree: dict[int, int] | None = None  # without children files: the tree from the last scan
+        self._looked = self._seen = False
+        self._lock = threading.Lock()
+
+    def roots(self) -> set[int]:
+        """The listening socket's owners, looked up again where one of those seen has ended (a server
+        seen once and gone is looked for at every call until it is back; one never seen is not)."""
+        with self._lock:
+            if not self._looked or self._stale():
+                self._roots = _identities(listening_processes(self.url), self.proc)
+                self._looked, self._tree = True, None
+                self._seen = self._seen or bool(self._roots)
+            return set(self._roots)
+
+    def tree(self) -> set[int]:
+        roots = self.roots()
+        if not roots:
+            return set()
+        walked = process_tree(roots, self.proc)
+        if walked is not None:
+            return walked
+        with self._lock:
+            if self._tree is None or any(start_time(p, self.proc) != t for p, t in self._tree.items()):
+                self._tree = _identities(descendants(roots, process_parents(self.proc)), self.proc)
+            return set(self._tree)
+
+    def _stale(self) -> bool:
+        """A server seen once is not all there now: one of its owners ended, or none is left."""
+        return self._seen and (
+            not self._roots or any(start_time(p, self.proc) != t for p, t in self._roots.items())
+        )
+
+
+def _identities(pids: Iterable[int], proc: Path) -> dict[int, int]:
+    """pid -> start time of those of `pids` still running."""
+    return {pid: t for pid in pids if (t := start_time(pid, proc)) is not None}
 
 
 def _pids(proc: Path) -> list[int]:

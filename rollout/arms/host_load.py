@@ -22,8 +22,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from rollout.arms.base import Arm, ArmAnswer, ArmRequest
-from rollout.arms.endpoint_process import descendants, listening_processes, process_parents
-from sparse_core.host import EndpointMeter, HostLoad, HostLoadMeter
+from rollout.arms.endpoint_process import ServerProcesses
+from sparse_core.host import NOT_THE_SERVER, NOT_VISIBLE, EndpointMeter, HostLoad, HostLoadMeter
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +65,15 @@ class MeteredArm:
 
     An endpoint on this host (`url`) served by ANOTHER process is measured as that process's work
     (`sparse_core.host.EndpointMeter`): the processes holding the socket listening on the url's port and
-    their descendants (`rollout.arms.endpoint_process`, found at the first answer), whose CPU is the arm's
-    own and whose threads' waiting decides. This process only waits on HTTP meanwhile: its own threads'
-    few ms say nothing, and the server's cores counted as the others' flagged an idle host's answers.
-    Where that process cannot be seen (another user's, another namespace) it is said once in the log and
-    in each answer's load (`endpoint_note`), and only our own threads' waiting (over a floor) and the
-    quota judge. An endpoint served by this very process (a server thread in it) is measured as an
-    in-process arm is."""
+    their descendants (`rollout.arms.endpoint_process.ServerProcesses`: found at the first answer, again
+    where the server restarted), whose CPU is the arm's own and whose threads' waiting decides. This
+    process only waits on HTTP meanwhile: its own threads' few ms say nothing, and the server's cores
+    counted as the others' flagged an idle host's answers. Where that process cannot be seen (another
+    user's, another namespace) it is said once in the log and in each answer's load (`endpoint_note`), and
+    only our own threads' waiting (over a floor) and the quota judge; so too where the listening process
+    hardly ran while the others' cores would flag the answer (a port forwarder:
+    `sparse_core.host.NOT_THE_SERVER`, said once in the log). An endpoint served by this very process (a
+    server thread in it) is measured as an in-process arm is."""
 
     def __init__(self, arm: Arm, threads: int | None = None, url: str | None = None) -> None:
         self.arm = arm
@@ -82,8 +84,7 @@ class MeteredArm:
         self.loads: list[tuple[str, HostLoad]] = []  # (request id, its answer's load), in answer order
         self._overloaded: dict[str, bool] = {}
         self._lock = threading.Lock()
-        self._server: frozenset[int] | None = None  # the processes holding the listening socket
-        self._server_found = False
+        self._server = None if url is None else ServerProcesses(url)  # the listening socket's processes
 
     def answer(
         self, request: ArmRequest, task: str, *, max_new_tokens: int, max_prompt_tokens: int | None
@@ -93,6 +94,8 @@ class MeteredArm:
                 request, task, max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens
             )
         assert meter.load is not None
+        if meter.load.endpoint_note == NOT_THE_SERVER and self.url is not None:
+            _say_once(self.url, NOT_THE_SERVER_WARNING)
         with self._lock:
             rid = request.request_id
             self._overloaded[rid] = self._overloaded.get(rid, False) or meter.load.overloaded
@@ -100,19 +103,16 @@ class MeteredArm:
         return res
 
     def _meter(self) -> HostLoadMeter | EndpointMeter:
-        if self.url is None:
+        if self._server is None:
             return HostLoadMeter(threads=self.threads)
-        with self._lock:
-            if not self._server_found:
-                self._server, self._server_found = frozenset(listening_processes(self.url)), True
-                if not self._server:
-                    _say_not_visible(self.url)
-            server = self._server
-        if server and os.getpid() in server:  # served by a thread of this process
+        roots = self._server.roots()  # looked up again where the server restarted
+        if os.getpid() in roots:  # served by a thread of this process
             return HostLoadMeter(threads=self.threads)
-        if not server:
+        if not roots:
+            assert self.url is not None
+            _say_once(self.url, NOT_VISIBLE_WARNING)
             return EndpointMeter(None, note=NOT_VISIBLE)
-        return EndpointMeter(lambda: descendants(server, process_parents()))
+        return EndpointMeter(self._server.tree)
 
     def overloaded(self, request_id: str) -> bool:
         with self._lock:
@@ -122,21 +122,25 @@ class MeteredArm:
         self.arm.close()
 
 
-NOT_VISIBLE = "endpoint process not visible: its answers' overload is judged from this process's threads only"
-_said_not_visible: set[str] = set()
+NOT_VISIBLE_WARNING = (
+    "%s: no process listening on its port is visible from here (another user's, or another namespace's, "
+    "or the server is gone): the server's CPU cannot be told from the other processes' load, so its "
+    "answers are flagged overloaded only from this process's own threads' waiting (docs/serving.md)"
+)
+NOT_THE_SERVER_WARNING = (
+    "%s: the process listening on its port hardly ran while it answered (a port forwarder: ssh -L, "
+    "kubectl port-forward, docker-proxy?): the model server's CPU cannot be told from the other processes' "
+    "load, so such answers are flagged overloaded only from this process's own threads' waiting "
+    "(docs/serving.md)"
+)
+_said: set[tuple[str, str]] = set()
 
 
-def _say_not_visible(url: str) -> None:
-    """The warning, once per url and process: no process of ours listens on it (another user's server,
-    another network or PID namespace)."""
-    if url not in _said_not_visible:
-        _said_not_visible.add(url)
-        log.warning(
-            "%s: no process listening on its port is visible from here (another user's, or another "
-            "namespace's): the server's CPU cannot be told from the other processes' load, so its answers "
-            "are flagged overloaded only from this process's own threads' waiting (docs/serving.md)",
-            url,
-        )
+def _say_once(url: str, warning: str) -> None:
+    """A warning, once per url and process."""
+    if (url, warning) not in _said:
+        _said.add((url, warning))
+        log.warning(warning, url)
 
 
 def metered(arm: Arm, arm_spec: Any) -> Arm:

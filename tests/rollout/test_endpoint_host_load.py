@@ -244,3 +244,174 @@ def test_the_servers_cpu_is_the_arms_own_and_its_threads_waiting_decides(
     assert load.endpoint_busy_cores == pytest.approx(2.0 if server_busy else 0.0)
     assert load.threads == (2 if server_busy else 1) and cpu_limits().mask >= 1
     assert (load.wait_share is None) is (not server_busy)
+
+
+def _server(cpu: int, burn_s: float, port: int = 0) -> tuple[subprocess.Popen, int]:
+    proc = subprocess.Popen(
+        [sys.executable, str(SERVER), str(cpu), str(burn_s), "other", str(port)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    return proc, int(proc.stdout.readline().split()[0])  # type: ignore[union-attr]
+
+
+def _ask(arm: MeteredArm, rid: str) -> None:
+    arm.answer(ArmRequest(rid, "p", "print"), "contains", max_new_tokens=4, max_prompt_tokens=None)
+
+
+def test_a_server_restarted_between_answers_is_found_again_and_one_gone_meanwhile_is_not_visible() -> None:
+    """Review V4: the meter kept the first server's pid; after a restart on the same port the dead pid read
+    0 cores, the new server's CPU counted as the others' load and every answer was flagged, with no note.
+    Now the listening socket's owners are looked up again where one ended (or its pid names another
+    process), and an answer whose server is not seen at both ends is judged as not visible, said."""
+    from sparse_core.host import EndpointMeter
+
+    cpu = max(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0
+    first, port = _server(cpu, BURN_S)
+    url = f"http://127.0.0.1:{port}/v1"
+    arm = metered(
+        OpenAIArm(url, "m", timeout_s=10, connect_timeout_s=2, max_concurrency=1),
+        ArmSpec(kind="openai", url=url, model="m"),
+    )
+    assert isinstance(arm, MeteredArm)
+    second = None
+    try:
+        _ask(arm, "before")
+        first.kill()
+        first.wait()
+        second, _ = _server(cpu, BURN_S, port)
+        _ask(arm, "after")
+    finally:
+        for p in (first, second):
+            if p is not None:
+                p.kill()
+                p.wait()
+        arm.close()
+    after = dict(arm.loads)["after"]
+    assert after.endpoint_note is None and after.wait_share is not None, after  # the new server's threads
+    assert after.endpoint_busy_cores is not None and after.endpoint_busy_cores > 0.05, after
+    with EndpointMeter(lambda: [first.pid]) as meter:  # its process ended: seen at neither end
+        pass
+    assert meter.load is not None and "ended during the answer" in (meter.load.endpoint_note or "")
+    assert meter.load.endpoint_busy_cores is None and not meter.load.overloaded
+
+
+# a port forwarder in front of a server (as `ssh -L`, `kubectl port-forward`, docker-proxy): PORT upstream
+FORWARDER = """import socket, sys, threading
+ls = socket.socket()
+ls.bind(("127.0.0.1", 0))
+ls.listen()
+print(ls.getsockname()[1], flush=True)
+def pipe(a, b):
+    try:
+        while (d := a.recv(65536)):
+            b.sendall(d)
+    except OSError:
+        pass
+    finally:
+        try:
+            b.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+while True:
+    c, _ = ls.accept()
+    u = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+    threading.Thread(target=pipe, args=(c, u), daemon=True).start()
+    threading.Thread(target=pipe, args=(u, c), daemon=True).start()
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs CPU affinity")
+def test_a_forwarder_listening_for_the_server_is_said_and_its_answers_are_not_flagged_from_the_others() -> (
+    None
+):
+    """Review V6: a forwarder holds the listening socket, so it was metered as the server: the real
+    server's CPU (60 ms an answer, on this process's one CPU) read as the others' load and every answer
+    was flagged, with no note. A "server" that hardly ran while the others' cores would flag the answer
+    is judged as not visible and said."""
+    mask = os.sched_getaffinity(0)
+    cpu = max(mask)
+    server, sport = _server(cpu, BURN_S)
+    fwd = subprocess.Popen([sys.executable, "-c", FORWARDER, str(sport)], stdout=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{int(fwd.stdout.readline())}/v1"  # type: ignore[union-attr]
+        arm = metered(
+            OpenAIArm(url, "m", timeout_s=10, connect_timeout_s=2, max_concurrency=1),
+            ArmSpec(kind="openai", url=url, model="m"),
+        )
+        assert isinstance(arm, MeteredArm)
+        _ask(arm, "warm")  # the first answer imports the task's scorer here
+        os.sched_setaffinity(0, {cpu})
+        for i in range(3):
+            _ask(arm, f"r{i}")
+        arm.close()
+    finally:
+        os.sched_setaffinity(0, mask)
+        for p in (server, fwd):
+            p.kill()
+            p.wait()
+    loads = [load for rid, load in arm.loads if rid != "warm"]
+    assert all("did not do the work (a forwarder?" in (load.endpoint_note or "") for load in loads), loads
+    assert not any(load.overloaded for load in loads), loads
+
+
+def test_the_test_server_exits_when_its_parent_is_killed() -> None:
+    """Review V7: a test run killed by SIGKILL left its real-time cpu_server listening for good."""
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, sys, time\n"
+            f"p = subprocess.Popen([sys.executable, {str(SERVER)!r}, '0', '0.01'], stdout=subprocess.PIPE)\n"
+            "p.stdout.readline()\n"
+            "print(p.pid, flush=True)\n"
+            "time.sleep(30)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    server = int(parent.stdout.readline())  # type: ignore[union-attr]
+    parent.kill()
+    parent.wait()
+    end = time.monotonic() + 3
+    while Path(f"/proc/{server}").exists() and _state(server) != "Z" and time.monotonic() < end:
+        time.sleep(0.02)
+    assert not Path(f"/proc/{server}").exists() or _state(server) == "Z", (
+        f"cpu_server {server} outlived its parent"
+    )
+
+
+def _state(pid: int) -> str:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return "Z"
+    return stat[stat.rindex(")") + 2]
+
+
+def test_the_servers_tree_is_walked_down_from_it(tmp_path: Path) -> None:
+    """Review V5: every process's stat was read at both ends of every answer (139-275 ms an answer with
+    1,100-3,100 processes); the tree is walked down from the server's processes, as the full scan finds it."""
+    from rollout.arms.endpoint_process import process_parents, process_tree
+
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, time; subprocess.Popen(['sleep', '5']); print(1, flush=True); time.sleep(5)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        child.stdout.readline()  # type: ignore[union-attr]
+        walked = process_tree({child.pid})
+        if walked is None:
+            pytest.skip("this kernel has no /proc/<pid>/task/<tid>/children")
+        assert walked == descendants({child.pid}, process_parents()) and len(walked) == 2, walked
+        (tmp_path / "10" / "task" / "10").mkdir(parents=True)  # a kernel without children files
+        (tmp_path / "10" / "stat").write_text("10 (python) S 1 " + "0 " * 40)
+        assert process_tree({10}, tmp_path) is None
+    finally:
+        child.kill()
+        child.wait()
