@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from prefect import flow
 from prefect.flow_runs import pause_flow_run
 from prefect.runtime import flow_run as runtime_flow_run
-from prefect.testing.utilities import prefect_test_harness
 from sqlalchemy import select
 
 from flows.approval import ApprovalInput
@@ -32,10 +30,10 @@ def wait_for_approval(decision_id: int, db_url: str) -> dict[str, Any]:
     return got.model_dump(exclude={"metadata"})
 
 
-@pytest.fixture(scope="module")
-def prefect_server() -> Iterator[None]:
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
+@pytest.fixture
+def prefect_server(prefect_harness: str) -> None:
+    """The session's Prefect test server (tests/fixtures/flows.py: the flow tests start it in every
+    worker anyway); a server of this module's own cost a second start (~10 s wall on the 2-core host)."""
 
 
 class PausedFlow:

@@ -8,7 +8,6 @@ import pytest
 from sqlalchemy import update
 
 from rollout import queries
-from rollout.db import migrate
 from rollout.db.models import Observation
 from rollout.db.session import session_scope
 from tests.fixtures.dashboard import seed_small_portfolio
@@ -16,10 +15,9 @@ from tests.fixtures.dashboard import seed_small_portfolio
 pytestmark = pytest.mark.postgres
 
 
-def test_queries_on_postgres(pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_queries_on_postgres(pg_migrated_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SPARSEPILOT_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("SPARSEPILOT_DATABASE_URL", pg_url)
-    migrate.upgrade(pg_url)
+    monkeypatch.setenv("SPARSEPILOT_DATABASE_URL", pg_migrated_url)
     ids = seed_small_portfolio(tmp_path / "artifacts")
     uc_id = ids["contract-summarisation"]
     with session_scope() as s:
@@ -59,7 +57,7 @@ def test_queries_on_postgres(pg_url: str, tmp_path: Path, monkeypatch: pytest.Mo
 
 
 def test_simultaneous_signatures_on_postgres_are_serialised(
-    pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    pg_migrated_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """approve() locks the decision row: while another transaction holds it, a signature waits, then
     sees what that transaction did. Two rejections of a GO (an override, so two different approvers are
@@ -73,8 +71,7 @@ def test_simultaneous_signatures_on_postgres_are_serialised(
     from rollout.db.models import GateDecision
 
     monkeypatch.setenv("SPARSEPILOT_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("SPARSEPILOT_DATABASE_URL", pg_url)
-    migrate.upgrade(pg_url)
+    monkeypatch.setenv("SPARSEPILOT_DATABASE_URL", pg_migrated_url)
     did = seed_small_portfolio(tmp_path / "artifacts")["contract-summarisation:decision"]
     results: list = []
 
@@ -83,7 +80,7 @@ def test_simultaneous_signatures_on_postgres_are_serialised(
             approvals.approve(did, Identity(name, "approver", "cli-env"), "quality too close", reject=True)
         )
 
-    engine = create_engine(pg_url)
+    engine = create_engine(pg_migrated_url)
     try:
         with engine.connect() as conn:
             tx = conn.begin()

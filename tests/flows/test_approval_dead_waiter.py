@@ -257,11 +257,8 @@ def test_forgetting_a_dead_waiter_takes_the_decisions_locks_in_every_writers_ord
     from rollout.auth import Identity
 
     if db == "postgres":
-        from rollout.db import migrate
-
-        url = request.getfixturevalue("pg_url")
+        url = request.getfixturevalue("pg_migrated_url")
         monkeypatch.setenv("SPARSEPILOT_DATABASE_URL", url)
-        migrate.upgrade(url)
     name = flow_use_case()
     did = _pilot_with_decision(name, "GO", "approval")
     _registered_to_a_dead_process(did, "00000000-0000-4000-8000-000000000001")

@@ -153,17 +153,21 @@ def test_an_abort_during_an_import_waits_for_it(use_case, monkeypatch, tmp_path:
 
 @pytest.mark.postgres
 def test_an_abort_that_commits_before_the_import_holds_its_pilot_refuses_the_import(
-    trust_env, pg_url: str, mlflow_home: Any, tiny_model_dir, pilot_dataset, tmp_path: Path, monkeypatch
+    trust_env,
+    pg_migrated_url: str,
+    mlflow_home: Any,
+    tiny_model_dir,
+    pilot_dataset,
+    tmp_path: Path,
+    monkeypatch,
 ) -> None:  # noqa: ANN001
     """C2, the other order (PostgreSQL: SQLite's write lock, held from the import's start, rules it out):
     the abort commits after the import read its pilot and before it holds it. The import sees the abort
     and stores nothing; it used to store its rows into the stopped pilot."""
     from rollout import pilot_batches, pilots
-    from rollout.db import migrate
     from tests.fixtures.flows import use_case_factory
 
-    monkeypatch.setenv("SPARSEPILOT_DATABASE_URL", pg_url)
-    migrate.upgrade(pg_url)
+    monkeypatch.setenv("SPARSEPILOT_DATABASE_URL", pg_migrated_url)
     name = use_case_factory(tiny_model_dir, pilot_dataset, tmp_path)()
     _challenger(name)
     pilot_batches.ensure_pilot(name)
@@ -221,18 +225,22 @@ def test_a_pilot_run_aborted_while_it_answers_stores_nothing_and_answers_no_more
 
 @pytest.mark.postgres
 def test_an_import_that_starts_its_pilot_keeps_no_audit_writer_waiting(
-    trust_env, pg_url: str, mlflow_home: Any, tiny_model_dir, pilot_dataset, tmp_path: Path, monkeypatch
+    trust_env,
+    pg_migrated_url: str,
+    mlflow_home: Any,
+    tiny_model_dir,
+    pilot_dataset,
+    tmp_path: Path,
+    monkeypatch,
 ) -> None:  # noqa: ANN001
     """C1: the first import (it starts the pilot, with its audit entries) held PostgreSQL's audit lock
     for its whole length: a failed sign-in of another account waited until the import committed. Now the
     other writer is done while the import still runs; the import's entries follow, the chain intact."""
     from rollout import audit, pilot_batches
-    from rollout.db import migrate
     from rollout.db.session import session_scope
     from tests.fixtures.flows import use_case_factory
 
-    monkeypatch.setenv("SPARSEPILOT_DATABASE_URL", pg_url)
-    migrate.upgrade(pg_url)
+    monkeypatch.setenv("SPARSEPILOT_DATABASE_URL", pg_migrated_url)
     name = use_case_factory(tiny_model_dir, pilot_dataset, tmp_path)()
     _challenger(name)  # no pilot yet: the import starts it
     ids = _dataset_ids(name, 10)

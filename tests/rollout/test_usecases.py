@@ -24,9 +24,8 @@ runner = CliRunner()
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def state_url(request: pytest.FixtureRequest, sp_home, trust_accounts: str, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN001
     if request.param == "postgres":
-        url = request.getfixturevalue("pg_url")
+        url = request.getfixturevalue("pg_migrated_url")
         monkeypatch.setenv("SPARSEPILOT_DATABASE_URL", url)
-        migrate.upgrade(url)
     else:
         url = sp_home.database_url
     # `usecase add` needs a signed-in operator: olga, with her password on stdin (see cli())

@@ -110,10 +110,7 @@ def _attempt_in_process(env: dict[str, str], guess: str, barrier, queue) -> None
 def test_concurrent_processes_check_at_most_the_limit(db: str, trust_env, request, tmp_path: Path) -> None:  # noqa: ANN001
     url = trust_env.database_url
     if db == "postgres":
-        from rollout.db import migrate
-
-        url = request.getfixturevalue("pg_url")
-        migrate.upgrade(url)
+        url = request.getfixturevalue("pg_migrated_url")
     env = {
         k: v for k, v in os.environ.items() if k.startswith(("SPARSEPILOT_", "PYTHON", "HF_", "MLFLOW_"))
     } | {"SPARSEPILOT_DATABASE_URL": url}
@@ -137,11 +134,8 @@ def test_concurrent_processes_check_at_most_the_limit(db: str, trust_env, reques
 
 @pytest.fixture
 def pg_trust_db(trust_env, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:  # noqa: ANN001
-    from rollout.db import migrate
-
-    url = request.getfixturevalue("pg_url")
+    url = request.getfixturevalue("pg_migrated_url")
     monkeypatch.setenv("SPARSEPILOT_DATABASE_URL", url)
-    migrate.upgrade(url)
     return url
 
 
