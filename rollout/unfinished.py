@@ -32,7 +32,7 @@ from typing import Any
 from sqlalchemy import and_, func, or_, select
 
 from rollout import registry
-from rollout.db.models import AliasMove, Approval, GateDecision, Pilot, UseCase
+from rollout.db.models import AliasMove, Approval, AuditEntry, GateDecision, Pilot, UseCase, as_utc
 from rollout.db.session import session_scope
 
 # An effect not in effect this long after it was decided is shown as stalled (a promotion or rollback
@@ -262,6 +262,15 @@ def refuse_while_applied(
             f"`{pending.finish_command()}` finishes it"
         )
     if not pending.applied_directly_now(now, APPLY_GRACE):  # read now: a test sets it
+        claim = claimed_now(session, pending, now)
+        if claim is not None:
+            by = (claim[1] + STALLED_AFTER).strftime("%H:%M UTC")
+            raise registry.MoveInProgress(
+                f"{pending.use_case}: {signer}'s {what} (decision {pending.decision_id}) is being finished "
+                f"by {claim[0]}, who claimed it at {claim[1]:%H:%M:%S} UTC; nothing was recorded. Look again "
+                f"in a moment: the use case is then {done}; if it is not by {by}, "
+                f"`{pending.finish_command()}` finishes it"
+            )
         _claim_from_run(session, pending, claim_for)
         return
     by = (_aware(pending.decided_at) + APPLY_GRACE).strftime("%H:%M UTC")
@@ -273,14 +282,48 @@ def refuse_while_applied(
 
 
 def _claim_from_run(session: Any, pending: Unfinished, by: str | None) -> None:
-    """`refuse_while_applied`'s claim: `by` finishes the decision, which its approval run has not taken up."""
-    from rollout.approvals.waiter import claim_for_finisher, taken_up
+    """`refuse_while_applied`'s claim: `by` finishes the decision, which its approval run (if it has one)
+    is not carrying out: that run, waking later, declines it; another finisher gives way (`claimed_now`)."""
+    from rollout.approvals.waiter import claim_for_finisher
 
-    if by is None or pending.flow_run_id is None:
-        return
-    d = session.get(GateDecision, pending.decision_id)
-    if not taken_up(session, d, pending.flow_run_id):  # one that did, and stalled, ends with its move
-        claim_for_finisher(session, d, pending.flow_run_id, by)
+    if by is not None:
+        claim_for_finisher(session, session.get(GateDecision, pending.decision_id), pending.flow_run_id, by)
+
+
+def claimed_now(session: Any, u: Unfinished, now: dt.datetime) -> tuple[str, dt.datetime] | None:
+    """Who finishes the decision now, and since when: the newest finisher's claim of it (a person's
+    `promote --decision` / `rollback`, the cycle's, the monitor's: `waiter.newest_claim`) while that
+    finisher is at work, by the rule of a run's take-up (`run_at_work`, the claim's time as the take-up):
+    not once their process is known to be gone or a move of it failed after the claim, nor `STALLED_AFTER`
+    on. Else None. Before, a claim kept out only the approval run: a person and the cycle, or two people,
+    both claimed and both finished it (MLflow called twice, `approval.finished` twice)."""
+    from rollout.approvals.waiter import newest_claim
+
+    claim = newest_claim(session, session.get(GateDecision, u.decision_id))
+    if claim is None:
+        return None
+    who, at, gone = claim
+    failed = _failed_since(session, u, at)
+    at_work = run_at_work(taken_up_at=at, signed_at=u.decided_at, now=now, failed_move=failed, gone=gone)
+    return (who, at) if at_work else None
+
+
+def _failed_since(session: Any, u: Unfinished, since: dt.datetime) -> bool:
+    """Did a move of the decision's effect fail at or after `since` (its `alias.*.failed` audit entry)?"""
+    ids = [
+        str(i)
+        for i in session.scalars(
+            select(AliasMove.id).where(AliasMove.idempotency_key.in_(_move_keys(u.action, u.decision_id)))
+        )
+    ]
+    failures = session.scalars(
+        select(AuditEntry.ts).where(
+            AuditEntry.entity == "alias_move",
+            AuditEntry.entity_id.in_(ids),
+            AuditEntry.action.like("alias.%.failed"),
+        )
+    )
+    return any(as_utc(ts) >= since for ts in failures)
 
 
 def run_at_work(
@@ -327,8 +370,9 @@ def claim_to_finish(use_case: str, by: str, *, db_url: str | None = None) -> Unf
     """The automation's finishing (the cycle's, the monitor's: `flows.promote.finish_unfinished`): the use
     case's unfinished decision, claimed for `by`, or None where someone carries it out now: its approval
     run (`run_at_work`), or, with no run, its signer (`applied_directly_now`, a committed move too). In
-    one transaction under the decision's lock, which the run's take-up takes too: a run that has not
-    taken it up is claimed from (`waiter.claim_for_finisher`), so that run, waking later, declines it."""
+    one transaction under the decision's lock, which the run's take-up takes too: claimed for `by`
+    (`waiter.claim_for_finisher`), so a run that has not taken it up, waking later, declines it; None
+    too while another finisher's claim is at work (`claimed_now`: a person's `promote --decision`)."""
     from rollout.approvals.checks import lock_decision
     from rollout.approvals.waiter import claim_for_finisher, taken_up_at, waiter_gone
     from rollout.pilots import get_use_case
@@ -344,13 +388,18 @@ def claim_to_finish(use_case: str, by: str, *, db_url: str | None = None) -> Unf
             return None
         d = lock_decision(session, u.decision_id)
         if u.flow_run_id is None:
-            return None if u.applied_directly_now(now, APPLY_GRACE, moved_too=True) else u
-        at = taken_up_at(session, d, u.flow_run_id)
-        gone = waiter_gone(session, d) is not None
-        if run_at_work(taken_up_at=at, signed_at=u.decided_at, now=now, failed_move=u.failed_move, gone=gone):
+            if u.applied_directly_now(now, APPLY_GRACE, moved_too=True):
+                return None
+        else:
+            at = taken_up_at(session, d, u.flow_run_id)
+            gone = waiter_gone(session, d) is not None
+            if run_at_work(
+                taken_up_at=at, signed_at=u.decided_at, now=now, failed_move=u.failed_move, gone=gone
+            ):
+                return None
+        if claimed_now(session, u, now) is not None:  # a person's command, or another finisher, is at it
             return None
-        if at is None:
-            claim_for_finisher(session, d, u.flow_run_id, by)
+        claim_for_finisher(session, d, u.flow_run_id, by)
         return u
 
 
@@ -381,8 +430,7 @@ def _unfinished(session: Any, uc: UseCase, d: GateDecision, action: str) -> Unfi
         .where(Approval.decision_id == d.id, Approval.action.in_(signed))
         .order_by(Approval.id.desc())
     )
-    keys = {"rollback": [f"rollback:{d.id}"], "promote": [f"promote:{d.id}", f"baseline:{d.id}"]}
-    status = [_move_status(session, k) for k in keys.get(action, [])] or [None]
+    status = [_move_status(session, k) for k in _move_keys(action, d.id)] or [None]
     return Unfinished(
         use_case=uc.name,
         decision_id=d.id,
@@ -393,6 +441,15 @@ def _unfinished(session: Any, uc: UseCase, d: GateDecision, action: str) -> Unfi
         moved=status[0] == "committed",
         flow_run_id=d.flow_run_id,
     )
+
+
+def _move_keys(action: str, decision_id: int) -> list[str]:
+    """The idempotency keys of the alias moves that carry out `action` of decision `decision_id`."""
+    keys = {
+        "rollback": [f"rollback:{decision_id}"],
+        "promote": [f"promote:{decision_id}", f"baseline:{decision_id}"],
+    }
+    return keys.get(action, [])
 
 
 def _moved_since(d: GateDecision, moves_now: int) -> bool:

@@ -141,10 +141,31 @@ def carried_out_by_signer(session: Any, d: GateDecision, run_id: str) -> bool:
 FINISH_CLAIMED = "approval.finish_claimed"
 
 
-def claim_for_finisher(session: Any, d: GateDecision, run_id: str, by: str) -> None:
-    """`by` finishes decision `d`, which its approval run `run_id` has not taken up (the caller's
-    transaction, holding the decision's lock: `lock_decision`, or its use case's row)."""
-    audit.record(session, by, FINISH_CLAIMED, on=d, details={"flow_run_id": run_id})
+def claim_for_finisher(session: Any, d: GateDecision, run_id: str | None, by: str) -> None:
+    """`by` finishes decision `d`, which its approval run `run_id` (None: it has none) has not taken up
+    (the caller's transaction, holding the decision's lock: `lock_decision`, or its use case's row). The
+    row's host and pid tell whether the finisher's process is gone (`newest_claim`)."""
+    audit.record(session, by, FINISH_CLAIMED, on=d, details={"flow_run_id": run_id, "pid": os.getpid()})
+
+
+def newest_claim(session: Any, d: GateDecision) -> tuple[str, dt.datetime, bool] | None:
+    """The newest finisher's claim of decision `d` (`claim_for_finisher`, whichever run it was claimed
+    from): (who, when, whether their process is known to be gone), or None."""
+    row = session.execute(
+        select(AuditEntry.actor, AuditEntry.ts, AuditEntry.host, AuditEntry.details)
+        .where(
+            AuditEntry.action == FINISH_CLAIMED,
+            AuditEntry.entity == "gate_decision",
+            AuditEntry.entity_id == str(d.id),
+        )
+        .order_by(AuditEntry.id.desc())
+        .limit(1)
+    ).first()
+    if row is None:
+        return None
+    actor, ts, host, details = row
+    pid = (details or {}).get("pid")
+    return actor, as_utc(ts), isinstance(pid, int) and process_gone(host, pid)
 
 
 def finisher_of(session: Any, d: GateDecision, run_id: str) -> str | None:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
@@ -135,21 +136,37 @@ def grant_app_role(owner_url: str, app_url: str) -> str | None:
     return app.username
 
 
+def may_migrate(url: str) -> bool:
+    """PostgreSQL: whether the user of ``url`` may run the migrations itself (`rollout.db.roles.may_migrate`:
+    a single-role install's URL); False on SQLite, and where it cannot be asked."""
+    from rollout.db.roles import may_migrate as owns
+
+    try:
+        return bool(_ask_role(url, owns))
+    except Exception:  # noqa: BLE001 - the refusal then names the owner's URL, as before
+        return False
+
+
 def may_rewrite_history(url: str) -> bool | None:
     """PostgreSQL: whether the user of ``url`` (the app's SPARSEPILOT_DATABASE_URL) owns the state DB's
     tables or is a superuser, and so could disable the audit log's triggers (rollout.db.roles). None on
     SQLite, which has no roles."""
+    from rollout.db.roles import may_disable_triggers
+
+    return _ask_role(url, may_disable_triggers)
+
+
+def _ask_role(url: str, question: Callable[[Any], bool]) -> bool | None:
+    """`question` (of rollout.db.roles) asked on a connection to PostgreSQL ``url``; None on SQLite."""
     from sqlalchemy import create_engine, pool
     from sqlalchemy.engine import make_url
-
-    from rollout.db.roles import may_disable_triggers
 
     if make_url(url).get_backend_name() != "postgresql":
         return None
     engine = create_engine(url, poolclass=pool.NullPool)
     try:
         with engine.connect() as conn:
-            return may_disable_triggers(conn)
+            return question(conn)
     finally:
         engine.dispose()
 
@@ -181,14 +198,19 @@ class SchemaBehind(SparsePilotError, RuntimeError):
     """The state DB is not at this build's head revision; the message names the command that migrates it."""
 
 
-def behind_refusal(masked_url: str, current: str | None, head: str | None, *, postgresql: bool) -> str:
+def behind_refusal(
+    masked_url: str, current: str | None, head: str | None, *, postgresql: bool, may_migrate: bool = False
+) -> str:
     """Why a state DB at revision ``current`` cannot be used by a build at ``head``, and what migrates
     it (pure): `sparsepilot init`; on PostgreSQL as the role that owns the database, since every other
     process connects as the app role, which may not create or alter a table (docs/operations.md,
-    "Database roles")."""
+    "Database roles"). `may_migrate` (`may_migrate`): the URL's role is that owner (one role for every
+    process), so plain `sparsepilot init` migrates it; it was told to set the owner's URL, which it is."""
     state = "not initialised" if current is None else f"at revision {current}, head is {head}"
     how = "run `sparsepilot init` first"
-    if postgresql:
+    if postgresql and may_migrate:
+        how += " (SPARSEPILOT_DATABASE_URL's role owns the database, so init migrates it as that role)"
+    elif postgresql:
         how = (
             "run `sparsepilot init` with SPARSEPILOT_OWNER_DATABASE_URL set to the URL of the role that owns "
             "the database (SPARSEPILOT_DATABASE_URL is the app role's, which may not migrate it; "
@@ -206,7 +228,10 @@ def require_head(url: str) -> None:
     current, head = current_revision(url), head_revision(url)
     if current != head:
         postgresql = make_url(url).get_backend_name() == "postgresql"
-        raise SchemaBehind(behind_refusal(mask_db_url(url), current, head, postgresql=postgresql))
+        refusal = behind_refusal(
+            mask_db_url(url), current, head, postgresql=postgresql, may_migrate=may_migrate(url)
+        )
+        raise SchemaBehind(refusal)
 
 
 def prepare_for_run(url: str) -> None:

@@ -54,6 +54,22 @@ def grant_app_role(conn: Connection, role: str) -> list[str]:
     return statements
 
 
+def may_migrate(conn: Connection) -> bool:
+    """Whether the connection's user may run the migrations itself: a superuser, the owner of the tables
+    (``audit_log``: one role for every process), or, before the first init, the owner of the database.
+    The app role of two is none of these (docs/operations.md, "Database roles")."""
+    return bool(
+        conn.execute(
+            text(
+                "SELECT r.rolsuper OR EXISTS (SELECT 1 FROM pg_tables t WHERE t.schemaname = 'public' "
+                "AND t.tablename = 'audit_log' AND t.tableowner = current_user) OR EXISTS (SELECT 1 "
+                "FROM pg_database d WHERE d.datname = current_database() AND d.datdba = r.oid) "
+                "FROM pg_roles r WHERE r.rolname = current_user"
+            )
+        ).scalar_one()
+    )
+
+
 def may_disable_triggers(conn: Connection) -> bool:
     """Whether the connection's user could switch the append-only triggers off: it owns ``audit_log``
     (one role for every process: the app connects as the owner) or is a superuser. The app role of

@@ -102,7 +102,12 @@ def require_schema() -> None:
     except Exception as exc:  # noqa: BLE001 - unreachable DB: say so plainly
         fail(f"cannot reach the state DB at {_mask(url)}: {exc}")
     if current != head:
-        fail(migrate.behind_refusal(_mask(url), current, head, postgresql=not settings.is_sqlite))
+        owner = not settings.is_sqlite and migrate.may_migrate(url)
+        fail(
+            migrate.behind_refusal(
+                _mask(url), current, head, postgresql=not settings.is_sqlite, may_migrate=owner
+            )
+        )
 
 
 @app.command("init")

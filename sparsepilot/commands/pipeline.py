@@ -460,13 +460,17 @@ def promote_cmd(
         from rollout.approvals import checked_reason, promotion_in_effect, unfinished_promotion
 
         _check_decision(name, decision)
-        # MoveInProgress while its signer or its approval run carries it out; else claimed for `who`
+        # checked before the claim below: a refused reason left a claim in the audit log, and the
+        # decision's approval run, waking, declined it for a finisher who did nothing (review V2)
+        text = checked_reason(reason)  # redacted, as every store keeps a reason
+        # MoveInProgress while its signer, its approval run or another finisher carries it out; else
+        # claimed for `who`
         approval_id = unfinished_promotion(decision, by=who.name)
         if approval_id is not None:  # the moves stay the signer's; `approval.finished` names who finished
             done = promote_flow(
                 decision_id=decision,
                 approval_id=approval_id,
-                reason=checked_reason(reason),  # redacted, as every store keeps a reason
+                reason=text,
                 actor=who.name,
                 finished_by=who.name,
             )

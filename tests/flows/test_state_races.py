@@ -697,24 +697,15 @@ def test_a_rollbacks_last_transaction_and_a_writer_of_the_use_case_do_not_deadlo
     assert registry.current_aliases(name)["challenger"] == str(out["challenger"].to_version)
 
 
-@pytest.mark.parametrize("effect", ["promotion", "rollback", "the cycle's promotion"])
-def test_a_persons_finishing_claims_the_decision_from_its_run_which_then_declines_it(
-    use_case, monkeypatch, effect: str
-) -> None:  # noqa: ANN001
-    """alice's approval resumed the decision's approval run, whose process is slow to wake: past the grace
-    it has not taken the decision up. bob's `promote --decision` (or `rollback`) found no run at work and
-    finished it; the run, taking it up just after his check, carried it out too (the alias moved twice, a
-    double audit). Now bob's check claims the decision from the run under the decision's lock, which the
-    run's take-up takes too: the run declines it, and it is carried out once. (Prefect's side, pausing and
-    resuming the run, stands in for itself: this test has no Prefect server.) The cycle's finishing claims
-    it alike (`unfinished.claim_to_finish`, by the one rule `run_at_work`): it asked Prefect, and a run
-    waking after that carried the decision out beside it."""
+def _approved_run_slow_to_wake(name: str, effect: str, monkeypatch) -> tuple[int, str, int]:  # noqa: ANN001
+    """alice approved a decision of `name` (a promotion, or the monitor's alarm for "rollback"), resuming
+    its approval run, whose process is slow to wake: the grace has passed and it has not taken it up.
+    (Prefect's side stands in for itself: these tests have no Prefect server.) (decision, run, signature)."""
     from rollout import approval_runs, approvals, pilots, registry, unfinished
     from rollout.approvals import signing
     from rollout.db.session import session_scope
     from sparse_core import SparsePlan
 
-    name, bob = use_case(rollback="manual"), "sparsepilot-pipeline" if "cycle" in effect else "bob"
     if effect != "rollback":
         with session_scope() as s:
             model = pilots.load_current_spec(s, pilots.get_use_case(s, name))[0].model
@@ -729,8 +720,26 @@ def test_a_persons_finishing_claims_the_decision_from_its_run_which_then_decline
     monkeypatch.setattr(signing, "_resume", lambda _run, _payload: None)  # resumed; its process is slow
     approved = approvals.approve(did, _identity(ALICE), "ship it")
     assert approved.resumed_flow_run_id == run, approved
-    signed_id = approved.approval_id
     monkeypatch.setattr(unfinished, "APPLY_GRACE", unfinished.APPLY_GRACE * 0)  # the grace has passed
+    return did, run, approved.approval_id
+
+
+@pytest.mark.parametrize("effect", ["promotion", "rollback", "the cycle's promotion"])
+def test_a_persons_finishing_claims_the_decision_from_its_run_which_then_declines_it(
+    use_case, monkeypatch, effect: str
+) -> None:  # noqa: ANN001
+    """alice's approval resumed the decision's approval run, whose process is slow to wake: past the grace
+    it has not taken the decision up. bob's `promote --decision` (or `rollback`) found no run at work and
+    finished it; the run, taking it up just after his check, carried it out too (the alias moved twice, a
+    double audit). Now bob's check claims the decision from the run under the decision's lock, which the
+    run's take-up takes too: the run declines it, and it is carried out once. (Prefect's side, pausing and
+    resuming the run, stands in for itself: this test has no Prefect server.) The cycle's finishing claims
+    it alike (`unfinished.claim_to_finish`, by the one rule `run_at_work`): it asked Prefect, and a run
+    waking after that carried the decision out beside it."""
+    from rollout import approval_runs, approvals, unfinished
+
+    name, bob = use_case(rollback="manual"), "sparsepilot-pipeline" if "cycle" in effect else "bob"
+    did, run, signed_id = _approved_run_slow_to_wake(name, effect, monkeypatch)
     if effect == "promotion":
         signed = approvals.unfinished_promotion(did, by="bob")
         finish = lambda: approvals.apply_promotion(did, signed, reason="finish", finished_by="bob")  # noqa: E731
@@ -749,3 +758,71 @@ def test_a_persons_finishing_claims_the_decision_from_its_run_which_then_decline
     assert state["phase"] == ("rolled_back" if effect == "rollback" else "promoted")
     assert "approval.taken_up" not in state["audit"] and state["audit"].count("approval.finish_claimed") == 1
     assert state["audit"].count("approval.finished") == 1
+
+
+@pytest.mark.parametrize("first,second", [("bob", "cycle"), ("cycle", "bob"), ("bob", "carol")])
+def test_a_finishers_claim_keeps_every_other_finisher_out_until_its_move_fails(
+    use_case, monkeypatch, first: str, second: str
+) -> None:  # noqa: ANN001
+    """Review V8: a finisher's claim kept out only the decision's approval run: bob's `promote --decision`
+    and the cycle's finishing (or two people) both claimed it and both carried it out (MLflow called
+    twice, "retried", `approval.finished` twice). Now a recent claim counts as a take-up does: the cycle
+    finds nothing to finish, a person is told who is finishing it since when. A claim whose move then
+    fails keeps nobody out: the other finishes it, once."""
+    from rollout import approvals, registry, unfinished
+
+    name = use_case()
+    did, _run, signed = _approved_run_slow_to_wake(name, "promotion", monkeypatch)
+    pipeline = "sparsepilot-pipeline"
+
+    def claim(who: str) -> Any:  # as `finish_unfinished` / `promote_cmd` ask
+        if who == "cycle":
+            return unfinished.claim_to_finish(name, pipeline)
+        return approvals.unfinished_promotion(did, by=who)
+
+    assert claim(first) is not None
+    if second == "cycle":
+        assert claim(second) is None
+    else:
+        with pytest.raises(registry.MoveInProgress) as busy:
+            claim(second)
+        said = str(busy.value)
+        who = pipeline if first == "cycle" else first
+        assert f"alice's promotion (decision {did}) is being finished by {who}, who claimed it at " in said
+        assert f"`sparsepilot promote {name} --decision {did}` finishes it" in said
+
+    def mlflow_down(*_a: Any, **_k: Any) -> None:
+        raise ConnectionError("MLflow is down")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(registry, "_apply_mlflow", mlflow_down)
+        with pytest.raises(registry.RegistryError):
+            approvals.apply_promotion(did, signed, reason="finish", finished_by=first)
+    assert claim(second) is not None  # the first's move failed after its claim: the second finishes it
+    approvals.apply_promotion(
+        did, signed, reason="finish", finished_by=pipeline if second == "cycle" else second
+    )
+    state = _state(name)
+    assert state["phase"] == "promoted"
+    assert (
+        state["audit"].count("approval.finish_claimed") == 2
+        and state["audit"].count("approval.finished") == 1
+    )
+
+
+@pytest.mark.parametrize("trust_db", ["sqlite"], indirect=True)
+def test_promote_with_a_refused_reason_claims_nothing(use_case, trust_accounts, monkeypatch) -> None:  # noqa: ANN001
+    """Review V2: `promote --decision` claimed the decision, then refused its reason (a space, a zero-width
+    one): the audit log said bob was finishing it, and its approval run, waking, declined it for a finisher
+    who did nothing. The reason is checked first now, as `rollback` does: nothing is claimed, the run
+    carries the decision out."""
+    from rollout import approval_runs
+    from tests.flows.test_unfinished_effects import _cli_as
+
+    name = use_case()
+    did, run, _ = _approved_run_slow_to_wake(name, "promotion", monkeypatch)
+    args = ("promote", name, "--decision", str(did), "--reason", "\u200b ")
+    res = _cli_as("bob", *args, monkeypatch=monkeypatch, accounts=trust_accounts)
+    assert res.exit_code == 2 and "a reason is required" in res.output, res.output
+    assert "approval.finish_claimed" not in _state(name)["audit"]
+    assert approval_runs.take_up(did, run) is None  # the run wakes and carries it out

@@ -247,9 +247,11 @@ def test_every_table_of_the_models_is_in_the_app_roles_grants() -> None:
 
 
 @pytest.mark.postgres
+@pytest.mark.parametrize("who", ["app", "owner"])
 @pytest.mark.parametrize("behind", ["not initialised", "one migration behind"])
-def test_run_as_the_app_role_migrates_nothing_and_names_init_with_the_owner_url(
+def test_run_on_postgresql_migrates_nothing_and_names_the_init_that_does(
     behind: str,
+    who: str,
     two_roles: tuple[str, str, str],
     pg_cluster: PgCluster,
     cli_home: Path,
@@ -259,7 +261,10 @@ def test_run_as_the_app_role_migrates_nothing_and_names_init_with_the_owner_url(
     """Review s48: `sparsepilot run` migrated the state DB with SPARSEPILOT_DATABASE_URL, the app role's,
     which may not (PostgreSQL's raw "permission denied for schema public"). Now it migrates nothing on
     PostgreSQL: a DB behind this build's head is one error line naming `sparsepilot init` with the owner's
-    URL, exit 2, before anything else runs."""
+    URL, exit 2, before anything else runs. On a single-role install (SPARSEPILOT_DATABASE_URL is the
+    owner's: docs/operations.md, "one role for every process") it said the URL was the app role's and to
+    set the owner's, which it is; plain `sparsepilot init` migrates it, and that is what it names now
+    (review V3)."""
     from rollout.db import migrate
 
     owner, app_url, db = two_roles
@@ -269,17 +274,19 @@ def test_run_as_the_app_role_migrates_nothing_and_names_init_with_the_owner_url(
         with _superuser(pg_cluster, db) as conn:
             conn.execute(f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}")
     before = migrate.current_revision(owner)
-    monkeypatch.setenv("SPARSEPILOT_DATABASE_URL", app_url)
+    monkeypatch.setenv("SPARSEPILOT_DATABASE_URL", app_url if who == "app" else owner)
     empty = tmp_path / "no-specs"
     empty.mkdir()
     res = runner.invoke(app, ["run", "--specs", str(empty)])
     out = " ".join(res.output.split())
     assert res.exit_code == 2, res.output
     assert f"is {behind if before is None else f'at revision {before}'}" in out, out
-    assert "sparsepilot init" in out and "SPARSEPILOT_OWNER_DATABASE_URL" in out, out
+    assert "run `sparsepilot init`" in out, out
+    assert ("SPARSEPILOT_OWNER_DATABASE_URL" in out) == (who == "app"), out
+    assert ("owns the database, so init migrates it as that role" in out) == (who == "owner"), out
     assert "permission denied" not in out and "Traceback" not in out, out
     assert migrate.current_revision(owner) == before  # nothing was migrated
     if before is not None:  # once init has migrated it as the owner, run's check lets it be
         migrate.upgrade(owner)
         migrate.grant_app_role(owner, app_url)
-        migrate.prepare_for_run(app_url)
+        migrate.prepare_for_run(app_url if who == "app" else owner)
