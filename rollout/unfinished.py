@@ -189,12 +189,13 @@ def _unfinished_rollback(session: Any, uc: UseCase, promoted: Pilot) -> Unfinish
     from rollout.champion import phase_is_champions, version_of, waiting_alarm
 
     moves = registry.committed_moves(session, uc.id, "champion")
-    # moved; the state DB never heard: the pilot it rolled back is still marked promoted (once it heard,
-    # the promoted pilot is the one the rollback returned to, whose version the move went to)
+    # moved; the state DB never heard: its last transaction moves a phase that is the champion's to
+    # rolled_back; where the phase is a challenger's (it stays), the pilot it rolled back is still marked
+    # promoted (once it heard, the promoted pilot is the one the rollback returned to)
     if (
         moves
         and moves[-1].idempotency_key.startswith("rollback:")
-        and moves[-1].from_version == version_of(session, promoted)
+        and (phase_is_champions(session, uc) or moves[-1].from_version == version_of(session, promoted))
     ):
         d = session.get(GateDecision, int(moves[-1].idempotency_key.split(":", 1)[1]))
         return _unfinished(session, uc, d, "rollback")

@@ -377,14 +377,15 @@ def apply_rollback(
             rolled = (
                 promoted if promoted is not None and champion.version_of(session, promoted) == about else None
             )
-        changed = done != "committed" or rolled is not None or d.resolution is None
+        moves_phase = champion.phase_is_champions(session, uc)  # its phase is the champion's: rolled back
+        changed = done != "committed" or rolled is not None or d.resolution is None or moves_phase
         if changed:
             if d.resolution is None:
                 d.resolution = "auto_rolled_back" if automatic else "approved"
             if rolled is not None:
                 pilots.stop_pilot(session, rolled, status="rolled_back", actor=who.name, reason=reason)
             # the phase moves where it is the champion's; another challenger's pilot (or its end) goes on
-            if champion.phase_is_champions(session, uc):
+            if moves_phase:
                 lifecycle.set_phase(session, uc, "rolled_back", actor=who.name, reason=reason)
             _finisher(
                 session, d, finished_by, said, action="rollback", approval_id=approval_id, signer=who.name

@@ -155,3 +155,41 @@ def test_the_champion_a_rollback_returned_to_is_monitored_and_roll_back_able(use
     rows, champions, promoted, _ = _pilots(name)
     assert (champions, [r[1] for r in rows], promoted) == (["1"], ["rolled_back", "rolled_back"], None)
     assert pilot_batches.monitor_target(name) is None
+
+
+def test_an_alarm_while_another_challenger_pilots_leaves_the_pilot_alone(flow_use_case, tmp_path) -> None:  # noqa: ANN001
+    """The monitor's alarm (`rollback: manual`) about the champion while a second challenger pilots waits on
+    its decision alone: the use case stays piloting (an "awaiting_approval" phase would have stopped the
+    pilot's batches, and keeping the champion set it "promoted" under a running pilot), the monitor
+    pauses until a person decides, and the approved rollback leaves the pilot running."""
+    import json
+
+    from flows.monitor import monitor_flow
+    from rollout import approvals, pilot_batches, registry
+    from tests.flows.test_approvals import _promoted as _go_promoted
+
+    name = flow_use_case(rollback="manual")
+    champion = _go_promoted(name)
+    _running_pilot(name, tau=0.8)
+    prod = tmp_path / "prod.jsonl"
+    rows = [
+        {"request_id": f"p{i}", "arm": "treatment", "quality": 0.9, "latency_ms": 500.0, "error": i < 8}
+        for i in range(20)
+    ]
+    prod.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    mon = monitor_flow(name, observations_file=str(prod))
+    assert (mon["outcome"], mon["awaiting"], mon["automatic_rollback"]) == (
+        "NO-GO",
+        "rollback_approval",
+        False,
+    )
+    assert (_phase(name), registry.current_aliases(name)["champion"]) == ("piloting", champion)
+    assert pilot_batches.monitor_target(name) is None  # the person decides first
+    with pytest.raises(approvals.ApprovalError, match=f"decision {mon['decision_id']} waits for approval"):
+        approvals.request_rollback(name, _identity(BOB), "again")
+
+    approvals.approve(mon["decision_id"], _identity(BOB), "error rate too high")
+    rows_now, champions, promoted, _ = _pilots(name)
+    assert (len(champions), [r[1] for r in rows_now], promoted) == (1, ["rolled_back", "running"], None)
+    assert registry.current_aliases(name)["champion"] == champions[0] != champion
+    assert _phase(name) == "piloting"
