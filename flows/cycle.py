@@ -1,6 +1,7 @@
 """The scheduled flow of one use case (one cron schedule per use case, see flows.deployments): it does
 what the use case's phase calls for — calibrate + evaluate a new use case, one pilot batch + gate while
-piloting, make sure an approval run waits while a decision needs a person, monitor after promotion."""
+piloting, make sure an approval run waits while a decision needs a person, and monitor the champion
+serving production whatever the phase (`pilot_batches.champion_watched`)."""
 
 from __future__ import annotations
 
@@ -71,19 +72,20 @@ def _cycle(use_case: str, batches: int, pilot_anyway: bool = False) -> dict[str,
             said = skip.said("the cycle's flow parameter pilot_anyway: true")
             logger.info("%s: not piloted: %s", use_case, said)
             out["pilot_skipped"] = said
-            out["phase_after"] = phase_of(use_case)
-            return out
-        # no actor: nobody started a scheduled tick, so its rows name the pipeline (the flows' default)
-        out["pilot"] = pilot_flow(use_case, batches=batches, pilot_anyway=pilot_anyway)
-        out["gate"] = gate_flow(use_case)
+        else:
+            # no actor: nobody started a scheduled tick, so its rows name the pipeline (the flows' default)
+            out["pilot"] = pilot_flow(use_case, batches=batches, pilot_anyway=pilot_anyway)
+            out["gate"] = gate_flow(use_case)
         phase = phase_of(use_case)
     if lifecycle.can(phase, "approve"):
         did = decisions.latest_waiting(use_case)
         if did is not None:
             out["approval_run"] = request_approval_run(did)
-    elif lifecycle.can(phase, "monitor"):
-        out["monitor"] = monitor_flow(use_case)
-    elif lifecycle.phase(phase).ended:
+    elif lifecycle.phase(phase).ended and not pilot_batches.champion_watched(use_case):
         logger.info("%s is %s: add a new spec version and calibrate to start again", use_case, phase)
+    # the champion serving production is watched whatever the phase (another challenger piloting, or a
+    # rollback having returned to it: `rollout.champion`)
+    if pilot_batches.champion_watched(use_case):
+        out["monitor"] = monitor_flow(use_case)
     out["phase_after"] = phase_of(use_case)
     return out

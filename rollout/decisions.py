@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rollout import approvals, audit, lifecycle, pilots, registry
+from rollout import approvals, audit, champion, lifecycle, pilots, registry
 from rollout.db.models import GateDecision, Pilot, PilotStep, UseCase
 from rollout.db.session import session_scope
 from rollout.words import counted
@@ -374,7 +374,10 @@ def monitor_look(
         auto = auto and not stranded
         # only the champion that still serves as promoted is rolled back or asked about: one rolled back
         # (or replaced) while the batch was answered is recorded, settled, and moves nothing
-        gone = None if pilot.status == "promoted" and uc.phase == "promoted" else pilot.status
+        watched = champion.monitored_pilot(session, uc)
+        gone = None
+        if watched is None or watched.id != pilot.id:
+            gone = "not the champion watched" if pilot.status == "promoted" else pilot.status
         auto = auto and gone is None
         awaiting = "rollback_approval" if bad and not auto and gone is None else "none"
         action = (
@@ -421,7 +424,9 @@ def monitor_look(
         )
         if created and gone is not None and bad:
             d.resolution = "superseded"  # a later rollback or promotion made it moot (as `_supersede`)
-        if created and awaiting == "rollback_approval":
+        # the phase waits for the person where it is the champion's (promoted); while another challenger
+        # pilots it stays the pilot's, and the decision alone waits (`champion.waiting_alarm`)
+        if created and awaiting == "rollback_approval" and champion.phase_is_champions(session, uc):
             lifecycle.set_phase(
                 session, uc, "awaiting_approval", actor=audit.MONITOR_ACTOR, reason=explanation
             )

@@ -17,7 +17,8 @@ ANY = None  # `enters_from` of a phase that a decision (the gate's or a person's
 class Phase:
     meaning: str
     # what may run in this phase: "calibrate" (the cycle calibrates + evaluates), "pilot" (pilot batches +
-    # gate looks), "approve" (a decision waits for a person), "monitor" and "rollback" (after promotion)
+    # gate looks), "approve" (a decision waits for a person), "monitor" and "rollback" (after promotion;
+    # in any other phase too where a champion of ours serves: they follow `rollout.champion`, not the phase)
     actions: frozenset[str]
     waits_for: str  # in words, when no decision or running pilot says more (rollout.queries.waits_for)
     enters_from: frozenset[str] | None = ANY  # phases the pipeline's automatic moves may leave for this one

@@ -48,14 +48,31 @@ def _rows(first: int, requests: int) -> list[dict[str, Any]]:
 
 
 def _promoted_monitor_step(name: str) -> int:
-    """Start the bench use case's pilot and promote it as an approval would; returns the monitor step id."""
+    """Start the bench use case's pilot and promote it as an approval would (the champion alias on its
+    challenger: the monitor watches the champion that serves); returns the monitor step id."""
     from rollout import audit, lifecycle, pilot_batches, pilots
+    from rollout.db.models import AliasMove, ModelVersion
     from rollout.db.session import session_scope
 
     with session_scope() as session:
         info = pilot_batches.ensure_pilot_in(session, name)
+    with session_scope() as session:
         uc = pilots.get_use_case(session, name)
         pilot = pilots.active_pilot(session, uc)
+        # the champion alias on the pilot's challenger, as the promotion's move records it (the bench's
+        # version is not in MLflow: its number is the scratch home's own)
+        session.get(ModelVersion, pilot.model_version_id).mlflow_version = "1"
+        session.add(
+            AliasMove(
+                idempotency_key="bench-seed",
+                use_case_id=uc.id,
+                alias="champion",
+                to_version="1",
+                actor=audit.SYSTEM_ACTOR,
+                reason="bench seed",
+                status="committed",
+            )
+        )
         pilots.stop_pilot(session, pilot, status="promoted", actor=audit.SYSTEM_ACTOR, reason="bench seed")
         lifecycle.set_phase(session, uc, "promoted", actor=audit.SYSTEM_ACTOR, reason="bench seed")
         assert info["pilot_id"] == pilot.id

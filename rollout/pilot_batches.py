@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from rollout import audit, lifecycle, pilots, run_links, runs
+from rollout import audit, champion, lifecycle, pilots, run_links, runs
 from rollout.calibration_outcome import missed_budget_refusal
 from rollout.db.models import (
     AuditEntry,
@@ -302,16 +302,15 @@ def pilot_spec_version(use_case: str) -> int:
 
 
 def monitor_target(use_case: str, *, used_request_ids: bool = True) -> dict[str, Any] | None:
-    """The promoted pilot's monitor step (opened on first use), or None when nothing is promoted.
+    """The serving champion's monitor step (opened on first use), or None when no champion of ours serves
+    or its alarm waits for a person (`champion.monitored_pilot`, whatever the use case's phase).
     `used_request_ids=False` when the look imports observations rather than sampling the use case's
     traffic (the list is then empty). The monitor keeps the rules of the spec version the champion was
     promoted under (`pilots.load_pilot_spec`: its batch size, rollback policy, guardrails); `spec_version`
     names it, for the flow's traffic and arms. A later spec version applies from the next promotion."""
     with session_scope() as session:
         uc = pilots.get_use_case(session, use_case)
-        if not lifecycle.can(uc.phase, "monitor"):
-            return None
-        pilot = pilots.promoted_pilot(session, uc)
+        pilot = champion.monitored_pilot(session, uc)  # whatever the phase: another challenger may pilot
         if pilot is None:
             return None
         spec, sv = pilots.load_pilot_spec(session, pilot)
@@ -328,6 +327,13 @@ def monitor_target(use_case: str, *, used_request_ids: bool = True) -> dict[str,
             "traffic_pct": 100.0,
             "spec_version": sv.version,  # the pilot's own, or the current one for a pilot from before it
         }
+
+
+def champion_watched(use_case: str) -> bool:
+    """Whether the monitor has a champion to watch now (`champion.monitored_pilot`), whatever the phase:
+    what the scheduled cycle asks before it runs the monitor."""
+    with session_scope() as session:
+        return champion.monitored_pilot(session, pilots.get_use_case(session, use_case)) is not None
 
 
 def nothing_to_monitor(use_case: str, observations_file: str) -> pilots.PilotStateError:

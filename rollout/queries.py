@@ -251,6 +251,21 @@ def portfolio(
     return rows
 
 
+def rollback_able(session: Session) -> list[str]:
+    """The use cases a person may roll back now (`champion.rollback_able`: promoted, or a champion of ours
+    serving whatever the phase), by name: the approvals page's rollback list. Asked only of use cases
+    promoted or with a promoted pilot (a portfolio of pilots costs one query)."""
+    from rollout import champion
+
+    with_champion = select(Pilot.use_case_id).where(Pilot.status == "promoted")
+    candidates = session.scalars(
+        select(UseCase)
+        .where(or_(UseCase.phase == "promoted", UseCase.id.in_(with_champion)))
+        .order_by(UseCase.name)
+    )
+    return [uc.name for uc in candidates if champion.rollback_able(session, uc)]
+
+
 def _unfinished_row(session: Session, row: dict[str, Any]) -> dict[str, Any] | None:
     """The row's decided-but-not-in-effect decision (`rollout.unfinished.unfinished_in`), as
     `unfinished.waits_words` reads it: asked only where the row's decision can be one

@@ -107,10 +107,10 @@ def unfinished_in(session: Any, uc: UseCase) -> Unfinished | None:
     from rollout.pilots import promoted_pilot
 
     promoted = promoted_pilot(session, uc)
-    # a rollback's (and a kept alarm's) last transaction moves the promoted pilot or the use case on: while
-    # a pilot is still marked promoted (and the use case promoted, or awaiting the person the monitor
-    # asked) one may be unfinished; after it, a later pilot's phases are none of its business
-    if uc.phase in ("promoted", "awaiting_approval") and promoted is not None:
+    # a rollback's last transaction marks the pilot it rolled back "rolled_back" (a kept alarm's moves the
+    # use case on): while a pilot is still marked promoted one may be unfinished, whatever the phase (a
+    # champion is rolled back while another challenger pilots, or after a rollback returned to it)
+    if promoted is not None:
         found = _unfinished_rollback(session, uc, promoted)
         if found is not None:
             return found
@@ -146,8 +146,9 @@ def may_be_unfinished(row: dict[str, Any]) -> bool:
     `decision` outcome, `awaiting`, `resolution`, the use case's `phase` and latest `pilot_status`) can be
     one `unfinished_in` finds, so the portfolio asks it about those rows alone (a healthy portfolio costs
     no query more): a gate decision resolved while its pilot is still live (a promotion or rejection
-    whose run did not finish), or, on a promoted use case (or one awaiting the person the monitor asked),
-    a monitor's or a person's rollback decision approved, rejected, or the monitor's own."""
+    whose run did not finish), or, whatever the phase (a champion is monitored and rolled back while
+    another challenger pilots: `rollout.champion`), a monitor's or a person's rollback decision approved,
+    rejected, or the monitor's own."""
     resolved = row.get("resolution") in ("approved", "rejected")
     if row.get("decision_kind") == "gate":
         return resolved and row.get("pilot_status") in LIVE_PILOT
@@ -155,7 +156,6 @@ def may_be_unfinished(row: dict[str, Any]) -> bool:
     return (
         row.get("decision_kind") in ("monitor", "rollback")
         and row.get("decision") != "GO"
-        and row.get("phase") in ("promoted", "awaiting_approval")
         and (resolved or own)
     )
 
@@ -186,9 +186,17 @@ def waits_words(pending: dict[str, Any]) -> str:
 def _unfinished_rollback(session: Any, uc: UseCase, promoted: Pilot) -> Unfinished | None:
     """The unfinished rollback or kept alarm of the pilot `promoted` (module docstring)."""
     from rollout.approvals import rollback_about
+    from rollout.champion import phase_is_champions, version_of, waiting_alarm
 
     moves = registry.committed_moves(session, uc.id, "champion")
-    if moves and moves[-1].idempotency_key.startswith("rollback:"):  # moved; the state DB never heard
+    # moved; the state DB never heard: its last transaction moves a phase that is the champion's to
+    # rolled_back; where the phase is a challenger's (it stays), the pilot it rolled back is still marked
+    # promoted (once it heard, the promoted pilot is the one the rollback returned to)
+    if (
+        moves
+        and moves[-1].idempotency_key.startswith("rollback:")
+        and (phase_is_champions(session, uc) or moves[-1].from_version == version_of(session, promoted))
+    ):
         d = session.get(GateDecision, int(moves[-1].idempotency_key.split(":", 1)[1]))
         return _unfinished(session, uc, d, "rollback")
     serving = registry.champion_lineage(moves)[-1:]
@@ -224,12 +232,13 @@ def _unfinished_rollback(session: Any, uc: UseCase, promoted: Pilot) -> Unfinish
         asked = d.kind == "rollback" or d.awaiting == "rollback_approval"
         if d.resolution == "approved" and asked:
             return _unfinished(session, uc, d, "rollback")
-        if d.resolution is None and d.kind == "monitor" and uc.phase == "promoted":
+        if d.resolution is None and d.kind == "monitor" and waiting_alarm(session, promoted) is None:
             return _unfinished(session, uc, d, "rollback")  # the monitor's own
         if (
             d.resolution == "rejected"
             and d.awaiting == "rollback_approval"
             and uc.phase == "awaiting_approval"
+            and phase_is_champions(session, uc)
             and d.id == newest_alarm
         ):
             return _unfinished(session, uc, d, "keep")  # kept through the alarm: the monitor resumes

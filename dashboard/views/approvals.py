@@ -14,7 +14,7 @@ import streamlit as st
 from dashboard import fmt
 from dashboard.data import read
 from dashboard.identity import approver_list_known, current_identity
-from rollout import approvals, lifecycle, queries, registry
+from rollout import approvals, queries, registry
 from rollout.auth import Identity, PermissionDenied
 from rollout.redact import redact
 from rollout.unfinished import FINISHING, Unfinished, unfinished_of
@@ -250,7 +250,8 @@ def decision_card(d: dict[str, Any], ident: Identity | None, pilot_waits: str | 
 
 
 def rollback_section(ident: Identity | None) -> None:
-    promoted = [r["name"] for r in read(queries.portfolio) if lifecycle.can(r["phase"], "rollback")]
+    # whatever the phase: a champion of ours serving while another challenger pilots is rolled back too
+    promoted = read(queries.rollback_able)
     st.subheader("Roll back a promoted use case")
     if not promoted:
         st.caption("No use case is promoted right now.")

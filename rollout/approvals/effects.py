@@ -12,7 +12,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from rollout import audit, lifecycle
+from rollout import audit, champion, lifecycle
 from rollout.approvals.base import ApprovalError, ApprovalPayload
 from rollout.auth import Identity, require_approver
 from rollout.db.models import AliasMove, Approval, GateDecision, ModelVersion, Pilot, UseCase
@@ -291,7 +291,9 @@ def apply_keep(
         d = session.get(GateDecision, decision_id)
         assert d is not None
         uc = session.get(UseCase, d.use_case_id, with_for_update=True, populate_existing=True)
-        if uc.phase != "awaiting_approval":
+        # only the phase the alarm moved (`decisions.monitor_look`: a promoted use case's): a GO of another
+        # challenger awaiting approval is not the champion's to move on
+        if uc.phase != "awaiting_approval" or not champion.phase_is_champions(session, uc):
             return {"action": "kept", "decision_id": decision_id, "done": False}
         lifecycle.set_phase(
             session,
@@ -318,7 +320,9 @@ def apply_rollback(
     when the use case's rollback policy is 'auto'. A rollback undoes the champion its decision was
     about (`rollback_about`): where another rollback or promotion has moved the champion since, nothing
     moves (a person's rollback and the monitor's, one after the other, used to roll back two versions)
-    and the decision is closed "superseded" with an audit entry."""
+    and the decision is closed "superseded" with an audit entry. The use case's phase moves to
+    `rolled_back` only where it is the champion's (`champion.phase_is_champions`): rolled back while
+    another challenger pilots, the pilot goes on and the use case stays piloting."""
     from rollout import pilots, registry
 
     if automatic:
@@ -364,15 +368,25 @@ def apply_rollback(
         # the chain's lock taken before the use case's row (the pilot's status change is audited before
         # the phase moves) deadlocked on PostgreSQL against a writer holding the row, queueing for it
         uc, promoted, d = _locked_for_rollback(session, name, decision_id)
-        # in effect already (its own run completed it while this one finished it): nothing is recorded,
-        # nor another pilot promoted earlier (serving again since this rollback) stopped
-        changed = done != "committed" or uc.phase != "rolled_back" or d.resolution is None
+        # the pilot rolled back: the promoted one whose champion the decision is about. In effect already
+        # (its own run completed it while this one finished it), the promoted one is the pilot serving
+        # again since: nothing is recorded, nor that pilot stopped
+        if about is None:  # a record that cannot say (written before the field): read by the phase
+            rolled = promoted if uc.phase != "rolled_back" else None
+        else:
+            rolled = (
+                promoted if promoted is not None and champion.version_of(session, promoted) == about else None
+            )
+        moves_phase = champion.phase_is_champions(session, uc)  # its phase is the champion's: rolled back
+        changed = done != "committed" or rolled is not None or d.resolution is None or moves_phase
         if changed:
             if d.resolution is None:
                 d.resolution = "auto_rolled_back" if automatic else "approved"
-            if promoted is not None:
-                pilots.stop_pilot(session, promoted, status="rolled_back", actor=who.name, reason=reason)
-            lifecycle.set_phase(session, uc, "rolled_back", actor=who.name, reason=reason)
+            if rolled is not None:
+                pilots.stop_pilot(session, rolled, status="rolled_back", actor=who.name, reason=reason)
+            # the phase moves where it is the champion's; another challenger's pilot (or its end) goes on
+            if moves_phase:
+                lifecycle.set_phase(session, uc, "rolled_back", actor=who.name, reason=reason)
             _finisher(
                 session, d, finished_by, said, action="rollback", approval_id=approval_id, signer=who.name
             )

@@ -1,6 +1,6 @@
-"""A person rolls a promoted use case back (`request_rollback`): one request for one intent (two
-approvers at once get the same decision), a rollback decided but not in effect finished rather than
-followed by a second, the monitor's own giving way where it has moved nothing."""
+"""A person rolls the serving champion back, whatever the use case's phase (`request_rollback`): one
+request for one intent (two approvers at once get the same decision), a rollback decided but not in effect
+finished rather than followed by a second, the monitor's own giving way where it has moved nothing."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from rollout import lifecycle
+from rollout import champion
 from rollout.approvals.base import ApprovalError
 from rollout.approvals.effects import _supersede, apply_rollback
 from rollout.approvals.signatures import _sign, checked_reason
@@ -62,10 +62,10 @@ def request_rollback(
             refuse_while_applied(session, pending, claim_for=who.name)  # its run, waking, declines it
             decision_id, approval_id = pending.decision_id, pending.approval_id
             finishing = True
-        elif not lifecycle.can(uc.phase, "rollback"):
+        elif not champion.rollback_able(session, uc):
             _refuse_while_alarm_waits(session, uc)
             raise ApprovalError(
-                f"use case {use_case_name!r} is {uc.phase}, not promoted: "
+                f"use case {use_case_name!r} ({uc.phase}): no champion of ours serves, "
                 "there is no champion of ours to roll back"
             )
         else:

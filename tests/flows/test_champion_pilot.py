@@ -78,3 +78,118 @@ def test_a_promotion_replaces_the_pilots_no_rollback_returns_to() -> None:
     assert replaced_by_promotion(["1", "2", "3"], [(1, "2")]) == []
     assert replaced_by_promotion(["1", "2"], [(1, "2"), (2, "3")]) == [1, 2]
     assert replaced_by_promotion(["1", "2", "4"], [(1, "2"), (3, None)]) == [3]
+
+
+def _running_pilot(name: str, tau: float) -> int:
+    """Another challenger registered and its pilot started (the use case piloting); its pilot's id."""
+    from rollout import pilots, registry
+    from rollout.db.models import ModelVersion
+    from rollout.db.session import session_scope
+    from sparse_core import SparsePlan
+
+    with session_scope() as s:
+        model = pilots.load_current_spec(s, pilots.get_use_case(s, name))[0].model
+    mv = registry.register_version(
+        name, SparsePlan(tau=tau), model, actor=registry.SYSTEM_PIPELINE, density=0.5
+    )
+    registry.set_alias(
+        name,
+        "challenger",
+        model_version_id=mv.id,
+        actor=registry.SYSTEM_PIPELINE,
+        reason="test",
+        idempotency_key=f"c-{tau}",
+    )
+    with session_scope() as s:
+        uc = pilots.get_use_case(s, name)
+        spec, _ = pilots.load_current_spec(s, uc)
+        return pilots.start_pilot(s, uc, s.get(ModelVersion, mv.id), spec, actor="test").id
+
+
+def _phase(name: str) -> str:
+    from rollout.usecases import phase_of
+
+    return phase_of(name)
+
+
+@pytest.mark.parametrize("trust_db", ["sqlite"], indirect=True)
+def test_the_champion_stays_monitored_and_roll_back_able_while_another_challenger_pilots(use_case) -> None:
+    """Finding 1 (fix-p): while a second challenger piloted, the phase `piloting` refused the monitor and a
+    person's rollback, so the sparse champion serving production went unwatched for the whole pilot. Its
+    rollback leaves the pilot running, the use case piloting: the pilot's control arm is dense, not the
+    champion."""
+    from rollout import approvals, pilot_batches
+
+    name = use_case(rollback="manual")
+    first = _promoted(name)  # the dense baseline v1, then pilot 1's challenger v2
+    _running_pilot(name, tau=0.8)
+    assert _phase(name) == "piloting"
+    target = pilot_batches.monitor_target(name)
+    assert target is not None and target["pilot_id"] == first["pilot_id"]
+
+    approvals.request_rollback(name, _identity(BOB), "p95 regressed")
+    rows, champions, promoted, _ = _pilots(name)
+    assert champions == ["1"]
+    assert ([r[1] for r in rows], promoted, _phase(name)) == (["rolled_back", "running"], None, "piloting")
+    assert pilot_batches.monitor_target(name) is None
+
+
+@pytest.mark.parametrize("trust_db", ["sqlite"], indirect=True)
+def test_the_champion_a_rollback_returned_to_is_monitored_and_roll_back_able(use_case) -> None:
+    """Finding 2 (fix-p): once pilot 2's champion was rolled back, pilot 1's (v2) served again, but the
+    phase `rolled_back` allowed nothing: the monitor had no target and `rollback` said "there is no
+    champion of ours to roll back"."""
+    from rollout import approvals, pilot_batches
+
+    name = use_case(rollback="manual")
+    first = _promoted(name)
+    second = _pilot_with_decision(name, "GO", "approval", key="second", tau=0.8)
+    assert approvals.approve(second, _identity(ALICE), "pilot 2 passed").took_effect
+    approvals.request_rollback(name, _identity(BOB), "p95 regressed")
+    rows, champions, promoted, _ = _pilots(name)
+    assert (champions, promoted, _phase(name)) == (["1", "2"], 1, "rolled_back")
+    target = pilot_batches.monitor_target(name)
+    assert target is not None and target["pilot_id"] == first["pilot_id"]
+
+    approvals.request_rollback(name, _identity(BOB), "v2 regressed too")
+    rows, champions, promoted, _ = _pilots(name)
+    assert (champions, [r[1] for r in rows], promoted) == (["1"], ["rolled_back", "rolled_back"], None)
+    assert pilot_batches.monitor_target(name) is None
+
+
+def test_an_alarm_while_another_challenger_pilots_leaves_the_pilot_alone(flow_use_case, tmp_path) -> None:  # noqa: ANN001
+    """The monitor's alarm (`rollback: manual`) about the champion while a second challenger pilots waits on
+    its decision alone: the use case stays piloting (an "awaiting_approval" phase would have stopped the
+    pilot's batches, and keeping the champion set it "promoted" under a running pilot), the monitor
+    pauses until a person decides, and the approved rollback leaves the pilot running."""
+    import json
+
+    from flows.monitor import monitor_flow
+    from rollout import approvals, pilot_batches, registry
+    from tests.flows.test_approvals import _promoted as _go_promoted
+
+    name = flow_use_case(rollback="manual")
+    champion = _go_promoted(name)
+    _running_pilot(name, tau=0.8)
+    prod = tmp_path / "prod.jsonl"
+    rows = [
+        {"request_id": f"p{i}", "arm": "treatment", "quality": 0.9, "latency_ms": 500.0, "error": i < 8}
+        for i in range(20)
+    ]
+    prod.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    mon = monitor_flow(name, observations_file=str(prod))
+    assert (mon["outcome"], mon["awaiting"], mon["automatic_rollback"]) == (
+        "NO-GO",
+        "rollback_approval",
+        False,
+    )
+    assert (_phase(name), registry.current_aliases(name)["champion"]) == ("piloting", champion)
+    assert pilot_batches.monitor_target(name) is None  # the person decides first
+    with pytest.raises(approvals.ApprovalError, match=f"decision {mon['decision_id']} waits for approval"):
+        approvals.request_rollback(name, _identity(BOB), "again")
+
+    approvals.approve(mon["decision_id"], _identity(BOB), "error rate too high")
+    rows_now, champions, promoted, _ = _pilots(name)
+    assert (len(champions), [r[1] for r in rows_now], promoted) == (1, ["rolled_back", "running"], None)
+    assert registry.current_aliases(name)["champion"] == champions[0] != champion
+    assert _phase(name) == "piloting"
