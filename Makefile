@@ -30,10 +30,12 @@ run: setup
 
 ## Set up and run the whole test suite (lint + import contracts + tests). The tests run in one worker
 ## process per core (pytest-xdist, at most 4; TEST_WORKERS=0 runs them in this process), each worker's
-## torch on one thread (tests/conftest.py); the tests marked slow run first. On 2 idle cores, 1,744 tests
-## (2026-12-07, session 48, three clean clones): pytest 15.6-17.9 min, the whole `bash .ci/run` 16.9-19.3 min
-## (setup included; 1,610 tests in session 47 took 19.1 / 20.9 min, before slow-first ordering, a state DB
-## copied per test and cheap test hashes). When the suite was smaller, one process took 1.6-1.8x as long as
+## torch on one thread (tests/conftest.py); the tests marked slow run first. On 2 idle cores, 1,851 tests
+## (2026-12-07, session 49, a clean clone): pytest 14.7 min, the whole `bash .ci/run` 16.0 min (setup
+## included; 1,744 tests in session 48 took 15.6-17.9 / 16.9-19.3 min, before Great Expectations' batch
+## definitions were kept per process and AppTest's package scan and a migrated PostgreSQL database per test
+## session; 1,610 in session 47 took 19.1 / 20.9 min, before slow-first ordering, a state DB copied per test
+## and cheap test hashes). When the suite was smaller, one process took 1.6-1.8x as long as
 ## two workers. The log ends with the 30 slowest test phases (--durations=30), so a run that nears the
 ## 20-minute budget names its cause.
 TEST_WORKERS ?= auto
