@@ -341,9 +341,21 @@ def nothing_to_monitor(use_case: str, observations_file: str) -> pilots.PilotSta
     rolled back): the file's rows have no champion to be judged against, so they are not imported, and
     saying so is an error, where the monitor used to answer "nothing to monitor" with exit 0 and a cron
     shipping each day's log after an automatic rollback kept "succeeding" (review s49 R5). A scheduled
-    monitor, which samples, still skips quietly. A running pilot's rows go to its own import."""
+    monitor, which samples, still skips quietly. A running pilot's rows go to its own import. Where the
+    champion serves but the monitor's alarm about it waits for a person, that is said instead (it read
+    "nothing promoted" there)."""
     with session_scope() as session:
-        phase = pilots.get_use_case(session, use_case).phase
+        uc = pilots.get_use_case(session, use_case)
+        phase = uc.phase
+        serving = champion.serving_pilot(session, uc)
+        alarm = None if serving is None else champion.waiting_alarm(session, serving)
+    if alarm is not None:
+        return pilots.PilotStateError(
+            f"{use_case}: the monitor's alarm (decision {alarm}) waits for a person, who rolls the champion "
+            f"back (`sparsepilot approve {use_case} --decision {alarm} --reason TEXT`) or keeps it, which "
+            f"resumes the monitor (`sparsepilot approve {use_case} --decision {alarm} --reject --reason "
+            f"TEXT`): {observations_file} was not imported"
+        )
     piloting = (
         f"; a running pilot's observations are imported with "
         f"`sparsepilot pilot {use_case} --observations {shlex.quote(str(observations_file))}`"

@@ -187,6 +187,16 @@ def test_an_alarm_while_another_challenger_pilots_leaves_the_pilot_alone(flow_us
     assert pilot_batches.monitor_target(name) is None  # the person decides first
     with pytest.raises(approvals.ApprovalError, match=f"decision {mon['decision_id']} waits for approval"):
         approvals.request_rollback(name, _identity(BOB), "again")
+    # a file given meanwhile is not imported, and the refusal says why (it read "nothing promoted")
+    with pytest.raises(pilot_batches.pilots.PilotStateError) as refused:
+        monitor_flow(name, observations_file=str(prod))
+    did = mon["decision_id"]
+    assert str(refused.value) == (
+        f"{name}: the monitor's alarm (decision {did}) waits for a person, who rolls the champion back "
+        f"(`sparsepilot approve {name} --decision {did} --reason TEXT`) or keeps it, which resumes the "
+        f"monitor (`sparsepilot approve {name} --decision {did} --reject --reason TEXT`): {prod} was not "
+        "imported"
+    )
 
     approvals.approve(mon["decision_id"], _identity(BOB), "error rate too high")
     rows_now, champions, promoted, _ = _pilots(name)
