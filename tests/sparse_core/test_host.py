@@ -323,8 +323,11 @@ def _spin_on(cpu: int) -> subprocess.Popen:
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs CPU affinity")
 def test_a_short_timing_sharing_its_cpu_with_a_busy_process_is_flagged() -> None:
-    """A real busy process pinned to the CPU our thread is pinned to: every 30 ms piece of one-thread
-    work is flagged (it ran about half the time); alone it is not flagged by its own waiting."""
+    """A real busy process pinned to the CPU our thread is pinned to: the 30 ms pieces of one-thread work
+    are flagged (each ran about half the time). Not every one: the scheduler may run one piece almost
+    alone (a clean-clone CI saw wait shares 0.501, 0.847, 0.013, 0.373, 0.506, 0.504), so 8 of 10 are
+    flagged and the pieces waited 0.3 of their time on average; a meter that did not see the waiting fails
+    both."""
     import torch
 
     if snapshot().run_ns is None:
@@ -345,13 +348,14 @@ def test_a_short_timing_sharing_its_cpu_with_a_busy_process_is_flagged() -> None
     spin = _spin_on(cpu)
     try:
         time.sleep(0.2)
-        loads = [piece().load for _ in range(6)]
+        loads = [piece().load for _ in range(10)]
     finally:
         spin.kill()
         spin.wait()
         os.sched_setaffinity(0, before_mask)
         torch.set_num_threads(before_threads)
-    assert all(x.overloaded and x.wait_share > 0.3 for x in loads), [x.wait_share for x in loads]
+    shares = [x.wait_share for x in loads]
+    assert sum(x.overloaded for x in loads) >= 8 and sum(shares) / len(shares) > 0.3, shares
 
 
 def test_an_explicit_omp_num_threads_caps_the_automatic_choice(monkeypatch: pytest.MonkeyPatch) -> None:
