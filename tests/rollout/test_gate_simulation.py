@@ -6,7 +6,11 @@ Grid (issue: gate valid at real sample sizes): designs paired (shadow) and split
 treatment share; scores 0/1 at 80% and 95% correct, Beta(0.5, 0.5), Beta(8, 2), and "identical except the
 sparse arm fails on a few % of requests"; 8 / 12 / 20 / 50 / 200 requests (pairs, or treatment rows) per
 look; GO by look 1, 5 and 10; truth at -margin and -1.2 x margin. Replications grow until the binomial
-interval decides (upper end of the 95% Clopper-Pearson interval <= alpha + 2 pp)."""
+interval decides (upper end of the 95% Clopper-Pearson interval <= alpha + 2 pp).
+
+False NO-GO (the futility test, a crossing included, as `decide` ends a step) on the grid of
+`rollout.gate.bench.nogo_table`: at or below alpha at -margin and at 0, the interval deciding, with its
+own replay through `decide`."""
 
 from __future__ import annotations
 
