@@ -1,7 +1,7 @@
 """`sparsepilot bench gate`: how long `decide` takes at 10k / 100k / 1M rows, and (with --simulate) the
-table of false GO, power and sample size to GO that docs/gate.md carries; with --excess the excess
-guardrail's simulated false stop and power. Returns plain rows; the CLI prints the table and writes the
-JSON. Timings come with the host's load, measured before and after."""
+table of false GO, power and sample size to GO that docs/gate.md carries; with --nogo the false NO-GO
+table; with --excess the excess guardrail's simulated false stop and power. Returns plain rows; the CLI
+prints the table and writes the JSON. Timings come with the host's load, measured before and after."""
 
 from __future__ import annotations
 
@@ -161,6 +161,61 @@ def _in_pool(
                 progress(len(out), len(jobs))
     environment = {"loadavg_before": load_before, "loadavg_after": loadavg(), "cpu_count": os.cpu_count()}
     return out, environment
+
+
+# ---------------------------------------------------------------- false NO-GO, simulated
+
+# The grid of the futility test's false NO-GO (`tests/rollout/test_gate_simulation.py` asserts it, adaptive
+# replications; `nogo_table` prints it for docs/gate.md): the minimum sample held from the first look, so a
+# step may end NO-GO at every look the futility test rejects at
+NOGO_SETTINGS = GateSettings(alpha=0.05, margin=0.03, min_samples_per_arm=2, guardrail_min_samples=1)
+NOGO_DESIGNS = ("paired", "split50", "split10")
+NOGO_SCORES = ("binary80", "beta8_2", "losses")  # 0/1 at 80%, skewed Beta(8, 2), "sparse loses on a few %"
+NOGO_PER_LOOK = (8, 25, 50)
+
+
+def _nogo_cell(args: tuple[float, str, str, int, int, int]) -> dict[str, Any]:
+    truth, design, scores, per_look, reps, seed = args
+    r = simulate(
+        NOGO_SETTINGS,
+        design=design,
+        scores=scores,
+        per_look=per_look,
+        looks=10,
+        truth=truth,
+        replications=reps,
+        seed=seed,
+        nogo=True,
+    )
+    return {
+        "truth": truth,
+        "design": design,
+        "scores": scores,
+        "per_look": per_look,
+        "nogo_look1": r.nogo_by_look[0],
+        "nogo_look5": r.nogo_by_look[4],
+        "nogo_look10": r.nogo_by_look[9],
+        "upper95_look10": r.nogo_upper95[9],
+        "replications": reps,
+    }
+
+
+def nogo_table(
+    replications: int = 4000, progress: Callable[[int, int], None] | None = None
+) -> dict[str, Any]:
+    """The gate's false NO-GO by simulation (`simulation.simulate(nogo=True)`: the futility test `decide`
+    runs, NO-GO where it has rejected and the step holds its minimum sample, a crossing included, steps
+    that ended GO before not counted): the share of steps NO-GO by look 1 / 5 / 10 of 10, with the upper
+    end of the 95% Clopper-Pearson interval by look 10, at a true difference of -margin (the futility
+    test's null: every NO-GO is false) and of 0, for every design, score model and size of the grid."""
+    jobs = [
+        (t, d, sc, n, replications, 20_000 + seed)
+        for seed, (t, d, sc, n) in enumerate(
+            itertools.product((-NOGO_SETTINGS.margin, 0.0), NOGO_DESIGNS, NOGO_SCORES, NOGO_PER_LOOK)
+        )
+    ]
+    rows, environment = _in_pool(_nogo_cell, jobs, progress)
+    return {"settings": NOGO_SETTINGS.to_dict(), "rows": rows, "environment": environment}
 
 
 # ---------------------------------------------------------------- the excess guardrail, simulated

@@ -6,7 +6,9 @@ number of requests per look (pairs, or treatment rows in a split step), a number
 difference of the means. Every score distribution comes with a way to make the sparse arm worse by an exact
 amount, so the truth is known: false GO is measured at truth = -margin and below; power at truth = 0.
 `tests/rollout/test_gate_simulation.py` asserts the error rates; `sparsepilot bench gate --simulate` prints
-the full table that docs/gate.md carries.
+the full table that docs/gate.md carries. With `nogo=True` the futility test runs on the same bets and a
+step ends NO-GO as `decide` ends it (`nogo_ends`): false NO-GO is measured at truth = -margin and at 0
+(`sparsepilot bench gate --nogo`).
 
 The excess-over-control guardrail (`simulate_excess`) is simulated the same way: rare 0/1 errors with a
 known excess of the sparse arm's rate over the dense arm's, judged by the guardrail's own breach test
@@ -35,7 +37,7 @@ from rollout.gate.guardrails import (
     split_excess_stream,
 )
 from rollout.gate.quality import prior
-from rollout.gate.sequences import ipw_stream, paired_stream, rejects
+from rollout.gate.sequences import ipw_stream, paired_stream, rejects, two_sided_bets
 from rollout.gate.settings import GateSettings
 
 
@@ -128,6 +130,12 @@ class Result:
     upper95: tuple[float, ...]  # upper end of the 95% Clopper-Pearson interval of go_by_look
     mean_units_to_go: float  # mean requests (pairs) until GO, counting non-GO pilots at the last look
     first_go_look: tuple[int, ...] = ()  # per pilot (keep_runs only): look of the first GO, 0 = none
+    # nogo=True only: share of pilots whose step ends NO-GO by futility at or before look k, as `decide`
+    # ends it (a look where the futility test has rejected and the step holds its minimum sample, the GO
+    # test's verdict whatever it is: a crossing), pilots that ended GO at an earlier look not counted
+    nogo_by_look: tuple[float, ...] = ()
+    nogo_upper95: tuple[float, ...] = ()  # upper end of the 95% Clopper-Pearson interval of nogo_by_look
+    nogo_look: tuple[int, ...] = ()  # per pilot (nogo and keep_runs): look of that NO-GO, 0 = none
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -145,18 +153,27 @@ def simulate(
     seed: int = 0,
     chunk_elements: int = 262_144,
     keep_runs: bool = False,
+    nogo: bool = False,
 ) -> Result:
-    """GO rate by each look of `replications` simulated pilots (min sample = one look's worth).
-    keep_runs: also return, per pilot, the look of its first GO (0 = none)."""
+    """GO rate by each look of `replications` simulated pilots: the GO test alone, whatever the futility
+    test says and whatever the step's minimum sample (an upper bound of `decide`'s GO, which needs both).
+    keep_runs: also return, per pilot, the look of its first GO (0 = none).
+    nogo: also the futility test (`quality.judge_quality`'s, at `settings.alpha`, on the same bets), and
+    the NO-GO rate by look as `decide` ends a step (`nogo_ends`); with keep_runs, each pilot's NO-GO look.
+    Not simulated (none of them can make a futility NO-GO): guardrails (no errors, one latency), the
+    sample-ratio check, the look limit's NO-GO, and a look whose reported bounds cross while only the GO
+    test rejects (INVALID in `decide`, counted GO here)."""
     model = SCORE_MODELS[scores]
     share = DESIGNS[design]
     units = requests(share, per_look, looks)
     look_at = np.array([units * k // looks - 1 for k in range(1, looks + 1)])
     rng = np.random.default_rng(seed)
     kw = prior(settings, "paired" if share is None else "split", 0.5 if share is None else share)
-    go_counts = np.zeros(looks)
+    m0 = -settings.margin
+    go_counts, nogo_counts = np.zeros(looks), np.zeros(looks)
     units_sum = 0.0
     first_go: list[np.ndarray] = []
+    nogo_at: list[np.ndarray] = []
     per_chunk = max(1, chunk_elements // units)
     done = 0
     while done < replications:
@@ -164,17 +181,25 @@ def simulate(
         q = model.control(rng, (r, units))
         if share is None:
             stream = paired_stream(model.degrade(rng, q, truth) - q)
+            treated = None
         else:
             treated = rng.random((r, units)) < share
             q[treated] = model.degrade(rng, q[treated], truth)
             stream = ipw_stream(q, treated, share)
-        _, logk = rejects(stream, -settings.margin, "lower", settings.alpha_go, **kw)
-        crossed = np.maximum.accumulate(logk, axis=-1)[:, look_at] >= math.log(1 / settings.alpha_go)
-        go = np.logical_or.accumulate(crossed, axis=1)
+        lam = two_sided_bets(stream, m0, **kw, sides=("lower", "upper") if nogo else ("lower",))
+        _, logk = rejects(stream, m0, "lower", settings.alpha_go, lam=lam["lower"], **kw)
+        go = _crossed_by_look(logk, look_at, settings.alpha_go)
         go_counts += go.sum(axis=0)
         first_go.append(np.where(go.any(axis=1), go.argmax(axis=1) + 1, 0))
         first = np.where(go.any(axis=1), look_at[go.argmax(axis=1)] + 1, units)
         units_sum += float(first.sum())
+        if nogo:
+            _, logk_fut = rejects(stream, m0, "upper", settings.alpha, lam=lam["upper"], **kw)
+            futile = _crossed_by_look(logk_fut, look_at, settings.alpha)
+            enough = _has_minimum(treated, look_at, settings.min_samples_per_arm, r)
+            ended = nogo_ends(go, futile, enough)
+            nogo_counts += ended.sum(axis=0)
+            nogo_at.append(np.where(ended.any(axis=1), ended.argmax(axis=1) + 1, 0))
         done += r
     rates = go_counts / replications
     upper = tuple(clopper_pearson_upper(int(c), replications) for c in go_counts)
@@ -189,7 +214,42 @@ def simulate(
         upper,
         units_sum / replications,
         tuple(int(x) for x in np.concatenate(first_go)) if keep_runs else (),
+        tuple(float(x) for x in nogo_counts / replications) if nogo else (),
+        tuple(clopper_pearson_upper(int(c), replications) for c in nogo_counts) if nogo else (),
+        tuple(int(x) for x in np.concatenate(nogo_at)) if nogo and keep_runs else (),
     )
+
+
+def _crossed_by_look(logk: np.ndarray, look_at: np.ndarray, alpha: float) -> np.ndarray:
+    """(replications, looks): whether the test's capital had crossed log(1/alpha) by each look (its
+    running maximum: a rejection stays one, as `rejects` reads it at every look)."""
+    return np.maximum.accumulate(logk, axis=-1)[:, look_at] >= math.log(1 / alpha)
+
+
+def _has_minimum(treated: np.ndarray | None, look_at: np.ndarray, min_n: int, r: int) -> np.ndarray:
+    """(replications, looks): whether the step holds its minimum sample at each look, as `decide` counts
+    it: pairs in a shadow step (`treated` None), the smaller arm's rows in a split step."""
+    if treated is None:
+        return np.broadcast_to(look_at + 1 >= min_n, (r, len(look_at)))
+    n_t = np.cumsum(treated, axis=-1)[:, look_at]
+    return np.minimum(n_t, look_at + 1 - n_t) >= min_n
+
+
+def nogo_ends(go: np.ndarray, futile: np.ndarray, enough: np.ndarray) -> np.ndarray:
+    """(replications, looks): whether the step has ended NO-GO by futility at or before each look, by
+    `decide`'s order at a look (`decide._outcome`; no guardrail breached, no bad data): a look where the
+    futility test has rejected and the step holds its minimum sample is NO-GO, whether the GO test has
+    rejected too (a crossing, NO-GO at once) or not; one where only the GO test has rejected, with the
+    minimum, is GO and ends the step. Each flag is the test's state by that look (running maxima)."""
+    nogo_now = futile & enough
+    go_now = go & ~futile & enough
+    ends = nogo_now | go_now
+    first = np.where(ends.any(axis=1), ends.argmax(axis=1), go.shape[1])
+    rows = np.arange(go.shape[0])
+    by_nogo = np.zeros(go.shape[0], bool)
+    has = first < go.shape[1]
+    by_nogo[has] = nogo_now[rows[has], first[has]]
+    return by_nogo[:, None] & (np.arange(go.shape[1]) >= first[:, None])
 
 
 def requests(share: float | None, per_look: int, looks: int) -> int:
@@ -203,6 +263,13 @@ def clopper_pearson_upper(successes: int, trials: int, level: float = 0.95) -> f
     if successes >= trials:
         return 1.0
     return float(stats.beta.ppf(1 - (1 - level) / 2, successes + 1, trials - successes))
+
+
+def clopper_pearson_lower(successes: int, trials: int, level: float = 0.95) -> float:
+    """Lower end of the two-sided Clopper-Pearson interval of a binomial proportion."""
+    if successes <= 0:
+        return 0.0
+    return float(stats.beta.ppf((1 - level) / 2, successes, trials - successes + 1))
 
 
 def draw_pilot(

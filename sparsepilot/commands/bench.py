@@ -1324,6 +1324,14 @@ def bench_gate(
     replications: int = typer.Option(
         1000, "--replications", help="Simulated pilots per scenario (--simulate)."
     ),
+    nogo: bool = typer.Option(
+        False,
+        "--nogo",
+        help="Also simulate false NO-GO (the futility test, a crossing included) at -margin and at 0.",
+    ),
+    nogo_replications: int = typer.Option(
+        4000, "--nogo-replications", help="Simulated pilots per scenario (--nogo)."
+    ),
     excess: bool = typer.Option(
         False,
         "--excess",
@@ -1340,14 +1348,15 @@ def bench_gate(
 ) -> None:
     """Time the gate's decide() at 10k / 100k / 1M rows (target: 1M rows <= 1 s), print the guardrails'
     exact power and false-stop table and, with --simulate, measure the quality test's error rates by
-    simulation, with --excess the excess-over-control guardrail's (the tables in docs/gate.md)."""
+    simulation, with --nogo its false NO-GO, with --excess the excess-over-control guardrail's (the tables
+    in docs/gate.md)."""
     # library warnings to a log file (its path said unless --json), as the other benchmarks
     for_command("bench-gate", say_where=not json_out, flows=False)
-    from rollout.gate.bench import excess_table, guardrail_table, simulation_table, time_decide
+    from rollout.gate.bench import excess_table, guardrail_table, nogo_table, simulation_table, time_decide
     from sparsepilot.console import err_console, fail, print_table
 
     _wide_console()
-    _at_least(("--replications", replications, 1))
+    _at_least(("--replications", replications, 1), ("--nogo-replications", nogo_replications, 1))
     check_out(out)
     try:
         sizes = tuple(int(x) for x in rows.split(",") if x.strip())
@@ -1389,6 +1398,18 @@ def bench_gate(
                 f"{_load_line(sim['environment'])}",
                 sim["rows"],
                 columns=[c for c in sim["rows"][0] if c not in ("looks", "replications")],
+            )
+        if nogo:
+            with _bar_in(log, "simulating false NO-GO") as progress:
+                result["nogo"] = nogo_table(replications=nogo_replications, progress=progress)
+            ng = result["nogo"]
+            log(f"false NO-GO: {_load_line(ng['environment'])}")
+            print_table(
+                f"false NO-GO (futility, a crossing included; {nogo_replications} steps per scenario, 10 "
+                f"looks, alpha 0.05, margin 0.03): NO-GO by look 1 / 5 / 10, upper 95% end by look 10; "
+                f"{_load_line(ng['environment'])}",
+                ng["rows"],
+                columns=[c for c in ng["rows"][0] if c != "replications"],
             )
         if excess:
             with _bar_in(log, "simulating the excess guardrail") as progress:

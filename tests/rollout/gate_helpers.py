@@ -34,7 +34,10 @@ REPLAY_SETTINGS = GateSettings(
 
 
 def first_look(
-    frames: Iterable[pd.DataFrame], share: float | None, hit: Callable[[Decision], bool]
+    frames: Iterable[pd.DataFrame],
+    share: float | None,
+    hit: Callable[[Decision], bool],
+    settings: GateSettings = REPLAY_SETTINGS,
 ) -> tuple[int, Decision | None]:
     """(look, decision) of the first look (1-based) whose decision satisfies `hit`; (0, None) if none.
     `frames`: all the step's rows up to each look, in arrival order; `share` None for a shadow step."""
@@ -42,7 +45,7 @@ def first_look(
     for k, frame in enumerate(frames, start=1):
         d = decide(
             frame,
-            REPLAY_SETTINGS,
+            settings,
             history,
             mode="paired" if share is None else "split",
             planned_treatment_share=share,

@@ -6,21 +6,34 @@ Grid (issue: gate valid at real sample sizes): designs paired (shadow) and split
 treatment share; scores 0/1 at 80% and 95% correct, Beta(0.5, 0.5), Beta(8, 2), and "identical except the
 sparse arm fails on a few % of requests"; 8 / 12 / 20 / 50 / 200 requests (pairs, or treatment rows) per
 look; GO by look 1, 5 and 10; truth at -margin and -1.2 x margin. Replications grow until the binomial
-interval decides (upper end of the 95% Clopper-Pearson interval <= alpha + 2 pp)."""
+interval decides (upper end of the 95% Clopper-Pearson interval <= alpha + 2 pp).
+
+False NO-GO (the futility test, a crossing included, as `decide` ends a step) on the grid of
+`rollout.gate.bench.nogo_table`: at or below alpha at -margin and at 0, the interval deciding, with its
+own replay through `decide`."""
 
 from __future__ import annotations
 
 import os
 import zlib
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from rollout.gate import GateSettings, guardrail_checks
+from rollout.gate.bench import NOGO_DESIGNS, NOGO_PER_LOOK, NOGO_SCORES, NOGO_SETTINGS
 from rollout.gate.power import neyman_pearson_power, neyman_pearson_rows, power_by, rows_to_detect
-from rollout.gate.simulation import DESIGNS, SCORE_MODELS, Result, draw_pilot, simulate
+from rollout.gate.simulation import (
+    DESIGNS,
+    SCORE_MODELS,
+    Result,
+    clopper_pearson_lower,
+    draw_pilot,
+    simulate,
+)
 from rollout.spec import parse_spec, spec_warnings
 
 from .gate_helpers import REPLAY_SETTINGS, REPORT_LOOKS, by_look, first_look, too_high
@@ -170,6 +183,124 @@ def test_decide_agrees_with_the_simulation(design: str, scores: str, per_look: i
         assert first == sim.first_go_look[0], (seed, first, sim.first_go_look[0])
         firsts.append(first)
     assert any(firsts), "no simulated pilot reached GO: the replay proves nothing"
+
+
+@pytest.mark.parametrize(
+    ("design", "scores", "per_look", "truth", "min_n"),
+    [
+        ("paired", "losses", 20, 0.0, 2),  # steps end GO: a NO-GO after a GO is not counted
+        ("paired", "losses", 20, -0.09, 50),  # looks 1-2 below the minimum of 50 pairs
+        ("split50", "losses", 40, -0.12, 40),  # the smaller arm reaches 40 rows at look 1 or 2
+        ("split50", "beta8_2", 40, -0.08, 60),
+        ("split10", "losses", 40, -0.15, 30),
+    ],
+)
+def test_decide_agrees_with_the_simulation_on_nogo(
+    design: str, scores: str, per_look: int, truth: float, min_n: int
+) -> None:
+    """Replay simulated pilots look by look through `decide` until the step ends (GO or NO-GO, as the gate
+    flow stops there): the look of a NO-GO equals the simulation's (`nogo_look`, 0 where the step ends GO
+    or not at all), pilot by pilot, the step's minimum sample held as `decide` holds it."""
+    looks = 6
+    share = DESIGNS[design]
+    settings = replace(REPLAY_SETTINGS, min_samples_per_arm=min_n)
+    ends = []
+    for seed in range(8):
+        sim = simulate(
+            settings,
+            design=design,
+            scores=scores,
+            per_look=per_look,
+            looks=looks,
+            truth=truth,
+            replications=1,
+            seed=seed,
+            keep_runs=True,
+            nogo=True,
+        )
+        control, sparse, treated = draw_pilot(
+            design=design, scores=scores, per_look=per_look, looks=looks, truth=truth, seed=seed
+        )
+        units = len(control)
+        frames = (
+            frame_of(control, sparse, treated, share is None, units * k // looks) for k in range(1, looks + 1)
+        )
+        look, d = first_look(frames, share, lambda d: d.outcome in ("GO", "NO-GO"), settings)
+        nogo = look if d is not None and d.outcome == "NO-GO" else 0
+        assert nogo == sim.nogo_look[0], (seed, look, d and d.reasons, sim.nogo_look[0])
+        if nogo:
+            assert d.reasons[0] == "futility", d.reasons
+        ends.append(d and d.outcome)
+    expected = "GO" if truth == 0 else "NO-GO"
+    assert expected in ends, f"no simulated step ended {expected}: the replay proves nothing ({ends})"
+
+
+def nogo_decided(result: Result) -> bool:
+    """The interval has decided: its upper end at or below alpha at every reported look, or its lower end
+    above alpha at one (then no more replications can save it)."""
+    a, n = NOGO_SETTINGS.alpha, result.replications
+    lower = [clopper_pearson_lower(round(result.nogo_by_look[k - 1] * n), n) for k in REPORT_LOOKS]
+    return all(result.nogo_upper95[k - 1] <= a for k in REPORT_LOOKS) or max(lower) > a
+
+
+def adaptive_nogo(args: tuple[str, str, int, float]) -> Result:
+    """Double the replications from 400 until the NO-GO interval decides (or 6,400 pilots)."""
+    design, scores, per_look, truth = args
+    seed = zlib.crc32(repr(("nogo", design, scores, per_look, truth)).encode())
+    reps = 400
+    while True:
+        result = simulate(
+            NOGO_SETTINGS,
+            design=design,
+            scores=scores,
+            per_look=per_look,
+            looks=LOOKS,
+            truth=truth,
+            replications=reps,
+            seed=seed,
+            nogo=True,
+        )
+        if nogo_decided(result) or reps >= 6400:
+            return result
+        reps *= 2
+
+
+def test_false_nogo_at_the_margin_and_at_no_loss() -> None:
+    """False NO-GO (futility, or a crossing whose futility test rejects, as `decide` ends a step) at or
+    below the futility test's alpha by look 1, 5 and 10 when the truth is exactly -margin (the futility
+    test's null, its worst case) and at 0 (no loss), where it must be rarer; the upper end of the 95%
+    Clopper-Pearson interval decides. docs/gate.md's table is `sparsepilot bench gate --nogo`."""
+    jobs = [
+        (d, s, n, t)
+        for t in (-NOGO_SETTINGS.margin, 0.0)
+        for d in NOGO_DESIGNS
+        for s in NOGO_SCORES
+        for n in NOGO_PER_LOOK
+    ]
+    with ProcessPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
+        results = list(pool.map(adaptive_nogo, jobs, chunksize=3))
+    lines = ["truth   design   scores    per-look  reps   NO-GO by look 1 / 5 / 10 (upper 95%)"]
+    lines += [
+        f"{r.truth:+.2f}   {r.design:8} {r.scores:9} {r.per_look:8} {r.replications:5}  "
+        f"{by_look(r.nogo_by_look, r.nogo_upper95, 2)}"
+        for r in results
+    ]
+    print("\n".join(lines))
+    a = NOGO_SETTINGS.alpha
+    bad = [r for r in results if any(r.nogo_upper95[k - 1] > a for k in REPORT_LOOKS)]
+    assert not bad, f"false NO-GO not shown <= alpha {a}: " + "; ".join(
+        f"{r.truth:+.2f} {r.design} {r.scores} {r.per_look}/look {r.nogo_by_look[-1]:.2%} "
+        f"(upper {r.nogo_upper95[-1]:.2%}, {r.replications} pilots)"
+        for r in bad
+    )
+    # rarer at no loss, design by design over its scores and sizes (cell by cell the two rates are within
+    # each other's noise in a split step, whose inverse-propensity stream is noisy next to the margin)
+    for design in NOGO_DESIGNS:
+        mean = {
+            t: np.mean([r.nogo_by_look[-1] for r in results if r.design == design and r.truth == t])
+            for t in (-NOGO_SETTINGS.margin, 0.0)
+        }
+        assert mean[0.0] < mean[-NOGO_SETTINGS.margin] or mean[0.0] == 0, (design, mean)
 
 
 # ---------------------------------------------------------------- guardrails

@@ -27,6 +27,7 @@ ATTENTION = ["bench", "attention", "--lengths", "512", "--dtypes", "fp32", "--ke
         (["bench", "dashboard", "--observations", "-1"], "--observations must be >= 0, got -1"),
         (["bench", "dashboard", "--repeats", "0"], "--repeats must be >= 1, got 0"),
         (["bench", "gate", "--replications", "0"], "--replications must be >= 1, got 0"),
+        (["bench", "gate", "--nogo-replications", "0"], "--nogo-replications must be >= 1, got 0"),
         (["bench", "decode-scorers", "--prompts", "1"], "--prompts must be >= 2, got 1"),
     ],
 )

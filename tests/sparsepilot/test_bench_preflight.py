@@ -128,6 +128,7 @@ def test_gate_writes_a_progress_log_and_says_where(home: Path, tmp_path: Path) -
     JSON."""
     out = tmp_path / "gate.json"
     args = ["bench", "gate", "--rows", "4,200", "--repeats", "1", "--simulate", "--replications", "2"]
+    args += ["--nogo", "--nogo-replications", "2"]
     res = CliRunner().invoke(app, [*args, "--out", str(out)])
     assert res.exit_code == 0, res.output
     log = out.with_suffix(".log")
@@ -143,8 +144,12 @@ def test_gate_writes_a_progress_log_and_says_where(home: Path, tmp_path: Path) -
         "guardrail rate checks (exact)",
         "simulating pilots 1/",
         "simulated pilots: load ",
+        "simulating false NO-GO 1/",
+        "false NO-GO: load ",
     ):
         assert said in text, text
+    nogo = json.loads(out.read_text())["nogo"]["rows"]
+    assert len(nogo) == 54 and {r["replications"] for r in nogo} == {2}, nogo[0]
     load = json.loads(out.read_text())["decide"]["environment"]["host_load"]
     assert isinstance(load["overloaded"], bool) and load["seconds"] > 0
 
