@@ -123,6 +123,48 @@ def cgroup_quota(self_cgroup: str, root: Path = CGROUP_ROOT) -> float | None:
     return min(quotas) if quotas else None
 
 
+def quota_holder(self_cgroup: str, root: Path = CGROUP_ROOT) -> tuple[str, str] | None:
+    """Where the quota `cgroup_quota` reads for a process is set: (hierarchy, path), the hierarchy "0" for
+    cgroup v2 or the v1 `cpu` controller line's controllers, the path that of the cgroup (the process's own
+    or an ancestor) holding the smallest quota; None where no quota is set."""
+    best: tuple[float, str, str] | None = None
+    lines = [ln.split(":", 2) for ln in self_cgroup.splitlines() if ln.count(":") >= 2]
+    for hid, controllers, path in lines or [["0", "", "/"]]:
+        if hid == "0" and controllers == "":
+            key, base, read = "0", root, _v2_quota
+        elif "cpu" in controllers.split(","):
+            mounts = [root / controllers, root / "cpu", root / "cpu,cpuacct"]
+            found = next((m for m in mounts if m.is_dir()), None)
+            if found is None:
+                continue
+            key, base, read = controllers, found, _v1_quota
+        else:
+            continue
+        for d in _cgroup_dirs(base, path):
+            for q in read(d):
+                if best is None or q < best[0]:
+                    best = (q, key, "/" + d.relative_to(base).as_posix().strip("."))
+    return None if best is None else (best[1], best[2].rstrip("/") or "/")
+
+
+def shares_quota(self_cgroup: str, other_cgroup: str, root: Path = CGROUP_ROOT) -> bool:
+    """Whether a process whose /proc/<pid>/cgroup reads `other_cgroup` spends the same CPU quota as one that
+    reads `self_cgroup`: it is in the cgroup holding that quota (`quota_holder`) or below it, in the same
+    hierarchy (the v1 `cpu` controller's line, whatever its memory or pids cgroups). A process in another
+    cgroup with a quota of its own (another container, another pod's) spends another budget. False where
+    the first has no quota."""
+    holder = quota_holder(self_cgroup, root)
+    if holder is None:
+        return False
+    key, path = holder
+    for line in other_cgroup.splitlines():
+        hid, controllers, other = (line.split(":", 2) + ["", ""])[:3]
+        if (key == "0" and hid == "0" and controllers == "") or (key != "0" and controllers == key):
+            other = "/" + "/".join(x for x in other.strip().split("/") if x)
+            return path == "/" or other == path or other.startswith(path + "/")
+    return False
+
+
 def _cgroup_dirs(base: Path, path: str) -> list[Path]:
     """`base/path` and each of its parents up to `base` (only `base` for a path that climbs out)."""
     parts = [x for x in path.strip().split("/") if x and x != "."]
@@ -482,7 +524,7 @@ class HostLoadMeter:
 class ProcessesSnapshot:
     """Other processes at one moment (the server of an endpoint on this host and its workers): each one's
     CPU ticks (`(pid, utime + stime)`), each of their threads' schedstat (`(tid, run, run_delay)`, ns;
-    None without schedstat), and whether one of them is in this process's cgroup (shares its quota)."""
+    None without schedstat), and whether one of them spends this process's CPU quota (`shares_quota`)."""
 
     ticks: tuple[tuple[int, int], ...]
     threads_ns: tuple[tuple[int, int, int], ...] | None
@@ -500,7 +542,9 @@ def processes_snapshot(pids: Iterable[int]) -> ProcessesSnapshot:
             stat = Path(f"/proc/{pid}/stat").read_text()
             after = stat[stat.rindex(")") + 2 :].split()
             ticks.append((pid, int(after[11]) + int(after[12])))
-            shares = shares or (ours is not None and Path(f"/proc/{pid}/cgroup").read_text() == ours)
+            shares = shares or (
+                ours is not None and shares_quota(ours, Path(f"/proc/{pid}/cgroup").read_text())
+            )
         except (OSError, ValueError, IndexError):
             continue  # ended meanwhile
         threads += _thread_schedstat(pid) or ()
@@ -535,6 +579,7 @@ def measure_endpoint(
     *,
     threads: int = 1,
     note: str | None = None,
+    limits: CpuLimits | None = None,
 ) -> HostLoad:
     """The load while an endpoint served by other processes on this host answered (`served`: their
     snapshots around the answer; None where they could not be seen, `note` says why). This process only
@@ -555,8 +600,12 @@ def measure_endpoint(
     - where the inferred rule flags while the server's threads were runnable under that floor (it hardly
       ran: the process listening on the port is a forwarder, the model server another process), it is
       judged as not visible and `NOT_THE_SERVER` is the note: the others' cores may be the real server's.
-    The quota rule counts the server where it shares our cgroup."""
-    limits = cpu_limits()
+    The quota rule (`limits.quota`, this process's cgroup CPU quota) counts the server's CPU where the server
+    spends that quota (`ProcessesSnapshot.shares_cgroup`, `shares_quota`: in the cgroup holding it or
+    below); a server in another cgroup (its own container's quota) spends another budget: its CPU is not
+    taken from ours, and our quota judges our side only (this process's client thread and the rest of our
+    cgroup), as for a server not visible."""
+    limits = cpu_limits() if limits is None else limits
     wall = max(end.wall - start.wall, 1e-9)
     others = others_busy_cores(start, end)
     quota_others = quota_others_cores(start, end)
@@ -580,10 +629,11 @@ def measure_endpoint(
                 waited = _share(ran, delay)
         threads = max(1, round(cores))
         quota = None if quota_others is None else max(0.0, quota_others - cores)
-        judged = limits
-        if not b.shares_cgroup:  # the quota is ours, not the server's
-            judged, quota = replace(limits, quota=None), None
-        over = is_overloaded(busy, threads, judged, quota, waited)
+        if b.shares_cgroup:  # the server spends our quota: its cores are our threads there
+            over = is_overloaded(busy, threads, limits, quota, waited)
+        else:  # another budget: our quota judges our side only (one client thread and our cgroup's others)
+            over = is_overloaded(busy, threads, replace(limits, quota=None), None, waited)
+            over = over or is_overloaded(0.0, 1, limits, quota_others, waited=0.0)
         schedstat = a.threads_ns is not None and b.threads_ns is not None
         runnable_ns = ran + delay if schedstat else cores * wall * 1e9
         if over and waited is None and runnable_ns < ANSWER_FLOOR_SHARE * wall * 1e9:
