@@ -418,7 +418,76 @@ def test_a_thread_that_ends_between_two_snapshots_takes_nothing_out_of_the_wait_
     assert own is not None and own < 0.9 and (m.load.overloaded == (own > 0.25))
 
 
-# -- whose quota an endpoint's server spends (review s50 B) ------------
+# -- an endpoint's answers in flight at once, and whose quota its server spends (review s50 B) ------------
+
+
+def _served(run_ms: float, delay_ms: float, cpu_busy_ms: float, ticks_ms: float) -> tuple:
+    """A server's snapshots around an answer: its threads' run and run_delay, its CPUs' busy time (all the
+    processes on them) and its own ticks, all from 0."""
+    from sparse_core.host import CLK_TCK, ProcessesSnapshot
+
+    tick = 1000 / CLK_TCK  # ms
+    cpus = frozenset({1})
+    a = ProcessesSnapshot(((10, 0),), ((10, 0, 0),), cpus=cpus, cpus_busy_ticks=0)
+    b = ProcessesSnapshot(
+        ((10, round(ticks_ms / tick)),),
+        ((10, int(run_ms * 1e6), int(delay_ms * 1e6)),),
+        cpus=cpus,
+        cpus_busy_ticks=round(cpu_busy_ms / tick),
+    )
+    return a, b
+
+
+@pytest.mark.parametrize(
+    ("run_ms", "delay_ms", "others_ms", "overloaded"),
+    [
+        (900, 1500, 0, False),  # 4 in flight on the server's one CPU, alone on it: they waited for each other
+        (900, 1500, 50, False),  # a tick or five of someone else's: noise
+        (400, 2000, 600, True),  # the others took 0.6 of its CPU
+    ],
+)
+def test_answers_in_flight_are_judged_by_what_the_others_took_of_the_servers_cpus(
+    run_ms: float, delay_ms: float, others_ms: float, overloaded: bool
+) -> None:
+    """Review s50 B1: 4 answers in flight on a server with one CPU, no other process able to take it
+    (real-time), read a wait share of 0.53 and 19 of 20 were flagged (one at a time: 0.05, 1 of 20): its
+    threads waited for each other. Concurrent answers are judged by the share of the server's CPUs the
+    other processes took; each records its share of the server's CPU (`charged_s`) and the answers in
+    flight."""
+    from sparse_core.host import CLK_TCK, CpuSnapshot, crowded_share, measure_endpoint
+
+    a, b = _served(run_ms, delay_ms, run_ms + others_ms, run_ms)
+    start = CpuSnapshot(0.0, 0, 0, None, threads_ns=((1, 0, 0),))
+    end = CpuSnapshot(1.0, round((run_ms + others_ms) / 1000 * CLK_TCK), 0, None, threads_ns=((1, 10**6, 0),))
+    limits = CpuLimits(2.0)
+    load = measure_endpoint(start, end, (a, b), charged_s=run_ms / 4000, in_flight=4, limits=limits)
+    assert load.overloaded is overloaded, load
+    assert load.wait_share == pytest.approx(
+        crowded_share(run_ms * 1e6, delay_ms * 1e6, others_ms * 1e6), abs=1e-3
+    )
+    assert load.endpoint_in_flight == 4 and load.endpoint_busy_cores == pytest.approx(run_ms / 4000)
+    alone = measure_endpoint(start, end, (a, b), limits=limits)  # read as one answer's: its threads' wait
+    assert alone.overloaded and alone.endpoint_in_flight is None
+    assert alone.endpoint_busy_cores == pytest.approx(run_ms / 1000)
+    assert crowded_share(60e6, 60e6, 80e6) == pytest.approx(0.5)  # one thread: its wait share
+
+
+def test_answers_in_flight_share_the_servers_cpu_by_their_overlap() -> None:
+    """Each answer is charged the server's CPU between any two starts or ends split among the answers in
+    flight then: A alone for 30 ms, with B for 60 ms, B alone for 30 ms: 60 ms each, not A 90 and B 90."""
+    from sparse_core.host import InFlight, ProcessesSnapshot
+
+    def at(run_ms: int) -> ProcessesSnapshot:
+        return ProcessesSnapshot(((10, 0),), ((10, run_ms * 10**6, 0),))
+
+    meter = InFlight()
+    ka, _ = meter.begin(lambda: at(0))
+    kb, _ = meter.begin(lambda: at(30))
+    _, charged_a, most_a = meter.end(ka, lambda: at(90))
+    _, charged_b, most_b = meter.end(kb, lambda: at(120))
+    assert (charged_a, most_a) == (pytest.approx(0.06), 2) and (charged_b, most_b) == (pytest.approx(0.06), 2)
+    kc, _ = meter.begin(lambda: at(500))  # alone: the server's CPU before it is no one's
+    assert meter.end(kc, lambda: at(560))[1:] == (pytest.approx(0.06), 1)
 
 
 def test_a_server_spends_our_quota_only_under_the_cgroup_that_holds_it(tmp_path) -> None:
