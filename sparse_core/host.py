@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
@@ -121,6 +122,48 @@ def cgroup_quota(self_cgroup: str, root: Path = CGROUP_ROOT) -> float | None:
             for d in _cgroup_dirs(base, path) if base is not None else ():
                 quotas += _v1_quota(d)
     return min(quotas) if quotas else None
+
+
+def quota_holder(self_cgroup: str, root: Path = CGROUP_ROOT) -> tuple[str, str] | None:
+    """Where the quota `cgroup_quota` reads for a process is set: (hierarchy, path), the hierarchy "0" for
+    cgroup v2 or the v1 `cpu` controller line's controllers, the path that of the cgroup (the process's own
+    or an ancestor) holding the smallest quota; None where no quota is set."""
+    best: tuple[float, str, str] | None = None
+    lines = [ln.split(":", 2) for ln in self_cgroup.splitlines() if ln.count(":") >= 2]
+    for hid, controllers, path in lines or [["0", "", "/"]]:
+        if hid == "0" and controllers == "":
+            key, base, read = "0", root, _v2_quota
+        elif "cpu" in controllers.split(","):
+            mounts = [root / controllers, root / "cpu", root / "cpu,cpuacct"]
+            found = next((m for m in mounts if m.is_dir()), None)
+            if found is None:
+                continue
+            key, base, read = controllers, found, _v1_quota
+        else:
+            continue
+        for d in _cgroup_dirs(base, path):
+            for q in read(d):
+                if best is None or q < best[0]:
+                    best = (q, key, "/" + d.relative_to(base).as_posix().strip("."))
+    return None if best is None else (best[1], best[2].rstrip("/") or "/")
+
+
+def shares_quota(self_cgroup: str, other_cgroup: str, root: Path = CGROUP_ROOT) -> bool:
+    """Whether a process whose /proc/<pid>/cgroup reads `other_cgroup` spends the same CPU quota as one that
+    reads `self_cgroup`: it is in the cgroup holding that quota (`quota_holder`) or below it, in the same
+    hierarchy (the v1 `cpu` controller's line, whatever its memory or pids cgroups). A process in another
+    cgroup with a quota of its own (another container, another pod's) spends another budget. False where
+    the first has no quota."""
+    holder = quota_holder(self_cgroup, root)
+    if holder is None:
+        return False
+    key, path = holder
+    for line in other_cgroup.splitlines():
+        hid, controllers, other = (line.split(":", 2) + ["", ""])[:3]
+        if (key == "0" and hid == "0" and controllers == "") or (key != "0" and controllers == key):
+            other = "/" + "/".join(x for x in other.strip().split("/") if x)
+            return path == "/" or other == path or other.startswith(path + "/")
+    return False
 
 
 def _cgroup_dirs(base: Path, path: str) -> list[Path]:
@@ -453,13 +496,16 @@ class HostLoad:
     endpoint_busy_cores: float | None = None
     # why an endpoint's processes were not measured ("endpoint process not visible ..."); None otherwise
     endpoint_note: str | None = None
+    # an endpoint's answer timed concurrently: the most of its arm's answers in flight at once during it
+    # (itself included); its endpoint_busy_cores are its share of the server's CPU, its wait_share the
+    # share of the server's CPUs the other processes took (`crowded_share`). None: timed alone
+    endpoint_in_flight: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The record; the endpoint fields only where set (a timing in this process has none)."""
         out = asdict(self)
-        return {
-            k: v for k, v in out.items() if v is not None or k not in ("endpoint_busy_cores", "endpoint_note")
-        }
+        endpoint = ("endpoint_busy_cores", "endpoint_note", "endpoint_in_flight")
+        return {k: v for k, v in out.items() if v is not None or k not in endpoint}
 
 
 class HostLoadMeter:
@@ -482,15 +528,20 @@ class HostLoadMeter:
 class ProcessesSnapshot:
     """Other processes at one moment (the server of an endpoint on this host and its workers): each one's
     CPU ticks (`(pid, utime + stime)`), each of their threads' schedstat (`(tid, run, run_delay)`, ns;
-    None without schedstat), and whether one of them is in this process's cgroup (shares its quota)."""
+    None without schedstat), and whether one of them spends this process's CPU quota (`shares_quota`)."""
 
     ticks: tuple[tuple[int, int], ...]
     threads_ns: tuple[tuple[int, int, int], ...] | None
     shares_cgroup: bool = False
+    # the CPUs they may run on (the union of their affinity masks) and the busy ticks of /proc/stat over
+    # those CPUs: what the other processes took of the server's CPUs (`others_on_server_cpus`)
+    cpus: frozenset[int] | None = None
+    cpus_busy_ticks: int | None = None
 
 
 def processes_snapshot(pids: Iterable[int]) -> ProcessesSnapshot:
     ticks, threads, shares = [], [], False
+    cpus: set[int] = set()
     try:
         ours = Path("/proc/self/cgroup").read_text()
     except OSError:
@@ -500,11 +551,89 @@ def processes_snapshot(pids: Iterable[int]) -> ProcessesSnapshot:
             stat = Path(f"/proc/{pid}/stat").read_text()
             after = stat[stat.rindex(")") + 2 :].split()
             ticks.append((pid, int(after[11]) + int(after[12])))
-            shares = shares or (ours is not None and Path(f"/proc/{pid}/cgroup").read_text() == ours)
+            shares = shares or (
+                ours is not None and shares_quota(ours, Path(f"/proc/{pid}/cgroup").read_text())
+            )
+            cpus |= os.sched_getaffinity(pid) if hasattr(os, "sched_getaffinity") else set()
         except (OSError, ValueError, IndexError):
             continue  # ended meanwhile
         threads += _thread_schedstat(pid) or ()
-    return ProcessesSnapshot(tuple(ticks), tuple(threads) or None, shares)
+    busy = None
+    if cpus:
+        try:
+            busy = busy_ticks(Path("/proc/stat").read_text(), cpus)
+        except (OSError, ValueError, IndexError):
+            pass
+    return ProcessesSnapshot(tuple(ticks), tuple(threads) or None, shares, frozenset(cpus) or None, busy)
+
+
+def others_on_server_cpus(a: ProcessesSnapshot, b: ProcessesSnapshot) -> float | None:
+    """CPU seconds the other processes (this one among them) ran on the server's CPUs between two of its
+    snapshots: the CPUs' busy ticks less the server's own; None where the CPUs are not known or changed."""
+    if a.cpus is None or a.cpus != b.cpus or a.cpus_busy_ticks is None or b.cpus_busy_ticks is None:
+        return None
+    before = dict(a.ticks)
+    server = sum(max(0, t - before.get(pid, 0)) for pid, t in b.ticks)
+    return max(0, b.cpus_busy_ticks - a.cpus_busy_ticks - server) / CLK_TCK
+
+
+def crowded_share(ran_ns: float, waited_ns: float, others_ns: float) -> float | None:
+    """The share of the CPU the server could have had that the other processes took, for answers timed
+    concurrently: its threads also waited for EACH OTHER (4 answers in flight on one CPU read a wait share
+    of 0.53 where one at a time read 0.05), so their waiting only bounds the others' part, which is at most
+    the time the others ran on the server's CPUs (`others_ns`): min(others, waited) / (ran + that). One
+    thread alone, waiting only while the others ran, reads its wait share. None under MIN_RUNNABLE_NS."""
+    taken = max(0.0, min(others_ns, waited_ns))
+    if ran_ns < 0 or ran_ns + taken < MIN_RUNNABLE_NS:
+        return None
+    return taken / (ran_ns + taken)
+
+
+def segment_cpu_s(a: ProcessesSnapshot, b: ProcessesSnapshot) -> float:
+    """CPU seconds the processes ran between two snapshots: their threads' schedstat run time where both
+    have it (nanoseconds), else their ticks."""
+    if a.threads_ns is not None and b.threads_ns is not None:
+        return thread_times(a.threads_ns, b.threads_ns)[0] / 1e9
+    before = dict(a.ticks)
+    return sum(max(0, t - before.get(pid, 0)) for pid, t in b.ticks) / CLK_TCK
+
+
+class InFlight:
+    """The answers of one endpoint in flight at once (an arm's `max_concurrency` > 1): every start and end
+    of an answer takes a snapshot of the server (`take`), and the server's CPU between two of them is split
+    evenly among the answers in flight then, so each is charged in proportion to its overlap with the
+    others (each one's meter read the server's CPU for every answer in flight: 4 in flight, up to 4
+    answers' work). `begin` -> (key, snapshot); `end(key)` -> (snapshot, CPU seconds charged, the most
+    answers in flight at once during it, itself included)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last: ProcessesSnapshot | None = None
+        self._open: dict[int, list[float]] = {}  # key -> [CPU seconds charged, most in flight]
+        self._next = 0
+
+    def begin(self, take: Callable[[], ProcessesSnapshot]) -> tuple[int, ProcessesSnapshot]:
+        with self._lock:
+            snap = self._advance(take())
+            key, self._next = self._next, self._next + 1
+            self._open[key] = [0.0, 0]
+            for entry in self._open.values():
+                entry[1] = max(entry[1], len(self._open))
+            return key, snap
+
+    def end(self, key: int, take: Callable[[], ProcessesSnapshot]) -> tuple[ProcessesSnapshot, float, int]:
+        with self._lock:
+            snap = self._advance(take())
+            charged, most = self._open.pop(key)
+            return snap, charged, int(most)
+
+    def _advance(self, snap: ProcessesSnapshot) -> ProcessesSnapshot:
+        if self._last is not None and self._open:
+            share = segment_cpu_s(self._last, snap) / len(self._open)
+            for entry in self._open.values():
+                entry[0] += share
+        self._last = snap
+        return snap
 
 
 def processes_busy_cores(a: ProcessesSnapshot, b: ProcessesSnapshot, wall: float) -> float:
@@ -535,6 +664,9 @@ def measure_endpoint(
     *,
     threads: int = 1,
     note: str | None = None,
+    charged_s: float | None = None,
+    in_flight: int = 1,
+    limits: CpuLimits | None = None,
 ) -> HostLoad:
     """The load while an endpoint served by other processes on this host answered (`served`: their
     snapshots around the answer; None where they could not be seen, `note` says why). This process only
@@ -555,8 +687,17 @@ def measure_endpoint(
     - where the inferred rule flags while the server's threads were runnable under that floor (it hardly
       ran: the process listening on the port is a forwarder, the model server another process), it is
       judged as not visible and `NOT_THE_SERVER` is the note: the others' cores may be the real server's.
-    The quota rule counts the server where it shares our cgroup."""
-    limits = cpu_limits()
+    - an answer timed with others of its arm in flight (`in_flight` > 1, `InFlight`): the server's CPU in
+      the window served them all, so the answer records its share (`charged_s`, split by overlap); and its
+      threads also waited for each other (4 answers on one CPU, no other process able to take it: wait
+      share 0.53, 19 of 20 flagged; one at a time 0.05), so the share of the server's CPUs the other
+      processes took decides (`crowded_share`), or without the server's CPUs' ticks the inferred rule.
+    The quota rule (`limits.quota`, this process's cgroup CPU quota) counts the server's CPU where the server
+    spends that quota (`ProcessesSnapshot.shares_cgroup`, `shares_quota`: in the cgroup holding it or
+    below); a server in another cgroup (its own container's quota) spends another budget: its CPU is not
+    taken from ours, and our quota judges our side only (this process's client thread and the rest of our
+    cgroup), as for a server not visible."""
+    limits = cpu_limits() if limits is None else limits
     wall = max(end.wall - start.wall, 1e-9)
     others = others_busy_cores(start, end)
     quota_others = quota_others_cores(start, end)
@@ -577,13 +718,17 @@ def measure_endpoint(
         if a.threads_ns is not None and b.threads_ns is not None:
             ran, delay = thread_times(a.threads_ns, b.threads_ns)
             if ran + delay >= ANSWER_FLOOR_SHARE * wall * 1e9:
-                waited = _share(ran, delay)
+                if in_flight <= 1:
+                    waited = _share(ran, delay)
+                elif (taken := others_on_server_cpus(a, b)) is not None:
+                    waited = crowded_share(ran, delay, taken * 1e9)
         threads = max(1, round(cores))
         quota = None if quota_others is None else max(0.0, quota_others - cores)
-        judged = limits
-        if not b.shares_cgroup:  # the quota is ours, not the server's
-            judged, quota = replace(limits, quota=None), None
-        over = is_overloaded(busy, threads, judged, quota, waited)
+        if b.shares_cgroup:  # the server spends our quota: its cores are our threads there
+            over = is_overloaded(busy, threads, limits, quota, waited)
+        else:  # another budget: our quota judges our side only (one client thread and our cgroup's others)
+            over = is_overloaded(busy, threads, replace(limits, quota=None), None, waited)
+            over = over or is_overloaded(0.0, 1, limits, quota_others, waited=0.0)
         schedstat = a.threads_ns is not None and b.threads_ns is not None
         runnable_ns = ran + delay if schedstat else cores * wall * 1e9
         if over and waited is None and runnable_ns < ANSWER_FLOOR_SHARE * wall * 1e9:
@@ -593,6 +738,8 @@ def measure_endpoint(
             over = is_overloaded(0.0, threads, limits, quota_others, waited=0.0)
             note = note or NOT_THE_SERVER
         over = over or own_over
+        if in_flight > 1 and charged_s is not None:
+            cores = charged_s / wall  # this answer's share; the whole server's is out of the others' above
     return HostLoad(
         cpus=limits.cpus,
         threads=threads,
@@ -604,6 +751,7 @@ def measure_endpoint(
         wait_share=_rounded(waited if served is not None else own),
         endpoint_busy_cores=_rounded(cores),
         endpoint_note=note,
+        endpoint_in_flight=in_flight if in_flight > 1 and served is not None else None,
     )
 
 
@@ -629,29 +777,49 @@ NOT_THE_SERVER = (
 class EndpointMeter:
     """`with EndpointMeter(pids) as m: ...; m.load` -> HostLoad of an endpoint's answer
     (`measure_endpoint`): `pids()` gives the processes serving it now (read at both ends, so a worker
-    forked meanwhile counts); None where they cannot be seen (`note` says why). Where no process of
+    forked meanwhile counts); None where they cannot be seen (`note` says why). `in_flight`: the arm's
+    answers in flight at once share the server's CPU (`InFlight`; one per arm). Where no process of
     them is seen at both ends (ended, restarted meanwhile) the answer is judged as not visible
     (`SERVER_GONE`), never as a server that used 0 cores."""
 
     def __init__(
-        self, pids: Callable[[], Iterable[int]] | None, *, threads: int = 1, note: str | None = None
+        self,
+        pids: Callable[[], Iterable[int]] | None,
+        *,
+        threads: int = 1,
+        note: str | None = None,
+        in_flight: InFlight | None = None,
     ) -> None:
-        self.pids, self.threads, self.note = pids, threads, note
+        self.pids, self.threads, self.note, self.in_flight = pids, threads, note, in_flight
         self.load: HostLoad | None = None
 
+    def _take(self) -> ProcessesSnapshot:
+        assert self.pids is not None
+        return processes_snapshot(self.pids())
+
     def __enter__(self) -> EndpointMeter:
-        self._served = None if self.pids is None else processes_snapshot(self.pids())
+        self._served = self._key = None
+        if self.pids is not None and self.in_flight is not None:
+            self._key, self._served = self.in_flight.begin(self._take)
+        elif self.pids is not None:
+            self._served = self._take()
         self._start = snapshot()
         return self
 
     def __exit__(self, *exc: object) -> None:
         end = snapshot()
-        served, note = None, self.note
+        served, note, charged, most = None, self.note, None, 1
         if self.pids is not None and self._served is not None:
-            served = (self._served, processes_snapshot(self.pids()))
+            if self.in_flight is not None and self._key is not None:
+                last, charged, most = self.in_flight.end(self._key, self._take)
+            else:
+                last = self._take()
+            served = (self._served, last)
             if not {pid for pid, _ in served[0].ticks} & {pid for pid, _ in served[1].ticks}:
                 served, note = None, note or SERVER_GONE  # never silently 0 cores
-        self.load = measure_endpoint(self._start, end, served, threads=self.threads, note=note)
+        self.load = measure_endpoint(
+            self._start, end, served, threads=self.threads, note=note, charged_s=charged, in_flight=most
+        )
 
 
 def pair_load(span: HostLoad, arms: Iterable[HostLoad]) -> HostLoad:

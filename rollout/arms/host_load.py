@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 from rollout.arms.base import Arm, ArmAnswer, ArmRequest
 from rollout.arms.endpoint_process import ServerProcesses
-from sparse_core.host import NOT_THE_SERVER, NOT_VISIBLE, EndpointMeter, HostLoad, HostLoadMeter
+from sparse_core.host import NOT_THE_SERVER, NOT_VISIBLE, EndpointMeter, HostLoad, HostLoadMeter, InFlight
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +72,10 @@ class MeteredArm:
     user's, another namespace) it is said once in the log and in each answer's load (`endpoint_note`), and
     only our own threads' waiting (over a floor) and the quota judge; so too where the listening process
     hardly ran while the others' cores would flag the answer (a port forwarder:
-    `sparse_core.host.NOT_THE_SERVER`, said once in the log). An endpoint served by this very process (a
-    server thread in it) is measured as an in-process arm is."""
+    `sparse_core.host.NOT_THE_SERVER`, said once in the log). Answers in flight at once (`max_concurrency`
+    > 1) share the server's CPU by their overlap (`sparse_core.host.InFlight`), and the others' share of the
+    server's CPUs judges them, not its threads' waiting for each other. An endpoint served by this very
+    process (a server thread in it) is measured as an in-process arm is."""
 
     def __init__(self, arm: Arm, threads: int | None = None, url: str | None = None) -> None:
         self.arm = arm
@@ -85,6 +87,7 @@ class MeteredArm:
         self._overloaded: dict[str, bool] = {}
         self._lock = threading.Lock()
         self._server = None if url is None else ServerProcesses(url)  # the listening socket's processes
+        self._in_flight = InFlight()  # its answers in flight at once share the server's CPU
 
     def answer(
         self, request: ArmRequest, task: str, *, max_new_tokens: int, max_prompt_tokens: int | None
@@ -112,7 +115,7 @@ class MeteredArm:
             assert self.url is not None
             _say_once(self.url, NOT_VISIBLE_WARNING)
             return EndpointMeter(None, note=NOT_VISIBLE)
-        return EndpointMeter(self._server.tree)
+        return EndpointMeter(self._server.tree, in_flight=self._in_flight)
 
     def overloaded(self, request_id: str) -> bool:
         with self._lock:

@@ -259,6 +259,40 @@ def _ask(arm: MeteredArm, rid: str) -> None:
     arm.answer(ArmRequest(rid, "p", "print"), "contains", max_new_tokens=4, max_prompt_tokens=None)
 
 
+def test_answers_in_flight_at_once_are_each_charged_their_share_of_the_servers_cpu() -> None:
+    """Review s50 B1: with `max_concurrency` 4 each answer's meter read the server's CPU for every answer in
+    flight (4 on one CPU: a median 180 ms charged an answer of 60 ms, up to 240), and the server's threads
+    waiting for each other read as overload (19 of 20 flagged, its CPU real-time: no other process could
+    take it). Now the server's CPU is split among the answers in flight by their overlap: four answers'
+    charges add up to the four answers' work (the old meter's added up to 600-960 ms), and each says it
+    was timed concurrently. The judgement is asserted on the pure rule (tests/sparse_core/test_host.py)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cpu = max(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0
+    server, port = _server(cpu, BURN_S)
+    url = f"http://127.0.0.1:{port}/v1"
+    arm = metered(
+        OpenAIArm(url, "m", timeout_s=20, connect_timeout_s=2, max_concurrency=4),
+        ArmSpec(kind="openai", url=url, model="m"),
+    )
+    assert isinstance(arm, MeteredArm)
+    try:
+        _ask(arm, "warm")  # the first answer imports the task's scorer here
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda rid: _ask(arm, rid), [f"c{i}" for i in range(4)]))
+    finally:
+        server.kill()
+        server.wait()
+        arm.close()
+    loads = [load for rid, load in arm.loads if rid != "warm"]
+    assert all(load.endpoint_busy_cores is not None for load in loads), loads
+    charged = sum(load.endpoint_busy_cores * load.seconds for load in loads)  # type: ignore[operator]
+    # the server burns BURN_S of CPU per answer (thread time: slowed, never shortened, by load), plus a
+    # few ms of HTTP each; a half of it either way is far from the old meter's 2.5-4x
+    assert 0.5 * 4 * BURN_S < charged < 1.5 * 4 * BURN_S, loads
+    assert any((load.endpoint_in_flight or 0) >= 2 for load in loads), loads  # four sent at once
+
+
 def test_a_server_restarted_between_answers_is_found_again_and_one_gone_meanwhile_is_not_visible() -> None:
     """Review V4: the meter kept the first server's pid; after a restart on the same port the dead pid read
     0 cores, the new server's CPU counted as the others' load and every answer was flagged, with no note.

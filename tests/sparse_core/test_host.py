@@ -416,3 +416,131 @@ def test_a_thread_that_ends_between_two_snapshots_takes_nothing_out_of_the_wait_
             pass
     own = m.load.wait_share
     assert own is not None and own < 0.9 and (m.load.overloaded == (own > 0.25))
+
+
+# -- an endpoint's answers in flight at once, and whose quota its server spends (review s50 B) ------------
+
+
+def _served(run_ms: float, delay_ms: float, cpu_busy_ms: float, ticks_ms: float) -> tuple:
+    """A server's snapshots around an answer: its threads' run and run_delay, its CPUs' busy time (all the
+    processes on them) and its own ticks, all from 0."""
+    from sparse_core.host import CLK_TCK, ProcessesSnapshot
+
+    tick = 1000 / CLK_TCK  # ms
+    cpus = frozenset({1})
+    a = ProcessesSnapshot(((10, 0),), ((10, 0, 0),), cpus=cpus, cpus_busy_ticks=0)
+    b = ProcessesSnapshot(
+        ((10, round(ticks_ms / tick)),),
+        ((10, int(run_ms * 1e6), int(delay_ms * 1e6)),),
+        cpus=cpus,
+        cpus_busy_ticks=round(cpu_busy_ms / tick),
+    )
+    return a, b
+
+
+@pytest.mark.parametrize(
+    ("run_ms", "delay_ms", "others_ms", "overloaded"),
+    [
+        (900, 1500, 0, False),  # 4 in flight on the server's one CPU, alone on it: they waited for each other
+        (900, 1500, 50, False),  # a tick or five of someone else's: noise
+        (400, 2000, 600, True),  # the others took 0.6 of its CPU
+    ],
+)
+def test_answers_in_flight_are_judged_by_what_the_others_took_of_the_servers_cpus(
+    run_ms: float, delay_ms: float, others_ms: float, overloaded: bool
+) -> None:
+    """Review s50 B1: 4 answers in flight on a server with one CPU, no other process able to take it
+    (real-time), read a wait share of 0.53 and 19 of 20 were flagged (one at a time: 0.05, 1 of 20): its
+    threads waited for each other. Concurrent answers are judged by the share of the server's CPUs the
+    other processes took; each records its share of the server's CPU (`charged_s`) and the answers in
+    flight."""
+    from sparse_core.host import CLK_TCK, CpuSnapshot, crowded_share, measure_endpoint
+
+    a, b = _served(run_ms, delay_ms, run_ms + others_ms, run_ms)
+    start = CpuSnapshot(0.0, 0, 0, None, threads_ns=((1, 0, 0),))
+    end = CpuSnapshot(1.0, round((run_ms + others_ms) / 1000 * CLK_TCK), 0, None, threads_ns=((1, 10**6, 0),))
+    limits = CpuLimits(2.0)
+    load = measure_endpoint(start, end, (a, b), charged_s=run_ms / 4000, in_flight=4, limits=limits)
+    assert load.overloaded is overloaded, load
+    assert load.wait_share == pytest.approx(
+        crowded_share(run_ms * 1e6, delay_ms * 1e6, others_ms * 1e6), abs=1e-3
+    )
+    assert load.endpoint_in_flight == 4 and load.endpoint_busy_cores == pytest.approx(run_ms / 4000)
+    alone = measure_endpoint(start, end, (a, b), limits=limits)  # read as one answer's: its threads' wait
+    assert alone.overloaded and alone.endpoint_in_flight is None
+    assert alone.endpoint_busy_cores == pytest.approx(run_ms / 1000)
+    assert crowded_share(60e6, 60e6, 80e6) == pytest.approx(0.5)  # one thread: its wait share
+
+
+def test_answers_in_flight_share_the_servers_cpu_by_their_overlap() -> None:
+    """Each answer is charged the server's CPU between any two starts or ends split among the answers in
+    flight then: A alone for 30 ms, with B for 60 ms, B alone for 30 ms: 60 ms each, not A 90 and B 90."""
+    from sparse_core.host import InFlight, ProcessesSnapshot
+
+    def at(run_ms: int) -> ProcessesSnapshot:
+        return ProcessesSnapshot(((10, 0),), ((10, run_ms * 10**6, 0),))
+
+    meter = InFlight()
+    ka, _ = meter.begin(lambda: at(0))
+    kb, _ = meter.begin(lambda: at(30))
+    _, charged_a, most_a = meter.end(ka, lambda: at(90))
+    _, charged_b, most_b = meter.end(kb, lambda: at(120))
+    assert (charged_a, most_a) == (pytest.approx(0.06), 2) and (charged_b, most_b) == (pytest.approx(0.06), 2)
+    kc, _ = meter.begin(lambda: at(500))  # alone: the server's CPU before it is no one's
+    assert meter.end(kc, lambda: at(560))[1:] == (pytest.approx(0.06), 1)
+
+
+def test_a_server_spends_our_quota_only_under_the_cgroup_that_holds_it(tmp_path) -> None:
+    """Review s50 B2: whether the server spends our quota was the whole /proc/<pid>/cgroup text equal to
+    ours: a worker in a child cgroup under our container's quota, or on cgroup v1 in another memory cgroup,
+    spent it unseen. It spends our quota where it is in the cgroup holding it or below; a server in its
+    own container (its own quota) spends another budget."""
+    from sparse_core.host import quota_holder, shares_quota
+
+    _write(tmp_path / "pod" / "pilot" / "cpu.max", "100000 100000\n")  # our container: --cpus 1
+    _write(tmp_path / "pod" / "server" / "cpu.max", "200000 100000\n")  # the server's: --cpus 2
+    ours = "0::/pod/pilot\n"
+    assert quota_holder(ours, tmp_path) == ("0", "/pod/pilot")
+    assert shares_quota(ours, "0::/pod/pilot\n", tmp_path)
+    assert shares_quota(ours, "0::/pod/pilot/worker\n", tmp_path)  # a child cgroup spends its parent's
+    assert not shares_quota(ours, "0::/pod/server\n", tmp_path)  # its own container: another budget
+    assert not shares_quota(ours, "0::/pod/pilot2\n", tmp_path)  # a name beginning like ours is not ours
+    assert not shares_quota("0::/pod/other\n", "0::/pod/other\n", tmp_path)  # no quota: nothing shared
+    _write(tmp_path / "pod" / "pilot" / "cpu.max", "max 100000\n")
+    _write(tmp_path / "pod" / "cpu.max", "150000 100000\n")  # the pod's quota binds both containers
+    assert quota_holder(ours, tmp_path) == ("0", "/pod") and shares_quota(ours, "0::/pod/server\n", tmp_path)
+    v1 = tmp_path / "v1" / "cpu,cpuacct"
+    _write(v1 / "docker" / "abc" / "cpu.cfs_quota_us", "100000\n")
+    _write(v1 / "docker" / "abc" / "cpu.cfs_period_us", "100000\n")
+    ours = "12:memory:/docker/abc\n4:cpu,cpuacct:/docker/abc\n"
+    sidecar = "12:memory:/docker/abc/sidecar\n4:cpu,cpuacct:/docker/abc\n"  # same CPU cgroup, own memory
+    assert shares_quota(ours, sidecar, tmp_path / "v1")
+    assert not shares_quota(ours, "12:memory:/docker/abc\n4:cpu,cpuacct:/docker/def\n", tmp_path / "v1")
+
+
+@pytest.mark.parametrize(
+    ("shares", "cgroup_others", "overloaded"),
+    [
+        (True, 0.0, False),  # the server's 0.9 core within our 1-CPU quota
+        (True, 1.0, True),  # and our cgroup's others 1.0 beside it: over the quota
+        (False, 1.2, True),  # its own budget, but our cgroup's others leave our client thread no quota
+        (False, 0.2, False),  # its own budget: its 1.8 cores are not taken from ours
+    ],
+)
+def test_our_quota_judges_the_server_where_it_spends_it_and_our_side_where_not(
+    shares: bool, cgroup_others: float, overloaded: bool
+) -> None:
+    """Review s50 B2: a server outside our cgroup turned the quota rule off altogether, so our own client
+    thread, starved of our quota by the rest of our cgroup, was never judged (a server not visible was)."""
+    from sparse_core.host import CLK_TCK, CpuSnapshot, ProcessesSnapshot, measure_endpoint
+
+    cores = 0.9 if shares else 1.8
+    ticks = round(cores * CLK_TCK)
+    usage_us = round((cgroup_others + (cores if shares else 0.0)) * 1e6)
+    start = CpuSnapshot(0.0, 0, 0, None, 0, threads_ns=((1, 0, 0),))
+    end = CpuSnapshot(1.0, ticks, 0, None, usage_us, threads_ns=((1, 10**6, 0),))
+    a = ProcessesSnapshot(((10, 0),), ((10, 0, 0),), shares)
+    b = ProcessesSnapshot(((10, ticks),), ((10, int(cores * 1e9), 10**7),), shares)
+    load = measure_endpoint(start, end, (a, b), limits=CpuLimits(16.0, 1.0))  # --cpus 1 on a 16-core node
+    assert load.overloaded is overloaded, load
+    assert load.wait_share is not None and load.wait_share < WAIT_SHARE_LIMIT  # the server never waited
