@@ -295,3 +295,60 @@ def test_no_promotion_while_the_champions_rollback_is_not_in_effect(use_case, mo
         f"decided but not in effect; nothing was recorded. Finish it first (`sparsepilot rollback {name} "
         "--reason TEXT`), then promote"
     )
+
+
+@pytest.mark.parametrize(
+    "trust_db", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
+def test_migration_0013_marks_replaced_the_promoted_pilots_of_a_state_db_made_before(
+    use_case, trust_db
+) -> None:  # noqa: ANN001
+    """A state DB made before "replaced" existed kept every promoted pilot "promoted": after pilot 1,
+    pilot 2 over it, pilot 3 of pilot 1's plan and pilot 3 rolled back, pilot 2 read as the promoted one
+    (its model the monitored champion's) while the dense baseline served. Migration 0013 replays the
+    promotions over the state DB's alias history and marks them as a promotion marks them now."""
+    from sqlalchemy import text
+
+    from rollout import approvals
+    from rollout.db import migrate
+    from rollout.db.session import get_engine
+
+    name = use_case(rollback="manual")
+    _promoted(name)
+    for key, tau in (("second", 0.8), ("third", 0.9)):  # pilot 3: pilot 1's plan again
+        did = _pilot_with_decision(name, "GO", "approval", key=key, tau=tau)
+        assert approvals.approve(did, _identity(ALICE), f"{key} passed").took_effect
+    approvals.request_rollback(name, _identity(BOB), "p95 regressed")
+    now = _pilots(name)
+    assert (now[0], now[1], now[2]) == (
+        [(1, "replaced", "2"), (2, "replaced", "3"), (3, "rolled_back", "2")],
+        ["1"],
+        None,
+    )
+
+    migrate.downgrade(trust_db, "0012")  # as the code before "replaced" left it
+    with get_engine(trust_db).begin() as conn:
+        conn.execute(text("UPDATE pilots SET status = 'promoted' WHERE status = 'replaced'"))
+    assert _pilots(name)[2] == 2  # the dense baseline serves, pilot 2 reads as the champion's
+    migrate.upgrade(trust_db)
+    assert _pilots(name) == now
+
+
+def test_migration_0013_replays_each_promotion() -> None:
+    """The migration's pure rule: a pilot whose champion a rollback returns to stays promoted; one whose
+    version a later promotion served again or took out of the champions is replaced; the newest
+    promotion's own pilot is never touched (its rollback, moved but not recorded, is
+    `rollout.unfinished`'s)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[2] / "migrations" / "versions" / "0013_replaced_pilots.py"
+    spec = importlib.util.spec_from_file_location("m0013", path)
+    m = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(m)
+    pilots = {"promote:1": (1, "2"), "promote:2": (2, "3"), "promote:3": (3, "2")}
+    base = [("baseline:1", None, "1"), ("promote:1", "1", "2"), ("promote:2", "2", "3")]
+    assert m.replaced(base, pilots) == set()  # pilot 1's champion is where a rollback of pilot 2 returns
+    assert m.replaced([*base, ("rollback:9", "3", "2")], pilots) == set()
+    assert m.replaced([*base, ("promote:3", "3", "2")], pilots) == {1, 2}
+    assert m.replaced([*base[:2], ("rollback:9", "2", "1")], pilots) == set()
