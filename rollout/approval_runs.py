@@ -154,6 +154,15 @@ def check_rejectable(decision_id: int) -> None:
             approvals.refuse_rejecting_unasked(session, d)
 
 
+def check_promotable(decision_id: int) -> None:
+    """Refuse, before any approval run starts, to promote while a rollback of the serving champion waits
+    (`approvals.refuse_promotion_while_rollback_waits`; `approve` asks it again under its lock)."""
+    with session_scope() as session:
+        d = session.get(GateDecision, decision_id)
+        if d is not None:  # an unknown decision: approvals.approve says so
+            approvals.refuse_promotion_while_rollback_waits(session, d)
+
+
 def check_continuable(decision_id: int) -> None:
     """Refuse, naming the decision and why, before any approval run starts for a ramp nobody may continue
     (`approvals.check_continuable`)."""

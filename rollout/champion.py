@@ -48,6 +48,21 @@ def waiting_alarm(session: Any, pilot: Pilot) -> int | None:
     )
 
 
+def rollback_waiting(session: Any, uc: UseCase) -> int | None:
+    """The use case's rollback decision that waits for a person's approval (the monitor's alarm about the
+    champion, whatever the phase), if any: no promotion is signed meanwhile
+    (`approvals.refuse_promotion_while_rollback_waits`)."""
+    return session.scalar(
+        select(GateDecision.id)
+        .where(
+            GateDecision.use_case_id == uc.id,
+            GateDecision.awaiting == "rollback_approval",
+            GateDecision.resolution.is_(None),
+        )
+        .order_by(GateDecision.id.desc())
+    )
+
+
 def monitored_pilot(session: Any, uc: UseCase) -> Pilot | None:
     """The serving champion's pilot while the monitor watches it: not while its alarm waits for a person
     (who rolls it back or keeps it; keeping it resumes the monitor)."""

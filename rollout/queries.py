@@ -138,6 +138,16 @@ def portfolio(
     last_dec = _current_decision(*kind)
     gate_dec = _current_decision(GateDecision.kind == "gate")
     QDec = aliased(GateDecision)  # the gate look the quality columns come from
+    # the newest alarm or rollback of a champion (the monitor's NO-GO / INVALID, a person's rollback):
+    # while another challenger pilots it is not the current decision, yet it may wait for a person or
+    # be decided but not in effect, which outranks the pilot (`waits_for`)
+    CDec = aliased(GateDecision)
+    champ_dec = _latest_id(
+        GateDecision.id,
+        GateDecision.use_case_id,
+        GateDecision.kind.in_(("monitor", "rollback")),
+        GateDecision.outcome != "GO",
+    )
     last_eval = _shown_evaluation()
     last_pilot = _latest_id(Pilot.id, Pilot.use_case_id)
     obs_per_uc = (
@@ -206,6 +216,11 @@ def portfolio(
             EvaluationRun.roi[EVALUATION_TIMING_HOST].label("timing_host"),
             EvaluationRun.spec_version.label("priced_spec_version"),
             UseCase.current_spec_version,
+            CDec.id.label("champion_decision_id"),
+            CDec.kind.label("champion_decision_kind"),
+            CDec.outcome.label("champion_decision"),
+            CDec.awaiting.label("champion_awaiting"),
+            CDec.resolution.label("champion_resolution"),
         )
         .select_from(UseCase)
         .outerjoin(last_dec, last_dec.c.key == UseCase.id)
@@ -221,6 +236,8 @@ def portfolio(
         )
         .outerjoin(obs_per_step, obs_per_step.c.key == PilotStep.id)
         .outerjoin(obs_per_uc, obs_per_uc.c.key == UseCase.id)
+        .outerjoin(champ_dec, champ_dec.c.key == UseCase.id)
+        .outerjoin(CDec, CDec.id == champ_dec.c.id)
         .order_by(UseCase.name)
     )
     if use_case_id is not None:
@@ -231,6 +248,15 @@ def portfolio(
     signed = _signature_counts(session, [r["decision_id"] for r in rows if r["decision_id"] is not None])
     for r in rows:
         r["unfinished"] = _unfinished_row(session, r)
+        champ = _champion_decision(r)
+        if r["unfinished"] is None and champ is not None:  # a champion's rollback not in effect
+            r["unfinished"] = _unfinished_row(session, r | champ)
+        # the monitor's alarm about the champion waiting for a person, where it is not the current decision
+        r["champion_alarm"] = (
+            r["champion_decision_id"]
+            if champ is not None and champ["awaiting"] == "rollback_approval" and champ["resolution"] is None
+            else None
+        )
         # "GO, rejected", "GO (monitor)"; the chart's colour: the outcome and who made it, as it was made
         r["decision_standing"] = decision_standing(r["decision"], r["resolution"], kind=r["decision_kind"])
         r["decision_made"] = decision_words(r["decision"], r["decision_kind"])
@@ -264,6 +290,19 @@ def rollback_able(session: Session) -> list[str]:
         .order_by(UseCase.name)
     )
     return [uc.name for uc in candidates if champion.rollback_able(session, uc)]
+
+
+def _champion_decision(row: dict[str, Any]) -> dict[str, Any] | None:
+    """The portfolio row's newest alarm or rollback of a champion as a current decision's fields, where it
+    is not the row's current decision (another challenger's pilot came after it), else None."""
+    if row["champion_decision_id"] is None or row["champion_decision_id"] == row["decision_id"]:
+        return None
+    return {
+        "decision_kind": row["champion_decision_kind"],
+        "decision": row["champion_decision"],
+        "awaiting": row["champion_awaiting"],
+        "resolution": row["champion_resolution"],
+    }
 
 
 def _unfinished_row(session: Session, row: dict[str, Any]) -> dict[str, Any] | None:
@@ -339,11 +378,21 @@ def decision_waits(
 def waits_for(row: dict[str, Any]) -> str:
     """What a use case needs next, in words, from its latest decision and current step: first, a decision
     decided but not in effect (`unfinished`, `_unfinished_row`): its effect finished, never "more samples"
-    for a pilot whose GO was approved."""
+    for a pilot whose GO was approved; then the monitor's alarm about the serving champion waiting for a
+    person while another challenger pilots (`champion_alarm`): no promotion is signed before it is decided
+    (`approvals.refuse_promotion_while_rollback_waits`), where the row read "more samples" or "approval to
+    promote" while production's model waited to be rolled back."""
     from rollout.unfinished import waits_words
 
     if row.get("unfinished"):
         return waits_words(row["unfinished"])
+    if row.get("champion_alarm") is not None:
+        alarm, name = row["champion_alarm"], row.get("name") or "NAME"
+        return (
+            f"approval to roll back the champion (the monitor's alarm, decision {alarm}: `sparsepilot "
+            f"approve {name} --decision {alarm} --reason TEXT` rolls it back, with `--reject` keeps it), "
+            "before any promotion"
+        )
     person = decision_waits(
         row.get("awaiting"),
         row.get("resolution"),

@@ -50,6 +50,7 @@ from rollout.approvals.checks import (
     check_continuable,
     check_decision_of,
     lock_decision,
+    refuse_promotion_while_rollback_waits,
     refuse_rejecting_unasked,
 )
 from rollout.approvals.effects import (
@@ -141,6 +142,7 @@ __all__ = [
     "ramp_steps_skipped",
     "recommendation_in_words",
     "recommended_action",
+    "refuse_promotion_while_rollback_waits",
     "refuse_rejecting_unasked",
     "request_rollback",
     "rollback_about",

@@ -1,7 +1,9 @@
 """Whether a person may act on a decision now, each refusal saying why and that nothing was recorded:
 a decision that waits for a person or a running pilot's latest (`check_approvable`), a GO whose ramp may
 continue (`check_continuable`), one of this use case's (`check_decision_of`), a rollback with somewhere to
-return to; and the lock every signature reads the decision under (`lock_decision`).
+return to, a promotion while no rollback of the serving champion waits
+(`refuse_promotion_while_rollback_waits`); and the lock every signature reads the decision under
+(`lock_decision`).
 
 A running pilot's latest gate decision (EXTEND, or a GO before the plan's last step) asks nobody: a
 person may only override it (promote, two approvers). Rejecting it used to stop the whole pilot on one
@@ -206,4 +208,35 @@ def _require_an_earlier_champion(session: Any, d: GateDecision) -> None:
             f"decision {d.id}: there is no earlier champion to roll back to; nothing was recorded. Keep "
             "the champion (reject the rollback: two approvers, as it goes against the monitor) and take it "
             "out of serving by hand if it must go"
+        )
+
+
+def refuse_promotion_while_rollback_waits(session: Any, d: GateDecision) -> None:
+    """A promotion (a signature approving a gate decision, the first of an override too) is refused while a
+    rollback of the serving champion waits: the monitor's alarm waiting for a person
+    (`champion.rollback_waiting`), or a rollback decided but not in effect (`rollout.unfinished`). Two
+    changes of the serving model racing each other end production on either: approved meanwhile, pilot 2's
+    GO moved the champion alias to its challenger, and the alarm about pilot 1's champion still waited,
+    its approval then "rolling back" a champion that no longer served. ApprovalError naming the waiting
+    rollback and the commands that decide or finish it; nothing is recorded."""
+    from rollout.champion import rollback_waiting
+    from rollout.unfinished import unfinished_in
+
+    if d.kind != "gate":
+        return
+    uc = session.get(UseCase, d.use_case_id)
+    alarm = rollback_waiting(session, uc)
+    if alarm is not None:
+        raise ApprovalError(
+            f"decision {d.id} is not promoted while the monitor's alarm about {uc.name}'s serving champion "
+            f"(decision {alarm}) waits for a person; nothing was recorded. Decide the alarm first: roll the "
+            f"champion back (`sparsepilot approve {uc.name} --decision {alarm} --reason TEXT`) or keep it "
+            f"(`sparsepilot approve {uc.name} --decision {alarm} --reject --reason TEXT`), then promote"
+        )
+    u = unfinished_in(session, uc)
+    if u is not None and u.action == "rollback":
+        raise ApprovalError(
+            f"decision {d.id} is not promoted while the rollback of {uc.name}'s champion (decision "
+            f"{u.decision_id}) is decided but not in effect; nothing was recorded. Finish it first "
+            f"(`{u.finish_command()} --reason TEXT`), then promote"
         )

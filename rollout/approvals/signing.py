@@ -15,6 +15,7 @@ from rollout.approvals.checks import (
     check_approvable,
     check_continuable,
     lock_decision,
+    refuse_promotion_while_rollback_waits,
     refuse_rejecting_unasked,
 )
 from rollout.approvals.effects import apply_decision, continue_in
@@ -89,6 +90,8 @@ def approve(
             refuse_rejecting_unasked(session, d)
         if action == "approve" and d.awaiting == "rollback_approval":
             _require_an_earlier_champion(session, d)
+        if action == "approve":
+            refuse_promotion_while_rollback_waits(session, d)
         # continuing the ramp is what the plan would have done: it goes against nothing, one signature
         against = action != "continue" and action != recommended_action(d)
         if action == "approve" and not against:

@@ -203,3 +203,152 @@ def test_an_alarm_while_another_challenger_pilots_leaves_the_pilot_alone(flow_us
     assert (len(champions), [r[1] for r in rows_now], promoted) == (1, ["rolled_back", "running"], None)
     assert registry.current_aliases(name)["champion"] == champions[0] != champion
     assert _phase(name) == "piloting"
+
+
+def _alarm(name: str, info: dict[str, Any]) -> int:
+    """The monitor's alarm about the champion `info` (its sampled rows failed their data check, policy
+    manual): a rollback decision waiting for a person. Its id."""
+    from rollout import decisions
+
+    failed = {"passed": False, "failures": ["bad rows"], "report": {}}
+    look = decisions.monitor_look(name, info, [], failed, "m-1")
+    assert (look["outcome"], look["awaiting"]) == ("INVALID", "rollback_approval"), look
+    return look["decision_id"]
+
+
+def _waits(name: str) -> str:
+    from rollout import queries
+
+    return next(r["waits_for"] for r in queries.read(queries.portfolio) if r["name"] == name)
+
+
+@pytest.mark.parametrize("trust_db", ["sqlite"], indirect=True)
+def test_no_promotion_while_the_champions_alarm_waits_and_the_portfolio_says_so(use_case) -> None:
+    """While pilot 2's GO waited for approval, the monitor's alarm about pilot 1's champion waiting for a
+    person was said nowhere in the portfolio ("approval to promote"), and approving the GO promoted over
+    it: the champion alias moved to v3 and the alarm still waited, its approval then "rolling back" a
+    champion that no longer served. Now the alarm outranks the pilot in "waits for", and the promotion is
+    refused, on the dashboard's path (`approvals.approve`) and the CLI's (before any approval run starts),
+    naming the alarm and its commands, until a person decides it."""
+    from flows.approval import approve_decision
+    from rollout import approvals, registry
+
+    name = use_case(rollback="manual")
+    info = _promoted(name)
+    second = _pilot_with_decision(name, "GO", "approval", key="second", tau=0.8)
+    alarm = _alarm(name, info)
+    assert _waits(name) == (
+        f"approval to roll back the champion (the monitor's alarm, decision {alarm}: `sparsepilot approve "
+        f"{name} --decision {alarm} --reason TEXT` rolls it back, with `--reject` keeps it), before any "
+        "promotion"
+    )
+    refusal = (
+        f"decision {second} is not promoted while the monitor's alarm about {name}'s serving champion "
+        f"(decision {alarm}) waits for a person; nothing was recorded. Decide the alarm first: roll the "
+        f"champion back (`sparsepilot approve {name} --decision {alarm} --reason TEXT`) or keep it "
+        f"(`sparsepilot approve {name} --decision {alarm} --reject --reason TEXT`), then promote"
+    )
+    for sign in (approvals.approve, approve_decision):  # the dashboard's path, the CLI's
+        with pytest.raises(approvals.ApprovalError) as refused:
+            sign(second, _identity(ALICE), "pilot 2 passed")
+        assert str(refused.value) == refusal
+    rows, champions, promoted, _ = _pilots(name)
+    assert (champions, promoted, _phase(name)) == (["1", "2"], 1, "piloting")
+
+    assert approvals.approve(alarm, _identity(BOB), "bad rows").took_effect  # rolled back to the dense v1
+    assert _waits(name) == "approval to promote"
+    assert approvals.approve(second, _identity(ALICE), "pilot 2 passed").took_effect
+    rows, champions, promoted, _ = _pilots(name)
+    assert (champions, promoted, registry.current_aliases(name)["champion"]) == (["1", "3"], 2, "3")
+
+
+@pytest.mark.parametrize("trust_db", ["sqlite"], indirect=True)
+def test_no_promotion_while_the_champions_rollback_is_not_in_effect(use_case, monkeypatch) -> None:  # noqa: ANN001
+    """The approved alarm's rollback whose MLflow move failed while pilot 2 pilots: the champion that
+    breached keeps serving, and the portfolio said "approval to promote" (the alarm was not the current
+    decision); pilot 2's GO promoted over it. Now it says the rollback is to be finished, and the
+    promotion is refused naming the command that finishes it."""
+    from mlflow import MlflowClient
+
+    from rollout import approvals
+
+    name = use_case(rollback="manual")
+    info = _promoted(name)
+    second = _pilot_with_decision(name, "GO", "approval", key="second", tau=0.8)
+    alarm = _alarm(name, info)
+    real = MlflowClient.set_registered_model_alias
+
+    def down(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        raise ConnectionError("tracking server unreachable")
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", down)
+    with pytest.raises(Exception, match="unreachable"):
+        approvals.approve(alarm, _identity(BOB), "bad rows")
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", real)
+    assert _waits(name) == (
+        f"the rollback to be finished (approved by bob; not in effect): sparsepilot rollback {name}"
+    )
+    with pytest.raises(approvals.ApprovalError) as refused:
+        approvals.approve(second, _identity(ALICE), "pilot 2 passed")
+    assert str(refused.value) == (
+        f"decision {second} is not promoted while the rollback of {name}'s champion (decision {alarm}) is "
+        f"decided but not in effect; nothing was recorded. Finish it first (`sparsepilot rollback {name} "
+        "--reason TEXT`), then promote"
+    )
+
+
+@pytest.mark.parametrize(
+    "trust_db", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
+def test_migration_0013_marks_replaced_the_promoted_pilots_of_a_state_db_made_before(
+    use_case, trust_db
+) -> None:  # noqa: ANN001
+    """A state DB made before "replaced" existed kept every promoted pilot "promoted": after pilot 1,
+    pilot 2 over it, pilot 3 of pilot 1's plan and pilot 3 rolled back, pilot 2 read as the promoted one
+    (its model the monitored champion's) while the dense baseline served. Migration 0013 replays the
+    promotions over the state DB's alias history and marks them as a promotion marks them now."""
+    from sqlalchemy import text
+
+    from rollout import approvals
+    from rollout.db import migrate
+    from rollout.db.session import get_engine
+
+    name = use_case(rollback="manual")
+    _promoted(name)
+    for key, tau in (("second", 0.8), ("third", 0.9)):  # pilot 3: pilot 1's plan again
+        did = _pilot_with_decision(name, "GO", "approval", key=key, tau=tau)
+        assert approvals.approve(did, _identity(ALICE), f"{key} passed").took_effect
+    approvals.request_rollback(name, _identity(BOB), "p95 regressed")
+    now = _pilots(name)
+    assert (now[0], now[1], now[2]) == (
+        [(1, "replaced", "2"), (2, "replaced", "3"), (3, "rolled_back", "2")],
+        ["1"],
+        None,
+    )
+
+    migrate.downgrade(trust_db, "0012")  # as the code before "replaced" left it
+    with get_engine(trust_db).begin() as conn:
+        conn.execute(text("UPDATE pilots SET status = 'promoted' WHERE status = 'replaced'"))
+    assert _pilots(name)[2] == 2  # the dense baseline serves, pilot 2 reads as the champion's
+    migrate.upgrade(trust_db)
+    assert _pilots(name) == now
+
+
+def test_migration_0013_replays_each_promotion() -> None:
+    """The migration's pure rule: a pilot whose champion a rollback returns to stays promoted; one whose
+    version a later promotion served again or took out of the champions is replaced; the newest
+    promotion's own pilot is never touched (its rollback, moved but not recorded, is
+    `rollout.unfinished`'s)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[2] / "migrations" / "versions" / "0013_replaced_pilots.py"
+    spec = importlib.util.spec_from_file_location("m0013", path)
+    m = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(m)
+    pilots = {"promote:1": (1, "2"), "promote:2": (2, "3"), "promote:3": (3, "2")}
+    base = [("baseline:1", None, "1"), ("promote:1", "1", "2"), ("promote:2", "2", "3")]
+    assert m.replaced(base, pilots) == set()  # pilot 1's champion is where a rollback of pilot 2 returns
+    assert m.replaced([*base, ("rollback:9", "3", "2")], pilots) == set()
+    assert m.replaced([*base, ("promote:3", "3", "2")], pilots) == {1, 2}
+    assert m.replaced([*base[:2], ("rollback:9", "2", "1")], pilots) == set()
