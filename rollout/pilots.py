@@ -907,6 +907,26 @@ def monitor_observations(session: Session, step: PilotStep) -> pd.DataFrame:
     return table.drop(columns="row_id")
 
 
+def monitor_voids(session: Session, step: PilotStep) -> tuple[int, int]:
+    """The void requests a monitor look's evidence excluded, as `monitor_observations` reads its rows: the
+    step's since the last alarm a person kept (those before it are settled with its rows), and the id of
+    the step's last void request (0 for none: `void_through` in the look's evidence, where a kept alarm
+    says which voids it settled). A kept alarm recorded before it said so settles the voids stored up to
+    its own time."""
+    kept = _kept_alarm(session, step)
+    of_step = VoidRequest.pilot_step_id == step.id
+    since = []
+    if kept is not None:
+        through = (kept.evidence or {}).get("void_through")
+        since = (
+            [VoidRequest.id > int(through)]
+            if through is not None
+            else [VoidRequest.created_at > kept.created_at]
+        )
+    n = session.scalar(select(func.count()).where(of_step, *since)) or 0
+    return int(n), int(session.scalar(select(func.max(VoidRequest.id)).where(of_step)) or 0)
+
+
 def _kept_alarm(session: Session, step: PilotStep) -> GateDecision | None:
     """The last monitor alarm of the step a person kept the champion through (resolved "rejected")."""
     return session.scalar(
