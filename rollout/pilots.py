@@ -410,8 +410,9 @@ def in_evidence_order(
     same rows gives), at the place of the first of them; the rows a look judged keep their place, so each
     look's stream extends the one before. Rows up to `batch_unit_through` (judged by looks recorded before
     the look was the unit) keep the order they were judged in: each import's rows by key, batch by batch.
-    The monitor (`looks` None): each batch is its own unit, an import's rows by key (each monitor file is
-    its own look). Rows without a key (the pilot flow's) stay where they arrived, batch by batch."""
+    The monitor (`looks` None): each batch is its own unit, an import's rows by key (the files of one
+    `monitor` command are one batch, one look). Rows without a key (the pilot flow's) stay where they
+    arrived, batch by batch."""
     from operator import itemgetter
 
     keys = list(map(itemgetter(key), records))
