@@ -45,9 +45,9 @@ def monitor_target(use_case: str, used_request_ids: bool) -> dict[str, Any] | No
 
 @flow_task("monitor-store-import")
 def store_import(
-    info: dict[str, Any], path: str, numbered: list[tuple[int, dict]], batch_id: str
+    info: dict[str, Any], files: list[tuple[str, list[tuple[int, dict]]]], batch_id: str
 ) -> dict[str, Any]:
-    return pilot_batches.store_monitor_import(info, path, numbered, batch_id)
+    return pilot_batches.store_monitor_import(info, files, batch_id)
 
 
 @flow_task("monitor-note-skip")
@@ -74,7 +74,7 @@ def decide_monitor(
 @under_lease("monitor")
 def monitor_flow(
     use_case: str,
-    observations_file: str | None = None,
+    observations_file: str | list[str] | None = None,
     batch_size: int | None = None,
     max_new_tokens: int | None = None,
     max_prompt_tokens: int | None = None,
@@ -92,8 +92,11 @@ def monitor_flow(
     from flows.promote import finish_unfinished, rollback_flow
 
     logger = get_run_logger()
-    if observations_file:  # whatever the state: a file that is not there is never a quiet success
-        require_file(observations_file)
+    # several files (the pages of one export) are ONE look, their rows in stream-key order together
+    files = [observations_file] if isinstance(observations_file, str) else list(observations_file or [])
+    observations_file = ", ".join(files) or None  # how the refusals below name them
+    for path in files:  # whatever the state: a file that is not there is never a quiet success
+        require_file(path)
     # a rollback decided earlier comes before any new look; the monitor is its finisher
     finished = finish_unfinished(use_case, by=audit.MONITOR_ACTOR)
     if finished is not None:
@@ -110,11 +113,11 @@ def monitor_flow(
     if observations_file:
         from rollout.observations_io import read_numbered
 
-        numbered = read_numbered(observations_file, require_arm="treatment")  # a refusal names path:LINE
-        rows = [row for _, row in numbered]
+        read = [(path, read_numbered(path, require_arm="treatment")) for path in files]  # refusals: path:LINE
+        rows = [row for _, numbered in read for _, row in numbered]
         batch_id = _batch_id(info, rows)
         # a file that fails its checks, or conflicts with what is stored, is refused: nothing stored, no look
-        check = store_import(info, observations_file, numbered, batch_id)["check"]
+        check = store_import(info, read, batch_id)["check"]
         source = "imported"
         latency = None  # an import's rows carry no host load of ours
     else:

@@ -365,7 +365,8 @@ def monitor_look(
         if pilots.monitor_basis(session, step) != basis:
             guard, basis = _monitor_judgement(session, step, spec, check)
         outcome, why = _monitor_verdict(check, guard, spec.gate.alpha)
-        void = pilots.void_counts(session, [step.id]).get(step.id, 0)  # as a gate look counts its step's
+        # the voids this look's evidence excluded: none settled by a kept alarm (as its rows)
+        void, void_through = pilots.monitor_voids(session, step)
         bad = outcome != "GO"
         auto = bad and spec.rollback == "auto"  # the policy the champion was promoted under
         # an automatic rollback needs a version to return to; without one (the dense baseline was never
@@ -414,8 +415,10 @@ def monitor_look(
                 "rows": len(rows),
                 # a kept alarm settles the rows up to here (`pilots.monitor_observations`)
                 "judged_through": basis[0],
-                # the monitor step's requests drawn without a reference (the dense answer failed)
+                # the monitor step's requests drawn without a reference (the dense answer failed) since
+                # the last kept alarm, which settles those up to its `void_through` (`pilots.monitor_voids`)
                 "void_requests": void,
+                "void_through": void_through,
             },
             explanation=explanation,
             data_fingerprint=batch_id[:64],

@@ -26,6 +26,7 @@ from rollout.db.models import (
 )
 from rollout.db.session import session_scope
 from rollout.observations_io import ObservationImportError, iter_observations, validate_observation_rows
+from rollout.outcome_sorted import sorted_file_problem
 from rollout.redact import redact
 from rollout.runs import calibration_metrics, latest_challenger, version_dict
 
@@ -541,27 +542,53 @@ def checked_file_rows(
 
 
 def store_monitor_import(
-    info: Mapping[str, Any], path: str, numbered: Sequence[tuple[int, dict[str, Any]]], batch_id: str
+    info: Mapping[str, Any],
+    files: Sequence[tuple[str, Sequence[tuple[int, dict[str, Any]]]]],
+    batch_id: str,
 ) -> dict[str, Any]:
-    """Store a file of production observations in the promoted pilot's monitor step (`monitor_target`'s
-    `info`), all or nothing, as the pilot's import is (`import_file`): a file that fails the observation
-    checks (GX), brings a (request, arm) already stored with other values, a request another step of the pilot
-    judged (the gate's) or one void in any step (this one's too), is refused with an ObservationImportError
-    naming the file and its rows; nothing is stored, and the caller records no look. Stored with the pilot
-    held against a change of state (`pilots.held_for_observations`): a rollback waits for it, as for the
-    monitor's own batch, and a file read across one is kept for a look that says it was superseded. Only the
-    file's ids are looked up (chunked IN lists): a promoted pilot's whole history is never read. `numbered`:
-    the file's rows with their lines (`observations_io.read_numbered`), which a refusal names. Returns the GX
-    summary (`check`: the look's data check) and the counts stored."""
-    rows = [row for _, row in numbered]
-    gx = checked_file_rows(
-        path,
-        numbered,
-        {str(r["request_id"]) for r in rows},  # production traffic: any request id
-        outcome="nothing was stored and no look was recorded",
-    )
+    """Store one or more files of production observations in the promoted pilot's monitor step
+    (`monitor_target`'s `info`) as ONE look, all or nothing, as the pilot's import is (`import_file`): a file
+    that fails the observation checks (GX), brings a (request, arm) already stored with other values or given
+    in another of the files, a request another step of the pilot judged (the gate's) or one void in any step
+    (this one's too), is refused with an ObservationImportError naming the file and its rows; nothing is
+    stored, and the caller records no look. A file given alone is refused where its rows are evidently sorted
+    by an outcome (`outcome_sorted.sorted_file_problem`): it would be its own look, and a page of a sorted
+    export judges a sorted order; the pages given together are one look, their rows in stream-key order.
+    Stored with the pilot held against a change of state (`pilots.held_for_observations`): a rollback waits
+    for it, as for the monitor's own batch, and a file read across one is kept for a look that says it was
+    superseded. Only the files' ids are looked up (chunked IN lists): a promoted pilot's whole history is
+    never read. `files`: (path, its rows with their lines, `observations_io.read_numbered`), which a refusal
+    names. Returns the GX summary (`check`: the look's data check, of all the files) and the counts stored."""
+    outcome = "nothing was stored and no look was recorded"
+    if len(files) == 1:
+        sorted_problem = sorted_file_problem(files[0][0], [row for _, row in files[0][1]])
+        if sorted_problem:
+            raise ObservationImportError(sorted_problem)
+    gxs, given, twice = [], {}, []
+    for path, numbered in files:
+        gxs.append(
+            checked_file_rows(
+                path,
+                numbered,
+                {str(r["request_id"]) for _, r in numbered},  # production traffic: any request id
+                outcome=outcome,
+            )
+        )
+        for line, r in numbered:
+            key = (str(r["request_id"]), str(r["arm"]))
+            if key in given and given[key] != path:
+                twice.append(f"{key[0]}/{key[1]} ({given[key]} and {path}:{line})")
+            given.setdefault(key, path)
+    paths = ", ".join(path for path, _ in files)
+    if twice:
+        raise ObservationImportError(
+            f"{paths}: request(s) {', '.join(twice[:8])}{' and more' if len(twice) > 8 else ''} are given in "
+            f"two of the files; each (request, arm) is one row of the look; {outcome}"
+        )
+    rows = [row for _, numbered in files for _, row in numbered]
+    gx = gxs[0] if len(gxs) == 1 else _merged_checks(gxs)
     with session_scope(immediate=True) as session:
-        step = _held_step(session, info["step_id"], meanwhile=f"{path} was read")
+        step = _held_step(session, info["step_id"], meanwhile=f"{paths} was read")
         ids = {str(r["request_id"]) for r in rows}
         check = pilots.ImportCheck(
             pilots.step_rows_among(session, step, ids),
@@ -576,12 +603,19 @@ def store_monitor_import(
         problems = check.problems()
         if problems:
             raise ObservationImportError(
-                f"{path}: does not fit the monitor (step {step.index}); nothing was stored and no look was "
-                "recorded:\n  - " + "\n  - ".join(problems)
+                f"{paths}: does not fit the monitor (step {step.index}); {outcome}:\n  - "
+                + "\n  - ".join(problems)
             )
         res = pilots.record_observations(session, step, rows, batch_id=batch_id, source="imported")
         run_links.record_batch(session, step.id, batch_id, "imported", rows=len(rows), inserted=res.inserted)
     return {"check": gx, "inserted": res.inserted, "already_present": res.already_present}
+
+
+def _merged_checks(gxs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The GX summaries of several files as one look's data check: passed (each file passed, or it was
+    refused), its report per file."""
+    reports = [g["report"] for g in gxs]
+    return {"passed": all(g["passed"] for g in gxs), "failures": [], "report": {"files": reports}}
 
 
 def import_file(

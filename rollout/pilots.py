@@ -410,8 +410,9 @@ def in_evidence_order(
     same rows gives), at the place of the first of them; the rows a look judged keep their place, so each
     look's stream extends the one before. Rows up to `batch_unit_through` (judged by looks recorded before
     the look was the unit) keep the order they were judged in: each import's rows by key, batch by batch.
-    The monitor (`looks` None): each batch is its own unit, an import's rows by key (each monitor file is
-    its own look). Rows without a key (the pilot flow's) stay where they arrived, batch by batch."""
+    The monitor (`looks` None): each batch is its own unit, an import's rows by key (the files of one
+    `monitor` command are one batch, one look). Rows without a key (the pilot flow's) stay where they
+    arrived, batch by batch."""
     from operator import itemgetter
 
     keys = list(map(itemgetter(key), records))
@@ -626,11 +627,12 @@ _ARM_BIT = {"control": 1, "treatment": 2}
 # An import into a split step whose arm counts a random assignment at the step's share gives with
 # probability below this is refused (`ImportCheck.share_problem`): the false refusal rate per file (the
 # exact test's size is at most this at every file size), so at most 0.1% over 1,000 honest files (a
-# pilot fed hourly slices for six weeks). A file of dense rows only is refused from 139 rows at a 10%
-# share (282 at 5%, 21 at 50%), of sparse rows only from 7 (5, 21): below the one-arm files that move the
-# GO capital to its threshold (docs/gate.md "The order of the evidence"). It was 1e-3, which refused an
-# honest hourly slice of 100 requests at 10% for good (the hash gives the same counts on every retry):
-# 27% of pilots fed 504 hourly slices met one (review W1)
+# pilot fed hourly slices for six weeks); the step's rows so far with the file's are tested at it too, so
+# at most 2e-6 an import, 0.2% over 1,000 (the union bound). A file of dense rows only is refused from 139
+# rows at a 10% share (282 at 5%, 21 at 50%), of sparse rows only from 7 (5, 21): below the one-arm files
+# that move the GO capital to its threshold (docs/gate.md "The order of the evidence"). It was 1e-3, which
+# refused an honest hourly slice of 100 requests at 10% for good (the hash gives the same counts on every
+# retry): 27% of pilots fed 504 hourly slices met one (review W1)
 IMPORT_SHARE_LEVEL = 1e-6
 
 
@@ -655,7 +657,10 @@ class ImportCheck:
     to score against, `VoidRequest`): it is used, and never observed. Split: the file's new rows must hold the
     arms in the step's share, as a random assignment would (the exact binomial test at `IMPORT_SHARE_LEVEL`,
     the hash's or the serving system's assignment alike): a file of one arm (the dense deployment's log, then
-    the sparse one's) would put the arms into the evidence stream in an order no random assignment gives."""
+    the sparse one's) would put the arms into the evidence stream in an order no random assignment gives. The
+    step's rows so far with the file's (``stored``: all of the step's rows) are tested alike, at the same
+    level: one-arm files each below the file's refusal size, a gate look between each, would otherwise feed
+    the stream one arm's rows look after look."""
 
     def __init__(
         self,
@@ -676,10 +681,12 @@ class ImportCheck:
         self.max_listed = max_listed
         self.values: dict[tuple[str, str], int] = {}
         self.arms: dict[str, int] = {}
+        self.stored_per_arm = {"control": 0, "treatment": 0}
         for r in stored:
             key = (str(r["request_id"]), str(r["arm"]))
             self.values[key] = _values(r)
             self.arms[key[0]] = self.arms.get(key[0], 0) | _ARM_BIT.get(key[1], 0)
+            self.stored_per_arm[key[1]] = self.stored_per_arm.get(key[1], 0) + 1
         self.touched: set[str] = set()
         self.conflicts: list[str] = []
         self.wrong_arm: list[str] = []
@@ -760,26 +767,51 @@ class ImportCheck:
         return out
 
     def share_problem(self) -> str:
-        """A split import whose new rows' arm counts contradict the step's share ('' when they do not):
-        the exact two-sided binomial test of the sparse-arm count, refused below `IMPORT_SHARE_LEVEL`."""
-        from rollout.gate.inputs import srm_test
-
+        """A split import whose arm counts contradict the step's share ('' when they do not): the exact
+        two-sided binomial test of the sparse-arm count of the file's new rows, and of the step's rows so far
+        with them (the stream up to this import), each refused below `IMPORT_SHARE_LEVEL`."""
         n_c, n_t = self.new_per_arm.get("control", 0), self.new_per_arm.get("treatment", 0)
         if self.kind != "split" or n_c + n_t == 0:
             return ""
-        _, p = srm_test(n_c, n_t, self.pct / 100.0)
-        if p >= IMPORT_SHARE_LEVEL:
+        file_p = _share_p(n_c, n_t, self.pct)
+        if file_p < IMPORT_SHARE_LEVEL:
+            return (
+                f"split step at {self.pct:g}%: its new rows hold {_arm_counts(n_c, n_t)}; a random "
+                f"assignment at {self.pct:g}% gives counts this far off with probability {file_p:.1g} (exact "
+                f"binomial test, refused below {IMPORT_SHARE_LEVEL:g}), and the evidence stream needs both "
+                "arms in the step's share. If the file is an export of one arm (or one arm's rows first, "
+                "split into files), import the step's rows of both arms together in one file or in slices "
+                "of time; if it is a small slice of time, import it together with the next slice (one "
+                "file): the rows imported between two gate looks enter the stream together anyway"
+            )
+        s_c, s_t = self.stored_per_arm.get("control", 0), self.stored_per_arm.get("treatment", 0)
+        all_c, all_t = s_c + n_c, s_t + n_t
+        step_p = _share_p(all_c, all_t, self.pct)
+        if step_p >= IMPORT_SHARE_LEVEL or s_c + s_t == 0:
             return ""
         return (
-            f"split step at {self.pct:g}%: its new rows hold {n_t} sparse and {n_c} dense "
-            f"({100 * n_t / (n_c + n_t):.1f}% sparse); a random assignment at {self.pct:g}% gives counts "
-            f"this far off with probability {p:.1g} (exact binomial test, refused below "
-            f"{IMPORT_SHARE_LEVEL:g}), and the evidence stream needs both arms in the step's share. "
-            "If the file is an export of one arm (or one arm's rows first, split into files), import "
-            "the step's rows of both arms together in one file or in slices of time; if it is a small "
-            "slice of time, import it together with the next slice (one file): the rows imported "
-            "between two gate looks enter the stream together anyway"
+            f"split step at {self.pct:g}%: the step's rows so far hold {_arm_counts(s_c, s_t)}, and with "
+            f"this file's new rows ({_arm_counts(n_c, n_t)}) {_arm_counts(all_c, all_t)}; a random "
+            f"assignment at {self.pct:g}% gives counts this far off with probability {step_p:.1g} (exact "
+            f"binomial test, refused below {IMPORT_SHARE_LEVEL:g}). Files of one arm, each too small to be "
+            "refused on its own, with gate looks between them, would put that arm's rows into the evidence "
+            "stream look after look. Import the step's rows of both arms together, in slices of time"
         )
+
+
+def _share_p(n_control: int, n_treatment: int, pct: float) -> float:
+    """The exact two-sided binomial test's p of the sparse-arm count against a split step's share."""
+    from rollout.gate.inputs import srm_test
+
+    return srm_test(n_control, n_treatment, pct / 100.0)[1]
+
+
+def _arm_counts(n_control: int, n_treatment: int) -> str:
+    """ "22 sparse and 78 dense (22.0% sparse)": a split import's arm counts, as its refusal says them."""
+    return (
+        f"{n_treatment} sparse and {n_control} dense ({100 * n_treatment / (n_control + n_treatment):.1f}% "
+        "sparse)"
+    )
 
 
 def abort_pilot(
@@ -874,6 +906,26 @@ def monitor_observations(session: Session, step: PilotStep) -> pd.DataFrame:
     after = int((kept.evidence or {}).get("judged_through") or 0) if kept is not None else 0
     table = _evidence_table(session, Observation.pilot_step_id == step.id, Observation.id > after)
     return table.drop(columns="row_id")
+
+
+def monitor_voids(session: Session, step: PilotStep) -> tuple[int, int]:
+    """The void requests a monitor look's evidence excluded, as `monitor_observations` reads its rows: the
+    step's since the last alarm a person kept (those before it are settled with its rows), and the id of
+    the step's last void request (0 for none: `void_through` in the look's evidence, where a kept alarm
+    says which voids it settled). A kept alarm recorded before it said so settles the voids stored up to
+    its own time."""
+    kept = _kept_alarm(session, step)
+    of_step = VoidRequest.pilot_step_id == step.id
+    since = []
+    if kept is not None:
+        through = (kept.evidence or {}).get("void_through")
+        since = (
+            [VoidRequest.id > int(through)]
+            if through is not None
+            else [VoidRequest.created_at > kept.created_at]
+        )
+    n = session.scalar(select(func.count()).where(of_step, *since)) or 0
+    return int(n), int(session.scalar(select(func.max(VoidRequest.id)).where(of_step)) or 0)
 
 
 def _kept_alarm(session: Session, step: PilotStep) -> GateDecision | None:

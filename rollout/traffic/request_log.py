@@ -1,15 +1,15 @@
 """Captured production prompts as pilot traffic: a JSONL or CSV file (by extension) with `id` (or
-`request_id`), `prompt` and optionally `reference`, streamed row by row (never loaded whole). Handed out in
-the pilot's order (`traffic_order_key`, a salted hash of the id), not the file's: the gate's sequences may
-reject at any row of the stream, so the order must carry nothing about the outcomes, and a file's may (a
-log exported sorted by prompt length hands out the short prompts first, where a sparse plan loses least).
-Each `take` is one pass over the file keeping the n smallest keys. Bad rows stop the read with the file,
-line and field named. A request whose prompt is one of `exclude_prompts` (the prompts calibration read,
-rollout.traffic.source_for) is passed over: the plan was fitted to it, so its answer is no evidence of how
-the plan does on new traffic. So is a request whose prompt an earlier line of the log already had
-(`prompt_key`: the same text up to whitespace and Unicode normalisation): production logs repeat popular
-prompts, and each repeat would add a copy of the same paired difference to the gate's stream, not
-evidence."""
+`request_id`; a row holding both is refused unless they agree), `prompt` and optionally `reference`, streamed
+row by row (never loaded whole). Handed out in the pilot's order (`traffic_order_key`, a salted hash of the
+id), not the file's: the gate's sequences may reject at any row of the stream, so the order must carry nothing
+about the outcomes, and a file's may (a log exported sorted by prompt length hands out the short prompts
+first, where a sparse plan loses least). Each `take` is one pass over the file keeping the n smallest keys.
+Bad rows stop the read with the file, line and field named. A request whose prompt is one of `exclude_prompts`
+(the prompts calibration read, rollout.traffic.source_for) is passed over: the plan was fitted to it, so its
+answer is no evidence of how the plan does on new traffic. So is a request whose prompt an earlier line of the
+log already had (`prompt_key`: the same text up to whitespace and Unicode normalisation): production logs
+repeat popular prompts, and each repeat would add a copy of the same paired difference to the gate's stream,
+not evidence."""
 
 from __future__ import annotations
 
@@ -91,6 +91,11 @@ def header_problem(header: list[str]) -> str | None:
     problem = f"the header has no {' and no '.join(missing)} column (found {found})"
     seps = [name for sep, name in ((";", "';'"), ("\t", "a tab")) if len(header) == 1 and sep in header[0]]
     return problem + (f"; the file must be comma-separated (its header holds {seps[0]})" if seps else "")
+
+
+def _id_text(value: object) -> str:
+    """An id as the log's reader takes it (`Request.id`): its text, stripped; a missing one is ''."""
+    return "" if value is None else str(value).strip()
 
 
 class RequestLogSource:
@@ -259,6 +264,12 @@ class RequestLogSource:
         visible id and prompt (U+200B alone is an empty prompt), text that can be written as UTF-8 (no
         lone surrogate), no field longer than MAX_FIELD."""
         rid = record.get("id", record.get("request_id"))
+        if "id" in record and "request_id" in record and _id_text(rid) != _id_text(record["request_id"]):
+            raise TrafficError(
+                f"{self.path}:{line}: fields 'id' and 'request_id' both name the request and disagree "
+                f"({_id_text(rid)!r}, {_id_text(record['request_id'])!r}); keep one of the two columns, or "
+                "give both the same value on every row"
+            )
         if isinstance(rid, bool) or not isinstance(rid, str | int) or not has_visible_text(str(rid)):
             raise TrafficError(f"{self.path}:{line}: field 'id': a non-empty string is required")
         prompt = record.get("prompt")

@@ -536,11 +536,13 @@ def rollback_cmd(
 def monitor_cmd(
     name: UseCaseArg,
     observations: Annotated[
-        str | None,
+        list[str] | None,
         typer.Option(
             "--observations",
-            help="production observations (JSONL/CSV) to check, one look per file: a slice of traffic "
-            "in time, never a page of a sorted export (the pages' looks would judge a sorted order)",
+            metavar="FILE",
+            help="production observations (JSONL/CSV) to check, one look per command: a slice of traffic "
+            "in time; give every page of an export together (--observations PAGE1 --observations PAGE2 "
+            "...), never a page alone (its look would judge a sorted order)",
         ),
     ] = None,
     password_stdin: PasswordStdin = False,
@@ -553,11 +555,12 @@ def monitor_cmd(
 
     _require_use_case(name)
     signed_in("operator", f"monitor {name}", password_stdin)
-    if observations is not None:  # before a flow starts: a file that is not there, whatever the state
-        require_file(observations)
+    for path in observations or []:  # before a flow starts: a file that is not there, whatever the state
+        require_file(path)
     _require_device()
     _to_log_file("monitor", json_out)
-    result = _run(lambda: monitor_flow(name, observations_file=observations))
+    given = observations[0] if observations and len(observations) == 1 else observations or None
+    result = _run(lambda: monitor_flow(name, observations_file=given))
     emit_or_say(result, json_out, monitor_said(name, result))
 
 

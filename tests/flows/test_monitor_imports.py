@@ -358,3 +358,36 @@ def test_a_running_pilot_samples_under_its_own_spec_version(
     assert first["step_kind"] == second["step_kind"] == "shadow"  # both arms answer every request
     assert [b["inserted"] for b in first["batches"]] == [2 * 8], first["batches"]
     assert [b["inserted"] for b in second["batches"]] == [2 * 8], second["batches"]
+
+
+def test_the_pages_of_a_sorted_export_are_one_look_together_and_a_page_alone_is_refused(
+    flow_use_case, tmp_path
+) -> None:
+    """Review S1: the pages of a latency-sorted export, each its own monitor look, raised a false alarm every
+    time (a rollback under `rollback: auto`). A page alone, its rows monotone in latency (probability under
+    a random order 2/20!), is refused naming the file and the column, nothing stored; the pages given in one
+    command are one look, their rows in stream-key order together; a (request, arm) in two pages is
+    refused."""
+    from flows.monitor import monitor_flow
+    from rollout import pilot_batches
+    from rollout.observations_io import ObservationImportError, read_numbered
+
+    name = flow_use_case(rollback="auto")
+    champion = _promoted(name)
+    export = [{**r, "latency_ms": 100.0 + 10 * i} for i, r in enumerate(_rows("s", 60))]
+    pages = [_write(tmp_path / f"page{k}.jsonl", export[20 * k : 20 * k + 20]) for k in range(3)]
+    with pytest.raises(ObservationImportError) as refused:
+        monitor_flow(name, observations_file=pages[0])
+    said = str(refused.value)
+    assert said.startswith(f"{pages[0]}: its 20 rows are sorted by latency_ms"), said
+    assert "import all pages in one command" in said and "export in time slices" in said
+    assert _state(name) == ("promoted", champion, 0, 0)
+    again = [(p, read_numbered(p)) for p in (pages[0], _write(tmp_path / "again.jsonl", export[:1]))]
+    with pytest.raises(
+        ObservationImportError,
+        match=r"s0/treatment \(\S*page0\.jsonl and \S*again\.jsonl:1\) are given in two",
+    ):
+        pilot_batches.store_monitor_import(pilot_batches.monitor_target(name), again, "b-again")
+    look = monitor_flow(name, observations_file=pages)
+    assert look["outcome"] == "GO", look["explanation"]
+    assert _state(name) == ("promoted", champion, 1, 60)

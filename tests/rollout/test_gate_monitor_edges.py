@@ -257,3 +257,25 @@ def test_each_rate_component_is_a_likelihood_ratio_at_most_halfway_to_one(ceilin
         assert p + (1 - ceiling) * math.exp(on_zero) == pytest.approx(1.0, abs=1e-12)  # E[factor] = 1 at c
         assert p == pytest.approx(min(multiple * ceiling, (1 + ceiling) / 2), abs=1e-12) and p < 1
         assert math.exp(on_zero) >= 0.5 - 1e-12
+
+
+def test_a_file_is_refused_as_sorted_only_on_the_exact_probability_of_its_order() -> None:
+    """`outcome_sorted`: rows monotone in latency (or quality) in the file's order, with P(a random order is
+    that monotone) = 2 prod(g_i!) / n! below 1e-6. Ten distinct latencies ascending: 2/10! = 5.5e-7,
+    refused; nine: 5.5e-6, taken; ties counted (twenty rows in ten tied pairs: 2 * 2^10 / 20! ~ 8.4e-16);
+    one value throughout, or one row out of order, is never a sorted file."""
+    from rollout.outcome_sorted import SORTED_LEVEL, log_p_monotone, sorted_column
+
+    def rows(lat: list[float], q: float | list[float] = 0.9) -> list[dict]:
+        qs = q if isinstance(q, list) else [q] * len(lat)
+        return [{"latency_ms": x, "quality": y} for x, y in zip(lat, qs, strict=True)]
+
+    assert math.exp(log_p_monotone(list(range(10)))) == pytest.approx(2 / math.factorial(10))
+    assert sorted_column(rows(list(range(10)))) == ("latency_ms", pytest.approx(2 / math.factorial(10)))
+    assert 2 / math.factorial(9) > SORTED_LEVEL and sorted_column(rows(list(range(9)))) is None
+    tied = [float(i // 2) for i in range(20)]
+    assert math.exp(log_p_monotone(tied)) == pytest.approx(2 * 2**10 / math.factorial(20))
+    assert sorted_column(rows(tied[::-1]))[0] == "latency_ms"  # descending too
+    assert sorted_column(rows([5.0] * 30)) is None
+    assert sorted_column(rows([1.0, 3.0, 2.0, *range(4, 40)])) is None
+    assert sorted_column(rows([7.0, 1.0] * 10, q=[i / 20 for i in range(20)]))[0] == "quality"

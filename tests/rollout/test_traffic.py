@@ -126,6 +126,28 @@ def test_bad_request_log_rows_name_the_line_and_field(tmp_path: Path, text: str,
         RequestLogSource(path, "s").take(10, set())
 
 
+@pytest.mark.parametrize("name", ["log.csv", "log.jsonl"])
+def test_a_request_log_with_both_id_and_request_id_is_refused_unless_they_agree(
+    tmp_path: Path, name: str
+) -> None:
+    """A row naming its request twice, as `id` and as `request_id`, took `id` silently: where the two
+    disagree the log is refused, naming the line and both fields; where they agree on every row it reads."""
+    rows = [("A", "A", "hello"), ("B", "B2", "world")]
+    path = tmp_path / name
+    if name.endswith(".csv"):
+        path.write_text("id,request_id,prompt\n" + "".join(f"{a},{b},{p}\n" for a, b, p in rows))
+    else:
+        path.write_text(
+            "".join(json.dumps({"id": a, "request_id": b, "prompt": p}) + "\n" for a, b, p in rows)
+        )
+    with pytest.raises(TrafficError, match=rf"{name}:(3|2): fields 'id' and 'request_id' .* \('B', 'B2'\)"):
+        RequestLogSource(path, "s").take(10, set())
+    assert RequestLogSource(path, "s").check().problems[0].startswith(f"{path}:")
+    agree = tmp_path / f"agree{path.suffix}"
+    agree.write_text(path.read_text().replace("B2", "B"))
+    assert sorted(r.id for r in RequestLogSource(agree, "s").take(10, set())) == ["A", "B"]
+
+
 @pytest.mark.parametrize(
     ("name", "data", "where"),
     [  # a spreadsheet's usual exports, and a JSONL line of Latin-1 among UTF-8 ones

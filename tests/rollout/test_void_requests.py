@@ -252,3 +252,28 @@ def test_a_monitor_look_counts_its_steps_void_requests_in_its_evidence_and_expla
         "Note: 2 requests void: the dense answer failed; not evidence (in neither arm: both arms' error "
         "rates are of the requests the dense arm answered)."
     ), look["explanation"]
+
+
+def test_a_monitor_look_counts_only_the_voids_since_the_last_kept_alarm(use_case) -> None:  # noqa: ANN001
+    """A monitor look judges the rows since the last alarm a person kept (`pilots.monitor_observations`), but
+    its void count was the whole step's: a look after a kept alarm said "2 requests void" of requests drawn
+    before that alarm, none of them excluded from its evidence. It counts the voids since the kept alarm."""
+    from rollout import decisions, pilot_batches, registry
+    from tests.flows.test_approvals import _kept_by_two
+    from tests.flows.test_state_races import _monitor_rows, _promoted
+
+    name = use_case(rollback="manual")
+    info = _promoted(name)
+    champion = registry.current_aliases(name)["champion"]
+    rows = _monitor_rows(name, "m-1", n=10)
+    pilot_batches.store_batch(info["step_id"], rows, "m-1", "monitor", {"v1": NO_REFERENCE, "v2": "x"})
+    failed = {"passed": False, "failures": ["latency_ms: 0 ms"], "report": {}}  # the fail-safe's alarm
+    alarm = decisions.monitor_look(name, info, rows, failed, "m-1")
+    assert alarm["outcome"] != "GO" and decisions.evidence(alarm["decision_id"])["void_requests"] == 2
+    _kept_by_two(name, alarm["decision_id"], champion, ("a known outage", "the outage is fixed"))
+    rows = _monitor_rows(name, "m-2", n=10, skip=10)
+    pilot_batches.store_batch(info["step_id"], rows, "m-2", "monitor", {"v3": NO_REFERENCE})
+    passed = {"passed": True, "failures": [], "report": {}}
+    look = decisions.monitor_look(name, info, rows, passed, "m-2")
+    assert decisions.evidence(look["decision_id"])["void_requests"] == 1, look["explanation"]
+    assert "Note: 1 request void: the dense answer failed" in look["explanation"], look["explanation"]
