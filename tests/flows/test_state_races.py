@@ -906,6 +906,31 @@ def test_a_rejection_being_finished_is_not_finished_again_beside_its_claimant(
 
 
 @pytest.mark.parametrize("trust_db", ["sqlite"], indirect=True)
+def test_a_claim_whose_process_has_exited_is_taken_over_at_once(use_case, monkeypatch) -> None:  # noqa: ANN001
+    """Review s50 A3: does a finisher that crashed after its claim keep the others out for
+    `STALLED_AFTER`? No (since e19b8bb; untested until now): the claim records its pid (the audit row
+    its host), and on this host a claim whose process has exited is free at once, while a live one
+    keeps the others out."""
+    import os
+    import subprocess
+
+    from rollout import approvals, registry
+
+    name = use_case()
+    did, _run, signed = _approved_run_slow_to_wake(name, "promotion", monkeypatch)
+    exited = subprocess.Popen(["true"])
+    exited.wait()
+    with monkeypatch.context() as mp:
+        mp.setattr(os, "getpid", lambda: exited.pid)  # bob's claim, made by a process that has exited
+        assert approvals.unfinished_promotion(did, by="bob") == signed
+    assert approvals.unfinished_promotion(did, by="carol") == signed  # taken over at once
+    with pytest.raises(registry.MoveInProgress, match="being finished by carol, who claimed it at "):
+        approvals.unfinished_promotion(did, by="dave")  # carol's process (this one) is alive
+    approvals.apply_promotion(did, signed, reason="finish", finished_by="carol")
+    assert _state(name)["phase"] == "promoted"
+
+
+@pytest.mark.parametrize("trust_db", ["sqlite"], indirect=True)
 def test_promote_with_a_refused_reason_claims_nothing(use_case, trust_accounts, monkeypatch) -> None:  # noqa: ANN001
     """Review V2: `promote --decision` claimed the decision, then refused its reason (a space, a zero-width
     one): the audit log said bob was finishing it, and its approval run, waking, declined it for a finisher
