@@ -257,10 +257,12 @@ def refuse_while_applied(
     from its approval run that has not taken it up (`waiter.claim_for_finisher`), so that run, waking
     later, declines it: the caller holds the decision's lock (`approvals.lock_decision`, or its use case's
     row), which the run's take-up takes too. Before, a run taking it up just after this check carried it
-    out beside the person (the alias moved twice, a double audit). `claim_for` None: asked only."""
+    out beside the person (the alias moved twice, a double audit). `claim_for` None: asked only. A
+    rejection (`approve --decision --reject` again: "reject", "keep") by the same rule: it moves no alias,
+    but finished beside its claimant it was carried out twice."""
     now = now or dt.datetime.now(dt.UTC)
     signer = session.scalar(select(Approval.actor).where(Approval.id == pending.approval_id))
-    what, done = {"rollback": ("rollback", "rolled back")}.get(pending.action, ("promotion", "promoted"))
+    what, done = _IN_WORDS[pending.action]
     run = carried_out_by_run(session, pending, now)
     if run is not None:
         by = (run[1] + STALLED_AFTER).strftime("%H:%M UTC")
@@ -288,6 +290,15 @@ def refuse_while_applied(
         f"is being carried out; nothing was recorded. Look again in a moment: the use case is then {done}; "
         f"if it is not by {by}, `{pending.finish_command()}` finishes it"
     )
+
+
+# what `refuse_while_applied` calls a decision's effect, and the use case's phase once it is in effect
+_IN_WORDS = {
+    "rollback": ("rollback", "rolled back"),
+    "promote": ("promotion", "promoted"),
+    "reject": ("rejection", "stopped"),
+    "keep": ("rejection of the rollback", "promoted"),
+}
 
 
 def _claim_from_run(session: Any, pending: Unfinished, by: str | None) -> None:

@@ -44,7 +44,13 @@ a resumed run took its decision up), `effects` (`apply_*`), `rollback_requests`
 
 from __future__ import annotations
 
-from rollout.approvals.base import ApprovalError, ApprovalPayload, ApprovalResult, FlowNotWaiting
+from rollout.approvals.base import (
+    ApprovalError,
+    ApprovalPayload,
+    ApprovalResult,
+    ClaimRefused,
+    FlowNotWaiting,
+)
 from rollout.approvals.checks import (
     check_approvable,
     check_continuable,
@@ -105,6 +111,7 @@ from rollout.approvals.standing import Standing, promotion_in_effect, standing
 
 __all__ = [
     "ApprovalError",
+    "ClaimRefused",
     "ApprovalPayload",
     "ApprovalResult",
     "FlowNotWaiting",

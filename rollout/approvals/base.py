@@ -15,6 +15,11 @@ class ApprovalError(SparsePilotError, ValueError):
     """The request cannot be accepted (missing reason, wrong decision state, same approver twice)."""
 
 
+class ClaimRefused(ApprovalError):
+    """A decision's effect refused to a caller that does not hold its claim (`waiter.effect_refusal`):
+    another finisher claimed it, or the caller finishes it without having claimed it."""
+
+
 class FlowNotWaiting(SparsePilotError, RuntimeError):
     """The decision names a Prefect flow run that is no longer paused: it cannot be resumed."""
 

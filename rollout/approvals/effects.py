@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import select
 
 from rollout import audit, champion, lifecycle
-from rollout.approvals.base import ApprovalError, ApprovalPayload
+from rollout.approvals.base import ApprovalError, ApprovalPayload, ClaimRefused
 from rollout.auth import Identity, require_approver
 from rollout.db.models import AliasMove, Approval, GateDecision, ModelVersion, Pilot, UseCase
 from rollout.db.session import session_scope
@@ -91,6 +91,20 @@ def _resolved_and_locked(
     return d, uc, pilot
 
 
+def _require_claim(session: Any, d: GateDecision, finished_by: str | None, *, then: str) -> None:
+    """An effect carried out only by whoever holds decision `d` now (`waiter.effect_refusal`), asked in
+    the effect's own transaction, under the decision's lock (its use case's row, which every claim
+    holds too: `lock_decision`), before anything moves and again in its last transaction: ClaimRefused,
+    naming who holds the claim since when, and `then` (what this caller did). Before, only the finishers'
+    checks asked: a caller that had not claimed (or whose claim another had taken over) carried the
+    effect out beside its claimant."""
+    from rollout.approvals.waiter import claim_of, effect_refusal
+
+    why = effect_refusal(claim_of(session, d), d.id, finished_by)
+    if why is not None:
+        raise ClaimRefused(f"{why}; {then}")
+
+
 def apply_promotion(
     decision_id: int,
     approval_id: int,
@@ -108,6 +122,7 @@ def apply_promotion(
     said, reason = reason, _signers_reason(decision_id, approval_id, reason, finished_by, db_url)
     with session_scope(db_url, immediate=True) as session:
         d, uc, pilot = _resolved_and_locked(session, decision_id, "approved", to="promote")
+        _require_claim(session, d, finished_by, then="nothing was moved")
         _require_pilot_to_promote(d, pilot, moved=False)
         name, mv_id = uc.name, pilot.model_version_id
         has_champion = bool(registry.champions(session, uc.id))
@@ -144,6 +159,7 @@ def apply_promotion(
     with session_scope(db_url, immediate=True) as session:
         d = session.get(GateDecision, decision_id)
         uc, pilot = pilots.locked(session, d.use_case_id, d.pilot_id)
+        _require_claim(session, d, finished_by, then=_LEFT_TO_CLAIMANT)
         _require_pilot_to_promote(d, pilot, moved=True)
         # in effect already (its own run completed it while this one finished it): nothing to record
         done = not (moved_before and pilot.status == uc.phase == "promoted")
@@ -265,6 +281,7 @@ def apply_rejection(
         d = session.get(GateDecision, decision_id)
         assert d is not None
         uc, pilot = pilots.locked(session, d.use_case_id, d.pilot_id)
+        _require_claim(session, d, finished_by, then="nothing was changed")
         if pilot is not None and pilot.status not in ("running", "awaiting_approval"):
             return {"action": "stopped", "decision_id": decision_id, "done": False}
         if pilot is not None:
@@ -291,6 +308,7 @@ def apply_keep(
         d = session.get(GateDecision, decision_id)
         assert d is not None
         uc = session.get(UseCase, d.use_case_id, with_for_update=True, populate_existing=True)
+        _require_claim(session, d, finished_by, then="nothing was changed")
         # only the phase the alarm moved (`decisions.monitor_look`: a promoted use case's): a GO of another
         # challenger awaiting approval is not the champion's to move on
         if uc.phase != "awaiting_approval" or not champion.phase_is_champions(session, uc):
@@ -333,11 +351,12 @@ def apply_rollback(
         who = approval_identity(approval_id, decision_id, actions=("approve", "rollback"), db_url=db_url)
     said, reason = reason, _signers_reason(decision_id, approval_id, reason, finished_by, db_url)
     key = f"rollback:{decision_id}"
-    with session_scope(db_url) as session:
-        d = session.get(GateDecision, decision_id)
-        if d is None:
+    with session_scope(db_url, immediate=True) as session:
+        if session.get(GateDecision, decision_id) is None:
             raise ApprovalError(f"decision {decision_id} does not exist")
-        name = session.get(UseCase, d.use_case_id).name
+        name = session.get(UseCase, session.get(GateDecision, decision_id).use_case_id).name
+        d = _locked_for_rollback(session, name, decision_id)[2]
+        _require_claim(session, d, finished_by, then="nothing was moved")
         about = rollback_about(session, d)
         done = session.scalar(select(AliasMove.status).where(AliasMove.idempotency_key == key))
         serving = registry.champions(session, d.use_case_id)[-1:]
@@ -348,7 +367,6 @@ def apply_rollback(
                 + (f"v{now} serves now" if now else "no champion of ours serves now")
                 + " (another rollback or promotion came first): nothing moved"
             )
-            d = _locked_for_rollback(session, name, decision_id)[2]
             _supersede(session, d, who.name, f"v{now}" if now else "no champion", about=about, serving=now)
             return {"action": "none", "decision_id": decision_id, "reason": why}
     try:
@@ -368,6 +386,7 @@ def apply_rollback(
         # the chain's lock taken before the use case's row (the pilot's status change is audited before
         # the phase moves) deadlocked on PostgreSQL against a writer holding the row, queueing for it
         uc, promoted, d = _locked_for_rollback(session, name, decision_id)
+        _require_claim(session, d, finished_by, then=_LEFT_TO_CLAIMANT)
         # the pilot rolled back: the promoted one whose champion the decision is about. In effect already
         # (its own run completed it while this one finished it), the promoted one is the pilot serving
         # again since: nothing is recorded, nor that pilot stopped
@@ -396,6 +415,11 @@ def apply_rollback(
         "alias_move": _move_dict(move),
         "done": changed,
     }
+
+
+# what a caller refused in an effect's last transaction did: its moves are in (under the decision's keys,
+# which the claimant's run converges on), the state DB's side is the claimant's to record
+_LEFT_TO_CLAIMANT = "its alias moves are in, the rest is left to them"
 
 
 def _locked_for_rollback(
@@ -513,28 +537,36 @@ def unfinished_promotion(decision_id: int, *, by: str | None = None, db_url: str
         return approval
 
 
-def unfinished_rejection(decision_id: int, *, db_url: str | None = None) -> tuple[int, str] | None:
+def unfinished_rejection(
+    decision_id: int, *, by: str | None = None, db_url: str | None = None
+) -> tuple[int, str] | None:
     """The signature behind a rejection that did not take effect (rollout.unfinished: its approver's run
     died after the signature): its approval id and effect ("reject": the pilot stopped; "keep": the
     champion kept through the monitor's alarm), so a repeated `approve --reject` finishes it; None where
-    the decision is not such a rejection."""
-    from rollout.unfinished import unfinished_in
+    the decision is not such a rejection. One that its signer, its approval run or another finisher is
+    carrying out now is MoveInProgress naming them (`unfinished.refuse_while_applied`, the rule of
+    `promote --decision` and `rollback`); else it is claimed for `by` (the person about to finish it),
+    under the decision's lock, so the effect lets them alone carry it out (`waiter.effect_refusal`).
+    Before, it claimed nothing: finishing it beside the cycle's claim, both stopped the pilot."""
+    from rollout.approvals.checks import lock_decision
+    from rollout.unfinished import refuse_while_applied, unfinished_in
 
-    with session_scope(db_url) as session:
-        d = session.get(GateDecision, decision_id)
-        if d is None:
+    with session_scope(db_url, immediate=True) as session:
+        if session.get(GateDecision, decision_id) is None:
             raise ApprovalError(f"no decision {decision_id}")
+        d = lock_decision(session, decision_id)  # the run's take-up and every claim take it too
         if d.resolution != "rejected":
             return None
         u = unfinished_in(session, session.get(UseCase, d.use_case_id))
-    if (
-        u is None
-        or u.decision_id != decision_id
-        or u.action not in ("reject", "keep")
-        or u.approval_id is None
-    ):
-        return None
-    return u.approval_id, u.action
+        if (
+            u is None
+            or u.decision_id != decision_id
+            or u.action not in ("reject", "keep")
+            or u.approval_id is None
+        ):
+            return None
+        refuse_while_applied(session, u, claim_for=by)
+        return u.approval_id, u.action
 
 
 def unfinished_promotion_in(session: Any, d: GateDecision) -> int | None:

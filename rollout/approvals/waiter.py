@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import socket
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select
@@ -148,9 +149,27 @@ def claim_for_finisher(session: Any, d: GateDecision, run_id: str | None, by: st
     audit.record(session, by, FINISH_CLAIMED, on=d, details={"flow_run_id": run_id, "pid": os.getpid()})
 
 
-def newest_claim(session: Any, d: GateDecision) -> tuple[str, dt.datetime, bool] | None:
+@dataclass(frozen=True)
+class Claim:
+    """A finisher's claim of a decision (`claim_for_finisher`): who, when, and the process that made it."""
+
+    actor: str
+    at: dt.datetime
+    host: str | None
+    pid: int | None
+
+    def made_here(self, actor: str) -> bool:
+        """Made by `actor` in this process (the finisher now carrying the effect out claimed it)."""
+        return (self.actor, self.host, self.pid) == (actor, audit.origin()[1], os.getpid())
+
+    def words(self) -> str:
+        """ "bob, who claimed it at 14:03:10 UTC (process 123 on host-a)"."""
+        return f"{self.actor}, who claimed it at {self.at:%H:%M:%S} UTC (process {self.pid} on {self.host})"
+
+
+def claim_of(session: Any, d: GateDecision) -> Claim | None:
     """The newest finisher's claim of decision `d` (`claim_for_finisher`, whichever run it was claimed
-    from): (who, when, whether their process is known to be gone), or None."""
+    from), or None."""
     row = session.execute(
         select(AuditEntry.actor, AuditEntry.ts, AuditEntry.host, AuditEntry.details)
         .where(
@@ -165,7 +184,37 @@ def newest_claim(session: Any, d: GateDecision) -> tuple[str, dt.datetime, bool]
         return None
     actor, ts, host, details = row
     pid = (details or {}).get("pid")
-    return actor, as_utc(ts), isinstance(pid, int) and process_gone(host, pid)
+    return Claim(actor, as_utc(ts), host, pid if isinstance(pid, int) else None)
+
+
+def newest_claim(session: Any, d: GateDecision) -> tuple[str, dt.datetime, bool] | None:
+    """The newest finisher's claim of decision `d` (`claim_of`): (who, when, whether their process is
+    known to be gone: a process of this host that no longer exists, `leases.process_gone`), or None."""
+    claim = claim_of(session, d)
+    if claim is None:
+        return None
+    return claim.actor, claim.at, claim.pid is not None and process_gone(claim.host, claim.pid)
+
+
+def effect_refusal(claim: Claim | None, decision_id: int, finished_by: str | None) -> str | None:
+    """Whether a caller may carry decision `decision_id`'s effect out now, asked by the effect itself under
+    the decision's lock (`rollout.approvals.effects`): why not, else None. A finisher (`finished_by`) only
+    on the newest claim, made by them in this process: one that did not claim, or whose claim another
+    finisher has since taken over (theirs stalled or failed), gives way. The signer's own effect (its
+    approval run, or the process that signed: `finished_by` None) gives way to any finisher's claim, made
+    once that effect was no longer at work (`unfinished.run_at_work`). Pure."""
+    if finished_by is None:
+        if claim is None:
+            return None
+        return f"decision {decision_id} is being finished by {claim.words()}; its signer's effect gives way"
+    if claim is None:
+        return (
+            f"{finished_by} finishes decision {decision_id} without having claimed it (`promote --decision`, "
+            "`rollback`, `approve --reject` and the cycle claim a decision before they finish it)"
+        )
+    if not claim.made_here(finished_by):
+        return f"decision {decision_id} is being finished by {claim.words()}; {finished_by} gives way"
+    return None
 
 
 def finisher_of(session: Any, d: GateDecision, run_id: str) -> str | None:

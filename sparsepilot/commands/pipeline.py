@@ -428,8 +428,9 @@ def _finish_rejection(name: str, decision: int, by: str, reason: str | None) -> 
     from flows.promote import keep_flow, reject_flow
     from rollout.approvals import checked_reason, unfinished_rejection
 
-    text = checked_reason(reason)
-    found = unfinished_rejection(decision)
+    text = checked_reason(reason)  # checked before the claim: a refused reason claims nothing
+    # MoveInProgress while its signer, its approval run or another finisher carries it out; else claimed
+    found = unfinished_rejection(decision, by=by)
     if found is None:
         return None
     approval_id, effect = found

@@ -797,7 +797,9 @@ def test_a_finishers_claim_keeps_every_other_finisher_out_until_its_move_fails(
     with monkeypatch.context() as mp:
         mp.setattr(registry, "_apply_mlflow", mlflow_down)
         with pytest.raises(registry.RegistryError):
-            approvals.apply_promotion(did, signed, reason="finish", finished_by=first)
+            approvals.apply_promotion(
+                did, signed, reason="finish", finished_by=pipeline if first == "cycle" else first
+            )
     assert claim(second) is not None  # the first's move failed after its claim: the second finishes it
     approvals.apply_promotion(
         did, signed, reason="finish", finished_by=pipeline if second == "cycle" else second
@@ -808,6 +810,124 @@ def test_a_finishers_claim_keeps_every_other_finisher_out_until_its_move_fails(
         state["audit"].count("approval.finish_claimed") == 2
         and state["audit"].count("approval.finished") == 1
     )
+
+
+@pytest.mark.parametrize("trust_db", ["sqlite"], indirect=True)
+# who calls the effect after bob's claim: carol, who claimed nothing; bob, whose move failed and whose
+# claim carol then took over (his task's retry); the approval run (`finished_by` None)
+@pytest.mark.parametrize("caller", ["carol", "bob", None])
+def test_an_effect_is_carried_out_only_by_the_holder_of_its_claim(
+    use_case, monkeypatch, caller: str | None
+) -> None:  # noqa: ANN001
+    """Review s50 A1: the effects trusted their caller. bob claimed alice's stalled promotion to finish it;
+    carol, who claimed nothing, carried it out beside him (`apply_promotion(finished_by="carol")`), as did
+    bob after his move failed and carol took his claim over (his task's retry), or the approval run once
+    the claim was made. Now the effect asks, under the decision's lock, whether its caller holds the
+    newest claim: the others are refused naming its holder, before anything moves."""
+    from rollout import approvals, registry
+
+    name = use_case()
+    did, _run, signed = _approved_run_slow_to_wake(name, "promotion", monkeypatch)
+    assert approvals.unfinished_promotion(did, by="bob") == signed
+    holder = "bob"
+    if caller == "bob":
+
+        def mlflow_down(*_a: Any, **_k: Any) -> None:
+            raise ConnectionError("MLflow is down")
+
+        with monkeypatch.context() as mp:
+            mp.setattr(registry, "_apply_mlflow", mlflow_down)
+            with pytest.raises(registry.RegistryError):
+                approvals.apply_promotion(did, signed, reason="finish", finished_by="bob")
+        assert approvals.unfinished_promotion(did, by="carol") == signed  # bob's move failed: carol's now
+        holder = "carol"
+    before = _state(name)
+    with pytest.raises(approvals.ClaimRefused) as refused:
+        approvals.apply_promotion(did, signed, reason="finish", finished_by=caller)
+    assert f"decision {did} is being finished by {holder}, who claimed it at " in str(refused.value)
+    assert str(refused.value).endswith("gives way; nothing was moved")
+    assert _state(name) == before  # nothing moved, nothing recorded
+    approvals.apply_promotion(did, signed, reason="finish", finished_by=holder)
+    state = _state(name)
+    assert state["phase"] == "promoted" and state["audit"].count("approval.finished") == 1
+    assert _commits_audited(name) == {f"baseline:{did}": 1, f"promote:{did}": 1}
+
+
+@pytest.mark.parametrize("trust_db", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("effect", ["reject", "keep"])
+def test_a_rejection_being_finished_is_not_finished_again_beside_its_claimant(
+    use_case, monkeypatch, effect: str
+) -> None:  # noqa: ANN001
+    """Review s50 A2: `approve --decision N --reject` again, on a rejection whose signer's process died,
+    finished it without a claim or a look at who else was: beside the cycle that had claimed it (both
+    stopped the pilot, or kept the champion), or within the grace its signer is applying it in. Now it
+    asks the rule of `promote --decision` and `rollback` (`unfinished.refuse_while_applied`) and claims
+    it: refused naming the cycle, who claimed it since when; and the effect refuses a caller without the
+    claim."""
+    from rollout import approvals, registry, unfinished
+    from rollout.approvals import signing
+
+    name = use_case(rollback="manual")
+    did = _alarm_waiting(name)[1] if effect == "keep" else _pilot_with_decision(name, "GO", "approval")
+
+    class Killed(BaseException):
+        """The signer's process dies before the effect."""
+
+    def died(*_a: Any, **_k: Any) -> None:
+        raise Killed
+
+    approvals.approve(did, _identity(ALICE), "not now", reject=True)  # the first of an override
+    with monkeypatch.context() as mp:
+        mp.setattr(signing, "apply_decision", died)
+        with pytest.raises(Killed):
+            approvals.approve(did, _identity(BOB), "agreed", reject=True)
+    with pytest.raises(
+        registry.MoveInProgress, match=f"bob's rejection.*\\(decision {did}\\) was signed a moment"
+    ):
+        approvals.unfinished_rejection(did, by="carol")  # bob's process is applying it
+    monkeypatch.setattr(unfinished, "APPLY_GRACE", unfinished.APPLY_GRACE * 0)  # ... it died
+    pipeline = "sparsepilot-pipeline"
+    u = unfinished.claim_to_finish(name, pipeline)
+    assert (u.decision_id, u.action) == (did, effect)
+    with pytest.raises(registry.MoveInProgress) as busy:
+        approvals.unfinished_rejection(did, by="carol")
+    assert f"(decision {did}) is being finished by {pipeline}, who claimed it at " in str(busy.value)
+    assert f"`sparsepilot approve {name} --decision {did} --reject` finishes it" in str(busy.value)
+    apply = approvals.apply_keep if effect == "keep" else approvals.apply_rejection
+    with pytest.raises(approvals.ClaimRefused, match=f"being finished by {pipeline}"):
+        apply(did, u.approval_id, reason="finish", finished_by="carol")
+    assert apply(did, u.approval_id, reason="finish", finished_by=pipeline)["done"] is True
+    state = _state(name)
+    assert state["phase"] == ("promoted" if effect == "keep" else "stopped")
+    assert (
+        state["audit"].count("approval.finish_claimed") == 1
+        and state["audit"].count("approval.finished") == 1
+    )
+
+
+@pytest.mark.parametrize("trust_db", ["sqlite"], indirect=True)
+def test_a_claim_whose_process_has_exited_is_taken_over_at_once(use_case, monkeypatch) -> None:  # noqa: ANN001
+    """Review s50 A3: does a finisher that crashed after its claim keep the others out for
+    `STALLED_AFTER`? No (since e19b8bb; untested until now): the claim records its pid (the audit row
+    its host), and on this host a claim whose process has exited is free at once, while a live one
+    keeps the others out."""
+    import os
+    import subprocess
+
+    from rollout import approvals, registry
+
+    name = use_case()
+    did, _run, signed = _approved_run_slow_to_wake(name, "promotion", monkeypatch)
+    exited = subprocess.Popen(["true"])
+    exited.wait()
+    with monkeypatch.context() as mp:
+        mp.setattr(os, "getpid", lambda: exited.pid)  # bob's claim, made by a process that has exited
+        assert approvals.unfinished_promotion(did, by="bob") == signed
+    assert approvals.unfinished_promotion(did, by="carol") == signed  # taken over at once
+    with pytest.raises(registry.MoveInProgress, match="being finished by carol, who claimed it at "):
+        approvals.unfinished_promotion(did, by="dave")  # carol's process (this one) is alive
+    approvals.apply_promotion(did, signed, reason="finish", finished_by="carol")
+    assert _state(name)["phase"] == "promoted"
 
 
 @pytest.mark.parametrize("trust_db", ["sqlite"], indirect=True)

@@ -527,10 +527,11 @@ def test_a_rejection_whose_approver_died_is_finished_by_approving_the_rejection_
     """bob's second signature of a rejection commits, then his process dies before the paused run is
     resumed. His `approve --reject` again said only "decision N was already rejected by bob": nothing named
     a way to finish it (only a scheduled cycle did). Now the refusal names the command, and `approve
-    --reject` by an approver finishes it, recorded as theirs (`approval.finished`), safe to repeat."""
+    --reject` by an approver finishes it, recorded as theirs (`approval.finished`), safe to repeat; within
+    the grace after bob's signature it is left to his process, as `promote --decision` is (review s50 A2)."""
     import uuid
 
-    from rollout import approvals
+    from rollout import approvals, unfinished
     from rollout.approvals import signing
     from rollout.auth import Identity
     from rollout.db.models import GateDecision
@@ -560,8 +561,11 @@ def test_a_rejection_whose_approver_died_is_finished_by_approving_the_rejection_
         approvals.ApprovalError, match=f"already rejected by bob; it did not take effect: `{command}`"
     ):
         approvals.approve(decided, Identity(*ALICE), "promote after all")
-    seen = len(_audit_rows())
     args = ("approve", name, "--decision", str(decided), "--reject", "--reason", "finish it")
+    res = _cli_as("carol", *args, monkeypatch=monkeypatch, accounts=trust_accounts)
+    assert res.exit_code == 2 and "bob's rejection" in res.output and "signed a moment ago" in res.output
+    monkeypatch.setattr(unfinished, "APPLY_GRACE", dt.timedelta(0))  # bob's process died: two minutes on
+    seen = len(_audit_rows())
     res = _cli_as("carol", *args, monkeypatch=monkeypatch, accounts=trust_accounts)
     assert res.exit_code == 0, res.output
     assert f"{name}: finished decision {decided} (rejected earlier)" in res.output
@@ -742,10 +746,11 @@ def test_promote_after_the_grace_leaves_a_promotion_to_the_approval_run_carrying
 @pytest.mark.parametrize("effect", ["promotion", "rollback"])
 def test_finishing_an_effect_already_in_effect_records_no_finisher(flow_use_case, effect: str) -> None:
     """bob's `promote --decision` (or `rollback`) saw alice's effect unfinished, then her own run completed
-    it before his finishing ran: everything he ran found done. His finishing recorded `approval.finished`
-    all the same, saying he finished what nobody left undone. Now it records only what happened: nothing
-    changed (`done`: False), no entry."""
+    it before his finishing ran (after his claim): everything he ran found done. His finishing recorded
+    `approval.finished` all the same, saying he finished what nobody left undone. Now it records only what
+    happened: nothing changed (`done`: False), no entry."""
     from rollout import approvals
+    from rollout.approvals.waiter import claim_for_finisher
     from rollout.auth import Identity
     from rollout.db.models import Approval
     from rollout.db.session import session_scope
@@ -754,8 +759,9 @@ def test_finishing_an_effect_already_in_effect_records_no_finisher(flow_use_case
     did = _promote_on_a_go(name)
     if effect == "rollback":
         did = approvals.request_rollback(name, Identity(*ALICE), "p95 regressed")["decision_id"]
-    with session_scope() as s:
+    with session_scope(immediate=True) as s:
         signed = s.scalar(select(Approval.id).where(Approval.decision_id == did))
+        claim_for_finisher(s, approvals.lock_decision(s, did), None, "bob")  # his check found it unfinished
     before = len(_audit_rows())
     finish = approvals.apply_promotion if effect == "promotion" else approvals.apply_rollback
     again = finish(did, signed, reason="finishing", finished_by="bob")

@@ -5,9 +5,12 @@ now, which a person's `promote --decision` / `rollback` and the cycle's and the 
 from __future__ import annotations
 
 import datetime as dt
+import os
 
 import pytest
 
+from rollout.approvals.waiter import Claim, effect_refusal
+from rollout.audit import origin
 from rollout.unfinished import APPLY_GRACE, STALLED_AFTER, run_at_work
 
 NOW = dt.datetime(2026, 12, 7, 14, 0, tzinfo=dt.UTC)
@@ -35,3 +38,26 @@ def test_a_run_is_at_work_by_its_take_up_or_the_grace_after_the_signature(
         run_at_work(taken_up_at=taken_up_at, signed_at=signed_at, now=NOW, failed_move=failed_move, gone=gone)
         is at_work
     )
+
+
+def _claim(actor: str, *, here: bool = True) -> Claim:
+    return Claim(actor, NOW, origin()[1] if here else "host-b", os.getpid() if here else 4242)
+
+
+@pytest.mark.parametrize(
+    ("claim", "finished_by", "refused"),
+    [
+        (None, None, None),  # the signer's own effect, nobody claimed it
+        (_claim("bob"), None, "being finished by bob, who claimed it at 14:00:00 UTC (process "),
+        (None, "carol", "carol finishes decision 7 without having claimed it"),
+        (_claim("bob"), "carol", "being finished by bob, who claimed it at 14:00:00 UTC"),  # not hers
+        (_claim("bob", here=False), "bob", "(process 4242 on host-b); bob gives way"),  # another process's
+        (_claim("bob"), "bob", None),  # the holder of the newest claim
+    ],
+)
+def test_an_effect_is_carried_out_by_the_holder_of_the_newest_claim_alone(
+    claim: Claim | None, finished_by: str | None, refused: str | None
+) -> None:
+    """`waiter.effect_refusal`, which the effects ask under the decision's lock (review s50 A1)."""
+    why = effect_refusal(claim, 7, finished_by)
+    assert why is None if refused is None else refused in why
