@@ -17,7 +17,11 @@ known excess of the sparse arm's rate over the dense arm's, judged by the guardr
 The monitor's change detector (`simulate_monitor`, `simulate_monitor_quality`): look after look of the
 champion's traffic, a breach from some look on, judged by the detector the monitor runs and, for the rate
 checks, by the two tests it replaced (`tests/rollout/test_gate_detection.py`,
-`docs/gate/monitor_detection.py`; `rollout.pilot_plan.plan_monitor` uses them to say how fast it reacts).
+`docs/gate/monitor_detection.py`; `rollout.pilot_plan.plan_monitor` uses them to say how fast it reacts),
+and the monitor's excess check (`simulate_monitor_excess`).
+
+The interval `decide` reports (`simulate_coverage`): the share of pilots whose running interval missed the
+true difference at some look (`tests/rollout/test_gate_coverage.py`).
 """
 
 from __future__ import annotations
@@ -178,14 +182,7 @@ def simulate(
     done = 0
     while done < replications:
         r = min(per_chunk, replications - done)
-        q = model.control(rng, (r, units))
-        if share is None:
-            stream = paired_stream(model.degrade(rng, q, truth) - q)
-            treated = None
-        else:
-            treated = rng.random((r, units)) < share
-            q[treated] = model.degrade(rng, q[treated], truth)
-            stream = ipw_stream(q, treated, share)
+        stream, treated = _pilot_streams(model, share, rng, (r, units), truth)
         lam = two_sided_bets(stream, m0, **kw, sides=("lower", "upper") if nogo else ("lower",))
         _, logk = rejects(stream, m0, "lower", settings.alpha_go, lam=lam["lower"], **kw)
         go = _crossed_by_look(logk, look_at, settings.alpha_go)
@@ -218,6 +215,19 @@ def simulate(
         tuple(clopper_pearson_upper(int(c), replications) for c in nogo_counts) if nogo else (),
         tuple(int(x) for x in np.concatenate(nogo_at)) if nogo and keep_runs else (),
     )
+
+
+def _pilot_streams(
+    model: ScoreModel, share: float | None, rng: np.random.Generator, shape: tuple[int, int], truth: float
+):
+    """(stream, treated) of `shape` simulated pilots as `decide` builds the quality stream: the paired
+    difference in a shadow step (share None; treated None), the inverse-propensity stream in a split one."""
+    q = model.control(rng, shape)
+    if share is None:
+        return paired_stream(model.degrade(rng, q, truth) - q), None
+    treated = rng.random(shape) < share
+    q[treated] = model.degrade(rng, q[treated], truth)
+    return ipw_stream(q, treated, share), treated
 
 
 def _crossed_by_look(logk: np.ndarray, look_at: np.ndarray, alpha: float) -> np.ndarray:
@@ -270,6 +280,77 @@ def clopper_pearson_lower(successes: int, trials: int, level: float = 0.95) -> f
     if successes <= 0:
         return 0.0
     return float(stats.beta.ppf((1 - level) / 2, successes, trials - successes + 1))
+
+
+@dataclass(frozen=True)
+class CoverageResult:
+    design: str
+    scores: str
+    per_look: int
+    looks: int
+    truth: float
+    replications: int
+    missed: float  # share of pilots whose reported interval missed the truth at some look
+    missed_upper95: float  # upper end of the 95% Clopper-Pearson interval of `missed`
+    lower_above: float  # of which the lower end above the truth (level alpha_go) at some look
+    upper_below: float  # the upper end below the truth (level alpha) at some look
+    missed_runs: tuple[bool, ...] = ()  # per pilot (keep_runs only)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def simulate_coverage(
+    settings: GateSettings,
+    *,
+    design: str,
+    scores: str,
+    per_look: int,
+    looks: int,
+    truth: float,
+    replications: int,
+    seed: int = 0,
+    chunk_elements: int = 262_144,
+    keep_runs: bool = False,
+) -> CoverageResult:
+    """Does the interval `decide` reports (lower end at `settings.alpha_go`, upper end at `settings.alpha`,
+    the running intersection over the step's looks) hold the true difference at every look? Its lower end
+    is the largest m whose "mean <= m" the GO test's bets (tuned to -margin) rejected at some row so far,
+    so it lies above the truth at some look of the step exactly when the capital at m = truth crossed
+    log(1 / alpha_go) by the last look; the upper end likewise. The pilots are `simulate`'s (same seed,
+    same draws): `draw_pilot` replays one through `decide`."""
+    model = SCORE_MODELS[scores]
+    share = DESIGNS[design]
+    units = requests(share, per_look, looks)
+    rng = np.random.default_rng(seed)
+    kw = prior(settings, "paired" if share is None else "split", 0.5 if share is None else share)
+    m0 = -settings.margin
+    per_chunk = max(1, chunk_elements // units)
+    low: list[np.ndarray] = []
+    high: list[np.ndarray] = []
+    done = 0
+    while done < replications:
+        r = min(per_chunk, replications - done)
+        stream, _ = _pilot_streams(model, share, rng, (r, units), truth)
+        lam = two_sided_bets(stream, m0, **kw)
+        low.append(rejects(stream, truth, "lower", settings.alpha_go, lam=lam["lower"], **kw)[0])
+        high.append(rejects(stream, truth, "upper", settings.alpha, lam=lam["upper"], **kw)[0])
+        done += r
+    lo, hi = np.concatenate(low), np.concatenate(high)
+    missed = int((lo | hi).sum())
+    return CoverageResult(
+        design,
+        scores,
+        per_look,
+        looks,
+        truth,
+        replications,
+        missed / replications,
+        clopper_pearson_upper(missed, replications),
+        float(lo.mean()),
+        float(hi.mean()),
+        tuple(bool(x) for x in lo | hi) if keep_runs else (),
+    )
 
 
 def draw_pilot(
@@ -480,6 +561,52 @@ def simulate_monitor(
         before=before,
         after=after,
         change_look=change_look,
+        replications=replications,
+        alpha=alpha,
+        seed=seed,
+    )
+
+
+def simulate_monitor_excess(
+    ceiling: float,
+    *,
+    dense: float,
+    correlated: bool = False,
+    batch: int,
+    looks: int,
+    excess: float,
+    replications: int,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> MonitorResult:
+    """The monitor's `error_rate_increase` check (`guardrails.judge_monitor`: the change detector on the
+    paired difference of the arms' error flags, `detection.mean_factors_of` with `EXCESS_MIXTURE`,
+    candidates at every look's first row), the champion failing `dense` + `excess` of the requests dense
+    fails `dense` of, independently given the request or (`correlated`) failing half of the requests dense
+    fails (`draw_errors`' shadow designs). Method "detector"."""
+    from rollout.gate.detection import log_capital, mean_factors_of
+    from rollout.gate.guardrails import EXCESS_MIXTURE
+
+    design = "paired_correlated" if correlated else "paired"
+    starts = np.arange(0, batch * looks, batch)
+
+    def draw(rng: np.random.Generator, shape: tuple[int, int], level: float) -> np.ndarray:
+        sparse, control = draw_errors(rng, design=design, control_rate=dense, excess=level, shape=shape)
+        return sparse - control
+
+    def judge(z: np.ndarray) -> np.ndarray:
+        return log_capital(mean_factors_of(z, ceiling, mixture=EXCESS_MIXTURE)(None), starts)
+
+    return _simulate_looks(
+        f"error_rate_increase, dense {dense:g}{', correlated' if correlated else ''}, ceiling {ceiling:g}",
+        ceiling,
+        draw,
+        {"detector": judge},
+        batch=batch,
+        looks=looks,
+        before=excess,
+        after=excess,
+        change_look=1,
         replications=replications,
         alpha=alpha,
         seed=seed,

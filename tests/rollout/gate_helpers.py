@@ -10,14 +10,29 @@ import pandas as pd
 
 from rollout.gate import GateHistory, GateSettings, decide
 from rollout.gate.evidence import Decision
+from rollout.gate.simulation import clopper_pearson_lower, clopper_pearson_upper
 
 REPORT_LOOKS = (1, 5, 10)  # error rates by look 1, 5 and 10 of a 10-look pilot
 
 
-def too_high(rates: tuple[float, ...], upper95: tuple[float, ...], alpha: float) -> bool:
-    """The issue's requirement broken at a reported look: the rate above alpha + 1 pp, or the upper end
-    of its 95% interval above alpha + 2 pp."""
-    return any(rates[k - 1] > alpha + 0.01 or upper95[k - 1] > alpha + 0.02 for k in REPORT_LOOKS)
+def refuted(successes: int, trials: int, level: float) -> bool:
+    """A simulated rate that breaks a promise "at most `level`": above level + 1 pp, the upper end of its 95%
+    Clopper-Pearson interval above level + 2 pp (too few replications to tell), or the interval's lower end
+    above the level (the simulation shows the rate exceeds it)."""
+    return (
+        successes / trials > level + 0.01
+        or clopper_pearson_upper(successes, trials) > level + 0.02
+        or clopper_pearson_lower(successes, trials) > level
+    )
+
+
+def too_high(rates: tuple[float, ...], upper95: tuple[float, ...], alpha: float, replications: int) -> bool:
+    """The issue's requirement broken at a reported look (`refuted`): the rate above alpha + 1 pp, the upper
+    end of its 95% interval above alpha + 2 pp, or its lower end above alpha."""
+    return any(
+        upper95[k - 1] > alpha + 0.02 or refuted(round(rates[k - 1] * replications), replications, alpha)
+        for k in REPORT_LOOKS
+    )
 
 
 def by_look(rates: tuple[float, ...], upper95: tuple[float, ...], digits: int = 1) -> str:

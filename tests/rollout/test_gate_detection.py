@@ -1,8 +1,9 @@
 """The monitor's change detector (`rollout.gate.detection`): the formula, its guarantee by simulation, and
 what it detects that the two tests it replaced could not.
 
-Requirement, as for the gate: false alarm <= alpha + 1 pp with the upper end of the 95% Clopper-Pearson
-interval <= alpha + 2 pp, replications doubled until the interval decides. `pytest -s` prints the cells.
+Requirement, as for the gate (`gate_helpers.refuted`): false alarm <= alpha + 1 pp with the upper end of the
+95% Clopper-Pearson interval <= alpha + 2 pp and its lower end <= alpha, replications doubled until the
+interval decides. `pytest -s` prints the cells.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import pytest
 
 from rollout.gate import detection
 from rollout.gate.sequences import rate_factors, rate_log_capital, rate_stream
-from rollout.gate.simulation import simulate_monitor
+from rollout.gate.simulation import simulate_monitor, simulate_monitor_excess, simulate_monitor_quality
+
+from .gate_helpers import refuted
 
 ALPHA = 0.05
 
@@ -100,9 +103,9 @@ def test_a_quality_loss_is_detected_where_it_begins_and_a_small_one_is_not() -> 
     assert not detection.detected(quiet, np.arange(0, 4000, 12), ALPHA)
 
 
-def _decided(cell, run) -> tuple[float, float, int]:
+def _decided(cell, run, start: int = 1000) -> tuple[float, float, int]:
     """Double the replications until the interval decides (or 16,000 are spent): (share, upper, reps)."""
-    reps = 1000
+    reps = start
     while True:
         share, upper = run(reps)
         if upper <= ALPHA + 0.02 or share > ALPHA + 0.01 or reps >= 16_000:
@@ -130,8 +133,8 @@ def test_false_alarm_over_the_monitors_life_is_at_most_alpha(ceiling, batch, bef
         )
         return r.alarm_by_look["detector"][-1], r.upper95["detector"][-1]
 
-    share, upper, _ = _decided((ceiling, batch, before), run)
-    assert share <= ALPHA + 0.01 and upper <= ALPHA + 0.02
+    share, upper, reps = _decided((ceiling, batch, before), run)
+    assert upper <= ALPHA + 0.02 and not refuted(round(share * reps), reps, ALPHA)
 
 
 def test_a_fresh_test_per_look_was_no_bound() -> None:
@@ -184,8 +187,6 @@ def test_weights_sum_to_one() -> None:
 
 def test_score_models_refuse_a_shift_they_cannot_express() -> None:
     """0/1 answers differing on 7% of requests cannot lose 0.1 on average: said, not silently capped."""
-    from rollout.gate.simulation import simulate_monitor_quality
-
     with pytest.raises(ValueError, match="cannot shift the mean by -0.1"):
         simulate_monitor_quality(
             "binary80", margin=0.05, batch=10, looks=2, before=0.1, after=0.1, replications=5
@@ -194,3 +195,45 @@ def test_score_models_refuse_a_shift_they_cannot_express() -> None:
         simulate_monitor_quality(
             "beta8_2", margin=0.05, batch=10, looks=2, before=0.1, after=0.1, replications=5
         )
+
+
+def test_the_quality_checks_false_alarm_at_the_margin_is_at_most_alpha() -> None:
+    """docs/gate.md (the monitor's quality check): "a champion that loses exactly the margin raises a false
+    alarm in at most alpha of monitors over its whole life". 200 looks of 8 / 50 pairs, 0/1 at 80% correct,
+    rare losses (identical but sparse fails), Beta(8, 2) (skewed) and noisy 0/1 (20% differ), the champion
+    losing the margin at every look; 600 monitors a cell, doubled until the interval decides."""
+    for scores in ("binary80", "losses", "beta8_2", "noisy20"):
+        for batch in (8, 50):
+
+            def run(reps: int, scores=scores, batch=batch) -> tuple[float, float]:
+                r = simulate_monitor_quality(
+                    scores, margin=0.03, batch=batch, looks=200, before=0.03, after=0.03, replications=reps
+                )
+                return r.alarm_by_look["loss"][-1], r.upper95["loss"][-1]
+
+            share, _, reps = _decided(f"quality_loss {scores} {batch}/look", run, start=600)
+            assert not refuted(round(share * reps), reps, ALPHA), (scores, batch, share, reps)
+
+
+def test_the_excess_checks_false_alarm_at_the_ceiling_is_at_most_alpha() -> None:
+    """docs/gate.md (the monitor's error_rate_increase check): false alarm at most alpha over the monitor's
+    life with the excess exactly at the ceiling (0.01): dense error rate 0.5% and 2%, the arms failing
+    independently or together (half of dense's failures shared), 12 / 50 pairs a look, 200 looks, 1,000
+    monitors a cell."""
+    rows = []
+    for dense in (0.005, 0.02):
+        for correlated in (False, True):
+            for batch in (12, 50):
+                r = simulate_monitor_excess(
+                    0.01,
+                    dense=dense,
+                    correlated=correlated,
+                    batch=batch,
+                    looks=200,
+                    excess=0.01,
+                    replications=1000,
+                    seed=batch,
+                )
+                rows.append((dense, correlated, batch, r.alarm_by_look["detector"][-1], r.replications))
+                print(f"{r.check} {batch:3}/look: alarm by look 200 {100 * rows[-1][3]:.2f}%")
+    assert not [c for c in rows if refuted(round(c[3] * c[4]), c[4], ALPHA)], rows

@@ -18,14 +18,16 @@ from rollout import pilots
 from rollout.db.models import AuditEntry, ModelVersion, Pilot, SpecVersion, UseCase
 from rollout.db.session import session_scope
 from rollout.gate import GateSettings, decide
-from rollout.gate.sequences import TRUNCATION
-from rollout.gate.simulation import simulate
+from rollout.gate.quality import prior
+from rollout.gate.sequences import TRUNCATION, paired_stream, rejects
+from rollout.gate.simulation import SCORE_MODELS, clopper_pearson_lower, simulate
 from rollout.gate.spending import account, describe, pilot_alpha, spent
 from rollout.pilot_plan import describe_to_approval, plan_pilot
 from rollout.spec import parse_spec
 from rollout.usecases import pilot_plan_of, show_usecase
 from sparsepilot.cli import app
 
+from .gate_helpers import refuted
 from .test_gate import paired_frame
 from .usecase_helpers import example_spec
 
@@ -145,6 +147,35 @@ def test_trying_plan_after_plan_keeps_the_use_cases_false_go_at_alpha() -> None:
     upper_spent = stats.binomtest(n_spent, reps).proportion_ci(0.95, method="exact").high
     assert lower_per > ALPHA  # the problem is real: retries inflate the use case's false GO
     assert n_spent / reps <= ALPHA + 0.01 and upper_spent <= ALPHA + 0.02
+
+
+@pytest.mark.parametrize("scores", ["binary80", "losses"])
+def test_plans_piloted_on_the_same_requests_spend_at_most_alpha_at_pilot_sizes(scores: str) -> None:
+    """docs/gate.md (spending): "false GO at most alpha over all of a use case's pilots together" at the sizes
+    pilots have: four inferior plans (each at -margin) piloted one after another on the SAME held-apart
+    requests (dense's scores shared, each plan's sparse answers its own, each pilot in its own order), 8 /
+    20 / 50 pairs a look, 20 looks each, by the GO test `decide` runs at the k-th pilot's level; 2,000 use
+    cases a cell. At alpha per pilot the same use cases ship an inferior plan far more often."""
+    base = GateSettings(alpha=ALPHA, margin=0.03, min_samples_per_arm=2, guardrail_min_samples=1)
+    kw = prior(base, "paired", 0.5)
+    model = SCORE_MODELS[scores]
+    reps = 2000
+    for per_look in (8, 20, 50):
+        rng = np.random.default_rng(per_look)
+        dense = model.control(rng, (reps, per_look * 20))
+        spent_, flat = np.zeros(reps, bool), np.zeros(reps, bool)
+        for k in range(1, 5):
+            q = rng.permuted(dense, axis=1)
+            stream = paired_stream(model.degrade(rng, q, -base.margin) - q)
+            flat |= rejects(stream, -base.margin, "lower", ALPHA, **kw)[0]
+            spent_ |= rejects(stream, -base.margin, "lower", pilot_alpha(ALPHA, k), **kw)[0]
+        print(
+            f"{scores} {per_look}/look, 4 pilots: false GO {spent_.mean():.4f} spent, "
+            f"{flat.mean():.4f} at alpha"
+        )
+        assert not refuted(int(spent_.sum()), reps, ALPHA), (per_look, spent_.mean())
+        if scores == "binary80":
+            assert clopper_pearson_lower(int(flat.sum()), reps) > ALPHA  # retries would inflate it
 
 
 def _use_case(s) -> tuple[UseCase, list[ModelVersion]]:
