@@ -248,3 +248,17 @@ def test_a_calibration_under_another_split_rule_is_calibrated_again(flow_use_cas
     new = cal_flow.calibrate_flow(name, limits=QUICK_CAL)
     assert not new["reused"] and new["calibration_run_id"] != old["calibration_run_id"]
     assert cal_flow.calibrate_flow(name, limits=QUICK_CAL)["reused"]  # the same rule: reused
+
+
+def test_a_task_refused_for_want_of_its_claim_is_not_retried() -> None:
+    """An approval's effect refused because another finisher holds the decision's claim is not retried (a
+    second later the claimant still carries it out, or has): `flows.common._worth_retrying`; an error a
+    retry may cure still is."""
+    from types import SimpleNamespace
+
+    from flows.common import _worth_retrying
+    from rollout.approvals import ClaimRefused
+
+    refused = ClaimRefused("decision 3 is being finished by bob; carol gives way; nothing was moved")
+    assert _worth_retrying(None, None, SimpleNamespace(data=refused)) is False
+    assert _worth_retrying(None, None, SimpleNamespace(data=ConnectionError("MLflow down"))) is True
