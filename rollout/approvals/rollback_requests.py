@@ -94,15 +94,7 @@ def request_rollback(
 def _refuse_while_alarm_waits(session: Any, uc: UseCase) -> None:
     """The monitor's alarm waits for a person's approval of its rollback (the use case is awaiting
     approval): the person is told which decision to approve, not that there is no champion to roll back."""
-    waiting = session.scalar(
-        select(GateDecision.id)
-        .where(
-            GateDecision.use_case_id == uc.id,
-            GateDecision.awaiting == "rollback_approval",
-            GateDecision.resolution.is_(None),
-        )
-        .order_by(GateDecision.id.desc())
-    )
+    waiting = champion.rollback_waiting(session, uc)
     if waiting is not None:
         raise ApprovalError(
             f"use case {uc.name!r}: the monitor's rollback decision {waiting} waits for approval; nothing "
