@@ -258,7 +258,8 @@ def evaluate_flow(
     # at INFO with the rest of the flow's progress: a console judged free of WARNING lines (the main job's
     # tests) must not fail because the host was busy; the line itself says it
     logger.info("%s", summary_line(use_case, summary))
-    return {**summary, "reused": False, "verdict": roi.get("verdict")}
+    # a plan that keeps every block saves nothing, whatever the ROI priced its timing noise at (plan_money)
+    return {**summary, "reused": False, "verdict": summary.get("saves_nothing") or roi.get("verdict")}
 
 
 def summary_line(use_case: str, summary: dict[str, Any]) -> str:
