@@ -235,6 +235,8 @@ def evaluate_flow(
             "roi.saved_usd_month_low": roi["saved_usd_month_low"],
             "roi.saved_usd_month_high": roi["saved_usd_month_high"],
             "roi.effective_speedup": roi["effective_speedup"],
+            "roi.speedup": roi["inputs"]["speedup"],
+            **roi_intervals(roi),
         }
         leases.check_held()  # lost while its last step ran: log nothing the state DB would then refuse
         mlflow_run_id = log_run(
@@ -258,7 +260,24 @@ def evaluate_flow(
     # at INFO with the rest of the flow's progress: a console judged free of WARNING lines (the main job's
     # tests) must not fail because the host was busy; the line itself says it
     logger.info("%s", summary_line(use_case, summary))
-    return {**summary, "reused": False, "verdict": roi.get("verdict")}
+    # a plan that keeps every block saves nothing, whatever the ROI priced its timing noise at (plan_money)
+    return {**summary, "reused": False, "verdict": summary.get("saves_nothing") or roi.get("verdict")}
+
+
+def roi_intervals(roi: dict[str, Any]) -> dict[str, float]:
+    """The MLflow metrics of the speed-up interval the dollars are priced at (the ROI's 95%,
+    `rollout.roi.ROI_CONFIDENCE`; the evaluation's own `speed.*` interval is its 90%): the prefill
+    speed-up's ends and the per-request (effective) speed-up's, so that `roi.saved_usd_month_low/high`
+    trace to a speed-up in the run. None where no interval was measured (one timing pair: its "ends" are
+    the estimate, which the state DB does not store as an interval either)."""
+    if not roi["inputs"].get("interval_measured", True):
+        return {}
+    return {
+        "roi.speedup_low": roi["inputs"]["speedup_low"],
+        "roi.speedup_high": roi["inputs"]["speedup_high"],
+        "roi.effective_speedup_low": roi["effective_speedup_low"],
+        "roi.effective_speedup_high": roi["effective_speedup_high"],
+    }
 
 
 def summary_line(use_case: str, summary: dict[str, Any]) -> str:

@@ -272,8 +272,8 @@ def portfolio(
         # priced at a spec version that is no longer current (docs/roi.md)
         r["measured_under_overload"] = roi.timing_overload(r.pop("timing_host"))
         r["priced_at"] = roi.priced_at(r["priced_spec_version"], r["current_spec_version"])
-        if roi.dense_plan(r["density"], r["decode_status"]):  # saves nothing: no payback to claim
-            r["payback_days"] = None
+        # its money by the one rule (rollout.roi.plan_money): a plan that keeps every block saves nothing
+        r["payback_days"] = roi.plan_money(r)["payback_days"]
     return rows
 
 
@@ -802,6 +802,9 @@ def evaluations(session: Session, use_case_id: int) -> list[dict[str, Any]]:
     shown = session.scalar(select(picked.c.id).where(picked.c.key == use_case_id))
     out = []
     for ev, mv_version, mv_name in session.execute(stmt):
+        # its money by the one rule (rollout.roi.plan_money, in runs.evaluation_summary): a plan that keeps
+        # every block shows no payback and says it saves nothing, as the portfolio and Approvals say
+        money = runs.evaluation_summary(ev)
         out.append(
             {
                 "id": ev.id,
@@ -817,7 +820,8 @@ def evaluations(session: Session, use_case_id: int) -> list[dict[str, Any]]:
                 "savings_month_usd": ev.savings_month_usd,
                 "savings_month_low": ev.savings_month_low,
                 "savings_month_high": ev.savings_month_high,
-                "payback_days": ev.payback_days,
+                "payback_days": money["payback_days"],
+                "saves_nothing": money["saves_nothing"],
                 "spec_version": ev.spec_version,
                 "priced_at": roi.priced_at(ev.spec_version, current),  # a superseded spec's dollars
                 "shown": ev.id == shown,  # the one whose figures the portfolio shows (_shown_evaluation)
@@ -1181,13 +1185,11 @@ def roi_summary(row: dict[str, Any] | None) -> dict[str, Any] | None:
     figures carry (`timing_overload`, `priced_at`). None: no evaluation priced it."""
     if row is None or row.get("savings_month_usd") is None:
         return None
-    skip = roi.evaluation_pilot_skip(row)
+    money = roi.plan_money(row)  # the one rule of a plan's money, the portfolio's and the use-case page's
     return {
-        "savings_month_usd": row["savings_month_usd"],
-        "savings_month_low": row.get("savings_month_low"),
-        "savings_month_high": row.get("savings_month_high"),
-        "payback_days": row.get("payback_days") if skip is None else None,
-        "not_established": None if skip is None else skip.why,
+        **{k: money[k] for k in ("savings_month_usd", "savings_month_low", "savings_month_high")},
+        "payback_days": money["payback_days"],
+        "not_established": money["not_established"],
         "caveats": [c for c in (row.get("measured_under_overload"), row.get("priced_at")) if c],
     }
 
@@ -1227,9 +1229,7 @@ def _decision_money(session: Session, row: dict[str, Any]) -> tuple[dict[str, An
         return None, f"{plan} has no evaluation"
     figures = runs.evaluation_summary(ev)
     figures["priced_at"] = roi.priced_at(ev.spec_version, uc.current_spec_version)
-    if roi.dense_plan(figures["density"], figures["decode_status"]):  # saves nothing: no payback to claim
-        figures["payback_days"] = None
-    money = roi_summary(figures)
+    money = roi_summary(figures)  # no payback for a plan that keeps every block (rollout.roi.plan_money)
     return money, None if money else f"{plan} has an evaluation that priced no saving"
 
 

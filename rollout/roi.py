@@ -548,6 +548,35 @@ def evaluation_pilot_skip(
     )
 
 
+def plan_money(figures: Mapping[str, Any]) -> dict[str, Any]:
+    """What a plan's money is, the one rule every surface that shows it applies (the portfolio, the
+    use-case page, the Approvals card, `sparsepilot evaluate NAME`, the evaluate flow's result), from an
+    evaluation's figures as `evaluation_pilot_skip` reads them (a run's summary, a portfolio row) and its
+    stored `payback_days`: the saving as measured with its interval; the payback only where the saving is
+    established (`evaluation_pilot_skip` finds nothing against it), else None; `not_established`, why no
+    saving is established (that finding), else None; and `saves_nothing`, for a plan that keeps every
+    block (`dense_plan`), the verdict that replaces the stored one, which priced its timing noise as a
+    saving ("saves $201/month ...; pays back the $3,000 pilot in 455 days"), else None."""
+    skip = evaluation_pilot_skip(figures)
+    saved, density = figures.get("savings_month_usd"), figures.get("density")
+    dense = dense_plan(density, figures.get("decode_status"))
+    return {
+        "savings_month_usd": saved,
+        "savings_month_low": figures.get("savings_month_low"),
+        "savings_month_high": figures.get("savings_month_high"),
+        "payback_days": figures.get("payback_days") if skip is None else None,
+        "not_established": None if skip is None else skip.why,
+        "saves_nothing": (
+            f"saves nothing: the plan keeps {density:.2%} of blocks and decodes densely, so it computes what "
+            "the dense model does"
+            + ("" if saved is None else f"; the {usd(saved)}/month its timings show is timing noise")
+            + ": no payback, nothing to pilot"
+            if dense
+            else None
+        ),
+    }
+
+
 def timing_overload(timing_host: dict[str, Any] | None) -> str | None:
     """The warning an ROI's figures carry when some of the timings behind them were kept under overload
     (`roi["timing_host"]`: the prefill pairs' and the decode runs' `PairMeter` records, each with

@@ -310,8 +310,10 @@ def evaluation_summary(run: Any) -> dict[str, Any]:
     timings behind them were kept under overload (`rollout.roi.timing_overload`), else None; and
     `decode_status`, what sparse decode does in the ROI (`rollout.roi.decode_outcome`'s status); and
     `tasks_not_scored`, why it has no task score where it has none
-    (`rollout.dataset_split.nothing_to_score`)."""
-    return {
+    (`rollout.dataset_split.nothing_to_score`). Its money is `rollout.roi.plan_money`'s: no payback for a
+    saving not established or a plan that keeps every block (`not_established`, `saves_nothing`), also
+    of a run stored before that rule."""
+    figures = {
         "evaluation_run_id": run.id,
         **{f: getattr(run, f) for f in EVALUATION_FIELDS},
         "measured_under_overload": roi.timing_overload((run.roi or {}).get("timing_host")),
@@ -319,6 +321,7 @@ def evaluation_summary(run: Any) -> dict[str, Any]:
         # why it has no quality figure, where no row kept apart from calibration could be scored
         "tasks_not_scored": (run.report or {}).get("tasks_not_scored"),
     }
+    return figures | roi.plan_money(figures)
 
 
 def open_evaluation(
@@ -377,10 +380,12 @@ def evaluation_succeeded(
         run.savings_month_usd = roi["saved_usd_month"]
         run.savings_month_low = roi["saved_usd_month_low"] if measured else None
         run.savings_month_high = roi["saved_usd_month_high"] if measured else None
-        # a payback is a promise only where the saving is established (its interval's low end > 0)
+        # a payback is a promise only where the saving is established (its interval's low end > 0) and the
+        # plan does not compute what the dense model does (rollout.roi.plan_money: its noise saves nothing)
         run.payback_days = roi["payback_days"] if roi["certain"] else None
         run.report = report
         run.roi = roi
+        run.payback_days = evaluation_summary(run)["payback_days"]
         run.artifacts = dict(report.get("artifacts") or {})
         details = {"device": run.device, "speedup": run.speedup, "saved_usd_month": run.savings_month_usd}
         _succeeded(session, use_case, run, "evaluation", "evaluated", details, actor)

@@ -394,11 +394,14 @@ def _kv(d: dict[str, Any], label: str) -> pd.DataFrame:
     return pd.DataFrame({label: list(d), "value": [show(k, v) for k, v in d.items()]})
 
 
-def shown_roi(roi: dict[str, Any], inputs: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+def shown_roi(
+    roi: dict[str, Any], inputs: dict[str, Any] | None, *, payback: bool = True
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """The stored ROI's breakdown and inputs as the page may show them (docs/roi.md): no interval ends
     where none was measured (one timing pair: the ends are the estimate), and no payback where the saving
-    is not established, as the figures above them say; and not the timing host's raw record
-    (`timing_host`), which the overload warning above them reads."""
+    is not established, nor where `payback` is False (the evaluation's money, `rollout.roi.plan_money`,
+    claims none: a plan that keeps every block), as the figures above them say; and not the timing host's
+    raw record (`timing_host`), which the overload warning above them reads."""
     measured = (inputs or {}).get("interval_measured", True)
 
     def keep(key: str) -> bool:
@@ -406,7 +409,7 @@ def shown_roi(roi: dict[str, Any], inputs: dict[str, Any] | None) -> tuple[dict[
             return False
         if not measured and key.endswith(("_low", "_high")):
             return False
-        return roi.get("certain", True) or not key.startswith("payback")
+        return (payback and roi.get("certain", True)) or not key.startswith("payback")
 
     return (
         {k: v for k, v in roi.items() if keep(k)},
@@ -445,12 +448,13 @@ def roi_breakdown(ev: dict[str, Any] | None) -> None:
     if ev.get("priced_at"):  # dollars at a superseded spec's traffic and cost (rollout.roi.priced_at)
         st.warning(f"$/month {fmt.plain(ev['priced_at'])}.")
     inputs = roi.pop("inputs", None)
-    if roi.get("verdict"):
-        st.markdown(f"**Verdict:** {fmt.plain(roi.pop('verdict'))}")
+    verdict = roi.pop("verdict", None)
+    if ev.get("saves_nothing") or verdict:  # a plan that keeps every block: its timing noise is no saving
+        st.markdown(f"**Verdict:** {fmt.plain(ev.get('saves_nothing') or verdict)}")
     decode = roi.pop("decode", None)  # sparse decode's line (rollout.roi.decode_outcome)
     if decode:
         st.markdown(f"**Decode:** {fmt.plain(decode['line'].removeprefix('decode: '))}")
-    roi, inputs = shown_roi(roi, inputs)
+    roi, inputs = shown_roi(roi, inputs, payback=ev["payback_days"] is not None)
     left, right = st.columns(2)
     if inputs:
         left.markdown("**Inputs**")

@@ -145,13 +145,26 @@ def evaluate_use_case(name: str, quick: bool, json_out: bool) -> None:
     print_evaluation(name, result)
 
 
+MONEY = ("savings_month_usd", "savings_month_low", "savings_month_high")
+
+
 def print_evaluation(name: str, result: dict[str, Any]) -> None:
     """`evaluate NAME`'s record, and the warning its speed-up and $ carry when their timings were kept
-    under overload (`measured_under_overload`, rollout.roi.timing_overload)."""
+    under overload (`measured_under_overload`, rollout.roi.timing_overload). Its money as the dashboard
+    shows it (`rollout.roi.plan_money`, dollars by `rollout.roi.usd`): the saving with its interval, the
+    payback only of an established saving, and for a plan that keeps every block the verdict that it
+    saves nothing (it printed 1.235e+04, no interval, and that plan's payback)."""
+    from rollout.roi import plan_money, usd
+
+    money = plan_money(result)
+    shown = {**result, **{k: None if money[k] is None else usd(money[k]) for k in MONEY}}
+    payback = money["payback_days"]
+    shown["payback_days"] = None if payback is None else f"{payback:,.0f} days"
+    shown["verdict"] = money["saves_nothing"] or result.get("verdict")  # the flow's (a reused run: none)
     cols = ["evaluation_run_id", "device", "density", "quality_delta", "quality_low", "quality_high",
-            "speedup", "speedup_low", "speedup_high", "savings_month_usd", "payback_days",
-            "reused"]  # fmt: skip
-    print_record(f"evaluation of {name}", result, cols)
+            "speedup", "speedup_low", "speedup_high", *MONEY, "payback_days",
+            *(["verdict"] if shown["verdict"] else []), "reused"]  # fmt: skip
+    print_record(f"evaluation of {name}", shown, cols)
     if result.get("tasks_not_scored"):  # the quality columns above are empty, and this says why
         console.print(f"warning: {result['tasks_not_scored']}", style="yellow", soft_wrap=True, markup=False)
     if result.get("measured_under_overload"):  # the speed-up and $ above are a busy host's figures

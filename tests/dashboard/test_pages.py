@@ -581,6 +581,49 @@ def test_roi_without_a_measured_interval_is_shown_as_one(seeded: dict[str, Any])
             assert items["saved_usd_month_low"] == roi_of.usd(result.saved_usd_month_low)
 
 
+def test_a_dense_plans_timing_noise_is_no_saving_on_its_page(seeded: dict[str, Any]) -> None:
+    """Review s50 B1: a plan that keeps every block and decodes densely, whose 3 noisy rounds timed
+    1.03x [1.01, 1.05], stored a payback, and its page said "pays back the $3,000 pilot in 455 days"
+    (Payback 455 d) while the portfolio and the Approvals card said it saves nothing. One rule now
+    (`rollout.roi.plan_money`): no payback is stored, none shown of a run stored before the rule, and
+    the page's verdict says the plan saves nothing."""
+    from rollout import queries, runs
+    from rollout import roi as roi_of
+    from rollout.db.models import EvaluationRun, ModelVersion, UseCase
+
+    spec = UseCaseSpec.model_validate(seeded_spec("contract-summarisation"))
+    noise = roi_of.roi_for_spec(
+        spec, dense_tps=1000.0, sparse_tps=1030.0, speedup_interval=(1.01, 1.05), decode_tps=50.0
+    )
+    assert noise.certain and noise.payback_days is not None  # what the timings alone would promise
+    with session_scope() as s:
+        uc = s.scalar(select(UseCase).where(UseCase.name == "support-chat"))
+        ids = uc.id, s.scalar(select(ModelVersion.id).where(ModelVersion.use_case_id == uc.id))
+    run = runs.open_evaluation(*ids, "dense-noise", None)
+    stored = runs.evaluation_succeeded(
+        "support-chat",
+        run["id"],
+        report={"device": "cpu", "density": 1.0},
+        roi=noise.to_dict() | {"decode": {"status": "dense", "line": "decode: dense in both arms"}},
+        mlflow_run_id="m",
+        spec_version=1,
+    )
+    assert stored["payback_days"] is None and stored["saves_nothing"].startswith("saves nothing: the plan")
+    with session_scope() as s:  # as the run was stored before the rule
+        s.get(EvaluationRun, run["id"]).payback_days = noise.payback_days
+    row = next(r for r in queries.read(queries.portfolio) if r["name"] == "support-chat")
+    assert row["payback_days"] is None and queries.roi_summary(row)["payback_days"] is None
+    at = new_app()
+    at.query_params["name"] = "support-chat"
+    open_page(at, "use_case")
+    shown = {m.label: m.value for m in at.metric}
+    assert shown["Payback"] == "-" and shown["$/month saved"] == roi_of.usd(noise.saved_usd_month)
+    verdict = next(str(m.value) for m in at.markdown if "Verdict" in str(m.value))
+    assert "saves nothing: the plan keeps 100.00% of blocks" in verdict and "pays back" not in verdict
+    breakdown = next(d.value for d in at.dataframe if "item" in d.value.columns)
+    assert not any(k.startswith("payback") for k in breakdown["item"])
+
+
 def test_approving_never_holds_the_write_lock_while_prefect_stalls(seeded: dict[str, Any]) -> None:
     """A Prefect API that accepts connections and never answers (a hung server, a stalled proxy): the
     approval used to ask it about the paused run inside its write transaction, so every other writer of

@@ -43,3 +43,30 @@ def test_an_evaluation_with_nothing_kept_apart_says_it_has_no_task_score(
     assert why in summary_line("two-prompts", summary)
     again = evaluate_flow("two-prompts", suite=QUICK_EVAL)  # read back from the recorded run
     assert again["reused"] and again["tasks_not_scored"] == why
+    assert_mlflow_has_the_priced_interval(summary)
+
+
+def assert_mlflow_has_the_priced_interval(summary: dict) -> None:
+    """Review s50 B3: the evaluation's MLflow run carried only its own 90% speed-up interval (`speed.*`);
+    the ROI's 95% one, which the $ interval is priced at and the state DB, the CLI and the dashboard show,
+    was in no metric. It is logged under `roi.*` beside `roi.saved_usd_month*` now."""
+    from mlflow import MlflowClient
+    from pytest import approx
+
+    from rollout.db.models import EvaluationRun
+    from rollout.db.session import session_scope
+
+    with session_scope() as s:
+        run = s.get(EvaluationRun, summary["evaluation_run_id"])
+        mlflow_run_id, roi = run.mlflow_run_id, run.roi
+    metrics = MlflowClient().get_run(mlflow_run_id).data.metrics
+    assert summary["speedup_low"] is not None  # QUICK_EVAL's 2 timing pairs measure an interval
+    for key, value in {
+        "roi.speedup": summary["speedup"],
+        "roi.speedup_low": summary["speedup_low"],
+        "roi.speedup_high": summary["speedup_high"],
+        "roi.effective_speedup_low": roi["effective_speedup_low"],
+        "roi.effective_speedup_high": roi["effective_speedup_high"],
+        "roi.saved_usd_month_low": summary["savings_month_low"],
+    }.items():
+        assert metrics[key] == approx(value), key
