@@ -131,9 +131,10 @@ def unfinished_in(session: Any, uc: UseCase) -> Unfinished | None:
         return None
     if latest.resolution == "rejected":
         return _unfinished(session, uc, latest, "reject")
-    from rollout.approvals import unfinished_promotion_in
+    from rollout.approvals import promotion_held, unfinished_promotion_in
 
-    if unfinished_promotion_in(session, latest) is not None:
+    # held while the monitor's alarm about the serving champion waits: finished once it is decided
+    if unfinished_promotion_in(session, latest) is not None and not promotion_held(session, latest):
         return _unfinished(session, uc, latest, "promote")
     return None
 

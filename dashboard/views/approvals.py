@@ -49,6 +49,8 @@ def run_action(fn: Any, *args: Any, reason_key: str, **kwargs: Any) -> None:
         flash("error", f"Refused: {exc}")
     except approvals.FlowNotWaiting as exc:
         flash("error", f"The flow is no longer waiting, so nothing was recorded. {exc}")
+    except approvals.PromotionHeld as exc:  # signed, its effect held: the signature stands
+        flash("warning", f"Your approval was recorded, but nothing was promoted yet: {exc}")
     except approvals.ApprovalError as exc:
         flash("error", f"Not accepted, nothing was recorded: {exc}")
     except registry.RegistryError as exc:  # MLflow did not move the alias: recorded before, or not at all
@@ -195,6 +197,11 @@ def decision_card(d: dict[str, Any], ident: Identity | None, pilot_waits: str | 
                     f"{fmt.plain(a['actor'])}'s signature ({a['action']}) no longer counts: "
                     f"{fmt.plain(a['actor'])} is {a['lapsed']}; an override needs two current approvers."
                 )
+    # a promotion no signature passes now (a rollback of the serving champion waits): why, and what to do,
+    # by the rule the signature is refused by (`approvals.rollback_before_promotion`); its button disabled
+    held = read(approvals.promotion_held_words, d["id"])
+    if held:
+        st.warning(fmt.plain(held))
     if ident is None or not ident.can_approve:
         return
     reason_key = f"reason_{d['id']}"
@@ -230,7 +237,14 @@ def decision_card(d: dict[str, Any], ident: Identity | None, pilot_waits: str | 
         st.caption(f"'{reject_label}' goes against the recommendation: it needs a second approver.")
     act = {"args": (approvals.approve, d["id"]), "kwargs": {"reason_key": reason_key}}
     b1, b2, b3 = st.columns(3)
-    b1.button(approve_label, key=f"approve_{d['id']}", type="primary", on_click=run_action, **act)
+    b1.button(
+        approve_label,
+        key=f"approve_{d['id']}",
+        type="primary",
+        on_click=run_action,
+        disabled=held is not None,
+        **act,
+    )
     if not override:  # rejecting a running pilot's decision stops it: `sparsepilot pilot NAME --abort`
         b2.button(
             reject_label,

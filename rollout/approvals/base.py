@@ -20,6 +20,12 @@ class ClaimRefused(ApprovalError):
     another finisher claimed it, or the caller finishes it without having claimed it."""
 
 
+class PromotionHeld(ApprovalError):
+    """An approved promotion not carried out while a rollback of the serving champion waits
+    (`effects.apply_promotion`): nothing moved, the approval stands and is finished once the rollback is
+    decided. Unlike its parent, something was recorded: the signature."""
+
+
 class FlowNotWaiting(SparsePilotError, RuntimeError):
     """The decision names a Prefect flow run that is no longer paused: it cannot be resumed."""
 

@@ -2,7 +2,8 @@
 a decision that waits for a person or a running pilot's latest (`check_approvable`), a GO whose ramp may
 continue (`check_continuable`), one of this use case's (`check_decision_of`), a rollback with somewhere to
 return to, a promotion while no rollback of the serving champion waits
-(`refuse_promotion_while_rollback_waits`); and the lock every signature reads the decision under
+(`rollback_before_promotion`: refused when signed, `refuse_promotion_while_rollback_waits`; said on the
+Approvals card, `promotion_held_words`); and the lock every signature reads the decision under
 (`lock_decision`).
 
 A running pilot's latest gate decision (EXTEND, or a GO before the plan's last step) asks nobody: a
@@ -211,32 +212,59 @@ def _require_an_earlier_champion(session: Any, d: GateDecision) -> None:
         )
 
 
-def refuse_promotion_while_rollback_waits(session: Any, d: GateDecision) -> None:
-    """A promotion (a signature approving a gate decision, the first of an override too) is refused while a
-    rollback of the serving champion waits: the monitor's alarm waiting for a person
-    (`champion.rollback_waiting`), or a rollback decided but not in effect (`rollout.unfinished`). Two
-    changes of the serving model racing each other end production on either: approved meanwhile, pilot 2's
-    GO moved the champion alias to its challenger, and the alarm about pilot 1's champion still waited,
-    its approval then "rolling back" a champion that no longer served. ApprovalError naming the waiting
-    rollback and the commands that decide or finish it; nothing is recorded."""
+def rollback_before_promotion(session: Any, uc: UseCase) -> tuple[str, str] | None:
+    """The rollback of the use case's serving champion that waits, which no promotion passes: the
+    monitor's alarm waiting for a person (`champion.rollback_waiting`), or a rollback decided but not in
+    effect (`rollout.unfinished`); as (what waits, what decides or finishes it), in words; None where none
+    waits. The one rule of a promotion signed (`refuse_promotion_while_rollback_waits`), carried out
+    (`effects.apply_promotion`: held) and offered on the Approvals page (`promotion_held_words`)."""
     from rollout.champion import rollback_waiting
     from rollout.unfinished import unfinished_in
 
-    if d.kind != "gate":
-        return
-    uc = session.get(UseCase, d.use_case_id)
     alarm = rollback_waiting(session, uc)
     if alarm is not None:
-        raise ApprovalError(
-            f"decision {d.id} is not promoted while the monitor's alarm about {uc.name}'s serving champion "
-            f"(decision {alarm}) waits for a person; nothing was recorded. Decide the alarm first: roll the "
-            f"champion back (`sparsepilot approve {uc.name} --decision {alarm} --reason TEXT`) or keep it "
-            f"(`sparsepilot approve {uc.name} --decision {alarm} --reject --reason TEXT`), then promote"
+        return (
+            f"the monitor's alarm about {uc.name}'s serving champion (decision {alarm}) waits for a person",
+            f"Decide the alarm first: roll the champion back (`sparsepilot approve {uc.name} --decision "
+            f"{alarm} --reason TEXT`) or keep it (`sparsepilot approve {uc.name} --decision {alarm} --reject "
+            "--reason TEXT`)",
         )
     u = unfinished_in(session, uc)
     if u is not None and u.action == "rollback":
-        raise ApprovalError(
-            f"decision {d.id} is not promoted while the rollback of {uc.name}'s champion (decision "
-            f"{u.decision_id}) is decided but not in effect; nothing was recorded. Finish it first "
-            f"(`{u.finish_command()} --reason TEXT`), then promote"
+        return (
+            f"the rollback of {uc.name}'s champion (decision {u.decision_id}) is decided but not in effect",
+            f"Finish it first (`{u.finish_command()} --reason TEXT`)",
         )
+    return None
+
+
+def refuse_promotion_while_rollback_waits(session: Any, d: GateDecision) -> None:
+    """A promotion (a signature approving a gate decision, the first of an override too) is refused while a
+    rollback of the serving champion waits (`rollback_before_promotion`). Two changes of the serving model
+    racing each other end production on either: approved meanwhile, pilot 2's GO moved the champion alias
+    to its challenger, and the alarm about pilot 1's champion still waited, its approval then "rolling
+    back" a champion that no longer served. ApprovalError naming the waiting rollback and the commands
+    that decide or finish it; nothing is recorded."""
+    if d.kind != "gate":
+        return
+    uc = session.get(UseCase, d.use_case_id)
+    first = rollback_before_promotion(session, uc)
+    if first is not None:
+        waits, remedy = first
+        raise ApprovalError(
+            f"decision {d.id} is not promoted while {waits}; nothing was recorded. {remedy}, then promote"
+        )
+
+
+def promotion_held_words(session: Any, decision_id: int) -> str | None:
+    """Why a gate decision cannot be approved for promotion now, in the Approvals card's words (its
+    promote button disabled): the rollback that waits and what decides it (`rollback_before_promotion`,
+    the rule the signature is refused by); None where nothing holds it (or it is no gate decision)."""
+    d = session.get(GateDecision, decision_id)
+    if d is None or d.kind != "gate":
+        return None
+    first = rollback_before_promotion(session, session.get(UseCase, d.use_case_id))
+    if first is None:
+        return None
+    waits, remedy = first
+    return f"Not approvable now: {waits}. {remedy}, then approve the promotion."

@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import select
 
 from rollout import audit, champion, lifecycle
-from rollout.approvals.base import ApprovalError, ApprovalPayload, ClaimRefused
+from rollout.approvals.base import ApprovalError, ApprovalPayload, ClaimRefused, PromotionHeld
 from rollout.auth import Identity, require_approver
 from rollout.db.models import AliasMove, Approval, GateDecision, ModelVersion, Pilot, UseCase
 from rollout.db.session import session_scope
@@ -124,6 +124,7 @@ def apply_promotion(
         d, uc, pilot = _resolved_and_locked(session, decision_id, "approved", to="promote")
         _require_claim(session, d, finished_by, then="nothing was moved")
         _require_pilot_to_promote(d, pilot, moved=False)
+        _hold_while_rollback_waits(session, d, uc)
         name, mv_id = uc.name, pilot.model_version_id
         has_champion = bool(registry.champions(session, uc.id))
         keys = [f"promote:{decision_id}"] + ([] if has_champion else [f"baseline:{decision_id}"])
@@ -194,6 +195,41 @@ def apply_promotion(
         "alias_moves": [_move_dict(m) for m in moves],
         "done": done,
     }
+
+
+def promotion_held(session: Any, d: GateDecision) -> bool:
+    """Whether an approved promotion is held (`_hold_while_rollback_waits`): none of its moves begun, and
+    the monitor's alarm about the serving champion waits for a person. `rollout.unfinished` does not offer
+    it to be finished meanwhile (the cycle tried, and was refused, every tick; the portfolio said "the
+    promotion to be finished" where the alarm is what waits: `queries.waits_for`)."""
+    return (
+        _move_status(session, f"promote:{d.id}") is None
+        and champion.rollback_waiting(session, session.get(UseCase, d.use_case_id)) is not None
+    )
+
+
+def _hold_while_rollback_waits(session: Any, d: GateDecision, uc: UseCase) -> None:
+    """An approved promotion is not carried out while a rollback of the serving champion waits
+    (`checks.rollback_before_promotion`, the rule its signature was checked by): the monitor may record
+    its alarm after the GO was signed and before the promotion's run moves the alias. Promoted over it,
+    the alarm was left about a champion that no longer served, its approval "rolling back" and moving
+    nothing. PromotionHeld, under the decision's lock, before any move: the approval stands, and the
+    promotion is finished once the alarm is decided (`rollout.unfinished`: the cycle, or `promote
+    --decision`). A promotion whose move has begun (its alias row recorded: MLflow may serve it already)
+    is finished as begun."""
+    from rollout.approvals.checks import rollback_before_promotion
+
+    if _move_status(session, f"promote:{d.id}") is not None:
+        return
+    first = rollback_before_promotion(session, uc)
+    if first is None:
+        return
+    waits, remedy = first
+    raise PromotionHeld(
+        f"decision {d.id} is approved, but not promoted while {waits}; nothing was moved, the approval "
+        f"stands. {remedy}; the promotion is then finished (by the scheduled cycle, or at once by "
+        f"`sparsepilot promote {uc.name} --decision {d.id} --reason TEXT`)"
+    )
 
 
 def _require_pilot_to_promote(d: GateDecision, pilot: Pilot, *, moved: bool) -> None:
@@ -530,6 +566,8 @@ def unfinished_promotion(decision_id: int, *, by: str | None = None, db_url: str
                 f"decision {decision_id} asks for a rollback; its approval, if it did not take effect, is "
                 "finished by `sparsepilot rollback`"
             )
+        if d.resolution == "approved":  # held while a rollback waits: said, not claimed
+            _hold_while_rollback_waits(session, d, session.get(UseCase, d.use_case_id))
         approval = unfinished_promotion_in(session, d)
         pending = None if approval is None else unfinished_in(session, session.get(UseCase, d.use_case_id))
         if pending is not None and (pending.decision_id, pending.action) == (d.id, "promote"):

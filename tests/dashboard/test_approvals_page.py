@@ -247,3 +247,43 @@ def test_a_closed_decisions_refusal_says_an_old_abort_reason_redacted(seeded: di
         audit._append(s, AuditEntry(actor="ops", action="pilot.abort", details=raw, **where))
     with pytest.raises(approvals.ApprovalError, match=r"\(reason: db https://ops:\*\*\*@db/x down\)"):
         approvals.approve(go, CAROL, "evidence is clear")
+
+
+def test_a_go_card_says_why_it_is_not_promotable_while_the_champions_alarm_waits(
+    seeded: dict[str, Any],
+) -> None:
+    """While the monitor's alarm about the serving champion waits for a person, the GO's card offered
+    "Approve promotion", and a click was refused (`approvals.refuse_promotion_while_rollback_waits`). The
+    card now says why it cannot be approved now and what to do, by the same rule
+    (`approvals.promotion_held_words`), its promote button disabled; the alarm's own card is approvable."""
+    from rollout import pilots
+    from rollout.db.models import Pilot, UseCase
+
+    go = seeded["contract-summarisation:decision"]
+    with session_scope() as s:  # the monitor's alarm (policy manual), as `decisions.monitor_look` writes it
+        uc = s.scalar(select(UseCase).where(UseCase.name == "contract-summarisation"))
+        alarm, _ = pilots.record_decision(
+            s,
+            idempotency_key="monitor:test:alarm",
+            use_case=uc,
+            pilot=s.get(Pilot, seeded["contract-summarisation:pilot"]),
+            kind="monitor",
+            outcome="NO-GO",
+            evidence={"guardrails": {"breached": ["error_rate"]}},
+            explanation="Monitor: NO-GO. A rollback waits for a person's approval (rollback policy: manual).",
+            data_fingerprint="m" * 64,
+            awaiting="rollback_approval",
+            actor="sparsepilot-monitor",
+        )
+        alarm = alarm.id
+    at = open_page(sign_in(new_app(), "alice"), "approvals")
+    buttons = {b.key: b for b in at.button}
+    assert buttons[f"approve_{go}"].disabled and not buttons[f"approve_{alarm}"].disabled
+    assert f"reject_{go}" in buttons  # rejecting the GO is no promotion: still offered
+    shown = "\n".join(w.value.replace("\\", "") for w in at.warning)  # as shown: markup escapes removed
+    assert (
+        "Not approvable now: the monitor's alarm about contract-summarisation's serving champion (decision "
+        f"{alarm}) waits for a person. Decide the alarm first: roll the champion back (`sparsepilot approve "
+        f"contract-summarisation --decision {alarm} --reason TEXT`) or keep it (`sparsepilot approve "
+        f"contract-summarisation --decision {alarm} --reject --reason TEXT`), then approve the promotion."
+    ) in shown

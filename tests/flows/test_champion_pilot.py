@@ -297,6 +297,62 @@ def test_no_promotion_while_the_champions_rollback_is_not_in_effect(use_case, mo
     )
 
 
+@pytest.mark.parametrize("trust_db", ["sqlite"], indirect=True)
+def test_an_alarm_recorded_after_the_gos_signature_holds_its_promotion(use_case, monkeypatch) -> None:  # noqa: ANN001
+    """The window the signature's refusal leaves: pilot 2's GO signed (no alarm waited), then the monitor
+    records its alarm about pilot 1's champion, then the promotion's effect runs. It moved the champion to
+    v3 over the alarm, whose approval then said "rolls back" and moved nothing. Now the promotion is held
+    under the decision's lock, nothing moved, the approval standing: the alarm is decided first (the
+    portfolio says so, the cycle and `promote --decision` do not finish the promotion meanwhile), then the
+    promotion is finished as signed."""
+    from rollout import approvals, unfinished
+    from rollout.approvals import signing
+
+    name = use_case(rollback="manual")
+    info = _promoted(name)
+    second = _pilot_with_decision(name, "GO", "approval", key="second", tau=0.8)
+    alarms: list[int] = []
+    effect = signing.apply_decision
+
+    def alarm_then_effect(decision_id: int, payload: Any, **kw: Any) -> Any:
+        alarms.append(_alarm(name, info))  # after the signature committed, before its effect
+        return effect(decision_id, payload, **kw)
+
+    monkeypatch.setattr(signing, "apply_decision", alarm_then_effect)
+    with pytest.raises(approvals.ApprovalError) as held:  # PromotionHeld: the signature was recorded
+        approvals.approve(second, _identity(ALICE), "pilot 2 passed")
+    monkeypatch.setattr(signing, "apply_decision", effect)
+    (alarm,) = alarms
+    words = (
+        f"decision {second} is approved, but not promoted while the monitor's alarm about {name}'s serving "
+        f"champion (decision {alarm}) waits for a person; nothing was moved, the approval stands. Decide "
+        f"the alarm first: roll the champion back (`sparsepilot approve {name} --decision {alarm} --reason "
+        f"TEXT`) or keep it (`sparsepilot approve {name} --decision {alarm} --reject --reason TEXT`); the "
+        f"promotion is then finished (by the scheduled cycle, or at once by `sparsepilot promote {name} "
+        f"--decision {second} --reason TEXT`)"
+    )
+    assert (type(held.value).__name__, str(held.value)) == ("PromotionHeld", words)
+    assert _pilots(name)[1:3] == (["1", "2"], 1)  # pilot 1's champion serves, its alarm waits
+    assert _waits(name).startswith(
+        f"approval to roll back the champion (the monitor's alarm, decision {alarm}"
+    )
+    assert unfinished.unfinished_of(name) is None  # the cycle leaves it
+    with pytest.raises(approvals.ApprovalError) as person:  # `promote --decision`: said, nothing claimed
+        approvals.unfinished_promotion(second, by="carol")
+    assert str(person.value) == words
+
+    assert approvals.approve(alarm, _identity(BOB), "bad rows").took_effect  # rolled back to the dense v1
+    assert _pilots(name)[1:3] == (["1"], None)
+    assert unfinished.unfinished_of(name).action == "promote"  # the signed promotion, finished now
+    monkeypatch.setattr(unfinished, "APPLY_GRACE", unfinished.APPLY_GRACE * 0)  # its signer gave up
+    approval_id = approvals.unfinished_promotion(second, by="carol")
+    assert approval_id is not None
+    done = approvals.apply_promotion(second, approval_id, reason="alarm decided", finished_by="carol")
+    assert done["done"]
+    rows, champions, promoted, _ = _pilots(name)
+    assert (champions, promoted, _phase(name)) == (["1", "3"], 2, "promoted")
+
+
 @pytest.mark.parametrize(
     "trust_db", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
 )
