@@ -128,15 +128,16 @@ def _worth_retrying(_task: Any, _task_run: Any, state: Any) -> bool:
     refuses the step (a look on a pilot aborted or promoted meanwhile: the state will not change back),
     nor on a setting SparsePilot cannot use (`SettingsError`: a bad SPARSEPILOT_DEVICE), which a second
     later is as bad, nor for an approval's effect another finisher claimed (`ClaimRefused`: the claimant
-    is carrying it out; a second later it still is, or it is done)."""
-    from rollout.approvals import ClaimRefused
+    is carrying it out; a second later it still is, or it is done), nor for a promotion held while a rollback
+    of the serving champion waits for a person (`PromotionHeld`: a person decides that, not a second)."""
+    from rollout.approvals import ClaimRefused, PromotionHeld
     from rollout.leases import LeaseLost, UseCaseBusy
     from rollout.observations_io import ObservationImportError
     from rollout.pilots import PilotStateError
     from rollout.settings import SettingsError
 
     refused = LeaseLost | UseCaseBusy | ObservationImportError | PilotStateError | SettingsError
-    return not isinstance(getattr(state, "data", None), refused | ClaimRefused)
+    return not isinstance(getattr(state, "data", None), refused | ClaimRefused | PromotionHeld)
 
 
 def this_run() -> str | None:

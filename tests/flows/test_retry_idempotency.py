@@ -250,15 +250,17 @@ def test_a_calibration_under_another_split_rule_is_calibrated_again(flow_use_cas
     assert cal_flow.calibrate_flow(name, limits=QUICK_CAL)["reused"]  # the same rule: reused
 
 
-def test_a_task_refused_for_want_of_its_claim_is_not_retried() -> None:
+def test_a_task_refused_for_want_of_its_claim_or_held_for_an_alarm_is_not_retried() -> None:
     """An approval's effect refused because another finisher holds the decision's claim is not retried (a
     second later the claimant still carries it out, or has): `flows.common._worth_retrying`; an error a
     retry may cure still is."""
     from types import SimpleNamespace
 
     from flows.common import _worth_retrying
-    from rollout.approvals import ClaimRefused
+    from rollout.approvals import ClaimRefused, PromotionHeld
 
     refused = ClaimRefused("decision 3 is being finished by bob; carol gives way; nothing was moved")
     assert _worth_retrying(None, None, SimpleNamespace(data=refused)) is False
+    held = PromotionHeld("the monitor's alarm about the serving champion (decision 7) waits for a person")
+    assert _worth_retrying(None, None, SimpleNamespace(data=held)) is False
     assert _worth_retrying(None, None, SimpleNamespace(data=ConnectionError("MLflow down"))) is True
