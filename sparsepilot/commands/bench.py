@@ -938,9 +938,11 @@ def bench_decode(
         bench.LAYER_COLUMNS,
     )
     print_table(
-        f"Decode end to end, {result['model']}: ms per generated token, fidelity of {new_tokens} generated "
+        f"Decode end to end, {result['model']}: ms per generated token (geometric mean of the runs' mean "
+        f"step: dense_ms_per_token / ms_per_token is the speed-up), fidelity of {new_tokens} generated "
         f"tokens{_shortened_line(result['model_lengths'])}; speed-up: geometric mean of {runs} paired runs, "
-        f"90% interval; JSON: {path}, plot: {png}",
+        f'90% interval; dense arm: stock decode (DynamicCache), PagedCache in the "vs dense paged" rows; '
+        f"JSON: {path}, plot: {png}",
         result["model_rows"],
         bench.MODEL_COLUMNS,
     )
