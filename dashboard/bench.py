@@ -21,6 +21,7 @@ from typing import Any
 from sqlalchemy import insert
 
 from rollout import audit
+from rollout.bench_verdict import metered, within_target
 from rollout.db.models import (
     AliasMove,
     EvaluationRun,
@@ -304,8 +305,10 @@ def seed_portfolio(
 def time_pages(
     *, repeats: int = 3, use_case: str = "usecase-004", say: Callable[[str], None] | None = None
 ) -> list[dict[str, Any]]:
-    """Render each page `repeats` times after one cold run; report cold and median warm seconds.
-    `say(line)`: a progress line before each page and with its times after it."""
+    """Render each page `repeats` times after one cold run; report cold and median warm seconds, with the
+    host's load while that page rendered (`rollout.bench_verdict.metered`: a page rendered under overload
+    over its target is `within_target` None, unknown). `say(line)`: a progress line before each page and
+    with its times after it."""
     say = say or (lambda _line: None)
     import logging
 
@@ -330,23 +333,26 @@ def time_pages(
         at = AppTest.from_file(str(app), default_timeout=120)
         at.query_params["name"] = use_case
         times = []
-        for _ in range(repeats + 1):
-            t0 = time.perf_counter()
-            at.switch_page(PAGE_FILES[page]).run()
-            times.append(time.perf_counter() - t0)
-            if at.exception:
-                raise RuntimeError(f"page {page} raised: {at.exception[0].value}")
+        with metered() as host:  # this page's own: a busy spell during another page is not its load
+            for _ in range(repeats + 1):
+                t0 = time.perf_counter()
+                at.switch_page(PAGE_FILES[page]).run()
+                times.append(time.perf_counter() - t0)
+                if at.exception:
+                    raise RuntimeError(f"page {page} raised: {at.exception[0].value}")
         warm = statistics.median(times[1:]) if repeats else times[0]
         target = TARGETS_S.get(page)
         within = "" if target is None else f" (target {target} s)"
-        say(f"{page}: cold {times[0]:.3f} s, warm median {warm:.3f} s{within}")
+        busy = "; host overloaded" if host["overloaded"] else ""
+        say(f"{page}: cold {times[0]:.3f} s, warm median {warm:.3f} s{within}{busy}")
         results.append(
             {
                 "page": page,
                 "cold_s": round(times[0], 3),
                 "warm_median_s": round(warm, 3),
                 "target_s": target,
-                "within_target": None if target is None else max(times[0], warm) <= target,
+                "within_target": within_target(max(times[0], warm), target, host["overloaded"]),
+                **host,
             }
         )
     return results

@@ -98,10 +98,12 @@ def load_average() -> list[float] | None:
 
 def host_fields(load: Any) -> dict[str, Any]:
     """What a size's row says of the host while it was timed (`load`: its `HostLoad`): the table's
-    `others_busy_cores` and `overloaded`, and the whole record as the other benchmarks keep it
-    (`host_load`: `wait_share`, which decides the flag where measured, CPU pressure, load averages)."""
+    `others_busy_cores`, `overloaded` and `wait_share` (our threads' share of their runnable time spent
+    waiting for a CPU, which decides the flag where measured), and the whole record as the other
+    benchmarks keep it (`host_load`: CPU pressure, load averages)."""
     return {
         "others_busy_cores": load.others_busy_cores,
         "overloaded": load.overloaded,
+        "wait_share": load.wait_share,
         "host_load": load.to_dict(),
     }

@@ -11,12 +11,17 @@
    (sparse_core.decode.measure), ms per token side by side, with the fidelity of the generated tokens
    (KL, teacher-forced top-1 agreement, free-running greedy match). The sparse arm runs on the same
    DynamicCache (the attention saving alone) and on PagedCache (what sparse decode can use); the row
-   "dense attention, paged cache" separates what the cache alone saves.
+   "dense attention, paged cache" separates what the cache alone saves, and each budget's row
+   "paged cache, vs dense paged" times sparse against dense attention both on PagedCache, in the same
+   interleaved pairs: what sparse attention alone saves on the cache it decodes from.
 
-Timings are medians over steps; run with one torch thread on a shared machine (the CLI sets it). A model
-row's speed-up is the geometric mean over `runs` paired dense/sparse runs, its interval Student t over
-their log ratios with runs - 1 degrees of freedom (`sparse_core.speedup`): 2 runs give t = 6.31 at 90%,
-3 give 2.92, so the default is 3."""
+The layer rows' timings are medians over steps; run with one torch thread on a shared machine (the CLI
+sets it). A model row's speed-up is the geometric mean over `runs` paired dense/sparse runs of their
+mean-step ratios, its interval Student t over their log ratios with runs - 1 degrees of freedom
+(`sparse_core.speedup`): 2 runs give t = 6.31 at 90%, 3 give 2.92, so the default is 3. Its ms columns
+are what that speed-up is made of, the geometric mean over the runs of each arm's mean step
+(dense_ms_per_token / ms_per_token is the speed-up); the medians over all steps are in the JSON
+(`median_step_ms`, `dense_median_step_ms`)."""
 
 from __future__ import annotations
 
@@ -48,6 +53,9 @@ QUICK_MODEL_LENGTHS = (8192,)
 FULL_MODEL_LENGTHS = (1024, 2048, 4096, 8192)
 DEFAULT_PAGE_SIZE = 16
 DEFAULT_BUDGETS = (1024, 2048)
+# a model row whose dense arm runs on PagedCache too: what sparse attention saves over dense attention on
+# the same cache, timed in interleaved pairs (the other rows' dense arm is stock decode on DynamicCache)
+VS_DENSE_PAGED = "paged cache, vs dense paged"
 LOCAL_PAGES = 4  # as sparse_core.decode.calibration.DecodeLimits
 
 LAYER_COLUMNS = [
@@ -223,17 +231,24 @@ def model_bench(
     cap = int(getattr(model.config, "max_position_embeddings", 0) or 0)
     texts = corpus_texts("all")
     n_layers = int(model.config.num_hidden_layers)
-    # (name, plan, sparse-arm cache); the dense arm always runs on transformers' DynamicCache
-    plans: list[tuple[str, SparsePlan, str]] = [
+    # (name, plan, dense-arm cache, sparse-arm cache): the dense arm on transformers' DynamicCache (what
+    # `generate` runs), or on PagedCache in the "vs dense paged" rows, which time what sparse attention
+    # alone saves on the cache sparse decode uses, in interleaved pairs
+    plans: list[tuple[str, SparsePlan, str, str]] = [
         (
             "dense attention, paged cache",
             SparsePlan(decode=DecodePlan(dense_layers=tuple(range(n_layers)))),
+            "dynamic",
             "paged",
         )
     ]
     gate_report = None
     if plan is not None and plan.decode is not None:
-        plans += [("given plan, dynamic cache", plan, "dynamic"), ("given plan, paged cache", plan, "paged")]
+        plans += [
+            ("given plan, dynamic cache", plan, "dynamic", "dynamic"),
+            ("given plan, paged cache", plan, "dynamic", "paged"),
+            (f"given plan, {VS_DENSE_PAGED}", plan, "paged", "paged"),
+        ]
     else:
         # a plan without a decode section lends its learned weights to the budget rows
         weights = plan or SparsePlan()
@@ -249,8 +264,9 @@ def model_bench(
                 name = f"{est} p{page_size} budget {b}"
                 budget_plan = weights.with_(decode=dp)
                 if i == 0:
-                    plans.append((f"{name}, dynamic cache", budget_plan, "dynamic"))
-                plans.append((f"{name}, paged cache", budget_plan, "paged"))
+                    plans.append((f"{name}, dynamic cache", budget_plan, "dynamic", "dynamic"))
+                plans.append((f"{name}, paged cache", budget_plan, "dynamic", "paged"))
+                plans.append((f"{name}, {VS_DENSE_PAGED}", budget_plan, "paged", "paged"))
     rows = []
     for length in lengths:
         if cap and length + new_tokens > cap:  # `run` fits its lengths first (`fit_cache_lengths`)
@@ -260,7 +276,7 @@ def model_bench(
             )
         win = timing_window(tok, length, seed=7)
         ids = torch.tensor([win])
-        for name, p, kind in plans:
+        for name, p, dense_kind, kind in plans:
             say(f"{model_ref}: {length} tokens, {name}")
             r = compare_decode(
                 model,
@@ -268,6 +284,7 @@ def model_bench(
                 ids,
                 new_tokens=new_tokens,
                 repeats=repeats,
+                dense_cache=dense_kind,
                 sparse_cache=kind,
                 free_running=p.decode.dense_layers != tuple(range(n_layers)),
                 progress=lambda _s, d, t, name=name, length=length: say(
@@ -278,13 +295,18 @@ def model_bench(
                 {
                     "seq_len": r.seq_len,
                     "plan": name,
+                    "dense_cache": dense_kind,
+                    "sparse_cache": kind,
                     "new_tokens": r.new_tokens,
                     "density": round(r.density, 4),
                     "estimator_share": r.estimator_share,
-                    "ms_per_token": r.sparse_ms_per_token,
-                    "dense_ms_per_token": r.dense_ms_per_token,
-                    "sparse_tokens_per_s": r.sparse_tokens_per_s,
-                    "dense_tokens_per_s": r.dense_tokens_per_s,
+                    # the speed-up's own parts: dense_ms_per_token / ms_per_token is `speedup`
+                    "ms_per_token": r.sparse_ms_run_geomean,
+                    "dense_ms_per_token": r.dense_ms_run_geomean,
+                    "sparse_tokens_per_s": 1000 / r.sparse_ms_run_geomean,
+                    "dense_tokens_per_s": 1000 / r.dense_ms_run_geomean,
+                    "median_step_ms": r.sparse_ms_per_token,
+                    "dense_median_step_ms": r.dense_ms_per_token,
                     "speedup": r.speedup,
                     "speedup_lo": r.speedup_interval[0],
                     "speedup_hi": r.speedup_interval[1],
@@ -405,7 +427,9 @@ def plot(result: dict[str, Any], path) -> Any:
     rows = result["model_rows"]
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     if rows:
-        dense = sorted({(r["seq_len"], r["dense_ms_per_token"]) for r in rows})
+        # the dense line is stock decode (DynamicCache); a "vs dense paged" row's dense arm is not it
+        stock = [r for r in rows if r.get("dense_cache", "dynamic") == "dynamic"]
+        dense = sorted({(r["seq_len"], r["dense_ms_per_token"]) for r in stock})
         by_len: dict[int, float] = {}
         for s, ms in dense:
             by_len[s] = min(ms, by_len.get(s, math.inf))

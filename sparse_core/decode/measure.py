@@ -76,6 +76,17 @@ class DecodeComparison:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def dense_ms_run_geomean(self) -> float:
+        """The geometric mean of the dense runs' mean step (ms): with `sparse_ms_run_geomean`, what
+        `speedup` is made of (their quotient is it; the step medians are not)."""
+        return statistics.geometric_mean(self.dense_seconds_per_token) * 1000
+
+    @property
+    def sparse_ms_run_geomean(self) -> float:
+        """The geometric mean of the sparse runs' mean step (ms); `dense_ms_run_geomean`."""
+        return statistics.geometric_mean(self.sparse_seconds_per_token) * 1000
+
 
 CACHES = ("dynamic", "paged")
 

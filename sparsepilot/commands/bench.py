@@ -169,7 +169,9 @@ def bench_dashboard(
         "host_load": meter.load.to_dict(),
     }
     if json_out:  # stdout is the JSON: the warning goes to stderr
-        _overload_warning(result["environment"], what=TIMES, threads_option=False, to_stderr=True)
+        _overload_warning(
+            result["environment"], result["pages"][1:], what=TIMES, threads_option=False, to_stderr=True
+        )
     if _saved_and_emitted(result, out, json_out):
         return
     seeded = result["seeded"]
@@ -177,10 +179,19 @@ def bench_dashboard(
         f"dashboard render times: {seeded['use_cases']} use cases, {seeded['observations']:,} observations "
         f"(seeded in {result['seed_s']} s; portfolio SQL {result['portfolio_sql_s']} s; "
         f"{_others_line(meter.load.to_dict())}; JSON: {out})",
-        result["pages"],
-        columns=["page", "cold_s", "warm_median_s", "target_s", "within_target"],
+        _verdicts(result["pages"]),
+        columns=[
+            "page",
+            "cold_s",
+            "warm_median_s",
+            "target_s",
+            "within_target",
+            "others_busy_cores",
+            "wait_share",
+            "overloaded",
+        ],
     )
-    _overload_warning(result["environment"], what=TIMES, threads_option=False)
+    _overload_warning(result["environment"], result["pages"][1:], what=TIMES, threads_option=False)
     _write_json(result, out)
 
 
@@ -927,9 +938,11 @@ def bench_decode(
         bench.LAYER_COLUMNS,
     )
     print_table(
-        f"Decode end to end, {result['model']}: ms per generated token, fidelity of {new_tokens} generated "
+        f"Decode end to end, {result['model']}: ms per generated token (geometric mean of the runs' mean "
+        f"step: dense_ms_per_token / ms_per_token is the speed-up), fidelity of {new_tokens} generated "
         f"tokens{_shortened_line(result['model_lengths'])}; speed-up: geometric mean of {runs} paired runs, "
-        f"90% interval; JSON: {path}, plot: {png}",
+        f'90% interval; dense arm: stock decode (DynamicCache), PagedCache in the "vs dense paged" rows; '
+        f"JSON: {path}, plot: {png}",
         result["model_rows"],
         bench.MODEL_COLUMNS,
     )
@@ -1308,6 +1321,20 @@ def _overload_warning(
         )
 
 
+UNKNOWN_OVERLOADED = "unknown (host overloaded)"
+
+
+def _verdicts(rows: list[dict]) -> list[dict]:
+    """Timing rows for a table: a row with a target whose `within_target` is None (timed under overload
+    and over the target: `rollout.bench_verdict.within_target`) reads UNKNOWN_OVERLOADED, not a blank."""
+    return [
+        r | {"within_target": UNKNOWN_OVERLOADED}
+        if r.get("target_s") is not None and r.get("within_target") is None
+        else r
+        for r in rows
+    ]
+
+
 def _wide_console() -> None:
     """Benchmark tables have many numeric columns: do not squeeze them into 80 columns when the
     output is piped to a file."""
@@ -1376,10 +1403,22 @@ def bench_gate(
         log(f"host during the decide() timing: {_others_line(env['host_load'])}, {_load_line(env)}")
         print_table(
             f"decide() time; {_others_line(env['host_load'])}, {_load_line(env)} on {env['cpu_count']} CPUs",
-            result["decide"]["rows"],
-            columns=["mode", "rows", "best_s", "median_s", "target_s", "within_target", "outcome"],
+            _verdicts(result["decide"]["rows"]),
+            columns=[
+                "mode",
+                "rows",
+                "best_s",
+                "best_cpu_s",
+                "median_s",
+                "target_s",
+                "within_target",
+                "outcome",
+                "others_busy_cores",
+                "wait_share",
+                "overloaded",
+            ],
         )
-        _overload_warning(env, what=TIMES, threads_option=False)
+        _overload_warning(env, result["decide"]["rows"], what=TIMES, threads_option=False)
         log("guardrail rate checks (exact)")
         result["guardrails"] = guardrail_table()
         print_table(

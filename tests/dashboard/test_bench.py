@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from dashboard.bench import seed_portfolio
 from rollout import queries
+from rollout.bench_verdict import within_target
 from rollout.settings import Settings
 from sparsepilot.cli import app
 from tests.dashboard.apptest_helpers import new_app, open_page
@@ -31,6 +32,13 @@ def test_bench_dashboard_small(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert all(p["cold_s"] > 0 for p in result["pages"])
     load = result["environment"]["host_load"]  # what the other processes did while it ran
     assert load["seconds"] > 0 and load["threads"] == 1 and isinstance(load["overloaded"], bool)
+    # review M, M1: each page metered on its own, its verdict unknown (None) when it missed under overload
+    for p in result["pages"][1:]:
+        assert isinstance(p["overloaded"], bool) and p["wait_share"] == p["host_load"]["wait_share"]
+        assert "others_busy_cores" in p and p["host_load"]["seconds"] > 0
+        worst = max(p["cold_s"], p["warm_median_s"])
+        assert p["within_target"] is within_target(worst, p["target_s"], p["overloaded"])
+    assert "wait_share" in " ".join(r.output.split())  # the table's column
     # its progress lines in the .log next to the JSON, as every other bench's (it wrote none)
     assert f"progress log: {out.with_suffix('.log')}" in " ".join(r.output.split())
     lines = [line.split(" ", 1)[1] for line in out.with_suffix(".log").read_text().splitlines()]

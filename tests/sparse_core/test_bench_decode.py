@@ -22,13 +22,27 @@ def test_bench_decode_on_a_tiny_model(tiny_llama_dir, tmp_path):
     assert result["runs"] == 2 and "geometric mean of 2 paired runs" in " ".join(r.output.split())
     assert [row["target_density"] for row in result["layer_rows"]] == [0.05, 0.1, 0.25]
     assert all(row["seq_len"] == 16384 and row["speedup"] > 0 for row in result["layer_rows"])
+    # review M, M2: a model row's ms columns are what its speed-up is made of (the runs' mean steps,
+    # geometric mean per arm); the step medians stay in the JSON under their own names
+    for row in result["model_rows"]:
+        assert row["dense_ms_per_token"] / row["ms_per_token"] == pytest.approx(row["speedup"], rel=1e-9)
+        assert row["median_step_ms"] > 0 and row["dense_median_step_ms"] > 0
     plans = [row["plan"] for row in result["model_rows"]]
     assert plans == [
         "dense attention, paged cache",
         "quest p16 budget 128, dynamic cache",
         "quest p16 budget 128, paged cache",
+        "quest p16 budget 128, paged cache, vs dense paged",
     ]
     first, sparse = result["model_rows"][0], result["model_rows"][2]
+    # review M, M3: what sparse attention alone saves, sparse against dense both on PagedCache in the
+    # same interleaved pairs (every other row's dense arm is stock decode on DynamicCache)
+    caches = [(row["dense_cache"], row["sparse_cache"]) for row in result["model_rows"]]
+    assert caches == [("dynamic", "paged"), ("dynamic", "dynamic"), ("dynamic", "paged"), ("paged", "paged")]
+    alone = result["model_rows"][3]
+    assert alone["density"] < 0.2 and alone["pairs_timed"] >= 2 and len(alone["dense_seconds_per_token"]) == 2
+    assert alone["speedup_lo"] <= alone["speedup"] <= alone["speedup_hi"]
+    assert "vs dense paged" in " ".join(r.output.split())
     assert (
         first["density"] == 1 and first["kl"] == 0 and first["agree"] == 1 and first["greedy_match"] is None
     )
@@ -103,6 +117,7 @@ def test_bench_decode_scores_budget_rows_with_a_plans_learned_weights(tiny_llama
         "dense attention, paged cache",
         "gate_v2 p32 budget 128, dynamic cache",
         "gate_v2 p32 budget 128, paged cache",
+        "gate_v2 p32 budget 128, paged cache, vs dense paged",
     ]
     assert all(r["density"] < 0.5 for r in rows[1:]) and rows[0]["density"] == 1
     base = ["bench", "decode", "--quick", "--plan", str(tmp_path / "plan"), "--out", str(tmp_path / "d.json")]
@@ -129,8 +144,10 @@ def test_bench_decode_trains_page_gate_on_text_after_its_own_window(tiny_llama_d
         "dense attention, paged cache",
         "quest p16 budget 128, dynamic cache",
         "quest p16 budget 128, paged cache",
+        "quest p16 budget 128, paged cache, vs dense paged",
         "page_gate p16 budget 128, dynamic cache",
         "page_gate p16 budget 128, paged cache",
+        "page_gate p16 budget 128, paged cache, vs dense paged",
     ]
     assert all(r["density"] < 0.5 for r in rows[1:])
     assert (

@@ -21,6 +21,7 @@ import pytest
 from typer.testing import CliRunner
 
 from sparsepilot.cli import app
+from tests.sparsepilot.test_bench_verdicts import check_gate_rows
 
 
 @pytest.fixture
@@ -152,6 +153,15 @@ def test_gate_writes_a_progress_log_and_says_where(home: Path, tmp_path: Path) -
     assert len(nogo) == 54 and {r["replications"] for r in nogo} == {2}, nogo[0]
     load = json.loads(out.read_text())["decide"]["environment"]["host_load"]
     assert isinstance(load["overloaded"], bool) and load["seconds"] > 0
+    # review M, M1: and each (mode, size) row its own host record, CPU time and verdict
+    rows = json.loads(out.read_text())["decide"]["rows"]
+    assert [(r["mode"], r["rows"]) for r in rows] == [
+        ("split", 4),
+        ("split", 200),
+        ("paired", 4),
+        ("paired", 200),
+    ]
+    check_gate_rows(rows, res.output)
 
 
 def test_quality_refuses_windows_over_the_models_positions_before_loading_it(
