@@ -533,11 +533,15 @@ def measure_decode_speed(
         rows.append(r)
         if progress:
             progress("decode speed", i, len(lengths))
-    dense_s = sum(r["weight"] * r["dense_ms_per_token"] for r in rows) / 1000
-    # each row's sparse time from its paired speed-up, so the estimate lies inside its interval
-    sparse_s = sum(r["weight"] * r["dense_ms_per_token"] / r["speedup"] for r in rows) / 1000
-    at_lo = sum(r["weight"] * r["dense_ms_per_token"] / r["speedup_interval"][0] for r in rows) / 1000
-    at_hi = sum(r["weight"] * r["dense_ms_per_token"] / r["speedup_interval"][1] for r in rows) / 1000
+    # each row's dense time is the geometric mean of its runs' mean steps, what its speed-up is made of
+    # (`DecodeComparison.dense_ms_run_geomean`: dense / speed-up is then the sparse runs' own geometric
+    # mean; the step median is not), and its sparse time comes from its paired speed-up, so the estimate
+    # lies inside its interval
+    dense_row_s = [statistics.geometric_mean(r["dense_seconds_per_token"]) for r in rows]
+    dense_s = sum(r["weight"] * t for r, t in zip(rows, dense_row_s, strict=True))
+    sparse_s = sum(r["weight"] * t / r["speedup"] for r, t in zip(rows, dense_row_s, strict=True))
+    at_lo = sum(r["weight"] * t / r["speedup_interval"][0] for r, t in zip(rows, dense_row_s, strict=True))
+    at_hi = sum(r["weight"] * t / r["speedup_interval"][1] for r, t in zip(rows, dense_row_s, strict=True))
     summary = {
         "weighted_dense_tokens_per_s": 1.0 / dense_s,
         "weighted_sparse_tokens_per_s": 1.0 / sparse_s,

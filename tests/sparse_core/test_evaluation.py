@@ -243,6 +243,13 @@ def test_decode_section_for_a_plan_that_decodes_sparsely(quality_tiny):
     assert not long["extra"]["below_break_even"] and 0 < long["density"] < 0.5
     summ = d["decode"]["summary"]
     assert summ["weighted_speedup_low"] <= summ["weighted_speedup"] <= summ["weighted_speedup_high"]
+    # the weighted tokens/s are made of what each row's speed-up is made of, the geometric mean of its runs'
+    # mean steps (the step medians gave a sparse rate no run measured: review s50 M2)
+    geo = statistics.geometric_mean
+    dense_s = sum(r["weight"] * geo(r["dense_seconds_per_token"]) for r in rows)
+    sparse_s = sum(r["weight"] * geo(r["sparse_seconds_per_token"]) for r in rows)
+    assert summ["weighted_dense_tokens_per_s"] == pytest.approx(1 / dense_s, rel=1e-9)
+    assert summ["weighted_sparse_tokens_per_s"] == pytest.approx(1 / sparse_s, rel=1e-9)
     assert summ["break_even_tokens"] == 600 and summ["rows_below_break_even"] == summ["rows_identical"] == 1
     assert summ["context_tokens"] == [512, 774] and summ["break_even_host"] == be_host
     json.dumps(d, allow_nan=False)
