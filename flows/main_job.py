@@ -260,8 +260,12 @@ def render_table(rows: list[dict[str, Any]], outcomes: dict[str, dict[str, Any]]
         elif o.get("note"):
             decision = f"{r['decision']}; {o['note']}"
         payback = "-" if r["payback_days"] is None else f"{r['payback_days']:.0f} days"
-        if r["saved_usd_month"] is not None and r["saved_usd_month"] <= 0:
+        if r.get("saves_nothing"):  # a dense plan: its $/month is timing noise (rollout.roi.plan_money)
+            payback = "never (saves nothing)"
+        elif r["saved_usd_month"] is not None and r["saved_usd_month"] <= 0:
             payback = "never (no saving)"
+        elif r.get("not_established"):
+            payback = "none (saving not established)"
         table.add_row(
             r["use_case"],
             decision,
@@ -272,12 +276,14 @@ def render_table(rows: list[dict[str, Any]], outcomes: dict[str, dict[str, Any]]
             payback,
             r.get("decode") or "-",
         )
-    # a use case whose speed-up and $ were timed on an overloaded host, or whose $ are priced at a spec
-    # version that is no longer current, says so under the table
+    # a use case whose plan saves nothing (its $ are timing noise: the cell above would read as a saving),
+    # whose speed-up and $ were timed on an overloaded host, or whose $ are priced at a spec version that is
+    # no longer current, says so under the table (why a saving is not established: the decision's note)
     warned = [
         f"{r['use_case']}: {w}"
         for r in rows
         for w in (
+            r.get("saves_nothing"),
             ((outcomes.get(r["use_case"]) or {}).get("evaluation") or {}).get("measured_under_overload"),
             r.get("priced_at"),
         )

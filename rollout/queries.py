@@ -273,7 +273,11 @@ def portfolio(
         r["measured_under_overload"] = roi.timing_overload(r.pop("timing_host"))
         r["priced_at"] = roi.priced_at(r["priced_spec_version"], r["current_spec_version"])
         # its money by the one rule (rollout.roi.plan_money): a plan that keeps every block saves nothing
-        r["payback_days"] = roi.plan_money(r)["payback_days"]
+        # (`saves_nothing`: its dollars are timing noise), and a saving not established (`not_established`,
+        # why) claims no payback; the table's caveat, the chart's and the main job's table say which
+        money = roi.plan_money(r)
+        r["payback_days"] = money["payback_days"]
+        r["saves_nothing"], r["not_established"] = money["saves_nothing"], money["not_established"]
     return rows
 
 
@@ -528,6 +532,8 @@ def job_summary(session: Session, names: list[str]) -> list[dict[str, Any]]:
                 "saved_usd_month_low": r["savings_month_low"],
                 "saved_usd_month_high": r["savings_month_high"],
                 "payback_days": r["payback_days"],
+                "saves_nothing": r["saves_nothing"],
+                "not_established": r["not_established"],
                 "decode": decode.get(name),
                 "device": r["device"],
                 "measured_under_overload": r["measured_under_overload"],

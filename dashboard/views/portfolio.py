@@ -129,9 +129,14 @@ def to_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 def caveats(row: dict[str, Any]) -> str:
-    """What a row's speed-up and dollars carry beside them (docs/roi.md): timed under overload, priced
-    at a spec version that is no longer current; "" when neither."""
+    """What a row's speed-up and dollars carry beside them (docs/roi.md): a plan that saves nothing (its
+    dollars are timing noise: `rollout.roi.plan_money`'s `saves_nothing`), else why no saving is
+    established (`not_established`); timed under overload; priced at a spec version that is no longer
+    current; "" when none. A dense plan's $201 [$68, $328] was shown with no caveat at all."""
     notes = [
+        f"⚠ {row.get('saves_nothing') or row.get('not_established')}"
+        if row.get("saves_nothing") or row.get("not_established")
+        else None,
         "⚠ timed under overload" if row.get("measured_under_overload") else None,
         f"⚠ {row['priced_at']}" if row.get("priced_at") else None,
     ]
@@ -186,7 +191,9 @@ COLUMNS: dict[str, Any] = {
     "savings interval": None,
     "payback_days": st.column_config.NumberColumn("Payback (days)", format="%.0f"),
     "caveats": st.column_config.TextColumn(
-        "Speed-up and $ caveats", help="timed under overload, or priced at a superseded spec version"
+        "Speed-up and $ caveats",
+        help="a plan that saves nothing (its $ are timing noise), a saving not established and why, timed "
+        "under overload, or priced at a superseded spec version",
     ),
     "owner": None,
     "observations": st.column_config.NumberColumn("Observations", format="%d"),
@@ -204,9 +211,24 @@ def table(df: pd.DataFrame) -> None:
 
 
 def plotted(df: pd.DataFrame) -> pd.DataFrame:
-    """The rows the chart plots as expected savings: evaluated, and not stopped or rolled back (an ended
-    use case saves nothing; the headline sets it apart too)."""
-    return df[df["savings_month_usd"].notna() & ~df["phase"].isin(ENDED_PHASES)]
+    """The rows the chart plots as expected savings: evaluated, not stopped or rolled back (an ended use
+    case saves nothing; the headline sets it apart too), and not a plan that saves nothing (`left_out`)."""
+    return df[df["savings_month_usd"].notna() & ~df["phase"].isin(ENDED_PHASES) & df["saves_nothing"].isna()]
+
+
+def left_out(df: pd.DataFrame) -> str | None:
+    """The chart's note on the rows in play it leaves out, or None: a plan that keeps every block and
+    decodes densely saves nothing, and its $/month is timing noise (`rollout.roi.plan_money`), which the
+    chart plotted as an "Expected $/month saved" of $201 [$68, $328] while its page said it saves nothing."""
+    noise = df[
+        df["savings_month_usd"].notna() & ~df["phase"].isin(ENDED_PHASES) & df["saves_nothing"].notna()
+    ]
+    if not len(noise):
+        return None
+    return (
+        f"Not plotted: {counted(len(noise), 'use case')} whose plan keeps every block and decodes densely, "
+        f"so it saves nothing; its $/month is timing noise ({', '.join(noise['name'])})"
+    )
 
 
 def savings_vs_risk(df: pd.DataFrame) -> alt.Chart:
@@ -256,18 +278,21 @@ def main() -> None:
     st.caption(f"{len(df)} of {len(rows)} use cases · click a column header to sort, select a row to open it")
     table(df)
     st.subheader("Expected savings against risk")
+    note = left_out(df)  # a plan that saves nothing: its $/month is timing noise, not plotted
     if len(plotted(df)):
         st.altair_chart(savings_vs_risk(df), width="stretch")
         marked = plotted(df)[plotted(df)["caveats"] != ""]
-        if len(marked):  # the plotted figures that are a busy host's, or a superseded spec's
+        if len(marked):  # a saving not established, a busy host's figures, a superseded spec's
             st.caption(
                 "Caveats on the plotted figures: "
                 + "; ".join(f"{n}: {c}" for n, c in zip(marked["name"], marked["caveats"], strict=True))
             )
-    elif df["savings_month_usd"].notna().any():
-        st.caption("Every evaluated use case in this view is stopped or rolled back: no savings to expect.")
-    else:
+    elif not df["savings_month_usd"].notna().any():
         st.caption("No use case in this view has been evaluated yet, so there are no savings to plot.")
+    elif note is None:
+        st.caption("Every evaluated use case in this view is stopped or rolled back: no savings to expect.")
+    if note:
+        st.caption(note)
 
 
 main()

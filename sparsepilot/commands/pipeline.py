@@ -153,14 +153,16 @@ def print_evaluation(name: str, result: dict[str, Any]) -> None:
     under overload (`measured_under_overload`, rollout.roi.timing_overload). Its money as the dashboard
     shows it (`rollout.roi.plan_money`, dollars by `rollout.roi.usd`): the saving with its interval, the
     payback only of an established saving, and for a plan that keeps every block the verdict that it
-    saves nothing (it printed 1.235e+04, no interval, and that plan's payback)."""
+    saves nothing (it printed 1.235e+04, no interval, and that plan's payback); a reused run, which has no
+    verdict of the flow's, says why its saving is not established (its payback "-" said no why)."""
     from rollout.roi import plan_money, usd
 
     money = plan_money(result)
     shown = {**result, **{k: None if money[k] is None else usd(money[k]) for k in MONEY}}
     payback = money["payback_days"]
     shown["payback_days"] = None if payback is None else f"{payback:,.0f} days"
-    shown["verdict"] = money["saves_nothing"] or result.get("verdict")  # the flow's (a reused run: none)
+    # the flow's verdict; a reused run has none, and then why no saving is established, where it is not
+    shown["verdict"] = money["saves_nothing"] or result.get("verdict") or money["not_established"]
     cols = ["evaluation_run_id", "device", "density", "quality_delta", "quality_low", "quality_high",
             "speedup", "speedup_low", "speedup_high", *MONEY, "payback_days",
             *(["verdict"] if shown["verdict"] else []), "reused"]  # fmt: skip

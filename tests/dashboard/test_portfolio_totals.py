@@ -18,25 +18,60 @@ def _rows() -> dict[str, dict[str, Any]]:
     return {r["name"]: r for r in queries.read(queries.portfolio)}
 
 
-def test_a_dense_plans_timing_noise_is_no_established_saving(seeded: dict[str, Any]) -> None:
-    from rollout import queries
+def _dense_support_chat() -> None:
+    """support-chat's plan keeps every block; 3 noisy rounds said 1.03x: $155 [$53, $253], 394 days."""
     from rollout.db.models import EvaluationRun, UseCase
     from rollout.db.session import session_scope
 
-    before = queries.read(queries.portfolio_totals)
-    with session_scope() as s:  # support-chat's plan keeps every block; 3 noisy rounds said 1.03x
+    with session_scope() as s:
         uc = s.scalar(select(UseCase).where(UseCase.name == "support-chat"))
         last = s.scalar(select(func.max(EvaluationRun.id)).where(EvaluationRun.use_case_id == uc.id))
         run = s.get(EvaluationRun, last)
         run.density, run.roi = 1.0, {**run.roi, "decode": {"status": "dense"}}
         run.savings_month_usd, run.savings_month_low, run.savings_month_high = 155.0, 53.0, 253.0
         run.payback_days = 393.7
+
+
+def test_a_dense_plans_timing_noise_is_no_established_saving(seeded: dict[str, Any]) -> None:
+    from rollout import queries
+
+    before = queries.read(queries.portfolio_totals)
+    _dense_support_chat()
     row = _rows()["support-chat"]
     assert row["waits_for"] == "no pilot: the plan keeps 100.00% of blocks (as dense)"
     assert row["payback_days"] is None
     after = queries.read(queries.portfolio_totals)
     assert after["established"] == before["established"]
     assert after["savings_month_usd"] == before["savings_month_usd"]
+
+
+def test_a_dense_plans_timing_noise_is_neither_plotted_nor_listed_as_a_saving(seeded: dict[str, Any]) -> None:
+    """Review s50 V4: the chart plotted a dense plan's noise as an "Expected $/month saved" with no caveat,
+    and the main job's table listed it with payback "-", while its page said it saves nothing. The row
+    carries `plan_money`'s verdict: its caveat, left out of the chart (which says so), the table's note."""
+    from flows.main_job import render_table
+    from rollout import queries
+
+    _dense_support_chat()
+    row = _rows()["support-chat"]
+    assert row["saves_nothing"].startswith("saves nothing: the plan keeps 100.00% of blocks")
+    assert row["not_established"] == "the plan keeps 100.00% of blocks (as dense)"
+    assert _rows()["document-qa"]["saves_nothing"] is None  # an established saving: nothing to say
+    at = new_app()
+    df = at.dataframe[0].value.set_index("name")
+    assert df.loc["support-chat", "caveats"] == f"⚠ {row['saves_nothing']}"
+    (chart,) = at.get("vega_lite_chart")
+    spec = str(chart.proto)
+    assert "document-qa" in spec and "support-chat" not in spec
+    assert (
+        "Not plotted: 1 use case whose plan keeps every block and decodes densely, so it saves nothing; "
+        "its $/month is timing noise (support-chat)" in [c.value for c in at.caption]
+    )
+    (summary,) = queries.read(queries.job_summary, ["support-chat"])
+    wide = summary | {"use_case": "wide", "saves_nothing": None, "not_established": "saving not established"}
+    table = render_table([summary, wide], {})  # the payback column; why not established: the decision's note
+    assert list(table.columns[6].cells) == ["never (saves nothing)", "none (saving not established)"]
+    assert table.caption == f"support-chat: {row['saves_nothing']}"
 
 
 def test_waiting_for_approval_counts_every_approvals_card(seeded: dict[str, Any]) -> None:

@@ -49,3 +49,15 @@ def test_a_plan_that_keeps_every_block_prints_no_payback(capsys: pytest.CaptureF
     out = _printed(dense, capsys)
     assert out["savings_month_usd"] == "$201" and out["payback_days"] == "-"
     assert out["verdict"].startswith("saves nothing: the plan keeps 100.00% of blocks and decodes densely")
+
+
+def test_a_reused_run_says_why_its_saving_is_not_established(capsys: pytest.CaptureFixture[str]) -> None:
+    """Review s50 V6: a reused run (no verdict of the flow's) whose interval reaches below zero printed
+    payback "-" and never said why; the Approvals card said "saving not established"."""
+    reused = ROW | {"reused": True, "savings_month_usd": 150.0, "savings_month_low": -40.0}
+    reused |= {"savings_month_high": 340.0, "payback_days": 600.0}
+    out = _printed(reused, capsys)
+    assert out["payback_days"] == "-"
+    assert out["verdict"] == "saving not established ($150/month, interval -$40, $340)"
+    fresh = _printed(reused | {"verdict": "saves $150/month at the estimate, but ..."}, capsys)
+    assert fresh["verdict"] == "saves $150/month at the estimate, but ..."  # the flow's own stays
