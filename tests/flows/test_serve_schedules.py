@@ -79,8 +79,10 @@ def test_serve_registers_one_schedule_per_use_case(
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 
+    from flows.deployments import approval_deployment_name
     from rollout.settings import get_settings
 
+    approval = approval_deployment_name()  # this state DB's own (review s50 E3)
     flow_use_case("chat-a")
     flow_use_case("qa-b", schedule={"cron": "30 3 * * 1-5", "timezone": "Europe/Berlin"})
     flow_use_case("unscheduled-c", schedule=None)
@@ -88,7 +90,7 @@ def test_serve_registers_one_schedule_per_use_case(
     console = tmp_path / "serve.log"
     # the runner looks for due runs every second (every 10 s by default)
     with _serving(prefect_harness, console, PREFECT_RUNNER_POLL_FREQUENCY="1") as wait:
-        wanted = {"sparsepilot-chat-a", "sparsepilot-qa-b", "sparsepilot-approval"}
+        wanted = {"sparsepilot-chat-a", "sparsepilot-qa-b", approval}
         found = wait(lambda names: wanted <= names)
         assert "sparsepilot-unscheduled-c" not in found
 
@@ -100,9 +102,9 @@ def test_serve_registers_one_schedule_per_use_case(
         assert schedule("sparsepilot-qa-b") == ("30 3 * * 1-5", "Europe/Berlin", True)
         assert found["sparsepilot-chat-a"].parameters == {"use_case": "chat-a"}
         assert found["sparsepilot-qa-b"].parameters == {"use_case": "qa-b"}
-        assert found["sparsepilot-approval"].schedules == []
+        assert found[approval].schedules == []
 
-        run = run_deployment("approval/sparsepilot-approval", parameters={"decision_id": 999}, timeout=0)
+        run = run_deployment(f"approval/{approval}", parameters={"decision_id": 999}, timeout=0)
         deadline = time.monotonic() + 120
         with get_client(sync_client=True) as client:
             while not (state := client.read_flow_run(run.id).state).is_final():
