@@ -42,8 +42,20 @@ def flow_task(name: str, *, retries: int = 2) -> Any:
 
 def sparsepilot_flow(name: str) -> Callable[[Callable[..., Any]], Any]:
     """The flows' flow decorator: Prefect's ``@flow`` (printed lines logged), its logs and its error's
-    text redacted (`secrets_redacted`)."""
-    return lambda fn: flow(name=name, log_prints=True)(secrets_redacted(fn))
+    text redacted (`secrets_redacted`), and in a flow run that `sparsepilot serve`'s runner started in a
+    process of its own, the serve's log file joined (`flows.quiet.join_served_log_file`)."""
+    return lambda fn: flow(name=name, log_prints=True)(secrets_redacted(_in_served_log_file(fn)))
+
+
+def _in_served_log_file(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        from flows.quiet import join_served_log_file
+
+        join_served_log_file()
+        return fn(*args, **kwargs)
+
+    return run
 
 
 def secrets_redacted(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -15,16 +15,20 @@ from rollout.usecases import phase_of
 
 
 def request_approval_run(decision_id: int) -> str | None:
-    """Start the approval flow for a decision as its own flow run: through the `approval` deployment
-    when one exists (a runner or worker executes it and it pauses there), else nothing — the CLI's
+    """Start the approval flow for a decision as its own flow run: through this state DB's `approval`
+    deployment when one exists (a runner or worker executes it and it pauses there), else nothing — the CLI's
     `approve` starts one itself. Returns the flow run id created, if any."""
     from prefect.deployments import run_deployment
 
+    from flows.deployments import APPROVAL_FLOW, approval_deployment_name
+
     if not approval_runs.needs_run(decision_id):
         return None
-    try:
+    try:  # this state DB's own approval deployment (one per state DB on a shared Prefect server)
         fr = run_deployment(
-            "approval/sparsepilot-approval", parameters={"decision_id": decision_id}, timeout=0
+            f"{APPROVAL_FLOW}/{approval_deployment_name()}",
+            parameters={"decision_id": decision_id},
+            timeout=0,
         )
     except Exception:  # noqa: BLE001 - no approval deployment registered: approvals start their own run
         return None

@@ -14,16 +14,49 @@ from pathlib import Path
 from typing import Any
 
 from rollout import usecases
-from rollout.settings import SettingsError
+from rollout.settings import SettingsError, get_settings, state_db_id
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-APPROVAL_DEPLOYMENT = "sparsepilot-approval"
+# the one approval deployment every state DB on a Prefect server shared before: whoever deployed last
+# took the others' approval runs, which then ran against its own state DB (review s50 E3)
+LEGACY_APPROVAL_DEPLOYMENT = "sparsepilot-approval"
+APPROVAL_FLOW = "approval"  # flows.approval.approval_flow's name
 APPROVAL_QUEUE = "approvals"  # the work pool's queue for approval runs (served by its own worker)
 CYCLE_FLOW = "use-case-cycle"  # flows.cycle.cycle_flow's name
 
 
 def deployment_name(use_case: str) -> str:
     return f"sparsepilot-{use_case}"
+
+
+def approval_deployment_name() -> str:
+    """The approval deployment of this process's state DB (`rollout.settings.state_db_id`): the one the
+    deploy registers and the cycle's approval requests name, `sparsepilot-approval-<id>`."""
+    return f"{LEGACY_APPROVAL_DEPLOYMENT}-{state_db_id(get_settings().database_url)}"
+
+
+def _approval_tags() -> list[str]:
+    return ["sparsepilot", "approval", f"state-db:{state_db_id(get_settings().database_url)}"]
+
+
+def legacy_approval_note() -> list[str]:
+    """Where the server still has the one approval deployment of every state DB that builds before the
+    per-DB name registered: a line saying it is left alone (another state DB's older build may still
+    request it) and how to delete it. Nothing requests it from this build."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_deployment_by_name(f"{APPROVAL_FLOW}/{LEGACY_APPROVAL_DEPLOYMENT}")
+        except ObjectNotFound:
+            return []
+    return [
+        f"{LEGACY_APPROVAL_DEPLOYMENT}: the approval deployment that every state DB on this server shared "
+        f"before; this state DB's approval runs go to {approval_deployment_name()} now. Left alone; once "
+        "no state DB on this server runs an older SparsePilot, delete it: "
+        f"prefect deployment delete {APPROVAL_FLOW}/{LEGACY_APPROVAL_DEPLOYMENT}"
+    ]
 
 
 def scheduled_use_cases(names: list[str] | None = None) -> list[dict[str, Any]]:
@@ -48,7 +81,7 @@ def build_deployments(names: list[str] | None = None) -> list[Any]:
         )
         for s in scheduled_use_cases(names)
     ]
-    deps.append(approval_flow.to_deployment(name=APPROVAL_DEPLOYMENT, tags=["sparsepilot", "approval"]))
+    deps.append(approval_flow.to_deployment(name=approval_deployment_name(), tags=_approval_tags()))
     return deps
 
 
@@ -66,7 +99,8 @@ def stale_cycle_deployments(deployed: dict[str, str], unscheduled: dict[str, int
 
 @dataclass(frozen=True)
 class WorkPoolDeployment:
-    """What `deploy_to_work_pool` did: `deployed` ('name -> pool[/queue]') and `removed` ('name: why')."""
+    """What `deploy_to_work_pool` did: `deployed` ('name -> pool[/queue]') and `removed` ('name: why', and the
+    legacy approval deployment's note, `legacy_approval_note`)."""
 
     deployed: list[str]
     removed: list[str]
@@ -136,14 +170,14 @@ def deploy_to_work_pool(
         _ensure_queue(client, work_pool, APPROVAL_QUEUE)
     approval = approval_flow.from_source(source=str(REPO_ROOT), entrypoint="flows/approval.py:approval_flow")
     approval.deploy(
-        name=APPROVAL_DEPLOYMENT,
+        name=approval_deployment_name(),
         work_pool_name=work_pool,
         work_queue_name=APPROVAL_QUEUE,
-        tags=["sparsepilot", "approval"],
+        tags=_approval_tags(),
         **common,
     )
-    deployed.append(f"{APPROVAL_DEPLOYMENT} -> {work_pool}/{APPROVAL_QUEUE}")
-    return WorkPoolDeployment(deployed, remove_unscheduled_cycles())
+    deployed.append(f"{approval_deployment_name()} -> {work_pool}/{APPROVAL_QUEUE}")
+    return WorkPoolDeployment(deployed, remove_unscheduled_cycles() + legacy_approval_note())
 
 
 def serve_schedules(
@@ -168,7 +202,7 @@ def serve_schedules(
         return
     from prefect import serve
 
-    removed = remove_unscheduled_cycles()  # a lost schedule's deployment, served here before
+    removed = remove_unscheduled_cycles() + legacy_approval_note()  # a lost schedule's deployment
     if console is not None:
         for line in removed:
             console.print(line)

@@ -88,3 +88,18 @@ def configure_environment(settings: Settings | None = None) -> Settings:
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
     return s
+
+
+def state_db_id(database_url: str) -> str:
+    """A short id of the state DB a URL reaches (10 hex digits): its backend, host, port and database (a
+    SQLite file's absolute path), not the role, password or options, so the app's and the owner's URLs
+    of one database give one id. What keeps apart the things several state DBs share on one server (the
+    approval deployment on a Prefect server: `flows.deployments.approval_deployment_name`)."""
+    import hashlib
+
+    from sqlalchemy.engine import make_url
+
+    url = make_url(database_url)
+    where = os.path.abspath(url.database or "") if url.get_backend_name() == "sqlite" else url.database
+    key = f"{url.get_backend_name()}://{url.host or ''}:{url.port or ''}/{where or ''}"
+    return hashlib.sha256(key.encode()).hexdigest()[:10]

@@ -766,11 +766,17 @@ def serve_cmd(
 ) -> None:
     """One cron schedule per use case (from its spec): served here with prefect.serve, or deployed to a
     work pool for workers when a Prefect server is configured (PREFECT_API_URL). A use case a person
-    added is served for an operator only, as `run` pilots it."""
+    added is served for an operator only, as `run` pilots it. The flow runs served here, each in a
+    process of its own, write to the serve's log file too (`flows.quiet.SERVED_LOG_FILE`)."""
+    import os
+
     from flows.deployments import serve_schedules
+    from sparsepilot.quiet import SERVED_LOG_FILE, for_command
 
     if not work_pool:  # the flows run here (a work pool's workers have their own environment)
         _require_device()
-    _to_log_file("serve", False)
+    log_file = for_command("serve")
+    if not work_pool:  # inherited by the runner's flow-run processes
+        os.environ[SERVED_LOG_FILE] = str(log_file)
     _require_operator_for_scheduled(use_case or None, password_stdin)
     _run(lambda: serve_schedules(use_case or None, work_pool=work_pool, console=console))

@@ -12,8 +12,9 @@ import pytest
 import yaml
 from rich.console import Console
 
-from flows.deployments import serve_schedules
+from flows.deployments import approval_deployment_name, serve_schedules
 from rollout.usecases import add_usecase
+from tests.fixtures.dashboard import seed_small_portfolio
 
 POOL = "wp-test-pool"
 
@@ -31,7 +32,7 @@ def _deployments() -> dict[str, object]:
         return {d.name: d for d in client.read_deployments()}
 
 
-def _pool(prefect_harness: str, monkeypatch: pytest.MonkeyPatch) -> str:
+def _pool(prefect_harness: str, monkeypatch: pytest.MonkeyPatch, name: str = POOL) -> str:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectAlreadyExists
@@ -39,10 +40,10 @@ def _pool(prefect_harness: str, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv("PREFECT_API_URL", prefect_harness)
     with get_client(sync_client=True) as client:
         try:
-            client.create_work_pool(WorkPoolCreate(name=POOL, type="process"))
+            client.create_work_pool(WorkPoolCreate(name=name, type="process"))
         except ObjectAlreadyExists:
             pass
-    return POOL
+    return name
 
 
 def test_serve_work_pool_puts_the_approval_deployment_on_the_approvals_queue(
@@ -57,9 +58,9 @@ def test_serve_work_pool_puts_the_approval_deployment_on_the_approvals_queue(
     found = _deployments()
     cycle = found["sparsepilot-wp-cycle"]
     assert (cycle.work_pool_name, cycle.work_queue_name) == (pool, "default"), out
-    approval = found["sparsepilot-approval"]
+    approval = found[approval_deployment_name()]
     assert (approval.work_pool_name, approval.work_queue_name) == (pool, "approvals"), out
-    assert "sparsepilot-approval -> wp-test-pool/approvals" in out
+    assert f"{approval_deployment_name()} -> wp-test-pool/approvals" in out
 
 
 def test_serve_work_pool_deletes_the_cycle_of_a_use_case_that_lost_its_schedule(
@@ -84,3 +85,65 @@ def test_serve_work_pool_deletes_the_cycle_of_a_use_case_that_lost_its_schedule(
     assert "sparsepilot-wp-drop" not in found
     assert [s.schedule.cron for s in found["sparsepilot-wp-keep"].schedules] == ["15 4 * * *"]
     assert "deleted" not in _serve(pool)  # nothing left to remove: said once
+
+
+def test_two_state_dbs_on_one_prefect_server_keep_their_own_approval_deployment(
+    flow_use_case,
+    prefect_harness: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    state_template_db: Path,
+) -> None:
+    """One `sparsepilot-approval` served every state DB on a server: the second DB's deploy took it over
+    (its pool), and the first DB's approval runs then ran against the second's state DB ("decision 1 does
+    not exist", or another use case's decision 1; review s50 E3). Each state DB deploys its own, named
+    and tagged by the state DB's id, which its cycle's approval requests name; the shared one of an
+    older build is left alone, said once per deploy."""
+    import shutil
+
+    from prefect.client.orchestration import get_client
+
+    from flows.approval import approval_flow
+    from flows.cycle import request_approval_run
+    from rollout.settings import configure_environment, get_settings, state_db_id
+
+    first_pool = _pool(prefect_harness, monkeypatch, "wp-first")
+    flow_use_case("wp-first-case")
+    first = approval_deployment_name()
+    _serve(first_pool)
+    first_db = get_settings().database_url
+
+    home2 = tmp_path / "home2"  # a second state DB, deploying to its own pool on the same server
+    monkeypatch.setenv("SPARSEPILOT_HOME", str(home2))
+    configure_environment(get_settings())
+    shutil.copyfile(state_template_db, home2 / "state.db")
+    second = approval_deployment_name()
+    assert second != first
+    out = _serve(_pool(prefect_harness, monkeypatch, "wp-second"))
+    assert f"{second} -> wp-second/approvals" in out, out
+
+    found = _deployments()
+    assert (found[first].work_pool_name, found[second].work_pool_name) == ("wp-first", "wp-second")
+    assert f"state-db:{state_db_id(first_db)}" in found[first].tags
+    assert f"state-db:{state_db_id(get_settings().database_url)}" in found[second].tags
+    assert "sparsepilot-approval" not in found
+
+    # an older build's shared deployment on the server: left alone, and the deploy says so
+    legacy = approval_flow.to_deployment(name="sparsepilot-approval").apply()
+    try:
+        again = _serve("wp-second")
+        assert (
+            "sparsepilot-approval: the approval deployment that every state DB on this server shared" in again
+        )
+        assert "sparsepilot-approval" in _deployments()
+    finally:
+        with get_client(sync_client=True) as client:
+            client.delete_deployment(legacy)
+
+    # the second state DB's cycle asks for an approval run of a decision waiting there: its own
+    # deployment (seeded last: the seeded specs are partial, which a deploy would refuse)
+    decision = seed_small_portfolio(tmp_path / "art")["contract-summarisation:decision"]
+    run_id = request_approval_run(decision)
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(run_id).deployment_id == found[second].id
+        client.delete_flow_run(run_id)

@@ -24,7 +24,9 @@ def _read_deployments() -> dict[str, object]:
 
 
 @contextmanager
-def _serving(prefect_harness: str, log_path: Path) -> Iterator[Callable[[Callable[[set[str]], bool]], dict]]:
+def _serving(
+    prefect_harness: str, log_path: Path, **extra_env: str
+) -> Iterator[Callable[[Callable[[set[str]], bool]], dict]]:
     """`sparsepilot serve` running in a subprocess (its output in `log_path`); yields `wait(until)`: the
     deployments on the server once `until(their names)` holds (150 s at most, the serve still running)."""
     from rollout.auth import hash_password
@@ -32,7 +34,7 @@ def _serving(prefect_harness: str, log_path: Path) -> Iterator[Callable[[Callabl
     # the use cases are a person's (flow_use_case): serving their cycles needs an operator, olga
     accounts = f"olga:operator:{hash_password('olga-pw-1234')}"
     env = dict(os.environ, PREFECT_API_URL=prefect_harness, PREFECT_LOGGING_LEVEL="WARNING")
-    env.update(SPARSEPILOT_ACCOUNTS=accounts, SPARSEPILOT_USER="olga")
+    env.update(SPARSEPILOT_ACCOUNTS=accounts, SPARSEPILOT_USER="olga", **extra_env)
     log = log_path.open("w")
     cmd = [sys.executable, "-m", "sparsepilot", "serve", "--password-stdin"]
     proc = subprocess.Popen(
@@ -69,12 +71,26 @@ def _serving(prefect_harness: str, log_path: Path) -> Iterator[Callable[[Callabl
 def test_serve_registers_one_schedule_per_use_case(
     flow_use_case, prefect_harness: str, tmp_path: Path
 ) -> None:
+    """... and each flow run it serves, in a process of its own (Prefect's runner), which had none of the
+    serve's log-file set-up, writes to the serve's log file: its records and the libraries' warnings
+    reached the serve's terminal only, never serve-*.log (review s50 E1). Here an approval run for a
+    decision that does not exist: its records and traceback are in the serve's log file; the terminal
+    keeps the flow run's own lines, without the traceback."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    from flows.deployments import approval_deployment_name
+    from rollout.settings import get_settings
+
+    approval = approval_deployment_name()  # this state DB's own (review s50 E3)
     flow_use_case("chat-a")
     flow_use_case("qa-b", schedule={"cron": "30 3 * * 1-5", "timezone": "Europe/Berlin"})
     flow_use_case("unscheduled-c", schedule=None)
 
-    with _serving(prefect_harness, tmp_path / "serve.log") as wait:
-        wanted = {"sparsepilot-chat-a", "sparsepilot-qa-b", "sparsepilot-approval"}
+    console = tmp_path / "serve.log"
+    # the runner looks for due runs every second (every 10 s by default)
+    with _serving(prefect_harness, console, PREFECT_RUNNER_POLL_FREQUENCY="1") as wait:
+        wanted = {"sparsepilot-chat-a", "sparsepilot-qa-b", approval}
         found = wait(lambda names: wanted <= names)
         assert "sparsepilot-unscheduled-c" not in found
 
@@ -86,7 +102,22 @@ def test_serve_registers_one_schedule_per_use_case(
         assert schedule("sparsepilot-qa-b") == ("30 3 * * 1-5", "Europe/Berlin", True)
         assert found["sparsepilot-chat-a"].parameters == {"use_case": "chat-a"}
         assert found["sparsepilot-qa-b"].parameters == {"use_case": "qa-b"}
-        assert found["sparsepilot-approval"].schedules == []
+        assert found[approval].schedules == []
+
+        run = run_deployment(f"approval/{approval}", parameters={"decision_id": 999}, timeout=0)
+        deadline = time.monotonic() + 120
+        with get_client(sync_client=True) as client:
+            while not (state := client.read_flow_run(run.id).state).is_final():
+                assert time.monotonic() < deadline, (state, console.read_text()[-3000:])
+                time.sleep(0.5)
+        (log,) = (get_settings().home / "logs").glob("serve-*.log")
+        text, shown = log.read_text(), console.read_text()
+    assert state.is_failed(), (state, shown)
+    assert "decision 999 does not exist" in text, text[-3000:]
+    assert "ERROR prefect.flow_runs: Encountered exception during execution: ApprovalError" in text, text
+    assert "Traceback" in text, text[-3000:]
+    assert "Task run 'approval-register-run" in shown, shown  # the run's own lines stay on the terminal
+    assert "Traceback" not in shown and "Encountered exception" not in shown, shown
 
 
 def test_serve_deletes_the_cycle_of_a_use_case_that_lost_its_schedule(

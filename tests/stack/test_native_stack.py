@@ -226,6 +226,8 @@ def test_stack_setup_creates_pools_detector_and_deployments(native_stack: Native
     from prefect.automations import Automation
     from prefect.client.orchestration import get_client
 
+    from rollout.settings import state_db_id
+
     out = deployed
     again = native_stack.run_setup().stdout  # the one-shot may run on every `up`: idempotent
     bad = native_stack.run_setup(check=False, SPARSEPILOT_GPU_USE_CASES=f"{USE_CASE},no-such-case")
@@ -237,7 +239,10 @@ def test_stack_setup_creates_pools_detector_and_deployments(native_stack: Native
         assert pools[native_stack.pool] == "process" and pools[native_stack.gpu_pool] == "process"
         dep = client.read_deployment_by_name(CYCLE)
         assert (dep.work_pool_name, dep.work_queue_name) == (native_stack.pool, "default")
-        approval = client.read_deployment_by_name("approval/sparsepilot-approval")
+        # the stack's state DB's own approval deployment (one per state DB on a shared server)
+        approval = client.read_deployment_by_name(
+            f"approval/sparsepilot-approval-{state_db_id(native_stack.state_db_url)}"
+        )
         assert (approval.work_pool_name, approval.work_queue_name) == (native_stack.pool, "approvals")
         assert dep.parameters == {"use_case": USE_CASE}
         assert [s.schedule.cron for s in dep.schedules] == ["15 4 * * *"]
