@@ -1,7 +1,8 @@
 """The scheduled flow of one use case (one cron schedule per use case, see flows.deployments): it does
-what the use case's phase calls for — calibrate + evaluate a new use case, one pilot batch + gate while
-piloting, make sure an approval run waits while a decision needs a person, and monitor the champion
-serving production whatever the phase (`pilot_batches.champion_watched`)."""
+what the use case's phase calls for — calibrate + evaluate a new use case (or a challenger calibrated
+under an earlier spec version whose calibration inputs changed), one pilot batch + gate while piloting,
+make sure an approval run waits while a decision needs a person, and monitor the champion serving
+production whatever the phase (`pilot_batches.champion_watched`)."""
 
 from __future__ import annotations
 
@@ -65,7 +66,15 @@ def _cycle(use_case: str, batches: int, pilot_anyway: bool = False) -> dict[str,
     if finished is not None:
         out["finished"] = finished
     phase = phase_of(use_case)
-    if lifecycle.can(phase, "calibrate"):
+    # a challenger calibrated for another spec version's budget (or model, data) is not piloted under this
+    # one: calibrated again first (rollout.recalibration); its running pilot is superseded by the new plan's
+    stale = pilot_batches.not_calibrated(use_case) if lifecycle.can(phase, "pilot") else None
+    if stale is not None:
+        logger.info(
+            "%s: spec v%s is not calibrated (%s): calibrating again", use_case, stale.version, stale.why
+        )
+        out["calibrated_again"] = stale.why
+    if lifecycle.can(phase, "calibrate") or stale is not None:
         out["calibration"] = calibrate_flow(use_case)
         out["evaluation"] = evaluate_flow(use_case)
         phase = phase_of(use_case)

@@ -92,6 +92,17 @@ def pilot_skip(use_case: str, *, pilot_anyway: bool = False) -> Any:
         return runs.pilot_skip(session, uc, run, pilot_anyway=pilot_anyway)
 
 
+def not_calibrated(use_case: str) -> Any:
+    """Whether the challenger was calibrated under a spec version whose calibration inputs the current
+    one changed (`runs.not_calibrated`: a `rollout.recalibration.NotCalibrated`), or None. What the
+    scheduled cycle asks in a phase that pilots: it calibrates again (then evaluates) rather than pilot
+    the old plan under the new version; a pilot of the old plan running meanwhile is superseded when the
+    new plan's pilot starts (`pilots.start_pilot`)."""
+    with session_scope() as session:
+        uc = pilots.get_use_case(session, use_case)
+        return runs.not_calibrated(session, uc, latest_challenger(session, uc.id))
+
+
 def pilot_refusal(use_case: str, *, pilot_anyway: bool = False) -> pilots.PilotStateError | None:
     """The refusal `ensure_pilot_in` would make now (`_refusal`: what stands there first, then whether
     the challenger may be piloted), read in one transaction without starting anything, or None: a pilot
@@ -105,9 +116,10 @@ def pilot_refusal(use_case: str, *, pilot_anyway: bool = False) -> pilots.PilotS
 def _refusal(session: Any, uc: Any, run: Any, *, pilot_anyway: bool) -> pilots.PilotStateError | None:
     """Why no pilot of the challenger `run` registered takes traffic now, in this order: what stands
     there (no challenger; this challenger's pilot has ended; a pilot waits for a person's approval),
-    then whether a new pilot is worth starting (a plan that missed the quality budget: never; one that
-    cannot pay: `NotPiloted`, which `pilot_anyway` waives). None: a pilot of it runs (it keeps running),
-    or one may start."""
+    then whether a new pilot is worth starting (a plan calibrated under a spec version whose calibration
+    inputs the current one changed: `runs.not_calibrated`, never; a plan that missed the quality budget:
+    never; one that cannot pay: `NotPiloted`, which `pilot_anyway` waives). None: a pilot of it runs (it
+    keeps running), or one may start."""
     name = uc.name
     if run is None:
         return pilots.PilotStateError(
@@ -138,6 +150,9 @@ def _refusal(session: Any, uc: Any, run: Any, *, pilot_anyway: bool) -> pilots.P
         )
     if active is not None and active.model_version_id == run.model_version_id:
         return None
+    stale = runs.not_calibrated(session, uc, run)  # a plan for another version's budget (or model, data)
+    if stale is not None:
+        return pilots.PilotStateError(f"{name}: {stale}; nothing was started")
     if calibration_metrics(session, run).get("met_budget") is False:
         return pilots.PilotStateError(missed_budget_refusal(name, run.id))
     skip = runs.pilot_skip(session, uc, run, pilot_anyway=pilot_anyway)
@@ -192,6 +207,9 @@ def start_again(use_case: str, *, actor: str, reason: str) -> dict[str, Any]:
         last = None if run is None else pilots.plan_ended(session, uc, run.model_version_id)
         if last is None or not pilots.was_aborted(session, last):
             raise _refusal(session, uc, run, pilot_anyway=True) or _not_aborted(session, uc, run)
+        stale = runs.not_calibrated(session, uc, run)
+        if stale is not None:  # piloted again under a version whose budget it was not calibrated to: no
+            raise pilots.PilotStateError(f"{uc.name}: {stale}; nothing was started")
         gate = spec.gate
         left = pilots.next_go_alpha(session, uc, gate.alpha, "use_case")  # the level `use_case` gives it
         if gate.alpha_spending == "pilot" or left <= 0:

@@ -267,6 +267,9 @@ def portfolio(
             and r["pilot_status"] == "stopped"
             and was_aborted(session, session.get(Pilot, r["latest_pilot_id"]))
         )
+        # a challenger calibrated for another spec version's budget (or model, data) waits for a calibration
+        # under the current one before any pilot (runs.not_calibrated, what the cycle and `pilot` ask)
+        r["not_calibrated"] = _not_calibrated_words(session, r)
         r["waits_for"] = waits_for(r)
         # what the speed-up and the dollars carry beside them: timings kept under overload, and dollars
         # priced at a spec version that is no longer current (docs/roi.md)
@@ -279,6 +282,21 @@ def portfolio(
         r["payback_days"] = money["payback_days"]
         r["saves_nothing"], r["not_established"] = money["saves_nothing"], money["not_established"]
     return rows
+
+
+def _not_calibrated_words(session: Session, row: dict[str, Any]) -> str | None:
+    """What a portfolio row before its pilot waits for where its challenger was calibrated under a spec
+    version whose calibration inputs the current one changed (`runs.not_calibrated`), else None."""
+    if row["phase"] not in lifecycle.BEFORE_PILOT:
+        return None
+    uc = session.get(UseCase, row["id"])
+    stale = runs.not_calibrated(session, uc, runs.latest_challenger(session, uc.id))
+    if stale is None:
+        return None
+    return (
+        f"calibration under spec v{stale.version} ({stale.why}): the next scheduled cycle, or "
+        f"`{stale.command}`"
+    )
 
 
 def rollback_able(session: Session) -> list[str]:
@@ -443,6 +461,8 @@ def waits_for(row: dict[str, Any]) -> str:
         if decision == "EXTEND" or n < need:
             return f"more samples ({n}/{need})" if need else "more samples"
         return "next gate look"
+    if decision is None and row.get("not_calibrated"):  # no pilot of a plan for another version's budget
+        return row["not_calibrated"]
     if decision is None and row.get("phase") == "evaluated":
         # no pilot starts where the plan cannot pay (rollout.roi.evaluation_pilot_skip, the rule
         # rollout.pilot_batches.ensure_pilot_in applies for the cycle, `pilot` and the main job alike):

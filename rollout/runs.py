@@ -17,9 +17,10 @@ from sqlalchemy import select
 
 from rollout import audit, lifecycle, roi
 from rollout.calibration_outcome import decodes_densely, recorded_flags
-from rollout.db.models import AliasMove, CalibrationRun, EvaluationRun, ModelVersion, utcnow
+from rollout.db.models import AliasMove, CalibrationRun, EvaluationRun, ModelVersion, SpecVersion, utcnow
 from rollout.db.session import session_scope
 from rollout.pilots import get_use_case
+from rollout.recalibration import NotCalibrated, calibration_changes, spec_changes
 from rollout.redact import redact
 
 EVALUATION_FIELDS = (
@@ -202,6 +203,33 @@ def latest_challenger(session: Any, use_case_id: int) -> Any:
         if run is not None:
             return run
     return _latest_calibration(session, use_case_id)
+
+
+def not_calibrated(session: Any, uc: Any, run: CalibrationRun | None) -> NotCalibrated | None:
+    """Whether the challenger `run` registered was calibrated under a spec version whose calibration
+    inputs (`rollout.recalibration.CALIBRATION_INPUTS`: model, quality budget, task, dataset rows) differ
+    from the current version's: then it is not piloted under the current one (`pilot NAME` refuses, the
+    cycle calibrates again first, the dashboard says it waits for a calibration). None: it was calibrated
+    under the current version, or under one that differs only in what a calibration does not read."""
+    if run is None or run.spec_version == uc.current_spec_version:
+        return None
+    rows = {
+        sv.version: sv
+        for sv in session.scalars(
+            select(SpecVersion).where(
+                SpecVersion.use_case_id == uc.id,
+                SpecVersion.version.in_((run.spec_version, uc.current_spec_version)),
+            )
+        )
+    }
+    old, new = rows.get(run.spec_version), rows.get(uc.current_spec_version)
+    if old is None or new is None:
+        return None
+    changed = spec_changes(old.spec, old.dataset_sha256, new.spec, new.dataset_sha256)
+    fields = calibration_changes(changed)
+    if not fields:
+        return None
+    return NotCalibrated(uc.name, new.version, old.version, tuple(fields))
 
 
 def challenger_evaluation(session: Any, uc: Any, run: CalibrationRun) -> EvaluationRun | None:

@@ -23,12 +23,13 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from rollout import audit
+from rollout import audit, lifecycle
 from rollout.audit import redacted_details
 from rollout.dataset_split import kept_apart_of
 from rollout.db.models import AuditEntry, SpecVersion, UseCase, UseCaseLease
 from rollout.db.session import session_scope
 from rollout.pilot_plan import plan_summary
+from rollout.recalibration import new_version_notes, spec_changes
 from rollout.redact import redacted_name
 from rollout.settings import get_settings
 from rollout.spec import SpecError, UseCaseSpec, load_spec, parse_spec, spec_warnings, url_credentials
@@ -55,6 +56,8 @@ class AddResult:
     dataset_path: str
     validation: dict[str, Any] = field(default_factory=dict)
     changed_fields: list[str] = field(default_factory=list)
+    # what the changes mean (`rollout.recalibration.new_version_notes`): calibrating again, a schedule
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -229,18 +232,6 @@ def _store_dataset(src: Path, sha: str) -> Path:
     return dst
 
 
-def _changed_fields(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    out: list[str] = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        path = f"{prefix}.{key}" if prefix else key
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _changed_fields(a, b, path)
-        elif a != b:
-            out.append(path)
-    return out
-
-
 # ---------------------------------------------------------------------------------------------------
 # writes
 
@@ -271,9 +262,7 @@ def _write(checked: CheckedSpec, source: str, *, actor: str, new_version: bool, 
             same = next((v for v in versions if v.spec_hash == checked.spec_hash), None)
             if same is not None and same.version == current.version:
                 return _result(uc, same, "unchanged", checked)
-            changed = _changed_fields(current.spec, spec_dict)
-            if current.dataset_sha256 != checked.dataset_sha256:
-                changed.append("dataset (file content)")
+            changed = spec_changes(current.spec, current.dataset_sha256, spec_dict, checked.dataset_sha256)
             if not new_version:
                 what = f"identical to its version {same.version}" if same else "different"
                 raise UseCaseError(
@@ -366,6 +355,7 @@ def _result(
         dataset_path=sv.dataset_path or "",
         validation=checked.validation.to_dict(),
         changed_fields=changed or [],
+        notes=new_version_notes(uc.name, changed or [], ended=uc.phase in lifecycle.ENDED_PHASES),
     )
 
 

@@ -56,6 +56,8 @@ def add(
     )
     if result.changed_fields:
         say(f"  changed: {', '.join(result.changed_fields)}")
+    for note in result.notes:  # what the changes mean: calibrating again, restarting what serves a schedule
+        say(f"  {note}")
     for w in result.validation.get("warnings", []):
         say(f"  warning: {w}")
 

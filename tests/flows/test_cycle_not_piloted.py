@@ -7,7 +7,10 @@ from __future__ import annotations
 
 from sqlalchemy import func, select
 
-from tests.fixtures.flows import QUICK_CAL, QUICK_EVAL, price_evaluation
+from tests.fixtures.flows import EXAMPLE, QUICK_CAL, QUICK_EVAL, price_evaluation
+from tests.rollout.test_not_piloted import PAYS
+
+EXAMPLE_ROWS = EXAMPLE.parent / "support_chat.jsonl"
 
 
 def test_the_cycle_does_not_pilot_what_the_portfolio_says_is_not_piloted(flow_use_case) -> None:  # noqa: ANN001
@@ -64,3 +67,75 @@ def test_the_cycle_says_a_missed_budget_in_the_pilots_words(flow_use_case) -> No
         assert "pilot" not in out and out["phase_after"] == "evaluated", out
     with session_scope() as s:
         assert s.scalar(select(func.count()).select_from(Pilot).where(Pilot.use_case_id == uc.id)) == 0
+
+
+def test_a_tightened_budget_is_calibrated_again_before_any_pilot(flow_use_case, tmp_path) -> None:  # noqa: ANN001
+    """A spec version tightening the KL budget tenfold (review s50 E2): the tick piloted the plan
+    calibrated to v1's budget as "spec v2" (and spent the use case's alpha on it). It now calibrates
+    again under v2 (then evaluates) and starts no pilot of the old plan."""
+    import yaml
+
+    from flows.cycle import cycle_flow
+    from rollout import lifecycle
+    from rollout.db.models import CalibrationRun, EvaluationRun, ModelVersion, Pilot
+    from rollout.db.session import session_scope
+    from rollout.pilots import get_use_case
+    from rollout.usecases import add_usecase
+    from sparse_core import SparsePlan
+
+    sample = {"path": str(EXAMPLE_ROWS), "task": "loglik", "references_required": True}
+    name = flow_use_case(dataset=sample)  # the sample's 72 rows: the cycle's evaluation scores 18
+    spec = yaml.safe_load((tmp_path / f"{name}.yaml").read_text())
+    plan = SparsePlan(tau=0.9)
+    with session_scope() as s:  # a plan calibrated and evaluated under v1, one that pays
+        uc = get_use_case(s, name)
+        mv = ModelVersion(
+            use_case_id=uc.id,
+            base_model_ref=spec["model"],
+            plan=plan.to_dict(),
+            plan_hash=plan.content_hash(),
+        )
+        s.add(mv)
+        s.flush()
+        met = {"met_budget": True, "prefill_met_budget": True, "density": 0.4}
+        s.add(
+            CalibrationRun(
+                idempotency_key="v1",
+                use_case_id=uc.id,
+                spec_version=1,
+                status="succeeded",
+                model_version_id=mv.id,
+                metrics=met,
+            )
+        )
+        s.add(
+            EvaluationRun(
+                idempotency_key="v1",
+                use_case_id=uc.id,
+                model_version_id=mv.id,
+                spec_version=1,
+                status="succeeded",
+                roi={"decode": {"status": "dense"}},
+                **PAYS,
+            )
+        )
+        lifecycle.set_phase(s, uc, "calibrated", actor="test", reason="calibrated")
+        lifecycle.set_phase(s, uc, "evaluated", actor="test", reason="evaluated")
+    spec["quality_budget"]["kl"] = spec["quality_budget"]["kl"] / 10
+    del spec["quality_budget"]["decode"]  # the cycle's own calibration kept cheap: prefill only, 4 texts
+    spec["quality_budget"]["calibration"]["max_texts"] = 4
+    (tmp_path / "v2.yaml").write_text(yaml.safe_dump(spec))
+    add_usecase(tmp_path / "v2.yaml", actor="test-owner", new_version=True)
+
+    out = cycle_flow(name, batches=1)
+    assert "pilot" not in out and "gate" not in out, out
+    assert out["calibrated_again"] == (
+        "the challenger was calibrated under spec v1, and v2 changed quality_budget.calibration.max_texts, "
+        "quality_budget.decode, quality_budget.kl"
+    ), out
+    assert out["calibration"]["reused"] is False and "evaluation" in out, out
+    with session_scope() as s:
+        uc = get_use_case(s, name)
+        assert s.scalar(select(func.count()).select_from(Pilot).where(Pilot.use_case_id == uc.id)) == 0
+        runs = s.scalars(select(CalibrationRun.spec_version).where(CalibrationRun.use_case_id == uc.id))
+        assert sorted(runs) == [1, 2]

@@ -1,0 +1,90 @@
+"""A new spec version that changes what calibration reads (its quality budget, here) left the challenger
+calibrated for the old one: the next scheduled tick piloted it as "spec v2", a plan 3.5x over v2's KL
+budget, and spent the use case's alpha on it (review s50 E2); `usecase add --new-version` said only
+"changed: quality_budget.kl". Now the challenger is not calibrated for v2 (`runs.not_calibrated`, one rule
+for the cycle, `pilot NAME` and the dashboard): no pilot of it starts, and the add says what follows. A
+change calibration does not read (the schedule, the gate) leaves the challenger as it was. Real state
+DB, real `add_usecase` for both versions (the cycle itself: tests/flows/test_cycle_not_piloted.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.fixtures.trust import password_of
+from tests.rollout.test_not_piloted import PAYS, _challenger, _pilots
+from tests.rollout.usecase_helpers import example_spec, write_spec
+
+STALE = (
+    "chat: spec v2 is not calibrated: run `sparsepilot calibrate chat` (the challenger was calibrated under "
+    "spec v1, and v2 changed quality_budget.kl); nothing was started"
+)
+
+
+def _cli(*args: str) -> Any:
+    """`sparsepilot ARGS` in this process, signed in as olga (an operator)."""
+    from typer.testing import CliRunner
+
+    from sparsepilot.cli import app
+
+    return CliRunner().invoke(app, [*args, "--password-stdin"], input=password_of("olga") + "\n")
+
+
+def _new_version(tmp_path: Path, change: dict[str, Any]) -> list[str]:
+    """`usecase add --new-version` of `chat`'s version 1 spec (as `_challenger` added it) with `change`
+    merged into it; returns what it printed after its "changed:" line."""
+    spec = {**example_spec(), "name": "chat", "model": str(tmp_path / "model")}
+    for key, value in change.items():
+        spec[key] = {**spec[key], **value}
+    res = _cli("usecase", "add", str(write_spec(tmp_path / "v2", spec)), "--new-version")
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()
+    assert lines[0] == "chat v2: stored as a new version", lines
+    changed = next(i for i, line in enumerate(lines) if line.startswith("  changed: "))
+    return [line.strip() for line in lines[changed + 1 :] if not line.startswith("  warning: ")]
+
+
+@pytest.mark.parametrize(
+    ("change", "stale", "notes"),
+    [
+        ({"quality_budget": {"kl": 0.001}}, True, ["calibration fields changed (quality_budget.kl): "]),
+        ({"schedule": {"cron": "*/5 * * * *"}}, False, ["schedule changed: restart `sparsepilot serve`"]),
+        ({"gate": {"non_inferiority_margin": 0.04}}, False, []),  # how the pilot is judged, not the plan
+    ],
+    ids=["budget", "schedule", "gate"],
+)
+def test_a_new_version_that_changes_what_calibration_reads_pilots_no_old_plan(
+    trust_env,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    change: dict[str, Any],
+    stale: bool,
+    notes: list[str],
+) -> None:  # noqa: ANN001
+    from rollout import pilot_batches, pilots, queries
+
+    _challenger(tmp_path, "chat", **PAYS)  # calibrated and evaluated under v1: a plan that pays
+    assert pilot_batches.pilot_refusal("chat") is None
+    monkeypatch.setenv("SPARSEPILOT_USER", "olga")
+    said = _new_version(tmp_path, change)  # what the change means, after what changed
+    assert len(said) == len(notes) and all(n.startswith(w) for n, w in zip(said, notes, strict=True)), said
+
+    refusal = pilot_batches.pilot_refusal("chat")  # what `sparsepilot pilot chat` asks before its flow
+    row = next(r for r in queries.read(queries.portfolio) if r["name"] == "chat")
+    if stale:
+        assert str(refusal) == STALE
+        res = _cli("pilot", "chat")  # refused before any flow run
+        assert res.exit_code == 2 and res.stderr.strip().splitlines()[-1] == f"error: {STALE}", res.output
+        assert pilot_batches.not_calibrated("chat").fields == ("quality_budget.kl",)  # the cycle's question
+        with pytest.raises(pilots.PilotStateError, match="spec v2 is not calibrated"):
+            pilot_batches.ensure_pilot("chat", pilot_anyway=True)  # no override pilots it
+        assert _pilots("chat") == 0
+        assert row["waits_for"] == (
+            "calibration under spec v2 (the challenger was calibrated under spec v1, and v2 changed "
+            "quality_budget.kl): the next scheduled cycle, or `sparsepilot calibrate chat`"
+        )
+    else:
+        assert refusal is None and pilot_batches.not_calibrated("chat") is None
+        assert pilot_batches.ensure_pilot("chat")["spec_version"] == 2 and _pilots("chat") == 1
