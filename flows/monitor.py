@@ -5,7 +5,8 @@ own sampled answers, rolls the champion back automatically when the rollback pol
 leaves a rollback decision waiting for a person. The monitor keeps the spec version the champion was
 promoted under (`pilot_batches.monitor_target`): a later version applies from the next promotion. An
 imported file that fails its checks, or conflicts with the rows stored, is refused as the pilot's import
-is (nothing stored, no look). Every look is a
+is (nothing stored, no look); one whose every row an earlier look judged stores nothing new and records no
+look ("nothing new"). Every look is a
 GateDecision of kind `monitor` (idempotent per step + data); a look that cannot be taken (traffic
 exhausted) is logged as a warning and kept in the audit log (`monitor.skipped`)."""
 
@@ -58,7 +59,8 @@ def note_skip(use_case: str, info: dict[str, Any], reason: str, explanation: str
 def _batch_id(info: dict[str, Any], rows: list[dict], void: dict[str, str] | None = None) -> str:
     """The look's batch: its (request, arm) pairs, and its void requests (no arm). Their values need not
     enter it: an import whose pairs are stored with other values is refused (`store_monitor_import`), so
-    the same pairs are the same rows."""
+    the same pairs are the same rows. Other pairs, all judged already (a page of an earlier look's files
+    given again alone), are another batch with nothing new: no look (`store_monitor_import`)."""
     pairs = [(r["request_id"], r["arm"]) for r in rows] + [(rid, "void") for rid in void or {}]
     return f"m-{info['step_id']}-{stable_key(sorted(pairs))[:24]}"
 
@@ -94,6 +96,7 @@ def monitor_flow(
     logger = get_run_logger()
     # several files (the pages of one export) are ONE look, their rows in stream-key order together
     files = [observations_file] if isinstance(observations_file, str) else list(observations_file or [])
+    files = pilot_batches.distinct_paths(files)  # a file given twice is one file, checked as one alone
     observations_file = ", ".join(files) or None  # how the refusals below name them
     for path in files:  # whatever the state: a file that is not there is never a quiet success
         require_file(path)
@@ -117,7 +120,13 @@ def monitor_flow(
         rows = [row for _, numbered in read for _, row in numbered]
         batch_id = _batch_id(info, rows)
         # a file that fails its checks, or conflicts with what is stored, is refused: nothing stored, no look
-        check = store_import(info, read, batch_id)["check"]
+        stored = store_import(info, read, batch_id)
+        if stored["nothing_new"]:  # every row judged by an earlier look (a page of it given again): no look
+            explanation = f"{use_case}: {stored['nothing_new']}"
+            logger.info("%s", explanation)
+            catch_up_logs(log_missing_looks, use_case)
+            return {"status": "nothing-new", "explanation": explanation, "rows": len(rows)}
+        check = stored["check"]
         source = "imported"
         latency = None  # an import's rows carry no host load of ours
     else:

@@ -402,7 +402,7 @@ def monitor_look(
             )
         d, created = pilots.record_decision(
             session,
-            idempotency_key=f"monitor:{info['step_id']}:{batch_id}",
+            idempotency_key=pilots.monitor_look_key(info["step_id"], batch_id),
             use_case=uc,
             pilot=pilot,
             step=step,

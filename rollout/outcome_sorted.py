@@ -1,10 +1,12 @@
 """Whether a file of observations is evidently sorted by an outcome (pure): its rows, in the file's order,
-monotone in latency or in the quality score, an arrangement a random order gives with probability below
-`SORTED_LEVEL`. Exactly: n values with tie groups of sizes g_1..g_k lie non-decreasing in prod(g_i!) of the
-n! orders, non-increasing in as many, so P(monotone either way) = 2 prod(g_i!) / n! (1 where every value is
-equal). A file that is a slice of traffic in time is refused with at most that probability (its rows'
-values exchangeable in time); a page of an export sorted by the outcome, judged as its own monitor look,
-judges a sorted order (docs/gate.md "The order of the evidence")."""
+monotone in latency, in the quality score or in the error flag (read as 0/1), an arrangement a random order
+gives with probability below `SORTED_LEVEL`. Exactly: n values with tie groups of sizes g_1..g_k lie
+non-decreasing in prod(g_i!) of the n! orders, non-increasing in as many, so P(monotone either way) =
+2 prod(g_i!) / n! (1 where every value is equal). For the error flag, k errors among n rows, that is
+2 / C(n, k): a page of 20 rows is never refused on it (at best 2 / C(20, 10) = 1.1e-5), one of 40 with its
+10 errors first is (2.4e-9). A file that is a slice of traffic in time is refused with at most that
+probability (its rows' values exchangeable in time); a page of an export sorted by the outcome, judged as
+its own monitor look, judges a sorted order (docs/gate.md "The order of the evidence")."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 SORTED_LEVEL = 1e-6
-OUTCOME_COLUMNS = ("latency_ms", "quality")
+OUTCOME_COLUMNS = ("latency_ms", "quality", "error")  # error: a bool (observations_io), read as 0/1
 
 
 def log_p_monotone(values: Sequence[float]) -> float:

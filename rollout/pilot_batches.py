@@ -576,8 +576,14 @@ def store_monitor_import(
     for it, as for the monitor's own batch, and a file read across one is kept for a look that says it was
     superseded. Only the files' ids are looked up (chunked IN lists): a promoted pilot's whole history is
     never read. `files`: (path, its rows with their lines, `observations_io.read_numbered`), which a refusal
-    names. Returns the GX summary (`check`: the look's data check, of all the files) and the counts stored."""
+    names. A path given twice (by any spelling of it) is one file (`distinct_paths`), checked as such. An
+    import that stores no new row, every row already judged by a recorded look (`pilots.judged_by_a_look`:
+    a page of an earlier multi-file look given again alone) and no look on this batch yet, records no look:
+    `nothing_new` says so (else None). Returns the GX summary (`check`: the look's data check, of all the
+    files), the counts stored and `nothing_new`."""
     outcome = "nothing was stored and no look was recorded"
+    read = dict(files)
+    files = [(path, read[path]) for path in distinct_paths([path for path, _ in files])]
     if len(files) == 1:
         sorted_problem = sorted_file_problem(files[0][0], [row for _, row in files[0][1]])
         if sorted_problem:
@@ -625,8 +631,37 @@ def store_monitor_import(
                 + "\n  - ".join(problems)
             )
         res = pilots.record_observations(session, step, rows, batch_id=batch_id, source="imported")
-        run_links.record_batch(session, step.id, batch_id, "imported", rows=len(rows), inserted=res.inserted)
-    return {"check": gx, "inserted": res.inserted, "already_present": res.already_present}
+        nothing_new = None
+        if (
+            res.inserted == 0
+            and pilots.decision_by_key(session, pilots.monitor_look_key(step.id, batch_id)) is None
+            and pilots.judged_by_a_look(session, step, ids)
+        ):  # a retry of this batch's look finds its decision; an earlier look already judged every row
+            nothing_new = (
+                f"nothing new: every row of {paths} was already judged (by an earlier monitor look); no "
+                "look was recorded"
+            )
+        else:
+            run_links.record_batch(
+                session, step.id, batch_id, "imported", rows=len(rows), inserted=res.inserted
+            )
+    return {
+        "check": gx,
+        "inserted": res.inserted,
+        "already_present": res.already_present,
+        "nothing_new": nothing_new,
+    }
+
+
+def distinct_paths(paths: Sequence[str]) -> list[str]:
+    """The paths, each file once in the order first given (`a.jsonl` and `./a.jsonl` are one file): a file
+    given twice is one file of the look, and one file alone is checked as a file alone."""
+    from pathlib import Path
+
+    seen: dict[Path, str] = {}
+    for path in paths:
+        seen.setdefault(Path(path).resolve(), path)
+    return list(seen.values())
 
 
 def _merged_checks(gxs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

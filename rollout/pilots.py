@@ -994,6 +994,36 @@ def last_observation_id(session: Session, step: PilotStep) -> int:
     return session.scalar(select(func.max(Observation.id)).where(Observation.pilot_step_id == step.id)) or 0
 
 
+def monitor_look_key(step_id: int, batch_id: str) -> str:
+    """The idempotency key of the monitor look on this batch (`decisions.monitor_look`)."""
+    return f"monitor:{step_id}:{batch_id}"
+
+
+def judged_by_a_look(session: Session, step: PilotStep, request_ids: Iterable[str]) -> bool:
+    """Whether every stored row of these requests in the monitor step was judged by a recorded look: none
+    is stored after the `judged_through` of the step's last look (each look judges the step's rows up to
+    there). False where one is (stored, and its look's record failed), or where the last look does not say
+    how far it judged (recorded before looks said so). Looked up in chunks."""
+    last = session.scalar(
+        select(GateDecision)
+        .where(GateDecision.pilot_step_id == step.id, GateDecision.kind == "monitor")
+        .order_by(GateDecision.id.desc())
+        .limit(1)
+    )
+    through = (last.evidence or {}).get("judged_through") if last is not None else None
+    if through is None:
+        return False
+    newest = 0
+    for chunk in _chunks(request_ids):
+        found = session.scalar(
+            select(func.max(Observation.id)).where(
+                Observation.pilot_step_id == step.id, Observation.request_id.in_(chunk)
+            )
+        )
+        newest = max(newest, found or 0)
+    return newest <= int(through)
+
+
 def seen_request_ids(
     session: Session,
     pilot: Pilot,

@@ -23,13 +23,15 @@ def _write(path, rows) -> str:  # noqa: ANN001
 
 
 def _rows(prefix: str, n: int, errors: int = 0) -> list[dict]:
+    """n rows, `errors` of them errors spread through the file as in a slice of traffic in time (errors
+    first would be a file sorted by `error`, refused alone)."""
     return [
         {
             "request_id": f"{prefix}{i}",
             "arm": "treatment",
             "quality": 0.9,
             "latency_ms": 500.0,
-            "error": i < errors,
+            "error": i * errors % n < errors,
         }
         for i in range(n)
     ]
@@ -164,7 +166,7 @@ def test_stored_requests_with_other_values_are_refused(flow_use_case, tmp_path) 
     assert first["outcome"] == "GO" and first["created"]
     with pytest.raises(ObservationImportError) as refused:
         monitor_flow(name, observations_file=_write(tmp_path / "b.jsonl", _rows("r", 12, errors=10)))
-    assert "r0/treatment, r1/treatment" in str(refused.value)
+    assert "r0/treatment, r2/treatment" in str(refused.value)  # r1 and r7 keep no error
     assert "already stored with different values" in str(refused.value)
     assert _state(name) == ("promoted", champion, 1, 12)
 
@@ -388,6 +390,54 @@ def test_the_pages_of_a_sorted_export_are_one_look_together_and_a_page_alone_is_
         match=r"s0/treatment \(\S*page0\.jsonl and \S*again\.jsonl:1\) are given in two",
     ):
         pilot_batches.store_monitor_import(pilot_batches.monitor_target(name), again, "b-again")
+    # review V2: a page of an export sorted by `error` (10 errors first, 2/C(40, 10) = 2.4e-9; 25% against a
+    # 5% ceiling) was judged alone, NO-GO and rolled back; latency and quality in no order
+    by_error = sorted(_rows("e", 40, errors=10), key=lambda r: not r["error"])
+    by_error = [{**r, "latency_ms": 500.0 + (i * 7) % 13} for i, r in enumerate(by_error)]
+    with pytest.raises(ObservationImportError, match=r"err\.jsonl: its 40 rows are sorted by error"):
+        monitor_flow(name, observations_file=_write(tmp_path / "err.jsonl", by_error))
+    assert _state(name) == ("promoted", champion, 0, 0)
     look = monitor_flow(name, observations_file=pages)
     assert look["outcome"] == "GO", look["explanation"]
     assert _state(name) == ("promoted", champion, 1, 60)
+
+
+def test_an_import_with_nothing_new_records_no_look_and_a_path_twice_is_one_file(
+    flow_use_case, tmp_path
+) -> None:
+    """Review V3: a page of an earlier look given again alone stored no row and recorded a new look (the
+    same again with its path twice: another); a path given twice skipped the check of a file alone. Now:
+    a sorted page twice is refused as sorted; stored rows no look has judged (the look's record failed)
+    make a look; a page of it alone, or twice by two spellings, records none and says so; a retry of the
+    look finds its decision."""
+    from flows.monitor import monitor_flow
+    from rollout import pilot_batches
+    from rollout.observations_io import ObservationImportError, read_numbered
+
+    name = flow_use_case(rollback="manual")
+    champion = _promoted(name)
+    by_latency = [{**r, "latency_ms": 100.0 + i} for i, r in enumerate(_rows("s", 20))]
+    page = _write(tmp_path / "page.jsonl", by_latency)
+    with pytest.raises(ObservationImportError, match=r"page\.jsonl: its 20 rows are sorted by latency_ms"):
+        monitor_flow(name, observations_file=[page, page])
+    a, b = (_write(tmp_path / f"{k}.jsonl", _rows(k, 12)) for k in "ab")
+    stored = pilot_batches.store_monitor_import(  # stored, its look never recorded
+        pilot_batches.monitor_target(name), [(p, read_numbered(p)) for p in (a, b)], "b-unjudged"
+    )
+    assert (stored["inserted"], stored["nothing_new"]) == (24, None)
+    look = monitor_flow(name, observations_file=[a, b])
+    assert (look["outcome"], look["created"]) == ("GO", True), look["explanation"]
+    assert _state(name) == ("promoted", champion, 1, 24)
+    (tmp_path / "x").mkdir()
+    again = str(tmp_path / "x" / ".." / "a.jsonl")  # the same file, spelt otherwise
+    for given in (a, [a, again]):
+        alone = monitor_flow(name, observations_file=given)
+        assert alone == {
+            "status": "nothing-new",
+            "explanation": f"{name}: nothing new: every row of {a} was already judged (by an earlier "
+            "monitor look); no look was recorded",
+            "rows": 12,
+        }
+    retry = monitor_flow(name, observations_file=[b, a])
+    assert (retry["decision_id"], retry["created"]) == (look["decision_id"], False)
+    assert _state(name) == ("promoted", champion, 1, 24)

@@ -263,12 +263,16 @@ def test_a_file_is_refused_as_sorted_only_on_the_exact_probability_of_its_order(
     """`outcome_sorted`: rows monotone in latency (or quality) in the file's order, with P(a random order is
     that monotone) = 2 prod(g_i!) / n! below 1e-6. Ten distinct latencies ascending: 2/10! = 5.5e-7,
     refused; nine: 5.5e-6, taken; ties counted (twenty rows in ten tied pairs: 2 * 2^10 / 20! ~ 8.4e-16);
-    one value throughout, or one row out of order, is never a sorted file."""
+    one value throughout, or one row out of order, is never a sorted file. The error flag (a bool, read as
+    0/1; review V2): k errors first among n rows, 2 / C(n, k): 10 of 40 refused, 8 of 20 (1.6e-5) taken."""
     from rollout.outcome_sorted import SORTED_LEVEL, log_p_monotone, sorted_column
 
-    def rows(lat: list[float], q: float | list[float] = 0.9) -> list[dict]:
+    def rows(lat: list[float], q: float | list[float] = 0.9, errors: int = 0) -> list[dict]:
         qs = q if isinstance(q, list) else [q] * len(lat)
-        return [{"latency_ms": x, "quality": y} for x, y in zip(lat, qs, strict=True)]
+        return [
+            {"latency_ms": x, "quality": y, "error": i < errors}
+            for i, (x, y) in enumerate(zip(lat, qs, strict=True))
+        ]
 
     assert math.exp(log_p_monotone(list(range(10)))) == pytest.approx(2 / math.factorial(10))
     assert sorted_column(rows(list(range(10)))) == ("latency_ms", pytest.approx(2 / math.factorial(10)))
@@ -279,3 +283,7 @@ def test_a_file_is_refused_as_sorted_only_on_the_exact_probability_of_its_order(
     assert sorted_column(rows([5.0] * 30)) is None
     assert sorted_column(rows([1.0, 3.0, 2.0, *range(4, 40)])) is None
     assert sorted_column(rows([7.0, 1.0] * 10, q=[i / 20 for i in range(20)]))[0] == "quality"
+    unsorted = [7.0, 1.0, 4.0, 9.0]  # neither latency nor quality in order
+    assert sorted_column(rows(unsorted * 10, errors=10)) == ("error", pytest.approx(2 / math.comb(40, 10)))
+    assert sorted_column(rows(unsorted[::-1] * 10, errors=40)) is None  # every row an error: no order
+    assert 2 / math.comb(20, 8) > SORTED_LEVEL and sorted_column(rows(unsorted * 5, errors=8)) is None
