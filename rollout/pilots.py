@@ -231,13 +231,14 @@ def latest_pilot(session: Session, use_case: UseCase) -> Pilot | None:
 
 
 def was_aborted(session: Session, pilot: Pilot) -> bool:
-    """Whether an operator aborted this ended pilot (`abort_pilot`'s `pilot.abort` audit entry), rather
-    than a NO-GO, a rejection or a new challenger stopping it."""
+    """Whether an operator aborted this ended pilot (`abort_pilot`'s `pilot.abort` audit entry), or its
+    approved promotion went stale before it took effect (`promotion.superseded`: its GO was judged against
+    a champion rolled back since), rather than a NO-GO, a rejection or a new challenger stopping it."""
     if pilot.status != "stopped":
         return False
     found = session.scalar(
         select(AuditEntry.id).where(
-            AuditEntry.action == "pilot.abort",
+            AuditEntry.action.in_(("pilot.abort", "promotion.superseded")),
             AuditEntry.entity == audit.ENTITIES[Pilot.__tablename__],
             AuditEntry.entity_id == str(pilot.id),
         )

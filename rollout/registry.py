@@ -64,6 +64,9 @@ class MoveInProgress(RegistryError):
     """Another champion move of the use case is being carried out (its row is pending): one at a time."""
 
 
+# the status of a move that never took effect and never will (`supersede`): its key is not retried
+SUPERSEDED = "superseded"
+
 # a pending champion move younger than this is taken to be in flight (its MLflow call takes seconds); an
 # older one was cut off, and its own key's retry (rollout.unfinished) finishes it
 MOVE_IN_FLIGHT = dt.timedelta(minutes=5)
@@ -550,6 +553,13 @@ def _move(
                 )
             elif move.status == "committed":
                 return move
+            elif move.status == SUPERSEDED:
+                raise RegistryError(
+                    f"alias_history id {move.id} ({idempotency_key!r}: v{move.from_version} -> "
+                    f"v{move.to_version}) was superseded and is never carried out: {move.error}"
+                )
+            elif alias == "champion" and (stale := stale_move(session, move)) is not None:
+                raise RegistryError(f"{stale}; nothing was moved")
             else:
                 audit.record(
                     session,
@@ -602,6 +612,63 @@ def _move(
         ) from exc
 
     return _committed(db_url, move_id, who, action, alias, to_version, use_case, idempotency_key)
+
+
+def points_at(use_case: str, alias: str, version: str | None) -> bool:
+    """Whether MLflow's `alias` of the use case's model points at `version` now: a move not recorded as
+    committed has taken effect only where it does (False where MLflow cannot say)."""
+    return _points_at(model_name(use_case), alias, version)
+
+
+def stale_move(session, move: AliasMove) -> str | None:  # noqa: ANN001
+    """Why a champion move not committed is stale, or None: its `from_version` is no longer the champion
+    (a later move of the alias committed meanwhile: a rollback, a promotion). Retried, it moved MLflow
+    from whatever serves now while its row said from `from_version`, and the lineage, read in row order,
+    no longer named what MLflow serves (`champion_lineage`): a committed move always starts from the
+    champion of its time, so row order is commit order."""
+    lineage = champions(session, move.use_case_id)
+    serving = lineage[-1] if lineage else None
+    if move.status == "committed" or move.from_version == serving:
+        return None
+    since = session.scalar(
+        select(AliasMove)
+        .where(
+            AliasMove.use_case_id == move.use_case_id,
+            AliasMove.alias == "champion",
+            AliasMove.status == "committed",
+            AliasMove.id > move.id,
+        )
+        .order_by(AliasMove.id.desc())
+        .limit(1)
+    )
+    by = "a later move"
+    if since is not None:
+        by = f"{since.idempotency_key!r} (alias_history id {since.id}: v{since.from_version} -> "
+        by += f"v{since.to_version})"
+    return (
+        f"alias_history id {move.id} ({move.idempotency_key!r}) was to move the champion from "
+        f"v{move.from_version} to v{move.to_version}, but {by} committed since: "
+        + (f"v{serving} serves" if serving else "no champion of ours serves")
+    )
+
+
+def supersede(session, move: AliasMove, *, actor: str, why: str) -> None:  # noqa: ANN001
+    """Mark a champion move that never took effect (pending or failed, MLflow not pointing at its target)
+    `superseded`, for good: a later committed move of the alias made its `from_version` history, so
+    carrying it out would move the alias over a champion it was never judged against (`_move` refuses
+    its key from now on). Audited (`alias.<move>.superseded`, why), in the caller's transaction."""
+    if move.status == "committed":
+        raise RegistryError(f"alias_history id {move.id} is committed; a committed move is never superseded")
+    move.status = SUPERSEDED
+    move.error = redact(why)[:4000]
+    kind = move.idempotency_key.split(":", 1)[0]
+    audit.record(
+        session,
+        actor,
+        f"alias.{kind}.superseded",
+        on=move,
+        details={"alias": move.alias, "from": move.from_version, "to": move.to_version, "why": move.error},
+    )
 
 
 def _points_at(name: str, alias: str, version: str | None) -> bool:

@@ -10,7 +10,9 @@ that dies in between (MLflow down, a deploy, an OOM) leaves a decision that wait
   failed or never ran: the champion that breached keeps serving;
 - the monitor's **automatic rollback** whose move failed: its decision says "rolled back automatically";
 - an approved **promotion** whose moves did not complete: MLflow may serve the challenger while the use
-  case still waits for approval, unmonitored;
+  case still waits for approval, unmonitored (held while the champion's alarm waits; one whose move a
+  later champion move made stale is superseded by its finisher, never carried out:
+  `approvals.effects.apply_promotion`);
 - a **kept alarm** (two approvers rejected the monitor's rollback) or a **rejection** whose run died
   after the signature committed: the use case waits for approval for good (a kept champion unmonitored).
 
@@ -137,6 +139,12 @@ def unfinished_in(session: Any, uc: UseCase) -> Unfinished | None:
     if unfinished_promotion_in(session, latest) is not None and not promotion_held(session, latest):
         return _unfinished(session, uc, latest, "promote")
     return None
+
+
+def promotion_unfinished(session: Any, d: GateDecision) -> Unfinished:
+    """Approved promotion `d` as unfinished, where `unfinished_in` holds it while the champion's alarm
+    waits but MLflow shows its move done (`approvals.effects._shown`): `promote --decision` records it."""
+    return _unfinished(session, session.get(UseCase, d.use_case_id), d, "promote")
 
 
 LIVE_PILOT = ("running", "awaiting_approval")

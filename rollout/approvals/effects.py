@@ -120,11 +120,16 @@ def apply_promotion(
 
     who = approval_identity(approval_id, decision_id, actions=("approve",), db_url=db_url)
     said, reason = reason, _signers_reason(decision_id, approval_id, reason, finished_by, db_url)
+    shown = _shown_in_mlflow(decision_id, db_url)
     with session_scope(db_url, immediate=True) as session:
         d, uc, pilot = _resolved_and_locked(session, decision_id, "approved", to="promote")
         _require_claim(session, d, finished_by, then="nothing was moved")
         _require_pilot_to_promote(d, pilot, moved=False)
-        _hold_while_rollback_waits(session, d, uc)
+        if not shown:
+            stale = _stale_promotion(session, d)
+            if stale is not None:
+                return _abandon_promotion(session, d, uc, pilot, stale, actor=who.name)
+        _hold_while_rollback_waits(session, d, uc, shown=shown)
         name, mv_id = uc.name, pilot.model_version_id
         has_champion = bool(registry.champions(session, uc.id))
         keys = [f"promote:{decision_id}"] + ([] if has_champion else [f"baseline:{decision_id}"])
@@ -198,28 +203,95 @@ def apply_promotion(
 
 
 def promotion_held(session: Any, d: GateDecision) -> bool:
-    """Whether an approved promotion is held (`_hold_while_rollback_waits`): none of its moves begun, and
+    """Whether an approved promotion is held (`_hold_while_rollback_waits`): its move not committed, and
     the monitor's alarm about the serving champion waits for a person. `rollout.unfinished` does not offer
     it to be finished meanwhile (the cycle tried, and was refused, every tick; the portfolio said "the
-    promotion to be finished" where the alarm is what waits: `queries.waits_for`)."""
+    promotion to be finished" where the alarm is what waits: `queries.waits_for`). Read from the state DB
+    alone (the portfolio asks it, and MLflow is likely down where a move failed): a move MLflow shows done
+    all the same (`_shown`) is recorded by a person's `promote --decision`, which asks MLflow."""
     return (
-        _move_status(session, f"promote:{d.id}") is None
+        _move_status(session, f"promote:{d.id}") != "committed"
         and champion.rollback_waiting(session, session.get(UseCase, d.use_case_id)) is not None
     )
 
 
-def _hold_while_rollback_waits(session: Any, d: GateDecision, uc: UseCase) -> None:
+def _shown(session: Any, decision_id: int) -> bool:
+    """Whether the promotion's champion move, recorded but not committed (pending: cut off after MLflow was
+    called; failed), has taken effect all the same: MLflow's champion alias points at its target. A move
+    MLflow does not show (or cannot be asked about) has not taken effect."""
+    from rollout import registry
+
+    move = session.scalar(select(AliasMove).where(AliasMove.idempotency_key == f"promote:{decision_id}"))
+    if move is None or move.status in ("committed", registry.SUPERSEDED):
+        return False
+    return registry.points_at(session.get(UseCase, move.use_case_id).name, "champion", move.to_version)
+
+
+def _shown_in_mlflow(decision_id: int, db_url: str | None) -> bool:
+    """`_shown` in its own transaction, asked before an effect's (MLflow is not called under its lock)."""
+    with session_scope(db_url) as session:
+        return _shown(session, decision_id)
+
+
+def _stale_promotion(session: Any, d: GateDecision) -> str | None:
+    """Why an approved promotion's recorded move is stale (`registry.stale_move`: a later champion move,
+    a rollback of the champion its GO was judged against, committed since), or None."""
+    from rollout import registry
+
+    move = session.scalar(select(AliasMove).where(AliasMove.idempotency_key == f"promote:{d.id}"))
+    return None if move is None else registry.stale_move(session, move)
+
+
+def _abandon_promotion(
+    session: Any, d: GateDecision, uc: UseCase, pilot: Pilot, stale: str, *, actor: str
+) -> dict[str, Any]:
+    """An approved promotion whose move never took effect and went stale (`_stale_promotion`) is not
+    finished: the pilot's GO was judged against a champion that no longer serves. Before, it was finished
+    all the same: MLflow moved from the champion a rollback returned to, while the move's row said from
+    the one rolled back; the lineage (row order) then named a champion MLflow did not serve, the monitor
+    watched nothing, and a person's rollback moved nothing. Its move is marked superseded
+    (`registry.supersede`), its pilot stopped (one a person may pilot again: `pilots.was_aborted`), the
+    use case stopped, and a `promotion.superseded` audit entry says why. The decision stays approved (a
+    resolved decision never changes); nothing moves."""
+    from rollout import pilots, registry
+
+    name = uc.name
+    why = (
+        f"decision {d.id}'s promotion was approved but never took effect, and is not carried out: {stale}. "
+        f"The GO was judged against a champion that no longer serves; pilot again: "
+        f"{pilots.pilot_aborted_again(name)}"
+    )
+    move = session.scalar(select(AliasMove).where(AliasMove.idempotency_key == f"promote:{d.id}"))
+    registry.supersede(session, move, actor=actor, why=why)
+    pilots.stop_pilot(session, pilot, status="stopped", actor=actor, reason=why)
+    lifecycle.set_phase(session, uc, "stopped", actor=actor, reason=f"decision {d.id}: promotion superseded")
+    audit.record(
+        session,
+        actor,
+        PROMOTION_SUPERSEDED,
+        on=pilot,
+        details={"decision_id": d.id, "alias_move_id": move.id, "why": why},
+    )
+    return {"action": "superseded", "decision_id": d.id, "alias_moves": [], "done": True, "reason": why}
+
+
+# the audit action of `_abandon_promotion`, on the pilot: a person may pilot its challenger again
+PROMOTION_SUPERSEDED = "promotion.superseded"
+
+
+def _hold_while_rollback_waits(session: Any, d: GateDecision, uc: UseCase, *, shown: bool) -> None:
     """An approved promotion is not carried out while a rollback of the serving champion waits
     (`checks.rollback_before_promotion`, the rule its signature was checked by): the monitor may record
     its alarm after the GO was signed and before the promotion's run moves the alias. Promoted over it,
     the alarm was left about a champion that no longer served, its approval "rolling back" and moving
     nothing. PromotionHeld, under the decision's lock, before any move: the approval stands, and the
     promotion is finished once the alarm is decided (`rollout.unfinished`: the cycle, or `promote
-    --decision`). A promotion whose move has begun (its alias row recorded: MLflow may serve it already)
-    is finished as begun."""
+    --decision`). Only a move in effect is finished as begun: committed (the state DB's side is left), or
+    `shown` (MLflow's alias points at its target: `_shown_in_mlflow`). Before, any recorded move was, a
+    failed one too: the cycle promoted over the alarm."""
     from rollout.approvals.checks import rollback_before_promotion
 
-    if _move_status(session, f"promote:{d.id}") is not None:
+    if shown or _move_status(session, f"promote:{d.id}") == "committed":
         return
     first = rollback_before_promotion(session, uc)
     if first is None:
@@ -555,8 +627,9 @@ def unfinished_promotion(decision_id: int, *, by: str | None = None, db_url: str
     finish it (`promote --decision`), for whom it is claimed from an approval run that has not taken it
     up, under the decision's lock (that run then declines it)."""
     from rollout.approvals.checks import lock_decision
-    from rollout.unfinished import refuse_while_applied, unfinished_in
+    from rollout.unfinished import promotion_unfinished, refuse_while_applied, unfinished_in
 
+    shown = _shown_in_mlflow(decision_id, db_url)
     with session_scope(db_url, immediate=True) as session:
         if session.get(GateDecision, decision_id) is None:
             raise ApprovalError(f"no decision {decision_id}")
@@ -567,9 +640,11 @@ def unfinished_promotion(decision_id: int, *, by: str | None = None, db_url: str
                 "finished by `sparsepilot rollback`"
             )
         if d.resolution == "approved":  # held while a rollback waits: said, not claimed
-            _hold_while_rollback_waits(session, d, session.get(UseCase, d.use_case_id))
+            _hold_while_rollback_waits(session, d, session.get(UseCase, d.use_case_id), shown=shown)
         approval = unfinished_promotion_in(session, d)
         pending = None if approval is None else unfinished_in(session, session.get(UseCase, d.use_case_id))
+        if approval is not None and shown and promotion_held(session, d):  # not held: MLflow shows it done
+            pending = promotion_unfinished(session, d)
         if pending is not None and (pending.decision_id, pending.action) == (d.id, "promote"):
             refuse_while_applied(session, pending, claim_for=by)
         return approval
@@ -622,10 +697,13 @@ def unfinished_promotion_in(session: Any, d: GateDecision) -> int | None:
 
 def _superseded(session: Any, d: GateDecision) -> bool:
     """Whether the champion moved on after this decision's promotion committed (a rollback, a later
-    promotion): finishing it again would re-promote on old evidence. A promotion that committed in
+    promotion), or its move was superseded before it took effect (`_abandon_promotion`): finishing it
+    again would re-promote on old evidence. A promotion that committed in
     MLflow but crashed before the use case was marked promoted is the last champion move: unfinished."""
     from rollout import registry
 
+    if _move_status(session, f"promote:{d.id}") == registry.SUPERSEDED:  # stale, never carried out
+        return True
     moves = registry.committed_moves(session, d.use_case_id, "champion")
     mine = [i for i, m in enumerate(moves) if m.idempotency_key == f"promote:{d.id}"]
     return bool(mine) and mine[-1] < len(moves) - 1

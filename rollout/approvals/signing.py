@@ -217,7 +217,9 @@ def approve(
         # gone): the signer carries the decision out, and the run, should it wake, declines it
         not_taken_up, resumed, apply_now = resumed, None, True
     if apply_now:
-        apply_decision(decision_pk, payload, db_url=db_url)
+        done = apply_decision(decision_pk, payload, db_url=db_url)
+        if done.get("action") == "none":  # a rollback another move made moot: it never says "rolls back"
+            effect_words = done["reason"]
     if not_taken_up:
         no_run = (
             f"flow run {not_taken_up} was resumed, but did not take it up within {TAKE_UP_WAIT_S:g} s "

@@ -21,6 +21,7 @@ from rollout.db.session import session_scope
 class Standing:
     in_effect: bool  # the decision's move is the champion's last committed move
     words: str  # "it took effect: champion v2 since ...", or what superseded it
+    moved: bool = True  # False: its move never took effect, superseded first (`registry.supersede`)
 
 
 def effect_key(d: GateDecision) -> str:
@@ -46,10 +47,17 @@ def standing_of(moves: list[AliasMove], key: str) -> Standing | None:
 
 
 def standing(session: Any, d: GateDecision) -> Standing | None:
-    """`standing_of` an approved decision's champion move, read in the caller's transaction."""
+    """`standing_of` an approved decision's champion move, read in the caller's transaction; a move that
+    never took effect and went stale (`registry.supersede`: a rollback came first) says why, from its row."""
     from rollout import registry
 
-    return standing_of(registry.committed_moves(session, d.use_case_id, "champion"), effect_key(d))
+    found = standing_of(registry.committed_moves(session, d.use_case_id, "champion"), effect_key(d))
+    if found is not None:
+        return found
+    move = session.scalar(select(AliasMove).where(AliasMove.idempotency_key == effect_key(d)))
+    if move is None or move.status != registry.SUPERSEDED:
+        return None
+    return Standing(False, f"it was superseded before it took effect: {move.error}", moved=False)
 
 
 def promotion_in_effect(decision_id: int, *, db_url: str | None = None) -> str | None:
@@ -76,6 +84,8 @@ def promotion_in_effect(decision_id: int, *, db_url: str | None = None) -> str |
     head = f"decision {decision_id} was approved" + (f" by {' and '.join(signers)}" if signers else "")
     if found.in_effect:
         return f"{name}: {head}; {found.words}; nothing to do"
+    if not found.moved:  # its words say how to pilot again
+        raise ApprovalError(f"{head}; {found.words}; nothing was recorded")
     raise ApprovalError(
         f"{head}; {found.words}; nothing was recorded. A promotion now needs a new pilot: {pilot_again(name)}"
     )

@@ -294,7 +294,9 @@ class Approval(Base):
 
 class AliasMove(Base):
     """Alias history MLflow forgets. ``status`` is 'pending' before the MLflow call and becomes
-    'committed' or 'failed' after, so a crash midway is visible instead of silently claimed."""
+    'committed' or 'failed' after, so a crash midway is visible instead of silently claimed; a move that
+    never took effect and went stale (a later move committed first) is 'superseded', never retried
+    (rollout.registry.supersede)."""
 
     __tablename__ = "alias_history"
 

@@ -408,3 +408,156 @@ def test_migration_0013_replays_each_promotion() -> None:
     assert m.replaced([*base, ("rollback:9", "3", "2")], pilots) == set()
     assert m.replaced([*base, ("promote:3", "3", "2")], pilots) == {1, 2}
     assert m.replaced([*base[:2], ("rollback:9", "2", "1")], pilots) == set()
+
+
+def _failed_promotion(name: str, monkeypatch) -> tuple[dict[str, Any], int]:  # noqa: ANN001
+    """Pilot 1 promoted (v2 serves), then pilot 2's GO approved by alice while MLflow is down: its champion
+    move (v2 -> v3) recorded and failed. Pilot 1's champion info and pilot 2's decision."""
+    from mlflow import MlflowClient
+
+    from rollout import approvals, registry
+
+    info = _promoted(name)
+    second = _pilot_with_decision(name, "GO", "approval", key="second", tau=0.8)
+    real = MlflowClient.set_registered_model_alias
+
+    def down(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        raise ConnectionError("tracking server unreachable")
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", down)
+    with pytest.raises(registry.RegistryError, match="unreachable"):
+        approvals.approve(second, _identity(ALICE), "pilot 2 passed")
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", real)
+    return info, second
+
+
+def _champion_moves(name: str) -> list[tuple[str, str | None, str, str]]:
+    from rollout import registry
+
+    return [
+        (m["idempotency_key"], m["from_version"], m["to_version"], m["status"])
+        for m in registry.alias_history(name)
+        if m["alias"] == "champion"
+    ]
+
+
+@pytest.mark.parametrize("trust_db", ["sqlite"], indirect=True)
+def test_a_failed_promotion_is_not_finished_over_the_champions_alarm(use_case, monkeypatch) -> None:  # noqa: ANN001
+    """Pilot 2's GO approved while MLflow was down (its move recorded, failed), then the monitor's alarm
+    about pilot 1's serving champion. The cycle's finisher and `promote --decision` finished the promotion
+    over the waiting alarm (a move recorded was "finished as begun"), and approving the alarm then said
+    "rolls back" and moved nothing. Now a move MLflow does not show has not taken effect: the promotion is
+    held while the alarm waits, the portfolio names the alarm, and the alarm's approval rolls back."""
+    from rollout import approvals, registry, unfinished
+
+    name = use_case(rollback="manual")
+    info, second = _failed_promotion(name, monkeypatch)
+    alarm = _alarm(name, info)
+    monkeypatch.setattr(unfinished, "APPLY_GRACE", unfinished.APPLY_GRACE * 0)  # a later tick of the cycle
+    assert _waits(name).startswith(
+        f"approval to roll back the champion (the monitor's alarm, decision {alarm}"
+    )
+    assert unfinished.claim_to_finish(name, "sparsepilot-pipeline") is None  # the cycle leaves it
+    with pytest.raises(approvals.PromotionHeld, match=f"not promoted while the monitor's alarm .*{alarm}"):
+        approvals.unfinished_promotion(second, by="carol")  # `promote --decision`
+    assert registry.current_aliases(name)["champion"] == "2"
+
+    done = approvals.approve(alarm, _identity(BOB), "bad rows")
+    assert "champion rolls back to the previous one" in done.message
+    rows, champions, promoted, _ = _pilots(name)
+    assert (champions, promoted, registry.current_aliases(name)["champion"]) == (["1"], None, "1")
+    assert rows == [(1, "rolled_back", "2"), (2, "awaiting_approval", "3")]
+
+
+@pytest.mark.parametrize("trust_db", ["sqlite"], indirect=True)
+def test_a_failed_promotion_a_rollback_made_stale_is_superseded_not_finished(use_case, monkeypatch) -> None:  # noqa: ANN001
+    """Pilot 2's promotion move failed (v2 -> v3), then the alarm about v2 was approved (v2 -> v1). The
+    finisher committed the old row: MLflow moved v1 -> v3 while the row said from v2, the lineage (row
+    order) read ['1', '2', '3', '1'] while v3 served unmonitored, and a person's rollback moved nothing.
+    Now the stale move is superseded, never carried out: pilot 2 stopped (a person may pilot it again),
+    the use case stopped, audited; the lineage is MLflow's."""
+    from rollout import approvals, pilots, registry, unfinished
+    from rollout.db.models import AuditEntry, Pilot
+    from rollout.db.session import session_scope
+
+    name = use_case(rollback="manual")
+    info, second = _failed_promotion(name, monkeypatch)
+    alarm = _alarm(name, info)
+    approvals.approve(alarm, _identity(BOB), "bad rows")  # v2 -> v1
+    with pytest.raises(registry.RegistryError, match="v2 to v3, but 'rollback:.*committed since"):
+        registry.promote(  # its key's retry alone is refused too: the registry's rule
+            name, version="3", actor=_identity(ALICE), reason="again", idempotency_key=f"promote:{second}"
+        )
+    monkeypatch.setattr(unfinished, "APPLY_GRACE", unfinished.APPLY_GRACE * 0)
+    u = unfinished.claim_to_finish(name, "sparsepilot-pipeline")  # what the cycle's finisher runs
+    assert (u.decision_id, u.action) == (second, "promote")
+    done = approvals.apply_promotion(
+        second, u.approval_id, reason="finish", finished_by="sparsepilot-pipeline"
+    )
+    assert (done["action"], done["alias_moves"]) == ("superseded", [])
+    assert f"'rollback:{alarm}' (alias_history id 6: v2 -> v1) committed since: v1 serves" in done["reason"]
+    assert f"`sparsepilot pilot {name} --again --reason TEXT`" in done["reason"]
+    assert _champion_moves(name) == [
+        ("baseline:1", None, "1", "committed"),
+        ("promote:1", "1", "2", "committed"),
+        (f"promote:{second}", "2", "3", "superseded"),
+        (f"rollback:{alarm}", "2", "1", "committed"),
+    ]
+    rows, champions, promoted, _ = _pilots(name)
+    assert (champions, registry.current_aliases(name)["champion"]) == (["1"], "1")
+    assert (rows, promoted, _phase(name)) == ([(1, "rolled_back", "2"), (2, "stopped", "3")], None, "stopped")
+    assert unfinished.unfinished_of(name) is None
+    assert _waits(name).startswith(f"an operator: `sparsepilot pilot {name} --again --reason TEXT`")
+    assert approvals.unfinished_promotion(second, by="carol") is None  # `promote --decision`: nothing left
+    with pytest.raises(approvals.ApprovalError) as again:  # ... and says why, not "finishes it"
+        approvals.promotion_in_effect(second)
+    assert str(again.value).startswith(
+        f"decision {second} was approved by alice; it was superseded before it took effect: decision "
+        f"{second}'s promotion was approved but never took effect"
+    )
+    with pytest.raises(registry.RegistryError, match="superseded and is never carried out"):
+        registry.promote(
+            name, version="3", actor=_identity(ALICE), reason="again", idempotency_key=f"promote:{second}"
+        )
+    with session_scope() as s:
+        pilot = s.scalar(select(Pilot).where(Pilot.pilot_number == 2))
+        assert pilots.was_aborted(s, pilot)  # `pilot NAME --again` may pilot it again
+        audited = s.scalar(select(AuditEntry.action).where(AuditEntry.action == "promotion.superseded"))
+        assert audited == "promotion.superseded"
+
+
+@pytest.mark.parametrize("trust_db", ["sqlite"], indirect=True)
+def test_a_promotion_mlflow_shows_done_is_recorded_and_the_moot_alarm_moves_nothing(
+    use_case, monkeypatch
+) -> None:  # noqa: ANN001
+    """Pilot 2's promotion cut off after MLflow moved the champion to v3 (its row left pending), then the
+    alarm about v2. Held by the state DB alone (the cycle leaves it); a person's `promote --decision` asks
+    MLflow, which shows it done: recorded as done. Approving the alarm, about a v2 that no longer serves,
+    moves nothing and says so: it used to say "rolls back to the previous one"."""
+    from rollout import approvals, registry, unfinished
+
+    name = use_case(rollback="manual")
+    info = _promoted(name)
+    second = _pilot_with_decision(name, "GO", "approval", key="second", tau=0.8)
+    committed = registry._committed
+
+    def cut_off(*args: Any, **kwargs: Any) -> Any:
+        raise registry.RegistryError("the state DB was busy")  # MLflow moved; the row stays pending
+
+    monkeypatch.setattr(registry, "_committed", cut_off)
+    with pytest.raises(registry.RegistryError, match="busy"):
+        approvals.approve(second, _identity(ALICE), "pilot 2 passed")
+    monkeypatch.setattr(registry, "_committed", committed)
+    assert registry.current_aliases(name)["champion"] == "3"
+    alarm = _alarm(name, info)
+    monkeypatch.setattr(unfinished, "APPLY_GRACE", unfinished.APPLY_GRACE * 0)
+    assert unfinished.claim_to_finish(name, "sparsepilot-pipeline") is None
+    approval_id = approvals.unfinished_promotion(second, by="carol")
+    done = approvals.apply_promotion(second, approval_id, reason="finish", finished_by="carol")
+    assert (done["action"], done["done"], _pilots(name)[1:3]) == ("promoted", True, (["1", "2", "3"], 2))
+
+    said = approvals.approve(alarm, _identity(BOB), "bad rows").message
+    assert "rolls back" not in said
+    assert f"decision {alarm} asked to roll back champion v2, but v3 serves now" in said
+    assert "nothing moved" in said
+    assert registry.current_aliases(name)["champion"] == "3"
