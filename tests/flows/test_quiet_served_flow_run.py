@@ -37,7 +37,11 @@ def test_a_flow_run_in_the_serves_environment_writes_to_its_log_file(
     log = tmp_path / "logs" / "serve-20261207T000000Z-1.log"
     log.parent.mkdir()
     log.write_text("2026-12-07 00:00:00,000 INFO sparsepilot: the serve's own line\n")
-    env = {**os.environ, "PREFECT_API_URL": prefect_harness, SERVED_LOG_FILE: str(log)}
+    # the serve's environment, not this worker's: an in-process `sparsepilot run` earlier in the worker left
+    # PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL=WARNING in os.environ (its progress display owns the terminal),
+    # which took the flow run's INFO lines off the console (the CI's order: the console read '')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_LOGGING_")}
+    env.update({"PREFECT_API_URL": prefect_harness, SERVED_LOG_FILE: str(log)})
     proc = subprocess.run(
         [sys.executable, "-c", FLOW_RUN], cwd=REPO, env=env, capture_output=True, text=True, timeout=180
     )
