@@ -27,7 +27,7 @@ true difference at some look (`tests/rollout/test_gate_coverage.py`).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -171,18 +171,13 @@ def simulate(
     share = DESIGNS[design]
     units = requests(share, per_look, looks)
     look_at = np.array([units * k // looks - 1 for k in range(1, looks + 1)])
-    rng = np.random.default_rng(seed)
     kw = prior(settings, "paired" if share is None else "split", 0.5 if share is None else share)
     m0 = -settings.margin
     go_counts, nogo_counts = np.zeros(looks), np.zeros(looks)
     units_sum = 0.0
     first_go: list[np.ndarray] = []
     nogo_at: list[np.ndarray] = []
-    per_chunk = max(1, chunk_elements // units)
-    done = 0
-    while done < replications:
-        r = min(per_chunk, replications - done)
-        stream, treated = _pilot_streams(model, share, rng, (r, units), truth)
+    for r, stream, treated in _pilot_chunks(model, share, units, truth, replications, seed, chunk_elements):
         lam = two_sided_bets(stream, m0, **kw, sides=("lower", "upper") if nogo else ("lower",))
         _, logk = rejects(stream, m0, "lower", settings.alpha_go, lam=lam["lower"], **kw)
         go = _crossed_by_look(logk, look_at, settings.alpha_go)
@@ -197,7 +192,6 @@ def simulate(
             ended = nogo_ends(go, futile, enough)
             nogo_counts += ended.sum(axis=0)
             nogo_at.append(np.where(ended.any(axis=1), ended.argmax(axis=1) + 1, 0))
-        done += r
     rates = go_counts / replications
     upper = tuple(clopper_pearson_upper(int(c), replications) for c in go_counts)
     return Result(
@@ -215,6 +209,27 @@ def simulate(
         tuple(clopper_pearson_upper(int(c), replications) for c in nogo_counts) if nogo else (),
         tuple(int(x) for x in np.concatenate(nogo_at)) if nogo and keep_runs else (),
     )
+
+
+def _pilot_chunks(
+    model: ScoreModel,
+    share: float | None,
+    units: int,
+    truth: float,
+    replications: int,
+    seed: int,
+    chunk_elements: int,
+) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
+    """`replications` simulated pilots of `units` requests, drawn from `seed` in chunks of about
+    `chunk_elements` values: (pilots in the chunk, stream, treated) as `_pilot_streams` gives them. One
+    draw order for `simulate` and `simulate_coverage`, so the same seed gives the same pilots."""
+    rng = np.random.default_rng(seed)
+    per_chunk = max(1, chunk_elements // units)
+    done = 0
+    while done < replications:
+        r = min(per_chunk, replications - done)
+        yield (r, *_pilot_streams(model, share, rng, (r, units), truth))
+        done += r
 
 
 def _pilot_streams(
@@ -322,20 +337,14 @@ def simulate_coverage(
     model = SCORE_MODELS[scores]
     share = DESIGNS[design]
     units = requests(share, per_look, looks)
-    rng = np.random.default_rng(seed)
     kw = prior(settings, "paired" if share is None else "split", 0.5 if share is None else share)
     m0 = -settings.margin
-    per_chunk = max(1, chunk_elements // units)
     low: list[np.ndarray] = []
     high: list[np.ndarray] = []
-    done = 0
-    while done < replications:
-        r = min(per_chunk, replications - done)
-        stream, _ = _pilot_streams(model, share, rng, (r, units), truth)
+    for _, stream, _ in _pilot_chunks(model, share, units, truth, replications, seed, chunk_elements):
         lam = two_sided_bets(stream, m0, **kw)
         low.append(rejects(stream, truth, "lower", settings.alpha_go, lam=lam["lower"], **kw)[0])
         high.append(rejects(stream, truth, "upper", settings.alpha, lam=lam["upper"], **kw)[0])
-        done += r
     lo, hi = np.concatenate(low), np.concatenate(high)
     missed = int((lo | hi).sum())
     return CoverageResult(
