@@ -6,11 +6,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+import numpy as np
 import pandas as pd
 
 from rollout.gate import GateHistory, GateSettings, decide
 from rollout.gate.evidence import Decision
-from rollout.gate.simulation import clopper_pearson_lower, clopper_pearson_upper
+from rollout.gate.simulation import DESIGNS, clopper_pearson_lower, clopper_pearson_upper, draw_pilot
 
 REPORT_LOOKS = (1, 5, 10)  # error rates by look 1, 5 and 10 of a 10-look pilot
 
@@ -69,3 +70,44 @@ def first_look(
             return k, d
         history = d.next_history(history)
     return 0, None
+
+
+def frame_of(
+    control: np.ndarray, sparse: np.ndarray, treated: np.ndarray, paired: bool, upto: int
+) -> pd.DataFrame:
+    """The pilot's rows in arrival order up to request `upto`, as the flows store them."""
+    rows = []
+    for i in range(upto):
+        if paired:
+            rows.append((f"r{i}", "control", control[i]))
+            rows.append((f"r{i}", "treatment", sparse[i]))
+        else:
+            rows.append(
+                (f"r{i}", "treatment" if treated[i] else "control", sparse[i] if treated[i] else control[i])
+            )
+    df = pd.DataFrame(rows, columns=["request_id", "arm", "quality"])
+    return df.assign(latency_ms=100.0, error=False)
+
+
+def replay(
+    *,
+    design: str,
+    scores: str,
+    per_look: int,
+    looks: int,
+    truth: float,
+    seed: int,
+    hit: Callable[[Decision], bool],
+    settings: GateSettings = REPLAY_SETTINGS,
+) -> tuple[int, Decision | None]:
+    """One simulated pilot (`draw_pilot`, as `simulate` draws it with one replication and `seed`) judged
+    look by look through `decide` until a decision satisfies `hit` (`first_look`)."""
+    share = DESIGNS[design]
+    control, sparse, treated = draw_pilot(
+        design=design, scores=scores, per_look=per_look, looks=looks, truth=truth, seed=seed
+    )
+    units = len(control)
+    frames = (
+        frame_of(control, sparse, treated, share is None, units * k // looks) for k in range(1, looks + 1)
+    )
+    return first_look(frames, share, hit, settings)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import zlib
 
-import numpy as np
-import pandas as pd
 import pytest
 
 from rollout.gate import GateHistory, GateSettings
@@ -19,7 +17,7 @@ from rollout.gate.inputs import check_observations
 from rollout.gate.quality import paired_arms, split_arms
 from rollout.gate.simulation import DESIGNS, draw_pilot, simulate_coverage
 
-from .gate_helpers import refuted
+from .gate_helpers import frame_of, refuted
 
 # a use case's first pilot: GO at 0.0304, the interval's upper end at alpha
 SETTINGS = GateSettings(
@@ -66,19 +64,6 @@ def test_the_reported_interval_covers_the_truth_at_every_look() -> None:
     assert not bad, [(r.design, r.per_look, r.truth, r.missed, r.lower_above, r.upper_below) for r in bad]
 
 
-def _frame(control: np.ndarray, sparse: np.ndarray, treated: np.ndarray, paired: bool) -> pd.DataFrame:
-    units = len(control)
-    if paired:
-        ids = np.repeat([f"r{i}" for i in range(units)], 2)
-        arm = np.tile(["control", "treatment"], units)
-        q = np.column_stack([control, sparse]).ravel()
-    else:
-        ids = np.array([f"r{i}" for i in range(units)])
-        arm = np.where(treated, "treatment", "control")
-        q = np.where(treated, sparse, control)
-    return pd.DataFrame({"request_id": ids, "arm": arm, "quality": q, "latency_ms": 100.0, "error": False})
-
-
 def _missed_through_decide(design: str, per_look: int, looks: int, truth: float, seed: int) -> bool:
     """One simulated pilot, look by look through `decide`'s quality path (`decide._quality` on the checked
     rows, the history carried as the gate flow carries it): did a look's reported interval miss the truth?"""
@@ -87,7 +72,7 @@ def _missed_through_decide(design: str, per_look: int, looks: int, truth: float,
     c, s, t = draw_pilot(
         design=design, scores="binary80", per_look=per_look, looks=looks, truth=truth, seed=seed
     )
-    full = check_observations(_frame(c, s, t, paired), mode="paired" if paired else "split").frame
+    full = check_observations(frame_of(c, s, t, paired, len(c)), mode="paired" if paired else "split").frame
     history, missed = GateHistory(), False
     for k in range(1, looks + 1):
         f = full.iloc[: (2 if paired else 1) * (len(c) * k // looks)]

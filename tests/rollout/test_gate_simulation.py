@@ -21,7 +21,6 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from rollout.gate import GateSettings, guardrail_checks
@@ -33,12 +32,11 @@ from rollout.gate.simulation import (
     Result,
     clopper_pearson_lower,
     clopper_pearson_upper,
-    draw_pilot,
     simulate,
 )
 from rollout.spec import parse_spec, spec_warnings
 
-from .gate_helpers import REPLAY_SETTINGS, REPORT_LOOKS, by_look, first_look, too_high
+from .gate_helpers import REPLAY_SETTINGS, REPORT_LOOKS, by_look, replay, too_high
 from .usecase_helpers import example_spec
 
 SETTINGS = GateSettings(alpha=0.05, margin=0.03, min_samples_per_arm=2, guardrail_min_samples=1)
@@ -146,23 +144,6 @@ def test_power_and_sample_size_at_no_true_loss_are_reported() -> None:
             assert powers == sorted(powers), (d, s, powers)
 
 
-def frame_of(
-    control: np.ndarray, sparse: np.ndarray, treated: np.ndarray, paired: bool, upto: int
-) -> pd.DataFrame:
-    """The pilot's rows in arrival order up to request `upto`, as the flows store them."""
-    rows = []
-    for i in range(upto):
-        if paired:
-            rows.append((f"r{i}", "control", control[i]))
-            rows.append((f"r{i}", "treatment", sparse[i]))
-        else:
-            rows.append(
-                (f"r{i}", "treatment" if treated[i] else "control", sparse[i] if treated[i] else control[i])
-            )
-    df = pd.DataFrame(rows, columns=["request_id", "arm", "quality"])
-    return df.assign(latency_ms=100.0, error=False)
-
-
 @pytest.mark.parametrize(
     ("design", "scores", "per_look", "truth"),
     [
@@ -177,29 +158,11 @@ def test_decide_agrees_with_the_simulation(design: str, scores: str, per_look: i
     """Replay simulated pilots look by look through `decide` (history carried, as the gate flow does):
     the look of the first GO equals the simulation's, pilot by pilot (the cases are chosen so that some
     pilots reach GO and some do not)."""
-    looks = 6
-    share = DESIGNS[design]
+    cell = {"design": design, "scores": scores, "per_look": per_look, "looks": 6, "truth": truth}
     firsts = []
     for seed in range(8):
-        sim = simulate(
-            REPLAY_SETTINGS,
-            design=design,
-            scores=scores,
-            per_look=per_look,
-            looks=looks,
-            truth=truth,
-            replications=1,
-            seed=seed,
-            keep_runs=True,
-        )
-        control, sparse, treated = draw_pilot(
-            design=design, scores=scores, per_look=per_look, looks=looks, truth=truth, seed=seed
-        )
-        units = len(control)
-        frames = (
-            frame_of(control, sparse, treated, share is None, units * k // looks) for k in range(1, looks + 1)
-        )
-        first, _ = first_look(frames, share, lambda d: d.outcome == "GO")
+        sim = simulate(REPLAY_SETTINGS, **cell, replications=1, seed=seed, keep_runs=True)
+        first, _ = replay(**cell, seed=seed, hit=lambda d: d.outcome == "GO")
         assert first == sim.first_go_look[0], (seed, first, sim.first_go_look[0])
         firsts.append(first)
     assert any(firsts), "no simulated pilot reached GO: the replay proves nothing"
@@ -221,31 +184,12 @@ def test_decide_agrees_with_the_simulation_on_nogo(
     """Replay simulated pilots look by look through `decide` until the step ends (GO or NO-GO, as the gate
     flow stops there): the look of a NO-GO equals the simulation's (`nogo_look`, 0 where the step ends GO
     or not at all), pilot by pilot, the step's minimum sample held as `decide` holds it."""
-    looks = 6
-    share = DESIGNS[design]
+    cell = {"design": design, "scores": scores, "per_look": per_look, "looks": 6, "truth": truth}
     settings = replace(REPLAY_SETTINGS, min_samples_per_arm=min_n)
     ends = []
     for seed in range(8):
-        sim = simulate(
-            settings,
-            design=design,
-            scores=scores,
-            per_look=per_look,
-            looks=looks,
-            truth=truth,
-            replications=1,
-            seed=seed,
-            keep_runs=True,
-            nogo=True,
-        )
-        control, sparse, treated = draw_pilot(
-            design=design, scores=scores, per_look=per_look, looks=looks, truth=truth, seed=seed
-        )
-        units = len(control)
-        frames = (
-            frame_of(control, sparse, treated, share is None, units * k // looks) for k in range(1, looks + 1)
-        )
-        look, d = first_look(frames, share, lambda d: d.outcome in ("GO", "NO-GO"), settings)
+        sim = simulate(settings, **cell, replications=1, seed=seed, keep_runs=True, nogo=True)
+        look, d = replay(**cell, seed=seed, hit=lambda d: d.outcome in ("GO", "NO-GO"), settings=settings)
         nogo = look if d is not None and d.outcome == "NO-GO" else 0
         assert nogo == sim.nogo_look[0], (seed, look, d and d.reasons, sim.nogo_look[0])
         if nogo:
