@@ -5,6 +5,7 @@ no longer paused, and nothing written when a request is refused."""
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
@@ -305,15 +306,10 @@ def _kept_by_two(name: str, decision_id: int, champion: str, reasons: tuple[str,
     return kept
 
 
-def _breach_waits_for_a_person(name: str, tmp_path, promoted: str) -> dict:  # noqa: ANN001
-    """A monitor look on 8 errors in 20 production requests against a 5% ceiling (evidence of a breach; 3
-    in 10 would not yet be): NO-GO, the rollback waits for a person, nothing moved without one."""
+def breach_export(tmp_path) -> Path:  # noqa: ANN001
+    """A production export of 20 champion answers, 8 of them errors, against a 5% error ceiling: evidence
+    of a breach (3 in 10 would not yet be), for a monitor look."""
     import json
-
-    from flows.monitor import monitor_flow
-    from rollout import registry
-    from rollout.db.models import AuditEntry, UseCase
-    from rollout.db.session import session_scope
 
     prod = tmp_path / "prod.jsonl"
     rows = [
@@ -321,7 +317,19 @@ def _breach_waits_for_a_person(name: str, tmp_path, promoted: str) -> dict:  # n
         for i in range(20)
     ]
     prod.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    mon = monitor_flow(name, observations_file=str(prod))
+    return prod
+
+
+def _breach_waits_for_a_person(name: str, tmp_path, promoted: str) -> dict:  # noqa: ANN001
+    """A monitor look on 8 errors in 20 production requests against a 5% ceiling (evidence of a breach; 3
+    in 10 would not yet be): NO-GO, the rollback waits for a person, nothing moved without one."""
+
+    from flows.monitor import monitor_flow
+    from rollout import registry
+    from rollout.db.models import AuditEntry, UseCase
+    from rollout.db.session import session_scope
+
+    mon = monitor_flow(name, observations_file=str(breach_export(tmp_path)))
     assert (mon["outcome"], mon["awaiting"], mon["automatic_rollback"]) == (
         "NO-GO",
         "rollback_approval",

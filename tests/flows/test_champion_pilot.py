@@ -162,21 +162,16 @@ def test_an_alarm_while_another_challenger_pilots_leaves_the_pilot_alone(flow_us
     its decision alone: the use case stays piloting (an "awaiting_approval" phase would have stopped the
     pilot's batches, and keeping the champion set it "promoted" under a running pilot), the monitor
     pauses until a person decides, and the approved rollback leaves the pilot running."""
-    import json
 
     from flows.monitor import monitor_flow
     from rollout import approvals, pilot_batches, registry
     from tests.flows.test_approvals import _promoted as _go_promoted
+    from tests.flows.test_approvals import breach_export
 
     name = flow_use_case(rollback="manual")
     champion = _go_promoted(name)
     _running_pilot(name, tau=0.8)
-    prod = tmp_path / "prod.jsonl"
-    rows = [
-        {"request_id": f"p{i}", "arm": "treatment", "quality": 0.9, "latency_ms": 500.0, "error": i < 8}
-        for i in range(20)
-    ]
-    prod.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prod = breach_export(tmp_path)
     mon = monitor_flow(name, observations_file=str(prod))
     assert (mon["outcome"], mon["awaiting"], mon["automatic_rollback"]) == (
         "NO-GO",
