@@ -172,6 +172,25 @@ def flow_run_is_live(flow_run_id: str) -> bool:
     return state is None or not state.is_final()
 
 
+@contextmanager
+def use_case_lease(use_case: str, what: str) -> Iterator[str]:
+    """`rollout.leases.holding` as a flow run takes it: named by this flow run, a holder Prefect ended
+    seen gone at once (`flow_run_is_live`), and what a dead holder left running in Prefect marked Crashed
+    (flows.crashed_holder). Raises UseCaseBusy, naming the holder."""
+    from flows.crashed_holder import crash_left_running
+    from rollout import leases
+
+    run = this_run()
+    with leases.holding(
+        use_case,
+        what,
+        flow_run_id=run,
+        run_is_live=flow_run_is_live,
+        on_take_over=lambda taken: crash_left_running(taken, leases.work_description(what, run)),
+    ) as token:
+        yield token
+
+
 def under_lease(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """A flow that changes a use case's state works under its lease (rollout.leases): one run at a time
     per use case, re-entrant for a cycle's subflows; another run meanwhile is refused with
@@ -183,12 +202,11 @@ def under_lease(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
         def run_under_lease(*args: Any, **kwargs: Any) -> Any:
-            from rollout import leases
             from rollout.mlflow_store import ensure_store
 
             ensure_store()
             use_case = kwargs["use_case"] if "use_case" in kwargs else args[0]
-            with leases.holding(use_case, what, flow_run_id=this_run(), run_is_live=flow_run_is_live):
+            with use_case_lease(use_case, what):
                 return fn(*args, **kwargs)
 
         return run_under_lease

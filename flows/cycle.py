@@ -42,10 +42,10 @@ def cycle_flow(use_case: str, batches: int = 1, pilot_anyway: bool = False) -> d
     case busy (the previous cycle still running, or someone's manual run) does nothing and says who
     holds it. `pilot_anyway`: a deployment's (or a run's) explicit override of "not piloted", as
     `sparsepilot pilot NAME --pilot-anyway` (never a missed budget)."""
-    from flows.common import flow_run_is_live, this_run
+    from flows.common import use_case_lease
 
     try:
-        with leases.holding(use_case, "use-case cycle", flow_run_id=this_run(), run_is_live=flow_run_is_live):
+        with use_case_lease(use_case, "use-case cycle"):
             return _cycle(use_case, batches, pilot_anyway)
     except leases.UseCaseBusy as busy:  # raised on entry only: the subflows run under this lease
         get_run_logger().warning("%s; this cycle does nothing", busy)

@@ -14,7 +14,9 @@ the work goes on, so a lease outlives any long calibration. A holder that dies s
 next run takes its use case over at once when it can tell the holder is gone (a process of this host
 that no longer exists; a flow run that Prefect has marked finished, crashed included, asked through the
 `run_is_live` the flows pass in), else when its lease lapses, `LEASE_SECONDS` after the last renewal
-(`SPARSEPILOT_LEASE_SECONDS` sets another length: `lease_seconds`).
+(`SPARSEPILOT_LEASE_SECONDS` sets another length: `lease_seconds`). The run that takes over is told from
+whom (`TakenOver`, `holding`'s `on_take_over`): the flows then mark Crashed what Prefect still shows
+running of a dead holder's flow run (flows/crashed_holder.py).
 Expiries are set and read on one clock, the state DB's (`_clock`): on PostgreSQL the server's, so hosts
 whose own clocks disagree (by more than a lease, even) neither take over a live holder nor keep a dead
 one's use case; on SQLite this host's, which every holder of its file shares.
@@ -111,6 +113,18 @@ LOCK_WAIT_SECONDS = 5.0  # how long taking a lease waits for SQLite's write lock
 class LeaseLost(SparsePilotError, RuntimeError):
     """This run's lease was taken over (or freed) while it worked: its writes to the use case's state are
     refused."""
+
+
+@dataclass(frozen=True)
+class TakenOver:
+    """The holder a run took its use case over from, for the caller to tidy after it (the flows mark the
+    dead holder's flow runs that Prefect still shows running Crashed: flows.crashed_holder)."""
+
+    use_case: str
+    flow_run_id: str | None  # the holder's flow run, where it had one
+    work: str  # the holder, as the refusal named it
+    why: str  # why its lease no longer held, as the take-over's warning says
+    dead: bool  # known to have stopped: its process (this host's) is gone, or Prefect ended its flow run
 
 
 @dataclass(frozen=True)
@@ -308,10 +322,11 @@ def acquire(
     seconds: float = LEASE_SECONDS,
     flow_run_id: str | None = None,
     run_is_live: Callable[[str], bool] | None = None,
-) -> None:
+) -> TakenOver | None:
     """Take the use case's lease for `token` (or extend it, when `token` holds it already). Raises
     UseCaseBusy, naming the holder, while another token holds it: until its lease lapses, unless its
-    process (on this host) is gone or `run_is_live` says its flow run has ended."""
+    process (on this host) is gone or `run_is_live` says its flow run has ended. Returns the holder it
+    took the use case over from, if any."""
     ended_run = _ended_run(use_case, token, run_is_live)
     # read first, without the write lock: a live holder is named at once (on SQLite a holder writing a
     # long import keeps the write lock, and waiting for it ended in "database is locked" after 30 s)
@@ -325,12 +340,17 @@ def acquire(
             session.get(UseCase, uc.id, with_for_update=True)  # PostgreSQL: one acquirer at a time
             now = _clock(session)
             lease = session.get(UseCaseLease, uc.id)
+            taken = None
             if lease is None:  # a use case row written without its lease row (not by `usecase add`)
                 lease = UseCaseLease(use_case_id=uc.id)
                 session.add(lease)
             elif lease.holder not in (None, token):
                 why = _refuse_live(use_case, lease, token, ended_run, now)
                 log.warning("%s: the lease of %s %s; taking it over", use_case, lease.work, why)
+                dead = process_gone(lease.host, lease.pid) or (
+                    ended_run is not None and lease.flow_run_id == ended_run
+                )
+                taken = TakenOver(use_case, lease.flow_run_id, lease.work or "another run", str(why), dead)
             if lease.holder != token:
                 lease.acquired_at = now
             lease.holder, lease.work, lease.flow_run_id = token, work[:300], flow_run_id
@@ -342,6 +362,7 @@ def acquire(
             "writer at a time: a long observations import holds it for its length; PostgreSQL is the store "
             "for concurrent operation, docs/operations.md); try again when it has finished"
         ) from None
+    return taken
 
 
 def _refuse_live(
@@ -408,13 +429,15 @@ def holding(
     run_is_live: Callable[[str], bool] | None = None,
     seconds: float | None = None,
     renew_every: float | None = None,
+    on_take_over: Callable[[TakenOver], None] | None = None,
 ) -> Iterator[str]:
     """Work on `use_case` under its lease: acquired on entry (UseCaseBusy, naming the holder, when
     another run holds it), renewed by a thread every `renew_every` seconds (default `RENEW_SECONDS` or a
     quarter of the lease, the shorter) for `seconds` more (default `lease_seconds()`: the operator's
     SPARSEPILOT_LEASE_SECONDS, else `LEASE_SECONDS`; all read when called), released on exit however the
     work ends. Within a run that holds the use case already (a cycle's subflow) it just goes on under that
-    lease. Yields the lease's token."""
+    lease. `on_take_over` is called, under the lease, with the holder it took the use case over from.
+    Yields the lease's token."""
     seconds = lease_seconds() if seconds is None else seconds
     renew_every = min(RENEW_SECONDS, seconds / 4) if renew_every is None else renew_every
     held = _HELD.get() or {}
@@ -423,7 +446,7 @@ def holding(
         return
     token = uuid.uuid4().hex
     work = work_description(what, flow_run_id)
-    acquire(use_case, token, work, seconds=seconds, flow_run_id=flow_run_id, run_is_live=run_is_live)
+    taken = acquire(use_case, token, work, seconds=seconds, flow_run_id=flow_run_id, run_is_live=run_is_live)
     stop = threading.Event()
 
     def keep_alive() -> None:
@@ -440,6 +463,8 @@ def holding(
     renewer.start()
     reset = _HELD.set({**held, use_case: token})
     try:
+        if taken is not None and on_take_over is not None:
+            on_take_over(taken)
         yield token
     finally:
         _HELD.reset(reset)
