@@ -43,7 +43,13 @@ def flow_task(name: str, *, retries: int = 2) -> Any:
 def sparsepilot_flow(name: str) -> Callable[[Callable[..., Any]], Any]:
     """The flows' flow decorator: Prefect's ``@flow`` (printed lines logged), its logs and its error's
     text redacted (`secrets_redacted`), and in a flow run that `sparsepilot serve`'s runner started in a
-    process of its own, the serve's log file joined (`flows.quiet.join_served_log_file`)."""
+    process of its own, the serve's log file joined (`flows.quiet.join_served_log_file`): as the flow's
+    module is imported, which the runner's process does before the run begins, so Prefect's first records
+    of the run ("Beginning flow run ...") reach the file too, and again as the run starts (a process
+    whose environment named the file only after the import)."""
+    from flows.quiet import join_served_log_file
+
+    join_served_log_file()
     return lambda fn: flow(name=name, log_prints=True)(secrets_redacted(_in_served_log_file(fn)))
 
 

@@ -49,6 +49,7 @@ def test_a_flow_run_in_the_serves_environment_writes_to_its_log_file(
     assert proc.returncode == 0, console
     text = log.read_text()
     assert text.startswith("2026-12-07 00:00:00,000 INFO sparsepilot: the serve's own line\n")  # appended
+    assert "INFO prefect.flow_runs: Beginning flow run " in text, text  # Prefect's first record of the run
     assert "INFO prefect.flow_runs: served-case: batch 1/1 of step 0 (shadow)" in text, text
     assert "WARNING py.warnings:" in text and "a library's own warning" in text, text
     assert "WARNING mlflow.pyfunc: Passing a Python object" in text, text
