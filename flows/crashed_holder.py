@@ -26,8 +26,8 @@ log = logging.getLogger(__name__)
 def crashed_message(taken: TakenOver, by: str) -> str:
     """The state message of a run marked Crashed: who took the use case over, from whom, and why."""
     return (
-        f"{taken.use_case}: this run stopped without ending; {by} took the use case over "
-        f"(the lease of {taken.work} {taken.why})"
+        f"{taken.use_case}: this run stopped without ending; {by} took the use case over from "
+        f"{taken.work}: {taken.why}"
     )
 
 

@@ -106,9 +106,9 @@ def test_the_run_taking_over_a_dead_holders_use_case_crashes_what_it_left_runnin
     assert (state["cycle"].name, state["pilot"].name) == ("Crashed", "Crashed")
     message = state["pilot"].message
     assert message.startswith(f"{NAME}: this run stopped without ending; use-case cycle, pid "), message
-    assert f"took the use case over (the lease of {work} " in message
+    assert f"took the use case over from {work}: " in message
     if how == "the cycle's process is gone":
-        assert "is gone)" in message and state["cycle"].message == message
+        assert message.endswith(" is gone") and state["cycle"].message == message
     else:
-        assert f"its flow run {runs['cycle']} has ended)" in message
+        assert message.endswith(f": its flow run {runs['cycle']} has ended"), message
         assert state["cycle"].message == "Flow run process exited"  # the runner's word stays
