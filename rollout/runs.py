@@ -205,6 +205,28 @@ def latest_challenger(session: Any, use_case_id: int) -> Any:
     return _latest_calibration(session, use_case_id)
 
 
+def plan_calibration(session: Any, use_case_id: int, model_version_id: int) -> CalibrationRun | None:
+    """The latest succeeded calibration run that registered model version `model_version_id` (a plan: a
+    later calibration that finds the same plan registers the same version), or None (none recorded)."""
+    return session.scalar(
+        select(CalibrationRun)
+        .where(
+            CalibrationRun.use_case_id == use_case_id,
+            CalibrationRun.status == "succeeded",
+            CalibrationRun.model_version_id == model_version_id,
+        )
+        .order_by(CalibrationRun.id.desc())
+    )
+
+
+def plan_not_calibrated(session: Any, uc: Any, model_version_id: int) -> NotCalibrated | None:
+    """`not_calibrated` of a plan (model version) rather than of the challenger: whether the current spec
+    version changed what calibration reads since the plan's latest calibration. The rule a pilot of it is
+    stopped by when the use case is calibrated again (`stop_uncalibrated_pilot`) and a promotion of it is
+    refused by (`approvals.promotion_not_calibrated`). None also where no calibration of it is recorded."""
+    return not_calibrated(session, uc, plan_calibration(session, uc.id, model_version_id))
+
+
 def not_calibrated(session: Any, uc: Any, run: CalibrationRun | None) -> NotCalibrated | None:
     """Whether the challenger `run` registered was calibrated under a spec version whose calibration
     inputs (`rollout.recalibration.CALIBRATION_INPUTS`: model, quality budget, task, dataset rows) differ
