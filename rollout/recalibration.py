@@ -90,7 +90,8 @@ def new_version_notes(use_case: str, changed: Iterable[str], *, ended: bool = Fa
         notes.append(
             f"calibration fields changed ({', '.join(calibration)}): the current plan is not piloted under "
             f"this version; the next scheduled cycle calibrates again (then evaluates) before it pilots, or "
-            f"run {calibrate}; a pilot running now is stopped when the new plan's pilot starts (superseded)"
+            f"run {calibrate}; a pilot of the current plan running now is stopped when that calibration "
+            "succeeds, and a GO of it waiting for approval is not approved"
         )
     if any(_under(f, (SCHEDULE,)) for f in changed):
         notes.append(

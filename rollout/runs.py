@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from rollout import audit, lifecycle, roi
+from rollout import audit, lifecycle, pilots, roi
 from rollout.calibration_outcome import decodes_densely, recorded_flags
 from rollout.db.models import AliasMove, CalibrationRun, EvaluationRun, ModelVersion, SpecVersion, utcnow
 from rollout.db.session import session_scope
@@ -133,8 +133,10 @@ def calibration_succeeded(
     actor: str = audit.SYSTEM_ACTOR,
 ) -> None:
     """Record the registered challenger on the run; the use case becomes `calibrated` where the
-    lifecycle allows it."""
-    with session_scope() as session:
+    lifecycle allows it. A running pilot of a plan the current spec version's calibration inputs changed
+    is stopped first (`stop_uncalibrated_pilot`). SQLite's write lock from the start, as every writer of
+    a pilot's state takes it (`pilots.locked`)."""
+    with session_scope(immediate=True) as session:
         run = session.get(CalibrationRun, run_pk)
         run.status = "succeeded"
         run.model_version_id = model_version.id
@@ -146,7 +148,39 @@ def calibration_succeeded(
             "mlflow_version": model_version.mlflow_version,
             "density": density,
         }
+        stop_uncalibrated_pilot(session, get_use_case(session, use_case), run, actor=actor)
         _succeeded(session, use_case, run, "calibration", "calibrated", details, actor)
+
+
+def stop_uncalibrated_pilot(session: Any, uc: Any, run: CalibrationRun, *, actor: str) -> int | None:
+    """The calibration `run` made its plan the challenger: a pilot of another plan that still runs, and
+    that the current spec version's calibration inputs changed (`plan_not_calibrated`: its plan answers
+    another budget, model or data), is stopped, audited with the reason `pilots.recalibrated`, and the
+    use case is `calibrated` (it pilots nothing now; the new plan is evaluated, then piloted where it
+    may be). Left running, it took no batch again (the cycle pilots the new challenger or, where that is
+    not piloted, nothing) and kept the use case "piloting" for good. A pilot waiting for approval is
+    left to the person deciding it (its promotion is refused: `approvals.promotion_not_calibrated`); a
+    pilot whose plan the current version leaves calibrated runs on until the new plan's pilot supersedes
+    it (`pilots.start_pilot`). Returns the stopped pilot's id, or None. In the caller's transaction."""
+    pilot = pilots.active_pilot(session, uc)
+    if pilot is None or pilot.status != "running" or pilot.model_version_id == run.model_version_id:
+        return None
+    stale = plan_not_calibrated(session, uc, pilot.model_version_id)
+    if stale is None:
+        return None
+    uc, pilot = pilots.locked(session, uc.id, pilot.id)
+    if pilot.status != "running":  # PostgreSQL: changed before its row was locked (SQLite: never)
+        return None
+    reason = pilots.recalibrated(stale.version)
+    pilots.stop_pilot(session, pilot, status="stopped", actor=actor, reason=reason)
+    lifecycle.set_phase(
+        session,
+        uc,
+        "calibrated",
+        actor=actor,
+        reason=f"calibration run {run.id}: {pilots.pilot_label(pilot)} {reason}",
+    )
+    return pilot.id
 
 
 def calibration_failed(use_case_id: int, run_pk: int, error: str, actor: str = audit.SYSTEM_ACTOR) -> None:
@@ -319,8 +353,9 @@ def calibration_reused(
 ) -> None:
     """A succeeded calibration run reused with its version made the challenger again (the spec was
     reverted): its audit row, and the use case back to `calibrated` where the lifecycle allows it, as a
-    new calibration would (the challenger changed: what was evaluated was another plan)."""
-    with session_scope() as session:
+    new calibration would (the challenger changed: what was evaluated was another plan), a running pilot
+    of a plan the current version left uncalibrated stopped as there (`stop_uncalibrated_pilot`)."""
+    with session_scope(immediate=True) as session:
         run = session.get(CalibrationRun, run_pk)
         details = {
             "model_version_id": run.model_version_id,
@@ -329,6 +364,7 @@ def calibration_reused(
         }
         audit.record(session, actor, "calibration.reused", on=run, details=details)
         uc = get_use_case(session, use_case)
+        stop_uncalibrated_pilot(session, uc, run, actor=actor)
         lifecycle.advance(session, uc, "calibrated", actor=actor, reason=f"calibration run {run.id} reused")
 
 
