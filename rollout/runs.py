@@ -20,7 +20,7 @@ from rollout.calibration_outcome import decodes_densely, recorded_flags
 from rollout.db.models import AliasMove, CalibrationRun, EvaluationRun, ModelVersion, SpecVersion, utcnow
 from rollout.db.session import session_scope
 from rollout.pilots import get_use_case
-from rollout.recalibration import NotCalibrated, calibration_changes, spec_changes
+from rollout.recalibration import NotCalibrated, calibration_changes, calibration_inputs, spec_changes
 from rollout.redact import redact
 
 EVALUATION_FIELDS = (
@@ -77,6 +77,35 @@ def _succeeded(
 # --- calibration -----------------------------------------------------------------------------------
 
 
+def calibration_key_parts(use_case_id: int, spec_version: int) -> dict[str, Any]:
+    """What a calibration run's idempotency key names of spec version `spec_version`: `inputs`, what a
+    calibration reads of it (`rollout.recalibration.calibration_inputs`: a version that changes only a
+    schedule or a cost has the same), and `spec_hashes`, the whole-spec hashes of the versions with
+    those same inputs (this one's first, then the newest first): the keys calibrations were opened under
+    before the key named the inputs alone, which `open_calibration` still finds (`legacy_keys`)."""
+    with session_scope() as session:
+        versions = list(
+            session.scalars(
+                select(SpecVersion)
+                .where(SpecVersion.use_case_id == use_case_id)
+                .order_by(SpecVersion.version.desc())
+            )
+        )
+        this = next(v for v in versions if v.version == spec_version)
+        same = [
+            v.spec_hash
+            for v in versions
+            if v is not this
+            and not calibration_changes(
+                spec_changes(v.spec, v.dataset_sha256, this.spec, this.dataset_sha256)
+            )
+        ]
+        return {
+            "inputs": calibration_inputs(this.spec, this.dataset_sha256),
+            "spec_hashes": [this.spec_hash, *same],
+        }
+
+
 def open_calibration(
     use_case_id: int,
     spec_version: int,
@@ -84,8 +113,27 @@ def open_calibration(
     settings: dict[str, Any],
     flow_run_id: str | None,
     actor: str = audit.SYSTEM_ACTOR,
+    legacy_keys: tuple[str, ...] = (),
 ) -> dict[str, Any]:
+    """The CalibrationRun under `key` (returned as it is when it succeeded, else reopened), else a
+    succeeded one under one of `legacy_keys` (a key of the same work as an earlier build spelled it:
+    its calibration stands and is reused, never orphaned), else a new running one. `spec_version` is
+    the version a run is opened under; a reused run keeps its own (`not_calibrated` reads it)."""
     with session_scope() as session:
+        if session.scalar(select(CalibrationRun.id).where(CalibrationRun.idempotency_key == key)) is None:
+            earlier = (
+                session.scalar(
+                    select(CalibrationRun)
+                    .where(
+                        CalibrationRun.idempotency_key.in_(legacy_keys), CalibrationRun.status == "succeeded"
+                    )
+                    .order_by(CalibrationRun.id.desc())
+                )
+                if legacy_keys
+                else None
+            )
+            if earlier is not None:
+                key = earlier.idempotency_key
         run, created = _open(
             session,
             CalibrationRun,
@@ -107,6 +155,7 @@ def open_calibration(
             "id": run.id,
             "status": run.status,
             "model_version_id": run.model_version_id,
+            "spec_version": run.spec_version,
             "metrics": calibration_metrics(session, run),
         }
 
