@@ -279,7 +279,7 @@ def approve_decision(
     elif reject:
         approval_runs.check_rejectable(decision_id)  # a decision that asked nobody is not rejected
     else:
-        approval_runs.check_promotable(decision_id)  # not while a rollback of the champion waits
+        approval_runs.check_promotable(decision_id)  # not while a rollback waits, nor an uncalibrated plan
     # a paused run whose waiting process died (this host) reads "Paused" for days: resuming it would carry
     # out nothing, so it is forgotten and a run of this process waits instead
     abandoned = approval_runs.release_abandoned(decision_id)

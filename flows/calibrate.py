@@ -1,9 +1,13 @@
 """`calibrate(use_case)`: validate the dataset (Great Expectations) -> calibrate a sparse plan to the use
 case's quality budget on its own prompts -> register the model version in MLflow with alias `challenger`.
 
-Idempotent: the CalibrationRun is keyed by (use case, spec hash, settings); a finished run with the same
-key is returned as it is (its version made the challenger again if another calibration moved it since: a
-spec reverted to an earlier version), a failed or interrupted one is redone in the same row. The first
+Idempotent: the CalibrationRun is keyed by (use case, what calibration reads of the spec:
+`rollout.recalibration.calibration_inputs`, settings, the model's weights), so a spec version that
+changes only what calibration does not read (a schedule, a cost) reuses the calibration before it, and
+says so (`reused_from`); a key an earlier build spelled with the whole spec's hash is still found. A
+finished run with the same key is returned as it is (its version made the challenger again if another
+calibration moved it since: a spec reverted to an earlier version), a failed or interrupted one is redone
+in the same row. The first
 calibration also registers the dense baseline (every layer dense), which is what a rollback after the
 first promotion returns to.
 
@@ -112,9 +116,22 @@ def limits_for(ctx: UseCaseContext, quick: bool, overrides: dict[str, Any] | Non
 
 
 @flow_task("calibration-run-open")
-def open_run(ctx: UseCaseContext, key: str, settings: dict[str, Any], actor: str) -> dict[str, Any]:
-    """The CalibrationRun for this key: returned as-is when it succeeded, else (re)marked running."""
-    return runs.open_calibration(ctx.use_case_id, ctx.spec_version, key, settings, flow_run_id(), actor)
+def open_run(
+    ctx: UseCaseContext, key: str, settings: dict[str, Any], actor: str, legacy: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """The CalibrationRun for this key (or a succeeded one under a `legacy` key): returned as-is when it
+    succeeded, else (re)marked running."""
+    return runs.open_calibration(
+        ctx.use_case_id, ctx.spec_version, key, settings, flow_run_id(), actor, legacy_keys=legacy
+    )
+
+
+def reused_under(calibrated_under: int | None, version: int) -> str | None:
+    """A reused calibration of another spec version, in the output's words (pure): the current one changed
+    nothing calibration reads (rollout.recalibration). None: it was calibrated under this version."""
+    if calibrated_under is None or calibrated_under == version:
+        return None
+    return f"calibrated under spec v{calibrated_under}: v{version} changed nothing calibration reads"
 
 
 def task_rows_of(rows: list[dict[str, Any]], holdout_fraction: float, seed: int) -> list[Any]:
@@ -344,15 +361,25 @@ def calibrate_flow(
     settings["split_rule"] = SPLIT_RULE
     # the weights at the model path too: a fine-tune updated in place is calibrated again, not reused
     weights = weights_fingerprint(ctx.spec.model)
-    key = "calibrate:" + stable_key(ctx.use_case_id, ctx.spec_hash, ctx.spec.model, settings, weights)
-    run = open_run(ctx, key, settings, actor)
+    # the key names what calibration reads of the spec (rollout.recalibration.calibration_inputs), not the
+    # whole spec: a version that changes only its schedule or costs reuses the calibration before it
+    parts = runs.calibration_key_parts(ctx.use_case_id, ctx.spec_version)
+    key = "calibrate:" + stable_key(ctx.use_case_id, parts["inputs"], settings, weights)
+    # the keys an earlier build opened the same work under (the whole spec's hash): still found
+    legacy = tuple(
+        "calibrate:" + stable_key(ctx.use_case_id, h, ctx.spec.model, settings, weights)
+        for h in parts["spec_hashes"]
+    )
+    run = open_run(ctx, key, settings, actor, legacy)
     if run["status"] == "succeeded":
         moved = reuse_challenger(ctx, run, actor)
+        under = reused_under(run["spec_version"], ctx.spec_version)
         logger.info(
-            "%s: calibration %s already done (model version %s)%s",
+            "%s: calibration %s already done (model version %s)%s%s",
             use_case,
             run["id"],
             run["model_version_id"],
+            f" {under}" if under else "",
             f"; @challenger back on its version {moved['mlflow_version']}" if moved else "",
         )
         task = task_verdict(run["metrics"] or {})
@@ -361,6 +388,7 @@ def calibrate_flow(
             "calibration_run_id": run["id"],
             "model_version_id": run["model_version_id"],
             "reused": True,
+            **({"reused_from": under} if under else {}),
             "challenger_moved": moved is not None,
             **run["metrics"],
             **(moved or {}),

@@ -67,7 +67,7 @@ def _cycle(use_case: str, batches: int, pilot_anyway: bool = False) -> dict[str,
         out["finished"] = finished
     phase = phase_of(use_case)
     # a challenger calibrated for another spec version's budget (or model, data) is not piloted under this
-    # one: calibrated again first (rollout.recalibration); its running pilot is superseded by the new plan's
+    # one: calibrated again first (rollout.recalibration); its running pilot is stopped when that succeeds
     stale = pilot_batches.not_calibrated(use_case) if lifecycle.can(phase, "pilot") else None
     if stale is not None:
         logger.info(

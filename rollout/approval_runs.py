@@ -156,11 +156,13 @@ def check_rejectable(decision_id: int) -> None:
 
 def check_promotable(decision_id: int) -> None:
     """Refuse, before any approval run starts, to promote while a rollback of the serving champion waits
-    (`approvals.refuse_promotion_while_rollback_waits`; `approve` asks it again under its lock)."""
+    (`approvals.refuse_promotion_while_rollback_waits`) or a plan the current spec version left
+    uncalibrated (`approvals.refuse_uncalibrated_promotion`); `approve` asks both again under its lock."""
     with session_scope() as session:
         d = session.get(GateDecision, decision_id)
         if d is not None:  # an unknown decision: approvals.approve says so
             approvals.refuse_promotion_while_rollback_waits(session, d)
+            approvals.refuse_uncalibrated_promotion(session, d)
 
 
 def check_continuable(decision_id: int) -> None:

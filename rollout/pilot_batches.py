@@ -96,8 +96,8 @@ def not_calibrated(use_case: str) -> Any:
     """Whether the challenger was calibrated under a spec version whose calibration inputs the current
     one changed (`runs.not_calibrated`: a `rollout.recalibration.NotCalibrated`), or None. What the
     scheduled cycle asks in a phase that pilots: it calibrates again (then evaluates) rather than pilot
-    the old plan under the new version; a pilot of the old plan running meanwhile is superseded when the
-    new plan's pilot starts (`pilots.start_pilot`)."""
+    the old plan under the new version; a pilot of the old plan running meanwhile is stopped when that
+    calibration succeeds (`runs.stop_uncalibrated_pilot`)."""
     with session_scope() as session:
         uc = pilots.get_use_case(session, use_case)
         return runs.not_calibrated(session, uc, latest_challenger(session, uc.id))

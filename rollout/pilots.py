@@ -247,6 +247,18 @@ def was_aborted(session: Session, pilot: Pilot) -> bool:
 
 
 SUPERSEDED = "superseded by a new challenger"  # why `start_pilot` stops another plan's active pilot
+RECALIBRATES = "recalibrates this use case"
+
+
+def recalibrated(version: int) -> str:
+    """Why a calibration stopped the running pilot of a plan spec version `version` left uncalibrated
+    (`rollout.runs.stop_uncalibrated_pilot`); like a supersession, it judged nothing (`plan_ended`)."""
+    return f"spec v{version} {RECALIBRATES}"
+
+
+def _judged_nothing(reason: str | None) -> bool:
+    """A pilot stopped for another plan (`SUPERSEDED`, `recalibrated`): its plan was never judged."""
+    return reason == SUPERSEDED or (reason or "").endswith(RECALIBRATES)
 
 
 def plan_ended(session: Session, use_case: UseCase, model_version_id: int) -> Pilot | None:
@@ -256,7 +268,8 @@ def plan_ended(session: Session, use_case: UseCase, model_version_id: int) -> Pi
     them that judged the plan (ended by a NO-GO, a rejection, a promotion or a rollback), else the latest
     one an operator aborted (`was_aborted`: piloted again only by a person, `start_again`). None: the plan
     has no pilot, its latest pilot is active (it goes on), or its pilots were only superseded by another
-    challenger's (judged nothing, so the pipeline may pilot it again)."""
+    challenger's or stopped by a calibration under a spec version that changed its inputs (`recalibrated`:
+    judged nothing, so the pipeline may pilot it again, a spec reverted to its budget)."""
     mine = list(
         session.scalars(
             select(Pilot)
@@ -276,7 +289,7 @@ def plan_ended(session: Session, use_case: UseCase, model_version_id: int) -> Pi
                 AuditEntry.entity_id.in_([str(p.id) for p in mine]),
             )
         )
-        if (e.details or {}).get("reason") == SUPERSEDED
+        if _judged_nothing((e.details or {}).get("reason"))
     }
     judged = [p for p in mine if p.status in ENDED_PILOT and p not in aborted and p.id not in superseded]
     return (judged or aborted or [None])[0]

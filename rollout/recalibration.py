@@ -3,7 +3,11 @@ the current version (pure). The calibrate flow reads the spec's `model`, its `qu
 estimator, calibration settings, task bound, decode budget), `dataset.task` (the task bound's scoring)
 and the dataset's rows (their content: the split kept apart from calibration is by row id). A new spec
 version that changes any of them leaves the challenger calibrated for another version: it is not
-piloted (`pilot NAME` refuses, the scheduled cycle calibrates again first: `rollout.runs.not_calibrated`).
+piloted (`pilot NAME` refuses, the scheduled cycle calibrates again first: `rollout.runs.not_calibrated`),
+a pilot of it still running is stopped once the calibration under the new version succeeds
+(`rollout.runs.stop_uncalibrated_pilot`), and a GO of it is not approved
+(`rollout.approvals.promotion_not_calibrated`). The calibration run's key names what a calibration reads
+(`calibration_inputs`), so a version that changes nothing of it reuses the calibration before it.
 Anything else (schedule, traffic, cost, the gate, the rollout's steps, the arms, the dataset's path to
 the same content) changes how a pilot runs or is judged, never the plan."""
 
@@ -45,6 +49,30 @@ def _under(field: str, roots: Iterable[str]) -> bool:
 def calibration_changes(changed: Iterable[str]) -> list[str]:
     """The changed fields a calibration reads (`CALIBRATION_INPUTS`)."""
     return [f for f in changed if _under(f, CALIBRATION_INPUTS)]
+
+
+def _without_none(value: Any) -> Any:
+    """`value` with the None entries of its dicts left out: an absent field and a field holding None are
+    one (`changed_fields` reads both as None)."""
+    if isinstance(value, dict):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    return value
+
+
+def calibration_inputs(spec: dict[str, Any], dataset_sha: str | None) -> dict[str, Any]:
+    """What a calibration reads of a stored spec version (`CALIBRATION_INPUTS`), by field, the dataset by
+    its content's sha256: two versions that `calibration_changes` finds no change between give equal
+    dicts. What the calibration run's idempotency key names (flows.calibrate), so a version that changes
+    only what calibration does not read (a schedule, a cost) reuses the calibration of the one before."""
+    out: dict[str, Any] = {DATASET_CONTENT: dataset_sha}
+    for root in CALIBRATION_INPUTS:
+        if root == DATASET_CONTENT:
+            continue
+        value: Any = spec
+        for part in root.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        out[root] = _without_none(value)
+    return out
 
 
 @dataclass(frozen=True)
@@ -90,7 +118,8 @@ def new_version_notes(use_case: str, changed: Iterable[str], *, ended: bool = Fa
         notes.append(
             f"calibration fields changed ({', '.join(calibration)}): the current plan is not piloted under "
             f"this version; the next scheduled cycle calibrates again (then evaluates) before it pilots, or "
-            f"run {calibrate}; a pilot running now is stopped when the new plan's pilot starts (superseded)"
+            f"run {calibrate}; a pilot of the current plan running now is stopped when that calibration "
+            "succeeds, and a GO of it waiting for approval is not approved"
         )
     if any(_under(f, (SCHEDULE,)) for f in changed):
         notes.append(

@@ -15,12 +15,12 @@ from typing import Any
 
 from sqlalchemy import select
 
-from rollout import audit, lifecycle, roi
+from rollout import audit, lifecycle, pilots, roi
 from rollout.calibration_outcome import decodes_densely, recorded_flags
 from rollout.db.models import AliasMove, CalibrationRun, EvaluationRun, ModelVersion, SpecVersion, utcnow
 from rollout.db.session import session_scope
 from rollout.pilots import get_use_case
-from rollout.recalibration import NotCalibrated, calibration_changes, spec_changes
+from rollout.recalibration import NotCalibrated, calibration_changes, calibration_inputs, spec_changes
 from rollout.redact import redact
 
 EVALUATION_FIELDS = (
@@ -77,6 +77,35 @@ def _succeeded(
 # --- calibration -----------------------------------------------------------------------------------
 
 
+def calibration_key_parts(use_case_id: int, spec_version: int) -> dict[str, Any]:
+    """What a calibration run's idempotency key names of spec version `spec_version`: `inputs`, what a
+    calibration reads of it (`rollout.recalibration.calibration_inputs`: a version that changes only a
+    schedule or a cost has the same), and `spec_hashes`, the whole-spec hashes of the versions with
+    those same inputs (this one's first, then the newest first): the keys calibrations were opened under
+    before the key named the inputs alone, which `open_calibration` still finds (`legacy_keys`)."""
+    with session_scope() as session:
+        versions = list(
+            session.scalars(
+                select(SpecVersion)
+                .where(SpecVersion.use_case_id == use_case_id)
+                .order_by(SpecVersion.version.desc())
+            )
+        )
+        this = next(v for v in versions if v.version == spec_version)
+        same = [
+            v.spec_hash
+            for v in versions
+            if v is not this
+            and not calibration_changes(
+                spec_changes(v.spec, v.dataset_sha256, this.spec, this.dataset_sha256)
+            )
+        ]
+        return {
+            "inputs": calibration_inputs(this.spec, this.dataset_sha256),
+            "spec_hashes": [this.spec_hash, *same],
+        }
+
+
 def open_calibration(
     use_case_id: int,
     spec_version: int,
@@ -84,8 +113,27 @@ def open_calibration(
     settings: dict[str, Any],
     flow_run_id: str | None,
     actor: str = audit.SYSTEM_ACTOR,
+    legacy_keys: tuple[str, ...] = (),
 ) -> dict[str, Any]:
+    """The CalibrationRun under `key` (returned as it is when it succeeded, else reopened), else a
+    succeeded one under one of `legacy_keys` (a key of the same work as an earlier build spelled it:
+    its calibration stands and is reused, never orphaned), else a new running one. `spec_version` is
+    the version a run is opened under; a reused run keeps its own (`not_calibrated` reads it)."""
     with session_scope() as session:
+        if session.scalar(select(CalibrationRun.id).where(CalibrationRun.idempotency_key == key)) is None:
+            earlier = (
+                session.scalar(
+                    select(CalibrationRun)
+                    .where(
+                        CalibrationRun.idempotency_key.in_(legacy_keys), CalibrationRun.status == "succeeded"
+                    )
+                    .order_by(CalibrationRun.id.desc())
+                )
+                if legacy_keys
+                else None
+            )
+            if earlier is not None:
+                key = earlier.idempotency_key
         run, created = _open(
             session,
             CalibrationRun,
@@ -107,6 +155,7 @@ def open_calibration(
             "id": run.id,
             "status": run.status,
             "model_version_id": run.model_version_id,
+            "spec_version": run.spec_version,
             "metrics": calibration_metrics(session, run),
         }
 
@@ -133,8 +182,10 @@ def calibration_succeeded(
     actor: str = audit.SYSTEM_ACTOR,
 ) -> None:
     """Record the registered challenger on the run; the use case becomes `calibrated` where the
-    lifecycle allows it."""
-    with session_scope() as session:
+    lifecycle allows it. A running pilot of a plan the current spec version's calibration inputs changed
+    is stopped first (`stop_uncalibrated_pilot`). SQLite's write lock from the start, as every writer of
+    a pilot's state takes it (`pilots.locked`)."""
+    with session_scope(immediate=True) as session:
         run = session.get(CalibrationRun, run_pk)
         run.status = "succeeded"
         run.model_version_id = model_version.id
@@ -146,7 +197,39 @@ def calibration_succeeded(
             "mlflow_version": model_version.mlflow_version,
             "density": density,
         }
+        stop_uncalibrated_pilot(session, get_use_case(session, use_case), run, actor=actor)
         _succeeded(session, use_case, run, "calibration", "calibrated", details, actor)
+
+
+def stop_uncalibrated_pilot(session: Any, uc: Any, run: CalibrationRun, *, actor: str) -> int | None:
+    """The calibration `run` made its plan the challenger: a pilot of another plan that still runs, and
+    that the current spec version's calibration inputs changed (`plan_not_calibrated`: its plan answers
+    another budget, model or data), is stopped, audited with the reason `pilots.recalibrated`, and the
+    use case is `calibrated` (it pilots nothing now; the new plan is evaluated, then piloted where it
+    may be). Left running, it took no batch again (the cycle pilots the new challenger or, where that is
+    not piloted, nothing) and kept the use case "piloting" for good. A pilot waiting for approval is
+    left to the person deciding it (its promotion is refused: `approvals.promotion_not_calibrated`); a
+    pilot whose plan the current version leaves calibrated runs on until the new plan's pilot supersedes
+    it (`pilots.start_pilot`). Returns the stopped pilot's id, or None. In the caller's transaction."""
+    pilot = pilots.active_pilot(session, uc)
+    if pilot is None or pilot.status != "running" or pilot.model_version_id == run.model_version_id:
+        return None
+    stale = plan_not_calibrated(session, uc, pilot.model_version_id)
+    if stale is None:
+        return None
+    uc, pilot = pilots.locked(session, uc.id, pilot.id)
+    if pilot.status != "running":  # PostgreSQL: changed before its row was locked (SQLite: never)
+        return None
+    reason = pilots.recalibrated(stale.version)
+    pilots.stop_pilot(session, pilot, status="stopped", actor=actor, reason=reason)
+    lifecycle.set_phase(
+        session,
+        uc,
+        "calibrated",
+        actor=actor,
+        reason=f"calibration run {run.id}: {pilots.pilot_label(pilot)} {reason}",
+    )
+    return pilot.id
 
 
 def calibration_failed(use_case_id: int, run_pk: int, error: str, actor: str = audit.SYSTEM_ACTOR) -> None:
@@ -203,6 +286,28 @@ def latest_challenger(session: Any, use_case_id: int) -> Any:
         if run is not None:
             return run
     return _latest_calibration(session, use_case_id)
+
+
+def plan_calibration(session: Any, use_case_id: int, model_version_id: int) -> CalibrationRun | None:
+    """The latest succeeded calibration run that registered model version `model_version_id` (a plan: a
+    later calibration that finds the same plan registers the same version), or None (none recorded)."""
+    return session.scalar(
+        select(CalibrationRun)
+        .where(
+            CalibrationRun.use_case_id == use_case_id,
+            CalibrationRun.status == "succeeded",
+            CalibrationRun.model_version_id == model_version_id,
+        )
+        .order_by(CalibrationRun.id.desc())
+    )
+
+
+def plan_not_calibrated(session: Any, uc: Any, model_version_id: int) -> NotCalibrated | None:
+    """`not_calibrated` of a plan (model version) rather than of the challenger: whether the current spec
+    version changed what calibration reads since the plan's latest calibration. The rule a pilot of it is
+    stopped by when the use case is calibrated again (`stop_uncalibrated_pilot`) and a promotion of it is
+    refused by (`approvals.promotion_not_calibrated`). None also where no calibration of it is recorded."""
+    return not_calibrated(session, uc, plan_calibration(session, uc.id, model_version_id))
 
 
 def not_calibrated(session: Any, uc: Any, run: CalibrationRun | None) -> NotCalibrated | None:
@@ -297,8 +402,9 @@ def calibration_reused(
 ) -> None:
     """A succeeded calibration run reused with its version made the challenger again (the spec was
     reverted): its audit row, and the use case back to `calibrated` where the lifecycle allows it, as a
-    new calibration would (the challenger changed: what was evaluated was another plan)."""
-    with session_scope() as session:
+    new calibration would (the challenger changed: what was evaluated was another plan), a running pilot
+    of a plan the current version left uncalibrated stopped as there (`stop_uncalibrated_pilot`)."""
+    with session_scope(immediate=True) as session:
         run = session.get(CalibrationRun, run_pk)
         details = {
             "model_version_id": run.model_version_id,
@@ -307,6 +413,7 @@ def calibration_reused(
         }
         audit.record(session, actor, "calibration.reused", on=run, details=details)
         uc = get_use_case(session, use_case)
+        stop_uncalibrated_pilot(session, uc, run, actor=actor)
         lifecycle.advance(session, uc, "calibrated", actor=actor, reason=f"calibration run {run.id} reused")
 
 

@@ -197,8 +197,9 @@ def decision_card(d: dict[str, Any], ident: Identity | None, pilot_waits: str | 
                     f"{fmt.plain(a['actor'])}'s signature ({a['action']}) no longer counts: "
                     f"{fmt.plain(a['actor'])} is {a['lapsed']}; an override needs two current approvers."
                 )
-    # a promotion no signature passes now (a rollback of the serving champion waits): why, and what to do,
-    # by the rule the signature is refused by (`approvals.rollback_before_promotion`); its button disabled
+    # a promotion no signature passes now (a rollback of the serving champion waits, or the plan was not
+    # calibrated under the current spec version): why, and what to do, by the rules the signature is refused
+    # by (`approvals.rollback_before_promotion`, `approvals.promotion_not_calibrated`); its button disabled
     held = read(approvals.promotion_held_words, d["id"])
     if held:
         st.warning(fmt.plain(held))

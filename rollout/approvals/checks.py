@@ -3,8 +3,9 @@ a decision that waits for a person or a running pilot's latest (`check_approvabl
 continue (`check_continuable`), one of this use case's (`check_decision_of`), a rollback with somewhere to
 return to, a promotion while no rollback of the serving champion waits
 (`rollback_before_promotion`: refused when signed, `refuse_promotion_while_rollback_waits`; said on the
-Approvals card, `promotion_held_words`); and the lock every signature reads the decision under
-(`lock_decision`).
+Approvals card, `promotion_held_words`), a promotion of a plan calibrated for an earlier spec version's
+budget (`promotion_not_calibrated`, `refuse_uncalibrated_promotion`: said on the card too); and the lock
+every signature reads the decision under (`lock_decision`).
 
 A running pilot's latest gate decision (EXTEND, or a GO before the plan's last step) asks nobody: a
 person may only override it (promote, two approvers). Rejecting it used to stop the whole pilot on one
@@ -256,15 +257,57 @@ def refuse_promotion_while_rollback_waits(session: Any, d: GateDecision) -> None
         )
 
 
+def promotion_not_calibrated(session: Any, d: GateDecision) -> tuple[str, str] | None:
+    """A gate decision whose pilot's plan the use case's current spec version left uncalibrated: the
+    version changed what calibration reads (a tighter `quality_budget.kl`, another model or dataset)
+    after the plan's calibration, by the rule a pilot of it is refused and stopped by
+    (`rollout.runs.plan_not_calibrated`). Its GO judged a plan for another budget, so no promotion of it
+    is signed (`refuse_uncalibrated_promotion`) or offered (`promotion_held_words`); a rejection is. As
+    (what changed, what to do), in words; None where the plan is calibrated under the current version
+    (or no calibration of it is recorded), or `d` is no gate decision."""
+    from rollout import runs
+    from rollout.pilots import pilot_label
+
+    pilot = session.get(Pilot, d.pilot_id) if d.kind == "gate" and d.pilot_id else None
+    if pilot is None:
+        return None
+    uc = session.get(UseCase, d.use_case_id)
+    stale = runs.plan_not_calibrated(session, uc, pilot.model_version_id)
+    if stale is None:
+        return None
+    return (
+        f"spec v{stale.version} changed {', '.join(stale.fields)} after the plan {pilot_label(pilot)} "
+        f"runs was calibrated under v{stale.calibrated_under}: the plan has not been calibrated under "
+        f"v{stale.version}",
+        f"Reject it (`sparsepilot approve {uc.name} --decision {d.id} --reject --reason TEXT`) and run "
+        f"`sparsepilot calibrate {uc.name}`: a plan calibrated under v{stale.version} is piloted anew",
+    )
+
+
+def refuse_uncalibrated_promotion(session: Any, d: GateDecision) -> None:
+    """A promotion (a signature approving a gate decision, an override's first too) is refused where the
+    plan was not calibrated under the current spec version (`promotion_not_calibrated`): ApprovalError
+    saying what changed and what to do; nothing is recorded."""
+    found = promotion_not_calibrated(session, d)
+    if found is not None:
+        changed, remedy = found
+        raise ApprovalError(f"decision {d.id} is not promoted: {changed}; nothing was recorded. {remedy}")
+
+
 def promotion_held_words(session: Any, decision_id: int) -> str | None:
     """Why a gate decision cannot be approved for promotion now, in the Approvals card's words (its
-    promote button disabled): the rollback that waits and what decides it (`rollback_before_promotion`,
-    the rule the signature is refused by); None where nothing holds it (or it is no gate decision)."""
+    promote button disabled): the rollback that waits and what decides it (`rollback_before_promotion`),
+    or a plan the current spec version left uncalibrated (`promotion_not_calibrated`): the rules the
+    signature is refused by; None where nothing holds it (or it is no gate decision)."""
     d = session.get(GateDecision, decision_id)
     if d is None or d.kind != "gate":
         return None
     first = rollback_before_promotion(session, session.get(UseCase, d.use_case_id))
-    if first is None:
-        return None
-    waits, remedy = first
-    return f"Not approvable now: {waits}. {remedy}, then approve the promotion."
+    if first is not None:
+        waits, remedy = first
+        return f"Not approvable now: {waits}. {remedy}, then approve the promotion."
+    stale = promotion_not_calibrated(session, d)
+    if stale is not None:
+        changed, remedy = stale
+        return f"Not approvable: {changed}. {remedy}."
+    return None

@@ -17,6 +17,7 @@ from rollout.approvals.checks import (
     lock_decision,
     refuse_promotion_while_rollback_waits,
     refuse_rejecting_unasked,
+    refuse_uncalibrated_promotion,
 )
 from rollout.approvals.effects import apply_decision, continue_in
 from rollout.approvals.in_words import _unchanged_in_words, effect_in_words
@@ -92,6 +93,7 @@ def approve(
             _require_an_earlier_champion(session, d)
         if action == "approve":
             refuse_promotion_while_rollback_waits(session, d)
+            refuse_uncalibrated_promotion(session, d)  # a plan for an earlier version's budget
         # continuing the ramp is what the plan would have done: it goes against nothing, one signature
         against = action != "continue" and action != recommended_action(d)
         if action == "approve" and not against:

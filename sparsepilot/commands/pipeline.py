@@ -127,6 +127,8 @@ def calibrate_use_case(name: str, quick: bool, json_out: bool) -> None:
         cols.append("prefill_met_budget")  # the decode part alone met the budget: prefill stays dense
     if result.get("task_bound_verdict"):  # the task bound: certified with its drop, or why not
         cols.append("task_bound_verdict")
+    if result.get("reused_from"):  # another spec version's calibration, which this one leaves standing
+        cols.append("reused_from")
     print_record(f"calibration of {name}", result, cols)
 
 

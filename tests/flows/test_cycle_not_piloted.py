@@ -72,12 +72,15 @@ def test_the_cycle_says_a_missed_budget_in_the_pilots_words(flow_use_case) -> No
 def test_a_tightened_budget_is_calibrated_again_before_any_pilot(flow_use_case, tmp_path) -> None:  # noqa: ANN001
     """A spec version tightening the KL budget tenfold (review s50 E2): the tick piloted the plan
     calibrated to v1's budget as "spec v2" (and spent the use case's alpha on it). It now calibrates
-    again under v2 (then evaluates) and starts no pilot of the old plan."""
+    again under v2 (then evaluates) and starts no pilot of the old plan. The old plan's pilot 1, running
+    when v2 came, ran on with no batch (the new plan is not piloted: it keeps every block), the use case
+    "piloting" for good; the calibration under v2 stops it now ("spec v2 recalibrates this use case")."""
     import yaml
 
     from flows.cycle import cycle_flow
-    from rollout import lifecycle
-    from rollout.db.models import CalibrationRun, EvaluationRun, ModelVersion, Pilot
+    from rollout import lifecycle, pilot_batches
+    from rollout.audit import SYSTEM_ACTOR
+    from rollout.db.models import AuditEntry, CalibrationRun, EvaluationRun, ModelVersion, Pilot
     from rollout.db.session import session_scope
     from rollout.pilots import get_use_case
     from rollout.usecases import add_usecase
@@ -121,6 +124,7 @@ def test_a_tightened_budget_is_calibrated_again_before_any_pilot(flow_use_case, 
         )
         lifecycle.set_phase(s, uc, "calibrated", actor="test", reason="calibrated")
         lifecycle.set_phase(s, uc, "evaluated", actor="test", reason="evaluated")
+    old_pilot = pilot_batches.ensure_pilot(name)["pilot_id"]  # pilot 1 of the v1 plan, running
     spec["quality_budget"]["kl"] = spec["quality_budget"]["kl"] / 10
     del spec["quality_budget"]["decode"]  # the cycle's own calibration kept cheap: prefill only, 4 texts
     spec["quality_budget"]["calibration"]["max_texts"] = 4
@@ -134,8 +138,19 @@ def test_a_tightened_budget_is_calibrated_again_before_any_pilot(flow_use_case, 
         "quality_budget.decode, quality_budget.kl"
     ), out
     assert out["calibration"]["reused"] is False and "evaluation" in out, out
+    assert (out["phase_before"], out["phase_after"]) == ("piloting", "evaluated"), out
     with session_scope() as s:
         uc = get_use_case(s, name)
-        assert s.scalar(select(func.count()).select_from(Pilot).where(Pilot.use_case_id == uc.id)) == 0
+        pilots = s.scalars(select(Pilot).where(Pilot.use_case_id == uc.id)).all()
+        assert [(p.id, p.status) for p in pilots] == [(old_pilot, "stopped")]  # and no new one
+        stopped = s.scalars(
+            select(AuditEntry).where(
+                AuditEntry.action == "pilot.status", AuditEntry.entity_id == str(old_pilot)
+            )
+        ).one()
+        assert (stopped.actor, stopped.details["reason"]) == (
+            SYSTEM_ACTOR,
+            "spec v2 recalibrates this use case",
+        )
         runs = s.scalars(select(CalibrationRun.spec_version).where(CalibrationRun.use_case_id == uc.id))
         assert sorted(runs) == [1, 2]

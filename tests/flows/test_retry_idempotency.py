@@ -235,19 +235,56 @@ def test_a_pilot_batch_whose_mlflow_log_failed_is_logged_next_time(flow_use_case
     assert run_links.unlogged_batches(name) == []
 
 
-def test_a_calibration_under_another_split_rule_is_calibrated_again(flow_use_case, monkeypatch) -> None:
+def test_a_calibration_is_redone_when_what_it_reads_changes_and_only_then(
+    flow_use_case, monkeypatch, tmp_path
+) -> None:  # noqa: ANN001
     """A calibration recorded under an earlier held-out split rule (sparse_core.corpus.SPLIT_RULE; before
     review W5 the split went by position, so a repeated prompt could sit on both sides) held out other
-    texts: its key differs, and the same settings calibrate again instead of reusing its plan."""
+    texts: its key differs, and the same settings calibrate again instead of reusing its plan.
+
+    And `calibrate NAME` after a schedule-only (or cost-only) spec version calibrated again: the run's key
+    hashed the whole spec. It names what calibration reads now (`rollout.recalibration.calibration_inputs`),
+    so v1's calibration is reused under v2 and v3, and says so; a run keyed by an earlier build (the whole
+    spec's hash) is still found, so none is orphaned and redone. One real calibration serves both halves."""
+    import yaml
+
     import flows.calibrate as cal_flow
+    from flows.common import stable_key
+    from rollout.db.models import CalibrationRun, SpecVersion
+    from rollout.db.session import session_scope
+    from rollout.usecases import add_usecase
+    from sparse_core.fingerprint import weights_fingerprint
 
     name = flow_use_case()
     with monkeypatch.context() as m:
         m.setattr(cal_flow, "SPLIT_RULE", "by-position")
         old = cal_flow.calibrate_flow(name, limits=QUICK_CAL)
-    new = cal_flow.calibrate_flow(name, limits=QUICK_CAL)
-    assert not new["reused"] and new["calibration_run_id"] != old["calibration_run_id"]
+    first = cal_flow.calibrate_flow(name, limits=QUICK_CAL)
+    assert not first["reused"] and first["calibration_run_id"] != old["calibration_run_id"]
     assert cal_flow.calibrate_flow(name, limits=QUICK_CAL)["reused"]  # the same rule: reused
+
+    spec = yaml.safe_load((tmp_path / f"{name}.yaml").read_text())
+    for version, (section, field, value) in enumerate(
+        [("schedule", "cron", "*/5 * * * *"), ("cost", "gpu_usd_per_hour", 3.5)], start=2
+    ):
+        spec[section][field] = value
+        path = tmp_path / f"v{version}.yaml"
+        path.write_text(yaml.safe_dump(spec))
+        assert add_usecase(path, actor="t", new_version=True).status == "new_version"
+        again = cal_flow.calibrate_flow(name, limits=QUICK_CAL)
+        assert again["reused"] and again["calibration_run_id"] == first["calibration_run_id"], again
+        said = f"calibrated under spec v1: v{version} changed nothing calibration reads"
+        assert again["reused_from"] == said, again
+
+    with session_scope() as s:  # the run as an earlier build keyed it: v1's whole-spec hash
+        run = s.get(CalibrationRun, first["calibration_run_id"])
+        v1 = s.scalar(
+            select(SpecVersion).where(SpecVersion.use_case_id == run.use_case_id, SpecVersion.version == 1)
+        )
+        parts = (run.use_case_id, v1.spec_hash, v1.spec["model"], run.metrics["settings"])
+        run.idempotency_key = "calibrate:" + stable_key(*parts, weights_fingerprint(v1.spec["model"]))
+    again = cal_flow.calibrate_flow(name, limits=QUICK_CAL)
+    assert again["reused"] and again["calibration_run_id"] == first["calibration_run_id"], again
 
 
 def test_a_task_refused_for_want_of_its_claim_or_held_for_an_alarm_is_not_retried() -> None:

@@ -88,3 +88,104 @@ def test_a_new_version_that_changes_what_calibration_reads_pilots_no_old_plan(
     else:
         assert refusal is None and pilot_batches.not_calibrated("chat") is None
         assert pilot_batches.ensure_pilot("chat")["spec_version"] == 2 and _pilots("chat") == 1
+
+
+CHANGES = [({"quality_budget": {"kl": 0.001}}, True), ({"schedule": {"cron": "*/5 * * * *"}}, False)]
+
+
+@pytest.mark.parametrize(("change", "stale"), CHANGES, ids=["budget", "schedule"])
+def test_a_go_of_a_plan_calibrated_for_an_earlier_budget_is_not_promoted(
+    trust_env, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, change: dict[str, Any], stale: bool
+) -> None:  # noqa: ANN001
+    """Pilot 1's GO waits for approval when v2 tightens the KL budget tenfold: it was approved and promoted,
+    a plan that missed the current budget. The signature (the dashboard's and `approve`'s), the CLI's check
+    before any approval run and the Approvals card now refuse it by the pilot's rule
+    (`runs.plan_not_calibrated`); rejecting it stays open. A schedule change holds nothing."""
+    from rollout import approval_runs, approvals, queries
+    from rollout.auth import Identity
+    from tests.rollout.test_decision_money import _go_awaiting_approval
+
+    _challenger(tmp_path, "chat", **PAYS)
+    did, _ = _go_awaiting_approval("chat")
+    monkeypatch.setenv("SPARSEPILOT_USER", "olga")
+    _new_version(tmp_path, change)
+
+    held = queries.read(approvals.promotion_held_words, did)  # the card's words, its button disabled
+    if not stale:
+        assert held is None
+        approval_runs.check_promotable(did)
+        return
+    changed = (
+        "spec v2 changed quality_budget.kl after the plan pilot 1 runs was calibrated under v1: the plan has "
+        "not been calibrated under v2"
+    )
+    remedy = (
+        f"Reject it (`sparsepilot approve chat --decision {did} --reject --reason TEXT`) and run "
+        "`sparsepilot calibrate chat`: a plan calibrated under v2 is piloted anew"
+    )
+    assert held == f"Not approvable: {changed}. {remedy}."
+    refusal = f"decision {did} is not promoted: {changed}; nothing was recorded. {remedy}"
+    with pytest.raises(approvals.ApprovalError) as before_any_run:
+        approval_runs.check_promotable(did)  # `approve` / `promote --decision`, before any approval run
+    assert str(before_any_run.value) == refusal
+    alice = Identity(name="alice", role="approver", source="cli-env")
+    with pytest.raises(approvals.ApprovalError) as signed:
+        approvals.approve(did, alice, "the GO is clear")  # the dashboard's click, under the lock
+    assert str(signed.value) == refusal
+    assert queries.read(queries.pending_decisions)[0]["id"] == did  # nothing recorded: it still waits
+    assert approvals.approve(did, alice, "planned for v1's budget", reject=True).action == "reject"
+
+
+@pytest.mark.parametrize(("change", "stale"), CHANGES, ids=["budget", "schedule"])
+def test_a_calibration_under_a_new_budget_stops_the_old_plans_running_pilot(
+    trust_env, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, change: dict[str, Any], stale: bool
+) -> None:  # noqa: ANN001
+    """Pilot 1 of the v1 plan runs when v2 tightens the budget and a calibration under v2 succeeds: the old
+    pilot ran on, taking no batch where the new plan was not piloted (the cycle pilots the challenger),
+    the use case "piloting" for good. It is stopped now, audited "spec v2 recalibrates this use case", and
+    the use case is calibrated; as a supersession it judged nothing. Where v2 leaves the plan calibrated
+    (a schedule), it runs on until the new plan's pilot supersedes it. The real `runs` functions the
+    calibrate flow calls; the flow itself: tests/flows/test_cycle_not_piloted.py."""
+    from sqlalchemy import select
+
+    from rollout import pilot_batches, pilots, runs
+    from rollout.db.models import AuditEntry, ModelVersion, Pilot
+    from rollout.db.session import session_scope
+    from sparse_core import SparsePlan
+
+    _challenger(tmp_path, "chat", **PAYS)
+    pilot_id = pilot_batches.ensure_pilot("chat")["pilot_id"]
+    monkeypatch.setenv("SPARSEPILOT_USER", "olga")
+    _new_version(tmp_path, change)
+    with session_scope() as s:  # what the calibrate flow's register task records: a new plan
+        uc = pilots.get_use_case(s, "chat")
+        plan = SparsePlan(tau=0.7)
+        mv = ModelVersion(
+            use_case_id=uc.id, base_model_ref="m", plan=plan.to_dict(), plan_hash=plan.content_hash()
+        )
+        s.add(mv)
+        s.flush()
+        uc_id, mv_id = uc.id, mv.id
+    run = runs.open_calibration(uc_id, 2, "calibrate:chat:v2", {}, None)
+    with session_scope() as s:
+        mv = s.get(ModelVersion, mv_id)
+        s.expunge(mv)
+    runs.calibration_succeeded(
+        "chat", run["id"], model_version=mv, mlflow_run_id="r2", metrics={}, density=0.2
+    )
+
+    with session_scope() as s:
+        pilot, uc = s.get(Pilot, pilot_id), pilots.get_use_case(s, "chat")
+        rows = s.scalars(
+            select(AuditEntry).where(
+                AuditEntry.action == "pilot.status", AuditEntry.entity_id == str(pilot_id)
+            )
+        ).all()
+        if not stale:
+            assert (pilot.status, uc.phase, rows) == ("running", "piloting", [])
+            return
+        assert (pilot.status, uc.phase) == ("stopped", "calibrated")
+        assert [(r.details["to"], r.details["reason"]) for r in rows] == [
+            ("stopped", "spec v2 recalibrates this use case")
+        ]
+        assert pilots.plan_ended(s, uc, pilot.model_version_id) is None  # judged nothing
