@@ -583,7 +583,16 @@ def _finisher(
 
 def _supersede(session: Any, d: GateDecision, actor: str, by: str, **details: Any) -> None:
     """Close a rollback decision another rollback or promotion made moot: "superseded" (where still
-    open), with a `rollback.superseded` audit entry saying by what."""
+    open), with a `rollback.superseded` audit entry saying by what. Its own move, recorded but never in
+    effect (the monitor's own whose MLflow call failed), is marked superseded too (`registry.supersede`):
+    it was left "failed", a rollback still to be retried in the alias history, which the registry refuses
+    (stale)."""
+    from rollout import registry
+
+    move = session.scalar(select(AliasMove).where(AliasMove.idempotency_key == f"rollback:{d.id}"))
+    if move is not None and move.status not in ("committed", registry.SUPERSEDED):
+        why = f"decision {d.id}'s rollback was superseded by {by} before its move took effect"
+        registry.supersede(session, move, actor=actor, why=why)
     if d.resolution is None:
         d.resolution = "superseded"
     audit.record(session, actor, "rollback.superseded", on=d, details={"by": by, **details})

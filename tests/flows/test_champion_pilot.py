@@ -572,3 +572,38 @@ def test_a_promotion_mlflow_shows_done_is_recorded_and_the_moot_alarm_moves_noth
     assert f"decision {alarm} asked to roll back champion v2, but v3 serves now" in said
     assert "nothing moved" in said
     assert registry.current_aliases(name)["champion"] == "3"
+
+
+@pytest.mark.parametrize("trust_db", ["sqlite"], indirect=True)
+def test_a_monitors_rollback_a_persons_superseded_leaves_no_failed_move(use_case, monkeypatch) -> None:  # noqa: ANN001
+    """`rollback: auto`: the monitor's own rollback failed (MLflow down: its move `rollback:<id>` failed),
+    then a person's `rollback` came first and closed the monitor's decision "superseded". Its move row was
+    left "failed" for good: the alias history showed a rollback still to be retried, which the registry
+    refuses (stale). Now the row is marked superseded with the decision, saying by what."""
+    from mlflow import MlflowClient
+
+    from rollout import approvals, registry, unfinished
+    from tests.flows.test_unfinished_effects import _alarm as _own_rollback
+
+    name = use_case(rollback="auto")
+    _promoted(name)
+    mon = _own_rollback(name, "auto", automatic=True)
+    real = MlflowClient.set_registered_model_alias
+
+    def down(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        raise ConnectionError("tracking server unreachable")
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", down)
+    with pytest.raises(registry.RegistryError, match="unreachable"):
+        approvals.apply_rollback(mon, None, reason="breach", automatic=True)
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", real)
+    by_hand = approvals.request_rollback(name, _identity(BOB), "p95 regressed")["decision_id"]
+    moves = {m["idempotency_key"]: m for m in registry.alias_history(name)}
+    assert (moves[f"rollback:{mon}"]["status"], moves[f"rollback:{by_hand}"]["status"]) == (
+        "superseded",
+        "committed",
+    )
+    assert (
+        f"superseded by rollback {by_hand} before its move took effect" in moves[f"rollback:{mon}"]["error"]
+    )
+    assert (unfinished.unfinished_of(name), _pilots(name)[1]) == (None, ["1"])
