@@ -79,10 +79,11 @@ def promote_flow(
     with `reason` (rollout.approvals.effects)."""
     result = promote_task(decision_id, approval_id, reason, finished_by)
     log_alias_event(decision_id, result, "promote", actor)
-    if result.get("action") == "superseded":  # stale: never carried out (rollout.approvals.effects)
-        get_run_logger().warning("decision %s: not promoted: %s", decision_id, result["reason"])
-    else:
-        get_run_logger().info("decision %s: promoted (%s)", decision_id, result.get("alias_moves"))
+    get_run_logger().info("decision %s: promoted (%s)", decision_id, result.get("alias_moves"))
+    if result.get(
+        "champion_changed"
+    ):  # a rollback came between the GO and its move (approvals.promotion_moves)
+        get_run_logger().warning("decision %s: %s", decision_id, result["champion_changed"])
     return result
 
 

@@ -232,8 +232,9 @@ def latest_pilot(session: Session, use_case: UseCase) -> Pilot | None:
 
 def was_aborted(session: Session, pilot: Pilot) -> bool:
     """Whether an operator aborted this ended pilot (`abort_pilot`'s `pilot.abort` audit entry), or its
-    approved promotion went stale before it took effect (`promotion.superseded`: its GO was judged against
-    a champion rolled back since), rather than a NO-GO, a rejection or a new challenger stopping it."""
+    approved promotion was abandoned by an earlier build when its move went stale (`promotion.superseded`;
+    now it is promoted over the champion serving: `approvals.promotion_moves`), rather than a NO-GO, a
+    rejection or a new challenger stopping it."""
     if pilot.status != "stopped":
         return False
     found = session.scalar(

@@ -724,6 +724,7 @@ def finish_hint(use_case: str, key: str) -> str:
     """How a pending move of idempotency key `key` is finished: its own key's retry, which the command
     that made it runs again (a promotion's, a rollback's), and nothing in MLflow."""
     kind, _, decision = key.partition(":")
+    decision = decision.split(":", 1)[0]  # `promote:12:40`: decision 12's move recorded again
     command = (
         f"`sparsepilot promote {use_case} --decision {decision}` does"
         if kind in ("promote", "baseline") and decision.isdigit()

@@ -10,9 +10,9 @@ that dies in between (MLflow down, a deploy, an OOM) leaves a decision that wait
   failed or never ran: the champion that breached keeps serving;
 - the monitor's **automatic rollback** whose move failed: its decision says "rolled back automatically";
 - an approved **promotion** whose moves did not complete: MLflow may serve the challenger while the use
-  case still waits for approval, unmonitored (held while the champion's alarm waits; one whose move a
-  later champion move made stale is superseded by its finisher, never carried out:
-  `approvals.effects.apply_promotion`);
+  case still waits for approval, unmonitored (held while the champion's alarm waits; once it is decided,
+  finished over the champion serving then, a stale move recorded again from it, and said so:
+  `approvals.promotion_moves`);
 - a **kept alarm** (two approvers rejected the monitor's rollback) or a **rejection** whose run died
   after the signature committed: the use case waits for approval for good (a kept champion unmonitored).
 
@@ -58,6 +58,9 @@ class Unfinished:
     failed_move: bool  # an alias move of it failed (MLflow unreachable, ...)
     moved: bool  # its alias move committed: only the state DB's side is left to do
     flow_run_id: str | None  # the approval run that was to carry it out (may still be doing so)
+    # a promotion whose champion changed since its GO was signed: what finishing it does, in words
+    # (`approvals.promotion_moves.champion_change`: promoted over the champion serving now)
+    champion_changed: str | None = None
 
     @property
     def automatic(self) -> bool:
@@ -187,6 +190,8 @@ def waits_words(pending: dict[str, Any]) -> str:
     who = "" if pending["automatic"] else f"{verb} by {pending.get('signer') or 'an approver'}; "
     if pending["automatic"]:
         what = "the monitor's automatic rollback"
+    if pending.get("champion_changed"):
+        who += f"{pending['champion_changed']}; "
     if not pending.get("stalled"):
         return f"{what} to complete ({who}being carried out now)"
     return f"{what} to be finished ({who}not in effect): {pending['command'].removesuffix(' --reason ...')}"
@@ -342,7 +347,9 @@ def _failed_since(session: Any, u: Unfinished, since: dt.datetime) -> bool:
     ids = [
         str(i)
         for i in session.scalars(
-            select(AliasMove.id).where(AliasMove.idempotency_key.in_(_move_keys(u.action, u.decision_id)))
+            select(AliasMove.id).where(
+                AliasMove.idempotency_key.in_(_move_keys(session, u.action, u.decision_id))
+            )
         )
     ]
     failures = session.scalars(
@@ -459,7 +466,10 @@ def _unfinished(session: Any, uc: UseCase, d: GateDecision, action: str) -> Unfi
         .where(Approval.decision_id == d.id, Approval.action.in_(signed))
         .order_by(Approval.id.desc())
     )
-    status = [_move_status(session, k) for k in _move_keys(action, d.id)] or [None]
+    from rollout.approvals.promotion_moves import champion_change
+
+    status = [_move_status(session, k) for k in _move_keys(session, action, d.id)] or [None]
+    change = champion_change(session, d) if action == "promote" and status[0] != "committed" else None
     return Unfinished(
         use_case=uc.name,
         decision_id=d.id,
@@ -469,16 +479,20 @@ def _unfinished(session: Any, uc: UseCase, d: GateDecision, action: str) -> Unfi
         failed_move="failed" in status,
         moved=status[0] == "committed",
         flow_run_id=d.flow_run_id,
+        champion_changed=None if change is None else change.words(),
     )
 
 
-def _move_keys(action: str, decision_id: int) -> list[str]:
-    """The idempotency keys of the alias moves that carry out `action` of decision `decision_id`."""
-    keys = {
-        "rollback": [f"rollback:{decision_id}"],
-        "promote": [f"promote:{decision_id}", f"baseline:{decision_id}"],
-    }
-    return keys.get(action, [])
+def _move_keys(session: Any, action: str, decision_id: int) -> list[str]:
+    """The idempotency keys of the alias moves that carry out `action` of decision `decision_id`, its
+    main move's first (a promotion's newest: `approvals.promotion_moves.keys_of`)."""
+    from rollout.approvals.promotion_moves import keys_of
+
+    if action == "rollback":
+        return [f"rollback:{decision_id}"]
+    if action == "promote":
+        return [*keys_of(session, decision_id), f"baseline:{decision_id}"]
+    return []
 
 
 def _moved_since(d: GateDecision, moves_now: int) -> bool:

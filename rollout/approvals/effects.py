@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import select
 
 from rollout import audit, champion, lifecycle
+from rollout.approvals import promotion_moves
 from rollout.approvals.base import ApprovalError, ApprovalPayload, ClaimRefused, PromotionHeld
 from rollout.auth import Identity, require_approver
 from rollout.db.models import AliasMove, Approval, GateDecision, ModelVersion, Pilot, UseCase
@@ -115,7 +116,9 @@ def apply_promotion(
 ) -> dict[str, Any]:
     """challenger -> champion for the decision's pilot. Before a use case's first promotion the dense
     baseline (what was serving) is recorded as champion, so a rollback has somewhere to return to.
-    `finished_by`: who finishes an approved promotion that did not complete (`_finisher`)."""
+    `finished_by`: who finishes an approved promotion that did not complete (`_finisher`). Where the
+    champion changed since the GO was signed (a rollback decided while it was held), it is promoted over
+    the champion serving now, its stale move recorded again from it (`promotion_moves`, the one rule)."""
     from rollout import pilots, registry
 
     who = approval_identity(approval_id, decision_id, actions=("approve",), db_url=db_url)
@@ -125,14 +128,16 @@ def apply_promotion(
         d, uc, pilot = _resolved_and_locked(session, decision_id, "approved", to="promote")
         _require_claim(session, d, finished_by, then="nothing was moved")
         _require_pilot_to_promote(d, pilot, moved=False)
-        if not shown:
-            stale = _stale_promotion(session, d)
-            if stale is not None:
-                return _abandon_promotion(session, d, uc, pilot, stale, actor=who.name)
         _hold_while_rollback_waits(session, d, uc, shown=shown)
+        change = None if shown else promotion_moves.champion_change(session, d)
+        if not shown:
+            _supersede_stale_move(session, d, change, actor=who.name)
+        key = promotion_moves.key_now(session, decision_id)
+        if change is not None:  # said in the alias history too, under the signer's reason
+            reason = f"{reason} ({change.words()})"
         name, mv_id = uc.name, pilot.model_version_id
         has_champion = bool(registry.champions(session, uc.id))
-        keys = [f"promote:{decision_id}"] + ([] if has_champion else [f"baseline:{decision_id}"])
+        keys = [key] + ([] if has_champion else [f"baseline:{decision_id}"])
         moved_before = all(_move_status(session, k) == "committed" for k in keys)
     moves = []
     if not has_champion:
@@ -158,7 +163,7 @@ def apply_promotion(
             model_version_id=mv_id,
             actor=who,
             reason=reason,
-            idempotency_key=f"promote:{decision_id}",
+            idempotency_key=key,
             db_url=db_url,
         )
     )
@@ -191,15 +196,34 @@ def apply_promotion(
             session, uc, "promoted", actor=who.name, reason=f"decision {decision_id} approved"
         )
         if done:
+            if change is not None:
+                audit.record(
+                    session,
+                    who.name,
+                    CHAMPION_CHANGED,
+                    on=pilot,
+                    details={
+                        "decision_id": decision_id,
+                        "signed_over": change.signed_over,
+                        "promoted_over": change.serving,
+                        "why": change.words(),
+                    },
+                )
             _finisher(
                 session, d, finished_by, said, action="promote", approval_id=approval_id, signer=who.name
             )
-    return {
+    out = {
         "action": "promoted",
         "decision_id": decision_id,
         "alias_moves": [_move_dict(m) for m in moves],
         "done": done,
     }
+    return out if change is None else out | {"champion_changed": change.words()}
+
+
+# the audit action, on the pilot, of a promotion carried out over a champion that changed since its GO was
+# signed (`promotion_moves.champion_change`)
+CHAMPION_CHANGED = "promotion.champion_changed"
 
 
 def promotion_held(session: Any, d: GateDecision) -> bool:
@@ -209,10 +233,10 @@ def promotion_held(session: Any, d: GateDecision) -> bool:
     promotion to be finished" where the alarm is what waits: `queries.waits_for`). Read from the state DB
     alone (the portfolio asks it, and MLflow is likely down where a move failed): a move MLflow shows done
     all the same (`_shown`) is recorded by a person's `promote --decision`, which asks MLflow."""
-    return (
-        _move_status(session, f"promote:{d.id}") != "committed"
-        and champion.rollback_waiting(session, session.get(UseCase, d.use_case_id)) is not None
-    )
+    move = promotion_moves.current_move(session, d.id)
+    return (move is None or move.status != "committed") and champion.rollback_waiting(
+        session, session.get(UseCase, d.use_case_id)
+    ) is not None
 
 
 def _shown(session: Any, decision_id: int) -> bool:
@@ -221,7 +245,7 @@ def _shown(session: Any, decision_id: int) -> bool:
     MLflow does not show (or cannot be asked about) has not taken effect."""
     from rollout import registry
 
-    move = session.scalar(select(AliasMove).where(AliasMove.idempotency_key == f"promote:{decision_id}"))
+    move = promotion_moves.current_move(session, decision_id)
     if move is None or move.status in ("committed", registry.SUPERSEDED):
         return False
     return registry.points_at(session.get(UseCase, move.use_case_id).name, "champion", move.to_version)
@@ -233,50 +257,26 @@ def _shown_in_mlflow(decision_id: int, db_url: str | None) -> bool:
         return _shown(session, decision_id)
 
 
-def _stale_promotion(session: Any, d: GateDecision) -> str | None:
-    """Why an approved promotion's recorded move is stale (`registry.stale_move`: a later champion move,
-    a rollback of the champion its GO was judged against, committed since), or None."""
+def _supersede_stale_move(session: Any, d: GateDecision, change: Any, *, actor: str) -> None:
+    """An approved promotion's recorded move that never took effect and went stale (`registry.stale_move`:
+    a later champion move, a rollback, committed since) is never retried: retried, MLflow moved from the
+    champion serving now while its row said from the one before, and the lineage (row order) named a
+    champion MLflow did not serve. It is marked superseded (`registry.supersede`), and the promotion's
+    move is recorded again from the champion serving now (`promotion_moves.key_now`), the rule of a
+    promotion held with no move recorded (`promotion_moves`). Before, the promotion was abandoned: its
+    pilot and use case stopped, for `pilot --again`. Nothing where its move is not stale."""
     from rollout import registry
 
-    move = session.scalar(select(AliasMove).where(AliasMove.idempotency_key == f"promote:{d.id}"))
-    return None if move is None else registry.stale_move(session, move)
-
-
-def _abandon_promotion(
-    session: Any, d: GateDecision, uc: UseCase, pilot: Pilot, stale: str, *, actor: str
-) -> dict[str, Any]:
-    """An approved promotion whose move never took effect and went stale (`_stale_promotion`) is not
-    finished: the pilot's GO was judged against a champion that no longer serves. Before, it was finished
-    all the same: MLflow moved from the champion a rollback returned to, while the move's row said from
-    the one rolled back; the lineage (row order) then named a champion MLflow did not serve, the monitor
-    watched nothing, and a person's rollback moved nothing. Its move is marked superseded
-    (`registry.supersede`), its pilot stopped (one a person may pilot again: `pilots.was_aborted`), the
-    use case stopped, and a `promotion.superseded` audit entry says why. The decision stays approved (a
-    resolved decision never changes); nothing moves."""
-    from rollout import pilots, registry
-
-    name = uc.name
+    move = promotion_moves.current_move(session, d.id)
+    stale = None if move is None else registry.stale_move(session, move)
+    if stale is None:
+        return
+    then = f"; {change.words()}" if change is not None else ""
     why = (
-        f"decision {d.id}'s promotion was approved but never took effect, and is not carried out: {stale}. "
-        f"The GO was judged against a champion that no longer serves; pilot again: "
-        f"{pilots.pilot_aborted_again(name)}"
+        f"{stale}; decision {d.id}'s promotion is recorded again from the champion serving now "
+        f"('promote:{d.id}:{move.id}'){then}"
     )
-    move = session.scalar(select(AliasMove).where(AliasMove.idempotency_key == f"promote:{d.id}"))
     registry.supersede(session, move, actor=actor, why=why)
-    pilots.stop_pilot(session, pilot, status="stopped", actor=actor, reason=why)
-    lifecycle.set_phase(session, uc, "stopped", actor=actor, reason=f"decision {d.id}: promotion superseded")
-    audit.record(
-        session,
-        actor,
-        PROMOTION_SUPERSEDED,
-        on=pilot,
-        details={"decision_id": d.id, "alias_move_id": move.id, "why": why},
-    )
-    return {"action": "superseded", "decision_id": d.id, "alias_moves": [], "done": True, "reason": why}
-
-
-# the audit action of `_abandon_promotion`, on the pilot: a person may pilot its challenger again
-PROMOTION_SUPERSEDED = "promotion.superseded"
 
 
 def _hold_while_rollback_waits(session: Any, d: GateDecision, uc: UseCase, *, shown: bool) -> None:
@@ -291,7 +291,8 @@ def _hold_while_rollback_waits(session: Any, d: GateDecision, uc: UseCase, *, sh
     failed one too: the cycle promoted over the alarm."""
     from rollout.approvals.checks import rollback_before_promotion
 
-    if shown or _move_status(session, f"promote:{d.id}") == "committed":
+    move = promotion_moves.current_move(session, d.id)
+    if shown or (move is not None and move.status == "committed"):
         return
     first = rollback_before_promotion(session, uc)
     if first is None:
@@ -582,7 +583,16 @@ def _finisher(
 
 def _supersede(session: Any, d: GateDecision, actor: str, by: str, **details: Any) -> None:
     """Close a rollback decision another rollback or promotion made moot: "superseded" (where still
-    open), with a `rollback.superseded` audit entry saying by what."""
+    open), with a `rollback.superseded` audit entry saying by what. Its own move, recorded but never in
+    effect (the monitor's own whose MLflow call failed), is marked superseded too (`registry.supersede`):
+    it was left "failed", a rollback still to be retried in the alias history, which the registry refuses
+    (stale)."""
+    from rollout import registry
+
+    move = session.scalar(select(AliasMove).where(AliasMove.idempotency_key == f"rollback:{d.id}"))
+    if move is not None and move.status not in ("committed", registry.SUPERSEDED):
+        why = f"decision {d.id}'s rollback was superseded by {by} before its move took effect"
+        registry.supersede(session, move, actor=actor, why=why)
     if d.resolution is None:
         d.resolution = "superseded"
     audit.record(session, actor, "rollback.superseded", on=d, details={"by": by, **details})
@@ -697,13 +707,18 @@ def unfinished_promotion_in(session: Any, d: GateDecision) -> int | None:
 
 def _superseded(session: Any, d: GateDecision) -> bool:
     """Whether the champion moved on after this decision's promotion committed (a rollback, a later
-    promotion), or its move was superseded before it took effect (`_abandon_promotion`): finishing it
-    again would re-promote on old evidence. A promotion that committed in
-    MLflow but crashed before the use case was marked promoted is the last champion move: unfinished."""
+    promotion): finishing it again would re-promote on old evidence; or an earlier build abandoned it,
+    its move superseded and its pilot stopped (a `promotion.superseded` audit entry). A promotion that
+    committed in MLflow but crashed before the use case was marked promoted is the last champion move:
+    unfinished; so is one whose stale move was superseded to be recorded again
+    (`_supersede_stale_move`), its pilot live."""
     from rollout import registry
+    from rollout.pilots import ACTIVE_PILOT
 
-    if _move_status(session, f"promote:{d.id}") == registry.SUPERSEDED:  # stale, never carried out
-        return True
+    current = promotion_moves.current_move(session, d.id)
+    if current is not None and current.status == registry.SUPERSEDED:
+        return session.get(Pilot, d.pilot_id).status not in ACTIVE_PILOT
+    keys = set(promotion_moves.keys_of(session, d.id))
     moves = registry.committed_moves(session, d.use_case_id, "champion")
-    mine = [i for i, m in enumerate(moves) if m.idempotency_key == f"promote:{d.id}"]
+    mine = [i for i, m in enumerate(moves) if m.idempotency_key in keys]
     return bool(mine) and mine[-1] < len(moves) - 1

@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy import select
 
+from rollout.approvals import promotion_moves
 from rollout.approvals.base import ApprovalError
 from rollout.db.models import AliasMove, Approval, GateDecision, UseCase, as_utc
 from rollout.db.session import session_scope
@@ -30,10 +31,11 @@ def effect_key(d: GateDecision) -> str:
     return f"{'rollback' if rollback else 'promote'}:{d.id}"
 
 
-def standing_of(moves: list[AliasMove], key: str) -> Standing | None:
-    """Where the committed champion move `key` stands among the use case's committed champion moves
+def standing_of(moves: list[AliasMove], keys: list[str]) -> Standing | None:
+    """Where the committed champion move of `keys` (a decision's: a promotion's moves recorded again after
+    a stale one among them, `promotion_moves`) stands among the use case's committed champion moves
     (oldest first); None where it never committed (pure)."""
-    mine = [i for i, m in enumerate(moves) if m.idempotency_key == key]
+    mine = [i for i, m in enumerate(moves) if m.idempotency_key in keys]
     if not mine:
         return None
     i = mine[-1]
@@ -51,10 +53,12 @@ def standing(session: Any, d: GateDecision) -> Standing | None:
     never took effect and went stale (`registry.supersede`: a rollback came first) says why, from its row."""
     from rollout import registry
 
-    found = standing_of(registry.committed_moves(session, d.use_case_id, "champion"), effect_key(d))
+    promotion = effect_key(d) == f"promote:{d.id}"
+    keys = promotion_moves.keys_of(session, d.id) if promotion else [effect_key(d)]
+    found = standing_of(registry.committed_moves(session, d.use_case_id, "champion"), keys)
     if found is not None:
         return found
-    move = session.scalar(select(AliasMove).where(AliasMove.idempotency_key == effect_key(d)))
+    move = session.scalar(select(AliasMove).where(AliasMove.idempotency_key == keys[0]))
     if move is None or move.status != registry.SUPERSEDED:
         return None
     return Standing(False, f"it was superseded before it took effect: {move.error}", moved=False)
@@ -100,6 +104,6 @@ def _at(m: AliasMove) -> str:
 
 
 def _by(m: AliasMove) -> str:
-    kind, _, rest = m.idempotency_key.partition(":")
+    kind, rest = m.idempotency_key.partition(":")[0], promotion_moves.decision_of_key(m.idempotency_key)
     named = {"rollback": "rollback decision", "promote": "promotion decision"}.get(kind)
     return f"{named} {rest}" if named and rest.isdigit() else f"the champion move {m.idempotency_key!r}"

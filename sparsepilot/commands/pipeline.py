@@ -513,11 +513,11 @@ def finished_said(name: str, result: dict[str, Any]) -> str:
         f"{m['alias']} {v(m['from_version'])} -> {v(m['to_version'])} ({m['status']})"
         for m in result.get("alias_moves") or []
     )
-    if result.get("action") == "superseded":  # stale: the champion moved on before it took effect
-        return f"{name}: decision {result['decision_id']} not promoted: {result['reason']}"
     if result.get("done") is False:  # its own run completed it meanwhile
         return f"{name}: decision {result['decision_id']} was in effect already, nothing changed"
-    return f"{name}: finished decision {result['decision_id']}" + (f": {moves}" if moves else "")
+    # a rollback came between the GO's signature and its move (rollout.approvals.promotion_moves)
+    changed = f" ({result['champion_changed']})" if result.get("champion_changed") else ""
+    return f"{name}: finished decision {result['decision_id']}" + (f": {moves}" if moves else "") + changed
 
 
 @app.command("rollback")

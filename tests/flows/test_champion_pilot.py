@@ -338,12 +338,15 @@ def test_an_alarm_recorded_after_the_gos_signature_holds_its_promotion(use_case,
 
     assert approvals.approve(alarm, _identity(BOB), "bad rows").took_effect  # rolled back to the dense v1
     assert _pilots(name)[1:3] == (["1"], None)
-    assert unfinished.unfinished_of(name).action == "promote"  # the signed promotion, finished now
+    pending = unfinished.unfinished_of(name)  # the signed promotion, finished now, over v1 (P2: said)
+    assert (pending.action, pending.champion_changed) == ("promote", _changed("2", "1"))
     monkeypatch.setattr(unfinished, "APPLY_GRACE", unfinished.APPLY_GRACE * 0)  # its signer gave up
     approval_id = approvals.unfinished_promotion(second, by="carol")
     assert approval_id is not None
     done = approvals.apply_promotion(second, approval_id, reason="alarm decided", finished_by="carol")
-    assert done["done"]
+    # the same rule as a stale failed move's (`promotion_moves`): promoted over v1, and said so
+    assert (done["done"], done["champion_changed"]) == (True, _changed("2", "1"))
+    assert _champion_moves(name)[-1] == (f"promote:{second}", "1", "3", "committed")
     rows, champions, promoted, _ = _pilots(name)
     assert (champions, promoted, _phase(name)) == (["1", "3"], 2, "promoted")
 
@@ -464,15 +467,26 @@ def test_a_failed_promotion_is_not_finished_over_the_champions_alarm(use_case, m
     assert rows == [(1, "rolled_back", "2"), (2, "awaiting_approval", "3")]
 
 
+def _changed(then: str, now: str) -> str:
+    """What a promotion finished over a champion that changed since its GO was signed says."""
+    return (
+        f"the champion changed since the GO was signed (v{then} served then, v{now} serves now): it is "
+        f"promoted over v{now} as signed"
+    )
+
+
 @pytest.mark.parametrize("trust_db", ["sqlite"], indirect=True)
-def test_a_failed_promotion_a_rollback_made_stale_is_superseded_not_finished(use_case, monkeypatch) -> None:  # noqa: ANN001
-    """Pilot 2's promotion move failed (v2 -> v3), then the alarm about v2 was approved (v2 -> v1). The
-    finisher committed the old row: MLflow moved v1 -> v3 while the row said from v2, the lineage (row
-    order) read ['1', '2', '3', '1'] while v3 served unmonitored, and a person's rollback moved nothing.
-    Now the stale move is superseded, never carried out: pilot 2 stopped (a person may pilot it again),
-    the use case stopped, audited; the lineage is MLflow's."""
-    from rollout import approvals, pilots, registry, unfinished
-    from rollout.db.models import AuditEntry, Pilot
+def test_a_failed_promotion_a_rollback_made_stale_is_promoted_over_the_champion_now(
+    use_case, monkeypatch
+) -> None:  # noqa: ANN001
+    """Pilot 2's promotion move failed (v2 -> v3), then the alarm about v2 was approved (v2 -> v1). Its
+    stale row is never retried (retried, MLflow moved v1 -> v3 while the row said from v2). It used to be
+    superseded and the pilot stopped for `pilot --again`, while the same GO held with no move recorded was
+    promoted over v1 as signed: two rules for one situation. Now both are promoted over the champion
+    serving: the stale row superseded, a new move recorded from v1, and the portfolio, the alias history
+    and the audit log say that the champion changed since the GO was signed."""
+    from rollout import approvals, pilot_batches, registry, unfinished
+    from rollout.db.models import AuditEntry
     from rollout.db.session import session_scope
 
     name = use_case(rollback="manual")
@@ -480,45 +494,47 @@ def test_a_failed_promotion_a_rollback_made_stale_is_superseded_not_finished(use
     alarm = _alarm(name, info)
     approvals.approve(alarm, _identity(BOB), "bad rows")  # v2 -> v1
     with pytest.raises(registry.RegistryError, match="v2 to v3, but 'rollback:.*committed since"):
-        registry.promote(  # its key's retry alone is refused too: the registry's rule
+        registry.promote(  # its key's retry alone is refused: the registry's rule
             name, version="3", actor=_identity(ALICE), reason="again", idempotency_key=f"promote:{second}"
         )
+    # between the rollback and the cycle's tick: what finishing it will do (P2)
+    assert _waits(name) == (
+        f"the promotion to be finished (approved by alice; {_changed('2', '1')}; not in effect): "
+        f"sparsepilot promote {name} --decision {second}"
+    )
     monkeypatch.setattr(unfinished, "APPLY_GRACE", unfinished.APPLY_GRACE * 0)
     u = unfinished.claim_to_finish(name, "sparsepilot-pipeline")  # what the cycle's finisher runs
     assert (u.decision_id, u.action) == (second, "promote")
     done = approvals.apply_promotion(
         second, u.approval_id, reason="finish", finished_by="sparsepilot-pipeline"
     )
-    assert (done["action"], done["alias_moves"]) == ("superseded", [])
-    assert f"'rollback:{alarm}' (alias_history id 6: v2 -> v1) committed since: v1 serves" in done["reason"]
-    assert f"`sparsepilot pilot {name} --again --reason TEXT`" in done["reason"]
+    assert (done["action"], done["done"], done["champion_changed"]) == ("promoted", True, _changed("2", "1"))
+    stale = next(m for m in registry.alias_history(name) if m["idempotency_key"] == f"promote:{second}")
     assert _champion_moves(name) == [
         ("baseline:1", None, "1", "committed"),
         ("promote:1", "1", "2", "committed"),
         (f"promote:{second}", "2", "3", "superseded"),
         (f"rollback:{alarm}", "2", "1", "committed"),
+        (f"promote:{second}:{stale['id']}", "1", "3", "committed"),
     ]
-    rows, champions, promoted, _ = _pilots(name)
-    assert (champions, registry.current_aliases(name)["champion"]) == (["1"], "1")
-    assert (rows, promoted, _phase(name)) == ([(1, "rolled_back", "2"), (2, "stopped", "3")], None, "stopped")
-    assert unfinished.unfinished_of(name) is None
-    assert _waits(name).startswith(f"an operator: `sparsepilot pilot {name} --again --reason TEXT`")
-    assert approvals.unfinished_promotion(second, by="carol") is None  # `promote --decision`: nothing left
-    with pytest.raises(approvals.ApprovalError) as again:  # ... and says why, not "finishes it"
-        approvals.promotion_in_effect(second)
-    assert str(again.value).startswith(
-        f"decision {second} was approved by alice; it was superseded before it took effect: decision "
-        f"{second}'s promotion was approved but never took effect"
+    assert (
+        f"is recorded again from the champion serving now ('promote:{second}:{stale['id']}')"
+        in (stale["error"])
     )
-    with pytest.raises(registry.RegistryError, match="superseded and is never carried out"):
-        registry.promote(
-            name, version="3", actor=_identity(ALICE), reason="again", idempotency_key=f"promote:{second}"
-        )
+    assert registry.alias_history(name)[-1]["reason"] == f"pilot 2 passed ({_changed('2', '1')})"
+    rows, champions, promoted, _ = _pilots(name)
+    assert (champions, registry.current_aliases(name)["champion"]) == (["1", "3"], "3")
+    assert (rows, promoted, _phase(name)) == ([(1, "rolled_back", "2"), (2, "promoted", "3")], 2, "promoted")
+    assert pilot_batches.monitor_target(name)["pilot_id"] != info["pilot_id"]  # v3 is watched
+    assert unfinished.unfinished_of(name) is None
+    assert approvals.promotion_in_effect(second).startswith(
+        f"{name}: decision {second} was approved by alice; it took effect: champion v3 since"
+    )
     with session_scope() as s:
-        pilot = s.scalar(select(Pilot).where(Pilot.pilot_number == 2))
-        assert pilots.was_aborted(s, pilot)  # `pilot NAME --again` may pilot it again
-        audited = s.scalar(select(AuditEntry.action).where(AuditEntry.action == "promotion.superseded"))
-        assert audited == "promotion.superseded"
+        audited = s.scalar(
+            select(AuditEntry.details).where(AuditEntry.action == "promotion.champion_changed")
+        )
+    assert (audited["signed_over"], audited["promoted_over"]) == ("2", "1")
 
 
 @pytest.mark.parametrize("trust_db", ["sqlite"], indirect=True)
@@ -556,3 +572,38 @@ def test_a_promotion_mlflow_shows_done_is_recorded_and_the_moot_alarm_moves_noth
     assert f"decision {alarm} asked to roll back champion v2, but v3 serves now" in said
     assert "nothing moved" in said
     assert registry.current_aliases(name)["champion"] == "3"
+
+
+@pytest.mark.parametrize("trust_db", ["sqlite"], indirect=True)
+def test_a_monitors_rollback_a_persons_superseded_leaves_no_failed_move(use_case, monkeypatch) -> None:  # noqa: ANN001
+    """`rollback: auto`: the monitor's own rollback failed (MLflow down: its move `rollback:<id>` failed),
+    then a person's `rollback` came first and closed the monitor's decision "superseded". Its move row was
+    left "failed" for good: the alias history showed a rollback still to be retried, which the registry
+    refuses (stale). Now the row is marked superseded with the decision, saying by what."""
+    from mlflow import MlflowClient
+
+    from rollout import approvals, registry, unfinished
+    from tests.flows.test_unfinished_effects import _alarm as _own_rollback
+
+    name = use_case(rollback="auto")
+    _promoted(name)
+    mon = _own_rollback(name, "auto", automatic=True)
+    real = MlflowClient.set_registered_model_alias
+
+    def down(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        raise ConnectionError("tracking server unreachable")
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", down)
+    with pytest.raises(registry.RegistryError, match="unreachable"):
+        approvals.apply_rollback(mon, None, reason="breach", automatic=True)
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", real)
+    by_hand = approvals.request_rollback(name, _identity(BOB), "p95 regressed")["decision_id"]
+    moves = {m["idempotency_key"]: m for m in registry.alias_history(name)}
+    assert (moves[f"rollback:{mon}"]["status"], moves[f"rollback:{by_hand}"]["status"]) == (
+        "superseded",
+        "committed",
+    )
+    assert (
+        f"superseded by rollback {by_hand} before its move took effect" in moves[f"rollback:{mon}"]["error"]
+    )
+    assert (unfinished.unfinished_of(name), _pilots(name)[1]) == (None, ["1"])

@@ -1,0 +1,125 @@
+"""The champion move an approved promotion makes, and the one rule for a champion that changed between the
+GO's signature and the move: a rollback (the monitor's alarm about the serving champion, decided while the
+promotion was held: `effects.PromotionHeld`) or another move committed meanwhile.
+
+The rule: the promotion is carried out over the champion serving now, whether it had recorded no move yet
+or a move that failed and went stale (`registry.stale_move`: its `from_version` is no longer the
+champion). The pilot's control arm is the dense model, not the champion (`rollout.champion`), so the GO
+stands on its evidence whichever champion serves. A stale move is never retried (retried, MLflow moved
+from the champion serving now while its row said from the one before, and the lineage, read in row order,
+named a champion MLflow did not serve): it is marked superseded (`registry.supersede`) and the move is
+recorded again, from the champion now serving, under a key of its own (`key_now`). The alias history, the
+audit log (`promotion.champion_changed`) and what the portfolio says of it (`rollout.unfinished`) say that
+the champion changed since the GO was signed. Before, a promotion with no move yet was finished over the
+new champion while one with a stale failed move was superseded, its pilot stopped for `pilot --again`:
+two rules for one situation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import or_, select
+
+from rollout.db.models import AliasMove, Approval, AuditEntry, GateDecision, as_utc
+
+
+def moves_of(session: Any, decision_id: int) -> list[AliasMove]:
+    """The champion moves recorded for decision `decision_id`'s promotion, oldest first: `promote:<id>`,
+    then, where it went stale, each move recorded again after it (`promote:<id>:<superseded row's id>`)."""
+    key = f"promote:{decision_id}"
+    return list(
+        session.scalars(
+            select(AliasMove)
+            .where(or_(AliasMove.idempotency_key == key, AliasMove.idempotency_key.like(f"{key}:%")))
+            .order_by(AliasMove.id)
+        )
+    )
+
+
+def current_move(session: Any, decision_id: int) -> AliasMove | None:
+    """The promotion's newest recorded move, or None (none recorded yet)."""
+    moves = moves_of(session, decision_id)
+    return moves[-1] if moves else None
+
+
+def keys_of(session: Any, decision_id: int) -> list[str]:
+    """The idempotency keys of the promotion's moves, newest first (`promote:<id>` where none is recorded)."""
+    return [m.idempotency_key for m in reversed(moves_of(session, decision_id))] or [f"promote:{decision_id}"]
+
+
+def key_now(session: Any, decision_id: int) -> str:
+    """The key the promotion's move is made (or retried) under now: its newest row's; after a superseded
+    row, a new one named by that row's id, so every finisher of the same state converges on one move."""
+    from rollout import registry
+
+    move = current_move(session, decision_id)
+    if move is None:
+        return f"promote:{decision_id}"
+    if move.status == registry.SUPERSEDED:
+        return f"promote:{decision_id}:{move.id}"
+    return move.idempotency_key
+
+
+def decision_of_key(key: str) -> str:
+    """The decision id a champion move's key names (`promote:12`, `promote:12:40`, `rollback:7`: '12',
+    '12', '7'), or the text after the first ':' where it names none."""
+    rest = key.partition(":")[2]
+    head = rest.split(":", 1)[0]
+    return head if head.isdigit() else rest
+
+
+@dataclass(frozen=True)
+class ChampionChange:
+    """The champion serving when the GO was signed, and now (None: no champion of ours)."""
+
+    signed_over: str | None
+    serving: str | None
+
+    def words(self) -> str:
+        def v(x: str | None) -> str:
+            return f"v{x}" if x else "no champion of ours"
+
+        return (
+            f"the champion changed since the GO was signed ({v(self.signed_over)} served then, "
+            f"{v(self.serving)} serves now): it is promoted over {v(self.serving)} as signed"
+        )
+
+
+def champion_change(session: Any, d: GateDecision) -> ChampionChange | None:
+    """The one rule (module docstring): where the champion serving now is not the one that served when
+    the GO's last signature was recorded, the change (what the promotion is carried out over, and the
+    words that say so), else None. The champion then: the lineage of the champion moves committed
+    (their `alias.*.committed` audit entries) by the signature's time."""
+    from rollout import registry
+
+    signed = session.scalar(
+        select(Approval.created_at)
+        .where(Approval.decision_id == d.id, Approval.action == "approve")
+        .order_by(Approval.id.desc())
+        .limit(1)
+    )
+    own = (f"promote:{d.id}", f"baseline:{d.id}")  # its own moves (the baseline a first promotion records)
+    moves = [
+        m
+        for m in registry.committed_moves(session, d.use_case_id, "champion")
+        if m.idempotency_key not in own and not m.idempotency_key.startswith(f"promote:{d.id}:")
+    ]
+    if signed is None or not moves:
+        return None
+    committed_at = dict(
+        session.execute(
+            select(AuditEntry.entity_id, AuditEntry.ts).where(
+                AuditEntry.entity == "alias_move",
+                AuditEntry.entity_id.in_([str(m.id) for m in moves]),
+                AuditEntry.action.like("alias.%.committed"),
+            )
+        ).all()
+    )
+    before = [
+        m for m in moves if str(m.id) in committed_at and as_utc(committed_at[str(m.id)]) <= as_utc(signed)
+    ]
+    then, now = registry.champion_lineage(before)[-1:], registry.champion_lineage(moves)[-1:]
+    if then == now:
+        return None
+    return ChampionChange(then[0] if then else None, now[0] if now else None)
