@@ -116,10 +116,12 @@ def pilot_refusal(use_case: str, *, pilot_anyway: bool = False) -> pilots.PilotS
 def _refusal(session: Any, uc: Any, run: Any, *, pilot_anyway: bool) -> pilots.PilotStateError | None:
     """Why no pilot of the challenger `run` registered takes traffic now, in this order: what stands
     there (no challenger; this challenger's pilot has ended; a pilot waits for a person's approval),
-    then whether a new pilot is worth starting (a plan calibrated under a spec version whose calibration
-    inputs the current one changed: `runs.not_calibrated`, never; a plan that missed the quality budget:
-    never; one that cannot pay: `NotPiloted`, which `pilot_anyway` waives). None: a pilot of it runs (it
-    keeps running), or one may start."""
+    then whether it is calibrated under the current spec version (a plan calibrated under one whose
+    calibration inputs the current one changed, `runs.not_calibrated`: no pilot of it starts, and its
+    running pilot takes no batch until `calibrate NAME`, which stops it or, finding the same plan, lets
+    it go on), then whether a new pilot is worth starting (a plan that missed the quality budget: never;
+    one that cannot pay: `NotPiloted`, which `pilot_anyway` waives). None: a pilot of it runs (it keeps
+    running), or one may start."""
     name = uc.name
     if run is None:
         return pilots.PilotStateError(
@@ -148,9 +150,15 @@ def _refusal(session: Any, uc: Any, run: Any, *, pilot_anyway: bool) -> pilots.P
             f"{name}: {pilots.pilot_label(active)} waits for approval of decision {d}: approve or reject it "
             f"(`sparsepilot approve {name} --decision {d} --reason TEXT`, with --reject to reject)"
         )
+    stale = runs.not_calibrated(session, uc, run)  # a plan for another version's budget (or model, data)
+    if stale is not None and active is not None and active.model_version_id == run.model_version_id:
+        # its running pilot is fed no more: the calibration under the new version stops it where it
+        # finds another plan (`runs.stop_uncalibrated_pilot`), and it goes on where it finds this one
+        return pilots.PilotStateError(
+            f"{name}: {stale}; {pilots.pilot_label(active)} of this challenger takes no batch until then"
+        )
     if active is not None and active.model_version_id == run.model_version_id:
         return None
-    stale = runs.not_calibrated(session, uc, run)  # a plan for another version's budget (or model, data)
     if stale is not None:
         return pilots.PilotStateError(f"{name}: {stale}; nothing was started")
     if calibration_metrics(session, run).get("met_budget") is False:

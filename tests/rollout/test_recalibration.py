@@ -189,3 +189,30 @@ def test_a_calibration_under_a_new_budget_stops_the_old_plans_running_pilot(
             ("stopped", "spec v2 recalibrates this use case")
         ]
         assert pilots.plan_ended(s, uc, pilot.model_version_id) is None  # judged nothing
+
+
+@pytest.mark.parametrize(("change", "stale"), CHANGES, ids=["budget", "schedule"])
+def test_the_old_plans_running_pilot_takes_no_batch_before_a_calibration_under_the_new_budget(
+    trust_env, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, change: dict[str, Any], stale: bool
+) -> None:  # noqa: ANN001
+    """Pilot 1 of the v1 plan runs when v2 tightens the budget: `pilot chat` (and an import, the flow's
+    own `ensure_pilot`) fed it batch after batch, a plan judged for v1's budget, until a calibration
+    stopped it (`_refusal` let the challenger's running pilot through before asking `not_calibrated`).
+    It is refused now, in the words of a new pilot's refusal; the scheduled cycle calibrates first
+    (tests/flows/test_cycle_not_piloted.py), which stops it. A schedule change feeds it as before."""
+    from rollout import pilot_batches, pilots
+
+    _challenger(tmp_path, "chat", **PAYS)
+    pilot_id = pilot_batches.ensure_pilot("chat")["pilot_id"]
+    monkeypatch.setenv("SPARSEPILOT_USER", "olga")
+    _new_version(tmp_path, change)
+
+    refusal = pilot_batches.pilot_refusal("chat")  # what `sparsepilot pilot chat` asks before its flow
+    if not stale:
+        assert refusal is None and pilot_batches.ensure_pilot("chat")["pilot_id"] == pilot_id
+        return
+    said = STALE.replace("nothing was started", "pilot 1 of this challenger takes no batch until then")
+    assert str(refusal) == said
+    with pytest.raises(pilots.PilotStateError) as fed:
+        pilot_batches.ensure_pilot("chat", pilot_anyway=True)  # the pilot flow's and an import's first step
+    assert str(fed.value) == said and _pilots("chat") == 1
