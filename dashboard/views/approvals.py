@@ -254,10 +254,11 @@ def decision_card(d: dict[str, Any], ident: Identity | None, pilot_waits: str | 
             args=act["args"],
             kwargs={**act["kwargs"], "reject": True},
         )
-    if continue_label:
+    if continue_label:  # disabled for a plan the current spec version left uncalibrated: `held` says why
         b3.button(
             continue_label,
             key=f"continue_{d['id']}",
+            disabled=read(approvals.continue_held, d["id"]),
             on_click=run_action,
             args=act["args"],
             kwargs={**act["kwargs"], "continue_ramp": True},

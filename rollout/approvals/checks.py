@@ -4,8 +4,9 @@ continue (`check_continuable`), one of this use case's (`check_decision_of`), a 
 return to, a promotion while no rollback of the serving champion waits
 (`rollback_before_promotion`: refused when signed, `refuse_promotion_while_rollback_waits`; said on the
 Approvals card, `promotion_held_words`), a promotion of a plan calibrated for an earlier spec version's
-budget (`promotion_not_calibrated`, `refuse_uncalibrated_promotion`: said on the card too); and the lock
-every signature reads the decision under (`lock_decision`).
+budget (`promotion_not_calibrated`, `refuse_uncalibrated_promotion`; continuing its ramp too,
+`check_continuable`, `continue_held`: said on the card too); and the lock every signature reads the
+decision under (`lock_decision`).
 
 A running pilot's latest gate decision (EXTEND, or a GO before the plan's last step) asks nobody: a
 person may only override it (promote, two approvers). Rejecting it used to stop the whole pilot on one
@@ -109,8 +110,10 @@ def _aborted_by(session: Any, d: GateDecision) -> str:
 def check_continuable(session: Any, d: GateDecision) -> dict[str, Any]:
     """The ramp step a person may continue the pilot to on decision `d` (`{"index", "traffic_pct"}`): a
     gate's GO that waits for approval before the plan's last step, its pilot still awaiting approval at
-    the decision's step. ApprovalError, saying why, otherwise (`check_approvable` first: a resolved or
-    aborted decision is refused with its own words)."""
+    the decision's step, of a plan the current spec version leaves calibrated (`promotion_not_calibrated`,
+    the promotion's rule: more traffic for a plan that answers another budget is refused as its promotion
+    is; said on the Approvals card, `continue_held`). ApprovalError, saying why, otherwise
+    (`check_approvable` first: a resolved or aborted decision is refused with its own words)."""
     check_approvable(session, d)
     head = f"decision {d.id} ({d.kind} {d.outcome}"
     if d.kind != "gate" or d.outcome != "GO" or d.awaiting != "approval":
@@ -135,6 +138,12 @@ def check_continuable(session: Any, d: GateDecision) -> dict[str, Any]:
         raise ApprovalError(
             f"{head}): {pilot_label(pilot)} is {pilot.status} at step {pilot.current_step_index}, not "
             f"awaiting approval at step {step.index}; nothing was recorded"
+        )
+    stale = promotion_not_calibrated(session, d)  # more traffic for a plan answering another budget: no
+    if stale is not None:
+        changed, remedy = stale
+        raise ApprovalError(
+            f"decision {d.id} does not continue the ramp: {changed}; nothing was recorded. {remedy}"
         )
     return dict(later[0])
 
@@ -297,8 +306,9 @@ def refuse_uncalibrated_promotion(session: Any, d: GateDecision) -> None:
 def promotion_held_words(session: Any, decision_id: int) -> str | None:
     """Why a gate decision cannot be approved for promotion now, in the Approvals card's words (its
     promote button disabled): the rollback that waits and what decides it (`rollback_before_promotion`),
-    or a plan the current spec version left uncalibrated (`promotion_not_calibrated`): the rules the
-    signature is refused by; None where nothing holds it (or it is no gate decision)."""
+    or a plan the current spec version left uncalibrated (`promotion_not_calibrated`, which refuses
+    continuing its ramp too, said where the GO could: `continue_held`): the rules the signature is
+    refused by; None where nothing holds it (or it is no gate decision)."""
     d = session.get(GateDecision, decision_id)
     if d is None or d.kind != "gate":
         return None
@@ -309,5 +319,19 @@ def promotion_held_words(session: Any, decision_id: int) -> str | None:
     stale = promotion_not_calibrated(session, d)
     if stale is not None:
         changed, remedy = stale
-        return f"Not approvable: {changed}. {remedy}."
+        ramp = (
+            ", and its ramp does not continue"
+            if d.awaiting == "approval" and ramp_steps_skipped(d.evidence)
+            else ""
+        )
+        return f"Not approvable{ramp}: {changed}. {remedy}."
     return None
+
+
+def continue_held(session: Any, decision_id: int) -> bool:
+    """Whether continuing the ramp on decision `decision_id` is refused by the calibration rule
+    (`promotion_not_calibrated`, which `check_continuable` asks): the Approvals card's continue button
+    disabled, `promotion_held_words` saying why. A rollback that waits holds no continuing: it promotes
+    nothing."""
+    d = session.get(GateDecision, decision_id)
+    return d is not None and promotion_not_calibrated(session, d) is not None

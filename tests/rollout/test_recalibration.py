@@ -216,3 +216,65 @@ def test_the_old_plans_running_pilot_takes_no_batch_before_a_calibration_under_t
     with pytest.raises(pilots.PilotStateError) as fed:
         pilot_batches.ensure_pilot("chat", pilot_anyway=True)  # the pilot flow's and an import's first step
     assert str(fed.value) == said and _pilots("chat") == 1
+
+
+@pytest.mark.parametrize(("change", "stale"), CHANGES, ids=["budget", "schedule"])
+def test_a_go_of_a_plan_calibrated_for_an_earlier_budget_does_not_continue_the_ramp(
+    trust_env, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, change: dict[str, Any], stale: bool
+) -> None:  # noqa: ANN001
+    """A short pilot's GO before the plan's last step waits for approval when v2 tightens the budget: its
+    promotion is refused (above), but one approver could still continue the ramp, more traffic for a plan
+    that missed v2's budget. `check_continuable` refuses it now by the same rule, before any approval run
+    and under the signature's lock; the Approvals card says so and disables the button. A schedule
+    change continues as before."""
+    from rollout import approval_runs, approvals, pilot_batches, pilots, queries
+    from rollout.auth import Identity
+    from rollout.db.models import Pilot
+    from rollout.db.session import session_scope
+
+    _challenger(tmp_path, "chat", **PAYS)
+    info = pilot_batches.ensure_pilot("chat")
+    with session_scope() as s:  # its GO at step 0, the plan's ramp after it: what `promote_after_step` asks
+        pilot = s.get(Pilot, info["pilot_id"])
+        d, _ = pilots.record_decision(
+            s,
+            idempotency_key="t:go:chat",
+            use_case=pilots.get_use_case(s, "chat"),
+            pilot=pilot,
+            step=pilots.current_step(s, pilot),
+            outcome="GO",
+            evidence={"reasons": ["non-inferior"], "later_steps": [{"index": 1, "traffic_pct": 50.0}]},
+            explanation="GO",
+            data_fingerprint="f" * 64,
+            awaiting="approval",
+        )
+        pilots.stop_pilot(s, pilot, status="awaiting_approval", actor="test", reason="GO")
+        did = d.id
+    monkeypatch.setenv("SPARSEPILOT_USER", "olga")
+    _new_version(tmp_path, change)
+
+    held = queries.read(approvals.continue_held, did)  # the card's continue button, disabled
+    if not stale:
+        assert held is False
+        approval_runs.check_continuable(did)
+        return
+    changed = (
+        "spec v2 changed quality_budget.kl after the plan pilot 1 runs was calibrated under v1: the plan has "
+        "not been calibrated under v2"
+    )
+    remedy = (
+        f"Reject it (`sparsepilot approve chat --decision {did} --reject --reason TEXT`) and run "
+        "`sparsepilot calibrate chat`: a plan calibrated under v2 is piloted anew"
+    )
+    assert held is True
+    words = queries.read(approvals.promotion_held_words, did)
+    assert words == f"Not approvable, and its ramp does not continue: {changed}. {remedy}."
+    refusal = f"decision {did} does not continue the ramp: {changed}; nothing was recorded. {remedy}"
+    with pytest.raises(approvals.ApprovalError) as before_any_run:
+        approval_runs.check_continuable(did)  # `approve --continue-ramp`, before any approval run
+    assert str(before_any_run.value) == refusal
+    alice = Identity(name="alice", role="approver", source="cli-env")
+    with pytest.raises(approvals.ApprovalError) as signed:
+        approvals.approve(did, alice, "more traffic", continue_ramp=True)  # the card's click, under the lock
+    assert str(signed.value) == refusal
+    assert queries.read(queries.pending_decisions)[0]["id"] == did  # nothing recorded: it still waits
