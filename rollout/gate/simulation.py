@@ -334,8 +334,15 @@ def _pilot_streams(
 
 def _crossed_by_look(logk: np.ndarray, look_at: np.ndarray, alpha: float) -> np.ndarray:
     """(replications, looks): whether the test's capital had crossed log(1/alpha) by each look (its
-    running maximum: a rejection stays one, as `rejects` reads it at every look)."""
-    return np.maximum.accumulate(logk, axis=-1)[:, look_at] >= math.log(1 / alpha)
+    running maximum: a rejection stays one, as `rejects` reads it at every look). The maximum of each
+    look's rows, then the running maximum over the looks: the same numbers as the running maximum over
+    every row read at the looks, for a pass over the rows that writes no array of their size."""
+    target = math.log(1 / alpha)
+    if look_at[0] < 0 or np.any(np.diff(look_at) <= 0):
+        return np.maximum.accumulate(logk, axis=-1)[:, look_at] >= target
+    firsts = np.concatenate(([0], look_at[:-1] + 1))
+    peaks = np.maximum.reduceat(logk[:, : look_at[-1] + 1], firsts, axis=-1)
+    return np.maximum.accumulate(peaks, axis=-1) >= target
 
 
 def _has_minimum(treated: np.ndarray | None, look_at: np.ndarray, min_n: int, r: int) -> np.ndarray:
