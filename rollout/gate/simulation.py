@@ -337,12 +337,17 @@ def _crossed_by_look(logk: np.ndarray, look_at: np.ndarray, alpha: float) -> np.
     running maximum: a rejection stays one, as `rejects` reads it at every look). The maximum of each
     look's rows, then the running maximum over the looks: the same numbers as the running maximum over
     every row read at the looks, for a pass over the rows that writes no array of their size."""
-    target = math.log(1 / alpha)
+    return _peak_by_look(logk, look_at) >= math.log(1 / alpha)
+
+
+def _peak_by_look(logk: np.ndarray, look_at: np.ndarray) -> np.ndarray:
+    """(replications, looks): the running maximum of the capital over the rows, read at each look's last
+    row `look_at`: each look's own peak, then the running maximum over the looks (the same numbers, for a
+    pass over the rows that writes no array of their size)."""
     if look_at[0] < 0 or np.any(np.diff(look_at) <= 0):
-        return np.maximum.accumulate(logk, axis=-1)[:, look_at] >= target
+        return np.maximum.accumulate(logk, axis=-1)[:, look_at]
     firsts = np.concatenate(([0], look_at[:-1] + 1))
-    peaks = np.maximum.reduceat(logk[:, : look_at[-1] + 1], firsts, axis=-1)
-    return np.maximum.accumulate(peaks, axis=-1) >= target
+    return np.maximum.accumulate(np.maximum.reduceat(logk[:, : look_at[-1] + 1], firsts, axis=-1), axis=-1)
 
 
 def _has_minimum(treated: np.ndarray | None, look_at: np.ndarray, min_n: int, r: int) -> np.ndarray:
@@ -564,7 +569,7 @@ def simulate_excess(
         r = min(per_chunk, replications - done)
         a, b = draw_errors(rng, design=design, control_rate=control_rate, excess=excess, shape=(r, units))
         stream = paired_excess_stream(a, b) if share is None else split_excess_stream(a, b, share)
-        peak = np.maximum.accumulate(breach_log_capital(stream, check), axis=-1)[:, look_at]
+        peak = _peak_by_look(breach_log_capital(stream, check), look_at)
         stopped = peak >= target
         stops += stopped.sum(axis=0)
         first.append(np.where(stopped.any(axis=1), stopped.argmax(axis=1) + 1, 0))
@@ -816,7 +821,7 @@ def _simulate_looks(
         r = min(per_chunk, replications - done)
         x = np.concatenate((draw(rng, (r, cut), before), draw(rng, (r, n - cut), after)), axis=1)
         for name, judge in judges.items():
-            counts[name] += (np.maximum.accumulate(judge(x), axis=-1)[:, ends] >= target).sum(axis=0)
+            counts[name] += (_peak_by_look(judge(x), ends) >= target).sum(axis=0)
         done += r
     return MonitorResult(
         check,
