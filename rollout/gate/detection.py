@@ -115,14 +115,17 @@ def log_capital(parts: list[tuple[float, np.ndarray]], starts: np.ndarray) -> np
     n = parts[0][1].shape[-1]
     starts = _checked_starts(starts, n)
     log_w = start_log_weights(starts.size)
-    latest = np.searchsorted(starts, np.arange(n), side="right") - 1  # the last look begun by row t
+    # each look's rows take its candidates' sum: a repeat of the looks' values (`latest` read in order)
+    rows_per_look = np.diff(np.append(starts, n))
     total = None
     for log_v, steps in parts:
-        path = np.cumsum(steps, axis=-1)
-        before = np.concatenate((np.zeros(steps.shape[:-1] + (1,)), path[..., :-1]), axis=-1)[..., starts]
+        path = np.cumsum(steps, axis=-1)  # worked in place from here: log_v + path + reach at the row
+        before = np.zeros(steps.shape[:-1] + (starts.size,))  # the path before each look's first row
+        before[..., 1:] = path[..., starts[1:] - 1]
         reach = np.logaddexp.accumulate(log_w - before, axis=-1)
-        part = log_v + path + reach[..., latest]
-        total = part if total is None else np.logaddexp(total, part)
+        path += log_v
+        path += np.repeat(reach, rows_per_look, axis=-1)
+        total = path if total is None else np.logaddexp(total, path, out=total)
     return total
 
 

@@ -131,11 +131,18 @@ def rate_count_log_capital(
     the capital still falls as m rises and the lower bound is the edge of the rejected set."""
     ones = np.asarray(ones, dtype=float)
     zeros = np.asarray(rows, dtype=float) - ones
-    parts = [
-        log_w + ones * on_one + zeros * on_zero
-        for log_w, on_one, on_zero in rate_factors(ceiling, m, mixture=mixture, truncation=truncation)
-    ]
-    return np.logaddexp.reduce(np.stack(np.broadcast_arrays(*parts)), axis=0)
+    # the components' logaddexp one after another, as np.logaddexp.reduce over their stack adds them (the
+    # same numbers, without the stack's copy of every component)
+    total = None
+    for log_w, on_one, on_zero in rate_factors(ceiling, m, mixture=mixture, truncation=truncation):
+        part = log_w + ones * on_one + zeros * on_zero
+        if total is None:
+            total = part
+        elif isinstance(total, np.ndarray) and total.shape == np.shape(part) and total.ndim:
+            np.logaddexp(total, part, out=total)
+        else:
+            total = np.logaddexp(total, part)
+    return total
 
 
 def rate_factors(
@@ -256,8 +263,9 @@ def _at_least(x: np.ndarray | float, floor: float) -> np.ndarray | float:
 
 
 def _excess_mixed(parts: list[tuple[np.ndarray, float]]) -> np.ndarray:
+    """The weighted components' logaddexp, worked in place on the components (their last use)."""
     total = None
     for part, log_w in parts:
-        weighted = part + log_w
-        total = weighted if total is None else np.logaddexp(total, weighted)
+        part += log_w
+        total = part if total is None else np.logaddexp(total, part, out=total)
     return total

@@ -26,6 +26,7 @@ true difference at some look (`tests/rollout/test_gate_coverage.py`).
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -41,7 +42,7 @@ from rollout.gate.guardrails import (
     split_excess_stream,
 )
 from rollout.gate.quality import prior
-from rollout.gate.sequences import ipw_stream, paired_stream, rejects, two_sided_bets
+from rollout.gate.sequences import ipw_stream, log_capital, paired_stream, rejects, two_sided_bets
 from rollout.gate.settings import GateSettings
 
 
@@ -167,48 +168,133 @@ def simulate(
     Not simulated (none of them can make a futility NO-GO): guardrails (no errors, one latency), the
     sample-ratio check, the look limit's NO-GO, and a look whose reported bounds cross while only the GO
     test rejects (INVALID in `decide`, counted GO here)."""
-    model = SCORE_MODELS[scores]
-    share = DESIGNS[design]
-    units = requests(share, per_look, looks)
-    look_at = np.array([units * k // looks - 1 for k in range(1, looks + 1)])
-    kw = prior(settings, "paired" if share is None else "split", 0.5 if share is None else share)
-    m0 = -settings.margin
-    go_counts, nogo_counts = np.zeros(looks), np.zeros(looks)
-    units_sum = 0.0
-    first_go: list[np.ndarray] = []
-    nogo_at: list[np.ndarray] = []
-    for r, stream, treated in _pilot_chunks(model, share, units, truth, replications, seed, chunk_elements):
-        lam = two_sided_bets(stream, m0, **kw, sides=("lower", "upper") if nogo else ("lower",))
-        _, logk = rejects(stream, m0, "lower", settings.alpha_go, lam=lam["lower"], **kw)
-        go = _crossed_by_look(logk, look_at, settings.alpha_go)
-        go_counts += go.sum(axis=0)
-        first_go.append(np.where(go.any(axis=1), go.argmax(axis=1) + 1, 0))
+    cell = {"design": design, "scores": scores, "per_look": per_look, "looks": looks, "truth": truth}
+    run = _Simulation(settings, cell, seed, chunk_elements, keep_runs=keep_runs, nogo=nogo)
+    return run.result(replications)
+
+
+def simulate_until(
+    settings: GateSettings,
+    decided: Callable[[Result], bool],
+    *,
+    design: str,
+    scores: str,
+    per_look: int,
+    looks: int,
+    truth: float,
+    replications: int,
+    max_replications: int,
+    seed: int = 0,
+    chunk_elements: int = 262_144,
+    nogo: bool = False,
+) -> Result:
+    """`simulate` at `replications` pilots, then twice as many, and so on, until `decided(result)` or
+    `max_replications` is reached: each size's Result is the one `simulate` returns for it (same seed,
+    same pilots, to the last bit), but the pilots a size shares with the next are simulated once, not
+    again (doubling from 400 to 6,400 simulated 12,400 pilots; it simulates 6,400 and a chunk per size)."""
+    cell = {"design": design, "scores": scores, "per_look": per_look, "looks": looks, "truth": truth}
+    run = _Simulation(settings, cell, seed, chunk_elements, nogo=nogo)
+    n = replications
+    while True:
+        result = run.result(n)
+        if decided(result) or n >= max_replications:
+            return result
+        n *= 2
+
+
+class _Tally:
+    """What the pilots judged so far add up to (`simulate`'s counts), per chunk in draw order."""
+
+    def __init__(self, looks: int) -> None:
+        self.go, self.nogo = np.zeros(looks), np.zeros(looks)
+        self.units = 0.0
+        self.first_go: list[np.ndarray] = []
+        self.nogo_at: list[np.ndarray] = []
+
+    def copy(self) -> _Tally:
+        other = _Tally(len(self.go))
+        other.go, other.nogo, other.units = self.go.copy(), self.nogo.copy(), self.units
+        other.first_go, other.nogo_at = list(self.first_go), list(self.nogo_at)
+        return other
+
+
+class _Simulation:
+    """`simulate`'s pilots of one cell, drawn from `seed` in chunks of `chunk_elements` values: a run of
+    n pilots is the full chunks that fit in n and one last, smaller chunk. The full chunks are judged once
+    and kept, so a larger run (`result` with a larger n) goes on from them; the last chunk is drawn from
+    a copy of the generator, so the next run draws that chunk again in full, as `simulate` would."""
+
+    def __init__(
+        self,
+        settings: GateSettings,
+        cell: dict,
+        seed: int,
+        chunk_elements: int,
+        *,
+        keep_runs=False,
+        nogo=False,
+    ) -> None:
+        self.settings, self.cell, self.keep_runs, self.nogo = settings, cell, keep_runs, nogo
+        self.model = SCORE_MODELS[cell["scores"]]
+        self.share = DESIGNS[cell["design"]]
+        self.units = requests(self.share, cell["per_look"], cell["looks"])
+        looks = cell["looks"]
+        self.look_at = np.array([self.units * k // looks - 1 for k in range(1, looks + 1)])
+        self.kw = prior(
+            settings, "paired" if self.share is None else "split", 0.5 if self.share is None else self.share
+        )
+        self.rng = np.random.default_rng(seed)
+        self.per_chunk = max(1, chunk_elements // self.units)
+        self.done = 0
+        self.tally = _Tally(looks)
+
+    def result(self, replications: int) -> Result:
+        if replications < self.done:
+            raise ValueError(f"{replications} pilots: {self.done} are already judged")
+        while replications - self.done >= self.per_chunk:
+            self._judge(self.rng, self.per_chunk, self.tally)
+            self.done += self.per_chunk
+        tally = self.tally
+        if replications > self.done:
+            tally = self.tally.copy()
+            self._judge(copy.deepcopy(self.rng), replications - self.done, tally)
+        return self._result(tally, replications)
+
+    def _judge(self, rng: np.random.Generator, r: int, tally: _Tally) -> None:
+        """Draw `r` pilots from `rng` and add their verdicts to `tally`."""
+        s, look_at, kw, units = self.settings, self.look_at, self.kw, self.units
+        m0 = -s.margin
+        stream, treated = _pilot_streams(self.model, self.share, rng, (r, units), self.cell["truth"])
+        lam = two_sided_bets(stream, m0, **kw, sides=("lower", "upper") if self.nogo else ("lower",))
+        go = _crossed_by_look(log_capital(stream, lam["lower"], m0, "lower"), look_at, s.alpha_go)
+        tally.go += go.sum(axis=0)
+        tally.first_go.append(np.where(go.any(axis=1), go.argmax(axis=1) + 1, 0))
         first = np.where(go.any(axis=1), look_at[go.argmax(axis=1)] + 1, units)
-        units_sum += float(first.sum())
-        if nogo:
-            _, logk_fut = rejects(stream, m0, "upper", settings.alpha, lam=lam["upper"], **kw)
-            futile = _crossed_by_look(logk_fut, look_at, settings.alpha)
-            enough = _has_minimum(treated, look_at, settings.min_samples_per_arm, r)
+        tally.units += float(first.sum())
+        if self.nogo:
+            futile = _crossed_by_look(log_capital(stream, lam["upper"], m0, "upper"), look_at, s.alpha)
+            enough = _has_minimum(treated, look_at, s.min_samples_per_arm, r)
             ended = nogo_ends(go, futile, enough)
-            nogo_counts += ended.sum(axis=0)
-            nogo_at.append(np.where(ended.any(axis=1), ended.argmax(axis=1) + 1, 0))
-    rates = go_counts / replications
-    upper = tuple(clopper_pearson_upper(int(c), replications) for c in go_counts)
-    return Result(
-        design,
-        scores,
-        per_look,
-        looks,
-        truth,
-        replications,
-        tuple(float(x) for x in rates),
-        upper,
-        units_sum / replications,
-        tuple(int(x) for x in np.concatenate(first_go)) if keep_runs else (),
-        tuple(float(x) for x in nogo_counts / replications) if nogo else (),
-        tuple(clopper_pearson_upper(int(c), replications) for c in nogo_counts) if nogo else (),
-        tuple(int(x) for x in np.concatenate(nogo_at)) if nogo and keep_runs else (),
-    )
+            tally.nogo += ended.sum(axis=0)
+            tally.nogo_at.append(np.where(ended.any(axis=1), ended.argmax(axis=1) + 1, 0))
+
+    def _result(self, tally: _Tally, replications: int) -> Result:
+        keep, nogo, c = self.keep_runs, self.nogo, self.cell
+        return Result(
+            c["design"],
+            c["scores"],
+            c["per_look"],
+            c["looks"],
+            c["truth"],
+            replications,
+            tuple(float(x) for x in tally.go / replications),
+            tuple(clopper_pearson_upper(int(n), replications) for n in tally.go),
+            tally.units / replications,
+            tuple(int(x) for x in np.concatenate(tally.first_go)) if keep else (),
+            tuple(float(x) for x in tally.nogo / replications) if nogo else (),
+            tuple(clopper_pearson_upper(int(n), replications) for n in tally.nogo) if nogo else (),
+            tuple(int(x) for x in np.concatenate(tally.nogo_at)) if nogo and keep else (),
+        )
 
 
 def _pilot_chunks(
@@ -222,7 +308,8 @@ def _pilot_chunks(
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
     """`replications` simulated pilots of `units` requests, drawn from `seed` in chunks of about
     `chunk_elements` values: (pilots in the chunk, stream, treated) as `_pilot_streams` gives them. One
-    draw order for `simulate` and `simulate_coverage`, so the same seed gives the same pilots."""
+    draw order for `simulate` (`_Simulation`) and `simulate_coverage`, so the same seed gives the same
+    pilots."""
     rng = np.random.default_rng(seed)
     per_chunk = max(1, chunk_elements // units)
     done = 0
@@ -247,8 +334,20 @@ def _pilot_streams(
 
 def _crossed_by_look(logk: np.ndarray, look_at: np.ndarray, alpha: float) -> np.ndarray:
     """(replications, looks): whether the test's capital had crossed log(1/alpha) by each look (its
-    running maximum: a rejection stays one, as `rejects` reads it at every look)."""
-    return np.maximum.accumulate(logk, axis=-1)[:, look_at] >= math.log(1 / alpha)
+    running maximum: a rejection stays one, as `rejects` reads it at every look). The maximum of each
+    look's rows, then the running maximum over the looks: the same numbers as the running maximum over
+    every row read at the looks, for a pass over the rows that writes no array of their size."""
+    return _peak_by_look(logk, look_at) >= math.log(1 / alpha)
+
+
+def _peak_by_look(logk: np.ndarray, look_at: np.ndarray) -> np.ndarray:
+    """(replications, looks): the running maximum of the capital over the rows, read at each look's last
+    row `look_at`: each look's own peak, then the running maximum over the looks (the same numbers, for a
+    pass over the rows that writes no array of their size)."""
+    if look_at[0] < 0 or np.any(np.diff(look_at) <= 0):
+        return np.maximum.accumulate(logk, axis=-1)[:, look_at]
+    firsts = np.concatenate(([0], look_at[:-1] + 1))
+    return np.maximum.accumulate(np.maximum.reduceat(logk[:, : look_at[-1] + 1], firsts, axis=-1), axis=-1)
 
 
 def _has_minimum(treated: np.ndarray | None, look_at: np.ndarray, min_n: int, r: int) -> np.ndarray:
@@ -470,7 +569,7 @@ def simulate_excess(
         r = min(per_chunk, replications - done)
         a, b = draw_errors(rng, design=design, control_rate=control_rate, excess=excess, shape=(r, units))
         stream = paired_excess_stream(a, b) if share is None else split_excess_stream(a, b, share)
-        peak = np.maximum.accumulate(breach_log_capital(stream, check), axis=-1)[:, look_at]
+        peak = _peak_by_look(breach_log_capital(stream, check), look_at)
         stopped = peak >= target
         stops += stopped.sum(axis=0)
         first.append(np.where(stopped.any(axis=1), stopped.argmax(axis=1) + 1, 0))
@@ -722,7 +821,7 @@ def _simulate_looks(
         r = min(per_chunk, replications - done)
         x = np.concatenate((draw(rng, (r, cut), before), draw(rng, (r, n - cut), after)), axis=1)
         for name, judge in judges.items():
-            counts[name] += (np.maximum.accumulate(judge(x), axis=-1)[:, ends] >= target).sum(axis=0)
+            counts[name] += (_peak_by_look(judge(x), ends) >= target).sum(axis=0)
         done += r
     return MonitorResult(
         check,

@@ -32,7 +32,9 @@ from rollout.gate.simulation import (
     Result,
     clopper_pearson_lower,
     clopper_pearson_upper,
+    requests,
     simulate,
+    simulate_until,
 )
 from rollout.spec import parse_spec, spec_warnings
 
@@ -53,29 +55,22 @@ def decided(result: Result) -> bool:
 
 
 def adaptive(args: tuple[str, str, int, float, int]) -> Result:
-    """Double the replications until the interval decides (or 6,400 pilots)."""
+    """Double the replications until the interval decides (or 6,400 pilots); the pilots a size shares
+    with the next are simulated once (`simulate_until`)."""
     design, scores, per_look, truth, reps = args
     seed = zlib.crc32(repr((design, scores, per_look, truth)).encode())
-    while True:
-        result = simulate(
-            SETTINGS,
-            design=design,
-            scores=scores,
-            per_look=per_look,
-            looks=LOOKS,
-            truth=truth,
-            replications=reps,
-            seed=seed,
-        )
-        if decided(result) or reps >= 6400:
-            return result
-        reps *= 2
+    cell = {"design": design, "scores": scores, "per_look": per_look, "looks": LOOKS, "truth": truth}
+    return simulate_until(SETTINGS, decided, **cell, replications=reps, max_replications=6400, seed=seed)
 
 
 def run_grid(truth: float, reps: int) -> list[Result]:
+    """Every cell, the costliest first (requests per pilot), one at a time to each worker, so neither
+    worker is left with the longest cells at the end; the results in the grid's order."""
     jobs = [(d, s, n, truth, reps) for d, s, n in GRID]
+    order = sorted(range(len(jobs)), key=lambda i: -requests(DESIGNS[jobs[i][0]], jobs[i][2], LOOKS))
     with ProcessPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
-        return list(pool.map(adaptive, jobs, chunksize=4))
+        done = dict(zip(order, pool.map(adaptive, [jobs[i] for i in order]), strict=True))
+    return [done[i] for i in range(len(jobs))]
 
 
 def table(results: list[Result]) -> str:
@@ -110,6 +105,24 @@ def test_the_pass_rule_fails_a_rate_the_simulation_shows_above_alpha(go: int, re
     looks = (rate,) * LOOKS
     upper = (clopper_pearson_upper(go, reps),) * LOOKS
     assert too_high(looks, upper, SETTINGS.alpha, reps) is fails
+
+
+@pytest.mark.parametrize("nogo", [False, True])
+def test_doubling_gives_at_each_size_what_simulate_gives(nogo: bool) -> None:
+    """`simulate_until` judges the pilots a size shares with the next once, yet each size's result is
+    `simulate`'s for it, to the last bit (same seed, same pilots; the last, smaller chunk of a size is
+    drawn again in full by the next), so the doubling tests decide exactly as when each size ran anew."""
+    cell = {"design": "split10", "scores": "beta0.5", "per_look": 8, "looks": 4, "truth": -0.03}
+    seen: list[Result] = []
+    kw = {"seed": 3, "chunk_elements": 2000, "nogo": nogo}
+    last = simulate_until(
+        SETTINGS, lambda r: seen.append(r) or False, **cell, replications=25, max_replications=200, **kw
+    )
+    assert [r.replications for r in seen] == [25, 50, 100, 200] and last == seen[-1]
+    for r in seen:
+        assert r == simulate(SETTINGS, **cell, replications=r.replications, **kw), r.replications
+    assert simulate_until(SETTINGS, lambda r: r.replications >= 50, **cell, replications=25,
+                          max_replications=200, **kw) == seen[1]  # fmt: skip
 
 
 @pytest.mark.slow  # 157 s and 92 s at -n 0 on a host at load 12, in two processes of its own
@@ -211,22 +224,10 @@ def adaptive_nogo(args: tuple[str, str, int, float]) -> Result:
     """Double the replications from 400 until the NO-GO interval decides (or 6,400 pilots)."""
     design, scores, per_look, truth = args
     seed = zlib.crc32(repr(("nogo", design, scores, per_look, truth)).encode())
-    reps = 400
-    while True:
-        result = simulate(
-            NOGO_SETTINGS,
-            design=design,
-            scores=scores,
-            per_look=per_look,
-            looks=LOOKS,
-            truth=truth,
-            replications=reps,
-            seed=seed,
-            nogo=True,
-        )
-        if nogo_decided(result) or reps >= 6400:
-            return result
-        reps *= 2
+    cell = {"design": design, "scores": scores, "per_look": per_look, "looks": LOOKS, "truth": truth}
+    return simulate_until(
+        NOGO_SETTINGS, nogo_decided, **cell, replications=400, max_replications=6400, seed=seed, nogo=True
+    )
 
 
 def test_false_nogo_at_the_margin_and_at_no_loss() -> None:
