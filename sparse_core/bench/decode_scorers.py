@@ -129,6 +129,36 @@ def _pages_ratio(budgets: Sequence[float], ref_mean: np.ndarray, other_mean: np.
     return math.nan
 
 
+def _pages_ratios(
+    budgets: Sequence[float], ref_means: np.ndarray, other_means: np.ndarray, j: int
+) -> np.ndarray:
+    """`_pages_ratio` of each row of `ref_means`, `other_means` ([resamples, budgets]) at once: the same
+    first downward crossing, log-log interpolation and inf / 0 / NaN ends, without a Python call per
+    bootstrap resample."""
+    b = np.asarray(budgets, dtype=float)
+    t = np.maximum(np.asarray(ref_means, dtype=float)[:, j], KL_FLOOR)
+    k = np.maximum(np.asarray(other_means, dtype=float), KL_FLOOR)
+    need = np.full(t.shape, np.nan)
+    found = np.zeros(t.shape, dtype=bool)
+    for s in range(len(b) - 1):  # the first crossing counts
+        k0, k1 = k[:, s], k[:, s + 1]
+        here = ~found & (k0 >= t) & (t >= k1)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            w = (np.log(k0) - np.log(t)) / (np.log(k0) - np.log(k1))
+            at = np.where(k0 == k1, b[s], np.exp(np.log(b[s]) + w * (np.log(b[s + 1]) - np.log(b[s]))))
+        need = np.where(here, at, need)
+        found |= here
+    first = ~found & (k[:, 0] == t)
+    need = np.where(first, b[0], need)
+    found |= first
+    out = np.full(t.shape, np.nan)
+    out[found] = b[j] / need[found]
+    below, above = (k < t[:, None]).all(axis=1), (k > t[:, None]).all(axis=1)
+    out[~found & below] = math.inf
+    out[~found & above] = 0.0
+    return out
+
+
 def expanded_tail(confidence: float, n: int) -> float:
     """Each tail's share for a percentile bootstrap interval over n units, expanded for small n
     (Hesterberg 2015, "What teachers should know about the bootstrap", sec. 5: the percentile interval
@@ -171,7 +201,7 @@ def equal_kl_pages(
     out = []
     for j in range(len(budgets)):
         point = _pages_ratio(budgets, ref.mean(0), oth.mean(0), j)
-        boot = np.array([_pages_ratio(budgets, ref_b[i], oth_b[i], j) for i in range(resamples)])
+        boot = _pages_ratios(budgets, ref_b, oth_b, j)
         boot = boot[~np.isnan(boot)]
         lo = hi = math.nan
         if boot.size:  # no interpolation between resamples, so an open end stays open (0 or inf)

@@ -13,6 +13,8 @@ from scipy import stats
 from typer.testing import CliRunner
 
 from sparse_core.bench.decode_scorers import (
+    _pages_ratio,
+    _pages_ratios,
     budget_at_kl,
     equal_kl_pages,
     expanded_tail,
@@ -101,6 +103,26 @@ def test_the_pages_ratio_interval_covers_at_a_dozen_prompts():
         hits += (r["pages_ratio_lo"] or 0) <= true <= (r["pages_ratio_hi"] or math.inf)
     assert hits / reps >= 0.90, hits / reps
     assert expanded_tail(0.95, 12) < 0.025 < expanded_tail(0.95, 1000) + 1e-3
+
+
+@pytest.mark.parametrize("n_budgets", [1, 3, 5])
+def test_the_bootstraps_ratios_at_once_are_the_one_at_a_time_ratios(n_budgets: int) -> None:
+    """The bootstrap takes every resample's ratio at once (_pages_ratios): the same first downward
+    crossing, interpolation and inf / 0 / NaN ends as _pages_ratio, on rising, falling, flat, tied and
+    floored (zero) KL curves."""
+    rng = np.random.default_rng(n_budgets)
+    budgets = [64.0, 128.0, 512.0, 1024.0, 4096.0][:n_budgets]
+    shape = (400, n_budgets)
+    cases = [
+        (rng.lognormal(0, 2, shape), rng.lognormal(0, 2, shape)),
+        (-np.sort(-rng.lognormal(0, 1, shape)), -np.sort(-rng.lognormal(0, 1, shape))),
+        (rng.choice([0.0, 1e-12, 0.5, 1.0], shape), rng.choice([0.0, 1e-12, 0.5, 1.0], shape)),
+        (rng.choice([0.1, 0.2], shape), np.repeat(rng.choice([0.1, 0.2], (400, 1)), n_budgets, axis=1)),
+    ]
+    for ref, other in cases:
+        for j in range(n_budgets):
+            one = np.array([_pages_ratio(budgets, r, o, j) for r, o in zip(ref, other, strict=True)])
+            np.testing.assert_allclose(_pages_ratios(budgets, ref, other, j), one, rtol=1e-12)
 
 
 def test_mean_interval_is_students_t():

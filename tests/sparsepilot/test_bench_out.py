@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+from click.testing import Result
 from typer.testing import CliRunner
 
 from sparsepilot.cli import app
@@ -60,35 +61,46 @@ def test_an_out_that_cannot_be_written_is_refused_before_any_work(
     assert res.exit_code == 2 and f"{png} is a directory" in res.output, res.output
 
 
-@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (a write that fails: ENOSPC)")
-def test_a_write_that_fails_late_loses_no_result(sp_home) -> None:  # noqa: ANN001
-    """/dev/full passes the check (a writable file) and every write to it fails (no space left): the
-    table is printed first, then a one-line error, exit 2, no traceback."""
-    res = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["bench", *BENCHES["import"], "--out", "/dev/full"])
+@pytest.fixture(scope="module")
+def import_to_dev_full() -> tuple[Result, Result]:
+    """`bench import --out /dev/full`, as a table and with --json: one real run each, shared by the two
+    tests below (a run is a fresh process with a scratch home of its own, several seconds each).
+    /dev/full passes the --out check (a writable file) and every write to it fails (no space left)."""
+    if not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full (a write that fails: ENOSPC)")
+    table = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["bench", *BENCHES["import"], "--out", "/dev/full"])
+    as_json = CliRunner().invoke(app, ["bench", *BENCHES["import"], "--json", "--out", "/dev/full"])
+    return table, as_json
+
+
+def test_a_write_that_fails_late_loses_no_result(import_to_dev_full: tuple[Result, Result]) -> None:
+    """A write to /dev/full fails late: the table is printed first, then a one-line error, exit 2, no
+    traceback."""
+    res, as_json = import_to_dev_full
     assert res.exit_code == 2, res.output
     text = " ".join(res.output.split())
     assert "observation import" in text and "2000" in text and "overloaded" in text  # the table, first
     assert text.index("observation import") < text.index("error: --out /dev/full: the JSON could not be")
     assert "Traceback" not in res.output
-    res = CliRunner().invoke(app, ["bench", *BENCHES["import"], "--json", "--out", "/dev/full"])
+    res = as_json
     assert res.exit_code == 2 and '"inserted": 2000' in res.output  # --json: the JSON printed first
 
 
 def test_import_and_monitor_tables_show_overloaded_and_warn(
-    sp_home,
+    import_to_dev_full: tuple[Result, Result],
     capsys: pytest.CaptureFixture[str],
-    tmp_path: Path,  # noqa: ANN001
+    tmp_path: Path,
 ) -> None:
     """Each size runs in its own process and carries its own `overloaded`: the table shows it, and a
     run with an overloaded size ends with the warning the other benches print. The host is what it is
-    when the test runs, so the rows are a real run's with the flag set to each case."""
+    when the test runs, so the rows are a real run's (the JSON the --json run printed before its write
+    failed) with the flag set to each case."""
     from sparsepilot.commands.bench import _state_db_table
 
+    table, as_json = import_to_dev_full
+    assert "overloaded" in table.output  # the column
+    result = json.loads(as_json.stdout)
     out = tmp_path / "import.json"
-    res = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["bench", *BENCHES["import"], "--out", str(out)])
-    assert res.exit_code == 0, res.output
-    assert "overloaded" in res.output  # the column
-    result = json.loads(out.read_text())
     cols = ["rows", "import_s", "others_busy_cores", "overloaded"]
     for flag in (False, True):
         result["results"][0]["overloaded"] = flag
