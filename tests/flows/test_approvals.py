@@ -792,14 +792,15 @@ def test_the_cli_refuses_to_reject_an_unasked_extend_and_withdraws_a_signature(
 ) -> None:
     """Review U9 on the real command line: `approve --reject` on a running pilot's EXTEND exits 2 naming
     `pilot --abort`, starts no approval flow run and leaves the pilot running; `approve --withdraw`
-    takes alice's first override signature back, and says so."""
+    takes alice's first override signature back, and says so (the signature and its withdrawal in this
+    process: what the command answers, not what a process boundary does)."""
     import os
 
     from prefect.settings import PREFECT_API_URL
 
     from rollout.db.models import Pilot
     from rollout.db.session import session_scope
-    from tests.fixtures.trust import run_cli
+    from tests.fixtures.trust import cli_here, run_cli
 
     name = flow_use_case()
     did = _pilot_with_decision(name, "EXTEND", "none")
@@ -809,9 +810,9 @@ def test_the_cli_refuses_to_reject_an_unasked_extend_and_withdraws_a_signature(
     rejected = run_cli(*base, "oops", "--reject", user="alice", env=env)
     assert rejected.returncode == 2, rejected.stdout + rejected.stderr
     assert f"sparsepilot pilot {name} --abort --reason" in rejected.stderr
-    signed = run_cli(*base, "I reviewed it", user="alice", env=env)
+    signed = cli_here(*base, "I reviewed it", user="alice", env=env)
     assert signed.returncode == 0 and "--withdraw" in signed.stdout, signed.stdout + signed.stderr
-    taken = run_cli(*base, "signed by mistake", "--withdraw", user="alice", env=env)
+    taken = cli_here(*base, "signed by mistake", "--withdraw", user="alice", env=env)
     assert taken.returncode == 0, taken.stdout + taken.stderr
     assert "signature withdrawn" in taken.stdout and "pilot 1 of" in taken.stdout
     with session_scope() as s:

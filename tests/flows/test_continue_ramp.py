@@ -14,7 +14,7 @@ import uuid
 import pytest
 from sqlalchemy import select
 
-from tests.fixtures.trust import password_of, run_cli
+from tests.fixtures.trust import cli_here, password_of, run_cli
 
 ALICE = ("alice", "approver", "cli-env")
 BOB = ("bob", "approver", "cli-env")
@@ -188,18 +188,19 @@ def test_only_a_go_that_waits_with_later_steps_can_continue(flow_use_case) -> No
 
 def test_the_cli_continues_the_ramp_with_one_approver(trust_env, flow_use_case) -> None:
     """`sparsepilot approve NAME --decision ID --continue-ramp --reason ...`: a real process, which starts
-    its approval run, resumes it and reports where the pilot runs now; refused with exit 2 otherwise."""
+    its approval run, resumes it and reports where the pilot runs now; refused with exit 2 otherwise (the
+    refusals in this process: what the command answers, not what a process boundary does)."""
     from prefect.settings import PREFECT_API_URL
 
     name, did = _short_pilot_go(flow_use_case)
     env = dict(os.environ, PREFECT_API_URL=str(PREFECT_API_URL.value()))
-    both = run_cli(
+    both = cli_here(
         "approve", name, "--decision", str(did), "--reason", "x", "--reject", "--continue-ramp",
         user="alice", env=env,
     )  # fmt: skip
     assert both.returncode == 2
     assert "--reject, --continue-ramp and --withdraw exclude each other" in both.stderr
-    viewer = run_cli(
+    viewer = cli_here(
         "approve", name, "--decision", str(did), "--reason", "x", "--continue-ramp", user="victor", env=env
     )
     assert viewer.returncode == 2 and "Traceback" not in viewer.stderr, viewer.stderr
@@ -212,7 +213,7 @@ def test_the_cli_continues_the_ramp_with_one_approver(trust_env, flow_use_case) 
     assert done.returncode == 0, done.stderr
     assert f"continued the ramp on decision {did}" in done.stdout and "step 2 (70%)" in done.stdout
     assert _state(name)["pilot"] == ("running", 2)
-    again = run_cli(
+    again = cli_here(
         "approve", name, "--decision", str(did), "--reason", "again", "--continue-ramp", user="bob", env=env
     )
     assert again.returncode == 2 and f"decision {did} was already continued by alice" in again.stderr

@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from tests.fixtures.trust import run_cli
+from tests.fixtures.trust import cli_here, run_cli
 from tests.rollout.test_decision_money import _go_awaiting_approval
 from tests.rollout.test_not_piloted import DENSE, _challenger, _pilots
 
@@ -21,7 +21,7 @@ def test_an_import_refused_as_not_piloted_names_the_import(trust_env, tmp_path: 
     f = tmp_path / "obs.jsonl"
     row = {"request_id": "r1", "arm": "control", "quality": 1.0, "latency_ms": 10, "error": False}
     f.write_text(json.dumps(row) + "\n")
-    out = run_cli("pilot", "dense-plan", "--observations", str(f), user="olga")
+    out = cli_here("pilot", "dense-plan", "--observations", str(f), user="olga")  # in this process
     assert out.returncode == 2, out.stderr
     err = out.stderr.strip().splitlines()[-1]
     assert err.startswith("error: dense-plan: not piloted: the plan keeps 100.00% of blocks"), err
@@ -54,7 +54,7 @@ def test_pilot_refuses_a_plan_not_piloted_before_any_flow_run(
     # s47: what stands there is said first, as the flow says it: a pilot waiting for approval (the
     # command said "not piloted", the plan cannot pay, over it) ...
     decision, _ = _go_awaiting_approval("dense-plan", pilot_anyway=True)
-    out = run_cli("pilot", "dense-plan", user="olga", env=env)
+    out = cli_here("pilot", "dense-plan", user="olga", env=env)  # the refusal's words, in this process
     assert out.returncode == 2, out.stderr
     assert out.stderr.strip().splitlines()[-1] == (
         f"error: dense-plan: pilot 1 waits for approval of decision {decision}: approve or reject it "

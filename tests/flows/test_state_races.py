@@ -115,34 +115,38 @@ def _override_half_signed(name: str) -> tuple[dict, int]:
     return info, early
 
 
-def _slow_gate(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
-    """decide() has judged, then takes 2 s more: the window another transaction lands in."""
+def _slow_gate(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """decide() has judged (the first event), then takes 2 s more: the window another transaction lands
+    in; the test sets the second event once what it meant to land there has landed, which closes the
+    window early (a transaction that waits for the look's own locks never lands: the 2 s pass)."""
     import rollout.gate as gate
 
-    judged, decide = threading.Event(), gate.decide
+    judged, landed, decide = threading.Event(), threading.Event(), gate.decide
 
     def slow(*args: Any, **kwargs: Any) -> Any:
         out = decide(*args, **kwargs)
         judged.set()
-        time.sleep(2.0)
+        landed.wait(2.0)
         return out
 
     monkeypatch.setattr(gate, "decide", slow)
-    return judged
+    return judged, landed
 
 
-def _slow_mlflow(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+def _slow_mlflow(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """The MLflow call of a move is under way (the first event) and takes 1.5 s, or until the test sets
+    the second event, once what it meant to land in the window has landed (as `_slow_gate`)."""
     from rollout import registry
 
-    inside, apply = threading.Event(), registry._apply_mlflow
+    inside, landed, apply = threading.Event(), threading.Event(), registry._apply_mlflow
 
     def slow(*args: Any) -> Any:
         inside.set()
-        time.sleep(1.5)
+        landed.wait(1.5)
         return apply(*args)
 
     monkeypatch.setattr(registry, "_apply_mlflow", slow)
-    return inside
+    return inside, landed
 
 
 def _in_thread(fn, out: dict, key: str) -> threading.Thread:  # noqa: ANN001
@@ -164,7 +168,7 @@ def test_a_gate_look_overlapping_an_abort_records_nothing(use_case, monkeypatch)
 
     name = use_case()
     info = _running_step(name)
-    judged = _slow_gate(monkeypatch)
+    judged, landed = _slow_gate(monkeypatch)
     out: dict[str, Any] = {}
 
     def look() -> dict:
@@ -174,6 +178,7 @@ def test_a_gate_look_overlapping_an_abort_records_nothing(use_case, monkeypatch)
     t = _in_thread(look, out, "gate")
     assert judged.wait(120)
     pilot_batches.abort(name, actor="olga", reason="wrong traffic mix")
+    landed.set()
     t.join(120)
     assert isinstance(out["gate"], pilots.PilotStateError), out["gate"]
     assert "it was running at step 0 when this look began" in str(out["gate"])
@@ -194,7 +199,7 @@ def test_a_gate_look_overlapping_an_override_promotion_leaves_the_champion_promo
 
     name = use_case()
     info, early = _override_half_signed(name)
-    judged = _slow_gate(monkeypatch)
+    judged, landed = _slow_gate(monkeypatch)
     out: dict[str, Any] = {}
 
     def look() -> dict:
@@ -204,6 +209,7 @@ def test_a_gate_look_overlapping_an_override_promotion_leaves_the_champion_promo
     t = _in_thread(look, out, "gate")
     assert judged.wait(120)
     assert approvals.approve(early, _identity(BOB), "agreed").took_effect
+    landed.set()
     t.join(120)
     assert isinstance(out["gate"], pilots.PilotStateError), out["gate"]
     assert "promoted" in str(out["gate"])
@@ -275,12 +281,13 @@ def test_an_abort_is_refused_while_an_approved_promotion_is_carried_out(use_case
 
     name = use_case()
     did = _pilot_with_decision(name, "GO", "approval")
-    inside = _slow_mlflow(monkeypatch)
+    inside, landed = _slow_mlflow(monkeypatch)
     out: dict[str, Any] = {}
     t = _in_thread(lambda: approvals.approve(did, _identity(ALICE), "ship it"), out, "approve")
     assert inside.wait(120)
     with pytest.raises(pilots.PilotStateError, match=f"decision {did} is approved and its promotion"):
         pilot_batches.abort(name, actor="olga", reason="wrong traffic mix")
+    landed.set()
     t.join(120)
     assert out["approve"].took_effect, out["approve"]
     state = _state(name)
@@ -328,7 +335,7 @@ def test_the_monitors_rollback_and_a_persons_at_once_make_one_move(use_case, mon
             data_fingerprint="m-1", awaiting="none", actor=audit.MONITOR_ACTOR)  # fmt: skip
         s.flush()
         alarm = d.id
-    inside = _slow_mlflow(monkeypatch)
+    inside, landed = _slow_mlflow(monkeypatch)
     out: dict[str, Any] = {}
 
     def monitor() -> dict:
@@ -339,6 +346,7 @@ def test_the_monitors_rollback_and_a_persons_at_once_make_one_move(use_case, mon
     assert inside.wait(120)
     with pytest.raises(registry.MoveInProgress, match=f"automatic rollback \\(decision {alarm}"):
         approvals.request_rollback(name, _identity(BOB), "users complain")
+    landed.set()
     t.join(120)
     assert out["monitor"]["action"] == "rolled_back", out["monitor"]
     state = _state(name)
@@ -358,7 +366,7 @@ def test_a_persons_rollback_under_way_makes_the_monitors_give_way(use_case, monk
 
     name = use_case()
     info = _promoted(name)
-    inside = _slow_mlflow(monkeypatch)
+    inside, landed = _slow_mlflow(monkeypatch)
     out: dict[str, Any] = {}
     t = _in_thread(lambda: approvals.request_rollback(name, _identity(BOB), "users complain"), out, "person")
     assert inside.wait(120)
@@ -372,6 +380,7 @@ def test_a_persons_rollback_under_way_makes_the_monitors_give_way(use_case, monk
         alarm = d.id
     with leases.holding(name, "monitor"):
         mine = approvals.apply_rollback(alarm, None, reason="guardrail breached", automatic=True)
+    landed.set()
     t.join(120)
     assert mine["action"] == "none" and "is being carried out" in mine["reason"], mine
     state = _state(name)
@@ -400,7 +409,7 @@ def test_a_direct_approval_and_the_cycles_finishing_carry_a_promotion_out_once(
     plan = SparsePlan(estimator="pooled", tau=1.0, dense_layers=(0, 1), metadata={"baseline": "dense"})
     registry.register_version(name, plan, model, actor=registry.SYSTEM_PIPELINE, density=1.0)
     did = _pilot_with_decision(name, "GO", "approval")
-    inside = _slow_mlflow(monkeypatch)
+    inside, landed = _slow_mlflow(monkeypatch)
     out: dict[str, Any] = {}
     t = _in_thread(
         lambda: approvals.approve(did, _identity(ALICE), "ship it", apply_if_no_flow=True), out, "dashboard"
@@ -411,6 +420,7 @@ def test_a_direct_approval_and_the_cycles_finishing_carry_a_promotion_out_once(
         assert finish_unfinished(name) is None  # signed a moment ago: its approver is carrying it out
         u = unfinished.unfinished_of(name)
         late = approvals.apply_promotion(u.decision_id, u.approval_id, reason="finishing") if u else None
+    landed.set()
     t.join(120)
     assert out["dashboard"].took_effect, out["dashboard"]
     state = _state(name)
@@ -492,11 +502,16 @@ def _monitor_rows(name: str, batch: str, n: int = 40, skip: int = 0) -> list[dic
              "error": False} for r in ids for a in ("control", "treatment")]  # fmt: skip
 
 
-def _slow_monitor_judgement(monkeypatch: pytest.MonkeyPatch, then=None) -> threading.Event:  # noqa: ANN001
-    """The monitor's guardrails have judged, then `then()` runs (first call only) and 2 s pass."""
+def _slow_monitor_judgement(
+    monkeypatch: pytest.MonkeyPatch,
+    then=None,  # noqa: ANN001
+) -> tuple[threading.Event, threading.Event]:
+    """The monitor's guardrails have judged (the first event), then `then()` runs (first call only), which
+    lands what it writes in the window itself, or 2 s pass, or fewer once the test sets the second event
+    (what it meant to land there has landed, as `_slow_gate`)."""
     from rollout import pilots
 
-    judged, guardrails = threading.Event(), pilots.monitor_guardrails
+    judged, landed, guardrails = threading.Event(), threading.Event(), pilots.monitor_guardrails
 
     def slow(*args: Any, **kwargs: Any) -> Any:
         out = guardrails(*args, **kwargs)
@@ -504,11 +519,12 @@ def _slow_monitor_judgement(monkeypatch: pytest.MonkeyPatch, then=None) -> threa
             judged.set()
             if then is not None:
                 then()
-            time.sleep(2.0)
+                landed.set()
+            landed.wait(2.0)
         return out
 
     monkeypatch.setattr(pilots, "monitor_guardrails", slow)
-    return judged
+    return judged, landed
 
 
 def test_a_monitor_look_judges_without_holding_the_write_lock(use_case, monkeypatch) -> None:  # noqa: ANN001
@@ -522,7 +538,7 @@ def test_a_monitor_look_judges_without_holding_the_write_lock(use_case, monkeypa
     other = use_case("other-uc")
     rows = _monitor_rows(name, "m-1")
     pilot_batches.store_batch(info["step_id"], rows, "m-1", "monitor")
-    judged = _slow_monitor_judgement(monkeypatch)
+    judged, landed = _slow_monitor_judgement(monkeypatch)
     passed = {"passed": True, "failures": [], "report": {}}
     out: dict[str, Any] = {}
 
@@ -535,6 +551,7 @@ def test_a_monitor_look_judges_without_holding_the_write_lock(use_case, monkeypa
     t0 = time.monotonic()
     with leases.holding(other, "gate"):
         waited = time.monotonic() - t0
+    landed.set()
     t.join(120)
     assert waited < 1.0, f"another use case's lease waited {waited:.2f}s for the monitor look"
     assert isinstance(out["monitor"], dict), out["monitor"]
@@ -596,7 +613,7 @@ def test_a_persons_rollback_while_another_carries_out_the_approved_alarm_moves_o
 
     name = use_case(rollback="manual")
     _, alarm = _alarm_waiting(name)
-    inside = _slow_mlflow(monkeypatch)
+    inside, landed = _slow_mlflow(monkeypatch)
     out: dict[str, Any] = {}
     t = _in_thread(lambda: approvals.approve(alarm, _identity(ALICE), "roll it back"), out, "alice")
     assert inside.wait(120)
@@ -604,6 +621,7 @@ def test_a_persons_rollback_while_another_carries_out_the_approved_alarm_moves_o
         registry.MoveInProgress, match=f"alice's rollback \\(decision {alarm}\\).*being carried"
     ):
         approvals.request_rollback(name, _identity(BOB), "users complain")
+    landed.set()
     t.join(120)
     assert out["alice"].took_effect, out["alice"]
     state = _state(name)

@@ -1,6 +1,6 @@
-"""Work that several processes start at the same instant in the race tests (spawned: each its own
-interpreter, engine and connection, as separate commands are). Kept light to import: a spawned process
-imports this module to find its target."""
+"""Work that several processes start at the same instant in the race tests (spawned, or forked from a
+fresh forkserver that preloaded this module: each its own process, engine and connection, as separate
+commands are). Kept light to import: a spawned process imports this module to find its target."""
 
 from __future__ import annotations
 

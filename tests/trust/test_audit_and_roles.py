@@ -369,7 +369,11 @@ def test_sqlite_audit_writers_at_once_queue_for_the_chain_and_none_is_lost(sp_ho
     from tests.trust.race_helpers import record_one_audit_event
 
     n = 6
-    ctx = mp.get_context("spawn")
+    # Each writer its own process, engine and connection, forked from a fresh server process that imported
+    # the writers' modules once (not from this one): six spawned interpreters each importing SQLAlchemy
+    # and rollout took 15-45 s on the 2-core host before the barrier released them
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["tests.trust.race_helpers", "rollout.audit", "rollout.db.session"])
     barrier, results = ctx.Barrier(n), ctx.Queue()
     procs = [
         ctx.Process(target=record_one_audit_event, args=(str(sp_home.home), i, barrier, results))

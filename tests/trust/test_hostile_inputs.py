@@ -477,6 +477,7 @@ def test_hostile_inputs_exit_2_name_the_place_and_change_nothing(
     (tmp_path / "bad.toml").write_text("[accounts.alice\nrole = ")
     runner = CliRunner()
     failures: list[str] = []
+    before = _dump(trust_db)  # each case's state after is the next one's before: one dump a case
     for case in ALL_CASES:
         work = tmp_path / case.id
         work.mkdir()
@@ -487,7 +488,6 @@ def test_hostile_inputs_exit_2_name_the_place_and_change_nothing(
             env["SPARSEPILOT_USER"] = case.user
             argv.append("--password-stdin")
             stdin = (case.password if case.password is not None else password_of(case.user)) + "\n"
-        before = _dump(trust_db)
         result = runner.invoke(app, argv, input=stdin, env=env)
         out = result.output
         place = case.place if isinstance(case.place, str) else case.place(work)
@@ -500,7 +500,7 @@ def test_hostile_inputs_exit_2_name_the_place_and_change_nothing(
             problems.append("traceback in the output")
         if place not in out:
             problems.append(f"message does not name {place!r}")
-        after = _dump(trust_db)
+        after = now = _dump(trust_db)
         if case.audit:  # exactly one new audit row of that action, and it holds no password
             added = after["audit_log"][len(before["audit_log"]) :]
             after = {**after, "audit_log": after["audit_log"][: len(before["audit_log"])]}
@@ -513,6 +513,7 @@ def test_hostile_inputs_exit_2_name_the_place_and_change_nothing(
                 problems.append(f"expected one {case.audit} audit row without the password: {added}")
         if after != before:
             problems.append("the state DB changed")
+        before = now
         if problems:
             failures.append(f"{case.id}: {'; '.join(problems)}\n    output: {out.strip()[:400]!r}")
     assert not failures, f"{len(failures)} of {len(ALL_CASES)} hostile cases failed:\n" + "\n".join(failures)
