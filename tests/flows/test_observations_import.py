@@ -186,15 +186,20 @@ def test_an_import_is_checked_against_the_running_pilots_own_dataset(
     flow_use_case, tiny_model_dir, pilot_dataset: Path, tmp_path: Path
 ) -> None:
     """A pilot started under spec version 1 keeps it (a new version applies to the next pilot), so an
-    import into it takes version 1's requests, not those of a version 2 with another dataset. (The import
-    checked the ids against the newest version's dataset: the running pilot's own requests were refused as
-    "not a request of this use case" and version 2's, which its traffic never hands out, let in.)"""
+    import into it is read against version 1's requests, never those of a later version.
+    (The import checked the ids against the newest version's dataset: the running pilot's own requests were
+    refused as "not a request of this use case" and version 2's, which its traffic never hands out, let
+    in.) A dataset whose content changed is also what the plan was calibrated on (rollout.recalibration),
+    so once a version 3 changes the dataset the running pilot of the plan calibrated under version 1 takes
+    no batch at all until a calibration under version 3 (which stops it): neither version's requests are
+    stored."""
     import yaml
 
     from flows.common import load_context
     from flows.pilot import pilot_flow
     from rollout import pilot_batches
     from rollout.observations_io import ObservationImportError
+    from rollout.pilots import PilotStateError
     from rollout.usecases import add_usecase
     from tests.fixtures.flows import tiny_spec
 
@@ -202,18 +207,11 @@ def test_an_import_is_checked_against_the_running_pilots_own_dataset(
     _challenger(name)
     v1_ids = [r["id"] for r in load_context(name).split()[1][:4]]
     first = pilot_flow(name, observations_file=str(_write_jsonl(tmp_path / "a.jsonl", _rows(v1_ids[:2]))))
-    # version 2: the same use case on another dataset (the same tickets under other ids)
-    other = tmp_path / "other.jsonl"
-    other.write_text(
-        "".join(json.dumps({**json.loads(line), "id": f"v2-{json.loads(line)['id']}"}) + "\n"
-                for line in pilot_dataset.read_text().splitlines())
-    )  # fmt: skip
+    # version 2 changes nothing calibration reads (a schedule): the running pilot stays under version 1
     spec = tmp_path / "v2.yaml"
-    spec.write_text(yaml.safe_dump(tiny_spec(tiny_model_dir, name, dataset_file=other)))
+    v2 = tiny_spec(tiny_model_dir, name, dataset_file=pilot_dataset)
+    spec.write_text(yaml.safe_dump({**v2, "schedule": {"cron": "0 * * * *"}}))
     assert add_usecase(spec, actor="an-operator", new_version=True).status == "new_version"
-    v2_ids = [r["id"] for r in load_context(name).split()[1][:2]]
-    assert not set(v2_ids) & set(v1_ids)
-
     later = _write_jsonl(tmp_path / "b.jsonl", _rows(v1_ids[2:]))
     # ids read from another version than the pilot's (the pilot changed between the reads): refused
     with pytest.raises(ObservationImportError, match="runs under spec version 1, not the version 2"):
@@ -221,10 +219,25 @@ def test_an_import_is_checked_against_the_running_pilots_own_dataset(
     second = pilot_flow(name, observations_file=str(later))
     assert second["pilot_id"] == first["pilot_id"]  # the same pilot, still under version 1
     assert second["batches"][0]["inserted"] == 4, second
-    newer = _write_jsonl(tmp_path / "v2.jsonl", _rows(v2_ids))
-    refused = r"v2\.jsonl: lines 1 \(id 'v2-.*: request_id: not a request of this use case"
-    with pytest.raises(ObservationImportError, match=refused):
-        pilot_flow(name, observations_file=str(newer))
+
+    # version 3: the same use case on another dataset (the same tickets under other ids)
+    other = tmp_path / "other.jsonl"
+    other.write_text(
+        "".join(json.dumps({**json.loads(line), "id": f"v3-{json.loads(line)['id']}"}) + "\n"
+                for line in pilot_dataset.read_text().splitlines())
+    )  # fmt: skip
+    spec = tmp_path / "v3.yaml"
+    spec.write_text(yaml.safe_dump(tiny_spec(tiny_model_dir, name, dataset_file=other)))
+    assert add_usecase(spec, actor="an-operator", new_version=True).status == "new_version"
+    v3_ids = [r["id"] for r in load_context(name).split()[1][:2]]
+    assert not set(v3_ids) & set(v1_ids)
+    again = _write_jsonl(tmp_path / "c.jsonl", _rows(v1_ids[:2]))
+    newer = _write_jsonl(tmp_path / "v3.jsonl", _rows(v3_ids))
+    stale = r"spec v3 is not calibrated: run `sparsepilot calibrate .*v3 changed dataset \(file content\)"
+    for path in (again, newer):
+        with pytest.raises(PilotStateError, match=stale):
+            pilot_flow(name, observations_file=str(path))
+    assert _stored(first["pilot_id"]) == 8, "a batch of the stale plan's pilot was stored"
 
 
 def test_observation_check_errors_name_the_files_line_as_its_parse_errors_do(
@@ -344,3 +357,15 @@ def test_a_csv_with_a_byte_order_mark_reads_as_excel_wrote_it(tmp_path: Path) ->
             "tokens": 0,
         }
     ]
+
+
+def _stored(pilot_id: int) -> int:
+    """The observations stored under pilot `pilot_id`'s steps."""
+    from rollout.db.models import Observation, PilotStep
+    from rollout.db.session import session_scope
+
+    with session_scope() as s:
+        steps = select(PilotStep.id).where(PilotStep.pilot_id == pilot_id)
+        return s.scalar(
+            select(func.count()).select_from(Observation).where(Observation.pilot_step_id.in_(steps))
+        )
