@@ -34,18 +34,20 @@ def _run(
     false, and, unless ``needs_prefect`` is false (a state-DB action that is no flow run: an abort, an
     import, which an operator must be able to do while Prefect is down), that the Prefect server
     PREFECT_API_URL names answers: `flows.common.require_prefect_api`), with the embedded MLflow store
-    brought to MLflow's head first unless ``needs_mlflow`` is false (an abort, which logs nothing there):
+    brought to MLflow's head next unless ``needs_mlflow`` is false (an abort, which logs nothing there):
     `rollout.mlflow_store`, a half-migrated one holding runs refused here, before the Prefect server
-    starts. Its SparsePilotErrors reach the one handler in sparsepilot/cli.py; a missing file it was given
+    starts. The Prefect check comes before the store's: one GET, where creating or upgrading the store
+    takes seconds that a command bound to fail on a server that does not answer need not spend. Its
+    SparsePilotErrors reach the one handler in sparsepilot/cli.py; a missing file it was given
     (FileNotFoundError, a built-in) is a clear message and exit code 2 as well."""
     from flows.common import require_prefect_api
 
     if needs_db:
         _require_db()
+    if needs_prefect:  # one GET: a server that does not answer is said at once, before the store's work
+        require_prefect_api()
     if needs_mlflow:
         _require_mlflow_store()
-    if needs_prefect:
-        require_prefect_api()
     try:
         return fn()
     except FileNotFoundError as exc:

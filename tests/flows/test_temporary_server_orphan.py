@@ -16,7 +16,6 @@ import yaml
 
 from tests.fixtures.env import fresh_cli_env
 from tests.fixtures.flows import tiny_spec
-from tests.fixtures.trust import password_of
 
 SERVER = "prefect.server.api.server:create_app"
 
@@ -46,21 +45,19 @@ def _alive(pid: int) -> bool:
 
 
 def test_a_killed_command_takes_its_temporary_prefect_server_with_it(
-    tiny_model_dir: Path, trust_accounts: str, tmp_path: Path
+    sp_home,  # noqa: ANN001
+    tiny_model_dir: Path,
+    trust_accounts: str,
+    tmp_path: Path,
 ) -> None:
-    home = tmp_path / "home"
-    env = fresh_cli_env(home, trust_accounts)
-    subprocess.run([sys.executable, "-m", "sparsepilot", "init"], env=env, check=True, capture_output=True)
+    from rollout.usecases import add_usecase
+
+    # the home made here, as `init` and `usecase add` make it (the session's migrated state DB, the use case
+    # an operator added): two processes of their own cost ~10 s of the test and are not what it is about
     spec = tmp_path / "tiny-chat.yaml"
     spec.write_text(yaml.safe_dump(tiny_spec(tiny_model_dir, "tiny-chat")))
-    subprocess.run(
-        [sys.executable, "-m", "sparsepilot", "usecase", "add", str(spec), "--password-stdin"],
-        env={**env, "SPARSEPILOT_USER": "olga"},
-        input=password_of("olga") + "\n",
-        text=True,
-        check=True,
-        capture_output=True,
-    )
+    add_usecase(spec, actor="olga")
+    env = fresh_cli_env(sp_home.home, trust_accounts)
 
     cli = subprocess.Popen(
         [sys.executable, "-m", "sparsepilot", "calibrate", "tiny-chat", "--quick"],

@@ -171,7 +171,8 @@ def test_a_prefect_server_that_does_not_answer_is_one_error_line_and_exit_2(
     command: list[str],
 ) -> None:
     """Review X, X2: PREFECT_API_URL at a closed port ended every flow command in 145 lines of three
-    chained tracebacks (`RuntimeError: Failed to reach API at ...`), exit 1; checked once, before the flow."""
+    chained tracebacks (`RuntimeError: Failed to reach API at ...`), exit 1; checked once, before the flow
+    and before the MLflow store is made (a fresh home's store took 5-10 s of a command bound to fail)."""
     import yaml
 
     from rollout.usecases import add_usecase
@@ -192,6 +193,8 @@ def test_a_prefect_server_that_does_not_answer_is_one_error_line_and_exit_2(
     said = " ".join(res.output.split())
     assert f"error: PREFECT_API_URL={url}: the Prefect server does not answer (connection refused)" in said
     assert "Traceback" not in res.output
+    store = sp_home.home / "mlflow.db"  # said before the MLflow store's seconds of creating (or upgrading)
+    assert not store.exists(), "the MLflow store was made before the Prefect server was checked"
     if command == ["calibrate"]:  # in a process of its own, as a user runs it (Prefect reads it at start)
         import os
 
@@ -201,6 +204,7 @@ def test_a_prefect_server_that_does_not_answer_is_one_error_line_and_exit_2(
         assert code == 2, out
         assert f"error: PREFECT_API_URL={url}: the Prefect server does not answer" in " ".join(out.split())
         assert "Traceback" not in out
+        assert not store.exists(), "the MLflow store was made before the Prefect server was checked"
 
 
 def test_a_prefect_server_that_answers_passes_the_check(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -95,7 +95,14 @@ def test_a_success_in_the_crowd_is_not_a_failure(trust_db: str) -> None:
     assert _failed_rows("bob") == 3
 
 
+_ENV_PREFIXES = ("SPARSEPILOT_", "PYTHON", "HF_", "MLFLOW_")
+
+
 def _attempt_in_process(env: dict[str, str], guess: str, barrier, queue) -> None:  # noqa: ANN001
+    # forked from the forkserver, whose environment is the test process's when it started: this test's
+    # settings replace whatever an earlier test's were, as a spawned process's own environment would
+    for key in [k for k in os.environ if k.startswith(_ENV_PREFIXES) and k not in env]:
+        del os.environ[key]
     os.environ.update(env)
     from rollout import auth as proc_auth
     from rollout.db.session import session_scope as scope
@@ -111,10 +118,14 @@ def test_concurrent_processes_check_at_most_the_limit(db: str, trust_env, reques
     url = trust_env.database_url
     if db == "postgres":
         url = request.getfixturevalue("pg_migrated_url")
-    env = {
-        k: v for k, v in os.environ.items() if k.startswith(("SPARSEPILOT_", "PYTHON", "HF_", "MLFLOW_"))
-    } | {"SPARSEPILOT_DATABASE_URL": url}
-    ctx = mp.get_context("spawn")
+    env = {k: v for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES)} | {
+        "SPARSEPILOT_DATABASE_URL": url
+    }
+    # separate processes, each its own engine and connections, forked from a server that imported this
+    # module (SQLAlchemy, the models, rollout.auth) once: eight spawned interpreters each importing it
+    # took ~2 s of CPU apiece, most of the test on a 2-core host; nothing of it is connected before the fork
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
     n = 8
     barrier, queue = ctx.Barrier(n), ctx.Queue()
     procs = [
