@@ -30,11 +30,11 @@ run: setup
 
 ## Set up and run the whole test suite (lint + import contracts + tests). The tests run in one worker
 ## process per core (pytest-xdist, at most 4; TEST_WORKERS=0 runs them in this process), each worker's
-## torch on one thread (tests/conftest.py); the tests marked slow run first. On 2 idle cores, 1,928 tests
-## (2026-12-07, session 50, two clean clones): pytest 17.7 / 18.3 min, the whole `bash .ci/run` 19.2 / 19.8
-## min, at the budget's edge (slow tests on paths this session did not touch ran longer than in session
-## 49's runs, the sign-in race 13.1-13.6 -> 16.1-21.3 s, others shorter, the served arms' step 43.6 ->
-## 25.2 s: not measured further); 1,851 tests in session 49: 14.7 / 16.0 min (setup
+## torch on one thread (tests/conftest.py); the tests marked slow run first. On 2 idle cores, 1,945 tests
+## (2026-12-08, session 51, a clean clone): pytest 14.2 min, the whole `bash .ci/run` 15.4 min, after the
+## costliest tests shared their processes and set-ups and the gate's simulators stopped re-simulating
+## (1,928 tests in session 50 took 17.7 / 18.3 / 19.2 / 19.8 min, over budget on the harness's machine:
+## 22.5 min); 1,851 tests in session 49: 14.7 / 16.0 min (setup
 ## included; 1,744 tests in session 48 took 15.6-17.9 / 16.9-19.3 min, before Great Expectations' batch
 ## definitions were kept per process and AppTest's package scan and a migrated PostgreSQL database per test
 ## session; 1,610 in session 47 took 19.1 / 20.9 min, before slow-first ordering, a state DB copied per test
