@@ -285,17 +285,22 @@ def portfolio(
 
 
 def _not_calibrated_words(session: Session, row: dict[str, Any]) -> str | None:
-    """What a portfolio row before its pilot waits for where its challenger was calibrated under a spec
-    version whose calibration inputs the current one changed (`runs.not_calibrated`), else None."""
-    if row["phase"] not in lifecycle.BEFORE_PILOT:
+    """What a portfolio row waits for where its challenger was calibrated under a spec version whose
+    calibration inputs the current one changed (`runs.not_calibrated`), else None: before its pilot, and
+    while its pilot runs, which takes no batch until then (`pilot_batches`' refusal; the calibration
+    stops it: `runs.stop_uncalibrated_pilot`). Where the row read "more samples" for such a pilot, no
+    batch could bring them."""
+    running = row.get("pilot_status") == "running"
+    if row["phase"] not in lifecycle.BEFORE_PILOT and not running:
         return None
     uc = session.get(UseCase, row["id"])
     stale = runs.not_calibrated(session, uc, runs.latest_challenger(session, uc.id))
     if stale is None:
         return None
+    pilot = "; its running pilot takes no batch until then" if running else ""
     return (
         f"calibration under spec v{stale.version} ({stale.why}): the next scheduled cycle, or "
-        f"`{stale.command}`"
+        f"`{stale.command}`{pilot}"
     )
 
 
@@ -423,6 +428,8 @@ def waits_for(row: dict[str, Any]) -> str:
     )
     if person:
         return person
+    if row.get("pilot_status") == "running" and row.get("not_calibrated"):  # no batch brings more samples
+        return row["not_calibrated"]
     decision = row.get("decision")
     if row.get("pilot_status") == "running" and decision == "INVALID":
         # no command reruns a step and its rows stay (rollout.decisions.invalid_remedy): more samples

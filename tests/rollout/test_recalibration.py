@@ -199,8 +199,9 @@ def test_the_old_plans_running_pilot_takes_no_batch_before_a_calibration_under_t
     own `ensure_pilot`) fed it batch after batch, a plan judged for v1's budget, until a calibration
     stopped it (`_refusal` let the challenger's running pilot through before asking `not_calibrated`).
     It is refused now, in the words of a new pilot's refusal; the scheduled cycle calibrates first
-    (tests/flows/test_cycle_not_piloted.py), which stops it. A schedule change feeds it as before."""
-    from rollout import pilot_batches, pilots
+    (tests/flows/test_cycle_not_piloted.py), which stops it. A schedule change feeds it as before. The
+    portfolio's "Waits for" said "more samples", which no batch could bring; it names the calibration."""
+    from rollout import pilot_batches, pilots, queries
 
     _challenger(tmp_path, "chat", **PAYS)
     pilot_id = pilot_batches.ensure_pilot("chat")["pilot_id"]
@@ -216,6 +217,13 @@ def test_the_old_plans_running_pilot_takes_no_batch_before_a_calibration_under_t
     with pytest.raises(pilots.PilotStateError) as fed:
         pilot_batches.ensure_pilot("chat", pilot_anyway=True)  # the pilot flow's and an import's first step
     assert str(fed.value) == said and _pilots("chat") == 1
+    # the portfolio says what it waits for: the calibration, not "more samples" no batch can bring
+    row = next(r for r in queries.read(queries.portfolio) if r["name"] == "chat")
+    assert row["waits_for"] == (
+        "calibration under spec v2 (the challenger was calibrated under spec v1, and v2 changed "
+        "quality_budget.kl): the next scheduled cycle, or `sparsepilot calibrate chat`; its running pilot "
+        "takes no batch until then"
+    ), row["waits_for"]
 
 
 @pytest.mark.parametrize(("change", "stale"), CHANGES, ids=["budget", "schedule"])
