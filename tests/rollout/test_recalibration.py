@@ -46,6 +46,20 @@ def _new_version(tmp_path: Path, change: dict[str, Any]) -> list[str]:
     return [line.strip() for line in lines[changed + 1 :] if not line.startswith("  warning: ")]
 
 
+def _stale_go_words(did: int) -> tuple[str, str]:
+    """What a refusal of decision `did` (a GO of the v1 plan under a v2 that tightened the KL budget) says
+    changed, and its way on."""
+    changed = (
+        "spec v2 changed quality_budget.kl after the plan pilot 1 runs was calibrated under v1: the plan has "
+        "not been calibrated under v2"
+    )
+    remedy = (
+        f"Reject it (`sparsepilot approve chat --decision {did} --reject --reason TEXT`) and run "
+        "`sparsepilot calibrate chat`: a plan calibrated under v2 is piloted anew"
+    )
+    return changed, remedy
+
+
 @pytest.mark.parametrize(
     ("change", "stale", "notes"),
     [
@@ -115,14 +129,7 @@ def test_a_go_of_a_plan_calibrated_for_an_earlier_budget_is_not_promoted(
         assert held is None
         approval_runs.check_promotable(did)
         return
-    changed = (
-        "spec v2 changed quality_budget.kl after the plan pilot 1 runs was calibrated under v1: the plan has "
-        "not been calibrated under v2"
-    )
-    remedy = (
-        f"Reject it (`sparsepilot approve chat --decision {did} --reject --reason TEXT`) and run "
-        "`sparsepilot calibrate chat`: a plan calibrated under v2 is piloted anew"
-    )
+    changed, remedy = _stale_go_words(did)
     assert held == f"Not approvable: {changed}. {remedy}."
     refusal = f"decision {did} is not promoted: {changed}; nothing was recorded. {remedy}"
     with pytest.raises(approvals.ApprovalError) as before_any_run:
@@ -266,14 +273,7 @@ def test_a_go_of_a_plan_calibrated_for_an_earlier_budget_does_not_continue_the_r
         assert held is False
         approval_runs.check_continuable(did)
         return
-    changed = (
-        "spec v2 changed quality_budget.kl after the plan pilot 1 runs was calibrated under v1: the plan has "
-        "not been calibrated under v2"
-    )
-    remedy = (
-        f"Reject it (`sparsepilot approve chat --decision {did} --reject --reason TEXT`) and run "
-        "`sparsepilot calibrate chat`: a plan calibrated under v2 is piloted anew"
-    )
+    changed, remedy = _stale_go_words(did)
     assert held is True
     words = queries.read(approvals.promotion_held_words, did)
     assert words == f"Not approvable, and its ramp does not continue: {changed}. {remedy}."
