@@ -139,12 +139,7 @@ def check_continuable(session: Any, d: GateDecision) -> dict[str, Any]:
             f"{head}): {pilot_label(pilot)} is {pilot.status} at step {pilot.current_step_index}, not "
             f"awaiting approval at step {step.index}; nothing was recorded"
         )
-    stale = promotion_not_calibrated(session, d)  # more traffic for a plan answering another budget: no
-    if stale is not None:
-        changed, remedy = stale
-        raise ApprovalError(
-            f"decision {d.id} does not continue the ramp: {changed}; nothing was recorded. {remedy}"
-        )
+    _refuse_uncalibrated(session, d, "does not continue the ramp")  # more traffic for another budget's plan
     return dict(later[0])
 
 
@@ -297,10 +292,16 @@ def refuse_uncalibrated_promotion(session: Any, d: GateDecision) -> None:
     """A promotion (a signature approving a gate decision, an override's first too) is refused where the
     plan was not calibrated under the current spec version (`promotion_not_calibrated`): ApprovalError
     saying what changed and what to do; nothing is recorded."""
+    _refuse_uncalibrated(session, d, "is not promoted")
+
+
+def _refuse_uncalibrated(session: Any, d: GateDecision, refused: str) -> None:
+    """ApprovalError `decision D <refused>: <what changed>; nothing was recorded. <what to do>` where
+    `promotion_not_calibrated` finds the plan uncalibrated under the current spec version."""
     found = promotion_not_calibrated(session, d)
     if found is not None:
         changed, remedy = found
-        raise ApprovalError(f"decision {d.id} is not promoted: {changed}; nothing was recorded. {remedy}")
+        raise ApprovalError(f"decision {d.id} {refused}: {changed}; nothing was recorded. {remedy}")
 
 
 def promotion_held_words(session: Any, decision_id: int) -> str | None:
