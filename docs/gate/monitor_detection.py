@@ -26,9 +26,15 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterable
 
 from rollout.gate.detection import LOSS_MIXTURE
-from rollout.gate.simulation import MONITOR_METHODS, simulate_monitor, simulate_monitor_quality
+from rollout.gate.simulation import (
+    MONITOR_METHODS,
+    MonitorResult,
+    simulate_monitor,
+    simulate_monitor_quality,
+)
 
 LOOKS = 200
 CELLS = [(0.01, 12), (0.01, 200), (0.05, 12), (0.05, 200)]
@@ -53,18 +59,17 @@ def main(out: str, replications: int = 2000) -> None:
         }
         for name, kw in scenarios.items():
             r = simulate_monitor(ceiling, batch=batch, looks=LOOKS, replications=replications, seed=7, **kw)
-            row = {"ceiling": ceiling, "batch": batch, "scenario": name, **r.to_dict()}
-            row["looks_to_detect"] = {
-                m: [r.looks_to_detect(m, 0.5), r.looks_to_detect(m, 0.9)] for m in MONITOR_METHODS
-            }
-            rows.append(row)
-            by = r.alarm_by_look
-            cells = " | ".join(
-                f"{100 * by[m][29]:.1f}% / {100 * by[m][-1]:.1f}% ({100 * r.upper95[m][-1]:.1f}%)"
-                if name == "at the ceiling"
-                else f"{row['looks_to_detect'][m][0]} / {row['looks_to_detect'][m][1]}"
-                for m in MONITOR_METHODS
+            detect = _looks_to_detect(r, MONITOR_METHODS)
+            rows.append(
+                {
+                    "ceiling": ceiling,
+                    "batch": batch,
+                    "scenario": name,
+                    **r.to_dict(),
+                    "looks_to_detect": detect,
+                }
             )
+            cells = _cells(r, MONITOR_METHODS, detect, null=name == "at the ceiling", looks=(29, -1))
             print(f"| {ceiling} | {batch} | {name} | {cells} |", flush=True)
     quality = []
     mixtures = {"chosen": LOSS_MIXTURE, "g 0.45/0.8": ((0.45, 0.5), (0.8, 0.5)), "g 0.8": ((0.8, 1.0),)}
@@ -89,17 +94,9 @@ def main(out: str, replications: int = 2000) -> None:
                 mixtures=mixtures,
                 seed=11,
             )
-            row = {"scores": scores, "scenario": name, **r.to_dict()}
-            row["looks_to_detect"] = {
-                m: [r.looks_to_detect(m, 0.5), r.looks_to_detect(m, 0.9)] for m in mixtures
-            }
-            quality.append(row)
-            cells = " | ".join(
-                f"{100 * r.alarm_by_look[m][-1]:.1f}% ({100 * r.upper95[m][-1]:.1f}%)"
-                if name == "at the margin"
-                else f"{row['looks_to_detect'][m][0]} / {row['looks_to_detect'][m][1]}"
-                for m in mixtures
-            )
+            detect = _looks_to_detect(r, mixtures)
+            quality.append({"scores": scores, "scenario": name, **r.to_dict(), "looks_to_detect": detect})
+            cells = _cells(r, mixtures, detect, null=name == "at the margin", looks=(-1,))
             print(f"| {scores} | {batch} | {name} | {cells} |", flush=True)
     meta = {
         "replications": replications,
@@ -111,6 +108,25 @@ def main(out: str, replications: int = 2000) -> None:
     with open(out, "w") as f:
         json.dump(_rounded({"meta": meta, "rows": rows, "quality": quality}), f, separators=(",", ":"))
     print(f"{meta['seconds']} s, load {meta['load_average']}")
+
+
+def _looks_to_detect(r: MonitorResult, methods: Iterable[str]) -> dict[str, list]:
+    """Per method, the looks after the change by which 50% and 90% of the monitors had an alarm."""
+    return {m: [r.looks_to_detect(m, 0.5), r.looks_to_detect(m, 0.9)] for m in methods}
+
+
+def _cells(
+    r: MonitorResult, methods: Iterable[str], detect: dict[str, list], *, null: bool, looks: tuple[int, ...]
+) -> str:
+    """A table row's cells, a method each: where every alarm is false (`null`), the share alarmed by each
+    of `looks` (0-based) and the upper end of its 95% interval at the last look; else the looks to 50% / 90%
+    alarmed."""
+    if not null:
+        return " | ".join("{} / {}".format(*detect[m]) for m in methods)
+    return " | ".join(
+        " / ".join(f"{100 * r.alarm_by_look[m][k]:.1f}%" for k in looks) + f" ({100 * r.upper95[m][-1]:.1f}%)"
+        for m in methods
+    )
 
 
 def _rounded(x):  # noqa: ANN001, ANN202 - shares of 2,000 monitors and their bounds: 5 decimals keep them
