@@ -15,7 +15,9 @@ its 95% Clopper-Pearson interval) and the looks after the change by which half (
 Then the quality check (`simulate_monitor_quality`, margin 0.03): the paired loss q_dense - q_sparse of
 the gate's score models and two noisier ones, at the margin for the whole life (every alarm false),
 2x and 3x the margin from look 1, and 3x from look 101 after no loss; for the chosen mixture of bets
-(`detection.LOSS_MIXTURE`) and two bolder ones, looks to 50% / 90% alarmed.
+(`detection.LOSS_MIXTURE`) and two bolder ones, looks to 50% / 90% alarmed. A score model that cannot lose
+3x the margin (`MOST_LOSS`: 0/1 at 80% correct with 7% of the answers differing loses at most 0.07, every
+differing answer a loss) runs those two rows at the most it can lose, and their label says so.
 
     python docs/gate/monitor_detection.py OUT.json [REPLICATIONS]
 """
@@ -23,6 +25,7 @@ the gate's score models and two noisier ones, at the margin for the whole life (
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -46,6 +49,10 @@ QUALITY_CELLS = [
     ("noisy40", 12),
     ("binary80", 200),
 ]
+# The most a score model can lose where that is less than 3x the margin (rollout.gate.simulation refuses a
+# shift a model cannot express): 0/1 scores at 80% correct with 7% of the answers differing lose at most 7%,
+# every differing answer a loss (3x 0.03 would need the sparse arm to lose on more answers than differ).
+MOST_LOSS = {"binary80": (0.07, "7% differing, all lost")}
 
 
 def main(out: str, replications: int = 2000) -> None:
@@ -75,11 +82,12 @@ def main(out: str, replications: int = 2000) -> None:
     mixtures = {"chosen": LOSS_MIXTURE, "g 0.45/0.8": ((0.45, 0.5), (0.8, 0.5)), "g 0.8": ((0.8, 1.0),)}
     margin = 0.03
     for scores, batch in QUALITY_CELLS:
+        big, label = _big_loss(scores, margin)
         scenarios = {
             "at the margin": (margin, margin, 1),
             "2x margin from look 1": (2 * margin, 2 * margin, 1),
-            "3x margin from look 1": (3 * margin, 3 * margin, 1),
-            "none, then 3x margin from look 101": (0.0, 3 * margin, 101),
+            f"{label} from look 1": (big, big, 1),
+            f"none, then {label} from look 101": (0.0, big, 101),
         }
         for name, (before, after, change) in scenarios.items():
             r = simulate_monitor_quality(
@@ -108,6 +116,15 @@ def main(out: str, replications: int = 2000) -> None:
     with open(out, "w") as f:
         json.dump(_rounded({"meta": meta, "rows": rows, "quality": quality}), f, separators=(",", ":"))
     print(f"{meta['seconds']} s, load {meta['load_average']}")
+
+
+def _big_loss(scores: str, margin: float) -> tuple[float, str]:
+    """The large loss a score model's rows simulate, and its label: 3x the margin, or the most the model
+    can lose (`MOST_LOSS`) where that is less."""
+    most, why = MOST_LOSS.get(scores, (math.inf, ""))
+    if most >= 3 * margin:
+        return 3 * margin, "3x margin"
+    return most, f"{most:g} ({most / margin:.1f}x margin: {why})"
 
 
 def _looks_to_detect(r: MonitorResult, methods: Iterable[str]) -> dict[str, list]:
