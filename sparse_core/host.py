@@ -645,16 +645,21 @@ def processes_busy_cores(a: ProcessesSnapshot, b: ProcessesSnapshot, wall: float
 
 def _host_side(
     start: CpuSnapshot, end: CpuSnapshot, wall: float, others: float | None
-) -> tuple[float | None, list[float] | None, float]:
-    """What a timing records of the host around it: the CPU pressure share (PSI "some", None without it),
-    the load average, and the others' busy cores the overload rule reads (the 1-minute load average
-    standing in where /proc/stat could not be read)."""
+) -> tuple[dict[str, Any], float]:
+    """What a timing records of the host around it, as HostLoad's fields: the wall seconds, the CPU
+    pressure share (PSI "some", None without it) and the load average; and the others' busy cores the
+    overload rule reads (the 1-minute load average standing in where /proc/stat could not be read)."""
     pressure = None
     if start.psi_some_us is not None and end.psi_some_us is not None:
         pressure = min(1.0, (end.psi_some_us - start.psi_some_us) / 1e6 / wall)
     load = loadavg()
     busy = others if others is not None else (load[0] if load else 0.0)
-    return pressure, load, busy
+    recorded = {
+        "seconds": wall,
+        "cpu_pressure": _rounded(pressure),
+        "loadavg": tuple(load) if load else None,
+    }
+    return recorded, busy
 
 
 def measure_endpoint(
@@ -703,7 +708,7 @@ def measure_endpoint(
     quota_others = quota_others_cores(start, end)
     own = _own_wait_share(start, end, ANSWER_FLOOR_SHARE * wall * 1e9)
     own_over = own is not None and own > WAIT_SHARE_LIMIT
-    pressure, load, busy = _host_side(start, end, wall, others)
+    host, busy = _host_side(start, end, wall, others)
     if served is None:
         # the mask's rule off (waited=0.0): the others' cores include the server's own work
         over = own_over or is_overloaded(0.0, threads, limits, quota_others, waited=0.0)
@@ -743,10 +748,8 @@ def measure_endpoint(
     return HostLoad(
         cpus=limits.cpus,
         threads=threads,
-        seconds=wall,
         others_busy_cores=_rounded(others),
-        cpu_pressure=None if pressure is None else round(pressure, 3),
-        loadavg=tuple(load) if load else None,  # type: ignore[arg-type]
+        **host,
         overloaded=over,
         wait_share=_rounded(waited if served is not None else own),
         endpoint_busy_cores=_rounded(cores),
@@ -933,15 +936,13 @@ def measure(start: CpuSnapshot, end: CpuSnapshot, *, threads: int | None = None)
     limits = cpu_limits()
     wall = max(end.wall - start.wall, 1e-9)
     others = others_busy_cores(start, end)
-    pressure, load, busy = _host_side(start, end, wall, others)
+    host, busy = _host_side(start, end, wall, others)
     waited = wait_share(start, end)
     return HostLoad(
         cpus=limits.cpus,
         threads=threads,
-        seconds=wall,
         others_busy_cores=_rounded(others),
-        cpu_pressure=None if pressure is None else round(pressure, 3),
-        loadavg=tuple(load) if load else None,  # type: ignore[arg-type]
+        **host,
         overloaded=is_overloaded(busy, threads, limits, quota_others_cores(start, end), waited),
         wait_share=_rounded(waited),
     )

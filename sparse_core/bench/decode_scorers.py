@@ -313,22 +313,23 @@ def measure(
     model,
     tok,
     *,
-    scorers: Sequence[str] = DEFAULT_SCORERS,
-    budgets: Sequence[int] = DEFAULT_BUDGETS,
-    prompts: int = 12,
-    prompt_tokens: int | None = None,
-    new_tokens: int = 32,
-    page_size: int = DEFAULT_PAGE_SIZE,
+    scorers: Sequence[str],
+    budgets: Sequence[int],
+    prompts: int,
+    prompt_tokens: int | None,
+    new_tokens: int,
+    page_size: int,
     base=None,
-    texts: Sequence[str] | None = None,
-    texts_source: str = "the bundled corpus",
+    texts: Sequence[str] | None,
+    texts_source: str,
     say: Callable[[str], None] = lambda _m: None,
 ) -> dict[str, Any]:
     """Per-prompt fidelity of every (scorer, budget) plan on `prompts` windows packed from `texts`
-    (default: the bundled corpus, the packing `bench decode` cuts its window from; or a use case's own
+    (None: the bundled corpus, the packing `bench decode` cuts its window from; or a use case's own
     text); page_gate, when it is not in `base`, trains on the windows after them. `texts_source` names
     the texts in errors. `prompt_tokens` + `new_tokens` must fit the model's positions (ValueError);
-    None: 8,192 shortened to fit (`fit_cache_lengths`)."""
+    None: 8,192 shortened to fit (`fit_cache_lengths`). The benchmark's defaults are `run`'s, which
+    gives this every one."""
     from sparse_core.corpus import corpus_texts, pack_token_windows
     from sparse_core.decode.measure import as_paged, fidelity, prefill, run_decode
     from sparse_core.decode.page_gate import WINDOWS

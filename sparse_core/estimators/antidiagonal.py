@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from sparse_core.estimators import EstimatorContext
-from sparse_core.estimators.blocks import block_stride, num_blocks, softmax_scale
+from sparse_core.estimators.blocks import strided_shape
 
 DEFAULT_STRIDE = 16
 _ROW_CHUNK = 1024  # strided query rows per chunk at most; bounds memory at long contexts
@@ -26,14 +26,10 @@ def _rows_per_chunk(m: int, per_block: int) -> int:
 def antidiagonal_scores(
     q: torch.Tensor, k: torch.Tensor, ctx: EstimatorContext, *, stride: int | None = None
 ) -> torch.Tensor:
-    b, hq, s, d = q.shape
-    hkv = k.shape[1]
-    g = hq // hkv
-    bs = ctx.block_size
-    stride = block_stride("antidiagonal", stride, bs, DEFAULT_STRIDE)
-    n = num_blocks(s, bs)
+    b, hq, hkv, g, s, d, bs, stride, n, scale = strided_shape(
+        "antidiagonal", q, k, ctx, stride, DEFAULT_STRIDE
+    )
     sp = n * bs
-    scale = softmax_scale(ctx.scale, d)
     qf, kf = q, k
     if sp != s:
         qf = torch.nn.functional.pad(q, (0, 0, 0, sp - s))

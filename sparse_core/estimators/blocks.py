@@ -1,13 +1,16 @@
 """Block helpers the estimators share: block counts, per-block max / min / sum (also sparse decode's page
 summaries), the causal block mask, per-block mean pooling, the valid (non-padding) blocks of a batch,
-the softmax scale and the softmax over causal valid blocks."""
+the softmax scale and the softmax over causal valid blocks, and the shape of a strided estimator's call."""
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
+
+if TYPE_CHECKING:
+    from sparse_core.estimators import EstimatorContext
 
 
 def num_blocks(seq_len: int, block_size: int) -> int:
@@ -53,6 +56,37 @@ def block_stride(name: str, stride: int | None, block_size: int, default: int = 
     if block_size % stride:
         raise ValueError(f"{name} stride {stride} must divide the block size {block_size}")
     return stride
+
+
+class StridedShape(NamedTuple):
+    """A strided estimator's call (antidiagonal, sampled), in the names their code uses: q [b, hq, s, d],
+    k [b, hkv, s, d] with g = hq / hkv query heads to a KV head, the block size bs, the stride, the
+    block count n and the softmax scale."""
+
+    b: int
+    hq: int
+    hkv: int
+    g: int
+    s: int
+    d: int
+    bs: int
+    stride: int
+    n: int
+    scale: float
+
+
+def strided_shape(
+    name: str, q: torch.Tensor, k: torch.Tensor, ctx: EstimatorContext, stride: int | None, default: int
+) -> StridedShape:
+    """The shape of a strided estimator's call on q/k under `ctx`, its stride by `block_stride` (ValueError
+    naming the estimator when it does not divide the block size)."""
+    b, hq, s, d = q.shape
+    hkv = k.shape[1]
+    bs = ctx.block_size
+    stride = block_stride(name, stride, bs, default)
+    return StridedShape(
+        b, hq, hkv, hq // hkv, s, d, bs, stride, num_blocks(s, bs), softmax_scale(ctx.scale, d)
+    )
 
 
 def causal_block_mask(n: int, device: Any = None) -> torch.Tensor:

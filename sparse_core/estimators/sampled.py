@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from sparse_core.estimators import EstimatorContext
-from sparse_core.estimators.blocks import block_stride, num_blocks, softmax_scale
+from sparse_core.estimators.blocks import num_blocks, strided_shape
 
 DEFAULT_STRIDE = 16
 _CAUSAL_CHUNKS = 8  # at least this many query-block chunks, so ~(1 + 1/8) / 2 of the sampled QK^T is computed
@@ -35,14 +35,8 @@ def sampled_rows(seq_len: int, block_size: int, stride: int) -> tuple[torch.Tens
 def sampled_scores(
     q: torch.Tensor, k: torch.Tensor, ctx: EstimatorContext, *, stride: int | None = None
 ) -> torch.Tensor:
-    b, hq, s, d = q.shape
-    hkv = k.shape[1]
-    g = hq // hkv
-    bs = ctx.block_size
-    stride = block_stride("sampled", stride, bs, DEFAULT_STRIDE)
-    n = num_blocks(s, bs)
+    b, hq, hkv, g, s, d, bs, stride, n, scale = strided_shape("sampled", q, k, ctx, stride, DEFAULT_STRIDE)
     per_block = bs // stride
-    scale = softmax_scale(ctx.scale, d)
     rows, exists = (t.to(q.device) for t in sampled_rows(s, bs, stride))  # [n * per_block]
     # GQA: the query heads of a KV head stacked as rows against it (no K repeat)
     qs = (q[:, :, rows].float() * scale).view(b, hkv, g, n * per_block, d)

@@ -243,6 +243,24 @@ def test_a_timing_under_a_quota_on_a_half_busy_node_is_not_flagged(monkeypatch: 
     assert measure(a, busy, threads=4).overloaded  # the others kept 14 of 16 cores busy
 
 
+@pytest.mark.parametrize("endpoint", [False, True], ids=["measure", "measure_endpoint"])
+@pytest.mark.parametrize("load_avg", [[0.5, 0.25, 1.75], None], ids=["loadavg", "no-loadavg"])
+def test_a_timing_records_the_hosts_side_alike_in_process_and_for_an_endpoint(
+    monkeypatch: pytest.MonkeyPatch, endpoint: bool, load_avg: list[float] | None
+) -> None:
+    from sparse_core import host
+    from sparse_core.host import CLK_TCK, CpuSnapshot, measure, measure_endpoint
+
+    _quota_node(monkeypatch)
+    monkeypatch.setattr(host, "loadavg", lambda: load_avg)
+    a = CpuSnapshot(wall=0.0, busy_ticks=0, own_ticks=0, psi_some_us=0)
+    b = CpuSnapshot(wall=2.0, busy_ticks=int(7 * CLK_TCK / 3), own_ticks=0, psi_some_us=1_234_567)
+    load = measure_endpoint(a, b, None) if endpoint else measure(a, b, threads=1)
+    assert (load.seconds, load.cpu_pressure) == (2.0, 0.617)  # 1.23 s of 2 some task waited
+    assert load.others_busy_cores == round(int(7 * CLK_TCK / 3) / CLK_TCK / 2.0, 3)
+    assert load.loadavg == (None if load_avg is None else (0.5, 0.25, 1.75))
+
+
 def test_the_thread_policy_under_a_quota_uses_the_quota(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
