@@ -182,7 +182,8 @@ def flow_run_is_live(flow_run_id: str) -> bool:
 def use_case_lease(use_case: str, what: str) -> Iterator[str]:
     """`rollout.leases.holding` as a flow run takes it: named by this flow run, a holder Prefect ended
     seen gone at once (`flow_run_is_live`), and what a dead holder left running in Prefect marked Crashed
-    (flows.crashed_holder). Raises UseCaseBusy, naming the holder."""
+    (flows.crashed_holder). Outside a flow run (`pilot --observations`'s import, run in the CLI's process)
+    the same, the lease named by the process alone. Raises UseCaseBusy, naming the holder."""
     from flows.crashed_holder import crash_left_running
     from rollout import leases
 

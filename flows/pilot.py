@@ -22,15 +22,15 @@ from flows.arms import answer_with_arms
 from flows.common import (
     UseCaseContext,
     catch_up_logs,
-    flow_run_is_live,
     flow_task,
     load_context,
     log_run,
     sparsepilot_flow,
     stable_key,
     under_lease,
+    use_case_lease,
 )
-from rollout import audit, decisions, leases, pilot_batches, run_links, tracking
+from rollout import audit, decisions, pilot_batches, run_links, tracking
 from rollout.pilots import PilotStateError
 from rollout.spec import has_visible_text
 from rollout.validation import ARMS
@@ -89,8 +89,9 @@ def import_observations(
 ) -> dict[str, Any]:
     """`sparsepilot pilot NAME --observations FILE`: a database import (no model work), so the CLI runs
     it directly rather than as a flow run; `pilot_flow(observations_file=...)` calls it too. Under the use
-    case's lease, as a pilot run is (rollout.leases)."""
-    with leases.holding(use_case, "observations import", run_is_live=flow_run_is_live):
+    case's lease, taken as a flow run takes it (`flows.common.use_case_lease`: named by the flow run where
+    there is one, and what a dead holder left running in Prefect marked Crashed)."""
+    with use_case_lease(use_case, "observations import"):
         return _import_observations(
             use_case, path, external_assignment=external_assignment, actor=actor, pilot_anyway=pilot_anyway
         )

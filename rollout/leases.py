@@ -345,12 +345,15 @@ def acquire(
                 lease = UseCaseLease(use_case_id=uc.id)
                 session.add(lease)
             elif lease.holder not in (None, token):
-                why = _refuse_live(use_case, lease, token, ended_run, now)
-                log.warning("%s: the lease of %s %s; taking it over", use_case, lease.work, why)
+                why, was = (
+                    str(_refuse_live(use_case, lease, token, ended_run, now)),
+                    lease.work or "another run",
+                )
+                log.warning("%s", take_over_words(use_case, was, why, work, _utc(lease.expires_at) <= now))
                 dead = process_gone(lease.host, lease.pid) or (
                     ended_run is not None and lease.flow_run_id == ended_run
                 )
-                taken = TakenOver(use_case, lease.flow_run_id, lease.work or "another run", str(why), dead)
+                taken = TakenOver(use_case, lease.flow_run_id, was, why, dead)
             if lease.holder != token:
                 lease.acquired_at = now
             lease.holder, lease.work, lease.flow_run_id = token, work[:300], flow_run_id
@@ -363,6 +366,18 @@ def acquire(
             "for concurrent operation, docs/operations.md); try again when it has finished"
         ) from None
     return taken
+
+
+def take_over_words(use_case: str, holder: str, why: str, by: str, lapsed: bool) -> str:
+    """The warning of a run taking `use_case` over from `holder` (its work, host and pid or flow run, as
+    the refusal named it) whose lease no longer holds for `why` (`_gone`'s words: its process gone, its
+    flow run ended, or, `lapsed`, its lease lapsed), `by` being the run that takes it."""
+    if lapsed:  # maybe only stalled (another host's, a long pause): it may still try to write
+        return (
+            f"{use_case}: {holder} held the use case, but its lease {why}; {by} takes the use case over "
+            "now, and whatever that holder still writes is refused"
+        )
+    return f"{use_case}: {holder} held the use case, but {why}; {by} takes the use case over now"
 
 
 def _refuse_live(

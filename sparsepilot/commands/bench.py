@@ -110,7 +110,7 @@ def bench_dashboard(
     from rollout.redact import mask_db_url, redact
     from rollout.words import counted
     from sparse_core.host import HostLoadMeter, loadavg
-    from sparsepilot.console import err_console, fail, print_table
+    from sparsepilot.console import fail, print_table
 
     _at_least(("--use-cases", use_cases, 1), ("--observations", observations, 0), ("--repeats", repeats, 1))
     database_url = _bench_database_url(database_url, os.environ)
@@ -119,11 +119,9 @@ def bench_dashboard(
     if not database_url and (scratch / "state.db").exists():
         fail(f"{scratch / 'state.db'} exists: the benchmark needs an empty scratch home")
     load_before = loadavg()
-    if not json_out:
-        err_console.print(f"progress log: {Path(out).with_suffix('.log')}", highlight=False, soft_wrap=True)
     # the seeding and the renders run in this process; a PostgreSQL server's work counts among the others;
     # each step a line of the .log next to the JSON (`tail -f`), the console's bar showing it
-    with _progress_log(out) as log:
+    with _progress_log(out, say_where=not json_out) as log:
         log(f"dashboard benchmark: started ({use_cases} use cases, {observations:,} observations, "
             f"{counted(repeats, 'warm render')} a page, scratch home {scratch})")  # fmt: skip
         with Progress(transient=True) as bar, HostLoadMeter(threads=1) as meter:
@@ -471,7 +469,7 @@ def bench_quality(
 
         result = run_quality_bench(settings, progress=progress)
         _record_host(result, policy, log)
-    result["plot"] = str(Path(out).with_suffix(".png"))
+    result["plot"] = str(side_file(out, ".png"))
     if json_out:  # the JSON printed, then the files written: a write that fails loses no result
         emit_json(result)
         _write_with_plot(result, out, plot)
@@ -750,16 +748,35 @@ def _state_db_warning(result: dict, to_stderr: bool = False) -> None:
     _overload_warning({}, result["results"], what=TIMES, to_stderr=to_stderr)
 
 
+def side_file(out: str, suffix: str) -> Path:
+    """Where a benchmark's progress log (`.log`) or plot (`.png`) goes: beside --out, named as --out with
+    `suffix`, where --out is a regular file or none yet (a link is not followed); else in the home's logs
+    folder, named after --out (`--out /dev/full`: logs/full.log), so that a device, a pipe or a link such
+    as /dev/stdout never gets a file made beside it (/dev/full.log)."""
+    import stat
+
+    path = Path(out)
+    try:
+        beside = stat.S_ISREG(path.lstat().st_mode)
+    except OSError:  # none yet: the benchmark makes it (a path it cannot make, check_out refuses)
+        beside = True
+    if beside:
+        return path.with_suffix(suffix)
+    from rollout.settings import get_settings
+
+    return get_settings().home / "logs" / path.with_suffix(suffix).name
+
+
 def check_out(out: str) -> None:
     """--out, checked before any work (a benchmark can run for hours): a file path whose directory
-    exists or can be made and is writable, and whose JSON, PNG and .log names are not directories; else
+    exists or can be made and is writable, and whose PNG and .log (`side_file`) are not directories; else
     a one-line error and exit 2."""
     import os
 
     from sparsepilot.console import fail
 
     path = Path(out).absolute()
-    for p in (path, path.with_suffix(".png"), path.with_suffix(".log")):
+    for p in (path, side_file(out, ".png").absolute(), side_file(out, ".log").absolute()):
         if p.is_dir():
             fail(f"--out {out}: {p} is a directory; give a file path for the JSON")
         if p.exists() and not os.access(p, os.W_OK):
@@ -803,7 +820,7 @@ def _write_json(result: dict, out: str) -> Path:
 def _plot_path(result: dict, out: str) -> tuple[Path, Path]:
     """The JSON and PNG paths of a model benchmark, recorded in the result (``plot``) before the tables
     are printed, and the console widened for them; `_write_with_plot` writes both afterwards."""
-    png = Path(out).with_suffix(".png")
+    png = side_file(out, ".png")
     result["plot"] = str(png)
     _wide_console()
     return Path(out), png
@@ -1157,12 +1174,20 @@ def bench_decode_scorers(
 
 
 @contextmanager
-def _progress_log(out: str) -> Iterator[Callable[[str], None]]:
-    """A writer of timestamped progress lines to the .log next to the JSON: the console's bar is
-    transient and shows nothing when the output is piped, the log keeps every step of a long run."""
+def _progress_log(out: str, say_where: bool = False) -> Iterator[Callable[[str], None]]:
+    """A writer of timestamped progress lines to the .log next to the JSON (`side_file`): the console's
+    bar is transient and shows nothing when the output is piped, the log keeps every step of a long run.
+    Its path is said on stderr with `say_where`, and always where it is not beside --out."""
     import time
 
-    path = Path(out).with_suffix(".log")
+    from sparsepilot.console import err_console
+
+    path = side_file(out, ".log")
+    if path != Path(out).with_suffix(".log"):
+        where = f"{path} (--out {out} is not a regular file: nothing is written beside it)"
+        err_console.print(f"progress log: {where}", highlight=False, soft_wrap=True)
+    elif say_where:
+        err_console.print(f"progress log: {path}", highlight=False, soft_wrap=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as log:
 
@@ -1380,7 +1405,7 @@ def bench_gate(
     # library warnings to a log file (its path said unless --json), as the other benchmarks
     for_command("bench-gate", say_where=not json_out, flows=False)
     from rollout.gate.bench import excess_table, guardrail_table, nogo_table, simulation_table, time_decide
-    from sparsepilot.console import err_console, fail, print_table
+    from sparsepilot.console import fail, print_table
 
     _wide_console()
     _at_least(("--replications", replications, 1), ("--nogo-replications", nogo_replications, 1))
@@ -1391,11 +1416,8 @@ def bench_gate(
         fail(f"--rows: {rows!r} is not a comma-separated list of integers")
     if not sizes or min(sizes) < 4:
         fail("--rows: give at least one size of 4 rows or more")
-    log_path = Path(out).with_suffix(".log")
-    if not json_out:
-        err_console.print(f"progress log: {log_path}", highlight=False, soft_wrap=True)
     # each step a line of the .log next to the JSON (`tail -f`), the console's spinner or bar showing it
-    with _progress_log(out) as log:
+    with _progress_log(out, say_where=not json_out) as log:
         log("gate benchmark: started")
         with _spinner_in(log, "timing decide()") as progress:
             result: dict = {"decide": time_decide(sizes, repeats=repeats, progress=progress)}

@@ -112,3 +112,37 @@ def test_the_run_taking_over_a_dead_holders_use_case_crashes_what_it_left_runnin
     else:
         assert message.endswith(f": its flow run {runs['cycle']} has ended"), message
         assert state["cycle"].message == "Flow run process exited"  # the runner's word stays
+
+
+def test_an_observations_import_taking_over_crashes_what_the_dead_holder_left_running(
+    trust_env, prefect_harness, tmp_path
+) -> None:  # noqa: ANN001
+    """`sparsepilot pilot NAME --observations FILE` runs the import in the CLI's process, no flow run of
+    its own: it takes the lease as every run does (flows.common.use_case_lease), so a cycle killed
+    mid-pilot is marked Crashed by it too. (It took the lease through `rollout.leases.holding` directly
+    and left the dead cycle and its pilot "Running".) The take-over comes before the file is read: a use
+    case without a spec refuses the import after it."""
+    from prefect.client.orchestration import get_client
+
+    from flows.pilot import import_observations
+    from rollout import leases
+    from rollout.pilots import PilotStateError
+
+    _use_case()
+    with get_client(sync_client=True) as client:
+        runs = _killed_cycle(client, runner_crashed_it=False)
+        work = f"use-case cycle (flow run {runs['cycle']}) pid 4321 on {socket.gethostname()}"
+        leases.acquire(NAME, "killed", work, flow_run_id=str(runs["cycle"]), seconds=300)
+        _set_lease(pid=_dead_pid())
+        with pytest.raises(PilotStateError, match="has no spec version 1"):
+            import_observations(NAME, str(tmp_path / "answers.jsonl"))
+        state = {k: client.read_flow_run(v).state for k, v in runs.items()}
+    assert (state["cycle"].name, state["pilot"].name, state["approval"].name) == (
+        "Crashed",
+        "Crashed",
+        "Paused",
+    )
+    message = state["pilot"].message
+    assert message.startswith(f"{NAME}: this run stopped without ending; observations import, pid "), message
+    assert f"took the use case over from {work}: " in message and message.endswith(" is gone"), message
+    assert leases.busy_with(NAME) == "free"  # released as the import ended

@@ -81,9 +81,15 @@ def test_a_lapsed_lease_is_taken_over_and_its_holder_cannot_renew_or_release_it(
         leases.acquire(use_case, "next", "cycle", seconds=30)
     time.sleep(0.4)
     assert leases.busy_with(use_case) == "free"
+    expired = leases._utc(_lease_row(use_case)[6])
     with caplog.at_level(logging.WARNING, logger="rollout.leases"):
         leases.acquire(use_case, "next", "cycle", seconds=30)
-    assert "the lease of calibrate, pid 9 on gone lapsed" in caplog.text
+    # a plain sentence: whose lease, why it no longer holds, who takes over, and what happens to the holder
+    said = (
+        "leased: calibrate, pid 9 on gone held the use case, but its lease lapsed at {} without a release; "
+    )
+    said += "cycle takes the use case over now, and whatever that holder still writes is refused"
+    assert said.format(expired.isoformat(timespec="seconds")) in caplog.text, caplog.text
     assert leases.renew(use_case, "dead") is False
     leases.release(use_case, "dead")
     assert _lease_row(use_case)[0] == "next"
@@ -109,7 +115,8 @@ def test_a_holder_seen_gone_loses_the_use_case_at_once(
     assert leases.busy_with(use_case).startswith("calibrate, a process that dies")  # not lapsed
     with caplog.at_level(logging.WARNING, logger="rollout.leases"):
         leases.acquire(use_case, "next", "gate")
-    assert f"its process {dead_pid} on {socket.gethostname()} is gone; taking it over" in caplog.text
+    said = "leased: calibrate, a process that dies held the use case, but its process {} on {} is gone; gate "
+    assert said.format(dead_pid, socket.gethostname()) + "takes the use case over now" in caplog.text
 
     leases.acquire(use_case, "next", "gate", flow_run_id="run-1", seconds=300)  # this process: alive
     with pytest.raises(leases.UseCaseBusy):
@@ -122,7 +129,10 @@ def test_a_holder_seen_gone_loses_the_use_case_at_once(
 
     with caplog.at_level(logging.WARNING, logger="rollout.leases"):
         leases.acquire(use_case, "other", "pilot", run_is_live=ended)
-    assert asked == ["run-1"] and "its flow run run-1 has ended; taking it over" in caplog.text
+    said = (
+        "leased: gate held the use case, but its flow run run-1 has ended; pilot takes the use case over now"
+    )
+    assert asked == ["run-1"] and said in caplog.text, caplog.text
     assert _lease_row(use_case)[0] == "other"
 
 

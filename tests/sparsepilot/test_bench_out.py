@@ -6,6 +6,7 @@ printed before the files are written, so a write that fails late loses no result
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -61,16 +62,82 @@ def test_an_out_that_cannot_be_written_is_refused_before_any_work(
     assert res.exit_code == 2 and f"{png} is a directory" in res.output, res.output
 
 
+# what a progress log beside /dev/full would be: made in /dev (as root the old code made it there)
+BESIDE_DEV_FULL = Path("/dev/full.log")
+
+
 @pytest.fixture(scope="module")
-def import_to_dev_full() -> tuple[Result, Result]:
-    """`bench import --out /dev/full`, as a table and with --json: one real run each, shared by the two
+def dev_full_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The SPARSEPILOT_HOME of the `bench import --out /dev/full` runs (their progress log goes to its
+    logs folder)."""
+    return tmp_path_factory.mktemp("bench-home")
+
+
+@pytest.fixture(scope="module")
+def import_to_dev_full(dev_full_home: Path) -> Iterator[tuple[Result, Result]]:
+    """`bench import --out /dev/full`, as a table and with --json: one real run each, shared by the
     tests below (a run is a fresh process with a scratch home of its own, several seconds each).
-    /dev/full passes the --out check (a writable file) and every write to it fails (no space left)."""
+    /dev/full passes the --out check (a writable file) and every write to it fails (no space left).
+    A /dev/full.log an older build made is removed before and after (the runs must make none)."""
     if not Path("/dev/full").exists():
         pytest.skip("needs /dev/full (a write that fails: ENOSPC)")
-    table = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["bench", *BENCHES["import"], "--out", "/dev/full"])
-    as_json = CliRunner().invoke(app, ["bench", *BENCHES["import"], "--json", "--out", "/dev/full"])
-    return table, as_json
+    BESIDE_DEV_FULL.unlink(missing_ok=True)
+    env = {"SPARSEPILOT_HOME": str(dev_full_home)}
+    args = ["bench", *BENCHES["import"], "--out", "/dev/full"]
+    table = CliRunner(env={**env, "COLUMNS": "200"}).invoke(app, args)
+    as_json = CliRunner(env=env).invoke(app, [*args, "--json"])
+    yield table, as_json
+    BESIDE_DEV_FULL.unlink(missing_ok=True)
+
+
+def test_a_device_as_out_gets_no_file_beside_it(
+    import_to_dev_full: tuple[Result, Result], dev_full_home: Path
+) -> None:
+    """`--out /dev/full`: the progress log went beside it, to /dev/full.log, a file made in /dev; it goes
+    to the home's logs folder, where the run says it is, with or without --json."""
+    assert not BESIDE_DEV_FULL.exists()
+    log = dev_full_home / "logs" / "full.log"
+    said = f"progress log: {log} (--out /dev/full is not a regular file: nothing is written beside it)"
+    for res in import_to_dev_full:
+        assert said in res.stderr, res.stderr
+    lines = log.read_text().splitlines()
+    assert [ln[9:] for ln in lines if ln[9:].startswith("import benchmark:")] == [
+        "import benchmark: started",
+        "import benchmark: done",
+    ] * 2, lines
+
+
+@pytest.mark.parametrize("out", ["/dev/stdout", "results/r.json", "results/r"])
+def test_a_progress_log_and_plot_go_beside_a_file_out_and_to_the_logs_folder_otherwise(
+    out: str, sp_home, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:  # noqa: ANN001
+    """Every bench's progress log (`_progress_log`) and plot (`side_file`) go beside --out only where it
+    is a regular file or none yet, never beside a device or a link such as /dev/stdout (a /dev/stdout.log
+    the check makes, as root, is removed)."""
+    from sparsepilot.commands import bench
+
+    monkeypatch.chdir(tmp_path)
+    beside = Path(out).with_suffix(".log")
+    if out.startswith("/dev/") and (not Path(out).exists() or beside.exists()):
+        pytest.skip(f"needs {out} and no {beside}")
+    try:
+        bench.check_out(out)
+        with bench._progress_log(out) as log:
+            log("a step")
+        made_beside = beside.exists()
+    finally:
+        if out.startswith("/dev/"):
+            beside.unlink(missing_ok=True)
+    logs, said = sp_home.home / "logs", capsys.readouterr().err
+    if out.startswith("/dev/"):
+        assert not made_beside
+        assert (logs / "stdout.log").read_text().endswith(" a step\n")
+        assert said.startswith(f"progress log: {logs}/stdout.log (--out {out} is not a regular file"), said
+        assert bench.side_file(out, ".png") == logs / "stdout.png"
+    else:
+        assert beside.read_text().endswith(" a step\n") and said == ""  # said only with say_where
+        assert not logs.exists() or not any(logs.iterdir())
+        assert bench.side_file(out, ".png") == Path(out).with_suffix(".png")
 
 
 def test_a_write_that_fails_late_loses_no_result(import_to_dev_full: tuple[Result, Result]) -> None:
