@@ -187,22 +187,10 @@ NOGO_PER_LOOK = (8, 25, 50)
 
 def _nogo_cell(args: tuple[float, str, str, int, int, int]) -> dict[str, Any]:
     truth, design, scores, per_look, reps, seed = args
-    r = simulate(
-        NOGO_SETTINGS,
-        design=design,
-        scores=scores,
-        per_look=per_look,
-        looks=10,
-        truth=truth,
-        replications=reps,
-        seed=seed,
-        nogo=True,
-    )
+    cell = {"truth": truth, "design": design, "scores": scores, "per_look": per_look}
+    r = simulate(NOGO_SETTINGS, **cell, looks=10, replications=reps, seed=seed, nogo=True)
     return {
-        "truth": truth,
-        "design": design,
-        "scores": scores,
-        "per_look": per_look,
+        **cell,
         "nogo_look1": r.nogo_by_look[0],
         "nogo_look5": r.nogo_by_look[4],
         "nogo_look10": r.nogo_by_look[9],

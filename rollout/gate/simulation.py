@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -218,26 +218,20 @@ class _Tally:
         return other
 
 
-class _Simulation:
-    """`simulate`'s pilots of one cell, drawn from `seed` in chunks of `chunk_elements` values: a run of
-    n pilots is the full chunks that fit in n and one last, smaller chunk. The full chunks are judged once
-    and kept, so a larger run (`result` with a larger n) goes on from them; the last chunk is drawn from
-    a copy of the generator, so the next run draws that chunk again in full, as `simulate` would."""
+class _Pilots:
+    """The simulated pilots of one cell, drawn from `seed` in chunks of `chunk_elements` values, and what
+    they add up to: a run of n pilots is the full chunks that fit in n and one last, smaller chunk. The full
+    chunks are judged once and kept, so a larger run (`result` with a larger n) goes on from them; the last
+    chunk is drawn from a copy of the generator, so the next run draws that chunk again in full, as a fresh
+    run would. One draw order for `simulate` (`_Simulation`) and `simulate_coverage` (`_Coverage`), so the
+    same seed gives the same pilots; each judges a chunk (`_judge`) into its tally (`_tally`, with a
+    `copy`) and reads its result from the tally (`_result`)."""
 
-    def __init__(
-        self,
-        settings: GateSettings,
-        cell: dict,
-        seed: int,
-        chunk_elements: int,
-        *,
-        keep_runs=False,
-        nogo=False,
-    ) -> None:
-        self.settings, self.cell, self.keep_runs, self.nogo = settings, cell, keep_runs, nogo
-        self.model = SCORE_MODELS[cell["scores"]]
-        self.share = DESIGNS[cell["design"]]
-        self.units = requests(self.share, cell["per_look"], cell["looks"])
+    def __init__(self, settings: GateSettings, cell: dict, seed: int, chunk_elements: int) -> None:
+        self.settings, self.cell = settings, cell
+        self.model, self.share, self.units = _cell_pilots(
+            cell["design"], cell["scores"], cell["per_look"], cell["looks"]
+        )
         looks = cell["looks"]
         self.look_at = np.array([self.units * k // looks - 1 for k in range(1, looks + 1)])
         self.kw = prior(
@@ -246,9 +240,9 @@ class _Simulation:
         self.rng = np.random.default_rng(seed)
         self.per_chunk = max(1, chunk_elements // self.units)
         self.done = 0
-        self.tally = _Tally(looks)
+        self.tally = self._tally()
 
-    def result(self, replications: int) -> Result:
+    def result(self, replications: int) -> Any:
         if replications < self.done:
             raise ValueError(f"{replications} pilots: {self.done} are already judged")
         while replications - self.done >= self.per_chunk:
@@ -260,11 +254,44 @@ class _Simulation:
             self._judge(copy.deepcopy(self.rng), replications - self.done, tally)
         return self._result(tally, replications)
 
+    def _streams(self, rng: np.random.Generator, r: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """(stream, treated) of `r` pilots drawn from `rng` (`_pilot_streams`)."""
+        return _pilot_streams(self.model, self.share, rng, (r, self.units), self.cell["truth"])
+
+    def _tally(self) -> Any:
+        raise NotImplementedError
+
+    def _judge(self, rng: np.random.Generator, r: int, tally: Any) -> None:
+        raise NotImplementedError
+
+    def _result(self, tally: Any, replications: int) -> Any:
+        raise NotImplementedError
+
+
+class _Simulation(_Pilots):
+    """`simulate`'s pilots of one cell: the GO test's verdicts by look (and the futility test's, `nogo`)."""
+
+    def __init__(
+        self,
+        settings: GateSettings,
+        cell: dict,
+        seed: int,
+        chunk_elements: int,
+        *,
+        keep_runs=False,
+        nogo=False,
+    ) -> None:
+        self.keep_runs, self.nogo = keep_runs, nogo
+        super().__init__(settings, cell, seed, chunk_elements)
+
+    def _tally(self) -> _Tally:
+        return _Tally(self.cell["looks"])
+
     def _judge(self, rng: np.random.Generator, r: int, tally: _Tally) -> None:
         """Draw `r` pilots from `rng` and add their verdicts to `tally`."""
         s, look_at, kw, units = self.settings, self.look_at, self.kw, self.units
         m0 = -s.margin
-        stream, treated = _pilot_streams(self.model, self.share, rng, (r, units), self.cell["truth"])
+        stream, treated = self._streams(rng, r)
         lam = two_sided_bets(stream, m0, **kw, sides=("lower", "upper") if self.nogo else ("lower",))
         go = _crossed_by_look(log_capital(stream, lam["lower"], m0, "lower"), look_at, s.alpha_go)
         tally.go += go.sum(axis=0)
@@ -297,39 +324,36 @@ class _Simulation:
         )
 
 
-def _pilot_chunks(
-    model: ScoreModel,
-    share: float | None,
-    units: int,
-    truth: float,
-    replications: int,
-    seed: int,
-    chunk_elements: int,
-) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
-    """`replications` simulated pilots of `units` requests, drawn from `seed` in chunks of about
-    `chunk_elements` values: (pilots in the chunk, stream, treated) as `_pilot_streams` gives them. One
-    draw order for `simulate` (`_Simulation`) and `simulate_coverage`, so the same seed gives the same
-    pilots."""
-    rng = np.random.default_rng(seed)
-    per_chunk = max(1, chunk_elements // units)
-    done = 0
-    while done < replications:
-        r = min(per_chunk, replications - done)
-        yield (r, *_pilot_streams(model, share, rng, (r, units), truth))
-        done += r
+def _cell_pilots(design: str, scores: str, per_look: int, looks: int) -> tuple[ScoreModel, float | None, int]:
+    """A cell's score model, treatment share (None: a shadow step) and requests per simulated pilot."""
+    share = DESIGNS[design]
+    return SCORE_MODELS[scores], share, requests(share, per_look, looks)
+
+
+def _pilot_scores(
+    model: ScoreModel, share: float | None, rng: np.random.Generator, shape: tuple[int, int], truth: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(control, sparse, treated) of `shape` simulated pilots in arrival order, the one draw order of every
+    simulator of the gate's grid: both arms' scores per request in a shadow step (share None; treated
+    None); in a split step the sparse arm's score where the request went to it, the control's elsewhere."""
+    q = model.control(rng, shape)
+    if share is None:
+        return q, model.degrade(rng, q, truth), None
+    treated = rng.random(shape) < share
+    sparse = q.copy()
+    sparse[treated] = model.degrade(rng, q[treated], truth)
+    return q, sparse, treated
 
 
 def _pilot_streams(
     model: ScoreModel, share: float | None, rng: np.random.Generator, shape: tuple[int, int], truth: float
-):
+) -> tuple[np.ndarray, np.ndarray | None]:
     """(stream, treated) of `shape` simulated pilots as `decide` builds the quality stream: the paired
     difference in a shadow step (share None; treated None), the inverse-propensity stream in a split one."""
-    q = model.control(rng, shape)
-    if share is None:
-        return paired_stream(model.degrade(rng, q, truth) - q), None
-    treated = rng.random(shape) < share
-    q[treated] = model.degrade(rng, q[treated], truth)
-    return ipw_stream(q, treated, share), treated
+    control, sparse, treated = _pilot_scores(model, share, rng, shape, truth)
+    if treated is None:
+        return paired_stream(sparse - control), None
+    return ipw_stream(sparse, treated, share), treated
 
 
 def _crossed_by_look(logk: np.ndarray, look_at: np.ndarray, alpha: float) -> np.ndarray:
@@ -433,32 +457,55 @@ def simulate_coverage(
     so it lies above the truth at some look of the step exactly when the capital at m = truth crossed
     log(1 / alpha_go) by the last look; the upper end likewise. The pilots are `simulate`'s (same seed,
     same draws): `draw_pilot` replays one through `decide`."""
-    model = SCORE_MODELS[scores]
-    share = DESIGNS[design]
-    units = requests(share, per_look, looks)
-    kw = prior(settings, "paired" if share is None else "split", 0.5 if share is None else share)
-    m0 = -settings.margin
-    low: list[np.ndarray] = []
-    high: list[np.ndarray] = []
-    for _, stream, _ in _pilot_chunks(model, share, units, truth, replications, seed, chunk_elements):
-        lam = two_sided_bets(stream, m0, **kw)
-        low.append(rejects(stream, truth, "lower", settings.alpha_go, lam=lam["lower"], **kw)[0])
-        high.append(rejects(stream, truth, "upper", settings.alpha, lam=lam["upper"], **kw)[0])
-    lo, hi = np.concatenate(low), np.concatenate(high)
-    missed = int((lo | hi).sum())
-    return CoverageResult(
-        design,
-        scores,
-        per_look,
-        looks,
-        truth,
-        replications,
-        missed / replications,
-        clopper_pearson_upper(missed, replications),
-        float(lo.mean()),
-        float(hi.mean()),
-        tuple(bool(x) for x in lo | hi) if keep_runs else (),
-    )
+    cell = {"design": design, "scores": scores, "per_look": per_look, "looks": looks, "truth": truth}
+    return _Coverage(settings, cell, seed, chunk_elements, keep_runs=keep_runs).result(replications)
+
+
+class _Misses:
+    """What the pilots judged so far add up to (`simulate_coverage`'s), per chunk in draw order: whether
+    each pilot's interval had its lower end above the truth at some look, its upper end below it."""
+
+    def __init__(self) -> None:
+        self.low: list[np.ndarray] = []
+        self.high: list[np.ndarray] = []
+
+    def copy(self) -> _Misses:
+        other = _Misses()
+        other.low, other.high = list(self.low), list(self.high)
+        return other
+
+
+class _Coverage(_Pilots):
+    """`simulate_coverage`'s pilots of one cell: whether the interval `decide` reports missed the truth."""
+
+    def __init__(
+        self, settings: GateSettings, cell: dict, seed: int, chunk_elements: int, *, keep_runs: bool
+    ) -> None:
+        self.keep_runs = keep_runs
+        super().__init__(settings, cell, seed, chunk_elements)
+
+    def _tally(self) -> _Misses:
+        return _Misses()
+
+    def _judge(self, rng: np.random.Generator, r: int, tally: _Misses) -> None:
+        s, kw, truth = self.settings, self.kw, self.cell["truth"]
+        stream, _ = self._streams(rng, r)
+        lam = two_sided_bets(stream, -s.margin, **kw)
+        tally.low.append(rejects(stream, truth, "lower", s.alpha_go, lam=lam["lower"], **kw)[0])
+        tally.high.append(rejects(stream, truth, "upper", s.alpha, lam=lam["upper"], **kw)[0])
+
+    def _result(self, tally: _Misses, replications: int) -> CoverageResult:
+        lo, hi = np.concatenate(tally.low), np.concatenate(tally.high)
+        missed = int((lo | hi).sum())
+        return CoverageResult(
+            **self.cell,
+            replications=replications,
+            missed=missed / replications,
+            missed_upper95=clopper_pearson_upper(missed, replications),
+            lower_above=float(lo.mean()),
+            upper_below=float(hi.mean()),
+            missed_runs=tuple(bool(x) for x in lo | hi) if self.keep_runs else (),
+        )
 
 
 def draw_pilot(
@@ -467,17 +514,11 @@ def draw_pilot(
     """One simulated pilot as `simulate` draws it with replications=1 and the same seed: the control
     scores, the sparse scores (paired: per request; split: NaN where the request went to control) and
     the treatment flags, in arrival order. Lets a test replay a simulated pilot through `decide`."""
-    model = SCORE_MODELS[scores]
-    share = DESIGNS[design]
-    units = requests(share, per_look, looks)
-    rng = np.random.default_rng(seed)
-    q = model.control(rng, (1, units))
-    if share is None:
-        return q[0], model.degrade(rng, q, truth)[0], np.ones(units, bool)
-    treated = rng.random((1, units)) < share
-    sparse = q.copy()
-    sparse[treated] = model.degrade(rng, q[treated], truth)
-    return np.where(treated, np.nan, q)[0], np.where(treated, sparse, np.nan)[0], treated[0]
+    model, share, units = _cell_pilots(design, scores, per_look, looks)
+    control, sparse, treated = _pilot_scores(model, share, np.random.default_rng(seed), (1, units), truth)
+    if treated is None:
+        return control[0], sparse[0], np.ones(units, bool)
+    return np.where(treated, np.nan, control)[0], np.where(treated, sparse, np.nan)[0], treated[0]
 
 
 # ---------------------------------------------------------------- the excess-over-control guardrail
