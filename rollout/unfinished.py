@@ -125,13 +125,10 @@ def unfinished_in(session: Any, uc: UseCase) -> Unfinished | None:
     pilot = None if latest_pilot is None else session.get(Pilot, latest_pilot)
     if uc.phase in ("promoted", "rolled_back") or pilot is None or pilot.status not in LIVE_PILOT:
         return None
+    from rollout.decisions import newest_decision
+
     # the pilot's newest gate decision only: a later look (its GO waiting now) outranks an older one
-    latest = session.scalar(
-        select(GateDecision)
-        .where(GateDecision.pilot_id == pilot.id, GateDecision.kind == "gate")
-        .order_by(GateDecision.id.desc())
-        .limit(1)
-    )
+    latest = newest_decision(session, pilot.id, "gate")
     if latest is None or latest.resolution not in ("approved", "rejected"):
         return None
     if latest.resolution == "rejected":
