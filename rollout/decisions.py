@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from sqlalchemy import select
+
 from rollout import approvals, audit, champion, lifecycle, pilots, registry
 from rollout.db.models import GateDecision, Pilot, PilotStep, UseCase
 from rollout.db.session import session_scope
@@ -504,3 +506,14 @@ def latest_waiting(use_case: str) -> int | None:
     with session_scope() as session:
         pending = pilots.pending_decisions(session, pilots.get_use_case(session, use_case))
         return pending[-1].id if pending else None
+
+
+def newest_decision(session: Any, pilot_id: int, kind: str) -> GateDecision | None:
+    """The pilot's newest decision of `kind` ("gate": its latest look, which outranks an older one;
+    "monitor": the champion's last look), or None."""
+    return session.scalar(
+        select(GateDecision)
+        .where(GateDecision.pilot_id == pilot_id, GateDecision.kind == kind)
+        .order_by(GateDecision.id.desc())
+        .limit(1)
+    )

@@ -30,6 +30,7 @@ from rollout.db.models import (
     as_utc,
 )
 from rollout.db.session import session_scope
+from rollout.decisions import newest_decision
 from rollout.gate.spending import DEFAULT_ALPHA
 from rollout.pilots import (
     ACTIVE_PILOT,
@@ -765,12 +766,7 @@ def monitor_state(session: Session, use_case_id: int) -> dict[str, Any] | None:
     pilot = promoted_pilot(session, uc) if uc is not None else None
     if pilot is None:
         return None
-    look = session.scalar(
-        select(GateDecision)
-        .where(GateDecision.pilot_id == pilot.id, GateDecision.kind == "monitor")
-        .order_by(GateDecision.id.desc())
-        .limit(1)
-    )
+    look = newest_decision(session, pilot.id, "monitor")
     skip = session.scalar(
         select(AuditEntry)
         .where(

@@ -125,13 +125,10 @@ def unfinished_in(session: Any, uc: UseCase) -> Unfinished | None:
     pilot = None if latest_pilot is None else session.get(Pilot, latest_pilot)
     if uc.phase in ("promoted", "rolled_back") or pilot is None or pilot.status not in LIVE_PILOT:
         return None
+    from rollout.decisions import newest_decision
+
     # the pilot's newest gate decision only: a later look (its GO waiting now) outranks an older one
-    latest = session.scalar(
-        select(GateDecision)
-        .where(GateDecision.pilot_id == pilot.id, GateDecision.kind == "gate")
-        .order_by(GateDecision.id.desc())
-        .limit(1)
-    )
+    latest = newest_decision(session, pilot.id, "gate")
     if latest is None or latest.resolution not in ("approved", "rejected"):
         return None
     if latest.resolution == "rejected":
@@ -279,23 +276,12 @@ def refuse_while_applied(
     what, done = _IN_WORDS[pending.action]
     run = carried_out_by_run(session, pending, now)
     if run is not None:
-        by = (run[1] + STALLED_AFTER).strftime("%H:%M UTC")
-        raise registry.MoveInProgress(
-            f"{pending.use_case}: {signer}'s {what} (decision {pending.decision_id}) is being carried out by "
-            f"its approval run {run[0]}, which took it up at {run[1]:%H:%M:%S} UTC; nothing was recorded. "
-            f"Look again in a moment: the use case is then {done}; if it is not by {by} (the run stalled), "
-            f"`{pending.finish_command()}` finishes it"
-        )
+        doing = f"carried out by its approval run {run[0]}, which took it up"
+        raise _at_work(pending, signer, doing, run[1], stalled=" (the run stalled)")
     if not pending.applied_directly_now(now, APPLY_GRACE):  # read now: a test sets it
         claim = claimed_now(session, pending, now)
         if claim is not None:
-            by = (claim[1] + STALLED_AFTER).strftime("%H:%M UTC")
-            raise registry.MoveInProgress(
-                f"{pending.use_case}: {signer}'s {what} (decision {pending.decision_id}) is being finished "
-                f"by {claim[0]}, who claimed it at {claim[1]:%H:%M:%S} UTC; nothing was recorded. Look again "
-                f"in a moment: the use case is then {done}; if it is not by {by}, "
-                f"`{pending.finish_command()}` finishes it"
-            )
+            raise _at_work(pending, signer, f"finished by {claim[0]}, who claimed it", claim[1])
         _claim_from_run(session, pending, claim_for)
         return
     by = (_aware(pending.decided_at) + APPLY_GRACE).strftime("%H:%M UTC")
@@ -313,6 +299,21 @@ _IN_WORDS = {
     "reject": ("rejection", "stopped"),
     "keep": ("rejection of the rollback", "promoted"),
 }
+
+
+def _at_work(
+    pending: Unfinished, signer: str, doing: str, since: dt.datetime, *, stalled: str = ""
+) -> registry.MoveInProgress:
+    """`refuse_while_applied`'s refusal where someone is at work on the decision since `since` (its
+    approval run took it up, or a finisher claimed it): `doing` says who and how, and the decision's own
+    command finishes it once `STALLED_AFTER` has passed (`stalled`: why, where it is said)."""
+    what, done = _IN_WORDS[pending.action]
+    by = (since + STALLED_AFTER).strftime("%H:%M UTC")
+    return registry.MoveInProgress(
+        f"{pending.use_case}: {signer}'s {what} (decision {pending.decision_id}) is being {doing} at "
+        f"{since:%H:%M:%S} UTC; nothing was recorded. Look again in a moment: the use case is then {done}; "
+        f"if it is not by {by}{stalled}, `{pending.finish_command()}` finishes it"
+    )
 
 
 def _claim_from_run(session: Any, pending: Unfinished, by: str | None) -> None:
