@@ -607,3 +607,80 @@ def test_a_monitors_rollback_a_persons_superseded_leaves_no_failed_move(use_case
         f"superseded by rollback {by_hand} before its move took effect" in moves[f"rollback:{mon}"]["error"]
     )
     assert (unfinished.unfinished_of(name), _pilots(name)[1]) == (None, ["1"])
+
+
+# a pilot's control arm pointed at a served endpoint (docs/serving.md): the champion's, say
+CONTROL_ENDPOINT = {"arms": {"control": {"kind": "mlflow", "url": "http://127.0.0.1:5001"}}}
+
+
+def _held_promotion(name: str, info: dict[str, Any], second: int, monkeypatch) -> int:  # noqa: ANN001
+    """Pilot 2's GO signed by alice (no alarm waited), then the monitor's alarm about pilot 1's champion
+    recorded before the promotion's effect ran: the promotion held, nothing moved. The alarm's id."""
+    from rollout import approvals
+    from rollout.approvals import signing
+
+    alarms: list[int] = []
+    effect = signing.apply_decision
+
+    def alarm_then_effect(decision_id: int, payload: Any, **kw: Any) -> Any:
+        alarms.append(_alarm(name, info))
+        return effect(decision_id, payload, **kw)
+
+    monkeypatch.setattr(signing, "apply_decision", alarm_then_effect)
+    with pytest.raises(approvals.PromotionHeld):
+        approvals.approve(second, _identity(ALICE), "pilot 2 passed")
+    monkeypatch.setattr(signing, "apply_decision", effect)
+    return alarms[0]
+
+
+@pytest.mark.parametrize("trust_db", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("begun", ["held", "failed"])
+def test_a_promotion_measured_against_the_champions_endpoint_is_not_promoted_over_another(
+    use_case, monkeypatch, begun
+) -> None:  # noqa: ANN001
+    """Pilot 2's control arm is a served endpoint (the champion's, `serve-model --alias champion`): its GO
+    says v3 is no worse than v2. The monitor's alarm about v2 is approved (v2 -> v1) while the promotion is
+    held (no move recorded) or its move failed. It was promoted over v1 "as signed", the rule of a dense
+    control: v3 went to production measured only against the champion just rolled back. Now it is not
+    promoted: its move (if any) superseded, pilot 2 and the use case stopped for `pilot --again`, the
+    portfolio, `promote`'s result and the audit log saying why."""
+    from rollout import approvals, registry, unfinished
+    from rollout.db.models import AuditEntry
+    from rollout.db.session import session_scope
+
+    name = use_case(rollback="manual", pilot=CONTROL_ENDPOINT)
+    if begun == "held":
+        info = _promoted(name)
+        second = _pilot_with_decision(name, "GO", "approval", key="second", tau=0.8)
+        alarm = _held_promotion(name, info, second, monkeypatch)
+    else:
+        info, second = _failed_promotion(name, monkeypatch)
+        alarm = _alarm(name, info)
+    assert approvals.approve(alarm, _identity(BOB), "bad rows").took_effect  # v2 -> v1
+    said = (
+        "the champion changed since the GO was signed (v2 served then, v1 serves now), and the pilot's "
+        "control arm was the mlflow endpoint http://127.0.0.1:5001, not the dense model: the GO was "
+        "measured against what it served then (v2, the champion of its time), so it is not promoted"
+    )
+    assert unfinished.unfinished_of(name).champion_changed == said  # what finishing it will do
+    monkeypatch.setattr(unfinished, "APPLY_GRACE", unfinished.APPLY_GRACE * 0)
+    u = unfinished.claim_to_finish(name, "sparsepilot-pipeline")  # what the cycle's finisher runs
+    done = approvals.apply_promotion(
+        second, u.approval_id, reason="finish", finished_by="sparsepilot-pipeline"
+    )
+    assert (done["action"], done["alias_moves"]) == ("superseded", [])
+    assert done["reason"].startswith(
+        f"decision {second}'s promotion was approved but is not carried out: {said}"
+    )
+    assert f"`sparsepilot pilot {name} --again --reason TEXT`" in done["reason"]
+    rows, champions, promoted, _ = _pilots(name)
+    assert (champions, registry.current_aliases(name)["champion"], promoted) == (["1"], "1", None)
+    assert (rows[-1], _phase(name)) == ((2, "stopped", "3"), "stopped")
+    assert [m[3] for m in _champion_moves(name) if m[0] == f"promote:{second}"] == (
+        ["superseded"] if begun == "failed" else []
+    )
+    assert unfinished.unfinished_of(name) is None
+    assert f"sparsepilot pilot {name} --again --reason TEXT" in _waits(name)
+    with session_scope() as s:
+        audited = s.scalar(select(AuditEntry.details).where(AuditEntry.action == "promotion.superseded"))
+    assert (audited["signed_over"], audited["serving"], audited["decision_id"]) == ("2", "1", second)
