@@ -340,6 +340,16 @@ def test_an_alarm_recorded_after_the_gos_signature_holds_its_promotion(use_case,
     assert _pilots(name)[1:3] == (["1"], None)
     pending = unfinished.unfinished_of(name)  # the signed promotion, finished now, over v1 (P2: said)
     assert (pending.action, pending.champion_changed) == ("promote", _changed("2", "1"))
+    # in its signer's grace nobody carries it out (the signer was refused, held; the cycle waits for the
+    # grace): the portfolio said "being carried out now"; it says when and by what it is finished
+    decided, signed = _signed_at(alarm), _signed_at(second)
+    assert _waits(name) == (
+        f"the promotion to be finished (approved by alice; {_changed('2', '1')}; held while the monitor's "
+        f"alarm about the champion waited, decided at {decided:%H:%M} UTC; not in effect): by the scheduled "
+        f"cycle's first run from {signed + unfinished.APPLY_GRACE:%H:%M} UTC (its signer's grace), or "
+        f"`sparsepilot promote {name} --decision {second}` from then"
+    )
+    assert (pending.held_until, pending.finish_from) == (decided, signed + unfinished.APPLY_GRACE)
     monkeypatch.setattr(unfinished, "APPLY_GRACE", unfinished.APPLY_GRACE * 0)  # its signer gave up
     approval_id = approvals.unfinished_promotion(second, by="carol")
     assert approval_id is not None
@@ -465,6 +475,20 @@ def test_a_failed_promotion_is_not_finished_over_the_champions_alarm(use_case, m
     rows, champions, promoted, _ = _pilots(name)
     assert (champions, promoted, registry.current_aliases(name)["champion"]) == (["1"], None, "1")
     assert rows == [(1, "rolled_back", "2"), (2, "awaiting_approval", "3")]
+
+
+def _signed_at(decision_id: int) -> Any:
+    """When decision `decision_id`'s newest signature was recorded (UTC)."""
+    from rollout.db.models import Approval, as_utc
+    from rollout.db.session import session_scope
+
+    with session_scope() as s:
+        at = s.scalar(
+            select(Approval.created_at)
+            .where(Approval.decision_id == decision_id)
+            .order_by(Approval.id.desc())
+        )
+        return as_utc(at)
 
 
 def _changed(then: str, now: str) -> str:
