@@ -213,8 +213,17 @@ def apply_promotion(
                         "why": change.words(),
                     },
                 )
+            signed_at = session.get(Approval, approval_id).created_at
+            spec_changed = finished_by and promotion_moves.spec_changed_since(session, d, signed_at)
             _finisher(
-                session, d, finished_by, said, action="promote", approval_id=approval_id, signer=who.name
+                session,
+                d,
+                finished_by,
+                said,
+                action="promote",
+                approval_id=approval_id,
+                signer=who.name,
+                spec_changed=spec_changed or None,
             )
     out = {
         "action": "promoted",
@@ -617,13 +626,18 @@ def _finisher(
     action: str,
     approval_id: int | None,
     signer: str,
+    spec_changed: str | None = None,
 ) -> None:
     """Who finished a decided effect that did not complete (its signer's run died, or MLflow was down),
     in the effect's last transaction: an `approval.finished` audit entry under their name with their
-    reason. The moves stay the signer's (their approval is what they carry out)."""
+    reason. The moves stay the signer's (their approval is what they carry out). `spec_changed`: a
+    promotion's plan left uncalibrated by a spec version that arrived after the signature
+    (`promotion_moves.spec_changed_since`), said in the entry."""
     if finished_by is None:
         return
     details = {"decision": d.id, "action": action, "approval_id": approval_id, "signed_by": signer}
+    if spec_changed is not None:
+        details["spec_changed"] = spec_changed
     audit.record(session, finished_by, "approval.finished", on=d, details={**details, "reason": reason})
 
 

@@ -168,3 +168,29 @@ def champion_change(session: Any, d: GateDecision) -> ChampionChange | None:
     if then == now:
         return None
     return ChampionChange(then[0] if then else None, now[0] if now else None, pilot_control(session, d))
+
+
+def spec_changed_since(session: Any, d: GateDecision, signed_at: Any) -> str | None:
+    """Where a spec version that changed what calibration reads arrived after the GO's signature at
+    `signed_at` (the plan not calibrated under the current version: `runs.plan_not_calibrated`), the fact
+    in words for the finisher's audit entry: "spec changed since approval: v1 -> v2 (quality_budget.kl):
+    the plan was not calibrated under v2; carried out as signed". The promotion is carried out all the same
+    (the signature stands; the rule refuses signing, not finishing); None where nothing such changed."""
+    from rollout import runs
+    from rollout.db.models import Pilot, SpecVersion, UseCase
+
+    uc = session.get(UseCase, d.use_case_id)
+    pilot = session.get(Pilot, d.pilot_id)
+    stale = None if pilot is None else runs.plan_not_calibrated(session, uc, pilot.model_version_id)
+    if stale is None:
+        return None
+    versions = session.execute(
+        select(SpecVersion.version, SpecVersion.created_at).where(SpecVersion.use_case_id == uc.id)
+    ).all()
+    then = max((v for v, at in versions if as_utc(at) <= as_utc(signed_at)), default=stale.calibrated_under)
+    if then == stale.version:
+        return None
+    return (
+        f"spec changed since approval: v{then} -> v{stale.version} ({', '.join(stale.fields)}): the plan was "
+        f"not calibrated under v{stale.version}; carried out as signed"
+    )

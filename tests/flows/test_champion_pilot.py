@@ -708,3 +708,58 @@ def test_a_promotion_measured_against_the_champions_endpoint_is_not_promoted_ove
     with session_scope() as s:
         audited = s.scalar(select(AuditEntry.details).where(AuditEntry.action == "promotion.superseded"))
     assert (audited["signed_over"], audited["serving"], audited["decision_id"]) == ("2", "1", second)
+
+
+@pytest.mark.parametrize("trust_db", ["sqlite"], indirect=True)
+def test_a_promotion_finished_after_a_new_budget_says_so_in_its_audit_entry(
+    use_case, monkeypatch, tiny_model_dir, pilot_dataset, tmp_path
+) -> None:  # noqa: ANN001
+    """Pilot 1's GO approved while MLflow was down (its move failed), then spec v2 tightens the KL budget
+    its plan was calibrated for under v1. The promotion is still carried out (the signature stands; the
+    calibration rule refuses signing, not finishing), but the finisher's `approval.finished` entry said
+    nothing of v2: the trail read as a plan promoted within the current budget. It says so now."""
+    import yaml
+    from mlflow import MlflowClient
+
+    from rollout import approvals, registry
+    from rollout.db.models import AuditEntry, CalibrationRun, Pilot, UseCase
+    from rollout.db.session import session_scope
+    from rollout.usecases import add_usecase
+    from tests.fixtures.flows import tiny_spec
+
+    name = use_case(rollback="manual")
+    first = _pilot_with_decision(name, "GO", "approval")
+    with session_scope() as s:  # its plan calibrated under v1, as the calibrate flow records it
+        uc = s.scalar(select(UseCase).where(UseCase.name == name))
+        mv = s.scalar(select(Pilot.model_version_id).where(Pilot.use_case_id == uc.id))
+        s.add(
+            CalibrationRun(
+                idempotency_key="cal:v1",
+                use_case_id=uc.id,
+                spec_version=1,
+                model_version_id=mv,
+                status="succeeded",
+            )
+        )
+    real = MlflowClient.set_registered_model_alias
+
+    def down(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        raise ConnectionError("tracking server unreachable")
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", down)
+    with pytest.raises(registry.RegistryError, match="unreachable"):
+        approvals.approve(first, _identity(ALICE), "pilot 1 passed")
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", real)
+    spec = tiny_spec(tiny_model_dir, name, dataset_file=pilot_dataset, rollback="manual")
+    spec["quality_budget"]["kl"] = spec["quality_budget"]["kl"] / 10
+    (tmp_path / "v2.yaml").write_text(yaml.safe_dump(spec))
+    add_usecase(tmp_path / "v2.yaml", actor="test-owner", new_version=True)
+    approval_id = approvals.unfinished_promotion(first, by="carol")  # `promote --decision`, carol's
+    done = approvals.apply_promotion(first, approval_id, reason="MLflow is back", finished_by="carol")
+    assert (done["action"], done["done"]) == ("promoted", True)
+    with session_scope() as s:
+        finished = s.scalar(select(AuditEntry.details).where(AuditEntry.action == "approval.finished"))
+    assert finished["spec_changed"] == (
+        "spec changed since approval: v1 -> v2 (quality_budget.kl): the plan was not calibrated under v2; "
+        "carried out as signed"
+    ), finished
