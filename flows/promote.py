@@ -79,6 +79,9 @@ def promote_flow(
     with `reason` (rollout.approvals.effects)."""
     result = promote_task(decision_id, approval_id, reason, finished_by)
     log_alias_event(decision_id, result, "promote", actor)
+    if result.get("action") == "superseded":  # measured against a champion no longer serving
+        get_run_logger().warning("decision %s: not promoted: %s", decision_id, result["reason"])
+        return result
     get_run_logger().info("decision %s: promoted (%s)", decision_id, result.get("alias_moves"))
     if result.get(
         "champion_changed"

@@ -4,7 +4,10 @@ challenger piloting, a NO-GO of it, or a rollback to the champion before leave a
 production). A champion of ours serves when the promoted pilot (`pilots.promoted_pilot`) is the one whose
 model version the champion alias points at (`registry.champions`' top; a rollback of it returns to the
 entry under it). A rollback moves the phase only where the phase is the champion's (`phase_is_champions`):
-a pilot running meanwhile goes on (its control arm is the dense model, never the champion)."""
+a pilot running meanwhile goes on (its control arm is by default the dense model in its own process,
+never the champion; one the spec points at a served endpoint, the champion's maybe, answers with what that
+endpoint serves, and its GO is not promoted over a champion that changed since it was signed:
+`approvals.promotion_moves`)."""
 
 from __future__ import annotations
 

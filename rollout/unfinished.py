@@ -61,6 +61,11 @@ class Unfinished:
     # a promotion whose champion changed since its GO was signed: what finishing it does, in words
     # (`approvals.promotion_moves.champion_change`: promoted over the champion serving now)
     champion_changed: str | None = None
+    # a promotion held while the monitor's alarm about the champion waited (`approvals.promotion_held`),
+    # the alarm decided since: when it was decided, and from when the automation finishes the promotion
+    # (`held_finish_from`); nobody carries it out before (its signer's process was refused, held)
+    held_until: dt.datetime | None = None
+    finish_from: dt.datetime | None = None
 
     @property
     def automatic(self) -> bool:
@@ -189,6 +194,13 @@ def waits_words(pending: dict[str, Any]) -> str:
         what = "the monitor's automatic rollback"
     if pending.get("champion_changed"):
         who += f"{pending['champion_changed']}; "
+    if pending.get("held_until") and not pending.get("stalled"):  # nobody is carrying it out yet
+        return (
+            f"{what} to be finished ({who}held while the monitor's alarm about the champion waited, decided "
+            f"at {_aware(pending['held_until']):%H:%M} UTC; not in effect): by the scheduled cycle's first "
+            f"run from {_aware(pending['finish_from']):%H:%M} UTC (its signer's grace), or "
+            f"`{pending['command'].removesuffix(' --reason ...')}` from then"
+        )
     if not pending.get("stalled"):
         return f"{what} to complete ({who}being carried out now)"
     return f"{what} to be finished ({who}not in effect): {pending['command'].removesuffix(' --reason ...')}"
@@ -471,6 +483,9 @@ def _unfinished(session: Any, uc: UseCase, d: GateDecision, action: str) -> Unfi
 
     status = [_move_status(session, k) for k in _move_keys(session, action, d.id)] or [None]
     change = champion_change(session, d) if action == "promote" and status[0] != "committed" else None
+    held = None
+    if action == "promote" and status[0] != "committed" and signature is not None:
+        held = _alarm_decided_after(session, uc, signature.created_at)
     return Unfinished(
         use_case=uc.name,
         decision_id=d.id,
@@ -481,7 +496,32 @@ def _unfinished(session: Any, uc: UseCase, d: GateDecision, action: str) -> Unfi
         moved=status[0] == "committed",
         flow_run_id=d.flow_run_id,
         champion_changed=None if change is None else change.words(),
+        held_until=held,
+        finish_from=None if held is None else held_finish_from(session, d, signature.created_at),
     )
+
+
+def _alarm_decided_after(session: Any, uc: UseCase, signed: dt.datetime) -> dt.datetime | None:
+    """When the monitor's alarm about the use case's champion was decided after a promotion's signature
+    at `signed` (its newest signature then), or None. No promotion is signed while an alarm waits, so an
+    alarm decided after the signature held the promotion (`approvals.effects._hold_while_rollback_waits`)."""
+    alarms = select(GateDecision.id).where(
+        GateDecision.use_case_id == uc.id, GateDecision.awaiting == "rollback_approval"
+    )
+    times = session.scalars(select(Approval.created_at).where(Approval.decision_id.in_(alarms)))
+    after = [as_utc(t) for t in times if as_utc(t) > as_utc(signed)]
+    return max(after, default=None)
+
+
+def held_finish_from(session: Any, d: GateDecision, signed: dt.datetime) -> dt.datetime:
+    """From when the automation (`claim_to_finish`: the cycle, the monitor) finishes a held promotion
+    once its alarm is decided: after its signer's grace (`APPLY_GRACE` from the signature), or, where its
+    approval run took it up (and was held), once that run is no longer taken to be at work
+    (`STALLED_AFTER` from its take-up, `run_at_work`)."""
+    from rollout.approvals.waiter import taken_up_at
+
+    at = None if d.flow_run_id is None else taken_up_at(session, d, d.flow_run_id)
+    return _aware(signed) + APPLY_GRACE if at is None else at + STALLED_AFTER
 
 
 def _move_keys(session: Any, action: str, decision_id: int) -> list[str]:

@@ -309,24 +309,31 @@ def promotion_held_words(session: Any, decision_id: int) -> str | None:
     promote button disabled): the rollback that waits and what decides it (`rollback_before_promotion`),
     or a plan the current spec version left uncalibrated (`promotion_not_calibrated`, which refuses
     continuing its ramp too, said where the GO could: `continue_held`): the rules the signature is
-    refused by; None where nothing holds it (or it is no gate decision)."""
+    refused by; None where nothing holds it (or it is no gate decision). Where both hold, both are said,
+    the calibration's first: it stands once the rollback is decided, and it is why the continue button is
+    disabled (the card said only the rollback's words, "then approve the promotion", which the calibration
+    rule then refused)."""
     d = session.get(GateDecision, decision_id)
     if d is None or d.kind != "gate":
         return None
     first = rollback_before_promotion(session, session.get(UseCase, d.use_case_id))
-    if first is not None:
+    stale = promotion_not_calibrated(session, d)
+    if stale is None:
+        if first is None:
+            return None
         waits, remedy = first
         return f"Not approvable now: {waits}. {remedy}, then approve the promotion."
-    stale = promotion_not_calibrated(session, d)
-    if stale is not None:
-        changed, remedy = stale
-        ramp = (
-            ", and its ramp does not continue"
-            if d.awaiting == "approval" and ramp_steps_skipped(d.evidence)
-            else ""
-        )
-        return f"Not approvable{ramp}: {changed}. {remedy}."
-    return None
+    changed, remedy = stale
+    ramp = (
+        ", and its ramp does not continue"
+        if d.awaiting == "approval" and ramp_steps_skipped(d.evidence)
+        else ""
+    )
+    words = f"Not approvable{ramp}: {changed}. {remedy}."
+    if first is None:
+        return words
+    waits, decide = first
+    return f"{words} Besides, {waits}. {decide}."
 
 
 def continue_held(session: Any, decision_id: int) -> bool:

@@ -118,7 +118,9 @@ def apply_promotion(
     baseline (what was serving) is recorded as champion, so a rollback has somewhere to return to.
     `finished_by`: who finishes an approved promotion that did not complete (`_finisher`). Where the
     champion changed since the GO was signed (a rollback decided while it was held), it is promoted over
-    the champion serving now, its stale move recorded again from it (`promotion_moves`, the one rule)."""
+    the champion serving now, its stale move recorded again from it (`promotion_moves`, the one rule);
+    unless the pilot's control arm was a served endpoint, whose answers were the champion's of its time:
+    then it is not promoted (`_abandon_promotion`)."""
     from rollout import pilots, registry
 
     who = approval_identity(approval_id, decision_id, actions=("approve",), db_url=db_url)
@@ -130,6 +132,8 @@ def apply_promotion(
         _require_pilot_to_promote(d, pilot, moved=False)
         _hold_while_rollback_waits(session, d, uc, shown=shown)
         change = None if shown else promotion_moves.champion_change(session, d)
+        if change is not None and change.control is not None:  # measured against the champion of its time
+            return _abandon_promotion(session, d, uc, pilot, change, actor=who.name)
         if not shown:
             _supersede_stale_move(session, d, change, actor=who.name)
         key = promotion_moves.key_now(session, decision_id)
@@ -209,8 +213,17 @@ def apply_promotion(
                         "why": change.words(),
                     },
                 )
+            signed_at = session.get(Approval, approval_id).created_at
+            spec_changed = finished_by and promotion_moves.spec_changed_since(session, d, signed_at)
             _finisher(
-                session, d, finished_by, said, action="promote", approval_id=approval_id, signer=who.name
+                session,
+                d,
+                finished_by,
+                said,
+                action="promote",
+                approval_id=approval_id,
+                signer=who.name,
+                spec_changed=spec_changed or None,
             )
     out = {
         "action": "promoted",
@@ -224,6 +237,48 @@ def apply_promotion(
 # the audit action, on the pilot, of a promotion carried out over a champion that changed since its GO was
 # signed (`promotion_moves.champion_change`)
 CHAMPION_CHANGED = "promotion.champion_changed"
+
+
+def _abandon_promotion(
+    session: Any, d: GateDecision, uc: UseCase, pilot: Pilot, change: Any, *, actor: str
+) -> dict[str, Any]:
+    """An approved promotion whose champion changed since its GO was signed, where the pilot's control arm
+    was a served endpoint (`promotion_moves.ChampionChange.control`): its GO was measured against what
+    that endpoint served, the champion of its time (one the monitor's alarm rolled back, say), so it is
+    not carried out over the champion serving now. Before, it was promoted over it "as signed", on the
+    rule of a dense control. Its recorded move not in effect, if any, is marked superseded
+    (`registry.supersede`), its pilot stopped (one a person may pilot again: `pilots.was_aborted`), the
+    use case stopped, and a `promotion.superseded` audit entry says why. The decision stays approved (a
+    resolved decision never changes); nothing moves."""
+    from rollout import pilots, registry
+
+    why = (
+        f"decision {d.id}'s promotion was approved but is not carried out: {change.words()}; pilot again: "
+        f"{pilots.pilot_aborted_again(uc.name)}"
+    )
+    move = promotion_moves.current_move(session, d.id)
+    if move is not None and move.status not in ("committed", registry.SUPERSEDED):
+        registry.supersede(session, move, actor=actor, why=why)
+    pilots.stop_pilot(session, pilot, status="stopped", actor=actor, reason=why)
+    lifecycle.set_phase(session, uc, "stopped", actor=actor, reason=f"decision {d.id}: promotion superseded")
+    audit.record(
+        session,
+        actor,
+        PROMOTION_SUPERSEDED,
+        on=pilot,
+        details={
+            "decision_id": d.id,
+            "signed_over": change.signed_over,
+            "serving": change.serving,
+            "control": change.control,
+            "why": why,
+        },
+    )
+    return {"action": "superseded", "decision_id": d.id, "alias_moves": [], "done": True, "reason": why}
+
+
+# the audit action of `_abandon_promotion`, on the pilot: a person may pilot its challenger again
+PROMOTION_SUPERSEDED = "promotion.superseded"
 
 
 def promotion_held(session: Any, d: GateDecision) -> bool:
@@ -571,13 +626,18 @@ def _finisher(
     action: str,
     approval_id: int | None,
     signer: str,
+    spec_changed: str | None = None,
 ) -> None:
     """Who finished a decided effect that did not complete (its signer's run died, or MLflow was down),
     in the effect's last transaction: an `approval.finished` audit entry under their name with their
-    reason. The moves stay the signer's (their approval is what they carry out)."""
+    reason. The moves stay the signer's (their approval is what they carry out). `spec_changed`: a
+    promotion's plan left uncalibrated by a spec version that arrived after the signature
+    (`promotion_moves.spec_changed_since`), said in the entry."""
     if finished_by is None:
         return
     details = {"decision": d.id, "action": action, "approval_id": approval_id, "signed_by": signer}
+    if spec_changed is not None:
+        details["spec_changed"] = spec_changed
     audit.record(session, finished_by, "approval.finished", on=d, details={**details, "reason": reason})
 
 

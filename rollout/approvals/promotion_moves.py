@@ -4,10 +4,15 @@ promotion was held: `effects.PromotionHeld`) or another move committed meanwhile
 
 The rule: the promotion is carried out over the champion serving now, whether it had recorded no move yet
 or a move that failed and went stale (`registry.stale_move`: its `from_version` is no longer the
-champion). The pilot's control arm is the dense model, not the champion (`rollout.champion`), so the GO
-stands on its evidence whichever champion serves. A stale move is never retried (retried, MLflow moved
-from the champion serving now while its row said from the one before, and the lineage, read in row order,
-named a champion MLflow did not serve): it is marked superseded (`registry.supersede`) and the move is
+champion). The pilot's control arm is by default the dense model in the pilot's own process, not the
+champion, so the GO stands on its evidence whichever champion serves. A pilot whose spec version points
+its control arm at a served endpoint (`pilot.arms.control`: docs/serving.md, "the model that serves
+today", e.g. `sparsepilot serve-model NAME --alias champion`) measured its GO against what that endpoint
+served, the champion of its time: once that champion changed, the GO is not carried out
+(`ChampionChange.control`, `effects.apply_promotion`: superseded, its pilot stopped for `pilot --again`).
+A stale move is never retried (retried, MLflow moved from the champion serving now while its row said
+from the one before, and the lineage, read in row order, named a champion MLflow did not serve): it is
+marked superseded (`registry.supersede`) and the move is
 recorded again, from the champion now serving, under a key of its own (`key_now`). The alias history, the
 audit log (`promotion.champion_changed`) and what the portfolio says of it (`rollout.unfinished`) say that
 the champion changed since the GO was signed. Before, a promotion with no move yet was finished over the
@@ -71,26 +76,66 @@ def decision_of_key(key: str) -> str:
 
 @dataclass(frozen=True)
 class ChampionChange:
-    """The champion serving when the GO was signed, and now (None: no champion of ours)."""
+    """The champion serving when the GO was signed, and now (None: no champion of ours); `control`: the
+    pilot's control arm where it was a served endpoint (`control_endpoint`), whose answers the GO was
+    measured against, else None (the dense model in the pilot's process)."""
 
     signed_over: str | None
     serving: str | None
+    control: str | None = None
 
     def words(self) -> str:
         def v(x: str | None) -> str:
             return f"v{x}" if x else "no champion of ours"
 
-        return (
+        changed = (
             f"the champion changed since the GO was signed ({v(self.signed_over)} served then, "
-            f"{v(self.serving)} serves now): it is promoted over {v(self.serving)} as signed"
+            f"{v(self.serving)} serves now)"
         )
+        if self.control is None:
+            return f"{changed}: it is promoted over {v(self.serving)} as signed"
+        return (
+            f"{changed}, and the pilot's control arm was {self.control}, not the dense model: the GO was "
+            f"measured against what it served then ({v(self.signed_over)}, the champion of its time), so it "
+            "is not promoted"
+        )
+
+
+def control_endpoint(spec: dict[str, Any]) -> str | None:
+    """The control arm of a stored spec version (`SpecVersion.spec`) where it is a served endpoint, in
+    words ("the mlflow endpoint http://..."), else None: in-process, the dense model (pure)."""
+    from rollout.redact import redact
+
+    control = ((spec.get("pilot") or {}).get("arms") or {}).get("control") or {}
+    kind = control.get("kind") or "in-process"
+    if kind == "in-process":
+        return None
+    return f"the {kind} endpoint {redact(str(control.get('url') or ''))}"
+
+
+def pilot_control(session: Any, d: GateDecision) -> str | None:
+    """`control_endpoint` of the spec version decision `d`'s pilot ran under (a pilot started before
+    versions were recorded on pilots: the use case's current version)."""
+    from rollout.db.models import Pilot, SpecVersion, UseCase
+
+    pilot = session.get(Pilot, d.pilot_id)
+    version = pilot.spec_version if pilot is not None else None
+    if version is None:
+        version = session.get(UseCase, d.use_case_id).current_spec_version
+    spec = session.scalar(
+        select(SpecVersion.spec).where(
+            SpecVersion.use_case_id == d.use_case_id, SpecVersion.version == version
+        )
+    )
+    return control_endpoint(spec or {})
 
 
 def champion_change(session: Any, d: GateDecision) -> ChampionChange | None:
     """The one rule (module docstring): where the champion serving now is not the one that served when
-    the GO's last signature was recorded, the change (what the promotion is carried out over, and the
-    words that say so), else None. The champion then: the lineage of the champion moves committed
-    (their `alias.*.committed` audit entries) by the signature's time."""
+    the GO's last signature was recorded, the change (what the promotion is carried out over, or, its
+    control arm an endpoint, that it is not carried out; and the words that say so), else None. The
+    champion then: the lineage of the champion moves committed (their `alias.*.committed` audit entries)
+    by the signature's time."""
     from rollout import registry
 
     signed = session.scalar(
@@ -122,4 +167,30 @@ def champion_change(session: Any, d: GateDecision) -> ChampionChange | None:
     then, now = registry.champion_lineage(before)[-1:], registry.champion_lineage(moves)[-1:]
     if then == now:
         return None
-    return ChampionChange(then[0] if then else None, now[0] if now else None)
+    return ChampionChange(then[0] if then else None, now[0] if now else None, pilot_control(session, d))
+
+
+def spec_changed_since(session: Any, d: GateDecision, signed_at: Any) -> str | None:
+    """Where a spec version that changed what calibration reads arrived after the GO's signature at
+    `signed_at` (the plan not calibrated under the current version: `runs.plan_not_calibrated`), the fact
+    in words for the finisher's audit entry: "spec changed since approval: v1 -> v2 (quality_budget.kl):
+    the plan was not calibrated under v2; carried out as signed". The promotion is carried out all the same
+    (the signature stands; the rule refuses signing, not finishing); None where nothing such changed."""
+    from rollout import runs
+    from rollout.db.models import Pilot, SpecVersion, UseCase
+
+    uc = session.get(UseCase, d.use_case_id)
+    pilot = session.get(Pilot, d.pilot_id)
+    stale = None if pilot is None else runs.plan_not_calibrated(session, uc, pilot.model_version_id)
+    if stale is None:
+        return None
+    versions = session.execute(
+        select(SpecVersion.version, SpecVersion.created_at).where(SpecVersion.use_case_id == uc.id)
+    ).all()
+    then = max((v for v, at in versions if as_utc(at) <= as_utc(signed_at)), default=stale.calibrated_under)
+    if then == stale.version:
+        return None
+    return (
+        f"spec changed since approval: v{then} -> v{stale.version} ({', '.join(stale.fields)}): the plan was "
+        f"not calibrated under v{stale.version}; carried out as signed"
+    )

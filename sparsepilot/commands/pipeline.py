@@ -515,6 +515,8 @@ def finished_said(name: str, result: dict[str, Any]) -> str:
         f"{m['alias']} {v(m['from_version'])} -> {v(m['to_version'])} ({m['status']})"
         for m in result.get("alias_moves") or []
     )
+    if result.get("action") == "superseded":  # its GO measured against a champion no longer serving
+        return f"{name}: decision {result['decision_id']} not promoted: {result['reason']}"
     if result.get("done") is False:  # its own run completed it meanwhile
         return f"{name}: decision {result['decision_id']} was in effect already, nothing changed"
     # a rollback came between the GO's signature and its move (rollout.approvals.promotion_moves)

@@ -249,18 +249,13 @@ def test_a_closed_decisions_refusal_says_an_old_abort_reason_redacted(seeded: di
         approvals.approve(go, CAROL, "evidence is clear")
 
 
-def test_a_go_card_says_why_it_is_not_promotable_while_the_champions_alarm_waits(
-    seeded: dict[str, Any],
-) -> None:
-    """While the monitor's alarm about the serving champion waits for a person, the GO's card offered
-    "Approve promotion", and a click was refused (`approvals.refuse_promotion_while_rollback_waits`). The
-    card now says why it cannot be approved now and what to do, by the same rule
-    (`approvals.promotion_held_words`), its promote button disabled; the alarm's own card is approvable."""
+def _champions_alarm(seeded: dict[str, Any]) -> int:
+    """The monitor's alarm about contract-summarisation's champion (policy manual), as
+    `decisions.monitor_look` writes it: a rollback waiting for a person. Its id."""
     from rollout import pilots
     from rollout.db.models import Pilot, UseCase
 
-    go = seeded["contract-summarisation:decision"]
-    with session_scope() as s:  # the monitor's alarm (policy manual), as `decisions.monitor_look` writes it
+    with session_scope() as s:
         uc = s.scalar(select(UseCase).where(UseCase.name == "contract-summarisation"))
         alarm, _ = pilots.record_decision(
             s,
@@ -275,7 +270,18 @@ def test_a_go_card_says_why_it_is_not_promotable_while_the_champions_alarm_waits
             awaiting="rollback_approval",
             actor="sparsepilot-monitor",
         )
-        alarm = alarm.id
+        return alarm.id
+
+
+def test_a_go_card_says_why_it_is_not_promotable_while_the_champions_alarm_waits(
+    seeded: dict[str, Any],
+) -> None:
+    """While the monitor's alarm about the serving champion waits for a person, the GO's card offered
+    "Approve promotion", and a click was refused (`approvals.refuse_promotion_while_rollback_waits`). The
+    card now says why it cannot be approved now and what to do, by the same rule
+    (`approvals.promotion_held_words`), its promote button disabled; the alarm's own card is approvable."""
+    go = seeded["contract-summarisation:decision"]
+    alarm = _champions_alarm(seeded)
     at = open_page(sign_in(new_app(), "alice"), "approvals")
     buttons = {b.key: b for b in at.button}
     assert buttons[f"approve_{go}"].disabled and not buttons[f"approve_{alarm}"].disabled
@@ -287,3 +293,48 @@ def test_a_go_card_says_why_it_is_not_promotable_while_the_champions_alarm_waits
         f"contract-summarisation --decision {alarm} --reason TEXT`) or keep it (`sparsepilot approve "
         f"contract-summarisation --decision {alarm} --reject --reason TEXT`), then approve the promotion."
     ) in shown
+
+
+def test_a_stale_go_card_says_why_its_ramp_does_not_continue_while_the_champions_alarm_waits(
+    seeded: dict[str, Any],
+) -> None:
+    """A GO before the plan's last step, its plan left uncalibrated by spec v2 (a tighter
+    `quality_budget.kl`), while the monitor's alarm about the serving champion waits: the card said only
+    the alarm's words ("... then approve the promotion", which the calibration rule then refuses) while its
+    continue button was disabled for the calibration reason, said nowhere. It says both now, the
+    calibration's first (`approvals.promotion_held_words`)."""
+    from rollout.db.models import CalibrationRun, Pilot, SpecVersion, UseCase
+
+    name = "contract-summarisation"
+    with session_scope() as s:  # v1 calibrated the plan; v2 tightens the budget; a later look's GO at step 1
+        uc = s.scalar(select(UseCase).where(UseCase.name == name))
+        pilot = s.get(Pilot, seeded[f"{name}:pilot"])
+        s.add(
+            CalibrationRun(
+                idempotency_key="cal:v1",
+                use_case_id=uc.id,
+                spec_version=1,
+                model_version_id=pilot.model_version_id,
+                status="succeeded",
+            )
+        )
+        v1 = s.scalar(select(SpecVersion).where(SpecVersion.use_case_id == uc.id))
+        tighter = {**v1.spec, "quality_budget": {**v1.spec["quality_budget"], "kl": 0.01}}
+        s.add(SpecVersion(use_case_id=uc.id, version=2, spec=tighter, spec_hash="h-v2", created_by="tests"))
+        uc.current_spec_version = 2
+        later = {"later_steps": [{"index": 2, "traffic_pct": 50.0}]}
+        go = later_look_awaiting_approval(s, seeded[f"{name}:decision"], outcome="GO", evidence=later)
+    alarm = _champions_alarm(seeded)
+    at = open_page(sign_in(new_app(), "alice"), "approvals")
+    buttons = {b.key: b for b in at.button}
+    assert buttons[f"approve_{go}"].disabled and buttons[f"continue_{go}"].disabled
+    shown = "\n".join(w.value.replace("\\", "") for w in at.warning)  # as shown: markup escapes removed
+    assert (
+        "Not approvable, and its ramp does not continue: spec v2 changed quality_budget.kl after the plan "
+        "pilot 1 runs was calibrated under v1: the plan has not been calibrated under v2. Reject it "
+        f"(`sparsepilot approve {name} --decision {go} --reject --reason TEXT`) and run `sparsepilot "
+        f"calibrate {name}`: a plan calibrated under v2 is piloted anew. Besides, the monitor's alarm about "
+        f"{name}'s serving champion (decision {alarm}) waits for a person. Decide the alarm first: roll the "
+        f"champion back (`sparsepilot approve {name} --decision {alarm} --reason TEXT`) or keep it "
+        f"(`sparsepilot approve {name} --decision {alarm} --reject --reason TEXT`)."
+    ) in shown, shown

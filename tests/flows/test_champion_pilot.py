@@ -340,6 +340,16 @@ def test_an_alarm_recorded_after_the_gos_signature_holds_its_promotion(use_case,
     assert _pilots(name)[1:3] == (["1"], None)
     pending = unfinished.unfinished_of(name)  # the signed promotion, finished now, over v1 (P2: said)
     assert (pending.action, pending.champion_changed) == ("promote", _changed("2", "1"))
+    # in its signer's grace nobody carries it out (the signer was refused, held; the cycle waits for the
+    # grace): the portfolio said "being carried out now"; it says when and by what it is finished
+    decided, signed = _signed_at(alarm), _signed_at(second)
+    assert _waits(name) == (
+        f"the promotion to be finished (approved by alice; {_changed('2', '1')}; held while the monitor's "
+        f"alarm about the champion waited, decided at {decided:%H:%M} UTC; not in effect): by the scheduled "
+        f"cycle's first run from {signed + unfinished.APPLY_GRACE:%H:%M} UTC (its signer's grace), or "
+        f"`sparsepilot promote {name} --decision {second}` from then"
+    )
+    assert (pending.held_until, pending.finish_from) == (decided, signed + unfinished.APPLY_GRACE)
     monkeypatch.setattr(unfinished, "APPLY_GRACE", unfinished.APPLY_GRACE * 0)  # its signer gave up
     approval_id = approvals.unfinished_promotion(second, by="carol")
     assert approval_id is not None
@@ -465,6 +475,20 @@ def test_a_failed_promotion_is_not_finished_over_the_champions_alarm(use_case, m
     rows, champions, promoted, _ = _pilots(name)
     assert (champions, promoted, registry.current_aliases(name)["champion"]) == (["1"], None, "1")
     assert rows == [(1, "rolled_back", "2"), (2, "awaiting_approval", "3")]
+
+
+def _signed_at(decision_id: int) -> Any:
+    """When decision `decision_id`'s newest signature was recorded (UTC)."""
+    from rollout.db.models import Approval, as_utc
+    from rollout.db.session import session_scope
+
+    with session_scope() as s:
+        at = s.scalar(
+            select(Approval.created_at)
+            .where(Approval.decision_id == decision_id)
+            .order_by(Approval.id.desc())
+        )
+        return as_utc(at)
 
 
 def _changed(then: str, now: str) -> str:
@@ -607,3 +631,135 @@ def test_a_monitors_rollback_a_persons_superseded_leaves_no_failed_move(use_case
         f"superseded by rollback {by_hand} before its move took effect" in moves[f"rollback:{mon}"]["error"]
     )
     assert (unfinished.unfinished_of(name), _pilots(name)[1]) == (None, ["1"])
+
+
+# a pilot's control arm pointed at a served endpoint (docs/serving.md): the champion's, say
+CONTROL_ENDPOINT = {"arms": {"control": {"kind": "mlflow", "url": "http://127.0.0.1:5001"}}}
+
+
+def _held_promotion(name: str, info: dict[str, Any], second: int, monkeypatch) -> int:  # noqa: ANN001
+    """Pilot 2's GO signed by alice (no alarm waited), then the monitor's alarm about pilot 1's champion
+    recorded before the promotion's effect ran: the promotion held, nothing moved. The alarm's id."""
+    from rollout import approvals
+    from rollout.approvals import signing
+
+    alarms: list[int] = []
+    effect = signing.apply_decision
+
+    def alarm_then_effect(decision_id: int, payload: Any, **kw: Any) -> Any:
+        alarms.append(_alarm(name, info))
+        return effect(decision_id, payload, **kw)
+
+    monkeypatch.setattr(signing, "apply_decision", alarm_then_effect)
+    with pytest.raises(approvals.PromotionHeld):
+        approvals.approve(second, _identity(ALICE), "pilot 2 passed")
+    monkeypatch.setattr(signing, "apply_decision", effect)
+    return alarms[0]
+
+
+@pytest.mark.parametrize("trust_db", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("begun", ["held", "failed"])
+def test_a_promotion_measured_against_the_champions_endpoint_is_not_promoted_over_another(
+    use_case, monkeypatch, begun
+) -> None:  # noqa: ANN001
+    """Pilot 2's control arm is a served endpoint (the champion's, `serve-model --alias champion`): its GO
+    says v3 is no worse than v2. The monitor's alarm about v2 is approved (v2 -> v1) while the promotion is
+    held (no move recorded) or its move failed. It was promoted over v1 "as signed", the rule of a dense
+    control: v3 went to production measured only against the champion just rolled back. Now it is not
+    promoted: its move (if any) superseded, pilot 2 and the use case stopped for `pilot --again`, the
+    portfolio, `promote`'s result and the audit log saying why."""
+    from rollout import approvals, registry, unfinished
+    from rollout.db.models import AuditEntry
+    from rollout.db.session import session_scope
+
+    name = use_case(rollback="manual", pilot=CONTROL_ENDPOINT)
+    if begun == "held":
+        info = _promoted(name)
+        second = _pilot_with_decision(name, "GO", "approval", key="second", tau=0.8)
+        alarm = _held_promotion(name, info, second, monkeypatch)
+    else:
+        info, second = _failed_promotion(name, monkeypatch)
+        alarm = _alarm(name, info)
+    assert approvals.approve(alarm, _identity(BOB), "bad rows").took_effect  # v2 -> v1
+    said = (
+        "the champion changed since the GO was signed (v2 served then, v1 serves now), and the pilot's "
+        "control arm was the mlflow endpoint http://127.0.0.1:5001, not the dense model: the GO was "
+        "measured against what it served then (v2, the champion of its time), so it is not promoted"
+    )
+    assert unfinished.unfinished_of(name).champion_changed == said  # what finishing it will do
+    monkeypatch.setattr(unfinished, "APPLY_GRACE", unfinished.APPLY_GRACE * 0)
+    u = unfinished.claim_to_finish(name, "sparsepilot-pipeline")  # what the cycle's finisher runs
+    done = approvals.apply_promotion(
+        second, u.approval_id, reason="finish", finished_by="sparsepilot-pipeline"
+    )
+    assert (done["action"], done["alias_moves"]) == ("superseded", [])
+    assert done["reason"].startswith(
+        f"decision {second}'s promotion was approved but is not carried out: {said}"
+    )
+    assert f"`sparsepilot pilot {name} --again --reason TEXT`" in done["reason"]
+    rows, champions, promoted, _ = _pilots(name)
+    assert (champions, registry.current_aliases(name)["champion"], promoted) == (["1"], "1", None)
+    assert (rows[-1], _phase(name)) == ((2, "stopped", "3"), "stopped")
+    assert [m[3] for m in _champion_moves(name) if m[0] == f"promote:{second}"] == (
+        ["superseded"] if begun == "failed" else []
+    )
+    assert unfinished.unfinished_of(name) is None
+    assert f"sparsepilot pilot {name} --again --reason TEXT" in _waits(name)
+    with session_scope() as s:
+        audited = s.scalar(select(AuditEntry.details).where(AuditEntry.action == "promotion.superseded"))
+    assert (audited["signed_over"], audited["serving"], audited["decision_id"]) == ("2", "1", second)
+
+
+@pytest.mark.parametrize("trust_db", ["sqlite"], indirect=True)
+def test_a_promotion_finished_after_a_new_budget_says_so_in_its_audit_entry(
+    use_case, monkeypatch, tiny_model_dir, pilot_dataset, tmp_path
+) -> None:  # noqa: ANN001
+    """Pilot 1's GO approved while MLflow was down (its move failed), then spec v2 tightens the KL budget
+    its plan was calibrated for under v1. The promotion is still carried out (the signature stands; the
+    calibration rule refuses signing, not finishing), but the finisher's `approval.finished` entry said
+    nothing of v2: the trail read as a plan promoted within the current budget. It says so now."""
+    import yaml
+    from mlflow import MlflowClient
+
+    from rollout import approvals, registry
+    from rollout.db.models import AuditEntry, CalibrationRun, Pilot, UseCase
+    from rollout.db.session import session_scope
+    from rollout.usecases import add_usecase
+    from tests.fixtures.flows import tiny_spec
+
+    name = use_case(rollback="manual")
+    first = _pilot_with_decision(name, "GO", "approval")
+    with session_scope() as s:  # its plan calibrated under v1, as the calibrate flow records it
+        uc = s.scalar(select(UseCase).where(UseCase.name == name))
+        mv = s.scalar(select(Pilot.model_version_id).where(Pilot.use_case_id == uc.id))
+        s.add(
+            CalibrationRun(
+                idempotency_key="cal:v1",
+                use_case_id=uc.id,
+                spec_version=1,
+                model_version_id=mv,
+                status="succeeded",
+            )
+        )
+    real = MlflowClient.set_registered_model_alias
+
+    def down(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        raise ConnectionError("tracking server unreachable")
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", down)
+    with pytest.raises(registry.RegistryError, match="unreachable"):
+        approvals.approve(first, _identity(ALICE), "pilot 1 passed")
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", real)
+    spec = tiny_spec(tiny_model_dir, name, dataset_file=pilot_dataset, rollback="manual")
+    spec["quality_budget"]["kl"] = spec["quality_budget"]["kl"] / 10
+    (tmp_path / "v2.yaml").write_text(yaml.safe_dump(spec))
+    add_usecase(tmp_path / "v2.yaml", actor="test-owner", new_version=True)
+    approval_id = approvals.unfinished_promotion(first, by="carol")  # `promote --decision`, carol's
+    done = approvals.apply_promotion(first, approval_id, reason="MLflow is back", finished_by="carol")
+    assert (done["action"], done["done"]) == ("promoted", True)
+    with session_scope() as s:
+        finished = s.scalar(select(AuditEntry.details).where(AuditEntry.action == "approval.finished"))
+    assert finished["spec_changed"] == (
+        "spec changed since approval: v1 -> v2 (quality_budget.kl): the plan was not calibrated under v2; "
+        "carried out as signed"
+    ), finished
