@@ -570,13 +570,11 @@ def bench_attention(
     """One SmolLM2-shaped attention layer: dense SDPA vs sparse kernels at ~5/10/25/50% density."""
     for_command("bench-attention", flows=False)  # model benchmarks: library output to a log file
     from sparse_core.bench import attention as bench
-    from sparsepilot.console import emit_json, fail, print_table
+    from sparsepilot.console import fail, print_table
 
     _at_least(("--repeats", repeats, 1))
-    ks = tuple(x.strip() for x in kernels.split(",") if x.strip())
+    ks = _kernels_or_fail(kernels)
     ds = tuple(x.strip() for x in dtypes.split(",") if x.strip())
-    if not ks or any(k not in ("gather", "flex") for k in ks):
-        fail(f"--kernels: {kernels!r}; choose from gather, flex")
     if not ds or any(d not in bench.DTYPES for d in ds):
         fail(f"--dtypes: {dtypes!r}; choose from {', '.join(bench.DTYPES)}")
     if block_size < 16 or block_size & (block_size - 1):
@@ -614,10 +612,7 @@ def bench_attention(
         result["rows"],
         bench.TABLE_COLUMNS,
     )
-    _overload_warning(env, result["rows"])
-    if json_out:
-        emit_json(result)
-    _write_with_plot(result, out, bench.plot)
+    _warned_and_written(result, out, json_out, bench.plot, result["rows"])
 
 
 @app.command("prefill")
@@ -646,7 +641,7 @@ def bench_prefill(
     from sparse_core.bench import prefill as bench
     from sparse_core.evaluation import within_context
     from sparse_core.plan import SparsePlan
-    from sparsepilot.console import emit_json, fail, print_table
+    from sparsepilot.console import fail, print_table
 
     try:
         tau_list = tuple(float(t) for t in taus.split(",") if t.strip()) or None
@@ -654,9 +649,7 @@ def bench_prefill(
         fail(f"--taus: {taus!r} is not a comma-separated list of numbers")
     if tau_list and any(not 0 < t <= 1 for t in tau_list):
         fail(f"--taus: every tau must be in (0, 1], got {taus!r}")
-    ks = tuple(x.strip() for x in kernels.split(",") if x.strip())
-    if not ks or any(k not in ("gather", "flex") for k in ks):
-        fail(f"--kernels: {kernels!r}; choose from gather, flex")
+    ks = _kernels_or_fail(kernels)
     if repeats < 0:
         fail(f"--repeats must be >= 0, got {repeats}")
     if dtype not in bench.DTYPES:
@@ -720,10 +713,7 @@ def bench_prefill(
         result["rows"],
         bench.TABLE_COLUMNS,
     )
-    _overload_warning(env, result["rows"])
-    if json_out:
-        emit_json(result)
-    _write_with_plot(result, out, bench.plot)
+    _warned_and_written(result, out, json_out, bench.plot, result["rows"])
 
 
 def _where(env: dict, dev: Any) -> str:
@@ -884,7 +874,7 @@ def bench_decode(
     from sparse_core import ModelRefError, PlanError
     from sparse_core.bench import decode as bench
     from sparse_core.bench.common import fit_cache_lengths
-    from sparsepilot.console import emit_json, fail, print_table
+    from sparsepilot.console import fail, print_table
 
     budget_list = _int_list("--budgets", budgets)
     names = tuple(dict.fromkeys(e.strip() for e in estimator.split(",") if e.strip()))
@@ -963,10 +953,7 @@ def bench_decode(
         result["model_rows"],
         bench.MODEL_COLUMNS,
     )
-    _overload_warning(env, [*result["layer_rows"], *result["model_rows"]])
-    if json_out:
-        emit_json(result)
-    _write_with_plot(result, out, bench.plot)
+    _warned_and_written(result, out, json_out, bench.plot, [*result["layer_rows"], *result["model_rows"]])
 
 
 def _model_context(model: str) -> int | None:
@@ -1031,6 +1018,16 @@ def _plan_or_fail(plan_dir: str) -> Any:
         fail(f"--plan {plan_dir}: {exc}")
 
 
+def _kernels_or_fail(kernels: str) -> tuple[str, ...]:
+    """--kernels: comma-separated names of gather and flex, or exit 2 naming the option."""
+    from sparsepilot.console import fail
+
+    ks = tuple(x.strip() for x in kernels.split(",") if x.strip())
+    if not ks or any(k not in ("gather", "flex") for k in ks):
+        fail(f"--kernels: {kernels!r}; choose from gather, flex")
+    return ks
+
+
 def _int_list(option: str, text: str, *, least: int = 1) -> tuple[int, ...]:
     """A comma-separated list of integers >= 1 with at least `least` entries, or exit 2 naming `option`."""
     from sparsepilot.console import fail
@@ -1086,7 +1083,7 @@ def bench_decode_scorers(
     from sparse_core import ModelRefError, PlanError
     from sparse_core.bench import decode_scorers as bench
     from sparse_core.bench.common import fit_cache_lengths
-    from sparsepilot.console import emit_json, fail, print_table
+    from sparsepilot.console import fail, print_table
 
     names = [s.strip() for s in scorers.split(",") if s.strip()]
     unknown = [s for s in names if s not in DECODE_ESTIMATORS]
@@ -1167,10 +1164,7 @@ def bench_decode_scorers(
         result["pair_rows"],
         bench.PAIR_COLUMNS,
     )
-    _overload_warning(env, what=TIMES)  # KL and agreement: only the run's own times move
-    if json_out:
-        emit_json(result)
-    _write_with_plot(result, out, bench.plot)
+    _warned_and_written(result, out, json_out, bench.plot, what=TIMES)  # KL, agreement: only its times move
 
 
 @contextmanager
@@ -1344,6 +1338,26 @@ def _overload_warning(
             f"`overloaded` column): their {what} measure the host as much as the code, so do not rank "
             "them against the others; rerun on a quieter host."
         )
+
+
+def _warned_and_written(
+    result: dict,
+    out: str,
+    json_out: bool,
+    plot: Callable[[dict, Path], Path],
+    rows: Sequence[dict] = (),
+    *,
+    what: str = SPEED_UPS,
+) -> None:
+    """A model benchmark's end, after its tables: the overload warning (`_overload_warning` over the
+    run's environment and its timed `rows`), the JSON printed with --json, then the PNG and the JSON
+    written (`_write_with_plot`)."""
+    from sparsepilot.console import emit_json
+
+    _overload_warning(result["environment"], rows, what=what)
+    if json_out:
+        emit_json(result)
+    _write_with_plot(result, out, plot)
 
 
 UNKNOWN_OVERLOADED = "unknown (host overloaded)"

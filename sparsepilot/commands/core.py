@@ -338,9 +338,9 @@ def calibrate_cmd(
             "--task": (task is not None, _FROM_SPEC.format("task", "dataset.task")),
             "--device": (device != "auto", _DEVICE_ENV),
         })  # fmt: skip
-        from sparsepilot.commands.pipeline import calibrate_use_case
+        from sparsepilot.commands.pipeline import run_use_case_form
 
-        calibrate_use_case(use_case, quick, json_out)
+        run_use_case_form("calibrate", use_case, quick, json_out)
         return
     from sparse_core import PlanError
     from sparse_core.calibration import Budget, BudgetError, CalibrationLimits
@@ -530,9 +530,9 @@ def evaluate_cmd(
             "--thorough": (thorough, suite),
             "--device": (device != "auto", _DEVICE_ENV),
         })  # fmt: skip
-        from sparsepilot.commands.pipeline import evaluate_use_case
+        from sparsepilot.commands.pipeline import run_use_case_form
 
-        evaluate_use_case(use_case, quick, json_out)
+        run_use_case_form("evaluate", use_case, quick, json_out)
         return
     from sparse_core import PlanError, plan_io
     from sparse_core.evaluation import EvalSuite, evaluate, suite_probes

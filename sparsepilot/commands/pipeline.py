@@ -103,18 +103,30 @@ DecisionId = Annotated[
 # --- calibrate / evaluate: the use-case form (sparsepilot/commands/core.py has the commands) ---------
 
 
-def calibrate_use_case(name: str, quick: bool, json_out: bool) -> None:
-    """Use-case form: validate the dataset, calibrate to the spec's budget, register @challenger. Needs no
-    sign-in; its audit rows name who ran it (`acting_person`), not the pipeline."""
+def run_use_case_form(command: str, name: str, quick: bool, json_out: bool) -> None:
+    """The use-case form of `calibrate NAME` (validate the dataset, calibrate to the spec's budget,
+    register @challenger) and of `evaluate NAME` (quality and speed vs dense on the use case's data, ROI
+    with its interval): its flow run, its result printed. Needs no sign-in; its audit rows name who ran
+    it (`acting_person`), not the pipeline."""
     _require_device()
     _require_use_case(name)  # a typo is refused in a second, not after a Prefect server and a Failed run
-    from flows.calibrate import calibrate_flow
-
+    if command == "calibrate":
+        from flows.calibrate import calibrate_flow as flow
+    else:
+        from flows.evaluate import evaluate_flow as flow
     who = acting_person()
-    result = _run(lambda: calibrate_flow(name, quick=quick, actor=who))
+    result = _run(lambda: flow(name, quick=quick, actor=who))
     if json_out:
         emit_json(result)
-        return
+    elif command == "calibrate":
+        print_calibration(name, result)
+    else:
+        print_evaluation(name, result)
+
+
+def print_calibration(name: str, result: dict[str, Any]) -> None:
+    """`calibrate NAME`'s record: the run, its registered version and fidelity, with the columns only some
+    runs have (a prefill part that stays dense, the task bound's verdict, a reused calibration's source)."""
     cols = [
         "calibration_run_id",
         "model_version_id",
@@ -132,21 +144,6 @@ def calibrate_use_case(name: str, quick: bool, json_out: bool) -> None:
     if result.get("reused_from"):  # another spec version's calibration, which this one leaves standing
         cols.append("reused_from")
     print_record(f"calibration of {name}", result, cols)
-
-
-def evaluate_use_case(name: str, quick: bool, json_out: bool) -> None:
-    """Use-case form: quality and speed vs dense on the use case's data, ROI with its interval. Needs no
-    sign-in; its audit rows name who ran it (`acting_person`), not the pipeline."""
-    _require_device()
-    _require_use_case(name)  # a typo is refused in a second, not after a Prefect server and a Failed run
-    from flows.evaluate import evaluate_flow
-
-    who = acting_person()
-    result = _run(lambda: evaluate_flow(name, quick=quick, actor=who))
-    if json_out:
-        emit_json(result)
-        return
-    print_evaluation(name, result)
 
 
 MONEY = ("savings_month_usd", "savings_month_low", "savings_month_high")

@@ -176,3 +176,18 @@ def test_import_and_monitor_tables_show_overloaded_and_warn(
         warned = "warning: 1 of 1 rows were timed while the host was overloaded" in text
         assert warned == flag, text
         assert json.loads(out.read_text())["results"][0]["overloaded"] is flag  # then the JSON written
+
+
+def test_a_model_bench_with_json_prints_its_table_then_the_json_it_writes(tmp_path: Path) -> None:
+    """A model benchmark's --json: its table, then the JSON, printed before the PNG and the JSON are
+    written (the file the same JSON, naming the PNG beside it)."""
+    out = tmp_path / "attention.json"
+    # its cheap arguments, at 512 tokens (an option given twice: the last counts)
+    args = ["bench", *BENCHES["attention"], "--lengths", "512", "--threads", "1", "--json", "--out", str(out)]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    start = res.stdout.index("\n{\n") + 1
+    assert "Attention layer" in res.stdout[:start]  # the table first
+    printed = json.loads(res.stdout[start:])
+    assert printed == json.loads(out.read_text()) and Path(printed["plot"]) == out.with_suffix(".png")
+    assert out.with_suffix(".png").is_file()
