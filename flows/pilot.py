@@ -240,15 +240,8 @@ def validate_batch(rows: list[dict[str, Any]], known_ids: list[str], kind: str) 
     )
 
 
-@flow_task("pilot-store-batch")
-def store_batch(
-    step_id: int,
-    rows: list[dict[str, Any]],
-    batch_id: str,
-    source: str,
-    void: dict[str, str] | None = None,
-) -> dict[str, int]:
-    return pilot_batches.store_batch(step_id, rows, batch_id, source, void)
+# A validated batch stored in its step (rollout.pilot_batches.store_batch), as a task.
+store_batch = flow_task("pilot-store-batch")(pilot_batches.store_batch)
 
 
 @flow_task("pilot-step-refusal")
