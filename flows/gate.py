@@ -39,17 +39,8 @@ def traffic_status(use_case: str, step_id: int) -> dict[str, Any]:
     return {"source": source.name, "distinct_used": len(used), "remaining": source.remaining(used)}
 
 
-@flow_task("gate-decide-and-record")
-def decide_and_record(
-    use_case: str,
-    step_id: int,
-    promote_after_step: int | None = None,
-    traffic: dict[str, Any] | None = None,
-    actor: str = audit.SYSTEM_ACTOR,
-) -> dict[str, Any]:
-    return decisions.gate_step(
-        use_case, step_id, promote_after_step=promote_after_step, traffic=traffic, actor=actor
-    )
+# The look itself, every rule and write of it in the domain (rollout.decisions.gate_step), as a task.
+decide_and_record = flow_task("gate-decide-and-record")(decisions.gate_step)
 
 
 @flow_task("gate-log-mlflow")
@@ -104,7 +95,11 @@ def gate_flow(
     catch_up_logs(log_decisions, use_case)  # one whose log failed before (its pilot may have ended since)
     step_id = current_step_id(use_case)
     summary = decide_and_record(
-        use_case, step_id, promote_after_step, traffic_status(use_case, step_id), actor
+        use_case,
+        step_id,
+        promote_after_step=promote_after_step,
+        traffic=traffic_status(use_case, step_id),
+        actor=actor,
     )
     log_decisions(use_case)
     get_run_logger().info(

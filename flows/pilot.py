@@ -121,14 +121,10 @@ def _import_observations(
     log_missing_batches.fn(ctx)  # an earlier batch whose log failed, and this one (when it stored rows)
     if not done["stored"]["inserted"]:  # an identical re-import stores no batch; its run says so
         log_batch.fn(ctx, info, done["rows"], done["stored"], done["source"], done["batch_id"])
-    return {
-        "use_case": use_case,
-        "pilot_id": info["pilot_id"],
-        "pilot": info["pilot"],
-        "step_index": info["step_index"],
-        "step_kind": info["kind"],
-        "traffic_pct": info["traffic_pct"],
-        "batches": [
+    return _run_summary(
+        use_case,
+        info,
+        [
             {
                 "batch_id": done["batch_id"],
                 "inserted": done["stored"]["inserted"],
@@ -136,6 +132,20 @@ def _import_observations(
                 "passed": True,
             }
         ],
+    )
+
+
+def _run_summary(use_case: str, info: dict[str, Any], batches: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a pilot run or an import returns (the CLI prints it): the use case, the pilot and step that
+    `info` (`ensure_pilot`'s, `pilot_batches.import_file`'s) names, and its batches."""
+    return {
+        "use_case": use_case,
+        "pilot_id": info["pilot_id"],
+        "pilot": info["pilot"],
+        "step_index": info["step_index"],
+        "step_kind": info["kind"],
+        "traffic_pct": info["traffic_pct"],
+        "batches": batches,
     }
 
 
@@ -241,15 +251,8 @@ def validate_batch(rows: list[dict[str, Any]], known_ids: list[str], kind: str) 
     )
 
 
-@flow_task("pilot-store-batch")
-def store_batch(
-    step_id: int,
-    rows: list[dict[str, Any]],
-    batch_id: str,
-    source: str,
-    void: dict[str, str] | None = None,
-) -> dict[str, int]:
-    return pilot_batches.store_batch(step_id, rows, batch_id, source, void)
+# A validated batch stored in its step (rollout.pilot_batches.store_batch), as a task.
+store_batch = flow_task("pilot-store-batch")(pilot_batches.store_batch)
 
 
 @flow_task("pilot-step-refusal")
@@ -373,15 +376,7 @@ def pilot_flow(
     if info["spec_version"] is not None and info["spec_version"] != ctx.spec_version:
         # a running pilot keeps the version it started under: its batch size, traffic and arms (docs/flows.md)
         ctx = load_context(use_case, info["spec_version"])
-    summary: dict[str, Any] = {
-        "use_case": use_case,
-        "pilot_id": info["pilot_id"],
-        "pilot": info["pilot"],
-        "step_index": info["step_index"],
-        "step_kind": info["kind"],
-        "traffic_pct": info["traffic_pct"],
-        "batches": [],
-    }
+    summary = _run_summary(use_case, info, [])
     n = batch_size or ctx.spec.rollout.batch_size
     mnt = max_new_tokens or default_max_new_tokens(ctx.spec)
     used = set(info["used_request_ids"])
