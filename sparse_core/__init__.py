@@ -30,6 +30,7 @@ _LAZY: dict[str, str] = {
     # retrofit
     "sparsify": "sparse_core.retrofit",
     "unsparsify": "sparse_core.retrofit",
+    "sparsified": "sparse_core.retrofit",
     "is_sparsified": "sparse_core.retrofit",
     "sparse_stats": "sparse_core.retrofit",
     "SparseStats": "sparse_core.retrofit",

@@ -572,7 +572,7 @@ def measure_layer_kl(
 ) -> list[float | None]:
     """Per layer the next-token KL against dense on `windows` with that layer alone sparsified as the
     reference plan has it (`layer_weights.reference_eps`); None for a layer dense there."""
-    from sparse_core.retrofit import sparsify, unsparsify
+    from sparse_core.retrofit import sparsified
 
     cands = _eps_candidates(sens, 6)  # 63 levels: enough to land near the reference density
     preds = [allocate_choice(sens, e, per_head=lim.per_head)[3] for e in cands]
@@ -585,11 +585,8 @@ def measure_layer_kl(
         if li in dl:
             out.append(None)
         else:
-            sparsify(model, ref_plan.with_(dense_layers=tuple(x for x in range(n_layers) if x != li)))
-            try:
+            with sparsified(model, ref_plan.with_(dense_layers=tuple(x for x in range(n_layers) if x != li))):
                 out.append(measure_fidelity(model, wref).kl)
-            finally:
-                unsparsify(model)
         if progress:
             progress("layer weights", li + 1, n_layers)
     return out
@@ -660,7 +657,7 @@ def calibrate_many(
     training and sensitivity forwards (what a fair comparison needs, at a fraction of the cost of
     separate runs): {spec: (plan, report)}."""
     from sparse_core.estimators import available_estimators, get_training_hook, parse_estimator_spec
-    from sparse_core.retrofit import is_sparsified, sparsify, unsparsify
+    from sparse_core.retrofit import is_sparsified, unsparsify
 
     lim = limits or CalibrationLimits()
     if isinstance(budget, str):
@@ -785,8 +782,6 @@ def calibrate_many(
         task=task,
         seed=seed,
         progress=progress,
-        sparsify=sparsify,
-        unsparsify=unsparsify,
         deadline=None if lim.max_seconds is None else t_start + lim.max_seconds,
     )
     results = {}
@@ -893,12 +888,10 @@ def _search_plan(
     task: str | None,
     seed: int,
     progress: Progress | None,
-    sparsify,
-    unsparsify,
     deadline: float | None,
 ) -> tuple[SparsePlan, CalibrationReport]:
     """The eps search for one estimator spec (candidates = the keys of `sens_all`, first = base's)."""
-    from sparse_core.retrofit import sparse_stats
+    from sparse_core.retrofit import sparse_stats, sparsified
 
     candidates = list(sens_all)
     sens = sens_all[candidates[0]]
@@ -936,8 +929,7 @@ def _search_plan(
         t1 = time.perf_counter()
         plan, pred, _, _ = plan_for(cands[i])
         task_drop = task_upper = task_failed = task_scored = None
-        sparsify(model, plan)
-        try:
+        with sparsified(model, plan):
             fid = as_unit(measure_fidelity(model, ref))
             dens = sparse_stats(model).density  # the plan just applied (an error here is a bug, not None)
             ok = budget.met_by(judged(fid, step_confidence))
@@ -955,8 +947,6 @@ def _search_plan(
                     progress=counter(progress, f"task rows, check {len(search) + 1}", len(task_rows)),
                 )
                 task_drop, task_scored = sum(drops) / len(drops), len(drops)
-        finally:
-            unsparsify(model)
         cache[i] = (ok, fid, dens, (task_drop, task_upper, task_scored))
         secs = time.perf_counter() - t1
         step = SearchStep(

@@ -267,7 +267,7 @@ def _threads_used(report) -> str | int | None:
 @torch.no_grad()
 def layer_output_errors(model, plan: SparsePlan, ids: Sequence[int]) -> list[float]:
     """Relative error of each layer's attention output, sparse model vs dense model, same input."""
-    from sparse_core.retrofit import sparsify, unsparsify
+    from sparse_core.retrofit import sparsified
 
     dev = next(model.parameters()).device
     x = torch.tensor([list(ids)], device=dev)
@@ -283,12 +283,9 @@ def layer_output_errors(model, plan: SparsePlan, ids: Sequence[int]) -> list[flo
 
     with capture_attention(model, keep):
         model(input_ids=x, logits_to_keep=1)
-    sparsify(model, plan)
-    try:
+    with sparsified(model, plan):
         with capture_attention(model, compare):
             model(input_ids=x, logits_to_keep=1)
-    finally:
-        unsparsify(model)
     return [errs[i] for i in sorted(errs)]
 
 
@@ -382,7 +379,7 @@ def measure_speed(
     was overloaded (the pair, or either arm on its own: `host.pair_load`) is timed again (at most
     `repeats` times per length), and the summary records the host's load and what was retimed."""
     from sparse_core.host import PairMeter, host_totals
-    from sparse_core.retrofit import sparse_stats, sparsify, unsparsify
+    from sparse_core.retrofit import sparse_stats, sparsified
     from sparse_core.time_split import split_prefill
 
     policy = timing_threads(policy)
@@ -397,11 +394,8 @@ def measure_speed(
         win = timing_window(tokenizer, int(L), seed=seed + 7)
         ids = torch.tensor([win], device=dev)
         _time_prefill(model, ids)  # warm-up dense
-        sparsify(model, plan)
-        try:
+        with sparsified(model, plan):
             _time_prefill(model, ids)  # warm-up sparse (compiles kernels where they compile)
-        finally:
-            unsparsify(model)
         d_times, s_times, est, ker = [], [], [], []
         meter = PairMeter(repeats, threads=policy["threads"])  # at most `repeats` retimings per length
         meters.append(meter)
@@ -415,15 +409,12 @@ def measure_speed(
                         with keep.arm():  # each arm judged on its own: a busy spell in one moves the ratio
                             timed[arm] = _time_prefill(model, ids)
                         continue
-                    sparsify(model, plan)
-                    try:
+                    with sparsified(model, plan):
                         _reset_stats(model)
                         with keep.arm():
                             timed[arm] = _time_prefill(model, ids)
                         stats = sparse_stats(model)
                         e, kt = stats.estimator_seconds, stats.kernel_seconds
-                    finally:
-                        unsparsify(model)
             if not keep():  # the host, not the model: the pair is timed again
                 continue
             d_times.append(timed["dense"])
@@ -652,7 +643,7 @@ def evaluate(
 ) -> EvaluationReport:
     """Evaluate `plan` on `model` (left dense afterwards). The timings' threads are chosen once, before the
     prefill timing, and the decode timing reuses them (`timing_threads`); each records the host's load."""
-    from sparse_core.retrofit import is_sparsified, sparsify, unsparsify
+    from sparse_core.retrofit import is_sparsified, sparsified, unsparsify
 
     suite = suite or EvalSuite()
     plan.validate_for(model.config)
@@ -692,11 +683,8 @@ def evaluate(
         ref = dense_reference(
             model, windows, fraction=suite.fidelity_fraction, progress=counter(progress, "fidelity dense", n)
         )
-        sparsify(model, plan)
-        try:
+        with sparsified(model, plan):
             fid = measure_fidelity(model, ref, progress=counter(progress, "fidelity sparse", n))
-        finally:
-            unsparsify(model)
         report.fidelity = {**fid.to_dict(), **fidelity_bounds(fid), "windows": [len(w) for w in windows]}
         del ref
         if suite.layer_errors and windows:
@@ -712,22 +700,16 @@ def evaluate(
         t0 = time.perf_counter()
         n = len(probes)
         dense_p = score_probes(model, probes, progress=counter(progress, "probes dense", n))
-        sparsify(model, plan)
-        try:
+        with sparsified(model, plan):
             sparse_p = score_probes(model, probes, progress=counter(progress, "probes sparse", n))
-        finally:
-            unsparsify(model)
         dd, sd = dense_p.to_dict(), sparse_p.to_dict()
         generated = None
         if plan.decode is not None:  # the answer generated, so decode reads the long context
             from sparse_core.decode.measure import probe_generation_accuracy
 
             gen_d = probe_generation_accuracy(model, tokenizer, probes)
-            sparsify(model, plan)
-            try:
+            with sparsified(model, plan):
                 gen_s = probe_generation_accuracy(model, tokenizer, probes)
-            finally:
-                unsparsify(model)
             generated = {"n": n, "dense_accuracy": gen_d["accuracy"], "sparse_accuracy": gen_s["accuracy"]}
         report.probes = {
             "n": n,
@@ -761,12 +743,9 @@ def evaluate(
         # answer), or an error naming the row from the dense model (sparse_core.tasks.checked)
         tick = counter(progress, "tasks dense", len(used))
         dense_t = score_dataset(model, tokenizer, used, progress=tick, reference_model=True, **kw)
-        sparsify(model, plan)
-        try:
+        with sparsified(model, plan):
             tick = counter(progress, "tasks sparse", len(used))
             sparse_t = score_dataset(model, tokenizer, used, progress=tick, reference_model=False, **kw)
-        finally:
-            unsparsify(model)
         low, high = delta_bounds(
             [r.quality for r in dense_t.per_row], [r.quality for r in sparse_t.per_row], alpha=1 - CONFIDENCE
         )

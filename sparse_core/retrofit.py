@@ -4,7 +4,8 @@ Mechanism: one attention function registered in transformers' ``AttentionInterfa
 mask builder under the same name in ``AttentionMaskInterface``, so the model builds the masks SDPA
 would), selected with ``model.set_attn_implementation``. Each attention module gets a small state
 attribute holding its layer's plan; weights and forward methods are untouched, and ``unsparsify``
-restores the previous implementation and removes the attributes.
+restores the previous implementation and removes the attributes. ``with sparsified(model, plan):`` applies
+a plan for the block's length and restores the dense model however the block ends.
 
 Prefill (query length == key length, longer than one block) runs the sparse path. Cached decode steps
 run sparse when the plan has a `decode` section (sparse_core.decode: page summaries kept beside the
@@ -15,6 +16,8 @@ in training, and masks that are not causal + key padding run dense SDPA, so resu
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -198,6 +201,20 @@ def unsparsify(model: torch.nn.Module) -> torch.nn.Module:
     object.__delattr__(model, _MODEL_ATTR)
     model.set_attn_implementation(state.previous_impl or "sdpa")
     return model
+
+
+@contextmanager
+def sparsified(
+    model: torch.nn.Module, plan: SparsePlan, *, kernel: str = "auto"
+) -> Iterator[torch.nn.Module]:
+    """`sparsify(model, plan, kernel=kernel)` for the length of a ``with`` block, then `unsparsify`
+    whether the block ends normally or raises (its exception goes on). A plan `sparsify` refuses
+    raises before the block runs, and leaves the model as it was."""
+    sparsify(model, plan, kernel=kernel)
+    try:
+        yield model
+    finally:
+        unsparsify(model)
 
 
 def is_sparsified(model: torch.nn.Module) -> bool:

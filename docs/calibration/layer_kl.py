@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from sparse_core import load_model, sparse_stats, sparsify, unsparsify
+from sparse_core import load_model, sparse_stats, sparsified
 from sparse_core.corpus import corpus_texts, pack_token_windows
 from sparse_core.fidelity import dense_reference, measure_fidelity
 from sparse_core.plan_io import load
@@ -31,12 +31,9 @@ ref = dense_reference(model, wins)
 
 
 def run(p):
-    sparsify(model, p)
-    try:
+    with sparsified(model, p):
         f = measure_fidelity(model, ref)
         d = sparse_stats(model).density
-    finally:
-        unsparsify(model)
     return {"kl": f.kl, "agree": f.agree, "nll_delta": f.nll_delta, "density": d}
 
 

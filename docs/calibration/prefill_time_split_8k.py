@@ -20,19 +20,16 @@ import torch
 from sparse_core import plan_io
 from sparse_core.evaluation import _time_prefill, timing_window
 from sparse_core.loading import load_model
-from sparse_core.retrofit import sparse_stats, sparsify, unsparsify
+from sparse_core.retrofit import sparse_stats, sparsified
 
 
 def run(model, ids, plan, kernel: str, label: str, out: dict, reps: int = 2) -> None:  # noqa: ANN001
     for r in range(reps + 1):
-        sparsify(model, plan, kernel=kernel)
-        try:
+        with sparsified(model, plan, kernel=kernel):
             sparse_stats(model).reset()
             t = _time_prefill(model, ids)
             st = sparse_stats(model)
             est, ker, dens = st.estimator_seconds, st.kernel_seconds, st.density
-        finally:
-            unsparsify(model)
         if r == 0:
             continue  # warm-up
         row = {

@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from sparse_core import load_model, sparse_stats, sparsify, unsparsify
+from sparse_core import load_model, sparse_stats, sparsified
 from sparse_core.calibration import split_texts
 from sparse_core.corpus import corpus_texts, pack_token_windows
 from sparse_core.fidelity import dense_reference, measure_fidelity
@@ -50,12 +50,9 @@ for name, windows in sets.items():
     ref = dense_reference(model, windows)
     for d in plan_dirs:
         plan = load(d, config=model.config)
-        sparsify(model, plan)
-        try:
+        with sparsified(model, plan):
             fid = measure_fidelity(model, ref)
             density = sparse_stats(model).density
-        finally:
-            unsparsify(model)
         bound = fidelity_bound(fid, 0.95)
         row = {**fid.to_dict(), "kl_upper": bound.kl, "agree_lower": bound.agree, "measured_density": density}
         result["plans"].setdefault(os.path.basename(d.rstrip("/")), {})[name] = row

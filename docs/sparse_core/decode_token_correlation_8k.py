@@ -20,7 +20,7 @@ import torch
 from sparse_core import load_model, plan_io
 from sparse_core.corpus import corpus_texts, pack_token_windows
 from sparse_core.decode.measure import prefill, run_decode
-from sparse_core.retrofit import sparsify, unsparsify
+from sparse_core.retrofit import sparsified
 
 
 def main(plan_dir: str, out: str, windows: int = 4, new_tokens: int = 128) -> None:
@@ -32,11 +32,8 @@ def main(plan_dir: str, out: str, windows: int = 4, new_tokens: int = 128) -> No
     for i, w in enumerate(pack_token_windows(tok, corpus_texts("calibration"), 8128, 6, seed=99)[:windows]):
         cache, first = prefill(model, torch.tensor([w]))
         ref = run_decode(model, cache, first, new_tokens)
-        sparsify(model, plan)
-        try:
+        with sparsified(model, plan):
             run = run_decode(model, cache, first, new_tokens, forced=ref.predicted)
-        finally:
-            unsparsify(model)
         kl = (ref.logprobs.exp() * (ref.logprobs - run.logprobs)).sum(-1).clamp_min(0)
         agree = [float(a == b) for a, b in zip(ref.predicted, run.predicted, strict=True)]
         rows.append({"kl": kl.tolist(), "agree": agree})

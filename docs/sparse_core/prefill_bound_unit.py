@@ -58,7 +58,7 @@ def measure(
     from sparse_core.corpus import pack_token_windows
     from sparse_core.fidelity import dense_reference, measure_fidelity
     from sparse_core.host import loadavg
-    from sparse_core.retrofit import sparsify, unsparsify
+    from sparse_core.retrofit import sparsified
 
     torch.set_num_threads(1)
     load_before, t0 = loadavg(), time.perf_counter()
@@ -83,11 +83,8 @@ def measure(
     rows = []
     for i, w in enumerate(windows):
         ref = dense_reference(model, [w], fraction=lim.fidelity_fraction)
-        sparsify(model, plan)
-        try:
+        with sparsified(model, plan):
             fid = measure_fidelity(model, ref)
-        finally:
-            unsparsify(model)
         rows.append({"blocks": fid.blocks, "kl": fid.kl, "agree": fid.agree, "texts": sources[i]})
         print(f"window {i + 1}/{len(windows)}: KL {fid.kl:.4f} agreement {fid.agree:.4f}", flush=True)
     result = {

@@ -334,7 +334,7 @@ def measure(
     from sparse_core.decode.measure import as_paged, fidelity, prefill, run_decode
     from sparse_core.decode.page_gate import WINDOWS
     from sparse_core.plan import SparsePlan
-    from sparse_core.retrofit import decode_stats, is_sparsified, sparsify, unsparsify
+    from sparse_core.retrofit import decode_stats, is_sparsified, sparsified, unsparsify
 
     if is_sparsified(model):
         unsparsify(model)
@@ -369,14 +369,11 @@ def measure(
         ref = run_decode(model, cache, first, new_tokens)
         for s in scorers:
             for b in budgets:
-                sparsify(model, plans[s][b])
-                try:
+                with sparsified(model, plans[s][b]):
                     st = decode_stats(model)
                     st.reset()
                     run = run_decode(model, cache, first, new_tokens, forced=ref.predicted)
                     density = st.density
-                finally:
-                    unsparsify(model)
                 kl, agree, nll = fidelity(ref, run)
                 row = per_prompt[s][b]
                 row["kl"].append(kl)

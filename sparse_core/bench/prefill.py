@@ -30,7 +30,7 @@ from sparse_core.host import HostLoad, HostLoadMeter
 from sparse_core.kernels import sparse_attention
 from sparse_core.loading import load_model
 from sparse_core.plan import SparsePlan
-from sparse_core.retrofit import sparse_stats, sparsify, unsparsify
+from sparse_core.retrofit import sparse_stats, sparsified
 from sparse_core.testing import sample_text
 
 FULL_LENGTHS = (2048, 4096, 8192)
@@ -167,13 +167,10 @@ def run(
             for tau in taus:
                 plan = base_plan.with_(tau=tau)
                 say(f"{s} tokens: sparse ({kern}), tau={tau}")
-                sparsify(model, plan, kernel=kern)
-                try:
+                with sparsified(model, plan, kernel=kern):
                     secs, hidden, load = _prefill(model, ids, repeats)
                     stats = sparse_stats(model)  # every call of the repeats: the mean prefill's share
                     density, est = stats.density, stats.estimator_seconds / repeats
-                finally:
-                    unsparsify(model)
                 fid = fidelity(model, ids, dense_hidden, hidden)
                 sparse_rows.append((kern, tau, secs, density, est, fid, load))
         say(f"{s} tokens: dense SDPA (again)")

@@ -142,7 +142,7 @@ def _ratios(rows: list[dict]) -> None:
 def run_quality_bench(
     settings: QualityBenchSettings, *, progress: Callable[[str, int, int], None] | None = None
 ) -> dict:
-    from sparse_core import load_model, sparse_stats, sparsify, unsparsify
+    from sparse_core import load_model, sparse_stats, sparsified
     from sparse_core.calibration import CalibrationLimits, calibrate_many, check_margin_units, split_texts
     from sparse_core.corpus import corpus_texts, pack_token_windows, timing_window
     from sparse_core.fidelity import dense_reference, measure_fidelity
@@ -229,8 +229,7 @@ def run_quality_bench(
             if settings.speed:  # the row's own dense prefills: one just before its sparse one, one after
                 with HostLoadMeter() as before_load:
                     dense_before = _time_prefill(model, speed_w)
-            sparsify(model, plan)
-            try:
+            with sparsified(model, plan):
                 fid = measure_fidelity(model, ref)
                 stats = sparse_stats(model)
                 row["measured_density"] = stats.density
@@ -240,8 +239,6 @@ def run_quality_bench(
                         sparse_s = _time_prefill(model, speed_w)
                     est_s = stats.estimator_seconds / prefill_repeats(next(model.parameters()).device)
                     row["speed_density"] = stats.density
-            finally:
-                unsparsify(model)
             if settings.speed:
                 with HostLoadMeter() as after_load:
                     dense_after = _time_prefill(model, speed_w)
@@ -278,12 +275,9 @@ def run_quality_bench(
         dense_scores = _scores(model, tok, held_rows, uc.task)
         rows = []
         for spec, (plan, rep) in results.items():
-            sparsify(model, plan)
-            try:
+            with sparsified(model, plan):
                 sparse_scores = _scores(model, tok, held_rows, uc.task)
                 measured = sparse_stats(model).density
-            finally:
-                unsparsify(model)
             delta = (sum(dense_scores) - sum(sparse_scores)) / max(1, len(held_rows))
             rows.append(
                 {

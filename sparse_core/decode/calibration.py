@@ -451,7 +451,7 @@ def calibrate_decode(
     from sparse_core.corpus import pack_token_windows
     from sparse_core.decode.measure import fidelity_blocks, prefill, run_decode
     from sparse_core.fidelity import Fidelity
-    from sparse_core.retrofit import is_sparsified, sparsify, unsparsify
+    from sparse_core.retrofit import is_sparsified, sparsified, unsparsify
 
     lim = limits or DecodeLimits()
     if isinstance(budget, str):
@@ -540,13 +540,10 @@ def calibrate_decode(
         dp = decode_plan_for(layer_budgets, lim)
         plan = base.with_(dense_layers=tuple(range(n_layers)), decode=dp)
         blocks: list = []
-        sparsify(model, plan)
-        try:
+        with sparsified(model, plan):
             for (cache, first), ref in zip(caches, refs, strict=True):
                 run = run_decode(model, cache, first, lim.new_tokens, forced=ref.predicted)
                 blocks += fidelity_blocks(ref, run, size=lim.new_tokens)  # a prompt
-        finally:
-            unsparsify(model)
         return Fidelity.from_blocks(blocks)
 
     vals = sorted({float(x) for x in err.flatten().tolist() if math.isfinite(x)})

@@ -169,7 +169,7 @@ def compare_decode(
     progress: Progress | None = None,
 ) -> DecodeComparison:
     """Dense vs `plan`'s sparse decode after the prompt `ids` [1, S]; the model is left dense."""
-    from sparse_core.retrofit import decode_stats, is_sparsified, sparsify, unsparsify
+    from sparse_core.retrofit import decode_stats, is_sparsified, sparsified, unsparsify
 
     if plan.decode is None:
         raise ValueError("the plan has no decode section: nothing sparse to measure in decode")
@@ -218,8 +218,7 @@ def compare_decode(
                         dense_run = pair["dense"] = run_decode(model, d_cache, first, new_tokens)
                 else:
                     assert dense_run is not None
-                    sparsify(model, plan, kernel=kernel)
-                    try:
+                    with sparsified(model, plan, kernel=kernel):
                         st = decode_stats(model)
                         st.reset()
                         with keep.arm():
@@ -227,8 +226,6 @@ def compare_decode(
                                 model, s_cache, first, new_tokens, forced=dense_run.predicted
                             )
                         p_est, p_kept, p_cached = st.estimator_seconds, st.kept_tokens, st.cached_tokens
-                    finally:
-                        unsparsify(model)
                 done += 1
                 if progress:
                     progress("decode", min(done, total), total)
@@ -247,11 +244,8 @@ def compare_decode(
     kl, agree, nll_delta = fidelity(dense_run, sparse_run)
     match = first_div = None
     if free_running:
-        sparsify(model, plan, kernel=kernel)
-        try:
+        with sparsified(model, plan, kernel=kernel):
             free = run_decode(model, s_cache, first, new_tokens)
-        finally:
-            unsparsify(model)
         same = [a == b for a, b in zip(dense_run.predicted, free.predicted, strict=True)]
         match = sum(same) / len(same)
         first_div = next((i for i, s in enumerate(same) if not s), None)

@@ -470,15 +470,12 @@ def _split_rows(rows: list, holdout_fraction: float, seed: int) -> tuple[list, l
 
 def _heldout_task_delta(model, tok, plan, rows: list, task: str | None, limits) -> dict[str, Any]:
     """The plan's task-score drop (dense - sparse mean) on held-out rows calibration never saw."""
-    from sparse_core import sparsify, unsparsify
+    from sparse_core import sparsified
     from sparse_core.calibration import task_scores
 
     dense, _ = task_scores(model, tok, rows, task, limits, dense=True)
-    sparsify(model, plan)
-    try:
+    with sparsified(model, plan):
         sparse, failed = task_scores(model, tok, rows, task, limits, dense=False)
-    finally:
-        unsparsify(model)
     return {
         "heldout_rows": len(rows),
         "heldout_dense_score": sum(dense) / len(rows),

@@ -6,7 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparse_core import PlanError, SparsePlan, is_sparsified, load_model, sparse_stats, sparsify, unsparsify
+from sparse_core import (
+    PlanError,
+    SparsePlan,
+    is_sparsified,
+    load_model,
+    sparse_stats,
+    sparsified,
+    sparsify,
+    unsparsify,
+)
 from sparse_core.testing import sample_text
 
 PROMPT_TOKENS = 300  # several 32-token blocks, not a multiple of the block
@@ -57,6 +66,24 @@ def test_sparse_path_changes_outputs_and_unsparsify_restores_exactly(tiny_llama_
         assert torch.equal(model(ids).logits, dense)
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
     assert not any(hasattr(m, "_sparsepilot_layer") for m in model.modules())
+
+
+def test_sparsified_restores_the_dense_model_when_its_block_raises(tiny_llama_dir):
+    model, tok = load_model(tiny_llama_dir)
+    ids = _prompt(tok, 128)
+    with torch.no_grad():
+        dense = model(ids).logits
+    with pytest.raises(RuntimeError, match="inside the block"):
+        with sparsified(model, SparsePlan(block_size=32, tau=0.5)) as m:
+            assert m is model and is_sparsified(model)
+            with torch.no_grad():
+                model(ids)
+            assert sparse_stats(model).calls  # the block ran sparse
+            raise RuntimeError("inside the block")
+    assert not is_sparsified(model) and model.config._attn_implementation == "sdpa"
+    assert not any(hasattr(m, "_sparsepilot_layer") for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, dense)
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
