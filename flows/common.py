@@ -349,17 +349,14 @@ def require_prefect_api(timeout_s: float = 10.0) -> None:
 def model_arm(model: Any, plan: Any | None) -> Iterator[Any]:
     """The model as one arm: sparsified by `plan` inside the block (treatment) or dense (control);
     always dense again afterwards, so the cached model is never left sparse."""
-    from sparse_core import sparsify, unsparsify
+    from sparse_core import sparsified
 
     with _MODEL_LOCK:
         if plan is None:
             yield model
             return
-        sparsify(model, plan)
-        try:
+        with sparsified(model, plan):
             yield model
-        finally:
-            unsparsify(model)
 
 
 def stable_key(*parts: Any) -> str:
