@@ -1,18 +1,19 @@
 """Observations collected by a real serving system, imported for `sparsepilot pilot NAME --observations
 FILE` (and the monitor): JSONL or CSV with columns request_id, arm, quality, latency_ms, error and
-optionally tokens. Rows are parsed strictly (the message names the file, line and field) and then checked
-with the Great Expectations observation suite (rollout.validation) before they may count."""
+optionally tokens. Rows are parsed strictly (the message names the file, line and field; a JSONL object
+giving a key twice and a CSV header naming a column twice are refused, never read as the last one) and
+then checked with the Great Expectations observation suite (rollout.validation) before they may count."""
 
 from __future__ import annotations
 
 import csv
-import json
 import math
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rollout.json_lines import LineError, parse_object
 from sparse_core.errors import SparsePilotError
 
 if TYPE_CHECKING:
@@ -105,14 +106,11 @@ def _jsonl(p: Path, f: Any) -> Iterator[tuple[int, dict[str, Any]]]:
             continue
         if len(line) > MAX_LINE_CHARS:
             raise ObservationImportError(f"{p}:{lineno}: line longer than {MAX_LINE_CHARS} characters")
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ObservationImportError(f"{p}:{lineno}: not valid JSON ({exc.msg})") from None
-        except (ValueError, RecursionError) as exc:  # 5000-digit integers, very deep nesting
-            raise ObservationImportError(f"{p}:{lineno}: JSON value cannot be read ({exc})"[:300]) from None
-        if not isinstance(obj, dict):
-            raise ObservationImportError(f"{p}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        try:  # a key given twice is refused: json keeps the last silently ({"quality": 0.1, "quality": 0.9})
+            obj = parse_object(line)
+        except LineError as exc:
+            where = "" if exc.field == "line" else f"field {exc.field!r}: "
+            raise ObservationImportError(f"{p}:{lineno}: {where}{exc.message}"[:300]) from None
         yield lineno, obj
 
 

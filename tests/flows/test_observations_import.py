@@ -53,6 +53,12 @@ def test_a_monitor_file_without_a_row_of_the_champion_is_refused(tmp_path: Path)
             r"twice\.csv: header names column\(s\) quality more than once",
         ),
         (
+            "twice.jsonl",
+            '{"request_id": "r1", "arm": "control", "quality": 0.0, "latency_ms": 100, "error": false, '
+            '"quality": 0.9}\n',
+            r"twice\.jsonl:1: field 'quality': given twice in one object",
+        ),
+        (
             "blank.csv",
             "request_id,arm,quality,latency_ms,error\nr1,control,0.5,100,\n",
             r"blank\.csv:2: field 'error' is empty; write false",
@@ -67,7 +73,8 @@ def test_a_monitor_file_without_a_row_of_the_champion_is_refused(tmp_path: Path)
 def test_a_column_named_twice_or_an_empty_error_cell_is_refused(
     tmp_path: Path, name: str, text: str, match: str
 ) -> None:
-    """A second 'quality' column used to win silently (csv.DictReader keeps the last), and an empty
+    """A second 'quality' column used to win silently (csv.DictReader keeps the last), as did a second
+    'quality' key in a JSONL object (json keeps the last: a score nobody saw was imported), and an empty
     'error' cell was read as "no error", a success for the error guardrails."""
     from rollout.observations_io import ObservationImportError, read_observations
 
