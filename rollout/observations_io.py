@@ -33,6 +33,20 @@ class ObservationImportError(SparsePilotError, ValueError):
     """A file that cannot be imported; nothing from it was stored."""
 
 
+def not_a_file(path: str | Path) -> str | None:
+    """Why `path` cannot be read as a file of observations, naming it, or None where it is a file: a
+    directory (an export's folder of pages) is said as one, never "file not found"."""
+    p = Path(path)
+    try:
+        if p.is_file():
+            return None
+        if p.is_dir():
+            return f"{p}: is a directory, not a file (name each file of observations itself)"
+    except OSError as exc:
+        return f"{p}: cannot read the file ({exc.strerror or exc})"
+    return f"{p}: file not found"
+
+
 def read_observations(path: str | Path, *, require_arm: str | None = None) -> list[dict[str, Any]]:
     """Parse a JSONL (.jsonl/.ndjson/.json) or CSV (.csv) file into observation rows. `require_arm`: a
     file without a row of that arm is refused (the monitor judges the champion's rows, 'treatment')."""
@@ -58,11 +72,8 @@ def iter_observations(
     """The file's rows as (line, row) pairs, ``chunk_rows`` at a time: a file of any size is read in
     bounded memory. Raises ObservationImportError naming the file, line and field."""
     p = Path(path)
-    try:
-        if not p.is_file():
-            raise ObservationImportError(f"{p}: file not found")
-    except OSError as exc:
-        raise ObservationImportError(f"{p}: cannot read the file ({exc.strerror or exc})") from None
+    if why := not_a_file(p):
+        raise ObservationImportError(why)
     suffix = p.suffix.lower()
     if suffix in (".jsonl", ".ndjson", ".json"):
         parse = _jsonl

@@ -84,6 +84,23 @@ def test_a_column_named_twice_or_an_empty_error_cell_is_refused(
         read_observations(path)
 
 
+def test_a_directory_given_as_observations_is_said_to_be_one(tmp_path: Path) -> None:
+    """An export's folder given for its file was refused as "file not found", untrue words about a path
+    that is there (the pilot's import and the monitor's check before its flow alike)."""
+    from flows.monitor import require_file
+    from rollout.observations_io import ObservationImportError, read_observations
+
+    export = tmp_path / "export.jsonl"
+    export.mkdir()
+    said = rf"{export}: is a directory, not a file \(name each file of observations itself\)"
+    with pytest.raises(ObservationImportError, match=said + "$"):
+        read_observations(export)
+    with pytest.raises(ObservationImportError, match=said + "; nothing was imported$"):
+        require_file(str(export))
+    with pytest.raises(ObservationImportError, match=rf"{tmp_path / 'nowhere.csv'}: file not found$"):
+        read_observations(tmp_path / "nowhere.csv")
+
+
 def test_parse_errors_name_file_line_and_field(tmp_path: Path) -> None:
     from rollout.observations_io import ObservationImportError, read_observations
 
