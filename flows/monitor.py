@@ -30,13 +30,12 @@ from rollout import audit, decisions, pilot_batches, run_links, tracking
 
 def require_file(path: str) -> None:
     """A file of observations given to the monitor exists, or the refusal naming it (`sparsepilot monitor
-    NAME --observations FILE` asks before its flow starts, the flow again for any other caller)."""
-    from pathlib import Path
+    NAME --observations FILE` asks before its flow starts, the flow again for any other caller): not
+    found, or a directory (`rollout.observations_io.not_a_file`)."""
+    from rollout.observations_io import ObservationImportError, not_a_file
 
-    from rollout.observations_io import ObservationImportError
-
-    if not Path(path).is_file():
-        raise ObservationImportError(f"{path}: file not found; nothing was imported")
+    if why := not_a_file(path):
+        raise ObservationImportError(f"{why}; nothing was imported")
 
 
 @flow_task("monitor-target")

@@ -1,18 +1,19 @@
 """Observations collected by a real serving system, imported for `sparsepilot pilot NAME --observations
 FILE` (and the monitor): JSONL or CSV with columns request_id, arm, quality, latency_ms, error and
-optionally tokens. Rows are parsed strictly (the message names the file, line and field) and then checked
-with the Great Expectations observation suite (rollout.validation) before they may count."""
+optionally tokens. Rows are parsed strictly (the message names the file, line and field; a JSONL object
+giving a key twice and a CSV header naming a column twice are refused, never read as the last one) and
+then checked with the Great Expectations observation suite (rollout.validation) before they may count."""
 
 from __future__ import annotations
 
 import csv
-import json
 import math
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rollout.json_lines import LineError, parse_object
 from sparse_core.errors import SparsePilotError
 
 if TYPE_CHECKING:
@@ -30,6 +31,20 @@ MAX_LINE_CHARS = 64 * 1024
 
 class ObservationImportError(SparsePilotError, ValueError):
     """A file that cannot be imported; nothing from it was stored."""
+
+
+def not_a_file(path: str | Path) -> str | None:
+    """Why `path` cannot be read as a file of observations, naming it, or None where it is a file: a
+    directory (an export's folder of pages) is said as one, never "file not found"."""
+    p = Path(path)
+    try:
+        if p.is_file():
+            return None
+        if p.is_dir():
+            return f"{p}: is a directory, not a file (name each file of observations itself)"
+    except OSError as exc:
+        return f"{p}: cannot read the file ({exc.strerror or exc})"
+    return f"{p}: file not found"
 
 
 def read_observations(path: str | Path, *, require_arm: str | None = None) -> list[dict[str, Any]]:
@@ -57,11 +72,8 @@ def iter_observations(
     """The file's rows as (line, row) pairs, ``chunk_rows`` at a time: a file of any size is read in
     bounded memory. Raises ObservationImportError naming the file, line and field."""
     p = Path(path)
-    try:
-        if not p.is_file():
-            raise ObservationImportError(f"{p}: file not found")
-    except OSError as exc:
-        raise ObservationImportError(f"{p}: cannot read the file ({exc.strerror or exc})") from None
+    if why := not_a_file(p):
+        raise ObservationImportError(why)
     suffix = p.suffix.lower()
     if suffix in (".jsonl", ".ndjson", ".json"):
         parse = _jsonl
@@ -105,14 +117,11 @@ def _jsonl(p: Path, f: Any) -> Iterator[tuple[int, dict[str, Any]]]:
             continue
         if len(line) > MAX_LINE_CHARS:
             raise ObservationImportError(f"{p}:{lineno}: line longer than {MAX_LINE_CHARS} characters")
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ObservationImportError(f"{p}:{lineno}: not valid JSON ({exc.msg})") from None
-        except (ValueError, RecursionError) as exc:  # 5000-digit integers, very deep nesting
-            raise ObservationImportError(f"{p}:{lineno}: JSON value cannot be read ({exc})"[:300]) from None
-        if not isinstance(obj, dict):
-            raise ObservationImportError(f"{p}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        try:  # a key given twice is refused: json keeps the last silently ({"quality": 0.1, "quality": 0.9})
+            obj = parse_object(line)
+        except LineError as exc:
+            where = "" if exc.field == "line" else f"field {exc.field!r}: "
+            raise ObservationImportError(f"{p}:{lineno}: {where}{exc.message}"[:300]) from None
         yield lineno, obj
 
 

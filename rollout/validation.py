@@ -184,12 +184,19 @@ class _Rows:
 
 
 def read_dataset(path: Path | str) -> tuple[_Rows, list[Failure], list[str]]:
-    """Read a JSONL dataset, catching what a DataFrame cannot hold: invalid UTF-8, bad JSON, wrong
-    types. Returns the readable rows, the read failures (with line numbers) and warnings."""
+    """Read a JSONL dataset, catching what a DataFrame cannot hold: a file that cannot be read (no
+    permission), invalid UTF-8, bad JSON, wrong types. Returns the readable rows, the read failures (with
+    line numbers) and warnings."""
     from rollout.spec import has_visible_text
 
     rows, failures, warnings = _Rows(), [], []
-    data = Path(path).read_bytes()
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:  # no read permission, an I/O error: the file exists but cannot be read
+        failures.append(
+            Failure("dataset", f"cannot read the file ({exc.strerror or exc})", expectation="read")
+        )
+        return rows, failures, warnings
     unknown: dict[str, list[int]] = {}
     for lineno, raw in enumerate(data.split(b"\n"), start=1):
         if not raw.strip():

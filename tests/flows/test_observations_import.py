@@ -53,6 +53,12 @@ def test_a_monitor_file_without_a_row_of_the_champion_is_refused(tmp_path: Path)
             r"twice\.csv: header names column\(s\) quality more than once",
         ),
         (
+            "twice.jsonl",
+            '{"request_id": "r1", "arm": "control", "quality": 0.0, "latency_ms": 100, "error": false, '
+            '"quality": 0.9}\n',
+            r"twice\.jsonl:1: field 'quality': given twice in one object",
+        ),
+        (
             "blank.csv",
             "request_id,arm,quality,latency_ms,error\nr1,control,0.5,100,\n",
             r"blank\.csv:2: field 'error' is empty; write false",
@@ -67,7 +73,8 @@ def test_a_monitor_file_without_a_row_of_the_champion_is_refused(tmp_path: Path)
 def test_a_column_named_twice_or_an_empty_error_cell_is_refused(
     tmp_path: Path, name: str, text: str, match: str
 ) -> None:
-    """A second 'quality' column used to win silently (csv.DictReader keeps the last), and an empty
+    """A second 'quality' column used to win silently (csv.DictReader keeps the last), as did a second
+    'quality' key in a JSONL object (json keeps the last: a score nobody saw was imported), and an empty
     'error' cell was read as "no error", a success for the error guardrails."""
     from rollout.observations_io import ObservationImportError, read_observations
 
@@ -75,6 +82,23 @@ def test_a_column_named_twice_or_an_empty_error_cell_is_refused(
     path.write_text(text)
     with pytest.raises(ObservationImportError, match=match):
         read_observations(path)
+
+
+def test_a_directory_given_as_observations_is_said_to_be_one(tmp_path: Path) -> None:
+    """An export's folder given for its file was refused as "file not found", untrue words about a path
+    that is there (the pilot's import and the monitor's check before its flow alike)."""
+    from flows.monitor import require_file
+    from rollout.observations_io import ObservationImportError, read_observations
+
+    export = tmp_path / "export.jsonl"
+    export.mkdir()
+    said = rf"{export}: is a directory, not a file \(name each file of observations itself\)"
+    with pytest.raises(ObservationImportError, match=said + "$"):
+        read_observations(export)
+    with pytest.raises(ObservationImportError, match=said + "; nothing was imported$"):
+        require_file(str(export))
+    with pytest.raises(ObservationImportError, match=rf"{tmp_path / 'nowhere.csv'}: file not found$"):
+        read_observations(tmp_path / "nowhere.csv")
 
 
 def test_parse_errors_name_file_line_and_field(tmp_path: Path) -> None:

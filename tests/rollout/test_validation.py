@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -216,6 +217,28 @@ def test_empty_and_missing_files(tmp_path: Path) -> None:
     assert validate_dataset(tmp_path / "nope.jsonl").messages() == [
         f"{tmp_path / 'nope.jsonl'}: dataset: file not found"
     ]
+
+
+@pytest.mark.parametrize("kind", ["no-permission", "io-error"])
+def test_a_dataset_that_cannot_be_read_is_a_failure_naming_it(tmp_path: Path, kind: str) -> None:
+    """A dataset file that exists but cannot be read (no read permission; an I/O error) was a raw
+    traceback out of `usecase add` (exit 1); it is a read failure naming the file (exit 2)."""
+    if kind == "no-permission":
+        if os.geteuid() == 0:
+            pytest.skip("root reads a file without read permission")
+        path = tmp_path / "locked.jsonl"
+        path.write_text('{"id": "a", "prompt": "p", "reference": "r"}\n')
+        path.chmod(0)
+        reason = "Permission denied"
+    else:
+        path = Path("/proc/self/mem")  # a regular file whose read fails (EIO) on Linux
+        if not path.is_file():
+            pytest.skip("no /proc/self/mem here")
+        reason = "Input/output error"
+    res = validate_dataset(path)
+    assert res.messages() == [f"{path}: dataset: cannot read the file ({reason})"]
+    with pytest.raises(DataValidationError, match="cannot read the file"):
+        res.raise_for_failures()
 
 
 def test_token_counting_prefers_the_models_tokenizer(tmp_path: Path) -> None:

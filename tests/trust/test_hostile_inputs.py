@@ -296,7 +296,7 @@ OBS_CASES = [
         _obs("bigint", _row(latency_ms=int(BIG_INT[:10])).replace(BIG_INT[:10], BIG_INT)),
         "bigint.jsonl:1",
     ),
-    Case("obs-not-object", _obs("arr", "[1, 2]"), "arr.jsonl:1: expected a JSON object"),
+    Case("obs-not-object", _obs("arr", "[1, 2]"), "arr.jsonl:1: must be a JSON object"),
     Case(
         "obs-missing-field",
         _obs("miss", '{"request_id": "ID0", "arm": "control"}'),
