@@ -156,8 +156,13 @@ def portfolio(
         .group_by(Observation.use_case_id)
         .subquery()
     )
+    # a step's rows, and each arm's (a split step's minimum is per arm, and its smaller arm fills slowly)
     obs_per_step = (
-        select(Observation.pilot_step_id.label("key"), func.count().label("n"))
+        select(
+            Observation.pilot_step_id.label("key"),
+            func.count().label("n"),
+            *(func.count(case((Observation.arm == arm, 1))).label(arm) for arm in ("control", "treatment")),
+        )
         .group_by(Observation.pilot_step_id)
         .subquery()
     )
@@ -179,6 +184,8 @@ def portfolio(
             PilotStep.traffic_pct,
             PilotStep.min_samples,
             func.coalesce(obs_per_step.c.n, 0).label("step_observations"),
+            func.coalesce(obs_per_step.c.control, 0).label("step_n_control"),
+            func.coalesce(obs_per_step.c.treatment, 0).label("step_n_treatment"),
             func.coalesce(obs_per_uc.c.n, 0).label("observations"),
             GateDecision.id.label("decision_id"),
             GateDecision.outcome.label("decision"),
@@ -464,6 +471,12 @@ def waits_for(row: dict[str, Any]) -> str:
         if row.get("step_kind") == "split" and decision == "EXTEND" and n_c is not None and n_t is not None:
             if min(n_c, n_t) < need:  # the minimum is per arm; the small arm fills slowly
                 return f"more samples ({min(n_c, n_t)}/{need} in the smaller arm)"
+        s_c, s_t = row.get("step_n_control"), row.get("step_n_treatment")
+        if row.get("step_kind") == "split" and s_c is not None and s_t is not None and min(s_c, s_t) < need:
+            # no look of this step counted its arms yet (an earlier step's GO moved the pilot here): its
+            # own rows, per arm, against the per-arm minimum; both arms' rows against it said "more samples
+            # (200/300)" with 20 in the sparse arm, and "next gate look" at 60 of 300 there
+            return f"more samples ({min(s_c, s_t)}/{need} in the smaller arm)"
         if decision == "EXTEND" and need and n >= need:  # minimum met, still inconclusive
             return f"more samples ({n}, inconclusive)"
         if decision == "EXTEND" or n < need:
