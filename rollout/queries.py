@@ -278,11 +278,14 @@ def portfolio(
         # a challenger calibrated for another spec version's budget (or model, data) waits for a calibration
         # under the current one before any pilot (runs.not_calibrated, what the cycle and `pilot` ask)
         r["not_calibrated"] = _not_calibrated_words(session, r)
-        r["waits_for"] = waits_for(r)
         # what the speed-up and the dollars carry beside them: timings kept under overload, and dollars
-        # priced at a spec version that is no longer current (docs/roi.md)
+        # priced at a spec version that is no longer current (docs/roi.md); read before `waits_for`, whose
+        # "no pilot:" finding is `roi.evaluation_pilot_skip`'s of them: a loss timed under overload is a
+        # saving not established, never "no saving expected" (it said so beside the caveat's "timed under
+        # overload", while `pilot` refused it as not established)
         r["measured_under_overload"] = roi.timing_overload(r.pop("timing_host"))
         r["priced_at"] = roi.priced_at(r["priced_spec_version"], r["current_spec_version"])
+        r["waits_for"] = waits_for(r)
         # its money by the one rule (rollout.roi.plan_money): a plan that keeps every block saves nothing
         # (`saves_nothing`: its dollars are timing noise), and a saving not established (`not_established`,
         # why) claims no payback; the table's caveat, the chart's and the main job's table say which
