@@ -156,8 +156,13 @@ def portfolio(
         .group_by(Observation.use_case_id)
         .subquery()
     )
+    # a step's rows, and each arm's (a split step's minimum is per arm, and its smaller arm fills slowly)
     obs_per_step = (
-        select(Observation.pilot_step_id.label("key"), func.count().label("n"))
+        select(
+            Observation.pilot_step_id.label("key"),
+            func.count().label("n"),
+            *(func.count(case((Observation.arm == arm, 1))).label(arm) for arm in ("control", "treatment")),
+        )
         .group_by(Observation.pilot_step_id)
         .subquery()
     )
@@ -179,6 +184,8 @@ def portfolio(
             PilotStep.traffic_pct,
             PilotStep.min_samples,
             func.coalesce(obs_per_step.c.n, 0).label("step_observations"),
+            func.coalesce(obs_per_step.c.control, 0).label("step_n_control"),
+            func.coalesce(obs_per_step.c.treatment, 0).label("step_n_treatment"),
             func.coalesce(obs_per_uc.c.n, 0).label("observations"),
             GateDecision.id.label("decision_id"),
             GateDecision.outcome.label("decision"),
@@ -271,11 +278,14 @@ def portfolio(
         # a challenger calibrated for another spec version's budget (or model, data) waits for a calibration
         # under the current one before any pilot (runs.not_calibrated, what the cycle and `pilot` ask)
         r["not_calibrated"] = _not_calibrated_words(session, r)
-        r["waits_for"] = waits_for(r)
         # what the speed-up and the dollars carry beside them: timings kept under overload, and dollars
-        # priced at a spec version that is no longer current (docs/roi.md)
+        # priced at a spec version that is no longer current (docs/roi.md); read before `waits_for`, whose
+        # "no pilot:" finding is `roi.evaluation_pilot_skip`'s of them: a loss timed under overload is a
+        # saving not established, never "no saving expected" (it said so beside the caveat's "timed under
+        # overload", while `pilot` refused it as not established)
         r["measured_under_overload"] = roi.timing_overload(r.pop("timing_host"))
         r["priced_at"] = roi.priced_at(r["priced_spec_version"], r["current_spec_version"])
+        r["waits_for"] = waits_for(r)
         # its money by the one rule (rollout.roi.plan_money): a plan that keeps every block saves nothing
         # (`saves_nothing`: its dollars are timing noise), and a saving not established (`not_established`,
         # why) claims no payback; the table's caveat, the chart's and the main job's table say which
@@ -464,6 +474,12 @@ def waits_for(row: dict[str, Any]) -> str:
         if row.get("step_kind") == "split" and decision == "EXTEND" and n_c is not None and n_t is not None:
             if min(n_c, n_t) < need:  # the minimum is per arm; the small arm fills slowly
                 return f"more samples ({min(n_c, n_t)}/{need} in the smaller arm)"
+        s_c, s_t = row.get("step_n_control"), row.get("step_n_treatment")
+        if row.get("step_kind") == "split" and s_c is not None and s_t is not None and min(s_c, s_t) < need:
+            # no look of this step counted its arms yet (an earlier step's GO moved the pilot here): its
+            # own rows, per arm, against the per-arm minimum; both arms' rows against it said "more samples
+            # (200/300)" with 20 in the sparse arm, and "next gate look" at 60 of 300 there
+            return f"more samples ({min(s_c, s_t)}/{need} in the smaller arm)"
         if decision == "EXTEND" and need and n >= need:  # minimum met, still inconclusive
             return f"more samples ({n}, inconclusive)"
         if decision == "EXTEND" or n < need:

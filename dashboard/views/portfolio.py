@@ -156,9 +156,17 @@ def filters(df: pd.DataFrame) -> pd.DataFrame:
     if dec:
         df = df[df["decision"].isin(dec)]
     if text:
-        t = text.lower()
-        df = df[df["name"].str.lower().str.contains(t, regex=False) | df["owner"].str.lower().str.contains(t)]
+        df = df[name_or_owner_contains(df, text)]
     return df
+
+
+def name_or_owner_contains(df: pd.DataFrame, text: str) -> pd.Series:
+    """The rows whose name or owner contains `text` as typed, case aside: a literal match, never a pattern
+    (the owner was matched as a regular expression: "c++" or "(" ended the page in an error, and "." kept
+    every row)."""
+    t = text.lower()
+    name, owner = (df[c].str.lower().str.contains(t, regex=False) for c in ("name", "owner"))
+    return name | owner
 
 
 def _on_select() -> None:

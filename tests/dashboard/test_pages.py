@@ -90,6 +90,12 @@ def test_portfolio_shows_seeded_use_cases(seeded: dict[str, Any]) -> None:
     # filtering happens on the page: only the medium-criticality use case is left
     at.multiselect(key="f_crit").select("medium").run()
     assert list(at.dataframe[0].value["name"]) == ["document-qa"]
+    # the name or owner as typed, case aside: the owner was matched as a regular expression, so "(" ended the
+    # page in an error ("c++" too), and "." kept every use case
+    for typed, left in (("(", []), (".", []), ("SEARCH-", ["document-qa"])):
+        at.text_input(key="f_text").input(typed).run()
+        assert not at.exception, (typed, [e.value for e in at.exception])
+        assert list(at.dataframe[0].value["name"]) == left, typed
 
 
 def test_use_case_page(seeded: dict[str, Any]) -> None:

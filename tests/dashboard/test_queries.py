@@ -300,6 +300,43 @@ def test_a_split_step_waits_for_its_smaller_arm() -> None:
     assert "50/100" in text and "smaller arm" in text
 
 
+@pytest.mark.parametrize(("control", "treatment"), [(90, 10), (270, 30)])
+def test_a_split_step_with_no_look_yet_waits_for_its_smaller_arm(
+    sp_home: Settings, control: int, treatment: int
+) -> None:
+    """A pilot a shadow GO moved to a 10% split step, not looked at there yet: its own rows, per arm, are set
+    against the per-arm minimum. Both arms' rows together were: "more samples (100/150)" at 90 + 10 rows,
+    and "next gate look" at 270 + 30, with 30 of the 150 the gate's next look needs in the sparse arm."""
+    from dashboard.bench import SeedUseCase, write_use_case
+    from tests.fixtures.dashboard import evidence
+
+    u = SeedUseCase("split-step", "o", "low", "piloting", "tests", {"name": "split-step"}, "h")
+    u.version = dict(
+        base_model_ref="smollm2-135m", plan={}, plan_hash="p", mlflow_model_name="m", mlflow_version="1"
+    )
+    u.pilot = dict(salt="s", current_step_index=1, pilot_number=1, go_alpha=0.03)
+    u.steps = [
+        dict(index=0, kind="shadow", traffic_pct=0.0, min_samples=20, status="passed"),
+        dict(index=1, kind="split", traffic_pct=10.0, min_samples=150),
+    ]
+    row = {"quality": 0.8, "latency_ms": 300.0, "tokens": 10, "error": False}
+    arms = [(0, "control", 20), (0, "treatment", 20), (1, "control", control), (1, "treatment", treatment)]
+    u.observations = [
+        {**row, "step": step, "batch_id": f"b{step}", "request_id": f"{step}{arm}{i}", "arm": arm}
+        for step, arm, n in arms
+        for i in range(n)
+    ]
+    u.looks = [
+        dict(step=0, idempotency_key="go-0", look_index=1, outcome="GO", awaiting="none",
+             evidence=evidence(-0.001, -0.01, 0.01, 20, "GO"), explanation="GO", data_fingerprint="f" * 64)
+    ]  # fmt: skip
+    with session_scope() as s:
+        write_use_case(s, u)
+    (r,) = queries.read(queries.portfolio)
+    assert (r["decision"], r["step_kind"]) == ("GO", "split")
+    assert r["waits_for"] == f"more samples ({treatment}/150 in the smaller arm)"
+
+
 def test_a_missing_bound_read_back_as_nan_is_no_bound() -> None:
     """SQL (and pandas) give NaN for a missing number: a quality interval with a NaN end is shown as no
     interval ('-'), like one with None, never as a one-sided bound on the other end."""

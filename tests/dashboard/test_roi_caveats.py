@@ -11,6 +11,7 @@ from sqlalchemy import func, select
 from rollout import queries, runs
 from rollout.db.models import EvaluationRun, ModelVersion, SpecVersion, UseCase
 from rollout.db.session import session_scope
+from rollout.settings import Settings
 from tests.dashboard.apptest_helpers import new_app, open_page, texts
 
 NAME = "contract-summarisation"  # seeded: established saving $1,840 [$1,500, $2,150]
@@ -140,3 +141,27 @@ def test_a_spec_back_at_an_earlier_version_shows_the_evaluation_priced_there(see
     shown_text = texts(at)
     assert "· spec v1\n" in shown_text and "spec v2" not in shown_text
     assert "re-evaluate to re-price" not in shown_text
+
+
+def test_a_loss_timed_under_overload_waits_for_no_pilot_as_not_established(sp_home: Settings) -> None:
+    """An evaluated use case whose loss was timed under overload: the row's "Waits for" says what the pilot
+    rule finds of its run (`roi.evaluation_pilot_skip` of `runs.evaluation_summary`: not established, timed
+    under overload), as its caveat does. It said "no pilot: no saving expected (-$35/month, at best $10)",
+    the finding the rule never makes of overloaded timings, beside the caveat's "timed under overload" (the
+    portfolio, the use-case page and `usecase show`)."""
+    from dashboard.bench import SeedUseCase, evaluation, write_use_case
+    from rollout import roi
+
+    u = SeedUseCase("busy-host", "o", "low", "evaluated", "tests", {"name": "busy-host"}, "h")
+    u.version = dict(
+        base_model_ref="smollm2-135m", plan={}, plan_hash="p", mlflow_model_name="m", mlflow_version="1"
+    )
+    timing = {"timing_host": {"prefill": OVERLOAD, "decode": None}}
+    money = dict(savings=(-35.0, -80.0, 10.0), payback_days=None, roi=timing)
+    u.evaluations = [evaluation("e", "r", density=0.4, quality_delta=0.0, speedup=(0.97, 0.9, 1.05), **money)]
+    with session_scope() as s:
+        write_use_case(s, u)
+        finding = roi.evaluation_pilot_skip(runs.evaluation_summary(s.scalars(select(EvaluationRun)).one()))
+    assert finding is not None and finding.why.endswith("timed under overload)")
+    (row,) = queries.read(queries.portfolio)
+    assert row["waits_for"] == f"no pilot: {finding.why}" and row["not_established"] == finding.why
