@@ -300,7 +300,7 @@ def test_an_alarm_recorded_after_the_gos_signature_holds_its_promotion(use_case,
     under the decision's lock, nothing moved, the approval standing: the alarm is decided first (the
     portfolio says so, the cycle and `promote --decision` do not finish the promotion meanwhile), then the
     promotion is finished as signed."""
-    from rollout import approvals, unfinished
+    from rollout import approvals, registry, unfinished
     from rollout.approvals import signing
 
     name = use_case(rollback="manual")
@@ -350,6 +350,16 @@ def test_an_alarm_recorded_after_the_gos_signature_holds_its_promotion(use_case,
         f"`sparsepilot promote {name} --decision {second}` from then"
     )
     assert (pending.held_until, pending.finish_from) == (decided, signed + unfinished.APPLY_GRACE)
+    # `promote --decision` in that grace is refused, by the same words: it said the promotion "was signed
+    # a moment ago and is being carried out", while nobody was
+    with pytest.raises(registry.MoveInProgress) as early:
+        approvals.unfinished_promotion(second, by="carol")
+    assert str(early.value) == (
+        f"{name}: alice's promotion (decision {second}) was held while the monitor's alarm about the "
+        f"champion waited, decided at {decided:%H:%M} UTC, and is not in effect; nothing was recorded. It is "
+        f"finished by the scheduled cycle's first run from {signed + unfinished.APPLY_GRACE:%H:%M} UTC (its "
+        f"signer's grace), or `sparsepilot promote {name} --decision {second}` from then"
+    )
     monkeypatch.setattr(unfinished, "APPLY_GRACE", unfinished.APPLY_GRACE * 0)  # its signer gave up
     approval_id = approvals.unfinished_promotion(second, by="carol")
     assert approval_id is not None
