@@ -721,6 +721,60 @@ def test_a_promotion_measured_against_the_champions_endpoint_is_not_promoted_ove
 
 
 @pytest.mark.parametrize("trust_db", ["sqlite"], indirect=True)
+def test_a_go_measured_against_the_champions_endpoint_while_it_changed_is_not_signed(use_case) -> None:  # noqa: ANN001
+    """Pilot 2's control arm is a served endpoint (the champion's); while its step collects, a person
+    rolls pilot 1's champion back (v2 -> v1), then the step's GO waits for approval. Its evidence was
+    measured against v2, the champion of its time (the rule above catches a change after the signature
+    only): signing it promoted v3 over v1. Now the promotion is refused, on the dashboard's path and the
+    CLI's, naming the change and the way on (abort, then `pilot --again`: tests/rollout/test_pilot_again.py);
+    the card says the same."""
+    from flows.approval import approve_decision
+    from rollout import approvals, pilot_batches, pilots
+    from rollout.db.models import GateDecision, Pilot
+    from rollout.db.session import session_scope
+
+    name = use_case(rollback="manual", pilot=CONTROL_ENDPOINT)
+    _promoted(name)  # the dense baseline v1, then pilot 1's challenger v2
+    pilot_id = _running_pilot(name, tau=0.8)  # pilot 2 (v3) collects against the endpoint serving v2
+    approvals.request_rollback(name, _identity(BOB), "p95 regressed")  # v2 -> v1 meanwhile
+    with session_scope() as s:  # then its step's GO, awaiting approval
+        pilot = s.get(Pilot, pilot_id)
+        go, _ = pilots.record_decision(
+            s,
+            idempotency_key="test:go-over-a-change",
+            use_case=pilots.get_use_case(s, name),
+            pilot=pilot,
+            step=pilots.current_step(s, pilot),
+            outcome="GO",
+            evidence={"reasons": []},
+            explanation="Decision: GO.",
+            data_fingerprint="f" * 64,
+            awaiting="approval",
+        )
+        pilots.stop_pilot(s, pilot, status="awaiting_approval", actor="test", reason="GO")
+        go = go.id
+    changed = (
+        "the champion changed while pilot 2 collected step 0's observations (v2 served when the step began, "
+        "v1 serves now), and its control arm was the mlflow endpoint http://127.0.0.1:5001, not the dense "
+        "model: the GO was measured against v2, the champion of its time, in part or in whole"
+    )
+    way = (
+        f"Abort the pilot (`sparsepilot pilot {name} --abort --reason TEXT`) and pilot its challenger again "
+        f"(`sparsepilot pilot {name} --again --reason TEXT`), measured against v1"
+    )
+    for sign in (approvals.approve, approve_decision):  # the dashboard's path, the CLI's
+        with pytest.raises(approvals.ApprovalError) as refused:
+            sign(go, _identity(ALICE), "pilot 2 passed")
+        assert str(refused.value) == f"decision {go} is not promoted: {changed}; nothing was recorded. {way}"
+    with session_scope() as s:
+        assert approvals.promotion_held_words(s, go) == f"Not approvable: {changed}. {way}."
+        assert s.get(GateDecision, go).resolution is None
+    assert _pilots(name)[1:3] == (["1"], None)  # nothing promoted
+    pilot_batches.abort(name, actor="ops", reason="control measured against v2")  # the way on's first half
+    assert (_pilots(name)[0][-1], _phase(name)) == ((2, "stopped", "3"), "stopped")
+
+
+@pytest.mark.parametrize("trust_db", ["sqlite"], indirect=True)
 def test_a_promotion_finished_after_a_new_budget_says_so_in_its_audit_entry(
     use_case, monkeypatch, tiny_model_dir, pilot_dataset, tmp_path
 ) -> None:  # noqa: ANN001
