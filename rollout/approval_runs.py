@@ -156,13 +156,16 @@ def check_rejectable(decision_id: int) -> None:
 
 def check_promotable(decision_id: int) -> None:
     """Refuse, before any approval run starts, to promote while a rollback of the serving champion waits
-    (`approvals.refuse_promotion_while_rollback_waits`) or a plan the current spec version left
-    uncalibrated (`approvals.refuse_uncalibrated_promotion`); `approve` asks both again under its lock."""
+    (`approvals.refuse_promotion_while_rollback_waits`), a plan the current spec version left
+    uncalibrated (`approvals.refuse_uncalibrated_promotion`), or a GO measured against an endpoint's
+    champion that changed since (`approvals.refuse_promotion_over_changed_champion`); `approve` asks them
+    again under its lock."""
     with session_scope() as session:
         d = session.get(GateDecision, decision_id)
         if d is not None:  # an unknown decision: approvals.approve says so
             approvals.refuse_promotion_while_rollback_waits(session, d)
             approvals.refuse_uncalibrated_promotion(session, d)
+            approvals.refuse_promotion_over_changed_champion(session, d)
 
 
 def check_continuable(decision_id: int) -> None:

@@ -195,15 +195,31 @@ def waits_words(pending: dict[str, Any]) -> str:
     if pending.get("champion_changed"):
         who += f"{pending['champion_changed']}; "
     if pending.get("held_until") and not pending.get("stalled"):  # nobody is carrying it out yet
+        command = pending["command"].removesuffix(" --reason ...")
         return (
-            f"{what} to be finished ({who}held while the monitor's alarm about the champion waited, decided "
-            f"at {_aware(pending['held_until']):%H:%M} UTC; not in effect): by the scheduled cycle's first "
-            f"run from {_aware(pending['finish_from']):%H:%M} UTC (its signer's grace), or "
-            f"`{pending['command'].removesuffix(' --reason ...')}` from then"
+            f"{what} to be finished ({who}{held_words(pending['held_until'])}; not in effect): "
+            f"{held_finished_by(pending['finish_from'], command)}"
         )
     if not pending.get("stalled"):
         return f"{what} to complete ({who}being carried out now)"
     return f"{what} to be finished ({who}not in effect): {pending['command'].removesuffix(' --reason ...')}"
+
+
+def held_words(held_until: dt.datetime) -> str:
+    """What a held promotion (`Unfinished.held_until`) went through, in words: "held while the monitor's
+    alarm about the champion waited, decided at 10:02 UTC" (the portfolio's and `promote --decision`'s)."""
+    return (
+        f"held while the monitor's alarm about the champion waited, decided at {_aware(held_until):%H:%M} UTC"
+    )
+
+
+def held_finished_by(finish_from: dt.datetime, command: str) -> str:
+    """By what and from when a held promotion is finished (`Unfinished.finish_from`, `command` without its
+    `--reason`): the portfolio's words, and those of `promote --decision` refused before then."""
+    return (
+        f"by the scheduled cycle's first run from {_aware(finish_from):%H:%M} UTC (its signer's grace), or "
+        f"`{command}` from then"
+    )
 
 
 def _unfinished_rollback(session: Any, uc: UseCase, promoted: Pilot) -> Unfinished | None:
@@ -282,11 +298,21 @@ def refuse_while_applied(
     row), which the run's take-up takes too. Before, a run taking it up just after this check carried it
     out beside the person (the alias moved twice, a double audit). `claim_for` None: asked only. A
     rejection (`approve --decision --reject` again: "reject", "keep") by the same rule: it moves no alias,
-    but finished beside its claimant it was carried out twice."""
+    but finished beside its claimant it was carried out twice. A promotion held while the monitor's alarm
+    waited (`Unfinished.held_until`), the alarm decided since, is carried out by nobody in that time (its
+    signer, or its run, was refused, held): refused all the same, its words say so and from when it is
+    finished (`held_finished_by`, the portfolio's), where they said "signed a moment ago and is being
+    carried out"."""
     now = now or dt.datetime.now(dt.UTC)
     signer = session.scalar(select(Approval.actor).where(Approval.id == pending.approval_id))
     what, done = _IN_WORDS[pending.action]
     run = carried_out_by_run(session, pending, now)
+    if pending.held_until is not None and (run is not None or pending.applied_directly_now(now, APPLY_GRACE)):
+        raise registry.MoveInProgress(  # nobody carries it out: its signer (or run) was refused, held
+            f"{pending.use_case}: {signer}'s {what} (decision {pending.decision_id}) was "
+            f"{held_words(pending.held_until)}, and is not in effect; nothing was recorded. It is finished "
+            f"{held_finished_by(pending.finish_from, pending.finish_command())}"
+        )
     if run is not None:
         doing = f"carried out by its approval run {run[0]}, which took it up"
         raise _at_work(pending, signer, doing, run[1], stalled=" (the run stalled)")

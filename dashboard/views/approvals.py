@@ -166,7 +166,14 @@ def decision_card(d: dict[str, Any], ident: Identity | None, pilot_waits: str | 
         SimpleNamespace(awaiting=d["awaiting"], outcome=d["outcome"], evidence=d["evidence"])
     )
     asks = d["awaiting"] == "approval"  # a GO that asked nobody has moved on: it cannot continue the ramp
-    skips = approvals.skip_note(d["evidence"], waits_for_approval=asks) if d["outcome"] == "GO" else ""
+    # continuing refused for a plan the current spec version left uncalibrated (`promotion_held_words` says
+    # why): the note offers no continuing, its button disabled (it said "One approver may instead ...")
+    ramp_held = asks and d["outcome"] == "GO" and read(approvals.continue_held, d["id"])
+    skips = (
+        approvals.skip_note(d["evidence"], waits_for_approval=asks and not ramp_held)
+        if d["outcome"] == "GO"
+        else ""
+    )
     if skips:  # a GO before the plan's last step (a short pilot's, or an earlier step's): what it skips
         # the evidence is a GO, but the plan's next step is more traffic, not promotion: neither button
         # is "the gate's recommendation", so none is named (approvals.recommended_action counts promoting
@@ -227,7 +234,7 @@ def decision_card(d: dict[str, Any], ident: Identity | None, pilot_waits: str | 
         continue_label = f"Continue the ramp to step {onward[0]['index']}{share}"
     if skips:
         st.caption(f"'{approve_label}' skips the plan's later ramp steps: it needs a second approver.")
-        if continue_label:
+        if continue_label and not ramp_held:
             st.caption(
                 f"'{continue_label}' does what the plan would: the pilot collects at that step and the gate "
                 "looks again there. It promotes nothing, so one approver decides it."
@@ -258,7 +265,7 @@ def decision_card(d: dict[str, Any], ident: Identity | None, pilot_waits: str | 
         b3.button(
             continue_label,
             key=f"continue_{d['id']}",
-            disabled=read(approvals.continue_held, d["id"]),
+            disabled=ramp_held,
             on_click=run_action,
             args=act["args"],
             kwargs={**act["kwargs"], "continue_ramp": True},

@@ -5,7 +5,9 @@ return to, a promotion while no rollback of the serving champion waits
 (`rollback_before_promotion`: refused when signed, `refuse_promotion_while_rollback_waits`; said on the
 Approvals card, `promotion_held_words`), a promotion of a plan calibrated for an earlier spec version's
 budget (`promotion_not_calibrated`, `refuse_uncalibrated_promotion`; continuing its ramp too,
-`check_continuable`, `continue_held`: said on the card too); and the lock every signature reads the
+`check_continuable`, `continue_held`: said on the card too), a promotion of a GO measured against an
+endpoint's champion that changed since its step began (`promotion_over_changed_champion`,
+`refuse_promotion_over_changed_champion`: said on the card too); and the lock every signature reads the
 decision under (`lock_decision`).
 
 A running pilot's latest gate decision (EXTEND, or a GO before the plan's last step) asks nobody: a
@@ -288,6 +290,48 @@ def promotion_not_calibrated(session: Any, d: GateDecision) -> tuple[str, str] |
     )
 
 
+def promotion_over_changed_champion(session: Any, d: GateDecision) -> tuple[str, str] | None:
+    """A gate decision whose pilot's control arm is a served endpoint (`promotion_moves.pilot_control`:
+    the champion's server, the production stack), where the champion of ours changed (a rollback, another
+    promotion committed) after the decision's step began collecting (`PilotStep.started_at`): its GO was
+    measured, in part or in whole, against a champion that no longer serves, the rule the finisher applies
+    to a change after the signature (`promotion_moves.ChampionChange.control`: not carried out). So no
+    promotion of it is signed (`refuse_promotion_over_changed_champion`) or offered
+    (`promotion_held_words`); a rejection is, and continuing the ramp: the next step begins after the
+    change, its observations measured against the champion serving then. As (what changed, what to do),
+    in words; None where the control is the dense model in the pilot's process (the default: its GO
+    stands whichever champion serves), no champion move came since the step began, or `d` is no gate
+    decision. Before, such a GO was signed, and promoted over the champion serving then."""
+    from rollout.approvals import promotion_moves
+    from rollout.db.models import PilotStep
+    from rollout.pilots import pilot_label
+
+    step = session.get(PilotStep, d.pilot_step_id) if d.kind == "gate" and d.pilot_step_id else None
+    if step is None or promotion_moves.pilot_control(session, d) is None:
+        return None
+    change = promotion_moves.champion_change_since(session, d, step.started_at)
+    if change is None:
+        return None
+    v = promotion_moves.version_words
+    name = session.get(UseCase, d.use_case_id).name
+    return (
+        f"the champion changed while {pilot_label(step.pilot)} collected step {step.index}'s observations "
+        f"({v(change.signed_over)} served when the step began, {v(change.serving)} serves now), and its "
+        f"control arm was {change.control}, not the dense model: the GO was measured against "
+        f"{v(change.signed_over)}, the champion of its time, in part or in whole",
+        f"Abort the pilot (`sparsepilot pilot {name} --abort --reason TEXT`) and pilot its challenger "
+        f"again (`sparsepilot pilot {name} --again --reason TEXT`), measured against {v(change.serving)}",
+    )
+
+
+def refuse_promotion_over_changed_champion(session: Any, d: GateDecision) -> None:
+    """A promotion (a signature approving a gate decision, an override's first too) is refused where the
+    GO was measured against an endpoint's champion that changed since its step began
+    (`promotion_over_changed_champion`): ApprovalError saying what changed and the way on; nothing is
+    recorded."""
+    _refuse(d, promotion_over_changed_champion(session, d), "is not promoted")
+
+
 def refuse_uncalibrated_promotion(session: Any, d: GateDecision) -> None:
     """A promotion (a signature approving a gate decision, an override's first too) is refused where the
     plan was not calibrated under the current spec version (`promotion_not_calibrated`): ApprovalError
@@ -298,7 +342,12 @@ def refuse_uncalibrated_promotion(session: Any, d: GateDecision) -> None:
 def _refuse_uncalibrated(session: Any, d: GateDecision, refused: str) -> None:
     """ApprovalError `decision D <refused>: <what changed>; nothing was recorded. <what to do>` where
     `promotion_not_calibrated` finds the plan uncalibrated under the current spec version."""
-    found = promotion_not_calibrated(session, d)
+    _refuse(d, promotion_not_calibrated(session, d), refused)
+
+
+def _refuse(d: GateDecision, found: tuple[str, str] | None, refused: str) -> None:
+    """ApprovalError `decision D <refused>: <what changed>; nothing was recorded. <what to do>` where a
+    rule found (what changed, what to do) for decision `d`; nothing where `found` is None."""
     if found is not None:
         changed, remedy = found
         raise ApprovalError(f"decision {d.id} {refused}: {changed}; nothing was recorded. {remedy}")
@@ -318,18 +367,19 @@ def promotion_held_words(session: Any, decision_id: int) -> str | None:
         return None
     first = rollback_before_promotion(session, session.get(UseCase, d.use_case_id))
     stale = promotion_not_calibrated(session, d)
-    if stale is None:
+    moved = promotion_over_changed_champion(session, d)
+    if stale is None and moved is None:
         if first is None:
             return None
         waits, remedy = first
         return f"Not approvable now: {waits}. {remedy}, then approve the promotion."
-    changed, remedy = stale
     ramp = (
         ", and its ramp does not continue"
-        if d.awaiting == "approval" and ramp_steps_skipped(d.evidence)
+        if stale is not None and d.awaiting == "approval" and ramp_steps_skipped(d.evidence)
         else ""
     )
-    words = f"Not approvable{ramp}: {changed}. {remedy}."
+    standing = [f"{changed}. {remedy}." for changed, remedy in filter(None, (stale, moved))]
+    words = f"Not approvable{ramp}: {' Besides, '.join(standing)}"
     if first is None:
         return words
     waits, decide = first

@@ -85,9 +85,7 @@ class ChampionChange:
     control: str | None = None
 
     def words(self) -> str:
-        def v(x: str | None) -> str:
-            return f"v{x}" if x else "no champion of ours"
-
+        v = version_words
         changed = (
             f"the champion changed since the GO was signed ({v(self.signed_over)} served then, "
             f"{v(self.serving)} serves now)"
@@ -99,6 +97,11 @@ class ChampionChange:
             f"measured against what it served then ({v(self.signed_over)}, the champion of its time), so it "
             "is not promoted"
         )
+
+
+def version_words(version: str | None) -> str:
+    """A champion's MLflow version in words: "v2", or "no champion of ours" (None)."""
+    return f"v{version}" if version else "no champion of ours"
 
 
 def control_endpoint(spec: dict[str, Any]) -> str | None:
@@ -136,21 +139,29 @@ def champion_change(session: Any, d: GateDecision) -> ChampionChange | None:
     control arm an endpoint, that it is not carried out; and the words that say so), else None. The
     champion then: the lineage of the champion moves committed (their `alias.*.committed` audit entries)
     by the signature's time."""
-    from rollout import registry
-
     signed = session.scalar(
         select(Approval.created_at)
         .where(Approval.decision_id == d.id, Approval.action == "approve")
         .order_by(Approval.id.desc())
         .limit(1)
     )
+    return None if signed is None else champion_change_since(session, d, signed)
+
+
+def champion_change_since(session: Any, d: GateDecision, since: Any) -> ChampionChange | None:
+    """`champion_change`'s comparison from any time `since` (the GO's last signature; the start of the
+    step whose observations the GO judged: `checks.promotion_over_changed_champion`): the champion of
+    ours serving then (the lineage of the champion moves committed by then, decision `d`'s own moves left
+    out) and now, where they differ, with `d`'s pilot's endpoint control, else None."""
+    from rollout import registry
+
     own = (f"promote:{d.id}", f"baseline:{d.id}")  # its own moves (the baseline a first promotion records)
     moves = [
         m
         for m in registry.committed_moves(session, d.use_case_id, "champion")
         if m.idempotency_key not in own and not m.idempotency_key.startswith(f"promote:{d.id}:")
     ]
-    if signed is None or not moves:
+    if not moves:
         return None
     committed_at = dict(
         session.execute(
@@ -162,7 +173,7 @@ def champion_change(session: Any, d: GateDecision) -> ChampionChange | None:
         ).all()
     )
     before = [
-        m for m in moves if str(m.id) in committed_at and as_utc(committed_at[str(m.id)]) <= as_utc(signed)
+        m for m in moves if str(m.id) in committed_at and as_utc(committed_at[str(m.id)]) <= as_utc(since)
     ]
     then, now = registry.champion_lineage(before)[-1:], registry.champion_lineage(moves)[-1:]
     if then == now:

@@ -68,7 +68,9 @@ def skip_note(evidence: Any, *, waits_for_approval: bool) -> str:
     """The sentence an approver reads before promoting on a GO before the plan's last step; '' where a
     promotion skips nothing. Only a GO that waits for approval can continue the ramp (`check_continuable`):
     a middle step's GO that asked nobody has already moved the pilot on, and promoting on it is the
-    override alone."""
+    override alone; nor one whose plan the current spec version left uncalibrated (`continue_held`: the
+    Approvals card passes `waits_for_approval` False for it, its continue button disabled, where the note
+    said "One approver may instead continue the ramp")."""
     steps = ramp_steps_skipped(evidence)
     if not steps:
         return ""

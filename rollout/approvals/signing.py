@@ -15,6 +15,7 @@ from rollout.approvals.checks import (
     check_approvable,
     check_continuable,
     lock_decision,
+    refuse_promotion_over_changed_champion,
     refuse_promotion_while_rollback_waits,
     refuse_rejecting_unasked,
     refuse_uncalibrated_promotion,
@@ -94,6 +95,7 @@ def approve(
         if action == "approve":
             refuse_promotion_while_rollback_waits(session, d)
             refuse_uncalibrated_promotion(session, d)  # a plan for an earlier version's budget
+            refuse_promotion_over_changed_champion(session, d)  # measured against an earlier champion
         # continuing the ramp is what the plan would have done: it goes against nothing, one signature
         against = action != "continue" and action != recommended_action(d)
         if action == "approve" and not against:

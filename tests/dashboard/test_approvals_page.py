@@ -302,7 +302,8 @@ def test_a_stale_go_card_says_why_its_ramp_does_not_continue_while_the_champions
     `quality_budget.kl`), while the monitor's alarm about the serving champion waits: the card said only
     the alarm's words ("... then approve the promotion", which the calibration rule then refuses) while its
     continue button was disabled for the calibration reason, said nowhere. It says both now, the
-    calibration's first (`approvals.promotion_held_words`)."""
+    calibration's first (`approvals.promotion_held_words`); and its skip note and caption no longer offer
+    the disabled continuing ("One approver may instead continue the ramp ...")."""
     from rollout.db.models import CalibrationRun, Pilot, SpecVersion, UseCase
 
     name = "contract-summarisation"
@@ -338,3 +339,6 @@ def test_a_stale_go_card_says_why_its_ramp_does_not_continue_while_the_champions
         f"champion back (`sparsepilot approve {name} --decision {alarm} --reason TEXT`) or keep it "
         f"(`sparsepilot approve {name} --decision {alarm} --reject --reason TEXT`)."
     ) in shown, shown
+    assert "Promoting on this decision skips ramp step 2 (50%) of the spec's plan" in shown, shown
+    said = shown + "\n".join(c.value for c in at.caption)
+    assert "continue the ramp" not in said and "does what the plan would" not in said, said

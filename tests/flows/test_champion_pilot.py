@@ -300,7 +300,7 @@ def test_an_alarm_recorded_after_the_gos_signature_holds_its_promotion(use_case,
     under the decision's lock, nothing moved, the approval standing: the alarm is decided first (the
     portfolio says so, the cycle and `promote --decision` do not finish the promotion meanwhile), then the
     promotion is finished as signed."""
-    from rollout import approvals, unfinished
+    from rollout import approvals, registry, unfinished
     from rollout.approvals import signing
 
     name = use_case(rollback="manual")
@@ -350,6 +350,16 @@ def test_an_alarm_recorded_after_the_gos_signature_holds_its_promotion(use_case,
         f"`sparsepilot promote {name} --decision {second}` from then"
     )
     assert (pending.held_until, pending.finish_from) == (decided, signed + unfinished.APPLY_GRACE)
+    # `promote --decision` in that grace is refused, by the same words: it said the promotion "was signed
+    # a moment ago and is being carried out", while nobody was
+    with pytest.raises(registry.MoveInProgress) as early:
+        approvals.unfinished_promotion(second, by="carol")
+    assert str(early.value) == (
+        f"{name}: alice's promotion (decision {second}) was held while the monitor's alarm about the "
+        f"champion waited, decided at {decided:%H:%M} UTC, and is not in effect; nothing was recorded. It is "
+        f"finished by the scheduled cycle's first run from {signed + unfinished.APPLY_GRACE:%H:%M} UTC (its "
+        f"signer's grace), or `sparsepilot promote {name} --decision {second}` from then"
+    )
     monkeypatch.setattr(unfinished, "APPLY_GRACE", unfinished.APPLY_GRACE * 0)  # its signer gave up
     approval_id = approvals.unfinished_promotion(second, by="carol")
     assert approval_id is not None
@@ -708,6 +718,60 @@ def test_a_promotion_measured_against_the_champions_endpoint_is_not_promoted_ove
     with session_scope() as s:
         audited = s.scalar(select(AuditEntry.details).where(AuditEntry.action == "promotion.superseded"))
     assert (audited["signed_over"], audited["serving"], audited["decision_id"]) == ("2", "1", second)
+
+
+@pytest.mark.parametrize("trust_db", ["sqlite"], indirect=True)
+def test_a_go_measured_against_the_champions_endpoint_while_it_changed_is_not_signed(use_case) -> None:  # noqa: ANN001
+    """Pilot 2's control arm is a served endpoint (the champion's); while its step collects, a person
+    rolls pilot 1's champion back (v2 -> v1), then the step's GO waits for approval. Its evidence was
+    measured against v2, the champion of its time (the rule above catches a change after the signature
+    only): signing it promoted v3 over v1. Now the promotion is refused, on the dashboard's path and the
+    CLI's, naming the change and the way on (abort, then `pilot --again`: tests/rollout/test_pilot_again.py);
+    the card says the same."""
+    from flows.approval import approve_decision
+    from rollout import approvals, pilot_batches, pilots
+    from rollout.db.models import GateDecision, Pilot
+    from rollout.db.session import session_scope
+
+    name = use_case(rollback="manual", pilot=CONTROL_ENDPOINT)
+    _promoted(name)  # the dense baseline v1, then pilot 1's challenger v2
+    pilot_id = _running_pilot(name, tau=0.8)  # pilot 2 (v3) collects against the endpoint serving v2
+    approvals.request_rollback(name, _identity(BOB), "p95 regressed")  # v2 -> v1 meanwhile
+    with session_scope() as s:  # then its step's GO, awaiting approval
+        pilot = s.get(Pilot, pilot_id)
+        go, _ = pilots.record_decision(
+            s,
+            idempotency_key="test:go-over-a-change",
+            use_case=pilots.get_use_case(s, name),
+            pilot=pilot,
+            step=pilots.current_step(s, pilot),
+            outcome="GO",
+            evidence={"reasons": []},
+            explanation="Decision: GO.",
+            data_fingerprint="f" * 64,
+            awaiting="approval",
+        )
+        pilots.stop_pilot(s, pilot, status="awaiting_approval", actor="test", reason="GO")
+        go = go.id
+    changed = (
+        "the champion changed while pilot 2 collected step 0's observations (v2 served when the step began, "
+        "v1 serves now), and its control arm was the mlflow endpoint http://127.0.0.1:5001, not the dense "
+        "model: the GO was measured against v2, the champion of its time, in part or in whole"
+    )
+    way = (
+        f"Abort the pilot (`sparsepilot pilot {name} --abort --reason TEXT`) and pilot its challenger again "
+        f"(`sparsepilot pilot {name} --again --reason TEXT`), measured against v1"
+    )
+    for sign in (approvals.approve, approve_decision):  # the dashboard's path, the CLI's
+        with pytest.raises(approvals.ApprovalError) as refused:
+            sign(go, _identity(ALICE), "pilot 2 passed")
+        assert str(refused.value) == f"decision {go} is not promoted: {changed}; nothing was recorded. {way}"
+    with session_scope() as s:
+        assert approvals.promotion_held_words(s, go) == f"Not approvable: {changed}. {way}."
+        assert s.get(GateDecision, go).resolution is None
+    assert _pilots(name)[1:3] == (["1"], None)  # nothing promoted
+    pilot_batches.abort(name, actor="ops", reason="control measured against v2")  # the way on's first half
+    assert (_pilots(name)[0][-1], _phase(name)) == ((2, "stopped", "3"), "stopped")
 
 
 @pytest.mark.parametrize("trust_db", ["sqlite"], indirect=True)
