@@ -230,7 +230,7 @@ def model_bench(
     """Rows per context length: dense attention on the paged cache, then the given plan's decode or,
     without one, each estimator's budget rows (several estimators: side by side in this one run)."""
     from sparse_core.corpus import corpus_texts, timing_window
-    from sparse_core.decode.measure import compare_decode
+    from sparse_core.decode.measure import RETIMING, compare_decode
     from sparse_core.loading import load_model
 
     say(f"loading {model_ref}")
@@ -295,8 +295,9 @@ def model_bench(
                 dense_cache=dense_kind,
                 sparse_cache=kind,
                 free_running=p.decode.dense_layers != tuple(range(n_layers)),
-                progress=lambda _s, d, t, name=name, length=length: say(
-                    f"{length} tokens, {name}: run {d}/{t}"
+                progress=lambda s, d, t, name=name, length=length: say(
+                    f"{length} tokens, {name}: "
+                    + (f"run {d}/{t}" if s != RETIMING else f"{s}, from run {d + 1}/{t}")
                 ),
             )
             rows.append(
