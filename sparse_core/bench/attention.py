@@ -23,7 +23,9 @@ from sparse_core.bench.common import (
     DTYPES,
     RunClock,
     bench_device,
+    circle_overloaded,
     load_fields,
+    note_overload,
     pyplot,
     save_figure,
     synchronize,
@@ -192,6 +194,12 @@ TABLE_COLUMNS = [
 
 
 def plot(result: dict[str, Any], path: Path) -> Path:
+    return save_figure(figure(result), path)
+
+
+def figure(result: dict[str, Any]) -> Any:
+    """Speed-up against density per length and dtype; the points timed under overload circled, and the
+    caption of an overloaded run or of its overloaded points (`note_overload`)."""
     plt = pyplot()
 
     rows = result["rows"]
@@ -215,6 +223,7 @@ def plot(result: dict[str, Any], path: Path) -> Path:
             if (r["kernel"], r.get("selection", "eager")) == first
         )
         ax.plot([p[0] for p in ideal], [p[1] for p in ideal], "k--", lw=1, label="1/(density+est.)")
+        circle_overloaded(ax, [(r["density"], r["speedup"]) for r in sub if r.get("overloaded")])
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -222,4 +231,5 @@ def plot(result: dict[str, Any], path: Path) -> Path:
         ax.set_xlabel("density (share of causal blocks)")
         ax.set_ylabel("speed-up over dense SDPA")
         ax.legend(fontsize=7)
-    return save_figure(fig, path)
+    note_overload(fig, result.get("environment") or {}, rows, "speed-ups")
+    return fig

@@ -127,9 +127,43 @@ def pyplot() -> Any:
     return plt
 
 
+# the gid of a figure's overload caption (`note_overload`): `save_figure` leaves room for it under the plots
+OVERLOAD_NOTE = "overload-note"
+OVERLOAD_LABEL = "timed under overload"
+
+
+def circle_overloaded(ax: Any, points: Sequence[tuple[float, float]]) -> None:
+    """Red circles around the (x, y) points of rows timed while the host was overloaded, labelled once
+    per axes for its legend: a figure is shared without its table, so its points say it themselves."""
+    if points:
+        xs, ys = zip(*points, strict=True)
+        ax.scatter(
+            xs, ys, s=150, facecolors="none", edgecolors="red", linewidths=1.3, zorder=5, label=OVERLOAD_LABEL
+        )
+
+
+def note_overload(fig: Any, env: dict[str, Any], rows: Sequence[dict[str, Any]], what: str) -> str | None:
+    """The caption under a figure of timed `rows` when the run (`env["host_load"]`) or some of its rows were
+    timed while the host was overloaded, as the command's closing warning says it; None (no caption) on a
+    host that had room. `what` the figure's figures are: "speed-ups" or "times"."""
+    over = sum(1 for r in rows if r.get("overloaded"))
+    if (env.get("host_load") or {}).get("overloaded"):
+        text = f"the host was overloaded during this run: its {what} measure the host as much as the code"
+    elif over:
+        text = (
+            f"{over} of {len(rows)} points were timed while the host was overloaded (circled in red): their "
+            f"{what} measure the host as much as the code"
+        )
+    else:
+        return None
+    fig.text(0.5, 0.01, text, ha="center", va="bottom", fontsize=8, color="red", wrap=True, gid=OVERLOAD_NOTE)
+    return text
+
+
 def save_figure(fig: Any, path: str | Path) -> Path:
     path = Path(path)
-    fig.tight_layout()
+    noted = any(t.get_gid() == OVERLOAD_NOTE for t in fig.texts)
+    fig.tight_layout(rect=(0, 0.07, 1, 1) if noted else None)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     pyplot().close(fig)
@@ -141,9 +175,11 @@ __all__ = [
     "DTYPES",
     "RunClock",
     "bench_device",
+    "circle_overloaded",
     "environment",
     "fit_cache_lengths",
     "load_fields",
+    "note_overload",
     "prefill_repeats",
     "pyplot",
     "save_figure",

@@ -36,7 +36,15 @@ import torch
 import torch.nn.functional as F
 
 from sparse_core.bench.attention import HEAD_DIM, KV_HEADS, Q_HEADS
-from sparse_core.bench.common import RunClock, fit_cache_lengths, load_fields, pyplot, save_figure
+from sparse_core.bench.common import (
+    RunClock,
+    circle_overloaded,
+    fit_cache_lengths,
+    load_fields,
+    note_overload,
+    pyplot,
+    save_figure,
+)
 from sparse_core.decode.attention import sparse_decode_step
 from sparse_core.decode.cache import paged_buffer
 from sparse_core.decode.page_gate import PAGE_SIZE_KEY
@@ -222,7 +230,7 @@ def model_bench(
     """Rows per context length: dense attention on the paged cache, then the given plan's decode or,
     without one, each estimator's budget rows (several estimators: side by side in this one run)."""
     from sparse_core.corpus import corpus_texts, timing_window
-    from sparse_core.decode.measure import compare_decode
+    from sparse_core.decode.measure import RETIMING, compare_decode
     from sparse_core.loading import load_model
 
     say(f"loading {model_ref}")
@@ -287,8 +295,9 @@ def model_bench(
                 dense_cache=dense_kind,
                 sparse_cache=kind,
                 free_running=p.decode.dense_layers != tuple(range(n_layers)),
-                progress=lambda _s, d, t, name=name, length=length: say(
-                    f"{length} tokens, {name}: run {d}/{t}"
+                progress=lambda s, d, t, name=name, length=length: say(
+                    f"{length} tokens, {name}: "
+                    + (f"run {d}/{t}" if s != RETIMING else f"{s}, from run {d + 1}/{t}")
                 ),
             )
             rows.append(
@@ -421,7 +430,13 @@ def run(
 
 
 def plot(result: dict[str, Any], path) -> Any:
-    """ms per generated token vs context length, dense and each sparse plan (model rows)."""
+    return save_figure(figure(result), path)
+
+
+def figure(result: dict[str, Any]) -> Any:
+    """ms per generated token vs context length, dense and each sparse plan (model rows); the rows whose
+    pairs were kept under overload circled (their sparse point and the dense one it is paired with), and
+    the caption of an overloaded run or of its overloaded rows (`note_overload`)."""
     plt = pyplot()
 
     rows = result["model_rows"]
@@ -437,8 +452,21 @@ def plot(result: dict[str, Any], path) -> Any:
         for name in sorted({r["plan"] for r in rows}):
             pts = sorted((r["seq_len"], r["ms_per_token"]) for r in rows if r["plan"] == name)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        over = [r for r in rows if r.get("overloaded")]
+        # a dense point is the fastest of its length's stock rows: circled where that row was overloaded
+        dense_over = {
+            (r["seq_len"], r["dense_ms_per_token"])
+            for r in over
+            if r.get("dense_cache", "dynamic") == "dynamic"
+        }
+        circle_overloaded(
+            ax,
+            [(r["seq_len"], r["ms_per_token"]) for r in over]
+            + [p for p in by_len.items() if p in dense_over],
+        )
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("ms per generated token")
     ax.set_title(f"decode, {result['model']}")
     ax.legend(fontsize=7)
-    return save_figure(fig, path)
+    note_overload(fig, result.get("environment") or {}, rows, "times")
+    return fig

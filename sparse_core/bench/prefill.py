@@ -19,7 +19,9 @@ from sparse_core.bench.common import (
     DTYPES,
     RunClock,
     bench_device,
+    circle_overloaded,
     load_fields,
+    note_overload,
     prefill_repeats,
     pyplot,
     save_figure,
@@ -245,6 +247,12 @@ def length_rows(
 
 
 def plot(result: dict[str, Any], path) -> Any:
+    return save_figure(figure(result), path)
+
+
+def figure(result: dict[str, Any]) -> Any:
+    """Speed-up against top-1 agreement and KL against density per length; the sparse rows timed under
+    overload circled, and the caption of an overloaded run or of its overloaded rows (`note_overload`)."""
     plt = pyplot()
 
     rows = [r for r in result["rows"] if r["tau"] is not None]
@@ -257,6 +265,7 @@ def plot(result: dict[str, Any], path) -> Any:
         ax2.plot([r["density"] for r in sub], [r["kl"] for r in sub], marker="o", label=f"{s} tokens")
         for r in sub:
             ax1.annotate(f"{r['tau']}", (r["top1_agreement"], r["speedup"]), fontsize=6)
+    circle_overloaded(ax1, [(r["top1_agreement"], r["speedup"]) for r in rows if r.get("overloaded")])
     ax1.axhline(1.0, color="grey", lw=0.8)
     ax1.set_xlabel("top-1 agreement with dense")
     ax1.set_ylabel("prefill speed-up over dense SDPA")
@@ -266,4 +275,5 @@ def plot(result: dict[str, Any], path) -> Any:
     for ax in (ax1, ax2):
         ax.legend(fontsize=7)
     fig.suptitle(f"{result['model']} prefill, pooled estimator", fontsize=9)
-    return save_figure(fig, path)
+    note_overload(fig, result.get("environment") or {}, rows, "speed-ups")
+    return fig

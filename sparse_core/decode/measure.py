@@ -89,6 +89,9 @@ class DecodeComparison:
 
 
 CACHES = ("dynamic", "paged")
+# the progress stage that says a run pair was timed while the host was overloaded and is timed again
+# (`PairMeter`): its runs no longer count, so `done` goes back to where the pair started
+RETIMING = "decode pair timed again (host overloaded)"
 
 
 @torch.inference_mode()
@@ -230,6 +233,9 @@ def compare_decode(
                 if progress:
                     progress("decode", min(done, total), total)
         if not keep():  # timed while the host was overloaded: the pair is timed again
+            done -= len(pair)
+            if progress:
+                progress(RETIMING, done, total)
             continue
         sparse_run = pair["sparse"]
         d_steps += pair["dense"].step_seconds[1:]
@@ -325,6 +331,8 @@ def dense_decode(
         with meter.pair() as keep:
             run = run_decode(model, kv, first, new_tokens)
         if not keep():  # timed while the host was overloaded: timed again
+            if progress:
+                progress(RETIMING, len(per_rep), repeats)
             continue
         steps += run.step_seconds[1:]
         per_rep.append(statistics.fmean(run.step_seconds[1:]))

@@ -1243,8 +1243,15 @@ def _apply_threads(threads: int | None, log: Callable[[str], None]) -> dict[str,
     policy = set_threads(threads)
     others = policy["others_busy_cores"]
     busy = "" if others is None else f", other processes using {others:.2f} cores"
-    log(f"threads: {policy['threads']} ({policy['requested']}; {policy['cpus']:g} CPUs{busy})")
+    log(f"threads: {policy['threads']} ({_how_chosen(policy)}; {policy['cpus']:g} CPUs{busy})")
     return policy
+
+
+def _how_chosen(policy: dict[str, Any]) -> str:
+    """Why a run has its threads, from `set_threads`'s record: `auto`, `auto, capped by OMP_NUM_THREADS=1`
+    (an explicit OMP_NUM_THREADS below what the free CPUs allowed), or the number asked for."""
+    cap = policy.get("capped_by")
+    return f"{policy.get('requested')}, capped by {cap}" if cap else str(policy.get("requested"))
 
 
 def _record_host(result: dict, policy: dict[str, Any], log: Callable[[str], None]) -> None:
@@ -1260,6 +1267,8 @@ def _host_line(env: dict) -> str:
     policy, load = env.get("thread_policy") or {}, env.get("host_load") or {}
     threads, cpus = policy.get("threads", env["threads"]), load.get("cpus", env["cpu_count"])
     how = "auto" if policy.get("requested") == "auto" else "--threads"
+    if policy.get("capped_by"):  # auto would have taken more: the user's OMP_NUM_THREADS is why not
+        how += f", capped by {policy['capped_by']}"
     return (
         f"{threads} thread(s) ({how}) on {cpus:g} CPUs, {_others_line(load)}, "
         f"load {env['loadavg_before']} -> {env['loadavg_after']}"

@@ -65,6 +65,31 @@ def test_dense_only_decode_runs_are_measured_and_retimed_too(tiny_llama_dir, mon
     assert r.extra["host"]["pairs_timed"] == 2 and r.extra["host"]["pairs_retimed_for_overload"] == 1
 
 
+def test_progress_says_a_pair_is_timed_again_and_counts_its_runs_again(tiny_llama_dir, monkeypatch):
+    """`bench decode`'s log under a busy host read "run 4/4" five times over: a retimed pair's runs were
+    counted on, past the total, and nothing said why the runs went on. A retimed pair now says so
+    (`RETIMING`) and the count goes back to where the pair started."""
+    from sparse_core.decode import measure
+
+    model, tok = load_model(tiny_llama_dir)
+    plan = SparsePlan(block_size=32, decode=DecodePlan(budget_tokens=None, tau=1.0))
+    said: list[tuple[str, int, int]] = []
+    _overloaded_first(monkeypatch, 1)  # the first pair's first arm: that pair is timed again
+    ids = _prompt(tok, 300)
+    measure.compare_decode(
+        model, plan, ids, new_tokens=3, repeats=2, sparse_cache="paged", progress=lambda *a: said.append(a)
+    )
+    # two pairs of two runs and the free-running one: 5; the retimed pair's two runs counted again
+    assert [done for _, done, _ in said] == [1, 2, 0, 1, 2, 3, 4, 5] and {t for *_, t in said} == {5}
+    assert [stage for stage, *_ in said] == ["decode"] * 2 + [measure.RETIMING] + ["decode"] * 5
+    said.clear()
+    _overloaded_first(monkeypatch, 1)
+    measure.dense_decode(
+        model, ids, new_tokens=3, repeats=2, cache="paged", progress=lambda *a: said.append(a)
+    )
+    assert said == [(measure.RETIMING, 0, 2), ("decode", 1, 2), ("decode", 2, 2)]
+
+
 def test_the_decode_summary_records_the_runs_host_under_the_prefills_threads(tiny_llama_dir, monkeypatch):
     """The evaluation chooses its timings' threads once (docs/roi.md: decode under the prefill timing's
     thread policy), so the prefill and decode speed-ups are timed on the same threads; the decode timing

@@ -197,3 +197,22 @@ def test_the_overload_warning_says_what_an_overload_does_to_the_benchs_own_figur
     _overload_warning({}, [{"overloaded": True}, {"overloaded": False}], **kw)
     text = " ".join(capsys.readouterr().out.split())
     assert f"their {kw.get('what', 'speed-ups')} measure the host as much as the code" in text
+
+
+def test_the_tables_title_and_the_log_say_when_omp_num_threads_capped_auto() -> None:
+    """With OMP_NUM_THREADS=1 set by the user on a host with both CPUs free, `auto` ran 1 thread while the
+    title said "1 thread(s) (auto) on 2 CPUs, other processes kept 0.10 cores busy" and the log "threads: 1
+    (auto; 2 CPUs, ...)": the reason, recorded in the JSON's `capped_by`, was said nowhere a person reads."""
+    from sparsepilot.commands import bench
+
+    policy = {"requested": "auto", "cpus": 2.0, "threads": 1, "others_busy_cores": 0.1}
+    capped = policy | {"capped_by": "OMP_NUM_THREADS=1"}
+    load = {"cpus": 2.0, "others_busy_cores": 0.1, "cpu_pressure": 0.02}
+    env = {"threads": 1, "cpu_count": 2, "loadavg_before": [0.2], "loadavg_after": [0.3], "host_load": load}
+    assert "1 thread(s) (auto, capped by OMP_NUM_THREADS=1) on 2 CPUs" in bench._host_line(
+        env | {"thread_policy": capped}
+    )
+    assert "1 thread(s) (auto) on 2 CPUs" in bench._host_line(env | {"thread_policy": policy})
+    how = bench._how_chosen  # the log's "threads: N (...)" line
+    assert how(capped) == "auto, capped by OMP_NUM_THREADS=1" and how(policy) == "auto"
+    assert how({"requested": 2, "threads": 2}) == "2"  # the log's "threads: 2 (2; ...)", as before
