@@ -7,7 +7,7 @@ from typing import Any
 
 from rollout import queries
 from rollout.queries import bounding_sides, known, quality_interval  # noqa: F401 (the pages' spelling of the rule)
-from rollout.roi import usd
+from rollout.roi import NO_INTERVAL, usd
 from rollout.words import counted
 
 # what Streamlit's markdown reads as markup inside a line: links and images ([..](..)), emphasis, code,
@@ -40,6 +40,18 @@ def money(x: Any) -> str:
     if not known(x):
         return "-"
     return usd(x)
+
+
+def money_interval(saved: Any, lo: Any, hi: Any) -> str | None:
+    """The caption under a $/month figure: "interval $lo to $hi", or where no interval was measured (one
+    timing pair: the state DB stores no ends, rollout.runs) that there is none, in the words the evaluate
+    flow's closing line uses (`rollout.roi.NO_INTERVAL`), where it said "interval - to -"; None where
+    there is no figure to caption."""
+    if not known(saved):
+        return None
+    if known(lo) and known(hi):
+        return f"interval {money(lo)} to {money(hi)}"
+    return NO_INTERVAL
 
 
 def rate(x: Any) -> str:

@@ -284,10 +284,10 @@ def summary_line(use_case: str, summary: dict[str, Any]) -> str:
     """The flow's closing log line: the speed-up with its interval and the $/month saved; that it has no
     task score, and why, where no row kept apart from calibration could be scored (`tasks_not_scored`);
     and, where the timings were kept under overload, that warning (`measured_under_overload`)."""
-    from rollout.roi import usd
+    from rollout.roi import NO_INTERVAL, usd
 
     ends = (summary["speedup_low"], summary["speedup_high"])
-    interval = "no interval: one timing pair" if None in ends else "[{:.2f}, {:.2f}]".format(*ends)
+    interval = NO_INTERVAL if None in ends else "[{:.2f}, {:.2f}]".format(*ends)
     saved = summary["savings_month_usd"]  # a loss is said as one, as the verdict says it (rollout.roi)
     money = f"{usd(saved)}/month saved" if saved >= 0 else f"{usd(-saved)}/month more"
     line = f"{use_case}: speed-up {summary['speedup']:.2f}x {interval} on {summary['device']}, {money}"

@@ -249,8 +249,10 @@ def render_table(rows: list[dict[str, Any]], outcomes: dict[str, dict[str, Any]]
     from rich.table import Table
 
     table = Table(title="SparsePilot main job")
-    for col in ("use case", "decision", "waits for", "quality delta [interval]", "speed-up [interval]",
-                "$/month saved [interval]", "payback", "decode"):  # fmt: skip
+    # the speed-up cell is the prefill one (the evaluation's `speedup`); the dollars beside it rest on the
+    # per-request speed-up, prefill and decode together (rollout.roi), whose decode part the decode cell says
+    for col in ("use case", "decision", "waits for", "quality delta [interval]",
+                "prefill speed-up [interval]", "$/month saved [interval]", "payback", "decode"):  # fmt: skip
         table.add_column(col, overflow="fold")  # a narrow column wraps a long number, never cuts it to "…"
     for r in rows:
         o = outcomes.get(r["use_case"]) or {}

@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 
 DAYS_PER_MONTH = 365.25 / 12  # 30.4375
 ROI_CONFIDENCE = 0.95  # the speed-up interval a saving's range is priced at
+# what every surface says in place of an interval where none was measured (`interval_measured` False: one
+# timing pair, whose "ends" are the estimate; the state DB stores none, rollout.runs)
+NO_INTERVAL = "no interval: one timing pair"
 
 
 @dataclass(frozen=True)

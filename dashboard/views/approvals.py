@@ -103,8 +103,10 @@ def money_summary(d: dict[str, Any]) -> None:
         return
     m1, m2 = st.columns(2)
     m1.metric("$/month saved", fmt.money(money["savings_month_usd"]))
-    m1.caption(
-        f"interval {fmt.money(money['savings_month_low'])} to {fmt.money(money['savings_month_high'])}"
+    m1.caption(  # "no interval: one timing pair" where none was measured, not "interval - to -"
+        fmt.money_interval(
+            money["savings_month_usd"], money["savings_month_low"], money["savings_month_high"]
+        )
     )
     m2.metric("Payback", fmt.days(money["payback_days"]))
     if money["not_established"]:

@@ -439,7 +439,9 @@ def roi_breakdown(ev: dict[str, Any] | None) -> None:
         fmt.money(ev["savings_month_usd"]),
         help="interval from the measured speed-up's interval",
     )
-    c2.caption(f"interval {fmt.money(ev['savings_month_low'])} to {fmt.money(ev['savings_month_high'])}")
+    interval = fmt.money_interval(ev["savings_month_usd"], ev["savings_month_low"], ev["savings_month_high"])
+    if interval:
+        c2.caption(interval)
     c3.metric("Payback", fmt.days(ev["payback_days"]))
     roi = dict(ev["roi"])
     overload = timing_overload(roi.get("timing_host"))

@@ -36,16 +36,13 @@ def _walk(node: Any) -> Any:
         yield from _walk(child)
 
 
-def test_each_approval_card_shows_what_the_promotion_is_worth(seeded: dict[str, Any]) -> None:
-    from rollout.db.models import EvaluationRun, GateDecision, ModelVersion, Pilot, PilotStep, UseCase
+def _go_on_support_chat() -> None:
+    """A GO awaiting approval on support-chat, of a pilot of its seeded model version."""
+    from rollout.db.models import GateDecision, ModelVersion, Pilot, PilotStep, UseCase
     from rollout.db.session import session_scope
     from tests.fixtures.dashboard import evidence
 
     with session_scope() as s:
-        cs = s.scalar(select(UseCase).where(UseCase.name == "contract-summarisation"))
-        last = s.scalar(select(func.max(EvaluationRun.id)).where(EvaluationRun.use_case_id == cs.id))
-        run = s.get(EvaluationRun, last)
-        run.roi = {**run.roi, "timing_host": {"prefill": {"pairs_timed": 3, "pairs_kept_under_overload": 3}}}
         sc = s.scalar(select(UseCase).where(UseCase.name == "support-chat"))  # ROI -$35 [-$80, $10]
         mv = s.scalar(select(ModelVersion).where(ModelVersion.use_case_id == sc.id))
         p = Pilot(use_case_id=sc.id, model_version_id=mv.id, salt="x", status="running", pilot_number=1)
@@ -70,6 +67,18 @@ def test_each_approval_card_shows_what_the_promotion_is_worth(seeded: dict[str, 
                 data_fingerprint="a" * 64,
             )
         )
+
+
+def test_each_approval_card_shows_what_the_promotion_is_worth(seeded: dict[str, Any]) -> None:
+    from rollout.db.models import EvaluationRun, UseCase
+    from rollout.db.session import session_scope
+
+    with session_scope() as s:
+        cs = s.scalar(select(UseCase).where(UseCase.name == "contract-summarisation"))
+        last = s.scalar(select(func.max(EvaluationRun.id)).where(EvaluationRun.use_case_id == cs.id))
+        run = s.get(EvaluationRun, last)
+        run.roi = {**run.roi, "timing_host": {"prefill": {"pairs_timed": 3, "pairs_kept_under_overload": 3}}}
+    _go_on_support_chat()
     at = new_app()
     open_page(at, "approvals")
     cards = _cards(at)
@@ -82,3 +91,31 @@ def test_each_approval_card_shows_what_the_promotion_is_worth(seeded: dict[str, 
     assert "$/month saved: $1,840" in contract and "interval $1,500 to $2,150" in contract
     assert "measured under overload: 3 of 3 timed pairs" in contract
     assert "no saving is established" not in contract
+
+
+def test_a_card_whose_evaluation_measured_no_interval_says_so(seeded: dict[str, Any]) -> None:
+    """Review-a P1: a plan evaluated with one timing pair measures no interval (docs/roi.md); its card read
+    "interval - to -" under the $/month. It now says what is true, in the evaluate flow's words."""
+    from rollout import roi, runs
+    from rollout.db.models import ModelVersion, UseCase
+    from rollout.db.session import session_scope
+    from rollout.spec import UseCaseSpec
+    from tests.fixtures.dashboard import seeded_spec
+
+    spec = UseCaseSpec.model_validate(seeded_spec("contract-summarisation"))  # its prices
+    one_pair = roi.roi_for_spec(spec, dense_tps=1000.0, sparse_tps=2000.0)
+    assert not one_pair.inputs.interval_measured
+    with session_scope() as s:
+        uc = s.scalar(select(UseCase).where(UseCase.name == "support-chat"))
+        ids = uc.id, s.scalar(select(ModelVersion.id).where(ModelVersion.use_case_id == uc.id))
+    run = runs.open_evaluation(*ids, "one-pair", None)
+    runs.evaluation_succeeded(
+        "support-chat", run["id"], report={"device": "cpu"}, roi=one_pair.to_dict(), mlflow_run_id="m",
+        spec_version=1,
+    )  # fmt: skip
+    _go_on_support_chat()
+    at = new_app()
+    open_page(at, "approvals")
+    chat = _cards(at)["support-chat"]
+    assert f"$/month saved: {roi.usd(one_pair.saved_usd_month)}\nno interval: one timing pair" in chat, chat
+    assert " - to -" not in chat

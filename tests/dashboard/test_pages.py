@@ -542,8 +542,9 @@ def test_the_mlflow_link_never_shows_the_tracking_servers_password(
 def test_roi_without_a_measured_interval_is_shown_as_one(seeded: dict[str, Any]) -> None:
     """An evaluation timed with one pair measures no interval (docs/roi.md): the portfolio counts its
     saving apart as not established (it was in neither sum), and its page shows no speed-up or saving
-    interval and no payback, in the breakdown table as in the figures above it; a saving whose interval
-    reaches a loss shows no payback there either, and dollars read as dollars."""
+    interval and no payback, in the breakdown table as in the figures above it, and under its $/month "no
+    interval: one timing pair" (it said "interval - to -", review-a P1); a saving whose interval reaches a
+    loss shows no payback there either, and dollars read as dollars."""
     from rollout import roi as roi_of
     from rollout import runs
     from rollout.db.models import ModelVersion, UseCase
@@ -579,12 +580,17 @@ def test_roi_without_a_measured_interval_is_shown_as_one(seeded: dict[str, Any])
         items = dict(zip(breakdown["item"], breakdown["value"], strict=True))
         assert shown["Payback"] == "-" and not any(k.startswith("payback") for k in items)
         assert items["saved_usd_month"] == roi_of.usd(result.saved_usd_month) == shown["$/month saved"]
+        captions = [c.value for c in at.caption]
         if name == "support-chat":
             assert shown["Prefill speed-up"] == "2.00x"  # no "[2.00x, 2.00x]" nobody measured
+            # under the $/month, what is true, where the caption read "interval - to -" (review-a P1)
+            assert "no interval: one timing pair" in captions and not any(" - to -" in c for c in captions)
             inputs = next(d.value for d in at.dataframe if "input" in d.value.columns)
             assert not any(k.endswith(("_low", "_high")) for k in [*items, *inputs["input"]])
         else:
             assert items["saved_usd_month_low"] == roi_of.usd(result.saved_usd_month_low)
+            low, high = roi_of.usd(result.saved_usd_month_low), roi_of.usd(result.saved_usd_month_high)
+            assert f"interval {low} to {high}" in captions
 
 
 def test_a_dense_plans_timing_noise_is_no_saving_on_its_page(seeded: dict[str, Any]) -> None:

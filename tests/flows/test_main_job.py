@@ -147,3 +147,19 @@ def test_summary_table_says_which_figures_were_timed_under_overload() -> None:
     console.print(render_table([{**row, "use_case": "busy"}, {**row, "use_case": "quiet"}], outcomes))
     text = console.export_text()
     assert f"busy: {warn}" in text and "quiet:" not in text
+
+
+def test_summary_tables_speed_up_column_says_it_is_the_prefill_one() -> None:
+    """Review-a P2: the column "speed-up [interval]" held the prefill speed-up, unlabelled, beside dollars
+    that rest on the per-request one (prefill and decode together), as the dashboard's unlabelled
+    "Speed-up" did before it was relabelled "Prefill speed-up"."""
+    from flows.main_job import render_table
+
+    row = {"use_case": "decode-only", "decision": "-", "waits_for": None, "quality_delta": None,
+           "speedup": 0.97, "speedup_low": 0.93, "speedup_high": 1.01, "saved_usd_month": 5603.0,
+           "saved_usd_month_low": 4000.0, "saved_usd_month_high": 7000.0, "payback_days": 16.0,
+           "decode": "1.60x [1.50, 1.70]"}  # fmt: skip
+    table = render_table([row], {})
+    headers = [c.header for c in table.columns]
+    assert headers[4] == "prefill speed-up [interval]" and "speed-up [interval]" not in headers
+    assert list(table.columns[4].cells) == ["0.97 [0.93, 1.01]"]
