@@ -251,14 +251,10 @@ def validate_batch(rows: list[dict[str, Any]], known_ids: list[str], kind: str) 
     )
 
 
-# A validated batch stored in its step (rollout.pilot_batches.store_batch), as a task.
+# A validated batch stored in its step (rollout.pilot_batches.store_batch), and why the step takes no batch
+# now (its pilot aborted, stopped, moved on: rollout.pilot_batches.step_refusal), or None, as tasks.
 store_batch = flow_task("pilot-store-batch")(pilot_batches.store_batch)
-
-
-@flow_task("pilot-step-refusal")
-def step_refusal(step_id: int) -> dict[str, str] | None:
-    """Why the step takes no batch now (its pilot aborted, stopped, moved on), or None."""
-    return pilot_batches.step_refusal(step_id)
+step_refusal = flow_task("pilot-step-refusal")(pilot_batches.step_refusal)
 
 
 @flow_task("pilot-record-failed-check")

@@ -12,45 +12,14 @@ from prefect import get_run_logger
 
 from flows.common import flow_task, log_run, sparsepilot_flow
 from rollout import audit, decisions
+from rollout.approvals import apply_continue, apply_keep, apply_promotion, apply_rejection, apply_rollback
 
-
-@flow_task("promote-move-aliases")
-def promote_task(decision_id: int, approval_id: int, reason: str, finished_by: str = "") -> dict[str, Any]:
-    from rollout.approvals import apply_promotion
-
-    return apply_promotion(decision_id, approval_id, reason=reason, finished_by=finished_by or None)
-
-
-@flow_task("reject-stop-pilot")
-def reject_task(decision_id: int, approval_id: int, reason: str, finished_by: str = "") -> dict[str, Any]:
-    from rollout.approvals import apply_rejection
-
-    return apply_rejection(decision_id, approval_id, reason=reason, finished_by=finished_by or None)
-
-
-@flow_task("continue-ramp")
-def continue_task(decision_id: int, approval_id: int, reason: str) -> dict[str, Any]:
-    from rollout.approvals import apply_continue
-
-    return apply_continue(decision_id, approval_id, reason=reason)
-
-
-@flow_task("keep-champion")
-def keep_task(decision_id: int, approval_id: int, reason: str, finished_by: str = "") -> dict[str, Any]:
-    from rollout.approvals import apply_keep
-
-    return apply_keep(decision_id, approval_id, reason=reason, finished_by=finished_by or None)
-
-
-@flow_task("rollback-move-alias")
-def rollback_task(
-    decision_id: int, approval_id: int | None, reason: str, automatic: bool, finished_by: str = ""
-) -> dict[str, Any]:
-    from rollout.approvals import apply_rollback
-
-    return apply_rollback(
-        decision_id, approval_id, reason=reason, automatic=automatic, finished_by=finished_by or None
-    )
+# rollout.approvals' effects, as tasks; a flow's `finished_by` "" (nobody finishes) is passed on as None
+promote_task = flow_task("promote-move-aliases")(apply_promotion)
+reject_task = flow_task("reject-stop-pilot")(apply_rejection)
+continue_task = flow_task("continue-ramp")(apply_continue)
+keep_task = flow_task("keep-champion")(apply_keep)
+rollback_task = flow_task("rollback-move-alias")(apply_rollback)
 
 
 @flow_task("alias-log-mlflow")
@@ -77,7 +46,7 @@ def promote_flow(
     """`finished_by` (every effect flow's): who finishes a decision another signed, whose effect did not
     complete; the moves stay the signer's, their reason too, and an `approval.finished` entry names them
     with `reason` (rollout.approvals.effects)."""
-    result = promote_task(decision_id, approval_id, reason, finished_by)
+    result = promote_task(decision_id, approval_id, reason=reason, finished_by=finished_by or None)
     log_alias_event(decision_id, result, "promote", actor)
     if result.get("action") == "superseded":  # measured against a champion no longer serving
         get_run_logger().warning("decision %s: not promoted: %s", decision_id, result["reason"])
@@ -94,14 +63,14 @@ def promote_flow(
 def reject_flow(
     decision_id: int, approval_id: int, reason: str, actor: str = "", finished_by: str = ""
 ) -> dict[str, Any]:
-    return reject_task(decision_id, approval_id, reason, finished_by)
+    return reject_task(decision_id, approval_id, reason=reason, finished_by=finished_by or None)
 
 
 @sparsepilot_flow("continue-ramp")
 def continue_flow(decision_id: int, approval_id: int, reason: str, actor: str = "") -> dict[str, Any]:
     """A person continued the ramp from a GO before the plan's last step: the pilot runs at its next
     step (done when they signed, rollout.approvals; this reports where)."""
-    result = continue_task(decision_id, approval_id, reason)
+    result = continue_task(decision_id, approval_id, reason=reason)
     get_run_logger().info(
         "decision %s: ramp continued, %s at step %s", decision_id, result["pilot"], result["step_index"]
     )
@@ -113,7 +82,7 @@ def keep_flow(
     decision_id: int, approval_id: int, reason: str, actor: str = "", finished_by: str = ""
 ) -> dict[str, Any]:
     """A person kept the champion through the monitor's alarm: promoted again, the monitor resumes."""
-    return keep_task(decision_id, approval_id, reason, finished_by)
+    return keep_task(decision_id, approval_id, reason=reason, finished_by=finished_by or None)
 
 
 @sparsepilot_flow("rollback")
@@ -125,7 +94,9 @@ def rollback_flow(
     actor: str = "",
     finished_by: str = "",
 ) -> dict[str, Any]:
-    result = rollback_task(decision_id, approval_id, reason, automatic, finished_by)
+    result = rollback_task(
+        decision_id, approval_id, reason=reason, automatic=automatic, finished_by=finished_by or None
+    )
     log_alias_event(decision_id, result, "rollback", actor or (audit.MONITOR_ACTOR if automatic else ""))
     get_run_logger().info("decision %s: rolled back (%s)", decision_id, result.get("alias_move"))
     return result

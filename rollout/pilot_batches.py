@@ -11,11 +11,10 @@ from typing import Any
 
 from sqlalchemy import select
 
-from rollout import audit, champion, lifecycle, pilots, run_links, runs
+from rollout import audit, champion, decisions, lifecycle, pilots, run_links, runs
 from rollout.calibration_outcome import missed_budget_refusal
 from rollout.db.models import (
     AuditEntry,
-    GateDecision,
     ModelVersion,
     Observation,
     Pilot,
@@ -254,12 +253,9 @@ def _not_aborted(session: Any, uc: Any, run: Any) -> pilots.PilotStateError:
             f"{uc.name}: no pilot of the challenger was aborted, so there is nothing to pilot again; "
             f"`sparsepilot pilot {uc.name}` pilots it"
         )
-    look = session.scalar(
-        select(GateDecision.outcome)
-        .where(GateDecision.pilot_id == mine.id, GateDecision.kind == "gate")
-        .order_by(GateDecision.id.desc())
-    )
-    if look == "INVALID":  # more samples do not cure it (rollout.decisions.invalid_remedy): the abort does
+    look = decisions.newest_decision(session, mine.id, "gate")  # its latest look
+    # more samples do not cure an INVALID (rollout.decisions.invalid_remedy): the abort does
+    if look is not None and look.outcome == "INVALID":
         way = (
             "its latest look is INVALID, which more samples do not cure: "
             f"`sparsepilot pilot {uc.name} --abort --reason TEXT` ends it, then "
