@@ -3,6 +3,7 @@ exits non-zero, names the file/row/field, and leaves the DB exactly as it was.""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -367,6 +368,35 @@ def test_a_request_log_is_read_once_at_add_and_counted(state_url: str, tmp_path:
     (tmp_path / "logs" / "requests.jsonl").write_text("\n".join(rows) + "\n")
     stats = add_ok(path)["validation"]["stats"]
     assert (stats["request_log_requests"], stats["request_log_distinct_prompts"]) == (3, 2)
+
+
+def test_a_dataset_changed_while_it_is_added_is_stored_as_validated(
+    sp_home,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,  # noqa: ANN001
+) -> None:
+    """`usecase add` read the dataset three times (to validate, to hash, to copy): another writer changing
+    the file after the validation stored rows nobody validated, under a hash that matched them. The file
+    is read once: the bytes validated are the bytes hashed and stored. The other writer is simulated by
+    rewriting the file as soon as the validation returns."""
+    from rollout import usecases
+
+    path = write_spec(tmp_path / "w")
+    dataset = tmp_path / "w" / "support_chat.jsonl"
+    validated = dataset.read_bytes()
+    validate = usecases.validate_dataset
+
+    def then_another_writer(*args: Any, **kwargs: Any) -> Any:
+        result = validate(*args, **kwargs)
+        dataset.write_bytes(b'{"id": "x", "prompt": ""}\n')  # an empty prompt: it would fail validation
+        return result
+
+    monkeypatch.setattr(usecases, "validate_dataset", then_another_writer)
+    added = usecases.add_usecase(path, actor="olga")
+    loaded = load_spec_version(added.name)
+    assert loaded.dataset_path.read_bytes() == validated
+    assert loaded.dataset_sha256 == hashlib.sha256(validated).hexdigest()
+    assert len(dataset_rows(loaded)) == 12
 
 
 def test_bad_inputs_are_rejected_and_write_nothing(state_url: str, sp_home, tmp_path: Path) -> None:  # noqa: ANN001
