@@ -17,6 +17,7 @@ from functools import cache, lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rollout.input_files import HEAD_BYTES, compressed
 from rollout.json_lines import LineError, parse_object
 from sparse_core.errors import SparsePilotError
 
@@ -201,8 +202,9 @@ def _unreadable(exc: OSError) -> Failure:
 
 def read_dataset(path: Path | str, data: bytes | None = None) -> tuple[_Rows, list[Failure], list[str]]:
     """Read a JSONL dataset (`data`, the file's bytes where the caller read them already), catching what a
-    DataFrame cannot hold: a file that cannot be read (no permission), invalid UTF-8, bad JSON, wrong types.
-    Returns the readable rows, the read failures (with line numbers) and warnings."""
+    DataFrame cannot hold: a file that cannot be read (no permission) or is compressed (one failure, not
+    one per line), invalid UTF-8, bad JSON, wrong types. Returns the readable rows, the read failures (with
+    line numbers) and warnings."""
     from rollout.spec import has_visible_text
 
     rows, failures, warnings = _Rows(), [], []
@@ -211,6 +213,8 @@ def read_dataset(path: Path | str, data: bytes | None = None) -> tuple[_Rows, li
             data = Path(path).read_bytes()
         except OSError as exc:  # no read permission, an I/O error: the file exists but cannot be read
             return rows, [_unreadable(exc)], warnings
+    if why := compressed(data[:HEAD_BYTES]):  # read as text, each of its lines was "invalid UTF-8"
+        return rows, [Failure("dataset", why, expectation="read")], warnings
     unknown: dict[str, list[int]] = {}
     for lineno, raw in enumerate(data.split(b"\n"), start=1):
         if not raw.strip():

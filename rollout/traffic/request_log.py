@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from rollout.input_files import HEAD_BYTES, compressed, not_a_file
 from rollout.json_lines import LineError, parse_object
 from rollout.spec import has_visible_text
 from rollout.traffic.base import (
@@ -105,14 +106,21 @@ class RequestLogSource:
         self.path = Path(path)
         self._salt = salt
         self._excluded = frozenset(prompt_key(p) for p in exclude_prompts)
-        if not self.path.is_file():
-            raise TrafficError(f"{self.path}: request log not found")
+        if why := not_a_file(self.path, what="request log", hint="a request log is one .jsonl or .csv file"):
+            raise TrafficError(why)
         suffix = self.path.suffix.lower()
         if suffix not in (".jsonl", ".csv"):
             raise TrafficError(
                 f"{self.path}: a request log is .jsonl or .csv, got {suffix or 'no extension'}"
             )
         self._csv = suffix == ".csv"
+        try:  # a compressed log was "not valid UTF-8" once for each of its first lines
+            with self.path.open("rb") as fh:
+                why = compressed(fh.read(HEAD_BYTES))
+        except OSError:
+            why = None  # reading it says why it cannot be read, naming the file
+        if why:
+            raise TrafficError(f"{self.path}: {why}")
 
     def requests(self) -> Iterator[Request]:
         """Every request of the log, in file order; the first bad line stops the read (TrafficError naming

@@ -3,6 +3,7 @@ exits non-zero, names the file/row/field, and leaves the DB exactly as it was.""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 from pathlib import Path
@@ -277,6 +278,10 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, list[str]]]:
         write_spec(tmp / "utf8", raw_rows=raw),
         ["support_chat.jsonl: row 4: line: invalid UTF-8"],
     )
+    cases["dataset gzip-compressed"] = (  # it was one "invalid UTF-8" line per row
+        write_spec(tmp / "gz", raw_rows=gzip.compress(raw)),
+        ["support_chat.jsonl: dataset: the file is compressed (gzip): decompress it first"],
+    )
     rows = _rows()
     rows[1]["prompt"] = "word " * 9000  # 45k characters: over 8192 tokens even by the bound
     cases["prompt longer than context"] = (
@@ -328,6 +333,12 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, list[str]]]:
     cases["request log missing"] = (
         write_spec(tmp / "log-missing", spec_with(log_source("no_such_log.csv"))),
         ["usecase.yaml: rollout.traffic_source.path: ", "no_such_log.csv: request log not found"],
+    )
+    d = tmp / "log-dir"
+    (d / "logs.jsonl").mkdir(parents=True)  # an export's folder of pages: it was "request log not found"
+    cases["request log a directory"] = (
+        write_spec(d, spec_with(log_source("logs.jsonl"))),
+        ["logs.jsonl: is a directory, not a file (a request log is one .jsonl or .csv file)"],
     )
     d = tmp / "log-latin1"
     d.mkdir(parents=True)
