@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rollout.input_files import HEAD_BYTES, compressed
-from rollout.json_lines import LineError, parse_object
+from rollout.json_lines import LineError, parse_object, split_lines
 from sparse_core.errors import SparsePilotError
 
 if TYPE_CHECKING:
@@ -203,8 +203,9 @@ def _unreadable(exc: OSError) -> Failure:
 def read_dataset(path: Path | str, data: bytes | None = None) -> tuple[_Rows, list[Failure], list[str]]:
     """Read a JSONL dataset (`data`, the file's bytes where the caller read them already), catching what a
     DataFrame cannot hold: a file that cannot be read (no permission) or is compressed (one failure, not
-    one per line), invalid UTF-8, bad JSON, wrong types. Returns the readable rows, the read failures (with
-    line numbers) and warnings."""
+    one per line), invalid UTF-8, bad JSON, wrong types. Lines end as the request log's do (CRLF, LF or a
+    lone CR: `rollout.json_lines.split_lines`). Returns the readable rows, the read failures (with line
+    numbers) and warnings."""
     from rollout.spec import has_visible_text
 
     rows, failures, warnings = _Rows(), [], []
@@ -216,7 +217,7 @@ def read_dataset(path: Path | str, data: bytes | None = None) -> tuple[_Rows, li
     if why := compressed(data[:HEAD_BYTES]):  # read as text, each of its lines was "invalid UTF-8"
         return rows, [Failure("dataset", why, expectation="read")], warnings
     unknown: dict[str, list[int]] = {}
-    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+    for lineno, raw in enumerate(split_lines(data), start=1):
         if not raw.strip():
             continue
         try:

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import csv
 import heapq
-import re
 from collections.abc import Iterable, Iterator, Set
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from rollout.input_files import HEAD_BYTES, compressed, not_a_file
-from rollout.json_lines import LineError, parse_object
+from rollout.json_lines import LINE_END, LineError, parse_object
 from rollout.spec import has_visible_text
 from rollout.traffic.base import (
     Request,
@@ -49,7 +48,6 @@ class LogCheck:
     problems: tuple[str, ...]  # the first MAX_LISTED bad lines, each "path:line: field ...: why"
 
 
-_EOL = re.compile(rb"\r\n?|\n")
 CHUNK = 1 << 20
 
 
@@ -60,7 +58,7 @@ def raw_lines(fh: BinaryIO, limit: int) -> Iterator[bytes]:
     sees it is too long) and ends the stream: a file without line breaks is never read whole."""
     buf, pos = b"", 0
     while True:
-        m = _EOL.search(buf, pos)
+        m = LINE_END.search(buf, pos)
         if m is not None and not (m.group() == b"\r" and m.end() == len(buf)):  # a CR may start a CRLF
             yield buf[pos : m.end()]
             pos = m.end()

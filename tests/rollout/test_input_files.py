@@ -1,6 +1,6 @@
 """A person's input files (dataset, request log, observations) before a line is parsed: a compressed file
-said in one line naming it (each reader), a directory said as one, and text that starts like a magic
-number still read."""
+said in one line naming it (each reader), a directory said as one, text that starts like a magic number
+still read, and the line endings a dataset and a request log both read."""
 
 from __future__ import annotations
 
@@ -86,3 +86,23 @@ def test_a_directory_is_said_to_be_one(tmp_path: Path, reader: str, hint: str) -
 )
 def test_text_that_starts_like_a_magic_number_is_not_compressed(head: bytes) -> None:
     assert compression(head) is None
+
+
+@pytest.mark.parametrize("ending", [b"\n", b"\r\n", b"\r"], ids=["LF", "CRLF", "CR"])
+def test_a_dataset_reads_the_line_endings_a_request_log_reads(tmp_path: Path, ending: bytes) -> None:
+    """A dataset whose lines end in a lone CR (the old Mac ending some spreadsheets still write) was one
+    line, "row 1: line: not valid JSON (Extra data ...)", while the request-log reader read the same file
+    line by line; both read every ending alike, a bad line named by the same number."""
+    lines = [b'{"id": "a", "prompt": "one"}', b"{oops", b'{"id": "b", "prompt": "two"}']
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(ending.join(lines) + ending)
+    rows, failures, _ = read_dataset(path)
+    assert (rows.id, rows.line) == (["a", "b"], [1, 3])
+    assert [f.describe(str(path)) for f in failures] == [
+        f"{path}: row 2: line: not valid JSON (Expecting property name enclosed in double quotes, column 2)"
+    ]
+    found = RequestLogSource(path, "s").check()
+    assert (found.requests, found.problems) == (
+        2,
+        (f"{path}:2: not valid JSON (Expecting property name enclosed in double quotes, column 2)",),
+    )
