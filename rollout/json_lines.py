@@ -2,12 +2,22 @@
 object is refused (json keeps the last silently, as YAML would: `{"prompt": "visible", "prompt": ""}`
 would be read as an empty prompt, or the other way round as a prompt nobody reviewed), and what json
 cannot read (a 5000-digit integer, nesting past the recursion limit) is a `LineError` with the reason,
-never a raw exception. Pure: text in, value or `LineError` out; the readers name the file and line."""
+never a raw exception. Lines end at CRLF, LF or a lone CR (the old Mac ending some spreadsheets still
+write), for both readers alike (`LINE_END`, `split_lines`): no JSON line holds a raw CR. Pure: text in,
+value or `LineError` out; the readers name the file and line."""
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
+
+LINE_END = re.compile(rb"\r\n?|\n")
+
+
+def split_lines(data: bytes) -> list[bytes]:
+    """A file's lines without their endings, as `LINE_END` ends them: the n-th is the file's line n."""
+    return LINE_END.split(data)
 
 
 class LineError(ValueError):

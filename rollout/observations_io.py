@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rollout import input_files
 from rollout.json_lines import LineError, parse_object
 from sparse_core.errors import SparsePilotError
 
@@ -35,16 +36,9 @@ class ObservationImportError(SparsePilotError, ValueError):
 
 def not_a_file(path: str | Path) -> str | None:
     """Why `path` cannot be read as a file of observations, naming it, or None where it is a file: a
-    directory (an export's folder of pages) is said as one, never "file not found"."""
-    p = Path(path)
-    try:
-        if p.is_file():
-            return None
-        if p.is_dir():
-            return f"{p}: is a directory, not a file (name each file of observations itself)"
-    except OSError as exc:
-        return f"{p}: cannot read the file ({exc.strerror or exc})"
-    return f"{p}: file not found"
+    directory (an export's folder of pages) is said as one, never "file not found"
+    (`rollout.input_files.not_a_file`, the request log's words too)."""
+    return input_files.not_a_file(path, hint="name each file of observations itself")
 
 
 def read_observations(path: str | Path, *, require_arm: str | None = None) -> list[dict[str, Any]]:
@@ -84,6 +78,9 @@ def iter_observations(
     chunk: list[tuple[int, dict[str, Any]]] = []
     seen_any = False
     try:
+        with p.open("rb") as raw:  # a gzip export read as text was "not valid UTF-8 (byte 1 ...)"
+            if why := input_files.compressed(raw.read(input_files.HEAD_BYTES)):
+                raise ObservationImportError(f"{p}: {why}")
         # newline="" keeps CSV's quoted newlines intact; a byte-order mark (Excel writes one) is skipped
         with p.open(encoding="utf-8-sig", newline="") as f:
             for line, obj in parse(p, f):

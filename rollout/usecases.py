@@ -14,7 +14,6 @@ Old versions stay readable (`load_spec_version`, `show_usecase(..., version=N)`)
 from __future__ import annotations
 
 import hashlib
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ from rollout.redact import redacted_name
 from rollout.settings import get_settings
 from rollout.spec import SpecError, UseCaseSpec, load_spec, parse_spec, spec_warnings, url_credentials
 from rollout.task_budget import task_bound_warnings
-from rollout.validation import ValidationResult, token_counter_for, validate_dataset
+from rollout.validation import ValidationResult, dataset_bytes, token_counter_for, validate_dataset
 from sparse_core.errors import SparsePilotError
 
 
@@ -127,6 +126,7 @@ class CheckedSpec:
     spec: UseCaseSpec
     source_path: Path
     dataset_source: Path
+    dataset: bytes = field(repr=False)  # the file's bytes as validated: hashed and stored as they are
     dataset_sha256: str
     spec_hash: str
     validation: ValidationResult
@@ -154,12 +154,14 @@ def check_spec_file(path: Path | str) -> CheckedSpec:
     info = resolve_model(spec, source)
     check_against_model(spec, info, source)
     counter, counted_by = token_counter_for(getattr(info, "path", None))
+    data = dataset_bytes(dataset)  # read once: validated, hashed and stored, never read again
     result = validate_dataset(
         dataset,
         spec,
         context_length=getattr(info, "context_length", None),
         count_tokens=counter,
         token_source=counted_by,
+        data=data,
     )
     result.raise_for_failures()
     if spec.rollout.traffic_source.kind == "request-log":
@@ -170,11 +172,12 @@ def check_spec_file(path: Path | str) -> CheckedSpec:
     result.warnings.extend(
         plan_summary(spec, dataset_rows=stats.get("rows"), kept_apart=stats.get("kept_apart"))["warnings"]
     )
-    sha = _sha256(dataset)
+    sha = hashlib.sha256(data).hexdigest()
     return CheckedSpec(
         spec=spec,
         source_path=path.resolve(),
         dataset_source=dataset,
+        dataset=data,
         dataset_sha256=sha,
         spec_hash=spec.content_hash(sha),
         validation=result,
@@ -219,15 +222,16 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _store_dataset(src: Path, sha: str) -> Path:
-    """Content-addressed copy under SPARSEPILOT_HOME/datasets: immutable, so any version stays usable.
-    Written via a temp file + rename, so a crash never leaves a partial file under the final name."""
+def _store_dataset(data: bytes, sha: str) -> Path:
+    """Content-addressed copy under SPARSEPILOT_HOME/datasets of the bytes validated and hashed (never the
+    source file read again: another writer may have changed it since): immutable, so any version stays
+    usable. Written via a temp file + rename, so a crash never leaves a partial file under the final name."""
     root = get_settings().home / "datasets"
     root.mkdir(parents=True, exist_ok=True)
     dst = root / f"{sha}.jsonl"
     if not dst.is_file() or _sha256(dst) != sha:
         tmp = root / f".{sha}.tmp"
-        shutil.copyfile(src, tmp)
+        tmp.write_bytes(data)
         tmp.replace(dst)
     return dst
 
@@ -325,7 +329,7 @@ def _write(checked: CheckedSpec, source: str, *, actor: str, new_version: bool, 
 def _new_version(
     s: Any, uc: UseCase, version: int, checked: CheckedSpec, spec_dict: dict, actor: str
 ) -> SpecVersion:
-    stored = _store_dataset(checked.dataset_source, checked.dataset_sha256)
+    stored = _store_dataset(checked.dataset, checked.dataset_sha256)
     sv = SpecVersion(
         use_case_id=uc.id,
         version=version,

@@ -17,7 +17,8 @@ from functools import cache, lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rollout.json_lines import LineError, parse_object
+from rollout.input_files import HEAD_BYTES, compressed
+from rollout.json_lines import LineError, parse_object, split_lines
 from sparse_core.errors import SparsePilotError
 
 if TYPE_CHECKING:
@@ -183,22 +184,40 @@ class _Rows:
     tags: list[list[str]] = field(default_factory=list)
 
 
-def read_dataset(path: Path | str) -> tuple[_Rows, list[Failure], list[str]]:
-    """Read a JSONL dataset, catching what a DataFrame cannot hold: a file that cannot be read (no
-    permission), invalid UTF-8, bad JSON, wrong types. Returns the readable rows, the read failures (with
-    line numbers) and warnings."""
+def dataset_bytes(path: Path | str) -> bytes:
+    """The dataset file's bytes, read once: what `usecase add` validates (`validate_dataset`'s `data`),
+    hashes and stores, so that a file another writer changes meanwhile never stores rows nobody validated.
+    A file that exists but cannot be read (no permission, an I/O error) is the DataValidationError
+    `validate_dataset` gives it."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        result = ValidationResult("usecase-dataset", str(path), [_unreadable(exc)])
+    raise DataValidationError(result)
+
+
+def _unreadable(exc: OSError) -> Failure:
+    return Failure("dataset", f"cannot read the file ({exc.strerror or exc})", expectation="read")
+
+
+def read_dataset(path: Path | str, data: bytes | None = None) -> tuple[_Rows, list[Failure], list[str]]:
+    """Read a JSONL dataset (`data`, the file's bytes where the caller read them already), catching what a
+    DataFrame cannot hold: a file that cannot be read (no permission) or is compressed (one failure, not
+    one per line), invalid UTF-8, bad JSON, wrong types. Lines end as the request log's do (CRLF, LF or a
+    lone CR: `rollout.json_lines.split_lines`). Returns the readable rows, the read failures (with line
+    numbers) and warnings."""
     from rollout.spec import has_visible_text
 
     rows, failures, warnings = _Rows(), [], []
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:  # no read permission, an I/O error: the file exists but cannot be read
-        failures.append(
-            Failure("dataset", f"cannot read the file ({exc.strerror or exc})", expectation="read")
-        )
-        return rows, failures, warnings
+    if data is None:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:  # no read permission, an I/O error: the file exists but cannot be read
+            return rows, [_unreadable(exc)], warnings
+    if why := compressed(data[:HEAD_BYTES]):  # read as text, each of its lines was "invalid UTF-8"
+        return rows, [Failure("dataset", why, expectation="read")], warnings
     unknown: dict[str, list[int]] = {}
-    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+    for lineno, raw in enumerate(split_lines(data), start=1):
         if not raw.strip():
             continue
         try:
@@ -310,11 +329,13 @@ def validate_dataset(
     token_source: str | None = None,
     references_required: bool | None = None,
     output_reserve: int | None = None,
+    data: bytes | None = None,
 ) -> ValidationResult:
     """Check a use case's JSONL dataset: readable rows (UTF-8, JSON, types), unique ids, non-empty
     prompts, references present when the task needs them, and prompt + output within the model's
     context (the prompt may use ``context_length - output_reserve`` tokens; the reserve defaults to
-    the spec's largest output length)."""
+    the spec's largest output length). ``data``: the file's bytes, where the caller read them
+    (`dataset_bytes`) to store exactly what passed; else the file is read here."""
     import pandas as pd
 
     from rollout.spec import has_visible_text
@@ -322,7 +343,7 @@ def validate_dataset(
     path = Path(path)
     source = str(path)
     result = ValidationResult(suite="usecase-dataset", source=source)
-    if not path.is_file():
+    if data is None and not path.is_file():
         result.failures.append(Failure("dataset", "file not found", expectation="read"))
         return result
     if references_required is None:
@@ -335,7 +356,7 @@ def validate_dataset(
             (f"bound: ceil(chars / {CONSERVATIVE_CHARS_PER_TOKEN:g})"),
         )
 
-    rows, read_failures, warnings = read_dataset(path)
+    rows, read_failures, warnings = read_dataset(path, data)
     result.failures.extend(read_failures)
     result.warnings.extend(warnings)
     if not rows.line and not read_failures:

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import csv
 import heapq
-import re
 from collections.abc import Iterable, Iterator, Set
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from rollout.json_lines import LineError, parse_object
+from rollout.input_files import HEAD_BYTES, compressed, not_a_file
+from rollout.json_lines import LINE_END, LineError, parse_object
 from rollout.spec import has_visible_text
 from rollout.traffic.base import (
     Request,
@@ -48,7 +48,6 @@ class LogCheck:
     problems: tuple[str, ...]  # the first MAX_LISTED bad lines, each "path:line: field ...: why"
 
 
-_EOL = re.compile(rb"\r\n?|\n")
 CHUNK = 1 << 20
 
 
@@ -59,7 +58,7 @@ def raw_lines(fh: BinaryIO, limit: int) -> Iterator[bytes]:
     sees it is too long) and ends the stream: a file without line breaks is never read whole."""
     buf, pos = b"", 0
     while True:
-        m = _EOL.search(buf, pos)
+        m = LINE_END.search(buf, pos)
         if m is not None and not (m.group() == b"\r" and m.end() == len(buf)):  # a CR may start a CRLF
             yield buf[pos : m.end()]
             pos = m.end()
@@ -105,14 +104,21 @@ class RequestLogSource:
         self.path = Path(path)
         self._salt = salt
         self._excluded = frozenset(prompt_key(p) for p in exclude_prompts)
-        if not self.path.is_file():
-            raise TrafficError(f"{self.path}: request log not found")
+        if why := not_a_file(self.path, what="request log", hint="a request log is one .jsonl or .csv file"):
+            raise TrafficError(why)
         suffix = self.path.suffix.lower()
         if suffix not in (".jsonl", ".csv"):
             raise TrafficError(
                 f"{self.path}: a request log is .jsonl or .csv, got {suffix or 'no extension'}"
             )
         self._csv = suffix == ".csv"
+        try:  # a compressed log was "not valid UTF-8" once for each of its first lines
+            with self.path.open("rb") as fh:
+                why = compressed(fh.read(HEAD_BYTES))
+        except OSError:
+            why = None  # reading it says why it cannot be read, naming the file
+        if why:
+            raise TrafficError(f"{self.path}: {why}")
 
     def requests(self) -> Iterator[Request]:
         """Every request of the log, in file order; the first bad line stops the read (TrafficError naming

@@ -3,6 +3,8 @@ exits non-zero, names the file/row/field, and leaves the DB exactly as it was.""
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -276,6 +278,10 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, list[str]]]:
         write_spec(tmp / "utf8", raw_rows=raw),
         ["support_chat.jsonl: row 4: line: invalid UTF-8"],
     )
+    cases["dataset gzip-compressed"] = (  # it was one "invalid UTF-8" line per row
+        write_spec(tmp / "gz", raw_rows=gzip.compress(raw)),
+        ["support_chat.jsonl: dataset: the file is compressed (gzip): decompress it first"],
+    )
     rows = _rows()
     rows[1]["prompt"] = "word " * 9000  # 45k characters: over 8192 tokens even by the bound
     cases["prompt longer than context"] = (
@@ -328,6 +334,12 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, list[str]]]:
         write_spec(tmp / "log-missing", spec_with(log_source("no_such_log.csv"))),
         ["usecase.yaml: rollout.traffic_source.path: ", "no_such_log.csv: request log not found"],
     )
+    d = tmp / "log-dir"
+    (d / "logs.jsonl").mkdir(parents=True)  # an export's folder of pages: it was "request log not found"
+    cases["request log a directory"] = (
+        write_spec(d, spec_with(log_source("logs.jsonl"))),
+        ["logs.jsonl: is a directory, not a file (a request log is one .jsonl or .csv file)"],
+    )
     d = tmp / "log-latin1"
     d.mkdir(parents=True)
     (d / "export.csv").write_bytes("id,prompt\nq1,Je voudrais un caf\xe9\nq2,hello\n".encode("latin-1"))
@@ -367,6 +379,35 @@ def test_a_request_log_is_read_once_at_add_and_counted(state_url: str, tmp_path:
     (tmp_path / "logs" / "requests.jsonl").write_text("\n".join(rows) + "\n")
     stats = add_ok(path)["validation"]["stats"]
     assert (stats["request_log_requests"], stats["request_log_distinct_prompts"]) == (3, 2)
+
+
+def test_a_dataset_changed_while_it_is_added_is_stored_as_validated(
+    sp_home,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,  # noqa: ANN001
+) -> None:
+    """`usecase add` read the dataset three times (to validate, to hash, to copy): another writer changing
+    the file after the validation stored rows nobody validated, under a hash that matched them. The file
+    is read once: the bytes validated are the bytes hashed and stored. The other writer is simulated by
+    rewriting the file as soon as the validation returns."""
+    from rollout import usecases
+
+    path = write_spec(tmp_path / "w")
+    dataset = tmp_path / "w" / "support_chat.jsonl"
+    validated = dataset.read_bytes()
+    validate = usecases.validate_dataset
+
+    def then_another_writer(*args: Any, **kwargs: Any) -> Any:
+        result = validate(*args, **kwargs)
+        dataset.write_bytes(b'{"id": "x", "prompt": ""}\n')  # an empty prompt: it would fail validation
+        return result
+
+    monkeypatch.setattr(usecases, "validate_dataset", then_another_writer)
+    added = usecases.add_usecase(path, actor="olga")
+    loaded = load_spec_version(added.name)
+    assert loaded.dataset_path.read_bytes() == validated
+    assert loaded.dataset_sha256 == hashlib.sha256(validated).hexdigest()
+    assert len(dataset_rows(loaded)) == 12
 
 
 def test_bad_inputs_are_rejected_and_write_nothing(state_url: str, sp_home, tmp_path: Path) -> None:  # noqa: ANN001
