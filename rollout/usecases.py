@@ -735,19 +735,27 @@ def pilot_plan_of(
 
 
 def dataset_rows(loaded: LoadedSpec) -> list[DatasetRow]:
-    """The version's dataset rows; refuses a file whose content changed since it was validated."""
+    """The version's dataset rows; refuses a file whose content changed since it was validated (the bytes
+    read once, hashed and parsed: never a second read that another writer may have changed)."""
     from rollout.validation import read_dataset
 
     if not loaded.dataset_path.is_file():
         raise UseCaseError(
             f"use case {loaded.name!r} v{loaded.version}: dataset {loaded.dataset_path} is missing"
         )
-    if loaded.dataset_sha256 and _sha256(loaded.dataset_path) != loaded.dataset_sha256:
+    try:  # read once: the bytes hashed are the bytes read (the file may change between two reads)
+        data = loaded.dataset_path.read_bytes()
+    except OSError as exc:
+        raise UseCaseError(
+            f"use case {loaded.name!r} v{loaded.version}: dataset {loaded.dataset_path} cannot be read "
+            f"({exc.strerror or exc})"
+        ) from None
+    if loaded.dataset_sha256 and hashlib.sha256(data).hexdigest() != loaded.dataset_sha256:
         raise UseCaseError(
             f"use case {loaded.name!r} v{loaded.version}: dataset {loaded.dataset_path} changed since it was "
             "validated (sha256 differs); add the spec again with --new-version"
         )
-    rows, failures, _ = read_dataset(loaded.dataset_path)
+    rows, failures, _ = read_dataset(loaded.dataset_path, data)
     if failures:
         raise UseCaseError("\n".join(f.describe(str(loaded.dataset_path)) for f in failures))
     return [

@@ -410,6 +410,33 @@ def test_a_dataset_changed_while_it_is_added_is_stored_as_validated(
     assert len(dataset_rows(loaded)) == 12
 
 
+def test_a_stored_dataset_is_read_once_and_a_changed_one_refused(
+    sp_home,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,  # noqa: ANN001
+) -> None:
+    """`dataset_rows` hashed the stored copy and then read it again to parse it: a writer between the two
+    reads handed the flows rows that no hash checked. The bytes are read once, hashed and parsed; a copy
+    changed since `usecase add` is refused by name."""
+    from rollout import usecases, validation
+
+    loaded = load_spec_version(usecases.add_usecase(write_spec(tmp_path / "w"), actor="olga").name)
+    stored = loaded.dataset_path.read_bytes()
+    parse = validation.read_dataset
+
+    def another_writer_first(path: Any, data: Any = None) -> Any:
+        loaded.dataset_path.write_bytes(b'{"id": "x", "prompt": "p", "reference": "r"}\n')
+        return parse(path, data)
+
+    monkeypatch.setattr(validation, "read_dataset", another_writer_first)
+    assert len(dataset_rows(loaded)) == 12  # the rows of the bytes hashed, not of the file rewritten
+    monkeypatch.undo()
+    with pytest.raises(usecases.UseCaseError, match="changed since it was validated"):
+        dataset_rows(loaded)  # the copy now differs from its hash
+    loaded.dataset_path.write_bytes(stored)
+    assert len(dataset_rows(loaded)) == 12
+
+
 def test_bad_inputs_are_rejected_and_write_nothing(state_url: str, sp_home, tmp_path: Path) -> None:  # noqa: ANN001
     add_ok(write_spec(tmp_path / "good"))  # the DB is not empty: an accidental write would show
     before = snapshot(state_url, sp_home.home)
