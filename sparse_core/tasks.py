@@ -79,6 +79,23 @@ class TaskScores:
         return d
 
 
+class _Twice(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _once(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object's pairs as a dict, a key given twice refused (`json` keeps the last silently: a
+    `{"reference": "a", ..., "reference": "b"}` row would be scored against a reference nobody read)."""
+    obj: dict = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _Twice(key)
+        obj[key] = value
+    return obj
+
+
 def read_dataset(path: str | Path, *, default_task: str | None = None) -> list[TaskRow]:
     """Parse and check a JSONL dataset; a bad row raises DatasetError naming file, line and field."""
     path = Path(path)
@@ -90,9 +107,14 @@ def read_dataset(path: str | Path, *, default_task: str | None = None) -> list[T
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = json.loads(line, object_pairs_hook=_once)
             except json.JSONDecodeError as exc:
                 raise DatasetError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            except _Twice as twice:
+                raise DatasetError(
+                    f"{path}:{lineno}: field {twice.key!r}: given twice in one object (JSON would silently "
+                    "keep the last)"
+                ) from None
             if not isinstance(obj, dict):
                 raise DatasetError(f"{path}:{lineno}: expected a JSON object")
             for fld in ("prompt", "reference"):

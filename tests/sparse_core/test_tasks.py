@@ -46,6 +46,11 @@ def test_dataset_errors_name_file_line_and_field(tmp_path):
         read_dataset(f)
     with pytest.raises(DatasetError, match="not found"):
         read_dataset(tmp_path / "missing.jsonl")
+    # a key given twice: json keeps the last silently (a reference nobody read would be scored against)
+    twice = tmp_path / "twice.jsonl"
+    twice.write_text('{"prompt": "p", "reference": "a", "reference": "b"}\n', encoding="utf-8")
+    with pytest.raises(DatasetError, match=r"twice\.jsonl:1: field 'reference': given twice in one object"):
+        read_dataset(twice)
     rows = read_dataset(
         _write(tmp_path / "ok.jsonl", [good, {**good, "task": "contains", "id": 3}]), default_task="loglik"
     )
