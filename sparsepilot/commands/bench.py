@@ -570,7 +570,7 @@ def bench_attention(
     """One SmolLM2-shaped attention layer: dense SDPA vs sparse kernels at ~5/10/25/50% density."""
     for_command("bench-attention", flows=False)  # model benchmarks: library output to a log file
     from sparse_core.bench import attention as bench
-    from sparsepilot.console import fail, print_table
+    from sparsepilot.console import fail, print_table, say
 
     _at_least(("--repeats", repeats, 1))
     ks = _kernels_or_fail(kernels)
@@ -609,10 +609,19 @@ def bench_attention(
     print_table(
         f"Attention layer (9 q / 3 kv heads, d=64) on {_where(env, dev)}, {estimator} estimator included; "
         f"{_host_line(env)}; JSON: {path}, plot: {png}",
-        result["rows"],
+        _unknown_shares(result["rows"]),
         bench.TABLE_COLUMNS,
     )
+    for note in result["notes"]:  # targets under the density a length's blocks allow
+        say(f"note: {note}")
     _warned_and_written(result, out, json_out, bench.plot, result["rows"])
+
+
+def _unknown_shares(rows: list[dict]) -> list[dict]:
+    """Attention rows for a table: an overloaded row's estimator share and fraction of the ideal
+    (None: `sparse_core.bench.attention.estimator_figures`) read UNKNOWN_OVERLOADED, not a blank."""
+    unknown = {"estimator_share": UNKNOWN_OVERLOADED, "fraction_of_ideal": UNKNOWN_OVERLOADED}
+    return [r | unknown if r.get("overloaded") and r.get("estimator_share") is None else r for r in rows]
 
 
 @app.command("prefill")

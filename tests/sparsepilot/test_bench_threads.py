@@ -62,7 +62,10 @@ def test_threads_as_asked_are_set_and_recorded(tmp_path: Path) -> None:
     assert env["thread_policy"]["threads"] == 1 and env["thread_policy"]["cpus"] == available_cpus()
     load = env["host_load"]  # the whole run: the other processes' cores, CPU pressure, overload
     assert load["threads"] == 1 and load["seconds"] > 0 and isinstance(load["overloaded"], bool)
-    assert "1 thread(s) (--threads) on" in " ".join(res.output.split())
+    text = " ".join(res.output.split())
+    assert "1 thread(s) (--threads) on" in text and "target_density" in text
+    # 32 blocks: the 5% and 10% targets run at the sink and local blocks' 11.9%, said under the table
+    assert "note: 2,048 tokens (32 blocks of 64): the sink and local blocks alone keep 11.9%" in text
     # the console's spinner is transient: the thread choice and the host's load are lines of the log
     log = (tmp_path / "attention.log").read_text()
     assert "threads: 1 (1; " in log and "host during the run: 1 thread(s) (--threads)" in log
@@ -148,6 +151,20 @@ def test_a_run_with_some_overloaded_rows_warns_about_them(capsys) -> None:  # no
     assert "warning: 2 of 3 rows were timed while the host was overloaded" in text
     _overload_warning(env, [{"overloaded": False}])
     assert "warning" not in capsys.readouterr().out
+
+
+def test_an_overloaded_attention_rows_estimator_share_reads_unknown() -> None:
+    """Review s52: an overloaded row's estimator share (None: timed apart from the dense time it divides
+    by) and its fraction of the ideal read "unknown (host overloaded)" in the table, not a blank."""
+    from sparsepilot.commands.bench import UNKNOWN_OVERLOADED, _unknown_shares
+
+    rows = [
+        {"overloaded": True, "estimator_share": None, "fraction_of_ideal": None, "speedup": 1.2},
+        {"overloaded": False, "estimator_share": 0.04, "fraction_of_ideal": 0.8, "speedup": 2.0},
+    ]
+    over, quiet = _unknown_shares(rows)
+    assert over["estimator_share"] == over["fraction_of_ideal"] == UNKNOWN_OVERLOADED
+    assert over["speedup"] == 1.2 and quiet == rows[1]
 
 
 def test_the_overload_warning_says_how_long_the_threads_waited_and_fits_its_advice(capsys) -> None:  # noqa: ANN001
