@@ -1330,8 +1330,11 @@ def _overload_warning(
         waiting = (
             "" if waited is None else f"; its threads waited {waited:.0%} of their runnable time for a CPU"
         )
+        pinned = pinned_cpus(env)
         advice = (
-            "rerun on a quieter host (it already ran one thread)"
+            _pinned_advice(pinned, load["threads"], threads_option)
+            if pinned
+            else "rerun on a quieter host (it already ran one thread)"
             if load["threads"] <= 1
             else "rerun on a quieter host, or with --threads auto or 1 pinned to a free core (taskset)"
             if threads_option
@@ -1356,6 +1359,29 @@ def _overload_warning(
             f"`overloaded` column): their {what} measure the host as much as the code, so do not rank "
             "them against the others; rerun on a quieter host."
         )
+
+
+def pinned_cpus(env: dict) -> list[int] | None:
+    """The CPUs a run was pinned to (its environment's `affinity`, where fewer than the host's `cpu_count`:
+    taskset, a cpuset); None where it could run on every CPU, or where the record does not say."""
+    mask, total = env.get("affinity"), env.get("cpu_count")
+    return list(mask) if mask and total and len(mask) < total else None
+
+
+def _pinned_advice(cpus: list[int], threads: int, threads_option: bool) -> str:
+    """The overload warning's advice to a run already pinned (`pinned_cpus`): pinning it "to a free core"
+    is what it did; the core it had was busy, so another core, or the other process stopped."""
+    one = len(cpus) == 1
+    where = f"CPU {cpus[0]}" if one else f"CPUs {', '.join(map(str, cpus))}"
+    it = "it" if one else "them"
+    advice = (
+        f"it was already pinned to {where} (taskset or a cpuset) and other processes kept {it} busy: pin "
+        f"it to {'another core' if one else 'other cores'} they leave free (taskset -c), or stop the "
+        f"process running on {it}"
+    )
+    if threads <= 1:
+        return f"{advice} (it already ran one thread)"
+    return f"{advice}; and rerun with --threads auto or 1 (it ran {threads})" if threads_option else advice
 
 
 def _warned_and_written(

@@ -183,6 +183,43 @@ def test_the_overload_warning_says_how_long_the_threads_waited_and_fits_its_advi
 
 
 @pytest.mark.parametrize(
+    ("threads", "affinity", "said"),
+    [
+        (
+            1,
+            [0],
+            "it was already pinned to CPU 0 (taskset or a cpuset) and other processes kept it busy: pin it "
+            "to another core they leave free (taskset -c), or stop the process running on it (it already "
+            "ran one thread).",
+        ),
+        (
+            4,
+            [0, 1],
+            "it was already pinned to CPUs 0, 1 (taskset or a cpuset) and other processes kept them busy: "
+            "pin it to other cores they leave free (taskset -c), or stop the process running on them; and "
+            "rerun with --threads auto or 1 (it ran 4).",
+        ),
+        (1, [0, 1, 2, 3], "rerun on a quieter host (it already ran one thread)."),  # every CPU: not pinned
+    ],
+)
+def test_the_overload_warning_does_not_tell_a_pinned_run_to_pin_itself(
+    capsys,  # noqa: ANN001
+    threads: int,
+    affinity: list[int],
+    said: str,
+) -> None:
+    """Review s52: a run under `taskset -c 0` whose core was busy was told to rerun "pinned to a free core
+    (taskset)": it was; the core it had was busy, so another core, or the other process stopped."""
+    from sparsepilot.commands.bench import _overload_warning
+
+    load = {"overloaded": True, "others_busy_cores": 0.95, "cpus": float(len(affinity)), "threads": threads}
+    _overload_warning({"host_load": load, "affinity": affinity, "cpu_count": 4})
+    text = " ".join(capsys.readouterr().out.split())
+    assert said in text
+    assert "pinned to a free core" not in text
+
+
+@pytest.mark.parametrize(
     ("kw", "said", "unsaid"),
     [
         (
