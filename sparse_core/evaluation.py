@@ -137,6 +137,10 @@ class SpeedRow:
     # attention's inferred share of the dense prefill, its own speed-up, the speed-up a perfect kernel
     # would give at this density. None in reports written before it was measured.
     time_split: dict | None = None
+    # this length's pairs on the host (`host.PairMeter.record()`: pairs timed, retimed and kept under
+    # overload, the most cores the others used): the report's table marks the row with it. None in reports
+    # written before review s52
+    host: dict | None = None
 
 
 @dataclass
@@ -442,6 +446,7 @@ def measure_speed(
                 density=dens,
                 estimator_share=(statistics.median(est) / dm) if est else None,
                 time_split=split_prefill(d_times, s_times, est, ker, dens).to_dict() if est else None,
+                host=meter.record(),
             )
         )
     dense_t = sum(r.weight * statistics.median(r.dense_seconds) for r in rows)

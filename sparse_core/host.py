@@ -197,7 +197,7 @@ def _v1_quota(d: Path) -> list[float]:
 
 @dataclass(frozen=True)
 class CpuSnapshot:
-    wall: float  # time.monotonic()
+    wall: float  # time.monotonic(), read just before /proc/stat (`snapshot`)
     busy_ticks: int | None  # the CPUs this process may run on (busy_ticks of /proc/stat)
     own_ticks: int | None  # this process, all threads (/proc/self/stat utime + stime)
     psi_some_us: int | None  # /proc/pressure/cpu "some" total: time some task waited for a CPU
@@ -210,6 +210,9 @@ class CpuSnapshot:
     # the same per thread id: `wait_share` takes the differences of the threads alive at both snapshots
     # (and a new thread's whole life), so a thread that ends between them takes nothing out of the sums
     threads_ns: tuple[tuple[int, int, int], ...] | None = None  # (tid, run, run_delay)
+    # how many CPUs busy_ticks summed (the affinity mask then): the most ticks a window can hold
+    # (`others_busy_cores`); None where not known
+    busy_cpus: int | None = None
 
 
 def busy_ticks(proc_stat: str, cpus: Collection[int] | None = None) -> int:
@@ -229,9 +232,16 @@ def busy_ticks(proc_stat: str, cpus: Collection[int] | None = None) -> int:
 
 
 def snapshot() -> CpuSnapshot:
+    """This moment's counters. The clock, /proc/stat and /proc/self/stat are read first, one after the
+    other, so the others' cores (`others_busy_cores`: their ticks over the wall time) divide the ticks of
+    one window by that window's seconds: with the clock read last, after every thread's schedstat, a
+    snapshot preempted on a busy host between its /proc/stat read and its clock read had a window's ticks
+    over a shorter span (2.015 cores read on 2 CPUs)."""
     busy = own = psi = None
+    mask = _affinity()
+    wall = time.monotonic()
     try:
-        busy = busy_ticks(Path("/proc/stat").read_text(), _affinity())
+        busy = busy_ticks(Path("/proc/stat").read_text(), mask)
     except (OSError, ValueError, IndexError):
         pass
     try:
@@ -250,7 +260,8 @@ def snapshot() -> CpuSnapshot:
     run_ns = delay_ns = None
     if threads:
         run_ns, delay_ns = sum(t[1] for t in threads), sum(t[2] for t in threads)
-    return CpuSnapshot(time.monotonic(), busy, own, psi, _cgroup_usage_us(), run_ns, delay_ns, threads)
+    cpus = len(mask) if mask else None
+    return CpuSnapshot(wall, busy, own, psi, _cgroup_usage_us(), run_ns, delay_ns, threads, cpus)
 
 
 def _thread_schedstat(pid: int | str = "self") -> tuple[tuple[int, int, int], ...] | None:
@@ -343,11 +354,24 @@ def quota_others_cores(a: CpuSnapshot, b: CpuSnapshot) -> float | None:
 
 def others_busy_cores(a: CpuSnapshot, b: CpuSnapshot) -> float | None:
     """Cores of ours (the affinity mask) the other processes kept busy between two snapshots (None where
-    /proc is not available)."""
+    /proc is not available, or where the mask changed between them: their ticks are of other CPUs).
+
+    The mask's busy ticks are capped at the ticks its CPUs had in the window (`busy_cpus` x seconds x
+    CLK_TCK) before our own are taken out: /proc/stat's counters advance in whole ticks (10 ms) and each
+    field is truncated when read, so a short window can read a tick or more beyond its length per CPU
+    (21 busy ticks in a 0.2 s window on 1 CPU read 1.047 cores; 2.015 on 2), more than the CPUs could be
+    busy. The cap takes out only what no CPU could have done: the others and our threads together never
+    read more than the mask, and a busy mask still reads all of it less our own. Whether our threads
+    waited for a CPU is measured apart (`wait_share`), not from this."""
     wall = b.wall - a.wall
     if wall <= 0 or None in (a.busy_ticks, b.busy_ticks, a.own_ticks, b.own_ticks):
         return None
-    others = (b.busy_ticks - a.busy_ticks) - (b.own_ticks - a.own_ticks)
+    if a.busy_cpus != b.busy_cpus:
+        return None
+    busy = b.busy_ticks - a.busy_ticks  # type: ignore[operator]
+    if b.busy_cpus is not None:
+        busy = min(busy, b.busy_cpus * wall * CLK_TCK)
+    others = busy - (b.own_ticks - a.own_ticks)  # type: ignore[operator]
     return max(0.0, others / CLK_TCK / wall)
 
 

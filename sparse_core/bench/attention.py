@@ -3,16 +3,24 @@ dense SDPA vs each sparse kernel at held densities, the estimator's time (a trai
 oracle: learned ones need a plan's weights) included and shown apart as its share of dense.
 
 Density is held with the top-k cap (tau = 1, so the cap decides): for a cap k over nb blocks the
-kept share of causal blocks is (k*nb - k(k-1)/2) / (nb(nb+1)/2). Dense is timed (best of the same
+kept share of causal blocks is (k*nb - k(k-1)/2) / (nb(nb+1)/2). The sink and local blocks are kept
+whatever the cap, so a length of few blocks cannot go below their share (`density_floor`: 22.8% at 1,024
+tokens of 64-token blocks): the targets under it run at that floor, one plan timed again, and the result's
+`notes` say so beside the rows' `target_density`. Dense is timed (best of the same
 repeats) before and after the sparse runs of each (length, dtype) and the faster of the two is used,
 so a noisy neighbour on a shared machine penalises dense rather than flattering sparse. On CUDA every
-timed call is bracketed by a device synchronisation."""
+timed call is bracketed by a device synchronisation.
+
+The estimator's time is that of the sparse call kept (the fastest), so it is part of the row's `seconds`;
+its share is over the dense time, timed apart: on a row timed under overload a busy spell in either moves
+that ratio (2.23 of dense read for the pooled estimator), so `estimator_share`, and the `ideal_speedup` and
+`fraction_of_ideal` it enters, are unknown (None) there."""
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +47,8 @@ Q_HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
 FULL_LENGTHS = (4096, 8192, 16384, 32768)
 QUICK_LENGTHS = (4096, 16384)
 DENSITIES = (0.05, 0.10, 0.25, 0.50)
+# the sink and local blocks (one each): every query block keeps them, whatever the top-k cap
+KEPT_ALWAYS = 2
 
 
 @dataclass
@@ -50,13 +60,13 @@ class AttentionRow:
     block_size: int
     target_density: float
     density: float
-    estimator_seconds: float
-    estimator_share: float
+    estimator_seconds: float  # of the sparse call kept (`seconds`)
+    estimator_share: float | None  # estimator_seconds / dense_seconds; None where timed under overload
     seconds: float
     dense_seconds: float
     speedup: float
-    ideal_speedup: float  # 1 / (density + estimator_share)
-    fraction_of_ideal: float
+    ideal_speedup: float | None  # 1 / (density + estimator_share)
+    fraction_of_ideal: float | None
     # the host during the sparse timing and the dense ones its speed-up divides by (`load_fields`)
     others_busy_cores: float | None = None
     overloaded: bool = False
@@ -65,21 +75,77 @@ class AttentionRow:
 def top_k_for_density(n_blocks: int, density: float) -> int:
     causal = n_blocks * (n_blocks + 1) / 2
     k = n_blocks + 0.5 - math.sqrt((n_blocks + 0.5) ** 2 - 2 * density * causal)
-    return max(2, round(k))
+    return max(KEPT_ALWAYS, round(k))
+
+
+def held_density(n_blocks: int, k: int) -> float:
+    """The share of the causal blocks a cap of `k` key blocks per query block keeps over `n_blocks`."""
+    k = min(k, n_blocks)
+    return (k * n_blocks - k * (k - 1) / 2) / (n_blocks * (n_blocks + 1) / 2)
+
+
+def density_floor(n_blocks: int) -> float:
+    """The least density a plan holds over `n_blocks`: the sink and local blocks alone."""
+    return held_density(n_blocks, KEPT_ALWAYS)
+
+
+def floor_note(seq_len: int, block_size: int, targets: Iterable[float]) -> str | None:
+    """What a length's rows say where some targets are under the density its blocks allow
+    (`density_floor`): those cannot be reached and run at the floor, the plan of the smallest cap, which
+    the targets just over it may round to as well (1,024 tokens of 64: 5%, 10% and 25% all read 22.8%);
+    None where every target is over the floor."""
+    n = math.ceil(seq_len / block_size)
+    floor = density_floor(n)
+    below = sorted({t for t in targets if t < floor})
+    if not below:
+        return None
+    same = sorted({t for t in targets if top_k_for_density(n, t) == KEPT_ALWAYS})
+    what = (
+        f"the {_percents(same)} rows time that one plan" if len(same) > 1 else f"its row runs at {floor:.1%}"
+    )
+    return (
+        f"{seq_len:,} tokens ({n} blocks of {block_size}): the sink and local blocks alone keep {floor:.1%} "
+        f"of the causal blocks, so the {_percents(below)} target{'s' if len(below) > 1 else ''} cannot be "
+        f"reached: {what}; a longer --lengths or a smaller --block-size reaches lower densities"
+    )
+
+
+def _percents(xs: list[float]) -> str:
+    """0.05, 0.1, 0.25 -> "5%, 10% and 25%"."""
+    words = [f"{x:.0%}" for x in xs]
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
 
 
 def _time(fn: Callable[[], Any], repeats: int, device: torch.device) -> tuple[float, Any, HostLoad]:
-    """(best of `repeats` timed calls, the last result, the host's load while they ran)."""
+    """(best of `repeats` timed calls, the result of that best call, the host's load while they ran)."""
     best, result = float("inf"), None
     with HostLoadMeter() as meter:
         for _ in range(repeats):
             synchronize(device)
             t0 = time.perf_counter()
-            result = fn()
+            out = fn()
             synchronize(device)
-            best = min(best, time.perf_counter() - t0)
+            if (took := time.perf_counter() - t0) < best:
+                best, result = took, out
     assert meter.load is not None
     return best, result, meter.load
+
+
+def estimator_figures(
+    density: float, estimator_s: float, sparse_s: float, dense_s: float, overloaded: bool
+) -> dict[str, float | None]:
+    """A row's estimator share of the dense time, the ideal speed-up (1 / (density + share)) and the
+    fraction of it the kernel reached; all None where the row was timed under overload: the estimator's
+    time (of the sparse call) and the dense time were timed apart, and a busy spell in either moves the
+    ratio (2.23 of dense read for the pooled estimator)."""
+    if overloaded:
+        return {"estimator_share": None, "ideal_speedup": None, "fraction_of_ideal": None}
+    share = estimator_s / dense_s
+    return {
+        "estimator_share": share,
+        "ideal_speedup": 1.0 / (density + share),
+        "fraction_of_ideal": dense_s / sparse_s * (density + share),
+    }
 
 
 def run(
@@ -144,9 +210,7 @@ def run(
                 d1, _, load1 = _time(lambda q=q, k=k, v=v: dense_attention(q, k, v), repeats, dev)
             dense_s = min(d0, d1)
             for kern, how, target, dens, est, secs, load in pending:
-                share = est / dense_s
-                speedup = dense_s / secs
-                ideal = 1.0 / (dens + share)
+                host = load_fields(load0, load, load1)
                 rows.append(
                     AttentionRow(
                         seq_len=s,
@@ -157,13 +221,11 @@ def run(
                         target_density=target,
                         density=round(dens, 4),
                         estimator_seconds=est,
-                        estimator_share=share,
                         seconds=secs,
                         dense_seconds=dense_s,
-                        speedup=speedup,
-                        ideal_speedup=ideal,
-                        fraction_of_ideal=speedup * (dens + share),
-                        **load_fields(load0, load, load1),
+                        speedup=dense_s / secs,
+                        **estimator_figures(dens, est, secs, dense_s, host["overloaded"]),
+                        **host,
                     )
                 )
     return {
@@ -172,6 +234,8 @@ def run(
         "estimator": estimator,
         "device": str(dev),
         "rows": [asdict(r) for r in rows],
+        # the targets a length's blocks cannot reach (`floor_note`), one line per length
+        "notes": [x for s in lengths if (x := floor_note(s, block_size, densities))],
         "flex_compile_seconds": compile_seconds,
         **clock.summary(),
     }
@@ -182,6 +246,7 @@ TABLE_COLUMNS = [
     "dtype",
     "kernel",
     "selection",
+    "target_density",
     "density",
     "estimator_share",
     "seconds",
@@ -220,9 +285,10 @@ def figure(result: dict[str, Any]) -> Any:
         ideal = sorted(
             (r["density"], r["ideal_speedup"])
             for r in sub
-            if (r["kernel"], r.get("selection", "eager")) == first
+            if (r["kernel"], r.get("selection", "eager")) == first and r["ideal_speedup"] is not None
         )
-        ax.plot([p[0] for p in ideal], [p[1] for p in ideal], "k--", lw=1, label="1/(density+est.)")
+        if ideal:  # none where every point was timed under overload (its estimator share unknown)
+            ax.plot([p[0] for p in ideal], [p[1] for p in ideal], "k--", lw=1, label="1/(density+est.)")
         circle_overloaded(ax, [(r["density"], r["speedup"]) for r in sub if r.get("overloaded")])
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_xscale("log")

@@ -45,7 +45,8 @@ def environment(
     load_before: list[float] | None = None, host_load: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """The machine and the load around a benchmark; `host_load` (`sparse_core.host.HostLoad` as a dict)
-    is what the other processes did during it: the mean cores they kept busy on this process's CPUs,
+    is what the other processes did during it: the mean cores they kept busy on this process's CPUs
+    (`affinity`: which those were),
     the share of time some task waited for a CPU, and whether the threads used then outnumbered the
     CPUs left free (`overloaded`)."""
     cuda = torch.cuda.is_available()
@@ -53,6 +54,8 @@ def environment(
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
+        # the CPUs this process may run on (its affinity: taskset, a cpuset); fewer than cpu_count: pinned
+        "affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "machine": platform.machine(),
         "processor": platform.processor(),
         "cuda": cuda,

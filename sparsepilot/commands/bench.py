@@ -570,7 +570,7 @@ def bench_attention(
     """One SmolLM2-shaped attention layer: dense SDPA vs sparse kernels at ~5/10/25/50% density."""
     for_command("bench-attention", flows=False)  # model benchmarks: library output to a log file
     from sparse_core.bench import attention as bench
-    from sparsepilot.console import fail, print_table
+    from sparsepilot.console import fail, print_table, say
 
     _at_least(("--repeats", repeats, 1))
     ks = _kernels_or_fail(kernels)
@@ -609,10 +609,19 @@ def bench_attention(
     print_table(
         f"Attention layer (9 q / 3 kv heads, d=64) on {_where(env, dev)}, {estimator} estimator included; "
         f"{_host_line(env)}; JSON: {path}, plot: {png}",
-        result["rows"],
+        _unknown_shares(result["rows"]),
         bench.TABLE_COLUMNS,
     )
+    for note in result["notes"]:  # targets under the density a length's blocks allow
+        say(f"note: {note}")
     _warned_and_written(result, out, json_out, bench.plot, result["rows"])
+
+
+def _unknown_shares(rows: list[dict]) -> list[dict]:
+    """Attention rows for a table: an overloaded row's estimator share and fraction of the ideal
+    (None: `sparse_core.bench.attention.estimator_figures`) read UNKNOWN_OVERLOADED, not a blank."""
+    unknown = {"estimator_share": UNKNOWN_OVERLOADED, "fraction_of_ideal": UNKNOWN_OVERLOADED}
+    return [r | unknown if r.get("overloaded") and r.get("estimator_share") is None else r for r in rows]
 
 
 @app.command("prefill")
@@ -1321,8 +1330,11 @@ def _overload_warning(
         waiting = (
             "" if waited is None else f"; its threads waited {waited:.0%} of their runnable time for a CPU"
         )
+        pinned = pinned_cpus(env)
         advice = (
-            "rerun on a quieter host (it already ran one thread)"
+            _pinned_advice(pinned, load["threads"], threads_option)
+            if pinned
+            else "rerun on a quieter host (it already ran one thread)"
             if load["threads"] <= 1
             else "rerun on a quieter host, or with --threads auto or 1 pinned to a free core (taskset)"
             if threads_option
@@ -1347,6 +1359,29 @@ def _overload_warning(
             f"`overloaded` column): their {what} measure the host as much as the code, so do not rank "
             "them against the others; rerun on a quieter host."
         )
+
+
+def pinned_cpus(env: dict) -> list[int] | None:
+    """The CPUs a run was pinned to (its environment's `affinity`, where fewer than the host's `cpu_count`:
+    taskset, a cpuset); None where it could run on every CPU, or where the record does not say."""
+    mask, total = env.get("affinity"), env.get("cpu_count")
+    return list(mask) if mask and total and len(mask) < total else None
+
+
+def _pinned_advice(cpus: list[int], threads: int, threads_option: bool) -> str:
+    """The overload warning's advice to a run already pinned (`pinned_cpus`): pinning it "to a free core"
+    is what it did; the core it had was busy, so another core, or the other process stopped."""
+    one = len(cpus) == 1
+    where = f"CPU {cpus[0]}" if one else f"CPUs {', '.join(map(str, cpus))}"
+    it = "it" if one else "them"
+    advice = (
+        f"it was already pinned to {where} (taskset or a cpuset) and other processes kept {it} busy: pin "
+        f"it to {'another core' if one else 'other cores'} they leave free (taskset -c), or stop the "
+        f"process running on {it}"
+    )
+    if threads <= 1:
+        return f"{advice} (it already ran one thread)"
+    return f"{advice}; and rerun with --threads auto or 1 (it ran {threads})" if threads_option else advice
 
 
 def _warned_and_written(

@@ -630,6 +630,15 @@ def _time_split_cells(split: dict | None) -> dict:
     }
 
 
+def pairs_overloaded(host: dict | None) -> str | None:
+    """A prefill speed row's `overloaded` cell from its pairs' host record (`SpeedRow.host`): "2 of 3
+    pairs" kept under overload, "no" where none was; None (shown "-") in a report written without it."""
+    if not host:
+        return None
+    kept = int(host.get("pairs_kept_under_overload") or 0)
+    return f"{kept} of {host.get('pairs_timed')} pairs" if kept else "no"
+
+
 def _timing_overload(r) -> str | None:
     """The warning the report's speed figures carry when pairs were kept under overload: the prefill
     pairs' and the decode runs' host records, judged as the use-case form's ROI is
@@ -778,6 +787,7 @@ def _print_report(r) -> None:
                     "density": s.density,
                     "est_share": s.estimator_share,
                     **_time_split_cells(s.time_split),
+                    "overloaded": pairs_overloaded(s.host),
                 }
                 for s in r.speed
             ],

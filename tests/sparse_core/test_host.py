@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -94,10 +95,35 @@ def test_our_own_work_is_not_counted_as_the_others() -> None:
     if a.busy_ticks is None:
         pytest.skip("no /proc/stat on this platform")
     hz, wall = os.sysconf("SC_CLK_TCK"), b.wall - a.wall
-    total = (b.busy_ticks - a.busy_ticks) / hz / wall
+    total = min(b.busy_ticks - a.busy_ticks, b.busy_cpus * wall * hz) / hz / wall  # at most the mask
     own = (b.own_ticks - a.own_ticks) / hz / wall
     assert own >= 0.1  # this process's own CPU time is read (all its threads)
     assert others_busy_cores(a, b) == pytest.approx(max(0.0, total - own), abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("cpus", "wall", "busy", "own", "others"),
+    [
+        (1, 0.2005, 21, 0, 1.0),  # a tick more than 0.2 s holds: read 1.047 cores of 1 CPU
+        (2, 0.0792, 17, 0, 2.0),  # read 2.146 of 2
+        (2, 1.0, 2.03, 0.5, 1.5),  # our own taken out of what the mask could do, not of its overcount
+        (2, 1.0, 1.5, 0.3, 1.2),  # under the cap: as read
+        (4, 0.5, 4.0, 0.0, 4.0),  # a full mask reads all of it
+    ],
+)
+def test_the_others_never_read_more_cores_than_the_mask_has(
+    cpus: int, wall: float, busy: float, own: float, others: float
+) -> None:
+    """/proc/stat's counters advance in whole ticks: a short window reads a tick beyond its length, and
+    the others' cores read over the mask (2.015 on 2 CPUs, 1.047 on a 1-CPU taskset). `busy` and `own` are
+    cores (but the first row's ticks), turned into whole ticks as /proc reads them."""
+    from sparse_core.host import CLK_TCK, CpuSnapshot
+
+    ticks = busy if isinstance(busy, int) else round(busy * wall * CLK_TCK)
+    a = CpuSnapshot(10.0, 1000, 500, None, busy_cpus=cpus)
+    b = CpuSnapshot(10.0 + wall, 1000 + ticks, 500 + round(own * wall * CLK_TCK), None, busy_cpus=cpus)
+    assert others_busy_cores(a, b) == pytest.approx(others, abs=1e-9)
+    assert others_busy_cores(a, replace(b, busy_cpus=cpus + 1)) is None  # the mask changed: other CPUs' ticks
 
 
 PROC_STAT = """cpu  300 0 30 1000 10 0 6 4 0 0

@@ -62,7 +62,10 @@ def test_threads_as_asked_are_set_and_recorded(tmp_path: Path) -> None:
     assert env["thread_policy"]["threads"] == 1 and env["thread_policy"]["cpus"] == available_cpus()
     load = env["host_load"]  # the whole run: the other processes' cores, CPU pressure, overload
     assert load["threads"] == 1 and load["seconds"] > 0 and isinstance(load["overloaded"], bool)
-    assert "1 thread(s) (--threads) on" in " ".join(res.output.split())
+    text = " ".join(res.output.split())
+    assert "1 thread(s) (--threads) on" in text and "target_density" in text
+    # 32 blocks: the 5% and 10% targets run at the sink and local blocks' 11.9%, said under the table
+    assert "note: 2,048 tokens (32 blocks of 64): the sink and local blocks alone keep 11.9%" in text
     # the console's spinner is transient: the thread choice and the host's load are lines of the log
     log = (tmp_path / "attention.log").read_text()
     assert "threads: 1 (1; " in log and "host during the run: 1 thread(s) (--threads)" in log
@@ -150,6 +153,20 @@ def test_a_run_with_some_overloaded_rows_warns_about_them(capsys) -> None:  # no
     assert "warning" not in capsys.readouterr().out
 
 
+def test_an_overloaded_attention_rows_estimator_share_reads_unknown() -> None:
+    """Review s52: an overloaded row's estimator share (None: timed apart from the dense time it divides
+    by) and its fraction of the ideal read "unknown (host overloaded)" in the table, not a blank."""
+    from sparsepilot.commands.bench import UNKNOWN_OVERLOADED, _unknown_shares
+
+    rows = [
+        {"overloaded": True, "estimator_share": None, "fraction_of_ideal": None, "speedup": 1.2},
+        {"overloaded": False, "estimator_share": 0.04, "fraction_of_ideal": 0.8, "speedup": 2.0},
+    ]
+    over, quiet = _unknown_shares(rows)
+    assert over["estimator_share"] == over["fraction_of_ideal"] == UNKNOWN_OVERLOADED
+    assert over["speedup"] == 1.2 and quiet == rows[1]
+
+
 def test_the_overload_warning_says_how_long_the_threads_waited_and_fits_its_advice(capsys) -> None:  # noqa: ANN001
     """The warning names the measured wait share, and a run that already had one thread is not told to
     rerun with one thread."""
@@ -163,6 +180,43 @@ def test_the_overload_warning_says_how_long_the_threads_waited_and_fits_its_advi
     _overload_warning({"host_load": {**load, "threads": 2, "wait_share": None}})
     text = " ".join(capsys.readouterr().out.split())
     assert "waited" not in text and "or with --threads auto or 1 pinned to a free core (taskset)." in text
+
+
+@pytest.mark.parametrize(
+    ("threads", "affinity", "said"),
+    [
+        (
+            1,
+            [0],
+            "it was already pinned to CPU 0 (taskset or a cpuset) and other processes kept it busy: pin it "
+            "to another core they leave free (taskset -c), or stop the process running on it (it already "
+            "ran one thread).",
+        ),
+        (
+            4,
+            [0, 1],
+            "it was already pinned to CPUs 0, 1 (taskset or a cpuset) and other processes kept them busy: "
+            "pin it to other cores they leave free (taskset -c), or stop the process running on them; and "
+            "rerun with --threads auto or 1 (it ran 4).",
+        ),
+        (1, [0, 1, 2, 3], "rerun on a quieter host (it already ran one thread)."),  # every CPU: not pinned
+    ],
+)
+def test_the_overload_warning_does_not_tell_a_pinned_run_to_pin_itself(
+    capsys,  # noqa: ANN001
+    threads: int,
+    affinity: list[int],
+    said: str,
+) -> None:
+    """Review s52: a run under `taskset -c 0` whose core was busy was told to rerun "pinned to a free core
+    (taskset)": it was; the core it had was busy, so another core, or the other process stopped."""
+    from sparsepilot.commands.bench import _overload_warning
+
+    load = {"overloaded": True, "others_busy_cores": 0.95, "cpus": float(len(affinity)), "threads": threads}
+    _overload_warning({"host_load": load, "affinity": affinity, "cpu_count": 4})
+    text = " ".join(capsys.readouterr().out.split())
+    assert said in text
+    assert "pinned to a free core" not in text
 
 
 @pytest.mark.parametrize(

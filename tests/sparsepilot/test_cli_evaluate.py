@@ -87,13 +87,20 @@ def test_the_report_says_when_its_timings_were_kept_under_overload(
     suite = EvalSuite.quick(probe_lengths=(), speed_lengths=(256,), speed_repeats=2, decode_new_tokens=2)
     report = evaluate(model, tok, SparsePlan(tau=0.7), suite)
     prefill, decode = report.speed_summary["host"], report.decode["summary"]["host"]
+    (row,) = report.speed  # review s52: the row carries its own pairs' record, which its table cell says
     assert prefill["pairs_timed"] >= 2 and decode["pairs_timed"] >= 1
+    assert row.host["pairs_timed"] == prefill["pairs_timed"]
     prefill["pairs_kept_under_overload"] = decode["pairs_kept_under_overload"] = 0
-    _print_report(report)
-    assert "overload" not in capsys.readouterr().out
-    prefill["pairs_kept_under_overload"] = prefill["pairs_timed"]
+    row.host["pairs_kept_under_overload"] = 0
+    for r in report.decode["rows"]:  # each decode row's note counts its own
+        ((r.get("extra") or {}).get("host") or {})["pairs_kept_under_overload"] = 0
     _print_report(report)
     text = " ".join(capsys.readouterr().out.split())
+    assert "under overload" not in text and f"of {prefill['pairs_timed']} pairs" not in text  # its cell: "no"
+    prefill["pairs_kept_under_overload"] = row.host["pairs_kept_under_overload"] = prefill["pairs_timed"]
+    _print_report(report)
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"{prefill['pairs_timed']} of {prefill['pairs_timed']} pairs" in text  # the row's overloaded cell
     total = prefill["pairs_timed"] + decode["pairs_timed"]
     assert (
         f"warning: measured under overload: {prefill['pairs_timed']} of {total} timed pairs "
