@@ -431,12 +431,19 @@ def test_migration_0013_replays_each_promotion() -> None:
 def _failed_promotion(name: str, monkeypatch) -> tuple[dict[str, Any], int]:  # noqa: ANN001
     """Pilot 1 promoted (v2 serves), then pilot 2's GO approved by alice while MLflow is down: its champion
     move (v2 -> v3) recorded and failed. Pilot 1's champion info and pilot 2's decision."""
+
+    info = _promoted(name)
+    second = _pilot_with_decision(name, "GO", "approval", key="second", tau=0.8)
+    _approve_while_mlflow_is_down(second, "pilot 2 passed", monkeypatch)
+    return info, second
+
+
+def _approve_while_mlflow_is_down(decision: int, reason: str, monkeypatch) -> None:  # noqa: ANN001
+    """alice approves `decision` while MLflow refuses alias moves: its move is recorded and fails."""
     from mlflow import MlflowClient
 
     from rollout import approvals, registry
 
-    info = _promoted(name)
-    second = _pilot_with_decision(name, "GO", "approval", key="second", tau=0.8)
     real = MlflowClient.set_registered_model_alias
 
     def down(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
@@ -444,9 +451,8 @@ def _failed_promotion(name: str, monkeypatch) -> tuple[dict[str, Any], int]:  # 
 
     monkeypatch.setattr(MlflowClient, "set_registered_model_alias", down)
     with pytest.raises(registry.RegistryError, match="unreachable"):
-        approvals.approve(second, _identity(ALICE), "pilot 2 passed")
+        approvals.approve(decision, _identity(ALICE), reason)
     monkeypatch.setattr(MlflowClient, "set_registered_model_alias", real)
-    return info, second
 
 
 def _champion_moves(name: str) -> list[tuple[str, str | None, str, str]]:
@@ -783,9 +789,8 @@ def test_a_promotion_finished_after_a_new_budget_says_so_in_its_audit_entry(
     calibration rule refuses signing, not finishing), but the finisher's `approval.finished` entry said
     nothing of v2: the trail read as a plan promoted within the current budget. It says so now."""
     import yaml
-    from mlflow import MlflowClient
 
-    from rollout import approvals, registry
+    from rollout import approvals
     from rollout.db.models import AuditEntry, CalibrationRun, Pilot, UseCase
     from rollout.db.session import session_scope
     from rollout.usecases import add_usecase
@@ -805,15 +810,7 @@ def test_a_promotion_finished_after_a_new_budget_says_so_in_its_audit_entry(
                 status="succeeded",
             )
         )
-    real = MlflowClient.set_registered_model_alias
-
-    def down(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
-        raise ConnectionError("tracking server unreachable")
-
-    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", down)
-    with pytest.raises(registry.RegistryError, match="unreachable"):
-        approvals.approve(first, _identity(ALICE), "pilot 1 passed")
-    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", real)
+    _approve_while_mlflow_is_down(first, "pilot 1 passed", monkeypatch)
     spec = tiny_spec(tiny_model_dir, name, dataset_file=pilot_dataset, rollback="manual")
     spec["quality_budget"]["kl"] = spec["quality_budget"]["kl"] / 10
     (tmp_path / "v2.yaml").write_text(yaml.safe_dump(spec))
