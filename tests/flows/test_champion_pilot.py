@@ -822,6 +822,12 @@ def test_a_go_measured_against_the_champions_endpoint_while_it_changed_is_not_si
     with session_scope() as s:
         assert approvals.promotion_held_words(s, go) == f"Not approvable: {changed}. {way}."
         assert s.get(GateDecision, go).resolution is None
+    # the portfolio said "approval to promote" beside the card's "Not approvable": it names the way on
+    assert _waits(name) == (
+        f"an operator: abort the pilot (`sparsepilot pilot {name} --abort --reason TEXT`) and pilot its "
+        f"challenger again (`sparsepilot pilot {name} --again --reason TEXT`), measured against v1 (its GO "
+        "was measured against v2, the champion when its step began; no promotion of it is signed)"
+    )
     assert _pilots(name)[1:3] == (["1"], None)  # nothing promoted
     pilot_batches.abort(name, actor="ops", reason="control measured against v2")  # the way on's first half
     assert (_pilots(name)[0][-1], _phase(name)) == ((2, "stopped", "3"), "stopped")
