@@ -95,6 +95,7 @@ from rollout.approvals.loosening import (
     looser_when,
 )
 from rollout.approvals.recommendation import (
+    explanation_shown,
     ramp_steps_skipped,
     recommendation_in_words,
     recommended_action,
@@ -151,6 +152,7 @@ __all__ = [
     "continue_in",
     "counting_signatures",
     "effect_in_words",
+    "explanation_shown",
     "flow_is_waiting",
     "gate_loosened",
     "lock_decision",
