@@ -8,7 +8,9 @@ imported file that fails its checks, or conflicts with the rows stored, is refus
 is (nothing stored, no look); one whose every row an earlier look judged stores nothing new and records no
 look ("nothing new"). Every look is a
 GateDecision of kind `monitor` (idempotent per step + data); a look that cannot be taken (traffic
-exhausted) is logged as a warning and kept in the audit log (`monitor.skipped`)."""
+exhausted) is logged as a warning and kept in the audit log (`monitor.skipped`). A sampling run whose
+control arm is a served endpoint warns what its quality checks then compare
+(`champion.monitor_control_caveat`: the champion with the champion's own server, which can hardly breach)."""
 
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from flows.common import (
     stable_key,
     under_lease,
 )
-from rollout import audit, decisions, pilot_batches, run_links, tracking
+from rollout import audit, champion, decisions, pilot_batches, run_links, tracking
 
 
 def require_file(path: str) -> None:
@@ -127,10 +129,14 @@ def monitor_flow(
             return {"status": "nothing-new", "explanation": explanation, "rows": len(rows)}
         check = stored["check"]
         source = "imported"
-        latency = None  # an import's rows carry no host load of ours
+        latency, caveat = None, None  # an import's rows carry no host load of ours, nor our arms' answers
     else:
         # the promoted pilot's spec version: its traffic source, arms and batch size, not a later version's
         ctx = load_context(use_case, info["spec_version"])
+        # a control arm on a served endpoint: what the quality checks then compare, said once per run
+        caveat = champion.monitor_control_caveat(use_case, ctx.spec.to_dict())
+        if caveat:
+            logger.warning("%s", caveat)
         requests = next_requests(
             ctx, set(info["used_request_ids"]), info["salt"], batch_size or ctx.spec.rollout.batch_size
         )
@@ -141,7 +147,7 @@ def monitor_flow(
             )
             logger.warning("%s", explanation)
             note_skip(use_case, info, "traffic-exhausted", explanation)
-            return {"status": "skipped", "explanation": explanation}
+            return {"status": "skipped", "explanation": explanation, **_said(caveat)}
         rows, void, load = answer_measured(
             ctx, info, requests, max_new_tokens or default_max_new_tokens(ctx.spec), max_prompt_tokens
         )
@@ -158,13 +164,14 @@ def monitor_flow(
             )
             logger.warning("%s", explanation)
             note_skip(use_case, info, "no-reference", explanation)
-            return {"status": "skipped", "explanation": explanation, "void": len(void)}
+            return {"status": "skipped", "explanation": explanation, "void": len(void), **_said(caveat)}
         check = validate_batch(rows, [rid for rid, _ in requests], "monitor")
         if check["passed"]:  # the monitor's own answers failing their check: the look is INVALID (fail-safe)
             store_batch(info["step_id"], rows, batch_id, source, void)
     result = decide_monitor(use_case, info, rows, check, batch_id)
     if latency is not None:
         result["latency"] = latency
+    result.update(_said(caveat))
     logger.info("%s", result["explanation"])
     if result["automatic_rollback"] and result["resolution"] is None:
         # the fail-safe first: an MLflow log that fails must not keep a breached champion serving
@@ -180,6 +187,12 @@ def monitor_flow(
     # MLflow client retrying for minutes would delay the alarm)
     catch_up_logs(log_missing_looks, use_case)
     return result
+
+
+def _said(caveat: str | None) -> dict[str, str]:
+    """A sampled run's result's `control_caveat` (`champion.monitor_control_caveat`), where there is one:
+    `sparsepilot monitor` prints it as a warning, and its JSON carries it."""
+    return {"control_caveat": caveat} if caveat else {}
 
 
 @flow_task("monitor-log-mlflow")

@@ -100,3 +100,26 @@ def rollback_able(session: Any, uc: UseCase) -> bool:
         return True
     serving = serving_pilot(session, uc)
     return serving is not None and waiting_alarm(session, serving) is None
+
+
+def monitor_control_caveat(use_case: str, spec: dict[str, Any]) -> str | None:
+    """What the monitor's sampled looks can judge where the control arm of the spec version it samples
+    under (`spec`, the champion's: `pilot_batches.monitor_target`) is a served endpoint, in words; None
+    where it is the dense model in the monitor's process (the default). The monitor answers each request
+    with both arms, and its quality and excess-error checks compare the champion with the control: an
+    endpoint serving the champion (`sparsepilot serve-model NAME --alias champion`) answers with the
+    champion it loaded when it started, the previous champion until it restarts and the champion itself
+    after, so those checks can hardly breach; only the error-rate and p95 latency checks watch the
+    champion. Said, not redesigned (docs/serving.md "The monitor with an endpoint as control"). Pure."""
+    from rollout.approvals.promotion_moves import control_endpoint
+
+    endpoint = control_endpoint(spec)
+    if endpoint is None:
+        return None
+    return (
+        f"{use_case}: the monitor's control arm is {endpoint}, not the dense model: its quality and "
+        "excess-error checks compare the champion with what that endpoint serves, which, where it is the "
+        f"champion's own server (`sparsepilot serve-model {use_case} --alias champion`), is the previous "
+        "champion until that server restarts and the champion itself after, so those checks can hardly "
+        "breach; only the error-rate and p95 latency checks watch the champion (docs/serving.md)"
+    )

@@ -269,6 +269,8 @@ def portfolio(
         r["decision_standing"] = decision_standing(r["decision"], r["resolution"], kind=r["decision_kind"])
         r["decision_made"] = decision_words(r["decision"], r["decision_kind"])
         r["signatures"] = signed.get(r["decision_id"], 0)
+        # a promotion that no signature passes (`approvals.promotion_refused_waits`): what it waits for
+        r["promotion_refused"] = _promotion_refused(session, r)
         # an operator's abort stopped it: a person may pilot its challenger again (`pilot NAME --again`)
         r["pilot_aborted"] = (
             r["phase"] == "stopped"
@@ -293,6 +295,24 @@ def portfolio(
         r["payback_days"] = money["payback_days"]
         r["saves_nothing"], r["not_established"] = money["saves_nothing"], money["not_established"]
     return rows
+
+
+def _promotion_refused(session: Session, row: dict[str, Any]) -> str | None:
+    """Where a portfolio row's current decision waits for a promotion's signature ("approval to promote":
+    a decision asking for approval that nobody signed; "a second approver" of a running pilot's decision
+    that asked nobody, an override's first signature a promotion's), and the rules a promotion is refused
+    by hold (`approvals.promotion_refused_waits`: a plan the current spec version left uncalibrated, a GO
+    measured against an endpoint's champion that changed during its step), what it waits for instead; else
+    None. Asked only of such rows (a portfolio of them costs a few queries each)."""
+    if row["decision_kind"] != "gate" or row["resolution"] is not None or row["decision_id"] is None:
+        return None
+    asks = row["awaiting"] == "approval" and not row["signatures"]
+    override = row["awaiting"] == "none" and row["signatures"] and row["pilot_status"] == "running"
+    if not (asks or override):
+        return None
+    from rollout.approvals import promotion_refused_waits
+
+    return promotion_refused_waits(session, session.get(GateDecision, row["decision_id"]))
 
 
 def _not_calibrated_words(session: Session, row: dict[str, Any]) -> str | None:
@@ -419,7 +439,9 @@ def waits_for(row: dict[str, Any]) -> str:
     for a pilot whose GO was approved; then the monitor's alarm about the serving champion waiting for a
     person while another challenger pilots (`champion_alarm`): no promotion is signed before it is decided
     (`approvals.refuse_promotion_while_rollback_waits`), where the row read "more samples" or "approval to
-    promote" while production's model waited to be rolled back."""
+    promote" while production's model waited to be rolled back; then a person's signature, or, where the
+    promotion it waits for is refused by a rule no signature passes, that rule's way on
+    (`promotion_refused`)."""
     from rollout.unfinished import waits_words
 
     if row.get("unfinished"):
@@ -438,7 +460,9 @@ def waits_for(row: dict[str, Any]) -> str:
         row.get("pilot_status") == "running" and row.get("decision_kind") == "gate",
     )
     if person:
-        return person
+        # a promotion no signature passes (`approvals.promotion_refused_waits`): its way on, where the row
+        # read "approval to promote" beside the card's "Not approvable" and its disabled button
+        return row.get("promotion_refused") or person
     if row.get("pilot_status") == "running" and row.get("not_calibrated"):  # no batch brings more samples
         return row["not_calibrated"]
     decision = row.get("decision")

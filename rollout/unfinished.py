@@ -66,6 +66,7 @@ class Unfinished:
     # (`held_finish_from`); nobody carries it out before (its signer's process was refused, held)
     held_until: dt.datetime | None = None
     finish_from: dt.datetime | None = None
+    finish_after: str | None = None  # why not before `finish_from`, in words (`held_finish_from`)
 
     @property
     def automatic(self) -> bool:
@@ -198,7 +199,7 @@ def waits_words(pending: dict[str, Any]) -> str:
         command = pending["command"].removesuffix(" --reason ...")
         return (
             f"{what} to be finished ({who}{held_words(pending['held_until'])}; not in effect): "
-            f"{held_finished_by(pending['finish_from'], command)}"
+            f"{held_finished_by(pending['finish_from'], command, pending['finish_after'])}"
         )
     if not pending.get("stalled"):
         return f"{what} to complete ({who}being carried out now)"
@@ -213,11 +214,14 @@ def held_words(held_until: dt.datetime) -> str:
     )
 
 
-def held_finished_by(finish_from: dt.datetime, command: str) -> str:
-    """By what and from when a held promotion is finished (`Unfinished.finish_from`, `command` without its
-    `--reason`): the portfolio's words, and those of `promote --decision` refused before then."""
+def held_finished_by(finish_from: dt.datetime, command: str, after: str) -> str:
+    """By what and from when a held promotion is finished (`Unfinished.finish_from`, `command`; `after`:
+    why not before, `Unfinished.finish_after`): the portfolio's words, those of `promote --decision`
+    refused before then, and the hold's own (`approvals.effects.PromotionHeld`). `after` is its signer's
+    grace, or its approval run's time where that run took it up and was held: the words said "its signer's
+    grace" of both."""
     return (
-        f"by the scheduled cycle's first run from {_aware(finish_from):%H:%M} UTC (its signer's grace), or "
+        f"by the scheduled cycle's first run from {_aware(finish_from):%H:%M} UTC ({after}), or "
         f"`{command}` from then"
     )
 
@@ -311,7 +315,7 @@ def refuse_while_applied(
         raise registry.MoveInProgress(  # nobody carries it out: its signer (or run) was refused, held
             f"{pending.use_case}: {signer}'s {what} (decision {pending.decision_id}) was "
             f"{held_words(pending.held_until)}, and is not in effect; nothing was recorded. It is finished "
-            f"{held_finished_by(pending.finish_from, pending.finish_command())}"
+            f"{held_finished_by(pending.finish_from, pending.finish_command(), pending.finish_after)}"
         )
     if run is not None:
         doing = f"carried out by its approval run {run[0]}, which took it up"
@@ -509,9 +513,11 @@ def _unfinished(session: Any, uc: UseCase, d: GateDecision, action: str) -> Unfi
 
     status = [_move_status(session, k) for k in _move_keys(session, action, d.id)] or [None]
     change = champion_change(session, d) if action == "promote" and status[0] != "committed" else None
-    held = None
+    held, finish = None, (None, None)
     if action == "promote" and status[0] != "committed" and signature is not None:
         held = _alarm_decided_after(session, uc, signature.created_at)
+    if held is not None:
+        finish = held_finish_from(session, d, signature.created_at)
     return Unfinished(
         use_case=uc.name,
         decision_id=d.id,
@@ -523,7 +529,8 @@ def _unfinished(session: Any, uc: UseCase, d: GateDecision, action: str) -> Unfi
         flow_run_id=d.flow_run_id,
         champion_changed=None if change is None else change.words(),
         held_until=held,
-        finish_from=None if held is None else held_finish_from(session, d, signature.created_at),
+        finish_from=finish[0],
+        finish_after=finish[1],
     )
 
 
@@ -539,15 +546,18 @@ def _alarm_decided_after(session: Any, uc: UseCase, signed: dt.datetime) -> dt.d
     return max(after, default=None)
 
 
-def held_finish_from(session: Any, d: GateDecision, signed: dt.datetime) -> dt.datetime:
+def held_finish_from(session: Any, d: GateDecision, signed: dt.datetime) -> tuple[dt.datetime, str]:
     """From when the automation (`claim_to_finish`: the cycle, the monitor) finishes a held promotion
-    once its alarm is decided: after its signer's grace (`APPLY_GRACE` from the signature), or, where its
-    approval run took it up (and was held), once that run is no longer taken to be at work
-    (`STALLED_AFTER` from its take-up, `run_at_work`)."""
+    once its alarm is decided, and why not before, in words (`held_finished_by`): after its signer's grace
+    (`APPLY_GRACE` from the signature), or, where its approval run took it up (and was held), once that run
+    is no longer taken to be at work (`STALLED_AFTER` from its take-up, `run_at_work`)."""
     from rollout.approvals.waiter import taken_up_at
 
     at = None if d.flow_run_id is None else taken_up_at(session, d, d.flow_run_id)
-    return _aware(signed) + APPLY_GRACE if at is None else at + STALLED_AFTER
+    if at is None:
+        return _aware(signed) + APPLY_GRACE, "its signer's grace"
+    minutes = int(STALLED_AFTER.total_seconds() // 60)
+    return at + STALLED_AFTER, f"{minutes} minutes after its approval run took it up and was held"
 
 
 def _move_keys(session: Any, action: str, decision_id: int) -> list[str]:

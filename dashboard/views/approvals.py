@@ -120,7 +120,7 @@ def money_summary(d: dict[str, Any]) -> None:
         st.warning(fmt.plain(f"$/month {note}."))
 
 
-def evidence_summary(d: dict[str, Any]) -> None:
+def evidence_summary(d: dict[str, Any], *, continue_held: bool = False) -> None:
     ev = d["evidence"]
     q = ev.get("quality") or {}
     margin = (ev.get("settings") or {}).get("margin")
@@ -136,7 +136,8 @@ def evidence_summary(d: dict[str, Any]) -> None:
     if ev.get("overloaded_treatment_rows"):  # left out of the p95, as of the latency guardrail
         c4.caption(f"{ev['overloaded_treatment_rows']} sparse-arm rows under CPU overload left out")
     money_summary(d)
-    st.info(fmt.plain(d["explanation"]))
+    # the stored explanation, less a continuing of the ramp the card refuses (`approvals.explanation_shown`)
+    st.info(fmt.plain(approvals.explanation_shown(d["explanation"], ev, continue_held=continue_held)))
     checks = fmt.guardrail_rows(ev)
     if checks:
         st.dataframe(pd.DataFrame(checks), hide_index=True, width="stretch")
@@ -163,14 +164,15 @@ def decision_card(d: dict[str, Any], ident: Identity | None, pilot_waits: str | 
     )  # "NO-GO (monitor)": the monitor's rollback request
     st.subheader(f"#{d['id']} {d['use_case']}: {made}, {head}")
     st.caption(f"criticality {d['criticality']}{step} · decided {d['created_at']:%Y-%m-%d %H:%M} UTC")
-    evidence_summary(d)
+    asks = d["awaiting"] == "approval"  # a GO that asked nobody has moved on: it cannot continue the ramp
+    # continuing refused for a plan the current spec version left uncalibrated (`promotion_held_words` says
+    # why): neither the explanation nor the note offers continuing, its button disabled (they said "One
+    # approver may instead ...")
+    ramp_held = asks and d["outcome"] == "GO" and read(approvals.continue_held, d["id"])
+    evidence_summary(d, continue_held=ramp_held)
     recommended = approvals.recommended_action(
         SimpleNamespace(awaiting=d["awaiting"], outcome=d["outcome"], evidence=d["evidence"])
     )
-    asks = d["awaiting"] == "approval"  # a GO that asked nobody has moved on: it cannot continue the ramp
-    # continuing refused for a plan the current spec version left uncalibrated (`promotion_held_words` says
-    # why): the note offers no continuing, its button disabled (it said "One approver may instead ...")
-    ramp_held = asks and d["outcome"] == "GO" and read(approvals.continue_held, d["id"])
     skips = (
         approvals.skip_note(d["evidence"], waits_for_approval=asks and not ramp_held)
         if d["outcome"] == "GO"

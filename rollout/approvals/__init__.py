@@ -61,6 +61,7 @@ from rollout.approvals.checks import (
     promotion_held_words,
     promotion_not_calibrated,
     promotion_over_changed_champion,
+    promotion_refused_waits,
     refuse_promotion_over_changed_champion,
     refuse_promotion_while_rollback_waits,
     refuse_rejecting_unasked,
@@ -94,6 +95,7 @@ from rollout.approvals.loosening import (
     looser_when,
 )
 from rollout.approvals.recommendation import (
+    explanation_shown,
     ramp_steps_skipped,
     recommendation_in_words,
     recommended_action,
@@ -150,6 +152,7 @@ __all__ = [
     "continue_in",
     "counting_signatures",
     "effect_in_words",
+    "explanation_shown",
     "flow_is_waiting",
     "gate_loosened",
     "lock_decision",
@@ -158,6 +161,7 @@ __all__ = [
     "override_signatures",
     "promotion_held",
     "promotion_held_words",
+    "promotion_refused_waits",
     "promotion_not_calibrated",
     "promotion_over_changed_champion",
     "promotion_in_effect",

@@ -271,23 +271,31 @@ def promotion_not_calibrated(session: Any, d: GateDecision) -> tuple[str, str] |
     is signed (`refuse_uncalibrated_promotion`) or offered (`promotion_held_words`); a rejection is. As
     (what changed, what to do), in words; None where the plan is calibrated under the current version
     (or no calibration of it is recorded), or `d` is no gate decision."""
-    from rollout import runs
     from rollout.pilots import pilot_label
 
-    pilot = session.get(Pilot, d.pilot_id) if d.kind == "gate" and d.pilot_id else None
-    if pilot is None:
+    found = _plan_not_calibrated(session, d)
+    if found is None:
         return None
-    uc = session.get(UseCase, d.use_case_id)
-    stale = runs.plan_not_calibrated(session, uc, pilot.model_version_id)
-    if stale is None:
-        return None
+    stale, pilot = found
     return (
         f"spec v{stale.version} changed {', '.join(stale.fields)} after the plan {pilot_label(pilot)} "
         f"runs was calibrated under v{stale.calibrated_under}: the plan has not been calibrated under "
         f"v{stale.version}",
-        f"Reject it (`sparsepilot approve {uc.name} --decision {d.id} --reject --reason TEXT`) and run "
-        f"`sparsepilot calibrate {uc.name}`: a plan calibrated under v{stale.version} is piloted anew",
+        f"Reject it (`sparsepilot approve {stale.use_case} --decision {d.id} --reject --reason TEXT`) and "
+        f"run `sparsepilot calibrate {stale.use_case}`: a plan calibrated under v{stale.version} is piloted "
+        "anew",
     )
+
+
+def _plan_not_calibrated(session: Any, d: GateDecision) -> tuple[Any, Pilot] | None:
+    """`runs.plan_not_calibrated` of gate decision `d`'s pilot's plan, with the pilot, or None."""
+    from rollout import runs
+
+    pilot = session.get(Pilot, d.pilot_id) if d.kind == "gate" and d.pilot_id else None
+    if pilot is None:
+        return None
+    stale = runs.plan_not_calibrated(session, session.get(UseCase, d.use_case_id), pilot.model_version_id)
+    return None if stale is None else (stale, pilot)
 
 
 def promotion_over_changed_champion(session: Any, d: GateDecision) -> tuple[str, str] | None:
@@ -303,15 +311,12 @@ def promotion_over_changed_champion(session: Any, d: GateDecision) -> tuple[str,
     stands whichever champion serves), no champion move came since the step began, or `d` is no gate
     decision. Before, such a GO was signed, and promoted over the champion serving then."""
     from rollout.approvals import promotion_moves
-    from rollout.db.models import PilotStep
     from rollout.pilots import pilot_label
 
-    step = session.get(PilotStep, d.pilot_step_id) if d.kind == "gate" and d.pilot_step_id else None
-    if step is None or promotion_moves.pilot_control(session, d) is None:
+    found = _champion_changed_in_step(session, d)
+    if found is None:
         return None
-    change = promotion_moves.champion_change_since(session, d, step.started_at)
-    if change is None:
-        return None
+    change, step = found
     v = promotion_moves.version_words
     name = session.get(UseCase, d.use_case_id).name
     return (
@@ -321,6 +326,53 @@ def promotion_over_changed_champion(session: Any, d: GateDecision) -> tuple[str,
         f"{v(change.signed_over)}, the champion of its time, in part or in whole",
         f"Abort the pilot (`sparsepilot pilot {name} --abort --reason TEXT`) and pilot its challenger "
         f"again (`sparsepilot pilot {name} --again --reason TEXT`), measured against {v(change.serving)}",
+    )
+
+
+def _champion_changed_in_step(session: Any, d: GateDecision) -> tuple[Any, Any] | None:
+    """The champion change since gate decision `d`'s step began (`promotion_moves.champion_change_since`)
+    where its pilot's control arm is a served endpoint, with the step, or None."""
+    from rollout.approvals import promotion_moves
+    from rollout.db.models import PilotStep
+
+    step = session.get(PilotStep, d.pilot_step_id) if d.kind == "gate" and d.pilot_step_id else None
+    if step is None or promotion_moves.pilot_control(session, d) is None:
+        return None
+    change = promotion_moves.champion_change_since(session, d, step.started_at)
+    return None if change is None else (change, step)
+
+
+def promotion_refused_waits(session: Any, d: GateDecision) -> str | None:
+    """What a gate decision that no promotion signature passes waits for, in the portfolio's words
+    (`rollout.queries.waits_for`, where it said "approval to promote", or "a second approver" of an
+    override's first signature, which the same rules refuse): the card's (`promotion_held_words`) in short,
+    its way on first. A plan the current spec version left uncalibrated (`promotion_not_calibrated`): a
+    rejection, then a calibration (its way on stands for a changed champion too: the plan calibrated anew is
+    piloted against the champion serving then); else a GO measured against an endpoint's champion that
+    changed during its step (`promotion_over_changed_champion`): the abort and `pilot --again`. None where
+    neither holds. A rollback of the champion that waits is not said here (`queries.waits_for` says it
+    first)."""
+    from rollout.approvals import promotion_moves
+
+    stale = _plan_not_calibrated(session, d)
+    if stale is not None:
+        nc, name = stale[0], stale[0].use_case
+        return (
+            f"a rejection, then a calibration under spec v{nc.version} (v{nc.version} changed "
+            f"{', '.join(nc.fields)} after the plan was calibrated under v{nc.calibrated_under}; no "
+            f"promotion of it is signed): `sparsepilot approve {name} --decision {d.id} --reject --reason "
+            f"TEXT`, then `sparsepilot calibrate {name}`"
+        )
+    moved = _champion_changed_in_step(session, d)
+    if moved is None:
+        return None
+    change, v = moved[0], promotion_moves.version_words
+    name = session.get(UseCase, d.use_case_id).name
+    abort, again = (f"`sparsepilot pilot {name} --{what} --reason TEXT`" for what in ("abort", "again"))
+    return (
+        f"an operator: abort the pilot ({abort}) and pilot its challenger again ({again}), measured "
+        f"against {v(change.serving)} (its GO was measured against {v(change.signed_over)}, the champion "
+        "when its step began; no promotion of it is signed)"
     )
 
 

@@ -343,7 +343,9 @@ def _hold_while_rollback_waits(session: Any, d: GateDecision, uc: UseCase, *, sh
     promotion is finished once the alarm is decided (`rollout.unfinished`: the cycle, or `promote
     --decision`). Only a move in effect is finished as begun: committed (the state DB's side is left), or
     `shown` (MLflow's alias points at its target: `_shown_in_mlflow`). Before, any recorded move was, a
-    failed one too: the cycle promoted over the alarm."""
+    failed one too: the cycle promoted over the alarm. Its words say from when the promotion is finished
+    once the alarm is decided (`unfinished.held_finished_by`, the portfolio's): they said "at once by
+    `promote --decision`", which is refused in its signer's grace (or its approval run's time)."""
     from rollout.approvals.checks import rollback_before_promotion
 
     move = promotion_moves.current_move(session, d.id)
@@ -353,10 +355,22 @@ def _hold_while_rollback_waits(session: Any, d: GateDecision, uc: UseCase, *, sh
     if first is None:
         return
     waits, remedy = first
+    # not "at once": `promote --decision` is refused until its signer's grace (or its run's time) is over
+    # (`unfinished.refuse_while_applied`), by the portfolio's words of it (`unfinished.held_finished_by`)
+    from rollout.unfinished import held_finish_from, held_finished_by
+
+    signed = session.scalar(
+        select(Approval.created_at)
+        .where(Approval.decision_id == d.id, Approval.action == "approve")
+        .order_by(Approval.id.desc())
+    )
+    finish_from, after = held_finish_from(session, d, signed)
+    then = held_finished_by(
+        finish_from, f"sparsepilot promote {uc.name} --decision {d.id} --reason TEXT", after
+    )
     raise PromotionHeld(
         f"decision {d.id} is approved, but not promoted while {waits}; nothing was moved, the approval "
-        f"stands. {remedy}; the promotion is then finished (by the scheduled cycle, or at once by "
-        f"`sparsepilot promote {uc.name} --decision {d.id} --reason TEXT`)"
+        f"stands. {remedy}; once it is decided, the promotion is finished {then}"
     )
 
 

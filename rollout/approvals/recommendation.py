@@ -88,6 +88,23 @@ def skip_note(evidence: Any, *, waits_for_approval: bool) -> str:
     )
 
 
+def explanation_shown(explanation: str, evidence: Any, *, continue_held: bool) -> str:
+    """A decision's stored explanation as the Approvals card shows it: as recorded, except that a final
+    GO's skip note (`skip_note`, written into it by `decisions.gate_step` when the GO asked for approval)
+    offers no continuing of the ramp where continuing is refused (`continue_held`: a plan the current spec
+    version left uncalibrated); that sentence is left out, the card's warning saying why. The stored row is
+    a record and is never rewritten; before, the card's info box said "One approver may instead continue the
+    ramp ..." beside the disabled button."""
+    if not continue_held:
+        return explanation
+    offered = skip_note(evidence, waits_for_approval=True)
+    return (
+        explanation.replace(offered, skip_note(evidence, waits_for_approval=False))
+        if offered
+        else explanation
+    )
+
+
 def _skips(d: GateDecision) -> str:
     """'; promoting now skips ramp steps 2 (70%) and 3 (90%)' for a GO before the plan's last step (the
     remaining ramp steps, unnamed, for a GO that asked nobody recorded without the plan's steps)."""

@@ -583,6 +583,8 @@ def monitor_cmd(
     given = observations[0] if observations and len(observations) == 1 else observations or None
     result = _run(lambda: monitor_flow(name, observations_file=given))
     emit_or_say(result, json_out, monitor_said(name, result))
+    if not json_out and result.get("control_caveat"):  # what its quality checks compare: the flow's warning
+        console.print(f"warning: {result['control_caveat']}", style="yellow", soft_wrap=True, markup=False)
 
 
 def monitor_said(name: str, result: dict[str, Any]) -> str:

@@ -302,8 +302,9 @@ def test_a_stale_go_card_says_why_its_ramp_does_not_continue_while_the_champions
     `quality_budget.kl`), while the monitor's alarm about the serving champion waits: the card said only
     the alarm's words ("... then approve the promotion", which the calibration rule then refuses) while its
     continue button was disabled for the calibration reason, said nowhere. It says both now, the
-    calibration's first (`approvals.promotion_held_words`); and its skip note and caption no longer offer
-    the disabled continuing ("One approver may instead continue the ramp ...")."""
+    calibration's first (`approvals.promotion_held_words`); and its skip note, caption and info box (the
+    stored explanation, shown without it) no longer offer the disabled continuing ("One approver may
+    instead continue the ramp ...")."""
     from rollout.db.models import CalibrationRun, Pilot, SpecVersion, UseCase
 
     name = "contract-summarisation"
@@ -324,7 +325,12 @@ def test_a_stale_go_card_says_why_its_ramp_does_not_continue_while_the_champions
         s.add(SpecVersion(use_case_id=uc.id, version=2, spec=tighter, spec_hash="h-v2", created_by="tests"))
         uc.current_spec_version = 2
         later = {"later_steps": [{"index": 2, "traffic_pct": 50.0}]}
-        go = later_look_awaiting_approval(s, seeded[f"{name}:decision"], outcome="GO", evidence=later)
+        # as `decisions.gate_step` records a GO that asks for approval before the plan's last step: its
+        # skip note, offering the continuing, in the stored explanation
+        offered = f"Decision: GO. {approvals.skip_note(later, waits_for_approval=True)}"
+        go = later_look_awaiting_approval(
+            s, seeded[f"{name}:decision"], outcome="GO", evidence=later, explanation=offered
+        )
     alarm = _champions_alarm(seeded)
     at = open_page(sign_in(new_app(), "alice"), "approvals")
     buttons = {b.key: b for b in at.button}
@@ -340,5 +346,9 @@ def test_a_stale_go_card_says_why_its_ramp_does_not_continue_while_the_champions
         f"(`sparsepilot approve {name} --decision {alarm} --reject --reason TEXT`)."
     ) in shown, shown
     assert "Promoting on this decision skips ramp step 2 (50%) of the spec's plan" in shown, shown
-    said = shown + "\n".join(c.value for c in at.caption)
+    # the info box's stored explanation too (a record, never rewritten): it said "One approver may
+    # instead continue the ramp to step 2 (50%) ..." (`approvals.explanation_shown`)
+    info = "\n".join(i.value.replace("\\", "") for i in at.info)
+    assert "Decision: GO. Promoting on this decision skips ramp step 2 (50%) of the spec's plan" in info, info
+    said = shown + "\n".join(c.value for c in at.caption) + info
     assert "continue the ramp" not in said and "does what the plan would" not in said, said

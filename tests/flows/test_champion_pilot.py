@@ -318,13 +318,16 @@ def test_an_alarm_recorded_after_the_gos_signature_holds_its_promotion(use_case,
         approvals.approve(second, _identity(ALICE), "pilot 2 passed")
     monkeypatch.setattr(signing, "apply_decision", effect)
     (alarm,) = alarms
+    # when it is finished, as the portfolio says it below: it said "at once by `promote --decision`", which
+    # its signer's grace refuses
     words = (
         f"decision {second} is approved, but not promoted while the monitor's alarm about {name}'s serving "
         f"champion (decision {alarm}) waits for a person; nothing was moved, the approval stands. Decide "
         f"the alarm first: roll the champion back (`sparsepilot approve {name} --decision {alarm} --reason "
-        f"TEXT`) or keep it (`sparsepilot approve {name} --decision {alarm} --reject --reason TEXT`); the "
-        f"promotion is then finished (by the scheduled cycle, or at once by `sparsepilot promote {name} "
-        f"--decision {second} --reason TEXT`)"
+        f"TEXT`) or keep it (`sparsepilot approve {name} --decision {alarm} --reject --reason TEXT`); once "
+        f"it is decided, the promotion is finished by the scheduled cycle's first run from "
+        f"{_signed_at(second) + unfinished.APPLY_GRACE:%H:%M} UTC (its signer's grace), or `sparsepilot "
+        f"promote {name} --decision {second} --reason TEXT` from then"
     )
     assert (type(held.value).__name__, str(held.value)) == ("PromotionHeld", words)
     assert _pilots(name)[1:3] == (["1", "2"], 1)  # pilot 1's champion serves, its alarm waits
@@ -369,6 +372,56 @@ def test_an_alarm_recorded_after_the_gos_signature_holds_its_promotion(use_case,
     assert _champion_moves(name)[-1] == (f"promote:{second}", "1", "3", "committed")
     rows, champions, promoted, _ = _pilots(name)
     assert (champions, promoted, _phase(name)) == (["1", "3"], 2, "promoted")
+
+
+@pytest.mark.parametrize("trust_db", ["sqlite"], indirect=True)
+def test_a_promotion_its_approval_run_took_up_and_held_names_the_runs_time(use_case, monkeypatch) -> None:  # noqa: ANN001
+    """As above, but alice's signature resumed the GO's approval run, which took the promotion up and was
+    held: the cycle and `promote --decision` finish it once that run is no longer taken to be at work
+    (`STALLED_AFTER` from its take-up, `unfinished.held_finish_from`), and the words said "(its signer's
+    grace)" of that time too. They name the run's time now: the hold's, the portfolio's and the refusal
+    of `promote --decision`. (Prefect's side, pausing and resuming the run, stands in for itself.)"""
+    from rollout import approval_runs, approvals, registry, unfinished
+    from rollout.approvals import signing
+    from rollout.approvals.waiter import taken_up_at
+    from rollout.db.models import GateDecision
+    from rollout.db.session import session_scope
+
+    name = use_case(rollback="manual")
+    info = _promoted(name)
+    second = _pilot_with_decision(name, "GO", "approval", key="second", tau=0.8)
+    run = "5b0c7d1e-0000-4000-8000-0000000be1d0"
+    assert "skip" not in approval_runs.register(second, run, lambda _run: False)
+    monkeypatch.setattr(signing, "_flow_run_state_safe", lambda _run: (True, "Paused"))
+    monkeypatch.setattr(signing, "_resume", lambda _run, _payload: None)  # resumed: the run carries it out
+    signed = approvals.approve(second, _identity(ALICE), "pilot 2 passed")
+    assert signed.resumed_flow_run_id == run, signed
+    alarm = _alarm(name, info)  # after the signature, before the run's effect
+    assert approval_runs.take_up(second, run) is None
+    with session_scope() as s:
+        taken = taken_up_at(s, s.get(GateDecision, second), run)
+    after = (
+        f"{taken + unfinished.STALLED_AFTER:%H:%M} UTC (5 minutes after its approval run took it up and was "
+        "held)"
+    )
+    with pytest.raises(approvals.PromotionHeld) as held:  # what the run's promote flow runs
+        approvals.apply_promotion(second, signed.approval_id, reason="pilot 2 passed")
+    assert str(held.value).endswith(
+        f"once it is decided, the promotion is finished by the scheduled cycle's first run from {after}, or "
+        f"`sparsepilot promote {name} --decision {second} --reason TEXT` from then"
+    ), str(held.value)
+
+    assert approvals.approve(alarm, _identity(BOB), "bad rows").took_effect
+    pending = unfinished.unfinished_of(name)
+    assert pending.finish_from == taken + unfinished.STALLED_AFTER
+    by = (
+        f"by the scheduled cycle's first run from {after}, or `sparsepilot promote {name} --decision {second}"
+    )
+    by += "`"
+    assert _waits(name).endswith(f"not in effect): {by} from then"), _waits(name)
+    with pytest.raises(registry.MoveInProgress) as early:
+        approvals.unfinished_promotion(second, by="carol")
+    assert str(early.value).endswith(f"It is finished {by} from then"), str(early.value)
 
 
 @pytest.mark.parametrize(
@@ -775,6 +828,12 @@ def test_a_go_measured_against_the_champions_endpoint_while_it_changed_is_not_si
     with session_scope() as s:
         assert approvals.promotion_held_words(s, go) == f"Not approvable: {changed}. {way}."
         assert s.get(GateDecision, go).resolution is None
+    # the portfolio said "approval to promote" beside the card's "Not approvable": it names the way on
+    assert _waits(name) == (
+        f"an operator: abort the pilot (`sparsepilot pilot {name} --abort --reason TEXT`) and pilot its "
+        f"challenger again (`sparsepilot pilot {name} --again --reason TEXT`), measured against v1 (its GO "
+        "was measured against v2, the champion when its step began; no promotion of it is signed)"
+    )
     assert _pilots(name)[1:3] == (["1"], None)  # nothing promoted
     pilot_batches.abort(name, actor="ops", reason="control measured against v2")  # the way on's first half
     assert (_pilots(name)[0][-1], _phase(name)) == ((2, "stopped", "3"), "stopped")

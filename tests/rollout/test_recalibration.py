@@ -125,12 +125,19 @@ def test_a_go_of_a_plan_calibrated_for_an_earlier_budget_is_not_promoted(
     _new_version(tmp_path, change)
 
     held = queries.read(approvals.promotion_held_words, did)  # the card's words, its button disabled
+    waits = next(r["waits_for"] for r in queries.read(queries.portfolio) if r["name"] == "chat")
     if not stale:
-        assert held is None
+        assert held is None and waits == "approval to promote"
         approval_runs.check_promotable(did)
         return
     changed, remedy = _stale_go_words(did)
     assert held == f"Not approvable: {changed}. {remedy}."
+    # the portfolio said "approval to promote" beside the card's "Not approvable": it names the way on
+    assert waits == (
+        "a rejection, then a calibration under spec v2 (v2 changed quality_budget.kl after the plan was "
+        f"calibrated under v1; no promotion of it is signed): `sparsepilot approve chat --decision {did} "
+        "--reject --reason TEXT`, then `sparsepilot calibrate chat`"
+    )
     refusal = f"decision {did} is not promoted: {changed}; nothing was recorded. {remedy}"
     with pytest.raises(approvals.ApprovalError) as before_any_run:
         approval_runs.check_promotable(did)  # `approve` / `promote --decision`, before any approval run
