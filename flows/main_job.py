@@ -22,7 +22,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from rollout import audit, lifecycle, pilot_batches, queries
+from rollout import audit, lifecycle, pilot_batches, queries, roi
 from rollout.usecases import added_by_people, phase_of, pilot_plan_of, run_started
 from rollout.words import counted
 
@@ -224,12 +224,15 @@ def summary_rows(names: list[str]) -> list[dict[str, Any]]:
 
 
 def _interval(v: Any, lo: Any, hi: Any, fmt: str) -> str:
+    """'2.00 [1.80, 2.20]'; where no interval was measured (one timing pair: the state DB stores no ends,
+    rollout.runs) the estimate says so, in every surface's words (`roi.NO_INTERVAL`), where it read "2.00"
+    alone, as if measured; '-' without a figure."""
     if v is None:
         return "-"
     text = format(v, fmt)
-    if lo is not None and hi is not None:
-        text += f" [{format(lo, fmt)}, {format(hi, fmt)}]"
-    return text
+    if lo is None or hi is None:
+        return f"{text} ({roi.NO_INTERVAL})"
+    return f"{text} [{format(lo, fmt)}, {format(hi, fmt)}]"
 
 
 def _quality_cell(r: dict[str, Any]) -> str:

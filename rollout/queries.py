@@ -306,13 +306,25 @@ def _promotion_refused(session: Session, row: dict[str, Any]) -> str | None:
     None. Asked only of such rows (a portfolio of them costs a few queries each)."""
     if row["decision_kind"] != "gate" or row["resolution"] is not None or row["decision_id"] is None:
         return None
-    asks = row["awaiting"] == "approval" and not row["signatures"]
     override = row["awaiting"] == "none" and row["signatures"] and row["pilot_status"] == "running"
-    if not (asks or override):
+    if not _waits_for_promotion(row["awaiting"], row["signatures"], bool(override)):
         return None
+    return _refused_waits(session, row["decision_id"])
+
+
+def _waits_for_promotion(awaiting: str | None, signatures: int, override: bool) -> bool:
+    """Whether an open gate decision waits for a promotion's signature: one asking for approval that nobody
+    signed ("approval to promote"), or, `override`, a running pilot's decision that asked nobody with an
+    override's first signature ("a second approver")."""
+    return (awaiting == "approval" and not signatures) or override
+
+
+def _refused_waits(session: Session, decision_id: int) -> str | None:
+    """What a gate decision waits for where no promotion signature passes the rules
+    (`approvals.promotion_refused_waits`), else None."""
     from rollout.approvals import promotion_refused_waits
 
-    return promotion_refused_waits(session, session.get(GateDecision, row["decision_id"]))
+    return promotion_refused_waits(session, session.get(GateDecision, decision_id))
 
 
 def _not_calibrated_words(session: Session, row: dict[str, Any]) -> str | None:
@@ -1213,9 +1225,10 @@ def signature_status(a: dict[str, Any]) -> str:
 
 def pending_decisions(session: Session) -> list[dict[str, Any]]:
     """Decisions waiting for a person, oldest first, with their use case, any partial approvals and
-    `waits_for` (`decision_waits`): those that ask for one, and the latest decision of a running pilot
-    that asked nobody but carries an override's first signature (promoting on EXTEND: it waits for a
-    second approver)."""
+    `waits_for` (`decision_waits`; where the promotion it waits for is refused by a rule no signature
+    passes, that rule's way on, the portfolio's words: `approvals.promotion_refused_waits`): those that ask
+    for one, and the latest decision of a running pilot that asked nobody but carries an override's first
+    signature (promoting on EXTEND: it waits for a second approver)."""
     overridable = _overridable_ids(session)
     signed = _signature_counts(session, overridable)
     cosign = [i for i in overridable if signed.get(i)]
@@ -1227,9 +1240,12 @@ def pending_decisions(session: Session) -> list[dict[str, Any]]:
         ),
     )
     for r in rows:
-        r["waits_for"] = decision_waits(
-            r["awaiting"], r["resolution"], len(live_signatures(r["approvals"])), r["id"] in cosign
-        )
+        signatures = len(live_signatures(r["approvals"]))
+        person = decision_waits(r["awaiting"], r["resolution"], signatures, r["id"] in cosign)
+        # a promotion no signature passes: the portfolio's way on (`_promotion_refused`'s rule), where the
+        # card's header read "waiting for approval to promote" above its "Not approvable" warning
+        promotes = r["kind"] == "gate" and _waits_for_promotion(r["awaiting"], signatures, r["id"] in cosign)
+        r["waits_for"] = (_refused_waits(session, r["id"]) if promotes else None) or person
     return rows
 
 

@@ -491,8 +491,8 @@ def pilot_skip_reason(
         )
     if saved_usd_month is not None and saved_usd_month_low is None and saved_usd_month_high is None:
         return PilotSkip(
-            f"saving not established ({usd(saved_usd_month)}/month, no interval measured)",
-            "one timing pair supports no saving; re-evaluate with more repeats",
+            f"saving not established ({usd(saved_usd_month)}/month, {NO_INTERVAL})",
+            "its estimate alone supports no saving; re-evaluate with more repeats",
             offers_override=True,
         )
     if saved_usd_month is not None and saved_usd_month_low is not None and saved_usd_month_low <= 0:

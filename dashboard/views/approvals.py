@@ -120,7 +120,7 @@ def money_summary(d: dict[str, Any]) -> None:
         st.warning(fmt.plain(f"$/month {note}."))
 
 
-def evidence_summary(d: dict[str, Any], *, continue_held: bool = False) -> None:
+def evidence_summary(d: dict[str, Any]) -> None:
     ev = d["evidence"]
     q = ev.get("quality") or {}
     margin = (ev.get("settings") or {}).get("margin")
@@ -136,8 +136,8 @@ def evidence_summary(d: dict[str, Any], *, continue_held: bool = False) -> None:
     if ev.get("overloaded_treatment_rows"):  # left out of the p95, as of the latency guardrail
         c4.caption(f"{ev['overloaded_treatment_rows']} sparse-arm rows under CPU overload left out")
     money_summary(d)
-    # the stored explanation, less a continuing of the ramp the card refuses (`approvals.explanation_shown`)
-    st.info(fmt.plain(approvals.explanation_shown(d["explanation"], ev, continue_held=continue_held)))
+    # the stored explanation, less the skip note the card's warning says (`approvals.explanation_shown`)
+    st.info(fmt.plain(approvals.explanation_shown(d["explanation"], ev)))
     checks = fmt.guardrail_rows(ev)
     if checks:
         st.dataframe(pd.DataFrame(checks), hide_index=True, width="stretch")
@@ -149,7 +149,8 @@ def evidence_summary(d: dict[str, Any], *, continue_held: bool = False) -> None:
 
 
 def decision_card(d: dict[str, Any], ident: Identity | None, pilot_waits: str | None = None) -> None:
-    """A decision an approver may act on: one waiting for a person (`waits_for`, queries.decision_waits),
+    """A decision an approver may act on: one waiting for a person (`waits_for`, queries.decision_waits, or
+    where no signature can promote it the portfolio's way on, approvals.promotion_refused_waits),
     or the latest of a running pilot that asked nobody, which an approver may promote against the gate
     (`waits_for` None: nobody has signed it yet; `pilot_waits`: what its use case waits for, the
     portfolio's words)."""
@@ -166,10 +167,10 @@ def decision_card(d: dict[str, Any], ident: Identity | None, pilot_waits: str | 
     st.caption(f"criticality {d['criticality']}{step} · decided {d['created_at']:%Y-%m-%d %H:%M} UTC")
     asks = d["awaiting"] == "approval"  # a GO that asked nobody has moved on: it cannot continue the ramp
     # continuing refused for a plan the current spec version left uncalibrated (`promotion_held_words` says
-    # why): neither the explanation nor the note offers continuing, its button disabled (they said "One
-    # approver may instead ...")
+    # why): the note offers no continuing, its button disabled (it said "One approver may instead ...");
+    # the info box's explanation leaves the note to the warning (`approvals.explanation_shown`)
     ramp_held = asks and d["outcome"] == "GO" and read(approvals.continue_held, d["id"])
-    evidence_summary(d, continue_held=ramp_held)
+    evidence_summary(d)
     recommended = approvals.recommended_action(
         SimpleNamespace(awaiting=d["awaiting"], outcome=d["outcome"], evidence=d["evidence"])
     )

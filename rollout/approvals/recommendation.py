@@ -88,21 +88,17 @@ def skip_note(evidence: Any, *, waits_for_approval: bool) -> str:
     )
 
 
-def explanation_shown(explanation: str, evidence: Any, *, continue_held: bool) -> str:
-    """A decision's stored explanation as the Approvals card shows it: as recorded, except that a final
-    GO's skip note (`skip_note`, written into it by `decisions.gate_step` when the GO asked for approval)
-    offers no continuing of the ramp where continuing is refused (`continue_held`: a plan the current spec
-    version left uncalibrated); that sentence is left out, the card's warning saying why. The stored row is
-    a record and is never rewritten; before, the card's info box said "One approver may instead continue the
-    ramp ..." beside the disabled button."""
-    if not continue_held:
-        return explanation
+def explanation_shown(explanation: str, evidence: Any) -> str:
+    """A decision's stored explanation as the Approvals card shows it: as recorded, less a final GO's skip
+    note (`skip_note`, written into it by `decisions.gate_step` when the GO asked for approval), which the
+    card's warning says beside it, in the words that hold now (no continuing of the ramp offered where
+    continuing is refused: `continue_held`). The stored row is a record and is never rewritten; before, the
+    card said the note twice, in its warning and in its info box (fix-q had dropped the info box's only
+    where continuing was refused)."""
     offered = skip_note(evidence, waits_for_approval=True)
-    return (
-        explanation.replace(offered, skip_note(evidence, waits_for_approval=False))
-        if offered
-        else explanation
-    )
+    if not offered or offered not in explanation:
+        return explanation
+    return explanation.replace(f" {offered}", "").replace(offered, "").strip()
 
 
 def _skips(d: GateDecision) -> str:

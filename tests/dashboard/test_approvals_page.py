@@ -295,20 +295,15 @@ def test_a_go_card_says_why_it_is_not_promotable_while_the_champions_alarm_waits
     ) in shown
 
 
-def test_a_stale_go_card_says_why_its_ramp_does_not_continue_while_the_champions_alarm_waits(
-    seeded: dict[str, Any],
-) -> None:
-    """A GO before the plan's last step, its plan left uncalibrated by spec v2 (a tighter
-    `quality_budget.kl`), while the monitor's alarm about the serving champion waits: the card said only
-    the alarm's words ("... then approve the promotion", which the calibration rule then refuses) while its
-    continue button was disabled for the calibration reason, said nowhere. It says both now, the
-    calibration's first (`approvals.promotion_held_words`); and its skip note, caption and info box (the
-    stored explanation, shown without it) no longer offer the disabled continuing ("One approver may
-    instead continue the ramp ...")."""
+def _stale_go(seeded: dict[str, Any], later: list[dict[str, Any]]) -> int:
+    """A later look's GO of contract-summarisation waiting for approval, its plan calibrated under v1 and
+    left uncalibrated by spec v2 (a tighter `quality_budget.kl`): `later`, the plan's steps after its own
+    ([]: the last step's GO). Its stored explanation carries the skip note `decisions.gate_step` writes
+    into a GO that asks for approval before the plan's last step. Its id."""
     from rollout.db.models import CalibrationRun, Pilot, SpecVersion, UseCase
 
     name = "contract-summarisation"
-    with session_scope() as s:  # v1 calibrated the plan; v2 tightens the budget; a later look's GO at step 1
+    with session_scope() as s:  # v1 calibrated the plan; v2 tightens the budget; a later look's GO
         uc = s.scalar(select(UseCase).where(UseCase.name == name))
         pilot = s.get(Pilot, seeded[f"{name}:pilot"])
         s.add(
@@ -324,13 +319,32 @@ def test_a_stale_go_card_says_why_its_ramp_does_not_continue_while_the_champions
         tighter = {**v1.spec, "quality_budget": {**v1.spec["quality_budget"], "kl": 0.01}}
         s.add(SpecVersion(use_case_id=uc.id, version=2, spec=tighter, spec_hash="h-v2", created_by="tests"))
         uc.current_spec_version = 2
-        later = {"later_steps": [{"index": 2, "traffic_pct": 50.0}]}
-        # as `decisions.gate_step` records a GO that asks for approval before the plan's last step: its
-        # skip note, offering the continuing, in the stored explanation
-        offered = f"Decision: GO. {approvals.skip_note(later, waits_for_approval=True)}"
-        go = later_look_awaiting_approval(
-            s, seeded[f"{name}:decision"], outcome="GO", evidence=later, explanation=offered
-        )
+        return _go_look(s, seeded, later)
+
+
+def _go_look(s: Any, seeded: dict[str, Any], later: list[dict[str, Any]]) -> int:
+    """A later look's GO of contract-summarisation waiting for approval, recorded as `decisions.gate_step`
+    records it (its skip note, offering the continuing, in the stored explanation where `later` names
+    the plan's steps after its own). Its id."""
+    evidence = {"later_steps": later}
+    offered = f"Decision: GO. {approvals.skip_note(evidence, waits_for_approval=True)}".rstrip()
+    return later_look_awaiting_approval(
+        s, seeded["contract-summarisation:decision"], outcome="GO", evidence=evidence, explanation=offered
+    )
+
+
+def test_a_stale_go_card_says_why_its_ramp_does_not_continue_while_the_champions_alarm_waits(
+    seeded: dict[str, Any],
+) -> None:
+    """A GO before the plan's last step, its plan left uncalibrated by spec v2 (a tighter
+    `quality_budget.kl`), while the monitor's alarm about the serving champion waits: the card said only
+    the alarm's words ("... then approve the promotion", which the calibration rule then refuses) while its
+    continue button was disabled for the calibration reason, said nowhere. It says both now, the
+    calibration's first (`approvals.promotion_held_words`); and its skip note, caption and info box (the
+    stored explanation, shown without it) no longer offer the disabled continuing ("One approver may
+    instead continue the ramp ...")."""
+    name = "contract-summarisation"
+    go = _stale_go(seeded, [{"index": 2, "traffic_pct": 50.0}])
     alarm = _champions_alarm(seeded)
     at = open_page(sign_in(new_app(), "alice"), "approvals")
     buttons = {b.key: b for b in at.button}
@@ -347,8 +361,43 @@ def test_a_stale_go_card_says_why_its_ramp_does_not_continue_while_the_champions
     ) in shown, shown
     assert "Promoting on this decision skips ramp step 2 (50%) of the spec's plan" in shown, shown
     # the info box's stored explanation too (a record, never rewritten): it said "One approver may
-    # instead continue the ramp to step 2 (50%) ..." (`approvals.explanation_shown`)
+    # instead continue the ramp to step 2 (50%) ..."; it leaves the note to the warning now
+    # (`approvals.explanation_shown`)
     info = "\n".join(i.value.replace("\\", "") for i in at.info)
-    assert "Decision: GO. Promoting on this decision skips ramp step 2 (50%) of the spec's plan" in info, info
+    assert "Decision: GO." in info and "Promoting on this decision skips" not in info, info
     said = shown + "\n".join(c.value for c in at.caption) + info
     assert "continue the ramp" not in said and "does what the plan would" not in said, said
+
+
+def test_a_go_no_signature_can_promote_says_its_way_on_in_the_cards_header(seeded: dict[str, Any]) -> None:
+    """Fix-s S1: the last step's GO, its plan left uncalibrated by spec v2, is promoted by no signature
+    (the card's "Not approvable" warning, its button disabled), yet the card's header read "GO, waiting
+    for approval to promote". It says the portfolio's way on now (`approvals.promotion_refused_waits`,
+    `queries.pending_decisions`), in the portfolio's words."""
+    name = "contract-summarisation"
+    go = _stale_go(seeded, [])
+    at = open_page(sign_in(new_app(), "alice"), "approvals")
+    header = next(h.value for h in at.subheader if h.value.startswith(f"#{go} "))
+    assert header == (
+        f"#{go} {name}: GO, waiting for a rejection, then a calibration under spec v2 (v2 changed "
+        "quality_budget.kl after the plan was calibrated under v1; no promotion of it is signed): "
+        f"`sparsepilot approve {name} --decision {go} --reject --reason TEXT`, then `sparsepilot calibrate "
+        f"{name}`"
+    ), header
+    row = next(r for r in queries.read(queries.portfolio) if r["name"] == name)
+    assert header.endswith(f"waiting for {row['waits_for']}")  # one wording: the portfolio's
+
+
+def test_a_go_cards_skip_note_is_said_once(seeded: dict[str, Any]) -> None:
+    """Fix-s S2: a GO before the plan's last step that waits for approval said its skip note twice: in
+    the card's warning and in its info box, the stored explanation carrying it (`decisions.gate_step`).
+    The info box shows the explanation without it (`approvals.explanation_shown`; the row is a record,
+    never rewritten); the warning says it, offering the continuing, its button enabled."""
+    with session_scope() as s:
+        go = _go_look(s, seeded, [{"index": 2, "traffic_pct": 50.0}])
+    at = open_page(sign_in(new_app(), "alice"), "approvals")
+    assert not {b.key: b for b in at.button}[f"continue_{go}"].disabled
+    said = texts(at).replace("\\", "")
+    assert said.count("Promoting on this decision skips ramp step 2 (50%)") == 1, said
+    assert said.count("One approver may instead continue the ramp to step 2 (50%)") == 1, said
+    assert "Decision: GO." in "\n".join(i.value for i in at.info)

@@ -163,3 +163,18 @@ def test_summary_tables_speed_up_column_says_it_is_the_prefill_one() -> None:
     headers = [c.header for c in table.columns]
     assert headers[4] == "prefill speed-up [interval]" and "speed-up [interval]" not in headers
     assert list(table.columns[4].cells) == ["0.97 [0.93, 1.01]"]
+
+
+def test_summary_table_says_where_no_interval_was_measured() -> None:
+    """Fix-s S3: an evaluation timed with one pair measures no interval (the state DB stores no ends): the
+    speed-up and $ cells read "2.00" and "1,200" alone, as if measured, where every other surface says
+    `roi.NO_INTERVAL`; they say it too now."""
+    from flows.main_job import render_table
+
+    row = {"use_case": "one-pair", "decision": "-", "waits_for": None, "quality_delta": None,
+           "speedup": 2.0, "speedup_low": None, "speedup_high": None, "saved_usd_month": 1200.0,
+           "saved_usd_month_low": None, "saved_usd_month_high": None, "payback_days": None,
+           "decode": None}  # fmt: skip
+    table = render_table([row, {**row, "use_case": "none", "speedup": None, "saved_usd_month": None}], {})
+    assert list(table.columns[4].cells) == ["2.00 (no interval: one timing pair)", "-"]
+    assert list(table.columns[5].cells) == ["1,200 (no interval: one timing pair)", "-"]

@@ -268,8 +268,9 @@ def test_pilot_skip_reason_says_why_a_pilot_would_be_wasted() -> None:
 
     ok = dict(met_budget=True, density=0.6, saved_usd_month=1200.0)
     assert pilot_skip_reason(**ok, saved_usd_month_low=800.0, saved_usd_month_high=1600.0) is None
-    # no interval (one timing pair) establishes nothing
-    assert "saving not established ($1,200/month, no interval measured)" in pilot_skip_reason(**ok)
+    # no interval (one timing pair) establishes nothing; said in every surface's words (roi.NO_INTERVAL,
+    # where it said "no interval measured")
+    assert "saving not established ($1,200/month, no interval: one timing pair)" in pilot_skip_reason(**ok)
     assert "met the quality budget" in pilot_skip_reason(met_budget=False, density=0.5, saved_usd_month=900.0)
     assert "keeps 99.95% of blocks" in pilot_skip_reason(
         met_budget=True, density=0.9995, saved_usd_month=50.0
