@@ -459,12 +459,7 @@ def waits_for(row: dict[str, Any]) -> str:
     if row.get("unfinished"):
         return waits_words(row["unfinished"])
     if row.get("champion_alarm") is not None:
-        alarm, name = row["champion_alarm"], row.get("name") or "NAME"
-        return (
-            f"approval to roll back the champion (the monitor's alarm, decision {alarm}: `sparsepilot "
-            f"approve {name} --decision {alarm} --reason TEXT` rolls it back, with `--reject` keeps it), "
-            "before any promotion"
-        )
+        return champion_alarm_waits(row["champion_alarm"], row.get("name") or "NAME")
     person = decision_waits(
         row.get("awaiting"),
         row.get("resolution"),
@@ -1223,6 +1218,16 @@ def signature_status(a: dict[str, Any]) -> str:
 # --- approvals ------------------------------------------------------------------------------------
 
 
+def champion_alarm_waits(alarm: int, name: str) -> str:
+    """What a use case waits for while the monitor's alarm `alarm` about its serving champion waits for a
+    person: that decision, before any promotion (`approvals.refuse_promotion_while_rollback_waits`)."""
+    return (
+        f"approval to roll back the champion (the monitor's alarm, decision {alarm}: `sparsepilot "
+        f"approve {name} --decision {alarm} --reason TEXT` rolls it back, with `--reject` keeps it), "
+        "before any promotion"
+    )
+
+
 def pending_decisions(session: Session) -> list[dict[str, Any]]:
     """Decisions waiting for a person, oldest first, with their use case, any partial approvals and
     `waits_for` (`decision_waits`; where the promotion it waits for is refused by a rule no signature
@@ -1239,12 +1244,20 @@ def pending_decisions(session: Session) -> list[dict[str, Any]]:
             GateDecision.id.in_(cosign),
         ),
     )
+    # the monitor's alarm about a use case's serving champion, waiting for a person: no promotion is signed
+    # before it is decided (`approvals.refuse_promotion_while_rollback_waits`)
+    waiting = [r for r in rows if r["kind"] == "monitor" and r["awaiting"] == "rollback_approval"]
+    alarms = {r["use_case"]: r["id"] for r in waiting}
     for r in rows:
         signatures = len(live_signatures(r["approvals"]))
         person = decision_waits(r["awaiting"], r["resolution"], signatures, r["id"] in cosign)
         # a promotion no signature passes: the portfolio's way on (`_promotion_refused`'s rule), where the
         # card's header read "waiting for approval to promote" above its "Not approvable" warning
         promotes = r["kind"] == "gate" and _waits_for_promotion(r["awaiting"], signatures, r["id"] in cosign)
+        alarm = alarms.get(r["use_case"]) if promotes else None
+        if alarm is not None:  # the portfolio's words, the alarm first, where it read "approval to promote"
+            r["waits_for"] = champion_alarm_waits(alarm, r["use_case"])
+            continue
         r["waits_for"] = (_refused_waits(session, r["id"]) if promotes else None) or person
     return rows
 

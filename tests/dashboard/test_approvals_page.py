@@ -293,6 +293,13 @@ def test_a_go_card_says_why_it_is_not_promotable_while_the_champions_alarm_waits
         f"contract-summarisation --decision {alarm} --reason TEXT`) or keep it (`sparsepilot approve "
         f"contract-summarisation --decision {alarm} --reject --reason TEXT`), then approve the promotion."
     ) in shown
+    # its header says what it waits for: the alarm first (it read "waiting for approval to promote")
+    header = next(h.value for h in at.subheader if h.value.startswith(f"#{go} "))
+    assert header == (
+        f"#{go} contract-summarisation: GO, waiting for approval to roll back the champion (the monitor's "
+        f"alarm, decision {alarm}: `sparsepilot approve contract-summarisation --decision {alarm} --reason "
+        "TEXT` rolls it back, with `--reject` keeps it), before any promotion"
+    )
 
 
 def _stale_go(seeded: dict[str, Any], later: list[dict[str, Any]]) -> int:
