@@ -730,11 +730,65 @@ def short_repr(value: Any) -> str:
     return _REPR.repr(value)
 
 
+# YAML 1.2's core schema: the only plain scalars read as booleans, integers and floats. PyYAML's
+# SafeLoader resolves YAML 1.1's, where `yes`/`no`/`on`/`off` are booleans, `010` is octal (8), `1:30`
+# sexagesimal (90) and `1_000` is 1000, silently; under these rules each of them is text, which the
+# spec's strict validation refuses in a number's or a boolean's field, naming it (`_yaml11_reading`).
+_CORE_SCHEMA = (
+    ("tag:yaml.org,2002:bool", r"(?:true|True|TRUE|false|False|FALSE)\Z", "tTfF"),
+    ("tag:yaml.org,2002:int", r"(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)\Z", "-+0123456789"),
+    (
+        "tag:yaml.org,2002:float",
+        r"(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))\Z",
+        "-+.0123456789",
+    ),
+)
+
+
+def _core_resolvers() -> dict[Any, list[tuple[str, re.Pattern[str]]]]:
+    """SafeLoader's implicit resolvers (null, timestamp, merge, ...) with its YAML 1.1 booleans, integers
+    and floats replaced by YAML 1.2 core schema's (`_CORE_SCHEMA`, integers before floats)."""
+    replaced = {tag for tag, _, _ in _CORE_SCHEMA}
+    table = {
+        first: [(tag, rx) for tag, rx in resolvers if tag not in replaced]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    for tag, pattern, firsts in _CORE_SCHEMA:
+        for first in firsts:
+            table.setdefault(first, []).append((tag, re.compile(pattern)))
+    return table
+
+
+def _yaml11_reading(value: Any) -> Any:
+    """What YAML 1.1 (PyYAML's SafeLoader, the spec's reader before YAML 1.2's rules) makes of ``value``
+    written plain where YAML 1.2 reads it as text: a boolean or a number (`1:30`: 90); else None."""
+    if not isinstance(value, str) or len(value) > 40:
+        return None
+    try:
+        if not isinstance(yaml.load(value, Loader=_UniqueKeyLoader), str):  # a number to YAML 1.2 too
+            return None
+        read = yaml.safe_load(value)
+    except (yaml.YAMLError, ValueError, OverflowError):
+        return None
+    return read if isinstance(read, bool | int | float) else None
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently), an
-    unhashable key, nesting deeper than MAX_YAML_DEPTH and a document that expands (through
-    anchors and aliases) to more than MAX_YAML_NODES nodes: the checks run on the composed node
-    graph, before any Python object is built."""
+    """SafeLoader that reads plain scalars by YAML 1.2's core schema (`_CORE_SCHEMA`, not 1.1's), and
+    refuses a key given twice in one mapping (PyYAML keeps the last silently), an unhashable key,
+    nesting deeper than MAX_YAML_DEPTH and a document that expands (through anchors and aliases) to
+    more than MAX_YAML_NODES nodes: the checks run on the composed node graph, before any Python
+    object is built."""
+
+    yaml_implicit_resolvers = _core_resolvers()
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        """YAML 1.2's integers: decimal (`010` is 10, never octal), `0o` octal, `0x` hexadecimal."""
+        value = str(self.construct_scalar(node))
+        if value.startswith(("0o", "0x")):
+            return int(value[2:], 8 if value[1] == "o" else 16)
+        return int(value)
 
     def __init__(self, stream: Any) -> None:
         super().__init__(stream)
@@ -801,6 +855,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _UniqueKeyLoader.construct_yaml_int)
+
+
 def _normalise_distributions(data: dict[str, Any]) -> dict[str, Any]:
     """Accept the two short forms of a token distribution (a mapping of quantiles, a list of buckets)."""
     traffic = data.get("traffic")
@@ -826,6 +883,10 @@ def _loc_to_path(loc: Iterable[Any]) -> str:
         else:
             out += ("." if out else "") + str(part)
     return out
+
+
+# pydantic's errors for a text given where a boolean or a number belongs (strict: never coerced)
+_SCALAR_TYPES = {"bool_type", "int_type", "float_type", "bool_parsing", "int_parsing", "float_parsing"}
 
 
 def _describe(err: dict[str, Any]) -> tuple[str, str]:
@@ -854,6 +915,13 @@ def _describe(err: dict[str, Any]) -> tuple[str, str]:
             shown = short_repr(err["input"])
             if len(shown) <= 60:
                 msg += f" (got {shown})"
+            was = _yaml11_reading(err["input"]) if kind in _SCALAR_TYPES else None
+            if was is not None:
+                shown_was = json.dumps(was)
+                msg += (
+                    f": a spec is read by YAML 1.2's rules, in which {err['input']} is text; YAML 1.1 "
+                    f"would read it as {shown_was} (write {shown_was} if that is meant)"
+                )
     return path, msg
 
 

@@ -472,7 +472,7 @@ def bench_quality(
     result["plot"] = str(side_file(out, ".png"))
     if json_out:  # the JSON printed, then the files written: a write that fails loses no result
         emit_json(result)
-        _write_with_plot(result, out, plot)
+        _write_with_plot(result, out, plot, printed=True)
         return
     cols = [
         "estimator",
@@ -796,21 +796,50 @@ def _saved_and_emitted(result: dict, out: str, json_out: bool) -> bool:
 
     if json_out:
         emit_json(result)
-        _write_json(result, out)
+        _write_json(result, out, printed=True)
     return json_out
 
 
-def _write_json(result: dict, out: str) -> Path:
+def printed_to(out: str) -> Any:
+    """sys.stdout or sys.stderr where --out is the very file it writes to (`--out /dev/stdout`, a link
+    to this process's standard output, redirected to a file, a pipe or a terminal; or `--out r.json >
+    r.json`), else None. Opened anew with truncation, such an --out wiped the tables printed there."""
+    import os
+    import sys
+
+    try:
+        target = os.stat(out)
+    except OSError:
+        return None
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if os.path.samestat(target, os.fstat(stream.fileno())):
+                return stream
+        except (OSError, ValueError, AttributeError):  # a stream with no file (captured, closed, None)
+            continue
+    return None
+
+
+def _write_json(result: dict, out: str, printed: bool = False) -> Path:
     """Write the result JSON to ``out``; a write that fails (the disk full, the folder gone since the
-    start) is a one-line error and exit 2, after the tables or the JSON were printed."""
+    start) is a one-line error and exit 2, after the tables or the JSON were printed. Where ``out`` is
+    what this command prints to (`printed_to`: `--out /dev/stdout`), the JSON follows the tables on
+    that stream, truncating nothing, and with --json (``printed``: the JSON already printed to stdout)
+    it is not printed twice."""
     import json
+    import sys
 
     from sparsepilot.console import fail
 
     path = Path(out)
+    stream = printed_to(out)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2))
+        if stream is None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(result, indent=2))
+        elif not (printed and stream is sys.stdout):
+            stream.write(json.dumps(result, indent=2) + "\n")
+            stream.flush()
     except OSError as exc:
         fail(f"--out {out}: the JSON could not be written ({exc.strerror or exc}); its results are above")
     return path
@@ -825,9 +854,11 @@ def _plot_path(result: dict, out: str) -> tuple[Path, Path]:
     return Path(out), png
 
 
-def _write_with_plot(result: dict, out: str, plot: Callable[[dict, Path], Path]) -> None:
+def _write_with_plot(
+    result: dict, out: str, plot: Callable[[dict, Path], Path], printed: bool = False
+) -> None:
     """Draw the PNG next to ``out``, then write the result JSON (which names the PNG) to ``out``: after
-    the tables are printed, so a write that fails loses no result."""
+    the tables are printed, so a write that fails loses no result (``printed``: `_write_json`'s)."""
     from sparsepilot.console import fail
 
     try:
@@ -835,7 +866,7 @@ def _write_with_plot(result: dict, out: str, plot: Callable[[dict, Path], Path])
         plot(result, Path(result["plot"]))
     except OSError as exc:
         fail(f"--out {out}: the plot could not be written ({exc.strerror or exc}); its results are above")
-    _write_json(result, out)
+    _write_json(result, out, printed)
 
 
 @app.command("decode")
@@ -1401,7 +1432,7 @@ def _warned_and_written(
     _overload_warning(result["environment"], rows, what=what)
     if json_out:
         emit_json(result)
-    _write_with_plot(result, out, plot)
+    _write_with_plot(result, out, plot, printed=json_out)
 
 
 UNKNOWN_OVERLOADED = "unknown (host overloaded)"

@@ -251,6 +251,52 @@ def test_a_key_given_twice_is_an_error_not_a_silent_override(tmp_path: Path) -> 
         load_spec(tmp_path / "dup.yaml")
 
 
+RATE, BATCH, REFS = "  requests_per_day: 120000", "  batch_size: 12", "  references_required: true"
+
+
+@pytest.mark.parametrize(
+    ("line", "written", "read"),
+    [  # YAML 1.1's forms, which PyYAML's SafeLoader read as the number or boolean given
+        (RATE, "1:30", 90),  # sexagesimal
+        (RATE, "1_000", 1000),
+        (BATCH, "1_2", 12),
+        (BATCH, "0b1100", 12),
+        (REFS, "on", True),
+        (REFS, "yes", True),
+        (REFS, "off", False),
+        (REFS, "No", False),
+        # YAML 1.2's own integers: a leading zero is decimal (1.1: octal, 10), 0o octal, 0x hexadecimal
+        (BATCH, "012", None),
+        (BATCH, "0o14", None),
+        (BATCH, "0xC", None),
+    ],
+)
+def test_a_spec_is_read_by_yaml_1_2_rules(line: str, written: str, read: object) -> None:
+    """PyYAML's SafeLoader resolves YAML 1.1's forms silently: `batch_size: 010` was 8 (octal),
+    `requests_per_day: 1:30` 90 (sexagesimal), `1_000` 1000 and `on`/`yes`/`off`/`no` booleans. A spec
+    is read by YAML 1.2's core schema: each is text, refused in a number's or a boolean's field, naming
+    the field and what YAML 1.1 would make of it; `012` is 12."""
+    from rollout.spec import parse_yaml
+
+    text = (EXAMPLES / "docs-qa.yaml").read_text()
+    assert text.count(f"\n{line}\n") == 1
+    key = line.split(":")[0]
+    data = parse_yaml(text.replace(f"\n{line}\n", f"\n{key}: {written}\n"), SRC)
+    if read is None:
+        assert parse_spec(data, SRC).rollout.batch_size == 12
+        return
+    field, kind = {
+        RATE: ("traffic.requests_per_day", "number"),
+        BATCH: ("rollout.batch_size", "integer"),
+        REFS: ("dataset.references_required", "boolean"),
+    }[line]
+    was = str(read).lower()
+    assert _problems(data) == [
+        f"{SRC}: {field}: input should be a valid {kind} (got {written!r}): a spec is read by YAML 1.2's "
+        f"rules, in which {written} is text; YAML 1.1 would read it as {was} (write {was} if that is meant)"
+    ]
+
+
 def test_task_delta_is_optional_and_positive() -> None:
     spec = example_spec("docs-qa")
     # the samples hold ~50 calibration rows: too few to certify 0.02-0.03 (docs/calibration.md)

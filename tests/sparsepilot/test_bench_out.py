@@ -140,6 +140,35 @@ def test_a_progress_log_and_plot_go_beside_a_file_out_and_to_the_logs_folder_oth
         assert bench.side_file(out, ".png") == Path(out).with_suffix(".png")
 
 
+@pytest.mark.parametrize("json_out", [False, True])
+def test_an_out_that_is_the_commands_own_output_gets_the_json_after_its_tables(
+    json_out: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`bench gate --out /dev/stdout > run.txt`: the JSON was written by opening --out anew with
+    truncation, which wiped the tables already printed to run.txt. The JSON follows them on stdout now,
+    and with --json (the JSON printed already) it is there once. In process: stdout is a file, and --out
+    names it as /dev/stdout names fd 1 (/dev/fd/N)."""
+    import sys
+
+    from sparsepilot.commands import bench
+    from sparsepilot.console import print_table
+
+    result = {"decide": {"rows": [{"mode": "split", "rows": 4, "best_s": 0.011}]}}
+    with (tmp_path / "run.txt").open("w") as redirected:
+        out = f"/dev/fd/{redirected.fileno()}"
+        if not Path(out).exists():
+            pytest.skip("needs /dev/fd")
+        monkeypatch.setattr(sys, "stdout", redirected)
+        print_table("decide() time", result["decide"]["rows"])  # the bench's table, then its JSON
+        if not bench._saved_and_emitted(result, out, json_out):
+            bench._write_json(result, out)
+        monkeypatch.undo()
+    text = (tmp_path / "run.txt").read_text()
+    assert text.lstrip().startswith("decide() time"), text[:80]  # the table, kept
+    start = text.index("\n{\n") + 1
+    assert json.loads(text[start:]) == result  # then the JSON, once
+
+
 def test_a_write_that_fails_late_loses_no_result(import_to_dev_full: tuple[Result, Result]) -> None:
     """A write to /dev/full fails late: the table is printed first, then a one-line error, exit 2, no
     traceback."""
