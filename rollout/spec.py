@@ -858,6 +858,23 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 _UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _UniqueKeyLoader.construct_yaml_int)
 
 
+class _SpecDumper(yaml.SafeDumper):
+    """SafeDumper that quotes a string either YAML 1.1 or 1.2 would read as a boolean or a number
+    (`"1e3"`, `"0o10"` are text to 1.1 and written plain by SafeDumper, numbers to the spec's 1.2 reader):
+    what `dump_spec` writes reads back as the same value."""
+
+    yaml_implicit_resolvers = {
+        first: [*yaml.SafeDumper.yaml_implicit_resolvers.get(first, []), *core]
+        for first, core in _core_resolvers().items()
+    }
+
+
+def dump_spec(data: dict[str, Any]) -> str:
+    """A spec (or any of its parts) as YAML that the spec's reader (`parse_spec`, YAML 1.2's rules) reads
+    back as the same values: `usecase show` prints it for a person to copy into a file."""
+    return yaml.dump(data, Dumper=_SpecDumper, sort_keys=False, allow_unicode=True)
+
+
 def _normalise_distributions(data: dict[str, Any]) -> dict[str, Any]:
     """Accept the two short forms of a token distribution (a mapping of quantiles, a list of buckets)."""
     traffic = data.get("traffic")

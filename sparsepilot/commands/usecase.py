@@ -103,7 +103,7 @@ def show(
 
 
 def _print_usecase(info: dict[str, Any]) -> None:
-    import yaml
+    from rollout.spec import dump_spec
 
     say(
         f"{info['name']}  owner {info['owner']}  criticality {info['criticality']}  "
@@ -114,7 +114,7 @@ def _print_usecase(info: dict[str, Any]) -> None:
         console.print(f"working now: {info['working_now']}", highlight=False, markup=False)
     if info.get("waits_for") not in (None, "-"):  # the portfolio's words (rollout.queries.waits_for)
         console.print(f"waits for: {info['waits_for']}", highlight=False, markup=False)
-    console.print(yaml.safe_dump(info["spec"], sort_keys=False).rstrip(), highlight=False, markup=False)
+    console.print(dump_spec(info["spec"]).rstrip(), highlight=False, markup=False)
     _print_plan(info["pilot_plan"])
     if info.get("running_pilot"):  # planned as itself, under its own spec version (as the use-case page)
         say(info["running_pilot"]["note"])

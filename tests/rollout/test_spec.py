@@ -398,3 +398,18 @@ def test_the_spec_accepts_exactly_the_tasks_sparse_core_scores():
 
     assert get_args(DatasetSpec.model_fields["task"].annotation) == TASKS
     assert set(TEXT_TASKS) == set(TASKS) - {"loglik"}
+
+
+def test_a_spec_shown_reads_back_as_the_same_values() -> None:
+    """`usecase show` printed the spec with yaml.safe_dump (YAML 1.1), which writes the text "1e3" or
+    "0o10" plain: numbers to the spec's YAML 1.2 reader, so a spec copied from the output changed. What
+    `dump_spec` writes reads back the same, and the example specs too."""
+    from rollout.spec import dump_spec, parse_yaml
+
+    texts = dict(zip("abcdefgh", ("1e3", "0o10", "yes", "010", "1:30", ".5", "0x1F", "null"), strict=True))
+    values = {**texts, "n": 10, "x": 1.5, "t": True, "none": None, "list": ["1e3", 2]}
+    assert parse_yaml(dump_spec(values), "shown") == values
+    assert parse_yaml(yaml.safe_dump(values), "shown") != values  # what `usecase show` printed before
+    for path in EXAMPLES.glob("*.yaml"):
+        data = parse_yaml(path.read_text(encoding="utf-8"), str(path))
+        assert parse_yaml(dump_spec(data), str(path)) == data
