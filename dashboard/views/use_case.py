@@ -25,6 +25,8 @@ from rollout.roi import timing_overload
 from rollout.settings import get_settings
 from rollout.spec import UseCaseSpec
 
+# the picker's widget, and the ?name= it last followed or wrote (a different one is a link to follow)
+PICKER_KEY, LINK_KEY = "uc_name", "uc_link"
 ARM_COLORS = alt.Scale(domain=["control", "treatment"], range=["#607d8b", "#1e88e5"])
 
 
@@ -34,14 +36,20 @@ def pick_use_case() -> str | None:
         st.info("No use cases yet: see the Portfolio page for how to add the first one.")
         return None
     wanted = st.query_params.get("name")
-    index: int | None = names.index(wanted) if wanted in names else 0
-    if wanted is not None and wanted not in names:
+    stale = wanted is not None and wanted not in names
+    note = st.empty()  # above the picker, said once it is known that nothing is picked
+    if wanted != st.session_state.get(LINK_KEY):
+        # a link followed while on this page (another ?name=): it picks, not the picker's earlier choice,
+        # whose state would keep showing the use case the reader came from
+        st.session_state.pop(PICKER_KEY, None)
+    index = None if stale else names.index(wanted) if wanted in names else 0
+    name = st.selectbox("Use case", names, index=index, key=PICKER_KEY)
+    if stale and name is None:
         # a stale or mistyped link: another use case's decision, shown without a word, read as its own
-        st.warning(fmt.plain(f"No use case is named '{wanted}': pick one below."))
-        index = None
-    name = st.selectbox("Use case", names, index=index, key="uc_name")
+        note.warning(fmt.plain(f"No use case is named '{wanted}': pick one below."))
     if name is not None and name != wanted:
         st.query_params["name"] = name
+    st.session_state[LINK_KEY] = st.query_params.get("name")
     return name
 
 

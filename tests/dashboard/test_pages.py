@@ -153,6 +153,15 @@ def test_use_case_page(seeded: dict[str, Any]) -> None:
     assert "No gate decision yet." in texts(at) and "No pilot observations yet." in texts(at)
     assert "No plan: the stored spec v1 does not validate" in texts(at)
     assert "No pilot yet; the first pilot's GO will be held to 0.0304." in texts(at)
+    # a link to another use case followed on this page opens it: the picker's earlier choice kept the
+    # first one shown, and wrote its name back over the link's (fix-u U2)
+    for link, shown in (("document-qa", "document-qa"), ("does-not-exist", None)):
+        at.query_params["name"] = link
+        at.run()
+        assert at.selectbox(key="uc_name").value == shown and at.query_params["name"] == link
+    assert [w.value for w in at.warning] == ["No use case is named 'does-not-exist': pick one below."]
+    at.selectbox(key="uc_name").select("support-chat").run()  # and the picker still picks
+    assert at.query_params["name"] == "support-chat" and not any("No use case" in w.value for w in at.warning)
     # review s48 B9: a link naming no use case opened the first one without a word
     at = new_app()
     at.query_params["name"] = "does-not-exist"
