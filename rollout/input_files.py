@@ -2,8 +2,9 @@
 before it parses a line: a path that is not a file (missing, a directory, one that cannot be stat'ed) and
 a file that is compressed. A gzip export read as text was "not valid UTF-8" once (observations) or once
 per row (a dataset: every line of it); its magic number says what it is, in one line. `compression` and
-`compressed` are pure (a file's first bytes in, a name or the words out: each reader reads them as it
-opens the file); `not_a_file` only asks the file system what the path is."""
+`compressed` are pure (a file's first bytes in, a name or the words out: the dataset reader has its
+bytes already); `compressed_file` reads them for the readers that stream a file (observations, a request
+log); `not_a_file` only asks the file system what the path is."""
 
 from __future__ import annotations
 
@@ -34,6 +35,13 @@ def compressed(head: bytes) -> str | None:
     """Why a file starting with `head` cannot be read as text, in the readers' words, or None."""
     name = compression(head)
     return None if name is None else f"the file is compressed ({name}): decompress it first"
+
+
+def compressed_file(path: str | Path) -> str | None:
+    """`compressed` of the file at `path`, its first HEAD_BYTES read (an OSError reading it is the
+    caller's: each reader says in its own words why a file cannot be read)."""
+    with Path(path).open("rb") as head:
+        return compressed(head.read(HEAD_BYTES))
 
 
 def not_a_file(path: str | Path, *, what: str = "file", hint: str = "") -> str | None:

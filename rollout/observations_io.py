@@ -78,9 +78,8 @@ def iter_observations(
     chunk: list[tuple[int, dict[str, Any]]] = []
     seen_any = False
     try:
-        with p.open("rb") as raw:  # a gzip export read as text was "not valid UTF-8 (byte 1 ...)"
-            if why := input_files.compressed(raw.read(input_files.HEAD_BYTES)):
-                raise ObservationImportError(f"{p}: {why}")
+        if why := input_files.compressed_file(p):  # a gzip export read as text was "not valid UTF-8"
+            raise ObservationImportError(f"{p}: {why}")
         # newline="" keeps CSV's quoted newlines intact; a byte-order mark (Excel writes one) is skipped
         with p.open(encoding="utf-8-sig", newline="") as f:
             for line, obj in parse(p, f):

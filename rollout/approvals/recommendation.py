@@ -93,8 +93,7 @@ def explanation_shown(explanation: str, evidence: Any) -> str:
     note (`skip_note`, written into it by `decisions.gate_step` when the GO asked for approval), which the
     card's warning says beside it, in the words that hold now (no continuing of the ramp offered where
     continuing is refused: `continue_held`). The stored row is a record and is never rewritten; before, the
-    card said the note twice, in its warning and in its info box (fix-q had dropped the info box's only
-    where continuing was refused)."""
+    card said the note twice, in its warning and in its info box."""
     offered = skip_note(evidence, waits_for_approval=True)
     if not offered or offered not in explanation:
         return explanation

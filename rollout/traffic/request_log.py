@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from rollout.input_files import HEAD_BYTES, compressed, not_a_file
+from rollout.input_files import compressed_file, not_a_file
 from rollout.json_lines import LINE_END, LineError, parse_object
 from rollout.spec import has_visible_text
 from rollout.traffic.base import (
@@ -113,8 +113,7 @@ class RequestLogSource:
             )
         self._csv = suffix == ".csv"
         try:  # a compressed log was "not valid UTF-8" once for each of its first lines
-            with self.path.open("rb") as fh:
-                why = compressed(fh.read(HEAD_BYTES))
+            why = compressed_file(self.path)
         except OSError:
             why = None  # reading it says why it cannot be read, naming the file
         if why:
